@@ -1,0 +1,78 @@
+"""Bring the control plane up: a named scheduler and an agent on every alive node.
+
+Idempotent: actors that already exist are reused, so every job can call this and only the
+first one on a cluster creates anything.
+"""
+from __future__ import annotations
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors.node_agent import NodeAgent
+from actors.scheduler import NAMESPACE, SCHEDULER_NAME, SchedulerActor
+
+
+def ensure_scheduler():
+    return SchedulerActor.options(name=SCHEDULER_NAME, namespace=NAMESPACE, lifetime="detached",
+                                  get_if_exists=True).remote()
+
+
+def alive_node_ids() -> list[str]:
+    return [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+
+
+def ensure_agents() -> dict[str, "ray.actor.ActorHandle"]:
+    """An agent pinned to each alive node (hard affinity: an agent must never drift)."""
+    return {
+        node_id: NodeAgent.options(
+            name=f"node-agent-{node_id}", namespace=NAMESPACE, lifetime="detached",
+            get_if_exists=True,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote()
+        for node_id in alive_node_ids()
+    }
+
+
+def ensure_control_plane(timeout_s: float = 60.0):
+    """Scheduler + agents up, and a fresh report from every agent in the scheduler."""
+    scheduler = ensure_scheduler()
+    agents = ensure_agents()
+    ray.get([agent.report_now.remote() for agent in agents.values()], timeout=timeout_s)
+    return scheduler, agents
+
+
+class ClusterConnectionError(RuntimeError):
+    """Ray could not be reached at the given address."""
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on an unreachable host:port. ray.init itself retries for minutes."""
+    import socket
+
+    host_port = address.removeprefix("ray://")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterConnectionError(f"--address {address!r} is not of the form host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterConnectionError(
+            f"cannot reach a Ray cluster at {address}: {e.strerror or e}. Is `ray start --head` "
+            "running there, and is the port open from here?") from None
+
+
+def connect(address: str | None) -> bool:
+    """Connect to the cluster at `address` (or RAY_ADDRESS); start an embedded local Ray when
+    neither is given. Returns True when this call started Ray (and so should stop it)."""
+    import os
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "auto":
+        _check_reachable(address)
+    try:
+        ray.init(address=address or None)
+    except ConnectionError as e:
+        raise ClusterConnectionError(f"cannot connect to Ray at {address}: {e}") from None
+    return not address

@@ -1,0 +1,212 @@
+"""Pretrain a GPT-style model on the cluster, through the scheduler and Ray Train.
+
+    python jobs/pretrain.py                      # embedded local Ray, default small model
+    ray job submit --working-dir . -- python jobs/pretrain.py --max-steps 20
+
+The path of a job: connect (or start Ray) -> scheduler and node agents up, each node reported
+-> the scheduler places the workers -> Ray Train runs them exactly there -> checkpoints ->
+summary.json in the run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+# Runnable as a plain script from a checkout (and from `ray job submit --working-dir .`)
+# without installing the project first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orchestrator.config import MODEL_PRESETS, PRECISIONS, ConfigError, JobSpec, TrainConfig  # noqa: E402
+from orchestrator.runs import DEFAULT_RUNS_ROOT, RunDirError, resolve_run_dir  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+EXIT_NOT_PLACEABLE = 3
+EXIT_TRAINING_FAILED = 4
+
+
+class JobFailed(Exception):
+    """Ends the job with one clear message and an exit code; no traceback."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--address", help="Ray cluster address (host:port); default: RAY_ADDRESS, "
+                   "else start an embedded local Ray")
+    p.add_argument("--run-dir", help=f"run directory (default: a new one under "
+                   f"{DEFAULT_RUNS_ROOT}; on a multi-node cluster use shared storage)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir (default: the latest run) from its "
+                   "latest checkpoint")
+    p.add_argument("--model-size", choices=list(MODEL_PRESETS), default=defaults.model_size)
+    p.add_argument("--precision", choices=list(PRECISIONS), default=defaults.precision,
+                   help="auto: bf16 on GPUs that support it, fp16 + loss scaling on older "
+                   "GPUs, fp32 on CPU")
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help="sequences per worker per step")
+    p.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    p.add_argument("--log-every", type=int, default=defaults.log_every)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=int, default=0)
+    p.add_argument("--min-gpu-memory-gb", type=float, default=0.0,
+                   help="free GPU memory each worker's GPU must have")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="worker-group restarts Ray Train attempts before giving up")
+    return p.parse_args(argv)
+
+
+def build_configs(args: argparse.Namespace, run_dir: Path) -> tuple[TrainConfig, JobSpec]:
+    """Validated configs; a ConfigError names every bad field at once."""
+    train_config = TrainConfig(
+        model_size=args.model_size, precision=args.precision, max_steps=args.max_steps,
+        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+        min_lr=min(TrainConfig.min_lr, args.lr), checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every, seed=args.seed)
+    spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,
+                   cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                   min_gpu_memory_gb=args.min_gpu_memory_gb)
+    return train_config, spec
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.time()
+    try:
+        run_dir = resolve_run_dir(args.run_dir, args.resume, DEFAULT_RUNS_ROOT, "pretrain",
+                                  dt.datetime.now())
+        train_config, spec = build_configs(args, run_dir)
+    except (ConfigError, RunDirError) as e:
+        raise JobFailed(str(e), EXIT_BAD_INPUT) from None
+
+    # Ray is imported only once the input is known good: bad flags fail in well under a second.
+    import ray
+    from actors.cluster import ClusterConnectionError, connect, ensure_control_plane
+
+    try:
+        started_ray = connect(args.address)
+    except ClusterConnectionError as e:
+        raise JobFailed(str(e), EXIT_BAD_INPUT) from None
+    try:
+        scheduler, _ = ensure_control_plane()
+        placement = _place(scheduler, spec)
+        try:
+            result = _fit(train_config, placement, run_dir, args.max_failures)
+        finally:
+            ray.get(scheduler.release.remote(spec.name))
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return _write_summary(result, train_config, placement, run_dir, time.time() - started)
+
+
+def _place(scheduler, spec: JobSpec):
+    import ray
+    from orchestrator.placement import Rejection
+
+    decision = ray.get(scheduler.place.remote(spec))
+    if isinstance(decision, Rejection):
+        raise JobFailed(decision.message, EXIT_NOT_PLACEABLE)
+    counts = Counter(decision.worker_nodes)
+    print(f"placement for {spec.name}: " + ", ".join(
+        f"{n} worker(s) on node {node[:12]}" for node, n in counts.items()), flush=True)
+    return decision
+
+
+def _fit(train_config: TrainConfig, placement, run_dir: Path, max_failures: int):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from orchestrator.training.loop import train_under_ray
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(train_config.to_dict(), indent=2) + "\n")
+    trainer = TorchTrainer(
+        train_under_ray,
+        train_loop_config=train_config.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=len(placement.worker_nodes),
+            use_gpu=placement.gpus_per_worker > 0,
+            resources_per_worker={"CPU": placement.cpus_per_worker,
+                                  "GPU": placement.gpus_per_worker},
+            label_selector=placement.label_selectors(),  # worker i -> the node placed for it
+        ),
+        run_config=RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=train_config.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    try:
+        return trainer.fit()
+    except Exception as e:  # Ray Train wraps the worker's error; show its cause, not the wrap
+        cause = e.__cause__ or e
+        raise JobFailed(f"training failed: {type(cause).__name__}: {cause}",
+                        EXIT_TRAINING_FAILED) from None
+
+
+def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
+                   elapsed_s: float) -> dict:
+    metrics = result.metrics or {}
+    actual = metrics.get("worker_nodes", [])
+    summary = {
+        "steps": metrics.get("step"),
+        "max_steps": train_config.max_steps,
+        "resumed_from_step": metrics.get("start_step"),
+        "first_loss": metrics.get("first_loss"),
+        "final_loss": metrics.get("loss"),
+        "held_out_loss": metrics.get("held_out_loss"),
+        "tokens_per_s": metrics.get("run_tokens_per_s"),
+        "precision": metrics.get("precision"),
+        "model_size": train_config.model_size,
+        "num_workers": len(placement.worker_nodes),
+        "placement": list(placement.worker_nodes),
+        "worker_nodes": actual,
+        "placement_honoured": Counter(actual) == Counter(placement.worker_nodes),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "run_dir": str(run_dir),
+        "elapsed_s": round(elapsed_s, 1),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if metrics.get("already_complete"):
+        print(f"\nnothing to do: the checkpoint is already at step {summary['steps']} "
+              f"(--max-steps {train_config.max_steps}); raise --max-steps to train further")
+    else:
+        print(f"\ntrained {summary['steps']} steps in {summary['precision']} on "
+              f"{summary['num_workers']} worker(s): loss {summary['first_loss']:.3f} -> "
+              f"{summary['final_loss']:.3f} (held-out {summary['held_out_loss']:.3f}), "
+              f"{summary['tokens_per_s']:,.0f} tokens/s")
+    if not summary["placement_honoured"]:
+        print(f"warning: workers ran on {actual}, not where placed: {placement.worker_nodes}",
+              file=sys.stderr)
+    print(f"checkpoint: {summary['checkpoint']}\nsummary:    {run_dir / 'summary.json'}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except JobFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

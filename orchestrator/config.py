@@ -1,0 +1,180 @@
+"""Typed configs for jobs and training, each validated at construction.
+
+Every error names the field at fault, and all problems of one config are reported together
+so a user fixes them in one go rather than one per run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. The message names the field(s) at fault."""
+
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+# Named model presets. Plain data so `orchestrator` imports without torch.
+# n_layer / n_head / n_embd follow GPT-2's naming; context length comes from seq_len.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64},
+    "small": {"n_layer": 4, "n_head": 4, "n_embd": 128},
+    "medium": {"n_layer": 6, "n_head": 8, "n_embd": 256},
+    "large": {"n_layer": 12, "n_head": 12, "n_embd": 768},
+}
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def _raise_if_any(what: str, problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(f"invalid {what}: " + "; ".join(problems))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def from_mapping(cls, data: Mapping[str, Any], what: str):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with a did-you-mean hint."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{what} must be a mapping of field names to values, "
+                          f"got {type(data).__name__}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ConfigError(f"unknown field(s) in {what}: {', '.join(hints)}; "
+                          f"known fields: {', '.join(known)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a distributed training job asks of the cluster."""
+
+    name: str
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: int = 0
+    min_gpu_memory_gb: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        p: list[str] = []
+        _check(p, isinstance(self.name, str) and self.name.strip() != "",
+               f"name must be a non-empty string, got {self.name!r}")
+        _check(p, _is_int(self.num_workers) and self.num_workers >= 1,
+               f"num_workers must be an integer >= 1, got {self.num_workers!r}")
+        _check(p, _is_number(self.cpus_per_worker) and self.cpus_per_worker > 0,
+               f"cpus_per_worker must be a number > 0, got {self.cpus_per_worker!r}")
+        _check(p, _is_int(self.gpus_per_worker) and self.gpus_per_worker >= 0,
+               f"gpus_per_worker must be an integer >= 0, got {self.gpus_per_worker!r}")
+        _check(p, _is_number(self.min_gpu_memory_gb) and self.min_gpu_memory_gb >= 0,
+               f"min_gpu_memory_gb must be a number >= 0, got {self.min_gpu_memory_gb!r}")
+        if not p and self.min_gpu_memory_gb > 0 and self.gpus_per_worker == 0:
+            p.append(f"min_gpu_memory_gb={self.min_gpu_memory_gb} needs gpus_per_worker >= 1 "
+                     "(a CPU-only worker has no GPU memory to require)")
+        _raise_if_any(f"JobSpec '{self.name}'", p)
+
+    @property
+    def total_cpus(self) -> float:
+        return self.num_workers * self.cpus_per_worker
+
+    @property
+    def total_gpus(self) -> int:
+        return self.num_workers * self.gpus_per_worker
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "JobSpec":
+        return from_mapping(cls, data, "JobSpec")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the training loop needs; serialisable to a plain dict for Ray Train workers."""
+
+    model_size: str = "small"
+    max_steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    eval_batches: int = 8
+    seed: int = 1337
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        p: list[str] = []
+        _check(p, self.model_size in MODEL_PRESETS,
+               f"model_size must be one of {', '.join(MODEL_PRESETS)}, got {self.model_size!r}")
+        _check(p, self.precision in PRECISIONS,
+               f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("max_steps", "batch_size", "seq_len", "checkpoint_every",
+                     "keep_checkpoints", "log_every", "eval_batches"):
+            value = getattr(self, name)
+            _check(p, _is_int(value) and value >= 1,
+                   f"{name} must be an integer >= 1, got {value!r}")
+        _check(p, _is_int(self.warmup_steps) and self.warmup_steps >= 0,
+               f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        _check(p, _is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        for name in ("lr", "min_lr"):
+            value = getattr(self, name)
+            _check(p, _is_number(value) and 0 <= value < 10,
+                   f"{name} must be a number in [0, 10), got {value!r}")
+        _check(p, _is_number(self.weight_decay) and self.weight_decay >= 0,
+               f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        _check(p, _is_number(self.grad_clip) and self.grad_clip >= 0,
+               f"grad_clip must be a number >= 0 (0 disables clipping), got {self.grad_clip!r}")
+        _check(p, _is_number(self.dropout) and 0 <= self.dropout < 1,
+               f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not p:
+            preset = MODEL_PRESETS[self.model_size]
+            _check(p, preset["n_embd"] % preset["n_head"] == 0,
+                   f"model_size {self.model_size!r}: n_embd must divide by n_head")
+            _check(p, self.seq_len <= 8192,
+                   f"seq_len must be <= 8192 for the built-in presets, got {self.seq_len}")
+            _check(p, self.min_lr <= self.lr,
+                   f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        _raise_if_any("TrainConfig", p)
+
+    @property
+    def model_preset(self) -> dict[str, int]:
+        return MODEL_PRESETS[self.model_size]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        return from_mapping(cls, data, "TrainConfig")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

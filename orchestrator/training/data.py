@@ -1,0 +1,59 @@
+"""Training text and batches.
+
+The corpus is real English shipped with every CPython: the standard library's help topics
+(`pydoc_data.topics`, ~460 KB of prose and code examples). It needs no download, so a fresh
+machine or an air-gapped cluster trains out of the box.
+
+Tokenizer: bytes. Every UTF-8 byte is a token (vocab 256): nothing to train or ship, and any
+text round-trips exactly.
+
+Batches are a pure function of (seed, rank, step): a resumed run, or a worker restarted on
+another node, draws exactly the batches the uninterrupted run would have drawn.
+"""
+from __future__ import annotations
+
+import torch
+
+VOCAB_SIZE = 256
+HELD_OUT_FRACTION = 0.1
+
+
+def load_corpus() -> bytes:
+    """The standard library's help topics, in a fixed order, as UTF-8 bytes."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
+
+
+def encode(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def decode(tokens: torch.Tensor | list[int]) -> str:
+    return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+def split_corpus(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) token tensors; the held-out tail is never trained on."""
+    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    cut = int(len(tokens) * (1 - HELD_OUT_FRACTION))
+    return tokens[:cut], tokens[cut:]
+
+
+def get_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, *, seed: int, rank: int,
+              step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of `seq_len` tokens (inputs) and the same shifted by one (targets)."""
+    if len(tokens) <= seq_len + 1:
+        raise ValueError(f"corpus of {len(tokens)} tokens is too short for seq_len {seq_len}")
+    generator = torch.Generator().manual_seed(_mix(seed, rank, step))
+    starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size,), generator=generator)
+    offsets = torch.arange(seq_len)
+    x = tokens[starts[:, None] + offsets]
+    y = tokens[starts[:, None] + offsets + 1]
+    return x, y
+
+
+def _mix(seed: int, rank: int, step: int) -> int:
+    """A generator seed per (seed, rank, step). Tuple-of-int hashing is not salted per process,
+    so every worker and every restart computes the same value."""
+    return hash((seed, rank, step)) % (2 ** 63)

@@ -1,0 +1,209 @@
+"""The one training loop. Ray Train workers, a plain process and the tests all call `train`.
+
+Everything a step depends on is a function of (config, step): batches, dropout randomness,
+learning rate. A checkpoint therefore needs only the weights, optimizer/scheduler/scaler state
+and the step to continue exactly where the run left off.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.config import TrainConfig
+from orchestrator.training.checkpoint import load_checkpoint, save_checkpoint
+from orchestrator.training.data import VOCAB_SIZE, get_batch, load_corpus, split_corpus
+from orchestrator.training.model import GPT, GPTConfig
+from orchestrator.training.precision import Precision, resolve_precision
+from orchestrator.training.session import TrainSession
+
+log = logging.getLogger(__name__)
+
+
+def say(line: str) -> None:
+    """Print a progress line once. Ray Train v2 patches `print` in workers to tee into its own
+    logger as well, which shows every line twice on the driver; stdout.write is not patched."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(config.max_steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (not biases, LayerNorm gains or embeddings'
+    1-D params), as in GPT-2."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _mean_across_workers(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokens: torch.Tensor, config: TrainConfig,
+             precision: Precision, device: torch.device) -> float:
+    """Mean loss on held-out text the model never trained on (fixed batches: comparable runs)."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i in range(config.eval_batches):
+        x, y = get_batch(tokens, config.batch_size, config.seq_len, seed=config.seed,
+                         rank=-1, step=i)
+        with precision.autocast():
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def _checkpoint_state(model, optimizer, scaler, config: TrainConfig, step: int,
+                      tokens_seen: int) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "data_position": step,  # batches are a function of step: this is the data cursor
+        "tokens_seen": tokens_seen,
+        "config": config.to_dict(),
+    }
+
+
+def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
+    """Train until `config.max_steps`, resuming from the session's latest checkpoint.
+
+    Returns the final metrics (also the last report)."""
+    device = session.device
+    precision = Precision(resolve_precision(config.precision, device), device.type)
+    train_tokens, held_out_tokens = split_corpus(load_corpus())
+
+    torch.manual_seed(config.seed)  # same initial weights on every rank
+    model = GPT(GPTConfig.from_train_config(config, vocab_size=VOCAB_SIZE)).to(device)
+    optimizer = build_optimizer(model, config)
+    scaler = precision.grad_scaler()
+    step, tokens_seen = 0, 0
+    with session.latest_checkpoint() as checkpoint_dir:
+        if checkpoint_dir:
+            state = load_checkpoint(checkpoint_dir)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            step, tokens_seen = state["step"], state["tokens_seen"]
+            if session.world_rank == 0:
+                say(f"resumed from step {step} ({checkpoint_dir})")
+    wrapped = session.prepare_model(model)
+    tokens_per_step = config.batch_size * config.seq_len * session.world_size
+    if session.world_rank == 0:
+        say(f"training {config.model_size} GPT ({model.num_params() / 1e6:.2f}M params) "
+            f"in {precision.name} on {session.world_size} worker(s), "
+            f"steps {step}->{config.max_steps}")
+
+    start_step = step
+    metrics: dict[str, Any] = {"step": step, "start_step": start_step,
+                               "already_complete": step >= config.max_steps}
+    if metrics["already_complete"]:
+        session.report(metrics, None)
+    interval_start, interval_steps, loss_sum = time.perf_counter(), 0, 0.0
+    run_tokens, run_seconds, skipped_steps = 0, 0.0, 0
+    first_loss = None  # loss of this run's first step: the "before" of the loss curve
+    while step < config.max_steps:
+        # Dropout randomness is a function of (seed, rank, step): resume replays it exactly.
+        torch.manual_seed(hash((config.seed, session.world_rank, step, "dropout")) % 2 ** 63)
+        _set_lr(optimizer, lr_at(step, config))
+        x, y = get_batch(train_tokens, config.batch_size, config.seq_len, seed=config.seed,
+                         rank=session.world_rank, step=step)
+        with precision.autocast():
+            _, loss = wrapped(x.to(device), y.to(device))
+        scaler.scale(loss).backward()
+        if config.grad_clip:
+            scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)  # skipped by the scaler if gradients overflowed
+        scaler.update()
+        skipped_steps += int(scaler.is_enabled() and scaler.get_scale() < scale_before)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        interval_steps += 1
+        loss_sum += loss.item()
+        if first_loss is None:
+            first_loss = _mean_across_workers(loss.item(), device)
+
+        checkpoint_due = step % config.checkpoint_every == 0 or step == config.max_steps
+        if step % config.log_every == 0 or checkpoint_due:
+            elapsed = time.perf_counter() - interval_start
+            run_tokens += interval_steps * tokens_per_step
+            run_seconds += elapsed
+            metrics = {
+                "step": step,
+                "start_step": start_step,
+                "loss": _mean_across_workers(loss_sum / interval_steps, device),
+                "first_loss": first_loss,
+                "lr": lr_at(step - 1, config),
+                "tokens_per_s": interval_steps * tokens_per_step / elapsed,
+                "run_tokens_per_s": run_tokens / run_seconds,
+                "tokens_seen": tokens_seen,
+                "precision": precision.name,
+                "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
+                "skipped_steps": skipped_steps,
+                "world_size": session.world_size,
+            }
+            if step == config.max_steps:
+                metrics["held_out_loss"] = evaluate(model, held_out_tokens, config,
+                                                    precision, device)
+            _publish(session, metrics, checkpoint_due,
+                     lambda: _checkpoint_state(model, optimizer, scaler, config, step,
+                                               tokens_seen))
+            interval_start, interval_steps, loss_sum = time.perf_counter(), 0, 0.0
+    return metrics
+
+
+def _publish(session: TrainSession, metrics: dict[str, Any], checkpoint_due: bool,
+             make_state) -> None:
+    """Print the progress line (rank 0) and report; rank 0 attaches a checkpoint when due."""
+    if session.world_rank == 0:
+        line = (f"step {metrics['step']:>6} | loss {metrics['loss']:.4f} | "
+                f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:,.0f} tok/s")
+        if "held_out_loss" in metrics:
+            line += f" | held-out loss {metrics['held_out_loss']:.4f}"
+        say(line)
+    if not (checkpoint_due and session.world_rank == 0):
+        session.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
+        save_checkpoint(directory, make_state())
+        session.report(metrics, directory)
+
+
+def train_under_ray(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry point (TorchTrainer's train_loop_per_worker)."""
+    from orchestrator.training.session import RayTrainSession
+
+    train(TrainConfig.from_dict(config), RayTrainSession())

@@ -1,0 +1,52 @@
+"""Mixed precision: which dtype to compute in, autocast, and loss scaling for fp16.
+
+Weights and optimizer state stay fp32 ("master weights"); only the forward/backward math runs
+in the low-precision dtype under torch.autocast. fp16's narrow exponent range underflows small
+gradients, so it gets dynamic loss scaling (GradScaler); bf16 has fp32's range and needs none.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`auto` -> bf16 on a GPU that supports it, fp16 (with loss scaling) on an older GPU,
+    fp32 on CPU (CPUs without bf16 kernels run a bf16 matmul ~150x slower than fp32)."""
+    if requested != "auto":
+        if requested not in _DTYPES:
+            raise ValueError(f"precision must be one of auto, {', '.join(_DTYPES)}; "
+                             f"got {requested!r}")
+        if device.type == "cpu" and requested != "fp32":
+            log.warning("precision %s on CPU is emulated on most CPUs and can be far slower "
+                        "than fp32; use it on CPU only to test the code path", requested)
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # fp32 | fp16 | bf16, already resolved
+    device_type: str  # "cpu" | "cuda"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.name]
+
+    def autocast(self):
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Dynamic loss scaling for fp16; a disabled (pass-through) scaler otherwise."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")

@@ -1,0 +1,114 @@
+"""Where the training loop runs: the few things that differ between Ray Train and a plain
+process. The loop (`loop.train`) talks only to this interface, so there is one loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+
+
+class TrainSession(Protocol):
+    world_rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move to the device and wrap for data parallelism when there are several workers."""
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        """A directory holding the checkpoint to resume from, or None for a fresh start."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        """Publish metrics (every rank calls this); rank 0 may attach a checkpoint directory."""
+
+
+class LocalSession:
+    """One process, no Ray: checkpoints go to `run_dir/checkpoint_<step>`, last `keep` kept."""
+
+    world_rank = 0
+    world_size = 1
+
+    def __init__(self, run_dir: str | Path, keep: int = 3,
+                 device: torch.device | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.keep = keep
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.reports: list[dict[str, Any]] = []
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.run_dir.glob("checkpoint_*"))
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        found = self.checkpoints()
+        yield str(found[-1]) if found else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is None:
+            return
+        target = self.run_dir / f"checkpoint_{int(metrics['step']):08d}"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(checkpoint_dir, target)
+        for old in self.checkpoints()[:-self.keep]:
+            shutil.rmtree(old)
+
+
+class RayTrainSession:
+    """Inside a Ray Train worker. Ray Train owns checkpoint storage and restarts."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.world_rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self._worker_nodes: list[str] | None = None
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield directory
+
+    def worker_nodes(self) -> list[str]:
+        """Node id of every worker, by rank, so the launcher can check workers landed where
+        the scheduler placed them. Collective: every rank calls it (report() does)."""
+        if self._worker_nodes is None:
+            import torch.distributed as dist
+
+            nodes: list[str | None] = [None] * self.world_size
+            if dist.is_initialized():
+                dist.all_gather_object(nodes, self.node_id)
+            else:
+                nodes = [self.node_id]
+            self._worker_nodes = [str(n) for n in nodes]
+        return self._worker_nodes
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        metrics = {**metrics, "worker_nodes": self.worker_nodes()}
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)

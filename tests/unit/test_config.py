@@ -1,0 +1,58 @@
+import pytest
+
+from orchestrator.config import ConfigError, JobSpec, TrainConfig
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"num_workers": 0}, "num_workers"),
+    ({"num_workers": 2.5}, "num_workers"),
+    ({"cpus_per_worker": -1}, "cpus_per_worker"),
+    ({"gpus_per_worker": -2}, "gpus_per_worker"),
+    ({"min_gpu_memory_gb": -4}, "min_gpu_memory_gb"),
+    ({"min_gpu_memory_gb": float("nan"), "gpus_per_worker": 1}, "min_gpu_memory_gb"),
+    ({"min_gpu_memory_gb": 16}, "needs gpus_per_worker"),
+    ({"name": ""}, "name"),
+])
+def test_jobspec_rejects_bad_values_naming_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        JobSpec(**{"name": "job", **kwargs})
+
+
+def test_jobspec_reports_every_problem_at_once():
+    with pytest.raises(ConfigError) as e:
+        JobSpec(name="job", num_workers=0, cpus_per_worker=0)
+    assert "num_workers" in str(e.value) and "cpus_per_worker" in str(e.value)
+
+
+def test_jobspec_totals():
+    spec = JobSpec(name="job", num_workers=4, cpus_per_worker=2, gpus_per_worker=1)
+    assert spec.total_cpus == 8 and spec.total_gpus == 4
+
+
+def test_unknown_key_gets_a_did_you_mean_hint():
+    with pytest.raises(ConfigError, match=r"'num_worker' \(did you mean 'num_workers'\?\)"):
+        JobSpec.from_dict({"name": "job", "num_worker": 2})
+
+
+def test_non_mapping_is_refused():
+    with pytest.raises(ConfigError, match="mapping"):
+        TrainConfig.from_dict(["model_size", "tiny"])
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"model_size": "huge"}, "model_size"),
+    ({"precision": "fp8"}, "precision"),
+    ({"max_steps": 0}, "max_steps"),
+    ({"batch_size": True}, "batch_size"),
+    ({"lr": -1.0}, "lr"),
+    ({"min_lr": 1.0, "lr": 0.1}, "min_lr"),
+    ({"dropout": 1.0}, "dropout"),
+])
+def test_trainconfig_rejects_bad_values_naming_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**kwargs)
+
+
+def test_trainconfig_round_trips_through_a_dict():
+    config = TrainConfig(model_size="tiny", max_steps=7)
+    assert TrainConfig.from_dict(config.to_dict()) == config

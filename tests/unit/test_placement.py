@@ -1,0 +1,92 @@
+import pytest
+
+from orchestrator.config import JobSpec
+from orchestrator.inventory import GIB, ClusterState, GpuInfo, NodeReport
+from orchestrator.placement import PlacementError, place
+
+NOW = 1_000.0
+
+
+def node(node_id, cpus=8, gpus=0, gpu_free_gb=80.0, load=0.0):
+    gpu_list = tuple(GpuInfo(i, "A100-80GB", 80 * GIB, int(gpu_free_gb * GIB), source="declared")
+                     for i in range(gpus))
+    return NodeReport(node_id=node_id, hostname=node_id, ray_cpus=cpus, ray_gpus=gpus,
+                      cpu_count=cpus, load_avg_1m=load, ram_total_bytes=64 * GIB,
+                      ram_available_bytes=32 * GIB, gpus=gpu_list)
+
+
+def cluster(*reports, seen=NOW):
+    state = ClusterState(stale_after_s=30)
+    for r in reports:
+        state.update(r, now=seen)
+    return state
+
+
+def test_single_node_job_goes_to_the_tightest_fitting_node():
+    state = cluster(node("big", cpus=64), node("small", cpus=4), node("mid", cpus=16))
+    placement = place(JobSpec("j", num_workers=4), state, NOW)
+    assert placement.worker_nodes == ("small",) * 4
+    assert "not needed" in placement.node_reasons["big"]
+
+
+def test_job_too_big_for_one_node_spans_the_fewest_nodes():
+    state = cluster(node("a", cpus=2), node("b", cpus=8), node("c", cpus=4))
+    placement = place(JobSpec("j", num_workers=10), state, NOW)
+    assert sorted(placement.nodes) == ["b", "c"]
+    assert placement.worker_nodes.count("b") == 8
+
+
+def test_load_breaks_ties():
+    state = cluster(node("busy", cpus=4, load=3.0), node("idle", cpus=4, load=0.1))
+    assert place(JobSpec("j", num_workers=2), state, NOW).nodes == ["idle"]
+
+
+def test_gpu_memory_and_count_filter_nodes_with_reasons():
+    state = cluster(node("cpu-only", cpus=32), node("full", gpus=8, gpu_free_gb=4.0),
+                    node("free", gpus=4, gpu_free_gb=70.0))
+    placement = place(JobSpec("j", num_workers=2, gpus_per_worker=1, min_gpu_memory_gb=40),
+                      state, NOW)
+    assert placement.nodes == ["free"]
+    assert "no GPUs" in placement.node_reasons["cpu-only"]
+    assert "40 GiB free" in placement.node_reasons["full"]
+
+
+def test_stale_node_is_excluded():
+    state = cluster(node("fresh", cpus=2))
+    state.update(node("silent", cpus=64), now=NOW - 120)
+    placement = place(JobSpec("j", num_workers=2), state, NOW)
+    assert placement.nodes == ["fresh"]
+    assert "no heartbeat for 120s" in placement.node_reasons["silent"]
+
+
+def test_reservations_prevent_double_booking():
+    state = cluster(node("a", gpus=4), node("b", gpus=4))
+    first = place(JobSpec("first", num_workers=4, gpus_per_worker=1), state, NOW)
+    state.reserve("first", first.reservations())
+    second = place(JobSpec("second", num_workers=4, gpus_per_worker=1), state, NOW)
+    assert set(first.nodes).isdisjoint(second.nodes)
+    state.reserve("second", second.reservations())
+    with pytest.raises(PlacementError, match="room for 0 worker"):
+        place(JobSpec("third", num_workers=1, gpus_per_worker=1), state, NOW)
+    assert state.release("first")
+    assert place(JobSpec("third", num_workers=1, gpus_per_worker=1), state, NOW).nodes == first.nodes
+
+
+def test_unplaceable_job_explains_every_factor():
+    state = cluster(node("a", cpus=2), node("b", cpus=2))
+    with pytest.raises(PlacementError) as e:
+        place(JobSpec("huge", num_workers=8, cpus_per_worker=1), state, NOW)
+    message = str(e.value)
+    assert "8 worker(s) x (1 CPU) = 8 CPUs" in message
+    assert "room for 4 worker(s)" in message and "4 CPUs" in message
+
+
+def test_empty_cluster_says_no_agents_reported():
+    with pytest.raises(PlacementError, match="no node has reported"):
+        place(JobSpec("j"), ClusterState(), NOW)
+
+
+def test_label_selectors_pin_each_worker():
+    state = cluster(node("a", cpus=1), node("b", cpus=1))
+    placement = place(JobSpec("j", num_workers=2), state, NOW)
+    assert placement.label_selectors() == [{"ray.io/node-id": n} for n in placement.worker_nodes]
