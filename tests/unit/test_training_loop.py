@@ -1,0 +1,114 @@
+"""The one training loop, run in a plain process (LocalSession)."""
+import pytest
+import torch
+
+from orchestrator.config import TrainConfig
+from orchestrator.training.checkpoint import (CheckpointError, load_checkpoint,
+                                              save_checkpoint)
+from orchestrator.training.loop import train
+from orchestrator.training.precision import Precision, resolve_precision
+from orchestrator.training.session import LocalSession
+
+CPU = torch.device("cpu")
+
+
+def tiny(**overrides):
+    base = dict(model_size="tiny", batch_size=4, seq_len=32, max_steps=30, warmup_steps=2,
+                checkpoint_every=10, log_every=10, eval_batches=2)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_loss_falls(tmp_path):
+    session = LocalSession(tmp_path, device=CPU)
+    metrics = train(tiny(max_steps=40), session)
+    assert metrics["step"] == 40
+    assert metrics["loss"] < metrics["first_loss"] - 1.0
+    assert metrics["precision"] == "fp32"
+    assert [r["step"] for r in session.reports] == [10, 20, 30, 40]
+
+
+def test_checkpoints_keep_the_last_k(tmp_path):
+    session = LocalSession(tmp_path, keep=2, device=CPU)
+    train(tiny(), session)
+    assert [p.name for p in session.checkpoints()] == ["checkpoint_00000020",
+                                                       "checkpoint_00000030"]
+
+
+class CrashingSession(LocalSession):
+    """Dies right after the checkpoint of `crash_at` is saved, like a killed worker."""
+
+    def __init__(self, run_dir, crash_at):
+        super().__init__(run_dir, device=CPU)
+        self.crash_at = crash_at
+
+    def report(self, metrics, checkpoint_dir):
+        super().report(metrics, checkpoint_dir)
+        if metrics["step"] == self.crash_at:
+            raise RuntimeError("worker killed")
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    uninterrupted = LocalSession(tmp_path / "a", device=CPU)
+    full = train(tiny(max_steps=20), uninterrupted)
+
+    with pytest.raises(RuntimeError, match="worker killed"):
+        train(tiny(max_steps=20), CrashingSession(tmp_path / "b", crash_at=10))
+    interrupted = LocalSession(tmp_path / "b", device=CPU)
+    resumed = train(tiny(max_steps=20), interrupted)  # same run dir: picks up checkpoint 10
+
+    assert resumed["start_step"] == 10 and resumed["step"] == 20
+    assert resumed["loss"] == pytest.approx(full["loss"], abs=1e-6)
+    a = load_checkpoint(uninterrupted.checkpoints()[-1])["model"]
+    b = load_checkpoint(interrupted.checkpoints()[-1])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_already_complete_run_does_nothing(tmp_path):
+    session = LocalSession(tmp_path, device=CPU)
+    train(tiny(max_steps=10), session)
+    metrics = train(tiny(max_steps=10), session)
+    assert metrics["already_complete"] and metrics["step"] == 10
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_paths_run_on_tiny_tensors(tmp_path, precision):
+    metrics = train(tiny(max_steps=3, precision=precision, seq_len=16, log_every=1),
+                    LocalSession(tmp_path, device=CPU))
+    assert metrics["precision"] == precision
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+def test_auto_precision_is_fp32_on_cpu():
+    assert resolve_precision("auto", CPU) == "fp32"
+
+
+def test_fp16_scaler_skips_an_overflowing_step():
+    precision = Precision("fp16", "cpu")
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = precision.grad_scaler()
+    scale = scaler.get_scale()
+    scaler.scale(weight.sum() * float("inf")).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.equal(weight.detach(), torch.ones(2))  # step skipped
+    assert scaler.get_scale() < scale  # and the scale backed off
+
+
+def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
+    save_checkpoint(tmp_path, {"step": 3, "w": torch.ones(2)})
+    assert load_checkpoint(tmp_path)["step"] == 3
+    state = tmp_path / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="state.pt is corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_checkpoint_carrying_code_is_never_unpickled(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pwned')",))
+
+    save_checkpoint(tmp_path, {"step": 1, "payload": Evil()})  # checksum matches the payload
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        load_checkpoint(tmp_path)
