@@ -1,0 +1,31 @@
+"""Integration tier: one local multi-node Ray cluster for the whole session.
+
+Three raylets on this machine (ray.cluster_utils.Cluster), each with its own node id:
+  head  - 2 CPUs
+  cpu   - 2 CPUs
+  t4    - 2 CPUs + 2 GPUs declared as T4-16GB through node labels (no real GPU: used only for
+          placement decisions, never to run CUDA code)
+"""
+import pytest
+
+from orchestrator.inventory import (LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
+                                    LABEL_ACCELERATOR_TYPE)
+
+T4_LABELS = {LABEL_ACCELERATOR_TYPE: "T4", LABEL_ACCELERATOR_COUNT: "2",
+             LABEL_ACCELERATOR_MEMORY_GB: "16"}
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    nodes = {"head": c.head_node,
+             "cpu": c.add_node(num_cpus=2),
+             "t4": c.add_node(num_cpus=2, num_gpus=2, labels=T4_LABELS)}
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    yield {name: node.node_id for name, node in nodes.items()}
+    ray.shutdown()
+    c.shutdown()

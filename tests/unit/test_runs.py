@@ -1,0 +1,40 @@
+import datetime as dt
+
+import pytest
+
+from orchestrator.runs import RunDirError, resolve_run_dir
+
+NOW = dt.datetime(2026, 1, 2, 3, 4, 5)
+
+
+def make_run(path):
+    (path / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    return path
+
+
+def test_new_run_gets_a_timestamped_dir(tmp_path):
+    assert resolve_run_dir(None, False, tmp_path, "pretrain", NOW) == \
+        tmp_path / "pretrain-20260102-030405"
+
+
+def test_resume_without_run_dir_takes_the_latest_run(tmp_path):
+    make_run(tmp_path / "old")
+    latest = make_run(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    import os
+    os.utime(tmp_path / "old", (0, 0))
+    assert resolve_run_dir(None, True, tmp_path, "pretrain", NOW) == latest
+
+
+def test_resume_with_nothing_to_resume_names_the_place(tmp_path):
+    with pytest.raises(RunDirError, match=f"no run with checkpoints under {tmp_path}"):
+        resolve_run_dir(None, True, tmp_path, "pretrain", NOW)
+    with pytest.raises(RunDirError, match="no checkpoint in run dir .*nothing"):
+        resolve_run_dir(str(tmp_path / "nothing"), True, tmp_path, "pretrain", NOW)
+
+
+def test_an_old_run_is_never_continued_silently(tmp_path):
+    run = make_run(tmp_path / "run")
+    with pytest.raises(RunDirError, match="pass --resume"):
+        resolve_run_dir(str(run), False, tmp_path, "pretrain", NOW)
+    assert resolve_run_dir(str(run), True, tmp_path, "pretrain", NOW) == run
