@@ -1,0 +1,33 @@
+"""GPU tier: runs only where CUDA is present (skipped on CPU-only machines and in CI)."""
+import pytest
+import torch
+
+from actors.probes import probe_nvml
+from orchestrator.config import TrainConfig
+from orchestrator.training.loop import train
+from orchestrator.training.precision import resolve_precision
+from orchestrator.training.session import LocalSession
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_nvml_measures_the_gpus_torch_sees():
+    gpus = probe_nvml()
+    assert len(gpus) == torch.cuda.device_count()
+    assert all(g.source == "nvml" and g.memory_total_bytes > 0 for g in gpus)
+
+
+def test_auto_precision_picks_bf16_or_fp16_on_gpu():
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_training_runs_on_gpu(tmp_path, precision):
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("GPU has no bf16")
+    config = TrainConfig(model_size="tiny", max_steps=20, batch_size=8, seq_len=64,
+                         precision=precision, log_every=10, checkpoint_every=20)
+    metrics = train(config, LocalSession(tmp_path, device=torch.device("cuda")))
+    assert metrics["precision"] == precision
+    assert metrics["loss"] < metrics["first_loss"]
