@@ -45,20 +45,23 @@ class ClusterConnectionError(RuntimeError):
     """Ray could not be reached at the given address."""
 
 
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+def _check_reachable(address: str, source: str, timeout_s: float = 5.0) -> None:
     """Fail fast on an unreachable host:port. ray.init itself retries for minutes."""
     import socket
 
-    host_port = address.removeprefix("ray://")
-    host, _, port = host_port.rpartition(":")
+    if address.startswith(("http://", "https://")):
+        raise ClusterConnectionError(
+            f"{source} {address!r} is a dashboard URL (what `ray job submit` wants); a job "
+            "connects to the cluster's GCS address, host:6379. Unset it to use an embedded Ray")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        raise ClusterConnectionError(f"--address {address!r} is not of the form host:port")
+        raise ClusterConnectionError(f"{source} {address!r} is not of the form host:port")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as e:
         raise ClusterConnectionError(
-            f"cannot reach a Ray cluster at {address}: {e.strerror or e}. Is `ray start --head` "
-            "running there, and is the port open from here?") from None
+            f"cannot reach a Ray cluster at {address} ({source}): {e.strerror or e}. Is "
+            "`ray start --head` running there, and is the port open from here?") from None
 
 
 def connect(address: str | None) -> bool:
@@ -68,11 +71,13 @@ def connect(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
+    source = "--address"
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if address and address != "auto":
-        _check_reachable(address)
+        _check_reachable(address, source)
     try:
         ray.init(address=address or None)
     except ConnectionError as e:
-        raise ClusterConnectionError(f"cannot connect to Ray at {address}: {e}") from None
+        raise ClusterConnectionError(f"cannot connect to Ray at {address} ({source}): {e}") from None
     return not address

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
         scheduler, _ = ensure_control_plane()
         placement = _place(scheduler, spec)
         try:
-            result = _fit(train_config, placement, run_dir, args.max_failures)
+            result = _fit(train_config, spec, placement, run_dir, args.max_failures)
         finally:
             ray.get(scheduler.release.remote(spec.name))
     finally:
@@ -126,13 +126,15 @@ def _place(scheduler, spec: JobSpec):
     return decision
 
 
-def _fit(train_config: TrainConfig, placement, run_dir: Path, max_failures: int):
+def _fit(train_config: TrainConfig, spec: JobSpec, placement, run_dir: Path,
+         max_failures: int):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from orchestrator.training.loop import train_under_ray
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(train_config.to_dict(), indent=2) + "\n")
+    resolved = {"train": train_config.to_dict(), "job": spec.to_dict()}
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     trainer = TorchTrainer(
         train_under_ray,
         train_loop_config=train_config.to_dict(),
@@ -151,10 +153,23 @@ def _fit(train_config: TrainConfig, placement, run_dir: Path, max_failures: int)
     )
     try:
         return trainer.fit()
-    except Exception as e:  # Ray Train wraps the worker's error; show its cause, not the wrap
-        cause = e.__cause__ or e
-        raise JobFailed(f"training failed: {type(cause).__name__}: {cause}",
-                        EXIT_TRAINING_FAILED) from None
+    except Exception as e:
+        raise JobFailed(f"training failed after {max_failures} restart(s): "
+                        f"{_root_cause(e)}\n(full traceback in the worker log above; "
+                        f"checkpoints so far are in {run_dir})", EXIT_TRAINING_FAILED) from None
+
+
+def _root_cause(error: Exception) -> str:
+    """The first worker's original exception, not Ray Train's wrapper around it."""
+    failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError
+    if failures:
+        rank, error = min(failures.items())
+        prefix = f"worker rank {rank}: "
+    else:
+        error = getattr(error, "controller_failure", error)  # ray.train.ControllerError
+        prefix = ""
+    cause = getattr(error, "cause", None) or error  # RayTaskError keeps the original as .cause
+    return f"{prefix}{type(cause).__name__}: {cause}"
 
 
 def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,

@@ -152,7 +152,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         step += 1
         tokens_seen += tokens_per_step
         interval_steps += 1
-        loss_sum += loss.item()
+        # Accumulate on the device: .item() every step would stall a GPU on a host sync.
+        loss_sum += loss.detach().float()
         if first_loss is None:
             first_loss = _mean_across_workers(loss.item(), device)
 
@@ -164,7 +165,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             metrics = {
                 "step": step,
                 "start_step": start_step,
-                "loss": _mean_across_workers(loss_sum / interval_steps, device),
+                "loss": _mean_across_workers(loss_sum.item() / interval_steps, device),
                 "first_loss": first_loss,
                 "lr": lr_at(step - 1, config),
                 "tokens_per_s": interval_steps * tokens_per_step / elapsed,

@@ -35,7 +35,8 @@ def test_two_worker_run_writes_a_complete_summary(first_run, cluster):
     assert summary["placement_honoured"]
     assert sorted(summary["worker_nodes"]) == sorted(summary["placement"])
     assert Path(summary["checkpoint"]).is_dir()
-    assert json.loads((first_run / "config.json").read_text())["model_size"] == "tiny"
+    resolved = json.loads((first_run / "config.json").read_text())
+    assert resolved["train"]["model_size"] == "tiny" and resolved["job"]["num_workers"] == 2
 
 
 def test_resume_continues_the_step_count(first_run):

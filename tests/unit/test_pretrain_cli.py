@@ -10,8 +10,9 @@ import pytest
 PRETRAIN = Path(__file__).resolve().parents[2] / "jobs" / "pretrain.py"
 
 
-def run_pretrain(*args, tmp_path):
-    env = {"ORCHESTRATOR_RUNS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+def run_pretrain(*args, tmp_path, **extra_env):
+    env = {"ORCHESTRATOR_RUNS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           **extra_env}
     return subprocess.run([sys.executable, str(PRETRAIN), *args], capture_output=True,
                           text=True, timeout=120, env=env)
 
@@ -41,5 +42,12 @@ def test_unreachable_address_fails_fast_and_clearly(tmp_path):
     port = unused_port()
     result = run_pretrain("--address", f"127.0.0.1:{port}", tmp_path=tmp_path)
     assert result.returncode == 2
-    assert f"cannot reach a Ray cluster at 127.0.0.1:{port}" in result.stderr
+    assert f"cannot reach a Ray cluster at 127.0.0.1:{port} (--address)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_dashboard_url_in_ray_address_is_explained(tmp_path):
+    result = run_pretrain(tmp_path=tmp_path, RAY_ADDRESS="http://127.0.0.1:8265")
+    assert result.returncode == 2
+    assert "RAY_ADDRESS 'http://127.0.0.1:8265' is a dashboard URL" in result.stderr
     assert "Traceback" not in result.stderr
