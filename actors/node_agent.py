@@ -34,8 +34,10 @@ class NodeAgent:
 
     def collect(self) -> NodeReport:
         errors: dict[str, str] = {}
+        # A node whose host probe failed must not look idle: infinite load loses every
+        # load tie-break until the probe works again.
         host = run_probe("host", probe_host, None, errors) or {
-            "hostname": "?", "cpu_count": 1, "load_avg_1m": 0.0,
+            "hostname": "?", "cpu_count": 1, "load_avg_1m": float("inf"),
             "ram_total_bytes": 0, "ram_available_bytes": 0}
         return NodeReport(node_id=self.node_id, ray_cpus=self.ray_cpus, ray_gpus=self.ray_gpus,
                           gpus=probe_gpus(self.labels, errors), labels=self.labels,

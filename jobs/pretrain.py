@@ -21,7 +21,8 @@ from pathlib import Path
 # without installing the project first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.config import MODEL_PRESETS, PRECISIONS, ConfigError, JobSpec, TrainConfig  # noqa: E402
+from orchestrator.config import (MODEL_PRESETS, PRECISIONS, ConfigError, JobSpec,  # noqa: E402
+                                 TrainConfig, resume_conflicts)
 from orchestrator.runs import DEFAULT_RUNS_ROOT, RunDirError, resolve_run_dir  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -72,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_configs(args: argparse.Namespace, run_dir: Path) -> tuple[TrainConfig, JobSpec]:
     """Validated configs; a ConfigError names every bad field at once."""
+    if args.max_failures < 0:
+        raise ConfigError(f"--max-failures must be >= 0, got {args.max_failures}")
     train_config = TrainConfig(
         model_size=args.model_size, precision=args.precision, max_steps=args.max_steps,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
@@ -80,15 +83,40 @@ def build_configs(args: argparse.Namespace, run_dir: Path) -> tuple[TrainConfig,
     spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,
                    cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                    min_gpu_memory_gb=args.min_gpu_memory_gb)
+    if args.resume:
+        _check_resumable(run_dir, train_config)
     return train_config, spec
 
 
-def run(args: argparse.Namespace) -> dict:
+def _check_resumable(run_dir: Path, train_config: TrainConfig) -> None:
+    """Refuse to resume with settings that would make it another run (checked here, before any
+    worker starts, so the answer is one line rather than failed restarts)."""
+    saved = _read_json(run_dir / "config.json")
+    conflicts = resume_conflicts(saved.get("train", {}), train_config) if saved else []
+    if conflicts:
+        raise ConfigError(f"--resume: {run_dir} was trained with other settings: "
+                          f"{'; '.join(conflicts)}. Pass the original values, or start a new "
+                          "run without --resume")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+
+
+def run(args: argparse.Namespace) -> dict | None:
     started = time.time()
     try:
         run_dir = resolve_run_dir(args.run_dir, args.resume, DEFAULT_RUNS_ROOT, "pretrain",
                                   dt.datetime.now())
         train_config, spec = build_configs(args, run_dir)
+        if args.resume and _already_complete(run_dir, train_config):
+            return None
+        _write_resolved_config(run_dir, train_config, spec)
     except (ConfigError, RunDirError) as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
 
@@ -101,23 +129,48 @@ def run(args: argparse.Namespace) -> dict:
     except ClusterConnectionError as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
     try:
-        scheduler, _ = ensure_control_plane()
+        try:
+            scheduler, _ = ensure_control_plane()
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            raise JobFailed(f"the scheduler or a node agent did not come up: {e}",
+                            EXIT_NOT_PLACEABLE) from None
         placement = _place(scheduler, spec)
         try:
-            result = _fit(train_config, spec, placement, run_dir, args.max_failures)
+            result = _fit(train_config, placement, run_dir, args.max_failures)
         finally:
-            ray.get(scheduler.release.remote(spec.name))
+            _release(scheduler, spec.name)
     finally:
         if started_ray:
             ray.shutdown()
     return _write_summary(result, train_config, placement, run_dir, time.time() - started)
 
 
+def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
+    """True (and says so) when the run already reached --max-steps: nothing to start."""
+    summary = _read_json(run_dir / "summary.json") or {}
+    done = summary.get("steps") or 0
+    if done < train_config.max_steps:
+        return False
+    print(f"nothing to do: {run_dir} is already at step {done} (--max-steps "
+          f"{train_config.max_steps}); raise --max-steps to train further")
+    return True
+
+
+def _write_resolved_config(run_dir: Path, train_config: TrainConfig, spec: JobSpec) -> None:
+    resolved = {"train": train_config.to_dict(), "job": spec.to_dict()}
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    except OSError as e:
+        raise RunDirError(f"cannot write to run dir {run_dir}: {e.strerror or e}") from None
+
+
 def _place(scheduler, spec: JobSpec):
     import ray
     from orchestrator.placement import Rejection
 
-    decision = ray.get(scheduler.place.remote(spec))
+    owner = ray.get_runtime_context().get_job_id()  # lets the scheduler reclaim if we die
+    decision = ray.get(scheduler.place.remote(spec, owner))
     if isinstance(decision, Rejection):
         raise JobFailed(decision.message, EXIT_NOT_PLACEABLE)
     counts = Counter(decision.worker_nodes)
@@ -126,32 +179,39 @@ def _place(scheduler, spec: JobSpec):
     return decision
 
 
-def _fit(train_config: TrainConfig, spec: JobSpec, placement, run_dir: Path,
-         max_failures: int):
+def _release(scheduler, job_name: str) -> None:
+    """Best effort: a failure here must not hide the job's own outcome. A reservation left
+    behind is reclaimed by the scheduler once this driver has exited."""
+    import ray
+
+    try:
+        ray.get(scheduler.release.remote(job_name), timeout=30)
+    except Exception as e:
+        print(f"warning: could not release the reservation of {job_name}: {e}", file=sys.stderr)
+
+
+def _fit(train_config: TrainConfig, placement, run_dir: Path, max_failures: int):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from orchestrator.training.loop import train_under_ray
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {"train": train_config.to_dict(), "job": spec.to_dict()}
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-    trainer = TorchTrainer(
-        train_under_ray,
-        train_loop_config=train_config.to_dict(),
-        scaling_config=ScalingConfig(
-            num_workers=len(placement.worker_nodes),
-            use_gpu=placement.gpus_per_worker > 0,
-            resources_per_worker={"CPU": placement.cpus_per_worker,
-                                  "GPU": placement.gpus_per_worker},
-            label_selector=placement.label_selectors(),  # worker i -> the node placed for it
-        ),
-        run_config=RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
-            checkpoint_config=CheckpointConfig(num_to_keep=train_config.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=max_failures),
-        ),
-    )
     try:
+        trainer = TorchTrainer(
+            train_under_ray,
+            train_loop_config=train_config.to_dict(),
+            scaling_config=ScalingConfig(
+                num_workers=len(placement.worker_nodes),
+                use_gpu=placement.gpus_per_worker > 0,
+                resources_per_worker={"CPU": placement.cpus_per_worker,
+                                      "GPU": placement.gpus_per_worker},
+                label_selector=placement.label_selectors(),  # worker i -> its placed node
+            ),
+            run_config=RunConfig(
+                name=run_dir.name, storage_path=str(run_dir.parent),
+                checkpoint_config=CheckpointConfig(num_to_keep=train_config.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=max_failures),
+            ),
+        )
         return trainer.fit()
     except Exception as e:
         raise JobFailed(f"training failed after {max_failures} restart(s): "
@@ -173,8 +233,12 @@ def _root_cause(error: Exception) -> str:
 
 
 def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
-                   elapsed_s: float) -> dict:
+                   elapsed_s: float) -> dict | None:
     metrics = result.metrics or {}
+    if metrics.get("already_complete"):  # checkpoint ahead of the summary: leave both alone
+        print(f"nothing to do: the checkpoint is already at step {metrics['step']} "
+              f"(--max-steps {train_config.max_steps}); raise --max-steps to train further")
+        return None
     actual = metrics.get("worker_nodes", [])
     summary = {
         "steps": metrics.get("step"),
@@ -195,14 +259,10 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         "elapsed_s": round(elapsed_s, 1),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if metrics.get("already_complete"):
-        print(f"\nnothing to do: the checkpoint is already at step {summary['steps']} "
-              f"(--max-steps {train_config.max_steps}); raise --max-steps to train further")
-    else:
-        print(f"\ntrained {summary['steps']} steps in {summary['precision']} on "
-              f"{summary['num_workers']} worker(s): loss {summary['first_loss']:.3f} -> "
-              f"{summary['final_loss']:.3f} (held-out {summary['held_out_loss']:.3f}), "
-              f"{summary['tokens_per_s']:,.0f} tokens/s")
+    print(f"\ntrained {summary['steps']} steps in {summary['precision']} on "
+          f"{summary['num_workers']} worker(s): loss {summary['first_loss']:.3f} -> "
+          f"{summary['final_loss']:.3f} (held-out {summary['held_out_loss']:.3f}), "
+          f"{summary['tokens_per_s']:,.0f} tokens/s")
     if not summary["placement_honoured"]:
         print(f"warning: workers ran on {actual}, not where placed: {placement.worker_nodes}",
               file=sys.stderr)

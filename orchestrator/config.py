@@ -61,6 +61,11 @@ def from_mapping(cls, data: Mapping[str, Any], what: str):
             hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise ConfigError(f"unknown field(s) in {what}: {', '.join(hints)}; "
                           f"known fields: {', '.join(known)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"missing required field(s) in {what}: {', '.join(missing)}")
     return cls(**data)
 
 
@@ -178,3 +183,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Fields a resumed run may change: they do not alter what the checkpoint's weights mean or
+# which batches come next (max_steps extends the run; the rest are bookkeeping or hardware).
+RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                               "eval_batches", "precision"})
+
+
+def resume_conflicts(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
+    """Fields whose value differs from the run being resumed, as 'field: old -> new'.
+
+    Continuing with another model shape cannot load; with another lr, batch size or seed it
+    would silently become a different run. Both are refused by the callers."""
+    current = config.to_dict()
+    return [f"{name}: {saved.get(name)!r} -> {value!r}" for name, value in current.items()
+            if name not in RESUMABLE_CHANGES and saved.get(name) != value]

@@ -5,6 +5,7 @@ expiry is tested by stepping a number rather than sleeping.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -57,6 +58,7 @@ class Reservation:
     node_id: str
     cpus: float
     gpus: int
+    owner: str = ""  # the Ray job id of the driver holding it; "" = unknown
 
 
 class ClusterState:
@@ -96,6 +98,15 @@ class ClusterState:
     def release(self, job_name: str) -> bool:
         return self.reservations.pop(job_name, None) is not None
 
+    def release_orphans(self, dead_owners: set[str]) -> list[str]:
+        """Release reservations whose owner (a driver) is known to be dead: a driver killed
+        before its `finally` ran must not hold resources forever. Returns the jobs released."""
+        orphaned = [job for job, held in self.reservations.items()
+                    if any(r.owner and r.owner in dead_owners for r in held)]
+        for job in orphaned:
+            del self.reservations[job]
+        return orphaned
+
 
 # Node labels an operator sets (`ray start --labels=...`, or `labels=` in
 # ray.cluster_utils.Cluster) to declare accelerators NVML cannot see: NPUs, or simulated GPUs
@@ -103,6 +114,7 @@ class ClusterState:
 LABEL_ACCELERATOR_TYPE = "orchestrator.io/accelerator-type"
 LABEL_ACCELERATOR_COUNT = "orchestrator.io/accelerator-count"
 LABEL_ACCELERATOR_MEMORY_GB = "orchestrator.io/accelerator-memory-gb"
+MAX_DECLARED_ACCELERATORS = 64  # more than any real node has: a typo, not a machine
 
 
 def declared_gpus(labels: dict[str, str]) -> tuple[GpuInfo, ...]:
@@ -118,9 +130,12 @@ def declared_gpus(labels: dict[str, str]) -> tuple[GpuInfo, ...]:
     except ValueError as e:
         raise ValueError(f"node label {LABEL_ACCELERATOR_COUNT} or "
                          f"{LABEL_ACCELERATOR_MEMORY_GB} is not a number: {e}") from None
-    if count < 0 or memory_gb < 0:
-        raise ValueError(f"node labels declare {count} x {memory_gb} GiB of {name}: "
-                         "count and memory must be >= 0")
+    if not 0 <= count <= MAX_DECLARED_ACCELERATORS:
+        raise ValueError(f"node label {LABEL_ACCELERATOR_COUNT}={count}: must be between 0 and "
+                         f"{MAX_DECLARED_ACCELERATORS}")
+    if not (math.isfinite(memory_gb) and 0 <= memory_gb <= 100_000):
+        raise ValueError(f"node label {LABEL_ACCELERATOR_MEMORY_GB}={memory_gb}: must be a "
+                         "finite number of GiB >= 0")
     memory = int(memory_gb * GIB)
     return tuple(GpuInfo(index=i, name=name, memory_total_bytes=memory,
                          memory_free_bytes=memory, source="declared") for i in range(count))

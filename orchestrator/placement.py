@@ -36,6 +36,7 @@ class Placement:
     cpus_per_worker: float
     gpus_per_worker: int
     node_reasons: dict[str, str] = field(default_factory=dict)  # nodes not chosen -> why
+    owner: str = ""  # who holds the reservation (a Ray job id); "" = unknown, never reclaimed
 
     @property
     def nodes(self) -> list[str]:
@@ -49,7 +50,7 @@ class Placement:
     def reservations(self) -> list[Reservation]:
         per_node = Counter(self.worker_nodes)
         return [Reservation(self.job_name, node_id, count * self.cpus_per_worker,
-                            count * self.gpus_per_worker)
+                            count * self.gpus_per_worker, self.owner)
                 for node_id, count in per_node.items()]
 
 
@@ -71,12 +72,17 @@ def _worker_capacity(spec: JobSpec, report: NodeReport, reserved_cpus: float,
     if spec.gpus_per_worker == 0:
         return by_cpu, ""
     fitting = [g for g in report.gpus if g.memory_free_gb >= spec.min_gpu_memory_gb]
-    # Ray can only hand out GPUs it schedules, so measured GPUs beyond ray_gpus don't count.
-    usable = min(len(fitting), int(report.ray_gpus)) - reserved_gpus
+    # Ray hands out only the GPUs it schedules, minus those reserved. GPUs in use by reserved
+    # jobs usually also lack free memory, so they are not subtracted a second time: the
+    # smaller of the two counts is what is really free. (Ray, not this scheduler, picks which
+    # GPU index a worker gets; the memory check is per node.)
+    usable = min(len(fitting), int(report.ray_gpus) - reserved_gpus)
     by_gpu = usable // spec.gpus_per_worker
     if by_gpu < 1:
         if not report.gpus:
-            return 0, f"needs {spec.gpus_per_worker} GPU per worker, node has no GPUs"
+            probe_errors = "; ".join(f"{k}: {v}" for k, v in report.probe_errors.items())
+            return 0, (f"needs {spec.gpus_per_worker} GPU per worker, node reports no GPUs"
+                       + (f" (probe errors: {probe_errors})" if probe_errors else ""))
         if spec.min_gpu_memory_gb and len(fitting) < len(report.gpus):
             most = max(g.memory_free_gb for g in report.gpus)
             return 0, (f"needs {spec.gpus_per_worker} GPU(s) with >= "
@@ -88,21 +94,31 @@ def _worker_capacity(spec: JobSpec, report: NodeReport, reserved_cpus: float,
 
 
 def _choose(candidates: list[_Candidate], workers: int) -> list[_Candidate]:
-    """Fewest nodes first; within that, best fit (don't fragment big nodes), then least load."""
-    fits_alone = [c for c in candidates if c.capacity >= workers]
-    if fits_alone:
-        return [min(fits_alone, key=lambda c: (c.capacity, c.load, c.node_id))]
-    chosen, remaining = [], workers
-    for c in sorted(candidates, key=lambda c: (-c.capacity, c.load, c.node_id)):
-        chosen.append(c)
-        remaining -= c.capacity
-        if remaining <= 0:
-            break
+    """Fewest nodes, and no big node spent on a small remainder.
+
+    While no single node can take what is left, take the largest (that minimises the node
+    count); once one can, take the tightest such node (best fit), least loaded on ties."""
+    chosen: list[_Candidate] = []
+    remaining = sorted(candidates, key=lambda c: (-c.capacity, c.load, c.node_id))
+    left = workers
+    while left > 0:
+        fits = [c for c in remaining if c.capacity >= left]
+        pick = min(fits, key=lambda c: (c.capacity, c.load, c.node_id)) if fits else remaining[0]
+        chosen.append(pick)
+        remaining.remove(pick)
+        left -= pick.capacity
     return chosen
 
 
-def place(spec: JobSpec, state: ClusterState, now: float) -> Placement:
-    """Place every worker of `spec` on a node, or raise PlacementError saying why not."""
+def place(spec: JobSpec, state: ClusterState, now: float, owner: str = "") -> Placement:
+    """Place every worker of `spec` on a node, or raise PlacementError saying why not.
+
+    `owner` identifies who will hold the reservation (the driver's Ray job id), so that it can
+    be released if that driver dies without releasing it."""
+    if spec.name in state.reservations:
+        raise PlacementError(Rejection(spec.name, (
+            f"job '{spec.name}' already holds a reservation: a job of that name is running "
+            "(two launches of the same run?)"), {}))
     reasons: dict[str, str] = {}
     candidates: list[_Candidate] = []
     for node_id, report in sorted(state.reports.items()):
@@ -128,7 +144,7 @@ def place(spec: JobSpec, state: ClusterState, now: float) -> Placement:
         if c.node_id not in worker_nodes:
             reasons[c.node_id] = "not needed: the job fits on fewer or better-fitting nodes"
     return Placement(spec.name, tuple(worker_nodes), spec.cpus_per_worker,
-                     spec.gpus_per_worker, reasons)
+                     spec.gpus_per_worker, reasons, owner)
 
 
 def _explain_shortfall(spec: JobSpec, state: ClusterState, available: int,

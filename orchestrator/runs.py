@@ -21,7 +21,13 @@ def has_checkpoints(run_dir: Path) -> bool:
 
 
 def new_run_dir(root: Path, prefix: str, now: dt.datetime) -> Path:
-    return root.expanduser().resolve() / f"{prefix}-{now:%Y%m%d-%H%M%S}"
+    """A run directory that does not exist yet (two runs in the same second get -2, -3...)."""
+    base = root.expanduser().resolve() / f"{prefix}-{now:%Y%m%d-%H%M%S}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
 
 
 def latest_run_with_checkpoints(root: Path) -> Path | None:

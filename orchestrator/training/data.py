@@ -45,7 +45,7 @@ def get_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, *, seed: int,
     """Random windows of `seq_len` tokens (inputs) and the same shifted by one (targets)."""
     if len(tokens) <= seq_len + 1:
         raise ValueError(f"corpus of {len(tokens)} tokens is too short for seq_len {seq_len}")
-    generator = torch.Generator().manual_seed(_mix(seed, rank, step))
+    generator = torch.Generator().manual_seed(stream_seed(seed, rank, step))
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size,), generator=generator)
     offsets = torch.arange(seq_len)
     x = tokens[starts[:, None] + offsets]
@@ -53,7 +53,9 @@ def get_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, *, seed: int,
     return x, y
 
 
-def _mix(seed: int, rank: int, step: int) -> int:
-    """A generator seed per (seed, rank, step). Tuple-of-int hashing is not salted per process,
-    so every worker and every restart computes the same value."""
-    return hash((seed, rank, step)) % (2 ** 63)
+def stream_seed(*parts: int) -> int:
+    """A 63-bit seed from integers. Python salts str hashes per process but not int hashes, so
+    every worker, restart and resumed run computes the same value (ints only, never strings)."""
+    if not all(isinstance(p, int) for p in parts):
+        raise TypeError(f"stream_seed takes integers only, got {parts!r}")
+    return hash(parts) % (2 ** 63)

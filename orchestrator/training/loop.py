@@ -16,14 +16,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from orchestrator.config import TrainConfig
-from orchestrator.training.checkpoint import load_checkpoint, save_checkpoint
-from orchestrator.training.data import VOCAB_SIZE, get_batch, load_corpus, split_corpus
+from orchestrator.config import TrainConfig, resume_conflicts
+from orchestrator.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from orchestrator.training.data import (VOCAB_SIZE, get_batch, load_corpus, split_corpus,
+                                        stream_seed)
 from orchestrator.training.model import GPT, GPTConfig
 from orchestrator.training.precision import Precision, resolve_precision
 from orchestrator.training.session import TrainSession
 
 log = logging.getLogger(__name__)
+
+DROPOUT_STREAM = 1  # distinguishes dropout's random stream from the data stream
 
 
 def say(line: str) -> None:
@@ -111,6 +114,10 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     with session.latest_checkpoint() as checkpoint_dir:
         if checkpoint_dir:
             state = load_checkpoint(checkpoint_dir)
+            conflicts = resume_conflicts(state["config"], config)
+            if conflicts:
+                raise CheckpointError(f"checkpoint {checkpoint_dir} was written by a different "
+                                      f"run config: {'; '.join(conflicts)}")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
@@ -134,7 +141,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     first_loss = None  # loss of this run's first step: the "before" of the loss curve
     while step < config.max_steps:
         # Dropout randomness is a function of (seed, rank, step): resume replays it exactly.
-        torch.manual_seed(hash((config.seed, session.world_rank, step, "dropout")) % 2 ** 63)
+        torch.manual_seed(stream_seed(config.seed, session.world_rank, step, DROPOUT_STREAM))
         _set_lr(optimizer, lr_at(step, config))
         x, y = get_batch(train_tokens, config.batch_size, config.seq_len, seed=config.seed,
                          rank=session.world_rank, step=step)

@@ -55,9 +55,14 @@ class LocalSession:
         if checkpoint_dir is None:
             return
         target = self.run_dir / f"checkpoint_{int(metrics['step']):08d}"
+        # Copy under a name `checkpoints()` ignores, then rename: a crash mid-copy never leaves
+        # a half checkpoint that would be taken for the latest.
+        staging = self.run_dir / f".staging_{target.name}"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, staging)
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(checkpoint_dir, target)
+        staging.rename(target)
         for old in self.checkpoints()[:-self.keep]:
             shutil.rmtree(old)
 

@@ -1,3 +1,5 @@
+import time
+
 import ray
 
 from actors.cluster import ensure_control_plane
@@ -24,16 +26,52 @@ def test_every_node_gets_one_agent_and_reports(cluster):
 def test_gpu_job_goes_to_the_gpu_node_and_releases(cluster):
     scheduler, _ = ensure_control_plane()
     spec = JobSpec("gpu-job", num_workers=2, gpus_per_worker=1, min_gpu_memory_gb=12)
-    placement = ray.get(scheduler.place.remote(spec))
-    assert isinstance(placement, Placement)
-    assert placement.worker_nodes == (cluster["t4"],) * 2
-    assert "no GPUs" in placement.node_reasons[cluster["cpu"]]
+    try:
+        placement = ray.get(scheduler.place.remote(spec))
+        assert isinstance(placement, Placement)
+        assert placement.worker_nodes == (cluster["t4"],) * 2
+        assert "reports no GPUs" in placement.node_reasons[cluster["cpu"]]
 
-    # Both GPUs are now reserved: a second GPU job must wait, told why.
-    second = ray.get(scheduler.place.remote(JobSpec("gpu-job-2", gpus_per_worker=1)))
-    assert isinstance(second, Rejection) and "2 reserved" in second.node_reasons[cluster["t4"]]
+        # Both GPUs are now reserved: a second GPU job must wait, told why.
+        second = ray.get(scheduler.place.remote(JobSpec("gpu-job-2", gpus_per_worker=1)))
+        assert isinstance(second, Rejection)
+        assert "2 reserved" in second.node_reasons[cluster["t4"]]
 
-    assert ray.get(scheduler.release.remote("gpu-job"))
-    third = ray.get(scheduler.place.remote(JobSpec("gpu-job-2", gpus_per_worker=1)))
-    assert isinstance(third, Placement)
-    ray.get(scheduler.release.remote("gpu-job-2"))
+        assert ray.get(scheduler.release.remote("gpu-job"))
+        third = ray.get(scheduler.place.remote(JobSpec("gpu-job-2", gpus_per_worker=1)))
+        assert isinstance(third, Placement)
+    finally:  # the scheduler is shared by the session's other tests
+        for name in ("gpu-job", "gpu-job-2"):
+            ray.get(scheduler.release.remote(name))
+
+
+CRASHING_DRIVER = """
+import os, sys, ray
+from orchestrator.config import JobSpec
+ray.init(address=sys.argv[1])
+scheduler = ray.get_actor("orchestrator-scheduler", namespace="orchestrator")
+owner = ray.get_runtime_context().get_job_id()
+placement = ray.get(scheduler.place.remote(JobSpec("crashed-job", num_workers=2), owner))
+print(type(placement).__name__, flush=True)
+os._exit(1)  # killed before releasing, like a SIGKILLed driver
+"""
+
+
+def test_a_dead_drivers_reservation_is_reclaimed(cluster):
+    import subprocess
+    import sys
+
+    scheduler, _ = ensure_control_plane()
+    address = ray.get_runtime_context().gcs_address
+    result = subprocess.run([sys.executable, "-c", CRASHING_DRIVER, address],
+                            capture_output=True, text=True, timeout=120)
+    assert "Placement" in result.stdout, result.stderr
+    assert "crashed-job" in ray.get(scheduler.snapshot.remote())["reservations"]
+    # Ray marks the driver dead once its raylet notices the exit: poll briefly for that.
+    deadline = time.monotonic() + 30
+    reclaimed = []
+    while "crashed-job" not in reclaimed and time.monotonic() < deadline:
+        reclaimed = ray.get(scheduler.reclaim_orphans.remote())
+        time.sleep(0.5)
+    assert reclaimed == ["crashed-job"]
+    assert "crashed-job" not in ray.get(scheduler.snapshot.remote())["reservations"]

@@ -1,6 +1,6 @@
 import pytest
 
-from orchestrator.config import ConfigError, JobSpec, TrainConfig
+from orchestrator.config import ConfigError, JobSpec, TrainConfig, resume_conflicts
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -32,6 +32,18 @@ def test_jobspec_totals():
 def test_unknown_key_gets_a_did_you_mean_hint():
     with pytest.raises(ConfigError, match=r"'num_worker' \(did you mean 'num_workers'\?\)"):
         JobSpec.from_dict({"name": "job", "num_worker": 2})
+
+
+def test_missing_required_field_is_named():
+    with pytest.raises(ConfigError, match="missing required field.*: name"):
+        JobSpec.from_dict({"num_workers": 2})
+
+
+def test_resume_conflicts_name_each_changed_field_but_allow_extending():
+    saved = TrainConfig(model_size="tiny", max_steps=10).to_dict()
+    assert resume_conflicts(saved, TrainConfig(model_size="tiny", max_steps=99)) == []
+    assert resume_conflicts(saved, TrainConfig(model_size="small", seed=7)) == [
+        "model_size: 'tiny' -> 'small'", "seed: 1337 -> 7"]
 
 
 def test_non_mapping_is_refused():

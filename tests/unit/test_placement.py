@@ -1,7 +1,7 @@
 import pytest
 
 from orchestrator.config import JobSpec
-from orchestrator.inventory import GIB, ClusterState, GpuInfo, NodeReport
+from orchestrator.inventory import GIB, ClusterState, GpuInfo, NodeReport, Reservation
 from orchestrator.placement import PlacementError, place
 
 NOW = 1_000.0
@@ -29,11 +29,30 @@ def test_single_node_job_goes_to_the_tightest_fitting_node():
     assert "not needed" in placement.node_reasons["big"]
 
 
-def test_job_too_big_for_one_node_spans_the_fewest_nodes():
+def test_job_too_big_for_one_node_spans_the_fewest_nodes_best_fitting_the_rest():
     state = cluster(node("a", cpus=2), node("b", cpus=8), node("c", cpus=4))
     placement = place(JobSpec("j", num_workers=10), state, NOW)
-    assert sorted(placement.nodes) == ["b", "c"]
-    assert placement.worker_nodes.count("b") == 8
+    # 8 on the largest node; the remaining 2 fill node a exactly instead of breaking into c.
+    assert placement.worker_nodes == ("b",) * 8 + ("a",) * 2
+    placement = place(JobSpec("j", num_workers=13), state, NOW)
+    assert sorted(placement.nodes) == ["a", "b", "c"]
+
+
+def test_a_job_name_cannot_be_placed_twice():
+    state = cluster(node("a", cpus=8))
+    state.reserve("j", place(JobSpec("j", num_workers=1), state, NOW).reservations())
+    with pytest.raises(PlacementError, match="already holds a reservation"):
+        place(JobSpec("j", num_workers=1), state, NOW)
+
+
+def test_reservations_of_dead_drivers_are_reclaimed():
+    state = cluster(node("a", cpus=2))
+    state.reserve("crashed", place(JobSpec("crashed", num_workers=2), state, NOW,
+                                   owner="job-1").reservations())
+    state.reserve("unknown-owner", ())
+    assert state.reserved_on("a") == (2, 0)
+    assert state.release_orphans({"job-1", "job-9"}) == ["crashed"]
+    assert state.reserved_on("a") == (0, 0) and "unknown-owner" in state.reservations
 
 
 def test_load_breaks_ties():
@@ -89,4 +108,23 @@ def test_empty_cluster_says_no_agents_reported():
 def test_label_selectors_pin_each_worker():
     state = cluster(node("a", cpus=1), node("b", cpus=1))
     placement = place(JobSpec("j", num_workers=2), state, NOW)
-    assert placement.label_selectors() == [{"ray.io/node-id": n} for n in placement.worker_nodes]
+    assert placement.label_selectors() == [{"ray.io/node-id": "a"}, {"ray.io/node-id": "b"}]
+
+
+def test_gpus_busy_with_a_reserved_job_are_not_subtracted_twice():
+    # 4 GPUs, 2 reserved and busy (no free memory): 2 remain, not 0.
+    report = node("a", gpus=4)
+    busy = tuple(g if g.index >= 2 else GpuInfo(g.index, g.name, g.memory_total_bytes, 0,
+                                                source="declared") for g in report.gpus)
+    state = cluster(NodeReport(**{**report.__dict__, "gpus": busy}))
+    state.reserve("running", [Reservation("running", "a", 2, 2)])
+    spec = JobSpec("j", num_workers=2, gpus_per_worker=1, min_gpu_memory_gb=40)
+    assert place(spec, state, NOW).worker_nodes == ("a", "a")
+
+
+def test_a_node_whose_gpu_probe_failed_says_so():
+    report = node("a", cpus=8)
+    state = cluster(NodeReport(**{**report.__dict__, "ray_gpus": 8,
+                                  "probe_errors": {"nvml": "NVMLError: driver mismatch"}}))
+    with pytest.raises(PlacementError, match="driver mismatch"):
+        place(JobSpec("j", gpus_per_worker=1), state, NOW)

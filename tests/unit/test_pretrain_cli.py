@@ -1,11 +1,14 @@
 """Bad input to jobs/pretrain.py: one clear line naming the problem, non-zero exit, no traceback.
 Each case fails before Ray starts, so these stay in the unit tier (run as real subprocesses)."""
+import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from orchestrator.config import TrainConfig
 
 PRETRAIN = Path(__file__).resolve().parents[2] / "jobs" / "pretrain.py"
 
@@ -30,6 +33,7 @@ def unused_port():
     (["--max-steps", "-5"], "max_steps must be an integer >= 1, got -5"),
     (["--resume"], "--resume: no run with checkpoints under"),
     (["--resume", "--run-dir", "/nonexistent/run"], "no checkpoint in run dir /nonexistent/run"),
+    (["--max-failures", "-1"], "--max-failures must be >= 0, got -1"),
 ])
 def test_bad_input_gets_one_clear_message(args, expected, tmp_path):
     result = run_pretrain(*args, tmp_path=tmp_path)
@@ -51,3 +55,28 @@ def test_dashboard_url_in_ray_address_is_explained(tmp_path):
     assert result.returncode == 2
     assert "RAY_ADDRESS 'http://127.0.0.1:8265' is a dashboard URL" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def fake_finished_run(run_dir, steps, **train):
+    (run_dir / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    config = {**TrainConfig().to_dict(), **train}
+    (run_dir / "config.json").write_text(json.dumps({"train": config}))
+    (run_dir / "summary.json").write_text(json.dumps({"steps": steps}))
+    return run_dir
+
+
+def test_resume_with_other_settings_is_refused_before_anything_starts(tmp_path):
+    run_dir = fake_finished_run(tmp_path / "run", steps=50, seq_len=64)
+    result = run_pretrain("--resume", "--run-dir", str(run_dir), "--max-steps", "100",
+                          tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert "was trained with other settings: seq_len: 64 -> 128" in result.stderr
+
+
+def test_resuming_a_finished_run_does_nothing_and_keeps_its_summary(tmp_path):
+    run_dir = fake_finished_run(tmp_path / "run", steps=200)
+    before = (run_dir / "summary.json").read_text()
+    result = run_pretrain("--resume", "--run-dir", str(run_dir), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" in result.stdout and "already at step 200" in result.stdout
+    assert (run_dir / "summary.json").read_text() == before

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from actors.probes import probe_gpus, probe_host, probe_nvml, run_probe
@@ -13,8 +15,9 @@ def test_host_probe_measures_this_machine():
     assert host["cpu_count"] >= 1 and host["ram_total_bytes"] > host["ram_available_bytes"] > 0
 
 
+@pytest.mark.skipif(Path("/proc/driver/nvidia").exists(), reason="an NVIDIA driver is present")
 def test_nvml_without_a_gpu_reports_none_quietly():
-    # This machine has no NVIDIA driver: zero GPUs, no exception.
+    # No NVIDIA driver here: zero GPUs, no exception.
     assert probe_nvml() == ()
 
 
@@ -25,9 +28,14 @@ def test_declared_accelerators_are_marked_declared():
     assert gpus[0].memory_total_bytes == 16 * GIB
 
 
-def test_malformed_declaration_names_the_label():
-    with pytest.raises(ValueError, match=LABEL_ACCELERATOR_COUNT):
-        declared_gpus({LABEL_ACCELERATOR_TYPE: "T4", LABEL_ACCELERATOR_COUNT: "four"})
+@pytest.mark.parametrize("label, value", [
+    (LABEL_ACCELERATOR_COUNT, "four"), (LABEL_ACCELERATOR_COUNT, "1000000000"),
+    (LABEL_ACCELERATOR_COUNT, "-1"), (LABEL_ACCELERATOR_MEMORY_GB, "nan"),
+    (LABEL_ACCELERATOR_MEMORY_GB, "inf"), (LABEL_ACCELERATOR_MEMORY_GB, "-16"),
+])
+def test_malformed_declaration_names_the_label(label, value):
+    with pytest.raises(ValueError, match=label):
+        declared_gpus({**T4_LABELS, label: value})
 
 
 def test_a_failing_probe_is_recorded_and_others_go_on():

@@ -38,3 +38,10 @@ def test_an_old_run_is_never_continued_silently(tmp_path):
     with pytest.raises(RunDirError, match="pass --resume"):
         resolve_run_dir(str(run), False, tmp_path, "pretrain", NOW)
     assert resolve_run_dir(str(run), True, tmp_path, "pretrain", NOW) == run
+
+
+def test_two_new_runs_in_the_same_second_get_distinct_dirs(tmp_path):
+    first = resolve_run_dir(None, False, tmp_path, "pretrain", NOW)
+    first.mkdir()
+    assert resolve_run_dir(None, False, tmp_path, "pretrain", NOW).name == \
+        "pretrain-20260102-030405-2"

@@ -1,4 +1,9 @@
 """The one training loop, run in a plain process (LocalSession)."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -47,27 +52,53 @@ class CrashingSession(LocalSession):
             raise RuntimeError("worker killed")
 
 
+RESUME_IN_ANOTHER_PROCESS = """
+import json, sys, torch
+from orchestrator.config import TrainConfig
+from orchestrator.training.loop import train
+from orchestrator.training.session import LocalSession
+metrics = train(TrainConfig(**json.loads(sys.argv[1])), LocalSession(sys.argv[2], device=torch.device("cpu")))
+print(json.dumps(metrics))
+"""
+
+
 def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    # Dropout on, and the resumed half in a new process with another hash seed: any
+    # randomness that is not a function of (seed, rank, step) would show up here.
+    config = tiny(max_steps=20, dropout=0.1)
     uninterrupted = LocalSession(tmp_path / "a", device=CPU)
-    full = train(tiny(max_steps=20), uninterrupted)
+    full = train(config, uninterrupted)
 
     with pytest.raises(RuntimeError, match="worker killed"):
-        train(tiny(max_steps=20), CrashingSession(tmp_path / "b", crash_at=10))
-    interrupted = LocalSession(tmp_path / "b", device=CPU)
-    resumed = train(tiny(max_steps=20), interrupted)  # same run dir: picks up checkpoint 10
+        train(config, CrashingSession(tmp_path / "b", crash_at=10))
+    result = subprocess.run(
+        [sys.executable, "-c", RESUME_IN_ANOTHER_PROCESS, json.dumps(config.to_dict()),
+         str(tmp_path / "b")], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert result.returncode == 0, result.stderr
+    resumed = json.loads(result.stdout.strip().splitlines()[-1])
 
     assert resumed["start_step"] == 10 and resumed["step"] == 20
     assert resumed["loss"] == pytest.approx(full["loss"], abs=1e-6)
     a = load_checkpoint(uninterrupted.checkpoints()[-1])["model"]
-    b = load_checkpoint(interrupted.checkpoints()[-1])["model"]
+    b = load_checkpoint(LocalSession(tmp_path / "b").checkpoints()[-1])["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_another_model_shape_or_lr_is_refused(tmp_path):
+    session = LocalSession(tmp_path, device=CPU)
+    train(tiny(max_steps=10), session)
+    with pytest.raises(CheckpointError, match=r"seq_len: 32 -> 64; lr: 0.003 -> 0.01"):
+        train(tiny(max_steps=20, seq_len=64, lr=0.01), session)
 
 
 def test_already_complete_run_does_nothing(tmp_path):
     session = LocalSession(tmp_path, device=CPU)
     train(tiny(max_steps=10), session)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     metrics = train(tiny(max_steps=10), session)
     assert metrics["already_complete"] and metrics["step"] == 10
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing rewritten
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
