@@ -78,6 +78,8 @@ def connect(address: str | None) -> bool:
         _check_reachable(address, source)
     try:
         ray.init(address=address or None)
-    except ConnectionError as e:
-        raise ClusterConnectionError(f"cannot connect to Ray at {address} ({source}): {e}") from None
+    except Exception as e:  # auth, version mismatch, ...: Ray raises many types here
+        where = f"Ray at {address} ({source})" if address else "an embedded local Ray"
+        raise ClusterConnectionError(f"cannot start or connect to {where}: "
+                                     f"{type(e).__name__}: {e}") from None
     return not address
