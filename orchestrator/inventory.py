@@ -23,6 +23,10 @@ class GpuInfo:
     utilization_pct: float | None = None
     uuid: str = ""
     source: str = "nvml"  # "nvml" = measured; "declared" = from node labels / config
+    memory_used_bytes: int | None = None
+    nvlink_links: int | None = None  # active NVLink links; None where NVML does not expose it
+    pcie_gen: int | None = None  # current PCIe link generation
+    pcie_width: int | None = None  # current PCIe link width (lanes)
 
     @property
     def memory_free_gb(self) -> float:
@@ -44,6 +48,8 @@ class NodeReport:
     gpus: tuple[GpuInfo, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
     probe_errors: dict[str, str] = field(default_factory=dict)  # probe name -> what went wrong
+    # Measured node-to-node throughput from this node to each peer it probed, GB/s.
+    bandwidth_gbps: dict[str, float] = field(default_factory=dict)
 
     @property
     def load_per_cpu(self) -> float:
