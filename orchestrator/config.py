@@ -18,6 +18,10 @@ class ConfigError(ValueError):
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
+# Accelerator families the scheduler knows, longest names first so "A100" wins over "A10".
+ACCELERATOR_FAMILIES = ("MI300X", "MI250", "H200", "H100", "B200", "A100", "A10G", "L40S",
+                        "V100", "P100", "K80", "A10", "T4", "L4", "NPU", "TPU")
+
 # Named model presets. Plain data so `orchestrator` imports without torch.
 # n_layer / n_head / n_embd follow GPT-2's naming; context length comes from seq_len.
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -78,8 +82,15 @@ class JobSpec:
     cpus_per_worker: float = 1.0
     gpus_per_worker: int = 0
     min_gpu_memory_gb: float = 0.0
+    min_bandwidth_gbps: float = 0.0  # floor between every pair of nodes the job spans
+    accelerator_types: tuple[str, ...] = ()  # allowed accelerator families; () = any
+    priority: int = 0  # higher is placed first when jobs wait in the queue
 
     def __post_init__(self) -> None:
+        if isinstance(self.accelerator_types, (list, str)):  # from YAML / CLI
+            types = [self.accelerator_types] if isinstance(self.accelerator_types, str) \
+                else self.accelerator_types
+            object.__setattr__(self, "accelerator_types", tuple(types))
         self.validate()
 
     def validate(self) -> None:
@@ -94,6 +105,16 @@ class JobSpec:
                f"gpus_per_worker must be an integer >= 0, got {self.gpus_per_worker!r}")
         _check(p, _is_number(self.min_gpu_memory_gb) and self.min_gpu_memory_gb >= 0,
                f"min_gpu_memory_gb must be a number >= 0, got {self.min_gpu_memory_gb!r}")
+        _check(p, _is_number(self.min_bandwidth_gbps) and self.min_bandwidth_gbps >= 0,
+               f"min_bandwidth_gbps must be a number >= 0, got {self.min_bandwidth_gbps!r}")
+        _check(p, _is_int(self.priority), f"priority must be an integer, got {self.priority!r}")
+        unknown = [t for t in self.accelerator_types
+                   if not isinstance(t, str) or t.upper() not in ACCELERATOR_FAMILIES]
+        _check(p, not unknown, f"accelerator_types has unknown type(s) {unknown}; known: "
+               f"{', '.join(ACCELERATOR_FAMILIES)}")
+        if not p and self.accelerator_types and self.gpus_per_worker == 0:
+            p.append(f"accelerator_types={list(self.accelerator_types)} needs "
+                     "gpus_per_worker >= 1")
         if not p and self.min_gpu_memory_gb > 0 and self.gpus_per_worker == 0:
             p.append(f"min_gpu_memory_gb={self.min_gpu_memory_gb} needs gpus_per_worker >= 1 "
                      "(a CPU-only worker has no GPU memory to require)")

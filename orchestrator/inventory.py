@@ -5,9 +5,14 @@ expiry is tested by stepping a number rather than sleeping.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Iterable
+
+import numpy as np
+
+from orchestrator.config import ACCELERATOR_FAMILIES
 
 GIB = 1024 ** 3
 
@@ -67,42 +72,119 @@ class Reservation:
     owner: str = ""  # the Ray job id of the driver holding it; "" = unknown
 
 
-class ClusterState:
-    """Latest report per node, when it was received, and the reservations of placed jobs."""
+# Health of a node as the scheduler sees it, from the age of its last heartbeat.
+HEALTHY, SUSPECT, DEAD = "healthy", "suspect", "dead"
 
-    def __init__(self, stale_after_s: float = 30.0) -> None:
-        self.stale_after_s = stale_after_s
+
+
+def accelerator_family(gpu_name: str) -> str:
+    """The family of a GPU name as NVML or a label gives it ("NVIDIA A100-SXM4-80GB" -> "A100");
+    "" when the name matches no known family."""
+    upper = gpu_name.upper()
+    return next((family for family in ACCELERATOR_FAMILIES if family in upper), "")
+
+
+class ClusterState:
+    """Latest report per node, heartbeat ages, reservations, and a columnar NodeTable of the
+    same facts for fast placement.
+
+    Reservations are the source of truth for what is held; the table's reserved columns are
+    derived from them and kept in step by reserve/release."""
+
+    def __init__(self, suspect_after_s: float = 15.0, dead_after_s: float = 60.0,
+                 inter_group_gbps: float = 1.25) -> None:
+        if not 0 < suspect_after_s <= dead_after_s:
+            raise ValueError(f"need 0 < suspect_after_s ({suspect_after_s}) <= dead_after_s "
+                             f"({dead_after_s})")
+        self.suspect_after_s = suspect_after_s
+        self.dead_after_s = dead_after_s
+        # Assumed bandwidth between nodes of different network groups when not measured
+        # (1.25 GB/s = 10 GbE, the slowest link a training cluster commonly has).
+        self.inter_group_gbps = inter_group_gbps
         self.reports: dict[str, NodeReport] = {}
         self.last_seen: dict[str, float] = {}
+        self.dead: set[str] = set()  # declared dead by Ray or by missed heartbeats
         self.reservations: dict[str, tuple[Reservation, ...]] = {}
+        self.table = NodeTable()
 
+    # -- reports and health -------------------------------------------------------------
     def update(self, report: NodeReport, now: float) -> None:
+        is_new = report.node_id not in self.table.index
         self.reports[report.node_id] = report
         self.last_seen[report.node_id] = now
+        self.dead.discard(report.node_id)  # a node that reports again is alive again
+        self.table.upsert(report, now)
+        if is_new:  # reservations restored before this node's first report now count
+            for held in self.reservations.values():
+                for r in held:
+                    if r.node_id == report.node_id:
+                        self.table.add_reserved(r.node_id, r.cpus, r.gpus)
 
-    def remove_node(self, node_id: str) -> None:
-        self.reports.pop(node_id, None)
-        self.last_seen.pop(node_id, None)
-
-    def staleness_reason(self, node_id: str, now: float) -> str | None:
-        """Why this node's report cannot be trusted now, or None if it is fresh."""
+    def health(self, node_id: str, now: float) -> str:
+        if node_id in self.dead:
+            return DEAD
         age = now - self.last_seen.get(node_id, float("-inf"))
-        if age > self.stale_after_s:
-            return f"no heartbeat for {age:.0f}s (limit {self.stale_after_s:.0f}s)"
-        return None
+        if age > self.dead_after_s:
+            return DEAD
+        return SUSPECT if age > self.suspect_after_s else HEALTHY
 
+    def health_reason(self, node_id: str, now: float) -> str | None:
+        """Why a node may not take new work now, or None when it is healthy."""
+        health = self.health(node_id, now)
+        if health == HEALTHY:
+            return None
+        if node_id in self.dead:
+            return "dead: Ray reports the node gone"
+        age = now - self.last_seen[node_id]
+        limit = self.dead_after_s if health == DEAD else self.suspect_after_s
+        return f"{health}: no heartbeat for {age:.0f}s (limit {limit:.0f}s)"
+
+    def mark_dead(self, node_id: str) -> list[str]:
+        """Ray says the node is gone: exclude it and drop what was reserved on it.
+        Returns the jobs that lost a reservation there."""
+        if node_id in self.reports:
+            self.dead.add(node_id)
+            self.table.set_dead(node_id, True)
+        return self._drop_reservations_on({node_id})
+
+    def expire(self, now: float) -> tuple[list[str], list[str]]:
+        """Declare nodes dead whose heartbeat is older than dead_after_s and release what was
+        reserved on them. Returns (nodes newly dead, jobs that lost a reservation)."""
+        newly_dead = [n for n in self.reports
+                      if n not in self.dead and now - self.last_seen[n] > self.dead_after_s]
+        for node_id in newly_dead:
+            self.dead.add(node_id)
+            self.table.set_dead(node_id, True)
+        return newly_dead, self._drop_reservations_on(set(newly_dead))
+
+    def _drop_reservations_on(self, nodes: set[str]) -> list[str]:
+        affected = []
+        for job, held in list(self.reservations.items()):
+            kept = tuple(r for r in held if r.node_id not in nodes)
+            if len(kept) != len(held):
+                affected.append(job)
+                self._set_reservations(job, kept)
+        return affected
+
+    # -- reservations ---------------------------------------------------------------------
     def reserved_on(self, node_id: str) -> tuple[float, int]:
         """(CPUs, GPUs) reserved on a node by all placed jobs."""
-        held = [r for rs in self.reservations.values() for r in rs if r.node_id == node_id]
-        return sum(r.cpus for r in held), sum(r.gpus for r in held)
+        row = self.table.index.get(node_id)
+        if row is None:
+            return 0.0, 0
+        return float(self.table.reserved_cpus[row]), int(self.table.reserved_gpus[row])
 
     def reserve(self, job_name: str, reservations: Iterable[Reservation]) -> None:
         if job_name in self.reservations:
             raise ValueError(f"job '{job_name}' already holds a reservation; release it first")
-        self.reservations[job_name] = tuple(reservations)
+        self._set_reservations(job_name, tuple(reservations))
 
     def release(self, job_name: str) -> bool:
-        return self.reservations.pop(job_name, None) is not None
+        if job_name not in self.reservations:
+            return False
+        self._set_reservations(job_name, ())
+        del self.reservations[job_name]
+        return True
 
     def release_orphans(self, dead_owners: set[str]) -> list[str]:
         """Release reservations whose owner (a driver) is known to be dead: a driver killed
@@ -110,8 +192,132 @@ class ClusterState:
         orphaned = [job for job, held in self.reservations.items()
                     if any(r.owner and r.owner in dead_owners for r in held)]
         for job in orphaned:
-            del self.reservations[job]
+            self.release(job)
         return orphaned
+
+    def _set_reservations(self, job_name: str, held: tuple[Reservation, ...]) -> None:
+        for r in self.reservations.get(job_name, ()):
+            self.table.add_reserved(r.node_id, -r.cpus, -r.gpus)
+        self.reservations[job_name] = held
+        for r in held:
+            self.table.add_reserved(r.node_id, r.cpus, r.gpus)
+
+    # -- bandwidth ------------------------------------------------------------------------
+    def pair_bandwidth_gbps(self, a: str, b: str) -> float:
+        """Bandwidth between two nodes: measured (the slower direction) where an agent measured
+        it, else the declared bandwidth of a shared network group, else inter_group_gbps."""
+        measured = [gbps for src, dst in ((a, b), (b, a))
+                    if (gbps := self.reports[src].bandwidth_gbps.get(dst)) is not None]
+        if measured:
+            return min(measured)
+        group_a, group_b = self.table.group_of(a), self.table.group_of(b)
+        if group_a is not None and group_a == group_b:
+            return self.table.group_gbps_of(a) or self.inter_group_gbps
+        return self.inter_group_gbps
+
+    # -- persistence ----------------------------------------------------------------------
+    def reservations_to_dict(self) -> dict:
+        return {job: [dataclasses.asdict(r) for r in held]
+                for job, held in self.reservations.items()}
+
+    def restore_reservations(self, data: dict) -> None:
+        """Reload reservations persisted by reservations_to_dict (after a scheduler restart)."""
+        for job, held in data.items():
+            self.release(job)
+            self.reserve(job, [Reservation(**r) for r in held])
+
+
+class NodeTable:
+    """The placement-relevant facts of every node as numpy columns, one row per node, so a
+    placement over 10,000 nodes is a handful of vector operations rather than a Python loop.
+    Rows are appended as nodes appear and never move."""
+
+    _GROW = 64
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.index: dict[str, int] = {}
+        self.groups: dict[str, int] = {}  # network group name -> code
+        self.families: dict[str, int] = {"": 0}  # accelerator family -> code (0 = none)
+        n, g = self._GROW, 1
+        self.cpus = np.zeros(n)
+        self.gpus = np.zeros(n, dtype=np.int64)
+        self.gpu_free_gib = np.full((n, g), -np.inf)  # per GPU slot; -inf pads missing GPUs
+        self.family = np.zeros(n, dtype=np.int64)
+        self.load = np.zeros(n)
+        self.last_seen = np.full(n, -np.inf)
+        self.group = np.zeros(n, dtype=np.int64)
+        self.group_gbps = np.zeros(n)
+        self.dead = np.zeros(n, dtype=bool)
+        self.reserved_cpus = np.zeros(n)
+        self.reserved_gpus = np.zeros(n, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _row(self, node_id: str) -> int:
+        row = self.index.get(node_id)
+        if row is not None:
+            return row
+        row = len(self.ids)
+        if row == len(self.cpus):
+            self._grow_rows(len(self.cpus) * 2)
+        self.ids.append(node_id)
+        self.index[node_id] = row
+        return row
+
+    def _grow_rows(self, n: int) -> None:
+        for name in ("cpus", "gpus", "family", "load", "group", "group_gbps", "dead",
+                     "reserved_cpus", "reserved_gpus", "last_seen", "gpu_free_gib"):
+            old = getattr(self, name)
+            fill = -np.inf if name in ("last_seen", "gpu_free_gib") else 0
+            new = np.full((n,) + old.shape[1:], fill, dtype=old.dtype)
+            new[:len(old)] = old
+            setattr(self, name, new)
+
+    def upsert(self, report: NodeReport, now: float) -> None:
+        row = self._row(report.node_id)
+        self.cpus[row] = report.ray_cpus
+        self.gpus[row] = int(report.ray_gpus)
+        if len(report.gpus) > self.gpu_free_gib.shape[1]:
+            wider = np.full((len(self.cpus), len(report.gpus)), -np.inf)
+            wider[:, :self.gpu_free_gib.shape[1]] = self.gpu_free_gib
+            self.gpu_free_gib = wider
+        self.gpu_free_gib[row] = -np.inf
+        self.gpu_free_gib[row, :len(report.gpus)] = [g.memory_free_gb for g in report.gpus]
+        family = accelerator_family(report.gpus[0].name) if report.gpus else ""
+        self.family[row] = self.families.setdefault(family, len(self.families))
+        self.load[row] = report.load_per_cpu
+        self.last_seen[row] = now
+        # Nodes without a network-group label are each a group of their own.
+        group = report.labels.get(LABEL_NETWORK_GROUP) or f"node:{report.node_id}"
+        self.group[row] = self.groups.setdefault(group, len(self.groups))
+        self.group_gbps[row] = _float_label(report.labels, LABEL_NETWORK_GBPS)
+        self.dead[row] = False
+
+    def set_dead(self, node_id: str, dead: bool) -> None:
+        self.dead[self.index[node_id]] = dead
+
+    def add_reserved(self, node_id: str, cpus: float, gpus: int) -> None:
+        row = self.index.get(node_id)
+        if row is not None:  # a reservation restored before its node re-reported
+            self.reserved_cpus[row] += cpus
+            self.reserved_gpus[row] += gpus
+
+    def group_of(self, node_id: str) -> int | None:
+        row = self.index.get(node_id)
+        return None if row is None else int(self.group[row])
+
+    def group_gbps_of(self, node_id: str) -> float:
+        return float(self.group_gbps[self.index[node_id]])
+
+
+def _float_label(labels: dict[str, str], key: str) -> float:
+    try:
+        value = float(labels.get(key, 0) or 0)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 # Node labels an operator sets (`ray start --labels=...`, or `labels=` in
@@ -120,6 +326,10 @@ class ClusterState:
 LABEL_ACCELERATOR_TYPE = "orchestrator.io/accelerator-type"
 LABEL_ACCELERATOR_COUNT = "orchestrator.io/accelerator-count"
 LABEL_ACCELERATOR_MEMORY_GB = "orchestrator.io/accelerator-memory-gb"
+# A node's network group (rack, switch, placement group, NVLink domain...) and the bandwidth
+# between nodes inside that group, in GB/s; used where agents have not measured a pair.
+LABEL_NETWORK_GROUP = "orchestrator.io/network-group"
+LABEL_NETWORK_GBPS = "orchestrator.io/network-gbps"
 MAX_DECLARED_ACCELERATORS = 64  # more than any real node has: a typo, not a machine
 
 

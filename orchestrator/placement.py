@@ -1,17 +1,36 @@
 """Where a job's workers go: filter nodes, count how many workers each can host, choose.
 
 Pure functions over a ClusterState snapshot. A decision is data (a Placement), and every node
-not used is given a reason, so an operator can see why a job went where it went — or why it
-could not go anywhere.
+not used can be given a reason, so an operator can see why a job went where it went — or why
+it could not go anywhere.
+
+The per-node arithmetic runs on the NodeTable's numpy columns, so it costs a few vector
+operations whatever the cluster size; only the handful of chosen nodes are handled in Python.
+
+Choice, in order of importance:
+1. fit: healthy, the right accelerator family, enough free CPUs, GPUs and GPU memory;
+2. fewest nodes: a job that fits on one node goes to one node;
+3. best connected: a multi-node job stays inside one network group (rack, switch) when one
+   can hold it, preferring the group with the highest bandwidth, and always meets the
+   job's bandwidth floor between every pair of nodes;
+4. best fit: the tightest node or group that holds the job, so big nodes stay whole for
+   big jobs (no fragmentation);
+5. least loaded, as the tie-break.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import combinations
+
+import numpy as np
 
 from orchestrator.config import JobSpec
 from orchestrator.inventory import ClusterState, NodeReport, Reservation
+
+INTRA_NODE = math.inf  # bottleneck bandwidth of a single-node job: no network crossed
+EXPLAIN_LIMIT = 512  # above this many nodes, per-node reasons are given only on request
 
 
 @dataclass(frozen=True)
@@ -21,6 +40,9 @@ class Rejection:
     job_name: str
     message: str
     node_reasons: dict[str, str] = field(default_factory=dict)
+    # True when the job would fit on the healthy cluster if nothing were reserved: it should
+    # wait in the queue rather than fail.
+    fits_when_free: bool = False
 
 
 class PlacementError(Exception):
@@ -37,6 +59,7 @@ class Placement:
     gpus_per_worker: int
     node_reasons: dict[str, str] = field(default_factory=dict)  # nodes not chosen -> why
     owner: str = ""  # who holds the reservation (a Ray job id); "" = unknown, never reclaimed
+    bottleneck_gbps: float = INTRA_NODE  # slowest link between any two chosen nodes
 
     @property
     def nodes(self) -> list[str]:
@@ -54,116 +77,204 @@ class Placement:
                 for node_id, count in per_node.items()]
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    node_id: str
-    capacity: int  # workers of this job the node can host now
-    load: float
+# -- capacity: how many of the job's workers each node can host ------------------------------
+
+def _capacity(spec: JobSpec, state: ClusterState, now: float, *,
+              ignore_reservations: bool = False) -> np.ndarray:
+    """Workers of `spec` each node of the table can host now (0 where it cannot)."""
+    t = state.table
+    n = len(t)
+    reserved_cpus = 0 if ignore_reservations else t.reserved_cpus[:n]
+    reserved_gpus = 0 if ignore_reservations else t.reserved_gpus[:n]
+    capacity = np.floor((t.cpus[:n] - reserved_cpus) / spec.cpus_per_worker + 1e-9)
+    if spec.gpus_per_worker:
+        fitting = (t.gpu_free_gib[:n] >= spec.min_gpu_memory_gb).sum(axis=1)
+        # Ray hands out only the GPUs it schedules, minus those reserved. GPUs busy with a
+        # reserved job usually lack free memory too, so they are not subtracted twice: the
+        # smaller count is what is really free. (Ray picks the GPU index; memory is per node.)
+        usable = np.minimum(fitting, t.gpus[:n] - reserved_gpus)
+        capacity = np.minimum(capacity, usable // spec.gpus_per_worker)
+        if spec.accelerator_types:
+            allowed = [t.families[f.upper()] for f in spec.accelerator_types
+                       if f.upper() in t.families]
+            capacity = np.where(np.isin(t.family[:n], allowed), capacity, 0)
+    healthy = ~t.dead[:n] & (now - t.last_seen[:n] <= state.suspect_after_s)
+    return np.where(healthy, np.maximum(capacity, 0), 0).astype(np.int64)
 
 
-def _worker_capacity(spec: JobSpec, report: NodeReport, reserved_cpus: float,
-                     reserved_gpus: int) -> tuple[int, str]:
-    """How many of the job's workers fit on this node, and a reason when that is zero."""
-    free_cpus = report.ray_cpus - reserved_cpus
-    by_cpu = math.floor(free_cpus / spec.cpus_per_worker + 1e-9)
-    if by_cpu < 1:
-        return 0, (f"needs {spec.cpus_per_worker:g} CPU per worker, has {free_cpus:g} free "
-                   f"({report.ray_cpus:g} total, {reserved_cpus:g} reserved)")
-    if spec.gpus_per_worker == 0:
-        return by_cpu, ""
-    fitting = [g for g in report.gpus if g.memory_free_gb >= spec.min_gpu_memory_gb]
-    # Ray hands out only the GPUs it schedules, minus those reserved. GPUs in use by reserved
-    # jobs usually also lack free memory, so they are not subtracted a second time: the
-    # smaller of the two counts is what is really free. (Ray, not this scheduler, picks which
-    # GPU index a worker gets; the memory check is per node.)
-    usable = min(len(fitting), int(report.ray_gpus) - reserved_gpus)
-    by_gpu = usable // spec.gpus_per_worker
-    if by_gpu < 1:
-        if not report.gpus:
-            probe_errors = "; ".join(f"{k}: {v}" for k, v in report.probe_errors.items())
-            return 0, (f"needs {spec.gpus_per_worker} GPU per worker, node reports no GPUs"
-                       + (f" (probe errors: {probe_errors})" if probe_errors else ""))
-        if spec.min_gpu_memory_gb and len(fitting) < len(report.gpus):
-            most = max(g.memory_free_gb for g in report.gpus)
-            return 0, (f"needs {spec.gpus_per_worker} GPU(s) with >= "
-                       f"{spec.min_gpu_memory_gb:g} GiB free, {len(fitting)} of "
-                       f"{len(report.gpus)} have it (most free: {most:.1f} GiB)")
-        return 0, (f"needs {spec.gpus_per_worker} GPU per worker, {max(usable, 0)} free "
-                   f"({reserved_gpus} reserved)")
-    return min(by_cpu, by_gpu), ""
+# -- choosing among nodes that fit --------------------------------------------------------------
+
+def _take(rows: np.ndarray, capacity: np.ndarray, load: np.ndarray, workers: int) -> list[int]:
+    """Fewest rows holding `workers`, without spending a big node on a small remainder: while
+    no single row can take what is left, take the largest; then the tightest that can."""
+    order = rows[np.lexsort((load[rows], -capacity[rows]))]  # largest first, least loaded
+    chosen, left = [], workers
+    for i, row in enumerate(order):
+        if capacity[row] >= left:
+            rest = order[i:]
+            fits = rest[capacity[rest] >= left]
+            best = fits[np.lexsort((load[fits], capacity[fits]))[0]]  # tightest, least loaded
+            return chosen + [int(best)]
+        chosen.append(int(row))
+        left -= int(capacity[row])
+    return chosen  # only reached if the rows cannot hold the job (callers check first)
 
 
-def _choose(candidates: list[_Candidate], workers: int) -> list[_Candidate]:
-    """Fewest nodes, and no big node spent on a small remainder.
-
-    While no single node can take what is left, take the largest (that minimises the node
-    count); once one can, take the tightest such node (best fit), least loaded on ties."""
-    chosen: list[_Candidate] = []
-    remaining = sorted(candidates, key=lambda c: (-c.capacity, c.load, c.node_id))
-    left = workers
-    while left > 0:
-        fits = [c for c in remaining if c.capacity >= left]
-        pick = min(fits, key=lambda c: (c.capacity, c.load, c.node_id)) if fits else remaining[0]
-        chosen.append(pick)
-        remaining.remove(pick)
-        left -= pick.capacity
-    return chosen
+def _bottleneck(state: ClusterState, node_ids: list[str]) -> float:
+    if len(node_ids) < 2:
+        return INTRA_NODE
+    return min(state.pair_bandwidth_gbps(a, b) for a, b in combinations(node_ids, 2))
 
 
-def place(spec: JobSpec, state: ClusterState, now: float, owner: str = "") -> Placement:
+def _group_options(spec: JobSpec, state: ClusterState, capacity: np.ndarray,
+                   candidates: np.ndarray):
+    """Network groups that can hold the whole job, best first: highest declared bandwidth,
+    then tightest total capacity (best fit), then least load."""
+    t = state.table
+    groups = t.group[candidates]
+    totals = np.bincount(groups, weights=capacity[candidates])
+    ok = np.flatnonzero(totals >= spec.num_workers)
+    if len(ok) == 0:
+        return []
+    gbps = np.zeros(len(totals))
+    np.maximum.at(gbps, groups, t.group_gbps[candidates])
+    load = np.bincount(groups, weights=t.load[candidates]) / np.maximum(
+        np.bincount(groups), 1)
+    ranked = ok[np.lexsort((load[ok], totals[ok], -gbps[ok]))]
+    return [candidates[groups == g] for g in ranked]
+
+
+def _choose(spec: JobSpec, state: ClusterState, capacity: np.ndarray
+            ) -> tuple[list[int], float] | None:
+    """Rows to use and their bottleneck bandwidth, or None if the bandwidth floor cannot be met."""
+    t = state.table
+    candidates = np.flatnonzero(capacity > 0)
+    single = candidates[capacity[candidates] >= spec.num_workers]
+    if len(single):
+        best = single[np.lexsort((t.load[single], capacity[single]))[0]]
+        return [int(best)], INTRA_NODE
+    # Multi-node: inside one network group when one can hold it (best connected first)...
+    for rows in _group_options(spec, state, capacity, candidates)[:8]:
+        chosen = _take(rows, capacity, t.load, spec.num_workers)
+        bottleneck = _bottleneck(state, [t.ids[r] for r in chosen])
+        if bottleneck >= spec.min_bandwidth_gbps:
+            return chosen, bottleneck
+    # ...else across groups: fewest nodes overall.
+    chosen = _take(candidates, capacity, t.load, spec.num_workers)
+    bottleneck = _bottleneck(state, [t.ids[r] for r in chosen])
+    return (chosen, bottleneck) if bottleneck >= spec.min_bandwidth_gbps else None
+
+
+# -- the entry point ------------------------------------------------------------------------------
+
+def place(spec: JobSpec, state: ClusterState, now: float, owner: str = "",
+          explain: bool | None = None) -> Placement:
     """Place every worker of `spec` on a node, or raise PlacementError saying why not.
 
     `owner` identifies who will hold the reservation (the driver's Ray job id), so that it can
-    be released if that driver dies without releasing it."""
+    be released if that driver dies without releasing it. `explain` gives every node not used
+    a reason (default: on for clusters up to EXPLAIN_LIMIT nodes; rejections always explain)."""
     if spec.name in state.reservations:
         raise PlacementError(Rejection(spec.name, (
             f"job '{spec.name}' already holds a reservation: a job of that name is running "
-            "(two launches of the same run?)"), {}))
-    reasons: dict[str, str] = {}
-    candidates: list[_Candidate] = []
-    for node_id, report in sorted(state.reports.items()):
-        stale = state.staleness_reason(node_id, now)
-        if stale:
-            reasons[node_id] = stale
-            continue
-        capacity, why_not = _worker_capacity(spec, report, *state.reserved_on(node_id))
-        if capacity == 0:
-            reasons[node_id] = why_not
-        else:
-            candidates.append(_Candidate(node_id, capacity, report.load_per_cpu))
-
-    available = sum(c.capacity for c in candidates)
-    if available < spec.num_workers:
-        raise PlacementError(Rejection(
-            spec.name, _explain_shortfall(spec, state, available, reasons), reasons))
-
+            "(two launches of the same run?)")))
+    capacity = _capacity(spec, state, now)
+    if capacity.sum() < spec.num_workers:
+        raise PlacementError(_rejection(spec, state, now, capacity))
+    choice = _choose(spec, state, capacity)
+    if choice is None:
+        raise PlacementError(_rejection(spec, state, now, capacity, bandwidth_failed=True))
+    rows, bottleneck = choice
+    t = state.table
     worker_nodes: list[str] = []
-    for c in _choose(candidates, spec.num_workers):
-        worker_nodes += [c.node_id] * min(c.capacity, spec.num_workers - len(worker_nodes))
-    for c in candidates:
-        if c.node_id not in worker_nodes:
-            reasons[c.node_id] = "not needed: the job fits on fewer or better-fitting nodes"
+    for row in rows:
+        worker_nodes += [t.ids[row]] * min(int(capacity[row]), spec.num_workers - len(worker_nodes))
+    if explain is None:
+        explain = len(t) <= EXPLAIN_LIMIT
+    reasons = _node_reasons(spec, state, now, capacity, set(worker_nodes)) if explain else {}
     return Placement(spec.name, tuple(worker_nodes), spec.cpus_per_worker,
-                     spec.gpus_per_worker, reasons, owner)
+                     spec.gpus_per_worker, reasons, owner, bottleneck)
 
 
-def _explain_shortfall(spec: JobSpec, state: ClusterState, available: int,
-                       reasons: dict[str, str]) -> str:
+# -- explanations -------------------------------------------------------------------------------
+
+def _node_reason(spec: JobSpec, state: ClusterState, report: NodeReport, now: float) -> str:
+    """Why this node can host none of the job's workers."""
+    unhealthy = state.health_reason(report.node_id, now)
+    if unhealthy:
+        return unhealthy
+    reserved_cpus, reserved_gpus = state.reserved_on(report.node_id)
+    free_cpus = report.ray_cpus - reserved_cpus
+    if free_cpus < spec.cpus_per_worker:
+        return (f"needs {spec.cpus_per_worker:g} CPU per worker, has {free_cpus:g} free "
+                f"({report.ray_cpus:g} total, {reserved_cpus:g} reserved)")
+    if not report.gpus:
+        probe_errors = "; ".join(f"{k}: {v}" for k, v in report.probe_errors.items())
+        return (f"needs {spec.gpus_per_worker} GPU per worker, node reports no GPUs"
+                + (f" (probe errors: {probe_errors})" if probe_errors else ""))
+    if spec.accelerator_types:
+        from orchestrator.inventory import accelerator_family
+
+        family = accelerator_family(report.gpus[0].name)
+        if family not in {f.upper() for f in spec.accelerator_types}:
+            return (f"accelerator {report.gpus[0].name} ({family or 'unknown family'}) is not "
+                    f"one of {', '.join(spec.accelerator_types)}")
+    fitting = [g for g in report.gpus if g.memory_free_gb >= spec.min_gpu_memory_gb]
+    if spec.min_gpu_memory_gb and len(fitting) < spec.gpus_per_worker:
+        most = max(g.memory_free_gb for g in report.gpus)
+        return (f"needs {spec.gpus_per_worker} GPU(s) with >= {spec.min_gpu_memory_gb:g} GiB "
+                f"free, {len(fitting)} of {len(report.gpus)} have it (most free: {most:.1f} GiB)")
+    usable = min(len(fitting), int(report.ray_gpus) - reserved_gpus)
+    return (f"needs {spec.gpus_per_worker} GPU per worker, {max(usable, 0)} free "
+            f"({reserved_gpus} reserved)")
+
+
+def _node_reasons(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndarray,
+                  used: set[str]) -> dict[str, str]:
+    reasons = {}
+    for row, node_id in enumerate(state.table.ids):
+        if node_id in used:
+            continue
+        if capacity[row] > 0:
+            reasons[node_id] = "not needed: the job fits on fewer or better-fitting nodes"
+        else:
+            reasons[node_id] = _node_reason(spec, state, state.reports[node_id], now)
+    return reasons
+
+
+def _rejection(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndarray,
+               bandwidth_failed: bool = False) -> Rejection:
+    available = int(capacity.sum())
+    fits_when_free = int(_capacity(spec, state, now, ignore_reservations=True).sum()) \
+        >= spec.num_workers
     per_worker = f"{spec.cpus_per_worker:g} CPU"
     if spec.gpus_per_worker:
         per_worker += f" + {spec.gpus_per_worker} GPU"
         if spec.min_gpu_memory_gb:
             per_worker += f" with >= {spec.min_gpu_memory_gb:g} GiB free"
-    total_cpus = sum(r.ray_cpus for r in state.reports.values())
-    total_gpus = sum(int(r.ray_gpus) for r in state.reports.values())
-    lines = [
-        f"cannot place job '{spec.name}': it needs {spec.num_workers} worker(s) x ({per_worker}) "
-        f"= {spec.total_cpus:g} CPUs, {spec.total_gpus} GPUs; room for {available} worker(s) now "
-        f"on {len(state.reports)} known node(s) with {total_cpus:g} CPUs, {total_gpus} GPUs "
-        "in total"
-    ]
+        if spec.accelerator_types:
+            per_worker += f" of type {'/'.join(spec.accelerator_types)}"
+    healthy = [r for n, r in state.reports.items() if state.health(n, now) == "healthy"]
+    total_cpus = sum(r.ray_cpus for r in healthy)
+    total_gpus = sum(int(r.ray_gpus) for r in healthy)
+    if bandwidth_failed:
+        headline = (f"cannot place job '{spec.name}': {available} worker slot(s) are free, but no "
+                    f"set of nodes holding {spec.num_workers} worker(s) has >= "
+                    f"{spec.min_bandwidth_gbps:g} GB/s between every pair")
+    else:
+        headline = (f"cannot place job '{spec.name}': it needs {spec.num_workers} worker(s) x "
+                    f"({per_worker}) = {spec.total_cpus:g} CPUs, {spec.total_gpus} GPUs; room "
+                    f"for {available} worker(s) now on {len(healthy)} healthy node(s) with "
+                    f"{total_cpus:g} CPUs, {total_gpus} GPUs in total")
+    if fits_when_free and not bandwidth_failed:
+        headline += "; it fits once running jobs release their reservations"
+    lines = [headline]
     if not state.reports:
         lines.append("  no node has reported yet (are the node agents running?)")
-    for node_id, why in sorted(reasons.items()):
+    reasons = _node_reasons(spec, state, now, capacity, used=set())
+    shown = sorted(reasons.items())
+    for node_id, why in shown[:EXPLAIN_LIMIT]:
         lines.append(f"  node {node_id[:12]}: {why}")
-    return "\n".join(lines)
+    if len(shown) > EXPLAIN_LIMIT:
+        lines.append(f"  ... and {len(shown) - EXPLAIN_LIMIT} more node(s)")
+    return Rejection(spec.name, "\n".join(lines), reasons, fits_when_free)

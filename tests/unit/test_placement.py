@@ -4,22 +4,7 @@ from orchestrator.config import JobSpec
 from orchestrator.inventory import GIB, ClusterState, GpuInfo, NodeReport, Reservation
 from orchestrator.placement import PlacementError, place
 
-NOW = 1_000.0
-
-
-def node(node_id, cpus=8, gpus=0, gpu_free_gb=80.0, load=0.0):
-    gpu_list = tuple(GpuInfo(i, "A100-80GB", 80 * GIB, int(gpu_free_gb * GIB), source="declared")
-                     for i in range(gpus))
-    return NodeReport(node_id=node_id, hostname=node_id, ray_cpus=cpus, ray_gpus=gpus,
-                      cpu_count=cpus, load_avg_1m=load, ram_total_bytes=64 * GIB,
-                      ram_available_bytes=32 * GIB, gpus=gpu_list)
-
-
-def cluster(*reports, seen=NOW):
-    state = ClusterState(stale_after_s=30)
-    for r in reports:
-        state.update(r, now=seen)
-    return state
+from nodes import NOW, cluster, node
 
 
 def test_single_node_job_goes_to_the_tightest_fitting_node():
@@ -128,3 +113,66 @@ def test_a_node_whose_gpu_probe_failed_says_so():
                                   "probe_errors": {"nvml": "NVMLError: driver mismatch"}}))
     with pytest.raises(PlacementError, match="driver mismatch"):
         place(JobSpec("j", gpus_per_worker=1), state, NOW)
+
+
+def in_group(report, group, gbps):
+    return NodeReport(**{**report.__dict__, "labels": {
+        "orchestrator.io/network-group": group, "orchestrator.io/network-gbps": str(gbps)}})
+
+
+def typed(report, gpu_name):
+    gpus = tuple(GpuInfo(g.index, gpu_name, g.memory_total_bytes, g.memory_free_bytes,
+                         source="declared") for g in report.gpus)
+    return NodeReport(**{**report.__dict__, "gpus": gpus})
+
+
+def test_accelerator_type_filter():
+    state = cluster(typed(node("t4", gpus=4, gpu_free_gb=15), "T4"),
+                    typed(node("a100", gpus=8), "NVIDIA A100-SXM4-80GB"))
+    spec = JobSpec("j", num_workers=2, gpus_per_worker=1, accelerator_types=("A100",))
+    placement = place(spec, state, NOW)
+    assert placement.nodes == ["a100"]
+    assert "T4 (T4) is not one of A100" in placement.node_reasons["t4"]
+
+
+def test_multi_node_job_stays_in_the_best_connected_group():
+    state = cluster(*[in_group(node(f"slow{i}", gpus=8), "rack-slow", 12.5) for i in range(2)],
+                    *[in_group(node(f"fast{i}", gpus=8), "rack-fast", 50) for i in range(3)])
+    placement = place(JobSpec("j", num_workers=16, gpus_per_worker=1), state, NOW)
+    assert set(placement.nodes) <= {"fast0", "fast1", "fast2"} and len(placement.nodes) == 2
+    assert placement.bottleneck_gbps == 50
+
+
+def test_bandwidth_floor_is_met_between_every_pair_or_the_job_waits():
+    state = cluster(*[in_group(node(f"r{i}", gpus=8), f"rack{i}", 50) for i in range(2)])
+    # Two racks of one node each: crossing them costs the 1.25 GB/s inter-group link.
+    spec = JobSpec("j", num_workers=16, gpus_per_worker=1, min_bandwidth_gbps=10)
+    with pytest.raises(PlacementError, match=">= 10 GB/s between every pair"):
+        place(spec, state, NOW)
+    ok = place(JobSpec("j", num_workers=16, gpus_per_worker=1, min_bandwidth_gbps=1), state, NOW)
+    assert ok.bottleneck_gbps == 1.25
+
+
+def test_measured_bandwidth_overrides_the_declared_tier():
+    a, b = (in_group(node(n, gpus=8), "rack", 50) for n in ("a", "b"))
+    a = NodeReport(**{**a.__dict__, "bandwidth_gbps": {"b": 3.0}})
+    state = cluster(a, b)
+    assert state.pair_bandwidth_gbps("a", "b") == 3.0
+    assert place(JobSpec("j", num_workers=16, gpus_per_worker=1), state, NOW).bottleneck_gbps == 3.0
+
+
+def test_single_node_placement_has_no_network_bottleneck():
+    placement = place(JobSpec("j", num_workers=2), cluster(node("a", cpus=4)), NOW)
+    assert placement.bottleneck_gbps == float("inf")
+
+
+def test_a_job_that_fits_once_others_release_says_so():
+    state = cluster(node("a", cpus=2))
+    state.reserve("first", place(JobSpec("first", num_workers=2), state, NOW).reservations())
+    with pytest.raises(PlacementError) as waiting:
+        place(JobSpec("second", num_workers=2), state, NOW)
+    assert waiting.value.rejection.fits_when_free
+    assert "fits once running jobs release" in str(waiting.value)
+    with pytest.raises(PlacementError) as never:
+        place(JobSpec("huge", num_workers=3), state, NOW)
+    assert not never.value.rejection.fits_when_free

@@ -1,0 +1,64 @@
+import pytest
+
+from orchestrator.config import JobSpec
+from orchestrator.inventory import DEAD, HEALTHY, SUSPECT, ClusterState, accelerator_family
+from orchestrator.placement import place
+from nodes import node
+
+
+def state_with(*reports, now=0.0):
+    state = ClusterState(suspect_after_s=15, dead_after_s=60)
+    for r in reports:
+        state.update(r, now)
+    return state
+
+
+def test_missed_heartbeats_make_a_node_suspect_then_dead():
+    state = state_with(node("a"))
+    assert state.health("a", now=10) == HEALTHY
+    assert state.health("a", now=20) == SUSPECT
+    assert state.health("a", now=61) == DEAD
+    assert "suspect: no heartbeat for 20s (limit 15s)" == state.health_reason("a", now=20)
+
+
+def test_a_dead_node_loses_its_reservations_and_a_report_revives_it():
+    state = state_with(node("a", cpus=4), node("b", cpus=4))
+    job = place(JobSpec("j", num_workers=6), state, 0.0)
+    state.reserve("j", job.reservations())
+    state.update(node("b", cpus=4), now=50)  # b keeps reporting, a goes silent
+    assert state.expire(now=30) == ([], [])  # a is only suspect: reservations kept
+    assert state.reserved_on("a") == (4, 0)
+    assert state.expire(now=61) == (["a"], ["j"])
+    assert state.reserved_on("a") == (0, 0) and state.reserved_on("b") == (2, 0)
+    state.update(node("a", cpus=4), now=62)
+    assert state.health("a", now=62) == HEALTHY
+
+
+def test_ray_reporting_a_node_gone_marks_it_dead_at_once():
+    state = state_with(node("a", cpus=4))
+    state.reserve("j", place(JobSpec("j", num_workers=2), state, 0.0).reservations())
+    assert state.mark_dead("a") == ["j"]
+    assert state.health("a", now=1) == DEAD and state.reserved_on("a") == (0, 0)
+
+
+def test_reservations_survive_a_round_trip_without_double_counting():
+    state = state_with(node("a", cpus=8))
+    state.reserve("j", place(JobSpec("j", num_workers=3, cpus_per_worker=2), state,
+                             0.0, owner="01000000").reservations())
+    saved = state.reservations_to_dict()
+    restored = ClusterState()
+    restored.restore_reservations(saved)  # before the node re-reports...
+    restored.update(node("a", cpus=8), now=0)  # ...and after
+    assert restored.reserved_on("a") == (6, 0)
+    restored.restore_reservations(saved)  # restoring twice must not double-count
+    assert restored.reserved_on("a") == (6, 0)
+    assert restored.reservations["j"][0].owner == "01000000"
+
+
+@pytest.mark.parametrize("name, family", [
+    ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A10G", "A10G"), ("Tesla T4", "T4"),
+    ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA L4", "L4"), ("Some NPU v2", "NPU"),
+    ("Mystery Accelerator", ""),
+])
+def test_accelerator_family(name, family):
+    assert accelerator_family(name) == family
