@@ -79,7 +79,7 @@ class Placement:
 
 # -- capacity: how many of the job's workers each node can host ------------------------------
 
-def _capacity(spec: JobSpec, state: ClusterState, now: float, *,
+def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
               ignore_reservations: bool = False) -> np.ndarray:
     """Workers of `spec` each node of the table can host now (0 where it cannot)."""
     t = state.table
@@ -178,7 +178,7 @@ def place(spec: JobSpec, state: ClusterState, now: float, owner: str = "",
         raise PlacementError(Rejection(spec.name, (
             f"job '{spec.name}' already holds a reservation: a job of that name is running "
             "(two launches of the same run?)")))
-    capacity = _capacity(spec, state, now)
+    capacity = worker_capacity(spec, state, now)
     if capacity.sum() < spec.num_workers:
         raise PlacementError(_rejection(spec, state, now, capacity))
     choice = _choose(spec, state, capacity)
@@ -245,7 +245,7 @@ def _node_reasons(spec: JobSpec, state: ClusterState, now: float, capacity: np.n
 def _rejection(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndarray,
                bandwidth_failed: bool = False) -> Rejection:
     available = int(capacity.sum())
-    fits_when_free = int(_capacity(spec, state, now, ignore_reservations=True).sum()) \
+    fits_when_free = int(worker_capacity(spec, state, now, ignore_reservations=True).sum()) \
         >= spec.num_workers
     per_worker = f"{spec.cpus_per_worker:g} CPU"
     if spec.gpus_per_worker:
