@@ -21,16 +21,19 @@ def alive_node_ids() -> list[str]:
     return [n["NodeID"] for n in ray.nodes() if n["Alive"]]
 
 
+def ensure_agent(node_id: str) -> "ray.actor.ActorHandle":
+    """The agent of one node, created if missing (hard affinity: an agent must never drift)."""
+    return NodeAgent.options(
+        name=f"node-agent-{node_id}", namespace=NAMESPACE, lifetime="detached",
+        get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+    ).remote()
+
+
 def ensure_agents() -> dict[str, "ray.actor.ActorHandle"]:
-    """An agent pinned to each alive node (hard affinity: an agent must never drift)."""
-    return {
-        node_id: NodeAgent.options(
-            name=f"node-agent-{node_id}", namespace=NAMESPACE, lifetime="detached",
-            get_if_exists=True,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote()
-        for node_id in alive_node_ids()
-    }
+    """An agent on every alive node. The scheduler also does this on a timer, so nodes that
+    join later (autoscaling, `ray start` elsewhere) get one without anyone asking."""
+    return {node_id: ensure_agent(node_id) for node_id in alive_node_ids()}
 
 
 def ensure_control_plane(timeout_s: float = 60.0):

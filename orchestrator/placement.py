@@ -45,6 +45,15 @@ class Rejection:
     fits_when_free: bool = False
 
 
+@dataclass(frozen=True)
+class Queued:
+    """The job waits for capacity: `reason` says what it is waiting for."""
+
+    job_name: str
+    position: int  # 1 = next in line
+    reason: str
+
+
 class PlacementError(Exception):
     def __init__(self, rejection: Rejection) -> None:
         super().__init__(rejection.message)

@@ -15,6 +15,12 @@ T4_LABELS = {LABEL_ACCELERATOR_TYPE: "T4", LABEL_ACCELERATOR_COUNT: "2",
              LABEL_ACCELERATOR_MEMORY_GB: "16"}
 
 
+class Nodes(dict):
+    """Node name -> node id; `.cluster` is the ray.cluster_utils.Cluster (to add/remove nodes)."""
+
+    cluster = None
+
+
 @pytest.fixture(scope="session")
 def cluster():
     import ray
@@ -26,6 +32,8 @@ def cluster():
              "t4": c.add_node(num_cpus=2, num_gpus=2, labels=T4_LABELS)}
     c.wait_for_nodes()
     ray.init(address=c.address)
-    yield {name: node.node_id for name, node in nodes.items()}
+    ids = Nodes({name: node.node_id for name, node in nodes.items()})
+    ids.cluster = c
+    yield ids
     ray.shutdown()
     c.shutdown()

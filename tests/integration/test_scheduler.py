@@ -1,0 +1,87 @@
+"""The scheduler on a live multi-node cluster: joins, deaths, restarts, concurrency, queue."""
+import time
+
+import pytest
+import ray
+
+from actors.cluster import ensure_control_plane
+from orchestrator.config import JobSpec
+from orchestrator.placement import Placement, Queued, Rejection
+
+
+def wait_for(predicate, timeout_s=60, every_s=0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+@pytest.fixture
+def scheduler(cluster):
+    scheduler, _ = ensure_control_plane()
+    yield scheduler
+    for job in ray.get(scheduler.snapshot.remote())["reservations"]:
+        ray.get(scheduler.release.remote(job))
+
+
+def test_a_joining_node_gets_an_agent_and_a_removed_one_is_excluded(cluster, scheduler):
+    extra = cluster.cluster.add_node(num_cpus=3)
+    # Nobody calls ensure_agents: the scheduler's maintenance finds the node by itself.
+    wait_for(lambda: extra.node_id in ray.get(scheduler.snapshot.remote())["reports"])
+    placement = ray.get(scheduler.place.remote(JobSpec("on-extra", num_workers=3)))
+    assert placement.nodes == [extra.node_id]  # the only node with 3 CPUs
+
+    cluster.cluster.remove_node(extra)
+    changes = wait_for(lambda: ray.get(scheduler.maintain.remote())["dead_by_ray"])
+    assert changes == [extra.node_id]
+    snapshot = ray.get(scheduler.snapshot.remote())
+    assert snapshot["health"][extra.node_id] == "dead"
+    assert snapshot["reservations"]["on-extra"] == ()  # what it held there is released
+    again = ray.get(scheduler.place.remote(JobSpec("needs-3", num_workers=3), "", True))
+    assert extra.node_id not in again.nodes  # dry run: spread over the live nodes instead
+    assert again.node_reasons[extra.node_id] == "dead: Ray reports the node gone"
+
+
+def test_killing_the_scheduler_loses_no_reservation(cluster, scheduler):
+    placed = ray.get(scheduler.place.remote(JobSpec("survivor", num_workers=2, gpus_per_worker=1)))
+    assert placed.nodes == [cluster["t4"]]
+    ray.kill(scheduler, no_restart=False)  # crash; Ray restarts it (max_restarts=-1)
+    snapshot = wait_for(lambda: _snapshot_or_none(scheduler), timeout_s=60)
+    assert "survivor" in snapshot["reservations"]
+    # Not forgotten and not double-counted: both GPUs still held, exactly once.
+    wait_for(lambda: cluster["t4"] in ray.get(scheduler.snapshot.remote())["reports"])
+    blocked = ray.get(scheduler.place.remote(JobSpec("gpu-1", gpus_per_worker=1)))
+    assert isinstance(blocked, Rejection) and "2 reserved" in blocked.node_reasons[cluster["t4"]]
+    ray.get(scheduler.release.remote("survivor"))
+    assert isinstance(ray.get(scheduler.place.remote(JobSpec("gpu-2", num_workers=2,
+                                                             gpus_per_worker=1))), Placement)
+
+
+def _snapshot_or_none(scheduler):
+    try:
+        return ray.get(scheduler.snapshot.remote(), timeout=5)
+    except Exception:
+        return None
+
+
+def test_concurrent_jobs_never_double_book(cluster, scheduler):
+    specs = [JobSpec(f"racer-{i}", num_workers=2, gpus_per_worker=1) for i in range(4)]
+    decisions = ray.get([scheduler.place.remote(s) for s in specs])
+    winners = [d for d in decisions if isinstance(d, Placement)]
+    assert len(winners) == 1  # the node has 2 GPUs: one job of 2 fits, never two
+
+
+def test_a_job_waits_in_the_queue_until_capacity_is_released(cluster, scheduler):
+    first = ray.get(scheduler.submit.remote(JobSpec("holder", num_workers=2, gpus_per_worker=1)))
+    assert isinstance(first, Placement)
+    waiting = ray.get(scheduler.submit.remote(JobSpec("waiter", gpus_per_worker=1)))
+    assert isinstance(waiting, Queued) and waiting.position == 1
+    assert "fits once running jobs release" in waiting.reason
+    never = ray.get(scheduler.submit.remote(JobSpec("too-big", num_workers=3, gpus_per_worker=1)))
+    assert isinstance(never, Rejection)  # more GPUs than exist: rejected, not queued
+    ray.get(scheduler.release.remote("holder"))
+    placed = ray.get(scheduler.poll.remote("waiter"))
+    assert isinstance(placed, Placement) and placed.nodes == [cluster["t4"]]
