@@ -2,24 +2,44 @@
 
 Reports on a timer (the heartbeat) from a daemon thread, and on demand via `report_now`
 so a job can make sure the scheduler's view is fresh before it asks for a placement.
+
+It also measures node-to-node bandwidth through the Ray object store, the path training data
+and checkpoints actually take: it `ray.put`s a buffer and asks each peer agent to `ray.get` it,
+timing the fetch on the peer. Measurements run on their own timer thread and land in every
+later report as `bandwidth_gbps`.
 """
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 
 import ray
 
-from actors.probes import probe_gpus, probe_host, run_probe
+from actors.probes import (BANDWIDTH_DEFAULT_BYTES, bandwidth_probe_bytes, best_bandwidth_gbps,
+                           probe_gpus, probe_host, run_probe)
 from actors.scheduler import NAMESPACE, SCHEDULER_NAME
 from orchestrator.inventory import NodeReport
 
 log = logging.getLogger(__name__)
 
+BANDWIDTH_ROUNDS = 2  # best of 2: the first transfer to a peer can include one-time setup
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+
+def agent_name(node_id: str) -> str:
+    """The name agents are registered under (actors/cluster.py creates them with it)."""
+    return f"node-agent-{node_id}"
+
+
+# Concurrency groups, so that a long bandwidth measurement (up to timeout x peers when peers
+# are down) never delays heartbeats or report_now, and a peer's pull request is served even
+# while this agent is measuring itself (two agents measuring each other must not deadlock).
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+            concurrency_groups={"bandwidth": 1, "transfer": 2})
 class NodeAgent:
-    def __init__(self, heartbeat_s: float = 5.0) -> None:
+    def __init__(self, heartbeat_s: float = 5.0, bandwidth_every_s: float = 60.0,
+                 max_bandwidth_peers: int = 8) -> None:
         context = ray.get_runtime_context()
         self.node_id = context.get_node_id()
         self.labels = dict(context.get_node_labels())
@@ -28,9 +48,21 @@ class NodeAgent:
         self.ray_cpus = float(node["Resources"].get("CPU", 0))
         self.ray_gpus = float(node["Resources"].get("GPU", 0))
         self.heartbeat_s = heartbeat_s
+        self.bandwidth_every_s = bandwidth_every_s
+        self.max_bandwidth_peers = max_bandwidth_peers
+        self._bandwidth: dict[str, float] = {}  # peer node id -> GB/s, latest measurement
+        # One measurement at a time (the timer's and an explicit refresh would compete for the
+        # same link); reentrant because refresh_bandwidth holds it around measure_bandwidth.
+        self._bandwidth_lock = threading.RLock()
+        self._failing_peers: set[str] = set()  # logged once until they answer again
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat, name="node-agent-heartbeat",
                          daemon=True).start()
+        # Its own thread, not the heartbeat's: a measurement against dead peers can take
+        # timeout x peers, longer than a report may go missing before the node looks stale.
+        if bandwidth_every_s > 0:
+            threading.Thread(target=self._bandwidth_loop, name="node-agent-bandwidth",
+                             daemon=True).start()
 
     def collect(self) -> NodeReport:
         errors: dict[str, str] = {}
@@ -41,7 +73,7 @@ class NodeAgent:
             "ram_total_bytes": 0, "ram_available_bytes": 0}
         return NodeReport(node_id=self.node_id, ray_cpus=self.ray_cpus, ray_gpus=self.ray_gpus,
                           gpus=probe_gpus(self.labels, errors), labels=self.labels,
-                          probe_errors=errors, **host)
+                          probe_errors=errors, bandwidth_gbps=dict(self._bandwidth), **host)
 
     def report_now(self) -> NodeReport:
         report = self.collect()
@@ -58,3 +90,92 @@ class NodeAgent:
                 self.report_now()
             except Exception as e:  # scheduler briefly away: try again next beat
                 log.warning("node agent %s: heartbeat failed: %s", self.node_id[:12], e)
+
+    # --- bandwidth -------------------------------------------------------------------------
+
+    @ray.method(concurrency_group="transfer")
+    def pull(self, refs: list, timeout_s: float = 10.0) -> float:
+        """Seconds `ray.get` took to fetch refs[0] onto this node. The ref comes wrapped in a
+        list so Ray hands it over unresolved: resolving it before the call would hide the
+        transfer from the timer."""
+        start = time.perf_counter()
+        ray.get(refs[0], timeout=timeout_s)
+        return time.perf_counter() - start
+
+    @ray.method(concurrency_group="bandwidth")
+    def measure_bandwidth(self, peers: dict, nbytes: int = BANDWIDTH_DEFAULT_BYTES,
+                          timeout_s: float = 10.0) -> dict[str, float]:
+        """{peer node id: GB/s} from this node to each peer agent in `peers` (node id ->
+        handle). A peer that fails or times out is left out, never raised."""
+        nbytes = bandwidth_probe_bytes(nbytes)
+        with self._bandwidth_lock:
+            seconds: dict[str, list[float | None]] = {node_id: [] for node_id in peers}
+            for _ in range(BANDWIDTH_ROUNDS):
+                for node_id, peer in peers.items():
+                    if None not in seconds[node_id]:  # a peer that failed once is not retried
+                        seconds[node_id].append(self._time_pull(node_id, peer, nbytes, timeout_s))
+        measured = {node_id: best_bandwidth_gbps(nbytes, times)
+                     for node_id, times in seconds.items()}
+        return {node_id: gbps for node_id, gbps in measured.items() if gbps is not None}
+
+    @ray.method(concurrency_group="bandwidth")
+    def refresh_bandwidth(self, nbytes: int = BANDWIDTH_DEFAULT_BYTES,
+                          timeout_s: float = 10.0) -> dict[str, float]:
+        """Measure now against up to max_bandwidth_peers other agents; the result also goes
+        into every later report. Returns this measurement ({} when no peer answered)."""
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        with self._bandwidth_lock:
+            measured = self.measure_bandwidth(self._peers(alive), nbytes, timeout_s)
+            # Keep earlier numbers for peers not sampled this time (clusters larger than
+            # max_bandwidth_peers), but forget nodes that have left the cluster.
+            kept = {n: gbps for n, gbps in self._bandwidth.items() if n in alive}
+            self._bandwidth = {**kept, **measured}  # one assignment: collect() sees no half
+            self._failing_peers &= alive
+        return measured
+
+    def _time_pull(self, node_id: str, peer, nbytes: int, timeout_s: float) -> float | None:
+        """Seconds for one peer to fetch a fresh nbytes object from here, or None on failure.
+
+        A fresh object each time: a peer that already holds a copy would fetch nothing, and a
+        copy on a third node could be where Ray fetches from."""
+        import numpy as np
+
+        try:
+            ref = ray.put(np.ones(nbytes, dtype=np.uint8))
+            seconds = ray.get(peer.pull.remote([ref], timeout_s), timeout=timeout_s)
+        except Exception as e:  # dead, restarting or slow peer: leave it out of this round
+            if node_id not in self._failing_peers:
+                self._failing_peers.add(node_id)
+                log.warning("node agent %s: bandwidth to %s not measured: %s: %s",
+                            self.node_id[:12], node_id[:12], type(e).__name__, e)
+            return None
+        self._failing_peers.discard(node_id)
+        return seconds
+
+    def _peers(self, alive: set[str]) -> dict:
+        """Handles of other nodes' agents, at most max_bandwidth_peers of them, sampled at
+        random so that over successive refreshes a large cluster is covered."""
+        others = sorted(alive - {self.node_id})
+        others = random.sample(others, min(len(others), max(self.max_bandwidth_peers, 0)))
+        peers = {}
+        for node_id in others:
+            try:
+                peers[node_id] = ray.get_actor(agent_name(node_id), namespace=NAMESPACE)
+            except ValueError:  # that node's agent is not up yet: measure it next time
+                continue
+        return peers
+
+    def _bandwidth_loop(self) -> None:
+        # First measurement after one heartbeat interval, not a full period: placement wants
+        # numbers soon after start. While no peer agent has been found (agents start one by
+        # one) keep looking at that pace; once peers exist, answering or not, settle to
+        # bandwidth_every_s so dead peers do not turn this into a busy loop of timeouts.
+        soon = min(self.heartbeat_s, self.bandwidth_every_s)
+        delay = soon
+        while not self._stop.wait(delay):
+            try:
+                self.refresh_bandwidth()
+            except Exception as e:  # Ray briefly unreachable: try again next period
+                log.warning("node agent %s: bandwidth refresh failed: %s", self.node_id[:12], e)
+            found_peers = self._bandwidth or self._failing_peers
+            delay = self.bandwidth_every_s if found_peers else soon

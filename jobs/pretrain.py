@@ -66,6 +66,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus-per-worker", type=int, default=0)
     p.add_argument("--min-gpu-memory-gb", type=float, default=0.0,
                    help="free GPU memory each worker's GPU must have")
+    p.add_argument("--accelerator-type", action="append", default=[], dest="accelerator_types",
+                   help="allowed accelerator family, e.g. A100 (repeatable; default: any)")
+    p.add_argument("--min-bandwidth-gbps", type=float, default=0.0,
+                   help="bandwidth floor between every pair of nodes the job spans")
+    p.add_argument("--priority", type=int, default=0, help="queue priority (higher first)")
+    p.add_argument("--queue-timeout", type=float, default=600.0,
+                   help="seconds to wait in the scheduler's queue when the cluster is busy "
+                   "(0: fail at once)")
     p.add_argument("--max-failures", type=int, default=3,
                    help="worker-group restarts Ray Train attempts before giving up")
     return p.parse_args(argv)
@@ -75,6 +83,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path) -> tuple[TrainConfig,
     """Validated configs; a ConfigError names every bad field at once."""
     if args.max_failures < 0:
         raise ConfigError(f"--max-failures must be >= 0, got {args.max_failures}")
+    if not args.queue_timeout >= 0:
+        raise ConfigError(f"--queue-timeout must be >= 0, got {args.queue_timeout}")
     train_config = TrainConfig(
         model_size=args.model_size, precision=args.precision, max_steps=args.max_steps,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
@@ -82,7 +92,9 @@ def build_configs(args: argparse.Namespace, run_dir: Path) -> tuple[TrainConfig,
         log_every=args.log_every, seed=args.seed)
     spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,
                    cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                   min_gpu_memory_gb=args.min_gpu_memory_gb)
+                   min_gpu_memory_gb=args.min_gpu_memory_gb,
+                   min_bandwidth_gbps=args.min_bandwidth_gbps,
+                   accelerator_types=tuple(args.accelerator_types), priority=args.priority)
     if args.resume:
         _check_resumable(run_dir, train_config)
     return train_config, spec
@@ -134,7 +146,7 @@ def run(args: argparse.Namespace) -> dict | None:
         except (ray.exceptions.RayError, TimeoutError) as e:
             raise JobFailed(f"the scheduler or a node agent did not come up: {e}",
                             EXIT_NOT_PLACEABLE) from None
-        placement = _place(scheduler, spec)
+        placement = _place(scheduler, spec, args.queue_timeout)
         try:
             result = _fit(train_config, placement, run_dir, args.max_failures)
         finally:
@@ -165,17 +177,31 @@ def _write_resolved_config(run_dir: Path, train_config: TrainConfig, spec: JobSp
         raise RunDirError(f"cannot write to run dir {run_dir}: {e.strerror or e}") from None
 
 
-def _place(scheduler, spec: JobSpec):
+def _place(scheduler, spec: JobSpec, queue_timeout_s: float):
+    """A placement from the scheduler, waiting in its queue while the cluster is busy."""
     import ray
-    from orchestrator.placement import Rejection
+    from orchestrator.placement import Queued, Rejection
 
     owner = ray.get_runtime_context().get_job_id()  # lets the scheduler reclaim if we die
-    decision = ray.get(scheduler.place.remote(spec, owner))
+    decision = ray.get(scheduler.submit.remote(spec, owner))
+    deadline, last_said = time.monotonic() + queue_timeout_s, 0.0
+    while isinstance(decision, Queued):
+        if time.monotonic() >= deadline:
+            ray.get(scheduler.cancel.remote(spec.name))
+            raise JobFailed(f"gave up after waiting {queue_timeout_s:g}s in the queue "
+                            f"(--queue-timeout): {decision.reason}", EXIT_NOT_PLACEABLE)
+        if time.monotonic() - last_said >= 30:
+            print(f"queued ({decision.position} in line): {decision.reason}", flush=True)
+            last_said = time.monotonic()
+        time.sleep(2)
+        decision = ray.get(scheduler.poll.remote(spec.name))
     if isinstance(decision, Rejection):
         raise JobFailed(decision.message, EXIT_NOT_PLACEABLE)
     counts = Counter(decision.worker_nodes)
+    link = ("" if decision.bottleneck_gbps == float("inf")
+            else f"; slowest link {decision.bottleneck_gbps:.2f} GB/s")
     print(f"placement for {spec.name}: " + ", ".join(
-        f"{n} worker(s) on node {node[:12]}" for node, n in counts.items()), flush=True)
+        f"{n} worker(s) on node {node[:12]}" for node, n in counts.items()) + link, flush=True)
     return decision
 
 
@@ -254,6 +280,8 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         "placement": list(placement.worker_nodes),
         "worker_nodes": actual,
         "placement_honoured": Counter(actual) == Counter(placement.worker_nodes),
+        "bottleneck_gbps": (None if placement.bottleneck_gbps == float("inf")
+                            else placement.bottleneck_gbps),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "run_dir": str(run_dir),
         "elapsed_s": round(elapsed_s, 1),

@@ -153,12 +153,22 @@ def test_bandwidth_floor_is_met_between_every_pair_or_the_job_waits():
     assert ok.bottleneck_gbps == 1.25
 
 
-def test_measured_bandwidth_overrides_the_declared_tier():
+def test_measured_bandwidth_fills_in_where_nothing_is_declared():
+    a, b, c = node("a", gpus=8), node("b", gpus=8), node("c", gpus=8)
+    a = NodeReport(**{**a.__dict__, "bandwidth_gbps": {"b": 3.0, "c": 0.5}})
+    b = NodeReport(**{**b.__dict__, "bandwidth_gbps": {"a": 2.5}})
+    state = cluster(a, b, c)
+    assert state.pair_bandwidth_gbps("a", "b") == 2.5  # the slower direction
+    assert state.pair_bandwidth_gbps("b", "c") == state.inter_group_gbps  # never measured
+    placement = place(JobSpec("j", num_workers=16, gpus_per_worker=1, min_bandwidth_gbps=2),
+                      state, NOW)
+    assert sorted(placement.nodes) == ["a", "b"] and placement.bottleneck_gbps == 2.5
+
+
+def test_a_declared_tier_wins_over_object_store_measurements():
     a, b = (in_group(node(n, gpus=8), "rack", 50) for n in ("a", "b"))
-    a = NodeReport(**{**a.__dict__, "bandwidth_gbps": {"b": 3.0}})
-    state = cluster(a, b)
-    assert state.pair_bandwidth_gbps("a", "b") == 3.0
-    assert place(JobSpec("j", num_workers=16, gpus_per_worker=1), state, NOW).bottleneck_gbps == 3.0
+    state = cluster(NodeReport(**{**a.__dict__, "bandwidth_gbps": {"b": 0.3}}), b)
+    assert state.pair_bandwidth_gbps("a", "b") == 50
 
 
 def test_single_node_placement_has_no_network_bottleneck():

@@ -1,8 +1,12 @@
+import math
+import sys
+import types
 from pathlib import Path
 
 import pytest
 
-from actors.probes import probe_gpus, probe_host, probe_nvml, run_probe
+from actors.probes import (BANDWIDTH_MAX_BYTES, bandwidth_probe_bytes, best_bandwidth_gbps,
+                           probe_gpus, probe_host, probe_nvml, run_probe)
 from orchestrator.inventory import (GIB, LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
                                     LABEL_ACCELERATOR_TYPE, declared_gpus)
 
@@ -45,3 +49,131 @@ def test_a_failing_probe_is_recorded_and_others_go_on():
     gpus = probe_gpus({LABEL_ACCELERATOR_TYPE: "T4", LABEL_ACCELERATOR_COUNT: "x"}, errors)
     assert gpus == () and LABEL_ACCELERATOR_COUNT in errors["declared"]
     assert len(probe_gpus(T4_LABELS, {})) == 4
+
+
+# --- NVML through a fake pynvml (no GPU here) ------------------------------------------------
+
+class FakeNVMLError(Exception):
+    pass
+
+
+class FakeNotSupported(FakeNVMLError):
+    pass
+
+
+class FakeInvalidArgument(FakeNVMLError):
+    pass
+
+
+def fake_pynvml(gpus: list[dict]) -> types.ModuleType:
+    """A stand-in for nvidia-ml-py with the calls probe_nvml makes. Each GPU is a dict; a
+    value that is an exception class is raised by the matching query, as NVML does."""
+    nvml = types.ModuleType("pynvml")
+    nvml.NVMLError, nvml.NVML_FEATURE_ENABLED, nvml.NVML_NVLINK_MAX_LINKS = FakeNVMLError, 1, 18
+    nvml.calls = []
+
+    def answer(handle, key, *args):
+        value = gpus[handle][key]
+        if isinstance(value, type) and issubclass(value, Exception):
+            raise value(key)
+        return value(*args) if callable(value) else value
+
+    nvml.nvmlInit = lambda: nvml.calls.append("init")
+    nvml.nvmlShutdown = lambda: nvml.calls.append("shutdown")
+    nvml.nvmlDeviceGetCount = lambda: len(gpus)
+    nvml.nvmlDeviceGetHandleByIndex = lambda index: index
+    nvml.nvmlDeviceGetName = lambda h: answer(h, "name")
+    nvml.nvmlDeviceGetUUID = lambda h: answer(h, "uuid")
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(
+        total=80 * GIB, free=60 * GIB, used=20 * GIB)
+    nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=answer(h, "util"))
+    nvml.nvmlDeviceGetNvLinkState = lambda h, link: answer(h, "nvlink", link)
+    nvml.nvmlDeviceGetCurrPcieLinkGeneration = lambda h: answer(h, "pcie_gen")
+    nvml.nvmlDeviceGetCurrPcieLinkWidth = lambda h: answer(h, "pcie_width")
+    return nvml
+
+
+def a100_nvlink_state(link: int) -> int:
+    # 12 links on the device, the first 4 up; NVML rejects link numbers past the device's own.
+    if link >= 12:
+        raise FakeInvalidArgument(f"link {link}")
+    return 1 if link < 4 else 0
+
+
+A100 = {"name": b"NVIDIA A100-SXM4-80GB", "uuid": b"GPU-a100", "util": 37,
+        "nvlink": a100_nvlink_state, "pcie_gen": 4, "pcie_width": 16}
+# A card without NVLink whose driver also hides the PCIe generation and utilization.
+T4 = {"name": "Tesla T4", "uuid": "GPU-t4", "util": FakeNotSupported,
+      "nvlink": FakeNotSupported, "pcie_gen": FakeNotSupported, "pcie_width": 8}
+
+
+def test_nvml_fills_memory_nvlink_and_pcie(monkeypatch):
+    nvml = fake_pynvml([A100, T4])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    a100, t4 = probe_nvml()
+    assert (a100.name, a100.uuid, a100.source) == ("NVIDIA A100-SXM4-80GB", "GPU-a100", "nvml")
+    assert (a100.memory_total_bytes, a100.memory_free_bytes, a100.memory_used_bytes) == (
+        80 * GIB, 60 * GIB, 20 * GIB)
+    assert (a100.utilization_pct, a100.nvlink_links, a100.pcie_gen, a100.pcie_width) == (
+        37.0, 4, 4, 16)
+    assert nvml.calls == ["init", "shutdown"]
+
+
+def test_nvml_unsupported_queries_become_none_not_errors(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([T4]))
+    errors = {}
+    (t4,) = probe_gpus({}, errors)
+    assert not errors  # NotSupported is normal for these fields: the probe did not fail
+    assert (t4.name, t4.memory_used_bytes, t4.pcie_width) == ("Tesla T4", 20 * GIB, 8)
+    assert t4.nvlink_links is None and t4.pcie_gen is None and t4.utilization_pct is None
+
+
+def test_nvml_gpu_with_nvlink_all_down_reports_zero_links(monkeypatch):
+    # Zero active links is a fact worth reporting, unlike "NVLink not supported" (None).
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([{**A100, "nvlink": 0}]))
+    assert probe_nvml()[0].nvlink_links == 0
+
+
+def test_nvml_required_query_failing_is_a_probe_error_and_shuts_down(monkeypatch):
+    nvml = fake_pynvml([{**A100, "name": FakeNVMLError}])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    errors = {}
+    assert probe_gpus(T4_LABELS, errors)[0].source == "declared"  # falls back to the labels
+    assert "FakeNVMLError" in errors["nvml"] and nvml.calls == ["init", "shutdown"]
+
+
+def test_nvml_init_failing_means_no_gpus_quietly(monkeypatch):
+    nvml = fake_pynvml([A100])
+
+    def no_driver():
+        raise FakeNVMLError("driver not loaded")
+
+    nvml.nvmlInit = no_driver
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    errors = {}
+    assert probe_gpus({}, errors) == () and not errors
+
+
+# --- bandwidth arithmetic --------------------------------------------------------------------
+
+def test_bandwidth_is_bytes_over_the_fastest_round():
+    # 8 MB in 0.004 s = 2 GB/s; the slow first round (setup) is ignored.
+    assert best_bandwidth_gbps(8_000_000, [0.5, 0.004]) == pytest.approx(2.0)
+    assert best_bandwidth_gbps(1_000_000_000, [1.0]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seconds", [[], [None], [None, None], [0.0], [-1.0], [math.inf],
+                                     [math.nan]])
+def test_bandwidth_without_a_usable_round_is_none(seconds):
+    assert best_bandwidth_gbps(8_000_000, seconds) is None
+
+
+def test_bandwidth_skips_failed_rounds():
+    assert best_bandwidth_gbps(2_000_000, [None, 0.001, math.nan]) == pytest.approx(2.0)
+    assert best_bandwidth_gbps(0, [0.001]) is None
+
+
+def test_bandwidth_payload_is_bounded():
+    assert bandwidth_probe_bytes(8 * 1024 ** 2) == 8 * 1024 ** 2
+    assert bandwidth_probe_bytes(10 ** 12) == BANDWIDTH_MAX_BYTES == 256 * 1024 ** 2
+    assert bandwidth_probe_bytes(0) == bandwidth_probe_bytes(-5) == 1

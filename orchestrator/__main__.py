@@ -1,0 +1,175 @@
+"""Command line: `python -m orchestrator status|place ...` against a running Ray cluster.
+
+    python -m orchestrator status [--json]
+    python -m orchestrator place --spec JOB.yaml --dry-run [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import ConfigError, JobSpec
+from orchestrator.inventory import GIB, NodeReport
+
+
+def load_job_spec(path: str) -> JobSpec:
+    """A JobSpec from a YAML file; every problem is reported naming the file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return JobSpec.from_dict(data)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _accelerators(report: NodeReport) -> str:
+    if not report.gpus:
+        return "-"
+    names = sorted({g.name for g in report.gpus})
+    sources = sorted({g.source for g in report.gpus})
+    return f"{len(report.gpus)}x{'/'.join(names)} ({'/'.join(sources)})"
+
+
+def status_rows(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
+    """One plain dict per node: what `status` prints, and what `status --json` emits."""
+    held: dict[str, list[str]] = {}
+    reserved: dict[str, tuple[float, int]] = {}
+    for job, reservations in snapshot["reservations"].items():
+        for r in reservations:
+            held.setdefault(r.node_id, []).append(job)
+            cpus, gpus = reserved.get(r.node_id, (0.0, 0))
+            reserved[r.node_id] = (cpus + r.cpus, gpus + r.gpus)
+    rows = []
+    for node_id, report in sorted(snapshot["reports"].items()):
+        bandwidth = [v for v in report.bandwidth_gbps.values() if math.isfinite(v)]
+        cpus_held, gpus_held = reserved.get(node_id, (0.0, 0))
+        rows.append({
+            "node_id": node_id,
+            "hostname": report.hostname,
+            "health": snapshot["health"][node_id],
+            "heartbeat_age_s": round(snapshot["age_s"][node_id], 1),
+            "accelerators": _accelerators(report),
+            "gpus": int(report.ray_gpus),
+            "gpus_free": int(report.ray_gpus) - gpus_held,
+            "gpu_free_gib": [round(g.memory_free_bytes / GIB, 1) for g in report.gpus],
+            "cpus": report.ray_cpus,
+            "cpus_free": report.ray_cpus - cpus_held,
+            "load_per_cpu": round(report.load_per_cpu, 2),
+            "ram_available_gib": round(report.ram_available_bytes / GIB, 1),
+            "bandwidth_gbps_to_peers": {peer: round(v, 3)
+                                        for peer, v in report.bandwidth_gbps.items()},
+            "bandwidth_gbps_median": round(statistics.median(bandwidth), 3) if bandwidth else None,
+            "reservations": sorted(held.get(node_id, [])),
+            "probe_errors": report.probe_errors,
+        })
+    return rows
+
+
+def format_status(rows: list[dict[str, Any]], queue: list) -> str:
+    header = ("NODE", "HEALTH", "ACCELERATORS", "GPU FREE", "GPU MEM FREE GiB", "CPU FREE",
+              "LOAD", "BW GB/s (median)", "RESERVED BY")
+    table = [header]
+    for r in rows:
+        memory = (f"{min(r['gpu_free_gib']):.0f}-{max(r['gpu_free_gib']):.0f}"
+                  if r["gpu_free_gib"] else "-")
+        bandwidth = "-" if r["bandwidth_gbps_median"] is None else f"{r['bandwidth_gbps_median']:.2f}"
+        table.append((r["node_id"][:12], r["health"], r["accelerators"],
+                      f"{r['gpus_free']}/{r['gpus']}", memory,
+                      f"{r['cpus_free']:g}/{r['cpus']:g}", f"{r['load_per_cpu']:.2f}", bandwidth,
+                      ",".join(r["reservations"]) or "-"))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
+    for q in queue:
+        lines.append(f"queued #{q.position}: {q.job_name}: {q.reason}")
+    for r in rows:
+        for probe, error in r["probe_errors"].items():
+            lines.append(f"probe error on {r['node_id'][:12]}: {probe}: {error}")
+    return "\n".join(lines)
+
+
+def format_decision(decision) -> str:
+    from orchestrator.placement import Rejection
+
+    if isinstance(decision, Rejection):
+        return decision.message
+    lines = [f"would place '{decision.job_name}': " + ", ".join(
+        f"worker {rank} -> node {node[:12]}" for rank, node in enumerate(decision.worker_nodes))]
+    if math.isfinite(decision.bottleneck_gbps):
+        lines.append(f"slowest link between chosen nodes: {decision.bottleneck_gbps:.2f} GB/s")
+    for node_id, why in sorted(decision.node_reasons.items()):
+        lines.append(f"  node {node_id[:12]}: {why}")
+    return "\n".join(lines)
+
+
+def _connect(address: str | None):
+    import os
+
+    import ray
+
+    from actors.cluster import ClusterConnectionError, connect, ensure_control_plane
+
+    # Unlike a job, these commands look at an existing cluster: never start an embedded one.
+    try:
+        connect(address or os.environ.get("RAY_ADDRESS") or "auto")
+    except ClusterConnectionError as e:
+        raise SystemExit(f"error: {e}\n(start one with `ray start --head`, or pass --address)")
+    scheduler, _ = ensure_control_plane()
+    return ray, scheduler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    status = sub.add_parser("status", help="nodes, accelerators, health, bandwidth, reservations")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--address")
+    place = sub.add_parser("place", help="the placement a job would get, or why not")
+    place.add_argument("--spec", required=True, help="JobSpec YAML file")
+    place.add_argument("--dry-run", action="store_true", required=True,
+                       help="required: this command never reserves; jobs reserve when they run")
+    place.add_argument("--json", action="store_true")
+    place.add_argument("--address")
+    args = parser.parse_args(argv)
+
+    if args.command == "place":
+        try:
+            spec = load_job_spec(args.spec)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    ray, scheduler = _connect(args.address)
+    if args.command == "status":
+        snapshot = ray.get(scheduler.snapshot.remote())
+        rows = status_rows(snapshot)
+        if args.json:
+            print(json.dumps({"time": time.time(), "nodes": rows,
+                              "queue": [q.__dict__ for q in snapshot["queue"]]}, indent=2))
+        else:
+            print(format_status(rows, snapshot["queue"]))
+        return 0
+    decision = ray.get(scheduler.place.remote(spec, "", True, True))
+    if args.json:
+        fields = dict(decision.__dict__)
+        if not math.isfinite(fields.get("bottleneck_gbps", 0)):
+            fields["bottleneck_gbps"] = None  # single node: no network link (strict JSON)
+        print(json.dumps(fields, indent=2, default=str))
+    else:
+        print(format_decision(decision))
+    return 0 if hasattr(decision, "worker_nodes") else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
