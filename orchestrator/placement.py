@@ -97,7 +97,7 @@ def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
     reserved_gpus = 0 if ignore_reservations else t.reserved_gpus[:n]
     capacity = np.floor((t.cpus[:n] - reserved_cpus) / spec.cpus_per_worker + 1e-9)
     if spec.gpus_per_worker:
-        fitting = (t.gpu_free_gib[:n] >= spec.min_gpu_memory_gb).sum(axis=1)
+        fitting = np.count_nonzero(t.gpu_free_gib[:n] >= spec.min_gpu_memory_gb, axis=1)
         # Ray hands out only the GPUs it schedules, minus those reserved. GPUs busy with a
         # reserved job usually lack free memory too, so they are not subtracted twice: the
         # smaller count is what is really free. (Ray picks the GPU index; memory is per node.)
@@ -136,7 +136,7 @@ def _bottleneck(state: ClusterState, node_ids: list[str]) -> float:
 
 
 def _group_options(spec: JobSpec, state: ClusterState, capacity: np.ndarray,
-                   candidates: np.ndarray):
+                   candidates: np.ndarray, max_groups: int = 8):
     """Network groups that can hold the whole job, best first: highest declared bandwidth,
     then tightest total capacity (best fit), then least load."""
     t = state.table
@@ -149,7 +149,7 @@ def _group_options(spec: JobSpec, state: ClusterState, capacity: np.ndarray,
     np.maximum.at(gbps, groups, t.group_gbps[candidates])
     load = np.bincount(groups, weights=t.load[candidates]) / np.maximum(
         np.bincount(groups), 1)
-    ranked = ok[np.lexsort((load[ok], totals[ok], -gbps[ok]))]
+    ranked = ok[np.lexsort((load[ok], totals[ok], -gbps[ok]))][:max_groups]
     return [candidates[groups == g] for g in ranked]
 
 
@@ -160,10 +160,10 @@ def _choose(spec: JobSpec, state: ClusterState, capacity: np.ndarray
     candidates = np.flatnonzero(capacity > 0)
     single = candidates[capacity[candidates] >= spec.num_workers]
     if len(single):
-        best = single[np.lexsort((t.load[single], capacity[single]))[0]]
-        return [int(best)], INTRA_NODE
+        tightest = single[capacity[single] == capacity[single].min()]
+        return [int(tightest[np.argmin(t.load[tightest])])], INTRA_NODE
     # Multi-node: inside one network group when one can hold it (best connected first)...
-    for rows in _group_options(spec, state, capacity, candidates)[:8]:
+    for rows in _group_options(spec, state, capacity, candidates):
         chosen = _take(rows, capacity, t.load, spec.num_workers)
         bottleneck = _bottleneck(state, [t.ids[r] for r in chosen])
         if bottleneck >= spec.min_bandwidth_gbps:
@@ -187,19 +187,20 @@ def place(spec: JobSpec, state: ClusterState, now: float, owner: str = "",
         raise PlacementError(Rejection(spec.name, (
             f"job '{spec.name}' already holds a reservation: a job of that name is running "
             "(two launches of the same run?)")))
+    if explain is None:
+        explain = len(state.table) <= EXPLAIN_LIMIT
     capacity = worker_capacity(spec, state, now)
     if capacity.sum() < spec.num_workers:
-        raise PlacementError(_rejection(spec, state, now, capacity))
+        raise PlacementError(_rejection(spec, state, now, capacity, explain))
     choice = _choose(spec, state, capacity)
     if choice is None:
-        raise PlacementError(_rejection(spec, state, now, capacity, bandwidth_failed=True))
+        raise PlacementError(_rejection(spec, state, now, capacity, explain,
+                                        bandwidth_failed=True))
     rows, bottleneck = choice
     t = state.table
     worker_nodes: list[str] = []
     for row in rows:
         worker_nodes += [t.ids[row]] * min(int(capacity[row]), spec.num_workers - len(worker_nodes))
-    if explain is None:
-        explain = len(t) <= EXPLAIN_LIMIT
     reasons = _node_reasons(spec, state, now, capacity, set(worker_nodes)) if explain else {}
     return Placement(spec.name, tuple(worker_nodes), spec.cpus_per_worker,
                      spec.gpus_per_worker, reasons, owner, bottleneck)
@@ -239,9 +240,9 @@ def _node_reason(spec: JobSpec, state: ClusterState, report: NodeReport, now: fl
 
 
 def _node_reasons(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndarray,
-                  used: set[str]) -> dict[str, str]:
+                  used: set[str], limit: int | None = None) -> dict[str, str]:
     reasons = {}
-    for row, node_id in enumerate(state.table.ids):
+    for row, node_id in enumerate(state.table.ids[:limit]):
         if node_id in used:
             continue
         if capacity[row] > 0:
@@ -252,7 +253,7 @@ def _node_reasons(spec: JobSpec, state: ClusterState, now: float, capacity: np.n
 
 
 def _rejection(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndarray,
-               bandwidth_failed: bool = False) -> Rejection:
+               explain: bool, bandwidth_failed: bool = False) -> Rejection:
     available = int(capacity.sum())
     fits_when_free = int(worker_capacity(spec, state, now, ignore_reservations=True).sum()) \
         >= spec.num_workers
@@ -280,10 +281,11 @@ def _rejection(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndar
     lines = [headline]
     if not state.reports:
         lines.append("  no node has reported yet (are the node agents running?)")
-    reasons = _node_reasons(spec, state, now, capacity, used=set())
-    shown = sorted(reasons.items())
-    for node_id, why in shown[:EXPLAIN_LIMIT]:
+    # Reasons cost a Python step per node: on big clusters, unless asked, the first nodes only.
+    limit = None if explain else EXPLAIN_LIMIT
+    reasons = _node_reasons(spec, state, now, capacity, used=set(), limit=limit)
+    for node_id, why in sorted(reasons.items()):
         lines.append(f"  node {node_id[:12]}: {why}")
-    if len(shown) > EXPLAIN_LIMIT:
-        lines.append(f"  ... and {len(shown) - EXPLAIN_LIMIT} more node(s)")
+    if len(state.table) > len(reasons):
+        lines.append(f"  ... and {len(state.table) - len(reasons)} more node(s) not shown")
     return Rejection(spec.name, "\n".join(lines), reasons, fits_when_free)
