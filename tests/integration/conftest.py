@@ -3,8 +3,9 @@
 Three raylets on this machine (ray.cluster_utils.Cluster), each with its own node id:
   head  - 2 CPUs
   cpu   - 2 CPUs
-  t4    - 2 CPUs + 2 GPUs declared as T4-16GB through node labels (no real GPU: used only for
-          placement decisions, never to run CUDA code)
+  t4    - 2 CPUs + 2 GPUs declared as T4-16GB through node labels
+  a100  - 2 CPUs + 8 GPUs declared as A100-80GB
+Declared GPUs are not real: they serve placement decisions, never CUDA code.
 """
 import pytest
 
@@ -13,6 +14,8 @@ from orchestrator.inventory import (LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_M
 
 T4_LABELS = {LABEL_ACCELERATOR_TYPE: "T4", LABEL_ACCELERATOR_COUNT: "2",
              LABEL_ACCELERATOR_MEMORY_GB: "16"}
+A100_LABELS = {LABEL_ACCELERATOR_TYPE: "A100-80GB", LABEL_ACCELERATOR_COUNT: "8",
+               LABEL_ACCELERATOR_MEMORY_GB: "80"}
 
 
 class Nodes(dict):
@@ -29,7 +32,8 @@ def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     nodes = {"head": c.head_node,
              "cpu": c.add_node(num_cpus=2),
-             "t4": c.add_node(num_cpus=2, num_gpus=2, labels=T4_LABELS)}
+             "t4": c.add_node(num_cpus=2, num_gpus=2, labels=T4_LABELS),
+             "a100": c.add_node(num_cpus=2, num_gpus=8, labels=A100_LABELS)}
     c.wait_for_nodes()
     ray.init(address=c.address)
     ids = Nodes({name: node.node_id for name, node in nodes.items()})

@@ -36,6 +36,7 @@ def test_place_dry_run_explains_without_reserving(cluster, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"worker 0 -> node {cluster['t4'][:12]}" in result.stdout
     assert "reports no GPUs" in result.stdout  # the CPU nodes, with their reason
+    assert "(A100) is not one of T4" in result.stdout
     scheduler, _ = ensure_control_plane()
     assert "dry" not in ray.get(scheduler.snapshot.remote())["reservations"]
 

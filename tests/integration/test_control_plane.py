@@ -25,7 +25,8 @@ def test_every_node_gets_one_agent_and_reports(cluster):
 
 def test_gpu_job_goes_to_the_gpu_node_and_releases(cluster):
     scheduler, _ = ensure_control_plane()
-    spec = JobSpec("gpu-job", num_workers=2, gpus_per_worker=1, min_gpu_memory_gb=12)
+    spec = JobSpec("gpu-job", num_workers=2, gpus_per_worker=1, min_gpu_memory_gb=12,
+                   accelerator_types=("T4",))
     try:
         placement = ray.get(scheduler.place.remote(spec))
         assert isinstance(placement, Placement)
@@ -33,12 +34,12 @@ def test_gpu_job_goes_to_the_gpu_node_and_releases(cluster):
         assert "reports no GPUs" in placement.node_reasons[cluster["cpu"]]
 
         # Both GPUs are now reserved: a second GPU job must wait, told why.
-        second = ray.get(scheduler.place.remote(JobSpec("gpu-job-2", gpus_per_worker=1)))
+        second = ray.get(scheduler.place.remote(JobSpec("gpu-job-2", gpus_per_worker=1, accelerator_types=("T4",))))
         assert isinstance(second, Rejection)
         assert "2 reserved" in second.node_reasons[cluster["t4"]]
 
         assert ray.get(scheduler.release.remote("gpu-job"))
-        third = ray.get(scheduler.place.remote(JobSpec("gpu-job-2", gpus_per_worker=1)))
+        third = ray.get(scheduler.place.remote(JobSpec("gpu-job-2", gpus_per_worker=1, accelerator_types=("T4",))))
         assert isinstance(third, Placement)
     finally:  # the scheduler is shared by the session's other tests
         for name in ("gpu-job", "gpu-job-2"):
@@ -75,3 +76,21 @@ def test_a_dead_drivers_reservation_is_reclaimed(cluster):
         time.sleep(0.5)
     assert reclaimed == ["crashed-job"]
     assert "crashed-job" not in ray.get(scheduler.snapshot.remote())["reservations"]
+
+
+def test_memory_and_type_constraints_choose_the_right_nodes(cluster):
+    scheduler, _ = ensure_control_plane()
+
+    def dry_run(**spec):
+        return ray.get(scheduler.place.remote(JobSpec("probe", **spec), "", True))
+
+    big_memory = dry_run(num_workers=2, gpus_per_worker=1, min_gpu_memory_gb=40)
+    assert big_memory.nodes == [cluster["a100"]]
+    assert "1 have it" not in big_memory.node_reasons[cluster["t4"]]
+    assert ">= 40 GiB free, 0 of 2 have it" in big_memory.node_reasons[cluster["t4"]]
+    assert dry_run(gpus_per_worker=1, accelerator_types=("T4",)).nodes == [cluster["t4"]]
+    eight = dry_run(num_workers=2, gpus_per_worker=4)  # only the A100 node has 8 GPUs
+    assert eight.nodes == [cluster["a100"]]
+    missing = dry_run(gpus_per_worker=1, accelerator_types=("H100",))
+    assert isinstance(missing, Rejection) and not missing.fits_when_free
+    assert "is not one of H100" in missing.node_reasons[cluster["a100"]]

@@ -60,5 +60,5 @@ def test_unplaceable_job_is_refused_with_reasons(cluster, tmp_path, capsys):
     code = pretrain.main([*TINY, "--num-workers", "50", "--run-dir", str(tmp_path / "big")])
     assert code == pretrain.EXIT_NOT_PLACEABLE
     err = capsys.readouterr().err
-    assert "needs 50 worker(s)" in err and "room for 6 worker(s)" in err
+    assert "needs 50 worker(s)" in err and "room for 8 worker(s)" in err
     assert "Traceback" not in err

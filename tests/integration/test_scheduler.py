@@ -8,6 +8,8 @@ from actors.cluster import ensure_control_plane
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Queued, Rejection
 
+T4 = ("T4",)  # the T4 node has 2 GPUs: small numbers make contention easy to set up
+
 
 def wait_for(predicate, timeout_s=60, every_s=0.5):
     deadline = time.monotonic() + timeout_s
@@ -46,18 +48,18 @@ def test_a_joining_node_gets_an_agent_and_a_removed_one_is_excluded(cluster, sch
 
 
 def test_killing_the_scheduler_loses_no_reservation(cluster, scheduler):
-    placed = ray.get(scheduler.place.remote(JobSpec("survivor", num_workers=2, gpus_per_worker=1)))
+    placed = ray.get(scheduler.place.remote(JobSpec("survivor", num_workers=2, gpus_per_worker=1, accelerator_types=T4)))
     assert placed.nodes == [cluster["t4"]]
     ray.kill(scheduler, no_restart=False)  # crash; Ray restarts it (max_restarts=-1)
     snapshot = wait_for(lambda: _snapshot_or_none(scheduler), timeout_s=60)
     assert "survivor" in snapshot["reservations"]
     # Not forgotten and not double-counted: both GPUs still held, exactly once.
     wait_for(lambda: cluster["t4"] in ray.get(scheduler.snapshot.remote())["reports"])
-    blocked = ray.get(scheduler.place.remote(JobSpec("gpu-1", gpus_per_worker=1)))
+    blocked = ray.get(scheduler.place.remote(JobSpec("gpu-1", gpus_per_worker=1, accelerator_types=T4)))
     assert isinstance(blocked, Rejection) and "2 reserved" in blocked.node_reasons[cluster["t4"]]
     ray.get(scheduler.release.remote("survivor"))
     assert isinstance(ray.get(scheduler.place.remote(JobSpec("gpu-2", num_workers=2,
-                                                             gpus_per_worker=1))), Placement)
+                                                             gpus_per_worker=1, accelerator_types=T4))), Placement)
 
 
 def _snapshot_or_none(scheduler):
@@ -68,19 +70,19 @@ def _snapshot_or_none(scheduler):
 
 
 def test_concurrent_jobs_never_double_book(cluster, scheduler):
-    specs = [JobSpec(f"racer-{i}", num_workers=2, gpus_per_worker=1) for i in range(4)]
+    specs = [JobSpec(f"racer-{i}", num_workers=2, gpus_per_worker=1, accelerator_types=T4) for i in range(4)]
     decisions = ray.get([scheduler.place.remote(s) for s in specs])
     winners = [d for d in decisions if isinstance(d, Placement)]
-    assert len(winners) == 1  # the node has 2 GPUs: one job of 2 fits, never two
+    assert len(winners) == 1  # the T4 node has 2 GPUs: one job of 2 fits, never two
 
 
 def test_a_job_waits_in_the_queue_until_capacity_is_released(cluster, scheduler):
-    first = ray.get(scheduler.submit.remote(JobSpec("holder", num_workers=2, gpus_per_worker=1)))
+    first = ray.get(scheduler.submit.remote(JobSpec("holder", num_workers=2, gpus_per_worker=1, accelerator_types=T4)))
     assert isinstance(first, Placement)
-    waiting = ray.get(scheduler.submit.remote(JobSpec("waiter", gpus_per_worker=1)))
+    waiting = ray.get(scheduler.submit.remote(JobSpec("waiter", gpus_per_worker=1, accelerator_types=T4)))
     assert isinstance(waiting, Queued) and waiting.position == 1
     assert "fits once running jobs release" in waiting.reason
-    never = ray.get(scheduler.submit.remote(JobSpec("too-big", num_workers=3, gpus_per_worker=1)))
+    never = ray.get(scheduler.submit.remote(JobSpec("too-big", num_workers=3, gpus_per_worker=1, accelerator_types=T4)))
     assert isinstance(never, Rejection)  # more GPUs than exist: rejected, not queued
     ray.get(scheduler.release.remote("holder"))
     placed = ray.get(scheduler.poll.remote("waiter"))

@@ -12,6 +12,10 @@ from orchestrator.config import ConfigError, JobSpec, TrainConfig, resume_confli
     ({"min_gpu_memory_gb": float("nan"), "gpus_per_worker": 1}, "min_gpu_memory_gb"),
     ({"min_gpu_memory_gb": 16}, "needs gpus_per_worker"),
     ({"name": ""}, "name"),
+    ({"gpus_per_worker": 1, "accelerator_types": ("Z80",)}, "unknown type"),
+    ({"accelerator_types": ("T4",)}, "needs gpus_per_worker"),
+    ({"min_bandwidth_gbps": -1}, "min_bandwidth_gbps"),
+    ({"priority": 1.5}, "priority"),
 ])
 def test_jobspec_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
