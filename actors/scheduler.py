@@ -47,8 +47,11 @@ class _GcsStore:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class SchedulerActor:
     def __init__(self, suspect_after_s: float = 15.0, dead_after_s: float = 60.0,
-                 maintain_every_s: float = 5.0) -> None:
-        self.state = ClusterState(suspect_after_s=suspect_after_s, dead_after_s=dead_after_s)
+                 maintain_every_s: float = 5.0, max_load_per_cpu: float = float("inf"),
+                 inter_group_gbps: float = 1.25) -> None:
+        self.state = ClusterState(suspect_after_s=suspect_after_s, dead_after_s=dead_after_s,
+                                  inter_group_gbps=inter_group_gbps,
+                                  max_load_per_cpu=max_load_per_cpu)
         self.store = _GcsStore()
         saved = self.store.load()
         self.state.restore_reservations(saved.get("reservations", {}))

@@ -92,7 +92,8 @@ class ClusterState:
     derived from them and kept in step by reserve/release."""
 
     def __init__(self, suspect_after_s: float = 15.0, dead_after_s: float = 60.0,
-                 inter_group_gbps: float = 1.25) -> None:
+                 inter_group_gbps: float = 1.25,
+                 max_load_per_cpu: float = math.inf) -> None:
         if not 0 < suspect_after_s <= dead_after_s:
             raise ValueError(f"need 0 < suspect_after_s ({suspect_after_s}) <= dead_after_s "
                              f"({dead_after_s})")
@@ -101,6 +102,9 @@ class ClusterState:
         # Assumed bandwidth between nodes of different network groups when not measured
         # (1.25 GB/s = 10 GbE, the slowest link a training cluster commonly has).
         self.inter_group_gbps = inter_group_gbps
+        # Nodes busier than this (1-min load average per CPU) take no new workers; off by
+        # default since a node's own training workers raise its load.
+        self.max_load_per_cpu = max_load_per_cpu
         self.reports: dict[str, NodeReport] = {}
         self.last_seen: dict[str, float] = {}
         self.dead: set[str] = set()  # declared dead by Ray or by missed heartbeats

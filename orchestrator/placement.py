@@ -107,7 +107,8 @@ def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
             allowed = [t.families[f.upper()] for f in spec.accelerator_types
                        if f.upper() in t.families]
             capacity = np.where(np.isin(t.family[:n], allowed), capacity, 0)
-    healthy = ~t.dead[:n] & (now - t.last_seen[:n] <= state.suspect_after_s)
+    healthy = ~t.dead[:n] & (now - t.last_seen[:n] <= state.suspect_after_s) \
+        & (t.load[:n] <= state.max_load_per_cpu)
     return np.where(healthy, np.maximum(capacity, 0), 0).astype(np.int64)
 
 
@@ -213,6 +214,9 @@ def _node_reason(spec: JobSpec, state: ClusterState, report: NodeReport, now: fl
     unhealthy = state.health_reason(report.node_id, now)
     if unhealthy:
         return unhealthy
+    if report.load_per_cpu > state.max_load_per_cpu:
+        return (f"overloaded: load {report.load_per_cpu:.2f} per CPU > "
+                f"{state.max_load_per_cpu:g}")
     reserved_cpus, reserved_gpus = state.reserved_on(report.node_id)
     free_cpus = report.ray_cpus - reserved_cpus
     if free_cpus < spec.cpus_per_worker:

@@ -186,3 +186,11 @@ def test_a_job_that_fits_once_others_release_says_so():
     with pytest.raises(PlacementError) as never:
         place(JobSpec("huge", num_workers=3), state, NOW)
     assert not never.value.rejection.fits_when_free
+
+
+def test_overloaded_nodes_are_filtered_when_a_limit_is_set():
+    state = cluster(node("busy", cpus=8, load=40.0), node("calm", cpus=8, load=1.0))
+    state.max_load_per_cpu = 2.0
+    placement = place(JobSpec("j", num_workers=2), state, NOW)
+    assert placement.nodes == ["calm"]
+    assert placement.node_reasons["busy"] == "overloaded: load 5.00 per CPU > 2"
