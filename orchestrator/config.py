@@ -87,31 +87,37 @@ class JobSpec:
     priority: int = 0  # higher is placed first when jobs wait in the queue
 
     def __post_init__(self) -> None:
-        if isinstance(self.accelerator_types, (list, str)):  # from YAML / CLI
-            types = [self.accelerator_types] if isinstance(self.accelerator_types, str) \
-                else self.accelerator_types
-            object.__setattr__(self, "accelerator_types", tuple(types))
+        if isinstance(self.accelerator_types, str):  # from YAML / CLI: one type
+            object.__setattr__(self, "accelerator_types", (self.accelerator_types,))
+        elif isinstance(self.accelerator_types, list):
+            object.__setattr__(self, "accelerator_types", tuple(self.accelerator_types))
         self.validate()
 
     def validate(self) -> None:
         p: list[str] = []
         _check(p, isinstance(self.name, str) and self.name.strip() != "",
                f"name must be a non-empty string, got {self.name!r}")
-        _check(p, _is_int(self.num_workers) and self.num_workers >= 1,
-               f"num_workers must be an integer >= 1, got {self.num_workers!r}")
-        _check(p, _is_number(self.cpus_per_worker) and self.cpus_per_worker > 0,
-               f"cpus_per_worker must be a number > 0, got {self.cpus_per_worker!r}")
-        _check(p, _is_int(self.gpus_per_worker) and self.gpus_per_worker >= 0,
-               f"gpus_per_worker must be an integer >= 0, got {self.gpus_per_worker!r}")
-        _check(p, _is_number(self.min_gpu_memory_gb) and self.min_gpu_memory_gb >= 0,
-               f"min_gpu_memory_gb must be a number >= 0, got {self.min_gpu_memory_gb!r}")
+        # Upper bounds catch typos (an extra zero) long before any cluster could be that big.
+        _check(p, _is_int(self.num_workers) and 1 <= self.num_workers <= 100_000,
+               f"num_workers must be an integer in [1, 100000], got {self.num_workers!r}")
+        _check(p, _is_number(self.cpus_per_worker) and 0.01 <= self.cpus_per_worker <= 4096,
+               f"cpus_per_worker must be a number in [0.01, 4096], got {self.cpus_per_worker!r}")
+        _check(p, _is_int(self.gpus_per_worker) and 0 <= self.gpus_per_worker <= 64,
+               f"gpus_per_worker must be an integer in [0, 64], got {self.gpus_per_worker!r}")
+        _check(p, _is_number(self.min_gpu_memory_gb) and 0 <= self.min_gpu_memory_gb <= 10_000,
+               f"min_gpu_memory_gb must be a number in [0, 10000], "
+               f"got {self.min_gpu_memory_gb!r}")
         _check(p, _is_number(self.min_bandwidth_gbps) and self.min_bandwidth_gbps >= 0,
                f"min_bandwidth_gbps must be a number >= 0, got {self.min_bandwidth_gbps!r}")
         _check(p, _is_int(self.priority), f"priority must be an integer, got {self.priority!r}")
-        unknown = [t for t in self.accelerator_types
-                   if not isinstance(t, str) or t.upper() not in ACCELERATOR_FAMILIES]
-        _check(p, not unknown, f"accelerator_types has unknown type(s) {unknown}; known: "
-               f"{', '.join(ACCELERATOR_FAMILIES)}")
+        if not isinstance(self.accelerator_types, tuple):
+            p.append(f"accelerator_types must be a list of accelerator families, got "
+                     f"{self.accelerator_types!r}")
+        else:
+            unknown = [t for t in self.accelerator_types
+                       if not isinstance(t, str) or t.upper() not in ACCELERATOR_FAMILIES]
+            _check(p, not unknown, f"accelerator_types has unknown type(s) {unknown}; known: "
+                   f"{', '.join(ACCELERATOR_FAMILIES)}")
         if not p and self.accelerator_types and self.gpus_per_worker == 0:
             p.append(f"accelerator_types={list(self.accelerator_types)} needs "
                      "gpus_per_worker >= 1")

@@ -108,6 +108,9 @@ class ClusterState:
         self.reports: dict[str, NodeReport] = {}
         self.last_seen: dict[str, float] = {}
         self.dead: set[str] = set()  # declared dead by Ray or by missed heartbeats
+        # Reservations dropped from nodes declared dead by silence alone, by node: re-applied
+        # if the node reports again.
+        self.silent_reservations: dict[str, list[Reservation]] = {}
         self.reservations: dict[str, tuple[Reservation, ...]] = {}
         self.table = NodeTable()
 
@@ -116,8 +119,10 @@ class ClusterState:
         is_new = report.node_id not in self.table.index
         self.reports[report.node_id] = report
         self.last_seen[report.node_id] = now
-        self.dead.discard(report.node_id)  # a node that reports again is alive again
         self.table.upsert(report, now)
+        if report.node_id in self.dead:  # a node that reports again is alive again
+            self.dead.discard(report.node_id)
+            self._revive(report.node_id)
         if is_new:  # reservations restored before this node's first report now count
             for held in self.reservations.values():
                 for r in held:
@@ -144,31 +149,46 @@ class ClusterState:
         return f"{health}: no heartbeat for {age:.0f}s (limit {limit:.0f}s)"
 
     def mark_dead(self, node_id: str) -> list[str]:
-        """Ray says the node is gone: exclude it and drop what was reserved on it.
+        """Ray says the node is gone: exclude it and drop what was reserved on it for good.
         Returns the jobs that lost a reservation there."""
         if node_id in self.reports:
             self.dead.add(node_id)
             self.table.set_dead(node_id, True)
-        return self._drop_reservations_on({node_id})
+        self.silent_reservations.pop(node_id, None)
+        return [job for job, _ in self._drop_reservations_on({node_id})]
 
     def expire(self, now: float) -> tuple[list[str], list[str]]:
         """Declare nodes dead whose heartbeat is older than dead_after_s and release what was
-        reserved on them. Returns (nodes newly dead, jobs that lost a reservation)."""
+        reserved on them. Returns (nodes newly dead, jobs that lost a reservation).
+
+        Only the heartbeat is known to be gone, not the node: what was reserved there is kept
+        aside and re-applied if the node reports again (its workers may still be running),
+        so a node that comes back is never handed out twice."""
         newly_dead = [n for n in self.reports
                       if n not in self.dead and now - self.last_seen[n] > self.dead_after_s]
         for node_id in newly_dead:
             self.dead.add(node_id)
             self.table.set_dead(node_id, True)
-        return newly_dead, self._drop_reservations_on(set(newly_dead))
+        dropped = self._drop_reservations_on(set(newly_dead))
+        for job, reservation in dropped:
+            self.silent_reservations.setdefault(reservation.node_id, []).append(reservation)
+        return newly_dead, sorted({job for job, _ in dropped})
 
-    def _drop_reservations_on(self, nodes: set[str]) -> list[str]:
-        affected = []
+    def _drop_reservations_on(self, nodes: set[str]) -> list[tuple[str, Reservation]]:
+        dropped = []
         for job, held in list(self.reservations.items()):
             kept = tuple(r for r in held if r.node_id not in nodes)
+            dropped += [(job, r) for r in held if r.node_id in nodes]
             if len(kept) != len(held):
-                affected.append(job)
                 self._set_reservations(job, kept)
-        return affected
+        return dropped
+
+    def _revive(self, node_id: str) -> None:
+        """A node declared dead by silence reports again: its jobs' reservations come back
+        (for jobs still holding any)."""
+        for r in self.silent_reservations.pop(node_id, []):
+            if r.job_name in self.reservations:
+                self._set_reservations(r.job_name, self.reservations[r.job_name] + (r,))
 
     # -- reservations ---------------------------------------------------------------------
     def reserved_on(self, node_id: str) -> tuple[float, int]:
@@ -215,8 +235,10 @@ class ClusterState:
         which on fast fabrics (NVLink, 400 Gb/s InfiniBand) is far below the link itself;
         measurement is what we know where the operator declared nothing."""
         group_a, group_b = self.table.group_of(a), self.table.group_of(b)
-        if group_a is not None and group_a == group_b and self.table.group_gbps_of(a) > 0:
-            return self.table.group_gbps_of(a)
+        declared = min(self.table.group_gbps_of(a), self.table.group_gbps_of(b)) \
+            if group_a is not None and group_a == group_b else 0.0
+        if declared > 0:  # two labels of one group may disagree: trust the lower
+            return declared
         measured = [gbps for src, dst in ((a, b), (b, a))
                     if (gbps := self.reports[src].bandwidth_gbps.get(dst)) is not None]
         return min(measured) if measured else self.inter_group_gbps
@@ -239,6 +261,7 @@ class NodeTable:
     Rows are appended as nodes appear and never move."""
 
     _GROW = 64
+    _GPU_COLUMNS = ("gpu_free_gib", "gpu_total_gib")  # one column per GPU slot
 
     def __init__(self) -> None:
         self.ids: list[str] = []
@@ -249,6 +272,7 @@ class NodeTable:
         self.cpus = np.zeros(n)
         self.gpus = np.zeros(n, dtype=np.int64)
         self.gpu_free_gib = np.full((n, g), -np.inf)  # per GPU slot; -inf pads missing GPUs
+        self.gpu_total_gib = np.full((n, g), -np.inf)
         self.family = np.zeros(n, dtype=np.int64)
         self.load = np.zeros(n)
         self.last_seen = np.full(n, -np.inf)
@@ -274,9 +298,9 @@ class NodeTable:
 
     def _grow_rows(self, n: int) -> None:
         for name in ("cpus", "gpus", "family", "load", "group", "group_gbps", "dead",
-                     "reserved_cpus", "reserved_gpus", "last_seen", "gpu_free_gib"):
+                     "reserved_cpus", "reserved_gpus", "last_seen", *self._GPU_COLUMNS):
             old = getattr(self, name)
-            fill = -np.inf if name in ("last_seen", "gpu_free_gib") else 0
+            fill = -np.inf if name == "last_seen" or name in self._GPU_COLUMNS else 0
             new = np.full((n,) + old.shape[1:], fill, dtype=old.dtype)
             new[:len(old)] = old
             setattr(self, name, new)
@@ -285,12 +309,16 @@ class NodeTable:
         row = self._row(report.node_id)
         self.cpus[row] = report.ray_cpus
         self.gpus[row] = int(report.ray_gpus)
-        if len(report.gpus) > self.gpu_free_gib.shape[1]:
-            wider = np.full((len(self.cpus), len(report.gpus)), -np.inf)
-            wider[:, :self.gpu_free_gib.shape[1]] = self.gpu_free_gib
-            self.gpu_free_gib = wider
-        self.gpu_free_gib[row] = -np.inf
-        self.gpu_free_gib[row, :len(report.gpus)] = [g.memory_free_gb for g in report.gpus]
+        for name, values in (("gpu_free_gib", [g.memory_free_gb for g in report.gpus]),
+                             ("gpu_total_gib", [g.memory_total_bytes / GIB for g in report.gpus])):
+            column = getattr(self, name)
+            if len(values) > column.shape[1]:
+                wider = np.full((len(self.cpus), len(values)), -np.inf)
+                wider[:, :column.shape[1]] = column
+                column = wider
+                setattr(self, name, column)
+            column[row] = -np.inf
+            column[row, :len(values)] = values
         family = accelerator_family(report.gpus[0].name) if report.gpus else ""
         self.family[row] = self.families.setdefault(family, len(self.families))
         self.load[row] = report.load_per_cpu

@@ -97,7 +97,10 @@ def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
     reserved_gpus = 0 if ignore_reservations else t.reserved_gpus[:n]
     capacity = np.floor((t.cpus[:n] - reserved_cpus) / spec.cpus_per_worker + 1e-9)
     if spec.gpus_per_worker:
-        fitting = np.count_nonzero(t.gpu_free_gib[:n] >= spec.min_gpu_memory_gb, axis=1)
+        # Free memory is measured, so GPUs busy with reserved jobs look full; with reservations
+        # ignored ("would it fit an idle cluster?") their total memory is what counts.
+        memory = t.gpu_total_gib if ignore_reservations else t.gpu_free_gib
+        fitting = np.count_nonzero(memory[:n] >= spec.min_gpu_memory_gb, axis=1)
         # Ray hands out only the GPUs it schedules, minus those reserved. GPUs busy with a
         # reserved job usually lack free memory too, so they are not subtracted twice: the
         # smaller count is what is really free. (Ray picks the GPU index; memory is per node.)
@@ -107,9 +110,12 @@ def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
             allowed = [t.families[f.upper()] for f in spec.accelerator_types
                        if f.upper() in t.families]
             capacity = np.where(np.isin(t.family[:n], allowed), capacity, 0)
-    healthy = ~t.dead[:n] & (now - t.last_seen[:n] <= state.suspect_after_s) \
-        & (t.load[:n] <= state.max_load_per_cpu)
-    return np.where(healthy, np.maximum(capacity, 0), 0).astype(np.int64)
+    usable_node = ~t.dead[:n]
+    if not ignore_reservations:  # suspect and overloaded nodes may recover: not for the idle view
+        usable_node &= (now - t.last_seen[:n] <= state.suspect_after_s) \
+            & (t.load[:n] <= state.max_load_per_cpu)
+    # Clip before the integer cast: a tiny per-worker size must not overflow int64.
+    return np.where(usable_node, np.clip(capacity, 0, 1_000_000), 0).astype(np.int64)
 
 
 # -- choosing among nodes that fit --------------------------------------------------------------
@@ -249,7 +255,9 @@ def _node_reasons(spec: JobSpec, state: ClusterState, now: float, capacity: np.n
     for row, node_id in enumerate(state.table.ids[:limit]):
         if node_id in used:
             continue
-        if capacity[row] > 0:
+        if capacity[row] > 0 and not used:  # a rejection: the node was not the problem
+            reasons[node_id] = f"has room for {capacity[row]} worker(s)"
+        elif capacity[row] > 0:
             reasons[node_id] = "not needed: the job fits on fewer or better-fitting nodes"
         else:
             reasons[node_id] = _node_reason(spec, state, state.reports[node_id], now)
@@ -259,8 +267,8 @@ def _node_reasons(spec: JobSpec, state: ClusterState, now: float, capacity: np.n
 def _rejection(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndarray,
                explain: bool, bandwidth_failed: bool = False) -> Rejection:
     available = int(capacity.sum())
-    fits_when_free = int(worker_capacity(spec, state, now, ignore_reservations=True).sum()) \
-        >= spec.num_workers
+    idle = worker_capacity(spec, state, now, ignore_reservations=True)
+    fits_when_free = int(idle.sum()) >= spec.num_workers and _choose(spec, state, idle) is not None
     per_worker = f"{spec.cpus_per_worker:g} CPU"
     if spec.gpus_per_worker:
         per_worker += f" + {spec.gpus_per_worker} GPU"

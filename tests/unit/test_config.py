@@ -16,6 +16,9 @@ from orchestrator.config import ConfigError, JobSpec, TrainConfig, resume_confli
     ({"accelerator_types": ("T4",)}, "needs gpus_per_worker"),
     ({"min_bandwidth_gbps": -1}, "min_bandwidth_gbps"),
     ({"priority": 1.5}, "priority"),
+    ({"gpus_per_worker": 1, "accelerator_types": 5}, "accelerator_types must be a list"),
+    ({"gpus_per_worker": 1, "accelerator_types": {"A100": 1}}, "accelerator_types must be a list"),
+    ({"num_workers": 10**9}, "num_workers"),
 ])
 def test_jobspec_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):

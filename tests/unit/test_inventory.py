@@ -32,6 +32,28 @@ def test_a_dead_node_loses_its_reservations_and_a_report_revives_it():
     assert state.reserved_on("a") == (0, 0) and state.reserved_on("b") == (2, 0)
     state.update(node("a", cpus=4), now=62)
     assert state.health("a", now=62) == HEALTHY
+    # Only its heartbeat was gone: j's workers may still run there, so j holds it again
+    # rather than the node being handed out twice.
+    assert state.reserved_on("a") == (4, 0)
+
+
+def test_a_released_job_is_not_revived_with_its_silent_node():
+    state = state_with(node("a", cpus=4))
+    state.reserve("j", place(JobSpec("j", num_workers=2), state, 0.0).reservations())
+    state.expire(now=61)
+    state.release("j")
+    state.update(node("a", cpus=4), now=62)
+    assert state.reserved_on("a") == (0, 0)
+
+
+def test_pair_bandwidth_trusts_the_lower_of_two_disagreeing_labels():
+    from orchestrator.inventory import LABEL_NETWORK_GBPS, LABEL_NETWORK_GROUP, NodeReport
+
+    def labelled(name, gbps):
+        return NodeReport(**{**node(name).__dict__, "labels": {
+            LABEL_NETWORK_GROUP: "rack", LABEL_NETWORK_GBPS: str(gbps)}})
+    state = state_with(labelled("a", 50), labelled("b", 5))
+    assert state.pair_bandwidth_gbps("a", "b") == state.pair_bandwidth_gbps("b", "a") == 5
 
 
 def test_ray_reporting_a_node_gone_marks_it_dead_at_once():

@@ -1,6 +1,6 @@
 import pytest
 
-from orchestrator.config import JobSpec
+from orchestrator.config import ConfigError, JobSpec
 from orchestrator.inventory import GIB, ClusterState, GpuInfo, NodeReport, Reservation
 from orchestrator.placement import PlacementError, place
 
@@ -194,3 +194,24 @@ def test_overloaded_nodes_are_filtered_when_a_limit_is_set():
     placement = place(JobSpec("j", num_workers=2), state, NOW)
     assert placement.nodes == ["calm"]
     assert placement.node_reasons["busy"] == "overloaded: load 5.00 per CPU > 2"
+
+
+def test_an_unmeetable_bandwidth_floor_is_rejected_not_queued():
+    state = cluster(node("a", gpus=8), node("b", gpus=8))  # no group: 1.25 GB/s between them
+    with pytest.raises(PlacementError) as e:
+        place(JobSpec("j", num_workers=16, gpus_per_worker=1, min_bandwidth_gbps=25), state, NOW)
+    assert not e.value.rejection.fits_when_free
+
+
+def test_a_memory_floor_blocked_by_busy_gpus_waits_rather_than_fails():
+    busy = node("a", gpus=8, gpu_free_gb=10)  # a running job uses 70 of each GPU's 80 GiB
+    state = cluster(busy)
+    state.reserve("running", [Reservation("running", "a", 8, 8)])
+    with pytest.raises(PlacementError) as e:
+        place(JobSpec("j", gpus_per_worker=1, min_gpu_memory_gb=40), state, NOW)
+    assert e.value.rejection.fits_when_free
+
+
+def test_a_tiny_cpu_request_is_refused_not_overflowed():
+    with pytest.raises(ConfigError, match="cpus_per_worker"):
+        JobSpec("j", cpus_per_worker=1e-300)

@@ -29,7 +29,7 @@ def unused_port():
 @pytest.mark.parametrize("args, expected", [
     (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
     (["--model-size", "huge"], "argument --model-size: invalid choice: 'huge'"),
-    (["--num-workers", "0"], "num_workers must be an integer >= 1, got 0"),
+    (["--num-workers", "0"], "num_workers must be an integer in [1, 100000], got 0"),
     (["--max-steps", "-5"], "max_steps must be an integer >= 1, got -5"),
     (["--resume"], "--resume: no run with checkpoints under"),
     (["--resume", "--run-dir", "/nonexistent/run"], "no checkpoint in run dir /nonexistent/run"),
