@@ -1,7 +1,9 @@
-"""Command line: `python -m orchestrator status|place ...` against a running Ray cluster.
+"""Command line: `python -m orchestrator status|place ...` against a running Ray cluster, and
+`simulate`, a trace-driven replay that needs no Ray at all.
 
     python -m orchestrator status [--json]
     python -m orchestrator place --spec JOB.yaml --dry-run [--json]
+    python -m orchestrator simulate --trace PATH --policy NAME|all --cluster SPEC --out DIR
 """
 from __future__ import annotations
 
@@ -125,7 +127,10 @@ def _connect(address: str | None):
         connect(address or os.environ.get("RAY_ADDRESS") or "auto")
     except ClusterConnectionError as e:
         raise SystemExit(f"error: {e}\n(start one with `ray start --head`, or pass --address)")
-    scheduler, _ = ensure_control_plane()
+    try:
+        scheduler, _ = ensure_control_plane()
+    except (ray.exceptions.RayError, TimeoutError) as e:
+        raise SystemExit(f"error: the scheduler or a node agent did not come up: {e}")
     return ray, scheduler
 
 
@@ -142,7 +147,17 @@ def main(argv: list[str] | None = None) -> int:
                        help="required: this command never reserves; jobs reserve when they run")
     place.add_argument("--json", action="store_true")
     place.add_argument("--address")
+    simulate = sub.add_parser("simulate", help="replay a job trace on a modelled cluster "
+                              "under each placement policy (no Ray)")
+    from orchestrator.simulator import add_arguments
+
+    add_arguments(simulate)
     args = parser.parse_args(argv)
+
+    if args.command == "simulate":  # before _connect: the simulator never imports Ray
+        from orchestrator.simulator import run_cli
+
+        return run_cli(args)
 
     if args.command == "place":
         try:
@@ -151,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     ray, scheduler = _connect(args.address)
+    try:
+        return _run_command(args, ray, scheduler, spec if args.command == "place" else None)
+    except ray.exceptions.RayError as e:
+        print(f"error: the scheduler did not answer: {e}", file=sys.stderr)
+        return 4
+
+
+def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
     if args.command == "status":
         snapshot = ray.get(scheduler.snapshot.remote())
         rows = status_rows(snapshot)

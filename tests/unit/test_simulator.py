@@ -1,0 +1,311 @@
+"""The trace-driven simulator: known answers on hand-built traces, conservation, determinism,
+loaders' errors and the `simulate` CLI. No Ray (the unit tier's fixture makes ray.init raise)."""
+import json
+import math
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from orchestrator import cluster_model, policies
+from orchestrator.__main__ import main
+from orchestrator.cluster_model import (ClusterSpecError, build_state, iteration_times,
+                                        parse_cluster_spec, throughput)
+from orchestrator.simulator import FINISHED, NEVER_FITS, simulate
+from orchestrator.traces import (TraceError, TraceJob, load_canonical, load_philly, load_trace,
+                                 prepare)
+
+ALL = policies.POLICY_NAMES
+MODEL = "ResNet-18 (batch size 64)"
+
+
+def trace(*jobs):
+    """jobs: (submit, duration, gpus[, accelerator]) on the reference GPU."""
+    return prepare([TraceJob(i, float(j[0]), float(j[1]), int(j[2]), MODEL,
+                             j[3] if len(j) > 3 else "") for i, j in enumerate(jobs)])
+
+
+def by_id(result):
+    return {j.trace.job_id: j for j in result.jobs}
+
+
+@pytest.mark.parametrize("policy", ALL)
+def test_one_job_on_the_reference_gpu_runs_for_its_trace_duration(policy):
+    # P100 is the reference GPU: a consolidated job runs exactly its trace duration.
+    result = simulate(trace((0, 100, 2)), "p100:8x1", policy, check=True)
+    (job,) = result.jobs
+    assert job.status == FINISHED and job.start == 0 and job.finish == pytest.approx(100)
+    assert job.nodes == "p100-0000:2"
+    m = result.metrics
+    assert m["mean_jct_s"] == pytest.approx(100) and m["mean_queue_s"] == 0
+    assert m["makespan_s"] == pytest.approx(100)
+    assert m["allocation_rate"] == pytest.approx(2 / 8)
+    assert m["jobs_finished"] == 1 and m["decisions"] == 1
+
+
+def test_a_faster_gpu_shortens_the_run_by_the_throughput_ratio():
+    result = simulate(trace((0, 1000, 1)), "v100:8x1", "ours")
+    ratio = cluster_model.consolidated_throughput(MODEL, "p100", 1) / \
+        cluster_model.consolidated_throughput(MODEL, "v100", 1)
+    assert result.jobs[0].runtime == pytest.approx(1000 * ratio)
+    assert result.jobs[0].speed_vs_ideal == pytest.approx(1.0)  # the fastest type present
+
+
+@pytest.mark.parametrize("policy", ALL)
+def test_two_jobs_contending_for_one_server_run_one_after_the_other(policy):
+    jobs = by_id(simulate(trace((0, 100, 4), (10, 50, 4)), "p100:4x1", policy, check=True))
+    assert (jobs[0].start, jobs[0].finish) == (0, 100)
+    assert (jobs[1].start, jobs[1].finish) == (100, 150)
+
+
+@pytest.mark.parametrize("policy", ALL)
+def test_a_job_waits_until_another_ends_while_a_smaller_one_backfills(policy):
+    result = simulate(trace((0, 100, 6), (5, 10, 4), (6, 10, 2)), "p100:8x1", policy,
+                      check=True)
+    jobs = by_id(result)
+    assert jobs[1].start == 100 and jobs[1].finish == 110  # fits only once job 0 ends
+    assert jobs[2].start == 6 and jobs[2].finish == 16  # backfilled into the 2 free GPUs
+    assert result.metrics["mean_queue_s"] == pytest.approx(95 / 3)
+
+
+def test_backfill_zero_is_strict_fifo():
+    jobs = by_id(simulate(trace((0, 100, 6), (5, 10, 4), (6, 10, 2)), "p100:8x1", "ours",
+                          backfill=0))
+    assert jobs[2].start == 100  # waits behind the blocked job 1
+
+
+@pytest.mark.parametrize("policy", ALL)
+def test_accelerator_constraint_is_honoured_and_impossible_jobs_are_counted(policy):
+    result = simulate(trace((0, 10, 2, "V100"), (0, 10, 1, "K80"), (0, 10, 16, "V100"),
+                            (1, 10, 4, "P100")), "p100:8x2,v100:8x1", policy, check=True)
+    jobs = by_id(result)
+    assert jobs[0].status == FINISHED and jobs[0].gpu_types == "v100"
+    assert jobs[1].status == NEVER_FITS  # no K80 in the cluster
+    assert jobs[2].status == NEVER_FITS  # 16 V100s asked, 8 exist
+    assert jobs[3].status == FINISHED and jobs[3].gpu_types == "p100"
+    assert result.metrics["jobs_never_fit"] == 2
+
+
+def test_jobs_bigger_than_the_cluster_are_counted_not_dropped():
+    result = simulate(trace((0, 10, 2), (0, 10, 32), (0, 10, 2, "K80")), "p100:8x2", "ours")
+    jobs = by_id(result)
+    assert [jobs[i].status for i in range(3)] == [FINISHED, NEVER_FITS, NEVER_FITS]
+    assert result.metrics["jobs_never_fit"] == 2 and result.metrics["jobs"] == 3
+
+
+def test_spreading_over_racks_is_slower_than_inside_a_rack_as_the_formula_says():
+    one_rack = simulate(trace((0, 1000, 8)), "p100:4x2;rack=2;rack_gbps=12.5", "ours").jobs[0]
+    two_racks = simulate(trace((0, 1000, 8)), "p100:4x2;rack=1;inter_gbps=1.25", "ours").jobs[0]
+    assert one_rack.bottleneck_gbps == 12.5 and two_racks.bottleneck_gbps == 1.25
+    compute, comm = iteration_times(MODEL, "p100", 8)
+    for job, gbps in ((one_rack, 12.5), (two_racks, 1.25)):
+        step = compute + comm * cluster_model.REFERENCE_NETWORK_GBPS / gbps
+        assert job.runtime == pytest.approx(1000 * step / compute)
+    assert two_racks.runtime > one_rack.runtime > 1000
+
+
+def test_ours_places_multi_server_jobs_inside_one_rack():
+    # Two racks of 2 servers; first-fit order might cross racks, place() must not.
+    result = simulate(trace((0, 100, 8)), "p100:4x4;rack=2", "ours", check=True)
+    assert result.jobs[0].n_racks == 1 and result.jobs[0].n_nodes == 2
+
+
+def test_ours_calls_the_live_placement_code(monkeypatch):
+    calls = []
+    real = policies.place
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(policies, "place", spy)
+    simulate(trace((0, 10, 1), (1, 10, 2)), "p100:8x1", "ours")
+    assert calls == ["job-0", "job-1"]
+
+
+def test_gavel_sends_a_job_to_its_fastest_gpu_type():
+    # ResNet-18 bs64 runs ~3.4x faster on a V100 than a K80 (Gavel's table).
+    result = simulate(trace((0, 100, 1)), "k80:4x4,v100:4x1", "gavel")
+    assert result.jobs[0].gpu_types == "v100"
+    assert throughput(MODEL, ("v100",), 1, math.inf) > throughput(MODEL, ("k80",), 1, math.inf)
+
+
+def random_trace(n, seed, max_gpus=16):
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([1, 1, 1, 2, 4, 8, max_gpus], size=n)
+    submits = np.cumsum(rng.exponential(30, size=n))
+    durations = rng.lognormal(5, 1.2, size=n)
+    return prepare([TraceJob(i, float(s), float(d), int(g)) for i, (s, d, g)
+                    in enumerate(zip(submits, durations, sizes))])
+
+
+@pytest.mark.parametrize("policy", ALL)
+def test_conservation_no_gpu_double_allocated_and_every_job_accounted_for(policy):
+    jobs = random_trace(300, seed=1) + prepare([TraceJob(0, 0, 10, 64)])  # one never fits
+    spec = "v100:8x2,p100:4x3,k80:4x2;rack=2"
+    capacity = {node: int(state_gpus) for node, state_gpus in zip(
+        build_state(parse_cluster_spec(spec)).table.ids,
+        build_state(parse_cluster_spec(spec)).table.gpus)}
+    result = simulate(jobs, spec, policy, check=True, seed=5)
+    statuses = [j.status for j in result.jobs]
+    assert statuses.count(FINISHED) + statuses.count(NEVER_FITS) == len(jobs)
+    assert statuses.count(NEVER_FITS) == 1
+    # Independent sweep over every server: GPUs held never exceed what it has.
+    events = defaultdict(list)
+    for j in result.jobs:
+        if j.status != FINISHED:
+            continue
+        assert j.start >= j.trace.submit_time_s and j.finish > j.start
+        held = [part.rsplit(":", 1) for part in j.nodes.split(";")]
+        assert sum(int(g) for _, g in held) == j.trace.num_gpus
+        for node, g in held:
+            events[node] += [(j.finish, -int(g)), (j.start, int(g))]
+    for node, evs in events.items():
+        level = 0
+        for _, delta in sorted(evs):  # releases sort before starts at the same instant
+            level += delta
+            assert 0 <= level <= capacity[node], node
+    assert 0 < result.metrics["allocation_rate"] <= 1
+    assert 0 < result.metrics["goodput_utilization"] <= result.metrics["allocation_rate"]
+
+
+def test_same_seed_same_replay_and_the_seed_matters_for_random():
+    jobs = random_trace(200, seed=2)
+    spec = "v100:8x3,k80:4x4;rack=2"
+
+    def run(seed):
+        r = simulate(jobs, spec, "random", seed=seed)
+        return [(j.start, j.finish, j.nodes) for j in r.jobs]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+    for policy in ("fifo", "bestfit", "ours", "gavel"):
+        a, b = (simulate(jobs, spec, policy).metrics for _ in range(2))
+        for key in ("mean_jct_s", "p99_jct_s", "makespan_s", "allocation_rate"):
+            assert a[key] == b[key], (policy, key)
+
+
+# -- traces and cluster specs ---------------------------------------------------------------------
+
+def test_canonical_loader_reads_optional_columns(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("submit_time_s,duration_s,num_gpus,model_type,accelerator\n"
+                    "0,100,1,,\n5,50.5,4,LM (batch size 20),v100\n\n")
+    jobs = load_canonical(path)
+    assert [(j.submit_time_s, j.duration_s, j.num_gpus, j.model_type, j.accelerator, j.line)
+            for j in jobs] == [(0, 100, 1, "", "", 2), (5, 50.5, 4, "LM (batch size 20)",
+                                                         "V100", 3)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("submit_time_s,duration_s,num_gpus,user\n0,1,1,x\n", ":1: unknown column(s) 'user'"),
+    ("submit_time_s,num_gpus\n0,1\n", ":1: missing column(s) duration_s"),
+    ("submit_time_s,duration_s,num_gpus\n0,1,1\n3,5,two\n", ":3: num_gpus is not a number"),
+    ("submit_time_s,duration_s,num_gpus\n0,0,1\n", ":2: duration_s must be a finite number > 0"),
+    ("submit_time_s,duration_s,num_gpus\n0,1,1.5\n", ":2: num_gpus must be an integer >= 1"),
+    ("submit_time_s,duration_s,num_gpus\n-1,1,1\n", ":2: submit_time_s must be a finite"),
+    ("submit_time_s,duration_s,num_gpus\n0,1\n", ":2: 2 field(s), the header has 3"),
+    ("submit_time_s,duration_s,num_gpus,accelerator\n0,1,1,Z80\n",
+     ":2: unknown accelerator 'Z80'"),
+    ("submit_time_s,duration_s,num_gpus,model_type\n0,1,1,GPT\n", ":2: unknown model_type"),
+    ("", ":1: empty file"),
+])
+def test_canonical_loader_errors_name_file_and_line(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(TraceError) as e:
+        load_canonical(path)
+    assert str(e.value).startswith(str(path)) and message in str(e.value)
+
+
+def test_philly_loader_and_its_errors(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("timestamp,duration,num_gpus,gpu_time,cluster\n"
+                    "2017-10-09 07:01:55,66.0,1,66.0,a\n2017-10-09 06:01:55,10.0,2,20.0,b\n")
+    jobs = load_philly(path)
+    assert [(j.submit_time_s, j.duration_s, j.num_gpus) for j in jobs] == [(3600, 66, 1),
+                                                                            (0, 10, 2)]
+    assert [j.submit_time_s for j in prepare(jobs)] == [0, 3600]
+    path.write_text("timestamp,duration,num_gpus,gpu_time,cluster\n"
+                    "2017-10-09 07:01:55,66.0,1,66.0,a\n2017/10/09 06:01,10.0,2,20.0,b\n")
+    with pytest.raises(TraceError, match=r"p.csv:3: timestamp is not"):
+        load_philly(path)
+    with pytest.raises(TraceError, match="unknown trace format"):
+        load_trace(path, "swf")
+
+
+def test_bundled_philly_trace_is_complete():
+    jobs = load_philly()
+    assert len(jobs) == 82_247 and sum(j.num_gpus for j in jobs) == 107_235
+
+
+def test_prepare_takes_the_first_jobs_by_submit_time_and_scales_load():
+    jobs = [TraceJob(i, s, 10, 1) for i, s in enumerate([300, 100, 200, 400])]
+    out = prepare(jobs, max_jobs=3, load_scale=2)
+    assert [j.submit_time_s for j in out] == [0, 50, 100] and [j.job_id for j in out] == [0, 1, 2]
+    with pytest.raises(TraceError, match="load-scale"):
+        prepare(jobs, load_scale=0)
+
+
+@pytest.mark.parametrize("text, part", [
+    ("v100:8y40", "v100:8y40"), ("tpu9:8x2", "tpu9:8x2"), ("v100:8x40,k80", "k80"),
+    ("v100:0x4", "v100:0x4"), ("v100:8x4;rack=0", "rack=0"), ("v100:8x4;racks=2", "racks=2"),
+    ("v100:8x4;rack_gbps=fast", "rack_gbps=fast"),
+])
+def test_bad_cluster_spec_names_the_part(text, part):
+    with pytest.raises(ClusterSpecError, match=f"part '{part}'"):
+        parse_cluster_spec(text)
+
+
+def test_cluster_spec_builds_racks_as_network_groups():
+    spec = parse_cluster_spec("V100:8x5,k80:4x3;rack=2;rack_gbps=25;inter_gbps=2")
+    assert spec.total_gpus == 52 and spec.gpus_by_type() == {"v100": 40, "k80": 12}
+    state = build_state(spec)
+    assert len(state.table) == 8 and state.inter_group_gbps == 2
+    assert state.pair_bandwidth_gbps("v100-0000", "v100-0001") == 25
+    assert state.pair_bandwidth_gbps("v100-0001", "v100-0002") == 2  # next rack
+    assert state.pair_bandwidth_gbps("v100-0004", "k80-0000") == 2
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+def test_simulate_cli_writes_jobs_summary_and_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "trace.csv"
+    path.write_text("submit_time_s,duration_s,num_gpus,accelerator\n0,100,2,\n10,50,4,\n"
+                    "20,30,1,V100\n30,10,64,\n")
+    out = tmp_path / "out"
+    assert main(["simulate", "--trace", str(path), "--policy", "all", "--cluster",
+                 "v100:4x1,p100:4x1;rack=1", "--out", str(out), "--quiet"]) == 0
+    stdout = capsys.readouterr().out
+    assert "POLICY" in stdout and "ours" in stdout and "never_fits" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["policies"]) == set(ALL)
+    for m in summary["policies"].values():
+        assert m["jobs"] == 4 and m["jobs_finished"] == 3 and m["jobs_never_fit"] == 1
+    lines = (out / "jobs.csv").read_text().splitlines()
+    assert len(lines) == 1 + 4 * len(ALL)
+    for png in ("jct_cdf.png", "utilization.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cluster", "v100:8"], "part 'v100:8'"),
+    (["--policy", "magic"], "--policy 'magic'"),
+    (["--load-scale", "-1"], "--load-scale must be"),
+])
+def test_simulate_cli_bad_input_is_one_error_line(tmp_path, capsys, args, message):
+    path = tmp_path / "trace.csv"
+    path.write_text("submit_time_s,duration_s,num_gpus\n0,100,2\n")
+    code = main(["simulate", "--trace", str(path), "--out", str(tmp_path / "o"), "--quiet",
+                 "--no-plots", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err
+
+
+def test_simulate_cli_reports_the_bad_trace_line(tmp_path, capsys):
+    path = tmp_path / "trace.csv"
+    path.write_text("submit_time_s,duration_s,num_gpus\n0,100,2\n1,x,1\n")
+    assert main(["simulate", "--trace", str(path), "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 2
+    assert f"{path}:3: duration_s is not a number" in capsys.readouterr().err
