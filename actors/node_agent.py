@@ -20,7 +20,7 @@ import ray
 from actors.probes import (BANDWIDTH_DEFAULT_BYTES, bandwidth_probe_bytes, best_bandwidth_gbps,
                            probe_gpus, probe_host, run_probe)
 from actors.scheduler import NAMESPACE, SCHEDULER_NAME
-from orchestrator.inventory import NodeReport
+from orchestrator.inventory import NodeReport, check_network_labels
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,15 @@ class NodeAgent:
         host = run_probe("host", probe_host, None, errors) or {
             "hostname": "?", "cpu_count": 1, "load_avg_1m": float("inf"),
             "ram_total_bytes": 0, "ram_available_bytes": 0}
+        run_probe("network-labels", lambda: check_network_labels(self.labels), None, errors)
         return NodeReport(node_id=self.node_id, ray_cpus=self.ray_cpus, ray_gpus=self.ray_gpus,
                           gpus=probe_gpus(self.labels, errors), labels=self.labels,
                           probe_errors=errors, bandwidth_gbps=dict(self._bandwidth), **host)
 
     def report_now(self) -> NodeReport:
         report = self.collect()
-        ray.get(self._scheduler().report.remote(report))
+        # Bounded: a scheduler stuck restarting must not freeze this agent's heartbeat.
+        ray.get(self._scheduler().report.remote(report), timeout=30)
         return report
 
     def _scheduler(self):

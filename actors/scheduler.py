@@ -8,6 +8,7 @@ persistence of reservations and queue in Ray's GCS key-value store, so a restart
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -53,12 +54,9 @@ class SchedulerActor:
                                   inter_group_gbps=inter_group_gbps,
                                   max_load_per_cpu=max_load_per_cpu)
         self.store = _GcsStore()
-        saved = self.store.load()
-        self.state.restore_reservations(saved.get("reservations", {}))
-        self.queue = JobQueue.from_dict(saved.get("queue", {}))
-        if saved:
-            log.warning("scheduler restarted: restored %d reservation(s), %d queued job(s)",
-                        len(self.state.reservations), len(self.queue.waiting))
+        self.queue = JobQueue()
+        self.placements: dict[str, Placement] = {}  # every job holding a reservation
+        self._restore()
         # Methods run on Ray's thread and the maintenance loop on its own: one lock.
         self.lock = threading.RLock()
         self.maintain_every_s = maintain_every_s
@@ -74,9 +72,14 @@ class SchedulerActor:
     def place(self, spec: JobSpec, owner: str = "", dry_run: bool = False,
               explain: bool | None = None) -> Placement | Rejection:
         """Place now and reserve for `owner` (the caller's Ray job id), or say why not.
-        Errors come back as data, not exceptions: the caller gets the reasons, no traceback."""
+        Errors come back as data, not exceptions: the caller gets the reasons, no traceback.
+        A retry by the same owner (e.g. Ray re-sending after a scheduler restart) gets the
+        placement it already has."""
         with self.lock:
             self._reclaim_orphans()
+            held = self.placements.get(spec.name)
+            if held is not None and not dry_run and owner and held.owner == owner:
+                return held
             try:
                 placement = place(spec, self.state, now=time.time(), owner=owner,
                                   explain=explain)
@@ -84,43 +87,60 @@ class SchedulerActor:
                 return e.rejection
             if not dry_run:
                 self.state.reserve(spec.name, placement.reservations())
+                self.placements[spec.name] = placement
                 self._persist()
             return placement
 
     def submit(self, spec: JobSpec, owner: str = "") -> Placement | Queued | Rejection:
-        """Place now, or queue the job when it fits the cluster but not its free capacity;
-        reject only what can never fit (or a duplicate name)."""
+        """Place now, or queue the job when it fits the cluster but not its free capacity (or
+        higher-priority jobs wait); reject only what can never fit, or a name in use."""
         with self.lock:
-            decision = self.place(spec, owner)
-            if isinstance(decision, Rejection) and decision.fits_when_free \
-                    and spec.name not in self.queue.waiting:
-                decision = self.queue.add(spec, owner, time.time(),
-                                          decision.message.splitlines()[0])
-                self._persist()
+            if self.queue.holds(spec.name):
+                if owner and self.queue.owner_of(spec.name) == owner:  # a retried call
+                    return self._status(spec.name)
+                return Rejection(spec.name, f"job '{spec.name}' is already queued by another "
+                                            "driver (two launches of the same run?)")
+            if self.queue.outranks(spec):
+                decision = self.place(spec, owner, dry_run=True, explain=False)
+                if isinstance(decision, Placement):
+                    return self._enqueue(spec, owner, "behind higher-priority waiting job(s)")
+            else:
+                decision = self.place(spec, owner)
+            if isinstance(decision, Rejection) and decision.fits_when_free:
+                return self._enqueue(spec, owner, decision.message.splitlines()[0])
             return decision
 
-    def poll(self, job_name: str) -> Placement | Queued | Rejection:
-        """A queued job's state: its placement once made (collected once), else its place in
-        line and what it waits for."""
+    def poll(self, job_name: str, owner: str = "") -> Placement | Queued | Rejection:
+        """A queued job's state: its placement once made, else its place in line and what it
+        waits for, or why it was dropped. Placing happens on releases and the maintenance
+        timer, not here, so polling drivers cannot slow the scheduler down."""
         with self.lock:
-            self._drain()
-            if job_name in self.queue.ready:
-                placement = self.queue.ready.pop(job_name)
+            ready = self.queue.ready.get(job_name)
+            if ready is not None and (not owner or ready.owner == owner):
+                del self.queue.ready[job_name]
                 self._persist()
-                return placement
-            status = self.queue.status(job_name)
-            return status or Rejection(job_name, f"job '{job_name}' is not in the queue")
+                return ready
+            held = self.placements.get(job_name)
+            if held is not None and owner and held.owner == owner:  # a retried poll
+                return held
+            return self._status(job_name)
 
-    def cancel(self, job_name: str) -> bool:
-        """Leave the queue, and release anything placed for the job."""
+    def cancel(self, job_name: str, owner: str = "") -> bool:
+        """Leave the queue and release anything placed for the job; only its owner (or an
+        operator passing no owner) may."""
         with self.lock:
-            found = self.queue.cancel(job_name) | self.state.release(job_name)
+            if owner and self._owner(job_name) not in (owner, None):
+                return False
+            found = self.queue.cancel(job_name) | self._release(job_name)
             self._persist()
             return found
 
-    def release(self, job_name: str) -> bool:
+    def release(self, job_name: str, owner: str = "") -> bool:
+        """The job ended: free what it held (only its owner, or an operator passing no owner)."""
         with self.lock:
-            released = self.state.release(job_name)
+            if owner and self._owner(job_name) not in (owner, None):
+                return False
+            released = self._release(job_name)
             self._drain()
             self._persist()
             return released
@@ -150,7 +170,11 @@ class SchedulerActor:
         with self.lock:
             now = time.time()
             changes = {"dead_by_ray": [], "expired": [], "lost_reservations": []}
-            for node_id in gone & set(self.state.reports) - self.state.dead:
+            # Nodes Ray reports gone, and nodes holding reservations that Ray no longer knows
+            # as alive (e.g. died while the scheduler was restarting, never reported since).
+            holding = {r.node_id for held in self.state.reservations.values() for r in held}
+            for node_id in sorted((gone & set(self.state.reports) - self.state.dead)
+                                  | (holding - alive)):
                 changes["dead_by_ray"].append(node_id)
                 changes["lost_reservations"] += self.state.mark_dead(node_id)
             expired, lost = self.state.expire(now)
@@ -177,13 +201,36 @@ class SchedulerActor:
 
     def _drain(self) -> list[Placement]:
         placed = self.queue.drain(self.state, time.time())
+        for placement in placed:
+            self.placements[placement.job_name] = placement
         if placed:
             self._persist()
         return placed
 
+    def _status(self, job_name: str) -> Queued | Rejection:
+        if job_name in self.queue.rejected:
+            return self.queue.rejected.pop(job_name)
+        return self.queue.status(job_name) or Rejection(
+            job_name, f"job '{job_name}' is not in the queue")
+
+    def _enqueue(self, spec: JobSpec, owner: str, reason: str) -> Queued:
+        queued = self.queue.add(spec, owner, time.time(), reason)
+        self._persist()
+        return queued
+
+    def _owner(self, job_name: str) -> str | None:
+        held = self.placements.get(job_name)
+        return held.owner if held is not None else self.queue.owner_of(job_name)
+
+    def _release(self, job_name: str) -> bool:
+        self.placements.pop(job_name, None)
+        return self.state.release(job_name)
+
     def _reclaim_orphans(self) -> list[str]:
         dead = _dead_drivers()
         released = self.state.release_orphans(dead)
+        for job in released:
+            self.placements.pop(job, None)
         dropped = self.queue.drop_owners(dead)
         if released or dropped:
             log.warning("driver(s) died: released %s, dropped from queue %s", released, dropped)
@@ -191,8 +238,33 @@ class SchedulerActor:
         return released
 
     def _persist(self) -> None:
-        self.store.save({"reservations": self.state.reservations_to_dict(),
-                         "queue": self.queue.to_dict()})
+        self.store.save({
+            "reservations": self.state.reservations_to_dict(),
+            "queue": self.queue.to_dict(),
+            "placements": {name: dataclasses.asdict(p) for name, p in self.placements.items()},
+        })
+
+    def _restore(self) -> None:
+        """Reload what a previous incarnation promised. A part that cannot be read (corrupt,
+        or from an older version) is logged and skipped: the scheduler must still start."""
+        try:
+            saved = self.store.load()
+        except Exception as e:
+            log.error("scheduler state in the GCS is unreadable, starting empty: %s", e)
+            return
+        parts = (("reservations", self.state.restore_reservations),
+                 ("queue", lambda d: setattr(self, "queue", JobQueue.from_dict(d))),
+                 ("placements", lambda d: self.placements.update(
+                     {n: Placement(**{**p, "worker_nodes": tuple(p["worker_nodes"])})
+                      for n, p in d.items() if n in self.state.reservations})))
+        for key, restore in parts:
+            try:
+                restore(saved.get(key, {}))
+            except Exception as e:
+                log.error("cannot restore scheduler %s, skipping it: %s", key, e)
+        if saved:
+            log.warning("scheduler restarted: restored %d reservation(s), %d queued job(s)",
+                        len(self.state.reservations), len(self.queue.waiting))
 
 
 def _ray_nodes() -> tuple[set[str], set[str]]:

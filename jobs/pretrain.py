@@ -187,14 +187,14 @@ def _place(scheduler, spec: JobSpec, queue_timeout_s: float):
     deadline, last_said = time.monotonic() + queue_timeout_s, 0.0
     while isinstance(decision, Queued):
         if time.monotonic() >= deadline:
-            ray.get(scheduler.cancel.remote(spec.name))
+            ray.get(scheduler.cancel.remote(spec.name, owner))
             raise JobFailed(f"gave up after waiting {queue_timeout_s:g}s in the queue "
                             f"(--queue-timeout): {decision.reason}", EXIT_NOT_PLACEABLE)
         if time.monotonic() - last_said >= 30:
             print(f"queued ({decision.position} in line): {decision.reason}", flush=True)
             last_said = time.monotonic()
         time.sleep(2)
-        decision = ray.get(scheduler.poll.remote(spec.name))
+        decision = ray.get(scheduler.poll.remote(spec.name, owner))
     if isinstance(decision, Rejection):
         raise JobFailed(decision.message, EXIT_NOT_PLACEABLE)
     counts = Counter(decision.worker_nodes)
@@ -211,7 +211,8 @@ def _release(scheduler, job_name: str) -> None:
     import ray
 
     try:
-        ray.get(scheduler.release.remote(job_name), timeout=30)
+        owner = ray.get_runtime_context().get_job_id()
+        ray.get(scheduler.release.remote(job_name, owner), timeout=30)
     except Exception as e:
         print(f"warning: could not release the reservation of {job_name}: {e}", file=sys.stderr)
 

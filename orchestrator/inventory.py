@@ -346,6 +346,21 @@ class NodeTable:
         return float(self.group_gbps[self.index[node_id]])
 
 
+def check_network_labels(labels: dict[str, str]) -> None:
+    """Raise ValueError naming the label when the network-group bandwidth label is not a
+    positive finite number (placement then ignores it, treating the group as undeclared)."""
+    raw = labels.get(LABEL_NETWORK_GBPS)
+    if raw is None:
+        return
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"node label {LABEL_NETWORK_GBPS}={raw!r}: must be a positive number "
+                         "of GB/s; ignored")
+
+
 def _float_label(labels: dict[str, str], key: str) -> float:
     try:
         value = float(labels.get(key, 0) or 0)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from orchestrator.config import JobSpec
 from orchestrator.inventory import ClusterState
-from orchestrator.placement import Placement, PlacementError, Queued, place
+from orchestrator.placement import Placement, PlacementError, Queued, Rejection, place
 
 
 @dataclass
@@ -26,6 +26,22 @@ class JobQueue:
     def __init__(self) -> None:
         self.waiting: dict[str, QueuedJob] = {}
         self.ready: dict[str, Placement] = {}  # placed from the queue, not yet collected
+        self.rejected: dict[str, Rejection] = {}  # can no longer ever fit (the cluster shrank)
+
+    def holds(self, job_name: str) -> bool:
+        return job_name in self.waiting or job_name in self.ready
+
+    def owner_of(self, job_name: str) -> str | None:
+        if job_name in self.waiting:
+            return self.waiting[job_name].owner
+        if job_name in self.ready:
+            return self.ready[job_name].owner
+        return None
+
+    def outranks(self, spec: JobSpec) -> bool:
+        """Does a waiting job of higher priority come before `spec`? Then spec must queue
+        behind it rather than jump ahead by being submitted later."""
+        return any(j.spec.priority > spec.priority for j in self.waiting.values())
 
     def add(self, spec: JobSpec, owner: str, now: float, reason: str) -> Queued:
         self.waiting[spec.name] = QueuedJob(spec, owner, now, reason)
@@ -45,9 +61,13 @@ class JobQueue:
         placed = []
         for job in self._order():
             try:
-                placement = place(job.spec, state, now, owner=job.owner)
+                placement = place(job.spec, state, now, owner=job.owner, explain=False)
             except PlacementError as e:
-                job.reason = e.rejection.message.splitlines()[0]
+                if not e.rejection.fits_when_free:  # nodes left for good: it never will
+                    self.rejected[job.spec.name] = e.rejection
+                    del self.waiting[job.spec.name]
+                else:
+                    job.reason = e.rejection.message.splitlines()[0]
                 continue
             state.reserve(job.spec.name, placement.reservations())
             del self.waiting[job.spec.name]
@@ -56,13 +76,19 @@ class JobQueue:
         return placed
 
     def cancel(self, job_name: str) -> bool:
-        return (self.waiting.pop(job_name, None) or self.ready.pop(job_name, None)) is not None
+        found = self.holds(job_name) or job_name in self.rejected
+        for pending in (self.waiting, self.ready, self.rejected):
+            pending.pop(job_name, None)
+        return found
 
     def drop_owners(self, dead_owners: set[str]) -> list[str]:
-        """Forget waiting jobs whose driver died: nobody will collect their placement."""
+        """Forget jobs whose driver died, waiting or placed but not collected: nobody will
+        collect them (their reservations are released by the caller)."""
         gone = [name for name, job in self.waiting.items() if job.owner in dead_owners]
+        gone += [name for name, p in self.ready.items() if p.owner in dead_owners]
         for name in gone:
-            del self.waiting[name]
+            self.waiting.pop(name, None)
+            self.ready.pop(name, None)
         return gone
 
     def to_dict(self) -> dict:

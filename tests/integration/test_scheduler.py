@@ -87,3 +87,15 @@ def test_a_job_waits_in_the_queue_until_capacity_is_released(cluster, scheduler)
     ray.get(scheduler.release.remote("holder"))
     placed = ray.get(scheduler.poll.remote("waiter"))
     assert isinstance(placed, Placement) and placed.nodes == [cluster["t4"]]
+
+
+def test_one_run_name_cannot_be_taken_or_freed_by_another_driver(cluster, scheduler):
+    mine = ray.get(scheduler.submit.remote(JobSpec("named", num_workers=1), "driver-a"))
+    assert isinstance(mine, Placement)
+    # The same driver retrying (e.g. Ray re-sending after a restart) gets the same answer.
+    assert ray.get(scheduler.submit.remote(JobSpec("named", num_workers=1), "driver-a")) == mine
+    theirs = ray.get(scheduler.submit.remote(JobSpec("named", num_workers=1), "driver-b"))
+    assert isinstance(theirs, Rejection) and "already holds a reservation" in theirs.message
+    assert not ray.get(scheduler.release.remote("named", "driver-b"))  # not theirs to free
+    assert "named" in ray.get(scheduler.snapshot.remote())["reservations"]
+    assert ray.get(scheduler.release.remote("named", "driver-a"))

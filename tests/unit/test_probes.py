@@ -177,3 +177,12 @@ def test_bandwidth_payload_is_bounded():
     assert bandwidth_probe_bytes(8 * 1024 ** 2) == 8 * 1024 ** 2
     assert bandwidth_probe_bytes(10 ** 12) == BANDWIDTH_MAX_BYTES == 256 * 1024 ** 2
     assert bandwidth_probe_bytes(0) == bandwidth_probe_bytes(-5) == 1
+
+
+def test_a_malformed_network_bandwidth_label_is_named():
+    from orchestrator.inventory import LABEL_NETWORK_GBPS, check_network_labels
+
+    check_network_labels({LABEL_NETWORK_GBPS: "50"})
+    for bad in ("fast", "-5", "nan"):
+        with pytest.raises(ValueError, match=LABEL_NETWORK_GBPS):
+            check_network_labels({LABEL_NETWORK_GBPS: bad})
