@@ -309,3 +309,18 @@ def test_simulate_cli_reports_the_bad_trace_line(tmp_path, capsys):
     assert main(["simulate", "--trace", str(path), "--out", str(tmp_path / "o"),
                  "--quiet"]) == 2
     assert f"{path}:3: duration_s is not a number" in capsys.readouterr().err
+
+
+def test_simulate_never_imports_ray(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "trace.csv"
+    path.write_text("submit_time_s,duration_s,num_gpus\n0,100,2\n")
+    code = ("import sys; from orchestrator.__main__ import main; "
+            f"rc = main(['simulate', '--trace', {str(path)!r}, '--out', {str(tmp_path / 'o')!r}, "
+            "'--quiet', '--no-plots', '--policy', 'ours']); "
+            "assert 'ray' not in sys.modules, 'ray imported'; sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
