@@ -17,7 +17,7 @@ class RunDirError(ValueError):
 
 
 def has_checkpoints(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(run_dir.glob("checkpoint_*"))
+    return run_dir.is_dir() and any(p.is_dir() for p in run_dir.glob("checkpoint_*"))
 
 
 def new_run_dir(root: Path, prefix: str, now: dt.datetime) -> Path:

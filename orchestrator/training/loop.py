@@ -98,6 +98,29 @@ def _checkpoint_state(model, optimizer, scaler, config: TrainConfig, step: int,
     }
 
 
+def _newest_usable_checkpoint(directories: list[str], config: TrainConfig, rank: int
+                              ) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint that loads and verifies, falling back past corrupt ones with a
+    warning. A checkpoint of another run config is an error, not something to skip."""
+    problems = []
+    for directory in directories:
+        try:
+            state = load_checkpoint(directory)
+        except CheckpointError as e:
+            problems.append(str(e))
+            if rank == 0:
+                say(f"warning: {e}; falling back to the previous checkpoint")
+            continue
+        conflicts = resume_conflicts(state["config"], config)
+        if conflicts:
+            raise CheckpointError(f"checkpoint {directory} was written by a different run "
+                                  f"config: {'; '.join(conflicts)}")
+        return directory, state
+    if problems:
+        raise CheckpointError("no usable checkpoint to resume from: " + " | ".join(problems))
+    return None
+
+
 def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     """Train until `config.max_steps`, resuming from the session's latest checkpoint.
 
@@ -111,19 +134,16 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     optimizer = build_optimizer(model, config)
     scaler = precision.grad_scaler()
     step, tokens_seen = 0, 0
-    with session.latest_checkpoint() as checkpoint_dir:
-        if checkpoint_dir:
-            state = load_checkpoint(checkpoint_dir)
-            conflicts = resume_conflicts(state["config"], config)
-            if conflicts:
-                raise CheckpointError(f"checkpoint {checkpoint_dir} was written by a different "
-                                      f"run config: {'; '.join(conflicts)}")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            step, tokens_seen = state["step"], state["tokens_seen"]
-            if session.world_rank == 0:
-                say(f"resumed from step {step} ({checkpoint_dir})")
+    with session.checkpoint_dirs() as checkpoint_dirs:
+        found = _newest_usable_checkpoint(checkpoint_dirs, config, session.world_rank)
+    if found is not None:
+        checkpoint_dir, state = found
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        if session.world_rank == 0:
+            say(f"resumed from step {step} ({checkpoint_dir})")
     wrapped = session.prepare_model(model)
     tokens_per_step = config.batch_size * config.seq_len * session.world_size
     if session.world_rank == 0:

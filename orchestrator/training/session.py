@@ -19,8 +19,9 @@ class TrainSession(Protocol):
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Move to the device and wrap for data parallelism when there are several workers."""
 
-    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
-        """A directory holding the checkpoint to resume from, or None for a fresh start."""
+    def checkpoint_dirs(self) -> contextlib.AbstractContextManager[list[str]]:
+        """Directories of the checkpoints to resume from, newest first ([] = fresh start).
+        Older ones are there so a corrupt newest checkpoint can fall back to a good one."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         """Publish metrics (every rank calls this); rank 0 may attach a checkpoint directory."""
@@ -43,12 +44,11 @@ class LocalSession:
         return model.to(self.device)
 
     def checkpoints(self) -> list[Path]:
-        return sorted(self.run_dir.glob("checkpoint_*"))
+        return sorted(p for p in self.run_dir.glob("checkpoint_*") if p.is_dir())
 
     @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[str | None]:
-        found = self.checkpoints()
-        yield str(found[-1]) if found else None
+    def checkpoint_dirs(self) -> Iterator[list[str]]:
+        yield [str(p) for p in reversed(self.checkpoints())]
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         self.reports.append(dict(metrics))
@@ -87,15 +87,27 @@ class RayTrainSession:
         return ray.train.torch.prepare_model(model)
 
     @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[str | None]:
+    def checkpoint_dirs(self) -> Iterator[list[str]]:
+        """Ray Train's latest checkpoint first, then, on local or shared-filesystem storage,
+        the older ones it kept beside it (newest first). On remote storage (S3, GCS) only the
+        latest is fetched."""
+        import pyarrow.fs
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            yield None
+            yield []
+            return
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            latest = Path(checkpoint.path)
+            # Ray names checkpoints by timestamp (name order is age order) and keeps its
+            # checkpoint_manager_snapshot.json beside them: directories only.
+            older = sorted((p for p in latest.parent.glob("checkpoint_*")
+                            if p.is_dir() and p != latest), reverse=True)
+            yield [str(latest)] + [str(p) for p in older]
             return
         with checkpoint.as_directory() as directory:
-            yield directory
+            yield [directory]
 
     def worker_nodes(self) -> list[str]:
         """Node id of every worker, by rank, so the launcher can check workers landed where

@@ -62,3 +62,15 @@ def test_unplaceable_job_is_refused_with_reasons(cluster, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "needs 50 worker(s)" in err and "room for 8 worker(s)" in err
     assert "Traceback" not in err
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_under_ray_train(first_run):
+    # Runs after test_resume_continues_the_step_count: checkpoints at steps 2, 4, 6 are kept.
+    checkpoints = sorted(p for p in first_run.glob("checkpoint_*") if p.is_dir())
+    latest = checkpoints[-1] / "state.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    code = pretrain.main([*TINY, "--num-workers", "2", "--max-steps", "8",
+                          "--checkpoint-every", "2", "--run-dir", str(first_run), "--resume"])
+    assert code == 0
+    summary = read_summary(first_run)
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == 8

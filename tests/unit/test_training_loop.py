@@ -143,3 +143,22 @@ def test_checkpoint_carrying_code_is_never_unpickled(tmp_path):
     save_checkpoint(tmp_path, {"step": 1, "payload": Evil()})  # checksum matches the payload
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
         load_checkpoint(tmp_path)
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_path, capsys):
+    session = LocalSession(tmp_path, keep=3, device=CPU)
+    train(tiny(max_steps=20), session)  # checkpoints at 10 and 20
+    latest = session.checkpoints()[-1] / "state.pt"
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated, like a crash mid-copy
+    metrics = train(tiny(max_steps=30), session)
+    assert metrics["start_step"] == 10 and metrics["step"] == 30
+    assert "state.pt is corrupt" in capsys.readouterr().out
+
+
+def test_when_every_checkpoint_is_corrupt_training_refuses_to_start_over(tmp_path):
+    session = LocalSession(tmp_path, device=CPU)
+    train(tiny(max_steps=10), session)
+    for checkpoint in session.checkpoints():
+        (checkpoint / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        train(tiny(max_steps=20), session)
