@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator.config import ACCELERATOR_SPEED
 from orchestrator.inventory import (GIB, LABEL_NETWORK_GBPS, LABEL_NETWORK_GROUP, ClusterState,
                                     GpuInfo, NodeReport)
 
@@ -62,16 +63,16 @@ class GpuType:
     speed_vs_v100: float = 1.0  # compute speed-up over a V100, for derived types
 
 
-# Derived speed factors (training throughput vs a V100, mixed precision, typical published
-# figures rounded down): A100 ~2.2x, H100 ~2x an A100, T4 ~0.4x, L4 ~0.6x.
+# Derived speed factors for types Gavel did not measure: config.ACCELERATOR_SPEED, the same
+# table the live placement prefers faster hardware by.
 GPU_TYPES: dict[str, GpuType] = {
     "k80": GpuType("K80", "Tesla K80", 12.0, "k80"),
     "p100": GpuType("P100", "Tesla P100-PCIE-16GB", 16.0, "p100"),
     "v100": GpuType("V100", "Tesla V100-SXM2-32GB", 32.0, "v100"),
-    "t4": GpuType("T4", "Tesla T4", 16.0, "", 0.4),
-    "l4": GpuType("L4", "NVIDIA L4", 24.0, "", 0.6),
-    "a100": GpuType("A100", "NVIDIA A100-SXM4-80GB", 80.0, "", 2.2),
-    "h100": GpuType("H100", "NVIDIA H100 80GB HBM3", 80.0, "", 4.4),
+    "t4": GpuType("T4", "Tesla T4", 16.0, "", ACCELERATOR_SPEED["T4"]),
+    "l4": GpuType("L4", "NVIDIA L4", 24.0, "", ACCELERATOR_SPEED["L4"]),
+    "a100": GpuType("A100", "NVIDIA A100-SXM4-80GB", 80.0, "", ACCELERATOR_SPEED["A100"]),
+    "h100": GpuType("H100", "NVIDIA H100 80GB HBM3", 80.0, "", ACCELERATOR_SPEED["H100"]),
 }
 FAMILY_TO_TYPE = {t.family: key for key, t in GPU_TYPES.items()}
 CPUS_PER_GPU = 8

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import numpy as np
 
-from orchestrator.config import ACCELERATOR_FAMILIES
+from orchestrator.config import ACCELERATOR_FAMILIES, ACCELERATOR_SPEED
 
 GIB = 1024 ** 3
 
@@ -278,6 +278,7 @@ class NodeTable:
         self.last_seen = np.full(n, -np.inf)
         self.group = np.zeros(n, dtype=np.int64)
         self.group_gbps = np.zeros(n)
+        self.speed = np.zeros(n)  # relative accelerator speed (0 for CPU-only nodes)
         self.dead = np.zeros(n, dtype=bool)
         self.reserved_cpus = np.zeros(n)
         self.reserved_gpus = np.zeros(n, dtype=np.int64)
@@ -297,7 +298,7 @@ class NodeTable:
         return row
 
     def _grow_rows(self, n: int) -> None:
-        for name in ("cpus", "gpus", "family", "load", "group", "group_gbps", "dead",
+        for name in ("cpus", "gpus", "family", "load", "group", "group_gbps", "speed", "dead",
                      "reserved_cpus", "reserved_gpus", "last_seen", *self._GPU_COLUMNS):
             old = getattr(self, name)
             fill = -np.inf if name == "last_seen" or name in self._GPU_COLUMNS else 0
@@ -321,6 +322,7 @@ class NodeTable:
             column[row, :len(values)] = values
         family = accelerator_family(report.gpus[0].name) if report.gpus else ""
         self.family[row] = self.families.setdefault(family, len(self.families))
+        self.speed[row] = ACCELERATOR_SPEED.get(family, 1.0 if report.gpus else 0.0)
         self.load[row] = report.load_per_cpu
         self.last_seen[row] = now
         # Nodes without a network-group label are each a group of their own.

@@ -13,9 +13,11 @@ Choice, in order of importance:
 3. best connected: a multi-node job stays inside one network group (rack, switch) when one
    can hold it, preferring the group with the highest bandwidth, and always meets the
    job's bandwidth floor between every pair of nodes;
-4. best fit: the tightest node or group that holds the job, so big nodes stay whole for
+4. preferred hardware: for GPU jobs the faster accelerator family (config.ACCELERATOR_SPEED),
+   for CPU jobs nodes without GPUs;
+5. best fit: the tightest node or group that holds the job, so big nodes stay whole for
    big jobs (no fragmentation);
-5. least loaded, as the tie-break.
+6. least loaded, as the tie-break.
 """
 from __future__ import annotations
 
@@ -120,10 +122,12 @@ def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
 
 # -- choosing among nodes that fit --------------------------------------------------------------
 
-def _take(rows: np.ndarray, capacity: np.ndarray, load: np.ndarray, workers: int) -> list[int]:
+def _take(rows: np.ndarray, capacity: np.ndarray, load: np.ndarray, workers: int,
+          preference: np.ndarray) -> list[int]:
     """Fewest rows holding `workers`, without spending a big node on a small remainder: while
-    no single row can take what is left, take the largest; then the tightest that can."""
-    order = rows[np.lexsort((load[rows], -capacity[rows]))]  # largest first, least loaded
+    no single row can take what is left, take the largest (preferred hardware, then least
+    loaded, among equals); then the tightest that can."""
+    order = rows[np.lexsort((load[rows], -preference[rows], -capacity[rows]))]
     chosen, left = [], workers
     for i, row in enumerate(order):
         if capacity[row] >= left:
@@ -142,21 +146,22 @@ def _bottleneck(state: ClusterState, node_ids: list[str]) -> float:
     return min(state.pair_bandwidth_gbps(a, b) for a, b in combinations(node_ids, 2))
 
 
-def _group_options(spec: JobSpec, state: ClusterState, capacity: np.ndarray,
-                   candidates: np.ndarray, max_groups: int = 8):
+def _group_options(state: ClusterState, workers: int, capacity: np.ndarray,
+                   candidates: np.ndarray, preference: np.ndarray, max_groups: int = 8):
     """Network groups that can hold the whole job, best first: highest declared bandwidth,
-    then tightest total capacity (best fit), then least load."""
+    then preferred hardware, then tightest total capacity (best fit), then least load."""
     t = state.table
     groups = t.group[candidates]
     totals = np.bincount(groups, weights=capacity[candidates])
-    ok = np.flatnonzero(totals >= spec.num_workers)
+    ok = np.flatnonzero(totals >= workers)
     if len(ok) == 0:
         return []
     gbps = np.zeros(len(totals))
     np.maximum.at(gbps, groups, t.group_gbps[candidates])
-    load = np.bincount(groups, weights=t.load[candidates]) / np.maximum(
-        np.bincount(groups), 1)
-    ranked = ok[np.lexsort((load[ok], totals[ok], -gbps[ok]))][:max_groups]
+    counts = np.maximum(np.bincount(groups), 1)
+    load = np.bincount(groups, weights=t.load[candidates]) / counts
+    preferred = np.bincount(groups, weights=preference[candidates]) / counts
+    ranked = ok[np.lexsort((load[ok], totals[ok], -preferred[ok], -gbps[ok]))][:max_groups]
     return [candidates[groups == g] for g in ranked]
 
 
@@ -164,19 +169,24 @@ def _choose(spec: JobSpec, state: ClusterState, capacity: np.ndarray
             ) -> tuple[list[int], float] | None:
     """Rows to use and their bottleneck bandwidth, or None if the bandwidth floor cannot be met."""
     t = state.table
+    n = len(t)
+    # GPU jobs prefer faster accelerators; CPU jobs prefer nodes without GPUs, leaving GPU
+    # nodes' CPUs to the GPU jobs that need them.
+    preference = t.speed[:n] if spec.gpus_per_worker else -(t.gpus[:n] > 0).astype(float)
     candidates = np.flatnonzero(capacity > 0)
     single = candidates[capacity[candidates] >= spec.num_workers]
     if len(single):
-        tightest = single[capacity[single] == capacity[single].min()]
+        fastest = single[preference[single] == preference[single].max()]
+        tightest = fastest[capacity[fastest] == capacity[fastest].min()]
         return [int(tightest[np.argmin(t.load[tightest])])], INTRA_NODE
     # Multi-node: inside one network group when one can hold it (best connected first)...
-    for rows in _group_options(spec, state, capacity, candidates):
-        chosen = _take(rows, capacity, t.load, spec.num_workers)
+    for rows in _group_options(state, spec.num_workers, capacity, candidates, preference):
+        chosen = _take(rows, capacity, t.load, spec.num_workers, preference)
         bottleneck = _bottleneck(state, [t.ids[r] for r in chosen])
         if bottleneck >= spec.min_bandwidth_gbps:
             return chosen, bottleneck
     # ...else across groups: fewest nodes overall.
-    chosen = _take(candidates, capacity, t.load, spec.num_workers)
+    chosen = _take(candidates, capacity, t.load, spec.num_workers, preference)
     bottleneck = _bottleneck(state, [t.ids[r] for r in chosen])
     return (chosen, bottleneck) if bottleneck >= spec.min_bandwidth_gbps else None
 

@@ -215,3 +215,12 @@ def test_a_memory_floor_blocked_by_busy_gpus_waits_rather_than_fails():
 def test_a_tiny_cpu_request_is_refused_not_overflowed():
     with pytest.raises(ConfigError, match="cpus_per_worker"):
         JobSpec("j", cpus_per_worker=1e-300)
+
+
+def test_gpu_jobs_prefer_faster_accelerators_cpu_jobs_avoid_gpu_nodes():
+    state = cluster(typed(node("k80", cpus=8, gpus=4), "Tesla K80"),
+                    typed(node("v100", cpus=8, gpus=8), "Tesla V100-SXM2-32GB"),
+                    node("cpu", cpus=8))
+    # Best fit alone would pick the 4-GPU K80 node; the V100 is ~4x faster.
+    assert place(JobSpec("g", gpus_per_worker=1), state, NOW).nodes == ["v100"]
+    assert place(JobSpec("c", num_workers=2), state, NOW).nodes == ["cpu"]
