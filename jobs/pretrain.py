@@ -275,6 +275,9 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         "final_loss": metrics.get("loss"),
         "held_out_loss": metrics.get("held_out_loss"),
         "tokens_per_s": metrics.get("run_tokens_per_s"),
+        "mfu": metrics.get("mfu"),  # last logging interval
+        "comm_share": metrics.get("comm_share"),
+        "peak_memory_bytes": metrics.get("peak_memory_bytes"),
         "precision": metrics.get("precision"),
         "model_size": train_config.model_size,
         "num_workers": len(placement.worker_nodes),
@@ -291,7 +294,10 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
     print(f"\ntrained {summary['steps']} steps in {summary['precision']} on "
           f"{summary['num_workers']} worker(s): loss {summary['first_loss']:.3f} -> "
           f"{summary['final_loss']:.3f} (held-out {summary['held_out_loss']:.3f}), "
-          f"{summary['tokens_per_s']:,.0f} tokens/s")
+          f"{summary['tokens_per_s']:,.0f} tokens/s"
+          + (f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else "")
+          + (f", all-reduce {summary['comm_share']:.0%} of step time"
+             if summary["comm_share"] is not None else ""))
     if not summary["placement_honoured"]:
         print(f"warning: workers ran on {actual}, not where placed: {placement.worker_nodes}",
               file=sys.stderr)

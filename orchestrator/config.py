@@ -170,6 +170,10 @@ class TrainConfig:
     eval_batches: int = 8
     seed: int = 1337
     dropout: float = 0.0
+    # Warn when MFU falls below / all-reduce share or memory fraction rise above these.
+    warn_min_mfu: float = 0.45
+    warn_max_comm_share: float = 0.15
+    warn_max_memory_fraction: float = 0.90
 
     def __post_init__(self) -> None:
         self.validate()
@@ -198,6 +202,10 @@ class TrainConfig:
                f"grad_clip must be a number >= 0 (0 disables clipping), got {self.grad_clip!r}")
         _check(p, _is_number(self.dropout) and 0 <= self.dropout < 1,
                f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        for name in ("warn_min_mfu", "warn_max_comm_share", "warn_max_memory_fraction"):
+            value = getattr(self, name)
+            _check(p, _is_number(value) and 0 <= value <= 1,
+                   f"{name} must be a fraction in [0, 1], got {value!r}")
         if not p:
             preset = MODEL_PRESETS[self.model_size]
             _check(p, preset["n_embd"] % preset["n_head"] == 0,
@@ -223,7 +231,8 @@ class TrainConfig:
 # Fields a resumed run may change: they do not alter what the checkpoint's weights mean or
 # which batches come next (max_steps extends the run; the rest are bookkeeping or hardware).
 RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-                               "eval_batches", "precision"})
+                               "eval_batches", "precision", "warn_min_mfu",
+                               "warn_max_comm_share", "warn_max_memory_fraction"})
 
 
 def resume_conflicts(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:

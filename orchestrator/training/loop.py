@@ -20,6 +20,9 @@ from orchestrator.config import TrainConfig, resume_conflicts
 from orchestrator.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from orchestrator.training.data import (VOCAB_SIZE, get_batch, load_corpus, split_corpus,
                                         stream_seed)
+from orchestrator.training.metrics import (CommTimer, Thresholds, flops_per_token,
+                                           gpu_peak_flops, measure_cpu_peak_flops, mfu,
+                                           peak_memory, warnings_for)
 from orchestrator.training.model import GPT, GPTConfig
 from orchestrator.training.precision import Precision, resolve_precision
 from orchestrator.training.session import TrainSession
@@ -145,6 +148,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         if session.world_rank == 0:
             say(f"resumed from step {step} ({checkpoint_dir})")
     wrapped = session.prepare_model(model)
+    efficiency = Efficiency(config, model, precision, device, wrapped)
     tokens_per_step = config.batch_size * config.seq_len * session.world_size
     if session.world_rank == 0:
         say(f"training {config.model_size} GPT ({model.num_params() / 1e6:.2f}M params) "
@@ -202,15 +206,59 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
                 "skipped_steps": skipped_steps,
                 "world_size": session.world_size,
+                **efficiency.measure(interval_steps * tokens_per_step / elapsed, elapsed,
+                                     session.world_size),
             }
             if step == config.max_steps:
                 metrics["held_out_loss"] = evaluate(model, held_out_tokens, config,
                                                     precision, device)
+            if session.world_rank == 0:
+                efficiency.warn(metrics)
             _publish(session, metrics, checkpoint_due,
                      lambda: _checkpoint_state(model, optimizer, scaler, config, step,
                                                tokens_seen))
             interval_start, interval_steps, loss_sum = time.perf_counter(), 0, 0.0
     return metrics
+
+
+class Efficiency:
+    """MFU, all-reduce share and peak memory per logging interval; warns (rank 0, once per
+    kind per run) when a figure crosses its threshold."""
+
+    def __init__(self, config: TrainConfig, model: GPT, precision: Precision,
+                 device: torch.device, wrapped: torch.nn.Module) -> None:
+        c = model.config
+        self.flops_per_token = flops_per_token(model.num_params(), c.n_layer, c.n_embd,
+                                               config.seq_len)
+        self.peak_flops = (gpu_peak_flops(torch.cuda.get_device_name(device), precision.name)
+                           if device.type == "cuda" else measure_cpu_peak_flops())
+        self.device = device
+        self.thresholds = Thresholds(config.warn_min_mfu, config.warn_max_comm_share,
+                                     config.warn_max_memory_fraction)
+        self.comm = None
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            self.comm = CommTimer()
+            self.comm.attach(wrapped)
+        self.warned: set[str] = set()
+
+    def measure(self, tokens_per_s: float, elapsed_s: float, world_size: int) -> dict[str, Any]:
+        used, capacity = peak_memory(self.device)
+        figures = {
+            # Per device: each worker's share of the tokens over one device's peak.
+            "mfu": (mfu(tokens_per_s / world_size, self.flops_per_token, self.peak_flops)
+                    if self.peak_flops else None),
+            "comm_share": self.comm.take() / elapsed_s if self.comm else None,
+            "peak_memory_bytes": used,
+            "memory_fraction": used / capacity,
+        }
+        return figures
+
+    def warn(self, metrics: dict[str, Any]) -> None:
+        for warning in warnings_for(metrics, self.thresholds):
+            kind = warning.split()[0]
+            if kind not in self.warned:
+                self.warned.add(kind)
+                say(f"warning: {warning} (reported once per run)")
 
 
 def _publish(session: TrainSession, metrics: dict[str, Any], checkpoint_due: bool,
@@ -219,6 +267,10 @@ def _publish(session: TrainSession, metrics: dict[str, Any], checkpoint_due: boo
     if session.world_rank == 0:
         line = (f"step {metrics['step']:>6} | loss {metrics['loss']:.4f} | "
                 f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:,.0f} tok/s")
+        if metrics.get("mfu") is not None:
+            line += f" | MFU {metrics['mfu']:.1%}"
+        if metrics.get("comm_share") is not None:
+            line += f" | comm {metrics['comm_share']:.0%}"
         if "held_out_loss" in metrics:
             line += f" | held-out loss {metrics['held_out_loss']:.4f}"
         say(line)

@@ -30,6 +30,8 @@ def test_loss_falls(tmp_path):
     assert metrics["loss"] < metrics["first_loss"] - 1.0
     assert metrics["precision"] == "fp32"
     assert [r["step"] for r in session.reports] == [10, 20, 30, 40]
+    assert 0 < metrics["mfu"] < 1 and 0 < metrics["memory_fraction"] < 1
+    assert metrics["comm_share"] is None  # one process: no all-reduce
 
 
 def test_checkpoints_keep_the_last_k(tmp_path):

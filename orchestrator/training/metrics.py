@@ -1,0 +1,125 @@
+"""Training efficiency figures: MFU, communication share, memory, and their alert thresholds.
+
+MFU (model FLOPs utilisation) follows PaLM (Chowdhery et al. 2022, appendix B): a decoder
+needs 6N + 12·L·H·Q·T FLOPs per trained token (N non-embedding parameters, L layers, H heads
+of size Q, context T), so achieved FLOP/s = that × tokens/s, over the device's peak.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+# Dense peak TFLOP/s per GPU by precision, from NVIDIA's datasheets (SXM parts; no sparsity).
+# Matched by substring of the CUDA device name, first match wins (so "H100" before "A100").
+GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6}),
+    ("A10G", {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2}),
+    ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),
+    ("T4", {"fp16": 65.0, "fp32": 8.1}),
+)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When to warn: MFU below, communication share above, memory fraction above."""
+
+    min_mfu: float = 0.45
+    max_comm_share: float = 0.15
+    max_memory_fraction: float = 0.90
+
+
+def flops_per_token(n_params_non_embedding: int, n_layer: int, n_embd: int,
+                    context: int) -> int:
+    """PaLM's training FLOPs per token: 6N + 12·L·(H·Q)·T, with H·Q = the model width."""
+    return 6 * n_params_non_embedding + 12 * n_layer * n_embd * context
+
+
+def gpu_peak_flops(device_name: str, precision: str) -> float | None:
+    """Datasheet peak for a CUDA device name, or None when the table does not know it."""
+    for key, peaks in GPU_PEAK_TFLOPS:
+        if key in device_name.upper() and precision in peaks:
+            return peaks[precision] * 1e12
+    return None
+
+
+def measure_cpu_peak_flops(size: int = 512, repeats: int = 5) -> float:
+    """A CPU has no datasheet figure we can trust across machines: time the best of a few
+    fp32 matmuls of the thread count this process uses (2·n³ FLOPs each)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up: first call pays for allocation and kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def mfu(tokens_per_s: float, flops_per_token_: int, peak_flops: float) -> float:
+    return tokens_per_s * flops_per_token_ / peak_flops
+
+
+def warnings_for(metrics: dict, thresholds: Thresholds) -> list[str]:
+    """Human warnings for the figures that cross a threshold (absent figures are skipped)."""
+    warnings = []
+    if metrics.get("mfu") is not None and metrics["mfu"] < thresholds.min_mfu:
+        warnings.append(f"MFU {metrics['mfu']:.1%} is below {thresholds.min_mfu:.0%}")
+    if metrics.get("comm_share") is not None and metrics["comm_share"] > thresholds.max_comm_share:
+        warnings.append(f"gradient all-reduce takes {metrics['comm_share']:.1%} of step time "
+                        f"(> {thresholds.max_comm_share:.0%})")
+    fraction = metrics.get("memory_fraction")
+    if fraction is not None and fraction > thresholds.max_memory_fraction:
+        warnings.append(f"memory at {fraction:.1%} of capacity "
+                        f"(> {thresholds.max_memory_fraction:.0%})")
+    return warnings
+
+
+def peak_memory(device: torch.device) -> tuple[int, int]:
+    """(peak bytes used by this process, capacity in bytes): CUDA max allocated over the
+    device's memory on a GPU; the process's peak RSS over the machine's RAM on CPU."""
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device),
+                torch.cuda.get_device_properties(device).total_memory)
+    import resource
+
+    import psutil
+
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return peak_rss, psutil.virtual_memory().total
+
+
+class CommTimer:
+    """Wall time spent in gradient all-reduce, via a DDP communication hook.
+
+    The hook launches the same all-reduce DDP would (sum, then divide by world size) and
+    records the time from launch to completion, so the figure includes waiting for the
+    slowest worker — which is what communication costs a synchronous step."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+    def attach(self, ddp_model) -> None:
+        import torch.distributed as dist
+
+        def hook(timer: "CommTimer", bucket):
+            start = time.perf_counter()
+            world = dist.get_world_size()
+            future = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+
+            def finish(f):
+                timer.seconds += time.perf_counter() - start
+                return f.value()[0].div_(world)
+
+            return future.then(finish)
+
+        ddp_model.register_comm_hook(self, hook)

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from orchestrator.training.metrics import (CommTimer, Thresholds, flops_per_token,
+                                           gpu_peak_flops, measure_cpu_peak_flops, mfu,
+                                           peak_memory, warnings_for)
+
+
+def test_palm_flops_per_token():
+    # 6N + 12 * L * width * T
+    assert flops_per_token(1_000_000, n_layer=4, n_embd=128, context=256) == \
+        6_000_000 + 12 * 4 * 128 * 256
+
+
+@pytest.mark.parametrize("name, precision, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989), ("NVIDIA H200", "bf16", 989),
+    ("NVIDIA A100-SXM4-80GB", "fp32", 19.5), ("Tesla T4", "fp16", 65),
+])
+def test_gpu_peaks_by_name_and_precision(name, precision, tflops):
+    assert gpu_peak_flops(name, precision) == tflops * 1e12
+
+
+def test_unknown_gpu_or_precision_has_no_peak():
+    assert gpu_peak_flops("Mystery GPU", "bf16") is None
+    assert gpu_peak_flops("Tesla T4", "bf16") is None  # T4 has no bf16 tensor cores
+
+
+def test_cpu_peak_is_measured_and_mfu_is_a_ratio():
+    peak = measure_cpu_peak_flops(size=128, repeats=2)
+    assert 1e8 < peak < 1e14
+    assert mfu(tokens_per_s=1000, flops_per_token_=peak / 1000, peak_flops=peak) == 1.0
+
+
+def test_warnings_name_each_crossed_threshold():
+    thresholds = Thresholds(min_mfu=0.45, max_comm_share=0.15, max_memory_fraction=0.9)
+    assert warnings_for({"mfu": 0.5, "comm_share": 0.1, "memory_fraction": 0.5}, thresholds) == []
+    warnings = warnings_for({"mfu": 0.2, "comm_share": 0.3, "memory_fraction": 0.95}, thresholds)
+    assert [w.split()[0] for w in warnings] == ["MFU", "gradient", "memory"]
+    assert warnings_for({"mfu": None, "comm_share": None}, thresholds) == []
+
+
+def test_peak_memory_on_cpu_is_this_process_against_the_machine():
+    used, capacity = peak_memory(torch.device("cpu"))
+    assert 0 < used < capacity
+
+
+def test_comm_timer_times_all_reduce_and_keeps_gradients_exact(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = torch.nn.Linear(8, 4)
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 4))
+        ddp.module.load_state_dict(plain.state_dict())
+        timer = CommTimer()
+        timer.attach(ddp)
+        x = torch.randn(16, 8)
+        plain(x).square().sum().backward()
+        ddp(x).square().sum().backward()
+        assert torch.allclose(plain.weight.grad, ddp.module.weight.grad)
+        assert timer.take() > 0 and timer.take() == 0  # take() resets
+    finally:
+        dist.destroy_process_group()
