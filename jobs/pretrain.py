@@ -21,8 +21,8 @@ from pathlib import Path
 # without installing the project first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.config import (MODEL_PRESETS, PRECISIONS, ConfigError, JobSpec,  # noqa: E402
-                                 TrainConfig, resume_conflicts)
+from orchestrator.config import (LR_SCHEDULES, MODEL_PRESETS, PRECISIONS,  # noqa: E402
+                                 ConfigError, JobSpec, TrainConfig, resume_conflicts)
 from orchestrator.runs import DEFAULT_RUNS_ROOT, RunDirError, resolve_run_dir  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sequences per worker per step")
     p.add_argument("--seq-len", type=int, default=defaults.seq_len)
     p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=defaults.lr_schedule,
+                   help="after warmup: cosine to min_lr, step (x0.1 every --lr-decay-every "
+                   "steps) or constant")
+    p.add_argument("--lr-decay-every", type=int, default=defaults.lr_decay_every)
+    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     p.add_argument("--log-every", type=int, default=defaults.log_every)
     p.add_argument("--seed", type=int, default=defaults.seed)
@@ -88,6 +93,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path) -> tuple[TrainConfig,
     train_config = TrainConfig(
         model_size=args.model_size, precision=args.precision, max_steps=args.max_steps,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+        lr_schedule=args.lr_schedule, lr_decay_every=args.lr_decay_every,
+        warmup_steps=args.warmup_steps,
         min_lr=min(TrainConfig.min_lr, args.lr), checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, seed=args.seed)
     spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,

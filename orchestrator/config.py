@@ -17,6 +17,7 @@ class ConfigError(ValueError):
 
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+LR_SCHEDULES = ("cosine", "step", "constant")
 
 # Accelerator families the scheduler knows, longest names first so "A100" wins over "A10".
 ACCELERATOR_FAMILIES = ("MI300X", "MI250", "H200", "H100", "B200", "A100", "A10G", "L40S",
@@ -161,6 +162,8 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 20
+    lr_schedule: str = "cosine"  # after warmup: cosine to min_lr | step (x0.1) | constant
+    lr_decay_every: int = 100  # step schedule: multiply by 0.1 every this many steps
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     precision: str = "auto"
@@ -182,6 +185,10 @@ class TrainConfig:
         p: list[str] = []
         _check(p, self.model_size in MODEL_PRESETS,
                f"model_size must be one of {', '.join(MODEL_PRESETS)}, got {self.model_size!r}")
+        _check(p, self.lr_schedule in LR_SCHEDULES,
+               f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        _check(p, _is_int(self.lr_decay_every) and self.lr_decay_every >= 1,
+               f"lr_decay_every must be an integer >= 1, got {self.lr_decay_every!r}")
         _check(p, self.precision in PRECISIONS,
                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("max_steps", "batch_size", "seq_len", "checkpoint_every",

@@ -40,9 +40,14 @@ def say(line: str) -> None:
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`."""
+    """Linear warmup to `lr`, then the configured schedule: cosine decay to `min_lr` at
+    `max_steps` (default), step decay (x0.1 every `lr_decay_every` steps), or constant."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return config.lr
+    if config.lr_schedule == "step":
+        return config.lr * 0.1 ** ((step - config.warmup_steps) // config.lr_decay_every)
     span = max(config.max_steps - config.warmup_steps, 1)
     progress = min((step - config.warmup_steps) / span, 1.0)
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))

@@ -164,3 +164,26 @@ def test_when_every_checkpoint_is_corrupt_training_refuses_to_start_over(tmp_pat
         (checkpoint / "state.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
         train(tiny(max_steps=20), session)
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    # warmup 2 steps to lr=1.0, then per schedule; max_steps 12, min_lr 0.1, decay every 4
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("step", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.1]),
+])
+def test_lr_schedules(schedule, expected):
+    from orchestrator.training.loop import lr_at
+
+    config = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=12,
+                         lr_schedule=schedule, lr_decay_every=4)
+    assert [round(lr_at(s, config), 6) for s in range(7)] == expected
+
+
+def test_cosine_schedule_ends_at_min_lr():
+    from orchestrator.training.loop import lr_at
+
+    config = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=12)
+    assert lr_at(1, config) == 1.0 and lr_at(2, config) == 1.0
+    assert lr_at(12, config) == pytest.approx(0.1)
+    lrs = [lr_at(s, config) for s in range(2, 13)]
+    assert lrs == sorted(lrs, reverse=True)  # monotone decay
