@@ -278,6 +278,9 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         "steps": metrics.get("step"),
         "max_steps": train_config.max_steps,
         "resumed_from_step": metrics.get("start_step"),
+        # Unix time the first step of the last attempt finished (after a worker failure and
+        # Ray Train's restart, failure -> this is the recovery time).
+        "first_step_at": metrics.get("first_step_at"),
         "first_loss": metrics.get("first_loss"),
         "final_loss": metrics.get("loss"),
         "held_out_loss": metrics.get("held_out_loss"),

@@ -192,6 +192,9 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         loss_sum += loss.detach().float()
         if first_loss is None:
             first_loss = _mean_across_workers(loss.item(), device)
+            # Wall-clock time of the first step this attempt completed: after a failure,
+            # (this - failure time) is the recovery time.
+            first_step_at = time.time()
 
         checkpoint_due = step % config.checkpoint_every == 0 or step == config.max_steps
         if step % config.log_every == 0 or checkpoint_due:
@@ -201,6 +204,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             metrics = {
                 "step": step,
                 "start_step": start_step,
+                "first_step_at": first_step_at,
                 "loss": _mean_across_workers(loss_sum.item() / interval_steps, device),
                 "first_loss": first_loss,
                 "lr": lr_at(step - 1, config),

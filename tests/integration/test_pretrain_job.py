@@ -76,3 +76,4 @@ def test_a_corrupt_latest_checkpoint_falls_back_under_ray_train(first_run):
     assert code == 0
     summary = read_summary(first_run)
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 8
+
