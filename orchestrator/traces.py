@@ -94,71 +94,64 @@ def _check_header(path: Path, header: list[str] | None, required: tuple[str, ...
         raise TraceError(f"{path}:1: duplicate column names in {header}")
 
 
-def load_canonical(path: Path | str) -> list[TraceJob]:
-    """Jobs from a canonical CSV (see the module docstring)."""
-    from orchestrator.cluster_model import GAVEL_JOB_TYPES
-
+def _rows(path: Path | str, required: tuple[str, ...], optional: tuple[str, ...]):
+    """(line number, "file:line", get(column) -> stripped text) for each non-blank data row,
+    after checking the header; a row with the wrong number of fields is an error."""
     path, handle = _read(path)
-    jobs = []
     with handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         header = [h.strip() for h in header] if header else header
-        _check_header(path, header, CANONICAL_REQUIRED, CANONICAL_OPTIONAL)
+        _check_header(path, header, required, optional)
         col = {name: i for i, name in enumerate(header)}
         for row in reader:
-            line = reader.line_num
-            where = f"{path}:{line}"
+            where = f"{path}:{reader.line_num}"
             if not row or all(not c.strip() for c in row):
                 continue  # blank line
             if len(row) != len(header):
                 raise TraceError(f"{where}: {len(row)} field(s), the header has {len(header)}")
-            get = lambda name: row[col[name]].strip() if name in col else ""  # noqa: E731
-            model_type = get("model_type")
-            if model_type and model_type not in GAVEL_JOB_TYPES:
-                raise TraceError(f"{where}: unknown model_type {model_type!r}; known: "
-                                 f"{', '.join(sorted(GAVEL_JOB_TYPES))}")
-            accelerator = get("accelerator").upper()
-            if accelerator and accelerator not in ACCELERATOR_FAMILIES:
-                raise TraceError(f"{where}: unknown accelerator {get('accelerator')!r}; known: "
-                                 f"{', '.join(ACCELERATOR_FAMILIES)}")
-            jobs.append(TraceJob(
-                job_id=len(jobs),
-                submit_time_s=_float(get("submit_time_s"), "submit_time_s", where, 0, False),
-                duration_s=_float(get("duration_s"), "duration_s", where, 0, True),
-                num_gpus=_int(get("num_gpus"), "num_gpus", where),
-                model_type=model_type, accelerator=accelerator, line=line))
+            yield reader.line_num, where, \
+                (lambda name, row=row: row[col[name]].strip() if name in col else "")
+
+
+def load_canonical(path: Path | str) -> list[TraceJob]:
+    """Jobs from a canonical CSV (see the module docstring)."""
+    from orchestrator.cluster_model import GAVEL_JOB_TYPES
+
+    jobs = []
+    for line, where, get in _rows(path, CANONICAL_REQUIRED, CANONICAL_OPTIONAL):
+        model_type = get("model_type")
+        if model_type and model_type not in GAVEL_JOB_TYPES:
+            raise TraceError(f"{where}: unknown model_type {model_type!r}; known: "
+                             f"{', '.join(sorted(GAVEL_JOB_TYPES))}")
+        accelerator = get("accelerator").upper()
+        if accelerator and accelerator not in ACCELERATOR_FAMILIES:
+            raise TraceError(f"{where}: unknown accelerator {get('accelerator')!r}; known: "
+                             f"{', '.join(ACCELERATOR_FAMILIES)}")
+        jobs.append(TraceJob(
+            job_id=len(jobs),
+            submit_time_s=_float(get("submit_time_s"), "submit_time_s", where, 0, False),
+            duration_s=_float(get("duration_s"), "duration_s", where, 0, True),
+            num_gpus=_int(get("num_gpus"), "num_gpus", where),
+            model_type=model_type, accelerator=accelerator, line=line))
     return jobs
 
 
 def load_philly(path: Path | str = PHILLY_CSV) -> list[TraceJob]:
     """Jobs from the Philly trace as published with the Pollux artifact."""
-    path, handle = _read(path)
     rows = []
-    with handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        header = [h.strip() for h in header] if header else header
-        _check_header(path, header, PHILLY_COLUMNS[:3], PHILLY_COLUMNS[3:])
-        col = {name: i for i, name in enumerate(header)}
-        for row in reader:
-            line = reader.line_num
-            where = f"{path}:{line}"
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(header):
-                raise TraceError(f"{where}: {len(row)} field(s), the header has {len(header)}")
-            stamp = row[col["timestamp"]].strip()
-            try:
-                if len(stamp) != 19 or stamp[10] != " ":
-                    raise ValueError(stamp)
-                # Naive times read as UTC: no daylight-saving jumps inside the trace.
-                submit = datetime.fromisoformat(stamp).replace(tzinfo=timezone.utc).timestamp()
-            except ValueError:
-                raise TraceError(f"{where}: timestamp is not 'YYYY-MM-DD HH:MM:SS': "
-                                 f"{stamp!r}") from None
-            rows.append((submit, _float(row[col["duration"]], "duration", where, 0, True),
-                         _int(row[col["num_gpus"]], "num_gpus", where), line))
+    for line, where, get in _rows(path, PHILLY_COLUMNS[:3], PHILLY_COLUMNS[3:]):
+        stamp = get("timestamp")
+        try:
+            if len(stamp) != 19 or stamp[10] != " ":
+                raise ValueError(stamp)
+            # Naive times read as UTC: no daylight-saving jumps inside the trace.
+            submit = datetime.fromisoformat(stamp).replace(tzinfo=timezone.utc).timestamp()
+        except ValueError:
+            raise TraceError(f"{where}: timestamp is not 'YYYY-MM-DD HH:MM:SS': "
+                             f"{stamp!r}") from None
+        rows.append((submit, _float(get("duration"), "duration", where, 0, True),
+                     _int(get("num_gpus"), "num_gpus", where), line))
     if not rows:
         return []
     start = min(r[0] for r in rows)
