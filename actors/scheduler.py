@@ -159,8 +159,6 @@ class SchedulerActor:
                 "health": {n: self.state.health(n, now) for n in self.state.reports},
                 "reservations": dict(self.state.reservations),
                 "queue": [self.queue.status(name) for name in self.queue.waiting],
-                "bandwidth_gbps": {n: dict(r.bandwidth_gbps)
-                                   for n, r in self.state.reports.items()},
             }
 
     # -- maintenance ----------------------------------------------------------------------

@@ -218,7 +218,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 **efficiency.measure(interval_steps * tokens_per_step / elapsed, elapsed,
                                      session.world_size),
             }
-            if step == config.max_steps:
+            if step == config.max_steps and session.world_rank == 0:
+                # Only rank 0's metrics are kept; the unwrapped model needs no collective.
                 metrics["held_out_loss"] = evaluate(model, held_out_tokens, config,
                                                     precision, device)
             if session.world_rank == 0:

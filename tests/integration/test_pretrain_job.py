@@ -41,11 +41,16 @@ def test_two_worker_run_writes_a_complete_summary(first_run, cluster):
     assert resolved["train"]["model_size"] == "tiny" and resolved["job"]["num_workers"] == 2
 
 
-def test_resume_continues_the_step_count(first_run):
-    code = pretrain.main([*TINY, "--num-workers", "2", "--max-steps", "6",
-                          "--checkpoint-every", "2", "--run-dir", str(first_run), "--resume"])
+def resume(run_dir, max_steps):
+    """--resume the run in `run_dir` up to `max_steps`; its summary afterwards."""
+    code = pretrain.main([*TINY, "--num-workers", "2", "--max-steps", str(max_steps),
+                          "--checkpoint-every", "2", "--run-dir", str(run_dir), "--resume"])
     assert code == 0
-    summary = read_summary(first_run)
+    return read_summary(run_dir)
+
+
+def test_resume_continues_the_step_count(first_run):
+    summary = resume(first_run, max_steps=6)
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 6
 
 
@@ -71,12 +76,8 @@ def test_a_corrupt_latest_checkpoint_falls_back_under_ray_train(first_run):
     checkpoints = sorted(p for p in first_run.glob("checkpoint_*") if p.is_dir())
     latest = checkpoints[-1] / "state.pt"
     latest.write_bytes(latest.read_bytes()[:1000])
-    code = pretrain.main([*TINY, "--num-workers", "2", "--max-steps", "8",
-                          "--checkpoint-every", "2", "--run-dir", str(first_run), "--resume"])
-    assert code == 0
-    summary = read_summary(first_run)
+    summary = resume(first_run, max_steps=8)
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 8
-
 
 
 def test_a_killed_worker_is_replaced_and_training_resumes_by_itself(cluster, tmp_path):
