@@ -18,6 +18,11 @@ class ConfigError(ValueError):
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LR_SCHEDULES = ("cosine", "step", "constant")
+# Parameter groups of hierarchical gradient accumulation, input to output. The LM head's
+# weight is tied to the token embedding, so it steps with "embeddings"; "head" is the final
+# LayerNorm. "lower"/"upper" are the first/second half of the transformer blocks.
+ACCUMULATION_GROUPS = ("embeddings", "lower", "upper", "head")
+MAX_ACCUMULATION = 1024
 
 # Accelerator families the scheduler knows, longest names first so "A100" wins over "A10".
 ACCELERATOR_FAMILIES = ("MI300X", "MI250", "H200", "H100", "B200", "A100", "A10G", "L40S",
@@ -58,6 +63,40 @@ def _is_int(value: Any) -> bool:
 def _is_number(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value))
+
+
+def parse_accumulation(spec: str) -> dict[str, int]:
+    """Accumulation factor k per group from "4" (every group) or "embeddings=1,lower=2,..."
+    (groups not named take 1). Raises ConfigError naming the field and the bad part."""
+    def factor(text: str, where: str) -> int:
+        try:
+            k = int(text)
+        except ValueError:
+            k = 0
+        if not 1 <= k <= MAX_ACCUMULATION:
+            raise ConfigError(f"accumulation: {where} must be an integer in "
+                              f"[1, {MAX_ACCUMULATION}], got {text!r}")
+        return k
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"accumulation must be a string like '4' or 'embeddings=1,lower=2,"
+                          f"upper=4,head=1', got {spec!r}")
+    if "=" not in spec:
+        k = factor(spec.strip(), "the factor")
+        return {group: k for group in ACCUMULATION_GROUPS}
+    factors = dict.fromkeys(ACCUMULATION_GROUPS, 1)
+    seen: set[str] = set()
+    for part in spec.split(","):
+        group, _, value = part.partition("=")
+        group = group.strip()
+        if group in seen:
+            raise ConfigError(f"accumulation: group {group!r} is given twice in {spec!r}")
+        seen.add(group)
+        if group not in ACCUMULATION_GROUPS:
+            raise ConfigError(f"accumulation: unknown group {group!r} in {spec!r}; groups are "
+                              f"{', '.join(ACCUMULATION_GROUPS)}")
+        factors[group] = factor(value.strip(), f"the factor of {group!r}")
+    return factors
 
 
 def from_mapping(cls, data: Mapping[str, Any], what: str):
@@ -177,6 +216,14 @@ class TrainConfig:
     warn_min_mfu: float = 0.45
     warn_max_comm_share: float = 0.15
     warn_max_memory_fraction: float = 0.90
+    # Learnable attention span (training/attention.py); off = standard causal attention.
+    attention_span: bool = False
+    span_ramp: int = 32  # R: soft edge of each head's span, tokens
+    span_init: float = 0.0  # initial span as a fraction of seq_len
+    span_penalty: float = 2e-6  # weight of the L1 penalty (sum over layers of mean span, tokens)
+    # Hierarchical gradient accumulation: "k" for every group or "embeddings=1,lower=2,...";
+    # a group's optimizer step happens every k micro-batches (max_steps counts micro-batches).
+    accumulation: str = "1"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -209,10 +256,21 @@ class TrainConfig:
                f"grad_clip must be a number >= 0 (0 disables clipping), got {self.grad_clip!r}")
         _check(p, _is_number(self.dropout) and 0 <= self.dropout < 1,
                f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        for name in ("warn_min_mfu", "warn_max_comm_share", "warn_max_memory_fraction"):
+        for name in ("warn_min_mfu", "warn_max_comm_share", "warn_max_memory_fraction",
+                     "span_init"):
             value = getattr(self, name)
             _check(p, _is_number(value) and 0 <= value <= 1,
                    f"{name} must be a fraction in [0, 1], got {value!r}")
+        _check(p, isinstance(self.attention_span, bool),
+               f"attention_span must be true or false, got {self.attention_span!r}")
+        _check(p, _is_int(self.span_ramp) and self.span_ramp >= 1,
+               f"span_ramp must be an integer >= 1, got {self.span_ramp!r}")
+        _check(p, _is_number(self.span_penalty) and self.span_penalty >= 0,
+               f"span_penalty must be a number >= 0, got {self.span_penalty!r}")
+        try:
+            parse_accumulation(self.accumulation)
+        except ConfigError as e:
+            p.append(str(e))
         if not p:
             preset = MODEL_PRESETS[self.model_size]
             _check(p, preset["n_embd"] % preset["n_head"] == 0,
@@ -226,6 +284,10 @@ class TrainConfig:
     @property
     def model_preset(self) -> dict[str, int]:
         return MODEL_PRESETS[self.model_size]
+
+    @property
+    def accumulation_factors(self) -> dict[str, int]:
+        return parse_accumulation(self.accumulation)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
@@ -248,5 +310,8 @@ def resume_conflicts(saved: Mapping[str, Any], config: TrainConfig) -> list[str]
     Continuing with another model shape cannot load; with another lr, batch size or seed it
     would silently become a different run. Both are refused by the callers."""
     current = config.to_dict()
-    return [f"{name}: {saved.get(name)!r} -> {value!r}" for name, value in current.items()
-            if name not in RESUMABLE_CHANGES and saved.get(name) != value]
+    # A field the saved config lacks predates it: the run used its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return [f"{name}: {saved.get(name, defaults[name])!r} -> {value!r}"
+            for name, value in current.items()
+            if name not in RESUMABLE_CHANGES and saved.get(name, defaults[name]) != value]

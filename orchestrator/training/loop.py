@@ -17,13 +17,15 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.config import TrainConfig, resume_conflicts
+from orchestrator.training.accumulation import (HierarchicalAccumulation, pending_gradients,
+                                                restore_pending_gradients)
 from orchestrator.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from orchestrator.training.data import (VOCAB_SIZE, get_batch, load_corpus, split_corpus,
                                         stream_seed)
 from orchestrator.training.metrics import (CommTimer, Thresholds, flops_per_token,
                                            gpu_peak_flops, measure_cpu_peak_flops, mfu,
                                            peak_memory, warnings_for)
-from orchestrator.training.model import GPT, GPTConfig
+from orchestrator.training.model import GPT, GPTConfig, parameter_groups
 from orchestrator.training.precision import Precision, resolve_precision
 from orchestrator.training.session import TrainSession
 
@@ -99,6 +101,9 @@ def _checkpoint_state(model, optimizer, scaler, config: TrainConfig, step: int,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
+        # Gradients of groups still accumulating (hierarchical accumulation), so a resumed
+        # run steps them with the same mean an uninterrupted one would.
+        "pending_gradients": pending_gradients(model),
         "step": step,
         "data_position": step,  # batches are a function of step: this is the data cursor
         "tokens_seen": tokens_seen,
@@ -149,10 +154,12 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        restore_pending_gradients(model, state.get("pending_gradients", {}))
         step, tokens_seen = state["step"], state["tokens_seen"]
         if session.world_rank == 0:
             say(f"resumed from step {step} ({checkpoint_dir})")
     wrapped = session.prepare_model(model)
+    accumulation = HierarchicalAccumulation(parameter_groups(model), config.accumulation_factors)
     efficiency = Efficiency(config, model, precision, device, wrapped)
     tokens_per_step = config.batch_size * config.seq_len * session.world_size
     if session.world_rank == 0:
@@ -174,17 +181,19 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         _set_lr(optimizer, lr_at(step, config))
         x, y = get_batch(train_tokens, config.batch_size, config.seq_len, seed=config.seed,
                          rank=session.world_rank, step=step)
-        with precision.autocast():
-            _, loss = wrapped(x.to(device), y.to(device))
-        scaler.scale(loss).backward()
-        if config.grad_clip:
-            scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scale_before = scaler.get_scale()
-        scaler.step(optimizer)  # skipped by the scaler if gradients overflowed
-        scaler.update()
-        skipped_steps += int(scaler.is_enabled() and scaler.get_scale() < scale_before)
-        optimizer.zero_grad(set_to_none=True)
+        checkpoint_due = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps
+        # Workers must agree on the gradients when a group steps, and when a checkpoint
+        # (which holds rank 0's pending gradients) is written; otherwise DDP may skip the
+        # all-reduce and let each worker accumulate locally.
+        with accumulation.sync_context(wrapped, bool(accumulation.due(step)) or checkpoint_due):
+            with precision.autocast():
+                _, loss = wrapped(x.to(device), y.to(device))
+            objective = loss
+            if config.attention_span:
+                objective = loss + config.span_penalty * model.span_penalty()
+            scaler.scale(objective).backward()
+        skipped_steps += accumulation.step(step, optimizer, scaler, config.grad_clip)
+        model.clamp_spans_()
         step += 1
         tokens_seen += tokens_per_step
         interval_steps += 1
@@ -196,7 +205,6 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             # (this - failure time) is the recovery time.
             first_step_at = time.time()
 
-        checkpoint_due = step % config.checkpoint_every == 0 or step == config.max_steps
         if step % config.log_every == 0 or checkpoint_due:
             elapsed = time.perf_counter() - interval_start
             run_tokens += interval_steps * tokens_per_step
@@ -215,6 +223,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
                 "skipped_steps": skipped_steps,
                 "world_size": session.world_size,
+                "optimizer_steps": dict(accumulation.optimizer_steps),
+                **_span_figures(model),
                 **efficiency.measure(interval_steps * tokens_per_step / elapsed, elapsed,
                                      session.world_size),
             }
@@ -229,6 +239,15 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                                                tokens_seen))
             interval_start, interval_steps, loss_sum = time.perf_counter(), 0, 0.0
     return metrics
+
+
+def _span_figures(model: GPT) -> dict[str, Any]:
+    """Learnt attention spans (tokens), per layer the mean over heads, and the widest window."""
+    spans = model.spans()
+    if not spans:
+        return {}
+    return {"attention_span_mean": [round(s.spans().mean().item(), 1) for s in spans],
+            "attention_window": max(s.window() for s in spans)}
 
 
 class Efficiency:

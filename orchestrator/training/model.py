@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from orchestrator.config import TrainConfig
+from orchestrator.training.attention import AdaptiveSpan, CausalSelfAttention, KVCache
 
 
 @dataclass(frozen=True)
@@ -25,34 +26,16 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    # Learnable attention span (attention.py): off = standard causal attention via SDPA.
+    attention_span: bool = False
+    span_ramp: int = 32  # R: width of the soft edge of each head's span, in tokens
+    span_init: float = 0.0  # initial span as a fraction of block_size (the paper starts at 0)
 
     @classmethod
     def from_train_config(cls, config: TrainConfig, vocab_size: int = 256) -> "GPTConfig":
-        return cls(vocab_size=vocab_size, block_size=config.seq_len,
-                   dropout=config.dropout, **config.model_preset)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.n_head = config.n_head
-        # One projection for query, key and value: one matmul instead of three.
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
-        self.dropout = config.dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, time, channels = x.shape
-        q, k, v = self.qkv(x).split(channels, dim=2)
-        # (B, T, C) -> (B, heads, T, head_dim): attention runs per head.
-        q, k, v = (t.view(batch, time, self.n_head, channels // self.n_head).transpose(1, 2)
-                   for t in (q, k, v))
-        # SDPA picks the fastest kernel available (flash / memory-efficient / math).
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(batch, time, channels)
-        return self.proj(y)
+        return cls(vocab_size=vocab_size, block_size=config.seq_len, dropout=config.dropout,
+                   attention_span=config.attention_span, span_ramp=config.span_ramp,
+                   span_init=config.span_init, **config.model_preset)
 
 
 class MLP(nn.Module):
@@ -72,12 +55,14 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        span = (AdaptiveSpan(config.n_head, config.block_size, config.span_ramp,
+                             config.span_init) if config.attention_span else None)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, span)
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, cache=None, key_is_real=None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, key_is_real)
         return x + self.mlp(self.ln2(x))
 
 
@@ -112,17 +97,27 @@ class GPT(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.pos_emb.weight.numel() if non_embedding else total
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, key_is_real: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx: (B, T) token ids. Returns logits (B, T, vocab) and, given targets, the mean loss."""
+        """idx: (B, T) token ids. Returns logits (B, T, vocab) and, given targets, the mean loss.
+
+        Incremental decoding passes a KVCache (idx then holds only the new tokens). Batches of
+        left-padded prompts pass key_is_real (B, all positions fed so far; False = padding) and
+        positions (B, T), each row counting from its first real token."""
         _, time = idx.shape
-        if time > self.config.block_size:
-            raise ValueError(f"sequence length {time} exceeds the model's block_size "
+        start = cache.length if cache is not None else 0
+        if start + time > self.config.block_size:
+            raise ValueError(f"sequence length {start + time} exceeds the model's block_size "
                              f"{self.config.block_size}")
-        positions = torch.arange(time, device=idx.device)
+        if positions is None:
+            positions = torch.arange(start, start + time, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.layers[i] if cache is not None else None, key_is_real)
+        if cache is not None:
+            cache.length += time
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
@@ -130,3 +125,33 @@ class GPT(nn.Module):
             # over the vocabulary loses accuracy the optimizer then chases.
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.n_layer)
+
+    def spans(self) -> list[AdaptiveSpan]:
+        return [block.attn.span for block in self.blocks if block.attn.span is not None]
+
+    def span_penalty(self) -> torch.Tensor:
+        """Sum over layers of each layer's mean span (tokens); 0 without learnable spans."""
+        spans = self.spans()
+        return torch.stack([s.penalty() for s in spans]).sum() if spans else torch.zeros(())
+
+    def clamp_spans_(self) -> None:
+        for span in self.spans():
+            span.clamp_()
+
+
+def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
+    """The model's parameters by accumulation group (config.ACCUMULATION_GROUPS), input to
+    output. The LM head is tied to the token embedding, so it belongs to "embeddings"."""
+    half = len(model.blocks) // 2
+    groups = {
+        "embeddings": [model.tok_emb.weight, model.pos_emb.weight],
+        "lower": [p for block in model.blocks[:half] for p in block.parameters()],
+        "upper": [p for block in model.blocks[half:] for p in block.parameters()],
+        "head": list(model.ln_f.parameters()),
+    }
+    grouped = {id(p) for params in groups.values() for p in params}
+    assert grouped == {id(p) for p in model.parameters()}, "a parameter is in no group"
+    return groups

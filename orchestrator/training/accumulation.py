@@ -1,0 +1,89 @@
+"""Hierarchical gradient accumulation: each parameter group steps every k_g micro-batches.
+
+A group with factor k_g accumulates its gradient over k_g micro-batches and then takes one
+optimizer step with the mean. Lower layers and embeddings often tolerate (or benefit from) a
+larger effective batch than the layers near the output; this lets them step less often.
+
+One optimizer serves every group: PyTorch optimizers skip parameters whose `.grad` is None, so
+the groups not due this micro-batch have their pending gradients set aside during the step and
+put back afterwards. With every k_g equal this is exactly ordinary gradient accumulation.
+
+fp16 loss scaling: pending gradients were accumulated at the current loss scale. When the
+scaler changes the scale (after an overflow or a growth interval) they are rescaled by
+new/old, so every gradient in `.grad` is always at one scale. (Scales are powers of two: exact.)
+An overflow poisons the pending gradients of the waiting groups too; each of those groups then
+skips its next step, as a plain fp16 step would.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class HierarchicalAccumulation:
+    def __init__(self, groups: dict[str, list[torch.nn.Parameter]],
+                 factors: dict[str, int]) -> None:
+        self.groups = {name: params for name, params in groups.items() if params}
+        self.factors = {name: factors[name] for name in self.groups}
+        self.optimizer_steps = dict.fromkeys(self.groups, 0)
+
+    def due(self, step: int) -> list[str]:
+        """Groups whose optimizer step falls on micro-batch `step` (0-based)."""
+        return [name for name, k in self.factors.items() if (step + 1) % k == 0]
+
+    @property
+    def is_plain(self) -> bool:
+        return all(k == 1 for k in self.factors.values())
+
+    def sync_context(self, wrapped: torch.nn.Module, must_sync: bool):
+        """DDP's no_sync on micro-batches where no gradient is needed across workers yet."""
+        if must_sync or not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return wrapped.no_sync()
+
+    def step(self, step: int, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             grad_clip: float) -> bool:
+        """Step the groups due at `step`; True if the loss scaler skipped it for overflow."""
+        due = self.due(step)
+        if not due:
+            return False
+        stepping = [p for name in due for p in self.groups[name]]
+        waiting = {p: p.grad for name in self.groups if name not in due
+                   for p in self.groups[name] if p.grad is not None}
+        for p in waiting:
+            p.grad = None  # the optimizer skips parameters without a gradient
+        scaler.unscale_(optimizer)  # clip and average the true gradient, not the scaled one
+        for name in due:
+            if self.factors[name] > 1:
+                for p in self.groups[name]:
+                    if p.grad is not None:
+                        p.grad.div_(self.factors[name])
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(stepping, grad_clip)
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)  # skipped by the scaler if gradients overflowed
+        scaler.update()
+        scale_after = scaler.get_scale()
+        for p in stepping:
+            p.grad = None
+        for p, grad in waiting.items():
+            p.grad = grad.mul_(scale_after / scale_before) if scale_after != scale_before else grad
+        for name in due:
+            self.optimizer_steps[name] += 1
+        return scaler.is_enabled() and scale_after < scale_before
+
+
+def pending_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gradients accumulated but not yet stepped (part of the checkpoint: exact resume)."""
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()
+            if p.grad is not None}
+
+
+def restore_pending_gradients(model: torch.nn.Module, grads: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    unknown = sorted(set(grads) - set(params))
+    if unknown:
+        raise ValueError(f"checkpoint has pending gradients for unknown parameters {unknown}")
+    for name, grad in grads.items():
+        params[name].grad = grad.to(params[name].device)

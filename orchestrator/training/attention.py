@@ -1,0 +1,192 @@
+"""Causal self-attention: standard (SDPA) or with a learnable per-head span, plus a KV cache.
+
+Adaptive attention span (Sukhbaatar et al. 2019, "Adaptive Attention Span in Transformers"):
+each head h learns a span z_h; its attention weight on a key at distance x is multiplied by the
+soft ramp m(x) = clamp((R + z_h − x) / R, 0, 1) and renormalised, and an L1 penalty on the
+spans joins the loss. The ramp makes z differentiable; the penalty makes heads that do not need
+long context give it up.
+
+The point is speed, not only a mask: a key farther than max_h(z_h) + R has weight exactly 0, so
+it is never computed. Long sequences are split into blocks of that window; each block of
+queries attends only to its own block and the one before (cost 2·T·W instead of T²), which is
+exact because no query needs keys further back than W. The KV cache keeps only the last W keys.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class AdaptiveSpan(nn.Module):
+    """Per-head learnt span z_h = span_fraction_h · max_span, with a soft ramp of width R."""
+
+    def __init__(self, n_head: int, max_span: int, ramp: int, init_fraction: float) -> None:
+        super().__init__()
+        self.max_span, self.ramp = max_span, ramp
+        self.span_fraction = nn.Parameter(torch.full((n_head,), float(init_fraction)))
+
+    def spans(self) -> torch.Tensor:
+        """z per head, in tokens."""
+        return self.span_fraction.clamp(0, 1) * self.max_span
+
+    def window(self) -> int:
+        """Keys a query can see with non-zero weight, itself included: distances < max z + R."""
+        return min(math.ceil(self.spans().max().item() + self.ramp), self.max_span)
+
+    def ramp_mask(self, distance: torch.Tensor) -> torch.Tensor:
+        """m(x) for each head: distance (..., Tq, Tk) -> (heads, ..., Tq, Tk) in [0, 1]."""
+        z = self.spans().view(-1, *([1] * distance.dim()))
+        return ((self.ramp + z - distance) / self.ramp).clamp(0, 1)
+
+    def penalty(self) -> torch.Tensor:
+        """Mean span in tokens: the L1 term that pulls unused context in."""
+        return self.spans().mean()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep the raw parameter in [0, 1] after each optimizer step (as the paper does): once
+        outside, the clamp in `spans` would cut its gradient and freeze it there."""
+        self.span_fraction.clamp_(0, 1)
+
+
+class LayerCache:
+    """One layer's cached keys and values, (B, heads, L, head_dim), trimmed to a window."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is not None:
+            k, v = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
+        return k, v
+
+    def keep(self, k: torch.Tensor, v: torch.Tensor, window: int | None) -> None:
+        """Store what the next query can still see: the last `window` keys (all without span)."""
+        if window is not None and k.size(2) > window:
+            k, v = k[:, :, -window:], v[:, :, -window:]
+        self.keys, self.values = k, v
+
+
+class KVCache:
+    """Keys/values of every layer for incremental decoding, and how many positions were fed."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers = [LayerCache() for _ in range(n_layer)]
+        self.length = 0
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (e.g. drop finished sequences)."""
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+
+
+def allowed_keys(query_count: int, key_count: int, key_is_real: torch.Tensor | None,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which keys each query may attend to, and the query-key distances.
+
+    The queries are the last `query_count` of `key_count` positions. Causal; padding keys are
+    excluded except a query's own position, so a padding query still attends to something and
+    never produces NaN (0 · NaN would leak into real rows through the values)."""
+    q_index = torch.arange(key_count - query_count, key_count, device=device).unsqueeze(1)
+    k_index = torch.arange(key_count, device=device).unsqueeze(0)
+    distance = q_index - k_index  # (Tq, Tk)
+    allowed = distance >= 0
+    if key_is_real is not None:
+        # (B, Tk) -> (B, 1, Tq, Tk): broadcast over heads.
+        allowed = allowed & (key_is_real[:, None, None, :] | (distance == 0))
+    return allowed, distance
+
+
+def span_weights(scores: torch.Tensor, allowed: torch.Tensor, ramp: torch.Tensor) -> torch.Tensor:
+    """Softmax over allowed keys, times the span ramp, renormalised (the paper's order: masking
+    after the softmax keeps the ramp's gradient to z well-defined where m reaches 0)."""
+    weights = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1)
+    weights = weights * ramp
+    return weights / (weights.sum(dim=-1, keepdim=True) + 1e-8)
+
+
+def blocked_span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           span: AdaptiveSpan, window: int, dropout_p: float) -> torch.Tensor:
+    """Exact span attention in O(T·W): query block b sees key blocks b−1 and b only."""
+    batch, heads, time, dim = q.shape
+    blocks = math.ceil(time / window)
+    pad = blocks * window - time
+    q = F.pad(q, (0, 0, 0, pad)).view(batch, heads, blocks, window, dim)
+
+    def neighbours(t: torch.Tensor) -> torch.Tensor:
+        # Prepend one empty block, then pair each block with the one before it.
+        t = F.pad(t, (0, 0, window, pad)).view(batch, heads, blocks + 1, window, dim)
+        return torch.cat([t[:, :, :-1], t[:, :, 1:]], dim=3)  # (B, H, blocks, 2W, dim)
+
+    k, v = neighbours(k), neighbours(v)
+    local_q = torch.arange(window, device=q.device).view(window, 1)
+    local_k = torch.arange(2 * window, device=q.device).view(1, 2 * window)
+    distance = window + local_q - local_k  # (W, 2W), the same for every block
+    block = torch.arange(blocks, device=q.device).view(blocks, 1, 1)
+    key_exists = (block - 1) * window + local_k >= 0  # block 0 has no block before it
+    allowed = (distance >= 0) & key_exists  # (blocks, W, 2W)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(dim)
+    ramp = span.ramp_mask(distance.to(q.dtype)).unsqueeze(1)  # (H, 1, W, 2W)
+    weights = span_weights(scores, allowed, ramp)
+    weights = F.dropout(weights, dropout_p) if dropout_p else weights
+    out = weights.to(v.dtype) @ v  # (B, H, blocks, W, dim)
+    return out.view(batch, heads, blocks * window, dim)[:, :, :time]
+
+
+def dense_span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: AdaptiveSpan,
+                         allowed: torch.Tensor, distance: torch.Tensor,
+                         dropout_p: float) -> torch.Tensor:
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    weights = span_weights(scores, allowed, span.ramp_mask(distance.to(q.dtype)))
+    weights = F.dropout(weights, dropout_p) if dropout_p else weights
+    return weights.to(v.dtype) @ v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, span: AdaptiveSpan | None
+                 ) -> None:
+        super().__init__()
+        assert n_embd % n_head == 0
+        self.n_head = n_head
+        # One projection for query, key and value: one matmul instead of three.
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.dropout = dropout
+        self.span = span
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                key_is_real: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, C). With a cache, x holds only the new positions; key_is_real (B, L) marks
+        the real (non-padding) tokens of everything fed so far."""
+        batch, time, channels = x.shape
+        q, k, v = self.qkv(x).split(channels, dim=2)
+        # (B, T, C) -> (B, heads, T, head_dim): attention runs per head.
+        q, k, v = (t.view(batch, time, self.n_head, channels // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        dropout_p = self.dropout if self.training else 0.0
+        window = self.span.window() if self.span is not None else None
+        if key_is_real is not None:
+            key_is_real = key_is_real[:, -k.size(2):]  # the cache may hold only a window
+        if self.span is None and cache is None and key_is_real is None:
+            # SDPA picks the fastest kernel available (flash / memory-efficient / math).
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        elif self.span is not None and cache is None and key_is_real is None and time > 2 * window:
+            y = blocked_span_attention(q, k, v, self.span, window, dropout_p)
+        else:
+            allowed, distance = allowed_keys(time, k.size(2), key_is_real, x.device)
+            if self.span is None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                                   dropout_p=dropout_p)
+            else:
+                y = dense_span_attention(q, k, v, self.span, allowed, distance, dropout_p)
+        if cache is not None:
+            cache.keep(k, v, window)
+        y = y.transpose(1, 2).contiguous().view(batch, time, channels)
+        return self.proj(y)
