@@ -64,6 +64,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr-decay-every", type=int, default=defaults.lr_decay_every)
     p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    p.add_argument("--attention-span", action="store_true",
+                   help="learnable per-head attention span (keys beyond the learnt window are "
+                   "never computed); default: standard causal attention")
+    p.add_argument("--span-ramp", type=int, default=defaults.span_ramp,
+                   help="width of the soft edge of each head's span, tokens")
+    p.add_argument("--span-penalty", type=float, default=defaults.span_penalty,
+                   help="weight of the L1 penalty on spans in the loss")
+    p.add_argument("--accumulation", default=defaults.accumulation,
+                   help="gradient accumulation factor: K for every parameter group, or per "
+                   "group, e.g. embeddings=4,lower=2,upper=1,head=1 (--max-steps counts "
+                   "micro-batches)")
     p.add_argument("--log-every", type=int, default=defaults.log_every)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--num-workers", type=int, default=2)
@@ -94,7 +105,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path) -> tuple[TrainConfig,
         model_size=args.model_size, precision=args.precision, max_steps=args.max_steps,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         lr_schedule=args.lr_schedule, lr_decay_every=args.lr_decay_every,
-        warmup_steps=args.warmup_steps,
+        warmup_steps=args.warmup_steps, attention_span=args.attention_span,
+        span_ramp=args.span_ramp, span_penalty=args.span_penalty, accumulation=args.accumulation,
         min_lr=min(TrainConfig.min_lr, args.lr), checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, seed=args.seed)
     spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,

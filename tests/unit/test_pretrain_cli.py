@@ -34,6 +34,8 @@ def unused_port():
     (["--resume"], "--resume: no run with checkpoints under"),
     (["--resume", "--run-dir", "/nonexistent/run"], "no checkpoint in run dir /nonexistent/run"),
     (["--max-failures", "-1"], "--max-failures must be >= 0, got -1"),
+    (["--accumulation", "lower=0"], "accumulation: the factor of 'lower' must be an integer"),
+    (["--attention-span", "--span-ramp", "0"], "span_ramp must be an integer >= 1, got 0"),
 ])
 def test_bad_input_gets_one_clear_message(args, expected, tmp_path):
     result = run_pretrain(*args, tmp_path=tmp_path)

@@ -34,6 +34,15 @@ def test_loss_falls(tmp_path):
     assert metrics["comm_share"] is None  # one process: no all-reduce
 
 
+def test_learnable_span_trains_and_reports_its_spans(tmp_path):
+    metrics = train(tiny(max_steps=20, seq_len=64, attention_span=True, span_ramp=8,
+                         span_penalty=1e-3), LocalSession(tmp_path, device=CPU))
+    assert metrics["loss"] < metrics["first_loss"] - 0.5
+    assert len(metrics["attention_span_mean"]) == 2  # one figure per layer
+    assert all(0 <= span <= 64 for span in metrics["attention_span_mean"])
+    assert 8 <= metrics["attention_window"] <= 64
+
+
 def test_checkpoints_keep_the_last_k(tmp_path):
     session = LocalSession(tmp_path, keep=2, device=CPU)
     train(tiny(), session)
@@ -126,6 +135,32 @@ def test_fp16_scaler_skips_an_overflowing_step():
     scaler.update()
     assert torch.equal(weight.detach(), torch.ones(2))  # step skipped
     assert scaler.get_scale() < scale  # and the scale backed off
+
+
+def test_fp16_overflow_inside_the_loop_is_skipped_counted_and_backs_off(tmp_path, monkeypatch):
+    """An infinite loss on one step (as a real fp16 overflow would give) goes through the whole
+    loop: that step is skipped, counted, the scale halves, and the weights stay finite."""
+    from orchestrator.training import loop
+
+    class OverflowsOnce(loop.GPT):
+        calls = 0
+
+        def forward(self, idx, targets=None, **kwargs):
+            logits, loss = super().forward(idx, targets, **kwargs)
+            if targets is not None and self.training:
+                OverflowsOnce.calls += 1
+                if OverflowsOnce.calls == 3:
+                    loss = loss * float("inf")
+            return logits, loss
+
+    monkeypatch.setattr(loop, "GPT", OverflowsOnce)
+    session = LocalSession(tmp_path, device=CPU)
+    metrics = train(tiny(max_steps=5, precision="fp16", seq_len=16, log_every=5,
+                         checkpoint_every=5), session)
+    assert metrics["skipped_steps"] == 1
+    assert metrics["loss_scale"] == 2.0 ** 16 / 2  # GradScaler's initial scale, backed off once
+    state = load_checkpoint(session.checkpoints()[-1])
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
 def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):

@@ -1,0 +1,195 @@
+"""Hierarchical gradient accumulation: per-group factors, DDP no_sync, exact resume, fp16."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from orchestrator.config import ConfigError, TrainConfig, parse_accumulation
+from orchestrator.training.accumulation import HierarchicalAccumulation
+from orchestrator.training.checkpoint import load_checkpoint
+from orchestrator.training.data import get_batch, load_corpus, split_corpus
+from orchestrator.training.loop import build_optimizer, lr_at, train
+from orchestrator.training.model import GPT, GPTConfig, parameter_groups
+from orchestrator.training.session import LocalSession
+
+CPU = torch.device("cpu")
+
+
+def tiny(**overrides):
+    base = dict(model_size="tiny", batch_size=4, seq_len=32, max_steps=12, warmup_steps=2,
+                checkpoint_every=6, log_every=6, eval_batches=1)
+    return TrainConfig(**{**base, **overrides})
+
+
+def final_weights(run_dir):
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    return load_checkpoint(checkpoints[-1])["model"]
+
+
+def ordinary_accumulation(config: TrainConfig, k: int) -> dict[str, torch.Tensor]:
+    """Textbook accumulation, written independently of the loop: loss/k per micro-batch,
+    one clipped optimizer step every k micro-batches."""
+    train_tokens, _ = split_corpus(load_corpus())
+    torch.manual_seed(config.seed)
+    model = GPT(GPTConfig.from_train_config(config))
+    optimizer = build_optimizer(model, config)
+    for step in range(config.max_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        x, y = get_batch(train_tokens, config.batch_size, config.seq_len, seed=config.seed,
+                         rank=0, step=step)
+        _, loss = model(x, y)
+        (loss / k).backward()
+        if (step + 1) % k == 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return model.state_dict()
+
+
+def test_equal_factors_are_exactly_ordinary_accumulation(tmp_path):
+    # k a power of two: dividing each micro-batch's loss by k (textbook) and the summed
+    # gradient by k (the loop) then round identically, so "equal" can mean bit-equal.
+    config = tiny(accumulation="4")
+    metrics = train(config, LocalSession(tmp_path, device=CPU))
+    assert metrics["optimizer_steps"] == dict.fromkeys(("embeddings", "lower", "upper",
+                                                        "head"), 3)
+    expected = ordinary_accumulation(config, 4)
+    got = final_weights(tmp_path)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_each_group_steps_every_k_micro_batches():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=16))
+    groups = parameter_groups(model)
+    accumulation = HierarchicalAccumulation(groups, {"embeddings": 1, "lower": 2,
+                                                     "upper": 4, "head": 1})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    snapshot = {name: [p.detach().clone() for p in params] for name, params in groups.items()}
+    changed_at = {name: [] for name in groups}
+    for step in range(8):
+        idx = torch.randint(0, 256, (2, 16))
+        model(idx, idx)[1].backward()
+        accumulation.step(step, optimizer, scaler, grad_clip=1.0)
+        for name, params in groups.items():
+            now = [p.detach().clone() for p in params]
+            if any(not torch.equal(a, b) for a, b in zip(now, snapshot[name])):
+                changed_at[name].append(step)
+            snapshot[name] = now
+    assert changed_at == {"embeddings": list(range(8)), "lower": [1, 3, 5, 7],
+                          "upper": [3, 7], "head": list(range(8))}
+    assert accumulation.optimizer_steps == {"embeddings": 8, "lower": 4, "upper": 2, "head": 8}
+
+
+def test_a_group_steps_with_the_mean_of_its_micro_batch_gradients():
+    weight = torch.nn.Parameter(torch.zeros(3))
+    other = torch.nn.Parameter(torch.zeros(1))
+    accumulation = HierarchicalAccumulation({"lower": [weight], "head": [other]},
+                                            {"lower": 4, "head": 1})
+    optimizer = torch.optim.SGD([weight, other], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    targets = [torch.tensor([1.0, 2.0, 3.0]) * i for i in range(1, 5)]
+    for step, target in enumerate(targets):
+        (-(weight * target).sum() + other.sum()).backward()  # d/dweight = -target
+        accumulation.step(step, optimizer, scaler, grad_clip=0.0)
+    # One SGD step of lr 1 with the mean gradient -mean(targets) = -(2.5 * [1, 2, 3]).
+    assert torch.allclose(weight.detach(), torch.tensor([2.5, 5.0, 7.5]))
+    assert other.item() == -4.0  # stepped every micro-batch
+
+
+def test_a_loss_scale_change_rescales_the_pending_gradients():
+    """fp16: the scale doubles after a good step (growth_interval=1); gradients a waiting group
+    accumulated at the old scale must follow, or its step would be off by that factor."""
+    weight = torch.nn.Parameter(torch.zeros(2))
+    other = torch.nn.Parameter(torch.zeros(1))
+    accumulation = HierarchicalAccumulation({"lower": [weight], "head": [other]},
+                                            {"lower": 2, "head": 1})
+    optimizer = torch.optim.SGD([weight, other], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)
+    for step in range(2):
+        scaler.scale(-(weight * torch.tensor([1.0, 3.0])).sum() + other.sum()).backward()
+        accumulation.step(step, optimizer, scaler, grad_clip=0.0)
+    assert scaler.get_scale() == 32.0  # grew twice
+    assert torch.allclose(weight.detach(), torch.tensor([1.0, 3.0]))  # true mean gradient
+
+
+def test_no_all_reduce_on_micro_batches_where_no_group_steps(tmp_path):
+    """Under DDP the gradient all-reduce runs only when some group steps (or a checkpoint is
+    due): a world of one process still goes through DDP's reducer and comm hook."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=16))
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        calls = []
+
+        def counting_hook(state, bucket):
+            calls.append(bucket.index())
+            return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(
+                lambda fut: fut.value()[0])
+
+        wrapped.register_comm_hook(None, counting_hook)
+        accumulation = HierarchicalAccumulation(parameter_groups(model), dict.fromkeys(
+            ("embeddings", "lower", "upper", "head"), 2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        synced_steps = []
+        for step in range(4):
+            before = len(calls)
+            idx = torch.randint(0, 256, (2, 16))
+            with accumulation.sync_context(wrapped, bool(accumulation.due(step))):
+                wrapped(idx, idx)[1].backward()
+            accumulation.step(step, optimizer, scaler, grad_clip=0.0)
+            if len(calls) > before:
+                synced_steps.append(step)
+        assert synced_steps == [1, 3]
+    finally:
+        dist.destroy_process_group()
+
+
+class StopsAfter(LocalSession):
+    """Dies right after the checkpoint of `step` is saved, like a killed worker."""
+
+    def __init__(self, run_dir, step):
+        super().__init__(run_dir, device=CPU)
+        self.stop_step = step
+
+    def report(self, metrics, checkpoint_dir):
+        super().report(metrics, checkpoint_dir)
+        if metrics["step"] == self.stop_step:
+            raise RuntimeError("worker killed")
+
+
+def test_resume_mid_accumulation_is_exact(tmp_path):
+    """Stopped at step 6 while 'upper' (k=4) holds two micro-batches of gradient: the pending
+    gradients travel in the checkpoint and the resumed run ends bit-equal."""
+    config = tiny(accumulation="lower=2,upper=4", max_steps=12, checkpoint_every=6)
+    train(config, LocalSession(tmp_path / "straight", device=CPU))
+    with pytest.raises(RuntimeError, match="worker killed"):
+        train(config, StopsAfter(tmp_path / "resumed", step=6))
+    state = load_checkpoint(sorted((tmp_path / "resumed").glob("checkpoint_*"))[-1])
+    assert any(name.startswith("blocks.1.") for name in state["pending_gradients"])
+    train(config, LocalSession(tmp_path / "resumed", device=CPU))
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("0", "must be an integer in \\[1, 1024\\]"),
+    ("lower=two", "factor of 'lower'"),
+    ("middle=2", "unknown group 'middle'"),
+    ("lower=2,lower=3", "given twice"),
+])
+def test_invalid_factors_are_refused_naming_the_field(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(accumulation=spec)
+
+
+def test_factor_spec_forms():
+    assert parse_accumulation("2") == {"embeddings": 2, "lower": 2, "upper": 2, "head": 2}
+    assert parse_accumulation("upper=8") == {"embeddings": 1, "lower": 1, "upper": 8,
+                                             "head": 1}
