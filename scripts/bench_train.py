@@ -1,0 +1,181 @@
+"""Training-engine benchmark: every figure measured in this one run, on this machine.
+
+- ray_vs_plain_throughput: tokens/s of jobs/pretrain.py (Ray Train, one worker with all CPUs)
+  over the same config in a plain process (`train` with LocalSession): Ray's overhead.
+- mfu_cpu: MFU of the plain run against the CPU peak measured by a timed matmul.
+- recovery_s: a Ray Train worker SIGKILLed mid-run -> first step after the automatic resume.
+- span_speedup: forward time at long context of a full-attention model over a learnt-span model
+  (keys beyond the learnt window never computed); span_train_speedup: the same for training
+  steps; span_loss_delta: held-out loss (span) − held-out loss (full) after equal steps.
+- fp16_skipped_steps: overflowing steps the dynamic loss scaler skipped in a short fp16 run
+  (fp16 is emulated on this CPU: the count is real, the speed is not meaningful).
+
+The last line printed is one JSON object with these figures.
+Usage: python scripts/bench_train.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "jobs"))
+
+from orchestrator.config import TrainConfig  # noqa: E402
+from orchestrator.training.data import VOCAB_SIZE  # noqa: E402
+from orchestrator.training.loop import train  # noqa: E402
+from orchestrator.training.model import GPT, GPTConfig  # noqa: E402
+from orchestrator.training.session import LocalSession  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def plain_vs_ray(steps: int, workdir: Path) -> dict:
+    import pretrain
+
+    args = dict(model_size="small", batch_size=16, seq_len=128, max_steps=steps,
+                checkpoint_every=steps, log_every=max(steps // 4, 1), warmup_steps=5)
+    plain = train(TrainConfig(**args), LocalSession(workdir / "plain", device=CPU))
+    run_dir = workdir / "ray"
+    code = pretrain.main(["--model-size", "small", "--batch-size", "16", "--seq-len", "128",
+                          "--max-steps", str(steps), "--checkpoint-every", str(steps),
+                          "--log-every", str(args["log_every"]), "--warmup-steps", "5",
+                          "--num-workers", "1", "--cpus-per-worker", str(os.cpu_count()),
+                          "--run-dir", str(run_dir)])
+    if code != 0:
+        raise SystemExit(f"jobs/pretrain.py failed with exit code {code}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"plain_tokens_per_s": round(plain["run_tokens_per_s"]),
+            "ray_tokens_per_s": round(summary["tokens_per_s"]),
+            "ray_vs_plain_throughput": round(summary["tokens_per_s"]
+                                             / plain["run_tokens_per_s"], 3),
+            "mfu_cpu": round(plain["mfu"], 4)}
+
+
+def measure_recovery(run_dir: Path, extra_args: list[str], timeout_s: float = 600) -> dict:
+    """Run jobs/pretrain.py, SIGKILL one Ray Train worker once Ray Train has registered a
+    checkpoint, and return the job's exit code, its summary and the recovery time (kill ->
+    first step after the automatic resume). Shared with the integration test."""
+    import psutil
+    import pretrain
+
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.setdefault("code", pretrain.main(
+        [*extra_args, "--run-dir", str(run_dir)])))
+    job.start()
+    # Kill only once Ray Train has registered a checkpoint (its snapshot lists one).
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout_s
+    while not (snapshot.exists() and "checkpoint_" in snapshot.read_text(errors="ignore")):
+        if time.monotonic() > deadline or not job.is_alive():
+            job.join(timeout=5)
+            raise RuntimeError("no checkpoint was registered before the job ended or timed out")
+        time.sleep(0.5)
+    workers = [p for p in psutil.process_iter(["cmdline"])
+               if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    if not workers:
+        raise RuntimeError("no Ray Train worker process found")
+    os.kill(workers[0].pid, signal.SIGKILL)
+    killed_at = time.time()
+    job.join(timeout=timeout_s)
+    summary = json.loads((run_dir / "summary.json").read_text()) if outcome.get("code") == 0 \
+        else {}
+    recovery = summary["first_step_at"] - killed_at if summary else None
+    return {"code": outcome.get("code"), "summary": summary, "recovery_s": recovery}
+
+
+def recovery(workdir: Path) -> dict:
+    result = measure_recovery(workdir / "killed", [
+        "--model-size", "tiny", "--batch-size", "4", "--seq-len", "32", "--num-workers", "2",
+        "--max-steps", "300", "--checkpoint-every", "20", "--log-every", "50"])
+    if result["code"] != 0:
+        raise SystemExit(f"the killed-worker run failed (exit {result['code']})")
+    return {"recovery_s": round(result["recovery_s"], 1),
+            "recovery_resumed_from_step": result["summary"]["resumed_from_step"]}
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def attention_span(steps: int, seq_len: int, workdir: Path) -> dict:
+    """Equal steps with and without a learnt span at long context; then time both models."""
+    common = dict(model_size="small", batch_size=4, seq_len=seq_len, max_steps=steps,
+                  checkpoint_every=steps, log_every=max(steps // 4, 1), warmup_steps=10,
+                  eval_batches=4)
+    results, models = {}, {}
+    for name, extra in (("full", {}), ("span", {"attention_span": True, "span_ramp": 32})):
+        config = TrainConfig(**common, **extra)
+        session = LocalSession(workdir / f"span-{name}", device=CPU)
+        results[name] = train(config, session)
+        model = GPT(GPTConfig.from_train_config(config, vocab_size=VOCAB_SIZE))
+        from orchestrator.training.checkpoint import load_checkpoint
+        model.load_state_dict(load_checkpoint(session.checkpoints()[-1])["model"])
+        models[name] = model.eval()
+    idx = torch.randint(0, VOCAB_SIZE, (4, seq_len))
+
+    def forward(model):
+        with torch.no_grad():
+            model(idx)
+
+    full_s = median_seconds(lambda: forward(models["full"]), 5)
+    span_s = median_seconds(lambda: forward(models["span"]), 5)
+    return {"span_seq_len": seq_len,
+            "span_speedup": round(full_s / span_s, 2),
+            "span_forward_ms": {"full": round(full_s * 1e3, 1), "span": round(span_s * 1e3, 1)},
+            "span_train_speedup": round(results["span"]["run_tokens_per_s"]
+                                        / results["full"]["run_tokens_per_s"], 2),
+            "span_window": results["span"]["attention_window"],
+            "span_mean_per_layer": results["span"]["attention_span_mean"],
+            "span_loss_delta": round(results["span"]["held_out_loss"]
+                                     - results["full"]["held_out_loss"], 4),
+            "held_out_loss": {"full": round(results["full"]["held_out_loss"], 4),
+                              "span": round(results["span"]["held_out_loss"], 4)}}
+
+
+def fp16_skips(workdir: Path) -> dict:
+    metrics = train(TrainConfig(model_size="tiny", batch_size=4, seq_len=32, max_steps=20,
+                                precision="fp16", checkpoint_every=20, log_every=20),
+                    LocalSession(workdir / "fp16", device=CPU))
+    return {"fp16_skipped_steps": metrics["skipped_steps"],
+            "fp16_final_loss_scale": metrics["loss_scale"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer steps and a shorter context (a smoke run, not a result)")
+    args = parser.parse_args()
+    figures: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        workdir = Path(tmp)
+        figures.update(plain_vs_ray(20 if args.quick else 100, workdir))
+        print(json.dumps(figures), flush=True)
+        figures.update(recovery(workdir))
+        print(json.dumps(figures), flush=True)
+        figures.update(attention_span(20 if args.quick else 150,
+                                      256 if args.quick else 1024, workdir))
+        print(json.dumps(figures), flush=True)
+        figures.update(fp16_skips(workdir))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
