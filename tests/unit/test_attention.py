@@ -25,7 +25,7 @@ def test_ramp_mask_follows_the_formula():
     assert span.window() == 6  # distances 0..5 have weight > 0
 
 
-@pytest.mark.parametrize("time", [7, 40, 64])
+@pytest.mark.parametrize("time", [7, 40, 56, 64])  # 56: a whole number of windows
 def test_blocked_attention_equals_dense_span_attention(time):
     torch.manual_seed(0)
     span = span_module([0.05, 0.15])  # z = 3.2 and 9.6 tokens: window 14
