@@ -7,6 +7,10 @@ It also measures node-to-node bandwidth through the Ray object store, the path t
 and checkpoints actually take: it `ray.put`s a buffer and asks each peer agent to `ray.get` it,
 timing the fetch on the peer. Measurements run on their own timer thread and land in every
 later report as `bandwidth_gbps`.
+
+Every report is also exported as metrics (orchestrator/metrics.py: per-GPU memory and
+utilization, host load and memory, measured bandwidth), so Prometheus sees each node at the
+heartbeat's pace.
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ import ray
 from actors.probes import (BANDWIDTH_DEFAULT_BYTES, bandwidth_probe_bytes, best_bandwidth_gbps,
                            probe_gpus, probe_host, run_probe)
 from actors.scheduler import NAMESPACE, SCHEDULER_NAME
+from actors.telemetry import record_all
 from orchestrator.inventory import NodeReport, check_network_labels
+from orchestrator.metrics import node_samples
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,8 @@ class NodeAgent:
 
     def report_now(self) -> NodeReport:
         report = self.collect()
+        # Exported before sending: a node whose scheduler is away still shows in Prometheus.
+        record_all(node_samples(report))
         # Bounded: a scheduler stuck restarting must not freeze this agent's heartbeat.
         ray.get(self._scheduler().report.remote(report), timeout=30)
         return report

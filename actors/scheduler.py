@@ -16,6 +16,8 @@ import time
 
 import ray
 
+from actors.telemetry import record_all
+from orchestrator import metrics
 from orchestrator.config import JobSpec
 from orchestrator.inventory import ClusterState, NodeReport
 from orchestrator.placement import Placement, PlacementError, Queued, Rejection, place
@@ -75,6 +77,14 @@ class SchedulerActor:
         Errors come back as data, not exceptions: the caller gets the reasons, no traceback.
         A retry by the same owner (e.g. Ray re-sending after a scheduler restart) gets the
         placement it already has."""
+        start = time.perf_counter()
+        decision = self._place(spec, owner, dry_run, explain)
+        if not dry_run:  # a dry run (`status`/`place` CLI, queue checks) decides nothing
+            record_all(metrics.decision_samples(decision, time.perf_counter() - start))
+        return decision
+
+    def _place(self, spec: JobSpec, owner: str = "", dry_run: bool = False,
+               explain: bool | None = None) -> Placement | Rejection:
         with self.lock:
             self._reclaim_orphans()
             held = self.placements.get(spec.name)
@@ -94,6 +104,12 @@ class SchedulerActor:
     def submit(self, spec: JobSpec, owner: str = "") -> Placement | Queued | Rejection:
         """Place now, or queue the job when it fits the cluster but not its free capacity (or
         higher-priority jobs wait); reject only what can never fit, or a name in use."""
+        start = time.perf_counter()
+        decision = self._submit(spec, owner)
+        record_all(metrics.decision_samples(decision, time.perf_counter() - start))
+        return decision
+
+    def _submit(self, spec: JobSpec, owner: str) -> Placement | Queued | Rejection:
         with self.lock:
             if self.queue.holds(spec.name):
                 if owner and self.queue.owner_of(spec.name) == owner:  # a retried call
@@ -101,11 +117,11 @@ class SchedulerActor:
                 return Rejection(spec.name, f"job '{spec.name}' is already queued by another "
                                             "driver (two launches of the same run?)")
             if self.queue.outranks(spec):
-                decision = self.place(spec, owner, dry_run=True, explain=False)
+                decision = self._place(spec, owner, dry_run=True, explain=False)
                 if isinstance(decision, Placement):
                     return self._enqueue(spec, owner, "behind higher-priority waiting job(s)")
             else:
-                decision = self.place(spec, owner)
+                decision = self._place(spec, owner)
             if isinstance(decision, Rejection) and decision.fits_when_free:
                 return self._enqueue(spec, owner, decision.message.splitlines()[0])
             return decision
@@ -164,7 +180,7 @@ class SchedulerActor:
     # -- maintenance ----------------------------------------------------------------------
     def maintain(self) -> dict:
         """One maintenance pass (also run by the timer thread); returns what it changed."""
-        alive, gone = _ray_nodes()
+        alive, gone, retired = _ray_nodes()
         with self.lock:
             now = time.time()
             changes = {"dead_by_ray": [], "expired": [], "lost_reservations": []}
@@ -184,6 +200,10 @@ class SchedulerActor:
             if any(changes.values()):
                 log.warning("scheduler maintenance: %s", changes)
                 self._persist()
+            gauges = metrics.scheduler_samples(
+                self.state, [job.enqueued_at for job in self.queue.waiting.values()],
+                len(self.state.reservations), now, retired)
+        record_all(gauges)
         if unreported:  # outside the lock: creating actors can take a while
             _ensure_agents_on(unreported)
         changes["agents_ensured"] = unreported
@@ -198,9 +218,14 @@ class SchedulerActor:
                 log.warning("scheduler maintenance failed: %s", e)
 
     def _drain(self) -> list[Placement]:
+        rejected_before = set(self.queue.rejected)
         placed = self.queue.drain(self.state, time.time())
         for placement in placed:
             self.placements[placement.job_name] = placement
+            record_all(metrics.decision_samples(placement, latency_s=None))
+        for name in set(self.queue.rejected) - rejected_before:
+            record_all(metrics.decision_samples(self.queue.rejected[name], latency_s=None,
+                                                reason=metrics.REJECT_CLUSTER_SHRANK))
         if placed:
             self._persist()
         return placed
@@ -265,11 +290,13 @@ class SchedulerActor:
                         len(self.state.reservations), len(self.queue.waiting))
 
 
-def _ray_nodes() -> tuple[set[str], set[str]]:
-    """(alive, dead) node ids as Ray's GCS sees them."""
+def _ray_nodes() -> tuple[set[str], set[str], set[str]]:
+    """(alive, dead, retired) node ids as Ray's GCS sees them; retired: the dead ones removed
+    on purpose (scale-down, `ray stop`), which metrics do not count as nodes down."""
     nodes = ray.nodes()
-    return ({n["NodeID"] for n in nodes if n["Alive"]},
-            {n["NodeID"] for n in nodes if not n["Alive"]})
+    dead = [n for n in nodes if not n["Alive"]]
+    return ({n["NodeID"] for n in nodes if n["Alive"]}, {n["NodeID"] for n in dead},
+            {n["NodeID"] for n in dead if n.get("DeathReason") in metrics.RAY_DEATH_EXPECTED})
 
 
 def _ensure_agents_on(node_ids: list[str]) -> None:

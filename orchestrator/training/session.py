@@ -126,6 +126,13 @@ class RayTrainSession:
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         import ray.train
 
+        from actors.telemetry import record_all
+        from orchestrator.metrics import training_samples
+
+        # Also to Prometheus (via Ray's metrics agent), per worker: loss, tokens/s, MFU, ...
+        # The run is Ray Train's experiment name: the run directory's name.
+        run = ray.train.get_context().get_experiment_name()
+        record_all(training_samples(metrics, run, self.world_rank))
         metrics = {**metrics, "worker_nodes": self.worker_nodes()}
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)

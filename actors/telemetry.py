@@ -1,0 +1,80 @@
+"""Record catalogue metrics (orchestrator/metrics.py) through ray.util.metrics.
+
+Thin on purpose: names, kinds, buckets and tag keys come from the catalogue; this module only
+creates the Ray metric objects (lazily, once per process: creating one registers it with the
+worker's metrics recorder, which needs a connected Ray worker) and records values.
+
+Recording must never break what is being measured: a failure is logged once per metric and
+the value dropped. A wrong tag set, however, is a programming error and raises (tests catch
+it), which `record` does before touching Ray.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import Any, Iterable
+
+from orchestrator.metrics import COUNTER, GAUGE, HISTOGRAM, MetricSpec
+
+log = logging.getLogger(__name__)
+
+_metrics: dict[str, Any] = {}  # metric name -> ray.util.metrics object, this process
+_lock = threading.Lock()  # actors record from several threads (heartbeat, Ray's, maintenance)
+_failed: set[str] = set()  # metrics whose failure was already logged
+
+
+def tag_values(spec: MetricSpec, tags: dict[str, Any]) -> dict[str, str]:
+    """Tags as Ray wants them (every declared key, string values), or ValueError naming the
+    metric and the keys that are missing or unknown."""
+    missing, unknown = set(spec.tag_keys) - set(tags), set(tags) - set(spec.tag_keys)
+    if missing or unknown:
+        raise ValueError(f"metric {spec.name}: tags must be exactly {list(spec.tag_keys)}; "
+                         f"missing {sorted(missing)}, unknown {sorted(unknown)}")
+    return {key: str(value) for key, value in tags.items()}
+
+
+def _metric(spec: MetricSpec) -> Any:
+    with _lock:
+        metric = _metrics.get(spec.name)
+        if metric is None:
+            from ray.util import metrics as ray_metrics
+
+            if spec.kind == COUNTER:
+                metric = ray_metrics.Counter(spec.name, spec.description, spec.tag_keys)
+            elif spec.kind == GAUGE:
+                metric = ray_metrics.Gauge(spec.name, spec.description, spec.tag_keys)
+            else:
+                metric = ray_metrics.Histogram(spec.name, spec.description,
+                                               list(spec.buckets), spec.tag_keys)
+            _metrics[spec.name] = metric
+        return metric
+
+
+def record(spec: MetricSpec, value: float | int | None, **tags: Any) -> None:
+    """Set a gauge, add to a counter or observe a histogram value. None, NaN and infinities
+    are skipped (a figure not measured is not a zero); so is a counter increment <= 0."""
+    tags = tag_values(spec, tags)
+    if value is None:
+        return
+    value = float(value)  # numpy scalars: Ray accepts only int/float
+    if not math.isfinite(value) or (spec.kind == COUNTER and value <= 0):
+        return
+    try:
+        metric = _metric(spec)
+        if spec.kind == COUNTER:
+            metric.inc(value, tags)
+        elif spec.kind == GAUGE:
+            metric.set(value, tags)
+        elif spec.kind == HISTOGRAM:
+            metric.observe(value, tags)
+    except Exception as e:  # metrics are never worth failing a heartbeat or a placement
+        if spec.name not in _failed:
+            _failed.add(spec.name)
+            log.warning("cannot record metric %s: %s: %s", spec.name, type(e).__name__, e)
+
+
+def record_all(samples: Iterable[tuple[MetricSpec, float | None, dict[str, Any]]]) -> None:
+    """record() each (spec, value, tags) sample, as built by orchestrator.metrics."""
+    for spec, value, tags in samples:
+        record(spec, value, **tags)

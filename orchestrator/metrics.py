@@ -1,0 +1,352 @@
+"""Every metric the product exports and every alert threshold, in one place.
+
+Node agents, the scheduler, training workers and serving replicas record these through
+`ray.util.metrics` (see actors/telemetry.py); Ray's metrics agent on each node exposes them to
+Prometheus with a `ray_` prefix, counters with a further `_total` suffix, histograms as
+`_bucket`/`_sum`/`_count`. `MetricSpec.exported` gives the name to query. Ray adds its own
+labels too (SessionName, NodeAddress, WorkerId, Component, Version), so the label sets here
+are the ones we set, not all a series carries.
+
+The alert rules (monitoring/alerts.yml), the Grafana dashboard
+(monitoring/grafana_dashboard.json) and the metrics table (docs/metrics.md) are checked
+against this module by tests/unit/test_metrics_catalogue.py: change a name or a threshold here
+and those tests say what else must follow.
+
+Pure data: importing this module needs neither Ray nor torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+RAY_PREFIX = "ray_"  # what Ray's Prometheus exporter puts in front of every application metric
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: `name` is what the code records, `exported` what Prometheus sees."""
+
+    name: str
+    kind: str  # COUNTER, GAUGE or HISTOGRAM
+    description: str
+    unit: str  # human unit for docs and dashboards ("bytes", "seconds", "ratio", "1", ...)
+    tag_keys: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None  # histogram upper bounds (Ray requires > 0)
+
+    def __post_init__(self) -> None:
+        if self.kind not in (COUNTER, GAUGE, HISTOGRAM):
+            raise ValueError(f"metric {self.name}: kind must be counter, gauge or histogram, "
+                             f"got {self.kind!r}")
+        if (self.kind == HISTOGRAM) != bool(self.buckets):
+            raise ValueError(f"metric {self.name}: buckets are required for a histogram and "
+                             "only for one")
+        if self.buckets and (any(b <= 0 for b in self.buckets)
+                             or list(self.buckets) != sorted(set(self.buckets))):
+            raise ValueError(f"metric {self.name}: buckets must be positive and increasing, "
+                             f"got {self.buckets}")
+        if self.kind == COUNTER and self.name.endswith("_total"):
+            raise ValueError(f"metric {self.name}: Ray appends _total to counters itself")
+
+    @property
+    def exported(self) -> str:
+        """The series name to query in Prometheus (for a histogram, the base of
+        _bucket/_sum/_count)."""
+        suffix = "_total" if self.kind == COUNTER else ""
+        return f"{RAY_PREFIX}{self.name}{suffix}"
+
+
+# Bucket bounds. Each alert threshold on a histogram is itself a bound, so that
+# histogram_quantile() is exact at the threshold rather than interpolated across it.
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Placement is a few numpy passes: milliseconds on thousands of nodes; seconds means trouble.
+PLACEMENT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+# -- node agents (actors/node_agent.py), one set per node -------------------------------------
+NODE_TAGS = ("node_id", "node_type")
+GPU_TAGS = NODE_TAGS + ("gpu", "accelerator")
+
+GPU_MEMORY_USED = MetricSpec(
+    "orchestrator_gpu_memory_used_bytes", GAUGE,
+    "GPU memory in use, per GPU, as NVML measures it (declared GPUs are not measured)",
+    "bytes", GPU_TAGS)
+GPU_MEMORY_TOTAL = MetricSpec(
+    "orchestrator_gpu_memory_total_bytes", GAUGE,
+    "GPU memory capacity, per GPU, as NVML measures it", "bytes", GPU_TAGS)
+GPU_UTILIZATION = MetricSpec(
+    "orchestrator_gpu_utilization_ratio", GAUGE,
+    "Share of the last sample period a kernel ran on the GPU (NVML), 0-1", "ratio", GPU_TAGS)
+NODE_GPUS = MetricSpec(
+    "orchestrator_node_gpus", GAUGE,
+    "Accelerators the node agent sees, by source: nvml (measured) or declared (node labels)",
+    "1", NODE_TAGS + ("source",))
+NODE_LOAD_PER_CPU = MetricSpec(
+    "orchestrator_node_load_per_cpu", GAUGE,
+    "1-minute load average over the CPUs the OS sees", "ratio", NODE_TAGS)
+NODE_MEMORY_USED = MetricSpec(
+    "orchestrator_node_memory_used_ratio", GAUGE,
+    "Host RAM in use (1 - available/total), 0-1", "ratio", NODE_TAGS)
+NODE_BANDWIDTH = MetricSpec(
+    "orchestrator_node_bandwidth_bytes_per_second", GAUGE,
+    "Measured throughput from this node to a peer through Ray's object store (best of 2 "
+    "rounds of 8 MiB)", "bytes/s", NODE_TAGS + ("peer",))
+NODE_PROBE_FAILURES = MetricSpec(
+    "orchestrator_node_probe_failures", COUNTER,
+    "Probe runs that failed, by probe (nvml, declared, host, network-labels)", "1",
+    NODE_TAGS + ("probe",))
+
+# -- scheduler (actors/scheduler.py), one per cluster -----------------------------------------
+SCHEDULER_NODES = MetricSpec(
+    "orchestrator_scheduler_nodes", GAUGE,
+    "Nodes known to the scheduler, by health (healthy, suspect: heartbeat late, dead); nodes "
+    "the autoscaler removed on purpose are not counted as dead", "1", ("health",))
+SCHEDULER_QUEUE_LENGTH = MetricSpec(
+    "orchestrator_scheduler_queue_length", GAUGE,
+    "Jobs waiting in the scheduler's queue for capacity", "1")
+SCHEDULER_QUEUE_OLDEST_WAIT = MetricSpec(
+    "orchestrator_scheduler_queue_oldest_wait_seconds", GAUGE,
+    "How long the longest-waiting queued job has waited (0 when the queue is empty)", "seconds")
+SCHEDULER_JOBS_PLACED = MetricSpec(
+    "orchestrator_scheduler_jobs_placed", GAUGE,
+    "Jobs currently holding a reservation", "1")
+SCHEDULER_PLACEMENTS = MetricSpec(
+    "orchestrator_scheduler_placement_decisions", COUNTER,
+    "Placement decisions, by outcome: placed (now or from the queue), queued, rejected", "1",
+    ("outcome",))
+SCHEDULER_PLACEMENT_LATENCY = MetricSpec(
+    "orchestrator_scheduler_placement_latency_seconds", HISTOGRAM,
+    "Time to decide one submit/place request, by outcome", "seconds", ("outcome",),
+    PLACEMENT_BUCKETS_S)
+SCHEDULER_REJECTIONS = MetricSpec(
+    "orchestrator_scheduler_rejections", COUNTER,
+    "Jobs refused, by reason: duplicate (name in use), capacity (larger than the cluster), "
+    "bandwidth (no node set fast enough), busy (fits once jobs finish; place() only), "
+    "cluster_shrank (was queued, can no longer fit)", "1", ("reason",))
+
+# Rejection reasons, a closed set so the label cannot grow without bound.
+REJECT_DUPLICATE = "duplicate"  # a job of that name already runs or waits
+REJECT_CAPACITY = "capacity"  # larger than the healthy cluster even when idle
+REJECT_BANDWIDTH = "bandwidth"  # room exists, but not with the required bandwidth between nodes
+REJECT_BUSY = "busy"  # fits once running jobs release (place() without queueing)
+REJECT_CLUSTER_SHRANK = "cluster_shrank"  # was queued; nodes left and it can never fit now
+REJECTION_REASONS = (REJECT_DUPLICATE, REJECT_CAPACITY, REJECT_BANDWIDTH, REJECT_BUSY,
+                     REJECT_CLUSTER_SHRANK)
+
+# -- training (orchestrator/training/session.py, RayTrainSession.report), per worker ----------
+TRAIN_TAGS = ("run", "rank")
+
+TRAIN_LOSS = MetricSpec("orchestrator_train_loss", GAUGE,
+                        "Training loss at the last report", "nats/token", TRAIN_TAGS)
+TRAIN_TOKENS_PER_SECOND = MetricSpec(
+    "orchestrator_train_tokens_per_second", GAUGE,
+    "Tokens this worker trained per second over the last logging interval", "tokens/s",
+    TRAIN_TAGS)
+TRAIN_MFU = MetricSpec(
+    "orchestrator_train_mfu_ratio", GAUGE,
+    "Model FLOPs utilisation (PaLM's 6N + 12LHQT FLOPs/token x tokens/s over the device's "
+    "peak), 0-1", "ratio", TRAIN_TAGS)
+TRAIN_COMM_SHARE = MetricSpec(
+    "orchestrator_train_comm_share_ratio", GAUGE,
+    "Share of step time spent in the gradient all-reduce over the last interval, 0-1",
+    "ratio", TRAIN_TAGS)
+TRAIN_PEAK_MEMORY = MetricSpec(
+    "orchestrator_train_peak_memory_bytes", GAUGE,
+    "Peak memory of the worker (CUDA max allocated, or peak RSS on CPU)", "bytes", TRAIN_TAGS)
+TRAIN_MEMORY_FRACTION = MetricSpec(
+    "orchestrator_train_memory_fraction_ratio", GAUGE,
+    "Peak memory over the device's capacity, 0-1", "ratio", TRAIN_TAGS)
+TRAIN_LOSS_SCALE = MetricSpec(
+    "orchestrator_train_loss_scale", GAUGE,
+    "fp16 dynamic loss scale (absent in bf16/fp32)", "1", TRAIN_TAGS)
+TRAIN_SKIPPED_STEPS = MetricSpec(
+    "orchestrator_train_skipped_steps", GAUGE,
+    "Optimizer steps skipped so far for inf/NaN gradients (fp16)", "1", TRAIN_TAGS)
+TRAIN_STEP = MetricSpec("orchestrator_train_step", GAUGE,
+                        "Optimizer step of the last report", "1", TRAIN_TAGS)
+
+# The RayTrainSession.report metrics dict key behind each training metric.
+TRAIN_REPORT_KEYS: dict[str, MetricSpec] = {
+    "loss": TRAIN_LOSS,
+    "tokens_per_s": TRAIN_TOKENS_PER_SECOND,
+    "mfu": TRAIN_MFU,
+    "comm_share": TRAIN_COMM_SHARE,
+    "peak_memory_bytes": TRAIN_PEAK_MEMORY,
+    "memory_fraction": TRAIN_MEMORY_FRACTION,
+    "loss_scale": TRAIN_LOSS_SCALE,
+    "skipped_steps": TRAIN_SKIPPED_STEPS,
+    "step": TRAIN_STEP,
+}
+
+# -- serving (orchestrator/serving/), per replica ---------------------------------------------
+SERVE_TAGS = ("deployment", "route")
+
+SERVE_REQUESTS = MetricSpec(
+    "orchestrator_serve_requests", COUNTER,
+    "HTTP requests answered, by route and status code (rate() gives QPS)", "1",
+    SERVE_TAGS + ("status",))
+SERVE_ERRORS = MetricSpec(
+    "orchestrator_serve_errors", COUNTER,
+    "Requests that failed, by route and kind (bad_request, overloaded, timeout, internal)",
+    "1", SERVE_TAGS + ("kind",))
+SERVE_REQUEST_LATENCY = MetricSpec(
+    "orchestrator_serve_request_latency_seconds", HISTOGRAM,
+    "Request latency from arrival at the replica to the last byte of the response", "seconds",
+    SERVE_TAGS, LATENCY_BUCKETS_S)
+SERVE_TIME_TO_FIRST_TOKEN = MetricSpec(
+    "orchestrator_serve_time_to_first_token_seconds", HISTOGRAM,
+    "Time from arrival to the first generated token", "seconds", SERVE_TAGS, TTFT_BUCKETS_S)
+SERVE_BATCH_SIZE = MetricSpec(
+    "orchestrator_serve_batch_size", HISTOGRAM,
+    "Requests per batch the model ran (dynamic batching)", "requests", ("deployment",),
+    BATCH_SIZE_BUCKETS)
+SERVE_QUEUE_DEPTH = MetricSpec(
+    "orchestrator_serve_queue_depth", GAUGE,
+    "Requests waiting in the replica's batch queue", "requests", ("deployment",))
+SERVE_TOKENS_PER_SECOND = MetricSpec(
+    "orchestrator_serve_tokens_per_second", GAUGE,
+    "Tokens generated per second by the replica over its last batch", "tokens/s",
+    ("deployment",))
+SERVE_GENERATED_TOKENS = MetricSpec(
+    "orchestrator_serve_generated_tokens", COUNTER,
+    "Tokens generated (rate() gives cluster-wide tokens/s)", "tokens", ("deployment",))
+SERVE_MODEL_VERSION = MetricSpec(
+    "orchestrator_serve_model_version_info", GAUGE,
+    "1 for the model version (checkpoint) a replica serves; hot reload moves it", "1",
+    ("deployment", "version"))
+
+ALL: tuple[MetricSpec, ...] = (
+    GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION, NODE_GPUS, NODE_LOAD_PER_CPU,
+    NODE_MEMORY_USED, NODE_BANDWIDTH, NODE_PROBE_FAILURES,
+    SCHEDULER_NODES, SCHEDULER_QUEUE_LENGTH, SCHEDULER_QUEUE_OLDEST_WAIT, SCHEDULER_JOBS_PLACED,
+    SCHEDULER_PLACEMENTS, SCHEDULER_PLACEMENT_LATENCY, SCHEDULER_REJECTIONS,
+    *TRAIN_REPORT_KEYS.values(),
+    SERVE_REQUESTS, SERVE_ERRORS, SERVE_REQUEST_LATENCY, SERVE_TIME_TO_FIRST_TOKEN,
+    SERVE_BATCH_SIZE, SERVE_QUEUE_DEPTH, SERVE_TOKENS_PER_SECOND, SERVE_GENERATED_TOKENS,
+    SERVE_MODEL_VERSION,
+)
+BY_NAME: dict[str, MetricSpec] = {spec.name: spec for spec in ALL}
+
+# Ray Serve's own metrics that the alerts use (Ray exports them; we only read them).
+RAY_SERVE_REPLICA_HEALTHY = "ray_serve_deployment_replica_healthy"  # gauge, 1 = healthy
+
+# -- alert thresholds (monitoring/alerts.yml uses exactly these) ------------------------------
+# The training thresholds are TrainConfig's warn_* defaults (the once-per-run warning in the
+# progress log); a test keeps the three in step.
+ALERT_MIN_MFU = 0.45  # well-tuned dense LLM training reaches 45-55% MFU (PaLM: 46%)
+ALERT_MAX_COMM_SHARE = 0.15  # more: the all-reduce, not compute, sets the pace
+ALERT_MAX_MEMORY_FRACTION = 0.90  # above it, allocator fragmentation tips into OOM
+ALERT_NODE_DOWN_FOR_S = 60  # the scheduler calls a node suspect after 15 s without heartbeat
+# Twice the default --queue-timeout (600 s): a driver with default settings has given up long
+# before, so a job still waiting is one someone asked to wait for very long, or a queue that
+# does not drain although capacity is free.
+ALERT_QUEUE_STUCK_AFTER_S = 1200
+# Interactive use: 99% of requests within 2 s (a short chat completion of a small model),
+# judged over 5 minutes of traffic so one slow batch does not page anyone.
+ALERT_SERVE_P99_LATENCY_S = 2.0
+ALERT_SERVE_LATENCY_FOR_S = 300
+ALERT_REPLICA_UNHEALTHY_FOR_S = 60  # Serve replaces a failing replica within its health period
+# Training figures are reported every --log-every steps; allow a few reports before alerting.
+ALERT_TRAINING_FOR_S = 300
+
+
+def rejection_reason(message: str, fits_when_free: bool) -> str:
+    """The REJECTION_REASONS label for a Rejection (orchestrator/placement.py), from its
+    headline: the message is the only place placement states which check failed."""
+    headline = message.splitlines()[0] if message else ""
+    if "already holds a reservation" in headline or "already queued" in headline:
+        return REJECT_DUPLICATE
+    if "GB/s between every pair" in headline:
+        return REJECT_BANDWIDTH
+    return REJECT_BUSY if fits_when_free else REJECT_CAPACITY
+
+
+# -- samples: what each component records, as data ------------------------------------------
+# Each builder turns the component's own state into (spec, value, tags) samples; the actors
+# hand them to actors.telemetry.record_all. Pure functions, so tests check them without Ray.
+Sample = tuple[MetricSpec, "float | None", dict[str, str]]
+
+# Node label that says which role a node was launched for (cluster.yaml sets it per node type).
+LABEL_NODE_TYPE = "orchestrator.io/node-type"
+# Ray's NodeDeathInfo reasons for nodes removed on purpose (ray.core.generated.common_pb2):
+# EXPECTED_TERMINATION (ray stop, scale-down) and AUTOSCALER_DRAIN_IDLE. A node gone for
+# these is not "down"; a preempted or crashed one is.
+RAY_DEATH_EXPECTED = frozenset({1, 4})
+
+
+def node_samples(report) -> list[Sample]:
+    """A NodeReport (orchestrator/inventory.py) as node-agent samples."""
+    node = {"node_id": report.node_id,
+            "node_type": report.labels.get(LABEL_NODE_TYPE, "")}
+    samples: list[Sample] = []
+    for source in ("nvml", "declared"):
+        samples.append((NODE_GPUS, sum(g.source == source for g in report.gpus),
+                        {**node, "source": source}))
+    for gpu in report.gpus:
+        if gpu.source != "nvml":  # declared GPUs carry a capacity, never a measurement
+            continue
+        tags = {**node, "gpu": str(gpu.index), "accelerator": gpu.name}
+        used = (gpu.memory_used_bytes if gpu.memory_used_bytes is not None
+                else gpu.memory_total_bytes - gpu.memory_free_bytes)
+        samples += [(GPU_MEMORY_USED, used, tags),
+                    (GPU_MEMORY_TOTAL, gpu.memory_total_bytes, tags),
+                    (GPU_UTILIZATION, None if gpu.utilization_pct is None
+                     else gpu.utilization_pct / 100, tags)]
+    samples.append((NODE_LOAD_PER_CPU, report.load_per_cpu, node))
+    if report.ram_total_bytes > 0:
+        samples.append((NODE_MEMORY_USED,
+                        1 - report.ram_available_bytes / report.ram_total_bytes, node))
+    for peer, gbps in sorted(report.bandwidth_gbps.items()):
+        samples.append((NODE_BANDWIDTH, gbps * 1e9, {**node, "peer": peer}))
+    for probe in sorted(report.probe_errors):
+        samples.append((NODE_PROBE_FAILURES, 1, {**node, "probe": probe}))
+    return samples
+
+
+def scheduler_samples(state, enqueued_at: list[float], jobs_placed: int, now: float,
+                      retired: set[str] = frozenset()) -> list[Sample]:
+    """The scheduler's gauges from its ClusterState, the enqueue times of waiting jobs and
+    the number of jobs holding reservations. `retired` nodes (removed on purpose, see
+    RAY_DEATH_EXPECTED) are left out of the health counts."""
+    counts = {"healthy": 0, "suspect": 0, "dead": 0}
+    for node_id in state.reports:
+        if node_id not in retired:
+            counts[state.health(node_id, now)] += 1
+    samples: list[Sample] = [(SCHEDULER_NODES, n, {"health": h}) for h, n in counts.items()]
+    oldest = max((now - t for t in enqueued_at), default=0.0)
+    samples += [(SCHEDULER_QUEUE_LENGTH, len(enqueued_at), {}),
+                (SCHEDULER_QUEUE_OLDEST_WAIT, max(oldest, 0.0), {}),
+                (SCHEDULER_JOBS_PLACED, jobs_placed, {})]
+    return samples
+
+
+def decision_samples(decision, latency_s: float | None,
+                     reason: str | None = None) -> list[Sample]:
+    """One placement decision (Placement, Queued or Rejection from orchestrator/placement.py)
+    as samples; latency_s None for decisions made asynchronously (from the queue). `reason`
+    overrides the rejection reason read from the message (a queued job the cluster can no
+    longer hold is REJECT_CLUSTER_SHRANK, though its message reads like a capacity one)."""
+    from orchestrator.placement import Placement, Queued, Rejection
+
+    if isinstance(decision, Placement):
+        outcome = "placed"
+    elif isinstance(decision, Queued):
+        outcome = "queued"
+    elif isinstance(decision, Rejection):
+        outcome = "rejected"
+    else:
+        raise TypeError(f"not a placement decision: {type(decision).__name__}")
+    samples: list[Sample] = [(SCHEDULER_PLACEMENTS, 1, {"outcome": outcome})]
+    if latency_s is not None:
+        samples.append((SCHEDULER_PLACEMENT_LATENCY, latency_s, {"outcome": outcome}))
+    if outcome == "rejected":
+        reason = reason or rejection_reason(decision.message, decision.fits_when_free)
+        samples.append((SCHEDULER_REJECTIONS, 1, {"reason": reason}))
+    return samples
+
+
+def training_samples(metrics: dict, run: str, rank: int) -> list[Sample]:
+    """The figures of one RayTrainSession.report metrics dict (absent or None: skipped)."""
+    tags = {"run": run, "rank": str(rank)}
+    return [(spec, metrics[key], tags) for key, spec in TRAIN_REPORT_KEYS.items()
+            if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics[key], bool)]

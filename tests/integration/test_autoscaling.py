@@ -1,0 +1,101 @@
+"""cluster.local.yaml on Ray's fake_multinode autoscaler: a job needing a node type that is not
+running makes the autoscaler add one; the scheduler gives it a node agent without being asked;
+the job is placed there, and Ray runs the job's worker there.
+
+The cluster is this test's own (tests/integration/private_ray.py): the autoscaler needs a head
+started with `RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...`, which cannot
+share a process with the session cluster, so the driver runs in a subprocess.
+"""
+import json
+
+import pytest
+
+from private_ray import shared_local_cluster
+
+# The driver: what a job launcher does, step by step, printing one JSON line of evidence.
+DRIVER = r'''
+import json, time
+import ray
+from ray.autoscaler.sdk import request_resources
+from actors.cluster import ensure_control_plane
+from orchestrator.config import JobSpec
+from orchestrator.inventory import LABEL_ACCELERATOR_TYPE
+from orchestrator.placement import Placement, Rejection
+
+def wait_for(what, check, timeout_s=90):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(f"no {what} after {timeout_s}s")
+
+ray.init()
+scheduler, agents = ensure_control_plane()
+alive = [n for n in ray.nodes() if n["Alive"]]
+before = {n["NodeID"] for n in alive}
+spec = JobSpec(name="needs-a-t4", num_workers=1, cpus_per_worker=1, gpus_per_worker=1,
+               accelerator_types=("T4",))
+first = ray.get(scheduler.place.remote(spec, "", True))  # dry run: nothing reserved
+
+# The job's demand, in the resources the node types declare (accelerator_type:<family> is
+# Ray's own resource for an accelerator type, cluster.local.yaml declares it per type).
+request_resources(bundles=[{"CPU": spec.cpus_per_worker, "GPU": spec.gpus_per_worker,
+                            "accelerator_type:T4": 0.001}] * spec.num_workers)
+asked = time.monotonic()
+new = wait_for("new T4 node", lambda: [n for n in ray.nodes() if n["Alive"]
+                                       and n["NodeID"] not in before
+                                       and n["Labels"].get(LABEL_ACCELERATOR_TYPE) == "T4"])
+joined_s = time.monotonic() - asked
+node_id = new[0]["NodeID"]
+# Nobody here starts an agent there: the scheduler's maintenance pass does.
+wait_for("report from the new node's agent",
+         lambda: node_id in ray.get(scheduler.snapshot.remote())["reports"])
+registered_s = time.monotonic() - asked
+decision = ray.get(scheduler.submit.remote(spec, ray.get_runtime_context().get_job_id()))
+
+@ray.remote(num_cpus=1, num_gpus=1)
+def where():
+    return ray.get_runtime_context().get_node_id()
+
+ran_on = None
+if isinstance(decision, Placement):  # run the worker exactly where placed, as Ray Train does
+    ran_on = ray.get(where.options(label_selector={"ray.io/node-id": decision.worker_nodes[0]})
+                     .remote(), timeout=60)
+    ray.get(scheduler.release.remote(spec.name))
+report = ray.get(scheduler.snapshot.remote())["reports"][node_id]
+print(json.dumps({
+    "first": type(first).__name__, "first_message": getattr(first, "message", ""),
+    "before": sorted(n["Labels"].get("orchestrator.io/node-type", "") for n in alive),
+    "node_id": node_id, "node_type": new[0]["Labels"].get(
+        "orchestrator.io/node-type"), "joined_s": joined_s, "registered_s": registered_s,
+    "decision": type(decision).__name__,
+    "worker_nodes": list(getattr(decision, "worker_nodes", [])),
+    "ran_on": ran_on, "reported_gpus": [g.name for g in report.gpus],
+    "agent": ray.get_actor(f"node-agent-{node_id}", namespace="orchestrator") is not None,
+}))
+'''
+
+
+@pytest.fixture(scope="module")
+def autoscaling_cluster(request):
+    return shared_local_cluster(request.config)
+
+
+def test_a_job_needing_an_absent_node_type_scales_up_registers_and_places(autoscaling_cluster):
+    out = autoscaling_cluster.run_python(DRIVER, timeout_s=240)
+    result = json.loads(out.strip().splitlines()[-1])
+    # Before: the head and a CPU worker, and the T4 job cannot be placed (no node has a T4).
+    assert result["before"] == ["cpu", "head"]
+    assert result["first"] == "Rejection" and "T4" in result["first_message"]
+    # The autoscaler added a node of the right type, with the labels cluster.local.yaml gives.
+    assert result["node_type"] == "inference"
+    assert result["reported_gpus"] == ["T4"] * 4  # declared through labels, marked "declared"
+    assert result["agent"]
+    # The job went there, and Ray ran its worker there.
+    assert result["decision"] == "Placement"
+    assert result["worker_nodes"] == [result["node_id"]]
+    assert result["ran_on"] == result["node_id"]
+    print(f"T4 node joined {result['joined_s']:.1f}s after the request, its agent reported "
+          f"after {result['registered_s']:.1f}s")

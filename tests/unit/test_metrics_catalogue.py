@@ -1,0 +1,418 @@
+"""The metric catalogue (orchestrator/metrics.py) and everything rendered from it: alert rules
+(checked and unit-tested with promtool), the Grafana dashboard, the metrics table."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nodes import NOW, cluster, node
+from orchestrator import metrics as m
+from orchestrator import monitoring
+from orchestrator.config import JobSpec, TrainConfig
+from orchestrator.inventory import GIB, GpuInfo, NodeReport
+from orchestrator.placement import PlacementError, Queued, place
+from orchestrator.training.metrics import Thresholds
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prometheus_tools import tool  # noqa: E402
+
+PROM_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")  # no ':' (Ray deprecates it)
+
+
+# -- the catalogue ----------------------------------------------------------------------------
+
+def test_names_are_unique_valid_and_ours():
+    names = [spec.name for spec in m.ALL]
+    assert len(names) == len(set(names))
+    for spec in m.ALL:
+        assert PROM_NAME.match(spec.name) and spec.name.startswith("orchestrator_"), spec.name
+        assert spec.description and spec.unit, spec.name
+        assert all(PROM_NAME.match(t) for t in spec.tag_keys), spec.name
+    assert m.BY_NAME["orchestrator_train_mfu_ratio"] is m.TRAIN_MFU
+
+
+def test_exported_names_follow_rays_prefix_and_counter_suffix():
+    assert m.TRAIN_MFU.exported == "ray_orchestrator_train_mfu_ratio"
+    assert m.SERVE_REQUESTS.exported == "ray_orchestrator_serve_requests_total"
+    assert m.SERVE_REQUEST_LATENCY.exported == "ray_orchestrator_serve_request_latency_seconds"
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    (dict(kind="summary"), "kind"),
+    (dict(kind=m.HISTOGRAM), "buckets are required"),
+    (dict(kind=m.GAUGE, buckets=(1.0,)), "buckets are required"),
+    (dict(kind=m.HISTOGRAM, buckets=(2.0, 1.0)), "increasing"),
+    (dict(kind=m.HISTOGRAM, buckets=(0.0, 1.0)), "positive"),
+])
+def test_malformed_specs_are_refused_naming_the_metric(kwargs, problem):
+    with pytest.raises(ValueError, match=f"bad_metric.*{problem}"):
+        m.MetricSpec("bad_metric", description="d", unit="1", **kwargs)
+
+
+def test_counter_names_must_not_carry_rays_suffix():
+    with pytest.raises(ValueError, match="_total"):
+        m.MetricSpec("x_total", m.COUNTER, "d", "1")
+
+
+def test_serving_names_the_serving_code_imports():
+    for spec in (m.SERVE_REQUESTS, m.SERVE_ERRORS, m.SERVE_REQUEST_LATENCY,
+                 m.SERVE_TIME_TO_FIRST_TOKEN, m.SERVE_BATCH_SIZE, m.SERVE_QUEUE_DEPTH,
+                 m.SERVE_TOKENS_PER_SECOND, m.SERVE_MODEL_VERSION):
+        assert spec in m.ALL
+    assert "status" in m.SERVE_REQUESTS.tag_keys and "route" in m.SERVE_REQUESTS.tag_keys
+    assert "version" in m.SERVE_MODEL_VERSION.tag_keys
+
+
+def test_training_metrics_cover_every_key_the_loop_reports():
+    assert set(m.TRAIN_REPORT_KEYS) == {"loss", "tokens_per_s", "mfu", "comm_share",
+                                        "peak_memory_bytes", "memory_fraction", "loss_scale",
+                                        "skipped_steps", "step"}
+
+
+# -- thresholds ---------------------------------------------------------------------------------
+
+def test_training_thresholds_agree_with_the_progress_log_warnings():
+    config, warn = TrainConfig(), Thresholds()
+    assert m.ALERT_MIN_MFU == config.warn_min_mfu == warn.min_mfu
+    assert m.ALERT_MAX_COMM_SHARE == config.warn_max_comm_share == warn.max_comm_share
+    assert m.ALERT_MAX_MEMORY_FRACTION == config.warn_max_memory_fraction \
+        == warn.max_memory_fraction
+
+
+def test_latency_target_is_a_bucket_bound_so_the_p99_is_exact_there():
+    assert m.ALERT_SERVE_P99_LATENCY_S in m.SERVE_REQUEST_LATENCY.buckets
+
+
+def test_alert_rules_use_the_catalogue_thresholds():
+    rules = {r["alert"]: r for r in yaml.safe_load(monitoring.ALERTS_PATH.read_text())
+             ["groups"][0]["rules"]}
+    assert set(rules) >= {"NodeDown", "TrainingMFULow", "TrainingCommunicationHigh",
+                          "TrainingMemoryHigh", "GpuMemoryHigh", "SchedulerQueueStuck",
+                          "ServeLatencyP99High", "ServeReplicaUnhealthy"}
+    assert rules["TrainingMFULow"]["expr"].endswith(f"< {m.ALERT_MIN_MFU}")
+    assert rules["TrainingCommunicationHigh"]["expr"].endswith(f"> {m.ALERT_MAX_COMM_SHARE}")
+    assert rules["TrainingMemoryHigh"]["expr"].endswith(f"> {m.ALERT_MAX_MEMORY_FRACTION}")
+    assert rules["GpuMemoryHigh"]["expr"].endswith(f"> {m.ALERT_MAX_MEMORY_FRACTION}")
+    assert rules["SchedulerQueueStuck"]["expr"].endswith(f"> {m.ALERT_QUEUE_STUCK_AFTER_S}")
+    assert rules["ServeLatencyP99High"]["expr"].endswith(f"> {m.ALERT_SERVE_P99_LATENCY_S}")
+    assert rules["NodeDown"]["for"] == f"{m.ALERT_NODE_DOWN_FOR_S}s"
+    assert rules["ServeReplicaUnhealthy"]["for"] == f"{m.ALERT_REPLICA_UNHEALTHY_FOR_S}s"
+
+
+# -- rendered files -----------------------------------------------------------------------------
+
+def test_checked_in_files_are_what_the_catalogue_renders():
+    assert monitoring.main(["--check"]) == 0, "run `python -m orchestrator.monitoring`"
+
+
+def referenced_series(expr: str) -> set[str]:
+    return set(re.findall(r"\b(ray_[a-zA-Z0-9_]+)", expr))
+
+
+def known_series() -> set[str]:
+    known = {m.RAY_SERVE_REPLICA_HEALTHY}
+    for spec in m.ALL:
+        known.add(spec.exported)
+        if spec.kind == m.HISTOGRAM:
+            known |= {f"{spec.exported}_{part}" for part in ("bucket", "sum", "count")}
+    return known
+
+
+def test_alert_rules_reference_only_catalogue_series():
+    for rule in monitoring.ALERT_RULES:
+        series = referenced_series(rule.expr)
+        assert series and series <= known_series(), (rule.name, series - known_series())
+
+
+def test_dashboard_is_valid_grafana_json_covering_the_catalogue():
+    dashboard = json.loads(monitoring.DASHBOARD_PATH.read_text())
+    assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 36
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    used = set()
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
+        for target in panel["targets"]:
+            series = referenced_series(target["expr"])
+            assert series and series <= known_series(), (panel["title"], series)
+            used |= series
+    # Every metric of ours is on some panel.
+    assert {spec.exported for spec in m.ALL} <= {s.removesuffix("_bucket").removesuffix("_sum")
+                                                   .removesuffix("_count") for s in used}
+    # No two panels overlap on Grafana's 24-column grid.
+    cells = set()
+    for panel in dashboard["panels"]:
+        g = panel["gridPos"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not cells & mine and g["x"] + g["w"] <= 24, panel["title"]
+        cells |= mine
+
+
+def test_metrics_table_lists_every_metric_with_its_type_and_labels():
+    table = monitoring.TABLE_PATH.read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in table.splitlines()
+            if line.startswith("| `ray_")}
+    assert set(rows) == {spec.exported for spec in m.ALL}
+    for spec in m.ALL:
+        assert f"| {spec.kind} |" in rows[spec.exported]
+        assert all(f"`{t}`" in rows[spec.exported] for t in spec.tag_keys)
+    for rule in monitoring.ALERT_RULES:
+        assert f"| {rule.name} |" in table
+
+
+# -- promtool ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def promtool():
+    path, why = tool("promtool")
+    if path is None:
+        pytest.skip(why)
+    return path
+
+
+def test_promtool_accepts_the_rules_and_the_prometheus_config(promtool):
+    for command in (["check", "rules", str(monitoring.ALERTS_PATH)],
+                    ["check", "config", str(monitoring.PROMETHEUS_PATH)]):
+        result = subprocess.run([promtool, *command], capture_output=True, text=True,
+                                cwd=monitoring.PROMETHEUS_PATH.parent, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def series(name, labels, values):
+    selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return {"series": f"{name}{{{selector}}}", "values": values}
+
+
+def alert_cases() -> list[dict]:
+    """promtool unit tests: for each alert, inputs on both sides of its catalogue threshold.
+    Values are written with the thresholds, so they move with the catalogue."""
+    mins = 12  # every rule's `for` is at most 5 minutes: evaluate 12 minutes in
+    flat = lambda v: f"{v}x{mins * 2}"  # noqa: E731 - one sample every 30 s
+    run = {"run": "r1", "rank": "0"}
+    cases = []
+
+    def case(series_list, alert, fired_labels):
+        cases.append({"interval": "30s", "input_series": series_list, "alert_rule_test": [
+            {"eval_time": f"{mins}m", "alertname": alert,
+             "exp_alerts": [{"exp_labels": {**lbl, "severity": sev}} for lbl, sev in fired_labels]}]})
+
+    sev = {r.name: r.severity for r in monitoring.ALERT_RULES}
+    for alert, spec, low, high, fires_high in (
+            ("TrainingMFULow", m.TRAIN_MFU, m.ALERT_MIN_MFU - 0.01, m.ALERT_MIN_MFU + 0.01, False),
+            ("TrainingCommunicationHigh", m.TRAIN_COMM_SHARE, m.ALERT_MAX_COMM_SHARE - 0.01,
+             m.ALERT_MAX_COMM_SHARE + 0.01, True),
+            ("TrainingMemoryHigh", m.TRAIN_MEMORY_FRACTION, m.ALERT_MAX_MEMORY_FRACTION - 0.01,
+             m.ALERT_MAX_MEMORY_FRACTION + 0.01, True)):
+        case([series(spec.exported, run, flat(high if fires_high else low))], alert,
+             [({"run": "r1"}, sev[alert])])
+        case([series(spec.exported, run, flat(low if fires_high else high))], alert, [])
+    gpu = {"node_id": "n1", "gpu": "0", "node_type": "train", "accelerator": "A100"}
+    for used, fired in ((0.95, True), (0.5, False)):
+        case([series(m.GPU_MEMORY_USED.exported, gpu, flat(int(used * 80 * GIB))),
+              series(m.GPU_MEMORY_TOTAL.exported, gpu, flat(80 * GIB))], "GpuMemoryHigh",
+             [({"node_id": "n1", "gpu": "0"}, sev["GpuMemoryHigh"])] if fired else [])
+    # A node suspect (late heartbeats); a node lost; a node count that merely stays dead.
+    nodes = m.SCHEDULER_NODES.exported
+    case([series(nodes, {"health": "suspect"}, flat(1)),
+          series(nodes, {"health": "dead"}, flat(0))], "NodeDown", [({}, sev["NodeDown"])])
+    case([series(nodes, {"health": "suspect"}, flat(0)),
+          series(nodes, {"health": "dead"}, f"0x{mins * 2 - 4} 1x4")], "NodeDown",
+         [({}, sev["NodeDown"])])
+    case([series(nodes, {"health": "suspect"}, flat(0)),
+          series(nodes, {"health": "dead"}, flat(1))], "NodeDown", [])
+    wait = m.SCHEDULER_QUEUE_OLDEST_WAIT.exported
+    case([series(wait, {}, flat(m.ALERT_QUEUE_STUCK_AFTER_S + 1))], "SchedulerQueueStuck",
+         [({}, sev["SchedulerQueueStuck"])])
+    case([series(wait, {}, flat(m.ALERT_QUEUE_STUCK_AFTER_S - 1))], "SchedulerQueueStuck", [])
+    # p99 latency: every request in the bucket just above the target, or in the first one.
+    target = m.ALERT_SERVE_P99_LATENCY_S
+    for slow in (True, False):
+        lat = [series(f"{m.SERVE_REQUEST_LATENCY.exported}_bucket",
+                      {"deployment": "gpt", "route": "/v1/completions", "le": str(bound)},
+                      f"0+{0 if slow and bound != '+Inf' and bound <= target else 10}x{mins * 2}")
+               for bound in (*m.SERVE_REQUEST_LATENCY.buckets, "+Inf")]
+        case(lat, "ServeLatencyP99High",
+             [({"deployment": "gpt"}, sev["ServeLatencyP99High"])] if slow else [])
+    replica = {"application": "app", "deployment": "gpt", "replica": "gpt#1"}
+    case([series(m.RAY_SERVE_REPLICA_HEALTHY, replica, flat(0))], "ServeReplicaUnhealthy",
+         [(replica, sev["ServeReplicaUnhealthy"])])
+    case([series(m.RAY_SERVE_REPLICA_HEALTHY, replica, flat(1))], "ServeReplicaUnhealthy", [])
+    return cases
+
+
+def test_every_alert_fires_past_its_threshold_and_stays_quiet_before(promtool, tmp_path):
+    # promtool compares annotations too; they are presentation (rendered $value), so the
+    # rules under test are alerts.yml without them: same expressions, durations and labels.
+    rules = yaml.safe_load(monitoring.ALERTS_PATH.read_text())
+    for rule in rules["groups"][0]["rules"]:
+        rule.pop("annotations")
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+    tests = {"rule_files": [str(tmp_path / "rules.yml")], "evaluation_interval": "30s",
+             "tests": alert_cases()}
+    tested = {t["alert_rule_test"][0]["alertname"] for t in tests["tests"]}
+    assert tested == {r.name for r in monitoring.ALERT_RULES}
+    path = tmp_path / "alerts_test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- samples: what each component records ---------------------------------------------------------
+
+def by_metric(samples):
+    out = {}
+    for spec, value, tags in samples:
+        out.setdefault(spec.name, []).append((value, tags))
+    return out
+
+
+def test_node_samples_export_measured_gpus_host_and_bandwidth():
+    measured = GpuInfo(0, "NVIDIA A100-SXM4-80GB", 80 * GIB, 60 * GIB, utilization_pct=75.0,
+                       memory_used_bytes=20 * GIB)
+    declared = GpuInfo(1, "T4", 16 * GIB, 16 * GIB, source="declared")
+    report = NodeReport("n1", "host", 8, 2, 8, 4.0, 64 * GIB, 16 * GIB,
+                        gpus=(measured, declared), labels={m.LABEL_NODE_TYPE: "train"},
+                        probe_errors={"nvml": "boom"}, bandwidth_gbps={"n2": 1.5})
+    s = by_metric(m.node_samples(report))
+    tags = {"node_id": "n1", "node_type": "train", "gpu": "0",
+            "accelerator": "NVIDIA A100-SXM4-80GB"}
+    assert s[m.GPU_MEMORY_USED.name] == [(20 * GIB, tags)]  # declared GPUs: no measurement
+    assert s[m.GPU_MEMORY_TOTAL.name] == [(80 * GIB, tags)]
+    assert s[m.GPU_UTILIZATION.name] == [(0.75, tags)]
+    assert sorted((v, t["source"]) for v, t in s[m.NODE_GPUS.name]) == [(1, "declared"),
+                                                                         (1, "nvml")]
+    assert s[m.NODE_LOAD_PER_CPU.name][0][0] == 0.5
+    assert s[m.NODE_MEMORY_USED.name][0][0] == 0.75
+    assert s[m.NODE_BANDWIDTH.name] == [(1.5e9, {"node_id": "n1", "node_type": "train",
+                                                 "peer": "n2"})]
+    assert s[m.NODE_PROBE_FAILURES.name][0][1]["probe"] == "nvml"
+    for spec, _, tags in m.node_samples(report):
+        assert set(tags) == set(spec.tag_keys), spec.name
+
+
+def test_scheduler_samples_count_health_queue_and_skip_retired_nodes():
+    state = cluster(node("a"), node("b"), node("c"))
+    state.update(node("a"), now=NOW + 40)  # b and c are 40 s late: suspect (after 30 s)
+    state.mark_dead("c")
+    s = by_metric(m.scheduler_samples(state, [NOW + 10, NOW + 25], 1, NOW + 40))
+    health = {t["health"]: v for v, t in s[m.SCHEDULER_NODES.name]}
+    assert health == {"healthy": 1, "suspect": 1, "dead": 1}
+    assert s[m.SCHEDULER_QUEUE_LENGTH.name] == [(2, {})]
+    assert s[m.SCHEDULER_QUEUE_OLDEST_WAIT.name] == [(30.0, {})]
+    assert s[m.SCHEDULER_JOBS_PLACED.name] == [(1, {})]
+    retired = by_metric(m.scheduler_samples(state, [], 0, NOW + 40, retired={"c"}))
+    assert {t["health"]: v for v, t in retired[m.SCHEDULER_NODES.name]}["dead"] == 0
+    assert retired[m.SCHEDULER_QUEUE_OLDEST_WAIT.name] == [(0.0, {})]
+
+
+def rejection(spec, state):
+    with pytest.raises(PlacementError) as e:
+        place(spec, state, NOW)
+    return e.value.rejection
+
+
+def test_decisions_are_counted_by_outcome_and_rejections_by_reason():
+    state = cluster(node("a", cpus=4), node("b", cpus=4))
+    placed = place(JobSpec("fits", num_workers=2), state, NOW)
+    s = by_metric(m.decision_samples(placed, 0.002))
+    assert s[m.SCHEDULER_PLACEMENTS.name] == [(1, {"outcome": "placed"})]
+    assert s[m.SCHEDULER_PLACEMENT_LATENCY.name] == [(0.002, {"outcome": "placed"})]
+    assert m.SCHEDULER_REJECTIONS.name not in s
+    queued = by_metric(m.decision_samples(Queued("q", 1, "waiting"), None))
+    assert queued == {m.SCHEDULER_PLACEMENTS.name: [(1, {"outcome": "queued"})]}
+
+    state.reserve("fits", placed.reservations())
+    reasons = {
+        m.REJECT_DUPLICATE: rejection(JobSpec("fits"), state),
+        m.REJECT_CAPACITY: rejection(JobSpec("huge", num_workers=50), state),
+        m.REJECT_BUSY: rejection(JobSpec("later", num_workers=8), state),
+    }
+    state.release("fits")
+    reasons[m.REJECT_BANDWIDTH] = rejection(
+        JobSpec("fast", num_workers=2, cpus_per_worker=4, min_bandwidth_gbps=1000), state)
+    for reason, rej in reasons.items():
+        s = by_metric(m.decision_samples(rej, 0.001))
+        assert s[m.SCHEDULER_REJECTIONS.name] == [(1, {"reason": reason})], rej.message
+    shrank = by_metric(m.decision_samples(reasons[m.REJECT_CAPACITY], None,
+                                          reason=m.REJECT_CLUSTER_SHRANK))
+    assert shrank[m.SCHEDULER_REJECTIONS.name] == [(1, {"reason": "cluster_shrank"})]
+    assert set(reasons) | {m.REJECT_CLUSTER_SHRANK} == set(m.REJECTION_REASONS)
+
+
+def test_training_samples_skip_figures_not_measured():
+    report = {"loss": 2.5, "tokens_per_s": 1000.0, "mfu": 0.3, "comm_share": None,
+              "peak_memory_bytes": 10 ** 8, "memory_fraction": 0.1, "loss_scale": None,
+              "skipped_steps": 0, "step": 20, "lr": 1e-3, "worker_nodes": ["n"]}
+    s = by_metric(m.training_samples(report, "run-1", 1))
+    assert set(s) == {m.TRAIN_REPORT_KEYS[k].name for k in
+                      ("loss", "tokens_per_s", "mfu", "peak_memory_bytes", "memory_fraction",
+                       "skipped_steps", "step")}
+    assert s[m.TRAIN_MFU.name] == [(0.3, {"run": "run-1", "rank": "1"})]
+
+
+# -- actors/telemetry.py (without Ray: the Ray metric objects are replaced) -----------------------
+
+class FakeMetric:
+    def __init__(self):
+        self.calls = []
+
+    def set(self, value, tags):
+        self.calls.append(("set", value, tags))
+
+    def inc(self, value, tags):
+        self.calls.append(("inc", value, tags))
+
+    def observe(self, value, tags):
+        self.calls.append(("observe", value, tags))
+
+
+@pytest.fixture
+def fake_metrics(monkeypatch):
+    from actors import telemetry
+
+    made = {}
+    monkeypatch.setattr(telemetry, "_metric", lambda spec: made.setdefault(spec.name, FakeMetric()))
+    return telemetry, made
+
+
+def test_record_uses_the_kind_and_skips_what_was_not_measured(fake_metrics):
+    import numpy as np
+
+    telemetry, made = fake_metrics
+    telemetry.record(m.TRAIN_MFU, np.float64(0.4), run="r", rank=0)
+    telemetry.record(m.SCHEDULER_PLACEMENTS, 1, outcome="placed")
+    telemetry.record(m.SCHEDULER_PLACEMENT_LATENCY, 0.01, outcome="placed")
+    for skipped in (None, float("nan"), float("inf")):
+        telemetry.record(m.TRAIN_LOSS, skipped, run="r", rank=0)
+    assert made[m.TRAIN_MFU.name].calls == [("set", 0.4, {"run": "r", "rank": "0"})]
+    assert made[m.SCHEDULER_PLACEMENTS.name].calls[0][0] == "inc"
+    assert made[m.SCHEDULER_PLACEMENT_LATENCY.name].calls[0][0] == "observe"
+    assert m.TRAIN_LOSS.name not in made
+
+
+def test_record_refuses_a_wrong_tag_set_naming_the_metric(fake_metrics):
+    telemetry, _ = fake_metrics
+    with pytest.raises(ValueError, match="orchestrator_train_mfu_ratio.*missing.*rank"):
+        telemetry.record(m.TRAIN_MFU, 0.5, run="r")
+    with pytest.raises(ValueError, match="unknown.*colour"):
+        telemetry.record(m.SCHEDULER_QUEUE_LENGTH, 1, colour="red")
+
+
+def test_a_failing_metric_backend_never_raises(monkeypatch, caplog):
+    from actors import telemetry
+
+    def broken(spec):
+        raise RuntimeError("no metrics agent")
+
+    monkeypatch.setattr(telemetry, "_metric", broken)
+    monkeypatch.setattr(telemetry, "_failed", set())
+    telemetry.record(m.SCHEDULER_QUEUE_LENGTH, 3)
+    telemetry.record(m.SCHEDULER_QUEUE_LENGTH, 4)
+    assert caplog.text.count("cannot record metric orchestrator_scheduler_queue_length") == 1
