@@ -87,7 +87,10 @@ class NodeAgent:
         # Exported before sending: a node whose scheduler is away still shows in Prometheus.
         record_all(node_samples(report))
         # Bounded: a scheduler stuck restarting must not freeze this agent's heartbeat.
-        ray.get(self._scheduler().report.remote(report), timeout=30)
+        accepted = ray.get(self._scheduler().report.remote(report), timeout=30)
+        if not accepted:
+            log.warning("the scheduler refused this agent's report for node %s: Ray does not "
+                        "list that node alive", self.node_id[:16])
         return report
 
     def _scheduler(self):

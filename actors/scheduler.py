@@ -16,7 +16,7 @@ import time
 
 import ray
 
-from actors.telemetry import record_all
+from actors.telemetry import record, record_all
 from orchestrator import metrics
 from orchestrator.config import JobSpec
 from orchestrator.inventory import ClusterState, NodeReport
@@ -59,6 +59,11 @@ class SchedulerActor:
         self.queue = JobQueue()
         self.placements: dict[str, Placement] = {}  # every job holding a reservation
         self._restore()
+        # Node ids as Ray's GCS last listed them: reports are accepted only for alive ones.
+        self._ray_alive: set[str] = set()
+        self._ray_dead: set[str] = set()
+        self._ray_checked_at = float("-inf")
+        self._refused_nodes: set[str] = set()
         # Methods run on Ray's thread and the maintenance loop on its own: one lock.
         self.lock = threading.RLock()
         self.maintain_every_s = maintain_every_s
@@ -66,9 +71,36 @@ class SchedulerActor:
                          daemon=True).start()
 
     # -- agents ---------------------------------------------------------------------------
-    def report(self, report: NodeReport) -> None:
+    def report(self, report: NodeReport) -> bool:
+        """Take a node agent's report; False if refused. Only nodes Ray lists alive count: a
+        report for a node id Ray never listed (a mistyped or forged id) or one Ray declared
+        dead (a stale agent) is refused, counted and logged once per node, so it can never
+        bring back capacity that is not there."""
+        reason = self._report_refusal(report.node_id)
+        if reason:
+            record(metrics.SCHEDULER_REPORTS_REFUSED, 1, reason=reason)
+            if report.node_id not in self._refused_nodes:
+                self._refused_nodes.add(report.node_id)
+                log.warning("refused a report for node %s: %s (logged once per node)",
+                            report.node_id[:16], reason)
+            return False
         with self.lock:
             self.state.update(report, now=time.time())
+        return True
+
+    def _report_refusal(self, node_id: str) -> str | None:
+        if node_id not in self._ray_alive and time.monotonic() - self._ray_checked_at > 1.0:
+            # A node that joined since the last maintenance pass: ask Ray, at most once a
+            # second, so a flood of bad reports cannot turn into a flood of GCS queries.
+            self._note_ray_nodes(*_ray_nodes()[:2])
+        if node_id in self._ray_alive:
+            return None
+        return metrics.REPORT_DEAD_NODE if node_id in self._ray_dead else \
+            metrics.REPORT_UNKNOWN_NODE
+
+    def _note_ray_nodes(self, alive: set[str], dead: set[str]) -> None:
+        self._ray_alive, self._ray_dead = alive, dead
+        self._ray_checked_at = time.monotonic()
 
     # -- placement ------------------------------------------------------------------------
     def place(self, spec: JobSpec, owner: str = "", dry_run: bool = False,
@@ -181,6 +213,7 @@ class SchedulerActor:
     def maintain(self) -> dict:
         """One maintenance pass (also run by the timer thread); returns what it changed."""
         alive, gone, retired = _ray_nodes()
+        self._note_ray_nodes(alive, gone)
         with self.lock:
             now = time.time()
             changes = {"dead_by_ray": [], "expired": [], "lost_reservations": []}

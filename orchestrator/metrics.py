@@ -124,6 +124,12 @@ SCHEDULER_REJECTIONS = MetricSpec(
     "bandwidth (no node set fast enough), busy (fits once jobs finish; place() only), "
     "cluster_shrank (was queued, can no longer fit)", "1", ("reason",))
 
+SCHEDULER_REPORTS_REFUSED = MetricSpec(
+    "orchestrator_scheduler_reports_refused", COUNTER,
+    "Node reports the scheduler refused, by reason: unknown_node (a node id Ray has never "
+    "listed), dead_node (Ray lists the node dead)", "1", ("reason",))
+REPORT_UNKNOWN_NODE, REPORT_DEAD_NODE = "unknown_node", "dead_node"
+
 # Rejection reasons, a closed set so the label cannot grow without bound.
 REJECT_DUPLICATE = "duplicate"  # a job of that name already runs or waits
 REJECT_CAPACITY = "capacity"  # larger than the healthy cluster even when idle
@@ -220,6 +226,7 @@ ALL: tuple[MetricSpec, ...] = (
     NODE_MEMORY_USED, NODE_BANDWIDTH, NODE_PROBE_FAILURES,
     SCHEDULER_NODES, SCHEDULER_QUEUE_LENGTH, SCHEDULER_QUEUE_OLDEST_WAIT, SCHEDULER_JOBS_PLACED,
     SCHEDULER_PLACEMENTS, SCHEDULER_PLACEMENT_LATENCY, SCHEDULER_REJECTIONS,
+    SCHEDULER_REPORTS_REFUSED,
     *TRAIN_REPORT_KEYS.values(),
     SERVE_REQUESTS, SERVE_ERRORS, SERVE_REQUEST_LATENCY, SERVE_TIME_TO_FIRST_TOKEN,
     SERVE_BATCH_SIZE, SERVE_QUEUE_DEPTH, SERVE_TOKENS_PER_SECOND, SERVE_GENERATED_TOKENS,

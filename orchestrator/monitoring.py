@@ -194,6 +194,9 @@ def _panels() -> dict[str, list[Panel]]:
             Panel("Rejections / min", m.SCHEDULER_REJECTIONS,
                   f"sum by (reason) (rate({m.SCHEDULER_REJECTIONS.exported}[5m])) * 60",
                   "{{reason}}"),
+            Panel("Refused node reports / min", m.SCHEDULER_REPORTS_REFUSED,
+                  f"sum by (reason) (rate({m.SCHEDULER_REPORTS_REFUSED.exported}[5m])) * 60",
+                  "{{reason}}"),
         ],
         "Training": [
             Panel("Loss", m.TRAIN_LOSS, f"avg by (run) ({m.TRAIN_LOSS.exported})", "{{run}}"),

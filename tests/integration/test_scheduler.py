@@ -47,6 +47,30 @@ def test_a_joining_node_gets_an_agent_and_a_removed_one_is_excluded(cluster, sch
     assert again.node_reasons[extra.node_id] == "dead: Ray reports the node gone"
 
 
+def test_reports_only_count_for_nodes_ray_lists_alive(cluster, scheduler):
+    """A report under a node id Ray never listed (forged or mistyped), or for a node Ray
+    declared dead (a stale agent), is refused: it never adds capacity the cluster lacks."""
+    from orchestrator.inventory import NodeReport
+
+    def fake_report(node_id):
+        return NodeReport(node_id=node_id, hostname="forged", ray_cpus=64, ray_gpus=0,
+                          cpu_count=64, load_avg_1m=0.0, ram_total_bytes=1 << 40,
+                          ram_available_bytes=1 << 40)
+
+    forged = "f" * 56
+    assert ray.get(scheduler.report.remote(fake_report(forged))) is False
+    extra = cluster.cluster.add_node(num_cpus=1)
+    wait_for(lambda: extra.node_id in ray.get(scheduler.snapshot.remote())["reports"])
+    cluster.cluster.remove_node(extra)
+    wait_for(lambda: ray.get(scheduler.snapshot.remote())["health"][extra.node_id] == "dead"
+             or ray.get(scheduler.maintain.remote())["dead_by_ray"])
+    assert ray.get(scheduler.report.remote(fake_report(extra.node_id))) is False
+    snapshot = ray.get(scheduler.snapshot.remote())
+    assert forged not in snapshot["reports"] and snapshot["health"][extra.node_id] == "dead"
+    real = ray.get(ensure_control_plane()[1][cluster["cpu"]].collect.remote())
+    assert ray.get(scheduler.report.remote(real)) is True
+
+
 def test_killing_the_scheduler_loses_no_reservation(cluster, scheduler):
     placed = ray.get(scheduler.place.remote(JobSpec("survivor", num_workers=2, gpus_per_worker=1, accelerator_types=T4)))
     assert placed.nodes == [cluster["t4"]]
