@@ -1,0 +1,630 @@
+"""The Ray Serve application: an HTTP ingress and the model deployment. Thin: validation,
+generation, batching policy, loading and resources are the pure modules next to this one.
+
+    client --HTTP--> Serve proxy --> Ingress (FastAPI, OpenAI routes) --handle--> GPTModel x N
+                                       validates, retries on a          @serve.batch, KV-cache
+                                       replica's death, streams SSE      generation, hot reload
+
+Two deployments rather than one so that a model replica dying (crash, kill, failed health
+check) costs no request: the ingress resends it to another replica, and a stream that had
+already delivered tokens continues after them. Model replicas autoscale; the ingress is a
+fixed, light pool (no CPU reserved).
+
+    serve run serve_config.yaml
+    serve run orchestrator.serving.app:app checkpoint=~/orchestrator-runs/<run> max_replicas=4
+"""
+# No `from __future__ import annotations`: FastAPI reads the route signatures (Request) at
+# runtime through Serve's ingress wrapper, which string annotations break.
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator
+
+import ray
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from actors.telemetry import record
+from orchestrator import metrics
+from orchestrator.config import ConfigError
+from orchestrator.serving import protocol
+from orchestrator.serving.batching import (ArrivalRate, BatchSettings, batch_loop_problem,
+                                           choose_batch_settings, may_join_batch_queue)
+from orchestrator.serving.generation import (BatchGeneration, Chunk, GenerationRequest,
+                                             GenerationResult, SamplingParams, collect)
+from orchestrator.serving.loading import LoadedModel, default_checkpoint, load_model, \
+    model_directories
+from orchestrator.serving.protocol import APIError
+from orchestrator.serving.resources import (ReplicaResources, recommend_replica_resources,
+                                            report_from_ray_node)
+from orchestrator.serving.settings import RuntimeConfig, ServeSettings
+
+log = logging.getLogger("ray.serve")
+
+COMPLETIONS_ROUTE = "/v1/completions"
+# A model replica that died or vanished mid-request: the request is safe to send again.
+RETRYABLE = (ray.exceptions.RayActorError, DeploymentUnavailableError)
+
+
+# == model replicas ===========================================================================
+@serve.deployment(name="GPTModel", graceful_shutdown_timeout_s=10,
+                  graceful_shutdown_wait_loop_s=0.5)
+class GPTModel:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = ServeSettings.from_args(settings)
+        torch.set_num_threads(self.settings.torch_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.deployment = serve.get_replica_context().deployment
+        self.loaded: LoadedModel | None = None
+        self.runtime: RuntimeConfig | None = None
+        self.reload_error: dict[str, Any] | None = None
+        self.bounds = RuntimeConfig.from_user_config(None, self.settings).bounds
+        self.batch_settings: BatchSettings | None = None
+        # Decoding runs on one thread of its own: the event loop stays free to take requests
+        # (so batches fill while one runs) and to answer health checks.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self.arrivals = ArrivalRate(window_s=1.0)
+        self.queued: set[int] = set()  # requests whose batch has not started (by id)
+        self.entered: set[int] = set()  # ... of which those already in Serve's batch queue
+        self.running = 0  # requests in running batches
+        self.running_batches = 0
+        self._batch_finished = asyncio.Event()  # replaced after each set: a broadcast
+        self.last_progress = time.monotonic()
+        self.batch_loop_started = False
+        self.stats: Counter = Counter()
+        self.batch_sizes: Counter = Counter()
+        self.wedged = threading.Event()  # fault injection: the generation thread stops
+        self.batch = serve.batch(max_batch_size=self.settings.max_batch_size,
+                                 batch_wait_timeout_s=self.settings.max_batch_wait_ms / 1000,
+                                 max_concurrent_batches=self.settings.max_concurrent_batches
+                                 )(self._run_batch)
+
+    # -- hot reload -------------------------------------------------------------------------
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a runtime config: load the checkpoint it names (off the event loop, while the
+        current model keeps serving), then swap. A bad config never takes a serving replica
+        down: it is refused, logged and reported, and the previous model keeps serving. At
+        start-up (nothing serving yet) it fails the replica with the same message."""
+        started = time.perf_counter()
+        try:
+            runtime = RuntimeConfig.from_user_config(user_config, self.settings)
+        except ConfigError as e:
+            return self._refuse_update(str(e))
+        if self.loaded is None or runtime.checkpoint != self.runtime.checkpoint:
+            try:
+                loaded = await asyncio.get_running_loop().run_in_executor(
+                    None, self._load, runtime.checkpoint)
+            except Exception as e:  # a missing, corrupt or foreign checkpoint: any error
+                return self._refuse_update(f"checkpoint {runtime.checkpoint!r} cannot be "
+                                           f"served: {type(e).__name__}: {e}")
+            self._swap(loaded, time.perf_counter() - started)
+        self.runtime, self.bounds, self.reload_error = runtime, runtime.bounds, None
+        self._adapt_batching(time.monotonic())  # the new bounds apply from now
+
+    def _load(self, checkpoint: str) -> LoadedModel:
+        loaded = load_model(checkpoint or default_checkpoint(), self.device)
+        with torch.inference_mode():  # warm up allocations before taking traffic
+            loaded.model(torch.zeros((1, 1), dtype=torch.long, device=self.device))
+        return loaded
+
+    def _swap(self, loaded: LoadedModel, switch_s: float) -> None:
+        previous, self.loaded = self.loaded, loaded  # batches running keep their own model
+        if previous is not None:
+            record(metrics.SERVE_MODEL_VERSION, 0, deployment=self.deployment,
+                   version=previous.version)
+        record(metrics.SERVE_MODEL_VERSION, 1, deployment=self.deployment,
+               version=loaded.version)
+        self.stats["switch_ms"] = round(switch_s * 1000)
+        for warning in loaded.warnings:
+            log.warning("checkpoint %s: %s", loaded.requested, warning)
+        log.info("serving %s (%s, %d params) from %s; %s took %.2fs", loaded.version,
+                 loaded.format, loaded.params, loaded.path,
+                 "switch" if previous else "load", switch_s)
+
+    def _refuse_update(self, message: str) -> None:
+        if self.loaded is None:
+            raise RuntimeError(message)
+        self.reload_error = {"message": message, "at": time.time(),
+                             "still_serving": self.loaded.version}
+        record(metrics.SERVE_ERRORS, 1, deployment=self.deployment, route="reconfigure",
+               kind="bad_config")
+        log.error("config update refused, still serving %s: %s", self.loaded.version, message)
+
+    # -- generation ---------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return collect([chunk async for chunk in self.generate_stream(request)])
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        arrived = time.perf_counter()
+        self._admit(request)
+        finished = first_token = False
+        try:
+            await self._wait_for_room_in_the_batch_queue(request)
+            async for chunk in self.batch(request):
+                if not first_token:
+                    first_token = True
+                    record(metrics.SERVE_TIME_TO_FIRST_TOKEN, time.perf_counter() - arrived,
+                           deployment=self.deployment, route=COMPLETIONS_ROUTE)
+                finished = chunk.finish_reason is not None
+                yield chunk
+        finally:  # cancelled before its batch started: it no longer waits
+            self.queued.discard(id(request))
+            self.entered.discard(id(request))
+        if not finished:  # the batch's model could not hold it (reloaded meanwhile)
+            raise APIError(400, "prompt plus max_tokens no longer fit the context of the "
+                                "model version now served; retry with a shorter request",
+                           "max_tokens")
+
+    def _admit(self, request: GenerationRequest) -> None:
+        loaded = self.loaded
+        if loaded is None:
+            raise APIError(503, "no model is loaded yet", type="server_error")
+        needed = len(request.context) + request.remaining
+        if needed > loaded.block_size:
+            raise APIError(400, f"This model's maximum context length is {loaded.block_size} "
+                                f"tokens, however you requested {needed} tokens", "max_tokens")
+        now = time.monotonic()
+        if not self.queued and not self.running:
+            self.last_progress = now  # an idle loop was not stalled
+        self.arrivals.observe(now)
+        self.queued.add(id(request))
+        self.batch_loop_started = True
+        self._adapt_batching(now)
+
+    async def _wait_for_room_in_the_batch_queue(self, request: GenerationRequest) -> None:
+        """See batching.may_join_batch_queue: while every batch slot is busy, wait here."""
+        while not may_join_batch_queue(self.running_batches, len(self.entered),
+                                       self.batch_settings.max_batch_size,
+                                       self.settings.max_concurrent_batches):
+            await self._batch_finished.wait()
+        self.entered.add(id(request))
+
+    def _on_batch_finished(self) -> None:
+        self._batch_finished.set()
+        self._batch_finished = asyncio.Event()
+
+    def _adapt_batching(self, now: float) -> None:
+        chosen = choose_batch_settings(len(self.queued), self.arrivals.rate(now), self.bounds)
+        if chosen != self.batch_settings:
+            self.batch.set_max_batch_size(chosen.max_batch_size)
+            self.batch.set_batch_wait_timeout_s(chosen.wait_timeout_s)
+            self.batch_settings = chosen
+
+    async def _run_batch(self, requests: list[GenerationRequest]):
+        """@serve.batch handler (an async generator): one list per decoding step, a chunk or
+        StopIteration (that request is complete) per request."""
+        loaded = self.loaded  # a reload during this batch does not change its model
+        for request in requests:
+            self.queued.discard(id(request))
+            self.entered.discard(id(request))
+        self.running += len(requests)
+        self.running_batches += 1
+        self._record_batch(len(requests))
+        started, produced = time.perf_counter(), 0
+        fits = [len(r.context) + r.remaining <= loaded.block_size for r in requests]
+        runnable = [i for i, ok in enumerate(fits) if ok]
+        done = [not ok for ok in fits]  # unfit: ended at once (generate_stream explains)
+        try:
+            generation = (BatchGeneration(loaded.model, [requests[i] for i in runnable],
+                                          loaded.block_size) if runnable else None)
+            loop = asyncio.get_running_loop()
+            while generation is not None and not generation.done:
+                chunks = await loop.run_in_executor(self.executor, self._step, generation)
+                self.last_progress = time.monotonic()
+                step: list[Any] = [StopIteration] * len(requests)
+                for i, chunk in zip(runnable, chunks):
+                    if done[i] or chunk is None:
+                        continue
+                    produced += len(chunk.tokens)
+                    step[i] = dataclasses.replace(chunk, version=loaded.version)
+                    done[i] = chunk.finish_reason is not None
+                yield step
+        finally:
+            self.running -= len(requests)
+            self.running_batches -= 1
+            self._on_batch_finished()
+            elapsed = time.perf_counter() - started
+            record(metrics.SERVE_GENERATED_TOKENS, produced, deployment=self.deployment)
+            if elapsed > 0 and produced:
+                record(metrics.SERVE_TOKENS_PER_SECOND, produced / elapsed,
+                       deployment=self.deployment)
+
+    def _step(self, generation: BatchGeneration) -> list[Chunk | None]:
+        if self.wedged.is_set():
+            threading.Event().wait()  # fault injection: this thread never comes back
+        return generation.step()
+
+    def _record_batch(self, size: int) -> None:
+        self.stats["batches"] += 1
+        self.stats["requests"] += size
+        self.batch_sizes[size] += 1
+        record(metrics.SERVE_BATCH_SIZE, size, deployment=self.deployment)
+        record(metrics.SERVE_QUEUE_DEPTH, len(self.queued), deployment=self.deployment)
+
+    # -- introspection and health --------------------------------------------------------------
+    def model_info(self) -> dict[str, Any]:
+        if self.loaded is None:
+            raise APIError(503, "no model is loaded yet", type="server_error")
+        return {**self.loaded.info(), "reload_error": self.reload_error}
+
+    def replica_stats(self) -> dict[str, Any]:
+        """This replica's batching figures (the /health route shows one replica's)."""
+        settings = self.batch_settings
+        return {"replica": serve.get_replica_context().replica_id.unique_id,
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "version": self.loaded.version if self.loaded else None,
+                "batches": self.stats["batches"], "requests": self.stats["requests"],
+                "largest_batch": max(self.batch_sizes, default=0),
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "max_batch_size_now": settings.max_batch_size if settings else None,
+                "batch_wait_ms_now": (round(settings.wait_timeout_s * 1000, 3)
+                                      if settings else None),
+                "queued": len(self.queued), "running": self.running,
+                "last_switch_ms": self.stats.get("switch_ms"),
+                "reload_error": self.reload_error}
+
+    def replica_actor_name(self) -> str:
+        """The Ray actor name of this replica (chaos drills kill replicas by it)."""
+        return ray.get_runtime_context().get_actor_name()
+
+    def inject_fault(self, kind: str) -> str:
+        """`hang_batch_loop`: the generation thread stops for good, so requests queue and no
+        step finishes - what a wedged GPU or a deadlock looks like. Returns this replica's
+        actor name. Only with the fault_injection setting."""
+        if not self.settings.fault_injection:
+            raise APIError(403, "fault injection is off (setting fault_injection)")
+        if kind != "hang_batch_loop":
+            raise APIError(400, f"unknown fault {kind!r}; known: hang_batch_loop", "kind")
+        self.wedged.set()
+        log.warning("fault injected: %s", kind)
+        return self.replica_actor_name()
+
+    async def check_health(self) -> None:
+        """Serve calls this every health_check_period_s; raising gets the replica replaced.
+        Unhealthy: no model, the batch loop task gone, requests waiting or running with no
+        decoding step for hang_after_s, or a one-token forward pass on the generation thread
+        not finishing within hang_after_s."""
+        if self.loaded is None:
+            raise RuntimeError("no model loaded")
+        alive = (await self.batch._is_batching_task_alive()) if self.batch_loop_started \
+            else True
+        problem = batch_loop_problem(len(self.queued), self.running, self.last_progress,
+                                     time.monotonic(), self.settings.hang_after_s, alive)
+        if problem:
+            raise RuntimeError(problem)
+        probe = asyncio.get_running_loop().run_in_executor(self.executor, self._probe_model,
+                                                           self.loaded)
+        try:
+            await asyncio.wait_for(probe, timeout=self.settings.hang_after_s)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"a one-token forward pass did not finish within "
+                               f"{self.settings.hang_after_s:g}s") from None
+
+    def _probe_model(self, loaded: LoadedModel) -> None:
+        if self.wedged.is_set():
+            threading.Event().wait()
+        with torch.inference_mode():
+            logits, _ = loaded.model(torch.zeros((1, 1), dtype=torch.long, device=self.device))
+        if not bool(torch.isfinite(logits).all()):
+            raise RuntimeError(f"model {loaded.version} produced non-finite logits")
+
+
+# == HTTP ingress =============================================================================
+api = FastAPI(title="orchestrator GPT: OpenAI-compatible completions")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and wrong methods, in OpenAI's error shape too."""
+    error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                     type="invalid_request_error" if exc.status_code < 500 else "server_error")
+    return JSONResponse(error.body(), status_code=exc.status_code)
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, model: DeploymentHandle, settings: dict[str, Any]) -> None:
+        self.model = model
+        self.stream_model = model.options(stream=True)
+        self.settings = ServeSettings.from_args(settings)
+        self.deployment = serve.get_replica_context().deployment
+        self._info: dict[str, Any] | None = None
+        self._info_at = 0.0
+        self.retries: Counter = Counter()  # calls resent after a model replica was lost
+
+    @api.post(COMPLETIONS_ROUTE)
+    async def completions(self, request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            data = protocol.parse_json_body(await self._read_body(request))
+            info = await self._model_info(max_age_s=1.0)
+            parsed = protocol.parse_completion_request(
+                data, block_size=info["context_length"], model_name=self.settings.model_name,
+                max_prompts=self.settings.max_prompts_per_request)
+            requests = [GenerationRequest(prompt, SamplingParams(
+                parsed.max_tokens, parsed.temperature, parsed.top_p, parsed.stop, parsed.seed))
+                for prompt in parsed.prompts]
+            if parsed.stream:
+                return StreamingResponse(self._sse(parsed, requests, started),
+                                         media_type="text/event-stream")
+            results = await asyncio.gather(*(self._generate(r) for r in requests))
+        except Exception as e:
+            return self._error_response(e, COMPLETIONS_ROUTE, started)
+        version = results[0].version
+        body = protocol.completion_body(
+            protocol.completion_id(), self.settings.model_name, version,
+            [(r.text, r.finish_reason) for r in results],
+            sum(len(p) for p in parsed.prompts), sum(r.completion_tokens for r in results))
+        self._record(COMPLETIONS_ROUTE, 200, started)
+        return JSONResponse(body, headers={"x-model-version": version})
+
+    @api.get("/v1/models")
+    async def models(self) -> Response:
+        started = time.perf_counter()
+        try:
+            info = await self._model_info(max_age_s=0.0)
+        except Exception as e:
+            return self._error_response(e, "/v1/models", started)
+        self._record("/v1/models", 200, started)
+        return JSONResponse(protocol.models_body(self.settings.model_name, info))
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        """200 when a model replica answers with a loaded model, with that replica's batching
+        figures; 503 otherwise. (Serve's own liveness route is the proxy's /-/healthz.)"""
+        try:
+            stats = await asyncio.wait_for(self.model.replica_stats.remote(), timeout=5.0)
+        except Exception as e:
+            body = {"status": "unavailable", "error": f"{type(e).__name__}: {e}"}
+            return JSONResponse(body, status_code=503)
+        status = "degraded" if stats.get("reload_error") else "ok"
+        return JSONResponse({"status": status, "model": self.settings.model_name, **stats,
+                             "ingress_retries": dict(self.retries)})
+
+    # -- helpers ------------------------------------------------------------------------------
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body is {declared} bytes; the limit is {limit}",
+                           code="request_too_large")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes",
+                               code="request_too_large")
+        return bytes(body)
+
+    async def _model_info(self, max_age_s: float) -> dict[str, Any]:
+        if self._info is None or time.monotonic() - self._info_at > max_age_s:
+            self._info = await self._with_retries(lambda: self.model.model_info.remote())
+            self._info_at = time.monotonic()
+        return self._info
+
+    async def _generate(self, request: GenerationRequest) -> GenerationResult:
+        return await self._with_retries(lambda: self.model.generate.remote(request))
+
+    async def _with_retries(self, call):
+        """Resend a call whose model replica died (or none was reachable) up to
+        request_retries times: nothing of its answer was delivered, so it is safe to."""
+        for attempt in range(self.settings.request_retries + 1):
+            try:
+                return await call()
+            except RETRYABLE as e:
+                if attempt == self.settings.request_retries:
+                    raise
+                self.retries["calls"] += 1
+                log.warning("model replica lost (%s); retrying (attempt %d)",
+                            type(e).__name__, attempt + 2)
+                await asyncio.sleep(0.05 * 2 ** attempt)
+
+    async def _stream_one(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """One prompt's chunks. If its replica dies mid-stream, the rest comes from another
+        replica, continuing after the tokens already delivered."""
+        delivered: tuple[int, ...] = ()
+        for attempt in range(self.settings.request_retries + 1):
+            try:
+                async for chunk in self.stream_model.generate_stream.remote(
+                        request.resumed_after(delivered) if delivered else request):
+                    delivered += chunk.tokens
+                    yield chunk
+                return
+            except RETRYABLE as e:
+                if attempt == self.settings.request_retries:
+                    raise
+                self.retries["streams_resumed" if delivered else "streams_restarted"] += 1
+                log.warning("model replica lost mid-stream after %d token(s) (%s); resuming",
+                            len(delivered), type(e).__name__)
+                await asyncio.sleep(0.05 * 2 ** attempt)
+
+    async def _sse(self, parsed: protocol.CompletionRequest,
+                   requests: list[GenerationRequest], started: float) -> AsyncIterator[bytes]:
+        """Server-sent events: every prompt's chunks as they come (interleaved, each tagged
+        with its index), the usage if asked for, then [DONE]. An error after the response has
+        started is sent as an error event (the status line is already out)."""
+        request_id, created = protocol.completion_id(), int(time.time())
+        model, status, version, produced = self.settings.model_name, 200, "", 0
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, request: GenerationRequest) -> None:
+            try:
+                async for chunk in self._stream_one(request):
+                    await queue.put((index, chunk))
+            except Exception as e:
+                await queue.put((index, e))
+            await queue.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            open_streams = len(tasks)
+            while open_streams:
+                index, item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, Exception):
+                    error = self._as_api_error(item)
+                    status = error.status
+                    self._record_error(COMPLETIONS_ROUTE, error)
+                    yield protocol.sse_event(error.body())
+                    break
+                else:
+                    version, produced = item.version, produced + len(item.tokens)
+                    if item.text or item.finish_reason:
+                        yield protocol.sse_event(protocol.chunk_body(
+                            request_id, model, version, created, index, item.text,
+                            item.finish_reason))
+            if status == 200 and parsed.include_usage:
+                yield protocol.sse_event(protocol.usage_chunk_body(
+                    request_id, model, version, created, sum(len(p) for p in parsed.prompts),
+                    produced))
+            yield protocol.SSE_DONE
+        finally:
+            for task in tasks:
+                task.cancel()
+            self._record(COMPLETIONS_ROUTE, status, started)
+
+    def _as_api_error(self, e: Exception) -> APIError:
+        if isinstance(e, APIError):
+            return APIError(e.status, e.message, e.param, e.type, e.code)
+        if isinstance(e, BackPressureError):
+            return APIError(503, "the server is overloaded; retry shortly",
+                            type="server_error", code="overloaded")
+        if isinstance(e, RETRYABLE):
+            return APIError(503, f"no model replica could serve the request "
+                                 f"({type(e).__name__}); retry shortly", type="server_error",
+                            code="unavailable")
+        log.exception("internal error", exc_info=e)
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+
+    def _error_response(self, e: Exception, route: str, started: float) -> JSONResponse:
+        error = self._as_api_error(e)
+        self._record_error(route, error)
+        self._record(route, error.status, started)
+        return JSONResponse(error.body(), status_code=error.status)
+
+    def _record_error(self, route: str, error: APIError) -> None:
+        kind = ("bad_request" if error.status < 500 else
+                "overloaded" if error.status == 503 else "internal")
+        record(metrics.SERVE_ERRORS, 1, deployment=self.deployment, route=route, kind=kind)
+
+    def _record(self, route: str, status: int, started: float) -> None:
+        record(metrics.SERVE_REQUESTS, 1, deployment=self.deployment, route=route,
+               status=str(status))
+        record(metrics.SERVE_REQUEST_LATENCY, time.perf_counter() - started,
+               deployment=self.deployment, route=route)
+
+
+# == application builder ======================================================================
+def replica_resources(settings: ServeSettings) -> ReplicaResources:
+    """The accelerator to ask for, from the scheduler's view of the cluster when it runs
+    (agents' measured and declared accelerators, node health), else Ray's node table; when
+    Ray is not connected yet (`serve run module:app` builds before connecting), this machine."""
+    reports, healthy = _cluster_reports()
+    return recommend_replica_resources(reports, healthy, accelerator=settings.accelerator,
+                                       cpus=settings.cpus_per_replica,
+                                       gpus=settings.gpus_per_replica)
+
+
+def _cluster_reports() -> tuple[list, set[str]]:
+    if not ray.is_initialized():
+        return _this_machine()
+    reports, healthy = _scheduler_view()
+    if reports:
+        return reports, healthy
+    reports = [report_from_ray_node(n) for n in ray.nodes() if n["Alive"]]
+    return reports, {r.node_id for r in reports}
+
+
+def _scheduler_view() -> tuple[list, set[str]]:
+    """The scheduler's latest agent reports and node health; nothing when it is not running."""
+    from actors.scheduler import NAMESPACE, SCHEDULER_NAME
+
+    try:
+        scheduler = ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
+        snapshot = ray.get(scheduler.snapshot.remote(), timeout=10)
+    except Exception as e:  # no scheduler on this cluster, or it is restarting
+        log.info("no scheduler view of the cluster (%s); using Ray's node table", e)
+        return [], set()
+    healthy = {node for node, health in snapshot["health"].items() if health == "healthy"}
+    return list(snapshot["reports"].values()), healthy
+
+
+def _this_machine() -> tuple[list, set[str]]:
+    from actors.probes import probe_nvml, run_probe
+    from orchestrator.inventory import NodeReport
+
+    gpus = run_probe("nvml", probe_nvml, (), {})
+    return [NodeReport("local", "localhost", 1, len(gpus), 1, 0.0, 0, 0, gpus)], {"local"}
+
+
+def app(args: dict[str, Any] | None = None) -> serve.Application:
+    """Application builder: `serve run orchestrator.serving.app:app key=value ...`, or
+    `import_path: orchestrator.serving.app:app` with `args:` in serve_config.yaml. The keys
+    are ServeSettings' fields; the checkpoint is checked here so a wrong path fails before
+    anything starts."""
+    settings = ServeSettings.from_args(args)
+    checkpoint = settings.checkpoint or str(default_checkpoint())
+    model_directories(checkpoint)  # raises CheckpointError naming the path
+    resources = replica_resources(settings)
+    log.info("model replicas on %s: %s", resources.accelerator, resources.reason)
+    arguments = dataclasses.asdict(settings)
+    model = GPTModel.options(
+        ray_actor_options=resources.ray_actor_options,
+        max_ongoing_requests=settings.replica_max_ongoing_requests,
+        autoscaling_config=settings.autoscaling_config(),
+        user_config={**settings.user_config(), "checkpoint": checkpoint},
+        health_check_period_s=settings.health_check_period_s,
+        health_check_timeout_s=settings.health_check_timeout_s,
+        # The ingress logs every HTTP request; a second line per request from the model hop
+        # says nothing new and costs CPU on the serving path (~10-30% QPS here, measured).
+        logging_config={"enable_access_log": False},
+    ).bind(arguments)
+    return Ingress.options(num_replicas=settings.ingress_replicas).bind(model, arguments)
+
+
+# == operating a running app (tests, scripts/bench_serve.py) ==================================
+def deploy_config(config: dict[str, Any]) -> None:
+    """Apply a Serve config - serve_config.yaml's content as a dict - the way `serve deploy`
+    and `serve run <config>` do: declaratively, so changing only a deployment's user_config
+    reconfigures its running replicas (hot reload) instead of replacing them. Serve has no
+    public Python call for this; this is the one `serve run` itself makes."""
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_start(http_options=schema.http_options.model_dump(),
+                         proxy_location=schema.proxy_location)
+    client.deploy_apps(schema)
+
+
+def wait_for_app(name: str, timeout_s: float = 120.0,
+                 replicas: dict[str, int] | None = None) -> Any:
+    """Block until app `name` is RUNNING (and each deployment in `replicas` has exactly that
+    many RUNNING replicas); the app's status. A failed deployment raises with Serve's
+    message (e.g. the replica's error for a checkpoint that cannot load)."""
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"app {name} failed to deploy: {status.message}; "
+                               + "; ".join(f"{d}: {s.message}"
+                                           for d, s in status.deployments.items() if s.message))
+        if status is not None and status.status == "RUNNING" and all(
+                status.deployments[d].replica_states.get("RUNNING", 0) == n
+                and sum(status.deployments[d].replica_states.values()) == n
+                for d, n in (replicas or {}).items()):
+            return status
+        time.sleep(0.25)
+    raise TimeoutError(f"app {name} not running as wanted within {timeout_s:.0f}s: {status}")

@@ -1,0 +1,262 @@
+"""Batched text generation with a KV cache: left padding, per-row sampling, early exit.
+
+A batch of requests is decoded together. Prompts of different lengths are left-padded to a
+common width, with `key_is_real` masking the padding out of attention and `positions`
+counting from each row's first real token, so a row's logits equal those of its prompt run
+alone (tests/unit/test_attention.py). The first step feeds the whole prompts (prefill); each
+later step feeds one token per row and reuses the cached keys/values. A finished row (stop
+sequence or max_tokens) leaves the batch and the cache at once.
+
+Sampling is per row: temperature 0 is greedy; otherwise temperature and nucleus (top_p)
+filtering, then one uniform draw from the row's own generator (seeded by the request's seed).
+A row's tokens therefore never depend on which other requests share its batch, and a request
+with a seed gives the same completion every time.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, replace
+
+import torch
+
+from orchestrator.serving.text import TextStream
+
+FINISH_STOP, FINISH_LENGTH = "stop", "length"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to complete. `generated` holds tokens already delivered by an earlier
+    attempt (a replica died mid-stream): generation continues after them."""
+
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    generated: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise ValueError("a generation request needs at least one prompt token")
+        if self.remaining < 1:
+            raise ValueError(f"nothing left to generate: max_tokens {self.params.max_tokens}, "
+                             f"{len(self.generated)} already generated")
+
+    @property
+    def context(self) -> tuple[int, ...]:
+        return self.prompt + self.generated
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - len(self.generated)
+
+    def resumed_after(self, tokens: tuple[int, ...]) -> "GenerationRequest":
+        """The request to send again after `tokens` more were delivered."""
+        return replace(self, generated=self.generated + tuple(tokens))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one decoding step produced for one request."""
+
+    tokens: tuple[int, ...]
+    text: str  # released text ("" while a character or a possible stop is incomplete)
+    finish_reason: str | None = None  # "stop", "length", or None while generating
+    version: str = ""  # the model version that produced it (filled in by the deployment)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A whole completion of one request (the non-streaming answer)."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str
+    version: str
+
+
+def collect(chunks: list[Chunk]) -> GenerationResult:
+    reason = next((c.finish_reason for c in reversed(chunks) if c.finish_reason), "")
+    return GenerationResult("".join(c.text for c in chunks),
+                            sum(len(c.tokens) for c in chunks), reason,
+                            chunks[-1].version if chunks else "")
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                  uniform: torch.Tensor) -> torch.Tensor:
+    """Next token per row: argmax where temperature is 0, else a draw from the tempered
+    distribution cut to its top_p mass, by inverting its CDF at `uniform` (B,) in [0, 1)."""
+    greedy = logits.argmax(dim=-1)
+    if not bool((temperature > 0).any()):
+        return greedy
+    probs = torch.softmax(logits.float() / temperature.clamp(min=1e-6).unsqueeze(1), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Keep the most likely tokens until their mass reaches top_p (the first one always).
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs * (mass_before < top_p.unsqueeze(1))
+    cdf = sorted_probs.cumsum(dim=-1)
+    target = uniform.unsqueeze(1) * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, target).clamp(max=logits.size(-1) - 1)
+    sampled = order.gather(-1, pick).squeeze(-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+class Row:
+    """One request's decoding state: its text stream, random generator and token budget."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.request = request
+        self.text = TextStream(request.params.stop)
+        for token in request.generated:  # rebuild the stream state of what was delivered
+            self.text.feed(token)
+        self.rng: torch.Generator | None = None
+        if request.params.temperature > 0:
+            seed = request.params.seed
+            self.rng = torch.Generator().manual_seed(
+                secrets.randbits(63) if seed is None else seed)
+            if seed is not None and request.generated:
+                # One draw per sampled token: skip those an earlier attempt used, so a resumed
+                # seeded stream continues exactly as the uninterrupted one would have.
+                torch.rand(len(request.generated), generator=self.rng)
+        self.left = request.remaining
+        self.finished = False
+
+    def draw(self) -> float:
+        return torch.rand((), generator=self.rng).item() if self.rng is not None else 0.0
+
+    def accept(self, token: int) -> Chunk:
+        self.left -= 1
+        text = self.text.feed(token)
+        reason = None
+        if self.text.stopped:
+            reason = FINISH_STOP
+        elif self.left == 0:
+            reason = FINISH_LENGTH
+            text += self.text.finish()
+        self.finished = reason is not None
+        return Chunk((token,), text, reason)
+
+
+def plan_groups(requests: list[GenerationRequest], block_size: int) -> list[list[int]]:
+    """Split a batch into groups that fit the context together. Left padding makes every row
+    of a group as long as its longest prompt, so a short prompt asking for many tokens next
+    to a long prompt could overrun the model's block_size; grouping by length (longest
+    first) also keeps padding small."""
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].context))
+    groups: list[list[int]] = []
+    width = longest = 0
+    for i in order:
+        context, remaining = len(requests[i].context), requests[i].remaining
+        # Positions fed in the end: the padded prompt plus every token but the last.
+        if groups and width + max(longest, remaining) - 1 <= block_size:
+            groups[-1].append(i)
+            longest = max(longest, remaining)
+        else:
+            groups.append([i])
+            width, longest = context, remaining
+    return groups
+
+
+class RowGroup:
+    """Rows decoded in one forward pass per step, sharing one left-padded KV cache."""
+
+    def __init__(self, model: torch.nn.Module, rows: list[tuple[int, Row]]) -> None:
+        self.model, self.rows = model, rows
+        device = next(model.parameters()).device
+        contexts = [row.request.context for _, row in rows]
+        width = max(len(c) for c in contexts)
+        tokens = torch.zeros((len(rows), width), dtype=torch.long)
+        real = torch.zeros((len(rows), width), dtype=torch.bool)
+        for r, context in enumerate(contexts):
+            tokens[r, width - len(context):] = torch.tensor(context)
+            real[r, width - len(context):] = True
+        self.padded = not bool(real.all())
+        # Without padding the model's plain causal path applies (faster, same numbers).
+        self.key_is_real = real.to(device) if self.padded else None
+        self.positions = ((real.cumsum(1) - 1).clamp(min=0).to(device) if self.padded
+                          else None)
+        self.input = tokens.to(device)
+        self.cache = model.new_cache()
+        params = [row.request.params for _, row in rows]
+        self.temperature = torch.tensor([p.temperature for p in params], device=device)
+        self.top_p = torch.tensor([p.top_p for p in params], device=device)
+
+    @property
+    def done(self) -> bool:
+        return not self.rows
+
+    def step(self) -> list[tuple[int, Chunk]]:
+        """One forward pass; returns (request index, chunk) for every row still running."""
+        logits, _ = self.model(self.input, cache=self.cache, key_is_real=self.key_is_real,
+                               positions=self.positions)
+        uniform = torch.tensor([row.draw() for _, row in self.rows], device=logits.device)
+        tokens = sample_tokens(logits[:, -1, :], self.temperature, self.top_p, uniform)
+        chunks = [(i, row.accept(t)) for (i, row), t in zip(self.rows, tokens.tolist())]
+        alive = [r for r, (_, row) in enumerate(self.rows) if not row.finished]
+        next_input = tokens.unsqueeze(1)
+        if len(alive) < len(self.rows):
+            self.rows = [self.rows[r] for r in alive]
+            if not alive:
+                return chunks
+            keep = torch.tensor(alive, device=tokens.device)
+            self.cache.select(keep)
+            next_input, self.temperature, self.top_p = (
+                next_input[keep], self.temperature[keep], self.top_p[keep])
+            if self.padded:
+                self.key_is_real, self.positions = self.key_is_real[keep], self.positions[keep]
+        self.input = next_input
+        if self.padded:
+            ones = torch.ones((len(self.rows), 1), dtype=torch.bool, device=tokens.device)
+            self.key_is_real = torch.cat([self.key_is_real, ones], dim=1)
+            self.positions = self.positions[:, -1:] + 1
+        return chunks
+
+
+class BatchGeneration:
+    """Every request of one batch, stepped together until all are finished."""
+
+    def __init__(self, model: torch.nn.Module, requests: list[GenerationRequest],
+                 block_size: int) -> None:
+        rows = [Row(request) for request in requests]
+        self.size = len(requests)
+        self.groups = [RowGroup(model, [(i, rows[i]) for i in group])
+                       for group in plan_groups(requests, block_size)]
+
+    @property
+    def done(self) -> bool:
+        return not self.groups
+
+    @torch.inference_mode()
+    def step(self) -> list[Chunk | None]:
+        """One decoding step of every unfinished row: a chunk per request index, None for
+        requests that finished earlier."""
+        out: list[Chunk | None] = [None] * self.size
+        for group in self.groups:
+            for i, chunk in group.step():
+                out[i] = chunk
+        self.groups = [group for group in self.groups if not group.done]
+        return out
+
+
+def generate(model: torch.nn.Module, requests: list[GenerationRequest],
+             block_size: int) -> list[tuple[str, tuple[int, ...], str]]:
+    """Run a batch to the end: (text, tokens, finish_reason) per request. For tests and
+    offline use; the server streams BatchGeneration.step instead."""
+    batch = BatchGeneration(model, requests, block_size)
+    texts = [""] * len(requests)
+    tokens: list[tuple[int, ...]] = [()] * len(requests)
+    reasons = [""] * len(requests)
+    while not batch.done:
+        for i, chunk in enumerate(batch.step()):
+            if chunk is not None:
+                texts[i] += chunk.text
+                tokens[i] += chunk.tokens
+                reasons[i] = chunk.finish_reason or reasons[i]
+    return list(zip(texts, tokens, reasons))

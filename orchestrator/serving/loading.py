@@ -1,0 +1,188 @@
+"""Which model to serve: resolve a path to a model directory, detect its format, load it.
+
+A path may name
+  - a training checkpoint directory (`state.pt` + sha256, from jobs/pretrain.py),
+  - an INT8 export directory (`weights.int8.pt` + sha256, from jobs/compress.py; loaded with
+    orchestrator.compression.export.load_int8_model, the project's GPT with Int8Linear
+    layers, so the KV cache works unchanged), or
+  - a run directory: its newest `checkpoint_*` that loads (an unusable newer one is skipped
+    with a warning, as training's resume does), or a jobs/compress.py output directory: its
+    `int8/` export.
+Formats are detected by the files present, never by the name of the directory. A new format
+is one more `ModelFormat` entry: a marker file and a loader returning (model, sha256, step).
+
+The version shown to clients is `<run>/<checkpoint>@<sha256 prefix>`: readable, and distinct
+for two different files at one path.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from orchestrator.config import ConfigError, TrainConfig
+from orchestrator.runs import DEFAULT_RUNS_ROOT, latest_run_with_checkpoints
+from orchestrator.training.checkpoint import (CHECKSUM_FILE, STATE_FILE, CheckpointError,
+                                              load_checkpoint)
+
+# Kept equal to orchestrator.compression.export.TORCH_FILE (a unit test checks it): detection
+# must not import the compression package, which only the INT8 loader needs.
+INT8_FILE = "weights.int8.pt"
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    name: str
+    marker: str  # the file whose presence identifies the format
+    load: Callable[[Path, torch.device], tuple[torch.nn.Module, str, int | None]]
+
+
+def _load_training_checkpoint(directory: Path, device: torch.device
+                              ) -> tuple[torch.nn.Module, str, int | None]:
+    from orchestrator.training.model import GPT, GPTConfig
+
+    state = load_checkpoint(directory)  # verifies the checksum; tensors only
+    where = directory / STATE_FILE
+    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
+        raise CheckpointError(f"{where} is not a training checkpoint: it needs 'model' and "
+                              "'config' entries")
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: its training config is invalid: {e}") from None
+    model = GPT(GPTConfig.from_train_config(config))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{where}: the weights do not fit a {config.model_size!r} GPT: "
+                              f"{e}") from None
+    sha256 = (directory / CHECKSUM_FILE).read_text().strip()
+    return model.to(device).eval(), sha256, state.get("step")
+
+
+def _load_int8_export(directory: Path, device: torch.device
+                      ) -> tuple[torch.nn.Module, str, int | None]:
+    from orchestrator.compression.export import load_int8_model
+
+    model = load_int8_model(directory, device=device)  # verifies the checksum
+    sha256 = (directory / (INT8_FILE + ".sha256")).read_text().strip()
+    return model.eval(), sha256, None
+
+
+FORMATS = (ModelFormat("checkpoint", STATE_FILE, _load_training_checkpoint),
+           ModelFormat("int8", INT8_FILE, _load_int8_export))
+
+
+def format_of(directory: Path) -> ModelFormat | None:
+    return next((f for f in FORMATS if (directory / f.marker).is_file()), None)
+
+
+def default_checkpoint(root: Path = DEFAULT_RUNS_ROOT) -> Path:
+    """The newest run with checkpoints under the runs root (what `serve run` serves when no
+    checkpoint is given)."""
+    run = latest_run_with_checkpoints(root)
+    if run is None:
+        raise CheckpointError(f"checkpoint: none given and no run with checkpoints under "
+                              f"{root.expanduser()}; train one with jobs/pretrain.py or pass "
+                              "checkpoint=<dir>")
+    return run
+
+
+def model_directories(path: str | Path) -> tuple[list[Path], bool]:
+    """(directories to try, newest first; whether `path` was a run directory)."""
+    p = Path(path).expanduser().resolve()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint {p} is a file; give the directory that holds it")
+    if format_of(p) is not None:
+        return [p], False
+    # Ray Train's checkpoint_<timestamp> and LocalSession's checkpoint_<step:08d> both sort
+    # oldest to newest.
+    inside = sorted((c for c in p.glob("checkpoint_*") if c.is_dir() and format_of(c)),
+                    reverse=True)
+    if inside:
+        return inside, True
+    if format_of(p / "int8") is not None:  # a jobs/compress.py output directory
+        return [p / "int8"], False
+    markers = " or ".join(f"{f.marker} ({f.name})" for f in FORMATS)
+    raise CheckpointError(f"checkpoint {p} holds no model: expected {markers}, a run "
+                          "directory with checkpoint_* directories inside, or a compress "
+                          "output directory with int8/ inside")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    block_size: int
+    version: str
+    path: str  # the directory loaded
+    requested: str  # the path asked for (a run directory resolves to one of its checkpoints)
+    format: str
+    sha256: str
+    step: int | None
+    params: int
+    loaded_at: float
+    load_seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def info(self) -> dict[str, Any]:
+        """JSON-ready description for GET /v1/models and the logs."""
+        return {"version": self.version, "checkpoint": self.path, "requested": self.requested,
+                "format": self.format, "sha256": self.sha256, "step": self.step,
+                "params": self.params, "context_length": self.block_size,
+                "loaded_at": self.loaded_at, "load_seconds": round(self.load_seconds, 3),
+                "warnings": list(self.warnings)}
+
+
+def version_of(directory: Path, sha256: str) -> str:
+    return f"{directory.parent.name}/{directory.name}@{sha256[:8]}"
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load the model `path` names, or raise CheckpointError saying why not."""
+    started = time.perf_counter()
+    device = torch.device(device)
+    candidates, is_run = model_directories(path)
+    problems: list[str] = []
+    for directory in candidates:
+        fmt = format_of(directory)
+        try:
+            model, sha256, step = fmt.load(directory, device)
+        except CheckpointError as e:
+            if not is_run:
+                raise
+            problems.append(str(e))
+            continue
+        return LoadedModel(
+            model=model, block_size=int(model.config.block_size),
+            version=version_of(directory, sha256), path=str(directory), requested=str(path),
+            format=fmt.name, sha256=sha256, step=step,
+            params=sum(p.numel() for p in model.parameters()), loaded_at=time.time(),
+            load_seconds=time.perf_counter() - started,
+            warnings=[f"skipped an unusable newer checkpoint: {p}" for p in problems])
+    raise CheckpointError(f"no usable checkpoint in run directory {Path(path).resolve()}: "
+                          + " | ".join(problems))
+
+
+def save_untrained_checkpoint(directory: str | Path, model_size: str = "tiny",
+                              seq_len: int = 64, seed: int = 0, step: int = 0) -> Path:
+    """A freshly initialised GPT written in the training checkpoint format (weights, config,
+    step): a servable model in milliseconds, for tests and benchmarks. Real runs come from
+    jobs/pretrain.py; both load through the same `load_model`."""
+    from orchestrator.training.checkpoint import save_checkpoint
+    from orchestrator.training.model import GPT, GPTConfig
+
+    config = TrainConfig(model_size=model_size, seq_len=seq_len)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = GPT(GPTConfig.from_train_config(config))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    save_checkpoint(directory, {"model": model.state_dict(), "config": config.to_dict(),
+                                "step": step})
+    return Path(directory)

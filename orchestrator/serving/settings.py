@@ -1,0 +1,213 @@
+"""The serving app's settings: builder arguments (fixed for the app's life) and the runtime
+config (`user_config`: checkpoint and batching, changed without restarting replicas).
+
+Arguments arrive as strings from `serve run orchestrator.serving.app:app key=value ...` and as
+YAML scalars from serve_config.yaml, so each field is coerced to its declared type first.
+Unknown keys are refused with a did-you-mean hint and every bad field is named, all at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from orchestrator.config import ConfigError, from_mapping
+from orchestrator.serving.batching import BatchBounds
+
+RUNTIME_FIELDS = ("checkpoint", "min_batch_size", "max_batch_size", "max_batch_wait_ms",
+                  "adaptive_batching")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    checkpoint: str = ""  # run, checkpoint or INT8 export dir; "" = newest run under the runs root
+    model_name: str = "orchestrator-gpt"  # the id clients pass as `model`
+    # Replica resources: "auto" (inference accelerator the cluster has, else CPU), "cpu", or
+    # an accelerator family (T4, L4, A100, ...).
+    accelerator: str = "auto"
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 1.0  # when an accelerator is used; fractions share one
+    torch_threads: int = 1  # per replica; more threads on a shared CPU mostly contend
+    # Autoscaling of the model deployment (serve_config.yaml may override it whole).
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 16.0
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+    # Dynamic batching (runtime: also in user_config).
+    min_batch_size: int = 4  # batch cap when idle: about as cheap per step as 1 (measured)
+    max_batch_size: int = 32
+    max_batch_wait_ms: float = 10.0
+    adaptive_batching: bool = True
+    max_concurrent_batches: int = 2
+    max_ongoing_requests: int = 0  # per model replica; 0 = max_batch_size x max_concurrent_batches
+    # Requests.
+    max_prompts_per_request: int = 32
+    max_body_bytes: int = 1 << 20
+    request_retries: int = 3  # times the ingress resends a request whose replica died
+    ingress_replicas: int = 1
+    # Health.
+    health_check_period_s: float = 5.0
+    health_check_timeout_s: float = 10.0
+    hang_after_s: float = 30.0  # requests waiting and no decoding step for this long: unhealthy
+    # Lets tests and chaos drills make a replica's batch loop hang (never on in production).
+    fault_injection: bool = False
+
+    def __post_init__(self) -> None:
+        problems = _field_problems(self, _INT_MIN, _FLOAT_RANGE)
+        if not problems:
+            if self.min_replicas > self.max_replicas:
+                problems.append(f"min_replicas ({self.min_replicas}) must be <= max_replicas "
+                                f"({self.max_replicas})")
+            needed = self.max_batch_size * self.max_concurrent_batches
+            if self.max_ongoing_requests and self.max_ongoing_requests < needed:
+                problems.append(
+                    f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
+                    f"max_batch_size x max_concurrent_batches ({self.max_batch_size} x "
+                    f"{self.max_concurrent_batches} = {needed}), or batches never fill")
+            problems += _batch_problems(self.min_batch_size, self.max_batch_size)
+        if problems:
+            raise ConfigError("invalid serving settings: " + "; ".join(problems))
+
+    @property
+    def replica_max_ongoing_requests(self) -> int:
+        return self.max_ongoing_requests or self.max_batch_size * self.max_concurrent_batches
+
+    @property
+    def batch_size_cap(self) -> int:
+        """The largest max_batch_size a runtime config may set without batches that can never
+        fill (max_ongoing_requests is fixed for the deployment's life)."""
+        return self.replica_max_ongoing_requests // self.max_concurrent_batches
+
+    def user_config(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in RUNTIME_FIELDS}
+
+    def autoscaling_config(self) -> dict[str, Any]:
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s}
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any] | None) -> "ServeSettings":
+        return from_mapping(cls, coerce(cls, args or {}, "serving settings"), "serving settings")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """What `reconfigure(user_config)` applies: the model and the batching bounds."""
+
+    checkpoint: str
+    min_batch_size: int
+    max_batch_size: int
+    max_batch_wait_ms: float
+    adaptive_batching: bool
+
+    @property
+    def bounds(self) -> BatchBounds:
+        return BatchBounds(self.min_batch_size, self.max_batch_size,
+                           self.max_batch_wait_ms / 1000, self.adaptive_batching)
+
+    @classmethod
+    def from_user_config(cls, user_config: Mapping[str, Any] | None,
+                         settings: ServeSettings) -> "RuntimeConfig":
+        """Fields the user_config leaves out keep the app's settings; the batch size may not
+        exceed what max_ongoing_requests lets fill (ConfigError naming the field)."""
+        if user_config is not None and not isinstance(user_config, Mapping):
+            raise ConfigError(f"user_config must be a mapping, got {type(user_config).__name__}")
+        merged = {**settings.user_config(), **(user_config or {})}
+        unknown = set(merged) - set(RUNTIME_FIELDS)
+        if unknown:
+            raise ConfigError(f"user_config: unknown field(s) {sorted(unknown)}; known: "
+                              f"{', '.join(RUNTIME_FIELDS)}")
+        config = cls(**coerce(cls, merged, "user_config"))
+        problems = _field_problems(config, _INT_MIN, _FLOAT_RANGE)
+        problems += _batch_problems(config.min_batch_size, config.max_batch_size)
+        if not problems and config.max_batch_size > settings.batch_size_cap:
+            problems.append(f"max_batch_size ({config.max_batch_size}) exceeds what "
+                            f"max_ongoing_requests ({settings.replica_max_ongoing_requests}) "
+                            f"lets fill with {settings.max_concurrent_batches} concurrent "
+                            f"batches: at most {settings.batch_size_cap}")
+        if problems:
+            raise ConfigError("invalid user_config: " + "; ".join(problems))
+        return config
+
+
+# Lower bounds of integer fields, and [low, high] of float fields.
+_INT_MIN = {"torch_threads": 1, "min_replicas": 0, "max_replicas": 1, "min_batch_size": 1,
+            "max_batch_size": 1, "max_concurrent_batches": 1, "max_ongoing_requests": 0,
+            "max_prompts_per_request": 1, "max_body_bytes": 64, "request_retries": 0,
+            "ingress_replicas": 1}
+_FLOAT_RANGE = {"cpus_per_replica": (0.0, 1024.0), "gpus_per_replica": (0.0, 64.0),
+                "target_ongoing_requests": (0.001, 1e6), "upscale_delay_s": (0.0, 86400.0),
+                "downscale_delay_s": (0.0, 86400.0), "max_batch_wait_ms": (0.0, 10_000.0),
+                "health_check_period_s": (0.1, 3600.0),
+                "health_check_timeout_s": (0.1, 3600.0), "hang_after_s": (0.1, 86400.0)}
+
+
+def _field_problems(obj: Any, int_min: dict[str, int],
+                    float_range: dict[str, tuple[float, float]]) -> list[str]:
+    problems = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in int_min:
+            if not (isinstance(value, int) and not isinstance(value, bool)
+                    and value >= int_min[f.name]):
+                problems.append(f"{f.name} must be an integer >= {int_min[f.name]}, "
+                                f"got {value!r}")
+        elif f.name in float_range:
+            low, high = float_range[f.name]
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value) and low <= value <= high):
+                problems.append(f"{f.name} must be a number in [{low:g}, {high:g}], "
+                                f"got {value!r}")
+        elif f.type in ("bool", bool) and not isinstance(value, bool):
+            problems.append(f"{f.name} must be true or false, got {value!r}")
+        elif f.type in ("str", str) and not isinstance(value, str):
+            problems.append(f"{f.name} must be a string, got {value!r}")
+    if getattr(obj, "model_name", "x") == "":
+        problems.append("model_name must not be empty")
+    return problems
+
+
+def _batch_problems(min_batch: Any, max_batch: Any) -> list[str]:
+    if isinstance(min_batch, int) and isinstance(max_batch, int) and min_batch > max_batch:
+        return [f"min_batch_size ({min_batch}) must be <= max_batch_size ({max_batch})"]
+    return []
+
+
+def coerce(cls, data: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Strings from the command line to each field's type ("32" -> 32, "true" -> True);
+    values that do not convert are left for validation to name."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{what} must be a mapping of names to values, got "
+                          f"{type(data).__name__}")
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        kind = types.get(key)
+        if isinstance(value, str) and kind in ("int", "float", "bool"):
+            value = _from_text(value.strip(), kind)
+        elif kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif kind == "str" and value is None:
+            value = ""
+        out[key] = value
+    return out
+
+
+def _from_text(text: str, kind: str) -> Any:
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        return text
+    lowered = text.lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    return text

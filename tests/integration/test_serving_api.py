@@ -1,0 +1,289 @@
+"""The serving app on the session's Ray cluster: the OpenAI client (plain and streaming),
+batching of concurrent requests, bad input, and hot reload of the checkpoint under load.
+
+Deployed the way `serve run serve_config.yaml` / `serve deploy` do (a declarative config), so
+a user_config change reconfigures the running replica instead of replacing it. One model
+replica (CPU, tiny GPT, context 64); Serve is shut down at the end, Ray is not.
+"""
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+APP = "gpt-api"
+MODEL = "orchestrator-gpt"
+BLOCK = 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_config(port: int, initial: str, checkpoint: str) -> dict:
+    """The args (and so the replicas) stay the same; only user_config's checkpoint moves."""
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": APP, "route_prefix": "/", "import_path": "orchestrator.serving.app:app",
+            "args": {"checkpoint": initial, "accelerator": "cpu", "cpus_per_replica": 0.5,
+                     "max_batch_size": 16, "max_prompts_per_request": 4,
+                     "max_body_bytes": 4096},
+            "deployments": [{"name": "GPTModel",
+                             "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+                             "user_config": {"checkpoint": checkpoint}}],
+        }],
+    }
+
+
+class Server:
+    def __init__(self, port: int, initial: str) -> None:
+        self.port, self.initial = port, initial
+        self.url = f"http://127.0.0.1:{port}"
+
+    def deploy(self, checkpoint: str) -> None:
+        from orchestrator.serving.app import deploy_config, wait_for_app
+
+        deploy_config(app_config(self.port, self.initial, checkpoint))
+        wait_for_app(APP, replicas={"GPTModel": 1})
+
+    def post(self, body, **kwargs) -> requests.Response:
+        return requests.post(f"{self.url}/v1/completions", json=body, timeout=60, **kwargs)
+
+    def get(self, path: str) -> requests.Response:
+        return requests.get(f"{self.url}{path}", timeout=30)
+
+    def model(self) -> dict:
+        return self.get("/v1/models").json()["data"][0]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from orchestrator.serving.loading import save_untrained_checkpoint
+
+    root = tmp_path_factory.mktemp("serving") / "run"
+    return {name: str(save_untrained_checkpoint(root / f"checkpoint_{step:08d}", "tiny", BLOCK,
+                                                seed=step, step=step))
+            for name, step in (("a", 1), ("b", 2))}
+
+
+@pytest.fixture(scope="module")
+def server(cluster, checkpoints):
+    from ray import serve
+
+    server = Server(free_port(), checkpoints["a"])
+    server.deploy(checkpoints["a"])
+    yield server
+    serve.shutdown()
+
+
+def test_openai_client_round_trip_plain_and_streaming(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="not-needed")
+    version = server.model()["version"]
+    plain = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12,
+                                      temperature=0, seed=1)
+    assert plain.object == "text_completion" and plain.model == MODEL
+    assert plain.system_fingerprint == version
+    assert plain.choices[0].finish_reason == "length"
+    assert (plain.usage.prompt_tokens, plain.usage.completion_tokens) == (5, 12)
+
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=12,
+                                            temperature=0, seed=1, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == plain.choices[0].text  # same greedy tokens, streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+
+    two = client.completions.create(model=MODEL, prompt=["Hi", "Hello there"], max_tokens=4,
+                                    temperature=0)
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 8
+    streamed = {}
+    for chunk in client.completions.create(model=MODEL, prompt=["Hi", "Hello there"],
+                                           max_tokens=4, temperature=0, stream=True):
+        streamed[chunk.choices[0].index] = streamed.get(chunk.choices[0].index, "") + \
+            chunk.choices[0].text
+    assert streamed == {0: two.choices[0].text, 1: two.choices[1].text}
+
+    (model,) = client.models.list().data
+    assert model.id == MODEL and model.model_extra["version"] == version
+    assert model.model_extra["context_length"] == BLOCK
+
+
+def test_greedy_and_seeded_sampling_are_deterministic(server):
+    def text(**params):
+        response = server.post({"prompt": "The fox", "max_tokens": 16, **params})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    assert len({text(temperature=0, seed=5) for _ in range(3)}) == 1
+    assert len({text(temperature=0.9, top_p=0.9, seed=42) for _ in range(3)}) == 1
+    assert len({text(temperature=1.0, seed=s) for s in range(4)}) > 1
+
+
+def test_concurrent_requests_are_batched_and_match_one_by_one(server):
+    prompts = ["a", "The quick brown fox", "Hello", "x" * 40, "Serving is fun", "zz"] * 3
+    body = lambda p: {"prompt": p, "max_tokens": 20, "temperature": 0}  # noqa: E731
+    alone = [server.post(body(p)).json()["choices"][0]["text"] for p in prompts[:6]]
+    before = server.get("/health").json()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda p: server.post(body(p)), prompts))
+    assert all(r.status_code == 200 for r in together)
+    # Left-padded batches of different prompt lengths give each prompt its own completion.
+    assert [r.json()["choices"][0]["text"] for r in together] == alone * 3
+    after = server.get("/health").json()
+    assert after["requests"] - before["requests"] == len(prompts)
+    assert after["batches"] - before["batches"] < len(prompts)  # some shared a batch
+    print(f"\n{len(prompts)} concurrent requests ran in {after['batches'] - before['batches']} "
+          f"batches; batch sizes so far {after['batch_sizes']}")
+
+
+BAD_INPUTS = [
+    # (raw body or JSON, extra headers, status, param, words in the message)
+    (b'{"prompt": "hi",', {}, 400, None, "not valid JSON"),
+    ({}, {}, 400, "prompt", "must provide a prompt"),
+    ({"prompt": 3}, {}, 400, "prompt", "got a number"),
+    ({"prompt": "hi", "max_tokens": "5"}, {}, 400, "max_tokens", "integer"),
+    ({"prompt": "hi", "temperature": [1]}, {}, 400, "temperature", "number"),
+    ({"prompt": "hi", "max_tokens": 1000}, {}, 400, "max_tokens", "maximum context length"),
+    ({"prompt": ""}, {}, 400, "prompt", "must not be empty"),
+    ({"prompt": "x" * BLOCK}, {}, 400, "prompt", "maximum context length"),
+    (b'{"prompt": "\xff\xfe"}', {}, 400, None, "not valid UTF-8"),
+    ({"prompt": "x" * 5000}, {}, 413, None, "the limit is 4096"),
+    ({"prompt": ["a"] * 5}, {}, 400, "prompt", "at most 4"),
+    ({"model": "gpt-4", "prompt": "hi"}, {}, 404, "model", "does not exist"),
+    ({"prompt": "hi", "n": 3}, {}, 400, "n", "not supported"),
+]
+
+
+@pytest.mark.parametrize("body, headers, status, param, words", BAD_INPUTS)
+def test_bad_input_is_a_4xx_naming_the_field(server, body, headers, status, param, words):
+    if isinstance(body, bytes):
+        response = requests.post(f"{server.url}/v1/completions", data=body, timeout=30,
+                                 headers={"content-type": "application/json", **headers})
+    else:
+        response = server.post(body, headers=headers)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_an_over_large_chunked_body_is_cut_off_at_the_limit(server):
+    chunks = (b'{"prompt": "' + b"x" * 1000 if i == 0 else b"x" * 1000 for i in range(6))
+    response = requests.post(f"{server.url}/v1/completions", data=chunks, timeout=30)
+    assert response.status_code == 413
+    assert "exceeds the limit of 4096 bytes" in response.json()["error"]["message"]
+
+
+def test_wrong_routes_and_methods_answer_in_openai_shape(server):
+    assert server.get("/v1/completions").status_code == 405
+    missing = server.get("/v1/nothing")
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_the_replica_keeps_serving_after_bad_input(server):
+    replica = server.get("/health").json()["replica"]
+    for body, headers, *_ in BAD_INPUTS:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        requests.post(f"{server.url}/v1/completions", data=data, timeout=30, headers=headers)
+    assert server.post({"prompt": "still there?", "max_tokens": 3}).status_code == 200
+    health = server.get("/health").json()
+    assert health["status"] == "ok" and health["replica"] == replica  # same replica, alive
+
+
+class Load:
+    """Clients posting completions in a loop, recording (start, end, status, version)."""
+
+    def __init__(self, server: Server, clients: int = 4) -> None:
+        self.server, self.results, self.stop = server, [], threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                r = self.server.post({"prompt": "Hot reload", "max_tokens": 8, "temperature": 0})
+                status = r.status_code
+                version = r.json().get("system_fingerprint") if status == 200 else r.text
+            except requests.RequestException as e:
+                status, version = 0, str(e)
+            self.results.append((started, time.monotonic(), status, version))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def wait_for_model(server: Server, check, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = server.model()
+        if check(info):
+            return info
+        time.sleep(0.1)
+    raise TimeoutError(f"model info never matched: {server.model()}")
+
+
+def test_hot_reload_under_load_fails_no_request_and_switches_version(server, checkpoints):
+    from orchestrator.serving.app import deploy_config
+
+    old = server.model()
+    replica = server.get("/health").json()["replica"]
+    with Load(server) as load:
+        time.sleep(1.0)
+        applied = time.monotonic()
+        deploy_config(app_config(server.port, server.initial, checkpoints["b"]))
+        new = wait_for_model(server, lambda info: info["checkpoint"] == checkpoints["b"])
+        switched = time.monotonic()
+        time.sleep(1.0)
+    failed = [r for r in load.results if r[2] != 200]
+    assert not failed, failed[:3]
+    assert new["version"] != old["version"]
+    after = [r for r in load.results if r[0] > switched]
+    assert after and all(r[3] == new["version"] for r in after)
+    assert any(r[3] == old["version"] for r in load.results)  # load ran across the switch
+    assert server.get("/health").json()["replica"] == replica  # reconfigured in place
+    print(f"\nhot reload: {len(load.results)} requests, 0 failed; new version seen "
+          f"{switched - applied:.2f}s after the config update (replica switch "
+          f"{server.get('/health').json()['last_switch_ms']} ms)")
+
+
+def test_a_checkpoint_that_cannot_load_keeps_the_previous_model(server, checkpoints,
+                                                                tmp_path):
+    from orchestrator.serving.app import deploy_config
+
+    current = server.model()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "state.pt").write_bytes(b"not a checkpoint")
+    (corrupt / "state.pt.sha256").write_text("0" * 64)
+    for bad, words in ((str(tmp_path / "missing"), "does not exist"),
+                       (str(corrupt), "corrupt")):
+        with Load(server, clients=2) as load:
+            deploy_config(app_config(server.port, server.initial, bad))
+            info = wait_for_model(server, lambda i: (i["reload_error"] or {}).get(
+                "message", "").find(bad) >= 0)
+            time.sleep(0.5)
+        assert words in info["reload_error"]["message"]
+        assert info["version"] == current["version"]  # still serving the previous model
+        assert all(r[2] == 200 and r[3] == current["version"] for r in load.results)
+        health = server.get("/health").json()
+        assert health["status"] == "degraded" and bad in health["reload_error"]["message"]
+    deploy_config(app_config(server.port, server.initial, checkpoints["b"]))
+    wait_for_model(server, lambda i: i["reload_error"] is None)
+    assert server.get("/health").json()["status"] == "ok"

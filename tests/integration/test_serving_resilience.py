@@ -1,0 +1,249 @@
+"""Serving resilience on the session's 4-node Ray cluster: replicas placed on the inference
+accelerator the cluster offers, a killed replica and a hung one replaced without failing
+requests, and autoscaling up under a load ramp and back down after it.
+
+`accelerator: auto` finds the two T4s declared on the cluster's "t4" node, so every model
+replica asks for half a T4 there (declared GPUs are not real: the model runs on its CPU).
+Serve is shut down at the end; Ray is not.
+"""
+import json
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+APP = "gpt-resilience"
+BLOCK = 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_config(port: int, checkpoint: str, autoscaling: dict) -> dict:
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": APP, "route_prefix": "/", "import_path": "orchestrator.serving.app:app",
+            "args": {"checkpoint": checkpoint, "accelerator": "auto", "cpus_per_replica": 0.25,
+                     "gpus_per_replica": 0.5, "max_batch_size": 8, "fault_injection": True,
+                     "hang_after_s": 2, "health_check_period_s": 1,
+                     "health_check_timeout_s": 5},
+            "deployments": [{"name": "GPTModel", "autoscaling_config": autoscaling,
+                             "graceful_shutdown_timeout_s": 2,
+                             "user_config": {"checkpoint": checkpoint}}],
+        }],
+    }
+
+
+FIXED_TWO = {"min_replicas": 2, "max_replicas": 2}
+# Short delays so a test sees a whole cycle (production values: serve_config.yaml).
+RAMP = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
+        "upscale_delay_s": 0.5, "downscale_delay_s": 2, "look_back_period_s": 1,
+        "metrics_interval_s": 0.5}
+
+
+class Load:
+    """`clients` threads sending completions until stopped, every other one streaming; each
+    answer is checked against the greedy completion, so a stream resumed on another replica
+    after a kill must continue exactly where it stopped. `resize` changes the client count."""
+
+    BODY = {"prompt": "Resilience", "max_tokens": 12, "temperature": 0}
+
+    def __init__(self, url: str, clients: int) -> None:
+        self.url, self.results, self.threads = url, [], []
+        reference = requests.post(f"{url}/v1/completions", json=self.BODY, timeout=60)
+        self.expected = reference.json()["choices"][0]["text"]
+        self.resize(clients)
+
+    def resize(self, clients: int) -> None:
+        while len(self.threads) < clients:
+            stop = threading.Event()
+            stream = len(self.threads) % 2 == 1
+            thread = threading.Thread(target=self._run, args=(stop, stream), daemon=True)
+            self.threads.append((thread, stop))
+            thread.start()
+        while len(self.threads) > clients:
+            thread, stop = self.threads.pop()
+            stop.set()
+            thread.join(timeout=60)
+
+    def _run(self, stop: threading.Event, stream: bool) -> None:
+        while not stop.is_set():
+            try:
+                self.results.append(self._stream() if stream else self._complete())
+            except requests.RequestException as e:
+                self.results.append((0, str(e)))
+
+    def _complete(self) -> tuple[int, str]:
+        r = requests.post(f"{self.url}/v1/completions", json=self.BODY, timeout=60)
+        if r.status_code == 200 and r.json()["choices"][0]["text"] != self.expected:
+            return -1, f"wrong text {r.json()['choices'][0]['text']!r}"
+        return r.status_code, r.text[:200]
+
+    def _stream(self) -> tuple[int, str]:
+        body = {**self.BODY, "stream": True, "stream_options": {"include_usage": True}}
+        text, usage, done = "", None, False
+        with requests.post(f"{self.url}/v1/completions", json=body, timeout=60,
+                           stream=True) as r:
+            if r.status_code != 200:
+                return r.status_code, r.text[:200]
+            for line in r.iter_lines():
+                if not line.startswith(b"data: "):
+                    continue
+                if line == b"data: [DONE]":
+                    done = True
+                    break
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return -1, str(event["error"])
+                if event["choices"]:
+                    text += event["choices"][0]["text"]
+                usage = event.get("usage") or usage
+        if not done or text != self.expected or usage["completion_tokens"] != 12:
+            return -1, f"broken stream: done={done} text={text!r} usage={usage}"
+        return 200, "stream"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.resize(0)
+
+    def failures(self) -> list:
+        return [r for r in self.results if r[0] != 200]
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster, tmp_path_factory):
+    from ray import serve
+
+    from orchestrator.serving.app import deploy_config, wait_for_app
+    from orchestrator.serving.loading import save_untrained_checkpoint
+
+    checkpoint = str(save_untrained_checkpoint(
+        tmp_path_factory.mktemp("resilience") / "checkpoint_00000001", "tiny", BLOCK))
+    port = free_port()
+
+    def deploy(autoscaling: dict, replicas: int | None = None):
+        deploy_config(app_config(port, checkpoint, autoscaling))
+        return wait_for_app(APP, replicas={"GPTModel": replicas} if replicas else None)
+
+    deploy(FIXED_TWO, 2)
+    yield {"url": f"http://127.0.0.1:{port}", "deploy": deploy, "nodes": cluster}
+    serve.shutdown()
+
+
+def model_handle():
+    from ray import serve
+
+    return serve.get_deployment_handle("GPTModel", app_name=APP)
+
+
+def replica_names(count: int = 2, timeout_s: float = 15.0) -> set[str]:
+    """Actor names of up to `count` live model replicas, asked through the handle (a call
+    that reaches a replica just killed fails and is not counted)."""
+    import ray
+
+    handle, names = model_handle(), set()
+    deadline = time.monotonic() + timeout_s
+    while len(names) < count and time.monotonic() < deadline:
+        try:
+            names.add(handle.replica_actor_name.remote().result(timeout_s=10))
+        except ray.exceptions.RayActorError:
+            time.sleep(0.1)
+    return names
+
+
+def actor_exists(name: str) -> bool:
+    import ray
+
+    try:
+        ray.get_actor(name, namespace="serve")
+        return True
+    except ValueError:
+        return False
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    return app.deployments["GPTModel"].replica_states.get("RUNNING", 0) if app else 0
+
+
+def wait_until(what: str, check, timeout_s: float = 90.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise TimeoutError(f"{what}: not within {timeout_s:.0f}s")
+
+
+def test_replicas_ask_for_the_inference_accelerator_the_cluster_offers(deployed):
+    handle = model_handle()
+    nodes = {handle.replica_stats.remote().result(timeout_s=10)["node_id"] for _ in range(8)}
+    assert nodes == {deployed["nodes"]["t4"]}
+
+
+def test_a_killed_replica_is_replaced_and_requests_still_succeed(deployed):
+    import ray
+
+    victim = sorted(replica_names())[0]
+    with Load(deployed["url"], clients=4) as load:
+        time.sleep(2)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        killed_at = time.monotonic()
+        time.sleep(1)
+        wait_until("a replacement replica", lambda: not actor_exists(victim)
+                   and len(replica_names(2) - {victim}) == 2)
+        replaced_after = time.monotonic() - killed_at
+    ok = len(load.results) - len(load.failures())
+    assert load.results and ok / len(load.results) >= 0.999, load.failures()[:3]
+    retries = requests.get(f"{deployed['url']}/health", timeout=30).json()["ingress_retries"]
+    print(f"\nreplica kill: {ok}/{len(load.results)} requests succeeded (half of them streams); "
+          f"replacement running {replaced_after:.1f}s after the kill; ingress retries {retries}")
+
+
+def test_a_replica_with_a_hung_batch_loop_fails_its_health_check_and_is_replaced(deployed):
+    with Load(deployed["url"], clients=4) as load:
+        time.sleep(1)
+        wedged = model_handle().inject_fault.remote("hang_batch_loop").result(timeout_s=10)
+        hung_at = time.monotonic()
+        wait_until("the hung replica replaced", lambda: not actor_exists(wedged)
+                   and len(replica_names(2) - {wedged}) == 2)
+        replaced_after = time.monotonic() - hung_at
+        time.sleep(1)
+    assert load.results and not load.failures(), load.failures()[:3]
+    print(f"\nhung batch loop: replica replaced {replaced_after:.1f}s after the hang; "
+          f"{len(load.results)} requests, none failed")
+
+
+def test_autoscaling_follows_a_load_ramp_up_and_back_down(deployed):
+    deployed["deploy"](RAMP)
+    wait_until("scale-in to min_replicas when idle", lambda: running_replicas() == 1)
+    with Load(deployed["url"], clients=0) as load:
+        ramp_started = time.monotonic()
+        for clients in (4, 8, 12, 12, 12, 12):  # one step every 4 s until replicas are added
+            load.resize(clients)
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline and running_replicas() < 2:
+                time.sleep(0.25)
+            if running_replicas() >= 2:
+                break
+        most = running_replicas()
+        scaled_up_after = time.monotonic() - ramp_started
+    assert most >= 2, "no scale-up under load"
+    assert not load.failures(), load.failures()[:3]
+    stopped = time.monotonic()
+    wait_until("scale-in after the load", lambda: running_replicas() == 1)
+    print(f"\nautoscaling: {most} replicas {scaled_up_after:.1f}s into a ramp of up to {clients} "
+          f"clients ({len(load.results)} requests, none failed); back to 1 replica "
+          f"{time.monotonic() - stopped:.1f}s after the load stopped")

@@ -1,0 +1,147 @@
+"""Batched KV-cache generation: equal to decoding each prompt alone without a cache, per-row
+sampling independent of the batch, stops, budgets and resumption."""
+import pytest
+import torch
+
+from orchestrator.serving.generation import (BatchGeneration, GenerationRequest,
+                                             SamplingParams, generate, plan_groups,
+                                             sample_tokens)
+from orchestrator.training.model import GPT, GPTConfig
+
+BLOCK = 64
+CONFIGS = {
+    "standard": GPTConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=32),
+    "span": GPTConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, attention_span=True,
+                      span_ramp=4, span_init=0.1),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: a second intra-op thread only contends (10x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model(request):
+    torch.manual_seed(0)
+    return GPT(CONFIGS[request.param]).eval()
+
+
+def greedy(prompt: bytes, max_tokens: int, **params) -> GenerationRequest:
+    return GenerationRequest(tuple(prompt), SamplingParams(max_tokens, 0.0, **params))
+
+
+@torch.no_grad()
+def reference_greedy(model: GPT, prompt: bytes, max_tokens: int) -> tuple[int, ...]:
+    """Greedy decoding the slow obvious way: the whole sequence again for every token."""
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        logits, _ = model(torch.tensor([tokens]))
+        tokens.append(int(logits[0, -1].argmax()))
+    return tuple(tokens[len(prompt):])
+
+
+def test_batched_left_padded_cached_generation_equals_the_naive_loop(model):
+    prompts = [b"Hello", b"A much longer prompt than the first", b"x"]
+    out = generate(model, [greedy(p, 12) for p in prompts], BLOCK)
+    for prompt, (_, tokens, reason) in zip(prompts, out):
+        assert tokens == reference_greedy(model, prompt, 12)
+        assert reason == "length"
+
+
+def test_greedy_is_deterministic_and_independent_of_the_batch(model):
+    alone = generate(model, [greedy(b"The fox", 10)], BLOCK)[0]
+    again = generate(model, [greedy(b"The fox", 10)], BLOCK)[0]
+    crowded = generate(model, [greedy(b"Something else entirely", 10), greedy(b"The fox", 10),
+                               greedy(b"z", 3)], BLOCK)[1]
+    assert alone == again == crowded
+
+
+def test_seeded_sampling_is_reproducible_and_per_row(model):
+    def sampled(seed):
+        return GenerationRequest(tuple(b"The fox"), SamplingParams(20, 0.9, 0.95, seed=seed))
+
+    alone = generate(model, [sampled(7)], BLOCK)[0]
+    in_batch = generate(model, [sampled(1), sampled(7), greedy(b"other", 5)], BLOCK)
+    assert in_batch[1] == alone
+    assert in_batch[0][1] != alone[1]  # another seed, another sample
+    unseeded = {generate(model, [GenerationRequest(tuple(b"The fox"),
+                                                   SamplingParams(20, 1.0))], BLOCK)[0][1]
+                for _ in range(3)}
+    assert len(unseeded) > 1
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 4)
+    temperature = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    top_p = torch.tensor([1.0, 1e-6, 1.0, 1.0])
+    uniform = torch.tensor([0.99, 0.99, 0.0, 0.9999])
+    tokens = sample_tokens(logits, temperature, top_p, uniform).tolist()
+    assert tokens[0] == 1  # temperature 0: argmax
+    assert tokens[1] == 1  # top_p ~ 0 keeps only the most likely token
+    assert tokens[2] == 1  # u = 0 picks the first of the sorted distribution
+    assert tokens[3] == 0  # u -> 1 reaches the least likely token
+    # The empirical distribution follows softmax(logits / T).
+    torch.manual_seed(0)
+    n = 20000
+    draws = sample_tokens(logits[:1].expand(n, 4), torch.full((n,), 1.0), torch.ones(n),
+                          torch.rand(n))
+    freq = torch.bincount(draws, minlength=4).float() / n
+    assert torch.allclose(freq, torch.softmax(logits[0], 0), atol=0.02)
+
+
+def test_stop_sequences_end_a_row_early(model):
+    full = generate(model, [greedy(b"Hello", 20)], BLOCK)[0][0]
+    stop = full[5:7]
+    assert stop, "the reference completion is too short to pick a stop from"
+    text, tokens, reason = generate(model, [greedy(b"Hello", 20, stop=(stop,))], BLOCK)[0]
+    assert reason == "stop" and text == full[:full.index(stop)]
+    assert len(tokens) < 20
+
+
+def test_a_finished_row_leaves_the_batch(model):
+    batch = BatchGeneration(model, [greedy(b"ab", 2), greedy(b"cd", 5)], BLOCK)
+    steps = []
+    while not batch.done:
+        steps.append(batch.step())
+    assert len(steps) == 5
+    assert [c is not None for c in steps[2]] == [False, True]  # row 0 done after 2 tokens
+    assert steps[1][0].finish_reason == "length" and steps[4][1].finish_reason == "length"
+    assert all(len(c.tokens) == 1 for step in steps for c in step if c is not None)
+
+
+def test_groups_keep_padding_within_the_context():
+    long_prompt = greedy(b"x" * 60, 4)  # 60 + 4 = 64: fits alone
+    short_many = greedy(b"y", 60)  # 1 + 60: fits alone, but not padded to 60 next to the first
+    short_few = greedy(b"z" * 50, 5)
+    groups = plan_groups([long_prompt, short_many, short_few], BLOCK)
+    assert sorted(sorted(g) for g in groups) == [[0, 2], [1]]
+    for group in groups:
+        width = max(len([long_prompt, short_many, short_few][i].context) for i in group)
+        longest = max([long_prompt, short_many, short_few][i].remaining for i in group)
+        assert width + longest - 1 <= BLOCK
+
+
+def test_mixed_lengths_that_need_groups_still_decode_correctly(model):
+    requests = [greedy(b"x" * 60, 4), greedy(b"y", 40)]
+    out = generate(model, requests, BLOCK)
+    assert out[0][1] == reference_greedy(model, b"x" * 60, 4)
+    assert out[1][1] == reference_greedy(model, b"y", 40)
+
+
+def test_resuming_after_delivered_tokens_continues_exactly(model):
+    request = GenerationRequest(tuple(b"The fox"), SamplingParams(16, 0.8, seed=11))
+    _, tokens, _ = generate(model, [request], BLOCK)[0]
+    _, rest, reason = generate(model, [request.resumed_after(tokens[:6])], BLOCK)[0]
+    assert tokens[:6] + rest == tokens and reason == "length"
+
+
+def test_requests_that_cannot_generate_are_refused():
+    with pytest.raises(ValueError, match="prompt token"):
+        GenerationRequest((), SamplingParams(4))
+    with pytest.raises(ValueError, match="nothing left"):
+        GenerationRequest((1,), SamplingParams(2), generated=(5, 6))

@@ -1,0 +1,97 @@
+"""Which model is served: checkpoint, run and INT8 directories; clear errors otherwise."""
+import pytest
+import torch
+
+from orchestrator.config import TrainConfig
+from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
+from orchestrator.serving.loading import (INT8_FILE, default_checkpoint, load_model,
+                                          model_directories, save_untrained_checkpoint)
+from orchestrator.training.checkpoint import CheckpointError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_trained_checkpoint_loads_and_generates(tmp_path):
+    from orchestrator.training.loop import train
+    from orchestrator.training.session import LocalSession
+
+    config = TrainConfig(model_size="tiny", batch_size=2, seq_len=32, max_steps=2,
+                         warmup_steps=1, checkpoint_every=2, log_every=2, eval_batches=1)
+    train(config, LocalSession(tmp_path / "run", device=torch.device("cpu")))
+    loaded = load_model(tmp_path / "run")  # the run directory: its newest checkpoint
+    assert loaded.path == str(tmp_path / "run" / "checkpoint_00000002")
+    assert (loaded.format, loaded.step, loaded.block_size) == ("checkpoint", 2, 32)
+    assert loaded.version == f"run/checkpoint_00000002@{loaded.sha256[:8]}"
+    assert not loaded.model.training
+    out = generate(loaded.model, [GenerationRequest(tuple(b"Hi"), SamplingParams(5, 0.0))], 32)
+    assert len(out[0][1]) == 5
+
+
+def test_a_run_directory_serves_its_newest_usable_checkpoint(tmp_path):
+    old = save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000010", seed=1, step=10)
+    new = save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000020", seed=2, step=20)
+    assert load_model(tmp_path / "run").path == str(new)
+    (new / "state.pt").write_bytes(b"garbage")  # newest corrupt: the one before, with a warning
+    loaded = load_model(tmp_path / "run")
+    assert loaded.path == str(old) and loaded.step == 10
+    assert "corrupt" in loaded.warnings[0]
+
+
+def test_an_explicit_checkpoint_must_itself_load(tmp_path):
+    path = save_untrained_checkpoint(tmp_path / "ckpt")
+    (path / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "holds no model"),
+    (lambda p: (p / "file.pt").write_text("x") and p / "file.pt", "is a file"),
+])
+def test_paths_that_hold_no_model_are_named(tmp_path, make, words):
+    path = make(tmp_path)
+    with pytest.raises(CheckpointError, match=words) as e:
+        model_directories(path)
+    assert str(path) in str(e.value)
+
+
+def test_versions_differ_for_different_weights_at_one_path(tmp_path):
+    first = load_model(save_untrained_checkpoint(tmp_path / "c", seed=1)).version
+    second = load_model(save_untrained_checkpoint(tmp_path / "c", seed=2)).version
+    assert first != second and first.split("@")[0] == second.split("@")[0]
+
+
+def test_default_checkpoint_is_the_newest_run(tmp_path):
+    with pytest.raises(CheckpointError, match="none given"):
+        default_checkpoint(tmp_path)
+    save_untrained_checkpoint(tmp_path / "run-1" / "checkpoint_00000001")
+    assert default_checkpoint(tmp_path) == (tmp_path / "run-1").resolve()
+
+
+def test_int8_exports_load_through_the_compression_loader(tmp_path):
+    export = pytest.importorskip("orchestrator.compression.export")
+    from orchestrator.compression.artifacts import save_tensors
+    from orchestrator.compression.prune import prunable_names
+    from orchestrator.training.model import GPT, GPTConfig
+
+    assert INT8_FILE == export.TORCH_FILE  # detection must find what the exporter writes
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
+    (tmp_path / "int8").mkdir()
+    save_tensors(tmp_path / "int8" / INT8_FILE,
+                 export.int8_state(model, prunable_names(model)))
+    loaded = load_model(tmp_path / "int8")
+    assert loaded.format == "int8" and loaded.block_size == 32
+    assert load_model(tmp_path).path == loaded.path  # the compress output dir holding int8/
+    out = generate(loaded.model, [GenerationRequest(tuple(b"Hi"), SamplingParams(6, 0.0))], 32)
+    reference = generate(model, [GenerationRequest(tuple(b"Hi"), SamplingParams(6, 0.0))], 32)
+    assert len(out[0][1]) == 6
+    # int8 weights: close to the fp32 model, so greedy agrees on at least the first token.
+    assert out[0][1][0] == reference[0][1][0]

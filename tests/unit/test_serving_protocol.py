@@ -1,0 +1,155 @@
+"""OpenAI completions API: every bad body is a 4xx naming the field; good ones parse."""
+import json
+
+import pytest
+
+from orchestrator.serving import protocol
+from orchestrator.serving.protocol import APIError, parse_completion_request, parse_json_body
+
+BLOCK = 64
+MODEL = "orchestrator-gpt"
+
+
+def parse(body: dict, **kwargs):
+    return parse_completion_request(body, block_size=BLOCK, model_name=MODEL, **kwargs)
+
+
+def refused(body: dict) -> APIError:
+    with pytest.raises(APIError) as e:
+        parse(body)
+    return e.value
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b'{"prompt": "hi",', "not valid JSON"),
+    (b"", "empty"),
+    (b"   ", "empty"),
+    (b'["prompt"]', "must be a JSON object, got an array"),
+    (b'"hi"', "must be a JSON object, got a string"),
+    (b'{"prompt": "caf\xc3"}', "not valid UTF-8: byte 15"),
+    (b"\xff\xfe{}", "not valid UTF-8: byte 0"),
+])
+def test_malformed_bodies_are_400(raw, words):
+    with pytest.raises(APIError) as e:
+        parse_json_body(raw)
+    assert e.value.status == 400 and words in e.value.message
+    assert e.value.body()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({}, "prompt", "must provide a prompt"),
+    ({"prompt": None}, "prompt", "must provide a prompt"),
+    ({"prompt": 5}, "prompt", "got a number"),
+    ({"prompt": {"text": "hi"}}, "prompt", "got an object"),
+    ({"prompt": ""}, "prompt", "must not be empty"),
+    ({"prompt": []}, "prompt", "empty list"),
+    ({"prompt": ["ok", 3.5]}, "prompt", "prompt[1] must be a string"),
+    ({"prompt": ["ok", ""]}, "prompt", "prompt[1] must not be empty"),
+    ({"prompt": [1, 300]}, "prompt", "prompt[1] = 300 is not a token id"),
+    ({"prompt": "x" * BLOCK}, "prompt", f"maximum context length is {BLOCK}"),
+    ({"prompt": "\ud800abc"}, "prompt", "unpaired surrogate"),
+    ({"prompt": "hi", "max_tokens": "10"}, "max_tokens", "integer >= 1"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "integer >= 1"),
+    ({"prompt": "hi", "max_tokens": True}, "max_tokens", "integer >= 1"),
+    ({"prompt": "hi", "max_tokens": 2.0}, "max_tokens", "integer >= 1"),
+    ({"prompt": "hi", "max_tokens": BLOCK}, "max_tokens",
+     f"maximum context length is {BLOCK} tokens, however you requested {BLOCK + 2} tokens "
+     f"(2 in your prompt; {BLOCK} for the completion)"),
+    ({"prompt": "hi", "temperature": "hot"}, "temperature", "between 0 and 2"),
+    ({"prompt": "hi", "temperature": 2.5}, "temperature", "between 0 and 2"),
+    ({"prompt": "hi", "top_p": 0}, "top_p", "> 0"),
+    ({"prompt": "hi", "top_p": 1.5}, "top_p", "between 0 and 1"),
+    ({"prompt": "hi", "stop": 7}, "stop", "string or a list of strings"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({"prompt": "hi", "stop": [""]}, "stop", "1-64 characters"),
+    ({"prompt": "hi", "seed": 1.5}, "seed", "must be an integer"),
+    ({"prompt": "hi", "seed": 2 ** 70}, "seed", "must be an integer"),
+    ({"prompt": "hi", "stream": "yes"}, "stream", "true or false"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options",
+     "only allowed when stream is true"),
+    ({"prompt": "hi", "stream": True, "stream_options": {"x": 1}}, "stream_options",
+     "unknown field"),
+    ({"prompt": "hi", "n": 2}, "n", "not supported"),
+    ({"prompt": "hi", "echo": True}, "echo", "not supported"),
+    ({"prompt": "hi", "logprobs": 3}, "logprobs", "not supported"),
+    ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ({"prompt": "hi", "max_token": 5}, "max_token", "did you mean 'max_tokens'"),
+    ({"prompt": "hi", "model": 3}, "model", "must be a string"),
+])
+def test_bad_fields_are_400_naming_the_field(body, param, words):
+    error = refused(body)
+    assert (error.status, error.param) == (400, param)
+    assert words in error.message
+    assert error.body() == {"error": {"message": error.message, "type": "invalid_request_error",
+                                      "param": param, "code": None}}
+
+
+def test_unknown_model_is_404_model_not_found():
+    error = refused({"model": "gpt-4", "prompt": "hi"})
+    assert (error.status, error.param, error.code) == (404, "model", "model_not_found")
+    assert MODEL in error.message
+
+
+def test_a_good_request_parses_with_openai_defaults():
+    parsed = parse({"model": MODEL, "prompt": "héllo"})
+    assert parsed.prompts == (tuple("héllo".encode()),)
+    assert (parsed.max_tokens, parsed.temperature, parsed.top_p) == (16, 1.0, 1.0)
+    assert (parsed.stop, parsed.seed, parsed.stream, parsed.include_usage) == ((), None, False,
+                                                                            False)
+    # Defaults sent explicitly (as clients with every field filled in do) are accepted.
+    parse({"prompt": "hi", "n": 1, "best_of": None, "echo": False, "logprobs": None,
+           "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "user": "me",
+           "suffix": None})
+
+
+def test_prompt_forms_and_fields():
+    parsed = parse({"prompt": ["ab", [104, 105]], "max_tokens": 5, "temperature": 0,
+                    "top_p": 0.5, "stop": "\n", "seed": -3, "stream": True,
+                    "stream_options": {"include_usage": True}})
+    assert parsed.prompts == ((97, 98), (104, 105))
+    assert (parsed.max_tokens, parsed.temperature, parsed.top_p, parsed.stop, parsed.seed) == \
+        (5, 0.0, 0.5, ("\n",), -3)
+    assert parsed.stream and parsed.include_usage
+    assert parse({"prompt": [104, 105]}).prompts == ((104, 105),)
+
+
+def test_default_max_tokens_shrinks_to_the_room_left():
+    assert parse({"prompt": "x" * (BLOCK - 5)}).max_tokens == 5
+    assert parse({"prompt": "x" * (BLOCK - 16)}).max_tokens == 16
+
+
+def test_too_many_prompts():
+    error = None
+    with pytest.raises(APIError) as e:
+        parse({"prompt": ["a"] * 5}, max_prompts=4)
+    error = e.value
+    assert error.param == "prompt" and "at most 4" in error.message
+
+
+def test_api_error_survives_pickling():
+    """It crosses Ray actor boundaries (model replica -> ingress) with all its fields."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(APIError(404, "no", "model", code="model_not_found")))
+    assert (error.status, error.message, error.param, error.code) == (404, "no", "model",
+                                                                      "model_not_found")
+
+
+def test_response_bodies_have_the_openai_shape():
+    body = protocol.completion_body("cmpl-1", MODEL, "run/ckpt@abc", [("hi", "length"),
+                                                                     ("yo", "stop")], 7, 4, 5)
+    assert body == {"id": "cmpl-1", "object": "text_completion", "created": 5, "model": MODEL,
+                    "system_fingerprint": "run/ckpt@abc",
+                    "choices": [{"text": "hi", "index": 0, "logprobs": None,
+                                 "finish_reason": "length"},
+                                {"text": "yo", "index": 1, "logprobs": None,
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}}
+    event = protocol.sse_event(protocol.chunk_body("cmpl-1", MODEL, "v", 5, 1, "a", None))
+    assert event.startswith(b"data: {") and event.endswith(b"\n\n")
+    assert json.loads(event[6:])["choices"][0]["index"] == 1
+    assert protocol.SSE_DONE == b"data: [DONE]\n\n"
+    usage = protocol.usage_chunk_body("cmpl-1", MODEL, "v", 5, 3, 2)
+    assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 5
+    models = protocol.models_body(MODEL, {"version": "v", "loaded_at": 9.5})
+    assert models["data"][0]["id"] == MODEL and models["data"][0]["version"] == "v"

@@ -1,0 +1,95 @@
+"""Replica resources from the cluster's accelerators: inference GPUs first, else CPU."""
+import pytest
+
+from orchestrator.inventory import (LABEL_ACCELERATOR_TYPE, GpuInfo, NodeReport,
+                                    declared_gpus)
+from orchestrator.serving.resources import recommend_replica_resources, report_from_ray_node
+
+GIB = 1024 ** 3
+
+
+def node(node_id, gpus=(), ray_gpus=None, labels=None):
+    return NodeReport(node_id, node_id, 8, len(gpus) if ray_gpus is None else ray_gpus, 8, 0.0,
+                      64 * GIB, 64 * GIB, tuple(gpus), labels or {})
+
+
+def measured(name, count):
+    return [GpuInfo(i, name, 16 * GIB, 16 * GIB) for i in range(count)]
+
+
+def declared(name, count):
+    labels = {LABEL_ACCELERATOR_TYPE: name, "orchestrator.io/accelerator-count": str(count),
+              "orchestrator.io/accelerator-memory-gb": "16"}
+    return declared_gpus(labels), labels
+
+
+def recommend(nodes, healthy=None, **kwargs):
+    healthy = {n.node_id for n in nodes} if healthy is None else healthy
+    return recommend_replica_resources(nodes, healthy, **kwargs)
+
+
+def test_declared_inference_gpus_are_selected_by_their_node_label():
+    gpus, labels = declared("T4", 2)
+    result = recommend([node("cpu"), node("t4", gpus, labels=labels),
+                        node("a100", measured("NVIDIA A100-SXM4-80GB", 8))], cpus=0.5, gpus=1)
+    assert result.accelerator == "T4" and result.nodes == ("t4",)
+    assert result.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 1,
+                                        "label_selector": {LABEL_ACCELERATOR_TYPE: "T4"}}
+
+
+def test_measured_gpus_use_rays_accelerator_type():
+    result = recommend([node("l4", measured("NVIDIA L4", 4))])
+    assert result.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 1.0,
+                                        "accelerator_type": "L4"}
+
+
+def test_the_family_with_most_gpus_wins_then_the_faster():
+    nodes = [node("t4", measured("Tesla T4", 4)), node("l4a", measured("NVIDIA L4", 2)),
+             node("l4b", measured("NVIDIA L4", 4))]
+    assert recommend(nodes).accelerator == "L4"  # 6 L4 against 4 T4
+    nodes = [node("t4", measured("Tesla T4", 2)), node("l4", measured("NVIDIA L4", 2))]
+    assert recommend(nodes).accelerator == "L4"  # a tie: L4 is faster
+
+
+def test_training_gpus_only_or_none_falls_back_to_cpu():
+    result = recommend([node("a100", measured("NVIDIA A100-SXM4-80GB", 8)), node("cpu")])
+    assert result.accelerator == "CPU" and result.ray_actor_options == {"num_cpus": 1.0}
+    assert "A100" in result.reason and "CPU" in result.reason
+    assert recommend([node("cpu")]).accelerator == "CPU"
+
+
+def test_unhealthy_nodes_and_gpus_ray_cannot_schedule_do_not_count():
+    t4 = node("t4", measured("Tesla T4", 2))
+    assert recommend([t4], healthy=set()).accelerator == "CPU"
+    declared_only, labels = declared("T4", 2)
+    # Declared by label but Ray was started without --num-gpus: nothing to hand out.
+    assert recommend([node("t4", declared_only, ray_gpus=0, labels=labels)]).accelerator == "CPU"
+
+
+def test_a_named_family_is_used_even_for_training_gpus_and_must_exist():
+    a100 = node("a100", measured("NVIDIA A100-SXM4-80GB", 8))
+    assert recommend([a100], accelerator="A100").ray_actor_options["accelerator_type"] == "A100"
+    with pytest.raises(ValueError, match="accelerator: no healthy node has 'H100'"):
+        recommend([a100], accelerator="H100")
+    assert recommend([a100], accelerator="cpu").accelerator == "CPU"
+
+
+def test_several_declared_names_of_one_family_are_all_allowed():
+    a, la = declared("T4", 1)
+    b, lb = declared("T4-16GB", 1)
+    result = recommend([node("x", a, labels=la), node("y", b, labels=lb)])
+    assert result.ray_actor_options["label_selector"] == {
+        LABEL_ACCELERATOR_TYPE: "in(T4,T4-16GB)"}
+
+
+def test_rays_node_table_stands_in_when_there_is_no_scheduler():
+    _, labels = declared("T4", 2)
+    t4 = report_from_ray_node({"NodeID": "t4", "Labels": labels,
+                               "Resources": {"CPU": 2.0, "GPU": 2.0}})
+    l4 = report_from_ray_node({"NodeID": "l4", "Labels": {},
+                               "Resources": {"CPU": 8.0, "GPU": 4.0, "accelerator_type:L4": 1.0}})
+    cpu = report_from_ray_node({"NodeID": "cpu", "Resources": {"CPU": 4.0}})
+    assert [g.source for g in t4.gpus] == ["declared"] * 2
+    assert [g.name for g in l4.gpus] == ["L4"] * 4 and l4.gpus[0].source == "nvml"
+    assert cpu.gpus == () and cpu.ray_cpus == 4.0
+    assert recommend([t4, l4, cpu]).accelerator == "L4"

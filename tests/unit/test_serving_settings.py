@@ -1,0 +1,76 @@
+"""Serving settings from `serve run` arguments and serve_config.yaml; runtime user_config."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import ConfigError
+from orchestrator.serving.settings import RuntimeConfig, ServeSettings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_command_line_strings_are_coerced():
+    settings = ServeSettings.from_args({"max_batch_size": "16", "max_batch_wait_ms": "2.5",
+                                        "adaptive_batching": "false", "checkpoint": "/x",
+                                        "cpus_per_replica": "1"})
+    assert (settings.max_batch_size, settings.max_batch_wait_ms) == (16, 2.5)
+    assert settings.adaptive_batching is False and settings.cpus_per_replica == 1.0
+    assert settings.replica_max_ongoing_requests == 32  # 16 x 2 concurrent batches
+
+
+def test_unknown_keys_get_a_hint():
+    with pytest.raises(ConfigError, match="'max_batch' \\(did you mean 'max_batch_size'"):
+        ServeSettings.from_args({"max_batch": 4})
+
+
+def test_every_bad_field_is_named_at_once():
+    with pytest.raises(ConfigError) as e:
+        ServeSettings.from_args({"max_batch_size": "lots", "min_replicas": -1,
+                                 "cpus_per_replica": "nan", "adaptive_batching": "maybe"})
+    message = str(e.value)
+    for field in ("max_batch_size", "min_replicas", "cpus_per_replica", "adaptive_batching"):
+        assert field in message
+
+
+@pytest.mark.parametrize("args, words", [
+    ({"max_ongoing_requests": 10}, "max_ongoing_requests (10) must be >= max_batch_size x "
+                                   "max_concurrent_batches (32 x 2 = 64)"),
+    ({"min_batch_size": 8, "max_batch_size": 4}, "min_batch_size (8) must be <= max_batch_size"),
+    ({"min_replicas": 3, "max_replicas": 2}, "min_replicas (3) must be <= max_replicas"),
+    ({"model_name": ""}, "model_name must not be empty"),
+])
+def test_inconsistent_settings_are_refused(args, words):
+    with pytest.raises(ConfigError, match=words.replace("(", "\\(").replace(")", "\\)")):
+        ServeSettings.from_args(args)
+
+
+def test_user_config_keeps_unset_fields_from_the_settings_and_respects_the_cap():
+    settings = ServeSettings(checkpoint="/a", max_batch_size=16)
+    runtime = RuntimeConfig.from_user_config({"checkpoint": "/b", "max_batch_wait_ms": 5},
+                                             settings)
+    assert (runtime.checkpoint, runtime.max_batch_size, runtime.max_batch_wait_ms) == \
+        ("/b", 16, 5.0)
+    assert runtime.bounds.max_wait_s == 0.005
+    assert RuntimeConfig.from_user_config(None, settings).checkpoint == "/a"
+    with pytest.raises(ConfigError, match="at most 16"):
+        RuntimeConfig.from_user_config({"max_batch_size": 64}, settings)
+    with pytest.raises(ConfigError, match="unknown field"):
+        RuntimeConfig.from_user_config({"checkpiont": "/c"}, settings)
+    with pytest.raises(ConfigError, match="min_batch_size"):
+        RuntimeConfig.from_user_config({"min_batch_size": 0}, settings)
+
+
+def test_serve_config_yaml_is_a_valid_serve_config_for_this_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)  # Serve's own validation
+    (application,) = schema.applications
+    assert application.import_path == "orchestrator.serving.app:app"
+    settings = ServeSettings.from_args(application.args)
+    (model,) = [d for d in application.deployments if d.name == "GPTModel"]
+    RuntimeConfig.from_user_config(model.user_config, settings)
+    autoscaling = model.autoscaling_config
+    assert autoscaling["min_replicas"] < autoscaling["max_replicas"]
+    assert {"target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"} <= set(autoscaling)
