@@ -193,7 +193,8 @@ SERVE_REQUESTS = MetricSpec(
     SERVE_TAGS + ("status",))
 SERVE_ERRORS = MetricSpec(
     "orchestrator_serve_errors", COUNTER,
-    "Requests that failed, by route and kind (bad_request, overloaded, timeout, internal)",
+    "Requests that failed, by route and kind (bad_request, overloaded, timeout, internal), "
+    "and refused hot reloads (kind bad_config)",
     "1", SERVE_TAGS + ("kind",))
 SERVE_REQUEST_LATENCY = MetricSpec(
     "orchestrator_serve_request_latency_seconds", HISTOGRAM,
