@@ -22,9 +22,9 @@ from orchestrator.training.accumulation import (HierarchicalAccumulation, pendin
 from orchestrator.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from orchestrator.training.data import (VOCAB_SIZE, get_batch, load_corpus, split_corpus,
                                         stream_seed)
-from orchestrator.training.metrics import (CommTimer, Thresholds, flops_per_token,
-                                           gpu_peak_flops, measure_cpu_peak_flops, mfu,
-                                           peak_memory, warnings_for)
+from orchestrator.training.metrics import (CommTimer, Thresholds, cpu_peak_flops,
+                                           flops_per_token, gpu_peak_flops, mfu, peak_memory,
+                                           warnings_for)
 from orchestrator.training.model import GPT, GPTConfig, parameter_groups
 from orchestrator.training.precision import Precision, resolve_precision
 from orchestrator.training.session import TrainSession
@@ -260,7 +260,7 @@ class Efficiency:
         self.flops_per_token = flops_per_token(model.num_params(), c.n_layer, c.n_embd,
                                                config.seq_len)
         self.peak_flops = (gpu_peak_flops(torch.cuda.get_device_name(device), precision.name)
-                           if device.type == "cuda" else measure_cpu_peak_flops())
+                           if device.type == "cuda" else cpu_peak_flops())
         self.device = device
         self.thresholds = Thresholds(config.warn_min_mfu, config.warn_max_comm_share,
                                      config.warn_max_memory_fraction)

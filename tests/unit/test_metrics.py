@@ -64,3 +64,19 @@ def test_comm_timer_times_all_reduce_and_keeps_gradients_exact(tmp_path):
         assert timer.take() > 0 and timer.take() == 0  # take() resets
     finally:
         dist.destroy_process_group()
+
+
+def test_cpu_peak_is_the_best_measured_on_this_machine(tmp_path, monkeypatch):
+    """A peak timed under load comes out low and would inflate MFU: the best figure this
+    CPU model and thread count ever gave is kept and used."""
+    from orchestrator.training import metrics
+
+    cache = tmp_path / "peaks.json"
+    readings = iter([50e9, 120e9, 80e9])
+    monkeypatch.setattr(metrics, "measure_cpu_peak_flops", lambda: next(readings))
+    assert metrics.cpu_peak_flops(cache) == 50e9
+    assert metrics.cpu_peak_flops(cache) == 120e9
+    assert metrics.cpu_peak_flops(cache) == 120e9  # measured under load: the best is kept
+    cache.write_text("not json")
+    monkeypatch.setattr(metrics, "measure_cpu_peak_flops", lambda: 70e9)
+    assert metrics.cpu_peak_flops(cache) == 70e9  # a damaged cache is only a lost cache
