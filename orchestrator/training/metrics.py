@@ -52,18 +52,22 @@ def gpu_peak_flops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def measure_cpu_peak_flops(size: int = 2048, repeats: int = 3) -> float:
-    """A CPU has no datasheet figure we can trust across machines: time the best of a few
+def measure_cpu_peak_flops(size: int = 2048, repeats: int = 3, min_seconds: float = 1.0
+                           ) -> float:
+    """A CPU has no datasheet figure we can trust across machines: time the best of several
     fp32 matmuls with the threads this process uses (2·n³ FLOPs each; ~0.3 s per single-thread
     matmul at 2048). Large enough to reach the BLAS kernel's plateau (here 1 thread: 44
-    GFLOP/s at n=256, 54 at 512, 57 at 1024, 69 at 2048), so it is the achievable peak."""
+    GFLOP/s at n=256, 54 at 512, 57 at 1024, 69 at 2048), so it is the achievable peak. At
+    least `repeats` and at least `min_seconds` of matmuls: a fresh process's first ones run
+    slow (thread pool and clock ramping up; half the later figure was seen here)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)  # warm-up: first call pays for allocation and kernel selection
-    best = float("inf")
-    for _ in range(repeats):
+    best, started, count = float("inf"), time.perf_counter(), 0
+    while count < repeats or time.perf_counter() - started < min_seconds:
         start = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
+        count += 1
     return 2 * size ** 3 / best
 
 
