@@ -1,0 +1,133 @@
+"""CompressConfig: every knob of the compression pipeline, validated at construction.
+
+Errors name the field (and its command-line flag: `prune_sparsity` is `--prune-sparsity`);
+all problems are reported together, as in orchestrator/config.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from orchestrator.config import MODEL_PRESETS, ConfigError, from_mapping
+from orchestrator.compression.prune import SCOPES
+
+DEVICES = ("auto", "cpu", "cuda")
+
+# Fields that change only bookkeeping or the report, not what a stage computes: a rerun may
+# change them and still reuse the finished stages under --out.
+RESUMABLE_CHANGES = frozenset({"log_every", "checkpoint_every", "device", "threads",
+                               "latency_batch", "latency_seq", "latency_repeats",
+                               "eval_tokens", "eval_batch_size", "onnx_baseline"})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    # Stage 0 (only with a smaller student): distil the teacher into a fresh smaller model.
+    student_size: str | None = None  # a MODEL_PRESETS name; None = the teacher's architecture
+    distill_steps: int = 300
+    # Stage 1: gradual magnitude pruning during a distillation fine-tune.
+    prune_sparsity: float = 0.30
+    prune_scope: str = "global"
+    prune_steps: int = 200
+    prune_ramp_fraction: float = 0.75  # sparsity reaches its target at this fraction of steps
+    prune_every: int = 10  # steps between mask updates while ramping
+    # Stage 2: INT8 quantization-aware distillation fine-tune (masks fixed).
+    qat_steps: int = 200
+    # 7: int8 storage, values in [-63, 63]: exact in ONNX Runtime on every x86 CPU. 8: the full
+    # [-127, 127], exact only where the CPU has VNNI (see qat.WEIGHT_QMAX).
+    weight_bits: int = 7
+    # Distillation (all fine-tunes).
+    alpha: float = 0.5  # weight of cross-entropy on the data; 1 - alpha on the teacher's KL
+    temperature: float = 2.0
+    # Optimisation.
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 16
+    seq_len: int | None = None  # None: the teacher's context length
+    seed: int = 1337
+    device: str = "auto"
+    # Progress and resume.
+    log_every: int = 10
+    checkpoint_every: int = 50
+    # Report.
+    eval_tokens: int = 16384  # held-out tokens for perplexity (capped by the held-out text)
+    eval_batch_size: int = 8
+    latency_batch: int = 1
+    latency_seq: int = 64  # capped by the model's context length
+    latency_repeats: int = 20
+    threads: int = 2  # CPU threads for every latency measurement (torch and ONNX Runtime)
+    onnx_baseline: bool = True  # also time the original model in ONNX Runtime fp32
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        p: list[str] = []
+
+        def check(ok: bool, field: str, message: str) -> None:
+            if not ok:
+                flag = "--" + field.replace("_", "-")
+                p.append(f"{field} ({flag}) {message}, got {getattr(self, field)!r}")
+
+        check(self.student_size is None or self.student_size in MODEL_PRESETS, "student_size",
+              f"must be one of {', '.join(MODEL_PRESETS)} (or unset: the teacher's shape)")
+        for name in ("prune_steps", "batch_size", "log_every", "checkpoint_every", "prune_every",
+                     "eval_tokens", "eval_batch_size", "latency_batch", "latency_seq",
+                     "latency_repeats", "threads"):
+            value = getattr(self, name)
+            check(_is_int(value) and value >= 1, name, "must be an integer >= 1")
+        for name in ("distill_steps", "qat_steps", "warmup_steps"):
+            value = getattr(self, name)
+            check(_is_int(value) and value >= 0, name, "must be an integer >= 0")
+        check(self.seq_len is None or (_is_int(self.seq_len) and self.seq_len >= 1), "seq_len",
+              "must be an integer >= 1 (or unset: the teacher's context length)")
+        check(_is_number(self.prune_sparsity) and 0 < self.prune_sparsity < 1,
+              "prune_sparsity", "must be a fraction in (0, 1)")
+        check(self.weight_bits in (7, 8), "weight_bits", "must be 7 or 8")
+        check(self.prune_scope in SCOPES, "prune_scope", f"must be one of {', '.join(SCOPES)}")
+        check(_is_number(self.prune_ramp_fraction) and 0 < self.prune_ramp_fraction <= 1,
+              "prune_ramp_fraction", "must be a fraction in (0, 1]")
+        check(_is_number(self.alpha) and 0 <= self.alpha <= 1, "alpha",
+              "must be a fraction in [0, 1]")
+        check(_is_number(self.temperature) and 0 < self.temperature <= 100, "temperature",
+              "must be a number in (0, 100]")
+        check(_is_number(self.lr) and 0 < self.lr < 1, "lr", "must be a number in (0, 1)")
+        check(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+              "must be a number >= 0")
+        check(_is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip",
+              "must be a number >= 0 (0 disables clipping)")
+        check(_is_int(self.seed), "seed", "must be an integer")
+        check(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}")
+        check(isinstance(self.onnx_baseline, bool), "onnx_baseline", "must be true or false")
+        if self.student_size is not None and _is_int(self.distill_steps):
+            check(self.distill_steps >= 1, "distill_steps",
+                  "must be >= 1 with a smaller --student-size (a fresh student must be trained)")
+        if p:
+            raise ConfigError("invalid CompressConfig: " + "; ".join(p))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CompressConfig":
+        return from_mapping(cls, data, "CompressConfig")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resume_conflicts(saved: Mapping[str, Any], config: CompressConfig) -> list[str]:
+    """'field: old -> new' for every field whose change would make finished stages stale."""
+    return [f"{name}: {saved.get(name)!r} -> {value!r}"
+            for name, value in config.to_dict().items()
+            if name not in RESUMABLE_CHANGES and saved.get(name) != value]

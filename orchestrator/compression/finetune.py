@@ -1,0 +1,179 @@
+"""The one fine-tune loop of the pipeline: distillation, pruning and QAT stages all run it.
+
+A step: (maybe) update pruning masks -> student forward -> distillation loss against the
+frozen teacher -> backward -> masked gradients -> clip -> AdamW -> re-apply masks.
+Batches are a pure function of (seed, stream, step) (orchestrator/training/data.get_batch),
+so a stage resumed from its partial checkpoint sees exactly the batches the uninterrupted
+stage would have seen.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from orchestrator.compression import prune
+from orchestrator.compression.artifacts import CheckpointError, load_tensors, save_tensors
+from orchestrator.compression.distill import distillation_loss
+from orchestrator.training.data import get_batch
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one fine-tune does (built from CompressConfig by the pipeline)."""
+
+    stage: str
+    steps: int
+    stream: int  # data stream id: each stage draws its own batches
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    batch_size: int
+    seq_len: int
+    seed: int
+    alpha: float
+    temperature: float
+    log_every: int
+    checkpoint_every: int
+
+
+@dataclass(frozen=True)
+class PruneSchedule:
+    final: float
+    scope: str
+    ramp_steps: int
+    every: int
+
+    def target_at(self, step: int) -> float | None:
+        """The sparsity to prune to before `step`, or None when the masks stay as they are."""
+        if step == 0 or step > self.ramp_steps:
+            return None
+        if step % self.every == 0 or step == self.ramp_steps:
+            return prune.scheduled_sparsity(step, self.ramp_steps, self.final)
+        return None
+
+
+def lr_at(step: int, plan: Plan) -> float:
+    """Linear warmup, then cosine to a tenth of the peak: a fine-tune starts from a trained
+    model, so a short warmup avoids knocking it off its minimum with a cold AdamW."""
+    if step < plan.warmup_steps:
+        return plan.lr * (step + 1) / plan.warmup_steps
+    span = max(plan.steps - plan.warmup_steps, 1)
+    progress = min((step - plan.warmup_steps) / span, 1.0)
+    return plan.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def _optimizer(model: nn.Module, plan: Plan) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": plan.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}],
+                             lr=plan.lr, betas=(0.9, 0.95))
+
+
+def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.Tensor,
+             plan: Plan, device: torch.device, *, masks: dict[str, torch.Tensor] | None = None,
+             schedule: PruneSchedule | None = None, partial: Path | None = None,
+             log: Callable[[str], None] = say) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Fine-tune `student` in place; returns (masks, metrics).
+
+    `masks` are kept fixed; with a `schedule` they are recomputed as it says and end at its
+    final sparsity. `partial` is where the stage's progress is checkpointed every
+    `plan.checkpoint_every` steps and resumed from; the caller deletes it once the stage's
+    output is safely written."""
+    weights = prune.prunable_weights(student)
+    masks = dict(masks or {})
+    optimizer = _optimizer(student, plan)
+    step = 0
+    resume = _read_partial(partial, plan.stage, log)
+    if resume is not None:
+        student.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        masks, step = resume["masks"], resume["step"]
+        log(f"{plan.stage}: resumed at step {step}/{plan.steps} from {partial}")
+    masks = {name: m.to(device) for name, m in masks.items()}
+    if teacher is not None:
+        teacher.eval()
+    use_teacher = teacher is not None and plan.alpha < 1
+    student.train()
+    started, interval_start, interval_tokens = time.perf_counter(), time.perf_counter(), 0
+    last = {"loss": float("nan"), "ce": float("nan"), "kd": float("nan")}
+    while step < plan.steps:
+        target = schedule.target_at(step) if schedule else None
+        if target is not None:
+            masks = prune.compute_masks(weights, target, schedule.scope)
+            prune.apply_masks(weights, masks)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, plan)
+        x, y = get_batch(train_tokens, plan.batch_size, plan.seq_len, seed=plan.seed,
+                         rank=plan.stream, step=step)
+        x, y = x.to(device), y.to(device)
+        teacher_logits = None
+        if use_teacher:
+            with torch.no_grad():
+                teacher_logits, _ = teacher(x)
+        student_logits, _ = student(x)
+        loss = distillation_loss(student_logits, teacher_logits, y, plan.alpha, plan.temperature)
+        loss.total.backward()
+        prune.mask_gradients(weights, masks)
+        if plan.grad_clip:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), plan.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        prune.apply_masks(weights, masks)  # AdamW's momentum and decay move pruned weights
+        step += 1
+        interval_tokens += x.numel()
+        if step % plan.log_every == 0 or step == plan.steps:
+            last = {"loss": loss.total.item(), "ce": loss.ce.item(), "kd": loss.kd.item()}
+            elapsed = time.perf_counter() - interval_start
+            line = (f"{plan.stage} step {step:>5}/{plan.steps} | loss {last['loss']:.4f} "
+                    f"(ce {last['ce']:.4f}, kd {last['kd']:.4f}) | lr {lr_at(step - 1, plan):.2e}")
+            if masks:
+                line += f" | sparsity {prune.sparsity(weights):.1%}"
+            log(line + f" | {interval_tokens / elapsed:,.0f} tok/s")
+            interval_start, interval_tokens = time.perf_counter(), 0
+        if partial is not None and step % plan.checkpoint_every == 0 and step < plan.steps:
+            save_tensors(partial, {"model": student.state_dict(),
+                                   "optimizer": optimizer.state_dict(),
+                                   "masks": {n: m.cpu() for n, m in masks.items()},
+                                   "step": step})
+    if schedule is not None:
+        # Land exactly on the target whether the ramp ended early (then this recomputes the
+        # same masks: the pruned weights are the zeros) or on the last step.
+        masks = prune.compute_masks(weights, schedule.final, schedule.scope)
+        prune.apply_masks(weights, masks)
+    student.eval()
+    metrics = {"steps": plan.steps, "seconds": round(time.perf_counter() - started, 2),
+               **{f"final_{k}": v for k, v in last.items()}}
+    if masks:
+        metrics["sparsity"] = prune.sparsity(weights)
+    return {n: m.cpu() for n, m in masks.items()}, metrics
+
+
+def _read_partial(partial: Path | None, stage: str, log: Callable[[str], None]
+                  ) -> dict[str, Any] | None:
+    """The stage's progress checkpoint, or None to start the stage over (with a warning when
+    one exists but cannot be used)."""
+    if partial is None or not partial.is_file():
+        return None
+    try:
+        state = load_tensors(partial)
+        missing = {"model", "optimizer", "masks", "step"} - set(state)
+        if missing:
+            raise CheckpointError(f"{partial} lacks {', '.join(sorted(missing))}")
+        return state
+    except CheckpointError as e:
+        log(f"warning: {stage}: cannot resume ({e}); starting the stage over")
+        return None

@@ -1,0 +1,87 @@
+"""What the report measures: size on disk, CPU latency, held-out perplexity, sparsity."""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def size_bytes(path: Path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def held_out_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping (input, target) windows over the start of the held-out text: every
+    scored token is predicted once, from up to seq_len - 1 tokens of context."""
+    count = min(max_tokens, len(tokens) - 1) // seq_len
+    if count < 1:
+        raise ValueError(f"held-out text of {len(tokens)} tokens is shorter than one window "
+                         f"of {seq_len}")
+    span = tokens[:count * seq_len + 1]
+    return span[:-1].view(count, seq_len), span[1:].view(count, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model: Forward, inputs: torch.Tensor, targets: torch.Tensor,
+               batch_size: int) -> float:
+    """exp(mean cross-entropy per token), the model run on CPU as it would be deployed."""
+    total, count = 0.0, 0
+    for i in range(0, len(inputs), batch_size):
+        x, y = inputs[i:i + batch_size], targets[i:i + batch_size]
+        logits, _ = model(x)
+        total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                 reduction="sum").item()
+        count += y.numel()
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def latencies_ms(models: dict[str, Forward], idx: torch.Tensor, repeats: int,
+                 warmup: int = 3) -> dict[str, float]:
+    """Median wall time of one forward per model. The models take turns within each round,
+    so a burst of load from another process on the machine hits all of them alike instead of
+    skewing whichever happened to be running."""
+    for _ in range(warmup):
+        for forward in models.values():
+            forward(idx)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, forward in models.items():
+            start = time.perf_counter()
+            forward(idx)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
+
+
+def cpu_description() -> dict[str, object]:
+    """The CPU the latencies were taken on, with the flags int8 kernels depend on."""
+    flags: set[str] = set()
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.machine()):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"name": name, "cores": os.cpu_count(),
+            # Other processes competing for the cores make every latency noisier (the
+            # interleaving in latencies_ms keeps the comparison fair, not the absolute times).
+            "load_average_1min": round(os.getloadavg()[0], 2),
+            "avx2": "avx2" in flags, "avx512_vnni": "avx512_vnni" in flags,
+            "avx_vnni": "avx_vnni" in flags}

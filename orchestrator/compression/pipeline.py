@@ -1,0 +1,315 @@
+"""The compression pipeline: stages, their resumable outputs under --out, the report.
+
+    <out>/compress_config.json  the config and the teacher's identity; a rerun with settings
+                                that would change finished stages is refused
+    <out>/original/             the teacher's fp32 weights (the size baseline)
+    <out>/distilled/            only with a smaller student: a fresh student distilled from
+                                the teacher
+    <out>/pruned/               stage 1: gradual magnitude pruning, distillation fine-tune
+    <out>/qat/                  stage 2: INT8 quantization-aware distillation fine-tune
+    <out>/int8/                 stage 3: the INT8 export (export.py)
+    <out>/report.json           original vs pruned vs INT8
+
+A stage's directory appears only when the stage is complete (built under a hidden name and
+renamed), so a rerun skips exactly the finished stages. Inside a fine-tune, progress is
+checkpointed to <out>/.<stage>.partial.pt and a rerun continues from it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from orchestrator.compression import export, prune, qat
+from orchestrator.compression.artifacts import (CheckpointError, load_tensors, save_tensors,
+                                                staged_dir, write_json)
+from orchestrator.compression.config import CompressConfig, resume_conflicts
+from orchestrator.compression.finetune import Plan, PruneSchedule, finetune, say
+from orchestrator.compression.report import build_report, format_table
+from orchestrator.config import MODEL_PRESETS, ConfigError
+from orchestrator.training.data import load_corpus, split_corpus
+from orchestrator.training.model import GPT, GPTConfig
+
+CONFIG_FILE = "compress_config.json"
+REPORT_FILE = "report.json"
+WEIGHTS_FILE = "weights.pt"
+MASKS_FILE = "masks.pt"
+STAGE_FILE = "stage.json"
+# Data stream per fine-tune (get_batch's `rank`): each stage draws its own batches, none of
+# them the pretraining workers' (ranks 0..N).
+STREAMS = {"distill": 101, "prune": 102, "qat": 103}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device (--device) is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def fine_tune_seq_len(config: CompressConfig, block_size: int) -> int:
+    seq_len = config.seq_len or block_size
+    if seq_len > block_size:
+        raise ConfigError(f"seq_len (--seq-len) must be <= the teacher's context length "
+                          f"{block_size}, got {seq_len}")
+    return seq_len
+
+
+def prepare_out(out: Path, config: CompressConfig, source: dict[str, Any]) -> None:
+    """Create --out for a new run, or check that it holds this same run to resume.
+
+    Checked before anything is written: a refused run leaves --out as it was."""
+    check_out(out, config, source)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CONFIG_FILE, {"compress": config.to_dict(), "source": source})
+
+
+def check_out(out: Path, config: CompressConfig, source: dict[str, Any]) -> None:
+    """Refuse an --out that is a file, holds something else, or holds a run of another
+    teacher or with settings that would change its finished stages. Writes nothing."""
+    saved_path = out / CONFIG_FILE
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if saved_path.is_file():
+        try:
+            saved = json.loads(saved_path.read_text())
+            saved_config, saved_source = saved["compress"], saved["source"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"cannot read {saved_path}: {e}") from None
+        if saved_source.get("sha256") != source.get("sha256"):
+            raise ConfigError(f"--out {out} holds a compression of another teacher "
+                              f"({saved_source.get('checkpoint')}); use a new --out")
+        conflicts = resume_conflicts(saved_config, config)
+        if conflicts:
+            raise ConfigError(f"--out {out} was made with other settings: "
+                              f"{'; '.join(conflicts)}. Pass the original values or use a "
+                              "new --out")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty and holds no compression run (no "
+                          f"{CONFIG_FILE}); choose a new or empty directory")
+
+
+def _save_stage(directory: Path, model: torch.nn.Module, masks: dict | None,
+                metrics: dict[str, Any]) -> None:
+    with staged_dir(directory) as tmp:
+        save_tensors(tmp / WEIGHTS_FILE,
+                     {"config": dataclasses.asdict(model.config),
+                      "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
+        if masks is not None:
+            save_tensors(tmp / MASKS_FILE, {"masks": masks})
+        write_json(tmp / STAGE_FILE, metrics)
+
+
+def _load_stage(directory: Path, log: Callable[[str], None]
+                ) -> tuple[GPT, dict | None, dict[str, Any]] | None:
+    """A finished stage (model, masks, metrics), or None when it is absent or unusable (then
+    it is removed, with a warning, and recomputed)."""
+    if not directory.is_dir():
+        return None
+    try:
+        weights = load_tensors(directory / WEIGHTS_FILE)
+        model = GPT(GPTConfig(**weights["config"]))
+        model.load_state_dict(weights["model"])
+        masks = None
+        if (directory / MASKS_FILE).exists():
+            masks = load_tensors(directory / MASKS_FILE)["masks"]
+        metrics = json.loads((directory / STAGE_FILE).read_text())
+    except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
+        log(f"warning: {directory} is unusable ({e}); redoing that stage")
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    log(f"{directory.name}: already done, reusing {directory}")
+    return model.eval(), masks, metrics
+
+
+def _export_done(directory: Path, log: Callable[[str], None]) -> bool:
+    if not directory.is_dir():
+        return False
+    try:
+        export.load_onnx_model(directory, threads=1)
+        load_tensors(directory / export.TORCH_FILE)
+    except (CheckpointError, OSError) as e:
+        log(f"warning: {directory} is unusable ({e}); exporting again")
+        shutil.rmtree(directory, ignore_errors=True)
+        return False
+    except Exception as e:  # onnxruntime's own error types
+        log(f"warning: {directory}: ONNX Runtime cannot load it ({e}); exporting again")
+        shutil.rmtree(directory, ignore_errors=True)
+        return False
+    log(f"{directory.name}: already done, reusing {directory}")
+    return True
+
+
+def _plan(stage: str, steps: int, config: CompressConfig, seq_len: int) -> Plan:
+    return Plan(stage=stage, steps=steps, stream=STREAMS[stage], lr=config.lr,
+                warmup_steps=min(config.warmup_steps, max(steps - 1, 0)),
+                weight_decay=config.weight_decay, grad_clip=config.grad_clip,
+                batch_size=config.batch_size, seq_len=seq_len, seed=config.seed,
+                alpha=config.alpha, temperature=config.temperature,
+                log_every=config.log_every, checkpoint_every=config.checkpoint_every)
+
+
+@dataclasses.dataclass
+class Run:
+    """What every stage needs: where outputs go, the settings, the frozen teacher, the data."""
+
+    out: Path
+    config: CompressConfig
+    teacher: GPT
+    train_tokens: torch.Tensor
+    device: torch.device
+    seq_len: int
+    log: Callable[[str], None] = say
+
+    def plan(self, stage: str, steps: int) -> Plan:
+        return _plan(stage, steps, self.config, self.seq_len)
+
+
+def _run_stage(run: Run, stage: str, dirname: str, student: GPT, plan: Plan, *,
+               masks: dict | None = None, schedule: PruneSchedule | None = None
+               ) -> tuple[dict | None, dict[str, Any]]:
+    """One fine-tune stage: train (resuming from its partial checkpoint), then publish its
+    directory and drop the partial checkpoint."""
+    partial = run.out / f".{stage}.partial.pt"
+    run.log(f"{stage}: fine-tuning {plan.steps} steps (batch {plan.batch_size} x "
+            f"{plan.seq_len}, alpha {plan.alpha}, temperature {plan.temperature})")
+    masks, metrics = finetune(student, run.teacher, run.train_tokens, plan, run.device,
+                              masks=masks, schedule=schedule, partial=partial, log=run.log)
+    _save_stage(run.out / dirname, student, masks if masks else None,
+                {"stage": stage, **metrics})
+    for path in (partial, partial.with_name(partial.name + ".sha256")):
+        path.unlink(missing_ok=True)
+    return masks, metrics
+
+
+def stage_original(run: Run, source: dict[str, Any]) -> None:
+    """The teacher's fp32 weights, written the way the pruned model is: the size baseline."""
+    if _load_stage(run.out / "original", run.log) is None:
+        _save_stage(run.out / "original", run.teacher, None,
+                    {"stage": "original", "source": source})
+
+
+def stage_student(run: Run) -> tuple[GPT, dict[str, Any] | None]:
+    """The model to compress: a copy of the teacher, or, with a smaller --student-size, a
+    fresh model of that preset distilled from the teacher (it has nothing to prune yet)."""
+    config = run.config
+    shape = MODEL_PRESETS[config.student_size] if config.student_size else {}
+    student_config = dataclasses.replace(run.teacher.config, dropout=0.0, **shape)
+    if not config.student_size:
+        student = GPT(student_config)
+        student.load_state_dict(run.teacher.state_dict())
+        return student.to(run.device), None
+    done = _load_stage(run.out / "distilled", run.log)
+    if done:
+        student, _, metrics = done
+        return student.to(run.device), metrics
+    torch.manual_seed(config.seed)
+    student = GPT(student_config).to(run.device)
+    run.log(f"distill: {config.student_size} student ({student.num_params() / 1e6:.2f}M "
+            f"params) from a {run.teacher.num_params() / 1e6:.2f}M teacher")
+    _, metrics = _run_stage(run, "distill", "distilled", student,
+                            run.plan("distill", config.distill_steps))
+    return student, metrics
+
+
+def stage_prune(run: Run, student: GPT) -> tuple[GPT, dict, dict[str, Any]]:
+    """Stage 1: gradual magnitude pruning while distilling. Returns (model, masks, metrics)."""
+    done = _load_stage(run.out / "pruned", run.log)
+    if done:
+        model, masks, metrics = done
+        return model.to(run.device), masks, metrics
+    config = run.config
+    schedule = PruneSchedule(final=config.prune_sparsity, scope=config.prune_scope,
+                             ramp_steps=max(1, round(config.prune_steps
+                                                     * config.prune_ramp_fraction)),
+                             every=config.prune_every)
+    run.log(f"prune: {len(prune.prunable_names(student))} Linear layers, {config.prune_scope} "
+            f"magnitude pruning to {config.prune_sparsity:.0%} by step {schedule.ramp_steps}")
+    masks, metrics = _run_stage(run, "prune", "pruned", student,
+                                run.plan("prune", config.prune_steps), schedule=schedule)
+    return student, masks, metrics
+
+
+def stage_qat(run: Run, student: GPT, masks: dict) -> tuple[GPT, dict[str, Any]]:
+    """Stage 2: INT8 quantization-aware training while distilling, masks fixed."""
+    done = _load_stage(run.out / "qat", run.log)
+    if done:
+        model, _, metrics = done
+        return model.to(run.device), metrics
+    qmax = qat.qmax_for_bits(run.config.weight_bits)
+    qat.prepare_qat(student, prune.prunable_names(student), qmax)
+    run.log(f"qat: fake-quantized int8 weights (per channel, [-{qmax}, {qmax}]) and uint8 "
+            "activations (per tensor, dynamic)")
+    _, metrics = _run_stage(run, "qat", "qat", student, run.plan("qat", run.config.qat_steps),
+                            masks=masks)
+    return student, metrics
+
+
+def stage_export(run: Run, student: GPT) -> Path:
+    """Stage 3: the int8 artifacts (export.py)."""
+    int8_dir = run.out / "int8"
+    if not _export_done(int8_dir, run.log):
+        run.log(f"export: int8 ONNX + torch artifacts -> {int8_dir}")
+        names = prune.prunable_names(student)
+        with staged_dir(int8_dir) as tmp:
+            export.save_int8(tmp, student.cpu().eval(), names,
+                             qat.qmax_for_bits(run.config.weight_bits))
+    return int8_dir
+
+
+def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, out: Path,
+                 log: Callable[[str], None] = say) -> dict[str, Any]:
+    """Every stage not yet finished under `out`, then the report (also written to
+    report.json). `source` identifies the teacher (a rerun must use the same one)."""
+    out = Path(out).expanduser().resolve()
+    device = resolve_device(config.device)
+    seq_len = fine_tune_seq_len(config, teacher.config.block_size)
+    check_out(out, config, source)
+    with tempfile.TemporaryDirectory(prefix="compress-") as scratch:
+        fp32_onnx = None
+        if not (out / "int8" / export.ONNX_FILE).is_file():
+            # Fail in seconds, before --out is touched, rather than after the fine-tunes:
+            # the int8 runtime needs the model to go through torch.onnx.export.
+            log("export check: exporting the teacher to ONNX")
+            fp32_onnx = export.export_fp32_onnx(teacher, Path(scratch) / "original.fp32.onnx",
+                                                "teacher (export check, before fine-tuning)")
+        prepare_out(out, config, source)
+        return _run_stages(teacher, source, config, out, device, seq_len, fp32_onnx, log)
+
+
+def _run_stages(teacher: GPT, source: dict[str, Any], config: CompressConfig, out: Path,
+                device: torch.device, seq_len: int, fp32_onnx: Path | None,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    train_tokens, held_out = split_corpus(load_corpus())
+    run = Run(out, config, teacher.to(device).eval().requires_grad_(False), train_tokens,
+              device, seq_len, log)
+    stages: dict[str, Any] = {}
+
+    stage_original(run, source)
+    student, stages["distill"] = stage_student(run)
+    student, masks, stages["prune"] = stage_prune(run, student)
+    pruned = GPT(student.config)
+    pruned.load_state_dict(student.state_dict())
+    student, stages["qat"] = stage_qat(run, student, masks)
+    int8_dir = stage_export(run, student)
+
+    log("report: measuring original, pruned and int8")
+    report = build_report(teacher=run.teacher, pruned=pruned, out=out,
+                          original_file=out / "original" / WEIGHTS_FILE,
+                          pruned_file=out / "pruned" / WEIGHTS_FILE, int8_dir=int8_dir,
+                          config=config, eval_seq_len=seq_len, held_out=held_out, log=log,
+                          fp32_onnx=fp32_onnx)
+    report.update({"stages": {k: v for k, v in stages.items() if v is not None},
+                   "source": source, "config": config.to_dict(),
+                   "artifacts": {"int8_dir": str(int8_dir),
+                                 "onnx": str(int8_dir / export.ONNX_FILE),
+                                 "torch": str(int8_dir / export.TORCH_FILE)}})
+    write_json(out / REPORT_FILE, report)
+    log(format_table(report))
+    return report

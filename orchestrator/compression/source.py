@@ -1,0 +1,84 @@
+"""The teacher: a pretrain checkpoint, given as a run directory or a checkpoint directory."""
+from __future__ import annotations
+
+import io
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from orchestrator.config import ConfigError, TrainConfig
+from orchestrator.runs import has_checkpoints
+from orchestrator.training.checkpoint import (CHECKSUM_FILE, STATE_FILE, CheckpointError,
+                                              load_checkpoint)
+from orchestrator.training.data import VOCAB_SIZE
+from orchestrator.training.model import GPT, GPTConfig
+
+
+def checkpoint_candidates(path: str | Path) -> tuple[list[Path], bool]:
+    """(checkpoint directories newest first, whether `path` was a run directory)."""
+    p = Path(path).expanduser().resolve()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if (p / STATE_FILE).exists() or (p / CHECKSUM_FILE).exists():
+        return [p], False
+    if has_checkpoints(p):
+        # Ray Train's checkpoint_<timestamp> and LocalSession's checkpoint_<step:08d> names
+        # both sort oldest to newest.
+        return sorted((c for c in p.glob("checkpoint_*") if c.is_dir()), reverse=True), True
+    raise CheckpointError(f"{p} is neither a checkpoint directory (no {STATE_FILE}) nor a run "
+                          "directory (no checkpoint_* inside)")
+
+
+def model_from_state(state: Any, directory: Path) -> tuple[GPT, TrainConfig]:
+    """Rebuild the GPT a checkpoint's state describes; errors name the file."""
+    where = directory / STATE_FILE
+    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
+        raise CheckpointError(f"{where} is not a training checkpoint (needs 'model' and "
+                              "'config' entries)")
+    try:
+        train_config = TrainConfig.from_dict(state["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: its training config is invalid: {e}") from None
+    model = GPT(GPTConfig.from_train_config(train_config, vocab_size=VOCAB_SIZE))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{where}: weights do not fit a {train_config.model_size!r} "
+                              f"GPT: {e}") from None
+    return model.eval(), train_config
+
+
+def load_teacher(path: str | Path, log: Callable[[str], None]
+                 ) -> tuple[GPT, dict[str, Any]]:
+    """The teacher model and a description of where it came from (for compress_config.json).
+    A run directory falls back past corrupt checkpoints to the newest usable one, with a
+    warning; a checkpoint directory given explicitly must itself be usable."""
+    candidates, is_run = checkpoint_candidates(path)
+    problems = []
+    for directory in candidates:
+        try:
+            state = load_checkpoint(directory)
+            model, train_config = model_from_state(state, directory)
+        except CheckpointError as e:
+            if not is_run:
+                raise
+            problems.append(str(e))
+            log(f"warning: {e}; trying the previous checkpoint")
+            continue
+        source = {"checkpoint": str(directory),
+                  "sha256": (directory / CHECKSUM_FILE).read_text().strip(),
+                  "step": state.get("step"), "model_size": train_config.model_size,
+                  "params": sum(p.numel() for p in model.parameters())}
+        return model, source
+    raise CheckpointError(f"no usable checkpoint in run directory {Path(path).resolve()}: "
+                          + " | ".join(problems))
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's serialized weights: identifies a teacher that has no checkpoint
+    file (the benchmark's in-process teacher)."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    return hashlib.sha256(buffer.getvalue()).hexdigest()

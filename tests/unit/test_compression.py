@@ -1,0 +1,336 @@
+"""Compression: pruning, fake quantization, distillation, the fine-tune loop, INT8 export.
+
+Models here are a few tens of thousands of parameters and fine-tunes a handful of steps; one
+INT8 export (about 8 s, the ONNX exporter's fixed cost) is shared by the export tests."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.compression import export, prune, qat
+from orchestrator.compression.artifacts import CheckpointError
+from orchestrator.compression.config import CompressConfig, resume_conflicts
+from orchestrator.compression.distill import distillation_loss
+from orchestrator.compression.finetune import Plan, PruneSchedule, finetune
+from orchestrator.config import ConfigError
+from orchestrator.training.data import load_corpus, split_corpus
+from orchestrator.training.model import GPT, GPTConfig
+
+TINY = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def train_tokens():
+    return split_corpus(load_corpus())[0]
+
+
+def plan(stage="prune", steps=6, **kw):
+    base = dict(stage=stage, steps=steps, stream=102, lr=1e-3, warmup_steps=1,
+                weight_decay=0.0, grad_clip=1.0, batch_size=4, seq_len=16, seed=7, alpha=0.5,
+                temperature=2.0, log_every=100, checkpoint_every=100)
+    base.update(kw)
+    return Plan(**base)
+
+
+# ---- pruning -------------------------------------------------------------------------------
+
+def test_prunable_layers_are_the_block_linears_not_the_tied_embedding():
+    names = prune.prunable_names(tiny_gpt())
+    assert names == [f"blocks.{i}.{m}" for i in range(2)
+                     for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")]
+
+
+@pytest.mark.parametrize("scope", ["global", "per_layer"])
+def test_masks_reach_the_target_sparsity(scope):
+    weights = prune.prunable_weights(tiny_gpt())
+    masks = prune.compute_masks(weights, 0.3, scope)
+    prune.apply_masks(weights, masks)
+    assert 0.30 <= prune.sparsity(weights) < 0.301
+    if scope == "per_layer":
+        assert all(prune.sparsity({n: w}) >= 0.30 for n, w in weights.items())
+    # Magnitude pruning: every pruned weight was no larger than every kept one.
+    original = prune.prunable_weights(tiny_gpt())
+    kept = torch.cat([original[n][m].abs() for n, m in masks.items()])
+    dropped = torch.cat([original[n][~m].abs() for n, m in masks.items()])
+    if scope == "global":
+        assert dropped.max() <= kept.min()
+
+
+def test_schedule_rises_to_the_target_and_stays():
+    values = [prune.scheduled_sparsity(s, 20, 0.3) for s in range(0, 30)]
+    assert values[0] == 0 and values[20] == pytest.approx(0.3) and values[29] == pytest.approx(0.3)
+    assert all(a <= b for a, b in zip(values, values[1:]))
+    schedule = PruneSchedule(final=0.3, scope="global", ramp_steps=8, every=3)
+    assert [s for s in range(12) if schedule.target_at(s) is not None] == [3, 6, 8]
+
+
+def test_sparsity_after_stage_1_and_masks_fixed_through_qat(train_tokens):
+    teacher, student = tiny_gpt(), tiny_gpt()
+    schedule = PruneSchedule(final=0.3, scope="global", ramp_steps=4, every=2)
+    masks, metrics = finetune(student, teacher, train_tokens, plan(steps=6), torch.device("cpu"),
+                              schedule=schedule, log=lambda line: None)
+    weights = prune.prunable_weights(student)
+    assert prune.sparsity(weights) >= 0.30 and metrics["sparsity"] >= 0.30
+    zeros_after_prune = {n: (w == 0).clone() for n, w in weights.items()}
+
+    qat.prepare_qat(student, prune.prunable_names(student))
+    masks, _ = finetune(student, teacher, train_tokens, plan("qat", steps=4, stream=103),
+                        torch.device("cpu"), masks=masks, log=lambda line: None)
+    weights = prune.prunable_weights(student)
+    assert prune.sparsity(weights) >= 0.30
+    for name, w in weights.items():  # the pruned set did not move
+        assert torch.equal(w == 0, zeros_after_prune[name]), name
+    # ...and it survives into the exported int8 weights (zeros quantize to exactly 0).
+    q = {n: qat.quantize_weight(w)[0] for n, w in weights.items()}
+    assert prune.sparsity(q) >= 0.30
+
+
+def test_interrupted_fine_tune_resumes_exactly(train_tokens, tmp_path):
+    teacher = tiny_gpt(1)
+    reference = tiny_gpt()
+    finetune(reference, teacher, train_tokens, plan(steps=6), torch.device("cpu"),
+             log=lambda line: None)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_5(line):
+        if "step     5/6" in line:
+            raise Crash
+
+    partial = tmp_path / "p.pt"
+    crashed = tiny_gpt()
+    with pytest.raises(Crash):
+        finetune(crashed, teacher, train_tokens, plan(steps=6, log_every=1, checkpoint_every=3),
+                 torch.device("cpu"), partial=partial, log=crash_at_step_5)
+    lines = []
+    resumed = tiny_gpt()
+    finetune(resumed, teacher, train_tokens, plan(steps=6, checkpoint_every=3),
+             torch.device("cpu"), partial=partial, log=lines.append)
+    assert any("resumed at step 3/6" in line for line in lines)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+# ---- distillation --------------------------------------------------------------------------
+
+def test_distillation_loss_is_zero_when_student_equals_teacher():
+    logits = torch.randn(2, 5, 256)
+    targets = torch.randint(0, 256, (2, 5))
+    loss = distillation_loss(logits, logits.clone(), targets, alpha=0.0, temperature=2.0)
+    assert loss.kd.abs().item() < 1e-6 and loss.total.abs().item() < 1e-6
+    mixed = distillation_loss(logits, logits.clone(), targets, alpha=0.3, temperature=4.0)
+    assert mixed.total.item() == pytest.approx(0.3 * mixed.ce.item(), abs=1e-6)
+    other = distillation_loss(logits, torch.randn(2, 5, 256), targets, 0.0, 2.0)
+    assert other.kd.item() > 0.01
+
+
+def test_distillation_matches_the_formula():
+    s, t = torch.randn(3, 4, 256), torch.randn(3, 4, 256)
+    y = torch.randint(0, 256, (3, 4))
+    alpha, temp = 0.25, 3.0
+    loss = distillation_loss(s, t, y, alpha, temp)
+    p_t = torch.softmax(t / temp, -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(s / temp, -1))).sum(-1).mean()
+    ce = torch.nn.functional.cross_entropy(s.view(-1, 256), y.view(-1))
+    assert loss.total.item() == pytest.approx((alpha * ce + (1 - alpha) * temp ** 2 * kl).item(),
+                                              rel=1e-5)
+
+
+def test_same_student_and_teacher_models_give_zero_kd():
+    model = tiny_gpt()
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        loss = distillation_loss(model(x)[0], tiny_gpt()(x)[0], x, 0.0, 2.0)
+    assert loss.total.item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ---- fake quantization ---------------------------------------------------------------------
+
+def test_fake_quant_passes_gradients_straight_through():
+    w = torch.randn(8, 16, requires_grad=True)
+    qat.fake_quant_weight(w).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    x = torch.randn(4, 16, requires_grad=True)
+    qat.fake_quant_activation(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_weight_quantization_is_per_channel_symmetric():
+    w = torch.randn(8, 16) * torch.arange(1, 9)[:, None]  # rows of very different scale
+    q, s = qat.quantize_weight(w)
+    assert q.dtype == torch.int8 and s.shape == (8,)
+    assert q.abs().max() == qat.WEIGHT_QMAX and (q.abs().amax(1) == qat.WEIGHT_QMAX).all()
+    assert torch.allclose(q.float() * s[:, None], w, atol=(s / 2).max().item() + 1e-6)
+    q8, _ = qat.quantize_weight(w, qmax=127)
+    assert q8.abs().max() == 127
+
+
+def test_activation_fake_quant_is_onnx_dynamic_quantize_linear():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "scale", "zp"])
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [64, 32]),
+         helper.make_tensor_value_info("scale", TensorProto.FLOAT, []),
+         helper.make_tensor_value_info("zp", TensorProto.UINT8, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(64, 32) * 3 + 1
+    y, scale, zp = session.run(None, {"x": x.numpy()})
+    ours_scale, ours_zp = qat.activation_qparams(x)
+    assert ours_scale.item() == pytest.approx(float(scale), rel=1e-6) and ours_zp.item() == zp
+    ours = torch.clamp(torch.round(x / ours_scale) + ours_zp, 0, 255)
+    assert (ours.numpy() != y).sum() == 0
+
+
+# ---- export --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = tiny_gpt(3)
+    names = prune.prunable_names(model)
+    weights = prune.prunable_weights(model)
+    prune.apply_masks(weights, prune.compute_masks(weights, 0.4, "global"))
+    qat.prepare_qat(model, names)
+    directory = tmp_path_factory.mktemp("int8")
+    info = export.save_int8(directory, model, names)
+    return model, names, directory, info
+
+
+def test_exported_linear_weights_are_int8(exported):
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    model, names, directory, info = exported
+    assert info["matmuls_rewritten"] == len(names)
+    graph = onnx.load(str(directory / export.ONNX_FILE)).graph
+    inits = {i.name: i for i in graph.initializer}
+    for name in names:
+        q, s = qat.quantize_weight(model.get_submodule(name).weight)
+        stored = inits[f"{name}.weight_int8"]
+        assert stored.data_type == TensorProto.INT8
+        assert np.array_equal(numpy_helper.to_array(stored), q.t().numpy())
+        assert np.array_equal(numpy_helper.to_array(inits[f"{name}.weight_scale"]), s.numpy())
+    # No fp32 copy of a block Linear's matrix is left in the graph: the only 2-D float
+    # initializers are the embeddings.
+    float_matrices = [i for i in graph.initializer
+                      if i.data_type == TensorProto.FLOAT and len(i.dims) == 2]
+    assert all(TINY.n_embd in i.dims and (256 in i.dims or TINY.block_size in i.dims)
+               for i in float_matrices)
+    assert sum(n.op_type == "MatMulInteger" for n in graph.node) == len(names)
+
+    state = torch.load(directory / export.TORCH_FILE, weights_only=True)
+    assert {q.dtype for q in state["int8"].values()} == {torch.int8}
+    assert prune.sparsity(state["int8"]) >= 0.4
+    assert not any(k.endswith(".weight") and k.rsplit(".", 1)[0] in names
+                   for k in state["fp32"])
+
+
+def test_int8_models_stay_close_to_their_fake_quant_twin(exported):
+    model, _, directory, _ = exported
+    x = torch.randint(0, 256, (4, TINY.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        twin = model(x)[0]
+        torch_int8 = export.load_int8_model(directory)(x)[0]
+    onnx_int8, _ = export.load_onnx_model(directory, threads=1)(x)
+    span = (twin.max() - twin.min()).item()
+    # torch: the same arithmetic. ONNX Runtime: integer matmuls are exact (7-bit weights),
+    # float ops (LayerNorm, GELU, softmax) differ in the last bits, which can move an
+    # activation across a rounding boundary now and then.
+    assert (torch_int8 - twin).abs().max().item() < 1e-4
+    assert (onnx_int8 - twin).abs().max().item() < 0.02 * span
+    assert (onnx_int8 - twin).abs().mean().item() < 0.002 * span
+    assert (onnx_int8.argmax(-1) == twin.argmax(-1)).float().mean() > 0.95
+
+
+def test_int8_artifacts_refuse_tampering(exported, tmp_path):
+    import shutil
+
+    _, _, directory, _ = exported
+    copy = tmp_path / "int8"
+    shutil.copytree(directory, copy)
+    data = bytearray((copy / export.TORCH_FILE).read_bytes())
+    data[-20] ^= 0xFF
+    (copy / export.TORCH_FILE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="weights.int8.pt is corrupt"):
+        export.load_int8_model(copy)
+    onnx_bytes = bytearray((copy / export.ONNX_FILE).read_bytes())
+    onnx_bytes[-100] ^= 0xFF
+    (copy / export.ONNX_FILE).write_bytes(bytes(onnx_bytes))
+    with pytest.raises(CheckpointError, match="model.int8.onnx is corrupt"):
+        export.load_onnx_model(copy)
+    info = json.loads((directory / export.CONFIG_FILE).read_text())
+    assert info["load"]["torch"].endswith("load_int8_model(dir)")
+
+
+# ---- config --------------------------------------------------------------------------------
+
+def test_invalid_config_names_every_bad_field():
+    with pytest.raises(ConfigError) as error:
+        CompressConfig(prune_sparsity=1.5, alpha=-0.1, temperature=0, prune_scope="rows",
+                       weight_bits=4, qat_steps=-1)
+    message = str(error.value)
+    for field in ("prune_sparsity (--prune-sparsity)", "alpha (--alpha)", "temperature",
+                  "prune_scope", "weight_bits", "qat_steps"):
+        assert field in message
+    with pytest.raises(ConfigError, match="student_size"):
+        CompressConfig(student_size="huge")
+    with pytest.raises(ConfigError, match="unknown field.*'alpah' \\(did you mean 'alpha'"):
+        CompressConfig.from_dict({"alpah": 0.5})
+
+
+def test_resume_conflicts_ignore_bookkeeping_fields():
+    saved = CompressConfig().to_dict()
+    assert resume_conflicts(saved, CompressConfig(log_every=1, latency_repeats=3)) == []
+    assert resume_conflicts(saved, CompressConfig(prune_sparsity=0.5)) == [
+        "prune_sparsity: 0.3 -> 0.5"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a machine shared with other test
+    runs OpenMP's spinning second thread made these tests ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- a smaller student ---------------------------------------------------------------------
+
+def test_smaller_student_is_distilled_first_and_reused_on_rerun(train_tokens, tmp_path):
+    from orchestrator.compression.pipeline import Run, stage_student
+
+    torch.manual_seed(0)
+    teacher = GPT(GPTConfig(block_size=16, n_layer=3, n_head=2, n_embd=96)).eval()
+    config = CompressConfig(student_size="tiny", distill_steps=4, batch_size=4, log_every=2,
+                            alpha=0.0)
+    lines = []
+    run = Run(tmp_path, config, teacher, train_tokens, torch.device("cpu"), 16, lines.append)
+    student, metrics = stage_student(run)
+    assert (student.config.n_layer, student.config.n_embd) == (2, 64)
+    assert student.config.block_size == 16 and student.config.dropout == 0.0
+    assert metrics["steps"] == 4 and metrics["final_kd"] > 0 and metrics["final_ce"] > 0
+    assert any(line.startswith("distill step     4/4") for line in lines)
+    assert (tmp_path / "distilled" / "weights.pt").is_file()
+    assert not list(tmp_path.glob(".distill.partial*"))  # progress file gone once published
+
+    again, _ = stage_student(Run(tmp_path, config, teacher, train_tokens, torch.device("cpu"),
+                                 16, lines.append))
+    assert any("distilled: already done" in line for line in lines)
+    for a, b in zip(student.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+    same = stage_student(Run(tmp_path / "b", CompressConfig(), teacher, train_tokens,
+                             torch.device("cpu"), 16, lines.append))[0]
+    assert same.config.n_embd == 96 and torch.equal(same.blocks[0].mlp.fc.weight,
+                                                     teacher.blocks[0].mlp.fc.weight)

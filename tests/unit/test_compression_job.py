@@ -1,0 +1,159 @@
+"""jobs/compress.py on bad input: a clear error naming the file or field, a non-zero exit,
+and nothing written under --out. (The whole pipeline end to end: tests/integration.)"""
+import importlib.util
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.compression.config import CompressConfig
+from orchestrator.compression.pipeline import prepare_out
+from orchestrator.compression.source import load_teacher
+from orchestrator.config import ConfigError, TrainConfig
+from orchestrator.training.checkpoint import STATE_FILE, save_checkpoint
+from orchestrator.training.model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_job():
+    spec = importlib.util.spec_from_file_location("compress_job", ROOT / "jobs" / "compress.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+JOB = load_job()
+
+
+def make_checkpoint(directory: Path, step: int = 3, seed: int = 0) -> Path:
+    config = TrainConfig(model_size="tiny", seq_len=16)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_train_config(config))
+    save_checkpoint(directory, {"model": model.state_dict(), "config": config.to_dict(),
+                                "step": step})
+    return directory
+
+
+def corrupt(checkpoint: Path) -> None:
+    data = bytearray((checkpoint / STATE_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (checkpoint / STATE_FILE).write_bytes(bytes(data))
+
+
+def run_job(capsys, *args):
+    code = JOB.main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_named_and_nothing_is_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_job(capsys, "--checkpoint", str(tmp_path / "nope"), "--out", str(out))
+    assert code == 2
+    assert f"checkpoint not found: {tmp_path / 'nope'}" in err
+    assert not out.exists()
+
+
+def test_corrupt_checkpoint_is_named_and_nothing_is_written(tmp_path, capsys):
+    checkpoint = make_checkpoint(tmp_path / "run" / "checkpoint_00000003")
+    corrupt(checkpoint)
+    out = tmp_path / "out"
+    code, err = run_job(capsys, "--checkpoint", str(checkpoint), "--out", str(out))
+    assert code == 2
+    assert f"{checkpoint / STATE_FILE} is corrupt" in err
+    assert not out.exists()
+    # The same through the run directory: no usable checkpoint left to fall back to.
+    code, err = run_job(capsys, "--checkpoint", str(tmp_path / "run"), "--out", str(out))
+    assert code == 2 and "no usable checkpoint in run directory" in err and not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_checkpoint_carrying_code_is_refused(tmp_path, capsys):
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (checkpoint / STATE_FILE).write_bytes(pickle.dumps({"model": Evil(), "config": {}}))
+    import hashlib
+    digest = hashlib.sha256((checkpoint / STATE_FILE).read_bytes()).hexdigest()
+    (checkpoint / (STATE_FILE + ".sha256")).write_text(digest)
+    code, err = run_job(capsys, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"))
+    assert code == 2 and "cannot be loaded safely" in err and "pwned" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_weights_that_do_not_fit_their_config_are_refused(tmp_path, capsys):
+    checkpoint = tmp_path / "ckpt"
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32))
+    save_checkpoint(checkpoint, {"model": model.state_dict(),
+                                 "config": TrainConfig(model_size="tiny", seq_len=16).to_dict()})
+    code, err = run_job(capsys, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"))
+    assert code == 2 and "weights do not fit a 'tiny' GPT" in err
+    assert str(checkpoint / STATE_FILE) in err
+
+
+def test_run_directory_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoint_00000010", step=10)
+    corrupt(make_checkpoint(run / "checkpoint_00000020", step=20))
+    said = []
+    _, source = load_teacher(run, log=said.append)
+    assert source["step"] == 10 and source["checkpoint"].endswith("checkpoint_00000010")
+    assert any("checkpoint_00000020" in line and "corrupt" in line for line in said)
+
+
+@pytest.mark.parametrize("flag,value,field", [
+    ("--alpha", "2", "alpha (--alpha)"),
+    ("--prune-sparsity", "0", "prune_sparsity (--prune-sparsity)"),
+    ("--temperature", "-1", "temperature (--temperature)"),
+    ("--latency-repeats", "0", "latency_repeats (--latency-repeats)"),
+    ("--seq-len", "999", "seq_len (--seq-len) must be <= the teacher's context length 16"),
+])
+def test_invalid_values_name_the_field_and_write_nothing(tmp_path, capsys, flag, value, field):
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    code, err = run_job(capsys, "--checkpoint", str(checkpoint), "--out", str(out), flag, value)
+    assert code == 2 and field in err, err
+    assert not out.exists()
+
+
+def test_out_holding_something_else_is_left_alone(tmp_path, capsys):
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, err = run_job(capsys, "--checkpoint", str(checkpoint), "--out", str(out))
+    assert code == 2 and "is not empty and holds no compression run" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_resuming_with_other_settings_or_another_teacher_is_refused(tmp_path):
+    out = tmp_path / "out"
+    source = {"checkpoint": "a", "sha256": "abc"}
+    prepare_out(out, CompressConfig(), source)
+    prepare_out(out, CompressConfig(latency_repeats=3), source)  # report-only change: fine
+    with pytest.raises(ConfigError, match="prune_scope: 'global' -> 'per_layer'"):
+        prepare_out(out, CompressConfig(prune_scope="per_layer"), source)
+    with pytest.raises(ConfigError, match="another teacher"):
+        prepare_out(out, CompressConfig(), {"checkpoint": "b", "sha256": "def"})
+    assert sorted(p.name for p in out.iterdir()) == ["compress_config.json"]
+
+
+def test_a_model_that_cannot_be_exported_fails_before_any_fine_tuning(tmp_path, monkeypatch):
+    from orchestrator.compression.export import ExportError
+    from orchestrator.compression.pipeline import run_pipeline
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("data-dependent control flow\n(pages of detail)")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    lines = []
+    teacher = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32))
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="export of the teacher .* RuntimeError: "
+                                          "data-dependent control flow$"):
+        run_pipeline(teacher, {"sha256": "x"}, CompressConfig(), out, log=lines.append)
+    assert not out.exists() and not any("step" in line for line in lines)
