@@ -116,12 +116,8 @@ def export_fp32_onnx(model: nn.Module, path: Path, what: str = "model") -> Path:
     except Exception as e:
         # torch.export's messages run to pages; the first line says what failed.
         first = _plain(str(e)).strip().splitlines()[0] if str(e).strip() else ""
-        hint = ""
-        if getattr(model.config, "attention_span", False):
-            hint = (" (this model uses the learnable attention span, whose window is computed "
-                    "from a parameter at run time; torch.export cannot trace that branch yet)")
         raise ExportError(f"torch.onnx.export of the {what} failed: {type(e).__name__}: "
-                          f"{first[:300]}{hint}") from e
+                          f"{first[:300]}") from e
     return path
 
 

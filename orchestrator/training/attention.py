@@ -178,13 +178,18 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.extend(k, v)
         dropout_p = self.dropout if self.training else 0.0
-        window = self.span.window() if self.span is not None else None
+        # The window is read off the learnt spans (a host value); torch.export (ONNX export
+        # of compressed models) cannot branch on it, so exporting takes the dense span path,
+        # which is exact for any window.
+        exporting = torch.compiler.is_exporting()
+        window = self.span.window() if self.span is not None and not exporting else None
         if key_is_real is not None:
             key_is_real = key_is_real[:, -k.size(2):]  # the cache may hold only a window
         if self.span is None and cache is None and key_is_real is None:
             # SDPA picks the fastest kernel available (flash / memory-efficient / math).
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-        elif self.span is not None and cache is None and key_is_real is None and time > 2 * window:
+        elif (window is not None and cache is None and key_is_real is None
+              and time > 2 * window):
             y = blocked_span_attention(q, k, v, self.span, window, dropout_p)
         else:
             allowed, distance = allowed_keys(time, k.size(2), key_is_real, x.device)

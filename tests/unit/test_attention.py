@@ -130,3 +130,21 @@ def test_cache_refuses_to_run_past_the_context():
     model(torch.zeros(1, 16, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="block_size 16"):
         model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+def test_a_span_model_exports_to_onnx_and_matches(tmp_path):
+    """torch.export cannot branch on the learnt window (a host value): exporting takes the
+    dense span path, exact for any window, so compressed span models deploy too."""
+    import numpy as np
+    import onnxruntime
+
+    from orchestrator.compression.export import export_fp32_onnx
+
+    torch.manual_seed(0)
+    model = GPT(SPAN).eval()
+    path = export_fp32_onnx(model, tmp_path / "span.onnx")
+    idx = torch.randint(0, 256, (2, 40))
+    got = onnxruntime.InferenceSession(str(path)).run(None, {"idx": idx.numpy()})[0]
+    with torch.no_grad():
+        expected = model(idx)[0].numpy()
+    assert np.abs(got - expected).max() < 1e-4
