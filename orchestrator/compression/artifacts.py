@@ -9,65 +9,23 @@ error never leaves a directory that looks finished.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
-from orchestrator.training.checkpoint import CheckpointError
+# One implementation of checksummed tensor files, shared with training checkpoints.
+from orchestrator.training.checkpoint import (CheckpointError, load_tensors, save_tensors,
+                                              sha256_file, write_atomically)
 
 __all__ = ["CheckpointError", "save_tensors", "load_tensors", "write_json", "staged_dir",
            "sha256_file"]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_tensors(path: Path, obj: Any) -> Path:
-    path = Path(path)
-    _atomic_write(path, lambda f: torch.save(obj, f))
-    checksum = sha256_file(path)
-    _atomic_write(path.with_name(path.name + ".sha256"), lambda f: f.write(checksum.encode()))
-    return path
-
-
-def load_tensors(path: Path, map_location: str = "cpu") -> Any:
-    path = Path(path)
-    checksum_path = path.with_name(path.name + ".sha256")
-    for p in (path, checksum_path):
-        if not p.is_file():
-            raise CheckpointError(f"file missing: {p}")
-    expected = checksum_path.read_text().strip()
-    actual = sha256_file(path)
-    if actual != expected:
-        raise CheckpointError(f"{path} is corrupt: sha256 {actual[:12]}... does not match the "
-                              f"recorded {expected[:12]}...")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for bad pickles
-        raise CheckpointError(f"{path} cannot be loaded safely: {e}") from e
-
-
 def write_json(path: Path, data: Any) -> None:
-    _atomic_write(Path(path), lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+    write_atomically(Path(path),
+                     lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 @contextlib.contextmanager

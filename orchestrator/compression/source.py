@@ -8,12 +8,10 @@ from typing import Any, Callable
 
 import torch
 
-from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.runs import has_checkpoints
 from orchestrator.training.checkpoint import (CHECKSUM_FILE, STATE_FILE, CheckpointError,
-                                              load_checkpoint)
-from orchestrator.training.data import VOCAB_SIZE
-from orchestrator.training.model import GPT, GPTConfig
+                                              load_checkpoint, model_from_state)
+from orchestrator.training.model import GPT
 
 
 def checkpoint_candidates(path: str | Path) -> tuple[list[Path], bool]:
@@ -29,25 +27,6 @@ def checkpoint_candidates(path: str | Path) -> tuple[list[Path], bool]:
         return sorted((c for c in p.glob("checkpoint_*") if c.is_dir()), reverse=True), True
     raise CheckpointError(f"{p} is neither a checkpoint directory (no {STATE_FILE}) nor a run "
                           "directory (no checkpoint_* inside)")
-
-
-def model_from_state(state: Any, directory: Path) -> tuple[GPT, TrainConfig]:
-    """Rebuild the GPT a checkpoint's state describes; errors name the file."""
-    where = directory / STATE_FILE
-    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
-        raise CheckpointError(f"{where} is not a training checkpoint (needs 'model' and "
-                              "'config' entries)")
-    try:
-        train_config = TrainConfig.from_dict(state["config"])
-    except ConfigError as e:
-        raise CheckpointError(f"{where}: its training config is invalid: {e}") from None
-    model = GPT(GPTConfig.from_train_config(train_config, vocab_size=VOCAB_SIZE))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{where}: weights do not fit a {train_config.model_size!r} "
-                              f"GPT: {e}") from None
-    return model.eval(), train_config
 
 
 def load_teacher(path: str | Path, log: Callable[[str], None]

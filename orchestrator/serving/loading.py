@@ -23,10 +23,10 @@ from typing import Any, Callable
 
 import torch
 
-from orchestrator.config import ConfigError, TrainConfig
+from orchestrator.config import TrainConfig
 from orchestrator.runs import DEFAULT_RUNS_ROOT, latest_run_with_checkpoints
 from orchestrator.training.checkpoint import (CHECKSUM_FILE, STATE_FILE, CheckpointError,
-                                              load_checkpoint)
+                                              load_checkpoint, model_from_state)
 
 # Kept equal to orchestrator.compression.export.TORCH_FILE (a unit test checks it): detection
 # must not import the compression package, which only the INT8 loader needs.
@@ -42,25 +42,10 @@ class ModelFormat:
 
 def _load_training_checkpoint(directory: Path, device: torch.device
                               ) -> tuple[torch.nn.Module, str, int | None]:
-    from orchestrator.training.model import GPT, GPTConfig
-
     state = load_checkpoint(directory)  # verifies the checksum; tensors only
-    where = directory / STATE_FILE
-    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
-        raise CheckpointError(f"{where} is not a training checkpoint: it needs 'model' and "
-                              "'config' entries")
-    try:
-        config = TrainConfig.from_dict(state["config"])
-    except ConfigError as e:
-        raise CheckpointError(f"{where}: its training config is invalid: {e}") from None
-    model = GPT(GPTConfig.from_train_config(config))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{where}: the weights do not fit a {config.model_size!r} GPT: "
-                              f"{e}") from None
+    model, _ = model_from_state(state, directory)
     sha256 = (directory / CHECKSUM_FILE).read_text().strip()
-    return model.to(device).eval(), sha256, state.get("step")
+    return model.to(device), sha256, state.get("step")
 
 
 def _load_int8_export(directory: Path, device: torch.device

@@ -22,7 +22,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or unreadable; the message names the file."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -30,7 +30,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     """Write to a temp file in the same directory, fsync, then rename over the target: a crash
     leaves either the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
@@ -41,28 +41,65 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def save_tensors(path: str | os.PathLike, obj: Any) -> Path:
+    """`torch.save` of plain containers of tensors and numbers, atomically, with a `.sha256`
+    sidecar written after it."""
+    path = Path(path)
+    write_atomically(path, lambda f: torch.save(obj, f))
+    checksum = sha256_file(path)
+    write_atomically(path.with_name(path.name + ".sha256"), lambda f: f.write(checksum.encode()))
+    return path
+
+
+def load_tensors(path: str | os.PathLike, map_location: str = "cpu") -> Any:
+    """Verify the sidecar checksum, then `torch.load(weights_only=True)`; CheckpointError
+    naming the file otherwise."""
+    path = Path(path)
+    checksum_path = path.with_name(path.name + ".sha256")
+    for p in (path, checksum_path):
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint file missing: {p}")
+    expected = checksum_path.read_text().strip()
+    actual = sha256_file(path)
+    if actual != expected:
+        raise CheckpointError(f"checkpoint {path} is corrupt: sha256 {actual[:12]}... does not "
+                              f"match the recorded {expected[:12]}...")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for bad pickles
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {e}") from e
+
+
 def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state_path = directory / STATE_FILE
-    _write_atomically(state_path, lambda f: torch.save(state, f))
-    checksum = _sha256(state_path)
-    _write_atomically(directory / CHECKSUM_FILE, lambda f: f.write(checksum.encode()))
-    return state_path
+    return save_tensors(directory / STATE_FILE, state)
 
 
 def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
-    directory = Path(directory)
-    state_path, checksum_path = directory / STATE_FILE, directory / CHECKSUM_FILE
-    for path in (state_path, checksum_path):
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file missing: {path}")
-    expected = checksum_path.read_text().strip()
-    actual = _sha256(state_path)
-    if actual != expected:
-        raise CheckpointError(f"checkpoint {state_path} is corrupt: sha256 {actual[:12]}... "
-                              f"does not match the recorded {expected[:12]}...")
+    return load_tensors(Path(directory) / STATE_FILE)
+
+
+def model_from_state(state: Any, directory: str | os.PathLike):
+    """Rebuild the GPT a training checkpoint's state describes: (model in eval mode,
+    TrainConfig). CheckpointError naming the file when the state is not a training checkpoint,
+    its config is invalid, or the weights do not fit the model it describes."""
+    from orchestrator.config import ConfigError, TrainConfig
+    from orchestrator.training.data import VOCAB_SIZE
+    from orchestrator.training.model import GPT, GPTConfig
+
+    where = Path(directory) / STATE_FILE
+    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
+        raise CheckpointError(f"{where} is not a training checkpoint: it needs 'model' and "
+                              "'config' entries")
     try:
-        return torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for bad pickles
-        raise CheckpointError(f"checkpoint {state_path} cannot be loaded safely: {e}") from e
+        train_config = TrainConfig.from_dict(state["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: its training config is invalid: {e}") from None
+    model = GPT(GPTConfig.from_train_config(train_config, vocab_size=VOCAB_SIZE))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{where}: the weights do not fit a {train_config.model_size!r} "
+                              f"GPT: {e}") from None
+    return model.eval(), train_config
