@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LOCAL_CONFIG = REPO / "cluster.local.yaml"
 
 
@@ -174,21 +174,13 @@ def _pids_mentioning(needles: tuple[str, ...]) -> list[int]:
     return pids
 
 
-_shared: PrivateRay | None = None
-
-
-def shared_local_cluster(pytest_config) -> PrivateRay:
-    """One cluster.local.yaml cluster for every test module that asks, stopped when pytest
-    ends: starting one costs ~15-30 s of a shared CPU. One CPU worker from the start (so node
-    agents have a peer to measure bandwidth to), and a metrics export interval of 1 s instead
-    of Ray's 10 s so metrics arrive within seconds."""
-    global _shared
-    if _shared is None:
-        _shared = PrivateRay(num_cpus=2, labels={"orchestrator.io/node-type": "head"},
-                             autoscaling=local_config(cpu_worker={"min_workers": 1}),
-                             system_config={"metrics_report_interval_ms": 1000}).start()
-        pytest_config.add_cleanup(_shared.stop)
-    return _shared
+def start_local_cluster() -> PrivateRay:
+    """A cluster.local.yaml cluster: one CPU worker from the start (so node agents have a peer
+    to measure bandwidth to), and a metrics export interval of 1 s instead of Ray's 10 s so
+    metrics arrive within seconds."""
+    return PrivateRay(num_cpus=2, labels={"orchestrator.io/node-type": "head"},
+                      autoscaling=local_config(cpu_worker={"min_workers": 1}),
+                      system_config={"metrics_report_interval_ms": 1000}).start()
 
 
 def local_config(**node_type_overrides: dict) -> dict:

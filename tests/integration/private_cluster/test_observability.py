@@ -2,7 +2,7 @@
 cluster through Ray's service-discovery file while a short training job runs; our metrics
 arrive with plausible values, and the MFU alert from monitoring/alerts.yml fires.
 
-The cluster is the tests' own cluster.local.yaml cluster (tests/integration/private_ray.py:
+The cluster is the tests' own cluster.local.yaml cluster (private_ray.py beside it:
 one CPU worker node, so agents measure bandwidth between two nodes, and a metrics export
 interval of 1 s instead of Ray's 10 s, so the test takes seconds, not minutes).
 """
@@ -20,9 +20,9 @@ import yaml
 
 from orchestrator import metrics as m
 from orchestrator import monitoring
-from private_ray import REPO, PrivateRay, free_port, shared_local_cluster
+from .private_ray import REPO, PrivateRay, free_port
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from prometheus_tools import tool  # noqa: E402
 
 RUN = "observed-run"
@@ -38,8 +38,8 @@ def prometheus_binary():
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(request):
-    return shared_local_cluster(request.config)
+def ray_cluster(local_cluster):
+    return local_cluster
 
 
 class Prometheus:
@@ -164,7 +164,8 @@ def test_our_metrics_are_well_formed_as_prometheus_parses_them(observed):
     expected = {spec for spec in m.ALL if not spec.name.startswith("orchestrator_serve_")
                 and spec not in (m.GPU_MEMORY_USED, m.GPU_MEMORY_TOTAL, m.GPU_UTILIZATION,
                                  m.NODE_PROBE_FAILURES, m.SCHEDULER_REJECTIONS,
-                                 m.TRAIN_LOSS_SCALE)}  # no NVML GPU, no fault, no fp16 here
+                                 m.SCHEDULER_REPORTS_REFUSED, m.TRAIN_LOSS_SCALE)}
+    # (no NVML GPU, no fault, no forged report, no fp16 here)
     for spec in expected:
         name = spec.exported.removesuffix("_total")
         assert name in families, f"{spec.exported} never exported (seen: {sorted(families)})"

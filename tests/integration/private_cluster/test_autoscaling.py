@@ -2,7 +2,7 @@
 running makes the autoscaler add one; the scheduler gives it a node agent without being asked;
 the job is placed there, and Ray runs the job's worker there.
 
-The cluster is this test's own (tests/integration/private_ray.py): the autoscaler needs a head
+The cluster is this test's own (private_ray.py beside it): the autoscaler needs a head
 started with `RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...`, which cannot
 share a process with the session cluster, so the driver runs in a subprocess.
 """
@@ -10,7 +10,6 @@ import json
 
 import pytest
 
-from private_ray import shared_local_cluster
 
 # The driver: what a job launcher does, step by step, printing one JSON line of evidence.
 DRIVER = r'''
@@ -79,8 +78,8 @@ print(json.dumps({
 
 
 @pytest.fixture(scope="module")
-def autoscaling_cluster(request):
-    return shared_local_cluster(request.config)
+def autoscaling_cluster(local_cluster):
+    return local_cluster
 
 
 def test_a_job_needing_an_absent_node_type_scales_up_registers_and_places(autoscaling_cluster):
