@@ -10,6 +10,7 @@ from orchestrator.training.data import get_batch, load_corpus, split_corpus
 from orchestrator.training.loop import build_optimizer, lr_at, train
 from orchestrator.training.model import GPT, GPTConfig, parameter_groups
 from orchestrator.training.session import LocalSession
+from test_training_loop import CrashingSession  # dies right after a given checkpoint
 
 CPU = torch.device("cpu")
 
@@ -150,26 +151,13 @@ def test_no_all_reduce_on_micro_batches_where_no_group_steps(tmp_path):
         dist.destroy_process_group()
 
 
-class StopsAfter(LocalSession):
-    """Dies right after the checkpoint of `step` is saved, like a killed worker."""
-
-    def __init__(self, run_dir, step):
-        super().__init__(run_dir, device=CPU)
-        self.stop_step = step
-
-    def report(self, metrics, checkpoint_dir):
-        super().report(metrics, checkpoint_dir)
-        if metrics["step"] == self.stop_step:
-            raise RuntimeError("worker killed")
-
-
 def test_resume_mid_accumulation_is_exact(tmp_path):
     """Stopped at step 6 while 'upper' (k=4) holds two micro-batches of gradient: the pending
     gradients travel in the checkpoint and the resumed run ends bit-equal."""
     config = tiny(accumulation="lower=2,upper=4", max_steps=12, checkpoint_every=6)
     train(config, LocalSession(tmp_path / "straight", device=CPU))
     with pytest.raises(RuntimeError, match="worker killed"):
-        train(config, StopsAfter(tmp_path / "resumed", step=6))
+        train(config, CrashingSession(tmp_path / "resumed", crash_at=6))
     state = load_checkpoint(sorted((tmp_path / "resumed").glob("checkpoint_*"))[-1])
     assert any(name.startswith("blocks.1.") for name in state["pending_gradients"])
     train(config, LocalSession(tmp_path / "resumed", device=CPU))
