@@ -35,6 +35,16 @@ def tool(name: str) -> tuple[str | None, str]:
 
 
 @functools.lru_cache(maxsize=1)  # one attempt per test session
+def tool_or_skip(name: str) -> str:
+    """The tool's path, or skip the calling test saying why it is unavailable."""
+    import pytest
+
+    path, why = tool(name)
+    if path is None:
+        pytest.skip(why)
+    return path
+
+
 def _download() -> str:
     """Unpack Debian's prometheus package into CACHE; returns why it failed ("" if it did not)."""
     if os.environ.get("ORCHESTRATOR_NO_DOWNLOAD"):

@@ -18,7 +18,7 @@ from orchestrator.placement import PlacementError, Queued, place
 from orchestrator.training.metrics import Thresholds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prometheus_tools import tool  # noqa: E402
+from prometheus_tools import tool_or_skip  # noqa: E402
 
 PROM_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")  # no ':' (Ray deprecates it)
 
@@ -170,10 +170,7 @@ def test_metrics_table_lists_every_metric_with_its_type_and_labels():
 
 @pytest.fixture(scope="module")
 def promtool():
-    path, why = tool("promtool")
-    if path is None:
-        pytest.skip(why)
-    return path
+    return tool_or_skip("promtool")
 
 
 def test_promtool_accepts_the_rules_and_the_prometheus_config(promtool):

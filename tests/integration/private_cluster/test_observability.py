@@ -23,7 +23,7 @@ from orchestrator import monitoring
 from .private_ray import REPO, PrivateRay, free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from prometheus_tools import tool  # noqa: E402
+from prometheus_tools import tool_or_skip  # noqa: E402
 
 RUN = "observed-run"
 MAX_STEPS = 20
@@ -31,10 +31,7 @@ MAX_STEPS = 20
 
 @pytest.fixture(scope="module")
 def prometheus_binary():
-    path, why = tool("prometheus")
-    if path is None:
-        pytest.skip(why)
-    return path
+    return tool_or_skip("prometheus")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +99,7 @@ def prometheus(prometheus_binary, ray_cluster, tmp_path_factory):
         prom.stop()
 
 
-def scrape(targets: list[str]) -> dict[str, "Family"]:
+def scrape(targets: list[str]) -> dict[str, "prometheus_client.Metric"]:
     """Every Ray node's metrics endpoint, parsed with prometheus_client's text parser; our
     families only, by name (the parser names a counter family without its _total)."""
     from prometheus_client.parser import text_string_to_metric_families
