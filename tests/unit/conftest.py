@@ -10,3 +10,19 @@ def forbid_ray(monkeypatch):
         raise RuntimeError("unit tests must not start Ray; move this test to tests/integration")
 
     monkeypatch.setattr(ray, "init", refuse)
+
+
+@pytest.fixture
+def process_group(tmp_path, monkeypatch):
+    """A gloo process group of one (this process), for code that runs under DDP."""
+    import datetime
+
+    import torch.distributed as dist
+
+    # Loopback by name: gloo otherwise resolves the host name, which can block for long on a
+    # machine without DNS; and a timeout, so a stuck store fails the test instead of hanging.
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=60))
+    yield
+    dist.destroy_process_group()

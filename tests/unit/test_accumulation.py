@@ -116,39 +116,34 @@ def test_a_loss_scale_change_rescales_the_pending_gradients():
     assert torch.allclose(weight.detach(), torch.tensor([1.0, 3.0]))  # true mean gradient
 
 
-def test_no_all_reduce_on_micro_batches_where_no_group_steps(tmp_path):
+def test_no_all_reduce_on_micro_batches_where_no_group_steps(process_group):
     """Under DDP the gradient all-reduce runs only when some group steps (or a checkpoint is
     due): a world of one process still goes through DDP's reducer and comm hook."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
-                            world_size=1)
-    try:
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=16))
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        calls = []
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=16))
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    calls = []
 
-        def counting_hook(state, bucket):
-            calls.append(bucket.index())
-            return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(
-                lambda fut: fut.value()[0])
+    def counting_hook(state, bucket):
+        calls.append(bucket.index())
+        return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(
+            lambda fut: fut.value()[0])
 
-        wrapped.register_comm_hook(None, counting_hook)
-        accumulation = HierarchicalAccumulation(parameter_groups(model), dict.fromkeys(
-            ("embeddings", "lower", "upper", "head"), 2))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        synced_steps = []
-        for step in range(4):
-            before = len(calls)
-            idx = torch.randint(0, 256, (2, 16))
-            with accumulation.sync_context(wrapped, bool(accumulation.due(step))):
-                wrapped(idx, idx)[1].backward()
-            accumulation.step(step, optimizer, scaler, grad_clip=0.0)
-            if len(calls) > before:
-                synced_steps.append(step)
-        assert synced_steps == [1, 3]
-    finally:
-        dist.destroy_process_group()
+    wrapped.register_comm_hook(None, counting_hook)
+    accumulation = HierarchicalAccumulation(parameter_groups(model), dict.fromkeys(
+        ("embeddings", "lower", "upper", "head"), 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    synced_steps = []
+    for step in range(4):
+        before = len(calls)
+        idx = torch.randint(0, 256, (2, 16))
+        with accumulation.sync_context(wrapped, bool(accumulation.due(step))):
+            wrapped(idx, idx)[1].backward()
+        accumulation.step(step, optimizer, scaler, grad_clip=0.0)
+        if len(calls) > before:
+            synced_steps.append(step)
+    assert synced_steps == [1, 3]
 
 
 def test_resume_mid_accumulation_is_exact(tmp_path):

@@ -45,25 +45,18 @@ def test_peak_memory_on_cpu_is_this_process_against_the_machine():
     assert 0 < used < capacity
 
 
-def test_comm_timer_times_all_reduce_and_keeps_gradients_exact(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0,
-                            world_size=1)
-    try:
-        torch.manual_seed(0)
-        plain = torch.nn.Linear(8, 4)
-        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 4))
-        ddp.module.load_state_dict(plain.state_dict())
-        timer = CommTimer()
-        timer.attach(ddp)
-        x = torch.randn(16, 8)
-        plain(x).square().sum().backward()
-        ddp(x).square().sum().backward()
-        assert torch.allclose(plain.weight.grad, ddp.module.weight.grad)
-        assert timer.take() > 0 and timer.take() == 0  # take() resets
-    finally:
-        dist.destroy_process_group()
+def test_comm_timer_times_all_reduce_and_keeps_gradients_exact(process_group):
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(8, 4)
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 4))
+    ddp.module.load_state_dict(plain.state_dict())
+    timer = CommTimer()
+    timer.attach(ddp)
+    x = torch.randn(16, 8)
+    plain(x).square().sum().backward()
+    ddp(x).square().sum().backward()
+    assert torch.allclose(plain.weight.grad, ddp.module.weight.grad)
+    assert timer.take() > 0 and timer.take() == 0  # take() resets
 
 
 def test_cpu_peak_is_the_best_measured_on_this_machine(tmp_path, monkeypatch):

@@ -115,6 +115,20 @@ class PrivateRay:
         raise TimeoutError(f"ray start did not come up in {timeout_s}s:\n"
                            + self.log_path.read_text()[-3000:])
 
+    def wait_for_nodes(self, count: int, timeout_s: float = 120.0) -> None:
+        """Until `count` nodes are alive: the autoscaler launches min_workers nodes only after
+        the head is up, and on a cold machine that takes a while."""
+        self.run_python(f"""
+import time, ray
+ray.init()
+deadline = time.monotonic() + {timeout_s}
+while sum(n["Alive"] for n in ray.nodes()) < {count}:
+    if time.monotonic() > deadline:
+        raise SystemExit(f"only {{sum(n['Alive'] for n in ray.nodes())}} of {count} nodes up "
+                         "after {timeout_s:.0f}s")
+    time.sleep(0.5)
+""", timeout_s=timeout_s + 60)
+
     @property
     def session_dir(self) -> Path:
         return (self.temp_dir / "session_latest").resolve()
@@ -178,9 +192,15 @@ def start_local_cluster() -> PrivateRay:
     """A cluster.local.yaml cluster: one CPU worker from the start (so node agents have a peer
     to measure bandwidth to), and a metrics export interval of 1 s instead of Ray's 10 s so
     metrics arrive within seconds."""
-    return PrivateRay(num_cpus=2, labels={"orchestrator.io/node-type": "head"},
-                      autoscaling=local_config(cpu_worker={"min_workers": 1}),
-                      system_config={"metrics_report_interval_ms": 1000}).start()
+    cluster = PrivateRay(num_cpus=2, labels={"orchestrator.io/node-type": "head"},
+                         autoscaling=local_config(cpu_worker={"min_workers": 1}),
+                         system_config={"metrics_report_interval_ms": 1000}).start()
+    try:
+        cluster.wait_for_nodes(2)  # the head and the min_workers CPU worker
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
 
 
 def local_config(**node_type_overrides: dict) -> dict:
