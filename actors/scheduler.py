@@ -133,6 +133,25 @@ class SchedulerActor:
                 self._persist()
             return placement
 
+    def replace(self, spec: JobSpec, owner: str, lost_nodes: list[str]) -> Placement | Rejection:
+        """A running job lost node(s): mark them dead, release the job's reservation and place
+        it afresh (its whole worker group restarts anyway). Only the job's owner may; a job
+        that holds nothing is placed like a new one. The owner's word is taken before Ray's,
+        which declares a node dead only after missed health checks: a node wrongly reported
+        lost comes back with its agent's next report."""
+        start = time.perf_counter()
+        with self.lock:
+            held_by = self._owner(spec.name)
+            if held_by not in (owner, None):
+                return Rejection(spec.name, f"job '{spec.name}' is held by another driver")
+            for node_id in lost_nodes:
+                self.state.mark_dead(node_id)
+            self._release(spec.name)
+            decision = self._place(spec, owner)
+            self._persist()
+        record_all(metrics.decision_samples(decision, time.perf_counter() - start))
+        return decision
+
     def submit(self, spec: JobSpec, owner: str = "") -> Placement | Queued | Rejection:
         """Place now, or queue the job when it fits the cluster but not its free capacity (or
         higher-priority jobs wait); reject only what can never fit, or a name in use."""

@@ -10,9 +10,12 @@ summary.json in the run directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -167,7 +170,8 @@ def run(args: argparse.Namespace) -> dict | None:
                             EXIT_NOT_PLACEABLE) from None
         placement = _place(scheduler, spec, args.queue_timeout)
         try:
-            result = _fit(train_config, placement, run_dir, args.max_failures)
+            result = _fit(train_config, spec, placement, run_dir, args)
+            placement = _current_placement(scheduler, spec.name, placement)
         finally:
             _release(scheduler, spec.name)
     finally:
@@ -236,9 +240,25 @@ def _release(scheduler, job_name: str) -> None:
         print(f"warning: could not release the reservation of {job_name}: {e}", file=sys.stderr)
 
 
-def _fit(train_config: TrainConfig, placement, run_dir: Path, max_failures: int):
+def _current_placement(scheduler, job_name: str, placement):
+    """The job's placement now: a node lost during training moves workers elsewhere."""
+    import ray
+    from orchestrator.placement import Placement
+
+    try:
+        owner = ray.get_runtime_context().get_job_id()
+        current = ray.get(scheduler.poll.remote(job_name, owner), timeout=30)
+    except Exception:  # the summary then compares with the first placement; never fatal
+        return placement
+    return current if isinstance(current, Placement) else placement
+
+
+def _fit(train_config: TrainConfig, spec: JobSpec, placement, run_dir: Path,
+         args: argparse.Namespace):
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from actors.train_callbacks import FollowPlacement, MetricsLog
     from orchestrator.training.loop import train_under_ray
 
     try:
@@ -255,14 +275,33 @@ def _fit(train_config: TrainConfig, placement, run_dir: Path, max_failures: int)
             run_config=RunConfig(
                 name=run_dir.name, storage_path=str(run_dir.parent),
                 checkpoint_config=CheckpointConfig(num_to_keep=train_config.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=max_failures),
+                failure_config=FailureConfig(max_failures=args.max_failures),
+                # A lost node: re-placed by the scheduler before the worker group restarts.
+                callbacks=[MetricsLog(run_dir),
+                           FollowPlacement(spec, ray.get_runtime_context().get_job_id(),
+                                           timeout_s=args.queue_timeout)],
             ),
         )
-        return trainer.fit()
+        with _signal_handlers_kept():
+            return trainer.fit()
     except Exception as e:
-        raise JobFailed(f"training failed after {max_failures} restart(s): "
+        raise JobFailed(f"training failed after {args.max_failures} restart(s): "
                         f"{_root_cause(e)}\n(full traceback in the worker log above; "
                         f"checkpoints so far are in {run_dir})", EXIT_TRAINING_FAILED) from None
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """Ray Train installs an "abort the run" SIGINT handler and leaves it after fit() returns;
+    a caller that goes on (a benchmark, the chaos run) must get Ctrl-C back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread has signal handlers
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def _root_cause(error: Exception) -> str:

@@ -1,19 +1,53 @@
 """Run directories: where a run's checkpoints, resolved config and summary live.
 
 Layout (Ray Train's, which owns checkpoint storage): <run_dir>/checkpoint_<timestamp>/ and
-<run_dir>/checkpoint_manager_snapshot.json; this project adds config.json and summary.json.
+<run_dir>/checkpoint_manager_snapshot.json; this project adds config.json, summary.json and
+metrics.jsonl (every report of rank 0, appended as it happens: a run's history survives its
+restarts, where Ray Train's result keeps only the last report).
 """
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import time
 from pathlib import Path
+from typing import Any
+
+METRICS_LOG = "metrics.jsonl"
 
 DEFAULT_RUNS_ROOT = Path(os.environ.get("ORCHESTRATOR_RUNS_DIR", "~/orchestrator-runs"))
 
 
 class RunDirError(ValueError):
     """The run directory cannot be used as asked; the message names it."""
+
+
+def append_metrics(run_dir: Path, metrics: dict[str, Any], checkpoint: str | None) -> None:
+    """One line of metrics.jsonl: the report, when it was written and the checkpoint it
+    registered (None for a metrics-only report). A run found already complete trained
+    nothing: its report adds nothing to the history."""
+    if metrics.get("already_complete"):
+        return
+    line = {**metrics, "time": time.time(), "checkpoint": checkpoint}
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / METRICS_LOG, "a") as f:
+        f.write(json.dumps(line, default=str) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's lines, oldest first; a torn last line (a crash mid-write) is skipped."""
+    try:
+        lines = (Path(run_dir) / METRICS_LOG).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def has_checkpoints(run_dir: Path) -> bool:

@@ -346,6 +346,7 @@ class Ingress:
     async def completions(self, request: Request) -> Response:
         started = time.perf_counter()
         try:
+            protocol.check_content_type(request.headers.get("content-type"))
             data = protocol.parse_json_body(await self._read_body(request))
             info = await self._model_info(max_age_s=1.0)
             parsed = protocol.parse_completion_request(

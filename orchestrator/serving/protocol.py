@@ -69,6 +69,17 @@ _KNOWN = ("model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed
           "stream_options", "user", *_ONLY_DEFAULT)
 
 
+def check_content_type(header: str | None) -> None:
+    """JSON only: `application/json` (any parameters), or no Content-Type at all. Anything
+    else - `curl -d` sends a form type, a browser form multipart - is a 415 that says what to
+    send, rather than a body read as something it is not."""
+    media_type = ("application/json" if header is None else header).split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {header!r} (with "
+                       "curl: -H 'Content-Type: application/json')", param="Content-Type",
+                       code="unsupported_media_type")
+
+
 def parse_json_body(body: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 saying what is wrong with it."""
     try:

@@ -10,6 +10,8 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
+from orchestrator.runs import append_metrics
+
 
 class TrainSession(Protocol):
     world_rank: int
@@ -52,9 +54,13 @@ class LocalSession:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         self.reports.append(dict(metrics))
+        target = self.run_dir / f"checkpoint_{int(metrics['step']):08d}"
+        self._keep_checkpoint(checkpoint_dir, target)
+        append_metrics(self.run_dir, metrics, str(target) if checkpoint_dir else None)
+
+    def _keep_checkpoint(self, checkpoint_dir: str | None, target: Path) -> None:
         if checkpoint_dir is None:
             return
-        target = self.run_dir / f"checkpoint_{int(metrics['step']):08d}"
         # Copy under a name `checkpoints()` ignores, then rename: a crash mid-copy never leaves
         # a half checkpoint that would be taken for the latest.
         staging = self.run_dir / f".staging_{target.name}"

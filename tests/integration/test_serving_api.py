@@ -11,8 +11,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import sys
+from pathlib import Path
+
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fuzz_requests import bodies  # noqa: E402
 
 APP = "gpt-api"
 MODEL = "orchestrator-gpt"
@@ -161,6 +169,8 @@ BAD_INPUTS = [
     ({"prompt": ["a"] * 5}, {}, 400, "prompt", "at most 4"),
     ({"model": "gpt-4", "prompt": "hi"}, {}, 404, "model", "does not exist"),
     ({"prompt": "hi", "n": 3}, {}, 400, "n", "not supported"),
+    (b'{"prompt": "hi"}', {"content-type": "application/x-www-form-urlencoded"}, 415,
+     "Content-Type", "must be application/json"),
 ]
 
 
@@ -175,6 +185,46 @@ def test_bad_input_is_a_4xx_naming_the_field(server, body, headers, status, para
     error = response.json()["error"]
     assert error["param"] == param and words in error["message"]
     assert error["type"] == "invalid_request_error"
+
+
+# Hostile requests, generated: random JSON bodies, random bytes, wrong content types, huge and
+# deeply nested bodies, on the real HTTP path (proxy -> ingress -> model replica).
+HOSTILE_BODIES = st.one_of(
+    bodies.map(lambda body: json.dumps(body).encode()),
+    st.binary(max_size=512),
+    st.sampled_from([
+        b"[" * 50_000 + b"]" * 50_000,  # deep nesting, over the size limit
+        b"[" * 900 + b"]" * 900,  # deep nesting, under it
+        b'{"prompt": "' + b"a" * 100_000 + b'"}',  # huge
+        b'{"prompt": "hi", "max_tokens": 1e308}', b'{"prompt": "hi", "max_tokens": -1}',
+        b'{"prompt": "hi", "temperature": -1e308, "top_p": 1e400}',
+        b'{"prompt": "\xff"}',  # invalid UTF-8
+        rb'{"prompt": "\ud800"}',  # a lone surrogate, valid JSON
+        b'{"prompt": [[[[[[1]]]]]]}', b"\x00" * 100]))
+CONTENT_TYPES = st.sampled_from([None, "application/json", "application/json; charset=utf-8",
+                                 "text/plain", "application/x-www-form-urlencoded",
+                                 "multipart/form-data; boundary=x", "image/png", "", ";;;"])
+ROUTES = st.sampled_from(["/v1/completions"] * 4 + ["/v1/models", "/health", "/v1/x"])
+
+
+def test_hostile_requests_get_a_4xx_never_a_5xx_and_the_replica_lives(server):
+    replica = server.get("/health").json()["replica"]
+
+    @settings(max_examples=80, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(body=HOSTILE_BODIES, content_type=CONTENT_TYPES, route=ROUTES)
+    def hostile(body, content_type, route):
+        headers = {} if content_type is None else {"content-type": content_type}
+        response = requests.post(f"{server.url}{route}", data=body, headers=headers, timeout=60)
+        assert response.status_code < 500, (response.status_code, response.text[:300])
+        if response.status_code >= 400:
+            error = response.json()["error"]
+            assert error["message"] and error["type"] == "invalid_request_error"
+
+    hostile()
+    assert server.post({"prompt": "still there?", "max_tokens": 3}).status_code == 200
+    health = server.get("/health").json()
+    assert health["status"] == "ok" and health["replica"] == replica  # same replica, alive
 
 
 def test_an_over_large_chunked_body_is_cut_off_at_the_limit(server):

@@ -2,7 +2,7 @@ import datetime as dt
 
 import pytest
 
-from orchestrator.runs import RunDirError, resolve_run_dir
+from orchestrator.runs import METRICS_LOG, RunDirError, append_metrics, read_metrics, resolve_run_dir
 
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5)
 
@@ -45,3 +45,17 @@ def test_two_new_runs_in_the_same_second_get_distinct_dirs(tmp_path):
     first.mkdir()
     assert resolve_run_dir(None, False, tmp_path, "pretrain", NOW).name == \
         "pretrain-20260102-030405-2"
+
+
+def test_metrics_log_keeps_every_report_and_skips_a_torn_last_line(tmp_path):
+    run_dir = tmp_path / "run"
+    append_metrics(run_dir, {"step": 1, "loss": 2.5}, None)
+    append_metrics(run_dir, {"step": 2, "loss": 2.4}, "/runs/x/checkpoint_2")
+    append_metrics(run_dir, {"step": 2, "already_complete": True}, None)  # trained nothing
+    with open(run_dir / METRICS_LOG, "a") as f:
+        f.write('{"step": 3, "lo')  # the process died mid-write
+    records = read_metrics(run_dir)
+    assert [(r["step"], r["checkpoint"]) for r in records] == [(1, None),
+                                                               (2, "/runs/x/checkpoint_2")]
+    assert all(r["time"] > 0 for r in records)
+    assert read_metrics(tmp_path / "absent") == []

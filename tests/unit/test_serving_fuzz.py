@@ -1,6 +1,8 @@
 """Hostile request bodies, generated: every one is either a valid request or a 4xx APIError —
 never another exception (which the ingress would turn into a 500)."""
 import json
+import sys
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -8,18 +10,10 @@ from hypothesis import strategies as st
 from orchestrator.serving.protocol import (APIError, CompletionRequest, parse_completion_request,
                                            parse_json_body)
 
-BLOCK = 64
-FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
-          "stream_options", "user", "n", "best_of", "echo", "logprobs", "logit_bias", "bogus"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fuzz_requests import bodies  # noqa: E402
 
-# Any JSON value, including huge and negative numbers, NaN-free floats, deep-ish nesting.
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-2 ** 70, max_value=2 ** 70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=80),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=10), children, max_size=5),
-    max_leaves=20)
-bodies = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=8)
+BLOCK = 64
 
 
 def outcome(call):

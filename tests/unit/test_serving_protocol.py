@@ -4,7 +4,8 @@ import json
 import pytest
 
 from orchestrator.serving import protocol
-from orchestrator.serving.protocol import APIError, parse_completion_request, parse_json_body
+from orchestrator.serving.protocol import (APIError, check_content_type, parse_completion_request,
+                                           parse_json_body)
 
 BLOCK = 64
 MODEL = "orchestrator-gpt"
@@ -153,3 +154,17 @@ def test_response_bodies_have_the_openai_shape():
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 5
     models = protocol.models_body(MODEL, {"version": "v", "loaded_at": 9.5})
     assert models["data"][0]["id"] == MODEL and models["data"][0]["version"] == "v"
+
+
+@pytest.mark.parametrize("header", [None, "application/json", "Application/JSON; charset=utf-8"])
+def test_json_content_types_are_accepted(header):
+    check_content_type(header)
+
+
+@pytest.mark.parametrize("header", ["text/plain", "application/x-www-form-urlencoded", "",
+                                    "multipart/form-data; boundary=x"])
+def test_other_content_types_are_a_415_saying_what_to_send(header):
+    with pytest.raises(APIError) as e:
+        check_content_type(header)
+    assert e.value.status == 415 and e.value.param == "Content-Type"
+    assert "must be application/json" in e.value.message and repr(header) in e.value.message

@@ -54,6 +54,9 @@ class PrivateRay:
         self.ip = node_ip()
         self.address = f"{self.ip}:{self.port}"
         self.token = secrets.token_hex(16)
+        # Canary cloud credentials in every process's environment: no log may ever show them.
+        self.canaries = {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
+                         "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30)}
         self.num_cpus = num_cpus
         self.labels = labels or {}
         self.autoscaling = autoscaling
@@ -62,10 +65,11 @@ class PrivateRay:
         self.proc: subprocess.Popen | None = None
 
     def env(self, **extra: str) -> dict[str, str]:
-        """Environment for a driver subprocess of this cluster: its address and token."""
+        """Environment for a driver subprocess of this cluster: its address and token (and the
+        canary credentials)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(RAY_ADDRESS=self.address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
-                   PYTHONPATH=str(REPO), **extra)
+                   PYTHONPATH=str(REPO), **self.canaries, **extra)
         return env
 
     def start(self, timeout_s: float = 120.0) -> "PrivateRay":

@@ -231,3 +231,18 @@ def test_the_mfu_alert_fired_for_the_cpu_run(observed, prometheus):
     assert fired, prometheus.get("/api/v1/rules")
     assert fired[0]["metric"]["severity"] == "warn"
     print(f"\nTrainingMFULow fired: MFU peaked at {float(mfu[0]['value'][1]):.1%}")
+
+
+def test_no_log_or_output_shows_the_auth_token_or_cloud_credentials(observed, ray_cluster):
+    """After a training job ran with the token and (canary) AWS credentials in every process's
+    environment: not one log of the cluster (GCS, raylets, dashboard, autoscaler, workers, our
+    actors) and not the job's output holds any of them."""
+    secrets = {"the auth token": ray_cluster.token, **ray_cluster.canaries}
+    logs = [p for p in (ray_cluster.session_dir / "logs").rglob("*") if p.is_file()]
+    assert len(logs) > 20, logs  # the scan covers the whole cluster, not an empty directory
+    found = [f"{name} in {path.name}" for path in logs for name, value in secrets.items()
+             if value.encode() in path.read_bytes()]
+    found += [f"{name} in the job's output" for name, value in secrets.items()
+              if value in observed[1]]
+    assert not found, found
+

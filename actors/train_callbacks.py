@@ -1,0 +1,119 @@
+"""Callbacks that run in Ray Train's controller for jobs/pretrain.py.
+
+MetricsLog: every report of rank 0 appended to the run's metrics.jsonl as it happens.
+
+FollowPlacement: keep a Ray Train run on nodes the scheduler chose, also after one is lost.
+Each worker is pinned to its placed node by a label selector. When a node dies, Ray Train
+restarts the worker group with the same selectors, and a worker pinned to the dead node could
+never start again: Ray Train would wait for it and retry forever. This callback runs in Ray
+Train's controller before every worker-group start; when a placed node is no longer alive, it
+asks the scheduler to place the job again (the dead node excluded, the old reservation
+released) and points the selectors at the new nodes, so the run resumes from its latest
+checkpoint on the nodes that are left.
+
+It uses Ray Train's ControllerCallback (a DeveloperAPI that RunConfig.callbacks accepts "for
+custom workarounds built on top of internal callbacks"), the only hook that runs between a
+failure and the next worker-group start.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from pathlib import Path
+
+import ray
+from ray.train import UserCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback
+
+from orchestrator.config import JobSpec
+from orchestrator.placement import Placement, Rejection
+from orchestrator.runs import append_metrics
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLog(UserCallback):
+    """The controller runs on the driver's node, where the run directory is."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        append_metrics(self.run_dir, metrics[0], checkpoint.path if checkpoint else None)
+
+
+class NodeLostError(RuntimeError):
+    """A placed node is gone and the job cannot be placed on the nodes that are left."""
+
+
+class FollowPlacement(ControllerCallback):
+    def __init__(self, spec: JobSpec, owner: str, timeout_s: float = 600.0) -> None:
+        self.spec, self.owner, self.timeout_s = spec, owner, timeout_s
+        self.scaling_config = None
+        self.replacements = 0
+
+    def after_controller_start(self, train_run_context) -> None:
+        # The controller reads its selectors from this very object at every worker-group
+        # start, so updating the list in place redirects the next start.
+        self.scaling_config = train_run_context.scaling_config
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        from ray.train.v2._internal.execution.controller.state import SchedulingState
+
+        if isinstance(current_state, SchedulingState) and self.scaling_config is not None:
+            self.follow_lost_nodes()
+
+    def follow_lost_nodes(self) -> None:
+        selectors = self.scaling_config.label_selector
+        lost = lost_nodes({selector["ray.io/node-id"] for selector in selectors})
+        if not lost:
+            return
+        placement = self._replace(lost)
+        selectors[:] = placement.label_selectors()
+        self.replacements += 1
+        log.warning("node(s) %s lost: %s re-placed on %s", ", ".join(n[:12] for n in lost),
+                    self.spec.name, ", ".join(n[:12] for n in placement.worker_nodes))
+
+    def _replace(self, lost: list[str]) -> Placement:
+        """A new placement from the scheduler, waiting while the cluster is busy (the
+        capacity may come back: the autoscaler adds a node, another job ends)."""
+        from actors.scheduler import NAMESPACE, SCHEDULER_NAME
+
+        scheduler = ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            decision = ray.get(scheduler.replace.remote(self.spec, self.owner, lost))
+            if isinstance(decision, Placement):
+                return decision
+            if not decision.fits_when_free or time.monotonic() > deadline:
+                raise NodeLostError(_lost_message(self.spec.name, lost, decision))
+            time.sleep(2)
+
+
+def lost_nodes(node_ids: set[str], timeout_s: float = 2.0) -> list[str]:
+    """The nodes among `node_ids` that are gone: listed dead by Ray, or whose raylet refuses
+    connections. The second catches a node lost a moment ago: Ray Train restarts the worker
+    group within a second of a worker's death, while the GCS declares a node dead only after
+    several missed health checks (~15 s by default) - and a worker group waiting for a dead
+    node gives up only after RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s)."""
+    import socket
+
+    by_id = {n["NodeID"]: n for n in ray.nodes()}
+    lost = []
+    for node_id in sorted(node_ids):
+        node = by_id.get(node_id)
+        if node is None or not node["Alive"]:
+            lost.append(node_id)
+            continue
+        try:
+            socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]),
+                                     timeout=timeout_s).close()
+        except OSError:
+            lost.append(node_id)
+    return lost
+
+
+def _lost_message(job_name: str, lost: list[str], rejection: Rejection) -> str:
+    return (f"node(s) {', '.join(n[:12] for n in lost)} of job '{job_name}' were lost and the "
+            f"job cannot be placed on the nodes that are left: {rejection.message}")

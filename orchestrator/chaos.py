@@ -1,0 +1,109 @@
+"""The chaos run's pure logic: a seeded fault schedule, and what a run's records say about
+lost work and the scheduler's books. scripts/chaos.py injects the faults and gathers the
+records; everything here takes data and returns data, so it is tested without Ray.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+# Every fault the chaos run knows, in the words of its report.
+TRAIN_WORKER_KILLED = "train_worker_killed"
+NODE_REPLACED = "node_removed_and_added"  # a training node removed, a fresh one added
+SCHEDULER_KILLED = "scheduler_killed"
+SERVE_REPLICA_KILLED = "serve_replica_killed"
+NODE_AGENT_KILLED = "node_agent_killed"
+CHECKPOINT_TRUNCATED = "checkpoint_truncated"  # the newest one, then a worker kill reads it
+FAULTS = (TRAIN_WORKER_KILLED, NODE_REPLACED, SCHEDULER_KILLED, SERVE_REPLICA_KILLED,
+          NODE_AGENT_KILLED, CHECKPOINT_TRUNCATED)
+# Faults that restart the training worker group: two of them need a checkpoint in between, or
+# the second would only repeat the first's recovery.
+RESTARTS_TRAINING = {TRAIN_WORKER_KILLED, NODE_REPLACED, CHECKPOINT_TRUNCATED}
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    at_step: int  # injected once the training run has reported this step
+
+
+def fault_schedule(seed: int, max_steps: int, checkpoint_every: int,
+                   kinds: Iterable[str] = FAULTS, repeat: int = 1) -> list[Fault]:
+    """Each kind `repeat` times, in a seeded order, at seeded steps between 15% and 85% of the
+    run. Faults that restart training are at least two checkpoints apart (one to resume from,
+    one more so that recovery is seen to make progress); the others land anywhere."""
+    kinds = [k for k in kinds for _ in range(repeat)]
+    unknown = sorted(set(kinds) - set(FAULTS))
+    if unknown:
+        raise ValueError(f"unknown fault kind(s) {unknown}; known: {', '.join(FAULTS)}")
+    rng = random.Random(seed)
+    rng.shuffle(kinds)
+    restarts = sum(k in RESTARTS_TRAINING for k in kinds)
+    first, last = int(0.15 * max_steps), int(0.85 * max_steps)
+    gap = 2 * checkpoint_every
+    if first + max(restarts - 1, 0) * gap > last:
+        raise ValueError(f"{restarts} training restarts need {gap} steps apart between steps "
+                         f"{first} and {last}: raise max_steps or lower checkpoint_every")
+    # Training restarts at evenly spread slots, jittered within their share of the window;
+    # the other faults anywhere in the window.
+    share = (last - first) / max(restarts, 1)
+    restart_steps = iter(sorted(
+        first + int(i * share + rng.uniform(0, max(share - gap, 0))) for i in range(restarts)))
+    faults = [Fault(k, next(restart_steps) if k in RESTARTS_TRAINING
+                    else rng.randint(first, last)) for k in kinds]
+    return sorted(faults, key=lambda f: f.at_step)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One run of the worker group: from the step it resumed at to the last step it reported."""
+
+    start_step: int
+    last_step: int
+    started_at: float
+    worker_nodes: tuple[str, ...]
+
+
+def attempts(records: list[dict[str, Any]]) -> list[Attempt]:
+    """Split a run's metrics.jsonl records into attempts: a new one begins where the reported
+    step goes back or the resume step changes (a restart, from a checkpoint)."""
+    found: list[Attempt] = []
+    for r in records:
+        step, start = int(r["step"]), int(r.get("start_step") or 0)
+        last = found[-1] if found else None
+        if last is None or step <= last.last_step or start != last.start_step:
+            found.append(Attempt(start, step, float(r["time"]), tuple(r.get("worker_nodes", ()))))
+        else:
+            found[-1] = Attempt(last.start_step, step, last.started_at, last.worker_nodes)
+    return found
+
+
+def steps_lost(runs: list[Attempt]) -> int:
+    """Steps done twice: each restart redoes the work between the checkpoint it resumed from
+    and the last step the failed attempt reported."""
+    return sum(max(before.last_step - after.start_step, 0)
+               for before, after in zip(runs, runs[1:]))
+
+
+def reservation_problems(reservations: dict[str, list[dict]], capacity_cpus: dict[str, float],
+                         alive: set[str]) -> list[str]:
+    """What is wrong with the scheduler's reservations (scheduler snapshot's "reservations":
+    job -> reservations with node_id and cpus): a node booked beyond its CPUs (double
+    booking), a reservation on a node that is not alive (lost, never released), a job holding
+    two reservations on the same node."""
+    problems, booked = [], {}
+    for job, held in reservations.items():
+        nodes = [r["node_id"] for r in held]
+        if len(nodes) != len(set(nodes)):
+            problems.append(f"job {job} holds two reservations on one node")
+        for r in held:
+            booked[r["node_id"]] = booked.get(r["node_id"], 0.0) + float(r["cpus"])
+            if r["node_id"] not in alive:
+                problems.append(f"job {job} holds a reservation on node {r['node_id'][:12]}, "
+                                "which is not alive")
+    for node, cpus in booked.items():
+        if node in capacity_cpus and cpus > capacity_cpus[node] + 1e-9:
+            problems.append(f"node {node[:12]} booked for {cpus:g} CPUs of "
+                            f"{capacity_cpus[node]:g}")
+    return problems

@@ -1,0 +1,494 @@
+"""Chaos run: the whole product under several faults at once, on a local multi-node cluster.
+
+A ray.cluster_utils.Cluster (head without CPUs, an inference node declaring two T4s, three
+training nodes) runs, at the same time:
+- jobs/pretrain.py (2 DDP workers, one per training node, a checkpoint every few steps),
+- the Serve app (2 model replicas and the ingress on the inference node) under a steady load of
+  clients that check every answer against the greedy completion,
+- the scheduler and a node agent on every node.
+Faults land on a seeded schedule (orchestrator/chaos.py): training workers SIGKILLed, a
+training node removed (SIGKILL of its raylet and workers) and a fresh one added, the scheduler
+actor killed, a Serve replica killed, a node agent killed, the newest checkpoint truncated
+(then a worker killed, so the resume must read it). Each fault has its own survival check.
+
+Before the faults, the same training job runs undisturbed on the same cluster: the disturbed
+run must end at the same loss (resume is exact: model, optimizer, data position, RNG).
+
+The last line printed is one JSON object: train_completed, train_steps_lost,
+loss_matches_reference, scheduler_reservations_consistent, serve_requests, serve_failed,
+serve_success_rate, faults_injected, faults_survived, and each fault's record.
+
+Usage: python scripts/chaos.py [--seed N] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "jobs"))
+
+from orchestrator import chaos  # noqa: E402
+from orchestrator.inventory import (  # noqa: E402
+    LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB, LABEL_ACCELERATOR_TYPE)
+from orchestrator.runs import read_metrics  # noqa: E402
+
+APP = "gpt-chaos"
+T4_LABELS = {LABEL_ACCELERATOR_TYPE: "T4", LABEL_ACCELERATOR_COUNT: "2",
+             LABEL_ACCELERATOR_MEMORY_GB: "16"}
+TRAIN_NODE_CPUS = 2
+LOSS_TOLERANCE = 1e-5  # relative; exact resume on CPU agrees to ~1e-7
+SURVIVAL_TIMEOUT_S = 90.0
+# Steps between reports: the resolution of train_steps_lost (the last step a killed attempt
+# reported is known, not the one it died at).
+LOG_EVERY = 5
+# Ray Train's controller takes one report per poll (default every 2 s) and a worker's next
+# report waits for it: at the default, reports every few steps would pace training.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+
+def say(line: str) -> None:
+    sys.stdout.write(f"[chaos] {line}\n")
+    sys.stdout.flush()
+
+
+@dataclasses.dataclass
+class Settings:
+    seed: int = 0
+    max_steps: int = 600
+    checkpoint_every: int = 20
+    clients: int = 4
+    kinds: tuple[str, ...] = chaos.FAULTS + (chaos.TRAIN_WORKER_KILLED,)
+
+    @classmethod
+    def quick(cls, seed: int) -> "Settings":
+        return cls(seed=seed, max_steps=200, checkpoint_every=10, clients=2, kinds=chaos.FAULTS)
+
+    def train_args(self) -> list[str]:
+        return ["--model-size", "tiny", "--batch-size", "4", "--seq-len", "32",
+                "--num-workers", "2", "--cpus-per-worker", str(TRAIN_NODE_CPUS),
+                "--max-steps", str(self.max_steps), "--checkpoint-every",
+                str(self.checkpoint_every), "--log-every", str(LOG_EVERY), "--seed", "1",
+                "--max-failures", "20", "--queue-timeout", "120"]
+
+
+# -- the cluster ---------------------------------------------------------------------------------
+class Lab:
+    """The cluster and the handles the faults need."""
+
+    def __init__(self) -> None:
+        import ray
+        from ray.cluster_utils import Cluster
+
+        # Faster failure detection than Ray's defaults (a node is declared dead after ~3 s of
+        # missed health checks instead of ~15 s), so a short run sees a whole recovery.
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "_system_config": {"health_check_period_ms": 1000,
+                                              "health_check_failure_threshold": 3}})
+        self.cluster.add_node(num_cpus=2, num_gpus=2, labels=T4_LABELS,
+                              resources={"serving": 1})
+        for _ in range(3):
+            self.add_training_node()
+        self.cluster.wait_for_nodes()
+        ray.init(address=self.cluster.address)
+
+    def add_training_node(self):
+        return self.cluster.add_node(num_cpus=TRAIN_NODE_CPUS)
+
+    def node(self, node_id: str):
+        return next(n for n in self.cluster.worker_nodes if n.node_id == node_id)
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+
+
+def scheduler():
+    import ray
+
+    from actors.scheduler import NAMESPACE, SCHEDULER_NAME
+
+    return ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
+
+
+def scheduler_books(timeout_s: float = 30.0) -> dict[str, list[dict]]:
+    import ray
+
+    snapshot = ray.get(scheduler().snapshot.remote(), timeout=timeout_s)
+    return {job: [dataclasses.asdict(r) for r in held]
+            for job, held in snapshot["reservations"].items()}
+
+
+def alive_nodes() -> dict[str, float]:
+    """Alive node id -> its CPUs, as Ray lists them."""
+    import ray
+
+    return {n["NodeID"]: n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]}
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout_s: float = SURVIVAL_TIMEOUT_S):
+    """check() until truthy; its value, or a TimeoutError naming `what`. Exceptions from
+    check() count as 'not yet' (the thing checked may be restarting)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception:  # noqa: BLE001 - restarting actors raise many kinds
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what}: not within {timeout_s:.0f}s")
+
+
+# -- serving ---------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deploy_serving(workdir: Path) -> str:
+    from orchestrator.serving.app import deploy_config, wait_for_app
+    from orchestrator.serving.loading import save_untrained_checkpoint
+
+    checkpoint = str(save_untrained_checkpoint(workdir / "serve" / "checkpoint_00000001",
+                                               "tiny", 64))
+    port = free_port()
+    deploy_config({
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": APP, "route_prefix": "/", "import_path": "orchestrator.serving.app:app",
+            "args": {"checkpoint": checkpoint, "accelerator": "auto", "cpus_per_replica": 0.25,
+                     "gpus_per_replica": 0.5, "max_batch_size": 8, "health_check_period_s": 2,
+                     "health_check_timeout_s": 10},
+            "deployments": [
+                {"name": "GPTModel", "graceful_shutdown_timeout_s": 2,
+                 "autoscaling_config": {"min_replicas": 2, "max_replicas": 2},
+                 "user_config": {"checkpoint": checkpoint}},
+                # The ingress stays on the inference node: a node lost under it would take its
+                # in-flight requests along (clients retry those; this load does not).
+                {"name": "Ingress", "ray_actor_options": {"num_cpus": 0,
+                                                          "resources": {"serving": 0.01}}}],
+        }],
+    })
+    wait_for_app(APP, timeout_s=180, replicas={"GPTModel": 2})
+    return f"http://127.0.0.1:{port}"
+
+
+def model_replica_names() -> set[str]:
+    """Actor names of the live model replicas (Serve names each replica actor)."""
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and "GPTModel" in a["name"]}
+
+
+def running_model_replicas() -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    return app.deployments["GPTModel"].replica_states.get("RUNNING", 0) if app else 0
+
+
+# -- the faults --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Injected:
+    kind: str
+    at_step: int
+    at: float  # unix time of the injection
+    detail: str
+    survived: bool | None = None
+    recovery_s: float | None = None
+    problem: str | None = None
+
+
+class Chaos:
+    """Injects faults into the running lab and checks that each one is survived."""
+
+    def __init__(self, lab: Lab, run_dir: Path, settings: Settings,
+                 training: Callable[[], bool]) -> None:
+        self.lab, self.run_dir, self.settings, self.training = lab, run_dir, settings, training
+        self.rng = random.Random(settings.seed)
+        self.checks = ThreadPoolExecutor(max_workers=8, thread_name_prefix="survival")
+        self.pending: list[tuple[Injected, Future]] = []
+
+    def inject(self, fault: chaos.Fault) -> Injected:
+        act = {chaos.TRAIN_WORKER_KILLED: self.kill_train_worker,
+               chaos.NODE_REPLACED: self.replace_node,
+               chaos.SCHEDULER_KILLED: self.kill_scheduler,
+               chaos.SERVE_REPLICA_KILLED: self.kill_serve_replica,
+               chaos.NODE_AGENT_KILLED: self.kill_node_agent,
+               chaos.CHECKPOINT_TRUNCATED: self.truncate_checkpoint}[fault.kind]
+        detail, check = act()
+        injected = Injected(fault.kind, fault.at_step, time.time(), detail)
+        say(f"step {fault.at_step}: {fault.kind} ({detail})")
+        self.pending.append((injected, self.checks.submit(self._survive, injected, check)))
+        return injected
+
+    @staticmethod
+    def _survive(injected: Injected, check: Callable[[Injected], str | None]) -> None:
+        try:
+            check(injected)
+            injected.survived = True
+        except Exception as e:  # noqa: BLE001 - every failure is a finding to report
+            injected.survived, injected.problem = False, f"{type(e).__name__}: {e}"
+
+    def results(self) -> list[Injected]:
+        for _, future in self.pending:
+            future.result()
+        self.checks.shutdown()
+        return [injected for injected, _ in self.pending]
+
+    # -- training ------------------------------------------------------------------------
+    def _records(self) -> list[dict]:
+        return read_metrics(self.run_dir)
+
+    def _kill_a_worker(self) -> str:
+        import psutil
+
+        workers = sorted((p for p in psutil.process_iter(["cmdline"])
+                          if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])),
+                         key=lambda p: p.pid)
+        if not workers:
+            raise RuntimeError("no Ray Train worker process to kill")
+        victim = self.rng.choice(workers)
+        os.kill(victim.pid, signal.SIGKILL)
+        return f"pid {victim.pid}"
+
+    def _resumed_after(self, injected: Injected) -> chaos.Attempt:
+        """The first attempt started after the fault that went on to register a checkpoint
+        (recovery made progress); sets the fault's recovery time."""
+        def resumed():
+            records = self._records()
+            later = [a for a in chaos.attempts(records) if a.started_at > injected.at]
+            progressed = any(r.get("checkpoint") and r["time"] > later[0].started_at
+                             for r in records) if later else False
+            return later[0] if progressed else None
+
+        attempt = wait_for("training resumed and registered a new checkpoint", resumed)
+        injected.recovery_s = round(attempt.started_at - injected.at, 1)
+        return attempt
+
+    def kill_train_worker(self):
+        return self._kill_a_worker(), self._resumed_after
+
+    def truncate_checkpoint(self):
+        newest = next(r for r in reversed(self._records()) if r.get("checkpoint"))
+        files = [p for p in Path(newest["checkpoint"]).rglob("*") if p.is_file()]
+        biggest = max(files, key=lambda p: p.stat().st_size)
+        size = biggest.stat().st_size
+        with open(biggest, "r+b") as f:
+            f.truncate(size // 2)
+        truncated_step = int(newest["step"])
+        killed = self._kill_a_worker()
+
+        def fell_back(injected: Injected) -> None:
+            attempt = self._resumed_after(injected)
+            if attempt.start_step >= truncated_step:
+                raise AssertionError(f"resumed at step {attempt.start_step}, not before the "
+                                     f"truncated checkpoint of step {truncated_step}")
+
+        return (f"{biggest.name} of step {truncated_step} cut to {size // 2} of {size} bytes, "
+                f"then worker {killed} killed"), fell_back
+
+    def replace_node(self):
+        records = self._records()
+        victim_id = self.rng.choice(sorted(set(records[-1]["worker_nodes"])))
+        self.lab.cluster.remove_node(self.lab.node(victim_id), allow_graceful=False)
+        added = self.lab.add_training_node()
+
+        def survived(injected: Injected) -> None:
+            attempt = self._resumed_after(injected)
+            if victim_id in attempt.worker_nodes:
+                raise AssertionError(f"workers resumed on the removed node {victim_id[:12]}")
+            wait_for("the added node's agent reports to the scheduler",
+                     lambda: added.node_id in ray_get(scheduler().snapshot.remote())["reports"])
+
+        return f"node {victim_id[:12]} removed, node {added.node_id[:12]} added", survived
+
+    # -- control plane -------------------------------------------------------------------
+    def kill_scheduler(self):
+        import ray
+
+        before = scheduler_books()
+        ray.kill(scheduler(), no_restart=False)
+
+        def survived(injected: Injected) -> None:
+            after = wait_for("the scheduler answers again", scheduler_books)
+            injected.recovery_s = round(time.time() - injected.at, 1)
+            nodes = alive_nodes()
+            problems = chaos.reservation_problems(after, nodes, set(nodes))
+            problems += [f"job {job} lost its reservation" for job in before
+                         if job not in after and self.training()]
+            if problems:
+                raise AssertionError(f"after the restart: {'; '.join(problems)} (before the "
+                                     f"kill: {before}, after: {after})")
+
+        return "restarted by Ray (max_restarts=-1)", survived
+
+    def kill_node_agent(self):
+        import ray
+
+        from actors.scheduler import NAMESPACE
+
+        node_id = self.rng.choice(sorted(alive_nodes()))
+        name = f"node-agent-{node_id}"
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+
+        def survived(injected: Injected) -> None:
+            def reported_again():
+                ages = ray_get(scheduler().snapshot.remote())["age_s"]
+                return time.time() - ages.get(node_id, float("inf")) > injected.at
+            wait_for(f"a new agent on node {node_id[:12]} reports", reported_again)
+            injected.recovery_s = round(time.time() - injected.at, 1)
+
+        return f"agent of node {node_id[:12]} killed for good", survived
+
+    def kill_serve_replica(self):
+        import ray
+
+        before = model_replica_names()
+        victim = self.rng.choice(sorted(before))
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+
+        def survived(injected: Injected) -> None:
+            wait_for("Serve starts a new replica in place of the killed one",
+                     lambda: running_model_replicas() == 2
+                     and model_replica_names() - before and victim not in model_replica_names())
+            injected.recovery_s = round(time.time() - injected.at, 1)
+
+        return f"replica {victim.split(':')[-1]} killed", survived
+
+
+def ray_get(ref, timeout_s: float = 10.0):
+    import ray
+
+    return ray.get(ref, timeout=timeout_s)
+
+
+# -- the run -----------------------------------------------------------------------------------
+def train(run_dir: Path, settings: Settings) -> tuple[int, dict]:
+    import pretrain
+
+    code = pretrain.main([*settings.train_args(), "--run-dir", str(run_dir)])
+    summary = json.loads((run_dir / "summary.json").read_text()) if code == 0 else {}
+    return code, summary
+
+
+def current_step(run_dir: Path) -> int:
+    records = read_metrics(run_dir)
+    return int(records[-1]["step"]) if records else -1
+
+
+def run(settings: Settings, workdir: Path) -> dict:
+    from ray import serve
+
+    from actors.cluster import ensure_control_plane
+    from orchestrator.serving.loadgen import Load
+
+    started = time.monotonic()
+    schedule = chaos.fault_schedule(settings.seed, settings.max_steps,
+                                    settings.checkpoint_every, settings.kinds)
+    say("schedule: " + ", ".join(f"{f.kind}@{f.at_step}" for f in schedule))
+    lab = Lab()
+    try:
+        ensure_control_plane()
+        say("reference run (undisturbed)")
+        ref_code, reference = train(workdir / "reference", settings)
+        if ref_code != 0:
+            raise SystemExit(f"the undisturbed reference run failed (exit {ref_code})")
+        url = deploy_serving(workdir)
+        say(f"serving at {url}; chaos run starts")
+        run_dir = workdir / "chaos"
+        outcome: dict = {}
+        job = threading.Thread(target=lambda: outcome.update(zip(("code", "summary"),
+                                                                 train(run_dir, settings))))
+        injector = Chaos(lab, run_dir, settings, training=job.is_alive)
+        with Load(url, clients=settings.clients) as load:
+            job.start()
+            for fault in schedule:
+                while job.is_alive() and current_step(run_dir) < fault.at_step:
+                    time.sleep(0.2)
+                if not job.is_alive():
+                    say(f"training ended before step {fault.at_step}: {fault.kind} not injected")
+                    break
+                injector.inject(fault)
+            job.join()
+            faults = injector.results()
+        books = scheduler_books()
+        problems = chaos.reservation_problems(books, alive_nodes(), set(alive_nodes()))
+        if "chaos" in books:
+            problems.append("the finished chaos job still holds a reservation")
+        serve.shutdown()
+    finally:
+        lab.shutdown()
+    return report(settings, outcome, reference, read_metrics(run_dir), faults, problems, load,
+                  time.monotonic() - started)
+
+
+def report(settings: Settings, outcome: dict, reference: dict, records: list[dict],
+           faults: list[Injected], problems: list[str], load, elapsed_s: float) -> dict:
+    summary = outcome.get("summary") or {}
+    losses = [(summary.get(k), reference.get(k)) for k in ("final_loss", "held_out_loss")]
+    matches = all(a is not None and abs(a - b) <= LOSS_TOLERANCE * max(1.0, abs(b))
+                  for a, b in losses)
+    scheduler_ok = not problems and all(f.survived for f in faults
+                                        if f.kind == chaos.SCHEDULER_KILLED)
+    requests, failed = len(load.results), len(load.failures())
+    return {
+        "seed": settings.seed,
+        "train_completed": outcome.get("code") == 0 and summary.get("steps") == settings.max_steps,
+        "train_steps_lost": chaos.steps_lost(chaos.attempts(records)),
+        "train_restarts": len(chaos.attempts(records)) - 1,
+        "loss_matches_reference": matches,
+        "final_loss": summary.get("final_loss"), "reference_final_loss": reference["final_loss"],
+        "scheduler_reservations_consistent": scheduler_ok,
+        "scheduler_problems": problems,
+        "serve_requests": requests, "serve_failed": failed,
+        "serve_success_rate": round((requests - failed) / requests, 5) if requests else None,
+        "serve_failures_sample": load.failures()[:3],
+        "faults_injected": len(faults),
+        "faults_survived": sum(bool(f.survived) for f in faults),
+        "faults": [dataclasses.asdict(f) for f in faults],
+        "elapsed_s": round(elapsed_s, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="fault order, steps and victims")
+    parser.add_argument("--quick", action="store_true",
+                        help="shorter training, each fault once (the integration test's size)")
+    args = parser.parse_args(argv)
+    settings = Settings.quick(args.seed) if args.quick else Settings(seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+        result = run(settings, Path(tmp))
+    for f in result["faults"]:
+        say(f"{f['kind']}@{f['at_step']}: {'survived' if f['survived'] else 'NOT survived'}"
+            + (f" in {f['recovery_s']}s" if f["recovery_s"] is not None else "")
+            + (f" - {f['problem']}" if f["problem"] else ""))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    outcome = main()
+    sys.exit(0 if outcome["train_completed"] and outcome["faults_survived"]
+             == outcome["faults_injected"] else 1)
