@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-
 from pathlib import Path
 
 import ray
@@ -34,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 class MetricsLog(UserCallback):
-    """The controller runs on the driver's node, where the run directory is."""
+    """Rank 0's reports appended to <run_dir>/metrics.jsonl. Ray Train's controller, where
+    this runs, lives on the driver's node, where the run directory is."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
@@ -51,7 +51,6 @@ class FollowPlacement(ControllerCallback):
     def __init__(self, spec: JobSpec, owner: str, timeout_s: float = 600.0) -> None:
         self.spec, self.owner, self.timeout_s = spec, owner, timeout_s
         self.scaling_config = None
-        self.replacements = 0
 
     def after_controller_start(self, train_run_context) -> None:
         # The controller reads its selectors from this very object at every worker-group
@@ -71,7 +70,6 @@ class FollowPlacement(ControllerCallback):
             return
         placement = self._replace(lost)
         selectors[:] = placement.label_selectors()
-        self.replacements += 1
         log.warning("node(s) %s lost: %s re-placed on %s", ", ".join(n[:12] for n in lost),
                     self.spec.name, ", ".join(n[:12] for n in placement.worker_nodes))
 

@@ -14,7 +14,7 @@ NODE_REPLACED = "node_removed_and_added"  # a training node removed, a fresh one
 SCHEDULER_KILLED = "scheduler_killed"
 SERVE_REPLICA_KILLED = "serve_replica_killed"
 NODE_AGENT_KILLED = "node_agent_killed"
-CHECKPOINT_TRUNCATED = "checkpoint_truncated"  # the newest one, then a worker kill reads it
+CHECKPOINT_TRUNCATED = "checkpoint_truncated"  # a worker killed, the newest one cut, then read
 FAULTS = (TRAIN_WORKER_KILLED, NODE_REPLACED, SCHEDULER_KILLED, SERVE_REPLICA_KILLED,
           NODE_AGENT_KILLED, CHECKPOINT_TRUNCATED)
 # Faults that restart the training worker group: two of them need a checkpoint in between, or

@@ -9,7 +9,7 @@ training nodes) runs, at the same time:
 Faults land on a seeded schedule (orchestrator/chaos.py): training workers SIGKILLed, a
 training node removed (SIGKILL of its raylet and workers) and a fresh one added, the scheduler
 actor killed, a Serve replica killed, a node agent killed, the newest checkpoint truncated
-(then a worker killed, so the resume must read it). Each fault has its own survival check.
+(right after a worker kill, so the resume must read it). Each fault has its own survival check.
 
 Before the faults, the same training job runs undisturbed on the same cluster: the disturbed
 run must end at the same loss (resume is exact: model, optimizer, data position, RNG).
@@ -55,6 +55,7 @@ SURVIVAL_TIMEOUT_S = 90.0
 # Steps between reports: the resolution of train_steps_lost (the last step a killed attempt
 # reported is known, not the one it died at).
 LOG_EVERY = 5
+MAX_JITTER_S = 2.0
 # Ray Train's controller takes one report per poll (default every 2 s) and a worker's next
 # report waits for it: at the default, reports every few steps would pace training.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
@@ -236,7 +237,18 @@ class Chaos:
                chaos.SERVE_REPLICA_KILLED: self.kill_serve_replica,
                chaos.NODE_AGENT_KILLED: self.kill_node_agent,
                chaos.CHECKPOINT_TRUNCATED: self.truncate_checkpoint}[fault.kind]
-        detail, check = act()
+        # Reports come every LOG_EVERY steps: a seeded pause puts the fault anywhere in the
+        # checkpoint interval rather than right after a report.
+        time.sleep(self.rng.uniform(0, MAX_JITTER_S))
+        try:
+            detail, check = act()
+        except Exception as e:  # noqa: BLE001 - a fault that cannot be injected is a finding
+            injected = Injected(fault.kind, fault.at_step, time.time(), "not injected",
+                                survived=False, problem=f"injection failed: "
+                                                        f"{type(e).__name__}: {e}")
+            say(f"step {fault.at_step}: {fault.kind} could not be injected: {injected.problem}")
+            self.pending.append((injected, self.checks.submit(lambda: None)))
+            return injected
         injected = Injected(fault.kind, fault.at_step, time.time(), detail)
         say(f"step {fault.at_step}: {fault.kind} ({detail})")
         self.pending.append((injected, self.checks.submit(self._survive, injected, check)))
@@ -290,6 +302,12 @@ class Chaos:
         return self._kill_a_worker(), self._resumed_after
 
     def truncate_checkpoint(self):
+        # Kill first, then cut the newest checkpoint: once a rank is dead no newer one can be
+        # registered (the other way round, training may register one between the two). The
+        # wait lets the controller register reports already queued before the kill; the
+        # restart needs new worker processes, so it reads the checkpoint seconds later.
+        killed = self._kill_a_worker()
+        time.sleep(1.0)
         newest = next(r for r in reversed(self._records()) if r.get("checkpoint"))
         files = [p for p in Path(newest["checkpoint"]).rglob("*") if p.is_file()]
         biggest = max(files, key=lambda p: p.stat().st_size)
@@ -297,7 +315,6 @@ class Chaos:
         with open(biggest, "r+b") as f:
             f.truncate(size // 2)
         truncated_step = int(newest["step"])
-        killed = self._kill_a_worker()
 
         def fell_back(injected: Injected) -> None:
             attempt = self._resumed_after(injected)
@@ -305,8 +322,8 @@ class Chaos:
                 raise AssertionError(f"resumed at step {attempt.start_step}, not before the "
                                      f"truncated checkpoint of step {truncated_step}")
 
-        return (f"{biggest.name} of step {truncated_step} cut to {size // 2} of {size} bytes, "
-                f"then worker {killed} killed"), fell_back
+        return (f"worker {killed} killed, then {biggest.name} of step {truncated_step} cut to "
+                f"{size // 2} of {size} bytes"), fell_back
 
     def replace_node(self):
         records = self._records()

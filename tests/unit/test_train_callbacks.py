@@ -1,0 +1,87 @@
+"""The controller callbacks of jobs/pretrain.py, with Ray's calls replaced by fakes."""
+import socket
+from types import SimpleNamespace
+
+import pytest
+import ray
+
+from actors import train_callbacks
+from actors.train_callbacks import FollowPlacement, NodeLostError, lost_nodes
+from orchestrator.config import JobSpec
+from orchestrator.placement import Placement, Rejection
+
+
+@pytest.fixture
+def listening_port():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield server.getsockname()[1]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node(node_id, alive, port):
+    return {"NodeID": node_id, "Alive": alive, "NodeManagerAddress": "127.0.0.1",
+            "NodeManagerPort": port}
+
+
+def test_a_node_is_lost_when_ray_lists_it_dead_or_its_raylet_refuses(monkeypatch,
+                                                                      listening_port):
+    monkeypatch.setattr(ray, "nodes", lambda: [
+        node("up", True, listening_port), node("dead", False, listening_port),
+        node("raylet-gone", True, closed_port())])
+    assert lost_nodes({"up", "dead", "raylet-gone", "never-seen"}) == [
+        "dead", "never-seen", "raylet-gone"]
+    assert lost_nodes({"up"}) == []
+
+
+class FakeScheduler:
+    def __init__(self, *answers):
+        self.answers, self.calls = list(answers), []
+        self.replace = SimpleNamespace(remote=self._replace)
+
+    def _replace(self, spec, owner, lost):
+        self.calls.append((spec.name, owner, lost))
+        return self.answers.pop(0)
+
+
+def follower(monkeypatch, scheduler, placed, lost):
+    monkeypatch.setattr(train_callbacks, "lost_nodes", lambda ids: sorted(set(lost) & ids))
+    monkeypatch.setattr(ray, "get_actor", lambda name, namespace: scheduler)
+    monkeypatch.setattr(ray, "get", lambda value: value)
+    monkeypatch.setattr(train_callbacks.time, "sleep", lambda s: None)
+    callback = FollowPlacement(JobSpec(name="run", num_workers=2), owner="job-1", timeout_s=60)
+    selectors = [{"ray.io/node-id": n} for n in placed]
+    callback.after_controller_start(SimpleNamespace(
+        scaling_config=SimpleNamespace(label_selector=selectors)))
+    return callback, selectors
+
+
+def test_selectors_follow_a_new_placement_after_a_node_is_lost(monkeypatch):
+    new = Placement("run", ("b", "c"), 1.0, 0)
+    scheduler = FakeScheduler(new)
+    callback, selectors = follower(monkeypatch, scheduler, ["a", "b"], lost=["a"])
+    callback.follow_lost_nodes()
+    assert scheduler.calls == [("run", "job-1", ["a"])]
+    assert selectors == [{"ray.io/node-id": "b"}, {"ray.io/node-id": "c"}]  # same list object
+    callback.follow_lost_nodes()  # nothing lost any more: no second re-placement
+    assert len(scheduler.calls) == 1
+
+
+def test_a_busy_cluster_is_waited_for_and_a_cluster_too_small_is_a_clear_error(monkeypatch):
+    busy = Rejection("run", "no room now", fits_when_free=True)
+    scheduler = FakeScheduler(busy, busy, Placement("run", ("c", "c"), 1.0, 0))
+    callback, selectors = follower(monkeypatch, scheduler, ["a", "b"], lost=["a", "b"])
+    callback.follow_lost_nodes()
+    assert len(scheduler.calls) == 3 and selectors[0] == {"ray.io/node-id": "c"}
+
+    never = Rejection("run", "it needs 2 worker(s), room for 1", fits_when_free=False)
+    callback, selectors = follower(monkeypatch, FakeScheduler(never), ["a", "b"], lost=["a"])
+    with pytest.raises(NodeLostError, match="node\\(s\\) a of job 'run' were lost .* room for 1"):
+        callback.follow_lost_nodes()
+    assert selectors == [{"ray.io/node-id": "a"}, {"ray.io/node-id": "b"}]  # untouched
