@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=20.0, help="seconds of phases 1-2")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-concurrent-batches", type=int, default=2,
+                   help="batches a replica runs at once (serve_config.yaml's default: 2)")
     p.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
     return p.parse_args(argv)
 
@@ -93,7 +95,7 @@ def free_port() -> int:
 
 
 def app_config(port: int, initial: str, checkpoint: str, replicas: int, batching: dict,
-               max_batch_size: int) -> dict:
+               max_batch_size: int, max_concurrent_batches: int = 2) -> dict:
     """The bench app. Only user_config and the replica count vary between phases: the args
     (with the `initial` checkpoint) stay the same, or Serve would replace the replicas
     instead of reconfiguring them."""
@@ -103,7 +105,8 @@ def app_config(port: int, initial: str, checkpoint: str, replicas: int, batching
         "applications": [{
             "name": APP, "route_prefix": "/", "import_path": "orchestrator.serving.app:app",
             "args": {"checkpoint": initial, "accelerator": "cpu", "cpus_per_replica": 0.5,
-                     "max_batch_size": max_batch_size, "max_concurrent_batches": 2,
+                     "max_batch_size": max_batch_size,
+                     "max_concurrent_batches": max_concurrent_batches,
                      "health_check_period_s": 2, "hang_after_s": 10},
             "deployments": [{"name": "GPTModel",
                              "autoscaling_config": {"min_replicas": replicas,
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def deploy(checkpoint: str, replicas: int, batching: dict) -> None:
         deploy_config(app_config(port, first, checkpoint, replicas, batching,
-                                 args.max_batch_size))
+                                 args.max_batch_size, args.max_concurrent_batches))
         wait_for_app(APP, replicas={"GPTModel": replicas})
 
     def load(concurrency: int, seconds: float, max_tokens: int | None = args.max_tokens,
@@ -303,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             await asyncio.sleep(5)
             applied["at"] = time.monotonic()
             await asyncio.to_thread(deploy_config, app_config(
-                port, first, second, 1, batched, args.max_batch_size))
+                port, first, second, 1, batched, args.max_batch_size,
+                args.max_concurrent_batches))
 
         results = load(args.steady_concurrency, 15, during=reload)
         summarize("reload", results, 15)
