@@ -255,7 +255,7 @@ class Chaos:
         return injected
 
     @staticmethod
-    def _survive(injected: Injected, check: Callable[[Injected], str | None]) -> None:
+    def _survive(injected: Injected, check: Callable[[Injected], None]) -> None:
         try:
             check(injected)
             injected.survived = True
