@@ -86,12 +86,12 @@ def steps_lost(runs: list[Attempt]) -> int:
                for before, after in zip(runs, runs[1:]))
 
 
-def reservation_problems(reservations: dict[str, list[dict]], capacity_cpus: dict[str, float],
-                         alive: set[str]) -> list[str]:
+def reservation_problems(reservations: dict[str, list[dict]],
+                         alive_cpus: dict[str, float]) -> list[str]:
     """What is wrong with the scheduler's reservations (scheduler snapshot's "reservations":
-    job -> reservations with node_id and cpus): a node booked beyond its CPUs (double
-    booking), a reservation on a node that is not alive (lost, never released), a job holding
-    two reservations on the same node."""
+    job -> reservations with node_id and cpus), against the alive nodes and their CPUs: a node
+    booked beyond its CPUs (double booking), a reservation on a node that is not alive (lost,
+    never released), a job holding two reservations on the same node."""
     problems, booked = [], {}
     for job, held in reservations.items():
         nodes = [r["node_id"] for r in held]
@@ -99,11 +99,11 @@ def reservation_problems(reservations: dict[str, list[dict]], capacity_cpus: dic
             problems.append(f"job {job} holds two reservations on one node")
         for r in held:
             booked[r["node_id"]] = booked.get(r["node_id"], 0.0) + float(r["cpus"])
-            if r["node_id"] not in alive:
+            if r["node_id"] not in alive_cpus:
                 problems.append(f"job {job} holds a reservation on node {r['node_id'][:12]}, "
                                 "which is not alive")
     for node, cpus in booked.items():
-        if node in capacity_cpus and cpus > capacity_cpus[node] + 1e-9:
+        if node in alive_cpus and cpus > alive_cpus[node] + 1e-9:
             problems.append(f"node {node[:12]} booked for {cpus:g} CPUs of "
-                            f"{capacity_cpus[node]:g}")
+                            f"{alive_cpus[node]:g}")
     return problems

@@ -63,11 +63,19 @@ def plain_vs_ray(steps: int, workdir: Path) -> dict:
             "mfu_cpu": round(plain["mfu"], 4)}
 
 
+def ray_train_workers() -> list:
+    """The Ray Train worker processes on this machine (psutil.Process), by pid."""
+    import psutil
+
+    return sorted((p for p in psutil.process_iter(["cmdline"])
+                   if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])),
+                  key=lambda p: p.pid)
+
+
 def measure_recovery(run_dir: Path, extra_args: list[str], timeout_s: float = 600) -> dict:
     """Run jobs/pretrain.py, SIGKILL one Ray Train worker once Ray Train has registered a
     checkpoint, and return the job's exit code, its summary and the recovery time (kill ->
-    first step after the automatic resume). Shared with the integration test."""
-    import psutil
+    first step after the automatic resume)."""
     import pretrain
 
     outcome: dict = {}
@@ -82,8 +90,7 @@ def measure_recovery(run_dir: Path, extra_args: list[str], timeout_s: float = 60
             job.join(timeout=5)
             raise RuntimeError("no checkpoint was registered before the job ended or timed out")
         time.sleep(0.5)
-    workers = [p for p in psutil.process_iter(["cmdline"])
-               if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    workers = ray_train_workers()
     if not workers:
         raise RuntimeError("no Ray Train worker process found")
     os.kill(workers[0].pid, signal.SIGKILL)

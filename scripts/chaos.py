@@ -28,7 +28,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -41,6 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "jobs"))
 
+sys.path.insert(0, str(ROOT / "scripts"))  # also when imported (the integration test)
+
+from bench_serve import free_port  # noqa: E402
+from bench_train import ray_train_workers  # noqa: E402
 from orchestrator import chaos  # noqa: E402
 from orchestrator.inventory import (  # noqa: E402
     LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB, LABEL_ACCELERATOR_TYPE)
@@ -158,12 +161,6 @@ def wait_for(what: str, check: Callable[[], Any], timeout_s: float = SURVIVAL_TI
 
 
 # -- serving ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def deploy_serving(workdir: Path) -> str:
     from orchestrator.serving.app import deploy_config, wait_for_app
     from orchestrator.serving.loading import save_untrained_checkpoint
@@ -273,11 +270,7 @@ class Chaos:
         return read_metrics(self.run_dir)
 
     def _kill_a_worker(self) -> str:
-        import psutil
-
-        workers = sorted((p for p in psutil.process_iter(["cmdline"])
-                          if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])),
-                         key=lambda p: p.pid)
+        workers = ray_train_workers()
         if not workers:
             raise RuntimeError("no Ray Train worker process to kill")
         victim = self.rng.choice(workers)
@@ -350,8 +343,7 @@ class Chaos:
         def survived(injected: Injected) -> None:
             after = wait_for("the scheduler answers again", scheduler_books)
             injected.recovery_s = round(time.time() - injected.at, 1)
-            nodes = alive_nodes()
-            problems = chaos.reservation_problems(after, nodes, set(nodes))
+            problems = chaos.reservation_problems(after, alive_nodes())
             problems += [f"job {job} lost its reservation" for job in before
                          if job not in after and self.training()]
             if problems:
@@ -450,7 +442,7 @@ def run(settings: Settings, workdir: Path) -> dict:
             job.join()
             faults = injector.results()
         books = scheduler_books()
-        problems = chaos.reservation_problems(books, alive_nodes(), set(alive_nodes()))
+        problems = chaos.reservation_problems(books, alive_nodes())
         if "chaos" in books:
             problems.append("the finished chaos job still holds a reservation")
         serve.shutdown()

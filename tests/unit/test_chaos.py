@@ -56,14 +56,13 @@ def reservation(node, cpus=2.0):
 
 def test_reservation_problems_finds_double_booking_and_dead_nodes():
     capacity = {"n1": 2.0, "n2": 2.0}
-    assert reservation_problems({"j": [reservation("n1"), reservation("n2")]}, capacity,
-                                {"n1", "n2"}) == []
+    assert reservation_problems({"j": [reservation("n1"), reservation("n2")]}, capacity) == []
     problems = reservation_problems({"j": [reservation("n1")], "k": [reservation("n1")]},
-                                    capacity, {"n1", "n2"})
+                                    capacity)
     assert problems == ["node n1 booked for 4 CPUs of 2"]
-    problems = reservation_problems({"j": [reservation("n3")]}, capacity, {"n1", "n2"})
+    problems = reservation_problems({"j": [reservation("n3")]}, capacity)
     assert "not alive" in problems[0]
     problems = reservation_problems({"j": [reservation("n1", 1), reservation("n1", 1)]},
-                                    capacity, {"n1"})
+                                    {"n1": 2.0})
     assert problems == ["job j holds two reservations on one node"]
 
