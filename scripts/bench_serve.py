@@ -7,6 +7,8 @@ under load. An async HTTP load generator against the app it deploys (orchestrato
 Phases, same model and replica count for the first two:
   1. batched    adaptive dynamic batching (max batch 32), `--concurrency` closed-loop clients
   2. unbatched  the same replica reconfigured to batches of 1 (user_config, no restart)
+     1 and 2 alternate for `--rounds` rounds; QPS counts the answers that end inside each
+     round's measured window (after a warm-up, before the clients stop), over its length
   3. reload     steady load; the checkpoint in user_config changes mid-run (hot reload):
                 failed requests, and the switch time = from the config update to the first
                 response carrying the new version
@@ -30,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=128, help="block size of fresh models")
     p.add_argument("--concurrency", type=int, default=64, help="clients in phases 1-2")
     p.add_argument("--steady-concurrency", type=int, default=16, help="clients in phases 3-4")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of phases 1-2")
+    p.add_argument("--duration", type=float, default=12.0,
+                   help="measured seconds of each phase-1 and phase-2 round")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="alternating rounds of phases 1 and 2 (a drifting machine hits both)")
+    p.add_argument("--warmup", type=float, default=2.0,
+                   help="seconds of load before a phase's measured window")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-concurrent-batches", type=int, default=2,
@@ -76,6 +84,27 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.status == 200
+
+
+@dataclass
+class Run:
+    """One load phase: every request's result, and the window its throughput is measured
+    in - from the end of the warm-up to the moment the clients stop sending."""
+
+    results: list[Result]
+    start: float
+    end: float
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+    def measured(self) -> list[Result]:
+        """Successes that ended inside the window. Counting also those that end after it
+        (every client's last request) would credit a phase with up to one latency of extra
+        answers: 3 s of a 20 s phase without batching, 1 s with it - a bias against the
+        batched/unbatched ratio."""
+        return [r for r in self.results if r.ok and self.start <= r.ended <= self.end]
 
 
 def fresh_checkpoints(model_size: str, context: int, directory: Path) -> tuple[str, str]:
@@ -142,13 +171,14 @@ async def client_loop(session, base: str, until: float, results: list[Result],
 
 
 async def run_load(base: str, concurrency: int, seconds: float, max_tokens: int | None,
-                   during=None) -> list[Result]:
-    """`concurrency` closed-loop clients for `seconds`; `during()` runs alongside (the reload
-    or the kill)."""
+                   during=None, warmup_s: float = 0.0) -> Run:
+    """`concurrency` closed-loop clients for `warmup_s` + `seconds`; `during()` runs alongside
+    (the reload or the kill)."""
     import aiohttp
 
     results: list[Result] = []
-    until = time.monotonic() + seconds
+    began = time.monotonic()
+    until = began + warmup_s + seconds
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -158,7 +188,7 @@ async def run_load(base: str, concurrency: int, seconds: float, max_tokens: int 
         if during is not None:
             tasks.append(asyncio.create_task(during()))
         await asyncio.gather(*tasks)
-    return results
+    return Run(results, began + warmup_s, until)
 
 
 def model_alone(checkpoint: str, batch: int, max_tokens: int) -> dict:
@@ -188,11 +218,16 @@ def model_alone(checkpoint: str, batch: int, max_tokens: int) -> dict:
     return figures
 
 
-def summarize(name: str, results: list[Result], seconds: float) -> dict:
-    ok = [r for r in results if r.ok]
-    latencies = sorted((r.ended - r.started) * 1000 for r in ok)
-    figures = {"phase": name, "requests": len(results), "ok": len(ok),
-               "failed": len(results) - len(ok), "qps": round(len(ok) / seconds, 1),
+def summarize(name: str, runs: list[Run]) -> dict:
+    """Requests and failures over whole runs; QPS and latency over their windows (runs of the
+    same setting in alternating rounds add up)."""
+    results = [r for run in runs for r in run.results]
+    measured = [r for run in runs for r in run.measured()]
+    ok = sum(r.ok for r in results)
+    latencies = sorted((r.ended - r.started) * 1000 for r in measured)
+    figures = {"phase": name, "requests": len(results), "ok": ok,
+               "failed": len(results) - ok,
+               "qps": round(len(measured) / sum(run.seconds for run in runs), 1),
                "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
                "p99_ms": round(latencies[min(len(latencies) - 1,
                                              int(0.99 * len(latencies)))], 1)
@@ -200,6 +235,13 @@ def summarize(name: str, results: list[Result], seconds: float) -> dict:
     errors = sorted({r.error for r in results if not r.ok})[:3]
     print(f"{name:>10}: {figures}" + (f" errors: {errors}" if errors else ""), flush=True)
     return figures
+
+
+def batch_sizes_since(before: dict, after: dict) -> Counter:
+    """Batches run between two replica_stats() answers, by size."""
+    return Counter({int(size): n - before["batch_sizes"].get(size, 0)
+                    for size, n in after["batch_sizes"].items()
+                    if n > before["batch_sizes"].get(size, 0)})
 
 
 def switch_time(results: list[Result], new_version: str, applied_at: float) -> float | None:
@@ -263,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         wait_for_app(APP, replicas={"GPTModel": replicas})
 
     def load(concurrency: int, seconds: float, max_tokens: int | None = args.max_tokens,
-             during=None) -> list[Result]:
-        return asyncio.run(run_load(base, concurrency, seconds, max_tokens, during))
+             during=None, warmup_s: float = args.warmup) -> Run:
+        return asyncio.run(run_load(base, concurrency, seconds, max_tokens, during, warmup_s))
 
     def stats() -> dict:
         return serve.get_deployment_handle("GPTModel", app_name=APP) \
@@ -273,27 +315,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deploy(first, 1, batched)
         load(8, 3)  # warm-up
-        phase = summarize("ceiling", load(args.concurrency, 8, max_tokens=None), 8)
+        phase = summarize("ceiling", [load(args.concurrency, 8, max_tokens=None)])
         out["qps_without_generation"] = phase["qps"]
 
-        phase = summarize("one client", load(1, 8), 8)  # latency without queueing
+        phase = summarize("one client", [load(1, 8)])  # latency without queueing
         out.update(p50_ms_one_client=phase["p50_ms"], p99_ms_one_client=phase["p99_ms"])
 
-        before = stats()
-        phase = summarize("batched", load(args.concurrency, args.duration), args.duration)
-        after = stats()
-        sizes = {size: n - before["batch_sizes"].get(size, 0)
-                 for size, n in after["batch_sizes"].items()
-                 if n > before["batch_sizes"].get(size, 0)}
-        batches = after["batches"] - before["batches"]
-        print(f"   batches: {batches}, sizes {sizes}", flush=True)
+        batched_runs, unbatched_runs, sizes = [], [], Counter()
+        for _ in range(args.rounds):
+            # Alternating rounds: a drift in this shared machine's speed falls on both.
+            deploy(first, 1, batched)
+            before = stats()
+            batched_runs.append(load(args.concurrency, args.duration))
+            sizes.update(batch_sizes_since(before, stats()))
+            deploy(first, 1, unbatched)  # the same replica, reconfigured
+            unbatched_runs.append(load(args.concurrency, args.duration))
+        phase = summarize("batched", batched_runs)
+        print(f"   batches: {sum(sizes.values())}, sizes {dict(sorted(sizes.items()))}",
+              flush=True)
         out.update(qps_batched=phase["qps"], p50_ms=phase["p50_ms"], p99_ms=phase["p99_ms"],
-                   largest_batch=max(map(int, sizes), default=0),
-                   mean_batch=round((after["requests"] - before["requests"]) / max(batches, 1),
-                                    2))
-
-        deploy(first, 1, unbatched)  # the same replica, reconfigured
-        phase = summarize("unbatched", load(args.concurrency, args.duration), args.duration)
+                   largest_batch=max(sizes, default=0),
+                   mean_batch=round(sum(k * n for k, n in sizes.items())
+                                    / max(sum(sizes.values()), 1), 2))
+        phase = summarize("unbatched", unbatched_runs)
         out.update(qps_unbatched=phase["qps"], p50_ms_unbatched=phase["p50_ms"],
                    p99_ms_unbatched=phase["p99_ms"])
         out["batching_speedup"] = (round(out["qps_batched"] / out["qps_unbatched"], 2)
@@ -309,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                 port, first, second, 1, batched, args.max_batch_size,
                 args.max_concurrent_batches))
 
-        results = load(args.steady_concurrency, 15, during=reload)
-        summarize("reload", results, 15)
+        run = load(args.steady_concurrency, 15, during=reload, warmup_s=0)
+        summarize("reload", [run])
+        results = run.results
         new_version = wait_for_checkpoint(base, second)
         out["reload_switch_s"] = switch_time(results, new_version, applied["at"])
         out["reload_replica_load_ms"] = stats()["last_switch_ms"]
@@ -325,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
             print(f"     chaos: killed {victim}", flush=True)
 
-        results = load(args.steady_concurrency, 20, during=kill)
-        summarize("chaos", results, 20)
+        run = load(args.steady_concurrency, 20, during=kill, warmup_s=0)
+        summarize("chaos", [run])
+        results = run.results
         out["chaos_requests"] = len(results)
         out["chaos_success_rate"] = round(sum(r.ok for r in results) / max(len(results), 1), 5)
         status = wait_for_app(APP, timeout_s=60, replicas={"GPTModel": 2})

@@ -37,8 +37,8 @@ from actors.telemetry import record
 from orchestrator import metrics
 from orchestrator.config import ConfigError
 from orchestrator.serving import protocol
-from orchestrator.serving.batching import (ArrivalRate, BatchSettings, batch_loop_problem,
-                                           choose_batch_settings, may_join_batch_queue)
+from orchestrator.serving.batching import (AdmissionGate, ArrivalRate, BatchSettings,
+                                           batch_loop_problem, choose_batch_settings)
 from orchestrator.serving.generation import (BatchGeneration, Chunk, GenerationRequest,
                                              GenerationResult, SamplingParams, collect)
 from orchestrator.serving.loading import LoadedModel, default_checkpoint, load_model, \
@@ -74,10 +74,9 @@ class GPTModel:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="generate")
         self.arrivals = ArrivalRate(window_s=1.0)
         self.queued: set[int] = set()  # requests whose batch has not started (by id)
-        self.entered: set[int] = set()  # ... of which those already in Serve's batch queue
+        self.gate = AdmissionGate(self.settings.max_batch_size,
+                                  self.settings.max_concurrent_batches)
         self.running = 0  # requests in running batches
-        self.running_batches = 0
-        self._batch_finished = asyncio.Event()  # replaced after each set: a broadcast
         self.last_progress = time.monotonic()
         self.batch_loop_started = False
         self.stats: Counter = Counter()
@@ -148,7 +147,7 @@ class GPTModel:
         self._admit(request)
         finished = first_token = False
         try:
-            await self._wait_for_room_in_the_batch_queue(request)
+            await self.gate.enter(id(request))
             async for chunk in self.batch(request):
                 if not first_token:
                     first_token = True
@@ -158,7 +157,7 @@ class GPTModel:
                 yield chunk
         finally:  # cancelled before its batch started: it no longer waits
             self.queued.discard(id(request))
-            self.entered.discard(id(request))
+            self.gate.leave(id(request))
         if not finished:  # the batch's model could not hold it (reloaded meanwhile)
             raise APIError(400, "prompt plus max_tokens no longer fit the context of the "
                                 "model version now served; retry with a shorter request",
@@ -180,22 +179,11 @@ class GPTModel:
         self.batch_loop_started = True
         self._adapt_batching(now)
 
-    async def _wait_for_room_in_the_batch_queue(self, request: GenerationRequest) -> None:
-        """See batching.may_join_batch_queue: while every batch slot is busy, wait here."""
-        while not may_join_batch_queue(self.running_batches, len(self.entered),
-                                       self.batch_settings.max_batch_size,
-                                       self.settings.max_concurrent_batches):
-            await self._batch_finished.wait()
-        self.entered.add(id(request))
-
-    def _on_batch_finished(self) -> None:
-        self._batch_finished.set()
-        self._batch_finished = asyncio.Event()
-
     def _adapt_batching(self, now: float) -> None:
         chosen = choose_batch_settings(len(self.queued), self.arrivals.rate(now), self.bounds)
         if chosen != self.batch_settings:
             self.batch.set_max_batch_size(chosen.max_batch_size)
+            self.gate.set_max_batch_size(chosen.max_batch_size)
             self.batch.set_batch_wait_timeout_s(chosen.wait_timeout_s)
             self.batch_settings = chosen
 
@@ -203,11 +191,9 @@ class GPTModel:
         """@serve.batch handler (an async generator): one list per decoding step, a chunk or
         StopIteration (that request is complete) per request."""
         loaded = self.loaded  # a reload during this batch does not change its model
-        for request in requests:
-            self.queued.discard(id(request))
-            self.entered.discard(id(request))
+        self.queued.difference_update(map(id, requests))
+        self.gate.batch_started(list(map(id, requests)))
         self.running += len(requests)
-        self.running_batches += 1
         self._record_batch(len(requests))
         started, produced = time.perf_counter(), 0
         fits = [len(r.context) + r.remaining <= loaded.block_size for r in requests]
@@ -230,8 +216,7 @@ class GPTModel:
                 yield step
         finally:
             self.running -= len(requests)
-            self.running_batches -= 1
-            self._on_batch_finished()
+            self.gate.batch_finished()
             elapsed = time.perf_counter() - started
             record(metrics.SERVE_GENERATED_TOKENS, produced, deployment=self.deployment)
             if elapsed > 0 and produced:
@@ -268,7 +253,8 @@ class GPTModel:
                 "max_batch_size_now": settings.max_batch_size if settings else None,
                 "batch_wait_ms_now": (round(settings.wait_timeout_s * 1000, 3)
                                       if settings else None),
-                "queued": len(self.queued), "running": self.running,
+                "queued": len(self.queued), "waiting_for_a_slot": self.gate.waiting,
+                "running": self.running,
                 "last_switch_ms": self.stats.get("switch_ms"),
                 "reload_error": self.reload_error}
 

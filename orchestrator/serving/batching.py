@@ -18,6 +18,7 @@ Time is always an argument (`now`), so tests step it instead of sleeping.
 """
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -107,3 +108,55 @@ def may_join_batch_queue(running_batches: int, in_queue: int, max_batch_size: in
     queue would then form, plus those running, fit the slots; the others wait in front and
     enter together when a batch finishes, and the next batch is formed from all of them."""
     return running_batches + math.ceil((in_queue + 1) / max_batch_size) <= max_concurrent_batches
+
+
+class AdmissionGate:
+    """Where a replica's requests wait for may_join_batch_queue, first come first in.
+
+    Only as many waiters wake as may enter, so a deep queue costs nothing per finished batch
+    (a replica accepts several rounds of batches: settings.QUEUED_ROUNDS). The replica tells it
+    when a batch starts or ends, when the batch size changes, and when a request leaves."""
+
+    def __init__(self, max_batch_size: int, max_concurrent_batches: int) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_concurrent_batches = max_concurrent_batches
+        self.running_batches = 0
+        self.entered: set[int] = set()  # let into Serve's batch queue, batch not started
+        self._waiting: deque[tuple[asyncio.Future, int]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(not let_in.done() for let_in, _ in self._waiting)
+
+    async def enter(self, request_id: int) -> None:
+        let_in = asyncio.get_running_loop().create_future()
+        self._waiting.append((let_in, request_id))
+        self._let_in()  # at once if no one is ahead and there is room
+        await let_in  # cancelled: the future is too, and _let_in skips it
+
+    def batch_started(self, request_ids: list[int]) -> None:
+        self.entered.difference_update(request_ids)
+        self.running_batches += 1
+        self._let_in()
+
+    def batch_finished(self) -> None:
+        self.running_batches -= 1
+        self._let_in()
+
+    def set_max_batch_size(self, size: int) -> None:
+        self.max_batch_size = size
+        self._let_in()
+
+    def leave(self, request_id: int) -> None:
+        """The request is done, or gone before its batch started."""
+        self.entered.discard(request_id)
+        self._let_in()
+
+    def _let_in(self) -> None:
+        while self._waiting and may_join_batch_queue(self.running_batches, len(self.entered),
+                                                     self.max_batch_size,
+                                                     self.max_concurrent_batches):
+            let_in, request_id = self._waiting.popleft()
+            if not let_in.done():
+                self.entered.add(request_id)
+                let_in.set_result(None)

@@ -1,9 +1,12 @@
-"""The load-adaptive batching policy and batch-loop health, stepped through time."""
+"""The load-adaptive batching policy, the admission gate and batch-loop health, stepped
+through time."""
+import asyncio
+
 import pytest
 
-from orchestrator.serving.batching import (ArrivalRate, BatchBounds, BatchSettings,
-                                           batch_loop_problem, choose_batch_settings,
-                                           may_join_batch_queue)
+from orchestrator.serving.batching import (AdmissionGate, ArrivalRate, BatchBounds,
+                                           BatchSettings, batch_loop_problem,
+                                           choose_batch_settings, may_join_batch_queue)
 
 BOUNDS = BatchBounds(min_batch_size=4, max_batch_size=32, max_wait_s=0.01)
 
@@ -73,3 +76,65 @@ def test_requests_wait_in_front_of_the_batch_queue_while_every_slot_is_busy():
     assert not may_join_batch_queue(2, 0, 4, 2)  # both slots busy: wait for one to finish
     assert may_join_batch_queue(0, 7, 4, 2)  # a second batch fits the second slot
     assert not may_join_batch_queue(0, 8, 4, 2)
+
+
+async def _arrive(gate: AdmissionGate, ids) -> dict[int, asyncio.Task]:
+    tasks = {i: asyncio.create_task(gate.enter(i)) for i in ids}
+    await asyncio.sleep(0)  # every task reaches the gate, in order
+    return tasks
+
+
+def test_the_gate_lets_requests_in_first_come_first_in_as_batches_free_slots():
+    async def scenario():
+        gate = AdmissionGate(max_batch_size=2, max_concurrent_batches=1)
+        tasks = await _arrive(gate, range(5))
+        assert gate.entered == {0, 1} and gate.waiting == 3  # one batch's worth, in order
+        gate.batch_started([0, 1])
+        assert gate.entered == set() and gate.waiting == 3  # the only slot is busy
+        gate.batch_finished()
+        assert gate.entered == {2, 3} and gate.waiting == 1
+        await asyncio.sleep(0)
+        assert all(tasks[i].done() for i in range(4)) and not tasks[4].done()
+        tasks[4].cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_deep_queue_wakes_only_those_that_may_enter():
+    async def scenario():
+        gate = AdmissionGate(max_batch_size=32, max_concurrent_batches=2)
+        tasks = await _arrive(gate, range(500))
+        assert len(gate.entered) == 64 and gate.waiting == 436  # two batches' worth
+        gate.batch_started(list(range(32)))
+        gate.batch_started(list(range(32, 64)))
+        gate.batch_finished()
+        assert gate.entered == set(range(64, 96)) and gate.waiting == 404
+        for task in tasks.values():
+            task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_leaves_gives_its_place_to_the_next_and_cancelled_ones_are_skipped():
+    async def scenario():
+        gate = AdmissionGate(max_batch_size=2, max_concurrent_batches=1)
+        tasks = await _arrive(gate, "abcd")
+        tasks["c"].cancel()  # gave up while waiting
+        await asyncio.sleep(0)
+        assert gate.waiting == 1
+        gate.leave("a")  # its client went away before its batch started
+        assert gate.entered == {"b", "d"} and gate.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_larger_batch_size_lets_more_in():
+    async def scenario():
+        gate = AdmissionGate(max_batch_size=1, max_concurrent_batches=1)
+        tasks = await _arrive(gate, range(4))
+        assert gate.entered == {0}
+        gate.set_max_batch_size(4)
+        assert gate.entered == {0, 1, 2, 3}
+        await asyncio.gather(*tasks.values())
+
+    asyncio.run(scenario())

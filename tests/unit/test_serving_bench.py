@@ -23,10 +23,28 @@ def bench():
 def test_summary_counts_only_successes_in_qps_and_latency(bench):
     results = [bench.Result(0.0, 0.010 * (i + 1), 200) for i in range(100)]
     results.append(bench.Result(0.0, 5.0, 503, error="overloaded"))
-    figures = bench.summarize("x", results, seconds=10)
+    figures = bench.summarize("x", [bench.Run(results, 0.0, 10.0)])
     assert (figures["requests"], figures["ok"], figures["failed"]) == (101, 100, 1)
     assert figures["qps"] == 10.0
     assert figures["p50_ms"] == pytest.approx(505.0) and figures["p99_ms"] == pytest.approx(1000.0)
+
+
+def test_qps_counts_only_answers_inside_the_window_of_each_round(bench):
+    # A warm-up answer (before 2.0) and the clients' last answers (after 4.0) are not
+    # credited to the 2 s window; a second round's window adds its answers and seconds.
+    first = bench.Run([bench.Result(0.0, t, 200) for t in (1.0, 2.5, 3.0, 4.0, 4.5)],
+                      2.0, 4.0)
+    second = bench.Run([bench.Result(20.0, t, 200) for t in (20.5, 21.0, 21.5, 23.0)],
+                       20.0, 22.0)
+    figures = bench.summarize("x", [first, second])
+    assert figures["ok"] == 9 and figures["qps"] == 6 / 4
+    assert figures["p50_ms"] == pytest.approx(2000.0)  # of the 6 measured only
+
+
+def test_batch_sizes_since_counts_only_new_batches(bench):
+    before = {"batch_sizes": {"1": 3, "32": 2}}
+    after = {"batch_sizes": {"1": 3, "16": 1, "32": 5}}
+    assert bench.batch_sizes_since(before, after) == {16: 1, 32: 3}
 
 
 def test_switch_time_is_until_the_first_answer_of_the_new_version(bench):
