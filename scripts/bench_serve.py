@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds of load before a phase's measured window")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--max-concurrent-batches", type=int, default=2,
-                   help="batches a replica runs at once (serve_config.yaml's default: 2)")
+    p.add_argument("--max-concurrent-batches", type=int, default=None,
+                   help="batches a replica runs at once (default: the app's, 1)")
     p.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
     return p.parse_args(argv)
 
@@ -124,10 +124,10 @@ def free_port() -> int:
 
 
 def app_config(port: int, initial: str, checkpoint: str, replicas: int, batching: dict,
-               max_batch_size: int, max_concurrent_batches: int = 2) -> dict:
+               max_batch_size: int, max_concurrent_batches: int | None = None) -> dict:
     """The bench app. Only user_config and the replica count vary between phases: the args
     (with the `initial` checkpoint) stay the same, or Serve would replace the replicas
-    instead of reconfiguring them."""
+    instead of reconfiguring them. `max_concurrent_batches` None: the app's default."""
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -135,7 +135,8 @@ def app_config(port: int, initial: str, checkpoint: str, replicas: int, batching
             "name": APP, "route_prefix": "/", "import_path": "orchestrator.serving.app:app",
             "args": {"checkpoint": initial, "accelerator": "cpu", "cpus_per_replica": 0.5,
                      "max_batch_size": max_batch_size,
-                     "max_concurrent_batches": max_concurrent_batches,
+                     **({"max_concurrent_batches": max_concurrent_batches}
+                        if max_concurrent_batches else {}),
                      "health_check_period_s": 2, "hang_after_s": 10},
             "deployments": [{"name": "GPTModel",
                              "autoscaling_config": {"min_replicas": replicas,
@@ -288,10 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     alone = model_alone(first, args.max_batch_size, args.max_tokens)
     out["model_alone_tokens_per_s"] = {f"batch_{k}": v["tokens_per_s"] for k, v in alone.items()}
     out["model_alone_step_ms"] = {f"batch_{k}": v["step_ms"] for k, v in alone.items()}
+    # What batching gains inside the model: the end-to-end speedup cannot go far beyond it.
+    out["model_alone_batching_gain"] = round(
+        alone[args.max_batch_size]["tokens_per_s"] / alone[1]["tokens_per_s"], 2)
     print(f"model alone: {alone}", flush=True)
 
-    ray.init(address=args.address) if args.address else ray.init(address="local",
-                                                                 include_dashboard=False)
+    # Not the replicas' logs: one access-log line per request (thousands) would bury the
+    # figures, and this process, which also runs the load, would spend CPU printing them.
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     port = args.port or free_port()
     base = f"http://127.0.0.1:{port}"
     batched = {"adaptive_batching": True, "min_batch_size": 4,

@@ -176,6 +176,7 @@ class GPTModel:
             self.last_progress = now  # an idle loop was not stalled
         self.arrivals.observe(now)
         self.queued.add(id(request))
+        self.stats["most_held"] = max(self.stats["most_held"], len(self.queued) + self.running)
         self.batch_loop_started = True
         self._adapt_batching(now)
 
@@ -254,7 +255,7 @@ class GPTModel:
                 "batch_wait_ms_now": (round(settings.wait_timeout_s * 1000, 3)
                                       if settings else None),
                 "queued": len(self.queued), "waiting_for_a_slot": self.gate.waiting,
-                "running": self.running,
+                "running": self.running, "most_requests_held": self.stats["most_held"],
                 "last_switch_ms": self.stats.get("switch_ms"),
                 "reload_error": self.reload_error}
 

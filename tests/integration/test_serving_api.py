@@ -154,6 +154,19 @@ def test_concurrent_requests_are_batched_and_match_one_by_one(server):
           f"batches; batch sizes so far {after['batch_sizes']}")
 
 
+def test_requests_beyond_the_running_batches_wait_at_the_replica_not_in_serves_router(server):
+    # One batch of 16 runs at a time. The replica accepts more and queues them itself: left
+    # in Serve's router, the surplus is retried with a backoff up to 0.5 s that a finishing
+    # batch does not cut short (throughput fell to a quarter in scripts/bench_serve.py).
+    body = {"prompt": "a", "max_tokens": BLOCK - 4, "temperature": 0}
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(lambda _: server.post(body), range(64)))
+    assert [r.status_code for r in answers] == [200] * 64
+    held = server.get("/health").json()["most_requests_held"]
+    assert held > 16, f"the replica never held more than its running batch ({held})"
+    print(f"\n64 concurrent requests: the replica held up to {held} at once")
+
+
 BAD_INPUTS = [
     # (raw body or JSON, extra headers, status, param, words in the message)
     (b'{"prompt": "hi",', {}, 400, None, "not valid JSON"),

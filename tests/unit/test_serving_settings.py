@@ -16,9 +16,9 @@ def test_command_line_strings_are_coerced():
                                         "cpus_per_replica": "1"})
     assert (settings.max_batch_size, settings.max_batch_wait_ms) == (16, 2.5)
     assert settings.adaptive_batching is False and settings.cpus_per_replica == 1.0
-    # 16 x 2 concurrent batches, x 8 rounds: requests beyond the running batches queue at the
+    # 16 x 1 batch at a time, x 8 rounds: requests beyond the running batch queue at the
     # replica, not in Serve's router (whose retry backoff idles a replica under overload)
-    assert settings.replica_max_ongoing_requests == 256
+    assert settings.replica_max_ongoing_requests == 128
 
 
 def test_unknown_keys_get_a_hint():
@@ -36,8 +36,9 @@ def test_every_bad_field_is_named_at_once():
 
 
 @pytest.mark.parametrize("args, words", [
-    ({"max_ongoing_requests": 10}, "max_ongoing_requests (10) must be >= max_batch_size x "
-                                   "max_concurrent_batches (32 x 2 = 64)"),
+    ({"max_ongoing_requests": 10, "max_concurrent_batches": 2},
+     "max_ongoing_requests (10) must be >= max_batch_size x max_concurrent_batches "
+     "(32 x 2 = 64)"),
     ({"min_batch_size": 8, "max_batch_size": 4}, "min_batch_size (8) must be <= max_batch_size"),
     ({"min_replicas": 3, "max_replicas": 2}, "min_replicas (3) must be <= max_replicas"),
     ({"model_name": ""}, "model_name must not be empty"),
@@ -48,7 +49,7 @@ def test_inconsistent_settings_are_refused(args, words):
 
 
 def test_user_config_keeps_unset_fields_from_the_settings_and_respects_the_cap():
-    settings = ServeSettings(checkpoint="/a", max_batch_size=16, max_ongoing_requests=32)
+    settings = ServeSettings(checkpoint="/a", max_batch_size=16, max_ongoing_requests=16)
     runtime = RuntimeConfig.from_user_config({"checkpoint": "/b", "max_batch_wait_ms": 5},
                                              settings)
     assert (runtime.checkpoint, runtime.max_batch_size, runtime.max_batch_wait_ms) == \
