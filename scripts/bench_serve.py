@@ -1,7 +1,7 @@
 """Serving benchmark: dynamic batching on vs off, hot reload under load, a replica killed
 under load. An async HTTP load generator against the app it deploys (orchestrator/serving).
 
-    python scripts/bench_serve.py                    # embedded local Ray, ~3 minutes
+    python scripts/bench_serve.py                    # embedded local Ray, ~4 minutes
     python scripts/bench_serve.py --address auto     # an existing cluster (`ray start`)
 
 Phases, same model and replica count for the first two:
