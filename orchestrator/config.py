@@ -133,6 +133,10 @@ class JobSpec:
     min_bandwidth_gbps: float = 0.0  # floor between every pair of nodes the job spans
     accelerator_types: tuple[str, ...] = ()  # allowed accelerator families; () = any
     priority: int = 0  # higher is placed first when jobs wait in the queue
+    # The user's estimate of the run time in seconds (as Slurm's time limit); None = unknown.
+    # Lets the queue backfill a job into a gap that ends before a blocked job could start,
+    # and lets the scheduler weigh a migration's gain against its restart cost.
+    expected_duration_s: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.accelerator_types, str):  # from YAML / CLI: one type
@@ -158,6 +162,10 @@ class JobSpec:
         _check(p, _is_number(self.min_bandwidth_gbps) and self.min_bandwidth_gbps >= 0,
                f"min_bandwidth_gbps must be a number >= 0, got {self.min_bandwidth_gbps!r}")
         _check(p, _is_int(self.priority), f"priority must be an integer, got {self.priority!r}")
+        _check(p, self.expected_duration_s is None
+               or (_is_number(self.expected_duration_s) and self.expected_duration_s > 0),
+               f"expected_duration_s must be a number of seconds > 0 (or unset), "
+               f"got {self.expected_duration_s!r}")
         if not isinstance(self.accelerator_types, tuple):
             p.append(f"accelerator_types must be a list of accelerator families, got "
                      f"{self.accelerator_types!r}")

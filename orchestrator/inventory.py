@@ -108,6 +108,9 @@ class ClusterState:
         self.reports: dict[str, NodeReport] = {}
         self.last_seen: dict[str, float] = {}
         self.dead: set[str] = set()  # declared dead by Ray or by missed heartbeats
+        # Nodes a job's driver could not reach (a failed TCP probe), with why: they take no new
+        # work until their next report, but keep what they hold; a blip is not a death.
+        self.suspected: dict[str, str] = {}
         # Reservations dropped from nodes declared dead by silence alone, by node: re-applied
         # if the node reports again.
         self.silent_reservations: dict[str, list[Reservation]] = {}
@@ -120,6 +123,8 @@ class ClusterState:
         self.reports[report.node_id] = report
         self.last_seen[report.node_id] = now
         self.table.upsert(report, now)
+        self.suspected.pop(report.node_id, None)  # it answered: no longer suspect
+        self.table.suspect[self.table.index[report.node_id]] = False
         if report.node_id in self.dead:  # a node that reports again is alive again
             self.dead.discard(report.node_id)
             self._revive(report.node_id)
@@ -135,7 +140,7 @@ class ClusterState:
         age = now - self.last_seen.get(node_id, float("-inf"))
         if age > self.dead_after_s:
             return DEAD
-        return SUSPECT if age > self.suspect_after_s else HEALTHY
+        return SUSPECT if age > self.suspect_after_s or node_id in self.suspected else HEALTHY
 
     def health_reason(self, node_id: str, now: float) -> str | None:
         """Why a node may not take new work now, or None when it is healthy."""
@@ -144,9 +149,21 @@ class ClusterState:
             return None
         if node_id in self.dead:
             return "dead: Ray reports the node gone"
+        if node_id in self.suspected:
+            return f"suspect: {self.suspected[node_id]} (takes no new work until it reports)"
         age = now - self.last_seen[node_id]
         limit = self.dead_after_s if health == DEAD else self.suspect_after_s
         return f"{health}: no heartbeat for {age:.0f}s (limit {limit:.0f}s)"
+
+    def mark_suspect(self, node_id: str, reason: str) -> bool:
+        """Something failed to reach the node (not Ray, not its heartbeat): it takes no new
+        work until it reports again, and keeps its reservations. False for unknown or dead
+        nodes (nothing to do)."""
+        if node_id not in self.reports or node_id in self.dead:
+            return False
+        self.suspected[node_id] = reason
+        self.table.suspect[self.table.index[node_id]] = True
+        return True
 
     def mark_dead(self, node_id: str) -> list[str]:
         """Ray says the node is gone: exclude it and drop what was reserved on it for good.
@@ -154,6 +171,8 @@ class ClusterState:
         if node_id in self.reports:
             self.dead.add(node_id)
             self.table.set_dead(node_id, True)
+        if self.suspected.pop(node_id, None) is not None:
+            self.table.suspect[self.table.index[node_id]] = False
         self.silent_reservations.pop(node_id, None)
         return [job for job, _ in self._drop_reservations_on({node_id})]
 
@@ -189,6 +208,14 @@ class ClusterState:
         for r in self.silent_reservations.pop(node_id, []):
             if r.job_name in self.reservations:
                 self._set_reservations(r.job_name, self.reservations[r.job_name] + (r,))
+
+    def placeable(self, now: float) -> np.ndarray:
+        """Per table row: may the node take new work now (alive, reporting, not suspect, not
+        overloaded)?"""
+        t = self.table
+        n = len(t)
+        return (~t.dead[:n] & ~t.suspect[:n] & (now - t.last_seen[:n] <= self.suspect_after_s)
+                & (t.load[:n] <= self.max_load_per_cpu))
 
     # -- reservations ---------------------------------------------------------------------
     def reserved_on(self, node_id: str) -> tuple[float, int]:
@@ -280,6 +307,7 @@ class NodeTable:
         self.group_gbps = np.zeros(n)
         self.speed = np.zeros(n)  # relative accelerator speed (0 for CPU-only nodes)
         self.dead = np.zeros(n, dtype=bool)
+        self.suspect = np.zeros(n, dtype=bool)  # unreachable by a driver: no new work for now
         self.reserved_cpus = np.zeros(n)
         self.reserved_gpus = np.zeros(n, dtype=np.int64)
 
@@ -299,7 +327,7 @@ class NodeTable:
 
     def _grow_rows(self, n: int) -> None:
         for name in ("cpus", "gpus", "family", "load", "group", "group_gbps", "speed", "dead",
-                     "reserved_cpus", "reserved_gpus", "last_seen", *self._GPU_COLUMNS):
+                     "suspect", "reserved_cpus", "reserved_gpus", "last_seen", *self._GPU_COLUMNS):
             old = getattr(self, name)
             fill = -np.inf if name == "last_seen" or name in self._GPU_COLUMNS else 0
             new = np.full((n,) + old.shape[1:], fill, dtype=old.dtype)

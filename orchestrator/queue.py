@@ -1,32 +1,63 @@
-"""The wait queue of jobs that fit the cluster but not its free capacity right now.
+"""The wait queue: jobs that fit the cluster but not its free capacity right now.
 
-Pure data: the scheduler actor calls `drain` whenever capacity may have appeared (a release,
-a new node, a timer). Higher priority first, then first come first served; a smaller job
-behind a blocked large one may still be placed (backfill) rather than idling capacity.
+Pure data, no placement: the scheduling core (orchestrator/scheduler_core.py) decides who
+starts. Order: higher priority first, then first submitted (a preempted job keeps its original
+submit time, so it goes back near the front of its priority class, not to the end).
+
+Besides the waiting jobs it holds two mailboxes, since drivers learn of decisions by polling:
+`ready` (placed from the queue, not yet collected by the driver) and `rejected` (dropped:
+the cluster shrank and the job can never fit, or an operator cancelled it).
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass
 
 from orchestrator.config import JobSpec
-from orchestrator.inventory import ClusterState
-from orchestrator.placement import Placement, PlacementError, Queued, Rejection, place
+from orchestrator.placement import Placement, Queued, Rejection
 
 
 @dataclass
 class QueuedJob:
     spec: JobSpec
     owner: str
-    enqueued_at: float
+    enqueued_at: float  # first submission: the queue order, and what ageing counts from
     reason: str = ""
+    preemptions: int = 0  # times this job was preempted (ageing: see SchedulerSettings)
+    ran_s: float = 0.0  # run time in earlier placements, before it was preempted
+
+    def order_key(self) -> tuple:
+        return (-self.spec.priority, self.enqueued_at, self.spec.name)
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec.to_dict(), "owner": self.owner,
+                "enqueued_at": self.enqueued_at, "reason": self.reason,
+                "preemptions": self.preemptions, "ran_s": self.ran_s}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QueuedJob":
+        return cls(JobSpec.from_dict(data["spec"]), data["owner"], data["enqueued_at"],
+                   data.get("reason", ""), data.get("preemptions", 0), data.get("ran_s", 0.0))
+
+
+def placement_to_dict(placement: Placement) -> dict:
+    return dataclasses.asdict(placement)
+
+
+def placement_from_dict(data: dict) -> Placement:
+    return Placement(**{**data, "worker_nodes": tuple(data["worker_nodes"])})
 
 
 class JobQueue:
     def __init__(self) -> None:
         self.waiting: dict[str, QueuedJob] = {}
+        self._order: list[tuple] = []  # sorted order keys of the waiting jobs
         self.ready: dict[str, Placement] = {}  # placed from the queue, not yet collected
-        self.rejected: dict[str, Rejection] = {}  # can no longer ever fit (the cluster shrank)
+        self.rejected: dict[str, Rejection] = {}  # dropped; told to the driver on its poll
+
+    def __len__(self) -> int:
+        return len(self.waiting)
 
     def holds(self, job_name: str) -> bool:
         return job_name in self.waiting or job_name in self.ready
@@ -38,73 +69,66 @@ class JobQueue:
             return self.ready[job_name].owner
         return None
 
-    def outranks(self, spec: JobSpec) -> bool:
-        """Does a waiting job of higher priority come before `spec`? Then spec must queue
-        behind it rather than jump ahead by being submitted later."""
-        return any(j.spec.priority > spec.priority for j in self.waiting.values())
+    def add(self, job: QueuedJob) -> None:
+        if job.spec.name in self.waiting:
+            raise ValueError(f"job '{job.spec.name}' is already waiting")
+        self.waiting[job.spec.name] = job
+        bisect.insort(self._order, job.order_key())
 
-    def add(self, spec: JobSpec, owner: str, now: float, reason: str) -> Queued:
-        self.waiting[spec.name] = QueuedJob(spec, owner, now, reason)
-        return self.status(spec.name)
+    def remove(self, job_name: str) -> QueuedJob | None:
+        job = self.waiting.pop(job_name, None)
+        if job is not None:
+            key = job.order_key()
+            del self._order[bisect.bisect_left(self._order, key)]
+        return job
 
-    def _order(self) -> list[QueuedJob]:
-        return sorted(self.waiting.values(), key=lambda j: (-j.spec.priority, j.enqueued_at))
+    def ordered(self) -> list[QueuedJob]:
+        """Waiting jobs in queue order (a copy: callers may remove while iterating)."""
+        return [self.waiting[key[2]] for key in self._order]
+
+    def position(self, job_name: str) -> int | None:
+        job = self.waiting.get(job_name)
+        if job is None:
+            return None
+        return bisect.bisect_left(self._order, job.order_key()) + 1
 
     def status(self, job_name: str) -> Queued | None:
-        for position, job in enumerate(self._order(), start=1):
-            if job.spec.name == job_name:
-                return Queued(job_name, position, job.reason)
-        return None
+        position = self.position(job_name)
+        if position is None:
+            return None
+        return Queued(job_name, position, self.waiting[job_name].reason)
 
-    def drain(self, state: ClusterState, now: float) -> list[Placement]:
-        """Place and reserve every waiting job that fits now, in queue order."""
-        placed = []
-        for job in self._order():
-            try:
-                placement = place(job.spec, state, now, owner=job.owner, explain=False)
-            except PlacementError as e:
-                if not e.rejection.fits_when_free:  # nodes left for good: it never will
-                    self.rejected[job.spec.name] = e.rejection
-                    del self.waiting[job.spec.name]
-                else:
-                    job.reason = e.rejection.message.splitlines()[0]
-                continue
-            state.reserve(job.spec.name, placement.reservations())
-            del self.waiting[job.spec.name]
-            self.ready[job.spec.name] = placement
-            placed.append(placement)
-        return placed
+    def reject(self, job_name: str, rejection: Rejection) -> None:
+        """Drop a waiting job, keeping why for its driver's next poll."""
+        self.remove(job_name)
+        self.rejected[job_name] = rejection
 
     def cancel(self, job_name: str) -> bool:
         found = self.holds(job_name) or job_name in self.rejected
-        for pending in (self.waiting, self.ready, self.rejected):
-            pending.pop(job_name, None)
+        self.remove(job_name)
+        self.ready.pop(job_name, None)
+        self.rejected.pop(job_name, None)
         return found
 
     def drop_owners(self, dead_owners: set[str]) -> list[str]:
         """Forget jobs whose driver died, waiting or placed but not collected: nobody will
-        collect them (their reservations are released by the caller)."""
+        collect them (the caller releases their reservations)."""
         gone = [name for name, job in self.waiting.items() if job.owner in dead_owners]
         gone += [name for name, p in self.ready.items() if p.owner in dead_owners]
         for name in gone:
-            self.waiting.pop(name, None)
+            self.remove(name)
             self.ready.pop(name, None)
         return gone
 
     def to_dict(self) -> dict:
-        return {
-            "waiting": [{"spec": j.spec.to_dict(), "owner": j.owner,
-                         "enqueued_at": j.enqueued_at, "reason": j.reason}
-                        for j in self.waiting.values()],
-            "ready": {name: dataclasses.asdict(p) for name, p in self.ready.items()},
-        }
+        return {"waiting": [job.to_dict() for job in self.ordered()],
+                "ready": {name: placement_to_dict(p) for name, p in self.ready.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> "JobQueue":
         queue = cls()
-        for j in data.get("waiting", []):
-            spec = JobSpec.from_dict(j["spec"])
-            queue.waiting[spec.name] = QueuedJob(spec, j["owner"], j["enqueued_at"], j["reason"])
+        for item in data.get("waiting", []):
+            queue.add(QueuedJob.from_dict(item))
         for name, p in data.get("ready", {}).items():
-            queue.ready[name] = Placement(**{**p, "worker_nodes": tuple(p["worker_nodes"])})
+            queue.ready[name] = placement_from_dict(p)
         return queue

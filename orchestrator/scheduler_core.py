@@ -1,0 +1,909 @@
+"""The scheduler's rules, pure: one core that the live SchedulerActor and the simulator drive.
+
+Events come in as method calls, each with `now` (time is an input, never read here):
+node reports, Ray's view of the nodes, submissions, polls, releases, cancellations, yields
+(a preempted or migrating job checkpointed and let go), owners (drivers) found dead, and a
+periodic tick. Each returns an `Outcome`: the decision (a Placement, Queued or Rejection,
+or a plain answer) and the effects for the driver of the core to carry out — persist the
+state, start an agent on a node, tell a running job to yield, metric samples.
+
+What it decides:
+- **Queue.** A job that fits the cluster but not its free capacity waits, highest priority
+  first, then first submitted. A job that can never fit is rejected with the reason.
+- **Backfill (EASY).** When the first waiting job (the head) cannot start, later jobs may
+  start only if they do not delay it: the head gets a reservation at its earliest start time
+  (the *shadow time*), computed from the running jobs' expected ends
+  (`JobSpec.expected_duration_s`); a later job may start if it ends before that, or uses only
+  capacity the head does not need then (the *extra*), or capacity the head cannot use at all
+  (another accelerator type). Without estimates, only the last. Look-ahead is bounded by cost
+  (failed placement attempts per pass), not by a count of jobs: a job whose shape already
+  failed in this pass, or whose GPU/CPU count exceeds what is free, costs a dict look-up.
+- **Preemption.** A waiting job of higher priority that fits the cluster but not its free
+  capacity may preempt lower-priority running jobs: victims lowest priority first, then least
+  work lost since their last checkpoint, the fewest that make room. A job runs at least
+  `min_run_s` between preemptions (no thrashing) and is not preempted again once preempted
+  `max_preemptions` times (ageing). Victims keep their reservation until they yield, so nothing
+  is ever double-booked; a yielded victim waits in the queue with its original submit time.
+- **Migration.** When a faster accelerator family has free capacity that no waiting job can
+  use, a running job with a time estimate moves there if the modelled gain (remaining time x
+  (1 - old speed / new speed)) exceeds its restart cost. The target is claimed (reserved under
+  `<job>#migration`) at once and handed over when the job yields.
+- **Ownership.** A job is held by its driver (a Ray job id); only its owner or an operator
+  (owner "") may release or cancel it; jobs of drivers found dead are released.
+- **Node health.** Dead only when Ray says so or heartbeats stop past `dead_after_s`; a failed
+  TCP probe from a job's driver makes a node suspect (no new work until it reports), not dead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from orchestrator import metrics
+from orchestrator.config import ACCELERATOR_SPEED, JobSpec
+from orchestrator.inventory import ClusterState, NodeReport, Reservation, accelerator_family
+from orchestrator.placement import (Placement, PlacementError, Queued, Rejection, place,
+                                    worker_capacity)
+from orchestrator.queue import (JobQueue, QueuedJob, placement_from_dict, placement_to_dict)
+
+CLAIM_SUFFIX = "#migration"
+MAX_VICTIMS_TRIED = 64  # bounds one preemption search (a place() call per candidate)  # reservation name of a migration target, held until the handover
+PREEMPT, MIGRATE, CANCEL = "preempt", "migrate", "cancel"
+
+# speed(spec, accelerator family) -> relative training speed; the simulator passes its model.
+SpeedModel = Callable[[JobSpec, str], float]
+
+
+def default_speed(spec: JobSpec, family: str) -> float:
+    return ACCELERATOR_SPEED.get(family, 1.0)
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """Everything the rules depend on; validated here so a bad value names itself."""
+
+    suspect_after_s: float = 15.0
+    dead_after_s: float = 60.0
+    inter_group_gbps: float = 1.25
+    max_load_per_cpu: float = math.inf
+    preemption: bool = True
+    min_run_s: float = 60.0  # a job runs at least this long between preemptions
+    max_preemptions: int = 3  # ageing: a job preempted this often is not preempted again
+    migration: bool = True
+    restart_cost_s: float = 120.0  # checkpoint + restart, what a migration must win back
+    failed_placements_per_pass: int = 32  # backfill look-ahead budget (see the module doc)
+    synthetic_nodes: bool = False  # accept reports for node ids Ray does not list (benchmarks)
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("min_run_s", "restart_cost_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                problems.append(f"{name} must be a number >= 0, got {value!r}")
+        for name in ("max_preemptions", "failed_placements_per_pass"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= (0 if name == "max_preemptions" else 1)):
+                problems.append(f"{name} must be a whole number >= "
+                                f"{0 if name == 'max_preemptions' else 1}, got {value!r}")
+        if problems:
+            raise ValueError("invalid scheduler settings: " + "; ".join(problems))
+
+
+# -- effects -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Persist:
+    """The state changed: save `core.to_dict()` before answering."""
+
+
+@dataclass(frozen=True)
+class StartAgent:
+    node_id: str
+
+
+@dataclass(frozen=True)
+class Yield:
+    """Tell a running job to checkpoint and give its resources back (kind preempt, migrate or
+    cancel). Live jobs learn it by polling `directive`; the simulator carries it out."""
+
+    job_name: str
+    owner: str
+    kind: str
+    reason: str
+    target_nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Directive:
+    kind: str  # PREEMPT, MIGRATE or CANCEL
+    reason: str
+    since: float
+    for_job: str = ""  # the job a preemption makes room for
+    target: Placement | None = None  # a migration's claimed destination
+
+
+@dataclass
+class Outcome:
+    decision: object = None
+    effects: list = field(default_factory=list)
+    samples: list = field(default_factory=list)  # metric samples (orchestrator.metrics)
+
+    @property
+    def persist(self) -> bool:
+        return any(isinstance(e, Persist) for e in self.effects)
+
+    def add(self, other: "Outcome") -> "Outcome":
+        self.effects += [e for e in other.effects if not (isinstance(e, Persist) and self.persist)]
+        self.samples += other.samples
+        return self
+
+
+@dataclass
+class RunningJob:
+    """A job holding a reservation (placed, collected by its driver or not)."""
+
+    spec: JobSpec
+    placement: Placement
+    started_at: float
+    enqueued_at: float  # first submission: kept across preemptions
+    preemptions: int = 0
+    ran_s: float = 0.0  # run time in earlier placements
+    last_checkpoint_at: float | None = None
+    directive: Directive | None = None
+
+    def remaining_s(self, now: float) -> float | None:
+        """Expected seconds left, or None without an estimate (or past it)."""
+        if self.spec.expected_duration_s is None:
+            return None
+        left = self.spec.expected_duration_s - self.ran_s - (now - self.started_at)
+        return left if left > 0 else None
+
+    def expected_end(self, now: float) -> float | None:
+        if self.directive is not None:
+            return now  # told to yield: gives its resources back at its next step boundary
+        left = self.remaining_s(now)
+        return None if left is None else now + left
+
+    def to_dict(self) -> dict:
+        d = self.directive
+        return {"spec": self.spec.to_dict(), "placement": placement_to_dict(self.placement),
+                "started_at": self.started_at, "enqueued_at": self.enqueued_at,
+                "preemptions": self.preemptions, "ran_s": self.ran_s,
+                "last_checkpoint_at": self.last_checkpoint_at,
+                "directive": None if d is None else {
+                    "kind": d.kind, "reason": d.reason, "since": d.since, "for_job": d.for_job,
+                    "target": None if d.target is None else placement_to_dict(d.target)}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunningJob":
+        d = data.get("directive")
+        directive = None if d is None else Directive(
+            d["kind"], d["reason"], d["since"], d.get("for_job", ""),
+            None if d.get("target") is None else placement_from_dict(d["target"]))
+        return cls(JobSpec.from_dict(data["spec"]), placement_from_dict(data["placement"]),
+                   data["started_at"], data["enqueued_at"], data.get("preemptions", 0),
+                   data.get("ran_s", 0.0), data.get("last_checkpoint_at"), directive)
+
+
+@dataclass
+class _HeadPlan:
+    """EASY's reservation for the first waiting job that could not start."""
+
+    job: str
+    usable: np.ndarray  # bool per node row: capacity the head could use
+    per_gpu: bool  # units are GPUs (else CPUs)
+    shadow: float | None  # earliest start; None = unknown (running jobs lack estimates)
+    extra: float  # units free at the shadow time that the head does not need
+
+
+# -- the core ------------------------------------------------------------------------------------
+
+class SchedulerCore:
+    """Cluster state, wait queue, running jobs and their owners; see the module docstring."""
+
+    def __init__(self, settings: SchedulerSettings | None = None,
+                 speed: SpeedModel = default_speed) -> None:
+        self.settings = settings or SchedulerSettings()
+        s = self.settings
+        self.state = ClusterState(suspect_after_s=s.suspect_after_s,
+                                  dead_after_s=s.dead_after_s,
+                                  inter_group_gbps=s.inter_group_gbps,
+                                  max_load_per_cpu=s.max_load_per_cpu)
+        self.speed = speed
+        self.queue = JobQueue()
+        self.running: dict[str, RunningJob] = {}
+        self.preempting: dict[str, set[str]] = {}  # waiting job -> victims not yet yielded
+        self.ray_alive: set[str] = set()
+        self.ray_dead: set[str] = set()
+        self.refused_nodes: set[str] = set()  # logged once each
+
+    # -- nodes ----------------------------------------------------------------------------
+    def report(self, report: NodeReport, now: float) -> Outcome:
+        """A node agent's report; decision True if taken. Only nodes Ray lists alive count
+        (unless synthetic_nodes): a forged or mistyped id, or a stale agent of a node Ray
+        declared dead, never brings back capacity that is not there."""
+        node = report.node_id
+        if not self.settings.synthetic_nodes and node not in self.ray_alive:
+            reason = metrics.REPORT_DEAD_NODE if node in self.ray_dead \
+                else metrics.REPORT_UNKNOWN_NODE
+            self.refused_nodes.add(node)
+            return Outcome(reason, samples=[(metrics.SCHEDULER_REPORTS_REFUSED, 1,
+                                             {"reason": reason})])
+        was_placeable = self.state.health(node, now) == "healthy" if node in \
+            self.state.reports else False
+        self.state.update(report, now)
+        outcome = Outcome(True)
+        if not was_placeable and len(self.queue):  # capacity (re)appeared: waiting jobs may start
+            outcome.add(self._drain(now))
+        return outcome
+
+    def knows_alive(self, node_id: str) -> bool:
+        return self.settings.synthetic_nodes or node_id in self.ray_alive
+
+    def ray_nodes(self, alive: set[str], dead: set[str], now: float) -> Outcome:
+        """Ray's view of the nodes. Nodes Ray lists dead, and nodes holding reservations that
+        Ray no longer lists alive (died while the scheduler was restarting), are dead."""
+        self.ray_alive, self.ray_dead = set(alive), set(dead)
+        if self.settings.synthetic_nodes:
+            return Outcome([])
+        holding = {r.node_id for held in self.state.reservations.values() for r in held}
+        newly_dead = sorted(((dead & set(self.state.reports)) - self.state.dead)
+                            | (holding - alive))
+        outcome = Outcome(newly_dead)
+        for node_id in newly_dead:
+            self.state.mark_dead(node_id)
+        if newly_dead:
+            outcome.effects.append(Persist())
+            outcome.add(self._reject_unfittable(now))
+        return outcome
+
+    def agents_needed(self, alive: set[str], now: float) -> list[StartAgent]:
+        """Alive nodes whose agent has not reported lately: start (or restart) their agent."""
+        if self.settings.synthetic_nodes:
+            return []
+        return [StartAgent(n) for n in sorted(alive) if self.state.health(n, now) != "healthy"]
+
+    def node_unreachable(self, node_id: str, why: str, now: float) -> bool:
+        """A job's driver could not reach the node: suspect, not dead (see the docstring)."""
+        if node_id in self.ray_dead and node_id in self.state.reports:
+            self.state.mark_dead(node_id)
+            return True
+        return self.state.mark_suspect(node_id, why)
+
+    # -- jobs: submit, poll, place ------------------------------------------------------------
+    def submit(self, spec: JobSpec, owner: str, now: float) -> Outcome:
+        """Place now, or queue when the job fits the cluster but not its free capacity (or
+        must not jump the queue); reject what can never fit, or a name in use."""
+        name = spec.name
+        held_by = self.owner_of(name)
+        if held_by is not None:
+            if owner and held_by == owner:  # a retried call: the same answer
+                return Outcome(self._status(name, owner))
+            return self._reject(Rejection(name, (
+                f"job '{name}' already holds a reservation or waits in the queue: a job of "
+                "that name is running (two launches of the same run?)")), metrics.REJECT_DUPLICATE)
+        never = self._never_fits(spec, now)
+        if never is not None:
+            return self._reject(never)
+        self.queue.add(QueuedJob(spec, owner, now, "submitted"))
+        outcome = Outcome(effects=[Persist()])
+        outcome.add(self._drain(now))
+        placed = self.queue.ready.pop(name, None)
+        if placed is not None:
+            outcome.decision = placed
+            outcome.samples += metrics.decision_samples(placed, None)
+            return outcome
+        if name in self.queue.rejected:
+            outcome.decision = self.queue.rejected.pop(name)
+            return outcome
+        if self.queue.position(name) == 1:  # only the first in line may preempt
+            outcome.add(self._preempt_for(name, now))
+        outcome.decision = self.queue.status(name)
+        outcome.samples += metrics.decision_samples(outcome.decision, None)
+        return outcome
+
+    def poll(self, job_name: str, owner: str, now: float) -> Outcome:
+        """A job's state for its driver: the placement once made, else its place in line and
+        what it waits for, or why it was dropped."""
+        placed = self.queue.ready.get(job_name)
+        if placed is not None and (not owner or placed.owner == owner):
+            del self.queue.ready[job_name]
+            return Outcome(placed, [Persist()])
+        return Outcome(self._status(job_name, owner))
+
+    def place_now(self, spec: JobSpec, owner: str, now: float, dry_run: bool = False,
+                  explain: bool | None = None) -> Outcome:
+        """Place immediately, bypassing the queue (the `place` CLI, replacement after a node
+        loss), or say why not. A retry by the same owner gets what it already holds."""
+        held = self.running.get(spec.name)
+        if held is not None and not dry_run and owner and held.placement.owner == owner:
+            return Outcome(held.placement)
+        if self.queue.holds(spec.name) and not dry_run:
+            return Outcome(Rejection(spec.name, f"job '{spec.name}' already waits in the queue"))
+        try:
+            placement = place(spec, self.state, now, owner=owner, explain=explain)
+        except PlacementError as e:
+            return Outcome(e.rejection)
+        if dry_run:
+            return Outcome(placement)
+        self._start(spec, owner, placement, now, QueuedJob(spec, owner, now))
+        return Outcome(placement, [Persist()])
+
+    def replace(self, spec: JobSpec, owner: str, lost_nodes: list[str], now: float) -> Outcome:
+        """A running job lost node(s) (its driver could not reach them): they become suspect
+        (or dead, where Ray says so), the job's reservation is released and it is placed
+        afresh (its whole worker group restarts anyway). Only its owner may."""
+        held_by = self.owner_of(spec.name)
+        if held_by not in (owner, None):
+            return Outcome(Rejection(spec.name, f"job '{spec.name}' is held by another driver"))
+        for node_id in lost_nodes:
+            self.node_unreachable(node_id, "a job's driver could not reach its raylet", now)
+        previous = self.running.get(spec.name)
+        self._stop(spec.name)
+        outcome = self.place_now(spec, owner, now)
+        if previous is not None and isinstance(outcome.decision, Placement):
+            self.running[spec.name].preemptions = previous.preemptions
+            self.running[spec.name].enqueued_at = previous.enqueued_at
+        outcome.effects.append(Persist())
+        return outcome
+
+    # -- jobs: ending, yielding ----------------------------------------------------------------
+    def release(self, job_name: str, owner: str, now: float) -> Outcome:
+        """The job ended: free what it held (only its owner, or an operator passing no owner)."""
+        if owner and self.owner_of(job_name) not in (owner, None):
+            return Outcome(False)
+        released = self._stop(job_name)
+        outcome = Outcome(released, [Persist()])
+        outcome.add(self._after_capacity_freed(now))
+        return outcome
+
+    def cancel(self, job_name: str, owner: str, now: float) -> Outcome:
+        """Leave the queue, or, running, be told to checkpoint and stop (CANCEL directive);
+        only its owner or an operator (no owner). A driver cancelling its own job frees it at
+        once: it is not training."""
+        if owner and self.owner_of(job_name) not in (owner, None):
+            return Outcome(False)
+        outcome = Outcome(False, [Persist()])
+        if job_name in self.queue.waiting or job_name in self.queue.ready:
+            if not owner:  # an operator: the polling driver is told why
+                self.queue.rejected[job_name] = Rejection(job_name, (
+                    f"job '{job_name}' was cancelled by an operator"))
+            self.queue.remove(job_name)
+            ready = self.queue.ready.pop(job_name, None)
+            if ready is not None:
+                self._stop(job_name)
+            self._forget_preemption(job_name)
+            outcome.decision = True
+        elif job_name in self.running:
+            if owner:
+                self._stop(job_name)
+            else:
+                outcome.add(self._direct(job_name, CANCEL, "cancelled by an operator", now))
+            outcome.decision = True
+        outcome.add(self._after_capacity_freed(now))
+        return outcome
+
+    def preempt(self, job_name: str, now: float, reason: str = "preempted by an operator"
+                ) -> Outcome:
+        """An operator's preemption: the job checkpoints, yields and waits in the queue."""
+        if job_name not in self.running or job_name in self.queue.ready:
+            return Outcome(False)
+        outcome = self._direct(job_name, PREEMPT, reason, now)
+        outcome.decision = True
+        return outcome
+
+    def directive(self, job_name: str, now: float, last_checkpoint_at: float | None = None
+                  ) -> Directive | None:
+        """What a running job should do at its next step boundary (None: keep training).
+        The job's check also says when it last checkpointed (victim choice uses it)."""
+        job = self.running.get(job_name)
+        if job is None:
+            return None
+        if last_checkpoint_at is not None:
+            job.last_checkpoint_at = last_checkpoint_at
+        return job.directive
+
+    def yielded(self, job_name: str, owner: str, now: float) -> Outcome:
+        """The job checkpointed and stopped as told: preempted -> back in the queue (its
+        original submit time kept); migrating -> handed its claimed target at once;
+        cancelled -> gone. The decision is what its driver should do next."""
+        job = self.running.get(job_name)
+        if job is None or (owner and job.placement.owner != owner):
+            return Outcome(self._status(job_name, owner))
+        directive = job.directive
+        claim = self.state.reservations.get(job_name + CLAIM_SUFFIX)
+        self._stop(job_name)
+        outcome = Outcome(effects=[Persist()])
+        ran = job.ran_s + (now - job.started_at)
+        if directive is not None and directive.kind == CANCEL:
+            outcome.decision = Rejection(job_name, f"job '{job_name}' was cancelled: "
+                                         f"{directive.reason}")
+        elif directive is not None and directive.kind == MIGRATE and \
+                self._take_claim(job, directive.target, claim, now, ran):
+            outcome.decision = directive.target
+        else:
+            preempted = job.preemptions + (directive is not None and directive.kind == PREEMPT)
+            reason = directive.reason if directive else "yielded"
+            self.queue.add(QueuedJob(job.spec, job.placement.owner, job.enqueued_at,
+                                     reason, preempted, ran))
+            outcome.decision = self.queue.status(job_name)
+        outcome.add(self._after_capacity_freed(now))
+        if isinstance(outcome.decision, Queued):  # it may have been placed again at once
+            placed = self.queue.ready.pop(job_name, None)
+            outcome.decision = placed or self.queue.status(job_name)
+        return outcome
+
+    def owners_dead(self, dead_owners: set[str], now: float) -> Outcome:
+        """Drivers that exited: release what they held, forget what they queued."""
+        released = [name for name, job in self.running.items()
+                    if job.placement.owner and job.placement.owner in dead_owners]
+        for name in released:
+            self._stop(name)
+        dropped = self.queue.drop_owners(dead_owners)
+        for name in dropped:
+            self._stop(name)
+            self._forget_preemption(name)
+        outcome = Outcome((released, dropped))
+        if released or dropped:
+            outcome.effects.append(Persist())
+            outcome.add(self._after_capacity_freed(now))
+        return outcome
+
+    def tick(self, now: float) -> Outcome:
+        """Periodic pass: heartbeat expiry, jobs that can no longer fit, queue, preemption for
+        the head of the queue, migrations; gauges."""
+        expired, lost = self.state.expire(now)
+        outcome = Outcome({"expired": expired, "lost_reservations": lost})
+        if expired:
+            outcome.effects.append(Persist())
+            outcome.add(self._reject_unfittable(now))
+        outcome.add(self._drain(now))
+        head = next(iter(self.queue.ordered()), None)
+        if head is not None:
+            outcome.add(self._preempt_for(head.spec.name, now))
+        outcome.add(self._migrate(now))
+        outcome.samples += metrics.scheduler_samples(
+            self.state, [j.enqueued_at for j in self.queue.waiting.values()],
+            len(self.running), now, set())
+        return outcome
+
+    # -- views -------------------------------------------------------------------------------
+    def owner_of(self, job_name: str) -> str | None:
+        job = self.running.get(job_name)
+        return job.placement.owner if job is not None else self.queue.owner_of(job_name)
+
+    def jobs(self, now: float) -> list[dict]:
+        """Every job the scheduler knows, for `status`: running (with any pending directive),
+        waiting (preempted ones say so) with its reason and place in line."""
+        rows = []
+        for name, job in sorted(self.running.items()):
+            d = job.directive
+            rows.append({"job": name, "state": "yielding" if d else "running",
+                         "priority": job.spec.priority, "owner": job.placement.owner,
+                         "nodes": job.placement.nodes, "since_s": round(now - job.started_at, 1),
+                         "preemptions": job.preemptions,
+                         "reason": f"{d.kind}: {d.reason}" if d else ""})
+        for position, job in enumerate(self.queue.ordered(), start=1):
+            rows.append({"job": job.spec.name,
+                         "state": "preempted" if job.preemptions else "waiting",
+                         "priority": job.spec.priority, "owner": job.owner, "nodes": [],
+                         "since_s": round(now - job.enqueued_at, 1),
+                         "preemptions": job.preemptions, "position": position,
+                         "reason": job.reason})
+        return rows
+
+    def _status(self, job_name: str, owner: str) -> Placement | Queued | Rejection:
+        job = self.running.get(job_name)
+        if job is not None and (not owner or job.placement.owner == owner):
+            return job.placement
+        if job_name in self.queue.rejected:
+            return self.queue.rejected.pop(job_name)
+        return self.queue.status(job_name) or Rejection(
+            job_name, f"job '{job_name}' is not in the queue")
+
+    # -- persistence ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"reservations": self.state.reservations_to_dict(),
+                "queue": self.queue.to_dict(),
+                "running": {name: job.to_dict() for name, job in self.running.items()},
+                "preempting": {name: sorted(v) for name, v in self.preempting.items()}}
+
+    def restore(self, saved: dict) -> list[str]:
+        """Reload what a previous incarnation promised; returns the problems met. A part that
+        cannot be read is skipped (the scheduler must still start) and named."""
+        problems = []
+        parts = (("reservations", self.state.restore_reservations),
+                 ("queue", lambda d: setattr(self, "queue", JobQueue.from_dict(d))),
+                 ("running", lambda d: self.running.update(
+                     {n: RunningJob.from_dict(j) for n, j in d.items()
+                      if n in self.state.reservations})),
+                 ("preempting", lambda d: self.preempting.update(
+                     {n: set(v) for n, v in d.items()})))
+        for key, restore in parts:
+            try:
+                restore(saved.get(key, {}))
+            except Exception as e:  # corrupt or from another version: keep going
+                problems.append(f"cannot restore scheduler {key}, skipping it: {e}")
+        return problems
+
+    # -- internals: starting and stopping ----------------------------------------------------------
+    def _start(self, spec: JobSpec, owner: str, placement: Placement, now: float,
+               queued: QueuedJob) -> None:
+        self.state.reserve(spec.name, placement.reservations())
+        self.running[spec.name] = RunningJob(spec, placement, now, queued.enqueued_at,
+                                             queued.preemptions, queued.ran_s)
+
+    def _stop(self, job_name: str) -> bool:
+        """Release everything the job holds (its reservation, a migration claim)."""
+        job = self.running.pop(job_name, None)
+        self.queue.ready.pop(job_name, None)
+        self.state.release(job_name + CLAIM_SUFFIX)
+        released = self.state.release(job_name)
+        if job is not None and job.directive is not None and job.directive.for_job:
+            victims = self.preempting.get(job.directive.for_job)
+            if victims is not None:
+                victims.discard(job_name)
+        return released or job is not None
+
+    def _reject(self, rejection: Rejection, reason: str | None = None) -> Outcome:
+        return Outcome(rejection, samples=metrics.decision_samples(rejection, None, reason))
+
+    def _never_fits(self, spec: JobSpec, now: float) -> Rejection | None:
+        """A rejection when the job cannot fit even the idle healthy cluster."""
+        idle = worker_capacity(spec, self.state, now, ignore_reservations=True)
+        if int(idle.sum()) >= spec.num_workers:
+            return None
+        try:
+            place(spec, self.state, now, explain=False)
+        except PlacementError as e:
+            return e.rejection
+        return None  # cannot happen (idle capacity >= free capacity); keep the job
+
+    def _reject_unfittable(self, now: float) -> Outcome:
+        """Nodes left: waiting jobs that can never fit now are dropped with the reason."""
+        outcome = Outcome()
+        for job in self.queue.ordered():
+            never = self._never_fits(job.spec, now)
+            if never is not None:
+                self.queue.reject(job.spec.name, never)
+                self._forget_preemption(job.spec.name)
+                outcome.samples += metrics.decision_samples(never, None,
+                                                            metrics.REJECT_CLUSTER_SHRANK)
+                outcome.effects.append(Persist())
+        return outcome
+
+    def _after_capacity_freed(self, now: float) -> Outcome:
+        outcome = self._drain(now)
+        return outcome.add(self._migrate(now))
+
+    # -- internals: the queue pass (EASY backfill) ------------------------------------------------
+    def _drain(self, now: float) -> Outcome:
+        """Start every waiting job that may start now, in queue order; see the module doc."""
+        outcome = Outcome()
+        if not len(self.queue):
+            return outcome
+        free_gpus, free_cpus = self._free_units(now)
+        failed_shapes: set[tuple] = set()
+        budget = self.settings.failed_placements_per_pass
+        plan: _HeadPlan | None = None
+        for job in self.queue.ordered():
+            spec = job.spec
+            shape = _shape(spec)
+            if shape in failed_shapes or not _counts_allow(spec, free_gpus, free_cpus,
+                                                           self.state):
+                if shape not in failed_shapes:
+                    job.reason = _waiting_reason(spec, free_gpus, free_cpus, self.state)
+                failed_shapes.add(shape)
+                plan = plan or self._head_plan(job, now)
+                continue
+            try:
+                placement = place(spec, self.state, now, owner=job.owner, explain=False)
+            except PlacementError as e:
+                failed_shapes.add(shape)
+                if not e.rejection.fits_when_free:
+                    self.queue.reject(spec.name, e.rejection)
+                    self._forget_preemption(spec.name)
+                    outcome.samples += metrics.decision_samples(
+                        e.rejection, None, metrics.REJECT_CLUSTER_SHRANK)
+                    outcome.effects.append(Persist())
+                    continue
+                job.reason = e.rejection.message.splitlines()[0]
+                plan = plan or self._head_plan(job, now)
+                budget -= 1
+                if budget <= 0:
+                    break
+                continue
+            if plan is not None and not self._may_backfill(plan, spec, placement, now):
+                job.reason = (f"would delay '{plan.job}' (first in line) if started now: "
+                              "waits for a gap that ends before it can start")
+                continue
+            self.queue.remove(spec.name)
+            self._forget_preemption(spec.name)
+            self._start(spec, job.owner, placement, now, job)
+            self.queue.ready[spec.name] = placement
+            _take_units(placement, self.state, free_gpus, free_cpus)
+            outcome.samples += metrics.decision_samples(placement, None)
+            if not outcome.persist:
+                outcome.effects.append(Persist())
+        return outcome
+
+    def _free_units(self, now: float) -> tuple[dict[int, int], list[float]]:
+        """Free GPUs per accelerator family code, and free CPUs, on placeable nodes."""
+        t = self.state.table
+        n = len(t)
+        ok = self.state.placeable(now)
+        gpus = np.where(ok, np.maximum(t.gpus[:n] - t.reserved_gpus[:n], 0), 0)
+        by_family = np.bincount(t.family[:n], weights=gpus, minlength=len(t.families))
+        cpus = float(np.where(ok, np.maximum(t.cpus[:n] - t.reserved_cpus[:n], 0), 0).sum())
+        return {code: int(v) for code, v in enumerate(by_family)}, [cpus]
+
+    def _head_units(self, head: JobSpec, now: float) -> tuple[np.ndarray, bool]:
+        """Which node rows hold capacity the head could use, and whether units are GPUs."""
+        t = self.state.table
+        n = len(t)
+        usable = worker_capacity(head, self.state, now, ignore_reservations=True) > 0
+        return usable[:n], head.gpus_per_worker > 0
+
+    def _head_plan(self, head: QueuedJob, now: float) -> _HeadPlan:
+        """The head's shadow time and extra units (EASY), counted in GPUs (GPU jobs) or CPUs
+        on the nodes it could use, from the running jobs' expected ends."""
+        usable, per_gpu = self._head_units(head.spec, now)
+        t = self.state.table
+        n = len(t)
+        placeable = usable & self.state.placeable(now)
+        held = t.reserved_gpus[:n] if per_gpu else t.reserved_cpus[:n]
+        total = t.gpus[:n] if per_gpu else t.cpus[:n]
+        free = float(np.maximum(total - held, 0)[placeable].sum())
+        need = float(head.spec.total_gpus if per_gpu else head.spec.total_cpus)
+        ends = []
+        for name, job in self.running.items():
+            end = job.expected_end(now)
+            if end is None:
+                continue
+            units = _units_on(self.state.reservations.get(name, ()), usable, self.state, per_gpu)
+            if units:
+                ends.append((end, units))
+        ends.sort()
+        shadow = now if free >= need else None
+        for end, units in ends:
+            if shadow is not None:
+                break
+            free += units
+            if free >= need:
+                shadow = end
+        extra = free - need if shadow is not None else 0.0
+        return _HeadPlan(head.spec.name, usable, per_gpu, shadow, extra)
+
+    def _may_backfill(self, plan: _HeadPlan, spec: JobSpec, placement: Placement,
+                      now: float) -> bool:
+        """EASY's test: the job does not delay the head's reserved start."""
+        units = _units_on(placement.reservations(), plan.usable, self.state, plan.per_gpu)
+        if units == 0:
+            return True  # capacity the head cannot use
+        if plan.shadow is None:
+            return False
+        if spec.expected_duration_s is not None and now + spec.expected_duration_s <= plan.shadow:
+            return True
+        if units <= plan.extra:
+            plan.extra -= units
+            return True
+        return False
+
+    # -- internals: preemption ---------------------------------------------------------------------
+    def _preempt_for(self, job_name: str, now: float) -> Outcome:
+        """Make room for a waiting job by preempting lower-priority running jobs, if it may."""
+        outcome = Outcome()
+        job = self.queue.waiting.get(job_name)
+        if not self.settings.preemption or job is None or self.preempting.get(job_name):
+            return outcome
+        victims = self._choose_victims(job.spec, now)
+        if not victims:
+            return outcome
+        self.preempting[job_name] = set(victims)
+        job.reason = (f"preempting {', '.join(victims)} (lower priority): starts when they "
+                      "have checkpointed and yielded")
+        for victim in victims:
+            reason = (f"preempted for job '{job_name}' (priority {job.spec.priority} > "
+                      f"{self.running[victim].spec.priority})")
+            outcome.add(self._direct(victim, PREEMPT, reason, now, for_job=job_name))
+        return outcome
+
+    def _choose_victims(self, spec: JobSpec, now: float) -> list[str]:
+        """The fewest lower-priority jobs whose resources make the job fit, lowest priority
+        first, then least work lost since their last checkpoint; [] if none do."""
+        s = self.settings
+        candidates = sorted(
+            (job for name, job in self.running.items()
+             if job.spec.priority < spec.priority and job.directive is None
+             and name not in self.queue.ready and now - job.started_at >= s.min_run_s
+             and job.preemptions < s.max_preemptions),
+            key=lambda j: (j.spec.priority, now - (j.last_checkpoint_at or j.started_at))
+        )[:MAX_VICTIMS_TRIED]
+        chosen: list[str] = []
+        for job in candidates:
+            chosen.append(job.spec.name)
+            if self._fits_without(spec, chosen, now):
+                break
+        else:
+            return []
+        for name in list(reversed(chosen))[1:]:  # drop any the later ones made unneeded
+            rest = [v for v in chosen if v != name]
+            if self._fits_without(spec, rest, now):
+                chosen = rest
+        return chosen
+
+    def _fits_without(self, spec: JobSpec, victims: list[str], now: float) -> bool:
+        """Would `spec` fit if `victims` released? (Their reservations are put back.)"""
+        saved = {v: self.state.reservations[v] for v in victims if v in self.state.reservations}
+        for v in saved:
+            self.state.release(v)
+        try:
+            place(spec, self.state, now, explain=False)
+            return True
+        except PlacementError:
+            return False
+        finally:
+            for v, held in saved.items():
+                self.state.reserve(v, held)
+
+    def _direct(self, job_name: str, kind: str, reason: str, now: float, for_job: str = "",
+                target: Placement | None = None) -> Outcome:
+        job = self.running[job_name]
+        job.directive = Directive(kind, reason, now, for_job, target)
+        return Outcome(effects=[Persist(), Yield(job_name, job.placement.owner, kind, reason,
+                                                 target.worker_nodes if target else ())])
+
+    def _forget_preemption(self, job_name: str) -> None:
+        """The job no longer waits: victims that have not yielded yet keep running."""
+        for victim in self.preempting.pop(job_name, ()):
+            job = self.running.get(victim)
+            if job is not None and job.directive is not None and job.directive.kind == PREEMPT:
+                job.directive = None
+
+    # -- internals: migration ----------------------------------------------------------------------
+    def _migrate(self, now: float) -> Outcome:
+        """Move running jobs to faster accelerators that nobody waiting can use, where the
+        modelled gain beats the restart cost. The target is claimed at once."""
+        outcome = Outcome()
+        if not self.settings.migration or not self.running:
+            return outcome
+        wanted = self._families_wanted_by_queue()
+        if wanted is None:  # a waiting job could use any accelerator: it has first pick
+            return outcome
+        for name, job in list(self.running.items()):
+            target = self._migration_target(job, wanted, now)
+            if target is None:
+                continue
+            # The claim is the target placed under the claim's name: a real reservation.
+            self.state.reserve(name + CLAIM_SUFFIX, target.reservations())
+            target = dataclasses.replace(target, job_name=name)
+            current = self._family_of(job.placement, job.spec)
+            new = self._family_of(target, job.spec)
+            reason = (f"migrating from {current} to {new}: expected "
+                      f"{job.remaining_s(now):.0f}s left at {self.speed(job.spec, current):g}x, "
+                      f"{self.speed(job.spec, new):g}x there")
+            outcome.add(self._direct(name, MIGRATE, reason, now, target=target))
+        return outcome
+
+    def _families_wanted_by_queue(self) -> set[str] | None:
+        """Accelerator families some waiting job could use; None = any (a job allows all)."""
+        wanted: set[str] = set()
+        for job in self.queue.waiting.values():
+            if job.spec.gpus_per_worker == 0:
+                continue
+            if not job.spec.accelerator_types:
+                return None
+            wanted |= {t.upper() for t in job.spec.accelerator_types}
+        return wanted
+
+    def _migration_target(self, job: RunningJob, wanted: set[str],
+                          now: float) -> Placement | None:
+        spec = job.spec
+        if (job.directive is not None or spec.gpus_per_worker == 0
+                or spec.name in self.queue.ready or now - job.started_at < self.settings.min_run_s):
+            return None
+        remaining = job.remaining_s(now)
+        if remaining is None:
+            return None
+        current = self._family_of(job.placement, spec)
+        allowed = {t.upper() for t in spec.accelerator_types} or set(self.state.table.families)
+        faster = tuple(sorted(f for f in allowed - wanted - {"", current}
+                              if f in self.state.table.families
+                              and self.speed(spec, f) > self.speed(spec, current)))
+        if not faster:
+            return None
+        try:  # placed under the claim's name: the job itself still holds its reservation
+            target = place(dataclasses.replace(spec, name=spec.name + CLAIM_SUFFIX,
+                                               accelerator_types=faster),
+                           self.state, now, owner=job.placement.owner, explain=False)
+        except PlacementError:
+            return None
+        ratio = self.speed(spec, current) / self.speed(spec, self._family_of(target, spec))
+        gain = remaining * (1 - ratio)
+        return target if gain > self.settings.restart_cost_s else None
+
+    def _family_of(self, placement: Placement, spec: JobSpec) -> str:
+        """The slowest accelerator family among the placement's nodes (it sets the pace)."""
+        families = []
+        for node_id in placement.nodes:
+            report = self.state.reports.get(node_id)
+            families.append(accelerator_family(report.gpus[0].name)
+                            if report is not None and report.gpus else "")
+        return min(families, key=lambda f: self.speed(spec, f), default="")
+
+    def _take_claim(self, job: RunningJob, target: Placement | None, claim, now: float,
+                    ran: float) -> bool:
+        """Hand a migrating job its claimed target (the claim was released with the job's
+        reservation, in the same call); False if part of the claim was lost (a node died)."""
+        if target is None or claim is None or len(claim) != len(target.reservations()):
+            return False
+        self._start(job.spec, job.placement.owner, target, now,
+                    QueuedJob(job.spec, job.placement.owner, job.enqueued_at, "",
+                              job.preemptions, ran))
+        return True
+
+
+# -- small pure helpers ----------------------------------------------------------------------------
+
+def _shape(spec: JobSpec) -> tuple:
+    """Jobs of one shape fit or fail alike: a failure is remembered for the pass."""
+    return (spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker,
+            spec.min_gpu_memory_gb, spec.min_bandwidth_gbps, spec.accelerator_types)
+
+
+def _counts_allow(spec: JobSpec, free_gpus: dict[int, int], free_cpus: list[float],
+                  state: ClusterState) -> bool:
+    """A cheap necessary condition: enough free GPUs of allowed families and free CPUs."""
+    if free_cpus[0] + 1e-9 < spec.total_cpus:
+        return False
+    if not spec.gpus_per_worker:
+        return True
+    families = state.table.families
+    if spec.accelerator_types:
+        codes = [families[f.upper()] for f in spec.accelerator_types if f.upper() in families]
+    else:
+        codes = [c for f, c in families.items() if f]
+    return sum(free_gpus.get(c, 0) for c in codes) >= spec.total_gpus
+
+
+def _waiting_reason(spec: JobSpec, free_gpus: dict[int, int], free_cpus: list[float],
+                    state: ClusterState) -> str:
+    if spec.gpus_per_worker:
+        families = state.table.families
+        types = {f.upper() for f in spec.accelerator_types}
+        free = sum(n for f, code in families.items() for c, n in free_gpus.items()
+                   if c == code and f and (not types or f in types))
+        what = f"{spec.total_gpus} GPU(s)" + (f" of type {'/'.join(sorted(types))}"
+                                               if types else "")
+        return (f"needs {what}, {free} free now; it fits once running jobs release their "
+                "reservations")
+    return (f"needs {spec.total_cpus:g} CPUs, {free_cpus[0]:g} free now; it fits once running "
+            "jobs release their reservations")
+
+
+def _take_units(placement: Placement, state: ClusterState, free_gpus: dict[int, int],
+                free_cpus: list[float]) -> None:
+    t = state.table
+    for r in placement.reservations():
+        code = int(t.family[t.index[r.node_id]])
+        free_gpus[code] = free_gpus.get(code, 0) - r.gpus
+        free_cpus[0] -= r.cpus
+
+
+def _units_on(reservations, usable: np.ndarray, state: ClusterState, per_gpu: bool) -> float:
+    """GPUs (or CPUs) of `reservations` that sit on rows marked usable."""
+    total = 0.0
+    index = state.table.index
+    for r in reservations:
+        row = index.get(r.node_id)
+        if row is not None and row < len(usable) and usable[row]:
+            total += r.gpus if per_gpu else r.cpus
+    return total
+
+
+__all__ = ["SchedulerCore", "SchedulerSettings", "Outcome", "Persist", "StartAgent", "Yield",
+           "Directive", "RunningJob", "PREEMPT", "MIGRATE", "CANCEL", "CLAIM_SUFFIX",
+           "Reservation"]

@@ -1,0 +1,304 @@
+"""The scheduling core's rules, driven by events with explicit times: no Ray, no sleeping."""
+import json
+
+import pytest
+
+from orchestrator.config import JobSpec
+from orchestrator.inventory import GIB, GpuInfo, NodeReport
+from orchestrator.placement import Placement, Queued, Rejection
+from orchestrator.queue import JobQueue, QueuedJob
+from orchestrator.scheduler_core import (CANCEL, CLAIM_SUFFIX, MIGRATE, PREEMPT, Persist,
+                                         SchedulerCore, SchedulerSettings, StartAgent, Yield)
+
+T0 = 1_000.0
+
+
+def gpu_node(node_id, gpus=4, family="A100", memory_gb=80.0, cpus=16):
+    names = {"A100": "NVIDIA A100-SXM4-80GB", "T4": "Tesla T4", "H100": "NVIDIA H100 80GB HBM3"}
+    return NodeReport(node_id=node_id, hostname=node_id, ray_cpus=cpus, ray_gpus=gpus,
+                      cpu_count=cpus, load_avg_1m=0.0, ram_total_bytes=64 * GIB,
+                      ram_available_bytes=64 * GIB,
+                      gpus=tuple(GpuInfo(i, names[family], int(memory_gb * GIB),
+                                         int(memory_gb * GIB), source="declared")
+                                 for i in range(gpus)))
+
+
+def cpu_node(node_id, cpus=4):
+    return NodeReport(node_id=node_id, hostname=node_id, ray_cpus=cpus, ray_gpus=0,
+                      cpu_count=cpus, load_avg_1m=0.0, ram_total_bytes=8 * GIB,
+                      ram_available_bytes=8 * GIB)
+
+
+def core_with(*reports, **settings):
+    # Heartbeat limits far beyond the test times: nodes stay healthy without re-reporting.
+    core = SchedulerCore(SchedulerSettings(**{"min_run_s": 10.0, "restart_cost_s": 30.0,
+                                              "suspect_after_s": 1e4, "dead_after_s": 1e5,
+                                              **settings}))
+    core.ray_nodes({r.node_id for r in reports}, set(), T0)
+    for r in reports:
+        assert core.report(r, T0).decision is True
+    return core
+
+
+def gpus(name, n, **kw):
+    return JobSpec(name, num_workers=n, gpus_per_worker=1, **kw)
+
+
+def cpus(name, n, **kw):
+    return JobSpec(name, num_workers=n, cpus_per_worker=1.0, **kw)
+
+
+def yields(outcome):
+    return {e.job_name: e for e in outcome.effects if isinstance(e, Yield)}
+
+
+# -- queue -------------------------------------------------------------------------------------
+
+def test_queue_orders_by_priority_then_submit_time_and_round_trips():
+    q = JobQueue()
+    q.add(QueuedJob(cpus("late-high", 1, priority=5), "o", 30.0))
+    q.add(QueuedJob(cpus("early-low", 1), "o", 10.0))
+    q.add(QueuedJob(cpus("early-high", 1, priority=5), "o", 20.0))
+    assert [j.spec.name for j in q.ordered()] == ["early-high", "late-high", "early-low"]
+    assert q.position("early-low") == 3 and q.status("late-high").position == 2
+    q.remove("early-high")
+    assert q.position("late-high") == 1
+    with pytest.raises(ValueError, match="already waiting"):
+        q.add(QueuedJob(cpus("early-low", 1), "o", 40.0))
+    again = JobQueue.from_dict(json.loads(json.dumps(q.to_dict())))
+    assert [j.spec.name for j in again.ordered()] == ["late-high", "early-low"]
+    assert again.drop_owners({"o"}) == ["late-high", "early-low"] and not len(again)
+
+
+# -- submit, queue, release ------------------------------------------------------------------------
+
+def test_a_job_that_fits_is_placed_and_a_retry_gets_the_same_answer():
+    core = core_with(cpu_node("a"))
+    first = core.submit(cpus("j", 2), "driver-1", T0)
+    assert isinstance(first.decision, Placement) and first.persist
+    assert core.submit(cpus("j", 2), "driver-1", T0 + 1).decision == first.decision
+    other = core.submit(cpus("j", 1), "driver-2", T0 + 2).decision
+    assert isinstance(other, Rejection) and "already holds" in other.message
+
+
+def test_a_job_waits_until_capacity_is_released_then_its_poll_gets_the_placement():
+    core = core_with(cpu_node("a", cpus=4))
+    core.submit(cpus("holder", 4), "d1", T0)
+    waiting = core.submit(cpus("waiter", 2), "d2", T0 + 1).decision
+    assert isinstance(waiting, Queued) and waiting.position == 1
+    assert "fits once running jobs release" in waiting.reason
+    assert isinstance(core.poll("waiter", "d2", T0 + 2).decision, Queued)
+    assert core.release("holder", "d2", T0 + 3).decision is False  # not d2's to free
+    assert core.release("holder", "d1", T0 + 3).decision is True
+    placed = core.poll("waiter", "d2", T0 + 4).decision
+    assert isinstance(placed, Placement) and placed.nodes == ["a"]
+
+
+def test_a_job_larger_than_the_cluster_is_rejected_not_queued():
+    core = core_with(cpu_node("a", cpus=4))
+    never = core.submit(cpus("huge", 5), "d", T0).decision
+    assert isinstance(never, Rejection) and not never.fits_when_free
+    assert not len(core.queue)
+
+
+def test_a_waiting_job_that_can_never_fit_after_a_node_dies_is_rejected_with_the_reason():
+    core = core_with(cpu_node("a", cpus=4), cpu_node("b", cpus=4))
+    core.submit(cpus("holder", 4), "d1", T0)
+    core.submit(cpus("holder2", 4), "d1", T0)
+    assert isinstance(core.submit(cpus("big", 8), "d2", T0).decision, Queued)
+    core.ray_nodes({"a"}, {"b"}, T0 + 5)  # Ray says b is gone
+    dropped = core.poll("big", "d2", T0 + 6).decision
+    assert isinstance(dropped, Rejection) and "needs 8 worker(s)" in dropped.message
+
+
+# -- EASY backfill -----------------------------------------------------------------------------
+
+def test_backfill_only_into_a_gap_that_ends_before_the_head_can_start():
+    core = core_with(gpu_node("n", gpus=8))
+    core.submit(gpus("running", 6, expected_duration_s=100), "d", T0)  # 2 GPUs free
+    head = core.submit(gpus("head", 8), "d", T0 + 1).decision  # starts at T0 + 100
+    assert isinstance(head, Queued)
+    long = core.submit(gpus("long", 2, expected_duration_s=500), "d", T0 + 2).decision
+    assert isinstance(long, Queued) and "would delay 'head'" in long.reason
+    unknown = core.submit(gpus("unknown", 2), "d", T0 + 3).decision
+    assert isinstance(unknown, Queued)  # no estimate: may only use what head cannot
+    short = core.submit(gpus("short", 2, expected_duration_s=50), "d", T0 + 4).decision
+    assert isinstance(short, Placement)  # ends at T0 + 54, before the head's start
+
+
+def test_without_estimates_a_job_backfills_onto_capacity_the_head_cannot_use():
+    core = core_with(gpu_node("a100", gpus=4), gpu_node("t4", gpus=2, family="T4"))
+    core.submit(gpus("running", 3, accelerator_types=("A100",)), "d", T0)
+    assert isinstance(core.submit(gpus("head", 4, accelerator_types=("A100",)), "d", T0)
+                      .decision, Queued)
+    on_a100 = core.submit(gpus("on-a100", 1, accelerator_types=("A100",)), "d", T0).decision
+    assert isinstance(on_a100, Queued)  # the head's capacity: would delay it
+    on_t4 = core.submit(gpus("on-t4", 2, accelerator_types=("T4",)), "d", T0).decision
+    assert isinstance(on_t4, Placement) and on_t4.nodes == ["t4"]
+
+
+# -- preemption ------------------------------------------------------------------------------------
+
+def test_a_higher_priority_job_preempts_and_the_victim_resumes_after_it():
+    core = core_with(cpu_node("a", cpus=4))
+    low = core.submit(cpus("low", 4), "d-low", T0).decision
+    assert isinstance(low, Placement)
+    high = core.submit(cpus("high", 4, priority=10), "d-high", T0 + 60)
+    assert isinstance(high.decision, Queued) and "preempting low" in high.decision.reason
+    told = yields(high)["low"]
+    assert told.kind == PREEMPT and "priority 10 > 0" in told.reason
+    assert core.directive("low", T0 + 61).kind == PREEMPT
+    # Until the victim yields, nothing is double-booked: it still holds its CPUs.
+    assert core.state.reserved_on("a") == (4.0, 0)
+    back = core.yielded("low", "d-low", T0 + 65).decision
+    assert isinstance(back, Queued) and back.position == 1
+    assert isinstance(core.poll("high", "d-high", T0 + 66).decision, Placement)
+    core.release("high", "d-high", T0 + 100)
+    again = core.poll("low", "d-low", T0 + 101).decision
+    assert isinstance(again, Placement)
+    assert core.running["low"].preemptions == 1
+
+
+def test_victims_lowest_priority_first_then_least_work_lost_and_no_more_than_needed():
+    core = core_with(cpu_node("a", cpus=2), cpu_node("b", cpus=2), cpu_node("c", cpus=2))
+    core.submit(cpus("p1-old-checkpoint", 2, priority=1), "d", T0)
+    core.submit(cpus("p1-fresh-checkpoint", 2, priority=1), "d", T0)
+    core.submit(cpus("p2", 2, priority=2), "d", T0)
+    core.directive("p1-old-checkpoint", T0 + 50, last_checkpoint_at=T0 + 5)
+    core.directive("p1-fresh-checkpoint", T0 + 50, last_checkpoint_at=T0 + 49)
+    out = core.submit(cpus("urgent", 2, priority=9), "d", T0 + 50)
+    assert set(yields(out)) == {"p1-fresh-checkpoint"}
+
+
+def test_no_preemption_before_min_run_time_nor_after_max_preemptions():
+    core = core_with(cpu_node("a", cpus=2), min_run_s=30.0, max_preemptions=1)
+    core.submit(cpus("low", 2), "d", T0)
+    early = core.submit(cpus("high", 2, priority=5), "d", T0 + 5)
+    assert not yields(early)  # low has run only 5 s
+    assert yields(core.tick(T0 + 31))["low"].kind == PREEMPT  # the tick tries again
+    core.yielded("low", "d", T0 + 32)
+    core.release("high", "d", T0 + 40)  # low resumes
+    assert isinstance(core.poll("low", "d", T0 + 41).decision, Placement)
+    aged = core.submit(cpus("high2", 2, priority=5), "d", T0 + 100)
+    assert not yields(aged)  # preempted once already: ageing protects it
+    assert isinstance(aged.decision, Queued)
+
+
+def test_a_victim_that_finishes_instead_of_yielding_frees_the_room_all_the_same():
+    core = core_with(cpu_node("a", cpus=2))
+    core.submit(cpus("low", 2), "d", T0)
+    core.submit(cpus("high", 2, priority=5), "d", T0 + 20)
+    core.release("low", "d", T0 + 21)  # ended before its next step boundary
+    assert isinstance(core.poll("high", "d", T0 + 22).decision, Placement)
+    assert not core.preempting
+
+
+# -- migration ---------------------------------------------------------------------------------------
+
+def test_a_job_migrates_to_a_faster_family_when_it_frees_and_the_gain_beats_restart_cost():
+    core = core_with(gpu_node("t4", gpus=2, family="T4"), gpu_node("a100", gpus=2))
+    core.submit(gpus("blocker", 2, accelerator_types=("A100",)), "d", T0)
+    job = core.submit(gpus("job", 2, expected_duration_s=3600), "d", T0).decision
+    assert job.nodes == ["t4"]
+    out = core.release("blocker", "d", T0 + 60)  # the A100s free
+    told = yields(out)["job"]
+    assert told.kind == MIGRATE and told.target_nodes == ("a100", "a100")
+    assert "from T4 to A100" in told.reason
+    # The target is claimed: nobody else can take it meanwhile.
+    assert isinstance(core.submit(gpus("thief", 1, accelerator_types=("A100",)), "d",
+                                  T0 + 61).decision, Queued)
+    moved = core.yielded("job", "d", T0 + 70).decision
+    assert isinstance(moved, Placement) and moved.nodes == ["a100"]
+    assert "job" + CLAIM_SUFFIX not in core.state.reservations
+    assert core.running["job"].ran_s == pytest.approx(70)
+    assert isinstance(core.poll("thief", "d", T0 + 71).decision, Queued)  # A100s are taken
+
+
+def test_no_migration_when_the_gain_is_below_the_restart_cost_or_unknown():
+    core = core_with(gpu_node("t4", gpus=2, family="T4"), gpu_node("a100", gpus=2),
+                     restart_cost_s=600.0)
+    core.submit(gpus("blocker", 2, accelerator_types=("A100",)), "d", T0)
+    core.submit(gpus("short", 1, expected_duration_s=400), "d", T0)  # gain < 600 s
+    core.submit(gpus("unknown", 1), "d", T0)
+    assert not yields(core.release("blocker", "d", T0 + 60))
+
+
+# -- operators, owners, nodes --------------------------------------------------------------------
+
+def test_an_operator_cancel_of_a_running_job_lets_it_checkpoint_then_drops_it():
+    core = core_with(cpu_node("a", cpus=2))
+    core.submit(cpus("job", 2), "d", T0)
+    assert core.cancel("job", "", T0 + 1).decision is True
+    assert core.directive("job", T0 + 2).kind == CANCEL
+    gone = core.yielded("job", "d", T0 + 3).decision
+    assert isinstance(gone, Rejection) and "cancelled" in gone.message
+    assert not core.state.reservations and not len(core.queue)
+
+
+def test_an_operator_preempt_requeues_the_job():
+    core = core_with(cpu_node("a", cpus=2))
+    core.submit(cpus("job", 2), "d", T0)
+    assert core.preempt("job", T0 + 1).decision is True
+    assert core.preempt("nope", T0 + 1).decision is False
+    again = core.yielded("job", "d", T0 + 2).decision  # nothing else waits: placed at once
+    assert isinstance(again, Placement)
+
+
+def test_dead_drivers_lose_their_jobs_waiting_or_running():
+    core = core_with(cpu_node("a", cpus=2))
+    core.submit(cpus("run", 2), "dead-driver", T0)
+    core.submit(cpus("wait", 2), "dead-driver", T0)
+    core.submit(cpus("other", 2), "alive", T0)
+    released, dropped = core.owners_dead({"dead-driver"}, T0 + 5).decision
+    assert released == ["run"] and dropped == ["wait"]
+    assert isinstance(core.poll("other", "alive", T0 + 6).decision, Placement)
+
+
+def test_an_unreachable_node_is_suspect_not_dead_and_recovers_with_its_next_report():
+    core = core_with(cpu_node("a", cpus=2), cpu_node("b", cpus=2))
+    core.submit(cpus("on-a", 2), "d", T0)
+    assert core.node_unreachable("a", "probe failed", T0 + 1)
+    assert core.state.health("a", T0 + 1) == "suspect"
+    assert "on-a" in core.state.reservations and core.state.reservations["on-a"]
+    # No new work on a suspect node, but it still counts for what fits when free.
+    assert isinstance(core.submit(cpus("new", 2), "d", T0 + 2).decision, Placement)
+    assert isinstance(core.submit(cpus("fits-later", 4), "d", T0 + 2).decision, Queued)
+    core.report(cpu_node("a", cpus=2), T0 + 3)
+    assert core.state.health("a", T0 + 3) == "healthy"
+    core.ray_nodes({"b"}, {"a"}, T0 + 4)  # Ray says it is gone: now it is dead
+    assert core.state.health("a", T0 + 4) == "dead"
+
+
+def test_reports_for_nodes_ray_does_not_list_alive_are_refused_unless_synthetic():
+    core = core_with(cpu_node("a"))
+    assert core.report(cpu_node("forged"), T0).decision == "unknown_node"
+    core.ray_nodes(set(), {"a"}, T0)
+    assert core.report(cpu_node("a"), T0).decision == "dead_node"
+    synthetic = SchedulerCore(SchedulerSettings(synthetic_nodes=True))
+    assert synthetic.report(cpu_node("x"), T0).decision is True
+    assert synthetic.agents_needed({"x", "y"}, T0) == []
+    assert core_with(cpu_node("a")).agents_needed({"a", "new"}, T0) == [StartAgent("new")]
+
+
+def test_state_survives_a_restart_with_preempted_jobs_and_directives():
+    core = core_with(cpu_node("a", cpus=2), cpu_node("b", cpus=2))
+    core.submit(cpus("low", 2), "d", T0)
+    core.submit(cpus("low2", 2), "d", T0)
+    core.submit(cpus("high", 2, priority=3), "d", T0 + 30)
+    core.yielded(next(iter(core.preempting["high"])), "d", T0 + 31)
+    core.submit(cpus("higher", 2, priority=9), "d", T0 + 40)  # preempts the other
+    saved = json.loads(json.dumps(core.to_dict()))
+    again = SchedulerCore(core.settings)
+    assert again.restore(saved) == []
+    assert again.to_dict() == core.to_dict()
+    assert [r["state"] for r in again.jobs(T0 + 41)] == [r["state"] for r in core.jobs(T0 + 41)]
+    assert {r["state"] for r in again.jobs(T0 + 41)} >= {"yielding", "preempted"}
+    assert again.restore({"queue": {"waiting": [{"bad": 1}]}})[0].startswith(
+        "cannot restore scheduler queue")
+
+
+def test_settings_name_the_bad_field():
+    with pytest.raises(ValueError, match="max_preemptions"):
+        SchedulerSettings(max_preemptions=-1)
+    with pytest.raises(ValueError, match="min_run_s"):
+        SchedulerSettings(min_run_s="soon")
