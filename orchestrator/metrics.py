@@ -129,6 +129,11 @@ SCHEDULER_REPORTS_REFUSED = MetricSpec(
     "Node reports the scheduler refused, by reason: unknown_node (a node id Ray has never "
     "listed), dead_node (Ray lists the node dead)", "1", ("reason",))
 REPORT_UNKNOWN_NODE, REPORT_DEAD_NODE = "unknown_node", "dead_node"
+SCHEDULER_YIELDS = MetricSpec(
+    "orchestrator_scheduler_yields", COUNTER,
+    "Running jobs told to checkpoint and give their resources back, by kind: preempt (for a "
+    "higher-priority job, or by an operator), migrate (to faster accelerators), cancel (by an "
+    "operator)", "1", ("kind",))
 
 # Rejection reasons, a closed set so the label cannot grow without bound.
 REJECT_DUPLICATE = "duplicate"  # a job of that name already runs or waits
@@ -228,6 +233,7 @@ ALL: tuple[MetricSpec, ...] = (
     SCHEDULER_NODES, SCHEDULER_QUEUE_LENGTH, SCHEDULER_QUEUE_OLDEST_WAIT, SCHEDULER_JOBS_PLACED,
     SCHEDULER_PLACEMENTS, SCHEDULER_PLACEMENT_LATENCY, SCHEDULER_REJECTIONS,
     SCHEDULER_REPORTS_REFUSED,
+    SCHEDULER_YIELDS,
     *TRAIN_REPORT_KEYS.values(),
     SERVE_REQUESTS, SERVE_ERRORS, SERVE_REQUEST_LATENCY, SERVE_TIME_TO_FIRST_TOKEN,
     SERVE_BATCH_SIZE, SERVE_QUEUE_DEPTH, SERVE_TOKENS_PER_SECOND, SERVE_GENERATED_TOKENS,
@@ -328,25 +334,33 @@ def scheduler_samples(state, enqueued_at: list[float], jobs_placed: int, now: fl
     return samples
 
 
+def decision_outcome(decision) -> str:
+    from orchestrator.placement import Placement, Queued, Rejection
+
+    if isinstance(decision, Placement):
+        return "placed"
+    if isinstance(decision, Queued):
+        return "queued"
+    if isinstance(decision, Rejection):
+        return "rejected"
+    raise TypeError(f"not a placement decision: {type(decision).__name__}")
+
+
+def latency_samples(decision, latency_s: float) -> list[Sample]:
+    """How long one submit/place request took to decide (counted by decision_samples)."""
+    return [(SCHEDULER_PLACEMENT_LATENCY, latency_s, {"outcome": decision_outcome(decision)})]
+
+
 def decision_samples(decision, latency_s: float | None,
                      reason: str | None = None) -> list[Sample]:
     """One placement decision (Placement, Queued or Rejection from orchestrator/placement.py)
     as samples; latency_s None for decisions made asynchronously (from the queue). `reason`
     overrides the rejection reason read from the message (a queued job the cluster can no
     longer hold is REJECT_CLUSTER_SHRANK, though its message reads like a capacity one)."""
-    from orchestrator.placement import Placement, Queued, Rejection
-
-    if isinstance(decision, Placement):
-        outcome = "placed"
-    elif isinstance(decision, Queued):
-        outcome = "queued"
-    elif isinstance(decision, Rejection):
-        outcome = "rejected"
-    else:
-        raise TypeError(f"not a placement decision: {type(decision).__name__}")
+    outcome = decision_outcome(decision)
     samples: list[Sample] = [(SCHEDULER_PLACEMENTS, 1, {"outcome": outcome})]
     if latency_s is not None:
-        samples.append((SCHEDULER_PLACEMENT_LATENCY, latency_s, {"outcome": outcome}))
+        samples += latency_samples(decision, latency_s)
     if outcome == "rejected":
         reason = reason or rejection_reason(decision.message, decision.fits_when_free)
         samples.append((SCHEDULER_REJECTIONS, 1, {"reason": reason}))

@@ -197,6 +197,8 @@ def _panels() -> dict[str, list[Panel]]:
             Panel("Refused node reports / min", m.SCHEDULER_REPORTS_REFUSED,
                   f"sum by (reason) (rate({m.SCHEDULER_REPORTS_REFUSED.exported}[5m])) * 60",
                   "{{reason}}"),
+            Panel("Preemptions and migrations / h", m.SCHEDULER_YIELDS,
+                  f"sum by (kind) (rate({m.SCHEDULER_YIELDS.exported}[1h])) * 3600", "{{kind}}"),
         ],
         "Training": [
             Panel("Loss", m.TRAIN_LOSS, f"avg by (run) ({m.TRAIN_LOSS.exported})", "{{run}}"),

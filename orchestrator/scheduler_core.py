@@ -452,7 +452,7 @@ class SchedulerCore:
             outcome.add(self._after_capacity_freed(now))
         return outcome
 
-    def tick(self, now: float) -> Outcome:
+    def tick(self, now: float, retired: set[str] = frozenset()) -> Outcome:
         """Periodic pass: heartbeat expiry, jobs that can no longer fit, queue, preemption for
         the head of the queue, migrations; gauges."""
         expired, lost = self.state.expire(now)
@@ -467,7 +467,7 @@ class SchedulerCore:
         outcome.add(self._migrate(now))
         outcome.samples += metrics.scheduler_samples(
             self.state, [j.enqueued_at for j in self.queue.waiting.values()],
-            len(self.running), now, set())
+            len(self.running), now, retired)
         return outcome
 
     # -- views -------------------------------------------------------------------------------
