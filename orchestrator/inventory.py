@@ -260,15 +260,21 @@ class ClusterState:
 
         Declared wins over measured because the agents measure through Ray's object store,
         which on fast fabrics (NVLink, 400 Gb/s InfiniBand) is far below the link itself;
-        measurement is what we know where the operator declared nothing."""
-        group_a, group_b = self.table.group_of(a), self.table.group_of(b)
-        declared = min(self.table.group_gbps_of(a), self.table.group_gbps_of(b)) \
-            if group_a is not None and group_a == group_b else 0.0
-        if declared > 0:  # two labels of one group may disagree: trust the lower
-            return declared
-        measured = [gbps for src, dst in ((a, b), (b, a))
-                    if (gbps := self.reports[src].bandwidth_gbps.get(dst)) is not None]
-        return min(measured) if measured else self.inter_group_gbps
+        measurement is what we know where the operator declared nothing. (The rule itself is
+        NodeTable.known_links; this is links_gbps for one pair.)"""
+        t = self.table
+        return float(self.links_gbps(t.index[a], np.array([t.index[b]]))[0])
+
+    def links_gbps(self, row: int, rows: np.ndarray) -> np.ndarray:
+        """Bandwidth from the node in table row `row` to the node in each of `rows`: its known
+        link (declared or measured) where it has one, else inter_group_gbps."""
+        peers, gbps = self.table.known_links(row)
+        out = np.full(len(rows), self.inter_group_gbps)
+        if len(peers):
+            at = np.minimum(np.searchsorted(peers, rows), len(peers) - 1)
+            hit = peers[at] == rows
+            out[hit] = gbps[at[hit]]
+        return out
 
     # -- persistence ----------------------------------------------------------------------
     def reservations_to_dict(self) -> dict:
@@ -310,6 +316,16 @@ class NodeTable:
         self.suspect = np.zeros(n, dtype=bool)  # unreachable by a driver: no new work for now
         self.reserved_cpus = np.zeros(n)
         self.reserved_gpus = np.zeros(n, dtype=np.int64)
+        # Measured bandwidth, kept sparse (each agent measures a few peers, so a dense matrix
+        # would be 10,000 x 10,000 for nothing): what each row's report measured, who measured
+        # each node, and the rows with any measurement at all.
+        self._measured_from: dict[int, dict[str, float]] = {}  # row -> {peer id: GB/s}
+        self._measured_to: dict[str, dict[int, float]] = {}  # node id -> {measuring row: GB/s}
+        self.measuring: set[int] = set()
+        # Caches of known_links and of each group's rows, dropped when what they derive from
+        # changes (a report with new labels or new measurements), not on every heartbeat.
+        self._links: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._group_rows: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -335,6 +351,7 @@ class NodeTable:
             setattr(self, name, new)
 
     def upsert(self, report: NodeReport, now: float) -> None:
+        is_new = report.node_id not in self.index
         row = self._row(report.node_id)
         self.cpus[row] = report.ray_cpus
         self.gpus[row] = int(report.ray_gpus)
@@ -355,9 +372,83 @@ class NodeTable:
         self.last_seen[row] = now
         # Nodes without a network-group label are each a group of their own.
         group = report.labels.get(LABEL_NETWORK_GROUP) or f"node:{report.node_id}"
-        self.group[row] = self.groups.setdefault(group, len(self.groups))
-        self.group_gbps[row] = _float_label(report.labels, LABEL_NETWORK_GBPS)
+        self._set_network(row, is_new, self.groups.setdefault(group, len(self.groups)),
+                          _float_label(report.labels, LABEL_NETWORK_GBPS), report.bandwidth_gbps)
         self.dead[row] = False
+
+    # -- bandwidth --------------------------------------------------------------------------
+    def _set_network(self, row: int, is_new: bool, group: int, gbps: float,
+                     measured: dict[str, float]) -> None:
+        if is_new or self.group[row] != group or self.group_gbps[row] != gbps:
+            # Declared links of whole groups change: rare (a node joins or is relabelled).
+            self._links.clear()
+            self._group_rows.clear()
+        self.group[row] = group
+        self.group_gbps[row] = gbps
+        before = self._measured_from.get(row, {})
+        if not is_new and measured == before:
+            return
+        for peer in before.keys() - measured.keys():
+            self._measured_to[peer].pop(row, None)
+        for peer, value in measured.items():
+            self._measured_to.setdefault(peer, {})[row] = value
+        self._measured_from[row] = dict(measured)
+        # Links change for this row, for the peers it measures or stopped measuring, and, for
+        # a node new to the table, for those that measured it before it first reported.
+        changed = {row, *self._measured_to.get(self.ids[row], {})}
+        changed.update(self.index[p] for p in before.keys() | measured.keys() if p in self.index)
+        for r in changed:
+            self._links.pop(r, None)
+            if self._measured_from.get(r) or self._measured_to.get(self.ids[r]):
+                self.measuring.add(r)
+            else:
+                self.measuring.discard(r)
+
+    def declared_gbps(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Declared bandwidth between the nodes of rows `a` and `b` (broadcast): the lower of
+        the two nodes' declared figures when both are in one network group, else 0 (none
+        declared). Two labels of one group may disagree: the lower is trusted."""
+        return np.where(self.group[a] == self.group[b],
+                        np.minimum(self.group_gbps[a], self.group_gbps[b]), 0.0)
+
+    def group_rows(self, group: int) -> np.ndarray:
+        """The rows of one network group."""
+        rows = self._group_rows.get(group)
+        if rows is None:
+            rows = self._group_rows[group] = np.flatnonzero(self.group[:len(self)] == group)
+        return rows
+
+    def known_links(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, GB/s), rows ascending: every node with a declared or measured link to the
+        node in `row`, and that link's bandwidth. Every other node is inter-group from it
+        (ClusterState.inter_group_gbps).
+
+        Declared: see declared_gbps. Measured: the slower direction of what the two agents
+        measured. Declared wins (see ClusterState.pair_bandwidth_gbps)."""
+        cached = self._links.get(row)
+        if cached is not None:
+            return cached
+        measured: dict[int, float] = {}
+        for peer, value in self._measured_from.get(row, {}).items():
+            peer_row = self.index.get(peer)
+            if peer_row is not None and peer_row != row:
+                measured[peer_row] = value
+        for peer_row, value in self._measured_to.get(self.ids[row], {}).items():
+            if peer_row != row:
+                measured[peer_row] = min(value, measured.get(peer_row, math.inf))
+        rows = np.fromiter(measured, dtype=np.int64, count=len(measured))
+        gbps = np.fromiter(measured.values(), dtype=float, count=len(measured))
+        if self.group_gbps[row] > 0:
+            members = self.group_rows(int(self.group[row]))
+            declared = self.declared_gbps(row, members)
+            keep = (declared > 0) & (members != row)
+            members, declared = members[keep], declared[keep]
+            undeclared = ~np.isin(rows, members)
+            rows = np.concatenate([members, rows[undeclared]])
+            gbps = np.concatenate([declared, gbps[undeclared]])
+        order = np.argsort(rows)
+        self._links[row] = rows[order], gbps[order]
+        return self._links[row]
 
     def set_dead(self, node_id: str, dead: bool) -> None:
         self.dead[self.index[node_id]] = dead

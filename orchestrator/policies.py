@@ -17,33 +17,18 @@ with state.reserve(), exactly as the live scheduler does.
 from __future__ import annotations
 
 import dataclasses
-from itertools import combinations
 from typing import Callable
 
 import numpy as np
 
 from orchestrator.config import JobSpec
 from orchestrator.inventory import ClusterState
-from orchestrator.placement import INTRA_NODE, Placement, PlacementError, place, worker_capacity
+from orchestrator.placement import (Placement, PlacementError, bottleneck_gbps, place,
+                                    worker_capacity)
 
 POLICY_NAMES = ("fifo", "random", "bestfit", "ours", "gavel")
 
 Policy = Callable[[JobSpec, ClusterState, float, object], "Placement | None"]
-
-
-def bottleneck_gbps(state: ClusterState, node_ids: list[str]) -> float:
-    """Slowest link between any two distinct nodes (inf for one node), as place() computes it."""
-    if len(node_ids) < 2:
-        return INTRA_NODE
-    # One representative per network group is enough when no pair was measured (simulation):
-    # within a group the declared figure holds, across groups inter_group_gbps.
-    t = state.table
-    by_group: dict[int, list[str]] = {}
-    for n in node_ids:
-        by_group.setdefault(int(t.group[t.index[n]]), []).append(n)
-    reps = [nodes[:2] for nodes in by_group.values()]
-    sample = [n for pair in reps for n in pair]
-    return min(state.pair_bandwidth_gbps(a, b) for a, b in combinations(sample, 2))
 
 
 def _from_rows(spec: JobSpec, state: ClusterState, rows, capacity: np.ndarray) -> Placement:

@@ -2,7 +2,7 @@ import pytest
 
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.inventory import GIB, ClusterState, GpuInfo, NodeReport, Reservation
-from orchestrator.placement import PlacementError, place
+from orchestrator.placement import PlacementError, bottleneck_gbps, place, worker_capacity
 
 from nodes import NOW, cluster, node
 
@@ -224,3 +224,125 @@ def test_gpu_jobs_prefer_faster_accelerators_cpu_jobs_avoid_gpu_nodes():
     # Best fit alone would pick the 4-GPU K80 node; the V100 is ~4x faster.
     assert place(JobSpec("g", gpus_per_worker=1), state, NOW).nodes == ["v100"]
     assert place(JobSpec("c", num_workers=2), state, NOW).nodes == ["cpu"]
+
+
+# -- bandwidth steers the choice ----------------------------------------------------------------
+
+def measured(report, **gbps):
+    return NodeReport(**{**report.__dict__, "bandwidth_gbps": gbps})
+
+
+@pytest.mark.parametrize("order", ["abc", "acb", "cab", "cba"])
+def test_a_two_node_job_takes_the_faster_measured_link_whatever_the_table_order(order):
+    # a-b measured 2.5 GB/s, a-c 0.5 GB/s, b-c never measured (inter_group_gbps, 1.25): no
+    # floor, so only the search for the best link keeps the job off a+c.
+    reports = {"a": measured(node("a", gpus=8), b=2.5, c=0.5), "b": node("b", gpus=8),
+               "c": node("c", gpus=8)}
+    state = cluster(*(reports[n] for n in order))
+    placement = place(JobSpec("j", num_workers=16, gpus_per_worker=1), state, NOW)
+    assert sorted(placement.nodes) == ["a", "b"] and placement.bottleneck_gbps == 2.5
+
+
+def test_bandwidth_beats_raw_capacity_order():
+    # Capacity order alone would start on a 6-GPU node; the two 4-GPU nodes share a 20 GB/s
+    # link, the big ones only a 0.5 GB/s one (and the default 1.25 to the small ones).
+    state = cluster(measured(node("big1", gpus=6), big2=0.5), node("big2", gpus=6),
+                    measured(node("small1", gpus=4), small2=20.0), node("small2", gpus=4))
+    placement = place(JobSpec("j", num_workers=8, gpus_per_worker=1), state, NOW)
+    assert sorted(placement.nodes) == ["small1", "small2"] and placement.bottleneck_gbps == 20
+
+
+def test_as_well_connected_sets_prefer_fewer_nodes():
+    # From s, the fastest links lead to two 2-GPU nodes; c (8 GPUs) is slower to s but every
+    # link in {s, a, b, c} is >= 15 GB/s, so s + c holds the 12 workers at 15 GB/s on 2 nodes
+    # where pure maximin growth from s would use all 4. (z, the largest node, has no fast link.)
+    state = cluster(measured(node("s", gpus=4), a=20.0, b=19.0, c=15.0),
+                    measured(node("a", gpus=2), b=20.0, c=15.0),
+                    measured(node("b", gpus=2), c=15.0), node("c", gpus=8),
+                    node("z", cpus=16, gpus=10))
+    placement = place(JobSpec("j", num_workers=12, gpus_per_worker=1), state, NOW)
+    assert sorted(placement.nodes) == ["c", "s"] and placement.bottleneck_gbps == 15
+
+
+def test_the_floor_is_met_by_the_best_set_found():
+    # Two racks declared at 50 GB/s; the job needs both nodes of one rack.
+    state = cluster(*[in_group(node(f"r{i}n{j}", gpus=8), f"rack{i}", 50)
+                      for i in range(2) for j in range(2)])
+    placement = place(JobSpec("j", num_workers=16, gpus_per_worker=1, min_bandwidth_gbps=40),
+                      state, NOW)
+    assert placement.bottleneck_gbps == 50
+    assert placement.nodes[0][:2] == placement.nodes[1][:2]  # one rack
+
+
+def test_a_floor_above_the_best_set_says_what_was_searched():
+    state = cluster(measured(node("a", gpus=8), b=2.5, c=0.5), node("b", gpus=8),
+                    node("c", gpus=8))
+    with pytest.raises(PlacementError) as e:
+        place(JobSpec("j", num_workers=16, gpus_per_worker=1, min_bandwidth_gbps=3), state, NOW)
+    headline = str(e.value).splitlines()[0]
+    assert ">= 3 GB/s between every pair" in headline
+    assert "the best, 2 node(s), has 2.5 GB/s" in headline
+    assert "seed node(s)" in headline and not e.value.rejection.fits_when_free
+
+
+# -- bottleneck_gbps: the one bandwidth figure of a node set ---------------------------------------
+
+def test_bottleneck_uses_measured_pairs_not_group_representatives():
+    # One declared rack (no bandwidth declared) whose members measured each other: the slow
+    # pair is c-d, which a one-representative-per-group shortcut would never look at.
+    rack = [in_group(node(n, gpus=8), "rack", 0) for n in "abcd"]
+    rack[0] = measured(rack[0], b=20.0, c=20.0, d=20.0)
+    rack[1] = measured(rack[1], c=20.0, d=20.0)
+    rack[2] = measured(rack[2], d=0.7)
+    state = cluster(*rack)
+    assert bottleneck_gbps(state, ["a", "b", "c", "d"]) == 0.7
+    assert bottleneck_gbps(state, ["a", "b", "c"]) == 20
+    assert bottleneck_gbps(state, ["a"]) == float("inf")
+
+
+def test_bottleneck_without_measurements_takes_the_lower_declared_figure():
+    state = cluster(in_group(node("a"), "rack", 50), in_group(node("b"), "rack", 50),
+                    in_group(node("c"), "rack", 12.5), in_group(node("d"), "other", 50))
+    assert bottleneck_gbps(state, ["a", "b"]) == 50
+    assert bottleneck_gbps(state, ["a", "b", "c"]) == 12.5
+    assert bottleneck_gbps(state, ["a", "d"]) == state.inter_group_gbps
+
+
+# -- GPUs a job must not get -------------------------------------------------------------------------
+
+def test_excluded_gpus_do_not_count_for_that_call():
+    state = cluster(node("a", gpus=4), node("b", gpus=2))
+    spec = JobSpec("j", num_workers=4, gpus_per_worker=1)
+    assert list(worker_capacity(spec, state, NOW)) == [4, 2]
+    excluded = frozenset({("a", 0), ("a", 3), ("b", 7), ("ghost", 0)})  # b has no GPU 7
+    assert list(worker_capacity(spec, state, NOW, excluded_gpus=excluded)) == [2, 2]
+    assert place(spec, state, NOW).nodes == ["a"]
+    placement = place(spec, state, NOW, excluded_gpus=excluded)
+    assert sorted(placement.nodes) == ["a", "b"]
+
+
+def test_an_excluded_gpu_that_already_lacked_memory_is_not_subtracted_twice():
+    report = node("a", gpus=4)
+    gpus = tuple(g if g.index else GpuInfo(0, g.name, g.memory_total_bytes, 0, source="declared")
+                 for g in report.gpus)  # GPU 0 full
+    state = cluster(NodeReport(**{**report.__dict__, "gpus": gpus}))
+    spec = JobSpec("j", num_workers=1, gpus_per_worker=1, min_gpu_memory_gb=40)
+    assert worker_capacity(spec, state, NOW, excluded_gpus=frozenset({("a", 0)}))[0] == 3
+    assert worker_capacity(spec, state, NOW, excluded_gpus=frozenset({("a", 1)}))[0] == 2
+
+
+def test_a_rejection_names_gpus_excluded_for_the_job():
+    state = cluster(node("a", gpus=1))
+    with pytest.raises(PlacementError, match="1 excluded for this job"):
+        place(JobSpec("j", gpus_per_worker=1), state, NOW, excluded_gpus=frozenset({("a", 0)}))
+
+
+def test_links_follow_new_measurements_and_late_peers():
+    # a measures b before b has ever reported; later a re-measures b slower, then stops.
+    state = cluster(measured(node("a"), b=20.0))
+    state.update(node("b"), now=NOW)
+    assert bottleneck_gbps(state, ["a", "b"]) == 20
+    state.update(measured(node("a"), b=0.5), now=NOW)
+    assert bottleneck_gbps(state, ["a", "b"]) == 0.5
+    state.update(node("a"), now=NOW)
+    assert bottleneck_gbps(state, ["a", "b"]) == state.inter_group_gbps
