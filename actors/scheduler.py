@@ -135,6 +135,13 @@ class SchedulerActor:
         """An operator's preemption: the job checkpoints, yields and waits in the queue."""
         return self._call(lambda now: self.core.preempt(job_name, now))
 
+    def reclaim_orphans(self) -> list[str]:
+        """Release what drivers that have exited held or queued; returns those jobs."""
+        dead_drivers = _dead_drivers()
+        with self.lock:
+            released, dropped = self._apply(self.core.owners_dead(dead_drivers, time.time()))
+        return released + dropped
+
     def snapshot(self) -> dict:
         with self.lock:
             now = time.time()

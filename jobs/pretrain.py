@@ -89,10 +89,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="allowed accelerator family, e.g. A100 (repeatable; default: any)")
     p.add_argument("--min-bandwidth-gbps", type=float, default=0.0,
                    help="bandwidth floor between every pair of nodes the job spans")
-    p.add_argument("--priority", type=int, default=0, help="queue priority (higher first)")
+    p.add_argument("--priority", type=int, default=0,
+                   help="queue priority (higher first); a job may preempt running jobs of "
+                   "lower priority, which checkpoint, wait and resume")
+    p.add_argument("--expected-duration-s", type=float, default=None,
+                   help="your estimate of the run time: lets the queue backfill the job into "
+                   "short gaps and the scheduler weigh moving it to faster accelerators")
     p.add_argument("--queue-timeout", type=float, default=600.0,
                    help="seconds to wait in the scheduler's queue when the cluster is busy "
-                   "(0: fail at once)")
+                   "(0: fail at once); time spent preempted is not counted")
     p.add_argument("--max-failures", type=int, default=3,
                    help="worker-group restarts Ray Train attempts before giving up")
     return p.parse_args(argv)
@@ -116,7 +121,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path) -> tuple[TrainConfig,
                    cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                    min_gpu_memory_gb=args.min_gpu_memory_gb,
                    min_bandwidth_gbps=args.min_bandwidth_gbps,
-                   accelerator_types=tuple(args.accelerator_types), priority=args.priority)
+                   accelerator_types=tuple(args.accelerator_types), priority=args.priority,
+                   expected_duration_s=args.expected_duration_s)
     if args.resume:
         _check_resumable(run_dir, train_config)
     return train_config, spec
@@ -157,6 +163,7 @@ def run(args: argparse.Namespace) -> dict | None:
     # Ray is imported only once the input is known good: bad flags fail in well under a second.
     import ray
     from actors.cluster import ClusterConnectionError, connect, ensure_control_plane
+    from actors.driver import NotPlaced, PlacedRun
 
     try:
         started_ray = connect(args.address)
@@ -168,16 +175,22 @@ def run(args: argparse.Namespace) -> dict | None:
         except (ray.exceptions.RayError, TimeoutError) as e:
             raise JobFailed(f"the scheduler or a node agent did not come up: {e}",
                             EXIT_NOT_PLACEABLE) from None
-        placement = _place(scheduler, spec, args.queue_timeout)
+        driver = PlacedRun(scheduler, spec, args.queue_timeout)
         try:
-            result = _fit(train_config, spec, placement, run_dir, args)
-            placement = _current_placement(scheduler, spec.name, placement)
+            result, placement = driver.run(
+                lambda placement: _fit(train_config, spec, placement, run_dir, args))
+            placement = driver.current_placement(placement)
+        except NotPlaced as e:
+            raise JobFailed(str(e), EXIT_NOT_PLACEABLE) from None
         finally:
-            _release(scheduler, spec.name)
+            warning = driver.release()
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
     finally:
         if started_ray:
             ray.shutdown()
-    return _write_summary(result, train_config, placement, run_dir, time.time() - started)
+    return _write_summary(result, train_config, placement, run_dir, time.time() - started,
+                          driver.yields)
 
 
 def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
@@ -200,64 +213,11 @@ def _write_resolved_config(run_dir: Path, train_config: TrainConfig, spec: JobSp
         raise RunDirError(f"cannot write to run dir {run_dir}: {e.strerror or e}") from None
 
 
-def _place(scheduler, spec: JobSpec, queue_timeout_s: float):
-    """A placement from the scheduler, waiting in its queue while the cluster is busy."""
-    import ray
-    from orchestrator.placement import Queued, Rejection
-
-    owner = ray.get_runtime_context().get_job_id()  # lets the scheduler reclaim if we die
-    decision = ray.get(scheduler.submit.remote(spec, owner))
-    deadline, last_said = time.monotonic() + queue_timeout_s, 0.0
-    while isinstance(decision, Queued):
-        if time.monotonic() >= deadline:
-            ray.get(scheduler.cancel.remote(spec.name, owner))
-            raise JobFailed(f"gave up after waiting {queue_timeout_s:g}s in the queue "
-                            f"(--queue-timeout): {decision.reason}", EXIT_NOT_PLACEABLE)
-        if time.monotonic() - last_said >= 30:
-            print(f"queued ({decision.position} in line): {decision.reason}", flush=True)
-            last_said = time.monotonic()
-        time.sleep(2)
-        decision = ray.get(scheduler.poll.remote(spec.name, owner))
-    if isinstance(decision, Rejection):
-        raise JobFailed(decision.message, EXIT_NOT_PLACEABLE)
-    counts = Counter(decision.worker_nodes)
-    link = ("" if decision.bottleneck_gbps == float("inf")
-            else f"; slowest link {decision.bottleneck_gbps:.2f} GB/s")
-    print(f"placement for {spec.name}: " + ", ".join(
-        f"{n} worker(s) on node {node[:12]}" for node, n in counts.items()) + link, flush=True)
-    return decision
-
-
-def _release(scheduler, job_name: str) -> None:
-    """Best effort: a failure here must not hide the job's own outcome. A reservation left
-    behind is reclaimed by the scheduler once this driver has exited."""
-    import ray
-
-    try:
-        owner = ray.get_runtime_context().get_job_id()
-        ray.get(scheduler.release.remote(job_name, owner), timeout=30)
-    except Exception as e:
-        print(f"warning: could not release the reservation of {job_name}: {e}", file=sys.stderr)
-
-
-def _current_placement(scheduler, job_name: str, placement):
-    """The job's placement now: a node lost during training moves workers elsewhere."""
-    import ray
-    from orchestrator.placement import Placement
-
-    try:
-        owner = ray.get_runtime_context().get_job_id()
-        current = ray.get(scheduler.poll.remote(job_name, owner), timeout=30)
-    except Exception:  # the summary then compares with the first placement; never fatal
-        return placement
-    return current if isinstance(current, Placement) else placement
-
-
 def _fit(train_config: TrainConfig, spec: JobSpec, placement, run_dir: Path,
          args: argparse.Namespace):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from actors.train_callbacks import FollowPlacement, MetricsLog
     from orchestrator.training.loop import train_under_ray
 
@@ -265,6 +225,7 @@ def _fit(train_config: TrainConfig, spec: JobSpec, placement, run_dir: Path,
         trainer = TorchTrainer(
             train_under_ray,
             train_loop_config=train_config.to_dict(),
+            torch_config=TorchConfig(backend=_collective_backend(placement)),
             scaling_config=ScalingConfig(
                 num_workers=len(placement.worker_nodes),
                 use_gpu=placement.gpus_per_worker > 0,
@@ -288,6 +249,14 @@ def _fit(train_config: TrainConfig, spec: JobSpec, placement, run_dir: Path,
         raise JobFailed(f"training failed after {args.max_failures} restart(s): "
                         f"{_root_cause(e)}\n(full traceback in the worker log above; "
                         f"checkpoints so far are in {run_dir})", EXIT_TRAINING_FAILED) from None
+
+
+def _collective_backend(placement) -> str:
+    """NCCL for GPU workers where torch has it; else gloo. A CPU build of torch (as on a
+    laptop modelling GPUs with node labels) has no NCCL, and a cluster runs one build."""
+    import torch.distributed as dist
+
+    return "nccl" if placement.gpus_per_worker and dist.is_nccl_available() else "gloo"
 
 
 @contextlib.contextmanager
@@ -318,7 +287,7 @@ def _root_cause(error: Exception) -> str:
 
 
 def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
-                   elapsed_s: float) -> dict | None:
+                   elapsed_s: float, yields: list[dict]) -> dict | None:
     metrics = result.metrics or {}
     if metrics.get("already_complete"):  # checkpoint ahead of the summary: leave both alone
         print(f"nothing to do: the checkpoint is already at step {metrics['step']} "
@@ -348,6 +317,8 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         "bottleneck_gbps": (None if placement.bottleneck_gbps == float("inf")
                             else placement.bottleneck_gbps),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        # Each time the scheduler took the placement back (preempted, migrated): step, why.
+        "yields": yields,
         "run_dir": str(run_dir),
         "elapsed_s": round(elapsed_s, 1),
     }

@@ -2,6 +2,7 @@
 `simulate`, a trace-driven replay that needs no Ray at all.
 
     python -m orchestrator status [--json]
+    python -m orchestrator preempt NAME | cancel NAME
     python -m orchestrator place --spec JOB.yaml --dry-run [--json]
     python -m orchestrator simulate --trace PATH --policy NAME|all --cluster SPEC --out DIR
 """
@@ -79,7 +80,23 @@ def status_rows(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def format_status(rows: list[dict[str, Any]], queue: list) -> str:
+def format_jobs(jobs: list[dict[str, Any]]) -> list[str]:
+    """One line per job: running, yielding (told to checkpoint and stop), preempted or
+    waiting, with why."""
+    lines = []
+    for j in jobs:
+        where = f" on {','.join(n[:12] for n in j['nodes'])}" if j["nodes"] else ""
+        line = (f"{j['state']:<9} {j['job']} (priority {j['priority']}){where}, "
+                f"{j['since_s']:.0f}s")
+        if j.get("position"):
+            line += f", #{j['position']} in line"
+        if j["preemptions"]:
+            line += f", preempted {j['preemptions']}x"
+        lines.append(line + (f": {j['reason']}" if j["reason"] else ""))
+    return lines
+
+
+def format_status(rows: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> str:
     header = ("NODE", "HEALTH", "ACCELERATORS", "GPU FREE", "GPU MEM FREE GiB", "CPU FREE",
               "LOAD", "BW GB/s (median)", "RESERVED BY")
     table = [header]
@@ -93,8 +110,7 @@ def format_status(rows: list[dict[str, Any]], queue: list) -> str:
                       ",".join(r["reservations"]) or "-"))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
-    for q in queue:
-        lines.append(f"queued #{q.position}: {q.job_name}: {q.reason}")
+    lines += [""] + format_jobs(jobs) if jobs else []
     for r in rows:
         for probe, error in r["probe_errors"].items():
             lines.append(f"probe error on {r['node_id'][:12]}: {probe}: {error}")
@@ -147,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="required: this command never reserves; jobs reserve when they run")
     place.add_argument("--json", action="store_true")
     place.add_argument("--address")
+    for verb, what in (("preempt", "checkpoint a running job and put it back in the queue"),
+                       ("cancel", "stop a job (a running one checkpoints first) and drop it")):
+        operator = sub.add_parser(verb, help=what)
+        operator.add_argument("name", help="the job's name (its run directory's name)")
+        operator.add_argument("--address")
     simulate = sub.add_parser("simulate", help="replay a job trace on a modelled cluster "
                               "under each placement policy (no Ray)")
     from orchestrator.simulator import add_arguments
@@ -178,10 +199,22 @@ def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
         snapshot = ray.get(scheduler.snapshot.remote())
         rows = status_rows(snapshot)
         if args.json:
-            print(json.dumps({"time": time.time(), "nodes": rows,
+            print(json.dumps({"time": time.time(), "nodes": rows, "jobs": snapshot["jobs"],
                               "queue": [q.__dict__ for q in snapshot["queue"]]}, indent=2))
         else:
-            print(format_status(rows, snapshot["queue"]))
+            print(format_status(rows, snapshot["jobs"]))
+        return 0
+    if args.command in ("preempt", "cancel"):
+        done = ray.get(getattr(scheduler, args.command).remote(args.name))
+        if not done:
+            print(f"error: no job named {args.name!r} is "
+                  f"{'running' if args.command == 'preempt' else 'running or waiting'}",
+                  file=sys.stderr)
+            return 3
+        print(f"{args.command}: {args.name}: " + (
+            "it checkpoints at its next step boundary, then waits in the queue"
+            if args.command == "preempt" else
+            "dropped (a running job checkpoints at its next step boundary first)"))
         return 0
     decision = ray.get(scheduler.place.remote(spec, "", True, True))
     if args.json:

@@ -49,12 +49,15 @@ from orchestrator.placement import (Placement, PlacementError, Queued, Rejection
                                     worker_capacity)
 from orchestrator.queue import (JobQueue, QueuedJob, placement_from_dict, placement_to_dict)
 
-CLAIM_SUFFIX = "#migration"
-MAX_VICTIMS_TRIED = 64  # bounds one preemption search (a place() call per candidate)  # reservation name of a migration target, held until the handover
+CLAIM_SUFFIX = "#migration"  # reservation name of a migration target, held until the handover
+MAX_VICTIMS_TRIED = 64  # bounds one preemption search (a place() call per candidate)
 PREEMPT, MIGRATE, CANCEL = "preempt", "migrate", "cancel"
 
 # speed(spec, accelerator family) -> relative training speed; the simulator passes its model.
 SpeedModel = Callable[[JobSpec, str], float]
+# A placement policy other than place() (the simulator's baselines): (spec, state, now, owner)
+# -> Placement, or None when the job does not fit now.
+Policy = Callable[[JobSpec, ClusterState, float, str], "Placement | None"]
 
 
 def default_speed(spec: JobSpec, family: str) -> float:
@@ -74,6 +77,7 @@ class SchedulerSettings:
     max_preemptions: int = 3  # ageing: a job preempted this often is not preempted again
     migration: bool = True
     restart_cost_s: float = 120.0  # checkpoint + restart, what a migration must win back
+    backfill: bool = True  # False: strict FIFO, nothing starts while an earlier job waits
     failed_placements_per_pass: int = 32  # backfill look-ahead budget (see the module doc)
     synthetic_nodes: bool = False  # accept reports for node ids Ray does not list (benchmarks)
 
@@ -205,14 +209,18 @@ class SchedulerCore:
     """Cluster state, wait queue, running jobs and their owners; see the module docstring."""
 
     def __init__(self, settings: SchedulerSettings | None = None,
-                 speed: SpeedModel = default_speed) -> None:
+                 speed: SpeedModel = default_speed, state: ClusterState | None = None,
+                 policy: Policy | None = None) -> None:
+        """`state`: a prepared cluster (the simulator's model); `policy`: where jobs go, if
+        not place() (the simulator compares baselines through the same queue)."""
         self.settings = settings or SchedulerSettings()
         s = self.settings
-        self.state = ClusterState(suspect_after_s=s.suspect_after_s,
-                                  dead_after_s=s.dead_after_s,
-                                  inter_group_gbps=s.inter_group_gbps,
-                                  max_load_per_cpu=s.max_load_per_cpu)
+        self.state = state or ClusterState(suspect_after_s=s.suspect_after_s,
+                                           dead_after_s=s.dead_after_s,
+                                           inter_group_gbps=s.inter_group_gbps,
+                                           max_load_per_cpu=s.max_load_per_cpu)
         self.speed = speed
+        self.policy = policy
         self.queue = JobQueue()
         self.running: dict[str, RunningJob] = {}
         self.preempting: dict[str, set[str]] = {}  # waiting job -> victims not yet yielded
@@ -324,7 +332,7 @@ class SchedulerCore:
         if self.queue.holds(spec.name) and not dry_run:
             return Outcome(Rejection(spec.name, f"job '{spec.name}' already waits in the queue"))
         try:
-            placement = place(spec, self.state, now, owner=owner, explain=explain)
+            placement = self._place(spec, now, owner, explain)
         except PlacementError as e:
             return Outcome(e.rejection)
         if dry_run:
@@ -530,6 +538,17 @@ class SchedulerCore:
         return problems
 
     # -- internals: starting and stopping ----------------------------------------------------------
+    def _place(self, spec: JobSpec, now: float, owner: str = "",
+               explain: bool | None = False) -> Placement:
+        """Where the job would go now (PlacementError if nowhere), by place() or the policy."""
+        if self.policy is None:
+            return place(spec, self.state, now, owner=owner, explain=explain)
+        placement = self.policy(spec, self.state, now, owner)
+        if placement is None:
+            raise PlacementError(Rejection(spec.name, f"job '{spec.name}' does not fit now",
+                                           fits_when_free=True))
+        return dataclasses.replace(placement, owner=owner)
+
     def _start(self, spec: JobSpec, owner: str, placement: Placement, now: float,
                queued: QueuedJob) -> None:
         self.state.reserve(spec.name, placement.reservations())
@@ -597,10 +616,12 @@ class SchedulerCore:
                 if shape not in failed_shapes:
                     job.reason = _waiting_reason(spec, free_gpus, free_cpus, self.state)
                 failed_shapes.add(shape)
+                if not self.settings.backfill:
+                    break
                 plan = plan or self._head_plan(job, now)
                 continue
             try:
-                placement = place(spec, self.state, now, owner=job.owner, explain=False)
+                placement = self._place(spec, now, job.owner)
             except PlacementError as e:
                 failed_shapes.add(shape)
                 if not e.rejection.fits_when_free:
@@ -611,6 +632,8 @@ class SchedulerCore:
                     outcome.effects.append(Persist())
                     continue
                 job.reason = e.rejection.message.splitlines()[0]
+                if not self.settings.backfill:
+                    break
                 plan = plan or self._head_plan(job, now)
                 budget -= 1
                 if budget <= 0:
@@ -741,7 +764,7 @@ class SchedulerCore:
         for v in saved:
             self.state.release(v)
         try:
-            place(spec, self.state, now, explain=False)
+            self._place(spec, now)
             return True
         except PlacementError:
             return False
@@ -816,9 +839,9 @@ class SchedulerCore:
         if not faster:
             return None
         try:  # placed under the claim's name: the job itself still holds its reservation
-            target = place(dataclasses.replace(spec, name=spec.name + CLAIM_SUFFIX,
-                                               accelerator_types=faster),
-                           self.state, now, owner=job.placement.owner, explain=False)
+            target = self._place(dataclasses.replace(spec, name=spec.name + CLAIM_SUFFIX,
+                                                     accelerator_types=faster),
+                                 now, job.placement.owner)
         except PlacementError:
             return None
         ratio = self.speed(spec, current) / self.speed(spec, self._family_of(target, spec))

@@ -1,19 +1,18 @@
 """Trace-driven, discrete-event replay of a job trace on a modelled cluster.
 
-Every placement goes through a policy (orchestrator/policies.py); the policy "ours" is
-orchestrator.placement.place() on an orchestrator.inventory.ClusterState — the code the live
-scheduler runs. Resources are held with state.reserve() and given back with state.release(),
-never by touching the NodeTable. Time in the ClusterState is a constant (SIM_NOW) and heartbeat
-limits are infinite, so no modelled server ever goes stale; simulated time lives here.
+Every decision is the live scheduler's: the simulator drives the same SchedulerCore
+(orchestrator/scheduler_core.py) the SchedulerActor drives — its queue, EASY backfill,
+preemption and migration — with trace arrivals (`submit`) and modelled completions
+(`release`), and carries out its yields as live drivers do (stop, lose the work since the last
+checkpoint, `yielded`, restart after RESTART_S). Only where jobs go differs between policies
+(orchestrator/policies.py): "ours" is orchestrator.placement.place() itself, the others are
+baselines plugged into the same core. Time in the ClusterState is a constant (SIM_NOW) and
+heartbeat limits are infinite, so no modelled server ever goes stale; simulated time lives here.
 
-Scheduling: events are arrivals (in submit order) and completions (a heap). After all events of
-one instant, one pass over the FIFO queue places jobs in order; a job that does not fit is
-passed over and later ones may start (backfill without reservation), until `backfill` + 1 jobs
-(default 16 + 1) have been passed over in this pass: then the pass ends. `backfill=0` is strict
-FIFO (the pass ends at the first job that does not fit).
-A job needing more GPUs than are free (of its allowed type) is skipped without calling the
-policy. Jobs that can never fit (more GPUs than the cluster has of the allowed types) are
-counted as `never_fits`, not queued.
+Each job's `expected_duration_s` is its trace duration (on the reference GPU), as a user would
+estimate it; EASY backfill uses it. `backfill=False` is strict FIFO (nothing starts while an
+earlier job waits). Jobs that can never fit (more GPUs than the cluster has of the allowed
+types) are counted as `never_fits`, not queued.
 
 Metrics (per policy):
 - allocation_rate = sum(GPUs x runtime) / (cluster GPUs x makespan)
@@ -45,12 +44,19 @@ from orchestrator.cluster_model import (FAMILY_TO_TYPE, GPU_TYPES, REFERENCE_GPU
                                         build_state, consolidated_throughput, model_for,
                                         parse_cluster_spec, throughput)
 from orchestrator.config import JobSpec
+from orchestrator.inventory import ClusterState
+from orchestrator.placement import Placement, Rejection
 from orchestrator.policies import POLICY_NAMES, make_policy
+from orchestrator.scheduler_core import (CLAIM_SUFFIX, MIGRATE, PREEMPT, SchedulerCore,
+                                         SchedulerSettings, Yield)
 from orchestrator.traces import TraceJob
 
 SIM_NOW = 0.0  # the ClusterState's clock: constant, see the module docstring
 DEFAULT_CLUSTER = "v100:8x48,p100:8x48,k80:4x64;rack=16"  # 1,024 GPUs, 160 servers
-DEFAULT_BACKFILL = 16
+# A preempted or migrated job loses the work since its last checkpoint (taken this often) and
+# spends RESTART_S reloading before it trains again.
+CHECKPOINT_EVERY_S = 600.0
+RESTART_S = 60.0
 
 FINISHED, NEVER_FITS = "finished", "never_fits"
 
@@ -73,6 +79,15 @@ class SimJob:
     n_racks: int = 0
     gpu_types: str = ""
     used: dict = field(default_factory=dict)  # gpu type -> GPUs held
+    work: float = 0.0  # iterations to run: trace duration x reference throughput
+    work_done: float = 0.0  # iterations saved in checkpoints before the current segment
+    speed: float = math.nan  # iterations/s where it runs now
+    segment_start: float = math.nan
+    segments: int = 0  # times started (1 + restarts after preemption or migration)
+    good_time: float = 0.0  # run time weighted by achieved/ideal speed
+    preemptions: int = 0
+    migrations: int = 0
+    history: list = field(default_factory=list)  # (start, end, nodes) of every segment run
 
 
 @dataclass
@@ -98,35 +113,37 @@ def _families_by_speed(model: str, n: int, present: tuple[str, ...]) -> tuple[st
 def make_jobs(trace: list[TraceJob], cluster: ClusterSpec) -> list[SimJob]:
     present = tuple(cluster.gpus_by_type())
     jobs = []
-    for t in trace:
+    for i, t in enumerate(trace):
         model = model_for(t.duration_s, t.num_gpus, t.model_type)
-        spec = JobSpec(f"job-{t.job_id}", num_workers=t.num_gpus, cpus_per_worker=1.0,
+        # The user's estimate of the run time is the trace's duration (on the reference GPU).
+        # Named by position: a job's identity in the core (trace ids need not be unique).
+        spec = JobSpec(f"job-{i}", num_workers=t.num_gpus, cpus_per_worker=1.0,
                        gpus_per_worker=1,
-                       accelerator_types=(t.accelerator,) if t.accelerator else ())
+                       accelerator_types=(t.accelerator,) if t.accelerator else (),
+                       expected_duration_s=max(t.duration_s, 1.0))
         ideal = max(consolidated_throughput(model, k, t.num_gpus) for k in present)
-        jobs.append(SimJob(t, model, spec,
-                           consolidated_throughput(model, REFERENCE_GPU, t.num_gpus), ideal))
+        reference = consolidated_throughput(model, REFERENCE_GPU, t.num_gpus)
+        jobs.append(SimJob(t, model, spec, reference, ideal, work=t.duration_s * reference))
     return jobs
 
 
 def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, seed: int = 0,
-             backfill: int = DEFAULT_BACKFILL, check: bool = False,
+             backfill: bool = True, check: bool = False,
              progress: Callable[[str], None] | None = None,
-             progress_every_s: float = 5.0) -> SimResult:
+             progress_every_s: float = 5.0,
+             settings: SchedulerSettings | None = None) -> SimResult:
     """Replay `trace` (sorted by submit time, e.g. from traces.prepare) under one policy.
 
-    `check` asserts after every placement that no server holds more GPUs than it has and that
-    the reservations add up to the running jobs (conservation)."""
+    Every decision is the live scheduler's: a SchedulerCore (queue, EASY backfill, preemption,
+    migration) whose placement is `policy` ("ours" = place() itself). `backfill=False` is
+    strict FIFO. `check` asserts after every event that no server holds more GPUs than it has
+    and that the reservations add up to the running jobs (conservation)."""
     if isinstance(cluster, str):
         cluster = parse_cluster_spec(cluster)
     jobs = make_jobs(trace, cluster)
-    state = build_state(cluster, SIM_NOW)
-    by_type = cluster.gpus_by_type()
+    by_name = {j.spec.name: j for j in jobs}
+    present = tuple(GPU_TYPES[k].family for k in cluster.gpus_by_type())
     total_gpus = cluster.total_gpus
-    families = {GPU_TYPES[k].family: k for k in by_type}
-    present = tuple(families)
-    free_total = total_gpus
-    free_by_type = dict(by_type)
 
     def type_order(job: SimJob) -> tuple[str, ...]:
         allowed = job.spec.accelerator_types or present
@@ -134,119 +151,165 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
                      if f in allowed)
 
     call = make_policy(policy, seed=seed, type_order=type_order)
+    timing = {"decisions": 0, "policy_s": 0.0}
 
-    queue: list[int] = []
-    completions: list[tuple[float, int]] = []
+    def timed_policy(spec: JobSpec, state: ClusterState, now: float, owner: str):
+        t0 = time.perf_counter()
+        try:
+            return call(spec, state, SIM_NOW, by_name[spec.name.removesuffix(CLAIM_SUFFIX)])
+        finally:
+            timing["decisions"] += 1
+            timing["policy_s"] += time.perf_counter() - t0
+
+    def speed(spec: JobSpec, family: str) -> float:
+        job = by_name[spec.name.removesuffix(CLAIM_SUFFIX)]
+        kind = FAMILY_TO_TYPE.get(family)
+        return consolidated_throughput(job.model, kind, job.trace.num_gpus) if kind else 0.0
+
+    state = build_state(cluster, SIM_NOW)
+    core = SchedulerCore(settings or simulation_settings(cluster, backfill), speed=speed,
+                         state=state, policy=timed_policy)
+    run = _Replay(jobs, state, check)
+    completions: list[tuple[float, int, int]] = []  # (finish, job index, segment): lazy deletion
+    index = {j.spec.name: i for i, j in enumerate(jobs)}
     arrivals = sorted(range(len(jobs)), key=lambda i: jobs[i].trace.submit_time_s)
     next_arrival = 0
-    running_gpus = 0
-    running_goodput = 0.0
-    decisions, policy_s = 0, 0.0
     tl_t, tl_alloc, tl_good, tl_queue = [], [], [], []
-    finished = never = 0
     wall0 = last_progress = time.perf_counter()
 
-    def free_for(job: SimJob) -> int:
-        types = job.spec.accelerator_types
-        return free_by_type.get(families.get(types[0], ""), 0) if types else free_total
+    def start(job: SimJob, placement: Placement, now: float) -> None:
+        run.start(job, placement, now)
+        heapq.heappush(completions, (job.finish, index[job.spec.name], job.segments))
 
-    def start(job: SimJob, placement, now: float) -> None:
-        nonlocal free_total, running_gpus, running_goodput
-        state.reserve(job.spec.name, placement.reservations())
+    def carry_out(outcome, now: float, job: SimJob | None = None) -> None:
+        """Start what the core placed (`job`: the one the decision is about); carry out its
+        yields (preemption, migration) as the live drivers do: stop, then `yielded`."""
+        if job is not None and isinstance(outcome.decision, Placement):
+            start(job, outcome.decision, now)
+        for effect in outcome.effects:
+            if isinstance(effect, Yield):
+                victim = by_name[effect.job_name]
+                run.stop(victim, now, lost=True)
+                victim.preemptions += effect.kind == PREEMPT
+                victim.migrations += effect.kind == MIGRATE
+                carry_out(core.yielded(effect.job_name, "", now), now, victim)
+        for name in list(core.queue.ready):
+            start(by_name[name], core.poll(name, "", now).decision, now)
+
+    while next_arrival < len(arrivals) or completions:
+        t_arr = jobs[arrivals[next_arrival]].trace.submit_time_s \
+            if next_arrival < len(arrivals) else math.inf
+        now = min(t_arr, completions[0][0] if completions else math.inf)
+        while completions and completions[0][0] <= now:
+            _, i, segment = heapq.heappop(completions)
+            job = jobs[i]
+            if job.status != "running" or segment != job.segments:
+                continue  # a completion planned before the job was preempted or moved
+            run.finish(job, now)
+            carry_out(core.release(job.spec.name, "", now), now)
+        while next_arrival < len(arrivals) and \
+                jobs[arrivals[next_arrival]].trace.submit_time_s <= now:
+            job = jobs[arrivals[next_arrival]]
+            next_arrival += 1
+            outcome = core.submit(job.spec, "", now)
+            if isinstance(outcome.decision, Rejection):
+                job.status = NEVER_FITS
+                run.never += 1
+                continue
+            carry_out(outcome, now, job)
+        if not completions and next_arrival >= len(arrivals) and len(core.queue):
+            raise RuntimeError(f"{policy}: {len(core.queue)} job(s) queued on an idle cluster;"
+                               f" first: {core.queue.ordered()[0].spec}")
+        tl_t.append(now)
+        tl_alloc.append(run.gpus)
+        tl_good.append(run.goodput)
+        tl_queue.append(len(core.queue))
+        if progress is not None and time.perf_counter() - last_progress >= progress_every_s:
+            last_progress = time.perf_counter()
+            progress(f"[{policy}] {run.finished + run.never:,}/{len(jobs):,} jobs done, "
+                     f"simulated {now / 86400:.1f} days, {len(core.queue):,} queued, "
+                     f"{run.gpus}/{total_gpus} GPUs busy, {last_progress - wall0:.0f}s")
+    timeline = (np.array(tl_t, dtype=float), np.array(tl_alloc, dtype=float),
+                np.array(tl_good, dtype=float), np.array(tl_queue, dtype=float))
+    metrics = summarize(jobs, total_gpus, timing["decisions"], timing["policy_s"])
+    metrics["allocation_rate_while_queued"] = allocation_while_queued(*timeline[:2],
+                                                                      timeline[3], total_gpus)
+    metrics["preemptions"] = sum(j.preemptions for j in jobs)
+    metrics["migrations"] = sum(j.migrations for j in jobs)
+    metrics["wall_s"] = round(time.perf_counter() - wall0, 3)
+    return SimResult(policy, jobs, *timeline, metrics)
+
+
+def simulation_settings(cluster: ClusterSpec, backfill: bool = True) -> SchedulerSettings:
+    """The live defaults, with heartbeats that never expire (modelled servers never go stale)
+    and the cluster's inter-rack bandwidth."""
+    return SchedulerSettings(suspect_after_s=math.inf, dead_after_s=math.inf,
+                             inter_group_gbps=cluster.inter_gbps, synthetic_nodes=True,
+                             backfill=backfill)
+
+
+class _Replay:
+    """The simulated jobs' progress: work done, segments run, GPUs and goodput held."""
+
+    def __init__(self, jobs: list[SimJob], state: ClusterState, check: bool) -> None:
+        self.state, self.check = state, check
+        self.gpus, self.goodput = 0, 0.0
+        self.finished = self.never = 0
+
+    def start(self, job: SimJob, placement: Placement, now: float) -> None:
         per_node = Counter(placement.worker_nodes)
         used: dict[str, int] = {}
         for node, workers in per_node.items():
-            k = _type_of(node)
-            used[k] = used.get(k, 0) + workers * placement.gpus_per_worker
+            used[_type_of(node)] = used.get(_type_of(node), 0) + workers * placement.gpus_per_worker
         n = job.trace.num_gpus
-        speed = throughput(job.model, tuple(sorted(used)), n, placement.bottleneck_gbps)
-        job.runtime = job.trace.duration_s * job.ref_throughput / speed
-        job.start, job.finish = now, now + job.runtime
-        job.speed_vs_ideal = speed / job.ideal_throughput
+        job.speed = throughput(job.model, tuple(sorted(used)), n, placement.bottleneck_gbps)
+        restart = RESTART_S if job.segments else 0.0  # a resumed job reloads its checkpoint
+        job.segment_start = now
+        job.finish = now + restart + (job.work - job.work_done) / job.speed
+        if math.isnan(job.start):
+            job.start = now
+        job.segments += 1
+        job.speed_vs_ideal = job.speed / job.ideal_throughput
         job.bottleneck_gbps = placement.bottleneck_gbps
         job.used = used
         job.nodes = ";".join(f"{node}:{w * placement.gpus_per_worker}"
                              for node, w in per_node.items())
         job.n_nodes = len(per_node)
-        t = state.table
+        t = self.state.table
         job.n_racks = len({int(t.group[t.index[node]]) for node in per_node})
         job.gpu_types = "/".join(sorted(used))
         job.status = "running"
-        for k, g in used.items():
-            free_by_type[k] -= g
-        free_total -= n
-        running_gpus += n
-        running_goodput += n * job.speed_vs_ideal
-        heapq.heappush(completions, (job.finish, job.trace.job_id))
-        if check:
-            rows = len(t)
-            assert (t.reserved_gpus[:rows] <= t.gpus[:rows]).all(), "GPU over-committed"
-            assert int(t.reserved_gpus[:rows].sum()) == running_gpus, "reservations != running"
-            assert all(v >= 0 for v in free_by_type.values()), free_by_type
+        self.gpus += n
+        self.goodput += n * job.speed_vs_ideal
+        self._check()
 
-    while next_arrival < len(arrivals) or completions or queue:
-        if not completions and next_arrival >= len(arrivals):
-            raise RuntimeError(f"{policy}: {len(queue)} job(s) queued on an idle cluster; "
-                               f"first: {jobs[queue[0]].spec}")
-        t_arr = jobs[arrivals[next_arrival]].trace.submit_time_s \
-            if next_arrival < len(arrivals) else math.inf
-        now = min(t_arr, completions[0][0] if completions else math.inf)
-        while completions and completions[0][0] <= now:
-            _, job_id = heapq.heappop(completions)
-            job = jobs[job_id]
-            state.release(job.spec.name)
-            job.status = FINISHED
-            finished += 1
-            for k, g in job.used.items():
-                free_by_type[k] += g
-            free_total += job.trace.num_gpus
-            running_gpus -= job.trace.num_gpus
-            running_goodput -= job.trace.num_gpus * job.speed_vs_ideal
-        while next_arrival < len(arrivals) and \
-                jobs[arrivals[next_arrival]].trace.submit_time_s <= now:
-            job = jobs[arrivals[next_arrival]]
-            next_arrival += 1
-            types = job.spec.accelerator_types
-            limit = by_type.get(families.get(types[0], ""), 0) if types else total_gpus
-            if job.trace.num_gpus > limit:
-                job.status = NEVER_FITS
-                never += 1
-            else:
-                queue.append(job.trace.job_id)
-        # One FIFO pass with a bounded backfill window.
-        i, skipped = 0, 0
-        while i < len(queue) and free_total > 0:
-            job = jobs[queue[i]]
-            placement = None
-            if free_for(job) >= job.trace.num_gpus:
-                t0 = time.perf_counter()
-                placement = call(job.spec, state, SIM_NOW, job)
-                policy_s += time.perf_counter() - t0
-                decisions += 1
-            if placement is None:
-                skipped += 1
-                if skipped > backfill:
-                    break
-                i += 1
-                continue
-            start(job, placement, now)
-            del queue[i]
-        tl_t.append(now)
-        tl_alloc.append(running_gpus)
-        tl_good.append(running_goodput)
-        tl_queue.append(len(queue))
-        if progress is not None and time.perf_counter() - last_progress >= progress_every_s:
-            last_progress = time.perf_counter()
-            progress(f"[{policy}] {finished + never:,}/{len(jobs):,} jobs done, simulated "
-                     f"{now / 86400:.1f} days, {len(queue):,} queued, {running_gpus}/"
-                     f"{total_gpus} GPUs busy, {last_progress - wall0:.0f}s")
-    timeline = (np.array(tl_t, dtype=float), np.array(tl_alloc, dtype=float),
-                np.array(tl_good, dtype=float), np.array(tl_queue, dtype=float))
-    metrics = summarize(jobs, total_gpus, decisions, policy_s)
-    metrics["allocation_rate_while_queued"] = allocation_while_queued(*timeline[:2],
-                                                                      timeline[3], total_gpus)
-    metrics["wall_s"] = round(time.perf_counter() - wall0, 3)
-    return SimResult(policy, jobs, *timeline, metrics)
+    def stop(self, job: SimJob, now: float, lost: bool) -> None:
+        """The job stops running (finished, or yielding: work since its last checkpoint lost)."""
+        held = now - job.segment_start
+        job.history.append((job.segment_start, now, job.nodes))
+        job.runtime = (0.0 if math.isnan(job.runtime) else job.runtime) + held
+        job.good_time += held * job.speed_vs_ideal
+        if lost:
+            useful = max(held - (RESTART_S if job.segments > 1 else 0.0), 0.0)
+            job.work_done += job.speed * (useful - useful % CHECKPOINT_EVERY_S)
+            job.status = "yielded"
+        self.gpus -= job.trace.num_gpus
+        self.goodput -= job.trace.num_gpus * job.speed_vs_ideal
+
+    def finish(self, job: SimJob, now: float) -> None:
+        self.stop(job, now, lost=False)
+        job.speed_vs_ideal = job.good_time / job.runtime if job.runtime > 0 else 1.0
+        job.status = FINISHED
+        self.finished += 1
+
+    def _check(self) -> None:
+        if not self.check:
+            return
+        t = self.state.table
+        rows = len(t)
+        assert (t.reserved_gpus[:rows] <= t.gpus[:rows]).all(), "GPU over-committed"
+        held = int(t.reserved_gpus[:rows].sum())
+        assert held >= self.gpus, f"reservations {held} < running {self.gpus}"
 
 
 def allocation_while_queued(t: np.ndarray, alloc: np.ndarray, queue: np.ndarray,
@@ -439,8 +502,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-jobs", type=int, help="first N jobs by submit time")
     parser.add_argument("--load-scale", type=float, default=1.0,
                         help="divide inter-arrival times by X (> 1 = busier)")
-    parser.add_argument("--backfill", type=int, default=DEFAULT_BACKFILL,
-                        help="jobs looked at behind a blocked one per pass")
+    parser.add_argument("--no-backfill", dest="backfill", action="store_false",
+                        help="strict FIFO: nothing starts while an earlier job waits "
+                        "(default: EASY backfill, as the live scheduler)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random policy")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--no-plots", action="store_true")
@@ -470,8 +534,6 @@ def run_cli(args) -> int:
     policies = list(POLICY_NAMES) if args.policy == "all" else [args.policy]
     if any(p not in POLICY_NAMES for p in policies):
         return err(f"--policy {args.policy!r}: use one of {', '.join(POLICY_NAMES)}, all")
-    if args.backfill < 0:
-        return err(f"--backfill must be >= 0, got {args.backfill}")
     try:
         cluster = parse_cluster_spec(args.cluster)
         if args.trace is None:

@@ -32,6 +32,9 @@ from orchestrator.training.session import TrainSession
 log = logging.getLogger(__name__)
 
 DROPOUT_STREAM = 1  # distinguishes dropout's random stream from the data stream
+# How often the workers ask whether the scheduler wants the job to yield (preempted, migrating,
+# cancelled). Each check is one small all-reduce so that every rank stops at the same step.
+DIRECTIVE_CHECK_EVERY = 5
 
 
 def say(line: str) -> None:
@@ -181,7 +184,10 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         _set_lr(optimizer, lr_at(step, config))
         x, y = get_batch(train_tokens, config.batch_size, config.seq_len, seed=config.seed,
                          rank=session.world_rank, step=step)
-        checkpoint_due = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps
+        # Decided before the step: a checkpoint due now makes DDP sync the gradients.
+        yielding = _agreed_directive(session, step, start_step, config, device)
+        checkpoint_due = ((step + 1) % config.checkpoint_every == 0
+                          or step + 1 == config.max_steps or yielding is not None)
         # Workers must agree on the gradients when a group steps, and when a checkpoint
         # (which holds rank 0's pending gradients) is written; otherwise DDP may skip the
         # all-reduce and let each worker accumulate locally.
@@ -234,11 +240,34 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                                                     precision, device)
             if session.world_rank == 0:
                 efficiency.warn(metrics)
+            if yielding is not None:
+                metrics["yielded"] = yielding
             _publish(session, metrics, checkpoint_due,
                      lambda: _checkpoint_state(model, optimizer, scaler, config, step,
                                                tokens_seen))
+            if yielding is not None:
+                if session.world_rank == 0:
+                    say(f"stopped at step {step} with a checkpoint: {yielding}")
+                return metrics
             interval_start, interval_steps, loss_sum = time.perf_counter(), 0, 0.0
     return metrics
+
+
+def _agreed_directive(session: TrainSession, step: int, start_step: int, config: TrainConfig,
+                      device: torch.device) -> str | None:
+    """The scheduler's word for this job (why to checkpoint and stop), the same on every rank:
+    rank 0 asks, all ranks agree through one all-reduce. Never on the first or last step."""
+    if step == start_step or step + 1 >= config.max_steps or \
+            (step - start_step) % DIRECTIVE_CHECK_EVERY:
+        return None
+    reason = session.directive() if session.world_rank == 0 else None
+    if not (dist.is_available() and dist.is_initialized()):
+        return reason
+    flag = torch.tensor([1.0 if reason else 0.0], device=device)
+    dist.all_reduce(flag)  # sum: > 0 when rank 0 was told
+    if flag.item() == 0:
+        return None
+    return reason or "told by the scheduler"
 
 
 def _span_figures(model: GPT) -> dict[str, Any]:

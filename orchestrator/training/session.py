@@ -28,6 +28,10 @@ class TrainSession(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         """Publish metrics (every rank calls this); rank 0 may attach a checkpoint directory."""
 
+    def directive(self) -> str | None:
+        """Rank 0 only, at step boundaries: why the job should checkpoint and stop now (the
+        scheduler preempts, migrates or cancels it), or None to go on. Must not block."""
+
 
 class LocalSession:
     """One process, no Ray: checkpoints go to `run_dir/checkpoint_<step>`, last `keep` kept."""
@@ -44,6 +48,9 @@ class LocalSession:
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
+
+    def directive(self) -> str | None:
+        return None  # no scheduler: a plain process runs to the end
 
     def checkpoints(self) -> list[Path]:
         return sorted(p for p in self.run_dir.glob("checkpoint_*") if p.is_dir())
@@ -84,12 +91,25 @@ class RayTrainSession:
         self.world_rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
+        # GPUs declared by node labels on a machine without CUDA (modelling a heterogeneous
+        # cluster on CPUs): Ray hands out the logical GPU, the worker trains on the CPU.
+        self.declared_gpu_only = self.device.type == "cuda" and not torch.cuda.is_available()
+        if self.declared_gpu_only:
+            self.device = torch.device("cpu")
         self.node_id = ray.get_runtime_context().get_node_id()
         self._worker_nodes: list[str] | None = None
+        self._asking = None  # the scheduler's answer on its way (an ObjectRef)
+        self._scheduler = None
+        self._asked_at = float("-inf")
+        self._last_checkpoint_at: float | None = None
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
 
+        if self.declared_gpu_only:  # Ray's prepare_model would move it to a CUDA device
+            model = model.to(self.device)
+            return torch.nn.parallel.DistributedDataParallel(model) \
+                if self.world_size > 1 else model
         return ray.train.torch.prepare_model(model)
 
     @contextlib.contextmanager
@@ -129,7 +149,36 @@ class RayTrainSession:
             self._worker_nodes = [str(n) for n in nodes]
         return self._worker_nodes
 
+    def directive(self) -> str | None:
+        """Asks the scheduler at most once a second without waiting: the answer is read at a
+        later step boundary. A run without a scheduler (plain Ray Train) never yields."""
+        import time
+
+        import ray
+        import ray.train
+
+        if self._asking is not None:
+            ready, _ = ray.wait([self._asking], timeout=0)
+            if not ready:
+                return None
+            try:
+                answer = ray.get(self._asking)
+            except ray.exceptions.RayError:  # the scheduler restarting: ask again later
+                answer = None
+            self._asking = None
+            if answer:
+                return f"{answer['kind']}: {answer['reason']}"
+        if time.monotonic() - self._asked_at >= 1.0:
+            self._asked_at = time.monotonic()
+            self._scheduler = self._scheduler or _scheduler_or_none()
+            if self._scheduler is not None:
+                job = ray.train.get_context().get_experiment_name()
+                self._asking = self._scheduler.directive.remote(job, self._last_checkpoint_at)
+        return None
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import time
+
         import ray.train
 
         from actors.telemetry import record_all
@@ -142,3 +191,16 @@ class RayTrainSession:
         metrics = {**metrics, "worker_nodes": self.worker_nodes()}
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            self._last_checkpoint_at = time.time()
+
+
+def _scheduler_or_none():
+    import ray
+
+    from actors.scheduler import NAMESPACE, SCHEDULER_NAME
+
+    try:
+        return ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None

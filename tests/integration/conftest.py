@@ -36,6 +36,11 @@ def cluster():
              "a100": c.add_node(num_cpus=2, num_gpus=8, labels=A100_LABELS)}
     c.wait_for_nodes()
     ray.init(address=c.address)
+    # The cluster's scheduler, with the waits a preemption or migration test can afford:
+    # a job may be preempted or moved after 2 s of running, a move costs 5 s.
+    from actors.cluster import ensure_scheduler
+
+    ensure_scheduler(min_run_s=2.0, restart_cost_s=5.0)
     ids = Nodes({name: node.node_id for name, node in nodes.items()})
     ids.cluster = c
     yield ids

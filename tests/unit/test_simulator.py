@@ -70,7 +70,7 @@ def test_a_job_waits_until_another_ends_while_a_smaller_one_backfills(policy):
 
 def test_backfill_zero_is_strict_fifo():
     jobs = by_id(simulate(trace((0, 100, 6), (5, 10, 4), (6, 10, 2)), "p100:8x1", "ours",
-                          backfill=0))
+                          backfill=False))
     assert jobs[2].start == 100  # waits behind the blocked job 1
 
 
@@ -156,10 +156,12 @@ def test_conservation_no_gpu_double_allocated_and_every_job_accounted_for(policy
         if j.status != FINISHED:
             continue
         assert j.start >= j.trace.submit_time_s and j.finish > j.start
-        held = [part.rsplit(":", 1) for part in j.nodes.split(";")]
-        assert sum(int(g) for _, g in held) == j.trace.num_gpus
-        for node, g in held:
-            events[node] += [(j.finish, -int(g)), (j.start, int(g))]
+        assert j.history[0][0] == j.start and j.history[-1][1] == j.finish
+        for start, end, nodes in j.history:  # several after a preemption or migration
+            held = [part.rsplit(":", 1) for part in nodes.split(";")]
+            assert sum(int(g) for _, g in held) == j.trace.num_gpus
+            for node, g in held:
+                events[node] += [(end, -int(g)), (start, int(g))]
     for node, evs in events.items():
         level = 0
         for _, delta in sorted(evs):  # releases sort before starts at the same instant

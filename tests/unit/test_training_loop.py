@@ -96,6 +96,34 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+class YieldingSession(LocalSession):
+    """The scheduler tells the job to yield the `on_call`-th time it is asked."""
+
+    def __init__(self, run_dir, on_call):
+        super().__init__(run_dir, device=CPU)
+        self.calls, self.on_call = 0, on_call
+
+    def directive(self):
+        self.calls += 1
+        return "preempt: for a job of higher priority" if self.calls == self.on_call else None
+
+
+def test_a_yield_checkpoints_at_the_step_boundary_and_resumes_to_the_same_weights(tmp_path):
+    # Hierarchical accumulation: stopping at step 11 leaves gradients pending in two groups.
+    config = tiny(max_steps=20, dropout=0.1, accumulation="embeddings=1,lower=2,upper=4,head=1")
+    full = train(config, LocalSession(tmp_path / "a", device=CPU))
+    told = YieldingSession(tmp_path / "b", on_call=2)  # asked at steps 5 and 10
+    stopped = train(config, told)
+    assert stopped["step"] == 11 and stopped["yielded"].startswith("preempt: ")
+    assert told.reports[-1]["yielded"] and told.checkpoints()[-1].name == "checkpoint_00000011"
+    resumed = train(config, LocalSession(tmp_path / "b", device=CPU))
+    assert resumed["start_step"] == 11 and resumed["step"] == 20
+    assert resumed["held_out_loss"] == full["held_out_loss"]
+    a = load_checkpoint(LocalSession(tmp_path / "a").checkpoints()[-1])["model"]
+    b = load_checkpoint(LocalSession(tmp_path / "b").checkpoints()[-1])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_with_another_model_shape_or_lr_is_refused(tmp_path):
     session = LocalSession(tmp_path, device=CPU)
     train(tiny(max_steps=10), session)

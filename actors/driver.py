@@ -1,0 +1,100 @@
+"""A job's life with the scheduler, as its driver lives it: submit, wait in the queue, run, and
+when the scheduler takes the placement back (preemption, migration), yield and run again.
+
+Any launcher wraps its own `fit(placement)` in `PlacedRun.run`; jobs/pretrain.py is one.
+`fit` must resume from the run's checkpoints (Ray Train does, given the same run name and
+storage) and return a result whose metrics carry "yielded" when the job stopped because the
+scheduler told it to (orchestrator/training/loop.py does that at a step boundary).
+
+A yield does not count as a failure (it never uses up Ray Train's `max_failures`: the run
+returns normally), and `--queue-timeout` covers only the first wait: a job the scheduler
+preempted waits as long as it takes to get back in.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import ray
+
+from orchestrator.config import JobSpec
+from orchestrator.placement import Placement, Queued, Rejection
+
+POLL_EVERY_S = 2.0
+SAY_EVERY_S = 30.0  # a waiting driver says where it stands this often
+
+
+class NotPlaced(Exception):
+    """The scheduler rejected the job, dropped it, or it waited past its queue timeout."""
+
+
+def driver_id() -> str:
+    """This driver's Ray job id: the scheduler reclaims what it holds if the driver dies."""
+    return ray.get_runtime_context().get_job_id()
+
+
+def describe(placement: Placement) -> str:
+    counts = Counter(placement.worker_nodes)
+    link = ("" if placement.bottleneck_gbps == float("inf")
+            else f"; slowest link {placement.bottleneck_gbps:.2f} GB/s")
+    return ", ".join(f"{n} worker(s) on node {node[:12]}" for node, n in counts.items()) + link
+
+
+class PlacedRun:
+    def __init__(self, scheduler, spec: JobSpec, queue_timeout_s: float,
+                 say: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
+        self.scheduler, self.spec, self.queue_timeout_s, self.say = \
+            scheduler, spec, queue_timeout_s, say
+        self.owner = driver_id()
+        self.yields: list[dict[str, Any]] = []  # what happened each time the job yielded
+
+    def run(self, fit: Callable[[Placement], Any]) -> tuple[Any, Placement]:
+        """Place, fit, and again after every yield; returns the last result and placement."""
+        decision = ray.get(self.scheduler.submit.remote(self.spec, self.owner))
+        placement = self.wait(decision, deadline_s=self.queue_timeout_s)
+        while True:
+            result = fit(placement)
+            reason = (result.metrics or {}).get("yielded")
+            if not reason:
+                return result, placement
+            step = result.metrics.get("step")
+            self.say(f"{self.spec.name} stopped at step {step} with a checkpoint: {reason}")
+            self.yields.append({"step": step, "reason": reason, "at": time.time()})
+            decision = ray.get(self.scheduler.yielded.remote(self.spec.name, self.owner))
+            placement = self.wait(decision, deadline_s=None)  # preempted time is not counted
+
+    def wait(self, decision, deadline_s: float | None) -> Placement:
+        """Poll until placed; NotPlaced on a rejection or past the deadline (None: no limit)."""
+        start = last_said = time.monotonic()
+        while isinstance(decision, Queued):
+            if deadline_s is not None and time.monotonic() - start >= deadline_s:
+                ray.get(self.scheduler.cancel.remote(self.spec.name, self.owner))
+                raise NotPlaced(f"gave up after waiting {deadline_s:g}s in the queue "
+                                f"(--queue-timeout): {decision.reason}")
+            if time.monotonic() - last_said >= SAY_EVERY_S or last_said == start:
+                self.say(f"queued ({decision.position} in line): {decision.reason}")
+                last_said = time.monotonic()
+            time.sleep(POLL_EVERY_S)
+            decision = ray.get(self.scheduler.poll.remote(self.spec.name, self.owner))
+        if isinstance(decision, Rejection):
+            raise NotPlaced(decision.message)
+        self.say(f"placement for {self.spec.name}: {describe(decision)}")
+        return decision
+
+    def current_placement(self, placement: Placement) -> Placement:
+        """The job's placement now: a node lost during training moves workers elsewhere."""
+        try:
+            current = ray.get(self.scheduler.poll.remote(self.spec.name, self.owner), timeout=30)
+        except Exception:  # the summary then compares with the last placement; never fatal
+            return placement
+        return current if isinstance(current, Placement) else placement
+
+    def release(self) -> str | None:
+        """Best effort; returns a warning instead of raising, so a failure here never hides
+        the job's own outcome. What is left held is reclaimed once this driver has exited."""
+        try:
+            ray.get(self.scheduler.release.remote(self.spec.name, self.owner), timeout=30)
+        except Exception as e:
+            return f"could not release the reservation of {self.spec.name}: {e}"
+        return None

@@ -1,0 +1,108 @@
+"""Preemption and migration on the live cluster, carried out through checkpoints.
+
+Drivers are separate processes (`python jobs/pretrain.py --address ...`), as users run them.
+Both jobs ask for the T4 node's declared GPUs, so they contend; declared GPUs train on the CPU
+with the gloo backend. The scheduler here lets a job be preempted or moved after 2 s of
+running and counts 5 s per restart (tests/integration/conftest.py).
+"""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ray
+
+from actors.cluster import ensure_control_plane
+from orchestrator.config import JobSpec
+
+PRETRAIN = str(Path(__file__).resolve().parents[2] / "jobs" / "pretrain.py")
+TINY = ["--model-size", "tiny", "--batch-size", "4", "--seq-len", "32", "--log-every", "2",
+        "--checkpoint-every", "100"]
+ON_T4 = ["--num-workers", "2", "--gpus-per-worker", "1", "--accelerator-type", "T4"]
+
+
+def start_driver(run_dir, *args):
+    address = ray.get_runtime_context().gcs_address
+    return subprocess.Popen([sys.executable, PRETRAIN, "--address", address, *TINY,
+                             "--run-dir", str(run_dir), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(driver, timeout_s=300):
+    out, _ = driver.communicate(timeout=timeout_s)
+    assert driver.returncode == 0, out[-3000:]
+    return out
+
+
+def summary(run_dir):
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def wait_until_training(run_dir, timeout_s=120):
+    """Until the run has logged a step (its workers are up and training)."""
+    deadline = time.monotonic() + timeout_s
+    while not (Path(run_dir) / "metrics.jsonl").exists():
+        assert time.monotonic() < deadline, f"{run_dir} never started training"
+        time.sleep(0.5)
+
+
+def test_preempted_job_yields_to_a_higher_priority_one_and_resumes_to_the_undisturbed_loss(
+        cluster, tmp_path):
+    low_args = [*ON_T4, "--max-steps", "400"]
+    reference = start_driver(tmp_path / "reference", *low_args)
+    finish(reference)
+
+    low = start_driver(tmp_path / "low", *low_args)
+    wait_until_training(tmp_path / "low")
+    time.sleep(2.5)  # past the scheduler's minimum run time between preemptions
+    submitted_at = time.time()
+    high = start_driver(tmp_path / "high", "--num-workers", "1", "--gpus-per-worker", "1",
+                        "--accelerator-type", "T4", "--max-steps", "4", "--priority", "10")
+    high_out = finish(high)
+    low_out = finish(low)
+
+    low_summary, high_summary, undisturbed = (summary(tmp_path / name)
+                                              for name in ("low", "high", "reference"))
+    (yielded,) = low_summary["yields"]
+    assert yielded["reason"].startswith("preempt: preempted for job 'high'"), low_out
+    assert yielded["at"] - submitted_at < 30  # the low job let go within 30 s
+    assert "stopped at step" in low_out and "queued" in high_out
+    assert high_summary["steps"] == 4 and high_summary["placement"] == [cluster["t4"]]
+    # The high job ran while the low one waited, then the low one resumed from its checkpoint.
+    high_first = json.loads((tmp_path / "high" / "metrics.jsonl").read_text().splitlines()[0])
+    assert high_first["time"] > yielded["at"]
+    assert low_summary["resumed_from_step"] == yielded["step"] < 400
+    assert low_summary["steps"] == 400
+    assert abs(low_summary["final_loss"] - undisturbed["final_loss"]) < 1e-5
+    assert abs(low_summary["held_out_loss"] - undisturbed["held_out_loss"]) < 1e-5
+
+
+def test_a_job_migrates_from_t4_to_a100_when_the_a100s_free(cluster, tmp_path):
+    scheduler, _ = ensure_control_plane()
+    blocker = ray.get(scheduler.place.remote(JobSpec(
+        "a100-blocker", num_workers=1, cpus_per_worker=0.01, gpus_per_worker=8,
+        accelerator_types=("A100",))))
+    assert blocker.nodes == [cluster["a100"]]
+    try:
+        mover = start_driver(tmp_path / "mover", "--num-workers", "1", "--gpus-per-worker", "1",
+                             "--max-steps", "600", "--expected-duration-s", "3600")
+        wait_until_training(tmp_path / "mover")
+        first = summary_of_placement(tmp_path / "mover")
+        assert first == cluster["t4"]  # the only free GPUs
+        time.sleep(2.5)
+    finally:
+        ray.get(scheduler.release.remote("a100-blocker"))
+    out = finish(mover)
+    moved = summary(tmp_path / "mover")
+    (yielded,) = moved["yields"]
+    assert yielded["reason"].startswith("migrate: migrating from T4 to A100"), out
+    assert moved["placement"] == [cluster["a100"]] and moved["placement_honoured"]
+    assert moved["resumed_from_step"] == yielded["step"] and moved["steps"] == 600
+
+
+def summary_of_placement(run_dir):
+    """The node of the run's first logged step (metrics.jsonl carries the workers' nodes)."""
+    first = json.loads((Path(run_dir) / "metrics.jsonl").read_text().splitlines()[0])
+    (node,) = set(first["worker_nodes"])
+    return node
