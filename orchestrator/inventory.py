@@ -271,7 +271,8 @@ class ClusterState:
         peers, gbps = self.table.known_links(row)
         out = np.full(len(rows), self.inter_group_gbps)
         if len(peers):
-            at = np.minimum(np.searchsorted(peers, rows), len(peers) - 1)
+            by_row = np.argsort(peers)
+            at = by_row[np.minimum(np.searchsorted(peers, rows, sorter=by_row), len(peers) - 1)]
             hit = peers[at] == rows
             out[hit] = gbps[at[hit]]
         return out
@@ -419,7 +420,7 @@ class NodeTable:
         return rows
 
     def known_links(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, GB/s), rows ascending: every node with a declared or measured link to the
+        """(rows, GB/s), fastest first: every node with a declared or measured link to the
         node in `row`, and that link's bandwidth. Every other node is inter-group from it
         (ClusterState.inter_group_gbps).
 
@@ -446,7 +447,7 @@ class NodeTable:
             undeclared = ~np.isin(rows, members)
             rows = np.concatenate([members, rows[undeclared]])
             gbps = np.concatenate([declared, gbps[undeclared]])
-        order = np.argsort(rows)
+        order = np.lexsort((rows, -gbps))  # fastest first; by row among equals
         self._links[row] = rows[order], gbps[order]
         return self._links[row]
 

@@ -1,46 +1,69 @@
 #!/usr/bin/env python
-"""Benchmark of orchestrator.placement.place() against a naive first-fit, on a synthetic cluster.
+"""Placement benchmark: place() against first-fit and best-fit, under churn, at 10,000 nodes.
 
-A heterogeneous inventory (8xA100-80GB, 8xH100, 4xT4, 8xV100 and CPU-only nodes, in racks of
-16-32 nodes of one type, each rack a network group with a bandwidth tier) with ~30% of its GPUs
-held by background work, and a stream of GPU jobs of 1-64 workers (most small). Each job is
-placed, then held (reserved); once the GPUs held pass a threshold the oldest jobs are released,
-so the cluster stays busy and fragmented while jobs keep fitting. The same stream is run by
-both policies, each on its own copy of the same inventory.
+Baselines are the product's own policies (orchestrator/policies.py: `first_fit`, `best_fit`),
+set up as well as a user would: the node table is listed in rack order, as real clusters list
+their nodes, so first-fit's consecutive nodes are mostly rack-mates. Every policy runs the same
+job stream on its own fresh copy of the same cluster, and what it places is reserved exactly
+as the live scheduler does (Placement.reservations() + state.reserve).
 
-Only the place() call is timed. Prints a short table, then, as the last line, one JSON object.
+Two clusters, each `--nodes` nodes:
+- declared: a heterogeneous inventory (8xA100-80GB, 8xH100, 4xT4, 8xV100 and CPU-only nodes,
+  racks of 16-32 nodes of one type, each rack a declared network group with a bandwidth tier,
+  1.25 GB/s between racks), ~30% of its GPUs held by background work; GPU jobs of 1-64
+  one-GPU workers (most small), some asking a GPU type or free GPU memory.
+- measured: 8-GPU nodes in racks of 16, no labels at all: each agent measured its 15
+  rack-mates (10-25 GB/s) and 8 random nodes in other racks (1-3 GB/s); pairs nobody
+  measured count as inter_group_gbps = 1.0 GB/s (below every measured figure, so an
+  unmeasured pair is never mistaken for a fast one); ~30% of the GPUs held by background
+  work; jobs of 2-16 nodes' worth of one-GPU workers (16-128 GPUs).
+Jobs are placed and held; while more than a threshold share of the GPUs is held the oldest
+jobs are released, so the cluster stays busy and fragmented while jobs keep coming.
 
-    python scripts/bench_placement.py [--nodes 10000] [--jobs 1000] [--seed 0] [--profile 200]
+Only the policy call is timed. Prints a table per cluster, then, as the last line, one JSON
+object; "like for like" figures are over the jobs every policy placed (the same jobs), and
+bottleneck means over those every policy put on two or more nodes (one node has no network
+link). The headline keys: placements_per_s, p50/p99_ms (ours, over every place() call of
+both streams); measured_*bottleneck_gbps_mean (measured cluster, like for like);
+*nodes_spanned_mean (both clusters, like for like).
 
-No Ray: this is pure placement logic, and runs in the unit tier's sandbox.
+The actor part (the default; --no-actor skips it; it runs last, on a private local Ray
+instance) starts a live SchedulerActor with synthetic_nodes=True, loads the declared
+cluster's reports (report_many; no background reservations, so only the callers' own jobs
+are held) and has 4 concurrent callers each submit a job then release it, through Ray, GCS
+persistence included: actor_placements_per_s = jobs placed / wall time.
+
+    python scripts/bench_placement.py [--nodes 10000] [--jobs 2000] [--seed 0] [--no-actor]
+                                      [--actor-jobs 1000] [--profile N]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections import deque
-from itertools import combinations
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
-
-try:
-    import orchestrator  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.config import JobSpec
 from orchestrator.inventory import (GIB, LABEL_NETWORK_GBPS, LABEL_NETWORK_GROUP, ClusterState,
                                     GpuInfo, NodeReport, Reservation)
-from orchestrator.placement import PlacementError, place, worker_capacity
+from orchestrator.placement import Placement, bottleneck_gbps
+from orchestrator.policies import best_fit, first_fit, ours
 
 NOW = 1_000.0
 TARGET_PLACEMENTS_PER_S = 1_000.0
 TARGET_P99_MS = 10.0
+TARGET_ACTOR_PLACEMENTS_PER_S = 200.0
+TARGET_BESTFIT_BANDWIDTH_RATIO = 2.0
+POLICIES: dict[str, Callable[..., Placement | None]] = {
+    "ours": ours, "first-fit": first_fit, "best-fit": best_fit}
+CPUS_PER_BACKGROUND_GPU = 4
 
+# -- the declared cluster -------------------------------------------------------------------------
 # name, share of racks, GPU name, GPUs, GPU memory GiB, Ray CPUs, RAM GiB, rack GB/s
 NODE_TYPES = (
     ("a100", 0.25, "NVIDIA A100-SXM4-80GB", 8, 80.0, 96, 1024, 25.0),
@@ -49,10 +72,8 @@ NODE_TYPES = (
     ("v100", 0.20, "Tesla V100-SXM2-32GB", 8, 32.0, 64, 512, 12.5),
     ("cpu", 0.20, "", 0, 0.0, 32, 128, 3.125),
 )
-CPUS_PER_BACKGROUND_GPU = 4
-
-# Job stream: GPUs per job (one GPU per worker) and how often each size comes.
-JOB_SIZES = (1, 2, 4, 8, 16, 32, 64)
+DECLARED_INTER_GROUP_GBPS = 1.25
+JOB_SIZES = (1, 2, 4, 8, 16, 32, 64)  # one-GPU workers per job
 JOB_SIZE_P = (0.30, 0.18, 0.17, 0.17, 0.09, 0.06, 0.03)
 CPUS_PER_WORKER = (4.0, 6.0, 8.0)
 CPUS_PER_WORKER_P = (0.7, 0.2, 0.1)
@@ -60,70 +81,102 @@ ACCELERATORS = ((), ("A100",), ("H100",), ("A100", "H100"), ("V100",))
 ACCELERATORS_P = (0.65, 0.12, 0.10, 0.05, 0.08)
 MIN_GPU_MEMORY = (0.0, 20.0, 40.0)  # 20 excludes T4; 40 excludes T4 and V100
 MIN_GPU_MEMORY_P = (0.7, 0.15, 0.15)
-HOLD_THRESHOLD = 0.40  # release the oldest jobs while more than this share of GPUs is held
+DECLARED_HOLD = 0.40  # release the oldest jobs while more than this share of GPUs is held
+
+# -- the measured cluster -------------------------------------------------------------------------
+RACK_SIZE = 16
+GPUS_PER_NODE = 8
+INTRA_RACK_GBPS = (10.0, 25.0)
+CROSS_RACK_GBPS = (1.0, 3.0)
+CROSS_RACK_PEERS = 8  # random nodes of other racks each agent measured
+MEASURED_INTER_GROUP_GBPS = 1.0
+NODES_WORTH = (2, 3, 4, 6, 8, 12, 16)  # job sizes, in nodes' worth of GPUs
+NODES_WORTH_P = (0.25, 0.15, 0.20, 0.12, 0.12, 0.08, 0.08)
+MEASURED_HOLD = 0.60
 
 
-# -- the synthetic cluster ------------------------------------------------------------------------
+@dataclass
+class Cluster:
+    """A synthetic cluster and its job stream: everything needed to build identical copies."""
 
-def build_cluster(n_nodes: int, seed: int) -> tuple[ClusterState, dict]:
-    """A fresh ClusterState of `n_nodes` nodes, the same for the same seed."""
+    name: str
+    reports: list[NodeReport]
+    background: list[Reservation]
+    rack_of: dict[str, str]  # node id -> rack (the measured cluster declares none)
+    inter_group_gbps: float
+    hold: float  # release the oldest jobs while more than this share of GPUs is held
+    jobs: list[JobSpec]
+    total_gpus: int = 0
+    info: dict = field(default_factory=dict)
+
+    def fresh_state(self) -> ClusterState:
+        state = ClusterState(inter_group_gbps=self.inter_group_gbps)
+        for report in self.reports:
+            state.update(report, now=NOW)
+        for r in self.background:
+            state.reserve(r.job_name, [r])
+        return state
+
+
+def _gpus(rng, node_id: str, gpu_name: str, n_gpus: int, mem_gib: float) -> tuple[int, tuple]:
+    """(GPUs busy with background work, the node's GpuInfos): ~55% of GPU nodes idle, ~15%
+    full, ~30% partly used. Busy GPUs have little memory free; idle ones nearly all."""
+    busy = 0
+    if n_gpus:
+        u = rng.random()
+        busy = 0 if u < 0.55 else n_gpus if u < 0.70 else int(rng.integers(1, n_gpus))
+    gpus = tuple(GpuInfo(index=i, name=gpu_name, memory_total_bytes=int(mem_gib * GIB),
+                         memory_free_bytes=int((float(rng.uniform(0.5, 0.35 * mem_gib)) if i < busy
+                                                else mem_gib - float(rng.uniform(0.3, 1.0))) * GIB),
+                         utilization_pct=float(rng.uniform(60, 100)) if i < busy else 0.0,
+                         uuid=f"GPU-{node_id}-{i}")
+                 for i in range(n_gpus))
+    return busy, gpus
+
+
+def _report(rng, node_id: str, cpus: int, ram_gib: int, busy: int, gpus: tuple, labels=None,
+            bandwidth=None) -> NodeReport:
+    busy_share = busy / len(gpus) if gpus else float(rng.uniform(0, 0.5))
+    return NodeReport(
+        node_id=node_id, hostname=node_id, ray_cpus=float(cpus), ray_gpus=float(len(gpus)),
+        cpu_count=cpus, load_avg_1m=cpus * min(1.0, busy_share * 0.9 + float(rng.uniform(0, 0.1))),
+        ram_total_bytes=ram_gib * GIB,
+        ram_available_bytes=int(ram_gib * GIB * (1 - 0.6 * busy_share)),
+        gpus=gpus, labels=labels or {}, bandwidth_gbps=bandwidth or {})
+
+
+def _background(node_id: str, busy: int) -> Reservation:
+    return Reservation(f"background/{node_id}", node_id, busy * CPUS_PER_BACKGROUND_GPU, busy)
+
+
+def declared_cluster(n_nodes: int, n_jobs: int, seed: int) -> Cluster:
+    """The heterogeneous cluster, racks declared by labels and listed in rack order."""
     rng = np.random.default_rng([seed, 0])
     shares = np.array([t[1] for t in NODE_TYPES])
-    specs = []  # (node_id, type index, rack name)
-    rack = 0
-    while len(specs) < n_nodes:
-        kind = int(rng.choice(len(NODE_TYPES), p=shares))
-        size = min(int(rng.integers(16, 33)), n_nodes - len(specs))
-        name = NODE_TYPES[kind][0]
-        specs += [(f"{name}-r{rack:04d}-n{i:02d}", kind, f"rack-{rack:04d}") for i in range(size)]
-        rack += 1
-    order = rng.permutation(len(specs))  # interleave racks: table order is not rack order
-
-    state = ClusterState()  # inter_group_gbps left at its default (1.25 GB/s)
-    background: list[tuple[str, int]] = []  # (node id, GPUs held by background work)
+    reports, background, rack_of = [], [], {}
     per_type = {t[0]: 0 for t in NODE_TYPES}
-    total_gpus = 0
-    for idx in order:
-        node_id, kind, rack_name = specs[idx]
+    rack = 0
+    while len(reports) < n_nodes:
+        kind = int(rng.choice(len(NODE_TYPES), p=shares))
         name, _, gpu_name, n_gpus, mem_gib, cpus, ram_gib, gbps = NODE_TYPES[kind]
-        per_type[name] += 1
-        total_gpus += n_gpus
-        # Background work: ~55% of GPU nodes idle, ~15% full, ~30% partly used (~30% of GPUs).
-        busy = 0
-        if n_gpus:
-            u = rng.random()
-            busy = 0 if u < 0.55 else n_gpus if u < 0.70 else int(rng.integers(1, n_gpus))
-        gpus = []
-        for i in range(n_gpus):
-            if i < busy:  # busy GPUs have little memory free
-                free = float(rng.uniform(0.5, 0.35 * mem_gib))
-            else:  # idle: the driver and context hold a little
-                free = mem_gib - float(rng.uniform(0.3, 1.0))
-            gpus.append(GpuInfo(index=i, name=gpu_name, memory_total_bytes=int(mem_gib * GIB),
-                                memory_free_bytes=int(free * GIB),
-                                utilization_pct=float(rng.uniform(60, 100)) if i < busy else 0.0,
-                                uuid=f"GPU-{node_id}-{i}"))
-        busy_share = busy / n_gpus if n_gpus else float(rng.uniform(0, 0.5))
-        load = cpus * min(1.0, busy_share * 0.9 + float(rng.uniform(0, 0.1)))
-        report = NodeReport(
-            node_id=node_id, hostname=node_id, ray_cpus=float(cpus), ray_gpus=float(n_gpus),
-            cpu_count=cpus, load_avg_1m=load, ram_total_bytes=ram_gib * GIB,
-            ram_available_bytes=int(ram_gib * GIB * (1 - 0.6 * busy_share)), gpus=tuple(gpus),
-            labels={LABEL_NETWORK_GROUP: rack_name, LABEL_NETWORK_GBPS: str(gbps)})
-        state.update(report, now=NOW)
-        if busy:
-            background.append((node_id, busy))
-    background_gpus = 0
-    for node_id, busy in background:
-        state.reserve(f"background/{node_id}", [Reservation(
-            f"background/{node_id}", node_id, busy * CPUS_PER_BACKGROUND_GPU, busy)])
-        background_gpus += busy
-    info = {"racks": rack, "per_type": per_type, "total_gpus": total_gpus,
-            "background_gpus": background_gpus}
-    return state, info
+        rack_name = f"rack-{rack:04d}"
+        for i in range(min(int(rng.integers(16, 33)), n_nodes - len(reports))):
+            node_id = f"{name}-r{rack:04d}-n{i:02d}"
+            busy, gpus = _gpus(rng, node_id, gpu_name, n_gpus, mem_gib)
+            reports.append(_report(rng, node_id, cpus, ram_gib, busy, gpus, labels={
+                LABEL_NETWORK_GROUP: rack_name, LABEL_NETWORK_GBPS: str(gbps)}))
+            background += [_background(node_id, busy)] if busy else []
+            rack_of[node_id] = rack_name
+            per_type[name] += 1
+        rack += 1
+    cluster = Cluster("declared", reports, background, rack_of, DECLARED_INTER_GROUP_GBPS,
+                      DECLARED_HOLD, declared_jobs(n_jobs, seed))
+    cluster.total_gpus = sum(len(r.gpus) for r in reports)
+    cluster.info = {"racks": rack, "per_type": per_type}
+    return cluster
 
 
-def job_stream(n_jobs: int, seed: int) -> list[JobSpec]:
+def declared_jobs(n_jobs: int, seed: int) -> list[JobSpec]:
     rng = np.random.default_rng([seed, 1])
     sizes = rng.choice(JOB_SIZES, size=n_jobs, p=JOB_SIZE_P)
     cpus = rng.choice(CPUS_PER_WORKER, size=n_jobs, p=CPUS_PER_WORKER_P)
@@ -138,113 +191,127 @@ def job_stream(n_jobs: int, seed: int) -> list[JobSpec]:
             for i in range(n_jobs)]
 
 
-# -- the policies ---------------------------------------------------------------------------------
-
-def bottleneck_gbps(state: ClusterState, node_ids: list[str]) -> float:
-    """Slowest link between any two of the nodes (inf for one node: no network crossed)."""
-    if len(node_ids) < 2:
-        return math.inf
-    return min(state.pair_bandwidth_gbps(a, b) for a, b in combinations(node_ids, 2))
-
-
-def first_fit(spec: JobSpec, state: ClusterState, now: float) -> list[str]:
-    """Naive baseline: walk the nodes in table order, taking every free slot until the job's
-    workers are covered. Returns the node id of each worker; raises ValueError if none fits."""
-    capacity = worker_capacity(spec, state, now)
-    covered = np.cumsum(capacity)
-    if len(covered) == 0 or covered[-1] < spec.num_workers:
-        raise ValueError(f"first-fit: no room for job '{spec.name}'")
-    last = int(np.searchsorted(covered, spec.num_workers))  # first row covering the job
-    ids = state.table.ids
-    workers: list[str] = []
-    for row in np.flatnonzero(capacity[:last + 1]):
-        workers += [ids[row]] * min(int(capacity[row]), spec.num_workers - len(workers))
-    return workers
-
-
-def reservations_of(spec: JobSpec, workers: list[str]) -> list[Reservation]:
-    per_node: dict[str, int] = {}
-    for node_id in workers:
-        per_node[node_id] = per_node.get(node_id, 0) + 1
-    return [Reservation(spec.name, node_id, count * spec.cpus_per_worker,
-                        count * spec.gpus_per_worker) for node_id, count in per_node.items()]
-
-
-def _ours(spec: JobSpec, state: ClusterState) -> list[str]:
-    return list(place(spec, state, NOW, explain=False).worker_nodes)
+def measured_cluster(n_nodes: int, n_jobs: int, seed: int) -> Cluster:
+    """8-GPU nodes in racks of RACK_SIZE, no labels: only the agents' measurements (to their
+    rack-mates and to CROSS_RACK_PEERS random nodes elsewhere) say where the racks are."""
+    rng = np.random.default_rng([seed, 2])
+    ids = [f"r{i // RACK_SIZE:04d}-n{i % RACK_SIZE:02d}" for i in range(n_nodes)]
+    reports, background = [], []
+    for i, node_id in enumerate(ids):
+        rack = i // RACK_SIZE
+        mates = [j for j in range(rack * RACK_SIZE, min((rack + 1) * RACK_SIZE, n_nodes)) if j != i]
+        others = rng.integers(0, n_nodes, size=CROSS_RACK_PEERS * 2)
+        others = [int(j) for j in dict.fromkeys(others.tolist())
+                  if j // RACK_SIZE != rack][:CROSS_RACK_PEERS]
+        # Each agent measures its own direction; a pair counts at the slower of the two.
+        bandwidth = {ids[j]: float(g)
+                     for j, g in zip(mates, rng.uniform(*INTRA_RACK_GBPS, len(mates)))}
+        bandwidth.update({ids[j]: float(g)
+                          for j, g in zip(others, rng.uniform(*CROSS_RACK_GBPS, len(others)))})
+        busy, gpus = _gpus(rng, node_id, "NVIDIA A100-SXM4-80GB", GPUS_PER_NODE, 80.0)
+        reports.append(_report(rng, node_id, 96, 1024, busy, gpus, bandwidth=bandwidth))
+        background += [_background(node_id, busy)] if busy else []
+    jobs_rng = np.random.default_rng([seed, 3])
+    worth = jobs_rng.choice(NODES_WORTH, size=n_jobs, p=NODES_WORTH_P)
+    jobs = [JobSpec(f"job-{i:05d}", num_workers=int(w) * GPUS_PER_NODE, cpus_per_worker=4.0,
+                    gpus_per_worker=1) for i, w in enumerate(worth)]
+    cluster = Cluster("measured", reports, background,
+                      {n: n.split("-")[0] for n in ids}, MEASURED_INTER_GROUP_GBPS,
+                      MEASURED_HOLD, jobs)
+    cluster.total_gpus = GPUS_PER_NODE * n_nodes
+    cluster.info = {"racks": -(-n_nodes // RACK_SIZE)}
+    return cluster
 
 
-def _baseline(spec: JobSpec, state: ClusterState) -> list[str]:
-    return first_fit(spec, state, NOW)
+# -- running a stream -----------------------------------------------------------------------------
+
+@dataclass
+class Placed:
+    nodes: int
+    racks: int
+    bottleneck: float  # inf for a single node
 
 
-POLICIES = {"ours": (_ours, (PlacementError,)), "baseline": (_baseline, (ValueError,))}
-
-
-def run_stream(policy: str, jobs: list[JobSpec], state: ClusterState, total_gpus: int,
-               background_gpus: int, warmup: int = 5) -> dict:
-    """Place, hold and release the job stream with one policy; time only the policy call."""
-    call, refused = POLICIES[policy]
-    for spec in jobs[:warmup]:  # warm caches and numpy; nothing is reserved
-        try:
-            call(JobSpec(**{**spec.to_dict(), "name": f"warmup/{spec.name}"}), state)
-        except refused:
-            pass
+def run_stream(policy: str, cluster: Cluster, warmup: int = 5) -> dict:
+    """Place, hold and release the cluster's job stream with one policy on a fresh copy of the
+    cluster; time only the policy call."""
+    state = cluster.fresh_state()
+    call = POLICIES[policy]
+    for spec in cluster.jobs[:warmup]:  # warm caches; nothing is reserved
+        call(JobSpec(**{**spec.to_dict(), "name": f"warmup/{spec.name}"}), state, NOW)
     held: deque[tuple[str, int]] = deque()
-    held_gpus = background_gpus
-    latency_ms, placed_ms, rejected_ms = [], [], []
-    spans, bottlenecks, groups_spanned, placed_names = [], [], [], {}
-    rejected = 0
-    for spec in jobs:
+    held_gpus = sum(r.gpus for r in cluster.background)
+    latency_ms, placed = [], {}
+    for spec in cluster.jobs:
         start = time.perf_counter()
-        try:
-            workers = call(spec, state)
-        except refused:
-            ms = (time.perf_counter() - start) * 1e3
-            latency_ms.append(ms)
-            rejected_ms.append(ms)
-            rejected += 1
+        placement = call(spec, state, NOW)
+        latency_ms.append((time.perf_counter() - start) * 1e3)
+        if placement is None:
             continue
-        ms = (time.perf_counter() - start) * 1e3
-        latency_ms.append(ms)
-        placed_ms.append(ms)
-        nodes = list(dict.fromkeys(workers))
-        assert len(workers) == spec.num_workers, (policy, spec.name, workers)
-        spans.append(len(nodes))
-        placed_names[spec.name] = len(nodes)
-        if len(nodes) > 1:
-            bottlenecks.append(bottleneck_gbps(state, nodes))
-            groups_spanned.append(len({state.table.group_of(n) for n in nodes}))
-        state.reserve(spec.name, reservations_of(spec, workers))
+        assert len(placement.worker_nodes) == spec.num_workers, (policy, spec.name)
+        placed[spec.name] = Placed(len(placement.nodes),
+                                   len({cluster.rack_of[n] for n in placement.nodes}),
+                                   bottleneck_gbps(state, placement.nodes))
+        state.reserve(spec.name, placement.reservations())
         held.append((spec.name, spec.total_gpus))
         held_gpus += spec.total_gpus
-        while held and held_gpus > HOLD_THRESHOLD * total_gpus:
+        while held and held_gpus > cluster.hold * cluster.total_gpus:
             name, gpus = held.popleft()
             state.release(name)
             held_gpus -= gpus
-    total_s = sum(latency_ms) / 1e3
-    lat = np.array(latency_ms)
-    return {
-        "placed": len(placed_ms), "rejected": rejected,
-        "time_in_place_s": total_s,
-        "placements_per_s": len(placed_ms) / total_s if total_s else 0.0,
-        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else 0.0,
-        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else 0.0,
-        "max_ms": float(lat.max()) if len(lat) else 0.0,
-        "placed_p50_ms": float(np.percentile(placed_ms, 50)) if placed_ms else 0.0,
-        "placed_p99_ms": float(np.percentile(placed_ms, 99)) if placed_ms else 0.0,
-        "rejected_mean_ms": float(np.mean(rejected_ms)) if rejected_ms else 0.0,
-        "nodes_spanned_mean": float(np.mean(spans)) if spans else 0.0,
-        "multinode_jobs": len(bottlenecks),
-        "bottleneck_gbps_mean_multinode": float(np.mean(bottlenecks)) if bottlenecks else None,
-        "bottleneck_gbps_min_multinode": float(np.min(bottlenecks)) if bottlenecks else None,
-        "cross_group_jobs": sum(g > 1 for g in groups_spanned),
-        "held_gpu_fraction_end": held_gpus / total_gpus if total_gpus else 0.0,
-        "_spans": placed_names,
-    }
+    return {"latency_ms": np.array(latency_ms), "placed": placed,
+            "held_gpu_fraction_end": held_gpus / max(cluster.total_gpus, 1)}
 
 
-# -- reporting ------------------------------------------------------------------------------------
+def _mean(values) -> float | None:
+    values = list(values)
+    return float(np.mean(values)) if values else None
+
+
+def summarise(runs: dict[str, dict], jobs: list[JobSpec]) -> dict[str, dict]:
+    """Per policy: speed over all calls; spans and bandwidth over all it placed, and over the
+    jobs every policy placed (like for like: the same jobs, so the same sizes)."""
+    names = [j.name for j in jobs]
+    common = [n for n in names if all(n in run["placed"] for run in runs.values())]
+    out = {}
+    for policy, run in runs.items():
+        placed, lat = run["placed"], run["latency_ms"]
+        multi = [p for p in placed.values() if p.nodes > 1]
+        both = [placed[n] for n in common]
+        total_s = lat.sum() / 1e3
+        out[policy] = {
+            "placed": len(placed), "rejected": len(jobs) - len(placed),
+            "placements_per_s": len(placed) / total_s if total_s else 0.0,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "max_ms": float(lat.max()),
+            "nodes_spanned_mean": _mean(p.nodes for p in placed.values()),
+            "multinode_jobs": len(multi),
+            "cross_rack_jobs": sum(p.racks > 1 for p in placed.values()),
+            "bottleneck_gbps_mean_multinode": _mean(p.bottleneck for p in multi),
+            "like_for_like_jobs": len(common),
+            "nodes_spanned_mean_common": _mean(p.nodes for p in both),
+            "cross_rack_jobs_common": sum(p.racks > 1 for p in both),
+            # Over the common jobs placed on several nodes by every policy (a single node has
+            # no network link: its bottleneck is infinite and would swamp a mean).
+            "bottleneck_gbps_mean_common": _mean(
+                placed[n].bottleneck for n in common
+                if all(run_["placed"][n].nodes > 1 for run_ in runs.values())),
+            "held_gpu_fraction_end": run["held_gpu_fraction_end"],
+            "_latency_ms": lat,
+        }
+    return out
+
+
+ROWS = (("placed", "placed"), ("rejected", "rejected"), ("placements/s", "placements_per_s"),
+        ("p50 ms", "p50_ms"), ("p99 ms", "p99_ms"), ("max ms", "max_ms"),
+        ("nodes spanned (mean, all placed)", "nodes_spanned_mean"),
+        ("multi-node jobs", "multinode_jobs"), ("  of which cross-rack", "cross_rack_jobs"),
+        ("bottleneck GB/s (multi-node mean)", "bottleneck_gbps_mean_multinode"),
+        ("like for like: jobs all placed", "like_for_like_jobs"),
+        ("  nodes spanned (mean)", "nodes_spanned_mean_common"),
+        ("  cross-rack jobs", "cross_rack_jobs_common"),
+        ("  bottleneck GB/s (all on 2+ nodes)", "bottleneck_gbps_mean_common"))
+
 
 def _fmt(value) -> str:
     if value is None:
@@ -254,131 +321,171 @@ def _fmt(value) -> str:
     return f"{value:,}"
 
 
-def profile_place(n_nodes: int, n_jobs: int, seed: int, calls: int) -> None:
-    """cProfile `calls` place() calls of the stream (held as in the benchmark) to stderr."""
+def print_table(cluster: Cluster, by_policy: dict[str, dict]) -> None:
+    jobs = cluster.jobs
+    print(f"\n[{cluster.name}] {len(cluster.reports):,} nodes in {cluster.info['racks']:,} racks "
+          f"(listed in rack order), {cluster.total_gpus:,} GPUs, "
+          f"{sum(r.gpus for r in cluster.background):,} held by background work; "
+          f"inter_group_gbps {cluster.inter_group_gbps:g}; {len(jobs):,} jobs asking "
+          f"{sum(j.total_gpus for j in jobs):,} GPUs, oldest released while > "
+          f"{cluster.hold:.0%} of GPUs are held")
+    print(f"{'':38}" + "".join(f"{p:>12}" for p in by_policy))
+    for label, key in ROWS:
+        print(f"{label:38}" + "".join(f"{_fmt(m[key]):>12}" for m in by_policy.values()))
+
+
+# -- the live actor -------------------------------------------------------------------------------
+
+def actor_placements_per_s(cluster: Cluster, n_jobs: int, callers: int = 4) -> dict:
+    """Placements per second through a live SchedulerActor on the cluster's nodes (reported
+    as synthetic nodes): `callers` threads each submit a job then release it, through Ray."""
+    import threading
+
+    import ray
+
+    from actors.scheduler import SchedulerActor
+
+    # A private local instance ("local"), not a cluster this machine may already run.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        # Heartbeats never come again: keep the nodes healthy for the whole run.
+        scheduler = SchedulerActor.options(name="bench-placement-scheduler",
+                                           namespace="bench-placement").remote(
+            synthetic_nodes=True, suspect_after_s=3600.0, dead_after_s=7200.0)
+        start = time.perf_counter()
+        taken = sum(ray.get([scheduler.report_many.remote(cluster.reports[i:i + 1000])
+                             for i in range(0, len(cluster.reports), 1000)]))
+        load_s = time.perf_counter() - start
+        jobs = cluster.jobs[:n_jobs]
+        outcomes: list[str] = []
+
+        def caller(k: int) -> None:
+            for spec in jobs[k::callers]:
+                decision = ray.get(scheduler.submit.remote(spec, "bench"))
+                outcomes.append(type(decision).__name__)
+                ray.get(scheduler.release.remote(spec.name, "bench"))
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(callers)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    placed = outcomes.count("Placement")
+    return {"actor_placements_per_s": placed / wall, "actor_jobs": len(outcomes),
+            "actor_placed": placed, "actor_nodes_reported": taken,
+            "actor_load_s": load_s, "actor_callers": callers}
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+def profile_place(cluster: Cluster, calls: int) -> None:
+    """cProfile `calls` place() calls of the cluster's stream (held as in the benchmark)."""
     import cProfile
     import pstats
 
-    state, info = build_cluster(n_nodes, seed)
-    jobs = job_stream(max(n_jobs, calls), seed)[:calls]
     profiler = cProfile.Profile()
-    held_gpus = info["background_gpus"]
-    held: deque[tuple[str, int]] = deque()
-    for spec in jobs:
-        profiler.enable()
-        try:
-            placement = place(spec, state, NOW, explain=False)
-        except PlacementError:
-            profiler.disable()
-            continue
-        profiler.disable()
-        state.reserve(spec.name, placement.reservations())
-        held.append((spec.name, spec.total_gpus))
-        held_gpus += spec.total_gpus
-        while held and held_gpus > HOLD_THRESHOLD * info["total_gpus"]:
-            name, gpus = held.popleft()
-            state.release(name)
-            held_gpus -= gpus
-    print(f"\ncProfile of {calls} place() calls at {n_nodes} nodes (top 15 cumulative):",
-          file=sys.stderr)
+    small = Cluster(**{**cluster.__dict__, "jobs": cluster.jobs[:calls]})
+    profiler.runcall(run_stream, "ours", small)
+    print(f"\ncProfile of {calls} jobs of the {cluster.name} stream with place() "
+          "(top 15 cumulative):", file=sys.stderr)
     pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(15)
+
+
+def run(nodes: int, jobs: int, seed: int, actor: bool = True, actor_jobs: int = 1_000,
+        profile: int = 0, quiet: bool = False) -> dict:
+    wall = time.perf_counter()
+    clusters = [declared_cluster(nodes, jobs, seed), measured_cluster(nodes, jobs, seed)]
+    results = {}
+    for cluster in clusters:
+        runs = {policy: run_stream(policy, cluster) for policy in POLICIES}
+        results[cluster.name] = summarise(runs, cluster.jobs)
+        if not quiet:
+            print_table(cluster, results[cluster.name])
+    declared, measured = results["declared"], results["measured"]
+    latency = np.concatenate([declared["ours"]["_latency_ms"], measured["ours"]["_latency_ms"]])
+    placed = declared["ours"]["placed"] + measured["ours"]["placed"]
+    spans = {p: [results[c][p]["nodes_spanned_mean_common"] * results[c][p]["like_for_like_jobs"]
+                 for c in results] for p in POLICIES}
+    common_jobs = sum(results[c]["ours"]["like_for_like_jobs"] for c in results)
+    result = {
+        "nodes": nodes, "jobs_per_cluster": jobs, "seed": seed,
+        # Ours, pure place(), over every call of both streams (10,000 nodes by default).
+        "placements_per_s": placed / (latency.sum() / 1e3),
+        "p50_ms": float(np.percentile(latency, 50)), "p99_ms": float(np.percentile(latency, 99)),
+        "max_ms": float(latency.max()),
+        # The measured cluster, over the jobs every policy placed (all multi-node).
+        "measured_bottleneck_gbps_mean": measured["ours"]["bottleneck_gbps_mean_common"],
+        "measured_bestfit_bottleneck_gbps_mean":
+            measured["best-fit"]["bottleneck_gbps_mean_common"],
+        "measured_firstfit_bottleneck_gbps_mean":
+            measured["first-fit"]["bottleneck_gbps_mean_common"],
+        # Both clusters, over the jobs every policy placed.
+        "nodes_spanned_mean": sum(spans["ours"]) / common_jobs,
+        "firstfit_nodes_spanned_mean": sum(spans["first-fit"]) / common_jobs,
+        "bestfit_nodes_spanned_mean": sum(spans["best-fit"]) / common_jobs,
+        "like_for_like_jobs": common_jobs,
+    }
+    for cluster_name, by_policy in results.items():
+        for policy, m in by_policy.items():
+            prefix = f"{cluster_name}_{policy.replace('-', '')}_"
+            result.update({prefix + k: v for k, v in m.items() if not k.startswith("_")})
+    result["actor_placements_per_s"] = None
+    if actor:
+        result.update(actor_placements_per_s(clusters[0], actor_jobs))
+    result.update(targets(result))
+    if profile:
+        profile_place(clusters[1], profile)
+    result["wall_s"] = time.perf_counter() - wall
+    return result
+
+
+def targets(r: dict) -> dict:
+    """Each target met (True/False; None where not measured)."""
+    actor = r["actor_placements_per_s"]
+    met = {
+        "meets_placements_per_s": r["placements_per_s"] >= TARGET_PLACEMENTS_PER_S,
+        "meets_p99_ms": r["p99_ms"] <= TARGET_P99_MS,
+        "meets_actor_placements_per_s": None if actor is None
+        else actor >= TARGET_ACTOR_PLACEMENTS_PER_S,
+        "meets_bandwidth_vs_bestfit": r["measured_bottleneck_gbps_mean"]
+        >= TARGET_BESTFIT_BANDWIDTH_RATIO * r["measured_bestfit_bottleneck_gbps_mean"],
+        "meets_bandwidth_vs_firstfit": r["measured_bottleneck_gbps_mean"]
+        >= r["measured_firstfit_bottleneck_gbps_mean"],
+        "meets_fewer_nodes_than_firstfit": r["nodes_spanned_mean"]
+        < r["firstfit_nodes_spanned_mean"],
+    }
+    return {k: None if v is None else bool(v) for k, v in met.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=10_000)
-    parser.add_argument("--jobs", type=int, default=1_000)
+    parser.add_argument("--jobs", type=int, default=2_000, help="jobs per cluster's stream")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-actor", action="store_true",
+                        help="skip the live SchedulerActor part (needs Ray)")
+    parser.add_argument("--actor-jobs", type=int, default=1_000)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="also cProfile N place() calls, printed to stderr")
+                        help="also cProfile N jobs of the measured stream, to stderr")
     args = parser.parse_args(argv)
-    if args.nodes < 1 or args.jobs < 1:
-        parser.error("--nodes and --jobs must be >= 1")
-    wall = time.perf_counter()
-
-    jobs = job_stream(args.jobs, args.seed)
-    results, build_s = {}, {}
-    for policy in ("ours", "baseline"):
-        start = time.perf_counter()
-        state, info = build_cluster(args.nodes, args.seed)  # a fresh, identical copy each
-        build_s[policy] = time.perf_counter() - start
-        results[policy] = run_stream(policy, jobs, state, info["total_gpus"],
-                                     info["background_gpus"])
-    ours, base = results["ours"], results["baseline"]
-    ours_spans, base_spans = ours.pop("_spans"), base.pop("_spans")
-    both = sorted(ours_spans.keys() & base_spans.keys())
-
-    types = ", ".join(f"{n} {k}" for k, n in info["per_type"].items())
-    gpu_jobs = sum(j.total_gpus for j in jobs)
-    print(f"inventory: {args.nodes:,} nodes in {info['racks']:,} racks ({types}); "
-          f"{info['total_gpus']:,} GPUs, {info['background_gpus']:,} "
-          f"({info['background_gpus'] / max(info['total_gpus'], 1):.0%}) held by background work")
-    print(f"stream: {args.jobs:,} jobs asking {gpu_jobs:,} GPUs in all (seed {args.seed}); "
-          f"oldest released while > {HOLD_THRESHOLD:.0%} of GPUs are held")
-    rows = [("placed", "placed"), ("rejected", "rejected"),
-            ("placements/s", "placements_per_s"), ("p50 ms", "p50_ms"), ("p99 ms", "p99_ms"),
-            ("max ms", "max_ms"), ("nodes spanned (mean)", "nodes_spanned_mean"),
-            ("multi-node jobs", "multinode_jobs"), ("  of which cross-rack", "cross_group_jobs"),
-            ("bottleneck GB/s (multi-node mean)", "bottleneck_gbps_mean_multinode"),
-            ("bottleneck GB/s (multi-node min)", "bottleneck_gbps_min_multinode")]
-    print(f"{'':36}{'place()':>14}{'first-fit':>14}")
-    for label, key in rows:
-        print(f"{label:36}{_fmt(ours[key]):>14}{_fmt(base[key]):>14}")
-
-    result = {
-        "nodes": args.nodes, "jobs": args.jobs, "seed": args.seed,
-        "racks": info["racks"], "gpus": info["total_gpus"],
-        "background_gpus": info["background_gpus"],
-        "placed": ours["placed"], "rejected": ours["rejected"],
-        "placements_per_s": ours["placements_per_s"],
-        "p50_ms": ours["p50_ms"], "p99_ms": ours["p99_ms"], "max_ms": ours["max_ms"],
-        "placed_p50_ms": ours["placed_p50_ms"], "placed_p99_ms": ours["placed_p99_ms"], "rejected_mean_ms": ours["rejected_mean_ms"],
-        "time_in_place_s": ours["time_in_place_s"],
-        "baseline_placed": base["placed"], "baseline_rejected": base["rejected"],
-        "baseline_placements_per_s": base["placements_per_s"],
-        "baseline_p99_ms": base["p99_ms"],
-        "ours_nodes_spanned_mean": ours["nodes_spanned_mean"],
-        "baseline_nodes_spanned_mean": base["nodes_spanned_mean"],
-        # Over jobs both policies placed, so the comparison is like for like.
-        "jobs_placed_by_both": len(both),
-        "ours_nodes_spanned_mean_both": float(np.mean([ours_spans[j] for j in both]))
-        if both else None,
-        "baseline_nodes_spanned_mean_both": float(np.mean([base_spans[j] for j in both]))
-        if both else None,
-        "ours_multinode_jobs": ours["multinode_jobs"],
-        "baseline_multinode_jobs": base["multinode_jobs"],
-        "ours_cross_rack_jobs": ours["cross_group_jobs"],
-        "baseline_cross_rack_jobs": base["cross_group_jobs"],
-        # Bottlenecks are over multi-node jobs only: a single-node job crosses no network.
-        "ours_bottleneck_gbps_mean": ours["bottleneck_gbps_mean_multinode"],
-        "baseline_bottleneck_gbps_mean": base["bottleneck_gbps_mean_multinode"],
-        "ours_bottleneck_gbps_mean_multinode": ours["bottleneck_gbps_mean_multinode"],
-        "baseline_bottleneck_gbps_mean_multinode": base["bottleneck_gbps_mean_multinode"],
-        "ours_bottleneck_gbps_min_multinode": ours["bottleneck_gbps_min_multinode"],
-        "baseline_bottleneck_gbps_min_multinode": base["bottleneck_gbps_min_multinode"],
-        "held_gpu_fraction_end": ours["held_gpu_fraction_end"],
-        "hold_threshold": HOLD_THRESHOLD,
-        "build_s": build_s["ours"],
-    }
-    meets_rate = ours["placements_per_s"] >= TARGET_PLACEMENTS_PER_S
-    meets_p99 = ours["p99_ms"] <= TARGET_P99_MS
-    result.update({
-        "meets_target_placements_per_s": meets_rate,
-        "meets_target_p99_ms": meets_p99,
-        "meets_target": meets_rate and meets_p99,
-        "fewer_nodes_than_baseline":
-            ours["nodes_spanned_mean"] < base["nodes_spanned_mean"],
-        "higher_bottleneck_than_baseline": (
-            None if result["ours_bottleneck_gbps_mean"] is None
-            or result["baseline_bottleneck_gbps_mean"] is None
-            else result["ours_bottleneck_gbps_mean"] > result["baseline_bottleneck_gbps_mean"]),
-    })
-    if args.profile:
-        profile_place(args.nodes, args.jobs, args.seed, args.profile)
-    result["wall_s"] = time.perf_counter() - wall
-    print(f"target >= {TARGET_PLACEMENTS_PER_S:,.0f} placements/s and p99 <= "
-          f"{TARGET_P99_MS:g} ms: {'met' if result['meets_target'] else 'MISSED'}; "
-          f"wall {result['wall_s']:.1f}s")
+    if args.nodes < RACK_SIZE or args.jobs < 1:
+        parser.error(f"--nodes must be >= {RACK_SIZE} and --jobs >= 1")
+    result = run(args.nodes, args.jobs, args.seed, actor=not args.no_actor,
+                 actor_jobs=args.actor_jobs, profile=args.profile)
+    print(f"\nours, place() over both streams: {result['placements_per_s']:,.0f} placements/s, "
+          f"p99 {result['p99_ms']:.2f} ms; measured cluster, like for like: bottleneck "
+          f"{result['measured_bottleneck_gbps_mean']:.2f} GB/s vs best-fit "
+          f"{result['measured_bestfit_bottleneck_gbps_mean']:.2f}, first-fit "
+          f"{result['measured_firstfit_bottleneck_gbps_mean']:.2f}; nodes spanned (both, like "
+          f"for like) {result['nodes_spanned_mean']:.2f} vs first-fit "
+          f"{result['firstfit_nodes_spanned_mean']:.2f}; actor "
+          f"{_fmt(result['actor_placements_per_s'])} placements/s; wall {result['wall_s']:.1f}s")
+    missed = [k for k, v in result.items() if k.startswith("meets_") and v is False]
+    print("targets: " + ("all met" if not missed else "MISSED " + ", ".join(missed)))
     print(json.dumps(result))
     return result
 

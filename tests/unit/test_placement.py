@@ -226,7 +226,7 @@ def test_gpu_jobs_prefer_faster_accelerators_cpu_jobs_avoid_gpu_nodes():
     assert place(JobSpec("c", num_workers=2), state, NOW).nodes == ["cpu"]
 
 
-# -- bandwidth steers the choice ----------------------------------------------------------------
+# -- bandwidth steers the choice ---------------------------------------------------------------
 
 def measured(report, **gbps):
     return NodeReport(**{**report.__dict__, "bandwidth_gbps": gbps})
@@ -285,7 +285,7 @@ def test_a_floor_above_the_best_set_says_what_was_searched():
     assert "seed node(s)" in headline and not e.value.rejection.fits_when_free
 
 
-# -- bottleneck_gbps: the one bandwidth figure of a node set ---------------------------------------
+# -- bottleneck_gbps: the one bandwidth figure of a node set -----------------------------------
 
 def test_bottleneck_uses_measured_pairs_not_group_representatives():
     # One declared rack (no bandwidth declared) whose members measured each other: the slow
@@ -308,7 +308,7 @@ def test_bottleneck_without_measurements_takes_the_lower_declared_figure():
     assert bottleneck_gbps(state, ["a", "d"]) == state.inter_group_gbps
 
 
-# -- GPUs a job must not get -------------------------------------------------------------------------
+# -- GPUs a job must not get ----------------------------------------------------------------
 
 def test_excluded_gpus_do_not_count_for_that_call():
     state = cluster(node("a", gpus=4), node("b", gpus=2))
