@@ -55,6 +55,13 @@ class PlacedRun:
         placement = self.wait(decision, deadline_s=self.queue_timeout_s)
         while True:
             result = fit(placement)
+            short = (result.metrics or {}).get("gpu_too_small")
+            if short:
+                gpus = [(f["node_id"], f["gpu_index"]) for f in short]
+                decision = ray.get(self.scheduler.gpu_too_small.remote(
+                    self.spec.name, self.owner, gpus))
+                placement = self.wait(decision, deadline_s=self.queue_timeout_s)
+                continue
             reason = (result.metrics or {}).get("yielded")
             if not reason:
                 return result, placement

@@ -115,6 +115,12 @@ class SchedulerActor:
         """The job checkpointed and stopped as its directive said; what it should do next."""
         return self._call(lambda now: self.core.yielded(job_name, owner, now))
 
+    def gpu_too_small(self, job_name: str, owner: str, gpus: list[tuple[str, int]]
+                      ) -> Placement | Queued | Rejection:
+        """The job's workers found these (node id, GPU index) without the free memory asked:
+        placed again without them."""
+        return self._call(lambda now: self.core.gpu_too_small(job_name, owner, gpus, now))
+
     def release(self, job_name: str, owner: str = "") -> bool:
         """The job ended: free what it held (only its owner, or an operator passing no owner)."""
         return self._call(lambda now: self.core.release(job_name, owner, now))

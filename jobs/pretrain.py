@@ -224,7 +224,8 @@ def _fit(train_config: TrainConfig, spec: JobSpec, placement, run_dir: Path,
     try:
         trainer = TorchTrainer(
             train_under_ray,
-            train_loop_config=train_config.to_dict(),
+            train_loop_config={"train": train_config.to_dict(),
+                               "min_gpu_memory_gb": spec.min_gpu_memory_gb},
             torch_config=TorchConfig(backend=_collective_backend(placement)),
             scaling_config=ScalingConfig(
                 num_workers=len(placement.worker_nodes),

@@ -157,6 +157,10 @@ class RunningJob:
     ran_s: float = 0.0  # run time in earlier placements
     last_checkpoint_at: float | None = None
     directive: Directive | None = None
+    # Derived, not persisted: the accelerator family it runs on and its speed per family
+    # (asked on every release for every running job, when looking for migrations).
+    family: str | None = field(default=None, compare=False, repr=False)
+    speeds: dict = field(default_factory=dict, compare=False, repr=False)
 
     def remaining_s(self, now: float) -> float | None:
         """Expected seconds left, or None without an estimate (or past it)."""
@@ -224,6 +228,9 @@ class SchedulerCore:
         self.queue = JobQueue()
         self.running: dict[str, RunningJob] = {}
         self.preempting: dict[str, set[str]] = {}  # waiting job -> victims not yet yielded
+        # (node id, GPU index) pairs a job must not be given: its worker found the GPU Ray
+        # assigned without the free memory the job asks for (memory used outside Ray).
+        self.excluded_gpus: dict[str, set[tuple[str, int]]] = {}
         self.ray_alive: set[str] = set()
         self.ray_dead: set[str] = set()
         self.refused_nodes: set[str] = set()  # logged once each
@@ -364,6 +371,7 @@ class SchedulerCore:
         if owner and self.owner_of(job_name) not in (owner, None):
             return Outcome(False)
         released = self._stop(job_name)
+        self.excluded_gpus.pop(job_name, None)
         outcome = Outcome(released, [Persist()])
         outcome.add(self._after_capacity_freed(now))
         return outcome
@@ -375,6 +383,7 @@ class SchedulerCore:
         if owner and self.owner_of(job_name) not in (owner, None):
             return Outcome(False)
         outcome = Outcome(False, [Persist()])
+        self.excluded_gpus.pop(job_name, None)
         if job_name in self.queue.waiting or job_name in self.queue.ready:
             if not owner:  # an operator: the polling driver is told why
                 self.queue.rejected[job_name] = Rejection(job_name, (
@@ -414,7 +423,21 @@ class SchedulerCore:
             job.last_checkpoint_at = last_checkpoint_at
         return job.directive
 
-    def yielded(self, job_name: str, owner: str, now: float) -> Outcome:
+    def gpu_too_small(self, job_name: str, owner: str, gpus: list[tuple[str, int]],
+                      now: float) -> Outcome:
+        """A worker found that the GPU Ray gave it lacks the free memory the job asks for:
+        the job gives its placement back and is placed again without those GPUs."""
+        job = self.running.get(job_name)
+        if job is None or (owner and job.placement.owner != owner):
+            return Outcome(self._status(job_name, owner))
+        self.excluded_gpus.setdefault(job_name, set()).update(
+            (str(node), int(index)) for node, index in gpus)
+        where = ", ".join(f"GPU {i} of node {n[:12]}" for n, i in sorted(gpus))
+        return self.yielded(job_name, owner, now,
+                            reason=f"{where} lacked {job.spec.min_gpu_memory_gb:g} GiB free: "
+                                   "placed again without it")
+
+    def yielded(self, job_name: str, owner: str, now: float, reason: str = "") -> Outcome:
         """The job checkpointed and stopped as told: preempted -> back in the queue (its
         original submit time kept); migrating -> handed its claimed target at once;
         cancelled -> gone. The decision is what its driver should do next."""
@@ -434,14 +457,15 @@ class SchedulerCore:
             outcome.decision = directive.target
         else:
             preempted = job.preemptions + (directive is not None and directive.kind == PREEMPT)
-            reason = directive.reason if directive else "yielded"
+            reason = directive.reason if directive else (reason or "yielded")
             self.queue.add(QueuedJob(job.spec, job.placement.owner, job.enqueued_at,
                                      reason, preempted, ran))
             outcome.decision = self.queue.status(job_name)
         outcome.add(self._after_capacity_freed(now))
         if isinstance(outcome.decision, Queued):  # it may have been placed again at once
-            placed = self.queue.ready.pop(job_name, None)
-            outcome.decision = placed or self.queue.status(job_name)
+            placed = self.queue.ready.pop(job_name, None)  # or dropped: it can no longer fit
+            outcome.decision = placed or self.queue.status(job_name) or \
+                self.queue.rejected.pop(job_name, None)
         return outcome
 
     def owners_dead(self, dead_owners: set[str], now: float) -> Outcome:
@@ -517,7 +541,8 @@ class SchedulerCore:
         return {"reservations": self.state.reservations_to_dict(),
                 "queue": self.queue.to_dict(),
                 "running": {name: job.to_dict() for name, job in self.running.items()},
-                "preempting": {name: sorted(v) for name, v in self.preempting.items()}}
+                "preempting": {name: sorted(v) for name, v in self.preempting.items()},
+                "excluded_gpus": {name: sorted(v) for name, v in self.excluded_gpus.items()}}
 
     def restore(self, saved: dict) -> list[str]:
         """Reload what a previous incarnation promised; returns the problems met. A part that
@@ -529,7 +554,9 @@ class SchedulerCore:
                      {n: RunningJob.from_dict(j) for n, j in d.items()
                       if n in self.state.reservations})),
                  ("preempting", lambda d: self.preempting.update(
-                     {n: set(v) for n, v in d.items()})))
+                     {n: set(v) for n, v in d.items()})),
+                 ("excluded_gpus", lambda d: self.excluded_gpus.update(
+                     {n: {(str(a), int(b)) for a, b in v} for n, v in d.items()})))
         for key, restore in parts:
             try:
                 restore(saved.get(key, {}))
@@ -542,7 +569,9 @@ class SchedulerCore:
                explain: bool | None = False) -> Placement:
         """Where the job would go now (PlacementError if nowhere), by place() or the policy."""
         if self.policy is None:
-            return place(spec, self.state, now, owner=owner, explain=explain)
+            excluded = self.excluded_gpus.get(spec.name.removesuffix(CLAIM_SUFFIX), ())
+            return place(spec, self.state, now, owner=owner, explain=explain,
+                         excluded_gpus=frozenset(excluded))
         placement = self.policy(spec, self.state, now, owner)
         if placement is None:
             raise PlacementError(Rejection(spec.name, f"job '{spec.name}' does not fit now",
@@ -796,19 +825,25 @@ class SchedulerCore:
         wanted = self._families_wanted_by_queue()
         if wanted is None:  # a waiting job could use any accelerator: it has first pick
             return outcome
+        free_gpus, _ = self._free_units(now)
+        free = {f: free_gpus.get(code, 0) for f, code in self.state.table.families.items()
+                if f and f not in wanted}
         for name, job in list(self.running.items()):
-            target = self._migration_target(job, wanted, now)
+            if not any(free.values()):
+                break  # the common case under load: checked before any per-job work
+            target = self._migration_target(job, free, now)
             if target is None:
                 continue
             # The claim is the target placed under the claim's name: a real reservation.
             self.state.reserve(name + CLAIM_SUFFIX, target.reservations())
-            target = dataclasses.replace(target, job_name=name)
-            current = self._family_of(job.placement, job.spec)
             new = self._family_of(target, job.spec)
+            free[new] = free.get(new, 0) - job.spec.total_gpus
+            current = self._family_of(job.placement, job.spec)
             reason = (f"migrating from {current} to {new}: expected "
                       f"{job.remaining_s(now):.0f}s left at {self.speed(job.spec, current):g}x, "
                       f"{self.speed(job.spec, new):g}x there")
-            outcome.add(self._direct(name, MIGRATE, reason, now, target=target))
+            outcome.add(self._direct(name, MIGRATE, reason, now,
+                                     target=dataclasses.replace(target, job_name=name)))
         return outcome
 
     def _families_wanted_by_queue(self) -> set[str] | None:
@@ -822,34 +857,46 @@ class SchedulerCore:
             wanted |= {t.upper() for t in job.spec.accelerator_types}
         return wanted
 
-    def _migration_target(self, job: RunningJob, wanted: set[str],
+    def _migration_target(self, job: RunningJob, free: dict[str, int],
                           now: float) -> Placement | None:
+        """Where the job would gain more than its restart cost, among families with free
+        GPUs (`free`) that no waiting job can use; None if nowhere. Cheap checks first."""
         spec = job.spec
         if (job.directive is not None or spec.gpus_per_worker == 0
                 or spec.name in self.queue.ready or now - job.started_at < self.settings.min_run_s):
             return None
         remaining = job.remaining_s(now)
-        if remaining is None:
+        if remaining is None or remaining <= self.settings.restart_cost_s:
             return None
-        current = self._family_of(job.placement, spec)
-        allowed = {t.upper() for t in spec.accelerator_types} or set(self.state.table.families)
-        faster = tuple(sorted(f for f in allowed - wanted - {"", current}
-                              if f in self.state.table.families
-                              and self.speed(spec, f) > self.speed(spec, current)))
-        if not faster:
+        if job.family is None:
+            job.family = self._family_of(job.placement, spec)
+        speeds = job.speeds
+        for f in free:
+            if f not in speeds:
+                speeds[f] = self.speed(spec, f)
+        here = speeds.get(job.family) or self.speed(spec, job.family)
+        allowed = spec.accelerator_types
+        faster = [f for f, n in free.items() if n > 0 and speeds[f] > here
+                  and (not allowed or f in allowed)]
+        if not faster or sum(free[f] for f in faster) < spec.total_gpus:
             return None
+        best = max(speeds[f] for f in faster)
+        if remaining * (1 - here / best) <= self.settings.restart_cost_s:
+            return None  # not worth it even on the fastest free family
         try:  # placed under the claim's name: the job itself still holds its reservation
             target = self._place(dataclasses.replace(spec, name=spec.name + CLAIM_SUFFIX,
-                                                     accelerator_types=faster),
+                                                     accelerator_types=tuple(sorted(faster))),
                                  now, job.placement.owner)
         except PlacementError:
             return None
-        ratio = self.speed(spec, current) / self.speed(spec, self._family_of(target, spec))
-        gain = remaining * (1 - ratio)
+        gain = remaining * (1 - here / self.speed(spec, self._family_of(target, spec)))
         return target if gain > self.settings.restart_cost_s else None
 
     def _family_of(self, placement: Placement, spec: JobSpec) -> str:
         """The slowest accelerator family among the placement's nodes (it sets the pace)."""
+        if len(placement.nodes) == 1:
+            report = self.state.reports.get(placement.nodes[0])
+            return accelerator_family(report.gpus[0].name) if report and report.gpus else ""
         families = []
         for node_id in placement.nodes:
             report = self.state.reports.get(node_id)

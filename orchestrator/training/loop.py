@@ -341,7 +341,24 @@ def _publish(session: TrainSession, metrics: dict[str, Any], checkpoint_due: boo
 
 
 def train_under_ray(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker entry point (TorchTrainer's train_loop_per_worker)."""
+    """Ray Train's per-worker entry point (TorchTrainer's train_loop_per_worker). `config`:
+    {"train": TrainConfig as a dict, "min_gpu_memory_gb": what each worker's GPU must have
+    free}. Every worker first checks the GPU it was given; if any lacks the memory, all stop
+    before training and report it ("gpu_too_small"), so the job is placed again without it."""
     from orchestrator.training.session import RayTrainSession
 
-    train(TrainConfig.from_dict(config), RayTrainSession())
+    session = RayTrainSession()
+    short = session.gpu_memory_shortfall(config.get("min_gpu_memory_gb", 0.0))
+    found = [short]
+    if dist.is_available() and dist.is_initialized():
+        found = [None] * session.world_size
+        dist.all_gather_object(found, short)
+    found = [f for f in found if f]
+    if found:
+        if session.world_rank == 0:
+            say("GPU(s) without the free memory asked: " + "; ".join(
+                f"GPU {f['gpu_index']} of node {f['node_id'][:12]}: {f['free_gb']} GiB free, "
+                f"{f['needed_gb']:g} needed" for f in found))
+        session.report({"step": 0, "gpu_too_small": found}, None)
+        return
+    train(TrainConfig.from_dict(config["train"]), session)

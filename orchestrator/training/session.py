@@ -149,6 +149,17 @@ class RayTrainSession:
             self._worker_nodes = [str(n) for n in nodes]
         return self._worker_nodes
 
+    def gpu_memory_shortfall(self, min_gpu_memory_gb: float) -> dict | None:
+        """This worker's GPU when it lacks the free memory the job asks for (memory used
+        outside Ray: Ray hands out GPU ids, not memory), else None."""
+        if self.device.type != "cuda" or not min_gpu_memory_gb:
+            return None
+        import ray
+
+        free_bytes, _ = torch.cuda.mem_get_info(self.device)
+        return gpu_shortfall(free_bytes, min_gpu_memory_gb, self.node_id,
+                             int(ray.get_gpu_ids()[0]))
+
     def directive(self) -> str | None:
         """Asks the scheduler at most once a second without waiting: the answer is read at a
         later step boundary. A run without a scheduler (plain Ray Train) never yields."""
@@ -193,6 +204,15 @@ class RayTrainSession:
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:
             self._last_checkpoint_at = time.time()
+
+
+def gpu_shortfall(free_bytes: int, min_gpu_memory_gb: float, node_id: str,
+                  gpu_index: int) -> dict | None:
+    """The report of a GPU with less free memory than asked, or None when it has enough."""
+    if free_bytes >= min_gpu_memory_gb * 1024 ** 3:
+        return None
+    return {"node_id": node_id, "gpu_index": gpu_index,
+            "free_gb": round(free_bytes / 1024 ** 3, 2), "needed_gb": min_gpu_memory_gb}
 
 
 def _scheduler_or_none():

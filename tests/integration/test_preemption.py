@@ -17,7 +17,7 @@ from actors.cluster import ensure_control_plane
 from orchestrator.config import JobSpec
 
 PRETRAIN = str(Path(__file__).resolve().parents[2] / "jobs" / "pretrain.py")
-TINY = ["--model-size", "tiny", "--batch-size", "4", "--seq-len", "32", "--log-every", "2",
+TINY = ["--model-size", "tiny", "--batch-size", "4", "--seq-len", "32", "--log-every", "25",
         "--checkpoint-every", "100"]
 ON_T4 = ["--num-workers", "2", "--gpus-per-worker", "1", "--accelerator-type", "T4"]
 

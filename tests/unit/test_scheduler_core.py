@@ -302,3 +302,19 @@ def test_settings_name_the_bad_field():
         SchedulerSettings(max_preemptions=-1)
     with pytest.raises(ValueError, match="min_run_s"):
         SchedulerSettings(min_run_s="soon")
+
+
+def test_a_gpu_found_without_the_memory_asked_is_excluded_and_the_job_placed_again():
+    core = core_with(gpu_node("a", gpus=1), gpu_node("b", gpus=1))
+    spec = gpus("job", 1, min_gpu_memory_gb=40)
+    first = core.submit(spec, "d", T0).decision
+    node = first.nodes[0]
+    other = "b" if node == "a" else "a"
+    again = core.gpu_too_small("job", "d", [(node, 0)], T0 + 5).decision
+    assert isinstance(again, Placement) and again.nodes == [other]
+    assert json.loads(json.dumps(core.to_dict()))["excluded_gpus"] == {"job": [[node, 0]]}
+    # Both GPUs ruled out: no GPU can give it the memory asked, the driver is told why.
+    dropped = core.gpu_too_small("job", "d", [(other, 0)], T0 + 6).decision
+    assert isinstance(dropped, Rejection) and "1 excluded for this job" in dropped.message
+    core.cancel("job", "d", T0 + 7)
+    assert not core.excluded_gpus and not core.state.reservations

@@ -250,3 +250,12 @@ def test_cosine_schedule_ends_at_min_lr():
     assert lr_at(12, config) == pytest.approx(0.1)
     lrs = [lr_at(s, config) for s in range(2, 13)]
     assert lrs == sorted(lrs, reverse=True)  # monotone decay
+
+
+def test_a_gpu_with_less_free_memory_than_asked_is_reported_with_its_node_and_index():
+    from orchestrator.training.session import gpu_shortfall
+
+    gib = 1024 ** 3
+    assert gpu_shortfall(40 * gib, 40.0, "node-a", 3) is None
+    short = gpu_shortfall(int(12.5 * gib), 40.0, "node-a", 3)
+    assert short == {"node_id": "node-a", "gpu_index": 3, "free_gb": 12.5, "needed_gb": 40.0}
