@@ -15,11 +15,12 @@ SCHEDULER_KILLED = "scheduler_killed"
 SERVE_REPLICA_KILLED = "serve_replica_killed"
 NODE_AGENT_KILLED = "node_agent_killed"
 CHECKPOINT_TRUNCATED = "checkpoint_truncated"  # a worker killed, the newest one cut, then read
+JOB_PREEMPTED = "job_preempted"  # an operator preempts the training job: it yields, resumes
 FAULTS = (TRAIN_WORKER_KILLED, NODE_REPLACED, SCHEDULER_KILLED, SERVE_REPLICA_KILLED,
-          NODE_AGENT_KILLED, CHECKPOINT_TRUNCATED)
+          NODE_AGENT_KILLED, CHECKPOINT_TRUNCATED, JOB_PREEMPTED)
 # Faults that restart the training worker group: two of them need a checkpoint in between, or
 # the second would only repeat the first's recovery.
-RESTARTS_TRAINING = {TRAIN_WORKER_KILLED, NODE_REPLACED, CHECKPOINT_TRUNCATED}
+RESTARTS_TRAINING = {TRAIN_WORKER_KILLED, NODE_REPLACED, CHECKPOINT_TRUNCATED, JOB_PREEMPTED}
 
 
 @dataclass(frozen=True)

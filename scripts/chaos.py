@@ -233,7 +233,8 @@ class Chaos:
                chaos.SCHEDULER_KILLED: self.kill_scheduler,
                chaos.SERVE_REPLICA_KILLED: self.kill_serve_replica,
                chaos.NODE_AGENT_KILLED: self.kill_node_agent,
-               chaos.CHECKPOINT_TRUNCATED: self.truncate_checkpoint}[fault.kind]
+               chaos.CHECKPOINT_TRUNCATED: self.truncate_checkpoint,
+               chaos.JOB_PREEMPTED: self.preempt_job}[fault.kind]
         # Reports come every LOG_EVERY steps: a seeded pause puts the fault anywhere in the
         # checkpoint interval rather than right after a report.
         time.sleep(self.rng.uniform(0, MAX_JITTER_S))
@@ -351,6 +352,14 @@ class Chaos:
                                      f"kill: {before}, after: {after})")
 
         return "restarted by Ray (max_restarts=-1)", survived
+
+    def preempt_job(self):
+        """As an operator would (`python -m orchestrator preempt`): the job checkpoints at its
+        next step boundary, gives its reservation back, waits in the queue and resumes."""
+        job = self.run_dir.name
+        if not ray_get(scheduler().preempt.remote(job)):
+            raise RuntimeError(f"the scheduler does not list job {job} as running")
+        return f"operator preempted {job}", self._resumed_after
 
     def kill_node_agent(self):
         import ray
