@@ -307,9 +307,8 @@ class SchedulerCore:
         outcome = Outcome(effects=[Persist()])
         outcome.add(self._drain(now))
         placed = self.queue.ready.pop(name, None)
-        if placed is not None:
+        if placed is not None:  # (counted by the queue pass that placed it)
             outcome.decision = placed
-            outcome.samples += metrics.decision_samples(placed, None)
             return outcome
         if name in self.queue.rejected:
             outcome.decision = self.queue.rejected.pop(name)

@@ -318,3 +318,12 @@ def test_a_gpu_found_without_the_memory_asked_is_excluded_and_the_job_placed_aga
     assert isinstance(dropped, Rejection) and "1 excluded for this job" in dropped.message
     core.cancel("job", "d", T0 + 7)
     assert not core.excluded_gpus and not core.state.reservations
+
+
+def test_each_decision_is_counted_once():
+    core = core_with(cpu_node("a", cpus=2))
+    placed = core.submit(cpus("one", 2), "d", T0)
+    queued = core.submit(cpus("two", 2), "d", T0)
+    outcomes = [s[2]["outcome"] for s in placed.samples + queued.samples
+                if s[0].name == "orchestrator_scheduler_placement_decisions"]
+    assert outcomes == ["placed", "queued"]
