@@ -642,7 +642,8 @@ class SchedulerCore:
             if shape in failed_shapes or not _counts_allow(spec, free_gpus, free_cpus,
                                                            self.state):
                 if shape not in failed_shapes:
-                    job.reason = _waiting_reason(spec, free_gpus, free_cpus, self.state)
+                    self._wait_reason(job, _waiting_reason(spec, free_gpus, free_cpus,
+                                                           self.state))
                 failed_shapes.add(shape)
                 if not self.settings.backfill:
                     break
@@ -659,7 +660,7 @@ class SchedulerCore:
                         e.rejection, None, metrics.REJECT_CLUSTER_SHRANK)
                     outcome.effects.append(Persist())
                     continue
-                job.reason = e.rejection.message.splitlines()[0]
+                self._wait_reason(job, e.rejection.message.splitlines()[0])
                 if not self.settings.backfill:
                     break
                 plan = plan or self._head_plan(job, now)
@@ -668,8 +669,8 @@ class SchedulerCore:
                     break
                 continue
             if plan is not None and not self._may_backfill(plan, spec, placement, now):
-                job.reason = (f"would delay '{plan.job}' (first in line) if started now: "
-                              "waits for a gap that ends before it can start")
+                self._wait_reason(job, f"would delay '{plan.job}' (first in line) if started "
+                                       "now: waits for a gap that ends before it can start")
                 continue
             self.queue.remove(spec.name)
             self._forget_preemption(spec.name)
@@ -680,6 +681,11 @@ class SchedulerCore:
             if not outcome.persist:
                 outcome.effects.append(Persist())
         return outcome
+
+    def _wait_reason(self, job: QueuedJob, reason: str) -> None:
+        """What a waiting job waits for; one waiting for its victims to yield says that."""
+        if not self.preempting.get(job.spec.name):
+            job.reason = reason
 
     def _free_units(self, now: float) -> tuple[dict[int, int], list[float]]:
         """Free GPUs per accelerator family code, and free CPUs, on placeable nodes."""

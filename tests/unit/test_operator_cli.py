@@ -1,0 +1,60 @@
+"""`python -m orchestrator status | preempt | cancel`: what an operator sees and types, against
+the scheduling core's own data (a stand-in for the actor handle; no Ray)."""
+import argparse
+from types import SimpleNamespace
+
+from orchestrator.__main__ import _run_command, format_jobs
+from orchestrator.config import JobSpec
+from orchestrator.inventory import GIB, NodeReport
+from orchestrator.scheduler_core import SchedulerCore, SchedulerSettings
+
+T0 = 1_000.0
+
+
+def busy_core():
+    core = SchedulerCore(SchedulerSettings(min_run_s=0.0, suspect_after_s=1e4,
+                                           dead_after_s=1e5))
+    core.ray_nodes({"n"}, set(), T0)
+    core.report(NodeReport("n", "n", 2, 0, 2, 0.0, GIB, GIB), T0)
+    core.submit(JobSpec("low", num_workers=2), "d", T0)
+    core.submit(JobSpec("high", num_workers=2, priority=5), "d", T0 + 1)
+    core.submit(JobSpec("later", num_workers=1), "d", T0 + 2)
+    return core
+
+
+def test_status_lists_running_yielding_and_waiting_jobs_with_reasons():
+    lines = format_jobs(busy_core().jobs(T0 + 3))
+    assert lines[0].startswith("yielding  low (priority 0) on n, 3s: preempt: preempted for "
+                               "job 'high' (priority 5 > 0)")
+    assert lines[1].startswith("waiting   high (priority 5), 2s, #1 in line: preempting low")
+    assert lines[2].startswith("waiting   later (priority 0), 1s, #2 in line")
+
+
+class FakeHandle:
+    """An actor handle whose `.method.remote(...)` calls the core now."""
+
+    def __init__(self, core):
+        self.core = core
+
+    def __getattr__(self, verb):
+        call = {"preempt": lambda name: self.core.preempt(name, T0 + 5).decision,
+                "cancel": lambda name: self.core.cancel(name, "", T0 + 5).decision}[verb]
+        return SimpleNamespace(remote=call)
+
+
+def run(verb, name, core, capsys):
+    fake_ray = SimpleNamespace(get=lambda value: value)
+    code = _run_command(argparse.Namespace(command=verb, name=name), fake_ray,
+                        FakeHandle(core), None)
+    return code, capsys.readouterr()
+
+
+def test_operator_preempt_and_cancel_say_what_happens_and_refuse_unknown_jobs(capsys):
+    core = busy_core()
+    code, out = run("cancel", "later", core, capsys)
+    assert code == 0 and "cancel: later: dropped" in out.out
+    assert "later" not in core.queue.waiting
+    code, out = run("preempt", "nope", core, capsys)
+    assert code == 3 and "no job named 'nope' is running" in out.err
+    code, out = run("cancel", "low", core, capsys)  # running: checkpoints first
+    assert code == 0 and core.directive("low", T0 + 6).kind == "cancel"
