@@ -18,7 +18,8 @@ Two clusters, each `--nodes` nodes:
   unmeasured pair is never mistaken for a fast one); ~30% of the GPUs held by background
   work; jobs of 2-16 nodes' worth of one-GPU workers (16-128 GPUs).
 Jobs are placed and held; while more than a threshold share of the GPUs is held the oldest
-jobs are released, so the cluster stays busy and fragmented while jobs keep coming.
+jobs are released, so the cluster stays busy and fragmented while jobs keep coming. The
+policies take the stream job by job in turn (rotating who goes first), each on its own copy.
 
 Only the policy call is timed. Prints a table per cluster, then, as the last line, one JSON
 object; "like for like" figures are over the jobs every policy placed (the same jobs), and
@@ -232,35 +233,56 @@ class Placed:
     bottleneck: float  # inf for a single node
 
 
-def run_stream(policy: str, cluster: Cluster, warmup: int = 5) -> dict:
-    """Place, hold and release the cluster's job stream with one policy on a fresh copy of the
-    cluster; time only the policy call."""
-    state = cluster.fresh_state()
-    call = POLICIES[policy]
-    for spec in cluster.jobs[:warmup]:  # warm caches; nothing is reserved
-        call(JobSpec(**{**spec.to_dict(), "name": f"warmup/{spec.name}"}), state, NOW)
-    held: deque[tuple[str, int]] = deque()
-    held_gpus = sum(r.gpus for r in cluster.background)
-    latency_ms, placed = [], {}
-    for spec in cluster.jobs:
+class Stream:
+    """One policy's run of a cluster's job stream, on its own fresh copy of the cluster: each
+    job is placed, held, and the oldest released while too many GPUs are held."""
+
+    def __init__(self, policy: str, cluster: Cluster, warmup: int = 5) -> None:
+        self.call = POLICIES[policy]
+        self.cluster = cluster
+        self.state = cluster.fresh_state()
+        for spec in cluster.jobs[:warmup]:  # warm caches; nothing is reserved
+            self.call(JobSpec(**{**spec.to_dict(), "name": f"warmup/{spec.name}"}),
+                      self.state, NOW)
+        self.held: deque[tuple[str, int]] = deque()
+        self.held_gpus = sum(r.gpus for r in cluster.background)
+        self.latency_ms: list[float] = []
+        self.placed: dict[str, Placed] = {}
+
+    def step(self, spec: JobSpec) -> None:
+        """Place one job (only the policy's call is timed) and hold it."""
+        state, cluster = self.state, self.cluster
         start = time.perf_counter()
-        placement = call(spec, state, NOW)
-        latency_ms.append((time.perf_counter() - start) * 1e3)
+        placement = self.call(spec, state, NOW)
+        self.latency_ms.append((time.perf_counter() - start) * 1e3)
         if placement is None:
-            continue
-        assert len(placement.worker_nodes) == spec.num_workers, (policy, spec.name)
-        placed[spec.name] = Placed(len(placement.nodes),
-                                   len({cluster.rack_of[n] for n in placement.nodes}),
-                                   bottleneck_gbps(state, placement.nodes))
+            return
+        assert len(placement.worker_nodes) == spec.num_workers, spec.name
+        self.placed[spec.name] = Placed(len(placement.nodes),
+                                        len({cluster.rack_of[n] for n in placement.nodes}),
+                                        bottleneck_gbps(state, placement.nodes))
         state.reserve(spec.name, placement.reservations())
-        held.append((spec.name, spec.total_gpus))
-        held_gpus += spec.total_gpus
-        while held and held_gpus > cluster.hold * cluster.total_gpus:
-            name, gpus = held.popleft()
+        self.held.append((spec.name, spec.total_gpus))
+        self.held_gpus += spec.total_gpus
+        while self.held and self.held_gpus > cluster.hold * cluster.total_gpus:
+            name, gpus = self.held.popleft()
             state.release(name)
-            held_gpus -= gpus
-    return {"latency_ms": np.array(latency_ms), "placed": placed,
-            "held_gpu_fraction_end": held_gpus / max(cluster.total_gpus, 1)}
+            self.held_gpus -= gpus
+
+    def result(self) -> dict:
+        return {"latency_ms": np.array(self.latency_ms), "placed": self.placed,
+                "held_gpu_fraction_end": self.held_gpus / max(self.cluster.total_gpus, 1)}
+
+
+def run_streams(cluster: Cluster) -> dict[str, dict]:
+    """Every policy on the same stream, alternating job by job (in a rotating order), so a
+    machine busier at one moment than another weighs on all policies alike."""
+    streams = {policy: Stream(policy, cluster) for policy in POLICIES}
+    order = list(streams.values())
+    for i, spec in enumerate(cluster.jobs):
+        for stream in order[i % len(order):] + order[:i % len(order)]:
+            stream.step(spec)
+    return {policy: stream.result() for policy, stream in streams.items()}
 
 
 def _mean(values) -> float | None:
@@ -388,8 +410,9 @@ def profile_place(cluster: Cluster, calls: int) -> None:
     import pstats
 
     profiler = cProfile.Profile()
-    small = Cluster(**{**cluster.__dict__, "jobs": cluster.jobs[:calls]})
-    profiler.runcall(run_stream, "ours", small)
+    stream = Stream("ours", cluster)
+    for spec in cluster.jobs[:calls]:
+        profiler.runcall(stream.step, spec)
     print(f"\ncProfile of {calls} jobs of the {cluster.name} stream with place() "
           "(top 15 cumulative):", file=sys.stderr)
     pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(15)
@@ -401,8 +424,7 @@ def run(nodes: int, jobs: int, seed: int, actor: bool = True, actor_jobs: int = 
     clusters = [declared_cluster(nodes, jobs, seed), measured_cluster(nodes, jobs, seed)]
     results = {}
     for cluster in clusters:
-        runs = {policy: run_stream(policy, cluster) for policy in POLICIES}
-        results[cluster.name] = summarise(runs, cluster.jobs)
+        results[cluster.name] = summarise(run_streams(cluster), cluster.jobs)
         if not quiet:
             print_table(cluster, results[cluster.name])
     declared, measured = results["declared"], results["measured"]
