@@ -51,6 +51,17 @@ EXPLAIN_LIMIT = 512  # above this many nodes, per-node reasons are given only on
 MAX_GROUP_SEEDS = 8
 SEED_SAMPLE = 128
 MAX_GROWTHS = 8
+# Links within this factor of each other count as equally fast when choosing nodes: measured
+# bandwidth is noisy (on one host, 0.19-0.35 GB/s between raylets from one probe to the next),
+# and noise must not outrank preferred hardware or a tighter fit.
+BANDWIDTH_BAND = 1.25
+
+
+def bandwidth_band(gbps: float) -> float:
+    """The band a bottleneck falls in (higher is faster); inf for a single node."""
+    if gbps <= 0:
+        return -math.inf
+    return math.inf if math.isinf(gbps) else math.floor(math.log(gbps, BANDWIDTH_BAND))
 
 GpuSlots = frozenset  # of (node id, GPU index) pairs
 
@@ -220,8 +231,8 @@ class _Search:
         self.sets_completed = 0
 
     def take(self, rows: np.ndarray, left: int) -> int:
-        """The next node among `rows` for `left` workers still to place: the tightest that
-        holds them all (least loaded, then preferred hardware, among equals); when none can,
+        """The next node among `rows` for `left` workers still to place: of those that hold
+        them all, preferred hardware, then the tightest, then the least loaded; when none can,
         the largest (preferred hardware, then least loaded) — a big node is not spent on a
         small remainder, and a set needs as few nodes as the sizes allow."""
         if len(rows) == 1:
@@ -229,11 +240,12 @@ class _Search:
         capacity = self.capacity[rows]
         fits = capacity >= left
         if fits.any():
-            rows, capacity = rows[fits], capacity[fits]
+            rows = rows[fits]
+            preference = self.preference[rows]
+            rows = rows[preference == preference.max()]
+            capacity = self.capacity[rows]
             rows = rows[capacity == capacity.min()]
-            load = self.load[rows]
-            rows = rows[load == load.min()]
-            return int(rows[np.argmax(self.preference[rows])])
+            return int(rows[np.argmin(self.load[rows])])
         rows = rows[capacity == capacity.max()]
         preference = self.preference[rows]
         rows = rows[preference == preference.max()]
@@ -294,10 +306,12 @@ class _Search:
         return NodeSet(growth.chosen, worst)
 
     def rank(self, node_set: NodeSet) -> tuple:
-        """Sort key of a node set, best first: bandwidth, fewest nodes, preferred hardware,
-        tightest fit, least load."""
+        """Sort key of a node set, best first: bandwidth (in bands: noise is not a
+        difference), fewest nodes, preferred hardware, bandwidth within the band, tightest
+        fit, least load."""
         rows = node_set.rows
-        return (-node_set.bottleneck, len(rows), -float(self.preference[rows].mean()),
+        return (-bandwidth_band(node_set.bottleneck), len(rows),
+                -float(self.preference[rows].mean()), -node_set.bottleneck,
                 int(self.capacity[rows].sum()), float(self.load[rows].sum()))
 
 
@@ -353,14 +367,16 @@ class _Growth:
                       for row, gbps in self.slowest.items()}
             # Nodes with no known link to any chosen node are inter_group_gbps from them all.
             unlinked = len(s.candidates) > len(to_set) + n
-        if maximin:  # the fastest; take() among equals
+        if maximin:  # the fastest (within noise: one band); take() among equals
             best = max(to_set.values(), default=-math.inf)
             if unlinked and s.inter >= best:
                 best = s.inter
             if best < self.floor:
                 return None, -math.inf
-            eligible = [row for row, gbps in to_set.items() if gbps == best]
-            with_unlinked = unlinked and s.inter == best
+            band = bandwidth_band(best)
+            eligible = [row for row, gbps in to_set.items()
+                        if gbps >= self.floor and bandwidth_band(gbps) == band]
+            with_unlinked = unlinked and bandwidth_band(s.inter) == band
         else:
             eligible = [row for row, gbps in to_set.items() if gbps >= self.floor]
             with_unlinked = unlinked  # not exclusive: inter_group_gbps passes the floor
@@ -413,6 +429,12 @@ def _choose(spec: JobSpec, state: ClusterState, capacity: np.ndarray) -> Choice:
     # GPU jobs prefer faster accelerators; CPU jobs prefer nodes without GPUs, leaving GPU
     # nodes' CPUs to the GPU jobs that need them.
     preference = t.speed[:n] if spec.gpus_per_worker else -(t.gpus[:n] > 0).astype(float)
+    if not spec.gpus_per_worker:
+        # Not only a preference: a CPU job goes to GPU nodes only when the others cannot hold
+        # it, however their links measure (their CPUs feed GPU work, Serve replicas...).
+        without_gpus = np.where(t.gpus[:n] == 0, capacity, 0)
+        if without_gpus.sum() >= spec.num_workers:
+            capacity = without_gpus
     candidates = np.flatnonzero(capacity > 0)
     single = candidates[capacity[candidates] >= spec.num_workers]
     if len(single):
