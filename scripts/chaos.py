@@ -297,11 +297,16 @@ class Chaos:
 
     def truncate_checkpoint(self):
         # Kill first, then cut the newest checkpoint: once a rank is dead no newer one can be
-        # registered (the other way round, training may register one between the two). The
-        # wait lets the controller register reports already queued before the kill; the
+        # registered (the other way round, training may register one between the two). Wait
+        # until the whole old worker group is gone: the surviving rank may still hand the
+        # controller a report it had queued (a 1 s wait was seen to be too short). The
         # restart needs new worker processes, so it reads the checkpoint seconds later.
+        old_group = {p.pid for p in ray_train_workers()}
         killed = self._kill_a_worker()
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while old_group & {p.pid for p in ray_train_workers()} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)  # the controller's last poll of the old group's reports
         newest = next(r for r in reversed(self._records()) if r.get("checkpoint"))
         files = [p for p in Path(newest["checkpoint"]).rglob("*") if p.is_file()]
         biggest = max(files, key=lambda p: p.stat().st_size)

@@ -126,11 +126,7 @@ class RayTrainSession:
             return
         if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
             latest = Path(checkpoint.path)
-            # Ray names checkpoints by timestamp (name order is age order) and keeps its
-            # checkpoint_manager_snapshot.json beside them: directories only.
-            older = sorted((p for p in latest.parent.glob("checkpoint_*")
-                            if p.is_dir() and p != latest), reverse=True)
-            yield [str(latest)] + [str(p) for p in older]
+            yield [str(latest)] + [str(p) for p in older_checkpoints(latest)]
             return
         with checkpoint.as_directory() as directory:
             yield [directory]
@@ -204,6 +200,16 @@ class RayTrainSession:
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:
             self._last_checkpoint_at = time.time()
+
+
+def older_checkpoints(latest: Path) -> list[Path]:
+    """The checkpoints beside `latest` that are older, newest first: where to fall back to.
+    Ray names checkpoints by timestamp (name order is age order) and keeps its
+    checkpoint_manager_snapshot.json beside them: directories only. A newer directory is a
+    checkpoint a dying worker wrote that Ray Train never registered (seen in the chaos run):
+    not a fallback."""
+    return sorted((p for p in latest.parent.glob("checkpoint_*")
+                   if p.is_dir() and p.name < latest.name), reverse=True)
 
 
 def gpu_shortfall(free_bytes: int, min_gpu_memory_gb: float, node_id: str,

@@ -78,7 +78,7 @@ def test_preempted_job_yields_to_a_higher_priority_one_and_resumes_to_the_undist
     assert abs(low_summary["held_out_loss"] - undisturbed["held_out_loss"]) < 1e-5
 
 
-def test_a_job_migrates_from_t4_to_a100_when_the_a100s_free(cluster, tmp_path):
+def test_migration_moves_a_job_from_t4_to_a100_when_the_a100s_free(cluster, tmp_path):
     scheduler, _ = ensure_control_plane()
     blocker = ray.get(scheduler.place.remote(JobSpec(
         "a100-blocker", num_workers=1, cpus_per_worker=0.01, gpus_per_worker=8,

@@ -259,3 +259,14 @@ def test_a_gpu_with_less_free_memory_than_asked_is_reported_with_its_node_and_in
     assert gpu_shortfall(40 * gib, 40.0, "node-a", 3) is None
     short = gpu_shortfall(int(12.5 * gib), 40.0, "node-a", 3)
     assert short == {"node_id": "node-a", "gpu_index": 3, "free_gb": 12.5, "needed_gb": 40.0}
+
+
+def test_fallback_checkpoints_are_only_older_than_the_registered_latest(tmp_path):
+    from orchestrator.training.session import older_checkpoints
+
+    names = ["checkpoint_2026-12-02_10-46-29.1", "checkpoint_2026-12-02_10-46-29.9",
+             "checkpoint_2026-12-02_10-46-30.4"]  # the last: written, never registered
+    for name in names:
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert older_checkpoints(tmp_path / names[1]) == [tmp_path / names[0]]
