@@ -390,7 +390,7 @@ def write_jobs_csv(results: list[SimResult], path: Path) -> None:
 def format_summary(results: list[SimResult]) -> str:
     header = ("POLICY", "FINISHED", "NEVER FIT", "MEAN JCT h", "MEDIAN JCT h", "P99 JCT h",
               "MEAN QUEUE h", "MAKESPAN d", "ALLOC %", "ALLOC QUEUED %", "GOODPUT %",
-              "DECISIONS/s")
+              "MIGRATIONS", "PREEMPTIONS", "DECISIONS/s")
 
     def h(x):
         return "-" if x is None else f"{x / 3600:.2f}"
@@ -405,7 +405,8 @@ def format_summary(results: list[SimResult]) -> str:
                      h(m["mean_jct_s"]), h(m["median_jct_s"]), h(m["p99_jct_s"]),
                      h(m["mean_queue_s"]), f"{m['makespan_s'] / 86400:.2f}",
                      pct(m["allocation_rate"]), pct(m.get("allocation_rate_while_queued")),
-                     pct(m["goodput_utilization"]),
+                     pct(m["goodput_utilization"]), f"{m.get('migrations', 0):,}",
+                     f"{m.get('preemptions', 0):,}",
                      "-" if m["decisions_per_s"] is None else f"{m['decisions_per_s']:,.0f}"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(str(v).rjust(w) if i else str(v).ljust(w)

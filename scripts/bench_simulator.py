@@ -25,11 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import orchestrator  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from orchestrator.policies import POLICY_NAMES
 from orchestrator.simulator import format_summary, simulate, write_jobs_csv, write_plots
 from orchestrator.traces import PHILLY_CSV, load_philly, prepare
@@ -38,8 +33,8 @@ DEFAULT_CLUSTER = "v100:8x48,p100:8x48,k80:4x64;rack=16"
 TARGET_SPEEDUP = 1.5
 TARGET_ALLOCATION = 0.92
 KEYS = ("mean_jct_s", "median_jct_s", "p99_jct_s", "mean_queue_s", "allocation_rate",
-        "allocation_rate_while_queued",        "goodput_utilization", "makespan_s", "jobs_finished", "jobs_never_fit",
-        "multi_rack_jobs", "decisions_per_s", "wall_s")
+        "allocation_rate_while_queued", "goodput_utilization", "makespan_s", "jobs_finished", "jobs_never_fit",
+        "multi_rack_jobs", "preemptions", "migrations", "decisions_per_s", "wall_s")
 
 
 def philly_slice(start: int, jobs: int, load_scale: float, path: Path = PHILLY_CSV):
