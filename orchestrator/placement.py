@@ -373,10 +373,10 @@ class _Growth:
                 best = s.inter
             if best < self.floor:
                 return None, -math.inf
-            band = bandwidth_band(best)
-            eligible = [row for row, gbps in to_set.items()
-                        if gbps >= self.floor and bandwidth_band(gbps) == band]
-            with_unlinked = unlinked and bandwidth_band(s.inter) == band
+            # The slowest link in best's band (one log, not one per node: this loop is hot).
+            low = max(self.floor, BANDWIDTH_BAND ** bandwidth_band(best))
+            eligible = [row for row, gbps in to_set.items() if gbps >= low]
+            with_unlinked = unlinked and s.inter >= low
         else:
             eligible = [row for row, gbps in to_set.items() if gbps >= self.floor]
             with_unlinked = unlinked  # not exclusive: inter_group_gbps passes the floor
