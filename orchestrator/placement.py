@@ -362,6 +362,8 @@ class _Growth:
         s, n = self.search, len(self.chosen)
         if self.exclusive:
             to_set, unlinked = self.slowest, False
+            if s.capacity[list(to_set)].sum() < left:
+                return None, -math.inf  # the nodes that may still join cannot hold the rest
         else:
             to_set = {row: (gbps if self.linked[row] == n else min(gbps, s.inter))
                       for row, gbps in self.slowest.items()}
