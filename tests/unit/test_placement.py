@@ -346,3 +346,12 @@ def test_links_follow_new_measurements_and_late_peers():
     assert bottleneck_gbps(state, ["a", "b"]) == 0.5
     state.update(node("a"), now=NOW)
     assert bottleneck_gbps(state, ["a", "b"]) == state.inter_group_gbps
+
+
+def test_a_cpu_job_stays_off_gpu_nodes_while_others_hold_it_whatever_the_links():
+    # The GPU nodes share a 25 GB/s link, the CPU-only ones nothing measured (1.25 GB/s):
+    # bandwidth alone would send the CPU job to the GPU nodes, whose CPUs feed GPU work.
+    state = cluster(measured(node("g1", cpus=8, gpus=8), g2=25.0), node("g2", cpus=8, gpus=8),
+                    node("c1", cpus=8), node("c2", cpus=8))
+    assert sorted(place(JobSpec("j", num_workers=16), state, NOW).nodes) == ["c1", "c2"]
+    assert sorted(place(JobSpec("big", num_workers=24), state, NOW).nodes)[:2] == ["c1", "c2"]
