@@ -47,7 +47,7 @@ EXPLAIN_LIMIT = 512  # above this many nodes, per-node reasons are given only on
 # is bounded by that, not by the cluster's size. (On scripts/bench_placement.py's measured
 # cluster, 10,000 nodes, 1,000 jobs: 8 growths at most kept the mean bottleneck within 1% of
 # growing every seed, at 1.7x the speed; sampling 128 seeds instead of 24 cut the jobs put
-# across racks from 129 to 79 (mean bottleneck 13.9 -> 15.5 GB/s) for ~20% more time.)
+# across racks from 129 to 79 (mean bottleneck 13.9 -> 15.5 GB/s) for ~1.5x the time.)
 MAX_GROUP_SEEDS = 8
 SEED_SAMPLE = 128
 MAX_GROWTHS = 8
@@ -62,6 +62,7 @@ def bandwidth_band(gbps: float) -> float:
     if gbps <= 0:
         return -math.inf
     return math.inf if math.isinf(gbps) else math.floor(math.log(gbps, BANDWIDTH_BAND))
+
 
 GpuSlots = frozenset  # of (node id, GPU index) pairs
 
