@@ -300,15 +300,18 @@ class SchedulerCore:
             return self._reject(Rejection(name, (
                 f"job '{name}' already holds a reservation or waits in the queue: a job of "
                 "that name is running (two launches of the same run?)")), metrics.REJECT_DUPLICATE)
-        never = self._never_fits(spec, now)
-        if never is not None:
-            return self._reject(never)
         self.queue.add(QueuedJob(spec, owner, now, "submitted"))
         outcome = Outcome(effects=[Persist()])
         outcome.add(self._drain(now))
         placed = self.queue.ready.pop(name, None)
         if placed is not None:  # (counted by the queue pass that placed it)
             outcome.decision = placed
+            return outcome
+        never = self._never_fits(spec, now)  # asked only of jobs that did not start
+        if never is not None:
+            self.queue.remove(name)
+            outcome.decision = never
+            outcome.samples += metrics.decision_samples(never, None)
             return outcome
         if name in self.queue.rejected:
             outcome.decision = self.queue.rejected.pop(name)
