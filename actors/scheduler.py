@@ -115,7 +115,13 @@ class SchedulerActor:
         return self._call(lambda now: self.core.poll(job_name, owner, now))
 
     def replace(self, spec: JobSpec, owner: str, lost_nodes: list[str]) -> Placement | Rejection:
-        """A running job lost node(s): place it afresh without them (see SchedulerCore)."""
+        """A running job lost node(s): place it afresh without them (see SchedulerCore).
+        Ray's view is refreshed first: a lost node Ray already lists dead is dead, one it
+        still lists alive is only suspect (a network blip must not evict it for good)."""
+        alive, dead, _ = _ray_nodes()
+        self._ray_checked_at = time.monotonic()
+        with self.lock:
+            self._apply(self.core.ray_nodes(alive, dead, time.time()))
         return self._decide(lambda now: self.core.replace(spec, owner, lost_nodes, now))
 
     def yielded(self, job_name: str, owner: str = "") -> Placement | Queued | Rejection:
