@@ -432,8 +432,12 @@ class SchedulerCore:
         job = self.running.get(job_name)
         if job is None or (owner and job.placement.owner != owner):
             return Outcome(self._status(job_name, owner))
-        self.excluded_gpus.setdefault(job_name, set()).update(
-            (str(node), int(index)) for node, index in gpus)
+        excluded = self.excluded_gpus.setdefault(job_name, set())
+        for node, index in gpus:
+            if (node, index) in excluded:  # Ray picks GPU ids and picked it again: the node
+                report = self.state.reports.get(node)  # is avoided for this job altogether
+                excluded.update((node, g.index) for g in (report.gpus if report else ()))
+            excluded.add((str(node), int(index)))
         where = ", ".join(f"GPU {i} of node {n[:12]}" for n, i in sorted(gpus))
         return self.yielded(job_name, owner, now,
                             reason=f"{where} lacked {job.spec.min_gpu_memory_gb:g} GiB free: "

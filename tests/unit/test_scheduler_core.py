@@ -327,3 +327,14 @@ def test_each_decision_is_counted_once():
     outcomes = [s[2]["outcome"] for s in placed.samples + queued.samples
                 if s[0].name == "orchestrator_scheduler_placement_decisions"]
     assert outcomes == ["placed", "queued"]
+
+
+def test_a_gpu_reported_short_twice_rules_out_its_whole_node_for_the_job():
+    core = core_with(gpu_node("a", gpus=4), gpu_node("b", gpus=4))
+    spec = gpus("job", 1, min_gpu_memory_gb=40)
+    node = core.submit(spec, "d", T0).decision.nodes[0]
+    other = "b" if node == "a" else "a"
+    # Its 3 other GPUs are now the tightest fit, but Ray picks the GPU id and may pick the
+    # same short one again: the second report rules the node out for this job.
+    assert core.gpu_too_small("job", "d", [(node, 2)], T0 + 1).decision.nodes == [node]
+    assert core.gpu_too_small("job", "d", [(node, 2)], T0 + 2).decision.nodes == [other]
