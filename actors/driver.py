@@ -42,6 +42,9 @@ def describe(placement: Placement) -> str:
 
 
 class PlacedRun:
+    """A job's side of the scheduler: submit, wait in the queue, fit on the placement, and when
+    the scheduler takes the placement back, report the yield and fit again."""
+
     def __init__(self, scheduler, spec: JobSpec, queue_timeout_s: float,
                  say: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
         self.scheduler, self.spec, self.queue_timeout_s, self.say = \

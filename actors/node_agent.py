@@ -44,6 +44,9 @@ def agent_name(node_id: str) -> str:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,
             concurrency_groups={"bandwidth": 1, "transfer": 2})
 class NodeAgent:
+    """The per-node agent (one per node, pinned to it): runs the probes on a timer and reports
+    a NodeReport to the scheduler as a heartbeat and on demand."""
+
     def __init__(self, heartbeat_s: float = 5.0, bandwidth_every_s: float = 60.0,
                  max_bandwidth_peers: int = 8) -> None:
         context = ray.get_runtime_context()

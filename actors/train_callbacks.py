@@ -48,6 +48,10 @@ class NodeLostError(RuntimeError):
 
 
 class FollowPlacement(ControllerCallback):
+    """Ray Train controller callback that keeps a run on the nodes the scheduler chose: before
+    each worker-group start it has a lost node's workers placed again and points the label
+    selectors at the new nodes."""
+
     def __init__(self, spec: JobSpec, owner: str, timeout_s: float = 600.0) -> None:
         self.spec, self.owner, self.timeout_s = spec, owner, timeout_s
         self.scaling_config = None

@@ -25,6 +25,9 @@ RESTARTS_TRAINING = {TRAIN_WORKER_KILLED, NODE_REPLACED, CHECKPOINT_TRUNCATED, J
 
 @dataclass(frozen=True)
 class Fault:
+    """One fault of the chaos run: its kind (one of FAULTS) and the training step after which
+    it is injected."""
+
     kind: str
     at_step: int  # injected once the training run has reported this step
 

@@ -56,6 +56,9 @@ class ClusterSpecError(ValueError):
 
 @dataclass(frozen=True)
 class GpuType:
+    """A GPU type the simulator can model: its family, name and memory, and where its speed
+    comes from (a Gavel column, or a factor over the V100)."""
+
     family: str  # accelerator family as placement knows it
     gpu_name: str  # what a GpuInfo would report (accelerator_family() maps it back)
     memory_gib: float
@@ -196,6 +199,9 @@ def consolidated_throughput(model: str, gpu_type: str, n: int) -> float:
 
 @dataclass(frozen=True)
 class ServerGroup:
+    """One part of a --cluster SPEC: `servers` servers of one GPU type with `gpus_per_server`
+    GPUs each."""
+
     gpu_type: str  # key of GPU_TYPES
     gpus_per_server: int
     servers: int
@@ -203,6 +209,9 @@ class ServerGroup:
 
 @dataclass(frozen=True)
 class ClusterSpec:
+    """A parsed --cluster SPEC: the server groups plus the rack size and the bandwidths inside
+    and between racks, from which the simulator builds its modelled cluster."""
+
     groups: tuple[ServerGroup, ...]
     rack: int = DEFAULT_RACK
     rack_gbps: float = DEFAULT_RACK_GBPS

@@ -28,6 +28,9 @@ TABLE_PATH = REPO / "docs" / "metrics.md"
 
 @dataclass(frozen=True)
 class AlertRule:
+    """One Prometheus alert rule as generated into monitoring/alerts.yml: its PromQL expression,
+    how long it must hold, severity and the texts an operator sees."""
+
     name: str
     expr: str
     for_s: int
@@ -141,6 +144,9 @@ GRAFANA_UNITS = {"bytes": "bytes", "ratio": "percentunit", "seconds": "s", "byte
 
 @dataclass(frozen=True)
 class Panel:
+    """One panel of the generated Grafana dashboard: a catalogue metric (for unit and
+    description) and the PromQL series drawn on it."""
+
     title: str
     spec: m.MetricSpec  # gives the unit and the description
     expr: str

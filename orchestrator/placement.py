@@ -89,6 +89,9 @@ class Queued:
 
 
 class PlacementError(Exception):
+    """Raised by place() when a job cannot be placed now; `rejection` says why, naming every
+    factor."""
+
     def __init__(self, rejection: Rejection) -> None:
         super().__init__(rejection.message)
         self.rejection = rejection
@@ -96,6 +99,9 @@ class PlacementError(Exception):
 
 @dataclass(frozen=True)
 class Placement:
+    """Where a job runs: a node id for every worker by rank, the resources each worker holds,
+    the slowest link between the chosen nodes, and why every other node was not chosen."""
+
     job_name: str
     worker_nodes: tuple[str, ...]  # node id of each worker, by rank
     cpus_per_worker: float

@@ -20,6 +20,9 @@ from orchestrator.placement import Placement, Queued, Rejection
 
 @dataclass
 class QueuedJob:
+    """A job waiting in the scheduler's queue: its spec, the driver that owns it, when it was
+    first submitted (its place in line) and what it has been through (preemptions, time run)."""
+
     spec: JobSpec
     owner: str
     enqueued_at: float  # first submission: the queue order, and what ageing counts from
@@ -50,6 +53,10 @@ def placement_from_dict(data: dict) -> Placement:
 
 
 class JobQueue:
+    """The scheduler's wait queue (pure data): waiting jobs in priority then submission order,
+    placements made from the queue until their drivers collect them, and jobs dropped with the
+    reason their drivers will be told."""
+
     def __init__(self) -> None:
         self.waiting: dict[str, QueuedJob] = {}
         self._order: list[tuple] = []  # sorted order keys of the waiting jobs

@@ -105,6 +105,9 @@ class Persist:
 
 @dataclass(frozen=True)
 class StartAgent:
+    """Effect: start (or restart) the agent of an alive node whose agent has not reported
+    lately (a node that joined, or one whose agent stopped)."""
+
     node_id: str
 
 
@@ -122,6 +125,9 @@ class Yield:
 
 @dataclass(frozen=True)
 class Directive:
+    """What a running job is told at its next step boundary (preempt, migrate or cancel), why,
+    since when, and for a migration the placement claimed for it."""
+
     kind: str  # PREEMPT, MIGRATE or CANCEL
     reason: str
     since: float
@@ -131,6 +137,9 @@ class Directive:
 
 @dataclass
 class Outcome:
+    """What one event to the core produced: the answer for the caller, the effects a driver of
+    the core must carry out, and metric samples to record."""
+
     decision: object = None
     effects: list = field(default_factory=list)
     samples: list = field(default_factory=list)  # metric samples (orchestrator.metrics)

@@ -63,6 +63,9 @@ FINISHED, NEVER_FITS = "finished", "never_fits"
 
 @dataclass
 class SimJob:
+    """One trace job in a simulation: its spec and modelled speeds, and what happened to it
+    (start, finish, where it ran, how fast compared with the ideal)."""
+
     trace: TraceJob
     model: str
     spec: JobSpec
@@ -92,6 +95,9 @@ class SimJob:
 
 @dataclass
 class SimResult:
+    """The outcome of replaying a trace under one policy: every job, the allocation, goodput
+    and queue timelines, and the summary metrics."""
+
     policy: str
     jobs: list[SimJob]
     timeline_t: np.ndarray

@@ -40,6 +40,9 @@ class TraceError(ValueError):
 
 @dataclass(frozen=True)
 class TraceJob:
+    """One job of a trace as loaded: submit time, duration on the reference GPU, GPU count and,
+    when given, model type and allowed accelerator family."""
+
     job_id: int  # position in the file (0-based data row)
     submit_time_s: float
     duration_s: float  # on the reference GPU type, consolidated

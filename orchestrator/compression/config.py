@@ -33,6 +33,9 @@ def _is_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class CompressConfig:
+    """Every setting of jobs/compress.py (distillation, pruning, QAT, export, report), validated
+    at construction."""
+
     # Stage 0 (only with a smaller student): distil the teacher into a fresh smaller model.
     student_size: str | None = None  # a MODEL_PRESETS name; None = the teacher's architecture
     distill_steps: int = 300

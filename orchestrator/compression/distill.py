@@ -15,6 +15,9 @@ import torch.nn.functional as F
 
 
 class DistillLoss(NamedTuple):
+    """The distillation loss of one batch: the total that is optimised and its two parts
+    (cross-entropy and the temperature-scaled KL term), kept apart for logging."""
+
     total: torch.Tensor
     ce: torch.Tensor
     kd: torch.Tensor  # already multiplied by T^2; 0 without a teacher

@@ -51,6 +51,9 @@ class Plan:
 
 @dataclass(frozen=True)
 class PruneSchedule:
+    """When and how far a fine-tune prunes: the final sparsity, its scope, the steps over which
+    it ramps up, and how often the masks are updated meanwhile."""
+
     final: float
     scope: str
     ramp_steps: int

@@ -59,6 +59,9 @@ RETRYABLE = (ray.exceptions.RayActorError, DeploymentUnavailableError)
 @serve.deployment(name="GPTModel", graceful_shutdown_timeout_s=10,
                   graceful_shutdown_wait_loop_s=0.5)
 class GPTModel:
+    """The model replica deployment: holds one loaded model, batches requests dynamically and
+    generates with a KV cache; reloads on a new checkpoint and reports its health to Serve."""
+
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = ServeSettings.from_args(settings)
         torch.set_num_threads(self.settings.torch_threads)
@@ -320,6 +323,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress:
+    """The HTTP front deployment (FastAPI): validates OpenAI-style requests, forwards them to
+    GPTModel replicas, and resends the requests of a replica that died."""
+
     def __init__(self, model: DeploymentHandle, settings: dict[str, Any]) -> None:
         self.model = model
         self.stream_model = model.options(stream=True)

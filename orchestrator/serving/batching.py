@@ -36,6 +36,8 @@ class BatchBounds:
 
 @dataclass(frozen=True)
 class BatchSettings:
+    """The batch size cap and wait that the batching policy chose for the next batch."""
+
     max_batch_size: int
     wait_timeout_s: float
 

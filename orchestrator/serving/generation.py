@@ -26,6 +26,9 @@ FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How to sample one completion: token budget, temperature (0 = greedy), top-p, stop
+    sequences and seed."""
+
     max_tokens: int
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0

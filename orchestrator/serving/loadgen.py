@@ -16,6 +16,9 @@ DEFAULT_BODY = {"prompt": "Resilience", "max_tokens": 12, "temperature": 0}
 
 
 class Load:
+    """A steady load of client threads against a running server, each answer checked against
+    the greedy completion; `resize` changes the number of clients."""
+
     def __init__(self, url: str, clients: int, body: dict | None = None,
                  timeout_s: float = 60.0) -> None:
         self.url, self.body, self.timeout_s = url, dict(body or DEFAULT_BODY), timeout_s

@@ -35,6 +35,9 @@ INT8_FILE = "weights.int8.pt"
 
 @dataclass(frozen=True)
 class ModelFormat:
+    """A model format serving can load: its name, the file that identifies it in a directory,
+    and the function that loads it."""
+
     name: str
     marker: str  # the file whose presence identifies the format
     load: Callable[[Path, torch.device], tuple[torch.nn.Module, str, int | None]]
@@ -101,6 +104,9 @@ def model_directories(path: str | Path) -> tuple[list[Path], bool]:
 
 @dataclass
 class LoadedModel:
+    """A model loaded for serving, with what /v1/models and /health report about it (version,
+    files, checksum, step, size, load time, warnings)."""
+
     model: torch.nn.Module
     block_size: int
     version: str

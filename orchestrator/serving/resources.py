@@ -27,6 +27,9 @@ INFERENCE_FAMILIES = ("T4", "L4", "A10", "A10G", "L40S")
 
 @dataclass(frozen=True)
 class ReplicaResources:
+    """What a model replica runs on: the accelerator family chosen (or CPU), the Ray actor
+    options that pin it there, and why it was chosen."""
+
     accelerator: str  # family name, or "CPU"
     ray_actor_options: dict[str, Any]
     reason: str

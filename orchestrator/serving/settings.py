@@ -30,6 +30,9 @@ QUEUED_ROUNDS = 8
 
 @dataclass(frozen=True)
 class ServeSettings:
+    """The serving application's settings (serve_config.yaml `args`, or key=value after
+    `serve run ...:app`), validated at construction."""
+
     checkpoint: str = ""  # run, checkpoint or INT8 export dir; "" = newest run under the runs root
     model_name: str = "orchestrator-gpt"  # the id clients pass as `model`
     # Replica resources: "auto" (inference accelerator the cluster has, else CPU), "cpu", or

@@ -22,6 +22,10 @@ import torch
 
 
 class HierarchicalAccumulation:
+    """Per-group gradient accumulation for the training loop: says which parameter groups step
+    on a micro-batch, sets the others' pending gradients aside during the step, and counts
+    each group's optimizer steps."""
+
     def __init__(self, groups: dict[str, list[torch.nn.Parameter]],
                  factors: dict[str, int]) -> None:
         self.groups = {name: params for name, params in groups.items() if params}

@@ -155,6 +155,9 @@ def dense_span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: PyTorch's SDPA, or the learnable-span path when
+    `span` is given; decodes incrementally with a KV cache."""
+
     def __init__(self, n_embd: int, n_head: int, dropout: float, span: AdaptiveSpan | None
                  ) -> None:
         super().__init__()

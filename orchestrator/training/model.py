@@ -20,6 +20,9 @@ from orchestrator.training.attention import AdaptiveSpan, CausalSelfAttention, K
 
 @dataclass(frozen=True)
 class GPTConfig:
+    """The GPT's shape and options (vocabulary, context, layers, heads, width, dropout,
+    learnable attention span), built from a TrainConfig."""
+
     vocab_size: int = 256  # byte-level tokenizer: every byte is a token
     block_size: int = 128  # longest context the position embedding covers
     n_layer: int = 4
@@ -39,6 +42,8 @@ class GPTConfig:
 
 
 class MLP(nn.Module):
+    """The feed-forward sub-layer of a block: widen 4x, GELU, project back."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
@@ -67,6 +72,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The GPT-style decoder trained, compressed and served by this project: embeddings, a stack
+    of pre-norm blocks and an LM head tied to the token embedding."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config

@@ -35,6 +35,9 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class Precision:
+    """A resolved training precision (fp32, fp16 or bf16) on a device type: gives the autocast
+    context and the grad scaler that go with it."""
+
     name: str  # fp32 | fp16 | bf16, already resolved
     device_type: str  # "cpu" | "cuda"
 

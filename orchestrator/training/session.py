@@ -14,6 +14,10 @@ from orchestrator.runs import append_metrics
 
 
 class TrainSession(Protocol):
+    """What the training loop needs from where it runs (rank, world size, device, model
+    wrapping, checkpoints to resume from, reporting), so one loop runs under Ray Train, in a
+    plain process and in tests."""
+
     world_rank: int
     world_size: int
     device: torch.device
