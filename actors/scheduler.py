@@ -119,9 +119,11 @@ class SchedulerActor:
         Ray's view is refreshed first: a lost node Ray already lists dead is dead, one it
         still lists alive is only suspect (a network blip must not evict it for good)."""
         alive, dead, _ = _ray_nodes()
+        available = _ray_available()
         self._ray_checked_at = time.monotonic()
         with self.lock:
             self._apply(self.core.ray_nodes(alive, dead, time.time()))
+            self._apply(self.core.ray_usage(available, time.time()))
         return self._decide(lambda now: self.core.replace(spec, owner, lost_nodes, now))
 
     def yielded(self, job_name: str, owner: str = "") -> Placement | Queued | Rejection:
@@ -179,14 +181,16 @@ class SchedulerActor:
         """One maintenance pass (also run by the timer thread); returns what it changed."""
         alive, gone, retired = _ray_nodes()
         dead_drivers = _dead_drivers()
+        available = _ray_available()
         self._ray_checked_at = time.monotonic()
         with self.lock:
             now = time.time()
             ready_before = set(self.core.queue.ready)
             dead = self.core.ray_nodes(alive, gone, now)
+            usage = self.core.ray_usage(available, now)
             orphans = self.core.owners_dead(dead_drivers, now)
             tick = self.core.tick(now, retired)
-            for outcome in (dead, orphans, tick):
+            for outcome in (dead, usage, orphans, tick):
                 self._apply(outcome)
             agents = self.core.agents_needed(alive, now)
             changes = {"dead_by_ray": dead.decision, "expired": tick.decision["expired"],
@@ -258,6 +262,19 @@ def _ray_nodes() -> tuple[set[str], set[str], set[str]]:
     dead = [n for n in nodes if not n["Alive"]]
     return ({n["NodeID"] for n in nodes if n["Alive"]}, {n["NodeID"] for n in dead},
             {n["NodeID"] for n in dead if n.get("DeathReason") in metrics.RAY_DEATH_EXPECTED})
+
+
+def _ray_available() -> dict[str, dict[str, float]]:
+    """Ray's available resources per alive node (through ray._private.state: Ray has no
+    public per-node API). On failure, nothing: the scheduler then counts only its own
+    reservations, as before it could ask."""
+    try:
+        from ray._private.state import available_resources_per_node
+
+        return available_resources_per_node()
+    except Exception as e:
+        log.warning("cannot read Ray's available resources per node: %s", e)
+        return {}
 
 
 def _ensure_agent_on(node_id: str) -> None:

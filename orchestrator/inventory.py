@@ -225,6 +225,25 @@ class ClusterState:
             return 0.0, 0
         return float(self.table.reserved_cpus[row]), int(self.table.reserved_gpus[row])
 
+    def outside_on(self, node_id: str) -> tuple[float, int]:
+        """(CPUs, GPUs) a node's Ray work that the scheduler did not place holds."""
+        row = self.table.index.get(node_id)
+        if row is None:
+            return 0.0, 0
+        return float(self.table.outside_cpus[row]), int(self.table.outside_gpus[row])
+
+    def set_ray_usage(self, node_id: str, used_cpus: float, used_gpus: float) -> None:
+        """What Ray says is in use on a node. Beyond what this scheduler reserved there, it is
+        held by work the scheduler did not place (Serve replicas, other users' tasks) and is
+        not free, whatever the reservations say. Reserved but not yet started counts as
+        reserved only (used < reserved: nothing outside)."""
+        row = self.table.index.get(node_id)
+        if row is None:
+            return
+        t = self.table
+        t.outside_cpus[row] = max(0.0, used_cpus - t.reserved_cpus[row])
+        t.outside_gpus[row] = max(0, int(round(used_gpus)) - int(t.reserved_gpus[row]))
+
     def reserve(self, job_name: str, reservations: Iterable[Reservation]) -> None:
         if job_name in self.reservations:
             raise ValueError(f"job '{job_name}' already holds a reservation; release it first")
@@ -317,6 +336,9 @@ class NodeTable:
         self.suspect = np.zeros(n, dtype=bool)  # unreachable by a driver: no new work for now
         self.reserved_cpus = np.zeros(n)
         self.reserved_gpus = np.zeros(n, dtype=np.int64)
+        # Held by Ray work this scheduler did not place (ClusterState.set_ray_usage).
+        self.outside_cpus = np.zeros(n)
+        self.outside_gpus = np.zeros(n, dtype=np.int64)
         # Measured bandwidth, kept sparse (each agent measures a few peers, so a dense matrix
         # would be 10,000 x 10,000 for nothing): what each row's report measured, who measured
         # each node, and the rows with any measurement at all.
@@ -344,7 +366,8 @@ class NodeTable:
 
     def _grow_rows(self, n: int) -> None:
         for name in ("cpus", "gpus", "family", "load", "group", "group_gbps", "speed", "dead",
-                     "suspect", "reserved_cpus", "reserved_gpus", "last_seen", *self._GPU_COLUMNS):
+                     "suspect", "reserved_cpus", "reserved_gpus", "outside_cpus",
+                     "outside_gpus", "last_seen", *self._GPU_COLUMNS):
             old = getattr(self, name)
             fill = -np.inf if name == "last_seen" or name in self._GPU_COLUMNS else 0
             new = np.full((n,) + old.shape[1:], fill, dtype=old.dtype)
@@ -450,6 +473,12 @@ class NodeTable:
         order = np.lexsort((rows, -gbps))  # fastest first; by row among equals
         self._links[row] = rows[order], gbps[order]
         return self._links[row]
+
+    def taken(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, CPUs and GPUs not free: reserved by placed jobs, or held by Ray work the
+        scheduler did not place."""
+        return (self.reserved_cpus[:n] + self.outside_cpus[:n],
+                self.reserved_gpus[:n] + self.outside_gpus[:n])
 
     def set_dead(self, node_id: str, dead: bool) -> None:
         self.dead[self.index[node_id]] = dead

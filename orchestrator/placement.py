@@ -137,8 +137,7 @@ def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
     that a worker, once started, found without the free memory the table said it had."""
     t = state.table
     n = len(t)
-    reserved_cpus = 0 if ignore_reservations else t.reserved_cpus[:n]
-    reserved_gpus = 0 if ignore_reservations else t.reserved_gpus[:n]
+    reserved_cpus, reserved_gpus = (0, 0) if ignore_reservations else t.taken(n)
     capacity = np.floor((t.cpus[:n] - reserved_cpus) / spec.cpus_per_worker + 1e-9)
     if spec.gpus_per_worker:
         # Free memory is measured, so GPUs busy with reserved jobs look full; with reservations
@@ -517,10 +516,12 @@ def _node_reason(spec: JobSpec, state: ClusterState, report: NodeReport, now: fl
         return (f"overloaded: load {report.load_per_cpu:.2f} per CPU > "
                 f"{state.max_load_per_cpu:g}")
     reserved_cpus, reserved_gpus = state.reserved_on(report.node_id)
-    free_cpus = report.ray_cpus - reserved_cpus
+    outside_cpus, outside_gpus = state.outside_on(report.node_id)
+    free_cpus = report.ray_cpus - reserved_cpus - outside_cpus
     if free_cpus < spec.cpus_per_worker:
+        outside = f", {outside_cpus:g} used by Ray work not placed here" if outside_cpus else ""
         return (f"needs {spec.cpus_per_worker:g} CPU per worker, has {free_cpus:g} free "
-                f"({report.ray_cpus:g} total, {reserved_cpus:g} reserved)")
+                f"({report.ray_cpus:g} total, {reserved_cpus:g} reserved{outside})")
     if not report.gpus:
         probe_errors = "; ".join(f"{k}: {v}" for k, v in report.probe_errors.items())
         return (f"needs {spec.gpus_per_worker} GPU per worker, node reports no GPUs"
@@ -541,9 +542,10 @@ def _node_reason(spec: JobSpec, state: ClusterState, report: NodeReport, now: fl
         return (f"needs {spec.gpus_per_worker} GPU(s) with >= {spec.min_gpu_memory_gb:g} GiB "
                 f"free, {len(fitting)} of {len(report.gpus)} have it (most free: {most:.1f} GiB"
                 f"{not_for_this_job})")
-    usable = min(len(fitting), int(report.ray_gpus) - reserved_gpus)
+    usable = min(len(fitting), int(report.ray_gpus) - reserved_gpus - outside_gpus)
+    outside = f", {outside_gpus} used by Ray work not placed here" if outside_gpus else ""
     return (f"needs {spec.gpus_per_worker} GPU per worker, {max(usable, 0)} free "
-            f"({reserved_gpus} reserved{not_for_this_job})")
+            f"({reserved_gpus} reserved{outside}{not_for_this_job})")
 
 
 def _node_reasons(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndarray,

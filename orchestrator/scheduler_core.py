@@ -284,6 +284,21 @@ class SchedulerCore:
             outcome.add(self._reject_unfittable(now))
         return outcome
 
+    def ray_usage(self, available: dict[str, dict[str, float]], now: float) -> Outcome:
+        """Ray's available CPUs and GPUs per node: what is used beyond this scheduler's
+        reservations is held by work it did not place, and is not free (see
+        ClusterState.set_ray_usage). Freed capacity lets waiting jobs start."""
+        freed = False
+        for node_id, resources in available.items():
+            report = self.state.reports.get(node_id)
+            if report is None:
+                continue
+            before = self.state.outside_on(node_id)
+            self.state.set_ray_usage(node_id, report.ray_cpus - resources.get("CPU", 0.0),
+                                     report.ray_gpus - resources.get("GPU", 0.0))
+            freed |= self.state.outside_on(node_id) < before
+        return self._drain(now) if freed else Outcome()
+
     def agents_needed(self, alive: set[str], now: float) -> list[StartAgent]:
         """Alive nodes whose agent has not reported lately: start (or restart) their agent."""
         if self.settings.synthetic_nodes:
@@ -708,9 +723,10 @@ class SchedulerCore:
         t = self.state.table
         n = len(t)
         ok = self.state.placeable(now)
-        gpus = np.where(ok, np.maximum(t.gpus[:n] - t.reserved_gpus[:n], 0), 0)
+        taken_cpus, taken_gpus = t.taken(n)
+        gpus = np.where(ok, np.maximum(t.gpus[:n] - taken_gpus, 0), 0)
         by_family = np.bincount(t.family[:n], weights=gpus, minlength=len(t.families))
-        cpus = float(np.where(ok, np.maximum(t.cpus[:n] - t.reserved_cpus[:n], 0), 0).sum())
+        cpus = float(np.where(ok, np.maximum(t.cpus[:n] - taken_cpus, 0), 0).sum())
         return {code: int(v) for code, v in enumerate(by_family)}, [cpus]
 
     def _head_units(self, head: JobSpec, now: float) -> tuple[np.ndarray, bool]:
@@ -727,7 +743,7 @@ class SchedulerCore:
         t = self.state.table
         n = len(t)
         placeable = usable & self.state.placeable(now)
-        held = t.reserved_gpus[:n] if per_gpu else t.reserved_cpus[:n]
+        held = t.taken(n)[1 if per_gpu else 0]
         total = t.gpus[:n] if per_gpu else t.cpus[:n]
         free = float(np.maximum(total - held, 0)[placeable].sum())
         need = float(head.spec.total_gpus if per_gpu else head.spec.total_cpus)

@@ -338,3 +338,20 @@ def test_a_gpu_reported_short_twice_rules_out_its_whole_node_for_the_job():
     # same short one again: the second report rules the node out for this job.
     assert core.gpu_too_small("job", "d", [(node, 2)], T0 + 1).decision.nodes == [node]
     assert core.gpu_too_small("job", "d", [(node, 2)], T0 + 2).decision.nodes == [other]
+
+
+def test_cpus_ray_work_not_placed_here_holds_are_not_free():
+    core = core_with(cpu_node("a", cpus=4), cpu_node("b", cpus=4))
+    core.submit(cpus("ours", 2), "d", T0)  # on a or b; Ray shows it using 2 CPUs there
+    mine = core.running["ours"].placement.nodes[0]
+    other = "b" if mine == "a" else "a"
+    # Ray: our job's 2 CPUs in use, and 3 of the other node's CPUs held by a Serve replica.
+    core.ray_usage({mine: {"CPU": 2.0}, other: {"CPU": 1.0}}, T0 + 1)
+    assert core.state.outside_on(mine) == (0.0, 0) and core.state.outside_on(other) == (3.0, 0)
+    big = JobSpec("big", num_workers=2, cpus_per_worker=2.0)
+    waiting = core.submit(big, "d", T0 + 2).decision
+    assert isinstance(waiting, Queued)  # room for one 2-CPU worker, not two
+    assert "used by Ray work not placed here" in core.place_now(big, "", T0 + 2, dry_run=True,
+                                                               explain=True).decision.message
+    core.ray_usage({mine: {"CPU": 2.0}, other: {"CPU": 4.0}}, T0 + 3)  # the replica left
+    assert core.poll("big", "d", T0 + 4).decision.nodes == [other]  # all 4 free there now
