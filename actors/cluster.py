@@ -14,7 +14,7 @@ from actors.scheduler import NAMESPACE, SCHEDULER_NAME, SchedulerActor
 
 def ensure_scheduler(**settings):
     """The cluster's scheduler, created with `settings` (SchedulerActor's keyword arguments:
-    suspect_after_s, dead_after_s, maintain_every_s, max_load_per_cpu, inter_group_gbps) if it
+    the fields of orchestrator.scheduler_core.SchedulerSettings, plus maintain_every_s) if it
     does not exist yet; an existing one keeps the settings it was created with."""
     return SchedulerActor.options(name=SCHEDULER_NAME, namespace=NAMESPACE, lifetime="detached",
                                   get_if_exists=True).remote(**settings)
