@@ -367,7 +367,7 @@ class SchedulerCore:
         try:
             placement = self._place(spec, now, owner, explain)
         except PlacementError as e:
-            return Outcome(e.rejection)
+            return Outcome(self._not_final(e.rejection))
         if dry_run:
             return Outcome(placement)
         self._start(spec, owner, placement, now, QueuedJob(spec, owner, now))
@@ -629,8 +629,27 @@ class SchedulerCore:
     def _reject(self, rejection: Rejection, reason: str | None = None) -> Outcome:
         return Outcome(rejection, samples=metrics.decision_samples(rejection, None, reason))
 
+    def _unreported(self) -> int:
+        """Nodes Ray lists alive that have not reported to this scheduler (yet: it restarted,
+        or they joined a moment ago)."""
+        if self.settings.synthetic_nodes:
+            return 0
+        return len(self.ray_alive - self.state.reports.keys())
+
+    def _not_final(self, rejection: Rejection) -> Rejection:
+        """While alive nodes have not reported, "can never fit" is not known: wait for them."""
+        missing = self._unreported()
+        if rejection.fits_when_free or not missing:
+            return rejection
+        return dataclasses.replace(rejection, fits_when_free=True, message=(
+            f"{rejection.message}\n  {missing} node(s) Ray lists alive have not reported yet "
+            "(did the scheduler restart?): waiting for them"))
+
     def _never_fits(self, spec: JobSpec, now: float) -> Rejection | None:
-        """A rejection when the job cannot fit even the idle healthy cluster."""
+        """A rejection when the job cannot fit even the idle healthy cluster (None while
+        some alive nodes have not reported: it is not known yet)."""
+        if self._unreported():
+            return None
         idle = worker_capacity(spec, self.state, now, ignore_reservations=True)
         if int(idle.sum()) >= spec.num_workers:
             return None
@@ -684,7 +703,7 @@ class SchedulerCore:
                 placement = self._place(spec, now, job.owner)
             except PlacementError as e:
                 failed_shapes.add(shape)
-                if not e.rejection.fits_when_free:
+                if not self._not_final(e.rejection).fits_when_free:
                     self.queue.reject(spec.name, e.rejection)
                     self._forget_preemption(spec.name)
                     outcome.samples += metrics.decision_samples(

@@ -355,3 +355,17 @@ def test_cpus_ray_work_not_placed_here_holds_are_not_free():
                                                                explain=True).decision.message
     core.ray_usage({mine: {"CPU": 2.0}, other: {"CPU": 4.0}}, T0 + 3)  # the replica left
     assert core.poll("big", "d", T0 + 4).decision.nodes == [other]  # all 4 free there now
+
+
+def test_a_restarted_scheduler_waits_for_unreported_nodes_before_calling_a_job_unfittable():
+    core = core_with(cpu_node("a", cpus=2))
+    again = SchedulerCore(core.settings)  # restarted: Ray lists a and b, neither reported yet
+    again.ray_nodes({"a", "b"}, set(), T0)
+    after_loss = again.place_now(cpus("job", 2), "d", T0).decision
+    assert after_loss.fits_when_free and "have not reported yet" in after_loss.message
+    assert isinstance(again.submit(cpus("waits", 2), "d", T0).decision, Queued)
+    again.report(cpu_node("a", cpus=2), T0 + 1)
+    again.report(cpu_node("b", cpus=2), T0 + 1)
+    assert isinstance(again.poll("waits", "d", T0 + 2).decision, Placement)
+    never = again.submit(cpus("too-big", 5), "d", T0 + 3).decision  # all reported: final
+    assert isinstance(never, Rejection) and not never.fits_when_free
