@@ -11,13 +11,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.node_agent import NodeAgent
 from actors.scheduler import NAMESPACE, SCHEDULER_NAME, SchedulerActor
 
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
+
 
 def ensure_scheduler(**settings):
     """The cluster's scheduler, created with `settings` (SchedulerActor's keyword arguments:
     the fields of orchestrator.scheduler_core.SchedulerSettings, plus maintain_every_s) if it
     does not exist yet; an existing one keeps the settings it was created with."""
     return SchedulerActor.options(name=SCHEDULER_NAME, namespace=NAMESPACE, lifetime="detached",
-                                  get_if_exists=True).remote(**settings)
+                                  get_if_exists=True,
+                                  # On the head node, which outlives worker nodes: a scheduler
+                                  # on a node that is lost restarts with no reports for a while.
+                                  resources={HEAD_NODE_RESOURCE: 0.001}).remote(**settings)
 
 
 def alive_node_ids() -> list[str]:
