@@ -63,6 +63,7 @@ class SchedulerActor:
         self.lock = threading.RLock()  # Ray's thread and the maintenance thread
         self._ray_checked_at = float("-inf")
         self._restore()
+        self._refresh_ray_view()
         self.maintain_every_s = maintain_every_s
         threading.Thread(target=self._maintain_forever, name="scheduler-maintenance",
                          daemon=True).start()
@@ -118,16 +119,12 @@ class SchedulerActor:
         """A running job lost node(s): place it afresh without them (see SchedulerCore).
         Ray's view is refreshed first: a lost node Ray already lists dead is dead, one it
         still lists alive is only suspect (a network blip must not evict it for good)."""
-        alive, dead, _ = _ray_nodes()
-        available = _ray_available()
-        self._ray_checked_at = time.monotonic()
-        with self.lock:
-            self._apply(self.core.ray_nodes(alive, dead, time.time()))
-            self._apply(self.core.ray_usage(available, time.time()))
+        self._refresh_ray_view()
         return self._decide(lambda now: self.core.replace(spec, owner, lost_nodes, now))
 
     def yielded(self, job_name: str, owner: str = "") -> Placement | Queued | Rejection:
         """The job checkpointed and stopped as its directive said; what it should do next."""
+        self._refresh_ray_view()  # it is placed again at once: on what Ray sees now
         return self._call(lambda now: self.core.yielded(job_name, owner, now))
 
     def gpu_too_small(self, job_name: str, owner: str, gpus: list[tuple[str, int]]
@@ -239,6 +236,16 @@ class SchedulerActor:
             self.store.save(self.core.to_dict())
         return outcome.decision
 
+    def _refresh_ray_view(self) -> None:
+        """Ray's nodes and their available resources, now (at start, and before decisions
+        that cannot wait for the next maintenance pass)."""
+        alive, dead, _ = _ray_nodes()
+        available = _ray_available()
+        self._ray_checked_at = time.monotonic()
+        with self.lock:
+            self._apply(self.core.ray_nodes(alive, dead, time.time()))
+            self._apply(self.core.ray_usage(available, time.time()))
+
     def _restore(self) -> None:
         """Reload what a previous incarnation promised. A part that cannot be read (corrupt,
         or from an older version) is logged and skipped: the scheduler must still start."""
@@ -250,6 +257,7 @@ class SchedulerActor:
         for problem in self.core.restore(saved):
             log.error(problem)
         if saved:
+            self.core.restored_at = time.time()
             log.warning("scheduler restarted: restored %d reservation(s), %d running and %d "
                         "queued job(s)", len(self.core.state.reservations),
                         len(self.core.running), len(self.core.queue))

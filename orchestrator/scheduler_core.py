@@ -243,6 +243,10 @@ class SchedulerCore:
         self.ray_alive: set[str] = set()
         self.ray_dead: set[str] = set()
         self.refused_nodes: set[str] = set()  # logged once each
+        # When this incarnation restored a previous one's state: until every node Ray lists
+        # alive has reported (or suspect_after_s passed), the queue places nothing, since it
+        # would decide on part of the cluster.
+        self.restored_at: float | None = None
 
     # -- nodes ----------------------------------------------------------------------------
     def report(self, report: NodeReport, now: float) -> Outcome:
@@ -636,6 +640,11 @@ class SchedulerCore:
             return 0
         return len(self.ray_alive - self.state.reports.keys())
 
+    def _still_gathering(self, now: float) -> bool:
+        """Just restarted, and nodes Ray lists alive have not reported yet."""
+        return (self.restored_at is not None and self._unreported() > 0
+                and now - self.restored_at < self.settings.suspect_after_s)
+
     def _not_final(self, rejection: Rejection) -> Rejection:
         """While alive nodes have not reported, "can never fit" is not known: wait for them."""
         missing = self._unreported()
@@ -680,7 +689,7 @@ class SchedulerCore:
     def _drain(self, now: float) -> Outcome:
         """Start every waiting job that may start now, in queue order; see the module doc."""
         outcome = Outcome()
-        if not len(self.queue):
+        if not len(self.queue) or self._still_gathering(now):
             return outcome
         free_gpus, free_cpus = self._free_units(now)
         failed_shapes: set[tuple] = set()
@@ -805,7 +814,8 @@ class SchedulerCore:
         """Make room for a waiting job by preempting lower-priority running jobs, if it may."""
         outcome = Outcome()
         job = self.queue.waiting.get(job_name)
-        if not self.settings.preemption or job is None or self.preempting.get(job_name):
+        if (not self.settings.preemption or job is None or self.preempting.get(job_name)
+                or self._still_gathering(now)):
             return outcome
         victims = self._choose_victims(job.spec, now)
         if not victims:
@@ -876,7 +886,7 @@ class SchedulerCore:
         """Move running jobs to faster accelerators that nobody waiting can use, where the
         modelled gain beats the restart cost. The target is claimed at once."""
         outcome = Outcome()
-        if not self.settings.migration or not self.running:
+        if not self.settings.migration or not self.running or self._still_gathering(now):
             return outcome
         wanted = self._families_wanted_by_queue()
         if wanted is None:  # a waiting job could use any accelerator: it has first pick

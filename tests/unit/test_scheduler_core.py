@@ -369,3 +369,16 @@ def test_a_restarted_scheduler_waits_for_unreported_nodes_before_calling_a_job_u
     assert isinstance(again.poll("waits", "d", T0 + 2).decision, Placement)
     never = again.submit(cpus("too-big", 5), "d", T0 + 3).decision  # all reported: final
     assert isinstance(never, Rejection) and not never.fits_when_free
+
+
+def test_after_a_restart_the_queue_places_nothing_until_the_alive_nodes_have_reported():
+    core = core_with(cpu_node("a", cpus=2), gpu_node("gpu", gpus=2, cpus=2))
+    again = SchedulerCore(core.settings)
+    again.restore(core.to_dict())
+    again.restored_at = T0
+    again.ray_nodes({"a", "gpu"}, set(), T0)
+    again.report(gpu_node("gpu", gpus=2, cpus=2), T0 + 1)  # "a" has not reported yet
+    waiting = again.submit(cpus("cpu-job", 2), "d", T0 + 1).decision
+    assert isinstance(waiting, Queued)  # not on the GPU node just because it reported first
+    again.report(cpu_node("a", cpus=2), T0 + 2)
+    assert again.poll("cpu-job", "d", T0 + 3).decision.nodes == ["a"]
