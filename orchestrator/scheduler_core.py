@@ -888,12 +888,10 @@ class SchedulerCore:
         outcome = Outcome()
         if not self.settings.migration or not self.running or self._still_gathering(now):
             return outcome
-        wanted = self._families_wanted_by_queue()
-        if wanted is None:  # a waiting job could use any accelerator: it has first pick
-            return outcome
         free_gpus, _ = self._free_units(now)
-        free = {f: free_gpus.get(code, 0) for f, code in self.state.table.families.items()
-                if f and f not in wanted}
+        free = {f: free_gpus.get(code, 0) for f, code in self.state.table.families.items() if f}
+        for family in self._families_wanted_by_queue(free):  # waiting jobs have first pick
+            free.pop(family)
         for name, job in list(self.running.items()):
             if not any(free.values()):
                 break  # the common case under load: checked before any per-job work
@@ -912,15 +910,17 @@ class SchedulerCore:
                                      target=dataclasses.replace(target, job_name=name)))
         return outcome
 
-    def _families_wanted_by_queue(self) -> set[str] | None:
-        """Accelerator families some waiting job could use; None = any (a job allows all)."""
+    def _families_wanted_by_queue(self, free: dict[str, int]) -> set[str]:
+        """Families with enough free GPUs for some waiting job that may run on them."""
         wanted: set[str] = set()
         for job in self.queue.waiting.values():
-            if job.spec.gpus_per_worker == 0:
+            spec = job.spec
+            if spec.gpus_per_worker == 0:
                 continue
-            if not job.spec.accelerator_types:
-                return None
-            wanted |= {t.upper() for t in job.spec.accelerator_types}
+            allowed = {t.upper() for t in spec.accelerator_types} or set(free)
+            wanted |= {f for f in allowed if free.get(f, 0) >= spec.total_gpus}
+            if len(wanted) == len(free):
+                break
         return wanted
 
     def _migration_target(self, job: RunningJob, free: dict[str, int],

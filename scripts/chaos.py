@@ -271,9 +271,9 @@ class Chaos:
         return read_metrics(self.run_dir)
 
     def _kill_a_worker(self) -> str:
-        workers = ray_train_workers()
-        if not workers:
-            raise RuntimeError("no Ray Train worker process to kill")
+        # Right after another fault the worker group may be restarting: wait for it.
+        workers = wait_for("a Ray Train worker process to kill", ray_train_workers,
+                           timeout_s=60)
         victim = self.rng.choice(workers)
         os.kill(victim.pid, signal.SIGKILL)
         return f"pid {victim.pid}"

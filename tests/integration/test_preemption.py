@@ -79,7 +79,8 @@ def test_preempted_job_yields_to_a_higher_priority_one_and_resumes_to_the_undist
     assert high_first["time"] > yielded["at"]
     assert low_summary["resumed_from_step"] == yielded["step"] < 400
     assert low_summary["steps"] == 400
-    assert abs(low_summary["final_loss"] - undisturbed["final_loss"]) < 1e-5
+    # The final model's loss on held-out text: the same weights give the same figure.
+    # ("final_loss" is the mean over the last logging interval, which a resume shortens.)
     assert abs(low_summary["held_out_loss"] - undisturbed["held_out_loss"]) < 1e-5
 
 
@@ -100,6 +101,7 @@ def test_migration_moves_a_job_from_t4_to_a100_when_the_a100s_free(cluster, tmp_
         ray.get(scheduler.release.remote("a100-blocker"))
     out = finish(mover)
     moved = summary(tmp_path / "mover")
+    assert len(moved["yields"]) == 1, (moved, ray.get(scheduler.snapshot.remote())["jobs"])
     (yielded,) = moved["yields"]
     assert yielded["reason"].startswith("migrate: migrating from T4 to A100"), out
     assert moved["placement"] == [cluster["a100"]] and moved["placement_honoured"]
