@@ -362,8 +362,13 @@ class Chaos:
         """As an operator would (`python -m orchestrator preempt`): the job checkpoints at its
         next step boundary, gives its reservation back, waits in the queue and resumes."""
         job = self.run_dir.name
+        asked = time.time()
         if not ray_get(scheduler().preempt.remote(job)):
             raise RuntimeError(f"the scheduler does not list job {job} as running")
+        # The yield itself is part of this fault: the next fault (a scheduler kill, say) must
+        # not land before the job has acted on the directive, or a short run may end first.
+        wait_for("the job checkpoints and yields", lambda: any(
+            r.get("yielded") and r["time"] > asked for r in self._records()), timeout_s=60)
         return f"operator preempted {job}", self._resumed_after
 
     def kill_node_agent(self):
