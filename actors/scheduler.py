@@ -21,8 +21,7 @@ from orchestrator import metrics
 from orchestrator.config import JobSpec
 from orchestrator.inventory import NodeReport
 from orchestrator.placement import Placement, Queued, Rejection
-from orchestrator.scheduler_core import (Outcome, SchedulerCore, SchedulerSettings, StartAgent,
-                                         Yield)
+from orchestrator.scheduler_core import Outcome, SchedulerCore, SchedulerSettings, Yield
 
 log = logging.getLogger(__name__)
 
@@ -307,4 +306,4 @@ def _dead_drivers() -> set[str]:
         return set()
 
 
-__all__ = ["SchedulerActor", "SCHEDULER_NAME", "NAMESPACE", "StartAgent"]
+__all__ = ["SchedulerActor", "SCHEDULER_NAME", "NAMESPACE"]

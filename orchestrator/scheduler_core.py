@@ -44,7 +44,7 @@ import numpy as np
 
 from orchestrator import metrics
 from orchestrator.config import ACCELERATOR_SPEED, JobSpec
-from orchestrator.inventory import ClusterState, NodeReport, Reservation, accelerator_family
+from orchestrator.inventory import ClusterState, NodeReport, accelerator_family
 from orchestrator.placement import (Placement, PlacementError, Queued, Rejection, place,
                                     worker_capacity)
 from orchestrator.queue import (JobQueue, QueuedJob, placement_from_dict, placement_to_dict)
@@ -1041,5 +1041,4 @@ def _units_on(reservations, usable: np.ndarray, state: ClusterState, per_gpu: bo
 
 
 __all__ = ["SchedulerCore", "SchedulerSettings", "Outcome", "Persist", "StartAgent", "Yield",
-           "Directive", "RunningJob", "PREEMPT", "MIGRATE", "CANCEL", "CLAIM_SUFFIX",
-           "Reservation"]
+           "Directive", "RunningJob", "PREEMPT", "MIGRATE", "CANCEL", "CLAIM_SUFFIX"]
