@@ -162,8 +162,8 @@ def run(args: argparse.Namespace) -> dict | None:
 
     # Ray is imported only once the input is known good: bad flags fail in well under a second.
     import ray
-    from actors.cluster import ClusterConnectionError, connect, ensure_control_plane
-    from actors.driver import NotPlaced, PlacedRun
+    from ray_layer.cluster import ClusterConnectionError, connect, ensure_control_plane
+    from ray_layer.placed_run import NotPlaced, PlacedRun
 
     try:
         started_ray = connect(args.address)
@@ -218,8 +218,8 @@ def _fit(train_config: TrainConfig, spec: JobSpec, placement, run_dir: Path,
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from actors.train_callbacks import FollowPlacement, MetricsLog
-    from orchestrator.training.loop import train_under_ray
+    from ray_layer.train_callbacks import FollowPlacement, MetricsLog
+    from ray_layer.train_session import train_under_ray
 
     try:
         trainer = TorchTrainer(

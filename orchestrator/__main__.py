@@ -136,7 +136,7 @@ def _connect(address: str | None):
 
     import ray
 
-    from actors.cluster import ClusterConnectionError, connect, ensure_control_plane
+    from ray_layer.cluster import ClusterConnectionError, connect, ensure_control_plane
 
     # Unlike a job, these commands look at an existing cluster: never start an embedded one.
     try:

@@ -49,6 +49,9 @@ from orchestrator.config import ACCELERATOR_SPEED
 from orchestrator.inventory import (GIB, LABEL_NETWORK_GBPS, LABEL_NETWORK_GROUP, ClusterState,
                                     GpuInfo, NodeReport)
 
+# Gavel's measured throughputs (Narayanan et al., OSDI 2020), per job type and accelerator.
+GAVEL_CSV = Path(__file__).resolve().parents[1] / "data" / "gavel_throughputs.csv"
+
 
 class ClusterSpecError(ValueError):
     """A --cluster SPEC is malformed; the message names the part at fault."""
@@ -125,15 +128,9 @@ def _read_gavel(path: Path) -> dict[str, dict[str, dict[str, np.ndarray]]]:
     return table
 
 
-def _gavel_path() -> Path:
-    from orchestrator.traces import GAVEL_CSV
-
-    return GAVEL_CSV
-
-
 @lru_cache(maxsize=1)
 def gavel_table() -> dict:
-    return _read_gavel(_gavel_path())
+    return _read_gavel(GAVEL_CSV)
 
 
 class _JobTypes:

@@ -42,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from orchestrator import metrics
+from orchestrator import metric_catalogue as catalogue
 from orchestrator.config import ACCELERATOR_SPEED, JobSpec
 from orchestrator.inventory import ClusterState, NodeReport, accelerator_family
 from orchestrator.placement import (Placement, PlacementError, Queued, Rejection, place,
@@ -142,7 +142,7 @@ class Outcome:
 
     decision: object = None
     effects: list = field(default_factory=list)
-    samples: list = field(default_factory=list)  # metric samples (orchestrator.metrics)
+    samples: list = field(default_factory=list)  # metric samples (orchestrator.metric_catalogue)
 
     @property
     def persist(self) -> bool:
@@ -255,10 +255,10 @@ class SchedulerCore:
         declared dead, never brings back capacity that is not there."""
         node = report.node_id
         if not self.settings.synthetic_nodes and node not in self.ray_alive:
-            reason = metrics.REPORT_DEAD_NODE if node in self.ray_dead \
-                else metrics.REPORT_UNKNOWN_NODE
+            reason = catalogue.REPORT_DEAD_NODE if node in self.ray_dead \
+                else catalogue.REPORT_UNKNOWN_NODE
             self.refused_nodes.add(node)
-            return Outcome(reason, samples=[(metrics.SCHEDULER_REPORTS_REFUSED, 1,
+            return Outcome(reason, samples=[(catalogue.SCHEDULER_REPORTS_REFUSED, 1,
                                              {"reason": reason})])
         was_placeable = self.state.health(node, now) == "healthy" if node in \
             self.state.reports else False
@@ -327,7 +327,7 @@ class SchedulerCore:
                 return Outcome(self._status(name, owner))
             return self._reject(Rejection(name, (
                 f"job '{name}' already holds a reservation or waits in the queue: a job of "
-                "that name is running (two launches of the same run?)")), metrics.REJECT_DUPLICATE)
+                "that name is running (two launches of the same run?)")), catalogue.REJECT_DUPLICATE)
         self.queue.add(QueuedJob(spec, owner, now, "submitted"))
         outcome = Outcome(effects=[Persist()])
         outcome.add(self._drain(now))
@@ -339,7 +339,7 @@ class SchedulerCore:
         if never is not None:
             self.queue.remove(name)
             outcome.decision = never
-            outcome.samples += metrics.decision_samples(never, None)
+            outcome.samples += catalogue.decision_samples(never, None)
             return outcome
         if name in self.queue.rejected:
             outcome.decision = self.queue.rejected.pop(name)
@@ -347,7 +347,7 @@ class SchedulerCore:
         if self.queue.position(name) == 1:  # only the first in line may preempt
             outcome.add(self._preempt_for(name, now))
         outcome.decision = self.queue.status(name)
-        outcome.samples += metrics.decision_samples(outcome.decision, None)
+        outcome.samples += catalogue.decision_samples(outcome.decision, None)
         return outcome
 
     def poll(self, job_name: str, owner: str, now: float) -> Outcome:
@@ -531,7 +531,7 @@ class SchedulerCore:
         if head is not None:
             outcome.add(self._preempt_for(head.spec.name, now))
         outcome.add(self._migrate(now))
-        outcome.samples += metrics.scheduler_samples(
+        outcome.samples += catalogue.scheduler_samples(
             self.state, [j.enqueued_at for j in self.queue.waiting.values()],
             len(self.running), now, retired)
         return outcome
@@ -631,7 +631,7 @@ class SchedulerCore:
         return released or job is not None
 
     def _reject(self, rejection: Rejection, reason: str | None = None) -> Outcome:
-        return Outcome(rejection, samples=metrics.decision_samples(rejection, None, reason))
+        return Outcome(rejection, samples=catalogue.decision_samples(rejection, None, reason))
 
     def _unreported(self) -> int:
         """Nodes Ray lists alive that have not reported to this scheduler (yet: it restarted,
@@ -676,8 +676,8 @@ class SchedulerCore:
             if never is not None:
                 self.queue.reject(job.spec.name, never)
                 self._forget_preemption(job.spec.name)
-                outcome.samples += metrics.decision_samples(never, None,
-                                                            metrics.REJECT_CLUSTER_SHRANK)
+                outcome.samples += catalogue.decision_samples(never, None,
+                                                            catalogue.REJECT_CLUSTER_SHRANK)
                 outcome.effects.append(Persist())
         return outcome
 
@@ -715,8 +715,8 @@ class SchedulerCore:
                 if not self._not_final(e.rejection).fits_when_free:
                     self.queue.reject(spec.name, e.rejection)
                     self._forget_preemption(spec.name)
-                    outcome.samples += metrics.decision_samples(
-                        e.rejection, None, metrics.REJECT_CLUSTER_SHRANK)
+                    outcome.samples += catalogue.decision_samples(
+                        e.rejection, None, catalogue.REJECT_CLUSTER_SHRANK)
                     outcome.effects.append(Persist())
                     continue
                 self._wait_reason(job, e.rejection.message.splitlines()[0])
@@ -736,7 +736,7 @@ class SchedulerCore:
             self._start(spec, job.owner, placement, now, job)
             self.queue.ready[spec.name] = placement
             _take_units(placement, self.state, free_gpus, free_cpus)
-            outcome.samples += metrics.decision_samples(placement, None)
+            outcome.samples += catalogue.decision_samples(placement, None)
             if not outcome.persist:
                 outcome.effects.append(Persist())
         return outcome

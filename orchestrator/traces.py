@@ -23,11 +23,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from orchestrator.cluster_model import GAVEL_JOB_TYPES
 from orchestrator.config import ACCELERATOR_FAMILIES
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 PHILLY_CSV = DATA_DIR / "philly.csv"
-GAVEL_CSV = DATA_DIR / "gavel_throughputs.csv"
 
 CANONICAL_REQUIRED = ("submit_time_s", "duration_s", "num_gpus")
 CANONICAL_OPTIONAL = ("model_type", "accelerator")
@@ -119,8 +119,6 @@ def _rows(path: Path | str, required: tuple[str, ...], optional: tuple[str, ...]
 
 def load_canonical(path: Path | str) -> list[TraceJob]:
     """Jobs from a canonical CSV (see the module docstring)."""
-    from orchestrator.cluster_model import GAVEL_JOB_TYPES
-
     jobs = []
     for line, where, get in _rows(path, CANONICAL_REQUIRED, CANONICAL_OPTIONAL):
         model_type = get("model_type")

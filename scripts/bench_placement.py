@@ -371,7 +371,7 @@ def actor_placements_per_s(cluster: Cluster, n_jobs: int, callers: int = 4) -> d
 
     import ray
 
-    from actors.scheduler import SchedulerActor
+    from ray_layer.scheduler_actor import SchedulerActor
 
     # A private local instance ("local"), not a cluster this machine may already run.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -132,7 +132,7 @@ def app_config(port: int, initial: str, checkpoint: str, replicas: int, batching
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
-            "name": APP, "route_prefix": "/", "import_path": "orchestrator.serving.app:app",
+            "name": APP, "route_prefix": "/", "import_path": "ray_layer.serve_app:app",
             "args": {"checkpoint": initial, "accelerator": "cpu", "cpus_per_replica": 0.5,
                      "max_batch_size": max_batch_size,
                      **({"max_concurrent_batches": max_concurrent_batches}
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from orchestrator.serving.app import deploy_config, wait_for_app
+    from ray_layer.serve_app import deploy_config, wait_for_app
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     first, second = fresh_checkpoints(args.model_size, args.context, tmp)

@@ -6,7 +6,7 @@ training nodes) runs, at the same time:
 - the Serve app (2 model replicas and the ingress on the inference node) under a steady load of
   clients that check every answer against the greedy completion,
 - the scheduler and a node agent on every node.
-Faults land on a seeded schedule (orchestrator/chaos.py): training workers SIGKILLed, a
+Faults land on a seeded schedule (orchestrator/faults.py): training workers SIGKILLed, a
 training node removed (SIGKILL of its raylet and workers) and a fresh one added, the scheduler
 actor killed, a Serve replica killed, a node agent killed, the newest checkpoint truncated
 (right after a worker kill, so the resume must read it). Each fault has its own survival check.
@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "scripts"))  # also when imported (the integration
 
 from bench_serve import free_port  # noqa: E402
 from bench_train import ray_train_workers  # noqa: E402
-from orchestrator import chaos  # noqa: E402
+from orchestrator import faults  # noqa: E402
 from orchestrator.inventory import (  # noqa: E402
     LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB, LABEL_ACCELERATOR_TYPE)
 from orchestrator.runs import read_metrics  # noqa: E402
@@ -75,11 +75,11 @@ class Settings:
     max_steps: int = 600
     checkpoint_every: int = 20
     clients: int = 4
-    kinds: tuple[str, ...] = chaos.FAULTS + (chaos.TRAIN_WORKER_KILLED,)
+    kinds: tuple[str, ...] = faults.FAULTS + (faults.TRAIN_WORKER_KILLED,)
 
     @classmethod
     def quick(cls, seed: int) -> "Settings":
-        return cls(seed=seed, max_steps=200, checkpoint_every=10, clients=2, kinds=chaos.FAULTS)
+        return cls(seed=seed, max_steps=200, checkpoint_every=10, clients=2, kinds=faults.FAULTS)
 
     def train_args(self) -> list[str]:
         return ["--model-size", "tiny", "--batch-size", "4", "--seq-len", "32",
@@ -123,11 +123,9 @@ class Lab:
 
 
 def scheduler():
-    import ray
+    from ray_layer.scheduler_client import get_scheduler
 
-    from actors.scheduler import NAMESPACE, SCHEDULER_NAME
-
-    return ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
+    return get_scheduler()
 
 
 def scheduler_books(timeout_s: float = 30.0) -> dict[str, list[dict]]:
@@ -162,7 +160,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout_s: float = SURVIVAL_TI
 
 # -- serving ---------------------------------------------------------------------------------------
 def deploy_serving(workdir: Path) -> str:
-    from orchestrator.serving.app import deploy_config, wait_for_app
+    from ray_layer.serve_app import deploy_config, wait_for_app
     from orchestrator.serving.loading import save_untrained_checkpoint
 
     checkpoint = str(save_untrained_checkpoint(workdir / "serve" / "checkpoint_00000001",
@@ -172,7 +170,7 @@ def deploy_serving(workdir: Path) -> str:
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
-            "name": APP, "route_prefix": "/", "import_path": "orchestrator.serving.app:app",
+            "name": APP, "route_prefix": "/", "import_path": "ray_layer.serve_app:app",
             "args": {"checkpoint": checkpoint, "accelerator": "auto", "cpus_per_replica": 0.25,
                      "gpus_per_replica": 0.5, "max_batch_size": 8, "health_check_period_s": 2,
                      "health_check_timeout_s": 10},
@@ -227,14 +225,14 @@ class Chaos:
         self.checks = ThreadPoolExecutor(max_workers=8, thread_name_prefix="survival")
         self.pending: list[tuple[Injected, Future]] = []
 
-    def inject(self, fault: chaos.Fault) -> Injected:
-        act = {chaos.TRAIN_WORKER_KILLED: self.kill_train_worker,
-               chaos.NODE_REPLACED: self.replace_node,
-               chaos.SCHEDULER_KILLED: self.kill_scheduler,
-               chaos.SERVE_REPLICA_KILLED: self.kill_serve_replica,
-               chaos.NODE_AGENT_KILLED: self.kill_node_agent,
-               chaos.CHECKPOINT_TRUNCATED: self.truncate_checkpoint,
-               chaos.JOB_PREEMPTED: self.preempt_job}[fault.kind]
+    def inject(self, fault: faults.Fault) -> Injected:
+        act = {faults.TRAIN_WORKER_KILLED: self.kill_train_worker,
+               faults.NODE_REPLACED: self.replace_node,
+               faults.SCHEDULER_KILLED: self.kill_scheduler,
+               faults.SERVE_REPLICA_KILLED: self.kill_serve_replica,
+               faults.NODE_AGENT_KILLED: self.kill_node_agent,
+               faults.CHECKPOINT_TRUNCATED: self.truncate_checkpoint,
+               faults.JOB_PREEMPTED: self.preempt_job}[fault.kind]
         # Reports come every LOG_EVERY steps: a seeded pause puts the fault anywhere in the
         # checkpoint interval rather than right after a report.
         time.sleep(self.rng.uniform(0, MAX_JITTER_S))
@@ -278,12 +276,12 @@ class Chaos:
         os.kill(victim.pid, signal.SIGKILL)
         return f"pid {victim.pid}"
 
-    def _resumed_after(self, injected: Injected) -> chaos.Attempt:
+    def _resumed_after(self, injected: Injected) -> faults.Attempt:
         """The first attempt started after the fault that went on to register a checkpoint
         (recovery made progress); sets the fault's recovery time."""
         def resumed():
             records = self._records()
-            later = [a for a in chaos.attempts(records) if a.started_at > injected.at]
+            later = [a for a in faults.attempts(records) if a.started_at > injected.at]
             progressed = any(r.get("checkpoint") and r["time"] > later[0].started_at
                              for r in records) if later else False
             return later[0] if progressed else None
@@ -349,7 +347,7 @@ class Chaos:
         def survived(injected: Injected) -> None:
             after = wait_for("the scheduler answers again", scheduler_books)
             injected.recovery_s = round(time.time() - injected.at, 1)
-            problems = chaos.reservation_problems(after, alive_nodes())
+            problems = faults.reservation_problems(after, alive_nodes())
             problems += [f"job {job} lost its reservation" for job in before
                          if job not in after and self.training()]
             if problems:
@@ -374,11 +372,10 @@ class Chaos:
     def kill_node_agent(self):
         import ray
 
-        from actors.scheduler import NAMESPACE
+        from ray_layer.scheduler_client import get_agent
 
         node_id = self.rng.choice(sorted(alive_nodes()))
-        name = f"node-agent-{node_id}"
-        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        ray.kill(get_agent(node_id), no_restart=True)
 
         def survived(injected: Injected) -> None:
             def reported_again():
@@ -428,11 +425,11 @@ def current_step(run_dir: Path) -> int:
 def run(settings: Settings, workdir: Path) -> dict:
     from ray import serve
 
-    from actors.cluster import ensure_control_plane
+    from ray_layer.cluster import ensure_control_plane
     from orchestrator.serving.loadgen import Load
 
     started = time.monotonic()
-    schedule = chaos.fault_schedule(settings.seed, settings.max_steps,
+    schedule = faults.fault_schedule(settings.seed, settings.max_steps,
                                     settings.checkpoint_every, settings.kinds)
     say("schedule: " + ", ".join(f"{f.kind}@{f.at_step}" for f in schedule))
     lab = Lab()
@@ -461,7 +458,7 @@ def run(settings: Settings, workdir: Path) -> dict:
             job.join()
             faults = injector.results()
         books = scheduler_books()
-        problems = chaos.reservation_problems(books, alive_nodes())
+        problems = faults.reservation_problems(books, alive_nodes())
         if "chaos" in books:
             problems.append("the finished chaos job still holds a reservation")
         serve.shutdown()
@@ -478,13 +475,13 @@ def report(settings: Settings, outcome: dict, reference: dict, records: list[dic
     matches = all(a is not None and abs(a - b) <= LOSS_TOLERANCE * max(1.0, abs(b))
                   for a, b in losses)
     scheduler_ok = not problems and all(f.survived for f in faults
-                                        if f.kind == chaos.SCHEDULER_KILLED)
+                                        if f.kind == faults.SCHEDULER_KILLED)
     requests, failed = len(load.results), len(load.failures())
     return {
         "seed": settings.seed,
         "train_completed": outcome.get("code") == 0 and summary.get("steps") == settings.max_steps,
-        "train_steps_lost": chaos.steps_lost(chaos.attempts(records)),
-        "train_restarts": len(chaos.attempts(records)) - 1,
+        "train_steps_lost": faults.steps_lost(faults.attempts(records)),
+        "train_restarts": len(faults.attempts(records)) - 1,
         "loss_matches_reference": matches,
         "final_loss": summary.get("final_loss"), "reference_final_loss": reference["final_loss"],
         "scheduler_reservations_consistent": scheduler_ok,

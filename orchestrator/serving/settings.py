@@ -1,7 +1,7 @@
 """The serving app's settings: builder arguments (fixed for the app's life) and the runtime
 config (`user_config`: checkpoint and batching, changed without restarting replicas).
 
-Arguments arrive as strings from `serve run orchestrator.serving.app:app key=value ...` and as
+Arguments arrive as strings from `serve run ray_layer.serve_app:app key=value ...` and as
 YAML scalars from serve_config.yaml, so each field is coerced to its declared type first.
 Unknown keys are refused with a did-you-mean hint and every bad field is named, all at once.
 """

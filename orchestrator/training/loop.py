@@ -22,7 +22,7 @@ from orchestrator.training.accumulation import (HierarchicalAccumulation, pendin
 from orchestrator.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from orchestrator.training.data import (VOCAB_SIZE, get_batch, load_corpus, split_corpus,
                                         stream_seed)
-from orchestrator.training.metrics import (CommTimer, Thresholds, cpu_peak_flops,
+from orchestrator.training.efficiency import (CommTimer, Thresholds, cpu_peak_flops,
                                            flops_per_token, gpu_peak_flops, mfu, peak_memory,
                                            warnings_for)
 from orchestrator.training.model import GPT, GPTConfig, parameter_groups
@@ -338,27 +338,3 @@ def _publish(session: TrainSession, metrics: dict[str, Any], checkpoint_due: boo
     with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
         save_checkpoint(directory, make_state())
         session.report(metrics, directory)
-
-
-def train_under_ray(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker entry point (TorchTrainer's train_loop_per_worker). `config`:
-    {"train": TrainConfig as a dict, "min_gpu_memory_gb": what each worker's GPU must have
-    free}. Every worker first checks the GPU it was given; if any lacks the memory, all stop
-    before training and report it ("gpu_too_small"), so the job is placed again without it."""
-    from orchestrator.training.session import RayTrainSession
-
-    session = RayTrainSession()
-    short = session.gpu_memory_shortfall(config.get("min_gpu_memory_gb", 0.0))
-    found = [short]
-    if dist.is_available() and dist.is_initialized():
-        found = [None] * session.world_size
-        dist.all_gather_object(found, short)
-    found = [f for f in found if f]
-    if found:
-        if session.world_rank == 0:
-            say("GPU(s) without the free memory asked: " + "; ".join(
-                f"GPU {f['gpu_index']} of node {f['node_id'][:12]}: {f['free_gb']} GiB free, "
-                f"{f['needed_gb']:g} needed" for f in found))
-        session.report({"step": 0, "gpu_too_small": found}, None)
-        return
-    train(TrainConfig.from_dict(config["train"]), session)

@@ -1,5 +1,6 @@
 """Where the training loop runs: the few things that differ between Ray Train and a plain
-process. The loop (`loop.train`) talks only to this interface, so there is one loop.
+process. The loop (`loop.train`) talks only to this interface, so there is one loop; the Ray
+Train side of it is ray_layer/train_session.py.
 """
 from __future__ import annotations
 
@@ -84,128 +85,6 @@ class LocalSession:
             shutil.rmtree(old)
 
 
-class RayTrainSession:
-    """Inside a Ray Train worker. Ray Train owns checkpoint storage and restarts."""
-
-    def __init__(self) -> None:
-        import ray.train
-        import ray.train.torch
-
-        context = ray.train.get_context()
-        self.world_rank = context.get_world_rank()
-        self.world_size = context.get_world_size()
-        self.device = ray.train.torch.get_device()
-        # GPUs declared by node labels on a machine without CUDA (modelling a heterogeneous
-        # cluster on CPUs): Ray hands out the logical GPU, the worker trains on the CPU.
-        self.declared_gpu_only = self.device.type == "cuda" and not torch.cuda.is_available()
-        if self.declared_gpu_only:
-            self.device = torch.device("cpu")
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self._worker_nodes: list[str] | None = None
-        self._asking = None  # the scheduler's answer on its way (an ObjectRef)
-        self._scheduler = None
-        self._asked_at = float("-inf")
-        self._last_checkpoint_at: float | None = None
-
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
-
-        if self.declared_gpu_only:  # Ray's prepare_model would move it to a CUDA device
-            model = model.to(self.device)
-            return torch.nn.parallel.DistributedDataParallel(model) \
-                if self.world_size > 1 else model
-        return ray.train.torch.prepare_model(model)
-
-    @contextlib.contextmanager
-    def checkpoint_dirs(self) -> Iterator[list[str]]:
-        """Ray Train's latest checkpoint first, then, on local or shared-filesystem storage,
-        the older ones it kept beside it (newest first). On remote storage (S3, GCS) only the
-        latest is fetched."""
-        import pyarrow.fs
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield []
-            return
-        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-            latest = Path(checkpoint.path)
-            yield [str(latest)] + [str(p) for p in older_checkpoints(latest)]
-            return
-        with checkpoint.as_directory() as directory:
-            yield [directory]
-
-    def worker_nodes(self) -> list[str]:
-        """Node id of every worker, by rank, so the launcher can check workers landed where
-        the scheduler placed them. Collective: every rank calls it (report() does)."""
-        if self._worker_nodes is None:
-            import torch.distributed as dist
-
-            nodes: list[str | None] = [None] * self.world_size
-            if dist.is_initialized():
-                dist.all_gather_object(nodes, self.node_id)
-            else:
-                nodes = [self.node_id]
-            self._worker_nodes = [str(n) for n in nodes]
-        return self._worker_nodes
-
-    def gpu_memory_shortfall(self, min_gpu_memory_gb: float) -> dict | None:
-        """This worker's GPU when it lacks the free memory the job asks for (memory used
-        outside Ray: Ray hands out GPU ids, not memory), else None."""
-        if self.device.type != "cuda" or not min_gpu_memory_gb:
-            return None
-        import ray
-
-        free_bytes, _ = torch.cuda.mem_get_info(self.device)
-        return gpu_shortfall(free_bytes, min_gpu_memory_gb, self.node_id,
-                             int(ray.get_gpu_ids()[0]))
-
-    def directive(self) -> str | None:
-        """Asks the scheduler at most once a second without waiting: the answer is read at a
-        later step boundary. A run without a scheduler (plain Ray Train) never yields."""
-        import time
-
-        import ray
-        import ray.train
-
-        if self._asking is not None:
-            ready, _ = ray.wait([self._asking], timeout=0)
-            if not ready:
-                return None
-            try:
-                answer = ray.get(self._asking)
-            except ray.exceptions.RayError:  # the scheduler restarting: ask again later
-                answer = None
-            self._asking = None
-            if answer:
-                return f"{answer['kind']}: {answer['reason']}"
-        if time.monotonic() - self._asked_at >= 1.0:
-            self._asked_at = time.monotonic()
-            self._scheduler = self._scheduler or _scheduler_or_none()
-            if self._scheduler is not None:
-                job = ray.train.get_context().get_experiment_name()
-                self._asking = self._scheduler.directive.remote(job, self._last_checkpoint_at)
-        return None
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        import time
-
-        import ray.train
-
-        from actors.telemetry import record_all
-        from orchestrator.metrics import training_samples
-
-        # Also to Prometheus (via Ray's metrics agent), per worker: loss, tokens/s, MFU, ...
-        # The run is Ray Train's experiment name: the run directory's name.
-        run = ray.train.get_context().get_experiment_name()
-        record_all(training_samples(metrics, run, self.world_rank))
-        metrics = {**metrics, "worker_nodes": self.worker_nodes()}
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if checkpoint is not None:
-            self._last_checkpoint_at = time.time()
-
-
 def older_checkpoints(latest: Path) -> list[Path]:
     """The checkpoints beside `latest` that are older, newest first: where to fall back to.
     Ray names checkpoints by timestamp (name order is age order) and keeps its
@@ -223,14 +102,3 @@ def gpu_shortfall(free_bytes: int, min_gpu_memory_gb: float, node_id: str,
         return None
     return {"node_id": node_id, "gpu_index": gpu_index,
             "free_gb": round(free_bytes / 1024 ** 3, 2), "needed_gb": min_gpu_memory_gb}
-
-
-def _scheduler_or_none():
-    import ray
-
-    from actors.scheduler import NAMESPACE, SCHEDULER_NAME
-
-    try:
-        return ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
-    except ValueError:
-        return None

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from actors.probes import probe_nvml
+from orchestrator.probes import probe_nvml
 from orchestrator.config import TrainConfig
 from orchestrator.training.loop import train
 from orchestrator.training.precision import resolve_precision

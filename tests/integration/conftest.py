@@ -38,7 +38,7 @@ def cluster():
     ray.init(address=c.address)
     # The cluster's scheduler, with the waits a preemption or migration test can afford:
     # a job may be preempted or moved after 2 s of running, a move costs 5 s.
-    from actors.cluster import ensure_scheduler
+    from ray_layer.cluster import ensure_scheduler
 
     ensure_scheduler(min_run_s=2.0, restart_cost_s=5.0)
     ids = Nodes({name: node.node_id for name, node in nodes.items()})

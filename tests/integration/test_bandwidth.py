@@ -8,7 +8,7 @@ import time
 
 import ray
 
-from actors.cluster import ensure_control_plane
+from ray_layer.cluster import ensure_control_plane
 
 MIB = 1024 ** 2
 

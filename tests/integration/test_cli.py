@@ -5,7 +5,7 @@ import sys
 
 import ray
 
-from actors.cluster import ensure_control_plane
+from ray_layer.cluster import ensure_control_plane
 
 
 def run_cli(*args):

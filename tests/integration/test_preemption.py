@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ray
 
-from actors.cluster import ensure_control_plane
+from ray_layer.cluster import ensure_control_plane
 from orchestrator.config import JobSpec
 
 PRETRAIN = str(Path(__file__).resolve().parents[2] / "jobs" / "pretrain.py")

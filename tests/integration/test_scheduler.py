@@ -4,7 +4,7 @@ import time
 import pytest
 import ray
 
-from actors.cluster import ensure_control_plane
+from ray_layer.cluster import ensure_control_plane
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Queued, Rejection
 

@@ -39,7 +39,7 @@ def app_config(port: int, initial: str, checkpoint: str) -> dict:
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
-            "name": APP, "route_prefix": "/", "import_path": "orchestrator.serving.app:app",
+            "name": APP, "route_prefix": "/", "import_path": "ray_layer.serve_app:app",
             "args": {"checkpoint": initial, "accelerator": "cpu", "cpus_per_replica": 0.5,
                      "max_batch_size": 16, "max_prompts_per_request": 4,
                      "max_body_bytes": 4096},
@@ -56,7 +56,7 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
 
     def deploy(self, checkpoint: str) -> None:
-        from orchestrator.serving.app import deploy_config, wait_for_app
+        from ray_layer.serve_app import deploy_config, wait_for_app
 
         deploy_config(app_config(self.port, self.initial, checkpoint))
         wait_for_app(APP, replicas={"GPTModel": 1})
@@ -303,7 +303,7 @@ def wait_for_model(server: Server, check, timeout_s: float = 60.0) -> dict:
 
 
 def test_hot_reload_under_load_fails_no_request_and_switches_version(server, checkpoints):
-    from orchestrator.serving.app import deploy_config
+    from ray_layer.serve_app import deploy_config
 
     old = server.model()
     replica = server.get("/health").json()["replica"]
@@ -328,7 +328,7 @@ def test_hot_reload_under_load_fails_no_request_and_switches_version(server, che
 
 def test_a_checkpoint_that_cannot_load_keeps_the_previous_model(server, checkpoints,
                                                                 tmp_path):
-    from orchestrator.serving.app import deploy_config
+    from ray_layer.serve_app import deploy_config
 
     current = server.model()
     corrupt = tmp_path / "corrupt"

@@ -29,7 +29,7 @@ def app_config(port: int, checkpoint: str, autoscaling: dict) -> dict:
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
-            "name": APP, "route_prefix": "/", "import_path": "orchestrator.serving.app:app",
+            "name": APP, "route_prefix": "/", "import_path": "ray_layer.serve_app:app",
             "args": {"checkpoint": checkpoint, "accelerator": "auto", "cpus_per_replica": 0.25,
                      "gpus_per_replica": 0.5, "max_batch_size": 8, "fault_injection": True,
                      "hang_after_s": 2, "health_check_period_s": 1,
@@ -52,7 +52,7 @@ RAMP = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
 def deployed(cluster, tmp_path_factory):
     from ray import serve
 
-    from orchestrator.serving.app import deploy_config, wait_for_app
+    from ray_layer.serve_app import deploy_config, wait_for_app
     from orchestrator.serving.loading import save_untrained_checkpoint
 
     checkpoint = str(save_untrained_checkpoint(

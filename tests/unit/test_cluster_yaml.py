@@ -9,7 +9,7 @@ import yaml
 from orchestrator.config import ACCELERATOR_FAMILIES
 from orchestrator.inventory import (LABEL_ACCELERATOR_MEMORY_GB, LABEL_ACCELERATOR_TYPE,
                                     accelerator_family, check_network_labels, declared_gpus)
-from orchestrator.metrics import LABEL_NODE_TYPE
+from orchestrator.metric_catalogue import LABEL_NODE_TYPE
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -154,7 +154,7 @@ def test_token_auth_on_every_node_and_no_secret_in_the_files():
 
 
 def test_head_brings_up_the_control_plane_that_starts_agents_on_joining_nodes():
-    from actors.cluster import ensure_control_plane  # noqa: F401 - what the command imports
+    from ray_layer.cluster import ensure_control_plane  # noqa: F401 - what the command imports
 
     head = load(CLUSTER_YAML)["head_start_ray_commands"]
     assert any("ensure_control_plane()" in c for c in head[head.index(next(

@@ -1,4 +1,4 @@
-"""The metric catalogue (orchestrator/metrics.py) and everything rendered from it: alert rules
+"""The metric catalogue (orchestrator/metric_catalogue.py) and everything rendered from it: alert rules
 (checked and unit-tested with promtool), the Grafana dashboard, the metrics table."""
 import json
 import re
@@ -10,12 +10,12 @@ import pytest
 import yaml
 
 from nodes import NOW, cluster, node
-from orchestrator import metrics as m
+from orchestrator import metric_catalogue as m
 from orchestrator import monitoring
 from orchestrator.config import JobSpec, TrainConfig
 from orchestrator.inventory import GIB, GpuInfo, NodeReport
 from orchestrator.placement import PlacementError, Queued, place
-from orchestrator.training.metrics import Thresholds
+from orchestrator.training.efficiency import Thresholds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prometheus_tools import tool_or_skip  # noqa: E402
@@ -354,7 +354,7 @@ def test_training_samples_skip_figures_not_measured():
     assert s[m.TRAIN_MFU.name] == [(0.3, {"run": "run-1", "rank": "1"})]
 
 
-# -- actors/telemetry.py (without Ray: the Ray metric objects are replaced) -----------------------
+# -- ray_layer/telemetry.py (without Ray: the Ray metric objects are replaced) -----------------------
 
 class FakeMetric:
     def __init__(self):
@@ -372,7 +372,7 @@ class FakeMetric:
 
 @pytest.fixture
 def fake_metrics(monkeypatch):
-    from actors import telemetry
+    from ray_layer import telemetry
 
     made = {}
     monkeypatch.setattr(telemetry, "_metric", lambda spec: made.setdefault(spec.name, FakeMetric()))
@@ -403,7 +403,7 @@ def test_record_refuses_a_wrong_tag_set_naming_the_metric(fake_metrics):
 
 
 def test_a_failing_metric_backend_never_raises(monkeypatch, caplog):
-    from actors import telemetry
+    from ray_layer import telemetry
 
     def broken(spec):
         raise RuntimeError("no metrics agent")

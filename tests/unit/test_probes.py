@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.probes import (BANDWIDTH_MAX_BYTES, bandwidth_probe_bytes, best_bandwidth_gbps,
+from orchestrator.probes import (BANDWIDTH_MAX_BYTES, bandwidth_probe_bytes, best_bandwidth_gbps,
                            probe_gpus, probe_host, probe_nvml, run_probe)
 from orchestrator.inventory import (GIB, LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
                                     LABEL_ACCELERATOR_TYPE, declared_gpus)

@@ -70,7 +70,7 @@ def test_serve_config_yaml_is_a_valid_serve_config_for_this_app():
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)  # Serve's own validation
     (application,) = schema.applications
-    assert application.import_path == "orchestrator.serving.app:app"
+    assert application.import_path == "ray_layer.serve_app:app"
     settings = ServeSettings.from_args(application.args)
     (model,) = [d for d in application.deployments if d.name == "GPTModel"]
     RuntimeConfig.from_user_config(model.user_config, settings)

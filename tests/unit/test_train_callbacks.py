@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import ray
 
-from actors import train_callbacks
-from actors.train_callbacks import FollowPlacement, NodeLostError, lost_nodes
+from ray_layer import train_callbacks
+from ray_layer.train_callbacks import FollowPlacement, NodeLostError, lost_nodes
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Rejection
 

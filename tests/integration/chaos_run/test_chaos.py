@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
 def test_training_serving_and_scheduling_survive_every_fault_at_once():
     import chaos
 
-    from orchestrator.chaos import FAULTS
+    from orchestrator.faults import FAULTS
 
     result = chaos.main(["--quick", "--seed", "0"])
     everything = json.dumps(result, indent=1)  # the whole record, in every failure message

@@ -16,7 +16,7 @@ DRIVER = r'''
 import json, time
 import ray
 from ray.autoscaler.sdk import request_resources
-from actors.cluster import ensure_control_plane
+from ray_layer.cluster import ensure_control_plane
 from orchestrator.config import JobSpec
 from orchestrator.inventory import LABEL_ACCELERATOR_TYPE
 from orchestrator.placement import Placement, Rejection

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import metrics as m
+from orchestrator import metric_catalogue as m
 from orchestrator import monitoring
 from .private_ray import REPO, PrivateRay, free_port
 

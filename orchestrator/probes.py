@@ -106,7 +106,7 @@ def probe_gpus(labels: dict[str, str], errors: dict[str, str]) -> tuple[GpuInfo,
     return run_probe("declared", lambda: declared_gpus(labels), (), errors)
 
 
-# Node-to-node bandwidth. The transfer itself needs Ray (actors/node_agent.py); the arithmetic
+# Node-to-node bandwidth. The transfer itself needs Ray (ray_layer/node_agent.py); the arithmetic
 # lives here so it is tested without a cluster.
 MIB = 1024 ** 2
 BANDWIDTH_DEFAULT_BYTES = 8 * MIB  # large enough that per-transfer overhead is a small share

@@ -1,7 +1,7 @@
 """Every metric the product exports and every alert threshold, in one place.
 
 Node agents, the scheduler, training workers and serving replicas record these through
-`ray.util.metrics` (see actors/telemetry.py); Ray's metrics agent on each node exposes them to
+`ray.util.metrics` (see ray_layer/telemetry.py); Ray's metrics agent on each node exposes them to
 Prometheus with a `ray_` prefix, counters with a further `_total` suffix, histograms as
 `_bucket`/`_sum`/`_count`. `MetricSpec.exported` gives the name to query. Ray adds its own
 labels too (SessionName, NodeAddress, WorkerId, Component, Version), so the label sets here
@@ -63,7 +63,7 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Placement is a few numpy passes: milliseconds on thousands of nodes; seconds means trouble.
 PLACEMENT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
-# -- node agents (actors/node_agent.py), one set per node -------------------------------------
+# -- node agents (ray_layer/node_agent.py), one set per node -------------------------------------
 NODE_TAGS = ("node_id", "node_type")
 GPU_TAGS = NODE_TAGS + ("gpu", "accelerator")
 
@@ -96,7 +96,7 @@ NODE_PROBE_FAILURES = MetricSpec(
     "Probe runs that failed, by probe (nvml, declared, host, network-labels)", "1",
     NODE_TAGS + ("probe",))
 
-# -- scheduler (actors/scheduler.py), one per cluster -----------------------------------------
+# -- scheduler (ray_layer/scheduler_actor.py), one per cluster -----------------------------------------
 SCHEDULER_NODES = MetricSpec(
     "orchestrator_scheduler_nodes", GAUGE,
     "Nodes known to the scheduler, by health (healthy, suspect: heartbeat late, dead); nodes "
@@ -144,7 +144,7 @@ REJECT_CLUSTER_SHRANK = "cluster_shrank"  # was queued; nodes left and it can ne
 REJECTION_REASONS = (REJECT_DUPLICATE, REJECT_CAPACITY, REJECT_BANDWIDTH, REJECT_BUSY,
                      REJECT_CLUSTER_SHRANK)
 
-# -- training (orchestrator/training/session.py, RayTrainSession.report), per worker ----------
+# -- training (ray_layer/train_session.py, RayTrainSession.report), per worker ----------
 TRAIN_TAGS = ("run", "rank")
 
 TRAIN_LOSS = MetricSpec("orchestrator_train_loss", GAUGE,
@@ -277,7 +277,7 @@ def rejection_reason(message: str, fits_when_free: bool) -> str:
 
 # -- samples: what each component records, as data ------------------------------------------
 # Each builder turns the component's own state into (spec, value, tags) samples; the actors
-# hand them to actors.telemetry.record_all. Pure functions, so tests check them without Ray.
+# hand them to ray_layer.telemetry.record_all. Pure functions, so tests check them without Ray.
 Sample = tuple[MetricSpec, "float | None", dict[str, str]]
 
 # Node label that says which role a node was launched for (cluster.yaml sets it per node type).

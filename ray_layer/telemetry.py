@@ -1,4 +1,4 @@
-"""Record catalogue metrics (orchestrator/metrics.py) through ray.util.metrics.
+"""Record catalogue metrics (orchestrator/metric_catalogue.py) through ray.util.metrics.
 
 Thin on purpose: names, kinds, buckets and tag keys come from the catalogue; this module only
 creates the Ray metric objects (lazily, once per process: creating one registers it with the
@@ -15,7 +15,7 @@ import math
 import threading
 from typing import Any, Iterable
 
-from orchestrator.metrics import COUNTER, GAUGE, HISTOGRAM, MetricSpec
+from orchestrator.metric_catalogue import COUNTER, GAUGE, HISTOGRAM, MetricSpec
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,6 @@ def record(spec: MetricSpec, value: float | int | None, **tags: Any) -> None:
 
 
 def record_all(samples: Iterable[tuple[MetricSpec, float | None, dict[str, Any]]]) -> None:
-    """record() each (spec, value, tags) sample, as built by orchestrator.metrics."""
+    """record() each (spec, value, tags) sample, as built by orchestrator.metric_catalogue."""
     for spec, value, tags in samples:
         record(spec, value, **tags)

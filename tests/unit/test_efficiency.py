@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from orchestrator.training.metrics import (CommTimer, Thresholds, flops_per_token,
+from orchestrator.training.efficiency import (CommTimer, Thresholds, flops_per_token,
                                            gpu_peak_flops, measure_cpu_peak_flops, mfu,
                                            peak_memory, warnings_for)
 
@@ -62,14 +62,14 @@ def test_comm_timer_times_all_reduce_and_keeps_gradients_exact(process_group):
 def test_cpu_peak_is_the_best_measured_on_this_machine(tmp_path, monkeypatch):
     """A peak timed under load comes out low and would inflate MFU: the best figure this
     CPU model and thread count ever gave is kept and used."""
-    from orchestrator.training import metrics
+    from orchestrator.training import efficiency
 
     cache = tmp_path / "peaks.json"
     readings = iter([50e9, 120e9, 80e9])
-    monkeypatch.setattr(metrics, "measure_cpu_peak_flops", lambda: next(readings))
-    assert metrics.cpu_peak_flops(cache) == 50e9
-    assert metrics.cpu_peak_flops(cache) == 120e9
-    assert metrics.cpu_peak_flops(cache) == 120e9  # measured under load: the best is kept
+    monkeypatch.setattr(efficiency, "measure_cpu_peak_flops", lambda: next(readings))
+    assert efficiency.cpu_peak_flops(cache) == 50e9
+    assert efficiency.cpu_peak_flops(cache) == 120e9
+    assert efficiency.cpu_peak_flops(cache) == 120e9  # measured under load: the best is kept
     cache.write_text("not json")
-    monkeypatch.setattr(metrics, "measure_cpu_peak_flops", lambda: 70e9)
-    assert metrics.cpu_peak_flops(cache) == 70e9  # a damaged cache is only a lost cache
+    monkeypatch.setattr(efficiency, "measure_cpu_peak_flops", lambda: 70e9)
+    assert efficiency.cpu_peak_flops(cache) == 70e9  # a damaged cache is only a lost cache

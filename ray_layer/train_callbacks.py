@@ -28,6 +28,7 @@ from ray.train.v2._internal.execution.callback import ControllerCallback
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Rejection
 from orchestrator.runs import append_metrics
+from ray_layer.scheduler_client import get_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,7 @@ class FollowPlacement(ControllerCallback):
     def _replace(self, lost: list[str]) -> Placement:
         """A new placement from the scheduler, waiting while the cluster is busy (the
         capacity may come back: the autoscaler adds a node, another job ends)."""
-        from actors.scheduler import NAMESPACE, SCHEDULER_NAME
-
-        scheduler = ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
+        scheduler = get_scheduler()
         deadline = time.monotonic() + self.timeout_s
         while True:
             decision = ray.get(scheduler.replace.remote(self.spec, self.owner, lost))

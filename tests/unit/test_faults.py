@@ -1,6 +1,6 @@
 import pytest
 
-from orchestrator.chaos import (FAULTS, RESTARTS_TRAINING, Attempt, attempts, fault_schedule,
+from orchestrator.faults import (FAULTS, RESTARTS_TRAINING, Attempt, attempts, fault_schedule,
                                 reservation_problems, steps_lost)
 
 

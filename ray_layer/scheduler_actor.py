@@ -16,8 +16,10 @@ import time
 
 import ray
 
-from actors.telemetry import record_all
-from orchestrator import metrics
+from ray_layer.node_agent import ensure_agent
+from ray_layer.scheduler_client import NAMESPACE
+from ray_layer.telemetry import record_all
+from orchestrator import metric_catalogue as catalogue
 from orchestrator.config import JobSpec
 from orchestrator.inventory import NodeReport
 from orchestrator.placement import Placement, Queued, Rejection
@@ -25,8 +27,6 @@ from orchestrator.scheduler_core import Outcome, SchedulerCore, SchedulerSetting
 
 log = logging.getLogger(__name__)
 
-SCHEDULER_NAME = "orchestrator-scheduler"
-NAMESPACE = "orchestrator"
 STATE_KEY = b"scheduler-state"
 RAY_NODES_REFRESH_S = 1.0  # a flood of reports for unknown nodes asks Ray at most this often
 
@@ -50,7 +50,7 @@ class _GcsStore:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class SchedulerActor:
-    """The cluster's one scheduler (a named, detached actor; see actors/cluster.py).
+    """The cluster's one scheduler (a named, detached actor; see ray_layer/cluster.py).
 
     Node agents call `report`; drivers `submit`, `poll`, `yielded` and `release`; training
     workers `directive` at step boundaries; operators `cancel`, `preempt`, `snapshot`.
@@ -220,7 +220,7 @@ class SchedulerActor:
             outcome = event(time.time())
             decision = self._apply(outcome)
         if count:
-            record_all(metrics.latency_samples(decision, time.perf_counter() - start))
+            record_all(catalogue.latency_samples(decision, time.perf_counter() - start))
         return decision
 
     def _apply(self, outcome: Outcome):
@@ -230,7 +230,7 @@ class SchedulerActor:
             if isinstance(effect, Yield):
                 log.warning("job %s told to %s: %s", effect.job_name, effect.kind,
                             effect.reason)
-                record_all([(metrics.SCHEDULER_YIELDS, 1, {"kind": effect.kind})])
+                record_all([(catalogue.SCHEDULER_YIELDS, 1, {"kind": effect.kind})])
         if outcome.persist:
             self.store.save(self.core.to_dict())
         return outcome.decision
@@ -268,7 +268,7 @@ def _ray_nodes() -> tuple[set[str], set[str], set[str]]:
     nodes = ray.nodes()
     dead = [n for n in nodes if not n["Alive"]]
     return ({n["NodeID"] for n in nodes if n["Alive"]}, {n["NodeID"] for n in dead},
-            {n["NodeID"] for n in dead if n.get("DeathReason") in metrics.RAY_DEATH_EXPECTED})
+            {n["NodeID"] for n in dead if n.get("DeathReason") in catalogue.RAY_DEATH_EXPECTED})
 
 
 def _ray_available() -> dict[str, dict[str, float]]:
@@ -285,8 +285,6 @@ def _ray_available() -> dict[str, dict[str, float]]:
 
 
 def _ensure_agent_on(node_id: str) -> None:
-    from actors.cluster import ensure_agent  # import here: cluster imports this module
-
     try:
         ensure_agent(node_id)
     except Exception as e:  # a node going away while we create its agent
@@ -306,4 +304,3 @@ def _dead_drivers() -> set[str]:
         return set()
 
 
-__all__ = ["SchedulerActor", "SCHEDULER_NAME", "NAMESPACE"]

@@ -6,10 +6,10 @@ first one on a cluster creates anything.
 from __future__ import annotations
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.node_agent import NodeAgent
-from actors.scheduler import NAMESPACE, SCHEDULER_NAME, SchedulerActor
+from ray_layer.node_agent import ensure_agent
+from ray_layer.scheduler_actor import SchedulerActor
+from ray_layer.scheduler_client import NAMESPACE, SCHEDULER_NAME
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
 
@@ -27,15 +27,6 @@ def ensure_scheduler(**settings):
 
 def alive_node_ids() -> list[str]:
     return [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-
-
-def ensure_agent(node_id: str) -> "ray.actor.ActorHandle":
-    """The agent of one node, created if missing (hard affinity: an agent must never drift)."""
-    return NodeAgent.options(
-        name=f"node-agent-{node_id}", namespace=NAMESPACE, lifetime="detached",
-        get_if_exists=True,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-    ).remote()
 
 
 def ensure_agents() -> dict[str, "ray.actor.ActorHandle"]:

@@ -1,5 +1,6 @@
 """The Ray Serve application: an HTTP ingress and the model deployment. Thin: validation,
-generation, batching policy, loading and resources are the pure modules next to this one.
+generation, batching policy, loading and resources are the pure modules of
+orchestrator/serving/.
 
     client --HTTP--> Serve proxy --> Ingress (FastAPI, OpenAI routes) --handle--> GPTModel x N
                                        validates, retries on a          @serve.batch, KV-cache
@@ -11,7 +12,7 @@ already delivered tokens continues after them. Model replicas autoscale; the ing
 fixed, light pool (no CPU reserved).
 
     serve run serve_config.yaml
-    serve run orchestrator.serving.app:app checkpoint=~/orchestrator-runs/<run> max_replicas=4
+    serve run ray_layer.serve_app:app checkpoint=~/orchestrator-runs/<run> max_replicas=4
 """
 # No `from __future__ import annotations`: FastAPI reads the route signatures (Request) at
 # runtime through Serve's ingress wrapper, which string annotations break.
@@ -33,8 +34,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from actors.telemetry import record
-from orchestrator import metrics
+from orchestrator import metric_catalogue as catalogue
 from orchestrator.config import ConfigError
 from orchestrator.serving import protocol
 from orchestrator.serving.batching import (AdmissionGate, ArrivalRate, BatchSettings,
@@ -47,6 +47,8 @@ from orchestrator.serving.protocol import APIError
 from orchestrator.serving.resources import (ReplicaResources, recommend_replica_resources,
                                             report_from_ray_node)
 from orchestrator.serving.settings import RuntimeConfig, ServeSettings
+from ray_layer.scheduler_client import get_scheduler
+from ray_layer.telemetry import record
 
 log = logging.getLogger("ray.serve")
 
@@ -121,9 +123,9 @@ class GPTModel:
     def _swap(self, loaded: LoadedModel, switch_s: float) -> None:
         previous, self.loaded = self.loaded, loaded  # batches running keep their own model
         if previous is not None:
-            record(metrics.SERVE_MODEL_VERSION, 0, deployment=self.deployment,
+            record(catalogue.SERVE_MODEL_VERSION, 0, deployment=self.deployment,
                    version=previous.version)
-        record(metrics.SERVE_MODEL_VERSION, 1, deployment=self.deployment,
+        record(catalogue.SERVE_MODEL_VERSION, 1, deployment=self.deployment,
                version=loaded.version)
         self.stats["switch_ms"] = round(switch_s * 1000)
         for warning in loaded.warnings:
@@ -137,7 +139,7 @@ class GPTModel:
             raise RuntimeError(message)
         self.reload_error = {"message": message, "at": time.time(),
                              "still_serving": self.loaded.version}
-        record(metrics.SERVE_ERRORS, 1, deployment=self.deployment, route="reconfigure",
+        record(catalogue.SERVE_ERRORS, 1, deployment=self.deployment, route="reconfigure",
                kind="bad_config")
         log.error("config update refused, still serving %s: %s", self.loaded.version, message)
 
@@ -154,7 +156,7 @@ class GPTModel:
             async for chunk in self.batch(request):
                 if not first_token:
                     first_token = True
-                    record(metrics.SERVE_TIME_TO_FIRST_TOKEN, time.perf_counter() - arrived,
+                    record(catalogue.SERVE_TIME_TO_FIRST_TOKEN, time.perf_counter() - arrived,
                            deployment=self.deployment, route=COMPLETIONS_ROUTE)
                 finished = chunk.finish_reason is not None
                 yield chunk
@@ -222,9 +224,9 @@ class GPTModel:
             self.running -= len(requests)
             self.gate.batch_finished()
             elapsed = time.perf_counter() - started
-            record(metrics.SERVE_GENERATED_TOKENS, produced, deployment=self.deployment)
+            record(catalogue.SERVE_GENERATED_TOKENS, produced, deployment=self.deployment)
             if elapsed > 0 and produced:
-                record(metrics.SERVE_TOKENS_PER_SECOND, produced / elapsed,
+                record(catalogue.SERVE_TOKENS_PER_SECOND, produced / elapsed,
                        deployment=self.deployment)
 
     def _step(self, generation: BatchGeneration) -> list[Chunk | None]:
@@ -236,8 +238,8 @@ class GPTModel:
         self.stats["batches"] += 1
         self.stats["requests"] += size
         self.batch_sizes[size] += 1
-        record(metrics.SERVE_BATCH_SIZE, size, deployment=self.deployment)
-        record(metrics.SERVE_QUEUE_DEPTH, len(self.queued), deployment=self.deployment)
+        record(catalogue.SERVE_BATCH_SIZE, size, deployment=self.deployment)
+        record(catalogue.SERVE_QUEUE_DEPTH, len(self.queued), deployment=self.deployment)
 
     # -- introspection and health --------------------------------------------------------------
     def model_info(self) -> dict[str, Any]:
@@ -510,12 +512,12 @@ class Ingress:
     def _record_error(self, route: str, error: APIError) -> None:
         kind = ("bad_request" if error.status < 500 else
                 "overloaded" if error.status == 503 else "internal")
-        record(metrics.SERVE_ERRORS, 1, deployment=self.deployment, route=route, kind=kind)
+        record(catalogue.SERVE_ERRORS, 1, deployment=self.deployment, route=route, kind=kind)
 
     def _record(self, route: str, status: int, started: float) -> None:
-        record(metrics.SERVE_REQUESTS, 1, deployment=self.deployment, route=route,
+        record(catalogue.SERVE_REQUESTS, 1, deployment=self.deployment, route=route,
                status=str(status))
-        record(metrics.SERVE_REQUEST_LATENCY, time.perf_counter() - started,
+        record(catalogue.SERVE_REQUEST_LATENCY, time.perf_counter() - started,
                deployment=self.deployment, route=route)
 
 
@@ -542,11 +544,8 @@ def _cluster_reports() -> tuple[list, set[str]]:
 
 def _scheduler_view() -> tuple[list, set[str]]:
     """The scheduler's latest agent reports and node health; nothing when it is not running."""
-    from actors.scheduler import NAMESPACE, SCHEDULER_NAME
-
     try:
-        scheduler = ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
-        snapshot = ray.get(scheduler.snapshot.remote(), timeout=10)
+        snapshot = ray.get(get_scheduler().snapshot.remote(), timeout=10)
     except Exception as e:  # no scheduler on this cluster, or it is restarting
         log.info("no scheduler view of the cluster (%s); using Ray's node table", e)
         return [], set()
@@ -555,7 +554,7 @@ def _scheduler_view() -> tuple[list, set[str]]:
 
 
 def _this_machine() -> tuple[list, set[str]]:
-    from actors.probes import probe_nvml, run_probe
+    from orchestrator.probes import probe_nvml, run_probe
     from orchestrator.inventory import NodeReport
 
     gpus = run_probe("nvml", probe_nvml, (), {})
@@ -563,8 +562,8 @@ def _this_machine() -> tuple[list, set[str]]:
 
 
 def app(args: dict[str, Any] | None = None) -> serve.Application:
-    """Application builder: `serve run orchestrator.serving.app:app key=value ...`, or
-    `import_path: orchestrator.serving.app:app` with `args:` in serve_config.yaml. The keys
+    """Application builder: `serve run ray_layer.serve_app:app key=value ...`, or
+    `import_path: ray_layer.serve_app:app` with `args:` in serve_config.yaml. The keys
     are ServeSettings' fields; the checkpoint is checked here so a wrong path fails before
     anything starts."""
     settings = ServeSettings.from_args(args)

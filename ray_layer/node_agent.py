@@ -8,7 +8,7 @@ and checkpoints actually take: it `ray.put`s a buffer and asks each peer agent t
 timing the fetch on the peer. Measurements run on their own timer thread and land in every
 later report as `bandwidth_gbps`.
 
-Every report is also exported as metrics (orchestrator/metrics.py: per-GPU memory and
+Every report is also exported as metrics (orchestrator/metric_catalogue.py: per-GPU memory and
 utilization, host load and memory, measured bandwidth), so Prometheus sees each node at the
 heartbeat's pace.
 """
@@ -20,22 +20,18 @@ import threading
 import time
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.probes import (BANDWIDTH_DEFAULT_BYTES, bandwidth_probe_bytes, best_bandwidth_gbps,
+from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, bandwidth_probe_bytes, best_bandwidth_gbps,
                            probe_gpus, probe_host, run_probe)
-from actors.scheduler import NAMESPACE, SCHEDULER_NAME
-from actors.telemetry import record_all
+from ray_layer.scheduler_client import NAMESPACE, agent_name, get_agent, get_scheduler
+from ray_layer.telemetry import record_all
 from orchestrator.inventory import NodeReport, check_network_labels
-from orchestrator.metrics import node_samples
+from orchestrator.metric_catalogue import node_samples
 
 log = logging.getLogger(__name__)
 
 BANDWIDTH_ROUNDS = 2  # best of 2: the first transfer to a peer can include one-time setup
-
-
-def agent_name(node_id: str) -> str:
-    """The name agents are registered under (actors/cluster.py creates them with it)."""
-    return f"node-agent-{node_id}"
 
 
 # Concurrency groups, so that a long bandwidth measurement (up to timeout x peers when peers
@@ -90,15 +86,11 @@ class NodeAgent:
         # Exported before sending: a node whose scheduler is away still shows in Prometheus.
         record_all(node_samples(report))
         # Bounded: a scheduler stuck restarting must not freeze this agent's heartbeat.
-        accepted = ray.get(self._scheduler().report.remote(report), timeout=30)
+        accepted = ray.get(get_scheduler().report.remote(report), timeout=30)
         if not accepted:
             log.warning("the scheduler refused this agent's report for node %s: Ray does not "
                         "list that node alive", self.node_id[:16])
         return report
-
-    def _scheduler(self):
-        # Looked up each time: a scheduler that was replaced (not just restarted) is found again.
-        return ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -176,7 +168,7 @@ class NodeAgent:
         peers = {}
         for node_id in others:
             try:
-                peers[node_id] = ray.get_actor(agent_name(node_id), namespace=NAMESPACE)
+                peers[node_id] = get_agent(node_id)
             except ValueError:  # that node's agent is not up yet: measure it next time
                 continue
         return peers
@@ -195,3 +187,12 @@ class NodeAgent:
                 log.warning("node agent %s: bandwidth refresh failed: %s", self.node_id[:12], e)
             found_peers = self._bandwidth or self._failing_peers
             delay = self.bandwidth_every_s if found_peers else soon
+
+
+def ensure_agent(node_id: str) -> "ray.actor.ActorHandle":
+    """The agent of one node, created if missing (hard affinity: an agent must never drift)."""
+    return NodeAgent.options(
+        name=agent_name(node_id), namespace=NAMESPACE, lifetime="detached",
+        get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+    ).remote()

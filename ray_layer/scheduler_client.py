@@ -1,0 +1,46 @@
+"""How anything on the cluster finds the scheduler and the node agents: their names, and the
+look-up. Jobs, training workers, the Ray Train callbacks, serving, the CLI and the scripts use
+this module, so a renamed actor or namespace changes here only.
+
+Looked up on every call rather than cached by callers: a scheduler that was replaced (not just
+restarted) is found again.
+"""
+from __future__ import annotations
+
+import ray
+
+SCHEDULER_NAME = "orchestrator-scheduler"
+NAMESPACE = "orchestrator"
+
+
+class SchedulerNotRunning(RuntimeError):
+    """The cluster has no scheduler actor: the control plane was never brought up there."""
+
+
+def agent_name(node_id: str) -> str:
+    """The name a node's agent is registered under."""
+    return f"node-agent-{node_id}"
+
+
+def get_scheduler() -> "ray.actor.ActorHandle":
+    """The cluster's scheduler; SchedulerNotRunning, saying how to start one, when absent."""
+    try:
+        return ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise SchedulerNotRunning(
+            f"no scheduler on this Ray cluster (actor {SCHEDULER_NAME!r} in namespace "
+            f"{NAMESPACE!r}): start a job (python jobs/pretrain.py) or run "
+            "`python -m orchestrator status` once, which bring the control plane up") from None
+
+
+def scheduler_or_none() -> "ray.actor.ActorHandle | None":
+    """The scheduler, or None where a run works without one (plain Ray Train, a lone replica)."""
+    try:
+        return get_scheduler()
+    except SchedulerNotRunning:
+        return None
+
+
+def get_agent(node_id: str) -> "ray.actor.ActorHandle":
+    """The agent of one node (ValueError from Ray when that node has none)."""
+    return ray.get_actor(agent_name(node_id), namespace=NAMESPACE)

@@ -1,0 +1,145 @@
+"""The training loop inside Ray Train: `train_under_ray` is TorchTrainer's per-worker entry
+point and `RayTrainSession` the TrainSession (orchestrator/training/session.py) it trains with:
+rank, device, checkpoints from Ray Train's storage, reports to Ray Train and Prometheus, and the
+scheduler's directives (yield for preemption or migration) read at step boundaries.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow.fs
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from orchestrator.config import TrainConfig
+from orchestrator.metric_catalogue import training_samples
+from orchestrator.training.loop import say, train
+from orchestrator.training.session import gpu_shortfall, older_checkpoints
+from ray_layer.scheduler_client import scheduler_or_none
+from ray_layer.telemetry import record_all
+
+
+def train_under_ray(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry point (TorchTrainer's train_loop_per_worker). `config`:
+    {"train": TrainConfig as a dict, "min_gpu_memory_gb": what each worker's GPU must have
+    free}. Every worker first checks the GPU it was given; if any lacks the memory, all stop
+    before training and report it ("gpu_too_small"), so the job is placed again without it."""
+    session = RayTrainSession()
+    short = session.gpu_memory_shortfall(config.get("min_gpu_memory_gb", 0.0))
+    found = [short]
+    if dist.is_available() and dist.is_initialized():
+        found = [None] * session.world_size
+        dist.all_gather_object(found, short)
+    found = [f for f in found if f]
+    if found:
+        if session.world_rank == 0:
+            say("GPU(s) without the free memory asked: " + "; ".join(
+                f"GPU {f['gpu_index']} of node {f['node_id'][:12]}: {f['free_gb']} GiB free, "
+                f"{f['needed_gb']:g} needed" for f in found))
+        session.report({"step": 0, "gpu_too_small": found}, None)
+        return
+    train(TrainConfig.from_dict(config["train"]), session)
+
+
+class RayTrainSession:
+    """Inside a Ray Train worker. Ray Train owns checkpoint storage and restarts."""
+
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.world_rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        # GPUs declared by node labels on a machine without CUDA (modelling a heterogeneous
+        # cluster on CPUs): Ray hands out the logical GPU, the worker trains on the CPU.
+        self.declared_gpu_only = self.device.type == "cuda" and not torch.cuda.is_available()
+        if self.declared_gpu_only:
+            self.device = torch.device("cpu")
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self._worker_nodes: list[str] | None = None
+        self._asking = None  # the scheduler's answer on its way (an ObjectRef)
+        self._scheduler = None
+        self._asked_at = float("-inf")
+        self._last_checkpoint_at: float | None = None
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.declared_gpu_only:  # Ray's prepare_model would move it to a CUDA device
+            model = model.to(self.device)
+            return torch.nn.parallel.DistributedDataParallel(model) \
+                if self.world_size > 1 else model
+        return ray.train.torch.prepare_model(model)
+
+    @contextlib.contextmanager
+    def checkpoint_dirs(self) -> Iterator[list[str]]:
+        """Ray Train's latest checkpoint first, then, on local or shared-filesystem storage,
+        the older ones it kept beside it (newest first). On remote storage (S3, GCS) only the
+        latest is fetched."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield []
+            return
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            latest = Path(checkpoint.path)
+            yield [str(latest)] + [str(p) for p in older_checkpoints(latest)]
+            return
+        with checkpoint.as_directory() as directory:
+            yield [directory]
+
+    def worker_nodes(self) -> list[str]:
+        """Node id of every worker, by rank, so the launcher can check workers landed where
+        the scheduler placed them. Collective: every rank calls it (report() does)."""
+        if self._worker_nodes is None:
+            nodes: list[str | None] = [None] * self.world_size
+            if dist.is_initialized():
+                dist.all_gather_object(nodes, self.node_id)
+            else:
+                nodes = [self.node_id]
+            self._worker_nodes = [str(n) for n in nodes]
+        return self._worker_nodes
+
+    def gpu_memory_shortfall(self, min_gpu_memory_gb: float) -> dict | None:
+        """This worker's GPU when it lacks the free memory the job asks for (memory used
+        outside Ray: Ray hands out GPU ids, not memory), else None."""
+        if self.device.type != "cuda" or not min_gpu_memory_gb:
+            return None
+        free_bytes, _ = torch.cuda.mem_get_info(self.device)
+        return gpu_shortfall(free_bytes, min_gpu_memory_gb, self.node_id,
+                             int(ray.get_gpu_ids()[0]))
+
+    def directive(self) -> str | None:
+        """Asks the scheduler at most once a second without waiting: the answer is read at a
+        later step boundary. A run without a scheduler (plain Ray Train) never yields."""
+        if self._asking is not None:
+            ready, _ = ray.wait([self._asking], timeout=0)
+            if not ready:
+                return None
+            try:
+                answer = ray.get(self._asking)
+            except ray.exceptions.RayError:  # the scheduler restarting: ask again later
+                answer = None
+            self._asking = None
+            if answer:
+                return f"{answer['kind']}: {answer['reason']}"
+        if time.monotonic() - self._asked_at >= 1.0:
+            self._asked_at = time.monotonic()
+            self._scheduler = self._scheduler or scheduler_or_none()
+            if self._scheduler is not None:
+                job = ray.train.get_context().get_experiment_name()
+                self._asking = self._scheduler.directive.remote(job, self._last_checkpoint_at)
+        return None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        # Also to Prometheus (via Ray's metrics agent), per worker: loss, tokens/s, MFU, ...
+        # The run is Ray Train's experiment name: the run directory's name.
+        run = ray.train.get_context().get_experiment_name()
+        record_all(training_samples(metrics, run, self.world_rank))
+        metrics = {**metrics, "worker_nodes": self.worker_nodes()}
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            self._last_checkpoint_at = time.time()
