@@ -18,11 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 
-# Runnable as a plain script from a checkout (and from `ray job submit --working-dir .`).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from orchestrator.compression.config import CompressConfig  # noqa: E402
-from orchestrator.config import MODEL_PRESETS, ConfigError  # noqa: E402
+from orchestrator.compression.config import CompressConfig
+from orchestrator.config import MODEL_PRESETS, ConfigError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 4

@@ -20,13 +20,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-# Runnable as a plain script from a checkout (and from `ray job submit --working-dir .`)
-# without installing the project first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from orchestrator.config import (LR_SCHEDULES, MODEL_PRESETS, PRECISIONS,  # noqa: E402
-                                 ConfigError, JobSpec, TrainConfig, resume_conflicts)
-from orchestrator.runs import DEFAULT_RUNS_ROOT, RunDirError, resolve_run_dir  # noqa: E402
+from orchestrator.config import (LR_SCHEDULES, MODEL_PRESETS, PRECISIONS, ConfigError, JobSpec,
+                                 TrainConfig, resume_conflicts)
+from orchestrator.runs import DEFAULT_RUNS_ROOT, RunDirError, resolve_run_dir
 
 EXIT_BAD_INPUT = 2
 EXIT_NOT_PLACEABLE = 3

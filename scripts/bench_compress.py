@@ -1,6 +1,6 @@
 """Benchmark the compression pipeline on a model whose Linear layers dominate (~20M params).
 
-    python scripts/bench_compress.py            # about 10-15 minutes on 2 CPU cores
+    python -m scripts.bench_compress            # about 10-15 minutes on 2 CPU cores
 
 Trains its own teacher first (a 6-layer, 528-wide GPT, 20.3M parameters, 250 steps on the
 project's corpus: no download, no checkpoint needed), then runs the same pipeline as
@@ -23,17 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from orchestrator.compression.artifacts import load_tensors, save_tensors  # noqa: E402
-from orchestrator.compression.config import CompressConfig  # noqa: E402
-from orchestrator.compression.finetune import Plan, finetune, say  # noqa: E402
-from orchestrator.compression.pipeline import run_pipeline  # noqa: E402
-from orchestrator.compression.source import weights_digest  # noqa: E402
-from orchestrator.training.data import load_corpus, split_corpus  # noqa: E402
-from orchestrator.training.model import GPT, GPTConfig  # noqa: E402
+from orchestrator.compression.artifacts import load_tensors, save_tensors
+from orchestrator.compression.config import CompressConfig
+from orchestrator.compression.finetune import Plan, finetune, say
+from orchestrator.compression.pipeline import run_pipeline
+from orchestrator.compression.source import weights_digest
+from orchestrator.training.data import load_corpus, split_corpus
+from orchestrator.training.model import GPT, GPTConfig
 
 TEACHER_STREAM = 100  # the teacher's own batch stream (get_batch rank)
 

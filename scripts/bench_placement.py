@@ -34,7 +34,7 @@ cluster's reports (report_many; no background reservations, so only the callers'
 are held) and has 4 concurrent callers each submit a job then release it, through Ray, GCS
 persistence included: actor_placements_per_s = jobs placed / wall time.
 
-    python scripts/bench_placement.py [--nodes 10000] [--jobs 2000] [--seed 0] [--no-actor]
+    python -m scripts.bench_placement [--nodes 10000] [--jobs 2000] [--seed 0] [--no-actor]
                                       [--actor-jobs 1000] [--profile N]
 """
 from __future__ import annotations

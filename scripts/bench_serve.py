@@ -1,8 +1,8 @@
 """Serving benchmark: dynamic batching on vs off, hot reload under load, a replica killed
 under load. An async HTTP load generator against the app it deploys (orchestrator/serving).
 
-    python scripts/bench_serve.py                    # embedded local Ray, ~4 minutes
-    python scripts/bench_serve.py --address auto     # an existing cluster (`ray start`)
+    python -m scripts.bench_serve                    # embedded local Ray, ~4 minutes
+    python -m scripts.bench_serve --address auto     # an existing cluster (`ray start`)
 
 Phases, same model and replica count for the first two:
   1. batched    adaptive dynamic batching (max batch 32), `--concurrency` closed-loop clients
@@ -35,11 +35,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-
-try:
-    import orchestrator  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 APP = "bench-gpt"
 MODEL = "orchestrator-gpt"

@@ -12,7 +12,7 @@ Prints the simulator's summary table, then, as the last line, one JSON object wi
 mean_jct_s, p99_jct_s, allocation_rate, goodput_utilization, makespan_s (and a few more), and
 ours_vs_fifo_mean_jct_speedup (FIFO first-fit's mean JCT / ours).
 
-    python scripts/bench_simulator.py [--start 20000] [--jobs 10000] [--load-scale 3]
+    python -m scripts.bench_simulator [--start 20000] [--jobs 10000] [--load-scale 3]
                                       [--cluster SPEC] [--seed 0] [--out DIR]
 
 No Ray: pure simulation, runs in the unit tier's sandbox.

@@ -11,7 +11,7 @@
   (fp16 is emulated on this CPU: the count is real, the speed is not meaningful).
 
 The last line printed is one JSON object with these figures.
-Usage: python scripts/bench_train.py [--quick]
+Usage: python -m scripts.bench_train [--quick]
 """
 from __future__ import annotations
 
@@ -28,21 +28,17 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "jobs"))
-
-from orchestrator.config import TrainConfig  # noqa: E402
-from orchestrator.training.data import VOCAB_SIZE  # noqa: E402
-from orchestrator.training.loop import train  # noqa: E402
-from orchestrator.training.model import GPT, GPTConfig  # noqa: E402
-from orchestrator.training.session import LocalSession  # noqa: E402
+from orchestrator.config import TrainConfig
+from orchestrator.training.data import VOCAB_SIZE
+from orchestrator.training.loop import train
+from orchestrator.training.model import GPT, GPTConfig
+from orchestrator.training.session import LocalSession
 
 CPU = torch.device("cpu")
 
 
 def plain_vs_ray(steps: int, workdir: Path) -> dict:
-    import pretrain
+    from jobs import pretrain
 
     args = dict(model_size="small", batch_size=16, seq_len=128, max_steps=steps,
                 checkpoint_every=steps, log_every=max(steps // 4, 1), warmup_steps=5)
@@ -76,7 +72,7 @@ def measure_recovery(run_dir: Path, extra_args: list[str], timeout_s: float = 60
     """Run jobs/pretrain.py, SIGKILL one Ray Train worker once Ray Train has registered a
     checkpoint, and return the job's exit code, its summary and the recovery time (kill ->
     first step after the automatic resume)."""
-    import pretrain
+    from jobs import pretrain
 
     outcome: dict = {}
     job = threading.Thread(target=lambda: outcome.setdefault("code", pretrain.main(

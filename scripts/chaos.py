@@ -18,7 +18,7 @@ The last line printed is one JSON object: train_completed, train_steps_lost,
 loss_matches_reference, scheduler_reservations_consistent, serve_requests, serve_failed,
 serve_success_rate, faults_injected, faults_survived, and each fault's record.
 
-Usage: python scripts/chaos.py [--seed N] [--quick]
+Usage: python -m scripts.chaos [--seed N] [--quick]
 """
 from __future__ import annotations
 
@@ -36,18 +36,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "jobs"))
-
-sys.path.insert(0, str(ROOT / "scripts"))  # also when imported (the integration test)
-
-from bench_serve import free_port  # noqa: E402
-from bench_train import ray_train_workers  # noqa: E402
-from orchestrator import faults  # noqa: E402
-from orchestrator.inventory import (  # noqa: E402
+from orchestrator import faults
+from orchestrator.inventory import (
     LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB, LABEL_ACCELERATOR_TYPE)
-from orchestrator.runs import read_metrics  # noqa: E402
+from orchestrator.runs import read_metrics
+from scripts.bench_serve import free_port
+from scripts.bench_train import ray_train_workers
 
 APP = "gpt-chaos"
 T4_LABELS = {LABEL_ACCELERATOR_TYPE: "T4", LABEL_ACCELERATOR_COUNT: "2",
@@ -410,7 +404,7 @@ def ray_get(ref, timeout_s: float = 10.0):
 
 # -- the run -----------------------------------------------------------------------------------
 def train(run_dir: Path, settings: Settings) -> tuple[int, dict]:
-    import pretrain
+    from jobs import pretrain
 
     code = pretrain.main([*settings.train_args(), "--run-dir", str(run_dir)])
     summary = json.loads((run_dir / "summary.json").read_text()) if code == 0 else {}
