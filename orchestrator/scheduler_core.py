@@ -324,10 +324,11 @@ class SchedulerCore:
         held_by = self.owner_of(name)
         if held_by is not None:
             if owner and held_by == owner:  # a retried call: the same answer
-                return Outcome(self._status(name, owner))
+                return Outcome(self._answer_and_forget_rejection(name, owner))
             return self._reject(Rejection(name, (
                 f"job '{name}' already holds a reservation or waits in the queue: a job of "
-                "that name is running (two launches of the same run?)")), catalogue.REJECT_DUPLICATE)
+                "that name is running (two launches of the same run?)")),
+                catalogue.REJECT_DUPLICATE)
         self.queue.add(QueuedJob(spec, owner, now, "submitted"))
         outcome = Outcome(effects=[Persist()])
         outcome.add(self._drain(now))
@@ -357,7 +358,7 @@ class SchedulerCore:
         if placed is not None and (not owner or placed.owner == owner):
             del self.queue.ready[job_name]
             return Outcome(placed, [Persist()])
-        return Outcome(self._status(job_name, owner))
+        return Outcome(self._answer_and_forget_rejection(job_name, owner))
 
     def place_now(self, spec: JobSpec, owner: str, now: float, dry_run: bool = False,
                   explain: bool | None = None) -> Outcome:
@@ -459,7 +460,7 @@ class SchedulerCore:
         the job gives its placement back and is placed again without those GPUs."""
         job = self.running.get(job_name)
         if job is None or (owner and job.placement.owner != owner):
-            return Outcome(self._status(job_name, owner))
+            return Outcome(self._answer_and_forget_rejection(job_name, owner))
         excluded = self.excluded_gpus.setdefault(job_name, set())
         for node, index in gpus:
             if (node, index) in excluded:  # Ray picks GPU ids and picked it again: the node
@@ -477,7 +478,7 @@ class SchedulerCore:
         cancelled -> gone. The decision is what its driver should do next."""
         job = self.running.get(job_name)
         if job is None or (owner and job.placement.owner != owner):
-            return Outcome(self._status(job_name, owner))
+            return Outcome(self._answer_and_forget_rejection(job_name, owner))
         directive = job.directive
         claim = self.state.reservations.get(job_name + CLAIM_SUFFIX)
         self._stop(job_name)

@@ -22,12 +22,12 @@ import time
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, bandwidth_probe_bytes, best_bandwidth_gbps,
-                           probe_gpus, probe_host, run_probe)
-from ray_layer.scheduler_client import NAMESPACE, agent_name, get_agent, get_scheduler
-from ray_layer.telemetry import record_all
 from orchestrator.inventory import NodeReport, check_network_labels
 from orchestrator.metric_catalogue import node_samples
+from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, bandwidth_probe_bytes,
+                                 best_bandwidth_gbps, probe_gpus, probe_host, run_probe)
+from ray_layer.scheduler_client import NAMESPACE, agent_name, get_agent, get_scheduler
+from ray_layer.telemetry import record_all
 
 log = logging.getLogger(__name__)
 

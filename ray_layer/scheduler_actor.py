@@ -16,14 +16,14 @@ import time
 
 import ray
 
-from ray_layer.node_agent import ensure_agent
-from ray_layer.scheduler_client import NAMESPACE
-from ray_layer.telemetry import record_all
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.config import JobSpec
 from orchestrator.inventory import NodeReport
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.scheduler_core import Outcome, SchedulerCore, SchedulerSettings, Yield
+from ray_layer.node_agent import ensure_agent
+from ray_layer.scheduler_client import NAMESPACE
+from ray_layer.telemetry import record_all
 
 log = logging.getLogger(__name__)
 
