@@ -562,7 +562,10 @@ class SchedulerCore:
                          "reason": job.reason})
         return rows
 
-    def _status(self, job_name: str, owner: str) -> Placement | Queued | Rejection:
+    def _answer_and_forget_rejection(self, job_name: str,
+                                     owner: str) -> Placement | Queued | Rejection:
+        """Where the job stands, for its driver. A rejection is handed over once and then
+        forgotten (the driver stops on it), so asking twice gives "not in the queue"."""
         job = self.running.get(job_name)
         if job is not None and (not owner or job.placement.owner == owner):
             return job.placement
