@@ -47,8 +47,8 @@ from orchestrator.config import JobSpec
 from orchestrator.inventory import ClusterState
 from orchestrator.placement import Placement, Rejection
 from orchestrator.policies import POLICY_NAMES, make_policy
-from orchestrator.scheduler_core import (CLAIM_SUFFIX, MIGRATE, PREEMPT, SchedulerCore,
-                                         SchedulerSettings, Yield)
+from orchestrator.scheduler_core import CLAIM_SUFFIX, SchedulerCore
+from orchestrator.scheduler_types import MIGRATE, PREEMPT, SchedulerSettings, Yield
 from orchestrator.traces import TraceJob
 
 SIM_NOW = 0.0  # the ClusterState's clock: constant, see the module docstring

@@ -16,7 +16,7 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this re
 
 def ensure_scheduler(**settings):
     """The cluster's scheduler, created with `settings` (SchedulerActor's keyword arguments:
-    the fields of orchestrator.scheduler_core.SchedulerSettings, plus maintain_every_s) if it
+    the fields of orchestrator.scheduler_types.SchedulerSettings, plus maintain_every_s) if it
     does not exist yet; an existing one keeps the settings it was created with."""
     return SchedulerActor.options(name=SCHEDULER_NAME, namespace=NAMESPACE, lifetime="detached",
                                   get_if_exists=True,

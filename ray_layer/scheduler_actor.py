@@ -20,7 +20,8 @@ from orchestrator import metric_catalogue as catalogue
 from orchestrator.config import JobSpec
 from orchestrator.inventory import NodeReport
 from orchestrator.placement import Placement, Queued, Rejection
-from orchestrator.scheduler_core import Outcome, SchedulerCore, SchedulerSettings, Yield
+from orchestrator.scheduler_core import SchedulerCore
+from orchestrator.scheduler_types import Outcome, SchedulerSettings, Yield
 from ray_layer.node_agent import ensure_agent
 from ray_layer.scheduler_client import NAMESPACE
 from ray_layer.telemetry import record_all

@@ -181,3 +181,15 @@ def test_checker_finds_a_cycle_through_a_lazy_import(tmp_path):
         "orchestrator/d.py": "from orchestrator.a import thing\n",  # depends, no cycle
     })
     assert import_cycles(tmp_path) == [["orchestrator.a", "orchestrator.b", "orchestrator.c"]]
+
+
+def test_every_public_class_in_the_libraries_has_a_docstring():
+    missing = []
+    for name, path in project_modules(ROOT).items():
+        if name.split(".")[0] not in ("orchestrator", "ray_layer"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_") \
+                    and not ast.get_docstring(node):
+                missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert missing == []

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 from orchestrator.__main__ import _run_command, format_jobs
 from orchestrator.config import JobSpec
 from orchestrator.inventory import GIB, NodeReport
-from orchestrator.scheduler_core import SchedulerCore, SchedulerSettings
+from orchestrator.scheduler_core import SchedulerCore
+from orchestrator.scheduler_types import SchedulerSettings
 
 T0 = 1_000.0
 

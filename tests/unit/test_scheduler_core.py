@@ -7,8 +7,9 @@ from orchestrator.config import JobSpec
 from orchestrator.inventory import GIB, GpuInfo, NodeReport
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.queue import JobQueue, QueuedJob
-from orchestrator.scheduler_core import (CANCEL, CLAIM_SUFFIX, MIGRATE, PREEMPT, Persist,
-                                         SchedulerCore, SchedulerSettings, StartAgent, Yield)
+from orchestrator.scheduler_core import CLAIM_SUFFIX, SchedulerCore
+from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, Persist, SchedulerSettings,
+                                          StartAgent, Yield)
 
 T0 = 1_000.0
 

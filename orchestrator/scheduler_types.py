@@ -1,0 +1,155 @@
+"""The scheduling core's vocabulary: its settings, the effects and outcome each event returns,
+the directive a running job is told, and a running job's record (persisted with the state).
+The rules that use them are in orchestrator/scheduler_core.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from orchestrator.config import JobSpec
+from orchestrator.placement import Placement
+from orchestrator.queue import placement_from_dict, placement_to_dict
+
+PREEMPT, MIGRATE, CANCEL = "preempt", "migrate", "cancel"  # the kinds of Yield and Directive
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """Everything the rules depend on; validated here so a bad value names itself."""
+
+    suspect_after_s: float = 15.0
+    dead_after_s: float = 60.0
+    inter_group_gbps: float = 1.25
+    max_load_per_cpu: float = math.inf
+    preemption: bool = True
+    min_run_s: float = 60.0  # a job runs at least this long between preemptions
+    max_preemptions: int = 3  # ageing: a job preempted this often is not preempted again
+    migration: bool = True
+    restart_cost_s: float = 120.0  # checkpoint + restart, what a migration must win back
+    backfill: bool = True  # False: strict FIFO, nothing starts while an earlier job waits
+    failed_placements_per_pass: int = 32  # backfill look-ahead budget (see the module doc)
+    synthetic_nodes: bool = False  # accept reports for node ids Ray does not list (benchmarks)
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("min_run_s", "restart_cost_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                problems.append(f"{name} must be a number >= 0, got {value!r}")
+        for name in ("max_preemptions", "failed_placements_per_pass"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= (0 if name == "max_preemptions" else 1)):
+                problems.append(f"{name} must be a whole number >= "
+                                f"{0 if name == 'max_preemptions' else 1}, got {value!r}")
+        if problems:
+            raise ValueError("invalid scheduler settings: " + "; ".join(problems))
+
+
+# -- effects ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Persist:
+    """The state changed: save `core.to_dict()` before answering."""
+
+
+@dataclass(frozen=True)
+class StartAgent:
+    """Effect: start (or restart) the agent of an alive node whose agent has not reported
+    lately (a node that joined, or one whose agent stopped)."""
+
+    node_id: str
+
+
+@dataclass(frozen=True)
+class Yield:
+    """Tell a running job to checkpoint and give its resources back (kind preempt, migrate or
+    cancel). Live jobs learn it by polling `directive`; the simulator carries it out."""
+
+    job_name: str
+    owner: str
+    kind: str
+    reason: str
+    target_nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Directive:
+    """What a running job is told at its next step boundary (preempt, migrate or cancel), why,
+    since when, and for a migration the placement claimed for it."""
+
+    kind: str  # PREEMPT, MIGRATE or CANCEL
+    reason: str
+    since: float
+    for_job: str = ""  # the job a preemption makes room for
+    target: Placement | None = None  # a migration's claimed destination
+
+
+@dataclass
+class Outcome:
+    """What one event to the core produced: the answer for the caller, the effects a driver of
+    the core must carry out, and metric samples to record."""
+
+    decision: object = None
+    effects: list = field(default_factory=list)
+    samples: list = field(default_factory=list)  # metric samples (orchestrator.metric_catalogue)
+
+    @property
+    def persist(self) -> bool:
+        return any(isinstance(e, Persist) for e in self.effects)
+
+    def add(self, other: "Outcome") -> "Outcome":
+        self.effects += [e for e in other.effects if not (isinstance(e, Persist) and self.persist)]
+        self.samples += other.samples
+        return self
+
+
+@dataclass
+class RunningJob:
+    """A job holding a reservation (placed, collected by its driver or not)."""
+
+    spec: JobSpec
+    placement: Placement
+    started_at: float
+    enqueued_at: float  # first submission: kept across preemptions
+    preemptions: int = 0
+    ran_s: float = 0.0  # run time in earlier placements
+    last_checkpoint_at: float | None = None
+    directive: Directive | None = None
+    # Derived, not persisted: the accelerator family it runs on and its speed per family
+    # (asked on every release for every running job, when looking for migrations).
+    family: str | None = field(default=None, compare=False, repr=False)
+    speeds: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def remaining_s(self, now: float) -> float | None:
+        """Expected seconds left, or None without an estimate (or past it)."""
+        if self.spec.expected_duration_s is None:
+            return None
+        left = self.spec.expected_duration_s - self.ran_s - (now - self.started_at)
+        return left if left > 0 else None
+
+    def expected_end(self, now: float) -> float | None:
+        if self.directive is not None:
+            return now  # told to yield: gives its resources back at its next step boundary
+        left = self.remaining_s(now)
+        return None if left is None else now + left
+
+    def to_dict(self) -> dict:
+        d = self.directive
+        return {"spec": self.spec.to_dict(), "placement": placement_to_dict(self.placement),
+                "started_at": self.started_at, "enqueued_at": self.enqueued_at,
+                "preemptions": self.preemptions, "ran_s": self.ran_s,
+                "last_checkpoint_at": self.last_checkpoint_at,
+                "directive": None if d is None else {
+                    "kind": d.kind, "reason": d.reason, "since": d.since, "for_job": d.for_job,
+                    "target": None if d.target is None else placement_to_dict(d.target)}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunningJob":
+        d = data.get("directive")
+        directive = None if d is None else Directive(
+            d["kind"], d["reason"], d["since"], d.get("for_job", ""),
+            None if d.get("target") is None else placement_from_dict(d["target"]))
+        return cls(JobSpec.from_dict(data["spec"]), placement_from_dict(data["placement"]),
+                   data["started_at"], data["enqueued_at"], data.get("preemptions", 0),
+                   data.get("ran_s", 0.0), data.get("last_checkpoint_at"), directive)
