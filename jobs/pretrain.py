@@ -10,32 +10,17 @@ summary.json in the run directory.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
-import signal
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 from orchestrator.config import (LR_SCHEDULES, MODEL_PRESETS, PRECISIONS, ConfigError, JobSpec,
                                  TrainConfig, resume_conflicts)
+from orchestrator.job_exit import EXIT_BAD_INPUT, JobFailed, run_job
 from orchestrator.runs import DEFAULT_RUNS_ROOT, RunDirError, resolve_run_dir
-
-EXIT_BAD_INPUT = 2
-EXIT_NOT_PLACEABLE = 3
-EXIT_TRAINING_FAILED = 4
-
-
-class JobFailed(Exception):
-    """Ends the job with one clear message and an exit code; no traceback."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = TrainConfig()
@@ -157,36 +142,16 @@ def run(args: argparse.Namespace) -> dict | None:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
 
     # Ray is imported only once the input is known good: bad flags fail in well under a second.
-    import ray
-    from ray_layer.cluster import ClusterConnectionError, connect, ensure_control_plane
-    from ray_layer.placed_run import NotPlaced, PlacedRun
+    from ray_layer.launch import launch
+    from ray_layer.train_session import train_under_ray
 
-    try:
-        started_ray = connect(args.address)
-    except ClusterConnectionError as e:
-        raise JobFailed(str(e), EXIT_BAD_INPUT) from None
-    try:
-        try:
-            scheduler, _ = ensure_control_plane()
-        except (ray.exceptions.RayError, TimeoutError) as e:
-            raise JobFailed(f"the scheduler or a node agent did not come up: {e}",
-                            EXIT_NOT_PLACEABLE) from None
-        driver = PlacedRun(scheduler, spec, args.queue_timeout)
-        try:
-            result, placement = driver.run(
-                lambda placement: _fit(train_config, spec, placement, run_dir, args))
-            placement = driver.current_placement(placement)
-        except NotPlaced as e:
-            raise JobFailed(str(e), EXIT_NOT_PLACEABLE) from None
-        finally:
-            warning = driver.release()
-            if warning:
-                print(f"warning: {warning}", file=sys.stderr)
-    finally:
-        if started_ray:
-            ray.shutdown()
-    return _write_summary(result, train_config, placement, run_dir, time.time() - started,
-                          driver.yields)
+    launched = launch(train_under_ray, {"train": train_config.to_dict(),
+                                        "min_gpu_memory_gb": spec.min_gpu_memory_gb},
+                      spec, run_dir, address=args.address, queue_timeout_s=args.queue_timeout,
+                      max_failures=args.max_failures,
+                      keep_checkpoints=train_config.keep_checkpoints)
+    return _write_summary(launched.result, train_config, launched.placement, run_dir,
+                          time.time() - started, launched.yields)
 
 
 def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
@@ -207,80 +172,6 @@ def _write_resolved_config(run_dir: Path, train_config: TrainConfig, spec: JobSp
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     except OSError as e:
         raise RunDirError(f"cannot write to run dir {run_dir}: {e.strerror or e}") from None
-
-
-def _fit(train_config: TrainConfig, spec: JobSpec, placement, run_dir: Path,
-         args: argparse.Namespace):
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray_layer.train_callbacks import FollowPlacement, MetricsLog
-    from ray_layer.train_session import train_under_ray
-
-    try:
-        trainer = TorchTrainer(
-            train_under_ray,
-            train_loop_config={"train": train_config.to_dict(),
-                               "min_gpu_memory_gb": spec.min_gpu_memory_gb},
-            torch_config=TorchConfig(backend=_collective_backend(placement)),
-            scaling_config=ScalingConfig(
-                num_workers=len(placement.worker_nodes),
-                use_gpu=placement.gpus_per_worker > 0,
-                resources_per_worker={"CPU": placement.cpus_per_worker,
-                                      "GPU": placement.gpus_per_worker},
-                label_selector=placement.label_selectors(),  # worker i -> its placed node
-            ),
-            run_config=RunConfig(
-                name=run_dir.name, storage_path=str(run_dir.parent),
-                checkpoint_config=CheckpointConfig(num_to_keep=train_config.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=args.max_failures),
-                # A lost node: re-placed by the scheduler before the worker group restarts.
-                callbacks=[MetricsLog(run_dir),
-                           FollowPlacement(spec, ray.get_runtime_context().get_job_id(),
-                                           timeout_s=args.queue_timeout)],
-            ),
-        )
-        with _signal_handlers_kept():
-            return trainer.fit()
-    except Exception as e:
-        raise JobFailed(f"training failed after {args.max_failures} restart(s): "
-                        f"{_root_cause(e)}\n(full traceback in the worker log above; "
-                        f"checkpoints so far are in {run_dir})", EXIT_TRAINING_FAILED) from None
-
-
-def _collective_backend(placement) -> str:
-    """NCCL for GPU workers where torch has it; else gloo. A CPU build of torch (as on a
-    laptop modelling GPUs with node labels) has no NCCL, and a cluster runs one build."""
-    import torch.distributed as dist
-
-    return "nccl" if placement.gpus_per_worker and dist.is_nccl_available() else "gloo"
-
-
-@contextlib.contextmanager
-def _signal_handlers_kept():
-    """Ray Train installs an "abort the run" SIGINT handler and leaves it after fit() returns;
-    a caller that goes on (a benchmark, the chaos run) must get Ctrl-C back."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread has signal handlers
-        return
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, handler)
-
-
-def _root_cause(error: Exception) -> str:
-    """The first worker's original exception, not Ray Train's wrapper around it."""
-    failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError
-    if failures:
-        rank, error = min(failures.items())
-        prefix = f"worker rank {rank}: "
-    else:
-        error = getattr(error, "controller_failure", error)  # ray.train.ControllerError
-        prefix = ""
-    cause = getattr(error, "cause", None) or error  # RayTaskError keeps the original as .cause
-    return f"{prefix}{type(cause).__name__}: {cause}"
 
 
 def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
@@ -336,15 +227,8 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except JobFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; resume with --resume", file=sys.stderr)
-        return 130
-    return 0
+    code, _ = run_job(lambda: run(args), on_interrupt="interrupted; resume with --resume")
+    return code
 
 
 if __name__ == "__main__":

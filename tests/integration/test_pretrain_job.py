@@ -1,18 +1,14 @@
 """jobs/pretrain.py end to end on the shared multi-node cluster."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "jobs"))
-import pretrain  # noqa: E402
+from jobs import pretrain
+from orchestrator.job_exit import EXIT_NOT_PLACEABLE
+from tests.support import run_summary as read_summary
 
 TINY = ["--model-size", "tiny", "--batch-size", "4", "--seq-len", "32", "--log-every", "2"]
-
-
-def read_summary(run_dir):
-    return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +61,7 @@ def test_job_larger_than_any_node_spans_nodes_exactly_as_placed(cluster, tmp_pat
 
 def test_unplaceable_job_is_refused_with_reasons(cluster, tmp_path, capsys):
     code = pretrain.main([*TINY, "--num-workers", "50", "--run-dir", str(tmp_path / "big")])
-    assert code == pretrain.EXIT_NOT_PLACEABLE
+    assert code == EXIT_NOT_PLACEABLE
     err = capsys.readouterr().err
     assert "needs 50 worker(s)" in err and "room for 8 worker(s)" in err
     assert "Traceback" not in err

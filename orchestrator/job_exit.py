@@ -1,0 +1,35 @@
+"""How a job command ends: on failure, one line on stderr naming what went wrong and an exit
+code a script can branch on, never a traceback. jobs/pretrain.py and jobs/compress.py share it.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+EXIT_BAD_INPUT = 2       # a flag, a file or a run directory is wrong: nothing was started
+EXIT_NOT_PLACEABLE = 3   # the cluster cannot run the job (rejected, queue timeout, cancelled)
+EXIT_FAILED = 4          # the work itself failed (training after its restarts, an export)
+EXIT_INTERRUPTED = 130   # Ctrl-C
+
+T = TypeVar("T")
+
+
+class JobFailed(Exception):
+    """Ends the job with one clear message and an exit code; no traceback."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_job(work: Callable[[], T], on_interrupt: str) -> tuple[int, T | None]:
+    """Run `work`; (0, its result), or (the exit code, None) after saying why on stderr.
+    `on_interrupt` tells the user how to carry on after Ctrl-C (what is saved is kept)."""
+    try:
+        return 0, work()
+    except JobFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code, None
+    except KeyboardInterrupt:
+        print(on_interrupt, file=sys.stderr)
+        return EXIT_INTERRUPTED, None

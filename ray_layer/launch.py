@@ -1,0 +1,151 @@
+"""Run a training function on the cluster, where the scheduler places it, under Ray Train.
+
+    outcome = launch(train_under_ray, {"train": ...}, spec, run_dir, address=None,
+                     queue_timeout_s=600, max_failures=3)
+
+The path: connect (or start an embedded Ray) -> scheduler and node agents up -> submit the
+JobSpec and wait in the queue -> a TorchTrainer with one worker per placed slot, each pinned to
+its node -> after a yield (preemption, migration) wait and fit again, resuming from the run's
+checkpoints -> release the reservation. jobs/pretrain.py is one client; any training function
+that follows Ray Train's conventions (report metrics, checkpoint through `ray.train.report`, and
+"yielded" in its metrics when the scheduler's directive stopped it) can be launched the same way.
+
+Every failure becomes a JobFailed with an exit code (orchestrator/job_exit.py): a wrong address
+is bad input, a job the cluster cannot hold is not placeable, a training failure after Ray
+Train's restarts names the first worker's own exception.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from orchestrator.config import JobSpec
+from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed
+from orchestrator.placement import Placement
+from ray_layer.cluster import ClusterConnectionError, connect, ensure_control_plane
+from ray_layer.placed_run import NotPlaced, PlacedRun
+from ray_layer.train_callbacks import FollowPlacement, MetricsLog
+
+
+@dataclass
+class Launched:
+    """What a launch ended with: Ray Train's last result, where the workers ran at the end
+    (a lost node moves them), and each time the scheduler took the placement back."""
+
+    result: Any  # ray.train.Result
+    placement: Placement
+    yields: list[dict]
+
+
+def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobSpec,
+           run_dir: Path, *, address: str | None, queue_timeout_s: float, max_failures: int,
+           keep_checkpoints: int = 3) -> Launched:
+    """Place `spec`, run `train_fn(train_loop_config)` on every worker under Ray Train with
+    its checkpoints in `run_dir` (the run's name is the directory's name), and release."""
+    try:
+        started_ray = connect(address)
+    except ClusterConnectionError as e:
+        raise JobFailed(str(e), EXIT_BAD_INPUT) from None
+    try:
+        try:
+            scheduler, _ = ensure_control_plane()
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            raise JobFailed(f"the scheduler or a node agent did not come up: {e}",
+                            EXIT_NOT_PLACEABLE) from None
+        driver = PlacedRun(scheduler, spec, queue_timeout_s)
+        trainer_for = _trainer_factory(train_fn, train_loop_config, spec, run_dir,
+                                       queue_timeout_s, max_failures, keep_checkpoints)
+        try:
+            result, placement = driver.run(lambda placement: _fit(trainer_for(placement),
+                                                                  run_dir, max_failures))
+            placement = driver.current_placement(placement)
+        except NotPlaced as e:
+            raise JobFailed(str(e), EXIT_NOT_PLACEABLE) from None
+        finally:
+            warning = driver.release()
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return Launched(result, placement, driver.yields)
+
+
+def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: Path,
+                     queue_timeout_s: float, max_failures: int, keep_checkpoints: int):
+    def trainer_for(placement: Placement) -> TorchTrainer:
+        return TorchTrainer(
+            train_fn,
+            train_loop_config=train_loop_config,
+            torch_config=TorchConfig(backend=collective_backend(placement)),
+            scaling_config=ScalingConfig(
+                num_workers=len(placement.worker_nodes),
+                use_gpu=placement.gpus_per_worker > 0,
+                resources_per_worker={"CPU": placement.cpus_per_worker,
+                                      "GPU": placement.gpus_per_worker},
+                label_selector=placement.label_selectors(),  # worker i -> its placed node
+            ),
+            run_config=RunConfig(
+                name=run_dir.name, storage_path=str(run_dir.parent),
+                checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+                failure_config=FailureConfig(max_failures=max_failures),
+                # A lost node: re-placed by the scheduler before the worker group restarts.
+                callbacks=[MetricsLog(run_dir),
+                           FollowPlacement(spec, ray.get_runtime_context().get_job_id(),
+                                           timeout_s=queue_timeout_s)],
+            ),
+        )
+    return trainer_for
+
+
+def _fit(trainer: TorchTrainer, run_dir: Path, max_failures: int):
+    try:
+        with _signal_handlers_kept():
+            return trainer.fit()
+    except Exception as e:
+        raise JobFailed(f"training failed after {max_failures} restart(s): "
+                        f"{root_cause(e)}\n(full traceback in the worker log above; "
+                        f"checkpoints so far are in {run_dir})", EXIT_FAILED) from None
+
+
+def collective_backend(placement: Placement) -> str:
+    """NCCL for GPU workers where torch has it; else gloo. A CPU build of torch (as on a
+    laptop modelling GPUs with node labels) has no NCCL, and a cluster runs one build."""
+    return "nccl" if placement.gpus_per_worker and dist.is_nccl_available() else "gloo"
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """Ray Train installs an "abort the run" SIGINT handler and leaves it after fit() returns;
+    a caller that goes on (a benchmark, the chaos run) must get Ctrl-C back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread has signal handlers
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+def root_cause(error: Exception) -> str:
+    """The first worker's original exception, not Ray Train's wrapper around it."""
+    failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError
+    if failures:
+        rank, error = min(failures.items())
+        prefix = f"worker rank {rank}: "
+    else:
+        error = getattr(error, "controller_failure", error)  # ray.train.ControllerError
+        prefix = ""
+    cause = getattr(error, "cause", None) or error  # RayTaskError keeps the original as .cause
+    return f"{prefix}{type(cause).__name__}: {cause}"
