@@ -1,0 +1,284 @@
+"""The model deployment of the serving app (ray_layer/serve_app.py builds the app): one
+GPTModel replica holds a model, generates with a KV cache, batches requests dynamically, hot
+reloads a new checkpoint through its user_config, and reports its health. The decisions
+(batching policy, generation, loading, resources) are the pure modules of orchestrator/serving/.
+"""
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator
+
+import ray
+import torch
+from ray import serve
+
+from orchestrator import metric_catalogue as catalogue
+from orchestrator.config import ConfigError
+from orchestrator.serving.batching import (AdmissionGate, ArrivalRate, BatchSettings,
+                                           batch_loop_problem, choose_batch_settings)
+from orchestrator.serving.generation import (BatchGeneration, Chunk, GenerationRequest,
+                                             GenerationResult, collect)
+from orchestrator.serving.loading import LoadedModel, default_checkpoint, load_model
+from orchestrator.serving.protocol import APIError
+from orchestrator.serving.settings import RuntimeConfig, ServeSettings
+from ray_layer.telemetry import record
+
+log = logging.getLogger("ray.serve")
+
+COMPLETIONS_ROUTE = "/v1/completions"  # the route label of the model's metrics
+
+
+@serve.deployment(name="GPTModel", graceful_shutdown_timeout_s=10,
+                  graceful_shutdown_wait_loop_s=0.5)
+class GPTModel:
+    """The model replica deployment: holds one loaded model, batches requests dynamically and
+    generates with a KV cache; reloads on a new checkpoint and reports its health to Serve."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = ServeSettings.from_args(settings)
+        torch.set_num_threads(self.settings.torch_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.deployment = serve.get_replica_context().deployment
+        self.loaded: LoadedModel | None = None
+        self.runtime: RuntimeConfig | None = None
+        self.reload_error: dict[str, Any] | None = None
+        self.bounds = RuntimeConfig.from_user_config(None, self.settings).bounds
+        self.batch_settings: BatchSettings | None = None
+        # Decoding runs on one thread of its own: the event loop stays free to take requests
+        # (so batches fill while one runs) and to answer health checks.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self.arrivals = ArrivalRate(window_s=1.0)
+        self.queued: set[int] = set()  # requests whose batch has not started (by id)
+        self.gate = AdmissionGate(self.settings.max_batch_size,
+                                  self.settings.max_concurrent_batches)
+        self.running = 0  # requests in running batches
+        self.last_progress = time.monotonic()
+        self.batch_loop_started = False
+        self.stats: Counter = Counter()
+        self.batch_sizes: Counter = Counter()
+        self.wedged = threading.Event()  # fault injection: the generation thread stops
+        self.batch = serve.batch(max_batch_size=self.settings.max_batch_size,
+                                 batch_wait_timeout_s=self.settings.max_batch_wait_ms / 1000,
+                                 max_concurrent_batches=self.settings.max_concurrent_batches
+                                 )(self._run_batch)
+
+    # -- hot reload -------------------------------------------------------------------------
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a runtime config: load the checkpoint it names (off the event loop, while the
+        current model keeps serving), then swap. A bad config never takes a serving replica
+        down: it is refused, logged and reported, and the previous model keeps serving. At
+        start-up (nothing serving yet) it fails the replica with the same message."""
+        started = time.perf_counter()
+        try:
+            runtime = RuntimeConfig.from_user_config(user_config, self.settings)
+        except ConfigError as e:
+            return self._refuse_update(str(e))
+        if self.loaded is None or runtime.checkpoint != self.runtime.checkpoint:
+            try:
+                loaded = await asyncio.get_running_loop().run_in_executor(
+                    None, self._load, runtime.checkpoint)
+            except Exception as e:  # a missing, corrupt or foreign checkpoint: any error
+                return self._refuse_update(f"checkpoint {runtime.checkpoint!r} cannot be "
+                                           f"served: {type(e).__name__}: {e}")
+            self._swap(loaded, time.perf_counter() - started)
+        self.runtime, self.bounds, self.reload_error = runtime, runtime.bounds, None
+        self._adapt_batching(time.monotonic())  # the new bounds apply from now
+
+    def _load(self, checkpoint: str) -> LoadedModel:
+        loaded = load_model(checkpoint or default_checkpoint(), self.device)
+        with torch.inference_mode():  # warm up allocations before taking traffic
+            loaded.model(torch.zeros((1, 1), dtype=torch.long, device=self.device))
+        return loaded
+
+    def _swap(self, loaded: LoadedModel, switch_s: float) -> None:
+        previous, self.loaded = self.loaded, loaded  # batches running keep their own model
+        if previous is not None:
+            record(catalogue.SERVE_MODEL_VERSION, 0, deployment=self.deployment,
+                   version=previous.version)
+        record(catalogue.SERVE_MODEL_VERSION, 1, deployment=self.deployment,
+               version=loaded.version)
+        self.stats["switch_ms"] = round(switch_s * 1000)
+        for warning in loaded.warnings:
+            log.warning("checkpoint %s: %s", loaded.requested, warning)
+        log.info("serving %s (%s, %d params) from %s; %s took %.2fs", loaded.version,
+                 loaded.format, loaded.params, loaded.path,
+                 "switch" if previous else "load", switch_s)
+
+    def _refuse_update(self, message: str) -> None:
+        if self.loaded is None:
+            raise RuntimeError(message)
+        self.reload_error = {"message": message, "at": time.time(),
+                             "still_serving": self.loaded.version}
+        record(catalogue.SERVE_ERRORS, 1, deployment=self.deployment, route="reconfigure",
+               kind="bad_config")
+        log.error("config update refused, still serving %s: %s", self.loaded.version, message)
+
+    # -- generation ---------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return collect([chunk async for chunk in self.generate_stream(request)])
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        arrived = time.perf_counter()
+        self._admit(request)
+        finished = first_token = False
+        try:
+            await self.gate.enter(id(request))
+            async for chunk in self.batch(request):
+                if not first_token:
+                    first_token = True
+                    record(catalogue.SERVE_TIME_TO_FIRST_TOKEN, time.perf_counter() - arrived,
+                           deployment=self.deployment, route=COMPLETIONS_ROUTE)
+                finished = chunk.finish_reason is not None
+                yield chunk
+        finally:  # cancelled before its batch started: it no longer waits
+            self.queued.discard(id(request))
+            self.gate.leave(id(request))
+        if not finished:  # the batch's model could not hold it (reloaded meanwhile)
+            raise APIError(400, "prompt plus max_tokens no longer fit the context of the "
+                                "model version now served; retry with a shorter request",
+                           "max_tokens")
+
+    def _admit(self, request: GenerationRequest) -> None:
+        loaded = self.loaded
+        if loaded is None:
+            raise APIError(503, "no model is loaded yet", type="server_error")
+        needed = len(request.context) + request.remaining
+        if needed > loaded.block_size:
+            raise APIError(400, f"This model's maximum context length is {loaded.block_size} "
+                                f"tokens, however you requested {needed} tokens", "max_tokens")
+        now = time.monotonic()
+        if not self.queued and not self.running:
+            self.last_progress = now  # an idle loop was not stalled
+        self.arrivals.observe(now)
+        self.queued.add(id(request))
+        self.stats["most_held"] = max(self.stats["most_held"], len(self.queued) + self.running)
+        self.batch_loop_started = True
+        self._adapt_batching(now)
+
+    def _adapt_batching(self, now: float) -> None:
+        chosen = choose_batch_settings(len(self.queued), self.arrivals.rate(now), self.bounds)
+        if chosen != self.batch_settings:
+            self.batch.set_max_batch_size(chosen.max_batch_size)
+            self.gate.set_max_batch_size(chosen.max_batch_size)
+            self.batch.set_batch_wait_timeout_s(chosen.wait_timeout_s)
+            self.batch_settings = chosen
+
+    async def _run_batch(self, requests: list[GenerationRequest]):
+        """@serve.batch handler (an async generator): one list per decoding step, a chunk or
+        StopIteration (that request is complete) per request."""
+        loaded = self.loaded  # a reload during this batch does not change its model
+        self.queued.difference_update(map(id, requests))
+        self.gate.batch_started(list(map(id, requests)))
+        self.running += len(requests)
+        self._record_batch(len(requests))
+        started, produced = time.perf_counter(), 0
+        fits = [len(r.context) + r.remaining <= loaded.block_size for r in requests]
+        runnable = [i for i, ok in enumerate(fits) if ok]
+        done = [not ok for ok in fits]  # unfit: ended at once (generate_stream explains)
+        try:
+            generation = (BatchGeneration(loaded.model, [requests[i] for i in runnable],
+                                          loaded.block_size) if runnable else None)
+            loop = asyncio.get_running_loop()
+            while generation is not None and not generation.done:
+                chunks = await loop.run_in_executor(self.executor, self._step, generation)
+                self.last_progress = time.monotonic()
+                step: list[Any] = [StopIteration] * len(requests)
+                for i, chunk in zip(runnable, chunks):
+                    if done[i] or chunk is None:
+                        continue
+                    produced += len(chunk.tokens)
+                    step[i] = dataclasses.replace(chunk, version=loaded.version)
+                    done[i] = chunk.finish_reason is not None
+                yield step
+        finally:
+            self.running -= len(requests)
+            self.gate.batch_finished()
+            elapsed = time.perf_counter() - started
+            record(catalogue.SERVE_GENERATED_TOKENS, produced, deployment=self.deployment)
+            if elapsed > 0 and produced:
+                record(catalogue.SERVE_TOKENS_PER_SECOND, produced / elapsed,
+                       deployment=self.deployment)
+
+    def _step(self, generation: BatchGeneration) -> list[Chunk | None]:
+        if self.wedged.is_set():
+            threading.Event().wait()  # fault injection: this thread never comes back
+        return generation.step()
+
+    def _record_batch(self, size: int) -> None:
+        self.stats["batches"] += 1
+        self.stats["requests"] += size
+        self.batch_sizes[size] += 1
+        record(catalogue.SERVE_BATCH_SIZE, size, deployment=self.deployment)
+        record(catalogue.SERVE_QUEUE_DEPTH, len(self.queued), deployment=self.deployment)
+
+    # -- introspection and health --------------------------------------------------------------
+    def model_info(self) -> dict[str, Any]:
+        if self.loaded is None:
+            raise APIError(503, "no model is loaded yet", type="server_error")
+        return {**self.loaded.info(), "reload_error": self.reload_error}
+
+    def replica_stats(self) -> dict[str, Any]:
+        """This replica's batching figures (the /health route shows one replica's)."""
+        settings = self.batch_settings
+        return {"replica": serve.get_replica_context().replica_id.unique_id,
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "version": self.loaded.version if self.loaded else None,
+                "batches": self.stats["batches"], "requests": self.stats["requests"],
+                "largest_batch": max(self.batch_sizes, default=0),
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "max_batch_size_now": settings.max_batch_size if settings else None,
+                "batch_wait_ms_now": (round(settings.wait_timeout_s * 1000, 3)
+                                      if settings else None),
+                "queued": len(self.queued), "waiting_for_a_slot": self.gate.waiting,
+                "running": self.running, "most_requests_held": self.stats["most_held"],
+                "last_switch_ms": self.stats.get("switch_ms"),
+                "reload_error": self.reload_error}
+
+    def replica_actor_name(self) -> str:
+        """The Ray actor name of this replica (chaos drills kill replicas by it)."""
+        return ray.get_runtime_context().get_actor_name()
+
+    def inject_fault(self, kind: str) -> str:
+        """`hang_batch_loop`: the generation thread stops for good, so requests queue and no
+        step finishes - what a wedged GPU or a deadlock looks like. Returns this replica's
+        actor name. Only with the fault_injection setting."""
+        if not self.settings.fault_injection:
+            raise APIError(403, "fault injection is off (setting fault_injection)")
+        if kind != "hang_batch_loop":
+            raise APIError(400, f"unknown fault {kind!r}; known: hang_batch_loop", "kind")
+        self.wedged.set()
+        log.warning("fault injected: %s", kind)
+        return self.replica_actor_name()
+
+    async def check_health(self) -> None:
+        """Serve calls this every health_check_period_s; raising gets the replica replaced.
+        Unhealthy: no model, the batch loop task gone, requests waiting or running with no
+        decoding step for hang_after_s, or a one-token forward pass on the generation thread
+        not finishing within hang_after_s."""
+        if self.loaded is None:
+            raise RuntimeError("no model loaded")
+        alive = (await self.batch._is_batching_task_alive()) if self.batch_loop_started \
+            else True
+        problem = batch_loop_problem(len(self.queued), self.running, self.last_progress,
+                                     time.monotonic(), self.settings.hang_after_s, alive)
+        if problem:
+            raise RuntimeError(problem)
+        probe = asyncio.get_running_loop().run_in_executor(self.executor, self._probe_model,
+                                                           self.loaded)
+        try:
+            await asyncio.wait_for(probe, timeout=self.settings.hang_after_s)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"a one-token forward pass did not finish within "
+                               f"{self.settings.hang_after_s:g}s") from None
+
+    def _probe_model(self, loaded: LoadedModel) -> None:
+        if self.wedged.is_set():
+            threading.Event().wait()
+        with torch.inference_mode():
+            logits, _ = loaded.model(torch.zeros((1, 1), dtype=torch.long, device=self.device))
+        if not bool(torch.isfinite(logits).all()):
+            raise RuntimeError(f"model {loaded.version} produced non-finite logits")
