@@ -4,16 +4,25 @@ config (`user_config`: checkpoint and batching, changed without restarting repli
 Arguments arrive as strings from `serve run ray_layer.serve_app:app key=value ...` and as
 YAML scalars from serve_config.yaml, so each field is coerced to its declared type first.
 Unknown keys are refused with a did-you-mean hint and every bad field is named, all at once.
+
+`serve_app_config` builds the Serve declarative config that deploys the app (the scripts'
+and the tests' deployments all come from it); `free_port` finds a port for its HTTP proxy.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import socket
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from orchestrator.config import ConfigError, from_mapping
 from orchestrator.serving.batching import BatchBounds
+
+# The app as Serve imports it (`serve run ray_layer.serve_app:app`), and its model deployment.
+IMPORT_PATH = "ray_layer.serve_app:app"
+MODEL_DEPLOYMENT = "GPTModel"
 
 RUNTIME_FIELDS = ("checkpoint", "min_batch_size", "max_batch_size", "max_batch_wait_ms",
                   "adaptive_batching")
@@ -149,6 +158,41 @@ class RuntimeConfig:
         if problems:
             raise ConfigError("invalid user_config: " + "; ".join(problems))
         return config
+
+
+def serve_app_config(name: str, port: int, args: Mapping[str, Any], *,
+                     autoscaling: Mapping[str, Any], user_config: Mapping[str, Any],
+                     model_options: Mapping[str, Any] | None = None,
+                     deployments: Sequence[Mapping[str, Any]] = (),
+                     host: str = "127.0.0.1", route_prefix: str = "/") -> dict[str, Any]:
+    """A Serve declarative config (what `serve deploy` and `serve.deploy_config` take) that
+    runs this app as the application `name`: the HTTP proxy on the head node only, at
+    `host:port`; the app built from `args` (ServeSettings fields, checked here so a typo fails
+    before anything is deployed); its model deployment with `autoscaling` (an
+    autoscaling_config), `user_config` (RuntimeConfig fields: changing only these reconfigures
+    the running replicas in place) and any other deployment options in `model_options`;
+    `deployments`: more deployment entries (e.g. the Ingress's) as Serve takes them.
+
+    A deep copy throughout: the caller may change it without touching what it passed in."""
+    ServeSettings.from_args(args)
+    model = {"name": MODEL_DEPLOYMENT, **(model_options or {}),
+             "autoscaling_config": autoscaling, "user_config": user_config}
+    return copy.deepcopy({
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": host, "port": port},
+        "applications": [{
+            "name": name, "route_prefix": route_prefix, "import_path": IMPORT_PATH,
+            "args": args, "deployments": [model, *deployments],
+        }],
+    })
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` at the time of the call ("" = every interface): for the HTTP
+    proxy of a Serve app, or any other server a script or test starts."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 # Lower bounds of integer fields, and [low, high] of float fields.

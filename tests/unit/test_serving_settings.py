@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from orchestrator.config import ConfigError
-from orchestrator.serving.settings import RuntimeConfig, ServeSettings
+from orchestrator.serving.settings import (RuntimeConfig, ServeSettings, free_port,
+                                           serve_app_config)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,3 +78,45 @@ def test_serve_config_yaml_is_a_valid_serve_config_for_this_app():
     autoscaling = model.autoscaling_config
     assert autoscaling["min_replicas"] < autoscaling["max_replicas"]
     assert {"target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"} <= set(autoscaling)
+
+
+def test_serve_app_config_is_a_valid_serve_config_for_this_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    args = {"checkpoint": "/c", "accelerator": "cpu", "max_batch_size": 8}
+    ingress = {"name": "Ingress", "ray_actor_options": {"num_cpus": 0}}
+    config = serve_app_config("app", 8123, args, autoscaling={"min_replicas": 1,
+                                                              "max_replicas": 2},
+                              user_config={"checkpoint": "/d", "max_batch_size": 4},
+                              model_options={"graceful_shutdown_timeout_s": 2},
+                              deployments=[ingress])
+    schema = ServeDeploySchema.model_validate(config)  # Serve's own validation
+    assert schema.proxy_location == "HeadOnly"
+    assert (schema.http_options.host, schema.http_options.port) == ("127.0.0.1", 8123)
+    (application,) = schema.applications
+    assert (application.name, application.route_prefix) == ("app", "/")
+    assert application.import_path == "ray_layer.serve_app:app"
+    assert application.args == args
+    model, extra = application.deployments
+    assert model.name == "GPTModel" and model.graceful_shutdown_timeout_s == 2
+    assert model.autoscaling_config == {"min_replicas": 1, "max_replicas": 2}
+    assert model.user_config == {"checkpoint": "/d", "max_batch_size": 4}
+    assert extra.name == "Ingress" and extra.ray_actor_options.num_cpus == 0
+    # What it returns is the caller's to change: the inputs stay as they were.
+    config["applications"][0]["args"]["checkpoint"] = "/other"
+    config["applications"][0]["deployments"][1]["ray_actor_options"]["num_cpus"] = 1
+    assert args["checkpoint"] == "/c" and ingress["ray_actor_options"]["num_cpus"] == 0
+
+
+def test_serve_app_config_refuses_args_the_app_does_not_take():
+    with pytest.raises(ConfigError, match="did you mean 'max_batch_size'"):
+        serve_app_config("app", 8000, {"max_batch": 4}, autoscaling={}, user_config={})
+
+
+def test_free_port_can_be_listened_on():
+    import socket
+
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()

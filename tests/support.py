@@ -1,0 +1,44 @@
+"""What more than one test module needs, in one place: `from tests.support import ...`.
+
+- `free_port()`: a free TCP port (the product's own, orchestrator/serving/settings.py, which
+  the scripts use too);
+- `wait_for(what, check, timeout_s, every_s, ignore)`: poll until `check()` is truthy, its
+  value, or a TimeoutError naming `what` (the product's own, orchestrator/polling.py, which
+  the chaos run and the serving benchmark use too);
+- `run_summary(run_dir)`: the summary.json a `jobs/pretrain.py` run wrote;
+- `one_thread()`: torch on one intra-op thread for the duration (tiny matmuls on a busy
+  2-core machine only contend with a second thread).
+
+Test-only helpers live here; anything the scripts also need belongs in the product (scripts
+must not import tests/). Serve app configs are built by the product too:
+`orchestrator.serving.settings.serve_app_config`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from orchestrator.polling import wait_for
+from orchestrator.serving.settings import free_port
+
+__all__ = ["free_port", "one_thread", "run_summary", "wait_for"]
+
+
+def run_summary(run_dir: str | Path) -> dict[str, Any]:
+    """The summary.json a finished `jobs/pretrain.py` run wrote in `run_dir`."""
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread inside the block, as many as before after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
