@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from orchestrator import validation
+from orchestrator.validation import is_int, is_number
 
 
 class ConfigError(ValueError):
@@ -54,15 +56,6 @@ def _check(problems: list[str], ok: bool, message: str) -> None:
 def _raise_if_any(what: str, problems: list[str]) -> None:
     if problems:
         raise ConfigError(f"invalid {what}: " + "; ".join(problems))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
 
 
 def parse_accumulation(spec: str) -> dict[str, int]:
@@ -150,20 +143,20 @@ class JobSpec:
         _check(p, isinstance(self.name, str) and self.name.strip() != "",
                f"name must be a non-empty string, got {self.name!r}")
         # Upper bounds catch typos (an extra zero) long before any cluster could be that big.
-        _check(p, _is_int(self.num_workers) and 1 <= self.num_workers <= 100_000,
+        _check(p, is_int(self.num_workers) and 1 <= self.num_workers <= 100_000,
                f"num_workers must be an integer in [1, 100000], got {self.num_workers!r}")
-        _check(p, _is_number(self.cpus_per_worker) and 0.01 <= self.cpus_per_worker <= 4096,
+        _check(p, is_number(self.cpus_per_worker) and 0.01 <= self.cpus_per_worker <= 4096,
                f"cpus_per_worker must be a number in [0.01, 4096], got {self.cpus_per_worker!r}")
-        _check(p, _is_int(self.gpus_per_worker) and 0 <= self.gpus_per_worker <= 64,
+        _check(p, is_int(self.gpus_per_worker) and 0 <= self.gpus_per_worker <= 64,
                f"gpus_per_worker must be an integer in [0, 64], got {self.gpus_per_worker!r}")
-        _check(p, _is_number(self.min_gpu_memory_gb) and 0 <= self.min_gpu_memory_gb <= 10_000,
+        _check(p, is_number(self.min_gpu_memory_gb) and 0 <= self.min_gpu_memory_gb <= 10_000,
                f"min_gpu_memory_gb must be a number in [0, 10000], "
                f"got {self.min_gpu_memory_gb!r}")
-        _check(p, _is_number(self.min_bandwidth_gbps) and self.min_bandwidth_gbps >= 0,
+        _check(p, is_number(self.min_bandwidth_gbps) and self.min_bandwidth_gbps >= 0,
                f"min_bandwidth_gbps must be a number >= 0, got {self.min_bandwidth_gbps!r}")
-        _check(p, _is_int(self.priority), f"priority must be an integer, got {self.priority!r}")
+        _check(p, is_int(self.priority), f"priority must be an integer, got {self.priority!r}")
         _check(p, self.expected_duration_s is None
-               or (_is_number(self.expected_duration_s) and self.expected_duration_s > 0),
+               or (is_number(self.expected_duration_s) and self.expected_duration_s > 0),
                f"expected_duration_s must be a number of seconds > 0 (or unset), "
                f"got {self.expected_duration_s!r}")
         if not isinstance(self.accelerator_types, tuple):
@@ -242,38 +235,38 @@ class TrainConfig:
                f"model_size must be one of {', '.join(MODEL_PRESETS)}, got {self.model_size!r}")
         _check(p, self.lr_schedule in LR_SCHEDULES,
                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        _check(p, _is_int(self.lr_decay_every) and self.lr_decay_every >= 1,
+        _check(p, is_int(self.lr_decay_every) and self.lr_decay_every >= 1,
                f"lr_decay_every must be an integer >= 1, got {self.lr_decay_every!r}")
         _check(p, self.precision in PRECISIONS,
                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("max_steps", "batch_size", "seq_len", "checkpoint_every",
                      "keep_checkpoints", "log_every", "eval_batches"):
             value = getattr(self, name)
-            _check(p, _is_int(value) and value >= 1,
+            _check(p, is_int(value) and value >= 1,
                    f"{name} must be an integer >= 1, got {value!r}")
-        _check(p, _is_int(self.warmup_steps) and self.warmup_steps >= 0,
+        _check(p, is_int(self.warmup_steps) and self.warmup_steps >= 0,
                f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        _check(p, _is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        _check(p, is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
         for name in ("lr", "min_lr"):
             value = getattr(self, name)
-            _check(p, _is_number(value) and 0 <= value < 10,
+            _check(p, is_number(value) and 0 <= value < 10,
                    f"{name} must be a number in [0, 10), got {value!r}")
-        _check(p, _is_number(self.weight_decay) and self.weight_decay >= 0,
+        _check(p, is_number(self.weight_decay) and self.weight_decay >= 0,
                f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        _check(p, _is_number(self.grad_clip) and self.grad_clip >= 0,
+        _check(p, is_number(self.grad_clip) and self.grad_clip >= 0,
                f"grad_clip must be a number >= 0 (0 disables clipping), got {self.grad_clip!r}")
-        _check(p, _is_number(self.dropout) and 0 <= self.dropout < 1,
+        _check(p, is_number(self.dropout) and 0 <= self.dropout < 1,
                f"dropout must be a number in [0, 1), got {self.dropout!r}")
         for name in ("warn_min_mfu", "warn_max_comm_share", "warn_max_memory_fraction",
                      "span_init"):
             value = getattr(self, name)
-            _check(p, _is_number(value) and 0 <= value <= 1,
+            _check(p, is_number(value) and 0 <= value <= 1,
                    f"{name} must be a fraction in [0, 1], got {value!r}")
         _check(p, isinstance(self.attention_span, bool),
                f"attention_span must be true or false, got {self.attention_span!r}")
-        _check(p, _is_int(self.span_ramp) and self.span_ramp >= 1,
+        _check(p, is_int(self.span_ramp) and self.span_ramp >= 1,
                f"span_ramp must be an integer >= 1, got {self.span_ramp!r}")
-        _check(p, _is_number(self.span_penalty) and self.span_penalty >= 0,
+        _check(p, is_number(self.span_penalty) and self.span_penalty >= 0,
                f"span_penalty must be a number >= 0, got {self.span_penalty!r}")
         try:
             parse_accumulation(self.accumulation)
@@ -313,13 +306,9 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "ke
 
 
 def resume_conflicts(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
-    """Fields whose value differs from the run being resumed, as 'field: old -> new'.
+    """Fields whose value differs from the run being resumed, as 'field: old -> new' (a field
+    the saved config lacks counts as its default: orchestrator/validation.py).
 
     Continuing with another model shape cannot load; with another lr, batch size or seed it
     would silently become a different run. Both are refused by the callers."""
-    current = config.to_dict()
-    # A field the saved config lacks predates it: the run used its default.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return [f"{name}: {saved.get(name, defaults[name])!r} -> {value!r}"
-            for name, value in current.items()
-            if name not in RESUMABLE_CHANGES and saved.get(name, defaults[name]) != value]
+    return validation.resume_conflicts(saved, config, RESUMABLE_CHANGES)

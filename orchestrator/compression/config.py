@@ -6,12 +6,13 @@ all problems are reported together, as in orchestrator/config.py.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from orchestrator import validation
 from orchestrator.config import MODEL_PRESETS, ConfigError, from_mapping
 from orchestrator.compression.prune import SCOPES
+from orchestrator.validation import is_int, is_number
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -20,15 +21,6 @@ DEVICES = ("auto", "cpu", "cuda")
 RESUMABLE_CHANGES = frozenset({"log_every", "checkpoint_every", "device", "threads",
                                "latency_batch", "latency_seq", "latency_repeats",
                                "eval_tokens", "eval_batch_size", "onnx_baseline"})
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
 
 
 @dataclass(frozen=True)
@@ -91,31 +83,31 @@ class CompressConfig:
                      "eval_tokens", "eval_batch_size", "latency_batch", "latency_seq",
                      "latency_repeats", "threads"):
             value = getattr(self, name)
-            check(_is_int(value) and value >= 1, name, "must be an integer >= 1")
+            check(is_int(value) and value >= 1, name, "must be an integer >= 1")
         for name in ("distill_steps", "qat_steps", "warmup_steps"):
             value = getattr(self, name)
-            check(_is_int(value) and value >= 0, name, "must be an integer >= 0")
-        check(self.seq_len is None or (_is_int(self.seq_len) and self.seq_len >= 1), "seq_len",
+            check(is_int(value) and value >= 0, name, "must be an integer >= 0")
+        check(self.seq_len is None or (is_int(self.seq_len) and self.seq_len >= 1), "seq_len",
               "must be an integer >= 1 (or unset: the teacher's context length)")
-        check(_is_number(self.prune_sparsity) and 0 < self.prune_sparsity < 1,
+        check(is_number(self.prune_sparsity) and 0 < self.prune_sparsity < 1,
               "prune_sparsity", "must be a fraction in (0, 1)")
         check(self.weight_bits in (7, 8), "weight_bits", "must be 7 or 8")
         check(self.prune_scope in SCOPES, "prune_scope", f"must be one of {', '.join(SCOPES)}")
-        check(_is_number(self.prune_ramp_fraction) and 0 < self.prune_ramp_fraction <= 1,
+        check(is_number(self.prune_ramp_fraction) and 0 < self.prune_ramp_fraction <= 1,
               "prune_ramp_fraction", "must be a fraction in (0, 1]")
-        check(_is_number(self.alpha) and 0 <= self.alpha <= 1, "alpha",
+        check(is_number(self.alpha) and 0 <= self.alpha <= 1, "alpha",
               "must be a fraction in [0, 1]")
-        check(_is_number(self.temperature) and 0 < self.temperature <= 100, "temperature",
+        check(is_number(self.temperature) and 0 < self.temperature <= 100, "temperature",
               "must be a number in (0, 100]")
-        check(_is_number(self.lr) and 0 < self.lr < 1, "lr", "must be a number in (0, 1)")
-        check(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+        check(is_number(self.lr) and 0 < self.lr < 1, "lr", "must be a number in (0, 1)")
+        check(is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
               "must be a number >= 0")
-        check(_is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip",
+        check(is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip",
               "must be a number >= 0 (0 disables clipping)")
-        check(_is_int(self.seed), "seed", "must be an integer")
+        check(is_int(self.seed), "seed", "must be an integer")
         check(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}")
         check(isinstance(self.onnx_baseline, bool), "onnx_baseline", "must be true or false")
-        if self.student_size is not None and _is_int(self.distill_steps):
+        if self.student_size is not None and is_int(self.distill_steps):
             check(self.distill_steps >= 1, "distill_steps",
                   "must be >= 1 with a smaller --student-size (a fresh student must be trained)")
         if p:
@@ -130,7 +122,6 @@ class CompressConfig:
 
 
 def resume_conflicts(saved: Mapping[str, Any], config: CompressConfig) -> list[str]:
-    """'field: old -> new' for every field whose change would make finished stages stale."""
-    return [f"{name}: {saved.get(name)!r} -> {value!r}"
-            for name, value in config.to_dict().items()
-            if name not in RESUMABLE_CHANGES and saved.get(name) != value]
+    """'field: old -> new' for every field whose change would make finished stages stale (a
+    field the saved config lacks counts as its default: orchestrator/validation.py)."""
+    return validation.resume_conflicts(saved, config, RESUMABLE_CHANGES)

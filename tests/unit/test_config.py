@@ -1,5 +1,7 @@
 import pytest
 
+from orchestrator.compression.config import CompressConfig
+from orchestrator.compression.config import resume_conflicts as compress_resume_conflicts
 from orchestrator.config import ConfigError, JobSpec, TrainConfig, resume_conflicts
 
 
@@ -75,3 +77,19 @@ def test_trainconfig_rejects_bad_values_naming_the_field(kwargs, field):
 def test_trainconfig_round_trips_through_a_dict():
     config = TrainConfig(model_size="tiny", max_steps=7)
     assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("make, resume_conflicts_of, field, other", [
+    (TrainConfig, resume_conflicts, "span_penalty", 1e-3),
+    (CompressConfig, compress_resume_conflicts, "weight_bits", 8),
+])
+def test_a_field_missing_from_the_saved_config_counts_as_its_default(
+        make, resume_conflicts_of, field, other):
+    """A saved config written before `field` existed: that run behaved as the default does.
+    Resuming with the default is no conflict (not 'None -> 7'); another value is, shown as
+    'default -> new'. One rule for both configs (orchestrator/validation.py)."""
+    saved = make().to_dict()
+    default = saved.pop(field)
+    assert resume_conflicts_of(saved, make()) == []
+    assert resume_conflicts_of(saved, make(**{field: other})) == [
+        f"{field}: {default!r} -> {other!r}"]

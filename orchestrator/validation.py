@@ -1,0 +1,57 @@
+"""Helpers every config's validation uses (TrainConfig and JobSpec in orchestrator/config.py,
+CompressConfig in orchestrator/compression/config.py): type checks that reject bools and
+non-finite numbers, and the one rule for which settings a resumed run may not change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+
+def is_int(value: Any) -> bool:
+    """An int, not a bool (True is an int in Python, never a valid count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+class _NoDefault:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+def resume_conflicts(saved: Mapping[str, Any], config: Any,
+                     resumable: frozenset[str]) -> list[str]:
+    """'field: old -> new' for every field of the dataclass `config` (outside `resumable`)
+    whose value differs from the `saved` config of the run being resumed.
+
+    A field the saved config lacks was written by a version that predated the field; that
+    version behaved as the field's default does (a new field's default keeps the old
+    behaviour), so it counts as the default: no conflict when the current value is the
+    default, a conflict shown as 'default -> new' otherwise. Counting every absent field as
+    a conflict would refuse every old run after any field is added, even with unchanged
+    settings; ignoring absent fields would let a non-default value of a new field reuse work
+    that was done without it."""
+    current = dataclasses.asdict(config)  # as saved: the saved side was written from this
+    conflicts = []
+    for field in dataclasses.fields(config):
+        if field.name in resumable:
+            continue
+        value = current[field.name]
+        old = saved[field.name] if field.name in saved else _default(field)
+        if old != value:
+            conflicts.append(f"{field.name}: {old!r} -> {value!r}")
+    return conflicts
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return _NoDefault()  # a required field: there is no value the old run can be assumed to have
