@@ -3,7 +3,8 @@
     prune.py      magnitude masks (global or per layer), the gradual sparsity schedule
     qat.py        fake quantization with a straight-through estimator; Int8Linear
     distill.py    cross-entropy + temperature-softened KL to a teacher
-    finetune.py   the one fine-tune loop every stage uses (resumable, progress lines)
+    finetune.py   the one fine-tune loop every stage uses (resumable, progress lines),
+                  on the training loop's optimizer, schedule and step
     export.py     INT8 artifacts: an ONNX graph for ONNX Runtime, a tensors-only torch file
     measure.py    size on disk, CPU latency, held-out perplexity, sparsity
     source.py     finding and loading the teacher checkpoint

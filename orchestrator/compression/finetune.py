@@ -5,11 +5,13 @@ frozen teacher -> backward -> masked gradients -> clip -> AdamW -> re-apply mask
 Batches are a pure function of (seed, stream, step) (orchestrator/training/data.get_batch),
 so a stage resumed from its partial checkpoint sees exactly the batches the uninterrupted
 stage would have seen.
+
+Taken from the training loop: batches, AdamW and the warmup + cosine schedule (training/
+optim.py), the optimizer step (clip, step, clear; training/accumulation.py) and `say`. The
+fine-tune's own: the distillation loss, the pruning masks and QAT's fake-quantized model.
 """
 from __future__ import annotations
 
-import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +23,14 @@ import torch.nn as nn
 from orchestrator.compression import prune
 from orchestrator.compression.artifacts import CheckpointError, load_tensors, save_tensors
 from orchestrator.compression.distill import distillation_loss
+from orchestrator.training.accumulation import HierarchicalAccumulation
 from orchestrator.training.data import get_batch
+from orchestrator.training.loop import say
+from orchestrator.training.optim import build_optimizer, set_lr, warmup_cosine_lr
+from orchestrator.training.precision import Precision
 
-
-def say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+# A fine-tune starts from a trained model: its cosine ends at a tenth of the peak lr.
+MIN_LR_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,12 @@ class Plan:
     log_every: int
     checkpoint_every: int
 
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then cosine to a tenth of the peak: a fine-tune starts from a trained
+        model, so a short warmup avoids knocking it off its minimum with a cold AdamW."""
+        return warmup_cosine_lr(step, lr=self.lr, warmup_steps=self.warmup_steps,
+                                total_steps=self.steps, min_lr_fraction=MIN_LR_FRACTION)
+
 
 @dataclass(frozen=True)
 class PruneSchedule:
@@ -68,24 +78,6 @@ class PruneSchedule:
         return None
 
 
-def lr_at(step: int, plan: Plan) -> float:
-    """Linear warmup, then cosine to a tenth of the peak: a fine-tune starts from a trained
-    model, so a short warmup avoids knocking it off its minimum with a cold AdamW."""
-    if step < plan.warmup_steps:
-        return plan.lr * (step + 1) / plan.warmup_steps
-    span = max(plan.steps - plan.warmup_steps, 1)
-    progress = min((step - plan.warmup_steps) / span, 1.0)
-    return plan.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-
-
-def _optimizer(model: nn.Module, plan: Plan) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": plan.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}],
-                             lr=plan.lr, betas=(0.9, 0.95))
-
-
 def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.Tensor,
              plan: Plan, device: torch.device, *, masks: dict[str, torch.Tensor] | None = None,
              schedule: PruneSchedule | None = None, partial: Path | None = None,
@@ -98,7 +90,11 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
     output is safely written."""
     weights = prune.prunable_weights(student)
     masks = dict(masks or {})
-    optimizer = _optimizer(student, plan)
+    optimizer = build_optimizer(student, plan)
+    # The training loop's optimizer step (unscale, clip, step, clear the gradients): one group
+    # of every parameter, stepping every batch; fp32's loss scaler passes everything through.
+    stepper = HierarchicalAccumulation({"student": list(student.parameters())}, {"student": 1})
+    scaler = Precision("fp32", device.type).grad_scaler()
     step = 0
     resume = _read_partial(partial, plan.stage, log)
     if resume is not None:
@@ -118,8 +114,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
         if target is not None:
             masks = prune.compute_masks(weights, target, schedule.scope)
             prune.apply_masks(weights, masks)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, plan)
+        set_lr(optimizer, plan.lr_at(step))
         x, y = get_batch(train_tokens, plan.batch_size, plan.seq_len, seed=plan.seed,
                          rank=plan.stream, step=step)
         x, y = x.to(device), y.to(device)
@@ -129,12 +124,9 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
                 teacher_logits, _ = teacher(x)
         student_logits, _ = student(x)
         loss = distillation_loss(student_logits, teacher_logits, y, plan.alpha, plan.temperature)
-        loss.total.backward()
+        scaler.scale(loss.total).backward()
         prune.mask_gradients(weights, masks)
-        if plan.grad_clip:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), plan.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stepper.step(step, optimizer, scaler, plan.grad_clip)
         prune.apply_masks(weights, masks)  # AdamW's momentum and decay move pruned weights
         step += 1
         interval_tokens += x.numel()
@@ -142,7 +134,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
             last = {"loss": loss.total.item(), "ce": loss.ce.item(), "kd": loss.kd.item()}
             elapsed = time.perf_counter() - interval_start
             line = (f"{plan.stage} step {step:>5}/{plan.steps} | loss {last['loss']:.4f} "
-                    f"(ce {last['ce']:.4f}, kd {last['kd']:.4f}) | lr {lr_at(step - 1, plan):.2e}")
+                    f"(ce {last['ce']:.4f}, kd {last['kd']:.4f}) | lr {plan.lr_at(step - 1):.2e}")
             if masks:
                 line += f" | sparsity {prune.sparsity(weights):.1%}"
             log(line + f" | {interval_tokens / elapsed:,.0f} tok/s")

@@ -29,10 +29,11 @@ from orchestrator.compression import export, prune, qat
 from orchestrator.compression.artifacts import (CheckpointError, load_tensors, save_tensors,
                                                 staged_dir, write_json)
 from orchestrator.compression.config import CompressConfig, resume_conflicts
-from orchestrator.compression.finetune import Plan, PruneSchedule, finetune, say
+from orchestrator.compression.finetune import Plan, PruneSchedule, finetune
 from orchestrator.compression.report import build_report, format_table
 from orchestrator.config import MODEL_PRESETS, ConfigError
 from orchestrator.training.data import load_corpus, split_corpus
+from orchestrator.training.loop import say
 from orchestrator.training.model import GPT, GPTConfig
 
 CONFIG_FILE = "compress_config.json"

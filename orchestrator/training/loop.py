@@ -3,11 +3,14 @@
 Everything a step depends on is a function of (config, step): batches, dropout randomness,
 learning rate. A checkpoint therefore needs only the weights, optimizer/scheduler/scaler state
 and the step to continue exactly where the run left off.
+
+Compression's fine-tune (orchestrator/compression/finetune.py) runs on the same pieces: `say`,
+the optimizer and schedule (optim.py), batches (data.py) and the optimizer step
+(accumulation.py).
 """
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -26,6 +29,7 @@ from orchestrator.training.efficiency import (CommTimer, Thresholds, cpu_peak_fl
                                            flops_per_token, gpu_peak_flops, mfu, peak_memory,
                                            warnings_for)
 from orchestrator.training.model import GPT, GPTConfig, parameter_groups
+from orchestrator.training.optim import build_optimizer, set_lr, warmup_cosine_lr
 from orchestrator.training.precision import Precision, resolve_precision
 from orchestrator.training.session import TrainSession
 
@@ -47,30 +51,12 @@ def say(line: str) -> None:
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warmup to `lr`, then the configured schedule: cosine decay to `min_lr` at
     `max_steps` (default), step decay (x0.1 every `lr_decay_every` steps), or constant."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+    if step < config.warmup_steps or config.lr_schedule == "cosine":
+        return warmup_cosine_lr(step, lr=config.lr, warmup_steps=config.warmup_steps,
+                                total_steps=config.max_steps, min_lr=config.min_lr)
     if config.lr_schedule == "constant":
         return config.lr
-    if config.lr_schedule == "step":
-        return config.lr * 0.1 ** ((step - config.warmup_steps) // config.lr_decay_every)
-    span = max(config.max_steps - config.warmup_steps, 1)
-    progress = min((step - config.warmup_steps) / span, 1.0)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (not biases, LayerNorm gains or embeddings'
-    1-D params), as in GPT-2."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    return config.lr * 0.1 ** ((step - config.warmup_steps) // config.lr_decay_every)
 
 
 def _mean_across_workers(value: float, device: torch.device) -> float:
@@ -181,7 +167,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     while step < config.max_steps:
         # Dropout randomness is a function of (seed, rank, step): resume replays it exactly.
         torch.manual_seed(stream_seed(config.seed, session.world_rank, step, DROPOUT_STREAM))
-        _set_lr(optimizer, lr_at(step, config))
+        set_lr(optimizer, lr_at(step, config))
         x, y = get_batch(train_tokens, config.batch_size, config.seq_len, seed=config.seed,
                          rank=session.world_rank, step=step)
         # Decided before the step: a checkpoint due now makes DDP sync the gradients.

@@ -91,6 +91,14 @@ def test_sparsity_after_stage_1_and_masks_fixed_through_qat(train_tokens):
     assert prune.sparsity(q) >= 0.30
 
 
+def test_fine_tune_lr_warms_up_then_decays_to_a_tenth_of_the_peak():
+    p = plan(steps=10, warmup_steps=2, lr=1.0)
+    assert [p.lr_at(s) for s in range(3)] == [0.5, 1.0, 1.0]
+    assert p.lr_at(10) == pytest.approx(0.1) and p.lr_at(20) == pytest.approx(0.1)
+    lrs = [p.lr_at(s) for s in range(2, 11)]
+    assert lrs == sorted(lrs, reverse=True)
+
+
 def test_interrupted_fine_tune_resumes_exactly(train_tokens, tmp_path):
     teacher = tiny_gpt(1)
     reference = tiny_gpt()
