@@ -14,78 +14,62 @@ chose; no Ray cluster is needed to run it locally.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
 
-from orchestrator.compression.config import CompressConfig
+from orchestrator.compression.config import DEVICES, CompressConfig
+from orchestrator.compression.prune import SCOPES
 from orchestrator.config import MODEL_PRESETS, ConfigError
+from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, JobFailed, run_job
 
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 4
+
+# Help for the flags that need more than their name; every CompressConfig field is a flag.
+FLAG_HELP = {
+    "student_size": "distil into this smaller preset first (default: the teacher's shape)",
+    "distill_steps": "fine-tune steps training a smaller --student-size from the teacher",
+    "prune_sparsity": "fraction of the block Linear weights to zero",
+    "prune_ramp_fraction": "share of --prune-steps over which sparsity rises to its target",
+    "prune_every": "steps between mask updates while sparsity rises",
+    "weight_bits": "7: int8 weights in [-63, 63], exact on every x86 CPU; 8: [-127, 127], "
+                   "exact only on CPUs with VNNI",
+    "alpha": "weight of cross-entropy on the data (1 - alpha: KL to the teacher)",
+    "seq_len": "fine-tune and perplexity window (default: the teacher's context)",
+    "checkpoint_every": "steps between a fine-tune's resumable progress checkpoints",
+    "eval_tokens": "held-out tokens scored for perplexity",
+    "threads": "CPU threads for every latency measurement",
+    "onnx_baseline": "skip timing the original model in ONNX Runtime fp32",
+}
+FLAG_CHOICES = {"student_size": list(MODEL_PRESETS), "prune_scope": list(SCOPES),
+                "device": list(DEVICES)}
+FLAG_TYPES = {"seq_len": int}  # fields whose default (None) does not give the type
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    d = CompressConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a pretrain run directory (newest usable checkpoint) or a checkpoint "
                    "directory (holding state.pt)")
     p.add_argument("--out", required=True, help="output directory (rerun to resume)")
-    p.add_argument("--student-size", choices=list(MODEL_PRESETS), default=None,
-                   help="distil into this smaller preset first (default: the teacher's shape)")
-    p.add_argument("--distill-steps", type=int, default=d.distill_steps,
-                   help="fine-tune steps training a smaller --student-size from the teacher")
-    p.add_argument("--prune-sparsity", type=float, default=d.prune_sparsity,
-                   help="fraction of the block Linear weights to zero")
-    p.add_argument("--prune-scope", choices=["global", "per_layer"], default=d.prune_scope)
-    p.add_argument("--prune-steps", type=int, default=d.prune_steps)
-    p.add_argument("--prune-ramp-fraction", type=float, default=d.prune_ramp_fraction,
-                   help="share of --prune-steps over which sparsity rises to its target")
-    p.add_argument("--prune-every", type=int, default=d.prune_every,
-                   help="steps between mask updates while sparsity rises")
-    p.add_argument("--qat-steps", type=int, default=d.qat_steps)
-    p.add_argument("--weight-bits", type=int, default=d.weight_bits,
-                   help="7: int8 weights in [-63, 63], exact on every x86 CPU; 8: [-127, 127], "
-                   "exact only on CPUs with VNNI")
-    p.add_argument("--alpha", type=float, default=d.alpha,
-                   help="weight of cross-entropy on the data (1 - alpha: KL to the teacher)")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="fine-tune and perplexity window (default: the teacher's context)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help="steps between a fine-tune's resumable progress checkpoints")
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
-                   help="held-out tokens scored for perplexity")
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument("--latency-batch", type=int, default=d.latency_batch)
-    p.add_argument("--latency-seq", type=int, default=d.latency_seq)
-    p.add_argument("--latency-repeats", type=int, default=d.latency_repeats)
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="CPU threads for every latency measurement")
-    p.add_argument("--no-onnx-baseline", dest="onnx_baseline", action="store_false",
-                   help="skip timing the original model in ONNX Runtime fp32")
+    for field in dataclasses.fields(CompressConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(field.default, bool):  # on by default: the flag turns it off
+            p.add_argument(flag.replace("--", "--no-", 1), dest=field.name,
+                           action="store_false", help=FLAG_HELP.get(field.name))
+        elif field.name in FLAG_CHOICES:
+            p.add_argument(flag, choices=FLAG_CHOICES[field.name], default=field.default,
+                           help=FLAG_HELP.get(field.name))
+        else:
+            p.add_argument(flag, type=FLAG_TYPES.get(field.name, type(field.default)),
+                           default=field.default, help=FLAG_HELP.get(field.name))
     return p.parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> CompressConfig:
-    fields = {f for f in CompressConfig.__dataclass_fields__}
+    fields = {f.name for f in dataclasses.fields(CompressConfig)}
     return CompressConfig(**{k: v for k, v in vars(args).items() if k in fields})
-
-
-class JobFailed(Exception):
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -121,17 +105,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        report = run(args)
-    except JobFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    print(f"report: {Path(args.out).expanduser().resolve() / 'report.json'}")
-    print(f"int8 model: {report['artifacts']['int8_dir']}")
-    return 0
+    code, report = run_job(lambda: run(args),
+                           on_interrupt="interrupted; rerun the same command to resume")
+    if code == 0:
+        print(f"report: {Path(args.out).expanduser().resolve() / 'report.json'}")
+        print(f"int8 model: {report['artifacts']['int8_dir']}")
+    return code
 
 
 if __name__ == "__main__":
