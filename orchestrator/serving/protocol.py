@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from orchestrator.validation import is_int, is_number
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
@@ -148,7 +149,7 @@ def _prompts(data: dict[str, Any], max_prompts: int) -> tuple[tuple[int, ...], .
                           f"got {_json_type(prompt)}", "prompt")
     if not prompt:
         raise bad_request("prompt must not be an empty list", "prompt")
-    if all(_is_int(t) for t in prompt):  # one prompt as token ids
+    if all(is_int(t) for t in prompt):  # one prompt as token ids
         return (_token_prompt(prompt, "prompt"),)
     if len(prompt) > max_prompts:
         raise bad_request(f"prompt holds {len(prompt)} prompts; at most {max_prompts} per "
@@ -158,7 +159,7 @@ def _prompts(data: dict[str, Any], max_prompts: int) -> tuple[tuple[int, ...], .
         where = f"prompt[{i}]"
         if isinstance(item, str):
             prompts.append(_text_prompt(item, where))
-        elif isinstance(item, list) and item and all(_is_int(t) for t in item):
+        elif isinstance(item, list) and item and all(is_int(t) for t in item):
             prompts.append(_token_prompt(item, where))
         else:
             raise bad_request(f"{where} must be a string or a non-empty list of token ids, got "
@@ -192,7 +193,7 @@ def _max_tokens(value: Any, longest_prompt: int, block_size: int) -> int:
     room = block_size - longest_prompt
     if value is None:  # unset: OpenAI's default, shortened to what the context can hold
         return min(DEFAULT_MAX_TOKENS, room)
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise bad_request(f"max_tokens must be an integer >= 1, got {json.dumps(value)}",
                           "max_tokens")
     if value > room:
@@ -207,7 +208,7 @@ def _number(data: dict[str, Any], name: str, default: float, low: float, high: f
     value = data.get(name)
     if value is None:
         return default
-    if not _is_number(value) or not low <= value <= high:
+    if not is_number(value) or not low <= value <= high:
         raise bad_request(f"{name} must be a number between {low:g} and {high:g}, got "
                           f"{json.dumps(value)}", name)
     return float(value)
@@ -240,7 +241,7 @@ def _stop(value: Any) -> tuple[str, ...]:
 def _seed(value: Any) -> int | None:
     if value is None:
         return None
-    if not _is_int(value) or not SEED_MIN <= value <= SEED_MAX:
+    if not is_int(value) or not SEED_MIN <= value <= SEED_MAX:
         raise bad_request(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got "
                           f"{json.dumps(value)}", "seed")
     return value
@@ -275,19 +276,10 @@ def _include_usage(options: Any, stream: bool) -> bool:
     return include
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
 def _same(value: Any, allowed: Any) -> bool:
     # 0 == False in Python: compare types too, so "echo": 0 is not taken for false.
     return value == allowed and (type(value) is type(allowed)
-                                 or (_is_number(value) and _is_number(allowed)))
+                                 or (is_number(value) and is_number(allowed)))
 
 
 def _json_type(value: Any) -> str:
