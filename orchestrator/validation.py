@@ -1,6 +1,7 @@
-"""Helpers every config's validation uses (TrainConfig and JobSpec in orchestrator/config.py,
-CompressConfig in orchestrator/compression/config.py): type checks that reject bools and
-non-finite numbers, and the one rule for which settings a resumed run may not change.
+"""Helpers every validation uses (TrainConfig and JobSpec in orchestrator/config.py,
+CompressConfig in orchestrator/compression/config.py, serving requests in
+orchestrator/serving/protocol.py): type checks that reject bools and non-finite numbers, and
+the one rule for which settings a resumed run may not change.
 """
 from __future__ import annotations
 
