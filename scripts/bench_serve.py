@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from orchestrator.polling import wait_for
+from orchestrator.serving.settings import free_port, serve_app_config
 
 APP = "bench-gpt"
 MODEL = "orchestrator-gpt"
@@ -112,33 +114,20 @@ def fresh_checkpoints(model_size: str, context: int, directory: Path) -> tuple[s
                  for step, seed in ((100, 1), (200, 2)))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def app_config(port: int, initial: str, checkpoint: str, replicas: int, batching: dict,
                max_batch_size: int, max_concurrent_batches: int | None = None) -> dict:
     """The bench app. Only user_config and the replica count vary between phases: the args
     (with the `initial` checkpoint) stay the same, or Serve would replace the replicas
     instead of reconfiguring them. `max_concurrent_batches` None: the app's default."""
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": APP, "route_prefix": "/", "import_path": "ray_layer.serve_app:app",
-            "args": {"checkpoint": initial, "accelerator": "cpu", "cpus_per_replica": 0.5,
-                     "max_batch_size": max_batch_size,
-                     **({"max_concurrent_batches": max_concurrent_batches}
-                        if max_concurrent_batches else {}),
-                     "health_check_period_s": 2, "hang_after_s": 10},
-            "deployments": [{"name": "GPTModel",
-                             "autoscaling_config": {"min_replicas": replicas,
-                                                    "max_replicas": replicas},
-                             "user_config": {"checkpoint": checkpoint, **batching}}],
-        }],
-    }
+    return serve_app_config(
+        APP, port,
+        {"checkpoint": initial, "accelerator": "cpu", "cpus_per_replica": 0.5,
+         "max_batch_size": max_batch_size,
+         **({"max_concurrent_batches": max_concurrent_batches}
+            if max_concurrent_batches else {}),
+         "health_check_period_s": 2, "hang_after_s": 10},
+        autoscaling={"min_replicas": replicas, "max_replicas": replicas},
+        user_config={"checkpoint": checkpoint, **batching})
 
 
 async def client_loop(session, base: str, until: float, results: list[Result],
@@ -248,13 +237,12 @@ def switch_time(results: list[Result], new_version: str, applied_at: float) -> f
 
 def wait_for_checkpoint(base: str, checkpoint: str, timeout_s: float = 60.0) -> str:
     """The version /v1/models reports once it serves `checkpoint`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def served() -> str | None:
         model = json.loads(_get(f"{base}/v1/models"))["data"][0]
-        if model["checkpoint"] == str(Path(checkpoint).resolve()):
-            return model["version"]
-        time.sleep(0.2)
-    raise TimeoutError(f"{checkpoint} not served within {timeout_s:.0f}s")
+        return model["version"] if model["checkpoint"] == str(Path(checkpoint).resolve()) \
+            else None
+
+    return wait_for(f"{checkpoint} served", served, timeout_s, every_s=0.2)
 
 
 def replica_names(count: int, timeout_s: float = 30.0) -> list[str]:

@@ -36,11 +36,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator import faults
+from orchestrator import faults, polling
 from orchestrator.inventory import (
     LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB, LABEL_ACCELERATOR_TYPE)
 from orchestrator.runs import read_metrics
-from scripts.bench_serve import free_port
+from orchestrator.serving.settings import free_port, serve_app_config
 from scripts.bench_train import ray_train_workers
 
 APP = "gpt-chaos"
@@ -140,16 +140,7 @@ def alive_nodes() -> dict[str, float]:
 def wait_for(what: str, check: Callable[[], Any], timeout_s: float = SURVIVAL_TIMEOUT_S):
     """check() until truthy; its value, or a TimeoutError naming `what`. Exceptions from
     check() count as 'not yet' (the thing checked may be restarting)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception:  # noqa: BLE001 - restarting actors raise many kinds
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{what}: not within {timeout_s:.0f}s")
+    return polling.wait_for(what, check, timeout_s, ignore=(Exception,))
 
 
 # -- serving ---------------------------------------------------------------------------------------
@@ -160,24 +151,18 @@ def deploy_serving(workdir: Path) -> str:
     checkpoint = str(save_untrained_checkpoint(workdir / "serve" / "checkpoint_00000001",
                                                "tiny", 64))
     port = free_port()
-    deploy_config({
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": APP, "route_prefix": "/", "import_path": "ray_layer.serve_app:app",
-            "args": {"checkpoint": checkpoint, "accelerator": "auto", "cpus_per_replica": 0.25,
-                     "gpus_per_replica": 0.5, "max_batch_size": 8, "health_check_period_s": 2,
-                     "health_check_timeout_s": 10},
-            "deployments": [
-                {"name": "GPTModel", "graceful_shutdown_timeout_s": 2,
-                 "autoscaling_config": {"min_replicas": 2, "max_replicas": 2},
-                 "user_config": {"checkpoint": checkpoint}},
-                # The ingress stays on the inference node: a node lost under it would take its
-                # in-flight requests along (clients retry those; this load does not).
-                {"name": "Ingress", "ray_actor_options": {"num_cpus": 0,
-                                                          "resources": {"serving": 0.01}}}],
-        }],
-    })
+    deploy_config(serve_app_config(
+        APP, port,
+        {"checkpoint": checkpoint, "accelerator": "auto", "cpus_per_replica": 0.25,
+         "gpus_per_replica": 0.5, "max_batch_size": 8, "health_check_period_s": 2,
+         "health_check_timeout_s": 10},
+        autoscaling={"min_replicas": 2, "max_replicas": 2},
+        user_config={"checkpoint": checkpoint},
+        model_options={"graceful_shutdown_timeout_s": 2},
+        # The ingress stays on the inference node: a node lost under it would take its
+        # in-flight requests along (clients retry those; this load does not).
+        deployments=[{"name": "Ingress", "ray_actor_options": {
+            "num_cpus": 0, "resources": {"serving": 0.01}}}]))
     wait_for_app(APP, timeout_s=180, replicas={"GPTModel": 2})
     return f"http://127.0.0.1:{port}"
 
@@ -450,7 +435,7 @@ def run(settings: Settings, workdir: Path) -> dict:
                     break
                 injector.inject(fault)
             job.join()
-            faults = injector.results()
+            injected = injector.results()
         books = scheduler_books()
         problems = faults.reservation_problems(books, alive_nodes())
         if "chaos" in books:
@@ -458,17 +443,17 @@ def run(settings: Settings, workdir: Path) -> dict:
         serve.shutdown()
     finally:
         lab.shutdown()
-    return report(settings, outcome, reference, read_metrics(run_dir), faults, problems, load,
+    return report(settings, outcome, reference, read_metrics(run_dir), injected, problems, load,
                   time.monotonic() - started)
 
 
 def report(settings: Settings, outcome: dict, reference: dict, records: list[dict],
-           faults: list[Injected], problems: list[str], load, elapsed_s: float) -> dict:
+           injected: list[Injected], problems: list[str], load, elapsed_s: float) -> dict:
     summary = outcome.get("summary") or {}
     losses = [(summary.get(k), reference.get(k)) for k in ("final_loss", "held_out_loss")]
     matches = all(a is not None and abs(a - b) <= LOSS_TOLERANCE * max(1.0, abs(b))
                   for a, b in losses)
-    scheduler_ok = not problems and all(f.survived for f in faults
+    scheduler_ok = not problems and all(f.survived for f in injected
                                         if f.kind == faults.SCHEDULER_KILLED)
     requests, failed = len(load.results), len(load.failures())
     return {
@@ -483,9 +468,9 @@ def report(settings: Settings, outcome: dict, reference: dict, records: list[dic
         "serve_requests": requests, "serve_failed": failed,
         "serve_success_rate": round((requests - failed) / requests, 5) if requests else None,
         "serve_failures_sample": load.failures()[:3],
-        "faults_injected": len(faults),
-        "faults_survived": sum(bool(f.survived) for f in faults),
-        "faults": [dataclasses.asdict(f) for f in faults],
+        "faults_injected": len(injected),
+        "faults_survived": sum(bool(f.survived) for f in injected),
+        "faults": [dataclasses.asdict(f) for f in injected],
         "elapsed_s": round(elapsed_s, 1),
     }
 
