@@ -1,10 +1,9 @@
-import time
-
 import ray
 
 from ray_layer.cluster import ensure_control_plane
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Rejection
+from tests.support import wait_for
 
 
 def test_every_node_gets_one_agent_and_reports(cluster):
@@ -69,12 +68,12 @@ def test_a_dead_drivers_reservation_is_reclaimed(cluster):
     assert "Placement" in result.stdout, result.stderr
     assert "crashed-job" in ray.get(scheduler.snapshot.remote())["reservations"]
     # Ray marks the driver dead once its raylet notices the exit: poll briefly for that.
-    deadline = time.monotonic() + 30
-    reclaimed = []
-    while "crashed-job" not in reclaimed and time.monotonic() < deadline:
-        reclaimed = ray.get(scheduler.reclaim_orphans.remote())
-        time.sleep(0.5)
-    assert reclaimed == ["crashed-job"]
+    def reclaimed():
+        orphans = ray.get(scheduler.reclaim_orphans.remote())
+        return orphans if "crashed-job" in orphans else None
+
+    assert wait_for("the dead driver's reservation reclaimed", reclaimed,
+                    timeout_s=30) == ["crashed-job"]
     assert "crashed-job" not in ray.get(scheduler.snapshot.remote())["reservations"]
 
 

@@ -5,20 +5,19 @@ Both jobs ask for the T4 node's declared GPUs, so they contend; declared GPUs tr
 with the gloo backend. The scheduler here lets a job be preempted or moved after 2 s of
 running and counts 5 s per restart (tests/integration/conftest.py).
 """
-import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import ray
 
+from jobs import pretrain
 from ray_layer.cluster import ensure_control_plane
 from orchestrator.config import JobSpec
+from orchestrator.runs import read_metrics
+from tests.support import run_summary, wait_for
 
-PRETRAIN = str(Path(__file__).resolve().parents[2] / "jobs" / "pretrain.py")
-sys.path.insert(0, str(Path(PRETRAIN).parent))
-import pretrain  # noqa: E402
+PRETRAIN = pretrain.__file__
 TINY = ["--model-size", "tiny", "--batch-size", "4", "--seq-len", "32", "--log-every", "50",
         "--checkpoint-every", "100"]
 ON_T4 = ["--num-workers", "2", "--gpus-per-worker", "1", "--accelerator-type", "T4"]
@@ -37,16 +36,9 @@ def finish(driver, timeout_s=300):
     return out
 
 
-def summary(run_dir):
-    return json.loads((Path(run_dir) / "summary.json").read_text())
-
-
 def wait_until_training(run_dir, timeout_s=120):
     """Until the run has logged a step (its workers are up and training)."""
-    deadline = time.monotonic() + timeout_s
-    while not (Path(run_dir) / "metrics.jsonl").exists():
-        assert time.monotonic() < deadline, f"{run_dir} never started training"
-        time.sleep(0.5)
+    wait_for(f"{run_dir} to start training", lambda: read_metrics(run_dir), timeout_s)
 
 
 def test_preempted_job_yields_to_a_higher_priority_one_and_resumes_to_the_undisturbed_loss(
@@ -67,7 +59,7 @@ def test_preempted_job_yields_to_a_higher_priority_one_and_resumes_to_the_undist
     assert high_code == 0
     low_out = finish(low)
 
-    low_summary, high_summary, undisturbed = (summary(tmp_path / name)
+    low_summary, high_summary, undisturbed = (run_summary(tmp_path / name)
                                               for name in ("low", "high", "reference"))
     (yielded,) = low_summary["yields"]
     assert yielded["reason"].startswith("preempt: preempted for job 'high'"), low_out
@@ -75,7 +67,7 @@ def test_preempted_job_yields_to_a_higher_priority_one_and_resumes_to_the_undist
     assert "stopped at step" in low_out
     assert high_summary["steps"] == 4 and high_summary["placement"] == [cluster["t4"]]
     # The high job ran while the low one waited, then the low one resumed from its checkpoint.
-    high_first = json.loads((tmp_path / "high" / "metrics.jsonl").read_text().splitlines()[0])
+    high_first = read_metrics(tmp_path / "high")[0]
     assert high_first["time"] > yielded["at"]
     assert low_summary["resumed_from_step"] == yielded["step"] < 400
     assert low_summary["steps"] == 400
@@ -108,7 +100,7 @@ def test_migration_moves_a_job_from_t4_to_a100_when_the_a100s_free(cluster, tmp_
     finally:
         assert ray.get(scheduler.cancel.remote(run_dir.name))  # as `orchestrator cancel`
     out, _ = mover.communicate(timeout=300)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     (yielded,) = [r for r in records if r.get("yielded", "").startswith("migrate:")]
     assert yielded["yielded"].startswith("migrate: migrating from T4 to A100"), out
     assert moved["start_step"] == yielded["step"]  # resumed where it stopped, on the A100s
@@ -120,18 +112,12 @@ def test_migration_moves_a_job_from_t4_to_a100_when_the_a100s_free(cluster, tmp_
 
 def wait_for_record(run_dir, predicate, timeout_s=120):
     """The first metrics.jsonl record that satisfies `predicate`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            if predicate(record):
-                return record
-        time.sleep(0.5)
-    raise AssertionError(f"no such record in {run_dir}/metrics.jsonl within {timeout_s}s")
+    return wait_for(f"a matching record in {run_dir}/metrics.jsonl",
+                    lambda: next((r for r in read_metrics(run_dir) if predicate(r)), None),
+                    timeout_s)
 
 
 def summary_of_placement(run_dir):
     """The node of the run's first logged step (metrics.jsonl carries the workers' nodes)."""
-    first = json.loads((Path(run_dir) / "metrics.jsonl").read_text().splitlines()[0])
-    (node,) = set(first["worker_nodes"])
+    (node,) = set(read_metrics(run_dir)[0]["worker_nodes"])
     return node

@@ -1,24 +1,13 @@
 """The scheduler on a live multi-node cluster: joins, deaths, restarts, concurrency, queue."""
-import time
-
 import pytest
 import ray
 
 from ray_layer.cluster import ensure_control_plane
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Queued, Rejection
+from tests.support import wait_for
 
 T4 = ("T4",)  # the T4 node has 2 GPUs: small numbers make contention easy to set up
-
-
-def wait_for(predicate, timeout_s=60, every_s=0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"condition not met within {timeout_s}s")
 
 
 @pytest.fixture
@@ -32,12 +21,14 @@ def scheduler(cluster):
 def test_a_joining_node_gets_an_agent_and_a_removed_one_is_excluded(cluster, scheduler):
     extra = cluster.cluster.add_node(num_cpus=3)
     # Nobody calls ensure_agents: the scheduler's maintenance finds the node by itself.
-    wait_for(lambda: extra.node_id in ray.get(scheduler.snapshot.remote())["reports"])
+    wait_for("the joining node's agent reports",
+             lambda: extra.node_id in ray.get(scheduler.snapshot.remote())["reports"])
     placement = ray.get(scheduler.place.remote(JobSpec("on-extra", num_workers=3)))
     assert placement.nodes == [extra.node_id]  # the only node with 3 CPUs
 
     cluster.cluster.remove_node(extra)
-    changes = wait_for(lambda: ray.get(scheduler.maintain.remote())["dead_by_ray"])
+    changes = wait_for("the removed node marked dead",
+                       lambda: ray.get(scheduler.maintain.remote())["dead_by_ray"])
     assert changes == [extra.node_id]
     snapshot = ray.get(scheduler.snapshot.remote())
     assert snapshot["health"][extra.node_id] == "dead"
@@ -60,9 +51,11 @@ def test_reports_only_count_for_nodes_ray_lists_alive(cluster, scheduler):
     forged = "f" * 56
     assert ray.get(scheduler.report.remote(fake_report(forged))) is False
     extra = cluster.cluster.add_node(num_cpus=1)
-    wait_for(lambda: extra.node_id in ray.get(scheduler.snapshot.remote())["reports"])
+    wait_for("the joining node's agent reports",
+             lambda: extra.node_id in ray.get(scheduler.snapshot.remote())["reports"])
     cluster.cluster.remove_node(extra)
-    wait_for(lambda: ray.get(scheduler.snapshot.remote())["health"][extra.node_id] == "dead"
+    wait_for("the removed node marked dead",
+             lambda: ray.get(scheduler.snapshot.remote())["health"][extra.node_id] == "dead"
              or ray.get(scheduler.maintain.remote())["dead_by_ray"])
     assert ray.get(scheduler.report.remote(fake_report(extra.node_id))) is False
     snapshot = ray.get(scheduler.snapshot.remote())
@@ -75,22 +68,19 @@ def test_killing_the_scheduler_loses_no_reservation(cluster, scheduler):
     placed = ray.get(scheduler.place.remote(JobSpec("survivor", num_workers=2, gpus_per_worker=1, accelerator_types=T4)))
     assert placed.nodes == [cluster["t4"]]
     ray.kill(scheduler, no_restart=False)  # crash; Ray restarts it (max_restarts=-1)
-    snapshot = wait_for(lambda: _snapshot_or_none(scheduler), timeout_s=60)
+    # Calls fail while Ray restarts the actor: each failure is "not yet".
+    snapshot = wait_for("the restarted scheduler answers",
+                        lambda: ray.get(scheduler.snapshot.remote(), timeout=5),
+                        timeout_s=60, ignore=(Exception,))
     assert "survivor" in snapshot["reservations"]
     # Not forgotten and not double-counted: both GPUs still held, exactly once.
-    wait_for(lambda: cluster["t4"] in ray.get(scheduler.snapshot.remote())["reports"])
+    wait_for("the T4 node reports to the restarted scheduler",
+             lambda: cluster["t4"] in ray.get(scheduler.snapshot.remote())["reports"])
     blocked = ray.get(scheduler.place.remote(JobSpec("gpu-1", gpus_per_worker=1, accelerator_types=T4)))
     assert isinstance(blocked, Rejection) and "2 reserved" in blocked.node_reasons[cluster["t4"]]
     ray.get(scheduler.release.remote("survivor"))
     assert isinstance(ray.get(scheduler.place.remote(JobSpec("gpu-2", num_workers=2,
                                                              gpus_per_worker=1, accelerator_types=T4))), Placement)
-
-
-def _snapshot_or_none(scheduler):
-    try:
-        return ray.get(scheduler.snapshot.remote(), timeout=5)
-    except Exception:
-        return None
 
 
 def test_concurrent_jobs_never_double_book(cluster, scheduler):

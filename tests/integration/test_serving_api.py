@@ -6,48 +6,32 @@ a user_config change reconfigures the running replica instead of replacing it. O
 replica (CPU, tiny GPT, context 64); Serve is shut down at the end, Ray is not.
 """
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-
-import sys
-from pathlib import Path
 
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fuzz_requests import bodies  # noqa: E402
+from orchestrator.serving.settings import serve_app_config
+from tests.fuzz_requests import bodies
+from tests.support import free_port, wait_for
 
 APP = "gpt-api"
 MODEL = "orchestrator-gpt"
 BLOCK = 64
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def app_config(port: int, initial: str, checkpoint: str) -> dict:
     """The args (and so the replicas) stay the same; only user_config's checkpoint moves."""
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": APP, "route_prefix": "/", "import_path": "ray_layer.serve_app:app",
-            "args": {"checkpoint": initial, "accelerator": "cpu", "cpus_per_replica": 0.5,
-                     "max_batch_size": 16, "max_prompts_per_request": 4,
-                     "max_body_bytes": 4096},
-            "deployments": [{"name": "GPTModel",
-                             "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-                             "user_config": {"checkpoint": checkpoint}}],
-        }],
-    }
+    return serve_app_config(
+        APP, port,
+        {"checkpoint": initial, "accelerator": "cpu", "cpus_per_replica": 0.5,
+         "max_batch_size": 16, "max_prompts_per_request": 4, "max_body_bytes": 4096},
+        autoscaling={"min_replicas": 1, "max_replicas": 1},
+        user_config={"checkpoint": checkpoint})
 
 
 class Server:
@@ -293,13 +277,15 @@ class Load:
 
 
 def wait_for_model(server: Server, check, timeout_s: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """The model info (/v1/models) once `check(info)` holds."""
+    def matched():
         info = server.model()
-        if check(info):
-            return info
-        time.sleep(0.1)
-    raise TimeoutError(f"model info never matched: {server.model()}")
+        return info if check(info) else None
+
+    try:
+        return wait_for("model info to match", matched, timeout_s, every_s=0.1)
+    except TimeoutError as e:
+        raise TimeoutError(f"{e}; last: {server.model()}") from None
 
 
 def test_hot_reload_under_load_fails_no_request_and_switches_version(server, checkpoints):

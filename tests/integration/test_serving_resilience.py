@@ -6,39 +6,27 @@ requests, and autoscaling up under a load ramp and back down after it.
 replica asks for half a T4 there (declared GPUs are not real: the model runs on its CPU).
 Serve is shut down at the end; Ray is not.
 """
-import socket
 import time
 
 import pytest
 import requests
 
 from orchestrator.serving.loadgen import Load
+from orchestrator.serving.settings import serve_app_config
+from tests.support import free_port, wait_for
 
 APP = "gpt-resilience"
 BLOCK = 64
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def app_config(port: int, checkpoint: str, autoscaling: dict) -> dict:
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": APP, "route_prefix": "/", "import_path": "ray_layer.serve_app:app",
-            "args": {"checkpoint": checkpoint, "accelerator": "auto", "cpus_per_replica": 0.25,
-                     "gpus_per_replica": 0.5, "max_batch_size": 8, "fault_injection": True,
-                     "hang_after_s": 2, "health_check_period_s": 1,
-                     "health_check_timeout_s": 5},
-            "deployments": [{"name": "GPTModel", "autoscaling_config": autoscaling,
-                             "graceful_shutdown_timeout_s": 2,
-                             "user_config": {"checkpoint": checkpoint}}],
-        }],
-    }
+    return serve_app_config(
+        APP, port,
+        {"checkpoint": checkpoint, "accelerator": "auto", "cpus_per_replica": 0.25,
+         "gpus_per_replica": 0.5, "max_batch_size": 8, "fault_injection": True,
+         "hang_after_s": 2, "health_check_period_s": 1, "health_check_timeout_s": 5},
+        autoscaling=autoscaling, user_config={"checkpoint": checkpoint},
+        model_options={"graceful_shutdown_timeout_s": 2})
 
 
 FIXED_TWO = {"min_replicas": 2, "max_replicas": 2}
@@ -107,13 +95,7 @@ def running_replicas() -> int:
 
 
 def wait_until(what: str, check, timeout_s: float = 90.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise TimeoutError(f"{what}: not within {timeout_s:.0f}s")
+    return wait_for(what, check, timeout_s, every_s=0.25)
 
 
 def test_replicas_ask_for_the_inference_accelerator_the_cluster_offers(deployed):

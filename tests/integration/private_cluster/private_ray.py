@@ -16,7 +16,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,14 +24,15 @@ from pathlib import Path
 
 import yaml
 
+from tests.support import free_port as _free_port
+
 REPO = Path(__file__).resolve().parents[3]
 LOCAL_CONFIG = REPO / "cluster.local.yaml"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    """A port free on every interface (Ray's processes listen on the node's address)."""
+    return _free_port("")
 
 
 def node_ip() -> str:
@@ -123,14 +123,11 @@ class PrivateRay:
         """Until `count` nodes are alive: the autoscaler launches min_workers nodes only after
         the head is up, and on a cold machine that takes a while."""
         self.run_python(f"""
-import time, ray
+import ray
+from orchestrator.polling import wait_for
 ray.init()
-deadline = time.monotonic() + {timeout_s}
-while sum(n["Alive"] for n in ray.nodes()) < {count}:
-    if time.monotonic() > deadline:
-        raise SystemExit(f"only {{sum(n['Alive'] for n in ray.nodes())}} of {count} nodes up "
-                         "after {timeout_s:.0f}s")
-    time.sleep(0.5)
+wait_for("{count} nodes alive", lambda: sum(n["Alive"] for n in ray.nodes()) >= {count},
+         timeout_s={timeout_s})
 """, timeout_s=timeout_s + 60)
 
     @property

@@ -20,15 +20,7 @@ from ray_layer.cluster import ensure_control_plane
 from orchestrator.config import JobSpec
 from orchestrator.inventory import LABEL_ACCELERATOR_TYPE
 from orchestrator.placement import Placement, Rejection
-
-def wait_for(what, check, timeout_s=90):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise TimeoutError(f"no {what} after {timeout_s}s")
+from orchestrator.polling import wait_for
 
 ray.init()
 scheduler, agents = ensure_control_plane()
@@ -43,14 +35,15 @@ first = ray.get(scheduler.place.remote(spec, "", True))  # dry run: nothing rese
 request_resources(bundles=[{"CPU": spec.cpus_per_worker, "GPU": spec.gpus_per_worker,
                             "accelerator_type:T4": 0.001}] * spec.num_workers)
 asked = time.monotonic()
-new = wait_for("new T4 node", lambda: [n for n in ray.nodes() if n["Alive"]
-                                       and n["NodeID"] not in before
-                                       and n["Labels"].get(LABEL_ACCELERATOR_TYPE) == "T4"])
+new = wait_for("a new T4 node", lambda: [n for n in ray.nodes() if n["Alive"]
+                                         and n["NodeID"] not in before
+                                         and n["Labels"].get(LABEL_ACCELERATOR_TYPE) == "T4"],
+               timeout_s=90)
 joined_s = time.monotonic() - asked
 node_id = new[0]["NodeID"]
 # Nobody here starts an agent there: the scheduler's maintenance pass does.
-wait_for("report from the new node's agent",
-         lambda: node_id in ray.get(scheduler.snapshot.remote())["reports"])
+wait_for("a report from the new node's agent",
+         lambda: node_id in ray.get(scheduler.snapshot.remote())["reports"], timeout_s=90)
 registered_s = time.monotonic() - asked
 decision = ray.get(scheduler.submit.remote(spec, ray.get_runtime_context().get_job_id()))
 

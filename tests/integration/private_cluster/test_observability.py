@@ -20,10 +20,9 @@ import yaml
 
 from orchestrator import metric_catalogue as m
 from orchestrator import monitoring
-from .private_ray import REPO, PrivateRay, free_port
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from prometheus_tools import tool_or_skip  # noqa: E402
+from tests.prometheus_tools import tool_or_skip
+from tests.support import free_port, wait_for
+from .private_ray import REPO, PrivateRay
 
 RUN = "observed-run"
 MAX_STEPS = 20
@@ -67,15 +66,12 @@ class Prometheus:
         return self.get("/api/v1/query", query=expr)["data"]["result"]
 
     def wait_ready(self, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             assert self.proc.poll() is None, Path(self.log.name).read_text()[-2000:]
-            try:
-                urllib.request.urlopen(f"{self.url}/-/ready", timeout=2)
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError("prometheus not ready")
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2):
+                return True
+
+        wait_for("prometheus ready", ready, timeout_s, ignore=(OSError,))
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -151,9 +147,18 @@ def observed(ray_cluster, prometheus, tmp_path_factory):
     return families, output
 
 
-def values(family, **labels) -> list[float]:
-    return [s.value for s in family.samples
-            if all(s.labels.get(k) == v for k, v in labels.items())]
+def samples(families, name: str, **labels) -> list:
+    """Family `name`'s samples that carry `labels`. Fails when there are none: a series that
+    never arrived must fail a check, not pass an `all(...)` over nothing."""
+    assert name in families, f"{name} never exported (seen: {sorted(families)})"
+    found = [s for s in families[name].samples
+             if all(s.labels.get(k) == v for k, v in labels.items())]
+    assert found, f"no {name} sample with labels {labels}: {families[name].samples[:5]}"
+    return found
+
+
+def values(families, name: str, **labels) -> list[float]:
+    return [s.value for s in samples(families, name, **labels)]
 
 
 def test_our_metrics_are_well_formed_as_prometheus_parses_them(observed):
@@ -169,6 +174,7 @@ def test_our_metrics_are_well_formed_as_prometheus_parses_them(observed):
         assert name in families, f"{spec.exported} never exported (seen: {sorted(families)})"
         family = families[name]
         assert family.type == spec.kind, (name, family.type)
+        assert family.samples, f"{name} exported with no sample"
         # The names the catalogue documents are the names Ray exports.
         suffixes = ("_bucket", "_count", "_sum") if spec.kind == m.HISTOGRAM else ("",)
         assert {s.name for s in family.samples} <= {spec.exported + x for x in suffixes}, name
@@ -180,30 +186,32 @@ def test_our_metrics_are_well_formed_as_prometheus_parses_them(observed):
 def test_values_are_plausible_for_a_tiny_cpu_training_run(observed):
     f, output = observed
     train = {"run": RUN}
-    assert all(0 < v < 10 for v in values(f["ray_orchestrator_train_loss"], **train))  # ln 256 = 5.5
-    assert all(v > 0 for v in values(f["ray_orchestrator_train_tokens_per_second"], **train))
-    mfu = values(f["ray_orchestrator_train_mfu_ratio"], **train)
-    assert mfu and all(0 < v < 1 for v in mfu)
-    assert all(0 <= v < 1 for v in values(f["ray_orchestrator_train_comm_share_ratio"], **train))
-    assert all(v > 10e6 for v in values(f["ray_orchestrator_train_peak_memory_bytes"], **train))
-    assert all(0 < v <= MAX_STEPS for v in values(f["ray_orchestrator_train_step"], **train))
-    ranks = {s.labels["rank"] for s in f["ray_orchestrator_train_step"].samples}
+    # Every check below fails when its series is missing (values() asserts samples exist).
+    # ln 256 = 5.5 at the start
+    assert all(0 < v < 10 for v in values(f, "ray_orchestrator_train_loss", **train))
+    assert all(v > 0 for v in values(f, "ray_orchestrator_train_tokens_per_second", **train))
+    mfu = values(f, "ray_orchestrator_train_mfu_ratio", **train)
+    assert all(0 < v < 1 for v in mfu)
+    assert all(0 <= v < 1 for v in values(f, "ray_orchestrator_train_comm_share_ratio", **train))
+    assert all(v > 10e6 for v in values(f, "ray_orchestrator_train_peak_memory_bytes", **train))
+    assert all(0 < v <= MAX_STEPS for v in values(f, "ray_orchestrator_train_step", **train))
+    ranks = {s.labels["rank"] for s in samples(f, "ray_orchestrator_train_step", **train)}
     assert ranks == {"0", "1"}
     # Node agents: both nodes, host figures in range, bandwidth measured between them.
-    load = f["ray_orchestrator_node_load_per_cpu"]
-    assert {s.labels["node_type"] for s in load.samples} >= {"head", "cpu"}
-    assert all(v >= 0 for v in values(load))
-    assert all(0 < v < 1 for v in values(f["ray_orchestrator_node_memory_used_ratio"]))
-    bandwidth = values(f["ray_orchestrator_node_bandwidth_bytes_per_second"])
-    assert bandwidth and all(1e6 < v < 1e12 for v in bandwidth)
+    load = samples(f, "ray_orchestrator_node_load_per_cpu")
+    assert {s.labels["node_type"] for s in load} >= {"head", "cpu"}
+    assert all(s.value >= 0 for s in load)
+    assert all(0 < v < 1 for v in values(f, "ray_orchestrator_node_memory_used_ratio"))
+    bandwidth = values(f, "ray_orchestrator_node_bandwidth_bytes_per_second")
+    assert all(1e6 < v < 1e12 for v in bandwidth)
     # Scheduler: two healthy nodes, the job placed (counted, and timed).
-    assert max(values(f["ray_orchestrator_scheduler_nodes"], health="healthy")) >= 2
-    assert max(values(f["ray_orchestrator_scheduler_placement_decisions"],
+    assert max(values(f, "ray_orchestrator_scheduler_nodes", health="healthy")) >= 2
+    assert max(values(f, "ray_orchestrator_scheduler_placement_decisions",
                       outcome="placed")) >= 1
-    latency = f["ray_orchestrator_scheduler_placement_latency_seconds"]
-    count = [s.value for s in latency.samples if s.name.endswith("_count")]
-    total = [s.value for s in latency.samples if s.name.endswith("_sum")]
-    assert count and max(count) >= 1 and 0 < max(total) < 10
+    latency = samples(f, "ray_orchestrator_scheduler_placement_latency_seconds")
+    count = [s.value for s in latency if s.name.endswith("_count")]
+    total = [s.value for s in latency if s.name.endswith("_sum")]
+    assert count and max(count) >= 1 and total and 0 < max(total) < 10
     print(f"\nscraped: MFU {mfu}, bandwidth {[f'{b / 1e9:.2f} GB/s' for b in bandwidth]}")
 
 
