@@ -1,7 +1,9 @@
-"""Command line: `python -m orchestrator status|place ...` against a running Ray cluster, and
+"""Command line: `python -m orchestrator status|place|submit ...` against a Ray cluster, and
 `simulate`, a trace-driven replay that needs no Ray at all.
 
     python -m orchestrator status [--json]
+    python -m orchestrator submit JOB.yaml [--dry-run] [--resume]   # your own training loop
+    python -m orchestrator logs NAME [--follow]
     python -m orchestrator preempt NAME | cancel NAME
     python -m orchestrator place --spec JOB.yaml --dry-run [--json]
     python -m orchestrator simulate --trace PATH --policy NAME|all --cluster SPEC --out DIR
@@ -18,23 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ConfigError, JobSpec
+from orchestrator.entrypoints import EntrypointError, load_entrypoint
 from orchestrator.inventory import GIB, NodeReport
-
-
-def load_job_spec(path: str) -> JobSpec:
-    """A JobSpec from a YAML file; every problem is reported naming the file."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    try:
-        return JobSpec.from_dict(data)
-    except (ConfigError, TypeError) as e:
-        raise ConfigError(f"{path}: {e}") from None
+from orchestrator.job_exit import EXIT_BAD_INPUT, run_job
+from orchestrator.job_file import load_job_file
+from orchestrator.runs import DEFAULT_RUNS_ROOT, read_metrics
 
 
 def _accelerators(report: NodeReport) -> str:
@@ -131,6 +121,15 @@ def format_decision(decision) -> str:
     return "\n".join(lines)
 
 
+def refusal(command: str, name: str, row: dict[str, Any] | None) -> str:
+    """Why `preempt NAME` or `cancel NAME` did nothing, from the job's `status` row."""
+    if row is not None and not row.get("preemptible", True):
+        return (f"job {name!r} is not preemptible (its JobSpec says preemptible: false): its "
+                "loop never checkpoints on request, so it cannot be told to stop; stop its "
+                "driver instead (`ray job stop`, or Ctrl-C)")
+    return f"no job named {name!r} is {'running' if command == 'preempt' else 'running or waiting'}"
+
+
 def _connect(address: str | None):
     import os
 
@@ -157,8 +156,21 @@ def main(argv: list[str] | None = None) -> int:
     status = sub.add_parser("status", help="nodes, accelerators, health, bandwidth, reservations")
     status.add_argument("--json", action="store_true")
     status.add_argument("--address")
+    submitting = sub.add_parser("submit", help="run your own training loop where the scheduler "
+                            "places it (a job file: JobSpec fields, entrypoint, config)")
+    submitting.add_argument("job_file", help="job YAML (see orchestrator/job_file.py)")
+    submitting.add_argument("--dry-run", action="store_true",
+                        help="print the placement it would get now; run nothing")
+    submitting.add_argument("--resume", action="store_true",
+                        help="continue the run in its run_dir from its latest checkpoint")
+    submitting.add_argument("--json", action="store_true", help="with --dry-run: as JSON")
+    submitting.add_argument("--address")
+    reading_logs = sub.add_parser("logs", help="a run's reports, one line each (its metrics.jsonl)")
+    reading_logs.add_argument("name", help="the job's name")
+    reading_logs.add_argument("--run-dir", help=f"default: {DEFAULT_RUNS_ROOT}/NAME")
+    reading_logs.add_argument("--follow", action="store_true", help="keep printing new reports")
     place = sub.add_parser("place", help="the placement a job would get, or why not")
-    place.add_argument("--spec", required=True, help="JobSpec YAML file")
+    place.add_argument("--spec", required=True, help="JobSpec or job YAML file")
     place.add_argument("--dry-run", action="store_true", required=True,
                        help="required: this command never reserves; jobs reserve when they run")
     place.add_argument("--json", action="store_true")
@@ -180,18 +192,88 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_cli(args)
 
-    if args.command == "place":
+    if args.command == "logs":
+        return print_logs(args.name, args.run_dir, args.follow)
+    if args.command == "submit" and not args.dry_run:
+        return submit(args.job_file, args.resume, args.address)
+    if args.command in ("place", "submit"):
         try:
-            spec = load_job_spec(args.spec)
+            spec = load_job_file(args.spec if args.command == "place" else args.job_file).spec
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
+        args.command = "place"
     ray, scheduler = _connect(args.address)
     try:
         return _run_command(args, ray, scheduler, spec if args.command == "place" else None)
     except ray.exceptions.RayError as e:
         print(f"error: the scheduler did not answer: {e}", file=sys.stderr)
         return 4
+
+
+def submit(job_file: str, resume: bool, address: str | None) -> int:
+    """Run the job file's training loop through the launcher; the exit code says how it
+    ended (0, or orchestrator/job_exit.py's codes)."""
+    try:
+        job = load_job_file(job_file)
+        if job.entrypoint is None:
+            raise ConfigError(f"{job_file}: entrypoint is missing: the training loop to run, "
+                              "'package.module:function' or 'path/to/script.py:function'")
+        entry = load_entrypoint(job.entrypoint, job.path.parent)
+    except (ConfigError, EntrypointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from orchestrator.launch import fit
+
+    code, launched = run_job(lambda: fit(
+        entry.function, spec=job.spec, config=job.config, run_dir=job.run_dir, resume=resume,
+        address=address, queue_timeout_s=job.queue_timeout_s, max_failures=job.max_failures,
+        runtime_env=job.runtime_env), on_interrupt="interrupted; continue with submit --resume")
+    if code == 0:
+        metrics = {k: v for k, v in (launched.result.metrics or {}).items()
+                   if isinstance(v, (int, float, str))}
+        checkpoint = launched.result.checkpoint
+        print(f"{job.spec.name}: done on {len(launched.placement.worker_nodes)} worker(s); "
+              f"last report {json.dumps(metrics)}"
+              + (f"; preempted or moved {len(launched.yields)}x" if launched.yields else "")
+              + f"\ncheckpoint: {checkpoint.path if checkpoint else None}")
+    return code
+
+
+def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.0) -> int:
+    """Each report of the run, oldest first, one line each; with `follow`, new ones as they
+    come (Ctrl-C to stop)."""
+    directory = Path(run_dir).expanduser() if run_dir else DEFAULT_RUNS_ROOT.expanduser() / name
+    if not directory.is_dir():
+        print(f"error: no run directory {directory} (pass --run-dir if the job set run_dir)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    shown = 0
+    try:
+        while True:
+            records = read_metrics(directory)
+            for record in records[shown:]:
+                print(format_report(record), flush=True)
+            shown = max(shown, len(records))
+            if not follow:
+                return 0
+            time.sleep(every_s)
+    except KeyboardInterrupt:
+        return 0
+
+
+def format_report(record: dict[str, Any]) -> str:
+    """One metrics.jsonl record as a line: time, step, the figures, and a checkpoint mark."""
+    when = time.strftime("%H:%M:%S", time.localtime(record.get("time", 0)))
+    figures = " ".join(f"{k}={_short(v)}" for k, v in record.items()
+                       if k not in ("time", "checkpoint", "step", "worker_nodes")
+                       and isinstance(v, (int, float, str)) and not isinstance(v, bool))
+    return (f"{when} step {record.get('step', '-')}: {figures}"
+            + (" [checkpoint]" if record.get("checkpoint") else ""))
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
@@ -207,8 +289,8 @@ def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
     if args.command in ("preempt", "cancel"):
         done = ray.get(getattr(scheduler, args.command).remote(args.name))
         if not done:
-            print(f"error: no job named {args.name!r} is "
-                  f"{'running' if args.command == 'preempt' else 'running or waiting'}",
+            jobs = {row["job"]: row for row in ray.get(scheduler.snapshot.remote())["jobs"]}
+            print(f"error: {refusal(args.command, args.name, jobs.get(args.name))}",
                   file=sys.stderr)
             return 3
         print(f"{args.command}: {args.name}: " + (

@@ -130,6 +130,9 @@ class JobSpec:
     # Lets the queue backfill a job into a gap that ends before a blocked job could start,
     # and lets the scheduler weigh a migration's gain against its restart cost.
     expected_duration_s: float | None = None
+    # False: the job's loop never checkpoints on the scheduler's request (a loop that does not
+    # call orchestrator.launch.report), so it is never chosen to preempt or migrate.
+    preemptible: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.accelerator_types, str):  # from YAML / CLI: one type
@@ -155,6 +158,8 @@ class JobSpec:
         _check(p, is_number(self.min_bandwidth_gbps) and self.min_bandwidth_gbps >= 0,
                f"min_bandwidth_gbps must be a number >= 0, got {self.min_bandwidth_gbps!r}")
         _check(p, is_int(self.priority), f"priority must be an integer, got {self.priority!r}")
+        _check(p, isinstance(self.preemptible, bool),
+               f"preemptible must be true or false, got {self.preemptible!r}")
         _check(p, self.expected_duration_s is None
                or (is_number(self.expected_duration_s) and self.expected_duration_s > 0),
                f"expected_duration_s must be a number of seconds > 0 (or unset), "

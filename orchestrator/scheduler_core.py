@@ -287,6 +287,8 @@ class SchedulerCore:
         elif job_name in self.running:
             if owner:
                 self._stop(job_name)
+            elif not self.running[job_name].spec.preemptible:
+                return Outcome(False)  # it would never read the directive: not cancelled
             else:
                 outcome.add(self._direct(job_name, CANCEL, "cancelled by an operator", now))
             outcome.decision = True
@@ -296,7 +298,8 @@ class SchedulerCore:
     def preempt(self, job_name: str, now: float, reason: str = "preempted by an operator"
                 ) -> Outcome:
         """An operator's preemption: the job checkpoints, yields and waits in the queue."""
-        if job_name not in self.running or job_name in self.queue.ready:
+        if job_name not in self.running or job_name in self.queue.ready \
+                or not self.running[job_name].spec.preemptible:
             return Outcome(False)
         outcome = self._direct(job_name, PREEMPT, reason, now)
         outcome.decision = True
@@ -410,15 +413,15 @@ class SchedulerCore:
             rows.append({"job": name, "state": "yielding" if d else "running",
                          "priority": job.spec.priority, "owner": job.placement.owner,
                          "nodes": job.placement.nodes, "since_s": round(now - job.started_at, 1),
-                         "preemptions": job.preemptions,
+                         "preemptions": job.preemptions, "preemptible": job.spec.preemptible,
                          "reason": f"{d.kind}: {d.reason}" if d else ""})
         for position, job in enumerate(self.queue.ordered(), start=1):
             rows.append({"job": job.spec.name,
                          "state": "preempted" if job.preemptions else "waiting",
                          "priority": job.spec.priority, "owner": job.owner, "nodes": [],
                          "since_s": round(now - job.enqueued_at, 1),
-                         "preemptions": job.preemptions, "position": position,
-                         "reason": job.reason})
+                         "preemptions": job.preemptions, "preemptible": job.spec.preemptible,
+                         "position": position, "reason": job.reason})
         return rows
 
     def _answer_and_forget_rejection(self, job_name: str,
@@ -699,6 +702,7 @@ class SchedulerCore:
         candidates = sorted(
             (job for name, job in self.running.items()
              if job.spec.priority < spec.priority and job.directive is None
+             and job.spec.preemptible
              and name not in self.queue.ready and now - job.started_at >= s.min_run_s
              and job.preemptions < s.max_preemptions),
             key=lambda j: (j.spec.priority, now - (j.last_checkpoint_at or j.started_at))
@@ -758,6 +762,8 @@ class SchedulerCore:
         for name, job in list(self.running.items()):
             if not any(free.values()):
                 break  # the common case under load: checked before any per-job work
+            if not job.spec.preemptible:
+                continue
             target = self._migration_target(job, free, now)
             if target is None:
                 continue

@@ -66,12 +66,17 @@ def _check_reachable(address: str, source: str, timeout_s: float = 5.0) -> None:
             "`ray start --head` running there, and is the port open from here?") from None
 
 
-def connect(address: str | None) -> bool:
+def connect(address: str | None, runtime_env: dict | None = None) -> bool:
     """Connect to the cluster at `address` (or RAY_ADDRESS); start an embedded local Ray when
-    neither is given. Returns True when this call started Ray (and so should stop it)."""
+    neither is given. `runtime_env` (Ray's: working_dir, pip, env_vars, ...) becomes the job's.
+    Returns True when this call started Ray (and so should stop it)."""
     import os
 
     if ray.is_initialized():
+        if runtime_env:
+            raise ClusterConnectionError(
+                "runtime_env applies when the launcher connects, but Ray is already "
+                "initialized in this process: pass it to your own ray.init() instead")
         return False
     source = "--address"
     if not address and os.environ.get("RAY_ADDRESS"):
@@ -79,7 +84,7 @@ def connect(address: str | None) -> bool:
     if address and address != "auto":
         _check_reachable(address, source)
     try:
-        ray.init(address=address or None)
+        ray.init(address=address or None, runtime_env=runtime_env)
     except Exception as e:  # auth, version mismatch, ...: Ray raises many types here
         where = f"Ray at {address} ({source})" if address else "an embedded local Ray"
         raise ClusterConnectionError(f"cannot start or connect to {where}: "

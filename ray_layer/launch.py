@@ -49,11 +49,11 @@ class Launched:
 
 def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobSpec,
            run_dir: Path, *, address: str | None, queue_timeout_s: float, max_failures: int,
-           keep_checkpoints: int = 3) -> Launched:
+           keep_checkpoints: int = 3, runtime_env: dict | None = None) -> Launched:
     """Place `spec`, run `train_fn(train_loop_config)` on every worker under Ray Train with
     its checkpoints in `run_dir` (the run's name is the directory's name), and release."""
     try:
-        started_ray = connect(address)
+        started_ray = connect(address, runtime_env)
     except ClusterConnectionError as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
     try:

@@ -62,10 +62,7 @@ class RayTrainSession:
             self.device = torch.device("cpu")
         self.node_id = ray.get_runtime_context().get_node_id()
         self._worker_nodes: list[str] | None = None
-        self._asking = None  # the scheduler's answer on its way (an ObjectRef)
-        self._scheduler = None
-        self._asked_at = float("-inf")
-        self._last_checkpoint_at: float | None = None
+        self._watch = DirectiveWatch()
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.declared_gpu_only:  # Ray's prepare_model would move it to a CUDA device
@@ -112,8 +109,36 @@ class RayTrainSession:
                              int(ray.get_gpu_ids()[0]))
 
     def directive(self) -> str | None:
-        """Asks the scheduler at most once a second without waiting: the answer is read at a
-        later step boundary. A run without a scheduler (plain Ray Train) never yields."""
+        return self._watch.poll()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        # Also to Prometheus (via Ray's metrics agent), per worker: loss, tokens/s, MFU, ...
+        # The run is Ray Train's experiment name: the run directory's name.
+        run = ray.train.get_context().get_experiment_name()
+        record_all(training_samples(metrics, run, self.world_rank))
+        metrics = {**metrics, "worker_nodes": self.worker_nodes()}
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            self._watch.checkpointed()
+
+
+class DirectiveWatch:
+    """Whether the scheduler wants this job to yield (preempt, migrate, cancel). Asks at most
+    once a second without waiting: the answer is read at a later call. The job is Ray Train's
+    experiment name. A run without a scheduler (plain Ray Train) never yields."""
+
+    def __init__(self) -> None:
+        self._asking = None  # the scheduler's answer on its way (an ObjectRef)
+        self._scheduler = None
+        self._asked_at = float("-inf")
+        self._last_checkpoint_at: float | None = None  # victims are chosen by work at risk
+
+    def checkpointed(self) -> None:
+        self._last_checkpoint_at = time.time()
+
+    def poll(self) -> str | None:
+        """The directive as "kind: reason" once the scheduler has said to yield, else None."""
         if self._asking is not None:
             ready, _ = ray.wait([self._asking], timeout=0)
             if not ready:
@@ -132,14 +157,3 @@ class RayTrainSession:
                 job = ray.train.get_context().get_experiment_name()
                 self._asking = self._scheduler.directive.remote(job, self._last_checkpoint_at)
         return None
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        # Also to Prometheus (via Ray's metrics agent), per worker: loss, tokens/s, MFU, ...
-        # The run is Ray Train's experiment name: the run directory's name.
-        run = ray.train.get_context().get_experiment_name()
-        record_all(training_samples(metrics, run, self.world_rank))
-        metrics = {**metrics, "worker_nodes": self.worker_nodes()}
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if checkpoint is not None:
-            self._last_checkpoint_at = time.time()

@@ -39,7 +39,8 @@ class FakeHandle:
 
     def __getattr__(self, verb):
         call = {"preempt": lambda name: self.core.preempt(name, T0 + 5).decision,
-                "cancel": lambda name: self.core.cancel(name, "", T0 + 5).decision}[verb]
+                "cancel": lambda name: self.core.cancel(name, "", T0 + 5).decision,
+                "snapshot": lambda: {"jobs": self.core.jobs(T0 + 5)}}[verb]
         return SimpleNamespace(remote=call)
 
 
@@ -59,3 +60,19 @@ def test_operator_preempt_and_cancel_say_what_happens_and_refuse_unknown_jobs(ca
     assert code == 3 and "no job named 'nope' is running" in out.err
     code, out = run("cancel", "low", core, capsys)  # running: checkpoints first
     assert code == 0 and core.directive("low", T0 + 6).kind == "cancel"
+
+
+def test_a_job_that_is_not_preemptible_is_never_told_to_stop_and_the_operator_hears_why(capsys):
+    core = SchedulerCore(SchedulerSettings(min_run_s=0.0, suspect_after_s=1e4,
+                                           dead_after_s=1e5))
+    core.ray_nodes({"n"}, set(), T0)
+    core.report(NodeReport("n", "n", 2, 0, 2, 0.0, GIB, GIB), T0)
+    core.submit(JobSpec("own-loop", num_workers=2, preemptible=False), "d", T0)
+    core.submit(JobSpec("urgent", num_workers=2, priority=5), "d", T0 + 1)
+    assert core.directive("own-loop", T0 + 2) is None  # no room made by preempting it
+    assert core.jobs(T0 + 2)[1]["reason"] != "" and "preempting" not in core.jobs(T0 + 2)[1][
+        "reason"]
+    for verb in ("preempt", "cancel"):
+        code, out = run(verb, "own-loop", core, capsys)
+        assert code == 3 and "'own-loop' is not preemptible" in out.err
+    assert core.directive("own-loop", T0 + 6) is None

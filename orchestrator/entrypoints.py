@@ -1,0 +1,108 @@
+"""A user's training loop named in a job file: `package.module:function` or
+`path/to/script.py:function`, found, imported and checked before anything starts.
+
+A script path is read relative to the job file's folder (then the current directory). Every
+problem is an EntrypointError naming the entry point and what is wrong with it: a file that
+is not there, a module that fails to import (with its own error), a missing function, a
+signature a Ray Train loop cannot have.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+
+class EntrypointError(ValueError):
+    """The entry point cannot be used; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class Entrypoint:
+    """A loaded training loop. `from_file`: its module was loaded from a script path, so
+    workers cannot import it by name and it must travel by value."""
+
+    function: Callable
+    module: ModuleType
+    from_file: bool
+
+
+def load_entrypoint(ref: str, base_dir: Path | None = None) -> Entrypoint:
+    """The function `ref` names, imported and checked (see the module docstring)."""
+    if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
+        raise EntrypointError(f"entrypoint must be 'package.module:function' or "
+                              f"'path/to/script.py:function', got {ref!r}")
+    where, name = ref.split(":")
+    from_file = where.endswith(".py") or "/" in where
+    module = _load_file(where, base_dir) if from_file else _import(where)
+    function = getattr(module, name, None)
+    if function is None:
+        raise EntrypointError(f"entrypoint {ref!r}: {where} has no function {name!r}")
+    if not callable(function):
+        raise EntrypointError(f"entrypoint {ref!r}: {name} is a {type(function).__name__}, "
+                              "not a function")
+    try:
+        accepts_config(function)
+    except TypeError as e:
+        raise EntrypointError(f"entrypoint {ref!r}: {e}") from None
+    return Entrypoint(function, module, from_file)
+
+
+def accepts_config(train_loop: Callable) -> bool:
+    """True for loop(config), False for loop(); TypeError naming the function when it needs
+    more than one argument (a Ray Train loop gets its config dict, or nothing)."""
+    try:
+        signature = inspect.signature(train_loop)
+    except (TypeError, ValueError):
+        raise TypeError(f"{train_loop!r} is not a function Ray Train can run") from None
+    positional = [p for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    required_keywords = [p.name for p in signature.parameters.values()
+                         if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    name = getattr(train_loop, "__qualname__", repr(train_loop))
+    if len(required) > 1 or required_keywords:
+        raise TypeError(f"{name}{signature} needs more than one argument; a training loop "
+                        "takes its config dict, or nothing")
+    return bool(positional) or any(p.kind is p.VAR_POSITIONAL
+                                   for p in signature.parameters.values())
+
+
+def _import(module_name: str) -> ModuleType:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise EntrypointError(f"entrypoint module {module_name!r} not found (is its "
+                                  "folder the working directory, or installed?)") from None
+        raise EntrypointError(f"entrypoint module {module_name!r} failed to import: "
+                              f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # the user's module raised while importing
+        raise EntrypointError(f"entrypoint module {module_name!r} failed to import: "
+                              f"{type(e).__name__}: {e}") from None
+
+
+def _load_file(where: str, base_dir: Path | None) -> ModuleType:
+    candidates = ([base_dir / where] if base_dir else []) + [Path(where)]
+    path = next((p.resolve() for p in candidates if p.is_file()), None)
+    if path is None:
+        raise EntrypointError(f"entrypoint script {where!r} not found (looked in "
+                              f"{', '.join(str(c.parent.resolve()) for c in candidates)})")
+    # A name of its own per file: two jobs' "train.py" must not share a module.
+    name = f"orchestrator_entry_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise EntrypointError(f"entrypoint script {path} failed to import: "
+                              f"{type(e).__name__}: {e}") from None
+    return module

@@ -1,0 +1,89 @@
+"""A job file: what `python -m orchestrator submit JOB.yaml` runs, and what `place --spec`
+reads. One YAML mapping:
+
+    name: mnist-mlp                  # the job's name, and its run directory's name
+    entrypoint: examples/mlp.py:train_loop   # or package.module:function
+    config: {lr: 0.01, epochs: 3}    # handed to the loop (Ray Train's train_loop_config)
+    num_workers: 2                   # ... and every other JobSpec field (docs/scheduler.md)
+    cpus_per_worker: 1
+    preemptible: true                # false when the loop does not call launch.report
+    runtime_env: {working_dir: ., pip: [pandas]}   # Ray's runtime_env for the job
+    run_dir: ~/orchestrator-runs/mnist-mlp         # default: the runs root / name
+    max_failures: 3
+    queue_timeout_s: 600
+
+The launcher's own keys are taken out; everything else is a JobSpec field, checked by JobSpec
+(an unknown key gets a did-you-mean). Every error names the file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import ConfigError, JobSpec
+from orchestrator.validation import is_int, is_number
+
+LAUNCHER_KEYS = ("entrypoint", "config", "runtime_env", "run_dir", "max_failures",
+                 "queue_timeout_s")
+
+
+@dataclass(frozen=True)
+class JobFile:
+    """A job file, checked: the JobSpec and how to launch it."""
+
+    spec: JobSpec
+    entrypoint: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    runtime_env: dict[str, Any] | None = None
+    run_dir: str | None = None
+    max_failures: int = 3
+    queue_timeout_s: float = 600.0
+    path: Path | None = None  # the file it came from; scripts are found next to it
+
+
+def load_job_file(path: str | Path) -> JobFile:
+    """The job file at `path`; ConfigError naming the file and every bad field."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a job file is a mapping of fields (name, entrypoint, "
+                          f"num_workers, ...), got {type(data).__name__}")
+    launcher = {k: data.pop(k) for k in LAUNCHER_KEYS if k in data}
+    problems = _launcher_problems(launcher)
+    try:
+        spec = JobSpec.from_dict(data)
+    except (ConfigError, TypeError) as e:
+        problems.append(str(e))
+        spec = None
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    return JobFile(spec=spec, path=path, **launcher)
+
+
+def _launcher_problems(launcher: dict[str, Any]) -> list[str]:
+    p = []
+    if "entrypoint" in launcher and not isinstance(launcher["entrypoint"], str):
+        p.append(f"entrypoint must be a string 'module:function' or 'script.py:function', "
+                 f"got {launcher['entrypoint']!r}")
+    for key in ("config", "runtime_env"):
+        if key in launcher and launcher[key] is not None and not isinstance(launcher[key], dict):
+            p.append(f"{key} must be a mapping, got {launcher[key]!r}")
+    if launcher.get("config") is None:
+        launcher.pop("config", None)
+    if "run_dir" in launcher and not isinstance(launcher["run_dir"], str):
+        p.append(f"run_dir must be a path, got {launcher['run_dir']!r}")
+    if "max_failures" in launcher and not (is_int(launcher["max_failures"])
+                                           and launcher["max_failures"] >= 0):
+        p.append(f"max_failures must be an integer >= 0, got {launcher['max_failures']!r}")
+    if "queue_timeout_s" in launcher and not (is_number(launcher["queue_timeout_s"])
+                                              and launcher["queue_timeout_s"] >= 0):
+        p.append(f"queue_timeout_s must be a number >= 0, got {launcher['queue_timeout_s']!r}")
+    return p

@@ -1,0 +1,118 @@
+"""Bring your own training loop: the scheduler places it, Ray Train runs it there.
+
+    import ray.train
+    from orchestrator import launch
+    from orchestrator.config import JobSpec
+
+    def train_loop(config):               # a plain Ray Train train_loop_per_worker
+        ...                               # resume from ray.train.get_checkpoint() if any
+        for step in range(start, config["steps"]):
+            ...
+            checkpoint = ray.train.Checkpoint.from_directory(d) if step % 100 == 0 else None
+            launch.report({"step": step, "loss": loss}, checkpoint=checkpoint)
+
+    fitted = launch.fit(train_loop, spec=JobSpec("my-run", num_workers=2), config={"steps": 1000})
+
+`fit` connects to the cluster (RAY_ADDRESS or `address`; an embedded local Ray when neither is
+given), brings the scheduler and node agents up, submits the JobSpec and waits in the queue,
+runs the loop under a TorchTrainer with each worker pinned to the node it was placed on,
+follows the placement if a node is lost, and releases the reservation at the end.
+
+`report` is `ray.train.report` plus preemption: when the scheduler asks the job to yield (a
+higher-priority job needs the room, faster accelerators freed up, an operator's preempt or
+cancel), the loop stops right after a report that carried a checkpoint; `fit` then waits in
+the queue and runs the loop again, which resumes from that checkpoint. A loop that never calls
+`report` runs too, but declare it with `JobSpec(preemptible=False)` so the scheduler never
+counts on it to stop.
+
+This module is the user-facing name; the work is done in the Ray layer (ray_layer/launch.py,
+ray_layer/user_loop.py), imported when called.
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from orchestrator.config import ConfigError, JobSpec
+from orchestrator.entrypoints import accepts_config
+from orchestrator.job_exit import EXIT_BAD_INPUT, JobFailed
+from orchestrator.runs import DEFAULT_RUNS_ROOT, has_checkpoints
+
+
+def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = None,
+        run_dir: str | Path | None = None, resume: bool = False, address: str | None = None,
+        queue_timeout_s: float = 600.0, max_failures: int = 3,
+        runtime_env: dict[str, Any] | None = None, keep_checkpoints: int = 3):
+    """Run `train_loop` on the cluster where the scheduler places `spec`; returns a
+    `ray_layer.launch.Launched` (Ray Train's `result`, the final `placement`, the `yields`).
+
+    train_loop: Ray Train's train_loop_per_worker, taking `config` or nothing.
+    spec: what the job asks of the cluster; `spec.name` names the run and its directory.
+    config: handed to every worker (Ray Train's train_loop_config).
+    run_dir: where Ray Train keeps the checkpoints; default `<runs root>/<spec.name>`
+        (`ORCHESTRATOR_RUNS_DIR` or ~/orchestrator-runs). Its last part must be the job's name.
+    resume: continue the run in `run_dir` from its latest checkpoint; without it, a run_dir
+        that already holds checkpoints is refused (two runs mixed in one folder).
+    address: the Ray cluster (host:port, "auto"); default RAY_ADDRESS, else an embedded Ray.
+    queue_timeout_s: how long to wait in the queue before giving up (time spent preempted is
+        not counted).
+    max_failures: worker-group restarts Ray Train attempts (a worker's crash, a lost node).
+    runtime_env: Ray's runtime_env for the job (working_dir, pip, env_vars), set when this
+        call connects.
+    keep_checkpoints: how many checkpoints Ray Train keeps.
+
+    Raises JobFailed (its `exit_code` as in docs/training.md) naming what went wrong: bad
+    input, a job the cluster cannot hold, or the first worker's own exception.
+    """
+    if not isinstance(spec, JobSpec):
+        raise JobFailed(f"spec must be an orchestrator.config.JobSpec, got {spec!r}",
+                        EXIT_BAD_INPUT)
+    try:
+        accepts_config(train_loop)
+        directory = resolve_fit_run_dir(spec, run_dir, resume)
+    except (TypeError, ConfigError) as e:
+        raise JobFailed(str(e), EXIT_BAD_INPUT) from None
+    if config is not None and not isinstance(config, dict):
+        raise JobFailed(f"config must be a dict, got {type(config).__name__}", EXIT_BAD_INPUT)
+    from ray_layer.launch import launch
+    from ray_layer.user_loop import ship_by_value, yielding
+
+    module = sys.modules.get(getattr(train_loop, "__module__", None) or "")
+    if module is not None and module.__name__ != "__main__" and not importable_by_name(module):
+        ship_by_value(module)  # (cloudpickle sends __main__'s functions by value itself)
+    return launch(yielding(train_loop), config or {}, spec, directory, address=address,
+                  queue_timeout_s=queue_timeout_s, max_failures=max_failures,
+                  keep_checkpoints=keep_checkpoints, runtime_env=runtime_env)
+
+
+def report(metrics: dict[str, Any], checkpoint=None) -> None:
+    """Inside the loop, on every worker: `ray.train.report(metrics, checkpoint=checkpoint)`,
+    and the point where a preemption or migration is honoured (after a checkpoint)."""
+    from ray_layer.user_loop import report as report_and_maybe_yield
+
+    report_and_maybe_yield(metrics, checkpoint)
+
+
+def resolve_fit_run_dir(spec: JobSpec, run_dir: str | Path | None, resume: bool) -> Path:
+    """The run's directory (see `fit`); ConfigError when it is not the job's or would mix two
+    runs."""
+    directory = (Path(run_dir).expanduser() if run_dir is not None
+                 else DEFAULT_RUNS_ROOT.expanduser() / spec.name).resolve()
+    if directory.name != spec.name:
+        raise ConfigError(f"run_dir {directory} must end in the job's name {spec.name!r} (Ray "
+                          "Train and the scheduler both know the run by it)")
+    if not resume and has_checkpoints(directory):
+        raise ConfigError(f"run_dir {directory} already holds checkpoints of a run: resume it "
+                          "(resume=True, --resume) or give the job another name")
+    return directory
+
+
+def importable_by_name(module) -> bool:
+    """Whether a worker can import `module` by its name from the import path (workers get the
+    driver's). A script loaded from a file path cannot: it must travel by value."""
+    top = module.__name__.partition(".")[0]
+    return top in sys.builtin_module_names or \
+        importlib.machinery.PathFinder.find_spec(top) is not None
+

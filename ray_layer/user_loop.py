@@ -1,0 +1,81 @@
+"""A user's own Ray Train loop under the launcher (orchestrator/launch.py is the public face).
+
+Inside the loop, `report(metrics, checkpoint)` is `ray.train.report` plus the one thing the
+scheduler needs: when it has asked the job to yield (preemption, migration, an operator's
+cancel), the loop stops right after a report that saved a checkpoint, so nothing is lost.
+`yielding(train_loop)` wraps the loop so that stop ends the worker with "yielded" in its last
+metrics, which the launcher's driver (ray_layer/placed_run.py) reads to wait and fit again.
+
+Every worker must call `report` the same number of times (as Ray Train requires anyway);
+the decision to stop is rank 0's, shared with the others at each report, so all ranks stop at
+the same report. A checkpoint may be passed by rank 0 only (Ray Train's common pattern).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import ray
+import ray.train
+import torch.distributed as dist
+
+from orchestrator.entrypoints import accepts_config
+from ray_layer.train_session import DirectiveWatch
+
+_watch: DirectiveWatch | None = None  # one per worker process (rank 0 asks)
+_pending: str | None = None  # a directive not yet acted on (no checkpoint since)
+
+
+class Yielded(Exception):
+    """Raised by `report` on every rank when the job must give its placement back."""
+
+    def __init__(self, reason: str, step: Any) -> None:
+        super().__init__(reason)
+        self.reason, self.step = reason, step
+
+
+def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = None) -> None:
+    """ray.train.report(metrics, checkpoint); then, if the scheduler asked this job to yield
+    and rank 0 just saved a checkpoint, raise Yielded on every rank."""
+    global _watch, _pending
+    ray.train.report(metrics, checkpoint=checkpoint)
+    decision = None
+    if ray.train.get_context().get_world_rank() == 0:
+        _watch = _watch or DirectiveWatch()
+        if checkpoint is not None:
+            _watch.checkpointed()
+        _pending = _pending or _watch.poll()  # asked without waiting; kept until acted on
+        if checkpoint is not None:
+            decision = _pending
+    decision = _from_rank_zero(decision)
+    if decision:
+        raise Yielded(decision, metrics.get("step"))
+
+
+def _from_rank_zero(value: str | None) -> str | None:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def yielding(train_loop: Callable) -> Callable[[dict], None]:
+    """The function Ray Train runs on each worker: the user's loop (called with the config,
+    or with nothing when it takes no argument), its Yielded turned into a last report."""
+    takes_config = accepts_config(train_loop)
+
+    @functools.wraps(train_loop)
+    def per_worker(config: dict) -> None:
+        try:
+            train_loop(config) if takes_config else train_loop()
+        except Yielded as stop:
+            ray.train.report({"yielded": stop.reason, "step": stop.step})
+
+    return per_worker
+
+
+def ship_by_value(module) -> None:
+    """Send `module`'s functions to the workers by value: it was loaded from a file path, and
+    a worker cannot import it by name."""
+    ray.cloudpickle.register_pickle_by_value(module)
