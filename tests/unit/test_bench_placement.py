@@ -1,13 +1,13 @@
 """scripts/bench_placement.py on small clusters (no Ray: the actor part is skipped): place()
 beats the baselines where it must, and the benchmark's clusters are what it says they are."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_placement.py"
+from orchestrator.config import JobSpec
+from orchestrator.inventory import GIB, GpuInfo, NodeReport, Reservation
+from scripts import bench_placement as bench
+
 KEYS = ("placements_per_s", "p99_ms", "actor_placements_per_s",
         "measured_bottleneck_gbps_mean", "measured_bestfit_bottleneck_gbps_mean",
         "measured_firstfit_bottleneck_gbps_mean", "nodes_spanned_mean",
@@ -15,17 +15,41 @@ KEYS = ("placements_per_s", "p99_ms", "actor_placements_per_s",
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_placement", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def small(bench):
+def small():
     return bench.run(nodes=400, jobs=150, seed=0, actor=False, quiet=True)
+
+
+# Two racks of two 8-GPU nodes, listed in rack order; agents measured 20 GB/s to their
+# rack-mate and 2 GB/s across. Background work holds 4 GPUs of the first node.
+RACKS = {"a0": "r0", "a1": "r0", "b0": "r1", "b1": "r1"}
+
+
+def measured_node(node_id: str) -> NodeReport:
+    gpus = tuple(GpuInfo(i, "NVIDIA A100-SXM4-80GB", 80 * GIB, 79 * GIB,
+                         uuid=f"GPU-{node_id}-{i}") for i in range(8))
+    return NodeReport(node_id=node_id, hostname=node_id, ray_cpus=96.0, ray_gpus=8.0,
+                      cpu_count=96, load_avg_1m=0.0, ram_total_bytes=1024 * GIB,
+                      ram_available_bytes=900 * GIB, gpus=gpus,
+                      bandwidth_gbps={other: 20.0 if RACKS[other] == RACKS[node_id] else 2.0
+                                      for other in RACKS if other != node_id})
+
+
+def test_on_a_hand_made_cluster_ours_takes_one_rack_and_fewer_nodes_than_first_fit():
+    """A job of 16 GPUs. First-fit walks the table: the 4 free GPUs of a0, all of a1, then b0
+    (3 nodes, across racks). Best-fit takes the two emptiest nodes in table order, a1 and b0
+    (across racks). Only b0 + b1 hold the job on 2 nodes inside one rack."""
+    cluster = bench.Cluster("hand-made", [measured_node(n) for n in RACKS],
+                            [Reservation("background/a0", "a0", 16, 4)], dict(RACKS),
+                            inter_group_gbps=1.0, hold=1.0,
+                            jobs=[JobSpec("job", num_workers=16, cpus_per_worker=4.0,
+                                          gpus_per_worker=1)], total_gpus=32)
+    figures = bench.summarise(bench.run_streams(cluster), cluster.jobs)
+    ours, first, best = (figures[p] for p in ("ours", "first-fit", "best-fit"))
+    assert (ours["nodes_spanned_mean_common"], first["nodes_spanned_mean_common"]) == (2, 3)
+    assert (ours["cross_rack_jobs_common"], first["cross_rack_jobs_common"],
+            best["cross_rack_jobs_common"]) == (0, 1, 1)
+    assert ours["bottleneck_gbps_mean_common"] == 20.0
+    assert first["bottleneck_gbps_mean_common"] == best["bottleneck_gbps_mean_common"] == 2.0
 
 
 def test_measured_links_steer_ours_to_faster_sets_than_the_baselines(small):
@@ -57,7 +81,7 @@ def test_every_policy_meets_the_same_stream_under_churn(small):
             assert small[prefix + "held_gpu_fraction_end"] > 0.3
 
 
-def test_main_prints_tables_then_one_json_line_without_ray(bench, capsys):
+def test_main_prints_tables_then_one_json_line_without_ray(capsys):
     returned = bench.main(["--nodes", "200", "--jobs", "40", "--no-actor"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("[measured]") for line in lines)
@@ -66,9 +90,34 @@ def test_main_prints_tables_then_one_json_line_without_ray(bench, capsys):
     assert set(KEYS) <= result.keys()
     assert result["actor_placements_per_s"] is None
     assert result["meets_actor_placements_per_s"] is None
+    # The claims the targets name hold on this stream too: ours on faster and fewer nodes
+    # than first-fit...
+    assert result["measured_bottleneck_gbps_mean"] \
+        > result["measured_firstfit_bottleneck_gbps_mean"]
+    assert result["nodes_spanned_mean"] < result["firstfit_nodes_spanned_mean"]
+    assert result["meets_bandwidth_vs_firstfit"] is True
+    assert result["meets_fewer_nodes_than_firstfit"] is True
+    # ...and each target's verdict is the comparison it names.
+    assert result["meets_bandwidth_vs_bestfit"] == (
+        result["measured_bottleneck_gbps_mean"]
+        >= bench.TARGET_BESTFIT_BANDWIDTH_RATIO * result["measured_bestfit_bottleneck_gbps_mean"])
+    assert result["meets_p99_ms"] == (result["p99_ms"] <= bench.TARGET_P99_MS)
 
 
-def test_the_measured_cluster_is_rack_ordered_unlabelled_and_sparsely_measured(bench):
+def test_a_target_missed_is_reported_false():
+    figures = {"placements_per_s": 10.0, "p99_ms": 50.0, "actor_placements_per_s": 100.0,
+               "measured_bottleneck_gbps_mean": 5.0,
+               "measured_bestfit_bottleneck_gbps_mean": 4.0,
+               "measured_firstfit_bottleneck_gbps_mean": 6.0,
+               "nodes_spanned_mean": 3.0, "firstfit_nodes_spanned_mean": 3.0}
+    assert set(bench.targets(figures).values()) == {False}
+    better = {**figures, "placements_per_s": 5000.0, "p99_ms": 1.0,
+              "actor_placements_per_s": 500.0, "measured_bottleneck_gbps_mean": 9.0,
+              "nodes_spanned_mean": 2.0}
+    assert set(bench.targets(better).values()) == {True}
+
+
+def test_the_measured_cluster_is_rack_ordered_unlabelled_and_sparsely_measured():
     cluster = bench.measured_cluster(64, 1, seed=0)
     state = cluster.fresh_state()
     racks = [cluster.rack_of[n] for n in state.table.ids]
@@ -83,7 +132,7 @@ def test_the_measured_cluster_is_rack_ordered_unlabelled_and_sparsely_measured(b
     assert {state.pair_bandwidth_gbps(a.node_id, n) for n in strangers} == {1.0}
 
 
-def test_same_seed_same_clusters_and_streams(bench):
+def test_same_seed_same_clusters_and_streams():
     a, b = bench.declared_cluster(120, 30, seed=3), bench.declared_cluster(120, 30, seed=3)
     assert a.reports == b.reports and a.background == b.background and a.jobs == b.jobs
     c, d = bench.measured_cluster(64, 30, seed=3), bench.measured_cluster(64, 30, seed=3)
