@@ -1,30 +1,18 @@
 """jobs/compress.py on bad input: a clear error naming the file or field, a non-zero exit,
 and nothing written under --out. (The whole pipeline end to end: tests/integration.)"""
-import importlib.util
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
+from jobs import compress as JOB  # noqa: N812 - the job under test
 from orchestrator.compression.config import CompressConfig
 from orchestrator.compression.pipeline import prepare_out
 from orchestrator.compression.source import load_teacher
 from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.training.checkpoint import STATE_FILE, save_checkpoint
 from orchestrator.training.model import GPT, GPTConfig
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_job():
-    spec = importlib.util.spec_from_file_location("compress_job", ROOT / "jobs" / "compress.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-JOB = load_job()
 
 
 def make_checkpoint(directory: Path, step: int = 3, seed: int = 0) -> Path:

@@ -3,8 +3,6 @@
 import json
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -16,9 +14,7 @@ from orchestrator.config import JobSpec, TrainConfig
 from orchestrator.inventory import GIB, GpuInfo, NodeReport
 from orchestrator.placement import PlacementError, Queued, place
 from orchestrator.training.efficiency import Thresholds
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prometheus_tools import tool_or_skip  # noqa: E402
+from tests.prometheus_tools import tool_or_skip
 
 PROM_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")  # no ':' (Ray deprecates it)
 

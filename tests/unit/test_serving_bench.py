@@ -1,26 +1,10 @@
 """scripts/bench_serve.py's arithmetic (the load itself needs Ray: run the script)."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_serve.py"
+from scripts import bench_serve as bench
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_serve"] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules["bench_serve"]
-
-
-def test_summary_counts_only_successes_in_qps_and_latency(bench):
+def test_summary_counts_only_successes_in_qps_and_latency():
     results = [bench.Result(0.0, 0.010 * (i + 1), 200) for i in range(100)]
     results.append(bench.Result(0.0, 5.0, 503, error="overloaded"))
     figures = bench.summarize("x", [bench.Run(results, 0.0, 10.0)])
@@ -29,7 +13,7 @@ def test_summary_counts_only_successes_in_qps_and_latency(bench):
     assert figures["p50_ms"] == pytest.approx(505.0) and figures["p99_ms"] == pytest.approx(1000.0)
 
 
-def test_qps_counts_only_answers_inside_the_window_of_each_round(bench):
+def test_qps_counts_only_answers_inside_the_window_of_each_round():
     # A warm-up answer (before 2.0) and the clients' last answers (after 4.0) are not
     # credited to the 2 s window; a second round's window adds its answers and seconds.
     first = bench.Run([bench.Result(0.0, t, 200) for t in (1.0, 2.5, 3.0, 4.0, 4.5)],
@@ -41,20 +25,20 @@ def test_qps_counts_only_answers_inside_the_window_of_each_round(bench):
     assert figures["p50_ms"] == pytest.approx(2000.0)  # of the 6 measured only
 
 
-def test_batch_sizes_since_counts_only_new_batches(bench):
+def test_batch_sizes_since_counts_only_new_batches():
     before = {"batch_sizes": {"1": 3, "32": 2}}
     after = {"batch_sizes": {"1": 3, "16": 1, "32": 5}}
     assert bench.batch_sizes_since(before, after) == {16: 1, 32: 3}
 
 
-def test_switch_time_is_until_the_first_answer_of_the_new_version(bench):
+def test_switch_time_is_until_the_first_answer_of_the_new_version():
     results = [bench.Result(9.0, 10.5, 200, "old"), bench.Result(10.2, 10.9, 200, "new"),
                bench.Result(10.4, 11.3, 200, "new")]
     assert bench.switch_time(results, "new", applied_at=10.0) == pytest.approx(0.9)
     assert bench.switch_time(results[:1], "new", applied_at=10.0) is None
 
 
-def test_fresh_checkpoints_are_two_different_servable_models(bench, tmp_path):
+def test_fresh_checkpoints_are_two_different_servable_models(tmp_path):
     from orchestrator.serving.loading import load_model
 
     first, second = bench.fresh_checkpoints("tiny", 32, tmp_path)

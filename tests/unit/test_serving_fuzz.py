@@ -1,17 +1,13 @@
 """Hostile request bodies, generated: every one is either a valid request or a 4xx APIError —
 never another exception (which the ingress would turn into a 500)."""
 import json
-import sys
-from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.serving.protocol import (APIError, CompletionRequest, parse_completion_request,
                                            parse_json_body)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fuzz_requests import bodies  # noqa: E402
+from tests.fuzz_requests import bodies
 
 BLOCK = 64
 

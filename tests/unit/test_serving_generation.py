@@ -7,6 +7,7 @@ from orchestrator.serving.generation import (BatchGeneration, GenerationRequest,
                                              SamplingParams, generate, plan_groups,
                                              sample_tokens)
 from orchestrator.training.model import GPT, GPTConfig
+from tests.support import one_thread
 
 BLOCK = 64
 CONFIGS = {
@@ -17,12 +18,10 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def torch_on_one_thread():
     """Tiny matmuls: a second intra-op thread only contends (10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

@@ -7,14 +7,13 @@ from orchestrator.serving.generation import GenerationRequest, SamplingParams, g
 from orchestrator.serving.loading import (INT8_FILE, default_checkpoint, load_model,
                                           model_directories, save_untrained_checkpoint)
 from orchestrator.training.checkpoint import CheckpointError
+from tests.support import one_thread
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def torch_on_one_thread():
+    with one_thread():
+        yield
 
 
 def test_a_trained_checkpoint_loads_and_generates(tmp_path):
