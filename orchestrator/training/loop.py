@@ -135,18 +135,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     model = GPT(GPTConfig.from_train_config(config, vocab_size=VOCAB_SIZE)).to(device)
     optimizer = build_optimizer(model, config)
     scaler = precision.grad_scaler()
-    step, tokens_seen = 0, 0
-    with session.checkpoint_dirs() as checkpoint_dirs:
-        found = _newest_usable_checkpoint(checkpoint_dirs, config, session.world_rank)
-    if found is not None:
-        checkpoint_dir, state = found
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        restore_pending_gradients(model, state.get("pending_gradients", {}))
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        if session.world_rank == 0:
-            say(f"resumed from step {step} ({checkpoint_dir})")
+    step, tokens_seen = _resume(session, config, model, optimizer, scaler)
     wrapped = session.prepare_model(model)
     accumulation = HierarchicalAccumulation(parameter_groups(model), config.accumulation_factors)
     efficiency = Efficiency(config, model, precision, device, wrapped)
@@ -211,12 +200,9 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 "tokens_per_s": interval_steps * tokens_per_step / elapsed,
                 "run_tokens_per_s": run_tokens / run_seconds,
                 "tokens_seen": tokens_seen,
-                "precision": precision.name,
-                "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
                 "skipped_steps": skipped_steps,
                 "world_size": session.world_size,
-                "optimizer_steps": dict(accumulation.optimizer_steps),
-                **_span_figures(model),
+                **_model_figures(model, precision, scaler, accumulation),
                 **efficiency.measure(interval_steps * tokens_per_step / elapsed, elapsed,
                                      session.world_size),
             }
@@ -237,6 +223,34 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 return metrics
             interval_start, interval_steps, loss_sum = time.perf_counter(), 0, 0.0
     return metrics
+
+
+def _resume(session: TrainSession, config: TrainConfig, model: GPT, optimizer, scaler
+            ) -> tuple[int, int]:
+    """Load the newest usable checkpoint into the model, optimizer and scaler (and the
+    gradients accumulated but not yet applied); returns (step, tokens seen), (0, 0) fresh."""
+    with session.checkpoint_dirs() as checkpoint_dirs:
+        found = _newest_usable_checkpoint(checkpoint_dirs, config, session.world_rank)
+    if found is None:
+        return 0, 0
+    checkpoint_dir, state = found
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    restore_pending_gradients(model, state.get("pending_gradients", {}))
+    if session.world_rank == 0:
+        say(f"resumed from step {state['step']} ({checkpoint_dir})")
+    return state["step"], state["tokens_seen"]
+
+
+def _model_figures(model: GPT, precision: Precision, scaler,
+                   accumulation: HierarchicalAccumulation) -> dict[str, Any]:
+    """The report's figures about the model's state: precision, loss scale, optimizer steps
+    per parameter group, attention spans."""
+    return {"precision": precision.name,
+            "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
+            "optimizer_steps": dict(accumulation.optimizer_steps),
+            **_span_figures(model)}
 
 
 def _agreed_directive(session: TrainSession, step: int, start_step: int, config: TrainConfig,
