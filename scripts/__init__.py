@@ -1,2 +1,2 @@
 """Benchmarks and the chaos run, run from the repository root as `python -m scripts.NAME`.
-A package so that they import each other and the jobs without editing sys.path."""
+A package so that they import each other and the jobs as packages."""

@@ -29,7 +29,9 @@ def resolve_precision(requested: str, device: torch.device) -> str:
                         "than fp32; use it on CPU only to test the code path", requested)
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Native bf16 only (compute capability 8.0+): by default torch also counts emulated
+        # bf16, which would give a T4 or V100 slow bf16 instead of fp16 with loss scaling.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "fp32"
 
 

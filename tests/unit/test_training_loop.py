@@ -152,6 +152,17 @@ def test_auto_precision_is_fp32_on_cpu():
     assert resolve_precision("auto", CPU) == "fp32"
 
 
+@pytest.mark.parametrize("native_bf16, expected", [(False, "fp16"), (True, "bf16")])
+def test_auto_precision_on_a_gpu_takes_bf16_only_where_it_is_native(monkeypatch, native_bf16,
+                                                                    expected):
+    """A T4 or V100 emulates bf16 (torch counts it as supported by default): it gets fp16."""
+    def is_bf16_supported(including_emulation=True):
+        return native_bf16 or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+
+
 def test_fp16_scaler_skips_an_overflowing_step():
     precision = Precision("fp16", "cpu")
     weight = torch.nn.Parameter(torch.ones(2))
