@@ -78,7 +78,7 @@ def _import(module_name: str) -> ModuleType:
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise EntrypointError(f"entrypoint module {module_name!r} not found (is its "
                                   "folder the working directory, or installed?)") from None
         raise EntrypointError(f"entrypoint module {module_name!r} failed to import: "

@@ -3,8 +3,10 @@
 Inside the loop, `report(metrics, checkpoint)` is `ray.train.report` plus the one thing the
 scheduler needs: when it has asked the job to yield (preemption, migration, an operator's
 cancel), the loop stops right after a report that saved a checkpoint, so nothing is lost.
-`yielding(train_loop)` wraps the loop so that stop ends the worker with "yielded" in its last
-metrics, which the launcher's driver (ray_layer/placed_run.py) reads to wait and fit again.
+That report carries "yielded" in its metrics: Ray Train's result keeps the metrics of the
+latest checkpoint's report only, and the launcher's driver (ray_layer/placed_run.py) reads
+"yielded" there to wait and fit again. `yielding(train_loop)` wraps the loop so that the stop
+ends the worker normally.
 
 Every worker must call `report` the same number of times (as Ray Train requires anyway);
 the decision to stop is rank 0's, shared with the others at each report, so all ranks stop at
@@ -35,19 +37,23 @@ class Yielded(Exception):
 
 
 def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = None) -> None:
-    """ray.train.report(metrics, checkpoint); then, if the scheduler asked this job to yield
-    and rank 0 just saved a checkpoint, raise Yielded on every rank."""
+    """ray.train.report(metrics, checkpoint); and when the scheduler has asked this job to
+    yield and rank 0 saves a checkpoint with this report, "yielded" joins that report's
+    metrics and Yielded is raised on every rank after it."""
     global _watch, _pending
-    ray.train.report(metrics, checkpoint=checkpoint)
     decision = None
     if ray.train.get_context().get_world_rank() == 0:
         _watch = _watch or DirectiveWatch()
-        if checkpoint is not None:
-            _watch.checkpointed()
         _pending = _pending or _watch.poll()  # asked without waiting; kept until acted on
         if checkpoint is not None:
             decision = _pending
-    decision = _from_rank_zero(decision)
+    decision = _from_rank_zero(decision)  # before the report: every rank stops after it
+    if decision:
+        # In the checkpoint's own report: Ray Train's result keeps only those metrics.
+        metrics = {**metrics, "yielded": decision}
+    ray.train.report(metrics, checkpoint=checkpoint)
+    if checkpoint is not None and _watch is not None:
+        _watch.checkpointed()
     if decision:
         raise Yielded(decision, metrics.get("step"))
 
@@ -62,15 +68,16 @@ def _from_rank_zero(value: str | None) -> str | None:
 
 def yielding(train_loop: Callable) -> Callable[[dict], None]:
     """The function Ray Train runs on each worker: the user's loop (called with the config,
-    or with nothing when it takes no argument), its Yielded turned into a last report."""
+    or with nothing when it takes no argument), a Yielded ending it normally (its report,
+    with the checkpoint and "yielded", is already in)."""
     takes_config = accepts_config(train_loop)
 
     @functools.wraps(train_loop)
     def per_worker(config: dict) -> None:
         try:
             train_loop(config) if takes_config else train_loop()
-        except Yielded as stop:
-            ray.train.report({"yielded": stop.reason, "step": stop.step})
+        except Yielded:
+            pass
 
     return per_worker
 

@@ -1,0 +1,448 @@
+"""Bring-your-own-loop input, checked before anything starts (no Ray): job files
+(orchestrator/job_file.py), entry points (orchestrator/entrypoints.py), the run directory
+`fit` uses (orchestrator.launch.resolve_fit_run_dir), `fit`'s own argument checks, and
+`python -m orchestrator submit` on bad input (real subprocesses: exit 2, one `error:` line)."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator import launch
+from orchestrator.config import ConfigError, JobSpec
+from orchestrator.entrypoints import EntrypointError, accepts_config, load_entrypoint
+from orchestrator.job_exit import EXIT_BAD_INPUT, JobFailed
+from orchestrator.job_file import load_job_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# --- job files ---------------------------------------------------------------------------
+
+def test_launcher_keys_are_taken_out_and_every_other_key_is_a_jobspec_field(tmp_path):
+    path = write(tmp_path / "job.yaml", """\
+        name: my-run
+        entrypoint: train.py:train_loop
+        config: {lr: 0.5, data_dir: /data}
+        runtime_env: {env_vars: {A: "1"}}
+        run_dir: /runs/my-run
+        max_failures: 0
+        queue_timeout_s: 12.5
+        num_workers: 3
+        cpus_per_worker: 2
+        priority: 7
+        preemptible: false
+        """)
+    job = load_job_file(path)
+    assert job.spec == JobSpec("my-run", num_workers=3, cpus_per_worker=2, priority=7,
+                               preemptible=False)
+    assert (job.entrypoint, job.config, job.runtime_env, job.run_dir) == (
+        "train.py:train_loop", {"lr": 0.5, "data_dir": "/data"}, {"env_vars": {"A": "1"}},
+        "/runs/my-run")
+    assert (job.max_failures, job.queue_timeout_s, job.path) == (0, 12.5, path)
+
+
+def test_a_job_file_with_only_jobspec_fields_gets_the_launcher_defaults(tmp_path):
+    job = load_job_file(write(tmp_path / "job.yaml", "name: bare\n"))
+    assert job.spec == JobSpec("bare")
+    assert (job.entrypoint, job.config, job.runtime_env, job.run_dir, job.max_failures,
+            job.queue_timeout_s) == (None, {}, None, None, 3, 600.0)
+
+
+def test_an_unknown_key_gets_jobspecs_did_you_mean_and_names_the_file(tmp_path):
+    path = write(tmp_path / "job.yaml", "name: a\nnum_worker: 2\nentrypoint: m:f\n")
+    with pytest.raises(ConfigError) as e:
+        load_job_file(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert "'num_worker' (did you mean 'num_workers'?)" in str(e.value)
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("max_failures: -1", "max_failures must be an integer >= 0, got -1"),
+    ("max_failures: '3'", "max_failures must be an integer >= 0, got '3'"),
+    ("max_failures: true", "max_failures must be an integer >= 0, got True"),
+    ("max_failures: 1.5", "max_failures must be an integer >= 0, got 1.5"),
+    ("queue_timeout_s: -5", "queue_timeout_s must be a number >= 0, got -5"),
+    ("queue_timeout_s: soon", "queue_timeout_s must be a number >= 0, got 'soon'"),
+    ("queue_timeout_s: .inf", "queue_timeout_s must be a number >= 0, got inf"),
+    ("config: [1, 2]", "config must be a mapping, got [1, 2]"),
+    ("config: lr=0.1", "config must be a mapping, got 'lr=0.1'"),
+    ("runtime_env: working_dir", "runtime_env must be a mapping, got 'working_dir'"),
+    ("entrypoint: 42", "entrypoint must be a string"),
+    ("run_dir: 5", "run_dir must be a path, got 5"),
+])
+def test_a_bad_launcher_value_is_named_with_the_file(tmp_path, line, expected):
+    path = write(tmp_path / "job.yaml", f"name: a\n{line}\n")
+    with pytest.raises(ConfigError) as e:
+        load_job_file(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert expected in str(e.value)
+
+
+def test_every_problem_is_named_at_once_launcher_and_jobspec_alike(tmp_path):
+    path = write(tmp_path / "job.yaml",
+                 "name: a\nmax_failures: -1\nqueue_timeout_s: x\nnum_workers: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_job_file(path)
+    message = str(e.value)
+    for expected in ("max_failures must be", "queue_timeout_s must be",
+                     "num_workers must be an integer in [1, 100000], got 0"):
+        assert expected in message
+
+
+def test_config_null_counts_as_no_config(tmp_path):
+    assert load_job_file(write(tmp_path / "job.yaml", "name: a\nconfig:\n")).config == {}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("- name: a\n- name: b\n", "a job file is a mapping of fields (name, entrypoint, "
+                               "num_workers, ...), got list"),
+    ("just a string\n", "a job file is a mapping of fields (name, entrypoint, num_workers, "
+                        "...), got str"),
+    ("", "got NoneType"),
+    ("name: [unclosed\n", "not valid YAML"),
+])
+def test_a_file_that_is_not_a_yaml_mapping_is_refused_naming_it(tmp_path, text, expected):
+    path = write(tmp_path / "job.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_job_file(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert expected in str(e.value)
+
+
+def test_a_missing_job_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read: No such file"):
+        load_job_file(tmp_path / "nope.yaml")
+
+
+def test_the_shipped_examples_parse_and_their_entry_points_load():
+    for example, name in (("regression", "regression"), ("image_cnn", "lines-cnn")):
+        job = load_job_file(REPO / "examples" / example / "job.yaml")
+        assert job.spec.name == name and job.spec.num_workers == 2 and job.spec.preemptible
+        entry = load_entrypoint(job.entrypoint, job.path.parent)
+        assert entry.from_file and entry.function.__name__ == "train_loop"
+        assert accepts_config(entry.function)
+        assert Path(entry.module.__file__) == REPO / "examples" / example / "train.py"
+
+
+# --- entry points --------------------------------------------------------------------------
+
+def test_module_colon_function_is_imported_by_name(tmp_path, monkeypatch):
+    write(tmp_path / "pkg_loops_a1" / "__init__.py", "")
+    write(tmp_path / "pkg_loops_a1" / "loops.py", """\
+        def train_loop(config):
+            return config["x"] * 2
+        """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = load_entrypoint("pkg_loops_a1.loops:train_loop")
+    assert entry.from_file is False
+    assert entry.module.__name__ == "pkg_loops_a1.loops"
+    assert entry.function({"x": 21}) == 42
+
+
+def test_a_script_path_is_read_relative_to_the_job_files_folder(tmp_path, monkeypatch):
+    jobs = tmp_path / "jobs"
+    write(jobs / "loops" / "train.py", "def train_loop():\n    return 'from the job folder'\n")
+    write(tmp_path / "loops" / "train.py", "def train_loop():\n    return 'from the cwd'\n")
+    monkeypatch.chdir(tmp_path)  # the same relative path exists here too: the job's wins
+    entry = load_entrypoint("loops/train.py:train_loop", base_dir=jobs)
+    assert entry.from_file is True
+    assert entry.function() == "from the job folder"
+    assert Path(entry.module.__file__) == (jobs / "loops" / "train.py").resolve()
+    # ... and without a job folder, from the current directory.
+    assert load_entrypoint("loops/train.py:train_loop").function() == "from the cwd"
+
+
+def test_two_scripts_of_the_same_name_do_not_share_a_module(tmp_path):
+    first = write(tmp_path / "a" / "train.py", "def train_loop():\n    return 'a'\n")
+    second = write(tmp_path / "b" / "train.py", "def train_loop():\n    return 'b'\n")
+    loaded = [load_entrypoint(f"{p}:train_loop") for p in (first, second)]
+    assert [e.function() for e in loaded] == ["a", "b"]
+    assert loaded[0].module.__name__ != loaded[1].module.__name__
+
+
+def test_a_missing_script_is_named_with_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EntrypointError) as e:
+        load_entrypoint("nope.py:train_loop", base_dir=tmp_path / "jobs")
+    assert "entrypoint script 'nope.py' not found" in str(e.value)
+    assert str(tmp_path / "jobs") in str(e.value)
+
+
+def test_a_script_that_raises_on_import_is_named_with_its_error(tmp_path):
+    script = write(tmp_path / "broken.py", "raise RuntimeError('no GPU on this laptop')\n")
+    with pytest.raises(EntrypointError) as e:
+        load_entrypoint("broken.py:train_loop", base_dir=tmp_path)
+    assert str(e.value) == (f"entrypoint script {script} failed to import: "
+                            "RuntimeError: no GPU on this laptop")
+    # The half-imported module is not left behind for a later import to find.
+    assert not [m for m in sys.modules if m.startswith("orchestrator_entry_broken_")]
+
+
+def test_a_module_that_raises_on_import_is_named_with_its_error(tmp_path, monkeypatch):
+    write(tmp_path / "raising_loops_b2.py", "x = 1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(EntrypointError) as e:
+        load_entrypoint("raising_loops_b2:train_loop")
+    assert str(e.value) == ("entrypoint module 'raising_loops_b2' failed to import: "
+                            "ZeroDivisionError: division by zero")
+
+
+def test_a_module_missing_a_dependency_is_not_called_missing_itself(tmp_path, monkeypatch):
+    write(tmp_path / "needs_dep_c3.py", "import not_installed_anywhere_c3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(EntrypointError) as e:
+        load_entrypoint("needs_dep_c3:train_loop")
+    assert "entrypoint module 'needs_dep_c3' failed to import: ModuleNotFoundError" \
+        in str(e.value)
+    assert "not_installed_anywhere_c3" in str(e.value)
+    with pytest.raises(EntrypointError, match="entrypoint module 'absent_module_d4' not found"):
+        load_entrypoint("absent_module_d4:train_loop")
+    with pytest.raises(EntrypointError, match="entrypoint module 'absent_pkg_d4.loops' not "
+                                              "found"):
+        load_entrypoint("absent_pkg_d4.loops:train_loop")
+
+
+def test_a_missing_dependency_whose_name_starts_the_modules_is_still_the_dependency(
+        tmp_path, monkeypatch):
+    # dep_f6_loops imports dep_f6, which is not there: the module itself was found.
+    write(tmp_path / "dep_f6_loops.py", "import dep_f6\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(EntrypointError) as e:
+        load_entrypoint("dep_f6_loops:train_loop")
+    assert str(e.value) == ("entrypoint module 'dep_f6_loops' failed to import: "
+                            "ModuleNotFoundError: No module named 'dep_f6'")
+
+
+def test_a_missing_or_non_function_attribute_is_named(tmp_path):
+    write(tmp_path / "loops.py", "def other(config):\n    pass\ntrain_loop = 3\n")
+    with pytest.raises(EntrypointError) as e:
+        load_entrypoint("loops.py:train_lop", base_dir=tmp_path)
+    assert str(e.value) == "entrypoint 'loops.py:train_lop': loops.py has no function 'train_lop'"
+    with pytest.raises(EntrypointError, match="train_loop is a int, not a function"):
+        load_entrypoint("loops.py:train_loop", base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("ref", ["train.py", "train.py:", ":train_loop", "a:b:c", ""])
+def test_a_malformed_reference_says_what_one_looks_like(ref):
+    with pytest.raises(EntrypointError, match="entrypoint must be 'package.module:function' or "
+                                              "'path/to/script.py:function'"):
+        load_entrypoint(ref)
+
+
+@pytest.mark.parametrize("source", [
+    "def train_loop(config, other):\n    pass\n",
+    "def train_loop(config, *, rank):\n    pass\n",
+    "def train_loop(*, config):\n    pass\n",
+])
+def test_a_loop_needing_more_than_one_argument_is_refused(tmp_path, source):
+    write(tmp_path / "loops.py", source)
+    with pytest.raises(EntrypointError) as e:
+        load_entrypoint("loops.py:train_loop", base_dir=tmp_path)
+    assert str(e.value).startswith("entrypoint 'loops.py:train_loop': train_loop(")
+    assert "needs more than one argument; a training loop takes its config dict, or nothing" \
+        in str(e.value)
+
+
+@pytest.mark.parametrize("source, takes_config", [
+    ("def train_loop():\n    pass\n", False),
+    ("def train_loop(config):\n    pass\n", True),
+    ("def train_loop(config=None):\n    pass\n", True),
+    ("def train_loop(config, verbose=False):\n    pass\n", True),
+    ("def train_loop(*args):\n    pass\n", True),
+    ("def train_loop(**options):\n    pass\n", False),
+])
+def test_a_loop_taking_its_config_or_nothing_is_accepted(tmp_path, source, takes_config):
+    write(tmp_path / "loops.py", source)
+    entry = load_entrypoint("loops.py:train_loop", base_dir=tmp_path)
+    assert accepts_config(entry.function) is takes_config
+
+
+def test_accepts_config_on_builtins_and_callables():
+    class Loop:
+        def __call__(self, config):
+            pass
+
+    assert accepts_config(Loop()) is True
+    with pytest.raises(TypeError, match="needs more than one argument"):
+        accepts_config(lambda a, b: None)
+
+
+# --- fit's run directory and its own checks ------------------------------------------------
+
+def test_the_default_run_dir_is_the_runs_root_and_the_jobs_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "DEFAULT_RUNS_ROOT", tmp_path / "runs")
+    assert launch.resolve_fit_run_dir(JobSpec("alpha"), None, False) == tmp_path / "runs" / "alpha"
+
+
+def test_a_run_dir_must_end_with_the_jobs_name(tmp_path):
+    assert launch.resolve_fit_run_dir(JobSpec("alpha"), tmp_path / "alpha", False) == \
+        (tmp_path / "alpha").resolve()
+    assert launch.resolve_fit_run_dir(JobSpec("alpha"), f"{tmp_path}/x/../alpha/", False) == \
+        (tmp_path / "alpha").resolve()
+    with pytest.raises(ConfigError) as e:
+        launch.resolve_fit_run_dir(JobSpec("alpha"), tmp_path / "beta", False)
+    assert f"run_dir {(tmp_path / 'beta').resolve()} must end in the job's name 'alpha'" \
+        in str(e.value)
+
+
+def test_a_run_dir_holding_checkpoints_is_refused_without_resume_and_used_with_it(tmp_path):
+    run_dir = tmp_path / "alpha"
+    (run_dir / "metrics.jsonl").parent.mkdir()
+    (run_dir / "metrics.jsonl").write_text("{}\n")  # a run without checkpoints: not refused
+    assert launch.resolve_fit_run_dir(JobSpec("alpha"), run_dir, False) == run_dir.resolve()
+    (run_dir / "checkpoint_2026-12-02_10-00-00.000000").mkdir()
+    with pytest.raises(ConfigError, match="already holds checkpoints of a run: resume it"):
+        launch.resolve_fit_run_dir(JobSpec("alpha"), run_dir, False)
+    assert launch.resolve_fit_run_dir(JobSpec("alpha"), run_dir, True) == run_dir.resolve()
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"spec": {"name": "alpha"}}, "spec must be an orchestrator.config.JobSpec"),
+    ({"spec": JobSpec("alpha"), "train_loop": lambda a, b: None},
+     "needs more than one argument"),
+    ({"spec": JobSpec("alpha"), "run_dir": "/tmp/beta"}, "must end in the job's name 'alpha'"),
+    ({"spec": JobSpec("alpha"), "config": [1]}, "config must be a dict, got list"),
+])
+def test_fit_refuses_bad_input_as_exit_2_before_ray(tmp_path, monkeypatch, kwargs, expected):
+    monkeypatch.setattr(launch, "DEFAULT_RUNS_ROOT", tmp_path)
+    kwargs = {"train_loop": lambda config: None, **kwargs}
+    loop = kwargs.pop("train_loop")
+    with pytest.raises(JobFailed) as e:  # (Ray would refuse to start here: conftest.py)
+        launch.fit(loop, **kwargs)
+    assert e.value.exit_code == EXIT_BAD_INPUT
+    assert expected in str(e.value)
+
+
+# --- launch.report's yield (ray_layer/user_loop.py), with Ray Train's calls stubbed -----------
+
+class FakeWatch:
+    """The scheduler's directive as rank 0's DirectiveWatch sees it: `answers`, one per poll."""
+
+    def __init__(self, *answers):
+        self.answers, self.checkpoints = list(answers), 0
+
+    def poll(self):
+        return self.answers.pop(0) if self.answers else None
+
+    def checkpointed(self):
+        self.checkpoints += 1
+
+
+def test_a_yield_waits_for_a_checkpoint_and_rides_on_that_report(monkeypatch):
+    """Ray Train's result keeps only the metrics of the latest checkpoint's report: "yielded"
+    must be in that very report, or the driver never learns that the loop stopped early."""
+    import ray.train
+
+    from ray_layer import user_loop
+
+    reports = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None:
+                        reports.append((metrics, checkpoint)))
+    monkeypatch.setattr(ray.train, "get_context",
+                        lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    watch = FakeWatch(None, "preempt: by an operator")
+    monkeypatch.setattr(user_loop, "_watch", watch)
+    monkeypatch.setattr(user_loop, "_pending", None)
+
+    def loop(config):
+        for step in range(config["steps"]):
+            user_loop.report({"step": step}, checkpoint=f"ckpt-{step}" if step % 3 == 2 else None)
+
+    user_loop.yielding(loop)({"steps": 10})  # ends normally at the yield
+    assert reports == [({"step": 0}, None),
+                       ({"step": 1}, None),  # told to yield here: no checkpoint, keep going
+                       ({"step": 2, "yielded": "preempt: by an operator"}, "ckpt-2")]
+    assert watch.checkpoints == 1
+
+
+def test_a_loop_taking_nothing_runs_and_without_a_directive_never_yields(monkeypatch):
+    import ray.train
+
+    from ray_layer import user_loop
+
+    reports = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None:
+                        reports.append((metrics, checkpoint)))
+    monkeypatch.setattr(ray.train, "get_context",
+                        lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    monkeypatch.setattr(user_loop, "_watch", FakeWatch())
+    monkeypatch.setattr(user_loop, "_pending", None)
+    user_loop.yielding(lambda: [user_loop.report({"step": s}, checkpoint="c") for s in range(3)])(
+        {"ignored": True})
+    assert reports == [({"step": s}, "c") for s in range(3)]
+
+
+# --- python -m orchestrator submit, on bad input ---------------------------------------------
+
+def submit(*args, tmp_path):
+    # An unreachable RAY_ADDRESS: should a check ever let bad input through, the command
+    # fails on connecting (with another message) instead of starting an embedded Ray.
+    env = {"ORCHESTRATOR_RUNS_DIR": str(tmp_path / "runs"), "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path), "RAY_ADDRESS": "127.0.0.1:9"}
+    return subprocess.run([sys.executable, "-m", "orchestrator", "submit", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("job, files, expected", [
+    ("name: a\nnum_worker: 2\nentrypoint: train.py:train_loop\n", {},
+     "'num_worker' (did you mean 'num_workers'?)"),
+    ("name: a\nmax_failures: -2\nentrypoint: train.py:train_loop\n", {},
+     "max_failures must be an integer >= 0, got -2"),
+    ("name: a\nnum_workers: 2\n", {}, "entrypoint is missing"),
+    ("name: a\nentrypoint: missing.py:train_loop\n", {},
+     "entrypoint script 'missing.py' not found"),
+    ("name: a\nentrypoint: train.py:train_loop\n",
+     {"train.py": "raise ImportError('needs pandas>=9')\n"},
+     "failed to import: ImportError: needs pandas>=9"),
+    ("name: a\nentrypoint: train.py:train_lop\n", {"train.py": "def train_loop(c): pass\n"},
+     "has no function 'train_lop'"),
+    ("name: a\nentrypoint: train.py:train_loop\n", {"train.py": "def train_loop(a, b): pass\n"},
+     "needs more than one argument"),
+    ("name: a\nentrypoint: train.py:train_loop\nrun_dir: /tmp/elsewhere\n",
+     {"train.py": "def train_loop(): pass\n"}, "must end in the job's name 'a'"),
+    ("- a list\n", {}, "a job file is a mapping of fields"),
+])
+def test_submit_of_bad_input_exits_2_naming_the_problem(tmp_path, job, files, expected):
+    folder = tmp_path / "job"
+    for name, text in files.items():
+        write(folder / name, text)
+    path = write(folder / "job.yaml", job)
+    result = submit(path, tmp_path=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ")
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_submit_of_a_used_run_dir_without_resume_exits_2(tmp_path):
+    folder = tmp_path / "job"
+    write(folder / "train.py", "def train_loop(config): pass\n")
+    (tmp_path / "runs" / "used" / "checkpoint_2026-12-02_10-00-00.000000").mkdir(parents=True)
+    result = submit(write(folder / "job.yaml", "name: used\nentrypoint: train.py:train_loop\n"),
+                    tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert f"run_dir {tmp_path / 'runs' / 'used'} already holds checkpoints of a run" \
+        in result.stderr
+
+
+def test_submit_of_a_missing_job_file_exits_2(tmp_path):
+    result = submit(tmp_path / "absent.yaml", tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert f"error: {tmp_path / 'absent.yaml'}: cannot read" in result.stderr
+
+
+def test_logs_of_a_run_that_is_not_there_exits_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "logs", "ghost", "--run-dir",
+                             str(tmp_path / "ghost")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert f"error: no run directory {tmp_path / 'ghost'}" in result.stderr
