@@ -1,0 +1,56 @@
+"""Write the regression example's data: CSV files of rows x0,x1,x2,x3,y with
+y = sin(2*x0) + 0.5*x1^2 - x2 + 0.3*x3 + noise.
+
+    python examples/regression/make_data.py                  # into examples/regression/data
+    python examples/regression/make_data.py --out /shared/regression --rows 4096 --files 8
+
+The files in examples/regression/data were written by the first command (512 rows, 4 files,
+seed 0). Point the job file's `config.data_dir` at another folder to train on other data.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import random
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FEATURES = 4
+
+
+def target(x: list[float]) -> float:
+    return math.sin(2 * x[0]) + 0.5 * x[1] ** 2 - x[2] + 0.3 * x[3]
+
+
+def write(out: Path, rows: int, files: int, seed: int, noise: float = 0.05) -> list[Path]:
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f in range(files):
+        path = out / f"part-{f:03d}.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([f"x{i}" for i in range(FEATURES)] + ["y"])
+            for _ in range(rows // files):
+                x = [rng.uniform(-1.5, 1.5) for _ in range(FEATURES)]
+                y = target(x) + rng.gauss(0.0, noise)
+                writer.writerow([f"{v:.4f}" for v in x] + [f"{y:.4f}"])
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=HERE / "data")
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--files", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    paths = write(args.out, args.rows, args.files, args.seed)
+    print(f"wrote {len(paths)} CSV files ({args.rows // args.files} rows each) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

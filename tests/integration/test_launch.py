@@ -1,0 +1,185 @@
+"""Bring your own training loop, on the shared session cluster (conftest.py): the examples run
+end to end through `python -m orchestrator submit JOB.yaml --address ...`, a user loop is
+preempted through the scheduler and resumes from its own checkpoint, and a loop that raises
+ends with exit 4 naming the worker and its error, its reservation released.
+
+Drivers are separate processes, as users run them (except where the test must itself be the
+driver, below). Each job file is a copy of an example's in tmp_path, its run_dir and data
+there. Ray Train's controller takes one report per poll (every 2 s by default); the drivers here
+run with RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5 (Ray Train passes it from the driver to its
+controller), so a 20-step example takes seconds of training, not 40.
+"""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from orchestrator import launch
+from orchestrator.config import JobSpec
+from orchestrator.entrypoints import load_entrypoint
+from orchestrator.job_exit import run_job
+from orchestrator.runs import read_metrics
+from ray_layer.cluster import ensure_control_plane
+from tests.support import wait_for
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+DRIVER_ENV = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def make_data(example: str, out: Path) -> Path:
+    subprocess.run([sys.executable, str(EXAMPLES / example / "make_data.py"), "--out", str(out)],
+                   check=True, capture_output=True, timeout=120)
+    return out
+
+
+def job_copy(tmp_path: Path, example: str, name: str, **config) -> Path:
+    """examples/<example>/job.yaml, renamed, with its run_dir and data in tmp_path; the entry
+    point stays the example's own train.py."""
+    job = yaml.safe_load((EXAMPLES / example / "job.yaml").read_text())
+    data = make_data(example, tmp_path / f"{name}-data")
+    job.update(name=name, run_dir=str(tmp_path / name),
+               entrypoint=f"{EXAMPLES / example / 'train.py'}:train_loop",
+               config={**job["config"], "data_dir": str(data), **config})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def orchestrator(*args) -> subprocess.Popen:
+    address = ray.get_runtime_context().gcs_address
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", *map(str, args),
+                             "--address", address], env=DRIVER_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout_s: float = 240) -> str:
+    out, _ = process.communicate(timeout=timeout_s)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+def held_by_scheduler(name: str) -> bool:
+    scheduler, _ = ensure_control_plane()
+    snapshot = ray.get(scheduler.snapshot.remote())
+    # "jobs": every running or waiting job, with its state (orchestrator status shows them)
+    return name in snapshot["reservations"] or any(j["job"] == name for j in snapshot["jobs"])
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("example, name", [("regression", "byol-regression"),
+                                           ("image_cnn", "byol-lines-cnn")])
+def test_an_example_runs_end_to_end_through_submit_and_its_loss_falls(cluster, tmp_path,
+                                                                     example, name):
+    out = finish(orchestrator("submit", job_copy(tmp_path, example, name)))
+    run_dir = tmp_path / name
+    records = read_metrics(run_dir)
+    # Every step once, in order (rank 0's reports), from one attempt; a checkpoint every 5.
+    assert [r["step"] for r in records] == list(range(20)), out[-3000:]
+    assert {r["start_step"] for r in records} == {0}
+    assert [r["step"] for r in records if r["checkpoint"]] == [4, 9, 14, 19]
+    assert all(Path(r["checkpoint"]).parent == run_dir for r in records if r["checkpoint"])
+    losses = [r["loss"] for r in records]
+    assert mean(losses[-3:]) < 0.6 * mean(losses[:3]), losses
+    if example == "image_cnn":  # 4 classes: chance is 0.25
+        assert records[-1]["test_accuracy"] > 0.6, records[-1]
+    # Placed by the scheduler: two workers ("2 worker(s) on node ..., " or one per node).
+    (placed,) = [line for line in out.splitlines() if line.startswith(f"placement for {name}: ")]
+    assert sum(int(n) for n in re.findall(r"(\d+) worker\(s\) on node", placed)) == 2, placed
+    # The CLI's summary (stdout; Ray's log lines share the pipe): the final report and the
+    # last checkpoint.
+    lines = out.splitlines()
+    (done,) = [line for line in lines if line.startswith(f"{name}: done on ")]
+    assert done.startswith(f"{name}: done on 2 worker(s); last report {{\"step\": 19"), done
+    assert lines[lines.index(done) + 1] == f"checkpoint: {records[-1]['checkpoint']}", out[-2000:]
+    assert not held_by_scheduler(name)
+    # `logs` prints the same history, one line per report.
+    logs = subprocess.run([sys.executable, "-m", "orchestrator", "logs", name, "--run-dir",
+                           str(run_dir)], capture_output=True, text=True, timeout=60)
+    lines = logs.stdout.splitlines()
+    assert logs.returncode == 0 and len(lines) == 20
+    assert " step 19: " in lines[-1] and lines[-1].endswith("[checkpoint]")
+    assert sum(line.endswith("[checkpoint]") for line in lines) == 4
+
+
+def test_a_preempted_user_loop_yields_after_a_checkpoint_resumes_from_it_and_completes(
+        cluster, tmp_path):
+    name, steps = "byol-preempted", 60
+    run_dir = tmp_path / name
+    driver = orchestrator("submit", job_copy(tmp_path, "regression", name, steps=steps))
+    try:
+        wait_for(f"{name} to report a checkpoint",
+                 lambda: any(r["checkpoint"] for r in read_metrics(run_dir)), timeout_s=120)
+        operator = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "preempt", name, "--address",
+             ray.get_runtime_context().gcs_address], capture_output=True, text=True, timeout=120)
+        assert operator.returncode == 0, operator.stderr
+        assert f"preempt: {name}: it checkpoints at its next step boundary" in operator.stdout
+        out = finish(driver)
+    finally:
+        driver.kill()
+
+    records = read_metrics(run_dir)
+    (at,) = [i for i, r in enumerate(records) if "yielded" in r]
+    yielded, before, after = records[at], records[:at + 1], records[at + 1:]
+    stop = yielded["step"]
+    assert yielded["yielded"] == "preempt: preempted by an operator", out[-3000:]
+    assert f"{name} stopped at step {stop} with a checkpoint: preempt:" in out, out[-3000:]
+    assert "preempted or moved 1x" in out
+    # It stopped at a report that carried a checkpoint (the yield is in that report), and
+    # before the end.
+    assert yielded["checkpoint"] and stop < steps - 1
+    assert [r["step"] for r in before] == list(range(stop + 1))
+    assert {r["start_step"] for r in before} == {0}
+    # The second attempt resumed from that checkpoint: no step up to it trained again, every
+    # later one once, and the weights were the checkpoint's (the loss carries on where it was,
+    # far below the fresh model's).
+    assert [r["step"] for r in after] == list(range(stop + 1, steps))
+    assert {r["start_step"] for r in after} == {stop + 1}
+    assert after[0]["loss"] < 0.5 * before[0]["loss"], (before[0], after[0])
+    assert after[0]["time"] > yielded["time"]
+    assert not held_by_scheduler(name)
+
+
+FAILING_LOOP = """\
+    import ray.train
+
+    from orchestrator import launch
+
+
+    def train_loop(config):
+        rank = ray.train.get_context().get_world_rank()
+        for step in range(config["steps"]):
+            if rank == 1 and step == config["fail_at"]:
+                raise ValueError(f"bad batch at step {step} on rank {rank}")
+            launch.report({"step": step})
+    """
+
+
+def test_a_loop_that_raises_exits_4_naming_the_worker_and_its_error_and_releases(
+        cluster, tmp_path, capsys, monkeypatch):
+    """This process is the driver (as `submit` is: the same entry point loader, fit and
+    run_job), so a reservation gone afterwards was released by the launcher, not reclaimed
+    from a dead driver."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    (tmp_path / "failing.py").write_text(textwrap.dedent(FAILING_LOOP))
+    entry = load_entrypoint("failing.py:train_loop", base_dir=tmp_path)
+    name = "byol-failing"
+    code, launched = run_job(lambda: launch.fit(
+        entry.function, spec=JobSpec(name, num_workers=2), config={"steps": 6, "fail_at": 2},
+        run_dir=tmp_path / name, max_failures=0, queue_timeout_s=120),
+        on_interrupt="interrupted")
+    err = capsys.readouterr().err
+    assert code == 4 and launched is None
+    assert ("error: training failed after 0 restart(s): worker rank 1: ValueError: bad batch "
+            "at step 2 on rank 1") in err
+    assert [r["step"] for r in read_metrics(tmp_path / name)] == [0, 1]
+    assert not held_by_scheduler(name)
