@@ -15,6 +15,8 @@ pins each worker to its placed node and releases the reservation at the end.
   covers --seconds-per-report (default 4) of training, calibrated before the rounds: the
   pacing then never holds a worker back. steady_state_ratio = median over the rounds of
   launcher samples/s over the bare samples/s of the same pair of rounds.
+- where the time goes: in_report_s (mean time rank 0 spends inside a report call, after the
+  first) and compute_samples_per_s (samples over the time outside report calls), per kind.
 - rounds alternate bare, launcher, bare, launcher, ...; one warm-up of each first (not
   counted: the first launcher call creates the scheduler and the agents). Before every run,
   bare or not, the machine idles --settle-s (default 6 s): the scheduler learns what Ray has
@@ -76,11 +78,12 @@ def bench_loop(config: dict) -> None:
         for _ in range(config["steps_per_report"]):
             loss = train_step(net, optimizer, x, y)
         samples += config["steps_per_report"] * BATCH * world
+        called = time.time()
+        report({"step": index, "loss": loss, "samples": samples})
         if rank == 0:
             with open(config["timing"], "a") as f:
-                f.write(json.dumps({"report": index, "time": time.time(),
+                f.write(json.dumps({"report": index, "time": called, "returned": time.time(),
                                     "samples": samples}) + "\n")
-        report({"step": index, "loss": loss, "samples": samples})
 
 
 def calibrate(seconds_per_report: float) -> tuple[int, float]:
@@ -103,10 +106,16 @@ def calibrate(seconds_per_report: float) -> tuple[int, float]:
 
 
 def figures(timing: Path, called_at: float) -> dict:
+    """startup_s; samples_per_s over wall time; in_report_s, the mean time rank 0 spent inside
+    a report call (after the first); compute_samples_per_s, over the time outside them."""
     rows = [json.loads(line) for line in timing.read_text().splitlines()]
     first, last = rows[0], rows[-1]
+    samples = last["samples"] - first["samples"]
+    outside = sum(b["time"] - a["returned"] for a, b in zip(rows, rows[1:]))
     return {"startup_s": first["time"] - called_at,
-            "samples_per_s": (last["samples"] - first["samples"]) / (last["time"] - first["time"])}
+            "samples_per_s": samples / (last["time"] - first["time"]),
+            "in_report_s": statistics.mean(r["returned"] - r["time"] for r in rows[1:]),
+            "compute_samples_per_s": samples / outside}
 
 
 def run_bare(config: dict, storage: Path, name: str) -> dict:
@@ -162,7 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
                     row = {"round": round_, "kind": kind, **run(config, storage, name)}
                     print(f"{'warm-up' if round_ == 0 else f'round {round_}'} {kind:<8} "
                           f"startup {row['startup_s']:.2f} s, "
-                          f"{row['samples_per_s']:,.0f} samples/s", flush=True)
+                          f"{row['samples_per_s']:,.0f} samples/s ({row['in_report_s']:.3f} s "
+                          f"in each report, {row['compute_samples_per_s']:,.0f} samples/s "
+                          "outside them)", flush=True)
                     rows.append(row)
     finally:
         ray.shutdown()
@@ -184,6 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
         "bare_samples_per_s": round(statistics.median(bare_sps)),
         "launcher_samples_per_s": round(statistics.median(launcher_sps)),
         "steady_state_ratios": [round(r, 3) for r in ratios],
+        "bare_in_report_s": round(statistics.median(of("bare", "in_report_s")), 3),
+        "launcher_in_report_s": round(statistics.median(of("launcher", "in_report_s")), 3),
+        "compute_ratio": round(statistics.median(
+            [l / b for l, b in zip(of("launcher", "compute_samples_per_s"),
+                                   of("bare", "compute_samples_per_s"))]), 3),
         "warmup_launcher_startup_s": round(next(r["startup_s"] for r in rows
                                                 if r["round"] == 0 and r["kind"] == "launcher"),
                                            2),
