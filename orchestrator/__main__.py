@@ -234,7 +234,7 @@ def submit(job_file: str, resume: bool, address: str | None) -> int:
                    if isinstance(v, (int, float, str))}
         checkpoint = launched.result.checkpoint
         print(f"{job.spec.name}: done on {len(launched.placement.worker_nodes)} worker(s); "
-              f"last report {json.dumps(metrics)}"
+              f"last checkpointed report {json.dumps(metrics)}"
               + (f"; preempted or moved {len(launched.yields)}x" if launched.yields else "")
               + f"\ncheckpoint: {checkpoint.path if checkpoint else None}")
     return code

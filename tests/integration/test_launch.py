@@ -98,7 +98,7 @@ def test_an_example_runs_end_to_end_through_submit_and_its_loss_falls(cluster, t
     # last checkpoint.
     lines = out.splitlines()
     (done,) = [line for line in lines if line.startswith(f"{name}: done on ")]
-    assert done.startswith(f"{name}: done on 2 worker(s); last report {{\"step\": 19"), done
+    assert done.startswith(f"{name}: done on 2 worker(s); last checkpointed report {{\"step\": 19"), done
     assert lines[lines.index(done) + 1] == f"checkpoint: {records[-1]['checkpoint']}", out[-2000:]
     assert not held_by_scheduler(name)
     # `logs` prints the same history, one line per report.
