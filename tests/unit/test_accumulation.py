@@ -11,14 +11,15 @@ from orchestrator.training.loop import build_optimizer, lr_at, train
 from orchestrator.training.model import GPT, GPTConfig, parameter_groups
 from orchestrator.training.session import LocalSession
 from test_training_loop import CrashingSession  # dies right after a given checkpoint
+from test_training_loop import tiny as tiny_loop_config
 
 CPU = torch.device("cpu")
 
 
 def tiny(**overrides):
-    base = dict(model_size="tiny", batch_size=4, seq_len=32, max_steps=12, warmup_steps=2,
-                checkpoint_every=6, log_every=6, eval_batches=1)
-    return TrainConfig(**{**base, **overrides})
+    """The training-loop tests' tiny config, shorter: 12 steps, a checkpoint every 6."""
+    return tiny_loop_config(**{"max_steps": 12, "checkpoint_every": 6, "log_every": 6,
+                               "eval_batches": 1, **overrides})
 
 
 def final_weights(run_dir):
