@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -79,9 +80,10 @@ HEALTHY, SUSPECT, DEAD = "healthy", "suspect", "dead"
 
 def accelerator_family(gpu_name: str) -> str:
     """The family of a GPU name as NVML or a label gives it ("NVIDIA A100-SXM4-80GB" -> "A100");
-    "" when the name matches no known family."""
-    upper = gpu_name.upper()
-    return next((family for family in ACCELERATOR_FAMILIES if family in upper), "")
+    "" when the name matches no known family. A family must be a whole token of the name: by
+    substring, "NVIDIA L40" read as L4 and "NVIDIA GH200" as H200."""
+    tokens = set(re.split(r"[^A-Z0-9]+", gpu_name.upper()))
+    return next((family for family in ACCELERATOR_FAMILIES if family in tokens), "")
 
 
 class ClusterState:

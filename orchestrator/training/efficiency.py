@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from orchestrator.inventory import accelerator_family
+
 # Dense peak TFLOP/s per GPU by precision, from NVIDIA's datasheets (SXM parts; no sparsity).
 # Matched by substring of the CUDA device name, first match wins (so "H100" before "A100").
 GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
@@ -45,11 +47,10 @@ def flops_per_token(n_params_non_embedding: int, n_layer: int, n_embd: int,
 
 
 def gpu_peak_flops(device_name: str, precision: str) -> float | None:
-    """Datasheet peak for a CUDA device name, or None when the table does not know it."""
-    for key, peaks in GPU_PEAK_TFLOPS:
-        if key in device_name.upper() and precision in peaks:
-            return peaks[precision] * 1e12
-    return None
+    """Datasheet peak for a CUDA device name, or None when the table does not know it (an
+    unknown device gets no MFU rather than another family's)."""
+    peaks = dict(GPU_PEAK_TFLOPS).get(accelerator_family(device_name), {})
+    return peaks[precision] * 1e12 if precision in peaks else None
 
 
 def measure_cpu_peak_flops(size: int = 2048, repeats: int = 3, min_seconds: float = 1.0

@@ -23,6 +23,9 @@ def test_gpu_peaks_by_name_and_precision(name, precision, tflops):
 def test_unknown_gpu_or_precision_has_no_peak():
     assert gpu_peak_flops("Mystery GPU", "bf16") is None
     assert gpu_peak_flops("Tesla T4", "bf16") is None  # T4 has no bf16 tensor cores
+    # Not another family's peak by substring (L40 is not an L4, GH200 not an H200).
+    assert gpu_peak_flops("NVIDIA L40", "bf16") is None
+    assert gpu_peak_flops("NVIDIA GH200 480GB", "bf16") is None
 
 
 def test_cpu_peak_is_measured_and_mfu_is_a_ratio():

@@ -81,6 +81,9 @@ def test_reservations_survive_a_round_trip_without_double_counting():
     ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A10G", "A10G"), ("Tesla T4", "T4"),
     ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA L4", "L4"), ("Some NPU v2", "NPU"),
     ("Mystery Accelerator", ""),
+    # Whole tokens only: these matched a shorter family by substring.
+    ("NVIDIA L40", ""), ("NVIDIA L40S", "L40S"), ("NVIDIA GH200 480GB", ""),
+    ("NVIDIA H200", "H200"), ("AMD Instinct MI300X", "MI300X"), ("a100", "A100"),
 ])
 def test_accelerator_family(name, family):
     assert accelerator_family(name) == family
