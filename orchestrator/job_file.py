@@ -65,6 +65,8 @@ def load_job_file(path: str | Path) -> JobFile:
         spec = None
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
+    if launcher.get("config") is None:  # `config:` left empty: no config
+        launcher.pop("config", None)
     return JobFile(spec=spec, path=path, **launcher)
 
 
@@ -76,8 +78,6 @@ def _launcher_problems(launcher: dict[str, Any]) -> list[str]:
     for key in ("config", "runtime_env"):
         if key in launcher and launcher[key] is not None and not isinstance(launcher[key], dict):
             p.append(f"{key} must be a mapping, got {launcher[key]!r}")
-    if launcher.get("config") is None:
-        launcher.pop("config", None)
     if "run_dir" in launcher and not isinstance(launcher["run_dir"], str):
         p.append(f"run_dir must be a path, got {launcher['run_dir']!r}")
     if "max_failures" in launcher and not (is_int(launcher["max_failures"])

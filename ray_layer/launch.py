@@ -63,7 +63,7 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
             raise JobFailed(f"the scheduler or a node agent did not come up: {e}",
                             EXIT_NOT_PLACEABLE) from None
         driver = PlacedRun(scheduler, spec, queue_timeout_s)
-        trainer_for = _trainer_factory(train_fn, train_loop_config, spec, run_dir,
+        trainer_for = _trainer_factory(train_fn, train_loop_config, spec, run_dir, driver.owner,
                                        queue_timeout_s, max_failures, keep_checkpoints)
         try:
             result, placement = driver.run(lambda placement: _fit(trainer_for(placement),
@@ -82,7 +82,8 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
 
 
 def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: Path,
-                     queue_timeout_s: float, max_failures: int, keep_checkpoints: int):
+                     owner: str, queue_timeout_s: float, max_failures: int,
+                     keep_checkpoints: int):
     def trainer_for(placement: Placement) -> TorchTrainer:
         return TorchTrainer(
             train_fn,
@@ -101,8 +102,7 @@ def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: 
                 failure_config=FailureConfig(max_failures=max_failures),
                 # A lost node: re-placed by the scheduler before the worker group restarts.
                 callbacks=[MetricsLog(run_dir),
-                           FollowPlacement(spec, ray.get_runtime_context().get_job_id(),
-                                           timeout_s=queue_timeout_s)],
+                           FollowPlacement(spec, owner, timeout_s=queue_timeout_s)],
             ),
         )
     return trainer_for
