@@ -404,6 +404,16 @@ class SchedulerCore:
         job = self.running.get(job_name)
         return job.placement.owner if job is not None else self.queue.owner_of(job_name)
 
+    def running_family(self, job_name: str) -> str | None:
+        """The accelerator family a running job's pace is set by (its slowest), or None when
+        it is not running; "" for a CPU job or an unknown device."""
+        job = self.running.get(job_name)
+        if job is None:
+            return None
+        if job.family is None:
+            job.family = self._family_of(job.placement, job.spec)
+        return job.family
+
     def jobs(self, now: float) -> list[dict]:
         """Every job the scheduler knows, for `status`: running (with any pending directive),
         waiting (preempted ones say so) with its reason and place in line."""
