@@ -6,11 +6,22 @@ Canonical CSV (header required, columns in any order):
     duration_s      run time on the reference GPU type, all GPUs on one server (float > 0)
     num_gpus        GPUs the job uses (integer >= 1)
     model_type      optional: a Gavel job type ("ResNet-50 (batch size 64)"); empty = by GPU-hours
-    accelerator     optional: the only GPU family the job may run on ("V100"); empty = any
+    accelerator     optional: the GPU families the job may run on, separated by "|"
+                    ("V100", "V100|A100"); empty = any family
+
+The accelerator constraint is case-insensitive ("v100|a100" = "V100|A100"); whitespace around a
+family is ignored, a repeated family counts once and the order written is kept. Each family is a
+name: a letter or digit, then letters, digits, "_" or "-". An empty part ("V100|", "|A100",
+"V100||A100") or a part that is not a name ("V100,A100" in a quoted field, "V100;A100",
+"V 100") is malformed. A well-formed name that is not a known family
+(orchestrator.config.ACCELERATOR_FAMILIES), e.g. "Z80", is NOT an error: it is kept in
+TraceJob.accelerators and `unknown_families` names it, so the simulator can report the job as
+never fitting rather than refuse the whole trace.
 
 Any other column, a missing required column, or a malformed row raises TraceError naming the
 file and the line. Nothing is dropped: jobs that cannot fit the modelled cluster are counted and
-reported by the simulator.
+reported by the simulator. `write_canonical` writes jobs back in this format (load_canonical
+reads them back equal, apart from `line`).
 
 Philly (`data/philly.csv`): timestamp, duration, num_gpus, gpu_time, cluster; submit times are
 made relative to the first job.
@@ -19,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +44,9 @@ PHILLY_CSV = DATA_DIR / "philly.csv"
 CANONICAL_REQUIRED = ("submit_time_s", "duration_s", "num_gpus")
 CANONICAL_OPTIONAL = ("model_type", "accelerator")
 PHILLY_COLUMNS = ("timestamp", "duration", "num_gpus", "gpu_time", "cluster")
+ACCELERATOR_SEPARATOR = "|"
+# A family name: what the constraint syntax accepts, known family or not.
+_FAMILY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class TraceError(ValueError):
@@ -41,15 +56,50 @@ class TraceError(ValueError):
 @dataclass(frozen=True)
 class TraceJob:
     """One job of a trace as loaded: submit time, duration on the reference GPU, GPU count and,
-    when given, model type and allowed accelerator family."""
+    when given, model type and the accelerator families it may run on."""
 
     job_id: int  # position in the file (0-based data row)
     submit_time_s: float
     duration_s: float  # on the reference GPU type, consolidated
     num_gpus: int
     model_type: str = ""  # "" = assign by GPU-hours bucket
-    accelerator: str = ""  # "" = any family
+    accelerators: tuple[str, ...] = ()  # upper-case family names; () = any family
     line: int = 0  # line in the source file (1 = header)
+
+    def __post_init__(self) -> None:
+        # A bare string would silently become a tuple of characters ("V100" -> "V", "1", ...).
+        if isinstance(self.accelerators, list):
+            object.__setattr__(self, "accelerators", tuple(self.accelerators))
+        if not isinstance(self.accelerators, tuple) or \
+                not all(isinstance(a, str) for a in self.accelerators):
+            raise TypeError(f"TraceJob {self.job_id}: accelerators must be a tuple of family "
+                            f"names, e.g. ('V100', 'A100'), got {self.accelerators!r}")
+
+
+def parse_accelerators(text: str, where: str) -> tuple[str, ...]:
+    """The families of an `accelerator` field ("v100 | A100" -> ("V100", "A100")): upper-cased,
+    duplicates dropped, order kept; "" = () = any. Malformed syntax raises TraceError naming
+    `where` ("file:line"); a well-formed but unknown family is kept (see unknown_families)."""
+    if not text.strip():
+        return ()
+    families: list[str] = []
+    for part in (p.strip() for p in text.split(ACCELERATOR_SEPARATOR)):
+        if not part:
+            raise TraceError(f"{where}: accelerator {text!r} has an empty part; write families "
+                             f"separated by '{ACCELERATOR_SEPARATOR}', e.g. 'V100|A100'")
+        if not _FAMILY_NAME.fullmatch(part):
+            raise TraceError(f"{where}: accelerator {text!r}: {part!r} is not a family name "
+                             f"(letters, digits, '_' or '-'); separate families with "
+                             f"'{ACCELERATOR_SEPARATOR}', e.g. 'V100|A100'")
+        if part.upper() not in families:
+            families.append(part.upper())
+    return tuple(families)
+
+
+def unknown_families(accelerators: tuple[str, ...]) -> tuple[str, ...]:
+    """The families in `accelerators` that orchestrator.config.ACCELERATOR_FAMILIES does not
+    know (in order): a job allowed only these can never run."""
+    return tuple(a for a in accelerators if a.upper() not in ACCELERATOR_FAMILIES)
 
 
 def _float(value: str, name: str, where: str, minimum: float, strict: bool) -> float:
@@ -125,17 +175,36 @@ def load_canonical(path: Path | str) -> list[TraceJob]:
         if model_type and model_type not in GAVEL_JOB_TYPES:
             raise TraceError(f"{where}: unknown model_type {model_type!r}; known: "
                              f"{', '.join(sorted(GAVEL_JOB_TYPES))}")
-        accelerator = get("accelerator").upper()
-        if accelerator and accelerator not in ACCELERATOR_FAMILIES:
-            raise TraceError(f"{where}: unknown accelerator {get('accelerator')!r}; known: "
-                             f"{', '.join(ACCELERATOR_FAMILIES)}")
+        accelerators = parse_accelerators(get("accelerator"), where)
         jobs.append(TraceJob(
             job_id=len(jobs),
             submit_time_s=_float(get("submit_time_s"), "submit_time_s", where, 0, False),
             duration_s=_float(get("duration_s"), "duration_s", where, 0, True),
             num_gpus=_int(get("num_gpus"), "num_gpus", where),
-            model_type=model_type, accelerator=accelerator, line=line))
+            model_type=model_type, accelerators=accelerators, line=line))
     return jobs
+
+
+def write_canonical(jobs: list[TraceJob], path: Path | str) -> None:
+    """Write `jobs` as a canonical CSV (all five columns, in the order given) that
+    load_canonical reads back equal apart from `line`. Floats are written as repr() (the
+    shortest text that reads back to the same number), so equal jobs give identical bytes."""
+    path = Path(path)
+    for job in jobs:
+        bad = [a for a in job.accelerators if not _FAMILY_NAME.fullmatch(a)]
+        if bad:
+            raise TraceError(f"{path}: job {job.job_id}: accelerators {bad} are not family "
+                             f"names (letters, digits, '_' or '-'); they would not read back")
+    try:
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(CANONICAL_REQUIRED + CANONICAL_OPTIONAL)
+            for job in jobs:
+                writer.writerow((repr(float(job.submit_time_s)), repr(float(job.duration_s)),
+                                 job.num_gpus, job.model_type,
+                                 ACCELERATOR_SEPARATOR.join(job.accelerators)))
+    except OSError as e:
+        raise TraceError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
 def load_philly(path: Path | str = PHILLY_CSV) -> list[TraceJob]:

@@ -17,7 +17,7 @@ CLUSTER = "p100:4x4,k80:4x2;rack=2"
 
 def stream(*jobs):
     """(submit s, duration s on a P100, GPUs), every job constrained to P100s."""
-    return prepare([TraceJob(i, float(submit), float(duration), gpus, MODEL, "P100")
+    return prepare([TraceJob(i, float(submit), float(duration), gpus, MODEL, ("P100",))
                     for i, (submit, duration, gpus) in enumerate(jobs)])
 
 

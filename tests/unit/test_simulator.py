@@ -13,16 +13,17 @@ from orchestrator.cluster_model import (ClusterSpecError, build_state, iteration
                                         parse_cluster_spec, throughput)
 from orchestrator.simulator import FINISHED, NEVER_FITS, simulate
 from orchestrator.traces import (TraceError, TraceJob, load_canonical, load_philly, load_trace,
-                                 prepare)
+                                 prepare, unknown_families)
 
 ALL = policies.POLICY_NAMES
 MODEL = "ResNet-18 (batch size 64)"
 
 
 def trace(*jobs):
-    """jobs: (submit, duration, gpus[, accelerator]) on the reference GPU."""
+    """jobs: (submit, duration, gpus[, "V100" or "V100|K80"]) on the reference GPU."""
     return prepare([TraceJob(i, float(j[0]), float(j[1]), int(j[2]), MODEL,
-                             j[3] if len(j) > 3 else "") for i, j in enumerate(jobs)])
+                             tuple(j[3].split("|")) if len(j) > 3 else ())
+                    for i, j in enumerate(jobs)])
 
 
 def by_id(result):
@@ -194,9 +195,9 @@ def test_canonical_loader_reads_optional_columns(tmp_path):
     path.write_text("submit_time_s,duration_s,num_gpus,model_type,accelerator\n"
                     "0,100,1,,\n5,50.5,4,LM (batch size 20),v100\n\n")
     jobs = load_canonical(path)
-    assert [(j.submit_time_s, j.duration_s, j.num_gpus, j.model_type, j.accelerator, j.line)
-            for j in jobs] == [(0, 100, 1, "", "", 2), (5, 50.5, 4, "LM (batch size 20)",
-                                                         "V100", 3)]
+    assert [(j.submit_time_s, j.duration_s, j.num_gpus, j.model_type, j.accelerators, j.line)
+            for j in jobs] == [(0, 100, 1, "", (), 2), (5, 50.5, 4, "LM (batch size 20)",
+                                                         ("V100",), 3)]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -207,8 +208,8 @@ def test_canonical_loader_reads_optional_columns(tmp_path):
     ("submit_time_s,duration_s,num_gpus\n0,1,1.5\n", ":2: num_gpus must be an integer >= 1"),
     ("submit_time_s,duration_s,num_gpus\n-1,1,1\n", ":2: submit_time_s must be a finite"),
     ("submit_time_s,duration_s,num_gpus\n0,1\n", ":2: 2 field(s), the header has 3"),
-    ("submit_time_s,duration_s,num_gpus,accelerator\n0,1,1,Z80\n",
-     ":2: unknown accelerator 'Z80'"),
+    ("submit_time_s,duration_s,num_gpus,accelerator\n0,1,1,V100|\n",
+     ":2: accelerator 'V100|' has an empty part"),
     ("submit_time_s,duration_s,num_gpus,model_type\n0,1,1,GPT\n", ":2: unknown model_type"),
     ("", ":1: empty file"),
 ])
@@ -218,6 +219,18 @@ def test_canonical_loader_errors_name_file_and_line(tmp_path, text, message):
     with pytest.raises(TraceError) as e:
         load_canonical(path)
     assert str(e.value).startswith(str(path)) and message in str(e.value)
+
+
+def test_an_unknown_family_is_kept_and_its_job_never_fits(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("submit_time_s,duration_s,num_gpus,accelerator\n0,10,1,Z80\n"
+                    "0,10,1,z80|P100\n")
+    jobs = load_canonical(path)
+    assert [j.accelerators for j in jobs] == [("Z80",), ("Z80", "P100")]
+    assert [unknown_families(j.accelerators) for j in jobs] == [("Z80",), ("Z80",)]
+    result = by_id(simulate(prepare(jobs), "p100:8x1", "ours"))
+    # Only Z80 allowed: never submitted. Z80 or P100: runs on the P100 it may use.
+    assert result[0].status == NEVER_FITS and result[1].status == FINISHED
 
 
 def test_philly_loader_and_its_errors(tmp_path):
