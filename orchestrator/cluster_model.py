@@ -8,6 +8,13 @@ Cluster SPEC (`--cluster`):
         40 servers of 8 V100, 40 of 8 P100, 40 of 4 K80; racks of 16 servers (a rack holds one
         server type; the last rack of a type may be smaller).
 
+    "v100:8x24,v100:4x48,a100:8x12;rack=16"
+        One type may appear in several groups with different GPUs per server: 24 servers of
+        8 V100 and 48 of 4 V100 (384 V100 in all), and 12 of 8 A100. A rack holds servers of
+        one group only (here 16+8 and 16+16+16 V100 servers, 12 A100). Servers are named
+        TYPE-NNNN, numbered per type across its groups in SPEC order (v100-0000..v100-0023 have
+        8 GPUs, v100-0024..v100-0071 have 4).
+
 TYPE is one of GPU_TYPES (k80, p100, v100, t4, l4, a100, h100; case-insensitive). Each rack is a
 network group (labels orchestrator.io/network-group and -network-gbps) with `rack_gbps` GB/s
 between its servers (default 12.5 = 100 Gb/s); servers in different racks talk at `inter_gbps`
