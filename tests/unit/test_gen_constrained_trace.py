@@ -1,0 +1,119 @@
+"""scripts/gen_constrained_trace.py: the constrained heterogeneous trace has the shape the
+issue asks for (cluster, constraint shares, gang jobs, load), fits, is reproducible and loads
+back. One 8,000-job trace per module keeps it fast. No Ray."""
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from orchestrator.cluster_model import GPU_TYPES, parse_cluster_spec
+from orchestrator.traces import load_canonical, write_canonical
+from scripts import gen_constrained_trace as gen
+
+SPEC = parse_cluster_spec(gen.CONSTRAINED_CLUSTER)
+GPUS = gen.family_gpus(SPEC)  # family -> GPUs
+N = gen.DEFAULT_JOBS
+
+
+@pytest.fixture(scope="module")
+def jobs():
+    return gen.generate()
+
+
+def offered(jobs, selected, gpus):
+    last = max(j.submit_time_s for j in jobs)
+    return sum(j.num_gpus * j.duration_s for j in selected) / (gpus * last)
+
+
+def test_the_cluster_has_four_families_and_a_scarce_one_in_8_gpu_servers():
+    assert list(GPUS) == ["K80", "P100", "V100", "A100"] and SPEC.total_gpus == 992
+    assert gen.scarce_family(GPUS) == "A100" and GPUS["A100"] / SPEC.total_gpus <= 0.10
+    scarce_groups = [g for g in SPEC.groups if GPU_TYPES[g.gpu_type].family == "A100"]
+    assert scarce_groups and all(g.gpus_per_server == 8 for g in scarce_groups)
+    sizes = Counter((GPU_TYPES[g.gpu_type].family, g.gpus_per_server) for g in SPEC.groups)
+    assert {f for f, _ in sizes if sum(k[0] == f for k in sizes) > 1} == {"V100", "P100"}
+
+
+def test_job_count_and_constraint_shares(jobs):
+    assert len(jobs) == N == 8_000
+    by_len = Counter(len(j.accelerators) for j in jobs)
+    assert by_len == {1: round(N / 3), 2: round(0.15 * N), 0: N - round(N / 3) - round(0.15 * N)}
+    pairs = Counter("|".join(j.accelerators) for j in jobs if len(j.accelerators) == 2)
+    assert set(pairs) == {"K80|P100", "P100|V100", "V100|A100"}
+
+
+def test_gang_jobs_are_5_percent_of_8_gpus_on_the_scarce_family_at_its_load(jobs):
+    gang = [j for j in jobs if j.accelerators == ("A100",)]
+    assert len(gang) == round(0.05 * N) and {j.num_gpus for j in gang} == {8}
+    assert offered(jobs, gang, GPUS["A100"]) == pytest.approx(gen.DEFAULT_SCARCE_LOAD, rel=0.02)
+
+
+def test_other_single_family_jobs_pick_by_gpu_count(jobs):
+    singles = Counter(j.accelerators[0] for j in jobs
+                      if len(j.accelerators) == 1 and j.accelerators != ("A100",))
+    total = sum(singles.values())
+    assert set(singles) == {"K80", "P100", "V100"}
+    others = GPUS["K80"] + GPUS["P100"] + GPUS["V100"]
+    for family, count in singles.items():  # 2,267 draws: 5 standard deviations ~ 0.05
+        assert count / total == pytest.approx(GPUS[family] / others, abs=0.05), family
+
+
+def test_offered_load_is_the_target(jobs):
+    assert gen.offered_load(jobs, SPEC.total_gpus) == pytest.approx(gen.DEFAULT_LOAD, rel=0.02)
+    assert offered(jobs, jobs, SPEC.total_gpus) == pytest.approx(0.95, rel=0.02)
+    submits = [j.submit_time_s for j in jobs]
+    assert submits[0] == 0 and submits == sorted(submits)
+
+
+def test_every_job_fits_its_allowed_families_and_sizes_are_philly_sizes(jobs):
+    for j in jobs:
+        allowed = j.accelerators or tuple(GPUS)
+        assert j.num_gpus <= sum(GPUS[f] for f in allowed), j
+    philly_sizes, philly_durations = gen.philly_pairs()
+    assert {j.num_gpus for j in jobs} <= set(philly_sizes.tolist())
+    non_gang = [j for j in jobs if j.accelerators != ("A100",)]
+    rows = set(zip(philly_sizes.tolist(), philly_durations.tolist()))
+    assert all((j.num_gpus, j.duration_s) in rows for j in non_gang)  # drawn as pairs
+
+
+def test_a_job_that_does_not_fit_its_families_is_redrawn():
+    rng = np.random.default_rng(3)
+    sizes = np.array([1, 64, 128, 2])
+    rows = gen.draw_fitting_rows(rng, np.array([2] * 500 + [128] * 500), sizes)
+    assert (sizes[rows[:500]] <= 2).all() and set(sizes[rows[500:]].tolist()) == {1, 2, 64, 128}
+
+
+def test_same_seed_same_bytes_other_seed_other_trace(jobs, tmp_path):
+    write_canonical(jobs, tmp_path / "a.csv")
+    write_canonical(gen.generate(seed=0), tmp_path / "b.csv")
+    write_canonical(gen.generate(seed=1), tmp_path / "c.csv")
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert (tmp_path / "a.csv").read_bytes() != (tmp_path / "c.csv").read_bytes()
+
+
+def test_the_cli_writes_a_csv_that_loads_back(jobs, tmp_path, capsys):
+    out = tmp_path / "trace.csv"
+    assert gen.main(["--out", str(out), "--seed", "0"]) == 0
+    back = load_canonical(out)
+    assert [(j.submit_time_s, j.duration_s, j.num_gpus, j.accelerators) for j in back] == \
+        [(j.submit_time_s, j.duration_s, j.num_gpus, j.accelerators) for j in jobs]
+    printed = capsys.readouterr().out
+    assert "jobs: 8,000" in printed and "A100 96 (9.7%)" in printed
+    assert "offered load: 0.950 overall" in printed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--jobs", "1"], "--jobs must be an integer >= 2"),
+    (["--load", "0"], "--load must be a number > 0"),
+    (["--gang-share", "0.5", "--single-share", "0.4"], "--gang-share 0.5 > --single-share"),
+    (["--single-share", "0.9", "--pair-share", "0.2"], "> 1"),
+    (["--cluster", "v100:8x4"], "needs at least two accelerator families"),
+    (["--cluster", "v100:8x4,a100:4x1"], "the scarce family A100 has 4 GPUs"),
+    (["--scarce-load", "20"], "--scarce-load 20.0 on 96 A100 GPUs is more than --load"),
+    (["--cluster", "v100:8"], "part 'v100:8'"),
+])
+def test_bad_parameters_are_one_error_line(tmp_path, capsys, args, message):
+    assert gen.main(["--out", str(tmp_path / "x.csv"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gen_constrained_trace: error: ") and message in err
+    assert not (tmp_path / "x.csv").exists()
