@@ -21,6 +21,7 @@ from orchestrator.config import (LR_SCHEDULES, MODEL_PRESETS, PRECISIONS, Config
                                  TrainConfig, resume_conflicts)
 from orchestrator.job_exit import EXIT_BAD_INPUT, JobFailed, run_job
 from orchestrator.runs import DEFAULT_RUNS_ROOT, RunDirError, resolve_run_dir
+from orchestrator.throughput import pretrain_workload
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = TrainConfig()
@@ -103,7 +104,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path) -> tuple[TrainConfig,
                    min_gpu_memory_gb=args.min_gpu_memory_gb,
                    min_bandwidth_gbps=args.min_bandwidth_gbps,
                    accelerator_types=tuple(args.accelerator_types), priority=args.priority,
-                   expected_duration_s=args.expected_duration_s)
+                   expected_duration_s=args.expected_duration_s,
+                   workload=pretrain_workload(train_config))
     if args.resume:
         _check_resumable(run_dir, train_config)
     return train_config, spec

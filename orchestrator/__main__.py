@@ -86,7 +86,34 @@ def format_jobs(jobs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def format_status(rows: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> str:
+def format_throughput(table: dict[str, Any] | None, max_workloads: int = 10) -> list[str]:
+    """The scheduler's learnt speeds, one line per workload (measured first, most samples
+    first), each family with its speed relative to the reference family and its sample
+    count; bootstrapped rows are only counted (`status --json` lists them all)."""
+    if not table:
+        return []  # a scheduler from before the table
+    measured: dict[str, list[dict[str, Any]]] = {}
+    for row in table["rows"]:
+        if row["source"] == "measured":
+            measured.setdefault(row["workload"], []).append(row)
+    others = len(table["rows"]) - sum(len(r) for r in measured.values())
+    order = sorted(measured, key=lambda w: (-sum(r["samples"] for r in measured[w]), w))
+    lines = [f"throughput (speed relative to {table.get('reference', 'V100')}, samples):"]
+    for workload in order[:max_workloads]:
+        families = sorted(measured[workload], key=lambda r: -r["speed"])
+        lines.append(f"  {workload}: " + ", ".join(
+            f"{r['family']} {r['speed']:.2f}x ({r['samples']})" for r in families))
+    if len(order) > max_workloads:
+        lines.append(f"  ... {len(order) - max_workloads} more measured workload(s)")
+    if others:
+        lines.append(f"  {others} bootstrapped (workload, family) speed(s) not shown")
+    if not measured:
+        lines.append("  nothing measured yet: static speeds (config.ACCELERATOR_SPEED)")
+    return lines
+
+
+def format_status(rows: list[dict[str, Any]], jobs: list[dict[str, Any]],
+                  throughput: dict[str, Any] | None = None) -> str:
     header = ("NODE", "HEALTH", "ACCELERATORS", "GPU FREE", "GPU MEM FREE GiB", "CPU FREE",
               "LOAD", "BW GB/s (median)", "RESERVED BY")
     table = [header]
@@ -101,6 +128,8 @@ def format_status(rows: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> str
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
     lines += [""] + format_jobs(jobs) if jobs else []
+    speeds = format_throughput(throughput)
+    lines += [""] + speeds if speeds else []
     for r in rows:
         for probe, error in r["probe_errors"].items():
             lines.append(f"probe error on {r['node_id'][:12]}: {probe}: {error}")
@@ -282,9 +311,10 @@ def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
         rows = status_rows(snapshot)
         if args.json:
             print(json.dumps({"time": time.time(), "nodes": rows, "jobs": snapshot["jobs"],
-                              "queue": [q.__dict__ for q in snapshot["queue"]]}, indent=2))
+                              "queue": [q.__dict__ for q in snapshot["queue"]],
+                              "throughput": snapshot.get("throughput")}, indent=2))
         else:
-            print(format_status(rows, snapshot["jobs"]))
+            print(format_status(rows, snapshot["jobs"], snapshot.get("throughput")))
         return 0
     if args.command in ("preempt", "cancel"):
         done = ray.get(getattr(scheduler, args.command).remote(args.name))

@@ -25,6 +25,7 @@ LR_SCHEDULES = ("cosine", "step", "constant")
 # LayerNorm. "lower"/"upper" are the first/second half of the transformer blocks.
 ACCUMULATION_GROUPS = ("embeddings", "lower", "upper", "head")
 MAX_ACCUMULATION = 1024
+MAX_WORKLOAD_CHARS = 200  # JobSpec.workload: a key, not a description
 
 # Accelerator families the scheduler knows, longest names first so "A100" wins over "A10".
 ACCELERATOR_FAMILIES = ("MI300X", "MI250", "H200", "H100", "B200", "A100", "A10G", "L40S",
@@ -46,6 +47,14 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "medium": {"n_layer": 6, "n_head": 8, "n_embd": 256},
     "large": {"n_layer": 12, "n_head": 12, "n_embd": 768},
 }
+
+
+def _shorten(value: Any, limit: int = 60) -> str:
+    """repr of a value, a long string cut to `limit` characters (an error message must stay
+    readable)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return repr(value)
 
 
 def _check(problems: list[str], ok: bool, message: str) -> None:
@@ -133,6 +142,11 @@ class JobSpec:
     # False: the job's loop never checkpoints on the scheduler's request (a loop that does not
     # call orchestrator.launch.report), so it is never chosen to preempt or migrate.
     preemptible: bool = True
+    # What determines the job's training speed on an accelerator (jobs/pretrain.py sets it
+    # from the model, sequence length, per-worker batch and precision: throughput.workload_key).
+    # Jobs with the same key share what the scheduler learns of their speed per accelerator
+    # family (orchestrator/throughput.py); "" = unknown: the static speeds apply.
+    workload: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.accelerator_types, str):  # from YAML / CLI: one type
@@ -164,6 +178,10 @@ class JobSpec:
                or (is_number(self.expected_duration_s) and self.expected_duration_s > 0),
                f"expected_duration_s must be a number of seconds > 0 (or unset), "
                f"got {self.expected_duration_s!r}")
+        _check(p, isinstance(self.workload, str) and len(self.workload) <= MAX_WORKLOAD_CHARS
+               and self.workload.isprintable(),
+               f"workload must be a string of at most {MAX_WORKLOAD_CHARS} printable "
+               f"characters, got {_shorten(self.workload)}")
         if not isinstance(self.accelerator_types, tuple):
             p.append(f"accelerator_types must be a list of accelerator families, got "
                      f"{self.accelerator_types!r}")

@@ -22,6 +22,7 @@ from orchestrator.inventory import NodeReport
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.scheduler_core import SchedulerCore
 from orchestrator.scheduler_types import Outcome, SchedulerSettings, Yield
+from orchestrator.throughput import ThroughputTable
 from ray_layer.node_agent import ensure_agent
 from ray_layer.scheduler_client import NAMESPACE
 from ray_layer.telemetry import record_all
@@ -29,6 +30,7 @@ from ray_layer.telemetry import record_all
 log = logging.getLogger(__name__)
 
 STATE_KEY = b"scheduler-state"
+THROUGHPUT_KEY = "throughput"  # the learnt speeds, beside the core's parts in the saved state
 RAY_NODES_REFRESH_S = 1.0  # a flood of reports for unknown nodes asks Ray at most this often
 
 
@@ -54,11 +56,16 @@ class SchedulerActor:
     """The cluster's one scheduler (a named, detached actor; see ray_layer/cluster.py).
 
     Node agents call `report`; drivers `submit`, `poll`, `yielded` and `release`; training
-    workers `directive` at step boundaries; operators `cancel`, `preempt`, `snapshot`.
+    workers `directive` at step boundaries (with their throughput, which the speed table
+    learns from); operators `cancel`, `preempt`, `snapshot`.
     Keyword arguments are SchedulerSettings' fields plus `maintain_every_s`."""
 
     def __init__(self, maintain_every_s: float = 5.0, **settings) -> None:
-        self.core = SchedulerCore(SchedulerSettings(**settings))
+        # Relative speed per (workload, family), static until jobs report (replaced on restore,
+        # hence looked up through self at each call).
+        self.throughput = ThroughputTable()
+        self._throughput_unsaved = False
+        self.core = SchedulerCore(SchedulerSettings(**settings), speed=self._speed)
         self.store = _GcsStore()
         self.lock = threading.RLock()  # Ray's thread and the maintenance thread
         self._ray_checked_at = float("-inf")
@@ -137,11 +144,17 @@ class SchedulerActor:
         """The job ended: free what it held (only its owner, or an operator passing no owner)."""
         return self._call(lambda now: self.core.release(job_name, owner, now))
 
-    def directive(self, job_name: str, last_checkpoint_at: float | None = None) -> dict | None:
+    def directive(self, job_name: str, last_checkpoint_at: float | None = None,
+                  per_worker_rate: float | None = None) -> dict | None:
         """Asked by a training job at step boundaries: None to keep going, else
-        {"kind": preempt|migrate|cancel, "reason": ...}: checkpoint and stop."""
+        {"kind": preempt|migrate|cancel, "reason": ...}: checkpoint and stop.
+        `per_worker_rate`: the job's recent throughput per worker (tokens/s), if it has a new
+        figure: learnt for its workload on the family it runs on."""
         with self.lock:
-            d = self.core.directive(job_name, time.time(), last_checkpoint_at)
+            now = time.time()
+            if per_worker_rate is not None:
+                self._observe(job_name, per_worker_rate, now)
+            d = self.core.directive(job_name, now, last_checkpoint_at)
         return None if d is None else {"kind": d.kind, "reason": d.reason}
 
     # -- operators ------------------------------------------------------------------------
@@ -171,6 +184,8 @@ class SchedulerActor:
                 "reservations": dict(state.reservations),
                 "queue": [self.core.queue.status(j.spec.name) for j in self.core.queue.ordered()],
                 "jobs": self.core.jobs(now),
+                "throughput": {"reference": self.throughput.reference,
+                               "rows": self.throughput.rows()},
             }
 
     # -- maintenance ----------------------------------------------------------------------
@@ -190,6 +205,8 @@ class SchedulerActor:
             for outcome in (dead, usage, orphans, tick):
                 self._apply(outcome)
             agents = self.core.agents_needed(alive, now)
+            if self._throughput_unsaved:  # learnt speeds: saved at most once a pass
+                self._save()
             changes = {"dead_by_ray": dead.decision, "expired": tick.decision["expired"],
                        "lost_reservations": tick.decision["lost_reservations"],
                        "orphans_released": orphans.decision[0] + orphans.decision[1],
@@ -233,8 +250,31 @@ class SchedulerActor:
                             effect.reason)
                 record_all([(catalogue.SCHEDULER_YIELDS, 1, {"kind": effect.kind})])
         if outcome.persist:
-            self.store.save(self.core.to_dict())
+            self._save()
         return outcome.decision
+
+    def _save(self) -> None:
+        self.store.save({**self.core.to_dict(), THROUGHPUT_KEY: self.throughput.to_dict()})
+        self._throughput_unsaved = False
+
+    # -- learning speeds ----------------------------------------------------------------------
+    def _speed(self, spec: JobSpec, family: str) -> float:
+        """The core's speed model: the table's speed for the job's workload."""
+        return self.throughput.speed(spec.workload, family)
+
+    def _observe(self, job_name: str, per_worker_rate: float, now: float) -> None:
+        """Learn a running job's throughput on the family that sets its pace (jobs without a
+        workload key, and CPU jobs, teach nothing). Saved by the next maintenance pass or
+        state change, not at once: a figure a second per job is not worth a GCS write each."""
+        job = self.core.running.get(job_name)
+        family = self.core.running_family(job_name)
+        if job is None or not job.spec.workload or not family:
+            return
+        self.throughput.observe(job.spec.workload, family, per_worker_rate, now)
+        self._throughput_unsaved = True
+        # The core caches a running job's speed per family (RunningJob.speeds) for its
+        # migration checks; drop this job's, so its next check uses what was just learnt.
+        job.speeds.clear()
 
     def _refresh_ray_view(self) -> None:
         """Ray's nodes and their available resources, now (at start, and before decisions
@@ -256,6 +296,10 @@ class SchedulerActor:
             return
         for problem in self.core.restore(saved):
             log.error(problem)
+        if THROUGHPUT_KEY in saved:  # states saved before the table existed lack it
+            self.throughput, problems = ThroughputTable.from_dict(saved[THROUGHPUT_KEY])
+            for problem in problems:
+                log.error(problem)
         if saved:
             self.core.restored_at = time.time()
             log.warning("scheduler restarted: restored %d reservation(s), %d running and %d "

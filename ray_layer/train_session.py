@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from orchestrator.config import TrainConfig
 from orchestrator.metric_catalogue import training_samples
+from orchestrator import throughput
 from orchestrator.training.loop import say, train
 from orchestrator.training.session import gpu_shortfall, older_checkpoints
 from ray_layer.scheduler_client import scheduler_or_none
@@ -116,6 +117,8 @@ class RayTrainSession:
         # The run is Ray Train's experiment name: the run directory's name.
         run = ray.train.get_context().get_experiment_name()
         record_all(training_samples(metrics, run, self.world_rank))
+        if self.world_rank == 0:  # the scheduler learns the job's speed where it runs
+            self._watch.throughput(throughput.per_worker_rate(metrics))
         metrics = {**metrics, "worker_nodes": self.worker_nodes()}
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -126,16 +129,33 @@ class RayTrainSession:
 class DirectiveWatch:
     """Whether the scheduler wants this job to yield (preempt, migrate, cancel). Asks at most
     once a second without waiting: the answer is read at a later call. The job is Ray Train's
-    experiment name. A run without a scheduler (plain Ray Train) never yields."""
+    experiment name. A run without a scheduler (plain Ray Train) never yields.
+
+    Each question also carries the job's latest per-worker throughput, if a report brought
+    a new one since: the scheduler learns from it how fast the job's workload runs on the
+    accelerator family it runs on (orchestrator/throughput.py)."""
 
     def __init__(self) -> None:
         self._asking = None  # the scheduler's answer on its way (an ObjectRef)
         self._scheduler = None
         self._asked_at = float("-inf")
         self._last_checkpoint_at: float | None = None  # victims are chosen by work at risk
+        self._rate: float | None = None  # per-worker throughput not yet sent
+        self._rates_seen = 0
 
     def checkpointed(self) -> None:
         self._last_checkpoint_at = time.time()
+
+    def throughput(self, per_worker_rate: float | None) -> None:
+        """The latest per-worker throughput (tokens/s per worker), sent with the next
+        question. The first of a run (an attempt) is dropped: it includes the warm-up (CUDA
+        context, allocator, first batches) and would make every family look slower. None
+        (a report without the figure) leaves the pending one."""
+        if per_worker_rate is None:
+            return
+        self._rates_seen += 1
+        if self._rates_seen > 1:
+            self._rate = per_worker_rate
 
     def poll(self) -> str | None:
         """The directive as "kind: reason" once the scheduler has said to yield, else None."""
@@ -155,5 +175,7 @@ class DirectiveWatch:
             self._scheduler = self._scheduler or scheduler_or_none()
             if self._scheduler is not None:
                 job = ray.train.get_context().get_experiment_name()
-                self._asking = self._scheduler.directive.remote(job, self._last_checkpoint_at)
+                self._asking = self._scheduler.directive.remote(
+                    job, self._last_checkpoint_at, self._rate)
+                self._rate = None  # each figure once: the scheduler smooths what it gets
         return None
