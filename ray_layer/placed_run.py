@@ -50,7 +50,9 @@ class PlacedRun:
         self.scheduler, self.spec, self.queue_timeout_s, self.say = \
             scheduler, spec, queue_timeout_s, say
         self.owner = driver_id()
-        self.yields: list[dict[str, Any]] = []  # what happened each time the job yielded
+        # Each time the job yielded: step, reason, at (fit returned: its workers stopped, the
+        # scheduler told next) and placed_at (placed again).
+        self.yields: list[dict[str, Any]] = []
 
     def run(self, fit: Callable[[Placement], Any]) -> tuple[Any, Placement]:
         """Place, fit, and again after every yield; returns the last result and placement."""
@@ -73,6 +75,7 @@ class PlacedRun:
             self.yields.append({"step": step, "reason": reason, "at": time.time()})
             decision = ray.get(self.scheduler.yielded.remote(self.spec.name, self.owner))
             placement = self.wait(decision, deadline_s=None)  # preempted time is not counted
+            self.yields[-1]["placed_at"] = time.time()  # placed again: the next fit starts
 
     def wait(self, decision, deadline_s: float | None) -> Placement:
         """Poll until placed; NotPlaced on a rejection or past the deadline (None: no limit)."""

@@ -127,6 +127,9 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     """Train until `config.max_steps`, resuming from the session's latest checkpoint.
 
     Returns the final metrics (also the last report)."""
+    # Wall-clock marks of this attempt (after a yield or a failure: the restart) for the
+    # reports: its workers up (started_at), its checkpoint loaded (restored_at).
+    started_at = time.time()
     device = session.device
     precision = Precision(resolve_precision(config.precision, device), device.type)
     train_tokens, held_out_tokens = split_corpus(load_corpus())
@@ -136,6 +139,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     optimizer = build_optimizer(model, config)
     scaler = precision.grad_scaler()
     step, tokens_seen = _resume(session, config, model, optimizer, scaler)
+    restored_at = time.time()
     wrapped = session.prepare_model(model)
     accumulation = HierarchicalAccumulation(parameter_groups(model), config.accumulation_factors)
     efficiency = Efficiency(config, model, precision, device, wrapped)
@@ -161,6 +165,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                          rank=session.world_rank, step=step)
         # Decided before the step: a checkpoint due now makes DDP sync the gradients.
         yielding = _agreed_directive(session, step, start_step, config, device)
+        if yielding is not None:
+            directive_seen_at = time.time()  # all ranks agreed to yield: the step, then save
         checkpoint_due = ((step + 1) % config.checkpoint_every == 0
                           or step + 1 == config.max_steps or yielding is not None)
         # Workers must agree on the gradients when a group steps, and when a checkpoint
@@ -193,6 +199,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             metrics = {
                 "step": step,
                 "start_step": start_step,
+                "started_at": started_at,
+                "restored_at": restored_at,
                 "first_step_at": first_step_at,
                 "loss": _mean_across_workers(loss_sum.item() / interval_steps, device),
                 "first_loss": first_loss,
@@ -214,6 +222,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 efficiency.warn(metrics)
             if yielding is not None:
                 metrics["yielded"] = yielding
+                metrics["directive_seen_at"] = directive_seen_at
             _publish(session, metrics, checkpoint_due,
                      lambda: _checkpoint_state(model, optimizer, scaler, config, step,
                                                tokens_seen))
