@@ -65,14 +65,22 @@ def test_reports_only_count_for_nodes_ray_lists_alive(cluster, scheduler):
 
 
 def test_killing_the_scheduler_loses_no_reservation(cluster, scheduler):
-    placed = ray.get(scheduler.place.remote(JobSpec("survivor", num_workers=2, gpus_per_worker=1, accelerator_types=T4)))
+    """Nor what it learnt of a workload's speed from a running job's reported throughput."""
+    placed = ray.get(scheduler.place.remote(JobSpec("survivor", num_workers=2, gpus_per_worker=1, accelerator_types=T4, workload="survivor-shape")))
     assert placed.nodes == [cluster["t4"]]
+    assert ray.get(scheduler.directive.remote("survivor", None, 1234.0)) is None
+    learnt = [r for r in ray.get(scheduler.snapshot.remote())["throughput"]["rows"]
+              if r["workload"] == "survivor-shape"]
+    assert [(r["family"], r["source"], r["rate"]) for r in learnt] == [("T4", "measured", 1234.0)]
+    ray.get(scheduler.maintain.remote())  # learnt speeds are saved by the maintenance pass
     ray.kill(scheduler, no_restart=False)  # crash; Ray restarts it (max_restarts=-1)
     # Calls fail while Ray restarts the actor: each failure is "not yet".
     snapshot = wait_for("the restarted scheduler answers",
                         lambda: ray.get(scheduler.snapshot.remote(), timeout=5),
                         timeout_s=60, ignore=(Exception,))
     assert "survivor" in snapshot["reservations"]
+    assert [r for r in snapshot["throughput"]["rows"] if r["workload"] == "survivor-shape"] \
+        == learnt
     # Not forgotten and not double-counted: both GPUs still held, exactly once.
     wait_for("the T4 node reports to the restarted scheduler",
              lambda: cluster["t4"] in ray.get(scheduler.snapshot.remote())["reports"])
