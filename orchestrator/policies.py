@@ -1,18 +1,27 @@
-"""Placement policies the simulator compares, all through one interface:
+"""The policies the simulator compares, all through one SchedulerCore (one queue, EASY
+backfill, preemption, migration): a policy is where jobs go (its placement) and the queue's
+order within a priority class.
 
-    policy(spec: JobSpec, state: ClusterState, now: float, job: SimJob) -> Placement | None
+    placement(spec: JobSpec, state: ClusterState, now: float, job: SimJob) -> Placement | None
 
-None means "does not fit now". Policies never reserve: the simulator reserves what they return
+None means "does not fit now". Placements never reserve: the core reserves what they return
 with state.reserve(), exactly as the live scheduler does.
 
-- fifo     first-fit: nodes in table order, every free slot taken until the job is covered
-- random   nodes with room in a random (seeded) order
-- bestfit  the tightest single node that holds the job; else the fewest nodes (largest first),
-           blind to racks and bandwidth
-- ours     orchestrator.placement.place(): the live scheduler's code, unchanged
-- gavel    heterogeneity-aware greedy (Gavel-style): the GPU types in order of the job's model
-           throughput on them (Gavel's table), each tried with place() restricted to that type
-           via JobSpec.accelerator_types; the first that fits wins
+- fifo        first submitted first; first-fit: nodes in table order, every free slot taken
+              until the job is covered
+- random      first submitted first; nodes with room in a random (seeded) order
+- bestfit     first submitted first; the tightest single node that holds the job, else the
+              fewest nodes (largest first), blind to racks and bandwidth
+- tiresias    Tiresias-style: least attained service first (discretised 2D-LAS, GPU-seconds,
+              with preemption), best-fit placement, blind to accelerator types
+- gavel       Gavel-style heterogeneity-aware greedy: first submitted first; the GPU types in
+              order of the job's throughput on them (Gavel's table), each tried with place()
+              restricted to that type; the first that fits wins
+- hetero-las  the live scheduler's own rules (SchedulerSettings defaults): least attained
+              service first with preemption, and placement that weighs the queue — comparative
+              advantage across accelerator families, families kept for the jobs that can run
+              only there, then orchestrator.placement.place() (fewest nodes, best connected,
+              best fit)
 """
 from __future__ import annotations
 
@@ -26,7 +35,11 @@ from orchestrator.inventory import ClusterState
 from orchestrator.placement import (Placement, PlacementError, bottleneck_gbps, place,
                                     worker_capacity)
 
-POLICY_NAMES = ("fifo", "random", "bestfit", "ours", "gavel")
+POLICY_NAMES = ("fifo", "random", "bestfit", "tiresias", "gavel", "hetero-las")
+# The queue order of each policy (SchedulerSettings.queue_order); the rest of the settings
+# are the live defaults.
+QUEUE_ORDER = {"fifo": "fifo", "random": "fifo", "bestfit": "fifo", "tiresias": "las",
+               "gavel": "fifo", "hetero-las": "las"}
 
 Policy = Callable[[JobSpec, ClusterState, float, object], "Placement | None"]
 
@@ -78,7 +91,9 @@ def best_fit(spec: JobSpec, state: ClusterState, now: float, job=None) -> Placem
     return _from_rows(spec, state, order, capacity)
 
 
-def ours(spec: JobSpec, state: ClusterState, now: float, job=None) -> Placement | None:
+def live_place(spec: JobSpec, state: ClusterState, now: float, job=None) -> Placement | None:
+    """orchestrator.placement.place() alone, as a placement function (scripts/bench_placement
+    compares it with first-fit and best-fit job by job, without a queue)."""
     try:
         return place(spec, state, now, explain=False)
     except PlacementError:
@@ -114,18 +129,21 @@ def make_gavel(type_order: Callable[[object], tuple[str, ...]]) -> Policy:
 
 
 def make_policy(name: str, seed: int = 0,
-                type_order: Callable[[object], tuple[str, ...]] | None = None) -> Policy:
+                type_order: Callable[[object], tuple[str, ...]] | None = None
+                ) -> tuple[Policy | None, dict]:
+    """The placement of policy `name` (None: the core's own, place() with its family choice)
+    and its SchedulerSettings overrides."""
+    if name not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}, all")
+    settings = {"queue_order": QUEUE_ORDER[name]}
     if name == "fifo":
-        return first_fit
+        return first_fit, settings
     if name == "random":
-        return make_random(seed)
-    if name == "bestfit":
-        return best_fit
-    if name == "ours":
-        return ours
+        return make_random(seed), settings
+    if name in ("bestfit", "tiresias"):
+        return best_fit, settings
     if name == "gavel":
         if type_order is None:
             raise ValueError("the gavel policy needs type_order")
-        return make_gavel(type_order)
-    raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}, all")
-
+        return make_gavel(type_order), settings
+    return None, settings

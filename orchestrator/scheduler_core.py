@@ -35,7 +35,9 @@ What it decides:
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,12 +48,14 @@ from orchestrator.config import ACCELERATOR_SPEED, JobSpec
 from orchestrator.inventory import ClusterState, NodeReport, accelerator_family
 from orchestrator.placement import (Placement, PlacementError, Queued, Rejection, place,
                                     worker_capacity)
-from orchestrator.queue import JobQueue, QueuedJob
+from orchestrator.queue import JobQueue, QueuedJob, allowed_families
 from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, Directive, Outcome, Persist,
                                           RunningJob, SchedulerSettings, StartAgent, Yield)
 
 CLAIM_SUFFIX = "#migration"  # reservation name of a migration target, held until the handover
 MAX_VICTIMS_TRIED = 64  # bounds one preemption search (a place() call per candidate)
+MAX_BLOCKED_EXAMINED = 256  # blocked waiting jobs, in queue order, one pass asks to preempt
+TYPICAL_WEIGHT = 0.01  # the typical job's speeds follow the last ~100 GPU jobs submitted
 
 # speed(spec, accelerator family) -> relative training speed; the simulator passes its model.
 SpeedModel = Callable[[JobSpec, str], float]
@@ -62,6 +66,17 @@ Policy = Callable[[JobSpec, ClusterState, float, str], "Placement | None"]
 
 def default_speed(spec: JobSpec, family: str) -> float:
     return ACCELERATOR_SPEED.get(family, 1.0)
+
+
+@dataclass
+class _FamilyChoice:
+    """Where a job that may use several accelerator families should be tried (see
+    SchedulerCore._family_choice)."""
+
+    order: list[str]  # families to try one at a time, best first
+    open_families: tuple[str, ...]  # families it may use now, together: the last try
+    kept_off: tuple[str, ...]  # families with free GPUs it is kept off (for the reason)
+    usable: tuple[str, ...]  # families it is not shielded from (what it waits for)
 
 
 @dataclass
@@ -93,8 +108,12 @@ class SchedulerCore:
                                            max_load_per_cpu=s.max_load_per_cpu)
         self.speed = speed
         self.policy = policy
-        self.queue = JobQueue()
+        self.queue = JobQueue(self._level if s.queue_order == "las" else None)
         self.running: dict[str, RunningJob] = {}
+        # GPUs running jobs allowed a single family hold there (what protects it, see
+        # _family_order), and a typical job's relative speed per family (comparative advantage).
+        self.pinned_running: dict[str, int] = {}
+        self.typical_speed: dict[str, float] = {}
         self.preempting: dict[str, set[str]] = {}  # waiting job -> victims not yet yielded
         # (node id, GPU index) pairs a job must not be given: its worker found the GPU Ray
         # assigned without the free memory the job asks for (memory used outside Ray).
@@ -188,6 +207,7 @@ class SchedulerCore:
                 f"job '{name}' already holds a reservation or waits in the queue: a job of "
                 "that name is running (two launches of the same run?)")),
                 catalogue.REJECT_DUPLICATE)
+        self._learn_typical_speed(spec)
         self.queue.add(QueuedJob(spec, owner, now, "submitted"))
         outcome = Outcome(effects=[Persist()])
         outcome.add(self._drain(now))
@@ -204,8 +224,6 @@ class SchedulerCore:
         if name in self.queue.rejected:
             outcome.decision = self.queue.rejected.pop(name)
             return outcome
-        if self.queue.position(name) == 1:  # only the first in line may preempt
-            outcome.add(self._preempt_for(name, now))
         outcome.decision = self.queue.status(name)
         outcome.samples += catalogue.decision_samples(outcome.decision, None)
         return outcome
@@ -390,9 +408,6 @@ class SchedulerCore:
             outcome.effects.append(Persist())
             outcome.add(self._reject_unfittable(now))
         outcome.add(self._drain(now))
-        head = next(iter(self.queue.ordered()), None)
-        if head is not None:
-            outcome.add(self._preempt_for(head.spec.name, now))
         outcome.add(self._migrate(now))
         outcome.samples += catalogue.scheduler_samples(
             self.state, [j.enqueued_at for j in self.queue.waiting.values()],
@@ -459,10 +474,9 @@ class SchedulerCore:
         cannot be read is skipped (the scheduler must still start) and named."""
         problems = []
         parts = (("reservations", self.state.restore_reservations),
-                 ("queue", lambda d: setattr(self, "queue", JobQueue.from_dict(d))),
-                 ("running", lambda d: self.running.update(
-                     {n: RunningJob.from_dict(j) for n, j in d.items()
-                      if n in self.state.reservations})),
+                 ("queue", lambda d: setattr(self, "queue", JobQueue.from_dict(d, self.queue.level))),
+                 ("running", lambda d: [self._track_running(RunningJob.from_dict(j))
+                                        for n, j in d.items() if n in self.state.reservations]),
                  ("preempting", lambda d: self.preempting.update(
                      {n: set(v) for n, v in d.items()})),
                  ("excluded_gpus", lambda d: self.excluded_gpus.update(
@@ -476,27 +490,136 @@ class SchedulerCore:
 
     # -- internals: starting and stopping ----------------------------------------------------------
     def _place(self, spec: JobSpec, now: float, owner: str = "",
-               explain: bool | None = False) -> Placement:
-        """Where the job would go now (PlacementError if nowhere), by place() or the policy."""
+               explain: bool | None = False, free_gpus: dict[int, int] | None = None
+               ) -> Placement:
+        """Where the job would go now (PlacementError if nowhere), by place() or the policy.
+        With `free_gpus` (the queue pass's free GPUs per family code) place() is asked family
+        by family in _family_order's order first."""
         if self.policy is None:
-            excluded = self.excluded_gpus.get(spec.name.removesuffix(CLAIM_SUFFIX), ())
-            return place(spec, self.state, now, owner=owner, explain=explain,
-                         excluded_gpus=frozenset(excluded))
+            excluded = frozenset(self.excluded_gpus.get(spec.name.removesuffix(CLAIM_SUFFIX), ()))
+            choice = None if free_gpus is None else self._family_choice(spec, free_gpus)
+            if choice is None:
+                return place(spec, self.state, now, owner=owner, explain=explain,
+                             excluded_gpus=excluded)
+            return self._place_by_family(spec, choice, now, owner, explain, excluded)
         placement = self.policy(spec, self.state, now, owner)
         if placement is None:
             raise PlacementError(Rejection(spec.name, f"job '{spec.name}' does not fit now",
                                            fits_when_free=True))
         return dataclasses.replace(placement, owner=owner)
 
+    def _place_by_family(self, spec: JobSpec, choice: "_FamilyChoice", now: float, owner: str,
+                         explain: bool | None, excluded: frozenset) -> Placement:
+        """place() on one family at a time in the choice's order, then across the families
+        the job may use now; a job kept off the others waits (never rejected for it)."""
+        for family in choice.order:
+            try:
+                return place(dataclasses.replace(spec, accelerator_types=(family,)), self.state,
+                             now, owner=owner, explain=explain, excluded_gpus=excluded)
+            except PlacementError:
+                continue
+        why = ""
+        if choice.open_families:
+            try:
+                return place(dataclasses.replace(spec, accelerator_types=choice.open_families),
+                             self.state, now, owner=owner, explain=explain,
+                             excluded_gpus=excluded)
+            except PlacementError as e:
+                why = e.rejection.message.splitlines()[0]
+        kept = (f"; kept off {'/'.join(choice.kept_off)}: jobs that can run only there wait "
+                "for it or hold most of it" if choice.kept_off else "")
+        raise PlacementError(Rejection(spec.name, (why or f"cannot place job '{spec.name}' "
+                                                   "now") + kept, fits_when_free=True))
+
+    def _family_choice(self, spec: JobSpec, free_gpus: dict[int, int]) -> "_FamilyChoice | None":
+        """For a GPU job that may use several accelerator families: which to try, best first.
+
+        Room on a family is its free GPUs less what waiting jobs allowed only that family
+        need (they can run nowhere else: they have first call on it). A family is shielded
+        when jobs allowed only there hold or wait for protect_share of its GPUs; under
+        contention (other GPU jobs wait) the job is kept off shielded families, so the gang
+        jobs that need them whole find them unfragmented. Order: without contention the
+        fastest family for this job; with it, comparative advantage — the job's speed there
+        relative to its best, over a typical job's (a job goes to fast hardware when it
+        gains more there than others do). None: place() as given (one family, a CPU job, or
+        the setting off)."""
+        if not self.settings.comparative_advantage or not spec.gpus_per_worker:
+            return None
+        families = self.state.table.families
+        allowed = allowed_families(spec) or tuple(families)
+        candidates = [f for f in allowed if f and f in families]
+        if len(candidates) < 2:
+            return None
+        need = spec.total_gpus
+        waiting = self.queue.gpus_by_allowed
+        own = need if spec.name in self.queue.waiting else 0
+        contention = sum(waiting.values()) > own
+        capacity = self._family_gpus()
+        room = {f: free_gpus.get(families[f], 0) - waiting.get((f,), 0) for f in candidates}
+        shielded = {f for f in candidates if contention and capacity.get(f, 0) > 0 and
+                    self.pinned_running.get(f, 0) + waiting.get((f,), 0)
+                    >= self.settings.protect_share * capacity[f]}
+        speeds = {f: self.speed(spec, f) for f in candidates}
+        best = max(speeds.values())
+        if contention and best > 0:
+            def rank(f: str) -> float:
+                relative = speeds[f] / best
+                return -relative / (self.typical_speed.get(f) or relative or 1.0)
+        else:
+            def rank(f: str) -> float:
+                return -speeds[f]
+        usable = [f for f in candidates if f not in shielded]
+        order = sorted((f for f in usable if room[f] >= need), key=rank)
+        open_families = tuple(sorted(f for f in usable if room[f] > 0))
+        kept_off = tuple(sorted(f for f in candidates if free_gpus.get(families[f], 0) > 0
+                                and (f in shielded or room[f] <= 0)))
+        return _FamilyChoice(order, open_families, kept_off, tuple(sorted(usable)))
+
+    def _family_gpus(self) -> dict[str, int]:
+        """GPUs per accelerator family on nodes not dead."""
+        t = self.state.table
+        n = len(t)
+        gpus = np.bincount(t.family[:n], weights=np.where(t.dead[:n], 0, t.gpus[:n]),
+                           minlength=len(t.families))
+        return {f: int(gpus[code]) for f, code in t.families.items() if f}
+
+    def _learn_typical_speed(self, spec: JobSpec) -> None:
+        """Fold a submitted GPU job's relative speed per family (speed / its best) into the
+        typical job's: the yardstick of comparative advantage (recent jobs weigh most)."""
+        if not self.settings.comparative_advantage or not spec.gpus_per_worker:
+            return
+        speeds = {f: self.speed(spec, f) for f in self.state.table.families if f}
+        best = max(speeds.values(), default=0.0)
+        if best <= 0:
+            return
+        for f, v in speeds.items():
+            old = self.typical_speed.get(f)
+            self.typical_speed[f] = v / best if old is None else old + TYPICAL_WEIGHT * (v / best - old)
+
+    def _level(self, attained_gpu_s: float) -> int:
+        """LAS service level of a job that has received this much service (0 = least)."""
+        return bisect.bisect_right(self.settings.las_thresholds_gpu_s, attained_gpu_s)
+
     def _start(self, spec: JobSpec, owner: str, placement: Placement, now: float,
                queued: QueuedJob) -> None:
         self.state.reserve(spec.name, placement.reservations())
-        self.running[spec.name] = RunningJob(spec, placement, now, queued.enqueued_at,
-                                             queued.preemptions, queued.ran_s)
+        self._track_running(RunningJob(spec, placement, now, queued.enqueued_at,
+                                       queued.preemptions, queued.ran_s))
+
+    def _track_running(self, job: RunningJob) -> None:
+        self.running[job.spec.name] = job
+        pinned = allowed_families(job.spec)
+        if len(pinned) == 1 and job.spec.total_gpus:
+            self.pinned_running[pinned[0]] = (self.pinned_running.get(pinned[0], 0)
+                                              + job.spec.total_gpus)
 
     def _stop(self, job_name: str) -> bool:
         """Release everything the job holds (its reservation, a migration claim)."""
         job = self.running.pop(job_name, None)
+        if job is not None:
+            pinned = allowed_families(job.spec)
+            if len(pinned) == 1 and job.spec.total_gpus:
+                self.pinned_running[pinned[0]] -= job.spec.total_gpus
         self.queue.ready.pop(job_name, None)
         self.state.release(job_name + CLAIM_SUFFIX)
         released = self.state.release(job_name)
@@ -571,6 +694,7 @@ class SchedulerCore:
         failed_shapes: set[tuple] = set()
         budget = self.settings.failed_placements_per_pass
         plan: _HeadPlan | None = None
+        blocked: list[QueuedJob] = []  # could not start now: they may preempt (below)
         for job in self.queue.ordered():
             spec = job.spec
             shape = _shape(spec)
@@ -580,12 +704,13 @@ class SchedulerCore:
                     self._wait_reason(job, _waiting_reason(spec, free_gpus, free_cpus,
                                                            self.state))
                 failed_shapes.add(shape)
+                blocked.append(job)
                 if not self.settings.backfill:
                     break
-                plan = plan or self._head_plan(job, now)
+                plan = plan or self._head_plan(job, now, free_gpus)
                 continue
             try:
-                placement = self._place(spec, now, job.owner)
+                placement = self._place(spec, now, job.owner, free_gpus=free_gpus)
             except PlacementError as e:
                 failed_shapes.add(shape)
                 if not self._not_final(e.rejection).fits_when_free:
@@ -596,9 +721,10 @@ class SchedulerCore:
                     outcome.effects.append(Persist())
                     continue
                 self._wait_reason(job, e.rejection.message.splitlines()[0])
+                blocked.append(job)
                 if not self.settings.backfill:
                     break
-                plan = plan or self._head_plan(job, now)
+                plan = plan or self._head_plan(job, now, free_gpus)
                 budget -= 1
                 if budget <= 0:
                     break
@@ -615,6 +741,8 @@ class SchedulerCore:
             outcome.samples += catalogue.decision_samples(placement, None)
             if not outcome.persist:
                 outcome.effects.append(Persist())
+        if blocked:
+            outcome.add(self._preempt_for_blocked(blocked, free_gpus, now))
         return outcome
 
     def _wait_reason(self, job: QueuedJob, reason: str) -> None:
@@ -640,10 +768,17 @@ class SchedulerCore:
         usable = worker_capacity(head, self.state, now, ignore_reservations=True) > 0
         return usable[:n], head.gpus_per_worker > 0
 
-    def _head_plan(self, head: QueuedJob, now: float) -> _HeadPlan:
+    def _head_plan(self, head: QueuedJob, now: float, free_gpus: dict[int, int]) -> _HeadPlan:
         """The head's shadow time and extra units (EASY), counted in GPUs (GPU jobs) or CPUs
-        on the nodes it could use, from the running jobs' expected ends."""
-        usable, per_gpu = self._head_units(head.spec, now)
+        on the nodes it could use, from the running jobs' expected ends. Families the head is
+        kept off (_family_choice) are not its: jobs that may run only there do not delay it."""
+        spec = head.spec
+        choice = self._family_choice(spec, free_gpus)
+        if choice is not None and choice.usable:
+            spec = dataclasses.replace(spec, accelerator_types=choice.usable)
+        usable, per_gpu = self._head_units(spec, now)
+        if choice is not None and not choice.usable:
+            usable = np.zeros_like(usable)
         t = self.state.table
         n = len(t)
         placeable = usable & self.state.placeable(now)
@@ -686,42 +821,110 @@ class SchedulerCore:
         return False
 
     # -- internals: preemption ---------------------------------------------------------------------
-    def _preempt_for(self, job_name: str, now: float) -> Outcome:
-        """Make room for a waiting job by preempting lower-priority running jobs, if it may."""
+    def _preempt_for_blocked(self, blocked: list[QueuedJob], free_gpus: dict[int, int],
+                             now: float) -> Outcome:
+        """Waiting jobs that could not start, in queue order, look for running jobs they
+        outrank (lower priority; or, under LAS, the same priority and a higher service level)
+        to preempt; at most preemption_searches_per_pass of them search."""
         outcome = Outcome()
-        job = self.queue.waiting.get(job_name)
-        if (not self.settings.preemption or job is None or self.preempting.get(job_name)
-                or self._still_gathering(now)):
+        if not self.settings.preemption or self._still_gathering(now):
             return outcome
-        victims = self._choose_victims(job.spec, now)
+        searches = self.settings.preemption_searches_per_pass
+        pool = self._victim_pool(now)
+        # Per priority the highest level running there, to say "outranks nobody" in O(1):
+        # the common case (FIFO order, one priority class) costs one pass over the pool.
+        top_level: dict[int, int] = {}
+        for priority, level, _ in pool:
+            top_level[priority] = max(level, top_level.get(priority, -1))
+        lowest = min(top_level, default=None)
+        tried: set[tuple] = set()  # (priority, level, shape) that found no victims
+        for job in blocked[:MAX_BLOCKED_EXAMINED]:
+            if searches == 0 or lowest is None:
+                break
+            name = job.spec.name
+            if self.preempting.get(name) or name not in self.queue.waiting:
+                continue
+            priority, level = job.spec.priority, self.queue.level_of(name)
+            if lowest >= priority and top_level.get(priority, -1) <= level:
+                continue  # outranks nothing running
+            key = (priority, level, _shape(job.spec))
+            if key in tried:
+                continue
+            candidates = [entry for entry in pool if entry[2].directive is None and (
+                entry[0] < priority or (entry[0] == priority and entry[1] > level))]
+            searches -= 1
+            found = self._preempt_for(job, candidates, free_gpus, now)
+            if not found.effects:
+                tried.add(key)
+            outcome.add(found)
+        return outcome
+
+    def _victim_pool(self, now: float) -> list[tuple[int, int, RunningJob]]:
+        """(priority, service level, job) of the running jobs that may be preempted now, in
+        victim order: lowest priority, then highest level (most service received), then the
+        least work lost since their last checkpoint. Running jobs are ranked by levels only
+        under LAS (else level 0)."""
+        s = self.settings
+        las = self.queue.level is not None
+        pool = [(job.spec.priority, self._level(job.attained_s(now)) if las else 0, job)
+                for name, job in self.running.items()
+                if job.directive is None and job.spec.preemptible
+                and name not in self.queue.ready and now - job.started_at >= s.min_run_s
+                and job.preemptions < s.max_preemptions]
+        pool.sort(key=lambda e: (e[0], -e[1], now - (e[2].last_checkpoint_at or e[2].started_at)))
+        return pool
+
+    def _preempt_for(self, job: QueuedJob, candidates: list[tuple[int, int, RunningJob]],
+                     free_gpus: dict[int, int], now: float) -> Outcome:
+        """Make room for a waiting job by preempting running jobs it outranks, if enough do."""
+        outcome = Outcome()
+        job_name = job.spec.name
+        victims = self._choose_victims(job.spec, candidates, free_gpus, now)
         if not victims:
             return outcome
         self.preempting[job_name] = set(victims)
-        job.reason = (f"preempting {', '.join(victims)} (lower priority): starts when they "
-                      "have checkpointed and yielded")
+        job.reason = (f"preempting {', '.join(victims)}: starts when they have checkpointed "
+                      "and yielded")
+        level = self.queue.level_of(job_name)
         for victim in victims:
-            reason = (f"preempted for job '{job_name}' (priority {job.spec.priority} > "
-                      f"{self.running[victim].spec.priority})")
-            outcome.add(self._direct(victim, PREEMPT, reason, now, for_job=job_name))
+            running = self.running[victim]
+            if running.spec.priority < job.spec.priority:
+                why = f"priority {job.spec.priority} > {running.spec.priority}"
+            else:
+                why = (f"least attained service first: it has run "
+                       f"{running.attained_s(now) / 3600:.2f} GPU-h, level {level} < "
+                       f"{self._level(running.attained_s(now))}")
+            outcome.add(self._direct(victim, PREEMPT, f"preempted for job '{job_name}' ({why})",
+                                     now, for_job=job_name))
         return outcome
 
-    def _choose_victims(self, spec: JobSpec, now: float) -> list[str]:
-        """The fewest lower-priority jobs whose resources make the job fit, lowest priority
-        first, then least work lost since their last checkpoint; [] if none do."""
-        s = self.settings
-        candidates = sorted(
-            (job for name, job in self.running.items()
-             if job.spec.priority < spec.priority and job.directive is None
-             and job.spec.preemptible
-             and name not in self.queue.ready and now - job.started_at >= s.min_run_s
-             and job.preemptions < s.max_preemptions),
-            key=lambda j: (j.spec.priority, now - (j.last_checkpoint_at or j.started_at))
-        )[:MAX_VICTIMS_TRIED]
+    def _choose_victims(self, spec: JobSpec, candidates: list[tuple[int, int, RunningJob]],
+                        free_gpus: dict[int, int], now: float) -> list[str]:
+        """The fewest candidates (in victim order) whose resources make the job fit; [] if
+        none do. A victim on a family the job may not use cannot help and is skipped; a
+        placement is tried only once free plus chosen GPUs could hold the job."""
+        allowed = set(allowed_families(spec))
+        families = self.state.table.families
+        room = sum(n for f, code in families.items() for c, n in free_gpus.items()
+                   if c == code and f and (not allowed or f in allowed)) \
+            if spec.gpus_per_worker else math.inf
         chosen: list[str] = []
-        for job in candidates:
+        tried = 0
+        for _, _, job in candidates:
+            if spec.gpus_per_worker and job.spec.gpus_per_worker:
+                if allowed and self.running_family(job.spec.name) not in allowed:
+                    continue
+                room += job.spec.total_gpus
+            elif spec.gpus_per_worker:
+                continue  # a CPU job frees no GPUs
             chosen.append(job.spec.name)
+            if room < spec.total_gpus:
+                continue
+            tried += 1
             if self._fits_without(spec, chosen, now):
                 break
+            if tried >= MAX_VICTIMS_TRIED:
+                return []
         else:
             return []
         for name in list(reversed(chosen))[1:]:  # drop any the later ones made unneeded
@@ -772,8 +975,11 @@ class SchedulerCore:
         for name, job in list(self.running.items()):
             if not any(free.values()):
                 break  # the common case under load: checked before any per-job work
-            if not job.spec.preemptible:
+            if not job.spec.preemptible or not job.spec.gpus_per_worker:
                 continue
+            faster = self._faster_families(job)
+            if not faster or sum(free.get(f, 0) for f in faster) < job.spec.total_gpus:
+                continue  # the common case when GPUs are free: a few look-ups per job
             target = self._migration_target(job, free, now)
             if target is None:
                 continue
@@ -792,15 +998,22 @@ class SchedulerCore:
     def _families_wanted_by_queue(self, free: dict[str, int]) -> set[str]:
         """Families with enough free GPUs for some waiting job that may run on them."""
         wanted: set[str] = set()
-        for job in self.queue.waiting.values():
-            spec = job.spec
-            if spec.gpus_per_worker == 0:
-                continue
-            allowed = {t.upper() for t in spec.accelerator_types} or set(free)
-            wanted |= {f for f in allowed if free.get(f, 0) >= spec.total_gpus}
+        for allowed, gpus in self.queue.sizes_by_allowed:  # distinct shapes, not jobs
+            wanted |= {f for f in allowed or free if free.get(f, 0) >= gpus}
             if len(wanted) == len(free):
                 break
         return wanted
+
+    def _faster_families(self, job: RunningJob) -> tuple[str, ...]:
+        """Families present that the job may use and runs faster on than where it runs
+        (worked out once per placement: speeds are per job, the families per cluster)."""
+        if job.faster is None:
+            here = self.speed(job.spec, self.running_family(job.spec.name))
+            allowed = set(allowed_families(job.spec))
+            job.faster = tuple(f for f in self.state.table.families if f
+                               and (not allowed or f in allowed)
+                               and self.speed(job.spec, f) > here)
+        return job.faster
 
     def _migration_target(self, job: RunningJob, free: dict[str, int],
                           now: float) -> Placement | None:
@@ -813,16 +1026,12 @@ class SchedulerCore:
         remaining = job.remaining_s(now)
         if remaining is None or remaining <= self.settings.restart_cost_s:
             return None
-        if job.family is None:
-            job.family = self._family_of(job.placement, spec)
         speeds = job.speeds
         for f in free:
             if f not in speeds:
                 speeds[f] = self.speed(spec, f)
-        here = speeds.get(job.family) or self.speed(spec, job.family)
-        allowed = spec.accelerator_types
-        faster = [f for f, n in free.items() if n > 0 and speeds[f] > here
-                  and (not allowed or f in allowed)]
+        here = self.speed(spec, self.running_family(spec.name))
+        faster = [f for f in self._faster_families(job) if free.get(f, 0) > 0]
         if not faster or sum(free[f] for f in faster) < spec.total_gpus:
             return None
         best = max(speeds[f] for f in faster)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement
-from orchestrator.queue import placement_from_dict, placement_to_dict
+from orchestrator.queue import placement_from_dict, placement_to_dict, service_size
 
 PREEMPT, MIGRATE, CANCEL = "preempt", "migrate", "cancel"  # the kinds of Yield and Directive
 
@@ -30,6 +30,19 @@ class SchedulerSettings:
     backfill: bool = True  # False: strict FIFO, nothing starts while an earlier job waits
     failed_placements_per_pass: int = 32  # backfill look-ahead budget (see the module doc)
     synthetic_nodes: bool = False  # accept reports for node ids Ray does not list (benchmarks)
+    # Within a priority class: "las" = least attained service first (Tiresias' discretised
+    # 2D-LAS: GPU-seconds run so far, in levels split at these thresholds), a waiting job of a
+    # lower level may preempt a running job of a higher one; "fifo" = first submitted first.
+    queue_order: str = "las"
+    las_thresholds_gpu_s: tuple = (3600.0, 36000.0)
+    # Blocked waiting jobs, in queue order, that may look for victims in one queue pass.
+    preemption_searches_per_pass: int = 4
+    # Placement weighs the queue: under contention a job goes to the accelerator family where
+    # its speed, relative to what a typical job gains there, is best (comparative advantage),
+    # and keeps off families that jobs allowed only there are waiting for, or mostly hold
+    # (at least protect_share of the family's GPUs). False: the fastest family that fits.
+    comparative_advantage: bool = True
+    protect_share: float = 0.5
 
     def __post_init__(self) -> None:
         problems = []
@@ -42,6 +55,21 @@ class SchedulerSettings:
             if not (isinstance(value, int) and value >= (0 if name == "max_preemptions" else 1)):
                 problems.append(f"{name} must be a whole number >= "
                                 f"{0 if name == 'max_preemptions' else 1}, got {value!r}")
+        if self.queue_order not in ("las", "fifo"):
+            problems.append(f"queue_order must be 'las' or 'fifo', got {self.queue_order!r}")
+        thresholds = self.las_thresholds_gpu_s
+        if not (isinstance(thresholds, (tuple, list)) and all(
+                isinstance(x, (int, float)) and x > 0 for x in thresholds)
+                and list(thresholds) == sorted(set(thresholds))):
+            problems.append("las_thresholds_gpu_s must be increasing numbers > 0, got "
+                            f"{thresholds!r}")
+        if not (isinstance(self.preemption_searches_per_pass, int)
+                and self.preemption_searches_per_pass >= 1):
+            problems.append("preemption_searches_per_pass must be a whole number >= 1, got "
+                            f"{self.preemption_searches_per_pass!r}")
+        if not (isinstance(self.protect_share, (int, float)) and 0 < self.protect_share <= 1):
+            problems.append(f"protect_share must be a number in (0, 1], got "
+                            f"{self.protect_share!r}")
         if problems:
             raise ValueError("invalid scheduler settings: " + "; ".join(problems))
 
@@ -116,10 +144,15 @@ class RunningJob:
     ran_s: float = 0.0  # run time in earlier placements
     last_checkpoint_at: float | None = None
     directive: Directive | None = None
-    # Derived, not persisted: the accelerator family it runs on and its speed per family
-    # (asked on every release for every running job, when looking for migrations).
+    # Derived, not persisted: the accelerator family it runs on, its speed per family and the
+    # families faster for it (asked on every release for every running job, for migrations).
     family: str | None = field(default=None, compare=False, repr=False)
     speeds: dict = field(default_factory=dict, compare=False, repr=False)
+    faster: tuple | None = field(default=None, compare=False, repr=False)  # families
+
+    def attained_s(self, now: float) -> float:
+        """Service received so far, this run included: run time x GPUs (workers for CPU)."""
+        return (self.ran_s + now - self.started_at) * service_size(self.spec)
 
     def remaining_s(self, now: float) -> float | None:
         """Expected seconds left, or None without an estimate (or past it)."""

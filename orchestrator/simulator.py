@@ -4,26 +4,33 @@ Every decision is the live scheduler's: the simulator drives the same SchedulerC
 (orchestrator/scheduler_core.py) the SchedulerActor drives — its queue, EASY backfill,
 preemption and migration — with trace arrivals (`submit`) and modelled completions
 (`release`), and carries out its yields as live drivers do (stop, lose the work since the last
-checkpoint, `yielded`, restart after RESTART_S). Only where jobs go differs between policies
-(orchestrator/policies.py): "ours" is orchestrator.placement.place() itself, the others are
-baselines plugged into the same core. Time in the ClusterState is a constant (SIM_NOW) and
-heartbeat limits are infinite, so no modelled server ever goes stale; simulated time lives here.
+checkpoint, `yielded`, restart after RESTART_S). Policies (orchestrator/policies.py) differ in
+where jobs go and in the queue's order: "hetero-las" is the live scheduler's own rules, the
+others are baselines plugged into the same core. Time in the ClusterState is a constant
+(SIM_NOW) and heartbeat limits are infinite, so no modelled server ever goes stale; simulated
+time lives here.
 
 Each job's `expected_duration_s` is its trace duration (on the reference GPU), as a user would
 estimate it; EASY backfill uses it. `backfill=False` is strict FIFO (nothing starts while an
-earlier job waits). Jobs that can never fit (more GPUs than the cluster has of the allowed
-types) are counted as `never_fits`, not queued.
+earlier job waits). Jobs that can never fit are counted as `never_fits` with the reason (an
+unknown accelerator family, allowed families the cluster does not have, more GPUs than the
+cluster has of the allowed families), not queued.
 
 Metrics (per policy):
-- allocation_rate = sum(GPUs x runtime) / (cluster GPUs x makespan)
-- allocation_rate_while_queued = GPUs allocated / cluster GPUs, time-averaged over the periods
-  when at least one job waits (the allocation rate at saturating load; the long tail of a
-  trace, when a few long jobs run alone, drags the makespan-wide figure down)
+- JCT = finish - submit (mean, p50, p99), queueing delay = first start - submit (mean),
+  makespan = last finish - first submit, jobs finished / never fitting (by reason)
+- usable_gpus_busy_while_waiting = allocated GPU-time / (allocated GPU-time + GPU-time left
+  idle while some waiting job was allowed to use those GPUs (their family)), over the time
+  jobs wait: 1.0 = no usable GPU ever idles while a job waits. GPUs held back for the head of
+  the queue count as idle, deliberately: a reservation is worth it only if it pays for itself
+  in JCT.
+- allocation_rate = sum(GPUs x runtime) / (cluster GPUs x makespan);
+  allocation_rate_while_queued = allocated / cluster GPUs, averaged over the time jobs wait
 - goodput_utilization = sum(GPUs x runtime x achieved/ideal speed) / (cluster GPUs x makespan),
   ideal = consolidated throughput on the fastest GPU type in the cluster (cluster_model)
-- JCT = finish - submit (mean, median, p99), queueing delay = start - submit (mean),
-  makespan = last finish - first submit, jobs finished, decisions/s = policy calls / seconds
-  spent inside the policy.
+- preemptions and migrations (in all and per job), restart_overhead = GPU-time spent
+  reloading checkpoints plus work lost since the last checkpoint, over all GPU-time allocated
+- decisions/s = policy calls / seconds spent inside the policy
 """
 from __future__ import annotations
 
@@ -91,6 +98,8 @@ class SimJob:
     preemptions: int = 0
     migrations: int = 0
     history: list = field(default_factory=list)  # (start, end, nodes) of every segment run
+    overhead_s: float = 0.0  # run time spent reloading checkpoints or redoing lost work
+    never_fit_reason: str = ""
 
 
 @dataclass
@@ -124,8 +133,7 @@ def make_jobs(trace: list[TraceJob], cluster: ClusterSpec) -> list[SimJob]:
         # The user's estimate of the run time is the trace's duration (on the reference GPU).
         # Named by position: a job's identity in the core (trace ids need not be unique).
         # JobSpec rejects unknown families, so only the known ones go in; a job allowed only
-        # unknown families is never submitted and counts as never fitting.
-        # TODO(lead): report it with the reason "unknown accelerator family 'Z80'".
+        # unknown families is never submitted and counts as never fitting, with the reason.
         unknown = unknown_families(t.accelerators)
         known = tuple(a for a in t.accelerators if a not in unknown)
         spec = JobSpec(f"job-{i}", num_workers=t.num_gpus, cpus_per_worker=1.0,
@@ -133,8 +141,11 @@ def make_jobs(trace: list[TraceJob], cluster: ClusterSpec) -> list[SimJob]:
                        expected_duration_s=max(t.duration_s, 1.0))
         ideal = max(consolidated_throughput(model, k, t.num_gpus) for k in present)
         reference = consolidated_throughput(model, REFERENCE_GPU, t.num_gpus)
-        jobs.append(SimJob(t, model, spec, reference, ideal, work=t.duration_s * reference,
-                           status=NEVER_FITS if t.accelerators and not known else "pending"))
+        job = SimJob(t, model, spec, reference, ideal, work=t.duration_s * reference)
+        if t.accelerators and not known:
+            job.status = NEVER_FITS
+            job.never_fit_reason = f"unknown accelerator family {'|'.join(unknown)}"
+        jobs.append(job)
     return jobs
 
 
@@ -146,7 +157,8 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
     """Replay `trace` (sorted by submit time, e.g. from traces.prepare) under one policy.
 
     Every decision is the live scheduler's: a SchedulerCore (queue, EASY backfill, preemption,
-    migration) whose placement is `policy` ("ours" = place() itself). `backfill=False` is
+    migration) whose placement and queue order are `policy`'s (orchestrator/policies.py;
+    "hetero-las" = the live scheduler's own rules). `backfill=False` is
     strict FIFO. `check` asserts after every event that no server holds more GPUs than it has
     and that the reservations add up to the running jobs (conservation)."""
     if isinstance(cluster, str):
@@ -161,7 +173,7 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
         return tuple(f for f in _families_by_speed(job.model, job.trace.num_gpus, present)
                      if f in allowed)
 
-    call = make_policy(policy, seed=seed, type_order=type_order)
+    call, overrides = make_policy(policy, seed=seed, type_order=type_order)
     timing = {"decisions": 0, "policy_s": 0.0}
 
     def timed_policy(spec: JobSpec, state: ClusterState, now: float, owner: str):
@@ -178,14 +190,28 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
         return consolidated_throughput(job.model, kind, job.trace.num_gpus) if kind else 0.0
 
     state = build_state(cluster, SIM_NOW)
-    core = SchedulerCore(settings or simulation_settings(cluster, backfill), speed=speed,
-                         state=state, policy=timed_policy)
+    settings = settings or simulation_settings(cluster, backfill, **overrides)
+    core = SchedulerCore(settings, speed=speed, state=state,
+                         policy=timed_policy if call is not None else None)
+    if call is None:  # the core's own placement: time the core's calls of place()
+        core_place = core._place
+
+        def timed_place(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return core_place(*args, **kwargs)
+            finally:
+                timing["decisions"] += 1
+                timing["policy_s"] += time.perf_counter() - t0
+
+        core._place = timed_place
     run = _Replay(jobs, state, check)
     completions: list[tuple[float, int, int]] = []  # (finish, job index, segment): lazy deletion
     index = {j.spec.name: i for i, j in enumerate(jobs)}
     arrivals = sorted(range(len(jobs)), key=lambda i: jobs[i].trace.submit_time_s)
     next_arrival = 0
-    tl_t, tl_alloc, tl_good, tl_queue = [], [], [], []
+    tl_t, tl_alloc, tl_good, tl_queue, tl_idle = [], [], [], [], []
+    usable_idle = _usable_idle_counter(state)
     wall0 = last_progress = time.perf_counter()
 
     def start(job: SimJob, placement: Placement, now: float) -> None:
@@ -199,6 +225,9 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
             start(job, outcome.decision, now)
         for effect in outcome.effects:
             if isinstance(effect, Yield):
+                told = core.running.get(effect.job_name)
+                if told is None or told.directive is None:
+                    continue  # taken back before the job read it (its preemptor started)
                 victim = by_name[effect.job_name]
                 run.stop(victim, now, lost=True)
                 victim.preemptions += effect.kind == PREEMPT
@@ -228,6 +257,7 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
             outcome = core.submit(job.spec, "", now)
             if isinstance(outcome.decision, Rejection):
                 job.status = NEVER_FITS
+                job.never_fit_reason = never_fit_reason(job.spec, cluster)
                 run.never += 1
                 continue
             carry_out(outcome, now, job)
@@ -238,6 +268,7 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
         tl_alloc.append(run.gpus)
         tl_good.append(run.goodput)
         tl_queue.append(len(core.queue))
+        tl_idle.append(usable_idle(core.queue.gpus_by_allowed) if len(core.queue) else 0)
         if progress is not None and time.perf_counter() - last_progress >= progress_every_s:
             last_progress = time.perf_counter()
             progress(f"[{policy}] {run.finished + run.never:,}/{len(jobs):,} jobs done, "
@@ -248,18 +279,48 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
     metrics = summarize(jobs, total_gpus, timing["decisions"], timing["policy_s"])
     metrics["allocation_rate_while_queued"] = allocation_while_queued(*timeline[:2],
                                                                       timeline[3], total_gpus)
-    metrics["preemptions"] = sum(j.preemptions for j in jobs)
-    metrics["migrations"] = sum(j.migrations for j in jobs)
+    metrics["usable_gpus_busy_while_waiting"] = busy_while_waiting(
+        timeline[0], timeline[1], timeline[3], np.array(tl_idle, dtype=float))
     metrics["wall_s"] = round(time.perf_counter() - wall0, 3)
     return SimResult(policy, jobs, *timeline, metrics)
 
 
-def simulation_settings(cluster: ClusterSpec, backfill: bool = True) -> SchedulerSettings:
-    """The live defaults, with heartbeats that never expire (modelled servers never go stale)
-    and the cluster's inter-rack bandwidth."""
-    return SchedulerSettings(suspect_after_s=math.inf, dead_after_s=math.inf,
-                             inter_group_gbps=cluster.inter_gbps, synthetic_nodes=True,
-                             backfill=backfill)
+def simulation_settings(cluster: ClusterSpec, backfill: bool = True,
+                        **overrides) -> SchedulerSettings:
+    """The live defaults, with heartbeats that never expire (modelled servers never go stale),
+    the cluster's inter-rack bandwidth, and a policy's `overrides` (its queue order)."""
+    return SchedulerSettings(**{"suspect_after_s": math.inf, "dead_after_s": math.inf,
+                                "inter_group_gbps": cluster.inter_gbps,
+                                "synthetic_nodes": True, "backfill": backfill, **overrides})
+
+
+def never_fit_reason(spec: JobSpec, cluster: ClusterSpec) -> str:
+    """Why a job the core rejected can never run on the modelled cluster, in a few words
+    that group alike jobs (the summary counts jobs per reason)."""
+    present = {GPU_TYPES[k].family: n for k, n in cluster.gpus_by_type().items()}
+    allowed = [f.upper() for f in spec.accelerator_types] or sorted(present)
+    if not any(f in present for f in allowed):
+        return f"no server of {'|'.join(allowed)} in the cluster"
+    have = sum(present.get(f, 0) for f in allowed)
+    kinds = "|".join(allowed) if spec.accelerator_types else "any type"
+    return f"needs {spec.total_gpus} GPUs, the cluster has {have} of {kinds}"
+
+
+def _usable_idle_counter(state: ClusterState) -> Callable[[Counter], int]:
+    """idle(waiting GPUs by allowed families) -> free GPUs of the families some waiting job
+    may use (JobQueue.gpus_by_allowed; a key () allows any family)."""
+    t = state.table
+
+    def idle(gpus_by_allowed: Counter) -> int:
+        n = len(t)
+        free = np.bincount(t.family[:n], weights=t.gpus[:n] - t.reserved_gpus[:n],
+                           minlength=len(t.families))
+        if () in gpus_by_allowed:
+            return int(sum(free[code] for f, code in t.families.items() if f))
+        wanted = {f for key in gpus_by_allowed for f in key}
+        return int(sum(free[t.families[f]] for f in wanted if f in t.families))
+
+    return idle
 
 
 class _Replay:
@@ -303,9 +364,12 @@ class _Replay:
         job.history.append((job.segment_start, now, job.nodes))
         job.runtime = (0.0 if math.isnan(job.runtime) else job.runtime) + held
         job.good_time += held * job.speed_vs_ideal
+        reloading = min(held, RESTART_S) if job.segments > 1 else 0.0
+        job.overhead_s += reloading
         if lost:
-            useful = max(held - (RESTART_S if job.segments > 1 else 0.0), 0.0)
+            useful = held - reloading
             job.work_done += job.speed * (useful - useful % CHECKPOINT_EVERY_S)
+            job.overhead_s += useful % CHECKPOINT_EVERY_S
             job.status = "yielded"
         self.gpus -= job.trace.num_gpus
         self.goodput -= job.trace.num_gpus * job.speed_vs_ideal
@@ -338,6 +402,19 @@ def allocation_while_queued(t: np.ndarray, alloc: np.ndarray, queue: np.ndarray,
     return float((alloc[:-1] * dt)[waiting].sum() / (span * total_gpus)) if span > 0 else None
 
 
+def busy_while_waiting(t: np.ndarray, alloc: np.ndarray, queue: np.ndarray,
+                       usable_idle: np.ndarray) -> float | None:
+    """Allocated GPU-time / (allocated + usable idle GPU-time), over the time jobs wait (see
+    the module docstring); None if no job ever waited."""
+    if len(t) < 2:
+        return None
+    dt = np.diff(t)
+    waiting = queue[:-1] > 0
+    busy = float((alloc[:-1] * dt)[waiting].sum())
+    idle = float((usable_idle[:-1] * dt)[waiting].sum())
+    return busy / (busy + idle) if busy + idle > 0 else None
+
+
 def summarize(jobs: list[SimJob], total_gpus: int, decisions: int, policy_s: float) -> dict:
     done = [j for j in jobs if j.status == FINISHED]
     jct = np.array([j.finish - j.trace.submit_time_s for j in done])
@@ -357,14 +434,22 @@ def summarize(jobs: list[SimJob], total_gpus: int, decisions: int, policy_s: flo
         "jobs_finished": len(done),
         "jobs_never_fit": sum(j.status == NEVER_FITS for j in jobs),
         "cluster_gpus": total_gpus,
+        "never_fit_reasons": dict(Counter(j.never_fit_reason for j in jobs
+                                          if j.status == NEVER_FITS).most_common()),
         "mean_jct_s": stat(jct, np.mean),
-        "median_jct_s": stat(jct, np.median),
+        "p50_jct_s": stat(jct, np.median),
         "p99_jct_s": stat(jct, lambda x: np.percentile(x, 99)),
         "mean_queue_s": stat(wait, np.mean),
         "makespan_s": float(makespan),
         "allocation_rate": gpu_time / denominator if denominator > 0 else None,
         "goodput_utilization": good_time / denominator if denominator > 0 else None,
         "mean_speed_vs_ideal": stat(np.array([j.speed_vs_ideal for j in done]), np.mean),
+        "preemptions": sum(j.preemptions for j in jobs),
+        "migrations": sum(j.migrations for j in jobs),
+        "preemptions_per_job": sum(j.preemptions for j in done) / len(done) if done else None,
+        "migrations_per_job": sum(j.migrations for j in done) / len(done) if done else None,
+        "restart_overhead": (sum(j.trace.num_gpus * j.overhead_s for j in done) / gpu_time
+                             if gpu_time > 0 else None),
         "multi_server_jobs": len(multi),
         "multi_rack_jobs": sum(j.n_racks > 1 for j in multi),
         "decisions": decisions,
@@ -376,7 +461,7 @@ def summarize(jobs: list[SimJob], total_gpus: int, decisions: int, policy_s: flo
 # -- outputs ----------------------------------------------------------------------------------------
 
 JOB_COLUMNS = ("policy", "job_id", "trace_line", "submit_time_s", "num_gpus", "model_type",
-               "accelerator", "status", "start_time_s", "finish_time_s", "jct_s", "queue_s",
+               "accelerator", "status", "never_fit_reason", "start_time_s", "finish_time_s", "jct_s", "queue_s",
                "runtime_s", "duration_ref_s", "speed_vs_ideal", "gpu_types", "n_nodes",
                "n_racks", "bottleneck_gbps", "nodes")
 
@@ -394,7 +479,8 @@ def write_jobs_csv(results: list[SimResult], path: Path) -> None:
                 t = j.trace
                 done = j.status == FINISHED
                 w.writerow((r.policy, t.job_id, t.line, num(t.submit_time_s), t.num_gpus,
-                            j.model, "|".join(t.accelerators), j.status, num(j.start),
+                            j.model, "|".join(t.accelerators), j.status, j.never_fit_reason,
+                            num(j.start),
                             num(j.finish),
                             num(j.finish - t.submit_time_s) if done else "",
                             num(j.start - t.submit_time_s) if done else "", num(j.runtime),
@@ -403,9 +489,9 @@ def write_jobs_csv(results: list[SimResult], path: Path) -> None:
 
 
 def format_summary(results: list[SimResult]) -> str:
-    header = ("POLICY", "FINISHED", "NEVER FIT", "MEAN JCT h", "MEDIAN JCT h", "P99 JCT h",
-              "MEAN QUEUE h", "MAKESPAN d", "ALLOC %", "ALLOC QUEUED %", "GOODPUT %",
-              "MIGRATIONS", "PREEMPTIONS", "DECISIONS/s")
+    header = ("POLICY", "FINISHED", "NEVER FIT", "MEAN JCT h", "P50 JCT h", "P99 JCT h",
+              "MEAN QUEUE h", "MAKESPAN d", "BUSY WAITING %", "ALLOC QUEUED %", "GOODPUT %",
+              "MIGRATIONS", "PREEMPTIONS", "RESTART %", "DECISIONS/s")
 
     def h(x):
         return "-" if x is None else f"{x / 3600:.2f}"
@@ -417,11 +503,12 @@ def format_summary(results: list[SimResult]) -> str:
     for r in results:
         m = r.metrics
         rows.append((r.policy, f"{m['jobs_finished']:,}", f"{m['jobs_never_fit']:,}",
-                     h(m["mean_jct_s"]), h(m["median_jct_s"]), h(m["p99_jct_s"]),
+                     h(m["mean_jct_s"]), h(m["p50_jct_s"]), h(m["p99_jct_s"]),
                      h(m["mean_queue_s"]), f"{m['makespan_s'] / 86400:.2f}",
-                     pct(m["allocation_rate"]), pct(m.get("allocation_rate_while_queued")),
+                     pct(m.get("usable_gpus_busy_while_waiting")),
+                     pct(m.get("allocation_rate_while_queued")),
                      pct(m["goodput_utilization"]), f"{m.get('migrations', 0):,}",
-                     f"{m.get('preemptions', 0):,}",
+                     f"{m.get('preemptions', 0):,}", pct(m.get("restart_overhead")),
                      "-" if m["decisions_per_s"] is None else f"{m['decisions_per_s']:,.0f}"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(str(v).rjust(w) if i else str(v).ljust(w)
@@ -593,9 +680,11 @@ def run_cli(args) -> int:
     }
     (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
     print(format_summary(results))
-    never = results[0].metrics["jobs_never_fit"] if results else 0
+    never = results[0].metrics["never_fit_reasons"] if results else {}
     if never:
-        print(f"{never:,} job(s) need more GPUs (of their allowed type) than the cluster has: "
-              "counted as never_fits in jobs.csv, not replayed")
+        print(f"{sum(never.values()):,} job(s) can never run on this cluster (never_fits in "
+              "jobs.csv, not replayed):")
+        for reason, count in never.items():
+            print(f"  {count:,}  {reason}")
     print(f"wrote {', '.join(summary['files'])} to {out}")
     return 0

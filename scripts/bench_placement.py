@@ -54,7 +54,8 @@ from orchestrator.config import JobSpec
 from orchestrator.inventory import (GIB, LABEL_NETWORK_GBPS, LABEL_NETWORK_GROUP, ClusterState,
                                     GpuInfo, NodeReport, Reservation)
 from orchestrator.placement import Placement, bottleneck_gbps
-from orchestrator.policies import best_fit, first_fit, ours
+from orchestrator.policies import best_fit, first_fit
+from orchestrator.policies import live_place as ours
 
 NOW = 1_000.0
 TARGET_PLACEMENTS_PER_S = 1_000.0

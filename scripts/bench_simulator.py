@@ -1,21 +1,28 @@
 #!/usr/bin/env python
-"""Benchmark: replay a fixed slice of the Philly trace under every policy of the simulator.
+"""Benchmark: every scheduling policy of the simulator on two traces, through one core.
 
-The slice (defaults): the bundled data/philly.csv sorted by submit time, jobs 20,000-29,999
-(2017-10-10 .. 2017-10-16, past the trace's quiet first weeks), replayed on the simulator's
-default cluster "v100:8x48,p100:8x48,k80:4x64;rack=16" (384 V100 + 384 P100 + 256 K80 =
-1,024 GPUs, 160 servers, racks of 16 servers at 12.5 GB/s, 1.25 GB/s between racks) with
-inter-arrival times divided by 3 (--load-scale 3), so that the cluster is saturated for days:
-jobs queue for most of an hour on average under every policy.
+1. **Philly slice**: the bundled data/philly.csv sorted by submit time, jobs 20,000-29,999
+   (2017-10-10 .. 2017-10-16, past the trace's quiet first weeks), on
+   "v100:8x48,p100:8x48,k80:4x64;rack=16" (1,024 GPUs) with inter-arrival times divided by 3
+   (--load-scale 3): the cluster is saturated for days.
+2. **Constrained trace**: scripts/gen_constrained_trace.py's seeded heterogeneous trace (8,000
+   jobs; a third allowed one family only, 5% gang jobs of 8 GPUs allowed only the scarce
+   A100s, offered load 0.95) on its four-family cluster, at the trace's load under every
+   policy, and at 0.5x and 2x the load (--sweep) under FIFO first-fit and hetero-las.
+3. **Full Philly** (--full): the whole trace (82,247 jobs, load scale 1) under every policy,
+   timed: the figure is the wall time of all the replays together.
 
-Prints the simulator's summary table, then, as the last line, one JSON object with, per policy,
-mean_jct_s, p99_jct_s, allocation_rate, goodput_utilization, makespan_s (and a few more), and
-ours_vs_fifo_mean_jct_speedup (FIFO first-fit's mean JCT / ours).
+Prints each section's summary table, then, as the last line, one JSON object:
+    {"philly": {"speedup_vs_fifo", "speedup_vs_gavel", "p99_vs_gavel", "policies": {...}},
+     "constrained": {"speedup_vs_fifo", "usable_gpus_busy_while_waiting",
+                     "sweep": {"0.5": {"speedup_vs_fifo", ...}, ...}, "policies": {...}},
+     "full_philly": {"wall_s", ...}, ...}
+Speedups are the baseline's mean JCT / hetero-las'; p99_vs_gavel is Gavel-style p99 JCT /
+hetero-las'; usable_gpus_busy_while_waiting is hetero-las'.
 
-    python -m scripts.bench_simulator [--start 20000] [--jobs 10000] [--load-scale 3]
-                                      [--cluster SPEC] [--seed 0] [--out DIR]
+    python -m scripts.bench_simulator [--sections philly,constrained,full] [--out DIR]
 
-No Ray: pure simulation, runs in the unit tier's sandbox.
+No Ray: pure simulation.
 """
 from __future__ import annotations
 
@@ -29,13 +36,17 @@ from orchestrator.policies import POLICY_NAMES
 from orchestrator.simulator import (SimResult, format_summary, simulate, write_jobs_csv,
                                     write_plots)
 from orchestrator.traces import PHILLY_CSV, TraceJob, load_philly, prepare
+from scripts import gen_constrained_trace
 
 DEFAULT_CLUSTER = "v100:8x48,p100:8x48,k80:4x64;rack=16"
-TARGET_SPEEDUP = 1.5
-TARGET_ALLOCATION = 0.92
-KEYS = ("mean_jct_s", "median_jct_s", "p99_jct_s", "mean_queue_s", "allocation_rate",
-        "allocation_rate_while_queued", "goodput_utilization", "makespan_s", "jobs_finished", "jobs_never_fit",
-        "multi_rack_jobs", "preemptions", "migrations", "decisions_per_s", "wall_s")
+OURS = "hetero-las"
+SWEEP = (0.5, 1.0, 2.0)
+SWEEP_POLICIES = ("fifo", OURS)
+KEYS = ("mean_jct_s", "p50_jct_s", "p99_jct_s", "mean_queue_s", "makespan_s",
+        "usable_gpus_busy_while_waiting", "allocation_rate", "allocation_rate_while_queued",
+        "goodput_utilization", "jobs_finished", "jobs_never_fit", "never_fit_reasons",
+        "preemptions", "migrations", "preemptions_per_job", "migrations_per_job",
+        "restart_overhead", "multi_rack_jobs", "decisions_per_s", "wall_s")
 
 
 def philly_slice(start: int, jobs: int, load_scale: float, path: Path = PHILLY_CSV):
@@ -44,57 +55,116 @@ def philly_slice(start: int, jobs: int, load_scale: float, path: Path = PHILLY_C
     return prepare(chunk, load_scale=load_scale)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--start", type=int, default=20_000)
-    parser.add_argument("--jobs", type=int, default=10_000)
-    parser.add_argument("--load-scale", type=float, default=3.0)
-    parser.add_argument("--cluster", default=DEFAULT_CLUSTER)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--policies", default=",".join(POLICY_NAMES))
-    parser.add_argument("--out", help="also write jobs.csv and plots here")
-    args = parser.parse_args(argv)
-
-    trace = philly_slice(args.start, args.jobs, args.load_scale)
-    results, figures = compare(trace, args.cluster, args.policies.split(","), args.seed)
-    print(f"Philly jobs {args.start:,}..{args.start + len(trace) - 1:,} by submit time, "
-          f"load scale {args.load_scale:g}, cluster {args.cluster!r}")
-    print(format_summary(results))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_jobs_csv(results, out / "jobs.csv")
-        write_plots(results, results[0].metrics["cluster_gpus"], out)
-    summary = {"trace": "philly", "start": args.start, "jobs": len(trace),
-               "load_scale": args.load_scale, "cluster": args.cluster, "seed": args.seed,
-               **figures}
-    print(json.dumps(summary))
-    return summary
-
-
-def compare(trace: list[TraceJob], cluster: str, policies=POLICY_NAMES,
-            seed: int = 0) -> tuple[list[SimResult], dict]:
-    """Replay `trace` on `cluster` under each policy: the results, and the benchmark's
-    figures: per policy the KEYS metrics, and ours' (and gavel's) mean-JCT speedup over FIFO
-    first-fit (FIFO's mean JCT / theirs: above 1 when theirs finishes jobs sooner)."""
+def run_policies(trace: list[TraceJob], cluster: str, policies, seed: int = 0,
+                 label: str = "") -> list[SimResult]:
     results = []
     for name in policies:
         t0 = time.perf_counter()
         results.append(simulate(trace, cluster, name, seed=seed))
-        print(f"[{name}] {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        print(f"[{label}{name}] {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    return results
+
+
+def figures(results: list[SimResult]) -> dict:
+    """Per policy the KEYS metrics, and hetero-las' ratios against each baseline's mean JCT
+    (baseline / ours: above 1 when ours finishes jobs sooner) and Gavel-style p99."""
     by = {r.policy: {k: r.metrics.get(k) for k in KEYS} for r in results}
-    figures: dict = {"policies": by}
-    if "ours" in by and "fifo" in by and by["ours"]["mean_jct_s"]:
-        speedup = by["fifo"]["mean_jct_s"] / by["ours"]["mean_jct_s"]
-        figures["ours_vs_fifo_mean_jct_speedup"] = round(speedup, 3)
-        figures["meets_target_speedup"] = speedup >= TARGET_SPEEDUP
-        figures["meets_target_allocation"] = (by["ours"]["allocation_rate_while_queued"]
-                                               or 0) >= TARGET_ALLOCATION
-    if "gavel" in by and "fifo" in by and by["gavel"]["mean_jct_s"]:
-        figures["gavel_vs_fifo_mean_jct_speedup"] = round(
-            by["fifo"]["mean_jct_s"] / by["gavel"]["mean_jct_s"], 3)
-    return results, figures
+    out: dict = {}
+    ours = by.get(OURS)
+    if ours and ours["mean_jct_s"]:
+        for base in ("fifo", "gavel", "tiresias"):
+            if base in by and by[base]["mean_jct_s"]:
+                out[f"speedup_vs_{base}"] = round(by[base]["mean_jct_s"] / ours["mean_jct_s"], 3)
+        if "gavel" in by and by["gavel"]["p99_jct_s"] and ours["p99_jct_s"]:
+            out["p99_vs_gavel"] = round(by["gavel"]["p99_jct_s"] / ours["p99_jct_s"], 3)
+        out["usable_gpus_busy_while_waiting"] = ours["usable_gpus_busy_while_waiting"]
+    out["policies"] = by
+    return out
+
+
+def philly_section(args) -> tuple[dict, list[SimResult]]:
+    trace = philly_slice(args.start, args.jobs, args.load_scale)
+    results = run_policies(trace, DEFAULT_CLUSTER, args.policies, args.seed, "philly ")
+    print(f"Philly jobs {args.start:,}..{args.start + len(trace) - 1:,} by submit time, load "
+          f"scale {args.load_scale:g}, cluster {DEFAULT_CLUSTER!r}")
+    print(format_summary(results))
+    return {"start": args.start, "jobs": len(trace), "load_scale": args.load_scale,
+            "cluster": DEFAULT_CLUSTER, **figures(results)}, results
+
+
+def constrained_section(args) -> tuple[dict, list[SimResult]]:
+    trace = prepare(gen_constrained_trace.generate(seed=args.trace_seed))
+    cluster = gen_constrained_trace.CONSTRAINED_CLUSTER
+    results = run_policies(trace, cluster, args.policies, args.seed, "constrained ")
+    print(f"\nConstrained trace (scripts/gen_constrained_trace.py, seed {args.trace_seed}): "
+          f"{len(trace):,} jobs, cluster {cluster!r}")
+    print(format_summary(results))
+    section = {"trace_seed": args.trace_seed, "jobs": len(trace), "cluster": cluster,
+               **figures(results), "sweep": {}}
+    for scale in args.sweep:
+        if scale == 1.0:
+            swept = [r for r in results if r.policy in SWEEP_POLICIES]
+        else:
+            swept = run_policies(prepare(trace, load_scale=scale), cluster, SWEEP_POLICIES,
+                                 args.seed, f"constrained x{scale:g} ")
+            print(f"\nConstrained trace at {scale:g}x its load")
+            print(format_summary(swept))
+        ratios = figures(swept)
+        section["sweep"][f"{scale:g}"] = {
+            "speedup_vs_fifo": ratios.get("speedup_vs_fifo"),
+            "usable_gpus_busy_while_waiting": ratios.get("usable_gpus_busy_while_waiting"),
+            "mean_jct_s": {p: m["mean_jct_s"] for p, m in ratios["policies"].items()}}
+    return section, results
+
+
+def full_philly_section(args) -> dict:
+    trace = prepare(load_philly(PHILLY_CSV))
+    t0 = time.perf_counter()
+    results = run_policies(trace, DEFAULT_CLUSTER, args.policies, args.seed, "full ")
+    wall = time.perf_counter() - t0
+    print(f"\nFull Philly trace: {len(trace):,} jobs at load scale 1, all policies in "
+          f"{wall:.0f}s")
+    print(format_summary(results))
+    return {"jobs": len(trace), "wall_s": round(wall, 1), **figures(results)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="philly,constrained,full",
+                        help="which of philly, constrained, full to run")
+    parser.add_argument("--start", type=int, default=20_000)
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--load-scale", type=float, default=3.0)
+    parser.add_argument("--trace-seed", type=int, default=gen_constrained_trace.DEFAULT_SEED)
+    parser.add_argument("--sweep", default=",".join(f"{s:g}" for s in SWEEP),
+                        help="load scales of the constrained trace's sweep")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    parser.add_argument("--policies", default=",".join(POLICY_NAMES))
+    parser.add_argument("--out", help="also write jobs.csv and plots per section here")
+    args = parser.parse_args(argv)
+    args.policies = args.policies.split(",")
+    args.sweep = [float(s) for s in args.sweep.split(",") if s]
+    sections = set(args.sections.split(","))
+    unknown = sections - {"philly", "constrained", "full"}
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(sorted(unknown))}")
+    summary: dict = {}
+    for name, run in (("philly", philly_section), ("constrained", constrained_section)):
+        if name in sections:
+            summary[name], results = run(args)
+            if args.out:
+                write_outputs(results, Path(args.out) / name)
+    if "full" in sections:
+        summary["full_philly"] = full_philly_section(args)
+    print(json.dumps(summary))
+    return summary
+
+
+def write_outputs(results: list[SimResult], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_jobs_csv(results, out / "jobs.csv")
+    write_plots(results, results[0].metrics["cluster_gpus"], out)
 
 
 if __name__ == "__main__":

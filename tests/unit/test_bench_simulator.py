@@ -1,5 +1,5 @@
-"""scripts/bench_simulator.py: its headline figure (ours' mean-JCT speedup over FIFO first-fit)
-on a stream built so that ours must win, and the script end to end on a small slice."""
+"""scripts/bench_simulator.py: its headline figure (hetero-las' mean-JCT speedup over FIFO
+first-fit) on a stream built so that it must win, and the script end to end on small traces."""
 import json
 
 import pytest
@@ -21,17 +21,22 @@ def stream(*jobs):
                     for i, (submit, duration, gpus) in enumerate(jobs)])
 
 
-def test_ours_beats_fifo_on_a_contended_type_constrained_stream():
+def compare(trace, cluster, policies):
+    results = bench.run_policies(trace, cluster, policies)
+    return results, bench.figures(results)
+
+
+def test_hetero_las_beats_fifo_on_a_contended_type_constrained_stream():
     # One 4-GPU job holds a server; an 8-GPU job arrives while it runs.
-    results, figures = bench.compare(stream((0, 3600, 4), (1, 3600, 8)), CLUSTER,
-                                     ("fifo", "ours"))
+    results, figures = compare(stream((0, 3600, 4), (1, 3600, 8)), CLUSTER,
+                               ("fifo", "hetero-las"))
     fifo, ours = ({j.trace.job_id: j for j in r.jobs} for r in results)
     assert all(j.gpu_types == "p100" for r in results for j in r.jobs)  # the constraint holds
     assert (fifo[1].n_racks, ours[1].n_racks) == (2, 1)  # why ours wins, below
     assert ours[1].runtime < fifo[1].runtime
-    speedup = figures["ours_vs_fifo_mean_jct_speedup"]
+    speedup = figures["speedup_vs_fifo"]
     assert speedup == round(figures["policies"]["fifo"]["mean_jct_s"]
-                            / figures["policies"]["ours"]["mean_jct_s"], 3)
+                            / figures["policies"]["hetero-las"]["mean_jct_s"], 3)
     # JCTs: both 3600 s for the 4-GPU job; the 8-GPU one 3600 s x step(12.5 GB/s)/compute for
     # ours and x step(1.25 GB/s)/compute for FIFO: a clear margin, not a rounding effect.
     assert speedup > 1.2, figures
@@ -39,24 +44,38 @@ def test_ours_beats_fifo_on_a_contended_type_constrained_stream():
 
 def test_the_same_stream_where_no_placement_can_do_better_is_a_tie():
     # Nothing contends: both policies put each job inside one rack, so the speedup is 1.
-    _, figures = bench.compare(stream((0, 3600, 8), (3600, 3600, 8)), CLUSTER,
-                               ("fifo", "ours"))
-    assert figures["ours_vs_fifo_mean_jct_speedup"] == 1.0
+    _, figures = compare(stream((0, 3600, 8), (3600, 3600, 8)), CLUSTER,
+                         ("fifo", "hetero-las"))
+    assert figures["speedup_vs_fifo"] == 1.0
 
 
-def test_small_slice_ends_with_a_json_line_of_every_policy(capsys):
-    returned = bench.main(["--jobs", "300", "--cluster", "v100:8x4,k80:4x4;rack=2",
+def test_small_traces_end_with_a_json_line_of_every_policy_and_section(capsys, monkeypatch):
+    # The constrained generator at 400 jobs instead of 8,000 (the same cluster and shares),
+    # at 20x the load so that jobs wait (a few long jobs hold most of a short trace's GPU-time).
+    real = bench.gen_constrained_trace.generate
+    monkeypatch.setattr(bench.gen_constrained_trace, "generate",
+                        lambda seed: real(seed=seed, jobs=400, load=20.0))
+    returned = bench.main(["--sections", "philly,constrained", "--jobs", "300",
                            "--load-scale", "3"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) > 2 and "POLICY" in lines[1]
+    assert any(line.startswith("POLICY") for line in lines)
     result = json.loads(lines[-1])
     assert result == json.loads(json.dumps(returned))
-    assert set(result["policies"]) == {"fifo", "random", "bestfit", "ours", "gavel"}
-    for metrics in result["policies"].values():
-        assert all(metrics[k] is not None and metrics[k] > 0 for k in PER_POLICY)
-        assert metrics["jobs_finished"] + metrics["jobs_never_fit"] == 300
-    by = result["policies"]
-    assert result["ours_vs_fifo_mean_jct_speedup"] == pytest.approx(
-        by["fifo"]["mean_jct_s"] / by["ours"]["mean_jct_s"], abs=1e-3)
-    assert result["meets_target_speedup"] == (result["ours_vs_fifo_mean_jct_speedup"]
-                                              >= bench.TARGET_SPEEDUP)
+    for section, jobs in (("philly", 300), ("constrained", 400)):
+        by = result[section]["policies"]
+        assert set(by) == {"fifo", "random", "bestfit", "tiresias", "gavel", "hetero-las"}
+        for metrics in by.values():
+            assert all(metrics[k] is not None and metrics[k] > 0 for k in PER_POLICY)
+            assert metrics["jobs_finished"] + metrics["jobs_never_fit"] == jobs
+        assert result[section]["speedup_vs_fifo"] == pytest.approx(
+            by["fifo"]["mean_jct_s"] / by["hetero-las"]["mean_jct_s"], abs=1e-3)
+        assert result[section]["speedup_vs_gavel"] == pytest.approx(
+            by["gavel"]["mean_jct_s"] / by["hetero-las"]["mean_jct_s"], abs=1e-3)
+    assert result["philly"]["p99_vs_gavel"] == pytest.approx(
+        result["philly"]["policies"]["gavel"]["p99_jct_s"]
+        / result["philly"]["policies"]["hetero-las"]["p99_jct_s"], abs=1e-3)
+    assert set(result["constrained"]["sweep"]) == {"0.5", "1", "2"}
+    busy = result["constrained"]["usable_gpus_busy_while_waiting"]
+    assert 0 < busy <= 1
+    assert busy == result["constrained"]["policies"]["hetero-las"][
+        "usable_gpus_busy_while_waiting"]

@@ -52,6 +52,6 @@ def test_the_simulator_counts_every_gpu_of_a_type_split_over_groups():
     jobs = prepare([TraceJob(0, 0.0, 100.0, 16, "", ("V100",)),
                     TraceJob(1, 0.0, 100.0, 17, "", ("V100",)),
                     TraceJob(2, 0.0, 100.0, 4, "", ("V100",))])
-    result = simulate(jobs, "v100:8x1,v100:4x2,p100:8x1;rack=4", "ours", check=True)
+    result = simulate(jobs, "v100:8x1,v100:4x2,p100:8x1;rack=4", "hetero-las", check=True)
     assert [j.status for j in result.jobs] == [FINISHED, NEVER_FITS, FINISHED]
     assert result.jobs[0].n_nodes == 3 and result.jobs[0].gpu_types == "v100"

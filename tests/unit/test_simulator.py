@@ -7,7 +7,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from orchestrator import cluster_model, policies
+from orchestrator import cluster_model, policies, scheduler_core
 from orchestrator.__main__ import main
 from orchestrator.cluster_model import (ClusterSpecError, build_state, iteration_times,
                                         parse_cluster_spec, throughput)
@@ -45,7 +45,7 @@ def test_one_job_on_the_reference_gpu_runs_for_its_trace_duration(policy):
 
 
 def test_a_faster_gpu_shortens_the_run_by_the_throughput_ratio():
-    result = simulate(trace((0, 1000, 1)), "v100:8x1", "ours")
+    result = simulate(trace((0, 1000, 1)), "v100:8x1", "hetero-las")
     ratio = cluster_model.consolidated_throughput(MODEL, "p100", 1) / \
         cluster_model.consolidated_throughput(MODEL, "v100", 1)
     assert result.jobs[0].runtime == pytest.approx(1000 * ratio)
@@ -70,7 +70,7 @@ def test_a_job_waits_until_another_ends_while_a_smaller_one_backfills(policy):
 
 
 def test_backfill_zero_is_strict_fifo():
-    jobs = by_id(simulate(trace((0, 100, 6), (5, 10, 4), (6, 10, 2)), "p100:8x1", "ours",
+    jobs = by_id(simulate(trace((0, 100, 6), (5, 10, 4), (6, 10, 2)), "p100:8x1", "hetero-las",
                           backfill=False))
     assert jobs[2].start == 100  # waits behind the blocked job 1
 
@@ -88,15 +88,15 @@ def test_accelerator_constraint_is_honoured_and_impossible_jobs_are_counted(poli
 
 
 def test_jobs_bigger_than_the_cluster_are_counted_not_dropped():
-    result = simulate(trace((0, 10, 2), (0, 10, 32), (0, 10, 2, "K80")), "p100:8x2", "ours")
+    result = simulate(trace((0, 10, 2), (0, 10, 32), (0, 10, 2, "K80")), "p100:8x2", "hetero-las")
     jobs = by_id(result)
     assert [jobs[i].status for i in range(3)] == [FINISHED, NEVER_FITS, NEVER_FITS]
     assert result.metrics["jobs_never_fit"] == 2 and result.metrics["jobs"] == 3
 
 
 def test_spreading_over_racks_is_slower_than_inside_a_rack_as_the_formula_says():
-    one_rack = simulate(trace((0, 1000, 8)), "p100:4x2;rack=2;rack_gbps=12.5", "ours").jobs[0]
-    two_racks = simulate(trace((0, 1000, 8)), "p100:4x2;rack=1;inter_gbps=1.25", "ours").jobs[0]
+    one_rack = simulate(trace((0, 1000, 8)), "p100:4x2;rack=2;rack_gbps=12.5", "hetero-las").jobs[0]
+    two_racks = simulate(trace((0, 1000, 8)), "p100:4x2;rack=1;inter_gbps=1.25", "hetero-las").jobs[0]
     assert one_rack.bottleneck_gbps == 12.5 and two_racks.bottleneck_gbps == 1.25
     compute, comm = iteration_times(MODEL, "p100", 8)
     for job, gbps in ((one_rack, 12.5), (two_racks, 1.25)):
@@ -105,22 +105,22 @@ def test_spreading_over_racks_is_slower_than_inside_a_rack_as_the_formula_says()
     assert two_racks.runtime > one_rack.runtime > 1000
 
 
-def test_ours_places_multi_server_jobs_inside_one_rack():
+def test_hetero_las_places_multi_server_jobs_inside_one_rack():
     # Two racks of 2 servers; first-fit order might cross racks, place() must not.
-    result = simulate(trace((0, 100, 8)), "p100:4x4;rack=2", "ours", check=True)
+    result = simulate(trace((0, 100, 8)), "p100:4x4;rack=2", "hetero-las", check=True)
     assert result.jobs[0].n_racks == 1 and result.jobs[0].n_nodes == 2
 
 
-def test_ours_calls_the_live_placement_code(monkeypatch):
+def test_hetero_las_calls_the_live_placement_code(monkeypatch):
     calls = []
-    real = policies.place
+    real = scheduler_core.place
 
     def spy(*args, **kwargs):
         calls.append(args[0].name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(policies, "place", spy)
-    simulate(trace((0, 10, 1), (1, 10, 2)), "p100:8x1", "ours")
+    monkeypatch.setattr(scheduler_core, "place", spy)
+    simulate(trace((0, 10, 1), (1, 10, 2)), "p100:8x1", "hetero-las")
     assert calls == ["job-0", "job-1"]
 
 
@@ -182,7 +182,7 @@ def test_same_seed_same_replay_and_the_seed_matters_for_random():
 
     assert run(7) == run(7)
     assert run(7) != run(8)
-    for policy in ("fifo", "bestfit", "ours", "gavel"):
+    for policy in ("fifo", "bestfit", "hetero-las", "gavel"):
         a, b = (simulate(jobs, spec, policy).metrics for _ in range(2))
         for key in ("mean_jct_s", "p99_jct_s", "makespan_s", "allocation_rate"):
             assert a[key] == b[key], (policy, key)
@@ -228,7 +228,7 @@ def test_an_unknown_family_is_kept_and_its_job_never_fits(tmp_path):
     jobs = load_canonical(path)
     assert [j.accelerators for j in jobs] == [("Z80",), ("Z80", "P100")]
     assert [unknown_families(j.accelerators) for j in jobs] == [("Z80",), ("Z80",)]
-    result = by_id(simulate(prepare(jobs), "p100:8x1", "ours"))
+    result = by_id(simulate(prepare(jobs), "p100:8x1", "hetero-las"))
     # Only Z80 allowed: never submitted. Z80 or P100: runs on the P100 it may use.
     assert result[0].status == NEVER_FITS and result[1].status == FINISHED
 
@@ -293,7 +293,7 @@ def test_simulate_cli_writes_jobs_summary_and_plots(tmp_path, capsys):
     assert main(["simulate", "--trace", str(path), "--policy", "all", "--cluster",
                  "v100:4x1,p100:4x1;rack=1", "--out", str(out), "--quiet"]) == 0
     stdout = capsys.readouterr().out
-    assert "POLICY" in stdout and "ours" in stdout and "never_fits" in stdout
+    assert "POLICY" in stdout and "hetero-las" in stdout and "never_fits" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["policies"]) == set(ALL)
     for m in summary["policies"].values():
@@ -334,7 +334,7 @@ def test_simulate_never_imports_ray(tmp_path):
     path.write_text("submit_time_s,duration_s,num_gpus\n0,100,2\n")
     code = ("import sys; from orchestrator.__main__ import main; "
             f"rc = main(['simulate', '--trace', {str(path)!r}, '--out', {str(tmp_path / 'o')!r}, "
-            "'--quiet', '--no-plots', '--policy', 'ours']); "
+            "'--quiet', '--no-plots', '--policy', 'hetero-las']); "
             "assert 'ray' not in sys.modules, 'ray imported'; sys.exit(rc)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
