@@ -114,6 +114,7 @@ class SchedulerCore:
         # _family_order), and a typical job's relative speed per family (comparative advantage).
         self.pinned_running: dict[str, int] = {}
         self.typical_speed: dict[str, float] = {}
+        self.typical_count = 0
         self.preempting: dict[str, set[str]] = {}  # waiting job -> victims not yet yielded
         # (node id, GPU index) pairs a job must not be given: its worker found the GPU Ray
         # assigned without the free memory the job asks for (memory used outside Ray).
@@ -592,9 +593,11 @@ class SchedulerCore:
         best = max(speeds.values(), default=0.0)
         if best <= 0:
             return
+        self.typical_count += 1
+        weight = max(TYPICAL_WEIGHT, 1.0 / self.typical_count)  # a plain mean at first
         for f, v in speeds.items():
-            old = self.typical_speed.get(f)
-            self.typical_speed[f] = v / best if old is None else old + TYPICAL_WEIGHT * (v / best - old)
+            old = self.typical_speed.get(f, v / best)
+            self.typical_speed[f] = old + weight * (v / best - old)
 
     def _level(self, attained_gpu_s: float) -> int:
         """LAS service level of a job that has received this much service (0 = least)."""
@@ -871,7 +874,11 @@ class SchedulerCore:
                 if job.directive is None and job.spec.preemptible
                 and name not in self.queue.ready and now - job.started_at >= s.min_run_s
                 and job.preemptions < s.max_preemptions]
-        pool.sort(key=lambda e: (e[0], -e[1], now - (e[2].last_checkpoint_at or e[2].started_at)))
+        # Among equals, victims on the fastest hardware first: the job that preempts them has
+        # received less service (is likely shorter) and should get it.
+        pool.sort(key=lambda e: (e[0], -e[1], -self.typical_speed.get(
+            self.running_family(e[2].spec.name) or "", 0.0),
+            now - (e[2].last_checkpoint_at or e[2].started_at)))
         return pool
 
     def _preempt_for(self, job: QueuedJob, candidates: list[tuple[int, int, RunningJob]],
@@ -980,6 +987,10 @@ class SchedulerCore:
             faster = self._faster_families(job)
             if not faster or sum(free.get(f, 0) for f in faster) < job.spec.total_gpus:
                 continue  # the common case when GPUs are free: a few look-ups per job
+            seen = tuple(free.get(f, 0) for f in faster)
+            if job.no_target_at is not None and all(
+                    a <= b for a, b in zip(seen, job.no_target_at)):
+                continue  # nothing freed where it could go since it last found no target
             target = self._migration_target(job, free, now)
             if target is None:
                 continue
@@ -1026,6 +1037,9 @@ class SchedulerCore:
         remaining = job.remaining_s(now)
         if remaining is None or remaining <= self.settings.restart_cost_s:
             return None
+        # From here a no is final until more is free where it could go: its gain only
+        # shrinks as it runs.
+        job.no_target_at = tuple(free.get(f, 0) for f in self._faster_families(job))
         speeds = job.speeds
         for f in free:
             if f not in speeds:
@@ -1044,7 +1058,10 @@ class SchedulerCore:
         except PlacementError:
             return None
         gain = remaining * (1 - here / self.speed(spec, self._family_of(target, spec)))
-        return target if gain > self.settings.restart_cost_s else None
+        if gain <= self.settings.restart_cost_s:
+            return None
+        job.no_target_at = None
+        return target
 
     def _family_of(self, placement: Placement, spec: JobSpec) -> str:
         """The slowest accelerator family among the placement's nodes (it sets the pace)."""

@@ -34,7 +34,7 @@ class SchedulerSettings:
     # 2D-LAS: GPU-seconds run so far, in levels split at these thresholds), a waiting job of a
     # lower level may preempt a running job of a higher one; "fifo" = first submitted first.
     queue_order: str = "las"
-    las_thresholds_gpu_s: tuple = (3600.0, 36000.0)
+    las_thresholds_gpu_s: tuple = (7200.0, 72000.0)
     # Blocked waiting jobs, in queue order, that may look for victims in one queue pass.
     preemption_searches_per_pass: int = 4
     # Placement weighs the queue: under contention a job goes to the accelerator family where
@@ -149,6 +149,8 @@ class RunningJob:
     family: str | None = field(default=None, compare=False, repr=False)
     speeds: dict = field(default_factory=dict, compare=False, repr=False)
     faster: tuple | None = field(default=None, compare=False, repr=False)  # families
+    # Free GPUs on those families when it last found no migration target worth it.
+    no_target_at: tuple | None = field(default=None, compare=False, repr=False)
 
     def attained_s(self, now: float) -> float:
         """Service received so far, this run included: run time x GPUs (workers for CPU)."""

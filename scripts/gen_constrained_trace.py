@@ -41,16 +41,24 @@ Definitions:
   (num_gpus <= their GPUs together; it may span servers): a pair that does not fit is redrawn
   (none does not on the default cluster: Philly's largest job has 128 GPUs, the smallest
   non-scarce family 256).
+- Durations above Philly's 99th percentile (254,884 s = 70.8 h) are clipped to it: the
+  other 1% run for up to 37 days, and a handful of such jobs would carry much of the offered
+  load past the trace's span (a 37-day job pinned to a K80 runs for months), so that the
+  cluster would see far less contention while jobs arrive than `load` says.
 - Durations are on the reference GPU (P100), as the simulator reads them; faster families run
-  them proportionally faster, so the load below is an offered, not an achieved, load.
+  them faster (by the job's model in the simulator; by the static table for the load below).
+- Capacity is counted in reference GPUs (P100s): a family's GPUs x its speed over a P100
+  (config.ACCELERATOR_SPEED: K80 0.42, V100 1.67, A100 3.67), 1,355 on the default cluster.
+  Counted in plain GPUs (992), load 0.95 would leave the cluster, mostly faster than the P100
+  the durations are on, at about 0.7 of what it can serve, with little to schedule.
 - Gang jobs' durations are Philly durations (drawn uniformly from all rows) times ONE factor,
-  chosen so that sum(8 x duration of gang jobs) / (scarce GPUs x last submit time) equals
+  chosen so that sum(8 x duration of gang jobs) / (scarce capacity x last submit time) equals
   scarce_load. Unscaled, 5% of the jobs at 8 GPUs of Philly durations would offer the 10% of
   GPUs about twice what they can serve, and every policy's JCT would be set by an unstable
   queue rather than by where it places jobs.
-- Offered load = sum(num_gpus x duration_s) / (cluster GPUs x last submit time).
+- Offered load = sum(num_gpus x duration_s) / (cluster capacity x last submit time).
 - Arrivals are Poisson at rate (jobs - 1) / T, the first at 0: exponential gaps, scaled so that
-  the last submit time is exactly T = sum(num_gpus x duration_s) / (cluster GPUs x load); the
+  the last submit time is exactly T = sum(num_gpus x duration_s) / (capacity x load); the
   offered load is then `load` to rounding.
 - Per-family load in the summary: "pinned" counts only jobs allowed that family alone (a lower
   bound on what it must serve); "spread" splits every job's GPU-seconds over its allowed
@@ -65,7 +73,8 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.cluster_model import GPU_TYPES, ClusterSpec, parse_cluster_spec
+from orchestrator.cluster_model import (GPU_TYPES, REFERENCE_GPU, ClusterSpec,
+                                        parse_cluster_spec)
 from orchestrator.config import ACCELERATOR_SPEED
 from orchestrator.traces import TraceError, TraceJob, load_philly, write_canonical
 
@@ -78,16 +87,20 @@ DEFAULT_GANG_SHARE = 0.05
 DEFAULT_SINGLE_SHARE = 1 / 3
 DEFAULT_PAIR_SHARE = 0.15
 GANG_GPUS = 8
+REFERENCE_FAMILY = GPU_TYPES[REFERENCE_GPU].family  # trace durations are on a P100
+DURATION_CLIP_PERCENTILE = 99  # Philly's p99 duration, 254,884 s (70.8 h)
 # Constraint kinds, as the summary counts them.
 ANY, SINGLE, GANG, PAIR = "any", "single", "gang", "pair"
 
 
 @lru_cache(maxsize=1)
 def philly_pairs() -> tuple[np.ndarray, np.ndarray]:
-    """(num_gpus, duration_s) of every Philly job, in file order (read once)."""
+    """(num_gpus, duration_s) of every Philly job, in file order (read once), durations
+    clipped at Philly's 99th percentile (see the module docstring)."""
     jobs = load_philly()
     sizes = np.array([j.num_gpus for j in jobs], dtype=np.int64)
     durations = np.array([j.duration_s for j in jobs], dtype=float)
+    durations = np.minimum(durations, np.percentile(durations, DURATION_CLIP_PERCENTILE))
     sizes.flags.writeable = durations.flags.writeable = False  # shared by every call
     return sizes, durations
 
@@ -99,6 +112,15 @@ def family_gpus(cluster: ClusterSpec) -> dict[str, int]:
         family = GPU_TYPES[gpu_type].family
         by_family[family] = by_family.get(family, 0) + gpus
     return dict(sorted(by_family.items(), key=lambda kv: (ACCELERATOR_SPEED[kv[0]], kv[0])))
+
+
+def reference_units(gpus: dict[str, int]) -> dict[str, float]:
+    """Family -> its GPUs counted in reference GPUs (P100, the GPU trace durations are on):
+    GPUs x config.ACCELERATOR_SPEED[family] / ACCELERATOR_SPEED["P100"] (a V100 is 1.67, an
+    A100 3.67, a K80 0.42). Loads are offered against this capacity: a job of `duration_s`
+    on the reference GPU takes that long on a P100, 2.2x less on an A100."""
+    ref = ACCELERATOR_SPEED[REFERENCE_FAMILY]
+    return {f: n * ACCELERATOR_SPEED[f] / ref for f, n in gpus.items()}
 
 
 def scarce_family(gpus: dict[str, int]) -> str:
@@ -140,7 +162,8 @@ def check_parameters(jobs: int, load: float, scarce_load: float, gang_share: flo
     if gang_share > 0 and gpus[scarce] < GANG_GPUS:
         raise ValueError(f"--cluster {cluster.text!r}: the scarce family {scarce} has "
                          f"{gpus[scarce]} GPUs, fewer than a gang job's {GANG_GPUS}")
-    if gpus[scarce] * scarce_load >= cluster.total_gpus * load:
+    units = reference_units(gpus)
+    if units[scarce] * scarce_load >= sum(units.values()) * load:
         raise ValueError(f"--scarce-load {scarce_load} on {gpus[scarce]} {scarce} GPUs is "
                          f"more than --load {load} on all {cluster.total_gpus} GPUs")
 
@@ -184,14 +207,14 @@ def draw_fitting_rows(rng: np.random.Generator, capacity: np.ndarray,
     return rows
 
 
-def gang_scale(other_gpu_s: float, gang_gpu_s: float, scarce_gpus: int, total_gpus: int,
-               load: float, scarce_load: float) -> float:
+def gang_scale(other_gpu_s: float, gang_gpu_s: float, scarce_units: float,
+               total_units: float, load: float, scarce_load: float) -> float:
     """The factor on the gang jobs' durations that makes their load on the scarce family
-    `scarce_load` while the whole trace offers `load`:
+    `scarce_load` while the whole trace offers `load` (capacities in reference GPUs):
         s G / (scarce x T) = scarce_load, T = (O + s G) / (total x load)
         => s G = scarce x scarce_load x O / (total x load - scarce x scarce_load)."""
-    return scarce_gpus * scarce_load * other_gpu_s / (
-        gang_gpu_s * (total_gpus * load - scarce_gpus * scarce_load))
+    return scarce_units * scarce_load * other_gpu_s / (
+        gang_gpu_s * (total_units * load - scarce_units * scarce_load))
 
 
 def arrival_times(rng: np.random.Generator, jobs: int, last_s: float) -> np.ndarray:
@@ -225,10 +248,11 @@ def generate(seed: int = DEFAULT_SEED, jobs: int = DEFAULT_JOBS, load: float = D
     durations[is_gang] = philly_durations[rng.integers(len(philly_durations),
                                                        size=int(is_gang.sum()))]
     other_gpu_s = float((sizes * durations)[~is_gang].sum())
+    units = reference_units(gpus)
     if is_gang.any():
         durations[is_gang] *= gang_scale(other_gpu_s, GANG_GPUS * float(durations[is_gang].sum()),
-                                         gpus[scarce], spec.total_gpus, load, scarce_load)
-    last_s = float((sizes * durations).sum()) / (spec.total_gpus * load)
+                                         units[scarce], sum(units.values()), load, scarce_load)
+    last_s = float((sizes * durations).sum()) / (sum(units.values()) * load)
     submits = arrival_times(rng, jobs, last_s)
     return [TraceJob(i, float(submits[i]), float(durations[i]), int(sizes[i]),
                      accelerators=allowed[i]) for i in range(jobs)]
@@ -236,14 +260,16 @@ def generate(seed: int = DEFAULT_SEED, jobs: int = DEFAULT_JOBS, load: float = D
 
 # -- summary ---------------------------------------------------------------------------------------
 
-def offered_load(jobs: list[TraceJob], total_gpus: int) -> float:
-    """sum(num_gpus x duration_s) / (total_gpus x last submit time)."""
+def offered_load(jobs: list[TraceJob], total_units: float) -> float:
+    """sum(num_gpus x duration_s) / (capacity in reference GPUs x last submit time)."""
     last = max(j.submit_time_s for j in jobs)
-    return sum(j.num_gpus * j.duration_s for j in jobs) / (total_gpus * last)
+    return sum(j.num_gpus * j.duration_s for j in jobs) / (total_units * last)
 
 
 def family_loads(jobs: list[TraceJob], gpus: dict[str, int]) -> dict[str, tuple[float, float]]:
-    """Family -> (pinned, spread) offered load (see the module docstring)."""
+    """Family -> (pinned, spread) offered load against its capacity in reference GPUs (see
+    the module docstring)."""
+    units = reference_units(gpus)
     last = max(j.submit_time_s for j in jobs)
     pinned = dict.fromkeys(gpus, 0.0)
     spread = dict.fromkeys(gpus, 0.0)
@@ -255,7 +281,7 @@ def family_loads(jobs: list[TraceJob], gpus: dict[str, int]) -> dict[str, tuple[
         held = sum(gpus[f] for f in allowed)
         for f in allowed:
             spread[f] += work * gpus[f] / held
-    return {f: (pinned[f] / (gpus[f] * last), spread[f] / (gpus[f] * last)) for f in gpus}
+    return {f: (pinned[f] / (units[f] * last), spread[f] / (units[f] * last)) for f in gpus}
 
 
 def summary(jobs: list[TraceJob], cluster: str = CONSTRAINED_CLUSTER) -> str:
@@ -276,8 +302,9 @@ def summary(jobs: list[TraceJob], cluster: str = CONSTRAINED_CLUSTER) -> str:
         f"constraints: any family {by_len[0] / n:.1%}, one family {by_len[1] / n:.1%} "
         f"(of which {GANG_GPUS}-GPU {scarce}-only gang jobs {gang / n:.1%}), "
         f"two families {by_len[2] / n:.1%}",
-        f"offered load: {offered_load(jobs, spec.total_gpus):.3f} overall "
-        f"(sum GPUs x duration on the reference GPU / (cluster GPUs x last submit))",
+        f"offered load: {offered_load(jobs, sum(reference_units(gpus).values())):.3f} overall "
+        f"(sum GPUs x duration on a {REFERENCE_FAMILY} / (cluster capacity in "
+        f"{REFERENCE_FAMILY}s x last submit))",
         "per family (pinned = jobs allowed only it; spread = every job split by GPU count):",
         *(f"  {f:>5}: pinned {p:.3f}, spread {s:.3f}" for f, (p, s) in reversed(loads.items())),
     ]

@@ -12,6 +12,7 @@ from scripts import gen_constrained_trace as gen
 
 SPEC = parse_cluster_spec(gen.CONSTRAINED_CLUSTER)
 GPUS = gen.family_gpus(SPEC)  # family -> GPUs
+UNITS = gen.reference_units(GPUS)  # family -> capacity in P100s
 N = gen.DEFAULT_JOBS
 
 
@@ -45,7 +46,7 @@ def test_job_count_and_constraint_shares(jobs):
 def test_gang_jobs_are_5_percent_of_8_gpus_on_the_scarce_family_at_its_load(jobs):
     gang = [j for j in jobs if j.accelerators == ("A100",)]
     assert len(gang) == round(0.05 * N) and {j.num_gpus for j in gang} == {8}
-    assert offered(jobs, gang, GPUS["A100"]) == pytest.approx(gen.DEFAULT_SCARCE_LOAD, rel=0.02)
+    assert offered(jobs, gang, UNITS["A100"]) == pytest.approx(gen.DEFAULT_SCARCE_LOAD, rel=0.02)
 
 
 def test_other_single_family_jobs_pick_by_gpu_count(jobs):
@@ -59,8 +60,10 @@ def test_other_single_family_jobs_pick_by_gpu_count(jobs):
 
 
 def test_offered_load_is_the_target(jobs):
-    assert gen.offered_load(jobs, SPEC.total_gpus) == pytest.approx(gen.DEFAULT_LOAD, rel=0.02)
-    assert offered(jobs, jobs, SPEC.total_gpus) == pytest.approx(0.95, rel=0.02)
+    capacity = sum(UNITS.values())  # in P100s: 96 A100 x 2.2/0.6 + 384 V100 x 1/0.6 + ...
+    assert capacity == pytest.approx(96 * 2.2 / 0.6 + 384 / 0.6 + 256 + 256 * 0.25 / 0.6)
+    assert gen.offered_load(jobs, capacity) == pytest.approx(gen.DEFAULT_LOAD, rel=0.02)
+    assert offered(jobs, jobs, capacity) == pytest.approx(0.95, rel=0.02)
     submits = [j.submit_time_s for j in jobs]
     assert submits[0] == 0 and submits == sorted(submits)
 

@@ -383,3 +383,92 @@ def test_after_a_restart_the_queue_places_nothing_until_the_alive_nodes_have_rep
     assert isinstance(waiting, Queued)  # not on the GPU node just because it reported first
     again.report(cpu_node("a", cpus=2), T0 + 2)
     assert again.poll("cpu-job", "d", T0 + 3).decision.nodes == ["a"]
+
+
+# -- least attained service, and placement that weighs the queue ------------------------------------
+
+def test_las_a_new_job_preempts_a_same_priority_job_that_has_run_past_a_level():
+    core = core_with(gpu_node("a", gpus=2))
+    core.submit(gpus("long", 2), "d", T0)
+    # 2 GPUs x 3,000 s = 6,000 GPU-s: still level 0 (< 7,200), as the new job; it waits.
+    assert not yields(core.submit(gpus("early", 2), "d", T0 + 3000))
+    core.cancel("early", "d", T0 + 3000)
+    # 2 GPUs x 3,601 s = 7,202 GPU-s: level 1 now; the new job at level 0 outranks it.
+    out = core.submit(gpus("new", 2), "d", T0 + 3601)
+    assert "least attained service" in yields(out)["long"].reason
+    core.yielded("long", "d", T0 + 3602)
+    assert isinstance(core.poll("new", "d", T0 + 3603).decision, Placement)
+    # A later fresh job goes ahead of the preempted one, though submitted after it.
+    core.submit(gpus("newer", 1), "d", T0 + 3604)
+    assert [j.spec.name for j in core.queue.ordered()] == ["newer", "long"]
+
+
+def test_fifo_queue_order_never_preempts_within_a_priority_class():
+    core = core_with(gpu_node("a", gpus=2), queue_order="fifo")
+    core.submit(gpus("long", 2), "d", T0)
+    out = core.submit(gpus("new", 2), "d", T0 + 100_000)
+    assert not yields(out) and isinstance(out.decision, Queued)
+    core.submit(gpus("newer", 1), "d", T0 + 100_001)
+    assert [j.spec.name for j in core.queue.ordered()] == ["new", "newer"]
+
+
+def test_a_flexible_job_keeps_off_the_family_a_single_family_job_waits_for():
+    def scene(**settings):
+        core = core_with(gpu_node("a100", gpus=8), gpu_node("t4", gpus=8, family="T4"),
+                         **settings)
+        core.submit(gpus("small", 1, accelerator_types=("A100",)), "d", T0)
+        gang = core.submit(gpus("gang", 8, accelerator_types=("A100",)), "d", T0 + 1)
+        assert isinstance(gang.decision, Queued)
+        return core.submit(gpus("flex", 1), "d", T0 + 2).decision
+
+    flex = scene()
+    assert isinstance(flex, Placement) and flex.nodes == ["t4"]  # A100 is the faster family
+    # Without weighing the queue the flexible job wants an A100, which the waiting gang job's
+    # reservation forbids: it waits while eight T4s idle.
+    assert isinstance(scene(comparative_advantage=False), Queued)
+
+
+def test_under_contention_the_job_that_gains_least_from_the_fast_family_takes_the_slow_one():
+    gain = {"lm": 1.2, "cnn": 4.0, "tail": 4.0, "hold": 1.0}  # speed on A100 over T4
+
+    def scene(**settings):
+        core = SchedulerCore(SchedulerSettings(suspect_after_s=1e4, dead_after_s=1e5,
+                                               **settings),
+                             speed=lambda spec, family: gain[spec.name] if family == "A100"
+                             else 1.0)
+        nodes = (gpu_node("a100", gpus=1), gpu_node("t4", gpus=1, family="T4"))
+        core.ray_nodes({n.node_id for n in nodes}, set(), T0)
+        for n in nodes:
+            core.report(n, T0)
+        core.submit(gpus("hold", 2), "d", T0)  # holds both GPUs
+        for i, name in enumerate(("lm", "cnn", "tail")):  # in this order in line
+            assert isinstance(core.submit(gpus(name, 1), "d", T0 + 1 + i).decision, Queued)
+        core.release("hold", "d", T0 + 5)  # both free at once: lm is first in line
+        return {name: core.running[name].placement.nodes[0] for name in ("lm", "cnn")}
+
+    # lm gains 1.2x on the A100, a typical job here ~2.5x: it takes the T4 and leaves the A100
+    # to cnn, which gains 4x. Fastest-first gives lm (first in line) the A100.
+    assert scene() == {"lm": "t4", "cnn": "a100"}
+    assert scene(comparative_advantage=False) == {"lm": "a100", "cnn": "t4"}
+
+
+def test_queue_counts_waiting_gpus_by_allowed_families():
+    q = JobQueue()
+    q.add(QueuedJob(gpus("a", 8, accelerator_types=("a100",)), "o", 1.0))
+    q.add(QueuedJob(gpus("b", 2), "o", 2.0))
+    q.add(QueuedJob(gpus("c", 1, accelerator_types=("V100", "A100")), "o", 3.0))
+    assert q.gpus_by_allowed == {("A100",): 8, (): 2, ("A100", "V100"): 1}
+    q.remove("a")
+    q.remove("b")
+    assert q.gpus_by_allowed == {("A100", "V100"): 1}
+    assert q.sizes_by_allowed == {(("A100", "V100"), 1): 1}
+
+
+@pytest.mark.parametrize("bad, field", [({"queue_order": "sjf"}, "queue_order"),
+                                        ({"las_thresholds_gpu_s": (10, 5)}, "las_thresholds"),
+                                        ({"protect_share": 0}, "protect_share"),
+                                        ({"preemption_searches_per_pass": 0},
+                                         "preemption_searches_per_pass")])
+def test_bad_policy_settings_name_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        SchedulerSettings(**bad)

@@ -11,7 +11,7 @@ from orchestrator import cluster_model, policies, scheduler_core
 from orchestrator.__main__ import main
 from orchestrator.cluster_model import (ClusterSpecError, build_state, iteration_times,
                                         parse_cluster_spec, throughput)
-from orchestrator.simulator import FINISHED, NEVER_FITS, simulate
+from orchestrator.simulator import FINISHED, NEVER_FITS, RESTART_S, simulate
 from orchestrator.traces import (TraceError, TraceJob, load_canonical, load_philly, load_trace,
                                  prepare, unknown_families)
 
@@ -339,3 +339,37 @@ def test_simulate_never_imports_ray(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# -- the metrics ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("allowed, busy", [("P100", 1.0), ("", 8 / 12)])
+def test_usable_gpus_busy_while_waiting_counts_only_gpus_the_waiting_job_may_use(allowed, busy):
+    # An 8-GPU job holds the P100 server; an 8-GPU job waits from t=1 to t=1000. The 4 K80s
+    # idle meanwhile count against the metric only when the waiting job may use K80s.
+    second = (1, 10, 8, allowed) if allowed else (1, 10, 8)
+    result = simulate(trace((0, 1000, 8, "P100"), second), "p100:8x1,k80:4x1", "fifo")
+    assert result.metrics["usable_gpus_busy_while_waiting"] == pytest.approx(busy)
+
+
+def test_never_fitting_jobs_are_counted_by_reason():
+    result = simulate(trace((0, 10, 1, "A100"), (0, 10, 64), (0, 10, 1, "Z80"),
+                            (0, 10, 1, "Z80|P100")), "p100:8x1,k80:4x1", "hetero-las")
+    assert result.metrics["never_fit_reasons"] == {
+        "no server of A100 in the cluster": 1,
+        "needs 64 GPUs, the cluster has 12 of any type": 1,
+        "unknown accelerator family Z80": 1}
+    assert by_id(result)[3].status == FINISHED  # Z80|P100 runs on the P100
+
+
+def test_a_las_preemption_costs_the_lost_work_and_the_measured_restart():
+    # One P100. A runs 8,000 s (> 7,200 GPU-s: LAS level 1); B arrives and preempts it. A
+    # loses the 200 s since its checkpoint at 7,800 s, then reloads for RESTART_S.
+    result = simulate(trace((0, 10_000, 1), (8000, 100, 1)), "p100:1x1", "hetero-las",
+                      check=True)
+    a, b = by_id(result)[0], by_id(result)[1]
+    assert (a.preemptions, b.start, b.finish) == (1, 8000, 8100)
+    assert a.finish == pytest.approx(8100 + RESTART_S + 2200)
+    m = result.metrics
+    assert m["preemptions_per_job"] == 0.5
+    assert m["restart_overhead"] == pytest.approx((200 + RESTART_S) / (a.finish - 0))
