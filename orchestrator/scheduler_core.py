@@ -54,6 +54,9 @@ from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, Directive, O
 
 CLAIM_SUFFIX = "#migration"  # reservation name of a migration target, held until the handover
 MAX_VICTIMS_TRIED = 64  # bounds one preemption search (a place() call per candidate)
+# Look-ahead also ends after this many jobs were placed but refused (they would delay the
+# head): under a long queue each costs a placement, as a failed one does.
+BACKFILL_DENIALS_PER_PASS = 128
 MAX_BLOCKED_EXAMINED = 256  # blocked waiting jobs, in queue order, one pass asks to preempt
 TYPICAL_WEIGHT = 0.01  # the typical job's speeds follow the last ~100 GPU jobs submitted
 
@@ -696,6 +699,7 @@ class SchedulerCore:
         free_gpus, free_cpus = self._free_units(now)
         failed_shapes: set[tuple] = set()
         budget = self.settings.failed_placements_per_pass
+        denials = BACKFILL_DENIALS_PER_PASS
         plan: _HeadPlan | None = None
         blocked: list[QueuedJob] = []  # could not start now: they may preempt (below)
         for job in self.queue.ordered():
@@ -735,6 +739,9 @@ class SchedulerCore:
             if plan is not None and not self._may_backfill(plan, spec, placement, now):
                 self._wait_reason(job, f"would delay '{plan.job}' (first in line) if started "
                                        "now: waits for a gap that ends before it can start")
+                denials -= 1
+                if denials <= 0:
+                    break  # a placement found and refused costs as much as one that failed
                 continue
             self.queue.remove(spec.name)
             self._forget_preemption(spec.name)
@@ -876,9 +883,11 @@ class SchedulerCore:
                 and job.preemptions < s.max_preemptions]
         # Among equals, victims on the fastest hardware first: the job that preempts them has
         # received less service (is likely shorter) and should get it.
-        pool.sort(key=lambda e: (e[0], -e[1], -self.typical_speed.get(
-            self.running_family(e[2].spec.name) or "", 0.0),
-            now - (e[2].last_checkpoint_at or e[2].started_at)))
+        speed = {f: self.typical_speed.get(f, 0.0) for f in self.state.table.families}
+        pool.sort(key=lambda e: (e[0], -e[1], -speed.get(e[2].family or "", 0.0)
+                                 if e[2].family is not None else
+                                 -speed.get(self.running_family(e[2].spec.name), 0.0),
+                                 now - (e[2].last_checkpoint_at or e[2].started_at)))
         return pool
 
     def _preempt_for(self, job: QueuedJob, candidates: list[tuple[int, int, RunningJob]],
