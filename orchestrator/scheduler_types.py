@@ -42,7 +42,7 @@ class SchedulerSettings:
     # and keeps off families that jobs allowed only there are waiting for, or mostly hold
     # (at least protect_share of the family's GPUs). False: the fastest family that fits.
     comparative_advantage: bool = True
-    protect_share: float = 0.5
+    protect_share: float = 1.0
 
     def __post_init__(self) -> None:
         problems = []
