@@ -563,6 +563,8 @@ class SchedulerCore:
         shielded = {f for f in candidates if contention and capacity.get(f, 0) > 0 and
                     self.pinned_running.get(f, 0) + waiting.get((f,), 0)
                     >= self.settings.protect_share * capacity[f]}
+        if sum(capacity.get(f, 0) for f in candidates if f not in shielded) < need:
+            shielded = set()  # it cannot run without them: never kept off for good
         speeds = {f: self.speed(spec, f) for f in candidates}
         best = max(speeds.values())
         if contention and best > 0:

@@ -472,3 +472,27 @@ def test_queue_counts_waiting_gpus_by_allowed_families():
 def test_bad_policy_settings_name_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         SchedulerSettings(**bad)
+
+
+def test_a_shielded_family_is_kept_for_the_jobs_that_can_run_only_there():
+    gain = {"pinned": 1.2, "big": 1.2, "flex": 4.0}  # speed on A100 over T4
+
+    def scene(**settings):
+        core = SchedulerCore(SchedulerSettings(suspect_after_s=1e4, dead_after_s=1e5,
+                                               **settings),
+                             speed=lambda spec, family: gain[spec.name] if family == "A100"
+                             else 1.0)
+        nodes = (gpu_node("a100", gpus=8), gpu_node("t4", gpus=8, family="T4"))
+        core.ray_nodes({n.node_id for n in nodes}, set(), T0)
+        for n in nodes:
+            core.report(n, T0)
+        # A100-only jobs hold half the A100s; a 13-GPU job waits for them to end (T0 + 100).
+        core.submit(gpus("pinned", 4, accelerator_types=("A100",), expected_duration_s=100),
+                    "d", T0)
+        assert isinstance(core.submit(gpus("big", 13), "d", T0 + 1).decision, Queued)
+        # A short job that may run anywhere, and gains 4x on an A100, ends before big starts.
+        flex = core.submit(gpus("flex", 1, expected_duration_s=50), "d", T0 + 2).decision
+        return flex.nodes[0]
+
+    assert scene(protect_share=0.5) == "t4"  # single-family jobs hold half: shielded
+    assert scene() == "a100"  # the default shields only a family they fill
