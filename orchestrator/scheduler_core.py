@@ -114,7 +114,7 @@ class SchedulerCore:
         self.queue = JobQueue(self._level if s.queue_order == "las" else None)
         self.running: dict[str, RunningJob] = {}
         # GPUs running jobs allowed a single family hold there (what protects it, see
-        # _family_order), and a typical job's relative speed per family (comparative advantage).
+        # _family_choice), and a typical job's relative speed per family (comparative advantage).
         self.pinned_running: dict[str, int] = {}
         self.typical_speed: dict[str, float] = {}
         self.typical_count = 0
@@ -498,7 +498,7 @@ class SchedulerCore:
                ) -> Placement:
         """Where the job would go now (PlacementError if nowhere), by place() or the policy.
         With `free_gpus` (the queue pass's free GPUs per family code) place() is asked family
-        by family in _family_order's order first."""
+        by family in _family_choice's order first."""
         if self.policy is None:
             excluded = frozenset(self.excluded_gpus.get(spec.name.removesuffix(CLAIM_SUFFIX), ()))
             choice = None if free_gpus is None else self._family_choice(spec, free_gpus)
@@ -616,18 +616,20 @@ class SchedulerCore:
 
     def _track_running(self, job: RunningJob) -> None:
         self.running[job.spec.name] = job
-        pinned = allowed_families(job.spec)
-        if len(pinned) == 1 and job.spec.total_gpus:
+        self._count_pinned(job.spec, +1)
+
+    def _count_pinned(self, spec: JobSpec, sign: int) -> None:
+        """A job allowed a single family starts (+1) or stops (-1) holding GPUs there."""
+        pinned = allowed_families(spec)
+        if len(pinned) == 1 and spec.total_gpus:
             self.pinned_running[pinned[0]] = (self.pinned_running.get(pinned[0], 0)
-                                              + job.spec.total_gpus)
+                                              + sign * spec.total_gpus)
 
     def _stop(self, job_name: str) -> bool:
         """Release everything the job holds (its reservation, a migration claim)."""
         job = self.running.pop(job_name, None)
         if job is not None:
-            pinned = allowed_families(job.spec)
-            if len(pinned) == 1 and job.spec.total_gpus:
-                self.pinned_running[pinned[0]] -= job.spec.total_gpus
+            self._count_pinned(job.spec, -1)
         self.queue.ready.pop(job_name, None)
         self.state.release(job_name + CLAIM_SUFFIX)
         released = self.state.release(job_name)
@@ -922,10 +924,8 @@ class SchedulerCore:
         none do. A victim on a family the job may not use cannot help and is skipped; a
         placement is tried only once free plus chosen GPUs could hold the job."""
         allowed = set(allowed_families(spec))
-        families = self.state.table.families
-        room = sum(n for f, code in families.items() for c, n in free_gpus.items()
-                   if c == code and f and (not allowed or f in allowed)) \
-            if spec.gpus_per_worker else math.inf
+        room = _free_allowed_gpus(spec, free_gpus, self.state) if spec.gpus_per_worker \
+            else math.inf
         chosen: list[str] = []
         tried = 0
         for _, _, job in candidates:
@@ -1106,32 +1106,29 @@ def _shape(spec: JobSpec) -> tuple:
             spec.min_gpu_memory_gb, spec.min_bandwidth_gbps, spec.accelerator_types)
 
 
+def _free_allowed_gpus(spec: JobSpec, free_gpus: dict[int, int], state: ClusterState) -> int:
+    """Free GPUs (the pass's count per family code) of the families the job may use."""
+    allowed = allowed_families(spec)
+    return sum(free_gpus.get(code, 0) for f, code in state.table.families.items()
+               if f and (not allowed or f in allowed))
+
+
 def _counts_allow(spec: JobSpec, free_gpus: dict[int, int], free_cpus: list[float],
                   state: ClusterState) -> bool:
     """A cheap necessary condition: enough free GPUs of allowed families and free CPUs."""
     if free_cpus[0] + 1e-9 < spec.total_cpus:
         return False
-    if not spec.gpus_per_worker:
-        return True
-    families = state.table.families
-    if spec.accelerator_types:
-        codes = [families[f.upper()] for f in spec.accelerator_types if f.upper() in families]
-    else:
-        codes = [c for f, c in families.items() if f]
-    return sum(free_gpus.get(c, 0) for c in codes) >= spec.total_gpus
+    return not spec.gpus_per_worker or \
+        _free_allowed_gpus(spec, free_gpus, state) >= spec.total_gpus
 
 
 def _waiting_reason(spec: JobSpec, free_gpus: dict[int, int], free_cpus: list[float],
                     state: ClusterState) -> str:
     if spec.gpus_per_worker:
-        families = state.table.families
-        types = {f.upper() for f in spec.accelerator_types}
-        free = sum(n for f, code in families.items() for c, n in free_gpus.items()
-                   if c == code and f and (not types or f in types))
-        what = f"{spec.total_gpus} GPU(s)" + (f" of type {'/'.join(sorted(types))}"
-                                               if types else "")
-        return (f"needs {what}, {free} free now; it fits once running jobs release their "
-                "reservations")
+        types = allowed_families(spec)
+        what = f"{spec.total_gpus} GPU(s)" + (f" of type {'/'.join(types)}" if types else "")
+        return (f"needs {what}, {_free_allowed_gpus(spec, free_gpus, state)} free now; it "
+                "fits once running jobs release their reservations")
     return (f"needs {spec.total_cpus:g} CPUs, {free_cpus[0]:g} free now; it fits once running "
             "jobs release their reservations")
 

@@ -428,18 +428,23 @@ def test_a_flexible_job_keeps_off_the_family_a_single_family_job_waits_for():
     assert isinstance(scene(comparative_advantage=False), Queued)
 
 
+def a100_and_t4_core(gain, gpus, **settings):
+    """A core over one A100 and one T4 node of `gpus` GPUs each, where job NAME runs
+    gain[NAME] times faster on the A100."""
+    core = SchedulerCore(SchedulerSettings(suspect_after_s=1e4, dead_after_s=1e5, **settings),
+                         speed=lambda spec, family: gain[spec.name] if family == "A100" else 1.0)
+    nodes = (gpu_node("a100", gpus=gpus), gpu_node("t4", gpus=gpus, family="T4"))
+    core.ray_nodes({n.node_id for n in nodes}, set(), T0)
+    for n in nodes:
+        core.report(n, T0)
+    return core
+
+
 def test_under_contention_the_job_that_gains_least_from_the_fast_family_takes_the_slow_one():
     gain = {"lm": 1.2, "cnn": 4.0, "tail": 4.0, "hold": 1.0}  # speed on A100 over T4
 
     def scene(**settings):
-        core = SchedulerCore(SchedulerSettings(suspect_after_s=1e4, dead_after_s=1e5,
-                                               **settings),
-                             speed=lambda spec, family: gain[spec.name] if family == "A100"
-                             else 1.0)
-        nodes = (gpu_node("a100", gpus=1), gpu_node("t4", gpus=1, family="T4"))
-        core.ray_nodes({n.node_id for n in nodes}, set(), T0)
-        for n in nodes:
-            core.report(n, T0)
+        core = a100_and_t4_core(gain, 1, **settings)
         core.submit(gpus("hold", 2), "d", T0)  # holds both GPUs
         for i, name in enumerate(("lm", "cnn", "tail")):  # in this order in line
             assert isinstance(core.submit(gpus(name, 1), "d", T0 + 1 + i).decision, Queued)
@@ -478,14 +483,7 @@ def test_a_shielded_family_is_kept_for_the_jobs_that_can_run_only_there():
     gain = {"pinned": 1.2, "big": 1.2, "flex": 4.0}  # speed on A100 over T4
 
     def scene(**settings):
-        core = SchedulerCore(SchedulerSettings(suspect_after_s=1e4, dead_after_s=1e5,
-                                               **settings),
-                             speed=lambda spec, family: gain[spec.name] if family == "A100"
-                             else 1.0)
-        nodes = (gpu_node("a100", gpus=8), gpu_node("t4", gpus=8, family="T4"))
-        core.ray_nodes({n.node_id for n in nodes}, set(), T0)
-        for n in nodes:
-            core.report(n, T0)
+        core = a100_and_t4_core(gain, 8, **settings)
         # A100-only jobs hold half the A100s; a 13-GPU job waits for them to end (T0 + 100).
         core.submit(gpus("pinned", 4, accelerator_types=("A100",), expected_duration_s=100),
                     "d", T0)
