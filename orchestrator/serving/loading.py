@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from orchestrator.config import TrainConfig
+from orchestrator.tokenizer import ByteTokenizer, Tokenizer
 from orchestrator.runs import DEFAULT_RUNS_ROOT, latest_run_with_checkpoints
 from orchestrator.training.checkpoint import (CHECKSUM_FILE, STATE_FILE, CheckpointError,
                                               load_checkpoint, model_from_state)
@@ -119,6 +120,8 @@ class LoadedModel:
     loaded_at: float
     load_seconds: float
     warnings: list[str] = field(default_factory=list)
+    # How the model's token ids map to text; the run's own tokenizer where it recorded one.
+    tokenizer: Tokenizer = field(default_factory=ByteTokenizer)
 
     def info(self) -> dict[str, Any]:
         """JSON-ready description for GET /v1/models and the logs."""
