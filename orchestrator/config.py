@@ -27,17 +27,22 @@ ACCUMULATION_GROUPS = ("embeddings", "lower", "upper", "head")
 MAX_ACCUMULATION = 1024
 MAX_WORKLOAD_CHARS = 200  # JobSpec.workload: a key, not a description
 
-# Accelerator families the scheduler knows, longest names first so "A100" wins over "A10".
-ACCELERATOR_FAMILIES = ("MI300X", "MI250", "H200", "H100", "B200", "A100", "A10G", "L40S",
-                        "V100", "P100", "K80", "A10", "T4", "L4", "NPU", "TPU")
+# Accelerator families the scheduler knows. A family must be a whole token of the device name
+# (inventory.accelerator_family), so the order does not matter; names a vendor also uses for a
+# near-identical part map to one family through ACCELERATOR_ALIASES.
+ACCELERATOR_FAMILIES = ("MI300X", "MI300A", "MI250", "GH200", "H200", "H100", "B200", "A100",
+                        "A10G", "L40S", "L40", "V100", "P100", "K80", "A10", "T4", "L4", "NPU",
+                        "TPU")
+ACCELERATOR_ALIASES = {"MI250X": "MI250", "V100S": "V100"}
 
 # Rough training throughput of one accelerator relative to a V100 (mixed precision, typical
 # published figures rounded down; K80/P100 from Gavel's measurements). Placement uses it only
 # to prefer faster hardware among nodes that fit equally well; the simulator's speed model
 # uses it for the types Gavel did not measure.
 ACCELERATOR_SPEED = {"K80": 0.25, "P100": 0.6, "V100": 1.0, "T4": 0.4, "L4": 0.6, "A10": 0.6,
-                     "A10G": 0.6, "L40S": 1.4, "A100": 2.2, "H100": 4.4, "H200": 5.0,
-                     "B200": 8.0, "MI250": 1.6, "MI300X": 3.5, "NPU": 1.0, "TPU": 1.0}
+                     "A10G": 0.6, "L40": 0.9, "L40S": 1.4, "A100": 2.2, "H100": 4.4,
+                     "H200": 5.0, "GH200": 5.0, "B200": 8.0, "MI250": 1.6, "MI300A": 2.8,
+                     "MI300X": 3.5, "NPU": 1.0, "TPU": 1.0}
 
 # Named model presets. Plain data so `orchestrator` imports without torch.
 # n_layer / n_head / n_embd follow GPT-2's naming; context length comes from seq_len.

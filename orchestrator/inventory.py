@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-from orchestrator.config import ACCELERATOR_FAMILIES, ACCELERATOR_SPEED
+from orchestrator.config import ACCELERATOR_ALIASES, ACCELERATOR_FAMILIES, ACCELERATOR_SPEED
 
 GIB = 1024 ** 3
 
@@ -78,11 +78,17 @@ HEALTHY, SUSPECT, DEAD = "healthy", "suspect", "dead"
 
 
 
+def name_tokens(gpu_name: str) -> set[str]:
+    """The upper-case alphanumeric tokens of a device name ("NVIDIA A100-SXM4-80GB" ->
+    {"NVIDIA", "A100", "SXM4", "80GB"})."""
+    return set(re.split(r"[^A-Z0-9]+", gpu_name.upper()))
+
+
 def accelerator_family(gpu_name: str) -> str:
     """The family of a GPU name as NVML or a label gives it ("NVIDIA A100-SXM4-80GB" -> "A100");
     "" when the name matches no known family. A family must be a whole token of the name: by
     substring, "NVIDIA L40" read as L4 and "NVIDIA GH200" as H200."""
-    tokens = set(re.split(r"[^A-Z0-9]+", gpu_name.upper()))
+    tokens = {ACCELERATOR_ALIASES.get(t, t) for t in name_tokens(gpu_name)}
     return next((family for family in ACCELERATOR_FAMILIES if family in tokens), "")
 
 

@@ -15,20 +15,67 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.inventory import accelerator_family
+from orchestrator.inventory import accelerator_family, name_tokens
 
-# Dense peak TFLOP/s per GPU by precision, from NVIDIA's datasheets (SXM parts; no sparsity).
-# Matched by substring of the CUDA device name, first match wins (so "H100" before "A100").
-GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
-    ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6}),
-    ("A10G", {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2}),
-    ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
-    ("V100", {"fp16": 125.0, "fp32": 15.7}),
-    ("T4", {"fp16": 65.0, "fp32": 8.1}),
-)
+# Dense (no sparsity) peak TFLOP/s per GPU by precision, from the vendors' datasheets, per
+# family and board variant: an H100 PCIe is not an H100 SXM (756 vs 989 bf16). fp32 is the
+# figure the matmuls of training reach (tensor-core/matrix fp32 where the part has it, else
+# vector fp32); a precision a part has no fast path for is absent, so it gets no MFU. K80 is
+# per die, as NVML lists each die as a device.
+GPU_PEAK_TFLOPS: dict[tuple[str, str], dict[str, float]] = {
+    ("K80", ""): {"fp32": 4.37},
+    ("P100", "SXM"): {"fp16": 21.2, "fp32": 10.6},
+    ("P100", "PCIe"): {"fp16": 18.7, "fp32": 9.3},
+    ("V100", "SXM"): {"fp16": 125.0, "fp32": 15.7},
+    ("V100", "PCIe"): {"fp16": 112.0, "fp32": 14.0},
+    ("V100", "V100S"): {"fp16": 130.0, "fp32": 16.4},
+    ("T4", ""): {"fp16": 65.0, "fp32": 8.1},
+    ("A10", ""): {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2},
+    ("A10G", ""): {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2},
+    ("L4", ""): {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    ("L40", ""): {"bf16": 181.0, "fp16": 181.0, "fp32": 90.5},
+    ("L40S", ""): {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
+    ("A100", ""): {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},  # 40/80 GB, SXM and PCIe
+    ("H100", "SXM"): {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    ("H100", "PCIe"): {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    ("H100", "NVL"): {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
+    ("H200", "SXM"): {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    ("H200", "NVL"): {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
+    ("GH200", ""): {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    ("B200", ""): {"bf16": 2250.0, "fp16": 2250.0},
+    ("MI250", "MI250"): {"bf16": 362.1, "fp16": 362.1, "fp32": 90.5},
+    ("MI250", "MI250X"): {"bf16": 383.0, "fp16": 383.0, "fp32": 95.7},
+    ("MI300X", ""): {"bf16": 1307.4, "fp16": 1307.4, "fp32": 163.4},
+    ("MI300A", ""): {"bf16": 980.6, "fp16": 980.6, "fp32": 122.6},
+}
+
+# How a family's board variant reads in its device name: (token, variant), first match wins;
+# None = the name must say (no default, so an unlisted variant gets no MFU rather than a guess).
+# NVML names an H100 SXM "NVIDIA H100 80GB HBM3" (only the SXM board has HBM3 without NVL),
+# a V100 SXM "Tesla V100-SXM2-16GB", an H200 SXM plain "NVIDIA H200".
+VARIANT_TOKENS: dict[str, tuple[tuple[tuple[str, str], ...], str | None]] = {
+    "P100": ((("PCIE", "PCIe"), ("SXM2", "SXM"), ("SXM", "SXM")), None),
+    "V100": ((("V100S", "V100S"), ("PCIE", "PCIe"), ("SXM2", "SXM"), ("SXM3", "SXM"),
+              ("SXM", "SXM")), None),
+    "H100": ((("NVL", "NVL"), ("PCIE", "PCIe"), ("SXM5", "SXM"), ("SXM", "SXM"),
+              ("HBM3", "SXM")), None),
+    "H200": ((("NVL", "NVL"),), "SXM"),
+    "MI250": ((("MI250X", "MI250X"),), "MI250"),
+}
+
+
+def accelerator_variant(device_name: str) -> tuple[str, str] | None:
+    """(family, variant) of a device name, "" variant for families with one set of peaks;
+    None when the family is unknown or the name does not say which board it is."""
+    family = accelerator_family(device_name)
+    if not family:
+        return None
+    if family not in VARIANT_TOKENS:
+        return family, ""
+    rules, default = VARIANT_TOKENS[family]
+    tokens = name_tokens(device_name)
+    variant = next((v for token, v in rules if token in tokens), default)
+    return (family, variant) if variant is not None else None
 
 
 @dataclass(frozen=True)
@@ -49,7 +96,7 @@ def flops_per_token(n_params_non_embedding: int, n_layer: int, n_embd: int,
 def gpu_peak_flops(device_name: str, precision: str) -> float | None:
     """Datasheet peak for a CUDA device name, or None when the table does not know it (an
     unknown device gets no MFU rather than another family's)."""
-    peaks = dict(GPU_PEAK_TFLOPS).get(accelerator_family(device_name), {})
+    peaks = GPU_PEAK_TFLOPS.get(accelerator_variant(device_name), {})
     return peaks[precision] * 1e12 if precision in peaks else None
 
 

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from orchestrator.training.efficiency import (CommTimer, Thresholds, flops_per_token,
-                                           gpu_peak_flops, measure_cpu_peak_flops, mfu,
+from orchestrator.config import ACCELERATOR_FAMILIES
+from orchestrator.training.efficiency import (GPU_PEAK_TFLOPS, CommTimer, Thresholds,
+                                           flops_per_token, gpu_peak_flops, measure_cpu_peak_flops, mfu,
                                            peak_memory, warnings_for)
 
 
@@ -15,6 +16,14 @@ def test_palm_flops_per_token():
 @pytest.mark.parametrize("name, precision, tflops", [
     ("NVIDIA H100 80GB HBM3", "bf16", 989), ("NVIDIA H200", "bf16", 989),
     ("NVIDIA A100-SXM4-80GB", "fp32", 19.5), ("Tesla T4", "fp16", 65),
+    # Board variants of one family have different peaks.
+    ("NVIDIA H100 PCIe", "bf16", 756), ("NVIDIA H100 NVL", "bf16", 835),
+    ("NVIDIA H200 NVL", "bf16", 835), ("NVIDIA GH200 480GB", "bf16", 989),
+    ("Tesla V100-SXM2-16GB", "fp16", 125), ("Tesla V100-PCIE-32GB", "fp16", 112),
+    ("Tesla P100-PCIE-16GB", "fp16", 18.7), ("AMD Instinct MI250X", "bf16", 383),
+    ("AMD Instinct MI250", "bf16", 362.1), ("AMD Instinct MI300X", "bf16", 1307.4),
+    ("NVIDIA L40", "bf16", 181), ("NVIDIA L40S", "bf16", 362), ("NVIDIA L4", "bf16", 121),
+    ("NVIDIA A10", "bf16", 125), ("NVIDIA B200", "bf16", 2250), ("Tesla K80", "fp32", 4.37),
 ])
 def test_gpu_peaks_by_name_and_precision(name, precision, tflops):
     assert gpu_peak_flops(name, precision) == tflops * 1e12
@@ -23,9 +32,18 @@ def test_gpu_peaks_by_name_and_precision(name, precision, tflops):
 def test_unknown_gpu_or_precision_has_no_peak():
     assert gpu_peak_flops("Mystery GPU", "bf16") is None
     assert gpu_peak_flops("Tesla T4", "bf16") is None  # T4 has no bf16 tensor cores
-    # Not another family's peak by substring (L40 is not an L4, GH200 not an H200).
-    assert gpu_peak_flops("NVIDIA L40", "bf16") is None
-    assert gpu_peak_flops("NVIDIA GH200 480GB", "bf16") is None
+    # A name that does not say which board it is gets no peak, not the fastest board's.
+    assert gpu_peak_flops("NVIDIA H100", "bf16") is None
+    assert gpu_peak_flops("Tesla V100", "fp16") is None
+    # No fast path, no peak: V100 and K80 have no bf16, K80 no fp16 tensor cores.
+    assert gpu_peak_flops("Tesla V100-SXM2-16GB", "bf16") is None
+    assert gpu_peak_flops("Tesla K80", "fp16") is None
+
+
+def test_every_family_with_peaks_is_known_to_the_scheduler():
+    """The peak table and the scheduler's families are one vocabulary: a peak row for a family
+    accelerator_family() never returns could never be used."""
+    assert {family for family, _ in GPU_PEAK_TFLOPS} <= set(ACCELERATOR_FAMILIES)
 
 
 def test_cpu_peak_is_measured_and_mfu_is_a_ratio():

@@ -82,8 +82,11 @@ def test_reservations_survive_a_round_trip_without_double_counting():
     ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA L4", "L4"), ("Some NPU v2", "NPU"),
     ("Mystery Accelerator", ""),
     # Whole tokens only: these matched a shorter family by substring.
-    ("NVIDIA L40", ""), ("NVIDIA L40S", "L40S"), ("NVIDIA GH200 480GB", ""),
+    ("NVIDIA L40", "L40"), ("NVIDIA L40S", "L40S"), ("NVIDIA GH200 480GB", "GH200"),
     ("NVIDIA H200", "H200"), ("AMD Instinct MI300X", "MI300X"), ("a100", "A100"),
+    # Aliases: a vendor's near-identical part is one family.
+    ("AMD Instinct MI250X", "MI250"), ("Tesla V100S-PCIE-32GB", "V100"),
+    ("Tesla K80", "K80"), ("Tesla P100-PCIE-16GB", "P100"), ("NVIDIA B200", "B200"),
 ])
 def test_accelerator_family(name, family):
     assert accelerator_family(name) == family
