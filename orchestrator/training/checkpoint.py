@@ -7,6 +7,7 @@ objects, so a tampered file cannot run code.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -86,7 +87,7 @@ def model_from_state(state: Any, directory: str | os.PathLike):
     its config is invalid, or the weights do not fit the model it describes."""
     from orchestrator.config import ConfigError, TrainConfig
     from orchestrator.training.data import VOCAB_SIZE
-    from orchestrator.training.model import GPT, GPTConfig
+    from orchestrator.training.model import GPT, GPTConfig, widths_from_state_dict
 
     where = Path(directory) / STATE_FILE
     if not isinstance(state, dict) or not {"model", "config"} <= set(state):
@@ -96,10 +97,14 @@ def model_from_state(state: Any, directory: str | os.PathLike):
         train_config = TrainConfig.from_dict(state["config"])
     except ConfigError as e:
         raise CheckpointError(f"{where}: its training config is invalid: {e}") from None
-    model = GPT(GPTConfig.from_train_config(train_config, vocab_size=VOCAB_SIZE))
     try:
+        gpt_config = GPTConfig.from_train_config(train_config, vocab_size=VOCAB_SIZE)
+        # A structurally pruned model's per-layer widths are read off its weights' shapes.
+        gpt_config = dataclasses.replace(gpt_config, **widths_from_state_dict(state["model"],
+                                                                              gpt_config))
+        model = GPT(gpt_config)
         model.load_state_dict(state["model"])
-    except RuntimeError as e:
+    except (RuntimeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{where}: the weights do not fit a {train_config.model_size!r} "
                               f"GPT: {e}") from None
     return model.eval(), train_config

@@ -33,6 +33,39 @@ class GPTConfig:
     attention_span: bool = False
     span_ramp: int = 32  # R: width of the soft edge of each head's span, in tokens
     span_init: float = 0.0  # initial span as a fraction of block_size (the paper starts at 0)
+    # Per-layer widths of a structurally pruned model (orchestrator/compression/structured.py):
+    # MLP hidden units and attention heads of each block. None = uniform, 4 * n_embd hidden
+    # units and n_head heads in every block (the shapes of every unpruned model). A head keeps
+    # its width n_embd // n_head whatever the layer's head count.
+    mlp_hidden: tuple[int, ...] | None = None
+    n_heads_per_layer: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("mlp_hidden", "n_heads_per_layer"):
+            widths = getattr(self, name)
+            if widths is None:
+                continue
+            # JSON round trips turn tuples into lists: keep the config hashable and comparable.
+            widths = tuple(widths)
+            object.__setattr__(self, name, widths)
+            if len(widths) != self.n_layer or not all(
+                    isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+                raise ValueError(f"GPTConfig.{name} must hold one integer >= 1 per layer "
+                                 f"({self.n_layer}), got {widths!r}")
+        if self.n_heads_per_layer is not None and any(
+                h > self.n_head for h in self.n_heads_per_layer):
+            raise ValueError(f"GPTConfig.n_heads_per_layer {self.n_heads_per_layer!r} has more "
+                             f"heads than n_head {self.n_head} in a layer")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def layer_mlp_hidden(self, layer: int) -> int:
+        return 4 * self.n_embd if self.mlp_hidden is None else self.mlp_hidden[layer]
+
+    def layer_heads(self, layer: int) -> int:
+        return self.n_head if self.n_heads_per_layer is None else self.n_heads_per_layer[layer]
 
     @classmethod
     def from_train_config(cls, config: TrainConfig, vocab_size: int = 256) -> "GPTConfig":
@@ -42,12 +75,13 @@ class GPTConfig:
 
 
 class MLP(nn.Module):
-    """The feed-forward sub-layer of a block: widen 4x, GELU, project back."""
+    """The feed-forward sub-layer of a block: widen (4x unless pruned), GELU, project back."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, hidden: int | None = None) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        hidden = 4 * config.n_embd if hidden is None else hidden
+        self.fc = nn.Linear(config.n_embd, hidden)
+        self.proj = nn.Linear(hidden, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,14 +91,20 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: normalising before each sub-layer keeps deep stacks stable."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(config.n_embd)
-        span = (AdaptiveSpan(config.n_head, config.block_size, config.span_ramp,
+        heads = config.layer_heads(layer)
+        span = (AdaptiveSpan(heads, config.block_size, config.span_ramp,
                              config.span_init) if config.attention_span else None)
-        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, span)
+        # A pruned layer keeps the head width with fewer heads; a full one is built exactly as
+        # before per-layer widths existed (same calls, same initialisation).
+        self.attn = (CausalSelfAttention(config.n_embd, config.n_head, config.dropout, span)
+                     if heads == config.n_head else
+                     CausalSelfAttention(config.n_embd, heads, config.dropout, span,
+                                         head_dim=config.head_dim))
         self.ln2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, config.layer_mlp_hidden(layer))
 
     def forward(self, x: torch.Tensor, cache=None, key_is_real=None) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), cache, key_is_real)
@@ -81,7 +121,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: input and output embeddings share one matrix (fewer parameters,
@@ -148,6 +188,21 @@ class GPT(nn.Module):
     def clamp_spans_(self) -> None:
         for span in self.spans():
             span.clamp_()
+
+
+def widths_from_state_dict(state: dict[str, torch.Tensor], config: GPTConfig
+                           ) -> dict[str, tuple[int, ...] | None]:
+    """The per-layer widths (GPTConfig.mlp_hidden / n_heads_per_layer) that a GPT state dict's
+    weight shapes imply, None where they are the uniform default: lets a loader rebuild a
+    structurally pruned model from a checkpoint that records only its training config."""
+    mlp, heads = [], []
+    for i in range(config.n_layer):
+        fc, qkv = state.get(f"blocks.{i}.mlp.fc.weight"), state.get(f"blocks.{i}.attn.qkv.weight")
+        mlp.append(4 * config.n_embd if fc is None else int(fc.shape[0]))
+        heads.append(config.n_head if qkv is None else int(qkv.shape[0]) // (3 * config.head_dim))
+    return {"mlp_hidden": None if all(m == 4 * config.n_embd for m in mlp) else tuple(mlp),
+            "n_heads_per_layer": None if all(h == config.n_head for h in heads)
+            else tuple(heads)}
 
 
 def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
