@@ -27,14 +27,28 @@ class AdaptiveSpan(nn.Module):
         super().__init__()
         self.max_span, self.ramp = max_span, ramp
         self.span_fraction = nn.Parameter(torch.full((n_head,), float(init_fraction)))
+        # (parameter version, window): the window is a host value, and reading it from the
+        # device is a sync that drains a GPU's queue. The spans only change when the optimizer
+        # steps (or a checkpoint loads), so it is read once per change, not per forward.
+        self._window_cache: tuple[int, int] | None = None
 
     def spans(self) -> torch.Tensor:
         """z per head, in tokens."""
         return self.span_fraction.clamp(0, 1) * self.max_span
 
     def window(self) -> int:
-        """Keys a query can see with non-zero weight, itself included: distances < max z + R."""
-        return min(math.ceil(self.spans().max().item() + self.ramp), self.max_span)
+        """Keys a query can see with non-zero weight, itself included: distances < max z + R.
+
+        Cached by the parameter's version counter, which every in-place write bumps (optimizer
+        steps, `clamp_`, `load_state_dict`), so a forward pass never syncs with the device
+        unless the spans changed since the last read. (A write through `.data` bypasses the
+        counter: none is made here.)"""
+        version = self.span_fraction._version
+        if self._window_cache is None or self._window_cache[0] != version:
+            with torch.no_grad():
+                window = min(math.ceil(self.spans().max().item() + self.ramp), self.max_span)
+            self._window_cache = (version, window)
+        return self._window_cache[1]
 
     def ramp_mask(self, distance: torch.Tensor) -> torch.Tensor:
         """m(x) for each head: distance (..., Tq, Tk) -> (heads, ..., Tq, Tk) in [0, 1]."""
@@ -50,6 +64,7 @@ class AdaptiveSpan(nn.Module):
         """Keep the raw parameter in [0, 1] after each optimizer step (as the paper does): once
         outside, the clamp in `spans` would cut its gradient and freeze it there."""
         self.span_fraction.clamp_(0, 1)
+        self.window()  # read the new window here, once per step, outside any forward pass
 
 
 class LayerCache:
@@ -158,14 +173,19 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: PyTorch's SDPA, or the learnable-span path when
     `span` is given; decodes incrementally with a KV cache."""
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float, span: AdaptiveSpan | None
-                 ) -> None:
+    def __init__(self, n_embd: int, n_head: int, dropout: float, span: AdaptiveSpan | None,
+                 head_dim: int | None = None) -> None:
+        """`head_dim` defaults to n_embd // n_head (heads fill the residual stream); a
+        structurally pruned layer keeps the head width with fewer heads."""
         super().__init__()
-        assert n_embd % n_head == 0
-        self.n_head = n_head
+        if head_dim is None:
+            assert n_embd % n_head == 0
+            head_dim = n_embd // n_head
+        self.n_head, self.head_dim = n_head, head_dim
+        inner = n_head * head_dim
         # One projection for query, key and value: one matmul instead of three.
-        self.qkv = nn.Linear(n_embd, 3 * n_embd)
-        self.proj = nn.Linear(n_embd, n_embd)
+        self.qkv = nn.Linear(n_embd, 3 * inner)
+        self.proj = nn.Linear(inner, n_embd)
         self.dropout = dropout
         self.span = span
 
@@ -173,10 +193,11 @@ class CausalSelfAttention(nn.Module):
                 key_is_real: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, C). With a cache, x holds only the new positions; key_is_real (B, L) marks
         the real (non-padding) tokens of everything fed so far."""
-        batch, time, channels = x.shape
-        q, k, v = self.qkv(x).split(channels, dim=2)
-        # (B, T, C) -> (B, heads, T, head_dim): attention runs per head.
-        q, k, v = (t.view(batch, time, self.n_head, channels // self.n_head).transpose(1, 2)
+        batch, time, _ = x.shape
+        inner = self.n_head * self.head_dim
+        q, k, v = self.qkv(x).split(inner, dim=2)
+        # (B, T, inner) -> (B, heads, T, head_dim): attention runs per head.
+        q, k, v = (t.view(batch, time, self.n_head, self.head_dim).transpose(1, 2)
                    for t in (q, k, v))
         if cache is not None:
             k, v = cache.extend(k, v)
@@ -203,5 +224,5 @@ class CausalSelfAttention(nn.Module):
                 y = dense_span_attention(q, k, v, self.span, allowed, distance, dropout_p)
         if cache is not None:
             cache.keep(k, v, window)
-        y = y.transpose(1, 2).contiguous().view(batch, time, channels)
+        y = y.transpose(1, 2).contiguous().view(batch, time, inner)
         return self.proj(y)

@@ -1,7 +1,11 @@
 """Learnable attention span, its block-sparse fast path, and the KV cache."""
+import math
+import sys
+
 import pytest
 import torch
 
+from orchestrator.training import attention
 from orchestrator.training.attention import (AdaptiveSpan, allowed_keys,
                                              blocked_span_attention, dense_span_attention)
 from orchestrator.training.model import GPT, GPTConfig
@@ -74,6 +78,49 @@ def test_clamp_keeps_spans_in_range():
     model.clamp_spans_()
     assert model.spans()[0].span_fraction.tolist() == [0.0, 0.0]
     assert model.spans()[1].span_fraction.tolist() == [1.0, 1.0]
+
+
+def test_forward_reads_the_window_once_per_change_of_the_spans(monkeypatch):
+    """The window is a host value: reading it from the device in every layer's forward is a
+    sync per layer per micro-batch on a GPU. It is read when the spans change (optimizer step
+    + clamp, checkpoint load) and then served from the cache."""
+    torch.manual_seed(0)
+    model = GPT(SPAN)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    idx = torch.randint(0, 256, (2, 64))
+    reads = []  # host reads made by the attention module (the optimizer makes its own)
+    original_item = torch.Tensor.item
+
+    def counting_item(tensor):
+        if sys._getframe(1).f_code.co_filename == attention.__file__:
+            reads.append(1)
+        return original_item(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    for _ in range(3):  # three steps of two micro-batches each
+        for _ in range(2):
+            _, loss = model(idx, idx)
+            (loss - 10 * model.span_penalty()).backward()  # grow the spans
+        optimizer.step()
+        optimizer.zero_grad()
+        model.clamp_spans_()
+    assert len(reads) == 2 * 3 + 2  # one per layer per step, plus the first forward's
+    # And the cached window follows the spans: after the steps it is the learnt one.
+    for span in model.spans():
+        widest = span.spans().max().item()
+        assert span.window() == min(math.ceil(widest + span.ramp), span.max_span)
+        assert span.window() > 11  # grown from the initial ceil(0.1 * 64) + 4
+
+
+def test_loading_other_spans_refreshes_the_window():
+    model, other = GPT(SPAN), GPT(SPAN)
+    with torch.no_grad():
+        for span in other.spans():
+            span.span_fraction.fill_(0.5)
+    before = [span.window() for span in model.spans()]
+    model.load_state_dict(other.state_dict())
+    assert before == [11, 11]  # ceil(0.1 * 64) + 4
+    assert [span.window() for span in model.spans()] == [36, 36]  # 0.5 * 64 + 4
 
 
 @pytest.mark.parametrize("config", [GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32),
