@@ -91,6 +91,12 @@ def build_configs(args: argparse.Namespace, run_dir: Path) -> tuple[TrainConfig,
         raise ConfigError(f"--max-failures must be >= 0, got {args.max_failures}")
     if not args.queue_timeout >= 0:
         raise ConfigError(f"--queue-timeout must be >= 0, got {args.queue_timeout}")
+    if args.gpus_per_worker > 1:
+        # DDP drives one device per worker: more per worker would be reserved and sit idle.
+        raise ConfigError(
+            f"--gpus-per-worker {args.gpus_per_worker}: pretraining runs one GPU per worker "
+            f"(DDP), so the other {args.gpus_per_worker - 1} would sit idle. Use "
+            f"--num-workers {args.num_workers * args.gpus_per_worker} --gpus-per-worker 1")
     train_config = TrainConfig(
         model_size=args.model_size, precision=args.precision, max_steps=args.max_steps,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,

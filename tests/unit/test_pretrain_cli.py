@@ -36,6 +36,9 @@ def unused_port():
     (["--max-failures", "-1"], "--max-failures must be >= 0, got -1"),
     (["--accumulation", "lower=0"], "accumulation: the factor of 'lower' must be an integer"),
     (["--attention-span", "--span-ramp", "0"], "span_ramp must be an integer >= 1, got 0"),
+    (["--num-workers", "2", "--gpus-per-worker", "4"],
+     "--gpus-per-worker 4: pretraining runs one GPU per worker (DDP), so the other 3 would "
+     "sit idle. Use --num-workers 8 --gpus-per-worker 1"),
 ])
 def test_bad_input_gets_one_clear_message(args, expected, tmp_path):
     result = run_pretrain(*args, tmp_path=tmp_path)
