@@ -191,31 +191,68 @@ def peak_memory(device: torch.device) -> tuple[int, int]:
 
 
 class CommTimer:
-    """Wall time spent in gradient all-reduce, via a DDP communication hook.
+    """Time spent in gradient all-reduce, via a DDP communication hook.
 
-    The hook launches the same all-reduce DDP would (sum, then divide by world size) and
-    records the time from launch to completion, so the figure includes waiting for the
-    slowest worker — which is what communication costs a synchronous step."""
+    The hook launches the same all-reduce DDP would (sum, then divide by world size) and marks
+    when it was launched and when it completed, so the figure includes waiting for the slowest
+    worker — which is what communication costs a synchronous step. Overlapping buckets are
+    counted once (the union of their intervals).
+
+    Where the marks come from depends on the backend. gloo completes its future when the
+    all-reduce is done, so host clocks are right. NCCL completes the future as soon as the
+    kernel is *enqueued*: a host clock there reads ~0. On CUDA the marks are CUDA events
+    instead: the start recorded on the compute stream before the launch (the all-reduce cannot
+    begin before the gradients it reduces), the end recorded in the future's callback, which
+    runs with the all-reduce's stream current, so the event completes when the kernel does.
+    Events are read in `take()` (once per logging interval), never in the hook: reading one
+    there would stall the backward pass."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
+        self._marks: list[tuple] = []  # (start, end) per bucket: floats or CUDA events
 
     def take(self) -> float:
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
+        """Seconds in all-reduce since the last take (the union of the buckets' intervals)."""
+        return union_seconds(self._resolve())
+
+    def _resolve(self) -> list[tuple[float, float]]:
+        marks, self._marks = self._marks, []
+        if not marks or isinstance(marks[0][0], float):
+            return marks
+        base = marks[0][0]
+        marks[-1][1].synchronize()  # the last end: every earlier event is done too
+        return [(base.elapsed_time(a) / 1e3, base.elapsed_time(b) / 1e3) for a, b in marks]
 
     def attach(self, ddp_model) -> None:
         import torch.distributed as dist
 
+        on_cuda = next(ddp_model.parameters()).is_cuda
+
+        def mark() -> float | torch.cuda.Event:
+            if not on_cuda:
+                return time.perf_counter()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()  # on the current stream
+            return event
+
         def hook(timer: "CommTimer", bucket):
-            start = time.perf_counter()
+            start = mark()
             world = dist.get_world_size()
             future = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
 
             def finish(f):
-                timer.seconds += time.perf_counter() - start
+                timer._marks.append((start, mark()))
                 return f.value()[0].div_(world)
 
             return future.then(finish)
 
         ddp_model.register_comm_hook(self, hook)
+
+
+def union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end] intervals (overlaps counted once)."""
+    total, covered_to = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > covered_to:
+            total += end - max(start, covered_to)
+            covered_to = end
+    return total

@@ -36,3 +36,41 @@ def test_training_runs_on_gpu(tmp_path, precision):
     metrics = train(config, LocalSession(tmp_path, device=torch.device("cuda")))
     assert metrics["precision"] == precision
     assert metrics["loss"] < metrics["first_loss"]
+
+
+def test_comm_timer_sees_nccl_all_reduce_time(monkeypatch, tmp_path):
+    """NCCL completes the hook's future when the kernel is enqueued, so host clocks around it
+    read ~0. Each all-reduce here is made to wait ~50 ms behind a sleep kernel on the compute
+    stream: the timer must see that time, not the enqueue."""
+    import torch.distributed as dist
+
+    from orchestrator.training.efficiency import CommTimer
+
+    if not dist.is_nccl_available():
+        pytest.skip("this torch has no NCCL")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        # Cycles per 50 ms on this GPU, measured (clock rates differ by part and state).
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        end.synchronize()
+        cycles = int(10_000_000 * 50 / start.elapsed_time(end))
+        real_all_reduce = dist.all_reduce
+
+        def slow_all_reduce(tensor, async_op=False):
+            torch.cuda._sleep(cycles)  # the all-reduce waits for it, as for a late gradient
+            return real_all_reduce(tensor, async_op=async_op)
+
+        monkeypatch.setattr(dist, "all_reduce", slow_all_reduce)
+        model = torch.nn.Linear(64, 64).cuda()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0])
+        timer = CommTimer()
+        timer.attach(ddp)
+        ddp(torch.randn(8, 64, device="cuda")).sum().backward()
+        torch.cuda.synchronize()
+        assert timer.take() >= 0.04  # one bucket, ~50 ms
+    finally:
+        dist.destroy_process_group()

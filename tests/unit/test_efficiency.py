@@ -3,8 +3,9 @@ import torch
 
 from orchestrator.config import ACCELERATOR_FAMILIES
 from orchestrator.training.efficiency import (GPU_PEAK_TFLOPS, CommTimer, Thresholds,
-                                           flops_per_token, gpu_peak_flops, measure_cpu_peak_flops, mfu,
-                                           peak_memory, warnings_for)
+                                           flops_per_token, gpu_peak_flops,
+                                           measure_cpu_peak_flops, mfu, peak_memory,
+                                           union_seconds, warnings_for)
 
 
 def test_palm_flops_per_token():
@@ -78,6 +79,13 @@ def test_comm_timer_times_all_reduce_and_keeps_gradients_exact(process_group):
     ddp(x).square().sum().backward()
     assert torch.allclose(plain.weight.grad, ddp.module.weight.grad)
     assert timer.take() > 0 and timer.take() == 0  # take() resets
+
+
+def test_comm_time_counts_overlapping_buckets_once():
+    assert union_seconds([]) == 0
+    assert union_seconds([(0.0, 1.0), (2.0, 3.0)]) == 2.0
+    assert union_seconds([(0.0, 2.0), (1.0, 3.0), (1.5, 2.5)]) == 3.0  # overlaps once
+    assert union_seconds([(5.0, 6.0), (0.0, 10.0)]) == 10.0  # order does not matter
 
 
 def test_cpu_peak_is_the_best_measured_on_this_machine(tmp_path, monkeypatch):
