@@ -208,6 +208,14 @@ SERVE_REQUEST_LATENCY = MetricSpec(
 SERVE_TIME_TO_FIRST_TOKEN = MetricSpec(
     "orchestrator_serve_time_to_first_token_seconds", HISTOGRAM,
     "Time from arrival to the first generated token", "seconds", SERVE_TAGS, TTFT_BUCKETS_S)
+SERVE_TIME_PER_OUTPUT_TOKEN = MetricSpec(
+    "orchestrator_serve_time_per_output_token_seconds", HISTOGRAM,
+    "Time per output token after the first (the stream's pace), per completed request",
+    "seconds", SERVE_TAGS, TTFT_BUCKETS_S)
+SERVE_QUEUE_TIME = MetricSpec(
+    "orchestrator_serve_queue_time_seconds", HISTOGRAM,
+    "Time a request waited for a row and KV-cache blocks (continuous batching)", "seconds",
+    ("deployment",), TTFT_BUCKETS_S)
 SERVE_BATCH_SIZE = MetricSpec(
     "orchestrator_serve_batch_size", HISTOGRAM,
     "Requests per batch the model ran (dynamic batching)", "requests", ("deployment",),
@@ -236,7 +244,7 @@ ALL: tuple[MetricSpec, ...] = (
     SCHEDULER_YIELDS,
     *TRAIN_REPORT_KEYS.values(),
     SERVE_REQUESTS, SERVE_ERRORS, SERVE_REQUEST_LATENCY, SERVE_TIME_TO_FIRST_TOKEN,
-    SERVE_BATCH_SIZE, SERVE_QUEUE_DEPTH, SERVE_TOKENS_PER_SECOND, SERVE_GENERATED_TOKENS,
+    SERVE_TIME_PER_OUTPUT_TOKEN, SERVE_QUEUE_TIME, SERVE_BATCH_SIZE, SERVE_QUEUE_DEPTH, SERVE_TOKENS_PER_SECOND, SERVE_GENERATED_TOKENS,
     SERVE_MODEL_VERSION,
 )
 BY_NAME: dict[str, MetricSpec] = {spec.name: spec for spec in ALL}

@@ -238,6 +238,13 @@ def _panels() -> dict[str, list[Panel]]:
             Panel("Time to first token p99", m.SERVE_TIME_TO_FIRST_TOKEN,
                   f"histogram_quantile(0.99, sum by (deployment, le) (rate({ttft}_bucket[5m])))",
                   "{{deployment}} p99"),
+            Panel("Time per output token p99", m.SERVE_TIME_PER_OUTPUT_TOKEN,
+                  f"histogram_quantile(0.99, sum by (deployment, le) "
+                  f"(rate({m.SERVE_TIME_PER_OUTPUT_TOKEN.exported}_bucket[5m])))",
+                  "{{deployment}} p99"),
+            Panel("Queue time p99", m.SERVE_QUEUE_TIME,
+                  f"histogram_quantile(0.99, sum by (deployment, le) "
+                  f"(rate({m.SERVE_QUEUE_TIME.exported}_bucket[5m])))", "{{deployment}} p99"),
             Panel("Mean batch size", m.SERVE_BATCH_SIZE,
                   f"sum by (deployment) (rate({batch}_sum[5m])) / "
                   f"sum by (deployment) (rate({batch}_count[5m]))", "{{deployment}}"),

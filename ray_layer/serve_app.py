@@ -3,8 +3,9 @@ generation, batching policy, loading and resources are the pure modules of
 orchestrator/serving/.
 
     client --HTTP--> Serve proxy --> Ingress (FastAPI, OpenAI routes) --handle--> GPTModel x N
-                                       validates, retries on a          @serve.batch, KV-cache
-                                       replica's death, streams SSE      generation, hot reload
+                                       validates, retries on a          continuous batching
+                                       replica's death, streams SSE      (paged KV cache) or
+                                                                         @serve.batch, hot reload
 
 Two deployments rather than one so that a model replica dying (crash, kill, failed health
 check) costs no request: the ingress resends it to another replica, and a stream that had
@@ -40,8 +41,9 @@ from orchestrator.serving.protocol import APIError
 from orchestrator.serving.resources import (ReplicaResources, recommend_replica_resources,
                                             report_from_ray_node)
 from orchestrator.serving.settings import ServeSettings
+from orchestrator.tokenizer import ByteTokenizer
 from ray_layer.scheduler_client import get_scheduler
-from ray_layer.serve_model import COMPLETIONS_ROUTE, GPTModel
+from ray_layer.serve_model import CHAT_ROUTE, COMPLETIONS_ROUTE, GPTModel
 from ray_layer.telemetry import record
 
 log = logging.getLogger("ray.serve")
@@ -51,7 +53,12 @@ RETRYABLE = (ray.exceptions.RayActorError, DeploymentUnavailableError)
 
 
 # == HTTP ingress =============================================================================
-api = FastAPI(title="orchestrator GPT: OpenAI-compatible completions")
+api = FastAPI(title="orchestrator GPT: OpenAI-compatible completions and chat completions")
+
+# A body over max_body_bytes is read (and thrown away) up to this many bytes before the 413 is
+# sent: answering while the client still sends makes the server close the connection under
+# it, and the client sees a reset instead of the error. Beyond it the connection is cut.
+DRAIN_BODY_BYTES = 64 << 20
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -76,32 +83,56 @@ class Ingress:
         self._info: dict[str, Any] | None = None
         self._info_at = 0.0
         self.retries: Counter = Counter()  # calls resent after a model replica was lost
+        self._tokenizers: dict[str, Any] = {"bytes": ByteTokenizer()}  # by tokenizer name
 
     @api.post(COMPLETIONS_ROUTE)
     async def completions(self, request: Request) -> Response:
+        return await self._serve(request, COMPLETIONS_ROUTE)
+
+    @api.post(CHAT_ROUTE)
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, CHAT_ROUTE)
+
+    async def _serve(self, request: Request, route: str) -> Response:
+        """Both routes: validate, generate (streamed or whole), answer in the route's shape."""
         started = time.perf_counter()
+        chat = route == CHAT_ROUTE
         try:
             protocol.check_content_type(request.headers.get("content-type"))
             data = protocol.parse_json_body(await self._read_body(request))
             info = await self._model_info(max_age_s=1.0)
-            parsed = protocol.parse_completion_request(
-                data, block_size=info["context_length"], model_name=self.settings.model_name,
-                max_prompts=self.settings.max_prompts_per_request)
+            encoder = await self._encoder(info)
+            if chat:
+                parsed = protocol.parse_chat_request(
+                    data, block_size=info["context_length"],
+                    model_name=self.settings.model_name, encoder=encoder)
+            else:
+                parsed = protocol.parse_completion_request(
+                    data, block_size=info["context_length"],
+                    model_name=self.settings.model_name,
+                    max_prompts=self.settings.max_prompts_per_request, encoder=encoder)
             requests = [GenerationRequest(prompt, SamplingParams(
                 parsed.max_tokens, parsed.temperature, parsed.top_p, parsed.stop, parsed.seed))
                 for prompt in parsed.prompts]
             if parsed.stream:
-                return StreamingResponse(self._sse(parsed, requests, started),
+                return StreamingResponse(self._sse(parsed, requests, started, route),
                                          media_type="text/event-stream")
             results = await asyncio.gather(*(self._generate(r) for r in requests))
         except Exception as e:
-            return self._error_response(e, COMPLETIONS_ROUTE, started)
+            return self._error_response(e, route, started)
         version = results[0].version
-        body = protocol.completion_body(
-            protocol.completion_id(), self.settings.model_name, version,
-            [(r.text, r.finish_reason) for r in results],
-            sum(len(p) for p in parsed.prompts), sum(r.completion_tokens for r in results))
-        self._record(COMPLETIONS_ROUTE, 200, started)
+        prompt_tokens = sum(len(p) for p in parsed.prompts)
+        completion_tokens = sum(r.completion_tokens for r in results)
+        if chat:
+            body = protocol.chat_completion_body(
+                protocol.chat_completion_id(), self.settings.model_name, version,
+                results[0].text, results[0].finish_reason, prompt_tokens, completion_tokens)
+        else:
+            body = protocol.completion_body(
+                protocol.completion_id(), self.settings.model_name, version,
+                [(r.text, r.finish_reason) for r in results], prompt_tokens,
+                completion_tokens)
+        self._record(route, 200, started)
         return JSONResponse(body, headers={"x-model-version": version})
 
     @api.get("/v1/models")
@@ -129,18 +160,38 @@ class Ingress:
 
     # -- helpers ------------------------------------------------------------------------------
     async def _read_body(self, request: Request) -> bytes:
+        """The body, or a 413 once it is over max_body_bytes (declared or counted). An
+        over-large body is still read to its end, up to DRAIN_BODY_BYTES, so that the client
+        can read the 413 (see DRAIN_BODY_BYTES)."""
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        too_large = declared.isdigit() and int(declared) > limit
+        body, received = bytearray(), 0
+        async for part in request.stream():
+            received += len(part)
+            if too_large:
+                if received > DRAIN_BODY_BYTES:
+                    break
+                continue
+            body += part
+            too_large = len(body) > limit
+        if too_large and declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"request body is {declared} bytes; the limit is {limit}",
                            code="request_too_large")
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise APIError(413, f"request body exceeds the limit of {limit} bytes",
-                               code="request_too_large")
+        if too_large:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes",
+                           code="request_too_large")
         return bytes(body)
+
+    async def _encoder(self, info: dict[str, Any]) -> protocol.Encoder:
+        """Prompts are encoded with the served model's tokenizer: the byte tokenizer here,
+        another one fetched once from a model replica (by name)."""
+        name = info.get("tokenizer", "bytes")
+        if name not in self._tokenizers:
+            self._tokenizers[name] = await self._with_retries(
+                lambda: self.model.tokenizer.remote())
+        return protocol.Encoder(self._tokenizers[name], info.get("token_ids",
+                                                                 protocol.VOCAB_SIZE))
 
     async def _model_info(self, max_age_s: float) -> dict[str, Any]:
         if self._info is None or time.monotonic() - self._info_at > max_age_s:
@@ -185,13 +236,25 @@ class Ingress:
                 await asyncio.sleep(0.05 * 2 ** attempt)
 
     async def _sse(self, parsed: protocol.CompletionRequest,
-                   requests: list[GenerationRequest], started: float) -> AsyncIterator[bytes]:
+                   requests: list[GenerationRequest], started: float,
+                   route: str = COMPLETIONS_ROUTE) -> AsyncIterator[bytes]:
         """Server-sent events: every prompt's chunks as they come (interleaved, each tagged
         with its index), the usage if asked for, then [DONE]. An error after the response has
-        started is sent as an error event (the status line is already out)."""
-        request_id, created = protocol.completion_id(), int(time.time())
+        started is sent as an error event (the status line is already out). Chat chunks
+        carry deltas: the role first, then the content, then the finish_reason."""
+        chat = route == CHAT_ROUTE
+        request_id = protocol.chat_completion_id() if chat else protocol.completion_id()
+        created = int(time.time())
         model, status, version, produced = self.settings.model_name, 200, "", 0
         queue: asyncio.Queue = asyncio.Queue()
+
+        def event(index: int, text: str, reason: str | None) -> bytes:
+            if chat:
+                delta = {"content": text} if text else {}
+                return protocol.sse_event(protocol.chat_chunk_body(
+                    request_id, model, version, created, index, delta, reason))
+            return protocol.sse_event(protocol.chunk_body(
+                request_id, model, version, created, index, text, reason))
 
         async def pump(index: int, request: GenerationRequest) -> None:
             try:
@@ -203,7 +266,7 @@ class Ingress:
 
         tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
         try:
-            open_streams = len(tasks)
+            open_streams, greeted = len(tasks), False
             while open_streams:
                 index, item = await queue.get()
                 if item is None:
@@ -211,24 +274,32 @@ class Ingress:
                 elif isinstance(item, Exception):
                     error = self._as_api_error(item)
                     status = error.status
-                    self._record_error(COMPLETIONS_ROUTE, error)
+                    self._record_error(route, error)
                     yield protocol.sse_event(error.body())
                     break
                 else:
                     version, produced = item.version, produced + len(item.tokens)
-                    if item.text or item.finish_reason:
-                        yield protocol.sse_event(protocol.chunk_body(
-                            request_id, model, version, created, index, item.text,
-                            item.finish_reason))
+                    if chat and not greeted:
+                        greeted = True
+                        yield protocol.sse_event(protocol.chat_chunk_body(
+                            request_id, model, version, created, index,
+                            {"role": "assistant", "content": ""}, None))
+                    if chat and item.text and item.finish_reason:  # text, then the end
+                        yield event(index, item.text, None)
+                        yield event(index, "", item.finish_reason)
+                    elif item.text or item.finish_reason:
+                        yield event(index, item.text, item.finish_reason)
             if status == 200 and parsed.include_usage:
-                yield protocol.sse_event(protocol.usage_chunk_body(
+                usage_body = (protocol.chat_usage_chunk_body if chat
+                              else protocol.usage_chunk_body)
+                yield protocol.sse_event(usage_body(
                     request_id, model, version, created, sum(len(p) for p in parsed.prompts),
                     produced))
             yield protocol.SSE_DONE
         finally:
             for task in tasks:
                 task.cancel()
-            self._record(COMPLETIONS_ROUTE, status, started)
+            self._record(route, status, started)
 
     def _as_api_error(self, e: Exception) -> APIError:
         if isinstance(e, APIError):

@@ -1,7 +1,8 @@
 """The model deployment of the serving app (ray_layer/serve_app.py builds the app): one
-GPTModel replica holds a model, generates with a KV cache, batches requests dynamically, hot
-reloads a new checkpoint through its user_config, and reports its health. The decisions
-(batching policy, generation, loading, resources) are the pure modules of orchestrator/serving/.
+GPTModel replica holds a model, generates with a KV cache, batches requests (continuously over
+a paged KV cache, or in static whole-request batches: the `batching` setting), hot reloads a
+new checkpoint through its user_config, and reports its health. The decisions (engine,
+batching policy, generation, loading, resources) are the pure modules of orchestrator/serving/.
 """
 import asyncio
 import dataclasses
@@ -18,6 +19,7 @@ from ray import serve
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.config import ConfigError
+from orchestrator.serving.engine import CapacityError, ContinuousEngine, EngineLimits
 from orchestrator.serving.batching import (AdmissionGate, ArrivalRate, BatchSettings,
                                            batch_loop_problem, choose_batch_settings)
 from orchestrator.serving.generation import (BatchGeneration, Chunk, GenerationRequest,
@@ -30,6 +32,7 @@ from ray_layer.telemetry import record
 log = logging.getLogger("ray.serve")
 
 COMPLETIONS_ROUTE = "/v1/completions"  # the route label of the model's metrics
+CHAT_ROUTE = "/v1/chat/completions"
 
 
 @serve.deployment(name="GPTModel", graceful_shutdown_timeout_s=10,
@@ -61,6 +64,15 @@ class GPTModel:
         self.stats: Counter = Counter()
         self.batch_sizes: Counter = Counter()
         self.wedged = threading.Event()  # fault injection: the generation thread stops
+        # Continuous batching: engines (the newest serves new requests; an older one, of the
+        # model before a reload, runs until its rows finish), the requests' chunk queues, and
+        # adds/cancels made while a step runs (applied between steps: the engine is
+        # single-threaded).
+        self.engines: list[tuple[ContinuousEngine, LoadedModel]] = []
+        self.streams: dict[object, asyncio.Queue] = {}
+        self.inbox: list[tuple[str, ContinuousEngine, object, Any]] = []
+        self.wake = asyncio.Event()
+        self.engine_loop: asyncio.Task | None = None
         self.batch = serve.batch(max_batch_size=self.settings.max_batch_size,
                                  batch_wait_timeout_s=self.settings.max_batch_wait_ms / 1000,
                                  max_concurrent_batches=self.settings.max_concurrent_batches
@@ -122,21 +134,172 @@ class GPTModel:
         return collect([chunk async for chunk in self.generate_stream(request)])
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        stream = (self._continuous_stream if self.runtime is None
+                  or self.runtime.batching == "continuous" else self._static_stream)
+        async for chunk in stream(request):
+            yield chunk
+
+    # -- continuous batching ------------------------------------------------------------------
+    async def _continuous_stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Queue the request in the current engine and yield its chunks as steps produce
+        them. Leaving early (the client went away: Serve cancels this generator) cancels it
+        in the engine, which frees its row and blocks before the next step."""
+        arrived = time.perf_counter()
+        engine, loaded = self._current_engine()
+        try:
+            engine.check(request)
+        except CapacityError as e:
+            raise APIError(400, str(e), e.param) from None
+        key, queue = object(), asyncio.Queue()
+        self.streams[key] = queue
+        self._send("add", engine, key, request)
+        self.stats["requests"] += 1
+        finished, produced, first_at = False, 0, None
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if first_at is None:
+                    first_at = time.perf_counter()
+                    record(catalogue.SERVE_TIME_TO_FIRST_TOKEN, first_at - arrived,
+                           deployment=self.deployment, route=COMPLETIONS_ROUTE)
+                produced += len(item.tokens)
+                finished = item.finish_reason is not None
+                yield dataclasses.replace(item, version=loaded.version)
+        finally:
+            self.streams.pop(key, None)
+            if not finished:
+                self._send("cancel", engine, key, None)
+            elif produced > 1:
+                self._record_tpot((time.perf_counter() - first_at) / (produced - 1))
+
+    def _current_engine(self) -> tuple[ContinuousEngine, LoadedModel]:
+        """The engine of the model served now, with the cache the settings ask for; a new
+        one after a reload or a cache change (the old one finishes what it holds)."""
+        loaded = self.loaded
+        if loaded is None:
+            raise APIError(503, "no model is loaded yet", type="server_error")
+        limits = self._engine_limits(loaded)
+        if self.engines and self.engines[-1][1] is loaded \
+                and self.engines[-1][0].limits == limits:
+            return self.engines[-1]
+        engine = ContinuousEngine(loaded.model, loaded.block_size, loaded.tokenizer, limits,
+                                  self.device)
+        self.engines.append((engine, loaded))
+        return self.engines[-1]
+
+    def _engine_limits(self, loaded: LoadedModel) -> EngineLimits:
+        runtime = self.runtime
+        rows = runtime.max_batch_size if runtime else self.settings.max_batch_size
+        cache = runtime.kv_cache_tokens if runtime else self.settings.kv_cache_tokens
+        return EngineLimits.sized_for(rows, loaded.block_size, self.settings.kv_block_tokens,
+                                      self.settings.prefill_chunk_tokens, cache)
+
+    def _send(self, action: str, engine: ContinuousEngine, key: object, request: Any) -> None:
+        self.inbox.append((action, engine, key, request))
+        if action == "add":
+            if not self._engines_busy():
+                self.last_progress = time.monotonic()  # an idle loop was not stalled
+        if self.engine_loop is None or self.engine_loop.done():
+            self.engine_loop = asyncio.get_running_loop().create_task(self._run_engines())
+        self.wake.set()
+
+    def _engines_busy(self) -> bool:
+        return any(not engine.idle for engine, _ in self.engines)
+
+    def _apply_inbox(self) -> None:
+        now = time.monotonic()
+        inbox, self.inbox = self.inbox, []
+        for action, engine, key, request in inbox:
+            if action == "add":
+                engine.add(key, request, now)
+            else:
+                engine.cancel(key)
+        current = self.engines[-1][0] if self.engines else None
+        self.engines = [(e, l) for e, l in self.engines if e is current or not e.idle]
+
+    async def _run_engines(self) -> None:
+        """The decoding loop: apply adds and cancels, step every engine with work on the
+        generation thread, hand each chunk to its request; sleep while there is no work."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._apply_inbox()
+            busy = [engine for engine, _ in self.engines if not engine.idle]
+            if not busy:
+                self.wake.clear()
+                if not self.inbox:
+                    await self.wake.wait()
+                continue
+            results = await loop.run_in_executor(self.executor, self._step_engines, busy)
+            self.last_progress = time.monotonic()
+            for engine, outcome in zip(busy, results):
+                if isinstance(outcome, Exception):
+                    self._fail_engine(engine, outcome)
+                    continue
+                for key, chunk in outcome:
+                    queue = self.streams.get(key)
+                    if queue is not None:
+                        queue.put_nowait(chunk)
+                for _, waited in engine.queue_seconds:
+                    record(catalogue.SERVE_QUEUE_TIME, waited, deployment=self.deployment)
+
+    def _step_engines(self, engines: list[ContinuousEngine]) -> list[Any]:
+        if self.wedged.is_set():
+            threading.Event().wait()  # fault injection: this thread never comes back
+        results: list[Any] = []
+        for engine in engines:
+            try:
+                chunks = engine.step()
+            except Exception as e:  # a bug or a device error: fail its requests, keep serving
+                log.exception("continuous batching step failed")
+                results.append(e)
+                continue
+            results.append(chunks)
+            produced = sum(len(chunk.tokens) for _, chunk in chunks)
+            if produced:  # a decoding step is continuous batching's "batch"
+                self.batch_sizes[len(chunks)] += 1
+                self.stats["batches"] += 1
+                self.stats["most_held"] = max(self.stats["most_held"],
+                                              len(engine.running) + len(engine.waiting))
+                record(catalogue.SERVE_GENERATED_TOKENS, produced, deployment=self.deployment)
+        return results
+
+    def _fail_engine(self, engine: ContinuousEngine, error: Exception) -> None:
+        """Every request the engine holds gets the error; the engine is dropped (the next
+        request builds a fresh one)."""
+        keys = [key for key, _, _ in engine.waiting] + [s.key for s in engine.running]
+        for key in keys:
+            queue = self.streams.get(key)
+            if queue is not None:
+                queue.put_nowait(APIError(500, f"generation failed: {type(error).__name__}: "
+                                               f"{error}", type="server_error"))
+        self.engines = [(e, l) for e, l in self.engines if e is not engine]
+
+    def _record_tpot(self, seconds: float) -> None:
+        record(catalogue.SERVE_TIME_PER_OUTPUT_TOKEN, seconds, deployment=self.deployment,
+               route=COMPLETIONS_ROUTE)
+
+    # -- static batching ----------------------------------------------------------------------
+    async def _static_stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         arrived = time.perf_counter()
         self._admit(request)
-        finished = first_token = False
+        finished, first_at, produced = False, None, 0
         try:
             await self.gate.enter(id(request))
             async for chunk in self.batch(request):
-                if not first_token:
-                    first_token = True
-                    record(catalogue.SERVE_TIME_TO_FIRST_TOKEN, time.perf_counter() - arrived,
+                if first_at is None:
+                    first_at = time.perf_counter()
+                    record(catalogue.SERVE_TIME_TO_FIRST_TOKEN, first_at - arrived,
                            deployment=self.deployment, route=COMPLETIONS_ROUTE)
                 finished = chunk.finish_reason is not None
+                produced += len(chunk.tokens)
                 yield chunk
         finally:  # cancelled before its batch started: it no longer waits
             self.queued.discard(id(request))
             self.gate.leave(id(request))
+        if finished and produced > 1:
+            self._record_tpot((time.perf_counter() - first_at) / (produced - 1))
         if not finished:  # the batch's model could not hold it (reloaded meanwhile)
             raise APIError(400, "prompt plus max_tokens no longer fit the context of the "
                                 "model version now served; retry with a shorter request",
@@ -181,7 +344,8 @@ class GPTModel:
         done = [not ok for ok in fits]  # unfit: ended at once (generate_stream explains)
         try:
             generation = (BatchGeneration(loaded.model, [requests[i] for i in runnable],
-                                          loaded.block_size) if runnable else None)
+                                          loaded.block_size, loaded.tokenizer)
+                      if runnable else None)
             loop = asyncio.get_running_loop()
             while generation is not None and not generation.done:
                 chunks = await loop.run_in_executor(self.executor, self._step, generation)
@@ -217,26 +381,62 @@ class GPTModel:
 
     # -- introspection and health --------------------------------------------------------------
     def model_info(self) -> dict[str, Any]:
+        """The loaded model (/v1/models), with its tokenizer, the token ids its embedding
+        reads, how this replica batches and its KV cache's capacity in tokens."""
+        loaded = self.loaded
+        if loaded is None:
+            raise APIError(503, "no model is loaded yet", type="server_error")
+        limits = self._engine_limits(loaded)
+        model_ids = int(getattr(getattr(loaded.model, "config", None), "vocab_size",
+                                loaded.tokenizer.vocab_size))
+        return {**loaded.info(), "tokenizer": loaded.tokenizer.name,
+                "token_ids": min(model_ids, loaded.tokenizer.vocab_size),
+                "batching": self.runtime.batching if self.runtime else None,
+                "kv_cache_tokens": limits.num_blocks * limits.block_tokens,
+                "reload_error": self.reload_error}
+
+    def tokenizer(self) -> Any:
+        """The served model's tokenizer (the ingress encodes prompts with it)."""
         if self.loaded is None:
             raise APIError(503, "no model is loaded yet", type="server_error")
-        return {**self.loaded.info(), "reload_error": self.reload_error}
+        return self.loaded.tokenizer
 
     def replica_stats(self) -> dict[str, Any]:
-        """This replica's batching figures (the /health route shows one replica's)."""
+        """This replica's batching figures (the /health route shows one replica's). With
+        continuous batching a batch is one decoding step, and its size the rows that
+        produced a token in it."""
         settings = self.batch_settings
+        waiting, rows = self._continuous_load()
+        engines = [{"version": loaded.version, "waiting": len(engine.waiting),
+                    "running": len(engine.running), "kv_blocks_free": engine.free_blocks,
+                    "kv_blocks": engine.limits.num_blocks,
+                    "kv_block_tokens": engine.limits.block_tokens,
+                    "max_rows": engine.limits.max_rows, "steps": engine.stats.steps,
+                    "prefill_tokens": engine.stats.prefill_tokens,
+                    "decode_tokens": engine.stats.decode_tokens,
+                    "cancelled": engine.stats.cancelled}
+                   for engine, loaded in self.engines]
         return {"replica": serve.get_replica_context().replica_id.unique_id,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "version": self.loaded.version if self.loaded else None,
+                "batching": self.runtime.batching if self.runtime else None,
                 "batches": self.stats["batches"], "requests": self.stats["requests"],
                 "largest_batch": max(self.batch_sizes, default=0),
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 "max_batch_size_now": settings.max_batch_size if settings else None,
                 "batch_wait_ms_now": (round(settings.wait_timeout_s * 1000, 3)
                                       if settings else None),
-                "queued": len(self.queued), "waiting_for_a_slot": self.gate.waiting,
-                "running": self.running, "most_requests_held": self.stats["most_held"],
-                "last_switch_ms": self.stats.get("switch_ms"),
+                "queued": len(self.queued) + waiting, "waiting_for_a_slot": self.gate.waiting,
+                "running": self.running + rows, "most_requests_held": self.stats["most_held"],
+                "engines": engines, "last_switch_ms": self.stats.get("switch_ms"),
                 "reload_error": self.reload_error}
+
+    def _continuous_load(self) -> tuple[int, int]:
+        """Requests waiting in and rows running in the engines (adds not applied yet count
+        as waiting)."""
+        adds = sum(action == "add" for action, *_ in self.inbox)
+        return (adds + sum(len(engine.waiting) for engine, _ in self.engines),
+                sum(len(engine.running) for engine, _ in self.engines))
 
     def replica_actor_name(self) -> str:
         """The Ray actor name of this replica (chaos drills kill replicas by it)."""
@@ -263,8 +463,12 @@ class GPTModel:
             raise RuntimeError("no model loaded")
         alive = (await self.batch._is_batching_task_alive()) if self.batch_loop_started \
             else True
-        problem = batch_loop_problem(len(self.queued), self.running, self.last_progress,
-                                     time.monotonic(), self.settings.hang_after_s, alive)
+        if self.engine_loop is not None and self.engine_loop.done():
+            alive = False
+        waiting, rows = self._continuous_load()
+        problem = batch_loop_problem(len(self.queued) + waiting, self.running + rows,
+                                     self.last_progress, time.monotonic(),
+                                     self.settings.hang_after_s, alive)
         if problem:
             raise RuntimeError(problem)
         probe = asyncio.get_running_loop().run_in_executor(self.executor, self._probe_model,

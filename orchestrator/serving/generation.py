@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from orchestrator.serving.text import TextStream
+from orchestrator.tokenizer import ByteTokenizer, Tokenizer
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
@@ -112,11 +113,14 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
 
 
 class Row:
-    """One request's decoding state: its text stream, random generator and token budget."""
+    """One request's decoding state: its text stream, random generator and token budget.
+    The tokenizer turns tokens into text; its end-of-text token ends the row ("stop")."""
 
-    def __init__(self, request: GenerationRequest) -> None:
+    def __init__(self, request: GenerationRequest, tokenizer: Tokenizer | None = None) -> None:
         self.request = request
-        self.text = TextStream(request.params.stop)
+        tokenizer = tokenizer or ByteTokenizer()
+        self.eos_id = tokenizer.eos_id
+        self.text = TextStream(request.params.stop, tokenizer.token_bytes)
         for token in request.generated:  # rebuild the stream state of what was delivered
             self.text.feed(token)
         self.rng: torch.Generator | None = None
@@ -138,7 +142,10 @@ class Row:
         self.left -= 1
         text = self.text.feed(token)
         reason = None
-        if self.text.stopped:
+        if token == self.eos_id:
+            reason = FINISH_STOP
+            text += self.text.finish()
+        elif self.text.stopped:
             reason = FINISH_STOP
         elif self.left == 0:
             reason = FINISH_LENGTH
@@ -226,8 +233,8 @@ class BatchGeneration:
     """Every request of one batch, stepped together until all are finished."""
 
     def __init__(self, model: torch.nn.Module, requests: list[GenerationRequest],
-                 block_size: int) -> None:
-        rows = [Row(request) for request in requests]
+                 block_size: int, tokenizer: Tokenizer | None = None) -> None:
+        rows = [Row(request, tokenizer) for request in requests]
         self.size = len(requests)
         self.groups = [RowGroup(model, [(i, rows[i]) for i in group])
                        for group in plan_groups(requests, block_size)]
@@ -248,11 +255,11 @@ class BatchGeneration:
         return out
 
 
-def generate(model: torch.nn.Module, requests: list[GenerationRequest],
-             block_size: int) -> list[tuple[str, tuple[int, ...], str]]:
+def generate(model: torch.nn.Module, requests: list[GenerationRequest], block_size: int,
+             tokenizer: Tokenizer | None = None) -> list[tuple[str, tuple[int, ...], str]]:
     """Run a batch to the end: (text, tokens, finish_reason) per request. For tests and
     offline use; the server streams BatchGeneration.step instead."""
-    batch = BatchGeneration(model, requests, block_size)
+    batch = BatchGeneration(model, requests, block_size, tokenizer)
     texts = [""] * len(requests)
     tokens: list[tuple[int, ...]] = [()] * len(requests)
     reasons = [""] * len(requests)

@@ -1,11 +1,23 @@
-"""The OpenAI completions API: request validation and response bodies, as plain data.
+"""The OpenAI completions and chat completions APIs: request validation and response bodies,
+as plain data.
 
 Validation is strict and total: every way a body can be wrong ends in an `APIError` carrying
 an HTTP status and an OpenAI-style error body that names the field (`param`), never in an
 exception the server would turn into a 500. Unknown fields are refused with a did-you-mean
 hint, as OpenAI does ("Unrecognized request argument"), so a typo is not silently ignored.
 
-Tokens are bytes (orchestrator/training/data.py): a prompt's token count is its UTF-8 length.
+Text prompts are encoded with the served model's tokenizer (orchestrator/tokenizer.py; the
+byte tokenizer by default, where a prompt's token count is its UTF-8 length); token-id prompts
+are checked against the ids the model can read (`token_ids`: the smaller of the tokenizer's
+vocabulary and the model's embedding).
+
+Chat (`/v1/chat/completions`) turns the messages into one prompt with a plain-text template
+(`chat_prompt`): one line block per message, "System: ", "User: " or "Assistant: " then its
+content and a newline, and "Assistant:" last, for the model to continue. The completion stops
+at "\nUser:" (the model starting the next turn itself). A tokenizer whose end-of-text token
+the model can read (a trained tokenizer's) also gets that token after every message, and
+generation stops when the model produces it; the byte tokenizer's (id 256) is outside today's
+256-id models, so they get plain text only.
 """
 from __future__ import annotations
 
@@ -16,12 +28,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.tokenizer import ByteTokenizer, Tokenizer
 from orchestrator.validation import is_int, is_number
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_STOP_CHARS = 64
-VOCAB_SIZE = 256  # byte-level tokens
+VOCAB_SIZE = 256  # byte-level tokens: the ids today's models read
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
 
 
@@ -103,21 +116,41 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
     return data
 
 
+class Encoder:
+    """Text and token-id prompts to token ids, for one served model: its tokenizer, and the
+    number of ids its embedding reads."""
+
+    def __init__(self, tokenizer: Tokenizer | None = None, token_ids: int = VOCAB_SIZE) -> None:
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.token_ids = min(token_ids, self.tokenizer.vocab_size)
+
+    def text(self, text: str, where: str) -> tuple[int, ...]:
+        if not text:
+            raise bad_request(f"{where} must not be empty", "prompt")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate sent as \\ud800 in the JSON
+            raise bad_request(f"{where} is not valid Unicode: character {e.start} is an "
+                              "unpaired surrogate", where.split("[")[0])
+        return tuple(self.tokenizer.encode(text))
+
+    def ids(self, tokens: list[int], where: str) -> tuple[int, ...]:
+        for i, t in enumerate(tokens):
+            if not 0 <= t < self.token_ids:
+                raise bad_request(f"{where}[{i}] = {t} is not a token id: this model reads ids "
+                                  f"0-{self.token_ids - 1} ({self.tokenizer.name} tokenizer)",
+                                  "prompt")
+        return tuple(tokens)
+
+
 def parse_completion_request(data: dict[str, Any], *, block_size: int, model_name: str,
-                             max_prompts: int = 32) -> CompletionRequest:
+                             max_prompts: int = 32, encoder: Encoder | None = None
+                             ) -> CompletionRequest:
     """Validate a decoded /v1/completions body against the served model's context."""
     _refuse_unknown_fields(data)
-    model = data.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request(f"model must be a string, got {_json_type(model)}", "model")
-    if model is not None and model != model_name:
-        raise APIError(404, f"The model '{model}' does not exist; this server serves "
-                            f"'{model_name}'", "model", code="model_not_found")
-    for name, allowed in _ONLY_DEFAULT.items():
-        if name in data and not any(_same(data[name], a) for a in allowed):
-            raise bad_request(f"{name}={json.dumps(data[name])} is not supported by this "
-                              f"server; leave it out", name)
-    prompts = _prompts(data, max_prompts)
+    model = _model(data, model_name)
+    _refuse_non_defaults(data, _ONLY_DEFAULT)
+    prompts = _prompts(data, max_prompts, encoder or Encoder())
     longest = max(len(p) for p in prompts)
     max_tokens = _max_tokens(data.get("max_tokens"), longest, block_size)
     stream = _bool(data, "stream", False)
@@ -129,28 +162,46 @@ def parse_completion_request(data: dict[str, Any], *, block_size: int, model_nam
         model=model)
 
 
-def _refuse_unknown_fields(data: dict[str, Any]) -> None:
+def _model(data: dict[str, Any], model_name: str) -> str | None:
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request(f"model must be a string, got {_json_type(model)}", "model")
+    if model is not None and model != model_name:
+        raise APIError(404, f"The model '{model}' does not exist; this server serves "
+                            f"'{model_name}'", "model", code="model_not_found")
+    return model
+
+
+def _refuse_non_defaults(data: dict[str, Any], only_default: dict[str, tuple]) -> None:
+    for name, allowed in only_default.items():
+        if name in data and not any(_same(data[name], a) for a in allowed):
+            raise bad_request(f"{name}={json.dumps(data[name])} is not supported by this "
+                              f"server; leave it out", name)
+
+
+def _refuse_unknown_fields(data: dict[str, Any], known: tuple[str, ...] = _KNOWN) -> None:
     for key in data:
-        if key not in _KNOWN:
-            close = difflib.get_close_matches(str(key), _KNOWN, n=1)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise bad_request(f"Unrecognized request argument supplied: {key}{hint}", key)
 
 
-def _prompts(data: dict[str, Any], max_prompts: int) -> tuple[tuple[int, ...], ...]:
+def _prompts(data: dict[str, Any], max_prompts: int,
+             encoder: Encoder) -> tuple[tuple[int, ...], ...]:
     if "prompt" not in data or data["prompt"] is None:
         raise bad_request("you must provide a prompt (a string, a list of strings, or token "
                           "ids)", "prompt")
     prompt = data["prompt"]
     if isinstance(prompt, str):
-        return (_text_prompt(prompt, "prompt"),)
+        return (encoder.text(prompt, "prompt"),)
     if not isinstance(prompt, list):
         raise bad_request(f"prompt must be a string, a list of strings or a list of token ids, "
                           f"got {_json_type(prompt)}", "prompt")
     if not prompt:
         raise bad_request("prompt must not be an empty list", "prompt")
     if all(is_int(t) for t in prompt):  # one prompt as token ids
-        return (_token_prompt(prompt, "prompt"),)
+        return (encoder.ids(prompt, "prompt"),)
     if len(prompt) > max_prompts:
         raise bad_request(f"prompt holds {len(prompt)} prompts; at most {max_prompts} per "
                           "request", "prompt")
@@ -158,41 +209,130 @@ def _prompts(data: dict[str, Any], max_prompts: int) -> tuple[tuple[int, ...], .
     for i, item in enumerate(prompt):
         where = f"prompt[{i}]"
         if isinstance(item, str):
-            prompts.append(_text_prompt(item, where))
+            prompts.append(encoder.text(item, where))
         elif isinstance(item, list) and item and all(is_int(t) for t in item):
-            prompts.append(_token_prompt(item, where))
+            prompts.append(encoder.ids(item, where))
         else:
             raise bad_request(f"{where} must be a string or a non-empty list of token ids, got "
                               f"{_json_type(item)}", "prompt")
     return tuple(prompts)
 
 
-def _text_prompt(text: str, where: str) -> tuple[int, ...]:
-    if not text:
-        raise bad_request(f"{where} must not be empty", "prompt")
+# -- chat completions ------------------------------------------------------------------------
+CHAT_ROLES = {"system": "System", "developer": "System", "user": "User",
+              "assistant": "Assistant"}
+CHAT_STOP = "\nUser:"  # the model starting the next user turn ends the answer
+_CHAT_ONLY_DEFAULT = {**{k: v for k, v in _ONLY_DEFAULT.items()
+                         if k not in ("best_of", "echo", "suffix")},
+                      "logprobs": (None, False), "top_logprobs": (None, 0),
+                      "tools": (None, []), "tool_choice": (None, "none"),
+                      "response_format": (None, {"type": "text"}),
+                      "parallel_tool_calls": (None,)}
+_CHAT_KNOWN = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature",
+               "top_p", "stop", "seed", "stream", "stream_options", "user",
+               *_CHAT_ONLY_DEFAULT)
+
+
+def chat_prompt(messages: tuple[tuple[str, str], ...], tokenizer: Tokenizer,
+                token_ids: int) -> tuple[int, ...]:
+    """The prompt of a conversation (the template of the module doc): each message as
+    "<Role>: <content>\n", then "Assistant:"; with the tokenizer's end-of-text token after
+    each message when the model can read it."""
+    separator = ([tokenizer.eos_id] if tokenizer.eos_id is not None
+                 and tokenizer.eos_id < token_ids else [])
+    tokens: list[int] = []
+    for role, content in messages:
+        tokens += tokenizer.encode(f"{CHAT_ROLES[role]}: {content}\n") + separator
+    return tuple(tokens + tokenizer.encode("Assistant:"))
+
+
+def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str,
+                       encoder: Encoder | None = None) -> CompletionRequest:
+    """Validate a decoded /v1/chat/completions body; the result holds the one templated
+    prompt, with the template's stop sequence added to the client's."""
+    encoder = encoder or Encoder()
+    _refuse_unknown_fields(data, _CHAT_KNOWN)
+    model = _model(data, model_name)
+    _refuse_non_defaults(data, _CHAT_ONLY_DEFAULT)
+    messages = _messages(data.get("messages"))
+    prompt = chat_prompt(messages, encoder.tokenizer, encoder.token_ids)
+    if "max_tokens" in data and "max_completion_tokens" in data:
+        raise bad_request("give max_completion_tokens or max_tokens, not both",
+                          "max_completion_tokens")
+    field = "max_completion_tokens" if "max_completion_tokens" in data else "max_tokens"
     try:
-        return tuple(text.encode("utf-8"))
-    except UnicodeEncodeError as e:  # a lone surrogate sent as \\ud800 in the JSON
-        raise bad_request(f"{where} is not valid Unicode: character {e.start} is an unpaired "
-                          "surrogate", "prompt")
+        max_tokens = _max_tokens(data.get(field), len(prompt), block_size,
+                                 default=block_size - len(prompt))
+    except APIError as e:
+        raise bad_request(e.message.replace("max_tokens", field).replace(
+            "prompt", "messages"), field if e.param == "max_tokens" else "messages") from None
+    stream = _bool(data, "stream", False)
+    return CompletionRequest(
+        prompts=(prompt,), max_tokens=max_tokens,
+        temperature=_number(data, "temperature", 1.0, 0.0, 2.0), top_p=_top_p(data),
+        stop=_stop(data.get("stop")) + (CHAT_STOP,), seed=_seed(data.get("seed")),
+        stream=stream, include_usage=_include_usage(data.get("stream_options"), stream),
+        model=model)
 
 
-def _token_prompt(tokens: list[int], where: str) -> tuple[int, ...]:
-    for i, t in enumerate(tokens):
-        if not 0 <= t < VOCAB_SIZE:
-            raise bad_request(f"{where}[{i}] = {t} is not a token id: the vocabulary is bytes "
-                              f"0-{VOCAB_SIZE - 1}", "prompt")
-    return tuple(tokens)
+def _messages(value: Any) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        raise bad_request("you must provide messages (a list of {role, content} objects)",
+                          "messages")
+    if not isinstance(value, list) or not value:
+        raise bad_request(f"messages must be a non-empty list of {{role, content}} objects, "
+                          f"got {_json_type(value) if value != [] else 'an empty list'}",
+                          "messages")
+    out = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{where} must be an object, got {_json_type(message)}",
+                              "messages")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise bad_request(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got "
+                              f"{json.dumps(role)}", "messages")
+        unknown = set(message) - {"role", "content", "name"}
+        if unknown:
+            raise bad_request(f"{where}: unsupported field(s) {sorted(unknown)} (tool calls "
+                              "are not supported)", "messages")
+        out.append((role, _content(message.get("content"), where)))
+    return tuple(out)
 
 
-def _max_tokens(value: Any, longest_prompt: int, block_size: int) -> int:
+def _content(content: Any, where: str) -> str:
+    """A message's text: a string, or a list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)):
+                raise bad_request(f"{where}.content[{j}] must be a text part "
+                                  '({"type": "text", "text": "..."}); only text is supported',
+                                  "messages")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise bad_request(f"{where}.content must be a string or a list of text parts, got "
+                          f"{_json_type(content)}", "messages")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{where}.content is not valid Unicode: character {e.start} is an "
+                          "unpaired surrogate", "messages")
+    return content
+
+
+def _max_tokens(value: Any, longest_prompt: int, block_size: int,
+                default: int = DEFAULT_MAX_TOKENS) -> int:
     if longest_prompt >= block_size:
         raise bad_request(f"prompt is {longest_prompt} tokens; this model's maximum context "
                           f"length is {block_size} tokens, which must hold the prompt and at "
                           "least one generated token", "prompt")
     room = block_size - longest_prompt
     if value is None:  # unset: OpenAI's default, shortened to what the context can hold
-        return min(DEFAULT_MAX_TOKENS, room)
+        return min(default, room)
     if not is_int(value) or value < 1:
         raise bad_request(f"max_tokens must be an integer >= 1, got {json.dumps(value)}",
                           "max_tokens")
@@ -351,3 +491,38 @@ def models_body(model_name: str, info: dict[str, Any]) -> dict[str, Any]:
     return {"object": "list", "data": [{
         "id": model_name, "object": "model", "created": int(info.get("loaded_at", 0)),
         "owned_by": "orchestrator", **info}]}
+
+
+def chat_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def chat_completion_body(request_id: str, model: str, version: str, text: str,
+                         finish_reason: str, prompt_tokens: int, completion_tokens: int,
+                         created: int | None = None) -> dict[str, Any]:
+    """A whole chat completion: one assistant message."""
+    return {
+        "id": request_id, "object": "chat.completion",
+        "created": int(time.time()) if created is None else created,
+        "model": model, "system_fingerprint": version,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chat_chunk_body(request_id: str, model: str, version: str, created: int, index: int,
+                    delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+    """One server-sent event of a streamed chat completion: the first carries the role, the
+    next the content as it comes, the last the finish_reason (empty delta)."""
+    return {"id": request_id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "system_fingerprint": version,
+            "choices": [{"index": index, "delta": delta, "logprobs": None,
+                         "finish_reason": finish_reason}]}
+
+
+def chat_usage_chunk_body(request_id: str, model: str, version: str, created: int,
+                          prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"id": request_id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "system_fingerprint": version, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}

@@ -24,8 +24,13 @@ from orchestrator.serving.batching import BatchBounds
 IMPORT_PATH = "ray_layer.serve_app:app"
 MODEL_DEPLOYMENT = "GPTModel"
 
-RUNTIME_FIELDS = ("checkpoint", "min_batch_size", "max_batch_size", "max_batch_wait_ms",
-                  "adaptive_batching")
+RUNTIME_FIELDS = ("checkpoint", "batching", "min_batch_size", "max_batch_size",
+                  "max_batch_wait_ms", "adaptive_batching", "kv_cache_tokens")
+
+# How a replica batches requests (the `batching` setting): "continuous" = iteration-level
+# batching over a paged KV cache (engine.py), "static" = whole-request batches through
+# @serve.batch (batching.py, generation.BatchGeneration), kept to compare against.
+BATCHING_MODES = ("continuous", "static")
 
 
 # Full rounds of batches a model replica accepts by default: the running batches, and queued
@@ -56,11 +61,18 @@ class ServeSettings:
     target_ongoing_requests: float = 16.0
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 30.0
-    # Dynamic batching (runtime: also in user_config).
+    # Batching (runtime: also in user_config): continuous or static; max_batch_size is the rows
+    # decoded together in both; the others below up to adaptive_batching are static's.
+    batching: str = "continuous"
     min_batch_size: int = 4  # batch cap when idle: about as cheap per step as 1 (measured)
     max_batch_size: int = 32
     max_batch_wait_ms: float = 10.0
     adaptive_batching: bool = True
+    # Continuous batching's paged KV cache: positions it holds (0 = max_batch_size rows of the
+    # model's whole context; runtime), positions per block, prompt tokens prefilled per step.
+    kv_cache_tokens: int = 0
+    kv_block_tokens: int = 16
+    prefill_chunk_tokens: int = 256
     # One: decoding runs on one thread, so a second batch only interleaves its steps with the
     # first. Measured (2-core CPU, 1 vs 2 in alternating rounds, 64 clients): 97 vs 75 QPS,
     # p99 1.0 vs 1.5 s, mean batch 21 vs 13 - the next batch takes all that arrived meanwhile.
@@ -92,6 +104,7 @@ class ServeSettings:
                     f"max_batch_size x max_concurrent_batches ({self.max_batch_size} x "
                     f"{self.max_concurrent_batches} = {needed}), or batches never fill")
             problems += _batch_problems(self.min_batch_size, self.max_batch_size)
+        problems += _mode_problems(self.batching)
         if problems:
             raise ConfigError("invalid serving settings: " + "; ".join(problems))
 
@@ -125,10 +138,12 @@ class RuntimeConfig:
     """What `reconfigure(user_config)` applies: the model and the batching bounds."""
 
     checkpoint: str
+    batching: str
     min_batch_size: int
     max_batch_size: int
     max_batch_wait_ms: float
     adaptive_batching: bool
+    kv_cache_tokens: int
 
     @property
     def bounds(self) -> BatchBounds:
@@ -150,6 +165,7 @@ class RuntimeConfig:
         config = cls(**coerce(cls, merged, "user_config"))
         problems = _field_problems(config, _INT_MIN, _FLOAT_RANGE)
         problems += _batch_problems(config.min_batch_size, config.max_batch_size)
+        problems += _mode_problems(config.batching)
         if not problems and config.max_batch_size > settings.batch_size_cap:
             problems.append(f"max_batch_size ({config.max_batch_size}) exceeds what "
                             f"max_ongoing_requests ({settings.replica_max_ongoing_requests}) "
@@ -199,7 +215,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 _INT_MIN = {"torch_threads": 1, "min_replicas": 0, "max_replicas": 1, "min_batch_size": 1,
             "max_batch_size": 1, "max_concurrent_batches": 1, "max_ongoing_requests": 0,
             "max_prompts_per_request": 1, "max_body_bytes": 64, "request_retries": 0,
-            "ingress_replicas": 1}
+            "ingress_replicas": 1, "kv_cache_tokens": 0, "kv_block_tokens": 1,
+            "prefill_chunk_tokens": 1}
 _FLOAT_RANGE = {"cpus_per_replica": (0.0, 1024.0), "gpus_per_replica": (0.0, 64.0),
                 "target_ongoing_requests": (0.001, 1e6), "upscale_delay_s": (0.0, 86400.0),
                 "downscale_delay_s": (0.0, 86400.0), "max_batch_wait_ms": (0.0, 10_000.0),
@@ -235,6 +252,12 @@ def _field_problems(obj: Any, int_min: dict[str, int],
 def _batch_problems(min_batch: Any, max_batch: Any) -> list[str]:
     if isinstance(min_batch, int) and isinstance(max_batch, int) and min_batch > max_batch:
         return [f"min_batch_size ({min_batch}) must be <= max_batch_size ({max_batch})"]
+    return []
+
+
+def _mode_problems(batching: Any) -> list[str]:
+    if isinstance(batching, str) and batching not in BATCHING_MODES:
+        return [f"batching must be one of {', '.join(BATCHING_MODES)}, got {batching!r}"]
     return []
 
 

@@ -1,5 +1,6 @@
-"""The serving app on the session's Ray cluster: the OpenAI client (plain and streaming),
-batching of concurrent requests, bad input, and hot reload of the checkpoint under load.
+"""The serving app on the session's Ray cluster: the OpenAI client (completions and chat,
+plain and streaming), continuous and static batching of concurrent requests, a disconnecting
+client freeing its cache blocks, bad input, and hot reload of the checkpoint under load.
 
 Deployed the way `serve run serve_config.yaml` / `serve deploy` do (a declarative config), so
 a user_config change reconfigures the running replica instead of replacing it. One model
@@ -24,14 +25,15 @@ MODEL = "orchestrator-gpt"
 BLOCK = 64
 
 
-def app_config(port: int, initial: str, checkpoint: str) -> dict:
-    """The args (and so the replicas) stay the same; only user_config's checkpoint moves."""
+def app_config(port: int, initial: str, checkpoint: str, **runtime) -> dict:
+    """The args (and so the replicas) stay the same; only user_config (the checkpoint,
+    `runtime` fields) moves."""
     return serve_app_config(
         APP, port,
         {"checkpoint": initial, "accelerator": "cpu", "cpus_per_replica": 0.5,
          "max_batch_size": 16, "max_prompts_per_request": 4, "max_body_bytes": 4096},
         autoscaling={"min_replicas": 1, "max_replicas": 1},
-        user_config={"checkpoint": checkpoint})
+        user_config={"checkpoint": checkpoint, **runtime})
 
 
 class Server:
@@ -39,11 +41,18 @@ class Server:
         self.port, self.initial = port, initial
         self.url = f"http://127.0.0.1:{port}"
 
-    def deploy(self, checkpoint: str) -> None:
+    def deploy(self, checkpoint: str, **runtime) -> None:
         from ray_layer.serve_app import deploy_config, wait_for_app
 
-        deploy_config(app_config(self.port, self.initial, checkpoint))
+        deploy_config(app_config(self.port, self.initial, checkpoint, **runtime))
         wait_for_app(APP, replicas={"GPTModel": 1})
+
+    def reconfigure(self, **runtime) -> dict:
+        """Apply runtime fields to the running replica (same checkpoint); its model info once
+        they show."""
+        self.deploy(self.model()["checkpoint"], **runtime)
+        want = {k: v for k, v in runtime.items() if k in ("batching",)}
+        return wait_for_model(self, lambda info: all(info[k] == v for k, v in want.items()))
 
     def post(self, body, **kwargs) -> requests.Response:
         return requests.post(f"{self.url}/v1/completions", json=body, timeout=60, **kwargs)
@@ -122,20 +131,104 @@ def test_greedy_and_seeded_sampling_are_deterministic(server):
 
 
 def test_concurrent_requests_are_batched_and_match_one_by_one(server):
+    # Continuous batching (the default) and static batching (the setting kept to compare):
+    # requests of different lengths decoded together each get their own completion.
     prompts = ["a", "The quick brown fox", "Hello", "x" * 40, "Serving is fun", "zz"] * 3
     body = lambda p: {"prompt": p, "max_tokens": 20, "temperature": 0}  # noqa: E731
     alone = [server.post(body(p)).json()["choices"][0]["text"] for p in prompts[:6]]
-    before = server.get("/health").json()
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(lambda p: server.post(body(p)), prompts))
-    assert all(r.status_code == 200 for r in together)
-    # Left-padded batches of different prompt lengths give each prompt its own completion.
-    assert [r.json()["choices"][0]["text"] for r in together] == alone * 3
-    after = server.get("/health").json()
-    assert after["requests"] - before["requests"] == len(prompts)
-    assert after["batches"] - before["batches"] < len(prompts)  # some shared a batch
-    print(f"\n{len(prompts)} concurrent requests ran in {after['batches'] - before['batches']} "
-          f"batches; batch sizes so far {after['batch_sizes']}")
+    try:
+        for mode in ("continuous", "static"):
+            server.reconfigure(batching=mode)
+            before = server.get("/health").json()
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                together = list(pool.map(lambda p: server.post(body(p)), prompts))
+            assert all(r.status_code == 200 for r in together)
+            assert [r.json()["choices"][0]["text"] for r in together] == alone * 3, mode
+            after = server.get("/health").json()
+            assert after["batching"] == mode
+            assert after["requests"] - before["requests"] == len(prompts)
+            new = {int(k): v - before["batch_sizes"].get(k, 0)
+                   for k, v in after["batch_sizes"].items()}
+            assert max(k for k, v in new.items() if v > 0) > 1, (mode, new)  # shared passes
+            print(f"\n{mode}: {len(prompts)} concurrent requests; rows per pass {new}")
+    finally:
+        server.reconfigure(batching="continuous")
+
+
+def test_openai_client_chat_completions_plain_and_streaming(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="not-needed")
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hello"}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12,
+                                           temperature=0)
+    assert plain.object == "chat.completion" and plain.model == MODEL
+    assert plain.choices[0].message.role == "assistant"
+    # The documented template: the chat is the completion of this prompt, stopping at the
+    # model's next "User:" turn.
+    template = "System: Be brief.\nUser: Hello\nAssistant:"
+    same = server.post({"prompt": template, "max_tokens": 12, "temperature": 0,
+                        "stop": ["\nUser:"]}).json()
+    assert plain.choices[0].message.content == same["choices"][0]["text"]
+    assert plain.choices[0].finish_reason == same["choices"][0]["finish_reason"]
+    assert plain.usage.prompt_tokens == len(template.encode())
+
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == plain.choices[0].finish_reason and not any(finishes[:-1])
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row_and_blocks(server):
+    def engine() -> dict:
+        return server.get("/health").json()["engines"][-1]
+
+    before = engine()
+    body = {"prompt": "a", "max_tokens": BLOCK - 2, "temperature": 0, "stream": True}
+    with requests.post(f"{server.url}/v1/completions", json=body, stream=True,
+                       timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith(b"data: "))
+        assert engine()["running"] == 1 and engine()["kv_blocks_free"] < before["kv_blocks"]
+    # Connection closed after the first token: the row leaves at the next step, long before
+    # its 62 tokens would have been generated.
+    freed = wait_for("the row and its blocks freed", lambda: (
+        (lambda e: e if e["running"] == 0 and e["kv_blocks_free"] == e["kv_blocks"]
+         else None)(engine())), timeout_s=10, every_s=0.05)
+    assert freed["cancelled"] == before["cancelled"] + 1
+    assert freed["decode_tokens"] - before["decode_tokens"] < BLOCK - 3
+
+
+def test_a_request_over_the_kv_cache_capacity_is_refused_not_queued(server):
+    try:
+        server.reconfigure(kv_cache_tokens=32)  # 2 blocks of 16 positions
+        wait_for_model(server, lambda info: info["kv_cache_tokens"] == 32)
+        started = time.monotonic()
+        response = server.post({"prompt": "x" * 20, "max_tokens": 20})  # fits the context
+        assert response.status_code == 400 and time.monotonic() - started < 10
+        error = response.json()["error"]
+        assert error["param"] == "max_tokens"
+        assert "cache holds 32 tokens" in error["message"] and "kv_cache_tokens" in \
+            error["message"]
+        assert server.post({"prompt": "x" * 10, "max_tokens": 10}).status_code == 200
+    finally:
+        server.reconfigure(kv_cache_tokens=0)
+        wait_for_model(server, lambda info: info["kv_cache_tokens"] > 32)
+
+
+def test_a_body_far_over_the_limit_is_answered_413_not_reset(server):
+    big = b'{"prompt": "' + b"x" * (20 << 20) + b'"}'  # 20 MB against a 4096-byte limit
+    response = requests.post(f"{server.url}/v1/completions", data=big, timeout=120,
+                             headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert "the limit is 4096" in response.json()["error"]["message"]
 
 
 def test_requests_beyond_the_running_batches_wait_at_the_replica_not_in_serves_router(server):
@@ -166,9 +259,37 @@ BAD_INPUTS = [
     ({"prompt": ["a"] * 5}, {}, 400, "prompt", "at most 4"),
     ({"model": "gpt-4", "prompt": "hi"}, {}, 404, "model", "does not exist"),
     ({"prompt": "hi", "n": 3}, {}, 400, "n", "not supported"),
+    ({"prompt": [300]}, {}, 400, "prompt", "reads ids 0-255"),
     (b'{"prompt": "hi"}', {"content-type": "application/x-www-form-urlencoded"}, 415,
      "Content-Type", "must be application/json"),
 ]
+
+
+BAD_CHATS = [
+    ({"prompt": "hi"}, 400, "prompt", "Unrecognized request argument"),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model",
+     "does not exist"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400,
+     "temperature", "number"),
+    ({}, 400, "messages", "must provide messages"),
+    ({"messages": []}, 400, "messages", "non-empty list"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages", "role must be"),
+    ({"messages": [{"role": "user", "content": 3}]}, 400, "messages", "content must be"),
+    ({"messages": [{"role": "user", "content": "x" * BLOCK}]}, 400, "messages",
+     "maximum context length"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 1000}, 400,
+     "max_completion_tokens", "maximum context length"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+     "tools", "not supported"),
+]
+
+
+@pytest.mark.parametrize("body, status, param, words", BAD_CHATS)
+def test_bad_chat_input_is_a_4xx_naming_the_field(server, body, status, param, words):
+    response = requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"], error
 
 
 @pytest.mark.parametrize("body, headers, status, param, words", BAD_INPUTS)

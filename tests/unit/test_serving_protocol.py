@@ -168,3 +168,114 @@ def test_other_content_types_are_a_415_saying_what_to_send(header):
         check_content_type(header)
     assert e.value.status == 415 and e.value.param == "Content-Type"
     assert "must be application/json" in e.value.message and repr(header) in e.value.message
+
+
+# -- the tokenizer seam ----------------------------------------------------------------------
+class WordPieces:
+    """A tokenizer whose tokens are several bytes: id = index in PIECES, eos 3."""
+
+    PIECES = [b"he", b"llo", b" ", b""]
+    name, vocab_size, eos_id = "pieces", 4, 3
+
+    def encode(self, text: str) -> list[int]:
+        data, out = text.encode(), []
+        while data:
+            i = next(i for i, p in enumerate(self.PIECES[:3]) if p and data.startswith(p))
+            out.append(i)
+            data = data[len(self.PIECES[i]):]
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.PIECES[i] for i in ids).decode()
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.PIECES[token_id]
+
+
+def test_text_prompts_are_encoded_with_the_models_tokenizer():
+    request = parse({"prompt": "hello hello"}, encoder=protocol.Encoder(WordPieces(), 4))
+    assert request.prompts == ((0, 1, 2, 0, 1),)
+    assert parse({"prompt": "hé"}).prompts == ((104, 195, 169),)  # bytes by default
+
+
+def test_token_ids_are_checked_against_what_the_model_reads():
+    # The byte tokenizer has 257 ids (256 = end of text) but today's models embed 256.
+    encoder = protocol.Encoder(None, 256)
+    assert encoder.token_ids == 256
+    assert parse({"prompt": [0, 255]}, encoder=encoder).prompts == ((0, 255),)
+    with pytest.raises(APIError) as e:
+        parse({"prompt": [1, 256]}, encoder=encoder)
+    assert e.value.param == "prompt" and "prompt[1] = 256" in e.value.message
+    assert "0-255" in e.value.message
+    # A model with more ids than the tokenizer: the tokenizer's bound applies.
+    with pytest.raises(APIError, match="reads ids 0-3"):
+        parse({"prompt": [4]}, encoder=protocol.Encoder(WordPieces(), 50))
+
+
+# -- chat completions --------------------------------------------------------------------------
+def chat(body: dict, encoder=None):
+    return protocol.parse_chat_request(body, block_size=BLOCK, model_name=MODEL,
+                                       encoder=encoder)
+
+
+def test_chat_messages_become_the_documented_plain_text_prompt():
+    request = chat({"messages": [{"role": "system", "content": "Hm"},
+                                 {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                                 {"role": "assistant", "content": "Yo."},
+                                 {"role": "user", "content": "More"}],
+                    "max_tokens": 5, "stop": "END", "temperature": 0})
+    assert bytes(request.prompts[0]) == (b"System: Hm\nUser: Hi\nAssistant: Yo.\n"
+                                         b"User: More\nAssistant:")
+    assert request.stop == ("END", "\nUser:") and request.max_tokens == 5
+    # No max_tokens: whatever the context has left, as OpenAI's chat default.
+    assert chat({"messages": [{"role": "user", "content": "Hi"}]}).max_tokens == \
+        BLOCK - len(b"User: Hi\nAssistant:")
+
+
+def test_chat_uses_the_tokenizers_end_of_text_token_where_the_model_reads_it():
+    assert protocol.chat_prompt((("user", "hello"),), ByteLike(), 300) == \
+        tuple(b"User: hello\n") + (256,) + tuple(b"Assistant:")
+    assert protocol.chat_prompt((("user", "hello"),), ByteLike(), 256) == \
+        tuple(b"User: hello\nAssistant:")  # 256 is outside a 256-id model: plain text
+
+
+class ByteLike:
+    name, vocab_size, eos_id = "bytes+eos", 257, 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({}, "messages", "must provide messages"),
+    ({"messages": "hi"}, "messages", "non-empty list"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "messages", "role must be one of"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages", "content must be"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages",
+     "only text is supported"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages",
+     "tool calls"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
+      "max_completion_tokens": 1}, "max_completion_tokens", "not both"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+     "max_completion_tokens", "integer >= 1"),
+    ({"messages": [{"role": "user", "content": "x" * BLOCK}]}, "messages",
+     "maximum context length"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "prompt",
+     "Unrecognized"),
+])
+def test_bad_chat_bodies_name_the_field(body, param, words):
+    with pytest.raises(APIError) as e:
+        chat(body)
+    assert e.value.status == 400 and e.value.param == param and words in e.value.message
+
+
+def test_chat_response_shapes():
+    body = protocol.chat_completion_body("id", MODEL, "v", "Hi.", "stop", 7, 2, created=1)
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hi."}
+    assert body["usage"]["total_tokens"] == 9
+    chunk = protocol.chat_chunk_body("id", MODEL, "v", 1, 0, {"content": "H"}, None)
+    assert chunk["object"] == "chat.completion.chunk"
+    assert chunk["choices"][0]["delta"] == {"content": "H"}

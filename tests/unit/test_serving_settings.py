@@ -120,3 +120,20 @@ def test_free_port_can_be_listened_on():
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
         s.listen()
+
+
+def test_batching_mode_and_kv_cache_settings_are_checked():
+    from orchestrator.serving.settings import RuntimeConfig
+
+    settings = ServeSettings.from_args({"batching": "static", "kv_cache_tokens": "4096"})
+    assert settings.batching == "static" and settings.kv_cache_tokens == 4096
+    assert ServeSettings().batching == "continuous"  # the default
+    with pytest.raises(ConfigError, match="batching must be one of continuous, static"):
+        ServeSettings.from_args({"batching": "dynamic"})
+    with pytest.raises(ConfigError, match="kv_block_tokens must be an integer >= 1"):
+        ServeSettings.from_args({"kv_block_tokens": 0})
+    runtime = RuntimeConfig.from_user_config({"batching": "static", "kv_cache_tokens": 64},
+                                             ServeSettings())
+    assert (runtime.batching, runtime.kv_cache_tokens) == ("static", 64)
+    with pytest.raises(ConfigError, match="batching must be one of"):
+        RuntimeConfig.from_user_config({"batching": "paged"}, ServeSettings())

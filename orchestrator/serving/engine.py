@@ -1,0 +1,258 @@
+"""Continuous (iteration-level) batching: requests join and leave the running batch at every
+decoding step (Orca, OSDI '22), over a paged KV cache (vLLM; paged.py).
+
+Static batching (generation.py's BatchGeneration) forms a batch, decodes it to its longest
+row's end and only then starts the next: a request arriving one step after a batch started
+waits for the whole batch, rows that finished early leave their slot empty, and prompts are
+left-padded to the longest. Here, at every `step()`:
+
+1. requests that were cancelled (their client went away) leave, and their blocks are free;
+2. waiting requests are admitted, first come first in, while a row is free (`max_rows`) and
+   the pool has the blocks for the request's whole length (prompt + max_tokens - 1 positions
+   fed). Blocks are taken at admission, so a running row never runs out of cache and nothing
+   is ever evicted; a request that does not fit waits (never dropped) and the ones behind it
+   wait too, so a long request is not starved by short ones. A request that could never fit
+   (longer than the model's context or than the whole cache) is refused by `add`;
+3. one forward pass runs over every running row's new tokens, packed without padding: the
+   latest token of each decoding row, plus chunks of the prompts being prefilled, at most
+   `prefill_chunk_tokens` prompt tokens per step (chunked prefill: a long prompt joining
+   does not stall the rows already streaming for a whole prompt's pass);
+4. every row whose context is fully fed samples its next token (same sampling and per-row
+   generator as static batching: generation.Row); rows that finish leave and free their
+   blocks at once.
+
+A row's tokens depend only on its own request: its attention reads only its own blocks, and
+each row draws from its own seeded generator, so greedy and seeded output are those of the
+request decoded alone (tests/unit/test_serving_engine.py).
+
+The engine is single-threaded: the replica calls `add` / `cancel` between steps and `step`
+on its generation thread (ray_layer/serve_model.py).
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import torch
+
+from orchestrator.serving.generation import Chunk, GenerationRequest, Row, sample_tokens
+from orchestrator.serving.paged import PagedKVCache, Segment, paged_forward
+from orchestrator.tokenizer import Tokenizer
+
+
+class CapacityError(ValueError):
+    """A request that this engine can never run: it names the limit it exceeds."""
+
+    def __init__(self, message: str, param: str = "max_tokens") -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """How much an engine runs at once: rows per step, the KV cache in blocks, and the prompt
+    tokens prefilled per step."""
+
+    max_rows: int = 32
+    num_blocks: int = 256
+    block_tokens: int = 16
+    prefill_chunk_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_rows", "num_blocks", "block_tokens", "prefill_chunk_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    @classmethod
+    def sized_for(cls, max_rows: int, context: int, block_tokens: int,
+                  prefill_chunk_tokens: int, cache_tokens: int = 0) -> "EngineLimits":
+        """Limits with a cache of `cache_tokens` positions (rounded up to whole blocks), or,
+        with 0, enough for `max_rows` rows of the whole context."""
+        tokens = cache_tokens or max_rows * context
+        return cls(max_rows, -(-tokens // block_tokens), block_tokens, prefill_chunk_tokens)
+
+
+@dataclass
+class Sequence:
+    """One admitted request: its decoding state, block table and what is left to feed."""
+
+    key: object
+    row: Row
+    blocks: list[int]
+    pending: list[int]  # tokens not fed yet: the context at first, then the latest token
+    fed: int = 0  # positions whose keys and values are in the cache
+
+
+@dataclass
+class EngineStats:
+    """Counters of an engine's life (the replica's /health shows them)."""
+
+    steps: int = 0
+    admitted: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    most_rows: int = 0
+    rows_per_step: Counter = field(default_factory=Counter)
+
+
+class ContinuousEngine:
+    """Iteration-level batching over a paged KV cache for one model (see the module doc)."""
+
+    def __init__(self, model: torch.nn.Module, context: int, tokenizer: Tokenizer,
+                 limits: EngineLimits, device: torch.device | str | None = None) -> None:
+        self.model, self.context, self.tokenizer, self.limits = model, context, tokenizer, limits
+        device = device or next(model.parameters()).device
+        self.cache = PagedKVCache(len(model.blocks), limits.num_blocks, limits.block_tokens,
+                                  device)
+        self.waiting: deque[tuple[object, GenerationRequest, float]] = deque()
+        self.running: list[Sequence] = []
+        self.stats = EngineStats()
+        self.queue_seconds: list[tuple[object, float]] = []  # admitted in the last step
+
+    # -- requests ---------------------------------------------------------------------------
+    def positions_needed(self, request: GenerationRequest) -> int:
+        """Positions a request feeds: its context, then every generated token but the last."""
+        return len(request.context) + request.remaining - 1
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise CapacityError when the request can never run here."""
+        needed = len(request.context) + request.remaining
+        if needed > self.context:
+            raise CapacityError(f"This model's maximum context length is {self.context} "
+                                f"tokens, however you requested {needed} tokens "
+                                f"({len(request.context)} in the prompt; "
+                                f"{request.remaining} for the completion)")
+        capacity = self.cache.capacity_tokens
+        if self.positions_needed(request) > capacity:
+            raise CapacityError(f"prompt plus max_tokens need {needed} tokens of KV cache; "
+                                f"this replica's cache holds {capacity} tokens "
+                                f"(setting kv_cache_tokens); reduce the prompt or max_tokens")
+
+    def add(self, key: object, request: GenerationRequest, now: float | None = None) -> None:
+        """Queue a request under `key` (any hashable the caller uses to match chunks)."""
+        self.check(request)
+        self.waiting.append((key, request, time.monotonic() if now is None else now))
+
+    def cancel(self, key: object) -> bool:
+        """Drop a request, waiting or running; its blocks are free at once. Whether it was
+        here."""
+        for i, (waiting_key, _, _) in enumerate(self.waiting):
+            if waiting_key == key:
+                del self.waiting[i]
+                self.stats.cancelled += 1
+                return True
+        for sequence in self.running:
+            if sequence.key == key:
+                self._leave(sequence)
+                self.stats.cancelled += 1
+                return True
+        return False
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    @property
+    def free_blocks(self) -> int:
+        return self.cache.pool.free
+
+    # -- stepping ---------------------------------------------------------------------------
+    def step(self, now: float | None = None) -> list[tuple[object, Chunk]]:
+        """Admit what fits, run one forward pass, sample: (key, chunk) for every row that
+        produced a token."""
+        self._admit(time.monotonic() if now is None else now)
+        if not self.running:
+            return []
+        segments, sampling = self._plan()
+        logits = paged_forward(self.model, self.cache, segments)
+        out = self._sample(logits, sampling)
+        self.stats.steps += 1
+        self.stats.rows_per_step[len(segments)] += 1
+        self.stats.most_rows = max(self.stats.most_rows, len(self.running))
+        return out
+
+    def _admit(self, now: float) -> None:
+        self.queue_seconds = []
+        while self.waiting and len(self.running) < self.limits.max_rows:
+            key, request, arrived = self.waiting[0]
+            blocks = self.cache.blocks_for(self.positions_needed(request))
+            if blocks > self.free_blocks:
+                return  # waits for blocks; those behind it wait too (first come first in)
+            self.waiting.popleft()
+            self.running.append(Sequence(key, Row(request, self.tokenizer),
+                                         self.cache.pool.allocate(blocks),
+                                         list(request.context)))
+            self.queue_seconds.append((key, now - arrived))
+            self.stats.admitted += 1
+
+    def _plan(self) -> tuple[list[Segment], list[int]]:
+        """This step's segments (one per running row that feeds something) and, for each
+        segment, the index of its row in self.running if it samples after this step, else
+        -1 (a prompt chunk that does not end the prompt)."""
+        segments, sampling = [], []
+        budget = self.limits.prefill_chunk_tokens
+        for index, sequence in enumerate(self.running):
+            decoding = len(sequence.pending) == 1 and sequence.fed > 0
+            if decoding:  # its latest token
+                take = 1
+                self.stats.decode_tokens += 1
+            else:  # prefilling: the next chunk of its context, within the step's budget
+                take = min(len(sequence.pending), budget)
+                if take == 0:
+                    continue
+                budget -= take
+                self.stats.prefill_tokens += take
+            segments.append(Segment(tuple(sequence.blocks), sequence.fed,
+                                    tuple(sequence.pending[:take])))
+            sequence.pending = sequence.pending[take:]
+            sequence.fed += take
+            sampling.append(index if not sequence.pending else -1)
+        return segments, sampling
+
+    def _sample(self, logits: torch.Tensor, sampling: list[int]) -> list[tuple[object, Chunk]]:
+        picks = [(s, index) for s, index in enumerate(sampling) if index >= 0]
+        if not picks:
+            return []
+        rows = [self.running[index] for _, index in picks]
+        params = [sequence.row.request.params for sequence in rows]
+        device = logits.device
+        tokens = sample_tokens(
+            logits[torch.tensor([s for s, _ in picks], device=device)],
+            torch.tensor([p.temperature for p in params], device=device),
+            torch.tensor([p.top_p for p in params], device=device),
+            torch.tensor([sequence.row.draw() for sequence in rows], device=device))
+        out = []
+        for sequence, token in zip(rows, tokens.tolist()):
+            chunk = sequence.row.accept(token)
+            out.append((sequence.key, chunk))
+            if sequence.row.finished:
+                self._leave(sequence)
+                self.stats.finished += 1
+            else:
+                sequence.pending = [token]
+        return out
+
+    def _leave(self, sequence: Sequence) -> None:
+        self.running.remove(sequence)
+        self.cache.pool.release(sequence.blocks)
+        sequence.blocks = []
+
+
+def run_to_completion(engine: ContinuousEngine, requests: list[GenerationRequest]
+                      ) -> list[tuple[str, tuple[int, ...], str]]:
+    """Add every request and step until all are done: (text, tokens, finish_reason) per
+    request, as generation.generate returns. For tests, benchmarks and offline use."""
+    texts, tokens, reasons = ([""] * len(requests), [()] * len(requests),
+                              [""] * len(requests))
+    for i, request in enumerate(requests):
+        engine.add(i, request)
+    while not engine.idle:
+        for i, chunk in engine.step():
+            texts[i] += chunk.text
+            tokens[i] += chunk.tokens
+            reasons[i] = chunk.finish_reason or reasons[i]
+    return list(zip(texts, tokens, reasons))

@@ -1,0 +1,270 @@
+"""Continuous batching over a paged KV cache (orchestrator/serving/engine.py, paged.py):
+outputs equal to each request decoded alone, rows joining and leaving at every step, chunked
+prefill interleaved with decoding, admission bounded by free blocks, cancellation, capacity."""
+import dataclasses
+
+import pytest
+import torch
+
+from orchestrator.serving.engine import (CapacityError, ContinuousEngine, EngineLimits,
+                                         run_to_completion)
+from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
+from orchestrator.serving.paged import BlockPool
+from orchestrator.tokenizer import ByteTokenizer
+from orchestrator.training.model import GPT, GPTConfig
+from tests.support import one_thread
+
+BLOCK = 64
+CONFIGS = {
+    "standard": GPTConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=32),
+    "span": GPTConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, attention_span=True,
+                      span_ramp=4, span_init=0.1),
+}
+# Small blocks and prefill chunks, so prompts cross blocks and are prefilled over several steps.
+LIMITS = EngineLimits(max_rows=8, num_blocks=64, block_tokens=4, prefill_chunk_tokens=6)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_on_one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model(request):
+    torch.manual_seed(0)
+    return GPT(CONFIGS[request.param]).eval()
+
+
+def engine(model, limits: EngineLimits = LIMITS, tokenizer=None) -> ContinuousEngine:
+    return ContinuousEngine(model, BLOCK, tokenizer or ByteTokenizer(), limits)
+
+
+def greedy(prompt: bytes, max_tokens: int, **params) -> GenerationRequest:
+    return GenerationRequest(tuple(prompt), SamplingParams(max_tokens, 0.0, **params))
+
+
+def seeded(prompt: bytes, max_tokens: int, seed: int) -> GenerationRequest:
+    return GenerationRequest(tuple(prompt), SamplingParams(max_tokens, 0.9, 0.95, seed=seed))
+
+
+@torch.no_grad()
+def reference_greedy(model: GPT, prompt: bytes, max_tokens: int) -> tuple[int, ...]:
+    """Greedy decoding the slow obvious way: the whole sequence again for every token."""
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        logits, _ = model(torch.tensor([tokens]))
+        tokens.append(int(logits[0, -1].argmax()))
+    return tuple(tokens[len(prompt):])
+
+
+def alone(model, request: GenerationRequest) -> tuple[str, tuple[int, ...], str]:
+    return run_to_completion(engine(model), [request])[0]
+
+
+def staggered(eng: ContinuousEngine, arrivals: dict[int, list[GenerationRequest]]
+              ) -> tuple[dict, list[int]]:
+    """Add the requests arriving at each step number, step until all are done: the results
+    by request key (step, index), and the rows that ran in each step."""
+    out, rows = {}, []
+    step = 0
+    while step <= max(arrivals) or not eng.idle:
+        for i, request in enumerate(arrivals.get(step, [])):
+            eng.add((step, i), request)
+            out[(step, i)] = ["", (), ""]
+        for key, chunk in eng.step():
+            out[key][0] += chunk.text
+            out[key][1] += chunk.tokens
+            out[key][2] = chunk.finish_reason or out[key][2]
+        rows.append(len(eng.running))
+        step += 1
+    return {k: tuple(v) for k, v in out.items()}, rows
+
+
+def test_paged_generation_equals_the_naive_loop(model):
+    prompts = [b"Hello", b"A much longer prompt than the first one", b"x"]
+    out = run_to_completion(engine(model), [greedy(p, 12) for p in prompts])
+    for prompt, (_, tokens, reason) in zip(prompts, out):
+        assert tokens == reference_greedy(model, prompt, 12)
+        assert reason == "length"
+
+
+def test_requests_joining_and_leaving_every_step_get_what_they_get_alone(model):
+    # Requests arrive while others run (steps 0, 1, 3, 7, 9); short ones leave early, so rows
+    # join and leave the running batch at many steps. Greedy and seeded outputs are exactly
+    # those of each request decoded alone, and those of static batching.
+    arrivals = {0: [greedy(b"The fox", 10), seeded(b"Serving", 14, seed=3)],
+                1: [greedy(b"a", 3)],
+                3: [greedy(b"A rather longer prompt that takes steps", 8),
+                    seeded(b"zz", 6, seed=9)],
+                7: [greedy(b"Late", 5)], 9: [seeded(b"Later still", 7, seed=1)]}
+    eng = engine(model)
+    out, rows = staggered(eng, arrivals)
+    for step, requests in arrivals.items():
+        for i, request in enumerate(requests):
+            assert out[(step, i)] == alone(model, request), (step, i)
+            assert out[(step, i)] == generate(model, [request], BLOCK)[0]
+    changes = sum(a != b for a, b in zip(rows, rows[1:]))
+    assert max(rows) >= 4 and changes >= 5, rows  # the batch really changed as it ran
+    assert eng.free_blocks == LIMITS.num_blocks  # every block back
+
+
+def test_seeded_rows_do_not_depend_on_their_neighbours(model):
+    request = seeded(b"The fox", 16, seed=7)
+    crowded = run_to_completion(engine(model), [seeded(b"other", 16, seed=1), request,
+                                                greedy(b"third one", 9)])
+    assert crowded[1] == alone(model, request)
+    assert crowded[0][1] != crowded[1][1]  # another seed, another sample
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_decoding(model):
+    eng = engine(model, dataclasses.replace(LIMITS, prefill_chunk_tokens=5))
+    eng.add("short", greedy(b"hi", 20))
+    eng.step()  # "short" prefilled and decoding
+    eng.add("long", greedy(b"y" * 40, 4))
+    produced_by_short = []
+    while any(s.key == "long" and s.pending and s.fed < 40 for s in eng.running) \
+            or eng.waiting:
+        chunks = dict(eng.step())
+        produced_by_short.append("short" in chunks)
+    # 40 prompt tokens at 5 per step: 8 steps of prefill, and "short" got a token in each.
+    assert len(produced_by_short) >= 7 and all(produced_by_short)
+    assert eng.stats.prefill_tokens == 2 + 40
+
+
+def test_admission_waits_for_free_blocks_and_never_drops_a_request(model):
+    # Each request needs 8 + 12 - 1 = 19 positions = 5 blocks of 4; 12 blocks hold two.
+    limits = EngineLimits(max_rows=8, num_blocks=12, block_tokens=4, prefill_chunk_tokens=64)
+    eng = engine(model, limits)
+    requests = [greedy(b"prompt-%d" % i, 12) for i in range(5)]
+    for i, request in enumerate(requests):
+        eng.add(i, request)
+    running_counts, outputs = [], {i: () for i in range(5)}
+    while not eng.idle:
+        for key, chunk in eng.step():
+            outputs[key] += chunk.tokens
+        running_counts.append(len(eng.running))
+        assert eng.free_blocks >= 0
+    assert max(running_counts) <= 2  # bounded by blocks, not by max_rows (8)
+    assert all(len(tokens) == 12 for tokens in outputs.values())  # every one ran, in full
+    assert outputs == {i: alone(model, r)[1] for i, r in enumerate(requests)}
+    assert eng.free_blocks == 12
+
+
+def test_admission_is_first_come_first_in(model):
+    # A big request at the head waits for blocks; a small one behind it does not overtake it
+    # (it would starve the big one under a steady stream of small ones).
+    limits = EngineLimits(max_rows=8, num_blocks=10, block_tokens=4, prefill_chunk_tokens=64)
+    eng = engine(model, limits)
+    eng.add("first", greedy(b"a" * 10, 20))  # 29 positions: 8 blocks
+    eng.step()
+    eng.add("big", greedy(b"b" * 10, 20))  # 8 blocks: waits
+    eng.add("small", greedy(b"c", 2))  # 1 block: would fit, waits behind "big"
+    eng.step()
+    assert [key for key, _, _ in eng.waiting] == ["big", "small"]
+    order = []
+    while not eng.idle:
+        eng.step()
+        order += [q for q, _ in eng.queue_seconds]
+    assert order == ["big", "small"]
+
+
+def test_running_rows_are_never_moved_or_copied_as_the_batch_changes(model):
+    eng = engine(model)
+    eng.add("stay", greedy(b"stays for a while", 30))
+    eng.step()
+    (stay,) = eng.running
+    blocks = list(stay.blocks)
+    storage = eng.cache.keys[0].data_ptr()
+    for step in range(20):
+        if step % 3 == 0:
+            eng.add(step, greedy(b"visitor %d" % step, 2 + step % 4))
+        eng.step()
+        assert stay.blocks == blocks  # its block table is never changed
+    assert eng.cache.keys[0].data_ptr() == storage  # the pool is never reallocated
+    assert eng.stats.admitted == 8 and eng.stats.finished >= 5
+
+
+def test_cancelling_frees_the_row_and_its_blocks_at_once(model):
+    eng = engine(model)
+    eng.add("gone", greedy(b"client left", 40))
+    eng.add("stays", greedy(b"client stays", 5))
+    eng.step()
+    assert eng.free_blocks < LIMITS.num_blocks
+    assert eng.cancel("gone")
+    assert [s.key for s in eng.running] == ["stays"]
+    assert eng.free_blocks == LIMITS.num_blocks - eng.cache.blocks_for(12 + 5 - 1)
+    eng.add("queued", greedy(b"q", 3))
+    assert eng.cancel("queued") and not eng.waiting
+    assert not eng.cancel("unknown")
+    while not eng.idle:
+        assert "gone" not in dict(eng.step())
+    assert eng.free_blocks == LIMITS.num_blocks and eng.stats.cancelled == 2
+
+
+def test_requests_that_can_never_fit_are_refused_naming_the_limit(model):
+    small = engine(model, EngineLimits(max_rows=4, num_blocks=4, block_tokens=4,
+                                       prefill_chunk_tokens=8))
+    with pytest.raises(CapacityError, match="cache holds 16 tokens .*kv_cache_tokens"):
+        small.add("x", greedy(b"0123456789", 8))  # 17 positions fed > 16
+    small.add("ok", greedy(b"0123456789", 7))  # 16: fits exactly
+    with pytest.raises(CapacityError, match="maximum context length is 64"):
+        engine(model).add("y", greedy(b"z" * 60, 5))
+    assert len(small.waiting) == 1
+
+
+def test_resumed_requests_continue_exactly(model):
+    request = GenerationRequest(tuple(b"The fox"), SamplingParams(16, 0.8, seed=11))
+    _, tokens, _ = alone(model, request)
+    _, rest, reason = alone(model, request.resumed_after(tokens[:6]))
+    assert tokens[:6] + rest == tokens and reason == "length"
+
+
+def test_stops_and_the_tokenizers_end_of_text_end_a_row(model):
+    full, tokens, _ = alone(model, greedy(b"Hello", 20))
+    stop = full[5:7]
+    text, _, reason = alone(model, greedy(b"Hello", 20, stop=(stop,)))
+    assert reason == "stop" and text == full[:full.index(stop)]
+
+    sampled = seeded(b"Hello", 20, seed=3)
+    _, tokens, _ = alone(model, sampled)
+    end = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])
+
+    class EndsThere(ByteTokenizer):
+        eos_id = tokens[end]
+
+    out = run_to_completion(engine(model, tokenizer=EndsThere()), [sampled])
+    assert out[0][1] == tokens[:end + 1] and out[0][2] == "stop"
+
+
+def test_multi_byte_tokens_decode_across_token_boundaries():
+    # A tokenizer whose tokens carry several bytes, one ending inside a character.
+    class Pairs(ByteTokenizer):
+        def token_bytes(self, token_id: int) -> bytes:
+            return {0: b"\xe2\x82", 1: b"\xacA"}.get(token_id % 2, b"")
+
+    from orchestrator.serving.generation import Row
+
+    row = Row(greedy(b"x", 2), Pairs())
+    assert row.accept(0).text == "" and row.accept(1).text == "\u20acA"
+
+
+def test_block_pool_hands_out_each_block_once():
+    pool = BlockPool(6)
+    a, b = pool.allocate(2), pool.allocate(3)
+    assert len(set(a + b)) == 5 and pool.free == 1
+    with pytest.raises(MemoryError):
+        pool.allocate(2)
+    pool.release(a)
+    assert pool.free == 3 and set(pool.allocate(3)) == set(a) | (set(range(6)) - set(a + b))
+
+
+@pytest.mark.skipif("n_heads_per_layer" not in GPTConfig.__dataclass_fields__,
+                    reason="GPTConfig has no per-layer widths yet")
+def test_layers_of_different_widths_are_served(model):
+    torch.manual_seed(1)
+    pruned = GPT(GPTConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=32,
+                           n_heads_per_layer=(1, 2), mlp_hidden=(16, 128))).eval()
+    out = run_to_completion(engine(pruned), [greedy(b"pruned", 8), greedy(b"ok", 5)])
+    assert out[0][1] == reference_greedy(pruned, b"pruned", 8)
+    assert out[1][1] == reference_greedy(pruned, b"ok", 5)
