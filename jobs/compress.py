@@ -5,7 +5,8 @@
 
 --checkpoint takes a run directory (its newest usable checkpoint) or one checkpoint directory.
 Stages (each resumable: rerun the same command to continue): [distil into a smaller
---student-size] -> prune (gradual, with distillation) -> QAT (with distillation) -> export
+--student-size] -> prune (gradual, with distillation; whole heads and MLP channels by default,
+then the matrices shrink) -> QAT (with distillation) -> export
 (int8 ONNX for ONNX Runtime + int8 torch tensors) -> report (table + report.json).
 
 It runs in this one process: under `ray job submit` that is the job's driver, on the node Ray
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from orchestrator.compression.config import DEVICES, CompressConfig
 from orchestrator.compression.prune import SCOPES
+from orchestrator.compression.structured import IMPORTANCE, STRUCTURES
 from orchestrator.config import MODEL_PRESETS, ConfigError
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, JobFailed, run_job
 
@@ -29,7 +31,13 @@ from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, JobFailed, run_jo
 FLAG_HELP = {
     "student_size": "distil into this smaller preset first (default: the teacher's shape)",
     "distill_steps": "fine-tune steps training a smaller --student-size from the teacher",
-    "prune_sparsity": "fraction of the block Linear weights to zero",
+    "prune_sparsity": "fraction of the block parameters to remove (structured) or of the "
+                      "block Linear weights to zero (unstructured)",
+    "prune_structure": "both: remove whole attention heads and MLP channels, shrinking the "
+                       "matrices; heads / channels: only those; unstructured: zero single "
+                       "weights (smaller nowhere, faster nowhere)",
+    "prune_importance": "how heads and channels are ranked: first-order Taylor (|w * grad| "
+                        "summed over the unit, squared) or weight magnitude",
     "prune_ramp_fraction": "share of --prune-steps over which sparsity rises to its target",
     "prune_every": "steps between mask updates while sparsity rises",
     "weight_bits": "7: int8 weights in [-63, 63], exact on every x86 CPU; 8: [-127, 127], "
@@ -42,6 +50,7 @@ FLAG_HELP = {
     "onnx_baseline": "skip timing the original model in ONNX Runtime fp32",
 }
 FLAG_CHOICES = {"student_size": list(MODEL_PRESETS), "prune_scope": list(SCOPES),
+                "prune_structure": list(STRUCTURES), "prune_importance": list(IMPORTANCE),
                 "device": list(DEVICES)}
 FLAG_TYPES = {"seq_len": int}  # fields whose default (None) does not give the type
 

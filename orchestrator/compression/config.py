@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from orchestrator import validation
 from orchestrator.config import MODEL_PRESETS, ConfigError, from_mapping
 from orchestrator.compression.prune import SCOPES
+from orchestrator.compression.structured import IMPORTANCE, STRUCTURES
 from orchestrator.validation import is_int, is_number
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -19,7 +20,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # Fields that change only bookkeeping or the report, not what a stage computes: a rerun may
 # change them and still reuse the finished stages under --out.
 RESUMABLE_CHANGES = frozenset({"log_every", "checkpoint_every", "device", "threads",
-                               "latency_batch", "latency_seq", "latency_repeats",
+                               "latency_batch", "latency_batched", "latency_seq",
+                               "latency_repeats",
                                "eval_tokens", "eval_batch_size", "onnx_baseline"})
 
 
@@ -31,8 +33,12 @@ class CompressConfig:
     # Stage 0 (only with a smaller student): distil the teacher into a fresh smaller model.
     student_size: str | None = None  # a MODEL_PRESETS name; None = the teacher's architecture
     distill_steps: int = 300
-    # Stage 1: gradual magnitude pruning during a distillation fine-tune.
+    # Stage 1: gradual pruning during a distillation fine-tune. Structured (the default):
+    # whole attention heads and MLP channels, prune_sparsity of the block parameters, then the
+    # matrices are shrunk; unstructured: prune_sparsity of the block Linear weights zeroed.
     prune_sparsity: float = 0.30
+    prune_structure: str = "both"
+    prune_importance: str = "taylor"
     prune_scope: str = "global"
     prune_steps: int = 200
     prune_ramp_fraction: float = 0.75  # sparsity reaches its target at this fraction of steps
@@ -61,6 +67,7 @@ class CompressConfig:
     eval_tokens: int = 16384  # held-out tokens for perplexity (capped by the held-out text)
     eval_batch_size: int = 8
     latency_batch: int = 1
+    latency_batched: int = 16  # the serving-like batch also timed (1: only latency_batch)
     latency_seq: int = 64  # capped by the model's context length
     latency_repeats: int = 20
     threads: int = 2  # CPU threads for every latency measurement (torch and ONNX Runtime)
@@ -80,8 +87,8 @@ class CompressConfig:
         check(self.student_size is None or self.student_size in MODEL_PRESETS, "student_size",
               f"must be one of {', '.join(MODEL_PRESETS)} (or unset: the teacher's shape)")
         for name in ("prune_steps", "batch_size", "log_every", "checkpoint_every", "prune_every",
-                     "eval_tokens", "eval_batch_size", "latency_batch", "latency_seq",
-                     "latency_repeats", "threads"):
+                     "eval_tokens", "eval_batch_size", "latency_batch", "latency_batched",
+                     "latency_seq", "latency_repeats", "threads"):
             value = getattr(self, name)
             check(is_int(value) and value >= 1, name, "must be an integer >= 1")
         for name in ("distill_steps", "qat_steps", "warmup_steps"):
@@ -92,6 +99,10 @@ class CompressConfig:
         check(is_number(self.prune_sparsity) and 0 < self.prune_sparsity < 1,
               "prune_sparsity", "must be a fraction in (0, 1)")
         check(self.weight_bits in (7, 8), "weight_bits", "must be 7 or 8")
+        check(self.prune_structure in STRUCTURES, "prune_structure",
+              f"must be one of {', '.join(STRUCTURES)}")
+        check(self.prune_importance in IMPORTANCE, "prune_importance",
+              f"must be one of {', '.join(IMPORTANCE)}")
         check(self.prune_scope in SCOPES, "prune_scope", f"must be one of {', '.join(SCOPES)}")
         check(is_number(self.prune_ramp_fraction) and 0 < self.prune_ramp_fraction <= 1,
               "prune_ramp_fraction", "must be a fraction in (0, 1]")

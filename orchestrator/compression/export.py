@@ -121,6 +121,80 @@ def export_fp32_onnx(model: nn.Module, path: Path, what: str = "model") -> Path:
     return path
 
 
+class _DecodeStep(nn.Module):
+    """Export wrapper for one decode step with a KV cache: (idx (B, 1), position (1,), past
+    keys and values of every layer, (B, heads_i, L, head_dim) each) -> (logits, the presents:
+    past with the new position appended). The GPT's own cache path, so the graph decodes
+    exactly as serving's torch model does."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, position: torch.Tensor, past: list[torch.Tensor]):
+        cache = self.model.new_cache()
+        for i, layer in enumerate(cache.layers):
+            layer.keys, layer.values = past[2 * i], past[2 * i + 1]
+        logits, _ = self.model(idx, cache=cache, positions=position)
+        return (logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
+
+
+def past_shapes(model: nn.Module, batch: int, length: int) -> list[tuple[int, ...]]:
+    """Shapes of the decode graph's past inputs: keys and values of each layer, which has its
+    own head count once heads were pruned."""
+    head_dim = model.config.n_embd // model.config.n_head
+    return [(batch, block.attn.n_head, length, head_dim)
+            for block in model.blocks for _ in ("keys", "values")]
+
+
+def export_decode_onnx(model: nn.Module, path: Path, what: str = "model") -> Path:
+    """The single-token decode step (see _DecodeStep) in ONNX, batch and past length dynamic:
+    inputs idx, position, past_0..past_{2L-1}; outputs logits, present_0..."""
+    model = copy.deepcopy(model).cpu().eval()
+    block = model.config.block_size
+    past = [torch.zeros(shape) for shape in past_shapes(model, 2, min(4, block - 1))]
+    batch_dim = torch.export.Dim("batch", min=1, max=65536)
+    past_dim = torch.export.Dim("past", min=1, max=max(block - 1, 2))
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                _DecodeStep(model), (torch.zeros(2, 1, dtype=torch.long),
+                                     torch.tensor([past[0].shape[2]]), past),
+                None, input_names=["idx", "position"] + [f"past_{i}" for i in range(len(past))],
+                output_names=["logits"] + [f"present_{i}" for i in range(len(past))],
+                dynamic_shapes=({0: batch_dim}, None, [{0: batch_dim, 2: past_dim}] * len(past)),
+                dynamo=True, verbose=False)
+        program.save(str(path), external_data=False)
+    except Exception as e:
+        first = _plain(str(e)).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"torch.onnx.export of the {what}'s decode step failed: "
+                          f"{type(e).__name__}: {first[:300]}") from e
+    return path
+
+
+def twin_from_int8_state(state: dict[str, Any]) -> GPT:
+    """The dequantized twin (int8 * scale weights) of an int8 export's tensors."""
+    model = GPT(GPTConfig(**state["config"]))
+    full = dict(state["fp32"])
+    for name, q in state["int8"].items():
+        full[f"{name}.weight"] = q.float() * state["scales"][name][:, None]
+    model.load_state_dict(full, strict=True)
+    return model.eval()
+
+
+def int8_decode_onnx(directory: Path, out_path: Path) -> Path:
+    """The int8 export's decode step in ONNX Runtime int8 (the same rewrite as the forward
+    graph, on the same integers), written to `out_path`: for measuring decode latency."""
+    state = load_tensors(Path(directory) / TORCH_FILE)
+    twin = twin_from_int8_state(state)
+    fp32_path = out_path.with_name(out_path.name + ".fp32.onnx")
+    export_decode_onnx(twin, fp32_path, "int8 model")
+    quantize_onnx_linears(fp32_path, out_path,
+                          {n: (q, state["scales"][n]) for n, q in state["int8"].items()})
+    fp32_path.unlink()
+    return out_path
+
+
 def quantize_onnx_linears(fp32_path: Path, int8_path: Path,
                           linears: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, int]:
     """Rewrite each MatMul whose weight is a quantized Linear's into the int8 pattern.
@@ -298,6 +372,9 @@ def ort_session(path: Path, threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Every graph optimisation (constant folding, the int8 MatMul fusions, layout rewrites):
+    # the int8 pattern is only fast once fused into ONNX Runtime's int8 kernels.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from orchestrator.compression import prune
+from orchestrator.compression import prune, structured
 from orchestrator.compression.artifacts import CheckpointError, load_tensors, save_tensors
 from orchestrator.compression.distill import distillation_loss
 from orchestrator.training.accumulation import HierarchicalAccumulation
@@ -68,6 +68,8 @@ class PruneSchedule:
     scope: str
     ramp_steps: int
     every: int
+    structure: str = "unstructured"  # or whole units: structured.STRUCTURES
+    importance: str = "magnitude"  # structured pruning's unit scores: structured.IMPORTANCE
 
     def target_at(self, step: int) -> float | None:
         """The sparsity to prune to before `step`, or None when the masks stay as they are."""
@@ -96,11 +98,17 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
     stepper = HierarchicalAccumulation({"student": list(student.parameters())}, {"student": 1})
     scaler = Precision("fp32", device.type).grad_scaler()
     step = 0
+    # Structured pruning scores whole heads and channels (and may learn their importance from
+    # the gradients of every step); unstructured pruning thresholds single weights.
+    scorer = (structured.Importance(student, schedule.importance, schedule.structure)
+              if schedule is not None and schedule.structure != "unstructured" else None)
     resume = _read_partial(partial, plan.stage, log)
     if resume is not None:
         student.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         masks, step = resume["masks"], resume["step"]
+        if scorer is not None:
+            scorer.load_state_dict(resume.get("importance", {}))
         log(f"{plan.stage}: resumed at step {step}/{plan.steps} from {partial}")
     masks = {name: m.to(device) for name, m in masks.items()}
     if teacher is not None:
@@ -112,7 +120,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
     while step < plan.steps:
         target = schedule.target_at(step) if schedule else None
         if target is not None:
-            masks = prune.compute_masks(weights, target, schedule.scope)
+            masks = _masks_at(student, weights, scorer, target, schedule.scope)
             prune.apply_masks(weights, masks)
         set_lr(optimizer, plan.lr_at(step))
         x, y = get_batch(train_tokens, plan.batch_size, plan.seq_len, seed=plan.seed,
@@ -125,6 +133,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
         student_logits, _ = student(x)
         loss = distillation_loss(student_logits, teacher_logits, y, plan.alpha, plan.temperature)
         scaler.scale(loss.total).backward()
+        if scorer is not None:
+            scorer.observe(student)
         prune.mask_gradients(weights, masks)
         stepper.step(step, optimizer, scaler, plan.grad_clip)
         prune.apply_masks(weights, masks)  # AdamW's momentum and decay move pruned weights
@@ -143,11 +153,12 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
             save_tensors(partial, {"model": student.state_dict(),
                                    "optimizer": optimizer.state_dict(),
                                    "masks": {n: m.cpu() for n, m in masks.items()},
+                                   "importance": scorer.state_dict() if scorer else {},
                                    "step": step})
     if schedule is not None:
         # Land exactly on the target whether the ramp ended early (then this recomputes the
         # same masks: the pruned weights are the zeros) or on the last step.
-        masks = prune.compute_masks(weights, schedule.final, schedule.scope)
+        masks = _masks_at(student, weights, scorer, schedule.final, schedule.scope)
         prune.apply_masks(weights, masks)
     student.eval()
     metrics = {"steps": plan.steps, "seconds": round(time.perf_counter() - started, 2),
@@ -155,6 +166,14 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
     if masks:
         metrics["sparsity"] = prune.sparsity(weights)
     return {n: m.cpu() for n, m in masks.items()}, metrics
+
+
+def _masks_at(student: nn.Module, weights: dict[str, torch.Tensor],
+              scorer: "structured.Importance | None", sparsity: float, scope: str
+              ) -> dict[str, torch.Tensor]:
+    if scorer is None:
+        return prune.compute_masks(weights, sparsity, scope)
+    return structured.compute_masks(student, scorer, sparsity, scope)
 
 
 def _read_partial(partial: Path | None, stage: str, log: Callable[[str], None]

@@ -51,19 +51,62 @@ def perplexity(model: Forward, inputs: torch.Tensor, targets: torch.Tensor,
 @torch.no_grad()
 def latencies_ms(models: dict[str, Forward], idx: torch.Tensor, repeats: int,
                  warmup: int = 3) -> dict[str, float]:
-    """Median wall time of one forward per model. The models take turns within each round,
-    so a burst of load from another process on the machine hits all of them alike instead of
-    skewing whichever happened to be running."""
+    """Median wall time of one forward per model (see timed_ms)."""
+    return timed_ms({name: (lambda f=forward: f(idx)) for name, forward in models.items()},
+                    repeats, warmup)
+
+
+@torch.no_grad()
+def timed_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+             ) -> dict[str, float]:
+    """Median wall time of each call. The calls take turns within each round, so a burst of
+    load from another process on the machine hits all of them alike instead of skewing
+    whichever happened to be running."""
     for _ in range(warmup):
-        for forward in models.values():
-            forward(idx)
-    times: dict[str, list[float]] = {name: [] for name in models}
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        for name, forward in models.items():
+        for name, call in calls.items():
             start = time.perf_counter()
-            forward(idx)
+            call()
             times[name].append(time.perf_counter() - start)
     return {name: 1000 * statistics.median(values) for name, values in times.items()}
+
+
+@torch.no_grad()
+def torch_decode_step(model: torch.nn.Module, batch: int, context: int, seed: int
+                      ) -> Callable[[], object]:
+    """One single-token decode step of a torch GPT after `context - 1` cached positions, as
+    serving runs it; every call decodes the same position (the cache is put back after it)."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context), generator=generator)
+    cache = model.new_cache()
+    model(prompt[:, :-1], cache=cache)
+    saved = [(layer.keys, layer.values) for layer in cache.layers]
+    length, token = cache.length, prompt[:, -1:]
+
+    def step():
+        for layer, (keys, values) in zip(cache.layers, saved):
+            layer.keys, layer.values = keys, values
+        cache.length = length
+        return model(token, cache=cache)
+
+    return step
+
+
+def onnx_decode_step(session, past_shapes: list[tuple[int, ...]], vocab_size: int,
+                     context: int, seed: int) -> Callable[[], object]:
+    """The same decode step on an ONNX decode graph (export.export_decode_onnx): random past
+    keys and values (the time of a step does not depend on their values)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    feeds = {"idx": rng.integers(0, vocab_size, (past_shapes[0][0], 1)).astype(np.int64),
+             "position": np.array([context - 1], dtype=np.int64)}
+    feeds.update({f"past_{i}": rng.standard_normal(shape).astype(np.float32)
+                  for i, shape in enumerate(past_shapes)})
+    return lambda: session.run(["logits"], feeds)
 
 
 def cpu_description() -> dict[str, object]:
@@ -83,5 +126,16 @@ def cpu_description() -> dict[str, object]:
             # Other processes competing for the cores make every latency noisier (the
             # interleaving in latencies_ms keeps the comparison fair, not the absolute times).
             "load_average_1min": round(os.getloadavg()[0], 2),
-            "avx2": "avx2" in flags, "avx512_vnni": "avx512_vnni" in flags,
-            "avx_vnni": "avx_vnni" in flags}
+            "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
+            "amx_int8": "amx_int8" in flags, "isa": int8_isa(flags)}
+
+
+def int8_isa(flags: set[str]) -> str:
+    """The widest int8 dot-product instruction set the CPU offers (what ONNX Runtime's MLAS
+    picks its u8s8 kernels by): AMX > AVX-512 VNNI > AVX-VNNI > AVX2 (no VNNI) > other."""
+    for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX-512 VNNI"),
+                       ("avx_vnni", "AVX-VNNI"), ("avx2", "AVX2 (no VNNI)")):
+        if flag in flags:
+            return name
+    return "no AVX2"

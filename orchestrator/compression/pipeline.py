@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from orchestrator.compression import export, prune, qat
+from orchestrator.compression import export, prune, qat, structured
 from orchestrator.compression.artifacts import (CheckpointError, load_tensors, save_tensors,
                                                 staged_dir, write_json)
 from orchestrator.compression.config import CompressConfig, resume_conflicts
@@ -173,20 +173,24 @@ class Run:
 
 
 def _run_stage(run: Run, stage: str, dirname: str, student: GPT, plan: Plan, *,
-               masks: dict | None = None, schedule: PruneSchedule | None = None
-               ) -> tuple[dict | None, dict[str, Any]]:
-    """One fine-tune stage: train (resuming from its partial checkpoint), then publish its
-    directory and drop the partial checkpoint."""
+               masks: dict | None = None, schedule: PruneSchedule | None = None,
+               finish: Callable[[GPT, dict], tuple[GPT, dict | None]] | None = None
+               ) -> tuple[GPT, dict | None, dict[str, Any]]:
+    """One fine-tune stage: train (resuming from its partial checkpoint), `finish` the model
+    (structured pruning shrinks it), then publish the stage's directory and drop the partial
+    checkpoint. Returns (model, masks, metrics)."""
     partial = run.out / f".{stage}.partial.pt"
     run.log(f"{stage}: fine-tuning {plan.steps} steps (batch {plan.batch_size} x "
             f"{plan.seq_len}, alpha {plan.alpha}, temperature {plan.temperature})")
     masks, metrics = finetune(student, run.teacher, run.train_tokens, plan, run.device,
                               masks=masks, schedule=schedule, partial=partial, log=run.log)
+    if finish is not None:
+        student, masks = finish(student, masks)
     _save_stage(run.out / dirname, student, masks if masks else None,
                 {"stage": stage, **metrics})
     for path in (partial, partial.with_name(partial.name + ".sha256")):
         path.unlink(missing_ok=True)
-    return masks, metrics
+    return student, masks, metrics
 
 
 def stage_original(run: Run, source: dict[str, Any]) -> None:
@@ -196,12 +200,20 @@ def stage_original(run: Run, source: dict[str, Any]) -> None:
                     {"stage": "original", "source": source})
 
 
+def shape_to_compress(teacher: GPT, config: CompressConfig) -> GPTConfig:
+    """The shape of the model to compress: the teacher's, or a --student-size preset with the
+    teacher's vocabulary and context."""
+    shape = MODEL_PRESETS[config.student_size] if config.student_size else {}
+    if shape:  # a fresh preset student has uniform widths whatever the teacher's
+        shape = {**shape, "mlp_hidden": None, "n_heads_per_layer": None}
+    return dataclasses.replace(teacher.config, dropout=0.0, **shape)
+
+
 def stage_student(run: Run) -> tuple[GPT, dict[str, Any] | None]:
     """The model to compress: a copy of the teacher, or, with a smaller --student-size, a
     fresh model of that preset distilled from the teacher (it has nothing to prune yet)."""
     config = run.config
-    shape = MODEL_PRESETS[config.student_size] if config.student_size else {}
-    student_config = dataclasses.replace(run.teacher.config, dropout=0.0, **shape)
+    student_config = shape_to_compress(run.teacher, config)
     if not config.student_size:
         student = GPT(student_config)
         student.load_state_dict(run.teacher.state_dict())
@@ -214,13 +226,15 @@ def stage_student(run: Run) -> tuple[GPT, dict[str, Any] | None]:
     student = GPT(student_config).to(run.device)
     run.log(f"distill: {config.student_size} student ({student.num_params() / 1e6:.2f}M "
             f"params) from a {run.teacher.num_params() / 1e6:.2f}M teacher")
-    _, metrics = _run_stage(run, "distill", "distilled", student,
-                            run.plan("distill", config.distill_steps))
+    student, _, metrics = _run_stage(run, "distill", "distilled", student,
+                                     run.plan("distill", config.distill_steps))
     return student, metrics
 
 
-def stage_prune(run: Run, student: GPT) -> tuple[GPT, dict, dict[str, Any]]:
-    """Stage 1: gradual magnitude pruning while distilling. Returns (model, masks, metrics)."""
+def stage_prune(run: Run, student: GPT) -> tuple[GPT, dict | None, dict[str, Any]]:
+    """Stage 1: gradual pruning while distilling. Structured: whole heads and MLP channels are
+    masked as the amount ramps up, then the matrices are shrunk (no masks remain). Returns
+    (model, masks, metrics)."""
     done = _load_stage(run.out / "pruned", run.log)
     if done:
         model, masks, metrics = done
@@ -229,16 +243,35 @@ def stage_prune(run: Run, student: GPT) -> tuple[GPT, dict, dict[str, Any]]:
     schedule = PruneSchedule(final=config.prune_sparsity, scope=config.prune_scope,
                              ramp_steps=max(1, round(config.prune_steps
                                                      * config.prune_ramp_fraction)),
-                             every=config.prune_every)
-    run.log(f"prune: {len(prune.prunable_names(student))} Linear layers, {config.prune_scope} "
-            f"magnitude pruning to {config.prune_sparsity:.0%} by step {schedule.ramp_steps}")
-    masks, metrics = _run_stage(run, "prune", "pruned", student,
-                                run.plan("prune", config.prune_steps), schedule=schedule)
-    return student, masks, metrics
+                             every=config.prune_every, structure=config.prune_structure,
+                             importance=config.prune_importance)
+    finish: Callable[[GPT, dict], tuple[GPT, dict | None]] | None = None
+    if config.prune_structure == "unstructured":
+        run.log(f"prune: {len(prune.prunable_names(student))} Linear layers, "
+                f"{config.prune_scope} magnitude pruning to {config.prune_sparsity:.0%} by step "
+                f"{schedule.ramp_steps}")
+    else:
+        units = " and ".join(structured.KIND_NAMES[k][0] + "s"
+                             for k in structured.KINDS[config.prune_structure])
+        run.log(f"prune: whole {units} ({config.prune_importance} importance, "
+                f"{config.prune_scope}) to {config.prune_sparsity:.0%} of the block "
+                f"parameters by step {schedule.ramp_steps}, then shrink")
+
+        def shrink(model: GPT, masks: dict) -> tuple[GPT, None]:
+            small = structured.shrink(model, masks)
+            run.log(f"prune: shrunk to heads {small.config.n_heads_per_layer or 'uniform'}, "
+                    f"MLP widths {small.config.mlp_hidden or 'uniform'}; "
+                    f"{structured.block_params(small.config):,} of "
+                    f"{structured.block_params(model.config):,} block parameters left")
+            return small.eval(), None
+        finish = shrink
+    return _run_stage(run, "prune", "pruned", student, run.plan("prune", config.prune_steps),
+                      schedule=schedule, finish=finish)
 
 
-def stage_qat(run: Run, student: GPT, masks: dict) -> tuple[GPT, dict[str, Any]]:
-    """Stage 2: INT8 quantization-aware training while distilling, masks fixed."""
+def stage_qat(run: Run, student: GPT, masks: dict | None) -> tuple[GPT, dict[str, Any]]:
+    """Stage 2: INT8 quantization-aware training while distilling, masks (unstructured
+    pruning's) fixed."""
     done = _load_stage(run.out / "qat", run.log)
     if done:
         model, _, metrics = done
@@ -247,8 +280,8 @@ def stage_qat(run: Run, student: GPT, masks: dict) -> tuple[GPT, dict[str, Any]]
     qat.prepare_qat(student, prune.prunable_names(student), qmax)
     run.log(f"qat: fake-quantized int8 weights (per channel, [-{qmax}, {qmax}]) and uint8 "
             "activations (per tensor, dynamic)")
-    _, metrics = _run_stage(run, "qat", "qat", student, run.plan("qat", run.config.qat_steps),
-                            masks=masks)
+    student, _, metrics = _run_stage(run, "qat", "qat", student,
+                                     run.plan("qat", run.config.qat_steps), masks=masks)
     return student, metrics
 
 
@@ -271,6 +304,10 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
     out = Path(out).expanduser().resolve()
     device = resolve_device(config.device)
     seq_len = fine_tune_seq_len(config, teacher.config.block_size)
+    # An amount that would take every head or channel of a layer is refused now, naming the
+    # layer, not after the distillation stage.
+    structured.check_amount(shape_to_compress(teacher, config), config.prune_sparsity,
+                            config.prune_structure, config.prune_scope)
     check_out(out, config, source)
     with tempfile.TemporaryDirectory(prefix="compress-") as scratch:
         fp32_onnx = None
@@ -294,6 +331,10 @@ def _run_stages(teacher: GPT, source: dict[str, Any], config: CompressConfig, ou
 
     stage_original(run, source)
     student, stages["distill"] = stage_student(run)
+    distilled = None
+    if config.student_size:  # its own report row, as distilled (pruning changes it in place)
+        distilled = (GPT(student.config), out / "distilled" / WEIGHTS_FILE)
+        distilled[0].load_state_dict(student.state_dict())
     student, masks, stages["prune"] = stage_prune(run, student)
     pruned = GPT(student.config)
     pruned.load_state_dict(student.state_dict())
@@ -305,7 +346,8 @@ def _run_stages(teacher: GPT, source: dict[str, Any], config: CompressConfig, ou
                           original_file=out / "original" / WEIGHTS_FILE,
                           pruned_file=out / "pruned" / WEIGHTS_FILE, int8_dir=int8_dir,
                           config=config, eval_seq_len=seq_len, held_out=held_out, log=log,
-                          fp32_onnx=fp32_onnx)
+                          fp32_onnx=fp32_onnx, dense_config=shape_to_compress(teacher, config),
+                          student=distilled)
     report.update({"stages": {k: v for k, v in stages.items() if v is not None},
                    "source": source, "config": config.to_dict(),
                    "artifacts": {"int8_dir": str(int8_dir),

@@ -1,30 +1,36 @@
-"""The report: original vs pruned vs INT8, measured the same way, as a table and a dict."""
+"""The report: original vs pruned vs INT8 (and a distilled smaller student), measured the same
+way at every latency shape (batch 1 and a serving-like batch, whole windows and single-token
+decode steps with a KV cache), as a table and a dict."""
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from orchestrator.compression import measure, prune
-from orchestrator.compression.artifacts import load_tensors
+from orchestrator.compression import measure, structured
 from orchestrator.compression.config import CompressConfig
-from orchestrator.compression.export import (ONNX_FILE, TORCH_FILE, export_fp32_onnx,
+from orchestrator.compression.export import (ONNX_FILE, TORCH_FILE, export_decode_onnx,
+                                             export_fp32_onnx, int8_decode_onnx,
                                              load_int8_model, load_onnx_model, ort_session)
 
 COLUMNS = ("model", "runtime", "size_bytes", "latency_ms", "perplexity", "sparsity")
 
 
-def _row(model: str, runtime: str, size: int, latency: float, ppl: float | None,
-         sparsity: float) -> dict[str, Any]:
+def _row(model: str, runtime: str, size: int, latency: dict[str, float], ppl: float | None,
+         sparsity: float, primary: str) -> dict[str, Any]:
     return {"model": model, "runtime": runtime, "size_bytes": size,
-            "latency_ms": round(latency, 3), "perplexity": None if ppl is None else round(ppl, 4),
+            "latency_ms": round(latency[primary], 3),
+            "latency_ms_by_shape": {k: round(v, 3) for k, v in latency.items()},
+            "perplexity": None if ppl is None else round(ppl, 4),
             "sparsity": round(sparsity, 4)}
 
 
 class _OnnxFp32:
     """The original model in ONNX Runtime fp32: isolates what int8 buys from what the runtime
-    buys (the issue's 5.8x is int8 vs fp32 inside ONNX Runtime)."""
+    buys."""
 
     def __init__(self, path: Path, threads: int) -> None:
         self.session = ort_session(path, threads)
@@ -33,58 +39,129 @@ class _OnnxFp32:
         return torch.from_numpy(self.session.run(["logits"], {"idx": idx.numpy()})[0]), None
 
 
+def shapes(config: CompressConfig, block_size: int) -> dict[str, tuple[str, int, int]]:
+    """The latency shapes: name -> (kind, batch, tokens). `prefill` runs batch x tokens at
+    once; `decode` is one new token per row after tokens - 1 cached positions."""
+    seq = min(config.latency_seq, block_size)
+    out = {f"{config.latency_batch}x{seq}": ("prefill", config.latency_batch, seq)}
+    if config.latency_batched > 1:
+        out[f"{config.latency_batched}x{seq}"] = ("prefill", config.latency_batched, seq)
+    out[f"decode{config.latency_batch}@{seq}"] = ("decode", config.latency_batch, seq)
+    if config.latency_batched > 1:
+        out[f"decode{config.latency_batched}@{seq}"] = ("decode", config.latency_batched, seq)
+    return out
+
+
+def _measure_latency(torch_models: dict[str, torch.nn.Module],
+                     onnx: dict[str, tuple[Path, Path]], config: CompressConfig,
+                     block_size: int, vocab: int, log) -> dict[str, dict[str, float]]:
+    """name -> shape -> median ms. `onnx`: name -> (forward graph, decode graph); torch models
+    decode with their own KV cache."""
+    sessions = {name: (ort_session(fwd, config.threads), ort_session(dec, config.threads))
+                for name, (fwd, dec) in onnx.items()}
+    result: dict[str, dict[str, float]] = {name: {} for name in [*torch_models, *onnx]}
+    for shape, (kind, batch, seq) in shapes(config, block_size).items():
+        if kind == "prefill":
+            idx = torch.randint(0, vocab, (batch, seq),
+                                generator=torch.Generator().manual_seed(config.seed))
+            calls = {name: (lambda m=m: m(idx)) for name, m in torch_models.items()}
+            calls.update({name: (lambda s=s[0]: s.run(["logits"], {"idx": idx.numpy()}))
+                          for name, s in sessions.items()})
+        else:
+            calls = {name: measure.torch_decode_step(m, batch, seq, config.seed)
+                     for name, m in torch_models.items()}
+            calls.update({name: measure.onnx_decode_step(
+                sessions[name][1], _decode_past_shapes(onnx[name][1], batch, seq - 1), vocab,
+                seq, config.seed) for name in sessions})
+        log(f"report: latency {shape} ({kind}, batch {batch}, {seq} tokens), "
+            f"{config.threads} thread(s), median of {config.latency_repeats}, models in turn")
+        for name, ms in measure.timed_ms(calls, config.latency_repeats).items():
+            result[name][shape] = ms
+    return result
+
+
+def _decode_past_shapes(decode_graph: Path, batch: int, length: int) -> list[tuple[int, ...]]:
+    """The past inputs' shapes of a decode graph, its dynamic batch and length filled in."""
+    import onnx
+
+    shapes_ = []
+    for value in onnx.load(str(decode_graph), load_external_data=False).graph.input:
+        if value.name.startswith("past_"):
+            dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+            shapes_.append((batch, dims[1], length, dims[3]))
+    return shapes_
+
+
+def block_sparsity(model: torch.nn.Module, dense_config) -> float:
+    """Fraction of the block parameters of the dense model (before pruning) that are gone:
+    cut out by structured pruning or zero (unstructured)."""
+    dense = structured.block_params(dense_config)
+    return 1 - structured.nonzero_block_params(model) / dense
+
+
 def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path,
                  original_file: Path, pruned_file: Path, int8_dir: Path,
                  config: CompressConfig, eval_seq_len: int, held_out: torch.Tensor,
-                 log, fp32_onnx: Path | None = None) -> dict[str, Any]:
+                 log, fp32_onnx: Path | None = None, dense_config=None,
+                 student: tuple[torch.nn.Module, Path] | None = None) -> dict[str, Any]:
     """Measure every model the same way. `fp32_onnx`: the original already exported to ONNX
-    (the pipeline's up-front export check), reused for the ONNX Runtime fp32 baseline."""
+    (the pipeline's up-front export check), reused for the ONNX Runtime fp32 baseline.
+    `dense_config`: the shape pruning started from (sparsity is measured against it).
+    `student`: the distilled smaller student (model, weights file) before pruning, its own
+    row."""
     teacher, pruned = teacher.cpu().eval(), pruned.cpu().eval()
+    dense_config = dense_config or teacher.config
     threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads)
-    exported_here = fp32_onnx is None
-    fp32_onnx, baseline_size = fp32_onnx or out / ".original.fp32.onnx", 0
+    scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    fp32_onnx, baseline_size = fp32_onnx or scratch / "original.fp32.onnx", 0
     try:
-        onnx_int8 = load_onnx_model(int8_dir, config.threads)
         torch_int8 = load_int8_model(int8_dir)
-        int8_state = load_tensors(int8_dir / TORCH_FILE)
-        int8_sparsity = prune.sparsity(int8_state["int8"])
-        models = {"original": teacher, "pruned": pruned, "int8": onnx_int8,
-                  "int8-torch": torch_int8}
+        torch_models = {"original": teacher, "pruned": pruned, "int8-torch": torch_int8}
+        if student is not None:
+            torch_models["distilled"] = student[0].cpu().eval()
+        log("report: exporting the int8 model's decode step to ONNX")
+        onnx = {"int8": (int8_dir / ONNX_FILE,
+                         int8_decode_onnx(int8_dir, scratch / "int8.decode.onnx"))}
         if config.onnx_baseline:
-            if exported_here:
+            if not fp32_onnx.is_file():
                 log("report: exporting the original to ONNX (fp32 baseline for the latency)")
                 export_fp32_onnx(teacher, fp32_onnx, "original model")
             baseline_size = measure.size_bytes(fp32_onnx)
-            models["original-onnx"] = _OnnxFp32(fp32_onnx, config.threads)
-
-        seq = min(config.latency_seq, teacher.config.block_size)
-        idx = torch.randint(0, teacher.config.vocab_size, (config.latency_batch, seq),
-                            generator=torch.Generator().manual_seed(config.seed))
-        log(f"report: latency, batch {config.latency_batch} x {seq} tokens, {config.threads} "
-            f"thread(s), median of {config.latency_repeats}")
-        latency = measure.latencies_ms(models, idx, config.latency_repeats)
+            log("report: exporting the original's decode step to ONNX (fp32 baseline)")
+            onnx["original-onnx"] = (fp32_onnx, export_decode_onnx(
+                teacher, scratch / "original.decode.onnx", "original model"))
+        latency = _measure_latency(torch_models, onnx, config, teacher.config.block_size,
+                                   teacher.config.vocab_size, log)
+        primary = next(iter(shapes(config, teacher.config.block_size)))
 
         inputs, targets = measure.held_out_windows(held_out, eval_seq_len, config.eval_tokens)
         log(f"report: held-out perplexity on {inputs.numel():,} tokens never trained on")
-        ppl = {name: measure.perplexity(models[name], inputs, targets, config.eval_batch_size)
-               for name in ("original", "pruned", "int8", "int8-torch")}
+        evaluated = {"original": teacher, "pruned": pruned,
+                     "int8": load_onnx_model(int8_dir, config.threads), "int8-torch": torch_int8,
+                     **({"distilled": torch_models["distilled"]} if student else {})}
+        ppl = {name: measure.perplexity(m, inputs, targets, config.eval_batch_size)
+               for name, m in evaluated.items()}
     finally:
         torch.set_num_threads(threads_before)
-        if exported_here:
-            fp32_onnx.unlink(missing_ok=True)
-    original_sparsity = prune.sparsity(prune.prunable_weights(teacher))
-    pruned_sparsity = prune.sparsity(prune.prunable_weights(pruned))
+        shutil.rmtree(scratch, ignore_errors=True)
+    # What pruning removed (cut out, or zeroed by unstructured masks); weights that int8
+    # rounding happens to turn into 0 are not counted as pruned.
+    int8_sparsity = block_sparsity(pruned, dense_config)
     rows = [
         _row("original", "torch fp32", measure.size_bytes(original_file), latency["original"],
-             ppl["original"], original_sparsity),
+             ppl["original"], 0.0, primary),
         _row("pruned", "torch fp32", measure.size_bytes(pruned_file), latency["pruned"],
-             ppl["pruned"], pruned_sparsity),
+             ppl["pruned"], block_sparsity(pruned, dense_config), primary),
         _row("int8", "onnxruntime int8", measure.size_bytes(int8_dir / ONNX_FILE),
-             latency["int8"], ppl["int8"], int8_sparsity),
+             latency["int8"], ppl["int8"], int8_sparsity, primary),
         _row("int8-torch", "torch, int8 weights", measure.size_bytes(int8_dir / TORCH_FILE),
-             latency["int8-torch"], ppl["int8-torch"], int8_sparsity),
+             latency["int8-torch"], ppl["int8-torch"], int8_sparsity, primary),
     ]
+    if student is not None:
+        rows.append(_row("distilled", "torch fp32",
+                         measure.size_bytes(student[1]), latency["distilled"],
+                         ppl["distilled"], 0.0, primary))
     original, int8 = rows[0], rows[2]
     summary = {
         "size_ratio": round(original["size_bytes"] / int8["size_bytes"], 3),
@@ -92,15 +169,20 @@ def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path
         "ppl_original": original["perplexity"],
         "ppl_int8": int8["perplexity"],
         "ppl_increase_pct": round(100 * (ppl["int8"] / ppl["original"] - 1), 3),
-        "sparsity": int8_sparsity,
+        "sparsity": round(int8_sparsity, 4),
     }
     if "original-onnx" in latency:
         rows.append(_row("original-onnx", "onnxruntime fp32", baseline_size,
-                         latency["original-onnx"], None, original_sparsity))
-        summary["latency_ratio_vs_onnx_fp32"] = round(
-            latency["original-onnx"] / int8["latency_ms"], 3)
+                         latency["original-onnx"], None, 0.0, primary))
+        by_shape = {shape: round(latency["original-onnx"][shape] / latency["int8"][shape], 3)
+                    for shape in latency["int8"]}
+        summary["latency_ratio_vs_onnx_fp32"] = by_shape[primary]
+        summary["latency_ratio_vs_onnx_fp32_by_shape"] = by_shape
     return {"rows": rows, "summary": summary,
-            "latency_setup": {"batch": config.latency_batch, "seq_len": seq,
+            "latency_setup": {"shapes": {k: list(v) for k, v in
+                                         shapes(config, teacher.config.block_size).items()},
+                              "primary": primary, "batch": config.latency_batch,
+                              "seq_len": min(config.latency_seq, teacher.config.block_size),
                               "threads": config.threads, "repeats": config.latency_repeats,
                               "statistic": "median", "cpu": measure.cpu_description()},
             "perplexity_setup": {"tokens": inputs.numel(), "seq_len": eval_seq_len,
@@ -108,21 +190,26 @@ def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path
 
 
 def format_table(report: dict[str, Any]) -> str:
-    header = (f"{'MODEL':<14} {'RUNTIME':<20} {'SIZE (bytes)':>14} {'SIZE MB':>8} "
-              f"{'LATENCY ms':>11} {'PERPLEXITY':>11} {'SPARSITY':>9}")
+    shape_names = list(report["latency_setup"]["shapes"])
+    header = (f"{'MODEL':<12} {'RUNTIME':<20} {'SIZE MB':>8} "
+              + " ".join(f"{'ms ' + name:>14}" for name in shape_names)
+              + f" {'PERPLEXITY':>11} {'SPARSITY':>9}")
     lines = [header]
     for r in report["rows"]:
         ppl = "-" if r["perplexity"] is None else f"{r['perplexity']:.4f}"
-        lines.append(f"{r['model']:<14} {r['runtime']:<20} {r['size_bytes']:>14,} "
-                     f"{r['size_bytes'] / 1e6:>8.2f} {r['latency_ms']:>11.2f} {ppl:>11} "
-                     f"{r['sparsity']:>9.1%}")
+        lines.append(f"{r['model']:<12} {r['runtime']:<20} {r['size_bytes'] / 1e6:>8.2f} "
+                     + " ".join(f"{r['latency_ms_by_shape'][name]:>14.2f}"
+                                for name in shape_names)
+                     + f" {ppl:>11} {r['sparsity']:>9.1%}")
     s = report["summary"]
     setup = report["latency_setup"]
+    vs_onnx = s.get("latency_ratio_vs_onnx_fp32_by_shape")
     lines.append(
-        f"size {s['size_ratio']:.2f}x smaller, latency {s['latency_ratio']:.2f}x faster "
-        f"(batch {setup['batch']} x {setup['seq_len']} tokens, {setup['threads']} threads"
-        + (f"; {s['latency_ratio_vs_onnx_fp32']:.2f}x vs the original in ONNX Runtime fp32"
-           if "latency_ratio_vs_onnx_fp32" in s else "")
-        + f"), perplexity {s['ppl_original']:.4f} -> {s['ppl_int8']:.4f} "
-        f"({s['ppl_increase_pct']:+.2f}%), sparsity {s['sparsity']:.1%}")
+        f"size {s['size_ratio']:.2f}x smaller, {s['latency_ratio']:.2f}x faster than torch fp32 "
+        f"at {setup['primary']} ({setup['threads']} threads, CPU int8 ISA "
+        f"{setup['cpu']['isa']})"
+        + (("; vs the original in ONNX Runtime fp32: "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in vs_onnx.items())) if vs_onnx else "")
+        + f"; perplexity {s['ppl_original']:.4f} -> {s['ppl_int8']:.4f} "
+        f"({s['ppl_increase_pct']:+.2f}%), sparsity {s['sparsity']:.1%} of the block parameters")
     return "\n".join(lines)

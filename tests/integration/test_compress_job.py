@@ -37,7 +37,8 @@ def test_compress_job_end_to_end_and_resume(tmp_path):
     assert first.returncode == 0, first.stdout + first.stderr
     stdout = first.stdout
     assert "teacher: tiny GPT" in stdout and "checkpoint_00000004" in stdout  # newest
-    assert "prune step     6/6" in stdout and "sparsity 30.0%" in stdout
+    assert "prune step     6/6" in stdout and "whole attention heads and MLP channels" in stdout
+    assert "block parameters left" in stdout  # structured by default: the matrices shrank
     assert "qat step     4/4" in stdout
     assert "MODEL" in stdout and "PERPLEXITY" in stdout
 
@@ -51,6 +52,9 @@ def test_compress_job_end_to_end_and_resume(tmp_path):
     for name in ("original", "pruned", "int8"):
         assert 1 < rows[name]["perplexity"] < 300
     assert report["summary"]["size_ratio"] > 1
+    assert report["summary"]["sparsity"] >= 0.30
+    assert set(report["summary"]["latency_ratio_vs_onnx_fp32_by_shape"]) == {
+        "1x32", "16x32", "decode1@32", "decode16@32"}
 
     x = torch.randint(0, 256, (2, 32))
     onnx_logits, _ = load_onnx_model(out / "int8", threads=1)(x)
