@@ -19,6 +19,11 @@ from pathlib import Path
 
 from orchestrator.config import (LR_SCHEDULES, MODEL_PRESETS, PRECISIONS, ConfigError, JobSpec,
                                  TrainConfig, resume_conflicts)
+from orchestrator.hf_export import ExportError
+from orchestrator.tokenizer import TokenizerError, save_tokenizer
+from orchestrator.training.corpus import DataError
+from orchestrator.training.data_plan import (DataSetup, check_trainable, configure_data,
+                                             default_cache_root, resume_data_conflicts)
 from orchestrator.job_exit import EXIT_BAD_INPUT, JobFailed, run_job
 from orchestrator.runs import DEFAULT_RUNS_ROOT, RunDirError, resolve_run_dir
 from orchestrator.throughput import pretrain_workload
@@ -82,11 +87,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(0: fail at once); time spent preempted is not counted")
     p.add_argument("--max-failures", type=int, default=3,
                    help="worker-group restarts Ray Train attempts before giving up")
+    data = p.add_argument_group("data and tokenizer (docs/data.md)")
+    data.add_argument("--data", action="append", default=[],
+                      help="training text: a file, directory or glob of .txt, .jsonl or "
+                      ".parquet, local or a URI (s3://...); repeatable. Default: the bundled "
+                      "corpus")
+    data.add_argument("--text-field", default="text",
+                      help="the text field of .jsonl records / column of .parquet files")
+    data.add_argument("--skip-bad-lines", action="store_true",
+                      help="skip (and count) .jsonl lines or parquet rows without the text "
+                      "field instead of stopping")
+    data.add_argument("--tokenizer", default="bytes",
+                      help="'bytes', or a Hugging Face tokenizer.json (or a directory with one)")
+    data.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
+                      help="train a byte-level BPE of this many tokens on the data")
+    data.add_argument("--data-cache", help="where token shards are cached (a path or URI "
+                      "every node reads; default: data-cache/ beside the run directory)")
+    data.add_argument("--retokenize", action="store_true",
+                      help="tokenize again even when the cache has the shards")
+    data.add_argument("--ingest-workers", type=int, default=0,
+                      help="Ray Data tokenizer workers (default: the cluster's CPUs)")
+    data.add_argument("--init-from", metavar="DIR",
+                      help="start from a GPT-2-shaped Hugging Face model directory "
+                      "(config.json, model.safetensors, tokenizer.json): fine-tuning")
     return p.parse_args(argv)
 
 
-def build_configs(args: argparse.Namespace, run_dir: Path) -> tuple[TrainConfig, JobSpec]:
-    """Validated configs; a ConfigError names every bad field at once."""
+def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | None = None
+                  ) -> tuple[TrainConfig, JobSpec]:
+    """Validated configs; a ConfigError names every bad field at once. `data_fields`: the
+    TrainConfig fields the data and tokenizer flags resolved to (configure_data)."""
     if args.max_failures < 0:
         raise ConfigError(f"--max-failures must be >= 0, got {args.max_failures}")
     if not args.queue_timeout >= 0:
@@ -97,14 +127,15 @@ def build_configs(args: argparse.Namespace, run_dir: Path) -> tuple[TrainConfig,
             f"--gpus-per-worker {args.gpus_per_worker}: pretraining runs one GPU per worker "
             f"(DDP), so the other {args.gpus_per_worker - 1} would sit idle. Use "
             f"--num-workers {args.num_workers * args.gpus_per_worker} --gpus-per-worker 1")
+    fields = {"model_size": args.model_size, **(data_fields or {})}  # --init-from sets the size
     train_config = TrainConfig(
-        model_size=args.model_size, precision=args.precision, max_steps=args.max_steps,
+        precision=args.precision, max_steps=args.max_steps,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         lr_schedule=args.lr_schedule, lr_decay_every=args.lr_decay_every,
         warmup_steps=args.warmup_steps, attention_span=args.attention_span,
         span_ramp=args.span_ramp, span_penalty=args.span_penalty, accumulation=args.accumulation,
         min_lr=min(TrainConfig.min_lr, args.lr), checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every, seed=args.seed)
+        log_every=args.log_every, seed=args.seed, **fields)
     spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,
                    cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                    min_gpu_memory_gb=args.min_gpu_memory_gb,
@@ -137,27 +168,64 @@ def _read_json(path: Path) -> dict | None:
         raise ConfigError(f"cannot read {path}: {e}") from None
 
 
+def resolve_data(args: argparse.Namespace, run_dir: Path) -> DataSetup:
+    """The data, tokenizer and --init-from flags checked and resolved, before Ray starts."""
+    saved = (_read_json(run_dir / "config.json") or {}).get("train") if args.resume else None
+    setup = configure_data(
+        data=args.data, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines,
+        tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
+        cache_root=args.data_cache or default_cache_root(run_dir), retokenize=args.retokenize,
+        init_from=args.init_from, saved=saved)
+    if saved is not None:
+        problems = resume_data_conflicts(saved, setup.fields)
+        if problems:
+            raise ConfigError(f"--resume: {run_dir}: {'; '.join(problems)}. Start a new run "
+                              "without --resume to train on this")
+    for note in setup.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    return setup
+
+
 def run(args: argparse.Namespace) -> dict | None:
     started = time.time()
     try:
         run_dir = resolve_run_dir(args.run_dir, args.resume, DEFAULT_RUNS_ROOT, "pretrain",
                                   dt.datetime.now())
-        train_config, spec = build_configs(args, run_dir)
+        setup = resolve_data(args, run_dir)
+        train_config, spec = build_configs(args, run_dir, setup.fields)
         if args.resume and _already_complete(run_dir, train_config):
             return None
-        _write_resolved_config(run_dir, train_config, spec)
-    except (ConfigError, RunDirError) as e:
+    except (ConfigError, RunDirError, DataError, TokenizerError, ExportError) as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
 
     # Ray is imported only once the input is known good: bad flags fail in well under a second.
+    from ray_layer.data_ingest import prepare_shards
     from ray_layer.launch import launch
     from ray_layer.train_session import train_under_ray
 
-    launched = launch(train_under_ray, {"train": train_config.to_dict(),
-                                        "min_gpu_memory_gb": spec.min_gpu_memory_gb},
-                      spec, run_dir, address=args.address, queue_timeout_s=args.queue_timeout,
-                      max_failures=args.max_failures,
-                      keep_checkpoints=train_config.keep_checkpoints)
+    started_ray = False
+    try:
+        if setup.plan is not None:  # tokenized before any training worker starts
+            try:
+                manifest, started_ray = prepare_shards(setup.plan, args.address,
+                                                       args.ingest_workers)
+                check_trainable(manifest, train_config.seq_len, setup.plan.cache_uri)
+            except DataError as e:
+                raise JobFailed(str(e), EXIT_BAD_INPUT) from None
+        # Written once the data is known good: a refused run leaves no run directory behind.
+        _write_resolved_config(run_dir, train_config, spec, setup.tokenizer)
+        launched = launch(train_under_ray, {"train": train_config.to_dict(),
+                                            "min_gpu_memory_gb": spec.min_gpu_memory_gb},
+                          spec, run_dir, address=args.address,
+                          queue_timeout_s=args.queue_timeout, max_failures=args.max_failures,
+                          keep_checkpoints=train_config.keep_checkpoints)
+    except RunDirError as e:
+        raise JobFailed(str(e), EXIT_BAD_INPUT) from None
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     return _write_summary(launched.result, train_config, launched.placement, run_dir,
                           time.time() - started, launched.yields)
 
@@ -173,10 +241,14 @@ def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
     return True
 
 
-def _write_resolved_config(run_dir: Path, train_config: TrainConfig, spec: JobSpec) -> None:
+def _write_resolved_config(run_dir: Path, train_config: TrainConfig, spec: JobSpec,
+                           tokenizer) -> None:
+    """config.json and the run's tokenizer.json (what serving, compression and export read)."""
     resolved = {"train": train_config.to_dict(), "job": spec.to_dict()}
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if train_config.tokenizer_sha256:  # runs from before tokenizers were recorded: none
+            save_tokenizer(tokenizer, run_dir)
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     except OSError as e:
         raise RunDirError(f"cannot write to run dir {run_dir}: {e.strerror or e}") from None

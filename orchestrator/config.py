@@ -253,12 +253,27 @@ class TrainConfig:
     # Hierarchical gradient accumulation: "k" for every group or "embeddings=1,lower=2,...";
     # a group's optimizer step happens every k micro-batches (max_steps counts micro-batches).
     accumulation: str = "1"
+    # Data and tokenizer (docs/data.md). data_cache: the token-shard cache directory (or URI)
+    # to train on; "" = the bundled corpus read in memory. data_key: that data's cache key
+    # (files, sizes, times, tokenizer): resuming on other data is refused.
+    data_cache: str = ""
+    data_key: str = ""
+    # The model's vocabulary, the tokenizer's. 256 (the default) is a run from before
+    # tokenizers were recorded: bytes without an end-of-text token.
+    vocab_size: int = 256
+    tokenizer_sha256: str = ""  # sha256 of the run's tokenizer.json; "" = bytes (old runs)
+    init_from: str = ""  # a GPT-2-shaped Hugging Face model directory the weights start from
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         p: list[str] = []
+        _check(p, is_int(self.vocab_size) and 2 <= self.vocab_size <= 1 << 24,
+               f"vocab_size must be an integer in [2, 16777216], got {self.vocab_size!r}")
+        for name in ("data_cache", "data_key", "tokenizer_sha256", "init_from"):
+            _check(p, isinstance(getattr(self, name), str),
+                   f"{name} must be a string, got {getattr(self, name)!r}")
         _check(p, self.model_size in MODEL_PRESETS,
                f"model_size must be one of {', '.join(MODEL_PRESETS)}, got {self.model_size!r}")
         _check(p, self.lr_schedule in LR_SCHEDULES,
@@ -330,7 +345,10 @@ class TrainConfig:
 # which batches come next (max_steps extends the run; the rest are bookkeeping or hardware).
 RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                                "eval_batches", "precision", "warn_min_mfu",
-                               "warn_max_comm_share", "warn_max_memory_fraction"})
+                               "warn_max_comm_share", "warn_max_memory_fraction",
+                               # Where the shards are may move (what they hold is data_key);
+                               # the starting weights matter only before the first checkpoint.
+                               "data_cache", "init_from"})
 
 
 def resume_conflicts(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:

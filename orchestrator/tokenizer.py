@@ -4,7 +4,13 @@ Every consumer takes a `Tokenizer` (the protocol below) instead of assuming one 
 token, so a run trained with another vocabulary is served, compressed and exported with the
 tokenizer it was trained with. `ByteTokenizer` is the default: every UTF-8 byte is a token
 (ids 0-255) and id 256 is the end-of-text token, so any text round-trips exactly and nothing
-has to be trained or shipped.
+has to be trained or shipped. `HFTokenizer` is any Hugging Face `tokenizers` file
+(tokenizer.json); `train_bpe` trains a byte-level BPE one on the user's text.
+
+Every run writes its tokenizer as `tokenizer.json` in the run directory (the byte tokenizer
+too: 256 byte tokens plus `<|endoftext|>`, in the same byte-level form GPT-2 uses), so every
+run is served, compressed and exported the same way. `sha256` identifies a tokenizer: the
+shard cache and a resumed run check it.
 
 `token_bytes(id)` is what a streaming decoder needs: the raw bytes a token stands for, so a
 character split over several tokens (a byte token, or a byte-level BPE token ending inside a
@@ -12,10 +18,23 @@ multi-byte character) is released only once it is complete.
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Protocol, runtime_checkable
+
+import numpy as np
 
 BYTE_VOCAB = 256  # the byte values
 BYTE_EOT_ID = BYTE_VOCAB  # the byte tokenizer's end-of-text token
+EOT_TOKEN = "<|endoftext|>"  # GPT-2's end-of-text token; ours in every tokenizer we write
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer cannot be loaded, parsed or trained; the message names the file or flag."""
 
 
 @runtime_checkable
@@ -51,3 +70,216 @@ class ByteTokenizer:
             raise ValueError(f"token id {token_id} is outside the byte tokenizer's "
                              f"0-{self.vocab_size - 1}")
         return b"" if token_id == BYTE_EOT_ID else bytes((token_id,))
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text as uint8 arrays (no Python list per byte: ingest speed)."""
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+
+    def to_json(self) -> str:
+        """The same tokenizer as a Hugging Face tokenizer.json (ids = byte values, 256 =
+        end-of-text), so byte-level runs export and load like any other."""
+        return _byte_level_hf_tokenizer().to_str()
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+class LegacyByteTokenizer(ByteTokenizer):
+    """The bytes of a run from before tokenizers were recorded: 256 ids, no end-of-text (its
+    model's vocabulary is 256). What such a run is exported with."""
+
+    vocab_size = BYTE_VOCAB
+    eos_id: int | None = None
+
+    def to_json(self) -> str:
+        return _byte_level_hf_tokenizer(with_eos=False).to_str()
+
+
+def tokenizer_for_model(tokenizer: Tokenizer, model_vocab: int) -> Tokenizer:
+    """The tokenizer to ship with a model of `model_vocab` ids: itself, or for an old
+    256-token byte model the bytes without end-of-text. TokenizerError when they disagree."""
+    if isinstance(tokenizer, ByteTokenizer) and model_vocab == BYTE_VOCAB:
+        return LegacyByteTokenizer()
+    if tokenizer.vocab_size != model_vocab:
+        raise TokenizerError(f"the tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} "
+                             f"tokens but the model {model_vocab}: not the model's tokenizer")
+    return tokenizer
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (any tokenizer.json)."""
+
+    def __init__(self, tokenizer, name: str) -> None:
+        self._tok = tokenizer
+        self.name = name
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eos_id = _find_eos(tokenizer)
+        spec = json.loads(tokenizer.to_str())
+        # Byte-level tokenizers (GPT-2's kind, ours) spell each token in a printable alias of
+        # its bytes; others are decoded token by token.
+        self._byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+        self._special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
+        return [np.asarray(e.ids, dtype=dtype) for e in self._tok.encode_batch(texts)]
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} is outside the tokenizer's "
+                             f"0-{self.vocab_size - 1} ({self.name})")
+        if token_id in self._special:
+            return b""
+        if self._byte_level:
+            piece = self._tok.id_to_token(token_id)
+            table = _unicode_to_byte()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+        return self._tok.decode([token_id]).encode("utf-8")
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def _find_eos(tokenizer) -> int | None:
+    for candidate in (EOT_TOKEN, "</s>", "<eos>", "[SEP]"):
+        token_id = tokenizer.token_to_id(candidate)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable alias of each byte (what byte-level BPE tokens are spelt with)."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    return {ch: b for b, ch in _byte_to_unicode().items()}
+
+
+def _byte_level_hf_tokenizer(with_eos: bool = True):
+    """ByteTokenizer as a `tokenizers` object: a BPE with the 256 bytes as its vocabulary
+    (id = byte value) and no merges, then <|endoftext|> as id 256."""
+    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
+
+    vocab = {ch: b for b, ch in _byte_to_unicode().items()}
+    tok = HFTok(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    if with_eos:
+        tok.add_special_tokens([EOT_TOKEN])
+    return tok
+
+
+def load_tokenizer_file(path: str | os.PathLike, flag: str = "--tokenizer") -> HFTokenizer:
+    """A tokenizer.json (or a directory holding one); TokenizerError naming the file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise TokenizerError(f"{flag}: tokenizer file {path} does not exist")
+    from tokenizers import Tokenizer as HFTok
+
+    try:
+        tok = HFTok.from_str(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{flag}: cannot read tokenizer file {path}: {e}") from None
+    except Exception as e:  # tokenizers raises its own Exception for bad JSON / schema
+        raise TokenizerError(f"{flag}: {path} is not a Hugging Face tokenizers file: "
+                             f"{str(e).splitlines()[0][:200]}") from None
+    if tok.get_vocab_size(with_added_tokens=True) < 1:
+        raise TokenizerError(f"{flag}: tokenizer file {path} has an empty vocabulary")
+    return HFTokenizer(tok, str(path))
+
+
+def tokenizer_from_json(text: str, name: str) -> Tokenizer:
+    """A tokenizer from its tokenizer.json text: the byte tokenizer when it is ours."""
+    if hashlib.sha256(text.encode()).hexdigest() == ByteTokenizer().sha256:
+        return ByteTokenizer()
+    from tokenizers import Tokenizer as HFTok
+
+    try:
+        return HFTokenizer(HFTok.from_str(text), name)
+    except Exception as e:
+        raise TokenizerError(f"{name} is not a Hugging Face tokenizers file: "
+                             f"{str(e).splitlines()[0][:200]}") from None
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """`--tokenizer`: "bytes" or the path of a tokenizer.json (or of a directory with one)."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    tok = load_tokenizer_file(spec)
+    return ByteTokenizer() if tok.sha256 == ByteTokenizer().sha256 else tok
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+    """A byte-level BPE (GPT-2's kind) trained on `texts` with the `tokenizers` library:
+    `vocab_size` ids including the 256 byte tokens and <|endoftext|>."""
+    if not isinstance(vocab_size, int) or not 257 <= vocab_size <= 1 << 20:
+        raise TokenizerError(f"--train-tokenizer must be a vocabulary size in [257, 1048576], "
+                             f"got {vocab_size!r}")
+    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return HFTokenizer(tok, f"bpe-{vocab_size}")
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
+    """Write `tokenizer.json` into `directory` atomically (temp file, then rename)."""
+    path = Path(directory) / TOKENIZER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(tokenizer.to_json(), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def tokenizer_of_run(directory: str | os.PathLike, expected_sha256: str = "") -> Tokenizer:
+    """The tokenizer a run (or one of its checkpoints) was trained with: the tokenizer.json in
+    `directory` or its parent (a run directory holds checkpoint_* directories). A run from
+    before tokenizers were recorded has none: bytes. TokenizerError when the file found is not
+    the one the checkpoint recorded (`expected_sha256`)."""
+    directory = Path(directory)
+    for candidate in (directory / TOKENIZER_FILE, directory.parent / TOKENIZER_FILE):
+        if candidate.is_file():
+            text = candidate.read_text(encoding="utf-8")
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            if expected_sha256 and digest != expected_sha256:
+                raise TokenizerError(f"{candidate} is not the tokenizer this model was trained "
+                                     f"with (sha256 {digest[:12]}..., recorded "
+                                     f"{expected_sha256[:12]}...)")
+            return tokenizer_from_json(text, str(candidate))
+    if expected_sha256 and expected_sha256 != ByteTokenizer().sha256:
+        raise TokenizerError(f"{directory}: the model was trained with tokenizer "
+                             f"{expected_sha256[:12]}... but no {TOKENIZER_FILE} is beside it")
+    return ByteTokenizer()

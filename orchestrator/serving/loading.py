@@ -9,7 +9,9 @@ A path may name
     with a warning, as training's resume does), or a jobs/compress.py output directory: its
     `int8/` export.
 Formats are detected by the files present, never by the name of the directory. A new format
-is one more `ModelFormat` entry: a marker file and a loader returning (model, sha256, step).
+is one more `ModelFormat` entry: a marker file and a loader returning (model, sha256, step,
+tokenizer). The tokenizer is the run's own (its recorded tokenizer.json; bytes for runs from
+before one was recorded).
 
 The version shown to clients is `<run>/<checkpoint>@<sha256 prefix>`: readable, and distinct
 for two different files at one path.
@@ -24,7 +26,8 @@ from typing import Any, Callable
 import torch
 
 from orchestrator.config import TrainConfig
-from orchestrator.tokenizer import ByteTokenizer, Tokenizer
+from orchestrator.tokenizer import (BYTE_VOCAB, ByteTokenizer, Tokenizer, TokenizerError,
+                                    tokenizer_of_run)
 from orchestrator.runs import DEFAULT_RUNS_ROOT, latest_run_with_checkpoints
 from orchestrator.training.checkpoint import (CHECKSUM_FILE, STATE_FILE, CheckpointError,
                                               load_checkpoint, model_from_state)
@@ -41,24 +44,42 @@ class ModelFormat:
 
     name: str
     marker: str  # the file whose presence identifies the format
-    load: Callable[[Path, torch.device], tuple[torch.nn.Module, str, int | None]]
+    # -> (model, sha256, step, tokenizer)
+    load: Callable[[Path, torch.device], tuple[torch.nn.Module, str, int | None, Tokenizer]]
 
 
 def _load_training_checkpoint(directory: Path, device: torch.device
-                              ) -> tuple[torch.nn.Module, str, int | None]:
+                              ) -> tuple[torch.nn.Module, str, int | None, Tokenizer]:
     state = load_checkpoint(directory)  # verifies the checksum; tensors only
-    model, _ = model_from_state(state, directory)
+    model, train_config = model_from_state(state, directory)
     sha256 = (directory / CHECKSUM_FILE).read_text().strip()
-    return model.to(device), sha256, state.get("step")
+    return model.to(device), sha256, state.get("step"), _run_tokenizer(
+        directory, train_config.tokenizer_sha256, model)
 
 
 def _load_int8_export(directory: Path, device: torch.device
-                      ) -> tuple[torch.nn.Module, str, int | None]:
+                      ) -> tuple[torch.nn.Module, str, int | None, Tokenizer]:
     from orchestrator.compression.export import load_int8_model
 
     model = load_int8_model(directory, device=device)  # verifies the checksum
     sha256 = (directory / (INT8_FILE + ".sha256")).read_text().strip()
-    return model.eval(), sha256, None
+    return model.eval(), sha256, None, _run_tokenizer(directory, "", model)
+
+
+def _run_tokenizer(directory: Path, expected_sha256: str, model: torch.nn.Module) -> Tokenizer:
+    """The tokenizer the run recorded (its tokenizer.json beside the checkpoint, checked
+    against the checkpoint's sha256); bytes for runs from before tokenizers were recorded.
+    CheckpointError when it is missing, altered or does not fit the model."""
+    try:
+        tokenizer = tokenizer_of_run(directory, expected_sha256)
+        vocab = model.config.vocab_size
+        if tokenizer.vocab_size > vocab and not (isinstance(tokenizer, ByteTokenizer)
+                                                 and vocab == BYTE_VOCAB):
+            raise TokenizerError(f"the tokenizer ({tokenizer.name}) has "
+                                 f"{tokenizer.vocab_size} tokens, the model {vocab}")
+    except TokenizerError as e:
+        raise CheckpointError(f"checkpoint {directory}: {e}") from None
+    return tokenizer
 
 
 FORMATS = (ModelFormat("checkpoint", STATE_FILE, _load_training_checkpoint),
@@ -145,7 +166,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     for directory in candidates:
         fmt = format_of(directory)
         try:
-            model, sha256, step = fmt.load(directory, device)
+            model, sha256, step, tokenizer = fmt.load(directory, device)
         except CheckpointError as e:
             if not is_run:
                 raise
@@ -157,7 +178,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
             format=fmt.name, sha256=sha256, step=step,
             params=sum(p.numel() for p in model.parameters()), loaded_at=time.time(),
             load_seconds=time.perf_counter() - started,
-            warnings=[f"skipped an unusable newer checkpoint: {p}" for p in problems])
+            warnings=[f"skipped an unusable newer checkpoint: {p}" for p in problems],
+            tokenizer=tokenizer)
     raise CheckpointError(f"no usable checkpoint in run directory {Path(path).resolve()}: "
                           + " | ".join(problems))
 

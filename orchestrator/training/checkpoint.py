@@ -86,7 +86,6 @@ def model_from_state(state: Any, directory: str | os.PathLike):
     TrainConfig). CheckpointError naming the file when the state is not a training checkpoint,
     its config is invalid, or the weights do not fit the model it describes."""
     from orchestrator.config import ConfigError, TrainConfig
-    from orchestrator.training.data import VOCAB_SIZE
     from orchestrator.training.model import GPT, GPTConfig, widths_from_state_dict
 
     where = Path(directory) / STATE_FILE
@@ -98,7 +97,10 @@ def model_from_state(state: Any, directory: str | os.PathLike):
     except ConfigError as e:
         raise CheckpointError(f"{where}: its training config is invalid: {e}") from None
     try:
-        gpt_config = GPTConfig.from_train_config(train_config, vocab_size=VOCAB_SIZE)
+        # The vocabulary is the run's tokenizer's (256 bytes for runs from before it was
+        # recorded: TrainConfig.vocab_size's default).
+        gpt_config = GPTConfig.from_train_config(train_config,
+                                                 vocab_size=train_config.vocab_size)
         # A structurally pruned model's per-layer widths are read off its weights' shapes.
         gpt_config = dataclasses.replace(gpt_config, **widths_from_state_dict(state["model"],
                                                                               gpt_config))

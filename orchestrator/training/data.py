@@ -1,11 +1,10 @@
 """Training text and batches.
 
-The corpus is real English shipped with every CPython: the standard library's help topics
-(`pydoc_data.topics`, ~460 KB of prose and code examples). It needs no download, so a fresh
-machine or an air-gapped cluster trains out of the box.
-
-Tokenizer: bytes. Every UTF-8 byte is a token (vocab 256): nothing to train or ship, and any
-text round-trips exactly.
+The default corpus is real English shipped with every CPython: the standard library's help
+topics (`pydoc_data.topics`, ~460 KB of prose and code examples), read in memory as bytes. It
+needs no download, so a fresh machine or an air-gapped cluster trains out of the box. The
+user's own corpus (`--data`) arrives as memory-mapped token shards (shards.TokenStream), read
+by the same `get_batch`.
 
 Batches are a pure function of (seed, rank, step): a resumed run, or a worker restarted on
 another node, draws exactly the batches the uninterrupted run would have drawn.
@@ -14,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-VOCAB_SIZE = 256
+VOCAB_SIZE = 256  # the byte values: the vocabulary of runs from before tokenizers were recorded
 HELD_OUT_FRACTION = 0.1
 
 
@@ -42,11 +41,16 @@ def split_corpus(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
 
 def get_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, *, seed: int, rank: int,
               step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of `seq_len` tokens (inputs) and the same shifted by one (targets)."""
+    """Random windows of `seq_len` tokens (inputs) and the same shifted by one (targets).
+    `tokens`: a tensor in memory, or a TokenStream of memory-mapped shards (only the windows
+    drawn are read); the same starts are drawn for both."""
     if len(tokens) <= seq_len + 1:
         raise ValueError(f"corpus of {len(tokens)} tokens is too short for seq_len {seq_len}")
     generator = torch.Generator().manual_seed(stream_seed(seed, rank, step))
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size,), generator=generator)
+    if not isinstance(tokens, torch.Tensor):
+        windows = torch.from_numpy(tokens.windows(starts.tolist(), seq_len + 1))
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
     offsets = torch.arange(seq_len)
     x = tokens[starts[:, None] + offsets]
     y = tokens[starts[:, None] + offsets + 1]

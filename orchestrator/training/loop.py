@@ -23,8 +23,7 @@ from orchestrator.config import TrainConfig, resume_conflicts
 from orchestrator.training.accumulation import (HierarchicalAccumulation, pending_gradients,
                                                 restore_pending_gradients)
 from orchestrator.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from orchestrator.training.data import (VOCAB_SIZE, get_batch, load_corpus, split_corpus,
-                                        stream_seed)
+from orchestrator.training.data import get_batch, load_corpus, split_corpus, stream_seed
 from orchestrator.training.efficiency import (CommTimer, Thresholds, cpu_peak_flops,
                                            flops_per_token, gpu_peak_flops, mfu, peak_memory,
                                            warnings_for)
@@ -132,13 +131,17 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     started_at = time.time()
     device = session.device
     precision = Precision(resolve_precision(config.precision, device), device.type)
-    train_tokens, held_out_tokens = split_corpus(load_corpus())
+    train_tokens, held_out_tokens = training_data(config)
 
     torch.manual_seed(config.seed)  # same initial weights on every rank
-    model = GPT(GPTConfig.from_train_config(config, vocab_size=VOCAB_SIZE)).to(device)
+    model = GPT(GPTConfig.from_train_config(config, vocab_size=config.vocab_size)).to(device)
     optimizer = build_optimizer(model, config)
     scaler = precision.grad_scaler()
     step, tokens_seen = _resume(session, config, model, optimizer, scaler)
+    if step == 0 and config.init_from:  # fine-tuning: a Hugging Face model's weights
+        from orchestrator.hf_export import load_hf_weights
+
+        load_hf_weights(model, config.init_from)
     restored_at = time.time()
     wrapped = session.prepare_model(model)
     accumulation = HierarchicalAccumulation(parameter_groups(model), config.accumulation_factors)
@@ -232,6 +235,21 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 return metrics
             interval_start, interval_steps, loss_sum = time.perf_counter(), 0, 0.0
     return metrics
+
+
+def training_data(config: TrainConfig):
+    """(train, held-out) tokens: the memory-mapped shards of `config.data_cache` (checked to
+    be the data and tokenizer the run was configured with), else the bundled corpus."""
+    if not config.data_cache:
+        return split_corpus(load_corpus())
+    from orchestrator.training.shards import open_shards
+
+    train_tokens, held_out_tokens, manifest = open_shards(config.data_cache)
+    if manifest["key"] != config.data_key or manifest["vocab_size"] != config.vocab_size:
+        raise ValueError(f"the shards at {config.data_cache} are not the run's data (cache key "
+                         f"{manifest['key'][:12]}..., vocabulary {manifest['vocab_size']}; the "
+                         f"run expects {config.data_key[:12]}..., {config.vocab_size})")
+    return train_tokens, held_out_tokens
 
 
 def _resume(session: TrainSession, config: TrainConfig, model: GPT, optimizer, scaler

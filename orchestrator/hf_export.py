@@ -1,0 +1,263 @@
+"""Our GPT <-> Hugging Face GPT-2 (`GPT2LMHeadModel`), both ways.
+
+The model is GPT-2-shaped (learned positions, pre-norm blocks, fused qkv, 4x MLP, final
+LayerNorm, head tied to the token embedding), so the export is a renaming plus a transpose:
+GPT-2 stores its linear layers as Conv1D, weight (in, out), where torch's Linear is (out, in).
+Two things differ and are mapped, not assumed:
+  - activation: ours is the exact (erf) GELU; GPT-2's default `gelu_new` is the tanh
+    approximation. The export writes `activation_function: "gelu"` (transformers' exact GELU);
+  - end-of-text: the run's tokenizer's, written as bos/eos in config.json and
+    generation_config.json.
+Refused, with the reason: a structurally pruned model (layers of different widths: GPT-2 has
+one width), and a learnable attention span that does not cover the whole context (GPT-2 has
+no span; a span that covers it is an exact no-op and is dropped).
+
+`load_hf_weights` goes the other way for `--init-from`: a GPT-2-shaped Hugging Face model
+directory (config.json + model.safetensors) becomes the starting weights of a run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import MODEL_PRESETS
+from orchestrator.tokenizer import (EOT_TOKEN, TOKENIZER_FILE, Tokenizer, TokenizerError,
+                                    tokenizer_for_model, tokenizer_of_run)
+
+SAFETENSORS_FILE = "model.safetensors"
+# Ours -> GPT-2's name, per block; True = a Linear weight, stored transposed (Conv1D).
+_BLOCK_NAMES = {
+    "ln1.weight": ("ln_1.weight", False), "ln1.bias": ("ln_1.bias", False),
+    "attn.qkv.weight": ("attn.c_attn.weight", True), "attn.qkv.bias": ("attn.c_attn.bias", False),
+    "attn.proj.weight": ("attn.c_proj.weight", True),
+    "attn.proj.bias": ("attn.c_proj.bias", False),
+    "ln2.weight": ("ln_2.weight", False), "ln2.bias": ("ln_2.bias", False),
+    "mlp.fc.weight": ("mlp.c_fc.weight", True), "mlp.fc.bias": ("mlp.c_fc.bias", False),
+    "mlp.proj.weight": ("mlp.c_proj.weight", True), "mlp.proj.bias": ("mlp.c_proj.bias", False),
+}
+_TOP_NAMES = {"tok_emb.weight": "transformer.wte.weight", "pos_emb.weight": "transformer.wpe.weight",
+              "ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias"}
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, what our blocks use
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+class ExportError(ValueError):
+    """A model that cannot be exported or imported as GPT-2; the message says why."""
+
+
+def export_refusal(model) -> str | None:
+    """Why `model` cannot be written as a GPT-2, or None when it can."""
+    config = model.config
+    if getattr(config, "mlp_hidden", None) is not None or \
+            getattr(config, "n_heads_per_layer", None) is not None:
+        return ("the model is structurally pruned (layers of different widths: mlp_hidden="
+                f"{getattr(config, 'mlp_hidden', None)}, n_heads_per_layer="
+                f"{getattr(config, 'n_heads_per_layer', None)}); GPT2LMHeadModel has one MLP "
+                "width and one head count for every layer")
+    if config.attention_span:
+        # m(x) = 1 for every distance x <= z: a span of at least block_size - 1 in every head
+        # is exactly standard causal attention.
+        shortest = min(float(s.spans().min()) for s in model.spans())
+        if shortest < config.block_size - 1:
+            return (f"the model was trained with the learnable attention span and its "
+                    f"shortest span ({shortest:.1f} tokens) does not cover the context "
+                    f"({config.block_size} tokens); GPT-2 has no span, so its attention "
+                    "would differ")
+    return None
+
+
+def hf_state_dict(model) -> dict[str, "torch.Tensor"]:
+    """Our weights under GPT-2's names and layouts (contiguous copies; no tied duplicate:
+    transformers ties lm_head to wte on load)."""
+    state = model.state_dict()
+    out = {hf: state[ours] for ours, hf in _TOP_NAMES.items()}
+    for i in range(config_layers(model)):
+        for ours, (hf, transpose) in _BLOCK_NAMES.items():
+            tensor = state[f"blocks.{i}.{ours}"]
+            out[f"transformer.h.{i}.{hf}"] = tensor.t() if transpose else tensor
+    return {name: t.detach().float().contiguous().clone() for name, t in out.items()}
+
+
+def config_layers(model) -> int:
+    return len(model.blocks)
+
+
+def hf_config(model, tokenizer: Tokenizer | None) -> dict[str, Any]:
+    c = model.config
+    eos = tokenizer.eos_id if tokenizer is not None else None
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
+        "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None,
+        # Ours is the exact GELU; GPT-2's default ("gelu_new") is the tanh approximation.
+        "activation_function": "gelu",
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "layer_norm_epsilon": LAYER_NORM_EPS, "initializer_range": 0.02,
+        "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": True,
+        "bos_token_id": eos, "eos_token_id": eos, "torch_dtype": "float32",
+    }
+
+
+def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
+    """Write `model` and `tokenizer` as a Hugging Face GPT-2 directory (model.safetensors,
+    config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json). Files are written under temporary names and renamed."""
+    from safetensors.torch import save_file
+
+    refusal = export_refusal(model)
+    if refusal:
+        raise ExportError(f"cannot export as GPT-2: {refusal}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eos = tokenizer.eos_id
+    written = []
+
+    def write(name: str, write_fn) -> None:
+        tmp = out / f".{name}.tmp"
+        write_fn(tmp)
+        os.replace(tmp, out / name)
+        written.append(out / name)
+
+    write(SAFETENSORS_FILE, lambda p: save_file(hf_state_dict(model), str(p),
+                                                metadata={"format": "pt"}))
+    text = lambda obj: (lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))  # noqa: E731
+    write("config.json", text(hf_config(model, tokenizer)))
+    write("generation_config.json", text({"bos_token_id": eos, "eos_token_id": eos}))
+    write(TOKENIZER_FILE, lambda p: p.write_text(tokenizer.to_json(), encoding="utf-8"))
+    special = {"eos_token": EOT_TOKEN, "bos_token": EOT_TOKEN} if eos is not None else {}
+    write("tokenizer_config.json", text({"tokenizer_class": "PreTrainedTokenizerFast",
+                                         "model_max_length": model.config.block_size,
+                                         "clean_up_tokenization_spaces": False, **special}))
+    write("special_tokens_map.json", text(special))
+    return written
+
+
+def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
+                      ) -> tuple[list[Path], dict[str, Any]]:
+    """Export the training checkpoint `path` names (a checkpoint directory, or a run directory:
+    its newest usable checkpoint) with the run's tokenizer. Returns (files, what was
+    exported). ExportError / CheckpointError / TokenizerError say why not."""
+    from orchestrator.serving.loading import format_of, model_directories
+    from orchestrator.training.checkpoint import (CheckpointError, load_checkpoint,
+                                                  model_from_state)
+
+    candidates, is_run = model_directories(path)
+    problems = []
+    for directory in candidates:
+        fmt = format_of(directory)
+        if fmt is None or fmt.name != "checkpoint":
+            raise ExportError(f"{directory} is a {fmt.name if fmt else 'unknown'} model; only "
+                              "training checkpoints (state.pt) export to GPT-2 (an INT8 model "
+                              "has no GPT-2 form)")
+        try:
+            state = load_checkpoint(directory)
+            model, train_config = model_from_state(state, directory)
+        except CheckpointError as e:
+            if not is_run:
+                raise
+            problems.append(str(e))
+            continue
+        try:
+            tokenizer = tokenizer_for_model(
+                tokenizer_of_run(directory, train_config.tokenizer_sha256),
+                model.config.vocab_size)
+        except TokenizerError as e:
+            raise ExportError(f"{directory}: {e}") from None
+        files = export_gpt2(model, tokenizer, out_dir)
+        return files, {"checkpoint": str(directory), "step": state.get("step"),
+                       "vocab_size": model.config.vocab_size, "tokenizer": tokenizer.name,
+                       "params": sum(p.numel() for p in model.parameters())}
+    raise CheckpointError(f"no usable checkpoint in run directory {path}: "
+                          + " | ".join(problems))
+
+
+# --- import (--init-from) ---------------------------------------------------------------
+
+
+def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a GPT-2-shaped Hugging Face model directory; ExportError naming the
+    file or field otherwise."""
+    directory = Path(directory).expanduser()
+    path = directory / "config.json"
+    if not directory.is_dir():
+        raise ExportError(f"--init-from {directory}: no such directory")
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"--init-from {directory}: no config.json (a Hugging Face model "
+                          "directory, as written by save_pretrained or jobs/export.py)") from None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"--init-from: cannot read {path}: {e}") from None
+    if config.get("model_type") != "gpt2":
+        raise ExportError(f"--init-from: {path} has model_type {config.get('model_type')!r}; "
+                          "only GPT-2-shaped models (model_type 'gpt2') can be imported")
+    n_embd = config.get("n_embd")
+    if config.get("n_inner") not in (None, 4 * (n_embd or 0)):
+        raise ExportError(f"--init-from: {path}: n_inner {config['n_inner']} is not 4 x n_embd")
+    if (weights := directory / SAFETENSORS_FILE).exists() is False:
+        raise ExportError(f"--init-from {directory}: no {SAFETENSORS_FILE} (weights are read "
+                          f"from safetensors only, never from a pickle); found: "
+                          f"{', '.join(sorted(p.name for p in directory.iterdir())[:10])}")
+    del weights
+    return config
+
+
+def model_size_of(config: dict[str, Any], where: str) -> str:
+    """The preset whose shape a GPT-2 config has (GPT-2 small is 'large': 12 x 768)."""
+    shape = {"n_layer": config.get("n_layer"), "n_head": config.get("n_head"),
+             "n_embd": config.get("n_embd")}
+    for name, preset in MODEL_PRESETS.items():
+        if preset == shape:
+            return name
+    presets = ", ".join(f"{n} {p['n_layer']}x{p['n_head']}x{p['n_embd']}"
+                        for n, p in MODEL_PRESETS.items())
+    raise ExportError(f"--init-from {where}: shape n_layer x n_head x n_embd = "
+                      f"{shape['n_layer']}x{shape['n_head']}x{shape['n_embd']} is none of the "
+                      f"model presets ({presets})")
+
+
+def init_warnings(config: dict[str, Any]) -> list[str]:
+    """What differs between the imported model and ours, though close enough to fine-tune."""
+    warnings = []
+    if config.get("activation_function", "gelu_new") in TANH_GELUS:
+        warnings.append(f"the model uses the tanh GELU ({config.get('activation_function', 'gelu_new')}), "
+                        "ours the exact one: outputs differ slightly before fine-tuning")
+    if abs(config.get("layer_norm_epsilon", 1e-5) - LAYER_NORM_EPS) > 1e-12:
+        warnings.append(f"layer_norm_epsilon {config['layer_norm_epsilon']} is not ours "
+                        f"({LAYER_NORM_EPS})")
+    return warnings
+
+
+def load_hf_weights(model, directory: str | os.PathLike) -> None:
+    """Copy a GPT-2 model's weights (model.safetensors) into our `model` (same shape; the
+    position table is cut to the model's context). ExportError naming the tensor otherwise."""
+    from safetensors.torch import load_file
+
+    path = Path(directory).expanduser() / SAFETENSORS_FILE
+    hf = load_file(str(path))
+    hf = {(k if k.startswith("transformer.") or k.startswith("lm_head") else
+           f"transformer.{k}"): v for k, v in hf.items()}
+    state = model.state_dict()
+    loaded = {}
+    for ours, name in _TOP_NAMES.items():
+        loaded[ours] = _take(hf, name, path)
+    loaded["pos_emb.weight"] = loaded["pos_emb.weight"][:state["pos_emb.weight"].shape[0]]
+    for i in range(len(model.blocks)):
+        for ours, (name, transpose) in _BLOCK_NAMES.items():
+            tensor = _take(hf, f"transformer.h.{i}.{name}", path)
+            loaded[f"blocks.{i}.{ours}"] = tensor.t() if transpose else tensor
+    loaded["lm_head.weight"] = loaded["tok_emb.weight"]
+    for name, tensor in loaded.items():
+        if tuple(tensor.shape) != tuple(state[name].shape):
+            raise ExportError(f"--init-from {path}: {name} has shape {tuple(tensor.shape)}, "
+                              f"the model needs {tuple(state[name].shape)}")
+    extra = {k: v for k, v in state.items() if k not in loaded}  # e.g. span parameters
+    model.load_state_dict({**extra, **{k: v.to(state[k].dtype) for k, v in loaded.items()}})
+
+
+def _take(hf: dict[str, torch.Tensor], name: str, path: Path) -> torch.Tensor:
+    if name not in hf:
+        raise ExportError(f"--init-from {path}: no tensor {name!r} (not a GPT-2 checkpoint?)")
+    return hf[name]

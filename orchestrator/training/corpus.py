@@ -1,0 +1,325 @@
+"""The user's corpus: which files `--data` names, whether they are usable, and their documents.
+
+Pure logic (no Ray): jobs/pretrain.py checks every source here before anything starts, and
+Ray Data's tokenizing tasks (ray_layer/data_ingest.py) read the documents with the same code.
+
+A `--data` value is a file, a directory (every .txt, .jsonl and .parquet file under it), or a
+glob, local or any URI pyarrow's filesystems read (`s3://bucket/prefix/*.jsonl`, `gs://`,
+`file://`). Documents:
+  - `.txt`: the file's paragraphs (text up to and including a blank line), so a held-out
+    split by document works on a single book as on a folder of files;
+  - `.jsonl`: one document per line, the string in `--text-field` (default "text");
+  - `.parquet`: one document per row, the string column `--text-field`.
+A bad line or row is an error naming the file and line (`--skip-bad-lines` skips and counts).
+
+Held-out documents are chosen by a hash of (file, document index): about one in ten, the same
+on every machine and every run, and never trained on.
+"""
+from __future__ import annotations
+
+import codecs
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+HELD_OUT_FRACTION = 0.1
+READ_CHUNK = 8 << 20  # bytes read at a time from a .txt file
+PARQUET_BATCH_ROWS = 1024
+_PARAGRAPH_END = re.compile(r"\n[ \t\r]*\n\s*")  # a blank line (and any that follow)
+
+
+class DataError(ValueError):
+    """The corpus cannot be used as given; the message names the file (and line) or flag."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file: where it is, its format, and what identifies this version of it."""
+
+    uri: str  # local absolute path, or the URI with its scheme
+    format: str  # "txt" | "jsonl" | "parquet"
+    size: int
+    mtime_ns: int  # modification time: a changed file gets a new cache key
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SourceFile":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    index: int  # position in its file (paragraph, line or row), for the held-out hash
+    eos_after: bool  # end-of-text follows (every document but a .txt paragraph before the last)
+    line: int = 0  # 1-based line or row, for messages
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI pyarrow knows."""
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unknown schemes
+            raise DataError(f"--data {uri}: cannot open this URI: {e}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def _with_scheme(original: str, path: str) -> str:
+    """The URI of `path` on the same filesystem as `original` (keeps s3://, file://, ...)."""
+    if "://" not in original:
+        return path
+    scheme = original.split("://", 1)[0]
+    return f"{scheme}://{path}" if scheme != "file" else f"file://{path}"
+
+
+def _format_of(path: str) -> str | None:
+    return FORMATS.get(os.path.splitext(path)[1].lower())
+
+
+def expand_sources(specs: list[str]) -> list[SourceFile]:
+    """Every file the `--data` values name, sorted and without duplicates; DataError naming the
+    value at fault when one names nothing usable (missing, empty, unknown format)."""
+    found: dict[str, SourceFile] = {}
+    for spec in specs:
+        if not isinstance(spec, str) or not spec.strip():
+            raise DataError(f"--data must be a path, directory, glob or URI, got {spec!r}")
+        for source in _expand_one(spec):
+            found[source.uri] = source
+    return sorted(found.values(), key=lambda s: s.uri)
+
+
+def _expand_one(spec: str) -> list[SourceFile]:
+    fs, path = filesystem_for(spec)
+    if any(ch in path for ch in "*?["):
+        return _expand_glob(spec, fs, path)
+    info = _file_info(fs, path, spec)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"--data {spec}: no such file or directory")
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        sources = [_source(spec, i) for i in sorted(infos, key=lambda i: i.path)
+                   if i.type == pafs.FileType.File and _format_of(i.path)
+                   and not os.path.basename(i.path).startswith(".")]
+        if not sources:
+            raise DataError(f"--data {spec}: the directory holds no "
+                            f"{', '.join(FORMATS)} files")
+        return [_checked(s, spec) for s in sources]
+    if _format_of(path) is None:
+        raise DataError(f"--data {spec}: unknown file type; expected one of "
+                        f"{', '.join(FORMATS)}")
+    return [_checked(_source(spec, info), spec)]
+
+
+def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str) -> list[SourceFile]:
+    # The directory above the first wildcard is listed; the pattern is matched on full paths.
+    base = pattern[:min(pattern.index(ch) for ch in "*?[" if ch in pattern)].rsplit("/", 1)[0]
+    base = base or "/"
+    if _file_info(fs, base, spec).type != pafs.FileType.Directory:
+        raise DataError(f"--data {spec}: no such directory {base}")
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    matched = [i for i in sorted(infos, key=lambda i: i.path)
+               if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern)]
+    usable = [i for i in matched if _format_of(i.path)]
+    if not usable:
+        raise DataError(f"--data {spec}: the pattern matches no {', '.join(FORMATS)} files"
+                        + (f" ({len(matched)} other file(s))" if matched else ""))
+    return [_checked(_source(_with_scheme(spec, i.path), i), spec) for i in usable]
+
+
+def _file_info(fs: pafs.FileSystem, path: str, spec: str) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path)
+    except OSError as e:
+        raise DataError(f"--data {spec}: cannot read: {e}") from None
+
+
+def _source(spec_or_uri: str, info: pafs.FileInfo) -> SourceFile:
+    uri = _with_scheme(spec_or_uri, info.path) if "://" in spec_or_uri else info.path
+    return SourceFile(uri=uri, format=_format_of(info.path), size=int(info.size or 0),
+                      mtime_ns=int(info.mtime_ns or 0))
+
+
+def _checked(source: SourceFile, spec: str) -> SourceFile:
+    """Refuse an empty or unreadable file, or a parquet file whose footer does not parse."""
+    if source.size == 0:
+        raise DataError(f"--data {spec}: file {source.uri} is empty")
+    fs, path = filesystem_for(source.uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            f.read(1)
+    except OSError as e:
+        raise DataError(f"--data {spec}: cannot read file {source.uri}: {e}") from None
+    if source.format == "parquet":
+        _parquet_file(source)
+    return source
+
+
+def _parquet_file(source: SourceFile):
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem_for(source.uri)
+    try:
+        return pq.ParquetFile(fs.open_input_file(path))
+    except Exception as e:  # ArrowInvalid for a bad footer, OSError for I/O
+        raise DataError(f"{source.uri}: not a readable parquet file: {e}") from None
+
+
+def check_text_column(source: SourceFile, text_field: str) -> None:
+    """A parquet file must have the text column (checked from its footer, nothing read)."""
+    names = _parquet_file(source).schema_arrow.names
+    if text_field not in names:
+        raise DataError(f"{source.uri}: no column {text_field!r} (--text-field); columns: "
+                        f"{', '.join(names[:20])}")
+
+
+def iter_documents(source: SourceFile, text_field: str = "text",
+                   skip_bad_lines: bool = False, skipped: list[str] | None = None
+                   ) -> Iterator[Document]:
+    """The documents of one file, streamed (memory does not grow with the file). A bad line
+    or row raises DataError naming file and line, or, with `skip_bad_lines`, is appended to
+    `skipped` (as "file:line: why") and skipped."""
+    reader = {"txt": _txt_documents, "jsonl": _jsonl_documents,
+              "parquet": _parquet_documents}[source.format]
+    yield from reader(source, text_field, skip_bad_lines, skipped if skipped is not None else [])
+
+
+def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[str]
+                   ) -> Iterator[Document]:
+    fs, path = filesystem_for(source.uri)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    buffer, index, consumed = "", 0, 0
+    with fs.open_input_stream(path) as f:
+        while True:
+            chunk = f.read(READ_CHUNK)
+            try:
+                buffer += decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{source.uri}: not UTF-8 text near byte "
+                                f"{consumed + e.start}") from None
+            consumed += len(chunk)
+            pieces = _paragraphs(buffer)
+            if chunk:  # the last piece may continue in the next chunk: keep it
+                buffer = pieces.pop()
+            for i, piece in enumerate(pieces):
+                last = not chunk and i == len(pieces) - 1  # end-of-text after the file
+                yield Document(piece, index, eos_after=last, line=index + 1)
+                index += 1
+            if not chunk:
+                return
+
+
+def _paragraphs(text: str) -> list[str]:
+    """Cut after each blank-line run; the pieces concatenate back to `text` exactly."""
+    pieces, start = [], 0
+    for match in _PARAGRAPH_END.finditer(text):
+        pieces.append(text[start:match.end()])
+        start = match.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+def _jsonl_documents(source: SourceFile, field: str, skip: bool, skipped: list[str]
+                     ) -> Iterator[Document]:
+    fs, path = filesystem_for(source.uri)
+    with fs.open_input_stream(path) as raw:
+        lines = io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8")
+        index = 0
+        line_no = 0
+        while True:
+            try:
+                line = lines.readline()
+            except UnicodeDecodeError:
+                problem = _bad(source, line_no + 1, "not UTF-8 text", skip, skipped)
+                line_no += 1
+                continue
+            if not line:
+                break
+            line_no += 1
+            if not line.strip():
+                continue
+            problem = None
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                problem = f"not valid JSON ({e.msg})"
+            else:
+                if not isinstance(record, dict):
+                    problem = f"a JSON {type(record).__name__}, not an object"
+                elif field not in record:
+                    problem = f"no {field!r} field (--text-field)"
+                elif not isinstance(record[field], str):
+                    problem = f"field {field!r} is {type(record[field]).__name__}, not a string"
+            if problem:
+                _bad(source, line_no, problem, skip, skipped)
+                continue
+            yield Document(record[field], index, eos_after=True, line=line_no)
+            index += 1
+
+
+def _parquet_documents(source: SourceFile, field: str, skip: bool, skipped: list[str]
+                       ) -> Iterator[Document]:
+    check_text_column(source, field)
+    parquet = _parquet_file(source)
+    row = 0
+    try:
+        for batch in parquet.iter_batches(columns=[field], batch_size=PARQUET_BATCH_ROWS):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                if not isinstance(value, str):
+                    _bad(source, row, f"column {field!r} is "
+                         f"{'null' if value is None else type(value).__name__}, not a string",
+                         skip, skipped, what="row")
+                    continue
+                yield Document(value, row - 1, eos_after=True, line=row)
+    except OSError as e:
+        raise DataError(f"{source.uri}: corrupt parquet data after row {row}: {e}") from None
+    except Exception as e:  # ArrowInvalid on a damaged page
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{source.uri}: corrupt parquet data after row {row}: {e}") from None
+
+
+def _bad(source: SourceFile, line: int, problem: str, skip: bool, skipped: list[str],
+         what: str = "line") -> None:
+    message = f"{source.uri}:{line}: {problem}"
+    if not skip:
+        raise DataError(f"{message} (pass --skip-bad-lines to skip and count such {what}s)")
+    skipped.append(message)
+
+
+def is_held_out(uri: str, index: int, fraction: float = HELD_OUT_FRACTION) -> bool:
+    """Whether document `index` of file `uri` belongs to the held-out split: a hash, so the
+    same on every machine and run, and independent of how files are spread over workers."""
+    digest = hashlib.sha256(f"{uri}\0{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2 ** 64
+
+
+def cache_key(sources: list[SourceFile], text_field: str, skip_bad_lines: bool,
+              tokenizer_sha256: str, held_out_fraction: float = HELD_OUT_FRACTION) -> str:
+    """What the token shards depend on: the files (path, size, modification time), how they
+    are read, the tokenizer and the split. Same key = same shards: nothing to tokenize."""
+    identity = {"version": 1, "files": [[s.uri, s.size, s.mtime_ns] for s in sources],
+                "text_field": text_field, "skip_bad_lines": skip_bad_lines,
+                "tokenizer": tokenizer_sha256, "held_out_fraction": held_out_fraction}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def iter_texts(sources: list[SourceFile], text_field: str, skip_bad_lines: bool
+               ) -> Iterator[str]:
+    """Every training document's text (held-out ones excluded): what a tokenizer is trained
+    on, so held-out text never shapes the vocabulary either."""
+    for source in sources:
+        for doc in iter_documents(source, text_field, skip_bad_lines):
+            if doc.text and not is_held_out(source.uri, doc.index):
+                yield doc.text

@@ -1,0 +1,240 @@
+"""What a training run reads and how it is tokenized, decided before anything starts.
+
+`plan_data` turns the flags (`--data`, `--text-field`, `--skip-bad-lines`, `--tokenizer`,
+`--train-tokenizer`, `--data-cache`, `--retokenize`) into a `DataPlan`: the checked source
+files, the tokenizer, the cache key and directory, and whether the cache already holds the
+shards. Every bad input is a DataError or TokenizerError naming the file or flag, raised here,
+before Ray or any worker starts. The tokenizing pass itself runs on Ray Data
+(ray_layer/data_ingest.py), or in this process for the small bundled corpus
+(`tokenize_in_process`, also the single-process baseline of scripts/bench_data.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from orchestrator.tokenizer import (Tokenizer, TokenizerError, load_tokenizer, tokenizer_from_json,
+                                    train_bpe)
+from orchestrator.training.corpus import (DataError, SourceFile, cache_key, check_text_column,
+                                          expand_sources, iter_texts)
+from orchestrator.training.shards import (SHARD_TOKENS, clear_cache_dir, read_manifest,
+                                          storage_for, tokenize_source, write_manifest)
+
+BUNDLED_FILE = "pydoc_topics.txt"  # the bundled corpus as a source, for non-byte tokenizers
+
+
+@dataclass
+class DataPlan:
+    """The checked inputs of a run's data: sources, tokenizer, where the shards go."""
+
+    sources: list[SourceFile]
+    text_field: str
+    skip_bad_lines: bool
+    tokenizer: Tokenizer
+    key: str  # corpus.cache_key
+    cache_uri: str  # <cache root>/<key prefix>: the shards and their manifest
+    manifest: dict[str, Any] | None  # the finished cache's manifest; None = to tokenize
+
+    @property
+    def cached(self) -> bool:
+        return self.manifest is not None
+
+
+def default_cache_root(run_dir: Path) -> str:
+    """Beside the run directories: on a cluster the run dir is on shared storage, so every
+    node reads the shards there too."""
+    return str(run_dir.parent / "data-cache")
+
+
+def bundled_source(cache_root: str) -> list[SourceFile]:
+    """The bundled corpus written once as a .txt file in the cache root, so a non-byte
+    tokenizer reads it through the same path as the user's files."""
+    from orchestrator.training.data import load_corpus
+
+    fs, root = storage_for(cache_root)
+    fs.create_dir(root, recursive=True)
+    path = f"{root}/{BUNDLED_FILE}"
+    data = load_corpus()
+    info = fs.get_file_info(path)
+    if info.size != len(data):
+        tmp = f"{path}.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    uri = path if "://" not in cache_root else f"{cache_root.split('://')[0]}://{path}"
+    return expand_sources([uri])
+
+
+def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool = False,
+              tokenizer: str = "bytes", train_tokenizer: int | None = None,
+              cache_root: str, retokenize: bool = False,
+              say: Callable[[str], None] = print) -> DataPlan:
+    """Check the sources and the tokenizer and find (or choose) the cache directory."""
+    if not isinstance(text_field, str) or not text_field:
+        raise DataError(f"--text-field must be a non-empty field name, got {text_field!r}")
+    if train_tokenizer is not None and tokenizer != "bytes":
+        raise TokenizerError("--tokenizer and --train-tokenizer exclude each other: give one")
+    sources = expand_sources(data) if data else bundled_source(cache_root)
+    for source in sources:
+        if source.format == "parquet":
+            check_text_column(source, text_field)
+    if train_tokenizer is not None:
+        tok = trained_tokenizer(sources, text_field, skip_bad_lines, train_tokenizer,
+                                cache_root, say)
+    else:
+        tok = load_tokenizer(tokenizer)
+    key = cache_key(sources, text_field, skip_bad_lines, tok.sha256)
+    cache_uri = f"{cache_root.rstrip('/')}/{key[:24]}"
+    manifest = None if retokenize else read_manifest(cache_uri)
+    if manifest is not None and manifest.get("key") != key:
+        manifest = None
+    return DataPlan(sources, text_field, skip_bad_lines, tok, key, cache_uri, manifest)
+
+
+def trained_tokenizer(sources: list[SourceFile], text_field: str, skip_bad_lines: bool,
+                      vocab_size: int, cache_root: str, say: Callable[[str], None]):
+    """`--train-tokenizer`: a byte-level BPE trained on the training documents, kept in the
+    cache (keyed by the data and the size) so a second run on the same data reuses it."""
+    if not isinstance(vocab_size, int) or not 257 <= vocab_size <= 1 << 20:
+        raise TokenizerError(f"--train-tokenizer must be a vocabulary size in [257, 1048576], "
+                             f"got {vocab_size!r}")
+    key = cache_key(sources, text_field, skip_bad_lines, f"train-bpe-{vocab_size}")
+    fs, root = storage_for(cache_root)
+    path = f"{root}/tokenizers/bpe-{vocab_size}-{key[:24]}.json"
+    if fs.get_file_info(path).type.name == "File":
+        with fs.open_input_stream(path) as f:
+            return tokenizer_from_json(f.read().decode("utf-8"), path)
+    started = time.perf_counter()
+    tok = train_bpe(iter_texts(sources, text_field, skip_bad_lines), vocab_size)
+    say(f"trained a byte-level BPE tokenizer of {tok.vocab_size} tokens on "
+        f"{len(sources)} file(s) in {time.perf_counter() - started:.1f} s")
+    fs.create_dir(f"{root}/tokenizers", recursive=True)
+    with fs.open_output_stream(path + ".tmp") as f:
+        f.write(tok.to_json().encode("utf-8"))
+    fs.move(path + ".tmp", path)
+    return tok
+
+
+def check_trainable(manifest: dict[str, Any], seq_len: int, where: str) -> None:
+    """Both splits must hold more than one sequence; DataError naming --seq-len otherwise."""
+    for split, what in (("train", "training"), ("held_out", "held-out")):
+        tokens = manifest[f"{split}_tokens"]
+        if tokens <= seq_len + 1:
+            documents = manifest["documents" if split == "train" else "held_out_documents"]
+            raise DataError(f"--seq-len {seq_len}: the corpus's {what} split has {tokens} "
+                            f"tokens ({documents} documents; {where}), too short for one "
+                            f"sequence of {seq_len + 1}; give more data or a shorter --seq-len"
+                            + (" (about one document in ten is held out)"
+                               if split == "held_out" else ""))
+
+
+def progress_line(results: list[dict[str, Any]], total_files: int, seconds: float) -> str:
+    documents = sum(r["documents"] + r["held_out_documents"] for r in results)
+    tokens = sum(r["tokens"] + r["held_out_tokens"] for r in results)
+    megabytes = sum(r["bytes"] for r in results) / 1e6
+    return (f"tokenized {len(results)}/{total_files} files: {documents:,} documents, "
+            f"{tokens:,} tokens, {megabytes:.1f} MB at {megabytes / max(seconds, 1e-9):.2f} MB/s")
+
+
+def tokenize_in_process(plan: DataPlan, shard_tokens: int = SHARD_TOKENS,
+                        say: Callable[[str], None] = print) -> dict[str, Any]:
+    """The tokenizing pass in this process, file after file (the bundled corpus; the
+    single-process baseline of the benchmark). Same shards and manifest as the Ray Data pass."""
+    clear_cache_dir(plan.cache_uri)
+    started, results = time.perf_counter(), []
+    for index, source in enumerate(plan.sources):
+        results.append(tokenize_source(source, index, plan.tokenizer, plan.cache_uri,
+                                       text_field=plan.text_field,
+                                       skip_bad_lines=plan.skip_bad_lines,
+                                       shard_tokens=shard_tokens))
+        say(progress_line(results, len(plan.sources), time.perf_counter() - started))
+    return finish(plan, results)
+
+
+def finish(plan: DataPlan, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write the manifest (last) and keep it in the plan."""
+    plan.manifest = write_manifest(plan.cache_uri, plan.key, plan.tokenizer, results,
+                                   plan.sources, plan.text_field)
+    return plan.manifest
+
+
+def uses_bundled_bytes(data: list[str], tokenizer: str, train_tokenizer: int | None) -> bool:
+    """The default: the bundled corpus with the byte tokenizer, read in memory by every worker
+    (no cache, no Ray Data): the two-command quickstart stays offline and instant."""
+    return not data and tokenizer == "bytes" and train_tokenizer is None
+
+
+
+@dataclass
+class DataSetup:
+    """What the data and tokenizer flags resolve to: the TrainConfig fields they set, the
+    tokenizer to record in the run directory, and the plan of the tokenizing pass (None for
+    the bundled corpus in bytes, read in memory)."""
+
+    fields: dict[str, Any]
+    tokenizer: Tokenizer
+    plan: DataPlan | None
+    notes: list[str]
+
+
+def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, tokenizer: str,
+                   train_tokenizer: int | None, cache_root: str, retokenize: bool,
+                   init_from: str | None, saved: dict[str, Any] | None,
+                   say: Callable[[str], None] = print) -> DataSetup:
+    """Resolve the data, tokenizer and --init-from flags (`saved`: the train config of the run
+    being resumed, or None). DataError / TokenizerError / ExportError name the flag."""
+    fields: dict[str, Any] = {}
+    notes: list[str] = []
+    if init_from:
+        from orchestrator.hf_export import init_warnings, model_size_of, read_hf_config
+
+        hf = read_hf_config(init_from)
+        fields["model_size"] = model_size_of(hf, init_from)
+        fields["init_from"] = str(Path(init_from).expanduser().resolve())
+        notes += [f"--init-from: {w}" for w in init_warnings(hf)]
+        if tokenizer == "bytes" and train_tokenizer is None:
+            tokenizer = str(Path(init_from).expanduser() / "tokenizer.json")
+            if not Path(tokenizer).is_file():
+                raise TokenizerError(f"--init-from {init_from}: no tokenizer.json beside the "
+                                     "model; pass the model's tokenizer with --tokenizer")
+    if uses_bundled_bytes(data, tokenizer, train_tokenizer):
+        tok = load_tokenizer("bytes")
+        legacy = saved is not None and not saved.get("tokenizer_sha256")
+        # A run from before tokenizers were recorded continues as it began: 256 byte ids.
+        fields.update(vocab_size=256 if legacy else tok.vocab_size,
+                      tokenizer_sha256="" if legacy else tok.sha256)
+        return DataSetup(fields, tok, None, notes)
+    plan = plan_data(data, text_field=text_field, skip_bad_lines=skip_bad_lines,
+                     tokenizer=tokenizer, train_tokenizer=train_tokenizer,
+                     cache_root=cache_root, retokenize=retokenize, say=say)
+    if init_from:
+        _check_init_vocab(init_from, plan.tokenizer)
+    fields.update(data_cache=plan.cache_uri, data_key=plan.key,
+                  vocab_size=plan.tokenizer.vocab_size, tokenizer_sha256=plan.tokenizer.sha256)
+    return DataSetup(fields, plan.tokenizer, plan, notes)
+
+
+def _check_init_vocab(init_from: str, tokenizer: Tokenizer) -> None:
+    from orchestrator.hf_export import read_hf_config
+
+    vocab = read_hf_config(init_from).get("vocab_size")
+    if vocab != tokenizer.vocab_size:
+        raise TokenizerError(f"--init-from {init_from}: the model has {vocab} token ids but "
+                             f"the tokenizer ({tokenizer.name}) {tokenizer.vocab_size}; use "
+                             "the model's own tokenizer")
+
+
+def resume_data_conflicts(saved: dict[str, Any], fields: dict[str, Any]) -> list[str]:
+    """Why resuming `saved` with these data fields would train another run, in words."""
+    problems = []
+    if saved.get("tokenizer_sha256", "") != fields.get("tokenizer_sha256", ""):
+        problems.append("it was trained with another tokenizer (tokenizer_sha256 "
+                        f"{saved.get('tokenizer_sha256', '')[:12] or 'bytes'} -> "
+                        f"{fields.get('tokenizer_sha256', '')[:12] or 'bytes'}); pass the "
+                        "run's tokenizer.json with --tokenizer")
+    if saved.get("data_key", "") != fields.get("data_key", ""):
+        problems.append("it was trained on other data (the --data files, their sizes or "
+                        "modification times, --text-field or --skip-bad-lines differ)")
+    return problems

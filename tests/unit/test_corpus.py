@@ -1,0 +1,220 @@
+"""The user's corpus (orchestrator/training/corpus.py), the token-shard cache
+(orchestrator/training/shards.py) and the data plan (data_plan.py), without Ray: the Ray Data
+pass runs the same per-file function (tests/integration/test_data_ingest.py)."""
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from orchestrator.tokenizer import ByteTokenizer, TokenizerError
+from orchestrator.training import shards
+from orchestrator.training.corpus import (DataError, SourceFile, expand_sources,
+                                          is_held_out, iter_documents)
+from orchestrator.training.data import get_batch
+from orchestrator.training.data_plan import check_trainable, plan_data, tokenize_in_process
+from orchestrator.training.shards import TokenStream, open_shards, token_dtype
+
+
+def paragraphs(n, tag):
+    return "\n\n".join(f"{tag} paragraph {i}: naïve text, café {i * 7}." for i in range(n))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    (root / "book.txt").write_text(paragraphs(60, "book"))
+    with open(root / "sub" / "docs.jsonl", "w") as f:
+        for i in range(80):
+            f.write(json.dumps({"text": f"json document {i} ünïcode", "id": i}) + "\n")
+    pq.write_table(pa.table({"text": [f"parquet row {i}" for i in range(40)]}),
+                   root / "rows.parquet")
+    (root / "notes.md").write_text("not a corpus format")
+    return root
+
+
+def test_a_directory_a_glob_and_a_file_uri_name_the_same_files(corpus):
+    in_dir = expand_sources([str(corpus)])
+    assert [os.path.basename(s.uri) for s in in_dir] == ["book.txt", "rows.parquet",
+                                                         "docs.jsonl"]
+    assert [s.format for s in in_dir] == ["txt", "parquet", "jsonl"]
+    globbed = expand_sources([f"{corpus}/**.jsonl", f"file://{corpus}/book.txt"])
+    assert [s.uri for s in globbed] == sorted([f"file://{corpus}/book.txt",
+                                               f"{corpus}/sub/docs.jsonl"])
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda d: d / "missing", "no such file or directory"),
+    (lambda d: (d / "empty.txt").write_text("") and None or d / "empty.txt", "is empty"),
+    (lambda d: (d / "x.csv").write_text("a,b") and None or d / "x.csv", "unknown file type"),
+    (lambda d: (d / "bad.parquet").write_bytes(b"PAR1 not really") and None
+     or d / "bad.parquet", "not a readable parquet file"),
+])
+def test_unusable_paths_are_refused_naming_them(tmp_path, make, expected):
+    path = make(tmp_path)
+    with pytest.raises(DataError, match=expected) as error:
+        expand_sources([str(path)])
+    assert str(path) in str(error.value)
+
+
+def test_a_jsonl_line_without_the_text_field_is_named_or_skipped_and_counted(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "one"}\n{"body": "two"}\nnot json\n{"text": "four"}\n')
+    source, = expand_sources([str(path)])
+    with pytest.raises(DataError, match=f"{path}:2: no 'text' field .*--skip-bad-lines"):
+        list(iter_documents(source))
+    skipped = []
+    docs = list(iter_documents(source, skip_bad_lines=True, skipped=skipped))
+    assert [d.text for d in docs] == ["one", "four"]
+    assert [s.split(": ", 1)[0] for s in skipped] == [f"{path}:2", f"{path}:3"]
+
+
+def test_a_parquet_file_without_the_text_column_is_refused_before_reading(tmp_path):
+    pq.write_table(pa.table({"body": ["x" * 50]}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match="no column 'text' \\(--text-field\\); columns: body"):
+        plan_data([str(tmp_path)], cache_root=str(tmp_path / "cache"))
+
+
+def test_txt_documents_are_paragraphs_that_join_back_to_the_file(tmp_path, monkeypatch):
+    text = paragraphs(30, "p") + "\n\n\n  tail without newline"
+    (tmp_path / "a.txt").write_text(text)
+    monkeypatch.setattr("orchestrator.training.corpus.READ_CHUNK", 97)  # cuts mid-paragraph
+    docs = list(iter_documents(expand_sources([str(tmp_path / "a.txt")])[0]))
+    assert "".join(d.text for d in docs) == text
+    assert len(docs) == 31 and [d.eos_after for d in docs] == [False] * 30 + [True]
+
+
+def test_held_out_documents_are_never_in_the_training_shards(corpus, tmp_path):
+    plan = plan_data([str(corpus)], cache_root=str(tmp_path / "cache"))
+    manifest = tokenize_in_process(plan, shard_tokens=500, say=lambda _: None)
+    train, held_out, _ = open_shards(plan.cache_uri)
+    assert manifest["held_out_documents"] > 0 and manifest["documents"] > 0
+    assert len(train) == manifest["train_tokens"] and len(held_out) > 0
+    train_text = ByteTokenizer().decode(train.window(0, len(train)).tolist())
+    for source in plan.sources:
+        for doc in iter_documents(source):
+            if doc.text.strip():
+                assert (doc.text in train_text) != is_held_out(source.uri, doc.index), doc.text
+    assert len(manifest["splits"]["train"]) > 3  # several shards: windows cross shard ends
+
+
+def test_the_second_plan_finds_the_cache_and_a_changed_file_does_not(corpus, tmp_path):
+    cache = str(tmp_path / "cache")
+    first = plan_data([str(corpus)], cache_root=cache)
+    assert not first.cached
+    tokenize_in_process(first, say=lambda _: None)
+    again = plan_data([str(corpus)], cache_root=cache)
+    assert again.cached and again.key == first.key
+    assert not plan_data([str(corpus)], cache_root=cache, retokenize=True).cached
+    with open(corpus / "book.txt", "a") as f:
+        f.write("\n\nanother paragraph")
+    assert plan_data([str(corpus)], cache_root=cache).key != first.key
+
+
+def test_a_pass_interrupted_before_its_manifest_is_redone_not_read(corpus, tmp_path):
+    plan = plan_data([str(corpus)], cache_root=str(tmp_path / "cache"))
+    manifest = tokenize_in_process(plan, say=lambda _: None)
+    os.remove(os.path.join(plan.cache_uri, shards.MANIFEST_FILE))  # died before the manifest
+    stale = os.path.join(plan.cache_uri, "00000-train-0000.bin")
+    with open(stale, "wb") as f:
+        f.write(b"\0" * 10)  # a half-written shard
+    redo = plan_data([str(corpus)], cache_root=str(tmp_path / "cache"))
+    assert not redo.cached
+    assert tokenize_in_process(redo, say=lambda _: None)["train_tokens"] == \
+        manifest["train_tokens"]
+    assert os.path.getsize(stale) == 2 * manifest["splits"]["train"][0]["tokens"]
+
+
+def test_batches_from_shards_equal_batches_from_the_same_tokens_in_memory(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 300, 10_000).astype(np.uint16)
+    parts = np.split(tokens, [1000, 1001, 4000, 9000])
+    stream = TokenStream(parts)
+    in_memory = torch.from_numpy(tokens.astype(np.int64))
+    for step in range(20):
+        a = get_batch(stream, 8, 64, seed=3, rank=1, step=step)
+        b = get_batch(in_memory, 8, 64, seed=3, rank=1, step=step)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(get_batch(stream, 8, 64, seed=3, rank=0, step=0)[0],
+                           get_batch(stream, 8, 64, seed=3, rank=1, step=0)[0])
+    assert token_dtype(257) == np.uint16 and token_dtype(70_000) == np.uint32
+
+
+def private_rss_bytes():
+    """The process's own resident memory (RssAnon). The mapped shards' resident pages count
+    in RSS too (RssFile), but they are the kernel's page cache: shared by every worker on the
+    node and dropped under memory pressure; on a filesystem with large folios one touched
+    token maps in 2 MB of them. What must not grow with the corpus is the worker's own."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_worker_memory_does_not_grow_with_the_corpus(tmp_path):
+    """64 MB of shards of 4 MB each: opening them and drawing 300 batches keeps the worker's
+    own memory flat (reading the corpus in memory would not)."""
+    shard_tokens, count = 2 << 20, 16
+    names = []
+    for i in range(count):
+        name = f"00000-train-{i:04d}.bin"
+        np.full(shard_tokens, i, dtype=np.uint16).tofile(tmp_path / name)
+        names.append({"file": name, "split": "train", "tokens": shard_tokens})
+    (tmp_path / "h.bin").write_bytes(np.zeros(1000, dtype=np.uint16).tobytes())
+    manifest = {"version": shards.MANIFEST_VERSION, "key": "k", "dtype": "uint16",
+                "vocab_size": 257, "splits": {"train": names, "held_out": [
+                    {"file": "h.bin", "split": "held_out", "tokens": 1000}]}}
+    (tmp_path / shards.MANIFEST_FILE).write_text(json.dumps(manifest))
+    corpus_bytes = shard_tokens * count * 2
+    get_batch(TokenStream([np.zeros(1000, np.uint16)]), 8, 128, seed=0, rank=0, step=0)
+    before = private_rss_bytes()
+    train, _, _ = open_shards(str(tmp_path))
+    seen = set()
+    for step in range(300):
+        x, _ = get_batch(train, 8, 128, seed=0, rank=0, step=step)
+        seen.update(x[:, 0].tolist())
+    grown = private_rss_bytes() - before
+    assert len(train) == shard_tokens * count and len(seen) == count  # every shard was read
+    assert grown < corpus_bytes / 8, f"RssAnon grew {grown / 1e6:.1f} MB for a 64 MB corpus"
+    loaded = np.concatenate([np.fromfile(tmp_path / n["file"], dtype=np.uint16) for n in names])
+    assert private_rss_bytes() - before > corpus_bytes * 0.9  # the in-memory way does grow
+    del loaded
+
+
+def test_shards_on_remote_storage_are_copied_to_local_disk_first(corpus, tmp_path,
+                                                                 monkeypatch):
+    plan = plan_data([str(corpus)], cache_root=str(tmp_path / "cache"))
+    tokenize_in_process(plan, shard_tokens=500, say=lambda _: None)
+    local_train, _, _ = open_shards(plan.cache_uri)
+    # A filesystem that is not the local one (as s3:// would be), over the same directory.
+    remote = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())
+    monkeypatch.setattr(shards, "storage_for", lambda uri: (remote, plan.cache_uri))
+    train, held_out, _ = open_shards("s3://bucket/cache", local_dir=tmp_path / "copied")
+    assert sorted(os.listdir(tmp_path / "copied")) == sorted(
+        s["file"] for split in shards.SPLITS for s in plan.manifest["splits"][split])
+    assert np.array_equal(train.window(0, len(train)), local_train.window(0, len(local_train)))
+    assert str(tmp_path / "copied") in train.arrays[0].filename
+
+
+def test_a_corpus_too_short_for_the_sequence_length_names_the_flag(tmp_path):
+    (tmp_path / "a.txt").write_text(paragraphs(40, "short"))
+    plan = plan_data([str(tmp_path / "a.txt")], cache_root=str(tmp_path / "cache"))
+    manifest = tokenize_in_process(plan, say=lambda _: None)
+    check_trainable(manifest, 16, "here")
+    with pytest.raises(DataError, match="--seq-len 4096: the corpus's training split has"):
+        check_trainable(manifest, 4096, "here")
+
+
+def test_a_trained_tokenizer_is_kept_in_the_cache_and_reused(corpus, tmp_path):
+    cache = str(tmp_path / "cache")
+    first = plan_data([str(corpus)], cache_root=cache, train_tokenizer=300, say=lambda _: None)
+    second = plan_data([str(corpus)], cache_root=cache, train_tokenizer=300,
+                       say=lambda _: pytest.fail("trained again"))
+    assert first.tokenizer.sha256 == second.tokenizer.sha256 and first.key == second.key
+    with pytest.raises(TokenizerError, match="exclude each other"):
+        plan_data([str(corpus)], cache_root=cache, train_tokenizer=300, tokenizer="x.json")

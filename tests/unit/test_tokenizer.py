@@ -1,0 +1,70 @@
+"""orchestrator/tokenizer.py: the byte tokenizer as a tokenizer.json, Hugging Face tokenizer
+files, BPE training, and the tokenizer a run recorded."""
+import json
+
+import pytest
+
+from orchestrator.tokenizer import (ByteTokenizer, HFTokenizer, LegacyByteTokenizer,
+                                    TokenizerError, load_tokenizer, load_tokenizer_file,
+                                    save_tokenizer, tokenizer_for_model, tokenizer_of_run,
+                                    train_bpe)
+
+TEXT = "naïve café — 日本語 ok\n\n  indented"
+
+
+def test_byte_tokenizer_json_encodes_exactly_as_bytes(tmp_path):
+    save_tokenizer(ByteTokenizer(), tmp_path)
+    as_file = load_tokenizer_file(tmp_path)
+    assert as_file.vocab_size == 257 and as_file.eos_id == 256
+    assert as_file.encode(TEXT) == ByteTokenizer().encode(TEXT) == list(TEXT.encode())
+    assert as_file.decode(as_file.encode(TEXT)) == TEXT
+    # Loading our own file by path gives back the byte tokenizer itself.
+    assert isinstance(load_tokenizer(str(tmp_path / "tokenizer.json")), ByteTokenizer)
+
+
+def test_legacy_byte_tokenizer_has_no_end_of_text():
+    legacy = LegacyByteTokenizer()
+    spec = json.loads(legacy.to_json())
+    assert legacy.vocab_size == 256 and legacy.eos_id is None and not spec["added_tokens"]
+    assert legacy.sha256 != ByteTokenizer().sha256
+    assert isinstance(tokenizer_for_model(ByteTokenizer(), 256), LegacyByteTokenizer)
+    assert tokenizer_for_model(ByteTokenizer(), 257).eos_id == 256
+
+
+def test_trained_bpe_compresses_and_round_trips_bytewise():
+    corpus = [f"the quick brown fox {i} jumps over the naïve café dog" for i in range(200)]
+    bpe = train_bpe(corpus, 400)
+    ids = bpe.encode(TEXT + " the quick brown fox")
+    assert isinstance(bpe, HFTokenizer) and 257 < bpe.vocab_size <= 400
+    assert bpe.eos_id is not None
+    assert len(bpe.encode("the quick brown fox")) < len(b"the quick brown fox")
+    # A streaming decoder joins token bytes: the bytes must be the text's UTF-8 exactly, even
+    # where a token ends inside a multi-byte character.
+    assert b"".join(bpe.token_bytes(i) for i in ids) == (TEXT + " the quick brown fox").encode()
+    assert bpe.token_bytes(bpe.eos_id) == b""
+
+
+def test_a_tokenizer_file_that_does_not_parse_is_named(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"model": {"type": "nothing"}}')
+    with pytest.raises(TokenizerError, match=f"--tokenizer: {bad} is not a Hugging Face"):
+        load_tokenizer(str(bad))
+    with pytest.raises(TokenizerError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "missing.json"))
+    with pytest.raises(TokenizerError, match=r"\[257, 1048576\]"):
+        train_bpe(["x"], 100)
+
+
+def test_tokenizer_of_run_reads_the_recorded_file_and_checks_it(tmp_path):
+    checkpoint = tmp_path / "checkpoint_1"
+    checkpoint.mkdir()
+    assert isinstance(tokenizer_of_run(checkpoint), ByteTokenizer)  # an old run: bytes
+    bpe = train_bpe([f"word{i} " * 3 for i in range(100)], 300)
+    save_tokenizer(bpe, tmp_path)
+    found = tokenizer_of_run(checkpoint, bpe.sha256)
+    assert found.sha256 == bpe.sha256 and found.encode("word7") == bpe.encode("word7")
+    with pytest.raises(TokenizerError, match="not the tokenizer this model was trained with"):
+        tokenizer_of_run(checkpoint, ByteTokenizer().sha256)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(TokenizerError, match="but no tokenizer.json is beside it"):
+        tokenizer_of_run(checkpoint, bpe.sha256)
