@@ -59,7 +59,7 @@ def export_refusal(model) -> str | None:
     if config.attention_span:
         # m(x) = 1 for every distance x <= z: a span of at least block_size - 1 in every head
         # is exactly standard causal attention.
-        shortest = min(float(s.spans().min()) for s in model.spans())
+        shortest = min(float(s.spans().detach().min()) for s in model.spans())
         if shortest < config.block_size - 1:
             return (f"the model was trained with the learnable attention span and its "
                     f"shortest span ({shortest:.1f} tokens) does not cover the context "

@@ -1,0 +1,182 @@
+"""Export to Hugging Face GPT-2 (orchestrator/hf_export.py, jobs/export.py) and import back
+(--init-from): transformers must compute what our model computes."""
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.config import TrainConfig
+from orchestrator.hf_export import (ExportError, export_checkpoint, export_gpt2,
+                                    load_hf_weights, model_size_of, read_hf_config)
+from orchestrator.serving.loading import load_model, save_untrained_checkpoint
+from orchestrator.tokenizer import ByteTokenizer, save_tokenizer, train_bpe
+from orchestrator.training.checkpoint import save_checkpoint
+from orchestrator.training.model import GPT, GPTConfig
+
+EXPORT = Path(__file__).resolve().parents[2] / "jobs" / "export.py"
+transformers = pytest.importorskip("transformers")
+
+
+def sharp_model(vocab_size=257, **options) -> GPT:
+    """A tiny GPT whose MLP inputs are large enough that the exact and the tanh GELU differ
+    far beyond 1e-4 (at init they are too small to tell apart), and whose greedy
+    continuations vary."""
+    torch.manual_seed(0)
+    config = GPTConfig.from_train_config(TrainConfig(model_size="tiny", seq_len=32, **options),
+                                         vocab_size=vocab_size)
+    model = GPT(config)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.fc.weight.mul_(40)
+            block.mlp.proj.weight.mul_(10)
+        model.tok_emb.weight.mul_(10)
+    return model.eval()
+
+
+def hf_model(directory, **overrides):
+    config = transformers.AutoConfig.from_pretrained(directory, **overrides)
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, config=config).eval()
+
+
+def greedy(model, ids, steps):
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf")
+    model = sharp_model()
+    export_gpt2(model, ByteTokenizer(), directory)
+    return model, directory
+
+
+def test_transformers_logits_equal_ours_and_the_activation_is_the_exact_gelu(exported):
+    ours, directory = exported
+    ids = torch.tensor([list("naïve café, the end".encode())])
+    with torch.no_grad():
+        expected = ours(ids)[0]
+        theirs = hf_model(directory)(ids).logits
+        tanh_gelu = hf_model(directory, activation_function="gelu_new")(ids).logits
+    assert json.loads((directory / "config.json").read_text())["activation_function"] == "gelu"
+    assert torch.allclose(theirs, expected, atol=1e-4, rtol=0)
+    # GPT-2's default activation would fail the same comparison.
+    assert not torch.allclose(tanh_gelu, expected, atol=1e-4, rtol=0)
+
+
+def test_greedy_generation_matches_and_the_tokenizer_loads(exported):
+    ours, directory = exported
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    prompt = "héllo wörld"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    assert ids[0].tolist() == list(prompt.encode())
+    expected = greedy(ours, ids, 12)
+    theirs = hf_model(directory).generate(ids, max_new_tokens=12, do_sample=False,
+                                           eos_token_id=None, pad_token_id=0)
+    assert theirs.tolist() == expected.tolist()
+    assert len(set(expected[0, ids.shape[1]:].tolist())) > 1  # a continuation, not one token
+
+
+def test_a_bpe_run_exports_its_own_tokenizer(tmp_path):
+    bpe = train_bpe([f"the café number {i} opens at dawn" for i in range(300)], 320)
+    model = sharp_model(vocab_size=bpe.vocab_size)
+    export_gpt2(model, bpe, tmp_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "the café number 12 opens"
+    assert tokenizer(text).input_ids == bpe.encode(text)
+    assert tokenizer.eos_token_id == bpe.eos_id
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == \
+        bpe.eos_id
+
+
+def test_a_span_that_does_not_cover_the_context_is_refused_one_that_does_is_exact(tmp_path):
+    short = sharp_model(attention_span=True, span_init=0.2)
+    with pytest.raises(ExportError, match="learnable attention span.*does not cover"):
+        export_gpt2(short, ByteTokenizer(), tmp_path / "short")
+    assert not (tmp_path / "short" / "model.safetensors").exists()
+    full = sharp_model(attention_span=True, span_init=1.0)
+    export_gpt2(full, ByteTokenizer(), tmp_path / "full")
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(hf_model(tmp_path / "full")(ids).logits, full(ids)[0], atol=1e-4,
+                              rtol=0)
+
+
+def test_a_structurally_pruned_model_is_refused(tmp_path):
+    config = dataclasses.replace(sharp_model().config, mlp_hidden=(64, 128))
+    with pytest.raises(ExportError, match="structurally pruned .*mlp_hidden=\\(64, 128\\)"):
+        export_gpt2(GPT(config), ByteTokenizer(), tmp_path)
+
+
+def test_import_gives_back_the_same_model(exported):
+    ours, directory = exported
+    config = read_hf_config(directory)
+    assert model_size_of(config, str(directory)) == "tiny"
+    fresh = GPT(ours.config).eval()
+    load_hf_weights(fresh, directory)
+    ids = torch.randint(0, 257, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids)[0], ours(ids)[0])
+
+
+def test_an_old_byte_checkpoint_exports_and_serves_with_bytes(tmp_path):
+    """A run from before tokenizers were recorded: vocabulary 256, no tokenizer.json."""
+    run = tmp_path / "old-run"
+    save_untrained_checkpoint(run / "checkpoint_00000010", step=10)
+    loaded = load_model(run)
+    assert isinstance(loaded.tokenizer, ByteTokenizer) and loaded.model.config.vocab_size == 256
+    files, info = export_checkpoint(run, tmp_path / "hf")
+    assert info["vocab_size"] == 256 and info["step"] == 10
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["vocab_size"] == 256 and config["eos_token_id"] is None
+    ids = torch.tensor([list(b"old bytes")])
+    with torch.no_grad():
+        assert torch.allclose(hf_model(tmp_path / "hf")(ids).logits, loaded.model(ids)[0],
+                              atol=1e-4, rtol=0)
+
+
+def test_a_run_with_a_recorded_tokenizer_serves_and_exports_with_it(tmp_path):
+    bpe = train_bpe([f"alpha beta gamma {i}" for i in range(300)], 300)
+    config = TrainConfig(model_size="tiny", seq_len=32, vocab_size=bpe.vocab_size,
+                         tokenizer_sha256=bpe.sha256)
+    model = GPT(GPTConfig.from_train_config(config, vocab_size=bpe.vocab_size))
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoint_00000001", {"model": model.state_dict(),
+                                                 "config": config.to_dict(), "step": 1})
+    save_tokenizer(bpe, run)
+    assert load_model(run).tokenizer.encode("alpha beta") == bpe.encode("alpha beta")
+    export_checkpoint(run, tmp_path / "hf")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")("alpha").input_ids == \
+        bpe.encode("alpha")
+    save_tokenizer(ByteTokenizer(), run)  # replaced by another tokenizer: refused, not guessed
+    with pytest.raises(Exception, match="not the tokenizer this model was trained with"):
+        load_model(run)
+
+
+def test_export_cli_bad_input_is_one_clear_line(tmp_path):
+    result = subprocess.run([sys.executable, str(EXPORT), "--checkpoint",
+                             str(tmp_path / "nope"), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"checkpoint {tmp_path / 'nope'} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_init_from_refuses_what_it_cannot_import(tmp_path, exported):
+    _, directory = exported
+    with pytest.raises(ExportError, match="no config.json"):
+        read_hf_config(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ExportError, match="model_type 'llama'"):
+        read_hf_config(bad)
+    config = {**read_hf_config(directory), "n_layer": 3}
+    with pytest.raises(ExportError, match="3x2x64 is none of the model presets"):
+        model_size_of(config, "x")
