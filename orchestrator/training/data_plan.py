@@ -76,15 +76,14 @@ def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool
         raise DataError(f"--text-field must be a non-empty field name, got {text_field!r}")
     if train_tokenizer is not None and tokenizer != "bytes":
         raise TokenizerError("--tokenizer and --train-tokenizer exclude each other: give one")
+    tok = load_tokenizer(tokenizer) if train_tokenizer is None else None
     sources = expand_sources(data) if data else bundled_source(cache_root)
     for source in sources:
         if source.format == "parquet":
             check_text_column(source, text_field)
-    if train_tokenizer is not None:
+    if tok is None:
         tok = trained_tokenizer(sources, text_field, skip_bad_lines, train_tokenizer,
                                 cache_root, say)
-    else:
-        tok = load_tokenizer(tokenizer)
     key = cache_key(sources, text_field, skip_bad_lines, tok.sha256)
     cache_uri = f"{cache_root.rstrip('/')}/{key[:24]}"
     manifest = None if retokenize else read_manifest(cache_uri)
