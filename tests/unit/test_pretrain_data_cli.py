@@ -1,5 +1,6 @@
 """Bad data, tokenizer and --init-from input to jobs/pretrain.py: one clear line naming the
-file or flag, exit 2, before Ray starts, and no run directory left behind."""
+file or flag, exit 2, before Ray starts (the unit tier's conftest makes ray.init raise), and no
+run directory left behind. In-process: a subprocess per case would cost seconds each."""
 import json
 
 import pyarrow as pa
@@ -8,51 +9,61 @@ import pytest
 
 from orchestrator.config import TrainConfig
 from orchestrator.tokenizer import ByteTokenizer, save_tokenizer, train_bpe
-from tests.unit.test_pretrain_cli import run_pretrain
+from jobs import pretrain
 
 
-def refused(tmp_path, *args):
+@pytest.fixture(autouse=True)
+def runs_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCHESTRATOR_RUNS_DIR", str(tmp_path / "runs"))
+
+
+def run_pretrain(*args, capsys):
+    code = pretrain.main(list(args))
+    return code, capsys.readouterr().err
+
+
+def refused(tmp_path, capsys, *args):
     run_dir = tmp_path / "runs" / "new"
-    result = run_pretrain(*args, "--run-dir", str(run_dir), tmp_path=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
+    code, err = run_pretrain(*args, "--run-dir", str(run_dir), capsys=capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
     assert not (run_dir / "config.json").exists()
-    return result.stderr
+    return err
 
 
-def test_a_missing_data_path_is_named(tmp_path):
+def test_a_missing_data_path_is_named(tmp_path, capsys):
     assert f"--data {tmp_path}/nope: no such file or directory" in refused(
-        tmp_path, "--data", str(tmp_path / "nope"))
+        tmp_path, capsys, "--data", str(tmp_path / "nope"))
 
 
-def test_an_empty_file_and_a_corrupt_parquet_file_are_named(tmp_path):
+def test_an_empty_file_and_a_corrupt_parquet_file_are_named(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     assert f"file {tmp_path}/empty.txt is empty" in refused(
-        tmp_path, "--data", str(tmp_path / "empty.txt"))
+        tmp_path, capsys, "--data", str(tmp_path / "empty.txt"))
     (tmp_path / "bad.parquet").write_bytes(b"PAR1" + b"\0" * 64)
     assert f"{tmp_path}/bad.parquet: not a readable parquet file" in refused(
-        tmp_path, "--data", str(tmp_path / "bad.parquet"))
+        tmp_path, capsys, "--data", str(tmp_path / "bad.parquet"))
 
 
-def test_a_parquet_file_without_the_text_field_names_the_flag(tmp_path):
+def test_a_parquet_file_without_the_text_field_names_the_flag(tmp_path, capsys):
     pq.write_table(pa.table({"content": ["a" * 100]}), tmp_path / "a.parquet")
     assert "no column 'body' (--text-field)" in refused(
-        tmp_path, "--data", str(tmp_path / "a.parquet"), "--text-field", "body")
+        tmp_path, capsys, "--data", str(tmp_path / "a.parquet"), "--text-field", "body")
 
 
-def test_a_tokenizer_file_that_does_not_parse_is_named(tmp_path):
+def test_a_tokenizer_file_that_does_not_parse_is_named(tmp_path, capsys):
     (tmp_path / "tok.json").write_text("{not json")
     assert f"--tokenizer: {tmp_path}/tok.json is not a Hugging Face tokenizers file" in refused(
-        tmp_path, "--tokenizer", str(tmp_path / "tok.json"))
+        tmp_path, capsys, "--tokenizer", str(tmp_path / "tok.json"))
 
 
-def test_a_tokenizer_vocabulary_too_small_is_refused(tmp_path):
+def test_a_tokenizer_vocabulary_too_small_is_refused(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("some text\n\n" * 50)
     assert "--train-tokenizer must be a vocabulary size in [257, 1048576], got 12" in refused(
-        tmp_path, "--data", str(tmp_path / "a.txt"), "--train-tokenizer", "12")
+        tmp_path, capsys, "--data", str(tmp_path / "a.txt"), "--train-tokenizer", "12")
 
 
-def test_resuming_with_another_tokenizer_is_refused(tmp_path):
+def test_resuming_with_another_tokenizer_is_refused(tmp_path, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
     train = {**TrainConfig().to_dict(), "vocab_size": 257,
@@ -61,13 +72,13 @@ def test_resuming_with_another_tokenizer_is_refused(tmp_path):
     save_tokenizer(ByteTokenizer(), run_dir)
     bpe = train_bpe([f"words {i} and more words" for i in range(100)], 300)
     save_tokenizer(bpe, tmp_path / "bpe")
-    result = run_pretrain("--resume", "--run-dir", str(run_dir), "--tokenizer",
-                          str(tmp_path / "bpe"), tmp_path=tmp_path)
-    assert result.returncode == 2
-    assert "it was trained with another tokenizer" in result.stderr
+    code, err = run_pretrain("--resume", "--run-dir", str(run_dir), "--tokenizer",
+                             str(tmp_path / "bpe"), capsys=capsys)
+    assert code == 2
+    assert "it was trained with another tokenizer" in err
     assert (run_dir / "tokenizer.json").read_text() == ByteTokenizer().to_json()  # untouched
 
 
-def test_init_from_a_directory_without_a_model_is_named(tmp_path):
+def test_init_from_a_directory_without_a_model_is_named(tmp_path, capsys):
     assert f"--init-from {tmp_path}: no config.json" in refused(
-        tmp_path, "--init-from", str(tmp_path))
+        tmp_path, capsys, "--init-from", str(tmp_path))
