@@ -2,9 +2,6 @@
 (--init-from): transformers must compute what our model computes."""
 import dataclasses
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +14,6 @@ from orchestrator.tokenizer import ByteTokenizer, save_tokenizer, train_bpe
 from orchestrator.training.checkpoint import save_checkpoint
 from orchestrator.training.model import GPT, GPTConfig
 
-EXPORT = Path(__file__).resolve().parents[2] / "jobs" / "export.py"
 transformers = pytest.importorskip("transformers")
 
 
@@ -159,13 +155,17 @@ def test_a_run_with_a_recorded_tokenizer_serves_and_exports_with_it(tmp_path):
         load_model(run)
 
 
-def test_export_cli_bad_input_is_one_clear_line(tmp_path):
-    result = subprocess.run([sys.executable, str(EXPORT), "--checkpoint",
-                             str(tmp_path / "nope"), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert f"checkpoint {tmp_path / 'nope'} does not exist" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_export_cli_bad_input_is_one_clear_line(tmp_path, capsys):
+    from jobs import export
+
+    code = export.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"checkpoint {tmp_path / 'nope'} does not exist" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
+    assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "o")]) == 0
+    assert "exported " in capsys.readouterr().out
+    assert (tmp_path / "o" / "model.safetensors").is_file()
 
 
 def test_init_from_refuses_what_it_cannot_import(tmp_path, exported):
