@@ -1,25 +1,31 @@
-"""Serving benchmark: dynamic batching on vs off, hot reload under load, a replica killed
-under load. An async HTTP load generator against the app it deploys (orchestrator/serving).
+"""Serving benchmark: continuous batching vs static batching vs none, hot reload under load,
+a replica killed under load. An async HTTP load generator against the app it deploys
+(orchestrator/serving).
 
-    python -m scripts.bench_serve                    # embedded local Ray, ~4 minutes
+    python -m scripts.bench_serve                    # embedded local Ray, ~6 minutes
     python -m scripts.bench_serve --address auto     # an existing cluster (`ray start`)
 
-Phases, same model and replica count for the first two:
-  1. batched    adaptive dynamic batching (max batch 32), `--concurrency` closed-loop clients
-  2. unbatched  the same replica reconfigured to batches of 1 (user_config, no restart)
-     1 and 2 alternate for `--rounds` rounds; QPS counts the answers that end inside each
-     round's measured window (after a warm-up, before the clients stop), over its length
-  3. reload     steady load; the checkpoint in user_config changes mid-run (hot reload):
-                failed requests, and the switch time = from the config update to the first
-                response carrying the new version
-  4. chaos      two replicas, steady load, one replica SIGKILLed (ray.kill) mid-run:
-                success rate
-plus the latency of a single client (no queueing) and, to explain the speedup, two ceilings
-measured on the same machine: the serving path without generation (GET /v1/models: proxy ->
-ingress -> model replica and back, at the same concurrency), and the model alone in this
-process (tokens/s of a batch of 1 vs a full batch, one thread as in a replica).
-Each request: a prompt of 8-40 bytes, `--max-tokens` greedy tokens. The last line printed is
-one JSON object with every figure.
+Phases, same model, same replica (reconfigured through user_config, no restart):
+  1. mixed load   `--concurrency` closed-loop clients; each request draws its prompt length
+                  (8-200 tokens) and max_tokens (8-128) from a seeded generator; greedy. Three
+                  settings alternate for `--rounds` rounds: continuous batching (the default),
+                  static batching (@serve.batch, whole requests, cap `--max-batch-size`, the
+                  same as continuous's rows) and unbatched (static, batches of 1). QPS counts
+                  the answers that end inside each round's measured window (after a warm-up,
+                  before the clients stop; requests still running then are abandoned);
+  2. equal load   the same three, one round: every prompt 8-40 tokens, `--max-tokens` tokens
+                  (the load of earlier measurements);
+  3. reload       steady load; the checkpoint in user_config changes mid-run (hot reload):
+                  failed requests, and the switch time = from the config update to the first
+                  response carrying the new version;
+  4. chaos        two replicas, steady load, one replica SIGKILLed (ray.kill) mid-run:
+                  success rate.
+Every `--stream-every`-th client streams (stream_options.include_usage): time to first token
+(TTFT: to the first event) and time per output token (TPOT: the rest of the stream over the
+tokens after the first) come from those; latency from all. Plus the latency of a single client
+and two ceilings on the same machine: the serving path without generation (GET /v1/models) and
+the model alone in this process (tokens/s of a batch of 1 vs a full batch, one thread).
+The last line printed is one JSON object with every figure.
 """
 from __future__ import annotations
 
@@ -42,6 +48,24 @@ APP = "bench-gpt"
 MODEL = "orchestrator-gpt"
 PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the orchestrator places "
                "workers on heterogeneous nodes and serves completions.")
+LONG_TEXT = (PROMPT_TEXT + " ") * 4  # prompts of the mixed load: slices of up to 200 bytes
+MODES = ("continuous", "static", "unbatched")
+
+
+@dataclass(frozen=True)
+class Load:
+    """What each request asks: prompt length and max_tokens ranges (inclusive)."""
+
+    prompt: tuple[int, int]
+    max_tokens: tuple[int, int]
+
+    def draw(self, rng: random.Random) -> tuple[str, int]:
+        length = rng.randint(*self.prompt)
+        start = rng.randrange(0, len(LONG_TEXT) - length)
+        return LONG_TEXT[start:start + length], rng.randint(*self.max_tokens)
+
+
+MIXED = Load((8, 200), (8, 128))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,17 +77,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reload-checkpoint", default=None,
                    help="model to hot-reload to (default: a second fresh GPT)")
     p.add_argument("--model-size", default="small", choices=("tiny", "small", "medium"))
-    p.add_argument("--context", type=int, default=128, help="block size of fresh models")
+    p.add_argument("--context", type=int, default=512, help="block size of fresh models")
     p.add_argument("--concurrency", type=int, default=64, help="clients in phases 1-2")
     p.add_argument("--steady-concurrency", type=int, default=16, help="clients in phases 3-4")
     p.add_argument("--duration", type=float, default=12.0,
-                   help="measured seconds of each phase-1 and phase-2 round")
+                   help="measured seconds of each mixed-load round of each setting")
+    p.add_argument("--equal-duration", type=float, default=8.0,
+                   help="measured seconds of each equal-load setting")
     p.add_argument("--rounds", type=int, default=2,
-                   help="alternating rounds of phases 1 and 2 (a drifting machine hits both)")
-    p.add_argument("--warmup", type=float, default=2.0,
+                   help="alternating rounds of the mixed load (a drifting machine hits all)")
+    p.add_argument("--warmup", type=float, default=3.0,
                    help="seconds of load before a phase's measured window")
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=16, help="of the equal load")
+    p.add_argument("--model-alone-seconds", type=float, default=8.0,
+                   help="seconds of each in-process mixed-load round per batching mode")
+    p.add_argument("--stream-every", type=int, default=8,
+                   help="every n-th client streams (TTFT and TPOT are measured on those)")
+    p.add_argument("--max-batch-size", type=int, default=64,
+                   help="rows of continuous batching, batch cap of static batching")
     p.add_argument("--max-concurrent-batches", type=int, default=None,
                    help="batches a replica runs at once (default: the app's, 1)")
     p.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
@@ -77,6 +108,8 @@ class Result:
     status: int
     version: str = ""
     error: str = ""
+    ttft: float | None = None  # streamed requests: seconds to the first event
+    tpot: float | None = None  # streamed requests: seconds per output token after the first
 
     @property
     def ok(self) -> bool:
@@ -131,22 +164,26 @@ def app_config(port: int, initial: str, checkpoint: str, replicas: int, batching
 
 
 async def client_loop(session, base: str, until: float, results: list[Result],
-                      rng: random.Random, max_tokens: int | None) -> None:
-    """One closed-loop client: POST a completion (or GET /v1/models when max_tokens is None),
-    wait for the answer, repeat."""
+                      rng: random.Random, load: Load | None, stream: bool = False) -> None:
+    """One closed-loop client: POST a completion drawn from `load` (or GET /v1/models when
+    load is None), wait for the whole answer, repeat."""
     import aiohttp
 
     while time.monotonic() < until:
-        start = rng.randrange(0, len(PROMPT_TEXT) - 40)
-        prompt = PROMPT_TEXT[start:start + rng.randrange(8, 41)]
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
         began = time.monotonic()
         try:
-            if max_tokens is None:
-                request = session.get(f"{base}/v1/models")
-            else:
-                request = session.post(f"{base}/v1/completions", json=body)
-            async with request as response:
+            if load is None:
+                async with session.get(f"{base}/v1/models") as response:
+                    await response.read()
+                    results.append(Result(began, time.monotonic(), response.status))
+                continue
+            prompt, max_tokens = load.draw(rng)
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+                    "temperature": 0}
+            if stream:
+                results.append(await _streamed(session, base, body, began))
+                continue
+            async with session.post(f"{base}/v1/completions", json=body) as response:
                 data = await response.json(content_type=None)
                 results.append(Result(began, time.monotonic(), response.status,
                                       data.get("system_fingerprint", "") or "",
@@ -155,24 +192,59 @@ async def client_loop(session, base: str, until: float, results: list[Result],
             results.append(Result(began, time.monotonic(), 0, "", f"{type(e).__name__}: {e}"))
 
 
-async def run_load(base: str, concurrency: int, seconds: float, max_tokens: int | None,
-                   during=None, warmup_s: float = 0.0) -> Run:
+async def _streamed(session, base: str, body: dict, began: float) -> Result:
+    """One streamed completion: its TTFT (to the first event) and TPOT (the rest of the
+    stream over the tokens after the first, counted by the usage event)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    first, version, tokens = None, "", 0
+    async with session.post(f"{base}/v1/completions", json=body) as response:
+        if response.status != 200:
+            text = await response.text()
+            return Result(began, time.monotonic(), response.status, error=text[:200])
+        async for line in response.content:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                return Result(began, time.monotonic(), -1, error=json.dumps(event)[:200])
+            if first is None and event.get("choices"):
+                first = time.monotonic()
+            version = event.get("system_fingerprint") or version
+            tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+    ended = time.monotonic()
+    tpot = (ended - first) / (tokens - 1) if first is not None and tokens > 1 else None
+    return Result(began, ended, 200, version, ttft=None if first is None else first - began,
+                  tpot=tpot)
+
+
+async def run_load(base: str, concurrency: int, seconds: float, load: Load | None,
+                   during=None, warmup_s: float = 0.0, stream_every: int = 0,
+                   abandon_after_s: float | None = None) -> Run:
     """`concurrency` closed-loop clients for `warmup_s` + `seconds`; `during()` runs alongside
-    (the reload or the kill)."""
+    (the reload or the kill). With `abandon_after_s`, requests still running that long after
+    the window are abandoned (their connections closed): they could not count any more, and
+    a queue of slow unbatched requests would take minutes to drain."""
     import aiohttp
 
     results: list[Result] = []
     began = time.monotonic()
     until = began + warmup_s + seconds
     connector = aiohttp.TCPConnector(limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=60)
+    timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        tasks = [asyncio.create_task(client_loop(session, base, until, results,
-                                                 random.Random(i), max_tokens))
-                 for i in range(concurrency)]
-        if during is not None:
-            tasks.append(asyncio.create_task(during()))
-        await asyncio.gather(*tasks)
+        tasks = [asyncio.create_task(client_loop(
+            session, base, until, results, random.Random(i), load,
+            stream=bool(stream_every) and i % stream_every == stream_every - 1))
+            for i in range(concurrency)]
+        extra = [asyncio.create_task(during())] if during is not None else []
+        if abandon_after_s is None:
+            await asyncio.gather(*tasks, *extra)
+        else:
+            await asyncio.sleep(max(until - time.monotonic(), 0))
+            await asyncio.wait(tasks, timeout=abandon_after_s)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, *extra, return_exceptions=True)
     return Run(results, began + warmup_s, until)
 
 
@@ -203,20 +275,87 @@ def model_alone(checkpoint: str, batch: int, max_tokens: int) -> dict:
     return figures
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (0-1) of `values` in ms, nearest rank below; None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+
+
+def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 2) -> dict:
+    """QPS of the served model in this process, one thread, on the mixed load with `rows`
+    requests always outstanding (a closed loop without HTTP): continuous batching (the
+    engine refilled as rows finish) vs static batching (batches of `rows` decoded to their
+    end, generation.generate), alternating rounds of `seconds` each. What the batching modes
+    can give on this machine before the serving path takes its share."""
+    import torch
+
+    from orchestrator.serving.engine import ContinuousEngine, EngineLimits
+    from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
+    from orchestrator.serving.loading import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    loaded = load_model(checkpoint)
+    rng = random.Random(0)
+
+    def request() -> GenerationRequest:
+        prompt, max_tokens = MIXED.draw(rng)
+        return GenerationRequest(tuple(loaded.tokenizer.encode(prompt)),
+                                 SamplingParams(max_tokens, 0.0))
+
+    def static() -> float:
+        began, done = time.perf_counter(), 0
+        while time.perf_counter() - began < seconds:
+            generate(loaded.model, [request() for _ in range(rows)], loaded.block_size)
+            done += rows
+        return done / (time.perf_counter() - began)
+
+    def continuous() -> float:
+        engine = ContinuousEngine(loaded.model, loaded.block_size, loaded.tokenizer,
+                                  EngineLimits.sized_for(rows, loaded.block_size, 16, 256))
+        for key in range(rows):
+            engine.add(key, request())
+        # Timed from the steady state (as a closed loop runs): after `rows` have finished,
+        # not while the first `rows` prompts are all prefilled at once.
+        began, done, key = None, 0, rows
+        while began is None or time.perf_counter() - began < seconds:
+            for _, chunk in engine.step():
+                if chunk.finish_reason:
+                    done, key = done + 1, key + 1
+                    engine.add(key, request())
+            if began is None and done >= rows:
+                began, done = time.perf_counter(), 0
+        return done / (time.perf_counter() - began)
+
+    qps: dict[str, list[float]] = {"continuous": [], "static": []}
+    try:
+        for _ in range(rounds):
+            qps["continuous"].append(continuous())
+            qps["static"].append(static())
+    finally:
+        torch.set_num_threads(threads)
+    return {mode: round(statistics.mean(values), 2) for mode, values in qps.items()}
+
+
 def summarize(name: str, runs: list[Run]) -> dict:
-    """Requests and failures over whole runs; QPS and latency over their windows (runs of the
-    same setting in alternating rounds add up)."""
+    """Requests and failures over whole runs; QPS, latency, TTFT and TPOT over their windows
+    (runs of the same setting in alternating rounds add up)."""
     results = [r for run in runs for r in run.results]
     measured = [r for run in runs for r in run.measured()]
     ok = sum(r.ok for r in results)
-    latencies = sorted((r.ended - r.started) * 1000 for r in measured)
+    latencies = [r.ended - r.started for r in measured]
+    ttft = [r.ttft for r in measured if r.ttft is not None]
+    tpot = [r.tpot for r in measured if r.tpot is not None]
     figures = {"phase": name, "requests": len(results), "ok": ok,
                "failed": len(results) - ok,
                "qps": round(len(measured) / sum(run.seconds for run in runs), 1),
-               "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
-               "p99_ms": round(latencies[min(len(latencies) - 1,
-                                             int(0.99 * len(latencies)))], 1)
-               if latencies else None}
+               "p50_ms": (round(statistics.median(latencies) * 1000, 1)
+                          if latencies else None),
+               "p99_ms": percentile(latencies, 0.99),
+               "ttft_p50_ms": percentile(ttft, 0.5), "ttft_p99_ms": percentile(ttft, 0.99),
+               "tpot_p50_ms": percentile(tpot, 0.5), "tpot_p99_ms": percentile(tpot, 0.99)}
     errors = sorted({r.error for r in results if not r.ok})[:3]
     print(f"{name:>10}: {figures}" + (f" errors: {errors}" if errors else ""), flush=True)
     return figures
@@ -276,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     out["model_alone_batching_gain"] = round(
         alone[args.max_batch_size]["tokens_per_s"] / alone[1]["tokens_per_s"], 2)
     print(f"model alone: {alone}", flush=True)
+    mixed_alone = model_alone_mixed(first, args.max_batch_size, args.model_alone_seconds)
+    out["model_alone_mixed_qps"] = mixed_alone
+    out["model_alone_continuous_vs_static_qps"] = ratio(mixed_alone["continuous"],
+                                                        mixed_alone["static"])
+    print(f"model alone, mixed load: {mixed_alone}", flush=True)
 
     # Not the replicas' logs: one access-log line per request (thousands) would bury the
     # figures, and this process, which also runs the load, would spend CPU printing them.
@@ -285,54 +429,73 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     port = args.port or free_port()
     base = f"http://127.0.0.1:{port}"
-    batched = {"adaptive_batching": True, "min_batch_size": 4,
-               "max_batch_size": args.max_batch_size, "max_batch_wait_ms": 10}
-    unbatched = {"adaptive_batching": False, "min_batch_size": 1, "max_batch_size": 1,
-                 "max_batch_wait_ms": 0}
+    settings = {
+        "continuous": {"batching": "continuous", "max_batch_size": args.max_batch_size},
+        "static": {"batching": "static", "adaptive_batching": True, "min_batch_size": 4,
+                   "max_batch_size": args.max_batch_size, "max_batch_wait_ms": 10},
+        "unbatched": {"batching": "static", "adaptive_batching": False, "min_batch_size": 1,
+                      "max_batch_size": 1, "max_batch_wait_ms": 0}}
+    batched = settings["continuous"]
+    equal = Load((8, 40), (args.max_tokens, args.max_tokens))
 
     def deploy(checkpoint: str, replicas: int, batching: dict) -> None:
         deploy_config(app_config(port, first, checkpoint, replicas, batching,
                                  args.max_batch_size, args.max_concurrent_batches))
         wait_for_app(APP, replicas={"GPTModel": replicas})
 
-    def load(concurrency: int, seconds: float, max_tokens: int | None = args.max_tokens,
-             during=None, warmup_s: float = args.warmup) -> Run:
-        return asyncio.run(run_load(base, concurrency, seconds, max_tokens, during, warmup_s))
+    def load(concurrency: int, seconds: float, kind: Load | None = equal, during=None,
+             warmup_s: float = args.warmup, stream_every: int = 0,
+             abandon_after_s: float | None = None) -> Run:
+        return asyncio.run(run_load(base, concurrency, seconds, kind, during, warmup_s,
+                                    stream_every, abandon_after_s))
 
     def stats() -> dict:
         return serve.get_deployment_handle("GPTModel", app_name=APP) \
             .replica_stats.remote().result(timeout_s=10)
 
+    def compare(name: str, kind: Load, rounds: int, seconds: float) -> dict:
+        """The three settings on the same replica and load, alternating for `rounds`."""
+        runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
+        sizes: dict[str, Counter] = {mode: Counter() for mode in MODES}
+        for _ in range(rounds):
+            for mode in MODES:  # alternating: a drift of the shared machine falls on all
+                deploy(first, 1, settings[mode])
+                before = stats()
+                runs[mode].append(load(args.concurrency, seconds, kind,
+                                       stream_every=args.stream_every, abandon_after_s=2.0))
+                sizes[mode].update(batch_sizes_since(before, stats()))
+        figures: dict = {}
+        for mode in MODES:
+            phase = summarize(f"{name} {mode}", runs[mode])
+            count = sum(sizes[mode].values())
+            print(f"   {mode} passes: {count}, rows per pass "
+                  f"{dict(sorted(sizes[mode].items()))}", flush=True)
+            figures.update({f"{key}_{mode}": phase[key] for key in (
+                "qps", "p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
+                "tpot_p99_ms", "failed")})
+            figures[f"mean_rows_per_pass_{mode}"] = round(
+                sum(k * n for k, n in sizes[mode].items()) / max(count, 1), 2)
+        figures["continuous_vs_static_qps"] = ratio(figures["qps_continuous"],
+                                                    figures["qps_static"])
+        figures["batching_speedup"] = ratio(figures["qps_continuous"],
+                                            figures["qps_unbatched"])
+        figures["static_batching_speedup"] = ratio(figures["qps_static"],
+                                                   figures["qps_unbatched"])
+        return figures
+
     try:
         deploy(first, 1, batched)
         load(8, 3)  # warm-up
-        phase = summarize("ceiling", [load(args.concurrency, 8, max_tokens=None)])
+        phase = summarize("ceiling", [load(args.concurrency, 5, None)])
         out["qps_without_generation"] = phase["qps"]
 
-        phase = summarize("one client", [load(1, 8)])  # latency without queueing
+        phase = summarize("one client", [load(1, 6)])  # latency without queueing
         out.update(p50_ms_one_client=phase["p50_ms"], p99_ms_one_client=phase["p99_ms"])
 
-        batched_runs, unbatched_runs, sizes = [], [], Counter()
-        for _ in range(args.rounds):
-            # Alternating rounds: a drift in this shared machine's speed falls on both.
-            deploy(first, 1, batched)
-            before = stats()
-            batched_runs.append(load(args.concurrency, args.duration))
-            sizes.update(batch_sizes_since(before, stats()))
-            deploy(first, 1, unbatched)  # the same replica, reconfigured
-            unbatched_runs.append(load(args.concurrency, args.duration))
-        phase = summarize("batched", batched_runs)
-        print(f"   batches: {sum(sizes.values())}, sizes {dict(sorted(sizes.items()))}",
-              flush=True)
-        out.update(qps_batched=phase["qps"], p50_ms=phase["p50_ms"], p99_ms=phase["p99_ms"],
-                   largest_batch=max(sizes, default=0),
-                   mean_batch=round(sum(k * n for k, n in sizes.items())
-                                    / max(sum(sizes.values()), 1), 2))
-        phase = summarize("unbatched", unbatched_runs)
-        out.update(qps_unbatched=phase["qps"], p50_ms_unbatched=phase["p50_ms"],
-                   p99_ms_unbatched=phase["p99_ms"])
-        out["batching_speedup"] = (round(out["qps_batched"] / out["qps_unbatched"], 2)
-                                   if out["qps_unbatched"] else None)
+        out.update(compare("mixed", MIXED, args.rounds, args.duration))
+        out["mixed_load"] = {"prompt_tokens": list(MIXED.prompt),
+                             "max_tokens": list(MIXED.max_tokens), "context": args.context}
+        out["equal_length"] = compare("equal", equal, 1, args.equal_duration)
 
         deploy(first, 1, batched)
         applied: dict[str, float] = {}
@@ -344,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                 port, first, second, 1, batched, args.max_batch_size,
                 args.max_concurrent_batches))
 
-        run = load(args.steady_concurrency, 15, during=reload, warmup_s=0)
+        run = load(args.steady_concurrency, 15, MIXED, during=reload, warmup_s=0)
         summarize("reload", [run])
         results = run.results
         new_version = wait_for_checkpoint(base, second)
@@ -361,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
             print(f"     chaos: killed {victim}", flush=True)
 
-        run = load(args.steady_concurrency, 20, during=kill, warmup_s=0)
+        run = load(args.steady_concurrency, 20, MIXED, during=kill, warmup_s=0)
         summarize("chaos", [run])
         results = run.results
         out["chaos_requests"] = len(results)
@@ -373,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     print(json.dumps(out))
     return 0
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
 
 
 def _get(url: str) -> str:

@@ -20,6 +20,7 @@ read off its projection, so layers may differ.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -52,9 +53,10 @@ class BlockPool:
 
 
 class PagedKVCache:
-    """Keys and values of every layer in `num_blocks` x `block_tokens` slots; slot
-    `b * block_tokens + i` is position i of block b. A layer's tensors are allocated at its
-    first write, shaped by what that layer's attention produces (heads, head_dim)."""
+    """Keys and values of every layer in `num_blocks` blocks of `block_tokens` positions:
+    layer l's tensor is (num_blocks, block_tokens, 2, heads, head_dim), keys at [.., 0, ..]
+    and values at [.., 1, ..], so one gather of whole blocks reads both. It is allocated at
+    the layer's first write, shaped by what that layer's attention produces."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_tokens: int,
                  device: torch.device | str = "cpu") -> None:
@@ -63,8 +65,7 @@ class PagedKVCache:
         self.pool = BlockPool(num_blocks)
         self.block_tokens = block_tokens
         self.device = torch.device(device)
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.layers: list[torch.Tensor | None] = [None] * num_layers
 
     @property
     def capacity_tokens(self) -> int:
@@ -74,20 +75,26 @@ class PagedKVCache:
         return math.ceil(positions / self.block_tokens)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: (tokens, heads, head_dim) for the slots (tokens,)."""
-        if self.keys[layer] is None:
-            shape = (self.capacity_tokens, *k.shape[1:])
-            self.keys[layer] = torch.zeros(shape, dtype=k.dtype, device=self.device)
-            self.values[layer] = torch.zeros(shape, dtype=v.dtype, device=self.device)
-        self.keys[layer][slots] = k
-        self.values[layer][slots] = v
+        """k, v: (tokens, heads, head_dim) for the slots (tokens,); slot = block *
+        block_tokens + offset."""
+        if self.layers[layer] is None:
+            self.layers[layer] = torch.zeros(
+                (self.pool.num_blocks, self.block_tokens, 2, *k.shape[1:]), dtype=k.dtype,
+                device=self.device)
+        flat = self.layers[layer].view(-1, 2, *k.shape[1:])
+        flat[slots] = torch.stack((k, v), dim=1)
 
-    def slots(self, blocks: list[int], start: int, stop: int) -> torch.Tensor:
-        """The slots of positions start..stop-1 of a sequence with this block table."""
-        positions = torch.arange(start, stop)
-        table = torch.tensor(blocks, dtype=torch.long)
-        return table[positions // self.block_tokens] * self.block_tokens \
-            + positions % self.block_tokens
+    def gather(self, layer: int, table: torch.Tensor) -> torch.Tensor:
+        """The blocks of `table` (rows, blocks) as (rows, blocks * block_tokens, 2, heads,
+        head_dim): each row's positions in order (a copy; the pool is not touched)."""
+        pool = self.layers[layer]
+        rows, width = table.shape
+        return pool.index_select(0, table.reshape(-1)).view(rows, width * self.block_tokens,
+                                                            *pool.shape[2:])
+
+    def slot(self, blocks: tuple[int, ...], position: int) -> int:
+        return blocks[position // self.block_tokens] * self.block_tokens \
+            + position % self.block_tokens
 
 
 @dataclass(frozen=True)
@@ -101,25 +108,37 @@ class Segment:
 
 
 class _DecodeGroup:
-    """Index tensors of the decoding rows (one new token each), built once per step and used
-    by every layer: which packed token is each row's query, and the slots of its keys padded
-    to the longest row, with a mask of the real ones."""
+    """Decoding rows (one new token each) of similar length, attended together: which packed
+    token is each row's query, its block table padded to the group's longest row, and the
+    mask of real keys. Built once per step and used by every layer."""
 
     def __init__(self, cache: PagedKVCache, segments: list[Segment], token_index: list[int],
                  device: torch.device) -> None:
-        bt = cache.block_tokens
         lengths = torch.tensor([s.start + 1 for s in segments])
         longest = int(lengths.max())
-        width = math.ceil(longest / bt)
-        table = torch.zeros((len(segments), width), dtype=torch.long)
-        for r, s in enumerate(segments):
-            table[r, :len(s.blocks[:width])] = torch.tensor(s.blocks[:width], dtype=torch.long)
-        slots = (table.unsqueeze(2) * bt + torch.arange(bt)).view(len(segments), -1)
-        self.key_slots = slots[:, :longest].to(device)
+        width = cache.blocks_for(longest)
+        self.table = torch.tensor([list(s.blocks[:width]) + [0] * (width - len(s.blocks[:width]))
+                                   for s in segments], dtype=torch.long, device=device)
+        self.longest = longest
         key_positions = torch.arange(longest)
-        self.valid = (key_positions.unsqueeze(0) < lengths.unsqueeze(1)).to(device)  # (B, L)
+        valid = key_positions.unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
+        self.allowed = valid.unsqueeze(1).to(device)  # (B, 1 query, L)
         self.distance = ((lengths - 1).unsqueeze(1) - key_positions).unsqueeze(1).to(device)
         self.token_index = torch.tensor(token_index, device=device)
+
+
+def decode_groups(lengths: list[int], spread: float = 1.5) -> list[list[int]]:
+    """Indices of rows split into groups of similar length (longest first), a group's longest
+    at most `spread` times its shortest: every row of a group is padded to its longest, and
+    the padding costs copies and attention work for nothing."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[groups[-1][0]] <= spread * max(lengths[i], 1):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
@@ -138,16 +157,18 @@ def paged_forward(model: torch.nn.Module, cache: PagedKVCache,
     logits (segments, vocab) at each segment's last token."""
     device = cache.device
     tokens = torch.tensor([t for s in segments for t in s.tokens], device=device)
-    positions = torch.cat([torch.arange(s.start, s.start + len(s.tokens)) for s in segments])
-    slots = torch.cat([cache.slots(list(s.blocks), s.start, s.start + len(s.tokens))
-                       for s in segments]).to(device)
-    ends = torch.tensor([len(s.tokens) for s in segments]).cumsum(0)
+    positions = torch.tensor([p for s in segments
+                              for p in range(s.start, s.start + len(s.tokens))], device=device)
+    slots = torch.tensor([cache.slot(s.blocks, p) for s in segments
+                          for p in range(s.start, s.start + len(s.tokens))], device=device)
+    ends = list(itertools.accumulate(len(s.tokens) for s in segments))
     decoding = [i for i, s in enumerate(segments) if len(s.tokens) == 1]
-    decode = (_DecodeGroup(cache, [segments[i] for i in decoding],
-                           [int(ends[i]) - 1 for i in decoding], device) if decoding else None)
-    prefills = [(s, int(ends[i]) - len(s.tokens)) for i, s in enumerate(segments)
+    groups = [_DecodeGroup(cache, [segments[decoding[j]] for j in group],
+                           [ends[decoding[j]] - 1 for j in group], device)
+              for group in decode_groups([segments[i].start + 1 for i in decoding])]
+    prefills = [(s, ends[i] - len(s.tokens)) for i, s in enumerate(segments)
                 if len(s.tokens) > 1]
-    x = model.drop(model.tok_emb(tokens) + model.pos_emb(positions.to(device)))
+    x = model.drop(model.tok_emb(tokens) + model.pos_emb(positions))
     count = x.size(0)
     for layer, block in enumerate(model.blocks):
         attn = block.attn
@@ -157,21 +178,19 @@ def paged_forward(model: torch.nn.Module, cache: PagedKVCache,
         q, k, v = qkv.view(count, 3, heads, width // heads).unbind(1)  # (N, H, D) each
         cache.write(layer, slots, k, v)
         y = torch.empty_like(q)
-        if decode is not None:
-            keys = cache.keys[layer][decode.key_slots].transpose(1, 2)  # (B, H, L, D)
-            values = cache.values[layer][decode.key_slots].transpose(1, 2)
-            query = q[decode.token_index].unsqueeze(2)  # (B, H, 1, D)
-            out = _attend(query, keys, values, decode.valid.unsqueeze(1), decode.distance,
-                          attn.span)
-            y[decode.token_index] = out.squeeze(2)
+        for group in groups:
+            kv = cache.gather(layer, group.table)[:, :group.longest]  # (B, L, 2, H, D)
+            keys, values = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+            query = q[group.token_index].unsqueeze(2)  # (B, H, 1, D)
+            out = _attend(query, keys, values, group.allowed, group.distance, attn.span)
+            y[group.token_index] = out.squeeze(2)
         for segment, first in prefills:
-            y[first:first + len(segment.tokens)] = _prefill_attention(
-                cache, layer, segment, q[first:first + len(segment.tokens)],
-                k[first:first + len(segment.tokens)], v[first:first + len(segment.tokens)],
-                attn.span, device)
+            end = first + len(segment.tokens)
+            y[first:end] = _prefill_attention(cache, layer, segment, q[first:end],
+                                              k[first:end], v[first:end], attn.span, device)
         x = x + attn.proj(y.reshape(count, width))
         x = x + block.mlp(block.ln2(x))
-    last = (ends - 1).to(device)
+    last = torch.tensor([e - 1 for e in ends], device=device)
     return model.lm_head(model.ln_f(x[last]))
 
 
@@ -181,8 +200,10 @@ def _prefill_attention(cache: PagedKVCache, layer: int, segment: Segment, q: tor
     own keys when it starts the sequence, else the cached ones up to its end."""
     time, start = q.size(0), segment.start
     if start:
-        key_slots = cache.slots(list(segment.blocks), 0, start + time).to(device)
-        k, v = cache.keys[layer][key_slots], cache.values[layer][key_slots]
+        width = cache.blocks_for(start + time)
+        table = torch.tensor([segment.blocks[:width]], dtype=torch.long, device=device)
+        kv = cache.gather(layer, table)[0, :start + time]
+        k, v = kv[:, 0], kv[:, 1]
     q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, T|L, D)
     if span is None and not start:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)[0].transpose(0, 1)

@@ -175,13 +175,13 @@ def test_running_rows_are_never_moved_or_copied_as_the_batch_changes(model):
     eng.step()
     (stay,) = eng.running
     blocks = list(stay.blocks)
-    storage = eng.cache.keys[0].data_ptr()
+    storage = eng.cache.layers[0].data_ptr()
     for step in range(20):
         if step % 3 == 0:
             eng.add(step, greedy(b"visitor %d" % step, 2 + step % 4))
         eng.step()
         assert stay.blocks == blocks  # its block table is never changed
-    assert eng.cache.keys[0].data_ptr() == storage  # the pool is never reallocated
+    assert eng.cache.layers[0].data_ptr() == storage  # the pool is never reallocated
     assert eng.stats.admitted == 8 and eng.stats.finished >= 5
 
 
@@ -268,3 +268,14 @@ def test_layers_of_different_widths_are_served(model):
     out = run_to_completion(engine(pruned), [greedy(b"pruned", 8), greedy(b"ok", 5)])
     assert out[0][1] == reference_greedy(pruned, b"pruned", 8)
     assert out[1][1] == reference_greedy(pruned, b"ok", 5)
+
+
+def test_decoding_rows_are_grouped_by_length_to_limit_padding():
+    from orchestrator.serving.paged import decode_groups
+
+    lengths = [10, 300, 12, 290, 150, 11, 1]
+    groups = decode_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        assert max(lengths[i] for i in group) <= 1.5 * min(lengths[i] for i in group)
+    assert len(groups) == 4  # {300, 290}, {150}, {12, 11, 10}, {1}
