@@ -1,0 +1,58 @@
+"""The training loop on the user's data: memory-mapped shards (exact resume still holds) and
+--init-from a Hugging Face GPT-2 directory."""
+import torch
+
+from orchestrator.config import TrainConfig
+from orchestrator.hf_export import export_gpt2
+from orchestrator.tokenizer import ByteTokenizer
+from orchestrator.training.checkpoint import load_checkpoint
+from orchestrator.training.data_plan import plan_data, tokenize_in_process
+from orchestrator.training.loop import train
+from orchestrator.training.model import GPT, GPTConfig
+from orchestrator.training.session import LocalSession
+
+CPU = torch.device("cpu")
+
+
+def shards_config(tmp_path, **overrides) -> TrainConfig:
+    (tmp_path / "data").mkdir()
+    for i in range(3):
+        (tmp_path / "data" / f"{i}.txt").write_text("\n\n".join(
+            f"file {i} paragraph {j}: a short line of text." for j in range(80)))
+    plan = plan_data([str(tmp_path / "data")], cache_root=str(tmp_path / "cache"))
+    tokenize_in_process(plan, shard_tokens=2000, say=lambda _: None)
+    return TrainConfig(model_size="tiny", seq_len=32, batch_size=4, warmup_steps=0,
+                       log_every=2, checkpoint_every=2, data_cache=plan.cache_uri,
+                       data_key=plan.key, vocab_size=plan.tokenizer.vocab_size,
+                       tokenizer_sha256=plan.tokenizer.sha256, **overrides)
+
+
+def test_training_on_shards_resumes_to_the_same_weights(tmp_path):
+    # A constant schedule: a cosine one depends on max_steps, which the first leg changes.
+    config = shards_config(tmp_path, max_steps=6, dropout=0.1, lr_schedule="constant")
+    full = train(config, LocalSession(tmp_path / "a", device=CPU))
+    assert full["loss"] < full["first_loss"] and full["held_out_loss"] > 0
+    train(TrainConfig(**{**config.to_dict(), "max_steps": 4}),
+          LocalSession(tmp_path / "b", device=CPU))
+    resumed = train(config, LocalSession(tmp_path / "b", device=CPU))
+    assert resumed["start_step"] == 4
+    a = load_checkpoint(LocalSession(tmp_path / "a").checkpoints()[-1])["model"]
+    b = load_checkpoint(LocalSession(tmp_path / "b").checkpoints()[-1])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["tok_emb.weight"].shape[0] == 257  # the byte tokenizer's vocabulary, with EOT
+
+
+def test_init_from_starts_from_the_hugging_face_weights(tmp_path):
+    config = TrainConfig(model_size="tiny", seq_len=32, batch_size=2, max_steps=1, lr=0.0,
+                         min_lr=0.0, warmup_steps=0, vocab_size=257,
+                         tokenizer_sha256=ByteTokenizer().sha256)
+    torch.manual_seed(99)  # other weights than the run's own initialisation (seed 1337)
+    source = GPT(GPTConfig.from_train_config(config, vocab_size=257))
+    export_gpt2(source, ByteTokenizer(), tmp_path / "hf")
+    init = TrainConfig(**{**config.to_dict(), "init_from": str(tmp_path / "hf")})
+    train(init, LocalSession(tmp_path / "run", device=CPU))  # lr 0: the weights stay put
+    trained = load_checkpoint(LocalSession(tmp_path / "run").checkpoints()[-1])["model"]
+    assert all(torch.equal(trained[k], v) for k, v in source.state_dict().items())
+    train(config, LocalSession(tmp_path / "plain", device=CPU))
+    plain = load_checkpoint(LocalSession(tmp_path / "plain").checkpoints()[-1])["model"]
+    assert not torch.equal(plain["tok_emb.weight"], source.state_dict()["tok_emb.weight"])
