@@ -127,7 +127,7 @@ class _DecodeGroup:
         self.token_index = torch.tensor(token_index, device=device)
 
 
-def decode_groups(lengths: list[int], spread: float = 1.5) -> list[list[int]]:
+def decode_groups(lengths: list[int], spread: float = 1.25) -> list[list[int]]:
     """Indices of rows split into groups of similar length (longest first), a group's longest
     at most `spread` times its shortest: every row of a group is padded to its longest, and
     the padding costs copies and attention work for nothing."""

@@ -277,5 +277,5 @@ def test_decoding_rows_are_grouped_by_length_to_limit_padding():
     groups = decode_groups(lengths)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     for group in groups:
-        assert max(lengths[i] for i in group) <= 1.5 * min(lengths[i] for i in group)
+        assert max(lengths[i] for i in group) <= 1.25 * min(lengths[i] for i in group)
     assert len(groups) == 4  # {300, 290}, {150}, {12, 11, 10}, {1}
