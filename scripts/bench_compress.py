@@ -1,17 +1,27 @@
 """Benchmark the compression pipeline on a model whose Linear layers dominate (~20M params).
 
-    python -m scripts.bench_compress            # about 10-15 minutes on 2 CPU cores
+    python -m scripts.bench_compress --work ~/.cache/bench-compress   # teacher cached there
 
-Trains its own teacher first (a 6-layer, 528-wide GPT, 20.3M parameters, 250 steps on the
-project's corpus: no download, no checkpoint needed), then runs the same pipeline as
-jobs/compress.py (prune -> QAT -> int8 export, with pure distillation: alpha 0) and measures
-original vs int8 on this machine's CPU. The last stdout line is one JSON object:
+Trains its own teacher first (a 6-layer, 528-wide GPT, 20.3M parameters, on the project's
+corpus: no download, no checkpoint needed; cached under --work), then runs the same pipeline
+as jobs/compress.py (structured pruning of 30% of the block parameters -> QAT -> int8 export,
+with pure distillation: alpha 0) and, with --student-size, the pipeline again on a smaller
+student distilled from the teacher (its own row). Every latency is the median of rounds in
+which the models take turns, at the same thread count, on this machine's CPU. The last stdout
+line is one JSON object:
 
-    size_ratio          original fp32 weights bytes / int8 ONNX bytes        (target >= 3.5)
-    latency_ratio       original (torch fp32) / int8 (ONNX Runtime), CPU     (target >= 2)
-    latency_ratio_vs_onnx_fp32  the same against the original in ONNX Runtime fp32
-    ppl_original, ppl_int8, ppl_increase_pct   held-out perplexity          (target <= 5%)
-    sparsity            zeros in the int8 block Linear weights              (target >= 0.30)
+    latency_ratio_vs_onnx_fp32          original in ONNX Runtime fp32 / int8 in ONNX Runtime,
+                                        at 1 x 64 tokens                       (target >= 2)
+    latency_ratio_vs_onnx_fp32_batched  the same at 16 x 64
+    latency_ratio_vs_onnx_fp32_decode   the same for one decode step (KV cache, 63 cached)
+    latency_ratio_vs_onnx_fp32_by_shape every shape, incl. a 16-row decode step
+    faster_int8_scheme_by_shape         dynamic or static activation scales, per shape
+    size_ratio          original fp32 weights bytes / int8 ONNX bytes          (target >= 4)
+    ppl_original, ppl_int8, ppl_increase_pct   held-out perplexity            (target <= 5%)
+    sparsity            fraction of the block parameters removed               (target >= 0.30)
+    decode_ms           one decode step per model and runtime (torch and ONNX Runtime)
+    student             the distilled smaller student's row (with --student-size)
+    cpu_isa             the widest int8 instruction set of the CPU the figures were taken on
 """
 from __future__ import annotations
 
@@ -59,10 +69,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # inflate latency_ratio. On a quiet machine pass --threads 2.
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--latency-batch", type=int, default=1)
+    p.add_argument("--latency-batched", type=int, default=16)
     p.add_argument("--latency-seq", type=int, default=64)
     p.add_argument("--latency-repeats", type=int, default=30)
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--prune-structure", default="both",
+                   choices=("both", "heads", "channels", "unstructured"))
+    p.add_argument("--student-size", default=None,
+                   help="also distil a student of this preset (tiny, small, medium) from the "
+                   "teacher and compress it: its own row")
+    p.add_argument("--distill-steps", type=int, default=150)
     p.add_argument("--work", help="keep the teacher and the pipeline's outputs here (a rerun "
                    "reuses them); default: a temporary directory, deleted at the end")
     return p.parse_args(argv)
@@ -92,49 +109,87 @@ def teacher_model(args: argparse.Namespace, work: Path) -> GPT:
     return model.eval()
 
 
+def compress_config(args: argparse.Namespace, **overrides) -> CompressConfig:
+    settings = dict(
+        prune_steps=args.prune_steps, prune_every=max(1, args.prune_steps // 8),
+        prune_structure=args.prune_structure, qat_steps=args.qat_steps, alpha=args.alpha,
+        lr=args.lr, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
+        latency_batch=args.latency_batch, latency_batched=args.latency_batched,
+        latency_seq=args.latency_seq, latency_repeats=args.latency_repeats,
+        eval_tokens=args.eval_tokens, checkpoint_every=25, log_every=20, device="cpu")
+    return CompressConfig(**{**settings, **overrides})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    # The same thread count for training and every runtime measured: on a shared 2-core
+    # machine a second OpenMP thread that loses its core stalls every op at a barrier.
+    torch.set_num_threads(args.threads)
     work = Path(args.work).expanduser().resolve() if args.work else Path(
         tempfile.mkdtemp(prefix="bench-compress-"))
     work.mkdir(parents=True, exist_ok=True)
+    student_report = None
     try:
+        cached = (work / "teacher.pt").is_file()
         teacher = teacher_model(args, work)
         teacher_seconds = time.perf_counter() - started
         params = sum(p.numel() for p in teacher.parameters())
         source = {"checkpoint": None, "sha256": weights_digest(teacher),
                   "model_size": f"bench {args.n_layer}x{args.n_embd}", "params": params,
                   "step": args.teacher_steps}
-        config = CompressConfig(
-            prune_steps=args.prune_steps, prune_every=max(1, args.prune_steps // 8),
-            qat_steps=args.qat_steps, alpha=args.alpha, lr=args.lr,
-            batch_size=args.batch_size, seed=args.seed, threads=args.threads,
-            latency_batch=args.latency_batch, latency_seq=args.latency_seq,
-            latency_repeats=args.latency_repeats, eval_tokens=args.eval_tokens,
-            checkpoint_every=25, log_every=20, device="cpu")
-        report = run_pipeline(teacher, source, config, work / "compressed")
+        report = run_pipeline(teacher, source, compress_config(args), work / "compressed")
+        if args.student_size:
+            student_report = run_pipeline(
+                teacher, source, compress_config(args, student_size=args.student_size,
+                                                 distill_steps=args.distill_steps),
+                work / f"student-{args.student_size}")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(bench_result(args, report, student_report, params, cached,
+                                  teacher_seconds, time.perf_counter() - started)))
+    return 0
+
+
+def bench_result(args, report, student_report, params, cached, teacher_seconds, total):
     rows = {r["model"]: r for r in report["rows"]}
+    summary = report["summary"]
+    by_shape = summary.get("latency_ratio_vs_onnx_fp32_by_shape", {})
+    shapes = list(report["latency_setup"]["shapes"])
+    prefill, batched = shapes[0], next((s for s in shapes[1:] if not s.startswith("decode")),
+                                       None)
+    decode = next(s for s in shapes if s.startswith("decode"))
     result = {
-        **report["summary"],
+        **{k: v for k, v in summary.items()},
+        "latency_ratio_vs_onnx_fp32_batched": by_shape.get(batched),
+        "latency_ratio_vs_onnx_fp32_decode": by_shape.get(decode),
+        "latency_ms": {name: row["latency_ms_by_shape"] for name, row in rows.items()},
+        "decode_ms": {name: row["latency_ms_by_shape"][decode] for name, row in rows.items()},
         "params": params,
         "size_original_bytes": rows["original"]["size_bytes"],
         "size_int8_bytes": rows["int8"]["size_bytes"],
-        "latency_original_ms": rows["original"]["latency_ms"],
-        "latency_int8_ms": rows["int8"]["latency_ms"],
-        "latency_original_onnx_fp32_ms": rows.get("original-onnx", {}).get("latency_ms"),
-        "latency_shape": [args.latency_batch, report["latency_setup"]["seq_len"]],
-        "threads": args.threads,
-        "alpha": args.alpha,
+        "shapes": shapes, "primary_shape": prefill,
+        "threads": args.threads, "alpha": args.alpha, "prune_structure": args.prune_structure,
+        "teacher_steps": args.teacher_steps, "prune_steps": args.prune_steps,
+        "qat_steps": args.qat_steps,
         "ppl_pruned": rows["pruned"]["perplexity"],
+        "cpu_isa": report["latency_setup"]["cpu"]["isa"],
         "load_average_1min": report["latency_setup"]["cpu"]["load_average_1min"],
+        "teacher_cached": cached,
         "teacher_seconds": round(teacher_seconds, 1),
-        "total_seconds": round(time.perf_counter() - started, 1),
+        "total_seconds": round(total, 1),
     }
-    print(json.dumps(result))
-    return 0
+    if student_report is not None:
+        srows = {r["model"]: r for r in student_report["rows"]}
+        result["student"] = {
+            "size": args.student_size,
+            "distilled": {k: srows["distilled"][k] for k in
+                          ("size_bytes", "latency_ms_by_shape", "perplexity")},
+            "int8": {k: srows["int8"][k] for k in
+                     ("size_bytes", "latency_ms_by_shape", "perplexity")},
+            "summary": student_report["summary"]}
+    return result
 
 
 if __name__ == "__main__":

@@ -195,12 +195,64 @@ def int8_decode_onnx(directory: Path, out_path: Path) -> Path:
     return out_path
 
 
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, names: list[str], batches: list[torch.Tensor]
+                          ) -> dict[str, tuple[float, int]]:
+    """Static activation quantization's constants: name -> (scale, uint8 zero point) of each
+    quantized Linear's input, from its min/max over the calibration batches, with 0 exactly
+    representable (as DynamicQuantizeLinear does per call)."""
+    low: dict[str, float] = {}
+    high: dict[str, float] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            low[name] = min(low.get(name, 0.0), float(x.min()))
+            high[name] = max(high.get(name, 0.0), float(x.max()))
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
+    try:
+        for idx in batches:
+            model(idx)
+    finally:
+        for handle in handles:
+            handle.remove()
+    constants = {}
+    for name in names:
+        scale = (high[name] - low[name]) / 255 or 1.0
+        constants[name] = (scale, int(min(max(round(-low[name] / scale), 0), 255)))
+    return constants
+
+
+def static_int8_onnx(directory: Path, out_dir: Path, batches: list[torch.Tensor]
+                     ) -> tuple[Path, Path]:
+    """The int8 export's integers with *static* activation scales (calibrated on `batches`):
+    (forward graph, decode graph) under `out_dir`, for comparing static against dynamic
+    quantization in ONNX Runtime. Not an artifact: QAT trained the dynamic scheme."""
+    state = load_tensors(Path(directory) / TORCH_FILE)
+    twin = twin_from_int8_state(state)
+    linears = {n: (q, state["scales"][n]) for n, q in state["int8"].items()}
+    constants = calibrate_activations(twin, list(linears), batches)
+    paths = []
+    for kind, exporter in (("forward", export_fp32_onnx), ("decode", export_decode_onnx)):
+        fp32_path = out_dir / f"static.{kind}.fp32.onnx"
+        exporter(twin, fp32_path, "int8 model (static)")
+        paths.append(out_dir / f"static.{kind}.onnx")
+        quantize_onnx_linears(fp32_path, paths[-1], linears, static=constants)
+        fp32_path.unlink()
+    return paths[0], paths[1]
+
+
 def quantize_onnx_linears(fp32_path: Path, int8_path: Path,
-                          linears: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, int]:
+                          linears: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                          static: dict[str, tuple[float, int]] | None = None) -> dict[str, int]:
     """Rewrite each MatMul whose weight is a quantized Linear's into the int8 pattern.
 
-    `linears`: name -> (int8 weight (out, in), scales (out,)). Returns name -> number of
-    MatMuls rewritten; every name must be found at least once."""
+    `linears`: name -> (int8 weight (out, in), scales (out,)). `static`: name -> (activation
+    scale, zero point) calibrated beforehand: the input is quantized with these constants
+    (QuantizeLinear) instead of its own run-time range (DynamicQuantizeLinear). Returns
+    name -> number of MatMuls rewritten; every name must be found at least once."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -242,9 +294,18 @@ def quantize_onnx_linears(fp32_path: Path, int8_path: Path,
             added.add(name)
         x, out = node.input[0], node.output[0]
         tag = f"{name}/{rewritten[name]}"
+        if static is None:
+            quant = helper.make_node("DynamicQuantizeLinear", [x], [
+                f"{tag}/x_q", f"{tag}/x_scale", f"{tag}/x_zp"], name=f"{tag}/quant")
+        else:
+            scale, zero_point = static[name]
+            graph.initializer.extend([
+                numpy_helper.from_array(np.array(scale, dtype=np.float32), f"{tag}/x_scale"),
+                numpy_helper.from_array(np.array(zero_point, dtype=np.uint8), f"{tag}/x_zp")])
+            quant = helper.make_node("QuantizeLinear", [x, f"{tag}/x_scale", f"{tag}/x_zp"],
+                                     [f"{tag}/x_q"], name=f"{tag}/quant")
         nodes += [
-            helper.make_node("DynamicQuantizeLinear", [x], [f"{tag}/x_q", f"{tag}/x_scale",
-                                                            f"{tag}/x_zp"], name=f"{tag}/quant"),
+            quant,
             helper.make_node("MatMulInteger", [f"{tag}/x_q", w_q, f"{tag}/x_zp", w_zp],
                              [f"{tag}/acc"], name=f"{tag}/matmul_int8"),
             helper.make_node("Cast", [f"{tag}/acc"], [f"{tag}/acc_f"], to=TensorProto.FLOAT,

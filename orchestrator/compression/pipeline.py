@@ -32,7 +32,7 @@ from orchestrator.compression.config import CompressConfig, resume_conflicts
 from orchestrator.compression.finetune import Plan, PruneSchedule, finetune
 from orchestrator.compression.report import build_report, format_table
 from orchestrator.config import MODEL_PRESETS, ConfigError
-from orchestrator.training.data import load_corpus, split_corpus
+from orchestrator.training.data import get_batch, load_corpus, split_corpus
 from orchestrator.training.loop import say
 from orchestrator.training.model import GPT, GPTConfig
 
@@ -43,7 +43,7 @@ MASKS_FILE = "masks.pt"
 STAGE_FILE = "stage.json"
 # Data stream per fine-tune (get_batch's `rank`): each stage draws its own batches, none of
 # them the pretraining workers' (ranks 0..N).
-STREAMS = {"distill": 101, "prune": 102, "qat": 103}
+STREAMS = {"distill": 101, "prune": 102, "qat": 103, "calibrate": 104}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -297,6 +297,13 @@ def stage_export(run: Run, student: GPT) -> Path:
     return int8_dir
 
 
+def calibration_batches(run: Run, count: int = 4) -> list[torch.Tensor]:
+    """Training batches (their own stream) that calibrate static activation scales."""
+    return [get_batch(run.train_tokens, run.config.batch_size, run.seq_len,
+                      seed=run.config.seed, rank=STREAMS["calibrate"], step=step)[0].cpu()
+            for step in range(count)]
+
+
 def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, out: Path,
                  log: Callable[[str], None] = say) -> dict[str, Any]:
     """Every stage not yet finished under `out`, then the report (also written to
@@ -347,7 +354,7 @@ def _run_stages(teacher: GPT, source: dict[str, Any], config: CompressConfig, ou
                           pruned_file=out / "pruned" / WEIGHTS_FILE, int8_dir=int8_dir,
                           config=config, eval_seq_len=seq_len, held_out=held_out, log=log,
                           fp32_onnx=fp32_onnx, dense_config=shape_to_compress(teacher, config),
-                          student=distilled)
+                          student=distilled, calibration=calibration_batches(run))
     report.update({"stages": {k: v for k, v in stages.items() if v is not None},
                    "source": source, "config": config.to_dict(),
                    "artifacts": {"int8_dir": str(int8_dir),

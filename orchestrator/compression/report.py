@@ -14,7 +14,8 @@ from orchestrator.compression import measure, structured
 from orchestrator.compression.config import CompressConfig
 from orchestrator.compression.export import (ONNX_FILE, TORCH_FILE, export_decode_onnx,
                                              export_fp32_onnx, int8_decode_onnx,
-                                             load_int8_model, load_onnx_model, ort_session)
+                                             load_int8_model, load_onnx_model, ort_session,
+                                             OnnxInt8Model, static_int8_onnx)
 
 COLUMNS = ("model", "runtime", "size_bytes", "latency_ms", "perplexity", "sparsity")
 
@@ -103,12 +104,14 @@ def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path
                  original_file: Path, pruned_file: Path, int8_dir: Path,
                  config: CompressConfig, eval_seq_len: int, held_out: torch.Tensor,
                  log, fp32_onnx: Path | None = None, dense_config=None,
-                 student: tuple[torch.nn.Module, Path] | None = None) -> dict[str, Any]:
+                 student: tuple[torch.nn.Module, Path] | None = None,
+                 calibration: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """Measure every model the same way. `fp32_onnx`: the original already exported to ONNX
     (the pipeline's up-front export check), reused for the ONNX Runtime fp32 baseline.
     `dense_config`: the shape pruning started from (sparsity is measured against it).
     `student`: the distilled smaller student (model, weights file) before pruning, its own
-    row."""
+    row. `calibration`: training batches; given, the int8 integers are also timed with static
+    activation scales calibrated on them (row int8-static), to compare the two schemes."""
     teacher, pruned = teacher.cpu().eval(), pruned.cpu().eval()
     dense_config = dense_config or teacher.config
     threads_before = torch.get_num_threads()
@@ -123,6 +126,10 @@ def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path
         log("report: exporting the int8 model's decode step to ONNX")
         onnx = {"int8": (int8_dir / ONNX_FILE,
                          int8_decode_onnx(int8_dir, scratch / "int8.decode.onnx"))}
+        if calibration:
+            log("report: int8 with static activation scales (calibrated on training batches)")
+            onnx["int8-static"] = static_int8_onnx(int8_dir, scratch, calibration)
+            static_size = measure.size_bytes(onnx["int8-static"][0])
         if config.onnx_baseline:
             if not fp32_onnx.is_file():
                 log("report: exporting the original to ONNX (fp32 baseline for the latency)")
@@ -139,7 +146,9 @@ def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path
         log(f"report: held-out perplexity on {inputs.numel():,} tokens never trained on")
         evaluated = {"original": teacher, "pruned": pruned,
                      "int8": load_onnx_model(int8_dir, config.threads), "int8-torch": torch_int8,
-                     **({"distilled": torch_models["distilled"]} if student else {})}
+                     **({"distilled": torch_models["distilled"]} if student else {}),
+                     **({"int8-static": OnnxInt8Model(onnx["int8-static"][0], config.threads)}
+                        if calibration else {})}
         ppl = {name: measure.perplexity(m, inputs, targets, config.eval_batch_size)
                for name, m in evaluated.items()}
     finally:
@@ -162,6 +171,9 @@ def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path
         rows.append(_row("distilled", "torch fp32",
                          measure.size_bytes(student[1]), latency["distilled"],
                          ppl["distilled"], 0.0, primary))
+    if calibration:
+        rows.append(_row("int8-static", "onnxruntime int8 st", static_size,
+                         latency["int8-static"], ppl["int8-static"], int8_sparsity, primary))
     original, int8 = rows[0], rows[2]
     summary = {
         "size_ratio": round(original["size_bytes"] / int8["size_bytes"], 3),
@@ -178,6 +190,12 @@ def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path
                     for shape in latency["int8"]}
         summary["latency_ratio_vs_onnx_fp32"] = by_shape[primary]
         summary["latency_ratio_vs_onnx_fp32_by_shape"] = by_shape
+    if "int8-static" in latency:
+        # Which activation scheme ONNX Runtime runs faster at each shape (the artifact and QAT
+        # use dynamic; a shape where static wins is named here).
+        summary["faster_int8_scheme_by_shape"] = {
+            shape: "static" if latency["int8-static"][shape] < latency["int8"][shape]
+            else "dynamic" for shape in latency["int8"]}
     return {"rows": rows, "summary": summary,
             "latency_setup": {"shapes": {k: list(v) for k, v in
                                          shapes(config, teacher.config.block_size).items()},

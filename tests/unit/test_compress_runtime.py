@@ -1,0 +1,67 @@
+"""The ONNX Runtime side of the report: single-token decode graphs with a KV cache, and int8
+with static (calibrated) activation scales. One tiny narrow model, exported once."""
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.compression import export, measure
+from orchestrator.compression.prune import prunable_names
+from orchestrator.training.model import GPT, GPTConfig
+
+NARROW = GPTConfig(block_size=16, n_layer=2, n_head=4, n_embd=32, mlp_hidden=(50, 70),
+                   n_heads_per_layer=(4, 2))
+
+
+@pytest.fixture(scope="module")
+def int8_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT(NARROW).eval()
+    directory = tmp_path_factory.mktemp("int8")
+    export.save_int8(directory, model, prunable_names(model))
+    return directory
+
+
+def test_the_int8_decode_graph_decodes_as_the_torch_int8_model_does(int8_dir, tmp_path):
+    import onnxruntime as ort
+
+    graph = export.int8_decode_onnx(int8_dir, tmp_path / "decode.onnx")
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    model = export.load_int8_model(int8_dir)
+    prompt = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(prompt[:, :-1], cache=cache)
+        expected, _ = model(prompt[:, -1:], cache=cache)
+    # The prefix's keys and values in, as serving's cache holds them: one step, same logits.
+    past = {f"past_{i}": t.numpy() for i, t in
+            enumerate(t for layer in cache.layers for t in (layer.keys[:, :, :-1],
+                                                             layer.values[:, :, :-1]))}
+    logits, *present = session.run(None, {"idx": prompt[:, -1:].numpy(),
+                                          "position": np.array([8]), **past})
+    assert np.abs(logits - expected.numpy()).max() < 2e-3
+    assert [p.shape for p in present] == [(3, 4, 9, 8)] * 2 + [(3, 2, 9, 8)] * 2
+    # The measuring helper feeds the graph the shapes its inputs declare.
+    step = measure.onnx_decode_step(session, export.past_shapes(model, 2, 5), 256, 6, seed=0)
+    assert step()[0].shape == (2, 1, 256)
+
+
+def test_static_activation_scales_cover_the_calibration_range_and_match_dynamic(int8_dir,
+                                                                              tmp_path):
+    from orchestrator.compression.export import OnnxInt8Model
+
+    batches = [torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(s))
+               for s in range(2)]
+    state = export.load_tensors(int8_dir / export.TORCH_FILE)
+    twin = export.twin_from_int8_state(state)
+    constants = export.calibrate_activations(twin, list(state["int8"]), batches)
+    for scale, zero_point in constants.values():
+        assert scale > 0 and 0 <= zero_point <= 255
+    forward, decode = export.static_int8_onnx(int8_dir, tmp_path, batches)
+    static = OnnxInt8Model(forward, threads=1)(batches[0])[0]
+    dynamic = export.load_onnx_model(int8_dir, threads=1)(batches[0])[0]
+    reference = twin(batches[0])[0].detach()
+    # Both schemes quantize the activations of the same integers: close to each other and to
+    # the float twin, on a batch inside the calibrated range.
+    assert (static - reference).abs().max() < 0.05
+    assert (static - dynamic).abs().max() < 0.05
+    assert decode.is_file()
