@@ -108,6 +108,25 @@ def test_invalid_values_name_the_field_and_write_nothing(tmp_path, capsys, flag,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args,layer", [
+    (("--prune-structure", "heads", "--prune-sparsity", "0.5"), "blocks.0.attn"),
+    (("--prune-structure", "channels", "--prune-scope", "per_layer", "--prune-sparsity",
+      "0.8"), "layer 0 (blocks.0.mlp)"),
+])
+def test_a_structured_amount_that_empties_a_layer_is_refused_naming_it(tmp_path, capsys, args,
+                                                                       layer):
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    code, err = run_job(capsys, "--checkpoint", str(checkpoint), "--out", str(out), *args)
+    assert code == 2 and layer in err and "would remove every" in err, err
+    assert not out.exists()
+    # The same amount with room in every layer passes the check (and is not refused).
+    from orchestrator.compression.structured import check_amount
+    from orchestrator.training.model import GPTConfig as Shape
+    check_amount(Shape(block_size=16, n_layer=2, n_head=2, n_embd=64), 0.1, args[1],
+                 "per_layer")
+
+
 def test_out_holding_something_else_is_left_alone(tmp_path, capsys):
     checkpoint = make_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "out"
