@@ -59,6 +59,8 @@ class SourceFile:
 
 @dataclass(frozen=True)
 class Document:
+    """One document of a source file: its text and where it is in the file."""
+
     text: str
     index: int  # position in its file (paragraph, line or row), for the held-out hash
     eos_after: bool  # end-of-text follows (every document but a .txt paragraph before the last)
