@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from orchestrator.serving.generation import Chunk, GenerationRequest, Row, sample_tokens
-from orchestrator.serving.paged import PagedKVCache, Segment, paged_forward
+from orchestrator.serving.paged import PagedKVCache, Segment, first_of_run, paged_forward
 from orchestrator.tokenizer import Tokenizer
 
 
@@ -83,6 +83,10 @@ class Sequence:
     blocks: list[int]
     pending: list[int]  # tokens not fed yet: the context at first, then the latest token
     fed: int = 0  # positions whose keys and values are in the cache
+
+    def __post_init__(self) -> None:
+        self.block_table = tuple(self.blocks)
+        self.first_block = first_of_run(self.blocks)
 
 
 @dataclass
@@ -206,8 +210,8 @@ class ContinuousEngine:
                     continue
                 budget -= take
                 self.stats.prefill_tokens += take
-            segments.append(Segment(tuple(sequence.blocks), sequence.fed,
-                                    tuple(sequence.pending[:take])))
+            segments.append(Segment(sequence.block_table, sequence.fed,
+                                    tuple(sequence.pending[:take]), sequence.first_block))
             sequence.pending = sequence.pending[take:]
             sequence.fed += take
             sampling.append(index if not sequence.pending else -1)

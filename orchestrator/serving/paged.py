@@ -31,25 +31,52 @@ from orchestrator.training.attention import biased_attention, span_bias
 
 
 class BlockPool:
-    """The free blocks of a paged cache: `allocate` takes blocks, `release` gives them back."""
+    """The free blocks of a paged cache: `allocate` takes blocks, `release` gives them back.
+
+    A request's blocks are taken at once, as one run of adjacent blocks when the pool has
+    one (first fit), else whichever are free: a row whose blocks are adjacent is attended in
+    place, without copying its keys (paged_forward), and any free blocks still serve a
+    request when the pool is fragmented."""
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
             raise ValueError(f"a paged KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._free_map = bytearray(b"\x01" * num_blocks)  # 1 = free; find() runs in C
+        self._free = num_blocks
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        return self._free
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise MemoryError(f"{count} KV blocks wanted, {len(self._free)} free")
-        return [self._free.pop() for _ in range(count)]
+        if count > self._free:
+            raise MemoryError(f"{count} KV blocks wanted, {self._free} free")
+        start = self._free_map.find(b"\x01" * count)
+        if start >= 0:
+            blocks = list(range(start, start + count))
+        else:  # fragmented: the lowest free blocks
+            blocks, at = [], -1
+            while len(blocks) < count:
+                at = self._free_map.find(1, at + 1)
+                blocks.append(at)
+        for block in blocks:
+            self._free_map[block] = 0
+        self._free -= count
+        return blocks
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        for block in blocks:
+            self._free_map[block] = 1
+        self._free += len(blocks)
+
+
+def first_of_run(blocks: tuple[int, ...] | list[int]) -> int | None:
+    """The first block when the blocks are one run of adjacent blocks, else None."""
+    if blocks and blocks[-1] - blocks[0] == len(blocks) - 1 and all(
+            b - a == 1 for a, b in zip(blocks, blocks[1:])):
+        return blocks[0]
+    return None
 
 
 class PagedKVCache:
@@ -92,6 +119,13 @@ class PagedKVCache:
         return pool.index_select(0, table.reshape(-1)).view(rows, width * self.block_tokens,
                                                             *pool.shape[2:])
 
+    def run_view(self, layer: int, first_block: int, positions: int) -> torch.Tensor:
+        """Positions 0..positions-1 of a sequence whose blocks are one run starting at
+        `first_block`, as (positions, 2, heads, head_dim): a view, nothing copied."""
+        pool = self.layers[layer]
+        start = first_block * self.block_tokens
+        return pool.view(-1, *pool.shape[2:])[start:start + positions]
+
     def slot(self, blocks: tuple[int, ...], position: int) -> int:
         return blocks[position // self.block_tokens] * self.block_tokens \
             + position % self.block_tokens
@@ -105,6 +139,7 @@ class Segment:
     blocks: tuple[int, ...]
     start: int
     tokens: tuple[int, ...]
+    first_block: int | None = None  # set when the blocks are one run (first_of_run)
 
 
 class _DecodeGroup:
@@ -162,10 +197,16 @@ def paged_forward(model: torch.nn.Module, cache: PagedKVCache,
     slots = torch.tensor([cache.slot(s.blocks, p) for s in segments
                           for p in range(s.start, s.start + len(s.tokens))], device=device)
     ends = list(itertools.accumulate(len(s.tokens) for s in segments))
+    # Decoding rows whose blocks are one run are attended in place, one call each; the
+    # others in groups of similar length, through a gather of their blocks.
     decoding = [i for i, s in enumerate(segments) if len(s.tokens) == 1]
-    groups = [_DecodeGroup(cache, [segments[decoding[j]] for j in group],
-                           [ends[decoding[j]] - 1 for j in group], device)
-              for group in decode_groups([segments[i].start + 1 for i in decoding])]
+    in_place = [i for i in decoding if segments[i].first_block is not None]
+    scattered = [i for i in decoding if segments[i].first_block is None]
+    groups = [_DecodeGroup(cache, [segments[scattered[j]] for j in group],
+                           [ends[scattered[j]] - 1 for j in group], device)
+              for group in decode_groups([segments[i].start + 1 for i in scattered])]
+    in_place_index = torch.tensor([ends[i] - 1 for i in in_place], dtype=torch.long,
+                                  device=device)
     prefills = [(s, ends[i] - len(s.tokens)) for i, s in enumerate(segments)
                 if len(s.tokens) > 1]
     x = model.drop(model.tok_emb(tokens) + model.pos_emb(positions))
@@ -178,6 +219,10 @@ def paged_forward(model: torch.nn.Module, cache: PagedKVCache,
         q, k, v = qkv.view(count, 3, heads, width // heads).unbind(1)  # (N, H, D) each
         cache.write(layer, slots, k, v)
         y = torch.empty_like(q)
+        if in_place:
+            y[in_place_index] = torch.cat([
+                _in_place_attention(cache, layer, segments[i], q[ends[i] - 1], attn.span,
+                                    device) for i in in_place])
         for group in groups:
             kv = cache.gather(layer, group.table)[:, :group.longest]  # (B, L, 2, H, D)
             keys, values = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
@@ -194,12 +239,29 @@ def paged_forward(model: torch.nn.Module, cache: PagedKVCache,
     return model.lm_head(model.ln_f(x[last]))
 
 
+def _in_place_attention(cache: PagedKVCache, layer: int, segment: Segment, q: torch.Tensor,
+                        span, device) -> torch.Tensor:
+    """One decoding row's attention (q: heads, head_dim) over its keys read in place:
+    (1, heads, head_dim)."""
+    length = segment.start + 1
+    kv = cache.run_view(layer, segment.first_block, length)
+    k, v = kv[:, 0].transpose(0, 1).unsqueeze(0), kv[:, 1].transpose(0, 1).unsqueeze(0)
+    query = q.unsqueeze(0).unsqueeze(2)  # (1, H, 1, D)
+    if span is None:
+        return F.scaled_dot_product_attention(query, k, v)[:, :, 0]
+    distance = (length - 1 - torch.arange(length, device=device)).view(1, 1, length)
+    return _attend(query, k, v, distance >= 0, distance, span)[:, :, 0]
+
+
 def _prefill_attention(cache: PagedKVCache, layer: int, segment: Segment, q: torch.Tensor,
                        k: torch.Tensor, v: torch.Tensor, span, device) -> torch.Tensor:
     """Causal attention of one prompt chunk (T, H, D) over its sequence so far: the chunk's
     own keys when it starts the sequence, else the cached ones up to its end."""
     time, start = q.size(0), segment.start
-    if start:
+    if start and segment.first_block is not None:
+        kv = cache.run_view(layer, segment.first_block, start + time)
+        k, v = kv[:, 0], kv[:, 1]
+    elif start:
         width = cache.blocks_for(start + time)
         table = torch.tensor([segment.blocks[:width]], dtype=torch.long, device=device)
         kv = cache.gather(layer, table)[0, :start + time]

@@ -9,7 +9,7 @@ import torch
 from orchestrator.serving.engine import (CapacityError, ContinuousEngine, EngineLimits,
                                          run_to_completion)
 from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
-from orchestrator.serving.paged import BlockPool
+from orchestrator.serving.paged import BlockPool, first_of_run
 from orchestrator.tokenizer import ByteTokenizer
 from orchestrator.training.model import GPT, GPTConfig
 from tests.support import one_thread
@@ -62,10 +62,11 @@ def alone(model, request: GenerationRequest) -> tuple[str, tuple[int, ...], str]
     return run_to_completion(engine(model), [request])[0]
 
 
-def staggered(eng: ContinuousEngine, arrivals: dict[int, list[GenerationRequest]]
-              ) -> tuple[dict, list[int]]:
+def staggered(eng: ContinuousEngine, arrivals: dict[int, list[GenerationRequest]],
+              seen: list | None = None) -> tuple[dict, list[int]]:
     """Add the requests arriving at each step number, step until all are done: the results
-    by request key (step, index), and the rows that ran in each step."""
+    by request key (step, index), and the rows that ran in each step (the running
+    sequences of each step appended to `seen`)."""
     out, rows = {}, []
     step = 0
     while step <= max(arrivals) or not eng.idle:
@@ -77,6 +78,8 @@ def staggered(eng: ContinuousEngine, arrivals: dict[int, list[GenerationRequest]
             out[key][1] += chunk.tokens
             out[key][2] = chunk.finish_reason or out[key][2]
         rows.append(len(eng.running))
+        if seen is not None:
+            seen.extend(eng.running)
         step += 1
     return {k: tuple(v) for k, v in out.items()}, rows
 
@@ -249,25 +252,49 @@ def test_multi_byte_tokens_decode_across_token_boundaries():
     assert row.accept(0).text == "" and row.accept(1).text == "\u20acA"
 
 
-def test_block_pool_hands_out_each_block_once():
-    pool = BlockPool(6)
+def test_block_pool_hands_out_each_block_once_in_runs_where_it_can():
+    pool = BlockPool(8)
     a, b = pool.allocate(2), pool.allocate(3)
-    assert len(set(a + b)) == 5 and pool.free == 1
+    assert (a, b) == ([0, 1], [2, 3, 4]) and pool.free == 3  # runs of adjacent blocks
     with pytest.raises(MemoryError):
-        pool.allocate(2)
+        pool.allocate(4)
     pool.release(a)
-    assert pool.free == 3 and set(pool.allocate(3)) == set(a) | (set(range(6)) - set(a + b))
+    # Free: 0, 1, 5, 6, 7. A run of 3 exists (5-7); a run of 4 does not: scattered blocks.
+    assert pool.allocate(3) == [5, 6, 7]
+    pool.release([5, 6, 7])
+    assert pool.allocate(4) == [0, 1, 5, 6] and pool.free == 1
+    assert first_of_run([5, 6, 7]) == 5 and first_of_run([0, 1, 5, 6]) is None
 
 
-@pytest.mark.skipif("n_heads_per_layer" not in GPTConfig.__dataclass_fields__,
-                    reason="GPTConfig has no per-layer widths yet")
-def test_layers_of_different_widths_are_served(model):
-    torch.manual_seed(1)
-    pruned = GPT(GPTConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=32,
-                           n_heads_per_layer=(1, 2), mlp_hidden=(16, 128))).eval()
-    out = run_to_completion(engine(pruned), [greedy(b"pruned", 8), greedy(b"ok", 5)])
-    assert out[0][1] == reference_greedy(pruned, b"pruned", 8)
-    assert out[1][1] == reference_greedy(pruned, b"ok", 5)
+def test_rows_in_scattered_blocks_decode_like_rows_in_runs(model):
+    # Fragment the pool so that some requests get scattered blocks (attended through a
+    # gather) and others runs (attended in place): every output is still its own alone.
+    # Step 0 fills all 24 blocks: four 1-block rows that end after 2 tokens, four 3-block
+    # rows, and an 8-block filler. At step 3 only blocks 0, 4, 8 and 12 are free: a 3-block
+    # request gets them scattered, a 1-block one a run.
+    limits = EngineLimits(max_rows=12, num_blocks=24, block_tokens=4, prefill_chunk_tokens=64)
+    eng = engine(model, limits)
+    arrivals = {0: [greedy(b"a%d" % i, 2 + 6 * (i % 2)) for i in range(8)]
+                + [greedy(b"filler", 27)],
+                3: [greedy(b"scattered", 4), seeded(b"zz", 3, seed=5)],
+                12: [greedy(b"late", 9)]}
+    seen: list = []
+    out, _ = staggered(eng, arrivals, seen)
+    assert eng.stats.admitted == 12
+    assert any(s.first_block is None for s in seen) and any(s.first_block is not None
+                                                            for s in seen)
+    for step, requests in arrivals.items():
+        for i, request in enumerate(requests):
+            assert out[(step, i)] == alone(model, request), (step, i)
+
+
+def test_the_late_requests_really_got_scattered_blocks():
+    pool = BlockPool(40)
+    held = [pool.allocate(3) for _ in range(8)]  # 24 blocks in runs
+    for blocks in held[::2]:
+        pool.release(blocks)  # holes of 3
+    pool.allocate(16)  # the tail run 24-39
+    assert first_of_run(pool.allocate(5)) is None  # no run of 5 left: scattered
 
 
 def test_decoding_rows_are_grouped_by_length_to_limit_padding():
