@@ -800,22 +800,19 @@ class SchedulerCore:
         total = t.gpus[:n] if per_gpu else t.cpus[:n]
         free = float(np.maximum(total - held, 0)[placeable].sum())
         need = float(head.spec.total_gpus if per_gpu else head.spec.total_cpus)
-        ends = []
-        for name, job in self.running.items():
-            end = job.expected_end(now)
-            if end is None:
-                continue
-            units = _units_on(self.state.reservations.get(name, ()), usable, self.state, per_gpu)
-            if units:
-                ends.append((end, units))
-        ends.sort()
         shadow = now if free >= need else None
-        for end, units in ends:
-            if shadow is not None:
-                break
-            free += units
-            if free >= need:
-                shadow = end
+        if shadow is None:
+            # Running jobs by expected end; their units on the head's nodes are counted only
+            # until enough are freed (most of a long running list is never looked at).
+            ends = [(end, name) for name, job in self.running.items()
+                    if (end := job.expected_end(now)) is not None]
+            ends.sort()
+            reservations = self.state.reservations
+            for end, name in ends:
+                free += _units_on(reservations.get(name, ()), usable, self.state, per_gpu)
+                if free >= need:
+                    shadow = end
+                    break
         extra = free - need if shadow is not None else 0.0
         return _HeadPlan(head.spec.name, usable, per_gpu, shadow, extra)
 
@@ -846,12 +843,14 @@ class SchedulerCore:
         searches = self.settings.preemption_searches_per_pass
         pool = self._victim_pool(now)
         # Per priority the highest level running there, to say "outranks nobody" in O(1):
-        # the common case (FIFO order, one priority class) costs one pass over the pool.
+        # the common case (FIFO order, one priority class) costs one pass over the pool and
+        # no sort.
         top_level: dict[int, int] = {}
         for priority, level, _ in pool:
             top_level[priority] = max(level, top_level.get(priority, -1))
         lowest = min(top_level, default=None)
         tried: set[tuple] = set()  # (priority, level, shape) that found no victims
+        in_victim_order = False
         for job in blocked[:MAX_BLOCKED_EXAMINED]:
             if searches == 0 or lowest is None:
                 break
@@ -864,6 +863,9 @@ class SchedulerCore:
             key = (priority, level, _shape(job.spec))
             if key in tried:
                 continue
+            if not in_victim_order:
+                self._sort_victims(pool, now)
+                in_victim_order = True
             candidates = [entry for entry in pool if entry[2].directive is None and (
                 entry[0] < priority or (entry[0] == priority and entry[1] > level))]
             searches -= 1
@@ -874,17 +876,22 @@ class SchedulerCore:
         return outcome
 
     def _victim_pool(self, now: float) -> list[tuple[int, int, RunningJob]]:
-        """(priority, service level, job) of the running jobs that may be preempted now, in
-        victim order: lowest priority, then highest level (most service received), then the
-        least work lost since their last checkpoint. Running jobs are ranked by levels only
-        under LAS (else level 0)."""
+        """(priority, service level, job) of the running jobs that may be preempted now.
+        Running jobs are ranked by levels only under LAS (else level 0)."""
         s = self.settings
-        las = self.queue.level is not None
-        pool = [(job.spec.priority, self._level(job.attained_s(now)) if las else 0, job)
+        # _level(attained_s) inlined: this runs for every running job on every pass.
+        thresholds = s.las_thresholds_gpu_s if self.queue.level is not None else ()
+        ready = self.queue.ready
+        return [(job.spec.priority,
+                 bisect.bisect_right(thresholds, (job.ran_s + now - job.started_at) * job.size)
+                 if thresholds else 0, job)
                 for name, job in self.running.items()
-                if job.directive is None and job.spec.preemptible
-                and name not in self.queue.ready and now - job.started_at >= s.min_run_s
-                and job.preemptions < s.max_preemptions]
+                if job.directive is None and job.spec.preemptible and name not in ready
+                and now - job.started_at >= s.min_run_s and job.preemptions < s.max_preemptions]
+
+    def _sort_victims(self, pool: list[tuple[int, int, RunningJob]], now: float) -> None:
+        """Victim order: lowest priority, then highest level (most service received), then
+        the fastest hardware, then the least work lost since the last checkpoint."""
         # Among equals, victims on the fastest hardware first: the job that preempts them has
         # received less service (is likely shorter) and should get it.
         speed = {f: self.typical_speed.get(f, 0.0) for f in self.state.table.families}
@@ -892,7 +899,6 @@ class SchedulerCore:
                                  if e[2].family is not None else
                                  -speed.get(self.running_family(e[2].spec.name), 0.0),
                                  now - (e[2].last_checkpoint_at or e[2].started_at)))
-        return pool
 
     def _preempt_for(self, job: QueuedJob, candidates: list[tuple[int, int, RunningJob]],
                      free_gpus: dict[int, int], now: float) -> Outcome:
@@ -990,14 +996,21 @@ class SchedulerCore:
         free = {f: free_gpus.get(code, 0) for f, code in self.state.table.families.items() if f}
         for family in self._families_wanted_by_queue(free):  # waiting jobs have first pick
             free.pop(family)
+        if not any(free.values()):
+            return outcome  # the common case under load: checked before any per-job work
+        room: dict[tuple, bool] = {}  # (faster families, GPUs) -> enough free there
         for name, job in list(self.running.items()):
-            if not any(free.values()):
-                break  # the common case under load: checked before any per-job work
-            if not job.spec.preemptible or not job.spec.gpus_per_worker:
+            key = job.migration_key
+            if key is None:
+                key = job.migration_key = self._migration_key(job)
+            if not key:
                 continue
-            faster = self._faster_families(job)
-            if not faster or sum(free.get(f, 0) for f in faster) < job.spec.total_gpus:
-                continue  # the common case when GPUs are free: a few look-ups per job
+            fits = room.get(key)
+            if fits is None:
+                fits = room[key] = sum(free.get(f, 0) for f in key[0]) >= key[1]
+            if not fits:
+                continue  # the common case when GPUs are free: a look-up per job
+            faster = key[0]
             seen = tuple(free.get(f, 0) for f in faster)
             if job.no_target_at is not None and all(
                     a <= b for a, b in zip(seen, job.no_target_at)):
@@ -1009,12 +1022,15 @@ class SchedulerCore:
             self.state.reserve(name + CLAIM_SUFFIX, target.reservations())
             new = self._family_of(target, job.spec)
             free[new] = free.get(new, 0) - job.spec.total_gpus
+            room.clear()
             current = self._family_of(job.placement, job.spec)
             reason = (f"migrating from {current} to {new}: expected "
                       f"{job.remaining_s(now):.0f}s left at {self.speed(job.spec, current):g}x, "
                       f"{self.speed(job.spec, new):g}x there")
             outcome.add(self._direct(name, MIGRATE, reason, now,
                                      target=dataclasses.replace(target, job_name=name)))
+            if not any(free.values()):
+                break
         return outcome
 
     def _families_wanted_by_queue(self, free: dict[str, int]) -> set[str]:
@@ -1025,6 +1041,14 @@ class SchedulerCore:
             if len(wanted) == len(free):
                 break
         return wanted
+
+    def _migration_key(self, job: RunningJob) -> tuple:
+        """(faster families, GPUs) of a job the migration scan looks at; () for one it never
+        moves (not preemptible, no GPUs, or nothing faster in the cluster)."""
+        if not job.spec.preemptible or not job.spec.gpus_per_worker:
+            return ()
+        faster = self._faster_families(job)
+        return (faster, job.spec.total_gpus) if faster else ()
 
     def _faster_families(self, job: RunningJob) -> tuple[str, ...]:
         """Families present that the job may use and runs faster on than where it runs

@@ -149,12 +149,18 @@ class RunningJob:
     family: str | None = field(default=None, compare=False, repr=False)
     speeds: dict = field(default_factory=dict, compare=False, repr=False)
     faster: tuple | None = field(default=None, compare=False, repr=False)  # families
+    # (faster families, GPUs) for the migration scan, () if it can never migrate.
+    migration_key: tuple | None = field(default=None, compare=False, repr=False)
     # Free GPUs on those families when it last found no migration target worth it.
     no_target_at: tuple | None = field(default=None, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        # Asked for every running job on every queue pass under LAS: worked out once.
+        self.size = service_size(self.spec)
+
     def attained_s(self, now: float) -> float:
         """Service received so far, this run included: run time x GPUs (workers for CPU)."""
-        return (self.ran_s + now - self.started_at) * service_size(self.spec)
+        return (self.ran_s + now - self.started_at) * self.size
 
     def remaining_s(self, now: float) -> float | None:
         """Expected seconds left, or None without an estimate (or past it)."""
