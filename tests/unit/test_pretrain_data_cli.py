@@ -82,3 +82,16 @@ def test_resuming_with_another_tokenizer_is_refused(tmp_path, capsys):
 def test_init_from_a_directory_without_a_model_is_named(tmp_path, capsys):
     assert f"--init-from {tmp_path}: no config.json" in refused(
         tmp_path, capsys, "--init-from", str(tmp_path))
+
+
+def test_resuming_on_other_data_is_refused(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("some paragraph of text\n\n" * 40)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    train = {**TrainConfig().to_dict(), "vocab_size": 257, "data_key": "0" * 64,
+             "tokenizer_sha256": ByteTokenizer().sha256}
+    (run_dir / "config.json").write_text(json.dumps({"train": train}))
+    code, err = run_pretrain("--resume", "--run-dir", str(run_dir), "--data",
+                             str(tmp_path / "data"), capsys=capsys)
+    assert code == 2 and "it was trained on other data (the --data files" in err
