@@ -199,6 +199,7 @@ def run(args: argparse.Namespace) -> dict | None:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
 
     # Ray is imported only once the input is known good: bad flags fail in well under a second.
+    from ray_layer.cluster import ClusterConnectionError
     from ray_layer.data_ingest import prepare_shards
     from ray_layer.launch import launch
     from ray_layer.train_session import train_under_ray
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> dict | None:
                 manifest, started_ray = prepare_shards(setup.plan, args.address,
                                                        args.ingest_workers)
                 check_trainable(manifest, train_config.seq_len, setup.plan.cache_uri)
-            except DataError as e:
+            except (DataError, ClusterConnectionError) as e:
                 raise JobFailed(str(e), EXIT_BAD_INPUT) from None
         # Written once the data is known good: a refused run leaves no run directory behind.
         _write_resolved_config(run_dir, train_config, spec, setup.tokenizer)
