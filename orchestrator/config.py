@@ -50,7 +50,12 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64},
     "small": {"n_layer": 4, "n_head": 4, "n_embd": 128},
     "medium": {"n_layer": 6, "n_head": 8, "n_embd": 256},
-    "large": {"n_layer": 12, "n_head": 12, "n_embd": 768},
+    "large": {"n_layer": 12, "n_head": 12, "n_embd": 768},  # GPT-2 small's shape (124M)
+    # GPT-2's larger shapes (355M, 774M, 1.5B parameters with GPT-2's 50,257-token vocabulary):
+    # for GPU clusters; `jobs/pretrain.py --dry-run` shows the memory a worker needs.
+    "gpt2-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024},
+    "gpt2-large": {"n_layer": 36, "n_head": 20, "n_embd": 1280},
+    "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600},
 }
 
 
