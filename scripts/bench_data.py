@@ -9,7 +9,8 @@
 - train_tokens_per_s_mmap / _memory: tokens/s of the training loop (`train`, LocalSession) on
   the memory-mapped shards and on the same tokens loaded in memory (same batches: batches are
   a function of seed, rank, step); mmap_vs_memory_train: the median of the ratios of
-  neighbouring runs (target >= 0.95).
+  neighbouring runs (target >= 0.95). batch_us_mmap / _memory: microseconds per `get_batch`
+  call on each, alternating rounds: the data path's own cost, free of the training noise.
 - time_to_first_step_s_uncached / _cached: jobs/pretrain.py on the same files, the first run
   (tokenizing pass included) and a second run (shards from the cache), each from the call to
   its first training step, after a warm-up run so both see a started control plane.
@@ -37,7 +38,7 @@ import torch  # noqa: E402
 from orchestrator.config import TrainConfig  # noqa: E402
 from orchestrator.tokenizer import save_tokenizer, train_bpe  # noqa: E402
 from orchestrator.training import loop  # noqa: E402
-from orchestrator.training.data import load_corpus  # noqa: E402
+from orchestrator.training.data import get_batch, load_corpus  # noqa: E402
 from orchestrator.training.data_plan import plan_data, tokenize_in_process  # noqa: E402
 from orchestrator.training.session import LocalSession  # noqa: E402
 from orchestrator.training.shards import open_shards  # noqa: E402
@@ -114,7 +115,23 @@ def training(corpus: Path, tokenizer_file: Path, work: Path, rounds: int, steps:
     mmap, memory = (statistics.median(rates[s]) for s in ("mmap", "memory"))
     paired = statistics.median(a / b for a, b in zip(rates["mmap"], rates["memory"]))
     return {"train_tokens_per_s_mmap": round(mmap), "train_tokens_per_s_memory": round(memory),
-            "mmap_vs_memory_train": round(paired, 3), "train_rounds": rounds}
+            "mmap_vs_memory_train": round(paired, 3), "train_rounds": rounds,
+            **batch_cost(config, train_stream, in_memory[0])}
+
+
+def batch_cost(config: TrainConfig, stream, tensor: torch.Tensor, calls: int = 300,
+               rounds: int = 5) -> dict:
+    """What the data path itself costs per step: `get_batch` on the shards and on the tensor,
+    alternating rounds of `calls` batches (a training step is ~1000x longer on this CPU)."""
+    times: dict[str, list[float]] = {"mmap": [], "memory": []}
+    for r in range(rounds):
+        for side, tokens in (("mmap", stream), ("memory", tensor)):
+            started = time.perf_counter()
+            for step in range(calls):
+                get_batch(tokens, config.batch_size, config.seq_len, seed=r, rank=0, step=step)
+            times[side].append((time.perf_counter() - started) / calls * 1e6)
+    return {"batch_us_mmap": round(statistics.median(times["mmap"]), 1),
+            "batch_us_memory": round(statistics.median(times["memory"]), 1)}
 
 
 def time_to_first_step(corpus: Path, tokenizer_file: Path, work: Path) -> dict:
