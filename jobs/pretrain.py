@@ -24,9 +24,11 @@ from orchestrator.tokenizer import TokenizerError, save_tokenizer
 from orchestrator.training.corpus import DataError
 from orchestrator.training.data_plan import (DataSetup, check_trainable, configure_data,
                                              default_cache_root, resume_data_conflicts)
-from orchestrator.job_exit import EXIT_BAD_INPUT, JobFailed, run_job
+from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed, run_job
 from orchestrator.runs import DEFAULT_RUNS_ROOT, RunDirError, resolve_run_dir
+from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
+from orchestrator.training.memory import memory_lines
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = TrainConfig()
@@ -39,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir (default: the latest run) from its "
                    "latest checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory a worker needs under DDP and FSDP and the placement "
+                   "the scheduler would give now; starts no training and writes no run directory")
     p.add_argument("--model-size", choices=list(MODEL_PRESETS), default=defaults.model_size)
     p.add_argument("--precision", choices=list(PRECISIONS), default=defaults.precision,
                    help="auto: bf16 on GPUs that support it, fp16 + loss scaling on older "
@@ -193,6 +198,8 @@ def run(args: argparse.Namespace) -> dict | None:
                                   dt.datetime.now())
         setup = resolve_data(args, run_dir)
         train_config, spec = build_configs(args, run_dir, setup.fields)
+        if args.dry_run:
+            return dry_run(train_config, spec, args.address)
         if args.resume and _already_complete(run_dir, train_config):
             return None
     except (ConfigError, RunDirError, DataError, TokenizerError, ExportError) as e:
@@ -229,6 +236,19 @@ def run(args: argparse.Namespace) -> dict | None:
             ray.shutdown()
     return _write_summary(launched.result, train_config, launched.placement, run_dir,
                           time.time() - started, launched.yields)
+
+
+def dry_run(train_config: TrainConfig, spec: JobSpec, address: str | None) -> None:
+    """Memory per worker and the placement the job would get now; nothing trained or written."""
+    from ray_layer.launch import dry_run_placement
+
+    for line in memory_lines(train_config, spec.num_workers, on_gpu=spec.gpus_per_worker > 0):
+        print(line)
+    decision = dry_run_placement(spec, address)
+    print(describe_decision(decision))
+    if not hasattr(decision, "worker_nodes"):
+        raise JobFailed("not placeable now (see above)", EXIT_NOT_PLACEABLE)
+    return None
 
 
 def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:

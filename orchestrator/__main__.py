@@ -24,6 +24,7 @@ from orchestrator.entrypoints import EntrypointError, load_entrypoint
 from orchestrator.inventory import GIB, NodeReport
 from orchestrator.job_exit import EXIT_BAD_INPUT, run_job
 from orchestrator.job_file import load_job_file
+from orchestrator.placement import describe_decision
 from orchestrator.runs import DEFAULT_RUNS_ROOT, read_metrics
 
 
@@ -133,20 +134,6 @@ def format_status(rows: list[dict[str, Any]], jobs: list[dict[str, Any]],
     for r in rows:
         for probe, error in r["probe_errors"].items():
             lines.append(f"probe error on {r['node_id'][:12]}: {probe}: {error}")
-    return "\n".join(lines)
-
-
-def format_decision(decision) -> str:
-    from orchestrator.placement import Rejection
-
-    if isinstance(decision, Rejection):
-        return decision.message
-    lines = [f"would place '{decision.job_name}': " + ", ".join(
-        f"worker {rank} -> node {node[:12]}" for rank, node in enumerate(decision.worker_nodes))]
-    if math.isfinite(decision.bottleneck_gbps):
-        lines.append(f"slowest link between chosen nodes: {decision.bottleneck_gbps:.2f} GB/s")
-    for node_id, why in sorted(decision.node_reasons.items()):
-        lines.append(f"  node {node_id[:12]}: {why}")
     return "\n".join(lines)
 
 
@@ -335,7 +322,7 @@ def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
             fields["bottleneck_gbps"] = None  # single node: no network link (strict JSON)
         print(json.dumps(fields, indent=2, default=str))
     else:
-        print(format_decision(decision))
+        print(describe_decision(decision))
     return 0 if hasattr(decision, "worker_nodes") else 3
 
 

@@ -612,3 +612,17 @@ def _rejection(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndar
     if len(state.table) > len(reasons):
         lines.append(f"  ... and {len(state.table) - len(reasons)} more node(s) not shown")
     return Rejection(spec.name, "\n".join(lines), reasons, fits_when_free)
+
+
+def describe_decision(decision: "Placement | Rejection") -> str:
+    """A placement as people read it (worker -> node, slowest link, why each node was or was
+    not used), or the rejection's message."""
+    if isinstance(decision, Rejection):
+        return decision.message
+    lines = [f"would place '{decision.job_name}': " + ", ".join(
+        f"worker {rank} -> node {node[:12]}" for rank, node in enumerate(decision.worker_nodes))]
+    if math.isfinite(decision.bottleneck_gbps):
+        lines.append(f"slowest link between chosen nodes: {decision.bottleneck_gbps:.2f} GB/s")
+    for node_id, why in sorted(decision.node_reasons.items()):
+        lines.append(f"  node {node_id[:12]}: {why}")
+    return "\n".join(lines)

@@ -47,11 +47,10 @@ class Launched:
     yields: list[dict]
 
 
-def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobSpec,
-           run_dir: Path, *, address: str | None, queue_timeout_s: float, max_failures: int,
-           keep_checkpoints: int = 3, runtime_env: dict | None = None) -> Launched:
-    """Place `spec`, run `train_fn(train_loop_config)` on every worker under Ray Train with
-    its checkpoints in `run_dir` (the run's name is the directory's name), and release."""
+@contextlib.contextmanager
+def connected_scheduler(address: str | None, runtime_env: dict | None = None):
+    """The scheduler actor, on the cluster at `address` (an embedded local Ray when there is
+    none, shut down on exit); JobFailed when neither comes up."""
     try:
         started_ray = connect(address, runtime_env)
     except ClusterConnectionError as e:
@@ -62,6 +61,24 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
         except (ray.exceptions.RayError, TimeoutError) as e:
             raise JobFailed(f"the scheduler or a node agent did not come up: {e}",
                             EXIT_NOT_PLACEABLE) from None
+        yield scheduler
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def dry_run_placement(spec: JobSpec, address: str | None):
+    """The placement `spec` would get now (a Placement or a Rejection), reserving nothing."""
+    with connected_scheduler(address) as scheduler:
+        return ray.get(scheduler.place.remote(spec, "", True, True))  # dry run, explained
+
+
+def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobSpec,
+           run_dir: Path, *, address: str | None, queue_timeout_s: float, max_failures: int,
+           keep_checkpoints: int = 3, runtime_env: dict | None = None) -> Launched:
+    """Place `spec`, run `train_fn(train_loop_config)` on every worker under Ray Train with
+    its checkpoints in `run_dir` (the run's name is the directory's name), and release."""
+    with connected_scheduler(address, runtime_env) as scheduler:
         driver = PlacedRun(scheduler, spec, queue_timeout_s)
         trainer_for = _trainer_factory(train_fn, train_loop_config, spec, run_dir, driver.owner,
                                        queue_timeout_s, max_failures, keep_checkpoints)
@@ -75,9 +92,6 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
             warning = driver.release()
             if warning:
                 print(f"warning: {warning}", file=sys.stderr)
-    finally:
-        if started_ray:
-            ray.shutdown()
     return Launched(result, placement, driver.yields)
 
 

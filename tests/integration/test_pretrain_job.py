@@ -110,3 +110,17 @@ def test_span_and_hierarchical_accumulation_resume_exactly_under_ray_train(clust
     b = load_checkpoint(resumed["checkpoint"])["model"]
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def test_dry_run_prints_memory_and_placement_and_starts_nothing(cluster, tmp_path, capsys):
+    run_dir = tmp_path / "dry"
+    assert pretrain.main([*TINY, "--num-workers", "3", "--dry-run",
+                          "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "DDP over 3 worker(s)" in out and "FSDP over 3 worker(s)" in out
+    placed = re.search(r"would place 'dry': (.*)", out).group(1)
+    assert placed.count("-> node") == 3
+    assert not run_dir.exists()  # no run directory, no checkpoint, no summary
+    assert pretrain.main([*TINY, "--num-workers", "50", "--dry-run",
+                          "--run-dir", str(tmp_path / "big")]) == EXIT_NOT_PLACEABLE
+    assert "needs 50 worker(s)" in capsys.readouterr().out

@@ -1,0 +1,132 @@
+"""How much accelerator memory one training worker needs, before anything is placed.
+
+An estimate from the model's shape and the run's settings, per worker, under DDP (every
+worker holds everything) and FSDP (parameters, gradients and optimizer state sharded over the
+workers; one block's parameters gathered at a time, the next one prefetched):
+
+- parameters: fp32 master weights, 4 bytes each (autocast computes in bf16/fp16 from them);
+- gradients: fp32, 4 bytes each; DDP adds its gradient buckets (another 4 bytes each, as
+  `gradient_as_bucket_view` is off), and hierarchical accumulation may set a group's pending
+  gradients aside (up to 4 more);
+- optimizer: AdamW's two fp32 moments, 8 bytes per parameter;
+- autocast's low-precision copies of the weights in use (2 bytes each under bf16/fp16);
+- activations kept for the backward pass, per layer s·b·h·34 bytes at 16 bits (Korthikanti
+  et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", with the
+  attention matrix not stored, as SDPA's fused kernels do; twice that in fp32), plus the
+  logits and their fp32 loss (b·s·V).
+
+It leaves out the CUDA context and allocator slack (typically 0.5-2 GB): `dry_run` says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.config import TrainConfig
+
+GB = 1024 ** 3
+ADAM_BYTES = 8  # two fp32 moments
+FP32 = 4
+ACTIVATION_BYTES_PER_LAYER_16BIT = 34  # × seq · batch · width (Korthikanti et al. 2022)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What memory depends on: the model's shape and one worker's micro-batch."""
+
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    block_size: int  # position embeddings (the context)
+    batch_size: int  # per worker, per micro-batch
+    seq_len: int
+    compute_bytes: int  # 2 under bf16/fp16 autocast, 4 in fp32
+    hierarchical: bool = False  # accumulation with unequal factors
+
+    @property
+    def block_params(self) -> int:
+        """One transformer block: qkv (3h² + 3h), projection (h² + h), MLP (8h² + 5h), two
+        LayerNorms (4h)."""
+        h = self.n_embd
+        return 12 * h * h + 13 * h
+
+    @property
+    def params(self) -> int:
+        """All parameters: blocks, token and position embeddings (the head is tied to the
+        token embedding), final LayerNorm."""
+        h = self.n_embd
+        return (self.n_layer * self.block_params + self.vocab_size * h + self.block_size * h
+                + 2 * h)
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """Bytes one worker needs, by kind."""
+
+    strategy: str
+    workers: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def describe(self) -> str:
+        return (f"{self.strategy} over {self.workers} worker(s): {self.total / GB:.2f} GB per "
+                f"worker (weights {self.weights / GB:.2f}, gradients {self.gradients / GB:.2f}, "
+                f"optimizer {self.optimizer / GB:.2f}, activations {self.activations / GB:.2f})")
+
+
+def activation_bytes(shape: Shape) -> int:
+    tokens = shape.batch_size * shape.seq_len
+    per_layer = ACTIVATION_BYTES_PER_LAYER_16BIT * tokens * shape.n_embd * shape.compute_bytes // 2
+    # Logits in the compute dtype, their fp32 copy for the loss and its gradient.
+    logits = tokens * shape.vocab_size * (shape.compute_bytes + 2 * FP32)
+    return shape.n_layer * per_layer + logits
+
+
+def ddp_worker_memory(shape: Shape, workers: int) -> WorkerMemory:
+    n = shape.params
+    low_precision_copies = n * shape.compute_bytes if shape.compute_bytes < FP32 else 0
+    gradients = n * FP32 * (3 if shape.hierarchical else 2)  # .grad + DDP's buckets (+ set aside)
+    return WorkerMemory("DDP", workers, n * FP32 + low_precision_copies, gradients,
+                        n * ADAM_BYTES, activation_bytes(shape))
+
+
+def fsdp_worker_memory(shape: Shape, workers: int) -> WorkerMemory:
+    n, block = shape.params, shape.block_params
+    embeddings = n - shape.n_layer * block  # the root's parameters, gathered for the whole step
+    # Gathered for compute: the root plus two blocks (the one running and the prefetched next).
+    gathered = (embeddings + 2 * block) * shape.compute_bytes
+    # Sharded fp32 gradients (and pending ones set aside), plus the unsharded gradients of
+    # the block being reduce-scattered.
+    gradients = -(-n * FP32 * (2 if shape.hierarchical else 1) // workers) + block * FP32
+    return WorkerMemory("FSDP", workers, -(-n * FP32 // workers) + gathered, gradients,
+                        -(-n * ADAM_BYTES // workers), activation_bytes(shape))
+
+
+def shape_of(config: TrainConfig, on_gpu: bool) -> Shape:
+    """The memory-relevant shape of a run. Precision `auto` computes in 16 bits on a GPU (bf16
+    or fp16 with loss scaling) and in fp32 on a CPU."""
+    low = config.precision in ("bf16", "fp16") or (config.precision == "auto" and on_gpu)
+    preset = config.model_preset
+    return Shape(n_layer=preset["n_layer"], n_embd=preset["n_embd"],
+                 vocab_size=config.vocab_size, block_size=config.seq_len,
+                 batch_size=config.batch_size, seq_len=config.seq_len,
+                 compute_bytes=2 if low else FP32,
+                 hierarchical=len(set(config.accumulation_factors.values())) > 1)
+
+
+def memory_lines(config: TrainConfig, workers: int, on_gpu: bool) -> list[str]:
+    """What `jobs/pretrain.py --dry-run` prints about memory: per worker under DDP and FSDP."""
+    shape = shape_of(config, on_gpu)
+    lines = [f"model: {config.model_size}, {shape.params / 1e6:,.1f}M parameters (vocabulary "
+             f"{shape.vocab_size:,}); micro-batch {shape.batch_size} x {shape.seq_len} tokens "
+             f"per worker, {'16-bit' if shape.compute_bytes == 2 else 'fp32'} compute",
+             "memory per worker (estimate; plus the CUDA context and allocator slack, "
+             "typically 0.5-2 GB):"]
+    for estimate in (ddp_worker_memory(shape, workers), fsdp_worker_memory(shape, workers)):
+        lines.append(f"  {estimate.describe()}")
+    return lines

@@ -1,0 +1,68 @@
+"""The per-worker memory estimate behind `jobs/pretrain.py --dry-run`."""
+import pytest
+import torch
+
+from orchestrator.config import MODEL_PRESETS, TrainConfig
+from orchestrator.training.memory import (activation_bytes, ddp_worker_memory,
+                                          fsdp_worker_memory, memory_lines, shape_of)
+from orchestrator.training.model import GPT, GPTConfig
+
+
+@pytest.mark.parametrize("size", list(MODEL_PRESETS))
+@pytest.mark.parametrize("vocab", [257, 50257])
+def test_parameter_count_is_the_models(size, vocab):
+    """Built on the meta device, so even the 1.5B preset costs no memory."""
+    config = TrainConfig(model_size=size, seq_len=256, vocab_size=vocab)
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_train_config(config, vocab_size=vocab))
+    assert shape_of(config, on_gpu=True).params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("size, batch, seq", [("small", 8, 128), ("medium", 2, 256)])
+def test_fp32_activation_estimate_matches_what_autograd_saves(size, batch, seq):
+    """Every tensor the forward pass keeps for the backward pass (parameters aside), counted
+    once per storage: the estimate is within 15% and not below it by more than 5%."""
+    config = TrainConfig(model_size=size, seq_len=seq, batch_size=batch, precision="fp32")
+    model = GPT(GPTConfig.from_train_config(config, vocab_size=config.vocab_size))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    idx = torch.randint(0, 256, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(idx, idx)
+    estimate = activation_bytes(shape_of(config, on_gpu=False))
+    assert 0.85 * estimate <= sum(saved.values()) <= 1.05 * estimate
+
+
+def test_fsdp_shards_what_ddp_replicates():
+    config = TrainConfig(model_size="gpt2-xl", seq_len=1024, batch_size=20, vocab_size=50257)
+    shape = shape_of(config, on_gpu=True)
+    ddp, fsdp = ddp_worker_memory(shape, 8), fsdp_worker_memory(shape, 8)
+    # AdamW's two fp32 moments: 8 bytes per parameter, all of them under DDP, 1/8 under FSDP.
+    assert ddp.optimizer == 8 * shape.params
+    assert fsdp.optimizer == pytest.approx(shape.params, abs=1)
+    assert fsdp.activations == ddp.activations  # sharding does not shrink activations
+    # 1.5B at 20 x 1024 tokens: under DDP more than an 80 GB GPU, sharded over 8 it fits.
+    assert ddp.total > 80 * 1024 ** 3 > fsdp.total
+    assert fsdp_worker_memory(shape, 16).total < fsdp.total
+
+
+def test_precision_sets_the_compute_width():
+    fp32 = shape_of(TrainConfig(precision="fp32"), on_gpu=True)
+    auto_gpu = shape_of(TrainConfig(precision="auto"), on_gpu=True)
+    auto_cpu = shape_of(TrainConfig(precision="auto"), on_gpu=False)
+    assert (fp32.compute_bytes, auto_gpu.compute_bytes, auto_cpu.compute_bytes) == (4, 2, 4)
+    assert activation_bytes(fp32) > activation_bytes(auto_gpu)
+
+
+def test_dry_run_lines_name_both_strategies():
+    lines = memory_lines(TrainConfig(model_size="gpt2-medium", seq_len=1024), 4, on_gpu=True)
+    assert "gpt2-medium" in lines[0] and "16-bit compute" in lines[0]
+    assert lines[2].strip().startswith("DDP over 4 worker(s)")
+    assert lines[3].strip().startswith("FSDP over 4 worker(s)")
