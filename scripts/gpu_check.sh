@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# GPU checks, run in one go on a machine with CUDA (e.g. the lent H200):
-#   the GPU test tier, then a short pretrain in auto precision (bf16 on Ampere+) on an
-#   embedded Ray. Prints the GPU, the tests' result and the run's summary.json.
-set -euo pipefail
+# GPU checks in one go on a machine with CUDA (the lent H200: its own torch, no Ray, no package
+# registry): the GPU test tier where pytest is there, then scripts/gpu_check.py (plain-process
+# training: auto precision, bf16 MFU with and without torch.compile, fp16 with loss scaling,
+# peak memory). Its last line is one JSON object. Under 8 minutes on one H200-class GPU.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-pip install -q -e ".[test]"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python -m pytest tests/gpu -q
-run_dir=$(mktemp -d)/gpu-run
-python jobs/pretrain.py --num-workers 1 --gpus-per-worker 1 --cpus-per-worker 1 \
-    --model-size medium --max-steps 100 --batch-size 32 --seq-len 256 --run-dir "$run_dir"
-cat "$run_dir/summary.json"
+export PYTHONPATH=.
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+if python -c "import pytest" 2>/dev/null; then
+    timeout 120 python -m pytest tests/gpu -q -p no:cacheprovider || true
+fi
+timeout 420 python -m scripts.gpu_check "$@"
