@@ -19,6 +19,7 @@ class ConfigError(ValueError):
 
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+STRATEGIES = ("ddp", "fsdp")  # data parallelism: whole model per worker | FSDP2 shards
 LR_SCHEDULES = ("cosine", "step", "constant")
 # Parameter groups of hierarchical gradient accumulation, input to output. The LM head's
 # weight is tied to the token embedding, so it steps with "embeddings"; "head" is the final
@@ -268,6 +269,10 @@ class TrainConfig:
     vocab_size: int = 256
     tokenizer_sha256: str = ""  # sha256 of the run's tokenizer.json; "" = bytes (old runs)
     init_from: str = ""  # a GPT-2-shaped Hugging Face model directory the weights start from
+    # Data parallelism (orchestrator/training/strategy.py): "ddp" (every worker holds the
+    # model) or "fsdp" (FSDP2: parameters, gradients, optimizer state sharded over workers).
+    strategy: str = "ddp"
+    compile: bool = False  # torch.compile the model (off by default: docs/training.md)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -310,6 +315,10 @@ class TrainConfig:
             value = getattr(self, name)
             _check(p, is_number(value) and 0 <= value <= 1,
                    f"{name} must be a fraction in [0, 1], got {value!r}")
+        _check(p, self.strategy in STRATEGIES,
+               f"strategy must be one of {', '.join(STRATEGIES)}, got {_shorten(self.strategy)}")
+        _check(p, isinstance(self.compile, bool),
+               f"compile must be true or false, got {self.compile!r}")
         _check(p, isinstance(self.attention_span, bool),
                f"attention_span must be true or false, got {self.attention_span!r}")
         _check(p, is_int(self.span_ramp) and self.span_ramp >= 1,
@@ -353,7 +362,10 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "ke
                                "warn_max_comm_share", "warn_max_memory_fraction",
                                # Where the shards are may move (what they hold is data_key);
                                # the starting weights matter only before the first checkpoint.
-                               "data_cache", "init_from"})
+                               "data_cache", "init_from",
+                               # A checkpoint of either strategy is converted on load; compiling
+                               # changes speed, not the weights' meaning.
+                               "strategy", "compile"})
 
 
 def resume_conflicts(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:

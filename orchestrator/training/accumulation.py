@@ -20,6 +20,8 @@ import contextlib
 
 import torch
 
+from orchestrator.training.strategy import clip_gradients
+
 
 class HierarchicalAccumulation:
     """Per-group gradient accumulation for the training loop: says which parameter groups step
@@ -64,7 +66,7 @@ class HierarchicalAccumulation:
                     if p.grad is not None:
                         p.grad.div_(self.factors[name])
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_(stepping, grad_clip)
+            clip_gradients(stepping, grad_clip)  # sharded (FSDP) and whole alike
         scale_before = scaler.get_scale()
         scaler.step(optimizer)  # skipped by the scaler if gradients overflowed
         scaler.update()

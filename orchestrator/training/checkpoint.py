@@ -4,6 +4,14 @@ A checkpoint directory holds `state.pt` (a dict of tensors and plain values) and
 `state.pt.sha256`. Loading verifies the checksum first and then uses
 `torch.load(weights_only=True)`, which refuses any pickle that would construct arbitrary
 objects, so a tampered file cannot run code.
+
+A sharded checkpoint (strategy fsdp) holds `meta.pt` (+ `.sha256`: step, config, scaler, the
+names of pending gradients; written by rank 0) and `torch.distributed.checkpoint`'s files:
+`.metadata` and one `__<rank>_0.distcp` per worker with its shards of the model, optimizer and
+pending gradients. Each worker may write into its own directory; Ray Train merges the workers'
+directories of one report into one. `load_checkpoint` reads either kind whole (serving, export
+and compression take any run's checkpoint); `load_sharded_into` loads in place, resharding to
+the current worker count.
 """
 from __future__ import annotations
 
@@ -17,6 +25,8 @@ import torch
 
 STATE_FILE = "state.pt"
 CHECKSUM_FILE = STATE_FILE + ".sha256"
+SHARDED_META_FILE = "meta.pt"
+DCP_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's index of the shards
 
 
 class CheckpointError(RuntimeError):
@@ -77,7 +87,75 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path
     return save_tensors(directory / STATE_FILE, state)
 
 
+def is_sharded_checkpoint(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / SHARDED_META_FILE).is_file()
+
+
+def checkpoint_header(directory: str | os.PathLike) -> dict[str, Any]:
+    """What the loop needs to choose a checkpoint to resume from (step, config, ...): a full
+    checkpoint's whole state, a sharded one's meta.pt (its shards are read later, in place),
+    with "sharded" saying which. CheckpointError naming the file when unusable."""
+    directory = Path(directory)
+    if not is_sharded_checkpoint(directory):
+        return {**load_tensors(directory / STATE_FILE), "sharded": False}
+    meta = load_tensors(directory / SHARDED_META_FILE)
+    if not (directory / DCP_METADATA_FILE).is_file():
+        raise CheckpointError(f"sharded checkpoint {directory} has no {DCP_METADATA_FILE} "
+                              "(torch.distributed.checkpoint's index): incomplete")
+    return {**meta, "sharded": True}
+
+
+def save_sharded(directory: str | os.PathLike, tensors: dict[str, Any], meta: dict[str, Any],
+                 rank: int) -> None:
+    """Every worker calls this (collective): its shards of `tensors` through
+    torch.distributed.checkpoint into `directory` (its own or one shared by all), and rank 0
+    the plain `meta` after them: a checkpoint without meta.pt is never taken for complete."""
+    import torch.distributed.checkpoint as dcp
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dcp.save(tensors, checkpoint_id=str(directory))
+    if rank == 0:
+        save_tensors(directory / SHARDED_META_FILE, meta)
+
+
+def load_sharded_into(directory: str | os.PathLike, tensors: dict[str, Any]) -> None:
+    """Fill `tensors` (sharded or whole, as the current run holds them) in place from a sharded
+    checkpoint: torch.distributed.checkpoint reshards to the current layout. Collective when a
+    process group is up."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(tensors, checkpoint_id=str(directory))
+    except Exception as e:  # DCP wraps every rank's failure in its own exception types
+        raise CheckpointError(f"sharded checkpoint {directory} cannot be loaded: "
+                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+                              ) from e
+
+
+def _load_sharded_whole(directory: Path) -> dict[str, Any]:
+    """A sharded checkpoint read whole in this process, no process group needed: the same
+    entries as a full checkpoint's state (the optimizer's state keyed by parameter name)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    meta = checkpoint_header(directory)
+    tensors: dict[str, Any] = {}
+    try:
+        _load_state_dict(tensors, storage_reader=FileSystemReader(str(directory)),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    except Exception as e:
+        raise CheckpointError(f"sharded checkpoint {directory} cannot be read: {e}") from e
+    meta.pop("sharded")
+    return {**meta, "model": tensors["model"], "optimizer": tensors["optimizer"],
+            "pending_gradients": tensors.get("pending", {})}
+
+
 def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's whole state, full or sharded (read whole here)."""
+    if is_sharded_checkpoint(directory):
+        return _load_sharded_whole(Path(directory))
     return load_tensors(Path(directory) / STATE_FILE)
 
 

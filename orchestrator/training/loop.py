@@ -22,7 +22,9 @@ import torch.distributed as dist
 from orchestrator.config import TrainConfig, resume_conflicts
 from orchestrator.training.accumulation import (HierarchicalAccumulation, pending_gradients,
                                                 restore_pending_gradients)
-from orchestrator.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from orchestrator.training.checkpoint import (CheckpointError, checkpoint_header,
+                                              load_checkpoint, load_sharded_into, save_checkpoint,
+                                              save_sharded)
 from orchestrator.training.data import get_batch, load_corpus, split_corpus, stream_seed
 from orchestrator.training.efficiency import (CommTimer, Thresholds, cpu_peak_flops,
                                            flops_per_token, gpu_peak_flops, mfu, peak_memory,
@@ -31,6 +33,7 @@ from orchestrator.training.model import GPT, GPTConfig, parameter_groups
 from orchestrator.training.optim import build_optimizer, set_lr, warmup_cosine_lr
 from orchestrator.training.precision import Precision, resolve_precision
 from orchestrator.training.session import TrainSession
+from orchestrator.training import strategy as strategies
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +86,40 @@ def evaluate(model: torch.nn.Module, tokens: torch.Tensor, config: TrainConfig,
     return sum(losses) / len(losses)
 
 
-def _checkpoint_state(model, optimizer, scaler, config: TrainConfig, step: int,
-                      tokens_seen: int) -> dict[str, Any]:
+def _checkpoint_meta(scaler, config: TrainConfig, step: int, tokens_seen: int,
+                     world_size: int) -> dict[str, Any]:
+    """The plain (non-tensor) part of a checkpoint, the same for both strategies."""
     return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
-        # Gradients of groups still accumulating (hierarchical accumulation), so a resumed
-        # run steps them with the same mean an uninterrupted one would.
-        "pending_gradients": pending_gradients(model),
         "step": step,
         "data_position": step,  # batches are a function of step: this is the data cursor
         "tokens_seen": tokens_seen,
         "config": config.to_dict(),
+        "world_size": world_size,
     }
+
+
+def _checkpoint_state(model, optimizer, scaler, config: TrainConfig, step: int,
+                      tokens_seen: int, world_size: int = 1) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        # Gradients of groups still accumulating (hierarchical accumulation), so a resumed
+        # run steps them with the same mean an uninterrupted one would.
+        "pending_gradients": pending_gradients(model),
+        **_checkpoint_meta(scaler, config, step, tokens_seen, world_size),
+    }
+
+
+def _save_sharded_checkpoint(directory: str, model, optimizer, scaler, config: TrainConfig,
+                             step: int, tokens_seen: int, session: TrainSession) -> None:
+    """FSDP: every worker writes its shards (model, optimizer, pending gradients) into
+    `directory`; rank 0 adds the plain part (meta.pt) with the pending gradients' names."""
+    pending = pending_gradients(model)
+    meta = {**_checkpoint_meta(scaler, config, step, tokens_seen, session.world_size),
+            "pending_names": sorted(pending)}
+    save_sharded(directory, {**strategies.sharded_state(model, optimizer), "pending": pending},
+                 meta, session.world_rank)
 
 
 def _newest_usable_checkpoint(directories: list[str], config: TrainConfig, rank: int
@@ -106,7 +129,7 @@ def _newest_usable_checkpoint(directories: list[str], config: TrainConfig, rank:
     problems = []
     for directory in directories:
         try:
-            state = load_checkpoint(directory)
+            state = checkpoint_header(directory)
         except CheckpointError as e:
             problems.append(str(e))
             if rank == 0:
@@ -133,23 +156,30 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     precision = Precision(resolve_precision(config.precision, device), device.type)
     train_tokens, held_out_tokens = training_data(config)
 
-    torch.manual_seed(config.seed)  # same initial weights on every rank
-    model = GPT(GPTConfig.from_train_config(config, vocab_size=config.vocab_size)).to(device)
-    optimizer = build_optimizer(model, config)
-    scaler = precision.grad_scaler()
-    step, tokens_seen = _resume(session, config, model, optimizer, scaler)
-    if step == 0 and config.init_from:  # fine-tuning: a Hugging Face model's weights
-        from orchestrator.hf_export import load_hf_weights
+    with session.checkpoint_dirs() as checkpoint_dirs:
+        found = _newest_usable_checkpoint(checkpoint_dirs, config, session.world_rank)
+        model = _new_model(config, device)
+        if found is None and config.init_from:  # fine-tuning: a Hugging Face model's weights
+            from orchestrator.hf_export import load_hf_weights
 
-        load_hf_weights(model, config.init_from)
+            load_hf_weights(model, config.init_from)
+        if config.strategy == "fsdp":  # before the optimizer: its parameters become shards
+            strategies.shard_model(model, precision)
+        optimizer = build_optimizer(model, config)
+        scaler = strategies.grad_scaler(precision, config.strategy)
+        step, tokens_seen = (0, 0) if found is None else _restore(
+            found, session, config, model, optimizer, scaler)
     restored_at = time.time()
-    wrapped = session.prepare_model(model)
+    wrapped = model if config.strategy == "fsdp" else session.prepare_model(model)
+    if config.compile:
+        wrapped = torch.compile(wrapped)
     accumulation = HierarchicalAccumulation(parameter_groups(model), config.accumulation_factors)
     efficiency = Efficiency(config, model, precision, device, wrapped)
     tokens_per_step = config.batch_size * config.seq_len * session.world_size
     if session.world_rank == 0:
         say(f"training {config.model_size} GPT ({model.num_params() / 1e6:.2f}M params) "
-            f"in {precision.name} on {session.world_size} worker(s), "
+            f"in {precision.name} on {session.world_size} worker(s) ({config.strategy}"
+            f"{', compiled' if config.compile else ''}), "
             f"steps {step}->{config.max_steps}")
 
     start_step = step
@@ -180,6 +210,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 _, loss = wrapped(x.to(device), y.to(device))
             objective = loss
             if config.attention_span:
+                # (Under FSDP the spans stay whole on every worker: strategy.py.)
                 objective = loss + config.span_penalty * model.span_penalty()
             scaler.scale(objective).backward()
         skipped_steps += accumulation.step(step, optimizer, scaler, config.grad_clip)
@@ -217,18 +248,26 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 **efficiency.measure(interval_steps * tokens_per_step / elapsed, elapsed,
                                      session.world_size),
             }
-            if step == config.max_steps and session.world_rank == 0:
-                # Only rank 0's metrics are kept; the unwrapped model needs no collective.
-                metrics["held_out_loss"] = evaluate(model, held_out_tokens, config,
-                                                    precision, device)
+            if step == config.max_steps and (session.world_rank == 0
+                                             or config.strategy == "fsdp"):
+                # Only rank 0's metrics are kept; the unwrapped DDP model needs no collective,
+                # a sharded one gathers each block's parameters: every worker evaluates.
+                held_out_loss = evaluate(model, held_out_tokens, config, precision, device)
+                if session.world_rank == 0:
+                    metrics["held_out_loss"] = held_out_loss
             if session.world_rank == 0:
                 efficiency.warn(metrics)
             if yielding is not None:
                 metrics["yielded"] = yielding
                 metrics["directive_seen_at"] = directive_seen_at
-            _publish(session, metrics, checkpoint_due,
-                     lambda: _checkpoint_state(model, optimizer, scaler, config, step,
-                                               tokens_seen))
+            if config.strategy == "fsdp":
+                _publish_sharded(session, metrics, checkpoint_due, lambda directory:
+                                 _save_sharded_checkpoint(directory, model, optimizer, scaler,
+                                                          config, step, tokens_seen, session))
+            else:
+                _publish(session, metrics, checkpoint_due,
+                         lambda: _checkpoint_state(model, optimizer, scaler, config, step,
+                                                   tokens_seen, session.world_size))
             if yielding is not None:
                 if session.world_rank == 0:
                     say(f"stopped at step {step} with a checkpoint: {yielding}")
@@ -252,21 +291,40 @@ def training_data(config: TrainConfig):
     return train_tokens, held_out_tokens
 
 
-def _resume(session: TrainSession, config: TrainConfig, model: GPT, optimizer, scaler
-            ) -> tuple[int, int]:
-    """Load the newest usable checkpoint into the model, optimizer and scaler (and the
-    gradients accumulated but not yet applied); returns (step, tokens seen), (0, 0) fresh."""
-    with session.checkpoint_dirs() as checkpoint_dirs:
-        found = _newest_usable_checkpoint(checkpoint_dirs, config, session.world_rank)
-    if found is None:
-        return 0, 0
+def _new_model(config: TrainConfig, device: torch.device) -> GPT:
+    torch.manual_seed(config.seed)  # same initial weights on every rank
+    return GPT(GPTConfig.from_train_config(config, vocab_size=config.vocab_size)).to(device)
+
+
+def _restore(found: tuple[str, dict[str, Any]], session: TrainSession, config: TrainConfig,
+             model: GPT, optimizer, scaler) -> tuple[int, int]:
+    """Load the checkpoint found into the model, optimizer and scaler (and the gradients
+    accumulated but not yet applied), whichever strategy wrote it: a full (DDP) checkpoint
+    into a sharded model is sliced to each worker's shards, a sharded one into a whole model
+    gathered. Returns (step, tokens seen)."""
     checkpoint_dir, state = found
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    fsdp = config.strategy == "fsdp"
+    if state["sharded"]:
+        # In place, in the current layout (sharded over this many workers, or whole).
+        tensors = {**strategies.sharded_state(model, optimizer),
+                   "pending": {name: torch.zeros_like(p) for name, p in model.named_parameters()
+                               if name in set(state["pending_names"])}}
+        load_sharded_into(checkpoint_dir, tensors)
+        strategies.apply_state(model, optimizer, tensors)
+        restore_pending_gradients(model, tensors["pending"])
+    elif fsdp:
+        strategies.convert_full_state(state, model, optimizer,
+                                      lambda: _new_model(config, session.device), config)
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_pending_gradients(model, state.get("pending_gradients", {}))
     scaler.load_state_dict(state["scaler"])
-    restore_pending_gradients(model, state.get("pending_gradients", {}))
     if session.world_rank == 0:
-        say(f"resumed from step {state['step']} ({checkpoint_dir})")
+        written = "sharded (fsdp)" if state["sharded"] else "full (ddp)"
+        converted = " converted" if state["sharded"] != fsdp else ""
+        say(f"resumed from step {state['step']} ({checkpoint_dir}; a {written} checkpoint"
+            f"{converted}, {state.get('world_size', '?')} -> {session.world_size} workers)")
     return state["step"], state["tokens_seen"]
 
 
@@ -350,18 +408,37 @@ def _publish(session: TrainSession, metrics: dict[str, Any], checkpoint_due: boo
              make_state) -> None:
     """Print the progress line (rank 0) and report; rank 0 attaches a checkpoint when due."""
     if session.world_rank == 0:
-        line = (f"step {metrics['step']:>6} | loss {metrics['loss']:.4f} | "
-                f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:,.0f} tok/s")
-        if metrics.get("mfu") is not None:
-            line += f" | MFU {metrics['mfu']:.1%}"
-        if metrics.get("comm_share") is not None:
-            line += f" | comm {metrics['comm_share']:.0%}"
-        if "held_out_loss" in metrics:
-            line += f" | held-out loss {metrics['held_out_loss']:.4f}"
-        say(line)
+        _say_progress(metrics)
     if not (checkpoint_due and session.world_rank == 0):
         session.report(metrics, None)
         return
     with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
         save_checkpoint(directory, make_state())
+        session.report(metrics, directory)
+
+
+def _say_progress(metrics: dict[str, Any]) -> None:
+    line = (f"step {metrics['step']:>6} | loss {metrics['loss']:.4f} | "
+            f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:,.0f} tok/s")
+    if metrics.get("mfu") is not None:
+        line += f" | MFU {metrics['mfu']:.1%}"
+    if metrics.get("comm_share") is not None:
+        line += f" | comm {metrics['comm_share']:.0%}"
+    if "held_out_loss" in metrics:
+        line += f" | held-out loss {metrics['held_out_loss']:.4f}"
+    say(line)
+
+
+def _publish_sharded(session: TrainSession, metrics: dict[str, Any], checkpoint_due: bool,
+                     save) -> None:
+    """FSDP: as `_publish`, but when a checkpoint is due every worker saves its shards into a
+    directory of its own and reports it; the session merges them into one checkpoint (Ray
+    Train merges the workers' directories of one report)."""
+    if not checkpoint_due:
+        _publish(session, metrics, False, None)
+        return
+    if session.world_rank == 0:
+        _say_progress(metrics)
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
+        save(directory)
         session.report(metrics, directory)

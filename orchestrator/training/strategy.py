@@ -1,0 +1,137 @@
+"""Data-parallel strategies of the training loop: DDP (every worker holds the whole model) or
+FSDP2 (`torch.distributed.fsdp.fully_shard`: parameters, gradients and optimizer state sharded
+over the workers, each transformer block's parameters gathered only while it runs).
+
+FSDP specifics kept here, so the loop reads the same for both:
+- sharding: each block, then the root (embeddings, final LayerNorm, the tied LM head), with a
+  mixed-precision policy matching the run's precision: parameters gathered in bf16/fp16 for
+  compute, gradients reduced in fp32; fp32 throughout on CPU.
+- the learnable attention span's per-head parameters (a few floats per layer) stay whole on
+  every worker (FSDP's `ignored_params`): the window they give is read on the host, and the
+  span penalty joins the loss outside any block. Their gradients are averaged over the workers
+  by a hook, as DDP would.
+- checkpoints: the sharded state (model, optimizer, pending gradients) through
+  `torch.distributed.checkpoint` (checkpoint.save_sharded / load_sharded_into), each worker
+  writing its own shard; a checkpoint of the other strategy is converted on load.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
+
+from orchestrator.training.precision import Precision
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def span_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """The learnable spans' parameters (none without --attention-span)."""
+    return {p for name, p in model.named_parameters() if name.endswith("span_fraction")}
+
+
+def shard_model(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
+    """FSDP2 in place: each transformer block, then the root. Needs a process group; the
+    optimizer must be built afterwards (the parameters become sharded DTensors)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("strategy fsdp needs a process group (run it with Ray Train or "
+                         "several local workers); a single plain process has nothing to shard "
+                         "over: use strategy ddp")
+    low = None if precision.name == "fp32" else precision.dtype
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+    ignored = span_parameters(model)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy, ignored_params=ignored or None)
+    fully_shard(model, mp_policy=policy, ignored_params=ignored or None)
+    _average_gradients_of(ignored)
+    return model
+
+
+def _average_gradients_of(params: set[torch.nn.Parameter]) -> None:
+    """Each backward's gradient of these (unsharded) parameters, averaged over the workers
+    before it is accumulated: what DDP does for every parameter."""
+    world = dist.get_world_size()
+
+    def average(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad / world
+
+    for p in params:
+        p.register_hook(average)
+
+
+def grad_scaler(precision: Precision, strategy: str):
+    """fp16 loss scaling; under FSDP the overflow check must agree across workers (each sees
+    only its shard of the gradients): torch's ShardedGradScaler all-reduces it."""
+    if strategy == "fsdp" and precision.name == "fp16":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(precision.device_type)
+    return precision.grad_scaler()
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """clip_grad_norm_ over a mix of sharded (DTensor) and whole parameters: the global norm
+    of each kind, combined, then one scale for all (what clip_grad_norm_ does for one kind)."""
+    sharded = [p for p in params if p.grad is not None and is_sharded(p.grad)]
+    whole = [p for p in params if p.grad is not None and not is_sharded(p.grad)]
+    if not sharded or not whole:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor(),
+             torch.nn.utils.get_total_norm([p.grad for p in whole])]
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[1].device) for n in norms]))
+    torch.nn.utils.clip_grads_with_norm_(sharded, max_norm, total)
+    torch.nn.utils.clip_grads_with_norm_(whole, max_norm, total)
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                  ) -> dict[str, dict]:
+    """The model's and optimizer's state keyed by parameter name (FSDP: each worker's shards),
+    what torch.distributed.checkpoint saves and loads in place."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def apply_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                state: dict[str, dict], full: bool = False) -> None:
+    """Load `sharded_state`-shaped state back; `full`: whole tensors on every worker (a DDP
+    checkpoint converted), which FSDP slices to each worker's shard."""
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=full))
+
+
+def convert_full_state(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       make_model, settings) -> None:
+    """Load a full (DDP) checkpoint into an FSDP model: rebuild it whole on each worker to key
+    the optimizer state by name, then let FSDP take each worker's shard. Pending gradients
+    (hierarchical accumulation) are sliced the same way."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from orchestrator.training.accumulation import restore_pending_gradients
+    from orchestrator.training.optim import build_optimizer
+
+    whole = make_model()
+    whole.load_state_dict(state["model"])
+    whole_optimizer = build_optimizer(whole, settings)
+    whole_optimizer.load_state_dict(state["optimizer"])
+    apply_state(model, optimizer, sharded_state(whole, whole_optimizer), full=True)
+    params = dict(model.named_parameters())
+    grads = {}
+    for name, grad in state.get("pending_gradients", {}).items():
+        if name in params and is_sharded(params[name]):
+            p = params[name]
+            grads[name] = distribute_tensor(grad.to(p.device_mesh.device_type), p.device_mesh,
+                                            p.placements)
+        else:
+            grads[name] = grad
+    restore_pending_gradients(model, grads)
