@@ -17,8 +17,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from orchestrator.config import (LR_SCHEDULES, MODEL_PRESETS, PRECISIONS, ConfigError, JobSpec,
-                                 TrainConfig, resume_conflicts)
+from orchestrator.config import (LR_SCHEDULES, MODEL_PRESETS, PRECISIONS, STRATEGIES,
+                                 ConfigError, JobSpec, TrainConfig, resume_conflicts)
 from orchestrator.hf_export import ExportError
 from orchestrator.tokenizer import TokenizerError, save_tokenizer
 from orchestrator.training.corpus import DataError
@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", choices=list(PRECISIONS), default=defaults.precision,
                    help="auto: bf16 on GPUs that support it, fp16 + loss scaling on older "
                    "GPUs, fp32 on CPU")
+    p.add_argument("--strategy", choices=list(STRATEGIES), default=defaults.strategy,
+                   help="ddp: every worker holds the whole model; fsdp: FSDP2 shards "
+                   "parameters, gradients and optimizer state over the workers (models DDP "
+                   "cannot hold; sharded checkpoints). Either resumes the other's checkpoints")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (off by default: docs/training.md)")
     p.add_argument("--max-steps", type=int, default=defaults.max_steps)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="sequences per worker per step")
@@ -140,7 +146,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
         warmup_steps=args.warmup_steps, attention_span=args.attention_span,
         span_ramp=args.span_ramp, span_penalty=args.span_penalty, accumulation=args.accumulation,
         min_lr=min(TrainConfig.min_lr, args.lr), checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every, seed=args.seed, **fields)
+        log_every=args.log_every, seed=args.seed, strategy=args.strategy,
+        compile=args.compile, **fields)
     spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,
                    cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                    min_gpu_memory_gb=args.min_gpu_memory_gb,

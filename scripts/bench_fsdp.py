@@ -1,0 +1,153 @@
+"""FSDP2 against DDP on two local gloo workers (CPU), every figure measured in this one run.
+
+- fsdp_vs_ddp_throughput: training tokens/s of `--strategy fsdp` over `--strategy ddp`, same
+  config and data (tiny preset, 2 workers, one thread each), the loop's own whole-run figure
+  (run_tokens_per_s); rounds alternate which strategy goes first; median of the per-round
+  ratios, with their spread.
+- checkpoint save/load seconds, sharded (torch.distributed.checkpoint, every worker writes its
+  shard) against full (rank 0 writes state.pt; every worker reads it), for the same model and
+  optimizer state (`--ckpt-size` preset, default medium), each through the loop's own save and
+  restore functions; rounds alternate the order; medians.
+
+The machine is shared and its load drifts: the ratios come from neighbouring runs, and the
+medians from alternating rounds. The last line printed is one JSON object.
+Usage: python -m scripts.bench_fsdp [--rounds 3] [--steps 60] [--ckpt-size medium]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.config import TrainConfig
+from orchestrator.training.local_workers import train_on_local_workers
+
+
+def throughput_rounds(rounds: int, steps: int, workdir: Path) -> dict:
+    ratios, rates = [], {"ddp": [], "fsdp": []}
+    for r in range(rounds):
+        order = ("ddp", "fsdp") if r % 2 == 0 else ("fsdp", "ddp")
+        got = {}
+        for strategy in order:
+            config = TrainConfig(model_size="tiny", batch_size=8, seq_len=64, max_steps=steps,
+                                 checkpoint_every=steps, log_every=steps, warmup_steps=5,
+                                 eval_batches=1, strategy=strategy)
+            outcome = train_on_local_workers(config, workdir / f"{strategy}-{r}")
+            if "error" in outcome:
+                raise SystemExit(f"{strategy} run failed: {outcome['error']}")
+            got[strategy] = outcome["metrics"]["run_tokens_per_s"]
+            rates[strategy].append(got[strategy])
+        ratios.append(got["fsdp"] / got["ddp"])
+        print(f"round {r + 1}: ddp {got['ddp']:,.0f} tok/s, fsdp {got['fsdp']:,.0f} tok/s, "
+              f"ratio {ratios[-1]:.3f}", flush=True)
+    return {"ddp_tokens_per_s": round(statistics.median(rates["ddp"])),
+            "fsdp_tokens_per_s": round(statistics.median(rates["fsdp"])),
+            "fsdp_vs_ddp_throughput": round(statistics.median(ratios), 3),
+            "fsdp_vs_ddp_spread": [round(min(ratios), 3), round(max(ratios), 3)]}
+
+
+def _checkpoint_worker(rank: int, world: int, size: str, rounds: int, workdir: str,
+                       rendezvous: str) -> None:
+    from orchestrator.training import loop
+    from orchestrator.training import strategy as strategies
+    from orchestrator.training.checkpoint import checkpoint_header, save_checkpoint
+    from orchestrator.training.optim import build_optimizer
+    from orchestrator.training.precision import Precision
+    from orchestrator.training.local_workers import WorkerSession
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=600))
+    cpu = torch.device("cpu")
+    session = WorkerSession(workdir, rank, world)
+    built = {}
+    for strategy in ("ddp", "fsdp"):
+        config = TrainConfig(model_size=size, batch_size=2, seq_len=64, strategy=strategy)
+        model = loop._new_model(config, cpu)
+        if strategy == "fsdp":
+            strategies.shard_model(model, Precision("fp32", "cpu"))
+        optimizer = build_optimizer(model, config)
+        x = torch.randint(0, 256, (2, 64))
+        model(x, x)[1].backward()  # one step: the optimizer's moments exist and are saved
+        if strategy == "ddp":
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        built[strategy] = (config, model, optimizer, scaler)
+
+    def save(strategy: str, directory: str) -> None:
+        config, model, optimizer, scaler = built[strategy]
+        if strategy == "fsdp":
+            loop._save_sharded_checkpoint(directory, model, optimizer, scaler, config, 1, 0,
+                                          session)
+        elif rank == 0:  # DDP: rank 0 holds everything and writes it
+            save_checkpoint(directory, loop._checkpoint_state(model, optimizer, scaler,
+                                                              config, 1, 0, world))
+
+    def load(strategy: str, directory: str) -> None:
+        config, model, optimizer, scaler = built[strategy]
+        loop._restore((directory, checkpoint_header(directory)), session, config, model,
+                      optimizer, scaler)
+
+    times = {f"{kind}_{op}": [] for kind in ("full", "sharded") for op in ("save", "load")}
+    for r in range(rounds):
+        order = ("ddp", "fsdp") if r % 2 == 0 else ("fsdp", "ddp")
+        for strategy in order:
+            kind = "sharded" if strategy == "fsdp" else "full"
+            directory = os.path.join(workdir, f"{kind}-{r}")  # one directory all ranks share
+            for op, fn in (("save", save), ("load", load)):
+                dist.barrier()
+                started = time.perf_counter()
+                fn(strategy, directory)
+                dist.barrier()  # done when the slowest worker is
+                times[f"{kind}_{op}"].append(time.perf_counter() - started)
+    if rank == 0:
+        sizes = {kind: sum(f.stat().st_size for f in Path(workdir, f"{kind}-0").iterdir())
+                 for kind in ("full", "sharded")}
+        figures = {f"{name}_s": round(statistics.median(values), 3)
+                   for name, values in times.items()}
+        figures.update({f"{kind}_checkpoint_mb": round(size / 2 ** 20, 1)
+                        for kind, size in sizes.items()})
+        Path(workdir, "figures.json").write_text(json.dumps(figures))
+    dist.destroy_process_group()
+
+
+def checkpoint_rounds(size: str, rounds: int, workdir: Path) -> dict:
+    import torch.multiprocessing as mp
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_checkpoint_worker, args=(2, size, rounds, str(workdir),
+                                       str(workdir / "rendezvous")), nprocs=2, join=True)
+    figures = json.loads((workdir / "figures.json").read_text())
+    figures["sharded_vs_full_save"] = round(figures["sharded_save_s"] / figures["full_save_s"], 3)
+    figures["sharded_vs_full_load"] = round(figures["sharded_load_s"] / figures["full_load_s"], 3)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--ckpt-size", default="medium")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-fsdp-") as tmp:
+        figures = {"workers": 2, "rounds": args.rounds, "steps": args.steps,
+                   "checkpoint_model_size": args.ckpt_size}
+        figures.update(throughput_rounds(args.rounds, args.steps, Path(tmp) / "train"))
+        figures.update(checkpoint_rounds(args.ckpt_size, args.rounds, Path(tmp) / "ckpt"))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
