@@ -5,6 +5,8 @@ starts. Order: higher priority first; within a priority class, the lower service
 (least attained service, Tiresias-style: the core's `level` function maps a job's GPU-seconds
 run so far to a level; 0 for every job under FIFO); then first submitted (a preempted job
 keeps its original submit time, so it goes back near the front of its level, not to the end).
+Starvation guard (Tiresias' promotion): under LAS, a job that has waited longer than its own
+`promote_after` (the core's: a multiple of the time it has run) goes back to level 0.
 
 Besides the waiting jobs it holds two mailboxes, since drivers learn of decisions by polling:
 `ready` (placed from the queue, not yet collected by the driver) and `rejected` (dropped:
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import heapq
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -33,6 +36,8 @@ class QueuedJob:
     reason: str = ""
     preemptions: int = 0  # times this job was preempted (ageing: see SchedulerSettings)
     ran_s: float = 0.0  # run time in earlier placements, before it was preempted
+    queued_at: float | None = None  # when it entered the queue this time (None: enqueued_at)
+    promoted: bool = False  # waited long enough to be put back at level 0 (starvation guard)
 
     @property
     def attained_s(self) -> float:
@@ -42,12 +47,14 @@ class QueuedJob:
     def to_dict(self) -> dict:
         return {"spec": self.spec.to_dict(), "owner": self.owner,
                 "enqueued_at": self.enqueued_at, "reason": self.reason,
-                "preemptions": self.preemptions, "ran_s": self.ran_s}
+                "preemptions": self.preemptions, "ran_s": self.ran_s,
+                "queued_at": self.queued_at, "promoted": self.promoted}
 
     @classmethod
     def from_dict(cls, data: dict) -> "QueuedJob":
         return cls(JobSpec.from_dict(data["spec"]), data["owner"], data["enqueued_at"],
-                   data.get("reason", ""), data.get("preemptions", 0), data.get("ran_s", 0.0))
+                   data.get("reason", ""), data.get("preemptions", 0), data.get("ran_s", 0.0),
+                   data.get("queued_at"), data.get("promoted", False))
 
 
 def service_size(spec: JobSpec) -> int:
@@ -74,10 +81,15 @@ class JobQueue:
     placements made from the queue until their drivers collect them, and jobs dropped with the
     reason their drivers will be told."""
 
-    def __init__(self, level: Callable[[float], int] | None = None) -> None:
+    def __init__(self, level: Callable[[float], int] | None = None,
+                 promote_after: Callable[[QueuedJob], float | None] | None = None) -> None:
         """`level(attained GPU-seconds)`: the job's service level (lower goes first within a
-        priority class); None = FIFO within a class."""
+        priority class); None = FIFO within a class. `promote_after(job)`: seconds of waiting
+        after which a job above level 0 is put back at level 0 (None: never)."""
         self.level = level
+        self.promote_after = promote_after
+        self._promotions: list[tuple[float, str]] = []  # heap of (due time, job name)
+        self._promote_at: dict[str, float] = {}  # the current due time of each waiting job
         self.waiting: dict[str, QueuedJob] = {}
         self._order: list[tuple] = []  # sorted order keys of the waiting jobs
         self._keys: dict[str, tuple] = {}  # each waiting job's key (its level is fixed while it
@@ -108,6 +120,12 @@ class JobQueue:
         self.waiting[job.spec.name] = job
         key = self._keys[job.spec.name] = self.order_key(job)
         bisect.insort(self._order, key)
+        if key[1] > 0 and self.promote_after is not None:
+            wait = self.promote_after(job)
+            if wait is not None:
+                since = job.enqueued_at if job.queued_at is None else job.queued_at
+                self._promote_at[job.spec.name] = since + wait
+                heapq.heappush(self._promotions, (since + wait, job.spec.name))
         if job.spec.total_gpus:
             allowed = allowed_families(job.spec)
             self.gpus_by_allowed[allowed] += job.spec.total_gpus
@@ -116,6 +134,7 @@ class JobQueue:
     def remove(self, job_name: str) -> QueuedJob | None:
         job = self.waiting.pop(job_name, None)
         if job is not None:
+            self._promote_at.pop(job_name, None)  # its heap entry goes stale
             key = self._keys.pop(job_name)
             del self._order[bisect.bisect_left(self._order, key)]
             if job.spec.total_gpus:
@@ -130,8 +149,22 @@ class JobQueue:
         return job
 
     def order_key(self, job: QueuedJob) -> tuple:
-        level = self.level(job.attained_s) if self.level is not None else 0
+        level = self.level(job.attained_s) if self.level is not None and not job.promoted else 0
         return (-job.spec.priority, level, job.enqueued_at, job.spec.name)
+
+    def promote_due(self, now: float) -> list[str]:
+        """Put back at level 0 the waiting jobs whose promotion time has come; their names."""
+        promoted = []
+        while self._promotions and self._promotions[0][0] <= now:
+            due, name = heapq.heappop(self._promotions)
+            if self._promote_at.get(name) != due:
+                continue  # stale: it left the queue (and may have come back) since
+            job = self.waiting[name]
+            self.remove(name)
+            job.promoted = True
+            self.add(job)
+            promoted.append(name)
+        return promoted
 
     def level_of(self, job_name: str) -> int:
         return self._keys[job_name][1]
@@ -179,8 +212,10 @@ class JobQueue:
                 "ready": {name: placement_to_dict(p) for name, p in self.ready.items()}}
 
     @classmethod
-    def from_dict(cls, data: dict, level: Callable[[float], int] | None = None) -> "JobQueue":
-        queue = cls(level)
+    def from_dict(cls, data: dict, level: Callable[[float], int] | None = None,
+                  promote_after: Callable[[QueuedJob], float | None] | None = None
+                  ) -> "JobQueue":
+        queue = cls(level, promote_after)
         for item in data.get("waiting", []):
             queue.add(QueuedJob.from_dict(item))
         for name, p in data.get("ready", {}).items():

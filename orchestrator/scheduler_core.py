@@ -111,7 +111,8 @@ class SchedulerCore:
                                            max_load_per_cpu=s.max_load_per_cpu)
         self.speed = speed
         self.policy = policy
-        self.queue = JobQueue(self._level if s.queue_order == "las" else None)
+        self.queue = JobQueue(self._level if s.queue_order == "las" else None,
+                              self._promote_after)
         self.running: dict[str, RunningJob] = {}
         # GPUs running jobs allowed a single family hold there (what protects it, see
         # _family_choice), and a typical job's relative speed per family (comparative advantage).
@@ -378,7 +379,7 @@ class SchedulerCore:
             preempted = job.preemptions + (directive is not None and directive.kind == PREEMPT)
             reason = directive.reason if directive else (reason or "yielded")
             self.queue.add(QueuedJob(job.spec, job.placement.owner, job.enqueued_at,
-                                     reason, preempted, ran))
+                                     reason, preempted, ran, queued_at=now))
             outcome.decision = self.queue.status(job_name)
         outcome.add(self._after_capacity_freed(now))
         if isinstance(outcome.decision, Queued):  # it may have been placed again at once
@@ -478,7 +479,7 @@ class SchedulerCore:
         cannot be read is skipped (the scheduler must still start) and named."""
         problems = []
         parts = (("reservations", self.state.restore_reservations),
-                 ("queue", lambda d: setattr(self, "queue", JobQueue.from_dict(d, self.queue.level))),
+                 ("queue", lambda d: setattr(self, "queue", JobQueue.from_dict(d, self.queue.level, self._promote_after))),
                  ("running", lambda d: [self._track_running(RunningJob.from_dict(j))
                                         for n, j in d.items() if n in self.state.reservations]),
                  ("preempting", lambda d: self.preempting.update(
@@ -604,6 +605,12 @@ class SchedulerCore:
             old = self.typical_speed.get(f, v / best)
             self.typical_speed[f] = old + weight * (v / best - old)
 
+    def _promote_after(self, job: QueuedJob) -> float | None:
+        """Tiresias' starvation guard: a job that has waited `starvation_factor` times as long
+        as it has run goes back to level 0 (None: off, or it never ran)."""
+        factor = self.settings.starvation_factor
+        return factor * job.ran_s if factor and job.ran_s > 0 else None
+
     def _level(self, attained_gpu_s: float) -> int:
         """LAS service level of a job that has received this much service (0 = least)."""
         return bisect.bisect_right(self.settings.las_thresholds_gpu_s, attained_gpu_s)
@@ -700,6 +707,7 @@ class SchedulerCore:
         outcome = Outcome()
         if not len(self.queue) or self._still_gathering(now):
             return outcome
+        self.queue.promote_due(now)
         free_gpus, free_cpus = self._free_units(now)
         failed_shapes: set[tuple] = set()
         budget = self.settings.failed_placements_per_pass

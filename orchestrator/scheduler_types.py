@@ -35,6 +35,9 @@ class SchedulerSettings:
     # lower level may preempt a running job of a higher one; "fifo" = first submitted first.
     queue_order: str = "las"
     las_thresholds_gpu_s: tuple = (7200.0, 72000.0)
+    # Starvation guard (Tiresias' promotion): a waiting job that has waited this many times as
+    # long as it has run goes back to level 0. 0 = off.
+    starvation_factor: float = 0.0
     # Blocked waiting jobs, in queue order, that may look for victims in one queue pass.
     preemption_searches_per_pass: int = 4
     # Placement weighs the queue: under contention a job goes to the accelerator family where
@@ -46,7 +49,7 @@ class SchedulerSettings:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("min_run_s", "restart_cost_s"):
+        for name in ("min_run_s", "restart_cost_s", "starvation_factor"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
                 problems.append(f"{name} must be a number >= 0, got {value!r}")

@@ -403,6 +403,44 @@ def test_las_a_new_job_preempts_a_same_priority_job_that_has_run_past_a_level():
     assert [j.spec.name for j in core.queue.ordered()] == ["newer", "long"]
 
 
+def test_starvation_guard_puts_a_long_waiting_job_back_at_level_0():
+    """Tiresias' promotion: a job preempted after running 100 s (level 1 here) that has
+    waited twice that goes back to level 0, ahead of later level-0 jobs; a stale due time
+    (it left the queue and came back) promotes nothing early; the flag survives a restart."""
+    level = lambda attained: int(attained >= 50)  # noqa: E731 - level 1 from 50 GPU-s
+    q = JobQueue(level, promote_after=lambda job: 2 * job.ran_s)
+    q.add(QueuedJob(gpus("old", 1), "o", 10.0, ran_s=100.0, queued_at=500.0))
+    q.add(QueuedJob(gpus("fresh", 1), "o", 600.0))
+    assert [j.spec.name for j in q.ordered()] == ["fresh", "old"]
+    assert q.promote_due(699.0) == []  # due at 500 + 2 x 100
+    assert q.promote_due(700.0) == ["old"]
+    assert [j.spec.name for j in q.ordered()] == ["old", "fresh"]  # submitted first
+    again = JobQueue.from_dict(json.loads(json.dumps(q.to_dict())), level,
+                               promote_after=lambda job: 2 * job.ran_s)
+    assert [j.spec.name for j in again.ordered()] == ["old", "fresh"]
+    # Requeued later (it ran again and was preempted): the earlier due time is stale.
+    q.remove("old")
+    q.add(QueuedJob(gpus("old", 1), "o", 10.0, ran_s=150.0, queued_at=1000.0))
+    q.add(QueuedJob(gpus("other", 1), "o", 20.0, ran_s=100.0, queued_at=0.0))
+    assert q.promote_due(1200.0) == ["other"]  # "old" is due at 1300, not at its old 700
+    assert q.promote_due(1300.0) == ["old"]
+
+
+def test_the_core_promotes_only_when_starvation_factor_is_set():
+    def scene(**settings):
+        core = core_with(gpu_node("a", gpus=2), **settings)
+        core.submit(gpus("long", 2), "d", T0)
+        core.submit(gpus("new", 2), "d", T0 + 3601)  # preempts "long" (level 1 by then)
+        core.yielded("long", "d", T0 + 3602)
+        core.submit(gpus("newer", 2), "d", T0 + 3603)
+        # "long" ran 3,602 s; with a factor of 1 it is due back at level 0 at T0 + 7,204.
+        core.cancel("newer", "d", T0 + 7204)
+        core.submit(gpus("newest", 2), "d", T0 + 7205)
+        return [j.spec.name for j in core.queue.ordered()]
+    assert scene(starvation_factor=1.0) == ["long", "newest"]
+    assert scene() == ["newest", "long"]
+
+
 def test_fifo_queue_order_never_preempts_within_a_priority_class():
     core = core_with(gpu_node("a", gpus=2), queue_order="fifo")
     core.submit(gpus("long", 2), "d", T0)
@@ -470,6 +508,7 @@ def test_queue_counts_waiting_gpus_by_allowed_families():
 
 
 @pytest.mark.parametrize("bad, field", [({"queue_order": "sjf"}, "queue_order"),
+                                        ({"starvation_factor": -1}, "starvation_factor"),
                                         ({"las_thresholds_gpu_s": (10, 5)}, "las_thresholds"),
                                         ({"protect_share": 0}, "protect_share"),
                                         ({"preemption_searches_per_pass": 0},
