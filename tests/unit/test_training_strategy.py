@@ -79,34 +79,43 @@ def test_fsdp_resume_is_bit_equal_at_the_same_worker_count(runs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_ddp_checkpoint_resumes_under_fsdp(runs, tmp_path):
-    run_dir = resume_from(runs["root"] / "ddp", HALF, tmp_path / "to_fsdp")
-    resumed = train_on_local_workers(config(strategy="fsdp"), run_dir)["metrics"]
-    assert resumed["start_step"] == 25
-    assert resumed["loss"] == pytest.approx(runs["ddp"]["loss"], rel=0.01)
-    a, b = final_model(runs["root"] / "ddp"), final_model(run_dir)
-    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+def resume_both_ways(source, tmp_path, capsys):
+    """One worker resumes `source`'s checkpoint of step 25 under FSDP and under DDP (in this
+    process, a gloo group of one): (fsdp metrics, ddp metrics, final weights of each, what the
+    loop said)."""
+    out = {}
+    for strategy in ("fsdp", "ddp"):
+        run_dir = resume_from(source, HALF, tmp_path / strategy)
+        out[strategy] = train(config(strategy=strategy), LocalSession(run_dir, device=CPU))
+        out[strategy + "_model"] = final_model(run_dir)
+    out["said"] = capsys.readouterr().out
+    return out
 
 
-def test_an_fsdp_checkpoint_resumes_under_ddp_on_one_worker(runs, tmp_path, capsys):
-    # 2 sharded workers -> one plain process: converted and resharded (other data order for
-    # one worker, so only the run continuing sensibly is asserted, not equality).
-    run_dir = resume_from(runs["root"] / "fsdp", HALF, tmp_path / "to_ddp")
-    resumed = train(config(strategy="ddp"), LocalSession(run_dir, device=CPU))
-    assert resumed["start_step"] == 25 and resumed["step"] == 50
-    assert "a sharded (fsdp) checkpoint converted, 2 -> 1 workers" in capsys.readouterr().out
-    assert resumed["held_out_loss"] < runs["fsdp"]["first_loss"] - 1.0
-    assert "state.pt" in {p.name for p in LocalSession(run_dir).checkpoints()[-1].iterdir()}
+def test_a_ddp_checkpoint_resumes_under_fsdp_as_under_ddp(runs, tmp_path, capsys,
+                                                          process_group):
+    both = resume_both_ways(runs["root"] / "ddp", tmp_path, capsys)
+    assert "a full (ddp) checkpoint converted, 2 -> 1 workers" in both["said"]
+    assert both["fsdp"]["start_step"] == 25 and both["fsdp"]["step"] == 50
+    # Converted weights, optimizer moments and pending gradients: the same run as DDP's.
+    a, b = both["fsdp_model"], both["ddp_model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert both["fsdp"]["held_out_loss"] < runs["ddp"]["first_loss"] - 1.0
 
 
-def test_an_fsdp_checkpoint_resumes_under_fsdp_on_another_worker_count(runs, tmp_path,
-                                                                        process_group):
-    run_dir = resume_from(runs["root"] / "fsdp", HALF, tmp_path / "one_worker")
-    resumed = train(config(strategy="fsdp"), LocalSession(run_dir, device=CPU))
-    assert resumed["start_step"] == 25 and resumed["step"] == 50
-    assert resumed["held_out_loss"] < runs["fsdp"]["first_loss"] - 1.0
-    assert DCP_METADATA_FILE in {p.name for p in
-                                 LocalSession(run_dir).checkpoints()[-1].iterdir()}
+def test_an_fsdp_checkpoint_resumes_under_ddp_as_under_fsdp_on_another_worker_count(
+        runs, tmp_path, capsys, process_group):
+    # 2 sharded workers -> 1: resharded under FSDP, gathered whole under DDP; the two
+    # continuations agree (not bit-equal to the 2-worker run: one worker sees other batches).
+    both = resume_both_ways(runs["root"] / "fsdp", tmp_path, capsys)
+    assert "a sharded (fsdp) checkpoint converted, 2 -> 1 workers" in both["said"]
+    assert "a sharded (fsdp) checkpoint, 2 -> 1 workers" in both["said"]
+    a, b = both["fsdp_model"], both["ddp_model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert both["ddp"]["held_out_loss"] < runs["fsdp"]["first_loss"] - 1.0
+    ddp_files = {p.name for p in LocalSession(tmp_path / "ddp").checkpoints()[-1].iterdir()}
+    fsdp_files = {p.name for p in LocalSession(tmp_path / "fsdp").checkpoints()[-1].iterdir()}
+    assert "state.pt" in ddp_files and DCP_METADATA_FILE in fsdp_files
 
 
 def test_a_sharded_checkpoint_without_its_index_is_refused_naming_it(runs, tmp_path):
@@ -119,6 +128,15 @@ def test_a_sharded_checkpoint_without_its_index_is_refused_naming_it(runs, tmp_p
 def test_fsdp_in_a_plain_process_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ValueError, match="strategy fsdp needs a process group"):
         train(config(strategy="fsdp", max_steps=2), LocalSession(tmp_path, device=CPU))
+
+
+def test_pretrain_flags_reach_the_config(tmp_path):
+    from jobs import pretrain
+
+    args = pretrain.parse_args(["--strategy", "fsdp", "--compile"])
+    train_config, _ = pretrain.build_configs(args, tmp_path / "run")
+    assert train_config.strategy == "fsdp" and train_config.compile is True
+    assert pretrain.build_configs(pretrain.parse_args([]), tmp_path / "r")[0].strategy == "ddp"
 
 
 def test_strategy_and_compile_are_validated_naming_the_field():
