@@ -48,6 +48,7 @@ FLAG_HELP = {
     "eval_tokens": "held-out tokens scored for perplexity",
     "threads": "CPU threads for every latency measurement",
     "onnx_baseline": "skip timing the original model in ONNX Runtime fp32",
+    "int8_static": "skip timing int8 with static (calibrated) activation scales",
 }
 FLAG_CHOICES = {"student_size": list(MODEL_PRESETS), "prune_scope": list(SCOPES),
                 "prune_structure": list(STRUCTURES), "prune_importance": list(IMPORTANCE),

@@ -22,7 +22,8 @@ DEVICES = ("auto", "cpu", "cuda")
 RESUMABLE_CHANGES = frozenset({"log_every", "checkpoint_every", "device", "threads",
                                "latency_batch", "latency_batched", "latency_seq",
                                "latency_repeats",
-                               "eval_tokens", "eval_batch_size", "onnx_baseline"})
+                               "eval_tokens", "eval_batch_size", "onnx_baseline",
+                               "int8_static"})
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ class CompressConfig:
     latency_repeats: int = 20
     threads: int = 2  # CPU threads for every latency measurement (torch and ONNX Runtime)
     onnx_baseline: bool = True  # also time the original model in ONNX Runtime fp32
+    # Also time the int8 integers with static (calibrated) activation scales, to compare the
+    # two schemes in ONNX Runtime (two more ONNX exports in the report).
+    int8_static: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,6 +122,7 @@ class CompressConfig:
         check(is_int(self.seed), "seed", "must be an integer")
         check(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}")
         check(isinstance(self.onnx_baseline, bool), "onnx_baseline", "must be true or false")
+        check(isinstance(self.int8_static, bool), "int8_static", "must be true or false")
         if self.student_size is not None and is_int(self.distill_steps):
             check(self.distill_steps >= 1, "distill_steps",
                   "must be >= 1 with a smaller --student-size (a fresh student must be trained)")

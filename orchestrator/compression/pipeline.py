@@ -354,7 +354,7 @@ def _run_stages(teacher: GPT, source: dict[str, Any], config: CompressConfig, ou
                           pruned_file=out / "pruned" / WEIGHTS_FILE, int8_dir=int8_dir,
                           config=config, eval_seq_len=seq_len, held_out=held_out, log=log,
                           fp32_onnx=fp32_onnx, dense_config=shape_to_compress(teacher, config),
-                          student=distilled, calibration=calibration_batches(run))
+                          student=distilled, calibration=calibration_batches(run) if config.int8_static else None)
     report.update({"stages": {k: v for k, v in stages.items() if v is not None},
                    "source": source, "config": config.to_dict(),
                    "artifacts": {"int8_dir": str(int8_dir),
