@@ -1078,7 +1078,12 @@ class SchedulerCore:
                 or spec.name in self.queue.ready or now - job.started_at < self.settings.min_run_s):
             return None
         remaining = job.remaining_s(now)
-        if remaining is None or remaining <= self.settings.restart_cost_s:
+        here = self.speed(spec, self.running_family(spec.name))
+        fastest = max(self.speed(spec, f) for f in self._faster_families(job))
+        if remaining is None or remaining * (1 - here / fastest) <= self.settings.restart_cost_s:
+            # Not worth it even on its fastest family, now or later (what is left only
+            # shrinks, and no estimate stays none): the scan skips it from now on.
+            job.migration_key = ()
             return None
         # From here a no is final until more is free where it could go: its gain only
         # shrinks as it runs.
@@ -1087,7 +1092,6 @@ class SchedulerCore:
         for f in free:
             if f not in speeds:
                 speeds[f] = self.speed(spec, f)
-        here = self.speed(spec, self.running_family(spec.name))
         faster = [f for f in self._faster_families(job) if free.get(f, 0) > 0]
         if not faster or sum(free[f] for f in faster) < spec.total_gpus:
             return None
