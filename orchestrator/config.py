@@ -166,6 +166,14 @@ class JobSpec:
             object.__setattr__(self, "accelerator_types", tuple(self.accelerator_types))
         self.validate()
 
+    def narrowed(self, **changes: Any) -> "JobSpec":
+        """A copy with `changes`, not validated again: for the scheduler's own derived specs of
+        a valid spec (a subset of its families, a claim's name), made on every queue pass,
+        where validation would cost more than the placement."""
+        copy = object.__new__(JobSpec)
+        copy.__dict__.update(self.__dict__, **changes)
+        return copy
+
     def validate(self) -> None:
         p: list[str] = []
         _check(p, isinstance(self.name, str) and self.name.strip() != "",

@@ -116,7 +116,7 @@ def make_gavel(type_order: Callable[[object], tuple[str, ...]]) -> Policy:
             key = (spec.name, family)
             typed = specs.get(key)
             if typed is None:
-                typed = specs[key] = dataclasses.replace(spec, accelerator_types=(family,))
+                typed = specs[key] = spec.narrowed(accelerator_types=(family,))
             try:
                 placement = place(typed, state, now, explain=False)
             except PlacementError:

@@ -519,14 +519,14 @@ class SchedulerCore:
         the job may use now; a job kept off the others waits (never rejected for it)."""
         for family in choice.order:
             try:
-                return place(dataclasses.replace(spec, accelerator_types=(family,)), self.state,
+                return place(spec.narrowed(accelerator_types=(family,)), self.state,
                              now, owner=owner, explain=explain, excluded_gpus=excluded)
             except PlacementError:
                 continue
         why = ""
         if choice.open_families:
             try:
-                return place(dataclasses.replace(spec, accelerator_types=choice.open_families),
+                return place(spec.narrowed(accelerator_types=choice.open_families),
                              self.state, now, owner=owner, explain=explain,
                              excluded_gpus=excluded)
             except PlacementError as e:
@@ -797,7 +797,7 @@ class SchedulerCore:
         spec = head.spec
         choice = self._family_choice(spec, free_gpus)
         if choice is not None and choice.usable:
-            spec = dataclasses.replace(spec, accelerator_types=choice.usable)
+            spec = spec.narrowed(accelerator_types=choice.usable)
         usable, per_gpu = self._head_units(spec, now)
         if choice is not None and not choice.usable:
             usable = np.zeros_like(usable)
@@ -1099,7 +1099,7 @@ class SchedulerCore:
         if remaining * (1 - here / best) <= self.settings.restart_cost_s:
             return None  # not worth it even on the fastest free family
         try:  # placed under the claim's name: the job itself still holds its reservation
-            target = self._place(dataclasses.replace(spec, name=spec.name + CLAIM_SUFFIX,
+            target = self._place(spec.narrowed(name=spec.name + CLAIM_SUFFIX,
                                                      accelerator_types=tuple(sorted(faster))),
                                  now, job.placement.owner)
         except PlacementError:
