@@ -9,8 +9,9 @@ from typing import Any, Callable
 import torch
 
 from orchestrator.runs import has_checkpoints
-from orchestrator.training.checkpoint import (CHECKSUM_FILE, STATE_FILE, CheckpointError,
-                                              load_checkpoint, model_from_state)
+from orchestrator.training.checkpoint import (CHECKSUM_FILE, SHARDED_META_FILE, STATE_FILE,
+                                              CheckpointError, load_checkpoint,
+                                              model_from_state)
 from orchestrator.training.model import GPT
 
 
@@ -19,7 +20,8 @@ def checkpoint_candidates(path: str | Path) -> tuple[list[Path], bool]:
     p = Path(path).expanduser().resolve()
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
-    if (p / STATE_FILE).exists() or (p / CHECKSUM_FILE).exists():
+    if (p / STATE_FILE).exists() or (p / CHECKSUM_FILE).exists() or \
+            (p / SHARDED_META_FILE).exists():  # strategy fsdp's sharded checkpoint
         return [p], False
     if has_checkpoints(p):
         # Ray Train's checkpoint_<timestamp> and LocalSession's checkpoint_<step:08d> names

@@ -29,7 +29,8 @@ from orchestrator.config import TrainConfig
 from orchestrator.tokenizer import (BYTE_VOCAB, ByteTokenizer, Tokenizer, TokenizerError,
                                     tokenizer_of_run)
 from orchestrator.runs import DEFAULT_RUNS_ROOT, latest_run_with_checkpoints
-from orchestrator.training.checkpoint import (CHECKSUM_FILE, STATE_FILE, CheckpointError,
+from orchestrator.training.checkpoint import (CHECKSUM_FILE, SHARDED_META_FILE, STATE_FILE,
+                                              CheckpointError, is_sharded_checkpoint,
                                               load_checkpoint, model_from_state)
 
 # Kept equal to orchestrator.compression.export.TORCH_FILE (a unit test checks it): detection
@@ -52,7 +53,9 @@ def _load_training_checkpoint(directory: Path, device: torch.device
                               ) -> tuple[torch.nn.Module, str, int | None, Tokenizer]:
     state = load_checkpoint(directory)  # verifies the checksum; tensors only
     model, train_config = model_from_state(state, directory)
-    sha256 = (directory / CHECKSUM_FILE).read_text().strip()
+    sharded = is_sharded_checkpoint(directory)  # strategy fsdp: meta.pt + shards
+    sha256 = (directory / (SHARDED_META_FILE + ".sha256" if sharded else CHECKSUM_FILE)
+              ).read_text().strip()
     return model.to(device), sha256, state.get("step"), _run_tokenizer(
         directory, train_config.tokenizer_sha256, model)
 
@@ -83,6 +86,7 @@ def _run_tokenizer(directory: Path, expected_sha256: str, model: torch.nn.Module
 
 
 FORMATS = (ModelFormat("checkpoint", STATE_FILE, _load_training_checkpoint),
+           ModelFormat("checkpoint", SHARDED_META_FILE, _load_training_checkpoint),
            ModelFormat("int8", INT8_FILE, _load_int8_export))
 
 

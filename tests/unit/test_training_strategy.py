@@ -69,6 +69,19 @@ def test_fsdp_checkpoints_are_sharded_one_file_per_worker(runs):
     assert state["pending_gradients"], "step 25 leaves the 'lower' group's gradients pending"
 
 
+def test_serving_and_compression_take_a_sharded_checkpoint(runs):
+    from orchestrator.compression.source import checkpoint_candidates
+    from orchestrator.serving.loading import format_of
+
+    checkpoint = runs["root"] / "fsdp" / HALF
+    model, _, step, _ = format_of(checkpoint).load(checkpoint, CPU)
+    assert step == 25
+    whole = load_checkpoint(checkpoint)["model"]
+    assert torch.equal(model.state_dict()["blocks.1.mlp.fc.weight"],
+                       whole["blocks.1.mlp.fc.weight"])
+    assert checkpoint_candidates(checkpoint) == ([checkpoint.resolve()], False)
+
+
 def test_fsdp_resume_is_bit_equal_at_the_same_worker_count(runs, tmp_path):
     run_dir = resume_from(runs["root"] / "fsdp", HALF, tmp_path / "resumed")
     outcome = train_on_local_workers(config(strategy="fsdp"), run_dir)
