@@ -120,6 +120,10 @@ class RayTrainSession:
         if self.world_rank == 0:  # the scheduler learns the job's speed where it runs
             self._watch.throughput(throughput.per_worker_rate(metrics))
         metrics = {**metrics, "worker_nodes": self.worker_nodes()}
+        # DDP: rank 0 alone attaches a directory. FSDP: every rank attaches its own (its
+        # shard; rank 0's also holds the index and meta.pt) and Ray Train merges the
+        # directories of one report into one checkpoint in storage (file names never clash:
+        # torch.distributed.checkpoint names each rank's file by its rank).
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:
