@@ -20,11 +20,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import MODEL_PRESETS
 from orchestrator.tokenizer import (EOT_TOKEN, TOKENIZER_FILE, Tokenizer, TokenizerError,
                                     tokenizer_for_model, tokenizer_of_run)
+
+if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
+    import torch
 
 SAFETENSORS_FILE = "model.safetensors"
 # Ours -> GPT-2's name, per block; True = a Linear weight, stored transposed (Conv1D).

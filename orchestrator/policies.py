@@ -25,7 +25,6 @@ with state.reserve(), exactly as the live scheduler does.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import numpy as np

@@ -13,7 +13,7 @@ import torch
 
 from orchestrator.tokenizer import ByteTokenizer, TokenizerError
 from orchestrator.training import shards
-from orchestrator.training.corpus import (DataError, SourceFile, expand_sources,
+from orchestrator.training.corpus import (DataError, expand_sources,
                                           is_held_out, iter_documents)
 from orchestrator.training.data import get_batch
 from orchestrator.training.data_plan import check_trainable, plan_data, tokenize_in_process
@@ -32,7 +32,9 @@ def corpus(tmp_path):
     with open(root / "sub" / "docs.jsonl", "w") as f:
         for i in range(80):
             f.write(json.dumps({"text": f"json document {i} ünïcode", "id": i}) + "\n")
-    pq.write_table(pa.table({"text": [f"parquet row {i}" for i in range(40)]}),
+    # Terminated, so no row is a substring of another ("row 1" of "row 10"): the held-out
+    # test checks membership by substring.
+    pq.write_table(pa.table({"text": [f"parquet row {i}." for i in range(40)]}),
                    root / "rows.parquet")
     (root / "notes.md").write_text("not a corpus format")
     return root

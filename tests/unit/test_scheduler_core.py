@@ -8,7 +8,7 @@ from orchestrator.inventory import GIB, GpuInfo, NodeReport
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.queue import JobQueue, QueuedJob
 from orchestrator.scheduler_core import CLAIM_SUFFIX, SchedulerCore
-from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, Persist, SchedulerSettings,
+from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, SchedulerSettings,
                                           StartAgent, Yield)
 
 T0 = 1_000.0
