@@ -38,6 +38,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -117,6 +118,7 @@ class SchedulerCore:
         # GPUs running jobs allowed a single family hold there (what protects it, see
         # _family_choice), and a typical job's relative speed per family (comparative advantage).
         self.pinned_running: dict[str, int] = {}
+        self.running_priorities: Counter = Counter()  # priority -> running jobs
         self.typical_speed: dict[str, float] = {}
         self.typical_count = 0
         self.preempting: dict[str, set[str]] = {}  # waiting job -> victims not yet yielded
@@ -479,7 +481,8 @@ class SchedulerCore:
         cannot be read is skipped (the scheduler must still start) and named."""
         problems = []
         parts = (("reservations", self.state.restore_reservations),
-                 ("queue", lambda d: setattr(self, "queue", JobQueue.from_dict(d, self.queue.level, self._promote_after))),
+                 ("queue", lambda d: setattr(self, "queue", JobQueue.from_dict(
+                     d, self.queue.level, self._promote_after))),
                  ("running", lambda d: [self._track_running(RunningJob.from_dict(j))
                                         for n, j in d.items() if n in self.state.reservations]),
                  ("preempting", lambda d: self.preempting.update(
@@ -624,6 +627,7 @@ class SchedulerCore:
     def _track_running(self, job: RunningJob) -> None:
         self.running[job.spec.name] = job
         self._count_pinned(job.spec, +1)
+        self.running_priorities[job.spec.priority] += 1
 
     def _count_pinned(self, spec: JobSpec, sign: int) -> None:
         """A job allowed a single family starts (+1) or stops (-1) holding GPUs there."""
@@ -637,6 +641,9 @@ class SchedulerCore:
         job = self.running.pop(job_name, None)
         if job is not None:
             self._count_pinned(job.spec, -1)
+            self.running_priorities[job.spec.priority] -= 1
+            if not self.running_priorities[job.spec.priority]:
+                del self.running_priorities[job.spec.priority]
         self.queue.ready.pop(job_name, None)
         self.state.release(job_name + CLAIM_SUFFIX)
         released = self.state.release(job_name)
@@ -849,6 +856,10 @@ class SchedulerCore:
         if not self.settings.preemption or self._still_gathering(now):
             return outcome
         searches = self.settings.preemption_searches_per_pass
+        if self.queue.level is None and all(  # FIFO order: only a higher priority outranks
+                job.spec.priority <= min(self.running_priorities, default=job.spec.priority)
+                for job in blocked[:MAX_BLOCKED_EXAMINED]):
+            return outcome  # without a pass over the running jobs
         pool = self._victim_pool(now)
         # Per priority the highest level running there, to say "outranks nobody" in O(1):
         # the common case (FIFO order, one priority class) costs one pass over the pool and
