@@ -170,11 +170,12 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         step, tokens_seen = (0, 0) if found is None else _restore(
             found, session, config, model, optimizer, scaler)
     restored_at = time.time()
-    wrapped = model if config.strategy == "fsdp" else session.prepare_model(model)
-    if config.compile:
-        wrapped = torch.compile(wrapped)
+    parallel = model if config.strategy == "fsdp" else session.prepare_model(model)
+    # Compiled, the wrapper is no longer a DDP module: no_sync and the all-reduce timer are
+    # still set on the DDP module underneath (`parallel`).
+    wrapped = torch.compile(parallel) if config.compile else parallel
     accumulation = HierarchicalAccumulation(parameter_groups(model), config.accumulation_factors)
-    efficiency = Efficiency(config, model, precision, device, wrapped)
+    efficiency = Efficiency(config, model, precision, device, parallel)
     tokens_per_step = config.batch_size * config.seq_len * session.world_size
     if session.world_rank == 0:
         say(f"training {config.model_size} GPT ({model.num_params() / 1e6:.2f}M params) "
@@ -205,7 +206,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         # Workers must agree on the gradients when a group steps, and when a checkpoint
         # (which holds rank 0's pending gradients) is written; otherwise DDP may skip the
         # all-reduce and let each worker accumulate locally.
-        with accumulation.sync_context(wrapped, bool(accumulation.due(step)) or checkpoint_due):
+        with accumulation.sync_context(parallel, bool(accumulation.due(step)) or checkpoint_due):
             with precision.autocast():
                 _, loss = wrapped(x.to(device), y.to(device))
             objective = loss
@@ -313,8 +314,8 @@ def _restore(found: tuple[str, dict[str, Any]], session: TrainSession, config: T
         strategies.apply_state(model, optimizer, tensors)
         restore_pending_gradients(model, tensors["pending"])
     elif fsdp:
-        strategies.convert_full_state(state, model, optimizer,
-                                      lambda: _new_model(config, session.device), config)
+        restore_pending_gradients(model, strategies.convert_full_state(
+            state, model, optimizer, lambda: _new_model(config, session.device), config))
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -111,13 +111,13 @@ def apply_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def convert_full_state(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                       make_model, settings) -> None:
+                       make_model, settings) -> dict[str, torch.Tensor]:
     """Load a full (DDP) checkpoint into an FSDP model: rebuild it whole on each worker to key
     the optimizer state by name, then let FSDP take each worker's shard. Pending gradients
-    (hierarchical accumulation) are sliced the same way."""
+    (hierarchical accumulation) are sliced the same way and returned, for the loop to put
+    back."""
     from torch.distributed.tensor import distribute_tensor
 
-    from orchestrator.training.accumulation import restore_pending_gradients
     from orchestrator.training.optim import build_optimizer
 
     whole = make_model()
@@ -134,4 +134,4 @@ def convert_full_state(state: dict, model: torch.nn.Module, optimizer: torch.opt
                                             p.placements)
         else:
             grads[name] = grad
-    restore_pending_gradients(model, grads)
+    return grads
