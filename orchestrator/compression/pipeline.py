@@ -31,8 +31,9 @@ from orchestrator.compression.artifacts import (CheckpointError, load_tensors, s
 from orchestrator.compression.config import CompressConfig, resume_conflicts
 from orchestrator.compression.finetune import Plan, PruneSchedule, finetune
 from orchestrator.compression.report import build_report, format_table
+from orchestrator.compression.source import teacher_data
 from orchestrator.config import MODEL_PRESETS, ConfigError
-from orchestrator.training.data import get_batch, load_corpus, split_corpus
+from orchestrator.training.data import get_batch
 from orchestrator.training.loop import say
 from orchestrator.training.model import GPT, GPTConfig
 
@@ -331,7 +332,7 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
 def _run_stages(teacher: GPT, source: dict[str, Any], config: CompressConfig, out: Path,
                 device: torch.device, seq_len: int, fp32_onnx: Path | None,
                 log: Callable[[str], None]) -> dict[str, Any]:
-    train_tokens, held_out = split_corpus(load_corpus())
+    train_tokens, held_out = teacher_data(source, config.eval_tokens)
     run = Run(out, config, teacher.to(device).eval().requires_grad_(False), train_tokens,
               device, seq_len, log)
     stages: dict[str, Any] = {}

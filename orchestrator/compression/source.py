@@ -51,7 +51,10 @@ def load_teacher(path: str | Path, log: Callable[[str], None]
         source = {"checkpoint": str(directory),
                   "sha256": (directory / CHECKSUM_FILE).read_text().strip(),
                   "step": state.get("step"), "model_size": train_config.model_size,
-                  "params": sum(p.numel() for p in model.parameters())}
+                  "params": sum(p.numel() for p in model.parameters()),
+                  # What it was trained on and with which tokenizer: the fine-tunes use the
+                  # same data in the same tokens (teacher_data).
+                  "train": train_config.to_dict()}
         return model, source
     raise CheckpointError(f"no usable checkpoint in run directory {Path(path).resolve()}: "
                           + " | ".join(problems))
@@ -63,3 +66,26 @@ def weights_digest(model: torch.nn.Module) -> str:
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
     return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def teacher_data(source: dict[str, Any], eval_tokens: int) -> tuple[Any, torch.Tensor]:
+    """(training tokens, held-out tokens) for the fine-tunes and the perplexity: the teacher
+    run's own data in its own tokens (its memory-mapped shard cache, or the bundled corpus in
+    bytes), so a run trained with a BPE tokenizer is compressed on the ids it knows and scored
+    on text it never trained on. A teacher without a run (the benchmark's, in process) gets
+    the bundled corpus. The held-out part is the first `eval_tokens` + 1 tokens, in memory."""
+    from orchestrator.config import TrainConfig
+    from orchestrator.training.data import load_corpus, split_corpus
+    from orchestrator.training.loop import training_data
+
+    if "train" not in source:
+        return split_corpus(load_corpus())
+    try:
+        train, held_out = training_data(TrainConfig.from_dict(source["train"]))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"the teacher's training data (recorded in "
+                              f"{source['checkpoint']}) cannot be read: {e}") from None
+    if not isinstance(held_out, torch.Tensor):  # memory-mapped shards
+        count = min(len(held_out), eval_tokens + 1)
+        held_out = torch.from_numpy(held_out.window(0, count).astype("int64"))
+    return train, held_out

@@ -56,3 +56,22 @@ def test_init_from_starts_from_the_hugging_face_weights(tmp_path):
     train(config, LocalSession(tmp_path / "plain", device=CPU))
     plain = load_checkpoint(LocalSession(tmp_path / "plain").checkpoints()[-1])["model"]
     assert not torch.equal(plain["tok_emb.weight"], source.state_dict()["tok_emb.weight"])
+
+
+def test_compression_fine_tunes_on_the_teachers_own_data(tmp_path):
+    """A teacher trained on the user's shards is compressed on those shards (its tokens, its
+    held-out split), not on the bundled corpus; a teacher without a run gets the bundled one."""
+    from orchestrator.compression.source import load_teacher, teacher_data
+    from orchestrator.training.data import load_corpus, split_corpus
+    from orchestrator.training.shards import open_shards
+
+    config = shards_config(tmp_path, max_steps=2)
+    train(config, LocalSession(tmp_path / "run", device=CPU))
+    _, source = load_teacher(tmp_path / "run", log=lambda _: None)
+    train_tokens, held_out = teacher_data(source, eval_tokens=100)
+    shard_train, shard_held_out, _ = open_shards(config.data_cache)
+    assert len(train_tokens) == len(shard_train) != len(split_corpus(load_corpus())[0])
+    assert held_out.tolist() == shard_held_out.window(0, 101).tolist()
+    assert " paragraph " in ByteTokenizer().decode(held_out.tolist())  # the user's text
+    bundled = teacher_data({"checkpoint": "in-process"}, eval_tokens=100)
+    assert torch.equal(bundled[1], split_corpus(load_corpus())[1])
