@@ -143,37 +143,29 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
     its newest usable checkpoint) with the run's tokenizer. Returns (files, what was
     exported). ExportError / CheckpointError / TokenizerError say why not."""
     from orchestrator.serving.loading import format_of, model_directories
-    from orchestrator.training.checkpoint import (CheckpointError, load_checkpoint,
-                                                  model_from_state)
+    from orchestrator.training.checkpoint import newest_usable_checkpoint
 
     candidates, is_run = model_directories(path)
-    problems = []
-    for directory in candidates:
+
+    def training_checkpoint_only(directory: Path) -> None:
         fmt = format_of(directory)
         if fmt is None or fmt.name != "checkpoint":
             raise ExportError(f"{directory} is a {fmt.name if fmt else 'unknown'} model; only "
                               "training checkpoints (state.pt) export to GPT-2 (an INT8 model "
                               "has no GPT-2 form)")
-        try:
-            state = load_checkpoint(directory)
-            model, train_config = model_from_state(state, directory)
-        except CheckpointError as e:
-            if not is_run:
-                raise
-            problems.append(str(e))
-            continue
-        try:
-            tokenizer = tokenizer_for_model(
-                tokenizer_of_run(directory, train_config.tokenizer_sha256),
-                model.config.vocab_size)
-        except TokenizerError as e:
-            raise ExportError(f"{directory}: {e}") from None
-        files = export_gpt2(model, tokenizer, out_dir)
-        return files, {"checkpoint": str(directory), "step": state.get("step"),
-                       "vocab_size": model.config.vocab_size, "tokenizer": tokenizer.name,
-                       "params": sum(p.numel() for p in model.parameters())}
-    raise CheckpointError(f"no usable checkpoint in run directory {path}: "
-                          + " | ".join(problems))
+
+    directory, state, model, train_config = newest_usable_checkpoint(
+        candidates, is_run, path, check=training_checkpoint_only)
+    try:
+        tokenizer = tokenizer_for_model(
+            tokenizer_of_run(directory, train_config.tokenizer_sha256),
+            model.config.vocab_size)
+    except TokenizerError as e:
+        raise ExportError(f"{directory}: {e}") from None
+    files = export_gpt2(model, tokenizer, out_dir)
+    return files, {"checkpoint": str(directory), "step": state.get("step"),
+                   "vocab_size": model.config.vocab_size, "tokenizer": tokenizer.name,
+                   "params": sum(p.numel() for p in model.parameters())}
 
 
 # --- import (--init-from) ---------------------------------------------------------------

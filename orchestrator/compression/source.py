@@ -10,8 +10,7 @@ import torch
 
 from orchestrator.runs import has_checkpoints
 from orchestrator.training.checkpoint import (CHECKSUM_FILE, SHARDED_META_FILE, STATE_FILE,
-                                              CheckpointError, load_checkpoint,
-                                              model_from_state)
+                                              CheckpointError, newest_usable_checkpoint)
 from orchestrator.training.model import GPT
 
 
@@ -37,27 +36,17 @@ def load_teacher(path: str | Path, log: Callable[[str], None]
     A run directory falls back past corrupt checkpoints to the newest usable one, with a
     warning; a checkpoint directory given explicitly must itself be usable."""
     candidates, is_run = checkpoint_candidates(path)
-    problems = []
-    for directory in candidates:
-        try:
-            state = load_checkpoint(directory)
-            model, train_config = model_from_state(state, directory)
-        except CheckpointError as e:
-            if not is_run:
-                raise
-            problems.append(str(e))
-            log(f"warning: {e}; trying the previous checkpoint")
-            continue
-        source = {"checkpoint": str(directory),
-                  "sha256": (directory / CHECKSUM_FILE).read_text().strip(),
-                  "step": state.get("step"), "model_size": train_config.model_size,
-                  "params": sum(p.numel() for p in model.parameters()),
-                  # What it was trained on and with which tokenizer: the fine-tunes use the
-                  # same data in the same tokens (teacher_data).
-                  "train": train_config.to_dict()}
-        return model, source
-    raise CheckpointError(f"no usable checkpoint in run directory {Path(path).resolve()}: "
-                          + " | ".join(problems))
+    directory, state, model, train_config = newest_usable_checkpoint(
+        candidates, is_run, Path(path).resolve(),
+        on_skip=lambda e: log(f"warning: {e}; trying the previous checkpoint"))
+    source = {"checkpoint": str(directory),
+              "sha256": (directory / CHECKSUM_FILE).read_text().strip(),
+              "step": state.get("step"), "model_size": train_config.model_size,
+              "params": sum(p.numel() for p in model.parameters()),
+              # What it was trained on and with which tokenizer: the fine-tunes use the
+              # same data in the same tokens (teacher_data).
+              "train": train_config.to_dict()}
+    return model, source
 
 
 def weights_digest(model: torch.nn.Module) -> str:

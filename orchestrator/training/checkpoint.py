@@ -188,3 +188,28 @@ def model_from_state(state: Any, directory: str | os.PathLike):
         raise CheckpointError(f"{where}: the weights do not fit a {train_config.model_size!r} "
                               f"GPT: {e}") from None
     return model.eval(), train_config
+
+
+def newest_usable_checkpoint(candidates: list[Path], is_run: bool, path: str | os.PathLike,
+                             on_skip=None, check=None):
+    """(directory, state, model, train_config) of the first of `candidates` (newest first)
+    that loads. A run directory (`is_run`) falls back past unusable checkpoints, telling
+    `on_skip(error)`; a checkpoint named explicitly must itself load. `check(directory)` may
+    refuse a candidate outright (raise) before it is read."""
+    problems = []
+    for directory in candidates:
+        if check is not None:
+            check(directory)
+        try:
+            state = load_checkpoint(directory)
+            model, train_config = model_from_state(state, directory)
+        except CheckpointError as e:
+            if not is_run:
+                raise
+            problems.append(str(e))
+            if on_skip is not None:
+                on_skip(e)
+            continue
+        return directory, state, model, train_config
+    raise CheckpointError(f"no usable checkpoint in run directory {path}: "
+                          + " | ".join(problems))
