@@ -28,7 +28,7 @@ from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed,
 from orchestrator.runs import DEFAULT_RUNS_ROOT, RunDirError, resolve_run_dir
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
-from orchestrator.training.memory import memory_lines
+from orchestrator.training.memory import gpu_memory_needed_gb, memory_lines
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = TrainConfig()
@@ -81,8 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpus-per-worker", type=int, default=0)
-    p.add_argument("--min-gpu-memory-gb", type=float, default=0.0,
-                   help="free GPU memory each worker's GPU must have")
+    p.add_argument("--min-gpu-memory-gb", type=float, default=None,
+                   help="free GPU memory each worker's GPU must have (default with GPUs: the "
+                   "run's estimated need, as --dry-run prints; 0: no check)")
     p.add_argument("--accelerator-type", action="append", default=[], dest="accelerator_types",
                    help="allowed accelerator family, e.g. A100 (repeatable; default: any)")
     p.add_argument("--min-bandwidth-gbps", type=float, default=0.0,
@@ -150,7 +151,7 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
         compile=args.compile, **fields)
     spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,
                    cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                   min_gpu_memory_gb=args.min_gpu_memory_gb,
+                   min_gpu_memory_gb=_min_gpu_memory_gb(args, train_config),
                    min_bandwidth_gbps=args.min_bandwidth_gbps,
                    accelerator_types=tuple(args.accelerator_types), priority=args.priority,
                    expected_duration_s=args.expected_duration_s,
@@ -158,6 +159,17 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
     if args.resume:
         _check_resumable(run_dir, train_config)
     return train_config, spec
+
+
+def _min_gpu_memory_gb(args: argparse.Namespace, train_config: TrainConfig) -> float:
+    """What each worker's GPU must have free: the flag when given, else the run's estimated
+    need (so a model that cannot fit is refused before training, naming need and free
+    memory, instead of running out of memory in the first step)."""
+    if args.min_gpu_memory_gb is not None:
+        return args.min_gpu_memory_gb
+    if args.gpus_per_worker == 0:
+        return 0.0
+    return gpu_memory_needed_gb(train_config, args.num_workers)
 
 
 def _check_resumable(run_dir: Path, train_config: TrainConfig) -> None:
@@ -251,6 +263,9 @@ def dry_run(train_config: TrainConfig, spec: JobSpec, address: str | None) -> No
 
     for line in memory_lines(train_config, spec.num_workers, on_gpu=spec.gpus_per_worker > 0):
         print(line)
+    if spec.min_gpu_memory_gb:
+        print(f"placement asks each worker's GPU for >= {spec.min_gpu_memory_gb:g} GiB free "
+              "(--min-gpu-memory-gb)")
     decision = dry_run_placement(spec, address)
     print(describe_decision(decision))
     if not hasattr(decision, "worker_nodes"):

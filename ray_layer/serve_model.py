@@ -58,7 +58,9 @@ class GPTModel:
         self.queued: set[int] = set()  # requests whose batch has not started (by id)
         self.gate = AdmissionGate(self.settings.max_batch_size,
                                   self.settings.max_concurrent_batches)
-        self.running = 0  # requests in running batches
+        self.running: set[int] = set()  # requests in running batches (by id)
+        self.abandoned: set[int] = set()  # of those, requests whose client left
+        self.static_cancelled = 0
         self.last_progress = time.monotonic()
         self.batch_loop_started = False
         self.stats: Counter = Counter()
@@ -298,6 +300,8 @@ class GPTModel:
         finally:  # cancelled before its batch started: it no longer waits
             self.queued.discard(id(request))
             self.gate.leave(id(request))
+            if not finished and id(request) in self.running:
+                self.abandoned.add(id(request))  # its row stops before the batch's next step
         if finished and produced > 1:
             self._record_tpot((time.perf_counter() - first_at) / (produced - 1))
         if not finished:  # the batch's model could not hold it (reloaded meanwhile)
@@ -318,7 +322,8 @@ class GPTModel:
             self.last_progress = now  # an idle loop was not stalled
         self.arrivals.observe(now)
         self.queued.add(id(request))
-        self.stats["most_held"] = max(self.stats["most_held"], len(self.queued) + self.running)
+        self.stats["most_held"] = max(self.stats["most_held"],
+                                      len(self.queued) + len(self.running))
         self.batch_loop_started = True
         self._adapt_batching(now)
 
@@ -336,7 +341,7 @@ class GPTModel:
         loaded = self.loaded  # a reload during this batch does not change its model
         self.queued.difference_update(map(id, requests))
         self.gate.batch_started(list(map(id, requests)))
-        self.running += len(requests)
+        self.running.update(map(id, requests))
         self._record_batch(len(requests))
         started, produced = time.perf_counter(), 0
         fits = [len(r.context) + r.remaining <= loaded.block_size for r in requests]
@@ -348,6 +353,9 @@ class GPTModel:
                       if runnable else None)
             loop = asyncio.get_running_loop()
             while generation is not None and not generation.done:
+                self._drop_abandoned(requests, runnable, generation, done)
+                if generation.done:
+                    break
                 chunks = await loop.run_in_executor(self.executor, self._step, generation)
                 self.last_progress = time.monotonic()
                 step: list[Any] = [StopIteration] * len(requests)
@@ -359,13 +367,25 @@ class GPTModel:
                     done[i] = chunk.finish_reason is not None
                 yield step
         finally:
-            self.running -= len(requests)
+            self.running.difference_update(map(id, requests))
+            self.abandoned.difference_update(map(id, requests))
             self.gate.batch_finished()
             elapsed = time.perf_counter() - started
             record(catalogue.SERVE_GENERATED_TOKENS, produced, deployment=self.deployment)
             if elapsed > 0 and produced:
                 record(catalogue.SERVE_TOKENS_PER_SECOND, produced / elapsed,
                        deployment=self.deployment)
+
+    def _drop_abandoned(self, requests: list[GenerationRequest], runnable: list[int],
+                        generation: BatchGeneration, done: list[bool]) -> None:
+        """Rows whose client disconnected leave the batch instead of decoding to the end."""
+        if not self.abandoned:
+            return
+        for row, i in enumerate(runnable):
+            if not done[i] and id(requests[i]) in self.abandoned:
+                generation.cancel(row)
+                done[i] = True
+                self.static_cancelled += 1
 
     def _step(self, generation: BatchGeneration) -> list[Chunk | None]:
         if self.wedged.is_set():
@@ -427,7 +447,8 @@ class GPTModel:
                 "batch_wait_ms_now": (round(settings.wait_timeout_s * 1000, 3)
                                       if settings else None),
                 "queued": len(self.queued) + waiting, "waiting_for_a_slot": self.gate.waiting,
-                "running": self.running + rows, "most_requests_held": self.stats["most_held"],
+                "running": len(self.running) + rows,
+                "static_cancelled": self.static_cancelled, "most_requests_held": self.stats["most_held"],
                 "engines": engines, "last_switch_ms": self.stats.get("switch_ms"),
                 "reload_error": self.reload_error}
 
@@ -466,7 +487,7 @@ class GPTModel:
         if self.engine_loop is not None and self.engine_loop.done():
             alive = False
         waiting, rows = self._continuous_load()
-        problem = batch_loop_problem(len(self.queued) + waiting, self.running + rows,
+        problem = batch_loop_problem(len(self.queued) + waiting, len(self.running) + rows,
                                      self.last_progress, time.monotonic(),
                                      self.settings.hang_after_s, alive)
         if problem:

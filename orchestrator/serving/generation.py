@@ -209,24 +209,32 @@ class RowGroup:
         uniform = torch.tensor([row.draw() for _, row in self.rows], device=logits.device)
         tokens = sample_tokens(logits[:, -1, :], self.temperature, self.top_p, uniform)
         chunks = [(i, row.accept(t)) for (i, row), t in zip(self.rows, tokens.tolist())]
-        alive = [r for r, (_, row) in enumerate(self.rows) if not row.finished]
-        next_input = tokens.unsqueeze(1)
-        if len(alive) < len(self.rows):
-            self.rows = [self.rows[r] for r in alive]
-            if not alive:
-                return chunks
-            keep = torch.tensor(alive, device=tokens.device)
-            self.cache.select(keep)
-            next_input, self.temperature, self.top_p = (
-                next_input[keep], self.temperature[keep], self.top_p[keep])
-            if self.padded:
-                self.key_is_real, self.positions = self.key_is_real[keep], self.positions[keep]
-        self.input = next_input
-        if self.padded:
+        self.input = tokens.unsqueeze(1)
+        self._keep([r for r, (_, row) in enumerate(self.rows) if not row.finished])
+        if self.padded and self.rows:
             ones = torch.ones((len(self.rows), 1), dtype=torch.bool, device=tokens.device)
             self.key_is_real = torch.cat([self.key_is_real, ones], dim=1)
             self.positions = self.positions[:, -1:] + 1
         return chunks
+
+    def cancel(self, index: int) -> None:
+        """The request at `index` is no longer wanted (its client left): its row stops
+        before the next step instead of decoding to its end."""
+        self._keep([r for r, (i, _) in enumerate(self.rows) if i != index])
+
+    def _keep(self, alive: list[int]) -> None:
+        """Keep only these rows (by position): the rest leave the cache and the next input."""
+        if len(alive) == len(self.rows):
+            return
+        self.rows = [self.rows[r] for r in alive]
+        if not alive:
+            return
+        keep = torch.tensor(alive, device=self.input.device)
+        self.cache.select(keep)
+        self.input, self.temperature, self.top_p = (
+            self.input[keep], self.temperature[keep], self.top_p[keep])
+        if self.padded:
+            self.key_is_real, self.positions = self.key_is_real[keep], self.positions[keep]
 
 
 class BatchGeneration:
@@ -253,6 +261,12 @@ class BatchGeneration:
                 out[i] = chunk
         self.groups = [group for group in self.groups if not group.done]
         return out
+
+    def cancel(self, index: int) -> None:
+        """Stop decoding request `index` (its client disconnected); the others go on."""
+        for group in self.groups:
+            group.cancel(index)
+        self.groups = [group for group in self.groups if not group.done]
 
 
 def generate(model: torch.nn.Module, requests: list[GenerationRequest], block_size: int,

@@ -15,10 +15,13 @@ workers; one block's parameters gathered at a time, the next one prefetched):
   attention matrix not stored, as SDPA's fused kernels do; twice that in fp32), plus the
   logits and their fp32 loss (b·s·V).
 
-It leaves out the CUDA context and allocator slack (typically 0.5-2 GB): `dry_run` says so.
+It leaves out the CUDA context and allocator slack (typically 0.5-2 GB): `dry_run` says so,
+and `gpu_memory_needed_gb` (the free memory a run's placement asks of each worker's GPU) adds
+the low end of it, so that a run is kept off GPUs only where it clearly cannot fit.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from orchestrator.config import TrainConfig
@@ -27,6 +30,9 @@ GB = 1024 ** 3
 ADAM_BYTES = 8  # two fp32 moments
 FP32 = 4
 ACTIVATION_BYTES_PER_LAYER_16BIT = 34  # × seq · batch · width (Korthikanti et al. 2022)
+# CUDA context, library workspaces and allocator slack on top of the tensors: the low end of
+# the usual 0.5-2 GB, so the estimate refuses only GPUs the run clearly cannot fit.
+RUNTIME_OVERHEAD_BYTES = GB
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,19 @@ def shape_of(config: TrainConfig, on_gpu: bool) -> Shape:
                  batch_size=config.batch_size, seq_len=config.seq_len,
                  compute_bytes=2 if low else FP32,
                  hierarchical=len(set(config.accumulation_factors.values())) > 1)
+
+
+def worker_memory(config: TrainConfig, workers: int, on_gpu: bool) -> WorkerMemory:
+    """The estimate under the run's own strategy."""
+    estimate = fsdp_worker_memory if config.strategy == "fsdp" else ddp_worker_memory
+    return estimate(shape_of(config, on_gpu), workers)
+
+
+def gpu_memory_needed_gb(config: TrainConfig, workers: int) -> float:
+    """Free memory (GiB, rounded up to 0.1) each worker's GPU needs for this run: the
+    estimate under its strategy plus the runtime's overhead."""
+    needed = worker_memory(config, workers, on_gpu=True).total + RUNTIME_OVERHEAD_BYTES
+    return math.ceil(needed / GB * 10) / 10
 
 
 def memory_lines(config: TrainConfig, workers: int, on_gpu: bool) -> list[str]:

@@ -206,6 +206,23 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row_and_blocks(server):
     assert freed["decode_tokens"] - before["decode_tokens"] < BLOCK - 3
 
 
+def test_static_batching_stops_the_row_of_a_client_that_disconnects(server):
+    # With whole-request batches the row used to decode to its end for nobody.
+    server.reconfigure(batching="static")
+    try:
+        before = server.get("/health").json()
+        body = {"prompt": "a", "max_tokens": BLOCK - 2, "temperature": 0, "stream": True}
+        with requests.post(f"{server.url}/v1/completions", json=body, stream=True,
+                           timeout=60) as response:
+            assert next(line for line in response.iter_lines() if line.startswith(b"data: "))
+        after = wait_for("the batch over", lambda: (
+            (lambda h: h if h["running"] == 0 else None)(server.get("/health").json())),
+            timeout_s=10, every_s=0.05)
+        assert after["static_cancelled"] == before["static_cancelled"] + 1
+    finally:
+        server.reconfigure(batching="continuous")
+
+
 def test_a_request_over_the_kv_cache_capacity_is_refused_not_queued(server):
     try:
         server.reconfigure(kv_cache_tokens=32)  # 2 blocks of 16 positions

@@ -4,8 +4,9 @@ from orchestrator.inventory import GIB, ClusterState, GpuInfo, NodeReport
 NOW = 1_000.0
 
 
-def node(node_id, cpus=8, gpus=0, gpu_free_gb=80.0, load=0.0):
-    gpu_list = tuple(GpuInfo(i, "A100-80GB", 80 * GIB, int(gpu_free_gb * GIB), source="declared")
+def node(node_id, cpus=8, gpus=0, gpu_free_gb=80.0, load=0.0, gpu_total_gb=80):
+    gpu_list = tuple(GpuInfo(i, f"A100-{gpu_total_gb}GB", int(gpu_total_gb * GIB),
+                             int(gpu_free_gb * GIB), source="declared")
                      for i in range(gpus))
     return NodeReport(node_id=node_id, hostname=node_id, ray_cpus=cpus, ray_gpus=gpus,
                       cpu_count=cpus, load_avg_1m=load, ram_total_bytes=64 * GIB,

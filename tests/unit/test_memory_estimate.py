@@ -1,4 +1,6 @@
 """The per-worker memory estimate behind `jobs/pretrain.py --dry-run`."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,3 +68,34 @@ def test_dry_run_lines_name_both_strategies():
     assert "gpt2-medium" in lines[0] and "16-bit compute" in lines[0]
     assert lines[2].strip().startswith("DDP over 4 worker(s)")
     assert lines[3].strip().startswith("FSDP over 4 worker(s)")
+
+
+def test_a_model_that_fits_no_gpu_is_refused_naming_need_and_free_memory():
+    """jobs/pretrain.py asks placement for the estimate by default: GPT-2 XL at 8 x 1024
+    tokens under DDP cannot fit a 40 GB A100, sharded with FSDP it can."""
+    from jobs.pretrain import build_configs, parse_args
+    from orchestrator.placement import PlacementError, place
+    from tests.unit.nodes import NOW, cluster, node
+
+    def spec(*flags):
+        args = parse_args(["--model-size", "gpt2-xl", "--seq-len", "1024", "--batch-size", "8",
+                           "--num-workers", "8", "--gpus-per-worker", "1", *flags])
+        return build_configs(args, Path("/tmp/run"))[1]
+
+    state = cluster(*(node(f"n{i}", cpus=16, gpus=8, gpu_free_gb=39.5, gpu_total_gb=40)
+                      for i in range(2)))
+    ddp = spec()
+    assert ddp.min_gpu_memory_gb == 51.3
+    with pytest.raises(PlacementError) as refused:
+        place(ddp, state, NOW)
+    rejection = refused.value.rejection
+    assert not rejection.fits_when_free  # refused, not queued
+    assert "needs 1 GPU(s) with >= 51.3 GiB free, 0 of 8 have it (most free: 39.5 GiB)" in \
+        " ".join(rejection.node_reasons.values())
+    fsdp = spec("--strategy", "fsdp")
+    assert fsdp.min_gpu_memory_gb == 24.0
+    assert len(place(fsdp, state, NOW).worker_nodes) == 8
+    # The flag overrides the estimate; without GPUs there is nothing to ask.
+    assert spec("--min-gpu-memory-gb", "0").min_gpu_memory_gb == 0
+    assert build_configs(parse_args(["--model-size", "gpt2-xl"]), Path("/tmp/run"))[1] \
+        .min_gpu_memory_gb == 0

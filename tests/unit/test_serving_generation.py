@@ -113,6 +113,27 @@ def test_a_finished_row_leaves_the_batch(model):
     assert all(len(c.tokens) == 1 for step in steps for c in step if c is not None)
 
 
+def test_a_cancelled_row_stops_and_the_others_decode_as_before(model):
+    prompts = [b"Hello", b"A longer prompt", b"x"]
+    batch = BatchGeneration(model, [greedy(p, 12) for p in prompts], BLOCK)
+    first = batch.step()
+    batch.cancel(1)  # its client left after one token
+    tokens: list[tuple[int, ...]] = [c.tokens for c in first]
+    steps = 1
+    while not batch.done:
+        step = batch.step()
+        steps += 1
+        assert step[1] is None  # never decoded again
+        tokens = [t + c.tokens if c is not None else t for t, c in zip(tokens, step)]
+    assert steps == 12 and len(tokens[1]) == 1
+    for i in (0, 2):  # the padded cache kept the right rows
+        assert tokens[i] == reference_greedy(model, prompts[i], 12)
+    before_any = BatchGeneration(model, [greedy(b"ab", 4), greedy(b"c", 4)], BLOCK)
+    before_any.cancel(0)
+    before_any.cancel(1)
+    assert before_any.done
+
+
 def test_groups_keep_padding_within_the_context():
     long_prompt = greedy(b"x" * 60, 4)  # 60 + 4 = 64: fits alone
     short_many = greedy(b"y", 60)  # 1 + 60: fits alone, but not padded to 60 next to the first

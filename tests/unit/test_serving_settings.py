@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from orchestrator.config import ConfigError
-from orchestrator.serving.settings import (RuntimeConfig, ServeSettings, free_port,
-                                           serve_app_config)
+from orchestrator.serving.settings import (RUNTIME_FIELDS, RuntimeConfig, ServeSettings,
+                                           free_port, serve_app_config)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,6 +75,9 @@ def test_serve_config_yaml_is_a_valid_serve_config_for_this_app():
     settings = ServeSettings.from_args(application.args)
     (model,) = [d for d in application.deployments if d.name == "GPTModel"]
     RuntimeConfig.from_user_config(model.user_config, settings)
+    # The file documents every runtime setting and continuous batching's fixed ones.
+    assert set(RUNTIME_FIELDS) <= set(model.user_config)
+    assert {"batching", "kv_block_tokens", "prefill_chunk_tokens"} <= set(application.args)
     autoscaling = model.autoscaling_config
     assert autoscaling["min_replicas"] < autoscaling["max_replicas"]
     assert {"target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"} <= set(autoscaling)
