@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from orchestrator.config import JobSpec
-from orchestrator.inventory import ClusterState, NodeReport, Reservation
+from orchestrator.inventory import (LABEL_ACCELERATOR_MEMORY_GB, ClusterState, NodeReport,
+                                    Reservation)
 
 INTRA_NODE = math.inf  # bottleneck bandwidth of a single-node job: no network crossed
 EXPLAIN_LIMIT = 512  # above this many nodes, per-node reasons are given only on request
@@ -539,9 +540,12 @@ def _node_reason(spec: JobSpec, state: ClusterState, report: NodeReport, now: fl
                and (report.node_id, g.index) not in excluded_gpus]
     if spec.min_gpu_memory_gb and len(fitting) < spec.gpus_per_worker:
         most = max(g.memory_free_gb for g in report.gpus)
+        unlabelled = (f" - declared GPUs without the {LABEL_ACCELERATOR_MEMORY_GB} label "
+                      "count as 0 GiB"
+                      if most == 0 and all(g.source == "declared" for g in report.gpus) else "")
         return (f"needs {spec.gpus_per_worker} GPU(s) with >= {spec.min_gpu_memory_gb:g} GiB "
                 f"free, {len(fitting)} of {len(report.gpus)} have it (most free: {most:.1f} GiB"
-                f"{not_for_this_job})")
+                f"{not_for_this_job}){unlabelled}")
     usable = min(len(fitting), int(report.ray_gpus) - reserved_gpus - outside_gpus)
     outside = f", {outside_gpus} used by Ray work not placed here" if outside_gpus else ""
     return (f"needs {spec.gpus_per_worker} GPU per worker, {max(usable, 0)} free "

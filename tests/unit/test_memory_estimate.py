@@ -95,6 +95,12 @@ def test_a_model_that_fits_no_gpu_is_refused_naming_need_and_free_memory():
     fsdp = spec("--strategy", "fsdp")
     assert fsdp.min_gpu_memory_gb == 24.0
     assert len(place(fsdp, state, NOW).worker_nodes) == 8
+    # GPUs declared by labels without their memory: the reason says how to declare it.
+    unlabelled = cluster(node("bare", cpus=16, gpus=8, gpu_free_gb=0, gpu_total_gb=0))
+    with pytest.raises(PlacementError) as refused:
+        place(spec("--num-workers", "1"), unlabelled, NOW)
+    assert "without the orchestrator.io/accelerator-memory-gb label count as 0 GiB" in \
+        refused.value.rejection.node_reasons["bare"]
     # The flag overrides the estimate; without GPUs there is nothing to ask.
     assert spec("--min-gpu-memory-gb", "0").min_gpu_memory_gb == 0
     assert build_configs(parse_args(["--model-size", "gpt2-xl"]), Path("/tmp/run"))[1] \
