@@ -315,7 +315,9 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         "first_loss": metrics.get("first_loss"),
         "final_loss": metrics.get("loss"),
         "held_out_loss": metrics.get("held_out_loss"),
-        "tokens_per_s": metrics.get("run_tokens_per_s"),
+        "tokens_per_s": metrics.get("run_tokens_per_s"),  # the training steps alone
+        # First step to the last, checkpoint saves, reports and evaluation included.
+        "phase_tokens_per_s": metrics.get("phase_tokens_per_s"),
         "mfu": metrics.get("mfu"),  # last logging interval
         "comm_share": metrics.get("comm_share"),
         "peak_memory_bytes": metrics.get("peak_memory_bytes"),

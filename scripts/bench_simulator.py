@@ -10,7 +10,8 @@
    A100s, offered load 0.95) on its four-family cluster, at the trace's load under every
    policy, and at 0.5x and 2x the load (--sweep) under FIFO first-fit and hetero-las.
 3. **Full Philly** (--full): the whole trace (82,247 jobs, load scale 1) under every policy,
-   timed: the figure is the wall time of all the replays together.
+   timed: the figure is the wall time of all the replays together. Replays are independent
+   and single-threaded, so they run in --processes processes (default: one per core).
 
 Prints each section's summary table, then, as the last line, one JSON object:
     {"philly": {"speedup_vs_fifo", "speedup_vs_gavel", "p99_vs_gavel", "policies": {...}},
@@ -21,6 +22,7 @@ Speedups are the baseline's mean JCT / hetero-las'; p99_vs_gavel is Gavel-style 
 hetero-las'; usable_gpus_busy_while_waiting is hetero-las'.
 
     python -m scripts.bench_simulator [--sections philly,constrained,full] [--out DIR]
+                                      [--processes N]
 
 No Ray: pure simulation.
 """
@@ -28,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from orchestrator.policies import POLICY_NAMES
@@ -55,14 +59,32 @@ def philly_slice(start: int, jobs: int, load_scale: float, path: Path = PHILLY_C
     return prepare(chunk, load_scale=load_scale)
 
 
+# Replay time per policy on the full trace, longest first (measured, 22f57c0): processes
+# take the longest replays first, so the last one to finish starts early.
+LONGEST_FIRST = ("random", "bestfit", "tiresias", "fifo", "hetero-las", "gavel")
+
+
 def run_policies(trace: list[TraceJob], cluster: str, policies, seed: int = 0,
-                 label: str = "") -> list[SimResult]:
-    results = []
-    for name in policies:
-        t0 = time.perf_counter()
-        results.append(simulate(trace, cluster, name, seed=seed))
-        print(f"[{label}{name}] {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-    return results
+                 label: str = "", processes: int = 1) -> list[SimResult]:
+    """One replay per policy, in `processes` processes (each replay is single-threaded and
+    independent: on N cores up to N run at once); results in the order of `policies`."""
+    def ranked(name: str) -> int:
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    if processes <= 1 or len(policies) <= 1:
+        return [_timed_replay(trace, cluster, name, seed, label) for name in policies]
+    with ProcessPoolExecutor(min(processes, len(policies))) as pool:
+        futures = {name: pool.submit(_timed_replay, trace, cluster, name, seed, label)
+                   for name in sorted(policies, key=ranked)}
+        return [futures[name].result() for name in policies]
+
+
+def _timed_replay(trace: list[TraceJob], cluster: str, name: str, seed: int,
+                  label: str) -> SimResult:
+    t0 = time.perf_counter()
+    result = simulate(trace, cluster, name, seed=seed)
+    print(f"[{label}{name}] {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    return result
 
 
 def figures(results: list[SimResult]) -> dict:
@@ -84,7 +106,8 @@ def figures(results: list[SimResult]) -> dict:
 
 def philly_section(args) -> tuple[dict, list[SimResult]]:
     trace = philly_slice(args.start, args.jobs, args.load_scale)
-    results = run_policies(trace, DEFAULT_CLUSTER, args.policies, args.seed, "philly ")
+    results = run_policies(trace, DEFAULT_CLUSTER, args.policies, args.seed, "philly ",
+                           args.processes)
     print(f"Philly jobs {args.start:,}..{args.start + len(trace) - 1:,} by submit time, load "
           f"scale {args.load_scale:g}, cluster {DEFAULT_CLUSTER!r}")
     print(format_summary(results))
@@ -95,7 +118,8 @@ def philly_section(args) -> tuple[dict, list[SimResult]]:
 def constrained_section(args) -> tuple[dict, list[SimResult]]:
     trace = prepare(gen_constrained_trace.generate(seed=args.trace_seed))
     cluster = gen_constrained_trace.CONSTRAINED_CLUSTER
-    results = run_policies(trace, cluster, args.policies, args.seed, "constrained ")
+    results = run_policies(trace, cluster, args.policies, args.seed, "constrained ",
+                           args.processes)
     print(f"\nConstrained trace (scripts/gen_constrained_trace.py, seed {args.trace_seed}): "
           f"{len(trace):,} jobs, cluster {cluster!r}")
     print(format_summary(results))
@@ -106,7 +130,7 @@ def constrained_section(args) -> tuple[dict, list[SimResult]]:
             swept = [r for r in results if r.policy in SWEEP_POLICIES]
         else:
             swept = run_policies(prepare(trace, load_scale=scale), cluster, SWEEP_POLICIES,
-                                 args.seed, f"constrained x{scale:g} ")
+                                 args.seed, f"constrained x{scale:g} ", args.processes)
             print(f"\nConstrained trace at {scale:g}x its load")
             print(format_summary(swept))
         ratios = figures(swept)
@@ -120,12 +144,14 @@ def constrained_section(args) -> tuple[dict, list[SimResult]]:
 def full_philly_section(args) -> dict:
     trace = prepare(load_philly(PHILLY_CSV))
     t0 = time.perf_counter()
-    results = run_policies(trace, DEFAULT_CLUSTER, args.policies, args.seed, "full ")
+    results = run_policies(trace, DEFAULT_CLUSTER, args.policies, args.seed, "full ",
+                           args.processes)
     wall = time.perf_counter() - t0
     print(f"\nFull Philly trace: {len(trace):,} jobs at load scale 1, all policies in "
-          f"{wall:.0f}s")
+          f"{wall:.0f}s ({args.processes} process(es))")
     print(format_summary(results))
-    return {"jobs": len(trace), "wall_s": round(wall, 1), **figures(results)}
+    return {"jobs": len(trace), "wall_s": round(wall, 1), "processes": args.processes,
+            **figures(results)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -142,9 +168,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random policy")
     parser.add_argument("--policies", default=",".join(POLICY_NAMES))
     parser.add_argument("--out", help="also write jobs.csv and plots per section here")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                        help="replays run at once, one per process (default: one per core)")
     args = parser.parse_args(argv)
     args.policies = args.policies.split(",")
     args.sweep = [float(s) for s in args.sweep.split(",") if s]
+    if args.processes < 1:
+        parser.error(f"--processes must be >= 1, got {args.processes}")
     sections = set(args.sections.split(","))
     unknown = sections - {"philly", "constrained", "full"}
     if unknown:

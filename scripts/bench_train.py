@@ -1,8 +1,11 @@
 """Training-engine benchmark: every figure measured in this one run, on this machine.
 
 - ray_vs_plain_throughput: tokens/s of jobs/pretrain.py (Ray Train, one worker with all CPUs)
-  over the same config in a plain process (`train` with LocalSession): Ray's overhead.
-- mfu_cpu: MFU of the plain run against the CPU peak measured by a timed matmul.
+  over the same config in a plain process (`train` with LocalSession): Ray's overhead. Over
+  the whole training phase (checkpoint saves, reports, evaluation included), the median of
+  --rounds rounds alternating which side goes first, with its spread (min, max) and each
+  round's ratio; ray_vs_plain_steps_only: the same from the training steps' time alone.
+- mfu_cpu: MFU of the plain runs (median) against the CPU peak measured by a timed matmul.
 - recovery_s: a Ray Train worker SIGKILLed mid-run -> first step after the automatic resume.
 - span_speedup: forward time at long context of a full-attention model over a learnt-span model
   (keys beyond the learnt window never computed); span_train_speedup: the same for training
@@ -11,7 +14,7 @@
   (fp16 is emulated on this CPU: the count is real, the speed is not meaningful).
 
 The last line printed is one JSON object with these figures.
-Usage: python -m scripts.bench_train [--quick]
+Usage: python -m scripts.bench_train [--quick] [--rounds N] [--only-overhead]
 """
 from __future__ import annotations
 
@@ -37,26 +40,59 @@ from orchestrator.training.session import LocalSession
 CPU = torch.device("cpu")
 
 
-def plain_vs_ray(steps: int, workdir: Path) -> dict:
+def plain_vs_ray(steps: int, rounds: int, workdir: Path) -> dict:
+    """The same run under Ray Train (jobs/pretrain.py: one worker with every CPU) and in a
+    plain process (`train` with LocalSession), in `rounds` rounds that alternate which goes
+    first, so machine drift falls on both. Each side's figure is tokens/s over its whole
+    training phase (first step to the last: three checkpoint saves, a report every tenth
+    step and the final evaluation included); the step-only rate is kept beside it to show
+    where a difference goes."""
+    log_every = max(steps // 10, 1)
+    flags = {"model_size": "small", "batch_size": 16, "seq_len": 128, "max_steps": steps,
+             "checkpoint_every": max(steps // 4, 1), "log_every": log_every,
+             "warmup_steps": 5}
+    phase: dict[str, list[float]] = {"plain": [], "ray": []}
+    steps_only: dict[str, list[float]] = {"plain": [], "ray": []}
+    mfu = []
+    for r in range(rounds):
+        for side in ("plain", "ray") if r % 2 == 0 else ("ray", "plain"):
+            run_dir = workdir / f"{side}-{r}"
+            figures = (_plain_run(flags, run_dir) if side == "plain"
+                       else _ray_run(flags, run_dir))
+            phase[side].append(figures["phase_tokens_per_s"])
+            steps_only[side].append(figures["steps_tokens_per_s"])
+            if side == "plain":
+                mfu.append(figures["mfu"])
+            print(f"round {r + 1} {side}: {figures['phase_tokens_per_s']:,.0f} tokens/s over the "
+                  f"phase, {figures['steps_tokens_per_s']:,.0f} in the steps", flush=True)
+    ratios = [ray / plain for ray, plain in zip(phase["ray"], phase["plain"])]
+    step_ratios = [ray / plain for ray, plain in zip(steps_only["ray"], steps_only["plain"])]
+    return {"plain_tokens_per_s": round(statistics.median(phase["plain"])),
+            "ray_tokens_per_s": round(statistics.median(phase["ray"])),
+            "ray_vs_plain_throughput": round(statistics.median(ratios), 3),
+            "ray_vs_plain_spread": [round(min(ratios), 3), round(max(ratios), 3)],
+            "ray_vs_plain_rounds": [round(x, 3) for x in ratios],
+            "ray_vs_plain_steps_only": round(statistics.median(step_ratios), 3),
+            "mfu_cpu": round(statistics.median(mfu), 4)}
+
+
+def _plain_run(flags: dict, run_dir: Path) -> dict:
+    metrics = train(TrainConfig(**flags), LocalSession(run_dir, device=CPU))
+    return {"phase_tokens_per_s": metrics["phase_tokens_per_s"],
+            "steps_tokens_per_s": metrics["run_tokens_per_s"], "mfu": metrics["mfu"]}
+
+
+def _ray_run(flags: dict, run_dir: Path) -> dict:
     from jobs import pretrain
 
-    args = dict(model_size="small", batch_size=16, seq_len=128, max_steps=steps,
-                checkpoint_every=steps, log_every=max(steps // 4, 1), warmup_steps=5)
-    plain = train(TrainConfig(**args), LocalSession(workdir / "plain", device=CPU))
-    run_dir = workdir / "ray"
-    code = pretrain.main(["--model-size", "small", "--batch-size", "16", "--seq-len", "128",
-                          "--max-steps", str(steps), "--checkpoint-every", str(steps),
-                          "--log-every", str(args["log_every"]), "--warmup-steps", "5",
-                          "--num-workers", "1", "--cpus-per-worker", str(os.cpu_count()),
+    argv = [f"--{name.replace('_', '-')}={value}" for name, value in flags.items()]
+    code = pretrain.main([*argv, "--num-workers", "1", "--cpus-per-worker", str(os.cpu_count()),
                           "--run-dir", str(run_dir)])
     if code != 0:
         raise SystemExit(f"jobs/pretrain.py failed with exit code {code}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"plain_tokens_per_s": round(plain["run_tokens_per_s"]),
-            "ray_tokens_per_s": round(summary["tokens_per_s"]),
-            "ray_vs_plain_throughput": round(summary["tokens_per_s"]
-                                             / plain["run_tokens_per_s"], 3),
-            "mfu_cpu": round(plain["mfu"], 4)}
+    return {"phase_tokens_per_s": summary["phase_tokens_per_s"],
+            "steps_tokens_per_s": summary["tokens_per_s"]}
 
 
 def ray_train_workers() -> list:
@@ -165,11 +201,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="fewer steps and a shorter context (a smoke run, not a result)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of plain vs Ray Train, alternating which goes first")
+    parser.add_argument("--only-overhead", action="store_true",
+                        help="measure Ray Train's overhead and stop")
     args = parser.parse_args()
     figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(tmp)
-        figures.update(plain_vs_ray(20 if args.quick else 100, workdir))
+        figures.update(plain_vs_ray(20 if args.quick else 100, args.rounds, workdir))
+        if args.only_overhead:
+            print(json.dumps(figures))
+            return
         print(json.dumps(figures), flush=True)
         figures.update(recovery(workdir))
         print(json.dumps(figures), flush=True)

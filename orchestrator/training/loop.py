@@ -191,7 +191,10 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     interval_start, interval_steps, loss_sum = time.perf_counter(), 0, 0.0
     run_tokens, run_seconds, skipped_steps = 0, 0.0, 0
     first_loss = None  # loss of this run's first step: the "before" of the loss curve
+    phase_started = None  # start of this attempt's first step: the training phase's clock
     while step < config.max_steps:
+        if phase_started is None:
+            phase_started = time.perf_counter()
         # Dropout randomness is a function of (seed, rank, step): resume replays it exactly.
         torch.manual_seed(stream_seed(config.seed, session.world_rank, step, DROPOUT_STREAM))
         set_lr(optimizer, lr_at(step, config))
@@ -256,6 +259,10 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 held_out_loss = evaluate(model, held_out_tokens, config, precision, device)
                 if session.world_rank == 0:
                     metrics["held_out_loss"] = held_out_loss
+            # Everything since the first step began (checkpoint saves, reports, evaluation),
+            # where run_tokens_per_s counts the steps alone.
+            metrics["phase_tokens_per_s"] = ((step - start_step) * tokens_per_step
+                                             / (time.perf_counter() - phase_started))
             if session.world_rank == 0:
                 efficiency.warn(metrics)
             if yielding is not None:

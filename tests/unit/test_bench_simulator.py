@@ -49,6 +49,18 @@ def test_the_same_stream_where_no_placement_can_do_better_is_a_tie():
     assert figures["speedup_vs_fifo"] == 1.0
 
 
+def test_replays_in_parallel_processes_give_the_sequential_results():
+    trace = stream((0, 3600, 4), (1, 3600, 8), (5, 600, 2), (9, 1200, 4))
+    policies = ("fifo", "gavel", "hetero-las")
+    timing = {"wall_s", "decisions_per_s", "policy_s"}
+    sequential = bench.run_policies(trace, CLUSTER, policies)
+    parallel = bench.run_policies(trace, CLUSTER, policies, processes=2)
+    assert [r.policy for r in parallel] == list(policies)  # the order asked, not finishing
+    for one, other in zip(sequential, parallel):
+        assert {k: v for k, v in one.metrics.items() if k not in timing} == \
+            {k: v for k, v in other.metrics.items() if k not in timing}
+
+
 def test_small_traces_end_with_a_json_line_of_every_policy_and_section(capsys, monkeypatch):
     # The constrained generator at 400 jobs instead of 8,000 (the same cluster and shares),
     # at 20x the load so that jobs wait (a few long jobs hold most of a short trace's GPU-time).

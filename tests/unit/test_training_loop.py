@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -48,6 +49,23 @@ def test_checkpoints_keep_the_last_k(tmp_path):
     train(tiny(), session)
     assert [p.name for p in session.checkpoints()] == ["checkpoint_00000020",
                                                        "checkpoint_00000030"]
+
+
+class SlowReportingSession(LocalSession):
+    """Every report (and its checkpoint) takes 0.4 s longer, like a slow storage upload."""
+
+    def report(self, metrics, checkpoint_dir):
+        time.sleep(0.4)
+        super().report(metrics, checkpoint_dir)
+
+
+def test_the_phase_rate_counts_reports_and_saves_that_the_step_rate_leaves_out(tmp_path):
+    metrics = train(tiny(max_steps=40), SlowReportingSession(tmp_path, device=CPU))
+    tokens = 40 * 4 * 32
+    steps_s, phase_s = tokens / metrics["run_tokens_per_s"], tokens / metrics["phase_tokens_per_s"]
+    # The reports of steps 10, 20 and 30 fall inside the phase (the last one comes after its
+    # figures are taken): 1.2 s that the step-only rate does not see.
+    assert phase_s - steps_s >= 1.2, (phase_s, steps_s)
 
 
 class CrashingSession(LocalSession):
