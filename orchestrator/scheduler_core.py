@@ -40,7 +40,7 @@ import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -119,6 +119,9 @@ class SchedulerCore:
         # _family_choice), and a typical job's relative speed per family (comparative advantage).
         self.pinned_running: dict[str, int] = {}
         self.running_priorities: Counter = Counter()  # priority -> running jobs
+        # (planned end, name) of running jobs with a time estimate, kept sorted as they start
+        # and stop: the head's shadow time walks it instead of sorting every running job.
+        self.planned_ends: list[tuple[float, str]] = []
         self.typical_speed: dict[str, float] = {}
         self.typical_count = 0
         self.preempting: dict[str, set[str]] = {}  # waiting job -> victims not yet yielded
@@ -626,6 +629,8 @@ class SchedulerCore:
 
     def _track_running(self, job: RunningJob) -> None:
         self.running[job.spec.name] = job
+        if job.planned_end is not None:
+            bisect.insort(self.planned_ends, (job.planned_end, job.spec.name))
         self._count_pinned(job.spec, +1)
         self.running_priorities[job.spec.priority] += 1
 
@@ -640,6 +645,9 @@ class SchedulerCore:
         """Release everything the job holds (its reservation, a migration claim)."""
         job = self.running.pop(job_name, None)
         if job is not None:
+            if job.planned_end is not None:
+                entry = (job.planned_end, job_name)
+                del self.planned_ends[bisect.bisect_left(self.planned_ends, entry)]
             self._count_pinned(job.spec, -1)
             self.running_priorities[job.spec.priority] -= 1
             if not self.running_priorities[job.spec.priority]:
@@ -819,17 +827,32 @@ class SchedulerCore:
         if shadow is None:
             # Running jobs by expected end; their units on the head's nodes are counted only
             # until enough are freed (most of a long running list is never looked at).
-            ends = [(end, name) for name, job in self.running.items()
-                    if (end := job.expected_end(now)) is not None]
-            ends.sort()
             reservations = self.state.reservations
-            for end, name in ends:
+            for end, name in self._running_by_end(now):
                 free += _units_on(reservations.get(name, ()), usable, self.state, per_gpu)
                 if free >= need:
                     shadow = end
                     break
         extra = free - need if shadow is not None else 0.0
         return _HeadPlan(head.spec.name, usable, per_gpu, shadow, extra)
+
+    def _running_by_end(self, now: float) -> Iterator[tuple[float, str]]:
+        """(expected end, name) of the running jobs with an estimate, soonest first: those
+        told to yield (they end now), then the rest by planned end (`planned_ends`)."""
+        yielding = sorted(name for name, job in self.running.items()
+                          if job.directive is not None)
+        for name in yielding:
+            yield now, name
+        running = self.running
+        # Jobs past their estimate (planned end <= now) have none left: skipped by bisection.
+        for i in range(bisect.bisect_right(self.planned_ends, (now, "\U0010ffff")),
+                       len(self.planned_ends)):
+            name = self.planned_ends[i][1]
+            job = running[name]
+            if job.directive is None:
+                end = job.expected_end(now)
+                if end is not None:
+                    yield end, name
 
     def _may_backfill(self, plan: _HeadPlan, spec: JobSpec, placement: Placement,
                       now: float) -> bool:

@@ -170,6 +170,13 @@ class RunningJob:
         """Service received so far, this run included: run time x GPUs (workers for CPU)."""
         return (self.ran_s + now - self.started_at) * self.size
 
+    @property
+    def planned_end(self) -> float | None:
+        """When it is expected to end, if it has an estimate (fixed while it runs)."""
+        if self.spec.expected_duration_s is None:
+            return None
+        return self.started_at + self.spec.expected_duration_s - self.ran_s
+
     def remaining_s(self, now: float) -> float | None:
         """Expected seconds left, or None without an estimate (or past it)."""
         if self.spec.expected_duration_s is None:
