@@ -95,14 +95,6 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
     return Launched(result, placement, driver.yields)
 
 
-# Ray starts worker processes at niceness 15 (RAY_worker_niceness), below its own daemons
-# and the driver. A training worker uses every core it was given, so any of them waking up
-# preempts one of its intra-op threads and the whole operation waits for it: measured
-# (scripts/bench_train.py, 2 cores) at 0.65x a plain process over the training phase. The
-# training workers run at the default niceness, as a plain process does.
-TRAINING_WORKER_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
-
-
 def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: Path,
                      owner: str, queue_timeout_s: float, max_failures: int,
                      keep_checkpoints: int):
@@ -122,7 +114,6 @@ def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: 
                 name=run_dir.name, storage_path=str(run_dir.parent),
                 checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
                 failure_config=FailureConfig(max_failures=max_failures),
-                worker_runtime_env=TRAINING_WORKER_ENV,
                 # A lost node: re-placed by the scheduler before the worker group restarts.
                 callbacks=[MetricsLog(run_dir),
                            FollowPlacement(spec, owner, timeout_s=queue_timeout_s)],
