@@ -17,6 +17,7 @@ Train's restarts names the first worker's own exception.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -45,6 +46,9 @@ class Launched:
     result: Any  # ray.train.Result
     placement: Placement
     yields: list[dict]
+
+
+REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
 @contextlib.contextmanager
@@ -78,6 +82,11 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
            keep_checkpoints: int = 3, runtime_env: dict | None = None) -> Launched:
     """Place `spec`, run `train_fn(train_loop_config)` on every worker under Ray Train with
     its checkpoints in `run_dir` (the run's name is the directory's name), and release."""
+    # Ray Train's controller takes a worker's report once per poll, 2 s apart by default, and
+    # the worker's next report waits for it: a run reporting every second or so spent a
+    # quarter of its training phase waiting (scripts/bench_train.py, 2026-12-03). Ray Train
+    # passes this variable from the driver to its controller; a value already set is kept.
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     with connected_scheduler(address, runtime_env) as scheduler:
         driver = PlacedRun(scheduler, spec, queue_timeout_s)
         trainer_for = _trainer_factory(train_fn, train_loop_config, spec, run_dir, driver.owner,

@@ -41,6 +41,7 @@ from orchestrator.inventory import (
     LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB, LABEL_ACCELERATOR_TYPE)
 from orchestrator.runs import read_metrics
 from orchestrator.serving.settings import free_port, serve_app_config
+from ray_layer.launch import REPORT_POLL_ENV, REPORT_POLL_S
 from scripts.bench_train import ray_train_workers
 
 APP = "gpt-chaos"
@@ -53,9 +54,9 @@ SURVIVAL_TIMEOUT_S = 90.0
 # reported is known, not the one it died at).
 LOG_EVERY = 5
 MAX_JITTER_S = 2.0
-# Ray Train's controller takes one report per poll (default every 2 s) and a worker's next
-# report waits for it: at the default, reports every few steps would pace training.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Train's report poll, as launch() sets it; set here too, before any Ray Train run of
+# this process (the reference run included).
+os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
 
 
 def say(line: str) -> None:
