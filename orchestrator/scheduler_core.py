@@ -847,12 +847,9 @@ class SchedulerCore:
         # Jobs past their estimate (planned end <= now) have none left: skipped by bisection.
         for i in range(bisect.bisect_right(self.planned_ends, (now, "\U0010ffff")),
                        len(self.planned_ends)):
-            name = self.planned_ends[i][1]
-            job = running[name]
-            if job.directive is None:
-                end = job.expected_end(now)
-                if end is not None:
-                    yield end, name
+            end, name = self.planned_ends[i]
+            if running[name].directive is None:
+                yield end, name
 
     def _may_backfill(self, plan: _HeadPlan, spec: JobSpec, placement: Placement,
                       now: float) -> bool:

@@ -179,9 +179,10 @@ class RunningJob:
 
     def remaining_s(self, now: float) -> float | None:
         """Expected seconds left, or None without an estimate (or past it)."""
-        if self.spec.expected_duration_s is None:
+        end = self.planned_end
+        if end is None:
             return None
-        left = self.spec.expected_duration_s - self.ran_s - (now - self.started_at)
+        left = end - now
         return left if left > 0 else None
 
     def expected_end(self, now: float) -> float | None:

@@ -41,7 +41,6 @@ from orchestrator.inventory import (
     LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB, LABEL_ACCELERATOR_TYPE)
 from orchestrator.runs import read_metrics
 from orchestrator.serving.settings import free_port, serve_app_config
-from ray_layer.launch import REPORT_POLL_ENV, REPORT_POLL_S
 from scripts.bench_train import ray_train_workers
 
 APP = "gpt-chaos"
@@ -54,9 +53,6 @@ SURVIVAL_TIMEOUT_S = 90.0
 # reported is known, not the one it died at).
 LOG_EVERY = 5
 MAX_JITTER_S = 2.0
-# Ray Train's report poll, as launch() sets it; set here too, before any Ray Train run of
-# this process (the reference run included).
-os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
 
 
 def say(line: str) -> None:

@@ -11,8 +11,6 @@ from orchestrator.faults import FAULTS
 
 
 def test_training_serving_and_scheduling_survive_every_fault_at_once():
-    # Imported here, not at collection: importing it sets RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
-    # for this process, which only the chaos run asks for.
     from scripts import chaos
 
     result = chaos.main(["--quick", "--seed", "0"])
