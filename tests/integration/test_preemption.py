@@ -41,13 +41,13 @@ def wait_until_training(run_dir, timeout_s=120):
     wait_for(f"{run_dir} to start training", lambda: read_metrics(run_dir), timeout_s)
 
 
-def test_preempted_job_yields_to_a_higher_priority_one_and_resumes_to_the_undisturbed_loss(
+def test_preempted_job_yields_to_a_higher_priority_one_and_resumes_from_its_checkpoint(
         cluster, tmp_path):
-    low_args = [*ON_T4, "--max-steps", "400"]
-    reference = start_driver(tmp_path / "reference", *low_args)
-    finish(reference)
-
-    low = start_driver(tmp_path / "low", *low_args)
+    """That the resumed run ends with the undisturbed run's weights is asserted where an
+    undisturbed reference run is paid for once: the chaos run (an operator's preemption among
+    its faults, under Ray Train) and the loop's unit tests (a yield resumes to the same
+    weights). Here: the scheduler's side of a priority preemption, end to end."""
+    low = start_driver(tmp_path / "low", *ON_T4, "--max-steps", "400")
     wait_until_training(tmp_path / "low")  # its first report: step 50 of 400
     time.sleep(2.0)  # past the scheduler's minimum run time between preemptions
     # The high job's driver is this process (already connected: it submits at once), so the
@@ -59,8 +59,7 @@ def test_preempted_job_yields_to_a_higher_priority_one_and_resumes_to_the_undist
     assert high_code == 0
     low_out = finish(low)
 
-    low_summary, high_summary, undisturbed = (run_summary(tmp_path / name)
-                                              for name in ("low", "high", "reference"))
+    low_summary, high_summary = (run_summary(tmp_path / name) for name in ("low", "high"))
     (yielded,) = low_summary["yields"]
     assert yielded["reason"].startswith("preempt: preempted for job 'high'"), low_out
     assert yielded["at"] - submitted_at < 30  # the low job let go within 30 s
@@ -71,9 +70,8 @@ def test_preempted_job_yields_to_a_higher_priority_one_and_resumes_to_the_undist
     assert high_first["time"] > yielded["at"]
     assert low_summary["resumed_from_step"] == yielded["step"] < 400
     assert low_summary["steps"] == 400
-    # The final model's loss on held-out text: the same weights give the same figure.
-    # ("final_loss" is the mean over the last logging interval, which a resume shortens.)
-    assert abs(low_summary["held_out_loss"] - undisturbed["held_out_loss"]) < 1e-5
+    resumed = [r for r in read_metrics(tmp_path / "low") if r.get("start_step")]
+    assert resumed and resumed[0]["start_step"] == yielded["step"]
 
 
 def test_migration_moves_a_job_from_t4_to_a100_when_the_a100s_free(cluster, tmp_path):
