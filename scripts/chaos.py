@@ -66,11 +66,15 @@ class Settings:
     max_steps: int = 600
     checkpoint_every: int = 20
     clients: int = 4
+    client_pause_s: float = 0.0  # between one client's requests (0: closed loop)
     kinds: tuple[str, ...] = faults.FAULTS + (faults.TRAIN_WORKER_KILLED,)
 
     @classmethod
     def quick(cls, seed: int) -> "Settings":
-        return cls(seed=seed, max_steps=200, checkpoint_every=10, clients=2, kinds=faults.FAULTS)
+        # Paced clients: a closed loop kept serving on a whole core of the 2, and every
+        # training restart (new worker processes, imports) took twice as long beside it.
+        return cls(seed=seed, max_steps=200, checkpoint_every=10, clients=2,
+                   client_pause_s=0.25, kinds=faults.FAULTS)
 
     def train_args(self) -> list[str]:
         return ["--model-size", "tiny", "--batch-size", "4", "--seq-len", "32",
@@ -422,7 +426,7 @@ def run(settings: Settings, workdir: Path) -> dict:
         job = threading.Thread(target=lambda: outcome.update(zip(("code", "summary"),
                                                                  train(run_dir, settings))))
         injector = Chaos(lab, run_dir, settings, training=job.is_alive)
-        with Load(url, clients=settings.clients) as load:
+        with Load(url, clients=settings.clients, pause_s=settings.client_pause_s) as load:
             job.start()
             for fault in schedule:
                 while job.is_alive() and current_step(run_dir) < fault.at_step:

@@ -3,7 +3,8 @@
 `clients` threads send completions until stopped, every other one streaming. Each answer is
 checked against the greedy completion, so a stream resumed on another replica after a kill
 must continue exactly where it stopped. No client-side retries: every failure the server lets
-through is counted. `resize` changes the client count.
+through is counted. `resize` changes the client count. `pause_s` makes each client wait
+between its requests (0: closed loop, as fast as the server answers).
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ class Load:
     the greedy completion; `resize` changes the number of clients."""
 
     def __init__(self, url: str, clients: int, body: dict | None = None,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, pause_s: float = 0.0) -> None:
         self.url, self.body, self.timeout_s = url, dict(body or DEFAULT_BODY), timeout_s
+        self.pause_s = pause_s
         self.results: list[tuple[int, str]] = []
         self.threads: list[tuple[threading.Thread, threading.Event]] = []
         reference = requests.post(f"{url}/v1/completions", json=self.body, timeout=timeout_s)
@@ -47,6 +49,7 @@ class Load:
                 self.results.append(self._stream() if stream else self._complete())
             except requests.RequestException as e:
                 self.results.append((0, str(e)))
+            stop.wait(self.pause_s)
 
     def _complete(self) -> tuple[int, str]:
         r = requests.post(f"{self.url}/v1/completions", json=self.body, timeout=self.timeout_s)
