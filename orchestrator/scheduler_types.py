@@ -185,12 +185,6 @@ class RunningJob:
         left = end - now
         return left if left > 0 else None
 
-    def expected_end(self, now: float) -> float | None:
-        if self.directive is not None:
-            return now  # told to yield: gives its resources back at its next step boundary
-        left = self.remaining_s(now)
-        return None if left is None else now + left
-
     def to_dict(self) -> dict:
         d = self.directive
         return {"spec": self.spec.to_dict(), "placement": placement_to_dict(self.placement),
