@@ -314,6 +314,7 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         "first_step_at": metrics.get("first_step_at"),
         "first_loss": metrics.get("first_loss"),
         "final_loss": metrics.get("loss"),
+        "final_loss_steps": metrics.get("loss_steps"),  # the last steps final_loss averages
         "held_out_loss": metrics.get("held_out_loss"),
         "tokens_per_s": metrics.get("run_tokens_per_s"),  # the training steps alone
         # First step to the last, checkpoint saves, reports and evaluation included.

@@ -83,6 +83,45 @@ def attempts(records: list[dict[str, Any]]) -> list[Attempt]:
     return found
 
 
+def resumed_after(records: list[dict[str, Any]], at: float) -> Attempt | None:
+    """The first attempt that began after unix time `at`, once it has registered a checkpoint
+    (recovery made progress); None until then. That checkpoint may ride on the attempt's first
+    report: a job preempted a few steps before its end resumes for one report, the last."""
+    later = [a for a in attempts(records) if a.started_at > at]
+    if not later:
+        return None
+    progressed = any(r.get("checkpoint") and float(r["time"]) >= later[0].started_at
+                     for r in records)
+    return later[0] if progressed else None
+
+
+def seconds_per_step(records: list[dict[str, Any]]) -> float | None:
+    """The run's recent pace: between its last two reports, if both are of one attempt."""
+    if len(records) < 2:
+        return None
+    before, last = records[-2], records[-1]
+    steps = int(last["step"]) - int(before["step"])
+    if steps <= 0 or before.get("start_step") != last.get("start_step"):
+        return None
+    return (float(last["time"]) - float(before["time"])) / steps
+
+
+def comparable_losses(run: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    """The summary losses (jobs/pretrain.py's summary.json) an exact resume must leave equal to
+    the undisturbed reference's: the held-out loss, a function of the final weights alone,
+    always; the final training loss when both average the same last steps (a resume or a
+    yield a few steps before the end leaves a shorter last interval)."""
+    same_interval = run.get("final_loss_steps") == reference.get("final_loss_steps")
+    return ["held_out_loss"] + (["final_loss"] if same_interval else [])
+
+
+def losses_match(run: dict[str, Any], reference: dict[str, Any], relative: float) -> bool:
+    """Every comparable loss agrees to `relative` (of the reference's, at least 1.0)."""
+    def close(a, b) -> bool:
+        return a is not None and b is not None and abs(a - b) <= relative * max(1.0, abs(b))
+    return all(close(run.get(k), reference.get(k)) for k in comparable_losses(run, reference))
+
+
 def steps_lost(runs: list[Attempt]) -> int:
     """Steps done twice: each restart redoes the work between the checkpoint it resumed from
     and the last step the failed attempt reported."""

@@ -15,8 +15,10 @@ Before the faults, the same training job runs undisturbed on the same cluster: t
 run must end at the same loss (resume is exact: model, optimizer, data position, RNG).
 
 The last line printed is one JSON object: train_completed, train_steps_lost,
-loss_matches_reference, scheduler_reservations_consistent, serve_requests, serve_failed,
-serve_success_rate, faults_injected, faults_survived, and each fault's record.
+loss_matches_reference (the held-out loss, and the final training loss when both runs average
+the same last steps: faults.comparable_losses), losses_compared, each run's losses,
+scheduler_reservations_consistent, serve_requests, serve_failed, serve_success_rate,
+faults_injected, faults_survived, and each fault's record.
 
 Usage: python -m scripts.chaos [--seed N] [--quick]
 """
@@ -213,9 +215,7 @@ class Chaos:
                faults.NODE_AGENT_KILLED: self.kill_node_agent,
                faults.CHECKPOINT_TRUNCATED: self.truncate_checkpoint,
                faults.JOB_PREEMPTED: self.preempt_job}[fault.kind]
-        # Reports come every LOG_EVERY steps: a seeded pause puts the fault anywhere in the
-        # checkpoint interval rather than right after a report.
-        time.sleep(self.rng.uniform(0, MAX_JITTER_S))
+        time.sleep(self.rng.uniform(0, self._checkpoint_interval_s()))
         try:
             detail, check = act()
         except Exception as e:  # noqa: BLE001 - a fault that cannot be injected is a finding
@@ -248,6 +248,17 @@ class Chaos:
     def _records(self) -> list[dict]:
         return read_metrics(self.run_dir)
 
+    def _checkpoint_interval_s(self) -> float:
+        """How long a checkpoint interval takes now (at most MAX_JITTER_S). Reports come every
+        LOG_EVERY steps: a seeded pause of up to this long puts a fault anywhere in the
+        interval rather than right after a report. The tiny model runs ~30 steps a second on a
+        quiet machine: a fixed 2 s pause was 60 steps, and a preemption due at step 142 of 200
+        yielded at step 181."""
+        pace = faults.seconds_per_step(self._records())
+        if pace is None:
+            return MAX_JITTER_S
+        return min(MAX_JITTER_S, pace * self.settings.checkpoint_every)
+
     def _kill_a_worker(self) -> str:
         # Right after another fault the worker group may be restarting: wait for it.
         workers = wait_for("a Ray Train worker process to kill", ray_train_workers,
@@ -259,14 +270,8 @@ class Chaos:
     def _resumed_after(self, injected: Injected) -> faults.Attempt:
         """The first attempt started after the fault that went on to register a checkpoint
         (recovery made progress); sets the fault's recovery time."""
-        def resumed():
-            records = self._records()
-            later = [a for a in faults.attempts(records) if a.started_at > injected.at]
-            progressed = any(r.get("checkpoint") and r["time"] > later[0].started_at
-                             for r in records) if later else False
-            return later[0] if progressed else None
-
-        attempt = wait_for("training resumed and registered a new checkpoint", resumed)
+        attempt = wait_for("training resumed and registered a new checkpoint",
+                           lambda: faults.resumed_after(self._records(), injected.at))
         injected.recovery_s = round(attempt.started_at - injected.at, 1)
         return attempt
 
@@ -451,9 +456,6 @@ def run(settings: Settings, workdir: Path) -> dict:
 def report(settings: Settings, outcome: dict, reference: dict, records: list[dict],
            injected: list[Injected], problems: list[str], load, elapsed_s: float) -> dict:
     summary = outcome.get("summary") or {}
-    losses = [(summary.get(k), reference.get(k)) for k in ("final_loss", "held_out_loss")]
-    matches = all(a is not None and abs(a - b) <= LOSS_TOLERANCE * max(1.0, abs(b))
-                  for a, b in losses)
     scheduler_ok = not problems and all(f.survived for f in injected
                                         if f.kind == faults.SCHEDULER_KILLED)
     requests, failed = len(load.results), len(load.failures())
@@ -462,8 +464,10 @@ def report(settings: Settings, outcome: dict, reference: dict, records: list[dic
         "train_completed": outcome.get("code") == 0 and summary.get("steps") == settings.max_steps,
         "train_steps_lost": faults.steps_lost(faults.attempts(records)),
         "train_restarts": len(faults.attempts(records)) - 1,
-        "loss_matches_reference": matches,
-        "final_loss": summary.get("final_loss"), "reference_final_loss": reference["final_loss"],
+        "loss_matches_reference": faults.losses_match(summary, reference, LOSS_TOLERANCE),
+        "losses_compared": faults.comparable_losses(summary, reference),
+        **{f"{side}{k}": run.get(k) for side, run in (("", summary), ("reference_", reference))
+           for k in ("final_loss", "final_loss_steps", "held_out_loss")},
         "scheduler_reservations_consistent": scheduler_ok,
         "scheduler_problems": problems,
         "serve_requests": requests, "serve_failed": failed,

@@ -241,6 +241,9 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 "restored_at": restored_at,
                 "first_step_at": first_step_at,
                 "loss": _mean_across_workers(loss_sum.item() / interval_steps, device),
+                # The steps that loss averages: the interval since the last report, shorter
+                # after a resume or a yield (runs compare their losses over equal intervals).
+                "loss_steps": interval_steps,
                 "first_loss": first_loss,
                 "lr": lr_at(step - 1, config),
                 "tokens_per_s": interval_steps * tokens_per_step / elapsed,

@@ -1,7 +1,9 @@
 import pytest
 
-from orchestrator.faults import (FAULTS, RESTARTS_TRAINING, Attempt, attempts, fault_schedule,
-                                reservation_problems, steps_lost)
+from orchestrator.faults import (FAULTS, RESTARTS_TRAINING, Attempt, attempts,
+                                comparable_losses, fault_schedule, losses_match,
+                                reservation_problems, resumed_after, seconds_per_step,
+                                steps_lost)
 
 
 def test_the_schedule_is_seeded_and_holds_every_fault_once():
@@ -50,6 +52,26 @@ def test_a_restart_from_the_same_checkpoint_is_a_new_attempt():
     assert steps_lost(attempts(records)) == 5
 
 
+def test_a_resume_counts_once_it_registers_a_checkpoint_even_in_its_first_report():
+    # Yielded at step 197 of 200 (at t=50): the resumed attempt reports once, at 200, with the
+    # final checkpoint. A check that wanted a checkpoint *after* the attempt's first report
+    # never saw this resume (the CI failure of 2026-12-03).
+    records = [record(s, 0, s) for s in range(5, 200, 5)] + [record(197, 0, 49.5)]
+    records[-1]["checkpoint"] = "/c/197"
+    assert resumed_after(records, at=50.0) is None  # not resumed yet
+    records.append({**record(200, 197, 80.0), "checkpoint": "/c/200"})
+    assert resumed_after(records, at=50.0) == Attempt(197, 200, 80.0, ("a", "b"))
+    # An attempt that has reported but registered nothing yet has made no progress.
+    progressing = records[:-1] + [record(199, 197, 80.0)]
+    assert resumed_after(progressing, at=50.0) is None
+
+
+def test_seconds_per_step_from_the_last_two_reports_of_one_attempt():
+    assert seconds_per_step([record(5, 0, 10.0), record(10, 0, 12.5)]) == pytest.approx(0.5)
+    assert seconds_per_step([record(10, 0, 12.5), record(15, 10, 40.0)]) is None  # a restart
+    assert seconds_per_step([record(5, 0, 10.0)]) is None
+
+
 def reservation(node, cpus=2.0):
     return {"job_name": "j", "node_id": node, "cpus": cpus, "gpus": 0, "owner": ""}
 
@@ -66,3 +88,17 @@ def test_reservation_problems_finds_double_booking_and_dead_nodes():
                                     {"n1": 2.0})
     assert problems == ["job j holds two reservations on one node"]
 
+
+
+def test_losses_compare_the_final_training_loss_only_over_equal_intervals():
+    reference = {"final_loss": 2.9919, "final_loss_steps": 5, "held_out_loss": 3.10}
+    # Resumed 3 steps before the end: a shorter last interval, another mean; the held-out
+    # loss (the final weights) must still agree.
+    late_yield = {"final_loss": 2.9629, "final_loss_steps": 3, "held_out_loss": 3.10}
+    assert comparable_losses(late_yield, reference) == ["held_out_loss"]
+    assert losses_match(late_yield, reference, relative=1e-5)
+    assert not losses_match({**late_yield, "held_out_loss": 3.11}, reference, relative=1e-5)
+    same = {**reference, "final_loss": 2.9629}
+    assert comparable_losses(same, reference) == ["held_out_loss", "final_loss"]
+    assert not losses_match(same, reference, relative=1e-5)
+    assert not losses_match({}, reference, relative=1e-5)  # a run that wrote no summary
