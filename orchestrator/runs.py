@@ -54,6 +54,13 @@ def has_checkpoints(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(p.is_dir() for p in run_dir.glob("checkpoint_*"))
 
 
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """A run directory's checkpoint_* directories, newest first: Ray Train's
+    checkpoint_<timestamp> and LocalSession's checkpoint_<step:08d> both sort oldest to
+    newest."""
+    return sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), reverse=True)
+
+
 def new_run_dir(root: Path, prefix: str, now: dt.datetime) -> Path:
     """A run directory that does not exist yet (two runs in the same second get -2, -3...)."""
     base = root.expanduser().resolve() / f"{prefix}-{now:%Y%m%d-%H%M%S}"

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from orchestrator.runs import has_checkpoints
+from orchestrator.runs import checkpoint_dirs, has_checkpoints
 from orchestrator.training.checkpoint import (CHECKSUM_FILE, SHARDED_META_FILE, STATE_FILE,
                                               CheckpointError, newest_usable_checkpoint)
 from orchestrator.training.model import GPT
@@ -23,9 +23,7 @@ def checkpoint_candidates(path: str | Path) -> tuple[list[Path], bool]:
             (p / SHARDED_META_FILE).exists():  # strategy fsdp's sharded checkpoint
         return [p], False
     if has_checkpoints(p):
-        # Ray Train's checkpoint_<timestamp> and LocalSession's checkpoint_<step:08d> names
-        # both sort oldest to newest.
-        return sorted((c for c in p.glob("checkpoint_*") if c.is_dir()), reverse=True), True
+        return checkpoint_dirs(p), True
     raise CheckpointError(f"{p} is neither a checkpoint directory (no {STATE_FILE}) nor a run "
                           "directory (no checkpoint_* inside)")
 

@@ -28,10 +28,11 @@ import torch
 from orchestrator.config import TrainConfig
 from orchestrator.tokenizer import (BYTE_VOCAB, ByteTokenizer, Tokenizer, TokenizerError,
                                     tokenizer_of_run)
-from orchestrator.runs import DEFAULT_RUNS_ROOT, latest_run_with_checkpoints
+from orchestrator.runs import DEFAULT_RUNS_ROOT, checkpoint_dirs, latest_run_with_checkpoints
 from orchestrator.training.checkpoint import (CHECKSUM_FILE, SHARDED_META_FILE, STATE_FILE,
-                                              CheckpointError, is_sharded_checkpoint,
-                                              load_checkpoint, model_from_state)
+                                              CheckpointError, first_that_loads,
+                                              is_sharded_checkpoint, load_checkpoint,
+                                              model_from_state)
 
 # Kept equal to orchestrator.compression.export.TORCH_FILE (a unit test checks it): detection
 # must not import the compression package, which only the INT8 loader needs.
@@ -114,10 +115,7 @@ def model_directories(path: str | Path) -> tuple[list[Path], bool]:
         raise CheckpointError(f"checkpoint {p} is a file; give the directory that holds it")
     if format_of(p) is not None:
         return [p], False
-    # Ray Train's checkpoint_<timestamp> and LocalSession's checkpoint_<step:08d> both sort
-    # oldest to newest.
-    inside = sorted((c for c in p.glob("checkpoint_*") if c.is_dir() and format_of(c)),
-                    reverse=True)
+    inside = [c for c in checkpoint_dirs(p) if format_of(c)]
     if inside:
         return inside, True
     if format_of(p / "int8") is not None:  # a jobs/compress.py output directory
@@ -166,26 +164,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     started = time.perf_counter()
     device = torch.device(device)
     candidates, is_run = model_directories(path)
-    problems: list[str] = []
-    for directory in candidates:
+
+    def load(directory: Path):
         fmt = format_of(directory)
-        try:
-            model, sha256, step, tokenizer = fmt.load(directory, device)
-        except CheckpointError as e:
-            if not is_run:
-                raise
-            problems.append(str(e))
-            continue
-        return LoadedModel(
-            model=model, block_size=int(model.config.block_size),
-            version=version_of(directory, sha256), path=str(directory), requested=str(path),
-            format=fmt.name, sha256=sha256, step=step,
-            params=sum(p.numel() for p in model.parameters()), loaded_at=time.time(),
-            load_seconds=time.perf_counter() - started,
-            warnings=[f"skipped an unusable newer checkpoint: {p}" for p in problems],
-            tokenizer=tokenizer)
-    raise CheckpointError(f"no usable checkpoint in run directory {Path(path).resolve()}: "
-                          + " | ".join(problems))
+        return (directory, fmt, *fmt.load(directory, device))
+
+    (directory, fmt, model, sha256, step, tokenizer), skipped = first_that_loads(
+        candidates, is_run, path, load)
+    return LoadedModel(
+        model=model, block_size=int(model.config.block_size),
+        version=version_of(directory, sha256), path=str(directory), requested=str(path),
+        format=fmt.name, sha256=sha256, step=step,
+        params=sum(p.numel() for p in model.parameters()), loaded_at=time.time(),
+        load_seconds=time.perf_counter() - started,
+        warnings=[f"skipped an unusable newer checkpoint: {p}" for p in skipped],
+        tokenizer=tokenizer)
 
 
 def save_untrained_checkpoint(directory: str | Path, model_size: str = "tiny",

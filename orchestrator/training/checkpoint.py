@@ -190,26 +190,36 @@ def model_from_state(state: Any, directory: str | os.PathLike):
     return model.eval(), train_config
 
 
-def newest_usable_checkpoint(candidates: list[Path], is_run: bool, path: str | os.PathLike,
-                             on_skip=None, check=None):
-    """(directory, state, model, train_config) of the first of `candidates` (newest first)
-    that loads. A run directory (`is_run`) falls back past unusable checkpoints, telling
-    `on_skip(error)`; a checkpoint named explicitly must itself load. `check(directory)` may
-    refuse a candidate outright (raise) before it is read."""
+def first_that_loads(candidates: list[Path], is_run: bool, path: str | os.PathLike, load,
+                     on_skip=None) -> tuple[Any, list[str]]:
+    """(`load(directory)` of the first of `candidates` (newest first) that loads, the problems
+    of those skipped). A run directory (`is_run`) falls back past a candidate whose load raises
+    CheckpointError, telling `on_skip(error)`; a checkpoint named explicitly must itself load.
+    Other errors from `load` (a candidate refused outright) propagate."""
     problems = []
     for directory in candidates:
-        if check is not None:
-            check(directory)
         try:
-            state = load_checkpoint(directory)
-            model, train_config = model_from_state(state, directory)
+            return load(directory), problems
         except CheckpointError as e:
             if not is_run:
                 raise
             problems.append(str(e))
             if on_skip is not None:
                 on_skip(e)
-            continue
-        return directory, state, model, train_config
-    raise CheckpointError(f"no usable checkpoint in run directory {path}: "
+    raise CheckpointError(f"no usable checkpoint in run directory {Path(path).resolve()}: "
                           + " | ".join(problems))
+
+
+def newest_usable_checkpoint(candidates: list[Path], is_run: bool, path: str | os.PathLike,
+                             on_skip=None, check=None):
+    """(directory, state, model, train_config) of the first of `candidates` (newest first)
+    that loads, as first_that_loads picks it. `check(directory)` may refuse a candidate
+    outright (raise) before it is read."""
+    def load(directory: Path):
+        if check is not None:
+            check(directory)
+        state = load_checkpoint(directory)
+        return (directory, state, *model_from_state(state, directory))
+
+    found, _ = first_that_loads(candidates, is_run, path, load, on_skip)
+    return found
