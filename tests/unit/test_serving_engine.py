@@ -4,58 +4,24 @@ prefill interleaved with decoding, admission bounded by free blocks, cancellatio
 import dataclasses
 
 import pytest
-import torch
 
 from orchestrator.serving.engine import (CapacityError, ContinuousEngine, EngineLimits,
                                          run_to_completion)
 from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
 from orchestrator.serving.paged import BlockPool, first_of_run
 from orchestrator.tokenizer import ByteTokenizer
-from orchestrator.training.model import GPT, GPTConfig
-from tests.support import one_thread
+from tests.tiny_gpt import BLOCK, greedy, model, reference_greedy, torch_on_one_thread  # noqa: F401
 
-BLOCK = 64
-CONFIGS = {
-    "standard": GPTConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=32),
-    "span": GPTConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, attention_span=True,
-                      span_ramp=4, span_init=0.1),
-}
 # Small blocks and prefill chunks, so prompts cross blocks and are prefilled over several steps.
 LIMITS = EngineLimits(max_rows=8, num_blocks=64, block_tokens=4, prefill_chunk_tokens=6)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_on_one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def model(request):
-    torch.manual_seed(0)
-    return GPT(CONFIGS[request.param]).eval()
 
 
 def engine(model, limits: EngineLimits = LIMITS, tokenizer=None) -> ContinuousEngine:
     return ContinuousEngine(model, BLOCK, tokenizer or ByteTokenizer(), limits)
 
 
-def greedy(prompt: bytes, max_tokens: int, **params) -> GenerationRequest:
-    return GenerationRequest(tuple(prompt), SamplingParams(max_tokens, 0.0, **params))
-
-
 def seeded(prompt: bytes, max_tokens: int, seed: int) -> GenerationRequest:
     return GenerationRequest(tuple(prompt), SamplingParams(max_tokens, 0.9, 0.95, seed=seed))
-
-
-@torch.no_grad()
-def reference_greedy(model: GPT, prompt: bytes, max_tokens: int) -> tuple[int, ...]:
-    """Greedy decoding the slow obvious way: the whole sequence again for every token."""
-    tokens = list(prompt)
-    for _ in range(max_tokens):
-        logits, _ = model(torch.tensor([tokens]))
-        tokens.append(int(logits[0, -1].argmax()))
-    return tuple(tokens[len(prompt):])
 
 
 def alone(model, request: GenerationRequest) -> tuple[str, tuple[int, ...], str]:
