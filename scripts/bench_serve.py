@@ -20,6 +20,9 @@ Phases, same model, same replica (reconfigured through user_config, no restart):
                   response carrying the new version;
   4. chaos        two replicas, steady load, one replica SIGKILLed (ray.kill) mid-run:
                   success rate.
+In each setting's first mixed round, where the CPU went (orchestrator/cpu_shares.py): the
+replica, its generation thread and the time that thread waited for a CPU, the ingress, Serve's
+proxy and the load generator, in percent of one core (cpu_pct_*, generation_thread_*).
 Every `--stream-every`-th client streams (stream_options.include_usage): time to first token
 (TTFT: to the first event) and time per output token (TPOT: the rest of the stream over the
 tokens after the first) come from those; latency from all. Plus the latency of a single client
@@ -41,6 +44,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator import cpu_shares
 from orchestrator.polling import wait_for
 from orchestrator.serving.settings import free_port, serve_app_config
 
@@ -275,6 +279,29 @@ def model_alone(checkpoint: str, batch: int, max_tokens: int) -> dict:
     return figures
 
 
+def cpu_figures(threads: list, mode: str) -> dict:
+    """Where the CPU went during a setting's load (percent of one core; orchestrator/
+    cpu_shares.py): the model replica, its busiest thread (the generation thread) with the
+    time that thread waited, runnable, for a CPU, the ingress, Serve's proxy and this process
+    (the load generator). Empty where /proc has no schedstat."""
+    if not threads:
+        return {}
+    replica = cpu_shares.of_process(threads, "GPTModel")
+
+    def total(chosen: list) -> float:
+        return round(sum(t.cpu_pct for t in chosen), 1)
+
+    figures = {f"cpu_pct_replica_{mode}": total(replica),
+               f"cpu_pct_ingress_{mode}": total(cpu_shares.of_process(threads, "Ingress")),
+               f"cpu_pct_proxy_{mode}": total(cpu_shares.of_process(threads, "ProxyActor")),
+               f"cpu_pct_load_generator_{mode}": total(cpu_shares.this_process(threads)),
+               f"cpu_pct_all_{mode}": total(threads)}
+    if replica:
+        figures[f"generation_thread_cpu_pct_{mode}"] = replica[0].cpu_pct
+        figures[f"generation_thread_runqueue_wait_pct_{mode}"] = replica[0].runqueue_wait_pct
+    return figures
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """The q-quantile (0-1) of `values` in ms, nearest rank below; None without values."""
     if not values:
@@ -449,22 +476,33 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run_load(base, concurrency, seconds, kind, during, warmup_s,
                                     stream_every, abandon_after_s))
 
+    def sample_cpu_into(into: dict, mode: str, seconds: float):
+        async def during() -> None:  # inside the measured window, after the warm-up
+            await asyncio.sleep(args.warmup)
+            into[mode] = await asyncio.to_thread(cpu_shares.sample, min(seconds, 10.0))
+        return during
+
     def stats() -> dict:
         return serve.get_deployment_handle("GPTModel", app_name=APP) \
             .replica_stats.remote().result(timeout_s=10)
 
     def compare(name: str, kind: Load, rounds: int, seconds: float) -> dict:
-        """The three settings on the same replica and load, alternating for `rounds`."""
+        """The three settings on the same replica and load, alternating for `rounds`; where
+        the CPU went is sampled in each setting's first round."""
         runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
         sizes: dict[str, Counter] = {mode: Counter() for mode in MODES}
-        for _ in range(rounds):
+        threads: dict[str, list] = {}
+        for round_ in range(rounds):
             for mode in MODES:  # alternating: a drift of the shared machine falls on all
                 deploy(first, 1, settings[mode])
                 before = stats()
-                runs[mode].append(load(args.concurrency, seconds, kind,
+                sampler = None if round_ else sample_cpu_into(threads, mode, seconds)
+                runs[mode].append(load(args.concurrency, seconds, kind, during=sampler,
                                        stream_every=args.stream_every, abandon_after_s=2.0))
                 sizes[mode].update(batch_sizes_since(before, stats()))
         figures: dict = {}
+        for mode, sampled in threads.items():
+            figures.update(cpu_figures(sampled, mode))
         for mode in MODES:
             phase = summarize(f"{name} {mode}", runs[mode])
             count = sum(sizes[mode].values())

@@ -43,3 +43,22 @@ def test_fresh_checkpoints_are_two_different_servable_models(tmp_path):
 
     first, second = bench.fresh_checkpoints("tiny", 32, tmp_path)
     assert load_model(first).version != load_model(second).version
+
+
+def test_cpu_figures_name_the_replica_its_generation_thread_and_the_serving_path():
+    import os
+
+    from orchestrator.cpu_shares import ThreadShare
+
+    threads = [ThreadShare(10, 11, "ray::ServeReplica:app:GPTModel.handle_request", "gen",
+                           56.0, 41.0),
+               ThreadShare(10, 12, "ray::ServeReplica:app:GPTModel", "io", 6.0, 2.0),
+               ThreadShare(20, 20, "ray::ServeReplica:app:Ingress", "main", 42.0, 30.0),
+               ThreadShare(30, 30, "ray::ProxyActor", "main", 27.0, 20.0),
+               ThreadShare(os.getpid(), 1, "python -m scripts.bench_serve", "main", 4.0, 1.0)]
+    assert bench.cpu_figures(threads, "static") == {
+        "cpu_pct_replica_static": 62.0, "cpu_pct_ingress_static": 42.0,
+        "cpu_pct_proxy_static": 27.0, "cpu_pct_load_generator_static": 4.0,
+        "cpu_pct_all_static": 135.0, "generation_thread_cpu_pct_static": 56.0,
+        "generation_thread_runqueue_wait_pct_static": 41.0}
+    assert bench.cpu_figures([], "static") == {}  # no schedstat here: no figures
