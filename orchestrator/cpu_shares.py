@@ -76,12 +76,12 @@ def shares(before: dict[tuple[int, int], ThreadTimes],
     the `seconds` between them, in percent."""
     if seconds <= 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
+    scale = 100.0 / (seconds * 1e9)
     out = []
     for key, end in after.items():
         start = before.get(key)
         if start is None:
             continue
-        scale = 100.0 / (seconds * 1e9)
         out.append(ThreadShare(end.pid, end.tid, end.process, end.thread,
                                round((end.run_ns - start.run_ns) * scale, 1),
                                round((end.wait_ns - start.wait_ns) * scale, 1)))
@@ -99,8 +99,8 @@ def process_cpu(threads: list[ThreadShare]) -> dict[int, float]:
     """CPU percent per pid (the sum of its threads)."""
     total: dict[int, float] = {}
     for t in threads:
-        total[t.pid] = round(total.get(t.pid, 0.0) + t.cpu_pct, 1)
-    return total
+        total[t.pid] = total.get(t.pid, 0.0) + t.cpu_pct
+    return {pid: round(pct, 1) for pid, pct in total.items()}
 
 
 def of_process(threads: list[ThreadShare], marker: str) -> list[ThreadShare]:

@@ -51,7 +51,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def has_checkpoints(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(p.is_dir() for p in run_dir.glob("checkpoint_*"))
+    return run_dir.is_dir() and bool(checkpoint_dirs(run_dir))
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

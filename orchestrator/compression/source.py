@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from orchestrator.runs import checkpoint_dirs, has_checkpoints
+from orchestrator.runs import checkpoint_dirs
 from orchestrator.training.checkpoint import (CHECKSUM_FILE, SHARDED_META_FILE, STATE_FILE,
                                               CheckpointError, newest_usable_checkpoint)
 from orchestrator.training.model import GPT
@@ -22,8 +22,9 @@ def checkpoint_candidates(path: str | Path) -> tuple[list[Path], bool]:
     if (p / STATE_FILE).exists() or (p / CHECKSUM_FILE).exists() or \
             (p / SHARDED_META_FILE).exists():  # strategy fsdp's sharded checkpoint
         return [p], False
-    if has_checkpoints(p):
-        return checkpoint_dirs(p), True
+    inside = checkpoint_dirs(p)
+    if inside:
+        return inside, True
     raise CheckpointError(f"{p} is neither a checkpoint directory (no {STATE_FILE}) nor a run "
                           "directory (no checkpoint_* inside)")
 
