@@ -6,6 +6,7 @@ scheduler's directives (yield for preemption or migration) read at step boundari
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,10 +49,20 @@ def train_under_ray(config: dict[str, Any]) -> None:
     train(TrainConfig.from_dict(config["train"]), session)
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report's whole metrics dict at INFO from each worker ("Reporting
+    training result N: TrainingReport(...)"): a screenful per report beside the loop's own
+    one-line progress. Its logger is named by its file's path, so it is looked up that way."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 class RayTrainSession:
     """Inside a Ray Train worker. Ray Train owns checkpoint storage and restarts."""
 
     def __init__(self) -> None:
+        quiet_ray_train_reports()
         context = ray.train.get_context()
         self.world_rank = context.get_world_rank()
         self.world_size = context.get_world_size()

@@ -5,6 +5,10 @@
   the whole training phase (checkpoint saves, reports, evaluation included), the median of
   --rounds rounds alternating which side goes first, with its spread (min, max) and each
   round's ratio; ray_vs_plain_steps_only: the same from the training steps' time alone.
+- ray_vs_plain_core_left (machines with 2+ cores): the same comparison with both sides on
+  cpu_count - 1 intra-op threads (the Ray worker reserving as many CPUs), so one core is left
+  to Ray's own processes: where the first ratio's gap is their CPU on a machine whose every
+  core trains, this one is near 1.
 - mfu_cpu: MFU of the plain runs (median) against the CPU peak measured by a timed matmul.
 - recovery_s: a Ray Train worker SIGKILLed mid-run -> first step after the automatic resume.
 - span_speedup: forward time at long context of a full-attention model over a learnt-span model
@@ -40,13 +44,14 @@ from orchestrator.training.session import LocalSession
 CPU = torch.device("cpu")
 
 
-def plain_vs_ray(steps: int, rounds: int, workdir: Path) -> dict:
-    """The same run under Ray Train (jobs/pretrain.py: one worker with every CPU) and in a
-    plain process (`train` with LocalSession), in `rounds` rounds that alternate which goes
-    first, so machine drift falls on both. Each side's figure is tokens/s over its whole
-    training phase (first step to the last: three checkpoint saves, a report every tenth
-    step and the final evaluation included); the step-only rate is kept beside it to show
-    where a difference goes."""
+def plain_vs_ray(steps: int, rounds: int, workdir: Path, cpus: int | None = None) -> dict:
+    """The same run under Ray Train (jobs/pretrain.py: one worker with `cpus` CPUs, default
+    every CPU) and in a plain process (`train` with LocalSession, as many intra-op threads),
+    in `rounds` rounds that alternate which goes first, so machine drift falls on both. Each
+    side's figure is tokens/s over its whole training phase (first step to the last: three
+    checkpoint saves, a report every tenth step and the final evaluation included); the
+    step-only rate is kept beside it to show where a difference goes."""
+    cpus = cpus or os.cpu_count()
     log_every = max(steps // 10, 1)
     flags = {"model_size": "small", "batch_size": 16, "seq_len": 128, "max_steps": steps,
              "checkpoint_every": max(steps // 4, 1), "log_every": log_every,
@@ -57,13 +62,13 @@ def plain_vs_ray(steps: int, rounds: int, workdir: Path) -> dict:
     for r in range(rounds):
         for side in ("plain", "ray") if r % 2 == 0 else ("ray", "plain"):
             run_dir = workdir / f"{side}-{r}"
-            figures = (_plain_run(flags, run_dir) if side == "plain"
-                       else _ray_run(flags, run_dir))
+            figures = (_plain_run(flags, run_dir, cpus) if side == "plain"
+                       else _ray_run(flags, run_dir, cpus))
             phase[side].append(figures["phase_tokens_per_s"])
             steps_only[side].append(figures["steps_tokens_per_s"])
             if side == "plain":
                 mfu.append(figures["mfu"])
-            print(f"round {r + 1} {side}: {figures['phase_tokens_per_s']:,.0f} tokens/s over the "
+            print(f"round {r + 1} {side} ({cpus} CPUs): {figures['phase_tokens_per_s']:,.0f} tokens/s over the "
                   f"phase, {figures['steps_tokens_per_s']:,.0f} in the steps", flush=True)
     ratios = [ray / plain for ray, plain in zip(phase["ray"], phase["plain"])]
     step_ratios = [ray / plain for ray, plain in zip(steps_only["ray"], steps_only["plain"])]
@@ -76,17 +81,22 @@ def plain_vs_ray(steps: int, rounds: int, workdir: Path) -> dict:
             "mfu_cpu": round(statistics.median(mfu), 4)}
 
 
-def _plain_run(flags: dict, run_dir: Path) -> dict:
-    metrics = train(TrainConfig(**flags), LocalSession(run_dir, device=CPU))
+def _plain_run(flags: dict, run_dir: Path, cpus: int) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cpus)  # what Ray gives a worker holding `cpus` CPUs (OMP_NUM_THREADS)
+    try:
+        metrics = train(TrainConfig(**flags), LocalSession(run_dir, device=CPU))
+    finally:
+        torch.set_num_threads(threads)
     return {"phase_tokens_per_s": metrics["phase_tokens_per_s"],
             "steps_tokens_per_s": metrics["run_tokens_per_s"], "mfu": metrics["mfu"]}
 
 
-def _ray_run(flags: dict, run_dir: Path) -> dict:
+def _ray_run(flags: dict, run_dir: Path, cpus: int) -> dict:
     from jobs import pretrain
 
     argv = [f"--{name.replace('_', '-')}={value}" for name, value in flags.items()]
-    code = pretrain.main([*argv, "--num-workers", "1", "--cpus-per-worker", str(os.cpu_count()),
+    code = pretrain.main([*argv, "--num-workers", "1", "--cpus-per-worker", str(cpus),
                           "--run-dir", str(run_dir)])
     if code != 0:
         raise SystemExit(f"jobs/pretrain.py failed with exit code {code}")
@@ -209,7 +219,12 @@ def main() -> None:
     figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(tmp)
-        figures.update(plain_vs_ray(20 if args.quick else 100, args.rounds, workdir))
+        steps = 20 if args.quick else 100
+        figures.update(plain_vs_ray(steps, args.rounds, workdir))
+        if (os.cpu_count() or 1) > 1:
+            left = plain_vs_ray(steps, args.rounds, workdir / "core-left", os.cpu_count() - 1)
+            figures.update({"ray_vs_plain_core_left": left["ray_vs_plain_throughput"],
+                            "ray_vs_plain_core_left_spread": left["ray_vs_plain_spread"]})
         if args.only_overhead:
             print(json.dumps(figures))
             return
