@@ -68,8 +68,9 @@ def plain_vs_ray(steps: int, rounds: int, workdir: Path, cpus: int | None = None
             steps_only[side].append(figures["steps_tokens_per_s"])
             if side == "plain":
                 mfu.append(figures["mfu"])
-            print(f"round {r + 1} {side} ({cpus} CPUs): {figures['phase_tokens_per_s']:,.0f} tokens/s over the "
-                  f"phase, {figures['steps_tokens_per_s']:,.0f} in the steps", flush=True)
+            print(f"round {r + 1} {side} ({cpus} CPUs): {figures['phase_tokens_per_s']:,.0f} "
+                  f"tokens/s over the phase, {figures['steps_tokens_per_s']:,.0f} in the steps",
+                  flush=True)
     ratios = [ray / plain for ray, plain in zip(phase["ray"], phase["plain"])]
     step_ratios = [ray / plain for ray, plain in zip(steps_only["ray"], steps_only["plain"])]
     return {"plain_tokens_per_s": round(statistics.median(phase["plain"])),
