@@ -52,9 +52,13 @@ def train_under_ray(config: dict[str, Any]) -> None:
 def quiet_ray_train_reports() -> None:
     """Ray Train logs every report's whole metrics dict at INFO from each worker ("Reporting
     training result N: TrainingReport(...)"): a screenful per report beside the loop's own
-    one-line progress. Its logger is named by its file's path, so it is looked up that way."""
-    from ray.train.v2._internal.execution import context
-
+    one-line progress. Its logger is named by its file's path, so it is looked up that way.
+    The module is Ray's internal one: if a Ray release moves it, the log stays as Ray makes it
+    rather than training failing over a log line."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
