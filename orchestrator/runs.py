@@ -51,7 +51,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def has_checkpoints(run_dir: Path) -> bool:
-    return run_dir.is_dir() and bool(checkpoint_dirs(run_dir))
+    return bool(checkpoint_dirs(run_dir))  # none in a missing directory or a file
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
