@@ -408,7 +408,8 @@ def deploy_config(config: dict[str, Any]) -> None:
 
     schema = ServeDeploySchema.model_validate(config)
     client = serve_start(http_options=schema.http_options.model_dump(),
-                         proxy_location=schema.proxy_location)
+                         proxy_location=schema.proxy_location,
+                         controller_options=schema.controller_options)
     client.deploy_apps(schema)
 
 

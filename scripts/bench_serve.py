@@ -22,7 +22,8 @@ Phases, same model, same replica (reconfigured through user_config, no restart):
                   success rate.
 In each setting's first mixed round, where the CPU went (orchestrator/cpu_shares.py): the
 replica, its generation thread and the time that thread waited for a CPU, the ingress, Serve's
-proxy and the load generator, in percent of one core (cpu_pct_*, generation_thread_*).
+HTTP front (`--serving-path`: HAProxy by default, or Serve's Python proxy) and the load
+generator, in percent of one core (cpu_pct_*, generation_thread_*).
 Every `--stream-every`-th client streams (stream_options.include_usage): time to first token
 (TTFT: to the first event) and time per output token (TPOT: the rest of the stream over the
 tokens after the first) come from those; latency from all. Plus the latency of a single client
@@ -46,7 +47,7 @@ from pathlib import Path
 
 from orchestrator import cpu_shares
 from orchestrator.polling import wait_for
-from orchestrator.serving.settings import free_port, serve_app_config
+from orchestrator.serving.settings import SERVING_PATHS, free_port, serve_app_config
 
 APP = "bench-gpt"
 MODEL = "orchestrator-gpt"
@@ -102,6 +103,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-concurrent-batches", type=int, default=None,
                    help="batches a replica runs at once (default: the app's, 1)")
     p.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
+    p.add_argument("--serving-path", default="haproxy", choices=tuple(SERVING_PATHS),
+                   help="HTTP front: Ray Serve's throughput mode behind HAProxy (the app's "
+                        "default) or Serve's Python proxy (orchestrator/serving/settings.py)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="intra-op threads of the model replica (the app's torch_threads)")
     return p.parse_args(argv)
 
 
@@ -152,19 +158,19 @@ def fresh_checkpoints(model_size: str, context: int, directory: Path) -> tuple[s
 
 
 def app_config(port: int, initial: str, checkpoint: str, replicas: int, batching: dict,
-               max_batch_size: int, max_concurrent_batches: int | None = None) -> dict:
+               args: argparse.Namespace) -> dict:
     """The bench app. Only user_config and the replica count vary between phases: the args
     (with the `initial` checkpoint) stay the same, or Serve would replace the replicas
-    instead of reconfiguring them. `max_concurrent_batches` None: the app's default."""
+    instead of reconfiguring them. `--max-concurrent-batches` None: the app's default."""
     return serve_app_config(
         APP, port,
         {"checkpoint": initial, "accelerator": "cpu", "cpus_per_replica": 0.5,
-         "max_batch_size": max_batch_size,
-         **({"max_concurrent_batches": max_concurrent_batches}
-            if max_concurrent_batches else {}),
+         "max_batch_size": args.max_batch_size, "torch_threads": args.torch_threads,
+         **({"max_concurrent_batches": args.max_concurrent_batches}
+            if args.max_concurrent_batches else {}),
          "health_check_period_s": 2, "hang_after_s": 10},
         autoscaling={"min_replicas": replicas, "max_replicas": replicas},
-        user_config={"checkpoint": checkpoint, **batching})
+        user_config={"checkpoint": checkpoint, **batching}, serving_path=args.serving_path)
 
 
 async def client_loop(session, base: str, until: float, results: list[Result],
@@ -279,11 +285,16 @@ def model_alone(checkpoint: str, batch: int, max_tokens: int) -> dict:
     return figures
 
 
+# The processes of Serve's HTTP front, by command line: the Python proxy actor; HAProxy and the
+# actor that manages it.
+HTTP_FRONT = ("ProxyActor", "HAProxyManager", "/bin/haproxy")
+
+
 def cpu_figures(threads: list, mode: str) -> dict:
     """Where the CPU went during a setting's load (percent of one core; orchestrator/
     cpu_shares.py): the model replica, its busiest thread (the generation thread) with the
-    time that thread waited, runnable, for a CPU, the ingress, Serve's proxy and this process
-    (the load generator). Empty where /proc has no schedstat."""
+    time that thread waited, runnable, for a CPU, the ingress, Serve's HTTP front (HTTP_FRONT)
+    and this process (the load generator). Empty where /proc has no schedstat."""
     if not threads:
         return {}
     replica = cpu_shares.of_process(threads, "GPTModel")
@@ -293,7 +304,8 @@ def cpu_figures(threads: list, mode: str) -> dict:
 
     figures = {f"cpu_pct_replica_{mode}": total(replica),
                f"cpu_pct_ingress_{mode}": total(cpu_shares.of_process(threads, "Ingress")),
-               f"cpu_pct_proxy_{mode}": total(cpu_shares.of_process(threads, "ProxyActor")),
+               f"cpu_pct_proxy_{mode}": total([t for marker in HTTP_FRONT
+                                               for t in cpu_shares.of_process(threads, marker)]),
                f"cpu_pct_load_generator_{mode}": total(cpu_shares.this_process(threads)),
                f"cpu_pct_all_{mode}": total(threads)}
     if replica:
@@ -434,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     first, second = fresh_checkpoints(args.model_size, args.context, tmp)
     first, second = args.checkpoint or first, args.reload_checkpoint or second
     out: dict = {"model_size": args.model_size, "max_tokens": args.max_tokens,
-                 "concurrency": args.concurrency, "max_batch_size": args.max_batch_size}
+                 "concurrency": args.concurrency, "max_batch_size": args.max_batch_size,
+                 "serving_path": args.serving_path, "torch_threads": args.torch_threads}
     alone = model_alone(first, args.max_batch_size, args.max_tokens)
     out["model_alone_tokens_per_s"] = {f"batch_{k}": v["tokens_per_s"] for k, v in alone.items()}
     out["model_alone_step_ms"] = {f"batch_{k}": v["step_ms"] for k, v in alone.items()}
@@ -466,8 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     equal = Load((8, 40), (args.max_tokens, args.max_tokens))
 
     def deploy(checkpoint: str, replicas: int, batching: dict) -> None:
-        deploy_config(app_config(port, first, checkpoint, replicas, batching,
-                                 args.max_batch_size, args.max_concurrent_batches))
+        deploy_config(app_config(port, first, checkpoint, replicas, batching, args))
         wait_for_app(APP, replicas={"GPTModel": replicas})
 
     def load(concurrency: int, seconds: float, kind: Load | None = equal, during=None,
@@ -541,9 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         async def reload() -> None:
             await asyncio.sleep(5)
             applied["at"] = time.monotonic()
-            await asyncio.to_thread(deploy_config, app_config(
-                port, first, second, 1, batched, args.max_batch_size,
-                args.max_concurrent_batches))
+            await asyncio.to_thread(deploy_config, app_config(port, first, second, 1, batched,
+                                                              args))
 
         run = load(args.steady_concurrency, 15, MIXED, during=reload, warmup_s=0)
         summarize("reload", [run])

@@ -33,6 +33,24 @@ RUNTIME_FIELDS = ("checkpoint", "batching", "min_batch_size", "max_batch_size",
 BATCHING_MODES = ("continuous", "static")
 
 
+# The HTTP serving path, chosen when Serve's controller starts (serve_config.yaml's
+# `controller_options`; it applies to the controller, its proxies and every replica it starts).
+# "haproxy" is Ray Serve's throughput-optimized mode: HAProxy (a C load balancer, shipped with
+# ray[serve] on Linux) takes the HTTP connections and hands them to the Ingress replicas, which
+# serve HTTP themselves (direct ingress); replicas call each other over gRPC, and user code runs
+# on the replica's own event loop. "proxy" is Serve's default: every request also passes
+# through Serve's Python HTTP proxy actor. Measured here (docs/benchmarks.md): the proxy path
+# took ~38 ms of CPU per request between proxy and ingress, CPU a 2-core node's model replica
+# then waited for. A stopping Ingress replica stays reachable for a draining window before it
+# closes its listener, 30 s by default, meant for external load balancers; HAProxy is
+# reconfigured by Serve's controller within about a second and retries a refused connection on
+# another replica, so 2 s is enough (and `serve.shutdown()` need not time out on the 30 s).
+SERVING_PATHS: dict[str, dict[str, str]] = {
+    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"},
+    "proxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"},
+}
+
 # Full rounds of batches a model replica accepts by default: the running batches, and queued
 # requests for the rounds after them (they wait at the replica's admission gate, app.py).
 # Accepting only what the running batches hold collapses throughput once clients outnumber it:
@@ -176,18 +194,28 @@ class RuntimeConfig:
         return config
 
 
+def serving_path_options(path: str) -> dict[str, Any]:
+    """The Serve controller options (serve_config.yaml's top-level `controller_options`) that
+    select the HTTP serving path; ConfigError naming `serving_path` for an unknown one."""
+    if path not in SERVING_PATHS:
+        raise ConfigError(f"serving_path: {path!r} is not one of {', '.join(SERVING_PATHS)}")
+    return {"runtime_env": {"env_vars": dict(SERVING_PATHS[path])}}
+
+
 def serve_app_config(name: str, port: int, args: Mapping[str, Any], *,
                      autoscaling: Mapping[str, Any], user_config: Mapping[str, Any],
                      model_options: Mapping[str, Any] | None = None,
                      deployments: Sequence[Mapping[str, Any]] = (),
-                     host: str = "127.0.0.1", route_prefix: str = "/") -> dict[str, Any]:
+                     host: str = "127.0.0.1", route_prefix: str = "/",
+                     serving_path: str = "haproxy") -> dict[str, Any]:
     """A Serve declarative config (what `serve deploy` and `serve.deploy_config` take) that
-    runs this app as the application `name`: the HTTP proxy on the head node only, at
-    `host:port`; the app built from `args` (ServeSettings fields, checked here so a typo fails
-    before anything is deployed); its model deployment with `autoscaling` (an
-    autoscaling_config), `user_config` (RuntimeConfig fields: changing only these reconfigures
-    the running replicas in place) and any other deployment options in `model_options`;
-    `deployments`: more deployment entries (e.g. the Ingress's) as Serve takes them.
+    runs this app as the application `name`: HTTP on the head node only, at `host:port`,
+    through `serving_path` (SERVING_PATHS); the app built from `args` (ServeSettings fields,
+    checked here so a typo fails before anything is deployed); its model deployment with
+    `autoscaling` (an autoscaling_config), `user_config` (RuntimeConfig fields: changing only
+    these reconfigures the running replicas in place) and any other deployment options in
+    `model_options`; `deployments`: more deployment entries (e.g. the Ingress's) as Serve
+    takes them.
 
     A deep copy throughout: the caller may change it without touching what it passed in."""
     ServeSettings.from_args(args)
@@ -196,6 +224,7 @@ def serve_app_config(name: str, port: int, args: Mapping[str, Any], *,
     return copy.deepcopy({
         "proxy_location": "HeadOnly",
         "http_options": {"host": host, "port": port},
+        "controller_options": serving_path_options(serving_path),
         "applications": [{
             "name": name, "route_prefix": route_prefix, "import_path": IMPORT_PATH,
             "args": args, "deployments": [model, *deployments],

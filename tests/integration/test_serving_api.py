@@ -84,6 +84,17 @@ def server(cluster, checkpoints):
     serve.shutdown()
 
 
+def test_http_is_answered_by_haproxy_in_front_of_the_ingress(server):
+    """The app's default serving path (settings.SERVING_PATHS): the port clients call is
+    HAProxy's, not Serve's Python proxy's, and requests through it are answered."""
+    import psutil
+
+    (listener,) = [c for c in psutil.net_connections(kind="tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port]
+    assert psutil.Process(listener.pid).name() == "haproxy"
+    assert server.post({"prompt": "a", "max_tokens": 2}).status_code == 200
+
+
 def test_openai_client_round_trip_plain_and_streaming(server):
     from openai import OpenAI
 

@@ -6,7 +6,7 @@ import yaml
 
 from orchestrator.config import ConfigError
 from orchestrator.serving.settings import (RUNTIME_FIELDS, RuntimeConfig, ServeSettings,
-                                           free_port, serve_app_config)
+                                           free_port, serve_app_config, serving_path_options)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -109,6 +109,31 @@ def test_serve_app_config_is_a_valid_serve_config_for_this_app():
     config["applications"][0]["args"]["checkpoint"] = "/other"
     config["applications"][0]["deployments"][1]["ray_actor_options"]["num_cpus"] = 1
     assert args["checkpoint"] == "/c" and ingress["ray_actor_options"]["num_cpus"] == 0
+
+
+def test_the_serving_path_is_chosen_through_the_serve_controllers_environment():
+    from ray.serve.schema import ServeDeploySchema
+
+    def env(**kwargs) -> dict:
+        config = serve_app_config("app", 8000, {}, autoscaling={}, user_config={}, **kwargs)
+        schema = ServeDeploySchema.model_validate(config)  # Serve accepts the block
+        return schema.controller_options.runtime_env["env_vars"]
+
+    # The default is Ray Serve's throughput mode behind HAProxy ...
+    assert env()["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    # ... and "proxy" turns both off explicitly, so a cluster started with them on in its
+    # environment still gets Serve's Python proxy when asked for it.
+    assert env(serving_path="proxy") == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+                                         "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    with pytest.raises(ConfigError, match="serving_path: 'nginx' is not one of haproxy, proxy"):
+        serve_app_config("app", 8000, {}, autoscaling={}, user_config={},
+                         serving_path="nginx")
+
+
+def test_serve_config_yaml_serves_through_the_default_path():
+    shipped = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    assert shipped["controller_options"] == serving_path_options("haproxy")
 
 
 def test_serve_app_config_refuses_args_the_app_does_not_take():
