@@ -2,7 +2,7 @@
 generation, batching policy, loading and resources are the pure modules of
 orchestrator/serving/.
 
-    client --HTTP--> Serve proxy --> Ingress (FastAPI, OpenAI routes) --handle--> GPTModel x N
+    client --HTTP--> HAProxy ------> Ingress (FastAPI, OpenAI routes) --handle--> GPTModel x N
                                        validates, retries on a          continuous batching
                                        replica's death, streams SSE      (paged KV cache) or
                                                                          @serve.batch, hot reload
@@ -10,7 +10,8 @@ orchestrator/serving/.
 Two deployments rather than one so that a model replica dying (crash, kill, failed health
 check) costs no request: the ingress resends it to another replica, and a stream that had
 already delivered tokens continues after them. Model replicas autoscale; the ingress is a
-fixed, light pool (no CPU reserved).
+fixed, light pool (no CPU reserved). HAProxy, direct ingress and gRPC between replicas are
+Ray Serve's throughput mode, chosen in the config (settings.SERVING_PATHS, docs/serving.md).
 
     serve run serve_config.yaml
     serve run ray_layer.serve_app:app checkpoint=~/orchestrator-runs/<run> max_replicas=4
