@@ -42,9 +42,10 @@ BATCHING_MODES = ("continuous", "static")
 # through Serve's Python HTTP proxy actor. Measured here (docs/benchmarks.md): the proxy path
 # took ~38 ms of CPU per request between proxy and ingress, CPU a 2-core node's model replica
 # then waited for. A stopping Ingress replica stays reachable for a draining window before it
-# closes its listener, 30 s by default, meant for external load balancers; HAProxy is
-# reconfigured by Serve's controller within about a second and retries a refused connection on
-# another replica, so 2 s is enough (and `serve.shutdown()` need not time out on the 30 s).
+# closes its listener, 30 s by default, meant for external load balancers. HAProxy retries a
+# refused connection on another replica (`retry-on conn-failure`, `option redispatch` in the
+# configuration Serve writes), so 2 s is enough; at 30 s `serve.shutdown()` timed out and
+# killed Serve's controller, and the next deploy failed on it.
 SERVING_PATHS: dict[str, dict[str, str]] = {
     "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"},
