@@ -10,7 +10,7 @@ orchestrator/serving/.
 Two deployments rather than one so that a model replica dying (crash, kill, failed health
 check) costs no request: the ingress resends it to another replica, and a stream that had
 already delivered tokens continues after them. Model replicas autoscale; the ingress is a
-fixed, light pool (no CPU reserved). HAProxy, direct ingress and gRPC between replicas are
+fixed, light pool on the head node (no CPU reserved). HAProxy, direct ingress and gRPC between replicas are
 Ray Serve's throughput mode, chosen in the config (settings.SERVING_PATHS, docs/serving.md).
 
     serve run serve_config.yaml
@@ -54,6 +54,11 @@ RETRYABLE = (ray.exceptions.RayActorError, DeploymentUnavailableError)
 
 
 # == HTTP ingress =============================================================================
+# Behind HAProxy (settings.SERVING_PATHS) an Ingress replica serves HTTP itself, bound to the
+# configured host: loopback by default, which HAProxy on another host cannot reach (Serve warns
+# that cross-node routing then fails). Clients call the head node, so the Ingress runs there.
+INGRESS_ACTOR_OPTIONS = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+
 api = FastAPI(title="orchestrator GPT: OpenAI-compatible completions and chat completions")
 
 # A body over max_body_bytes is read (and thrown away) up to this many bytes before the 413 is
@@ -395,7 +400,8 @@ def app(args: dict[str, Any] | None = None) -> serve.Application:
         # says nothing new and costs CPU on the serving path (~10-30% QPS here, measured).
         logging_config={"enable_access_log": False},
     ).bind(arguments)
-    return Ingress.options(num_replicas=settings.ingress_replicas).bind(model, arguments)
+    return Ingress.options(num_replicas=settings.ingress_replicas,
+                           ray_actor_options=INGRESS_ACTOR_OPTIONS).bind(model, arguments)
 
 
 # == operating a running app (tests, scripts/bench_serve.py) ==================================

@@ -104,6 +104,14 @@ def test_replicas_ask_for_the_inference_accelerator_the_cluster_offers(deployed)
     assert nodes == {deployed["nodes"]["t4"]}
 
 
+def test_the_ingress_runs_on_the_head_node_where_haproxy_can_reach_its_loopback_port(deployed):
+    from ray.util.state import list_actors
+
+    ingress = list_actors(filters=[("class_name", "=", f"ServeReplica:{APP}:Ingress"),
+                                   ("state", "=", "ALIVE")])
+    assert ingress and {a.node_id for a in ingress} == {deployed["nodes"]["head"]}
+
+
 def test_a_killed_replica_is_replaced_and_requests_still_succeed(deployed):
     import ray
 
