@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from orchestrator.compression.artifacts import (CheckpointError, load_tensors, save_tensors,
                                                 sha256_file, write_json)
 from orchestrator.compression.qat import WEIGHT_QMAX, Int8Linear, quantize_weight
+from orchestrator.cpython_quirks import retry_spurious_ast_error
 from orchestrator.training.model import GPT, GPTConfig
 
 ONNX_FILE = "model.int8.onnx"
@@ -98,23 +99,14 @@ def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-# CPython 3.11's AST constructor can raise this spuriously (python/cpython#106905, seen here
-# once in a full test run, inside torch.onnx.export): it is not about the code parsed, so
-# the export is tried once more.
-_SPURIOUS_AST_ERROR = "AST constructor recursion depth mismatch"
-
-
 def _onnx_program(module: nn.Module, args: tuple, **options):
     """torch.onnx.export (dynamo), quiet, tried once more after CPython's spurious AST
-    error."""
-    for attempt in (1, 2):
-        try:
-            with _quiet_exporter():
-                return torch.onnx.export(module, args, None, dynamo=True, verbose=False,
-                                         **options)
-        except SystemError as e:
-            if attempt == 2 or _SPURIOUS_AST_ERROR not in str(e):
-                raise
+    error (orchestrator/cpython_quirks.py)."""
+    def export():
+        with _quiet_exporter():
+            return torch.onnx.export(module, args, None, dynamo=True, verbose=False, **options)
+
+    return retry_spurious_ast_error(export)
 
 
 def export_fp32_onnx(model: nn.Module, path: Path, what: str = "model") -> Path:

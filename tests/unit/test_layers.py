@@ -12,6 +12,8 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.cpython_quirks import retry_spurious_ast_error
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("orchestrator", "ray_layer", "jobs", "scripts")
 # Entry points inside orchestrator/ that may import the Ray layer, inside a function only.
@@ -43,7 +45,8 @@ def project_modules(root: Path) -> dict[str, Path]:
 
 def imports_of(name: str, path: Path, known: set[str]) -> list[Import]:
     """Every import in the file, with whether it sits inside a function body."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    source = path.read_text()
+    tree = retry_spurious_ast_error(lambda: ast.parse(source, filename=str(path)))
     found: list[Import] = []
 
     def visit(node: ast.AST, in_function: bool) -> None:
