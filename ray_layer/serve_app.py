@@ -10,8 +10,9 @@ orchestrator/serving/.
 Two deployments rather than one so that a model replica dying (crash, kill, failed health
 check) costs no request: the ingress resends it to another replica, and a stream that had
 already delivered tokens continues after them. Model replicas autoscale; the ingress is a
-fixed, light pool on the head node (no CPU reserved). HAProxy, direct ingress and gRPC between replicas are
-Ray Serve's throughput mode, chosen in the config (settings.SERVING_PATHS, docs/serving.md).
+fixed, light pool on the head node (no CPU reserved). HAProxy, direct ingress and gRPC between
+replicas are Ray Serve's throughput mode, chosen in the config (settings.SERVING_PATHS,
+docs/serving.md).
 
     serve run serve_config.yaml
     serve run ray_layer.serve_app:app checkpoint=~/orchestrator-runs/<run> max_replicas=4
@@ -75,7 +76,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(error.body(), status_code=exc.status_code)
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.deployment(name="Ingress", ray_actor_options=INGRESS_ACTOR_OPTIONS,
+                  max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress:
     """The HTTP front deployment (FastAPI): validates OpenAI-style requests, forwards them to
@@ -400,8 +402,7 @@ def app(args: dict[str, Any] | None = None) -> serve.Application:
         # says nothing new and costs CPU on the serving path (~10-30% QPS here, measured).
         logging_config={"enable_access_log": False},
     ).bind(arguments)
-    return Ingress.options(num_replicas=settings.ingress_replicas,
-                           ray_actor_options=INGRESS_ACTOR_OPTIONS).bind(model, arguments)
+    return Ingress.options(num_replicas=settings.ingress_replicas).bind(model, arguments)
 
 
 # == operating a running app (tests, scripts/bench_serve.py) ==================================
