@@ -12,8 +12,9 @@ ever moved.
 sequence, the new tokens it feeds (a chunk of its prompt, or its one latest token). The
 per-token parts of a block (layer norms, the attention's projections, the MLP) run once over
 all the step's tokens together; attention reads each sequence's keys through its block
-table: one padded gather for the decoding rows (one query each), and one unpadded call per
-prefill chunk. It uses the model's own modules and weights (embeddings, each block's ln1,
+table: a decoding row (one query) whose blocks are one run reads them in place, rows in
+scattered blocks are gathered in groups of similar length, and each prefill chunk is one
+unpadded call. It uses the model's own modules and weights (embeddings, each block's ln1,
 attn.qkv, attn.proj, attn.span, ln2, mlp, then ln_f and lm_head), so fp32, INT8 and
 learnt-span models are served alike; the width and head count of each layer's attention are
 read off its projection, so layers may differ.
@@ -81,9 +82,12 @@ def first_of_run(blocks: tuple[int, ...] | list[int]) -> int | None:
 
 class PagedKVCache:
     """Keys and values of every layer in `num_blocks` blocks of `block_tokens` positions:
-    layer l's tensor is (num_blocks, block_tokens, 2, heads, head_dim), keys at [.., 0, ..]
-    and values at [.., 1, ..], so one gather of whole blocks reads both. It is allocated at
-    the layer's first write, shaped by what that layer's attention produces."""
+    layer l's tensor is (2, heads, num_blocks * block_tokens, head_dim), keys at [0] and
+    values at [1], each head's positions (slots) in order. Head-major, so a sequence's keys
+    in a run of adjacent blocks are, for every head, one contiguous (positions, head_dim)
+    matrix: a decoding row's attention is two batched matrix products over a view, with no
+    copy (paged_forward). It is allocated at the layer's first write, shaped by what that
+    layer's attention produces."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_tokens: int,
                  device: torch.device | str = "cpu") -> None:
@@ -105,26 +109,26 @@ class PagedKVCache:
         """k, v: (tokens, heads, head_dim) for the slots (tokens,); slot = block *
         block_tokens + offset."""
         if self.layers[layer] is None:
+            heads, head_dim = k.shape[1:]
             self.layers[layer] = torch.zeros(
-                (self.pool.num_blocks, self.block_tokens, 2, *k.shape[1:]), dtype=k.dtype,
-                device=self.device)
-        flat = self.layers[layer].view(-1, 2, *k.shape[1:])
-        flat[slots] = torch.stack((k, v), dim=1)
+                (2, heads, self.capacity_tokens, head_dim), dtype=k.dtype, device=self.device)
+        self.layers[layer][:, :, slots] = torch.stack((k, v)).transpose(1, 2)
 
     def gather(self, layer: int, table: torch.Tensor) -> torch.Tensor:
-        """The blocks of `table` (rows, blocks) as (rows, blocks * block_tokens, 2, heads,
+        """The blocks of `table` (rows, blocks) as (2, heads, rows, blocks * block_tokens,
         head_dim): each row's positions in order (a copy; the pool is not touched)."""
         pool = self.layers[layer]
+        kv, heads, _, head_dim = pool.shape
         rows, width = table.shape
-        return pool.index_select(0, table.reshape(-1)).view(rows, width * self.block_tokens,
-                                                            *pool.shape[2:])
+        blocks = pool.view(kv, heads, self.pool.num_blocks, self.block_tokens, head_dim)
+        return blocks.index_select(2, table.reshape(-1)).view(
+            kv, heads, rows, width * self.block_tokens, head_dim)
 
     def run_view(self, layer: int, first_block: int, positions: int) -> torch.Tensor:
         """Positions 0..positions-1 of a sequence whose blocks are one run starting at
-        `first_block`, as (positions, 2, heads, head_dim): a view, nothing copied."""
-        pool = self.layers[layer]
+        `first_block`, as (2, heads, positions, head_dim): a view, nothing copied."""
         start = first_block * self.block_tokens
-        return pool.view(-1, *pool.shape[2:])[start:start + positions]
+        return self.layers[layer][:, :, start:start + positions]
 
     def slot(self, blocks: tuple[int, ...], position: int) -> int:
         return blocks[position // self.block_tokens] * self.block_tokens \
@@ -220,12 +224,12 @@ def paged_forward(model: torch.nn.Module, cache: PagedKVCache,
         cache.write(layer, slots, k, v)
         y = torch.empty_like(q)
         if in_place:
-            y[in_place_index] = torch.cat([
-                _in_place_attention(cache, layer, segments[i], q[ends[i] - 1], attn.span,
-                                    device) for i in in_place])
+            y[in_place_index] = _in_place_attention(
+                cache, layer, [segments[i] for i in in_place], q[in_place_index], attn.span,
+                device)
         for group in groups:
-            kv = cache.gather(layer, group.table)[:, :group.longest]  # (B, L, 2, H, D)
-            keys, values = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+            kv = cache.gather(layer, group.table)[..., :group.longest, :]  # (2, H, B, L, D)
+            keys, values = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # (B, H, L, D)
             query = q[group.token_index].unsqueeze(2)  # (B, H, 1, D)
             out = _attend(query, keys, values, group.allowed, group.distance, attn.span)
             y[group.token_index] = out.squeeze(2)
@@ -239,18 +243,37 @@ def paged_forward(model: torch.nn.Module, cache: PagedKVCache,
     return model.lm_head(model.ln_f(x[last]))
 
 
-def _in_place_attention(cache: PagedKVCache, layer: int, segment: Segment, q: torch.Tensor,
-                        span, device) -> torch.Tensor:
-    """One decoding row's attention (q: heads, head_dim) over its keys read in place:
-    (1, heads, head_dim)."""
+def _in_place_attention(cache: PagedKVCache, layer: int, segments: list[Segment],
+                        queries: torch.Tensor, span, device) -> torch.Tensor:
+    """Decoding rows whose blocks are one run (queries: rows, heads, head_dim), each over its
+    keys read in place: (rows, heads, head_dim). A row is two matrix products batched over
+    its heads, on views of the head-major pool: one query needs no attention kernel, and a
+    call per row costs less than copying the rows' keys into one padded batch (the copy,
+    not the arithmetic, is what a decoding step's attention spends on a CPU)."""
+    if span is not None:
+        return torch.cat([_in_place_span_attention(cache, layer, segment, query, span, device)
+                          for segment, query in zip(segments, queries)])
+    pool = cache.layers[layer]
+    keys_t, values = pool[0].transpose(1, 2), pool[1]  # (H, D, slots), (H, slots, D)
+    scaled = (queries * queries.size(-1) ** -0.5).unsqueeze(2).unbind(0)  # rows x (H, 1, D)
+    out = []
+    for segment, query in zip(segments, scaled):
+        start = segment.first_block * cache.block_tokens
+        end = start + segment.start + 1
+        weights = torch.bmm(query, keys_t[:, :, start:end]).softmax(-1, dtype=torch.float32)
+        out.append(torch.bmm(weights.to(values.dtype), values[:, start:end]))
+    return torch.stack(out).squeeze(2)
+
+
+def _in_place_span_attention(cache: PagedKVCache, layer: int, segment: Segment,
+                             query: torch.Tensor, span, device) -> torch.Tensor:
+    """One decoding row of a learnt-span model (query: heads, head_dim) over its keys read
+    in place, its span's ramp as a bias: (1, heads, head_dim)."""
     length = segment.start + 1
-    kv = cache.run_view(layer, segment.first_block, length)
-    k, v = kv[:, 0].transpose(0, 1).unsqueeze(0), kv[:, 1].transpose(0, 1).unsqueeze(0)
-    query = q.unsqueeze(0).unsqueeze(2)  # (1, H, 1, D)
-    if span is None:
-        return F.scaled_dot_product_attention(query, k, v)[:, :, 0]
+    kv = cache.run_view(layer, segment.first_block, length).unsqueeze(1)  # (2, 1, H, L, D)
     distance = (length - 1 - torch.arange(length, device=device)).view(1, 1, length)
-    return _attend(query, k, v, distance >= 0, distance, span)[:, :, 0]
+    return _attend(query.view(1, -1, 1, query.size(-1)), kv[0], kv[1], distance >= 0,
+                   distance, span)[:, :, 0]
 
 
 def _prefill_attention(cache: PagedKVCache, layer: int, segment: Segment, q: torch.Tensor,
@@ -258,15 +281,17 @@ def _prefill_attention(cache: PagedKVCache, layer: int, segment: Segment, q: tor
     """Causal attention of one prompt chunk (T, H, D) over its sequence so far: the chunk's
     own keys when it starts the sequence, else the cached ones up to its end."""
     time, start = q.size(0), segment.start
-    if start and segment.first_block is not None:
-        kv = cache.run_view(layer, segment.first_block, start + time)
-        k, v = kv[:, 0], kv[:, 1]
-    elif start:
+    q = q.transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
+    if not start:
+        k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+    elif segment.first_block is not None:
+        kv = cache.run_view(layer, segment.first_block, start + time).unsqueeze(1)
+        k, v = kv[0], kv[1]  # (1, H, L, D)
+    else:
         width = cache.blocks_for(start + time)
         table = torch.tensor([segment.blocks[:width]], dtype=torch.long, device=device)
-        kv = cache.gather(layer, table)[0, :start + time]
-        k, v = kv[:, 0], kv[:, 1]
-    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, T|L, D)
+        kv = cache.gather(layer, table)[..., :start + time, :]  # (2, H, 1, L, D)
+        k, v = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
     if span is None and not start:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)[0].transpose(0, 1)
     q_positions = torch.arange(start, start + time, device=device).unsqueeze(1)
