@@ -69,12 +69,10 @@ class GPTModel:
         # Continuous batching: engines (the newest serves new requests; an older one, of the
         # model before a reload, runs until its rows finish), the requests' chunk queues, and
         # adds/cancels made while a step runs (applied between steps: the engine is
-        # single-threaded). The generation thread steps back to back and the event loop adds
-        # engines and requests meanwhile: the lock guards the engine list and the inbox.
+        # single-threaded).
         self.engines: list[tuple[ContinuousEngine, LoadedModel]] = []
         self.streams: dict[object, asyncio.Queue] = {}
         self.inbox: list[tuple[str, ContinuousEngine, object, Any]] = []
-        self.engines_lock = threading.Lock()
         self.wake = asyncio.Event()
         self.engine_loop: asyncio.Task | None = None
         self.batch = serve.batch(max_batch_size=self.settings.max_batch_size,
@@ -190,9 +188,8 @@ class GPTModel:
             return self.engines[-1]
         engine = ContinuousEngine(loaded.model, loaded.block_size, loaded.tokenizer, limits,
                                   self.device)
-        with self.engines_lock:
-            self.engines.append((engine, loaded))
-        return engine, loaded
+        self.engines.append((engine, loaded))
+        return self.engines[-1]
 
     def _engine_limits(self, loaded: LoadedModel) -> EngineLimits:
         runtime = self.runtime
@@ -202,8 +199,7 @@ class GPTModel:
                                       self.settings.prefill_chunk_tokens, cache)
 
     def _send(self, action: str, engine: ContinuousEngine, key: object, request: Any) -> None:
-        with self.engines_lock:
-            self.inbox.append((action, engine, key, request))
+        self.inbox.append((action, engine, key, request))
         if action == "add":
             if not self._engines_busy():
                 self.last_progress = time.monotonic()  # an idle loop was not stalled
@@ -214,84 +210,73 @@ class GPTModel:
     def _engines_busy(self) -> bool:
         return any(not engine.idle for engine, _ in self.engines)
 
-    def _apply_inbox(self) -> list[ContinuousEngine]:
-        """On the generation thread, between steps: apply the adds and cancels, drop old
-        engines that have finished; the engines with work."""
+    def _apply_inbox(self) -> None:
         now = time.monotonic()
-        with self.engines_lock:
-            inbox, self.inbox = self.inbox, []
-            for action, engine, key, request in inbox:
-                if action == "add":
-                    engine.add(key, request, now)
-                else:
-                    engine.cancel(key)
-            current = self.engines[-1][0] if self.engines else None
-            self.engines = [(e, l) for e, l in self.engines if e is current or not e.idle]
-            return [engine for engine, _ in self.engines if not engine.idle]
+        inbox, self.inbox = self.inbox, []
+        for action, engine, key, request in inbox:
+            if action == "add":
+                engine.add(key, request, now)
+            else:
+                engine.cancel(key)
+        current = self.engines[-1][0] if self.engines else None
+        self.engines = [(e, l) for e, l in self.engines if e is current or not e.idle]
 
     async def _run_engines(self) -> None:
-        """The decoding loop's event-loop side: while there is work, the generation thread
-        steps the engines (a burst, _step_engines); sleep while there is none."""
+        """The decoding loop: apply adds and cancels, step every engine with work on the
+        generation thread, hand each chunk to its request; sleep while there is no work."""
         loop = asyncio.get_running_loop()
         while True:
-            self.wake.clear()
-            await loop.run_in_executor(self.executor, self._step_engines, loop)
-            if not self.inbox and not self._engines_busy():
-                await self.wake.wait()
-
-    def _step_engines(self, loop: asyncio.AbstractEventLoop,
-                      burst_s: float = 0.25) -> None:
-        """On the generation thread: apply the inbox, step every engine with work, post each
-        step's chunks to the event loop (_deliver), and step again at once, without waiting
-        for the event loop to hand the next step over; return when no engine has work, or
-        after `burst_s`, so that health probes and static batches queued on this thread get
-        their turn."""
-        began = time.monotonic()
-        while time.monotonic() - began < burst_s:
-            if self.wedged.is_set():
-                threading.Event().wait()  # fault injection: this thread never comes back
-            busy = self._apply_inbox()
+            self._apply_inbox()
+            busy = [engine for engine, _ in self.engines if not engine.idle]
             if not busy:
-                return
-            for engine in busy:
-                try:
-                    chunks = engine.step()
-                except Exception as e:  # a bug or a device error: fail its requests, keep serving
-                    log.exception("continuous batching step failed")
-                    self._drop_engine(engine, loop, e)
+                self.wake.clear()
+                if not self.inbox:
+                    await self.wake.wait()
+                continue
+            results = await loop.run_in_executor(self.executor, self._step_engines, busy)
+            self.last_progress = time.monotonic()
+            for engine, outcome in zip(busy, results):
+                if isinstance(outcome, Exception):
+                    self._fail_engine(engine, outcome)
                     continue
-                self.last_progress = time.monotonic()
-                loop.call_soon_threadsafe(self._deliver, chunks, engine.queue_seconds)
-                self._count_step(engine, chunks)
+                for key, chunk in outcome:
+                    queue = self.streams.get(key)
+                    if queue is not None:
+                        queue.put_nowait(chunk)
+                for _, waited in engine.queue_seconds:
+                    record(catalogue.SERVE_QUEUE_TIME, waited, deployment=self.deployment)
 
-    def _count_step(self, engine: ContinuousEngine, chunks: list) -> None:
-        produced = sum(len(chunk.tokens) for _, chunk in chunks)
-        if produced:  # a decoding step is continuous batching's "batch"
-            self.batch_sizes[len(chunks)] += 1
-            self.stats["batches"] += 1
-            self.stats["most_held"] = max(self.stats["most_held"],
-                                          len(engine.running) + len(engine.waiting))
-            record(catalogue.SERVE_GENERATED_TOKENS, produced, deployment=self.deployment)
+    def _step_engines(self, engines: list[ContinuousEngine]) -> list[Any]:
+        if self.wedged.is_set():
+            threading.Event().wait()  # fault injection: this thread never comes back
+        results: list[Any] = []
+        for engine in engines:
+            try:
+                chunks = engine.step()
+            except Exception as e:  # a bug or a device error: fail its requests, keep serving
+                log.exception("continuous batching step failed")
+                results.append(e)
+                continue
+            results.append(chunks)
+            produced = sum(len(chunk.tokens) for _, chunk in chunks)
+            if produced:  # a decoding step is continuous batching's "batch"
+                self.batch_sizes[len(chunks)] += 1
+                self.stats["batches"] += 1
+                self.stats["most_held"] = max(self.stats["most_held"],
+                                              len(engine.running) + len(engine.waiting))
+                record(catalogue.SERVE_GENERATED_TOKENS, produced, deployment=self.deployment)
+        return results
 
-    def _deliver(self, chunks: list, queue_seconds: list) -> None:
-        """On the event loop: hand each chunk to its request's stream."""
-        for key, chunk in chunks:
+    def _fail_engine(self, engine: ContinuousEngine, error: Exception) -> None:
+        """Every request the engine holds gets the error; the engine is dropped (the next
+        request builds a fresh one)."""
+        keys = [key for key, _, _ in engine.waiting] + [s.key for s in engine.running]
+        for key in keys:
             queue = self.streams.get(key)
             if queue is not None:
-                queue.put_nowait(chunk)
-        for _, waited in queue_seconds:
-            record(catalogue.SERVE_QUEUE_TIME, waited, deployment=self.deployment)
-
-    def _drop_engine(self, engine: ContinuousEngine, loop: asyncio.AbstractEventLoop,
-                     error: Exception) -> None:
-        """A failed engine is dropped (the next request builds a fresh one) and every request
-        it holds gets the error."""
-        with self.engines_lock:
-            self.engines = [(e, l) for e, l in self.engines if e is not engine]
-        keys = [key for key, _, _ in engine.waiting] + [s.key for s in engine.running]
-        failure = APIError(500, f"generation failed: {type(error).__name__}: {error}",
-                           type="server_error")
-        loop.call_soon_threadsafe(self._deliver, [(key, failure) for key in keys], [])
+                queue.put_nowait(APIError(500, f"generation failed: {type(error).__name__}: "
+                                               f"{error}", type="server_error"))
+        self.engines = [(e, l) for e, l in self.engines if e is not engine]
 
     def _record_tpot(self, seconds: float) -> None:
         record(catalogue.SERVE_TIME_PER_OUTPUT_TOKEN, seconds, deployment=self.deployment,
