@@ -69,9 +69,12 @@ class EngineLimits:
     def sized_for(cls, max_rows: int, context: int, block_tokens: int,
                   prefill_chunk_tokens: int, cache_tokens: int = 0) -> "EngineLimits":
         """Limits with a cache of `cache_tokens` positions (rounded up to whole blocks), or,
-        with 0, enough for `max_rows` rows of the whole context."""
-        tokens = cache_tokens or max_rows * context
-        return cls(max_rows, -(-tokens // block_tokens), block_tokens, prefill_chunk_tokens)
+        with 0, enough for `max_rows` rows of the whole context (a lane each: paged.py)."""
+        if cache_tokens:
+            blocks = -(-cache_tokens // block_tokens)
+        else:
+            blocks = max_rows * -(-context // block_tokens)
+        return cls(max_rows, blocks, block_tokens, prefill_chunk_tokens)
 
 
 @dataclass
@@ -110,8 +113,9 @@ class ContinuousEngine:
                  limits: EngineLimits, device: torch.device | str | None = None) -> None:
         self.model, self.context, self.tokenizer, self.limits = model, context, tokenizer, limits
         device = device or next(model.parameters()).device
+        # A lane holds the longest sequence (the model's context), so every row can start one.
         self.cache = PagedKVCache(len(model.blocks), limits.num_blocks, limits.block_tokens,
-                                  device)
+                                  device, lane_blocks=-(-context // limits.block_tokens))
         self.waiting: deque[tuple[object, GenerationRequest, float]] = deque()
         self.running: list[Sequence] = []
         self.stats = EngineStats()

@@ -34,15 +34,17 @@ from orchestrator.training.attention import biased_attention, span_bias
 class BlockPool:
     """The free blocks of a paged cache: `allocate` takes blocks, `release` gives them back.
 
-    A request's blocks are taken at once, as one run of adjacent blocks when the pool has
-    one (first fit), else whichever are free: a row whose blocks are adjacent is attended in
-    place, without copying its keys (paged_forward), and any free blocks still serve a
-    request when the pool is fragmented."""
+    A request's blocks are taken at once: at the start of a lane (every `lane_blocks`-th
+    block) when one has the run free, else as one run of adjacent blocks anywhere (first
+    fit), else whichever are free. Rows at lane starts are attended together over one view
+    of the pool, rows in other runs in place one by one, both without copying their keys
+    (paged_forward); any free blocks still serve a request when the pool is fragmented."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, lane_blocks: int | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"a paged KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
+        self.lane_blocks = lane_blocks
         self._free_map = bytearray(b"\x01" * num_blocks)  # 1 = free; find() runs in C
         self._free = num_blocks
 
@@ -53,7 +55,9 @@ class BlockPool:
     def allocate(self, count: int) -> list[int]:
         if count > self._free:
             raise MemoryError(f"{count} KV blocks wanted, {self._free} free")
-        start = self._free_map.find(b"\x01" * count)
+        start = self._free_lane_start(count)
+        if start < 0:
+            start = self._free_map.find(b"\x01" * count)
         if start >= 0:
             blocks = list(range(start, start + count))
         else:  # fragmented: the lowest free blocks
@@ -65,6 +69,16 @@ class BlockPool:
             self._free_map[block] = 0
         self._free -= count
         return blocks
+
+    def _free_lane_start(self, count: int) -> int:
+        """The first lane start with `count` free blocks from there, else -1."""
+        if not self.lane_blocks or count > self.lane_blocks:
+            return -1
+        run = b"\x01" * count
+        for start in range(0, self.num_blocks - count + 1, self.lane_blocks):
+            if self._free_map.startswith(run, start):
+                return start
+        return -1
 
     def release(self, blocks: list[int]) -> None:
         for block in blocks:
@@ -90,13 +104,19 @@ class PagedKVCache:
     layer's attention produces."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_tokens: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", lane_blocks: int | None = None) -> None:
         if block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, lane_blocks)
         self.block_tokens = block_tokens
         self.device = torch.device(device)
         self.layers: list[torch.Tensor | None] = [None] * num_layers
+        # Lanes: the pool cut into equal runs of lane_blocks blocks (a sequence's longest),
+        # the tensor rounded up to whole lanes (blocks past num_blocks are never handed out),
+        # so that every lane is one row of a (heads * lanes, lane positions) view.
+        self.lane_blocks = lane_blocks or num_blocks
+        self.lanes = math.ceil(num_blocks / self.lane_blocks)
+        self.slots = self.lanes * self.lane_blocks * block_tokens
 
     @property
     def capacity_tokens(self) -> int:
@@ -111,7 +131,7 @@ class PagedKVCache:
         if self.layers[layer] is None:
             heads, head_dim = k.shape[1:]
             self.layers[layer] = torch.zeros(
-                (2, heads, self.capacity_tokens, head_dim), dtype=k.dtype, device=self.device)
+                (2, heads, self.slots, head_dim), dtype=k.dtype, device=self.device)
         self.layers[layer][:, :, slots] = torch.stack((k, v)).transpose(1, 2)
 
     def gather(self, layer: int, table: torch.Tensor) -> torch.Tensor:
@@ -120,7 +140,7 @@ class PagedKVCache:
         pool = self.layers[layer]
         kv, heads, _, head_dim = pool.shape
         rows, width = table.shape
-        blocks = pool.view(kv, heads, self.pool.num_blocks, self.block_tokens, head_dim)
+        blocks = pool.view(kv, heads, -1, self.block_tokens, head_dim)
         return blocks.index_select(2, table.reshape(-1)).view(
             kv, heads, rows, width * self.block_tokens, head_dim)
 
@@ -129,6 +149,20 @@ class PagedKVCache:
         `first_block`, as (2, heads, positions, head_dim): a view, nothing copied."""
         start = first_block * self.block_tokens
         return self.layers[layer][:, :, start:start + positions]
+
+    def lane_of(self, first_block: int | None) -> int | None:
+        """The lane a sequence's run of blocks starts, or None (not a run, or not at a lane
+        start)."""
+        if first_block is None or first_block % self.lane_blocks:
+            return None
+        return first_block // self.lane_blocks
+
+    def lane_view(self, layer: int, positions: int) -> torch.Tensor:
+        """Positions 0..positions-1 of every lane as (2, heads * lanes, positions, head_dim):
+        a view, nothing copied."""
+        pool = self.layers[layer]
+        kv, heads, _, head_dim = pool.shape
+        return pool.view(kv, heads * self.lanes, -1, head_dim)[:, :, :positions]
 
     def slot(self, blocks: tuple[int, ...], position: int) -> int:
         return blocks[position // self.block_tokens] * self.block_tokens \
@@ -166,6 +200,46 @@ class _DecodeGroup:
         self.token_index = torch.tensor(token_index, device=device)
 
 
+class _LaneBatch:
+    """Decoding rows whose blocks start a lane, attended together over a view of every lane
+    (PagedKVCache.lane_view) up to the longest row: which lane and which packed token each
+    row is, and the bias that keeps each lane to its row's keys (a lane without a decoding
+    row attends its first position, and its output is dropped). Built once per step and
+    used by every layer."""
+
+    def __init__(self, cache: PagedKVCache, segments: list[Segment], token_index: list[int],
+                 device: torch.device) -> None:
+        self.lane = torch.tensor([cache.lane_of(s.first_block) for s in segments],
+                                 dtype=torch.long, device=device)
+        lengths = torch.ones(cache.lanes, dtype=torch.long, device=device)
+        lengths[self.lane] = torch.tensor([s.start + 1 for s in segments], device=device)
+        self.longest = max(s.start + 1 for s in segments)
+        key_positions = torch.arange(self.longest, device=device)
+        self.allowed = (key_positions < lengths.unsqueeze(1)).unsqueeze(1)  # (lanes, 1, L)
+        self.distance = ((lengths - 1).unsqueeze(1) - key_positions).unsqueeze(1)
+        self.bias = torch.zeros(self.allowed.shape, device=device).masked_fill(
+            ~self.allowed, float("-inf"))
+        self.token_index = torch.tensor(token_index, device=device)
+
+
+def _lane_attention(cache: PagedKVCache, layer: int, batch: _LaneBatch, q: torch.Tensor,
+                    span) -> torch.Tensor:
+    """The lane rows' attention (their queries taken from q: tokens, heads, head_dim):
+    (rows, heads, head_dim). Two matrix products over every lane at once, batched over heads
+    and lanes: a few large operations per layer instead of a few small ones per row, which
+    on a CPU also means far fewer hand-overs of Python's GIL to the replica's other threads
+    than a call per row."""
+    heads, dim = q.shape[1:]
+    kv = cache.lane_view(layer, batch.longest)  # (2, H * lanes, L, D)
+    query = q.new_zeros(heads, cache.lanes, 1, dim)
+    query[:, batch.lane, 0] = q[batch.token_index].transpose(0, 1) * dim ** -0.5
+    scores = torch.bmm(query.view(heads * cache.lanes, 1, dim), kv[0].transpose(1, 2))
+    bias = batch.bias if span is None else span_bias(span, batch.distance, batch.allowed)
+    weights = torch.softmax(scores.view(heads, cache.lanes, 1, -1).float() + bias, dim=-1)
+    out = torch.bmm(weights.to(kv.dtype).view(heads * cache.lanes, 1, -1), kv[1])
+    return out.view(heads, cache.lanes, dim)[:, batch.lane].transpose(0, 1)
+
+
 def decode_groups(lengths: list[int], spread: float = 1.25) -> list[list[int]]:
     """Indices of rows split into groups of similar length (longest first), a group's longest
     at most `spread` times its shortest: every row of a group is padded to its longest, and
@@ -201,10 +275,15 @@ def paged_forward(model: torch.nn.Module, cache: PagedKVCache,
     slots = torch.tensor([cache.slot(s.blocks, p) for s in segments
                           for p in range(s.start, s.start + len(s.tokens))], device=device)
     ends = list(itertools.accumulate(len(s.tokens) for s in segments))
-    # Decoding rows whose blocks are one run are attended in place, one call each; the
-    # others in groups of similar length, through a gather of their blocks.
+    # Decoding rows at lane starts are attended together over a view of the lanes; rows in
+    # other runs of blocks in place, one by one; the others in groups of similar length,
+    # through a gather of their blocks.
     decoding = [i for i, s in enumerate(segments) if len(s.tokens) == 1]
-    in_place = [i for i in decoding if segments[i].first_block is not None]
+    in_lane = [i for i in decoding if cache.lane_of(segments[i].first_block) is not None]
+    lanes = (_LaneBatch(cache, [segments[i] for i in in_lane], [ends[i] - 1 for i in in_lane],
+                        device) if in_lane else None)
+    in_place = [i for i in decoding if segments[i].first_block is not None
+                and cache.lane_of(segments[i].first_block) is None]
     scattered = [i for i in decoding if segments[i].first_block is None]
     groups = [_DecodeGroup(cache, [segments[scattered[j]] for j in group],
                            [ends[scattered[j]] - 1 for j in group], device)
@@ -223,6 +302,8 @@ def paged_forward(model: torch.nn.Module, cache: PagedKVCache,
         q, k, v = qkv.view(count, 3, heads, width // heads).unbind(1)  # (N, H, D) each
         cache.write(layer, slots, k, v)
         y = torch.empty_like(q)
+        if lanes is not None:
+            y[lanes.token_index] = _lane_attention(cache, layer, lanes, q, attn.span)
         if in_place:
             y[in_place_index] = _in_place_attention(
                 cache, layer, [segments[i] for i in in_place], q[in_place_index], attn.span,

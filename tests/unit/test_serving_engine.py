@@ -232,12 +232,13 @@ def test_block_pool_hands_out_each_block_once_in_runs_where_it_can():
     assert first_of_run([5, 6, 7]) == 5 and first_of_run([0, 1, 5, 6]) is None
 
 
-def test_rows_in_scattered_blocks_decode_like_rows_in_runs(model):
-    # Fragment the pool so that some requests get scattered blocks (attended through a
-    # gather) and others runs (attended in place): every output is still its own alone.
-    # Step 0 fills all 24 blocks: four 1-block rows that end after 2 tokens, four 3-block
-    # rows, and an 8-block filler. At step 3 only blocks 0, 4, 8 and 12 are free: a 3-block
-    # request gets them scattered, a 1-block one a run.
+def test_rows_in_lanes_runs_and_scattered_blocks_all_decode_as_alone(model):
+    # Fragment the pool so that the three attention paths run side by side: rows at a lane
+    # start (attended together over the lanes' view), rows in other runs of blocks (in place,
+    # one by one) and rows in scattered blocks (through a gather). Step 0 fills all 24 blocks
+    # (two lanes of 16 blocks, the second cut short): the first two requests take the lane
+    # starts, the rest runs after them; four 1-block rows end after 2 tokens, so at step 3
+    # the free blocks are holes and a 3-block request gets them scattered.
     limits = EngineLimits(max_rows=12, num_blocks=24, block_tokens=4, prefill_chunk_tokens=64)
     eng = engine(model, limits)
     arrivals = {0: [greedy(b"a%d" % i, 2 + 6 * (i % 2)) for i in range(8)]
@@ -247,11 +248,23 @@ def test_rows_in_scattered_blocks_decode_like_rows_in_runs(model):
     seen: list = []
     out, _ = staggered(eng, arrivals, seen)
     assert eng.stats.admitted == 12
-    assert any(s.first_block is None for s in seen) and any(s.first_block is not None
-                                                            for s in seen)
+    kinds = {"lane" if eng.cache.lane_of(s.first_block) is not None
+             else "run" if s.first_block is not None else "scattered" for s in seen}
+    assert kinds == {"lane", "run", "scattered"}
     for step, requests in arrivals.items():
         for i, request in enumerate(requests):
             assert out[(step, i)] == alone(model, request), (step, i)
+
+
+def test_block_pool_puts_a_request_at_a_free_lane_start_first():
+    pool = BlockPool(20, lane_blocks=8)  # lanes start at 0, 8, 16 (the last one 4 blocks)
+    assert pool.allocate(3) == [0, 1, 2]
+    assert pool.allocate(2) == [8, 9]  # lane 1's start, not block 3
+    assert pool.allocate(4) == [16, 17, 18, 19]
+    assert pool.allocate(5) == [3, 4, 5, 6, 7]  # no lane start free for 5: first fit
+    assert pool.free == 6  # blocks 10-15
+    pool.release([0, 1, 2])
+    assert pool.allocate(2) == [0, 1]  # the lane start is free again
 
 
 def test_the_late_requests_really_got_scattered_blocks():
