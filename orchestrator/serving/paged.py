@@ -96,8 +96,9 @@ def first_of_run(blocks: tuple[int, ...] | list[int]) -> int | None:
 
 class PagedKVCache:
     """Keys and values of every layer in `num_blocks` blocks of `block_tokens` positions:
-    layer l's tensor is (2, heads, num_blocks * block_tokens, head_dim), keys at [0] and
-    values at [1], each head's positions (slots) in order. Head-major, so a sequence's keys
+    layer l's tensor is (2, heads, slots, head_dim), keys at [0] and values at [1], each
+    head's positions (slots: num_blocks * block_tokens, rounded up to whole lanes) in order.
+    Head-major, so a sequence's keys
     in a run of adjacent blocks are, for every head, one contiguous (positions, head_dim)
     matrix: a decoding row's attention is two batched matrix products over a view, with no
     copy (paged_forward). It is allocated at the layer's first write, shaped by what that
