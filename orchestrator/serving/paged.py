@@ -181,6 +181,15 @@ class Segment:
     first_block: int | None = None  # set when the blocks are one run (first_of_run)
 
 
+def _one_query_masks(lengths: torch.Tensor, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of one query (their last position) over keys padded to `longest`: which keys
+    are real, and each key's distance from the query, both (rows, 1 query, longest)."""
+    key_positions = torch.arange(longest, device=lengths.device)
+    allowed = (key_positions < lengths.unsqueeze(1)).unsqueeze(1)
+    distance = ((lengths - 1).unsqueeze(1) - key_positions).unsqueeze(1)
+    return allowed, distance
+
+
 class _DecodeGroup:
     """Decoding rows (one new token each) of similar length, attended together: which packed
     token is each row's query, its block table padded to the group's longest row, and the
@@ -194,10 +203,7 @@ class _DecodeGroup:
         self.table = torch.tensor([list(s.blocks[:width]) + [0] * (width - len(s.blocks[:width]))
                                    for s in segments], dtype=torch.long, device=device)
         self.longest = longest
-        key_positions = torch.arange(longest)
-        valid = key_positions.unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
-        self.allowed = valid.unsqueeze(1).to(device)  # (B, 1 query, L)
-        self.distance = ((lengths - 1).unsqueeze(1) - key_positions).unsqueeze(1).to(device)
+        self.allowed, self.distance = _one_query_masks(lengths.to(device), longest)
         self.token_index = torch.tensor(token_index, device=device)
 
 
@@ -215,9 +221,7 @@ class _LaneBatch:
         lengths = torch.ones(cache.lanes, dtype=torch.long, device=device)
         lengths[self.lane] = torch.tensor([s.start + 1 for s in segments], device=device)
         self.longest = max(s.start + 1 for s in segments)
-        key_positions = torch.arange(self.longest, device=device)
-        self.allowed = (key_positions < lengths.unsqueeze(1)).unsqueeze(1)  # (lanes, 1, L)
-        self.distance = ((lengths - 1).unsqueeze(1) - key_positions).unsqueeze(1)
+        self.allowed, self.distance = _one_query_masks(lengths, self.longest)  # (lanes, 1, L)
         self.bias = torch.zeros(self.allowed.shape, device=device).masked_fill(
             ~self.allowed, float("-inf"))
         self.token_index = torch.tensor(token_index, device=device)
@@ -231,14 +235,12 @@ def _lane_attention(cache: PagedKVCache, layer: int, batch: _LaneBatch, q: torch
     on a CPU also means far fewer hand-overs of Python's GIL to the replica's other threads
     than a call per row."""
     heads, dim = q.shape[1:]
-    kv = cache.lane_view(layer, batch.longest)  # (2, H * lanes, L, D)
+    kv = cache.lane_view(layer, batch.longest).view(2, heads, cache.lanes, batch.longest, dim)
     query = q.new_zeros(heads, cache.lanes, 1, dim)
-    query[:, batch.lane, 0] = q[batch.token_index].transpose(0, 1) * dim ** -0.5
-    scores = torch.bmm(query.view(heads * cache.lanes, 1, dim), kv[0].transpose(1, 2))
+    query[:, batch.lane, 0] = q[batch.token_index].transpose(0, 1)
     bias = batch.bias if span is None else span_bias(span, batch.distance, batch.allowed)
-    weights = torch.softmax(scores.view(heads, cache.lanes, 1, -1).float() + bias, dim=-1)
-    out = torch.bmm(weights.to(kv.dtype).view(heads * cache.lanes, 1, -1), kv[1])
-    return out.view(heads, cache.lanes, dim)[:, batch.lane].transpose(0, 1)
+    out = biased_attention(query, kv[0], kv[1], bias, 0.0)  # (H, lanes, 1, D)
+    return out[:, batch.lane, 0].transpose(0, 1)
 
 
 def decode_groups(lengths: list[int], spread: float = 1.25) -> list[list[int]]:
