@@ -6,6 +6,7 @@ batching policy, generation, loading, resources) are the pure modules of orchest
 """
 import asyncio
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -19,7 +20,8 @@ from ray import serve
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.config import ConfigError
-from orchestrator.serving.engine import CapacityError, ContinuousEngine, EngineLimits
+from orchestrator.serving.engine import CapacityError, EngineLimits, check_request
+from orchestrator.serving.engine_host import EngineHostHandle, engine_source
 from orchestrator.serving.batching import (AdmissionGate, ArrivalRate, BatchSettings,
                                            batch_loop_problem, choose_batch_settings)
 from orchestrator.serving.generation import (BatchGeneration, Chunk, GenerationRequest,
@@ -33,6 +35,17 @@ log = logging.getLogger("ray.serve")
 
 COMPLETIONS_ROUTE = "/v1/completions"  # the route label of the model's metrics
 CHAT_ROUTE = "/v1/chat/completions"
+
+
+@dataclasses.dataclass(eq=False)
+class EngineRecord:
+    """The replica's view of one engine in the host: its model and limits, and what the host
+    said about it after its latest step (engine_host.engine_snapshot)."""
+
+    id: int
+    loaded: LoadedModel
+    limits: EngineLimits
+    snapshot: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @serve.deployment(name="GPTModel", graceful_shutdown_timeout_s=10,
@@ -66,15 +79,18 @@ class GPTModel:
         self.stats: Counter = Counter()
         self.batch_sizes: Counter = Counter()
         self.wedged = threading.Event()  # fault injection: the generation thread stops
-        # Continuous batching: engines (the newest serves new requests; an older one, of the
-        # model before a reload, runs until its rows finish), the requests' chunk queues, and
-        # adds/cancels made while a step runs (applied between steps: the engine is
-        # single-threaded).
-        self.engines: list[tuple[ContinuousEngine, LoadedModel]] = []
-        self.streams: dict[object, asyncio.Queue] = {}
-        self.inbox: list[tuple[str, ContinuousEngine, object, Any]] = []
-        self.wake = asyncio.Event()
-        self.engine_loop: asyncio.Task | None = None
+        # Continuous batching: the engines run in an engine host (engine_host.py: a process
+        # of their own by default, setting engine_process), started at the first use. The
+        # newest engine serves new requests; an older one, of the model before a reload or
+        # the cache before a resize, finishes its rows and closes. Each request's chunks
+        # reach it through its queue, keyed by an int that travels to the host and back.
+        self.host: EngineHostHandle | None = None
+        self.host_ready = False  # it has opened an engine (a model loaded there)
+        self.engines: list[EngineRecord] = []
+        self.engine_ids = itertools.count()
+        self.keys = itertools.count()
+        self.streams: dict[int, tuple[asyncio.Queue, EngineRecord]] = {}
+        self.probes: dict[int, asyncio.Future] = {}
         self.batch = serve.batch(max_batch_size=self.settings.max_batch_size,
                                  batch_wait_timeout_s=self.settings.max_batch_wait_ms / 1000,
                                  max_concurrent_batches=self.settings.max_concurrent_batches
@@ -101,6 +117,8 @@ class GPTModel:
             self._swap(loaded, time.perf_counter() - started)
         self.runtime, self.bounds, self.reload_error = runtime, runtime.bounds, None
         self._adapt_batching(time.monotonic())  # the new bounds apply from now
+        if runtime.batching == "continuous":  # its engine ready before the first request
+            self._current_engine()
 
     def _load(self, checkpoint: str) -> LoadedModel:
         loaded = load_model(checkpoint or default_checkpoint(), self.device)
@@ -147,14 +165,16 @@ class GPTModel:
         them. Leaving early (the client went away: Serve cancels this generator) cancels it
         in the engine, which frees its row and blocks before the next step."""
         arrived = time.perf_counter()
-        engine, loaded = self._current_engine()
+        engine = self._current_engine()
         try:
-            engine.check(request)
+            check_request(request, engine.loaded.block_size, engine.limits)
         except CapacityError as e:
             raise APIError(400, str(e), e.param) from None
-        key, queue = object(), asyncio.Queue()
-        self.streams[key] = queue
-        self._send("add", engine, key, request)
+        key, queue = next(self.keys), asyncio.Queue()
+        if not self.streams:
+            self.last_progress = time.monotonic()  # an idle engine was not stalled
+        self.streams[key] = (queue, engine)
+        self.host.send(("add", engine.id, key, request, time.monotonic()))
         self.stats["requests"] += 1
         finished, produced, first_at = False, 0, None
         try:
@@ -168,28 +188,38 @@ class GPTModel:
                            deployment=self.deployment, route=COMPLETIONS_ROUTE)
                 produced += len(item.tokens)
                 finished = item.finish_reason is not None
-                yield dataclasses.replace(item, version=loaded.version)
+                yield dataclasses.replace(item, version=engine.loaded.version)
         finally:
-            self.streams.pop(key, None)
-            if not finished:
-                self._send("cancel", engine, key, None)
-            elif produced > 1:
+            if self.streams.pop(key, None) is not None and not finished:
+                self.host.send(("cancel", engine.id, key))
+            elif finished and produced > 1:
                 self._record_tpot((time.perf_counter() - first_at) / (produced - 1))
 
-    def _current_engine(self) -> tuple[ContinuousEngine, LoadedModel]:
+    def _current_engine(self) -> EngineRecord:
         """The engine of the model served now, with the cache the settings ask for; a new
         one after a reload or a cache change (the old one finishes what it holds)."""
         loaded = self.loaded
         if loaded is None:
             raise APIError(503, "no model is loaded yet", type="server_error")
+        host = self._engine_host()
         limits = self._engine_limits(loaded)
-        if self.engines and self.engines[-1][1] is loaded \
-                and self.engines[-1][0].limits == limits:
+        if self.engines and self.engines[-1].loaded is loaded \
+                and self.engines[-1].limits == limits:
             return self.engines[-1]
-        engine = ContinuousEngine(loaded.model, loaded.block_size, loaded.tokenizer, limits,
-                                  self.device)
-        self.engines.append((engine, loaded))
-        return self.engines[-1]
+        engine = EngineRecord(next(self.engine_ids), loaded, limits)
+        host.send(("open", engine.id, engine_source(loaded, host.process_host), limits))
+        self.engines.append(engine)
+        return engine
+
+    def _engine_host(self) -> EngineHostHandle:
+        if self.host is None:
+            self.host = EngineHostHandle(self.settings.engine_process, str(self.device),
+                                         self.settings.torch_threads, self._on_host_events,
+                                         asyncio.get_running_loop())
+        if not self.host.alive:
+            raise APIError(503, f"continuous batching is down: {self.host.problem}",
+                           type="server_error")
+        return self.host
 
     def _engine_limits(self, loaded: LoadedModel) -> EngineLimits:
         runtime = self.runtime
@@ -198,85 +228,70 @@ class GPTModel:
         return EngineLimits.sized_for(rows, loaded.block_size, self.settings.kv_block_tokens,
                                       self.settings.prefill_chunk_tokens, cache)
 
-    def _send(self, action: str, engine: ContinuousEngine, key: object, request: Any) -> None:
-        self.inbox.append((action, engine, key, request))
-        if action == "add":
-            if not self._engines_busy():
-                self.last_progress = time.monotonic()  # an idle loop was not stalled
-        if self.engine_loop is None or self.engine_loop.done():
-            self.engine_loop = asyncio.get_running_loop().create_task(self._run_engines())
-        self.wake.set()
+    def _on_host_events(self, events: list[tuple]) -> None:
+        """The host's events (engine_host.py's list), on the event loop: chunks to their
+        requests, figures to the metrics, failures to the requests they end."""
+        for event in events:
+            kind = event[0]
+            if kind == "step":
+                self._on_step(*event[1:])
+            elif kind == "probe":
+                future = self.probes.pop(event[1], None)
+                if future is not None and not future.done():
+                    future.set_result(event[2])
+            elif kind == "opened":
+                self.host_ready = True
+                engine = self._engine(event[1])
+                if engine is not None and event[2] != engine.loaded.version:
+                    self._end_engine(event[1], f"the engine process loaded {event[2]}, not "
+                                               f"{engine.loaded.version}: the checkpoint "
+                                               f"changed on disk")
+            elif kind in ("failed", "open_failed"):
+                self._end_engine(event[1], event[2])
+            elif kind == "rejected":
+                stream = self.streams.get(event[2])
+                if stream is not None:
+                    stream[0].put_nowait(APIError(400, event[3], event[4]))
+            elif kind == "closed":
+                self.engines = [e for e in self.engines if e.id != event[1]]
+            elif kind == "host_died":
+                log.error("continuous batching is down: %s", event[1])
+                for engine in list(self.engines):
+                    self._end_engine(engine.id, event[1])
 
-    def _engines_busy(self) -> bool:
-        return any(not engine.idle for engine, _ in self.engines)
+    def _on_step(self, engine_id: int, chunks: list, waits: list[float],
+                 snapshot: dict[str, int]) -> None:
+        self.last_progress = time.monotonic()
+        engine = self._engine(engine_id)
+        if engine is not None:
+            engine.snapshot = snapshot
+        for key, chunk in chunks:
+            stream = self.streams.get(key)
+            if stream is not None:
+                stream[0].put_nowait(chunk)
+        for waited in waits:
+            record(catalogue.SERVE_QUEUE_TIME, waited, deployment=self.deployment)
+        produced = sum(len(chunk.tokens) for _, chunk in chunks)
+        if produced:  # a decoding step is continuous batching's "batch"
+            self.batch_sizes[len(chunks)] += 1
+            self.stats["batches"] += 1
+            self.stats["most_held"] = max(self.stats["most_held"],
+                                          snapshot["running"] + snapshot["waiting"])
+            record(catalogue.SERVE_GENERATED_TOKENS, produced, deployment=self.deployment)
 
-    def _apply_inbox(self) -> None:
-        now = time.monotonic()
-        inbox, self.inbox = self.inbox, []
-        for action, engine, key, request in inbox:
-            if action == "add":
-                engine.add(key, request, now)
-            else:
-                engine.cancel(key)
-        current = self.engines[-1][0] if self.engines else None
-        self.engines = [(e, l) for e, l in self.engines if e is current or not e.idle]
+    def _engine(self, engine_id: int) -> EngineRecord | None:
+        return next((e for e in self.engines if e.id == engine_id), None)
 
-    async def _run_engines(self) -> None:
-        """The decoding loop: apply adds and cancels, step every engine with work on the
-        generation thread, hand each chunk to its request; sleep while there is no work."""
-        loop = asyncio.get_running_loop()
-        while True:
-            self._apply_inbox()
-            busy = [engine for engine, _ in self.engines if not engine.idle]
-            if not busy:
-                self.wake.clear()
-                if not self.inbox:
-                    await self.wake.wait()
-                continue
-            results = await loop.run_in_executor(self.executor, self._step_engines, busy)
-            self.last_progress = time.monotonic()
-            for engine, outcome in zip(busy, results):
-                if isinstance(outcome, Exception):
-                    self._fail_engine(engine, outcome)
-                    continue
-                for key, chunk in outcome:
-                    queue = self.streams.get(key)
-                    if queue is not None:
-                        queue.put_nowait(chunk)
-                for _, waited in engine.queue_seconds:
-                    record(catalogue.SERVE_QUEUE_TIME, waited, deployment=self.deployment)
-
-    def _step_engines(self, engines: list[ContinuousEngine]) -> list[Any]:
-        if self.wedged.is_set():
-            threading.Event().wait()  # fault injection: this thread never comes back
-        results: list[Any] = []
-        for engine in engines:
-            try:
-                chunks = engine.step()
-            except Exception as e:  # a bug or a device error: fail its requests, keep serving
-                log.exception("continuous batching step failed")
-                results.append(e)
-                continue
-            results.append(chunks)
-            produced = sum(len(chunk.tokens) for _, chunk in chunks)
-            if produced:  # a decoding step is continuous batching's "batch"
-                self.batch_sizes[len(chunks)] += 1
-                self.stats["batches"] += 1
-                self.stats["most_held"] = max(self.stats["most_held"],
-                                              len(engine.running) + len(engine.waiting))
-                record(catalogue.SERVE_GENERATED_TOKENS, produced, deployment=self.deployment)
-        return results
-
-    def _fail_engine(self, engine: ContinuousEngine, error: Exception) -> None:
-        """Every request the engine holds gets the error; the engine is dropped (the next
-        request builds a fresh one)."""
-        keys = [key for key, _, _ in engine.waiting] + [s.key for s in engine.running]
-        for key in keys:
-            queue = self.streams.get(key)
-            if queue is not None:
-                queue.put_nowait(APIError(500, f"generation failed: {type(error).__name__}: "
-                                               f"{error}", type="server_error"))
-        self.engines = [(e, l) for e, l in self.engines if e is not engine]
+    def _end_engine(self, engine_id: int, message: str) -> None:
+        """An engine that failed or never opened: every request it holds gets the error,
+        and the next request opens a fresh one."""
+        log.error("continuous batching engine %d failed: %s", engine_id, message)
+        error = APIError(500, message if message.startswith("generation failed")
+                         else f"generation failed: {message}", type="server_error")
+        for queue, engine in list(self.streams.values()):
+            if engine.id == engine_id:
+                queue.put_nowait(error)
+        self.engines = [e for e in self.engines if e.id != engine_id]
 
     def _record_tpot(self, seconds: float) -> None:
         record(catalogue.SERVE_TIME_PER_OUTPUT_TOKEN, seconds, deployment=self.deployment,
@@ -427,15 +442,12 @@ class GPTModel:
         produced a token in it."""
         settings = self.batch_settings
         waiting, rows = self._continuous_load()
-        engines = [{"version": loaded.version, "waiting": len(engine.waiting),
-                    "running": len(engine.running), "kv_blocks_free": engine.free_blocks,
-                    "kv_blocks": engine.limits.num_blocks,
+        engines = [{"version": engine.loaded.version, "waiting": 0, "running": 0,
+                    "kv_blocks_free": engine.limits.num_blocks, "steps": 0,
+                    "prefill_tokens": 0, "decode_tokens": 0, "cancelled": 0,
+                    **engine.snapshot, "kv_blocks": engine.limits.num_blocks,
                     "kv_block_tokens": engine.limits.block_tokens,
-                    "max_rows": engine.limits.max_rows, "steps": engine.stats.steps,
-                    "prefill_tokens": engine.stats.prefill_tokens,
-                    "decode_tokens": engine.stats.decode_tokens,
-                    "cancelled": engine.stats.cancelled}
-                   for engine, loaded in self.engines]
+                    "max_rows": engine.limits.max_rows} for engine in self.engines]
         return {"replica": serve.get_replica_context().replica_id.unique_id,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "version": self.loaded.version if self.loaded else None,
@@ -453,52 +465,72 @@ class GPTModel:
                 "reload_error": self.reload_error}
 
     def _continuous_load(self) -> tuple[int, int]:
-        """Requests waiting in and rows running in the engines (adds not applied yet count
-        as waiting)."""
-        adds = sum(action == "add" for action, *_ in self.inbox)
-        return (adds + sum(len(engine.waiting) for engine, _ in self.engines),
-                sum(len(engine.running) for engine, _ in self.engines))
+        """Requests waiting for and rows running in the engines: every open continuous
+        request is one or the other, and the rows are what the engines said last."""
+        rows = min(sum(e.snapshot.get("running", 0) for e in self.engines), len(self.streams))
+        return len(self.streams) - rows, rows
 
     def replica_actor_name(self) -> str:
         """The Ray actor name of this replica (chaos drills kill replicas by it)."""
         return ray.get_runtime_context().get_actor_name()
 
     def inject_fault(self, kind: str) -> str:
-        """`hang_batch_loop`: the generation thread stops for good, so requests queue and no
-        step finishes - what a wedged GPU or a deadlock looks like. Returns this replica's
+        """`hang_batch_loop`: the generation thread and the engine host stop for good, so
+        requests queue and no step finishes - what a wedged GPU or a deadlock looks like. Returns this replica's
         actor name. Only with the fault_injection setting."""
         if not self.settings.fault_injection:
             raise APIError(403, "fault injection is off (setting fault_injection)")
         if kind != "hang_batch_loop":
             raise APIError(400, f"unknown fault {kind!r}; known: hang_batch_loop", "kind")
         self.wedged.set()
+        if self.host is not None:
+            self.host.send(("wedge", None))
         log.warning("fault injected: %s", kind)
         return self.replica_actor_name()
 
     async def check_health(self) -> None:
         """Serve calls this every health_check_period_s; raising gets the replica replaced.
-        Unhealthy: no model, the batch loop task gone, requests waiting or running with no
-        decoding step for hang_after_s, or a one-token forward pass on the generation thread
-        not finishing within hang_after_s."""
+        Unhealthy: no model, the batch loop task or the engine host gone, requests waiting or
+        running with no decoding step for hang_after_s, or a one-token forward pass (on the
+        generation thread, and in the engine host once it has a model) not finishing within
+        hang_after_s."""
         if self.loaded is None:
             raise RuntimeError("no model loaded")
+        if self.host is not None and not self.host.alive:
+            raise RuntimeError(f"continuous batching is down: {self.host.problem}")
         alive = (await self.batch._is_batching_task_alive()) if self.batch_loop_started \
             else True
-        if self.engine_loop is not None and self.engine_loop.done():
-            alive = False
         waiting, rows = self._continuous_load()
         problem = batch_loop_problem(len(self.queued) + waiting, len(self.running) + rows,
                                      self.last_progress, time.monotonic(),
                                      self.settings.hang_after_s, alive)
         if problem:
             raise RuntimeError(problem)
-        probe = asyncio.get_running_loop().run_in_executor(self.executor, self._probe_model,
-                                                           self.loaded)
+        loop = asyncio.get_running_loop()
+        probes = [loop.run_in_executor(self.executor, self._probe_model, self.loaded)]
+        token = None
+        if self.host is not None and self.host_ready:  # (starting and loading is not hung)
+            token = next(self.keys)
+            self.probes[token] = loop.create_future()
+            self.host.send(("probe", token))
+            probes.append(self.probes[token])
         try:
-            await asyncio.wait_for(probe, timeout=self.settings.hang_after_s)
+            results = await asyncio.wait_for(asyncio.gather(*probes),
+                                             timeout=self.settings.hang_after_s)
         except asyncio.TimeoutError:
             raise RuntimeError(f"a one-token forward pass did not finish within "
                                f"{self.settings.hang_after_s:g}s") from None
+        finally:
+            self.probes.pop(token, None)
+        problem = next((r for r in results if r), None)  # the host's answer: None = healthy
+        if problem:
+            raise RuntimeError(problem)
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown: the engine process goes with the replica (it would
+        also leave on its own once the replica's end of the pipe closes)."""
+        if getattr(self, "host", None) is not None:
+            self.host.close()
 
     def _probe_model(self, loaded: LoadedModel) -> None:
         if self.wedged.is_set():

@@ -77,6 +77,23 @@ class EngineLimits:
         return cls(max_rows, blocks, block_tokens, prefill_chunk_tokens)
 
 
+def check_request(request: GenerationRequest, context: int, limits: EngineLimits) -> None:
+    """Raise CapacityError when an engine of `limits` for a model of `context` positions can
+    never run the request (what ContinuousEngine.add refuses; the replica asks first, to
+    answer 400 before queueing)."""
+    needed = len(request.context) + request.remaining
+    if needed > context:
+        raise CapacityError(f"This model's maximum context length is {context} tokens, "
+                            f"however you requested {needed} tokens "
+                            f"({len(request.context)} in the prompt; "
+                            f"{request.remaining} for the completion)")
+    capacity = limits.num_blocks * limits.block_tokens
+    if needed - 1 > capacity:  # positions fed: every generated token but the last
+        raise CapacityError(f"prompt plus max_tokens need {needed} tokens of KV cache; "
+                            f"this replica's cache holds {capacity} tokens "
+                            f"(setting kv_cache_tokens); reduce the prompt or max_tokens")
+
+
 @dataclass
 class Sequence:
     """One admitted request: its decoding state, block table and what is left to feed."""
@@ -128,17 +145,7 @@ class ContinuousEngine:
 
     def check(self, request: GenerationRequest) -> None:
         """Raise CapacityError when the request can never run here."""
-        needed = len(request.context) + request.remaining
-        if needed > self.context:
-            raise CapacityError(f"This model's maximum context length is {self.context} "
-                                f"tokens, however you requested {needed} tokens "
-                                f"({len(request.context)} in the prompt; "
-                                f"{request.remaining} for the completion)")
-        capacity = self.cache.capacity_tokens
-        if self.positions_needed(request) > capacity:
-            raise CapacityError(f"prompt plus max_tokens need {needed} tokens of KV cache; "
-                                f"this replica's cache holds {capacity} tokens "
-                                f"(setting kv_cache_tokens); reduce the prompt or max_tokens")
+        check_request(request, self.context, self.limits)
 
     def add(self, key: object, request: GenerationRequest, now: float | None = None) -> None:
         """Queue a request under `key` (any hashable the caller uses to match chunks)."""

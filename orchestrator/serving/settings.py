@@ -92,6 +92,10 @@ class ServeSettings:
     kv_cache_tokens: int = 0
     kv_block_tokens: int = 16
     prefill_chunk_tokens: int = 256
+    # Continuous batching's engines run in a process of their own, away from the replica's
+    # event loop and its hold on Python's GIL (engine_host.py: measured there); false runs
+    # them on a thread of the replica, without the process's second copy of the weights.
+    engine_process: bool = True
     # One: decoding runs on one thread, so a second batch only interleaves its steps with the
     # first. Measured (2-core CPU, 1 vs 2 in alternating rounds, 64 clients): 97 vs 75 QPS,
     # p99 1.0 vs 1.5 s, mean batch 21 vs 13 - the next batch takes all that arrived meanwhile.

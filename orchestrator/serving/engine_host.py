@@ -1,0 +1,326 @@
+"""Where a model replica's continuous-batching engines run: a process of their own (the
+default, setting `engine_process`) or a thread of the replica's process.
+
+Why a process: a decoding step is some 300 small torch calls, and each releases Python's GIL
+and takes it back. In the replica's process the other holder of the GIL is its event loop,
+which handles every request's HTTP/gRPC and (de)serialisation. Measured here (2-core CPU,
+docs/benchmarks.md): the engine alone next to a thread running Python 30% of the time lost
+~29% of its throughput, next to a *process* doing the same 0-10%; and in the replica under
+the mixed load, the generation thread spent 2.7 ms of every 27 ms step period just waiting to
+get the GIL back from the event loop before it could start the step. A process has its own
+GIL; what it costs is one message each way per step (a step's chunks, a few KB pickled) and
+its own copy of the model, loaded from the same checkpoint directory. The thread host runs
+the same loop over in-process queues (engine_process: false): no second copy of the weights,
+for a model that only just fits its accelerator.
+
+The host owns engines by id (the replica opens a new one for a new model or cache size; an
+older one finishes its rows, then closes) and loops: take the replica's commands, step every
+engine with work, send back one list of events. A model is loaded on a thread of the host's,
+so the engines already running keep stepping through a hot reload.
+
+Commands (replica -> host; tuples, the first item names them):
+    ("open", engine_id, source, limits)   source: a LoadedModel (thread host) or the
+                                          checkpoint directory it was loaded from (process)
+    ("add", engine_id, key, request, arrived)     arrived: time.monotonic() (system-wide)
+    ("cancel", engine_id, key)
+    ("probe", token)       a one-token forward pass of the newest model, answered in turn
+    ("wedge",)             fault injection: the host stops for good
+    ("stop",)
+Events (host -> replica; lists):
+    ("opened", engine_id, version)  ("open_failed", engine_id, message)
+    ("step", engine_id, chunks, queue_seconds, snapshot)    chunks: [(key, Chunk)]
+    ("failed", engine_id, message)  a step raised: the engine is gone, its requests failed
+    ("rejected", engine_id, key, message, param)   add refused: over the engine's capacity
+    ("closed", engine_id)           an engine replaced by a newer one finished its rows
+    ("probe", token, problem)       problem: None when healthy
+    ("host_died", message)          (made by the replica's end when the host is gone)
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import threading
+from typing import Any, Callable
+
+import torch
+
+from orchestrator.serving.engine import CapacityError, ContinuousEngine, EngineLimits
+from orchestrator.serving.loading import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+LOAD_POLL_S = 0.05  # how often an idle host looks for a model its loader thread finished
+
+
+def engine_snapshot(engine: ContinuousEngine) -> dict[str, int]:
+    """What the replica reports about an engine (/health), taken after each step."""
+    stats = engine.stats
+    return {"waiting": len(engine.waiting), "running": len(engine.running),
+            "kv_blocks_free": engine.free_blocks, "steps": stats.steps,
+            "prefill_tokens": stats.prefill_tokens, "decode_tokens": stats.decode_tokens,
+            "cancelled": stats.cancelled}
+
+
+class EngineHost:
+    """The engines and what commands do to them (no transport: run_host drives it)."""
+
+    def __init__(self, device: torch.device | str,
+                 load: Callable[[str, torch.device], LoadedModel] = load_model) -> None:
+        self.device = torch.device(device)
+        self.load = load
+        self.engines: dict[int, tuple[ContinuousEngine, LoadedModel]] = {}
+        self.loading: dict[int, list[tuple]] = {}  # engine id -> its commands until loaded
+        self.loaded: queue.SimpleQueue = queue.SimpleQueue()  # (id, limits, model | error)
+        self.changed: set[int] = set()  # engines a command changed since their last event
+
+    @property
+    def busy(self) -> bool:
+        return any(not engine.idle for engine, _ in self.engines.values())
+
+    @property
+    def newest(self) -> int | None:
+        ids = [*self.engines, *self.loading]
+        return max(ids) if ids else None
+
+    def apply(self, command: tuple) -> list[tuple]:
+        kind, engine_id = command[0], command[1]
+        if kind == "open":
+            return self._open(engine_id, command[2], command[3])
+        if kind == "probe":
+            return [("probe", engine_id, self._probe())]
+        if engine_id in self.loading:  # add / cancel for a model still loading
+            self.loading[engine_id].append(command)
+            return []
+        if engine_id not in self.engines:
+            return [("failed", engine_id, f"engine {engine_id} is gone (its model failed)")]
+        engine = self.engines[engine_id][0]
+        self.changed.add(engine_id)
+        if kind == "cancel":
+            engine.cancel(command[2])
+            return []
+        _, _, key, request, arrived = command
+        try:
+            engine.add(key, request, arrived)
+        except CapacityError as e:  # the replica checks first; a race with new limits
+            return [("rejected", engine_id, key, str(e), e.param)]
+        return []
+
+    def _open(self, engine_id: int, source: LoadedModel | str,
+              limits: EngineLimits) -> list[tuple]:
+        if isinstance(source, LoadedModel):
+            return self._ready(engine_id, limits, source)
+        self.loading[engine_id] = []
+
+        def load() -> None:  # off the stepping thread: running engines keep decoding
+            try:
+                loaded = self.load(source, self.device)
+                with torch.inference_mode():  # warm up allocations before taking rows
+                    loaded.model(torch.zeros((1, 1), dtype=torch.long, device=self.device))
+            except Exception as e:  # any failure is the replica's to report
+                self.loaded.put((engine_id, limits, f"{type(e).__name__}: {e}"))
+                return
+            self.loaded.put((engine_id, limits, loaded))
+
+        threading.Thread(target=load, name=f"load-engine-{engine_id}", daemon=True).start()
+        return []
+
+    def collect_loaded(self) -> list[tuple]:
+        """Engines whose model finished loading: ready, with the commands they were sent."""
+        events: list[tuple] = []
+        while True:
+            try:
+                engine_id, limits, result = self.loaded.get_nowait()
+            except queue.Empty:
+                return events
+            if isinstance(result, str):
+                self.loading.pop(engine_id, None)
+                events.append(("open_failed", engine_id, result))
+            else:
+                events += self._ready(engine_id, limits, result)
+
+    def _ready(self, engine_id: int, limits: EngineLimits, loaded: LoadedModel) -> list[tuple]:
+        engine = ContinuousEngine(loaded.model, loaded.block_size, loaded.tokenizer, limits,
+                                  self.device)
+        self.engines[engine_id] = (engine, loaded)
+        events: list[tuple] = [("opened", engine_id, loaded.version)]
+        for command in self.loading.pop(engine_id, []):
+            events += self.apply(command)
+        return events
+
+    def step(self) -> list[tuple]:
+        """One step of every engine with work (a step event each; an engine without work
+        that a command changed reports its state too); replaced engines that are done
+        close."""
+        events: list[tuple] = []
+        newest = self.newest
+        for engine_id, (engine, _) in list(self.engines.items()):
+            if not engine.idle:
+                try:
+                    chunks = engine.step()
+                except Exception as e:  # a bug or a device error: fail its requests only
+                    log.exception("continuous batching step failed")
+                    del self.engines[engine_id]
+                    events.append(("failed", engine_id, f"generation failed: "
+                                                        f"{type(e).__name__}: {e}"))
+                    continue
+                events.append(("step", engine_id, chunks,
+                               [waited for _, waited in engine.queue_seconds],
+                               engine_snapshot(engine)))
+            elif engine_id in self.changed:  # e.g. its last row cancelled: its blocks free
+                events.append(("step", engine_id, [], [], engine_snapshot(engine)))
+            if engine.idle and engine_id != newest:
+                del self.engines[engine_id]
+                events.append(("closed", engine_id))
+        self.changed.clear()
+        return events
+
+    def _probe(self) -> str | None:
+        newest = self.newest
+        if newest is None or newest not in self.engines:
+            return None
+        loaded = self.engines[newest][1]
+        with torch.inference_mode():
+            logits, _ = loaded.model(torch.zeros((1, 1), dtype=torch.long, device=self.device))
+        if not bool(torch.isfinite(logits).all()):
+            return f"model {loaded.version} produced non-finite logits"
+        return None
+
+
+def run_host(host: EngineHost, receive: Callable[[bool, float | None], list[tuple]],
+             emit: Callable[[list[tuple]], None]) -> None:
+    """The host's loop until a stop command: commands in (waiting for one only while no
+    engine has work), a step of every engine, the events out."""
+    while True:
+        events: list[tuple] = []
+        idle = not host.busy
+        for command in receive(idle, LOAD_POLL_S if host.loading else None):
+            if command[0] == "stop":
+                return
+            if command[0] == "wedge":
+                log.warning("fault injected: the engine host stops")
+                threading.Event().wait()  # never returns
+            events += host.apply(command)
+        events += host.collect_loaded()
+        events += host.step()
+        if events:
+            emit(events)
+
+
+def _receive_from_queue(commands: queue.SimpleQueue) -> Callable[[bool, float | None], list]:
+    def receive(block: bool, timeout: float | None) -> list[tuple]:
+        out: list[tuple] = []
+        if block:
+            try:
+                out.append(commands.get(timeout=timeout))
+            except queue.Empty:
+                return out
+        while True:
+            try:
+                out.append(commands.get_nowait())
+            except queue.Empty:
+                return out
+    return receive
+
+
+def _receive_from_pipe(conn) -> Callable[[bool, float | None], list]:
+    def receive(block: bool, timeout: float | None) -> list[tuple]:
+        out: list[tuple] = []
+        if block and not conn.poll(timeout):
+            return out
+        while conn.poll():
+            out.append(conn.recv())
+        return out
+    return receive
+
+
+def host_process_main(conn, device: str, torch_threads: int) -> None:
+    """The engine process: the host's loop over its end of the pipe. It ends with a stop
+    command or when the replica's end closes (the replica exited or was killed)."""
+    logging.basicConfig(level=logging.INFO, format="engine host: %(levelname)s %(message)s")
+    torch.set_num_threads(torch_threads)
+    try:
+        run_host(EngineHost(device), _receive_from_pipe(conn), conn.send)
+    except (EOFError, OSError):  # the replica is gone: nothing left to serve
+        pass
+
+
+class EngineHostHandle:
+    """The replica's end of a host: start it (a process, or a thread), send it commands, and
+    get its events on the replica's event loop (`on_events(list)`, called there)."""
+
+    def __init__(self, process: bool, device: str, torch_threads: int,
+                 on_events: Callable[[list[tuple]], None], loop) -> None:
+        self.process_host, self.on_events, self.loop = process, on_events, loop
+        self.problem: str | None = None  # why the host is gone, once it is
+        if process:
+            context = multiprocessing.get_context("spawn")  # never fork a threaded process
+            self.conn, child_end = context.Pipe()
+            self.worker = context.Process(target=host_process_main, name="engine-host",
+                                          args=(child_end, str(device), torch_threads),
+                                          daemon=True)
+            self.worker.start()
+            child_end.close()
+            loop.add_reader(self.conn.fileno(), self._readable)
+        else:
+            self.commands: queue.SimpleQueue = queue.SimpleQueue()
+            self.worker = threading.Thread(target=self._thread_main, args=(str(device),),
+                                           name="generate", daemon=True)
+            self.worker.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.problem is None
+
+    def send(self, command: tuple) -> None:
+        if self.problem is not None:
+            return
+        if not self.process_host:
+            self.commands.put(command)
+            return
+        try:
+            self.conn.send(command)
+        except (OSError, ValueError) as e:  # the process is gone; its EOF reports it too
+            self._gone(f"the engine process is gone ({type(e).__name__}: {e})")
+
+    def close(self) -> None:
+        self.send(("stop", None))
+        if self.process_host and self.problem is None:
+            self.loop.remove_reader(self.conn.fileno())
+            self.worker.join(timeout=5)
+            if self.worker.is_alive():
+                self.worker.kill()
+            self.conn.close()
+        self.problem = self.problem or "closed"
+
+    def _readable(self) -> None:
+        try:
+            while self.conn.poll():
+                self.on_events(self.conn.recv())
+        except (EOFError, OSError):
+            self.worker.join(timeout=1)
+            self._gone(f"the engine process exited (exit code {self.worker.exitcode})")
+
+    def _gone(self, message: str) -> None:
+        if self.problem is not None:
+            return
+        self.problem = message
+        if self.process_host:
+            self.loop.remove_reader(self.conn.fileno())
+        self.on_events([("host_died", message)])
+
+    def _thread_main(self, device: str) -> None:
+        def emit(events: list[tuple]) -> None:
+            self.loop.call_soon_threadsafe(self.on_events, events)
+        try:
+            run_host(EngineHost(device), _receive_from_queue(self.commands), emit)
+        except BaseException as e:  # a bug in the loop itself: the replica must hear of it
+            log.exception("the engine host thread failed")
+            self.loop.call_soon_threadsafe(self._gone, f"the engine thread failed: "
+                                                       f"{type(e).__name__}: {e}")
+
+
+def engine_source(loaded: LoadedModel, process: bool) -> Any:
+    """What an "open" command carries: the loaded model itself for a thread host, the
+    directory it was loaded from for a process host (which loads its own copy)."""
+    return loaded.path if process else loaded

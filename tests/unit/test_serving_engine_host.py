@@ -1,0 +1,156 @@
+"""The engine host (orchestrator/serving/engine_host.py): the continuous-batching engines of a
+replica run in a process of their own or on a thread, driven by commands and answering with
+events. Outputs equal each request decoded alone over either transport; a reload opens a new
+engine while the old one finishes its rows; failures reach the requests they end."""
+import asyncio
+
+import pytest
+from orchestrator.serving.engine import ContinuousEngine, EngineLimits, run_to_completion
+from orchestrator.serving.engine_host import (EngineHost, EngineHostHandle, engine_source,
+                                              run_host)
+from orchestrator.serving.generation import GenerationRequest, SamplingParams
+from orchestrator.serving.loading import load_model, save_untrained_checkpoint
+
+LIMITS = EngineLimits(max_rows=4, num_blocks=64, block_tokens=4, prefill_chunk_tokens=6)
+PROMPTS = [b"Hello", b"A longer prompt than the first", b"x", b"seeded"]
+
+
+def requests() -> list[GenerationRequest]:
+    out = [GenerationRequest(tuple(p), SamplingParams(10, 0.0)) for p in PROMPTS[:3]]
+    return out + [GenerationRequest(tuple(PROMPTS[3]), SamplingParams(10, 0.9, 0.95, seed=7))]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("host")
+    return [str(save_untrained_checkpoint(root / "run" / f"checkpoint_{i:08d}", "tiny", 64,
+                                          seed=i, step=i)) for i in (1, 2)]
+
+
+def alone(loaded, request) -> tuple[int, ...]:
+    engine = ContinuousEngine(loaded.model, loaded.block_size, loaded.tokenizer, LIMITS)
+    return run_to_completion(engine, [request])[0][1]
+
+
+def drive(process: bool, commands_at: dict[int, list[tuple]], until_closed: int | None = None,
+          timeout_s: float = 60.0) -> list[tuple]:
+    """Start a host, send the commands of each "round" when the previous round's adds have
+    finished, and collect every event until all requests finished (and engine
+    `until_closed` closed, if given)."""
+    events: list[tuple] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        finished: set[int] = set()
+        closed: set[int] = set()
+        expected = {c[2] for round_ in commands_at.values() for c in round_ if c[0] == "add"}
+
+        def on_events(batch: list[tuple]) -> None:
+            events.extend(batch)
+            for event in batch:
+                if event[0] == "step":
+                    finished.update(k for k, chunk in event[2] if chunk.finish_reason)
+                elif event[0] in ("failed", "open_failed", "host_died"):
+                    done.set()
+                elif event[0] == "closed":
+                    closed.add(event[1])
+            if finished >= expected and (until_closed is None or until_closed in closed):
+                done.set()
+
+        handle = EngineHostHandle(process, "cpu", 1, on_events, loop)
+        try:
+            for _, round_ in sorted(commands_at.items()):
+                for command in round_:
+                    handle.send(command)
+                await asyncio.sleep(0.05)
+            await asyncio.wait_for(done.wait(), timeout_s)
+        finally:
+            handle.close()
+
+    asyncio.run(main())
+    return events
+
+
+def tokens_by_key(events: list[tuple]) -> dict[int, tuple[int, ...]]:
+    out: dict[int, tuple[int, ...]] = {}
+    for event in events:
+        if event[0] == "step":
+            for key, chunk in event[2]:
+                out[key] = out.get(key, ()) + chunk.tokens
+    return out
+
+
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+def test_a_host_returns_what_each_request_gets_alone(checkpoints, process):
+    loaded = load_model(checkpoints[0])
+    source = engine_source(loaded, process)
+    assert source == (loaded.path if process else loaded)
+    adds = [("add", 0, key, request, 0.0) for key, request in enumerate(requests())]
+    events = drive(process, {0: [("open", 0, source, LIMITS), *adds]})
+    assert ("opened", 0, loaded.version) in events
+    got = tokens_by_key(events)
+    for key, request in enumerate(requests()):
+        assert got[key] == alone(loaded, request), key
+    snapshots = [e[4] for e in events if e[0] == "step"]
+    assert snapshots[-1]["running"] == 0 and snapshots[-1]["kv_blocks_free"] == 64
+
+
+def test_a_reload_opens_a_new_engine_while_the_old_one_finishes_its_rows(checkpoints):
+    # Paths as sources: the models load on the host's loader thread (as in the process).
+    old, new = (load_model(c) for c in checkpoints)
+    first, second = requests()[1], requests()[0]
+    events = drive(False, {0: [("open", 0, old.path, LIMITS), ("add", 0, 1, first, 0.0)],
+                           1: [("open", 1, new.path, LIMITS), ("add", 1, 2, second, 0.0)]},
+                   until_closed=0)
+    got = tokens_by_key(events)
+    assert got[1] == alone(old, first) and got[2] == alone(new, second)
+    assert ("opened", 1, new.version) in events
+    assert ("closed", 0) in events and ("closed", 1) not in events
+    last_old_step = max(i for i, e in enumerate(events) if e[0] == "step" and e[1] == 0)
+    assert events.index(("closed", 0)) > last_old_step
+
+
+def test_a_model_that_cannot_load_and_a_failing_step_are_reported_not_raised(tmp_path):
+    events = drive(False, {0: [("open", 0, str(tmp_path / "missing"), LIMITS),
+                               ("add", 0, 1, requests()[0], 0.0)]})
+    failed = [e for e in events if e[0] == "open_failed"]
+    assert failed and failed[0][1] == 0 and "missing" in failed[0][2]
+
+    host, emitted = EngineHost("cpu"), []
+    loaded = load_model(str(save_untrained_checkpoint(tmp_path / "r" / "checkpoint_1")))
+    emitted += host.apply(("open", 0, loaded, LIMITS))
+
+    def device_lost(*_):
+        raise RuntimeError("device lost")
+
+    host.engines[0][0].cache.write = device_lost
+    commands = [[("add", 0, 1, requests()[0], 0.0)], [("stop", None)]]
+    run_host(host, lambda block, timeout: commands.pop(0), emitted.extend)
+    failed = [e for e in emitted if e[0] == "failed"]
+    assert failed and "device lost" in failed[0][2] and 0 not in host.engines
+    # An add for the engine that is gone is answered, not dropped.
+    assert host.apply(("add", 0, 2, requests()[0], 0.0))[0][0] == "failed"
+
+
+def test_the_replica_end_reports_a_host_process_that_died():
+    events: list[tuple] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        died = asyncio.Event()
+
+        def on_events(batch):
+            events.extend(batch)
+            if any(e[0] == "host_died" for e in batch):
+                died.set()
+
+        handle = EngineHostHandle(True, "cpu", 1, on_events, loop)
+        handle.worker.kill()
+        await asyncio.wait_for(died.wait(), 30)
+        assert not handle.alive and "exit code" in handle.problem
+        handle.send(("probe", 1))  # ignored: no error, no hang
+        handle.close()
+
+    asyncio.run(main())
+    assert [e[0] for e in events] == ["host_died"]
