@@ -47,6 +47,7 @@ from pathlib import Path
 
 from orchestrator import cpu_shares
 from orchestrator.polling import wait_for
+from orchestrator.serving.engine_host import ENGINE_THREAD
 from orchestrator.serving.settings import SERVING_PATHS, free_port, serve_app_config
 
 APP = "bench-gpt"
@@ -106,6 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--serving-path", default="haproxy", choices=tuple(SERVING_PATHS),
                    help="HTTP front: Ray Serve's throughput mode behind HAProxy (the app's "
                         "default) or Serve's Python proxy (orchestrator/serving/settings.py)")
+    p.add_argument("--engine-thread", action="store_true",
+                   help="run continuous batching's engines on a thread of the replica instead "
+                        "of a process of their own (the app's engine_process: false)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="intra-op threads of the model replica (the app's torch_threads)")
     return p.parse_args(argv)
@@ -166,6 +170,7 @@ def app_config(port: int, initial: str, checkpoint: str, replicas: int, batching
         APP, port,
         {"checkpoint": initial, "accelerator": "cpu", "cpus_per_replica": 0.5,
          "max_batch_size": args.max_batch_size, "torch_threads": args.torch_threads,
+         "engine_process": not args.engine_thread,
          **({"max_concurrent_batches": args.max_concurrent_batches}
             if args.max_concurrent_batches else {}),
          "health_check_period_s": 2, "hang_after_s": 10},
@@ -292,12 +297,18 @@ HTTP_FRONT = ("ProxyActor", "HAProxyManager", "/bin/haproxy")
 
 def cpu_figures(threads: list, mode: str) -> dict:
     """Where the CPU went during a setting's load (percent of one core; orchestrator/
-    cpu_shares.py): the model replica, its busiest thread (the generation thread) with the
-    time that thread waited, runnable, for a CPU, the ingress, Serve's HTTP front (HTTP_FRONT)
-    and this process (the load generator). Empty where /proc has no schedstat."""
+    cpu_shares.py): the model replica, the engine process where continuous batching runs,
+    the generation thread (the engine process's stepping thread, else the replica's busiest)
+    with the time that thread waited, runnable, for a CPU, the ingress, Serve's HTTP front
+    (HTTP_FRONT) and this process (the load generator). Empty where /proc has no schedstat."""
     if not threads:
         return {}
     replica = cpu_shares.of_process(threads, "GPTModel")
+    # Continuous batching's engine process (engine_host.py), found by its stepping thread's
+    # name; it is where generation runs when it exists.
+    engine_pids = {t.pid for t in threads if t.thread == ENGINE_THREAD}
+    engine = [t for t in threads if t.pid in engine_pids]
+    generation = [t for t in engine if t.thread == ENGINE_THREAD] or replica
 
     def total(chosen: list) -> float:
         return round(sum(t.cpu_pct for t in chosen), 1)
@@ -308,9 +319,11 @@ def cpu_figures(threads: list, mode: str) -> dict:
                                                for t in cpu_shares.of_process(threads, marker)]),
                f"cpu_pct_load_generator_{mode}": total(cpu_shares.this_process(threads)),
                f"cpu_pct_all_{mode}": total(threads)}
-    if replica:
-        figures[f"generation_thread_cpu_pct_{mode}"] = replica[0].cpu_pct
-        figures[f"generation_thread_runqueue_wait_pct_{mode}"] = replica[0].runqueue_wait_pct
+    if engine:
+        figures[f"cpu_pct_engine_process_{mode}"] = total(engine)
+    if generation:
+        figures[f"generation_thread_cpu_pct_{mode}"] = generation[0].cpu_pct
+        figures[f"generation_thread_runqueue_wait_pct_{mode}"] = generation[0].runqueue_wait_pct
     return figures
 
 
@@ -447,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     first, second = args.checkpoint or first, args.reload_checkpoint or second
     out: dict = {"model_size": args.model_size, "max_tokens": args.max_tokens,
                  "concurrency": args.concurrency, "max_batch_size": args.max_batch_size,
-                 "serving_path": args.serving_path, "torch_threads": args.torch_threads}
+                 "serving_path": args.serving_path, "torch_threads": args.torch_threads,
+                 "engine_process": not args.engine_thread}
     alone = model_alone(first, args.max_batch_size, args.max_tokens)
     out["model_alone_tokens_per_s"] = {f"batch_{k}": v["tokens_per_s"] for k, v in alone.items()}
     out["model_alone_step_ms"] = {f"batch_{k}": v["step_ms"] for k, v in alone.items()}

@@ -38,9 +38,13 @@ Events (host -> replica; lists):
 from __future__ import annotations
 
 import logging
-import multiprocessing
+import os
 import queue
+import socket
+import subprocess
+import sys
 import threading
+from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 import torch
@@ -51,6 +55,9 @@ from orchestrator.serving.loading import LoadedModel, load_model
 log = logging.getLogger(__name__)
 
 LOAD_POLL_S = 0.05  # how often an idle host looks for a model its loader thread finished
+# The engine process's stepping thread as /proc shows it (comm): the spawned process's
+# command line is multiprocessing's, so this is how tools (scripts/bench_serve.py) find it.
+ENGINE_THREAD = "engine-host"
 
 
 def engine_snapshot(engine: ContinuousEngine) -> dict[str, int]:
@@ -234,10 +241,32 @@ def _receive_from_pipe(conn) -> Callable[[bool, float | None], list]:
     return receive
 
 
+def _start_host_process(device: str, torch_threads: int) -> tuple[Connection, subprocess.Popen]:
+    """`python -m orchestrator.serving.engine_host` with one end of a socket pair, on this
+    process's import path. A fresh interpreter rather than multiprocessing's spawn, which
+    re-runs the parent's main script in the child (a Ray worker's, or any user's)."""
+    ours, theirs = socket.socketpair()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.serving.engine_host", str(theirs.fileno()),
+         str(device), str(torch_threads)], pass_fds=[theirs.fileno()], env=env)
+    theirs.close()
+    return Connection(ours.detach()), worker
+
+
+def _name_this_thread(name: str) -> None:
+    try:  # Linux: the name top and /proc show; elsewhere only a label, not needed
+        with open("/proc/thread-self/comm", "w") as f:
+            f.write(name)
+    except OSError:
+        pass
+
+
 def host_process_main(conn, device: str, torch_threads: int) -> None:
     """The engine process: the host's loop over its end of the pipe. It ends with a stop
     command or when the replica's end closes (the replica exited or was killed)."""
     logging.basicConfig(level=logging.INFO, format="engine host: %(levelname)s %(message)s")
+    _name_this_thread(ENGINE_THREAD)
     torch.set_num_threads(torch_threads)
     try:
         run_host(EngineHost(device), _receive_from_pipe(conn), conn.send)
@@ -254,13 +283,7 @@ class EngineHostHandle:
         self.process_host, self.on_events, self.loop = process, on_events, loop
         self.problem: str | None = None  # why the host is gone, once it is
         if process:
-            context = multiprocessing.get_context("spawn")  # never fork a threaded process
-            self.conn, child_end = context.Pipe()
-            self.worker = context.Process(target=host_process_main, name="engine-host",
-                                          args=(child_end, str(device), torch_threads),
-                                          daemon=True)
-            self.worker.start()
-            child_end.close()
+            self.conn, self.worker = _start_host_process(device, torch_threads)
             loop.add_reader(self.conn.fileno(), self._readable)
         else:
             self.commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -287,8 +310,9 @@ class EngineHostHandle:
         self.send(("stop", None))
         if self.process_host and self.problem is None:
             self.loop.remove_reader(self.conn.fileno())
-            self.worker.join(timeout=5)
-            if self.worker.is_alive():
+            try:
+                self.worker.wait(timeout=5)
+            except subprocess.TimeoutExpired:
                 self.worker.kill()
             self.conn.close()
         self.problem = self.problem or "closed"
@@ -298,8 +322,11 @@ class EngineHostHandle:
             while self.conn.poll():
                 self.on_events(self.conn.recv())
         except (EOFError, OSError):
-            self.worker.join(timeout=1)
-            self._gone(f"the engine process exited (exit code {self.worker.exitcode})")
+            try:
+                code = self.worker.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                code = None
+            self._gone(f"the engine process exited (exit code {code})")
 
     def _gone(self, message: str) -> None:
         if self.problem is not None:
@@ -324,3 +351,7 @@ def engine_source(loaded: LoadedModel, process: bool) -> Any:
     """What an "open" command carries: the loaded model itself for a thread host, the
     directory it was loaded from for a process host (which loads its own copy)."""
     return loaded.path if process else loaded
+
+
+if __name__ == "__main__":  # the engine process (_start_host_process)
+    host_process_main(Connection(int(sys.argv[1])), sys.argv[2], int(sys.argv[3]))

@@ -62,3 +62,14 @@ def test_cpu_figures_name_the_replica_its_generation_thread_and_the_serving_path
         "cpu_pct_all_static": 135.0, "generation_thread_cpu_pct_static": 56.0,
         "generation_thread_runqueue_wait_pct_static": 41.0}
     assert bench.cpu_figures([], "static") == {}  # no schedstat here: no figures
+    # Continuous batching in its engine process: its stepping thread is the generation
+    # thread, and the process's threads are counted apart from the replica's.
+    engine = [ThreadShare(40, 40, "python -c from multiprocessing.spawn import spawn_main",
+                          "engine-host", 80.0, 9.0),
+              ThreadShare(40, 41, "python -c from multiprocessing.spawn import spawn_main",
+                          "load-engine-0", 1.0, 0.0)]
+    figures = bench.cpu_figures(threads + engine, "continuous")
+    assert figures["cpu_pct_engine_process_continuous"] == 81.0
+    assert figures["cpu_pct_replica_continuous"] == 62.0
+    assert (figures["generation_thread_cpu_pct_continuous"],
+            figures["generation_thread_runqueue_wait_pct_continuous"]) == (80.0, 9.0)

@@ -146,7 +146,7 @@ def test_the_replica_end_reports_a_host_process_that_died():
                 died.set()
 
         handle = EngineHostHandle(True, "cpu", 1, on_events, loop)
-        handle.worker.kill()
+        handle.worker.kill()  # SIGKILL: no goodbye, only the pipe's EOF
         await asyncio.wait_for(died.wait(), 30)
         assert not handle.alive and "exit code" in handle.problem
         handle.send(("probe", 1))  # ignored: no error, no hang
