@@ -25,8 +25,9 @@ A row's tokens depend only on its own request: its attention reads only its own 
 each row draws from its own seeded generator, so greedy and seeded output are those of the
 request decoded alone (tests/unit/test_serving_engine.py).
 
-The engine is single-threaded: the replica calls `add` / `cancel` between steps and `step`
-on its generation thread (ray_layer/serve_model.py).
+The engine is single-threaded: one thread calls `add` / `cancel` between steps and `step`.
+In serving that is the engine host's stepping thread, in a process of its own by default
+(engine_host.py), which the replica (ray_layer/serve_model.py) drives by messages.
 """
 from __future__ import annotations
 
