@@ -26,7 +26,8 @@ from orchestrator.serving.batching import (AdmissionGate, ArrivalRate, BatchSett
                                            batch_loop_problem, choose_batch_settings)
 from orchestrator.serving.generation import (BatchGeneration, Chunk, GenerationRequest,
                                              GenerationResult, collect)
-from orchestrator.serving.loading import LoadedModel, default_checkpoint, load_model
+from orchestrator.serving.loading import (LoadedModel, default_checkpoint, forward_problem,
+                                          load_for_serving)
 from orchestrator.serving.protocol import APIError
 from orchestrator.serving.settings import RuntimeConfig, ServeSettings
 from ray_layer.telemetry import record
@@ -39,13 +40,21 @@ CHAT_ROUTE = "/v1/chat/completions"
 
 @dataclasses.dataclass(eq=False)
 class EngineRecord:
-    """The replica's view of one engine in the host: its model and limits, and what the host
-    said about it after its latest step (engine_host.engine_snapshot)."""
+    """The replica's view of one engine in the host: its model and limits, whether it has
+    opened (`ready` holds None then, or why it could not), whether it was retired (it takes
+    no new requests), and what the host said about it after its latest step
+    (engine_host.engine_snapshot)."""
 
     id: int
     loaded: LoadedModel
     limits: EngineLimits
+    ready: asyncio.Future
+    retired: bool = False
     snapshot: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def opened(self) -> bool:
+        return self.ready.done() and self.ready.result() is None
 
 
 @serve.deployment(name="GPTModel", graceful_shutdown_timeout_s=10,
@@ -64,8 +73,8 @@ class GPTModel:
         self.reload_error: dict[str, Any] | None = None
         self.bounds = RuntimeConfig.from_user_config(None, self.settings).bounds
         self.batch_settings: BatchSettings | None = None
-        # Decoding runs on one thread of its own: the event loop stays free to take requests
-        # (so batches fill while one runs) and to answer health checks.
+        # Static batching decodes on one thread of its own: the event loop stays free to take
+        # requests (so batches fill while one runs) and to answer health checks.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="generate")
         self.arrivals = ArrivalRate(window_s=1.0)
         self.queued: set[int] = set()  # requests whose batch has not started (by id)
@@ -81,12 +90,13 @@ class GPTModel:
         self.wedged = threading.Event()  # fault injection: the generation thread stops
         # Continuous batching: the engines run in an engine host (engine_host.py: a process
         # of their own by default, setting engine_process), started at the first use. The
-        # newest engine serves new requests; an older one, of the model before a reload or
-        # the cache before a resize, finishes its rows and closes. Each request's chunks
-        # reach it through its queue, keyed by an int that travels to the host and back.
+        # engine of the model and cache served now takes new requests; an older one, of the
+        # model before a reload or the cache before a resize, is retired: it finishes its
+        # rows and closes. Each request's chunks reach it through its queue, keyed by an int
+        # that travels to the host and back.
         self.host: EngineHostHandle | None = None
-        self.host_ready = False  # it has opened an engine (a model loaded there)
         self.engines: list[EngineRecord] = []
+        self.engine_problem: str | None = None  # the current engine could not open: why
         self.engine_ids = itertools.count()
         self.keys = itertools.count()
         self.streams: dict[int, tuple[asyncio.Queue, EngineRecord]] = {}
@@ -107,24 +117,27 @@ class GPTModel:
             runtime = RuntimeConfig.from_user_config(user_config, self.settings)
         except ConfigError as e:
             return self._refuse_update(str(e))
-        if self.loaded is None or runtime.checkpoint != self.runtime.checkpoint:
+        loaded = self.loaded
+        if loaded is None or runtime.checkpoint != self.runtime.checkpoint:
             try:
                 loaded = await asyncio.get_running_loop().run_in_executor(
-                    None, self._load, runtime.checkpoint)
+                    None, load_for_serving, runtime.checkpoint or default_checkpoint(),
+                    self.device)
             except Exception as e:  # a missing, corrupt or foreign checkpoint: any error
                 return self._refuse_update(f"checkpoint {runtime.checkpoint!r} cannot be "
                                            f"served: {type(e).__name__}: {e}")
+        engine = None
+        if runtime.batching == "continuous":  # open before taking requests, refuse if not
+            engine, problem = await self._engine_ready(loaded, runtime)
+            if problem is not None:
+                return self._refuse_update(f"continuous batching cannot serve checkpoint "
+                                           f"{loaded.path!r} with this config: {problem}")
+        if loaded is not self.loaded:
             self._swap(loaded, time.perf_counter() - started)
         self.runtime, self.bounds, self.reload_error = runtime, runtime.bounds, None
+        self.engine_problem = None
         self._adapt_batching(time.monotonic())  # the new bounds apply from now
-        if runtime.batching == "continuous":  # its engine ready before the first request
-            self._current_engine()
-
-    def _load(self, checkpoint: str) -> LoadedModel:
-        loaded = load_model(checkpoint or default_checkpoint(), self.device)
-        with torch.inference_mode():  # warm up allocations before taking traffic
-            loaded.model(torch.zeros((1, 1), dtype=torch.long, device=self.device))
-        return loaded
+        self._retire_engines(keep=engine)  # (static batching: every engine goes)
 
     def _swap(self, loaded: LoadedModel, switch_s: float) -> None:
         previous, self.loaded = self.loaded, loaded  # batches running keep their own model
@@ -196,20 +209,48 @@ class GPTModel:
                 self._record_tpot((time.perf_counter() - first_at) / (produced - 1))
 
     def _current_engine(self) -> EngineRecord:
-        """The engine of the model served now, with the cache the settings ask for; a new
-        one after a reload or a cache change (the old one finishes what it holds)."""
+        """The engine of the model served now, with the cache the settings ask for. Opened
+        by reconfigure; opened again here (its requests wait for it) only after it failed."""
         loaded = self.loaded
         if loaded is None:
             raise APIError(503, "no model is loaded yet", type="server_error")
+        return self._engine_for(loaded, self.runtime)
+
+    def _engine_for(self, loaded: LoadedModel, runtime: RuntimeConfig | None) -> EngineRecord:
+        """The engine not retired for this model and the cache `runtime` asks for, opened
+        now when there is none."""
         host = self._engine_host()
-        limits = self._engine_limits(loaded)
-        if self.engines and self.engines[-1].loaded is loaded \
-                and self.engines[-1].limits == limits:
-            return self.engines[-1]
-        engine = EngineRecord(next(self.engine_ids), loaded, limits)
+        limits = self._engine_limits(loaded, runtime)
+        for engine in reversed(self.engines):
+            if not engine.retired and engine.loaded is loaded and engine.limits == limits:
+                return engine
+        engine = EngineRecord(next(self.engine_ids), loaded, limits,
+                              asyncio.get_running_loop().create_future())
         host.send(("open", engine.id, engine_source(loaded, host.process_host), limits))
         self.engines.append(engine)
         return engine
+
+    async def _engine_ready(self, loaded: LoadedModel, runtime: RuntimeConfig
+                            ) -> tuple[EngineRecord | None, str | None]:
+        """The engine for this model and config, once open (the host loads its model while
+        the current one keeps serving); or why it cannot open."""
+        try:
+            engine = self._engine_for(loaded, runtime)
+        except APIError as e:  # the host is gone
+            return None, e.message
+        return engine, await asyncio.shield(engine.ready)
+
+    def _serves_now(self, engine: EngineRecord) -> bool:
+        """Whether new requests go to this engine (not one a reconfigure is still opening)."""
+        return (not engine.retired and engine.loaded is self.loaded
+                and engine.limits == self._engine_limits(engine.loaded))
+
+    def _retire_engines(self, keep: EngineRecord | None) -> None:
+        """Every engine but `keep` takes no new requests: each closes once its rows finish."""
+        for engine in self.engines:
+            if engine is not keep and not engine.retired:
+                engine.retired = True
+                self.host.send(("retire", engine.id))
 
     def _engine_host(self) -> EngineHostHandle:
         if self.host is None:
@@ -221,8 +262,9 @@ class GPTModel:
                            type="server_error")
         return self.host
 
-    def _engine_limits(self, loaded: LoadedModel) -> EngineLimits:
-        runtime = self.runtime
+    def _engine_limits(self, loaded: LoadedModel,
+                       runtime: RuntimeConfig | None = None) -> EngineLimits:
+        runtime = runtime or self.runtime
         rows = runtime.max_batch_size if runtime else self.settings.max_batch_size
         cache = runtime.kv_cache_tokens if runtime else self.settings.kv_cache_tokens
         return EngineLimits.sized_for(rows, loaded.block_size, self.settings.kv_block_tokens,
@@ -240,12 +282,7 @@ class GPTModel:
                 if future is not None and not future.done():
                     future.set_result(event[2])
             elif kind == "opened":
-                self.host_ready = True
-                engine = self._engine(event[1])
-                if engine is not None and event[2] != engine.loaded.version:
-                    self._end_engine(event[1], f"the engine process loaded {event[2]}, not "
-                                               f"{engine.loaded.version}: the checkpoint "
-                                               f"changed on disk")
+                self._on_opened(event[1], event[2])
             elif kind in ("failed", "open_failed"):
                 self._end_engine(event[1], event[2])
             elif kind == "rejected":
@@ -256,8 +293,22 @@ class GPTModel:
                 self.engines = [e for e in self.engines if e.id != event[1]]
             elif kind == "host_died":
                 log.error("continuous batching is down: %s", event[1])
-                for engine in list(self.engines):
-                    self._end_engine(engine.id, event[1])
+                self._end_engine(None, event[1])
+
+    def _on_opened(self, engine_id: int, version: str) -> None:
+        engine = self._engine(engine_id)
+        if engine is None:
+            return
+        if version != engine.loaded.version:
+            self._end_engine(engine_id, f"the engine process loaded {version}, not "
+                                        f"{engine.loaded.version}: the checkpoint changed "
+                                        f"on disk")
+            return
+        if not engine.ready.done():
+            engine.ready.set_result(None)
+        if self._serves_now(engine):
+            self.engine_problem = None
+        self.last_progress = time.monotonic()  # its requests waited for a load, not a stall
 
     def _on_step(self, engine_id: int, chunks: list, waits: list[float],
                  snapshot: dict[str, int]) -> None:
@@ -282,16 +333,28 @@ class GPTModel:
     def _engine(self, engine_id: int) -> EngineRecord | None:
         return next((e for e in self.engines if e.id == engine_id), None)
 
-    def _end_engine(self, engine_id: int, message: str) -> None:
-        """An engine that failed or never opened: every request it holds gets the error,
-        and the next request opens a fresh one."""
-        log.error("continuous batching engine %d failed: %s", engine_id, message)
+    def _end_engine(self, engine_id: int | None, message: str) -> None:
+        """An engine that failed or never opened (None: every engine, the host is gone):
+        every request it holds gets the error, and the next request opens a fresh one. An
+        engine serving now that could not open makes the replica unhealthy (check_health):
+        a fresh replica may load where this one cannot."""
+        ended = [e for e in self.engines if engine_id is None or e.id == engine_id]
+        keys = [key for key, (_, engine) in self.streams.items()
+                if engine_id is None or engine.id == engine_id]
+        if not ended and not keys:
+            return  # already ended (a late answer to a request sent before it was)
+        log.error("continuous batching engine %s failed: %s",
+                  "*" if engine_id is None else engine_id, message)
         error = APIError(500, message if message.startswith("generation failed")
                          else f"generation failed: {message}", type="server_error")
-        for queue, engine in list(self.streams.values()):
-            if engine.id == engine_id:
-                queue.put_nowait(error)
-        self.engines = [e for e in self.engines if e.id != engine_id]
+        for key in keys:  # popped: the stream's end sends no cancel for them
+            self.streams.pop(key)[0].put_nowait(error)
+        for engine in ended:
+            if not engine.ready.done():
+                engine.ready.set_result(message)
+                if self._serves_now(engine):
+                    self.engine_problem = message
+        self.engines = [e for e in self.engines if e not in ended]
 
     def _record_tpot(self, seconds: float) -> None:
         record(catalogue.SERVE_TIME_PER_OUTPUT_TOKEN, seconds, deployment=self.deployment,
@@ -464,11 +527,13 @@ class GPTModel:
                 "engines": engines, "last_switch_ms": self.stats.get("switch_ms"),
                 "reload_error": self.reload_error}
 
-    def _continuous_load(self) -> tuple[int, int]:
+    def _continuous_load(self, opened_only: bool = False) -> tuple[int, int]:
         """Requests waiting for and rows running in the engines: every open continuous
-        request is one or the other, and the rows are what the engines said last."""
-        rows = min(sum(e.snapshot.get("running", 0) for e in self.engines), len(self.streams))
-        return len(self.streams) - rows, rows
+        request is one or the other, and the rows are what the engines said last.
+        `opened_only`: leave out requests waiting for an engine's model to load."""
+        streams = sum(1 for _, e in self.streams.values() if e.opened or not opened_only)
+        rows = min(sum(e.snapshot.get("running", 0) for e in self.engines), streams)
+        return streams - rows, rows
 
     def replica_actor_name(self) -> str:
         """The Ray actor name of this replica (chaos drills kill replicas by it)."""
@@ -476,8 +541,8 @@ class GPTModel:
 
     def inject_fault(self, kind: str) -> str:
         """`hang_batch_loop`: the generation thread and the engine host stop for good, so
-        requests queue and no step finishes - what a wedged GPU or a deadlock looks like. Returns this replica's
-        actor name. Only with the fault_injection setting."""
+        requests queue and no step finishes - what a wedged GPU or a deadlock looks like.
+        Returns this replica's actor name. Only with the fault_injection setting."""
         if not self.settings.fault_injection:
             raise APIError(403, "fault injection is off (setting fault_injection)")
         if kind != "hang_batch_loop":
@@ -490,17 +555,21 @@ class GPTModel:
 
     async def check_health(self) -> None:
         """Serve calls this every health_check_period_s; raising gets the replica replaced.
-        Unhealthy: no model, the batch loop task or the engine host gone, requests waiting or
-        running with no decoding step for hang_after_s, or a one-token forward pass (on the
-        generation thread, and in the engine host once it has a model) not finishing within
-        hang_after_s."""
+        Unhealthy: no model, the batch loop task or the engine host gone, the engine of the
+        model served now unable to open, requests waiting or running with no decoding step
+        for hang_after_s (waiting for a model to load does not count), or a one-token
+        forward pass (on the generation thread, and in the engine host once it has opened
+        an engine) not finishing within hang_after_s."""
         if self.loaded is None:
             raise RuntimeError("no model loaded")
         if self.host is not None and not self.host.alive:
             raise RuntimeError(f"continuous batching is down: {self.host.problem}")
+        if self.engine_problem is not None:
+            raise RuntimeError(f"continuous batching cannot open its engine: "
+                               f"{self.engine_problem}")
         alive = (await self.batch._is_batching_task_alive()) if self.batch_loop_started \
             else True
-        waiting, rows = self._continuous_load()
+        waiting, rows = self._continuous_load(opened_only=True)
         problem = batch_loop_problem(len(self.queued) + waiting, len(self.running) + rows,
                                      self.last_progress, time.monotonic(),
                                      self.settings.hang_after_s, alive)
@@ -509,7 +578,7 @@ class GPTModel:
         loop = asyncio.get_running_loop()
         probes = [loop.run_in_executor(self.executor, self._probe_model, self.loaded)]
         token = None
-        if self.host is not None and self.host_ready:  # (starting and loading is not hung)
+        if self.host is not None and any(e.opened for e in self.engines):  # (not loading)
             token = next(self.keys)
             self.probes[token] = loop.create_future()
             self.host.send(("probe", token))
@@ -522,7 +591,7 @@ class GPTModel:
                                f"{self.settings.hang_after_s:g}s") from None
         finally:
             self.probes.pop(token, None)
-        problem = next((r for r in results if r), None)  # the host's answer: None = healthy
+        problem = next((r for r in results if r), None)  # each probe's: None when healthy
         if problem:
             raise RuntimeError(problem)
 
@@ -532,10 +601,7 @@ class GPTModel:
         if getattr(self, "host", None) is not None:
             self.host.close()
 
-    def _probe_model(self, loaded: LoadedModel) -> None:
+    def _probe_model(self, loaded: LoadedModel) -> str | None:
         if self.wedged.is_set():
             threading.Event().wait()
-        with torch.inference_mode():
-            logits, _ = loaded.model(torch.zeros((1, 1), dtype=torch.long, device=self.device))
-        if not bool(torch.isfinite(logits).all()):
-            raise RuntimeError(f"model {loaded.version} produced non-finite logits")
+        return forward_problem(loaded, self.device)

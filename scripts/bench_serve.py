@@ -47,8 +47,8 @@ from pathlib import Path
 
 from orchestrator import cpu_shares
 from orchestrator.polling import wait_for
-from orchestrator.serving.engine_host import ENGINE_THREAD
-from orchestrator.serving.settings import SERVING_PATHS, free_port, serve_app_config
+from orchestrator.serving.settings import (ENGINE_THREAD, SERVING_PATHS, free_port,
+                                           serve_app_config)
 
 APP = "bench-gpt"
 MODEL = "orchestrator-gpt"

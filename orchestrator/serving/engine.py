@@ -78,6 +78,11 @@ class EngineLimits:
         return cls(max_rows, blocks, block_tokens, prefill_chunk_tokens)
 
 
+def positions_needed(request: GenerationRequest) -> int:
+    """Positions a request feeds: its context, then every generated token but the last."""
+    return len(request.context) + request.remaining - 1
+
+
 def check_request(request: GenerationRequest, context: int, limits: EngineLimits) -> None:
     """Raise CapacityError when an engine of `limits` for a model of `context` positions can
     never run the request (what ContinuousEngine.add refuses; the replica asks first, to
@@ -89,7 +94,7 @@ def check_request(request: GenerationRequest, context: int, limits: EngineLimits
                             f"({len(request.context)} in the prompt; "
                             f"{request.remaining} for the completion)")
     capacity = limits.num_blocks * limits.block_tokens
-    if needed - 1 > capacity:  # positions fed: every generated token but the last
+    if positions_needed(request) > capacity:
         raise CapacityError(f"prompt plus max_tokens need {needed} tokens of KV cache; "
                             f"this replica's cache holds {capacity} tokens "
                             f"(setting kv_cache_tokens); reduce the prompt or max_tokens")
@@ -140,10 +145,6 @@ class ContinuousEngine:
         self.queue_seconds: list[tuple[object, float]] = []  # admitted in the last step
 
     # -- requests ---------------------------------------------------------------------------
-    def positions_needed(self, request: GenerationRequest) -> int:
-        """Positions a request feeds: its context, then every generated token but the last."""
-        return len(request.context) + request.remaining - 1
-
     def check(self, request: GenerationRequest) -> None:
         """Raise CapacityError when the request can never run here."""
         check_request(request, self.context, self.limits)
@@ -195,7 +196,7 @@ class ContinuousEngine:
         self.queue_seconds = []
         while self.waiting and len(self.running) < self.limits.max_rows:
             key, request, arrived = self.waiting[0]
-            blocks = self.cache.blocks_for(self.positions_needed(request))
+            blocks = self.cache.blocks_for(positions_needed(request))
             if blocks > self.free_blocks:
                 return  # waits for blocks; those behind it wait too (first come first in)
             self.waiting.popleft()

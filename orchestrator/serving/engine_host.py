@@ -13,25 +13,32 @@ its own copy of the model, loaded from the same checkpoint directory. The thread
 the same loop over in-process queues (engine_process: false): no second copy of the weights,
 for a model that only just fits its accelerator.
 
-The host owns engines by id (the replica opens a new one for a new model or cache size; an
-older one finishes its rows, then closes) and loops: take the replica's commands, step every
-engine with work, send back one list of events. A model is loaded on a thread of the host's,
-so the engines already running keep stepping through a hot reload.
+The host owns engines by id (the replica opens a new one for a new model or cache size and
+retires the one it replaces, which finishes its rows, then closes) and loops: take the
+replica's commands, step every engine with work, send back one list of events. A model is
+loaded on a thread of the host's, so the engines already running keep stepping through a hot
+reload; an engine opened for a model another engine already holds (a cache resize) shares it.
+
+In the process, a reader thread takes every command as it arrives, so the replica's sends
+never wait on a step (or a wedged host), and the process ends at once when the replica's end
+of the socket closes: the replica exited or was killed, even in the middle of a step.
 
 Commands (replica -> host; tuples, the first item names them):
-    ("open", engine_id, source, limits)   source: a LoadedModel (thread host) or the
-                                          checkpoint directory it was loaded from (process)
+    ("open", engine_id, source, limits)   source: engine_source(): a LoadedModel (thread
+                                          host) or (checkpoint directory, version) (process)
     ("add", engine_id, key, request, arrived)     arrived: time.monotonic() (system-wide)
     ("cancel", engine_id, key)
+    ("retire", engine_id)  it takes no more requests: it closes once its rows are done
     ("probe", token)       a one-token forward pass of the newest model, answered in turn
-    ("wedge",)             fault injection: the host stops for good
-    ("stop",)
+    ("wedge", None)        fault injection: the host stops stepping for good
+    ("stop", None)
 Events (host -> replica; lists):
     ("opened", engine_id, version)  ("open_failed", engine_id, message)
     ("step", engine_id, chunks, queue_seconds, snapshot)    chunks: [(key, Chunk)]
-    ("failed", engine_id, message)  a step raised: the engine is gone, its requests failed
+    ("failed", engine_id, message)  a step raised (or an add for an engine already gone):
+                                    the engine is gone, its requests failed
     ("rejected", engine_id, key, message, param)   add refused: over the engine's capacity
-    ("closed", engine_id)           an engine replaced by a newer one finished its rows
+    ("closed", engine_id)           a retired engine finished its rows
     ("probe", token, problem)       problem: None when healthy
     ("host_died", message)          (made by the replica's end when the host is gone)
 """
@@ -50,14 +57,13 @@ from typing import Any, Callable
 import torch
 
 from orchestrator.serving.engine import CapacityError, ContinuousEngine, EngineLimits
-from orchestrator.serving.loading import LoadedModel, load_model
+from orchestrator.serving.loading import LoadedModel, forward_problem, load_for_serving
+from orchestrator.serving.settings import ENGINE_THREAD
 
 log = logging.getLogger(__name__)
 
 LOAD_POLL_S = 0.05  # how often an idle host looks for a model its loader thread finished
-# The engine process's stepping thread as /proc shows it (comm): the spawned process's
-# command line is multiprocessing's, so this is how tools (scripts/bench_serve.py) find it.
-ENGINE_THREAD = "engine-host"
+MAX_EVENTS_PER_WAKE = 32  # event lists the replica's loop takes in one go before yielding
 
 
 def engine_snapshot(engine: ContinuousEngine) -> dict[str, int]:
@@ -73,22 +79,18 @@ class EngineHost:
     """The engines and what commands do to them (no transport: run_host drives it)."""
 
     def __init__(self, device: torch.device | str,
-                 load: Callable[[str, torch.device], LoadedModel] = load_model) -> None:
+                 load: Callable[[str, torch.device], LoadedModel] = load_for_serving) -> None:
         self.device = torch.device(device)
         self.load = load
         self.engines: dict[int, tuple[ContinuousEngine, LoadedModel]] = {}
         self.loading: dict[int, list[tuple]] = {}  # engine id -> its commands until loaded
         self.loaded: queue.SimpleQueue = queue.SimpleQueue()  # (id, limits, model | error)
         self.changed: set[int] = set()  # engines a command changed since their last event
+        self.retired: set[int] = set()  # engines that close once their rows are done
 
     @property
     def busy(self) -> bool:
         return any(not engine.idle for engine, _ in self.engines.values())
-
-    @property
-    def newest(self) -> int | None:
-        ids = [*self.engines, *self.loading]
-        return max(ids) if ids else None
 
     def apply(self, command: tuple) -> list[tuple]:
         kind, engine_id = command[0], command[1]
@@ -96,11 +98,16 @@ class EngineHost:
             return self._open(engine_id, command[2], command[3])
         if kind == "probe":
             return [("probe", engine_id, self._probe())]
-        if engine_id in self.loading:  # add / cancel for a model still loading
+        if engine_id in self.loading:  # add / cancel / retire for a model still loading
             self.loading[engine_id].append(command)
             return []
-        if engine_id not in self.engines:
-            return [("failed", engine_id, f"engine {engine_id} is gone (its model failed)")]
+        if kind == "retire":
+            self.retired.add(engine_id)
+            self.changed.add(engine_id)
+            return []
+        if engine_id not in self.engines:  # it failed: a late cancel needs no answer
+            return [] if kind == "cancel" else [
+                ("failed", engine_id, f"engine {engine_id} is gone (its model failed)")]
         engine = self.engines[engine_id][0]
         self.changed.add(engine_id)
         if kind == "cancel":
@@ -113,17 +120,20 @@ class EngineHost:
             return [("rejected", engine_id, key, str(e), e.param)]
         return []
 
-    def _open(self, engine_id: int, source: LoadedModel | str,
+    def _open(self, engine_id: int, source: LoadedModel | tuple[str, str],
               limits: EngineLimits) -> list[tuple]:
         if isinstance(source, LoadedModel):
             return self._ready(engine_id, limits, source)
+        path, version = source
+        held = next((loaded for _, loaded in self.engines.values()
+                     if loaded.path == path and loaded.version == version), None)
+        if held is not None:  # a new cache for the same model: one copy of the weights
+            return self._ready(engine_id, limits, held)
         self.loading[engine_id] = []
 
         def load() -> None:  # off the stepping thread: running engines keep decoding
             try:
-                loaded = self.load(source, self.device)
-                with torch.inference_mode():  # warm up allocations before taking rows
-                    loaded.model(torch.zeros((1, 1), dtype=torch.long, device=self.device))
+                loaded = self.load(path, self.device)
             except Exception as e:  # any failure is the replica's to report
                 self.loaded.put((engine_id, limits, f"{type(e).__name__}: {e}"))
                 return
@@ -140,34 +150,38 @@ class EngineHost:
                 engine_id, limits, result = self.loaded.get_nowait()
             except queue.Empty:
                 return events
-            if isinstance(result, str):
-                self.loading.pop(engine_id, None)
-                events.append(("open_failed", engine_id, result))
-            else:
-                events += self._ready(engine_id, limits, result)
+            events += (self._ready(engine_id, limits, result) if isinstance(result, LoadedModel)
+                       else self._open_failed(engine_id, result))
 
     def _ready(self, engine_id: int, limits: EngineLimits, loaded: LoadedModel) -> list[tuple]:
-        engine = ContinuousEngine(loaded.model, loaded.block_size, loaded.tokenizer, limits,
-                                  self.device)
+        try:  # the cache is allocated here: a size the device cannot hold fails this engine
+            engine = ContinuousEngine(loaded.model, loaded.block_size, loaded.tokenizer,
+                                      limits, self.device)
+        except Exception as e:
+            return self._open_failed(engine_id, f"{type(e).__name__}: {e}")
         self.engines[engine_id] = (engine, loaded)
         events: list[tuple] = [("opened", engine_id, loaded.version)]
         for command in self.loading.pop(engine_id, []):
             events += self.apply(command)
         return events
 
+    def _open_failed(self, engine_id: int, message: str) -> list[tuple]:
+        self.loading.pop(engine_id, None)
+        self.retired.discard(engine_id)
+        return [("open_failed", engine_id, message)]
+
     def step(self) -> list[tuple]:
         """One step of every engine with work (a step event each; an engine without work
-        that a command changed reports its state too); replaced engines that are done
+        that a command changed reports its state too); retired engines that are done
         close."""
         events: list[tuple] = []
-        newest = self.newest
         for engine_id, (engine, _) in list(self.engines.items()):
             if not engine.idle:
                 try:
                     chunks = engine.step()
                 except Exception as e:  # a bug or a device error: fail its requests only
                     log.exception("continuous batching step failed")
-                    del self.engines[engine_id]
+                    self._forget(engine_id)
                     events.append(("failed", engine_id, f"generation failed: "
                                                         f"{type(e).__name__}: {e}"))
                     continue
@@ -176,22 +190,25 @@ class EngineHost:
                                engine_snapshot(engine)))
             elif engine_id in self.changed:  # e.g. its last row cancelled: its blocks free
                 events.append(("step", engine_id, [], [], engine_snapshot(engine)))
-            if engine.idle and engine_id != newest:
-                del self.engines[engine_id]
+            if engine.idle and engine_id in self.retired:
+                self._forget(engine_id)
                 events.append(("closed", engine_id))
         self.changed.clear()
         return events
 
+    def _forget(self, engine_id: int) -> None:
+        del self.engines[engine_id]
+        self.retired.discard(engine_id)
+
     def _probe(self) -> str | None:
-        newest = self.newest
-        if newest is None or newest not in self.engines:
+        """The newest open model's one-token forward pass: None when healthy."""
+        if not self.engines:
             return None
-        loaded = self.engines[newest][1]
-        with torch.inference_mode():
-            logits, _ = loaded.model(torch.zeros((1, 1), dtype=torch.long, device=self.device))
-        if not bool(torch.isfinite(logits).all()):
-            return f"model {loaded.version} produced non-finite logits"
-        return None
+        loaded = self.engines[max(self.engines)][1]
+        try:
+            return forward_problem(loaded, self.device)
+        except Exception as e:  # e.g. the device failed: unhealthy, not a dead host
+            return f"a one-token forward pass failed: {type(e).__name__}: {e}"
 
 
 def run_host(host: EngineHost, receive: Callable[[bool, float | None], list[tuple]],
@@ -206,7 +223,7 @@ def run_host(host: EngineHost, receive: Callable[[bool, float | None], list[tupl
                 return
             if command[0] == "wedge":
                 log.warning("fault injected: the engine host stops")
-                threading.Event().wait()  # never returns
+                threading.Event().wait()  # never returns (a process still ends on EOF)
             events += host.apply(command)
         events += host.collect_loaded()
         events += host.step()
@@ -230,15 +247,15 @@ def _receive_from_queue(commands: queue.SimpleQueue) -> Callable[[bool, float | 
     return receive
 
 
-def _receive_from_pipe(conn) -> Callable[[bool, float | None], list]:
-    def receive(block: bool, timeout: float | None) -> list[tuple]:
-        out: list[tuple] = []
-        if block and not conn.poll(timeout):
-            return out
-        while conn.poll():
-            out.append(conn.recv())
-        return out
-    return receive
+def _read_commands(conn, commands: queue.SimpleQueue) -> None:
+    """The engine process's reader thread: every command into the queue as it arrives. The
+    replica's end closing (it exited, or was killed) ends the process at once, even while
+    the stepping thread is in a step or wedged."""
+    try:
+        while True:
+            commands.put(conn.recv())
+    except (EOFError, OSError):
+        os._exit(0)
 
 
 def _start_host_process(device: str, torch_threads: int) -> tuple[Connection, subprocess.Popen]:
@@ -263,14 +280,18 @@ def _name_this_thread(name: str) -> None:
 
 
 def host_process_main(conn, device: str, torch_threads: int) -> None:
-    """The engine process: the host's loop over its end of the pipe. It ends with a stop
+    """The engine process: the host's loop over its end of the socket. It ends with a stop
     command or when the replica's end closes (the replica exited or was killed)."""
     logging.basicConfig(level=logging.INFO, format="engine host: %(levelname)s %(message)s")
+    os.set_inheritable(conn.fileno(), False)  # nothing it starts may keep the socket open
     _name_this_thread(ENGINE_THREAD)
     torch.set_num_threads(torch_threads)
+    commands: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_read_commands, args=(conn, commands), name="commands",
+                     daemon=True).start()
     try:
-        run_host(EngineHost(device), _receive_from_pipe(conn), conn.send)
-    except (EOFError, OSError):  # the replica is gone: nothing left to serve
+        run_host(EngineHost(device), _receive_from_queue(commands), conn.send)
+    except OSError:  # the replica is gone: nothing left to serve
         pass
 
 
@@ -285,6 +306,7 @@ class EngineHostHandle:
         if process:
             self.conn, self.worker = _start_host_process(device, torch_threads)
             loop.add_reader(self.conn.fileno(), self._readable)
+            self.reading = True
         else:
             self.commands: queue.SimpleQueue = queue.SimpleQueue()
             self.worker = threading.Thread(target=self._thread_main, args=(str(device),),
@@ -301,39 +323,48 @@ class EngineHostHandle:
         if not self.process_host:
             self.commands.put(command)
             return
-        try:
+        try:  # never waits long: the process's reader thread takes commands as they come
             self.conn.send(command)
         except (OSError, ValueError) as e:  # the process is gone; its EOF reports it too
             self._gone(f"the engine process is gone ({type(e).__name__}: {e})")
 
     def close(self) -> None:
+        """Stop the host; a process that does not stop within 5 s is killed."""
         self.send(("stop", None))
-        if self.process_host and self.problem is None:
-            self.loop.remove_reader(self.conn.fileno())
+        if self.process_host:
+            self._stop_reading()
             try:
                 self.worker.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.worker.kill()
+                self.worker.wait()
             self.conn.close()
         self.problem = self.problem or "closed"
 
     def _readable(self) -> None:
+        """Event lists waiting on the socket, a bounded number per wake-up (the loop calls
+        again while more wait), so a chatty host cannot starve the replica's requests."""
         try:
-            while self.conn.poll():
+            for _ in range(MAX_EVENTS_PER_WAKE):
+                if not self.conn.poll():
+                    return
                 self.on_events(self.conn.recv())
         except (EOFError, OSError):
-            try:
-                code = self.worker.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                code = None
-            self._gone(f"the engine process exited (exit code {code})")
+            self._gone(f"the engine process exited (exit code {self.worker.poll()})")
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.conn.fileno())
 
     def _gone(self, message: str) -> None:
         if self.problem is not None:
             return
         self.problem = message
         if self.process_host:
-            self.loop.remove_reader(self.conn.fileno())
+            self._stop_reading()
+            if self.worker.poll() is None:  # a send failed but it runs: it must not linger
+                self.worker.kill()
         self.on_events([("host_died", message)])
 
     def _thread_main(self, device: str) -> None:
@@ -348,9 +379,10 @@ class EngineHostHandle:
 
 
 def engine_source(loaded: LoadedModel, process: bool) -> Any:
-    """What an "open" command carries: the loaded model itself for a thread host, the
-    directory it was loaded from for a process host (which loads its own copy)."""
-    return loaded.path if process else loaded
+    """What an "open" command carries: the loaded model itself for a thread host; for a
+    process host (which loads its own copy, or shares one it holds of the same version) the
+    directory it was loaded from and its version."""
+    return (loaded.path, loaded.version) if process else loaded
 
 
 if __name__ == "__main__":  # the engine process (_start_host_process)

@@ -181,6 +181,24 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
         tokenizer=tokenizer)
 
 
+def load_for_serving(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """load_model, then one forward pass: allocations warmed up before the model takes
+    traffic (the replica's copy and the engine process's load the same way)."""
+    loaded = load_model(path, device)
+    forward_problem(loaded, device)
+    return loaded
+
+
+def forward_problem(loaded: LoadedModel, device: torch.device | str = "cpu") -> str | None:
+    """A one-token forward pass (the health checks' probe): None when its logits are finite,
+    else what is wrong."""
+    with torch.inference_mode():
+        logits, _ = loaded.model(torch.zeros((1, 1), dtype=torch.long, device=device))
+    if not bool(torch.isfinite(logits).all()):
+        return f"model {loaded.version} produced non-finite logits"
+    return None
+
+
 def save_untrained_checkpoint(directory: str | Path, model_size: str = "tiny",
                               seq_len: int = 64, seed: int = 0, step: int = 0) -> Path:
     """A freshly initialised GPT written in the training checkpoint format (weights, config,

@@ -31,6 +31,10 @@ RUNTIME_FIELDS = ("checkpoint", "batching", "min_batch_size", "max_batch_size",
 # batching over a paged KV cache (engine.py), "static" = whole-request batches through
 # @serve.batch (batching.py, generation.BatchGeneration), kept to compare against.
 BATCHING_MODES = ("continuous", "static")
+# The engine process's stepping thread as /proc shows it (comm; setting engine_process,
+# engine_host.py): how tools find the engine process and its stepping thread
+# (scripts/bench_serve.py).
+ENGINE_THREAD = "engine-host"
 
 
 # The HTTP serving path, chosen when Serve's controller starts (serve_config.yaml's

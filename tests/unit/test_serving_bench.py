@@ -64,9 +64,9 @@ def test_cpu_figures_name_the_replica_its_generation_thread_and_the_serving_path
     assert bench.cpu_figures([], "static") == {}  # no schedstat here: no figures
     # Continuous batching in its engine process: its stepping thread is the generation
     # thread, and the process's threads are counted apart from the replica's.
-    engine = [ThreadShare(40, 40, "python -c from multiprocessing.spawn import spawn_main",
+    engine = [ThreadShare(40, 40, "python -m orchestrator.serving.engine_host 9 cpu 1",
                           "engine-host", 80.0, 9.0),
-              ThreadShare(40, 41, "python -c from multiprocessing.spawn import spawn_main",
+              ThreadShare(40, 41, "python -m orchestrator.serving.engine_host 9 cpu 1",
                           "load-engine-0", 1.0, 0.0)]
     figures = bench.cpu_figures(threads + engine, "continuous")
     assert figures["cpu_pct_engine_process_continuous"] == 81.0

@@ -1,11 +1,14 @@
 """The engine host (orchestrator/serving/engine_host.py): the continuous-batching engines of a
 replica run in a process of their own or on a thread, driven by commands and answering with
 events. Outputs equal each request decoded alone over either transport; a reload opens a new
-engine while the old one finishes its rows; failures reach the requests they end."""
+engine while the retired old one finishes its rows; failures reach the requests they end; the
+engine process never outlives the replica's end."""
 import asyncio
+import time
 
 import pytest
 from orchestrator.serving.engine import ContinuousEngine, EngineLimits, run_to_completion
+from orchestrator.serving import engine_host
 from orchestrator.serving.engine_host import (EngineHost, EngineHostHandle, engine_source,
                                               run_host)
 from orchestrator.serving.generation import GenerationRequest, SamplingParams
@@ -85,7 +88,7 @@ def tokens_by_key(events: list[tuple]) -> dict[int, tuple[int, ...]]:
 def test_a_host_returns_what_each_request_gets_alone(checkpoints, process):
     loaded = load_model(checkpoints[0])
     source = engine_source(loaded, process)
-    assert source == (loaded.path if process else loaded)
+    assert source == ((loaded.path, loaded.version) if process else loaded)
     adds = [("add", 0, key, request, 0.0) for key, request in enumerate(requests())]
     events = drive(process, {0: [("open", 0, source, LIMITS), *adds]})
     assert ("opened", 0, loaded.version) in events
@@ -96,12 +99,14 @@ def test_a_host_returns_what_each_request_gets_alone(checkpoints, process):
     assert snapshots[-1]["running"] == 0 and snapshots[-1]["kv_blocks_free"] == 64
 
 
-def test_a_reload_opens_a_new_engine_while_the_old_one_finishes_its_rows(checkpoints):
-    # Paths as sources: the models load on the host's loader thread (as in the process).
+def test_a_reload_opens_a_new_engine_while_the_retired_one_finishes_its_rows(checkpoints):
+    # Process sources: the models load on the host's loader thread (as in the process).
     old, new = (load_model(c) for c in checkpoints)
     first, second = requests()[1], requests()[0]
-    events = drive(False, {0: [("open", 0, old.path, LIMITS), ("add", 0, 1, first, 0.0)],
-                           1: [("open", 1, new.path, LIMITS), ("add", 1, 2, second, 0.0)]},
+    events = drive(False, {0: [("open", 0, engine_source(old, True), LIMITS),
+                               ("add", 0, 1, first, 0.0)],
+                           1: [("open", 1, engine_source(new, True), LIMITS),
+                               ("add", 1, 2, second, 0.0), ("retire", 0)]},
                    until_closed=0)
     got = tokens_by_key(events)
     assert got[1] == alone(old, first) and got[2] == alone(new, second)
@@ -112,7 +117,7 @@ def test_a_reload_opens_a_new_engine_while_the_old_one_finishes_its_rows(checkpo
 
 
 def test_a_model_that_cannot_load_and_a_failing_step_are_reported_not_raised(tmp_path):
-    events = drive(False, {0: [("open", 0, str(tmp_path / "missing"), LIMITS),
+    events = drive(False, {0: [("open", 0, (str(tmp_path / "missing"), "v"), LIMITS),
                                ("add", 0, 1, requests()[0], 0.0)]})
     failed = [e for e in events if e[0] == "open_failed"]
     assert failed and failed[0][1] == 0 and "missing" in failed[0][2]
@@ -129,8 +134,79 @@ def test_a_model_that_cannot_load_and_a_failing_step_are_reported_not_raised(tmp
     run_host(host, lambda block, timeout: commands.pop(0), emitted.extend)
     failed = [e for e in emitted if e[0] == "failed"]
     assert failed and "device lost" in failed[0][2] and 0 not in host.engines
-    # An add for the engine that is gone is answered, not dropped.
+    # An add for the engine that is gone is answered, not dropped; a late cancel needs no
+    # answer (the replica already ended its requests).
     assert host.apply(("add", 0, 2, requests()[0], 0.0))[0][0] == "failed"
+    assert host.apply(("cancel", 0, 2)) == []
+
+
+def until_opened(host: EngineHost, engine_id: int) -> list[tuple]:
+    deadline = time.monotonic() + 60
+    while engine_id in host.loading and time.monotonic() < deadline:
+        time.sleep(0.01)
+        events = host.collect_loaded()
+        if events:
+            return events
+    return []
+
+
+def test_an_engine_only_closes_once_retired_and_a_new_cache_shares_the_model(checkpoints):
+    host = EngineHost("cpu")
+    old, new = (load_model(c) for c in checkpoints)
+    assert host.apply(("open", 0, engine_source(old, True), LIMITS)) == []  # loading
+    assert until_opened(host, 0) == [("opened", 0, old.version)]
+    # A resized cache for the same model and version: open at once, the same weights.
+    bigger = EngineLimits(max_rows=8, num_blocks=128, block_tokens=4, prefill_chunk_tokens=6)
+    assert host.apply(("open", 1, engine_source(old, True), bigger)) == [
+        ("opened", 1, old.version)]
+    assert host.engines[1][1] is host.engines[0][1]
+    # Another version of the model: loaded, not shared.
+    assert host.apply(("open", 2, engine_source(new, True), LIMITS)) == []
+    assert until_opened(host, 2) == [("opened", 2, new.version)]
+    assert host.step() == [] and set(host.engines) == {0, 1, 2}  # idle, not retired: kept
+    host.apply(("add", 0, 1, requests()[0], 0.0))
+    host.apply(("retire", 0))
+    events = host.step()
+    assert [e[0] for e in events] == ["step"] and 0 in host.engines  # its row still runs
+    while 0 in host.engines:
+        events = host.step()
+    assert events[-1] == ("closed", 0) and set(host.engines) == {1, 2}
+
+
+def test_a_cache_the_device_cannot_hold_and_a_failing_probe_are_answered(checkpoints,
+                                                                         monkeypatch):
+    host = EngineHost("cpu")
+    loaded = load_model(checkpoints[0])
+    host.apply(("open", 0, loaded, LIMITS))
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("cannot allocate the KV cache")
+
+    monkeypatch.setattr(engine_host, "ContinuousEngine", no_memory)
+    events = host.apply(("open", 1, loaded, LIMITS))
+    assert events == [("open_failed", 1, "MemoryError: cannot allocate the KV cache")]
+    assert set(host.engines) == {0}  # the engine already open is untouched
+
+    def device_lost(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(loaded, "model", device_lost)
+    assert host.apply(("probe", 7)) == [
+        ("probe", 7, "a one-token forward pass failed: RuntimeError: device lost")]
+
+
+def test_the_engine_process_ends_when_the_replica_end_closes_even_when_wedged():
+    conn, worker = engine_host._start_host_process("cpu", 1)
+    try:
+        conn.send(("wedge", None))  # the stepping thread never comes back
+        conn.send(("probe", 1))  # still taken by the reader thread: the send cannot block
+        time.sleep(0.5)
+        assert worker.poll() is None
+        conn.close()  # what the replica's death does to its end
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
 
 
 def test_the_replica_end_reports_a_host_process_that_died():
