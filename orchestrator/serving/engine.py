@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 import torch
 
 from orchestrator.serving.generation import Chunk, GenerationRequest, Row, sample_tokens
-from orchestrator.serving.paged import PagedKVCache, Segment, first_of_run, paged_forward
+from orchestrator.serving.paged import (PagedKVCache, Segment, cache_slots, first_of_run,
+                                        paged_forward)
 from orchestrator.tokenizer import Tokenizer
 
 
@@ -76,6 +77,20 @@ class EngineLimits:
         else:
             blocks = max_rows * -(-context // block_tokens)
         return cls(max_rows, blocks, block_tokens, prefill_chunk_tokens)
+
+
+def lane_blocks(context: int, limits: EngineLimits) -> int:
+    """A lane holds the longest sequence (the model's context), so every row can start one."""
+    return -(-context // limits.block_tokens)
+
+
+def kv_cache_bytes(model: torch.nn.Module, context: int, limits: EngineLimits) -> int:
+    """What the engine's KV cache takes once every layer has written: keys and values of each
+    layer's attention width (per layer: pruned models differ) at every slot."""
+    slots = cache_slots(limits.num_blocks, limits.block_tokens, lane_blocks(context, limits))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    widths = sum(block.attn.qkv.out_features // 3 for block in model.blocks)
+    return 2 * widths * slots * torch.finfo(dtype).bits // 8
 
 
 def positions_needed(request: GenerationRequest) -> int:
@@ -136,9 +151,8 @@ class ContinuousEngine:
                  limits: EngineLimits, device: torch.device | str | None = None) -> None:
         self.model, self.context, self.tokenizer, self.limits = model, context, tokenizer, limits
         device = device or next(model.parameters()).device
-        # A lane holds the longest sequence (the model's context), so every row can start one.
         self.cache = PagedKVCache(len(model.blocks), limits.num_blocks, limits.block_tokens,
-                                  device, lane_blocks=-(-context // limits.block_tokens))
+                                  device, lane_blocks=lane_blocks(context, limits))
         self.waiting: deque[tuple[object, GenerationRequest, float]] = deque()
         self.running: list[Sequence] = []
         self.stats = EngineStats()

@@ -56,7 +56,8 @@ from typing import Any, Callable
 
 import torch
 
-from orchestrator.serving.engine import CapacityError, ContinuousEngine, EngineLimits
+from orchestrator.serving.engine import (CapacityError, ContinuousEngine, EngineLimits,
+                                         kv_cache_bytes)
 from orchestrator.serving.loading import LoadedModel, forward_problem, load_for_serving
 from orchestrator.serving.settings import ENGINE_THREAD
 
@@ -154,7 +155,10 @@ class EngineHost:
                        else self._open_failed(engine_id, result))
 
     def _ready(self, engine_id: int, limits: EngineLimits, loaded: LoadedModel) -> list[tuple]:
-        try:  # the cache is allocated here: a size the device cannot hold fails this engine
+        too_big = self._cache_too_big(loaded, limits)
+        if too_big:
+            return self._open_failed(engine_id, too_big)
+        try:  # e.g. the block map of a cache too large to index
             engine = ContinuousEngine(loaded.model, loaded.block_size, loaded.tokenizer,
                                       limits, self.device)
         except Exception as e:
@@ -164,6 +168,19 @@ class EngineHost:
         for command in self.loading.pop(engine_id, []):
             events += self.apply(command)
         return events
+
+    def _cache_too_big(self, loaded: LoadedModel, limits: EngineLimits) -> str | None:
+        """Why the engine's KV cache cannot fit the device's available memory, or None. The
+        cache's layers are allocated at their first write: asked before, the answer is an
+        error naming the setting rather than an out-of-memory kill in the middle of serving."""
+        need = kv_cache_bytes(loaded.model, loaded.block_size, limits)
+        free = free_memory_bytes(self.device)
+        if free is None or need <= free:
+            return None
+        return (f"its KV cache ({limits.num_blocks * limits.block_tokens} positions: setting "
+                f"kv_cache_tokens, or max_batch_size x the model's context when 0) needs "
+                f"{need / 2**30:.1f} GiB for this model, and the {self.device.type} has "
+                f"{free / 2**30:.1f} GiB available")
 
     def _open_failed(self, engine_id: int, message: str) -> list[tuple]:
         self.loading.pop(engine_id, None)
@@ -209,6 +226,20 @@ class EngineHost:
             return forward_problem(loaded, self.device)
         except Exception as e:  # e.g. the device failed: unhealthy, not a dead host
             return f"a one-token forward pass failed: {type(e).__name__}: {e}"
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation on `device` can take now (None: not known here)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def run_host(host: EngineHost, receive: Callable[[bool, float | None], list[tuple]],

@@ -86,6 +86,12 @@ class BlockPool:
         self._free += len(blocks)
 
 
+def cache_slots(num_blocks: int, block_tokens: int, lane_blocks: int | None = None) -> int:
+    """Positions a PagedKVCache's tensors hold: its blocks, rounded up to whole lanes."""
+    lane_blocks = lane_blocks or num_blocks
+    return math.ceil(num_blocks / lane_blocks) * lane_blocks * block_tokens
+
+
 def first_of_run(blocks: tuple[int, ...] | list[int]) -> int | None:
     """The first block when the blocks are one run of adjacent blocks, else None."""
     if blocks and blocks[-1] - blocks[0] == len(blocks) - 1 and all(
@@ -117,7 +123,7 @@ class PagedKVCache:
         # so that every lane is one row of a (heads * lanes, lane positions) view.
         self.lane_blocks = lane_blocks or num_blocks
         self.lanes = math.ceil(num_blocks / self.lane_blocks)
-        self.slots = self.lanes * self.lane_blocks * block_tokens
+        self.slots = cache_slots(num_blocks, block_tokens, lane_blocks)
 
     @property
     def capacity_tokens(self) -> int:

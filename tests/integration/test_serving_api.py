@@ -251,6 +251,23 @@ def test_a_request_over_the_kv_cache_capacity_is_refused_not_queued(server):
         wait_for_model(server, lambda info: info["kv_cache_tokens"] > 32)
 
 
+def test_a_kv_cache_larger_than_memory_is_refused_and_the_model_keeps_serving(server):
+    current = server.model()
+    try:
+        with Load(server, clients=2) as load:
+            server.deploy(current["checkpoint"], kv_cache_tokens=10**12)
+            info = wait_for_model(server, lambda i: "kv_cache_tokens" in (
+                i["reload_error"] or {}).get("message", ""))
+            time.sleep(0.5)
+        assert "GiB available" in info["reload_error"]["message"]
+        assert info["kv_cache_tokens"] == current["kv_cache_tokens"]  # the old cache serves
+        assert load.results and all(r[2] == 200 for r in load.results)
+        assert server.get("/health").json()["status"] == "degraded"
+    finally:
+        server.deploy(current["checkpoint"])
+        wait_for_model(server, lambda i: i["reload_error"] is None)
+
+
 def test_a_body_far_over_the_limit_is_answered_413_not_reset(server):
     big = b'{"prompt": "' + b"x" * (20 << 20) + b'"}'  # 20 MB against a 4096-byte limit
     response = requests.post(f"{server.url}/v1/completions", data=big, timeout=120,

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from orchestrator.serving.engine import (CapacityError, ContinuousEngine, EngineLimits,
-                                         run_to_completion)
+                                         kv_cache_bytes, run_to_completion)
 from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
 from orchestrator.serving.paged import BlockPool, first_of_run
 from orchestrator.tokenizer import ByteTokenizer
@@ -180,6 +180,15 @@ def test_requests_that_can_never_fit_are_refused_naming_the_limit(model):
     with pytest.raises(CapacityError, match="maximum context length is 64"):
         engine(model).add("y", greedy(b"z" * 60, 5))
     assert len(small.waiting) == 1
+
+
+@pytest.mark.parametrize("num_blocks", [64, 50])  # whole lanes, and rounded up to them
+def test_the_kv_cache_size_is_known_before_it_is_allocated(model, num_blocks):
+    limits = dataclasses.replace(LIMITS, num_blocks=num_blocks)
+    eng = engine(model, limits)
+    run_to_completion(eng, [greedy(b"Hello", 4)])  # every layer has written
+    allocated = sum(t.numel() * t.element_size() for t in eng.cache.layers)
+    assert kv_cache_bytes(model, BLOCK, limits) == allocated
 
 
 def test_resumed_requests_continue_exactly(model):

@@ -182,6 +182,11 @@ def test_a_cache_the_device_cannot_hold_and_a_failing_probe_are_answered(checkpo
     def no_memory(*args, **kwargs):
         raise MemoryError("cannot allocate the KV cache")
 
+    # Asked before anything is allocated: a cache larger than the memory available.
+    huge = EngineLimits(max_rows=4, num_blocks=10**9, block_tokens=4, prefill_chunk_tokens=6)
+    (event,) = host.apply(("open", 1, loaded, huge))
+    assert event[:2] == ("open_failed", 1)
+    assert "needs" in event[2] and "GiB available" in event[2] and "kv_cache_tokens" in event[2]
     monkeypatch.setattr(engine_host, "ContinuousEngine", no_memory)
     events = host.apply(("open", 1, loaded, LIMITS))
     assert events == [("open_failed", 1, "MemoryError: cannot allocate the KV cache")]
