@@ -2,7 +2,7 @@
 a replica killed under load. An async HTTP load generator against the app it deploys
 (orchestrator/serving).
 
-    python -m scripts.bench_serve                    # embedded local Ray, ~6 minutes
+    python -m scripts.bench_serve                    # embedded local Ray, ~9 minutes
     python -m scripts.bench_serve --address auto     # an existing cluster (`ray start`)
 
 Phases, same model, same replica (reconfigured through user_config, no restart):
@@ -28,7 +28,8 @@ Every `--stream-every`-th client streams (stream_options.include_usage): time to
 (TTFT: to the first event) and time per output token (TPOT: the rest of the stream over the
 tokens after the first) come from those; latency from all. Plus the latency of a single client
 and two ceilings on the same machine: the serving path without generation (GET /v1/models) and
-the model alone in this process (tokens/s of a batch of 1 vs a full batch, one thread).
+the model alone in this process (tokens/s of a batch of 1 vs a full batch, one thread; QPS
+of each batching mode on the mixed load).
 The last line printed is one JSON object with every figure.
 """
 from __future__ import annotations
@@ -339,8 +340,9 @@ def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 
     """QPS of the served model in this process, one thread, on the mixed load with `rows`
     requests always outstanding (a closed loop without HTTP): continuous batching (the
     engine refilled as rows finish) vs static batching (batches of `rows` decoded to their
-    end, generation.generate), alternating rounds of `seconds` each. What the batching modes
-    can give on this machine before the serving path takes its share."""
+    end, generation.generate) vs unbatched (batches of one), alternating rounds of `seconds`
+    each. What the batching modes can give on this machine before the serving path takes
+    its share."""
     import torch
 
     from orchestrator.serving.engine import ContinuousEngine, EngineLimits
@@ -357,11 +359,11 @@ def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 
         return GenerationRequest(tuple(loaded.tokenizer.encode(prompt)),
                                  SamplingParams(max_tokens, 0.0))
 
-    def static() -> float:
+    def static(batch: int) -> float:
         began, done = time.perf_counter(), 0
         while time.perf_counter() - began < seconds:
-            generate(loaded.model, [request() for _ in range(rows)], loaded.block_size)
-            done += rows
+            generate(loaded.model, [request() for _ in range(batch)], loaded.block_size)
+            done += batch
         return done / (time.perf_counter() - began)
 
     def continuous() -> float:
@@ -381,11 +383,12 @@ def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 
                 began, done = time.perf_counter(), 0
         return done / (time.perf_counter() - began)
 
-    qps: dict[str, list[float]] = {"continuous": [], "static": []}
+    qps: dict[str, list[float]] = {"continuous": [], "static": [], "unbatched": []}
     try:
         for _ in range(rounds):
             qps["continuous"].append(continuous())
-            qps["static"].append(static())
+            qps["static"].append(static(rows))
+            qps["unbatched"].append(static(1))
     finally:
         torch.set_num_threads(threads)
     return {mode: round(statistics.mean(values), 2) for mode, values in qps.items()}
@@ -473,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     out["model_alone_mixed_qps"] = mixed_alone
     out["model_alone_continuous_vs_static_qps"] = ratio(mixed_alone["continuous"],
                                                         mixed_alone["static"])
+    # The served batching_speedup's ceiling on this machine: the same ratio without serving.
+    out["model_alone_batching_speedup"] = ratio(mixed_alone["continuous"],
+                                                mixed_alone["unbatched"])
     print(f"model alone, mixed load: {mixed_alone}", flush=True)
 
     # Not the replicas' logs: one access-log line per request (thousands) would bury the
