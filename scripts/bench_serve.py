@@ -299,17 +299,21 @@ HTTP_FRONT = ("ProxyActor", "HAProxyManager", "/bin/haproxy")
 def cpu_figures(threads: list, mode: str) -> dict:
     """Where the CPU went during a setting's load (percent of one core; orchestrator/
     cpu_shares.py): the model replica, the engine process where continuous batching runs,
-    the generation thread (the engine process's stepping thread, else the replica's busiest)
-    with the time that thread waited, runnable, for a CPU, the ingress, Serve's HTTP front
+    the generation thread (the busier of the engine process's stepping thread and the
+    replica's busiest thread: static batching decodes on the replica's even while an idle
+    engine process exists) with the time that thread waited, runnable, for a CPU, the
+    ingress, Serve's HTTP front
     (HTTP_FRONT) and this process (the load generator). Empty where /proc has no schedstat."""
     if not threads:
         return {}
     replica = cpu_shares.of_process(threads, "GPTModel")
     # Continuous batching's engine process (engine_host.py), found by its stepping thread's
-    # name; it is where generation runs when it exists.
+    # name.
     engine_pids = {t.pid for t in threads if t.thread == ENGINE_THREAD}
     engine = [t for t in threads if t.pid in engine_pids]
-    generation = [t for t in engine if t.thread == ENGINE_THREAD] or replica
+    stepping = [t for t in engine if t.thread == ENGINE_THREAD]
+    busiest = max(replica, key=lambda t: t.cpu_pct, default=None)
+    generation = sorted(stepping + ([busiest] if busiest else []), key=lambda t: -t.cpu_pct)
 
     def total(chosen: list) -> float:
         return round(sum(t.cpu_pct for t in chosen), 1)

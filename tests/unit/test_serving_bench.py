@@ -73,3 +73,10 @@ def test_cpu_figures_name_the_replica_its_generation_thread_and_the_serving_path
     assert figures["cpu_pct_replica_continuous"] == 62.0
     assert (figures["generation_thread_cpu_pct_continuous"],
             figures["generation_thread_runqueue_wait_pct_continuous"]) == (80.0, 9.0)
+    # Static batching decodes on the replica's thread while the engine process idles.
+    idle = [ThreadShare(40, 40, "python -m orchestrator.serving.engine_host 9 cpu 1",
+                        "engine-host", 0.1, 0.0)]
+    figures = bench.cpu_figures(threads + idle, "static")
+    assert (figures["generation_thread_cpu_pct_static"],
+            figures["generation_thread_runqueue_wait_pct_static"]) == (56.0, 41.0)
+    assert figures["cpu_pct_engine_process_static"] == 0.1
