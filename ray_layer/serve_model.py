@@ -35,6 +35,10 @@ from ray_layer.telemetry import record
 log = logging.getLogger("ray.serve")
 
 COMPLETIONS_ROUTE = "/v1/completions"  # the route label of the model's metrics
+# An engine not open this long after it was asked for (its model loading in the engine
+# process) is taken as hung: a reload waiting for it is refused, a replica serving from it is
+# unhealthy.
+ENGINE_OPEN_TIMEOUT_S = 300.0
 CHAT_ROUTE = "/v1/chat/completions"
 
 
@@ -49,6 +53,7 @@ class EngineRecord:
     loaded: LoadedModel
     limits: EngineLimits
     ready: asyncio.Future
+    asked_at: float = dataclasses.field(default_factory=time.monotonic)
     retired: bool = False
     snapshot: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -96,7 +101,8 @@ class GPTModel:
         # that travels to the host and back.
         self.host: EngineHostHandle | None = None
         self.engines: list[EngineRecord] = []
-        self.engine_problem: str | None = None  # the current engine could not open: why
+        self.serving_engine: EngineRecord | None = None  # where new requests go
+        self.engine_problem: str | None = None  # the serving engine could not open: why
         self.engine_ids = itertools.count()
         self.keys = itertools.count()
         self.streams: dict[int, tuple[asyncio.Queue, EngineRecord]] = {}
@@ -135,7 +141,7 @@ class GPTModel:
         if loaded is not self.loaded:
             self._swap(loaded, time.perf_counter() - started)
         self.runtime, self.bounds, self.reload_error = runtime, runtime.bounds, None
-        self.engine_problem = None
+        self.serving_engine, self.engine_problem = engine, None
         self._adapt_batching(time.monotonic())  # the new bounds apply from now
         self._retire_engines(keep=engine)  # (static batching: every engine goes)
 
@@ -214,7 +220,8 @@ class GPTModel:
         loaded = self.loaded
         if loaded is None:
             raise APIError(503, "no model is loaded yet", type="server_error")
-        return self._engine_for(loaded, self.runtime)
+        self.serving_engine = self._engine_for(loaded, self.runtime)
+        return self.serving_engine
 
     def _engine_for(self, loaded: LoadedModel, runtime: RuntimeConfig | None) -> EngineRecord:
         """The engine not retired for this model and the cache `runtime` asks for, opened
@@ -226,8 +233,11 @@ class GPTModel:
                 return engine
         engine = EngineRecord(next(self.engine_ids), loaded, limits,
                               asyncio.get_running_loop().create_future())
+        self.engines.append(engine)  # first: if the send finds the host gone, it is ended too
         host.send(("open", engine.id, engine_source(loaded, host.process_host), limits))
-        self.engines.append(engine)
+        if not host.alive:
+            raise APIError(503, f"continuous batching is down: {host.problem}",
+                           type="server_error")
         return engine
 
     async def _engine_ready(self, loaded: LoadedModel, runtime: RuntimeConfig
@@ -238,12 +248,13 @@ class GPTModel:
             engine = self._engine_for(loaded, runtime)
         except APIError as e:  # the host is gone
             return None, e.message
-        return engine, await asyncio.shield(engine.ready)
-
-    def _serves_now(self, engine: EngineRecord) -> bool:
-        """Whether new requests go to this engine (not one a reconfigure is still opening)."""
-        return (not engine.retired and engine.loaded is self.loaded
-                and engine.limits == self._engine_limits(engine.loaded))
+        waited = time.monotonic() - engine.asked_at
+        try:
+            return engine, await asyncio.wait_for(asyncio.shield(engine.ready),
+                                                  max(ENGINE_OPEN_TIMEOUT_S - waited, 0))
+        except asyncio.TimeoutError:
+            return engine, (f"the engine process did not load the model within "
+                            f"{ENGINE_OPEN_TIMEOUT_S:g}s")
 
     def _retire_engines(self, keep: EngineRecord | None) -> None:
         """Every engine but `keep` takes no new requests: each closes once its rows finish."""
@@ -300,13 +311,17 @@ class GPTModel:
         if engine is None:
             return
         if version != engine.loaded.version:
+            keys = [k for k, (_, e) in self.streams.items() if e is engine]
             self._end_engine(engine_id, f"the engine process loaded {version}, not "
                                         f"{engine.loaded.version}: the checkpoint changed "
                                         f"on disk")
+            for key in keys:  # nobody waits for them any more: the process drops them
+                self.host.send(("cancel", engine_id, key))
+            self.host.send(("retire", engine_id))
             return
         if not engine.ready.done():
             engine.ready.set_result(None)
-        if self._serves_now(engine):
+        if engine is self.serving_engine:
             self.engine_problem = None
         self.last_progress = time.monotonic()  # its requests waited for a load, not a stall
 
@@ -352,7 +367,7 @@ class GPTModel:
         for engine in ended:
             if not engine.ready.done():
                 engine.ready.set_result(message)
-                if self._serves_now(engine):
+                if engine is self.serving_engine:
                     self.engine_problem = message
         self.engines = [e for e in self.engines if e not in ended]
 
@@ -556,8 +571,9 @@ class GPTModel:
     async def check_health(self) -> None:
         """Serve calls this every health_check_period_s; raising gets the replica replaced.
         Unhealthy: no model, the batch loop task or the engine host gone, the engine of the
-        model served now unable to open, requests waiting or running with no decoding step
-        for hang_after_s (waiting for a model to load does not count), or a one-token
+        model served now unable to open or not open after ENGINE_OPEN_TIMEOUT_S, requests
+        waiting or running with no decoding step for hang_after_s (waiting for a model to
+        load does not count), or a one-token
         forward pass (on the generation thread, and in the engine host once it has opened
         an engine) not finishing within hang_after_s."""
         if self.loaded is None:
@@ -567,6 +583,12 @@ class GPTModel:
         if self.engine_problem is not None:
             raise RuntimeError(f"continuous batching cannot open its engine: "
                                f"{self.engine_problem}")
+        serving = self.serving_engine
+        if serving is not None and not serving.ready.done() \
+                and time.monotonic() - serving.asked_at > ENGINE_OPEN_TIMEOUT_S:
+            raise RuntimeError(f"continuous batching's engine has not opened in "
+                               f"{ENGINE_OPEN_TIMEOUT_S:g}s (its model loading in the engine "
+                               f"process)")
         alive = (await self.batch._is_batching_task_alive()) if self.batch_loop_started \
             else True
         waiting, rows = self._continuous_load(opened_only=True)
@@ -597,7 +619,7 @@ class GPTModel:
 
     def __del__(self) -> None:
         """Serve's graceful shutdown: the engine process goes with the replica (it would
-        also leave on its own once the replica's end of the pipe closes)."""
+        also leave on its own once the replica's end of the socket closes)."""
         if getattr(self, "host", None) is not None:
             self.host.close()
 

@@ -17,7 +17,8 @@ The host owns engines by id (the replica opens a new one for a new model or cach
 retires the one it replaces, which finishes its rows, then closes) and loops: take the
 replica's commands, step every engine with work, send back one list of events. A model is
 loaded on a thread of the host's, so the engines already running keep stepping through a hot
-reload; an engine opened for a model another engine already holds (a cache resize) shares it.
+reload. In the process, an engine opened for a model another open engine holds (the same
+directory and version: a cache resize) shares its weights.
 
 In the process, a reader thread takes every command as it arrives, so the replica's sends
 never wait on a step (or a wedged host), and the process ends at once when the replica's end
@@ -155,10 +156,10 @@ class EngineHost:
                        else self._open_failed(engine_id, result))
 
     def _ready(self, engine_id: int, limits: EngineLimits, loaded: LoadedModel) -> list[tuple]:
-        too_big = self._cache_too_big(loaded, limits)
-        if too_big:
-            return self._open_failed(engine_id, too_big)
-        try:  # e.g. the block map of a cache too large to index
+        try:  # any failure here fails this engine only, never the host
+            too_big = self._cache_too_big(loaded, limits)
+            if too_big:
+                return self._open_failed(engine_id, too_big)
             engine = ContinuousEngine(loaded.model, loaded.block_size, loaded.tokenizer,
                                       limits, self.device)
         except Exception as e:
@@ -229,17 +230,65 @@ class EngineHost:
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory a new allocation on `device` can take now (None: not known here)."""
+    """Memory a new allocation on `device` can take now (None: not known here). CUDA: the
+    device's free memory plus what PyTorch's allocator holds unused (a closed engine's cache
+    stays there). CPU: the kernel's MemAvailable, within the process's cgroup limit."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        free = torch.cuda.mem_get_info(device)[0]
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    available = _meminfo_available()
+    in_cgroup = _cgroup_room()
+    if available is None or in_cgroup is None:
+        return available if in_cgroup is None else in_cgroup
+    return min(available, in_cgroup)
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError):
         pass
     return None
+
+
+def _cgroup_room(proc_cgroup: str = "/proc/self/cgroup",
+                 root: str = "/sys/fs/cgroup") -> int | None:
+    """The memory this process's cgroup (v2, or v1's memory controller) may still take, or
+    None without a limit (or without cgroups)."""
+    for limit_file, usage_file in _cgroup_memory_files(proc_cgroup, root):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as ~2**63
+            return None
+        return max(int(limit) - usage, 0)
+    return None
+
+
+def _cgroup_memory_files(proc_cgroup: str, root: str) -> list[tuple[str, str]]:
+    """(limit, usage) files of this process's memory cgroup, v2 first."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    v2, v1 = [], []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if not controllers:
+            base = f"{root}{path}".rstrip("/")
+            v2.append((f"{base}/memory.max", f"{base}/memory.current"))
+        elif "memory" in controllers.split(","):
+            base = f"{root}/memory{path}".rstrip("/")
+            v1.append((f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes"))
+    return v2 + v1
 
 
 def run_host(host: EngineHost, receive: Callable[[bool, float | None], list[tuple]],
@@ -286,6 +335,10 @@ def _read_commands(conn, commands: queue.SimpleQueue) -> None:
         while True:
             commands.put(conn.recv())
     except (EOFError, OSError):
+        pass
+    except BaseException:  # a message it cannot read: the replica's end is broken too
+        log.exception("the engine process cannot read its commands")
+    finally:  # never a process left without a reader: it could not see the replica leave
         os._exit(0)
 
 

@@ -253,16 +253,26 @@ def test_a_request_over_the_kv_cache_capacity_is_refused_not_queued(server):
 
 def test_a_kv_cache_larger_than_memory_is_refused_and_the_model_keeps_serving(server):
     current = server.model()
+    replica = server.get("/health").json()["replica"]
     try:
-        with Load(server, clients=2) as load:
-            server.deploy(current["checkpoint"], kv_cache_tokens=10**12)
-            info = wait_for_model(server, lambda i: "kv_cache_tokens" in (
-                i["reload_error"] or {}).get("message", ""))
-            time.sleep(0.5)
-        assert "GiB available" in info["reload_error"]["message"]
-        assert info["kv_cache_tokens"] == current["kv_cache_tokens"]  # the old cache serves
-        assert load.results and all(r[2] == 200 for r in load.results)
-        assert server.get("/health").json()["status"] == "degraded"
+        # Asked of a replica in either mode; static batching has no paged cache, so it takes
+        # any size, and the same size then asked of continuous batching's engine fails.
+        for batching, cache in (("continuous", 0), ("static", 10**12)):
+            server.reconfigure(batching=batching, kv_cache_tokens=cache)
+            before = server.model()
+            with Load(server, clients=2) as load:
+                server.deploy(current["checkpoint"], batching="continuous",
+                              kv_cache_tokens=10**12)
+                info = wait_for_model(server, lambda i: "kv_cache_tokens" in (
+                    i["reload_error"] or {}).get("message", ""))
+                time.sleep(0.5)
+            assert "GiB available" in info["reload_error"]["message"]
+            assert info["batching"] == batching  # the refused update changed nothing
+            assert info["kv_cache_tokens"] == before["kv_cache_tokens"]
+            assert load.results and all(r[2] == 200 for r in load.results)
+        time.sleep(2.5 * 5.0)  # health checks (every 5 s) ran: refused is not unhealthy
+        health = server.get("/health").json()
+        assert health["replica"] == replica and health["status"] == "degraded"
     finally:
         server.deploy(current["checkpoint"])
         wait_for_model(server, lambda i: i["reload_error"] is None)

@@ -4,6 +4,7 @@ events. Outputs equal each request decoded alone over either transport; a reload
 engine while the retired old one finishes its rows; failures reach the requests they end; the
 engine process never outlives the replica's end."""
 import asyncio
+import threading
 import time
 
 import pytest
@@ -204,8 +205,13 @@ def test_the_engine_process_ends_when_the_replica_end_closes_even_when_wedged():
     conn, worker = engine_host._start_host_process("cpu", 1)
     try:
         conn.send(("wedge", None))  # the stepping thread never comes back
-        conn.send(("probe", 1))  # still taken by the reader thread: the send cannot block
-        time.sleep(0.5)
+        # Far more than a socket buffer holds (~200 KB): the reader thread still takes them,
+        # so the replica's sends never block on a host that does not step.
+        sender = threading.Thread(target=lambda: [
+            conn.send(("cancel", 0, "x" * 10_000)) for _ in range(300)], daemon=True)
+        sender.start()
+        sender.join(timeout=30)
+        assert not sender.is_alive()
         assert worker.poll() is None
         conn.close()  # what the replica's death does to its end
         assert worker.wait(timeout=30) == 0
@@ -235,3 +241,22 @@ def test_the_replica_end_reports_a_host_process_that_died():
 
     asyncio.run(main())
     assert [e[0] for e in events] == ["host_died"]
+
+
+def test_the_memory_a_cgroup_leaves_is_read_from_v2_or_v1(tmp_path):
+    def cgroup(lines: str, files: dict[str, str]) -> int | None:
+        (tmp_path / "proc").write_text(lines)
+        for name, text in files.items():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text(text)
+        return engine_host._cgroup_room(str(tmp_path / "proc"), str(tmp_path))
+
+    assert cgroup("0::/job\n", {"job/memory.max": "1000\n", "job/memory.current": "400\n"}) == 600
+    assert cgroup("0::/free\n", {"free/memory.max": "max\n", "free/memory.current": "1\n"}) is None
+    v1 = "4:memory:/ray/x\n0::/\n"
+    assert cgroup(v1, {"memory/ray/x/memory.limit_in_bytes": "5000",
+                       "memory/ray/x/memory.usage_in_bytes": "7000"}) == 0  # over: none left
+    assert cgroup("4:memory:/ray/y\n", {"memory/ray/y/memory.limit_in_bytes":
+                                          "9223372036854771712",
+                                          "memory/ray/y/memory.usage_in_bytes": "1"}) is None
+    assert engine_host._cgroup_room(str(tmp_path / "absent"), str(tmp_path)) is None
