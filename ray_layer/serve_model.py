@@ -35,11 +35,11 @@ from ray_layer.telemetry import record
 log = logging.getLogger("ray.serve")
 
 COMPLETIONS_ROUTE = "/v1/completions"  # the route label of the model's metrics
+CHAT_ROUTE = "/v1/chat/completions"
 # An engine not open this long after it was asked for (its model loading in the engine
 # process) is taken as hung: a reload waiting for it is refused, a replica serving from it is
 # unhealthy.
 ENGINE_OPEN_TIMEOUT_S = 300.0
-CHAT_ROUTE = "/v1/chat/completions"
 
 
 @dataclasses.dataclass(eq=False)
@@ -253,15 +253,21 @@ class GPTModel:
             return engine, await asyncio.wait_for(asyncio.shield(engine.ready),
                                                   max(ENGINE_OPEN_TIMEOUT_S - waited, 0))
         except asyncio.TimeoutError:
+            if engine is not self.serving_engine:  # should it open after all: it closes
+                self._retire(engine)
             return engine, (f"the engine process did not load the model within "
                             f"{ENGINE_OPEN_TIMEOUT_S:g}s")
 
     def _retire_engines(self, keep: EngineRecord | None) -> None:
         """Every engine but `keep` takes no new requests: each closes once its rows finish."""
         for engine in self.engines:
-            if engine is not keep and not engine.retired:
-                engine.retired = True
-                self.host.send(("retire", engine.id))
+            if engine is not keep:
+                self._retire(engine)
+
+    def _retire(self, engine: EngineRecord) -> None:
+        if not engine.retired:
+            engine.retired = True
+            self.host.send(("retire", engine.id))
 
     def _engine_host(self) -> EngineHostHandle:
         if self.host is None:
@@ -317,7 +323,7 @@ class GPTModel:
                                         f"on disk")
             for key in keys:  # nobody waits for them any more: the process drops them
                 self.host.send(("cancel", engine_id, key))
-            self.host.send(("retire", engine_id))
+            self._retire(engine)
             return
         if not engine.ready.done():
             engine.ready.set_result(None)
@@ -573,9 +579,8 @@ class GPTModel:
         Unhealthy: no model, the batch loop task or the engine host gone, the engine of the
         model served now unable to open or not open after ENGINE_OPEN_TIMEOUT_S, requests
         waiting or running with no decoding step for hang_after_s (waiting for a model to
-        load does not count), or a one-token
-        forward pass (on the generation thread, and in the engine host once it has opened
-        an engine) not finishing within hang_after_s."""
+        load does not count), or a one-token forward pass (on the generation thread, and in
+        the engine host once it has opened an engine) not finishing within hang_after_s."""
         if self.loaded is None:
             raise RuntimeError("no model loaded")
         if self.host is not None and not self.host.alive:
