@@ -302,8 +302,8 @@ def cpu_figures(threads: list, mode: str) -> dict:
     the generation thread (the busier of the engine process's stepping thread and the
     replica's busiest thread: static batching decodes on the replica's even while an idle
     engine process exists) with the time that thread waited, runnable, for a CPU, the
-    ingress, Serve's HTTP front
-    (HTTP_FRONT) and this process (the load generator). Empty where /proc has no schedstat."""
+    ingress, Serve's HTTP front (HTTP_FRONT) and this process (the load generator). Empty
+    where /proc has no schedstat."""
     if not threads:
         return {}
     replica = cpu_shares.of_process(threads, "GPTModel")
@@ -312,8 +312,7 @@ def cpu_figures(threads: list, mode: str) -> dict:
     engine_pids = {t.pid for t in threads if t.thread == ENGINE_THREAD}
     engine = [t for t in threads if t.pid in engine_pids]
     stepping = [t for t in engine if t.thread == ENGINE_THREAD]
-    busiest = max(replica, key=lambda t: t.cpu_pct, default=None)
-    generation = sorted(stepping + ([busiest] if busiest else []), key=lambda t: -t.cpu_pct)
+    generation = max(stepping + replica, key=lambda t: t.cpu_pct, default=None)
 
     def total(chosen: list) -> float:
         return round(sum(t.cpu_pct for t in chosen), 1)
@@ -326,9 +325,9 @@ def cpu_figures(threads: list, mode: str) -> dict:
                f"cpu_pct_all_{mode}": total(threads)}
     if engine:
         figures[f"cpu_pct_engine_process_{mode}"] = total(engine)
-    if generation:
-        figures[f"generation_thread_cpu_pct_{mode}"] = generation[0].cpu_pct
-        figures[f"generation_thread_runqueue_wait_pct_{mode}"] = generation[0].runqueue_wait_pct
+    if generation is not None:
+        figures[f"generation_thread_cpu_pct_{mode}"] = generation.cpu_pct
+        figures[f"generation_thread_runqueue_wait_pct_{mode}"] = generation.runqueue_wait_pct
     return figures
 
 

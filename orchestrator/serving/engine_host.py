@@ -176,7 +176,7 @@ class EngineHost:
         error naming the setting rather than an out-of-memory kill in the middle of serving."""
         need = kv_cache_bytes(loaded.model, loaded.block_size, limits)
         free = free_memory_bytes(self.device)
-        if free is None or need <= free:
+        if need <= free:
             return None
         return (f"its KV cache ({limits.num_blocks * limits.block_tokens} positions: setting "
                 f"kv_cache_tokens, or max_batch_size x the model's context when 0) needs "
@@ -229,29 +229,18 @@ class EngineHost:
             return f"a one-token forward pass failed: {type(e).__name__}: {e}"
 
 
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory a new allocation on `device` can take now (None: not known here). CUDA: the
-    device's free memory plus what PyTorch's allocator holds unused (a closed engine's cache
-    stays there). CPU: the kernel's MemAvailable, within the process's cgroup limit."""
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a new allocation on `device` can take now. CUDA: the device's free memory plus
+    what PyTorch's allocator holds unused (a closed engine's cache stays there). CPU: the
+    kernel's available memory, within the process's cgroup limit."""
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    available = _meminfo_available()
+    import psutil  # the node agents' memory probe (orchestrator/probes.py) reads it too
+
+    available = psutil.virtual_memory().available
     in_cgroup = _cgroup_room()
-    if available is None or in_cgroup is None:
-        return available if in_cgroup is None else in_cgroup
-    return min(available, in_cgroup)
-
-
-def _meminfo_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
+    return available if in_cgroup is None else min(available, in_cgroup)
 
 
 def _cgroup_room(proc_cgroup: str = "/proc/self/cgroup",
