@@ -6,6 +6,7 @@ Deployed the way `serve run serve_config.yaml` / `serve deploy` do (a declarativ
 a user_config change reconfigures the running replica instead of replacing it. One model
 replica (CPU, tiny GPT, context 64); Serve is shut down at the end, Ray is not.
 """
+import contextlib
 import json
 import threading
 import time
@@ -23,6 +24,9 @@ from tests.support import free_port, wait_for
 APP = "gpt-api"
 MODEL = "orchestrator-gpt"
 BLOCK = 64
+# The disconnect tests' model: its rows take ~1 s to decode to their end (a 62-token row of
+# the BLOCK model took ~70 ms here), so the client's cancel cannot lose a race with the end.
+LONG_BLOCK = 1024
 
 
 def app_config(port: int, initial: str, checkpoint: str, **runtime) -> dict:
@@ -69,9 +73,13 @@ def checkpoints(tmp_path_factory):
     from orchestrator.serving.loading import save_untrained_checkpoint
 
     root = tmp_path_factory.mktemp("serving") / "run"
-    return {name: str(save_untrained_checkpoint(root / f"checkpoint_{step:08d}", "tiny", BLOCK,
-                                                seed=step, step=step))
-            for name, step in (("a", 1), ("b", 2))}
+    saved = {name: str(save_untrained_checkpoint(root / f"checkpoint_{step:08d}", "tiny", BLOCK,
+                                                 seed=step, step=step))
+             for name, step in (("a", 1), ("b", 2))}
+    long_root = tmp_path_factory.mktemp("serving_long") / "run"
+    saved["long"] = str(save_untrained_checkpoint(long_root / "checkpoint_00000003", "tiny",
+                                                  LONG_BLOCK, seed=3, step=3))
+    return saved
 
 
 @pytest.fixture(scope="module")
@@ -197,41 +205,56 @@ def test_openai_client_chat_completions_plain_and_streaming(server):
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_row_and_blocks(server):
+@contextlib.contextmanager
+def serving(server: Server, checkpoint: str, **runtime):
+    """`checkpoint` served (with `runtime` fields) inside the block; the previous model and
+    continuous batching after it."""
+    previous = server.model()["checkpoint"]
+    server.deploy(checkpoint, **runtime)
+    wait_for_model(server, lambda info: info["checkpoint"] == checkpoint and all(
+        info[k] == v for k, v in runtime.items() if k == "batching"))
+    try:
+        yield
+    finally:
+        server.deploy(previous, batching="continuous")
+        wait_for_model(server, lambda info: info["checkpoint"] == previous
+                       and info["batching"] == "continuous")
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row_and_blocks(server, checkpoints):
     def engine() -> dict:
         return server.get("/health").json()["engines"][-1]
 
-    before = engine()
-    body = {"prompt": "a", "max_tokens": BLOCK - 2, "temperature": 0, "stream": True}
-    with requests.post(f"{server.url}/v1/completions", json=body, stream=True,
-                       timeout=60) as response:
-        lines = response.iter_lines()
-        assert next(line for line in lines if line.startswith(b"data: "))
-        assert engine()["running"] == 1 and engine()["kv_blocks_free"] < before["kv_blocks"]
-    # Connection closed after the first token: the row leaves at the next step, long before
-    # its 62 tokens would have been generated.
-    freed = wait_for("the row and its blocks freed", lambda: (
-        (lambda e: e if e["running"] == 0 and e["kv_blocks_free"] == e["kv_blocks"]
-         else None)(engine())), timeout_s=10, every_s=0.05)
+    with serving(server, checkpoints["long"]):
+        before = engine()
+        body = {"prompt": "a", "max_tokens": LONG_BLOCK - 2, "temperature": 0, "stream": True}
+        with requests.post(f"{server.url}/v1/completions", json=body, stream=True,
+                           timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith(b"data: "))
+            now = engine()
+            assert now["running"] == 1 and now["kv_blocks_free"] < before["kv_blocks"]
+        # Connection closed after the first token: the row leaves at the next step, long
+        # before its 1022 tokens would have been generated.
+        freed = wait_for("the row and its blocks freed", lambda: (
+            (lambda e: e if e["running"] == 0 and e["kv_blocks_free"] == e["kv_blocks"]
+             else None)(engine())), timeout_s=10, every_s=0.05)
     assert freed["cancelled"] == before["cancelled"] + 1
-    assert freed["decode_tokens"] - before["decode_tokens"] < BLOCK - 3
+    assert freed["decode_tokens"] - before["decode_tokens"] < LONG_BLOCK // 2
 
 
-def test_static_batching_stops_the_row_of_a_client_that_disconnects(server):
+def test_static_batching_stops_the_row_of_a_client_that_disconnects(server, checkpoints):
     # With whole-request batches the row used to decode to its end for nobody.
-    server.reconfigure(batching="static")
-    try:
+    with serving(server, checkpoints["long"], batching="static"):
         before = server.get("/health").json()
-        body = {"prompt": "a", "max_tokens": BLOCK - 2, "temperature": 0, "stream": True}
+        body = {"prompt": "a", "max_tokens": LONG_BLOCK - 2, "temperature": 0, "stream": True}
         with requests.post(f"{server.url}/v1/completions", json=body, stream=True,
                            timeout=60) as response:
             assert next(line for line in response.iter_lines() if line.startswith(b"data: "))
         after = wait_for("the batch over", lambda: (
             (lambda h: h if h["running"] == 0 else None)(server.get("/health").json())),
             timeout_s=10, every_s=0.05)
-        assert after["static_cancelled"] == before["static_cancelled"] + 1
-    finally:
-        server.reconfigure(batching="continuous")
+    assert after["static_cancelled"] == before["static_cancelled"] + 1
 
 
 def test_a_request_over_the_kv_cache_capacity_is_refused_not_queued(server):
