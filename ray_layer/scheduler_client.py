@@ -44,3 +44,13 @@ def scheduler_or_none() -> "ray.actor.ActorHandle | None":
 def get_agent(node_id: str) -> "ray.actor.ActorHandle":
     """The agent of one node (ValueError from Ray when that node has none)."""
     return ray.get_actor(agent_name(node_id), namespace=NAMESPACE)
+
+
+def actor_restarts(actor: "ray.actor.ActorHandle") -> int:
+    """How many times Ray has restarted `actor` and brought it back up (-1 while it is down).
+    `ray.kill(actor, no_restart=False)` is asynchronous: until this count moves, the old
+    incarnation may still answer, so whoever checks what a restart kept waits for it first."""
+    from ray.util.state import get_actor
+
+    state = get_actor(actor._actor_id.hex())
+    return state.num_restarts if state.state == "ALIVE" else -1

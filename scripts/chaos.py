@@ -326,10 +326,17 @@ class Chaos:
     def kill_scheduler(self):
         import ray
 
+        from ray_layer.scheduler_client import actor_restarts
+
         before = scheduler_books()
+        restarts = actor_restarts(scheduler())
         ray.kill(scheduler(), no_restart=False)
 
         def survived(injected: Injected) -> None:
+            # The kill is asynchronous: the old incarnation may answer until Ray counts the
+            # restart, and the books it shows would prove nothing.
+            wait_for("Ray restarts the scheduler",
+                     lambda: actor_restarts(scheduler()) > restarts, timeout_s=60)
             after = wait_for("the scheduler answers again", scheduler_books)
             injected.recovery_s = round(time.time() - injected.at, 1)
             problems = faults.reservation_problems(after, alive_nodes())

@@ -109,7 +109,10 @@ def test_an_example_runs_end_to_end_through_submit_and_its_loss_falls(cluster, t
 
 def test_a_preempted_user_loop_yields_after_a_checkpoint_resumes_from_it_and_completes(
         cluster, tmp_path):
-    name, steps = "byol-preempted", 60
+    # Steps pace at ~0.25-0.3 s (Ray Train's report poll): the operator's command (a fresh
+    # process joining the cluster) lands ~10 steps after the first checkpoint here, so 90 steps
+    # leave it several times that before the end on a slower machine.
+    name, steps = "byol-preempted", 90
     run_dir = tmp_path / name
     driver = orchestrator("submit", job_copy(tmp_path, "regression", name, steps=steps))
     try:

@@ -3,6 +3,7 @@ import pytest
 import ray
 
 from ray_layer.cluster import ensure_control_plane
+from ray_layer.scheduler_client import actor_restarts
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Queued, Rejection
 from tests.support import wait_for
@@ -64,14 +65,6 @@ def test_reports_only_count_for_nodes_ray_lists_alive(cluster, scheduler):
     assert ray.get(scheduler.report.remote(real)) is True
 
 
-def _restarts(actor) -> int:
-    """How many times Ray has restarted the actor and brought it back up."""
-    from ray.util.state import get_actor
-
-    state = get_actor(actor._actor_id.hex())
-    return state.num_restarts if state.state == "ALIVE" else -1
-
-
 def test_killing_the_scheduler_loses_no_reservation(cluster, scheduler):
     """Nor what it learnt of a workload's speed from a running job's reported throughput."""
     placed = ray.get(scheduler.place.remote(JobSpec("survivor", num_workers=2, gpus_per_worker=1, accelerator_types=T4, workload="survivor-shape")))
@@ -81,12 +74,12 @@ def test_killing_the_scheduler_loses_no_reservation(cluster, scheduler):
               if r["workload"] == "survivor-shape"]
     assert [(r["family"], r["source"], r["rate"]) for r in learnt] == [("T4", "measured", 1234.0)]
     ray.get(scheduler.maintain.remote())  # learnt speeds are saved by the maintenance pass
-    restarts = _restarts(scheduler)
+    restarts = actor_restarts(scheduler)
     ray.kill(scheduler, no_restart=False)  # crash; Ray restarts it (max_restarts=-1)
     # The kill is asynchronous: until Ray counts the restart, the old incarnation may still
     # answer (and a call it takes is retried on the new one, which has not heard from the
     # nodes yet). Calls fail while Ray restarts the actor: each failure is "not yet".
-    wait_for("Ray restarts the scheduler", lambda: _restarts(scheduler) > restarts,
+    wait_for("Ray restarts the scheduler", lambda: actor_restarts(scheduler) > restarts,
              timeout_s=60)
     snapshot = wait_for("the restarted scheduler answers",
                         lambda: ray.get(scheduler.snapshot.remote(), timeout=5),
