@@ -52,7 +52,8 @@ ray.init(address=sys.argv[1])
 scheduler = ray.get_actor("orchestrator-scheduler", namespace="orchestrator")
 owner = ray.get_runtime_context().get_job_id()
 placement = ray.get(scheduler.place.remote(JobSpec("crashed-job", num_workers=2), owner))
-print(type(placement).__name__, flush=True)
+held = ray.get(scheduler.snapshot.remote())["reservations"]
+print(type(placement).__name__, "held" if "crashed-job" in held else "not held", flush=True)
 os._exit(1)  # killed before releasing, like a SIGKILLed driver
 """
 
@@ -65,15 +66,16 @@ def test_a_dead_drivers_reservation_is_reclaimed(cluster):
     address = ray.get_runtime_context().gcs_address
     result = subprocess.run([sys.executable, "-c", CRASHING_DRIVER, address],
                             capture_output=True, text=True, timeout=120)
-    assert "Placement" in result.stdout, result.stderr
-    assert "crashed-job" in ray.get(scheduler.snapshot.remote())["reservations"]
-    # Ray marks the driver dead once its raylet notices the exit: poll briefly for that.
+    assert "Placement held" in result.stdout, (result.stdout, result.stderr)
+    # Ray marks the driver dead once its raylet notices the exit: poll briefly for that. The
+    # scheduler's own maintenance pass (every few seconds) may reclaim it first, and then
+    # this call finds nothing left to reclaim: either way the reservation must be gone.
     def reclaimed():
         orphans = ray.get(scheduler.reclaim_orphans.remote())
-        return orphans if "crashed-job" in orphans else None
+        held = ray.get(scheduler.snapshot.remote())["reservations"]
+        return "crashed-job" in orphans or "crashed-job" not in held
 
-    assert wait_for("the dead driver's reservation reclaimed", reclaimed,
-                    timeout_s=30) == ["crashed-job"]
+    wait_for("the dead driver's reservation reclaimed", reclaimed, timeout_s=30)
     assert "crashed-job" not in ray.get(scheduler.snapshot.remote())["reservations"]
 
 

@@ -28,9 +28,10 @@ def test_a_joining_node_gets_an_agent_and_a_removed_one_is_excluded(cluster, sch
     assert placement.nodes == [extra.node_id]  # the only node with 3 CPUs
 
     cluster.cluster.remove_node(extra)
-    changes = wait_for("the removed node marked dead",
-                       lambda: ray.get(scheduler.maintain.remote())["dead_by_ray"])
-    assert changes == [extra.node_id]
+    # The scheduler's own maintenance pass may mark it first; then this call finds no change.
+    wait_for("the removed node marked dead",
+             lambda: ray.get(scheduler.snapshot.remote())["health"][extra.node_id] == "dead"
+             or extra.node_id in ray.get(scheduler.maintain.remote())["dead_by_ray"])
     snapshot = ray.get(scheduler.snapshot.remote())
     assert snapshot["health"][extra.node_id] == "dead"
     assert snapshot["reservations"]["on-extra"] == ()  # what it held there is released
