@@ -64,15 +64,17 @@ def model_handle():
 
 def replica_names(count: int = 2, timeout_s: float = 15.0) -> set[str]:
     """Actor names of up to `count` live model replicas, asked through the handle (a call
-    that reaches a replica just killed fails and is not counted)."""
+    that reaches a replica just killed fails, and one that a replica still starting or
+    stopping does not answer in time is given up: neither is counted)."""
     import ray
 
     handle, names = model_handle(), set()
     deadline = time.monotonic() + timeout_s
     while len(names) < count and time.monotonic() < deadline:
         try:
-            names.add(handle.replica_actor_name.remote().result(timeout_s=10))
-        except ray.exceptions.RayActorError:
+            names.add(handle.replica_actor_name.remote().result(
+                timeout_s=max(1.0, min(10.0, deadline - time.monotonic()))))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             time.sleep(0.1)
     return names
 
