@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from orchestrator.serving import decode_kernel
 from orchestrator.serving.generation import Chunk, GenerationRequest, Row, sample_tokens
 from orchestrator.serving.paged import (PagedKVCache, Segment, cache_slots, first_of_run,
                                         paged_forward)
@@ -153,6 +154,8 @@ class ContinuousEngine:
         device = device or next(model.parameters()).device
         self.cache = PagedKVCache(len(model.blocks), limits.num_blocks, limits.block_tokens,
                                   device, lane_blocks=lane_blocks(context, limits))
+        if self.cache.device.type == "cpu":
+            decode_kernel.warm_up()  # compiled now, not in the first request's step
         self.waiting: deque[tuple[object, GenerationRequest, float]] = deque()
         self.running: list[Sequence] = []
         self.stats = EngineStats()

@@ -12,8 +12,10 @@ ever moved.
 sequence, the new tokens it feeds (a chunk of its prompt, or its one latest token). The
 per-token parts of a block (layer norms, the attention's projections, the MLP) run once over
 all the step's tokens together; attention reads each sequence's keys through its block
-table: a decoding row (one query) whose blocks are one run reads them in place, rows in
-scattered blocks are gathered in groups of similar length, and each prefill chunk is one
+table. Decoding rows (one query each) go, on a CPU with a float32 cache, through
+decode_kernel.py, each row reading exactly its own positions; elsewhere through batched
+matrix products (rows at lane starts together over a view of the lanes, other runs in
+place, scattered rows gathered in groups of similar length). Each prefill chunk is one
 unpadded call. It uses the model's own modules and weights (embeddings, each block's ln1,
 attn.qkv, attn.proj, attn.span, ln2, mlp, then ln_f and lm_head), so fp32, INT8 and
 learnt-span models are served alike; the width and head count of each layer's attention are
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from orchestrator.serving import decode_kernel
 from orchestrator.training.attention import biased_attention, span_bias
 
 
@@ -111,12 +114,16 @@ class PagedKVCache:
     layer's attention produces."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_tokens: int,
-                 device: torch.device | str = "cpu", lane_blocks: int | None = None) -> None:
+                 device: torch.device | str = "cpu", lane_blocks: int | None = None,
+                 use_decode_kernel: bool = True) -> None:
+        """`use_decode_kernel`: decoding rows attend through decode_kernel.py where it can
+        read the cache (float32 on the CPU); False keeps them on the matrix-product paths."""
         if block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
         self.pool = BlockPool(num_blocks, lane_blocks)
         self.block_tokens = block_tokens
         self.device = torch.device(device)
+        self.use_decode_kernel = use_decode_kernel
         self.layers: list[torch.Tensor | None] = [None] * num_layers
         # Lanes: the pool cut into equal runs of lane_blocks blocks (a sequence's longest),
         # the tensor rounded up to whole lanes (blocks past num_blocks are never handed out),
@@ -272,6 +279,73 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Te
     return biased_attention(q, k, v, bias, 0.0)
 
 
+class _KernelDecode:
+    """Decoding rows through the CPU's decode kernel: each row walks its own block table
+    and reads exactly its positions (decode_kernel.py)."""
+
+    def __init__(self, cache: PagedKVCache, segments: list[Segment], token_index: list[int]
+                 ) -> None:
+        self.rows = decode_kernel.DecodeRows([s.blocks for s in segments],
+                                             [s.start + 1 for s in segments],
+                                             cache.block_tokens, token_index)
+
+    def attend(self, cache: PagedKVCache, layer: int, q: torch.Tensor, span,
+               y: torch.Tensor) -> None:
+        index = self.rows.token_index
+        y[index] = decode_kernel.attend(cache.layers[layer], self.rows, q[index],
+                                        _distance_bias(span, self.rows.longest, cache.device))
+
+
+class _MatmulDecode:
+    """Decoding rows through batched matrix products (CUDA, half precision, or the kernel
+    turned off): rows at lane starts together over a view of the lanes; rows in other runs
+    of blocks in place, one by one; the others in groups of similar length, through a
+    gather of their blocks."""
+
+    def __init__(self, cache: PagedKVCache, segments: list[Segment], token_index: list[int]
+                 ) -> None:
+        device = cache.device
+        rows = list(zip(segments, token_index))
+        in_lane = [(s, t) for s, t in rows if cache.lane_of(s.first_block) is not None]
+        self.lanes = (_LaneBatch(cache, *map(list, zip(*in_lane)), device) if in_lane
+                      else None)
+        self.in_place = [(s, t) for s, t in rows if s.first_block is not None
+                         and cache.lane_of(s.first_block) is None]
+        self.in_place_index = torch.tensor([t for _, t in self.in_place], dtype=torch.long,
+                                           device=device)
+        scattered = [(s, t) for s, t in rows if s.first_block is None]
+        self.groups = [_DecodeGroup(cache, [scattered[j][0] for j in group],
+                                    [scattered[j][1] for j in group], device)
+                       for group in decode_groups([s.start + 1 for s, _ in scattered])]
+
+    def attend(self, cache: PagedKVCache, layer: int, q: torch.Tensor, span,
+               y: torch.Tensor) -> None:
+        if self.lanes is not None:
+            y[self.lanes.token_index] = _lane_attention(cache, layer, self.lanes, q, span)
+        if self.in_place:
+            y[self.in_place_index] = _in_place_attention(
+                cache, layer, [s for s, _ in self.in_place], q[self.in_place_index], span,
+                cache.device)
+        for group in self.groups:
+            kv = cache.gather(layer, group.table)[..., :group.longest, :]  # (2, H, B, L, D)
+            keys, values = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # (B, H, L, D)
+            query = q[group.token_index].unsqueeze(2)  # (B, H, 1, D)
+            out = _attend(query, keys, values, group.allowed, group.distance, span)
+            y[group.token_index] = out.squeeze(2)
+
+
+def _decode_plan(cache: PagedKVCache, segments: list[Segment], ends: list[int],
+                 dtype: torch.dtype) -> _KernelDecode | _MatmulDecode | None:
+    """How this step's decoding rows (one new token each) attend: the kernel where it can
+    read the cache, else the matrix-product paths; None without decoding rows."""
+    decoding = [i for i, s in enumerate(segments) if len(s.tokens) == 1]
+    if not decoding:
+        return None
+    plan = (_KernelDecode if cache.use_decode_kernel
+            and decode_kernel.supports(cache.device, dtype) else _MatmulDecode)
+    return plan(cache, [segments[i] for i in decoding], [ends[i] - 1 for i in decoding])
+
+
 @torch.inference_mode()
 def paged_forward(model: torch.nn.Module, cache: PagedKVCache,
                   segments: list[Segment]) -> torch.Tensor:
@@ -284,24 +358,10 @@ def paged_forward(model: torch.nn.Module, cache: PagedKVCache,
     slots = torch.tensor([cache.slot(s.blocks, p) for s in segments
                           for p in range(s.start, s.start + len(s.tokens))], device=device)
     ends = list(itertools.accumulate(len(s.tokens) for s in segments))
-    # Decoding rows at lane starts are attended together over a view of the lanes; rows in
-    # other runs of blocks in place, one by one; the others in groups of similar length,
-    # through a gather of their blocks.
-    decoding = [i for i, s in enumerate(segments) if len(s.tokens) == 1]
-    in_lane = [i for i in decoding if cache.lane_of(segments[i].first_block) is not None]
-    lanes = (_LaneBatch(cache, [segments[i] for i in in_lane], [ends[i] - 1 for i in in_lane],
-                        device) if in_lane else None)
-    in_place = [i for i in decoding if segments[i].first_block is not None
-                and cache.lane_of(segments[i].first_block) is None]
-    scattered = [i for i in decoding if segments[i].first_block is None]
-    groups = [_DecodeGroup(cache, [segments[scattered[j]] for j in group],
-                           [ends[scattered[j]] - 1 for j in group], device)
-              for group in decode_groups([segments[i].start + 1 for i in scattered])]
-    in_place_index = torch.tensor([ends[i] - 1 for i in in_place], dtype=torch.long,
-                                  device=device)
+    x = model.drop(model.tok_emb(tokens) + model.pos_emb(positions))
+    decode = _decode_plan(cache, segments, ends, x.dtype)
     prefills = [(s, ends[i] - len(s.tokens)) for i, s in enumerate(segments)
                 if len(s.tokens) > 1]
-    x = model.drop(model.tok_emb(tokens) + model.pos_emb(positions))
     count = x.size(0)
     for layer, block in enumerate(model.blocks):
         attn = block.attn
@@ -311,18 +371,8 @@ def paged_forward(model: torch.nn.Module, cache: PagedKVCache,
         q, k, v = qkv.view(count, 3, heads, width // heads).unbind(1)  # (N, H, D) each
         cache.write(layer, slots, k, v)
         y = torch.empty_like(q)
-        if lanes is not None:
-            y[lanes.token_index] = _lane_attention(cache, layer, lanes, q, attn.span)
-        if in_place:
-            y[in_place_index] = _in_place_attention(
-                cache, layer, [segments[i] for i in in_place], q[in_place_index], attn.span,
-                device)
-        for group in groups:
-            kv = cache.gather(layer, group.table)[..., :group.longest, :]  # (2, H, B, L, D)
-            keys, values = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # (B, H, L, D)
-            query = q[group.token_index].unsqueeze(2)  # (B, H, 1, D)
-            out = _attend(query, keys, values, group.allowed, group.distance, attn.span)
-            y[group.token_index] = out.squeeze(2)
+        if decode is not None:
+            decode.attend(cache, layer, q, attn.span, y)
         for segment, first in prefills:
             end = first + len(segment.tokens)
             y[first:end] = _prefill_attention(cache, layer, segment, q[first:end],
@@ -331,6 +381,15 @@ def paged_forward(model: torch.nn.Module, cache: PagedKVCache,
         x = x + block.mlp(block.ln2(x))
     last = torch.tensor([e - 1 for e in ends], device=device)
     return model.lm_head(model.ln_f(x[last]))
+
+
+def _distance_bias(span, longest: int, device) -> torch.Tensor | None:
+    """A learnt span's bias by distance from the query, (heads, longest), for the decode
+    kernel; None without a span."""
+    if span is None:
+        return None
+    distance = torch.arange(longest, device=device)
+    return span_bias(span, distance, torch.ones(longest, dtype=torch.bool, device=device))
 
 
 def _in_place_attention(cache: PagedKVCache, layer: int, segments: list[Segment],

@@ -241,15 +241,19 @@ def test_block_pool_hands_out_each_block_once_in_runs_where_it_can():
     assert first_of_run([5, 6, 7]) == 5 and first_of_run([0, 1, 5, 6]) is None
 
 
-def test_rows_in_lanes_runs_and_scattered_blocks_all_decode_as_alone(model):
-    # Fragment the pool so that the three attention paths run side by side: rows at a lane
-    # start (attended together over the lanes' view), rows in other runs of blocks (in place,
-    # one by one) and rows in scattered blocks (through a gather). Step 0 fills all 24 blocks
+@pytest.mark.parametrize("use_decode_kernel", [True, False], ids=["kernel", "matmul-paths"])
+def test_rows_in_lanes_runs_and_scattered_blocks_all_decode_as_alone(model, use_decode_kernel):
+    # Fragment the pool so that rows of every placement decode side by side: rows at a lane
+    # start, rows in other runs of blocks and rows in scattered blocks. Through the CPU's
+    # decode kernel, each walks its own block table (a scattered row as several runs);
+    # without it, as on CUDA, these are the three matrix-product paths: the lanes' view
+    # together, runs in place one by one, scattered rows through a gather. Step 0 fills all 24 blocks
     # (two lanes of 16 blocks, the second cut short): the first two requests take the lane
     # starts, the rest runs after them; four 1-block rows end after 2 tokens, so at step 3
     # the free blocks are holes and a 3-block request gets them scattered.
     limits = EngineLimits(max_rows=12, num_blocks=24, block_tokens=4, prefill_chunk_tokens=64)
     eng = engine(model, limits)
+    eng.cache.use_decode_kernel = use_decode_kernel
     arrivals = {0: [greedy(b"a%d" % i, 2 + 6 * (i % 2)) for i in range(8)]
                 + [greedy(b"filler", 27)],
                 3: [greedy(b"scattered", 4), seeded(b"zz", 3, seed=5)],
