@@ -345,7 +345,8 @@ def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 
     engine refilled as rows finish) vs static batching (batches of `rows` decoded to their
     end, generation.generate) vs unbatched (batches of one), alternating rounds of `seconds`
     each. What the batching modes can give on this machine before the serving path takes
-    its share."""
+    its share. `continuous_matmul`: continuous batching with the decode kernel off (the
+    matrix-product paths CUDA takes), the baseline of the kernel on this CPU."""
     import torch
 
     from orchestrator.serving.engine import ContinuousEngine, EngineLimits
@@ -369,9 +370,10 @@ def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 
             done += batch
         return done / (time.perf_counter() - began)
 
-    def continuous() -> float:
+    def continuous(use_decode_kernel: bool = True) -> float:
         engine = ContinuousEngine(loaded.model, loaded.block_size, loaded.tokenizer,
                                   EngineLimits.sized_for(rows, loaded.block_size, 16, 256))
+        engine.cache.use_decode_kernel = use_decode_kernel
         for key in range(rows):
             engine.add(key, request())
         # Timed from the steady state (as a closed loop runs): after `rows` have finished,
@@ -386,10 +388,12 @@ def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 
                 began, done = time.perf_counter(), 0
         return done / (time.perf_counter() - began)
 
-    qps: dict[str, list[float]] = {"continuous": [], "static": [], "unbatched": []}
+    qps: dict[str, list[float]] = {"continuous": [], "static": [], "unbatched": [],
+                                   "continuous_matmul": []}
     try:
         for _ in range(rounds):
             qps["continuous"].append(continuous())
+            qps["continuous_matmul"].append(continuous(use_decode_kernel=False))
             qps["static"].append(static(rows))
             qps["unbatched"].append(static(1))
     finally:
@@ -482,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     # The served batching_speedup's ceiling on this machine: the same ratio without serving.
     out["model_alone_batching_speedup"] = ratio(mixed_alone["continuous"],
                                                 mixed_alone["unbatched"])
+    out["model_alone_decode_kernel_speedup"] = ratio(mixed_alone["continuous"],
+                                                     mixed_alone["continuous_matmul"])
     print(f"model alone, mixed load: {mixed_alone}", flush=True)
 
     # Not the replicas' logs: one access-log line per request (thousands) would bury the

@@ -27,12 +27,22 @@ from numba import njit
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
+def _compiled(function):
+    """`function` compiled by numba, the machine code cached on disk (next to this module,
+    else in the user's cache directory). Where neither can be written, numba refuses the
+    cache; the kernel is then compiled in each process (~1-2 s) rather than not at all."""
+    try:
+        return njit(fastmath=_FAST, nogil=True, cache=True)(function)
+    except RuntimeError:
+        return njit(fastmath=_FAST, nogil=True)(function)
+
+
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the kernel can read a cache on this device, of this dtype."""
     return device.type == "cpu" and dtype == torch.float32
 
 
-@njit(fastmath=_FAST, nogil=True, cache=True)
+@_compiled
 def _runs(table, positions, block_tokens, starts, counts):
     """A row's positions as runs of adjacent slots: (first slot, length) into starts and
     counts; returns how many. Adjacent blocks (the usual case) make one run."""
@@ -51,7 +61,7 @@ def _runs(table, positions, block_tokens, starts, counts):
     return runs
 
 
-@njit(fastmath=_FAST, nogil=True, cache=True)
+@_compiled
 def _attend_rows(keys, values, tables, lengths, block_tokens, queries, bias, out):
     """keys, values: (heads, slots, dim); tables: (rows, blocks); lengths: (rows,) positions
     each row attends (its query is the last); queries: (rows, heads, dim); bias: (heads, >=

@@ -72,3 +72,11 @@ def test_kernel_only_claims_float32_caches_on_the_cpu():
     assert decode_kernel.supports(cpu, torch.float32)
     assert not decode_kernel.supports(cpu, torch.bfloat16)
     assert not decode_kernel.supports(cuda, torch.float32)
+
+
+def test_the_kernel_compiles_where_numba_has_nowhere_to_cache_it():
+    # A function with no source file: numba refuses cache=True for it, as it does where
+    # neither this package's directory nor the user's cache directory can be written.
+    namespace: dict = {}
+    exec("def double(x):\n    return 2 * x\n", namespace)
+    assert decode_kernel._compiled(namespace["double"])(21) == 42
