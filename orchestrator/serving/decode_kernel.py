@@ -7,30 +7,51 @@ served load, half of what it reads is padding (docs/benchmarks.md, 2026-12-04), 
 attention is half of a step. This kernel walks each row's block table instead and reads
 exactly its positions: for each row and head, the query's scores against the row's keys,
 a softmax, and the weighted sum of its values, in one pass, with a per-head bias by
-distance for learnt-span models. Measured against the lane path on the bench's load, in the entry of
-docs/benchmarks.md that introduces it.
+distance for learnt-span models. Measured against the lane path on the bench's load in
+docs/benchmarks.md (2026-12-04, "a CPU decode kernel").
 
-It runs on float32 caches on the CPU; everything else (CUDA, half precision) takes
-paged.py's matrix-product paths. The compiled code is cached on disk (numba's cache), and
-`warm_up` compiles it before the first request instead of during it.
+It runs on float32 caches on the CPU with at most two torch threads (it runs on one: faster
+than the matrix products at one and two threads, not measured beyond); everything else
+(CUDA, half precision, more threads, numba missing) takes paged.py's matrix-product paths.
+numba is imported and the kernel compiled on first use: `warm_up` does it when an engine
+opens, not in the first request's step, and numba's disk cache makes it quick after the
+first process.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import numpy as np
 import torch
-from numba import njit
+
+log = logging.getLogger(__name__)
 
 # numba's fastmath without `nnan`/`ninf`: a learnt span's bias is -inf where its ramp is 0,
 # and those flags would let the compiler assume no infinity ever appears.
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
+MAX_THREADS = 2  # torch threads up to which the one-thread kernel was measured faster
+
+
+@functools.cache
+def available() -> bool:
+    """Whether numba imports here (it is a dependency; a broken install falls back)."""
+    try:
+        import numba  # noqa: F401
+    except Exception as error:  # ImportError, or a numba/numpy version mismatch
+        log.warning("numba does not import (%s): decoding attention takes the matrix-product "
+                    "paths", error)
+        return False
+    return True
 
 
 def _compiled(function):
     """`function` compiled by numba, the machine code cached on disk (next to this module,
     else in the user's cache directory). Where neither can be written, numba refuses the
     cache; the kernel is then compiled in each process (~1-2 s) rather than not at all."""
+    from numba import njit
+
     try:
         return njit(fastmath=_FAST, nogil=True, cache=True)(function)
     except RuntimeError:
@@ -38,11 +59,12 @@ def _compiled(function):
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the kernel can read a cache on this device, of this dtype."""
-    return device.type == "cpu" and dtype == torch.float32
+    """Whether the kernel serves a cache on this device, of this dtype, at this process's
+    torch thread count."""
+    return (device.type == "cpu" and dtype == torch.float32
+            and torch.get_num_threads() <= MAX_THREADS and available())
 
 
-@_compiled
 def _runs(table, positions, block_tokens, starts, counts):
     """A row's positions as runs of adjacent slots: (first slot, length) into starts and
     counts; returns how many. Adjacent blocks (the usual case) make one run."""
@@ -61,7 +83,6 @@ def _runs(table, positions, block_tokens, starts, counts):
     return runs
 
 
-@_compiled
 def _attend_rows(keys, values, tables, lengths, block_tokens, queries, bias, out):
     """keys, values: (heads, slots, dim); tables: (rows, blocks); lengths: (rows,) positions
     each row attends (its query is the last); queries: (rows, heads, dim); bias: (heads, >=
@@ -70,8 +91,8 @@ def _attend_rows(keys, values, tables, lengths, block_tokens, queries, bias, out
 
     One pass over each row's keys and values together, the softmax kept online (a running
     maximum, the sum and the weighted values rescaled when the maximum grows): each cache
-    line is read once, and the output accumulates in registers. Measured 1.4x faster than
-    a pass for the scores and another for the values."""
+    line is read once, and the output accumulates in registers. Faster than a pass for the
+    scores and another for the values (docs/benchmarks.md)."""
     rows, heads, dim = queries.shape
     scale = np.float32(1.0 / math.sqrt(dim))
     acc = np.empty(dim, dtype=np.float32)
@@ -117,6 +138,10 @@ class DecodeRows:
 
     def __init__(self, tables: list[tuple[int, ...]], lengths: list[int], block_tokens: int,
                  token_index: list[int]) -> None:
+        for row, (table, length) in enumerate(zip(tables, lengths)):
+            if not 1 <= length <= len(table) * block_tokens:  # the kernel checks no bounds
+                raise ValueError(f"decode row {row}: {length} positions, {len(table)} blocks "
+                                 f"of {block_tokens}")
         width = max(len(t) for t in tables)
         self.tables = np.zeros((len(tables), width), dtype=np.int64)
         for row, table in enumerate(tables):
@@ -136,10 +161,18 @@ def attend(pool: torch.Tensor, rows: DecodeRows, queries: torch.Tensor,
     if bias is None:
         bias = torch.zeros(heads, rows.longest)
     out = torch.empty(queries.shape, dtype=torch.float32)
-    _attend_rows(pool[0].numpy(), pool[1].numpy(), rows.tables, rows.lengths, rows.block_tokens,
+    _kernel()(pool[0].numpy(), pool[1].numpy(), rows.tables, rows.lengths, rows.block_tokens,
                  queries.detach().contiguous().numpy(),
                  bias.detach().float().contiguous().numpy(), out.numpy())
     return out
+
+
+@functools.cache
+def _kernel():
+    """_attend_rows compiled (and _runs, which it calls by its global name, first)."""
+    global _runs
+    _runs = _compiled(_runs)
+    return _compiled(_attend_rows)
 
 
 def warm_up() -> None:

@@ -31,6 +31,7 @@ In serving that is the engine host's stepping thread, in a process of its own by
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from orchestrator.serving.generation import Chunk, GenerationRequest, Row, sampl
 from orchestrator.serving.paged import (PagedKVCache, Segment, cache_slots, first_of_run,
                                         paged_forward)
 from orchestrator.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class CapacityError(ValueError):
@@ -154,12 +157,25 @@ class ContinuousEngine:
         device = device or next(model.parameters()).device
         self.cache = PagedKVCache(len(model.blocks), limits.num_blocks, limits.block_tokens,
                                   device, lane_blocks=lane_blocks(context, limits))
-        if self.cache.device.type == "cpu":
-            decode_kernel.warm_up()  # compiled now, not in the first request's step
+        self._warm_up_decode_kernel(model)
         self.waiting: deque[tuple[object, GenerationRequest, float]] = deque()
         self.running: list[Sequence] = []
         self.stats = EngineStats()
         self.queue_seconds: list[tuple[object, float]] = []  # admitted in the last step
+
+    def _warm_up_decode_kernel(self, model: torch.nn.Module) -> None:
+        """Compile the decode kernel now, not in the first request's step, where this cache
+        will use it; if it cannot be compiled, decode through the matrix products."""
+        dtype = model.tok_emb.weight.dtype
+        if not (self.cache.use_decode_kernel
+                and decode_kernel.supports(self.cache.device, dtype)):
+            return
+        try:
+            decode_kernel.warm_up()
+        except Exception as error:  # numba failing to compile or cache (a full disk, say)
+            log.warning("decode kernel unavailable (%s: %s): decoding attention takes the "
+                        "matrix-product paths", type(error).__name__, error)
+            self.cache.use_decode_kernel = False
 
     # -- requests ---------------------------------------------------------------------------
     def check(self, request: GenerationRequest) -> None:

@@ -1,17 +1,17 @@
 """Where a model replica's continuous-batching engines run: a process of their own (the
 default, setting `engine_process`) or a thread of the replica's process.
 
-Why a process: a decoding step is some 300 small torch calls, and each releases Python's GIL
-and takes it back. In the replica's process the other holder of the GIL is its event loop,
-which handles every request's HTTP/gRPC and (de)serialisation. Measured here (2-core CPU,
-docs/benchmarks.md): the engine alone next to a thread running Python 30% of the time lost
-~29% of its throughput, next to a *process* doing the same 0-10%; and in the replica under
-the mixed load, the generation thread spent 2.7 ms of every 27 ms step period just waiting to
-get the GIL back from the event loop before it could start the step. A process has its own
-GIL; what it costs is one message each way per step (a step's chunks, a few KB pickled) and
-its own copy of the model, loaded from the same checkpoint directory. The thread host runs
-the same loop over in-process queues (engine_process: false): no second copy of the weights,
-for a model that only just fits its accelerator.
+Why a process: a decoding step is a long series of small torch calls, and each releases
+Python's GIL and takes it back. In the replica's process the other holder of the GIL is its
+event loop, which handles every request's HTTP/gRPC and (de)serialisation. Measured here
+(2-core CPU, docs/benchmarks.md): the engine alone next to a thread running Python 30% of
+the time lost ~29% of its throughput, next to a *process* doing the same 0-10%; and in the
+replica under the mixed load, the generation thread spent 2.7 ms of every 27 ms step period
+just waiting to get the GIL back from the event loop before it could start the step. A
+process has its own GIL; what it costs is one message each way per step (a step's chunks, a
+few KB pickled) and its own copy of the model, loaded from the same checkpoint directory.
+The thread host runs the same loop over in-process queues (engine_process: false): no second
+copy of the weights, for a model that only just fits its accelerator.
 
 The host owns engines by id (the replica opens a new one for a new model or cache size and
 retires the one it replaces, which finishes its rows, then closes) and loops: take the

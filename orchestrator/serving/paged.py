@@ -39,9 +39,11 @@ class BlockPool:
 
     A request's blocks are taken at once: at the start of a lane (every `lane_blocks`-th
     block) when one has the run free, else as one run of adjacent blocks anywhere (first
-    fit), else whichever are free. Rows at lane starts are attended together over one view
-    of the pool, rows in other runs in place one by one, both without copying their keys
-    (paged_forward); any free blocks still serve a request when the pool is fragmented."""
+    fit), else whichever are free. On the matrix-product paths (CUDA, half precision) rows
+    at lane starts are attended together over one view of the pool, rows in other runs in
+    place one by one, both without copying their keys (paged_forward); the CPU's decode
+    kernel reads any placement alike. Any free blocks still serve a request when the pool
+    is fragmented."""
 
     def __init__(self, num_blocks: int, lane_blocks: int | None = None) -> None:
         if num_blocks < 1:
@@ -109,9 +111,10 @@ class PagedKVCache:
     head's positions (slots: num_blocks * block_tokens, rounded up to whole lanes) in order.
     Head-major, so a sequence's keys
     in a run of adjacent blocks are, for every head, one contiguous (positions, head_dim)
-    matrix: a decoding row's attention is two batched matrix products over a view, with no
-    copy (paged_forward). It is allocated at the layer's first write, shaped by what that
-    layer's attention produces."""
+    matrix: the decode kernel streams it, and on the matrix-product paths a decoding row's
+    attention is two batched matrix products over a view, with no copy (paged_forward). It
+    is allocated at the layer's first write, shaped by what that layer's attention
+    produces."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_tokens: int,
                  device: torch.device | str = "cpu", lane_blocks: int | None = None,

@@ -25,9 +25,11 @@ def reference(pool, table, length, query, bias):
 
 def rows_and_tables():
     """Rows of every placement: one position, a block's worth exactly, a run of adjacent
-    blocks, blocks out of order and scattered, and a partly filled last block."""
-    tables = [(7,), (3,), (10, 11, 12), (30, 2, 17), (20, 21, 25, 26, 27), (0, 1)]
-    lengths = [1, 4, 11, 12, 18, 5]
+    blocks, blocks out of order and scattered, a partly filled last block, and blocks held
+    for positions not yet written (an engine's row holds its whole request's blocks)."""
+    tables = [(7,), (3,), (10, 11, 12), (30, 2, 17), (20, 21, 25, 26, 27), (0, 1),
+              (33, 34, 35, 36)]
+    lengths = [1, 4, 11, 12, 18, 5, 6]
     return tables, lengths
 
 
@@ -67,11 +69,27 @@ def test_kernel_reads_nothing_past_a_rows_length():
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_kernel_only_claims_float32_caches_on_the_cpu():
+def test_kernel_only_claims_float32_caches_on_the_cpu_at_few_threads(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert decode_kernel.supports(cpu, torch.float32)
     assert not decode_kernel.supports(cpu, torch.bfloat16)
     assert not decode_kernel.supports(cuda, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(decode_kernel.MAX_THREADS + 1)
+        assert not decode_kernel.supports(cpu, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(decode_kernel, "available", lambda: False)  # numba does not import
+    assert not decode_kernel.supports(cpu, torch.float32)
+
+
+@pytest.mark.parametrize("table, length", [((3,), 0), ((3,), 5), ((3, 4), 9)])
+def test_rows_the_kernel_would_misread_are_refused(table, length):
+    # The compiled kernel checks no bounds: a row longer than its blocks would read another
+    # row's keys, and an empty row would divide by zero.
+    with pytest.raises(ValueError, match="decode row 0"):
+        decode_kernel.DecodeRows([table], [length], BLOCK_TOKENS, [0])
 
 
 def test_the_kernel_compiles_where_numba_has_nowhere_to_cache_it():

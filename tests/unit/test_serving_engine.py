@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 
+from orchestrator.serving import decode_kernel
 from orchestrator.serving.engine import (CapacityError, ContinuousEngine, EngineLimits,
                                          kv_cache_bytes, run_to_completion)
 from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
@@ -242,7 +243,8 @@ def test_block_pool_hands_out_each_block_once_in_runs_where_it_can():
 
 
 @pytest.mark.parametrize("use_decode_kernel", [True, False], ids=["kernel", "matmul-paths"])
-def test_rows_in_lanes_runs_and_scattered_blocks_all_decode_as_alone(model, use_decode_kernel):
+def test_rows_in_lanes_runs_and_scattered_blocks_all_decode_as_alone(model, use_decode_kernel,
+                                                                    monkeypatch):
     # Fragment the pool so that rows of every placement decode side by side: rows at a lane
     # start, rows in other runs of blocks and rows in scattered blocks. Through the CPU's
     # decode kernel, each walks its own block table (a scattered row as several runs);
@@ -254,6 +256,10 @@ def test_rows_in_lanes_runs_and_scattered_blocks_all_decode_as_alone(model, use_
     limits = EngineLimits(max_rows=12, num_blocks=24, block_tokens=4, prefill_chunk_tokens=64)
     eng = engine(model, limits)
     eng.cache.use_decode_kernel = use_decode_kernel
+    kernel_calls = []
+    real_attend = decode_kernel.attend
+    monkeypatch.setattr(decode_kernel, "attend",
+                        lambda *args: kernel_calls.append(1) or real_attend(*args))
     arrivals = {0: [greedy(b"a%d" % i, 2 + 6 * (i % 2)) for i in range(8)]
                 + [greedy(b"filler", 27)],
                 3: [greedy(b"scattered", 4), seeded(b"zz", 3, seed=5)],
@@ -264,6 +270,7 @@ def test_rows_in_lanes_runs_and_scattered_blocks_all_decode_as_alone(model, use_
     kinds = {"lane" if eng.cache.lane_of(s.first_block) is not None
              else "run" if s.first_block is not None else "scattered" for s in seen}
     assert kinds == {"lane", "run", "scattered"}
+    assert bool(kernel_calls) == use_decode_kernel  # the path named is the path taken
     for step, requests in arrivals.items():
         for i, request in enumerate(requests):
             assert out[(step, i)] == alone(model, request), (step, i)
@@ -298,3 +305,16 @@ def test_decoding_rows_are_grouped_by_length_to_limit_padding():
     for group in groups:
         assert max(lengths[i] for i in group) <= 1.25 * min(lengths[i] for i in group)
     assert len(groups) == 4  # {300, 290}, {150}, {12, 11, 10}, {1}
+
+
+def test_an_engine_whose_decode_kernel_cannot_compile_decodes_through_matrix_products(
+        model, monkeypatch):
+    def broken() -> None:
+        raise OSError("No space left on device")  # numba writing its cache
+
+    monkeypatch.setattr(decode_kernel, "warm_up", broken)
+    eng = engine(model)
+    assert not eng.cache.use_decode_kernel
+    monkeypatch.undo()
+    request = greedy(b"still served", 6)
+    assert run_to_completion(eng, [request])[0] == alone(model, request)
