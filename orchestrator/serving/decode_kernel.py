@@ -162,8 +162,8 @@ def attend(pool: torch.Tensor, rows: DecodeRows, queries: torch.Tensor,
         bias = torch.zeros(heads, rows.longest)
     out = torch.empty(queries.shape, dtype=torch.float32)
     _kernel()(pool[0].numpy(), pool[1].numpy(), rows.tables, rows.lengths, rows.block_tokens,
-                 queries.detach().contiguous().numpy(),
-                 bias.detach().float().contiguous().numpy(), out.numpy())
+              queries.detach().contiguous().numpy(), bias.detach().float().contiguous().numpy(),
+              out.numpy())
     return out
 
 
@@ -171,7 +171,8 @@ def attend(pool: torch.Tensor, rows: DecodeRows, queries: torch.Tensor,
 def _kernel():
     """_attend_rows compiled (and _runs, which it calls by its global name, first)."""
     global _runs
-    _runs = _compiled(_runs)
+    # py_func: after a failed compile (not cached here) a retry finds _runs compiled already.
+    _runs = _compiled(getattr(_runs, "py_func", _runs))
     return _compiled(_attend_rows)
 
 
