@@ -3,17 +3,20 @@
 Runs the project's own training loop (`orchestrator.training.loop.train` through a
 `LocalSession`) and prints one JSON line at the end:
   - the NVML probe's view of the GPUs and the `auto` precision chosen;
-  - bf16 MFU of GPT-2 small's shape (`large`) and of `gpt2-medium` at seq 1024, without and
-    with `torch.compile` where the loop supports it, against the datasheet dense bf16 peak
-    (the table in orchestrator/training/efficiency.py) and against a measured matmul peak
-    (`--measured-peak-tflops`: ~790 on the lent H200 for a large bf16 matmul);
+  - a bf16 matmul's rate measured here (8192^3, CUDA events): the achievable peak;
+  - bf16 MFU of GPT-2 small's shape (`large`) and of `gpt2-medium` (then `gpt2-large` if time
+    is left) at seq 1024, without and with `torch.compile`, against the datasheet dense bf16
+    peak (the table in orchestrator/training/efficiency.py) and against the measured peak;
   - an fp16 run with dynamic loss scaling (its final scale and that its loss fell);
   - peak memory of each run.
 
-    PYTHONPATH=. python -m scripts.gpu_check [--steps 40] [--measured-peak-tflops 790]
+    PYTHONPATH=. python -m scripts.gpu_check [--steps 40] [--budget-s 360] [--out FILE]
 
-The lent machine has its own torch and no package registry: this imports only torch, numpy
-and the project's pure modules.
+A lent machine's time is short: runs go in order of importance, one that would not finish
+inside `--budget-s` is skipped (and says so), a failed run records its error and the next one
+goes on, and `--out` is rewritten after every run so a killed check still leaves its figures.
+The lent machine has its own torch and no package registry: this imports only torch and the
+project's pure modules.
 """
 from __future__ import annotations
 
@@ -33,16 +36,56 @@ from orchestrator.training.loop import train
 from orchestrator.training.precision import resolve_precision
 from orchestrator.training.session import LocalSession
 
-# (preset, sequences per step) at seq 1024: sized for a 80-141 GB GPU in bf16.
-MFU_RUNS = (("large", 32), ("gpt2-medium", 16))
+SEQ_LEN = 1024
 
 
-def supports_compile() -> bool:
-    return "compile" in {f.name for f in dataclasses.fields(TrainConfig)}
+@dataclasses.dataclass(frozen=True)
+class Run:
+    preset: str
+    batch: int  # sequences per step at SEQ_LEN, sized for an 80-141 GB GPU
+    precision: str = "bf16"
+    compile: bool = False
+    cost_s: float = 40.0  # a generous guess at its wall time here: runs that cannot fit skip
+
+    @property
+    def name(self) -> str:
+        return f"{self.precision}-{self.preset}{'-compiled' if self.compile else ''}"
 
 
-def run(config: TrainConfig) -> dict:
-    """One training run in this process; its last report's figures and its wall time."""
+# In order of importance: what issue 19 asks first (GPT-2 small's shape with and without
+# compile, a larger preset, fp16 with loss scaling), then a larger one again if time is left.
+RUNS = (
+    Run("large", 32),
+    Run("large", 32, compile=True, cost_s=120.0),
+    Run("large", 16, precision="fp16"),
+    Run("gpt2-medium", 16, cost_s=60.0),
+    Run("gpt2-medium", 16, compile=True, cost_s=150.0),
+    Run("gpt2-large", 8, cost_s=80.0),
+    Run("gpt2-large", 8, compile=True, cost_s=200.0),
+)
+
+
+def measure_matmul_tflops(size: int = 8192, warmups: int = 3, repeats: int = 10) -> float:
+    """bf16 matmul rate on random data, timed with CUDA events: the peak this GPU reaches."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(warmups):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / repeats
+    return 2 * size ** 3 / seconds / 1e12
+
+
+def train_once(run: Run, steps: int, batch: int) -> dict:
+    """One training run in this process: its last report's figures and its wall time."""
+    config = TrainConfig(model_size=run.preset, precision=run.precision, seq_len=SEQ_LEN,
+                         batch_size=batch, max_steps=steps, log_every=steps // 2,
+                         checkpoint_every=10 * steps, warmup_steps=1, compile=run.compile)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as run_dir:
         torch.cuda.reset_peak_memory_stats()
@@ -54,48 +97,75 @@ def run(config: TrainConfig) -> dict:
             "wall_s": round(time.perf_counter() - started, 1)}
 
 
-def mfu_runs(steps: int, measured_peak: float) -> list[dict]:
-    rows = []
-    name = torch.cuda.get_device_name()
-    datasheet = gpu_peak_flops(name, "bf16")
-    for preset, batch in MFU_RUNS:
-        for compiled in ((False, True) if supports_compile() else (False,)):
-            extra = {"compile": True} if compiled else {}
-            config = TrainConfig(model_size=preset, precision="bf16", seq_len=1024,
-                                 batch_size=batch, max_steps=steps, log_every=steps // 2,
-                                 checkpoint_every=10 * steps, warmup_steps=1, **extra)
-            row = {"preset": preset, "batch": batch, "compile": compiled, **run(config)}
-            if row["mfu"] is not None and datasheet:
-                # The loop's MFU is against the datasheet peak; the same work over the
-                # measured matmul peak says how close to the achievable it is.
-                row["mfu_vs_measured_peak"] = round(row["mfu"] * datasheet / measured_peak, 4)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-    return rows
+def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float) -> dict:
+    """A run's row: its figures, or its error; out of memory retries once at half the batch."""
+    row: dict = {"run": run.name, "preset": run.preset, "precision": run.precision,
+                 "compile": run.compile, "batch": run.batch}
+    for batch in (run.batch, run.batch // 2):
+        row["batch"] = batch
+        try:
+            row.update(train_once(run, steps, batch))
+            row.pop("error", None)
+            break
+        except torch.cuda.OutOfMemoryError as error:
+            row["error"] = f"out of memory at batch {batch}: {str(error)[:300]}"
+            torch.cuda.empty_cache()
+        except Exception as error:  # noqa: BLE001 - the check reports it and goes on
+            row["error"] = f"{type(error).__name__}: {str(error)[:500]}"
+            break
+    if row.get("mfu") is not None and datasheet:
+        # The loop's MFU is against the datasheet peak; the same work over the measured
+        # matmul peak says how close to the achievable it is.
+        row["mfu_vs_measured_peak"] = round(row["mfu"] * datasheet / measured_peak, 4)
+    return row
+
+
+def compile_speedups(rows: list[dict]) -> dict:
+    """tokens/s compiled over not, per preset and precision where both ran."""
+    rates = {(r["preset"], r["precision"], r["compile"]): r.get("tokens_per_s") for r in rows}
+    return {f"{preset}-{precision}": round(rate / rates[(preset, precision, False)], 3)
+            for (preset, precision, compiled), rate in rates.items()
+            if compiled and rate and rates.get((preset, precision, False))}
+
+
+def save(summary: dict, out: str | None) -> None:
+    if out:
+        with open(out, "w") as handle:
+            json.dump(summary, handle, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--measured-peak-tflops", type=float, default=790.0)
+    parser.add_argument("--budget-s", type=float, default=360.0,
+                        help="skip runs that would not finish inside this many seconds")
+    parser.add_argument("--out", help="a JSON file rewritten after every run")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device"}))
         return 1
+    deadline = time.monotonic() + args.budget_s
     name = torch.cuda.get_device_name()
-    summary = {
+    datasheet = gpu_peak_flops(name, "bf16")
+    measured_tflops = measure_matmul_tflops()
+    summary: dict = {
         "device": name, "torch": torch.__version__,
         "capability": ".".join(map(str, torch.cuda.get_device_capability())),
         "nvml": [dataclasses.asdict(g) for g in probe_nvml()],
         "auto_precision": resolve_precision("auto", torch.device("cuda")),
-        "datasheet_bf16_tflops": (gpu_peak_flops(name, "bf16") or 0) / 1e12 or None,
-        "measured_peak_tflops": args.measured_peak_tflops,
-        "compile_supported_by_loop": supports_compile(),
-        "bf16": mfu_runs(args.steps, args.measured_peak_tflops * 1e12),
-        "fp16": run(TrainConfig(model_size="large", precision="fp16", seq_len=1024,
-                                batch_size=16, max_steps=args.steps, log_every=args.steps // 2,
-                                checkpoint_every=10 * args.steps, warmup_steps=1)),
-    }
+        "datasheet_bf16_tflops": datasheet / 1e12 if datasheet else None,
+        "measured_matmul_bf16_tflops": round(measured_tflops, 1),
+        "runs": [], "skipped": []}
+    save(summary, args.out)
+    for run in RUNS:
+        if time.monotonic() + run.cost_s > deadline:
+            summary["skipped"].append(run.name)
+            continue
+        row = measure(run, args.steps, datasheet, measured_tflops * 1e12)
+        summary["runs"].append(row)
+        summary["compile_speedup"] = compile_speedups(summary["runs"])
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        save(summary, args.out)
     print(json.dumps(summary))
     return 0
 

@@ -231,6 +231,10 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             first_step_at = time.time()
 
         if step % config.log_every == 0 or checkpoint_due:
+            if device.type == "cuda":
+                # The host runs ahead of the GPU (a bf16 step has no host sync): without this
+                # the interval would end at the last kernel's launch, not its completion.
+                torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - interval_start
             run_tokens += interval_steps * tokens_per_step
             run_seconds += elapsed
