@@ -23,7 +23,7 @@ from orchestrator.config import TrainConfig, resume_conflicts
 from orchestrator.training.accumulation import (HierarchicalAccumulation, pending_gradients,
                                                 restore_pending_gradients)
 from orchestrator.training.checkpoint import (CheckpointError, checkpoint_header,
-                                              load_checkpoint, load_sharded_into, save_checkpoint,
+                                              load_sharded_into, save_checkpoint,
                                               save_sharded)
 from orchestrator.training.data import get_batch, load_corpus, split_corpus, stream_seed
 from orchestrator.training.efficiency import (CommTimer, Thresholds, cpu_peak_flops,
@@ -61,6 +61,15 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * 0.1 ** ((step - config.warmup_steps) // config.lr_decay_every)
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch on the training device. To CUDA through pinned memory without waiting: a
+    plain copy from pageable memory makes the host wait for every queued kernel each step,
+    so it could not launch the next step while the GPU still runs this one."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
 def _mean_across_workers(value: float, device: torch.device) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value
@@ -80,7 +89,7 @@ def evaluate(model: torch.nn.Module, tokens: torch.Tensor, config: TrainConfig,
         x, y = get_batch(tokens, config.batch_size, config.seq_len, seed=config.seed,
                          rank=-1, step=i)
         with precision.autocast():
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(to_device(x, device), to_device(y, device))
         losses.append(loss.item())
     model.train(was_training)
     return sum(losses) / len(losses)
@@ -173,14 +182,15 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     parallel = model if config.strategy == "fsdp" else session.prepare_model(model)
     # Compiled, the wrapper is no longer a DDP module: no_sync and the all-reduce timer are
     # still set on the DDP module underneath (`parallel`).
-    wrapped = torch.compile(parallel) if config.compile else parallel
+    compiled = config.compiles_on(device.type)
+    wrapped = torch.compile(parallel) if compiled else parallel
     accumulation = HierarchicalAccumulation(parameter_groups(model), config.accumulation_factors)
     efficiency = Efficiency(config, model, precision, device, parallel)
     tokens_per_step = config.batch_size * config.seq_len * session.world_size
     if session.world_rank == 0:
         say(f"training {config.model_size} GPT ({model.num_params() / 1e6:.2f}M params) "
             f"in {precision.name} on {session.world_size} worker(s) ({config.strategy}"
-            f"{', compiled' if config.compile else ''}), "
+            f"{', compiled' if compiled else ''}), "
             f"steps {step}->{config.max_steps}")
 
     start_step = step
@@ -211,7 +221,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         # all-reduce and let each worker accumulate locally.
         with accumulation.sync_context(parallel, bool(accumulation.due(step)) or checkpoint_due):
             with precision.autocast():
-                _, loss = wrapped(x.to(device), y.to(device))
+                _, loss = wrapped(to_device(x, device), to_device(y, device))
             objective = loss
             if config.attention_span:
                 # (Under FSDP the spans stay whole on every worker: strategy.py.)

@@ -149,11 +149,22 @@ def test_pretrain_flags_reach_the_config(tmp_path):
     args = pretrain.parse_args(["--strategy", "fsdp", "--compile"])
     train_config, _ = pretrain.build_configs(args, tmp_path / "run")
     assert train_config.strategy == "fsdp" and train_config.compile is True
-    assert pretrain.build_configs(pretrain.parse_args([]), tmp_path / "r")[0].strategy == "ddp"
+    default = pretrain.build_configs(pretrain.parse_args([]), tmp_path / "r")[0]
+    assert default.strategy == "ddp" and default.compile is None
+    off = pretrain.build_configs(pretrain.parse_args(["--no-compile"]), tmp_path / "o")[0]
+    assert off.compile is False
+
+
+def test_compile_by_default_on_cuda_only():
+    # gpu_check measured compiled training 1.13-1.16x faster on an H200; on CPU compiling
+    # costs minutes. An explicit choice wins on either.
+    assert TrainConfig().compiles_on("cuda") and not TrainConfig().compiles_on("cpu")
+    assert TrainConfig(compile=True).compiles_on("cpu")
+    assert not TrainConfig(compile=False).compiles_on("cuda")
 
 
 def test_strategy_and_compile_are_validated_naming_the_field():
     with pytest.raises(ConfigError, match="strategy must be one of ddp, fsdp, got 'zero3'"):
         TrainConfig(strategy="zero3")
-    with pytest.raises(ConfigError, match="compile must be true or false"):
+    with pytest.raises(ConfigError, match="compile must be true, false or null"):
         TrainConfig(compile="yes")
