@@ -11,6 +11,7 @@ Runs the project's own training loop (`orchestrator.training.loop.train` through
   - peak memory of each run.
 
     PYTHONPATH=. python -m scripts.gpu_check [--steps 40] [--budget-s 360] [--out FILE]
+        [--runs large:128:compiled gpt2-medium:64:compiled ...]
 
 A lent machine's time is short: runs go in order of importance, one that would not finish
 inside `--budget-s` is skipped (and says so), a failed run records its error and the next one
@@ -122,6 +123,19 @@ def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float)
     return row
 
 
+def parse_run(spec: str) -> Run:
+    """PRESET:BATCH[:compiled][:fp16] (e.g. large:128:compiled); its cost is the default run's
+    of that preset (start-up, compile and checkpoint dominate 40 steps on an H200)."""
+    preset, batch, *flags = spec.split(":")
+    unknown = set(flags) - {"compiled", "fp16"}
+    if unknown or not batch.isdigit():
+        raise argparse.ArgumentTypeError(f"--runs: bad run {spec!r} (PRESET:BATCH[:compiled]"
+                                         "[:fp16])")
+    run = Run(preset, int(batch), "fp16" if "fp16" in flags else "bf16", "compiled" in flags)
+    known = [r.cost_s for r in RUNS if (r.preset, r.compile) == (preset, run.compile)]
+    return dataclasses.replace(run, cost_s=known[0]) if known else run
+
+
 def compile_speedups(rows: list[dict]) -> dict:
     """tokens/s compiled over not, per preset and precision where both ran."""
     rates = {(r["preset"], r["precision"], r["compile"]): r.get("tokens_per_s") for r in rows}
@@ -142,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=360.0,
                         help="skip runs that would not finish inside this many seconds")
     parser.add_argument("--out", help="a JSON file rewritten after every run")
+    parser.add_argument("--runs", nargs="+", type=parse_run, default=list(RUNS),
+                        help="runs instead of the default ones, as PRESET:BATCH[:compiled]"
+                        "[:fp16]")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device"}))
@@ -159,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "measured_matmul_bf16_tflops": round(measured_tflops, 1),
         "runs": [], "skipped": []}
     save(summary, args.out)
-    for run in RUNS:
+    for run in args.runs:
         if time.monotonic() + run.cost_s > deadline:
             summary["skipped"].append(run.name)
             continue
