@@ -281,7 +281,7 @@ class TrainConfig:
     # model) or "fsdp" (FSDP2: parameters, gradients, optimizer state sharded over workers).
     strategy: str = "ddp"
     # torch.compile the model: None (the default) compiles on CUDA, where scripts/gpu_check.py
-    # measured it 1.13-1.16x faster, and not on CPU, where compiling costs minutes
+    # measured it 1.09-1.18x faster on an H200, and not on CPU, where compiling costs minutes
     # (docs/training.md); True or False forces it.
     compile: bool | None = None
 
