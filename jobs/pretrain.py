@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "parameters, gradients and optimizer state over the workers (models DDP "
                    "cannot hold; sharded checkpoints). Either resumes the other's checkpoints")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on CUDA yes, on CPU no; "
-                   "docs/training.md)")
+                   help="torch.compile the model (default: on CUDA yes, except with "
+                   "--attention-span; on CPU no; docs/training.md)")
     p.add_argument("--max-steps", type=int, default=defaults.max_steps)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="sequences per worker per step")

@@ -286,8 +286,13 @@ class TrainConfig:
     compile: bool | None = None
 
     def compiles_on(self, device_type: str) -> bool:
-        """Whether the model is compiled on a device of this type ("cuda", "cpu")."""
-        return self.compile if self.compile is not None else device_type == "cuda"
+        """Whether the model is compiled on a device of this type ("cuda", "cpu"). Not by
+        default with the learnt span: its attention window is a host integer that moves as
+        the spans learn, and each new value recompiles (torch gives up after 8 and runs those
+        frames eagerly, having spent the compiles)."""
+        if self.compile is not None:
+            return self.compile
+        return device_type == "cuda" and not self.attention_span
 
     def __post_init__(self) -> None:
         self.validate()

@@ -155,12 +155,15 @@ def test_pretrain_flags_reach_the_config(tmp_path):
     assert off.compile is False
 
 
-def test_compile_by_default_on_cuda_only():
+def test_compile_by_default_on_cuda_only_and_not_with_the_learnt_span():
     # gpu_check measured compiled training 1.13-1.16x faster on an H200; on CPU compiling
     # costs minutes. An explicit choice wins on either.
     assert TrainConfig().compiles_on("cuda") and not TrainConfig().compiles_on("cpu")
     assert TrainConfig(compile=True).compiles_on("cpu")
     assert not TrainConfig(compile=False).compiles_on("cuda")
+    # The learnt span's window recompiles the model each time it moves: not by default.
+    assert not TrainConfig(attention_span=True).compiles_on("cuda")
+    assert TrainConfig(attention_span=True, compile=True).compiles_on("cuda")
 
 
 def test_strategy_and_compile_are_validated_naming_the_field():
