@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "parameters, gradients and optimizer state over the workers (models DDP "
                    "cannot hold; sharded checkpoints). Either resumes the other's checkpoints")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on CUDA yes, except with "
-                   "--attention-span; on CPU no; docs/training.md)")
+                   help="torch.compile the model (default %(default)s: on CUDA unless "
+                   "--attention-span, never on CPU; docs/training.md)")
     p.add_argument("--max-steps", type=int, default=defaults.max_steps)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="sequences per worker per step")
@@ -317,13 +317,15 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         "final_loss": metrics.get("loss"),
         "final_loss_steps": metrics.get("loss_steps"),  # the last steps final_loss averages
         "held_out_loss": metrics.get("held_out_loss"),
-        "tokens_per_s": metrics.get("run_tokens_per_s"),  # the training steps alone
+        # The training steps alone (a compiled model's first step, its compile, left out).
+        "tokens_per_s": metrics.get("run_tokens_per_s"),
         # First step to the last, checkpoint saves, reports and evaluation included.
         "phase_tokens_per_s": metrics.get("phase_tokens_per_s"),
         "mfu": metrics.get("mfu"),  # last logging interval
         "comm_share": metrics.get("comm_share"),
         "peak_memory_bytes": metrics.get("peak_memory_bytes"),
         "precision": metrics.get("precision"),
+        "compiled": metrics.get("compiled"),
         "model_size": train_config.model_size,
         "num_workers": len(placement.worker_nodes),
         "placement": list(placement.worker_nodes),

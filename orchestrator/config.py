@@ -338,7 +338,8 @@ class TrainConfig:
         _check(p, self.strategy in STRATEGIES,
                f"strategy must be one of {', '.join(STRATEGIES)}, got {_shorten(self.strategy)}")
         _check(p, self.compile is None or isinstance(self.compile, bool),
-               f"compile must be true, false or null (on CUDA only), got {self.compile!r}")
+               f"compile must be true, false or null (null: compile on CUDA only), got "
+               f"{self.compile!r}")
         _check(p, isinstance(self.attention_span, bool),
                f"attention_span must be true or false, got {self.attention_span!r}")
         _check(p, is_int(self.span_ramp) and self.span_ramp >= 1,

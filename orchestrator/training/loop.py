@@ -198,7 +198,9 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                                "already_complete": step >= config.max_steps}
     if metrics["already_complete"]:
         session.report(metrics, None)
-    interval_start, interval_steps, loss_sum = time.perf_counter(), 0, 0.0
+    # interval_steps: the steps the reported loss averages; timed_steps: those the rates time
+    # (all of them, except a compiled model's first step).
+    interval_start, interval_steps, timed_steps, loss_sum = time.perf_counter(), 0, 0, 0.0
     run_tokens, run_seconds, skipped_steps = 0, 0.0, 0
     first_loss = None  # loss of this run's first step: the "before" of the loss curve
     phase_started = None  # start of this attempt's first step: the training phase's clock
@@ -232,6 +234,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         step += 1
         tokens_seen += tokens_per_step
         interval_steps += 1
+        timed_steps += 1
+        report_due = step % config.log_every == 0 or checkpoint_due
         # Accumulate on the device: .item() every step would stall a GPU on a host sync.
         loss_sum += loss.detach().float()
         if first_loss is None:
@@ -239,14 +243,19 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             # Wall-clock time of the first step this attempt completed: after a failure,
             # (this - failure time) is the recovery time.
             first_step_at = time.time()
+            if compiled and not report_due:
+                # That step compiled the model (15-65 s on an H200): timed, it would drag the
+                # first report's tokens/s and MFU down and set off the low-MFU warning.
+                interval_start, timed_steps = time.perf_counter(), 0
+                efficiency.restart()
 
-        if step % config.log_every == 0 or checkpoint_due:
+        if report_due:
             if device.type == "cuda":
                 # The host runs ahead of the GPU (a bf16 step has no host sync): without this
                 # the interval would end at the last kernel's launch, not its completion.
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - interval_start
-            run_tokens += interval_steps * tokens_per_step
+            run_tokens += timed_steps * tokens_per_step
             run_seconds += elapsed
             metrics = {
                 "step": step,
@@ -260,13 +269,14 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 "loss_steps": interval_steps,
                 "first_loss": first_loss,
                 "lr": lr_at(step - 1, config),
-                "tokens_per_s": interval_steps * tokens_per_step / elapsed,
+                "tokens_per_s": timed_steps * tokens_per_step / elapsed,
                 "run_tokens_per_s": run_tokens / run_seconds,
                 "tokens_seen": tokens_seen,
                 "skipped_steps": skipped_steps,
                 "world_size": session.world_size,
+                "compiled": compiled,
                 **_model_figures(model, precision, scaler, accumulation),
-                **efficiency.measure(interval_steps * tokens_per_step / elapsed, elapsed,
+                **efficiency.measure(timed_steps * tokens_per_step / elapsed, elapsed,
                                      session.world_size),
             }
             if step == config.max_steps and (session.world_rank == 0
@@ -297,7 +307,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 if session.world_rank == 0:
                     say(f"stopped at step {step} with a checkpoint: {yielding}")
                 return metrics
-            interval_start, interval_steps, loss_sum = time.perf_counter(), 0, 0.0
+            interval_start, interval_steps, timed_steps, loss_sum = time.perf_counter(), 0, 0, 0.0
     return metrics
 
 
@@ -420,6 +430,11 @@ class Efficiency:
             "memory_fraction": used / capacity,
         }
         return figures
+
+    def restart(self) -> None:
+        """Forget the all-reduce time so far: the interval's clock restarted."""
+        if self.comm:
+            self.comm.take()
 
     def warn(self, metrics: dict[str, Any]) -> None:
         for warning in warnings_for(metrics, self.thresholds):

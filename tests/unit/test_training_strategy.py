@@ -156,7 +156,7 @@ def test_pretrain_flags_reach_the_config(tmp_path):
 
 
 def test_compile_by_default_on_cuda_only_and_not_with_the_learnt_span():
-    # gpu_check measured compiled training 1.13-1.16x faster on an H200; on CPU compiling
+    # gpu_check measured compiled training 1.09-1.18x faster on an H200; on CPU compiling
     # costs minutes. An explicit choice wins on either.
     assert TrainConfig().compiles_on("cuda") and not TrainConfig().compiles_on("cpu")
     assert TrainConfig(compile=True).compiles_on("cpu")
