@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
+import os
 import sys
 import tempfile
 import time
 
 import torch
 
-from orchestrator.config import TrainConfig
+from orchestrator.config import MODEL_PRESETS, TrainConfig
 from orchestrator.probes import probe_nvml
 from orchestrator.training.efficiency import gpu_peak_flops
 from orchestrator.training.loop import train
@@ -47,8 +49,8 @@ class Run:
     precision: str = "bf16"
     compile: bool = False
     # Its wall time at 20 steps on the lent H200 (2026-12-04, measured or, where not run,
-    # scaled from a smaller batch; rounded up): a run that cannot finish inside the budget
-    # is skipped.
+    # scaled from a smaller batch; rounded up), times steps / 20 where more: a run that
+    # cannot finish inside the budget is skipped.
     cost_s: float = 60.0
 
     @property
@@ -60,7 +62,7 @@ class Run:
 # compile, a larger preset, fp16 with loss scaling), then a larger one again if time is left.
 # Batches fill a third to a half of an H200's 141 GB (measured peaks: large 128 -> 43 GB,
 # gpt2-medium 64 -> 59 GB; gpt2-large 32 is the estimate's ~55 GB, not yet run), where MFU
-# was 4-6 points higher than at a quarter of the batch; out of memory halves them.
+# was about 3-7 points higher than at a quarter of the batch; out of memory halves them.
 RUNS = (
     Run("large", 128, cost_s=20.0),
     Run("large", 128, compile=True, cost_s=55.0),
@@ -87,8 +89,18 @@ def measure_matmul_tflops(size: int = 8192, warmups: int = 3, repeats: int = 10)
     return 2 * size ** 3 / seconds / 1e12
 
 
+def fresh_process_state() -> None:
+    """What one run leaves behind, gone before the next: torch.compile's caches (it remembers
+    the last batch size per function, and a second model at another batch would compile with
+    the batch dimension symbolic, unlike a training process's one model) and freed memory."""
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def train_once(run: Run, steps: int, batch: int) -> dict:
     """One training run in this process: its last report's figures and its wall time."""
+    fresh_process_state()
     config = TrainConfig(model_size=run.preset, precision=run.precision, seq_len=SEQ_LEN,
                          batch_size=batch, max_steps=steps, log_every=steps // 2,
                          checkpoint_every=10 * steps, warmup_steps=1, compile=run.compile)
@@ -108,14 +120,16 @@ def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float)
     row: dict = {"run": run.name, "preset": run.preset, "precision": run.precision,
                  "compile": run.compile, "batch": run.batch}
     for batch in (run.batch, run.batch // 2):
+        if batch < 1:
+            break
         row["batch"] = batch
         try:
             row.update(train_once(run, steps, batch))
             row.pop("error", None)
             break
         except torch.cuda.OutOfMemoryError as error:
+            # (The next run's fresh_process_state frees what the traceback held.)
             row["error"] = f"out of memory at batch {batch}: {str(error)[:300]}"
-            torch.cuda.empty_cache()
         except Exception as error:  # noqa: BLE001 - the check reports it and goes on
             row["error"] = f"{type(error).__name__}: {str(error)[:500]}"
             break
@@ -127,30 +141,42 @@ def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float)
 
 
 def parse_run(spec: str) -> Run:
-    """PRESET:BATCH[:compiled][:fp16] (e.g. large:128:compiled); its cost is the default run's
-    of that preset (start-up, compile and checkpoint dominate 40 steps on an H200)."""
-    preset, batch, *flags = spec.split(":")
-    unknown = set(flags) - {"compiled", "fp16"}
-    if unknown or not batch.isdigit():
-        raise argparse.ArgumentTypeError(f"--runs: bad run {spec!r} (PRESET:BATCH[:compiled]"
-                                         "[:fp16])")
+    """PRESET:BATCH[:compiled][:fp16] (e.g. large:128:compiled). Its cost is the default
+    run's of the same preset, compile and precision (start-up, compile and checkpoint
+    dominate 20 steps on an H200), else Run's."""
+    preset, _, rest = spec.partition(":")
+    batch, *flags = rest.split(":")
+    problem = (f"unknown preset {preset!r} (one of {', '.join(MODEL_PRESETS)})"
+               if preset not in MODEL_PRESETS else
+               "the batch must be a whole number >= 1" if not batch.isdigit() or int(batch) < 1
+               else f"unknown flags {sorted(set(flags) - {'compiled', 'fp16'})}"
+               if set(flags) - {"compiled", "fp16"} else None)
+    if problem:
+        raise argparse.ArgumentTypeError(f"--runs: bad run {spec!r}: {problem} "
+                                         "(PRESET:BATCH[:compiled][:fp16])")
     run = Run(preset, int(batch), "fp16" if "fp16" in flags else "bf16", "compiled" in flags)
-    known = [r.cost_s for r in RUNS if (r.preset, r.compile) == (preset, run.compile)]
+    known = [r.cost_s for r in RUNS
+             if (r.preset, r.compile, r.precision) == (preset, run.compile, run.precision)]
     return dataclasses.replace(run, cost_s=known[0]) if known else run
 
 
 def compile_speedups(rows: list[dict]) -> dict:
-    """tokens/s compiled over not, per preset and precision where both ran."""
-    rates = {(r["preset"], r["precision"], r["compile"]): r.get("tokens_per_s") for r in rows}
-    return {f"{preset}-{precision}": round(rate / rates[(preset, precision, False)], 3)
-            for (preset, precision, compiled), rate in rates.items()
-            if compiled and rate and rates.get((preset, precision, False))}
+    """tokens/s compiled over not, per preset, precision and batch where both ran."""
+    rates = {(r["preset"], r["precision"], r["batch"], r["compile"]): r.get("tokens_per_s")
+             for r in rows}
+    return {f"{preset}-{precision}-{batch}":
+            round(rate / rates[(preset, precision, batch, False)], 3)
+            for (preset, precision, batch, compiled), rate in rates.items()
+            if compiled and rate and rates.get((preset, precision, batch, False))}
 
 
 def save(summary: dict, out: str | None) -> None:
+    """Written whole or not at all: a check killed mid-write keeps the previous file."""
     if out:
-        with open(out, "w") as handle:
+        partial = f"{out}.partial"
+        with open(partial, "w") as handle:
             json.dump(summary, handle, indent=1)
+        os.replace(partial, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs instead of the default ones, as PRESET:BATCH[:compiled]"
                         "[:fp16]")
     args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be >= 2 (MFU is measured over the last half)")
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device"}))
         return 1
@@ -181,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [], "skipped": []}
     save(summary, args.out)
     for run in args.runs:
-        if time.monotonic() + run.cost_s > deadline:
+        if time.monotonic() + run.cost_s * max(1.0, args.steps / 20) > deadline:
             summary["skipped"].append(run.name)
             continue
         row = measure(run, args.steps, datasheet, measured_tflops * 1e12)

@@ -2,6 +2,7 @@
 few to find there that a failed run stopped the check or that the budget was ignored."""
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(gpu_check, "measure_matmul_tflops", lambda: 791.0)
-    monkeypatch.setattr(gpu_check, "probe_nvml", lambda: [])
+    monkeypatch.setattr(gpu_check, "probe_nvml", list)
     monkeypatch.setattr(gpu_check, "resolve_precision", lambda *a: "bf16")
     calls = []
 
@@ -43,20 +44,49 @@ def test_a_failed_run_is_recorded_and_the_check_goes_on(fake_gpu, tmp_path, caps
     assert rows["bf16-gpt2-medium"]["batch"] == 32 and "error" not in rows["bf16-gpt2-medium"]
     assert rows["bf16-gpt2-large-compiled"]["error"] == "RuntimeError: inductor failed"
     assert rows["bf16-large-compiled"]["mfu_vs_measured_peak"] == round(0.4 * 989 / 791, 4)
-    assert summary["compile_speedup"] == {"large-bf16": 1.3}
+    assert summary["compile_speedup"] == {"large-bf16-128": 1.3}
     assert summary["measured_matmul_bf16_tflops"] == 791.0
 
 
 def test_runs_that_cannot_finish_in_the_budget_are_skipped_by_name(fake_gpu, capsys):
-    # large (compiled) costs 55 s, fp16 large 10 s: a 30 s budget runs only the second.
-    gpu_check.main(["--budget-s", "30", "--runs", "large:128:compiled", "large:16:fp16"])
+    # large compiled costs 55 s, fp16 large 10 s, bf16 large 20 s: a 15 s budget runs only
+    # the fp16 one; at 40 steps (twice the cost) none.
+    gpu_check.main(["--budget-s", "15", "--runs", "large:128:compiled", "large:16:fp16",
+                    "large:128"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["skipped"] == ["bf16-large-compiled"]
+    assert summary["skipped"] == ["bf16-large-compiled", "bf16-large"]
     assert [row["run"] for row in summary["runs"]] == ["fp16-large"]
+    gpu_check.main(["--budget-s", "15", "--steps", "40", "--runs", "large:16:fp16"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"] == []
 
 
-def test_a_bad_run_spec_is_refused_naming_it():
-    with pytest.raises(argparse.ArgumentTypeError, match="bad run 'large:many'"):
-        gpu_check.parse_run("large:many")
-    with pytest.raises(argparse.ArgumentTypeError, match="bad run 'large:8:fast'"):
-        gpu_check.parse_run("large:8:fast")
+def test_speedups_compare_runs_at_the_same_batch_only(fake_gpu, capsys):
+    gpu_check.main(["--budget-s", "1000", "--runs", "large:128:compiled", "large:32"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["compile_speedup"] == {}
+
+
+def test_out_of_memory_at_batch_one_is_not_retried_at_zero(fake_gpu, capsys):
+    gpu_check.main(["--budget-s", "1000", "--runs", "gpt2-medium:1"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"][0]
+    assert fake_gpu == [("bf16-gpt2-medium", 1)]
+    assert row["error"].startswith("out of memory at batch 1")
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ("large:many", "the batch must be a whole number >= 1"),
+    ("large:0", "the batch must be a whole number >= 1"),
+    ("large", "the batch must be a whole number >= 1"),
+    ("huge:8", "unknown preset 'huge'"),
+    ("large:8:fast", "unknown flags ['fast']"),
+])
+def test_a_bad_run_spec_is_refused_naming_it(spec, problem):
+    expected = re.escape(f"bad run {spec!r}: {problem}")
+    with pytest.raises(argparse.ArgumentTypeError, match=expected):
+        gpu_check.parse_run(spec)
+
+
+def test_too_few_steps_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--steps", "1"])
+    assert "--steps must be >= 2" in capsys.readouterr().err
