@@ -27,14 +27,18 @@ def test_auto_precision_picks_bf16_or_fp16_on_gpu():
         f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})")
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
-def test_training_runs_on_gpu(tmp_path, precision):
+# Compiled is the CUDA default; eager is --no-compile's path and the learnt span's default.
+@pytest.mark.parametrize("precision, compile_", [("bf16", None), ("bf16", False),
+                                                 ("fp16", None), ("fp32", False)])
+def test_training_runs_on_gpu(tmp_path, precision, compile_):
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("GPU has no bf16")
     config = TrainConfig(model_size="tiny", max_steps=20, batch_size=8, seq_len=64,
-                         precision=precision, log_every=10, checkpoint_every=20)
+                         precision=precision, log_every=10, checkpoint_every=20,
+                         compile=compile_)
     metrics = train(config, LocalSession(tmp_path, device=torch.device("cuda")))
     assert metrics["precision"] == precision
+    assert metrics["compiled"] is (compile_ is None)
     assert metrics["loss"] < metrics["first_loss"]
 
 
