@@ -208,8 +208,9 @@ def test_workload_keys_name_what_sets_the_speed():
     assert pretrain_workload(base) == f"gpt-small/seq{base.seq_len}/b{base.batch_size}/auto"
     keys = {pretrain_workload(TrainConfig(**change)) for change in (
         {}, {"model_size": "large"}, {"seq_len": 256}, {"batch_size": 8},
-        {"precision": "fp32"}, {"attention_span": True})}
-    assert len(keys) == 6  # each of these changes the key
+        {"precision": "fp32"}, {"attention_span": True}, {"compile": False},
+        {"compile": True}, {"compile": True, "attention_span": True})}
+    assert len(keys) == 9  # each of these changes the key
     assert pretrain_workload(TrainConfig(lr=1e-3, max_steps=5)) == pretrain_workload(base)
 
 
