@@ -40,6 +40,7 @@ from orchestrator.training.precision import resolve_precision
 from orchestrator.training.session import LocalSession
 
 SEQ_LEN = 1024
+COST_STEPS = 20  # the steps a Run's cost_s was measured at (the default --steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,8 @@ class Run:
     batch: int  # sequences per step at SEQ_LEN
     precision: str = "bf16"
     compile: bool = False
-    # Its wall time at 20 steps on the lent H200 (2026-12-04, measured or, where not run,
-    # scaled from a smaller batch; rounded up), times steps / 20 where more: a run that
+    # Its wall time at COST_STEPS steps on the lent H200 (2026-12-04, measured or, where not
+    # run, scaled from a smaller batch; rounded up), scaled up for more steps: a run that
     # cannot finish inside the budget is skipped.
     cost_s: float = 60.0
 
@@ -72,6 +73,7 @@ RUNS = (
     Run("gpt2-large", 32, cost_s=45.0),
     Run("gpt2-large", 32, compile=True, cost_s=140.0),
 )
+
 
 def measure_matmul_tflops(size: int = 8192, warmups: int = 3, repeats: int = 10) -> float:
     """bf16 matmul rate on random data, timed with CUDA events: the peak this GPU reaches."""
@@ -181,7 +183,7 @@ def save(summary: dict, out: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20,
+    parser.add_argument("--steps", type=int, default=COST_STEPS,
                         help="steps per run; MFU is the last half's (compile is in the first)")
     parser.add_argument("--budget-s", type=float, default=380.0,
                         help="skip runs that would not finish inside this many seconds")
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [], "skipped": []}
     save(summary, args.out)
     for run in args.runs:
-        if time.monotonic() + run.cost_s * max(1.0, args.steps / 20) > deadline:
+        if time.monotonic() + run.cost_s * max(1.0, args.steps / COST_STEPS) > deadline:
             summary["skipped"].append(run.name)
             continue
         row = measure(run, args.steps, datasheet, measured_tflops * 1e12)
