@@ -5,13 +5,16 @@ Runs the project's own training loop (`orchestrator.training.loop.train` through
   - the NVML probe's view of the GPUs and the `auto` precision chosen;
   - a bf16 matmul's rate measured here (8192^3, CUDA events): the achievable peak;
   - bf16 MFU of GPT-2 small's shape (`large`) and of `gpt2-medium` (then `gpt2-large` if time
-    is left) at seq 1024, without and with `torch.compile`, against the datasheet dense bf16
-    peak (the table in orchestrator/training/efficiency.py) and against the measured peak;
+    is left) at seq 1024 with GPT-2's 50,257-token vocabulary, without and with
+    `torch.compile`, against the datasheet dense bf16 peak (the table in
+    orchestrator/training/efficiency.py) and against the measured peak; `large` also with
+    the bundled corpus's 256 byte values (the figure measured before) and with the vocabulary
+    padded to 50,304 (a multiple of 64);
   - an fp16 run with dynamic loss scaling (its final scale and that its loss fell);
   - peak memory of each run.
 
     PYTHONPATH=. python -m scripts.gpu_check [--steps 20] [--budget-s 380] [--out FILE]
-        [--runs large:128:compiled gpt2-medium:64:compiled ...]
+        [--runs large:128:compiled:vocab=50257 gpt2-medium:64:compiled ...]
 
 A lent machine's time is short: runs go in order of importance, one that would not finish
 inside `--budget-s` is skipped (and says so), a failed run records its error and the next one
@@ -40,6 +43,8 @@ from orchestrator.training.precision import resolve_precision
 from orchestrator.training.session import LocalSession
 
 SEQ_LEN = 1024
+BYTE_VOCAB = 256  # the bundled corpus's vocabulary
+GPT2_VOCAB = 50257  # GPT-2's tokenizer: what a GPT-2-shaped model has in practice
 COST_STEPS = 20  # the steps a Run's cost_s was measured at (the default --steps)
 
 
@@ -49,6 +54,9 @@ class Run:
     batch: int  # sequences per step at SEQ_LEN
     precision: str = "bf16"
     compile: bool = False
+    # The model's vocabulary. Throughput depends on its size, not on the token ids, so the
+    # bundled byte corpus stands in for tokenized text (ids < 256 of a larger vocabulary).
+    vocab: int = BYTE_VOCAB
     # Its wall time at COST_STEPS steps on the lent H200 (2026-12-04, measured or, where not
     # run, scaled from a smaller batch; rounded up), scaled up for more steps: a run that
     # cannot finish inside the budget is skipped.
@@ -56,22 +64,28 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.precision}-{self.preset}{'-compiled' if self.compile else ''}"
+        return (f"{self.precision}-{self.preset}{'-compiled' if self.compile else ''}"
+                f"{'' if self.vocab == BYTE_VOCAB else f'-vocab{self.vocab}'}")
 
 
-# In order of importance: what issue 19 asks first (GPT-2 small's shape with and without
-# compile, a larger preset, fp16 with loss scaling), then a larger one again if time is left.
-# Batches fill a third to a half of an H200's 141 GB (measured peaks: large 128 -> 43 GB,
-# gpt2-medium 64 -> 59 GB; gpt2-large 32 is the estimate's ~55 GB, not yet run), where MFU
-# was about 3-7 points higher than at a quarter of the batch; out of memory halves them.
+# In order of importance: what issue 19 asks first (GPT-2 small's shape, its vocabulary
+# included, with and without compile; fp16 with loss scaling; a larger preset with and
+# without), then what explains the figures (the byte vocabulary measured before, the padded
+# vocabulary), then a larger preset again if time is left. Batches fill a third to
+# three quarters of an H200's 141 GB (measured peaks at the byte vocabulary: large 128 ->
+# 43 GB, gpt2-medium 64 -> 59 GB; GPT-2's vocabulary adds its logits, ~13 GB per 128k
+# tokens in bf16 plus their fp32 copy for the loss), where MFU was about 3-7 points higher
+# than at a quarter of the batch; out of memory halves them.
 RUNS = (
-    Run("large", 128, cost_s=20.0),
-    Run("large", 128, compile=True, cost_s=55.0),
+    Run("large", 128, compile=True, vocab=GPT2_VOCAB, cost_s=75.0),
+    Run("large", 128, vocab=GPT2_VOCAB, cost_s=30.0),
     Run("large", 16, precision="fp16", cost_s=10.0),
-    Run("gpt2-medium", 64, cost_s=30.0),
-    Run("gpt2-medium", 64, compile=True, cost_s=100.0),
-    Run("gpt2-large", 32, cost_s=45.0),
-    Run("gpt2-large", 32, compile=True, cost_s=140.0),
+    Run("gpt2-medium", 64, compile=True, vocab=GPT2_VOCAB, cost_s=115.0),
+    Run("gpt2-medium", 64, vocab=GPT2_VOCAB, cost_s=40.0),
+    Run("large", 128, compile=True, cost_s=55.0),
+    Run("large", 128, compile=True, vocab=50304, cost_s=75.0),
+    Run("gpt2-large", 32, compile=True, vocab=GPT2_VOCAB, cost_s=160.0),
+    Run("gpt2-large", 32, vocab=GPT2_VOCAB, cost_s=55.0),
 )
 
 
@@ -105,7 +119,8 @@ def train_once(run: Run, steps: int, batch: int) -> dict:
     fresh_process_state()
     config = TrainConfig(model_size=run.preset, precision=run.precision, seq_len=SEQ_LEN,
                          batch_size=batch, max_steps=steps, log_every=steps // 2,
-                         checkpoint_every=10 * steps, warmup_steps=1, compile=run.compile)
+                         checkpoint_every=10 * steps, warmup_steps=1, compile=run.compile,
+                         vocab_size=run.vocab)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as run_dir:
         torch.cuda.reset_peak_memory_stats()
@@ -120,7 +135,7 @@ def train_once(run: Run, steps: int, batch: int) -> dict:
 def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float) -> dict:
     """A run's row: its figures, or its error; out of memory retries once at half the batch."""
     row: dict = {"run": run.name, "preset": run.preset, "precision": run.precision,
-                 "compile": run.compile, "batch": run.batch}
+                 "compile": run.compile, "vocab": run.vocab, "batch": run.batch}
     for batch in (run.batch, run.batch // 2):
         if batch < 1:
             break
@@ -142,34 +157,44 @@ def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float)
     return row
 
 
+RUN_SPEC = "PRESET:BATCH[:compiled][:fp16][:vocab=N]"
+
+
 def parse_run(spec: str) -> Run:
-    """PRESET:BATCH[:compiled][:fp16] (e.g. large:128:compiled). Its cost is the default
-    run's of the same preset, compile and precision (start-up, compile and checkpoint
-    dominate 20 steps on an H200), else Run's."""
+    """PRESET:BATCH[:compiled][:fp16][:vocab=N] (e.g. large:128:compiled:vocab=50257; the
+    vocabulary is the byte corpus's 256 unless given). Its cost is the default run's of the
+    same preset, compile, precision and vocabulary (else of the nearest vocabulary: start-up,
+    compile and checkpoint dominate 20 steps on an H200), else Run's."""
     preset, _, rest = spec.partition(":")
     batch, *flags = rest.split(":")
+    vocabs = [f.partition("=")[2] for f in flags if f.startswith("vocab=")]
+    unknown = sorted(f for f in flags if f not in ("compiled", "fp16")
+                     and not f.startswith("vocab="))
     problem = (f"unknown preset {preset!r} (one of {', '.join(MODEL_PRESETS)})"
                if preset not in MODEL_PRESETS else
                "the batch must be a whole number >= 1" if not batch.isdigit() or int(batch) < 1
-               else f"unknown flags {sorted(set(flags) - {'compiled', 'fp16'})}"
-               if set(flags) - {"compiled", "fp16"} else None)
+               else f"unknown flags {unknown}" if unknown
+               else "vocab= must be given once, as a whole number >= 2"
+               if len(vocabs) > 1 or (vocabs and not (vocabs[0].isdigit() and int(vocabs[0]) >= 2))
+               else None)
     if problem:
-        raise argparse.ArgumentTypeError(f"--runs: bad run {spec!r}: {problem} "
-                                         "(PRESET:BATCH[:compiled][:fp16])")
-    run = Run(preset, int(batch), "fp16" if "fp16" in flags else "bf16", "compiled" in flags)
-    known = [r.cost_s for r in RUNS
-             if (r.preset, r.compile, r.precision) == (preset, run.compile, run.precision)]
-    return dataclasses.replace(run, cost_s=known[0]) if known else run
+        raise argparse.ArgumentTypeError(f"--runs: bad run {spec!r}: {problem} ({RUN_SPEC})")
+    run = Run(preset, int(batch), "fp16" if "fp16" in flags else "bf16", "compiled" in flags,
+              int(vocabs[0]) if vocabs else BYTE_VOCAB)
+    known = sorted((abs(r.vocab - run.vocab), r.cost_s) for r in RUNS
+                   if (r.preset, r.compile, r.precision) == (preset, run.compile, run.precision))
+    return dataclasses.replace(run, cost_s=known[0][1]) if known else run
 
 
 def compile_speedups(rows: list[dict]) -> dict:
-    """tokens/s compiled over not, per preset, precision and batch where both ran."""
-    rates = {(r["preset"], r["precision"], r["batch"], r["compile"]): r.get("tokens_per_s")
-             for r in rows}
-    return {f"{preset}-{precision}-{batch}":
-            round(rate / rates[(preset, precision, batch, False)], 3)
-            for (preset, precision, batch, compiled), rate in rates.items()
-            if compiled and rate and rates.get((preset, precision, batch, False))}
+    """tokens/s compiled over not, per preset, precision, vocabulary and batch where both
+    ran."""
+    rates = {(r["preset"], r["precision"], r["vocab"], r["batch"], r["compile"]):
+             r.get("tokens_per_s") for r in rows}
+    return {f"{preset}-{precision}-vocab{vocab}-{batch}":
+            round(rate / rates[(preset, precision, vocab, batch, False)], 3)
+            for (preset, precision, vocab, batch, compiled), rate in rates.items()
+            if compiled and rate and rates.get((preset, precision, vocab, batch, False))}
 
 
 def save(summary: dict, out: str | None) -> None:
@@ -189,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip runs that would not finish inside this many seconds")
     parser.add_argument("--out", help="a JSON file rewritten after every run")
     parser.add_argument("--runs", nargs="+", type=parse_run, default=list(RUNS),
-                        help="runs instead of the default ones, as PRESET:BATCH[:compiled]"
-                        "[:fp16]")
+                        help=f"runs instead of the default ones, as {RUN_SPEC}")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be >= 2 (MFU is measured over the last half)")

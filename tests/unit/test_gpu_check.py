@@ -44,12 +44,12 @@ def test_a_failed_run_is_recorded_and_the_check_goes_on(fake_gpu, tmp_path, caps
     assert rows["bf16-gpt2-medium"]["batch"] == 32 and "error" not in rows["bf16-gpt2-medium"]
     assert rows["bf16-gpt2-large-compiled"]["error"] == "RuntimeError: inductor failed"
     assert rows["bf16-large-compiled"]["mfu_vs_measured_peak"] == round(0.4 * 989 / 791, 4)
-    assert summary["compile_speedup"] == {"large-bf16-128": 1.3}
+    assert summary["compile_speedup"] == {"large-bf16-vocab256-128": 1.3}
     assert summary["measured_matmul_bf16_tflops"] == 791.0
 
 
 def test_runs_that_cannot_finish_in_the_budget_are_skipped_by_name(fake_gpu, capsys):
-    # large compiled costs 55 s, fp16 large 10 s, bf16 large 20 s: a 15 s budget runs only
+    # large compiled costs 55 s, fp16 large 10 s, bf16 large 30 s: a 15 s budget runs only
     # the fp16 one; at 40 steps (twice the cost) none.
     gpu_check.main(["--budget-s", "15", "--runs", "large:128:compiled", "large:16:fp16",
                     "large:128"])
@@ -79,11 +79,31 @@ def test_out_of_memory_at_batch_one_is_not_retried_at_zero(fake_gpu, capsys):
     ("large", "the batch must be a whole number >= 1"),
     ("huge:8", "unknown preset 'huge'"),
     ("large:8:fast", "unknown flags ['fast']"),
+    ("large:8:vocab=big", "vocab= must be given once, as a whole number >= 2"),
+    ("large:8:vocab=1", "vocab= must be given once, as a whole number >= 2"),
+    ("large:8:vocab=300:vocab=400", "vocab= must be given once"),
 ])
 def test_a_bad_run_spec_is_refused_naming_it(spec, problem):
     expected = re.escape(f"bad run {spec!r}: {problem}")
     with pytest.raises(argparse.ArgumentTypeError, match=expected):
         gpu_check.parse_run(spec)
+
+
+def test_a_run_spec_sets_the_vocabulary_and_takes_the_nearest_known_cost():
+    run = gpu_check.parse_run("large:64:compiled:vocab=50000")
+    assert (run.preset, run.batch, run.compile, run.vocab) == ("large", 64, True, 50000)
+    assert run.name == "bf16-large-compiled-vocab50000"
+    nearest = min((r for r in gpu_check.RUNS if r.preset == "large" and r.compile),
+                  key=lambda r: abs(r.vocab - 50000))
+    assert run.cost_s == nearest.cost_s
+    assert gpu_check.parse_run("large:64").vocab == gpu_check.BYTE_VOCAB
+
+
+def test_speedups_compare_runs_of_the_same_vocabulary_only(fake_gpu, capsys):
+    gpu_check.main(["--budget-s", "1000", "--runs", "large:32:compiled:vocab=50257",
+                    "large:32", "large:32:vocab=50257"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["compile_speedup"] == {"large-bf16-vocab50257-32": 1.3}
 
 
 def test_too_few_steps_are_refused(capsys):
