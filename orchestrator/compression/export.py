@@ -36,13 +36,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from orchestrator.compression.artifacts import (CheckpointError, load_tensors, save_tensors,
                                                 sha256_file, write_json)
 from orchestrator.compression.qat import WEIGHT_QMAX, Int8Linear, quantize_weight
 from orchestrator.cpython_quirks import retry_spurious_ast_error
-from orchestrator.training.model import GPT, GPTConfig
+from orchestrator.training.model import GPT, GPTConfig, token_cross_entropy
 
 ONNX_FILE = "model.int8.onnx"
 TORCH_FILE = "weights.int8.pt"
@@ -420,10 +419,7 @@ class OnnxInt8Model:
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = torch.from_numpy(
             self.session.run(["logits"], {"idx": idx.cpu().long().numpy()})[0])
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.cpu().view(-1))
-        return logits, loss
+        return logits, (None if targets is None else token_cross_entropy(logits, targets.cpu()))
 
     forward = __call__
 

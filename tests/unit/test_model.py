@@ -1,9 +1,11 @@
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from orchestrator.training.model import GPT, GPTConfig
+from orchestrator.training.model import GPT, GPTConfig, token_cross_entropy
 
 TINY = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -41,3 +43,37 @@ def test_too_long_sequence_is_refused():
 def test_head_is_tied_to_embedding():
     model = GPT(TINY)
     assert model.lm_head.weight is model.tok_emb.weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_cross_entropy_is_cross_entropy_in_fp32(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 5, 70) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 70, (2, 5))
+    ours = token_cross_entropy(logits, targets)
+    (ours_grad,) = torch.autograd.grad(ours, logits)
+    reference = F.cross_entropy(logits.float().view(-1, 70), targets.view(-1))
+    (reference_grad,) = torch.autograd.grad(reference, logits)
+    assert ours.dtype == torch.float32
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert torch.allclose(ours_grad.float(), reference_grad.float(), atol=1e-6)
+
+
+def test_a_vocabulary_off_the_alignment_trains_on_a_padded_head_with_the_same_results():
+    """GPT-2's 50,257 rows are padded to a multiple of 64 for the head's product in training:
+    the logits, loss and gradients must be the unpadded head's."""
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(TINY, vocab_size=300))
+    idx, targets = torch.randint(0, 300, (3, 16)), torch.randint(0, 300, (3, 16))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 16, 300) and not logits.is_contiguous()  # the padded product
+    loss.backward()
+    padded_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    unpadded, _ = model(idx)  # decoding's path: the head as it is
+    reference = F.cross_entropy(unpadded.float().view(-1, 300), targets.view(-1))
+    reference.backward()
+    assert torch.equal(logits, unpadded)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    for padded, p in zip(padded_grads, model.parameters()):
+        assert torch.allclose(padded, p.grad, atol=1e-7)
