@@ -13,7 +13,9 @@ workers; one block's parameters gathered at a time, the next one prefetched):
 - activations kept for the backward pass, per layer s·b·h·34 bytes at 16 bits (Korthikanti
   et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", with the
   attention matrix not stored, as SDPA's fused kernels do; twice that in fp32), plus the
-  logits and their fp32 loss (b·s·V).
+  logits (b·s·V) in the compute dtype and the fp32 copies the loss and its gradient make of
+  them: two live at once under torch.compile, three in eager mode (measured on an H200 with
+  GPT-2's vocabulary: ~7.5 bytes per logit compiled, ~13 eager, in bf16; docs/training.md).
 
 It leaves out the CUDA context and allocator slack (typically 0.5-2 GB): `dry_run` says so,
 and `gpu_memory_needed_gb` (the free memory a run's placement asks of each worker's GPU) adds
@@ -47,6 +49,7 @@ class Shape:
     seq_len: int
     compute_bytes: int  # 2 under bf16/fp16 autocast, 4 in fp32
     hierarchical: bool = False  # accumulation with unequal factors
+    compiled: bool = False  # torch.compile'd: fewer fp32 copies of the logits live at once
 
     @property
     def block_params(self) -> int:
@@ -88,8 +91,9 @@ class WorkerMemory:
 def activation_bytes(shape: Shape) -> int:
     tokens = shape.batch_size * shape.seq_len
     per_layer = ACTIVATION_BYTES_PER_LAYER_16BIT * tokens * shape.n_embd * shape.compute_bytes // 2
-    # Logits in the compute dtype, their fp32 copy for the loss and its gradient.
-    logits = tokens * shape.vocab_size * (shape.compute_bytes + 2 * FP32)
+    # Logits in the compute dtype and the fp32 copies the loss and its gradient make of them.
+    fp32_copies = 2 if shape.compiled else 3
+    logits = tokens * shape.vocab_size * (shape.compute_bytes + fp32_copies * FP32)
     return shape.n_layer * per_layer + logits
 
 
@@ -115,14 +119,16 @@ def fsdp_worker_memory(shape: Shape, workers: int) -> WorkerMemory:
 
 def shape_of(config: TrainConfig, on_gpu: bool) -> Shape:
     """The memory-relevant shape of a run. Precision `auto` computes in 16 bits on a GPU (bf16
-    or fp16 with loss scaling) and in fp32 on a CPU."""
+    or fp16 with loss scaling) and in fp32 on a CPU; the model is compiled where
+    `TrainConfig.compiles_on` says (by default on a GPU)."""
     low = config.precision in ("bf16", "fp16") or (config.precision == "auto" and on_gpu)
     preset = config.model_preset
     return Shape(n_layer=preset["n_layer"], n_embd=preset["n_embd"],
                  vocab_size=config.vocab_size, block_size=config.seq_len,
                  batch_size=config.batch_size, seq_len=config.seq_len,
                  compute_bytes=2 if low else FP32,
-                 hierarchical=len(set(config.accumulation_factors.values())) > 1)
+                 hierarchical=len(set(config.accumulation_factors.values())) > 1,
+                 compiled=config.compiles_on("cuda" if on_gpu else "cpu"))
 
 
 def worker_memory(config: TrainConfig, workers: int, on_gpu: bool) -> WorkerMemory:

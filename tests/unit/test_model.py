@@ -45,18 +45,15 @@ def test_head_is_tied_to_embedding():
     assert model.lm_head.weight is model.tok_emb.weight
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_token_cross_entropy_is_cross_entropy_in_fp32(dtype):
+def test_the_loss_of_bf16_logits_is_computed_in_fp32():
     torch.manual_seed(0)
-    logits = (torch.randn(2, 5, 70) * 4).to(dtype).requires_grad_()
+    logits = torch.randn(2, 5, 70) * 4
     targets = torch.randint(0, 70, (2, 5))
-    ours = token_cross_entropy(logits, targets)
-    (ours_grad,) = torch.autograd.grad(ours, logits)
-    reference = F.cross_entropy(logits.float().view(-1, 70), targets.view(-1))
-    (reference_grad,) = torch.autograd.grad(reference, logits)
-    assert ours.dtype == torch.float32
-    assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
-    assert torch.allclose(ours_grad.float(), reference_grad.float(), atol=1e-6)
+    low = token_cross_entropy(logits.bfloat16(), targets)
+    assert low.dtype == torch.float32
+    # Rounded to bf16 (8 bits of mantissa), the loss would be off by up to ~0.4%.
+    exact = F.cross_entropy(logits.bfloat16().float().view(-1, 70), targets.view(-1))
+    assert low.item() == exact.item()
 
 
 def test_a_vocabulary_off_the_alignment_trains_on_a_padded_head_with_the_same_results():
