@@ -16,6 +16,12 @@ Runs the project's own training loop (`orchestrator.training.loop.train` through
     PYTHONPATH=. python -m scripts.gpu_check [--steps 20] [--budget-s 380] [--out FILE]
         [--runs large:128:compiled:vocab=50257 gpt2-medium:64:compiled ...]
 
+Two run flags explain a figure rather than make one: `cudnn` puts cuDNN's attention first in
+SDPA's backend order (a candidate for GPT-2 small's attention-heavy shape), and `profile`
+records the run's CUDA kernels and adds each kind's share of the GPU time (matrix products,
+attention, the loss, inductor's fused kernels, the optimizer, copies) and the top kernels to
+its row; a profiled run's own rates carry the profiler's overhead.
+
 A lent machine's time is short: runs go in order of importance, one that would not finish
 inside `--budget-s` is skipped (and says so), a failed run records its error and the next one
 goes on, and `--out` is rewritten after every run so a killed check still leaves its figures.
@@ -25,10 +31,12 @@ project's pure modules.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -57,6 +65,8 @@ class Run:
     # The model's vocabulary. Throughput depends on its size, not on the token ids, so the
     # bundled byte corpus stands in for tokenized text (ids < 256 of a larger vocabulary).
     vocab: int = BYTE_VOCAB
+    cudnn: bool = False  # cuDNN attention first in SDPA's backend order
+    profile: bool = False  # record the CUDA kernels: the row gets where the GPU time went
     # Its wall time at COST_STEPS steps on the lent H200 (2026-12-04, measured or, where not
     # run, scaled from a smaller batch; rounded up), scaled up for more steps: a run that
     # cannot finish inside the budget is skipped.
@@ -65,27 +75,30 @@ class Run:
     @property
     def name(self) -> str:
         return (f"{self.precision}-{self.preset}{'-compiled' if self.compile else ''}"
-                f"{'' if self.vocab == BYTE_VOCAB else f'-vocab{self.vocab}'}")
+                f"{'' if self.vocab == BYTE_VOCAB else f'-vocab{self.vocab}'}"
+                f"{'-cudnn' if self.cudnn else ''}{'-profiled' if self.profile else ''}")
 
 
 # In order of importance: what issue 19 asks first (GPT-2 small's shape, its vocabulary
 # included, with and without compile; fp16 with loss scaling; a larger preset with and
-# without), then what explains the figures (the byte vocabulary measured before, the padded
-# vocabulary), then a larger preset again if time is left. Batches fill a third to
-# three quarters of an H200's 141 GB (measured peaks at the byte vocabulary: large 128 ->
-# 43 GB, gpt2-medium 64 -> 59 GB; GPT-2's vocabulary adds its logits, ~13 GB per 128k
-# tokens in bf16 plus their fp32 copy for the loss), where MFU was about 3-7 points higher
-# than at a quarter of the batch; out of memory halves them.
+# without), then what may explain or raise GPT-2 small's figure (cuDNN attention; where its
+# GPU time goes), the largest preset, and the byte and padded vocabularies measured twice
+# before. Batches fill half to two thirds of an H200's 141 GB (measured peaks with GPT-2's
+# vocabulary: large 128 -> 92 GB compiled, 64 -> 65 GB eager, whose 128 ran out of memory;
+# gpt2-medium 64 -> 84-90 GB compiled, 102 GB eager; gpt2-large 32 -> 83 GB eager); out of
+# memory halves them.
 RUNS = (
     Run("large", 128, compile=True, vocab=GPT2_VOCAB, cost_s=75.0),
-    Run("large", 128, vocab=GPT2_VOCAB, cost_s=30.0),
+    Run("large", 64, vocab=GPT2_VOCAB, cost_s=30.0),
     Run("large", 16, precision="fp16", cost_s=10.0),
     Run("gpt2-medium", 64, compile=True, vocab=GPT2_VOCAB, cost_s=115.0),
     Run("gpt2-medium", 64, vocab=GPT2_VOCAB, cost_s=40.0),
-    Run("large", 128, compile=True, cost_s=55.0),
-    Run("large", 128, compile=True, vocab=50304, cost_s=75.0),
+    Run("large", 128, compile=True, vocab=GPT2_VOCAB, cudnn=True, cost_s=75.0),
+    Run("large", 128, compile=True, vocab=GPT2_VOCAB, profile=True, cost_s=75.0),
     Run("gpt2-large", 32, compile=True, vocab=GPT2_VOCAB, cost_s=160.0),
     Run("gpt2-large", 32, vocab=GPT2_VOCAB, cost_s=55.0),
+    Run("large", 128, compile=True, cost_s=55.0),
+    Run("large", 128, compile=True, vocab=50304, cost_s=75.0),
 )
 
 
@@ -105,6 +118,66 @@ def measure_matmul_tflops(size: int = 8192, warmups: int = 3, repeats: int = 10)
     return 2 * size ** 3 / seconds / 1e12
 
 
+# Kinds of CUDA kernels by name, the first match wins (attention before matrix products: its
+# kernels' names can carry "cutlass"; the loss before inductor's fused kernels, which name the
+# ops they fuse).
+KERNEL_KINDS = (
+    ("attention", re.compile(r"flash|fmha|sdpa|attention", re.I)),
+    ("matmul", re.compile(r"gemm|xmma|cutlass|nvjet|cublas|triton_tem_", re.I)),
+    ("loss", re.compile(r"log_softmax|nll_loss|cross_entropy", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|foreach|adam", re.I)),
+    ("copies", re.compile(r"memcpy|memset|copy", re.I)),
+    ("fused (inductor)", re.compile(r"^triton_", re.I)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+
+
+def kernel_breakdown(device_us: dict[str, float], top: int = 8) -> dict:
+    """Where the GPU time went: each kind's share of the kernels' total time, and the
+    `top` kernels' names (cut to 100 characters) with their shares."""
+    total = sum(device_us.values())
+    if total <= 0:
+        return {"profile_error": "the profiler recorded no CUDA kernel time"}
+    shares: dict[str, float] = {}
+    for name, us in device_us.items():
+        kind = kernel_kind(name)
+        shares[kind] = shares.get(kind, 0.0) + us / total
+    largest = sorted(device_us.items(), key=lambda item: -item[1])[:top]
+    return {"device_time_s": round(total / 1e6, 3),
+            "device_time_shares": {k: round(v, 4) for k, v in
+                                   sorted(shares.items(), key=lambda item: -item[1])},
+            "top_kernels": [[name[:100], round(us / total, 4)] for name, us in largest]}
+
+
+def kernel_times(profiler: torch.profiler.profile) -> dict[str, float]:
+    """Microseconds of GPU time per kernel name recorded by a CUDA-only profiler (the CUDA
+    runtime's host-side calls it also records have none and are left out)."""
+    times = {}
+    for event in profiler.key_averages():
+        us = getattr(event, "self_device_time_total", None)  # self_cuda_time_total before 2.4
+        us = getattr(event, "self_cuda_time_total", 0.0) if us is None else us
+        if us > 0:
+            times[event.key] = us
+    return times
+
+
+@contextlib.contextmanager
+def run_context(run: Run):
+    """What a run's flags put around its training: cuDNN attention first, the profiler."""
+    with contextlib.ExitStack() as stack:
+        if run.cudnn:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(
+                [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True))
+        yield (stack.enter_context(torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA])) if run.profile else None)
+
+
 def fresh_process_state() -> None:
     """What one run leaves behind, gone before the next: torch.compile's caches (it remembers
     the last batch size per function, and a second model at another batch would compile with
@@ -122,10 +195,12 @@ def train_once(run: Run, steps: int, batch: int) -> dict:
                          checkpoint_every=10 * steps, warmup_steps=1, compile=run.compile,
                          vocab_size=run.vocab)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as run_dir:
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as run_dir, \
+            run_context(run) as profiler:
         torch.cuda.reset_peak_memory_stats()
         metrics = train(config, LocalSession(run_dir, device=torch.device("cuda")))
-    return {"mfu": metrics.get("mfu"), "tokens_per_s": metrics.get("tokens_per_s"),
+    profiled = kernel_breakdown(kernel_times(profiler)) if profiler is not None else {}
+    return {**profiled, "mfu": metrics.get("mfu"), "tokens_per_s": metrics.get("tokens_per_s"),
             "first_loss": metrics.get("first_loss"), "loss": metrics.get("loss"),
             "loss_scale": metrics.get("loss_scale"), "precision": metrics.get("precision"),
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1024 ** 3, 2),
@@ -135,7 +210,8 @@ def train_once(run: Run, steps: int, batch: int) -> dict:
 def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float) -> dict:
     """A run's row: its figures, or its error; out of memory retries once at half the batch."""
     row: dict = {"run": run.name, "preset": run.preset, "precision": run.precision,
-                 "compile": run.compile, "vocab": run.vocab, "batch": run.batch}
+                 "compile": run.compile, "vocab": run.vocab, "cudnn": run.cudnn,
+                 "profiled": run.profile, "batch": run.batch}
     for batch in (run.batch, run.batch // 2):
         if batch < 1:
             break
@@ -157,19 +233,19 @@ def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float)
     return row
 
 
-RUN_SPEC = "PRESET:BATCH[:compiled][:fp16][:vocab=N]"
+RUN_SPEC = "PRESET:BATCH[:compiled][:fp16][:cudnn][:profile][:vocab=N]"
+FLAGS = ("compiled", "fp16", "cudnn", "profile")
 
 
 def parse_run(spec: str) -> Run:
-    """PRESET:BATCH[:compiled][:fp16][:vocab=N] (e.g. large:128:compiled:vocab=50257; the
+    """RUN_SPEC (e.g. large:128:compiled:vocab=50257; the
     vocabulary is the byte corpus's 256 unless given). Its cost is the default run's of the
     same preset, compile, precision and vocabulary (else of the nearest vocabulary: start-up,
     compile and checkpoint dominate 20 steps on an H200), else Run's."""
     preset, _, rest = spec.partition(":")
     batch, *flags = rest.split(":")
     vocabs = [f.partition("=")[2] for f in flags if f.startswith("vocab=")]
-    unknown = sorted(f for f in flags if f not in ("compiled", "fp16")
-                     and not f.startswith("vocab="))
+    unknown = sorted(f for f in flags if f not in FLAGS and not f.startswith("vocab="))
     problem = (f"unknown preset {preset!r} (one of {', '.join(MODEL_PRESETS)})"
                if preset not in MODEL_PRESETS else
                "the batch must be a whole number >= 1" if not batch.isdigit() or int(batch) < 1
@@ -180,7 +256,8 @@ def parse_run(spec: str) -> Run:
     if problem:
         raise argparse.ArgumentTypeError(f"--runs: bad run {spec!r}: {problem} ({RUN_SPEC})")
     run = Run(preset, int(batch), "fp16" if "fp16" in flags else "bf16", "compiled" in flags,
-              int(vocabs[0]) if vocabs else BYTE_VOCAB)
+              int(vocabs[0]) if vocabs else BYTE_VOCAB, cudnn="cudnn" in flags,
+              profile="profile" in flags)
     known = sorted((abs(r.vocab - run.vocab), r.cost_s) for r in RUNS
                    if (r.preset, r.compile, r.precision) == (preset, run.compile, run.precision))
     return dataclasses.replace(run, cost_s=known[0][1]) if known else run
@@ -188,9 +265,9 @@ def parse_run(spec: str) -> Run:
 
 def compile_speedups(rows: list[dict]) -> dict:
     """tokens/s compiled over not, per preset, precision, vocabulary and batch where both
-    ran."""
+    ran (runs with cuDNN attention first or the profiler on left out)."""
     rates = {(r["preset"], r["precision"], r["vocab"], r["batch"], r["compile"]):
-             r.get("tokens_per_s") for r in rows}
+             r.get("tokens_per_s") for r in rows if not r["cudnn"] and not r["profiled"]}
     return {f"{preset}-{precision}-vocab{vocab}-{batch}":
             round(rate / rates[(preset, precision, vocab, batch, False)], 3)
             for (preset, precision, vocab, batch, compiled), rate in rates.items()

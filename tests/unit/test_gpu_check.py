@@ -106,6 +106,55 @@ def test_speedups_compare_runs_of_the_same_vocabulary_only(fake_gpu, capsys):
     assert summary["compile_speedup"] == {"large-bf16-vocab50257-32": 1.3}
 
 
+def test_kernels_are_sorted_into_kinds_by_name():
+    kinds = {name: gpu_check.kernel_kind(name) for name in (
+        "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80",
+        "cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1_kernel0_0",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1",
+        "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTT",
+        "triton_red_fused__log_softmax_backward_data_nll_loss_backward_3",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+        "triton_poi_fused_add_gelu_native_layer_norm_7",
+        "Memcpy HtoD (Pinned -> Device)",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>")}
+    assert list(kinds.values()) == ["attention", "attention", "attention", "matmul", "matmul",
+                                    "loss", "optimizer", "fused (inductor)", "copies", "other"]
+
+
+def test_the_breakdown_gives_each_kinds_share_of_the_gpu_time():
+    breakdown = gpu_check.kernel_breakdown(
+        {"sm90_xmma_gemm_a": 600.0, "nvjet_b": 100.0, "flash_fwd_kernel": 200.0,
+         "triton_poi_fused_add_0": 100.0}, top=2)
+    assert breakdown["device_time_shares"] == {"matmul": 0.7, "attention": 0.2,
+                                               "fused (inductor)": 0.1}
+    assert breakdown["top_kernels"] == [["sm90_xmma_gemm_a", 0.6], ["flash_fwd_kernel", 0.2]]
+    assert breakdown["device_time_s"] == 0.001
+    assert "profile_error" in gpu_check.kernel_breakdown({})
+
+
+def test_kernel_times_keep_the_kernels_that_took_gpu_time():
+    class Event:
+        def __init__(self, key, us):
+            self.key, self.self_device_time_total = key, us
+
+    class Profiler:
+        def key_averages(self):
+            return [Event("cudaLaunchKernel", 0.0), Event("sm90_xmma_gemm", 120.0)]
+
+    assert gpu_check.kernel_times(Profiler()) == {"sm90_xmma_gemm": 120.0}
+
+
+def test_cudnn_and_profile_runs_are_named_and_kept_out_of_the_compile_speedups(fake_gpu,
+                                                                               capsys):
+    run = gpu_check.parse_run("large:32:compiled:cudnn:profile")
+    assert (run.cudnn, run.profile, run.name) == (True, True,
+                                                  "bf16-large-compiled-cudnn-profiled")
+    gpu_check.main(["--budget-s", "1000", "--runs", "large:32:compiled:cudnn", "large:32"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["runs"][0]["cudnn"] and summary["compile_speedup"] == {}
+
+
 def test_too_few_steps_are_refused(capsys):
     with pytest.raises(SystemExit):
         gpu_check.main(["--steps", "1"])
