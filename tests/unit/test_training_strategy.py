@@ -3,7 +3,8 @@ checkpoints (torch.distributed.checkpoint), resume across strategies and worker 
 
 The runs are shared by the tests (module fixture): each spawn of two workers costs seconds.
 Every run has the learnable span, hierarchical accumulation (pending gradients at the
-checkpoint of step 25) and dropout, so FSDP's handling of all three is exercised."""
+checkpoint of step 25), dropout and a vocabulary off the LM head's 64-row alignment (its
+product padded in training), so FSDP's handling of all four is exercised."""
 import shutil
 
 import pytest
@@ -23,7 +24,7 @@ HALF = "checkpoint_00000025"
 def config(**overrides) -> TrainConfig:
     base = dict(model_size="tiny", batch_size=4, seq_len=32, max_steps=50, warmup_steps=5,
                 checkpoint_every=25, log_every=25, eval_batches=2, dropout=0.1,
-                attention_span=True, span_ramp=8, span_penalty=1e-3,
+                attention_span=True, span_ramp=8, span_penalty=1e-3, vocab_size=300,
                 accumulation="embeddings=1,lower=2,upper=1,head=1")
     return TrainConfig(**{**base, **overrides})
 
@@ -65,7 +66,7 @@ def test_fsdp_checkpoints_are_sharded_one_file_per_worker(runs):
                                                                   "__1_0.distcp"]
     state = load_checkpoint(checkpoint)  # read whole, as serving and export do
     assert state["step"] == 25 and state["world_size"] == 2
-    assert state["model"]["tok_emb.weight"].shape == (256, 64)
+    assert state["model"]["tok_emb.weight"].shape == (300, 64)
     assert state["pending_gradients"], "step 25 leaves the 'lower' group's gradients pending"
 
 
