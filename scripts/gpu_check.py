@@ -18,9 +18,11 @@ Runs the project's own training loop (`orchestrator.training.loop.train` through
 
 Two run flags explain a figure rather than make one: `cudnn` puts cuDNN's attention first in
 SDPA's backend order (a candidate for GPT-2 small's attention-heavy shape), and `profile`
-records the run's CUDA kernels and adds each kind's share of the GPU time (matrix products,
-attention, the loss, inductor's fused kernels, the optimizer, copies) and the top kernels to
-its row; a profiled run's own rates carry the profiler's overhead.
+records the run's CUDA kernels from its first report on (past the compile) and adds each
+kind's share of that GPU time (matrix products, attention, the loss, inductor's fused
+kernels, the optimizer, copies) and the top kernels to its row. A profiled run's rates carry
+the profiler's overhead: compare it with another profiled run (the default runs profile
+`large` with and without `cudnn`, which also shows which attention kernel ran).
 
 A lent machine's time is short: runs go in order of importance, one that would not finish
 inside `--budget-s` is skipped (and says so), a failed run records its error and the next one
@@ -81,9 +83,9 @@ class Run:
 
 # In order of importance: what issue 19 asks first (GPT-2 small's shape, its vocabulary
 # included, with and without compile; fp16 with loss scaling; a larger preset with and
-# without), then what may explain or raise GPT-2 small's figure (cuDNN attention; where its
-# GPU time goes), the largest preset, and the byte and padded vocabularies measured twice
-# before. Batches fill half to two thirds of an H200's 141 GB (measured peaks with GPT-2's
+# without; `large` eager at 64, as 128 ran out of memory), then what may explain or raise
+# GPT-2 small's figure (where its GPU time goes, with and without cuDNN attention), the
+# largest preset, and the byte and padded vocabularies measured twice before. Batches fill half to two thirds of an H200's 141 GB (measured peaks with GPT-2's
 # vocabulary: large 128 -> 92 GB compiled, 64 -> 65 GB eager, whose 128 ran out of memory;
 # gpt2-medium 64 -> 84-90 GB compiled, 102 GB eager; gpt2-large 32 -> 83 GB eager); out of
 # memory halves them.
@@ -93,8 +95,8 @@ RUNS = (
     Run("large", 16, precision="fp16", cost_s=10.0),
     Run("gpt2-medium", 64, compile=True, vocab=GPT2_VOCAB, cost_s=115.0),
     Run("gpt2-medium", 64, vocab=GPT2_VOCAB, cost_s=40.0),
-    Run("large", 128, compile=True, vocab=GPT2_VOCAB, cudnn=True, cost_s=75.0),
     Run("large", 128, compile=True, vocab=GPT2_VOCAB, profile=True, cost_s=75.0),
+    Run("large", 128, compile=True, vocab=GPT2_VOCAB, cudnn=True, profile=True, cost_s=75.0),
     Run("gpt2-large", 32, compile=True, vocab=GPT2_VOCAB, cost_s=160.0),
     Run("gpt2-large", 32, vocab=GPT2_VOCAB, cost_s=55.0),
     Run("large", 128, compile=True, cost_s=55.0),
@@ -118,16 +120,17 @@ def measure_matmul_tflops(size: int = 8192, warmups: int = 3, repeats: int = 10)
     return 2 * size ** 3 / seconds / 1e12
 
 
-# Kinds of CUDA kernels by name, the first match wins (attention before matrix products: its
-# kernels' names can carry "cutlass"; the loss before inductor's fused kernels, which name the
-# ops they fuse).
+# Kinds of CUDA kernels by name, the first match wins: attention before matrix products (its
+# kernels' names can carry "cutlass"); the loss before inductor's fused kernels (which name
+# the ops they fuse), and those before copies (autocast's casts make most of their names
+# carry "_to_copy").
 KERNEL_KINDS = (
     ("attention", re.compile(r"flash|fmha|sdpa|attention", re.I)),
     ("matmul", re.compile(r"gemm|xmma|cutlass|nvjet|cublas|triton_tem_", re.I)),
-    ("loss", re.compile(r"log_softmax|nll_loss|cross_entropy", re.I)),
+    ("loss", re.compile(r"softmax|nll_loss|cross_entropy", re.I)),
     ("optimizer", re.compile(r"multi_tensor|foreach|adam", re.I)),
-    ("copies", re.compile(r"memcpy|memset|copy", re.I)),
     ("fused (inductor)", re.compile(r"^triton_", re.I)),
+    ("copies", re.compile(r"memcpy|memset|copy", re.I)),
 )
 
 
@@ -164,18 +167,37 @@ def kernel_times(profiler: torch.profiler.profile) -> dict[str, float]:
     return times
 
 
-@contextlib.contextmanager
-def run_context(run: Run):
-    """What a run's flags put around its training: cuDNN attention first, the profiler."""
-    with contextlib.ExitStack() as stack:
-        if run.cudnn:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
+def attention_backends(run: Run):
+    """cuDNN's attention first in SDPA's backend order for a `cudnn` run (the others after it,
+    for shapes cuDNN does not take); the default order otherwise."""
+    if not run.cudnn:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            stack.enter_context(sdpa_kernel(
-                [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True))
-        yield (stack.enter_context(torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CUDA])) if run.profile else None)
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True)
+
+
+class ProfilingSession(LocalSession):
+    """A LocalSession that starts `profiler` at the run's first report, so that it records
+    steady-state steps: the steps before include compiling (and inductor's benchmarking).
+    What follows the last step (one held-out batch, the final checkpoint's copies) is in."""
+
+    def __init__(self, run_dir: str, profiler: torch.profiler.profile | None,
+                 device: torch.device = torch.device("cuda")) -> None:
+        super().__init__(run_dir, device=device)
+        self.profiler, self.profiling = profiler, False
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        super().report(metrics, checkpoint_dir)
+        if self.profiler is not None and not self.profiling:
+            self.profiler.start()
+            self.profiling = True
+
+    def stop_profiling(self) -> None:
+        if self.profiling:
+            self.profiler.stop()
+            self.profiling = False
 
 
 def fresh_process_state() -> None:
@@ -193,12 +215,17 @@ def train_once(run: Run, steps: int, batch: int) -> dict:
     config = TrainConfig(model_size=run.preset, precision=run.precision, seq_len=SEQ_LEN,
                          batch_size=batch, max_steps=steps, log_every=steps // 2,
                          checkpoint_every=10 * steps, warmup_steps=1, compile=run.compile,
-                         vocab_size=run.vocab)
+                         vocab_size=run.vocab, eval_batches=1)
+    profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                if run.profile else None)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as run_dir, \
-            run_context(run) as profiler:
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as run_dir, attention_backends(run):
         torch.cuda.reset_peak_memory_stats()
-        metrics = train(config, LocalSession(run_dir, device=torch.device("cuda")))
+        session = ProfilingSession(run_dir, profiler)
+        try:
+            metrics = train(config, session)
+        finally:
+            session.stop_profiling()
     profiled = kernel_breakdown(kernel_times(profiler)) if profiler is not None else {}
     return {**profiled, "mfu": metrics.get("mfu"), "tokens_per_s": metrics.get("tokens_per_s"),
             "first_loss": metrics.get("first_loss"), "loss": metrics.get("loss"),

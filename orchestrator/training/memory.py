@@ -15,7 +15,7 @@ workers; one block's parameters gathered at a time, the next one prefetched):
   attention matrix not stored, as SDPA's fused kernels do; twice that in fp32), plus the
   logits (b·s·V) in the compute dtype and the fp32 copies the loss and its gradient make of
   them: two live at once under torch.compile, three in eager mode (measured on an H200 with
-  GPT-2's vocabulary: ~7.5 bytes per logit compiled, ~13 eager, in bf16; docs/training.md).
+  GPT-2's vocabulary: ~8 bytes per logit compiled, ~14 eager, in bf16; docs/training.md).
 
 It leaves out the CUDA context and allocator slack (typically 0.5-2 GB): `dry_run` says so,
 and `gpu_memory_needed_gb` (the free memory a run's placement asks of each worker's GPU) adds

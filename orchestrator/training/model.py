@@ -20,8 +20,9 @@ from orchestrator.training.attention import AdaptiveSpan, CausalSelfAttention, K
 # The LM head's product in training runs on a vocabulary padded to a multiple of this:
 # GPT-2's 50,257 rows (odd) leave the logits' rows misaligned for the GPU's matrix kernels.
 # On an H200, GPT-2 small's compiled bf16 training went from 466,968 to 504,151 tokens/s
-# with the padding, where runs it does not touch moved 2-3% between the two calls
-# (docs/benchmarks.md).
+# with the padding and a rewrite of the loss (since reverted), where a vocabulary of 50,304,
+# which the padding leaves alone and the rewrite did not, moved +1.7% between the two calls:
+# the gain is the padding's by that comparison, not by a run of each (docs/benchmarks.md).
 VOCAB_ALIGNMENT = 64
 
 

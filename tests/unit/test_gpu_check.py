@@ -6,7 +6,10 @@ import re
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
 
+from orchestrator.config import TrainConfig
+from orchestrator.training.loop import train
 from scripts import gpu_check
 
 
@@ -116,10 +119,15 @@ def test_kernels_are_sorted_into_kinds_by_name():
         "triton_red_fused__log_softmax_backward_data_nll_loss_backward_3",
         "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
         "triton_poi_fused_add_gelu_native_layer_norm_7",
+        "triton_poi_fused__to_copy_add_native_layer_norm_3",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, c10::BFloat16, float, "
+        "c10::BFloat16, at::native::(anonymous namespace)::LogSoftMaxForwardEpilogue>",
         "Memcpy HtoD (Pinned -> Device)",
+        "void at::native::direct_copy_kernel_cuda(at::TensorIteratorBase &)",
         "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>")}
     assert list(kinds.values()) == ["attention", "attention", "attention", "matmul", "matmul",
-                                    "loss", "optimizer", "fused (inductor)", "copies", "other"]
+                                    "loss", "optimizer", "fused (inductor)", "fused (inductor)",
+                                    "loss", "copies", "copies", "other"]
 
 
 def test_the_breakdown_gives_each_kinds_share_of_the_gpu_time():
@@ -143,6 +151,30 @@ def test_kernel_times_keep_the_kernels_that_took_gpu_time():
             return [Event("cudaLaunchKernel", 0.0), Event("sm90_xmma_gemm", 120.0)]
 
     assert gpu_check.kernel_times(Profiler()) == {"sm90_xmma_gemm": 120.0}
+
+
+def test_a_cudnn_run_puts_cudnn_attention_first_and_restores_the_order():
+    default = torch._C._get_sdp_priority_order()
+    with gpu_check.attention_backends(gpu_check.parse_run("large:8:cudnn")):
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+    assert torch._C._get_sdp_priority_order() == default
+    with gpu_check.attention_backends(gpu_check.parse_run("large:8")):
+        assert torch._C._get_sdp_priority_order() == default
+
+
+def test_the_profiler_starts_at_the_first_report_past_the_compiling_steps(tmp_path):
+    """On CPU (the profiler's CPU activity standing in for CUDA kernels): 4 steps reported
+    every 2 record the optimizer steps of steps 3 and 4 only."""
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    session = gpu_check.ProfilingSession(str(tmp_path), profiler, device=torch.device("cpu"))
+    config = TrainConfig(model_size="tiny", seq_len=16, batch_size=2, max_steps=4, log_every=2,
+                         checkpoint_every=40, warmup_steps=1, compile=False, eval_batches=1)
+    try:
+        train(config, session)
+    finally:
+        session.stop_profiling()
+    steps = [e for e in profiler.key_averages() if e.key.startswith("Optimizer.step#AdamW")]
+    assert [e.count for e in steps] == [2]
 
 
 def test_cudnn_and_profile_runs_are_named_and_kept_out_of_the_compile_speedups(fake_gpu,
