@@ -158,13 +158,8 @@ def kernel_breakdown(device_us: dict[str, float], top: int = 8) -> dict:
 def kernel_times(profiler: torch.profiler.profile) -> dict[str, float]:
     """Microseconds of GPU time per kernel name recorded by a CUDA-only profiler (the CUDA
     runtime's host-side calls it also records have none and are left out)."""
-    times = {}
-    for event in profiler.key_averages():
-        us = getattr(event, "self_device_time_total", None)  # self_cuda_time_total before 2.4
-        us = getattr(event, "self_cuda_time_total", 0.0) if us is None else us
-        if us > 0:
-            times[event.key] = us
-    return times
+    return {event.key: event.self_device_time_total for event in profiler.key_averages()
+            if event.self_device_time_total > 0}
 
 
 def attention_backends(run: Run):
