@@ -41,7 +41,8 @@ from orchestrator.compression.artifacts import (CheckpointError, load_tensors, s
                                                 sha256_file, write_json)
 from orchestrator.compression.qat import WEIGHT_QMAX, Int8Linear, quantize_weight
 from orchestrator.cpython_quirks import retry_spurious_ast_error
-from orchestrator.training.model import GPT, GPTConfig, token_cross_entropy
+from orchestrator.training.loss import token_cross_entropy
+from orchestrator.training.model import GPT, GPTConfig
 
 ONNX_FILE = "model.int8.onnx"
 TORCH_FILE = "weights.int8.pt"

@@ -16,20 +16,14 @@ import torch.nn.functional as F
 
 from orchestrator.config import TrainConfig
 from orchestrator.training.attention import AdaptiveSpan, CausalSelfAttention, KVCache
+from orchestrator.training.loss import token_cross_entropy
 
 # The LM head's product in training runs on a vocabulary padded to a multiple of this:
 # GPT-2's 50,257 rows (odd) leave the logits' rows misaligned for the GPU's matrix kernels.
 # On an H200, GPT-2 small's compiled bf16 training went from 466,968 to 504,151 tokens/s
-# with the padding and a rewrite of the loss (since reverted), where a vocabulary of 50,304,
-# which the padding leaves alone and the rewrite did not, moved +1.7% between the two calls:
-# the gain is the padding's by that comparison, not by a run of each (docs/benchmarks.md).
+# with the padding and a rewrite of the loss together, where a vocabulary of 50,304, which
+# the padding leaves alone, moved +1.7% between the two calls (docs/benchmarks.md).
 VOCAB_ALIGNMENT = 64
-
-
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the tokens, in fp32 whatever the logits' dtype: a low-precision
-    log-softmax over the vocabulary loses accuracy the optimizer then chases."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 @dataclass(frozen=True)
@@ -182,18 +176,20 @@ class GPT(nn.Module):
             cache.length += time
         if targets is None:
             return self.lm_head(self.ln_f(x)), None
+        vocab = self.lm_head.weight.size(0)
         logits = self._padded_head(self.ln_f(x))
-        return logits, token_cross_entropy(logits, targets)
+        # The loss reads the padded logits whole (their slice's backward would copy them).
+        return logits[..., :vocab], token_cross_entropy(logits, targets, vocab)
 
     def _padded_head(self, x: torch.Tensor) -> torch.Tensor:
-        """The LM head with its rows padded with zeros to a multiple of VOCAB_ALIGNMENT, the
-        padding's logits sliced off (the logits are a view with aligned rows). Training and
-        evaluation only: decoding, one token at a time, would pay the weight's copy per token."""
+        """The LM head with its rows padded with zeros to a multiple of VOCAB_ALIGNMENT: the
+        padding's columns of the logits are zeros. Training and evaluation only: decoding,
+        one token at a time, would pay the weight's copy per token."""
         weight = self.lm_head.weight
         padding = -weight.size(0) % VOCAB_ALIGNMENT
         if not padding:
             return self.lm_head(x)
-        return F.linear(x, F.pad(weight, (0, 0, 0, padding)))[..., :weight.size(0)]
+        return F.linear(x, F.pad(weight, (0, 0, 0, padding)))
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer)

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator.training.model import GPT, GPTConfig, token_cross_entropy
+from orchestrator.training.loss import token_cross_entropy
+from orchestrator.training.model import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)
 

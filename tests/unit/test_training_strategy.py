@@ -106,6 +106,17 @@ def resume_both_ways(source, tmp_path, capsys):
     return out
 
 
+def same_run(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Final weights equal up to rounding, the attention's key biases left out: their gradient
+    is zero but for rounding (the softmax over keys ignores a shift common to all of them), and
+    Adam scales that noise to steps, so their values follow the arithmetic's order of rounding."""
+    def without_key_bias(name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight.view(3, -1)[[0, 2]] if name.endswith("attn.qkv.bias") else weight
+
+    return all(torch.allclose(without_key_bias(k, a[k]), without_key_bias(k, b[k]), atol=1e-5)
+               for k in a)
+
+
 def test_a_ddp_checkpoint_resumes_under_fsdp_as_under_ddp(runs, tmp_path, capsys,
                                                           process_group):
     both = resume_both_ways(runs["root"] / "ddp", tmp_path, capsys)
@@ -113,7 +124,7 @@ def test_a_ddp_checkpoint_resumes_under_fsdp_as_under_ddp(runs, tmp_path, capsys
     assert both["fsdp"]["start_step"] == 25 and both["fsdp"]["step"] == 50
     # Converted weights, optimizer moments and pending gradients: the same run as DDP's.
     a, b = both["fsdp_model"], both["ddp_model"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert same_run(a, b)
     assert both["fsdp"]["held_out_loss"] < runs["ddp"]["first_loss"] - 1.0
 
 
@@ -125,7 +136,7 @@ def test_an_fsdp_checkpoint_resumes_under_ddp_as_under_fsdp_on_another_worker_co
     assert "a sharded (fsdp) checkpoint converted, 2 -> 1 workers" in both["said"]
     assert "a sharded (fsdp) checkpoint, 2 -> 1 workers" in both["said"]
     a, b = both["fsdp_model"], both["ddp_model"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert same_run(a, b)
     assert both["ddp"]["held_out_loss"] < runs["fsdp"]["first_loss"] - 1.0
     ddp_files = {p.name for p in LocalSession(tmp_path / "ddp").checkpoints()[-1].iterdir()}
     fsdp_files = {p.name for p in LocalSession(tmp_path / "fsdp").checkpoints()[-1].iterdir()}

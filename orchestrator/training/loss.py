@@ -1,0 +1,87 @@
+"""The language model's loss: mean token cross-entropy, computed in fp32 from logits of any
+dtype, that keeps only the logits themselves (and one fp32 log-sum-exp per token) for the
+backward pass.
+
+Why not `F.cross_entropy(logits.float(), ...)`: autograd then saves the fp32 log-softmax, a
+second full copy of the logits at twice their bf16 size (26 GB for GPT-2's vocabulary at
+131,072 tokens a step), and every pass over it is memory traffic; on an H200 it held compiled
+GPT-2-small training some points of MFU below the same model on a tiny vocabulary. Here the
+forward reads the logits once for the log-sum-exp, the backward once more for
+softmax - one-hot, both in fp32 arithmetic: torch.compile fuses each into one kernel; in
+eager mode the fp32 temporaries are made a slice of rows at a time.
+
+The logits may be wider than the vocabulary (the LM head padded to aligned rows,
+model.VOCAB_ALIGNMENT): the columns past `vocab` take no part and get zero gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+# Bytes of fp32 temporaries one eager slice of rows may make (compiled: one slice, fused).
+EAGER_SLICE_BYTES = 1 << 28
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                        vocab: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of `targets` (any shape) under `logits` (that shape + a last
+    dimension of at least `vocab` columns, default all of them), in fp32 whatever the
+    logits' dtype: a low-precision log-softmax over the vocabulary loses accuracy the
+    optimizer then chases."""
+    width = logits.size(-1)
+    vocab = width if vocab is None else vocab
+    if not 1 <= vocab <= width:
+        raise ValueError(f"vocab must be in [1, {width}] (the logits' last dimension), "
+                         f"got {vocab}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets' shape {tuple(targets.shape)} does not match the logits' "
+                         f"{tuple(logits.shape)} without their last dimension")
+    return _TokenCrossEntropy.apply(logits.reshape(-1, width), targets.reshape(-1), vocab)
+
+
+class _TokenCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
+        lse = torch.cat([_logsumexp(logits[rows, :vocab]) for rows in _row_slices(logits)])
+        picked = logits.gather(1, targets[:, None]).squeeze(1).float()
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.vocab = vocab
+        return (lse - picked).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        scale = grad / logits.size(0)  # d mean / d each token's loss
+        slices = _row_slices(logits)
+        if len(slices) == 1:
+            return _softmax_minus_one_hot(logits, targets, lse, scale, ctx.vocab), None, None
+        grad_logits = torch.empty_like(logits)
+        for rows in slices:
+            grad_logits[rows] = _softmax_minus_one_hot(logits[rows], targets[rows], lse[rows],
+                                                       scale, ctx.vocab)
+        return grad_logits, None, None
+
+
+def _logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.float(), dim=1)
+
+
+def _softmax_minus_one_hot(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                           scale: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The loss's gradient for these rows, in the logits' dtype: (softmax - one-hot) * scale
+    on the first `vocab` columns, zero on the padding's."""
+    columns = torch.arange(logits.size(1), device=logits.device)
+    probs = torch.exp(logits.float() - lse[:, None])
+    grad = (probs - (columns == targets[:, None]).float()) * scale
+    return torch.where(columns < vocab, grad, 0.0).to(logits.dtype)
+
+
+def _row_slices(logits: torch.Tensor) -> list[slice]:
+    """One slice of all rows when compiling (inductor fuses the fp32 arithmetic into its
+    kernels and makes no temporaries), else slices whose fp32 temporaries stay within
+    EAGER_SLICE_BYTES."""
+    rows = logits.size(0)
+    if torch.compiler.is_compiling():
+        return [slice(0, rows)]
+    step = max(1, EAGER_SLICE_BYTES // (4 * max(1, logits.size(1))))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)] or [
+        slice(0, 0)]
