@@ -89,7 +89,8 @@ def evaluate(model: torch.nn.Module, tokens: torch.Tensor, config: TrainConfig,
         x, y = get_batch(tokens, config.batch_size, config.seq_len, seed=config.seed,
                          rank=-1, step=i)
         with precision.autocast():
-            _, loss = model(to_device(x, device), to_device(y, device))
+            _, loss = model(to_device(x, device), to_device(y, device),
+                            return_logits=False)
         losses.append(loss.item())
     model.train(was_training)
     return sum(losses) / len(losses)
@@ -223,7 +224,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         # all-reduce and let each worker accumulate locally.
         with accumulation.sync_context(parallel, bool(accumulation.due(step)) or checkpoint_due):
             with precision.autocast():
-                _, loss = wrapped(to_device(x, device), to_device(y, device))
+                _, loss = wrapped(to_device(x, device), to_device(y, device),
+                                  return_logits=False)
             objective = loss
             if config.attention_span:
                 # (Under FSDP the spans stay whole on every worker: strategy.py.)

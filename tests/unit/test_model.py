@@ -75,3 +75,17 @@ def test_a_vocabulary_off_the_alignment_trains_on_a_padded_head_with_the_same_re
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
     for padded, p in zip(padded_grads, model.parameters()):
         assert torch.allclose(padded, p.grad, atol=1e-7)
+
+
+def test_training_can_leave_the_logits_out_and_gets_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(TINY, vocab_size=300))
+    idx, targets = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+    logits, loss = model(idx, targets)
+    loss.backward()
+    with_logits = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    none, loss_only = model(idx, targets, return_logits=False)
+    loss_only.backward()
+    assert logits is not None and none is None and loss_only.item() == loss.item()
+    assert all(torch.equal(a, p.grad) for a, p in zip(with_logits, model.parameters()))
