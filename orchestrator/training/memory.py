@@ -13,9 +13,10 @@ workers; one block's parameters gathered at a time, the next one prefetched):
 - activations kept for the backward pass, per layer s·b·h·34 bytes at 16 bits (Korthikanti
   et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", with the
   attention matrix not stored, as SDPA's fused kernels do; twice that in fp32), plus the
-  logits (b·s·V) in the compute dtype and the fp32 copies the loss and its gradient make of
-  them: two live at once under torch.compile, three in eager mode (measured on an H200 with
-  GPT-2's vocabulary: ~8 bytes per logit compiled, ~14 eager, in bf16; docs/training.md).
+  logits (b·s·V) in the compute dtype, which the loss keeps for its backward
+  (training/loss.py): one copy at the peak under torch.compile, two in eager mode (the
+  logits and their gradient; measured on an H200 with GPT-2's vocabulary at ff3fa63: ~2
+  bytes per logit compiled, ~4.5 eager, in bf16; docs/training.md).
 
 It leaves out the CUDA context and allocator slack (typically 0.5-2 GB): `dry_run` says so,
 and `gpu_memory_needed_gb` (the free memory a run's placement asks of each worker's GPU) adds
@@ -49,7 +50,7 @@ class Shape:
     seq_len: int
     compute_bytes: int  # 2 under bf16/fp16 autocast, 4 in fp32
     hierarchical: bool = False  # accumulation with unequal factors
-    compiled: bool = False  # torch.compile'd: fewer fp32 copies of the logits live at once
+    compiled: bool = False  # torch.compile'd: fewer copies of the logits live at once
 
     @property
     def block_params(self) -> int:
@@ -91,9 +92,9 @@ class WorkerMemory:
 def activation_bytes(shape: Shape) -> int:
     tokens = shape.batch_size * shape.seq_len
     per_layer = ACTIVATION_BYTES_PER_LAYER_16BIT * tokens * shape.n_embd * shape.compute_bytes // 2
-    # Logits in the compute dtype and the fp32 copies the loss and its gradient make of them.
-    fp32_copies = 2 if shape.compiled else 3
-    logits = tokens * shape.vocab_size * (shape.compute_bytes + fp32_copies * FP32)
+    # The logits in the compute dtype, and in eager mode their gradient beside them.
+    copies = 1 if shape.compiled else 2
+    logits = tokens * shape.vocab_size * shape.compute_bytes * copies
     return shape.n_layer * per_layer + logits
 
 

@@ -117,6 +117,7 @@ def test_kernels_are_sorted_into_kinds_by_name():
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1",
         "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTT",
         "triton_red_fused__log_softmax_backward_data_nll_loss_backward_3",
+        "triton_poi_fused__to_copy_arange_div_eq_exp_logsumexp_lt_mul_sub_unsqueeze_view_where_0",
         "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
         "triton_poi_fused_add_gelu_native_layer_norm_7",
         "triton_poi_fused__to_copy_add_native_layer_norm_3",
@@ -126,7 +127,7 @@ def test_kernels_are_sorted_into_kinds_by_name():
         "void at::native::direct_copy_kernel_cuda(at::TensorIteratorBase &)",
         "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>")}
     assert list(kinds.values()) == ["attention", "attention", "attention", "matmul", "matmul",
-                                    "loss", "optimizer", "fused (inductor)", "fused (inductor)",
+                                    "loss", "loss", "optimizer", "fused (inductor)", "fused (inductor)",
                                     "loss", "copies", "copies", "other"]
 
 

@@ -6,6 +6,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from orchestrator.config import TrainConfig
+from orchestrator.training import loss
 from orchestrator.training.loop import train
 from orchestrator.training.session import LocalSession
 
@@ -18,16 +19,22 @@ def run(tmp_path, compile_: bool) -> dict:
     return train(config, LocalSession(tmp_path / str(compile_), device=torch.device("cpu")))
 
 
-def test_compiled_training_matches_eager_in_one_graph(tmp_path):
+def test_compiled_training_matches_eager_in_one_graph(tmp_path, monkeypatch):
     torch._dynamo.reset()
     counters.clear()
+    eager_gradients = []  # the loss's eager backward, which compiled training must not trace
+    eager_gradient = loss._eager_gradient
+    monkeypatch.setattr(loss, "_eager_gradient",
+                        lambda *args: eager_gradients.append(1) or eager_gradient(*args))
     compiled = run(tmp_path, True)
+    assert not eager_gradients
     # Steps with and without an optimizer step (hierarchical accumulation) and a checkpoint
     # between them: one graph (a recompile would add one), no break. (Evaluation runs the
     # uncompiled model.)
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
     eager = run(tmp_path, False)
+    assert eager_gradients  # (the count works)
     assert compiled["compiled"] and not eager["compiled"]
     assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-4)
     assert compiled["held_out_loss"] == pytest.approx(eager["held_out_loss"], abs=1e-4)
