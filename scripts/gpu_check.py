@@ -137,21 +137,30 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
 
 
-def kernel_breakdown(device_us: dict[str, float], top: int = 8) -> dict:
-    """Where the GPU time went: each kind's share of the kernels' total time, and the
-    `top` kernels' names (cut to 100 characters) with their shares."""
+def kernel_breakdown(device_us: dict[str, float], top: int = 8, per_kind: int = 3) -> dict:
+    """Where the GPU time went: each kind's share of the kernels' total time, the `top`
+    kernels' names (cut to 100 characters) with their shares, and each kind's `per_kind`
+    largest (what "other" and inductor's fused kernels are, which the top list may not show)."""
     total = sum(device_us.values())
     if total <= 0:
         return {"profile_error": "the profiler recorded no CUDA kernel time"}
     shares: dict[str, float] = {}
+    by_kind: dict[str, list[tuple[str, float]]] = {}
     for name, us in device_us.items():
         kind = kernel_kind(name)
         shares[kind] = shares.get(kind, 0.0) + us / total
-    largest = sorted(device_us.items(), key=lambda item: -item[1])[:top]
+        by_kind.setdefault(kind, []).append((name, us))
+
+    def largest(kernels, count: int) -> list:
+        ranked = sorted(kernels, key=lambda item: -item[1])[:count]
+        return [[name[:100], round(us / total, 4)] for name, us in ranked]
+
     return {"device_time_s": round(total / 1e6, 3),
             "device_time_shares": {k: round(v, 4) for k, v in
                                    sorted(shares.items(), key=lambda item: -item[1])},
-            "top_kernels": [[name[:100], round(us / total, 4)] for name, us in largest]}
+            "top_kernels": largest(device_us.items(), top),
+            "top_kernels_by_kind": {kind: largest(kernels, per_kind)
+                                    for kind, kernels in sorted(by_kind.items())}}
 
 
 def kernel_times(profiler: torch.profiler.profile) -> dict[str, float]:

@@ -138,6 +138,11 @@ def test_the_breakdown_gives_each_kinds_share_of_the_gpu_time():
     assert breakdown["device_time_shares"] == {"matmul": 0.7, "attention": 0.2,
                                                "fused (inductor)": 0.1}
     assert breakdown["top_kernels"] == [["sm90_xmma_gemm_a", 0.6], ["flash_fwd_kernel", 0.2]]
+    # Each kind's largest, so a kind the top list leaves out is still named.
+    assert breakdown["top_kernels_by_kind"] == {
+        "attention": [["flash_fwd_kernel", 0.2]],
+        "fused (inductor)": [["triton_poi_fused_add_0", 0.1]],
+        "matmul": [["sm90_xmma_gemm_a", 0.6], ["nvjet_b", 0.1]]}
     assert breakdown["device_time_s"] == 0.001
     assert "profile_error" in gpu_check.kernel_breakdown({})
 
