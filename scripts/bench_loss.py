@@ -4,8 +4,9 @@ rounds alternating, median ratio and its spread.
 
     PYTHONPATH=. python scripts/bench_loss.py [--tokens 4096] [--vocab 8192] [--rounds 9]
 
-On a CPU the logits are fp32 (this machine has no fast bf16). With CUDA it also times bf16
-logits of GPT-2's vocabulary padded to 50,304 columns, eager and under torch.compile. The last
+On a CPU: fp32 logits, then the padded head's shape (7 columns past the vocabulary, sliced
+eager backward) in fp32 and bf16. With CUDA it also times bf16 logits of GPT-2's vocabulary
+padded to 50,304 columns, eager and under torch.compile. The last
 line is one JSON object: `speedup` per case (reference time / ours, median), `spread`
 (min-max of the per-round ratios) and the medians in ms.
 """
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from orchestrator.training.loss import token_cross_entropy
 
 Loss = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+PADDING = 7  # columns past the vocabulary in the padded cases
 
 
 def reference(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -64,14 +66,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args(argv)
-    if min(args.tokens, args.vocab, args.rounds) < 1:
-        parser.error("--tokens, --vocab and --rounds must be >= 1")
+    if min(args.tokens, args.rounds) < 1:
+        parser.error("--tokens and --rounds must be >= 1")
+    if args.vocab <= PADDING:
+        parser.error(f"--vocab must be > {PADDING} (the padded cases leave {PADDING} columns "
+                     f"out)")
     torch.manual_seed(0)
     rows = []
-    logits = torch.randn(args.tokens, args.vocab)
-    targets = torch.randint(0, args.vocab, (args.tokens,))
-    rows.append(compare(f"cpu-fp32-{args.tokens}x{args.vocab}", token_cross_entropy,
-                        reference, logits, targets, args.vocab, args.rounds))
+    targets = torch.randint(0, args.vocab - PADDING, (args.tokens,))
+    fp32 = torch.randn(args.tokens, args.vocab)
+    # Unpadded fp32 (the CPU's own runs); then the padded head's shape (GPT-2's 50,257 in
+    # 50,304 columns), whose eager backward goes a slice of rows at a time, in fp32 and bf16.
+    for name, logits, vocab in (
+            (f"cpu-fp32-{args.tokens}x{args.vocab}", fp32, args.vocab),
+            (f"cpu-fp32-{args.tokens}x{args.vocab - PADDING}-padded", fp32,
+             args.vocab - PADDING),
+            (f"cpu-bf16-{args.tokens}x{args.vocab - PADDING}-padded", fp32.bfloat16(),
+             args.vocab - PADDING)):
+        rows.append(compare(name, token_cross_entropy, reference, logits, targets, vocab,
+                            args.rounds))
     if torch.cuda.is_available():
         vocab, width, tokens = 50257, 50304, 16384
         logits = torch.randn(tokens, width, device="cuda").bfloat16()

@@ -22,7 +22,8 @@ from orchestrator.training.loss import token_cross_entropy
 # GPT-2's 50,257 rows (odd) leave the logits' rows misaligned for the GPU's matrix kernels.
 # On an H200, GPT-2 small's compiled bf16 training went from 466,968 to 504,151 tokens/s
 # with the padding and a rewrite of the loss together, where a vocabulary of 50,304, which
-# the padding leaves alone, moved +1.7% between the two calls (docs/benchmarks.md).
+# the padding leaves alone and the rewrite did not, moved +1.7% between the two calls: the
+# gain is the padding's by that comparison, not by a run of each (docs/benchmarks.md).
 VOCAB_ALIGNMENT = 64
 
 

@@ -1,5 +1,6 @@
 """scripts/bench_loss.py: both losses timed on the same logits, its last line the JSON the
 docs quote, bad sizes refused."""
+import itertools
 import json
 
 import pytest
@@ -7,14 +8,25 @@ import pytest
 from scripts import bench_loss
 
 
-def test_the_last_line_holds_the_speedup_of_each_case(capsys):
+def test_the_speedup_is_the_reference_time_over_ours_median_of_the_rounds(monkeypatch,
+                                                                             capsys):
+    """With the timer faked (ours 1, 2, 4 s; the reference 3 s), the ratios are 3, 1.5 and
+    0.75: the median 1.5, the spread [0.75, 3]; inverted, they would read 0.667."""
+    # A warm-up and 3 rounds per case, every case alike.
+    ours_times, theirs_times = itertools.cycle([9.0, 1.0, 2.0, 4.0]), itertools.repeat(3.0)
+
+    def fake_time_once(loss, logits, targets, vocab):
+        return next(ours_times if loss is bench_loss.token_cross_entropy else theirs_times)
+
+    monkeypatch.setattr(bench_loss, "time_once", fake_time_once)
     assert bench_loss.main(["--tokens", "16", "--vocab", "32", "--rounds", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    row, summary = json.loads(lines[0]), json.loads(lines[-1])
-    assert row["case"] == "cpu-fp32-16x32"
-    low, high = row["spread"]
-    assert low <= row["speedup"] <= high
-    assert summary["speedup"]["cpu-fp32-16x32"] == row["speedup"]
+    summary = json.loads(lines[-1])
+    assert list(summary["speedup"]) == ["cpu-fp32-16x32", "cpu-fp32-16x25-padded",
+                                        "cpu-bf16-16x25-padded"]
+    for case in summary["speedup"]:
+        assert summary["speedup"][case] == 1.5 and summary["spread"][case] == [0.75, 3.0]
+        assert summary["ours_ms"][case] == 2000.0 and summary["reference_ms"][case] == 3000.0
 
 
 def test_the_two_losses_agree_on_what_they_time():
@@ -27,4 +39,7 @@ def test_the_two_losses_agree_on_what_they_time():
 def test_sizes_below_one_are_refused(capsys):
     with pytest.raises(SystemExit):
         bench_loss.main(["--rounds", "0"])
-    assert "--rounds must be >= 1" in capsys.readouterr().err
+    assert "--tokens and --rounds must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_loss.main(["--vocab", "7"])
+    assert "--vocab must be > 7" in capsys.readouterr().err

@@ -117,7 +117,8 @@ def test_kernels_are_sorted_into_kinds_by_name():
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1",
         "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTT",
         "triton_red_fused__log_softmax_backward_data_nll_loss_backward_3",
-        "triton_poi_fused__to_copy_arange_div_eq_exp_logsumexp_lt_mul_sub_unsqueeze_view_where_0",
+        "triton_poi_fused__to_copy_arange_div_eq_exp_logsumexp_lt_mul_sub_unsqueeze_view_"
+        "where_0",
         "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
         "triton_poi_fused_add_gelu_native_layer_norm_7",
         "triton_poi_fused__to_copy_add_native_layer_norm_3",
