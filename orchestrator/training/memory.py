@@ -16,7 +16,8 @@ workers; one block's parameters gathered at a time, the next one prefetched):
   logits (b·s·V) in the compute dtype, which the loss keeps for its backward
   (training/loss.py): one copy at the peak under torch.compile, two in eager mode (the
   logits and their gradient; measured on an H200 with GPT-2's vocabulary at ff3fa63: ~2
-  bytes per logit compiled, ~4.5 eager, in bf16; docs/training.md).
+  bytes per logit compiled, ~4.5 eager, in bf16, the eager figure before 3d191d5 changed the
+  eager backward; docs/training.md).
 
 It leaves out the CUDA context and allocator slack (typically 0.5-2 GB): `dry_run` says so,
 and `gpu_memory_needed_gb` (the free memory a run's placement asks of each worker's GPU) adds
