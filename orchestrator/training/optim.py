@@ -19,12 +19,24 @@ class OptimizerSettings(Protocol):
 
 def build_optimizer(model: torch.nn.Module, settings: OptimizerSettings) -> torch.optim.AdamW:
     """AdamW; weight decay only on matrices (not biases, LayerNorm gains or embeddings'
-    1-D params), as in GPT-2."""
+    1-D params), as in GPT-2. Its fused kernel where every parameter is on a GPU
+    (`uses_fused_adamw`)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": settings.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95),
+                             fused=uses_fused_adamw(decay + no_decay) or None)
+
+
+def uses_fused_adamw(params: list[torch.Tensor]) -> bool:
+    """True when every parameter is a floating-point CUDA tensor (FSDP's DTensor shards
+    included). PyTorch's default there is the foreach step, several kernels over all the
+    state; the fused one reads and writes each tensor once (torchtitan measured 1.6-3.6% more
+    throughput and made it its default). Elsewhere the default stays: CPU runs keep their
+    exact results, and checkpoints load across the two (the step count's tensor moves as
+    Optimizer.load_state_dict decides)."""
+    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
