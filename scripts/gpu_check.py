@@ -16,8 +16,13 @@ Runs the project's own training loop (`orchestrator.training.loop.train` through
     PYTHONPATH=. python -m scripts.gpu_check [--steps 20] [--budget-s 380] [--out FILE]
         [--runs large:128:compiled:vocab=50257 gpt2-medium:64:compiled ...]
 
-Two run flags explain a figure rather than make one: `cudnn` puts cuDNN's attention first in
-SDPA's backend order (on the H200 SDPA already picks it, so no default run sets it), and
+Four run flags explain a figure or try an alternative rather than measure the product as it
+is (such rows say `"variant": true` and stay out of `compile_speedup`): `cudnn` puts cuDNN's
+attention first in SDPA's backend order (on the H200 SDPA already picks it, so no default
+run sets it); `foreach` steps AdamW with PyTorch's foreach kernels instead of the fused one
+training uses on a GPU (the A/B of that choice); `autotune` lets inductor benchmark its
+choices while compiling (max_autotune and coordinate_descent_tuning, what
+mode="max-autotune-no-cudagraphs" sets; not measured yet, so its cost is an allowance);
 `profile` records the run's CUDA kernels from its first report on (past the compile) and adds
 each kind's share of that GPU time (matrix products, attention, the loss, inductor's fused
 kernels, the optimizer, copies), the top kernels and each kind's largest to its row. A
@@ -42,6 +47,7 @@ import re
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -69,6 +75,10 @@ class Run:
     vocab: int = BYTE_VOCAB
     cudnn: bool = False  # cuDNN attention first in SDPA's backend order
     profile: bool = False  # record the CUDA kernels: the row gets where the GPU time went
+    foreach: bool = False  # AdamW's foreach step (PyTorch's CUDA default), not the fused one
+    # Inductor tunes its kernels (what mode="max-autotune-no-cudagraphs" sets: matmul
+    # templates benchmarked against cuBLAS, block sizes of its own kernels searched).
+    autotune: bool = False
     # Its wall time at COST_STEPS steps on the lent H200 (2026-12-04, measured or, where not
     # run, scaled from a smaller batch; rounded up), scaled up for more steps: a run that
     # cannot finish inside the budget is skipped.
@@ -78,7 +88,14 @@ class Run:
     def name(self) -> str:
         return (f"{self.precision}-{self.preset}{'-compiled' if self.compile else ''}"
                 f"{'' if self.vocab == BYTE_VOCAB else f'-vocab{self.vocab}'}"
-                f"{'-cudnn' if self.cudnn else ''}{'-profiled' if self.profile else ''}")
+                f"{'-cudnn' if self.cudnn else ''}{'-foreach' if self.foreach else ''}"
+                f"{'-autotune' if self.autotune else ''}{'-profiled' if self.profile else ''}")
+
+    @property
+    def variant(self) -> bool:
+        """A run that explains or tries something (not the product's defaults): kept out of
+        the compile speedups."""
+        return self.cudnn or self.profile or self.foreach or self.autotune
 
 
 # In order of importance: what issue 19 asks first (GPT-2 small's shape, its vocabulary
@@ -181,6 +198,25 @@ def attention_backends(run: Run):
                         SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True)
 
 
+@contextlib.contextmanager
+def run_options(run: Run):
+    """What a run's flags change, for the run only: SDPA's backend order, the optimizer's
+    step, inductor's tuning."""
+    import torch._inductor.config as inductor
+
+    from orchestrator.training import optim
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(attention_backends(run))
+        if run.foreach:
+            stack.enter_context(mock.patch.object(optim, "uses_fused_adamw",
+                                                  lambda params: False))
+        if run.autotune:
+            stack.enter_context(inductor.patch(max_autotune=True,
+                                               coordinate_descent_tuning=True))
+        yield
+
+
 class ProfilingSession(LocalSession):
     """A LocalSession that starts `profiler` at the run's first report, so that it records
     steady-state steps: the steps before include compiling (and inductor's benchmarking).
@@ -222,7 +258,7 @@ def train_once(run: Run, steps: int, batch: int) -> dict:
     profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
                 if run.profile else None)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as run_dir, attention_backends(run):
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as run_dir, run_options(run):
         torch.cuda.reset_peak_memory_stats()
         session = ProfilingSession(run_dir, profiler)
         try:
@@ -241,7 +277,8 @@ def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float)
     """A run's row: its figures, or its error; out of memory retries once at half the batch."""
     row: dict = {"run": run.name, "preset": run.preset, "precision": run.precision,
                  "compile": run.compile, "vocab": run.vocab, "cudnn": run.cudnn,
-                 "profiled": run.profile, "batch": run.batch}
+                 "profiled": run.profile, "foreach": run.foreach, "autotune": run.autotune,
+                 "variant": run.variant, "batch": run.batch}
     for batch in (run.batch, run.batch // 2):
         if batch < 1:
             break
@@ -263,8 +300,11 @@ def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float)
     return row
 
 
-RUN_SPEC = "PRESET:BATCH[:compiled][:fp16][:cudnn][:profile][:vocab=N]"
-FLAGS = ("compiled", "fp16", "cudnn", "profile")
+RUN_SPEC = "PRESET:BATCH[:compiled][:fp16][:cudnn][:foreach][:autotune][:profile][:vocab=N]"
+FLAGS = ("compiled", "fp16", "cudnn", "foreach", "autotune", "profile")
+# Added to an `autotune` run's cost: not measured (no tuned run has been made), an allowance
+# for inductor benchmarking its choices while it compiles.
+AUTOTUNE_EXTRA_S = 240.0
 
 
 def parse_run(spec: str) -> Run:
@@ -287,17 +327,19 @@ def parse_run(spec: str) -> Run:
         raise argparse.ArgumentTypeError(f"--runs: bad run {spec!r}: {problem} ({RUN_SPEC})")
     run = Run(preset, int(batch), "fp16" if "fp16" in flags else "bf16", "compiled" in flags,
               int(vocabs[0]) if vocabs else BYTE_VOCAB, cudnn="cudnn" in flags,
-              profile="profile" in flags)
+              profile="profile" in flags, foreach="foreach" in flags,
+              autotune="autotune" in flags)
     known = sorted((abs(r.vocab - run.vocab), r.cost_s) for r in RUNS
                    if (r.preset, r.compile, r.precision) == (preset, run.compile, run.precision))
-    return dataclasses.replace(run, cost_s=known[0][1]) if known else run
+    cost = known[0][1] if known else run.cost_s
+    return dataclasses.replace(run, cost_s=cost + (AUTOTUNE_EXTRA_S if run.autotune else 0.0))
 
 
 def compile_speedups(rows: list[dict]) -> dict:
     """tokens/s compiled over not, per preset, precision, vocabulary and batch where both
-    ran (runs with cuDNN attention first or the profiler on left out)."""
+    ran (variant runs left out: cuDNN attention first, the profiler on, ...)."""
     rates = {(r["preset"], r["precision"], r["vocab"], r["batch"], r["compile"]):
-             r.get("tokens_per_s") for r in rows if not r["cudnn"] and not r["profiled"]}
+             r.get("tokens_per_s") for r in rows if not r["variant"]}
     return {f"{preset}-{precision}-vocab{vocab}-{batch}":
             round(rate / rates[(preset, precision, vocab, batch, False)], 3)
             for (preset, precision, vocab, batch, compiled), rate in rates.items()

@@ -198,3 +198,34 @@ def test_too_few_steps_are_refused(capsys):
     with pytest.raises(SystemExit):
         gpu_check.main(["--steps", "1"])
     assert "--steps must be >= 2" in capsys.readouterr().err
+
+
+def test_foreach_and_autotune_runs_change_only_their_own_run():
+    import torch._inductor.config as inductor
+
+    from orchestrator.training import optim
+
+    from types import SimpleNamespace
+
+    fused_rule, tuned = optim.uses_fused_adamw, inductor.max_autotune
+    on_gpu = [SimpleNamespace(is_cuda=True, is_floating_point=lambda: True)]  # as a GPU's
+    assert fused_rule(on_gpu)
+    run = gpu_check.parse_run("large:8:compiled:foreach:autotune")
+    assert run.name == "bf16-large-compiled-foreach-autotune" and run.variant
+    with gpu_check.run_options(run):
+        assert not optim.uses_fused_adamw(on_gpu)
+        assert inductor.max_autotune and inductor.coordinate_descent_tuning
+    assert optim.uses_fused_adamw is fused_rule and inductor.max_autotune == tuned
+    with gpu_check.run_options(gpu_check.parse_run("large:8:compiled")):
+        assert optim.uses_fused_adamw is fused_rule and inductor.max_autotune == tuned
+    # An autotune run's cost: the plain run's plus the allowance for tuning.
+    plain = gpu_check.parse_run("large:8:compiled")
+    assert run.cost_s == plain.cost_s + gpu_check.AUTOTUNE_EXTRA_S
+
+
+def test_variant_runs_stay_out_of_the_compile_speedups(fake_gpu, capsys):
+    gpu_check.main(["--budget-s", "2000", "--runs", "large:32:compiled:foreach",
+                    "large:32:compiled:autotune", "large:32"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [row["variant"] for row in summary["runs"]] == [True, True, False]
+    assert summary["compile_speedup"] == {}

@@ -22,5 +22,11 @@ def test_on_cpu_the_default_step_stays_so_results_do_not_change():
 
 
 def test_fused_needs_every_parameter_floating_on_a_gpu():
-    assert not uses_fused_adamw([])
+    def on_gpu(floating=True):  # what the rule reads of a CUDA tensor
+        return SimpleNamespace(is_cuda=True, is_floating_point=lambda: floating)
+
+    assert uses_fused_adamw([on_gpu(), on_gpu()])
+    assert not uses_fused_adamw([on_gpu(), torch.zeros(2)])  # one left on the CPU
+    assert not uses_fused_adamw([on_gpu(floating=False)])
     assert not uses_fused_adamw([torch.zeros(2, device="meta")])
+    assert not uses_fused_adamw([])
