@@ -322,6 +322,8 @@ def parse_run(spec: str) -> Run:
                else f"unknown flags {unknown}" if unknown
                else "vocab= must be given once, as a whole number >= 2"
                if len(vocabs) > 1 or (vocabs and not (vocabs[0].isdigit() and int(vocabs[0]) >= 2))
+               else "autotune tunes what inductor compiles: add compiled"
+               if "autotune" in flags and "compiled" not in flags
                else None)
     if problem:
         raise argparse.ArgumentTypeError(f"--runs: bad run {spec!r}: {problem} ({RUN_SPEC})")

@@ -85,6 +85,7 @@ def test_out_of_memory_at_batch_one_is_not_retried_at_zero(fake_gpu, capsys):
     ("large:8:vocab=big", "vocab= must be given once, as a whole number >= 2"),
     ("large:8:vocab=1", "vocab= must be given once, as a whole number >= 2"),
     ("large:8:vocab=300:vocab=400", "vocab= must be given once"),
+    ("large:8:autotune", "autotune tunes what inductor compiles: add compiled"),
 ])
 def test_a_bad_run_spec_is_refused_naming_it(spec, problem):
     expected = re.escape(f"bad run {spec!r}: {problem}")
