@@ -26,7 +26,8 @@ from orchestrator.compression.distill import distillation_loss
 from orchestrator.training.accumulation import HierarchicalAccumulation
 from orchestrator.training.data import get_batch
 from orchestrator.training.loop import say
-from orchestrator.training.optim import build_optimizer, set_lr, warmup_cosine_lr
+from orchestrator.training.optim import (build_optimizer, load_optimizer_state, set_lr,
+                                        warmup_cosine_lr)
 from orchestrator.training.precision import Precision
 
 # A fine-tune starts from a trained model: its cosine ends at a tenth of the peak lr.
@@ -105,7 +106,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
     resume = _read_partial(partial, plan.stage, log)
     if resume is not None:
         student.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        load_optimizer_state(optimizer, resume["optimizer"])
         masks, step = resume["masks"], resume["step"]
         if scorer is not None:
             scorer.load_state_dict(resume.get("importance", {}))

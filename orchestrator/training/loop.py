@@ -30,7 +30,8 @@ from orchestrator.training.efficiency import (CommTimer, Thresholds, cpu_peak_fl
                                            flops_per_token, gpu_peak_flops, mfu, peak_memory,
                                            warnings_for)
 from orchestrator.training.model import GPT, GPTConfig, parameter_groups
-from orchestrator.training.optim import build_optimizer, set_lr, warmup_cosine_lr
+from orchestrator.training.optim import (build_optimizer, load_optimizer_state, set_lr,
+                                        warmup_cosine_lr)
 from orchestrator.training.precision import Precision, resolve_precision
 from orchestrator.training.session import TrainSession
 from orchestrator.training import strategy as strategies
@@ -175,7 +176,9 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             load_hf_weights(model, config.init_from)
         if config.strategy == "fsdp":  # before the optimizer: its parameters become shards
             strategies.shard_model(model, precision)
-        optimizer = build_optimizer(model, config)
+        optimizer = build_optimizer(
+            model, config, fused_allowed=strategies.fused_optimizer_allowed(precision,
+                                                                            config.strategy))
         scaler = strategies.grad_scaler(precision, config.strategy)
         step, tokens_seen = (0, 0) if found is None else _restore(
             found, session, config, model, optimizer, scaler)
@@ -354,7 +357,7 @@ def _restore(found: tuple[str, dict[str, Any]], session: TrainSession, config: T
             state, model, optimizer, lambda: _new_model(config, session.device), config))
     else:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         restore_pending_gradients(model, state.get("pending_gradients", {}))
     scaler.load_state_dict(state["scaler"])
     if session.world_rank == 0:

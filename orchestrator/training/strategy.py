@@ -68,14 +68,26 @@ def _average_gradients_of(params: set[torch.nn.Parameter]) -> None:
         p.register_hook(average)
 
 
+def uses_sharded_scaler(precision: Precision, strategy: str) -> bool:
+    return strategy == "fsdp" and precision.name == "fp16"
+
+
 def grad_scaler(precision: Precision, strategy: str):
     """fp16 loss scaling; under FSDP the overflow check must agree across workers (each sees
     only its shard of the gradients): torch's ShardedGradScaler all-reduces it."""
-    if strategy == "fsdp" and precision.name == "fp16":
+    if uses_sharded_scaler(precision, strategy):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         return ShardedGradScaler(precision.device_type)
     return precision.grad_scaler()
+
+
+def fused_optimizer_allowed(precision: Precision, strategy: str) -> bool:
+    """AdamW's fused step, except beside ShardedGradScaler (FSDP in fp16): the overflow flag
+    that scaler hands the fused step has shape (1,), which the step counts (shape ()) cannot
+    take in place, so every step would raise after updating the weights
+    (pytorch/pytorch#140514, open; reproduced with torch 2.13)."""
+    return not uses_sharded_scaler(precision, strategy)
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
@@ -109,8 +121,10 @@ def apply_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     checkpoint converted), which FSDP slices to each worker's shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    from orchestrator.training.optim import with_kernels_of
+
     set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"],
+                   optim_state_dict=with_kernels_of(optimizer, state["optimizer"]),
                    options=StateDictOptions(full_state_dict=full))
 
 
@@ -122,12 +136,12 @@ def convert_full_state(state: dict, model: torch.nn.Module, optimizer: torch.opt
     back."""
     from torch.distributed.tensor import distribute_tensor
 
-    from orchestrator.training.optim import build_optimizer
+    from orchestrator.training.optim import build_optimizer, load_optimizer_state
 
     whole = make_model()
     whole.load_state_dict(state["model"])
     whole_optimizer = build_optimizer(whole, settings)
-    whole_optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(whole_optimizer, state["optimizer"])
     apply_state(model, optimizer, sharded_state(whole, whole_optimizer), full=True)
     params = dict(model.named_parameters())
     grads = {}

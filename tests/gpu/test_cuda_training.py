@@ -124,14 +124,17 @@ def test_the_optimizer_is_fused_on_gpu_steps_as_foreach_does_and_its_state_loads
         step(reference, foreach, seed)
     assert gap(weights(model), weights(reference), start) < 1e-3
 
-    # The fused state (its step count a CUDA tensor) loads into a CPU run's optimizer, as a
-    # checkpoint does (map_location="cpu"), and the next step agrees with the GPU's.
+    # The fused state (its step count a CUDA tensor) loads into a CPU run's optimizer as the
+    # loop loads a checkpoint (map_location="cpu"), keeping the CPU's own step, and the next
+    # step agrees with the GPU's.
     buffer = io.BytesIO()
     torch.save(fused.state_dict(), buffer)
     buffer.seek(0)
     on_cpu = copy.deepcopy(model).cpu()
     cpu_optimizer = optim.build_optimizer(on_cpu, settings)
-    cpu_optimizer.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=True))
+    optim.load_optimizer_state(cpu_optimizer,
+                               torch.load(buffer, map_location="cpu", weights_only=True))
+    assert all(group["fused"] is None for group in cpu_optimizer.param_groups)
     start = weights(model)
     step(model, fused, 5)
     step(on_cpu, cpu_optimizer, 5)

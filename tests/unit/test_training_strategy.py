@@ -183,3 +183,36 @@ def test_strategy_and_compile_are_validated_naming_the_field():
         TrainConfig(strategy="zero3")
     with pytest.raises(ConfigError, match="compile must be true, false or null"):
         TrainConfig(compile="yes")
+
+
+@pytest.mark.parametrize("precision, strategy, allowed", [
+    ("fp16", "fsdp", False), ("fp16", "ddp", True), ("bf16", "fsdp", True),
+    ("fp32", "fsdp", True)])
+def test_the_fused_optimizer_is_kept_only_from_fsdps_loss_scaler(precision, strategy, allowed):
+    from orchestrator.training import strategy as strategies
+    from orchestrator.training.precision import Precision
+
+    assert strategies.fused_optimizer_allowed(Precision(precision, "cuda"), strategy) is allowed
+
+
+def test_why_fsdps_loss_scaler_cannot_drive_the_fused_step(tmp_path):
+    """pytorch/pytorch#140514, reproduced (the CPU fused kernel standing in for CUDA's): the
+    overflow flag ShardedGradScaler hands the fused step has shape (1,), which the step
+    counts (shape ()) cannot take. When a torch release fixes it, this fails, and
+    `fused_optimizer_allowed` can let FSDP's fp16 runs use the fused step."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        model = fully_shard(torch.nn.Linear(8, 8))
+        optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+        scaler = ShardedGradScaler("cpu")
+        scaler.scale(model(torch.randn(4, 8)).sum()).backward()
+        scaler.unscale_(optimizer)
+        with pytest.raises(RuntimeError, match=r"shape \[\] doesn't match the broadcast shape"):
+            scaler.step(optimizer)
+    finally:
+        dist.destroy_process_group()
