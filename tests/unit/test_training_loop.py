@@ -299,3 +299,22 @@ def test_fallback_checkpoints_are_only_older_than_the_registered_latest(tmp_path
         (tmp_path / name).mkdir()
     (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
     assert older_checkpoints(tmp_path / names[1]) == [tmp_path / names[0]]
+
+
+def test_a_resumed_run_steps_with_its_own_optimizer_kernels(tmp_path, monkeypatch):
+    """A checkpoint of a run whose AdamW was fused (a GPU run's; forced here, PyTorch's CPU
+    fused kernel standing in) resumes on the CPU with the CPU's default step, as its next
+    checkpoint records; optimizer.load_state_dict alone would have taken the saved choice."""
+    from orchestrator.training import optim
+
+    config = tiny(max_steps=4, checkpoint_every=2, log_every=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(optim, "uses_fused_adamw", lambda params: True)
+        with pytest.raises(RuntimeError, match="worker killed"):
+            train(config, CrashingSession(tmp_path, crash_at=2))
+    groups = load_checkpoint(LocalSession(tmp_path).checkpoints()[-1])["optimizer"]["param_groups"]
+    assert all(group["fused"] for group in groups)
+    resumed = train(config, LocalSession(tmp_path, device=CPU))
+    assert resumed["start_step"] == 2 and resumed["step"] == 4
+    groups = load_checkpoint(LocalSession(tmp_path).checkpoints()[-1])["optimizer"]["param_groups"]
+    assert all(group["fused"] is None for group in groups)
