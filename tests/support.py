@@ -7,7 +7,9 @@
   the chaos run and the serving benchmark use too);
 - `run_summary(run_dir)`: the summary.json a `jobs/pretrain.py` run wrote;
 - `one_thread()`: torch on one intra-op thread for the duration (tiny matmuls on a busy
-  2-core machine only contend with a second thread).
+  2-core machine only contend with a second thread);
+- `CrashingSession(run_dir, crash_at, device)`: a LocalSession that dies right after the
+  checkpoint of a given step, like a killed worker.
 
 Test-only helpers live here; anything the scripts also need belongs in the product (scripts
 must not import tests/). Serve app configs are built by the product too:
@@ -20,10 +22,26 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+
 from orchestrator.polling import wait_for
 from orchestrator.serving.settings import free_port
+from orchestrator.training.session import LocalSession
 
-__all__ = ["free_port", "one_thread", "run_summary", "wait_for"]
+__all__ = ["CrashingSession", "free_port", "one_thread", "run_summary", "wait_for"]
+
+
+class CrashingSession(LocalSession):
+    """Dies right after the checkpoint of `crash_at` is saved, like a killed worker."""
+
+    def __init__(self, run_dir, crash_at, device=torch.device("cpu")):
+        super().__init__(run_dir, device=device)
+        self.crash_at = crash_at
+
+    def report(self, metrics, checkpoint_dir):
+        super().report(metrics, checkpoint_dir)
+        if metrics["step"] == self.crash_at:
+            raise RuntimeError("worker killed")
 
 
 def run_summary(run_dir: str | Path) -> dict[str, Any]:
@@ -34,8 +52,6 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """torch on one intra-op thread inside the block, as many as before after it."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

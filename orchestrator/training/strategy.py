@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 # torch.distributed.checkpoint and .tensor are imported where FSDP needs them: at module level
 # they cost every process that trains (each Ray Train worker, DDP or not) 1.2 s of imports.
+from orchestrator.training.optim import build_optimizer, load_optimizer_state, with_kernels_of
 from orchestrator.training.precision import Precision
 
 
@@ -121,8 +122,6 @@ def apply_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     checkpoint converted), which FSDP slices to each worker's shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    from orchestrator.training.optim import with_kernels_of
-
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=with_kernels_of(optimizer, state["optimizer"]),
                    options=StateDictOptions(full_state_dict=full))
@@ -135,8 +134,6 @@ def convert_full_state(state: dict, model: torch.nn.Module, optimizer: torch.opt
     (hierarchical accumulation) are sliced the same way and returned, for the loop to put
     back."""
     from torch.distributed.tensor import distribute_tensor
-
-    from orchestrator.training.optim import build_optimizer, load_optimizer_state
 
     whole = make_model()
     whole.load_state_dict(state["model"])

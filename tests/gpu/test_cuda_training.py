@@ -7,6 +7,7 @@ from orchestrator.config import TrainConfig
 from orchestrator.training.loop import train
 from orchestrator.training.precision import resolve_precision
 from orchestrator.training.session import LocalSession
+from tests.support import CrashingSession
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -141,34 +142,13 @@ def test_the_optimizer_is_fused_on_gpu_steps_as_foreach_does_and_its_state_loads
     assert gap(weights(on_cpu), weights(model), start) < 1e-3
 
 
-
-class StopAt(LocalSession):
-    """Stops the run right after the report (and checkpoint) of `step`, as a killed worker."""
-
-    def __init__(self, run_dir, device, step):
-        super().__init__(run_dir, device=device)
-        self.step = step
-
-    def report(self, metrics, checkpoint_dir):
-        super().report(metrics, checkpoint_dir)
-        if metrics["step"] == self.step:
-            raise RuntimeError("stopped")
-
-
-def fsdp_run(run_dir, device, backend, precision, stop_at=None):
-    """One worker's FSDP2 run of 8 steps (a checkpoint every 4) in its own process group,
-    stopped right after the checkpoint of `stop_at` when given."""
-    import torch.distributed as dist
-
+def fsdp_run(run_dir, precision, crash_at=None):
+    """One worker's FSDP2 run of 8 steps on the GPU (a checkpoint every 4), killed right
+    after the checkpoint of `crash_at` when given. Needs a process group."""
     config = TrainConfig(model_size="tiny", max_steps=8, batch_size=8, seq_len=64,
                          precision=precision, log_every=4, checkpoint_every=4,
                          strategy="fsdp", compile=False, eval_batches=1)
-    dist.init_process_group(backend, init_method=f"file://{run_dir}-{stop_at}.pg", rank=0,
-                            world_size=1)
-    try:
-        return train(config, StopAt(run_dir, device, stop_at))
-    finally:
-        dist.destroy_process_group()
+    return train(config, CrashingSession(run_dir, crash_at, device=torch.device("cuda")))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -183,11 +163,15 @@ def test_fsdp_trains_checkpoints_and_resumes_on_a_gpu(tmp_path, precision):
         pytest.skip("GPU has no bf16")
     if not dist.is_nccl_available():
         pytest.skip("this torch has no NCCL")
-    cuda = torch.device("cuda")
-    straight = fsdp_run(tmp_path / "straight", cuda, "nccl", precision)
-    with pytest.raises(RuntimeError, match="stopped"):
-        fsdp_run(tmp_path / "resumed", cuda, "nccl", precision, stop_at=4)
-    resumed = fsdp_run(tmp_path / "resumed", cuda, "nccl", precision)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        straight = fsdp_run(tmp_path / "straight", precision)
+        with pytest.raises(RuntimeError, match="worker killed"):
+            fsdp_run(tmp_path / "resumed", precision, crash_at=4)
+        resumed = fsdp_run(tmp_path / "resumed", precision)
+    finally:
+        dist.destroy_process_group()
     assert resumed["start_step"] == 4 and resumed["step"] == 8
     assert straight["loss"] < straight["first_loss"]
     assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-2)

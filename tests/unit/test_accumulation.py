@@ -10,7 +10,7 @@ from orchestrator.training.data import get_batch, load_corpus, split_corpus
 from orchestrator.training.loop import build_optimizer, lr_at, train
 from orchestrator.training.model import GPT, GPTConfig, parameter_groups
 from orchestrator.training.session import LocalSession
-from test_training_loop import CrashingSession  # dies right after a given checkpoint
+from tests.support import CrashingSession  # dies right after a given checkpoint
 from test_training_loop import tiny as tiny_loop_config
 
 CPU = torch.device("cpu")

@@ -14,6 +14,7 @@ from orchestrator.training.checkpoint import (CheckpointError, load_checkpoint,
 from orchestrator.training.loop import train
 from orchestrator.training.precision import Precision, resolve_precision
 from orchestrator.training.session import LocalSession
+from tests.support import CrashingSession
 
 CPU = torch.device("cpu")
 
@@ -66,19 +67,6 @@ def test_the_phase_rate_counts_reports_and_saves_that_the_step_rate_leaves_out(t
     # The reports of steps 10, 20 and 30 fall inside the phase (the last one comes after its
     # figures are taken): 1.2 s that the step-only rate does not see.
     assert phase_s - steps_s >= 1.2, (phase_s, steps_s)
-
-
-class CrashingSession(LocalSession):
-    """Dies right after the checkpoint of `crash_at` is saved, like a killed worker."""
-
-    def __init__(self, run_dir, crash_at):
-        super().__init__(run_dir, device=CPU)
-        self.crash_at = crash_at
-
-    def report(self, metrics, checkpoint_dir):
-        super().report(metrics, checkpoint_dir)
-        if metrics["step"] == self.crash_at:
-            raise RuntimeError("worker killed")
 
 
 RESUME_IN_ANOTHER_PROCESS = """

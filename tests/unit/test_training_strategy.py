@@ -195,37 +195,30 @@ def test_the_fused_optimizer_is_kept_only_from_fsdps_loss_scaler(precision, stra
     assert strategies.fused_optimizer_allowed(Precision(precision, "cuda"), strategy) is allowed
 
 
-def test_why_fsdps_loss_scaler_cannot_drive_the_fused_step(tmp_path):
+def test_why_fsdps_loss_scaler_cannot_drive_the_fused_step(process_group):
     """pytorch/pytorch#140514, reproduced (the CPU fused kernel standing in for CUDA's): the
     overflow flag ShardedGradScaler hands the fused step has shape (1,), which the step
     counts (shape ()) cannot take. When a torch release fixes it, this fails, and
     `fused_optimizer_allowed` can let FSDP's fp16 runs use the fused step."""
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
-                            world_size=1)
-    try:
-        model = fully_shard(torch.nn.Linear(8, 8))
-        optimizer = torch.optim.AdamW(model.parameters(), fused=True)
-        scaler = ShardedGradScaler("cpu")
-        scaler.scale(model(torch.randn(4, 8)).sum()).backward()
-        scaler.unscale_(optimizer)
-        with pytest.raises(RuntimeError, match=r"shape \[\] doesn't match the broadcast shape"):
-            scaler.step(optimizer)
-    finally:
-        dist.destroy_process_group()
+    model = fully_shard(torch.nn.Linear(8, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    scaler = ShardedGradScaler("cpu")
+    scaler.scale(model(torch.randn(4, 8)).sum()).backward()
+    scaler.unscale_(optimizer)
+    with pytest.raises(RuntimeError, match=r"shape \[\] doesn't match the broadcast shape"):
+        scaler.step(optimizer)
 
 
 @pytest.mark.parametrize("saved_fused, resuming_fused", [(True, None), (None, True)])
 @pytest.mark.parametrize("full", [False, True], ids=["sharded", "full"])
-def test_fsdp_state_loads_with_the_resuming_optimizers_kernels(tmp_path, saved_fused,
+def test_fsdp_state_loads_with_the_resuming_optimizers_kernels(process_group, saved_fused,
                                                                 resuming_fused, full):
     """apply_state (a sharded checkpoint, or a full one converted) keeps the resuming
     optimizer's fused choice (PyTorch's CPU fused kernel standing in for a GPU's), where
     set_state_dict alone takes the saved one."""
-    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     from torch.distributed.fsdp import fully_shard
 
@@ -242,37 +235,26 @@ def test_fsdp_state_loads_with_the_resuming_optimizers_kernels(tmp_path, saved_f
         optimizer.zero_grad()
         return model, optimizer
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
-                            world_size=1)
-    try:
-        saved_model, saved_optimizer = stepped(saved_fused, shard=not full)
-        model_state, optimizer_state = get_state_dict(
-            saved_model, saved_optimizer, options=StateDictOptions(full_state_dict=full))
-        state = {"model": model_state, "optimizer": optimizer_state}
-        model, optimizer = stepped(resuming_fused, shard=True)
-        strategies.apply_state(model, optimizer, state, full=full)
-        assert [group["fused"] for group in optimizer.param_groups] == [resuming_fused]
-        assert optimizer.state  # the saved moments came in
-    finally:
-        dist.destroy_process_group()
+    saved_model, saved_optimizer = stepped(saved_fused, shard=not full)
+    model_state, optimizer_state = get_state_dict(
+        saved_model, saved_optimizer, options=StateDictOptions(full_state_dict=full))
+    state = {"model": model_state, "optimizer": optimizer_state}
+    model, optimizer = stepped(resuming_fused, shard=True)
+    strategies.apply_state(model, optimizer, state, full=full)
+    assert [group["fused"] for group in optimizer.param_groups] == [resuming_fused]
+    assert optimizer.state  # the saved moments came in
 
 
-def test_an_fsdp_fp16_run_trains_where_the_fused_step_would_be_chosen(tmp_path, monkeypatch):
+def test_an_fsdp_fp16_run_trains_where_the_fused_step_would_be_chosen(tmp_path, monkeypatch,
+                                                                      process_group):
     """The loop keeps FSDP's fp16 runs off the fused step even where every parameter would
     take it (forced here: PyTorch's CPU fused kernel standing in for CUDA's); with it, the
     first step would raise (the test above)."""
-    import torch.distributed as dist
-
     from orchestrator.training import optim
 
     monkeypatch.setattr(optim, "uses_fused_adamw", lambda params: True)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
-                            world_size=1)
-    try:
-        metrics = train(TrainConfig(model_size="tiny", batch_size=2, seq_len=16, max_steps=2,
-                                    warmup_steps=1, checkpoint_every=2, log_every=2,
-                                    eval_batches=1, strategy="fsdp", precision="fp16"),
-                        LocalSession(tmp_path / "run", device=CPU))
-    finally:
-        dist.destroy_process_group()
+    metrics = train(TrainConfig(model_size="tiny", batch_size=2, seq_len=16, max_steps=2,
+                                warmup_steps=1, checkpoint_every=2, log_every=2,
+                                eval_batches=1, strategy="fsdp", precision="fp16"),
+                    LocalSession(tmp_path / "run", device=CPU))
     assert metrics["step"] == 2 and metrics["precision"] == "fp16"
