@@ -40,6 +40,8 @@ from orchestrator.serving.generation import (Chunk, GenerationRequest, Generatio
                                              SamplingParams)
 from orchestrator.serving.loading import default_checkpoint, model_directories
 from orchestrator.serving.protocol import APIError
+from orchestrator.serving.retries import (gather_or_cancel, is_engine_lost, resumable_stream,
+                                          with_retries)
 from orchestrator.serving.resources import (ReplicaResources, recommend_replica_resources,
                                             report_from_ray_node)
 from orchestrator.serving.settings import ServeSettings
@@ -54,6 +56,12 @@ log = logging.getLogger("ray.serve")
 RETRYABLE = (ray.exceptions.RayActorError, DeploymentUnavailableError)
 
 
+def retryable(error: BaseException) -> bool:
+    """Lost with its replica, or with the replica's engine process (which the replica
+    restarts): safe to send again."""
+    return isinstance(error, RETRYABLE) or is_engine_lost(error)
+
+
 # == HTTP ingress =============================================================================
 # Behind HAProxy (settings.SERVING_PATHS) an Ingress replica serves HTTP itself, bound to the
 # configured host: loopback by default, which HAProxy on another host cannot reach (Serve warns
@@ -66,6 +74,8 @@ api = FastAPI(title="orchestrator GPT: OpenAI-compatible completions and chat co
 # sent: answering while the client still sends makes the server close the connection under
 # it, and the client sees a reset instead of the error. Beyond it the connection is cut.
 DRAIN_BODY_BYTES = 64 << 20
+# Tries to fetch the served model's tokenizer while a hot reload has replicas on two models.
+TOKENIZER_FETCHES = 3
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -123,9 +133,8 @@ class Ingress:
                 parsed.max_tokens, parsed.temperature, parsed.top_p, parsed.stop, parsed.seed))
                 for prompt in parsed.prompts]
             if parsed.stream:
-                return StreamingResponse(self._sse(parsed, requests, started, route),
-                                         media_type="text/event-stream")
-            results = await asyncio.gather(*(self._generate(r) for r in requests))
+                return await self._stream_response(parsed, requests, started, route)
+            results = await gather_or_cancel(*(self._generate(r) for r in requests))
         except Exception as e:
             return self._error_response(e, route, started)
         version = results[0].version
@@ -195,11 +204,19 @@ class Ingress:
         """Prompts are encoded with the served model's tokenizer: the byte tokenizer here,
         another one fetched once from a model replica (by name)."""
         name = info.get("tokenizer", "bytes")
-        if name not in self._tokenizers:
-            self._tokenizers[name] = await self._with_retries(
-                lambda: self.model.tokenizer.remote())
-        return protocol.Encoder(self._tokenizers[name], info.get("token_ids",
-                                                                 protocol.VOCAB_SIZE))
+        for attempt in range(TOKENIZER_FETCHES):
+            if name in self._tokenizers:
+                return protocol.Encoder(self._tokenizers[name],
+                                        info.get("token_ids", protocol.VOCAB_SIZE))
+            # During a hot reload this call may reach a replica still serving the model
+            # before: its tokenizer is kept under its own name, never under `name`.
+            tokenizer = await self._with_retries(lambda: self.model.tokenizer.remote())
+            self._tokenizers[tokenizer.name] = tokenizer
+            if tokenizer.name != name:
+                await asyncio.sleep(0.1 * (attempt + 1))
+        raise APIError(503, f"the model is being reloaded (its tokenizer {name} is not on "
+                            f"every replica yet); retry shortly", type="server_error",
+                       code="reloading")
 
     async def _model_info(self, max_age_s: float) -> dict[str, Any]:
         if self._info is None or time.monotonic() - self._info_at > max_age_s:
@@ -211,50 +228,69 @@ class Ingress:
         return await self._with_retries(lambda: self.model.generate.remote(request))
 
     async def _with_retries(self, call):
-        """Resend a call whose model replica died (or none was reachable) up to
-        request_retries times: nothing of its answer was delivered, so it is safe to."""
-        for attempt in range(self.settings.request_retries + 1):
-            try:
-                return await call()
-            except RETRYABLE as e:
-                if attempt == self.settings.request_retries:
-                    raise
-                self.retries["calls"] += 1
-                log.warning("model replica lost (%s); retrying (attempt %d)",
-                            type(e).__name__, attempt + 2)
-                await asyncio.sleep(0.05 * 2 ** attempt)
+        """Resend a call whose model replica died (or none was reachable, or its engine
+        process died) up to request_retries times."""
+        def counted(error: BaseException, attempt: int) -> None:
+            self.retries["calls"] += 1
+            log.warning("model replica lost (%s); retrying (attempt %d)",
+                        type(error).__name__, attempt + 2)
+        return await with_retries(call, retryable, self.settings.request_retries, counted)
 
-    async def _stream_one(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """One prompt's chunks. If its replica dies mid-stream, the rest comes from another
-        replica, continuing after the tokens already delivered."""
-        delivered: tuple[int, ...] = ()
-        for attempt in range(self.settings.request_retries + 1):
-            try:
-                async for chunk in self.stream_model.generate_stream.remote(
-                        request.resumed_after(delivered) if delivered else request):
-                    delivered += chunk.tokens
-                    yield chunk
-                return
-            except RETRYABLE as e:
-                if attempt == self.settings.request_retries:
-                    raise
-                self.retries["streams_resumed" if delivered else "streams_restarted"] += 1
-                log.warning("model replica lost mid-stream after %d token(s) (%s); resuming",
-                            len(delivered), type(e).__name__)
-                await asyncio.sleep(0.05 * 2 ** attempt)
+    def _stream_one(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """One prompt's chunks. If its replica (or engine process) dies mid-stream, the rest
+        comes from another attempt, continuing after the tokens already delivered."""
+        def counted(error: BaseException, attempt: int, delivered: int) -> None:
+            self.retries["streams_resumed" if delivered else "streams_restarted"] += 1
+            log.warning("model replica lost mid-stream after %d token(s) (%s); resuming",
+                        delivered, type(error).__name__)
+        return resumable_stream(self.stream_model.generate_stream.remote, request, retryable,
+                                self.settings.request_retries, counted)
 
-    async def _sse(self, parsed: protocol.CompletionRequest,
-                   requests: list[GenerationRequest], started: float,
+    async def _pump(self, queue: asyncio.Queue, index: int,
+                    request: GenerationRequest) -> None:
+        """Prompt `index`'s chunks into the response's queue, then its error if it failed,
+        then None."""
+        try:
+            async for chunk in self._stream_one(request):
+                await queue.put((index, chunk))
+        except Exception as e:
+            await queue.put((index, e))
+        await queue.put((index, None))
+
+    async def _stream_response(self, parsed: protocol.CompletionRequest,
+                               requests: list[GenerationRequest], started: float,
+                               route: str) -> Response:
+        """The SSE response, once the first chunk is in: a request refused before it produced
+        anything (over the KV cache, the replica overloaded or without a model) gets its
+        status (4xx/5xx) and error body, not a 200 with an error event."""
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(queue, i, r)) for i, r in enumerate(requests)]
+        handed_over = False
+        try:
+            first = await queue.get()
+            if isinstance(first[1], Exception):
+                return self._error_response(first[1], route, started)
+            handed_over = True
+            return StreamingResponse(self._sse(parsed, first, queue, tasks, started, route),
+                                     media_type="text/event-stream")
+        finally:
+            if not handed_over:  # refused, or the client left while waiting
+                for task in tasks:
+                    task.cancel()
+
+    async def _sse(self, parsed: protocol.CompletionRequest, first: tuple, queue: asyncio.Queue,
+                   tasks: list[asyncio.Task], started: float,
                    route: str = COMPLETIONS_ROUTE) -> AsyncIterator[bytes]:
-        """Server-sent events: every prompt's chunks as they come (interleaved, each tagged
-        with its index), the usage if asked for, then [DONE]. An error after the response has
-        started is sent as an error event (the status line is already out). Chat chunks
-        carry deltas: the role first, then the content, then the finish_reason."""
+        """Server-sent events: every prompt's chunks as they come (`first`, then the queue's;
+        interleaved, each tagged with its index), the usage if asked for, then [DONE]. An
+        error after the response has started is sent as an error event (the status line is
+        already out). Chat chunks carry deltas: the role first, then the content, then the
+        finish_reason. The prompts' tasks are cancelled when it ends, however it ends."""
         chat = route == CHAT_ROUTE
         request_id = protocol.chat_completion_id() if chat else protocol.completion_id()
         created = int(time.time())
         model, status, version, produced = self.settings.model_name, 200, "", 0
-        queue: asyncio.Queue = asyncio.Queue()
+        pending = [first]
 
         def event(index: int, text: str, reason: str | None) -> bytes:
             if chat:
@@ -264,19 +300,10 @@ class Ingress:
             return protocol.sse_event(protocol.chunk_body(
                 request_id, model, version, created, index, text, reason))
 
-        async def pump(index: int, request: GenerationRequest) -> None:
-            try:
-                async for chunk in self._stream_one(request):
-                    await queue.put((index, chunk))
-            except Exception as e:
-                await queue.put((index, e))
-            await queue.put((index, None))
-
-        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
         try:
             open_streams, greeted = len(tasks), False
             while open_streams:
-                index, item = await queue.get()
+                index, item = pending.pop() if pending else await queue.get()
                 if item is None:
                     open_streams -= 1
                 elif isinstance(item, Exception):

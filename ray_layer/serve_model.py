@@ -29,6 +29,7 @@ from orchestrator.serving.generation import (BatchGeneration, Chunk, GenerationR
 from orchestrator.serving.loading import (LoadedModel, default_checkpoint, forward_problem,
                                           load_for_serving)
 from orchestrator.serving.protocol import APIError
+from orchestrator.serving.retries import engine_lost
 from orchestrator.serving.settings import RuntimeConfig, ServeSettings
 from ray_layer.telemetry import record
 
@@ -40,6 +41,10 @@ CHAT_ROUTE = "/v1/chat/completions"
 # process) is taken as hung: a reload waiting for it is refused, a replica serving from it is
 # unhealthy.
 ENGINE_OPEN_TIMEOUT_S = 300.0
+# An engine process that dies (out of memory, a crash) is started again, at most this many
+# times in this window; beyond that the replica stays down and its health check fails, so
+# Serve replaces it.
+HOST_RESTARTS, HOST_RESTART_WINDOW_S = 3, 600.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -100,6 +105,7 @@ class GPTModel:
         # rows and closes. Each request's chunks reach it through its queue, keyed by an int
         # that travels to the host and back.
         self.host: EngineHostHandle | None = None
+        self.host_deaths: list[float] = []  # monotonic times, within HOST_RESTART_WINDOW_S
         self.engines: list[EngineRecord] = []
         self.serving_engine: EngineRecord | None = None  # where new requests go
         self.engine_problem: str | None = None  # the serving engine could not open: why
@@ -235,9 +241,8 @@ class GPTModel:
                               asyncio.get_running_loop().create_future())
         self.engines.append(engine)  # first: if the send finds the host gone, it is ended too
         host.send(("open", engine.id, engine_source(loaded, host.process_host), limits))
-        if not host.alive:
-            raise APIError(503, f"continuous batching is down: {host.problem}",
-                           type="server_error")
+        if not host.alive:  # (it was ended with the host, and a fresh host may be opening it)
+            raise engine_lost(f"continuous batching is down: {host.problem}")
         return engine
 
     async def _engine_ready(self, loaded: LoadedModel, runtime: RuntimeConfig
@@ -274,9 +279,8 @@ class GPTModel:
             self.host = EngineHostHandle(self.settings.engine_process, str(self.device),
                                          self.settings.torch_threads, self._on_host_events,
                                          asyncio.get_running_loop())
-        if not self.host.alive:
-            raise APIError(503, f"continuous batching is down: {self.host.problem}",
-                           type="server_error")
+        if not self.host.alive:  # not restarted (it died too often): another replica may serve
+            raise engine_lost(f"continuous batching is down: {self.host.problem}")
         return self.host
 
     def _engine_limits(self, loaded: LoadedModel,
@@ -309,8 +313,30 @@ class GPTModel:
             elif kind == "closed":
                 self.engines = [e for e in self.engines if e.id != event[1]]
             elif kind == "host_died":
-                log.error("continuous batching is down: %s", event[1])
-                self._end_engine(None, event[1])
+                self._on_host_died(event[1])
+
+    def _on_host_died(self, message: str) -> None:
+        """The engine host is gone: its requests get a retryable error (the ingress sends
+        them again, a stream continuing after what it delivered), and a fresh host opens the
+        served model's engine again, unless hosts died too often here lately."""
+        now = time.monotonic()
+        self.host_deaths = [t for t in self.host_deaths if now - t < HOST_RESTART_WINDOW_S]
+        self.host_deaths.append(now)
+        self._end_engine(None, message)
+        if len(self.host_deaths) > HOST_RESTARTS:
+            log.error("continuous batching is down: %s (the engine process died %d times in "
+                      "%gs: not restarted)", message, len(self.host_deaths),
+                      HOST_RESTART_WINDOW_S)
+            return
+        log.error("%s; starting it again (%d of %d restarts in %gs)", message,
+                  len(self.host_deaths), HOST_RESTARTS, HOST_RESTART_WINDOW_S)
+        self.stats["engine_restarts"] += 1
+        dead, self.host = self.host, None
+        if dead is not None:
+            dead.close()  # its socket; the process is gone already (killed if it lingered)
+        if self.loaded is not None and self.runtime is not None \
+                and self.runtime.batching == "continuous":
+            self.serving_engine = self._engine_for(self.loaded, self.runtime)
 
     def _on_opened(self, engine_id: int, version: str) -> None:
         engine = self._engine(engine_id)
@@ -366,8 +392,9 @@ class GPTModel:
             return  # already ended (a late answer to a request sent before it was)
         log.error("continuous batching engine %s failed: %s",
                   "*" if engine_id is None else engine_id, message)
-        error = APIError(500, message if message.startswith("generation failed")
-                         else f"generation failed: {message}", type="server_error")
+        error = (engine_lost(message) if engine_id is None  # the host died: retryable
+                 else APIError(500, message if message.startswith("generation failed")
+                               else f"generation failed: {message}", type="server_error"))
         for key in keys:  # popped: the stream's end sends no cancel for them
             self.streams.pop(key)[0].put_nowait(error)
         for engine in ended:
@@ -545,6 +572,7 @@ class GPTModel:
                 "queued": len(self.queued) + waiting, "waiting_for_a_slot": self.gate.waiting,
                 "running": len(self.running) + rows,
                 "static_cancelled": self.static_cancelled, "most_requests_held": self.stats["most_held"],
+                "engine_restarts": self.stats["engine_restarts"],
                 "engines": engines, "last_switch_ms": self.stats.get("switch_ms"),
                 "reload_error": self.reload_error}
 

@@ -256,10 +256,12 @@ def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str
     _refuse_non_defaults(data, _CHAT_ONLY_DEFAULT)
     messages = _messages(data.get("messages"))
     prompt = chat_prompt(messages, encoder.tokenizer, encoder.token_ids)
-    if "max_tokens" in data and "max_completion_tokens" in data:
+    # null is unset, as OpenAI reads it (clients send "max_tokens": null for None)
+    given = {f for f in ("max_tokens", "max_completion_tokens") if data.get(f) is not None}
+    if len(given) == 2:
         raise bad_request("give max_completion_tokens or max_tokens, not both",
                           "max_completion_tokens")
-    field = "max_completion_tokens" if "max_completion_tokens" in data else "max_tokens"
+    field = "max_completion_tokens" if "max_completion_tokens" in given else "max_tokens"
     try:
         max_tokens = _max_tokens(data.get(field), len(prompt), block_size,
                                  default=block_size - len(prompt))

@@ -268,6 +268,10 @@ def test_a_request_over_the_kv_cache_capacity_is_refused_not_queued(server):
         assert error["param"] == "max_tokens"
         assert "cache holds 32 tokens" in error["message"] and "kv_cache_tokens" in \
             error["message"]
+        # Streamed, the same status and error (not a 200 with an error event): the response
+        # starts only once the first chunk is in.
+        streamed = server.post({"prompt": "x" * 20, "max_tokens": 20, "stream": True})
+        assert streamed.status_code == 400 and streamed.json()["error"] == error
         assert server.post({"prompt": "x" * 10, "max_tokens": 10}).status_code == 200
     finally:
         server.reconfigure(kv_cache_tokens=0)

@@ -232,6 +232,15 @@ def test_chat_messages_become_the_documented_plain_text_prompt():
         BLOCK - len(b"User: Hi\nAssistant:")
 
 
+def test_a_null_token_limit_is_unset_as_openai_reads_it():
+    # The openai client's wrappers send "max_tokens": null for None beside the other field.
+    messages = [{"role": "user", "content": "Hi"}]
+    assert chat({"messages": messages, "max_tokens": None,
+                 "max_completion_tokens": 5}).max_tokens == 5
+    assert chat({"messages": messages, "max_tokens": 4,
+                 "max_completion_tokens": None}).max_tokens == 4
+
+
 def test_chat_uses_the_tokenizers_end_of_text_token_where_the_model_reads_it():
     assert protocol.chat_prompt((("user", "hello"),), ByteLike(), 300) == \
         tuple(b"User: hello\n") + (256,) + tuple(b"Assistant:")

@@ -1,0 +1,83 @@
+"""Resending a request whose model replica (or its engine process) was lost: the ingress's
+rules, free of Ray so that they are tested without it. What counts as lost is the caller's
+predicate (ray_layer/serve_app.py: a dead replica actor, no replica reachable, or the
+replica's engine process gone, `ENGINE_LOST`)."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from orchestrator.serving.generation import Chunk, GenerationRequest
+from orchestrator.serving.protocol import APIError
+
+T = TypeVar("T")
+
+# The code of the error a replica gives its in-flight requests when its engine process dies
+# (out of memory, a crash): nothing of theirs is lost that another attempt cannot redo.
+ENGINE_LOST = "engine_lost"
+RETRY_BACKOFF_S = 0.05  # doubled after each attempt
+
+
+def engine_lost(message: str) -> APIError:
+    """The error of a request whose engine process died under it: retryable (503)."""
+    return APIError(503, f"generation failed: {message}; retry shortly", type="server_error",
+                    code=ENGINE_LOST)
+
+
+def is_engine_lost(error: BaseException) -> bool:
+    return isinstance(error, APIError) and error.code == ENGINE_LOST
+
+
+async def with_retries(call: Callable[[], Awaitable[T]], retryable: Callable[[BaseException], bool],
+                       retries: int, on_retry: Callable[[BaseException, int], None]) -> T:
+    """`call()`, sent again up to `retries` times while it fails in a retryable way (nothing
+    of its answer was delivered, so it is safe to); `on_retry(error, attempt)` before each."""
+    for attempt in range(retries + 1):
+        try:
+            return await call()
+        except Exception as e:
+            if not retryable(e) or attempt == retries:
+                raise
+            on_retry(e, attempt)
+            await asyncio.sleep(RETRY_BACKOFF_S * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+async def resumable_stream(start: Callable[[GenerationRequest], AsyncIterator[Chunk]],
+                           request: GenerationRequest, retryable: Callable[[BaseException], bool],
+                           retries: int, on_retry: Callable[[BaseException, int, int], None]
+                           ) -> AsyncIterator[Chunk]:
+    """One prompt's chunks from `start(request)`. When the stream fails in a retryable way
+    it starts again, continuing after the tokens already delivered (`on_retry(error,
+    attempt, delivered)` before each). A failure after the final chunk (the replica died
+    as its stream closed) ends the stream: everything was delivered."""
+    delivered: tuple[int, ...] = ()
+    finished = False
+    for attempt in range(retries + 1):
+        try:
+            async for chunk in start(request.resumed_after(delivered) if delivered else request):
+                delivered += chunk.tokens
+                finished = chunk.finish_reason is not None
+                yield chunk
+            return
+        except Exception as e:
+            if finished:
+                return
+            if not retryable(e) or attempt == retries:
+                raise
+            on_retry(e, attempt, len(delivered))
+            await asyncio.sleep(RETRY_BACKOFF_S * 2 ** attempt)
+
+
+async def gather_or_cancel(*calls: Awaitable[T]) -> list[T]:
+    """Every call's result, in order; when one fails, the others are cancelled (their
+    replicas free the rows and cache blocks) before its error is raised."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -1,0 +1,83 @@
+"""A model replica whose engine process dies (out of memory, a crash): its in-flight requests
+get a retryable error and the replica starts a fresh engine process, so the next request (the
+ingress's resend) is served by the same replica; after too many deaths it stays down and fails
+its health check, for Serve to replace it.
+
+The replica object is driven directly on an event loop, with a real engine process and no Ray
+(Serve's replica context and the metrics are stand-ins): a kill lands at a chosen token."""
+import asyncio
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator.serving.generation import GenerationRequest, SamplingParams
+from orchestrator.serving.loading import save_untrained_checkpoint
+from orchestrator.serving.retries import is_engine_lost
+
+CONTEXT = 1024  # a row decodes for ~1 s: the kill lands mid-stream
+
+
+@pytest.fixture
+def replica(monkeypatch, tmp_path):
+    from ray import serve
+
+    import ray_layer.serve_model as serve_model
+
+    monkeypatch.setattr(serve_model, "record", lambda *args, **kwargs: None)
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(
+        deployment="GPTModel", replica_id=SimpleNamespace(unique_id="r")))
+    checkpoint = str(save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000001",
+                                               "tiny", CONTEXT))
+    model = serve_model.GPTModel.func_or_class({"torch_threads": 1, "max_batch_size": 4})
+    yield model, checkpoint
+    if model.host is not None:
+        model.host.close()
+
+
+def request(tokens: int) -> GenerationRequest:
+    return GenerationRequest(tuple(b"hello"), SamplingParams(tokens, temperature=0.0))
+
+
+async def tokens_of(model, req: GenerationRequest) -> tuple[int, ...]:
+    return tuple(t for chunk in [c async for c in model.generate_stream(req)]
+                 for t in chunk.tokens)
+
+
+def test_a_dead_engine_process_fails_its_requests_retryably_and_is_started_again(replica):
+    model, checkpoint = replica
+
+    async def scenario():
+        await model.reconfigure({"checkpoint": checkpoint, "batching": "continuous"})
+        expected = await tokens_of(model, request(40))
+        delivered, error = [], None
+        try:
+            async for chunk in model.generate_stream(request(CONTEXT - 8)):
+                delivered += chunk.tokens
+                if len(delivered) >= 3:
+                    os.kill(model.host.worker.pid, signal.SIGKILL)
+        except Exception as e:
+            error = e
+        assert error is not None and is_engine_lost(error), error
+        assert error.status == 503 and 3 <= len(delivered) < CONTEXT - 8
+        # The ingress's resend, to the same replica: served by a fresh engine process, the
+        # same greedy tokens as before the kill.
+        assert await tokens_of(model, request(40)) == expected
+        await model.check_health()
+        assert model.replica_stats()["engine_restarts"] == 1
+
+        # Dying again and again (a model that cannot run here): the replica gives up and
+        # its health check fails.
+        for _ in range(3):
+            os.kill(model.host.worker.pid, signal.SIGKILL)
+            with pytest.raises(Exception) as failed:
+                await tokens_of(model, request(4))
+            assert is_engine_lost(failed.value)
+        with pytest.raises(RuntimeError, match="continuous batching is down"):
+            await model.check_health()
+        with pytest.raises(Exception) as down:
+            await tokens_of(model, request(4))
+        assert is_engine_lost(down.value)  # the ingress tries another replica
+
+    asyncio.run(scenario())

@@ -1,0 +1,109 @@
+"""The ingress's resend rules (orchestrator/serving/retries.py), with fake replicas."""
+import asyncio
+
+import pytest
+
+from orchestrator.serving.generation import Chunk, GenerationRequest, SamplingParams
+from orchestrator.serving.protocol import APIError
+from orchestrator.serving.retries import (engine_lost, gather_or_cancel, is_engine_lost,
+                                          resumable_stream, with_retries)
+
+REQUEST = GenerationRequest(tuple(b"hi"), SamplingParams(max_tokens=4, temperature=0.0))
+
+
+class Lost(Exception):
+    """A replica that died (what Ray raises for a dead actor)."""
+
+
+def lost(error: BaseException) -> bool:
+    return isinstance(error, Lost) or is_engine_lost(error)
+
+
+class Replica:
+    """Streams tokens 1, 2, ... after the request's delivered ones; fails with `errors`,
+    one per attempt, after `after` chunks (None: after the final chunk)."""
+
+    def __init__(self, errors: list[BaseException], after: int | None = 2) -> None:
+        self.errors, self.after, self.seen = list(errors), after, []
+
+    async def generate_stream(self, request: GenerationRequest):
+        self.seen.append(request.generated)
+        error = self.errors.pop(0) if self.errors else None
+        for i, token in enumerate(range(len(request.generated) + 1, 5)):
+            if error is not None and i == self.after:
+                raise error
+            yield Chunk((token,), str(token), "length" if token == 4 else None)
+        if error is not None:  # the replica died as its stream closed
+            raise error
+
+
+def stream(replica: Replica, retries: int = 2) -> tuple[list[Chunk], list]:
+    retried = []
+
+    async def consume():
+        return [c async for c in resumable_stream(
+            replica.generate_stream, REQUEST, lost, retries,
+            lambda e, attempt, delivered: retried.append((type(e).__name__, delivered)))]
+    return asyncio.run(consume()), retried
+
+
+def test_a_stream_whose_engine_died_continues_after_the_tokens_delivered():
+    replica = Replica([engine_lost("the engine process exited (exit code -9)")])
+    chunks, retried = stream(replica)
+    assert [c.tokens[0] for c in chunks] == [1, 2, 3, 4]  # each token once, in order
+    assert replica.seen == [(), (1, 2)] and retried == [("APIError", 2)]
+    assert chunks[-1].finish_reason == "length"
+
+
+def test_a_failure_after_the_final_chunk_ends_the_stream_without_resending():
+    replica = Replica([Lost()], after=None)
+    chunks, retried = stream(replica)
+    assert [c.tokens[0] for c in chunks] == [1, 2, 3, 4]
+    assert [c.finish_reason for c in chunks].count("length") == 1
+    assert replica.seen == [()] and retried == []
+
+
+def test_other_errors_and_exhausted_retries_reach_the_client():
+    with pytest.raises(APIError, match="too long"):
+        stream(Replica([APIError(400, "too long")]))
+    with pytest.raises(Lost):
+        stream(Replica([Lost(), Lost(), Lost()], after=0), retries=2)
+    # An engine error other than the process's death (a failed step) is not resent either.
+    with pytest.raises(APIError) as error:
+        stream(Replica([APIError(500, "generation failed: boom", type="server_error")]))
+    assert error.value.status == 500
+
+
+def test_a_call_is_resent_only_while_its_failure_is_retryable():
+    attempts = []
+
+    async def call():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise engine_lost("gone")
+        return "done"
+    assert asyncio.run(with_retries(call, lost, 3, lambda e, a: None)) == "done"
+    assert len(attempts) == 3
+    assert engine_lost("gone").status == 503 and is_engine_lost(engine_lost("gone"))
+    assert not is_engine_lost(APIError(503, "overloaded", code="overloaded"))
+
+
+def test_when_one_prompt_fails_the_others_are_cancelled():
+    cancelled = []
+
+    async def long_prompt():
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append("long")
+            raise
+
+    async def refused():
+        await asyncio.sleep(0)
+        raise APIError(400, "over the KV cache", "max_tokens")
+
+    async def run():
+        with pytest.raises(APIError, match="KV cache"):
+            await asyncio.wait_for(gather_or_cancel(long_prompt(), refused()), timeout=5)
+    asyncio.run(run())
+    assert cancelled == ["long"]
