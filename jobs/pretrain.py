@@ -19,7 +19,7 @@ from pathlib import Path
 
 from orchestrator.config import (LR_SCHEDULES, MODEL_PRESETS, PRECISIONS, STRATEGIES,
                                  ConfigError, JobSpec, TrainConfig, resume_conflicts)
-from orchestrator.hf_export import ExportError
+from orchestrator.hf_export import ExportError, check_init_context
 from orchestrator.tokenizer import TokenizerError, save_tokenizer
 from orchestrator.training.corpus import DataError
 from orchestrator.training.data_plan import (DataSetup, check_trainable, configure_data,
@@ -157,6 +157,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
                    accelerator_types=tuple(args.accelerator_types), priority=args.priority,
                    expected_duration_s=args.expected_duration_s,
                    workload=pretrain_workload(train_config))
+    if train_config.init_from:
+        check_init_context(train_config.init_from, train_config.seq_len)
     if args.resume:
         _check_resumable(run_dir, train_config)
     return train_config, spec
@@ -200,7 +202,7 @@ def resolve_data(args: argparse.Namespace, run_dir: Path) -> DataSetup:
         data=args.data, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines,
         tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
         cache_root=args.data_cache or default_cache_root(run_dir), retokenize=args.retokenize,
-        init_from=args.init_from, saved=saved)
+        init_from=args.init_from, saved=saved, run_dir=run_dir)
     if saved is not None:
         problems = resume_data_conflicts(saved, setup.fields)
         if problems:

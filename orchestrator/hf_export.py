@@ -103,6 +103,28 @@ def hf_config(model, tokenizer: Tokenizer | None) -> dict[str, Any]:
     }
 
 
+def output_refusal(out: Path) -> str | None:
+    """Why `out` must not receive an export: it holds a training run or checkpoint, whose
+    config.json and tokenizer.json the export would overwrite (a resume reads them). An
+    earlier export there is replaced."""
+    from orchestrator.training.checkpoint import SHARDED_META_FILE, STATE_FILE
+
+    if not out.is_dir():
+        return None
+    if any(out.glob("checkpoint_*")) or any((out / f).exists()
+                                            for f in (STATE_FILE, SHARDED_META_FILE)):
+        return "it holds a training run or checkpoint, which the export would overwrite"
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return "it has a config.json that is not a Hugging Face model's"
+    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
+        return "it has a config.json that is not a GPT-2 model's (a run's own?)"
+    return None
+
+
 def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
     """Write `model` and `tokenizer` as a Hugging Face GPT-2 directory (model.safetensors,
     config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
@@ -113,6 +135,9 @@ def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list
     if refusal:
         raise ExportError(f"cannot export as GPT-2: {refusal}")
     out = Path(out_dir)
+    refusal = output_refusal(out)
+    if refusal:
+        raise ExportError(f"--out {out}: {refusal}; give another directory")
     out.mkdir(parents=True, exist_ok=True)
     eos = tokenizer.eos_id
     written = []
@@ -211,6 +236,16 @@ def model_size_of(config: dict[str, Any], where: str) -> str:
     raise ExportError(f"--init-from {where}: shape n_layer x n_head x n_embd = "
                       f"{shape['n_layer']}x{shape['n_head']}x{shape['n_embd']} is none of the "
                       f"model presets ({presets})")
+
+
+def check_init_context(directory: str | os.PathLike, seq_len: int) -> None:
+    """The imported model's position table must cover --seq-len (it is cut to shorter ones);
+    checked before any worker starts. ExportError naming both otherwise."""
+    positions = read_hf_config(directory).get("n_positions")
+    if isinstance(positions, int) and seq_len > positions:
+        raise ExportError(f"--init-from {directory}: the model has {positions} positions "
+                          f"(n_positions) and --seq-len {seq_len} needs {seq_len}; pass "
+                          f"--seq-len {positions} or less")
 
 
 def init_warnings(config: dict[str, Any]) -> list[str]:

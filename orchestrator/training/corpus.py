@@ -18,7 +18,6 @@ on every machine and every run, and never trained on.
 from __future__ import annotations
 
 import codecs
-import fnmatch
 import hashlib
 import io
 import json
@@ -34,6 +33,13 @@ HELD_OUT_FRACTION = 0.1
 READ_CHUNK = 8 << 20  # bytes read at a time from a .txt file
 PARQUET_BATCH_ROWS = 1024
 _PARAGRAPH_END = re.compile(r"\n[ \t\r]*\n\s*")  # a blank line (and any that follow)
+# A paragraph longer than this (text with no blank lines: one sentence or record per line,
+# code) is cut after the first line end past it, and at 4x where no line ends: documents stay
+# many enough for the held-out split and small enough to stream.
+MAX_DOCUMENT_CHARS = 16 << 10
+# A line end where a long paragraph may be cut: the next line has text, so the cut is never
+# inside the blank-line run that ends a paragraph, and stays where it is when more is read.
+_LINE_CUT = re.compile(r"\n(?=[ \t\r]*\S)")
 
 
 class DataError(ValueError):
@@ -112,7 +118,7 @@ def _expand_one(spec: str) -> list[SourceFile]:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
         sources = [_source(spec, i) for i in sorted(infos, key=lambda i: i.path)
                    if i.type == pafs.FileType.File and _format_of(i.path)
-                   and not os.path.basename(i.path).startswith(".")]
+                   and not _hidden_below(path, i.path)]
         if not sources:
             raise DataError(f"--data {spec}: the directory holds no "
                             f"{', '.join(FORMATS)} files")
@@ -123,6 +129,39 @@ def _expand_one(spec: str) -> list[SourceFile]:
     return [_checked(_source(spec, info), spec)]
 
 
+def _hidden_below(base: str, path: str) -> bool:
+    """Whether a file or folder below `base` on the way to `path` is hidden (a name starting
+    with "."): editors' and notebooks' copies (.ipynb_checkpoints/) are not the corpus."""
+    below = path[len(base.rstrip("/")) + 1:] if path.startswith(base.rstrip("/") + "/") else path
+    return any(part.startswith(".") for part in below.split("/"))
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob as a shell reads it: `*` and `?` stay within a folder, `**` crosses folders
+    (`**/` also matches none), `[...]` a set of characters."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] in "*?":
+            out.append("[^/]*" if pattern[i] == "*" else "[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body)
+                       .replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
 def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str) -> list[SourceFile]:
     # The directory above the first wildcard is listed; the pattern is matched on full paths.
     base = pattern[:min(pattern.index(ch) for ch in "*?[" if ch in pattern)].rsplit("/", 1)[0]
@@ -130,8 +169,10 @@ def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str) -> list[SourceFil
     if _file_info(fs, base, spec).type != pafs.FileType.Directory:
         raise DataError(f"--data {spec}: no such directory {base}")
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    matches = _glob_regex(pattern).match
     matched = [i for i in sorted(infos, key=lambda i: i.path)
-               if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern)]
+               if i.type == pafs.FileType.File and matches(i.path)
+               and not _hidden_below(base, i.path)]
     usable = [i for i in matched if _format_of(i.path)]
     if not usable:
         raise DataError(f"--data {spec}: the pattern matches no {', '.join(FORMATS)} files"
@@ -210,9 +251,13 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
                 raise DataError(f"{source.uri}: not UTF-8 text near byte "
                                 f"{consumed + e.start}") from None
             consumed += len(chunk)
-            pieces = _paragraphs(buffer)
-            if chunk:  # the last piece may continue in the next chunk: keep it
-                buffer = pieces.pop()
+            # Before the end, only text up to the buffer's last non-space is cut, and its
+            # last piece waits for more: every cut is then where it falls in the whole text,
+            # whatever the chunks (a blank-line run may go on in the next chunk).
+            pieces = _paragraphs(buffer if not chunk else buffer.rstrip())
+            if chunk:
+                pieces.pop()
+                buffer = buffer[sum(map(len, pieces)):]
             for i, piece in enumerate(pieces):
                 last = not chunk and i == len(pieces) - 1  # end-of-text after the file
                 yield Document(piece, index, eos_after=last, line=index + 1)
@@ -222,12 +267,29 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
 
 
 def _paragraphs(text: str) -> list[str]:
-    """Cut after each blank-line run; the pieces concatenate back to `text` exactly."""
+    """Cut after each blank-line run, and long paragraphs at line ends (_cut_long); the
+    pieces concatenate back to `text` exactly."""
     pieces, start = [], 0
     for match in _PARAGRAPH_END.finditer(text):
-        pieces.append(text[start:match.end()])
+        pieces += _cut_long(text[start:match.end()])
         start = match.end()
-    pieces.append(text[start:])
+    pieces += _cut_long(text[start:])
+    return pieces
+
+
+def _cut_long(paragraph: str) -> list[str]:
+    """A paragraph in pieces of about MAX_DOCUMENT_CHARS: each ends at the first line end past
+    that (with text after it), or at 4x that where none is."""
+    pieces, start = [], 0
+    while len(paragraph) - start > MAX_DOCUMENT_CHARS:
+        hard = start + 4 * MAX_DOCUMENT_CHARS
+        cut = _LINE_CUT.search(paragraph, start + MAX_DOCUMENT_CHARS - 1, hard)
+        if cut is None and len(paragraph) <= hard:
+            break
+        end = cut.end() if cut is not None else hard
+        pieces.append(paragraph[start:end])
+        start = end
+    pieces.append(paragraph[start:])
     return pieces
 
 
@@ -235,19 +297,22 @@ def _jsonl_documents(source: SourceFile, field: str, skip: bool, skipped: list[s
                      ) -> Iterator[Document]:
     fs, path = filesystem_for(source.uri)
     with fs.open_input_stream(path) as raw:
-        lines = io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8")
+        # Lines are read as bytes and decoded one by one: a text reader decodes blocks of
+        # 8 KB, so one bad byte would cost every line of its block and the line count.
+        lines = io.BufferedReader(raw)
         index = 0
         line_no = 0
         while True:
-            try:
-                line = lines.readline()
-            except UnicodeDecodeError:
-                problem = _bad(source, line_no + 1, "not UTF-8 text", skip, skipped)
-                line_no += 1
-                continue
-            if not line:
+            data = lines.readline()
+            if not data:
                 break
             line_no += 1
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _bad(source, line_no, f"not UTF-8 text (byte {e.start + 1} of the line)",
+                     skip, skipped)
+                continue
             if not line.strip():
                 continue
             problem = None

@@ -10,13 +10,14 @@ before Ray or any worker starts. The tokenizing pass itself runs on Ray Data
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.tokenizer import (Tokenizer, TokenizerError, load_tokenizer, tokenizer_from_json,
-                                    train_bpe)
+                                    tokenizer_of_run, train_bpe)
 from orchestrator.training.corpus import (DataError, SourceFile, cache_key, check_text_column,
                                           expand_sources, iter_texts)
 from orchestrator.training.shards import (SHARD_TOKENS, clear_cache_dir, read_manifest,
@@ -72,6 +73,10 @@ def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool
               cache_root: str, retokenize: bool = False,
               say: Callable[[str], None] = print) -> DataPlan:
     """Check the sources and the tokenizer and find (or choose) the cache directory."""
+    if "://" not in cache_root:
+        # The workers run in directories of their own (Ray's): a path relative to where the
+        # driver was started would name nothing there.
+        cache_root = os.path.abspath(os.path.expanduser(cache_root))
     if not isinstance(text_field, str) or not text_field:
         raise DataError(f"--text-field must be a non-empty field name, got {text_field!r}")
     if train_tokenizer is not None and tokenizer != "bytes":
@@ -181,11 +186,16 @@ class DataSetup:
 def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, tokenizer: str,
                    train_tokenizer: int | None, cache_root: str, retokenize: bool,
                    init_from: str | None, saved: dict[str, Any] | None,
+                   run_dir: Path | None = None,
                    say: Callable[[str], None] = print) -> DataSetup:
     """Resolve the data, tokenizer and --init-from flags (`saved`: the train config of the run
-    being resumed, or None). DataError / TokenizerError / ExportError name the flag."""
+    being resumed, in `run_dir`, or None). DataError / TokenizerError / ExportError name the
+    flag."""
     fields: dict[str, Any] = {}
     notes: list[str] = []
+    if saved and saved.get("data_key") and not init_from \
+            and uses_bundled_bytes(data, tokenizer, train_tokenizer) and run_dir is not None:
+        return recorded_data(saved, run_dir)
     if init_from:
         from orchestrator.hf_export import init_warnings, model_size_of, read_hf_config
 
@@ -213,6 +223,23 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
     fields.update(data_cache=plan.cache_uri, data_key=plan.key,
                   vocab_size=plan.tokenizer.vocab_size, tokenizer_sha256=plan.tokenizer.sha256)
     return DataSetup(fields, plan.tokenizer, plan, notes)
+
+
+def recorded_data(saved: dict[str, Any], run_dir: Path) -> DataSetup:
+    """`--resume` with no data or tokenizer flags, of a run trained on --data: its own token
+    shards (config.json's data_cache, checked against its data_key) and tokenizer, as
+    recorded. DataError when the shards are gone (then --data again tokenizes them)."""
+    cache = saved.get("data_cache", "")
+    manifest = read_manifest(cache) if cache else None
+    if manifest is None or manifest.get("key") != saved["data_key"]:
+        raise DataError(f"--resume: the run was trained on --data, and its token shards "
+                        f"({cache or 'no data_cache recorded'}) are gone or were rebuilt "
+                        "from other files; pass its --data (and --tokenizer or "
+                        "--train-tokenizer) again to tokenize them")
+    fields = {name: saved[name] for name in ("data_cache", "data_key", "vocab_size",
+                                             "tokenizer_sha256") if name in saved}
+    return DataSetup(fields, tokenizer_of_run(run_dir, saved.get("tokenizer_sha256", "")),
+                     None, [])
 
 
 def _check_init_vocab(init_from: str, tokenizer: Tokenizer) -> None:

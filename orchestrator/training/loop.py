@@ -32,7 +32,7 @@ from orchestrator.training.efficiency import (CommTimer, Thresholds, cpu_peak_fl
 from orchestrator.training.model import GPT, GPTConfig, parameter_groups
 from orchestrator.training.optim import (build_optimizer, load_optimizer_state, set_lr,
                                         warmup_cosine_lr)
-from orchestrator.training.precision import Precision, resolve_precision
+from orchestrator.training.precision import Precision, load_scaler_state, resolve_precision
 from orchestrator.training.session import TrainSession
 from orchestrator.training import strategy as strategies
 
@@ -359,7 +359,7 @@ def _restore(found: tuple[str, dict[str, Any]], session: TrainSession, config: T
         model.load_state_dict(state["model"])
         load_optimizer_state(optimizer, state["optimizer"])
         restore_pending_gradients(model, state.get("pending_gradients", {}))
-    scaler.load_state_dict(state["scaler"])
+    load_scaler_state(scaler, state["scaler"])
     if session.world_rank == 0:
         written = "sharded (fsdp)" if state["sharded"] else "full (ddp)"
         converted = " converted" if state["sharded"] != fsdp else ""

@@ -55,3 +55,11 @@ class Precision:
     def grad_scaler(self) -> torch.amp.GradScaler:
         """Dynamic loss scaling for fp16; a disabled (pass-through) scaler otherwise."""
         return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """A checkpoint's loss-scaler state into this run's scaler. A run saved without loss
+    scaling (fp32, bf16) saved an empty state, which an fp16 scaler refuses: resumed in fp16
+    (an A100's bf16 run moved to a T4), the scaler starts afresh at its initial scale."""
+    if saved:
+        scaler.load_state_dict(saved)

@@ -13,7 +13,7 @@ import torch
 
 from orchestrator.tokenizer import ByteTokenizer, TokenizerError
 from orchestrator.training import shards
-from orchestrator.training.corpus import (DataError, expand_sources,
+from orchestrator.training.corpus import (MAX_DOCUMENT_CHARS, DataError, expand_sources,
                                           is_held_out, iter_documents)
 from orchestrator.training.data import get_batch
 from orchestrator.training.data_plan import check_trainable, plan_data, tokenize_in_process
@@ -89,6 +89,58 @@ def test_txt_documents_are_paragraphs_that_join_back_to_the_file(tmp_path, monke
     docs = list(iter_documents(expand_sources([str(tmp_path / "a.txt")])[0]))
     assert "".join(d.text for d in docs) == text
     assert len(docs) == 31 and [d.eos_after for d in docs] == [False] * 30 + [True]
+
+
+def test_txt_without_blank_lines_is_cut_at_line_ends_the_same_whatever_the_chunks(
+        tmp_path, monkeypatch):
+    # One sentence per line (or code): a single paragraph, which would be one document:
+    # nothing held out, and the whole file in memory at once.
+    lines = [f"sentence {i}: one line of a book with no blank lines." for i in range(3000)]
+    text = "\n".join(lines) + "\n\n" + "x" * 70_000 + "\n\n\n  tail"
+    (tmp_path / "a.txt").write_text(text)
+    source = expand_sources([str(tmp_path / "a.txt")])[0]
+    docs = [d.text for d in iter_documents(source)]
+    assert "".join(docs) == text
+    assert len(docs) > 10 and max(map(len, docs)) <= 4 * MAX_DOCUMENT_CHARS
+    assert all(d.endswith("\n") for d in docs[:5])  # cut at line ends, not mid-line
+    for chunk in (1000, 4093):  # the chunks read do not move a cut
+        monkeypatch.setattr("orchestrator.training.corpus.READ_CHUNK", chunk)
+        assert [d.text for d in iter_documents(source)] == docs
+
+
+def test_a_jsonl_line_that_is_not_utf8_costs_that_line_alone(tmp_path):
+    path = tmp_path / "a.jsonl"
+    good = [json.dumps({"text": f"document {i}"}).encode() for i in range(3000)]
+    lines = good[:4] + [b'{"text": "caf\xe9"}'] + good[4:]  # Latin-1, line 5
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    source, = expand_sources([str(path)])
+    with pytest.raises(DataError, match=f"{path}:5: not UTF-8 text"):
+        list(iter_documents(source))
+    skipped = []
+    docs = list(iter_documents(source, skip_bad_lines=True, skipped=skipped))
+    assert len(docs) == 3000 and [s.split(": ", 1)[0] for s in skipped] == [f"{path}:5"]
+    assert docs[4].text == "document 4" and docs[4].line == 6
+
+
+def test_hidden_folders_are_skipped_and_a_glob_star_stays_in_its_folder(tmp_path):
+    root = tmp_path / "corp"
+    for name in ("a.txt", "sub/b.txt", ".hidden.txt", ".ipynb_checkpoints/a-checkpoint.txt",
+                 "sub/.cache/c.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("some text")
+    names = lambda specs: [s.uri.split("corp/")[1] for s in expand_sources(specs)]
+    assert names([str(root)]) == ["a.txt", "sub/b.txt"]
+    assert names([f"{root}/*.txt"]) == ["a.txt"]
+    assert names([f"{root}/**.txt"]) == ["a.txt", "sub/b.txt"]
+    assert names([f"{root}/**/*.txt"]) == ["a.txt", "sub/b.txt"]
+    assert names([f"{root}/sub/.cache/*.txt"]) == ["sub/.cache/c.txt"]  # asked for by name
+
+
+def test_a_relative_cache_root_is_made_absolute_for_workers_elsewhere(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text(paragraphs(40, "p"))
+    monkeypatch.chdir(tmp_path)
+    plan = plan_data(["a.txt"], cache_root="relcache")
+    assert plan.cache_uri.startswith(str(tmp_path / "relcache") + "/")
 
 
 def test_held_out_documents_are_never_in_the_training_shards(corpus, tmp_path):

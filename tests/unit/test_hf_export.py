@@ -166,6 +166,16 @@ def test_export_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "o")]) == 0
     assert "exported " in capsys.readouterr().out
     assert (tmp_path / "o" / "model.safetensors").is_file()
+    # Exporting again replaces the export; into the run itself (or a checkpoint), refused:
+    # its config.json and tokenizer.json are what a resume reads.
+    assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "o")]) == 0
+    (tmp_path / "run" / "config.json").write_text('{"train": {}}')
+    for out in (tmp_path / "run", tmp_path / "run" / "checkpoint_00000003"):
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        code = export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--out {out}: it holds a training run or checkpoint" in err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_init_from_refuses_what_it_cannot_import(tmp_path, exported):

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.config import TrainConfig
+from orchestrator.training.corpus import DataError
 from orchestrator.tokenizer import ByteTokenizer, save_tokenizer, train_bpe
 from jobs import pretrain
 
@@ -84,6 +85,19 @@ def test_init_from_a_directory_without_a_model_is_named(tmp_path, capsys):
         tmp_path, capsys, "--init-from", str(tmp_path))
 
 
+def test_init_from_a_model_shorter_than_the_sequence_length_is_refused_before_training(
+        tmp_path, capsys):
+    from orchestrator.hf_export import export_gpt2
+    from orchestrator.training.model import GPT, GPTConfig
+
+    config = TrainConfig(model_size="tiny", seq_len=64)
+    export_gpt2(GPT(GPTConfig.from_train_config(config, vocab_size=257)), ByteTokenizer(),
+                tmp_path / "hf")
+    assert (f"--init-from {tmp_path / 'hf'}: the model has 64 positions (n_positions) and "
+            "--seq-len 128 needs 128; pass --seq-len 64 or less") in refused(
+        tmp_path, capsys, "--init-from", str(tmp_path / "hf"), "--seq-len", "128")
+
+
 def test_resuming_on_other_data_is_refused(tmp_path, capsys):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.txt").write_text("some paragraph of text\n\n" * 40)
@@ -95,3 +109,24 @@ def test_resuming_on_other_data_is_refused(tmp_path, capsys):
     code, err = run_pretrain("--resume", "--run-dir", str(run_dir), "--data",
                              str(tmp_path / "data"), capsys=capsys)
     assert code == 2 and "it was trained on other data (the --data files" in err
+
+
+def test_resuming_without_data_flags_goes_on_with_the_runs_own_shards(tmp_path):
+    from orchestrator.training.data_plan import configure_data, plan_data, tokenize_in_process
+
+    (tmp_path / "a.txt").write_text("some paragraph of text\n\n" * 40)
+    plan = plan_data([str(tmp_path / "a.txt")], cache_root=str(tmp_path / "cache"))
+    tokenize_in_process(plan, say=lambda _: None)
+    saved = {**TrainConfig().to_dict(), "data_cache": plan.cache_uri, "data_key": plan.key,
+             "vocab_size": plan.tokenizer.vocab_size, "tokenizer_sha256": plan.tokenizer.sha256}
+    save_tokenizer(plan.tokenizer, tmp_path / "run")
+    flags = dict(data=[], text_field="text", skip_bad_lines=False, tokenizer="bytes",
+                 train_tokenizer=None, cache_root=str(tmp_path / "elsewhere"),
+                 retokenize=False, init_from=None, saved=saved, run_dir=tmp_path / "run")
+    setup = configure_data(**flags)
+    assert setup.plan is None and setup.tokenizer.sha256 == plan.tokenizer.sha256
+    assert {k: setup.fields[k] for k in ("data_cache", "data_key")} == \
+        {"data_cache": plan.cache_uri, "data_key": plan.key}
+    # The shards gone: the flags to pass again are named.
+    with pytest.raises(DataError, match="pass its --data .* again to tokenize them"):
+        configure_data(**{**flags, "saved": {**saved, "data_cache": str(tmp_path / "gone")}})

@@ -1,4 +1,5 @@
 """The one training loop, run in a plain process (LocalSession)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -152,6 +153,20 @@ def test_low_precision_paths_run_on_tiny_tensors(tmp_path, precision):
                     LocalSession(tmp_path, device=CPU))
     assert metrics["precision"] == precision
     assert torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+@pytest.mark.parametrize("saved, resumed", [("fp32", "fp16"), ("bf16", "fp16"),
+                                             ("fp16", "fp32")])
+def test_a_run_resumes_in_another_precision(tmp_path, saved, resumed):
+    # A bf16 run on an A100 moved to a T4 resumes in fp16: the checkpoint has no loss-scaler
+    # state (an empty one), and the fp16 scaler starts afresh.
+    config = tiny(max_steps=4, seq_len=16, checkpoint_every=2, log_every=2)
+    with pytest.raises(RuntimeError, match="worker killed"):
+        train(dataclasses.replace(config, precision=saved), CrashingSession(tmp_path, crash_at=2))
+    metrics = train(dataclasses.replace(config, precision=resumed),
+                    LocalSession(tmp_path, device=CPU))
+    assert metrics["start_step"] == 2 and metrics["step"] == 4
+    assert metrics["precision"] == resumed and torch.isfinite(torch.tensor(metrics["loss"]))
 
 
 def test_auto_precision_is_fp32_on_cpu():
