@@ -86,6 +86,24 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(error.body(), status_code=exc.status_code)
 
 
+class CancellingStream(StreamingResponse):
+    """A streamed answer that cancels its prompts' tasks however it ends: also when its body
+    never starts (the client left before the status line was out), where the body's own
+    cleanup never runs and the prompts would decode to their end for nobody."""
+
+    def __init__(self, content: AsyncIterator[bytes], tasks: list[asyncio.Task],
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.tasks = tasks
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for task in self.tasks:
+                task.cancel()
+
+
 @serve.deployment(name="Ingress", ray_actor_options=INGRESS_ACTOR_OPTIONS,
                   max_ongoing_requests=1000)
 @serve.ingress(api)
@@ -204,16 +222,17 @@ class Ingress:
         """Prompts are encoded with the served model's tokenizer: the byte tokenizer here,
         another one fetched once from a model replica (by name)."""
         name = info.get("tokenizer", "bytes")
+        if name in self._tokenizers:
+            return protocol.Encoder(self._tokenizers[name],
+                                    info.get("token_ids", protocol.VOCAB_SIZE))
         for attempt in range(TOKENIZER_FETCHES):
-            if name in self._tokenizers:
-                return protocol.Encoder(self._tokenizers[name],
-                                        info.get("token_ids", protocol.VOCAB_SIZE))
             # During a hot reload this call may reach a replica still serving the model
             # before: its tokenizer is kept under its own name, never under `name`.
             tokenizer = await self._with_retries(lambda: self.model.tokenizer.remote())
             self._tokenizers[tokenizer.name] = tokenizer
-            if tokenizer.name != name:
-                await asyncio.sleep(0.1 * (attempt + 1))
+            if tokenizer.name == name:
+                return protocol.Encoder(tokenizer, info.get("token_ids", protocol.VOCAB_SIZE))
+            await asyncio.sleep(0.1 * (attempt + 1))
         raise APIError(503, f"the model is being reloaded (its tokenizer {name} is not on "
                             f"every replica yet); retry shortly", type="server_error",
                        code="reloading")
@@ -271,8 +290,8 @@ class Ingress:
             if isinstance(first[1], Exception):
                 return self._error_response(first[1], route, started)
             handed_over = True
-            return StreamingResponse(self._sse(parsed, first, queue, tasks, started, route),
-                                     media_type="text/event-stream")
+            return CancellingStream(self._sse(parsed, first, queue, tasks, started, route),
+                                    tasks, media_type="text/event-stream")
         finally:
             if not handed_over:  # refused, or the client left while waiting
                 for task in tasks:

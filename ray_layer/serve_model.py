@@ -331,12 +331,20 @@ class GPTModel:
         log.error("%s; starting it again (%d of %d restarts in %gs)", message,
                   len(self.host_deaths), HOST_RESTARTS, HOST_RESTART_WINDOW_S)
         self.stats["engine_restarts"] += 1
-        dead, self.host = self.host, None
+        dead = self.host
         if dead is not None:
             dead.close()  # its socket; the process is gone already (killed if it lingered)
-        if self.loaded is not None and self.runtime is not None \
-                and self.runtime.batching == "continuous":
-            self.serving_engine = self._engine_for(self.loaded, self.runtime)
+        try:
+            self.host = None
+            self.engine_problem = None  # the fresh host opens the engine again
+            if self.loaded is not None and self.runtime is not None \
+                    and self.runtime.batching == "continuous":
+                self.serving_engine = self._engine_for(self.loaded, self.runtime)
+        except Exception as e:  # (this may run inside a send to the dead host: never raise)
+            log.error("the engine process could not be started again: %s: %s",
+                      type(e).__name__, e)
+            if self.host is None:  # it did not start: the dead one stays, and health fails
+                self.host = dead
 
     def _on_opened(self, engine_id: int, version: str) -> None:
         engine = self._engine(engine_id)

@@ -138,7 +138,8 @@ def _hidden_below(base: str, path: str) -> bool:
 
 def _glob_regex(pattern: str) -> re.Pattern:
     """A glob as a shell reads it: `*` and `?` stay within a folder, `**` crosses folders
-    (`**/` also matches none), `[...]` a set of characters."""
+    (`**/` also matches none), `[...]` / `[!...]` a set of characters other than `/` (a `]`
+    first in it is one of them). ValueError for a pattern that is not a glob."""
     out, i = [], 0
     while i < len(pattern):
         if pattern.startswith("**/", i):
@@ -150,16 +151,38 @@ def _glob_regex(pattern: str) -> re.Pattern:
         elif pattern[i] in "*?":
             out.append("[^/]*" if pattern[i] == "*" else "[^/]")
             i += 1
-        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
-            end = pattern.index("]", i + 2)
+        elif pattern[i] == "[" and (end := _class_end(pattern, i)) is not None:
             body = pattern[i + 1:end]
-            out.append("[" + ("^" + body[1:] if body.startswith("!") else body)
-                       .replace("\\", "\\\\") + "]")
+            negate = body[:1] in ("!", "^")
+            # Ranges (a-z) stay ranges; what else regex reads in a set is a plain character.
+            chars = "".join("\\" + c if c in "\\[]^&~|" else c for c in body[negate:]
+                            if c != "/")
+            out.append("[^/" + chars + "]" if negate else f"[{chars}]" if chars else "(?!)")
             i = end + 1
         else:
             out.append(re.escape(pattern[i]))
             i += 1
-    return re.compile("".join(out) + r"\Z")
+    try:
+        return re.compile("".join(out) + r"\Z")
+    except re.error as e:
+        raise ValueError(str(e)) from None
+
+
+def _class_end(pattern: str, start: int) -> int | None:
+    """Where the character class opened at `start` closes (None: `[` is a plain character)."""
+    j = start + 1
+    if pattern[j:j + 1] in ("!", "^"):
+        j += 1
+    if pattern[j:j + 1] == "]":
+        j += 1
+    end = pattern.find("]", j)
+    return None if end == -1 else end
+
+
+def _names_hidden(pattern: str) -> bool:
+    """Whether a glob asks for dot-names itself (a part starting with "."), as a shell's does."""
+    return any(part.startswith((".", "[.")) for part in pattern.split("/")
+               if part not in (".", ".."))
 
 
 def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str) -> list[SourceFile]:
@@ -168,11 +191,15 @@ def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str) -> list[SourceFil
     base = base or "/"
     if _file_info(fs, base, spec).type != pafs.FileType.Directory:
         raise DataError(f"--data {spec}: no such directory {base}")
+    try:
+        matches = _glob_regex(pattern).match
+    except ValueError as e:
+        raise DataError(f"--data {spec}: not a usable pattern ({e})") from None
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    matches = _glob_regex(pattern).match
+    hidden_too = _names_hidden(pattern[len(base):])
     matched = [i for i in sorted(infos, key=lambda i: i.path)
                if i.type == pafs.FileType.File and matches(i.path)
-               and not _hidden_below(base, i.path)]
+               and (hidden_too or not _hidden_below(base, i.path))]
     usable = [i for i in matched if _format_of(i.path)]
     if not usable:
         raise DataError(f"--data {spec}: the pattern matches no {', '.join(FORMATS)} files"

@@ -236,8 +236,10 @@ def recorded_data(saved: dict[str, Any], run_dir: Path) -> DataSetup:
                         f"({cache or 'no data_cache recorded'}) are gone or were rebuilt "
                         "from other files; pass its --data (and --tokenizer or "
                         "--train-tokenizer) again to tokenize them")
-    fields = {name: saved[name] for name in ("data_cache", "data_key", "vocab_size",
-                                             "tokenizer_sha256") if name in saved}
+    names = ["data_cache", "data_key", "vocab_size", "tokenizer_sha256"]
+    if saved.get("init_from"):  # the run took its size from the model it started from
+        names += ["init_from", "model_size"]
+    fields = {name: saved[name] for name in names if name in saved}
     return DataSetup(fields, tokenizer_of_run(run_dir, saved.get("tokenizer_sha256", "")),
                      None, [])
 

@@ -134,6 +134,11 @@ def test_hidden_folders_are_skipped_and_a_glob_star_stays_in_its_folder(tmp_path
     assert names([f"{root}/**.txt"]) == ["a.txt", "sub/b.txt"]
     assert names([f"{root}/**/*.txt"]) == ["a.txt", "sub/b.txt"]
     assert names([f"{root}/sub/.cache/*.txt"]) == ["sub/.cache/c.txt"]  # asked for by name
+    assert names([f"{root}/.h*.txt"]) == [".hidden.txt"]  # a dot in the pattern, as a shell
+    assert names([f"{root}/[ab].txt"]) == ["a.txt"]
+    assert names([f"{root}/[a-c].txt"]) == ["a.txt"]
+    with pytest.raises(DataError, match=r"--data .*\[z-a\]\.txt: not a usable pattern"):
+        expand_sources([f"{root}/[z-a].txt"])
 
 
 def test_a_relative_cache_root_is_made_absolute_for_workers_elsewhere(tmp_path, monkeypatch):

@@ -127,6 +127,9 @@ def test_resuming_without_data_flags_goes_on_with_the_runs_own_shards(tmp_path):
     assert setup.plan is None and setup.tokenizer.sha256 == plan.tokenizer.sha256
     assert {k: setup.fields[k] for k in ("data_cache", "data_key")} == \
         {"data_cache": plan.cache_uri, "data_key": plan.key}
+    # A run started --init-from a model (its size taken from it) resumes as that size.
+    from_model = {**saved, "init_from": "/models/gpt2", "model_size": "large"}
+    assert configure_data(**{**flags, "saved": from_model}).fields["model_size"] == "large"
     # The shards gone: the flags to pass again are named.
     with pytest.raises(DataError, match="pass its --data .* again to tokenize them"):
         configure_data(**{**flags, "saved": {**saved, "data_cache": str(tmp_path / "gone")}})
