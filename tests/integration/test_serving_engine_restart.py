@@ -11,6 +11,7 @@ import signal
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from orchestrator.serving.generation import GenerationRequest, SamplingParams
 from orchestrator.serving.loading import save_untrained_checkpoint
@@ -30,10 +31,12 @@ def replica(monkeypatch, tmp_path):
         deployment="GPTModel", replica_id=SimpleNamespace(unique_id="r")))
     checkpoint = str(save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000001",
                                                "tiny", CONTEXT))
+    threads = torch.get_num_threads()  # the replica sets this process's: given back after
     model = serve_model.GPTModel.func_or_class({"torch_threads": 1, "max_batch_size": 4})
     yield model, checkpoint
     if model.host is not None:
         model.host.close()
+    torch.set_num_threads(threads)
 
 
 def request(tokens: int) -> GenerationRequest:
