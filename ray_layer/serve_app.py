@@ -38,7 +38,7 @@ from orchestrator import metric_catalogue as catalogue
 from orchestrator.serving import protocol
 from orchestrator.serving.generation import (Chunk, GenerationRequest, GenerationResult,
                                              SamplingParams)
-from orchestrator.serving.loading import default_checkpoint, model_directories
+from orchestrator.serving.loading import default_checkpoint, pin_checkpoint
 from orchestrator.serving.protocol import APIError
 from orchestrator.serving.retries import (gather_or_cancel, is_engine_lost, resumable_stream,
                                           with_retries)
@@ -432,11 +432,15 @@ def app(args: dict[str, Any] | None = None) -> serve.Application:
     are ServeSettings' fields; the checkpoint is checked here so a wrong path fails before
     anything starts."""
     settings = ServeSettings.from_args(args)
-    checkpoint = settings.checkpoint or str(default_checkpoint())
-    model_directories(checkpoint)  # raises CheckpointError naming the path
+    # Pinned here, once: replicas started later (autoscaling, replacements) serve the same
+    # checkpoint while training writes newer ones into the run. CheckpointError naming it.
+    checkpoint = str(pin_checkpoint(settings.checkpoint or default_checkpoint()))
+    log.info("serving checkpoint %s", checkpoint)
     resources = replica_resources(settings)
     log.info("model replicas on %s: %s", resources.accelerator, resources.reason)
-    arguments = dataclasses.asdict(settings)
+    # Also in the args: a user_config that leaves the checkpoint empty (serve_config.yaml's
+    # "") means this one.
+    arguments = {**dataclasses.asdict(settings), "checkpoint": checkpoint}
     model = GPTModel.options(
         ray_actor_options=resources.ray_actor_options,
         max_ongoing_requests=settings.replica_max_ongoing_requests,

@@ -133,7 +133,8 @@ class GPTModel:
         if loaded is None or runtime.checkpoint != self.runtime.checkpoint:
             try:
                 loaded = await asyncio.get_running_loop().run_in_executor(
-                    None, load_for_serving, runtime.checkpoint or default_checkpoint(),
+                    None, load_for_serving,
+                    runtime.checkpoint or self.settings.checkpoint or default_checkpoint(),
                     self.device)
             except Exception as e:  # a missing, corrupt or foreign checkpoint: any error
                 return self._refuse_update(f"checkpoint {runtime.checkpoint!r} cannot be "

@@ -32,7 +32,7 @@ from orchestrator.runs import DEFAULT_RUNS_ROOT, checkpoint_dirs, latest_run_wit
 from orchestrator.training.checkpoint import (CHECKSUM_FILE, SHARDED_META_FILE, STATE_FILE,
                                               CheckpointError, first_that_loads,
                                               is_sharded_checkpoint, load_checkpoint,
-                                              model_from_state)
+                                              model_from_state, verify_checksum)
 
 # Kept equal to orchestrator.compression.export.TORCH_FILE (a unit test checks it): detection
 # must not import the compression package, which only the INT8 loader needs.
@@ -124,6 +124,19 @@ def model_directories(path: str | Path) -> tuple[list[Path], bool]:
     raise CheckpointError(f"checkpoint {p} holds no model: expected {markers}, a run "
                           "directory with checkpoint_* directories inside, or a compress "
                           "output directory with int8/ inside")
+
+
+def pin_checkpoint(path: str | Path) -> Path:
+    """The model directory `path` names, fixed now: a run directory resolves to its newest
+    checkpoint whose files are whole (checksums verified; an incomplete or corrupt newer one
+    is passed over, as loading does), so that every replica of a deployment serves that one,
+    however many checkpoints training writes after. CheckpointError naming the path."""
+    candidates, is_run = model_directories(path)
+
+    def whole(directory: Path) -> Path:
+        verify_checksum(directory / format_of(directory).marker)
+        return directory
+    return first_that_loads(candidates, is_run, path, whole)[0]
 
 
 @dataclass

@@ -62,9 +62,9 @@ def save_tensors(path: str | os.PathLike, obj: Any) -> Path:
     return path
 
 
-def load_tensors(path: str | os.PathLike, map_location: str = "cpu") -> Any:
-    """Verify the sidecar checksum, then `torch.load(weights_only=True)`; CheckpointError
-    naming the file otherwise."""
+def verify_checksum(path: str | os.PathLike) -> None:
+    """The file and its `.sha256` sidecar are there and agree (the file is whole); reads the
+    file, unpickles nothing. CheckpointError naming the file otherwise."""
     path = Path(path)
     checksum_path = path.with_name(path.name + ".sha256")
     for p in (path, checksum_path):
@@ -75,6 +75,13 @@ def load_tensors(path: str | os.PathLike, map_location: str = "cpu") -> Any:
     if actual != expected:
         raise CheckpointError(f"checkpoint {path} is corrupt: sha256 {actual[:12]}... does not "
                               f"match the recorded {expected[:12]}...")
+
+
+def load_tensors(path: str | os.PathLike, map_location: str = "cpu") -> Any:
+    """Verify the sidecar checksum, then `torch.load(weights_only=True)`; CheckpointError
+    naming the file otherwise."""
+    path = Path(path)
+    verify_checksum(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for bad pickles

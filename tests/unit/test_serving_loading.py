@@ -5,7 +5,8 @@ import torch
 from orchestrator.config import TrainConfig
 from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
 from orchestrator.serving.loading import (INT8_FILE, default_checkpoint, load_model,
-                                          model_directories, save_untrained_checkpoint)
+                                          model_directories, pin_checkpoint,
+                                          save_untrained_checkpoint)
 from orchestrator.training.checkpoint import CheckpointError
 from tests.support import one_thread
 
@@ -40,6 +41,19 @@ def test_a_run_directory_serves_its_newest_usable_checkpoint(tmp_path):
     loaded = load_model(tmp_path / "run")
     assert loaded.path == str(old) and loaded.step == 10
     assert "corrupt" in loaded.warnings[0]
+
+
+def test_a_deployment_pins_the_newest_whole_checkpoint_of_a_run(tmp_path):
+    old = save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000010", seed=1, step=10)
+    new = save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000020", seed=2, step=20)
+    assert pin_checkpoint(tmp_path / "run") == new
+    # Training is still writing the newest (its checksum not there yet): the one before.
+    (new / "state.pt.sha256").unlink()
+    assert pin_checkpoint(tmp_path / "run") == old
+    assert pin_checkpoint(old) == old  # a checkpoint named is itself
+    (old / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        pin_checkpoint(old)
 
 
 def test_an_explicit_checkpoint_must_itself_load(tmp_path):

@@ -1,13 +1,16 @@
-"""A model replica whose engine process dies (out of memory, a crash): its in-flight requests
-get a retryable error and the replica starts a fresh engine process, so the next request (the
-ingress's resend) is served by the same replica; after too many deaths it stays down and fails
-its health check, for Serve to replace it.
-
-The replica object is driven directly on an event loop, with a real engine process and no Ray
-(Serve's replica context and the metrics are stand-ins): a kill lands at a chosen token."""
+"""A model replica driven directly on an event loop, with a real engine process and no Ray
+(Serve's replica context and the metrics are stand-ins), so that a kill lands at a chosen
+token and a checkpoint appears at a chosen moment:
+  - its engine process dying (out of memory, a crash): the in-flight requests get a retryable
+    error and the replica starts a fresh engine process, so the next request (the ingress's
+    resend) is served by the same replica; after too many deaths it stays down and fails its
+    health check, for Serve to replace it;
+  - a user_config that leaves the checkpoint empty serves the one the app pinned, not the
+    run's newest."""
 import asyncio
 import os
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -32,7 +35,8 @@ def replica(monkeypatch, tmp_path):
     checkpoint = str(save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000001",
                                                "tiny", CONTEXT))
     threads = torch.get_num_threads()  # the replica sets this process's: given back after
-    model = serve_model.GPTModel.func_or_class({"torch_threads": 1, "max_batch_size": 4})
+    model = serve_model.GPTModel.func_or_class({"torch_threads": 1, "max_batch_size": 4,
+                                                "checkpoint": checkpoint})
     yield model, checkpoint
     if model.host is not None:
         model.host.close()
@@ -84,3 +88,14 @@ def test_a_dead_engine_process_fails_its_requests_retryably_and_is_started_again
         assert is_engine_lost(down.value)  # the ingress tries another replica
 
     asyncio.run(scenario())
+
+
+def test_an_empty_checkpoint_in_the_user_config_serves_the_one_the_app_pinned(replica):
+    # serve_config.yaml's user_config says checkpoint: "", and training wrote a newer
+    # checkpoint since the app pinned one (its args): a replica starting now (autoscaling)
+    # serves the pinned one, as the others do.
+    model, checkpoint = replica
+    newer = save_untrained_checkpoint(Path(checkpoint).parent / "checkpoint_00000002", "tiny",
+                                      CONTEXT, seed=5, step=2)
+    asyncio.run(model.reconfigure({"checkpoint": "", "batching": "static"}))
+    assert model.loaded.path == checkpoint != str(newer)
