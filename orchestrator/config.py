@@ -26,6 +26,9 @@ LR_SCHEDULES = ("cosine", "step", "constant")
 # LayerNorm. "lower"/"upper" are the first/second half of the transformer blocks.
 ACCUMULATION_GROUPS = ("embeddings", "lower", "upper", "head")
 MAX_ACCUMULATION = 1024
+# The reservation name of a migration's target is the job's name with this suffix: no job
+# may be named so (orchestrator/scheduler_core.py).
+CLAIM_SUFFIX = "#migration"
 MAX_WORKLOAD_CHARS = 200  # JobSpec.workload: a key, not a description
 
 # Accelerator families the scheduler knows. A family must be a whole token of the device name
@@ -178,6 +181,9 @@ class JobSpec:
         p: list[str] = []
         _check(p, isinstance(self.name, str) and self.name.strip() != "",
                f"name must be a non-empty string, got {self.name!r}")
+        _check(p, not (isinstance(self.name, str) and self.name.endswith(CLAIM_SUFFIX)),
+               f"name must not end in {CLAIM_SUFFIX!r} (the scheduler's name for the GPUs a "
+               f"migrating job moves to), got {self.name!r}")
         # Upper bounds catch typos (an extra zero) long before any cluster could be that big.
         _check(p, is_int(self.num_workers) and 1 <= self.num_workers <= 100_000,
                f"num_workers must be an integer in [1, 100000], got {self.num_workers!r}")

@@ -133,14 +133,14 @@ class ClusterState:
         self.table.upsert(report, now)
         self.suspected.pop(report.node_id, None)  # it answered: no longer suspect
         self.table.suspect[self.table.index[report.node_id]] = False
-        if report.node_id in self.dead:  # a node that reports again is alive again
-            self.dead.discard(report.node_id)
-            self._revive(report.node_id)
         if is_new:  # reservations restored before this node's first report now count
             for held in self.reservations.values():
                 for r in held:
                     if r.node_id == report.node_id:
                         self.table.add_reserved(r.node_id, r.cpus, r.gpus)
+        if report.node_id in self.dead:  # a node that reports again is alive again
+            self.dead.discard(report.node_id)
+            self._revive(report.node_id)  # (after: these count once, as they are set)
 
     def health(self, node_id: str, now: float) -> str:
         if node_id in self.dead:
@@ -314,6 +314,19 @@ class ClusterState:
         for job, held in data.items():
             self.release(job)
             self.reserve(job, [Reservation(**r) for r in held])
+
+    def silence_to_dict(self) -> dict:
+        """Nodes declared dead by silence alone and the reservations kept aside for them: a
+        restarted scheduler must still give those back if the node reports again."""
+        return {node: [dataclasses.asdict(r) for r in held]
+                for node, held in self.silent_reservations.items()}
+
+    def restore_silence(self, data: dict) -> None:
+        """Reload silence_to_dict's record: each node counts as dead until it reports again,
+        when its reservations come back (as before the restart)."""
+        for node, held in data.items():
+            self.silent_reservations[node] = [Reservation(**r) for r in held]
+            self.dead.add(node)
 
 
 class NodeTable:

@@ -45,7 +45,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
-from orchestrator.config import ACCELERATOR_SPEED, JobSpec
+from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import ClusterState, NodeReport, accelerator_family
 from orchestrator.placement import (Placement, PlacementError, Queued, Rejection, place,
                                     worker_capacity)
@@ -53,7 +53,7 @@ from orchestrator.queue import JobQueue, QueuedJob, allowed_families
 from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, Directive, Outcome, Persist,
                                           RunningJob, SchedulerSettings, StartAgent, Yield)
 
-CLAIM_SUFFIX = "#migration"  # reservation name of a migration target, held until the handover
+# CLAIM_SUFFIX (config.py): reservation name of a migration target, held until the handover
 MAX_VICTIMS_TRIED = 64  # bounds one preemption search (a place() call per candidate)
 # Look-ahead also ends after this many jobs were placed but refused (they would delay the
 # head): under a long queue each costs a placement, as a failed one does.
@@ -92,6 +92,9 @@ class _HeadPlan:
     per_gpu: bool  # units are GPUs (else CPUs)
     shadow: float | None  # earliest start; None = unknown (running jobs lack estimates)
     extra: float  # units free at the shadow time that the head does not need
+    # A GPU head's workers need CPUs beside their GPUs: free CPUs on its nodes now beyond
+    # what it needs, which a job taking no GPUs may use (inf when units are CPUs already)
+    spare_cpus: float = math.inf
 
 
 # -- the core ------------------------------------------------------------------------------------
@@ -217,6 +220,9 @@ class SchedulerCore:
                 f"job '{name}' already holds a reservation or waits in the queue: a job of "
                 "that name is running (two launches of the same run?)")),
                 catalogue.REJECT_DUPLICATE)
+        # A new job of this name: a rejection left for an earlier one (cancelled while its
+        # driver was gone, say) is not its answer.
+        self.queue.rejected.pop(name, None)
         self._learn_typical_speed(spec)
         self.queue.add(QueuedJob(spec, owner, now, "submitted"))
         outcome = Outcome(effects=[Persist()])
@@ -248,9 +254,10 @@ class SchedulerCore:
         return Outcome(self._answer_and_forget_rejection(job_name, owner))
 
     def place_now(self, spec: JobSpec, owner: str, now: float, dry_run: bool = False,
-                  explain: bool | None = None) -> Outcome:
+                  explain: bool | None = None, history: QueuedJob | None = None) -> Outcome:
         """Place immediately, bypassing the queue (the `place` CLI, replacement after a node
-        loss), or say why not. A retry by the same owner gets what it already holds."""
+        loss), or say why not. A retry by the same owner gets what it already holds.
+        `history`: what the job went through before (a replacement keeps its service)."""
         held = self.running.get(spec.name)
         if held is not None and not dry_run and owner and held.placement.owner == owner:
             return Outcome(held.placement)
@@ -262,7 +269,7 @@ class SchedulerCore:
             return Outcome(self._not_final(e.rejection))
         if dry_run:
             return Outcome(placement)
-        self._start(spec, owner, placement, now, QueuedJob(spec, owner, now))
+        self._start(spec, owner, placement, now, history or QueuedJob(spec, owner, now))
         return Outcome(placement, [Persist()])
 
     def replace(self, spec: JobSpec, owner: str, lost_nodes: list[str], now: float) -> Outcome:
@@ -276,10 +283,13 @@ class SchedulerCore:
             self.node_unreachable(node_id, "a job's driver could not reach its raylet", now)
         previous = self.running.get(spec.name)
         self._stop(spec.name)
-        outcome = self.place_now(spec, owner, now)
+        # Its service so far carries over (LAS level, the time left of its estimate)
+        history = None if previous is None else QueuedJob(
+            spec, owner, previous.enqueued_at, "", previous.preemptions,
+            previous.ran_s + max(now - previous.started_at, 0.0))
+        outcome = self.place_now(spec, owner, now, history=history)
         if previous is not None and isinstance(outcome.decision, Placement):
-            self.running[spec.name].preemptions = previous.preemptions
-            self.running[spec.name].enqueued_at = previous.enqueued_at
+            self.running[spec.name].last_checkpoint_at = previous.last_checkpoint_at
         outcome.effects.append(Persist())
         return outcome
 
@@ -289,6 +299,9 @@ class SchedulerCore:
         if owner and self.owner_of(job_name) not in (owner, None):
             return Outcome(False)
         released = self._stop(job_name)
+        if self.queue.remove(job_name) is not None:  # its driver ended before it was placed
+            self._forget_preemption(job_name)
+            released = True
         self.excluded_gpus.pop(job_name, None)
         outcome = Outcome(released, [Persist()])
         outcome.add(self._after_capacity_freed(now))
@@ -477,7 +490,8 @@ class SchedulerCore:
                 "queue": self.queue.to_dict(),
                 "running": {name: job.to_dict() for name, job in self.running.items()},
                 "preempting": {name: sorted(v) for name, v in self.preempting.items()},
-                "excluded_gpus": {name: sorted(v) for name, v in self.excluded_gpus.items()}}
+                "excluded_gpus": {name: sorted(v) for name, v in self.excluded_gpus.items()},
+                "silent_nodes": self.state.silence_to_dict()}
 
     def restore(self, saved: dict) -> list[str]:
         """Reload what a previous incarnation promised; returns the problems met. A part that
@@ -491,7 +505,8 @@ class SchedulerCore:
                  ("preempting", lambda d: self.preempting.update(
                      {n: set(v) for n, v in d.items()})),
                  ("excluded_gpus", lambda d: self.excluded_gpus.update(
-                     {n: {(str(a), int(b)) for a, b in v} for n, v in d.items()})))
+                     {n: {(str(a), int(b)) for a, b in v} for n, v in d.items()})),
+                 ("silent_nodes", self.state.restore_silence))
         for key, restore in parts:
             try:
                 restore(saved.get(key, {}))
@@ -557,15 +572,18 @@ class SchedulerCore:
         if not self.settings.comparative_advantage or not spec.gpus_per_worker:
             return None
         families = self.state.table.families
-        allowed = allowed_families(spec) or tuple(families)
-        candidates = [f for f in allowed if f and f in families]
+        named = allowed_families(spec)
+        capacity = self._family_gpus()
+        # A job that names no family may also run on GPUs of none known ("", where the
+        # cluster has such: tried last, never shielded, as no job can be kept to them)
+        candidates = [f for f in named or families
+                      if f in families and (f or (not named and capacity.get(f, 0) > 0))]
         if len(candidates) < 2:
             return None
         need = spec.total_gpus
         waiting = self.queue.gpus_by_allowed
         own = need if spec.name in self.queue.waiting else 0
         contention = sum(waiting.values()) > own
-        capacity = self._family_gpus()
         room = {f: free_gpus.get(families[f], 0) - waiting.get((f,), 0) for f in candidates}
         shielded = {f for f in candidates if contention and capacity.get(f, 0) > 0 and
                     self.pinned_running.get(f, 0) + waiting.get((f,), 0)
@@ -589,12 +607,12 @@ class SchedulerCore:
         return _FamilyChoice(order, open_families, kept_off, tuple(sorted(usable)))
 
     def _family_gpus(self) -> dict[str, int]:
-        """GPUs per accelerator family on nodes not dead."""
+        """GPUs per accelerator family on nodes not dead ("": of no known family)."""
         t = self.state.table
         n = len(t)
         gpus = np.bincount(t.family[:n], weights=np.where(t.dead[:n], 0, t.gpus[:n]),
                            minlength=len(t.families))
-        return {f: int(gpus[code]) for f, code in t.families.items() if f}
+        return {f: int(gpus[code]) for f, code in t.families.items()}
 
     def _learn_typical_speed(self, spec: JobSpec) -> None:
         """Fold a submitted GPU job's relative speed per family (speed / its best) into the
@@ -834,7 +852,11 @@ class SchedulerCore:
                     shadow = end
                     break
         extra = free - need if shadow is not None else 0.0
-        return _HeadPlan(head.spec.name, usable, per_gpu, shadow, extra)
+        spare_cpus = math.inf
+        if per_gpu:
+            free_cpus = np.maximum(t.cpus[:n] - t.taken(n)[0], 0)[placeable].sum()
+            spare_cpus = float(free_cpus) - head.spec.total_cpus
+        return _HeadPlan(head.spec.name, usable, per_gpu, shadow, extra, spare_cpus)
 
     def _running_by_end(self, now: float) -> Iterator[tuple[float, str]]:
         """(expected end, name) of the running jobs with an estimate, soonest first: those
@@ -854,14 +876,21 @@ class SchedulerCore:
     def _may_backfill(self, plan: _HeadPlan, spec: JobSpec, placement: Placement,
                       now: float) -> bool:
         """EASY's test: the job does not delay the head's reserved start."""
-        units = _units_on(placement.reservations(), plan.usable, self.state, plan.per_gpu)
+        reservations = placement.reservations()
+        units = _units_on(reservations, plan.usable, self.state, plan.per_gpu)
         if units == 0:
-            return True  # capacity the head cannot use
+            # Capacity the head cannot use; but a job taking no GPUs may still take the CPUs
+            # the head's workers need beside theirs: only those it does not need.
+            cpus = _units_on(reservations, plan.usable, self.state, False) \
+                if plan.per_gpu else 0.0
+            if cpus <= plan.spare_cpus + 1e-9:
+                plan.spare_cpus -= cpus
+                return True
         if plan.shadow is None:
             return False
         if spec.expected_duration_s is not None and now + spec.expected_duration_s <= plan.shadow:
             return True
-        if units <= plan.extra:
+        if units and units <= plan.extra:
             plan.extra -= units
             return True
         return False
@@ -978,8 +1007,7 @@ class SchedulerCore:
                 if allowed and self.running_family(job.spec.name) not in allowed:
                     continue
                 room += job.spec.total_gpus
-            elif spec.gpus_per_worker:
-                continue  # a CPU job frees no GPUs
+            # (a job taking no GPUs frees none, but may hold the CPUs beside free GPUs)
             chosen.append(job.spec.name)
             if room < spec.total_gpus:
                 continue
@@ -1174,10 +1202,11 @@ def _shape(spec: JobSpec) -> tuple:
 
 
 def _free_allowed_gpus(spec: JobSpec, free_gpus: dict[int, int], state: ClusterState) -> int:
-    """Free GPUs (the pass's count per family code) of the families the job may use."""
+    """Free GPUs (the pass's count per family code) of the families the job may use: any,
+    those of no known family ("": an RTX A6000, an A800) included, when it names none."""
     allowed = allowed_families(spec)
     return sum(free_gpus.get(code, 0) for f, code in state.table.families.items()
-               if f and (not allowed or f in allowed))
+               if f in allowed or not allowed)
 
 
 def _counts_allow(spec: JobSpec, free_gpus: dict[int, int], free_cpus: list[float],
@@ -1194,8 +1223,12 @@ def _waiting_reason(spec: JobSpec, free_gpus: dict[int, int], free_cpus: list[fl
     if spec.gpus_per_worker:
         types = allowed_families(spec)
         what = f"{spec.total_gpus} GPU(s)" + (f" of type {'/'.join(types)}" if types else "")
-        return (f"needs {what}, {_free_allowed_gpus(spec, free_gpus, state)} free now; it "
-                "fits once running jobs release their reservations")
+        free = f"{_free_allowed_gpus(spec, free_gpus, state)} free now"
+        if free_cpus[0] + 1e-9 < spec.total_cpus:  # the CPUs beside the GPUs are short too
+            what += f" and {spec.total_cpus:g} CPUs"
+            free = f"{_free_allowed_gpus(spec, free_gpus, state)} GPU(s) and " \
+                   f"{free_cpus[0]:g} CPUs free now"
+        return f"needs {what}, {free}; it fits once running jobs release their reservations"
     return (f"needs {spec.total_cpus:g} CPUs, {free_cpus[0]:g} free now; it fits once running "
             "jobs release their reservations")
 

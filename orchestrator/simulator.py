@@ -629,10 +629,13 @@ def _sniff_format(path: Path) -> str:
     from orchestrator.traces import TraceError
 
     try:
-        with path.open() as f:
+        with path.open(encoding="utf-8") as f:
             first = f.readline()
     except OSError as e:
         raise TraceError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise TraceError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 "
+                         "CSV") from None
     return "philly" if first.strip().split(",")[0].strip() == "timestamp" else "canonical"
 
 

@@ -29,6 +29,7 @@ made relative to the first job.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from dataclasses import dataclass, replace
@@ -126,10 +127,15 @@ def _int(value: str, name: str, where: str) -> int:
 def _read(path: Path | str):
     path = Path(path)
     try:
-        handle = path.open(newline="")
+        # Decoded whole here (traces are megabytes): a file that is not UTF-8 is named now,
+        # not as a traceback from somewhere in the rows.
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise TraceError(f"{path}: cannot read: {e.strerror or e}") from None
-    return path, handle
+    except UnicodeDecodeError as e:
+        raise TraceError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 "
+                         "CSV") from None
+    return path, io.StringIO(text, newline="")
 
 
 def _check_header(path: Path, header: list[str] | None, required: tuple[str, ...],

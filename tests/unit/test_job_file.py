@@ -65,6 +65,16 @@ def test_an_unknown_key_gets_jobspecs_did_you_mean_and_names_the_file(tmp_path):
     assert "'num_worker' (did you mean 'num_workers'?)" in str(e.value)
 
 
+def test_a_job_file_that_is_not_utf8_or_names_a_migration_claim_is_named(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: a\nentrypoint: m:f\n", encoding="utf-16")  # PowerShell's `>`
+    with pytest.raises(ConfigError, match=f"{path}: not UTF-8 text .*save it as UTF-8"):
+        load_job_file(path)
+    write(path, "name: train#migration\nentrypoint: m:f\n")
+    with pytest.raises(ConfigError, match="name must not end in '#migration'"):
+        load_job_file(path)
+
+
 @pytest.mark.parametrize("line, expected", [
     ("max_failures: -1", "max_failures must be an integer >= 0, got -1"),
     ("max_failures: '3'", "max_failures must be an integer >= 0, got '3'"),

@@ -533,3 +533,100 @@ def test_a_shielded_family_is_kept_for_the_jobs_that_can_run_only_there():
 
     assert scene(protect_share=0.5) == "t4"  # single-family jobs hold half: shielded
     assert scene() == "a100"  # the default shields only a family they fill
+
+
+# -- found by a review (2026-12-05) ------------------------------------------------------------
+
+def unknown_family_node(node_id, gpus=4):
+    """A card the family table does not know (an RTX A6000): family ""."""
+    return NodeReport(node_id=node_id, hostname=node_id, ray_cpus=16, ray_gpus=gpus,
+                      cpu_count=16, load_avg_1m=0.0, ram_total_bytes=64 * GIB,
+                      ram_available_bytes=64 * GIB,
+                      gpus=tuple(GpuInfo(i, "NVIDIA RTX A6000", 48 * GIB, 48 * GIB)
+                                 for i in range(gpus)))
+
+
+def test_gpus_of_no_known_family_serve_the_jobs_that_name_none():
+    core = core_with(unknown_family_node("rtx"))
+    assert core.submit(gpus("alone", 2), "o", T0).decision.worker_nodes == ("rtx", "rtx")
+    # Beside two known families (comparative advantage chooses among them), once those are
+    # full: the unknown cards, not the queue; a job that names a family never goes there.
+    core = core_with(gpu_node("a100", gpus=2), gpu_node("t4", gpus=2, family="T4"),
+                     unknown_family_node("rtx"))
+    core.submit(gpus("fills-a100", 2, accelerator_types=("A100",)), "o", T0)
+    core.submit(gpus("fills-t4", 2, accelerator_types=("T4",)), "o", T0)
+    assert core.submit(gpus("any", 2), "o", T0 + 1).decision.worker_nodes == ("rtx", "rtx")
+    assert isinstance(core.submit(gpus("a100-only", 2, accelerator_types=("A100",)), "o",
+                                  T0 + 2).decision, Queued)
+
+
+def test_a_job_taking_no_gpus_leaves_the_cpus_a_waiting_gpu_job_needs():
+    # One node, 4 GPUs, 8 CPUs. The head H needs all 4 GPUs with 2 CPUs each; a long CPU job
+    # would take 6 CPUs beside the GPUs and hold H back for good.
+    core = core_with(gpu_node("n1", gpus=4, cpus=8), preemption=False)
+    core.submit(JobSpec("A", num_workers=2, gpus_per_worker=1, expected_duration_s=1000),
+                "a", T0)
+    head = core.submit(JobSpec("H", num_workers=4, gpus_per_worker=1, cpus_per_worker=2,
+                               expected_duration_s=1000), "h", T0 + 1).decision
+    assert isinstance(head, Queued) and "8 CPUs, 2 GPU(s) and 6 CPUs free now" in head.reason
+    cpu_job = core.submit(JobSpec("C", num_workers=6, cpus_per_worker=1,
+                                  expected_duration_s=50_000), "c", T0 + 2).decision
+    assert isinstance(cpu_job, Queued) and "would delay 'H'" in cpu_job.reason
+    core.release("A", "a", T0 + 1000)
+    assert isinstance(core.poll("H", "h", T0 + 1001).decision, Placement)
+    # A CPU job of lower priority already running there is preempted for a GPU job.
+    core = core_with(gpu_node("n1", gpus=4, cpus=8))
+    core.submit(JobSpec("C", num_workers=6, cpus_per_worker=1), "c", T0)
+    core.submit(JobSpec("H", num_workers=4, gpus_per_worker=1, cpus_per_worker=2, priority=5),
+                "h", T0 + 1)
+    outcome = core.tick(T0 + 100)
+    assert core.running["C"].directive.kind == PREEMPT and "C" in yields(outcome)
+
+
+def test_a_restarted_scheduler_gives_back_a_silent_nodes_reservations_when_it_reports():
+    settings = dict(suspect_after_s=15, dead_after_s=60)
+    core = core_with(gpu_node("n1"), gpu_node("n2"), **settings)
+    core.submit(gpus("big", 8), "o1", T0)
+    core.report(gpu_node("n1"), T0 + 50)
+    assert core.tick(T0 + 61).decision["expired"] == ["n2"]  # quiet: its workers may still run
+    again = SchedulerCore(core.settings)
+    again.ray_nodes({"n1", "n2"}, set(), T0 + 62)
+    assert again.restore(json.loads(json.dumps(core.to_dict()))) == []
+    again.report(gpu_node("n1"), T0 + 62)
+    again.report(gpu_node("n2"), T0 + 63)  # it answers again: big still runs there
+    assert again.state.reserved_on("n2") == (4.0, 4)  # once, not twice, not none
+    assert isinstance(again.submit(gpus("other", 4), "o2", T0 + 64).decision, Queued)
+
+
+def test_a_new_job_is_not_answered_with_an_earlier_jobs_rejection():
+    core = core_with(gpu_node("n1"))
+    core.submit(gpus("blocker", 4), "d0", T0)
+    core.submit(gpus("x", 2), "d1", T0 + 1)
+    assert core.cancel("x", "", T0 + 2).decision  # an operator; d1 never polls again
+    again = core.submit(gpus("x", 2), "d2", T0 + 100).decision
+    assert isinstance(again, Queued) and core.owner_of("x") == "d2"
+
+
+def test_releasing_a_waiting_job_takes_it_out_of_the_queue():
+    # A driver interrupted while its job waits (launch's finally releases it).
+    core = core_with(gpu_node("n1"))
+    core.submit(gpus("blocker", 4), "d0", T0)
+    core.submit(gpus("x", 2), "d1", T0 + 1)
+    assert core.release("x", "d1", T0 + 2).decision and "x" not in core.queue.waiting
+    core.release("blocker", "d0", T0 + 100)
+    assert not core.running and core.state.reserved_on("n1") == (0.0, 0)
+
+
+def test_a_job_placed_again_after_a_lost_node_keeps_the_service_it_had():
+    core = core_with(gpu_node("n1"), gpu_node("n2"))
+    spec = gpus("long", 4, expected_duration_s=100_000)
+    core.submit(spec, "o", T0)
+    t = T0 + 20_000
+    before = core.running["long"]
+    attained, end = before.attained_s(t), before.planned_end
+    core.report(gpu_node("n1"), t)
+    core.report(gpu_node("n2"), t)
+    core.replace(spec, "o", list(before.placement.nodes), t)
+    after = core.running["long"]
+    assert after.placement.nodes != before.placement.nodes
+    assert after.attained_s(t) == pytest.approx(attained) and after.planned_end == end

@@ -221,6 +221,13 @@ def test_canonical_loader_errors_name_file_and_line(tmp_path, text, message):
     assert str(e.value).startswith(str(path)) and message in str(e.value)
 
 
+def test_a_trace_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "t16.csv"
+    path.write_text("submit_time_s,duration_s,num_gpus\n0,10,1\n", encoding="utf-16")
+    with pytest.raises(TraceError, match=f"{path}: not UTF-8 text"):
+        load_canonical(path)
+
+
 def test_an_unknown_family_is_kept_and_its_job_never_fits(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("submit_time_s,duration_s,num_gpus,accelerator\n0,10,1,Z80\n"
