@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import sys
@@ -99,6 +100,10 @@ def _load_file(where: str, base_dir: Path | None) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    # Its own folder first on the import path, as `python train.py` would: a script that
+    # imports a file beside it works from any working directory (local_modules ships those).
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     try:
         spec.loader.exec_module(module)
     except Exception as e:
@@ -106,3 +111,28 @@ def _load_file(where: str, base_dir: Path | None) -> ModuleType:
         raise EntrypointError(f"entrypoint script {path} failed to import: "
                               f"{type(e).__name__}: {e}") from None
     return module
+
+
+def local_modules(module: ModuleType) -> list[ModuleType]:
+    """The modules `module` (a script loaded from a file) could import because its folder is
+    on the import path: its own helpers, which a worker on another node may not find on disk,
+    so they travel by value with it. Installed packages never count (they are not found by
+    name in that folder, even when they sit below it)."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return []
+    folder = str(Path(file).resolve().parent)
+    tops: dict[str, bool] = {}  # top-level name -> found in the folder itself
+    found = []
+    for other in list(sys.modules.values()):
+        if other is module or not getattr(other, "__file__", None):
+            continue
+        top = other.__name__.partition(".")[0]
+        if top not in tops:
+            spec = importlib.machinery.PathFinder.find_spec(top, [folder])
+            tops[top] = spec is not None and sys.modules.get(top) is not None and \
+                getattr(sys.modules[top], "__file__", None) is not None and \
+                Path(sys.modules[top].__file__).resolve().is_relative_to(folder)
+        if tops[top]:
+            found.append(other)
+    return found

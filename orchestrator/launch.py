@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.config import ConfigError, JobSpec
-from orchestrator.entrypoints import accepts_config
+from orchestrator.entrypoints import accepts_config, local_modules
 from orchestrator.job_exit import EXIT_BAD_INPUT, JobFailed
 from orchestrator.runs import DEFAULT_RUNS_ROOT, has_checkpoints
 
@@ -82,6 +82,8 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
     module = sys.modules.get(getattr(train_loop, "__module__", None) or "")
     if module is not None and module.__name__ != "__main__" and not importable_by_name(module):
         ship_by_value(module)  # (cloudpickle sends __main__'s functions by value itself)
+        for helper in local_modules(module):  # files beside the script that it imported
+            ship_by_value(helper)
     return launch(yielding(train_loop), config or {}, spec, directory, address=address,
                   queue_timeout_s=queue_timeout_s, max_failures=max_failures,
                   keep_checkpoints=keep_checkpoints, runtime_env=runtime_env)

@@ -41,6 +41,11 @@ def describe(placement: Placement) -> str:
     return ", ".join(f"{n} worker(s) on node {node[:12]}" for node, n in counts.items()) + link
 
 
+def _checkpoint_path(result) -> str | None:
+    checkpoint = getattr(result, "checkpoint", None)
+    return None if checkpoint is None else str(checkpoint.path)
+
+
 class PlacedRun:
     """A job's side of the scheduler: submit, wait in the queue, fit on the placement, and when
     the scheduler takes the placement back, report the yield and fit again."""
@@ -58,6 +63,7 @@ class PlacedRun:
         """Place, fit, and again after every yield; returns the last result and placement."""
         decision = ray.get(self.scheduler.submit.remote(self.spec, self.owner))
         placement = self.wait(decision, deadline_s=self.queue_timeout_s)
+        yielded_with = None  # the checkpoint of the last yield
         while True:
             result = fit(placement)
             short = (result.metrics or {}).get("gpu_too_small")
@@ -68,8 +74,12 @@ class PlacedRun:
                 placement = self.wait(decision, deadline_s=self.queue_timeout_s)
                 continue
             reason = (result.metrics or {}).get("yielded")
-            if not reason:
+            # Ray Train's result keeps the metrics of the latest checkpoint's report: a run
+            # resumed after a yield that saved no checkpoint since still shows that yield.
+            checkpoint = _checkpoint_path(result)
+            if not reason or (checkpoint is not None and checkpoint == yielded_with):
                 return result, placement
+            yielded_with = checkpoint
             step = result.metrics.get("step")
             self.say(f"{self.spec.name} stopped at step {step} with a checkpoint: {reason}")
             self.yields.append({"step": step, "reason": reason, "at": time.time()})

@@ -72,13 +72,17 @@ def yielding(train_loop: Callable) -> Callable[[dict], None]:
     with the checkpoint and "yielded", is already in)."""
     takes_config = accepts_config(train_loop)
 
-    @functools.wraps(train_loop)
     def per_worker(config: dict) -> None:
         try:
             train_loop(config) if takes_config else train_loop()
         except Yielded:
             pass
 
+    # The loop's name in Ray's logs, but not its signature: Ray Train counts the parameters
+    # through __wrapped__, and would call a loop taking none (or an optional config) without
+    # the config per_worker needs.
+    functools.update_wrapper(per_worker, train_loop)
+    del per_worker.__wrapped__
     return per_worker
 
 

@@ -312,11 +312,24 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
     out = Path(out).expanduser().resolve()
     device = resolve_device(config.device)
     seq_len = fine_tune_seq_len(config, teacher.config.block_size)
+    if config.student_size:
+        student = GPT(shape_to_compress(teacher, config))
+        if student.num_params() >= teacher.num_params():
+            raise ConfigError(f"student_size (--student-size) must be a smaller model than the "
+                              f"teacher ({teacher.num_params() / 1e6:.2f}M params), got "
+                              f"{config.student_size!r} ({student.num_params() / 1e6:.2f}M)")
     # An amount that would take every head or channel of a layer is refused now, naming the
     # layer, not after the distillation stage.
     structured.check_amount(shape_to_compress(teacher, config), config.prune_sparsity,
                             config.prune_structure, config.prune_scope)
     check_out(out, config, source)
+    # The teacher's data, read and checked now: a run that cannot be scored fails in
+    # seconds, before --out is touched, not after its fine-tunes.
+    try:
+        data = teacher_data(source, config.eval_tokens)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    check_eval_window(config, data[1], seq_len)
     with tempfile.TemporaryDirectory(prefix="compress-") as scratch:
         fp32_onnx = None
         if not (out / "int8" / export.ONNX_FILE).is_file():
@@ -326,13 +339,25 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
             fp32_onnx = export.export_fp32_onnx(teacher, Path(scratch) / "original.fp32.onnx",
                                                 "teacher (export check, before fine-tuning)")
         prepare_out(out, config, source)
-        return _run_stages(teacher, source, config, out, device, seq_len, fp32_onnx, log)
+        return _run_stages(teacher, source, config, out, device, seq_len, fp32_onnx, data, log)
+
+
+def check_eval_window(config: CompressConfig, held_out: torch.Tensor, seq_len: int) -> None:
+    """The perplexity needs one window of seq_len tokens (and its next) of held-out text."""
+    usable = min(config.eval_tokens, len(held_out) - 1)
+    if usable < seq_len:
+        what = (f"eval_tokens (--eval-tokens) {config.eval_tokens}" if config.eval_tokens
+                < len(held_out) - 1 else f"the teacher's held-out text ({len(held_out)} "
+                                         "tokens)")
+        raise ConfigError(f"{what} is shorter than one evaluation window of seq_len "
+                          f"(--seq-len, else the teacher's context) {seq_len} tokens: raise "
+                          "it or lower --seq-len")
 
 
 def _run_stages(teacher: GPT, source: dict[str, Any], config: CompressConfig, out: Path,
                 device: torch.device, seq_len: int, fp32_onnx: Path | None,
-                log: Callable[[str], None]) -> dict[str, Any]:
-    train_tokens, held_out = teacher_data(source, config.eval_tokens)
+                data: tuple[Any, torch.Tensor], log: Callable[[str], None]) -> dict[str, Any]:
+    train_tokens, held_out = data
     run = Run(out, config, teacher.to(device).eval().requires_grad_(False), train_tokens,
               device, seq_len, log)
     stages: dict[str, Any] = {}

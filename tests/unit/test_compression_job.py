@@ -99,6 +99,11 @@ def test_run_directory_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):
     ("--temperature", "-1", "temperature (--temperature)"),
     ("--latency-repeats", "0", "latency_repeats (--latency-repeats)"),
     ("--seq-len", "999", "seq_len (--seq-len) must be <= the teacher's context length 16"),
+    # Checked before the fine-tunes (was: a traceback after them, from the report)
+    ("--eval-tokens", "10", "eval_tokens (--eval-tokens) 10 is shorter than one evaluation "
+                            "window of seq_len (--seq-len, else the teacher's context) 16"),
+    ("--student-size", "medium", "student_size (--student-size) must be a smaller model than "
+                                 "the teacher"),
 ])
 def test_invalid_values_name_the_field_and_write_nothing(tmp_path, capsys, flag, value, field):
     checkpoint = make_checkpoint(tmp_path / "ckpt")

@@ -73,6 +73,9 @@ def test_a_job_file_that_is_not_utf8_or_names_a_migration_claim_is_named(tmp_pat
     write(path, "name: train#migration\nentrypoint: m:f\n")
     with pytest.raises(ConfigError, match="name must not end in '#migration'"):
         load_job_file(path)
+    write(path, "name: my/run\nentrypoint: m:f\n")
+    with pytest.raises(ConfigError, match="name must not contain a path separator"):
+        load_job_file(path)
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -169,6 +172,22 @@ def test_a_script_path_is_read_relative_to_the_job_files_folder(tmp_path, monkey
     assert Path(entry.module.__file__) == (jobs / "loops" / "train.py").resolve()
     # ... and without a job folder, from the current directory.
     assert load_entrypoint("loops/train.py:train_loop").function() == "from the cwd"
+
+
+def test_a_script_imports_the_files_beside_it_from_any_folder_and_they_travel_with_it(
+        tmp_path, monkeypatch):
+    from orchestrator.entrypoints import local_modules
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the load adds the script's folder
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    write(tmp_path / "job" / "helper_e5.py", "def loss():\n    return 'helped'\n")
+    write(tmp_path / "job" / "train.py", "import json\nimport torch\nfrom helper_e5 import loss\n"
+          "def train_loop():\n    return loss()\n")
+    monkeypatch.chdir(tmp_path)  # not the script's folder: `submit job/job.yaml` from here
+    entry = load_entrypoint("job/train.py:train_loop")
+    assert entry.function() == "helped"
+    # Sent by value to the workers with the script: its helper, never an installed package.
+    assert [m.__name__ for m in local_modules(entry.module)] == ["helper_e5"]
 
 
 def test_two_scripts_of_the_same_name_do_not_share_a_module(tmp_path):
@@ -389,6 +408,14 @@ def test_a_loop_taking_nothing_runs_and_without_a_directive_never_yields(monkeyp
     user_loop.yielding(lambda: [user_loop.report({"step": s}, checkpoint="c") for s in range(3)])(
         {"ignored": True})
     assert reports == [({"step": s}, "c") for s in range(3)]
+    # Ray Train calls the function it runs with the config only when it counts a required
+    # parameter, through __wrapped__: the wrapper must show its own, whatever the loop takes.
+    from ray.train._internal.utils import count_required_parameters
+
+    def optional(config=None):
+        pass
+    assert [count_required_parameters(user_loop.yielding(f)) for f in (lambda: None, optional)
+            ] == [1, 1]
 
 
 # --- python -m orchestrator submit, on bad input ---------------------------------------------
@@ -456,3 +483,35 @@ def test_logs_of_a_run_that_is_not_there_exits_2(tmp_path):
                             timeout=60)
     assert result.returncode == 2
     assert f"error: no run directory {tmp_path / 'ghost'}" in result.stderr
+
+
+def test_a_run_resumed_after_a_yield_that_saves_no_checkpoint_since_is_done(monkeypatch):
+    """Ray Train's result keeps the metrics of the latest checkpoint's report: a loop resumed
+    after its yield that reports no newer checkpoint still shows "yielded". The driver must
+    take the run as finished, not yield (and rerun the same steps) for ever."""
+    import ray
+
+    from orchestrator.placement import Placement
+    from ray_layer import placed_run
+
+    placement = Placement("yl", ("n1",), 1.0, 0)
+    remote = lambda value: SimpleNamespace(remote=lambda *args: value)  # noqa: E731
+    scheduler = SimpleNamespace(submit=remote(placement), yielded=remote(placement))
+    monkeypatch.setattr(ray, "get", lambda value, timeout=None: value)
+    monkeypatch.setattr(placed_run, "driver_id", lambda: "driver")
+
+    def result(step, checkpoint, yielded="preempt: by an operator"):
+        return SimpleNamespace(metrics={"step": step, "yielded": yielded},
+                               checkpoint=SimpleNamespace(path=checkpoint))
+    fits = [result(7, "/run/checkpoint_7"),  # told to yield: stops at its step-7 checkpoint
+            result(7, "/run/checkpoint_7"),  # resumed, ran to its end, no checkpoint since
+            ]
+    driver = placed_run.PlacedRun(scheduler, JobSpec("yl"), 60.0, say=lambda line: None)
+    final, _ = driver.run(lambda placement: fits.pop(0))
+    assert not fits and len(driver.yields) == 1 and final.metrics["step"] == 7
+    # A second yield, from a newer checkpoint, is one.
+    fits[:] = [result(3, "/run/checkpoint_3"), result(6, "/run/checkpoint_6"),
+               result(9, "/run/checkpoint_9", yielded=None)]
+    driver = placed_run.PlacedRun(scheduler, JobSpec("yl"), 60.0, say=lambda line: None)
+    assert driver.run(lambda placement: fits.pop(0))[0].metrics["step"] == 9
+    assert len(driver.yields) == 2
