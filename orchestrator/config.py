@@ -181,9 +181,6 @@ class JobSpec:
         p: list[str] = []
         _check(p, isinstance(self.name, str) and self.name.strip() != "",
                f"name must be a non-empty string, got {self.name!r}")
-        _check(p, not (isinstance(self.name, str) and ("/" in self.name or "\\" in self.name)),
-               f"name must not contain a path separator (it names the run's directory), "
-               f"got {self.name!r}")
         _check(p, not (isinstance(self.name, str) and self.name.endswith(CLAIM_SUFFIX)),
                f"name must not end in {CLAIM_SUFFIX!r} (the scheduler's name for the GPUs a "
                f"migrating job moves to), got {self.name!r}")

@@ -129,10 +129,28 @@ def local_modules(module: ModuleType) -> list[ModuleType]:
             continue
         top = other.__name__.partition(".")[0]
         if top not in tops:
-            spec = importlib.machinery.PathFinder.find_spec(top, [folder])
-            tops[top] = spec is not None and sys.modules.get(top) is not None and \
-                getattr(sys.modules[top], "__file__", None) is not None and \
-                Path(sys.modules[top].__file__).resolve().is_relative_to(folder)
+            loaded = getattr(sys.modules.get(top), "__file__", None)
+            tops[top] = (importlib.machinery.PathFinder.find_spec(top, [folder]) is not None
+                         and loaded is not None and Path(loaded).resolve().is_relative_to(folder)
+                         and not _installed(top, folder))
         if tops[top]:
             found.append(other)
     return found
+
+
+def _installed(top: str, folder: str) -> bool:
+    """Whether `top` is importable without `folder` on the path: from another path entry, or
+    through an import hook (an editable install's, as this project's own packages): a worker
+    imports it by name, and sending it by value would make a second copy of its classes."""
+    elsewhere = [p for p in sys.path if p and Path(p).resolve() != Path(folder)]
+    if importlib.machinery.PathFinder.find_spec(top, elsewhere) is not None:
+        return True
+    for finder in sys.meta_path:
+        if finder is importlib.machinery.PathFinder or not hasattr(finder, "find_spec"):
+            continue
+        try:
+            if finder.find_spec(top, None) is not None:
+                return True
+        except Exception:  # a third-party hook that cannot answer: not one that installs it
+            continue
+    return False

@@ -315,6 +315,15 @@ class ClusterState:
             self.release(job)
             self.reserve(job, [Reservation(**r) for r in held])
 
+    def forget_silent(self, job_name: str) -> None:
+        """The job stopped: what was kept aside for it on silent nodes is no longer its."""
+        for node in list(self.silent_reservations):
+            kept = [r for r in self.silent_reservations[node] if r.job_name != job_name]
+            if kept:
+                self.silent_reservations[node] = kept
+            else:
+                del self.silent_reservations[node]
+
     def silence_to_dict(self) -> dict:
         """Nodes declared dead by silence alone and the reservations kept aside for them: a
         restarted scheduler must still give those back if the node reports again."""

@@ -100,6 +100,9 @@ def report(metrics: dict[str, Any], checkpoint=None) -> None:
 def resolve_fit_run_dir(spec: JobSpec, run_dir: str | Path | None, resume: bool) -> Path:
     """The run's directory (see `fit`); ConfigError when it is not the job's or would mix two
     runs."""
+    if "/" in spec.name or "\\" in spec.name:
+        raise ConfigError(f"name {spec.name!r} must not contain a path separator: a fitted "
+                          "job's name is its run directory's")
     directory = (Path(run_dir).expanduser() if run_dir is not None
                  else DEFAULT_RUNS_ROOT.expanduser() / spec.name).resolve()
     if directory.name != spec.name:

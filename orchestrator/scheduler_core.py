@@ -174,6 +174,9 @@ class SchedulerCore:
         outcome = Outcome(newly_dead)
         for node_id in newly_dead:
             self.state.mark_dead(node_id)
+        for node_id in dead & set(self.state.silent_reservations):  # dead by silence, then
+            self.state.silent_reservations.pop(node_id)  # by Ray: its workers are gone
+            outcome.effects.append(Persist())
         if newly_dead:
             outcome.effects.append(Persist())
             outcome.add(self._reject_unfittable(now))
@@ -220,9 +223,6 @@ class SchedulerCore:
                 f"job '{name}' already holds a reservation or waits in the queue: a job of "
                 "that name is running (two launches of the same run?)")),
                 catalogue.REJECT_DUPLICATE)
-        # A new job of this name: a rejection left for an earlier one (cancelled while its
-        # driver was gone, say) is not its answer.
-        self.queue.rejected.pop(name, None)
         self._learn_typical_speed(spec)
         self.queue.add(QueuedJob(spec, owner, now, "submitted"))
         outcome = Outcome(effects=[Persist()])
@@ -237,9 +237,11 @@ class SchedulerCore:
             outcome.decision = never
             outcome.samples += catalogue.decision_samples(never, None)
             return outcome
-        if name in self.queue.rejected:
+        if name in self.queue.rejected and not self.queue.holds(name):  # dropped by this pass
             outcome.decision = self.queue.rejected.pop(name)
             return outcome
+        # (a rejection left for an earlier job of this name, cancelled while its driver was
+        # gone, say, stays for that driver: it is not this job's answer)
         outcome.decision = self.queue.status(name)
         outcome.samples += catalogue.decision_samples(outcome.decision, None)
         return outcome
@@ -479,7 +481,9 @@ class SchedulerCore:
         job = self.running.get(job_name)
         if job is not None and (not owner or job.placement.owner == owner):
             return job.placement
-        if job_name in self.queue.rejected:
+        waiting_owner = self.queue.owner_of(job_name)
+        mine = waiting_owner is not None and bool(owner) and waiting_owner == owner
+        if job_name in self.queue.rejected and not mine:  # (an earlier job's, for its driver)
             return self.queue.rejected.pop(job_name)
         return self.queue.status(job_name) or Rejection(
             job_name, f"job '{job_name}' is not in the queue")
@@ -600,7 +604,7 @@ class SchedulerCore:
             def rank(f: str) -> float:
                 return -speeds[f]
         usable = [f for f in candidates if f not in shielded]
-        order = sorted((f for f in usable if room[f] >= need), key=rank)
+        order = sorted((f for f in usable if room[f] >= need), key=lambda f: (f == "", rank(f)))
         open_families = tuple(sorted(f for f in usable if room[f] > 0))
         kept_off = tuple(sorted(f for f in candidates if free_gpus.get(families[f], 0) > 0
                                 and (f in shielded or room[f] <= 0)))
@@ -672,6 +676,7 @@ class SchedulerCore:
                 del self.running_priorities[job.spec.priority]
         self.queue.ready.pop(job_name, None)
         self.state.release(job_name + CLAIM_SUFFIX)
+        self.state.forget_silent(job_name)
         released = self.state.release(job_name)
         if job is not None and job.directive is not None and job.directive.for_job:
             victims = self.preempting.get(job.directive.for_job)
@@ -855,7 +860,8 @@ class SchedulerCore:
         spare_cpus = math.inf
         if per_gpu:
             free_cpus = np.maximum(t.cpus[:n] - t.taken(n)[0], 0)[placeable].sum()
-            spare_cpus = float(free_cpus) - head.spec.total_cpus
+            # (never below 0: a job taking no CPUs there never delays the head)
+            spare_cpus = max(float(free_cpus) - head.spec.total_cpus, 0.0)
         return _HeadPlan(head.spec.name, usable, per_gpu, shadow, extra, spare_cpus)
 
     def _running_by_end(self, now: float) -> Iterator[tuple[float, str]]:
@@ -1007,7 +1013,8 @@ class SchedulerCore:
                 if allowed and self.running_family(job.spec.name) not in allowed:
                     continue
                 room += job.spec.total_gpus
-            # (a job taking no GPUs frees none, but may hold the CPUs beside free GPUs)
+            elif spec.gpus_per_worker and not self._beside_gpus(job.spec.name, allowed):
+                continue  # a job taking no GPUs helps only by the CPUs beside usable GPUs
             chosen.append(job.spec.name)
             if room < spec.total_gpus:
                 continue
@@ -1023,6 +1030,18 @@ class SchedulerCore:
             if self._fits_without(spec, rest, now):
                 chosen = rest
         return chosen
+
+    def _beside_gpus(self, job_name: str, allowed: set[str]) -> bool:
+        """Whether the job holds CPUs on a node with GPUs of the `allowed` families (any when
+        empty)."""
+        t = self.state.table
+        codes = {t.families[f] for f in allowed if f in t.families}
+        for r in self.state.reservations.get(job_name, ()):
+            row = t.index.get(r.node_id)
+            if row is not None and r.cpus > 0 and t.gpus[row] > 0 and \
+                    (not allowed or t.family[row] in codes):
+                return True
+        return False
 
     def _fits_without(self, spec: JobSpec, victims: list[str], now: float) -> bool:
         """Would `spec` fit if `victims` released? (Their reservations are put back.)"""

@@ -81,8 +81,8 @@ def yielding(train_loop: Callable) -> Callable[[dict], None]:
     # The loop's name in Ray's logs, but not its signature: Ray Train counts the parameters
     # through __wrapped__, and would call a loop taking none (or an optional config) without
     # the config per_worker needs.
-    functools.update_wrapper(per_worker, train_loop)
-    del per_worker.__wrapped__
+    functools.update_wrapper(per_worker, train_loop, updated=())  # (no __dict__: no
+    del per_worker.__wrapped__                                     # __signature__ either)
     return per_worker
 
 

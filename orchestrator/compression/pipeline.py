@@ -313,7 +313,8 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
     device = resolve_device(config.device)
     seq_len = fine_tune_seq_len(config, teacher.config.block_size)
     if config.student_size:
-        student = GPT(shape_to_compress(teacher, config))
+        with torch.device("meta"):  # counted, not allocated (a gpt2-xl preset is GBs)
+            student = GPT(shape_to_compress(teacher, config))
         if student.num_params() >= teacher.num_params():
             raise ConfigError(f"student_size (--student-size) must be a smaller model than the "
                               f"teacher ({teacher.num_params() / 1e6:.2f}M params), got "

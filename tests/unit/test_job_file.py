@@ -73,9 +73,9 @@ def test_a_job_file_that_is_not_utf8_or_names_a_migration_claim_is_named(tmp_pat
     write(path, "name: train#migration\nentrypoint: m:f\n")
     with pytest.raises(ConfigError, match="name must not end in '#migration'"):
         load_job_file(path)
-    write(path, "name: my/run\nentrypoint: m:f\n")
-    with pytest.raises(ConfigError, match="name must not contain a path separator"):
-        load_job_file(path)
+    from orchestrator.launch import resolve_fit_run_dir
+    with pytest.raises(ConfigError, match="name 'my/run' must not contain a path separator"):
+        resolve_fit_run_dir(JobSpec("my/run"), None, False)
 
 
 @pytest.mark.parametrize("line, expected", [

@@ -630,3 +630,52 @@ def test_a_job_placed_again_after_a_lost_node_keeps_the_service_it_had():
     after = core.running["long"]
     assert after.placement.nodes != before.placement.nodes
     assert after.attained_s(t) == pytest.approx(attained) and after.planned_end == end
+
+
+def test_a_gpu_head_held_by_running_jobs_still_lets_jobs_elsewhere_backfill():
+    # The head's node is full (its CPUs too): its spare CPUs are none, not fewer than none.
+    core = core_with(gpu_node("g", gpus=4, cpus=8), cpu_node("c", cpus=4),
+                     gpu_node("t4", gpus=2, family="T4"))
+    core.submit(JobSpec("R", num_workers=4, gpus_per_worker=1, cpus_per_worker=2), "r", T0)
+    head = core.submit(gpus("H", 4, accelerator_types=("A100",)), "h", T0 + 1).decision
+    assert isinstance(head, Queued)
+    assert core.submit(cpus("cpu-job", 4), "c", T0 + 2).decision.worker_nodes == ("c",) * 4
+    assert core.submit(gpus("t4-job", 2, accelerator_types=("T4",)), "t", T0 + 3
+                       ).decision.worker_nodes == ("t4", "t4")
+
+
+def test_gpus_of_no_known_family_come_after_the_known_ones_with_room():
+    core = core_with(gpu_node("t4", gpus=2, family="T4"), unknown_family_node("rtx"))
+    assert core.submit(gpus("first", 2), "o", T0).decision.worker_nodes == ("t4", "t4")
+    # Under contention (a T4-only job waits) too, while the A100s have room.
+    core = core_with(gpu_node("a100", gpus=2), gpu_node("t4", gpus=1, family="T4"),
+                     unknown_family_node("rtx"))
+    core.submit(gpus("t4-busy", 1, accelerator_types=("T4",)), "o", T0)
+    core.submit(gpus("t4-waits", 1, accelerator_types=("T4",)), "o", T0 + 1)
+    assert core.submit(gpus("any", 2), "o", T0 + 2).decision.worker_nodes == ("a100", "a100")
+
+
+def test_an_earlier_jobs_rejection_goes_to_its_own_driver_not_the_new_one():
+    core = core_with(gpu_node("n1"))
+    core.submit(gpus("blocker", 4), "d0", T0)
+    core.submit(gpus("x", 2), "d1", T0 + 1)
+    core.cancel("x", "", T0 + 2)  # an operator, while d1 is away
+    core.submit(gpus("x", 2), "d2", T0 + 3)
+    assert isinstance(core.poll("x", "d2", T0 + 4).decision, Queued)
+    told = core.poll("x", "d1", T0 + 5).decision
+    assert isinstance(told, Rejection) and "cancelled by an operator" in told.message
+
+
+def test_only_cpu_jobs_beside_usable_gpus_are_victims_for_a_gpu_job():
+    # 70 CPU jobs elsewhere come first in victim order (the lowest priority): none of them
+    # can help; the one holding the CPUs beside the free GPUs is the victim (taking every CPU
+    # job, the search gave up after 64 placement tries).
+    core = core_with(gpu_node("g", gpus=4, cpus=8), cpu_node("c", cpus=70))
+    for i in range(70):
+        core.submit(cpus(f"elsewhere-{i}", 1, priority=-1), "o", T0)
+    core.submit(cpus("beside", 6), "o", T0 + 10)
+    assert set(core.running["beside"].placement.worker_nodes) == {"g"}
+    core.submit(JobSpec("H", num_workers=4, gpus_per_worker=1, cpus_per_worker=2, priority=5),
+                "h", T0 + 160)
+    core.tick(T0 + 200)
+    assert [n for n, j in core.running.items() if j.directive is not None] == ["beside"]
