@@ -60,9 +60,11 @@ def status_rows(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
             "gpu_free_gib": [round(g.memory_free_bytes / GIB, 1) for g in report.gpus],
             "cpus": report.ray_cpus,
             "cpus_free": report.ray_cpus - cpus_held,
-            "load_per_cpu": round(report.load_per_cpu, 2),
+            # (inf when the host probe failed: null, as JSON has no infinity)
+            "load_per_cpu": (round(report.load_per_cpu, 2)
+                             if math.isfinite(report.load_per_cpu) else None),
             "ram_available_gib": round(report.ram_available_bytes / GIB, 1),
-            "bandwidth_gbps_to_peers": {peer: round(v, 3)
+            "bandwidth_gbps_to_peers": {peer: round(v, 3) if math.isfinite(v) else None
                                         for peer, v in report.bandwidth_gbps.items()},
             "bandwidth_gbps_median": round(statistics.median(bandwidth), 3) if bandwidth else None,
             "reservations": sorted(held.get(node_id, [])),
@@ -122,9 +124,10 @@ def format_status(rows: list[dict[str, Any]], jobs: list[dict[str, Any]],
         memory = (f"{min(r['gpu_free_gib']):.0f}-{max(r['gpu_free_gib']):.0f}"
                   if r["gpu_free_gib"] else "-")
         bandwidth = "-" if r["bandwidth_gbps_median"] is None else f"{r['bandwidth_gbps_median']:.2f}"
+        load = "-" if r["load_per_cpu"] is None else f"{r['load_per_cpu']:.2f}"
         table.append((r["node_id"][:12], r["health"], r["accelerators"],
                       f"{r['gpus_free']}/{r['gpus']}", memory,
-                      f"{r['cpus_free']:g}/{r['cpus']:g}", f"{r['load_per_cpu']:.2f}", bandwidth,
+                      f"{r['cpus_free']:g}/{r['cpus']:g}", load, bandwidth,
                       ",".join(r["reservations"]) or "-"))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]

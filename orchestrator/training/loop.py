@@ -373,7 +373,8 @@ def _model_figures(model: GPT, precision: Precision, scaler,
     """The report's figures about the model's state: precision, loss scale, optimizer steps
     per parameter group, attention spans."""
     return {"precision": precision.name,
-            "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
+            # (None without loss scaling: no flat 1 on the fp16 loss-scale panel)
+            "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
             "optimizer_steps": dict(accumulation.optimizer_steps),
             **_span_figures(model)}
 

@@ -36,6 +36,10 @@ def test_unknown_gpu_or_precision_has_no_peak():
     # A name that does not say which board it is gets no peak, not the fastest board's.
     assert gpu_peak_flops("NVIDIA H100", "bf16") is None
     assert gpu_peak_flops("Tesla V100", "fp16") is None
+    # A MIG slice has a fraction of the board's compute: no peak, not the whole board's.
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", "bf16") is not None
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB MIG 1g.10gb", "bf16") is None
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3 MIG 3g.40gb", "bf16") is None
     # No fast path, no peak: V100 and K80 have no bf16, K80 no fp16 tensor cores.
     assert gpu_peak_flops("Tesla V100-SXM2-16GB", "bf16") is None
     assert gpu_peak_flops("Tesla K80", "fp16") is None

@@ -76,3 +76,19 @@ def test_a_job_that_is_not_preemptible_is_never_told_to_stop_and_the_operator_he
         code, out = run(verb, "own-loop", core, capsys)
         assert code == 3 and "'own-loop' is not preemptible" in out.err
     assert core.directive("own-loop", T0 + 6) is None
+
+
+def test_status_json_is_strict_json_when_a_nodes_host_probe_failed():
+    import json
+    import math
+
+    from orchestrator.__main__ import format_status, status_rows
+
+    report = NodeReport("n", "n", 2, 0, 2, math.inf, GIB, GIB,  # the agent's failed probe
+                        bandwidth_gbps={"m": math.inf})
+    snapshot = {"reservations": {}, "reports": {"n": report}, "health": {"n": "healthy"},
+                "age_s": {"n": 1.0}}
+    rows = status_rows(snapshot)
+    text = json.dumps(rows, allow_nan=False)  # raises on Infinity
+    assert json.loads(text)[0]["load_per_cpu"] is None
+    assert "n " in format_status(rows, [], None)

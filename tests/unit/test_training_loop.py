@@ -169,6 +169,13 @@ def test_a_run_resumes_in_another_precision(tmp_path, saved, resumed):
     assert metrics["precision"] == resumed and torch.isfinite(torch.tensor(metrics["loss"]))
 
 
+def test_the_loss_scale_is_reported_only_where_loss_scaling_runs(tmp_path):
+    # (the fp16 run's: test_fp16_overflow_inside_the_loop_...; fp32 has none, not a flat 1)
+    metrics = train(tiny(max_steps=2, seq_len=16, log_every=2, checkpoint_every=2),
+                    LocalSession(tmp_path, device=CPU))
+    assert metrics["loss_scale"] is None
+
+
 def test_auto_precision_is_fp32_on_cpu():
     assert resolve_precision("auto", CPU) == "fp32"
 
