@@ -174,8 +174,10 @@ class SchedulerCore:
         outcome = Outcome(newly_dead)
         for node_id in newly_dead:
             self.state.mark_dead(node_id)
-        for node_id in dead & set(self.state.silent_reservations):  # dead by silence, then
-            self.state.silent_reservations.pop(node_id)  # by Ray: its workers are gone
+        gone_silent = dead & set(self.state.silent_reservations)  # dead by silence, then by
+        for node_id in gone_silent:  # Ray: its workers are gone, nothing to give back
+            self.state.silent_reservations.pop(node_id)
+        if gone_silent and not newly_dead:
             outcome.effects.append(Persist())
         if newly_dead:
             outcome.effects.append(Persist())

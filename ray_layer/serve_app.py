@@ -290,7 +290,7 @@ class Ingress:
             if isinstance(first[1], Exception):
                 return self._error_response(first[1], route, started)
             handed_over = True
-            return CancellingStream(self._sse(parsed, first, queue, tasks, started, route),
+            return CancellingStream(self._sse(parsed, first, queue, len(tasks), started, route),
                                     tasks, media_type="text/event-stream")
         finally:
             if not handed_over:  # refused, or the client left while waiting
@@ -298,13 +298,13 @@ class Ingress:
                     task.cancel()
 
     async def _sse(self, parsed: protocol.CompletionRequest, first: tuple, queue: asyncio.Queue,
-                   tasks: list[asyncio.Task], started: float,
+                   streams: int, started: float,
                    route: str = COMPLETIONS_ROUTE) -> AsyncIterator[bytes]:
-        """Server-sent events: every prompt's chunks as they come (`first`, then the queue's;
-        interleaved, each tagged with its index), the usage if asked for, then [DONE]. An
-        error after the response has started is sent as an error event (the status line is
-        already out). Chat chunks carry deltas: the role first, then the content, then the
-        finish_reason. The prompts' tasks are cancelled when it ends, however it ends."""
+        """Server-sent events: the `streams` prompts' chunks as they come (`first`, then the
+        queue's; interleaved, each tagged with its index), the usage if asked for, then
+        [DONE]. An error after the response has started is sent as an error event (the
+        status line is already out). Chat chunks carry deltas: the role first, then the
+        content, then the finish_reason. (CancellingStream cancels the prompts' tasks.)"""
         chat = route == CHAT_ROUTE
         request_id = protocol.chat_completion_id() if chat else protocol.completion_id()
         created = int(time.time())
@@ -320,7 +320,7 @@ class Ingress:
                 request_id, model, version, created, index, text, reason))
 
         try:
-            open_streams, greeted = len(tasks), False
+            open_streams, greeted = streams, False
             while open_streams:
                 index, item = pending.pop() if pending else await queue.get()
                 if item is None:
@@ -351,8 +351,6 @@ class Ingress:
                     produced))
             yield protocol.SSE_DONE
         finally:
-            for task in tasks:
-                task.cancel()
             self._record(route, status, started)
 
     def _as_api_error(self, e: Exception) -> APIError:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from orchestrator.compression import export, prune, qat, structured
+from orchestrator.compression import export, measure, prune, qat, structured
 from orchestrator.compression.artifacts import (CheckpointError, load_tensors, save_tensors,
                                                 staged_dir, write_json)
 from orchestrator.compression.config import CompressConfig, resume_conflicts
@@ -344,15 +344,17 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
 
 
 def check_eval_window(config: CompressConfig, held_out: torch.Tensor, seq_len: int) -> None:
-    """The perplexity needs one window of seq_len tokens (and its next) of held-out text."""
-    usable = min(config.eval_tokens, len(held_out) - 1)
-    if usable < seq_len:
+    """The perplexity needs one window of seq_len tokens (and its next) of held-out text:
+    the report's own windows (measure.held_out_windows), asked for now."""
+    try:
+        measure.held_out_windows(held_out, seq_len, config.eval_tokens)
+    except ValueError:
         what = (f"eval_tokens (--eval-tokens) {config.eval_tokens}" if config.eval_tokens
                 < len(held_out) - 1 else f"the teacher's held-out text ({len(held_out)} "
                                          "tokens)")
         raise ConfigError(f"{what} is shorter than one evaluation window of seq_len "
                           f"(--seq-len, else the teacher's context) {seq_len} tokens: raise "
-                          "it or lower --seq-len")
+                          "it or lower --seq-len") from None
 
 
 def _run_stages(teacher: GPT, source: dict[str, Any], config: CompressConfig, out: Path,
