@@ -203,6 +203,8 @@ class ClusterState:
 
     def _drop_reservations_on(self, nodes: set[str]) -> list[tuple[str, Reservation]]:
         dropped = []
+        if not nodes:  # the common case (every tick): no pass over the reservations
+            return dropped
         for job, held in list(self.reservations.items()):
             kept = tuple(r for r in held if r.node_id not in nodes)
             dropped += [(job, r) for r in held if r.node_id in nodes]

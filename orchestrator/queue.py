@@ -166,6 +166,17 @@ class JobQueue:
             promoted.append(name)
         return promoted
 
+    def next_promotion(self, after: float) -> float | None:
+        """When the next promotion after `after` falls due (None: none planned); stale heap
+        entries on top are dropped."""
+        while self._promotions:
+            due, name = self._promotions[0]
+            if self._promote_at.get(name) != due:
+                heapq.heappop(self._promotions)
+                continue
+            return due if due > after else None
+        return None
+
     def level_of(self, job_name: str) -> int:
         return self._keys[job_name][1]
 

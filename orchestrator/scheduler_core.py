@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import heapq
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ MAX_VICTIMS_TRIED = 64  # bounds one preemption search (a place() call per candi
 BACKFILL_DENIALS_PER_PASS = 128
 MAX_BLOCKED_EXAMINED = 256  # blocked waiting jobs, in queue order, one pass asks to preempt
 TYPICAL_WEIGHT = 0.01  # the typical job's speeds follow the last ~100 GPU jobs submitted
+# A wake-up (next_wakeup) falls this long after the moment it is for, so float rounding of
+# start + min_run_s never leaves `now - start >= min_run_s` just unmet at the tick.
+WAKE_MARGIN_S = 1e-3
 
 # speed(spec, accelerator family) -> relative training speed; the simulator passes its model.
 SpeedModel = Callable[[JobSpec, str], float]
@@ -128,6 +132,9 @@ class SchedulerCore:
         self.typical_speed: dict[str, float] = {}
         self.typical_count = 0
         self.preempting: dict[str, set[str]] = {}  # waiting job -> victims not yet yielded
+        # (due, needs a waiting job, job, its started_at): moments time alone changes what may
+        # be decided about a running job (next_wakeup); lazily deleted (a stopped job's stay).
+        self._wakeups: list[tuple[float, bool, str, float]] = []
         # (node id, GPU index) pairs a job must not be given: its worker found the GPU Ray
         # assigned without the free memory the job asks for (memory used outside Ray).
         self.excluded_gpus: dict[str, set[tuple[str, int]]] = {}
@@ -426,9 +433,10 @@ class SchedulerCore:
             outcome.add(self._after_capacity_freed(now))
         return outcome
 
-    def tick(self, now: float, retired: set[str] = frozenset()) -> Outcome:
+    def tick(self, now: float, retired: set[str] = frozenset(), gauges: bool = True) -> Outcome:
         """Periodic pass: heartbeat expiry, jobs that can no longer fit, queue, preemption for
-        the head of the queue, migrations; gauges."""
+        the head of the queue, migrations; gauges (a pass over the nodes) unless `gauges` is
+        False (the simulator records none)."""
         expired, lost = self.state.expire(now)
         outcome = Outcome({"expired": expired, "lost_reservations": lost})
         if expired:
@@ -436,10 +444,47 @@ class SchedulerCore:
             outcome.add(self._reject_unfittable(now))
         outcome.add(self._drain(now))
         outcome.add(self._migrate(now))
-        outcome.samples += catalogue.scheduler_samples(
-            self.state, [j.enqueued_at for j in self.queue.waiting.values()],
-            len(self.running), now, retired)
+        if gauges:
+            outcome.samples += catalogue.scheduler_samples(
+                self.state, [j.enqueued_at for j in self.queue.waiting.values()],
+                len(self.running), now, retired)
         return outcome
+
+    def next_wakeup(self, now: float, until: float) -> float | None:
+        """The first moment in (now, until] at which time alone may change a decision, or None:
+        a running job passes `min_run_s` (it may be preempted or moved), crosses a LAS level
+        (it may be preempted by a job of a lower level), or passes its planned end (the head's
+        shadow time moves); a waiting job's promotion falls due. Those needing a waiting job
+        are skipped while none waits. The live actor ticks every 5 s and needs none of this;
+        a driver that calls the core only on events (the simulator) calls tick() at these
+        moments, in time order. Each is returned once."""
+        promotion = self.queue.next_promotion(after=now)
+        while self._wakeups and self._wakeups[0][0] <= until:
+            due = self._wakeups[0][0]
+            if promotion is not None and promotion <= due:
+                break
+            _, needs_queue, name, started = heapq.heappop(self._wakeups)
+            job = self.running.get(name)
+            if (due > now and job is not None and job.started_at == started
+                    and (len(self.queue) or not needs_queue)):
+                return due
+        return promotion if promotion is not None and promotion <= until else None
+
+    def _plan_wakeups(self, job: RunningJob) -> None:
+        """Note the moments time alone changes what may be decided about a job that started
+        (next_wakeup); each says whether it matters only while a job waits."""
+        s, start = self.settings, job.started_at
+        dues = []
+        if s.min_run_s > 0 and (s.preemption or s.migration):
+            dues.append((start + s.min_run_s, not s.migration))  # a move needs no waiting job
+        if s.preemption and self.queue.level is not None and job.size:
+            dues += [(start + t / job.size - job.ran_s, True) for t in s.las_thresholds_gpu_s]
+        if s.backfill and job.planned_end is not None:
+            dues.append((job.planned_end, True))
+        for due, needs_queue in dues:
+            if due > start:
+                heapq.heappush(self._wakeups,
+                               (due + WAKE_MARGIN_S, needs_queue, job.spec.name, start))
 
     # -- views -------------------------------------------------------------------------------
     def owner_of(self, job_name: str) -> str | None:
@@ -657,6 +702,7 @@ class SchedulerCore:
             bisect.insort(self.planned_ends, (job.planned_end, job.spec.name))
         self._count_pinned(job.spec, +1)
         self.running_priorities[job.spec.priority] += 1
+        self._plan_wakeups(job)
 
     def _count_pinned(self, spec: JobSpec, sign: int) -> None:
         """A job allowed a single family starts (+1) or stops (-1) holding GPUs there."""
@@ -1093,6 +1139,8 @@ class SchedulerCore:
                 key = job.migration_key = self._migration_key(job)
             if not key:
                 continue
+            if now - job.started_at < self.settings.min_run_s:
+                continue  # too soon after its start (checked first: the simulator's ticks)
             fits = room.get(key)
             if fits is None:
                 fits = room[key] = sum(free.get(f, 0) for f in key[0]) >= key[1]
@@ -1152,10 +1200,11 @@ class SchedulerCore:
     def _migration_target(self, job: RunningJob, free: dict[str, int],
                           now: float) -> Placement | None:
         """Where the job would gain more than its restart cost, among families with free
-        GPUs (`free`) that no waiting job can use; None if nowhere. Cheap checks first."""
+        GPUs (`free`) that no waiting job can use; None if nowhere. Cheap checks first (the
+        caller checked that it has run min_run_s)."""
         spec = job.spec
         if (job.directive is not None or spec.gpus_per_worker == 0
-                or spec.name in self.queue.ready or now - job.started_at < self.settings.min_run_s):
+                or spec.name in self.queue.ready):
             return None
         remaining = job.remaining_s(now)
         here = self.speed(spec, self.running_family(spec.name))

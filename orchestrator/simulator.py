@@ -248,10 +248,35 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
         for name in list(core.queue.ready):
             start(by_name[name], core.poll(name, "", now).decision, now)
 
+    def record(now: float) -> None:
+        """The timeline after an event; progress every progress_every_s of wall time."""
+        nonlocal last_progress
+        tl_t.append(now)
+        tl_alloc.append(run.gpus)
+        tl_good.append(run.goodput)
+        tl_queue.append(len(core.queue))
+        tl_idle.append(usable_idle(core.queue.gpus_by_allowed) if len(core.queue) else 0)
+        if progress is not None and time.perf_counter() - last_progress >= progress_every_s:
+            last_progress = time.perf_counter()
+            progress(f"[{policy}] {run.finished + run.never:,}/{len(jobs):,} jobs done, "
+                     f"simulated {now / 86400:.1f} days, {len(core.queue):,} queued, "
+                     f"{run.gpus}/{total_gpus} GPUs busy, {last_progress - wall0:.0f}s")
+
+    now = -math.inf
     while next_arrival < len(arrivals) or completions:
         t_arr = jobs[arrivals[next_arrival]].trace.submit_time_s \
             if next_arrival < len(arrivals) else math.inf
-        now = min(t_arr, completions[0][0] if completions else math.inf)
+        t_event = min(t_arr, completions[0][0] if completions else math.inf)
+        # Between events, tick the core when time alone may change a decision (a job passing
+        # min_run_s, a LAS level or its planned end; a promotion), as the live actor's
+        # periodic tick does (within its 5 s).
+        wake = core.next_wakeup(now, until=t_event)
+        if wake is not None:
+            now = wake
+            carry_out(core.tick(now, gauges=False), now)
+            record(now)
+            continue
+        now = t_event
         while completions and completions[0][0] <= now:
             _, i, segment = heapq.heappop(completions)
             job = jobs[i]
@@ -276,16 +301,7 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
         if not completions and next_arrival >= len(arrivals) and len(core.queue):
             raise RuntimeError(f"{policy}: {len(core.queue)} job(s) queued on an idle cluster;"
                                f" first: {core.queue.ordered()[0].spec}")
-        tl_t.append(now)
-        tl_alloc.append(run.gpus)
-        tl_good.append(run.goodput)
-        tl_queue.append(len(core.queue))
-        tl_idle.append(usable_idle(core.queue.gpus_by_allowed) if len(core.queue) else 0)
-        if progress is not None and time.perf_counter() - last_progress >= progress_every_s:
-            last_progress = time.perf_counter()
-            progress(f"[{policy}] {run.finished + run.never:,}/{len(jobs):,} jobs done, "
-                     f"simulated {now / 86400:.1f} days, {len(core.queue):,} queued, "
-                     f"{run.gpus}/{total_gpus} GPUs busy, {last_progress - wall0:.0f}s")
+        record(now)
     timeline = (np.array(tl_t, dtype=float), np.array(tl_alloc, dtype=float),
                 np.array(tl_good, dtype=float), np.array(tl_queue, dtype=float))
     metrics = summarize(jobs, total_gpus, timing["decisions"], timing["policy_s"])

@@ -11,7 +11,8 @@ from orchestrator import cluster_model, policies, scheduler_core
 from orchestrator.__main__ import main
 from orchestrator.cluster_model import (ClusterSpecError, build_state, iteration_times,
                                         parse_cluster_spec, throughput)
-from orchestrator.simulator import FINISHED, NEVER_FITS, RESTART_S, simulate
+from orchestrator.simulator import (FINISHED, NEVER_FITS, RESTART_S, simulate,
+                                    simulation_settings)
 from orchestrator.traces import (TraceError, TraceJob, load_canonical, load_philly, load_trace,
                                  prepare, unknown_families)
 
@@ -381,3 +382,39 @@ def test_a_las_preemption_costs_the_measured_restart_and_loses_no_work():
     m = result.metrics
     assert m["preemptions_per_job"] == 0.5
     assert m["restart_overhead"] == pytest.approx(RESTART_S / (a.finish - 0))
+
+
+# Decisions that time alone makes possible: the simulator ticks the core when one falls due, as
+# the live actor's periodic tick does, not only on arrivals and completions.
+
+def test_a_job_moves_to_a_faster_gpu_once_it_has_run_min_run_s():
+    # B starts on the P100 at 10 s while A holds the V100; A ends at 46 s, before B has run
+    # min_run_s (120 s), and no event follows: B moves when it passes min_run_s.
+    result = simulate(trace((0, 50, 1), (10, 10_000, 1)), "v100:1x1,p100:1x1", "hetero-las",
+                      check=True)
+    b = by_id(result)[1]
+    assert b.migrations == 1 and b.nodes == "v100-0000:1"
+    assert b.history[0][1] == pytest.approx(10 + 120, abs=0.01)
+
+
+def test_a_running_job_crossing_a_las_level_is_preempted_then():
+    # A reaches LAS level 1 at 7,200 GPU-s; B (level 0) has waited since 100 s and starts then,
+    # not when A ends.
+    result = simulate(trace((0, 10_000, 1), (100, 100, 1)), "p100:1x1", "hetero-las",
+                      check=True)
+    a, b = by_id(result)[0], by_id(result)[1]
+    assert a.preemptions == 1
+    assert b.start == pytest.approx(7200, abs=0.01) and b.finish == pytest.approx(7300, abs=0.01)
+
+
+def test_a_starving_job_is_promoted_when_its_time_comes():
+    # B preempts A at 7,200 s (A at level 1); B reaches level 1 at 14,400 s (no preemption
+    # between equals). With starvation_factor 1.5, A waits 1.5 x 7,200 s = 10,800 s and is put
+    # back at level 0 at 18,000 s, where it preempts B; nothing else happens then.
+    cluster = "p100:1x1"
+    settings = simulation_settings(parse_cluster_spec(cluster), starvation_factor=1.5)
+    result = simulate(trace((0, 20_000, 1), (10, 20_000, 1)), cluster, "hetero-las",
+                      check=True, settings=settings)
+    a, b = by_id(result)[0], by_id(result)[1]
+    assert [round(s) for s, _, _ in a.history] == [0, 18_000]
+    assert b.preemptions == 1 and b.history[0][1] == pytest.approx(18_000, abs=0.01)
