@@ -2,8 +2,9 @@
 
 Every decision is the live scheduler's: the simulator drives the same SchedulerCore
 (orchestrator/scheduler_core.py) the SchedulerActor drives — its queue, EASY backfill,
-preemption and migration — with trace arrivals (`submit`) and modelled completions
-(`release`), and carries out its yields as live drivers do (checkpoint at the step boundary, stop,
+preemption and migration — with trace arrivals (`submit`), modelled completions
+(`release`) and `tick` at each moment time alone makes a decision possible (the live actor
+ticks every 5 s; SchedulerCore.next_wakeup names those moments), and carries out its yields as live drivers do (checkpoint at the step boundary, stop,
 `yielded`, restart after RESTART_S). Policies (orchestrator/policies.py) differ in
 where jobs go and in the queue's order: "hetero-las" is the live scheduler's own rules, the
 others are baselines plugged into the same core. Time in the ClusterState is a constant
