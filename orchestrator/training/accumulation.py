@@ -86,10 +86,14 @@ def pending_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if p.grad is not None}
 
 
-def restore_pending_gradients(model: torch.nn.Module, grads: dict[str, torch.Tensor]) -> None:
+def restore_pending_gradients(model: torch.nn.Module, grads: dict[str, torch.Tensor],
+                              rescale: float = 1.0) -> None:
+    """Put a checkpoint's pending gradients back; `rescale`: this run's loss scale over the one
+    they were saved at (the precision changed on resume)."""
     params = dict(model.named_parameters())
     unknown = sorted(set(grads) - set(params))
     if unknown:
         raise ValueError(f"checkpoint has pending gradients for unknown parameters {unknown}")
     for name, grad in grads.items():
-        params[name].grad = grad.to(params[name].device)
+        grad = grad.to(params[name].device)
+        params[name].grad = grad.mul_(rescale) if rescale != 1.0 else grad

@@ -33,6 +33,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or unreadable; the message names the file."""
 
 
+def _dcp_errors() -> tuple[type[BaseException], ...]:
+    """What a torch.distributed.checkpoint load raises: its CheckpointException (every
+    rank's failure gathered) derives from BaseException, not Exception."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -134,10 +142,24 @@ def load_sharded_into(directory: str | os.PathLike, tensors: dict[str, Any]) -> 
 
     try:
         dcp.load(tensors, checkpoint_id=str(directory))
-    except Exception as e:  # DCP wraps every rank's failure in its own exception types
+    except _dcp_errors() as e:  # DCP wraps every rank's failure in its own exception types
         raise CheckpointError(f"sharded checkpoint {directory} cannot be loaded: "
                               f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}"
                               ) from e
+
+
+def sharded_optimizer_names(directory: str | os.PathLike) -> set[str]:
+    """The parameters a sharded checkpoint holds optimizer state for (its index's keys are
+    'optimizer.state.<parameter>.<entry>'); CheckpointError naming it if unreadable."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    prefix = "optimizer.state."
+    try:
+        keys = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    except _dcp_errors() as e:
+        raise CheckpointError(f"sharded checkpoint {directory}: its {DCP_METADATA_FILE} "
+                              f"cannot be read: {e}") from e
+    return {k[len(prefix):].rsplit(".", 1)[0] for k in keys if k.startswith(prefix)}
 
 
 def _load_sharded_whole(directory: Path) -> dict[str, Any]:
@@ -152,7 +174,7 @@ def _load_sharded_whole(directory: Path) -> dict[str, Any]:
     try:
         _load_state_dict(tensors, storage_reader=FileSystemReader(str(directory)),
                          planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    except Exception as e:
+    except _dcp_errors() as e:
         raise CheckpointError(f"sharded checkpoint {directory} cannot be read: {e}") from e
     meta.pop("sharded")
     return {**meta, "model": tensors["model"], "optimizer": tensors["optimizer"],

@@ -24,7 +24,7 @@ from orchestrator.training.accumulation import (HierarchicalAccumulation, pendin
                                                 restore_pending_gradients)
 from orchestrator.training.checkpoint import (CheckpointError, checkpoint_header,
                                               load_sharded_into, save_checkpoint,
-                                              save_sharded)
+                                              save_sharded, sharded_optimizer_names)
 from orchestrator.training.data import get_batch, load_corpus, split_corpus, stream_seed
 from orchestrator.training.efficiency import (CommTimer, Thresholds, cpu_peak_flops,
                                            flops_per_token, gpu_peak_flops, mfu, peak_memory,
@@ -32,7 +32,8 @@ from orchestrator.training.efficiency import (CommTimer, Thresholds, cpu_peak_fl
 from orchestrator.training.model import GPT, GPTConfig, parameter_groups
 from orchestrator.training.optim import (build_optimizer, load_optimizer_state, set_lr,
                                         warmup_cosine_lr)
-from orchestrator.training.precision import Precision, load_scaler_state, resolve_precision
+from orchestrator.training.precision import (Precision, load_scaler_state, resolve_precision,
+                                             saved_loss_scale)
 from orchestrator.training.session import TrainSession
 from orchestrator.training import strategy as strategies
 
@@ -156,6 +157,49 @@ def _newest_usable_checkpoint(directories: list[str], config: TrainConfig, rank:
     return None
 
 
+def _new_training_state(config: TrainConfig, session: TrainSession, precision: Precision,
+                        init_from: bool):
+    """A fresh (model, optimizer, loss scaler); `init_from`: start from the Hugging Face
+    weights the config names (fine-tuning; a resumed run has its own)."""
+    model = _new_model(config, session.device)
+    if init_from and config.init_from:
+        from orchestrator.hf_export import load_hf_weights
+
+        load_hf_weights(model, config.init_from)
+    if config.strategy == "fsdp":  # before the optimizer: its parameters become shards
+        strategies.shard_model(model, precision)
+    optimizer = build_optimizer(
+        model, config, fused_allowed=strategies.fused_optimizer_allowed(precision,
+                                                                        config.strategy))
+    return model, optimizer, strategies.grad_scaler(precision, config.strategy)
+
+
+def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Precision,
+                    checkpoint_dirs: list[str]):
+    """(model, optimizer, scaler, step, tokens seen) from the newest checkpoint that loads,
+    or new when the run has none. A checkpoint whose shards cannot be read (a missing or
+    truncated file: every rank sees DCP's failure) is passed over for the previous one, with
+    fresh state, since a failed load may have filled part of it; never a fresh start when
+    the run has checkpoints but none loads."""
+    remaining, failures = list(checkpoint_dirs), []
+    while True:
+        found = _newest_usable_checkpoint(remaining, config, session.world_rank)
+        if found is None and failures:
+            raise CheckpointError("no usable checkpoint to resume from: " + " | ".join(failures))
+        model, optimizer, scaler = _new_training_state(config, session, precision,
+                                                       init_from=found is None)
+        if found is None:
+            return model, optimizer, scaler, 0, 0
+        try:
+            return (model, optimizer, scaler,
+                    *_restore(found, session, config, model, optimizer, scaler))
+        except CheckpointError as e:
+            failures.append(str(e))
+            if session.world_rank == 0:
+                say(f"warning: {e}; falling back to the previous checkpoint")
+            remaining = remaining[remaining.index(found[0]) + 1:]
+
+
 def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     """Train until `config.max_steps`, resuming from the session's latest checkpoint.
 
@@ -168,20 +212,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     train_tokens, held_out_tokens = training_data(config)
 
     with session.checkpoint_dirs() as checkpoint_dirs:
-        found = _newest_usable_checkpoint(checkpoint_dirs, config, session.world_rank)
-        model = _new_model(config, device)
-        if found is None and config.init_from:  # fine-tuning: a Hugging Face model's weights
-            from orchestrator.hf_export import load_hf_weights
-
-            load_hf_weights(model, config.init_from)
-        if config.strategy == "fsdp":  # before the optimizer: its parameters become shards
-            strategies.shard_model(model, precision)
-        optimizer = build_optimizer(
-            model, config, fused_allowed=strategies.fused_optimizer_allowed(precision,
-                                                                            config.strategy))
-        scaler = strategies.grad_scaler(precision, config.strategy)
-        step, tokens_seen = (0, 0) if found is None else _restore(
-            found, session, config, model, optimizer, scaler)
+        model, optimizer, scaler, step, tokens_seen = _resumed_or_new(
+            config, session, precision, checkpoint_dirs)
     restored_at = time.time()
     parallel = model if config.strategy == "fsdp" else session.prepare_model(model)
     # Compiled, the wrapper is no longer a DDP module: no_sync and the all-reduce timer are
@@ -344,22 +376,27 @@ def _restore(found: tuple[str, dict[str, Any]], session: TrainSession, config: T
     gathered. Returns (step, tokens seen)."""
     checkpoint_dir, state = found
     fsdp = config.strategy == "fsdp"
+    load_scaler_state(scaler, state["scaler"])
+    # Pending gradients were saved at the loss scale of the run that wrote them (1 without
+    # one): resumed in another precision (fp16 <-> bf16/fp32) they go to this run's scale.
+    rescale = scaler.get_scale() / saved_loss_scale(state["scaler"])
     if state["sharded"]:
         # In place, in the current layout (sharded over this many workers, or whole).
-        tensors = {**strategies.sharded_state(model, optimizer),
+        tensors = {**strategies.sharded_state(model, optimizer,
+                                              sharded_optimizer_names(checkpoint_dir)),
                    "pending": {name: torch.zeros_like(p) for name, p in model.named_parameters()
                                if name in set(state["pending_names"])}}
         load_sharded_into(checkpoint_dir, tensors)
         strategies.apply_state(model, optimizer, tensors)
-        restore_pending_gradients(model, tensors["pending"])
+        pending = tensors["pending"]
     elif fsdp:
-        restore_pending_gradients(model, strategies.convert_full_state(
-            state, model, optimizer, lambda: _new_model(config, session.device), config))
+        pending = strategies.convert_full_state(
+            state, model, optimizer, lambda: _new_model(config, session.device), config)
     else:
         model.load_state_dict(state["model"])
         load_optimizer_state(optimizer, state["optimizer"])
-        restore_pending_gradients(model, state.get("pending_gradients", {}))
-    load_scaler_state(scaler, state["scaler"])
+        pending = state.get("pending_gradients", {})
+    restore_pending_gradients(model, pending, rescale)
     if session.world_rank == 0:
         written = "sharded (fsdp)" if state["sharded"] else "full (ddp)"
         converted = " converted" if state["sharded"] != fsdp else ""

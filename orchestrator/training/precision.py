@@ -57,6 +57,12 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
 
 
+def saved_loss_scale(saved: dict) -> float:
+    """The loss scale a checkpoint's scaler state was at: 1 for a run without loss scaling
+    (it saved an empty state)."""
+    return float(saved.get("scale", 1.0)) if saved else 1.0
+
+
 def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict) -> None:
     """A checkpoint's loss-scaler state into this run's scaler. A run saved without loss
     scaling (fp32, bf16) saved an empty state, which an fp16 scaler refuses: resumed in fp16

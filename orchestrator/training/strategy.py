@@ -106,25 +106,38 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
     torch.nn.utils.clip_grads_with_norm_(whole, max_norm, total)
 
 
-def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
-                  ) -> dict[str, dict]:
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  with_state: set[str] | None = None) -> dict[str, dict]:
     """The model's and optimizer's state keyed by parameter name (FSDP: each worker's shards),
-    what torch.distributed.checkpoint saves and loads in place."""
+    what torch.distributed.checkpoint saves and loads in place. `with_state`: keep optimizer
+    state only for these parameters (what a checkpoint holds: a group that had not stepped
+    when it was written has none, and get_state_dict gives a fresh optimizer state for all)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    if with_state is not None:
+        optimizer_state = {**optimizer_state, "state": {
+            name: v for name, v in optimizer_state["state"].items() if name in with_state}}
     return {"model": model_state, "optimizer": optimizer_state}
 
 
 def apply_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 state: dict[str, dict], full: bool = False) -> None:
     """Load `sharded_state`-shaped state back; `full`: whole tensors on every worker (a DDP
-    checkpoint converted), which FSDP slices to each worker's shard."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    checkpoint converted), which FSDP slices to each worker's shard. A parameter without
+    optimizer state in `state` (its group had not stepped: hierarchical accumulation) is left
+    with none, so its first step is a first step, as in the run that wrote it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         set_model_state_dict,
+                                                         set_optimizer_state_dict)
 
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=with_kernels_of(optimizer, state["optimizer"]),
-                   options=StateDictOptions(full_state_dict=full))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=full))
+    set_optimizer_state_dict(model, optimizer, with_kernels_of(optimizer, state["optimizer"]),
+                             options=StateDictOptions(full_state_dict=full, strict=False))
+    saved = state["optimizer"]["state"]
+    for name, param in model.named_parameters():
+        if name not in saved:  # (get_state_dict's placeholder state, or the load's)
+            optimizer.state.pop(param, None)
 
 
 def convert_full_state(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -139,7 +152,8 @@ def convert_full_state(state: dict, model: torch.nn.Module, optimizer: torch.opt
     whole.load_state_dict(state["model"])
     whole_optimizer = build_optimizer(whole, settings)
     load_optimizer_state(whole_optimizer, state["optimizer"])
-    apply_state(model, optimizer, sharded_state(whole, whole_optimizer), full=True)
+    stepped = {name for name, p in whole.named_parameters() if whole_optimizer.state.get(p)}
+    apply_state(model, optimizer, sharded_state(whole, whole_optimizer, stepped), full=True)
     params = dict(model.named_parameters())
     grads = {}
     for name, grad in state.get("pending_gradients", {}).items():

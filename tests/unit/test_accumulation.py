@@ -1,4 +1,6 @@
 """Hierarchical gradient accumulation: per-group factors, DDP no_sync, exact resume, fp16."""
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -177,3 +179,33 @@ def test_factor_spec_forms():
     assert parse_accumulation("2") == {"embeddings": 2, "lower": 2, "upper": 2, "head": 2}
     assert parse_accumulation("upper=8") == {"embeddings": 1, "lower": 1, "upper": 8,
                                              "head": 1}
+
+
+def test_pending_gradients_follow_a_precision_change_on_resume(tmp_path, monkeypatch):
+    """An fp16 run stopped while 'upper' holds gradients at the loss scale (65536), resumed in
+    fp32 (precision may change on resume): they are unscaled, so the step that applies them
+    clips and averages the same gradient it would have in fp16 (it was 65536x too large)."""
+    from orchestrator.training import accumulation as acc
+
+    config = tiny(accumulation="upper=4", max_steps=4, checkpoint_every=2, log_every=2,
+                  precision="fp16")
+    with pytest.raises(RuntimeError, match="worker killed"):
+        train(config, CrashingSession(tmp_path / "fp16", crash_at=2))
+    assert load_checkpoint(tmp_path / "fp16" / "checkpoint_00000002")["scaler"]["scale"] > 1
+    norms = {}
+    clip = acc.clip_gradients
+    for precision in ("fp16", "fp32"):
+        seen = norms[precision] = []
+        monkeypatch.setattr(acc, "clip_gradients", lambda params, max_norm, seen=seen: (
+            seen.append(float(torch.linalg.vector_norm(torch.stack(
+                [p.grad.norm() for p in params if p.grad is not None])))),
+            clip(params, max_norm))[1])
+        run_dir = tmp_path / precision
+        if precision != "fp16":
+            import shutil
+            shutil.copytree(tmp_path / "fp16" / "checkpoint_00000002",
+                            run_dir / "checkpoint_00000002")
+        train(dataclasses.replace(config, precision=precision),
+              LocalSession(run_dir, device=CPU))
+    # The last step (step 3) is the one where 'upper' applies the pending gradients.
+    assert norms["fp32"][-1] == pytest.approx(norms["fp16"][-1], rel=1e-2)

@@ -258,3 +258,45 @@ def test_an_fsdp_fp16_run_trains_where_the_fused_step_would_be_chosen(tmp_path, 
                                 eval_batches=1, strategy="fsdp", precision="fp16"),
                     LocalSession(tmp_path / "run", device=CPU))
     assert metrics["step"] == 2 and metrics["precision"] == "fp16"
+
+
+def test_a_sharded_checkpoint_missing_a_shard_falls_back_to_the_previous(runs, tmp_path, capsys,
+                                                                         process_group):
+    # DCP's failure is a BaseException (not an Exception): it escaped the wrapper and the
+    # fallback, and every restart crashed on the same checkpoint.
+    source = runs["root"] / "fsdp"
+    run_dir = resume_from(source, HALF, tmp_path / "run")
+    shutil.copytree(source / "checkpoint_00000050", run_dir / "checkpoint_00000050")
+    (run_dir / "checkpoint_00000050" / "__1_0.distcp").unlink()
+    metrics = train(config(strategy="fsdp"), LocalSession(run_dir, device=CPU))
+    said = capsys.readouterr().out
+    assert "checkpoint_00000050 cannot be loaded" in said and "falling back" in said
+    assert metrics["start_step"] == 25 and metrics["step"] == 50
+
+
+def test_a_checkpoint_before_a_groups_first_step_resumes_under_either_strategy(tmp_path,
+                                                                              process_group):
+    """'lower' steps every 8 micro-batches; the checkpoint of step 4 holds no optimizer state
+    for it. Resumed under FSDP it failed to load ('Missing key in checkpoint state_dict'),
+    converted DDP -> FSDP too; now every way ends as the uninterrupted run."""
+    from tests.support import CrashingSession
+
+    short = dict(max_steps=8, checkpoint_every=4, log_every=4, eval_batches=1,
+                 accumulation="embeddings=1,lower=8,upper=1,head=1")
+    final = {}
+    for strategy in ("fsdp", "ddp"):
+        train(config(strategy=strategy, **short), LocalSession(tmp_path / strategy, device=CPU))
+        final[strategy] = final_model(tmp_path / strategy)
+        with pytest.raises(RuntimeError, match="worker killed"):
+            train(config(strategy=strategy, **short),
+                  CrashingSession(tmp_path / f"{strategy}_crashed", crash_at=4))
+    for written, resumed in (("fsdp", "fsdp"), ("ddp", "fsdp"), ("fsdp", "ddp")):
+        run_dir = resume_from(tmp_path / f"{written}_crashed", "checkpoint_00000004",
+                              tmp_path / f"{written}_to_{resumed}")
+        metrics = train(config(strategy=resumed, **short), LocalSession(run_dir, device=CPU))
+        assert metrics["start_step"] == 4 and metrics["step"] == 8
+        if written == resumed:
+            a, b = final[resumed], final_model(run_dir)
+            assert all(torch.equal(a[k], b[k]) for k in a), (written, resumed)
+        else:
+            assert same_run(final_model(run_dir), final[resumed]), (written, resumed)
