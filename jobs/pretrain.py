@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sequences per worker per step")
     p.add_argument("--seq-len", type=int, default=defaults.seq_len)
     p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--min-lr", type=float, default=None,
+                   help="where the cosine schedule ends (default: --lr / 10; on --resume, the "
+                   "run's own)")
     p.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=defaults.lr_schedule,
                    help="after warmup: cosine to min_lr, step (x0.1 every --lr-decay-every "
                    "steps) or constant")
@@ -147,7 +150,7 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
         lr_schedule=args.lr_schedule, lr_decay_every=args.lr_decay_every,
         warmup_steps=args.warmup_steps, attention_span=args.attention_span,
         span_ramp=args.span_ramp, span_penalty=args.span_penalty, accumulation=args.accumulation,
-        min_lr=min(TrainConfig.min_lr, args.lr), checkpoint_every=args.checkpoint_every,
+        min_lr=_min_lr(args, run_dir), checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, seed=args.seed, strategy=args.strategy,
         compile=args.compile, **fields)
     spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,
@@ -162,6 +165,18 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
     if args.resume:
         _check_resumable(run_dir, train_config)
     return train_config, spec
+
+
+def _min_lr(args: argparse.Namespace, run_dir: Path) -> float:
+    """--min-lr, else the run's own on --resume, else --lr / 10 (the defaults' ratio). (Until
+    2026-12-05 the default was min(3e-4, --lr): flat at --lr 3e-4 and below, the usual
+    fine-tuning rates; a run begun then resumes with the floor it had.)"""
+    if args.min_lr is not None:
+        return args.min_lr
+    saved = (_read_json(run_dir / "config.json") or {}).get("train", {}) if args.resume else {}
+    if "min_lr" in saved:
+        return saved["min_lr"]
+    return args.lr * TrainConfig.min_lr / TrainConfig.lr
 
 
 def _min_gpu_memory_gb(args: argparse.Namespace, train_config: TrainConfig) -> float:

@@ -328,3 +328,23 @@ def test_a_resumed_run_steps_with_its_own_optimizer_kernels(tmp_path, monkeypatc
     assert resumed["start_step"] == 2 and resumed["step"] == 4
     groups = load_checkpoint(LocalSession(tmp_path).checkpoints()[-1])["optimizer"]["param_groups"]
     assert all(group["fused"] is None for group in groups)
+
+
+def test_the_cosine_floor_is_a_tenth_of_lr_unless_given_and_a_resume_keeps_its_own(tmp_path):
+    import json
+
+    from jobs import pretrain
+    from orchestrator.training.loop import lr_at
+
+    def configured(*flags, run="run"):
+        return pretrain.build_configs(pretrain.parse_args(list(flags)), tmp_path / run)[0]
+
+    fine_tune = configured("--lr", "1e-4", "--max-steps", "1000")
+    # min(3e-4, lr) made a fine-tuning rate's cosine flat: 1e-4 at step 999 as at step 20
+    assert fine_tune.min_lr == pytest.approx(1e-5)
+    assert lr_at(999, fine_tune) < 0.2 * lr_at(20, fine_tune)
+    assert configured().min_lr == TrainConfig.min_lr  # the defaults' floor, unchanged
+    assert configured("--lr", "1e-4", "--min-lr", "0").min_lr == 0
+    (tmp_path / "old").mkdir()  # a run begun with the old rule resumes with its floor
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"train": {"lr": 1e-4, "min_lr": 1e-4}}))
+    assert configured("--lr", "1e-4", "--resume", run="old").min_lr == 1e-4
