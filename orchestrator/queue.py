@@ -220,7 +220,10 @@ class JobQueue:
 
     def to_dict(self) -> dict:
         return {"waiting": [job.to_dict() for job in self.ordered()],
-                "ready": {name: placement_to_dict(p) for name, p in self.ready.items()}}
+                "ready": {name: placement_to_dict(p) for name, p in self.ready.items()},
+                # Dropped jobs' reasons, until their drivers poll: a restart in between
+                # would otherwise tell them only "not in the queue".
+                "rejected": {name: dataclasses.asdict(r) for name, r in self.rejected.items()}}
 
     @classmethod
     def from_dict(cls, data: dict, level: Callable[[float], int] | None = None,
@@ -231,4 +234,6 @@ class JobQueue:
             queue.add(QueuedJob.from_dict(item))
         for name, p in data.get("ready", {}).items():
             queue.ready[name] = placement_from_dict(p)
+        for name, r in data.get("rejected", {}).items():
+            queue.rejected[name] = Rejection(**r)
         return queue

@@ -679,3 +679,15 @@ def test_only_cpu_jobs_beside_usable_gpus_are_victims_for_a_gpu_job():
                 "h", T0 + 160)
     core.tick(T0 + 200)
     assert [n for n, j in core.running.items() if j.directive is not None] == ["beside"]
+
+
+def test_a_dropped_jobs_reason_survives_a_scheduler_restart():
+    # An operator cancels a waiting job; the scheduler restarts before its driver polls: the
+    # driver is still told why (it was told only "not in the queue").
+    core = core_with(gpu_node("n1"))
+    core.submit(gpus("blocker", 4), "d0", T0)
+    core.submit(gpus("x", 2), "d1", T0 + 1)
+    assert core.cancel("x", "", T0 + 2).persist
+    again = SchedulerCore(core.settings)
+    assert again.restore(json.loads(json.dumps(core.to_dict()))) == []
+    assert "cancelled" in again.poll("x", "d1", T0 + 3).decision.message
