@@ -286,21 +286,34 @@ class SchedulerCore:
     def replace(self, spec: JobSpec, owner: str, lost_nodes: list[str], now: float) -> Outcome:
         """A running job lost node(s) (its driver could not reach them): they become suspect
         (or dead, where Ray says so), the job's reservation is released and it is placed
-        afresh (its whole worker group restarts anyway). Only its owner may."""
+        afresh (its whole worker group restarts anyway). Only its owner may. When nothing fits
+        now it waits in the queue with its submit time and service (as a preempted job does:
+        it may preempt, and goes before later jobs); its driver then polls."""
         held_by = self.owner_of(spec.name)
         if held_by not in (owner, None):
             return Outcome(Rejection(spec.name, f"job '{spec.name}' is held by another driver"))
+        if self.queue.holds(spec.name):  # a retried call while it waits: where it stands
+            return self.poll(spec.name, owner, now)
         for node_id in lost_nodes:
             self.node_unreachable(node_id, "a job's driver could not reach its raylet", now)
         previous = self.running.get(spec.name)
         self._stop(spec.name)
         # Its service so far carries over (LAS level, the time left of its estimate)
-        history = None if previous is None else QueuedJob(
+        history = QueuedJob(spec, owner, now, "") if previous is None else QueuedJob(
             spec, owner, previous.enqueued_at, "", previous.preemptions,
             previous.ran_s + max(now - previous.started_at, 0.0))
         outcome = self.place_now(spec, owner, now, history=history)
         if previous is not None and isinstance(outcome.decision, Placement):
             self.running[spec.name].last_checkpoint_at = previous.last_checkpoint_at
+        elif isinstance(outcome.decision, Rejection) and outcome.decision.fits_when_free:
+            history.reason = (f"lost node(s) {', '.join(n[:12] for n in lost_nodes)}; "
+                              "waiting for room")
+            history.queued_at = now
+            self.queue.add(history)
+            outcome.add(self._drain(now))  # it may preempt lower-priority jobs
+            placed = self.queue.ready.pop(spec.name, None)
+            outcome.decision = placed or self.queue.status(spec.name) or \
+                self.queue.rejected.pop(spec.name, outcome.decision)
         outcome.effects.append(Persist())
         return outcome
 

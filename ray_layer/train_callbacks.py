@@ -26,7 +26,7 @@ from ray.train import UserCallback
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from orchestrator.config import JobSpec
-from orchestrator.placement import Placement, Rejection
+from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.runs import append_metrics
 from ray_layer.scheduler_client import get_scheduler
 
@@ -83,13 +83,15 @@ class FollowPlacement(ControllerCallback):
         capacity may come back: the autoscaler adds a node, another job ends)."""
         scheduler = get_scheduler()
         deadline = time.monotonic() + self.timeout_s
-        while True:
-            decision = ray.get(scheduler.replace.remote(self.spec, self.owner, lost))
-            if isinstance(decision, Placement):
-                return decision
-            if not decision.fits_when_free or time.monotonic() > deadline:
+        decision = ray.get(scheduler.replace.remote(self.spec, self.owner, lost))
+        while isinstance(decision, Queued):  # waits in the queue (it may preempt) for room
+            if time.monotonic() > deadline:
                 raise NodeLostError(_lost_message(self.spec.name, lost, decision))
             time.sleep(2)
+            decision = ray.get(scheduler.poll.remote(self.spec.name, self.owner))
+        if isinstance(decision, Placement):
+            return decision
+        raise NodeLostError(_lost_message(self.spec.name, lost, decision))
 
 
 def lost_nodes(node_ids: set[str], timeout_s: float = 2.0) -> list[str]:
@@ -115,6 +117,9 @@ def lost_nodes(node_ids: set[str], timeout_s: float = 2.0) -> list[str]:
     return lost
 
 
-def _lost_message(job_name: str, lost: list[str], rejection: Rejection) -> str:
+def _lost_message(job_name: str, lost: list[str], decision: Rejection | Queued) -> str:
+    why = decision.message if isinstance(decision, Rejection) else (
+        f"it waited in the queue until --queue-timeout (position {decision.position}: "
+        f"{decision.reason})")
     return (f"node(s) {', '.join(n[:12] for n in lost)} of job '{job_name}' were lost and the "
-            f"job cannot be placed on the nodes that are left: {rejection.message}")
+            f"job cannot be placed on the nodes that are left: {why}")

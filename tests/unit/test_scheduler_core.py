@@ -691,3 +691,25 @@ def test_a_dropped_jobs_reason_survives_a_scheduler_restart():
     again = SchedulerCore(core.settings)
     assert again.restore(json.loads(json.dumps(core.to_dict()))) == []
     assert "cancelled" in again.poll("x", "d1", T0 + 3).decision.message
+
+
+def test_a_job_that_lost_a_node_and_finds_no_room_waits_in_the_queue_and_preempts():
+    # It was neither running nor queued while its driver retried: it never preempted, a
+    # lower-priority waiting job took the first capacity freed, and it vanished from status.
+    core = core_with(gpu_node("n1"), gpu_node("n2"), gpu_node("n3"))
+    high = gpus("H", 4, priority=10)
+    core.submit(high, "dH", T0)
+    core.submit(gpus("L1", 4), "d1", T0 + 1)
+    core.submit(gpus("L2", 4), "d2", T0 + 2)
+    core.submit(gpus("L3", 4), "d3", T0 + 3)  # low priority, waits
+    lost = core.running["H"].placement.nodes
+    core.ray_nodes({"n1", "n2", "n3"} - set(lost), set(lost), T0 + 500)
+    outcome = core.replace(high, "dH", lost, T0 + 501)
+    assert isinstance(outcome.decision, Queued) and outcome.decision.position == 1
+    assert [e.kind for e in outcome.effects if isinstance(e, Yield)] == [PREEMPT]
+    assert {r["job"]: r["state"] for r in core.jobs(T0 + 502)}["H"] == "waiting"
+    assert isinstance(core.replace(high, "dH", lost, T0 + 503).decision, Queued)  # a retry
+    victim = next(n for n, j in core.running.items() if j.directive is not None)
+    placed = core.yielded(victim, core.running[victim].placement.owner, T0 + 510)
+    assert isinstance(core.poll("H", "dH", T0 + 511).decision, Placement), placed
+    assert core.running["H"].enqueued_at == T0  # its submit time (and service) kept
