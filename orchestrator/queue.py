@@ -174,7 +174,11 @@ class JobQueue:
             if self._promote_at.get(name) != due:
                 heapq.heappop(self._promotions)
                 continue
-            return due if due > after else None
+            if due > after:
+                return due
+            # One already due (promote_due has not run since): the next after it, by a scan
+            return min((d for d, n in self._promotions
+                        if d > after and self._promote_at.get(n) == d), default=None)
         return None
 
     def level_of(self, job_name: str) -> int:

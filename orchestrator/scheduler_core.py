@@ -108,9 +108,11 @@ class SchedulerCore:
 
     def __init__(self, settings: SchedulerSettings | None = None,
                  speed: SpeedModel = default_speed, state: ClusterState | None = None,
-                 policy: Policy | None = None) -> None:
+                 policy: Policy | None = None, wakeups: bool = False) -> None:
         """`state`: a prepared cluster (the simulator's model); `policy`: where jobs go, if
-        not place() (the simulator compares baselines through the same queue)."""
+        not place() (the simulator compares baselines through the same queue); `wakeups`:
+        note the moments time alone makes a decision possible, for next_wakeup (a driver
+        that ticks the core only then; the live actor ticks every 5 s and needs none)."""
         self.settings = settings or SchedulerSettings()
         s = self.settings
         self.state = state or ClusterState(suspect_after_s=s.suspect_after_s,
@@ -134,7 +136,10 @@ class SchedulerCore:
         self.preempting: dict[str, set[str]] = {}  # waiting job -> victims not yet yielded
         # (due, needs a waiting job, job, its started_at): moments time alone changes what may
         # be decided about a running job (next_wakeup); lazily deleted (a stopped job's stay).
-        self._wakeups: list[tuple[float, bool, str, float]] = []
+        self._wakeups: list[tuple[float, bool, str, float]] | None = [] if wakeups else None
+        # A queue pass refused a job as backfill and then started a later one: the refused job
+        # may fit elsewhere now, which the live actor's next tick finds (next_wakeup).
+        self._repass_due = False
         # (node id, GPU index) pairs a job must not be given: its worker found the GPU Ray
         # assigned without the free memory the job asks for (memory used outside Ray).
         self.excluded_gpus: dict[str, set[tuple[str, int]]] = {}
@@ -470,9 +475,15 @@ class SchedulerCore:
         shadow time moves); a waiting job's promotion falls due. Those needing a waiting job
         are skipped while none waits. The live actor ticks every 5 s and needs none of this;
         a driver that calls the core only on events (the simulator) calls tick() at these
-        moments, in time order. Each is returned once."""
+        moments, in time order. Each is returned once. Also a moment just after `now` when the
+        last queue pass refused a job as backfill and then started a later one (the live
+        actor's next tick passes again)."""
+        if self._repass_due:
+            self._repass_due = False
+            if now + WAKE_MARGIN_S <= until:
+                return now + WAKE_MARGIN_S
         promotion = self.queue.next_promotion(after=now)
-        while self._wakeups and self._wakeups[0][0] <= until:
+        while self._wakeups and self._wakeups[0][0] <= until:  # (None: not noted)
             due = self._wakeups[0][0]
             if promotion is not None and promotion <= due:
                 break
@@ -486,6 +497,8 @@ class SchedulerCore:
     def _plan_wakeups(self, job: RunningJob) -> None:
         """Note the moments time alone changes what may be decided about a job that started
         (next_wakeup); each says whether it matters only while a job waits."""
+        if self._wakeups is None:
+            return
         s, start = self.settings, job.started_at
         dues = []
         if s.min_run_s > 0 and (s.preemption or s.migration):
@@ -813,6 +826,7 @@ class SchedulerCore:
         denials = BACKFILL_DENIALS_PER_PASS
         plan: _HeadPlan | None = None
         blocked: list[QueuedJob] = []  # could not start now: they may preempt (below)
+        refused = False  # a job was refused as backfill (see _repass_due)
         for job in self.queue.ordered():
             spec = job.spec
             shape = _shape(spec)
@@ -850,10 +864,12 @@ class SchedulerCore:
             if plan is not None and not self._may_backfill(plan, spec, placement, now):
                 self._wait_reason(job, f"would delay '{plan.job}' (first in line) if started "
                                        "now: waits for a gap that ends before it can start")
+                refused = True
                 denials -= 1
                 if denials <= 0:
                     break  # a placement found and refused costs as much as one that failed
                 continue
+            self._repass_due |= refused
             self.queue.remove(spec.name)
             self._forget_preemption(spec.name)
             self._start(spec, job.owner, placement, now, job)

@@ -205,7 +205,7 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
     state = build_state(cluster, SIM_NOW)
     settings = settings or simulation_settings(cluster, backfill, **overrides)
     core = SchedulerCore(settings, speed=speed, state=state,
-                         policy=timed_policy if call is not None else None)
+                         policy=timed_policy if call is not None else None, wakeups=True)
     if call is None:  # the core's own placement: time the core's calls of place()
         core_place = core._place
 

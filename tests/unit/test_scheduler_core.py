@@ -713,3 +713,16 @@ def test_a_job_that_lost_a_node_and_finds_no_room_waits_in_the_queue_and_preempt
     placed = core.yielded(victim, core.running[victim].placement.owner, T0 + 510)
     assert isinstance(core.poll("H", "dH", T0 + 511).decision, Placement), placed
     assert core.running["H"].enqueued_at == T0  # its submit time (and service) kept
+
+
+def test_next_promotion_looks_past_one_already_due_and_the_live_core_notes_no_wakeups():
+    q = JobQueue(level=lambda s: 0 if s < 100 else 1, promote_after=lambda j: 2 * j.ran_s)
+    for name, ran in (("a", 500.0), ("b", 1000.0)):  # promotions due at 1000 s and 2000 s
+        q.add(QueuedJob(gpus(name, 1), "", 0.0, ran_s=ran, queued_at=0.0))
+    assert q.next_promotion(after=500) == 1000
+    assert q.next_promotion(after=1500) == 2000  # a's (due, not yet promoted) hid b's
+    # The live actor ticks every 5 s: a core not asked for wake-ups keeps none (they grew by
+    # four per job start, for ever).
+    core = core_with(gpu_node("n1"))
+    core.submit(gpus("x", 1), "d", T0)
+    assert core._wakeups is None and core.next_wakeup(T0, T0 + 1e9) is None

@@ -418,3 +418,17 @@ def test_a_starving_job_is_promoted_when_its_time_comes():
     a, b = by_id(result)[0], by_id(result)[1]
     assert [round(s) for s, _, _ in a.history] == [0, 18_000]
     assert b.preemptions == 1 and b.history[0][1] == pytest.approx(18_000, abs=0.01)
+
+
+def test_a_job_refused_as_backfill_starts_elsewhere_on_the_next_pass():
+    # Gavel-style, job 2 (P100|V100, 2 GPUs) first in line. At 330 s job 5's queue pass
+    # refuses jobs as backfill (they would delay job 2) and then starts job 5; jobs 3 and 4
+    # then fit on GPUs job 2 cannot use, which the live actor's next tick finds. The
+    # simulator passed again only at the next event (833 s).
+    jobs = [(0, 900, 1), (0, 2500, 2), (100, 2500, 2, "P100|V100"), (130, 2500, 1),
+            (230, 2500, 1), (330, 60, 1)]
+    cluster = "v100:2x1,p100:1x2,k80:1x2"
+    settings = simulation_settings(parse_cluster_spec(cluster), queue_order="fifo")
+    started = {j.trace.job_id: j.start for j in
+               simulate(trace(*jobs), cluster, "gavel", check=True, settings=settings).jobs}
+    assert started[3] == pytest.approx(330, abs=1) and started[4] == pytest.approx(330, abs=1)
