@@ -88,12 +88,13 @@ def _checkpoint_worker(rank: int, world: int, size: str, rounds: int, workdir: s
 
     def save(strategy: str, directory: str) -> None:
         config, model, optimizer, scaler = built[strategy]
+        legs = loop.cosine_legs(None, config.max_steps, 0, config)
         if strategy == "fsdp":
             loop._save_sharded_checkpoint(directory, model, optimizer, scaler, config, 1, 0,
-                                          session)
+                                          session, legs)
         elif rank == 0:  # DDP: rank 0 holds everything and writes it
             save_checkpoint(directory, loop._checkpoint_state(model, optimizer, scaler,
-                                                              config, 1, 0, world))
+                                                              config, 1, 0, world, legs))
 
     def load(strategy: str, directory: str) -> None:
         config, model, optimizer, scaler = built[strategy]

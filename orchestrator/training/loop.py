@@ -52,15 +52,35 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
+def lr_at(step: int, config: TrainConfig, legs: list | None = None) -> float:
     """Linear warmup to `lr`, then the configured schedule: cosine decay to `min_lr` at
-    `max_steps` (default), step decay (x0.1 every `lr_decay_every` steps), or constant."""
+    `max_steps` (default), step decay (x0.1 every `lr_decay_every` steps), or constant.
+    `legs`: the cosine's legs when a resume changed max_steps (cosine_legs)."""
     if step < config.warmup_steps or config.lr_schedule == "cosine":
-        return warmup_cosine_lr(step, lr=config.lr, warmup_steps=config.warmup_steps,
-                                total_steps=config.max_steps, min_lr=config.min_lr)
+        legs = legs or cosine_legs(None, config.max_steps, 0, config)
+        start, peak, end = next((leg for leg in reversed(legs) if leg[0] <= step), legs[0])
+        return warmup_cosine_lr(step, lr=peak, warmup_steps=start, total_steps=end,
+                                min_lr=config.min_lr)
     if config.lr_schedule == "constant":
         return config.lr
     return config.lr * 0.1 ** ((step - config.warmup_steps) // config.lr_decay_every)
+
+
+def cosine_legs(saved: list | None, saved_max_steps: int, step: int,
+                config: TrainConfig) -> list[tuple[int, float, int]]:
+    """The cosine's legs, (from step, lr there, end step), for a run at `step` whose
+    checkpoint recorded `saved` (None: one leg, from the warmup's end at `lr` to the
+    checkpoint's `saved_max_steps`). Resumed with another --max-steps, a new leg decays from
+    the LR reached to `min_lr` at the new end: recomputing the cosine over the new horizon
+    made the LR jump (3e-4 to 1.8e-3 when a finished run was extended). Training extended
+    past its end stays at `min_lr`; resumed during warmup, the first leg ends at the new end."""
+    legs = [tuple(leg) for leg in saved] if saved else \
+        [(config.warmup_steps, config.lr, saved_max_steps)]
+    if legs[-1][2] == config.max_steps or config.lr_schedule != "cosine":
+        return legs
+    if step <= config.warmup_steps:
+        return [(legs[0][0], legs[0][1], config.max_steps)]
+    return legs + [(step, lr_at(step, config, legs), config.max_steps)]
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -99,9 +119,10 @@ def evaluate(model: torch.nn.Module, tokens: torch.Tensor, config: TrainConfig,
 
 
 def _checkpoint_meta(scaler, config: TrainConfig, step: int, tokens_seen: int,
-                     world_size: int) -> dict[str, Any]:
+                     world_size: int, legs: list) -> dict[str, Any]:
     """The plain (non-tensor) part of a checkpoint, the same for both strategies."""
     return {
+        "lr_legs": [list(leg) for leg in legs],
         "scaler": scaler.state_dict(),
         "step": step,
         "data_position": step,  # batches are a function of step: this is the data cursor
@@ -112,23 +133,24 @@ def _checkpoint_meta(scaler, config: TrainConfig, step: int, tokens_seen: int,
 
 
 def _checkpoint_state(model, optimizer, scaler, config: TrainConfig, step: int,
-                      tokens_seen: int, world_size: int = 1) -> dict[str, Any]:
+                      tokens_seen: int, world_size: int, legs: list) -> dict[str, Any]:
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         # Gradients of groups still accumulating (hierarchical accumulation), so a resumed
         # run steps them with the same mean an uninterrupted one would.
         "pending_gradients": pending_gradients(model),
-        **_checkpoint_meta(scaler, config, step, tokens_seen, world_size),
+        **_checkpoint_meta(scaler, config, step, tokens_seen, world_size, legs),
     }
 
 
 def _save_sharded_checkpoint(directory: str, model, optimizer, scaler, config: TrainConfig,
-                             step: int, tokens_seen: int, session: TrainSession) -> None:
+                             step: int, tokens_seen: int, session: TrainSession,
+                             legs: list) -> None:
     """FSDP: every worker writes its shards (model, optimizer, pending gradients) into
     `directory`; rank 0 adds the plain part (meta.pt) with the pending gradients' names."""
     pending = pending_gradients(model)
-    meta = {**_checkpoint_meta(scaler, config, step, tokens_seen, session.world_size),
+    meta = {**_checkpoint_meta(scaler, config, step, tokens_seen, session.world_size, legs),
             "pending_names": sorted(pending)}
     save_sharded(directory, {**strategies.sharded_state(model, optimizer), "pending": pending},
                  meta, session.world_rank)
@@ -176,7 +198,8 @@ def _new_training_state(config: TrainConfig, session: TrainSession, precision: P
 
 def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Precision,
                     checkpoint_dirs: list[str]):
-    """(model, optimizer, scaler, step, tokens seen) from the newest checkpoint that loads,
+    """(model, optimizer, scaler, step, tokens seen, the cosine's legs) from the newest
+    checkpoint that loads,
     or new when the run has none. A checkpoint whose shards cannot be read (a missing or
     truncated file: every rank sees DCP's failure) is passed over for the previous one, with
     fresh state, since a failed load may have filled part of it; never a fresh start when
@@ -189,7 +212,7 @@ def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Preci
         model, optimizer, scaler = _new_training_state(config, session, precision,
                                                        init_from=found is None)
         if found is None:
-            return model, optimizer, scaler, 0, 0
+            return model, optimizer, scaler, 0, 0, cosine_legs(None, config.max_steps, 0, config)
         try:
             return (model, optimizer, scaler,
                     *_restore(found, session, config, model, optimizer, scaler))
@@ -212,7 +235,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     train_tokens, held_out_tokens = training_data(config)
 
     with session.checkpoint_dirs() as checkpoint_dirs:
-        model, optimizer, scaler, step, tokens_seen = _resumed_or_new(
+        model, optimizer, scaler, step, tokens_seen, legs = _resumed_or_new(
             config, session, precision, checkpoint_dirs)
     restored_at = time.time()
     parallel = model if config.strategy == "fsdp" else session.prepare_model(model)
@@ -245,7 +268,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             phase_started = time.perf_counter()
         # Dropout randomness is a function of (seed, rank, step): resume replays it exactly.
         torch.manual_seed(stream_seed(config.seed, session.world_rank, step, DROPOUT_STREAM))
-        set_lr(optimizer, lr_at(step, config))
+        set_lr(optimizer, lr_at(step, config, legs))
         x, y = get_batch(train_tokens, config.batch_size, config.seq_len, seed=config.seed,
                          rank=session.world_rank, step=step)
         # Decided before the step: a checkpoint due now makes DDP sync the gradients.
@@ -305,7 +328,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 # after a resume or a yield (runs compare their losses over equal intervals).
                 "loss_steps": interval_steps,
                 "first_loss": first_loss,
-                "lr": lr_at(step - 1, config),
+                "lr": lr_at(step - 1, config, legs),
                 "tokens_per_s": timed_steps * tokens_per_step / elapsed,
                 "run_tokens_per_s": run_tokens / run_seconds,
                 "tokens_seen": tokens_seen,
@@ -335,11 +358,12 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             if config.strategy == "fsdp":
                 _publish_sharded(session, metrics, checkpoint_due, lambda directory:
                                  _save_sharded_checkpoint(directory, model, optimizer, scaler,
-                                                          config, step, tokens_seen, session))
+                                                          config, step, tokens_seen, session,
+                                                          legs))
             else:
                 _publish(session, metrics, checkpoint_due,
                          lambda: _checkpoint_state(model, optimizer, scaler, config, step,
-                                                   tokens_seen, session.world_size))
+                                                   tokens_seen, session.world_size, legs))
             if yielding is not None:
                 if session.world_rank == 0:
                     say(f"stopped at step {step} with a checkpoint: {yielding}")
@@ -373,7 +397,7 @@ def _restore(found: tuple[str, dict[str, Any]], session: TrainSession, config: T
     """Load the checkpoint found into the model, optimizer and scaler (and the gradients
     accumulated but not yet applied), whichever strategy wrote it: a full (DDP) checkpoint
     into a sharded model is sliced to each worker's shards, a sharded one into a whole model
-    gathered. Returns (step, tokens seen)."""
+    gathered. Returns (step, tokens seen, the cosine's legs)."""
     checkpoint_dir, state = found
     fsdp = config.strategy == "fsdp"
     load_scaler_state(scaler, state["scaler"])
@@ -402,7 +426,8 @@ def _restore(found: tuple[str, dict[str, Any]], session: TrainSession, config: T
         converted = " converted" if state["sharded"] != fsdp else ""
         say(f"resumed from step {state['step']} ({checkpoint_dir}; a {written} checkpoint"
             f"{converted}, {state.get('world_size', '?')} -> {session.world_size} workers)")
-    return state["step"], state["tokens_seen"]
+    legs = cosine_legs(state.get("lr_legs"), state["config"]["max_steps"], state["step"], config)
+    return state["step"], state["tokens_seen"], legs
 
 
 def _model_figures(model: GPT, precision: Precision, scaler,

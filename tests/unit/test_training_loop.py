@@ -348,3 +348,35 @@ def test_the_cosine_floor_is_a_tenth_of_lr_unless_given_and_a_resume_keeps_its_o
     (tmp_path / "old").mkdir()  # a run begun with the old rule resumes with its floor
     (tmp_path / "old" / "config.json").write_text(json.dumps({"train": {"lr": 1e-4, "min_lr": 1e-4}}))
     assert configured("--lr", "1e-4", "--resume", run="old").min_lr == 1e-4
+
+
+def test_raising_max_steps_on_resume_continues_the_cosine_without_a_jump():
+    from orchestrator.training.loop import cosine_legs, lr_at
+
+    first = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=12)
+    longer = dataclasses.replace(first, max_steps=30)
+    legs = cosine_legs(None, 12, 6, longer)  # resumed mid-way, now to step 30
+    assert lr_at(6, longer, legs) == lr_at(6, first)  # was 1.0 -> 0.87 recomputed over 30
+    assert lr_at(6, longer) > lr_at(6, first) + 0.2  # (the jump, without the legs)
+    lrs = [lr_at(s, longer, legs) for s in range(6, 31)]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.1)
+    assert lr_at(3, longer, legs) == lr_at(3, first)  # the steps before are unchanged
+    # Extended after its end: it stays at min_lr. Resumed again, the legs are kept as saved.
+    done = cosine_legs(None, 12, 12, longer)
+    assert [lr_at(s, longer, done) for s in (12, 20)] == pytest.approx([0.1, 0.1])
+    assert cosine_legs(legs, 12, 20, longer) == legs
+    # During warmup the first leg simply ends later.
+    assert cosine_legs(None, 12, 1, longer) == [(2, 1.0, 30)]
+
+
+def test_a_run_extended_on_resume_reports_no_lr_jump(tmp_path):
+    # (a finished run extended: the cosine had reached min_lr and stays there; recomputed
+    # over the new horizon the LR went back up)
+    config = tiny(max_steps=20, log_every=5, checkpoint_every=10)
+    train(config, LocalSession(tmp_path, device=CPU))
+    metrics = train(dataclasses.replace(config, max_steps=30), LocalSession(tmp_path, device=CPU))
+    assert metrics["start_step"] == 20
+    lr = {m["step"]: m["lr"] for m in map(json.loads,
+                                          (tmp_path / "metrics.jsonl").read_text().splitlines())
+          if "lr" in m}
+    assert lr[25] == lr[30] == config.min_lr < lr[20]  # (recomputed: 1.9x lr[20] at 25)
