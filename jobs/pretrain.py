@@ -24,7 +24,8 @@ from orchestrator.tokenizer import TokenizerError, save_tokenizer
 from orchestrator.training.corpus import DataError
 from orchestrator.training.data_plan import (DataSetup, check_trainable, configure_data,
                                              default_cache_root, resume_data_conflicts)
-from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed, run_job
+from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed,
+                                  run_job)
 from orchestrator.runs import DEFAULT_RUNS_ROOT, RunDirError, resolve_run_dir
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
@@ -322,6 +323,13 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         print(f"nothing to do: the checkpoint is already at step {metrics['step']} "
               f"(--max-steps {train_config.max_steps}); raise --max-steps to train further")
         return None
+    if metrics.get("step") is None or metrics["step"] < train_config.max_steps:
+        # Ray Train's result holds the last report with a checkpoint: one short of the end
+        # means training stopped without saying why. No summary then, and never a made-up one.
+        raise JobFailed(f"training ended at step {metrics.get('step')} of "
+                        f"{train_config.max_steps} without a final checkpointed report: "
+                        f"nothing to summarize (checkpoints so far, if any, are in {run_dir})",
+                        EXIT_FAILED)
     actual = metrics.get("worker_nodes", [])
     summary = {
         "steps": metrics.get("step"),

@@ -5,13 +5,28 @@ first one on a cluster creates anything.
 """
 from __future__ import annotations
 
+import sys
+import time
+from typing import Callable
+
 import ray
 
 from ray_layer.node_agent import ensure_agent
 from ray_layer.scheduler_actor import SchedulerActor
-from ray_layer.scheduler_client import NAMESPACE, SCHEDULER_NAME
+from ray_layer.scheduler_client import NAMESPACE, SCHEDULER_NAME, get_agent
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
+# How long ensure_control_plane waits for a fresh report: from an agent that was already up
+# (a report takes well under a second; one that does not come is a hung or lost agent, which
+# the scheduler treats as suspect and its maintenance restarts), and from an agent this call
+# had to start (a worker process to start first; on a fresh cluster the first placements
+# depend on those reports). Looked up at each call, so a test can shorten them.
+AGENT_REPORT_WAIT_S = 10.0
+AGENT_START_WAIT_S = 60.0
+
+
+class SchedulerNotUp(TimeoutError):
+    """The scheduler actor did not come up (or answer) in time: nothing can be placed."""
 
 
 def ensure_scheduler(**settings):
@@ -35,11 +50,65 @@ def ensure_agents() -> dict[str, "ray.actor.ActorHandle"]:
     return {node_id: ensure_agent(node_id) for node_id in alive_node_ids()}
 
 
-def ensure_control_plane(timeout_s: float = 60.0):
-    """Scheduler + agents up, and a fresh report from every agent in the scheduler."""
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def ensure_control_plane(timeout_s: float | None = None, start_timeout_s: float | None = None,
+                         warn: Callable[[str], None] = _warn):
+    """Scheduler + agents up, and a fresh report in the scheduler from every agent that
+    answers in time: `timeout_s` (default AGENT_REPORT_WAIT_S) for agents already up,
+    `start_timeout_s` (default AGENT_START_WAIT_S) for agents this call started. Agents that
+    do not answer (a hung probe, a stopped process, a node going away) are named in one
+    warning and left out: the scheduler treats their silent nodes as suspect and places
+    elsewhere, and its maintenance restarts an agent that stays silent. One hung agent must
+    not block every job and `status`. SchedulerNotUp when the scheduler itself does not
+    answer within `start_timeout_s`. Returns (scheduler, {node id: agent}) for every alive
+    node."""
+    timeout_s = AGENT_REPORT_WAIT_S if timeout_s is None else timeout_s
+    start_timeout_s = AGENT_START_WAIT_S if start_timeout_s is None else start_timeout_s
+    start = time.monotonic()
     scheduler = ensure_scheduler()
-    agents = ensure_agents()
-    ray.get([agent.report_now.remote() for agent in agents.values()], timeout=timeout_s)
+    try:  # answers once its __init__ (state restored from the GCS) is done
+        ray.get(scheduler.__ray_ready__.remote(), timeout=max(start_timeout_s, timeout_s))
+    except (ray.exceptions.RayError, TimeoutError) as e:  # GetTimeoutError is both
+        raise SchedulerNotUp(
+            f"the scheduler actor ({SCHEDULER_NAME!r} in Ray namespace {NAMESPACE!r}) did not "
+            f"come up: {type(e).__name__}: {e}") from None
+    nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+    agents, started = {}, set()
+    for node_id in nodes:
+        try:
+            get_agent(node_id)
+        except ValueError:  # none yet: this call starts it, and waits longer for it
+            started.add(node_id)
+        agents[node_id] = ensure_agent(node_id)
+    asked = {agent.report_now.remote(): node_id for node_id, agent in agents.items()}
+    refs = list(asked)
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    starting = [ref for ref in pending if asked[ref] in started]
+    left = start_timeout_s - (time.monotonic() - start)
+    if starting and left > 0:
+        ray.wait(starting, num_returns=len(starting), timeout=left)
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    answered = set(ready)
+    silent = {}
+    for ref, node_id in asked.items():
+        if ref not in answered:
+            waited = start_timeout_s if node_id in started else timeout_s
+            silent[node_id] = f"no report within {waited:g}s"
+            continue
+        try:
+            ray.get(ref)
+        except Exception as e:  # the agent died, or its report to the scheduler failed
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            silent[node_id] = f"{type(e).__name__}: {first_line}"
+    if silent:
+        warn(f"{len(silent)} of {len(agents)} node agent(s) did not report, carrying on "
+             "without them (the scheduler gives a node whose agent stays silent no new work "
+             "and restarts that agent): " + "; ".join(
+                 f"node {node_id} ({nodes[node_id].get('NodeManagerAddress', '?')}): {why}"
+                 for node_id, why in sorted(silent.items())))
     return scheduler, agents
 
 

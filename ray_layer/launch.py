@@ -60,11 +60,10 @@ def connected_scheduler(address: str | None, runtime_env: dict | None = None):
     except ClusterConnectionError as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
     try:
-        try:
+        try:  # node agents that do not report are named in a warning, not fatal
             scheduler, _ = ensure_control_plane()
-        except (ray.exceptions.RayError, TimeoutError) as e:
-            raise JobFailed(f"the scheduler or a node agent did not come up: {e}",
-                            EXIT_NOT_PLACEABLE) from None
+        except (ray.exceptions.RayError, TimeoutError) as e:  # SchedulerNotUp is a TimeoutError
+            raise JobFailed(str(e), EXIT_NOT_PLACEABLE) from None
         yield scheduler
     finally:
         if started_ray:

@@ -4,7 +4,11 @@ when the scheduler takes the placement back (preemption, migration), yield and r
 Any launcher wraps its own `fit(placement)` in `PlacedRun.run`; jobs/pretrain.py is one.
 `fit` must resume from the run's checkpoints (Ray Train does, given the same run name and
 storage) and return a result whose metrics carry "yielded" when the job stopped because the
-scheduler told it to (orchestrator/training/loop.py does that at a step boundary).
+scheduler told it to (orchestrator/training/loop.py does that at a step boundary, in the
+report that saves its checkpoint). A training function whose workers found a GPU without the
+free memory asked returns {"gpu_too_small": [...]} (ray_layer/train_session.py): read from
+the result's `return_value`, since Ray Train's `metrics` are those of the latest report with
+a checkpoint only, and that report has none.
 
 A yield does not count as a failure (it never uses up Ray Train's `max_failures`: the run
 returns normally), and `--queue-timeout` covers only the first wait: a job the scheduler
@@ -41,6 +45,13 @@ def describe(placement: Placement) -> str:
     return ", ".join(f"{n} worker(s) on node {node[:12]}" for node, n in counts.items()) + link
 
 
+def gpu_shortfall(result) -> list[dict] | None:
+    """The GPUs the workers found without the free memory asked, if the training function
+    returned them (rank 0's return value: Ray Train's Result.return_value)."""
+    value = getattr(result, "return_value", None)
+    return value.get("gpu_too_small") if isinstance(value, dict) else None
+
+
 def _checkpoint_path(result) -> str | None:
     checkpoint = getattr(result, "checkpoint", None)
     return None if checkpoint is None else str(checkpoint.path)
@@ -66,9 +77,12 @@ class PlacedRun:
         yielded_with = None  # the checkpoint of the last yield
         while True:
             result = fit(placement)
-            short = (result.metrics or {}).get("gpu_too_small")
+            short = gpu_shortfall(result)
             if short:
                 gpus = [(f["node_id"], f["gpu_index"]) for f in short]
+                self.say(f"{self.spec.name}: " + "; ".join(
+                    f"GPU {i} of node {n[:12]}" for n, i in gpus) + " lacked the free memory "
+                    "asked: placing it again without them")
                 decision = ray.get(self.scheduler.gpu_too_small.remote(
                     self.spec.name, self.owner, gpus))
                 placement = self.wait(decision, deadline_s=self.queue_timeout_s)

@@ -24,7 +24,7 @@ from orchestrator.scheduler_core import SchedulerCore
 from orchestrator.scheduler_types import Outcome, SchedulerSettings, Yield
 from orchestrator.throughput import ThroughputTable
 from ray_layer.node_agent import ensure_agent
-from ray_layer.scheduler_client import NAMESPACE
+from ray_layer.scheduler_client import NAMESPACE, get_agent
 from ray_layer.telemetry import record_all
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,11 @@ class SchedulerActor:
         self._restore()
         self._refresh_ray_view()
         self.maintain_every_s = maintain_every_s
+        # Node id -> (its agent's actor id, since when that agent is known to have not
+        # reported): an agent that stays silent past suspect_after_s is killed and started
+        # afresh (_ensure_agent_on); a new one gets as long again to report.
+        self._agent_silent_since: dict[str, tuple[str, float]] = {}
+        self._agents_lock = threading.Lock()  # one pass at a time kills and starts agents
         threading.Thread(target=self._maintain_forever, name="scheduler-maintenance",
                          daemon=True).start()
 
@@ -205,6 +210,7 @@ class SchedulerActor:
             for outcome in (dead, usage, orphans, tick):
                 self._apply(outcome)
             agents = self.core.agents_needed(alive, now)
+            last_seen = {e.node_id: self.core.state.last_seen.get(e.node_id) for e in agents}
             if self._throughput_unsaved:  # learnt speeds: saved at most once a pass
                 self._save()
             changes = {"dead_by_ray": dead.decision, "expired": tick.decision["expired"],
@@ -213,9 +219,16 @@ class SchedulerActor:
                        "placed_from_queue": sorted(set(self.core.queue.ready) - ready_before)}
         if any(changes.values()):
             log.warning("scheduler maintenance: %s", changes)
-        for effect in agents:  # outside the lock: creating actors can take a while
-            _ensure_agent_on(effect.node_id)
+        restarted = []
+        with self._agents_lock:  # not self.lock: creating actors can take a while
+            for effect in agents:
+                if self._ensure_agent_on(effect.node_id, last_seen[effect.node_id], now):
+                    restarted.append(effect.node_id)
+            needing = {e.node_id for e in agents}  # agents that reported again: forgotten
+            for node_id in set(self._agent_silent_since) - needing:
+                del self._agent_silent_since[node_id]
         changes["agents_ensured"] = [e.node_id for e in agents]
+        changes["agents_restarted"] = restarted
         return changes
 
     def _maintain_forever(self) -> None:
@@ -225,6 +238,38 @@ class SchedulerActor:
                 self.maintain()
             except Exception as e:  # keep maintaining: the next pass may succeed
                 log.warning("scheduler maintenance failed: %s", e)
+
+    def _ensure_agent_on(self, node_id: str, last_seen: float | None, now: float) -> bool:
+        """The agent of a node Ray lists alive but the core has no recent report from: started
+        if missing; killed and started afresh if it has been silent past suspect_after_s (a
+        hung probe, a stopped process: Ray restarts an agent only when its process dies, and
+        `get_if_exists` hands back the same hung actor). A new agent, or one this scheduler
+        just started, gets suspect_after_s to report before it can be killed in its turn.
+        Returns True when it killed a silent agent."""
+        try:
+            try:
+                agent = get_agent(node_id)
+            except ValueError:  # none (a new node, or the old agent was killed): start one
+                self._agent_silent_since[node_id] = \
+                    (ensure_agent(node_id)._actor_id.hex(), now)
+                return False
+            limit = self.core.settings.suspect_after_s
+            known, kill = silent_agent(self._agent_silent_since.get(node_id),
+                                       agent._actor_id.hex(), last_seen, now, limit)
+            self._agent_silent_since[node_id] = known
+            if not kill:
+                return False
+            log.warning("node agent of %s has not reported for %.0fs (limit %.0fs) although "
+                        "Ray lists its node alive: killing it and starting a new one",
+                        node_id[:12], now - known[1], limit)
+            ray.kill(agent, no_restart=True)  # frees the name at once; the process goes later
+            fresh = ensure_agent(node_id)
+            self._agent_silent_since[node_id] = (fresh._actor_id.hex(), now)
+            fresh.report_now.remote()  # not waited for: its heartbeat only starts in 5 s
+            return True
+        except Exception as e:  # a node going away while we create its agent
+            log.warning("cannot start a node agent on %s: %s", node_id[:12], e)
+            return False
 
     # -- carrying out the core's outcomes ---------------------------------------------------
     def _call(self, event):
@@ -329,11 +374,18 @@ def _ray_available() -> dict[str, dict[str, float]]:
         return {}
 
 
-def _ensure_agent_on(node_id: str) -> None:
-    try:
-        ensure_agent(node_id)
-    except Exception as e:  # a node going away while we create its agent
-        log.warning("cannot start a node agent on %s: %s", node_id[:12], e)
+def silent_agent(known: tuple[str, float] | None, actor_id: str, last_seen: float | None,
+                 now: float, limit_s: float) -> tuple[tuple[str, float], bool]:
+    """For a node whose agent has not reported lately: (what to remember about its agent,
+    whether to kill it). `known`: (actor id, silent since) remembered from earlier passes;
+    `last_seen`: the node's last report (None: never). An agent seen silent for the first
+    time counts as silent since the node's last report (nothing answered since, from this
+    agent or an earlier one), or from now if the node never reported (its agent may only be
+    starting). Killed once silent for more than `limit_s`; the caller then remembers the new
+    agent from now, so it gets as long to report before it could be killed in its turn."""
+    if known is None or known[0] != actor_id:
+        known = (actor_id, now if last_seen is None else last_seen)
+    return known, now - known[1] > limit_s
 
 
 def _dead_drivers() -> set[str]:

@@ -27,11 +27,14 @@ from ray_layer.scheduler_client import scheduler_or_none
 from ray_layer.telemetry import record_all
 
 
-def train_under_ray(config: dict[str, Any]) -> None:
+def train_under_ray(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train's per-worker entry point (TorchTrainer's train_loop_per_worker). `config`:
     {"train": TrainConfig as a dict, "min_gpu_memory_gb": what each worker's GPU must have
     free}. Every worker first checks the GPU it was given; if any lacks the memory, all stop
-    before training and report it ("gpu_too_small"), so the job is placed again without it."""
+    before training and return {"gpu_too_small": [...]}, so the job is placed again without
+    it (ray_layer/placed_run.py). Returned, not only reported: Ray Train's Result keeps the
+    metrics of the latest report *with a checkpoint* (none here: None on a fresh run, an
+    earlier attempt's on a resumed one), while `Result.return_value` is rank 0's return."""
     session = RayTrainSession()
     short = session.gpu_memory_shortfall(config.get("min_gpu_memory_gb", 0.0))
     found = [short]
@@ -44,9 +47,10 @@ def train_under_ray(config: dict[str, Any]) -> None:
             say("GPU(s) without the free memory asked: " + "; ".join(
                 f"GPU {f['gpu_index']} of node {f['node_id'][:12]}: {f['free_gb']} GiB free, "
                 f"{f['needed_gb']:g} needed" for f in found))
-        session.report({"step": 0, "gpu_too_small": found}, None)
-        return
+        session.report({"step": 0, "gpu_too_small": found}, None)  # the run's log shows it
+        return {"gpu_too_small": found}
     train(TrainConfig.from_dict(config["train"]), session)
+    return None
 
 
 def quiet_ray_train_reports() -> None:

@@ -1,0 +1,58 @@
+"""PlacedRun (ray_layer/placed_run.py) when the workers found a GPU without the free memory
+asked: the training function returns {"gpu_too_small": [...]} (Ray Train's
+Result.return_value); the driver tells the scheduler and fits again on the new placement.
+Ray Train's Result.metrics are the latest *checkpointed* report's: None on a fresh run, an
+earlier attempt's on a run resumed after a yield - never the shortfall."""
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator.config import JobSpec
+from orchestrator.placement import Placement
+
+SHORT = [{"node_id": "n1", "gpu_index": 1, "free_gb": 2.0, "needed_gb": 40.0}]
+
+
+@pytest.fixture
+def driver(monkeypatch):
+    import ray
+
+    from ray_layer import placed_run
+
+    first, second = Placement("job", ("n1",), 0.0, 1), Placement("job", ("n2",), 0.0, 1)
+    calls = []
+
+    def remote(name, value):
+        return SimpleNamespace(remote=lambda *args: calls.append((name, *args)) or value)
+    scheduler = SimpleNamespace(submit=remote("submit", first),
+                                gpu_too_small=remote("gpu_too_small", second),
+                                yielded=remote("yielded", second))
+    monkeypatch.setattr(ray, "get", lambda value, timeout=None: value)
+    monkeypatch.setattr(placed_run, "driver_id", lambda: "driver")
+    run = placed_run.PlacedRun(scheduler, JobSpec("job"), 60.0, say=lambda line: None)
+    return run, calls, second
+
+
+def result(metrics, checkpoint=None, return_value=None):
+    return SimpleNamespace(metrics=metrics, return_value=return_value,
+                           checkpoint=checkpoint and SimpleNamespace(path=checkpoint))
+
+
+@pytest.mark.parametrize("short_result", [
+    result(None, return_value={"gpu_too_small": SHORT}),  # a fresh run
+    # resumed after a yield: the metrics are that yield's checkpointed report's
+    result({"step": 7, "yielded": "preempt: by an operator"}, "/run/checkpoint_7",
+           return_value={"gpu_too_small": SHORT}),
+], ids=["fresh", "resumed"])
+def test_a_shortfall_is_told_to_the_scheduler_and_the_job_fits_again(driver, short_result):
+    run, calls, second = driver
+    placements = []
+    fits = [short_result, result({"step": 9}, "/run/checkpoint_9")]
+
+    def fit(placement):
+        placements.append(placement)
+        return fits.pop(0)
+    final, placement = run.run(fit)
+    assert ("gpu_too_small", "job", "driver", [("n1", 1)]) in calls
+    assert not fits and placements[1] == second and placement == second
+    assert final.metrics["step"] == 9 and run.yields == []
