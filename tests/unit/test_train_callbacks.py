@@ -8,7 +8,7 @@ import ray
 from ray_layer import train_callbacks
 from ray_layer.train_callbacks import FollowPlacement, NodeLostError, lost_nodes
 from orchestrator.config import JobSpec
-from orchestrator.placement import Placement, Rejection
+from orchestrator.placement import Placement, Queued, Rejection
 
 
 @pytest.fixture
@@ -44,9 +44,14 @@ class FakeScheduler:
     def __init__(self, *answers):
         self.answers, self.calls = list(answers), []
         self.replace = SimpleNamespace(remote=self._replace)
+        self.poll = SimpleNamespace(remote=self._poll)
 
     def _replace(self, spec, owner, lost):
         self.calls.append((spec.name, owner, lost))
+        return self.answers.pop(0)
+
+    def _poll(self, name, owner):
+        self.calls.append((name, owner, "poll"))
         return self.answers.pop(0)
 
 
@@ -74,11 +79,18 @@ def test_selectors_follow_a_new_placement_after_a_node_is_lost(monkeypatch):
 
 
 def test_a_busy_cluster_is_waited_for_and_a_cluster_too_small_is_a_clear_error(monkeypatch):
-    busy = Rejection("run", "no room now", fits_when_free=True)
+    # No room now: the scheduler queues the job (it may preempt) and the callback polls.
+    busy = Queued("run", 1, "lost node(s) a, b; waiting for room")
     scheduler = FakeScheduler(busy, busy, Placement("run", ("c", "c"), 1.0, 0))
     callback, selectors = follower(monkeypatch, scheduler, ["a", "b"], lost=["a", "b"])
     callback.follow_lost_nodes()
-    assert len(scheduler.calls) == 3 and selectors[0] == {"ray.io/node-id": "c"}
+    assert [c[2] for c in scheduler.calls] == [["a", "b"], "poll", "poll"]
+    assert selectors[0] == {"ray.io/node-id": "c"}
+    endless = FakeScheduler(*[busy] * 100)
+    callback, _ = follower(monkeypatch, endless, ["a", "b"], lost=["a"])
+    callback.timeout_s = -1  # the queue timeout passed
+    with pytest.raises(NodeLostError, match="waited in the queue until --queue-timeout"):
+        callback.follow_lost_nodes()
 
     never = Rejection("run", "it needs 2 worker(s), room for 1", fits_when_free=False)
     callback, selectors = follower(monkeypatch, FakeScheduler(never), ["a", "b"], lost=["a"])
