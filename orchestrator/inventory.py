@@ -587,3 +587,17 @@ def declared_gpus(labels: dict[str, str]) -> tuple[GpuInfo, ...]:
     memory = int(memory_gb * GIB)
     return tuple(GpuInfo(index=i, name=name, memory_total_bytes=memory,
                          memory_free_bytes=memory, source="declared") for i in range(count))
+
+
+def silent_agent(known: tuple[str, float] | None, actor_id: str, last_seen: float | None,
+                 now: float, limit_s: float) -> tuple[tuple[str, float], bool]:
+    """For a node whose agent has not reported lately: (what to remember about its agent,
+    whether to kill it). `known`: (actor id, silent since) remembered from earlier passes;
+    `last_seen`: the node's last report (None: never). An agent seen silent for the first
+    time counts as silent since the node's last report (nothing answered since, from this
+    agent or an earlier one), or from now if the node never reported (its agent may only be
+    starting). Killed once silent for more than `limit_s`; the caller then remembers the new
+    agent from now, so it gets as long to report before it could be killed in its turn."""
+    if known is None or known[0] != actor_id:
+        known = (actor_id, now if last_seen is None else last_seen)
+    return known, now - known[1] > limit_s

@@ -18,7 +18,7 @@ import ray
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.config import JobSpec
-from orchestrator.inventory import NodeReport
+from orchestrator.inventory import NodeReport, silent_agent
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.scheduler_core import SchedulerCore
 from orchestrator.scheduler_types import Outcome, SchedulerSettings, Yield
@@ -372,20 +372,6 @@ def _ray_available() -> dict[str, dict[str, float]]:
     except Exception as e:
         log.warning("cannot read Ray's available resources per node: %s", e)
         return {}
-
-
-def silent_agent(known: tuple[str, float] | None, actor_id: str, last_seen: float | None,
-                 now: float, limit_s: float) -> tuple[tuple[str, float], bool]:
-    """For a node whose agent has not reported lately: (what to remember about its agent,
-    whether to kill it). `known`: (actor id, silent since) remembered from earlier passes;
-    `last_seen`: the node's last report (None: never). An agent seen silent for the first
-    time counts as silent since the node's last report (nothing answered since, from this
-    agent or an earlier one), or from now if the node never reported (its agent may only be
-    starting). Killed once silent for more than `limit_s`; the caller then remembers the new
-    agent from now, so it gets as long to report before it could be killed in its turn."""
-    if known is None or known[0] != actor_id:
-        known = (actor_id, now if last_seen is None else last_seen)
-    return known, now - known[1] > limit_s
 
 
 def _dead_drivers() -> set[str]:

@@ -1,8 +1,8 @@
 """The scheduler's rule for a node agent that has gone silent while Ray lists its node alive
-(ray_layer/scheduler_actor.py: silent_agent): killed once silent past the limit, and a new
+(orchestrator/inventory.py: silent_agent, used by ray_layer/scheduler_actor.py): killed once silent past the limit, and a new
 agent is given as long to report before it could be killed in its turn, so a maintenance pass
 every few seconds does not kill the agents it has just started."""
-from ray_layer.scheduler_actor import silent_agent
+from orchestrator.inventory import silent_agent
 
 LIMIT = 15.0
 
