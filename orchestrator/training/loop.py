@@ -156,29 +156,6 @@ def _save_sharded_checkpoint(directory: str, model, optimizer, scaler, config: T
                  meta, session.world_rank)
 
 
-def _newest_usable_checkpoint(directories: list[str], config: TrainConfig, rank: int
-                              ) -> tuple[str, dict[str, Any]] | None:
-    """The newest checkpoint that loads and verifies, falling back past corrupt ones with a
-    warning. A checkpoint of another run config is an error, not something to skip."""
-    problems = []
-    for directory in directories:
-        try:
-            state = checkpoint_header(directory)
-        except CheckpointError as e:
-            problems.append(str(e))
-            if rank == 0:
-                say(f"warning: {e}; falling back to the previous checkpoint")
-            continue
-        conflicts = resume_conflicts(state["config"], config)
-        if conflicts:
-            raise CheckpointError(f"checkpoint {directory} was written by a different run "
-                                  f"config: {'; '.join(conflicts)}")
-        return directory, state
-    if problems:
-        raise CheckpointError("no usable checkpoint to resume from: " + " | ".join(problems))
-    return None
-
-
 def _new_training_state(config: TrainConfig, session: TrainSession, precision: Precision,
                         init_from: bool):
     """A fresh (model, optimizer, loss scaler); `init_from`: start from the Hugging Face
@@ -199,28 +176,41 @@ def _new_training_state(config: TrainConfig, session: TrainSession, precision: P
 def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Precision,
                     checkpoint_dirs: list[str]):
     """(model, optimizer, scaler, step, tokens seen, the cosine's legs) from the newest
-    checkpoint that loads,
-    or new when the run has none. A checkpoint whose shards cannot be read (a missing or
-    truncated file: every rank sees DCP's failure) is passed over for the previous one, with
-    fresh state, since a failed load may have filled part of it; never a fresh start when
-    the run has checkpoints but none loads."""
-    remaining, failures = list(checkpoint_dirs), []
-    while True:
-        found = _newest_usable_checkpoint(remaining, config, session.world_rank)
-        if found is None and failures:
-            raise CheckpointError("no usable checkpoint to resume from: " + " | ".join(failures))
+    checkpoint that loads, or new when the run has none.
+
+    A checkpoint that cannot be used (a corrupt header, or shards that cannot be read: a
+    missing or truncated file, which every rank sees as DCP's failure) is passed over for
+    the previous one with a warning, and with fresh state, since a failed load may have
+    filled part of it. Never a fresh start when the run has checkpoints but none loads; a
+    checkpoint of another run config is an error, not something to skip."""
+    problems = []
+
+    def pass_over(error: CheckpointError) -> None:
+        problems.append(str(error))
+        if session.world_rank == 0:
+            say(f"warning: {error}; falling back to the previous checkpoint")
+
+    for directory in checkpoint_dirs:
+        try:
+            header = checkpoint_header(directory)
+        except CheckpointError as e:
+            pass_over(e)
+            continue
+        conflicts = resume_conflicts(header["config"], config)
+        if conflicts:
+            raise CheckpointError(f"checkpoint {directory} was written by a different run "
+                                  f"config: {'; '.join(conflicts)}")
         model, optimizer, scaler = _new_training_state(config, session, precision,
-                                                       init_from=found is None)
-        if found is None:
-            return model, optimizer, scaler, 0, 0, cosine_legs(None, config.max_steps, 0, config)
+                                                       init_from=False)
         try:
             return (model, optimizer, scaler,
-                    *_restore(found, session, config, model, optimizer, scaler))
+                    *_restore((directory, header), session, config, model, optimizer, scaler))
         except CheckpointError as e:
-            failures.append(str(e))
-            if session.world_rank == 0:
-                say(f"warning: {e}; falling back to the previous checkpoint")
-            remaining = remaining[remaining.index(found[0]) + 1:]
+            pass_over(e)
+    if problems:
+        raise CheckpointError("no usable checkpoint to resume from: " + " | ".join(problems))
+    model, optimizer, scaler = _new_training_state(config, session, precision, init_from=True)
+    return model, optimizer, scaler, 0, 0, cosine_legs(None, config.max_steps, 0, config)
 
 
 def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
