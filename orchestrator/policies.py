@@ -16,7 +16,8 @@ with state.reserve(), exactly as the live scheduler does.
               with preemption), best-fit placement, blind to accelerator types
 - gavel       Gavel-style heterogeneity-aware greedy: first submitted first; the GPU types in
               order of the job's throughput on them (Gavel's table), each tried with place()
-              restricted to that type; the first that fits wins
+              restricted to that type; the first that fits wins (a job no one type can
+              hold even idle runs across its allowed types, placed by place())
 - hetero-las  the live scheduler's own rules (SchedulerSettings defaults): least attained
               service first with preemption, and placement that weighs the queue — comparative
               advantage across accelerator families, families kept for the jobs that can run
@@ -108,9 +109,14 @@ def make_gavel(type_order: Callable[[object], tuple[str, ...]]) -> Policy:
         t = state.table
         n = len(t)
         free = t.gpus[:n] - t.reserved_gpus[:n]
-        for family in type_order(job):
-            code = t.families.get(family)
-            if code is None or free[t.family[:n] == code].sum() < spec.total_gpus:
+        families = type_order(job)
+        if not any(_family_gpus(t, family, t.gpus[:n]) >= spec.total_gpus
+                   for family in families):
+            # No one type could hold it even idle: Gavel's one-type rule would queue it
+            # forever; it runs across its allowed types, as every other policy places it.
+            return live_place(spec, state, now)
+        for family in families:
+            if _family_gpus(t, family, free) < spec.total_gpus:
                 continue  # cheap check: not enough free GPUs of this type, skip place()
             key = (spec.name, family)
             typed = specs.get(key)
@@ -125,6 +131,12 @@ def make_gavel(type_order: Callable[[object], tuple[str, ...]]) -> Policy:
         return None
 
     return gavel
+
+
+def _family_gpus(table, family: str, gpus: np.ndarray) -> int:
+    """The sum of `gpus` (per row of the node table) over the nodes of `family`."""
+    code = table.families.get(family)
+    return 0 if code is None else int(gpus[table.family[:len(table)] == code].sum())
 
 
 def make_policy(name: str, seed: int = 0,

@@ -132,6 +132,14 @@ def test_gavel_sends_a_job_to_its_fastest_gpu_type():
     assert throughput(MODEL, ("v100",), 1, math.inf) > throughput(MODEL, ("k80",), 1, math.inf)
 
 
+def test_gavel_runs_a_job_no_single_gpu_type_can_hold_across_types():
+    # 6 GPUs: neither 4 K80 nor 4 V100 hold it, both together do. Gavel's one-type rule
+    # alone would queue it forever on an idle cluster (the simulation used to stop there).
+    result = simulate(trace((0, 100, 6), (5000, 100, 2)), "k80:4x1,v100:4x1", "gavel")
+    assert by_id(result)[0].gpu_types == "k80/v100"
+    assert by_id(result)[1].gpu_types == "v100"  # one type still when one type holds it
+
+
 def random_trace(n, seed, max_gpus=16):
     rng = np.random.default_rng(seed)
     sizes = rng.choice([1, 1, 1, 2, 4, 8, max_gpus], size=n)
