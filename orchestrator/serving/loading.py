@@ -172,15 +172,23 @@ def version_of(directory: Path, sha256: str) -> str:
     return f"{directory.parent.name}/{directory.name}@{sha256[:8]}"
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load the model `path` names, or raise CheckpointError saying why not."""
+def load_model(path: str | Path, device: torch.device | str = "cpu", *,
+               probe: bool = False) -> LoadedModel:
+    """Load the model `path` names, or raise CheckpointError saying why not. `probe`: also
+    run one forward pass and refuse weights whose logits are not finite (a diverged run):
+    a run directory falls back to its previous checkpoint, a named checkpoint is refused."""
     started = time.perf_counter()
     device = torch.device(device)
     candidates, is_run = model_directories(path)
 
     def load(directory: Path):
         fmt = format_of(directory)
-        return (directory, fmt, *fmt.load(directory, device))
+        model, sha256, step, tokenizer = fmt.load(directory, device)
+        if probe:
+            problem = _forward_problem(model, version_of(directory, sha256), device)
+            if problem:
+                raise CheckpointError(problem)
+        return directory, fmt, model, sha256, step, tokenizer
 
     (directory, fmt, model, sha256, step, tokenizer), skipped = first_that_loads(
         candidates, is_run, path, load)
@@ -195,20 +203,23 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
 
 
 def load_for_serving(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """load_model, then one forward pass: allocations warmed up before the model takes
-    traffic (the replica's copy and the engine process's load the same way)."""
-    loaded = load_model(path, device)
-    forward_problem(loaded, device)
-    return loaded
+    """load_model with its forward-pass probe: weights that give non-finite logits never take
+    traffic, and the allocations are warmed up before the model does (the replica's copy and
+    the engine process's load the same way)."""
+    return load_model(path, device, probe=True)
 
 
 def forward_problem(loaded: LoadedModel, device: torch.device | str = "cpu") -> str | None:
     """A one-token forward pass (the health checks' probe): None when its logits are finite,
     else what is wrong."""
+    return _forward_problem(loaded.model, loaded.version, device)
+
+
+def _forward_problem(model, version: str, device: torch.device | str) -> str | None:
     with torch.inference_mode():
-        logits, _ = loaded.model(torch.zeros((1, 1), dtype=torch.long, device=device))
+        logits, _ = model(torch.zeros((1, 1), dtype=torch.long, device=device))
     if not bool(torch.isfinite(logits).all()):
-        return f"model {loaded.version} produced non-finite logits"
+        return f"model {version} produced non-finite logits"
     return None
 
 

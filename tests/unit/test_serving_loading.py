@@ -4,10 +4,11 @@ import torch
 
 from orchestrator.config import TrainConfig
 from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
-from orchestrator.serving.loading import (INT8_FILE, default_checkpoint, load_model,
-                                          model_directories, pin_checkpoint,
+from orchestrator.serving.loading import (INT8_FILE, default_checkpoint, load_for_serving,
+                                          load_model, model_directories, pin_checkpoint,
                                           save_untrained_checkpoint)
-from orchestrator.training.checkpoint import CheckpointError
+from orchestrator.training.checkpoint import (CheckpointError, load_checkpoint,
+                                              save_checkpoint)
 from tests.support import one_thread
 
 
@@ -41,6 +42,22 @@ def test_a_run_directory_serves_its_newest_usable_checkpoint(tmp_path):
     loaded = load_model(tmp_path / "run")
     assert loaded.path == str(old) and loaded.step == 10
     assert "corrupt" in loaded.warnings[0]
+
+
+def test_weights_with_non_finite_logits_are_never_served(tmp_path):
+    # A diverged run's newest checkpoint (whole files, NaN weights): a run directory serves
+    # the one before; named explicitly it is refused, so a hot reload keeps the old model.
+    old = save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000010", seed=1, step=10)
+    new = tmp_path / "run" / "checkpoint_00000020"
+    state = load_checkpoint(old)
+    state["model"] = {k: torch.full_like(v, float("nan")) if k.endswith("lm_head.weight")
+                      else v for k, v in state["model"].items()}
+    save_checkpoint(new, state)
+    assert load_model(new).path == str(new)  # loading alone does not look at the numbers
+    loaded = load_for_serving(tmp_path / "run")
+    assert loaded.path == str(old) and "non-finite logits" in loaded.warnings[0]
+    with pytest.raises(CheckpointError, match="non-finite logits"):
+        load_for_serving(new)
 
 
 def test_a_deployment_pins_the_newest_whole_checkpoint_of_a_run(tmp_path):
