@@ -218,7 +218,7 @@ def resolve_data(args: argparse.Namespace, run_dir: Path) -> DataSetup:
         data=args.data, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines,
         tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
         cache_root=args.data_cache or default_cache_root(run_dir), retokenize=args.retokenize,
-        init_from=args.init_from, saved=saved, run_dir=run_dir)
+        init_from=args.init_from, saved=saved, run_dir=run_dir, data_flags=_data_flags(args))
     if saved is not None:
         problems = resume_data_conflicts(saved, setup.fields)
         if problems:
@@ -227,6 +227,13 @@ def resolve_data(args: argparse.Namespace, run_dir: Path) -> DataSetup:
     for note in setup.notes:
         print(f"warning: {note}", file=sys.stderr)
     return setup
+
+
+def _data_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """The flags given that apply only to --data files (said when they are ignored)."""
+    given = {"--data-cache": args.data_cache is not None, "--retokenize": args.retokenize,
+             "--text-field": args.text_field != "text", "--skip-bad-lines": args.skip_bad_lines}
+    return tuple(flag for flag, on in given.items() if on)
 
 
 def run(args: argparse.Namespace) -> dict | None:

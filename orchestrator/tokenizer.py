@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Protocol, runtime_checkable
 
@@ -108,25 +109,40 @@ def tokenizer_for_model(tokenizer: Tokenizer, model_vocab: int) -> Tokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face `tokenizers` tokenizer (any tokenizer.json)."""
+    """A Hugging Face `tokenizers` tokenizer (any tokenizer.json).
+
+    Text is encoded as it is: the file's own truncation, padding and post-processor (a BOS
+    or EOS token added to each text) are left out, since documents are joined into one token
+    stream with the end-of-text token between them; `to_json` and `sha256` are still the
+    file's own."""
 
     def __init__(self, tokenizer, name: str) -> None:
+        self._json = tokenizer.to_str()
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
         self._tok = tokenizer
         self.name = name
-        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.eos_id = _find_eos(tokenizer)
-        spec = json.loads(tokenizer.to_str())
+        # The largest id + 1, not the token count: a vocabulary may skip ids.
+        self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        self.eos_id = _find_eos(tokenizer, name)
+        spec = json.loads(self._json)
         # Byte-level tokenizers (GPT-2's kind, ours) spell each token in a printable alias of
-        # its bytes; others are decoded token by token.
-        self._byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+        # its bytes; others are decoded in context (see _piece_bytes).
+        decoders = _decoder_types(spec.get("decoder"))
+        self._byte_level = "ByteLevel" in decoders
+        self._byte_fallback = "ByteFallback" in decoders
         self._special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        anchor = tokenizer.encode("a", add_special_tokens=False).ids
+        self._anchor = anchor[-1:] if anchor else []
+        self._pieces: dict[int, bytes] = {}
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
         dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
-        return [np.asarray(e.ids, dtype=dtype) for e in self._tok.encode_batch(texts)]
+        return [np.asarray(e.ids, dtype=dtype)
+                for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
@@ -137,27 +153,74 @@ class HFTokenizer:
                              f"0-{self.vocab_size - 1} ({self.name})")
         if token_id in self._special:
             return b""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self._piece_bytes(token_id)
+        return piece
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        """The bytes a token adds to text before it. Decoding it alone is wrong for most
+        non-byte-level tokenizers: a SentencePiece word start ("▁world") or a WordPiece word
+        loses its space, and a byte-fallback token (<0xC3>) half of a character becomes
+        U+FFFD. So: a byte-fallback token is its byte; any other is decoded after an anchor
+        token, less the anchor's own text."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:  # a hole in the vocabulary
+            return b""
         if self._byte_level:
-            piece = self._tok.id_to_token(token_id)
             table = _unicode_to_byte()
             if all(ch in table for ch in piece):
                 return bytes(table[ch] for ch in piece)
+        if self._byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            return bytes.fromhex(piece[3:5])
+        if self._anchor:
+            before = self._tok.decode(self._anchor, skip_special_tokens=False)
+            both = self._tok.decode(self._anchor + [token_id], skip_special_tokens=False)
+            if both.startswith(before):
+                return both[len(before):].encode("utf-8")
         return self._tok.decode([token_id]).encode("utf-8")
 
     def to_json(self) -> str:
-        return self._tok.to_str()
+        return self._json
 
     @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
-def _find_eos(tokenizer) -> int | None:
-    for candidate in (EOT_TOKEN, "</s>", "<eos>", "[SEP]"):
+def _decoder_types(decoder: dict | None) -> set[str]:
+    """The types of a tokenizer.json decoder, through Sequence decoders."""
+    if not decoder:
+        return set()
+    types = {decoder.get("type")}
+    for inner in decoder.get("decoders") or ():
+        types |= _decoder_types(inner)
+    return types
+
+
+# End-of-text tokens by name: GPT-2's (ours), Llama 3's, SentencePiece's, Gemma's, BERT's.
+EOS_NAMES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
+
+
+def _find_eos(tokenizer, name: str) -> int | None:
+    """The end-of-text id: a known name, else the `eos_token` of a tokenizer_config.json
+    beside the file (Hugging Face's), else None."""
+    for candidate in EOS_NAMES + _configured_eos(name):
         token_id = tokenizer.token_to_id(candidate)
         if token_id is not None:
             return token_id
     return None
+
+
+def _configured_eos(name: str) -> tuple[str, ...]:
+    config = Path(name).parent / "tokenizer_config.json"
+    try:
+        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    if isinstance(eos, dict):  # {"content": "<|eot|>", ...}
+        eos = eos.get("content")
+    return (eos,) if isinstance(eos, str) else ()
 
 
 @functools.lru_cache(maxsize=1)

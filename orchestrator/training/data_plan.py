@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator.tokenizer import (Tokenizer, TokenizerError, load_tokenizer, tokenizer_from_json,
-                                    tokenizer_of_run, train_bpe)
+from orchestrator.tokenizer import (EOS_NAMES, Tokenizer, TokenizerError, load_tokenizer,
+                                    tokenizer_from_json, tokenizer_of_run, train_bpe)
 from orchestrator.training.corpus import (DataError, SourceFile, cache_key, check_text_column,
                                           expand_sources, iter_texts)
 from orchestrator.training.shards import (SHARD_TOKENS, clear_cache_dir, read_manifest,
@@ -68,15 +68,20 @@ def bundled_source(cache_root: str) -> list[SourceFile]:
     return expand_sources([uri])
 
 
+def absolute_cache_root(cache_root: str) -> str:
+    """A local --data-cache made absolute: the workers run in directories of their own
+    (Ray's), where a path relative to where the driver was started would name nothing."""
+    if "://" in cache_root:
+        return cache_root
+    return os.path.abspath(os.path.expanduser(cache_root))
+
+
 def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool = False,
               tokenizer: str = "bytes", train_tokenizer: int | None = None,
               cache_root: str, retokenize: bool = False,
               say: Callable[[str], None] = print) -> DataPlan:
     """Check the sources and the tokenizer and find (or choose) the cache directory."""
-    if "://" not in cache_root:
-        # The workers run in directories of their own (Ray's): a path relative to where the
-        # driver was started would name nothing there.
-        cache_root = os.path.abspath(os.path.expanduser(cache_root))
+    cache_root = absolute_cache_root(cache_root)
     if not isinstance(text_field, str) or not text_field:
         raise DataError(f"--text-field must be a non-empty field name, got {text_field!r}")
     if train_tokenizer is not None and tokenizer != "bytes":
@@ -186,16 +191,18 @@ class DataSetup:
 def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, tokenizer: str,
                    train_tokenizer: int | None, cache_root: str, retokenize: bool,
                    init_from: str | None, saved: dict[str, Any] | None,
-                   run_dir: Path | None = None,
+                   run_dir: Path | None = None, data_flags: tuple[str, ...] = (),
                    say: Callable[[str], None] = print) -> DataSetup:
     """Resolve the data, tokenizer and --init-from flags (`saved`: the train config of the run
-    being resumed, in `run_dir`, or None). DataError / TokenizerError / ExportError name the
-    flag."""
+    being resumed, in `run_dir`, or None). `data_flags`: those of --data-cache, --retokenize,
+    --text-field, --skip-bad-lines the user gave (they apply to --data files only).
+    DataError / TokenizerError / ExportError name the flag."""
     fields: dict[str, Any] = {}
     notes: list[str] = []
     if saved and saved.get("data_key") and not init_from \
             and uses_bundled_bytes(data, tokenizer, train_tokenizer) and run_dir is not None:
-        return recorded_data(saved, run_dir)
+        return recorded_data(saved, run_dir,
+                             cache_root if "--data-cache" in data_flags else None, data_flags)
     if init_from:
         from orchestrator.hf_export import init_warnings, model_size_of, read_hf_config
 
@@ -209,6 +216,9 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
                 raise TokenizerError(f"--init-from {init_from}: no tokenizer.json beside the "
                                      "model; pass the model's tokenizer with --tokenizer")
     if uses_bundled_bytes(data, tokenizer, train_tokenizer):
+        if data_flags:
+            notes.append(f"{', '.join(data_flags)} ignored: they apply to --data files, and "
+                         "this run trains on the bundled corpus, read in memory")
         tok = load_tokenizer("bytes")
         legacy = saved is not None and not saved.get("tokenizer_sha256")
         # A run from before tokenizers were recorded continues as it began: 256 byte ids.
@@ -220,26 +230,39 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
                      cache_root=cache_root, retokenize=retokenize, say=say)
     if init_from:
         _check_init_vocab(init_from, plan.tokenizer)
+    if plan.tokenizer.eos_id is None:
+        notes.append(f"the tokenizer ({plan.tokenizer.name}) has no end-of-text token (none "
+                     f"of {', '.join(EOS_NAMES)}, and no eos_token in a tokenizer_config.json "
+                     "beside it): documents are joined with no separator")
     fields.update(data_cache=plan.cache_uri, data_key=plan.key,
                   vocab_size=plan.tokenizer.vocab_size, tokenizer_sha256=plan.tokenizer.sha256)
     return DataSetup(fields, plan.tokenizer, plan, notes)
 
 
-def recorded_data(saved: dict[str, Any], run_dir: Path) -> DataSetup:
+def recorded_data(saved: dict[str, Any], run_dir: Path, cache_root: str | None = None,
+                  data_flags: tuple[str, ...] = ()) -> DataSetup:
     """`--resume` with no data or tokenizer flags, of a run trained on --data: its own token
-    shards (config.json's data_cache, checked against its data_key) and tokenizer, as
-    recorded. DataError when the shards are gone (then --data again tokenizes them)."""
-    cache = saved.get("data_cache", "")
+    shards (config.json's data_cache, or where they are in `cache_root` when --data-cache
+    says they moved; checked against its data_key) and tokenizer, as recorded. DataError when
+    the shards are gone (then --data again tokenizes them)."""
+    if "--retokenize" in data_flags:
+        raise DataError("--resume --retokenize: tokenizing again needs the files: pass the "
+                        "run's --data (and --tokenizer or --train-tokenizer) too")
+    if cache_root is not None:
+        cache = f"{absolute_cache_root(cache_root).rstrip('/')}/{saved['data_key'][:24]}"
+    else:
+        cache = saved.get("data_cache", "")
     manifest = read_manifest(cache) if cache else None
     if manifest is None or manifest.get("key") != saved["data_key"]:
         raise DataError(f"--resume: the run was trained on --data, and its token shards "
                         f"({cache or 'no data_cache recorded'}) are gone or were rebuilt "
                         "from other files; pass its --data (and --tokenizer or "
-                        "--train-tokenizer) again to tokenize them")
-    names = ["data_cache", "data_key", "vocab_size", "tokenizer_sha256"]
+                        "--train-tokenizer) again to tokenize them, or --data-cache where "
+                        "they moved")
+    names = ["data_key", "vocab_size", "tokenizer_sha256"]
     if saved.get("init_from"):  # the run took its size from the model it started from
         names += ["init_from", "model_size"]
-    fields = {name: saved[name] for name in names if name in saved}
+    fields = {"data_cache": cache, **{name: saved[name] for name in names if name in saved}}
     return DataSetup(fields, tokenizer_of_run(run_dir, saved.get("tokenizer_sha256", "")),
                      None, [])
 

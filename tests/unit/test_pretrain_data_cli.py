@@ -133,3 +133,43 @@ def test_resuming_without_data_flags_goes_on_with_the_runs_own_shards(tmp_path):
     # The shards gone: the flags to pass again are named.
     with pytest.raises(DataError, match="pass its --data .* again to tokenize them"):
         configure_data(**{**flags, "saved": {**saved, "data_cache": str(tmp_path / "gone")}})
+
+
+def test_resuming_finds_moved_shards_through_data_cache_and_refuses_retokenize(tmp_path):
+    from orchestrator.training.data_plan import configure_data, plan_data, tokenize_in_process
+
+    (tmp_path / "a.txt").write_text("some paragraph of text\n\n" * 40)
+    plan = plan_data([str(tmp_path / "a.txt")], cache_root=str(tmp_path / "old"))
+    tokenize_in_process(plan, say=lambda _: None)
+    saved = {**TrainConfig().to_dict(), "data_cache": plan.cache_uri, "data_key": plan.key,
+             "vocab_size": plan.tokenizer.vocab_size, "tokenizer_sha256": plan.tokenizer.sha256}
+    save_tokenizer(plan.tokenizer, tmp_path / "run")
+    (tmp_path / "old").rename(tmp_path / "new")  # the cache moved to other storage
+    flags = dict(data=[], text_field="text", skip_bad_lines=False, tokenizer="bytes",
+                 train_tokenizer=None, cache_root=str(tmp_path / "new"), retokenize=False,
+                 init_from=None, saved=saved, run_dir=tmp_path / "run",
+                 data_flags=("--data-cache",))
+    moved = configure_data(**flags).fields["data_cache"]
+    assert moved == str(tmp_path / "new" / plan.key[:24])
+    with pytest.raises(DataError, match="--retokenize: tokenizing again needs the files"):
+        configure_data(**{**flags, "retokenize": True,
+                          "data_flags": ("--data-cache", "--retokenize")})
+
+
+def test_data_flags_without_data_are_said_to_be_ignored(tmp_path, capsys):
+    code, err = run_pretrain("--dry-run", "--retokenize", "--text-field", "body",
+                             "--run-dir", str(tmp_path / "run"), capsys=capsys)
+    assert "--retokenize, --text-field ignored: they apply to --data files" in err
+
+
+def test_a_tokenizer_without_an_end_of_text_token_is_warned_about(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "some": 1, "text": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "a.txt").write_text("some text\n\n" * 400)
+    _, err = run_pretrain("--dry-run", "--data", str(tmp_path / "a.txt"), "--tokenizer",
+                          str(tmp_path / "tokenizer.json"), "--run-dir", str(tmp_path / "run"),
+                          capsys=capsys)
+    assert "has no end-of-text token" in err and "joined with no separator" in err

@@ -68,3 +68,67 @@ def test_tokenizer_of_run_reads_the_recorded_file_and_checks_it(tmp_path):
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(TokenizerError, match="but no tokenizer.json is beside it"):
         tokenizer_of_run(checkpoint, bpe.sha256)
+
+
+def _saved(tok, path):
+    tok.save(str(path))
+    return load_tokenizer_file(path)
+
+
+def test_a_tokenizer_files_truncation_padding_and_added_tokens_are_not_applied(tmp_path):
+    from tokenizers import Tokenizer, processors
+
+    bpe = train_bpe([f"word{i} " * 30 for i in range(50)], 300)
+    plain = bpe.encode("word1 " * 40)
+    tok = Tokenizer.from_str(bpe.to_json())
+    tok.enable_truncation(max_length=8)
+    tok.enable_padding(length=200, pad_id=5, pad_token="!")
+    eot = tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", eot)])
+    loaded = _saved(tok, tmp_path / "tokenizer.json")
+    assert loaded.encode("word1 " * 40) == plain  # 80+ tokens, none cut, added or padded
+    assert [a.tolist() for a in loaded.encode_arrays(["word1 " * 40])] == [plain]
+    # The file itself is what the run records and checks on resume.
+    assert json.loads(loaded.to_json()) == json.loads((tmp_path / "tokenizer.json").read_text())
+
+
+def test_a_vocabulary_with_holes_sizes_the_model_by_its_largest_id(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 70000}, unk_token="<unk>"))
+    loaded = _saved(tok, tmp_path / "tokenizer.json")
+    assert loaded.vocab_size == 70001
+    assert loaded.encode_arrays(["b"])[0].tolist() == [70000]  # not wrapped by uint16
+
+
+def test_sentencepiece_and_byte_fallback_tokens_stream_with_their_spaces_and_bytes(tmp_path):
+    from tokenizers import Tokenizer, decoders, models
+
+    from orchestrator.serving.text import TextStream
+
+    vocab = {"<unk>": 0, "▁Hello": 1, "▁caf": 2, "lo": 3,
+             **{f"<0x{b:02X}>": 4 + b for b in range(256)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    loaded = _saved(tok, tmp_path / "tokenizer.json")
+    ids = [1, 2, 4 + 0xC3, 4 + 0xA9, 3]  # "▁Hello" "▁caf" <0xC3> <0xA9> "lo"
+    stream = TextStream((), loaded.token_bytes)
+    text = "".join(stream.feed(i) for i in ids) + stream.finish()
+    # The text continues a prompt, so its first word keeps its space (decode alone strips it).
+    assert text == " " + tok.decode(ids) == " Hello cafélo"
+
+
+def test_end_of_text_by_llama3s_name_or_by_tokenizer_config(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "<|end_of_text|>": 2,
+                                      "<|stop|>": 3}, unk_token="<unk>"))
+    assert _saved(tok, tmp_path / "tokenizer.json").eos_id == 2
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "<|stop|>": 3}, unk_token="<unk>"))
+    (tmp_path / "b").mkdir()
+    assert _saved(tok, tmp_path / "b" / "tokenizer.json").eos_id is None
+    (tmp_path / "b" / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": {"content": "<|stop|>"}}))
+    assert _saved(tok, tmp_path / "b" / "tokenizer.json").eos_id == 3
