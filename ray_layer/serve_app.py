@@ -141,7 +141,9 @@ class Ingress:
             if chat:
                 parsed = protocol.parse_chat_request(
                     data, block_size=info["context_length"],
-                    model_name=self.settings.model_name, encoder=encoder)
+                    model_name=self.settings.model_name, encoder=encoder,
+                    kv_cache_tokens=(info["kv_cache_tokens"]
+                                     if info.get("batching") == "continuous" else None))
             else:
                 parsed = protocol.parse_completion_request(
                     data, block_size=info["context_length"],

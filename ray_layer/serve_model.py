@@ -193,7 +193,8 @@ class GPTModel:
         arrived = time.perf_counter()
         engine = self._current_engine()
         try:
-            check_request(request, engine.loaded.block_size, engine.limits)
+            check_request(request, engine.loaded.block_size, engine.limits,
+                          engine.loaded.model.config.vocab_size)
         except CapacityError as e:
             raise APIError(400, str(e), e.param) from None
         key, queue = next(self.keys), asyncio.Queue()
@@ -440,9 +441,9 @@ class GPTModel:
         if finished and produced > 1:
             self._record_tpot((time.perf_counter() - first_at) / (produced - 1))
         if not finished:  # the batch's model could not hold it (reloaded meanwhile)
-            raise APIError(400, "prompt plus max_tokens no longer fit the context of the "
-                                "model version now served; retry with a shorter request",
-                           "max_tokens")
+            raise APIError(400, "the request no longer fits the model version now served "
+                                "(a reload changed its context or vocabulary): retry, shorter "
+                                "if the context shrank", "max_tokens")
 
     def _admit(self, request: GenerationRequest) -> None:
         loaded = self.loaded
@@ -452,6 +453,9 @@ class GPTModel:
         if needed > loaded.block_size:
             raise APIError(400, f"This model's maximum context length is {loaded.block_size} "
                                 f"tokens, however you requested {needed} tokens", "max_tokens")
+        unreadable = request.unreadable_token(loaded.model.config.vocab_size)
+        if unreadable:
+            raise APIError(400, unreadable, "prompt")
         now = time.monotonic()
         if not self.queued and not self.running:
             self.last_progress = now  # an idle loop was not stalled
@@ -479,7 +483,9 @@ class GPTModel:
         self.running.update(map(id, requests))
         self._record_batch(len(requests))
         started, produced = time.perf_counter(), 0
-        fits = [len(r.context) + r.remaining <= loaded.block_size for r in requests]
+        fits = [len(r.context) + r.remaining <= loaded.block_size
+                and r.unreadable_token(loaded.model.config.vocab_size) is None
+                for r in requests]
         runnable = [i for i, ok in enumerate(fits) if ok]
         done = [not ok for ok in fits]  # unfit: ended at once (generate_stream explains)
         try:

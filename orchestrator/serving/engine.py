@@ -102,10 +102,15 @@ def positions_needed(request: GenerationRequest) -> int:
     return len(request.context) + request.remaining - 1
 
 
-def check_request(request: GenerationRequest, context: int, limits: EngineLimits) -> None:
-    """Raise CapacityError when an engine of `limits` for a model of `context` positions can
-    never run the request (what ContinuousEngine.add refuses; the replica asks first, to
-    answer 400 before queueing)."""
+def check_request(request: GenerationRequest, context: int, limits: EngineLimits,
+                  token_ids: int) -> None:
+    """Raise CapacityError when an engine of `limits` for a model of `context` positions and
+    `token_ids` embedding rows can never run the request (what ContinuousEngine.add refuses,
+    so one request never fails the others' step; the replica asks first, to answer 400
+    before queueing)."""
+    unreadable = request.unreadable_token(token_ids)
+    if unreadable:
+        raise CapacityError(unreadable, "prompt")
     needed = len(request.context) + request.remaining
     if needed > context:
         raise CapacityError(f"This model's maximum context length is {context} tokens, "
@@ -180,7 +185,7 @@ class ContinuousEngine:
     # -- requests ---------------------------------------------------------------------------
     def check(self, request: GenerationRequest) -> None:
         """Raise CapacityError when the request can never run here."""
-        check_request(request, self.context, self.limits)
+        check_request(request, self.context, self.limits, self.model.config.vocab_size)
 
     def add(self, key: object, request: GenerationRequest, now: float | None = None) -> None:
         """Queue a request under `key` (any hashable the caller uses to match chunks)."""

@@ -61,6 +61,16 @@ class GenerationRequest:
     def remaining(self) -> int:
         return self.params.max_tokens - len(self.generated)
 
+    def unreadable_token(self, token_ids: int) -> str | None:
+        """Why the model (whose embedding reads ids 0..token_ids-1) cannot read this request's
+        context, or None. The ingress checks prompts against the model it last asked about;
+        after a hot reload to another vocabulary, one may reach a model that cannot read it."""
+        bad = next((t for t in self.context if not 0 <= t < token_ids), None)
+        if bad is None:
+            return None
+        return (f"token id {bad} is not one this model reads (ids 0-{token_ids - 1}); the "
+                "model served may have changed: retry")
+
     def resumed_after(self, tokens: tuple[int, ...]) -> "GenerationRequest":
         """The request to send again after `tokens` more were delivered."""
         return replace(self, generated=self.generated + tuple(tokens))

@@ -35,7 +35,9 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_STOP_CHARS = 64
 VOCAB_SIZE = 256  # byte-level tokens: the ids today's models read
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
+# int64: torch.Generator.manual_seed takes up to 2**64 - 1 but folds a negative seed into it
+# (-1 and 2**64 - 1 would draw the same), so one range without aliases.
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
 class APIError(Exception):
@@ -111,6 +113,8 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
                           f"column {e.colno}")
     except RecursionError:
         raise bad_request("request body is not valid JSON: nested too deeply")
+    except ValueError as e:  # an integer longer than Python's int-string limit (4300 digits)
+        raise bad_request(f"request body is not valid JSON: {str(e).split(';')[0]}")
     if not isinstance(data, dict):
         raise bad_request(f"request body must be a JSON object, got {_json_type(data)}")
     return data
@@ -132,7 +136,11 @@ class Encoder:
         except UnicodeEncodeError as e:  # a lone surrogate sent as \\ud800 in the JSON
             raise bad_request(f"{where} is not valid Unicode: character {e.start} is an "
                               "unpaired surrogate", where.split("[")[0])
-        return tuple(self.tokenizer.encode(text))
+        ids = tuple(self.tokenizer.encode(text))
+        if not ids:  # a tokenizer may drop all of a text (WordPiece drops whitespace)
+            raise bad_request(f"{where} encodes to no tokens with this model's tokenizer "
+                              f"({self.tokenizer.name})", where.split("[")[0])
+        return ids
 
     def ids(self, tokens: list[int], where: str) -> tuple[int, ...]:
         for i, t in enumerate(tokens):
@@ -180,11 +188,15 @@ def _refuse_non_defaults(data: dict[str, Any], only_default: dict[str, tuple]) -
 
 
 def _refuse_unknown_fields(data: dict[str, Any], known: tuple[str, ...] = _KNOWN) -> None:
+    """Unknown fields refused, with the closest known one; `user` (kept for the client's own
+    records, unused here) checked to be a string, as OpenAI does."""
     for key in data:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise bad_request(f"Unrecognized request argument supplied: {key}{hint}", key)
+    if data.get("user") is not None and not isinstance(data["user"], str):
+        raise bad_request(f"user must be a string, got {_json_type(data['user'])}", "user")
 
 
 def _prompts(data: dict[str, Any], max_prompts: int,
@@ -247,9 +259,12 @@ def chat_prompt(messages: tuple[tuple[str, str], ...], tokenizer: Tokenizer,
 
 
 def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str,
-                       encoder: Encoder | None = None) -> CompletionRequest:
+                       encoder: Encoder | None = None,
+                       kv_cache_tokens: int | None = None) -> CompletionRequest:
     """Validate a decoded /v1/chat/completions body; the result holds the one templated
-    prompt, with the template's stop sequence added to the client's."""
+    prompt, with the template's stop sequence added to the client's. Unset, max_tokens is
+    what the context has left, and what the replica's KV cache (`kv_cache_tokens`, with
+    continuous batching) holds after the prompt."""
     encoder = encoder or Encoder()
     _refuse_unknown_fields(data, _CHAT_KNOWN)
     model = _model(data, model_name)
@@ -264,7 +279,8 @@ def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str
     field = "max_completion_tokens" if "max_completion_tokens" in given else "max_tokens"
     try:
         max_tokens = _max_tokens(data.get(field), len(prompt), block_size,
-                                 default=block_size - len(prompt))
+                                 default=_chat_default_max_tokens(len(prompt), block_size,
+                                                                  kv_cache_tokens))
     except APIError as e:
         raise bad_request(e.message.replace("max_tokens", field).replace(
             "prompt", "messages"), field if e.param == "max_tokens" else "messages") from None
@@ -275,6 +291,13 @@ def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str
         stop=_stop(data.get("stop")) + (CHAT_STOP,), seed=_seed(data.get("seed")),
         stream=stream, include_usage=_include_usage(data.get("stream_options"), stream),
         model=model)
+
+
+def _chat_default_max_tokens(prompt: int, block_size: int, kv_cache_tokens: int | None) -> int:
+    room = block_size - prompt
+    if kv_cache_tokens is not None:  # the cache holds every position fed: all but the last
+        room = min(room, kv_cache_tokens - prompt + 1)
+    return max(room, 1)  # a prompt the cache cannot hold is refused by the replica, naming it
 
 
 def _messages(value: Any) -> tuple[tuple[str, str], ...]:
@@ -292,13 +315,16 @@ def _messages(value: Any) -> tuple[tuple[str, str], ...]:
             raise bad_request(f"{where} must be an object, got {_json_type(message)}",
                               "messages")
         role = message.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise bad_request(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got "
                               f"{json.dumps(role)}", "messages")
         unknown = set(message) - {"role", "content", "name"}
         if unknown:
             raise bad_request(f"{where}: unsupported field(s) {sorted(unknown)} (tool calls "
                               "are not supported)", "messages")
+        if message.get("name") is not None and not isinstance(message["name"], str):
+            raise bad_request(f"{where}.name must be a string, got "
+                              f"{_json_type(message['name'])}", "messages")
         out.append((role, _content(message.get("content"), where)))
     return tuple(out)
 

@@ -99,3 +99,27 @@ def test_an_empty_checkpoint_in_the_user_config_serves_the_one_the_app_pinned(re
                                       CONTEXT, seed=5, step=2)
     asyncio.run(model.reconfigure({"checkpoint": "", "batching": "static"}))
     assert model.loaded.path == checkpoint != str(newer)
+
+
+def test_a_token_the_model_cannot_read_is_a_400_and_the_replica_serves_on(replica):
+    # A prompt encoded for another vocabulary (the ingress's view of the model is up to 1 s
+    # old across a hot reload): refused alone, naming the prompt, by the engine (continuous
+    # batching) and before it joins a batch (static: Serve's batcher is not here, so the
+    # admission check itself).
+    model, checkpoint = replica
+    from orchestrator.serving.protocol import APIError
+
+    async def scenario():
+        await model.reconfigure({"checkpoint": checkpoint, "batching": "continuous"})
+        vocab = model.loaded.model.config.vocab_size
+        bad = GenerationRequest((72, vocab), SamplingParams(3, temperature=0.0))
+        with pytest.raises(APIError) as e:
+            await tokens_of(model, bad)
+        assert e.value.status == 400 and e.value.param == "prompt"
+        assert f"token id {vocab} is not one this model reads" in e.value.message
+        assert len(await tokens_of(model, request(5))) == 5
+        await model.check_health()
+        with pytest.raises(APIError, match=f"token id {vocab} is not one"):
+            model._admit(bad)
+
+    asyncio.run(scenario())

@@ -183,6 +183,21 @@ def test_requests_that_can_never_fit_are_refused_naming_the_limit(model):
     assert len(small.waiting) == 1
 
 
+def test_a_token_the_model_cannot_read_is_refused_without_failing_the_others(model):
+    # After a hot reload to a smaller vocabulary a prompt encoded for the old model may come
+    # in: refused alone (its embedding lookup used to fail the step of every row).
+    eng = engine(model)
+    eng.add("good", greedy(b"Hello", 6))
+    produced = [chunk for _, chunk in eng.step()]
+    vocab = model.config.vocab_size
+    with pytest.raises(CapacityError, match=f"token id {vocab} is not one this model reads"):
+        eng.add("bad", GenerationRequest((72, vocab), SamplingParams(3, 0.0)))
+    while not eng.idle:
+        produced += [chunk for _, chunk in eng.step()]
+    assert sum(len(c.tokens) for c in produced) == 6
+    assert produced[-1].finish_reason == "length"
+
+
 @pytest.mark.parametrize("num_blocks", [64, 50])  # whole lanes, and rounded up to them
 def test_the_kv_cache_size_is_known_before_it_is_allocated(model, num_blocks):
     limits = dataclasses.replace(LIMITS, num_blocks=num_blocks)

@@ -29,6 +29,7 @@ def refused(body: dict) -> APIError:
     (b'"hi"', "must be a JSON object, got a string"),
     (b'{"prompt": "caf\xc3"}', "not valid UTF-8: byte 15"),
     (b"\xff\xfe{}", "not valid UTF-8: byte 0"),
+    (b'{"seed": ' + b"9" * 5000 + b"}", "not valid JSON: Exceeds the limit"),
 ])
 def test_malformed_bodies_are_400(raw, words):
     with pytest.raises(APIError) as e:
@@ -76,6 +77,9 @@ def test_malformed_bodies_are_400(raw, words):
     ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty", "not supported"),
     ({"prompt": "hi", "max_token": 5}, "max_token", "did you mean 'max_tokens'"),
     ({"prompt": "hi", "model": 3}, "model", "must be a string"),
+    ({"prompt": "hi", "user": 5}, "user", "must be a string"),
+    # torch folds a negative seed into [2**63, 2**64): one int64 range, no two seeds alike
+    ({"prompt": "hi", "seed": 2 ** 64 - 1}, "seed", "must be an integer"),
 ])
 def test_bad_fields_are_400_naming_the_field(body, param, words):
     error = refused(body)
@@ -232,6 +236,36 @@ def test_chat_messages_become_the_documented_plain_text_prompt():
         BLOCK - len(b"User: Hi\nAssistant:")
 
 
+def test_chats_default_max_tokens_fits_the_replicas_kv_cache():
+    # A cache smaller than the context: the default is what the cache holds after the
+    # prompt (it used to be the context's room, which the replica then refused).
+    prompt = len(b"User: Hi\nAssistant:")
+    body = {"messages": [{"role": "user", "content": "Hi"}]}
+    small = protocol.parse_chat_request(body, block_size=BLOCK, model_name=MODEL,
+                                        kv_cache_tokens=32)
+    assert small.max_tokens == 32 - prompt + 1
+    large = protocol.parse_chat_request(body, block_size=BLOCK, model_name=MODEL,
+                                        kv_cache_tokens=4 * BLOCK)
+    assert large.max_tokens == BLOCK - prompt
+
+
+def test_a_prompt_that_encodes_to_no_tokens_is_400():
+    class DropsAll:
+        name, vocab_size, eos_id = "drops-whitespace", 10, None
+
+        def encode(self, text):
+            return []
+
+    e = refused_with({"prompt": "   "}, encoder=protocol.Encoder(DropsAll(), 10))
+    assert e.status == 400 and e.param == "prompt" and "encodes to no tokens" in e.message
+
+
+def refused_with(body: dict, **kwargs) -> APIError:
+    with pytest.raises(APIError) as e:
+        parse(body, **kwargs)
+    return e.value
+
+
 def test_a_null_token_limit_is_unset_as_openai_reads_it():
     # The openai client's wrappers send "max_tokens": null for None beside the other field.
     messages = [{"role": "user", "content": "Hi"}]
@@ -273,6 +307,10 @@ class ByteLike:
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "not supported"),
     ({"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "prompt",
      "Unrecognized"),
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "messages", "role must be one of"),
+    ({"messages": [{"role": {"a": 1}, "content": "x"}]}, "messages", "role must be one of"),
+    ({"messages": [{"role": "user", "content": "x", "name": 3}]}, "messages",
+     "name must be a string"),
 ])
 def test_bad_chat_bodies_name_the_field(body, param, words):
     with pytest.raises(APIError) as e:
