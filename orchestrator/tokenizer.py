@@ -124,7 +124,7 @@ class HFTokenizer:
         self.name = name
         # The largest id + 1, not the token count: a vocabulary may skip ids.
         self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
-        self.eos_id = _find_eos(tokenizer, name)
+        self.eos_id = _find_eos(tokenizer)
         spec = json.loads(self._json)
         # Byte-level tokenizers (GPT-2's kind, ours) spell each token in a printable alias of
         # its bytes; others are decoded in context (see _piece_bytes).
@@ -198,29 +198,18 @@ def _decoder_types(decoder: dict | None) -> set[str]:
     return types
 
 
-# End-of-text tokens by name: GPT-2's (ours), Llama 3's, SentencePiece's, Gemma's, BERT's.
-EOS_NAMES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
+# End-of-text tokens by name: GPT-2's (ours, Qwen's, Phi's), Llama 3's, DeepSeek's,
+# SentencePiece's (Llama 2, Mistral, T5), Gemma's, BERT's. By name only, so the id is a
+# function of tokenizer.json alone: training, its tokenizer workers, serving and export agree.
+EOS_NAMES = (EOT_TOKEN, "<|end_of_text|>", "<｜end▁of▁sentence｜>", "</s>", "<eos>", "[SEP]")
 
 
-def _find_eos(tokenizer, name: str) -> int | None:
-    """The end-of-text id: a known name, else the `eos_token` of a tokenizer_config.json
-    beside the file (Hugging Face's), else None."""
-    for candidate in EOS_NAMES + _configured_eos(name):
+def _find_eos(tokenizer) -> int | None:
+    for candidate in EOS_NAMES:
         token_id = tokenizer.token_to_id(candidate)
         if token_id is not None:
             return token_id
     return None
-
-
-def _configured_eos(name: str) -> tuple[str, ...]:
-    config = Path(name).parent / "tokenizer_config.json"
-    try:
-        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
-    except (OSError, ValueError, AttributeError):
-        return ()
-    if isinstance(eos, dict):  # {"content": "<|eot|>", ...}
-        eos = eos.get("content")
-    return (eos,) if isinstance(eos, str) else ()
 
 
 @functools.lru_cache(maxsize=1)

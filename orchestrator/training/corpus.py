@@ -68,7 +68,7 @@ class Document:
     """One document of a source file: its text and where it is in the file."""
 
     text: str
-    index: int  # position in its file (paragraph, line or row), for the held-out hash
+    index: int  # position in its file (paragraph, line or row)
     eos_after: bool  # end-of-text follows (every document but a .txt paragraph before the last)
     line: int = 0  # 1-based line or row, for messages
 
@@ -103,30 +103,56 @@ def expand_sources(specs: list[str]) -> list[SourceFile]:
         if not isinstance(spec, str) or not spec.strip():
             raise DataError(f"--data must be a path, directory, glob or URI, got {spec!r}")
         for source in _expand_one(spec):
-            found[source.uri] = source
+            found.setdefault(_real_location(source.uri), source)
     return sorted(found.values(), key=lambda s: s.uri)
+
+
+def _real_location(uri: str) -> str:
+    """What a file is, however it was named: a local file through symlinks and file://, so
+    one file named twice (a `latest -> v3` link, a path and its URI) is read once."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    return os.path.realpath(uri.removeprefix("file://"))
 
 
 def _expand_one(spec: str) -> list[SourceFile]:
     fs, path = filesystem_for(spec)
-    if any(ch in path for ch in "*?["):
-        return _expand_glob(spec, fs, path)
     info = _file_info(fs, path, spec)
+    # A path that exists is itself even with glob characters in its name ("corpus[2024]").
+    if info.type == pafs.FileType.NotFound and any(ch in path for ch in "*?["):
+        return _expand_glob(spec, fs, path)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"--data {spec}: no such file or directory")
     if info.type == pafs.FileType.Directory:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                 if i.type == pafs.FileType.File and not _hidden_below(path, i.path)]
+        _refuse_compressed(spec, [i.path for i in infos])
         sources = [_source(spec, i) for i in sorted(infos, key=lambda i: i.path)
-                   if i.type == pafs.FileType.File and _format_of(i.path)
-                   and not _hidden_below(path, i.path)]
+                   if _format_of(i.path)]
         if not sources:
             raise DataError(f"--data {spec}: the directory holds no "
                             f"{', '.join(FORMATS)} files")
         return [_checked(s, spec) for s in sources]
+    _refuse_compressed(spec, [path])
     if _format_of(path) is None:
         raise DataError(f"--data {spec}: unknown file type; expected one of "
                         f"{', '.join(FORMATS)}")
     return [_checked(_source(spec, info), spec)]
+
+
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
+
+
+def _refuse_compressed(spec: str, paths: list[str]) -> None:
+    """Compressed corpus files (part-00000.jsonl.gz) are not read: refused by name rather
+    than passed over, which left a folder's LICENSE.txt as the whole corpus."""
+    compressed = sorted(p for p in paths if p.lower().endswith(COMPRESSED)
+                        and _format_of(os.path.splitext(p)[0]))
+    if compressed:
+        names = ", ".join(os.path.basename(p) for p in compressed[:3])
+        more = f" and {len(compressed) - 3} more" if len(compressed) > 3 else ""
+        raise DataError(f"--data {spec}: compressed files are not read ({names}{more}): "
+                        f"decompress them to {', '.join(FORMATS)} first")
 
 
 def _hidden_below(base: str, path: str) -> bool:
@@ -354,11 +380,24 @@ def _jsonl_documents(source: SourceFile, field: str, skip: bool, skipped: list[s
                     problem = f"no {field!r} field (--text-field)"
                 elif not isinstance(record[field], str):
                     problem = f"field {field!r} is {type(record[field]).__name__}, not a string"
+                else:
+                    problem = _not_unicode(record[field], field)
             if problem:
                 _bad(source, line_no, problem, skip, skipped)
                 continue
             yield Document(record[field], index, eos_after=True, line=line_no)
             index += 1
+
+
+def _not_unicode(text: str, field: str) -> str | None:
+    """Why a JSON string is not text (a lone surrogate escape such as "\\ud83d", which
+    JavaScript writes for half an emoji), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"field {field!r} is not valid Unicode: character {e.start + 1} is a lone "
+                f"surrogate ({ascii(text[e.start])})")
+    return None
 
 
 def _parquet_documents(source: SourceFile, field: str, skip: bool, skipped: list[str]
@@ -392,10 +431,12 @@ def _bad(source: SourceFile, line: int, problem: str, skip: bool, skipped: list[
     skipped.append(message)
 
 
-def is_held_out(uri: str, index: int, fraction: float = HELD_OUT_FRACTION) -> bool:
-    """Whether document `index` of file `uri` belongs to the held-out split: a hash, so the
-    same on every machine and run, and independent of how files are spread over workers."""
-    digest = hashlib.sha256(f"{uri}\0{index}".encode()).digest()
+def is_held_out(text: str, fraction: float = HELD_OUT_FRACTION) -> bool:
+    """Whether a document belongs to the held-out split: a hash of its text, so the same on
+    every machine and run wherever the files are mounted, independent of how files are
+    spread over workers, and one split for every copy of a document (a file read twice, a
+    paragraph repeated across files): nothing held out is also trained on."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") < fraction * 2 ** 64
 
 
@@ -403,7 +444,8 @@ def cache_key(sources: list[SourceFile], text_field: str, skip_bad_lines: bool,
               tokenizer_sha256: str, held_out_fraction: float = HELD_OUT_FRACTION) -> str:
     """What the token shards depend on: the files (path, size, modification time), how they
     are read, the tokenizer and the split. Same key = same shards: nothing to tokenize."""
-    identity = {"version": 1, "files": [[s.uri, s.size, s.mtime_ns] for s in sources],
+    # version 2: the held-out split by document text (1: by file path and position)
+    identity = {"version": 2, "files": [[s.uri, s.size, s.mtime_ns] for s in sources],
                 "text_field": text_field, "skip_bad_lines": skip_bad_lines,
                 "tokenizer": tokenizer_sha256, "held_out_fraction": held_out_fraction}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
@@ -415,5 +457,5 @@ def iter_texts(sources: list[SourceFile], text_field: str, skip_bad_lines: bool
     on, so held-out text never shapes the vocabulary either."""
     for source in sources:
         for doc in iter_documents(source, text_field, skip_bad_lines):
-            if doc.text and not is_held_out(source.uri, doc.index):
+            if doc.text and not is_held_out(doc.text):
                 yield doc.text

@@ -232,8 +232,7 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
         _check_init_vocab(init_from, plan.tokenizer)
     if plan.tokenizer.eos_id is None:
         notes.append(f"the tokenizer ({plan.tokenizer.name}) has no end-of-text token (none "
-                     f"of {', '.join(EOS_NAMES)}, and no eos_token in a tokenizer_config.json "
-                     "beside it): documents are joined with no separator")
+                     f"of {', '.join(EOS_NAMES)}): documents are joined with no separator")
     fields.update(data_cache=plan.cache_uri, data_key=plan.key,
                   vocab_size=plan.tokenizer.vocab_size, tokenizer_sha256=plan.tokenizer.sha256)
     return DataSetup(fields, plan.tokenizer, plan, notes)

@@ -109,7 +109,7 @@ def tokenize_source(source: SourceFile, file_index: int, tokenizer, cache_uri: s
         nonlocal train_open
         texts = [d.text for d in pending]
         for doc, ids in zip(pending, tokenizer.encode_arrays(texts)):
-            if is_held_out(source.uri, doc.index):
+            if is_held_out(doc.text):
                 counts["held_out_documents"] += bool(doc.text)
                 if len(ids):  # each held-out document stands alone, end-of-text after it
                     writer.add("held_out", ids)

@@ -122,6 +122,55 @@ def test_a_jsonl_line_that_is_not_utf8_costs_that_line_alone(tmp_path):
     assert docs[4].text == "document 4" and docs[4].line == 6
 
 
+def test_a_lone_surrogate_escape_costs_that_line_alone(tmp_path):
+    # JavaScript writes half an emoji as "\ud83d": valid JSON, not text.
+    path = tmp_path / "a.jsonl"
+    lines = [json.dumps({"text": f"document {i}"}) for i in range(4)]
+    lines.insert(2, '{"text": "smile \\ud83d"}')
+    path.write_text("\n".join(lines) + "\n")
+    source, = expand_sources([str(path)])
+    with pytest.raises(DataError, match=f"{path}:3: field 'text' is not valid Unicode"):
+        list(iter_documents(source))
+    skipped = []
+    docs = list(iter_documents(source, skip_bad_lines=True, skipped=skipped))
+    assert len(docs) == 4 and skipped[0].startswith(f"{path}:3:")
+
+
+def test_one_file_named_twice_is_read_once(corpus, tmp_path):
+    # Through a `latest -> data` link and as a file:// URI: one source, so no document is
+    # both held out (one copy) and trained on (the other).
+    (tmp_path / "latest").symlink_to(corpus)
+    sources = expand_sources([str(corpus), str(tmp_path / "latest"),
+                              f"file://{corpus}/book.txt"])
+    assert sorted(os.path.basename(s.uri) for s in sources) == ["book.txt", "docs.jsonl",
+                                                                "rows.parquet"]
+
+
+def test_the_held_out_split_is_by_text_wherever_the_files_are(tmp_path):
+    texts = [f"document number {i} of the corpus" for i in range(400)]
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "c.txt").write_text("\n\n".join(texts))
+    held = [{d.text for d in iter_documents(expand_sources([str(tmp_path / w)])[0])
+             if is_held_out(d.text)} for w in ("a", "b")]
+    assert held[0] == held[1] and 20 < len(held[0]) < 80  # ~10%, the same documents
+
+
+def test_compressed_files_are_refused_by_name_not_passed_over(tmp_path):
+    (tmp_path / "part-00000.jsonl.gz").write_bytes(b"\x1f\x8b")
+    (tmp_path / "LICENSE.txt").write_text("license text " * 100)
+    with pytest.raises(DataError, match="compressed files are not read "
+                                        r"\(part-00000.jsonl.gz\): decompress them"):
+        expand_sources([str(tmp_path)])
+
+
+def test_an_existing_path_with_glob_characters_is_itself(tmp_path):
+    (tmp_path / "corpus[2024]").mkdir()
+    (tmp_path / "corpus[2024]" / "a.txt").write_text(paragraphs(5, "p"))
+    source, = expand_sources([str(tmp_path / "corpus[2024]")])
+    assert source.uri == str(tmp_path / "corpus[2024]" / "a.txt")
+
+
 def test_hidden_folders_are_skipped_and_a_glob_star_stays_in_its_folder(tmp_path):
     root = tmp_path / "corp"
     for name in ("a.txt", "sub/b.txt", ".hidden.txt", ".ipynb_checkpoints/a-checkpoint.txt",
@@ -158,7 +207,7 @@ def test_held_out_documents_are_never_in_the_training_shards(corpus, tmp_path):
     for source in plan.sources:
         for doc in iter_documents(source):
             if doc.text.strip():
-                assert (doc.text in train_text) != is_held_out(source.uri, doc.index), doc.text
+                assert (doc.text in train_text) != is_held_out(doc.text), doc.text
     assert len(manifest["splits"]["train"]) > 3  # several shards: windows cross shard ends
 
 

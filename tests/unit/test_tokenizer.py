@@ -120,15 +120,11 @@ def test_sentencepiece_and_byte_fallback_tokens_stream_with_their_spaces_and_byt
     assert text == " " + tok.decode(ids) == " Hello cafélo"
 
 
-def test_end_of_text_by_llama3s_name_or_by_tokenizer_config(tmp_path):
+def test_end_of_text_by_llama3s_name(tmp_path):
     from tokenizers import Tokenizer, models
 
     tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "<|end_of_text|>": 2,
                                       "<|stop|>": 3}, unk_token="<unk>"))
     assert _saved(tok, tmp_path / "tokenizer.json").eos_id == 2
     tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "<|stop|>": 3}, unk_token="<unk>"))
-    (tmp_path / "b").mkdir()
-    assert _saved(tok, tmp_path / "b" / "tokenizer.json").eos_id is None
-    (tmp_path / "b" / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": {"content": "<|stop|>"}}))
-    assert _saved(tok, tmp_path / "b" / "tokenizer.json").eos_id == 3
+    assert _saved(tok, tmp_path / "tokenizer.json").eos_id is None
