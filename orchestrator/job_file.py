@@ -8,7 +8,8 @@ reads. One YAML mapping:
     cpus_per_worker: 1
     preemptible: true                # false when the loop does not call launch.report
     runtime_env: {working_dir: ., pip: [pandas]}   # Ray's runtime_env for the job
-    run_dir: ~/orchestrator-runs/mnist-mlp         # default: the runs root / name
+    run_dir: ~/orchestrator-runs/mnist-mlp         # default: the runs root / name; a
+                                                   # relative one is beside the job file
     max_failures: 3
     queue_timeout_s: 600
 
@@ -69,6 +70,8 @@ def load_job_file(path: str | Path) -> JobFile:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     if launcher.get("config") is None:  # `config:` left empty: no config
         launcher.pop("config", None)
+    if "run_dir" in launcher:  # like the entrypoint's script: wherever `submit` is run from
+        launcher["run_dir"] = str(path.parent / Path(launcher["run_dir"]).expanduser())
     return JobFile(spec=spec, path=path, **launcher)
 
 

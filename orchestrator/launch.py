@@ -80,8 +80,10 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
     from ray_layer.user_loop import ship_by_value, yielding
 
     module = sys.modules.get(getattr(train_loop, "__module__", None) or "")
-    if module is not None and module.__name__ != "__main__" and not importable_by_name(module):
-        ship_by_value(module)  # (cloudpickle sends __main__'s functions by value itself)
+    if module is not None and (module.__name__ == "__main__"
+                               or not importable_by_name(module)):
+        if module.__name__ != "__main__":  # cloudpickle sends __main__'s functions by value
+            ship_by_value(module)
         for helper in local_modules(module):  # files beside the script that it imported
             ship_by_value(helper)
     return launch(yielding(train_loop), config or {}, spec, directory, address=address,
@@ -111,6 +113,10 @@ def resolve_fit_run_dir(spec: JobSpec, run_dir: str | Path | None, resume: bool)
     if not resume and has_checkpoints(directory):
         raise ConfigError(f"run_dir {directory} already holds checkpoints of a run: resume it "
                           "(resume=True, --resume) or give the job another name")
+    if resume and not has_checkpoints(directory):  # as pretrain's --resume: never a silent
+        # fresh start (a mistyped or misresolved run_dir would look like a resume)
+        raise ConfigError(f"resume: no checkpoint in run_dir {directory} to resume from; "
+                          "start it as a new run (without resume=True, --resume)")
     return directory
 
 

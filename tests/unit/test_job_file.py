@@ -2,6 +2,7 @@
 (orchestrator/job_file.py), entry points (orchestrator/entrypoints.py), the run directory
 `fit` uses (orchestrator.launch.resolve_fit_run_dir), `fit`'s own argument checks, and
 `python -m orchestrator submit` on bad input (real subprocesses: exit 2, one `error:` line)."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -176,6 +177,8 @@ def test_a_script_path_is_read_relative_to_the_job_files_folder(tmp_path, monkey
 
 def test_a_script_imports_the_files_beside_it_from_any_folder_and_they_travel_with_it(
         tmp_path, monkeypatch):
+    import torch  # noqa: F401 (the script imports it: torch's first import fails in a copy
+    # of sys.modules, so it is imported before the copy, as the whole file's run would)
     from orchestrator.entrypoints import local_modules
 
     monkeypatch.setattr(sys, "path", list(sys.path))  # the load adds the script's folder
@@ -332,6 +335,55 @@ def test_a_run_dir_holding_checkpoints_is_refused_without_resume_and_used_with_i
     with pytest.raises(ConfigError, match="already holds checkpoints of a run: resume it"):
         launch.resolve_fit_run_dir(JobSpec("alpha"), run_dir, False)
     assert launch.resolve_fit_run_dir(JobSpec("alpha"), run_dir, True) == run_dir.resolve()
+
+
+def test_a_script_calling_fit_sends_the_files_beside_it_to_the_workers(tmp_path):
+    # `python train.py` (the loop in __main__) importing helpers.py beside it: a worker on
+    # another node has neither file, so the helper must travel by value with the loop.
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "helpers_m7.py").write_text("def steps(config):\n    return 3\n")
+    (proj / "train.py").write_text(textwrap.dedent(f"""
+        import ray.cloudpickle
+        import ray_layer.launch
+        from orchestrator import launch
+        from orchestrator.config import JobSpec
+        from helpers_m7 import steps
+
+        def train_loop(config):
+            return steps(config)
+
+        sent = {{}}
+        ray_layer.launch.launch = lambda fn, *a, **k: sent.setdefault("fn", fn)  # no Ray
+        launch.fit(train_loop, spec=JobSpec("m7", num_workers=1),
+                   run_dir={str(tmp_path / "runs" / "m7")!r})
+        open({str(tmp_path / "fn.pkl")!r}, "wb").write(ray.cloudpickle.dumps(sent["fn"]))
+    """))
+    repo = str(Path(__file__).resolve().parents[2])
+    made = subprocess.run([sys.executable, "train.py"], cwd=proj, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": repo})
+    assert made.returncode == 0, made.stderr
+    worker = subprocess.run(
+        [sys.executable, "-c", "import ray.cloudpickle, sys; "
+         f"fn = ray.cloudpickle.loads(open({str(tmp_path / 'fn.pkl')!r}, 'rb').read()); "
+         "print('loaded')"],
+        cwd="/", capture_output=True, text=True, env={**os.environ, "PYTHONPATH": repo})
+    assert worker.returncode == 0 and "loaded" in worker.stdout, worker.stderr
+
+
+def test_resume_with_no_checkpoint_is_refused_not_a_fresh_start(tmp_path):
+    with pytest.raises(ConfigError, match="resume: no checkpoint in run_dir .*alpha"):
+        launch.resolve_fit_run_dir(JobSpec("alpha"), tmp_path / "alpha", True)
+
+
+def test_a_relative_run_dir_in_a_job_file_is_beside_the_file(tmp_path, monkeypatch):
+    # As its entrypoint's script is: `submit --resume` from another folder found nothing
+    # there and started afresh.
+    (tmp_path / "proj").mkdir()
+    job = tmp_path / "proj" / "job.yaml"
+    job.write_text("name: alpha\nentrypoint: train.py:loop\nrun_dir: runs/alpha\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_job_file(job).run_dir == str(tmp_path / "proj" / "runs" / "alpha")
 
 
 @pytest.mark.parametrize("kwargs, expected", [
