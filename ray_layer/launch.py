@@ -33,6 +33,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from orchestrator.config import JobSpec
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.placement import Placement
+from orchestrator.runs import checkpoint_dirs
 from ray_layer.cluster import ClusterConnectionError, connect, ensure_control_plane
 from ray_layer.placed_run import NotPlaced, PlacedRun
 from ray_layer.train_callbacks import FollowPlacement, MetricsLog
@@ -91,8 +92,10 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
         trainer_for = _trainer_factory(train_fn, train_loop_config, spec, run_dir, driver.owner,
                                        queue_timeout_s, max_failures, keep_checkpoints)
         try:
-            result, placement = driver.run(lambda placement: _fit(trainer_for(placement),
-                                                                  run_dir, max_failures))
+            newest = checkpoint_dirs(run_dir)
+            result, placement = driver.run(
+                lambda placement: _fit(trainer_for(placement), run_dir, max_failures),
+                resumed_from=str(newest[0]) if newest else None)
             placement = driver.current_placement(placement)
         except NotPlaced as e:
             raise JobFailed(str(e), EXIT_NOT_PLACEABLE) from None

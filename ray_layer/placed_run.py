@@ -16,6 +16,7 @@ preempted waits as long as it takes to get back in.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from typing import Any, Callable
@@ -54,7 +55,11 @@ def gpu_shortfall(result) -> list[dict] | None:
 
 def _checkpoint_path(result) -> str | None:
     checkpoint = getattr(result, "checkpoint", None)
-    return None if checkpoint is None else str(checkpoint.path)
+    return None if checkpoint is None else _normalized(str(checkpoint.path))
+
+
+def _normalized(path: str | None) -> str | None:
+    return None if path is None else os.path.normpath(path)
 
 
 class PlacedRun:
@@ -70,11 +75,15 @@ class PlacedRun:
         # scheduler told next) and placed_at (placed again).
         self.yields: list[dict[str, Any]] = []
 
-    def run(self, fit: Callable[[Placement], Any]) -> tuple[Any, Placement]:
-        """Place, fit, and again after every yield; returns the last result and placement."""
+    def run(self, fit: Callable[[Placement], Any], resumed_from: str | None = None
+            ) -> tuple[Any, Placement]:
+        """Place, fit, and again after every yield; returns the last result and placement.
+        `resumed_from`: the run's newest checkpoint when this driver started (a resume)."""
         decision = ray.get(self.scheduler.submit.remote(self.spec, self.owner))
         placement = self.wait(decision, deadline_s=self.queue_timeout_s)
-        yielded_with = None  # the checkpoint of the last yield
+        # The checkpoint of the last yield. A resumed run's newest checkpoint may be an earlier
+        # driver's yield: a fit that saves nothing newer still shows it, and is not a new one.
+        yielded_with = _normalized(resumed_from)
         while True:
             result = fit(placement)
             short = gpu_shortfall(result)

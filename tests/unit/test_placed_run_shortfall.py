@@ -56,3 +56,18 @@ def test_a_shortfall_is_told_to_the_scheduler_and_the_job_fits_again(driver, sho
     assert ("gpu_too_small", "job", "driver", [("n1", 1)]) in calls
     assert not fits and placements[1] == second and placement == second
     assert final.metrics["step"] == 9 and run.yields == []
+
+
+def test_a_resumed_run_does_not_take_an_earlier_drivers_yield_for_its_own(driver):
+    # The run's newest checkpoint was saved by a yield of the driver before (preempted, then
+    # stopped while queued); resumed, the loop ends without a newer checkpoint, so Ray Train's
+    # result still carries that yield. It ran once: not a yield to wait out and fit again.
+    run, calls, _ = driver
+    fits = []
+
+    def fit(placement):
+        fits.append(placement)
+        return result({"step": 9, "yielded": "cancel: by an operator"}, "/run/checkpoint_9")
+    final, _ = run.run(fit, resumed_from="/run/checkpoint_9/")
+    assert len(fits) == 1 and run.yields == []
+    assert [c[0] for c in calls] == ["submit"]
