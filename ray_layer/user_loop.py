@@ -28,8 +28,10 @@ _watch: DirectiveWatch | None = None  # one per worker process (rank 0 asks)
 _pending: str | None = None  # a directive not yet acted on (no checkpoint since)
 
 
-class Yielded(Exception):
-    """Raised by `report` on every rank when the job must give its placement back."""
+class Yielded(BaseException):
+    """Raised by `report` on every rank when the job must give its placement back. A
+    BaseException, as KeyboardInterrupt is: a loop's own `except Exception:` around a step
+    (to log a bad batch and go on) must not swallow a preemption and train on."""
 
     def __init__(self, reason: str, step: Any) -> None:
         super().__init__(reason)

@@ -445,6 +445,30 @@ def test_a_yield_waits_for_a_checkpoint_and_rides_on_that_report(monkeypatch):
     assert watch.checkpoints == 1
 
 
+def test_a_loops_own_except_exception_does_not_swallow_a_yield(monkeypatch):
+    import ray.train
+
+    from ray_layer import user_loop
+
+    reports = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None:
+                        reports.append(metrics["step"]))
+    monkeypatch.setattr(ray.train, "get_context",
+                        lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    monkeypatch.setattr(user_loop, "_watch", FakeWatch("cancel: by an operator"))
+    monkeypatch.setattr(user_loop, "_pending", None)
+
+    def loop():
+        for step in range(5):
+            try:  # a loop that logs a failed step and goes on
+                user_loop.report({"step": step}, checkpoint="c")
+            except Exception:
+                pass
+
+    user_loop.yielding(loop)({})
+    assert reports == [0]  # stopped at the first checkpointed report after the directive
+
+
 def test_a_loop_taking_nothing_runs_and_without_a_directive_never_yields(monkeypatch):
     import ray.train
 
