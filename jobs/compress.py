@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
     # Everything that can be wrong with the input is checked before --out is touched: a
     # refused run leaves no half-made output behind.
     from orchestrator.compression.export import ExportError
-    from orchestrator.compression.pipeline import resolve_device, run_pipeline
+    from orchestrator.compression.pipeline import check_out_path, resolve_device, run_pipeline
     from orchestrator.compression.source import load_teacher
     from orchestrator.training.checkpoint import CheckpointError
 
@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         config = build_config(args)
         resolve_device(config.device)
+        check_out_path(out)  # before the teacher is read: that can take a while
         teacher, source = load_teacher(args.checkpoint, log=print)
     except (ConfigError, CheckpointError) as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None

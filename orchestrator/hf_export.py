@@ -13,7 +13,8 @@ one width), and a learnable attention span that does not cover the whole context
 no span; a span that covers it is an exact no-op and is dropped).
 
 `load_hf_weights` goes the other way for `--init-from`: a GPT-2-shaped Hugging Face model
-directory (config.json + model.safetensors) becomes the starting weights of a run.
+directory (config.json + model.safetensors) becomes the starting weights of a run; a
+config.json whose attention ours cannot compute (ATTENTION_SETTINGS) is refused.
 """
 from __future__ import annotations
 
@@ -44,6 +45,15 @@ _TOP_NAMES = {"tok_emb.weight": "transformer.wte.weight", "pos_emb.weight": "tra
               "ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias"}
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, what our blocks use
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# GPT-2 settings that change what attention computes, with the value our model's math has
+# (transformers' default) and what ours does: a model with another value is refused on
+# import, since its weights would load and its logits differ. (reorder_and_upcast_attn is
+# not here: it computes the same scores in fp32, in another order.)
+ATTENTION_SETTINGS = {
+    "scale_attn_weights": (True, "ours divides the attention scores by sqrt(head_dim)"),
+    "scale_attn_by_inverse_layer_idx": (False, "ours does not divide the attention scores by "
+                                               "the layer index + 1"),
+}
 
 
 class ExportError(ValueError):
@@ -104,11 +114,17 @@ def hf_config(model, tokenizer: Tokenizer | None) -> dict[str, Any]:
 
 
 def output_refusal(out: Path) -> str | None:
-    """Why `out` must not receive an export: it holds a training run or checkpoint, whose
-    config.json and tokenizer.json the export would overwrite (a resume reads them). An
-    earlier export there is replaced."""
+    """Why `out` must not receive an export: it cannot be a directory (a file, or a path
+    under one), or it holds a training run or checkpoint, whose config.json and
+    tokenizer.json the export would overwrite (a resume reads them). An earlier export there
+    is replaced."""
+    from orchestrator.compression.artifacts import file_in_the_way
     from orchestrator.training.checkpoint import SHARDED_META_FILE, STATE_FILE
 
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        return ("it is a file, not a directory" if blocker == out else
+                f"{blocker} is a file, so no directory can be made under it")
     if not out.is_dir():
         return None
     if any(out.glob("checkpoint_*")) or any((out / f).exists()
@@ -125,6 +141,13 @@ def output_refusal(out: Path) -> str | None:
     return None
 
 
+def check_output(out: Path) -> None:
+    """ExportError naming --out when `out` must not receive an export (output_refusal)."""
+    refusal = output_refusal(out)
+    if refusal:
+        raise ExportError(f"--out {out}: {refusal}; give another directory")
+
+
 def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
     """Write `model` and `tokenizer` as a Hugging Face GPT-2 directory (model.safetensors,
     config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
@@ -135,9 +158,7 @@ def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list
     if refusal:
         raise ExportError(f"cannot export as GPT-2: {refusal}")
     out = Path(out_dir)
-    refusal = output_refusal(out)
-    if refusal:
-        raise ExportError(f"--out {out}: {refusal}; give another directory")
+    check_output(out)
     out.mkdir(parents=True, exist_ok=True)
     eos = tokenizer.eos_id
     written = []
@@ -170,6 +191,7 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
     from orchestrator.serving.loading import format_of, model_directories
     from orchestrator.training.checkpoint import newest_usable_checkpoint
 
+    check_output(Path(out_dir))  # before the checkpoint is read: that can take a while
     candidates, is_run = model_directories(path)
 
     def training_checkpoint_only(directory: Path) -> None:
@@ -213,6 +235,15 @@ def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
     if config.get("model_type") != "gpt2":
         raise ExportError(f"--init-from: {path} has model_type {config.get('model_type')!r}; "
                           "only GPT-2-shaped models (model_type 'gpt2') can be imported")
+    for key, (ours, why) in ATTENTION_SETTINGS.items():
+        if config.get(key, ours) != ours:
+            raise ExportError(f"--init-from: {path}: {key} is {json.dumps(config[key])}; our "
+                              f"model cannot compute that ({why})")
+    activation = config.get("activation_function", "gelu_new")
+    if activation not in ("gelu", *TANH_GELUS):  # the tanh ones: close, warned about
+        raise ExportError(f"--init-from: {path}: activation_function {json.dumps(activation)}"
+                          "; ours is the GELU (gelu, or the tanh GELU's close variants "
+                          f"{', '.join(TANH_GELUS)})")
     n_embd = config.get("n_embd")
     if config.get("n_inner") not in (None, 4 * (n_embd or 0)):
         raise ExportError(f"--init-from: {path}: n_inner {config['n_inner']} is not 4 x n_embd")

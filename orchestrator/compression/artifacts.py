@@ -10,22 +10,67 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
+
+import torch
 
 # One implementation of checksummed tensor files, shared with training checkpoints.
 from orchestrator.training.checkpoint import (CheckpointError, load_tensors, save_tensors,
                                               sha256_file, write_atomically)
 
 __all__ = ["CheckpointError", "save_tensors", "load_tensors", "write_json", "staged_dir",
-           "sha256_file"]
+           "sha256_file", "cpu_state_dict", "file_in_the_way"]
 
 
 def write_json(path: Path, data: Any) -> None:
-    write_atomically(Path(path),
-                     lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+    """Strict JSON: a NaN or infinity (a diverged loss) is written as null, never as the bare
+    `NaN` that JSON parsers other than Python's reject; the report is still written."""
+    text = json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
+    write_atomically(Path(path), lambda f: f.write(text.encode()))
+
+
+def _finite(data: Any) -> Any:
+    """`data` with every non-finite float replaced by None."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
+
+
+def cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of `model.state_dict()` in which entries that are one tensor in the
+    model (the token embedding and the LM head tied to it) are still one tensor, so
+    torch.save writes it once. Copying entry by entry would not: `.cpu()` of a CUDA tensor,
+    or `.clone()` of any, makes a copy per entry, and the file would hold the embedding
+    twice. Each entry is its own tensor object over the shared copy, as in state_dict(): a
+    CPU model's copy then serializes to the very bytes its own state does."""
+    copies: dict[tuple, torch.Tensor] = {}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        same = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape),
+                tensor.stride())
+        if same not in copies:
+            copies[same] = tensor.detach().cpu().clone()
+        state[name] = copies[same].detach()
+    return state
+
+
+def file_in_the_way(directory: Path) -> Path | None:
+    """The file that keeps `directory` from being used or created as a directory: the path
+    itself, or its nearest existing ancestor, when that is not a directory. None when there is
+    none (checked before any work, so an unusable output path fails at once, named)."""
+    directory = Path(directory)
+    for path in (directory, *directory.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
 
 
 @contextlib.contextmanager

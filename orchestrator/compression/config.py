@@ -92,9 +92,12 @@ class CompressConfig:
               f"must be one of {', '.join(MODEL_PRESETS)} (or unset: the teacher's shape)")
         for name in ("prune_steps", "batch_size", "log_every", "checkpoint_every", "prune_every",
                      "eval_tokens", "eval_batch_size", "latency_batch", "latency_batched",
-                     "latency_seq", "latency_repeats", "threads"):
+                     "latency_repeats", "threads"):
             value = getattr(self, name)
             check(is_int(value) and value >= 1, name, "must be an integer >= 1")
+        # The report times a decode step after latency_seq - 1 cached positions: one at least.
+        check(is_int(self.latency_seq) and self.latency_seq >= 2, "latency_seq",
+              "must be an integer >= 2")
         for name in ("distill_steps", "qat_steps", "warmup_steps"):
             value = getattr(self, name)
             check(is_int(value) and value >= 0, name, "must be an integer >= 0")

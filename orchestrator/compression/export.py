@@ -37,8 +37,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from orchestrator.compression.artifacts import (CheckpointError, load_tensors, save_tensors,
-                                                sha256_file, write_json)
+from orchestrator.compression.artifacts import (CheckpointError, cpu_state_dict, load_tensors,
+                                                save_tensors, sha256_file, write_json)
 from orchestrator.compression.qat import WEIGHT_QMAX, Int8Linear, quantize_weight
 from orchestrator.cpython_quirks import retry_spurious_ast_error
 from orchestrator.training.loss import token_cross_entropy
@@ -342,7 +342,7 @@ def quantize_onnx_linears(fp32_path: Path, int8_path: Path,
 def int8_state(model: nn.Module, names: list[str], qmax: int = WEIGHT_QMAX) -> dict[str, Any]:
     """Tensors-only description of the int8 model: int8 weights + scales of the quantized
     Linears, fp32 for every other state entry, the GPT shape as plain numbers."""
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state = cpu_state_dict(model)  # the tied embedding / LM head stays one tensor
     int8, scales = {}, {}
     for name in names:
         q, s = quantize_weight(state.pop(f"{name}.weight"), qmax)

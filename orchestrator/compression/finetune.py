@@ -117,7 +117,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
     use_teacher = teacher is not None and plan.alpha < 1
     student.train()
     started, interval_start, interval_tokens = time.perf_counter(), time.perf_counter(), 0
-    last = {"loss": float("nan"), "ce": float("nan"), "kd": float("nan")}
+    # None (null in stage.json) until a step is logged: a stage of 0 steps has no loss.
+    last: dict[str, float | None] = {"loss": None, "ce": None, "kd": None}
     while step < plan.steps:
         target = schedule.target_at(step) if schedule else None
         if target is not None:
@@ -165,7 +166,10 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
     metrics = {"steps": plan.steps, "seconds": round(time.perf_counter() - started, 2),
                **{f"final_{k}": v for k, v in last.items()}}
     if masks:
-        metrics["sparsity"] = prune.sparsity(weights)
+        # Zeros among the block Linear weights (what unstructured --prune-sparsity counts).
+        # Not "sparsity": in the report that is the block parameters removed (the pipeline
+        # records it for the pruning stage).
+        metrics["linear_weight_sparsity"] = prune.sparsity(weights)
     return {n: m.cpu() for n, m in masks.items()}, metrics
 
 

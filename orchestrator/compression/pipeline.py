@@ -26,11 +26,13 @@ from typing import Any, Callable
 import torch
 
 from orchestrator.compression import export, measure, prune, qat, structured
-from orchestrator.compression.artifacts import (CheckpointError, load_tensors, save_tensors,
+from orchestrator.compression.artifacts import (CheckpointError, cpu_state_dict,
+                                                file_in_the_way, load_tensors, save_tensors,
                                                 staged_dir, write_json)
 from orchestrator.compression.config import CompressConfig, resume_conflicts
 from orchestrator.compression.finetune import Plan, PruneSchedule, finetune
-from orchestrator.compression.report import build_report, format_table
+from orchestrator.compression.report import (block_sparsity, build_report, format_table,
+                                             latency_seq_len)
 from orchestrator.compression.source import teacher_data
 from orchestrator.config import MODEL_PRESETS, ConfigError
 from orchestrator.training.data import get_batch
@@ -76,8 +78,7 @@ def check_out(out: Path, config: CompressConfig, source: dict[str, Any]) -> None
     """Refuse an --out that is a file, holds something else, or holds a run of another
     teacher or with settings that would change its finished stages. Writes nothing."""
     saved_path = out / CONFIG_FILE
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
+    check_out_path(out)
     if saved_path.is_file():
         try:
             saved = json.loads(saved_path.read_text())
@@ -97,12 +98,22 @@ def check_out(out: Path, config: CompressConfig, source: dict[str, Any]) -> None
                           f"{CONFIG_FILE}); choose a new or empty directory")
 
 
+def check_out_path(out: Path) -> None:
+    """Refuse an --out that cannot be a directory: an existing file, or a path under one."""
+    blocker = file_in_the_way(out)
+    if blocker == out:
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if blocker is not None:
+        raise ConfigError(f"--out {out} cannot be created: {blocker} is a file, not a "
+                          "directory")
+
+
 def _save_stage(directory: Path, model: torch.nn.Module, masks: dict | None,
                 metrics: dict[str, Any]) -> None:
     with staged_dir(directory) as tmp:
         save_tensors(tmp / WEIGHTS_FILE,
                      {"config": dataclasses.asdict(model.config),
-                      "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
+                      "model": cpu_state_dict(model)})
         if masks is not None:
             save_tensors(tmp / MASKS_FILE, {"masks": masks})
         write_json(tmp / STAGE_FILE, metrics)
@@ -181,12 +192,15 @@ def _run_stage(run: Run, stage: str, dirname: str, student: GPT, plan: Plan, *,
     (structured pruning shrinks it), then publish the stage's directory and drop the partial
     checkpoint. Returns (model, masks, metrics)."""
     partial = run.out / f".{stage}.partial.pt"
+    dense_config = student.config  # before a structured finish shrinks it
     run.log(f"{stage}: fine-tuning {plan.steps} steps (batch {plan.batch_size} x "
             f"{plan.seq_len}, alpha {plan.alpha}, temperature {plan.temperature})")
     masks, metrics = finetune(student, run.teacher, run.train_tokens, plan, run.device,
                               masks=masks, schedule=schedule, partial=partial, log=run.log)
     if finish is not None:
         student, masks = finish(student, masks)
+    if schedule is not None:  # pruning: "sparsity" as the report means it, one figure
+        metrics["sparsity"] = block_sparsity(student, dense_config)
     _save_stage(run.out / dirname, student, masks if masks else None,
                 {"stage": stage, **metrics})
     for path in (partial, partial.with_name(partial.name + ".sha256")):
@@ -323,6 +337,9 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
     # layer, not after the distillation stage.
     structured.check_amount(shape_to_compress(teacher, config), config.prune_sparsity,
                             config.prune_structure, config.prune_scope)
+    # The report's settings too: a rerun that only changes them rewrites compress_config.json
+    # (prepare_out), which must not then disagree with the report it failed to write.
+    latency_seq_len(config, teacher.config.block_size)
     check_out(out, config, source)
     # The teacher's data, read and checked now: a run that cannot be scored fails in
     # seconds, before --out is touched, not after its fine-tunes.

@@ -16,6 +16,7 @@ from orchestrator.compression.export import (ONNX_FILE, TORCH_FILE, export_decod
                                              export_fp32_onnx, int8_decode_onnx,
                                              load_int8_model, load_onnx_model, ort_session,
                                              OnnxInt8Model, static_int8_onnx)
+from orchestrator.config import ConfigError
 
 COLUMNS = ("model", "runtime", "size_bytes", "latency_ms", "perplexity", "sparsity")
 
@@ -40,10 +41,22 @@ class _OnnxFp32:
         return torch.from_numpy(self.session.run(["logits"], {"idx": idx.numpy()})[0]), None
 
 
+def latency_seq_len(config: CompressConfig, block_size: int) -> int:
+    """The tokens of every latency shape: --latency-seq, capped by the model's context. The
+    decode step needs one cached position at least; the pipeline asks before any stage runs,
+    not after them all."""
+    seq = min(config.latency_seq, block_size)
+    if seq < 2:
+        raise ConfigError(f"latency_seq (--latency-seq) {config.latency_seq}, capped by the "
+                          f"model's context length {block_size}, is {seq}: the decode latency "
+                          "needs 2 tokens at least (one cached)")
+    return seq
+
+
 def shapes(config: CompressConfig, block_size: int) -> dict[str, tuple[str, int, int]]:
     """The latency shapes: name -> (kind, batch, tokens). `prefill` runs batch x tokens at
     once; `decode` is one new token per row after tokens - 1 cached positions."""
-    seq = min(config.latency_seq, block_size)
+    seq = latency_seq_len(config, block_size)
     out = {f"{config.latency_batch}x{seq}": ("prefill", config.latency_batch, seq)}
     if config.latency_batched > 1:
         out[f"{config.latency_batched}x{seq}"] = ("prefill", config.latency_batched, seq)
@@ -200,7 +213,7 @@ def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path
             "latency_setup": {"shapes": {k: list(v) for k, v in
                                          shapes(config, teacher.config.block_size).items()},
                               "primary": primary, "batch": config.latency_batch,
-                              "seq_len": min(config.latency_seq, teacher.config.block_size),
+                              "seq_len": latency_seq_len(config, teacher.config.block_size),
                               "threads": config.threads, "repeats": config.latency_repeats,
                               "statistic": "median", "cpu": measure.cpu_description()},
             "perplexity_setup": {"tokens": inputs.numel(), "seq_len": eval_seq_len,

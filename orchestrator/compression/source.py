@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import torch
 
+from orchestrator.compression.artifacts import cpu_state_dict
 from orchestrator.runs import checkpoint_dirs
 from orchestrator.training.checkpoint import (CHECKSUM_FILE, SHARDED_META_FILE, STATE_FILE,
                                               CheckpointError, newest_usable_checkpoint)
@@ -38,8 +39,7 @@ def load_teacher(path: str | Path, log: Callable[[str], None]
     directory, state, model, train_config = newest_usable_checkpoint(
         candidates, is_run, Path(path).resolve(),
         on_skip=lambda e: log(f"warning: {e}; trying the previous checkpoint"))
-    source = {"checkpoint": str(directory),
-              "sha256": (directory / CHECKSUM_FILE).read_text().strip(),
+    source = {"checkpoint": str(directory), "sha256": checkpoint_sha256(directory),
               "step": state.get("step"), "model_size": train_config.model_size,
               "params": sum(p.numel() for p in model.parameters()),
               # What it was trained on and with which tokenizer: the fine-tunes use the
@@ -48,11 +48,21 @@ def load_teacher(path: str | Path, log: Callable[[str], None]
     return model, source
 
 
+def checkpoint_sha256(directory: Path) -> str:
+    """A checkpoint's identity: the recorded sha256 of the file its format is detected by
+    (state.pt, or a sharded checkpoint's meta.pt: its shards have no sidecar), as serving
+    names the version it loads."""
+    from orchestrator.serving.loading import format_of
+
+    marker = format_of(directory).marker
+    return (directory / (marker + ".sha256")).read_text().strip()
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 of a model's serialized weights: identifies a teacher that has no checkpoint
     file (the benchmark's in-process teacher)."""
     buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    torch.save(cpu_state_dict(model), buffer)  # the same bytes from a CUDA model
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 

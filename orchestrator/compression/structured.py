@@ -191,7 +191,8 @@ def choose_units(model: GPT, importance: Importance, sparsity: float, scope: str
         for i in layers:
             for kind in importance.kinds:
                 per_param = importance.scores(model, i, kind) / unit_cost(config, kind)
-                per_param[_removed(model, i, kind)] = -1.0
+                # Scores are kept on the CPU; the mask comes from weights on the model's device.
+                per_param[_removed(model, i, kind).cpu()] = -1.0
                 candidates += [(float(s), i, kind, j) for j, s in enumerate(per_param)]
         candidates.sort()
         left = {(i, k): unit_counts(config, i)[k] for i in layers for k in importance.kinds}

@@ -76,7 +76,7 @@ def test_sparsity_after_stage_1_and_masks_fixed_through_qat(train_tokens):
     masks, metrics = finetune(student, teacher, train_tokens, plan(steps=6), torch.device("cpu"),
                               schedule=schedule, log=lambda line: None)
     weights = prune.prunable_weights(student)
-    assert prune.sparsity(weights) >= 0.30 and metrics["sparsity"] >= 0.30
+    assert prune.sparsity(weights) >= 0.30 and metrics["linear_weight_sparsity"] >= 0.30
     zeros_after_prune = {n: (w == 0).clone() for n, w in weights.items()}
 
     qat.prepare_qat(student, prune.prunable_names(student))
@@ -379,3 +379,80 @@ def test_onnx_export_is_tried_again_after_cpythons_spurious_ast_error(monkeypatc
     with pytest.raises(SystemError, match="something else"):
         export._onnx_program(torch.nn.Identity(), (torch.zeros(1),))
     assert len(calls) == 1
+
+
+# ---- what the files hold -------------------------------------------------------------------
+
+@pytest.fixture
+def cpu_copies_like_cuda(monkeypatch):
+    """`.cpu()` returning a fresh copy, as it does for a CUDA tensor: two entries that are one
+    tensor in the model then come out as two unless the copy keeps them one."""
+    real = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: real(self, *a, **k).clone())
+
+
+def saved_once(path, first, second):
+    state = torch.load(path, weights_only=True)
+    return state, lambda group: (group[first].untyped_storage().data_ptr()
+                                 == group[second].untyped_storage().data_ptr())
+
+
+def test_weight_files_hold_the_tied_embedding_once(tmp_path, cpu_copies_like_cuda):
+    from orchestrator.compression.artifacts import save_tensors
+    from orchestrator.compression.pipeline import Run, stage_original
+
+    model = tiny_gpt()
+    embedding = model.tok_emb.weight.numel() * 4
+    unique = sum(p.numel() * 4 for p in model.parameters())  # parameters() counts a tie once
+    run = Run(tmp_path, CompressConfig(), model, None, torch.device("cpu"), 16, lambda _: None)
+    stage_original(run, {"sha256": "x"})  # what the original and the pruned stage write
+    path = tmp_path / "original" / "weights.pt"
+    state, shared = saved_once(path, "tok_emb.weight", "lm_head.weight")
+    # A second copy would add a whole embedding; serialization adds a few KB.
+    assert shared(state["model"]) and path.stat().st_size < unique + embedding / 2
+
+    int8 = export.int8_state(model, prune.prunable_names(model))
+    save_tensors(tmp_path / export.TORCH_FILE, int8)
+    state, shared = saved_once(tmp_path / export.TORCH_FILE, "tok_emb.weight", "lm_head.weight")
+    assert shared(state["fp32"])
+    fp32_bytes = sum(t.numel() * 4 for t in int8["fp32"].values()) - embedding  # counted once
+    int8_bytes = sum(q.numel() + s.numel() * 4 for q, s in zip(int8["int8"].values(),
+                                                               int8["scales"].values()))
+    assert (tmp_path / export.TORCH_FILE).stat().st_size < fp32_bytes + int8_bytes + embedding / 2
+    loaded = export.load_int8_model(tmp_path)  # re-tied as the GPT ties them
+    assert loaded.lm_head.weight is loaded.tok_emb.weight
+
+
+def test_a_stage_of_no_steps_has_null_losses_and_json_files_hold_no_nan(train_tokens, tmp_path):
+    from orchestrator.compression.artifacts import write_json
+
+    _, metrics = finetune(tiny_gpt(), tiny_gpt(), train_tokens, plan("qat", steps=0),
+                          torch.device("cpu"), log=lambda line: None)
+    assert metrics["final_loss"] is None and metrics["final_ce"] is None
+    assert metrics["final_kd"] is None
+    write_json(tmp_path / "stage.json", metrics)
+    assert json.loads((tmp_path / "stage.json").read_text())["final_loss"] is None
+    # A diverged loss: null, never the bare NaN other JSON parsers reject; still written.
+    write_json(tmp_path / "diverged.json", {"final_loss": float("nan"),
+                                            "rows": [{"ppl": float("inf")}, {"ppl": 3.5}]})
+    text = (tmp_path / "diverged.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON")) == \
+        {"final_loss": None, "rows": [{"ppl": None}, {"ppl": 3.5}]}
+
+
+def test_the_pruning_stage_reports_sparsity_as_the_report_does(train_tokens, tmp_path):
+    """One meaning per name: "sparsity" is the fraction of the block parameters removed, in
+    the stage's metrics as in the report's rows and summary (report.block_sparsity)."""
+    from orchestrator.compression.pipeline import Run, stage_prune
+    from orchestrator.compression.report import block_sparsity
+
+    config = CompressConfig(prune_steps=4, prune_every=1, batch_size=4, log_every=100)
+    run = Run(tmp_path, config, tiny_gpt(), train_tokens, torch.device("cpu"), 16,
+              lambda _: None)
+    pruned, _, metrics = stage_prune(run, tiny_gpt())
+    assert pruned.config.mlp_hidden or pruned.config.n_heads_per_layer  # shrunk
+    assert metrics["sparsity"] == pytest.approx(block_sparsity(pruned, TINY))
+    # The zeros among the Linear weights before the shrink: another figure, another name.
+    assert metrics["linear_weight_sparsity"] != pytest.approx(metrics["sparsity"])
+    saved = json.loads((tmp_path / "pruned" / "stage.json").read_text())
+    assert saved["sparsity"] == metrics["sparsity"]

@@ -98,6 +98,8 @@ def test_run_directory_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):
     ("--prune-sparsity", "0", "prune_sparsity (--prune-sparsity)"),
     ("--temperature", "-1", "temperature (--temperature)"),
     ("--latency-repeats", "0", "latency_repeats (--latency-repeats)"),
+    # The decode latency needs one cached position (was: a traceback after every stage)
+    ("--latency-seq", "1", "latency_seq (--latency-seq) must be an integer >= 2"),
     ("--seq-len", "999", "seq_len (--seq-len) must be <= the teacher's context length 16"),
     # Checked before the fine-tunes (was: a traceback after them, from the report)
     ("--eval-tokens", "10", "eval_tokens (--eval-tokens) 10 is shorter than one evaluation "
@@ -169,3 +171,54 @@ def test_a_model_that_cannot_be_exported_fails_before_any_fine_tuning(tmp_path, 
                                           "data-dependent control flow$"):
         run_pipeline(teacher, {"sha256": "x"}, CompressConfig(), out, log=lines.append)
     assert not out.exists() and not any("step" in line for line in lines)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process saves
+def test_a_sharded_checkpoint_is_a_teacher_named_by_its_meta_checksum(tmp_path):
+    """--strategy fsdp's checkpoint: meta.pt (+ sha256) and shards, no state.pt."""
+    from orchestrator.training.checkpoint import SHARDED_META_FILE, save_sharded
+
+    config = TrainConfig(model_size="tiny", seq_len=16)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_train_config(config))
+    checkpoint = tmp_path / "run" / "checkpoint_00000003"
+    save_sharded(checkpoint, {"model": model.state_dict(),
+                              "optimizer": {"state": {"step": torch.zeros(1)}}},
+                 {"config": config.to_dict(), "step": 3, "world_size": 1}, rank=0)
+    teacher, source = load_teacher(tmp_path / "run", log=print)
+    assert source["sha256"] == (checkpoint / (SHARDED_META_FILE + ".sha256")).read_text()
+    assert source["step"] == 3 and torch.equal(teacher.tok_emb.weight, model.tok_emb.weight)
+
+
+def test_an_out_that_cannot_be_a_directory_is_refused_before_the_teacher_is_read(tmp_path,
+                                                                                  capsys):
+    (tmp_path / "file").write_text("mine")
+    for out, why in ((tmp_path / "file", "exists and is not a directory"),
+                     (tmp_path / "file" / "out", f"cannot be created: {tmp_path / 'file'} is "
+                                                 "a file")):
+        # No checkpoint there either: --out is named first, before anything is loaded.
+        code, err = run_job(capsys, "--checkpoint", str(tmp_path / "nope"), "--out", str(out))
+        assert code == 2 and f"--out {out} {why}" in err and "Traceback" not in err, err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_refused_rerun_leaves_compress_config_as_it_was(tmp_path, capsys):
+    """Report-only settings are checked with the rest, before compress_config.json is
+    rewritten: a failed rerun must not leave it disagreeing with the report."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    _, source = load_teacher(checkpoint, log=print)
+    out = tmp_path / "out"
+    prepare_out(out, CompressConfig(), source)  # an earlier run's settings
+    before = (out / "compress_config.json").read_bytes()
+    code, err = run_job(capsys, "--checkpoint", str(checkpoint), "--out", str(out),
+                        "--latency-seq", "1")
+    assert code == 2 and "--latency-seq" in err
+    assert (out / "compress_config.json").read_bytes() == before
+    # A context too short for the decode latency is refused the same way, naming the flag.
+    from orchestrator.compression.pipeline import run_pipeline
+    teacher = GPT(GPTConfig(block_size=1, n_layer=1, n_head=2, n_embd=32))
+    with pytest.raises(ConfigError, match=r"latency_seq \(--latency-seq\) 64, capped by the "
+                                          "model's context length 1, is 1"):
+        run_pipeline(teacher, source, CompressConfig(), out, log=print)
+    assert (out / "compress_config.json").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["compress_config.json"]

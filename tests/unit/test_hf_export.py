@@ -190,3 +190,47 @@ def test_init_from_refuses_what_it_cannot_import(tmp_path, exported):
     config = {**read_hf_config(directory), "n_layer": 3}
     with pytest.raises(ExportError, match="3x2x64 is none of the model presets"):
         model_size_of(config, "x")
+
+
+@pytest.mark.parametrize("key,value", [("scale_attn_weights", False),
+                                       ("scale_attn_by_inverse_layer_idx", True)])
+def test_init_from_refuses_attention_ours_cannot_compute(tmp_path, exported, key, value):
+    """These load without a complaint and change the logits: refused, naming the key."""
+    _, directory = exported
+    (tmp_path / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
+    config = json.loads((directory / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ExportError, match=f"config.json: {key} is {json.dumps(value)}; our "
+                                          "model cannot compute that"):
+        read_hf_config(tmp_path)
+    # The value our attention has, and reorder_and_upcast_attn (the same scores in fp32,
+    # computed in another order), are accepted.
+    (tmp_path / "config.json").write_text(json.dumps(
+        {**config, key: not value, "reorder_and_upcast_attn": True}))
+    read_hf_config(tmp_path)
+
+
+def test_init_from_refuses_an_activation_other_than_the_gelu(tmp_path, exported):
+    _, directory = exported
+    (tmp_path / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
+    config = json.loads((directory / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
+    with pytest.raises(ExportError, match='activation_function "relu"; ours is the GELU'):
+        read_hf_config(tmp_path)
+    for accepted in ("gelu", "gelu_new"):
+        (tmp_path / "config.json").write_text(
+            json.dumps({**config, "activation_function": accepted}))
+        read_hf_config(tmp_path)
+
+
+def test_export_to_an_out_that_cannot_be_a_directory_is_refused(tmp_path, capsys):
+    from jobs import export
+
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
+    (tmp_path / "file").write_text("mine")
+    for out, why in ((tmp_path / "file", "it is a file, not a directory"),
+                     (tmp_path / "file" / "hf", f"{tmp_path / 'file'} is a file")):
+        code = export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--out {out}: {why}" in err and "Traceback" not in err, err
+    assert (tmp_path / "file").read_text() == "mine"
