@@ -111,18 +111,32 @@ def test_resuming_on_other_data_is_refused(tmp_path, capsys):
     assert code == 2 and "it was trained on other data (the --data files" in err
 
 
-def test_resuming_without_data_flags_goes_on_with_the_runs_own_shards(tmp_path):
-    from orchestrator.training.data_plan import configure_data, plan_data, tokenize_in_process
+def tokenized_run(tmp_path, cache: str):
+    """A run trained on --data: its tokenized shards in tmp_path / cache, its tokenizer in
+    tmp_path / run, and its recorded train config. (plan, saved)"""
+    from orchestrator.training.data_plan import plan_data, tokenize_in_process
 
     (tmp_path / "a.txt").write_text("some paragraph of text\n\n" * 40)
-    plan = plan_data([str(tmp_path / "a.txt")], cache_root=str(tmp_path / "cache"))
+    plan = plan_data([str(tmp_path / "a.txt")], cache_root=str(tmp_path / cache))
     tokenize_in_process(plan, say=lambda _: None)
     saved = {**TrainConfig().to_dict(), "data_cache": plan.cache_uri, "data_key": plan.key,
              "vocab_size": plan.tokenizer.vocab_size, "tokenizer_sha256": plan.tokenizer.sha256}
     save_tokenizer(plan.tokenizer, tmp_path / "run")
-    flags = dict(data=[], text_field="text", skip_bad_lines=False, tokenizer="bytes",
-                 train_tokenizer=None, cache_root=str(tmp_path / "elsewhere"),
-                 retokenize=False, init_from=None, saved=saved, run_dir=tmp_path / "run")
+    return plan, saved
+
+
+def resume_flags(tmp_path, saved, cache_root: str, **more):
+    """configure_data's arguments for `--resume` with no --data."""
+    return dict(data=[], text_field="text", skip_bad_lines=False, tokenizer="bytes",
+                train_tokenizer=None, cache_root=str(tmp_path / cache_root), retokenize=False,
+                init_from=None, saved=saved, run_dir=tmp_path / "run", **more)
+
+
+def test_resuming_without_data_flags_goes_on_with_the_runs_own_shards(tmp_path):
+    from orchestrator.training.data_plan import configure_data
+
+    plan, saved = tokenized_run(tmp_path, "cache")
+    flags = resume_flags(tmp_path, saved, "elsewhere")
     setup = configure_data(**flags)
     assert setup.plan is None and setup.tokenizer.sha256 == plan.tokenizer.sha256
     assert {k: setup.fields[k] for k in ("data_cache", "data_key")} == \
@@ -136,19 +150,11 @@ def test_resuming_without_data_flags_goes_on_with_the_runs_own_shards(tmp_path):
 
 
 def test_resuming_finds_moved_shards_through_data_cache_and_refuses_retokenize(tmp_path):
-    from orchestrator.training.data_plan import configure_data, plan_data, tokenize_in_process
+    from orchestrator.training.data_plan import configure_data
 
-    (tmp_path / "a.txt").write_text("some paragraph of text\n\n" * 40)
-    plan = plan_data([str(tmp_path / "a.txt")], cache_root=str(tmp_path / "old"))
-    tokenize_in_process(plan, say=lambda _: None)
-    saved = {**TrainConfig().to_dict(), "data_cache": plan.cache_uri, "data_key": plan.key,
-             "vocab_size": plan.tokenizer.vocab_size, "tokenizer_sha256": plan.tokenizer.sha256}
-    save_tokenizer(plan.tokenizer, tmp_path / "run")
+    plan, saved = tokenized_run(tmp_path, "old")
     (tmp_path / "old").rename(tmp_path / "new")  # the cache moved to other storage
-    flags = dict(data=[], text_field="text", skip_bad_lines=False, tokenizer="bytes",
-                 train_tokenizer=None, cache_root=str(tmp_path / "new"), retokenize=False,
-                 init_from=None, saved=saved, run_dir=tmp_path / "run",
-                 data_flags=("--data-cache",))
+    flags = resume_flags(tmp_path, saved, "new", data_flags=("--data-cache",))
     moved = configure_data(**flags).fields["data_cache"]
     assert moved == str(tmp_path / "new" / plan.key[:24])
     with pytest.raises(DataError, match="--retokenize: tokenizing again needs the files"):
