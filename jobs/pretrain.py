@@ -20,7 +20,7 @@ from pathlib import Path
 from orchestrator.config import (LR_SCHEDULES, MODEL_PRESETS, PRECISIONS, STRATEGIES,
                                  ConfigError, JobSpec, TrainConfig, resume_conflicts)
 from orchestrator.hf_export import ExportError, check_init_context
-from orchestrator.tokenizer import TokenizerError, save_tokenizer
+from orchestrator.tokenizer import TOKENIZER_FILE, TokenizerError, save_tokenizer
 from orchestrator.training.corpus import DataError
 from orchestrator.training.data_plan import (DataSetup, check_trainable, configure_data,
                                              default_cache_root, resume_data_conflicts)
@@ -265,13 +265,21 @@ def run(args: argparse.Namespace) -> dict | None:
                 check_trainable(manifest, train_config.seq_len, setup.plan.cache_uri)
             except (DataError, ClusterConnectionError) as e:
                 raise JobFailed(str(e), EXIT_BAD_INPUT) from None
-        # Written once the data is known good: a refused run leaves no run directory behind.
+        # Written once the data is known good; a run refused after (no cluster at --address,
+        # not placeable) takes the directory it made away again: nothing is left behind.
+        made_run_dir = not run_dir.exists()
         _write_resolved_config(run_dir, train_config, spec, setup.tokenizer)
-        launched = launch(train_under_ray, {"train": train_config.to_dict(),
-                                            "min_gpu_memory_gb": spec.min_gpu_memory_gb},
-                          spec, run_dir, address=args.address,
-                          queue_timeout_s=args.queue_timeout, max_failures=args.max_failures,
-                          keep_checkpoints=train_config.keep_checkpoints)
+        try:
+            launched = launch(train_under_ray, {"train": train_config.to_dict(),
+                                                "min_gpu_memory_gb": spec.min_gpu_memory_gb},
+                              spec, run_dir, address=args.address,
+                              queue_timeout_s=args.queue_timeout,
+                              max_failures=args.max_failures,
+                              keep_checkpoints=train_config.keep_checkpoints)
+        except JobFailed as e:
+            if made_run_dir and e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE):
+                _remove_if_untouched(run_dir)
+            raise
     except RunDirError as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
     finally:
@@ -321,6 +329,15 @@ def _write_resolved_config(run_dir: Path, train_config: TrainConfig, spec: JobSp
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     except OSError as e:
         raise RunDirError(f"cannot write to run dir {run_dir}: {e.strerror or e}") from None
+
+
+def _remove_if_untouched(run_dir: Path) -> None:
+    """Remove a run directory that holds only what _write_resolved_config put there."""
+    written = {"config.json", TOKENIZER_FILE}
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= written:
+        for name in written:
+            (run_dir / name).unlink(missing_ok=True)
+        run_dir.rmdir()
 
 
 def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.throughput import per_worker_rate
+
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 RAY_PREFIX = "ray_"  # what Ray's Prometheus exporter puts in front of every application metric
 
@@ -151,8 +153,8 @@ TRAIN_LOSS = MetricSpec("orchestrator_train_loss", GAUGE,
                         "Training loss at the last report", "nats/token", TRAIN_TAGS)
 TRAIN_TOKENS_PER_SECOND = MetricSpec(
     "orchestrator_train_tokens_per_second", GAUGE,
-    "Tokens this worker trained per second over the last logging interval", "tokens/s",
-    TRAIN_TAGS)
+    "Tokens per second over the last logging interval, this worker's share of the job's "
+    "(the sum over ranks is the job's rate)", "tokens/s", TRAIN_TAGS)
 TRAIN_MFU = MetricSpec(
     "orchestrator_train_mfu_ratio", GAUGE,
     "Model FLOPs utilisation (PaLM's 6N + 12LHQT FLOPs/token x tokens/s over the device's "
@@ -376,7 +378,10 @@ def decision_samples(decision, latency_s: float | None,
 
 
 def training_samples(metrics: dict, run: str, rank: int) -> list[Sample]:
-    """The figures of one RayTrainSession.report metrics dict (absent or None: skipped)."""
+    """The figures of one RayTrainSession.report metrics dict (absent or None: skipped).
+    The report's tokens_per_s is the whole job's, the same on every rank: each rank records
+    its share, so summing the ranks (the dashboard's panel) gives the job's rate, not N x it."""
     tags = {"run": run, "rank": str(rank)}
+    metrics = {**metrics, "tokens_per_s": per_worker_rate(metrics)}
     return [(spec, metrics[key], tags) for key, spec in TRAIN_REPORT_KEYS.items()
             if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics[key], bool)]

@@ -350,7 +350,7 @@ OUTPUTS = ((ALERTS_PATH, render_alerts), (DASHBOARD_PATH, render_dashboard),
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if a checked-in file differs from what the catalogue renders")
     args = parser.parse_args(argv)

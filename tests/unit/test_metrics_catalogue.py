@@ -350,6 +350,15 @@ def test_training_samples_skip_figures_not_measured():
     assert s[m.TRAIN_MFU.name] == [(0.3, {"run": "run-1", "rank": "1"})]
 
 
+def test_each_rank_records_its_share_of_the_jobs_tokens_per_second():
+    # The report's tokens_per_s covers all workers and every rank reports it: summed over
+    # ranks (the dashboard's panel) it must be the job's rate, not world_size times it.
+    report = {"tokens_per_s": 8000.0, "world_size": 4}
+    shares = [by_metric(m.training_samples(report, "run-1", rank))
+              [m.TRAIN_TOKENS_PER_SECOND.name][0][0] for rank in range(4)]
+    assert sum(shares) == 8000.0
+
+
 # -- ray_layer/telemetry.py (without Ray: the Ray metric objects are replaced) -----------------------
 
 class FakeMetric:

@@ -47,12 +47,13 @@ def test_bad_input_gets_one_clear_message(args, expected, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_unreachable_address_fails_fast_and_clearly(tmp_path):
+def test_unreachable_address_fails_fast_and_clearly_leaving_no_run_directory(tmp_path):
     port = unused_port()
     result = run_pretrain("--address", f"127.0.0.1:{port}", tmp_path=tmp_path)
     assert result.returncode == 2
     assert f"cannot reach a Ray cluster at 127.0.0.1:{port} (--address)" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("pretrain-*"))  # the run's config.json was written first
 
 
 def test_dashboard_url_in_ray_address_is_explained(tmp_path):
