@@ -22,7 +22,7 @@ from typing import Any
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.entrypoints import EntrypointError, load_entrypoint
 from orchestrator.inventory import GIB, NodeReport
-from orchestrator.job_exit import EXIT_BAD_INPUT, run_job
+from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed, run_job
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
 from orchestrator.runs import DEFAULT_RUNS_ROOT, read_metrics
@@ -150,22 +150,34 @@ def refusal(command: str, name: str, row: dict[str, Any] | None) -> str:
 
 
 def _connect(address: str | None):
+    """(ray, the scheduler) of the running cluster; JobFailed saying why not (exit 2: no
+    cluster there; 3: its scheduler did not come up)."""
     import os
 
     import ray
 
     from ray_layer.cluster import ClusterConnectionError, connect, ensure_control_plane
 
-    # Unlike a job, these commands look at an existing cluster: never start an embedded one.
+    # Unlike a job, these commands look at an existing cluster: never start an embedded one
+    # ("auto": the cluster started on this machine, when neither --address nor RAY_ADDRESS).
+    given = address or os.environ.get("RAY_ADDRESS")
     try:
-        connect(address or os.environ.get("RAY_ADDRESS") or "auto")
+        connect(address or (None if given else "auto"))
     except ClusterConnectionError as e:
-        raise SystemExit(f"error: {e}\n(start one with `ray start --head`, or pass --address)")
+        message = _one_line(str(e)) if given else (
+            "no Ray cluster runs on this machine (and neither --address nor RAY_ADDRESS names "
+            "one): start one with `ray start --head`, or pass --address HOST:6379")
+        raise JobFailed(message, EXIT_BAD_INPUT) from None
     try:
         scheduler, _ = ensure_control_plane()
     except (ray.exceptions.RayError, TimeoutError) as e:
-        raise SystemExit(f"error: the scheduler or a node agent did not come up: {e}")
+        raise JobFailed(f"the scheduler did not come up: {_one_line(str(e))}",
+                        EXIT_NOT_PLACEABLE) from None
     return ray, scheduler
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,35 +225,50 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "logs":
         return print_logs(args.name, args.run_dir, args.follow)
-    if args.command == "submit" and not args.dry_run:
-        return submit(args.job_file, args.resume, args.address)
     if args.command in ("place", "submit"):
         try:
-            spec = load_job_file(args.spec if args.command == "place" else args.job_file).spec
-        except ConfigError as e:
+            if args.command == "place":
+                spec = load_job_file(args.spec).spec
+            else:  # checked whole, as submit runs it, with or without --dry-run
+                job, entry = _runnable_job(args.job_file, args.dry_run, args.resume, args.json)
+                if not args.dry_run:
+                    return submit(job, entry, args.resume, args.address)
+                spec = job.spec
+        except (ConfigError, EntrypointError) as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         args.command = "place"
-    ray, scheduler = _connect(args.address)
+    try:
+        ray, scheduler = _connect(args.address)
+    except JobFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     try:
         return _run_command(args, ray, scheduler, spec if args.command == "place" else None)
     except ray.exceptions.RayError as e:
-        print(f"error: the scheduler did not answer: {e}", file=sys.stderr)
-        return 4
+        print(f"error: the scheduler did not answer: {_one_line(str(e))}", file=sys.stderr)
+        return EXIT_NOT_PLACEABLE
 
 
-def submit(job_file: str, resume: bool, address: str | None) -> int:
+def _runnable_job(job_file: str, dry_run: bool, resume: bool, as_json: bool):
+    """(the job file, its entry point imported and checked); ConfigError / EntrypointError
+    naming what is wrong, the flags that do not go together included."""
+    if as_json and not dry_run:
+        raise ConfigError("--json goes with --dry-run (what is printed as JSON is the "
+                          "placement)")
+    if resume and dry_run:
+        raise ConfigError("--resume and --dry-run do not go together: a dry run starts "
+                          "nothing to resume")
+    job = load_job_file(job_file)
+    if job.entrypoint is None:
+        raise ConfigError(f"{job_file}: entrypoint is missing: the training loop to run, "
+                          "'package.module:function' or 'path/to/script.py:function'")
+    return job, load_entrypoint(job.entrypoint, job.path.parent)
+
+
+def submit(job, entry, resume: bool, address: str | None) -> int:
     """Run the job file's training loop through the launcher; the exit code says how it
     ended (0, or orchestrator/job_exit.py's codes)."""
-    try:
-        job = load_job_file(job_file)
-        if job.entrypoint is None:
-            raise ConfigError(f"{job_file}: entrypoint is missing: the training loop to run, "
-                              "'package.module:function' or 'path/to/script.py:function'")
-        entry = load_entrypoint(job.entrypoint, job.path.parent)
-    except (ConfigError, EntrypointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     from orchestrator.launch import fit
 
     code, launched = run_job(lambda: fit(
@@ -263,10 +290,13 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
     """Each report of the run, oldest first, one line each; with `follow`, new ones as they
     come (Ctrl-C to stop)."""
     directory = Path(run_dir).expanduser() if run_dir else DEFAULT_RUNS_ROOT.expanduser() / name
-    if not directory.is_dir():
+    if not directory.is_dir() and not follow:
         print(f"error: no run directory {directory} (pass --run-dir if the job set run_dir)",
               file=sys.stderr)
         return EXIT_BAD_INPUT
+    if not directory.is_dir():  # a job just submitted makes it at its first report
+        print(f"waiting for {directory} (the job's first report; pass --run-dir if the job "
+              "set run_dir)", file=sys.stderr, flush=True)
     shown = 0
     try:
         while True:

@@ -55,7 +55,7 @@ def load_job_file(path: str | Path) -> JobFile:
     except UnicodeDecodeError as e:  # e.g. UTF-16, what PowerShell's `>` writes
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a job file is a mapping of fields (name, entrypoint, "
                           f"num_workers, ...), got {type(data).__name__}")
@@ -73,6 +73,13 @@ def load_job_file(path: str | Path) -> JobFile:
     if "run_dir" in launcher:  # like the entrypoint's script: wherever `submit` is run from
         launcher["run_dir"] = str(path.parent / Path(launcher["run_dir"]).expanduser())
     return JobFile(spec=spec, path=path, **launcher)
+
+
+def _yaml_problem(error) -> str:
+    """PyYAML's error in one line: the problem and where (its own text spans four lines)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def _launcher_problems(launcher: dict[str, Any]) -> list[str]:

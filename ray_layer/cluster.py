@@ -123,7 +123,7 @@ def _check_reachable(address: str, source: str, timeout_s: float = 5.0) -> None:
     if address.startswith(("http://", "https://")):
         raise ClusterConnectionError(
             f"{source} {address!r} is a dashboard URL (what `ray job submit` wants); a job "
-            "connects to the cluster's GCS address, host:6379. Unset it to use an embedded Ray")
+            "connects to the cluster's GCS address, host:6379")
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ClusterConnectionError(f"{source} {address!r} is not of the form host:port")

@@ -2,6 +2,7 @@
 (orchestrator/job_file.py), entry points (orchestrator/entrypoints.py), the run directory
 `fit` uses (orchestrator.launch.resolve_fit_run_dir), `fit`'s own argument checks, and
 `python -m orchestrator submit` on bad input (real subprocesses: exit 2, one `error:` line)."""
+import json
 import os
 import subprocess
 import sys
@@ -523,6 +524,8 @@ def submit(*args, tmp_path):
     ("name: a\nentrypoint: train.py:train_loop\nrun_dir: /tmp/elsewhere\n",
      {"train.py": "def train_loop(): pass\n"}, "must end in the job's name 'a'"),
     ("- a list\n", {}, "a job file is a mapping of fields"),
+    ("name: a\nnum_workers: [1,\n", {}, "not valid YAML: expected the node content, but "
+                                         "found '<stream end>' at line 3, column 1"),
 ])
 def test_submit_of_bad_input_exits_2_naming_the_problem(tmp_path, job, files, expected):
     folder = tmp_path / "job"
@@ -531,9 +534,46 @@ def test_submit_of_bad_input_exits_2_naming_the_problem(tmp_path, job, files, ex
     path = write(folder / "job.yaml", job)
     result = submit(path, tmp_path=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("error: ")
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_dry_run_checks_the_entry_point_as_submit_does(tmp_path):
+    # Before connecting (RAY_ADDRESS is unreachable here): it used to read the spec alone.
+    path = write(tmp_path / "job" / "job.yaml", "name: a\nentrypoint: missing.py:loop\n")
+    result = submit(path, "--dry-run", tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert "entrypoint script 'missing.py' not found" in result.stderr
+
+
+def test_cluster_commands_without_a_cluster_exit_2_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--address",
+                             "127.0.0.1:9"], capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert result.returncode == 2  # was 1, a code the docs give no meaning
+    assert result.stderr.count("\n") == 1 and "cannot reach a Ray cluster at 127.0.0.1:9" \
+        in result.stderr
+
+
+def test_logs_follow_waits_for_a_run_directory_not_made_yet(tmp_path, monkeypatch, capsys):
+    from orchestrator import __main__ as cli
+
+    run_dir = tmp_path / "alpha"
+    sleeps = []
+
+    def sleep(seconds):  # the job's first report lands during the first wait
+        sleeps.append(seconds)
+        if len(sleeps) == 1:
+            run_dir.mkdir()
+            (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 2.0}) + "\n")
+        else:
+            raise KeyboardInterrupt  # Ctrl-C
+    monkeypatch.setattr(cli.time, "sleep", sleep)
+    assert cli.print_logs("alpha", str(run_dir), follow=True) == 0
+    out = capsys.readouterr()
+    assert "waiting for" in out.err and "step 5: loss=2" in out.out
+    assert cli.print_logs("alpha", str(tmp_path / "beta"), follow=False) == 2
 
 
 def test_submit_of_a_used_run_dir_without_resume_exits_2(tmp_path):
