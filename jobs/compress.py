@@ -24,6 +24,7 @@ from orchestrator.compression.config import DEVICES, CompressConfig
 from orchestrator.compression.prune import SCOPES
 from orchestrator.compression.structured import IMPORTANCE, STRUCTURES
 from orchestrator.config import MODEL_PRESETS, ConfigError
+from orchestrator.help_format import DefaultsHelpFormatter
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, JobFailed, run_job
 
 
@@ -58,7 +59,7 @@ FLAG_TYPES = {"seq_len": int}  # fields whose default (None) does not give the t
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a pretrain run directory (newest usable checkpoint) or a checkpoint "
                    "directory (holding state.pt)")

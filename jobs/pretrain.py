@@ -19,6 +19,7 @@ from pathlib import Path
 
 from orchestrator.config import (LR_SCHEDULES, MODEL_PRESETS, PRECISIONS, STRATEGIES,
                                  ConfigError, JobSpec, TrainConfig, resume_conflicts)
+from orchestrator.help_format import DefaultsHelpFormatter
 from orchestrator.hf_export import ExportError, check_init_context
 from orchestrator.tokenizer import TOKENIZER_FILE, TokenizerError, save_tokenizer
 from orchestrator.training.corpus import DataError
@@ -34,7 +35,7 @@ from orchestrator.training.memory import gpu_memory_needed_gb, memory_lines
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--address", help="Ray cluster address (host:port); default: RAY_ADDRESS, "
                    "else start an embedded local Ray")
     p.add_argument("--run-dir", help=f"run directory (default: a new one under "
@@ -45,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory a worker needs under DDP and FSDP and the placement "
                    "the scheduler would give now; starts no training and writes no run directory")
-    p.add_argument("--model-size", choices=list(MODEL_PRESETS), default=defaults.model_size)
+    p.add_argument("--model-size", choices=list(MODEL_PRESETS), default=defaults.model_size,
+                   help="model preset (docs/training.md: tiny to xl, GPT-2 shapes)")
     p.add_argument("--precision", choices=list(PRECISIONS), default=defaults.precision,
                    help="auto: bf16 on GPUs that support it, fp16 + loss scaling on older "
                    "GPUs, fp32 on CPU")
@@ -54,22 +56,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "parameters, gradients and optimizer state over the workers (models DDP "
                    "cannot hold; sharded checkpoints). Either resumes the other's checkpoints")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default %(default)s: on CUDA unless "
-                   "--attention-span, never on CPU; docs/training.md)")
-    p.add_argument("--max-steps", type=int, default=defaults.max_steps)
+                   help="torch.compile the model (default: on CUDA unless --attention-span, "
+                   "never on CPU; docs/training.md)")
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps,
+                   help="optimizer steps to train to (micro-batches with --accumulation)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="sequences per worker per step")
-    p.add_argument("--seq-len", type=int, default=defaults.seq_len)
-    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--seq-len", type=int, default=defaults.seq_len,
+                   help="tokens per sequence (the model's context)")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=None,
                    help="where the cosine schedule ends (default: --lr / 10; on --resume, the "
                    "run's own)")
     p.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=defaults.lr_schedule,
                    help="after warmup: cosine to min_lr, step (x0.1 every --lr-decay-every "
                    "steps) or constant")
-    p.add_argument("--lr-decay-every", type=int, default=defaults.lr_decay_every)
-    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    p.add_argument("--lr-decay-every", type=int, default=defaults.lr_decay_every,
+                   help="steps between x0.1 decays (--lr-schedule step)")
+    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                   help="linear warmup to --lr")
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                   help="steps between checkpoints")
     p.add_argument("--attention-span", action="store_true",
                    help="learnable per-head attention span (keys beyond the learnt window are "
                    "never computed); default: standard causal attention")
@@ -81,11 +88,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="gradient accumulation factor: K for every parameter group, or per "
                    "group, e.g. embeddings=4,lower=2,upper=1,head=1 (--max-steps counts "
                    "micro-batches)")
-    p.add_argument("--log-every", type=int, default=defaults.log_every)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpus-per-worker", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=defaults.log_every,
+                   help="steps between reports (loss, tokens/s, MFU)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="initialisation and data seed")
+    p.add_argument("--num-workers", type=int, default=2, help="training workers (DDP/FSDP ranks)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves")
+    p.add_argument("--gpus-per-worker", type=int, default=0,
+                   help="GPUs each worker reserves (0: CPU training; more than 1 is refused)")
     p.add_argument("--min-gpu-memory-gb", type=float, default=None,
                    help="free GPU memory each worker's GPU must have (default with GPUs: the "
                    "run's estimated need, as --dry-run prints; 0: no check)")
@@ -134,38 +143,59 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
                   ) -> tuple[TrainConfig, JobSpec]:
     """Validated configs; a ConfigError names every bad field at once. `data_fields`: the
     TrainConfig fields the data and tokenizer flags resolved to (configure_data)."""
-    if args.max_failures < 0:
-        raise ConfigError(f"--max-failures must be >= 0, got {args.max_failures}")
-    if not args.queue_timeout >= 0:
-        raise ConfigError(f"--queue-timeout must be >= 0, got {args.queue_timeout}")
-    if args.gpus_per_worker > 1:
-        # DDP drives one device per worker: more per worker would be reserved and sit idle.
-        raise ConfigError(
-            f"--gpus-per-worker {args.gpus_per_worker}: pretraining runs one GPU per worker "
-            f"(DDP), so the other {args.gpus_per_worker - 1} would sit idle. Use "
-            f"--num-workers {args.num_workers * args.gpus_per_worker} --gpus-per-worker 1")
+    problems = _launcher_problems(args)
     fields = {"model_size": args.model_size, **(data_fields or {})}  # --init-from sets the size
-    train_config = TrainConfig(
-        precision=args.precision, max_steps=args.max_steps,
-        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-        lr_schedule=args.lr_schedule, lr_decay_every=args.lr_decay_every,
-        warmup_steps=args.warmup_steps, attention_span=args.attention_span,
-        span_ramp=args.span_ramp, span_penalty=args.span_penalty, accumulation=args.accumulation,
-        min_lr=_min_lr(args, run_dir), checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every, seed=args.seed, strategy=args.strategy,
-        compile=args.compile, **fields)
-    spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,
-                   cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                   min_gpu_memory_gb=_min_gpu_memory_gb(args, train_config),
-                   min_bandwidth_gbps=args.min_bandwidth_gbps,
-                   accelerator_types=tuple(args.accelerator_types), priority=args.priority,
-                   expected_duration_s=args.expected_duration_s,
-                   workload=pretrain_workload(train_config))
+    train_config = None
+    try:
+        train_config = TrainConfig(
+            precision=args.precision, max_steps=args.max_steps,
+            batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+            lr_schedule=args.lr_schedule, lr_decay_every=args.lr_decay_every,
+            warmup_steps=args.warmup_steps, attention_span=args.attention_span,
+            span_ramp=args.span_ramp, span_penalty=args.span_penalty,
+            accumulation=args.accumulation, min_lr=_min_lr(args, run_dir),
+            checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
+            strategy=args.strategy, compile=args.compile, **fields)
+    except ConfigError as e:
+        problems.append(str(e))
+    try:  # checked even when the TrainConfig is not: every bad flag named at once
+        spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,
+                       cpus_per_worker=args.cpus_per_worker,
+                       gpus_per_worker=args.gpus_per_worker,
+                       min_gpu_memory_gb=(_min_gpu_memory_gb(args, train_config)
+                                          if train_config else args.min_gpu_memory_gb or 0.0),
+                       min_bandwidth_gbps=args.min_bandwidth_gbps,
+                       accelerator_types=tuple(args.accelerator_types), priority=args.priority,
+                       expected_duration_s=args.expected_duration_s,
+                       workload=pretrain_workload(train_config) if train_config else "")
+    except ConfigError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
     if train_config.init_from:
         check_init_context(train_config.init_from, train_config.seq_len)
     if args.resume:
         _check_resumable(run_dir, train_config)
     return train_config, spec
+
+
+def _launcher_problems(args: argparse.Namespace) -> list[str]:
+    """The flags that are neither TrainConfig's nor JobSpec's, checked."""
+    problems = []
+    if args.max_failures < 0:
+        problems.append(f"--max-failures must be >= 0, got {args.max_failures}")
+    if not args.queue_timeout >= 0:
+        problems.append(f"--queue-timeout must be >= 0, got {args.queue_timeout}")
+    if args.ingest_workers < 0:
+        problems.append(f"--ingest-workers must be >= 0 (0: the cluster's CPUs), got "
+                        f"{args.ingest_workers}")
+    if args.gpus_per_worker > 1:
+        # DDP drives one device per worker: more per worker would be reserved and sit idle.
+        problems.append(
+            f"--gpus-per-worker {args.gpus_per_worker}: pretraining runs one GPU per worker "
+            f"(DDP), so the other {args.gpus_per_worker - 1} would sit idle. Use "
+            f"--num-workers {args.num_workers * args.gpus_per_worker} --gpus-per-worker 1")
+    return problems
 
 
 def _min_lr(args: argparse.Namespace, run_dir: Path) -> float:

@@ -38,6 +38,7 @@ import torch
 from orchestrator.compression.artifacts import load_tensors, save_tensors
 from orchestrator.compression.config import CompressConfig
 from orchestrator.compression.finetune import Plan, finetune, say
+from orchestrator.help_format import DefaultsHelpFormatter
 from orchestrator.compression.pipeline import run_pipeline
 from orchestrator.compression.source import weights_digest
 from orchestrator.training.data import load_corpus, split_corpus
@@ -48,7 +49,7 @@ TEACHER_STREAM = 100  # the teacher's own batch stream (get_batch rank)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--n-layer", type=int, default=6)
     p.add_argument("--n-embd", type=int, default=528)
     p.add_argument("--n-head", type=int, default=8)

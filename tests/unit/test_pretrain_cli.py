@@ -47,6 +47,25 @@ def test_bad_input_gets_one_clear_message(args, expected, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_every_bad_flag_is_named_at_once(tmp_path):
+    # The JobSpec's and the launcher's flags too, not only the first TrainConfig error.
+    result = run_pretrain("--num-workers", "0", "--max-steps", "-5", "--ingest-workers", "-3",
+                          tmp_path=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    for words in ("max_steps must be an integer >= 1, got -5",
+                  "num_workers must be an integer in [1, 100000], got 0",
+                  "--ingest-workers must be >= 0"):
+        assert words in result.stderr
+
+
+def test_help_says_each_default_once():
+    result = subprocess.run([sys.executable, str(PRETRAIN), "--help"], capture_output=True,
+                            text=True, timeout=60)
+    help_text = " ".join(result.stdout.split())
+    assert "(default: None)" not in help_text and "(default: [])" not in help_text
+    assert "--max-steps MAX_STEPS optimizer steps" in help_text and "(default: 200)" in help_text
+
+
 def test_unreachable_address_fails_fast_and_clearly_leaving_no_run_directory(tmp_path):
     port = unused_port()
     result = run_pretrain("--address", f"127.0.0.1:{port}", tmp_path=tmp_path)

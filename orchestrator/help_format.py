@@ -1,0 +1,16 @@
+"""`--help` for the job commands: each flag's default said once."""
+from __future__ import annotations
+
+import argparse
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after a flag's help, except where the help already says its
+    default in words, or there is no value to show (None, off, an empty list): argparse's
+    own printed "(default: None)" after "default: the cluster's CPUs"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, []):
+            return text
+        return super()._get_help_string(action)
