@@ -163,7 +163,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
                        cpus_per_worker=args.cpus_per_worker,
                        gpus_per_worker=args.gpus_per_worker,
                        min_gpu_memory_gb=(_min_gpu_memory_gb(args, train_config)
-                                          if train_config else args.min_gpu_memory_gb or 0.0),
+                                          if train_config and args.num_workers >= 1
+                                          else args.min_gpu_memory_gb or 0.0),
                        min_bandwidth_gbps=args.min_bandwidth_gbps,
                        accelerator_types=tuple(args.accelerator_types), priority=args.priority,
                        expected_duration_s=args.expected_duration_s,

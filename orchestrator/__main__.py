@@ -162,11 +162,13 @@ def _connect(address: str | None):
     # ("auto": the cluster started on this machine, when neither --address nor RAY_ADDRESS).
     given = address or os.environ.get("RAY_ADDRESS")
     try:
-        connect(address or (None if given else "auto"))
+        connect(address or (None if given else "auto"), embedded=False)
     except ClusterConnectionError as e:
-        message = _one_line(str(e)) if given else (
-            "no Ray cluster runs on this machine (and neither --address nor RAY_ADDRESS names "
-            "one): start one with `ray start --head`, or pass --address HOST:6379")
+        message = _one_line(str(e))
+        if not given and "Could not find any running Ray instance" in message:
+            message = ("no Ray cluster runs on this machine (and neither --address nor "
+                       "RAY_ADDRESS names one): start one with `ray start --head`, or pass "
+                       "--address HOST:6379")
         raise JobFailed(message, EXIT_BAD_INPUT) from None
     try:
         scheduler, _ = ensure_control_plane()
@@ -274,7 +276,8 @@ def submit(job, entry, resume: bool, address: str | None) -> int:
     code, launched = run_job(lambda: fit(
         entry.function, spec=job.spec, config=job.config, run_dir=job.run_dir, resume=resume,
         address=address, queue_timeout_s=job.queue_timeout_s, max_failures=job.max_failures,
-        runtime_env=job.runtime_env), on_interrupt="interrupted; continue with submit --resume")
+        runtime_env=job.runtime_env), on_interrupt="interrupted; continue with submit --resume (or, before its first "
+                    "checkpoint, submit it again)")
     if code == 0:
         metrics = {k: v for k, v in (launched.result.metrics or {}).items()
                    if isinstance(v, (int, float, str))}

@@ -113,6 +113,9 @@ def _load_file(where: str, base_dir: Path | None) -> ModuleType:
     return module
 
 
+PROJECT_PACKAGES = ("orchestrator", "ray_layer", "jobs", "scripts")
+
+
 def local_modules(module: ModuleType) -> list[ModuleType]:
     """The modules `module` (a script loaded from a file) could import because its folder is
     on the import path: its own helpers, which a worker on another node may not find on disk,
@@ -128,6 +131,8 @@ def local_modules(module: ModuleType) -> list[ModuleType]:
         if other is module or not getattr(other, "__file__", None):
             continue
         top = other.__name__.partition(".")[0]
+        if top in PROJECT_PACKAGES:  # the workers run this project: imported by name there
+            continue
         if top not in tops:
             loaded = getattr(sys.modules.get(top), "__file__", None)
             tops[top] = (importlib.machinery.PathFinder.find_spec(top, [folder]) is not None

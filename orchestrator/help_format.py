@@ -11,6 +11,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, []):
+        unset = action.default is None or action.default is False or action.default == []
+        if "default" in text.lower() or unset:  # (0 and 0.0 are values: `in` would drop them)
             return text
         return super()._get_help_string(action)

@@ -7,7 +7,8 @@ reads. One YAML mapping:
     num_workers: 2                   # ... and every other JobSpec field (docs/scheduler.md)
     cpus_per_worker: 1
     preemptible: true                # false when the loop does not call launch.report
-    runtime_env: {working_dir: ., pip: [pandas]}   # Ray's runtime_env for the job
+    runtime_env: {working_dir: ., pip: [pandas]}   # Ray's runtime_env (working_dir: beside
+                                                   # the job file, as run_dir)
     run_dir: ~/orchestrator-runs/mnist-mlp         # default: the runs root / name; a
                                                    # relative one is beside the job file
     max_failures: 3
@@ -70,8 +71,13 @@ def load_job_file(path: str | Path) -> JobFile:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     if launcher.get("config") is None:  # `config:` left empty: no config
         launcher.pop("config", None)
-    if "run_dir" in launcher:  # like the entrypoint's script: wherever `submit` is run from
+    # Relative paths are the job file's, as its entrypoint script is, wherever `submit` runs.
+    if "run_dir" in launcher:
         launcher["run_dir"] = str(path.parent / Path(launcher["run_dir"]).expanduser())
+    working_dir = (launcher.get("runtime_env") or {}).get("working_dir")
+    if isinstance(working_dir, str) and "://" not in working_dir:
+        launcher["runtime_env"] = {**launcher["runtime_env"], "working_dir":
+                                   str(path.parent / Path(working_dir).expanduser())}
     return JobFile(spec=spec, path=path, **launcher)
 
 

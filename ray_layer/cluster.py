@@ -116,14 +116,18 @@ class ClusterConnectionError(RuntimeError):
     """Ray could not be reached at the given address."""
 
 
-def _check_reachable(address: str, source: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on an unreachable host:port. ray.init itself retries for minutes."""
+def _check_reachable(address: str, source: str, timeout_s: float = 5.0,
+                     embedded: bool = True) -> None:
+    """Fail fast on an unreachable host:port. ray.init itself retries for minutes.
+    `embedded`: without an address the caller starts an embedded Ray (jobs do)."""
     import socket
 
     if address.startswith(("http://", "https://")):
         raise ClusterConnectionError(
             f"{source} {address!r} is a dashboard URL (what `ray job submit` wants); a job "
-            "connects to the cluster's GCS address, host:6379")
+            "connects to the cluster's GCS address, host:6379"
+            + (". Unset it to use an embedded Ray" if embedded and source == "RAY_ADDRESS"
+               else ""))
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ClusterConnectionError(f"{source} {address!r} is not of the form host:port")
@@ -135,7 +139,8 @@ def _check_reachable(address: str, source: str, timeout_s: float = 5.0) -> None:
             "`ray start --head` running there, and is the port open from here?") from None
 
 
-def connect(address: str | None, runtime_env: dict | None = None) -> bool:
+def connect(address: str | None, runtime_env: dict | None = None, embedded: bool = True
+            ) -> bool:
     """Connect to the cluster at `address` (or RAY_ADDRESS); start an embedded local Ray when
     neither is given. `runtime_env` (Ray's: working_dir, pip, env_vars, ...) becomes the job's.
     Returns True when this call started Ray (and so should stop it)."""
@@ -151,7 +156,7 @@ def connect(address: str | None, runtime_env: dict | None = None) -> bool:
     if not address and os.environ.get("RAY_ADDRESS"):
         address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if address and address != "auto":
-        _check_reachable(address, source)
+        _check_reachable(address, source, embedded=embedded)
     try:
         ray.init(address=address or None, runtime_env=runtime_env)
     except Exception as e:  # auth, version mismatch, ...: Ray raises many types here

@@ -441,9 +441,11 @@ class GPTModel:
         if finished and produced > 1:
             self._record_tpot((time.perf_counter() - first_at) / (produced - 1))
         if not finished:  # the batch's model could not hold it (reloaded meanwhile)
+            vocab = self.loaded.model.config.vocab_size
             raise APIError(400, "the request no longer fits the model version now served "
                                 "(a reload changed its context or vocabulary): retry, shorter "
-                                "if the context shrank", "max_tokens")
+                                "if the context shrank",
+                           "prompt" if request.unreadable_token(vocab) else "max_tokens")
 
     def _admit(self, request: GenerationRequest) -> None:
         loaded = self.loaded

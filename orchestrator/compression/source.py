@@ -11,7 +11,8 @@ import torch
 from orchestrator.compression.artifacts import cpu_state_dict
 from orchestrator.runs import checkpoint_dirs
 from orchestrator.training.checkpoint import (CHECKSUM_FILE, SHARDED_META_FILE, STATE_FILE,
-                                              CheckpointError, newest_usable_checkpoint)
+                                              CheckpointError, newest_usable_checkpoint,
+                                              recorded_sha256)
 from orchestrator.training.model import GPT
 
 
@@ -39,23 +40,13 @@ def load_teacher(path: str | Path, log: Callable[[str], None]
     directory, state, model, train_config = newest_usable_checkpoint(
         candidates, is_run, Path(path).resolve(),
         on_skip=lambda e: log(f"warning: {e}; trying the previous checkpoint"))
-    source = {"checkpoint": str(directory), "sha256": checkpoint_sha256(directory),
+    source = {"checkpoint": str(directory), "sha256": recorded_sha256(directory),
               "step": state.get("step"), "model_size": train_config.model_size,
               "params": sum(p.numel() for p in model.parameters()),
               # What it was trained on and with which tokenizer: the fine-tunes use the
               # same data in the same tokens (teacher_data).
               "train": train_config.to_dict()}
     return model, source
-
-
-def checkpoint_sha256(directory: Path) -> str:
-    """A checkpoint's identity: the recorded sha256 of the file its format is detected by
-    (state.pt, or a sharded checkpoint's meta.pt: its shards have no sidecar), as serving
-    names the version it loads."""
-    from orchestrator.serving.loading import format_of
-
-    marker = format_of(directory).marker
-    return (directory / (marker + ".sha256")).read_text().strip()
 
 
 def weights_digest(model: torch.nn.Module) -> str:

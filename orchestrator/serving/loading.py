@@ -29,10 +29,10 @@ from orchestrator.config import TrainConfig
 from orchestrator.tokenizer import (BYTE_VOCAB, ByteTokenizer, Tokenizer, TokenizerError,
                                     tokenizer_of_run)
 from orchestrator.runs import DEFAULT_RUNS_ROOT, checkpoint_dirs, latest_run_with_checkpoints
-from orchestrator.training.checkpoint import (CHECKSUM_FILE, SHARDED_META_FILE, STATE_FILE,
-                                              CheckpointError, first_that_loads,
-                                              is_sharded_checkpoint, load_checkpoint,
-                                              model_from_state, verify_checksum)
+from orchestrator.training.checkpoint import (SHARDED_META_FILE, STATE_FILE, CheckpointError,
+                                              first_that_loads, load_checkpoint,
+                                              model_from_state, recorded_sha256,
+                                              verify_checksum)
 
 # Kept equal to orchestrator.compression.export.TORCH_FILE (a unit test checks it): detection
 # must not import the compression package, which only the INT8 loader needs.
@@ -54,10 +54,7 @@ def _load_training_checkpoint(directory: Path, device: torch.device
                               ) -> tuple[torch.nn.Module, str, int | None, Tokenizer]:
     state = load_checkpoint(directory)  # verifies the checksum; tensors only
     model, train_config = model_from_state(state, directory)
-    sharded = is_sharded_checkpoint(directory)  # strategy fsdp: meta.pt + shards
-    sha256 = (directory / (SHARDED_META_FILE + ".sha256" if sharded else CHECKSUM_FILE)
-              ).read_text().strip()
-    return model.to(device), sha256, state.get("step"), _run_tokenizer(
+    return model.to(device), recorded_sha256(directory), state.get("step"), _run_tokenizer(
         directory, train_config.tokenizer_sha256, model)
 
 

@@ -106,6 +106,13 @@ def is_sharded_checkpoint(directory: str | os.PathLike) -> bool:
     return (Path(directory) / SHARDED_META_FILE).is_file()
 
 
+def recorded_sha256(directory: str | os.PathLike) -> str:
+    """A checkpoint's identity: the recorded sha256 of its state.pt, or of a sharded
+    checkpoint's meta.pt (its shards have no sidecar)."""
+    name = SHARDED_META_FILE if is_sharded_checkpoint(directory) else STATE_FILE
+    return (Path(directory) / f"{name}.sha256").read_text().strip()
+
+
 def checkpoint_header(directory: str | os.PathLike) -> dict[str, Any]:
     """What the loop needs to choose a checkpoint to resume from (step, config, ...): a full
     checkpoint's whole state, a sharded one's meta.pt (its shards are read later, in place),

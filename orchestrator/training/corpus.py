@@ -226,6 +226,7 @@ def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str) -> list[SourceFil
     matched = [i for i in sorted(infos, key=lambda i: i.path)
                if i.type == pafs.FileType.File and matches(i.path)
                and (hidden_too or not _hidden_below(base, i.path))]
+    _refuse_compressed(spec, [i.path for i in matched])
     usable = [i for i in matched if _format_of(i.path)]
     if not usable:
         raise DataError(f"--data {spec}: the pattern matches no {', '.join(FORMATS)} files"

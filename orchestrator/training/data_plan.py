@@ -262,8 +262,11 @@ def recorded_data(saved: dict[str, Any], run_dir: Path, cache_root: str | None =
     if saved.get("init_from"):  # the run took its size from the model it started from
         names += ["init_from", "model_size"]
     fields = {"data_cache": cache, **{name: saved[name] for name in names if name in saved}}
+    unused = [f for f in data_flags if f in ("--text-field", "--skip-bad-lines")]
+    notes = [f"{', '.join(unused)} ignored: the run goes on with the shards it was "
+             "tokenized into"] if unused else []
     return DataSetup(fields, tokenizer_of_run(run_dir, saved.get("tokenizer_sha256", "")),
-                     None, [])
+                     None, notes)
 
 
 def _check_init_vocab(init_from: str, tokenizer: Tokenizer) -> None:

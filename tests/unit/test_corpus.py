@@ -159,9 +159,10 @@ def test_the_held_out_split_is_by_text_wherever_the_files_are(tmp_path):
 def test_compressed_files_are_refused_by_name_not_passed_over(tmp_path):
     (tmp_path / "part-00000.jsonl.gz").write_bytes(b"\x1f\x8b")
     (tmp_path / "LICENSE.txt").write_text("license text " * 100)
-    with pytest.raises(DataError, match="compressed files are not read "
-                                        r"\(part-00000.jsonl.gz\): decompress them"):
-        expand_sources([str(tmp_path)])
+    for spec in (str(tmp_path), f"{tmp_path}/*", f"{tmp_path}/**"):  # a folder or a glob
+        with pytest.raises(DataError, match="compressed files are not read "
+                                            r"\(part-00000.jsonl.gz\): decompress them"):
+            expand_sources([spec])
 
 
 def test_an_existing_path_with_glob_characters_is_itself(tmp_path):

@@ -382,9 +382,12 @@ def test_a_relative_run_dir_in_a_job_file_is_beside_the_file(tmp_path, monkeypat
     # there and started afresh.
     (tmp_path / "proj").mkdir()
     job = tmp_path / "proj" / "job.yaml"
-    job.write_text("name: alpha\nentrypoint: train.py:loop\nrun_dir: runs/alpha\n")
+    job.write_text("name: alpha\nentrypoint: train.py:loop\nrun_dir: runs/alpha\n"
+                   "runtime_env: {working_dir: ., pip: [pandas]}\n")
     monkeypatch.chdir(tmp_path)
-    assert load_job_file(job).run_dir == str(tmp_path / "proj" / "runs" / "alpha")
+    loaded = load_job_file(job)
+    assert loaded.run_dir == str(tmp_path / "proj" / "runs" / "alpha")
+    assert loaded.runtime_env == {"working_dir": str(tmp_path / "proj"), "pip": ["pandas"]}
 
 
 @pytest.mark.parametrize("kwargs, expected", [

@@ -1,7 +1,7 @@
 import pytest
 
 from orchestrator.config import ConfigError, JobSpec
-from orchestrator.inventory import GIB, ClusterState, GpuInfo, NodeReport, Reservation
+from orchestrator.inventory import ClusterState, GpuInfo, NodeReport, Reservation
 from orchestrator.placement import PlacementError, bottleneck_gbps, place, worker_capacity
 
 from nodes import NOW, cluster, node

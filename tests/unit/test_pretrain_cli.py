@@ -36,6 +36,8 @@ def unused_port():
     (["--max-failures", "-1"], "--max-failures must be >= 0, got -1"),
     (["--accumulation", "lower=0"], "accumulation: the factor of 'lower' must be an integer"),
     (["--attention-span", "--span-ramp", "0"], "span_ramp must be an integer >= 1, got 0"),
+    (["--strategy", "fsdp", "--num-workers", "0", "--gpus-per-worker", "1"],
+     "num_workers must be an integer in [1, 100000], got 0"),  # not a ZeroDivisionError
     (["--num-workers", "2", "--gpus-per-worker", "4"],
      "--gpus-per-worker 4: pretraining runs one GPU per worker (DDP), so the other 3 would "
      "sit idle. Use --num-workers 8 --gpus-per-worker 1"),
@@ -64,6 +66,7 @@ def test_help_says_each_default_once():
     help_text = " ".join(result.stdout.split())
     assert "(default: None)" not in help_text and "(default: [])" not in help_text
     assert "--max-steps MAX_STEPS optimizer steps" in help_text and "(default: 200)" in help_text
+    assert "lower priority, which checkpoint, wait and resume (default: 0)" in help_text
 
 
 def test_unreachable_address_fails_fast_and_clearly_leaving_no_run_directory(tmp_path):
@@ -79,6 +82,7 @@ def test_dashboard_url_in_ray_address_is_explained(tmp_path):
     result = run_pretrain(tmp_path=tmp_path, RAY_ADDRESS="http://127.0.0.1:8265")
     assert result.returncode == 2
     assert "RAY_ADDRESS 'http://127.0.0.1:8265' is a dashboard URL" in result.stderr
+    assert "Unset it to use an embedded Ray" in result.stderr  # a job would start one
     assert "Traceback" not in result.stderr
 
 

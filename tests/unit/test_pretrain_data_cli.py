@@ -157,6 +157,9 @@ def test_resuming_finds_moved_shards_through_data_cache_and_refuses_retokenize(t
     flags = resume_flags(tmp_path, saved, "new", data_flags=("--data-cache",))
     moved = configure_data(**flags).fields["data_cache"]
     assert moved == str(tmp_path / "new" / plan.key[:24])
+    ignored = configure_data(**{**flags, "data_flags": ("--data-cache", "--text-field")})
+    assert ignored.notes == ["--text-field ignored: the run goes on with the shards it was "
+                             "tokenized into"]
     with pytest.raises(DataError, match="--retokenize: tokenizing again needs the files"):
         configure_data(**{**flags, "retokenize": True,
                           "data_flags": ("--data-cache", "--retokenize")})
