@@ -113,7 +113,17 @@ def _load_file(where: str, base_dir: Path | None) -> ModuleType:
     return module
 
 
-PROJECT_PACKAGES = ("orchestrator", "ray_layer", "jobs", "scripts")
+# This project's own packages, where they are: the workers run this project and import them
+# by name, so they never travel by value (a second copy of their classes would not match).
+# By location, not name alone: a user's own `jobs/` or `scripts/` beside a loop must travel.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_PACKAGES = ("orchestrator", "ray_layer")
+
+
+def _ours(module: ModuleType) -> bool:
+    top = module.__name__.partition(".")[0]
+    return top in PROJECT_PACKAGES and \
+        Path(module.__file__).resolve().is_relative_to(PROJECT_ROOT / top)
 
 
 def local_modules(module: ModuleType) -> list[ModuleType]:
@@ -130,9 +140,9 @@ def local_modules(module: ModuleType) -> list[ModuleType]:
     for other in list(sys.modules.values()):
         if other is module or not getattr(other, "__file__", None):
             continue
-        top = other.__name__.partition(".")[0]
-        if top in PROJECT_PACKAGES:  # the workers run this project: imported by name there
+        if _ours(other):
             continue
+        top = other.__name__.partition(".")[0]
         if top not in tops:
             loaded = getattr(sys.modules.get(top), "__file__", None)
             tops[top] = (importlib.machinery.PathFinder.find_spec(top, [folder]) is not None

@@ -372,6 +372,15 @@ def test_a_script_calling_fit_sends_the_files_beside_it_to_the_workers(tmp_path)
     assert worker.returncode == 0 and "loaded" in worker.stdout, worker.stderr
 
 
+def test_this_projects_packages_never_travel_by_value_a_users_of_the_same_name_do(tmp_path):
+    import orchestrator.config
+    from orchestrator.entrypoints import _ours
+
+    users = SimpleNamespace(__name__="orchestrator.helpers",
+                            __file__=str(tmp_path / "orchestrator" / "helpers.py"))
+    assert _ours(orchestrator.config) and not _ours(users)
+
+
 def test_resume_with_no_checkpoint_is_refused_not_a_fresh_start(tmp_path):
     with pytest.raises(ConfigError, match="resume: no checkpoint in run_dir .*alpha"):
         launch.resolve_fit_run_dir(JobSpec("alpha"), tmp_path / "alpha", True)
