@@ -273,11 +273,12 @@ def submit(job, entry, resume: bool, address: str | None) -> int:
     ended (0, or orchestrator/job_exit.py's codes)."""
     from orchestrator.launch import fit
 
-    code, launched = run_job(lambda: fit(
-        entry.function, spec=job.spec, config=job.config, run_dir=job.run_dir, resume=resume,
-        address=address, queue_timeout_s=job.queue_timeout_s, max_failures=job.max_failures,
-        runtime_env=job.runtime_env), on_interrupt="interrupted; continue with submit --resume (or, before its first "
-                    "checkpoint, submit it again)")
+    code, launched = run_job(
+        lambda: fit(entry.function, spec=job.spec, config=job.config, run_dir=job.run_dir,
+                    resume=resume, address=address, queue_timeout_s=job.queue_timeout_s,
+                    max_failures=job.max_failures, runtime_env=job.runtime_env),
+        on_interrupt="interrupted; continue with submit --resume (or, before its first "
+                     "checkpoint, submit it again)")
     if code == 0:
         metrics = {k: v for k, v in (launched.result.metrics or {}).items()
                    if isinstance(v, (int, float, str))}

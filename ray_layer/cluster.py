@@ -143,7 +143,9 @@ def connect(address: str | None, runtime_env: dict | None = None, embedded: bool
             ) -> bool:
     """Connect to the cluster at `address` (or RAY_ADDRESS); start an embedded local Ray when
     neither is given. `runtime_env` (Ray's: working_dir, pip, env_vars, ...) becomes the job's.
-    Returns True when this call started Ray (and so should stop it)."""
+    `embedded`: whether the caller would start an embedded Ray without an address (jobs do;
+    the operator commands never), for the advice in errors. Returns True when this call
+    started Ray (and so should stop it)."""
     import os
 
     if ray.is_initialized():
