@@ -62,6 +62,24 @@ class NodeReport:
         return self.load_avg_1m / max(self.cpu_count, 1)
 
 
+def report_problem(report: NodeReport) -> str | None:
+    """What makes a node report unusable (a number that is not one, or below zero), or None.
+    Checked before any of it is stored: a NaN CPU count made every job look as if it could
+    never fit, and a NaN GPU count left the node's row half made."""
+    figures = {"ray_cpus": report.ray_cpus, "ray_gpus": report.ray_gpus,
+               "cpu_count": report.cpu_count, "load_avg_1m": report.load_avg_1m,
+               "ram_total_bytes": report.ram_total_bytes,
+               "ram_available_bytes": report.ram_available_bytes}
+    for gpu in report.gpus:
+        figures[f"gpus[{gpu.index}].memory_total_bytes"] = gpu.memory_total_bytes
+        figures[f"gpus[{gpu.index}].memory_free_bytes"] = gpu.memory_free_bytes
+    for name, value in figures.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value < 0:
+            return f"{name} is {value!r}: not a finite number >= 0"
+    return None
+
+
 @dataclass(frozen=True)
 class Reservation:
     """Resources one job holds on one node."""
@@ -311,11 +329,23 @@ class ClusterState:
         return {job: [dataclasses.asdict(r) for r in held]
                 for job, held in self.reservations.items()}
 
-    def restore_reservations(self, data: dict) -> None:
-        """Reload reservations persisted by reservations_to_dict (after a scheduler restart)."""
+    def restore_reservations(self, data: dict) -> list[str]:
+        """Reload reservations persisted by reservations_to_dict (after a scheduler restart),
+        job by job: one that cannot be read is skipped and named, the others kept. Fields a
+        newer version added are ignored."""
+        known = {f.name for f in dataclasses.fields(Reservation)}
+        problems = []
         for job, held in data.items():
+            try:
+                records = [Reservation(**{k: v for k, v in r.items() if k in known})
+                           for r in held]
+            except Exception as e:
+                problems.append(f"cannot restore the reservations of {job!r}, skipping them: "
+                                f"{type(e).__name__}: {e}")
+                continue
             self.release(job)
-            self.reserve(job, [Reservation(**r) for r in held])
+            self.reserve(job, records)
+        return problems
 
     def forget_silent(self, job_name: str) -> None:
         """The job stopped: what was kept aside for it on silent nodes is no longer its."""

@@ -129,8 +129,9 @@ SCHEDULER_REJECTIONS = MetricSpec(
 SCHEDULER_REPORTS_REFUSED = MetricSpec(
     "orchestrator_scheduler_reports_refused", COUNTER,
     "Node reports the scheduler refused, by reason: unknown_node (a node id Ray has never "
-    "listed), dead_node (Ray lists the node dead)", "1", ("reason",))
-REPORT_UNKNOWN_NODE, REPORT_DEAD_NODE = "unknown_node", "dead_node"
+    "listed), dead_node (Ray lists the node dead), malformed (a figure not a finite number "
+    ">= 0)", "1", ("reason",))
+REPORT_UNKNOWN_NODE, REPORT_DEAD_NODE, REPORT_MALFORMED = "unknown_node", "dead_node", "malformed"
 SCHEDULER_YIELDS = MetricSpec(
     "orchestrator_scheduler_yields", COUNTER,
     "Running jobs told to checkpoint and give their resources back, by kind: preempt (for a "

@@ -231,13 +231,26 @@ class JobQueue:
 
     @classmethod
     def from_dict(cls, data: dict, level: Callable[[float], int] | None = None,
-                  promote_after: Callable[[QueuedJob], float | None] | None = None
-                  ) -> "JobQueue":
+                  promote_after: Callable[[QueuedJob], float | None] | None = None,
+                  problems: list[str] | None = None) -> "JobQueue":
+        """The queue persisted by to_dict, entry by entry: one that cannot be read is named
+        in `problems` and skipped, the others kept in their order."""
         queue = cls(level, promote_after)
-        for item in data.get("waiting", []):
-            queue.add(QueuedJob.from_dict(item))
-        for name, p in data.get("ready", {}).items():
-            queue.ready[name] = placement_from_dict(p)
-        for name, r in data.get("rejected", {}).items():
-            queue.rejected[name] = Rejection(**r)
+        problems = [] if problems is None else problems
+
+        def each(entries, what: str, restore) -> None:
+            for key, value in entries:
+                try:
+                    restore(key, value)
+                except Exception as e:
+                    problems.append(f"cannot restore {what} {key!r}, skipping it: "
+                                    f"{type(e).__name__}: {e}")
+
+        each(((item.get("spec", {}).get("name", i) if isinstance(item, dict) else i, item)
+              for i, item in enumerate(data.get("waiting", []))), "queued job",
+             lambda _, item: queue.add(QueuedJob.from_dict(item)))
+        each(data.get("ready", {}).items(), "placed job",
+             lambda name, p: queue.ready.__setitem__(name, placement_from_dict(p)))
+        each(data.get("rejected", {}).items(), "rejection",
+             lambda name, r: queue.rejected.__setitem__(name, Rejection(**r)))
         return queue

@@ -47,7 +47,7 @@ import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
-from orchestrator.inventory import ClusterState, NodeReport, accelerator_family
+from orchestrator.inventory import ClusterState, NodeReport, accelerator_family, report_problem
 from orchestrator.placement import (Placement, PlacementError, Queued, Rejection, place,
                                     worker_capacity)
 from orchestrator.queue import JobQueue, QueuedJob, allowed_families
@@ -163,6 +163,12 @@ class SchedulerCore:
             self.refused_nodes.add(node)
             return Outcome(reason, samples=[(catalogue.SCHEDULER_REPORTS_REFUSED, 1,
                                              {"reason": reason})])
+        problem = report_problem(report)
+        if problem:
+            self.refused_nodes.add(node)
+            return Outcome(f"{catalogue.REPORT_MALFORMED}: {problem}",
+                           samples=[(catalogue.SCHEDULER_REPORTS_REFUSED, 1,
+                                     {"reason": catalogue.REPORT_MALFORMED})])
         was_placeable = self.state.health(node, now) == "healthy" if node in \
             self.state.reports else False
         self.state.update(report, now)
@@ -415,7 +421,7 @@ class SchedulerCore:
         claim = self.state.reservations.get(job_name + CLAIM_SUFFIX)
         self._stop(job_name)
         outcome = Outcome(effects=[Persist()])
-        ran = job.ran_s + (now - job.started_at)
+        ran = job.ran_s + max(now - job.started_at, 0.0)  # a clock stepped back: not < 0
         if directive is not None and directive.kind == CANCEL:
             outcome.decision = Rejection(job_name, f"job '{job_name}' was cancelled: "
                                          f"{directive.reason}")
@@ -574,21 +580,50 @@ class SchedulerCore:
         """Reload what a previous incarnation promised; returns the problems met. A part that
         cannot be read is skipped (the scheduler must still start) and named."""
         problems = []
-        parts = (("reservations", self.state.restore_reservations),
+        # (Silent nodes before the running jobs: a job held only there has no reservation.)
+        parts = (("reservations", lambda d: problems.extend(self.state.restore_reservations(d))),
+                 ("silent_nodes", self.state.restore_silence),
                  ("queue", lambda d: setattr(self, "queue", JobQueue.from_dict(
-                     d, self.queue.level, self._promote_after))),
-                 ("running", lambda d: [self._track_running(RunningJob.from_dict(j))
-                                        for n, j in d.items() if n in self.state.reservations]),
+                     d, self.queue.level, self._promote_after, problems))),
+                 ("running", lambda d: problems.extend(self._restore_running(d))),
                  ("preempting", lambda d: self.preempting.update(
                      {n: set(v) for n, v in d.items()})),
                  ("excluded_gpus", lambda d: self.excluded_gpus.update(
-                     {n: {(str(a), int(b)) for a, b in v} for n, v in d.items()})),
-                 ("silent_nodes", self.state.restore_silence))
+                     {n: {(str(a), int(b)) for a, b in v} for n, v in d.items()})))
         for key, restore in parts:
             try:
                 restore(saved.get(key, {}))
             except Exception as e:  # corrupt or from another version: keep going
                 problems.append(f"cannot restore scheduler {key}, skipping it: {e}")
+        return problems + self._release_unowned_reservations()
+
+    def _release_unowned_reservations(self) -> list[str]:
+        """Every reservation is a running job's (or its migration claim's): one whose job
+        could not be restored would otherwise hold its capacity for ever."""
+        unowned = [name for name in self.state.reservations
+                   if name.removesuffix(CLAIM_SUFFIX) not in self.running]
+        for name in unowned:
+            self.state.release(name)
+        return [f"released the reservation of {name!r}: no running job of that name was "
+                "restored" for name in unowned]
+
+    def _restore_running(self, data: dict) -> list[str]:
+        """The running jobs, one by one: one that cannot be read is named and skipped, the
+        others kept; one whose reservation record was lost holds its placement again (its
+        workers are still training on it)."""
+        problems = []
+        for name, record in data.items():
+            try:
+                job = RunningJob.from_dict(record)
+            except Exception as e:
+                problems.append(f"cannot restore running job {name!r}, skipping it: "
+                                f"{type(e).__name__}: {e}")
+                continue
+            kept_aside = any(r.job_name == name for held in
+                             self.state.silent_reservations.values() for r in held)
+            if name not in self.state.reservations and not kept_aside:
+                self.state.reserve(name, job.placement.reservations())
+            self._track_running(job)
         return problems
 
     # -- internals: starting and stopping ----------------------------------------------------------

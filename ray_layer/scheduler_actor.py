@@ -44,6 +44,17 @@ class _GcsStore:
         raw = _internal_kv_get(STATE_KEY, namespace=NAMESPACE)
         return json.loads(raw) if raw else {}
 
+    def set_aside(self) -> str:
+        """Copy the stored state to a key of its own (it is unreadable and the next save
+        replaces it): kept for a person to look at. Returns that key."""
+        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
+
+        key = STATE_KEY + f".unreadable.{int(time.time())}".encode()
+        raw = _internal_kv_get(STATE_KEY, namespace=NAMESPACE)
+        if raw:
+            _internal_kv_put(key, raw, overwrite=True, namespace=NAMESPACE)
+        return key.decode()
+
     def save(self, data: dict) -> None:
         from ray.experimental.internal_kv import _internal_kv_put
 
@@ -336,8 +347,17 @@ class SchedulerActor:
         or from an older version) is logged and skipped: the scheduler must still start."""
         try:
             saved = self.store.load()
+            if not isinstance(saved, dict):
+                raise ValueError(f"a JSON {type(saved).__name__}, not an object")
         except Exception as e:
-            log.error("scheduler state in the GCS is unreadable, starting empty: %s", e)
+            # Started empty, but as after a restart: nodes get time to report before jobs are
+            # judged against a cluster that looks empty.
+            try:
+                kept = f" (kept as {self.store.set_aside()!r})"
+            except Exception:
+                kept = ""
+            log.error("scheduler state in the GCS is unreadable, starting empty%s: %s", kept, e)
+            self.core.restored_at = time.time()
             return
         for problem in self.core.restore(saved):
             log.error(problem)

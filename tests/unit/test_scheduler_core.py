@@ -1,4 +1,5 @@
 """The scheduling core's rules, driven by events with explicit times: no Ray, no sleeping."""
+import dataclasses
 import json
 
 import pytest
@@ -295,7 +296,54 @@ def test_state_survives_a_restart_with_preempted_jobs_and_directives():
     assert [r["state"] for r in again.jobs(T0 + 41)] == [r["state"] for r in core.jobs(T0 + 41)]
     assert {r["state"] for r in again.jobs(T0 + 41)} >= {"yielding", "preempted"}
     assert again.restore({"queue": {"waiting": [{"bad": 1}]}})[0].startswith(
-        "cannot restore scheduler queue")
+        "cannot restore queued job 0, skipping it")
+
+
+def test_one_unreadable_entry_of_saved_state_costs_that_entry_alone():
+    # Three running jobs and two queued; one record of each kind damaged (or from a newer
+    # version). The rest comes back; nothing double-books; no capacity is held for ever.
+    core = core_with(cpu_node("a", cpus=4))
+    for name in ("j1", "j2", "j3"):
+        core.submit(cpus(name, 1), "d", T0)
+    core.submit(cpus("w1", 2), "d", T0)
+    core.submit(cpus("w2", 2), "d", T0)
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["reservations"]["j1"][0]["added_by_a_newer_version"] = 1  # ignored, not fatal
+    del saved["running"]["j2"]["placement"]  # j2 unreadable: its reservation released
+    saved["queue"]["waiting"][0]["spec"]["num_workers"] = -1
+    again = core_with(cpu_node("a", cpus=4))
+    problems = again.restore(saved)
+    assert sorted(again.running) == ["j1", "j3"] and sorted(again.state.reservations) == \
+        ["j1", "j3"]
+    assert len(again.queue) == 1
+    assert any("running job 'j2'" in p for p in problems)
+    assert any("released the reservation of 'j2'" in p for p in problems)
+    # a and its 4 CPUs: j1 and j3 hold 2, so a 3-CPU job waits rather than double-books
+    assert not isinstance(again.submit(cpus("big", 3), "d", T0 + 1).decision, Placement)
+
+
+def test_a_running_job_whose_reservation_record_was_lost_holds_its_placement_again():
+    core = core_with(cpu_node("a", cpus=4))
+    core.submit(cpus("j1", 3), "d", T0)
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["reservations"] = {"j1": "not a list of records"}
+    again = core_with(cpu_node("a", cpus=4))
+    again.restore(saved)
+    assert "j1" in again.running and "j1" in again.state.reservations
+    assert not isinstance(again.submit(cpus("next", 2), "d", T0 + 1).decision, Placement)
+
+
+@pytest.mark.parametrize("field, value", [("ray_cpus", float("nan")), ("ray_gpus", -1),
+                                          ("ram_available_bytes", float("inf"))])
+def test_a_malformed_node_report_is_refused_before_it_changes_anything(field, value):
+    core = core_with(cpu_node("good", cpus=8))
+    core.ray_alive.add("bad")  # a node Ray lists alive: its agent's report is the problem
+    bad = dataclasses.replace(cpu_node("bad"), **{field: value})
+    outcome = core.report(bad, T0)
+    assert isinstance(outcome.decision, str) and outcome.decision.startswith(
+        f"malformed: {field} is")
+    assert "bad" not in core.state.reports and "bad" not in core.state.table.index
+    assert isinstance(core.submit(cpus("job", 4), "d", T0).decision, Placement)
 
 
 def test_settings_name_the_bad_field():
