@@ -100,6 +100,8 @@ class JobQueue:
         self.sizes_by_allowed: Counter = Counter()  # (allowed families, GPUs) -> waiting jobs
         self.ready: dict[str, Placement] = {}  # placed from the queue, not yet collected
         self.rejected: dict[str, Rejection] = {}  # dropped; told to the driver on its poll
+        # Whose each rejected job was (by name; "" = unknown): told to that driver only.
+        self.rejected_owners: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -202,8 +204,13 @@ class JobQueue:
 
     def reject(self, job_name: str, rejection: Rejection) -> None:
         """Drop a waiting job, keeping why for its driver's next poll."""
+        self.keep_rejection(job_name, rejection, self.owner_of(job_name) or "")
         self.remove(job_name)
+
+    def keep_rejection(self, job_name: str, rejection: Rejection, owner: str) -> None:
+        """Why `owner`'s job was dropped, until that driver polls."""
         self.rejected[job_name] = rejection
+        self.rejected_owners[job_name] = owner
 
     def cancel(self, job_name: str) -> bool:
         found = self.holds(job_name) or job_name in self.rejected
@@ -227,7 +234,9 @@ class JobQueue:
                 "ready": {name: placement_to_dict(p) for name, p in self.ready.items()},
                 # Dropped jobs' reasons, until their drivers poll: a restart in between
                 # would otherwise tell them only "not in the queue".
-                "rejected": {name: dataclasses.asdict(r) for name, r in self.rejected.items()}}
+                "rejected": {name: dataclasses.asdict(r) for name, r in self.rejected.items()},
+                "rejected_owners": {name: self.rejected_owners.get(name, "")
+                                    for name in self.rejected}}
 
     @classmethod
     def from_dict(cls, data: dict, level: Callable[[float], int] | None = None,
@@ -253,4 +262,6 @@ class JobQueue:
              lambda name, p: queue.ready.__setitem__(name, placement_from_dict(p)))
         each(data.get("rejected", {}).items(), "rejection",
              lambda name, r: queue.rejected.__setitem__(name, Rejection(**r)))
+        queue.rejected_owners.update({name: str(owner) for name, owner in
+                                      data.get("rejected_owners", {}).items()})
         return queue

@@ -352,8 +352,9 @@ class SchedulerCore:
         self.excluded_gpus.pop(job_name, None)
         if job_name in self.queue.waiting or job_name in self.queue.ready:
             if not owner:  # an operator: the polling driver is told why
-                self.queue.rejected[job_name] = Rejection(job_name, (
-                    f"job '{job_name}' was cancelled by an operator"))
+                self.queue.keep_rejection(job_name, Rejection(job_name, (
+                    f"job '{job_name}' was cancelled by an operator")),
+                    self.queue.owner_of(job_name) or "")
             self.queue.remove(job_name)
             ready = self.queue.ready.pop(job_name, None)
             if ready is not None:
@@ -563,7 +564,10 @@ class SchedulerCore:
         waiting_owner = self.queue.owner_of(job_name)
         mine = waiting_owner is not None and bool(owner) and waiting_owner == owner
         if job_name in self.queue.rejected and not mine:  # (an earlier job's, for its driver)
-            return self.queue.rejected.pop(job_name)
+            whose = self.queue.rejected_owners.get(job_name, "")
+            if not owner or not whose or whose == owner:  # never another driver's to take
+                self.queue.rejected_owners.pop(job_name, None)
+                return self.queue.rejected.pop(job_name)
         return self.queue.status(job_name) or Rejection(
             job_name, f"job '{job_name}' is not in the queue")
 

@@ -299,6 +299,20 @@ def test_state_survives_a_restart_with_preempted_jobs_and_directives():
         "cannot restore queued job 0, skipping it")
 
 
+def test_a_dropped_jobs_reason_is_told_to_its_own_driver_not_taken_by_another():
+    core = core_with(cpu_node("a", cpus=2), cpu_node("b", cpus=2))
+    core.submit(cpus("run", 2), "driverA", T0)
+    core.submit(cpus("run2", 2), "driverA", T0)
+    assert isinstance(core.submit(cpus("big", 4), "driverA", T0).decision, Queued)
+    core.ray_nodes({"a"}, {"b"}, T0 + 5)  # node b gone: 'big' can never fit, dropped
+    assert "not in the queue" in core.poll("big", "driverB", T0 + 6).decision.message
+    # ... kept across a restart, for its own driver
+    again = core_with(cpu_node("a", cpus=2))
+    again.restore(json.loads(json.dumps(core.to_dict())))
+    told = again.poll("big", "driverA", T0 + 7).decision
+    assert isinstance(told, Rejection) and told.message.startswith("cannot place job 'big'")
+
+
 def test_one_unreadable_entry_of_saved_state_costs_that_entry_alone():
     # Three running jobs and two queued; one record of each kind damaged (or from a newer
     # version). The rest comes back; nothing double-books; no capacity is held for ever.
