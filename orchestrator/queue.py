@@ -212,11 +212,16 @@ class JobQueue:
         self.rejected[job_name] = rejection
         self.rejected_owners[job_name] = owner
 
+    def take_rejection(self, job_name: str, default=None):
+        """The kept rejection of `job_name` (else `default`), forgotten with its owner."""
+        self.rejected_owners.pop(job_name, None)
+        return self.rejected.pop(job_name, default)
+
     def cancel(self, job_name: str) -> bool:
         found = self.holds(job_name) or job_name in self.rejected
         self.remove(job_name)
         self.ready.pop(job_name, None)
-        self.rejected.pop(job_name, None)
+        self.take_rejection(job_name)
         return found
 
     def drop_owners(self, dead_owners: set[str]) -> list[str]:
@@ -235,8 +240,7 @@ class JobQueue:
                 # Dropped jobs' reasons, until their drivers poll: a restart in between
                 # would otherwise tell them only "not in the queue".
                 "rejected": {name: dataclasses.asdict(r) for name, r in self.rejected.items()},
-                "rejected_owners": {name: self.rejected_owners.get(name, "")
-                                    for name in self.rejected}}
+                "rejected_owners": self.rejected_owners}
 
     @classmethod
     def from_dict(cls, data: dict, level: Callable[[float], int] | None = None,

@@ -258,7 +258,7 @@ class SchedulerCore:
             outcome.samples += catalogue.decision_samples(never, None)
             return outcome
         if name in self.queue.rejected and not self.queue.holds(name):  # dropped by this pass
-            outcome.decision = self.queue.rejected.pop(name)
+            outcome.decision = self.queue.take_rejection(name)
             return outcome
         # (a rejection left for an earlier job of this name, cancelled while its driver was
         # gone, say, stays for that driver: it is not this job's answer)
@@ -324,7 +324,7 @@ class SchedulerCore:
             outcome.add(self._drain(now))  # it may preempt lower-priority jobs
             placed = self.queue.ready.pop(spec.name, None)
             outcome.decision = placed or self.queue.status(spec.name) or \
-                self.queue.rejected.pop(spec.name, outcome.decision)
+                self.queue.take_rejection(spec.name, outcome.decision)
         outcome.effects.append(Persist())
         return outcome
 
@@ -439,7 +439,7 @@ class SchedulerCore:
         if isinstance(outcome.decision, Queued):  # it may have been placed again at once
             placed = self.queue.ready.pop(job_name, None)  # or dropped: it can no longer fit
             outcome.decision = placed or self.queue.status(job_name) or \
-                self.queue.rejected.pop(job_name, None)
+                self.queue.take_rejection(job_name)
         return outcome
 
     def owners_dead(self, dead_owners: set[str], now: float) -> Outcome:
@@ -566,8 +566,7 @@ class SchedulerCore:
         if job_name in self.queue.rejected and not mine:  # (an earlier job's, for its driver)
             whose = self.queue.rejected_owners.get(job_name, "")
             if not owner or not whose or whose == owner:  # never another driver's to take
-                self.queue.rejected_owners.pop(job_name, None)
-                return self.queue.rejected.pop(job_name)
+                return self.queue.take_rejection(job_name)
         return self.queue.status(job_name) or Rejection(
             job_name, f"job '{job_name}' is not in the queue")
 

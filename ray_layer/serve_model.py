@@ -441,23 +441,19 @@ class GPTModel:
         if finished and produced > 1:
             self._record_tpot((time.perf_counter() - first_at) / (produced - 1))
         if not finished:  # the batch's model could not hold it (reloaded meanwhile)
-            vocab = self.loaded.model.config.vocab_size
+            unfit = request.unfit_for(self.loaded.block_size,
+                                      self.loaded.model.config.vocab_size)
             raise APIError(400, "the request no longer fits the model version now served "
                                 "(a reload changed its context or vocabulary): retry, shorter "
-                                "if the context shrank",
-                           "prompt" if request.unreadable_token(vocab) else "max_tokens")
+                                "if the context shrank", unfit[1] if unfit else "max_tokens")
 
     def _admit(self, request: GenerationRequest) -> None:
         loaded = self.loaded
         if loaded is None:
             raise APIError(503, "no model is loaded yet", type="server_error")
-        needed = len(request.context) + request.remaining
-        if needed > loaded.block_size:
-            raise APIError(400, f"This model's maximum context length is {loaded.block_size} "
-                                f"tokens, however you requested {needed} tokens", "max_tokens")
-        unreadable = request.unreadable_token(loaded.model.config.vocab_size)
-        if unreadable:
-            raise APIError(400, unreadable, "prompt")
+        unfit = request.unfit_for(loaded.block_size, loaded.model.config.vocab_size)
+        if unfit:
+            raise APIError(400, *unfit)
         now = time.monotonic()
         if not self.queued and not self.running:
             self.last_progress = now  # an idle loop was not stalled
@@ -485,8 +481,7 @@ class GPTModel:
         self.running.update(map(id, requests))
         self._record_batch(len(requests))
         started, produced = time.perf_counter(), 0
-        fits = [len(r.context) + r.remaining <= loaded.block_size
-                and r.unreadable_token(loaded.model.config.vocab_size) is None
+        fits = [r.unfit_for(loaded.block_size, loaded.model.config.vocab_size) is None
                 for r in requests]
         runnable = [i for i, ok in enumerate(fits) if ok]
         done = [not ok for ok in fits]  # unfit: ended at once (generate_stream explains)

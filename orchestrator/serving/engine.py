@@ -108,17 +108,12 @@ def check_request(request: GenerationRequest, context: int, limits: EngineLimits
     `token_ids` embedding rows can never run the request (what ContinuousEngine.add refuses,
     so one request never fails the others' step; the replica asks first, to answer 400
     before queueing)."""
-    unreadable = request.unreadable_token(token_ids)
-    if unreadable:
-        raise CapacityError(unreadable, "prompt")
-    needed = len(request.context) + request.remaining
-    if needed > context:
-        raise CapacityError(f"This model's maximum context length is {context} tokens, "
-                            f"however you requested {needed} tokens "
-                            f"({len(request.context)} in the prompt; "
-                            f"{request.remaining} for the completion)")
+    unfit = request.unfit_for(context, token_ids)
+    if unfit:
+        raise CapacityError(*unfit)
     capacity = limits.num_blocks * limits.block_tokens
     if positions_needed(request) > capacity:
+        needed = len(request.context) + request.remaining
         raise CapacityError(f"prompt plus max_tokens need {needed} tokens of KV cache; "
                             f"this replica's cache holds {capacity} tokens "
                             f"(setting kv_cache_tokens); reduce the prompt or max_tokens")

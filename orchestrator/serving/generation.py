@@ -61,15 +61,21 @@ class GenerationRequest:
     def remaining(self) -> int:
         return self.params.max_tokens - len(self.generated)
 
-    def unreadable_token(self, token_ids: int) -> str | None:
-        """Why the model (whose embedding reads ids 0..token_ids-1) cannot read this request's
-        context, or None. The ingress checks prompts against the model it last asked about;
-        after a hot reload to another vocabulary, one may reach a model that cannot read it."""
+    def unfit_for(self, context: int, token_ids: int) -> tuple[str, str] | None:
+        """(why, the request field at fault) when a model of `context` positions whose
+        embedding reads ids 0..token_ids-1 cannot run this request, else None. The ingress
+        checks against the model it last asked about; after a hot reload to another context
+        or vocabulary, a request may reach a model that cannot run it."""
         bad = next((t for t in self.context if not 0 <= t < token_ids), None)
-        if bad is None:
-            return None
-        return (f"token id {bad} is not one this model reads (ids 0-{token_ids - 1}); the "
-                "model served may have changed: retry")
+        if bad is not None:
+            return (f"token id {bad} is not one this model reads (ids 0-{token_ids - 1}); "
+                    "the model served may have changed: retry", "prompt")
+        needed = len(self.context) + self.remaining
+        if needed > context:
+            return (f"This model's maximum context length is {context} tokens, however you "
+                    f"requested {needed} tokens ({len(self.context)} in the prompt; "
+                    f"{self.remaining} for the completion)", "max_tokens")
+        return None
 
     def resumed_after(self, tokens: tuple[int, ...]) -> "GenerationRequest":
         """The request to send again after `tokens` more were delivered."""

@@ -76,6 +76,11 @@ def absolute_cache_root(cache_root: str) -> str:
     return os.path.abspath(os.path.expanduser(cache_root))
 
 
+def cache_dir(cache_root: str, key: str) -> str:
+    """Where the token shards of cache key `key` are under `cache_root`."""
+    return f"{cache_root.rstrip('/')}/{key[:24]}"
+
+
 def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool = False,
               tokenizer: str = "bytes", train_tokenizer: int | None = None,
               cache_root: str, retokenize: bool = False,
@@ -95,7 +100,7 @@ def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool
         tok = trained_tokenizer(sources, text_field, skip_bad_lines, train_tokenizer,
                                 cache_root, say)
     key = cache_key(sources, text_field, skip_bad_lines, tok.sha256)
-    cache_uri = f"{cache_root.rstrip('/')}/{key[:24]}"
+    cache_uri = cache_dir(cache_root, key)
     manifest = None if retokenize else read_manifest(cache_uri)
     if manifest is not None and manifest.get("key") != key:
         manifest = None
@@ -248,7 +253,7 @@ def recorded_data(saved: dict[str, Any], run_dir: Path, cache_root: str | None =
         raise DataError("--resume --retokenize: tokenizing again needs the files: pass the "
                         "run's --data (and --tokenizer or --train-tokenizer) too")
     if cache_root is not None:
-        cache = f"{absolute_cache_root(cache_root).rstrip('/')}/{saved['data_key'][:24]}"
+        cache = cache_dir(absolute_cache_root(cache_root), saved["data_key"])
     else:
         cache = saved.get("data_cache", "")
     manifest = read_manifest(cache) if cache else None
