@@ -101,7 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--accelerator-type", action="append", default=[], dest="accelerator_types",
                    help="allowed accelerator family, e.g. A100 (repeatable; default: any)")
     p.add_argument("--min-bandwidth-gbps", type=float, default=0.0,
-                   help="bandwidth floor between every pair of nodes the job spans")
+                   help="bandwidth floor between every pair of nodes the job spans, in GB/s "
+                        "(gigabytes per second: 100 Gb/s is 12.5)")
     p.add_argument("--priority", type=int, default=0,
                    help="queue priority (higher first); a job may preempt running jobs of "
                    "lower priority, which checkpoint, wait and resume")

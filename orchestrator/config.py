@@ -146,7 +146,7 @@ class JobSpec:
     cpus_per_worker: float = 1.0
     gpus_per_worker: int = 0
     min_gpu_memory_gb: float = 0.0
-    min_bandwidth_gbps: float = 0.0  # floor between every pair of nodes the job spans
+    min_bandwidth_gbps: float = 0.0  # floor between every pair of nodes the job spans, GB/s
     accelerator_types: tuple[str, ...] = ()  # allowed accelerator families; () = any
     priority: int = 0  # higher is placed first when jobs wait in the queue
     # The user's estimate of the run time in seconds (as Slurm's time limit); None = unknown.

@@ -9,7 +9,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -108,6 +108,30 @@ def accelerator_family(gpu_name: str) -> str:
     substring, "NVIDIA L40" read as L4 and "NVIDIA GH200" as H200."""
     tokens = {ACCELERATOR_ALIASES.get(t, t) for t in name_tokens(gpu_name)}
     return next((family for family in ACCELERATOR_FAMILIES if family in tokens), "")
+
+
+MIXED_FAMILIES = "+"  # joins the families of a node with several ("A100+T4")
+
+
+def node_family(gpus: Iterable[GpuInfo]) -> str:
+    """The accelerator family of a node: its GPUs' family; "" for none or an unknown one;
+    for a node with GPUs of several families, all of them joined by "+" ("A100+T4"), which
+    matches a job's accelerator_types only when the job allows every one of them (Ray hands a
+    worker any of the node's GPUs, not the one the job named)."""
+    families = sorted({accelerator_family(g.name) for g in gpus})
+    return MIXED_FAMILIES.join(families) if len(families) > 1 else "".join(families)
+
+
+def family_allowed(family: str, allowed: Iterable[str]) -> bool:
+    """Whether a node of `family` (node_family) may host a job allowing `allowed` (the
+    policies restrict a job to GPUs of no known family with "")."""
+    allowed = {a.upper() for a in allowed}
+    return all(part in allowed for part in family.split(MIXED_FAMILIES))
+
+
+def family_speed(family: str, speed_of: Callable[[str], float]) -> float:
+    """The speed of a node of `family`: a mixed node's slowest family sets a job's pace."""
+    return min(speed_of(part) for part in family.split(MIXED_FAMILIES))
 
 
 class ClusterState:
@@ -270,7 +294,9 @@ class ClusterState:
             return
         t = self.table
         t.outside_cpus[row] = max(0.0, used_cpus - t.reserved_cpus[row])
-        t.outside_gpus[row] = max(0, int(round(used_gpus)) - int(t.reserved_gpus[row]))
+        # Whole GPUs: a fraction held (a Serve replica on half a GPU) keeps that GPU from a
+        # worker needing a whole one (round() gave 0.5 -> 0 and 2.5 -> 2).
+        t.outside_gpus[row] = max(0, math.ceil(used_gpus - 1e-9) - int(t.reserved_gpus[row]))
 
     def reserve(self, job_name: str, reservations: Iterable[Reservation]) -> None:
         if job_name in self.reservations:
@@ -451,9 +477,10 @@ class NodeTable:
                 setattr(self, name, column)
             column[row] = -np.inf
             column[row, :len(values)] = values
-        family = accelerator_family(report.gpus[0].name) if report.gpus else ""
+        family = node_family(report.gpus)
         self.family[row] = self.families.setdefault(family, len(self.families))
-        self.speed[row] = ACCELERATOR_SPEED.get(family, 1.0 if report.gpus else 0.0)
+        self.speed[row] = (family_speed(family, lambda f: ACCELERATOR_SPEED.get(f, 1.0))
+                           if report.gpus else 0.0)
         self.load[row] = report.load_per_cpu
         self.last_seen[row] = now
         # Nodes without a network-group label are each a group of their own.

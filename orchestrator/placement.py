@@ -18,11 +18,13 @@ Choice, in order of importance:
    declared bandwidth, else what the agents measured — and inter_group_gbps for the rest.
    The search (_choose) grows a set from each of a bounded number of seed nodes, each step
    adding the node whose slowest link to the set is fastest (a maximin, Prim-like growth),
-   most promising seeds first, stopping when no seed left can beat the best set found;
+   most promising seeds first, stopping when no seed left can beat the best set found.
+   When that set misses the job's floor, each seed that could reach it is grown again
+   taking only nodes whose links all pass the floor, before the job is refused;
 4. fewest nodes again: among sets as well connected, the fewest nodes (the winner's region is
    grown once more taking the largest nodes that keep its bandwidth);
-5. preferred hardware: for GPU jobs the faster accelerator family (config.ACCELERATOR_SPEED),
-   for CPU jobs nodes without GPUs;
+5. preferred hardware: for GPU jobs the faster accelerator family (config.ACCELERATOR_SPEED);
+   CPU jobs go to nodes without GPUs whenever those hold them within the floor;
 6. best fit: the tightest node (or, for the last node of a set, the tightest that holds the
    rest), so big nodes stay whole for big jobs (no fragmentation);
 7. least loaded, as the tie-break.
@@ -36,8 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from orchestrator.config import JobSpec
-from orchestrator.inventory import (LABEL_ACCELERATOR_MEMORY_GB, ClusterState, NodeReport,
-                                    Reservation)
+from orchestrator.inventory import (LABEL_ACCELERATOR_MEMORY_GB, MIXED_FAMILIES, ClusterState,
+                                    NodeReport, Reservation, family_allowed, node_family)
 
 INTRA_NODE = math.inf  # bottleneck bandwidth of a single-node job: no network crossed
 EXPLAIN_LIMIT = 512  # above this many nodes, per-node reasons are given only on request
@@ -157,8 +159,8 @@ def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
         capacity = np.minimum(capacity, usable // spec.gpus_per_worker)
         if spec.accelerator_types:
             allowed = np.zeros(len(t.families), dtype=bool)
-            allowed[[t.families[f.upper()] for f in spec.accelerator_types
-                     if f.upper() in t.families]] = True
+            allowed[[code for family, code in t.families.items()
+                     if family_allowed(family, spec.accelerator_types)]] = True
             capacity = np.where(allowed[t.family[:n]], capacity, 0)
     # Suspect and overloaded nodes may recover: they count for the idle view, not for now.
     usable_node = ~t.dead[:n] if ignore_reservations else state.placeable(now)
@@ -440,10 +442,19 @@ def _choose(spec: JobSpec, state: ClusterState, capacity: np.ndarray) -> Choice:
     preference = t.speed[:n] if spec.gpus_per_worker else -(t.gpus[:n] > 0).astype(float)
     if not spec.gpus_per_worker:
         # Not only a preference: a CPU job goes to GPU nodes only when the others cannot hold
-        # it, however their links measure (their CPUs feed GPU work, Serve replicas...).
+        # it within its bandwidth floor (their CPUs feed GPU work, Serve replicas...).
         without_gpus = np.where(t.gpus[:n] == 0, capacity, 0)
         if without_gpus.sum() >= spec.num_workers:
-            capacity = without_gpus
+            choice = _choose_among(spec, state, without_gpus, preference)
+            if choice.bottleneck >= spec.min_bandwidth_gbps:
+                return choice
+    return _choose_among(spec, state, capacity, preference)
+
+
+def _choose_among(spec: JobSpec, state: ClusterState, capacity: np.ndarray,
+                  preference: np.ndarray) -> Choice:
+    """_choose over the nodes `capacity` counts."""
+    t = state.table
     candidates = np.flatnonzero(capacity > 0)
     single = candidates[capacity[candidates] >= spec.num_workers]
     if len(single):
@@ -468,6 +479,15 @@ def _choose(spec: JobSpec, state: ClusterState, capacity: np.ndarray) -> Choice:
         fewer = search.grow(best.rows[0], best.bottleneck, maximin=False)
         if fewer is not None and search.rank(fewer) < search.rank(best):
             best = fewer
+    if best.bottleneck < spec.min_bandwidth_gbps:
+        # The maximin growth can dead-end: its fastest link leads to a node too small to
+        # finish the set, and the link past it is slow. Before the job is refused as never
+        # fitting, grow every seed that could reach the floor taking only nodes whose links
+        # to the set all pass it (cheap: that neighbourhood is small).
+        rescued = [found for reach, seed in seeds if reach >= spec.min_bandwidth_gbps
+                   if (found := search.grow(seed, spec.min_bandwidth_gbps, maximin=False))]
+        if rescued:
+            best = min(rescued, key=search.rank)
     return Choice(best.rows, best.bottleneck, len(seeds), grown, search.sets_completed)
 
 
@@ -527,13 +547,18 @@ def _node_reason(spec: JobSpec, state: ClusterState, report: NodeReport, now: fl
         probe_errors = "; ".join(f"{k}: {v}" for k, v in report.probe_errors.items())
         return (f"needs {spec.gpus_per_worker} GPU per worker, node reports no GPUs"
                 + (f" (probe errors: {probe_errors})" if probe_errors else ""))
+    if report.ray_gpus < spec.gpus_per_worker:
+        return (f"Ray schedules {report.ray_gpus:g} GPU(s) on this node, which has "
+                f"{len(report.gpus)} ({report.gpus[0].source}): start Ray there with "
+                f"--num-gpus={len(report.gpus)} (or its node type's resources in cluster.yaml)")
     if spec.accelerator_types:
-        from orchestrator.inventory import accelerator_family
-
-        family = accelerator_family(report.gpus[0].name)
-        if family not in {f.upper() for f in spec.accelerator_types}:
-            return (f"accelerator {report.gpus[0].name} ({family or 'unknown family'}) is not "
-                    f"one of {', '.join(spec.accelerator_types)}")
+        family = node_family(report.gpus)
+        if not family_allowed(family, spec.accelerator_types):
+            names = ", ".join(sorted({g.name for g in report.gpus}))
+            mixed = (": Ray may hand a worker any of this node's GPUs"
+                     if MIXED_FAMILIES in family else "")
+            return (f"accelerator {names} ({family or 'unknown family'}) is not one of "
+                    f"{', '.join(spec.accelerator_types)}{mixed}")
     excluded = sum((report.node_id, g.index) in excluded_gpus for g in report.gpus)
     not_for_this_job = f", {excluded} excluded for this job" if excluded else ""
     fitting = [g for g in report.gpus if g.memory_free_gb >= spec.min_gpu_memory_gb

@@ -26,19 +26,52 @@ def probe_host() -> dict[str, Any]:
     }
 
 
-def probe_nvml() -> tuple[GpuInfo, ...]:
-    """Measured GPUs. No driver, no library or no GPU -> () without an error: that is a normal
-    CPU node, not a fault."""
+# What a node whose host probe failed reports: one CPU's worth of nothing, and a load so high
+# it loses every load tie-break until the probe works again. Finite, because the scheduler
+# refuses reports carrying a number that is not one (inventory.report_problem): infinity took
+# such a node out of the cluster and released its running jobs' reservations.
+HOST_PROBE_FAILED_LOAD = 1e6
+
+
+def host_figures(errors: dict[str, str]) -> dict[str, Any]:
+    """probe_host's figures, or the stand-in above with the failure recorded in `errors`."""
+    return run_probe("host", probe_host, None, errors) or {
+        "hostname": "?", "cpu_count": 1, "load_avg_1m": HOST_PROBE_FAILED_LOAD,
+        "ram_total_bytes": 0, "ram_available_bytes": 0}
+
+
+# nvmlInit's errors that mean "no NVIDIA driver here", i.e. a CPU node (pynvml's codes).
+NVML_ABSENT_ERRORS = {9: "driver not loaded", 12: "library not found"}
+
+
+def probe_nvml(errors: dict[str, str] | None = None) -> tuple[GpuInfo, ...]:
+    """Measured GPUs. No library or no driver -> () without an error: that is a normal CPU
+    node, not a fault. Any other nvmlInit failure (a driver/library version mismatch after a
+    driver upgrade, no permission) raises: a GPU node must not quietly read as a CPU node.
+    With `errors`, a GPU whose queries fail is left out and its error recorded there (one lost
+    GPU of eight used to drop all eight); without, the failure raises."""
     try:
         import pynvml  # lazy: keeps `actors` importable fast on CPU-only machines
     except ImportError:
         return ()
     try:
         pynvml.nvmlInit()
-    except pynvml.NVMLError:  # NVML library or driver absent: a CPU-only node
-        return ()
+    except pynvml.NVMLError as e:
+        if getattr(e, "value", None) in NVML_ABSENT_ERRORS:
+            return ()
+        raise
     try:
-        return tuple(_nvml_gpu(pynvml, index) for index in range(pynvml.nvmlDeviceGetCount()))
+        gpus = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            try:
+                gpus.append(_nvml_gpu(pynvml, index))
+            except pynvml.NVMLError as e:
+                if errors is None:
+                    raise
+                # Under the probe's own name (a metrics label and the status column).
+                lost = f"GPU {index}: {type(e).__name__}: {e}"
+                errors["nvml"] = f"{errors['nvml']}; {lost}" if "nvml" in errors else lost
+        return tuple(gpus)
     finally:
         pynvml.nvmlShutdown()
 
@@ -100,7 +133,7 @@ def run_probe(name: str, probe: Callable[[], Any], default: Any,
 
 def probe_gpus(labels: dict[str, str], errors: dict[str, str]) -> tuple[GpuInfo, ...]:
     """Measured GPUs when NVML sees any; otherwise whatever the node's labels declare."""
-    measured = run_probe("nvml", probe_nvml, (), errors)
+    measured = run_probe("nvml", lambda: probe_nvml(errors), (), errors)
     if measured:
         return measured
     return run_probe("declared", lambda: declared_gpus(labels), (), errors)
@@ -129,3 +162,14 @@ def best_bandwidth_gbps(nbytes: int, seconds: Iterable[float | None]) -> float |
     if nbytes <= 0 or not usable:
         return None
     return nbytes / min(usable) / 1e9
+
+
+def merge_bandwidth(previous: dict[str, float], measured: dict[str, float],
+                    sampled: set[str], alive: set[str]) -> dict[str, float]:
+    """A node's bandwidth figures after one refresh: this round's measurements; earlier ones
+    for peers not sampled this time (clusters larger than max_bandwidth_peers); nothing for a
+    peer sampled this round whose transfer failed or timed out (its old, fast figure kept a
+    degraded link looking healthy to placement) or for a node that left the cluster."""
+    kept = {node: gbps for node, gbps in previous.items()
+            if node in alive and node not in sampled}
+    return {**kept, **measured}

@@ -25,7 +25,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from orchestrator.inventory import NodeReport, check_network_labels
 from orchestrator.metric_catalogue import node_samples
 from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, bandwidth_probe_bytes,
-                                 best_bandwidth_gbps, probe_gpus, probe_host, run_probe)
+                                 best_bandwidth_gbps, host_figures, merge_bandwidth,
+                                 probe_gpus, run_probe)
 from ray_layer.scheduler_client import NAMESPACE, agent_name, get_agent, get_scheduler
 from ray_layer.telemetry import record_all
 
@@ -60,6 +61,7 @@ class NodeAgent:
         # same link); reentrant because refresh_bandwidth holds it around measure_bandwidth.
         self._bandwidth_lock = threading.RLock()
         self._failing_peers: set[str] = set()  # logged once until they answer again
+        self._refused = False  # the last report was refused (logged once until one is taken)
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat, name="node-agent-heartbeat",
                          daemon=True).start()
@@ -71,11 +73,7 @@ class NodeAgent:
 
     def collect(self) -> NodeReport:
         errors: dict[str, str] = {}
-        # A node whose host probe failed must not look idle: infinite load loses every
-        # load tie-break until the probe works again.
-        host = run_probe("host", probe_host, None, errors) or {
-            "hostname": "?", "cpu_count": 1, "load_avg_1m": float("inf"),
-            "ram_total_bytes": 0, "ram_available_bytes": 0}
+        host = host_figures(errors)
         run_probe("network-labels", lambda: check_network_labels(self.labels), None, errors)
         return NodeReport(node_id=self.node_id, ray_cpus=self.ray_cpus, ray_gpus=self.ray_gpus,
                           gpus=probe_gpus(self.labels, errors), labels=self.labels,
@@ -87,9 +85,11 @@ class NodeAgent:
         record_all(node_samples(report))
         # Bounded: a scheduler stuck restarting must not freeze this agent's heartbeat.
         accepted = ray.get(get_scheduler().report.remote(report), timeout=30)
-        if not accepted:
-            log.warning("the scheduler refused this agent's report for node %s: Ray does not "
-                        "list that node alive", self.node_id[:16])
+        if not accepted and not self._refused:  # once per run of refusals
+            log.warning("the scheduler refused this agent's report for node %s (the "
+                        "scheduler's log says why: a node Ray does not list alive, or a "
+                        "malformed figure)", self.node_id[:16])
+        self._refused = not accepted
         return report
 
     def _heartbeat(self) -> None:
@@ -133,11 +133,10 @@ class NodeAgent:
         into every later report. Returns this measurement ({} when no peer answered)."""
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         with self._bandwidth_lock:
-            measured = self.measure_bandwidth(self._peers(alive), nbytes, timeout_s)
-            # Keep earlier numbers for peers not sampled this time (clusters larger than
-            # max_bandwidth_peers), but forget nodes that have left the cluster.
-            kept = {n: gbps for n, gbps in self._bandwidth.items() if n in alive}
-            self._bandwidth = {**kept, **measured}  # one assignment: collect() sees no half
+            peers = self._peers(alive)
+            measured = self.measure_bandwidth(peers, nbytes, timeout_s)
+            # One assignment: collect() never sees half an update.
+            self._bandwidth = merge_bandwidth(self._bandwidth, measured, set(peers), alive)
             self._failing_peers &= alive
         return measured
 

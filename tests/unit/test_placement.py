@@ -1,7 +1,7 @@
 import pytest
 
-from orchestrator.config import ConfigError, JobSpec
-from orchestrator.inventory import ClusterState, GpuInfo, NodeReport, Reservation
+from orchestrator.config import ACCELERATOR_SPEED, ConfigError, JobSpec
+from orchestrator.inventory import GIB, ClusterState, GpuInfo, NodeReport, Reservation
 from orchestrator.placement import PlacementError, bottleneck_gbps, place, worker_capacity
 
 from nodes import NOW, cluster, node
@@ -285,6 +285,27 @@ def test_a_floor_above_the_best_set_says_what_was_searched():
     assert "seed node(s)" in headline and not e.value.rejection.fits_when_free
 
 
+def test_a_set_meeting_the_floor_is_found_where_the_fastest_links_dead_end():
+    # From a, the fastest link leads to b (1 GPU): the maximin growth then needs a third
+    # node at 1.25 GB/s; from c likewise through d. a + c hold the job at 8 GB/s: refusing it
+    # as never fitting (it was, and not queued) would be wrong.
+    state = cluster(measured(node("a", gpus=4), b=20.0, c=8.0), node("b", gpus=1),
+                    measured(node("c", gpus=4), d=12.5), node("d", gpus=1))
+    placement = place(JobSpec("j", num_workers=8, gpus_per_worker=1, min_bandwidth_gbps=2),
+                      state, NOW)
+    assert sorted(placement.nodes) == ["a", "c"] and placement.bottleneck_gbps == 8
+
+
+def test_a_cpu_job_uses_a_gpu_node_when_only_it_meets_the_floor():
+    # The GPU-less nodes hold the 6 workers only across a 1.25 GB/s link; the GPU node alone
+    # holds them with no network at all. Refused before (confined to the GPU-less nodes).
+    state = cluster(node("cpu-1", cpus=4), node("cpu-2", cpus=4), node("gpu-1", cpus=32, gpus=4))
+    placement = place(JobSpec("j", num_workers=6, min_bandwidth_gbps=5), state, NOW)
+    assert placement.nodes == ["gpu-1"]
+    # Without a floor the GPU-less nodes are still preferred.
+    assert sorted(place(JobSpec("j", num_workers=6), state, NOW).nodes) == ["cpu-1", "cpu-2"]
+
+
 # -- bottleneck_gbps: the one bandwidth figure of a node set -----------------------------------
 
 def test_bottleneck_uses_measured_pairs_not_group_representatives():
@@ -355,3 +376,47 @@ def test_a_cpu_job_stays_off_gpu_nodes_while_others_hold_it_whatever_the_links()
                     node("c1", cpus=8), node("c2", cpus=8))
     assert sorted(place(JobSpec("j", num_workers=16), state, NOW).nodes) == ["c1", "c2"]
     assert sorted(place(JobSpec("big", num_workers=24), state, NOW).nodes)[:2] == ["c1", "c2"]
+
+
+@pytest.mark.parametrize("held, gpus, whole_free", [(0.5, 1, 0), (2.5, 3, 0), (1.5, 3, 1)])
+def test_a_gpu_partly_held_outside_the_scheduler_is_not_handed_to_a_worker(held, gpus,
+                                                                           whole_free):
+    # A Serve replica on half a GPU: Ray cannot start a whole-GPU worker on that GPU
+    # (rounding 0.5 -> 0 and 2.5 -> 2 handed it out).
+    state = cluster(node("g", cpus=16, gpus=gpus))
+    state.set_ray_usage("g", used_cpus=1.0, used_gpus=held)
+    assert state.outside_on("g")[1] == gpus - whole_free
+    fits = JobSpec("fits", num_workers=whole_free, gpus_per_worker=1) if whole_free else None
+    if fits:
+        assert place(fits, state, NOW).worker_nodes == ("g",) * whole_free
+    with pytest.raises(PlacementError):
+        place(JobSpec("over", num_workers=whole_free + 1, gpus_per_worker=1), state, NOW)
+
+
+def test_a_node_with_two_gpu_families_takes_only_jobs_allowing_both():
+    # Ray hands a worker any of the node's GPUs: an A100-only job may get the T4. Filed under
+    # its first GPU's family, the node took T4-only jobs and refused A100+T4 ones.
+    gpus = (GpuInfo(0, "Tesla T4", 16 * GIB, 15 * GIB),
+            GpuInfo(1, "NVIDIA A100-SXM4-80GB", 80 * GIB, 79 * GIB))
+    state = cluster(NodeReport("mixed", "mixed", 16, 2, 16, 0.0, 64 * GIB, 32 * GIB, gpus))
+    for only in ("T4", "A100"):
+        with pytest.raises(PlacementError) as e:
+            place(JobSpec("j", num_workers=1, gpus_per_worker=1, accelerator_types=(only,)),
+                  state, NOW)
+        assert "(A100+T4) is not one of" in str(e.value) and "any of this node's GPUs" in str(e.value)
+    both = JobSpec("j", num_workers=2, gpus_per_worker=1, accelerator_types=("T4", "A100"))
+    assert place(both, state, NOW).worker_nodes == ("mixed", "mixed")
+    assert place(JobSpec("any", num_workers=1, gpus_per_worker=1), state, NOW).nodes == ["mixed"]
+    # Its pace is the slower family's.
+    assert state.table.speed[state.table.index["mixed"]] == ACCELERATOR_SPEED["T4"]
+
+
+def test_a_node_whose_gpus_ray_does_not_schedule_says_so():
+    # GPUs seen (NVML or labels) but `ray start` without --num-gpus: "0 free (0 reserved)"
+    # did not say why.
+    report = NodeReport("g", "g", 16, 0, 16, 0.0, 64 * GIB, 32 * GIB,
+                        (GpuInfo(0, "Tesla T4", 16 * GIB, 15 * GIB),) * 4)
+    with pytest.raises(PlacementError) as e:
+        place(JobSpec("j", num_workers=1, gpus_per_worker=1), cluster(report), NOW)
+    assert "Ray schedules 0 GPU(s) on this node, which has 4" in str(e.value)
+    assert "--num-gpus=4" in str(e.value)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.probes import (BANDWIDTH_MAX_BYTES, bandwidth_probe_bytes, best_bandwidth_gbps,
-                           probe_gpus, probe_host, probe_nvml, run_probe)
+                                 merge_bandwidth, probe_gpus, probe_host, probe_nvml, run_probe)
 from orchestrator.inventory import (GIB, LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
                                     LABEL_ACCELERATOR_TYPE, declared_gpus)
 
@@ -142,16 +142,70 @@ def test_nvml_required_query_failing_is_a_probe_error_and_shuts_down(monkeypatch
     assert "FakeNVMLError" in errors["nvml"] and nvml.calls == ["init", "shutdown"]
 
 
-def test_nvml_init_failing_means_no_gpus_quietly(monkeypatch):
+def failing_init(value: int):
+    def init():
+        error = FakeNVMLError(f"nvmlInit failed ({value})")
+        error.value = value  # pynvml's NVMLError carries NVML's return code
+        raise error
+    return init
+
+
+@pytest.mark.parametrize("code", [9, 12])  # driver not loaded, library not found
+def test_nvml_absent_means_no_gpus_quietly(monkeypatch, code):
     nvml = fake_pynvml([A100])
-
-    def no_driver():
-        raise FakeNVMLError("driver not loaded")
-
-    nvml.nvmlInit = no_driver
+    nvml.nvmlInit = failing_init(code)
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     errors = {}
     assert probe_gpus({}, errors) == () and not errors
+
+
+@pytest.mark.parametrize("code", [4, 18])  # no permission, driver/library version mismatch
+def test_nvml_failing_to_start_on_a_gpu_node_is_a_probe_error(monkeypatch, code):
+    # Quietly reading as a CPU node hid a broken driver after an upgrade.
+    nvml = fake_pynvml([A100])
+    nvml.nvmlInit = failing_init(code)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    errors = {}
+    assert probe_gpus({}, errors) == ()
+    assert f"nvmlInit failed ({code})" in errors["nvml"]
+
+
+def test_one_lost_gpu_leaves_the_others_reported(monkeypatch):
+    class FakeGpuIsLost(FakeNVMLError):
+        pass
+
+    nvml = fake_pynvml([A100] * 3 + [{**A100, "name": FakeGpuIsLost}] + [A100] * 4)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    errors = {}
+    gpus = probe_gpus({}, errors)
+    assert [g.index for g in gpus] == [0, 1, 2, 4, 5, 6, 7]
+    assert errors["nvml"].startswith("GPU 3: FakeGpuIsLost") and nvml.calls[-1] == "shutdown"
+
+
+def test_a_failing_host_probe_leaves_the_node_in_the_cluster(monkeypatch):
+    # The stand-in must pass the scheduler's report check: an infinite load was refused as
+    # malformed, and the node then went dead with its running job's reservation released.
+    import orchestrator.probes as probes
+    from orchestrator.inventory import NodeReport, report_problem
+
+    def no_psutil():
+        raise ImportError("No module named 'psutil'")
+
+    monkeypatch.setattr(probes, "probe_host", no_psutil)
+    errors = {}
+    host = probes.host_figures(errors)
+    assert "psutil" in errors["host"]
+    report = NodeReport(node_id="n", ray_cpus=8, ray_gpus=0, gpus=(), **host)
+    assert report_problem(report) is None
+    assert report.load_per_cpu >= probes.HOST_PROBE_FAILED_LOAD  # loses every tie-break
+
+
+def test_a_peer_whose_transfer_failed_loses_its_old_figure():
+    previous = {"b": 2.0, "c": 3.0, "gone": 9.0}
+    # b sampled and measured again, c sampled but timed out, d not sampled this round.
+    merged = merge_bandwidth({**previous, "d": 4.0}, {"b": 2.5}, {"b", "c"},
+                             alive={"b", "c", "d"})
+    assert merged == {"b": 2.5, "d": 4.0}
 
 
 # --- bandwidth arithmetic --------------------------------------------------------------------
