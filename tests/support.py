@@ -9,7 +9,9 @@
 - `one_thread()`: torch on one intra-op thread for the duration (tiny matmuls on a busy
   2-core machine only contend with a second thread);
 - `CrashingSession(run_dir, crash_at, device)`: a LocalSession that dies right after the
-  checkpoint of a given step, like a killed worker.
+  checkpoint of a given step, like a killed worker;
+- `agreed_precision_worker(rank, choices, rendezvous, out)`: one process of a gloo group
+  whose device resolves `auto` to `choices[rank]`; writes the job's precision to out/<rank>.
 
 Test-only helpers live here; anything the scripts also need belongs in the product (scripts
 must not import tests/). Serve app configs are built by the product too:
@@ -58,3 +60,22 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def agreed_precision_worker(rank: int, choices: list[str], rendezvous: str, out: str) -> None:
+    """A worker (torch.multiprocessing.spawn target) whose own device gives `choices[rank]`
+    for `auto`, as an A100 and a T4 placed in one job do; writes what the job agreed on."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from orchestrator.training import loop
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=len(choices), timeout=datetime.timedelta(seconds=60))
+    try:
+        loop.resolve_precision = lambda requested, device: choices[rank]
+        agreed = loop.job_precision("auto", torch.device("cpu"), rank)
+        Path(out, str(rank)).write_text(agreed)
+    finally:
+        dist.destroy_process_group()

@@ -92,6 +92,29 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.pin_memory().to(device, non_blocking=True)
 
 
+# `auto` precisions, weakest first: every worker must compute in the same one.
+AUTO_ORDER = ("fp32", "fp16", "bf16")
+
+
+def job_precision(requested: str, device: torch.device, rank: int = 0) -> str:
+    """The precision the whole job trains in. `auto` resolves on each worker's own device,
+    and a job placed on an A100 and a T4 got bf16 on one and fp16 with loss scaling on the
+    other: DDP then averaged scaled with unscaled gradients (the copies drifted apart) and FSDP
+    gathered parameters of two sizes (a collective mismatch). The workers agree on the weakest
+    choice any of them made (one all-reduce at start)."""
+    local = resolve_precision(requested, device)
+    if requested != "auto" or not (dist.is_available() and dist.is_initialized()):
+        return local
+    code = AUTO_ORDER.index(local)
+    bounds = torch.tensor([code, -code], dtype=torch.int64, device=device)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MIN)  # (weakest, -strongest)
+    weakest, strongest = int(bounds[0]), -int(bounds[1])
+    if rank == 0 and weakest != strongest:
+        say(f"precision auto: {AUTO_ORDER[weakest]} on every worker ({AUTO_ORDER[strongest]} "
+            f"is not available on all of them)")
+    return AUTO_ORDER[weakest]
+
+
 def _mean_across_workers(value: float, device: torch.device) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value
@@ -221,7 +244,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     # reports: its workers up (started_at), its checkpoint loaded (restored_at).
     started_at = time.time()
     device = session.device
-    precision = Precision(resolve_precision(config.precision, device), device.type)
+    precision = Precision(job_precision(config.precision, device, session.world_rank),
+                          device.type)
     train_tokens, held_out_tokens = training_data(config)
 
     with session.checkpoint_dirs() as checkpoint_dirs:

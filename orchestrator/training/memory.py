@@ -18,6 +18,8 @@ workers; one block's parameters gathered at a time, the next one prefetched):
   logits and their gradient; measured on an H200 with GPT-2's vocabulary at ff3fa63: ~2
   bytes per logit compiled, ~4.5 eager, in bf16, the eager figure before 3d191d5 changed the
   eager backward; docs/training.md).
+- with the learnable attention span, the attention weights its own attention keeps
+  (b·heads·s² per layer, at the widest window the spans can learn; span_attention_bytes).
 
 It leaves out the CUDA context and allocator slack (typically 0.5-2 GB): `dry_run` says so,
 and `gpu_memory_needed_gb` (the free memory a run's placement asks of each worker's GPU) adds
@@ -34,6 +36,9 @@ GB = 1024 ** 3
 ADAM_BYTES = 8  # two fp32 moments
 FP32 = 4
 ACTIVATION_BYTES_PER_LAYER_16BIT = 34  # × seq · batch · width (Korthikanti et al. 2022)
+# The span's ramp, its clamp and log, and the keep mask that autograd saves per (head, query,
+# key) and layer: 13 bytes measured (saved_tensors_hooks, small preset, fp32), rounded up.
+SPAN_BIAS_BYTES = 16
 # CUDA context, library workspaces and allocator slack on top of the tensors: the low end of
 # the usual 0.5-2 GB, so the estimate refuses only GPUs the run clearly cannot fit.
 RUNTIME_OVERHEAD_BYTES = GB
@@ -52,6 +57,9 @@ class Shape:
     compute_bytes: int  # 2 under bf16/fp16 autocast, 4 in fp32
     hierarchical: bool = False  # accumulation with unequal factors
     compiled: bool = False  # torch.compile'd: fewer copies of the logits live at once
+    n_head: int = 1
+    attention_span: bool = False  # the learnable span's attention stores its weights
+    dropout: bool = False
 
     @property
     def block_params(self) -> int:
@@ -96,7 +104,25 @@ def activation_bytes(shape: Shape) -> int:
     # The logits in the compute dtype, and in eager mode their gradient beside them.
     copies = 1 if shape.compiled else 2
     logits = tokens * shape.vocab_size * shape.compute_bytes * copies
-    return shape.n_layer * per_layer + logits
+    return shape.n_layer * per_layer + logits + span_attention_bytes(shape)
+
+
+def span_attention_bytes(shape: Shape) -> int:
+    """What the learnable span's attention (training/attention.py) adds: it computes the
+    attention weights itself and keeps them for the backward pass. Per layer: the fp32 softmax
+    (with dropout also its mask and output; in 16 bits the cast copy the matmul keeps) for
+    every (sample, head, query, key), and the span's ramp and log-bias, SPAN_BIAS_BYTES per
+    (head, query, key); plus, while one layer runs, its scores and their fp32 biased copy.
+    Sized at the widest window the spans can learn (every query sees every earlier key): a
+    run placed on a narrower one would run out of memory as its spans grow."""
+    if not shape.attention_span:
+        return 0
+    per_sample = shape.n_head * shape.seq_len * shape.seq_len
+    scores = shape.batch_size * per_sample
+    kept = FP32 + (2 * FP32 if shape.dropout else 0) \
+        + (shape.compute_bytes if shape.compute_bytes < FP32 else 0)
+    running = shape.compute_bytes + FP32
+    return shape.n_layer * (scores * kept + per_sample * SPAN_BIAS_BYTES) + scores * running
 
 
 def ddp_worker_memory(shape: Shape, workers: int) -> WorkerMemory:
@@ -130,7 +156,9 @@ def shape_of(config: TrainConfig, on_gpu: bool) -> Shape:
                  batch_size=config.batch_size, seq_len=config.seq_len,
                  compute_bytes=2 if low else FP32,
                  hierarchical=len(set(config.accumulation_factors.values())) > 1,
-                 compiled=config.compiles_on("cuda" if on_gpu else "cpu"))
+                 compiled=config.compiles_on("cuda" if on_gpu else "cpu"),
+                 n_head=preset["n_head"], attention_span=config.attention_span,
+                 dropout=config.dropout > 0)
 
 
 def worker_memory(config: TrainConfig, workers: int, on_gpu: bool) -> WorkerMemory:

@@ -37,6 +37,21 @@ def test_loss_falls(tmp_path):
     assert metrics["comm_share"] is None  # one process: no all-reduce
 
 
+@pytest.mark.parametrize("choices, agreed", [(["bf16", "fp16"], "fp16"),
+                                              (["bf16", "bf16", "fp32"], "fp32")])
+def test_auto_precision_is_one_choice_for_the_whole_job(tmp_path, choices, agreed):
+    # An A100 (bf16) and a T4 (fp16 with loss scaling) in one job: each worker chose its own,
+    # and DDP averaged scaled with unscaled gradients (FSDP: a collective size mismatch).
+    import torch.multiprocessing as mp
+
+    from tests.support import agreed_precision_worker
+
+    mp.spawn(agreed_precision_worker, nprocs=len(choices),
+             args=(choices, str(tmp_path / "rendezvous"), str(tmp_path)))
+    assert [(tmp_path / str(r)).read_text() for r in range(len(choices))] == \
+        [agreed] * len(choices)
+
+
 def test_learnable_span_trains_and_reports_its_spans(tmp_path):
     metrics = train(tiny(max_steps=20, seq_len=64, attention_span=True, span_ramp=8,
                          span_penalty=1e-3), LocalSession(tmp_path, device=CPU))
