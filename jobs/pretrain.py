@@ -27,7 +27,7 @@ from orchestrator.training.data_plan import (DataSetup, check_trainable, configu
                                              default_cache_root, resume_data_conflicts)
 from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed,
                                   run_job)
-from orchestrator.runs import DEFAULT_RUNS_ROOT, RunDirError, resolve_run_dir
+from orchestrator.runs import DEFAULT_RUNS_ROOT, RunDirError, read_metrics, resolve_run_dir
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
 from orchestrator.training.memory import gpu_memory_needed_gb, memory_lines
@@ -340,14 +340,21 @@ def dry_run(train_config: TrainConfig, spec: JobSpec, address: str | None) -> No
 
 
 def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
-    """True (and says so) when the run already reached --max-steps: nothing to start."""
+    """True (and says so) when the run already reached --max-steps: nothing to start. Its
+    summary says so, or (a run stopped before its end, resumed with a lower --max-steps) the
+    last checkpoint its metrics log records."""
     summary = _read_json(run_dir / "summary.json") or {}
-    done = summary.get("steps") or 0
+    checkpointed = [r.get("step") for r in read_metrics(run_dir) if r.get("checkpoint")]
+    done = max([summary.get("steps") or 0, *[s for s in checkpointed if isinstance(s, int)]])
     if done < train_config.max_steps:
         return False
-    print(f"nothing to do: {run_dir} is already at step {done} (--max-steps "
-          f"{train_config.max_steps}); raise --max-steps to train further")
+    _say_nothing_to_do(f"{run_dir} is already at step {done}", train_config)
     return True
+
+
+def _say_nothing_to_do(where: str, train_config: TrainConfig) -> None:
+    print(f"nothing to do: {where} (--max-steps {train_config.max_steps}); raise --max-steps "
+          "to train further")
 
 
 def _write_resolved_config(run_dir: Path, train_config: TrainConfig, spec: JobSpec,
@@ -375,9 +382,13 @@ def _remove_if_untouched(run_dir: Path) -> None:
 def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
                    elapsed_s: float, yields: list[dict]) -> dict | None:
     metrics = result.metrics or {}
-    if metrics.get("already_complete"):  # checkpoint ahead of the summary: leave both alone
-        print(f"nothing to do: the checkpoint is already at step {metrics['step']} "
-              f"(--max-steps {train_config.max_steps}); raise --max-steps to train further")
+    # The checkpoint ahead of the summary and the log: leave everything alone. Said by the
+    # workers' return value (Result.metrics are then the checkpoint's report, past the end).
+    returned = getattr(result, "return_value", None)
+    complete = returned if isinstance(returned, dict) and returned.get("already_complete") \
+        else metrics if metrics.get("already_complete") else None
+    if complete:
+        _say_nothing_to_do(f"the checkpoint is already at step {complete['step']}", train_config)
         return None
     if metrics.get("step") is None or metrics["step"] < train_config.max_steps:
         # Ray Train's result holds the last report with a checkpoint: one short of the end
@@ -422,9 +433,10 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\ntrained {summary['steps']} steps in {summary['precision']} on "
-          f"{summary['num_workers']} worker(s): loss {summary['first_loss']:.3f} -> "
-          f"{summary['final_loss']:.3f} (held-out {summary['held_out_loss']:.3f}), "
-          f"{summary['tokens_per_s']:,.0f} tokens/s"
+          f"{summary['num_workers']} worker(s): loss {_figure(summary['first_loss'], '.3f')} "
+          f"-> {_figure(summary['final_loss'], '.3f')} (held-out "
+          f"{_figure(summary['held_out_loss'], '.3f')}), "
+          f"{_figure(summary['tokens_per_s'], ',.0f')} tokens/s"
           + (f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else "")
           + (f", all-reduce {summary['comm_share']:.0%} of step time"
              if summary["comm_share"] is not None else ""))
@@ -433,6 +445,11 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
               file=sys.stderr)
     print(f"checkpoint: {summary['checkpoint']}\nsummary:    {run_dir / 'summary.json'}")
     return summary
+
+
+def _figure(value, spec: str) -> str:
+    """A summary figure, or "-" where the final report did not carry it."""
+    return "-" if value is None else format(value, spec)
 
 
 def main(argv: list[str] | None = None) -> int:

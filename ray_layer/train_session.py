@@ -32,7 +32,8 @@ def train_under_ray(config: dict[str, Any]) -> dict[str, Any] | None:
     {"train": TrainConfig as a dict, "min_gpu_memory_gb": what each worker's GPU must have
     free}. Every worker first checks the GPU it was given; if any lacks the memory, all stop
     before training and return {"gpu_too_small": [...]}, so the job is placed again without
-    it (ray_layer/placed_run.py). Returned, not only reported: Ray Train's Result keeps the
+    it (ray_layer/placed_run.py); a resumed run whose checkpoint is already at --max-steps
+    returns {"already_complete": True, "step": ...}. Returned, not only reported: Ray Train's Result keeps the
     metrics of the latest report *with a checkpoint* (none here: None on a fresh run, an
     earlier attempt's on a resumed one), while `Result.return_value` is rank 0's return."""
     session = RayTrainSession()
@@ -49,7 +50,11 @@ def train_under_ray(config: dict[str, Any]) -> dict[str, Any] | None:
                 f"{f['needed_gb']:g} needed" for f in found))
         session.report({"step": 0, "gpu_too_small": found}, None)  # the run's log shows it
         return {"gpu_too_small": found}
-    train(TrainConfig.from_dict(config["train"]), session)
+    metrics = train(TrainConfig.from_dict(config["train"]), session)
+    if metrics.get("already_complete"):
+        # Reported without a checkpoint, so Result.metrics are the checkpoint's report (a
+        # step past --max-steps): the driver learns it from the return value.
+        return {"already_complete": True, "step": metrics["step"]}
     return None
 
 

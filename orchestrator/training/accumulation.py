@@ -29,10 +29,13 @@ class HierarchicalAccumulation:
     each group's optimizer steps."""
 
     def __init__(self, groups: dict[str, list[torch.nn.Parameter]],
-                 factors: dict[str, int]) -> None:
+                 factors: dict[str, int], start_step: int = 0) -> None:
+        """`start_step`: micro-batches already trained (a resumed run): the step counts go on
+        from there (a group with factor k has stepped start_step // k times) instead of
+        restarting at 0 on every resume."""
         self.groups = {name: params for name, params in groups.items() if params}
         self.factors = {name: factors[name] for name in self.groups}
-        self.optimizer_steps = dict.fromkeys(self.groups, 0)
+        self.optimizer_steps = {name: start_step // k for name, k in self.factors.items()}
 
     def due(self, step: int) -> list[str]:
         """Groups whose optimizer step falls on micro-batch `step` (0-based)."""

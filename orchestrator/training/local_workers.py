@@ -71,9 +71,11 @@ def _worker(rank: int, world_size: int, config: dict, run_dir: str, rendezvous: 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=120))
     try:
-        session = WorkerSession(run_dir, rank, world_size, crash_at=crash_at)
+        train_config = TrainConfig.from_dict(config)
+        session = WorkerSession(run_dir, rank, world_size, keep=train_config.keep_checkpoints,
+                                crash_at=crash_at)
         try:
-            metrics = train(TrainConfig.from_dict(config), session)
+            metrics = train(train_config, session)
             outcome = {"metrics": metrics}
         except Exception as e:  # reported to the caller as the error line, not a traceback
             outcome = {"error": f"{type(e).__name__}: {e}"}

@@ -257,7 +257,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     # still set on the DDP module underneath (`parallel`).
     compiled = config.compiles_on(device.type)
     wrapped = torch.compile(parallel) if compiled else parallel
-    accumulation = HierarchicalAccumulation(parameter_groups(model), config.accumulation_factors)
+    accumulation = HierarchicalAccumulation(parameter_groups(model), config.accumulation_factors,
+                                            start_step=step)
     efficiency = Efficiency(config, model, precision, device, parallel)
     tokens_per_step = config.batch_size * config.seq_len * session.world_size
     if session.world_rank == 0:

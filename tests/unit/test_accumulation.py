@@ -153,15 +153,18 @@ def test_resume_mid_accumulation_is_exact(tmp_path):
     """Stopped at step 6 while 'upper' (k=4) holds two micro-batches of gradient: the pending
     gradients travel in the checkpoint and the resumed run ends bit-equal."""
     config = tiny(accumulation="lower=2,upper=4", max_steps=12, checkpoint_every=6)
-    train(config, LocalSession(tmp_path / "straight", device=CPU))
+    straight_metrics = train(config, LocalSession(tmp_path / "straight", device=CPU))
     with pytest.raises(RuntimeError, match="worker killed"):
         train(config, CrashingSession(tmp_path / "resumed", crash_at=6))
     state = load_checkpoint(sorted((tmp_path / "resumed").glob("checkpoint_*"))[-1])
     assert any(name.startswith("blocks.1.") for name in state["pending_gradients"])
-    train(config, LocalSession(tmp_path / "resumed", device=CPU))
+    resumed_metrics = train(config, LocalSession(tmp_path / "resumed", device=CPU))
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+    # The step counts go on over the resume (they restarted at 0: half of these).
+    assert resumed_metrics["optimizer_steps"] == straight_metrics["optimizer_steps"] == {
+        "embeddings": 12, "lower": 6, "upper": 3, "head": 12}
 
 
 @pytest.mark.parametrize("spec, message", [

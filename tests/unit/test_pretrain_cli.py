@@ -109,3 +109,46 @@ def test_resuming_a_finished_run_does_nothing_and_keeps_its_summary(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "nothing to do" in result.stdout and "already at step 200" in result.stdout
     assert (run_dir / "summary.json").read_text() == before
+
+
+def test_resuming_below_the_last_checkpoint_does_nothing(tmp_path):
+    # Stopped at step 600 of 1000 (no summary yet), resumed with --max-steps 500: the workers
+    # started, found nothing to train, and a summary of the checkpoint's report was written
+    # (then a traceback on its missing held-out loss).
+    run_dir = fake_finished_run(tmp_path / "run", steps=0, max_steps=1000)
+    (run_dir / "summary.json").unlink()
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": step, "time": 0, "checkpoint": f"{run_dir}/ckpt_{step}"}) + "\n"
+        for step in (300, 600)))
+    result = run_pretrain("--resume", "--run-dir", str(run_dir), "--max-steps", "500",
+                          tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" in result.stdout and "already at step 600" in result.stdout
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_a_checkpoint_past_the_end_found_by_the_workers_writes_no_summary(tmp_path, capsys):
+    # Ray Train's Result.metrics are the checkpoint's report (step 10); the workers' return
+    # value says they trained nothing.
+    from types import SimpleNamespace
+
+    from jobs.pretrain import _write_summary
+
+    result = SimpleNamespace(metrics={"step": 10, "loss": 3.0}, checkpoint=None,
+                             return_value={"already_complete": True, "step": 10})
+    placement = SimpleNamespace(worker_nodes=("n",), bottleneck_gbps=float("inf"))
+    assert _write_summary(result, TrainConfig(max_steps=5), placement, tmp_path, 1.0, []) is None
+    assert "already at step 10" in capsys.readouterr().out
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_summary_missing_figures_is_still_printed(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from jobs.pretrain import _write_summary
+
+    result = SimpleNamespace(metrics={"step": 5}, checkpoint=None, return_value=None)
+    placement = SimpleNamespace(worker_nodes=("n",), bottleneck_gbps=float("inf"))
+    summary = _write_summary(result, TrainConfig(max_steps=5), placement, tmp_path, 1.0, [])
+    assert summary["held_out_loss"] is None and (tmp_path / "summary.json").exists()
+    assert "loss - -> - (held-out -), - tokens/s" in capsys.readouterr().out
