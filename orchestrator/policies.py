@@ -109,7 +109,11 @@ def make_gavel(type_order: Callable[[object], tuple[str, ...]]) -> Policy:
         t = state.table
         n = len(t)
         free = t.gpus[:n] - t.reserved_gpus[:n]
-        families = type_order(job)
+        # The core may narrow a job's families (a migration's claim: the faster types no
+        # waiting job wants). Ignoring that put moves on GPUs kept for the queue, or on the
+        # job's own type, where the move gains nothing and was dropped.
+        allowed = {f.upper() for f in spec.accelerator_types}
+        families = tuple(f for f in type_order(job) if not allowed or f.upper() in allowed)
         if not any(_family_gpus(t, family, t.gpus[:n]) >= spec.total_gpus
                    for family in families):
             # No one type could hold it even idle: Gavel's one-type rule would queue it

@@ -28,7 +28,9 @@ Metrics (per policy):
 - allocation_rate = sum(GPUs x runtime) / (cluster GPUs x makespan);
   allocation_rate_while_queued = allocated / cluster GPUs, averaged over the time jobs wait
 - goodput_utilization = sum(GPUs x runtime x achieved/ideal speed) / (cluster GPUs x makespan),
-  ideal = consolidated throughput on the fastest GPU type in the cluster (cluster_model)
+  ideal = consolidated throughput on the fastest GPU type in the cluster (cluster_model); the
+  RESTART_S a resumed segment spends reloading counts as runtime at speed 0 (the goodput
+  timeline, a plot, counts a segment's GPUs from its start)
 - preemptions and migrations (in all and per job), restart_overhead = GPU-time spent
   yielding and reloading checkpoints (RESTART_S per restart), over all GPU-time allocated
 - decisions/s = policy calls / seconds spent inside the policy
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import heapq
+import dataclasses
 import json
 import math
 import sys
@@ -203,7 +206,7 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
         return table.speed(by_name[spec.name.removesuffix(CLAIM_SUFFIX)].model, family)
 
     state = build_state(cluster, SIM_NOW)
-    settings = settings or simulation_settings(cluster, backfill, **overrides)
+    settings = simulation_settings(cluster, backfill, base=settings, **overrides)
     core = SchedulerCore(settings, speed=speed, state=state,
                          policy=timed_policy if call is not None else None, wakeups=True)
     if call is None:  # the core's own placement: time the core's calls of place()
@@ -315,12 +318,16 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
 
 
 def simulation_settings(cluster: ClusterSpec, backfill: bool = True,
-                        **overrides) -> SchedulerSettings:
-    """The live defaults, with heartbeats that never expire (modelled servers never go stale),
-    the cluster's inter-rack bandwidth, and a policy's `overrides` (its queue order)."""
-    return SchedulerSettings(**{"suspect_after_s": math.inf, "dead_after_s": math.inf,
-                                "inter_group_gbps": cluster.inter_gbps,
-                                "synthetic_nodes": True, "backfill": backfill, **overrides})
+                        base: SchedulerSettings | None = None, **overrides) -> SchedulerSettings:
+    """`base` (default: the live defaults) with heartbeats that never expire (modelled
+    servers never go stale), the cluster's inter-rack bandwidth, `backfill`, and `overrides`
+    (a policy's own: its queue order, no preemption for FIFO...) on top: a caller's tuned
+    settings must not undo what makes a baseline that baseline (FIFO ran with LAS order and
+    preemption when given settings)."""
+    fixed = {"suspect_after_s": math.inf, "dead_after_s": math.inf,
+             "inter_group_gbps": cluster.inter_gbps, "synthetic_nodes": True,
+             "backfill": backfill, **overrides}
+    return dataclasses.replace(base, **fixed) if base is not None else SchedulerSettings(**fixed)
 
 
 def never_fit_reason(spec: JobSpec, cluster: ClusterSpec) -> str:
@@ -393,8 +400,8 @@ class _Replay:
         held = now - job.segment_start
         job.history.append((job.segment_start, now, job.nodes))
         job.runtime = (0.0 if math.isnan(job.runtime) else job.runtime) + held
-        job.good_time += held * job.speed_vs_ideal
         reloading = min(held, RESTART_S) if job.segments > 1 else 0.0
+        job.good_time += (held - reloading) * job.speed_vs_ideal  # reloading trains nothing
         job.overhead_s += reloading
         if yielding:
             job.work_done += job.speed * (held - reloading)
@@ -668,6 +675,8 @@ def run_cli(args) -> int:
     policies = list(POLICY_NAMES) if args.policy == "all" else [args.policy]
     if any(p not in POLICY_NAMES for p in policies):
         return err(f"--policy {args.policy!r}: use one of {', '.join(POLICY_NAMES)}, all")
+    if args.seed < 0:  # the random policy's numpy generator takes no negative seed
+        return err(f"--seed must be an integer >= 0, got {args.seed}")
     try:
         cluster = parse_cluster_spec(args.cluster)
         if args.trace is None:

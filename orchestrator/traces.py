@@ -159,11 +159,12 @@ def _rows(path: Path | str, required: tuple[str, ...], optional: tuple[str, ...]
     path, handle = _read(path)
     with handle:
         reader = csv.reader(handle)
-        header = next(reader, None)
+        rows = _parsed(reader, path)
+        header = next(rows, None)
         header = [h.strip() for h in header] if header else header
         _check_header(path, header, required, optional)
         col = {name: i for i, name in enumerate(header)}
-        for row in reader:
+        for row in rows:
             where = f"{path}:{reader.line_num}"
             if not row or all(not c.strip() for c in row):
                 continue  # blank line
@@ -171,6 +172,18 @@ def _rows(path: Path | str, required: tuple[str, ...], optional: tuple[str, ...]
                 raise TraceError(f"{where}: {len(row)} field(s), the header has {len(header)}")
             yield reader.line_num, where, \
                 (lambda name, row=row: row[col[name]].strip() if name in col else "")
+
+
+def _parsed(reader, path: Path):
+    """The reader's rows; a line the csv module cannot parse (a field over its size limit, a
+    NUL byte) is a TraceError naming the file and line, not a bare csv.Error."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise TraceError(f"{path}:{reader.line_num}: not readable as CSV: {e}") from None
 
 
 def load_canonical(path: Path | str) -> list[TraceJob]:

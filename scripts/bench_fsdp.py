@@ -142,6 +142,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--ckpt-size", default="medium")
     args = parser.parse_args()
+    if args.rounds < 1:  # a median of no rounds is no figure
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     with tempfile.TemporaryDirectory(prefix="bench-fsdp-") as tmp:
         figures = {"workers": 2, "rounds": args.rounds, "steps": args.steps,
                    "checkpoint_model_size": args.ckpt_size}

@@ -17,7 +17,8 @@ pins each worker to its placed node and releases the reservation at the end.
   launcher samples/s over the bare samples/s of the same pair of rounds.
 - where the time goes: in_report_s (mean time rank 0 spends inside a report call, after the
   first) and compute_samples_per_s (samples over the time outside report calls), per kind.
-- rounds alternate bare, launcher, bare, launcher, ...; one warm-up of each first (not
+- each round runs one of each, bare first in even rounds and the launcher first in odd ones
+  (neither always follows the other's teardown); one warm-up of each first (not
   counted: the first launcher call creates the scheduler and the agents). Before every run,
   bare or not, the machine idles --settle-s (default 6 s): the scheduler learns what Ray has
   free from its maintenance pass (every 5 s), and a bare run's workers, which it does not
@@ -162,8 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             storage = Path(tmp)
+            sides = (("bare", run_bare), ("launcher", run_launcher))
             for round_ in range(args.rounds + 1):  # round 0: the warm-up
-                for kind, run in (("bare", run_bare), ("launcher", run_launcher)):
+                # Alternating which goes first: neither side always follows the other's
+                # teardown.
+                for kind, run in (sides if round_ % 2 == 0 else sides[::-1]):
                     name = f"bench-{kind}-{round_}"
                     config = {"reports": args.reports, "steps_per_report": steps_per_report,
                               "timing": str(storage / f"{name}.jsonl")}

@@ -2,7 +2,7 @@
 """Benchmark: every scheduling policy of the simulator on two traces, through one core.
 
 1. **Philly slice**: the bundled data/philly.csv sorted by submit time, jobs 20,000-29,999
-   (2017-10-10 .. 2017-10-16, past the trace's quiet first weeks), on
+   (2017-10-10 .. 2017-10-15, past the trace's quiet first weeks), on
    "v100:8x48,p100:8x48,k80:4x64;rack=16" (1,024 GPUs) with inter-arrival times divided by 3
    (--load-scale 3): the cluster is saturated for days.
 2. **Constrained trace**: scripts/gen_constrained_trace.py's seeded heterogeneous trace (8,000
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -56,6 +57,9 @@ KEYS = ("mean_jct_s", "p50_jct_s", "p99_jct_s", "mean_queue_s", "makespan_s",
 def philly_slice(start: int, jobs: int, load_scale: float, path: Path = PHILLY_CSV):
     ordered = prepare(load_philly(path))
     chunk = ordered[start:start + jobs]
+    if not chunk:  # a benchmark of no jobs would print figures of nothing
+        raise SystemExit(f"bench_simulator: error: --start {start}: the trace has "
+                         f"{len(ordered):,} jobs")
     return prepare(chunk, load_scale=load_scale)
 
 
@@ -141,7 +145,7 @@ def constrained_section(args) -> tuple[dict, list[SimResult]]:
     return section, results
 
 
-def full_philly_section(args) -> dict:
+def full_philly_section(args) -> tuple[dict, list[SimResult]]:
     trace = prepare(load_philly(PHILLY_CSV))
     t0 = time.perf_counter()
     results = run_policies(trace, DEFAULT_CLUSTER, args.policies, args.seed, "full ",
@@ -151,7 +155,7 @@ def full_philly_section(args) -> dict:
           f"{wall:.0f}s ({args.processes} process(es))")
     print(format_summary(results))
     return {"jobs": len(trace), "wall_s": round(wall, 1), "processes": args.processes,
-            **figures(results)}
+            **figures(results)}, results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -171,24 +175,50 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="replays run at once, one per process (default: one per core)")
     args = parser.parse_args(argv)
+    for problem in argument_problems(args):
+        parser.error(problem)  # the first, before any replay runs
     args.policies = args.policies.split(",")
     args.sweep = [float(s) for s in args.sweep.split(",") if s]
-    if args.processes < 1:
-        parser.error(f"--processes must be >= 1, got {args.processes}")
     sections = set(args.sections.split(","))
-    unknown = sections - {"philly", "constrained", "full"}
-    if unknown:
-        parser.error(f"--sections: unknown {', '.join(sorted(unknown))}")
     summary: dict = {}
-    for name, run in (("philly", philly_section), ("constrained", constrained_section)):
+    for name, key, run in (("philly", "philly", philly_section),
+                           ("constrained", "constrained", constrained_section),
+                           ("full", "full_philly", full_philly_section)):
         if name in sections:
-            summary[name], results = run(args)
+            summary[key], results = run(args)
             if args.out:
                 write_outputs(results, Path(args.out) / name)
-    if "full" in sections:
-        summary["full_philly"] = full_philly_section(args)
     print(json.dumps(summary))
     return summary
+
+
+def argument_problems(args) -> list[str]:
+    """What is wrong with the flags, each naming its flag; checked before any replay runs (a
+    bad policy name failed only when its replay came, after the others had run)."""
+    problems = []
+    if args.processes < 1:
+        problems.append(f"--processes must be >= 1, got {args.processes}")
+    unknown = set(args.sections.split(",")) - {"philly", "constrained", "full"}
+    if unknown:
+        problems.append(f"--sections: unknown {', '.join(sorted(unknown))}")
+    unknown = [p for p in args.policies.split(",") if p not in POLICY_NAMES]
+    if unknown:
+        problems.append(f"--policies: unknown {', '.join(unknown)}; use "
+                        f"{', '.join(POLICY_NAMES)}")
+    if not (math.isfinite(args.load_scale) and args.load_scale > 0):
+        problems.append(f"--load-scale must be a number > 0, got {args.load_scale:g}")
+    try:
+        sweep = [float(s) for s in args.sweep.split(",") if s]
+    except ValueError:
+        sweep = [math.nan]
+    if not all(math.isfinite(s) and s > 0 for s in sweep):
+        problems.append(f"--sweep must be load scales > 0 separated by commas, got "
+                        f"{args.sweep!r}")
+    if args.start < 0 or args.jobs < 1:
+        problems.append(f"--start must be >= 0 and --jobs >= 1, got {args.start}, {args.jobs}")
+    if args.seed < 0:
+        problems.append(f"--seed must be >= 0, got {args.seed}")
+    return problems
 
 
 def write_outputs(results: list[SimResult], out: Path) -> None:

@@ -216,6 +216,8 @@ def main() -> None:
     parser.add_argument("--only-overhead", action="store_true",
                         help="measure Ray Train's overhead and stop")
     args = parser.parse_args()
+    if args.rounds < 1:  # a median of no rounds is no figure
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(tmp)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from orchestrator import cpu_shares
@@ -32,10 +33,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = [t for t in cpu_shares.sample(args.seconds) if args.match in t.process]
-    if not threads:
+    sampled = cpu_shares.sample(args.seconds)
+    if not sampled:
         print("error: no thread counters to read (/proc/<pid>/task/<tid>/schedstat: Linux "
               "with schedstats only)", file=sys.stderr)
+        return 1
+    # Not this sampler itself: its own command line holds the --match text.
+    threads = [t for t in sampled if args.match in t.process and t.pid != os.getpid()]
+    if not threads:
+        print(f"error: no process but this one matches --match {args.match!r}",
+              file=sys.stderr)
         return 1
     totals = cpu_shares.process_cpu(threads)
     names = {t.pid: t.process for t in threads}

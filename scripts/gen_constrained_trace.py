@@ -155,6 +155,10 @@ def check_parameters(jobs: int, load: float, scarce_load: float, gang_share: flo
                          "other jobs' load")
     if single_share + pair_share > 1:
         raise ValueError(f"--single-share {single_share} + --pair-share {pair_share} > 1")
+    if kind_counts(jobs, gang_share, single_share, pair_share)[GANG] >= jobs:
+        raise ValueError(f"--gang-share {gang_share} of --jobs {jobs} makes every job a gang "
+                         "job: at least one other job is needed (the gang jobs' scale is set "
+                         "against the other jobs' load)")
     if len(gpus) < 2:
         raise ValueError(f"--cluster {cluster.text!r}: needs at least two accelerator "
                          f"families (has {', '.join(gpus)})")

@@ -117,6 +117,15 @@ def test_a_target_missed_is_reported_false():
     assert set(bench.targets(better).values()) == {True}
 
 
+def test_a_run_too_small_for_like_for_like_figures_says_so(capsys):
+    # 16 nodes, 1 job: no job placed by every policy, the like-for-like figures are None; it
+    # crashed multiplying None.
+    result = bench.main(["--nodes", "16", "--jobs", "1", "--no-actor", "--seed", "11"])
+    assert result["like_for_like_jobs"] == 0  # seed 11: the one job is not placed by all
+    assert result["nodes_spanned_mean"] is None and result["meets_fewer_nodes_than_firstfit"] is None
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+
+
 def test_the_measured_cluster_is_rack_ordered_unlabelled_and_sparsely_measured():
     cluster = bench.measured_cluster(64, 1, seed=0)
     state = cluster.fresh_state()

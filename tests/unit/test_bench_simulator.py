@@ -91,3 +91,23 @@ def test_small_traces_end_with_a_json_line_of_every_policy_and_section(capsys, m
     assert 0 < busy <= 1
     assert busy == result["constrained"]["policies"]["hetero-las"][
         "usable_gpus_busy_while_waiting"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policies", "fifo,hetero_las"], "--policies: unknown hetero_las"),
+    (["--load-scale", "0"], "--load-scale must be a number > 0"),
+    (["--sweep", "1,x"], "--sweep must be load scales"),
+    (["--start", "-1"], "--start must be >= 0"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--sections", "philly,ful"], "--sections: unknown ful"),
+])
+def test_bad_flags_are_refused_before_any_replay(capsys, args, message):
+    # A misspelt policy failed only when its replay came, after the others had run.
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--processes", "1", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_slice_past_the_end_of_the_trace_is_refused():
+    with pytest.raises(SystemExit, match="--start 90000: the trace has 82,247 jobs"):
+        bench.philly_slice(90_000, 50, 3.0)

@@ -57,3 +57,15 @@ def test_this_machine_sampled_for_real_shows_a_busy_process():
     busy = [t for t in threads if t.pid == spinner.pid]
     assert busy and busy[0].cpu_pct > 20, threads[:5]  # it ran for much of the interval
     assert busy[0].runqueue_wait_pct >= 0 and "while True" in busy[0].process
+
+
+def test_the_sampler_does_not_match_itself():
+    # Its own command line holds the --match text: it always found "one process" (itself).
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "scripts.cpu_shares", "--seconds", "0.2",
+                             "--match", "no-such-process-xyz"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1, result.stdout
+    assert "no process but this one matches --match 'no-such-process-xyz'" in result.stderr

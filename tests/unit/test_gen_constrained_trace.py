@@ -114,6 +114,8 @@ def test_the_cli_writes_a_csv_that_loads_back(jobs, tmp_path, capsys):
     (["--cluster", "v100:8x4,a100:4x1"], "the scarce family A100 has 4 GPUs"),
     (["--scarce-load", "20"], "--scarce-load 20.0 on 96 A100 GPUs is more than --load"),
     (["--cluster", "v100:8"], "part 'v100:8'"),
+    (["--jobs", "10", "--gang-share", "0.96", "--single-share", "1", "--pair-share", "0"],
+     "makes every job a gang job"),
 ])
 def test_bad_parameters_are_one_error_line(tmp_path, capsys, args, message):
     assert gen.main(["--out", str(tmp_path / "x.csv"), *args]) == 2

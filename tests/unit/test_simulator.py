@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from orchestrator import cluster_model, policies, scheduler_core
+from orchestrator.scheduler_types import SchedulerSettings
 from orchestrator.__main__ import main
 from orchestrator.cluster_model import (ClusterSpecError, build_state, iteration_times,
                                         parse_cluster_spec, throughput)
@@ -140,6 +141,22 @@ def test_gavel_runs_a_job_no_single_gpu_type_can_hold_across_types():
     assert by_id(result)[1].gpu_types == "v100"  # one type still when one type holds it
 
 
+def test_gavel_moves_a_job_only_to_the_families_its_claim_allows():
+    # The core claims for a migrating job only faster types no waiting job wants; Gavel-style
+    # put J on the A100 server that H (both A100 servers, head of the queue) was waiting for,
+    # and H started at 47,991 s instead of when the long A100 job ended (3,652 s).
+    jobs = [TraceJob(0, 0.0, 20000.0, 8, accelerators=("A100",)),
+            TraceJob(1, 0.0, 200.0, 8, accelerators=("A100",)),
+            TraceJob(2, 0.0, 200.0, 8, accelerators=("V100",)),
+            TraceJob(3, 1.0, 100000.0, 8),
+            TraceJob(4, 2.0, 1000.0, 16, accelerators=("A100",)),
+            TraceJob(5, 3.0, 100000.0, 8, accelerators=("A100",))]
+    cluster = "a100:8x2,v100:8x1,p100:8x1;rack=16"
+    head_starts = {policy: by_id(simulate(jobs, cluster, policy, check=True))[4].history[0][0]
+                   for policy in ("fifo", "gavel")}
+    assert head_starts["gavel"] == head_starts["fifo"] < 4000
+
+
 def random_trace(n, seed, max_gpus=16):
     rng = np.random.default_rng(seed)
     sizes = rng.choice([1, 1, 1, 2, 4, 8, max_gpus], size=n)
@@ -221,6 +238,8 @@ def test_canonical_loader_reads_optional_columns(tmp_path):
      ":2: accelerator 'V100|' has an empty part"),
     ("submit_time_s,duration_s,num_gpus,model_type\n0,1,1,GPT\n", ":2: unknown model_type"),
     ("", ":1: empty file"),
+    ("submit_time_s,duration_s,num_gpus\n0,10,1\n0,10," + "9" * 140_000 + "\n",
+     ":3: not readable as CSV: field larger than field limit"),
 ])
 def test_canonical_loader_errors_name_file_and_line(tmp_path, text, message):
     path = tmp_path / "bad.csv"
@@ -324,6 +343,7 @@ def test_simulate_cli_writes_jobs_summary_and_plots(tmp_path, capsys):
     (["--cluster", "v100:8"], "part 'v100:8'"),
     (["--policy", "magic"], "--policy 'magic'"),
     (["--load-scale", "-1"], "--load-scale must be"),
+    (["--policy", "random", "--seed", "-1"], "--seed must be an integer >= 0"),
 ])
 def test_simulate_cli_bad_input_is_one_error_line(tmp_path, capsys, args, message):
     path = tmp_path / "trace.csv"
@@ -426,6 +446,29 @@ def test_a_starving_job_is_promoted_when_its_time_comes():
     a, b = by_id(result)[0], by_id(result)[1]
     assert [round(s) for s, _, _ in a.history] == [0, 18_000]
     assert b.preemptions == 1 and b.history[0][1] == pytest.approx(18_000, abs=0.01)
+
+
+def test_reloading_after_a_preemption_is_not_goodput():
+    # One P100 (ideal = achieved speed): A is preempted by B and reloads for RESTART_S. The
+    # reload counted as useful work (goodput 100%), flattering the policies that preempt.
+    result = simulate(trace((0, 20_000, 1), (8000, 100, 1)), "p100:1x1", "hetero-las",
+                      check=True)
+    a, b = by_id(result)[0], by_id(result)[1]
+    assert a.preemptions == 1 and a.overhead_s == pytest.approx(RESTART_S)
+    useful = a.runtime - RESTART_S + b.runtime
+    assert result.metrics["goodput_utilization"] == pytest.approx(
+        useful / result.metrics["makespan_s"])
+    assert a.speed_vs_ideal == pytest.approx(1 - RESTART_S / a.runtime)
+
+
+def test_tuned_settings_keep_the_policys_own_rules():
+    # FIFO given settings ran with LAS order and preemption: the short job preempted the long.
+    jobs = trace((0, 20_000, 1), (8000, 100, 1))
+    plain = simulate(jobs, "p100:1x1", "fifo", check=True)
+    tuned = simulate(jobs, "p100:1x1", "fifo", check=True,
+                     settings=SchedulerSettings(min_run_s=300))
+    assert plain.metrics["preemptions"] == tuned.metrics["preemptions"] == 0
+    assert by_id(tuned)[1].start == by_id(plain)[1].start == pytest.approx(20_000, abs=0.01)
 
 
 def test_a_job_refused_as_backfill_starts_elsewhere_on_the_next_pass():
