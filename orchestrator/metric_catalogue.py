@@ -201,8 +201,9 @@ SERVE_REQUESTS = MetricSpec(
     SERVE_TAGS + ("status",))
 SERVE_ERRORS = MetricSpec(
     "orchestrator_serve_errors", COUNTER,
-    "Requests that failed, by route and kind (bad_request, overloaded, timeout, internal), "
-    "and refused hot reloads (kind bad_config)",
+    "Requests that failed, by route and kind (bad_request; overloaded: back-pressure, add "
+    "replicas; unavailable: no model loaded yet, a reload or a lost replica or engine, retried "
+    "by clients; internal), and refused hot reloads (kind bad_config)",
     "1", SERVE_TAGS + ("kind",))
 SERVE_REQUEST_LATENCY = MetricSpec(
     "orchestrator_serve_request_latency_seconds", HISTOGRAM,
@@ -221,15 +222,22 @@ SERVE_QUEUE_TIME = MetricSpec(
     ("deployment",), TTFT_BUCKETS_S)
 SERVE_BATCH_SIZE = MetricSpec(
     "orchestrator_serve_batch_size", HISTOGRAM,
-    "Requests per batch the model ran (dynamic batching)", "requests", ("deployment",),
-    BATCH_SIZE_BUCKETS)
+    "Requests per batch (static batching) or rows per decoding step (continuous); its _sum is "
+    "Ray's estimate from bucket midpoints: the mean is batched_requests over _count",
+    "requests", ("deployment",), BATCH_SIZE_BUCKETS)
+SERVE_BATCHED_REQUESTS = MetricSpec(
+    "orchestrator_serve_batched_requests", COUNTER,
+    "Requests over all batches (static) or rows over all decoding steps (continuous): over "
+    "the batch-size histogram's _count, the exact mean batch size", "requests",
+    ("deployment",))
 SERVE_QUEUE_DEPTH = MetricSpec(
     "orchestrator_serve_queue_depth", GAUGE,
-    "Requests waiting in the replica's batch queue", "requests", ("deployment",))
+    "Requests waiting for a batch (static) or for a row and KV-cache blocks (continuous), "
+    "at the last batch or decoding step", "requests", ("deployment",))
 SERVE_TOKENS_PER_SECOND = MetricSpec(
     "orchestrator_serve_tokens_per_second", GAUGE,
-    "Tokens generated per second by the replica over its last batch", "tokens/s",
-    ("deployment",))
+    "Tokens generated per second by the replica over its last batch (static) or its last "
+    "second or more of decoding (continuous)", "tokens/s", ("deployment",))
 SERVE_GENERATED_TOKENS = MetricSpec(
     "orchestrator_serve_generated_tokens", COUNTER,
     "Tokens generated (rate() gives cluster-wide tokens/s)", "tokens", ("deployment",))
@@ -247,13 +255,17 @@ ALL: tuple[MetricSpec, ...] = (
     SCHEDULER_YIELDS,
     *TRAIN_REPORT_KEYS.values(),
     SERVE_REQUESTS, SERVE_ERRORS, SERVE_REQUEST_LATENCY, SERVE_TIME_TO_FIRST_TOKEN,
-    SERVE_TIME_PER_OUTPUT_TOKEN, SERVE_QUEUE_TIME, SERVE_BATCH_SIZE, SERVE_QUEUE_DEPTH, SERVE_TOKENS_PER_SECOND, SERVE_GENERATED_TOKENS,
+    SERVE_TIME_PER_OUTPUT_TOKEN, SERVE_QUEUE_TIME, SERVE_BATCH_SIZE, SERVE_BATCHED_REQUESTS, SERVE_QUEUE_DEPTH, SERVE_TOKENS_PER_SECOND, SERVE_GENERATED_TOKENS,
     SERVE_MODEL_VERSION,
 )
 BY_NAME: dict[str, MetricSpec] = {spec.name: spec for spec in ALL}
 
-# Ray Serve's own metrics that the alerts use (Ray exports them; we only read them).
-RAY_SERVE_REPLICA_HEALTHY = "ray_serve_deployment_replica_healthy"  # gauge, 1 = healthy
+# Ray Serve's own metrics that the alerts use (Ray exports them; we only read them). Serve's
+# controller counts every failed health check, per deployment; the controller lives as long
+# as Serve does, so the series does not vanish with the replica (the per-replica
+# `ray_serve_deployment_replica_healthy` is 0 for ~20 s before the replaced replica's series
+# is dropped: an alert on it never lasted long enough to fire).
+RAY_SERVE_HEALTH_CHECK_FAILURES = "ray_serve_health_check_failures_total"  # counter
 
 # -- alert thresholds (monitoring/alerts.yml uses exactly these) ------------------------------
 # The training thresholds are TrainConfig's warn_* defaults (the once-per-run warning in the
@@ -266,13 +278,27 @@ ALERT_NODE_DOWN_FOR_S = 60  # the scheduler calls a node suspect after 15 s with
 # before, so a job still waiting is one someone asked to wait for very long, or a queue that
 # does not drain although capacity is free.
 ALERT_QUEUE_STUCK_AFTER_S = 1200
-# Interactive use: 99% of requests within 2 s (a short chat completion of a small model),
-# judged over 5 minutes of traffic so one slow batch does not page anyone.
-ALERT_SERVE_P99_LATENCY_S = 2.0
+# Interactive use: 99% of requests see their first token within 2.5 s, judged over 5 minutes
+# of traffic so one slow batch does not page anyone. On time to first token, not the whole
+# request: a request's end-to-end time grows with its max_tokens, whatever the load.
+ALERT_SERVE_P99_TTFT_S = 2.5
 ALERT_SERVE_LATENCY_FOR_S = 300
-ALERT_REPLICA_UNHEALTHY_FOR_S = 60  # Serve replaces a failing replica within its health period
+# Serve replaces a replica after 3 failed health checks in a row: this many failures within
+# the window is at least two replicas replaced (a crash loop, a model that hangs).
+ALERT_HEALTH_CHECK_FAILURES = 6
+ALERT_HEALTH_CHECK_WINDOW_S = 600
 # Training figures are reported every --log-every steps; allow a few reports before alerting.
 ALERT_TRAINING_FOR_S = 300
+
+
+def serve_error_kind(status: int, code: str | None) -> str:
+    """The SERVE_ERRORS kind of an error response: every 503 read as "overloaded" sent
+    operators adding replicas for a missing model or a dead replica."""
+    if status < 500:
+        return "bad_request"
+    if status == 503:
+        return "overloaded" if code == "overloaded" else "unavailable"
+    return "internal"
 
 
 def rejection_reason(message: str, fits_when_free: bool) -> str:

@@ -99,19 +99,24 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         "Oldest wait {{ $value | humanizeDuration }}: the cluster is too small for the "
         "demand, or the queue does not drain. `python -m orchestrator status` shows why."),
     AlertRule(
-        "ServeLatencyP99High",
+        "ServeFirstTokenP99High",
         f"histogram_quantile(0.99, sum by (deployment, le) "
-        f"(rate({m.SERVE_REQUEST_LATENCY.exported}_bucket[5m]))) > {m.ALERT_SERVE_P99_LATENCY_S}",
+        f"(rate({m.SERVE_TIME_TO_FIRST_TOKEN.exported}_bucket[5m]))) > "
+        f"{m.ALERT_SERVE_P99_TTFT_S}",
         m.ALERT_SERVE_LATENCY_FOR_S, "page",
-        f"p99 latency of {{{{ $labels.deployment }}}} is above {m.ALERT_SERVE_P99_LATENCY_S:g}s",
-        "p99 {{ $value | humanizeDuration }} over the last 5 minutes: add replicas or lower "
-        "the batch wait timeout."),
+        f"p99 time to first token of {{{{ $labels.deployment }}}} is above "
+        f"{m.ALERT_SERVE_P99_TTFT_S:g}s",
+        "p99 {{ $value | humanizeDuration }} over the last 5 minutes: requests wait for a "
+        "batch slot. Add replicas, or lower max_batch_size or the batch wait timeout."),
     AlertRule(
-        "ServeReplicaUnhealthy",
-        f"min by (application, deployment, replica) ({m.RAY_SERVE_REPLICA_HEALTHY}) == 0",
-        m.ALERT_REPLICA_UNHEALTHY_FOR_S, "page",
-        "Serve replica {{ $labels.replica }} of {{ $labels.deployment }} is unhealthy",
-        "Its health check has failed for over a minute; Serve should have replaced it."),
+        "ServeHealthChecksFailing",
+        f"sum by (application, deployment) (increase({m.RAY_SERVE_HEALTH_CHECK_FAILURES}"
+        f"[{m.ALERT_HEALTH_CHECK_WINDOW_S // 60}m])) >= {m.ALERT_HEALTH_CHECK_FAILURES}",
+        0, "page",
+        "Serve health checks of {{ $labels.deployment }} keep failing",
+        "{{ $value | humanize }} failed health checks in the last "
+        f"{m.ALERT_HEALTH_CHECK_WINDOW_S // 60} minutes: Serve keeps replacing replicas (a "
+        "crash loop, a model that does not load, a hung engine). The replica logs say why."),
 )
 
 
@@ -245,8 +250,8 @@ def _panels() -> dict[str, list[Panel]]:
             Panel("Queue time p99", m.SERVE_QUEUE_TIME,
                   f"histogram_quantile(0.99, sum by (deployment, le) "
                   f"(rate({m.SERVE_QUEUE_TIME.exported}_bucket[5m])))", "{{deployment}} p99"),
-            Panel("Mean batch size", m.SERVE_BATCH_SIZE,
-                  f"sum by (deployment) (rate({batch}_sum[5m])) / "
+            Panel("Mean batch size", m.SERVE_BATCHED_REQUESTS,
+                  f"sum by (deployment) (rate({m.SERVE_BATCHED_REQUESTS.exported}[5m])) / "
                   f"sum by (deployment) (rate({batch}_count[5m]))", "{{deployment}}"),
             Panel("Queue depth", m.SERVE_QUEUE_DEPTH,
                   f"sum by (deployment) ({m.SERVE_QUEUE_DEPTH.exported})", "{{deployment}}"),
@@ -254,7 +259,7 @@ def _panels() -> dict[str, list[Panel]]:
                   f"sum by (deployment) (rate({m.SERVE_GENERATED_TOKENS.exported}[1m]))",
                   "{{deployment}} (all replicas)",
                   ((f"max by (deployment) ({m.SERVE_TOKENS_PER_SECOND.exported})",
-                    "{{deployment}} fastest replica, last batch"),)),
+                    "{{deployment}} fastest replica, last batch or second"),)),
             Panel("Model version", m.SERVE_MODEL_VERSION,
                   f"max by (deployment, version) ({m.SERVE_MODEL_VERSION.exported})",
                   "{{deployment}} {{version}}"),

@@ -375,9 +375,8 @@ class Ingress:
         return JSONResponse(error.body(), status_code=error.status)
 
     def _record_error(self, route: str, error: APIError) -> None:
-        kind = ("bad_request" if error.status < 500 else
-                "overloaded" if error.status == 503 else "internal")
-        record(catalogue.SERVE_ERRORS, 1, deployment=self.deployment, route=route, kind=kind)
+        record(catalogue.SERVE_ERRORS, 1, deployment=self.deployment, route=route,
+               kind=catalogue.serve_error_kind(error.status, error.code))
 
     def _record(self, route: str, status: int, started: float) -> None:
         record(catalogue.SERVE_REQUESTS, 1, deployment=self.deployment, route=route,

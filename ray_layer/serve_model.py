@@ -97,6 +97,8 @@ class GPTModel:
         self.batch_loop_started = False
         self.stats: Counter = Counter()
         self.batch_sizes: Counter = Counter()
+        # Continuous batching's tokens/s gauge: (start of the window, tokens produced in it).
+        self.decode_window: tuple[float, int] = (time.monotonic(), 0)
         self.wedged = threading.Event()  # fault injection: the generation thread stops
         # Continuous batching: the engines run in an engine host (engine_host.py: a process
         # of their own by default, setting engine_process), started at the first use. The
@@ -386,6 +388,7 @@ class GPTModel:
             self.stats["most_held"] = max(self.stats["most_held"],
                                           snapshot["running"] + snapshot["waiting"])
             record(catalogue.SERVE_GENERATED_TOKENS, produced, deployment=self.deployment)
+            self._record_step(len(chunks), snapshot["waiting"], produced)
 
     def _engine(self, engine_id: int) -> EngineRecord | None:
         return next((e for e in self.engines if e.id == engine_id), None)
@@ -534,8 +537,28 @@ class GPTModel:
         self.stats["batches"] += 1
         self.stats["requests"] += size
         self.batch_sizes[size] += 1
+        self._record_batch_metrics(size, len(self.queued))
+
+    def _record_batch_metrics(self, size: int, waiting: int) -> None:
+        """A batch (static) or a decoding step (continuous): its size and what waits."""
         record(catalogue.SERVE_BATCH_SIZE, size, deployment=self.deployment)
-        record(catalogue.SERVE_QUEUE_DEPTH, len(self.queued), deployment=self.deployment)
+        record(catalogue.SERVE_BATCHED_REQUESTS, size, deployment=self.deployment)
+        record(catalogue.SERVE_QUEUE_DEPTH, waiting, deployment=self.deployment)
+
+    def _record_step(self, rows: int, waiting: int, produced: int) -> None:
+        """Continuous batching's step metrics; tokens/s over windows of >= 1 s of steps (one
+        step's rate would swing with each step's length)."""
+        self._record_batch_metrics(rows, waiting)
+        now = time.monotonic()
+        began, tokens = self.decode_window
+        if now - began > 5.0:  # idle before this step: a window starts here
+            began, tokens = now, 0
+        tokens += produced
+        if now - began >= 1.0:
+            record(catalogue.SERVE_TOKENS_PER_SECOND, tokens / (now - began),
+                   deployment=self.deployment)
+            began, tokens = now, 0
+        self.decode_window = (began, tokens)
 
     # -- introspection and health --------------------------------------------------------------
     def model_info(self) -> dict[str, Any]:
@@ -623,6 +646,9 @@ class GPTModel:
         the engine host once it has opened an engine) not finishing within hang_after_s."""
         if self.loaded is None:
             raise RuntimeError("no model loaded")
+        # Re-recorded while the replica lives (telemetry holds a gauge for 10 minutes).
+        record(catalogue.SERVE_MODEL_VERSION, 1, deployment=self.deployment,
+               version=self.loaded.version)
         if self.host is not None and not self.host.alive:
             raise RuntimeError(f"continuous batching is down: {self.host.problem}")
         if self.engine_problem is not None:

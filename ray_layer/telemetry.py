@@ -7,12 +7,20 @@ worker's metrics recorder, which needs a connected Ray worker) and records value
 Recording must never break what is being measured: a failure is logged once per metric and
 the value dropped. A wrong tag set, however, is a programming error and raises (tests catch
 it), which `record` does before touching Ray.
+
+Gauges are held: Ray's metrics agent drops a gauge value not refreshed within two report
+intervals (20 s by default), so a figure recorded once (a model version at load) or rarely
+(training reports minutes apart) vanished from Prometheus between records, and alerts with a
+`for:` never fired. A daemon thread re-sets each gauge's last value every GAUGE_REFRESH_S for
+GAUGE_HOLD_S after it was recorded (then it is let go: a series nobody records any more, like
+a peer that left, must not live for ever).
 """
 from __future__ import annotations
 
 import logging
 import math
 import threading
+import time
 from typing import Any, Iterable
 
 from orchestrator.metric_catalogue import COUNTER, GAUGE, HISTOGRAM, MetricSpec
@@ -22,6 +30,11 @@ log = logging.getLogger(__name__)
 _metrics: dict[str, Any] = {}  # metric name -> ray.util.metrics object, this process
 _lock = threading.Lock()  # actors record from several threads (heartbeat, Ray's, maintenance)
 _failed: set[str] = set()  # metrics whose failure was already logged
+GAUGE_REFRESH_S = 5.0  # well inside the agent's 20 s
+GAUGE_HOLD_S = 600.0
+# (metric name, tags) -> (spec, last value, tags, when recorded): the gauges to keep alive.
+_held: dict[tuple[str, tuple], tuple[MetricSpec, float, dict[str, str], float]] = {}
+_refresher: threading.Thread | None = None
 
 
 def tag_values(spec: MetricSpec, tags: dict[str, Any]) -> dict[str, str]:
@@ -66,6 +79,7 @@ def record(spec: MetricSpec, value: float | int | None, **tags: Any) -> None:
             metric.inc(value, tags)
         elif spec.kind == GAUGE:
             metric.set(value, tags)
+            _hold(spec, value, tags)
         elif spec.kind == HISTOGRAM:
             metric.observe(value, tags)
     except Exception as e:  # metrics are never worth failing a heartbeat or a placement
@@ -78,3 +92,35 @@ def record_all(samples: Iterable[tuple[MetricSpec, float | None, dict[str, Any]]
     """record() each (spec, value, tags) sample, as built by orchestrator.metric_catalogue."""
     for spec, value, tags in samples:
         record(spec, value, **tags)
+
+
+def _hold(spec: MetricSpec, value: float, tags: dict[str, str]) -> None:
+    global _refresher
+    with _lock:
+        _held[(spec.name, tuple(sorted(tags.items())))] = (spec, value, tags, time.monotonic())
+        if _refresher is None:
+            _refresher = threading.Thread(target=_refresh_forever, name="gauge-refresh",
+                                          daemon=True)
+            _refresher.start()
+
+
+def refresh_gauges(now: float | None = None) -> int:
+    """Re-set every gauge recorded within GAUGE_HOLD_S to its last value and let the older
+    ones go; returns how many were refreshed."""
+    now = time.monotonic() if now is None else now
+    with _lock:
+        for key in [k for k, held in _held.items() if now - held[3] > GAUGE_HOLD_S]:
+            del _held[key]
+        live = list(_held.values())
+    for spec, value, tags, _ in live:
+        try:
+            _metric(spec).set(value, tags)
+        except Exception:  # logged when first recorded; never worth a thread's life
+            pass
+    return len(live)
+
+
+def _refresh_forever() -> None:
+    while True:
+        time.sleep(GAUGE_REFRESH_S)
+        refresh_gauges()

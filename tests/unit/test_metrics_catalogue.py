@@ -80,7 +80,7 @@ def test_training_thresholds_agree_with_the_progress_log_warnings():
 
 
 def test_latency_target_is_a_bucket_bound_so_the_p99_is_exact_there():
-    assert m.ALERT_SERVE_P99_LATENCY_S in m.SERVE_REQUEST_LATENCY.buckets
+    assert m.ALERT_SERVE_P99_TTFT_S in m.SERVE_TIME_TO_FIRST_TOKEN.buckets
 
 
 def test_alert_rules_use_the_catalogue_thresholds():
@@ -88,15 +88,16 @@ def test_alert_rules_use_the_catalogue_thresholds():
              ["groups"][0]["rules"]}
     assert set(rules) >= {"NodeDown", "TrainingMFULow", "TrainingCommunicationHigh",
                           "TrainingMemoryHigh", "GpuMemoryHigh", "SchedulerQueueStuck",
-                          "ServeLatencyP99High", "ServeReplicaUnhealthy"}
+                          "ServeFirstTokenP99High", "ServeHealthChecksFailing"}
     assert rules["TrainingMFULow"]["expr"].endswith(f"< {m.ALERT_MIN_MFU}")
     assert rules["TrainingCommunicationHigh"]["expr"].endswith(f"> {m.ALERT_MAX_COMM_SHARE}")
     assert rules["TrainingMemoryHigh"]["expr"].endswith(f"> {m.ALERT_MAX_MEMORY_FRACTION}")
     assert rules["GpuMemoryHigh"]["expr"].endswith(f"> {m.ALERT_MAX_MEMORY_FRACTION}")
     assert rules["SchedulerQueueStuck"]["expr"].endswith(f"> {m.ALERT_QUEUE_STUCK_AFTER_S}")
-    assert rules["ServeLatencyP99High"]["expr"].endswith(f"> {m.ALERT_SERVE_P99_LATENCY_S}")
+    assert rules["ServeFirstTokenP99High"]["expr"].endswith(f"> {m.ALERT_SERVE_P99_TTFT_S}")
+    assert rules["ServeHealthChecksFailing"]["expr"].endswith(
+        f">= {m.ALERT_HEALTH_CHECK_FAILURES}")
     assert rules["NodeDown"]["for"] == f"{m.ALERT_NODE_DOWN_FOR_S}s"
-    assert rules["ServeReplicaUnhealthy"]["for"] == f"{m.ALERT_REPLICA_UNHEALTHY_FOR_S}s"
 
 
 # -- rendered files -----------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def referenced_series(expr: str) -> set[str]:
 
 
 def known_series() -> set[str]:
-    known = {m.RAY_SERVE_REPLICA_HEALTHY}
+    known = {m.RAY_SERVE_HEALTH_CHECK_FAILURES}
     for spec in m.ALL:
         known.add(spec.exported)
         if spec.kind == m.HISTOGRAM:
@@ -223,19 +224,23 @@ def alert_cases() -> list[dict]:
     case([series(wait, {}, flat(m.ALERT_QUEUE_STUCK_AFTER_S + 1))], "SchedulerQueueStuck",
          [({}, sev["SchedulerQueueStuck"])])
     case([series(wait, {}, flat(m.ALERT_QUEUE_STUCK_AFTER_S - 1))], "SchedulerQueueStuck", [])
-    # p99 latency: every request in the bucket just above the target, or in the first one.
-    target = m.ALERT_SERVE_P99_LATENCY_S
+    # p99 time to first token: every request in the bucket just above the target, or in the
+    # first one.
+    target = m.ALERT_SERVE_P99_TTFT_S
     for slow in (True, False):
-        lat = [series(f"{m.SERVE_REQUEST_LATENCY.exported}_bucket",
-                      {"deployment": "gpt", "route": "/v1/completions", "le": str(bound)},
-                      f"0+{0 if slow and bound != '+Inf' and bound <= target else 10}x{mins * 2}")
-               for bound in (*m.SERVE_REQUEST_LATENCY.buckets, "+Inf")]
-        case(lat, "ServeLatencyP99High",
-             [({"deployment": "gpt"}, sev["ServeLatencyP99High"])] if slow else [])
-    replica = {"application": "app", "deployment": "gpt", "replica": "gpt#1"}
-    case([series(m.RAY_SERVE_REPLICA_HEALTHY, replica, flat(0))], "ServeReplicaUnhealthy",
-         [(replica, sev["ServeReplicaUnhealthy"])])
-    case([series(m.RAY_SERVE_REPLICA_HEALTHY, replica, flat(1))], "ServeReplicaUnhealthy", [])
+        ttft = [series(f"{m.SERVE_TIME_TO_FIRST_TOKEN.exported}_bucket",
+                       {"deployment": "gpt", "route": "/v1/completions", "le": str(bound)},
+                       f"0+{0 if slow and bound != '+Inf' and bound <= target else 10}x{mins * 2}")
+                for bound in (*m.SERVE_TIME_TO_FIRST_TOKEN.buckets, "+Inf")]
+        case(ttft, "ServeFirstTokenP99High",
+             [({"deployment": "gpt"}, sev["ServeFirstTokenP99High"])] if slow else [])
+    # Serve's controller counts failed health checks: a crash loop (one failure a minute) fires,
+    # one replica replaced after its three failures does not.
+    deployment = {"application": "app", "deployment": "gpt"}
+    failures = m.RAY_SERVE_HEALTH_CHECK_FAILURES
+    case([series(failures, deployment, f"0+0.5x{mins * 2}")], "ServeHealthChecksFailing",
+         [(deployment, sev["ServeHealthChecksFailing"])])
+    case([series(failures, deployment, f"0x{mins} 3x{mins}")], "ServeHealthChecksFailing", [])
     return cases
 
 
@@ -381,7 +386,23 @@ def fake_metrics(monkeypatch):
 
     made = {}
     monkeypatch.setattr(telemetry, "_metric", lambda spec: made.setdefault(spec.name, FakeMetric()))
+    monkeypatch.setattr(telemetry, "_held", {})
+    monkeypatch.setattr(telemetry, "_refresher", "started")  # no thread: tests refresh by hand
     return telemetry, made
+
+
+def test_a_gauge_is_held_for_prometheus_between_records_then_let_go(fake_metrics):
+    # Ray's agent drops a gauge not set again within 20 s: a model version recorded at load, or
+    # an MFU reported every few minutes, vanished between records and alerts never fired.
+    telemetry, made = fake_metrics
+    telemetry.record(m.SERVE_MODEL_VERSION, 1, deployment="gpt", version="v1")
+    telemetry.record(m.SERVE_GENERATED_TOKENS, 5, deployment="gpt")  # counters need nothing
+    recorded_at = telemetry._held[next(iter(telemetry._held))][3]
+    assert telemetry.refresh_gauges(recorded_at + 60) == 1
+    assert made[m.SERVE_MODEL_VERSION.name].calls == [
+        ("set", 1.0, {"deployment": "gpt", "version": "v1"})] * 2
+    assert telemetry.refresh_gauges(recorded_at + telemetry.GAUGE_HOLD_S + 1) == 0
+    assert len(made[m.SERVE_MODEL_VERSION.name].calls) == 2 and not telemetry._held
 
 
 def test_record_uses_the_kind_and_skips_what_was_not_measured(fake_metrics):
@@ -418,3 +439,34 @@ def test_a_failing_metric_backend_never_raises(monkeypatch, caplog):
     telemetry.record(m.SCHEDULER_QUEUE_LENGTH, 3)
     telemetry.record(m.SCHEDULER_QUEUE_LENGTH, 4)
     assert caplog.text.count("cannot record metric orchestrator_scheduler_queue_length") == 1
+
+
+def test_continuous_batching_records_its_steps_as_batches(monkeypatch):
+    # Only static batching recorded batch size, queue depth and tokens/s: with the default
+    # continuous batching those panels stayed empty.
+    import time
+    from types import SimpleNamespace
+
+    from ray_layer import serve_model
+
+    replica_class = serve_model.GPTModel.func_or_class
+    recorded = []
+    monkeypatch.setattr(serve_model, "record",
+                        lambda spec, value, **tags: recorded.append((spec.name, value)))
+    replica = SimpleNamespace(deployment="gpt", decode_window=(time.monotonic() - 2.0, 30))
+    replica._record_batch_metrics = lambda size, waiting: \
+        replica_class._record_batch_metrics(replica, size, waiting)
+    replica_class._record_step(replica, rows=3, waiting=2, produced=3)
+    names = dict(recorded)
+    assert names[m.SERVE_BATCH_SIZE.name] == 3 and names[m.SERVE_BATCHED_REQUESTS.name] == 3
+    assert names[m.SERVE_QUEUE_DEPTH.name] == 2
+    assert 10 < names[m.SERVE_TOKENS_PER_SECOND.name] < 20  # 33 tokens over ~2 s
+
+
+@pytest.mark.parametrize("status, code, kind", [
+    (400, None, "bad_request"), (503, "overloaded", "overloaded"),
+    (503, "unavailable", "unavailable"), (503, "engine_lost", "unavailable"),
+    (503, "reloading", "unavailable"), (503, None, "unavailable"), (500, None, "internal")])
+def test_serve_errors_say_whether_to_add_replicas(status, code, kind):
+    # Every 503 was "overloaded": no model loaded or a lost replica read as a need for more.
+    assert m.serve_error_kind(status, code) == kind
