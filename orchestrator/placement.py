@@ -547,7 +547,7 @@ def _node_reason(spec: JobSpec, state: ClusterState, report: NodeReport, now: fl
         probe_errors = "; ".join(f"{k}: {v}" for k, v in report.probe_errors.items())
         return (f"needs {spec.gpus_per_worker} GPU per worker, node reports no GPUs"
                 + (f" (probe errors: {probe_errors})" if probe_errors else ""))
-    if report.ray_gpus < spec.gpus_per_worker:
+    if report.ray_gpus < min(len(report.gpus), spec.gpus_per_worker):
         return (f"Ray schedules {report.ray_gpus:g} GPU(s) on this node, which has "
                 f"{len(report.gpus)} ({report.gpus[0].source}): start Ray there with "
                 f"--num-gpus={len(report.gpus)} (or its node type's resources in cluster.yaml)")

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from orchestrator.config import ACCELERATOR_SPEED, ConfigError, JobSpec
@@ -420,3 +422,8 @@ def test_a_node_whose_gpus_ray_does_not_schedule_says_so():
         place(JobSpec("j", num_workers=1, gpus_per_worker=1), cluster(report), NOW)
     assert "Ray schedules 0 GPU(s) on this node, which has 4" in str(e.value)
     assert "--num-gpus=4" in str(e.value)
+    # Ray schedules all 4: a job wanting 8 per worker is told about GPUs, not Ray's setup.
+    with pytest.raises(PlacementError) as e:
+        place(JobSpec("j", num_workers=1, gpus_per_worker=8),
+              cluster(dataclasses.replace(report, ray_gpus=4)), NOW)
+    assert "Ray schedules" not in str(e.value)
