@@ -342,9 +342,11 @@ def dry_run(train_config: TrainConfig, spec: JobSpec, address: str | None) -> No
 def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
     """True (and says so) when the run already reached --max-steps: nothing to start. Its
     summary says so, or (a run stopped before its end, resumed with a lower --max-steps) the
-    last checkpoint its metrics log records."""
+    last checkpoint its metrics log records that is still there (one an operator deleted to
+    roll back does not count)."""
     summary = _read_json(run_dir / "summary.json") or {}
-    checkpointed = [r.get("step") for r in read_metrics(run_dir) if r.get("checkpoint")]
+    checkpointed = [r.get("step") for r in read_metrics(run_dir)
+                    if isinstance(r.get("checkpoint"), str) and Path(r["checkpoint"]).exists()]
     done = max([summary.get("steps") or 0, *[s for s in checkpointed if isinstance(s, int)]])
     if done < train_config.max_steps:
         return False

@@ -9,7 +9,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
@@ -110,28 +110,19 @@ def accelerator_family(gpu_name: str) -> str:
     return next((family for family in ACCELERATOR_FAMILIES if family in tokens), "")
 
 
-MIXED_FAMILIES = "+"  # joins the families of a node with several ("A100+T4")
+def gpu_families(gpus: Iterable[GpuInfo]) -> list[str]:
+    """The accelerator families of a node's GPUs, sorted ("" for a name of no known family)."""
+    return sorted({accelerator_family(g.name) for g in gpus})
 
 
 def node_family(gpus: Iterable[GpuInfo]) -> str:
-    """The accelerator family of a node: its GPUs' family; "" for none or an unknown one;
-    for a node with GPUs of several families, all of them joined by "+" ("A100+T4"), which
-    matches a job's accelerator_types only when the job allows every one of them (Ray hands a
-    worker any of the node's GPUs, not the one the job named)."""
-    families = sorted({accelerator_family(g.name) for g in gpus})
-    return MIXED_FAMILIES.join(families) if len(families) > 1 else "".join(families)
-
-
-def family_allowed(family: str, allowed: Iterable[str]) -> bool:
-    """Whether a node of `family` (node_family) may host a job allowing `allowed` (the
-    policies restrict a job to GPUs of no known family with "")."""
-    allowed = {a.upper() for a in allowed}
-    return all(part in allowed for part in family.split(MIXED_FAMILIES))
-
-
-def family_speed(family: str, speed_of: Callable[[str], float]) -> float:
-    """The speed of a node of `family`: a mixed node's slowest family sets a job's pace."""
-    return min(speed_of(part) for part in family.split(MIXED_FAMILIES))
+    """The accelerator family of a node: its GPUs' one family; "" for none, an unknown one, or
+    GPUs of several families. Ray hands a worker any of a node's GPUs, not the one a job
+    named, so a node with an A100 and a T4 can promise neither: jobs that name families do
+    not go there, those that name none may (the scheduler treats it as GPUs of no known
+    family)."""
+    families = gpu_families(gpus)
+    return families[0] if len(families) == 1 else ""
 
 
 class ClusterState:
@@ -479,8 +470,9 @@ class NodeTable:
             column[row, :len(values)] = values
         family = node_family(report.gpus)
         self.family[row] = self.families.setdefault(family, len(self.families))
-        self.speed[row] = (family_speed(family, lambda f: ACCELERATOR_SPEED.get(f, 1.0))
-                           if report.gpus else 0.0)
+        # A node's pace is its slowest GPU's (several families: Ray may hand out any).
+        self.speed[row] = min((ACCELERATOR_SPEED.get(f, 1.0) for f in gpu_families(report.gpus)),
+                              default=0.0)
         self.load[row] = report.load_per_cpu
         self.last_seen[row] = now
         # Nodes without a network-group label are each a group of their own.

@@ -34,6 +34,11 @@ class MetricSpec:
     unit: str  # human unit for docs and dashboards ("bytes", "seconds", "ratio", "1", ...)
     tag_keys: tuple[str, ...] = ()
     buckets: tuple[float, ...] | None = None  # histogram upper bounds (Ray requires > 0)
+    # A gauge recorded rarely (a model version at load, training figures at each report):
+    # re-sent between records (ray_layer/telemetry.py), as Ray's agent drops a gauge not
+    # refreshed within 20 s. Gauges recorded every few seconds are not held: a figure no
+    # longer recorded (a peer that left, a GPU lost) must vanish, not linger.
+    held: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in (COUNTER, GAUGE, HISTOGRAM):
@@ -46,6 +51,8 @@ class MetricSpec:
                              or list(self.buckets) != sorted(set(self.buckets))):
             raise ValueError(f"metric {self.name}: buckets must be positive and increasing, "
                              f"got {self.buckets}")
+        if self.held and self.kind != GAUGE:
+            raise ValueError(f"metric {self.name}: only a gauge is held")
         if self.kind == COUNTER and self.name.endswith("_total"):
             raise ValueError(f"metric {self.name}: Ray appends _total to counters itself")
 
@@ -151,33 +158,37 @@ REJECTION_REASONS = (REJECT_DUPLICATE, REJECT_CAPACITY, REJECT_BANDWIDTH, REJECT
 TRAIN_TAGS = ("run", "rank")
 
 TRAIN_LOSS = MetricSpec("orchestrator_train_loss", GAUGE,
-                        "Training loss at the last report", "nats/token", TRAIN_TAGS)
+                        "Training loss at the last report", "nats/token", TRAIN_TAGS,
+                        held=True)
 TRAIN_TOKENS_PER_SECOND = MetricSpec(
     "orchestrator_train_tokens_per_second", GAUGE,
     "Tokens per second over the last logging interval, this worker's share of the job's "
-    "(the sum over ranks is the job's rate)", "tokens/s", TRAIN_TAGS)
+    "(the sum over ranks is the job's rate)", "tokens/s", TRAIN_TAGS, held=True)
 TRAIN_MFU = MetricSpec(
     "orchestrator_train_mfu_ratio", GAUGE,
     "Model FLOPs utilisation (PaLM's 6N + 12LHQT FLOPs/token x tokens/s over the device's "
-    "peak), 0-1", "ratio", TRAIN_TAGS)
+    "peak), 0-1", "ratio", TRAIN_TAGS, held=True)
 TRAIN_COMM_SHARE = MetricSpec(
     "orchestrator_train_comm_share_ratio", GAUGE,
     "Share of step time spent in the gradient all-reduce over the last interval, 0-1",
-    "ratio", TRAIN_TAGS)
+    "ratio", TRAIN_TAGS, held=True)
 TRAIN_PEAK_MEMORY = MetricSpec(
     "orchestrator_train_peak_memory_bytes", GAUGE,
-    "Peak memory of the worker (CUDA max allocated, or peak RSS on CPU)", "bytes", TRAIN_TAGS)
+    "Peak memory of the worker (CUDA max allocated, or peak RSS on CPU)", "bytes", TRAIN_TAGS,
+    held=True)
 TRAIN_MEMORY_FRACTION = MetricSpec(
     "orchestrator_train_memory_fraction_ratio", GAUGE,
-    "Peak memory over the device's capacity, 0-1", "ratio", TRAIN_TAGS)
+    "Peak memory over the device's capacity, 0-1", "ratio", TRAIN_TAGS, held=True)
 TRAIN_LOSS_SCALE = MetricSpec(
     "orchestrator_train_loss_scale", GAUGE,
-    "fp16 dynamic loss scale (absent in bf16/fp32)", "1", TRAIN_TAGS)
+    "fp16 dynamic loss scale (absent in bf16/fp32)", "1", TRAIN_TAGS, held=True)
 TRAIN_SKIPPED_STEPS = MetricSpec(
     "orchestrator_train_skipped_steps", GAUGE,
-    "Optimizer steps skipped so far for inf/NaN gradients (fp16)", "1", TRAIN_TAGS)
+    "Optimizer steps skipped so far for inf/NaN gradients (fp16)", "1", TRAIN_TAGS,
+    held=True)
 TRAIN_STEP = MetricSpec("orchestrator_train_step", GAUGE,
-                        "Optimizer step of the last report", "1", TRAIN_TAGS)
+                        "Optimizer step of the last report", "1", TRAIN_TAGS,
+                        held=True)
 
 # The RayTrainSession.report metrics dict key behind each training metric.
 TRAIN_REPORT_KEYS: dict[str, MetricSpec] = {
@@ -244,7 +255,7 @@ SERVE_GENERATED_TOKENS = MetricSpec(
 SERVE_MODEL_VERSION = MetricSpec(
     "orchestrator_serve_model_version_info", GAUGE,
     "1 for the model version (checkpoint) a replica serves; hot reload moves it", "1",
-    ("deployment", "version"))
+    ("deployment", "version"), held=True)
 
 ALL: tuple[MetricSpec, ...] = (
     GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION, NODE_GPUS, NODE_LOAD_PER_CPU,

@@ -48,6 +48,17 @@ def _nodes(health: str) -> str:
     return "max(" + _q(m.SCHEDULER_NODES, f'health="{health}"') + ")"
 
 
+def _failures_within(counter: str, window_s: int) -> str:
+    """Failures per (application, deployment) counted over the window. Serve counts per
+    replica by default (a `replica` label): each replaced replica's series appears already at
+    its 3 failures, which increase() never sees (it needs a sample before the rise; Ray
+    exports no created timestamps). A series that did not exist a window ago counts in full,
+    the others by their increase."""
+    window = f"{window_s // 60}m"
+    return (f"sum by (application, deployment) (({counter} unless {counter} offset {window}) "
+            f"or increase({counter}[{window}]))")
+
+
 ALERT_RULES: tuple[AlertRule, ...] = (
     AlertRule(
         "NodeDown",
@@ -110,8 +121,8 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         "batch slot. Add replicas, or lower max_batch_size or the batch wait timeout."),
     AlertRule(
         "ServeHealthChecksFailing",
-        f"sum by (application, deployment) (increase({m.RAY_SERVE_HEALTH_CHECK_FAILURES}"
-        f"[{m.ALERT_HEALTH_CHECK_WINDOW_S // 60}m])) >= {m.ALERT_HEALTH_CHECK_FAILURES}",
+        _failures_within(m.RAY_SERVE_HEALTH_CHECK_FAILURES, m.ALERT_HEALTH_CHECK_WINDOW_S)
+        + f" >= {m.ALERT_HEALTH_CHECK_FAILURES}",
         0, "page",
         "Serve health checks of {{ $labels.deployment }} keep failing",
         "{{ $value | humanize }} failed health checks in the last "

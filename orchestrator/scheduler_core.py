@@ -47,8 +47,7 @@ import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
-from orchestrator.inventory import (MIXED_FAMILIES, ClusterState, NodeReport, node_family,
-                                    report_problem)
+from orchestrator.inventory import ClusterState, NodeReport, node_family, report_problem
 from orchestrator.placement import (Placement, PlacementError, Queued, Rejection, place,
                                     worker_capacity)
 from orchestrator.queue import JobQueue, QueuedJob, allowed_families
@@ -1308,13 +1307,11 @@ class SchedulerCore:
         return target
 
     def _family_of(self, placement: Placement, spec: JobSpec) -> str:
-        """The slowest accelerator family among the placement's nodes' GPUs (it sets the
-        pace; on a node with several families Ray may hand a worker any of its GPUs)."""
+        """The slowest accelerator family among the placement's nodes (it sets the pace)."""
         families = []
         for node_id in placement.nodes:
             report = self.state.reports.get(node_id)
-            families += (node_family(report.gpus).split(MIXED_FAMILIES)
-                         if report is not None and report.gpus else [""])
+            families.append(node_family(report.gpus) if report is not None else "")
         return min(families, key=lambda f: self.speed(spec, f), default="")
 
     def _take_claim(self, job: RunningJob, target: Placement | None, claim, now: float,

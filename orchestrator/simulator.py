@@ -165,7 +165,7 @@ def make_jobs(trace: list[TraceJob], cluster: ClusterSpec) -> list[SimJob]:
 
 
 def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, seed: int = 0,
-             backfill: bool = True, check: bool = False,
+             backfill: bool | None = None, check: bool = False,
              progress: Callable[[str], None] | None = None,
              progress_every_s: float = 5.0,
              settings: SchedulerSettings | None = None) -> SimResult:
@@ -174,7 +174,7 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
     Every decision is the live scheduler's: a SchedulerCore (queue, EASY backfill, preemption,
     migration) whose placement and queue order are `policy`'s (orchestrator/policies.py;
     "hetero-las" = the live scheduler's own rules). `backfill=False` is
-    strict FIFO. `check` asserts after every event that no server holds more GPUs than it has
+    strict FIFO (default: `settings`' own, EASY backfill as the live scheduler). `check` asserts after every event that no server holds more GPUs than it has
     and that the reservations add up to the running jobs (conservation)."""
     if isinstance(cluster, str):
         cluster = parse_cluster_spec(cluster)
@@ -317,16 +317,16 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
     return SimResult(policy, jobs, *timeline, metrics)
 
 
-def simulation_settings(cluster: ClusterSpec, backfill: bool = True,
+def simulation_settings(cluster: ClusterSpec, backfill: bool | None = None,
                         base: SchedulerSettings | None = None, **overrides) -> SchedulerSettings:
     """`base` (default: the live defaults) with heartbeats that never expire (modelled
-    servers never go stale), the cluster's inter-rack bandwidth, `backfill`, and `overrides`
-    (a policy's own: its queue order, no preemption for FIFO...) on top: a caller's tuned
-    settings must not undo what makes a baseline that baseline (FIFO ran with LAS order and
-    preemption when given settings)."""
+    servers never go stale), the cluster's inter-rack bandwidth, `backfill` when given (else
+    the base's), and `overrides` (a policy's own: its queue order, no preemption for FIFO...)
+    on top: a caller's tuned settings must not undo what makes a baseline that baseline (FIFO
+    ran with LAS order and preemption when given settings)."""
     fixed = {"suspect_after_s": math.inf, "dead_after_s": math.inf,
              "inter_group_gbps": cluster.inter_gbps, "synthetic_nodes": True,
-             "backfill": backfill, **overrides}
+             **({} if backfill is None else {"backfill": backfill}), **overrides}
     return dataclasses.replace(base, **fixed) if base is not None else SchedulerSettings(**fixed)
 
 

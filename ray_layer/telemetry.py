@@ -8,12 +8,12 @@ Recording must never break what is being measured: a failure is logged once per 
 the value dropped. A wrong tag set, however, is a programming error and raises (tests catch
 it), which `record` does before touching Ray.
 
-Gauges are held: Ray's metrics agent drops a gauge value not refreshed within two report
-intervals (20 s by default), so a figure recorded once (a model version at load) or rarely
-(training reports minutes apart) vanished from Prometheus between records, and alerts with a
-`for:` never fired. A daemon thread re-sets each gauge's last value every GAUGE_REFRESH_S for
-GAUGE_HOLD_S after it was recorded (then it is let go: a series nobody records any more, like
-a peer that left, must not live for ever).
+Gauges marked `held` in the catalogue are re-sent: Ray's metrics agent drops a gauge value
+not refreshed within two report intervals (20 s by default), so a figure recorded once (a
+model version at load) or rarely (training reports minutes apart) vanished from Prometheus
+between records, and alerts with a `for:` never fired. A daemon thread re-sets each held
+gauge's last value every GAUGE_REFRESH_S for GAUGE_HOLD_S after it was recorded, then lets
+it go.
 """
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ GAUGE_HOLD_S = 600.0
 # (metric name, tags) -> (spec, last value, tags, when recorded): the gauges to keep alive.
 _held: dict[tuple[str, tuple], tuple[MetricSpec, float, dict[str, str], float]] = {}
 _refresher: threading.Thread | None = None
+# Taken around a held gauge's set and its entry together, and by the refresher around its
+# re-sets: a refresh never writes an older value over a newer one. (Order: _held_lock, then
+# _lock inside _metric; never the other way round.)
+_held_lock = threading.Lock()
 
 
 def tag_values(spec: MetricSpec, tags: dict[str, Any]) -> dict[str, str]:
@@ -77,9 +81,12 @@ def record(spec: MetricSpec, value: float | int | None, **tags: Any) -> None:
         metric = _metric(spec)
         if spec.kind == COUNTER:
             metric.inc(value, tags)
+        elif spec.kind == GAUGE and spec.held:
+            with _held_lock:
+                metric.set(value, tags)
+                _hold(spec, value, tags)
         elif spec.kind == GAUGE:
             metric.set(value, tags)
-            _hold(spec, value, tags)
         elif spec.kind == HISTOGRAM:
             metric.observe(value, tags)
     except Exception as e:  # metrics are never worth failing a heartbeat or a placement
@@ -95,29 +102,28 @@ def record_all(samples: Iterable[tuple[MetricSpec, float | None, dict[str, Any]]
 
 
 def _hold(spec: MetricSpec, value: float, tags: dict[str, str]) -> None:
+    """Keep a held gauge's last value (under _held_lock); start the refresher once."""
     global _refresher
-    with _lock:
-        _held[(spec.name, tuple(sorted(tags.items())))] = (spec, value, tags, time.monotonic())
-        if _refresher is None:
-            _refresher = threading.Thread(target=_refresh_forever, name="gauge-refresh",
-                                          daemon=True)
-            _refresher.start()
+    _held[(spec.name, tuple(sorted(tags.items())))] = (spec, value, tags, time.monotonic())
+    if _refresher is None:
+        _refresher = threading.Thread(target=_refresh_forever, name="gauge-refresh",
+                                      daemon=True)
+        _refresher.start()
 
 
 def refresh_gauges(now: float | None = None) -> int:
-    """Re-set every gauge recorded within GAUGE_HOLD_S to its last value and let the older
-    ones go; returns how many were refreshed."""
+    """Re-set every held gauge recorded within GAUGE_HOLD_S to its last value and let the
+    older ones go; returns how many were refreshed."""
     now = time.monotonic() if now is None else now
-    with _lock:
+    with _held_lock:
         for key in [k for k, held in _held.items() if now - held[3] > GAUGE_HOLD_S]:
             del _held[key]
-        live = list(_held.values())
-    for spec, value, tags, _ in live:
-        try:
-            _metric(spec).set(value, tags)
-        except Exception:  # logged when first recorded; never worth a thread's life
-            pass
-    return len(live)
+        for spec, value, tags, _ in _held.values():
+            try:
+                _metric(spec).set(value, tags)
+            except Exception:  # logged when first recorded; never worth a thread's life
+                pass
+        return len(_held)
 
 
 def _refresh_forever() -> None:

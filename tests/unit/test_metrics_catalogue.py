@@ -234,13 +234,22 @@ def alert_cases() -> list[dict]:
                 for bound in (*m.SERVE_TIME_TO_FIRST_TOKEN.buckets, "+Inf")]
         case(ttft, "ServeFirstTokenP99High",
              [({"deployment": "gpt"}, sev["ServeFirstTokenP99High"])] if slow else [])
-    # Serve's controller counts failed health checks: a crash loop (one failure a minute) fires,
-    # one replica replaced after its three failures does not.
+    # Serve's controller counts failed health checks per replica: a replaced replica's series
+    # appears already at 3 (live Ray 2.60). Two replaced within the window fire (a crash
+    # loop); one does not, nor do replicas replaced before the window (their series stay).
     deployment = {"application": "app", "deployment": "gpt"}
     failures = m.RAY_SERVE_HEALTH_CHECK_FAILURES
+
+    def replaced(replica, at_min):
+        return series(failures, {**deployment, "replica": replica},
+                      f"_x{at_min * 2} 3x{(mins - at_min) * 2}" if at_min else f"3x{mins * 2}")
+
+    case([replaced("old", 0), replaced("r1", 5), replaced("r2", 8)], "ServeHealthChecksFailing",
+         [(deployment, sev["ServeHealthChecksFailing"])])
+    case([replaced("old", 0), replaced("r1", 5)], "ServeHealthChecksFailing", [])
+    # Without Serve's replica label: one series per deployment, counted by its increase.
     case([series(failures, deployment, f"0+0.5x{mins * 2}")], "ServeHealthChecksFailing",
          [(deployment, sev["ServeHealthChecksFailing"])])
-    case([series(failures, deployment, f"0x{mins} 3x{mins}")], "ServeHealthChecksFailing", [])
     return cases
 
 
@@ -397,6 +406,8 @@ def test_a_gauge_is_held_for_prometheus_between_records_then_let_go(fake_metrics
     telemetry, made = fake_metrics
     telemetry.record(m.SERVE_MODEL_VERSION, 1, deployment="gpt", version="v1")
     telemetry.record(m.SERVE_GENERATED_TOKENS, 5, deployment="gpt")  # counters need nothing
+    # Recorded every heartbeat: not held (a peer that left must vanish, not linger).
+    telemetry.record(m.NODE_BANDWIDTH, 2e9, node_id="n", node_type="t", peer="gone")
     recorded_at = telemetry._held[next(iter(telemetry._held))][3]
     assert telemetry.refresh_gauges(recorded_at + 60) == 1
     assert made[m.SERVE_MODEL_VERSION.name].calls == [

@@ -119,7 +119,9 @@ def test_resuming_below_the_last_checkpoint_does_nothing(tmp_path):
     (run_dir / "summary.json").unlink()
     (run_dir / "metrics.jsonl").write_text("".join(
         json.dumps({"step": step, "time": 0, "checkpoint": f"{run_dir}/ckpt_{step}"}) + "\n"
-        for step in (300, 600)))
+        for step in (300, 600, 900)))
+    for step in (300, 600):  # 900's was deleted (rolled back): it does not count
+        (run_dir / f"ckpt_{step}").mkdir()
     result = run_pretrain("--resume", "--run-dir", str(run_dir), "--max-steps", "500",
                           tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -622,6 +622,21 @@ def test_gpus_of_no_known_family_serve_the_jobs_that_name_none():
                                   T0 + 2).decision, Queued)
 
 
+def test_a_node_with_two_gpu_families_serves_the_jobs_that_name_none():
+    # Its GPUs counted for no family ("A100+T4" as a family of its own): a job naming none
+    # waited in the queue for ever beside a free node, "room for 0 worker(s)".
+    import dataclasses
+
+    t4 = gpu_node("x", gpus=2, family="T4")
+    mixed = dataclasses.replace(t4, node_id="mixed", hostname="mixed", gpus=(
+        t4.gpus[0], dataclasses.replace(gpu_node("y", gpus=1).gpus[0], index=1)))
+    core = core_with(gpu_node("a100", gpus=2), mixed)
+    core.submit(gpus("fills-a100", 2, accelerator_types=("A100",)), "o", T0)
+    assert core.submit(gpus("any", 2), "o", T0 + 1).decision.worker_nodes == ("mixed", "mixed")
+    assert isinstance(core.submit(gpus("a100-only", 1, accelerator_types=("A100",)), "o",
+                                  T0 + 2).decision, Queued)
+
+
 def test_a_job_taking_no_gpus_leaves_the_cpus_a_waiting_gpu_job_needs():
     # One node, 4 GPUs, 8 CPUs. The head H needs all 4 GPUs with 2 CPUs each; a long CPU job
     # would take 6 CPUs beside the GPUs and hold H back for good.

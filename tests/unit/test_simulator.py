@@ -469,6 +469,10 @@ def test_tuned_settings_keep_the_policys_own_rules():
                      settings=SchedulerSettings(min_run_s=300))
     assert plain.metrics["preemptions"] == tuned.metrics["preemptions"] == 0
     assert by_id(tuned)[1].start == by_id(plain)[1].start == pytest.approx(20_000, abs=0.01)
+    # The caller's own backfill choice stands (it was overridden by simulate's default).
+    cluster = parse_cluster_spec("p100:1x1")
+    assert not simulation_settings(cluster, base=SchedulerSettings(backfill=False)).backfill
+    assert simulation_settings(cluster, True, base=SchedulerSettings(backfill=False)).backfill
 
 
 def test_a_job_refused_as_backfill_starts_elsewhere_on_the_next_pass():
