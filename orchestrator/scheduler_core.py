@@ -207,15 +207,23 @@ class SchedulerCore:
         reservations is held by work it did not place, and is not free (see
         ClusterState.set_ray_usage). Freed capacity lets waiting jobs start."""
         freed = False
+        starting = self._nodes_of_jobs_starting(now)
         for node_id, resources in available.items():
             report = self.state.reports.get(node_id)
             if report is None:
                 continue
             before = self.state.outside_on(node_id)
             self.state.set_ray_usage(node_id, report.ray_cpus - resources.get("CPU", 0.0),
-                                     report.ray_gpus - resources.get("GPU", 0.0))
+                                     report.ray_gpus - resources.get("GPU", 0.0),
+                                     at_least=before if node_id in starting else (0.0, 0))
             freed |= self.state.outside_on(node_id) < before
         return self._drain(now) if freed else Outcome()
+
+    def _nodes_of_jobs_starting(self, now: float) -> set[str]:
+        """Nodes of jobs placed within worker_start_grace_s: their workers may not run yet."""
+        grace = self.settings.worker_start_grace_s
+        return {node for job in self.running.values() if now - job.started_at < grace
+                for node in job.placement.nodes}
 
     def agents_needed(self, alive: set[str], now: float) -> list[StartAgent]:
         """Alive nodes whose agent has not reported lately: start (or restart) their agent."""

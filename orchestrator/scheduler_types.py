@@ -33,6 +33,12 @@ class SchedulerSettings:
     migration: bool = True
     restart_cost_s: float = 120.0  # checkpoint + restart, what a migration must win back
     backfill: bool = True  # False: strict FIFO, nothing starts while an earlier job waits
+    # A job's workers start some seconds after its placement (its driver polls, then Ray Train
+    # starts them). Until this long after a placement, Ray's usage on its nodes may not show
+    # it yet, so what Ray work outside the scheduler holds there is never lowered meanwhile:
+    # netted against a reservation not started yet, it hid a Serve replica's GPU, which was
+    # then handed out twice.
+    worker_start_grace_s: float = 120.0
     failed_placements_per_pass: int = 32  # backfill look-ahead budget (see the module doc)
     synthetic_nodes: bool = False  # accept reports for node ids Ray does not list (benchmarks)
     # Within a priority class: "las" = least attained service first (Tiresias' discretised
@@ -54,7 +60,8 @@ class SchedulerSettings:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("min_run_s", "restart_cost_s", "starvation_factor"):
+        for name in ("min_run_s", "restart_cost_s", "starvation_factor",
+                     "worker_start_grace_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
                 problems.append(f"{name} must be a number >= 0, got {value!r}")

@@ -420,6 +420,23 @@ def test_cpus_ray_work_not_placed_here_holds_are_not_free():
     assert core.poll("big", "d", T0 + 4).decision.nodes == [other]  # all 4 free there now
 
 
+def test_a_gpu_held_outside_stays_held_while_a_new_job_starts_beside_it():
+    # A Serve replica holds 1 of n's 2 GPUs. j1 takes the other; before j1's worker runs, Ray
+    # still shows 1 GPU used: netted against j1's reservation, the replica's GPU looked free
+    # and j2 was placed on it (3 GPUs promised on a 2-GPU node).
+    core = core_with(gpu_node("n", gpus=2))
+    core.ray_usage({"n": {"CPU": 16.0, "GPU": 1.0}}, T0 + 1)
+    assert core.submit(gpus("j1", 1), "d1", T0 + 2).decision.nodes == ["n"]
+    core.ray_usage({"n": {"CPU": 16.0, "GPU": 1.0}}, T0 + 5)  # j1 not started yet
+    assert core.state.outside_on("n") == (0.0, 1)
+    assert isinstance(core.submit(gpus("j2", 1), "d2", T0 + 6).decision, Queued)
+    # Past the grace, Ray's figure counts again (here: the replica left, j1 runs).
+    grace = core.settings.worker_start_grace_s
+    core.ray_usage({"n": {"CPU": 15.0, "GPU": 1.0}}, T0 + 2 + grace)
+    assert core.state.outside_on("n") == (0.0, 0)
+    assert core.poll("j2", "d2", T0 + 3 + grace).decision.nodes == ["n"]
+
+
 def test_a_restarted_scheduler_waits_for_unreported_nodes_before_calling_a_job_unfittable():
     core = core_with(cpu_node("a", cpus=2))
     again = SchedulerCore(core.settings)  # restarted: Ray lists a and b, neither reported yet
