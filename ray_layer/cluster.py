@@ -141,8 +141,8 @@ def _check_reachable(address: str, source: str, timeout_s: float = 5.0,
 
 def connect(address: str | None, runtime_env: dict | None = None, embedded: bool = True
             ) -> bool:
-    """Connect to the cluster at `address` (or RAY_ADDRESS); start an embedded local Ray when
-    neither is given. `runtime_env` (Ray's: working_dir, pip, env_vars, ...) becomes the job's.
+    """Connect to the cluster at `address` (or RAY_ADDRESS; "auto": the one `ray start` runs
+    on this machine); start an embedded local Ray when neither is given. `runtime_env` (Ray's: working_dir, pip, env_vars, ...) becomes the job's.
     `embedded`: whether the caller would start an embedded Ray without an address (jobs do;
     the operator commands never), for the advice in errors. Returns True when this call
     started Ray (and so should stop it)."""
@@ -160,7 +160,11 @@ def connect(address: str | None, runtime_env: dict | None = None, embedded: bool
     if address and address != "auto":
         _check_reachable(address, source, embedded=embedded)
     try:
-        ray.init(address=address or None, runtime_env=runtime_env)
+        # "local", not None: None connects to whatever `ray start` last recorded on this
+        # machine (/tmp/ray/ray_current_cluster), and to a stale record it retried a dead
+        # head for minutes. Jobs without an address start their own Ray, as documented;
+        # `--address auto` asks for the cluster started on this machine.
+        ray.init(address=address or "local", runtime_env=runtime_env)
     except Exception as e:  # auth, version mismatch, ...: Ray raises many types here
         where = f"Ray at {address} ({source})" if address else "an embedded local Ray"
         raise ClusterConnectionError(f"cannot start or connect to {where}: "

@@ -36,7 +36,7 @@ from orchestrator.placement import Placement
 from orchestrator.runs import checkpoint_dirs
 from ray_layer.cluster import ClusterConnectionError, connect, ensure_control_plane
 from ray_layer.placed_run import NotPlaced, PlacedRun
-from ray_layer.train_callbacks import FollowPlacement, MetricsLog
+from ray_layer.train_callbacks import FollowPlacement, MetricsLog, NodeLostError
 
 
 @dataclass
@@ -137,10 +137,25 @@ def _fit(trainer: TorchTrainer, run_dir: Path, max_failures: int):
     try:
         with _signal_handlers_kept():
             return trainer.fit()
+    except SystemExit:
+        # Ray Train's own Ctrl-C handler aborts the run and calls sys.exit: to our callers it
+        # is an interrupt (run_job: the resume hint and exit 130), not a success or exit 1.
+        raise KeyboardInterrupt from None
     except Exception as e:
+        lost = _node_lost(e)
+        if lost is not None:  # a lost node's workers found no room: not placeable now
+            raise JobFailed(f"{lost}; checkpoints so far are in {run_dir} (--resume once "
+                            "there is room)", EXIT_NOT_PLACEABLE) from None
         raise JobFailed(f"training failed after {max_failures} restart(s): "
                         f"{root_cause(e)}\n(full traceback in the worker log above; "
                         f"checkpoints so far are in {run_dir})", EXIT_FAILED) from None
+
+
+def _node_lost(error: Exception) -> NodeLostError | None:
+    """FollowPlacement's NodeLostError behind Ray Train's controller error, if that is it."""
+    cause = getattr(error, "controller_failure", error)
+    cause = getattr(cause, "cause", None) or cause
+    return cause if isinstance(cause, NodeLostError) else None
 
 
 def collective_backend(placement: Placement) -> str:

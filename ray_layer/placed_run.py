@@ -25,9 +25,11 @@ import ray
 
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Queued, Rejection
+from ray_layer.scheduler_client import SchedulerNotRunning, get_scheduler
 
 POLL_EVERY_S = 2.0
 SAY_EVERY_S = 30.0  # a waiting driver says where it stands this often
+ASK_TRIES = 3  # calls to a scheduler actor that died: looked up again between tries
 
 
 class NotPlaced(Exception):
@@ -79,7 +81,7 @@ class PlacedRun:
             ) -> tuple[Any, Placement]:
         """Place, fit, and again after every yield; returns the last result and placement.
         `resumed_from`: the run's newest checkpoint when this driver started (a resume)."""
-        decision = ray.get(self.scheduler.submit.remote(self.spec, self.owner))
+        decision = self._ask("submit", self.spec, self.owner)
         placement = self.wait(decision, deadline_s=self.queue_timeout_s)
         # The checkpoint of the last yield. A resumed run's newest checkpoint may be an earlier
         # driver's yield: a fit that saves nothing newer still shows it, and is not a new one.
@@ -92,8 +94,7 @@ class PlacedRun:
                 self.say(f"{self.spec.name}: " + "; ".join(
                     f"GPU {i} of node {n[:12]}" for n, i in gpus) + " lacked the free memory "
                     "asked: placing it again without them")
-                decision = ray.get(self.scheduler.gpu_too_small.remote(
-                    self.spec.name, self.owner, gpus))
+                decision = self._ask("gpu_too_small", self.spec.name, self.owner, gpus)
                 placement = self.wait(decision, deadline_s=self.queue_timeout_s)
                 continue
             reason = (result.metrics or {}).get("yielded")
@@ -106,7 +107,7 @@ class PlacedRun:
             step = result.metrics.get("step")
             self.say(f"{self.spec.name} stopped at step {step} with a checkpoint: {reason}")
             self.yields.append({"step": step, "reason": reason, "at": time.time()})
-            decision = ray.get(self.scheduler.yielded.remote(self.spec.name, self.owner))
+            decision = self._ask("yielded", self.spec.name, self.owner)
             placement = self.wait(decision, deadline_s=None)  # preempted time is not counted
             self.yields[-1]["placed_at"] = time.time()  # placed again: the next fit starts
 
@@ -115,23 +116,41 @@ class PlacedRun:
         start = last_said = time.monotonic()
         while isinstance(decision, Queued):
             if deadline_s is not None and time.monotonic() - start >= deadline_s:
-                ray.get(self.scheduler.cancel.remote(self.spec.name, self.owner))
+                self._ask("cancel", self.spec.name, self.owner)
                 raise NotPlaced(f"gave up after waiting {deadline_s:g}s in the queue "
                                 f"(--queue-timeout): {decision.reason}")
             if time.monotonic() - last_said >= SAY_EVERY_S or last_said == start:
                 self.say(f"queued ({decision.position} in line): {decision.reason}")
                 last_said = time.monotonic()
             time.sleep(POLL_EVERY_S)
-            decision = ray.get(self.scheduler.poll.remote(self.spec.name, self.owner))
+            decision = self._ask("poll", self.spec.name, self.owner)
         if isinstance(decision, Rejection):
             raise NotPlaced(decision.message)
         self.say(f"placement for {self.spec.name}: {describe(decision)}")
         return decision
 
+    def _ask(self, method: str, *args, timeout_s: float | None = None) -> Any:
+        """A call to the scheduler. Its actor killed for good (an operator's `ray kill`) is
+        replaced by the next launch, restoring the same state; this driver's handle stays
+        dead, so it looks the scheduler up again (a few tries) instead of failing with a
+        traceback; NotPlaced, saying so, when none answers."""
+        for attempt in range(ASK_TRIES):
+            try:
+                return ray.get(getattr(self.scheduler, method).remote(*args), timeout=timeout_s)
+            except ray.exceptions.RayActorError as e:
+                problem = e
+            time.sleep(1.0 + attempt)
+            try:
+                self.scheduler = get_scheduler()
+            except SchedulerNotRunning as e:
+                problem = e
+        raise NotPlaced(f"the scheduler did not answer {method}() after {ASK_TRIES} tries: "
+                        f"{type(problem).__name__}: {problem}")
+
     def current_placement(self, placement: Placement) -> Placement:
         """The job's placement now: a node lost during training moves workers elsewhere."""
         try:
-            current = ray.get(self.scheduler.poll.remote(self.spec.name, self.owner), timeout=30)
+            current = self._ask("poll", self.spec.name, self.owner, timeout_s=30)
         except Exception:  # the summary then compares with the last placement; never fatal
             return placement
         return current if isinstance(current, Placement) else placement
@@ -140,7 +159,7 @@ class PlacedRun:
         """Best effort; returns a warning instead of raising, so a failure here never hides
         the job's own outcome. What is left held is reclaimed once this driver has exited."""
         try:
-            ray.get(self.scheduler.release.remote(self.spec.name, self.owner), timeout=30)
+            self._ask("release", self.spec.name, self.owner, timeout_s=30)
         except Exception as e:
             return f"could not release the reservation of {self.spec.name}: {e}"
         return None

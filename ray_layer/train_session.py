@@ -193,8 +193,9 @@ class DirectiveWatch:
                 return None
             try:
                 answer = ray.get(self._asking)
-            except ray.exceptions.RayError:  # the scheduler restarting: ask again later
-                answer = None
+            except ray.exceptions.RayError:  # restarting, or killed for good: ask again later,
+                answer = None                # looked up anew (a replacement has another handle)
+                self._scheduler = None
             self._asking = None
             if answer:
                 return f"{answer['kind']}: {answer['reason']}"

@@ -71,3 +71,52 @@ def test_a_resumed_run_does_not_take_an_earlier_drivers_yield_for_its_own(driver
     final, _ = run.run(fit, resumed_from="/run/checkpoint_9/")
     assert len(fits) == 1 and run.yields == []
     assert [c[0] for c in calls] == ["submit"]
+
+
+def test_a_scheduler_replaced_mid_job_is_looked_up_again(monkeypatch):
+    # Killed for good and replaced (same state, restored from the GCS): the driver's handle
+    # stayed dead and its next call escaped as an ActorDiedError traceback.
+    import ray
+
+    from ray_layer import placed_run
+
+    placement = Placement("job", ("n1",), 0.0, 1)
+
+    def dead(*args):
+        raise ray.exceptions.ActorDiedError()
+
+    def answer(value):
+        return SimpleNamespace(remote=lambda *args: value)
+    old = SimpleNamespace(submit=answer(placement), yielded=SimpleNamespace(remote=dead),
+                          release=SimpleNamespace(remote=dead))
+    new = SimpleNamespace(yielded=answer(placement), release=answer(True))
+    monkeypatch.setattr(ray, "get", lambda value, timeout=None: value)
+    monkeypatch.setattr(placed_run, "driver_id", lambda: "driver")
+    monkeypatch.setattr(placed_run, "get_scheduler", lambda: new)
+    monkeypatch.setattr(placed_run.time, "sleep", lambda s: None)
+    run = placed_run.PlacedRun(old, JobSpec("job"), 60.0, say=lambda line: None)
+    fits = [result({"step": 3, "yielded": "preempt: by an operator"}, "/run/checkpoint_3"),
+            result({"step": 9}, "/run/checkpoint_9")]
+    final, _ = run.run(lambda placement: fits.pop(0))
+    assert final.metrics["step"] == 9 and run.scheduler is new and run.release() is None
+
+
+def test_no_scheduler_answering_is_said_not_a_traceback(monkeypatch):
+    import ray
+
+    from ray_layer import placed_run
+    from ray_layer.scheduler_client import SchedulerNotRunning
+
+    def dead(*args):
+        raise ray.exceptions.ActorDiedError()
+
+    def gone():
+        raise SchedulerNotRunning("no scheduler on this Ray cluster")
+    monkeypatch.setattr(ray, "get", lambda value, timeout=None: value)
+    monkeypatch.setattr(placed_run, "driver_id", lambda: "driver")
+    monkeypatch.setattr(placed_run, "get_scheduler", gone)
+    monkeypatch.setattr(placed_run.time, "sleep", lambda s: None)
+    run = placed_run.PlacedRun(SimpleNamespace(submit=SimpleNamespace(remote=dead)),
+                               JobSpec("job"), 60.0, say=lambda line: None)
+    with pytest.raises(placed_run.NotPlaced, match="did not answer submit.*no scheduler"):
+        run.run(lambda placement: None)

@@ -1,0 +1,57 @@
+"""ray_layer/launch._fit: how Ray Train's ways of ending become the job's exit."""
+import pytest
+
+from orchestrator.job_exit import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_PLACEABLE, JobFailed, \
+    run_job
+from ray_layer import launch
+from ray_layer.train_callbacks import NodeLostError
+
+
+class Trainer:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def fit(self):
+        raise self.error
+
+
+class ControllerError(Exception):  # the shape of ray.train.ControllerError
+    def __init__(self, failure: Exception) -> None:
+        super().__init__(str(failure))
+        self.controller_failure = failure
+
+
+@pytest.mark.parametrize("code", [0, 1])
+def test_ctrl_c_during_training_is_an_interrupt_not_an_exit(tmp_path, capsys, code):
+    # Ray Train's SIGINT handler aborts the run and calls sys.exit(0): the job ended with
+    # status 0 (or 1) and no word on how to go on.
+    status, _ = run_job(lambda: launch._fit(Trainer(SystemExit(code)), tmp_path, 3),
+                        on_interrupt="interrupted; resume with --resume")
+    assert status == EXIT_INTERRUPTED
+    assert "resume with --resume" in capsys.readouterr().err
+
+
+def test_a_lost_node_with_no_room_left_is_not_placeable(tmp_path):
+    lost = NodeLostError("node(s) abc lost and 'job' cannot be placed again: no room")
+    with pytest.raises(JobFailed) as e:
+        launch._fit(Trainer(ControllerError(lost)), tmp_path, 3)
+    assert e.value.exit_code == EXIT_NOT_PLACEABLE and "cannot be placed again" in str(e.value)
+    with pytest.raises(JobFailed) as e:
+        launch._fit(Trainer(ControllerError(ValueError("bad batch"))), tmp_path, 3)
+    assert e.value.exit_code == EXIT_FAILED and "ValueError: bad batch" in str(e.value)
+
+
+def test_a_job_without_an_address_starts_its_own_ray(monkeypatch):
+    # ray.init(address=None) joined whatever `ray start` last recorded on this machine, and
+    # retried a stale record's dead head for minutes.
+    import ray
+
+    from ray_layer import cluster
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs["address"]))
+    assert cluster.connect(None) is True  # started here: the caller shuts it down
+    assert cluster.connect("auto") is False
+    assert calls == ["local", "auto"]
