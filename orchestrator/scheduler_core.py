@@ -146,6 +146,9 @@ class SchedulerCore:
         self.ray_alive: set[str] = set()
         self.ray_dead: set[str] = set()
         self.refused_nodes: set[str] = set()  # logged once each
+        # When each node's agent last sent a report refused as malformed: it is alive and
+        # reporting, so restarting it (every suspect_after_s, for ever) would not help.
+        self.malformed_at: dict[str, float] = {}
         # When this incarnation restored a previous one's state: until every node Ray lists
         # alive has reported (or suspect_after_s passed), the queue places nothing, since it
         # would decide on part of the cluster.
@@ -166,6 +169,7 @@ class SchedulerCore:
         problem = report_problem(report)
         if problem:
             self.refused_nodes.add(node)
+            self.malformed_at[node] = now
             return Outcome(f"{catalogue.REPORT_MALFORMED}: {problem}",
                            samples=[(catalogue.SCHEDULER_REPORTS_REFUSED, 1,
                                      {"reason": catalogue.REPORT_MALFORMED})])
@@ -229,7 +233,10 @@ class SchedulerCore:
         """Alive nodes whose agent has not reported lately: start (or restart) their agent."""
         if self.settings.synthetic_nodes:
             return []
-        return [StartAgent(n) for n in sorted(alive) if self.state.health(n, now) != "healthy"]
+        reporting = {n for n, at in self.malformed_at.items()
+                     if now - at < self.settings.suspect_after_s}
+        return [StartAgent(n) for n in sorted(alive - reporting)
+                if self.state.health(n, now) != "healthy"]
 
     def node_unreachable(self, node_id: str, why: str, now: float) -> bool:
         """A job's driver could not reach the node: suspect, not dead (see the docstring)."""

@@ -123,7 +123,13 @@ class SchedulerActor:
     def submit(self, spec: JobSpec, owner: str = "") -> Placement | Queued | Rejection:
         """Place now, or queue the job when it fits the cluster but not its free capacity (or
         must not delay the first job in line); reject only what can never fit, or a name in
-        use. Errors come back as data, not exceptions."""
+        use. Errors come back as data, not exceptions. A name held by another driver that
+        has exited (killed before its `finally` released it: a relaunch within one maintenance
+        pass) is freed first, rather than refused as a second launch."""
+        with self.lock:
+            held_by = self.core.owner_of(spec.name)
+        if held_by is not None and held_by != owner:
+            self.reclaim_orphans()
         return self._decide(lambda now: self.core.submit(spec, owner, now))
 
     def place(self, spec: JobSpec, owner: str = "", dry_run: bool = False,

@@ -282,6 +282,20 @@ def test_reports_for_nodes_ray_does_not_list_alive_are_refused_unless_synthetic(
     assert core_with(cpu_node("a")).agents_needed({"a", "new"}, T0) == [StartAgent("new")]
 
 
+def test_an_agent_sending_malformed_reports_is_not_restarted_in_a_loop():
+    # Its reports are refused (NaN load), so its node never turns healthy: it was killed and
+    # restarted every suspect_after_s, for ever, although it reports every 5 s.
+    import dataclasses
+
+    core = core_with(cpu_node("a"))
+    core.ray_nodes({"a", "b"}, set(), T0)
+    bad = dataclasses.replace(cpu_node("b"), load_avg_1m=float("nan"))
+    assert core.report(bad, T0).decision.startswith("malformed")
+    assert core.agents_needed({"a", "b"}, T0 + 1) == []
+    silent_since = T0 + 1 + core.settings.suspect_after_s  # it stopped sending anything
+    assert StartAgent("b") in core.agents_needed({"a", "b"}, silent_since)
+
+
 def test_state_survives_a_restart_with_preempted_jobs_and_directives():
     core = core_with(cpu_node("a", cpus=2), cpu_node("b", cpus=2))
     core.submit(cpus("low", 2), "d", T0)
@@ -820,3 +834,25 @@ def test_next_promotion_looks_past_one_already_due_and_the_live_core_notes_no_wa
     core = core_with(gpu_node("n1"))
     core.submit(gpus("x", 1), "d", T0)
     assert core._wakeups is None and core.next_wakeup(T0, T0 + 1e9) is None
+
+
+def test_a_relaunch_right_after_its_driver_was_killed_is_not_a_second_launch(monkeypatch):
+    # Killed before its `finally` released the job (SIGKILL, a closed SSH session), then
+    # resumed within one maintenance pass: refused as "two launches of the same run?".
+    import threading
+    from types import SimpleNamespace
+
+    from ray_layer import scheduler_actor
+
+    actor = object.__new__(scheduler_actor.SchedulerActor.__ray_metadata__.modified_class)
+    actor.lock, actor.core = threading.RLock(), core_with(cpu_node("a", cpus=4))
+    actor.store = SimpleNamespace(save=lambda state: None)
+    actor.throughput = SimpleNamespace(to_dict=lambda: {})
+    monkeypatch.setattr(scheduler_actor, "record_all", lambda samples: None)
+    monkeypatch.setattr(scheduler_actor.time, "time", lambda: T0 + 1)  # the nodes' clock
+    monkeypatch.setattr(scheduler_actor, "_dead_drivers", lambda: {"killed-driver"})
+    assert isinstance(actor.submit(cpus("run", 2), "killed-driver"), Placement)
+    assert isinstance(actor.submit(cpus("run", 2), "new-driver"), Placement)
+    assert actor.core.owner_of("run") == "new-driver"
+    monkeypatch.setattr(scheduler_actor, "_dead_drivers", lambda: set())  # the other lives
+    assert isinstance(actor.submit(cpus("run", 2), "third-driver"), Rejection)
