@@ -52,10 +52,12 @@ def short_once_then_train(marker: Path):
             return {"node_id": self.node_id, "gpu_index": int(ray.get_gpu_ids()[0]),
                     "free_gb": 1.0, "needed_gb": min_gpu_memory_gb}
 
-        def train(train_config, session):
+        def train(train_config, session):  # returns its final metrics, as loop.train does
             directory = tempfile.mkdtemp()
             Path(directory, "weights.txt").write_text("trained")
-            session.report({"step": 3, "trained_on": session.node_id}, directory)
+            metrics = {"step": 3, "trained_on": session.node_id}
+            session.report(metrics, directory)
+            return metrics
 
         train_session.RayTrainSession.gpu_memory_shortfall = shortfall
         train_session.train = train

@@ -839,20 +839,25 @@ def test_next_promotion_looks_past_one_already_due_and_the_live_core_notes_no_wa
 def test_a_relaunch_right_after_its_driver_was_killed_is_not_a_second_launch(monkeypatch):
     # Killed before its `finally` released the job (SIGKILL, a closed SSH session), then
     # resumed within one maintenance pass: refused as "two launches of the same run?".
+    import inspect
     import threading
     from types import SimpleNamespace
 
     from ray_layer import scheduler_actor
 
-    actor = object.__new__(scheduler_actor.SchedulerActor.__ray_metadata__.modified_class)
+    actor_class = scheduler_actor.SchedulerActor.__ray_metadata__.modified_class
+    actor = object.__new__(actor_class)
     actor.lock, actor.core = threading.RLock(), core_with(cpu_node("a", cpus=4))
     actor.store = SimpleNamespace(save=lambda state: None)
     actor.throughput = SimpleNamespace(to_dict=lambda: {})
-    monkeypatch.setattr(scheduler_actor, "record_all", lambda samples: None)
+    # The methods' own module globals: after a live Ray in this process loaded the actor
+    # class, they need not be the `scheduler_actor` module object imported here.
+    module = inspect.unwrap(actor_class.reclaim_orphans).__globals__
+    monkeypatch.setitem(module, "record_all", lambda samples: None)
     monkeypatch.setattr(scheduler_actor.time, "time", lambda: T0 + 1)  # the nodes' clock
-    monkeypatch.setattr(scheduler_actor, "_dead_drivers", lambda: {"killed-driver"})
+    monkeypatch.setitem(module, "_dead_drivers", lambda: {"killed-driver"})
     assert isinstance(actor.submit(cpus("run", 2), "killed-driver"), Placement)
     assert isinstance(actor.submit(cpus("run", 2), "new-driver"), Placement)
     assert actor.core.owner_of("run") == "new-driver"
-    monkeypatch.setattr(scheduler_actor, "_dead_drivers", lambda: set())  # the other lives
+    monkeypatch.setitem(module, "_dead_drivers", lambda: set())  # the other driver lives
     assert isinstance(actor.submit(cpus("run", 2), "third-driver"), Rejection)
