@@ -341,13 +341,15 @@ def dry_run(train_config: TrainConfig, spec: JobSpec, address: str | None) -> No
 
 def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
     """True (and says so) when the run already reached --max-steps: nothing to start. Its
-    summary says so, or (a run stopped before its end, resumed with a lower --max-steps) the
-    last checkpoint its metrics log records that is still there (one an operator deleted to
-    roll back does not count)."""
-    summary = _read_json(run_dir / "summary.json") or {}
-    checkpointed = [r.get("step") for r in read_metrics(run_dir)
-                    if isinstance(r.get("checkpoint"), str) and Path(r["checkpoint"]).exists()]
-    done = max([summary.get("steps") or 0, *[s for s in checkpointed if isinstance(s, int)]])
+    metrics log's last checkpoint that is still there says so (a run stopped before its end,
+    resumed with a lower --max-steps; one an operator deleted to roll back does not count),
+    or, where the log records no checkpoint, its summary."""
+    logged = [r for r in read_metrics(run_dir) if isinstance(r.get("checkpoint"), str)]
+    if logged:  # the checkpoints still there (a finished run rolled back trains again)
+        done = max((r["step"] for r in logged if isinstance(r.get("step"), int)
+                    and Path(r["checkpoint"]).exists()), default=0)
+    else:  # a run whose log records no checkpoint: its summary
+        done = (_read_json(run_dir / "summary.json") or {}).get("steps") or 0
     if done < train_config.max_steps:
         return False
     _say_nothing_to_do(f"{run_dir} is already at step {done}", train_config)

@@ -276,22 +276,28 @@ class ClusterState:
         return float(self.table.outside_cpus[row]), int(self.table.outside_gpus[row])
 
     def set_ray_usage(self, node_id: str, used_cpus: float, used_gpus: float,
-                      at_least: tuple[float, int] = (0.0, 0)) -> None:
+                      unstarted: tuple[float, int] = (0.0, 0)) -> None:
         """What Ray says is in use on a node. Beyond what this scheduler reserved there, it is
         held by work the scheduler did not place (Serve replicas, other users' tasks) and is
-        not free, whatever the reservations say. Reserved but not yet started counts as
-        reserved only (used < reserved: nothing outside), which is why the caller passes
-        `at_least` (the outside figures before) while a reservation there may not have
-        started."""
+        not free, whatever the reservations say. `unstarted`: the part of the reservations
+        whose workers may not run yet (a job just placed, a migration claim). Netted against
+        those, the outside work looked smaller than it is (a Serve replica's GPU was handed
+        out twice), so it is never lowered below what the other reservations leave of
+        Ray's usage, nor raised by them (a job that did start counts as outside until then)."""
         row = self.table.index.get(node_id)
         if row is None:
             return
         t = self.table
-        t.outside_cpus[row] = max(at_least[0], used_cpus - t.reserved_cpus[row])
         # Whole GPUs: a fraction held (a Serve replica on half a GPU) keeps that GPU from a
         # worker needing a whole one (round() gave 0.5 -> 0 and 2.5 -> 2).
-        t.outside_gpus[row] = max(at_least[1],
-                                  math.ceil(used_gpus - 1e-9) - int(t.reserved_gpus[row]))
+        used = (used_cpus, math.ceil(used_gpus - 1e-9))
+        reserved = (float(t.reserved_cpus[row]), int(t.reserved_gpus[row]))
+        before = (float(t.outside_cpus[row]), int(t.outside_gpus[row]))
+        outside = [max(0, u - r) for u, r in zip(used, reserved)]
+        for i, waiting in enumerate(unstarted):
+            if waiting:
+                outside[i] = max(outside[i], min(before[i], used[i] - (reserved[i] - waiting)))
+        t.outside_cpus[row], t.outside_gpus[row] = max(0.0, outside[0]), max(0, outside[1])
 
     def reserve(self, job_name: str, reservations: Iterable[Reservation]) -> None:
         if job_name in self.reservations:

@@ -272,10 +272,13 @@ ALL: tuple[MetricSpec, ...] = (
 BY_NAME: dict[str, MetricSpec] = {spec.name: spec for spec in ALL}
 
 # Ray Serve's own metrics that the alerts use (Ray exports them; we only read them). Serve's
-# controller counts every failed health check, per deployment; the controller lives as long
-# as Serve does, so the series does not vanish with the replica (the per-replica
-# `ray_serve_deployment_replica_healthy` is 0 for ~20 s before the replaced replica's series
-# is dropped: an alert on it never lasted long enough to fire).
+# controller sets a replica's `replica_healthy` gauge to 0 when it stops it as unhealthy, and
+# the series goes ~20 s later (checked on a live Ray 2.60): an alert needing it 0 for a
+# minute never fired, but the samples stay in Prometheus, so replicas that were unhealthy
+# within a window can be counted. The controller also counts failed health checks, per
+# replica by default (a replaced replica's series appears already at 3: increase() misses it)
+# or per deployment with RAY_SERVE_CONTROLLER_METRICS_INCLUDE_HIGH_CARDINALITY_TAGS=0.
+RAY_SERVE_REPLICA_HEALTHY = "ray_serve_deployment_replica_healthy"  # gauge, 1 = healthy
 RAY_SERVE_HEALTH_CHECK_FAILURES = "ray_serve_health_check_failures_total"  # counter
 
 # -- alert thresholds (monitoring/alerts.yml uses exactly these) ------------------------------
@@ -294,8 +297,9 @@ ALERT_QUEUE_STUCK_AFTER_S = 1200
 # request: a request's end-to-end time grows with its max_tokens, whatever the load.
 ALERT_SERVE_P99_TTFT_S = 2.5
 ALERT_SERVE_LATENCY_FOR_S = 300
-# Serve replaces a replica after 3 failed health checks in a row: this many failures within
-# the window is at least two replicas replaced (a crash loop, a model that hangs).
+# Serve replaces a replica after 3 failed health checks in a row: two replicas unhealthy, or
+# this many failures, within the window is a crash loop or a model that hangs.
+ALERT_UNHEALTHY_REPLICAS = 2
 ALERT_HEALTH_CHECK_FAILURES = 6
 ALERT_HEALTH_CHECK_WINDOW_S = 600
 # Training figures are reported every --log-every steps; allow a few reports before alerting.

@@ -48,15 +48,18 @@ def _nodes(health: str) -> str:
     return "max(" + _q(m.SCHEDULER_NODES, f'health="{health}"') + ")"
 
 
-def _failures_within(counter: str, window_s: int) -> str:
-    """Failures per (application, deployment) counted over the window. Serve counts per
-    replica by default (a `replica` label): each replaced replica's series appears already at
-    its 3 failures, which increase() never sees (it needs a sample before the rise; Ray
-    exports no created timestamps). A series that did not exist a window ago counts in full,
-    the others by their increase."""
+def _replicas_failing_within(window_s: int) -> str:
+    """Per (application, deployment): replicas Serve found unhealthy within the window, or
+    failed health checks within it. Each replaced replica's gauge is 0 for seconds only and
+    its failure series appears already at 3, so neither a `for:` nor increase() alone sees
+    them; both terms only ever under-count across a gap in the data (no false page after a
+    Prometheus restart)."""
     window = f"{window_s // 60}m"
-    return (f"sum by (application, deployment) (({counter} unless {counter} offset {window}) "
-            f"or increase({counter}[{window}]))")
+    return (f"(count by (application, deployment) (min_over_time("
+            f"{m.RAY_SERVE_REPLICA_HEALTHY}[{window}]) == 0) >= {m.ALERT_UNHEALTHY_REPLICAS}) "
+            f"or (sum by (application, deployment) (increase("
+            f"{m.RAY_SERVE_HEALTH_CHECK_FAILURES}[{window}])) >= "
+            f"{m.ALERT_HEALTH_CHECK_FAILURES})")
 
 
 ALERT_RULES: tuple[AlertRule, ...] = (
@@ -121,11 +124,10 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         "batch slot. Add replicas, or lower max_batch_size or the batch wait timeout."),
     AlertRule(
         "ServeHealthChecksFailing",
-        _failures_within(m.RAY_SERVE_HEALTH_CHECK_FAILURES, m.ALERT_HEALTH_CHECK_WINDOW_S)
-        + f" >= {m.ALERT_HEALTH_CHECK_FAILURES}",
+        _replicas_failing_within(m.ALERT_HEALTH_CHECK_WINDOW_S),
         0, "page",
         "Serve health checks of {{ $labels.deployment }} keep failing",
-        "{{ $value | humanize }} failed health checks in the last "
+        f"{{{{ $value | humanize }}}} unhealthy replicas or failed health checks in the last "
         f"{m.ALERT_HEALTH_CHECK_WINDOW_S // 60} minutes: Serve keeps replacing replicas (a "
         "crash loop, a model that does not load, a hung engine). The replica logs say why."),
 )

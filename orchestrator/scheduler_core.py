@@ -47,7 +47,7 @@ import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
-from orchestrator.inventory import ClusterState, NodeReport, node_family, report_problem
+from orchestrator.inventory import ClusterState, NodeReport, gpu_families, report_problem
 from orchestrator.placement import (Placement, PlacementError, Queued, Rejection, place,
                                     worker_capacity)
 from orchestrator.queue import JobQueue, QueuedJob, allowed_families
@@ -211,7 +211,7 @@ class SchedulerCore:
         reservations is held by work it did not place, and is not free (see
         ClusterState.set_ray_usage). Freed capacity lets waiting jobs start."""
         freed = False
-        starting = self._nodes_of_jobs_starting(now)
+        unstarted = self._unstarted_reservations(now)
         for node_id, resources in available.items():
             report = self.state.reports.get(node_id)
             if report is None:
@@ -219,15 +219,22 @@ class SchedulerCore:
             before = self.state.outside_on(node_id)
             self.state.set_ray_usage(node_id, report.ray_cpus - resources.get("CPU", 0.0),
                                      report.ray_gpus - resources.get("GPU", 0.0),
-                                     at_least=before if node_id in starting else (0.0, 0))
+                                     unstarted=unstarted.get(node_id, (0.0, 0)))
             freed |= self.state.outside_on(node_id) < before
         return self._drain(now) if freed else Outcome()
 
-    def _nodes_of_jobs_starting(self, now: float) -> set[str]:
-        """Nodes of jobs placed within worker_start_grace_s: their workers may not run yet."""
+    def _unstarted_reservations(self, now: float) -> dict[str, tuple[float, int]]:
+        """Per node, (CPUs, GPUs) reserved whose workers may not run yet: jobs placed within
+        worker_start_grace_s, and migration claims (held for a job still running elsewhere)."""
         grace = self.settings.worker_start_grace_s
-        return {node for job in self.running.values() if now - job.started_at < grace
-                for node in job.placement.nodes}
+        starting = {name for name, job in self.running.items() if now - job.started_at < grace}
+        held: dict[str, tuple[float, int]] = {}
+        for name, reservations in self.state.reservations.items():
+            if name in starting or name.endswith(CLAIM_SUFFIX):
+                for r in reservations:
+                    cpus, gpus = held.get(r.node_id, (0.0, 0))
+                    held[r.node_id] = (cpus + r.cpus, gpus + r.gpus)
+        return held
 
     def agents_needed(self, alive: set[str], now: float) -> list[StartAgent]:
         """Alive nodes whose agent has not reported lately: start (or restart) their agent."""
@@ -1324,9 +1331,9 @@ class SchedulerCore:
     def _family_of(self, placement: Placement, spec: JobSpec) -> str:
         """The slowest accelerator family among the placement's nodes (it sets the pace)."""
         families = []
-        for node_id in placement.nodes:
+        for node_id in placement.nodes:  # a node with several families: its slowest
             report = self.state.reports.get(node_id)
-            families.append(node_family(report.gpus) if report is not None else "")
+            families += (gpu_families(report.gpus) if report is not None else []) or [""]
         return min(families, key=lambda f: self.speed(spec, f), default="")
 
     def _take_claim(self, job: RunningJob, target: Placement | None, claim, now: float,

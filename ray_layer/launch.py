@@ -34,7 +34,8 @@ from orchestrator.config import JobSpec
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.placement import Placement
 from orchestrator.runs import checkpoint_dirs
-from ray_layer.cluster import ClusterConnectionError, connect, ensure_control_plane
+from ray_layer.cluster import (ClusterConnectionError, connect, ensure_control_plane,
+                               ensure_scheduler)
 from ray_layer.placed_run import NotPlaced, PlacedRun
 from ray_layer.train_callbacks import FollowPlacement, MetricsLog, NodeLostError
 
@@ -88,7 +89,7 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
     # passes this variable from the driver to its controller; a value already set is kept.
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     with connected_scheduler(address, runtime_env) as scheduler:
-        driver = PlacedRun(scheduler, spec, queue_timeout_s)
+        driver = PlacedRun(scheduler, spec, queue_timeout_s, reconnect=ensure_scheduler)
         trainer_for = _trainer_factory(train_fn, train_loop_config, spec, run_dir, driver.owner,
                                        queue_timeout_s, max_failures, keep_checkpoints)
         try:

@@ -25,7 +25,7 @@ import ray
 
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Queued, Rejection
-from ray_layer.scheduler_client import SchedulerNotRunning, get_scheduler
+from ray_layer.scheduler_client import get_scheduler
 
 POLL_EVERY_S = 2.0
 SAY_EVERY_S = 30.0  # a waiting driver says where it stands this often
@@ -69,9 +69,12 @@ class PlacedRun:
     the scheduler takes the placement back, report the yield and fit again."""
 
     def __init__(self, scheduler, spec: JobSpec, queue_timeout_s: float,
-                 say: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
+                 say: Callable[[str], None] = lambda line: print(line, flush=True),
+                 reconnect: Callable[[], Any] | None = None) -> None:
         self.scheduler, self.spec, self.queue_timeout_s, self.say = \
             scheduler, spec, queue_timeout_s, say
+        # A scheduler handle in place of a dead one: the cluster's, brought up if gone.
+        self.reconnect = reconnect or get_scheduler
         self.owner = driver_id()
         # Each time the job yielded: step, reason, at (fit returned: its workers stopped, the
         # scheduler told next) and placed_at (placed again).
@@ -130,19 +133,21 @@ class PlacedRun:
         return decision
 
     def _ask(self, method: str, *args, timeout_s: float | None = None) -> Any:
-        """A call to the scheduler. Its actor killed for good (an operator's `ray kill`) is
-        replaced by the next launch, restoring the same state; this driver's handle stays
-        dead, so it looks the scheduler up again (a few tries) instead of failing with a
-        traceback; NotPlaced, saying so, when none answers."""
+        """A call to the scheduler. Its actor killed for good (an operator's `ray kill`)
+        leaves this driver's handle dead: it brings the scheduler up again (as any launch
+        does; the new one restores the same state) and retries, a few times, instead of
+        failing with a traceback; NotPlaced, saying so, when none answers."""
         for attempt in range(ASK_TRIES):
             try:
                 return ray.get(getattr(self.scheduler, method).remote(*args), timeout=timeout_s)
             except ray.exceptions.RayActorError as e:
                 problem = e
+            if attempt + 1 == ASK_TRIES:
+                break
             time.sleep(1.0 + attempt)
             try:
-                self.scheduler = get_scheduler()
-            except SchedulerNotRunning as e:
+                self.scheduler = self.reconnect()
+            except Exception as e:  # noqa: BLE001 - said in NotPlaced below if it persists
                 problem = e
         raise NotPlaced(f"the scheduler did not answer {method}() after {ASK_TRIES} tries: "
                         f"{type(problem).__name__}: {problem}")

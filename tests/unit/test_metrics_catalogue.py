@@ -96,7 +96,7 @@ def test_alert_rules_use_the_catalogue_thresholds():
     assert rules["SchedulerQueueStuck"]["expr"].endswith(f"> {m.ALERT_QUEUE_STUCK_AFTER_S}")
     assert rules["ServeFirstTokenP99High"]["expr"].endswith(f"> {m.ALERT_SERVE_P99_TTFT_S}")
     assert rules["ServeHealthChecksFailing"]["expr"].endswith(
-        f">= {m.ALERT_HEALTH_CHECK_FAILURES}")
+        f">= {m.ALERT_HEALTH_CHECK_FAILURES})")
     assert rules["NodeDown"]["for"] == f"{m.ALERT_NODE_DOWN_FOR_S}s"
 
 
@@ -111,7 +111,7 @@ def referenced_series(expr: str) -> set[str]:
 
 
 def known_series() -> set[str]:
-    known = {m.RAY_SERVE_HEALTH_CHECK_FAILURES}
+    known = {m.RAY_SERVE_HEALTH_CHECK_FAILURES, m.RAY_SERVE_REPLICA_HEALTHY}
     for spec in m.ALL:
         known.add(spec.exported)
         if spec.kind == m.HISTOGRAM:
@@ -234,20 +234,29 @@ def alert_cases() -> list[dict]:
                 for bound in (*m.SERVE_TIME_TO_FIRST_TOKEN.buckets, "+Inf")]
         case(ttft, "ServeFirstTokenP99High",
              [({"deployment": "gpt"}, sev["ServeFirstTokenP99High"])] if slow else [])
-    # Serve's controller counts failed health checks per replica: a replaced replica's series
-    # appears already at 3 (live Ray 2.60). Two replaced within the window fire (a crash
-    # loop); one does not, nor do replicas replaced before the window (their series stay).
+    # Serve (live Ray 2.60): a replica stopped as unhealthy has its healthy gauge at 0 for a
+    # scrape or two, then the series goes; its failure counter appears already at 3 and stays.
     deployment = {"application": "app", "deployment": "gpt"}
-    failures = m.RAY_SERVE_HEALTH_CHECK_FAILURES
+    healthy, failures = m.RAY_SERVE_REPLICA_HEALTHY, m.RAY_SERVE_HEALTH_CHECK_FAILURES
 
-    def replaced(replica, at_min):
+    def replaced(replica, at_min):  # healthy until at_min, 0 for one scrape, then gone
+        return series(healthy, {**deployment, "replica": replica},
+                      f"1x{at_min * 2 - 1} 0")
+
+    def counted(replica, at_min):
         return series(failures, {**deployment, "replica": replica},
                       f"_x{at_min * 2} 3x{(mins - at_min) * 2}" if at_min else f"3x{mins * 2}")
 
-    case([replaced("old", 0), replaced("r1", 5), replaced("r2", 8)], "ServeHealthChecksFailing",
-         [(deployment, sev["ServeHealthChecksFailing"])])
-    case([replaced("old", 0), replaced("r1", 5)], "ServeHealthChecksFailing", [])
-    # Without Serve's replica label: one series per deployment, counted by its increase.
+    # A crash loop: two replicas replaced within the window.
+    case([replaced("r1", 5), replaced("r2", 8), counted("r1", 5), counted("r2", 8)],
+         "ServeHealthChecksFailing", [(deployment, sev["ServeHealthChecksFailing"])])
+    # One replica replaced: no page; nor for replicas replaced long before (series still there,
+    # their whole count included where the data before them is missing, as after a restart).
+    case([replaced("r1", 5), counted("r1", 5), counted("old", 0)], "ServeHealthChecksFailing",
+         [])
+    case([series(failures, {**deployment, "replica": f"old{i}"}, f"_x{mins} 3x{mins}")
+          for i in range(4)], "ServeHealthChecksFailing", [])
+    # Failure counts per deployment (Serve's high-cardinality tags off): by their increase.
     case([series(failures, deployment, f"0+0.5x{mins * 2}")], "ServeHealthChecksFailing",
          [(deployment, sev["ServeHealthChecksFailing"])])
     return cases

@@ -92,9 +92,9 @@ def test_a_scheduler_replaced_mid_job_is_looked_up_again(monkeypatch):
     new = SimpleNamespace(yielded=answer(placement), release=answer(True))
     monkeypatch.setattr(ray, "get", lambda value, timeout=None: value)
     monkeypatch.setattr(placed_run, "driver_id", lambda: "driver")
-    monkeypatch.setattr(placed_run, "get_scheduler", lambda: new)
     monkeypatch.setattr(placed_run.time, "sleep", lambda s: None)
-    run = placed_run.PlacedRun(old, JobSpec("job"), 60.0, say=lambda line: None)
+    run = placed_run.PlacedRun(old, JobSpec("job"), 60.0, say=lambda line: None,
+                               reconnect=lambda: new)
     fits = [result({"step": 3, "yielded": "preempt: by an operator"}, "/run/checkpoint_3"),
             result({"step": 9}, "/run/checkpoint_9")]
     final, _ = run.run(lambda placement: fits.pop(0))
@@ -114,9 +114,8 @@ def test_no_scheduler_answering_is_said_not_a_traceback(monkeypatch):
         raise SchedulerNotRunning("no scheduler on this Ray cluster")
     monkeypatch.setattr(ray, "get", lambda value, timeout=None: value)
     monkeypatch.setattr(placed_run, "driver_id", lambda: "driver")
-    monkeypatch.setattr(placed_run, "get_scheduler", gone)
     monkeypatch.setattr(placed_run.time, "sleep", lambda s: None)
     run = placed_run.PlacedRun(SimpleNamespace(submit=SimpleNamespace(remote=dead)),
-                               JobSpec("job"), 60.0, say=lambda line: None)
-    with pytest.raises(placed_run.NotPlaced, match="did not answer submit.*no scheduler"):
+                               JobSpec("job"), 60.0, say=lambda line: None, reconnect=gone)
+    with pytest.raises(placed_run.NotPlaced, match=r"did not answer submit\(\) after 3 tries"):
         run.run(lambda placement: None)

@@ -451,6 +451,40 @@ def test_a_gpu_held_outside_stays_held_while_a_new_job_starts_beside_it():
     assert core.poll("j2", "d2", T0 + 3 + grace).decision.nodes == ["n"]
 
 
+def test_a_migration_claim_does_not_hide_a_gpu_held_outside():
+    # A replica holds 1 of the A100 node's 3 GPUs; a job is claiming the other 2 to move
+    # there (nothing runs on them yet): netted against the claim, the replica's GPU looked
+    # free and an A100 job was placed on it (4 GPUs promised on a 3-GPU node).
+    core = core_with(gpu_node("t4", gpus=2, family="T4"), gpu_node("a100", gpus=3))
+    core.ray_usage({"a100": {"CPU": 16.0, "GPU": 2.0}, "t4": {"CPU": 16.0, "GPU": 2.0}}, T0)
+    core.submit(gpus("blocker", 2, accelerator_types=("A100",)), "d", T0 + 1)
+    assert core.submit(gpus("job", 2, expected_duration_s=36000), "d", T0 + 1).decision.nodes \
+        == ["t4"]
+    later = T0 + 500
+    core.ray_usage({"a100": {"CPU": 16.0, "GPU": 0.0}, "t4": {"CPU": 16.0, "GPU": 0.0}}, later)
+    assert yields(core.release("blocker", "d", later))["job"].kind == MIGRATE
+    core.ray_usage({"a100": {"CPU": 16.0, "GPU": 2.0}, "t4": {"CPU": 16.0, "GPU": 0.0}}, later + 5)
+    assert core.state.outside_on("a100") == (0.0, 1)
+    assert isinstance(core.submit(gpus("thief", 1, accelerator_types=("A100",)), "d2",
+                                  later + 6).decision, Queued)
+
+
+def test_a_job_on_a_node_of_two_families_runs_at_the_slower_ones_pace():
+    # Its family read as "" (speed 1.0): a job on an H100 + A100 node was told to migrate to
+    # an A100 node for nothing ("from  to A100 ... at 1x, 2.2x there").
+    import dataclasses
+
+    h100, a100 = gpu_node("x", gpus=2, family="H100"), gpu_node("y", gpus=2, family="A100")
+    mixed = dataclasses.replace(h100, node_id="mixed", hostname="mixed", gpus=(
+        h100.gpus[0], dataclasses.replace(a100.gpus[0], index=1)))
+    core = core_with(mixed, gpu_node("a100", gpus=2))
+    core.submit(gpus("blocker", 2, accelerator_types=("A100",)), "d", T0)
+    assert core.submit(gpus("job", 2, expected_duration_s=36000), "d", T0).decision.nodes \
+        == ["mixed"]
+    assert core.running_family("job") == "A100"
+    assert yields(core.release("blocker", "d", T0 + 600)) == {}
+
+
 def test_a_restarted_scheduler_waits_for_unreported_nodes_before_calling_a_job_unfittable():
     core = core_with(cpu_node("a", cpus=2))
     again = SchedulerCore(core.settings)  # restarted: Ray lists a and b, neither reported yet
