@@ -386,13 +386,12 @@ def _remove_if_untouched(run_dir: Path) -> None:
 def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
                    elapsed_s: float, yields: list[dict]) -> dict | None:
     metrics = result.metrics or {}
-    # The checkpoint ahead of the summary and the log: leave everything alone. Said by the
-    # workers' return value (Result.metrics are then the checkpoint's report, past the end).
+    # The checkpoint ahead of the summary and the log: leave everything alone. Only the
+    # workers' return value says so (their report has no checkpoint, so Result.metrics are
+    # the checkpoint's, past the end).
     returned = getattr(result, "return_value", None)
-    complete = returned if isinstance(returned, dict) and returned.get("already_complete") \
-        else metrics if metrics.get("already_complete") else None
-    if complete:
-        _say_nothing_to_do(f"the checkpoint is already at step {complete['step']}", train_config)
+    if isinstance(returned, dict) and returned.get("already_complete"):
+        _say_nothing_to_do(f"the checkpoint is already at step {returned['step']}", train_config)
         return None
     if metrics.get("step") is None or metrics["step"] < train_config.max_steps:
         # Ray Train's result holds the last report with a checkpoint: one short of the end

@@ -115,13 +115,12 @@ def gpu_families(gpus: Iterable[GpuInfo]) -> list[str]:
     return sorted({accelerator_family(g.name) for g in gpus})
 
 
-def node_family(gpus: Iterable[GpuInfo]) -> str:
-    """The accelerator family of a node: its GPUs' one family; "" for none, an unknown one, or
-    GPUs of several families. Ray hands a worker any of a node's GPUs, not the one a job
-    named, so a node with an A100 and a T4 can promise neither: jobs that name families do
-    not go there, those that name none may (the scheduler treats it as GPUs of no known
-    family)."""
-    families = gpu_families(gpus)
+def node_family(families: list[str]) -> str:
+    """The accelerator family of a node whose GPUs are of `families` (gpu_families): their
+    one family; "" for none, an unknown one, or several. Ray hands a worker any of a node's
+    GPUs, not the one a job named, so a node with an A100 and a T4 can promise neither: jobs
+    that name families do not go there, those that name none may (the scheduler treats it as
+    GPUs of no known family)."""
     return families[0] if len(families) == 1 else ""
 
 
@@ -478,11 +477,10 @@ class NodeTable:
                 setattr(self, name, column)
             column[row] = -np.inf
             column[row, :len(values)] = values
-        family = node_family(report.gpus)
-        self.family[row] = self.families.setdefault(family, len(self.families))
+        families = gpu_families(report.gpus)
+        self.family[row] = self.families.setdefault(node_family(families), len(self.families))
         # A node's pace is its slowest GPU's (several families: Ray may hand out any).
-        self.speed[row] = min((ACCELERATOR_SPEED.get(f, 1.0) for f in gpu_families(report.gpus)),
-                              default=0.0)
+        self.speed[row] = min((ACCELERATOR_SPEED.get(f, 1.0) for f in families), default=0.0)
         self.load[row] = report.load_per_cpu
         self.last_seen[row] = now
         # Nodes without a network-group label are each a group of their own.

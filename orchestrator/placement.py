@@ -47,12 +47,13 @@ EXPLAIN_LIMIT = 512  # above this many nodes, per-node reasons are given only on
 # groups that can hold the job, the largest node, and this many nodes spread evenly over the
 # table (so measured-only clusters, with no groups declared, are searched across all racks).
 # Seeds are grown most promising first, and at most MAX_GROWTHS of them: the search's cost
-# is bounded by that, not by the cluster's size. (Only a job whose best set misses its
-# bandwidth floor has every seed that could reach the floor grown once more, through links
-# that pass it: on the measured 10,000-node cluster a refused job took 23 ms instead of 20.) (On scripts/bench_placement.py's measured
+# is bounded by that, not by the cluster's size. (On scripts/bench_placement.py's measured
 # cluster, 10,000 nodes, 1,000 jobs: 8 growths at most kept the mean bottleneck within 1% of
 # growing every seed, at 1.7x the speed; sampling 128 seeds instead of 24 cut the jobs put
-# across racks from 129 to 79 (mean bottleneck 13.9 -> 15.5 GB/s) for ~1.5x the time.)
+# across racks from 129 to 79 (mean bottleneck 13.9 -> 15.5 GB/s) for ~1.5x the time.) Only
+# a job whose best set misses its bandwidth floor has every seed that could reach the floor
+# grown once more, through links that pass it (on the measured 10,000-node cluster a
+# refused job took 23 ms instead of 20).
 MAX_GROUP_SEEDS = 8
 SEED_SAMPLE = 128
 MAX_GROWTHS = 8

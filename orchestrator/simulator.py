@@ -174,8 +174,9 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
     Every decision is the live scheduler's: a SchedulerCore (queue, EASY backfill, preemption,
     migration) whose placement and queue order are `policy`'s (orchestrator/policies.py;
     "hetero-las" = the live scheduler's own rules). `backfill=False` is
-    strict FIFO (default: `settings`' own, EASY backfill as the live scheduler). `check` asserts after every event that no server holds more GPUs than it has
-    and that the reservations add up to the running jobs (conservation)."""
+    strict FIFO (default: `settings`' own, EASY backfill as the live scheduler). `check`
+    asserts after every event that no server holds more GPUs than it has and that the
+    reservations add up to the running jobs (conservation)."""
     if isinstance(cluster, str):
         cluster = parse_cluster_spec(cluster)
     jobs = make_jobs(trace, cluster)

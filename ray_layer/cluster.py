@@ -142,10 +142,11 @@ def _check_reachable(address: str, source: str, timeout_s: float = 5.0,
 def connect(address: str | None, runtime_env: dict | None = None, embedded: bool = True
             ) -> bool:
     """Connect to the cluster at `address` (or RAY_ADDRESS; "auto": the one `ray start` runs
-    on this machine); start an embedded local Ray when neither is given. `runtime_env` (Ray's: working_dir, pip, env_vars, ...) becomes the job's.
-    `embedded`: whether the caller would start an embedded Ray without an address (jobs do;
-    the operator commands never), for the advice in errors. Returns True when this call
-    started Ray (and so should stop it)."""
+    on this machine); start an embedded local Ray when neither is given. `runtime_env`
+    (Ray's: working_dir, pip, env_vars, ...) becomes the job's. `embedded`: whether the
+    caller would start an embedded Ray without an address (jobs do; the operator commands
+    never), for the advice in errors. Returns True when this call started Ray (and so should
+    stop it)."""
     import os
 
     if ray.is_initialized():

@@ -33,9 +33,10 @@ def train_under_ray(config: dict[str, Any]) -> dict[str, Any] | None:
     free}. Every worker first checks the GPU it was given; if any lacks the memory, all stop
     before training and return {"gpu_too_small": [...]}, so the job is placed again without
     it (ray_layer/placed_run.py); a resumed run whose checkpoint is already at --max-steps
-    returns {"already_complete": True, "step": ...}. Returned, not only reported: Ray Train's Result keeps the
-    metrics of the latest report *with a checkpoint* (none here: None on a fresh run, an
-    earlier attempt's on a resumed one), while `Result.return_value` is rank 0's return."""
+    returns {"already_complete": True, "step": ...}. Returned, not only reported: Ray Train's
+    Result keeps the metrics of the latest report *with a checkpoint* (none here: None on a
+    fresh run, an earlier attempt's on a resumed one), while `Result.return_value` is rank
+    0's return."""
     session = RayTrainSession()
     short = session.gpu_memory_shortfall(config.get("min_gpu_memory_gb", 0.0))
     found = [short]

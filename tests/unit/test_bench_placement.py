@@ -122,7 +122,8 @@ def test_a_run_too_small_for_like_for_like_figures_says_so(capsys):
     # crashed multiplying None.
     result = bench.main(["--nodes", "16", "--jobs", "1", "--no-actor", "--seed", "11"])
     assert result["like_for_like_jobs"] == 0  # seed 11: the one job is not placed by all
-    assert result["nodes_spanned_mean"] is None and result["meets_fewer_nodes_than_firstfit"] is None
+    assert result["nodes_spanned_mean"] is None
+    assert result["meets_fewer_nodes_than_firstfit"] is None
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
 
 
