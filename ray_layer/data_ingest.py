@@ -86,7 +86,7 @@ def prepare_shards(plan: DataPlan, address: str | None, ingest_workers: int, *,
     """The plan's manifest: read from the cache, else built by one tokenizing pass on Ray Data
     (connecting to the cluster first; the bundled corpus is small and tokenized in this
     process). Returns (manifest, whether this call started Ray: the caller stops it)."""
-    from orchestrator.training.data_plan import tokenize_in_process
+    from orchestrator.training.data_plan import tokenize_in_process, tokenize_once
     from ray_layer.cluster import connect
 
     if plan.cached:
@@ -96,14 +96,17 @@ def prepare_shards(plan: DataPlan, address: str | None, ingest_workers: int, *,
         return plan.manifest, False
     if plan.sources and plan.sources[0].uri.endswith("/" + BUNDLED_FILE) \
             and len(plan.sources) == 1:
-        return tokenize_in_process(plan, shard_tokens, say=say), False
+        return tokenize_once(plan, lambda p: tokenize_in_process(p, shard_tokens, say=say),
+                             say), False
     started_ray = connect(address)
     try:
         workers = ingest_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         say(f"tokenizing {len(plan.sources)} file(s) "
             f"({sum(s.size for s in plan.sources) / 1e6:.1f} MB) on Ray Data with up to "
             f"{workers} worker(s) into {plan.cache_uri}")
-        manifest = tokenize_with_ray_data(plan, workers, shard_tokens=shard_tokens, say=say)
+        manifest = tokenize_once(
+            plan, lambda p: tokenize_with_ray_data(p, workers, shard_tokens=shard_tokens,
+                                                   say=say), say)
     except BaseException:
         if started_ray:
             ray.shutdown()

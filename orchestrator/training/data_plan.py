@@ -20,8 +20,9 @@ from orchestrator.tokenizer import (EOS_NAMES, Tokenizer, TokenizerError, load_t
                                     tokenizer_from_json, tokenizer_of_run, train_bpe)
 from orchestrator.training.corpus import (DataError, SourceFile, cache_key, check_text_column,
                                           expand_sources, iter_texts)
-from orchestrator.training.shards import (SHARD_TOKENS, clear_cache_dir, read_manifest,
-                                          storage_for, tokenize_source, write_manifest)
+from orchestrator.training.shards import (SHARD_TOKENS, clear_cache_dir, pass_lock,
+                                          read_manifest, storage_for, tokenize_source,
+                                          write_manifest)
 
 BUNDLED_FILE = "pydoc_topics.txt"  # the bundled corpus as a source, for non-byte tokenizers
 
@@ -165,6 +166,23 @@ def tokenize_in_process(plan: DataPlan, shard_tokens: int = SHARD_TOKENS,
                                        shard_tokens=shard_tokens))
         say(progress_line(results, len(plan.sources), time.perf_counter() - started))
     return finish(plan, results)
+
+
+def tokenize_once(plan: DataPlan, run_pass: Callable[[DataPlan], dict[str, Any]],
+                  say: Callable[[str], None] = print) -> dict[str, Any]:
+    """`run_pass(plan)` (a tokenizing pass that writes the plan's cache) under the cache's
+    pass lock; when another run held it, its finished shards are used instead of redone
+    (a --retokenize included: they were just built from the same files)."""
+    with pass_lock(plan.cache_uri, say) as waited:
+        if waited:
+            manifest = read_manifest(plan.cache_uri)
+            if manifest is not None and manifest.get("key") == plan.key:
+                say(f"token shards cached at {plan.cache_uri} by the other run: "
+                    f"{manifest['train_tokens']:,} training and "
+                    f"{manifest['held_out_tokens']:,} held-out tokens")
+                plan.manifest = manifest
+                return manifest
+        return run_pass(plan)
 
 
 def finish(plan: DataPlan, results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -6,7 +6,9 @@ A cache directory (one per cache key: orchestrator/training/corpus.cache_key) ho
   manifest.json                                         every shard in order, with counts
 Each shard is written under a temporary name and renamed; the manifest is written last, the
 same way. A directory without a manifest is an interrupted pass: it is cleared and redone, never
-read. With the manifest present, a second run tokenizes nothing.
+read. With the manifest present, a second run tokenizes nothing. On a local or network
+filesystem one pass at a time writes a cache directory (`pass_lock`): a second run starting on
+the same files waits for the first and then reads its shards instead of clearing them.
 
 Workers memory-map the shards (numpy.memmap) and read only the windows a batch needs, so a
 worker's memory does not grow with the corpus. Shards on remote storage (s3://, gs://) are
@@ -15,8 +17,11 @@ in manifest order, so a batch stays a pure function of (seed, rank, step).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -164,6 +169,41 @@ def clear_cache_dir(cache_uri: str) -> None:
     if fs.get_file_info(directory).type == pafs.FileType.Directory:
         fs.delete_dir_contents(directory)
     fs.create_dir(directory, recursive=True)
+
+
+@contextlib.contextmanager
+def pass_lock(cache_uri: str, say=print):
+    """Held around a tokenizing pass into `cache_uri`, so that two runs starting on the same
+    files do not clear each other's shards: the second waits here until the first is done.
+    Yields whether it waited (the cache may then hold the other run's finished shards). An
+    exclusive flock on `<cache dir>.lock` beside the directory: released by the kernel when
+    its holder dies, and honoured across NFS clients. Object storage (s3://, gs://) has no
+    such lock; there it yields False at once."""
+    if "://" in cache_uri:
+        yield False
+        return
+    path = Path(storage_for(cache_uri)[1] + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as lock:
+        waited = False
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another run"
+            say(f"{holder} is tokenizing these files into {cache_uri}; waiting for it to "
+                "finish, then using its shards")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            waited = True
+        try:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()} (since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            lock.flush()
+            yield waited
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def write_manifest(cache_uri: str, key: str, tokenizer, results: list[dict[str, Any]],

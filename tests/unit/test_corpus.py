@@ -327,3 +327,102 @@ def test_a_trained_tokenizer_is_kept_in_the_cache_and_reused(corpus, tmp_path):
     assert first.tokenizer.sha256 == second.tokenizer.sha256 and first.key == second.key
     with pytest.raises(TokenizerError, match="exclude each other"):
         plan_data([str(corpus)], cache_root=cache, train_tokenizer=300, tokenizer="x.json")
+
+
+class _PausingTokenizer:
+    """The plan's tokenizer, calling `hook(call_number)` before each batch it encodes."""
+
+    def __init__(self, inner, hook):
+        self.inner, self.hook, self.calls = inner, hook, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode_arrays(self, texts):
+        self.calls += 1
+        self.hook(self.calls)
+        return self.inner.encode_arrays(texts)
+
+
+def test_two_runs_tokenizing_the_same_files_at_once_do_not_delete_each_others_shards(
+        corpus, tmp_path):
+    """Run B starts while run A is half-way through its pass. Without the pass lock B clears
+    the directory (deleting A's first shards) and A's manifest then lists files that are gone;
+    with it B waits, tokenizes nothing and uses A's shards."""
+    import threading
+
+    from orchestrator.training.data_plan import tokenize_once
+
+    cache = str(tmp_path / "cache")
+    a_midway, b_cleared, a_done = threading.Event(), threading.Event(), threading.Event()
+    first, second = plan_data([str(corpus)], cache_root=cache), plan_data([str(corpus)],
+                                                                          cache_root=cache)
+
+    def a_hook(call):
+        if call == 2:  # the first file's shards are written
+            a_midway.set()
+            b_cleared.wait(1.5)  # times out when B is (rightly) held at the lock
+
+    def b_hook(call):
+        b_cleared.set()  # B's pass has cleared the directory
+        a_done.wait(5)
+
+    first.tokenizer = _PausingTokenizer(first.tokenizer, a_hook)
+    second.tokenizer = _PausingTokenizer(second.tokenizer, b_hook)
+    said, outcome = [], {}
+
+    def run_b():
+        a_midway.wait(5)
+        outcome["b"] = tokenize_once(
+            second, lambda p: tokenize_in_process(p, shard_tokens=500, say=lambda _: None),
+            said.append)
+
+    b = threading.Thread(target=run_b)
+    b.start()
+    manifest = tokenize_once(
+        first, lambda p: tokenize_in_process(p, shard_tokens=500, say=lambda _: None),
+        lambda _: None)
+    missing = [s["file"] for split in shards.SPLITS for s in manifest["splits"][split]
+               if not os.path.exists(os.path.join(first.cache_uri, s["file"]))]
+    a_done.set()
+    b.join(10)
+    assert not missing, f"run A's manifest lists deleted shards: {missing}"
+    assert second.tokenizer.calls == 0 and outcome["b"] == manifest
+    assert any("is tokenizing these files" in line and "waiting" in line for line in said)
+    train, _, _ = open_shards(first.cache_uri)
+    assert len(train) == manifest["train_tokens"]
+
+
+def test_the_pass_lock_of_a_run_that_died_is_free_at_once(tmp_path):
+    """A waiting run is told who holds the cache, and a holder killed with -9 (no cleanup
+    ran) frees it: the waiter goes on at once."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    cache = str(tmp_path / "cache" / "abc")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time\n"
+         "from orchestrator.training.shards import pass_lock\n"
+         f"with pass_lock({cache!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    said, outcome = [], {}
+
+    def wait_for_the_lock():
+        with shards.pass_lock(cache, said.append) as waited:
+            outcome["waited"] = waited
+
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiter = threading.Thread(target=wait_for_the_lock, daemon=True)
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and not outcome, "the lock was free while its holder lived"
+        assert said and f"pid {holder.pid} on " in said[0], said
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    waiter.join(5)
+    assert outcome == {"waited": True}
