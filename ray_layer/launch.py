@@ -107,11 +107,45 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
     return Launched(result, placement, driver.yields)
 
 
+class InterruptibleTrainer(TorchTrainer):
+    """A TorchTrainer whose Ctrl-C also reaches FollowPlacement's wait for room after a lost
+    node. That wait runs inside Ray Train's controller, an async actor whose event loop it
+    holds, so Ray Train's own Ctrl-C (ray.get of the controller's abort) waited for it to end.
+    The first Ctrl-C now first withdraws the job from the scheduler (fire and forget), so the
+    wait's next poll finds it gone and stops; `interrupted` tells _fit the failure that
+    follows is the user's interrupt."""
+
+    def __init__(self, *args, on_interrupt: Callable[[], None], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_interrupt, self.interrupted = on_interrupt, False
+
+    def _register_sigint_handler(self, controller) -> None:
+        super()._register_sigint_handler(controller)  # Ray 2.60's handler: abort, exit
+        ray_handler = signal.getsignal(signal.SIGINT)
+
+        def interrupt(signum, frame):
+            if not self.interrupted:
+                self.interrupted = True
+                try:
+                    self.on_interrupt()
+                except Exception as e:  # the abort below still stops the run
+                    print(f"warning: could not withdraw the job on Ctrl-C: {e}",
+                          file=sys.stderr)
+            ray_handler(signum, frame)
+
+        signal.signal(signal.SIGINT, interrupt)
+
+
 def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: Path,
                      owner: str, queue_timeout_s: float, max_failures: int,
                      keep_checkpoints: int):
+    def withdraw() -> None:
+        from ray_layer.scheduler_client import get_scheduler
+
+        get_scheduler().cancel.remote(spec.name, owner)
+
     def trainer_for(placement: Placement) -> TorchTrainer:
-        return TorchTrainer(
+        return InterruptibleTrainer(
             train_fn,
             train_loop_config=train_loop_config,
             torch_config=TorchConfig(backend=collective_backend(placement)),
@@ -130,6 +164,7 @@ def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: 
                 callbacks=[MetricsLog(run_dir),
                            FollowPlacement(spec, owner, timeout_s=queue_timeout_s)],
             ),
+            on_interrupt=withdraw,
         )
     return trainer_for
 
@@ -143,6 +178,8 @@ def _fit(trainer: TorchTrainer, run_dir: Path, max_failures: int):
         # is an interrupt (run_job: the resume hint and exit 130), not a success or exit 1.
         raise KeyboardInterrupt from None
     except Exception as e:
+        if getattr(trainer, "interrupted", False):  # Ctrl-C ended a wait for room
+            raise KeyboardInterrupt from None
         lost = _node_lost(e)
         if lost is not None:  # a lost node's workers found no room: not placeable now
             raise JobFailed(f"{lost}; checkpoints so far are in {run_dir} (--resume once "

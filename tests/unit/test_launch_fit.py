@@ -55,3 +55,50 @@ def test_a_job_without_an_address_starts_its_own_ray(monkeypatch):
     assert cluster.connect(None) is True  # started here: the caller shuts it down
     assert cluster.connect("auto") is False
     assert calls == ["local", "auto"]
+
+
+def test_ctrl_c_withdraws_the_job_before_ray_trains_abort_and_ends_as_an_interrupt(
+        tmp_path, monkeypatch, capsys):
+    """Ray Train's Ctrl-C handler blocks on the controller's abort, which waits while
+    FollowPlacement waits for room after a lost node (it holds the controller's event loop):
+    Ctrl-C did nothing until --queue-timeout. The first Ctrl-C now withdraws the job from
+    the scheduler first (that wait's next poll finds it gone), and the failure that follows
+    is the interrupt, not "not placeable"."""
+    import signal
+
+    import ray
+    from ray.train import ScalingConfig
+    from ray.train.v2.api import data_parallel_trainer
+
+    events = []
+
+    class Abort:
+        def remote(self):
+            events.append("abort")
+            return "ref"
+
+    class Controller:
+        abort = Abort()
+
+    monkeypatch.setattr(data_parallel_trainer.ray, "get", lambda ref: None)
+    assert data_parallel_trainer.ray is ray
+    trainer = launch.InterruptibleTrainer(
+        lambda config: None, scaling_config=ScalingConfig(num_workers=1),
+        on_interrupt=lambda: events.append("withdraw"))
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        trainer._register_sigint_handler(Controller())
+        handler = signal.getsignal(signal.SIGINT)
+        handler(signal.SIGINT, None)
+        handler(signal.SIGINT, None)  # the second Ctrl-C: withdrawn once only
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert events == ["withdraw", "abort"] and trainer.interrupted
+
+    lost = NodeLostError("node(s) abc of job 'job' were lost and the job cannot be placed "
+                         "on the nodes that are left: job 'job' is not in the queue")
+    trainer.fit = Trainer(ControllerError(lost)).fit
+    status, _ = run_job(lambda: launch._fit(trainer, tmp_path, 3),
+                        on_interrupt="interrupted; resume with --resume")
+    assert status == EXIT_INTERRUPTED
+    assert "resume with --resume" in capsys.readouterr().err
