@@ -105,8 +105,12 @@ def name_tokens(gpu_name: str) -> set[str]:
 def accelerator_family(gpu_name: str) -> str:
     """The family of a GPU name as NVML or a label gives it ("NVIDIA A100-SXM4-80GB" -> "A100");
     "" when the name matches no known family. A family must be a whole token of the name: by
-    substring, "NVIDIA L40" read as L4 and "NVIDIA GH200" as H200."""
+    substring, "NVIDIA L40" read as L4 and "NVIDIA GH200" as H200. A MIG slice ("NVIDIA
+    A100-SXM4-80GB MIG 1g.10gb") is none: it has a fraction of the board's compute, so it
+    must not take jobs that ask for the board's family, nor lend it its speed or peak."""
     tokens = {ACCELERATOR_ALIASES.get(t, t) for t in name_tokens(gpu_name)}
+    if "MIG" in tokens:
+        return ""
     return next((family for family in ACCELERATOR_FAMILIES if family in tokens), "")
 
 

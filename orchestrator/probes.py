@@ -81,11 +81,15 @@ def _nvml_gpu(pynvml: Any, index: int) -> GpuInfo:
     before); utilization, NVLink and PCIe are optional: None where this GPU or driver lacks
     them (NotSupported on consumer cards, MIG slices, virtual GPUs)."""
     handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-    memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    name, memory = _text(pynvml.nvmlDeviceGetName(handle)), None
+    mig = _mig_slice(pynvml, handle, name)
+    if mig is not None:  # what a worker given this GPU can use: one slice
+        name, memory = mig
+    memory = memory or pynvml.nvmlDeviceGetMemoryInfo(handle)
     utilization = _nvml_optional(pynvml, pynvml.nvmlDeviceGetUtilizationRates, handle)
     return GpuInfo(
         index=index,
-        name=_text(pynvml.nvmlDeviceGetName(handle)),
+        name=name,
         memory_total_bytes=int(memory.total),
         memory_free_bytes=int(memory.free),
         memory_used_bytes=int(memory.used),
@@ -96,6 +100,37 @@ def _nvml_gpu(pynvml: Any, index: int) -> GpuInfo:
         pcie_gen=_nvml_optional(pynvml, pynvml.nvmlDeviceGetCurrPcieLinkGeneration, handle),
         pcie_width=_nvml_optional(pynvml, pynvml.nvmlDeviceGetCurrPcieLinkWidth, handle),
     )
+
+
+def _mig_slice(pynvml: Any, handle: Any, board: str) -> tuple[str, Any] | None:
+    """(name, memory info) of the MIG slice standing for a MIG-enabled GPU, or None when MIG
+    is off (or this driver or pynvml cannot say). Ray counts and hands out whole GPUs by
+    index, and a CUDA process given a MIG-enabled GPU that way runs on one of its slices, not
+    the board: the smallest slice is what a worker can count on (never the board's memory,
+    which let placement put a worker needing 40 GB on a 10 GB slice). Its name keeps NVML's
+    "MIG <profile>" ("NVIDIA A100-SXM4-80GB MIG 1g.10gb"), so it has no family and no MFU.
+    MIG on with no slices created: nothing CUDA can run on, zero memory."""
+    get_mode = getattr(pynvml, "nvmlDeviceGetMigMode", None)
+    mode = _nvml_optional(pynvml, get_mode, handle) if get_mode else None
+    if not mode or mode[0] != getattr(pynvml, "NVML_DEVICE_MIG_ENABLE", 1):
+        return None
+    count = _nvml_optional(pynvml, pynvml.nvmlDeviceGetMaxMigDeviceCount, handle) or 0
+    slices = []
+    for slot in range(count):
+        mig = _nvml_optional(pynvml, pynvml.nvmlDeviceGetMigDeviceHandleByIndex, handle, slot)
+        if mig is not None:  # NotFound: no slice in this slot
+            slices.append((_text(pynvml.nvmlDeviceGetName(mig)),
+                           pynvml.nvmlDeviceGetMemoryInfo(mig)))
+    if not slices:
+        return f"{board} MIG (no instances)", _NO_MEMORY
+    return min(slices, key=lambda s: s[1].total)
+
+
+class _NoMemory:
+    total = free = used = 0
+
+
+_NO_MEMORY = _NoMemory()
 
 
 def _nvml_optional(pynvml: Any, query: Callable[..., Any], *args: Any) -> Any:

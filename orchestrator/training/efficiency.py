@@ -96,10 +96,9 @@ def flops_per_token(n_params_non_embedding: int, n_layer: int, n_embd: int,
 def gpu_peak_flops(device_name: str, precision: str) -> float | None:
     """Datasheet peak for a CUDA device name, or None when the table does not know it (an
     unknown device gets no MFU rather than another family's). A MIG slice ("NVIDIA
-    A100-SXM4-80GB MIG 1g.10gb") has a fraction of the board's compute: None too, rather than
-    the whole board's peak (an MFU several times too low, and the low-MFU alert)."""
-    if "MIG" in device_name.upper().split():
-        return None
+    A100-SXM4-80GB MIG 1g.10gb") has no family (inventory.accelerator_family): None too,
+    rather than the whole board's peak (an MFU several times too low, and the low-MFU
+    alert)."""
     peaks = GPU_PEAK_TFLOPS.get(accelerator_variant(device_name), {})
     return peaks[precision] * 1e12 if precision in peaks else None
 

@@ -240,3 +240,42 @@ def test_a_malformed_network_bandwidth_label_is_named():
     for bad in ("fast", "-5", "nan"):
         with pytest.raises(ValueError, match=LABEL_NETWORK_GBPS):
             check_network_labels({LABEL_NETWORK_GBPS: bad})
+
+
+def test_a_mig_enabled_gpu_reports_its_smallest_slice_not_the_board(monkeypatch):
+    """Ray hands out the board by index and a worker on it runs on one slice: the board's
+    80 GB let placement send a 40 GB worker to a 10 GB slice, and its family an A100 job."""
+    from orchestrator.inventory import accelerator_family, gpu_families
+
+    slices = {("mig", 0, 0): ("NVIDIA A100-SXM4-80GB MIG 3g.40gb", 40),
+              ("mig", 0, 2): ("NVIDIA A100-SXM4-80GB MIG 1g.10gb", 10)}
+
+    class FakeNotFound(FakeNVMLError):
+        pass
+
+    def mig_handle(handle, slot):
+        if (("mig", handle, slot)) not in slices:
+            raise FakeNotFound(f"slot {slot}")
+        return ("mig", handle, slot)
+
+    nvml = fake_pynvml([A100, A100, A100])
+    board_memory = nvml.nvmlDeviceGetMemoryInfo
+    names = nvml.nvmlDeviceGetName
+    nvml.NVML_DEVICE_MIG_ENABLE = 1
+    # GPU 0 is split in two slices, GPU 1 has MIG on and no slice, GPU 2 has MIG off.
+    nvml.nvmlDeviceGetMigMode = lambda h: {0: (1, 1), 1: (1, 1), 2: (0, 0)}[h]
+    nvml.nvmlDeviceGetMaxMigDeviceCount = lambda h: 7
+    nvml.nvmlDeviceGetMigDeviceHandleByIndex = mig_handle
+    nvml.nvmlDeviceGetName = lambda h: slices[h][0] if isinstance(h, tuple) else names(h)
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(
+        total=slices[h][1] * GIB, free=slices[h][1] * GIB - GIB, used=GIB) \
+        if isinstance(h, tuple) else board_memory(h)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    split, empty, whole = probe_nvml()
+    assert (split.name, split.memory_total_bytes, split.memory_free_bytes) == (
+        "NVIDIA A100-SXM4-80GB MIG 1g.10gb", 10 * GIB, 9 * GIB)
+    assert (empty.name, empty.memory_total_bytes) == ("NVIDIA A100-SXM4-80GB MIG (no instances)",
+                                                      0)
+    assert (whole.name, whole.memory_total_bytes) == ("NVIDIA A100-SXM4-80GB", 80 * GIB)
+    assert accelerator_family(split.name) == "" and gpu_families([whole]) == ["A100"]
+    assert gpu_families([split, whole]) == ["", "A100"]  # a mixed node: no family
