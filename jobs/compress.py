@@ -28,7 +28,8 @@ from orchestrator.help_format import DefaultsHelpFormatter
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, JobFailed, run_job
 
 
-# Help for the flags that need more than their name; every CompressConfig field is a flag.
+# Help for every flag (every CompressConfig field is one): --help shows each with its default,
+# and test_compression_job checks that none is left without.
 FLAG_HELP = {
     "student_size": "distil into this smaller preset first (default: the teacher's shape)",
     "distill_steps": "fine-tune steps training a smaller --student-size from the teacher",
@@ -39,17 +40,38 @@ FLAG_HELP = {
                        "weights (smaller nowhere, faster nowhere)",
     "prune_importance": "how heads and channels are ranked: first-order Taylor (|w * grad| "
                         "summed over the unit, squared) or weight magnitude",
+    "prune_scope": "rank units across the whole stack (global: layers that matter less give "
+                   "up more) or within each layer (per_layer: each at --prune-sparsity)",
+    "prune_steps": "fine-tune steps of the pruning stage (distillation while sparsity rises)",
     "prune_ramp_fraction": "share of --prune-steps over which sparsity rises to its target",
     "prune_every": "steps between mask updates while sparsity rises",
+    "qat_steps": "fine-tune steps of INT8 quantization-aware training (with distillation)",
     "weight_bits": "7: int8 weights in [-63, 63], exact on every x86 CPU; 8: [-127, 127], "
                    "exact only on CPUs with VNNI",
     "alpha": "weight of cross-entropy on the data (1 - alpha: KL to the teacher)",
+    "temperature": "softmax temperature of the teacher's and student's logits in the KL term",
+    "lr": "peak learning rate of every fine-tune (warmup, then cosine decay)",
+    "warmup_steps": "learning-rate warmup steps of every fine-tune (at most its steps - 1)",
+    "weight_decay": "AdamW weight decay of every fine-tune",
+    "grad_clip": "gradient-norm clip of every fine-tune (0: no clipping)",
+    "batch_size": "sequences per fine-tune step (and per calibration batch)",
     "seq_len": "fine-tune and perplexity window (default: the teacher's context)",
+    "seed": "seed of the fine-tunes' batches and the latency inputs",
+    "device": "where the fine-tunes run (auto: CUDA if available, else CPU)",
+    "log_every": "steps between a fine-tune's progress lines",
     "checkpoint_every": "steps between a fine-tune's resumable progress checkpoints",
     "eval_tokens": "held-out tokens scored for perplexity",
+    "eval_batch_size": "windows per perplexity batch",
+    "latency_batch": "batch of the first latency shape (--latency-batch x --latency-seq)",
+    "latency_batched": "the serving-like batch also timed (1: only --latency-batch)",
+    "latency_seq": "tokens per latency shape, capped by the model's context (2 at least)",
+    "latency_repeats": "timed rounds per shape; the report gives their median",
     "threads": "CPU threads for every latency measurement",
-    "onnx_baseline": "skip timing the original model in ONNX Runtime fp32",
-    "int8_static": "skip timing int8 with static (calibrated) activation scales",
+    # Flags that turn a default-on step off: say what happens without them, never argparse's
+    # "(default: True)", which reads as "skipped by default".
+    "onnx_baseline": "skip timing the original model in ONNX Runtime fp32 (default: timed)",
+    "int8_static": "skip timing int8 with static (calibrated) activation scales "
+                   "(default: timed)",
 }
 FLAG_CHOICES = {"student_size": list(MODEL_PRESETS), "prune_scope": list(SCOPES),
                 "prune_structure": list(STRUCTURES), "prune_importance": list(IMPORTANCE),

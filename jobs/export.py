@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from safetensors import SafetensorError
+
     from orchestrator.hf_export import ExportError, export_checkpoint
     from orchestrator.tokenizer import TokenizerError
     from orchestrator.training.checkpoint import CheckpointError
@@ -32,6 +34,9 @@ def run(args: argparse.Namespace) -> dict:
         files, info = export_checkpoint(args.checkpoint, args.out)
     except (ExportError, CheckpointError, TokenizerError) as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
+    except (OSError, SafetensorError) as e:  # a full disk, no permission at --out
+        raise JobFailed(f"--out {args.out}: the export failed: {e}; an earlier export there "
+                        "is left as it was", EXIT_BAD_INPUT) from None
     print(f"exported {info['checkpoint']} (step {info['step']}, {info['params'] / 1e6:.2f}M "
           f"params, vocabulary {info['vocab_size']}, tokenizer {info['tokenizer']}) to "
           f"{args.out}: {', '.join(f.name for f in files)}")

@@ -10,6 +10,7 @@ summary.json in the run directory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import sys
@@ -137,15 +138,63 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--init-from", metavar="DIR",
                       help="start from a GPT-2-shaped Hugging Face model directory "
                       "(config.json, model.safetensors, tokenizer.json): fine-tuning")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.given = _flags_given(p, argv)
+    return args
+
+
+def _flags_given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the flags on the command line (not left at their defaults): on
+    --resume the others come from the run itself."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+# Flags that are the run's own settings (config.json's train and job sections): on --resume,
+# those not given are the run's, not the defaults (`pretrain.py --resume` alone continues a
+# run started with --model-size tiny). Left out: the minimum GPU memory (without the flag it
+# is the run's estimated need, worked out again for the settings resumed with), and the data
+# and --init-from (configure_data resumes them: recorded_data).
+NOT_INHERITED = {"name", "min_gpu_memory_gb", "data_cache", "init_from"}
+INHERITED = {**{f.name: "train" for f in dataclasses.fields(TrainConfig)
+                if f.name not in NOT_INHERITED},
+             **{f.name: "job" for f in dataclasses.fields(JobSpec)
+                if f.name not in NOT_INHERITED}}
+
+
+def inherit_run_settings(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """On --resume: every run setting not given on the command line set to the run's
+    recorded value (config.json). Returns the settings that differ from the flags' defaults,
+    as 'name value' (said once, so the user sees what the run goes on with)."""
+    saved = _read_json(run_dir / "config.json") or {}
+    taken = []
+    for dest, section in INHERITED.items():
+        recorded = saved.get(section, {})
+        if not hasattr(args, dest) or dest in getattr(args, "given", ()) or dest not in recorded:
+            continue
+        value = recorded[dest]
+        if dest == "accelerator_types":
+            value = list(value or [])
+        if value != getattr(args, dest):
+            taken.append(f"{dest} {value}")
+        setattr(args, dest, value)
+    return taken
 
 
 def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | None = None
                   ) -> tuple[TrainConfig, JobSpec]:
     """Validated configs; a ConfigError names every bad field at once. `data_fields`: the
     TrainConfig fields the data and tokenizer flags resolved to (configure_data)."""
+    if args.resume:
+        taken = inherit_run_settings(args, run_dir)
+        if taken:
+            print(f"--resume: going on with the run's own {', '.join(taken)}")
     problems = _launcher_problems(args)
     fields = {"model_size": args.model_size, **(data_fields or {})}  # --init-from sets the size
+    if "model_size" in getattr(args, "given", ()) and fields["model_size"] != args.model_size:
+        problems.append(f"--model-size {args.model_size}: the --init-from model has the "
+                        f"{fields['model_size']} preset's shape; leave --model-size out")
     train_config = None
     try:
         train_config = TrainConfig(
@@ -154,7 +203,7 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
             lr_schedule=args.lr_schedule, lr_decay_every=args.lr_decay_every,
             warmup_steps=args.warmup_steps, attention_span=args.attention_span,
             span_ramp=args.span_ramp, span_penalty=args.span_penalty,
-            accumulation=args.accumulation, min_lr=_min_lr(args, run_dir),
+            accumulation=args.accumulation, min_lr=_min_lr(args),
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
             strategy=args.strategy, compile=args.compile, **fields)
     except ConfigError as e:
@@ -200,15 +249,12 @@ def _launcher_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def _min_lr(args: argparse.Namespace, run_dir: Path) -> float:
-    """--min-lr, else the run's own on --resume, else --lr / 10 (the defaults' ratio). (Until
-    2026-12-05 the default was min(3e-4, --lr): flat at --lr 3e-4 and below, the usual
-    fine-tuning rates; a run begun then resumes with the floor it had.)"""
+def _min_lr(args: argparse.Namespace) -> float:
+    """--min-lr (on --resume, when not given, the run's own: inherit_run_settings), else
+    --lr / 10 (the defaults' ratio). (Until 2026-12-05 the default was min(3e-4, --lr); a run
+    begun then resumes with the floor it recorded.)"""
     if args.min_lr is not None:
         return args.min_lr
-    saved = (_read_json(run_dir / "config.json") or {}).get("train", {}) if args.resume else {}
-    if "min_lr" in saved:
-        return saved["min_lr"]
     return args.lr * TrainConfig.min_lr / TrainConfig.lr
 
 

@@ -346,7 +346,9 @@ def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
             jobs = {row["job"]: row for row in ray.get(scheduler.snapshot.remote())["jobs"]}
             print(f"error: {refusal(args.command, args.name, jobs.get(args.name))}",
                   file=sys.stderr)
-            return 3
+            # The name is wrong for this command (no such job, or one that cannot be told to
+            # stop): bad input, nothing was done. 3 would say the scheduler failed.
+            return EXIT_BAD_INPUT
         print(f"{args.command}: {args.name}: " + (
             "it checkpoints at its next step boundary, then waits in the queue"
             if args.command == "preempt" else
@@ -360,7 +362,7 @@ def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
         print(json.dumps(fields, indent=2, default=str))
     else:
         print(describe_decision(decision))
-    return 0 if hasattr(decision, "worker_nodes") else 3
+    return 0 if hasattr(decision, "worker_nodes") else EXIT_NOT_PLACEABLE
 
 
 if __name__ == "__main__":

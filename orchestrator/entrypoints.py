@@ -93,8 +93,11 @@ def _load_file(where: str, base_dir: Path | None) -> ModuleType:
     candidates = ([base_dir / where] if base_dir else []) + [Path(where)]
     path = next((p.resolve() for p in candidates if p.is_file()), None)
     if path is None:
+        # Each folder once: the job file's folder is often the working directory (or `where`
+        # is absolute), and "looked in /tmp/x, /tmp/x" reads as two places.
+        folders = dict.fromkeys(str(c.parent.resolve()) for c in candidates)
         raise EntrypointError(f"entrypoint script {where!r} not found (looked in "
-                              f"{', '.join(str(c.parent.resolve()) for c in candidates)})")
+                              f"{', '.join(folders)})")
     # A name of its own per file: two jobs' "train.py" must not share a module.
     name = f"orchestrator_entry_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
     spec = importlib.util.spec_from_file_location(name, path)

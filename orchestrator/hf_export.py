@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,10 @@ if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
     import torch
 
 SAFETENSORS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # a sharded model: tensor name -> shard file
+# In every config.json the export writes: an --out holding a GPT-2 model without it (one
+# downloaded or fine-tuned elsewhere) is not ours to replace.
+EXPORTED_BY = "hetero-orchestrator jobs/export.py"
 # Ours -> GPT-2's name, per block; True = a Linear weight, stored transposed (Conv1D).
 _BLOCK_NAMES = {
     "ln1.weight": ("ln_1.weight", False), "ln1.bias": ("ln_1.bias", False),
@@ -110,14 +115,15 @@ def hf_config(model, tokenizer: Tokenizer | None) -> dict[str, Any]:
         "layer_norm_epsilon": LAYER_NORM_EPS, "initializer_range": 0.02,
         "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": True,
         "bos_token_id": eos, "eos_token_id": eos, "torch_dtype": "float32",
+        "exported_by": EXPORTED_BY,
     }
 
 
 def output_refusal(out: Path) -> str | None:
     """Why `out` must not receive an export: it cannot be a directory (a file, or a path
     under one), or it holds a training run or checkpoint, whose config.json and
-    tokenizer.json the export would overwrite (a resume reads them). An earlier export there
-    is replaced."""
+    tokenizer.json the export would overwrite (a resume reads them), or a model not exported
+    here. An earlier export there is replaced."""
     from orchestrator.compression.artifacts import file_in_the_way
     from orchestrator.training.checkpoint import SHARDED_META_FILE, STATE_FILE
 
@@ -138,6 +144,9 @@ def output_refusal(out: Path) -> str | None:
         return "it has a config.json that is not a Hugging Face model's"
     if not isinstance(config, dict) or config.get("model_type") != "gpt2":
         return "it has a config.json that is not a GPT-2 model's (a run's own?)"
+    if config.get("exported_by") != EXPORTED_BY:
+        return ("it holds a Hugging Face model that jobs/export.py did not write (its "
+                "config.json has no exported_by), which the export would overwrite")
     return None
 
 
@@ -151,36 +160,48 @@ def check_output(out: Path) -> None:
 def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
     """Write `model` and `tokenizer` as a Hugging Face GPT-2 directory (model.safetensors,
     config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
-    special_tokens_map.json). Files are written under temporary names and renamed."""
-    from safetensors.torch import save_file
-
+    special_tokens_map.json). Files are written in a staging directory, then renamed."""
     refusal = export_refusal(model)
     if refusal:
         raise ExportError(f"cannot export as GPT-2: {refusal}")
     out = Path(out_dir)
     check_output(out)
     out.mkdir(parents=True, exist_ok=True)
+    # Every file is written in a staging directory first: a full disk or an interrupt while
+    # writing leaves the earlier export whole (it used to leave a new model beside the old
+    # tokenizer, a pair transformers loads without a word). Only renames happen in `out`.
+    staging = out / f".export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        names = _write_hf_files(model, tokenizer, staging)
+        for name in names:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out / name for name in names]
+
+
+def _write_hf_files(model, tokenizer: Tokenizer, directory: Path) -> list[str]:
+    """The Hugging Face files of `model` and `tokenizer`, written in `directory`."""
+    from safetensors.torch import save_file
+
     eos = tokenizer.eos_id
-    written = []
-
-    def write(name: str, write_fn) -> None:
-        tmp = out / f".{name}.tmp"
-        write_fn(tmp)
-        os.replace(tmp, out / name)
-        written.append(out / name)
-
-    write(SAFETENSORS_FILE, lambda p: save_file(hf_state_dict(model), str(p),
-                                                metadata={"format": "pt"}))
-    text = lambda obj: (lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))  # noqa: E731
-    write("config.json", text(hf_config(model, tokenizer)))
-    write("generation_config.json", text({"bos_token_id": eos, "eos_token_id": eos}))
-    write(TOKENIZER_FILE, lambda p: p.write_text(tokenizer.to_json(), encoding="utf-8"))
+    text = lambda obj: json.dumps(obj, indent=2) + "\n"  # noqa: E731
+    save_file(hf_state_dict(model), str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
     special = {"eos_token": EOT_TOKEN, "bos_token": EOT_TOKEN} if eos is not None else {}
-    write("tokenizer_config.json", text({"tokenizer_class": "PreTrainedTokenizerFast",
-                                         "model_max_length": model.config.block_size,
-                                         "clean_up_tokenization_spaces": False, **special}))
-    write("special_tokens_map.json", text(special))
-    return written
+    files = {
+        "config.json": text(hf_config(model, tokenizer)),
+        "generation_config.json": text({"bos_token_id": eos, "eos_token_id": eos}),
+        TOKENIZER_FILE: tokenizer.to_json(),
+        "tokenizer_config.json": text({"tokenizer_class": "PreTrainedTokenizerFast",
+                                       "model_max_length": model.config.block_size,
+                                       "clean_up_tokenization_spaces": False, **special}),
+        "special_tokens_map.json": text(special),
+    }
+    for name, content in files.items():
+        (directory / name).write_text(content, encoding="utf-8")
+    return [SAFETENSORS_FILE, *files]
 
 
 def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
@@ -232,27 +253,143 @@ def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
                           "directory, as written by save_pretrained or jobs/export.py)") from None
     except (OSError, ValueError) as e:
         raise ExportError(f"--init-from: cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"--init-from: {path} is not a JSON object of settings")
     if config.get("model_type") != "gpt2":
         raise ExportError(f"--init-from: {path} has model_type {config.get('model_type')!r}; "
                           "only GPT-2-shaped models (model_type 'gpt2') can be imported")
+    _check_config_types(config, path)
     for key, (ours, why) in ATTENTION_SETTINGS.items():
         if config.get(key, ours) != ours:
             raise ExportError(f"--init-from: {path}: {key} is {json.dumps(config[key])}; our "
                               f"model cannot compute that ({why})")
+    if config.get("tie_word_embeddings", True) is not True:
+        raise ExportError(f"--init-from: {path}: tie_word_embeddings is "
+                          f"{json.dumps(config['tie_word_embeddings'])}; our model's output "
+                          "layer is its token embedding, so an untied lm_head cannot be kept")
     activation = config.get("activation_function", "gelu_new")
     if activation not in ("gelu", *TANH_GELUS):  # the tanh ones: close, warned about
         raise ExportError(f"--init-from: {path}: activation_function {json.dumps(activation)}"
                           "; ours is the GELU (gelu, or the tanh GELU's close variants "
                           f"{', '.join(TANH_GELUS)})")
-    n_embd = config.get("n_embd")
-    if config.get("n_inner") not in (None, 4 * (n_embd or 0)):
+    if config.get("n_inner") not in (None, 4 * config["n_embd"]):
         raise ExportError(f"--init-from: {path}: n_inner {config['n_inner']} is not 4 x n_embd")
-    if (weights := directory / SAFETENSORS_FILE).exists() is False:
-        raise ExportError(f"--init-from {directory}: no {SAFETENSORS_FILE} (weights are read "
-                          f"from safetensors only, never from a pickle); found: "
-                          f"{', '.join(sorted(p.name for p in directory.iterdir())[:10])}")
-    del weights
+    weight_files(directory)  # present, or the error says what is there instead
     return config
+
+
+# The config.json fields read here, with the type each must have (None: may be absent).
+_CONFIG_TYPES = {"n_layer": "count", "n_head": "count", "n_embd": "count",
+                 "vocab_size": "count", "n_positions": "count?", "n_inner": "count?",
+                 "layer_norm_epsilon": "number?", "activation_function": "text?"}
+
+
+def _check_config_types(config: dict[str, Any], path: Path) -> None:
+    """ExportError naming the first field of the wrong type (a string "1e-5", a list ...)."""
+    for key, kind in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is None and kind.endswith("?"):
+            continue
+        base = kind.rstrip("?")
+        ok = {"count": isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+              "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "text": isinstance(value, str)}[base]
+        if not ok:
+            what = {"count": "an integer >= 1", "number": "a number", "text": "a string"}[base]
+            raise ExportError(f"--init-from: {path}: {key} must be {what}, got "
+                              f"{json.dumps(value)}")
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face model: model.safetensors, or the shards its
+    model.safetensors.index.json names (save_pretrained shards big models)."""
+    single, index = directory / SAFETENSORS_FILE, directory / INDEX_FILE
+    if single.is_file():
+        return [single]
+    if not index.is_file():
+        found = ", ".join(sorted(p.name for p in directory.iterdir())[:10])
+        raise ExportError(f"--init-from {directory}: no {SAFETENSORS_FILE} nor {INDEX_FILE} "
+                          f"(weights are read from safetensors only, never from a pickle); "
+                          f"found: {found}")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+        if not shards or not all(isinstance(f, str) and "/" not in f for f in shards):
+            raise ValueError("weight_map must map tensor names to file names beside it")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ExportError(f"--init-from: cannot read {index}: {e}") from None
+    missing = [f for f in shards if not (directory / f).is_file()]
+    if missing:
+        raise ExportError(f"--init-from: {index} names {missing[0]}, which is not in "
+                          f"{directory} ({len(missing)} of {len(shards)} shard(s) missing)")
+    return [directory / f for f in shards]
+
+
+def expected_hf_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The tensors a GPT-2 of this config.json must hold, with their shapes (Conv1D layout)."""
+    e, vocab = config["n_embd"], config["vocab_size"]
+    shapes = {"transformer.wte.weight": (vocab, e),
+              "transformer.wpe.weight": (config.get("n_positions") or 1024, e),
+              "transformer.ln_f.weight": (e,), "transformer.ln_f.bias": (e,)}
+    per_block = {"ln_1.weight": (e,), "ln_1.bias": (e,), "ln_2.weight": (e,), "ln_2.bias": (e,),
+                 "attn.c_attn.weight": (e, 3 * e), "attn.c_attn.bias": (3 * e,),
+                 "attn.c_proj.weight": (e, e), "attn.c_proj.bias": (e,),
+                 "mlp.c_fc.weight": (e, 4 * e), "mlp.c_fc.bias": (4 * e,),
+                 "mlp.c_proj.weight": (4 * e, e), "mlp.c_proj.bias": (e,)}
+    for i in range(config["n_layer"]):
+        shapes.update({f"transformer.h.{i}.{name}": shape for name, shape in per_block.items()})
+    return shapes
+
+
+def _hf_name(key: str) -> str:
+    """A tensor's name with the `transformer.` prefix Hub checkpoints of GPT2Model omit."""
+    return key if key.startswith(("transformer.", "lm_head")) else f"transformer.{key}"
+
+
+def check_hf_weights(directory: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Before any worker starts: every tensor `config` needs is in the weight files with its
+    shape, the files are whole (safetensors' headers cover them), and an lm_head stored
+    beside the embedding equals it. Reads headers, and the two head tensors when both are
+    there. ExportError naming the file and tensor otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    where: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for path in weight_files(Path(directory).expanduser()):
+        try:
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    where[_hf_name(key)] = (path, tuple(f.get_slice(key).get_shape()))
+        except (SafetensorError, OSError) as e:
+            raise ExportError(f"--init-from: {path} is not a whole safetensors file: {e}") \
+                from None
+    for name, shape in expected_hf_shapes(config).items():
+        if name not in where:
+            raise ExportError(f"--init-from {directory}: no tensor {name!r} in the weights "
+                              f"(config.json asks for {config['n_layer']} layers)")
+        if where[name][1] != shape:
+            raise ExportError(f"--init-from: {where[name][0]}: {name} has shape "
+                              f"{where[name][1]}, config.json needs {shape}")
+    if "lm_head.weight" in where:
+        _check_tied(_read_tensor(where["lm_head.weight"][0], "lm_head.weight"),
+                    _read_tensor(where["transformer.wte.weight"][0], "transformer.wte.weight"),
+                    where["lm_head.weight"][0])
+
+
+def _read_tensor(path: Path, name: str) -> "torch.Tensor":
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        key = next(k for k in f.keys() if _hf_name(k) == name)
+        return f.get_tensor(key)
+
+
+def _check_tied(lm_head: "torch.Tensor", wte: "torch.Tensor", path: Path) -> None:
+    import torch
+
+    if lm_head.shape != wte.shape or not torch.equal(lm_head, wte):
+        raise ExportError(f"--init-from: {path}: lm_head.weight differs from the token "
+                          "embedding (transformer.wte.weight); our model's output layer is "
+                          "its token embedding, so an untied lm_head cannot be kept")
 
 
 def model_size_of(config: dict[str, Any], where: str) -> str:
@@ -292,14 +429,14 @@ def init_warnings(config: dict[str, Any]) -> list[str]:
 
 
 def load_hf_weights(model, directory: str | os.PathLike) -> None:
-    """Copy a GPT-2 model's weights (model.safetensors) into our `model` (same shape; the
-    position table is cut to the model's context). ExportError naming the tensor otherwise."""
+    """Copy a GPT-2 model's weights (model.safetensors, or its shards) into our `model` (same
+    shape; the position table is cut to the model's context). ExportError naming the tensor
+    otherwise."""
     from safetensors.torch import load_file
 
-    path = Path(directory).expanduser() / SAFETENSORS_FILE
-    hf = load_file(str(path))
-    hf = {(k if k.startswith("transformer.") or k.startswith("lm_head") else
-           f"transformer.{k}"): v for k, v in hf.items()}
+    files = weight_files(Path(directory).expanduser())
+    path = files[0] if len(files) == 1 else files[0].parent / INDEX_FILE
+    hf = {_hf_name(k): v for f in files for k, v in load_file(str(f)).items()}
     state = model.state_dict()
     loaded = {}
     for ours, name in _TOP_NAMES.items():
@@ -309,6 +446,8 @@ def load_hf_weights(model, directory: str | os.PathLike) -> None:
         for ours, (name, transpose) in _BLOCK_NAMES.items():
             tensor = _take(hf, f"transformer.h.{i}.{name}", path)
             loaded[f"blocks.{i}.{ours}"] = tensor.t() if transpose else tensor
+    if "lm_head.weight" in hf:
+        _check_tied(hf["lm_head.weight"], loaded["tok_emb.weight"], path)
     loaded["lm_head.weight"] = loaded["tok_emb.weight"]
     for name, tensor in loaded.items():
         if tuple(tensor.shape) != tuple(state[name].shape):

@@ -227,11 +227,16 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
         return recorded_data(saved, run_dir,
                              cache_root if "--data-cache" in data_flags else None, data_flags)
     if init_from:
-        from orchestrator.hf_export import init_warnings, model_size_of, read_hf_config
+        from orchestrator.hf_export import (check_hf_weights, init_warnings, model_size_of,
+                                            read_hf_config)
 
         hf = read_hf_config(init_from)
         fields["model_size"] = model_size_of(hf, init_from)
+        check_hf_weights(init_from, hf)  # here, not in every worker after Ray started
         fields["init_from"] = str(Path(init_from).expanduser().resolve())
+        # A learnable span starts covering the whole context, so the model starts as the one
+        # imported (spans from 0 would first cut a pretrained model's context to ~32 tokens).
+        fields["span_init"] = saved.get("span_init", 1.0) if saved else 1.0
         notes += [f"--init-from: {w}" for w in init_warnings(hf)]
         if tokenizer == "bytes" and train_tokenizer is None:
             tokenizer = str(Path(init_from).expanduser() / "tokenizer.json")
@@ -252,7 +257,8 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
                      tokenizer=tokenizer, train_tokenizer=train_tokenizer,
                      cache_root=cache_root, retokenize=retokenize, say=say)
     if init_from:
-        _check_init_vocab(init_from, plan.tokenizer)
+        _check_init_vocab(init_from, plan.tokenizer, own=tokenizer == str(
+            Path(init_from).expanduser() / "tokenizer.json"))
     if plan.tokenizer.eos_id is None:
         notes.append(f"the tokenizer ({plan.tokenizer.name}) has no end-of-text token (none "
                      f"of {', '.join(EOS_NAMES)}): documents are joined with no separator")
@@ -282,8 +288,8 @@ def recorded_data(saved: dict[str, Any], run_dir: Path, cache_root: str | None =
                         "--train-tokenizer) again to tokenize them, or --data-cache where "
                         "they moved")
     names = ["data_key", "vocab_size", "tokenizer_sha256"]
-    if saved.get("init_from"):  # the run took its size from the model it started from
-        names += ["init_from", "model_size"]
+    if saved.get("init_from"):  # the run took its size (and span start) from that model
+        names += ["init_from", "model_size", "span_init"]
     fields = {"data_cache": cache, **{name: saved[name] for name in names if name in saved}}
     unused = [f for f in data_flags if f in ("--text-field", "--skip-bad-lines")]
     notes = [f"{', '.join(unused)} ignored: the run goes on with the shards it was "
@@ -292,14 +298,22 @@ def recorded_data(saved: dict[str, Any], run_dir: Path, cache_root: str | None =
                      None, notes)
 
 
-def _check_init_vocab(init_from: str, tokenizer: Tokenizer) -> None:
+def _check_init_vocab(init_from: str, tokenizer: Tokenizer, own: bool) -> None:
+    """The model's embedding rows must be the tokenizer's ids. `own`: the tokenizer is the
+    tokenizer.json beside the model."""
     from orchestrator.hf_export import read_hf_config
 
     vocab = read_hf_config(init_from).get("vocab_size")
-    if vocab != tokenizer.vocab_size:
-        raise TokenizerError(f"--init-from {init_from}: the model has {vocab} token ids but "
-                             f"the tokenizer ({tokenizer.name}) {tokenizer.vocab_size}; use "
-                             "the model's own tokenizer")
+    if vocab == tokenizer.vocab_size:
+        return
+    if own:  # e.g. an embedding table padded to a multiple of 64 past its tokenizer
+        raise TokenizerError(f"--init-from {init_from}: the model has {vocab} token ids and "
+                             f"its own tokenizer.json {tokenizer.vocab_size}; ours needs them "
+                             "equal, so a model whose vocabulary is padded past its "
+                             "tokenizer cannot be imported")
+    raise TokenizerError(f"--init-from {init_from}: the model has {vocab} token ids but the "
+                         f"tokenizer ({tokenizer.name}) {tokenizer.vocab_size}; use the "
+                         "model's own tokenizer")
 
 
 def resume_data_conflicts(saved: dict[str, Any], fields: dict[str, Any]) -> list[str]:

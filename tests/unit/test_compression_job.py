@@ -1,5 +1,6 @@
 """jobs/compress.py on bad input: a clear error naming the file or field, a non-zero exit,
 and nothing written under --out. (The whole pipeline end to end: tests/integration.)"""
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -222,3 +223,32 @@ def test_a_refused_rerun_leaves_compress_config_as_it_was(tmp_path, capsys):
         run_pipeline(teacher, source, CompressConfig(), out, log=print)
     assert (out / "compress_config.json").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["compress_config.json"]
+
+
+def help_entries(capsys) -> dict[str, str]:
+    """--help's options section: each flag -> its help text on one line."""
+    with pytest.raises(SystemExit):
+        JOB.parse_args(["--help"])
+    options = capsys.readouterr().out.split("\noptions:\n", 1)[1]
+    entries: dict[str, str] = {}
+    for line in options.splitlines():
+        if line.startswith("  -"):  # a flag's first line; its help may follow on it
+            flag, _, text = line.strip().partition("  ")
+            current = flag.split()[0].rstrip(",")
+            entries[current] = text.strip()
+        elif line.strip():
+            entries[current] += " " + line.strip()
+    return entries
+
+
+def test_help_shows_every_settings_default_and_what_the_no_flags_skip(capsys):
+    entries = help_entries(capsys)
+    settings = {flag: text for flag, text in entries.items()
+                if flag not in ("-h", "--checkpoint", "--out")}
+    assert len(settings) == len(dataclasses.fields(CompressConfig))
+    for flag, text in settings.items():
+        assert "(default: " in text, f"{flag} shows no default: {text!r}"
+        # A --no-* flag's default is True ("on"): argparse's "(default: True)" reads as skipped.
+        assert "(default: True)" not in text and "(default: False)" not in text, flag
+    assert settings["--no-onnx-baseline"].endswith("(default: timed)")
+    assert settings["--prune-scope"].endswith("(default: global)")

@@ -234,3 +234,166 @@ def test_export_to_an_out_that_cannot_be_a_directory_is_refused(tmp_path, capsys
         err = capsys.readouterr().err
         assert code == 2 and f"--out {out}: {why}" in err and "Traceback" not in err, err
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def copy_export(source, target, **config_changes):
+    target.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.is_file():
+            (target / f.name).write_bytes(f.read_bytes())
+    if config_changes:
+        config = json.loads((source / "config.json").read_text())
+        (target / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return target
+
+
+def test_an_untied_lm_head_is_refused_not_replaced_by_the_embedding(tmp_path, exported):
+    """load_hf_weights set lm_head to the embedding whatever the file held: logits 15 apart
+    from the model the user chose, with no word."""
+    from safetensors.torch import load_file, save_file
+
+    from orchestrator.hf_export import check_hf_weights
+
+    _, directory = exported
+    untied = copy_export(directory, tmp_path / "untied", tie_word_embeddings=False)
+    with pytest.raises(ExportError, match="tie_word_embeddings is false; our model's output "
+                                          "layer is its token embedding"):
+        read_hf_config(untied)
+    # A head stored beside the embedding: kept when it equals it, refused when it does not.
+    stored = copy_export(directory, tmp_path / "stored")
+    weights = load_file(str(stored / "model.safetensors"))
+    wte = weights["transformer.wte.weight"]
+    for head, refused in ((wte.clone(), False), (wte + 0.5, True)):
+        save_file({**weights, "lm_head.weight": head}, str(stored / "model.safetensors"))
+        config = read_hf_config(stored)
+        model = GPT(exported[0].config)
+        if refused:
+            for check in (lambda: check_hf_weights(stored, config),
+                          lambda: load_hf_weights(model, stored)):
+                with pytest.raises(ExportError, match="lm_head.weight differs from the token "
+                                                      "embedding"):
+                    check()
+        else:
+            check_hf_weights(stored, config)
+            load_hf_weights(model, stored)
+
+
+def test_broken_weights_and_config_fields_are_named_before_any_worker(tmp_path, exported):
+    from orchestrator.hf_export import check_hf_weights
+
+    _, directory = exported
+    cut = copy_export(directory, tmp_path / "cut")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ExportError, match=f"{cut / 'model.safetensors'} is not a whole "
+                                          "safetensors file"):
+        check_hf_weights(cut, read_hf_config(cut))
+    short = copy_export(directory, tmp_path / "short", n_positions=64)  # wpe has 32 rows
+    with pytest.raises(ExportError, match=r"transformer.wpe.weight has shape \(32, 64\), "
+                                          r"config.json needs \(64, 64\)"):
+        check_hf_weights(short, read_hf_config(short))
+    for name, value, said in (("layer_norm_epsilon", "1e-5", 'layer_norm_epsilon must be a '
+                               'number, got "1e-5"'),
+                              ("n_head", "2", 'n_head must be an integer >= 1, got "2"')):
+        bad = copy_export(directory, tmp_path / name, **{name: value})
+        with pytest.raises(ExportError, match=said):
+            read_hf_config(bad)
+    (bad / "config.json").write_text("[1, 2]")
+    with pytest.raises(ExportError, match="is not a JSON object of settings"):
+        read_hf_config(bad)
+
+
+def test_pretrain_init_from_a_cut_weights_file_is_one_line_before_ray(tmp_path, exported):
+    """It failed inside every training worker after Ray started (55 s, exit 4, restarts)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, directory = exported
+    cut = copy_export(directory, tmp_path / "cut")
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:1000])
+    pretrain = Path(__file__).resolve().parents[2] / "jobs" / "pretrain.py"
+    result = subprocess.run(
+        [sys.executable, str(pretrain), "--init-from", str(cut), "--seq-len", "32",
+         "--max-steps", "1", "--run-dir", str(tmp_path / "run")], capture_output=True,
+        text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert result.returncode == 2, result.stderr
+    assert f"{cut / 'model.safetensors'} is not a whole safetensors file" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_sharded_model_imports_as_its_single_file_does(tmp_path, exported):
+    ours, directory = exported
+    model = hf_model(directory)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    config = read_hf_config(tmp_path / "sharded")
+    from orchestrator.hf_export import check_hf_weights
+
+    check_hf_weights(tmp_path / "sharded", config)
+    fresh = GPT(ours.config).eval()
+    load_hf_weights(fresh, tmp_path / "sharded")
+    ids = torch.randint(0, 257, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids)[0], ours(ids)[0])
+
+
+def test_init_from_starts_learnable_spans_covering_the_context_and_says_padding(tmp_path,
+                                                                                exported):
+    from orchestrator.training.data_plan import configure_data
+
+    _, directory = exported
+    setup = configure_data(data=[], text_field="text", skip_bad_lines=False, tokenizer="bytes",
+                           train_tokenizer=None, cache_root=str(tmp_path / "cache"),
+                           retokenize=False, init_from=str(directory), saved=None,
+                           say=lambda _: None)
+    assert setup.fields["span_init"] == 1.0 and setup.fields["model_size"] == "tiny"
+    from safetensors.torch import load_file, save_file
+
+    padded = copy_export(directory, tmp_path / "padded", vocab_size=320)
+    weights = load_file(str(padded / "model.safetensors"))
+    wte = weights["transformer.wte.weight"]
+    weights["transformer.wte.weight"] = torch.cat([wte, torch.zeros(320 - len(wte),
+                                                                    wte.shape[1])])
+    save_file(weights, str(padded / "model.safetensors"))
+    with pytest.raises(Exception, match="the model has 320 token ids and its own "
+                                        "tokenizer.json 257; ours needs them equal"):
+        configure_data(data=[], text_field="text", skip_bad_lines=False, tokenizer="bytes",
+                       train_tokenizer=None, cache_root=str(tmp_path / "cache"),
+                       retokenize=False, init_from=str(padded), saved=None,
+                       say=lambda _: None)
+
+
+def test_export_never_overwrites_a_model_it_did_not_write_and_a_full_disk_keeps_the_old(
+        tmp_path, exported, monkeypatch, capsys):
+    from jobs import export
+    from orchestrator import hf_export
+
+    ours, directory = exported
+    foreign = tmp_path / "downloaded"
+    hf_model(directory).save_pretrained(foreign)
+    config = json.loads((foreign / "config.json").read_text())  # as from the Hub: not ours
+    (foreign / "config.json").write_text(json.dumps(
+        {k: v for k, v in config.items() if k != "exported_by"}))
+    before = {p.name: p.read_bytes() for p in foreign.iterdir()}
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
+    code = export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(foreign)])
+    assert code == 2 and "jobs/export.py did not write" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in foreign.iterdir()} == before
+    # An earlier export, then a disk that fills while the tokenizer is written: the earlier
+    # model and tokenizer stay together, and the error is one line naming --out.
+    out = tmp_path / "out"
+    assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf_export, "_write_hf_files", lambda model, tok, d: (
+        (d / "model.safetensors").write_bytes(b"new"), full_disk()))
+    code = export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--out {out}" in err and "No space left on device" in err, err
+    assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == kept

@@ -210,6 +210,13 @@ def test_a_missing_script_is_named_with_where_it_was_looked_for(tmp_path, monkey
     assert str(tmp_path / "jobs") in str(e.value)
 
 
+def test_a_missing_script_names_each_folder_it_looked_in_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the job file's folder is the working directory
+    with pytest.raises(EntrypointError) as e:
+        load_entrypoint("train.py:train_loop", base_dir=tmp_path)
+    assert str(e.value).endswith(f"(looked in {tmp_path.resolve()})")
+
+
 def test_a_script_that_raises_on_import_is_named_with_its_error(tmp_path):
     script = write(tmp_path / "broken.py", "raise RuntimeError('no GPU on this laptop')\n")
     with pytest.raises(EntrypointError) as e:

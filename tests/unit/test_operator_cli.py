@@ -40,7 +40,9 @@ class FakeHandle:
     def __getattr__(self, verb):
         call = {"preempt": lambda name: self.core.preempt(name, T0 + 5).decision,
                 "cancel": lambda name: self.core.cancel(name, "", T0 + 5).decision,
-                "snapshot": lambda: {"jobs": self.core.jobs(T0 + 5)}}[verb]
+                "snapshot": lambda: {"jobs": self.core.jobs(T0 + 5)},
+                "place": lambda spec, owner, dry_run, explain: self.core.place_now(
+                    spec, owner, T0 + 5, dry_run, explain).decision}[verb]
         return SimpleNamespace(remote=call)
 
 
@@ -56,8 +58,10 @@ def test_operator_preempt_and_cancel_say_what_happens_and_refuse_unknown_jobs(ca
     code, out = run("cancel", "later", core, capsys)
     assert code == 0 and "cancel: later: dropped" in out.out
     assert "later" not in core.queue.waiting
-    code, out = run("preempt", "nope", core, capsys)
-    assert code == 3 and "no job named 'nope' is running" in out.err
+    code, out = run("preempt", "nope", core, capsys)  # a name naming no job: bad input
+    assert code == 2 and "no job named 'nope' is running" in out.err
+    code, out = run("cancel", "nope", core, capsys)
+    assert code == 2 and "no job named 'nope' is running or waiting" in out.err
     code, out = run("cancel", "low", core, capsys)  # running: checkpoints first
     assert code == 0 and core.directive("low", T0 + 6).kind == "cancel"
 
@@ -74,7 +78,7 @@ def test_a_job_that_is_not_preemptible_is_never_told_to_stop_and_the_operator_he
         "reason"]
     for verb in ("preempt", "cancel"):
         code, out = run(verb, "own-loop", core, capsys)
-        assert code == 3 and "'own-loop' is not preemptible" in out.err
+        assert code == 2 and "'own-loop' is not preemptible" in out.err  # refused: nothing done
     assert core.directive("own-loop", T0 + 6) is None
 
 
@@ -92,3 +96,22 @@ def test_status_json_is_strict_json_when_a_nodes_host_probe_failed():
     text = json.dumps(rows, allow_nan=False)  # raises on Infinity
     assert json.loads(text)[0]["load_per_cpu"] is None
     assert "n " in format_status(rows, [], None)
+
+
+def test_place_exits_0_with_a_placement_and_3_when_the_job_cannot_be_placed(capsys):
+    import json
+
+    core = SchedulerCore(SchedulerSettings())
+    core.ray_nodes({"n"}, set(), T0)
+    core.report(NodeReport("n", "n", 2, 0, 2, 0.0, GIB, GIB), T0)
+    fake_ray = SimpleNamespace(get=lambda value: value)
+    for spec, as_json, want in ((JobSpec("fits", num_workers=2), True, 0),
+                                (JobSpec("too-big", num_workers=8), True, 3),
+                                (JobSpec("too-big", num_workers=8), False, 3)):
+        code = _run_command(argparse.Namespace(command="place", json=as_json), fake_ray,
+                            FakeHandle(core), spec)
+        out = capsys.readouterr().out
+        assert code == want, out
+        if as_json:
+            assert ("worker_nodes" in json.loads(out)) == (want == 0)
+    assert core.jobs(T0 + 6) == []  # a dry run reserves and queues nothing

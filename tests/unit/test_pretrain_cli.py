@@ -97,9 +97,38 @@ def fake_finished_run(run_dir, steps, **train):
 def test_resume_with_other_settings_is_refused_before_anything_starts(tmp_path):
     run_dir = fake_finished_run(tmp_path / "run", steps=50, seq_len=64)
     result = run_pretrain("--resume", "--run-dir", str(run_dir), "--max-steps", "100",
-                          tmp_path=tmp_path)
+                          "--seq-len", "128", tmp_path=tmp_path)
     assert result.returncode == 2
     assert "was trained with other settings: seq_len: 64 -> 128" in result.stderr
+
+
+def test_resume_alone_goes_on_with_the_runs_own_settings(tmp_path):
+    """`pretrain.py --resume` after a run started with --model-size tiny --seq-len 64 ...:
+    the flags left out were the defaults, and the resume was refused as another run."""
+    run_dir = fake_finished_run(tmp_path / "run", steps=0, model_size="tiny", seq_len=64,
+                                batch_size=4, lr=1e-3, min_lr=2e-5, max_steps=600)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["job"] = {"num_workers": 3, "cpus_per_worker": 0.5, "priority": 4}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 600}))
+    result = run_pretrain("--resume", "--run-dir", str(run_dir), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" in result.stdout and "already at step 600" in result.stdout
+    said = next(line for line in result.stdout.splitlines() if line.startswith("--resume:"))
+    for setting in ("model_size tiny", "seq_len 64", "batch_size 4", "lr 0.001",
+                    "min_lr 2e-05", "max_steps 600", "num_workers 3", "cpus_per_worker 0.5",
+                    "priority 4"):
+        assert setting in said, said
+
+
+def test_flags_given_on_resume_override_the_runs_settings_they_may_change(tmp_path):
+    from jobs import pretrain
+
+    run_dir = fake_finished_run(tmp_path / "run", steps=0, model_size="tiny", max_steps=600,
+                                log_every=7)
+    args = pretrain.parse_args(["--resume", "--max-steps", "900", "--run-dir", str(run_dir)])
+    pretrain.inherit_run_settings(args, run_dir)
+    assert (args.model_size, args.max_steps, args.log_every) == ("tiny", 900, 7)
 
 
 def test_resuming_a_finished_run_does_nothing_and_keeps_its_summary(tmp_path):
