@@ -115,20 +115,28 @@ def parse_accumulation(spec: str) -> dict[str, int]:
     return factors
 
 
+def unknown_fields(data: Mapping[str, Any], known: list[str], what: str) -> str | None:
+    """'unknown field(s) in WHAT: 'x' (did you mean 'y'?); known fields: ...', or None when
+    every key of `data` is known."""
+    unknown = [key for key in data if key not in known]
+    if not unknown:
+        return None
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return f"unknown field(s) in {what}: {', '.join(hints)}; known fields: {', '.join(known)}"
+
+
 def from_mapping(cls, data: Mapping[str, Any], what: str):
     """Build dataclass `cls` from a mapping, rejecting unknown keys with a did-you-mean hint."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{what} must be a mapping of field names to values, "
                           f"got {type(data).__name__}")
     known = [f.name for f in dataclasses.fields(cls)]
-    unknown = [key for key in data if key not in known]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise ConfigError(f"unknown field(s) in {what}: {', '.join(hints)}; "
-                          f"known fields: {', '.join(known)}")
+    problem = unknown_fields(data, known, what)
+    if problem:
+        raise ConfigError(problem)
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [name for name in required if name not in data]

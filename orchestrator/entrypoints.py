@@ -150,25 +150,27 @@ def local_modules(module: ModuleType) -> list[ModuleType]:
             loaded = getattr(sys.modules.get(top), "__file__", None)
             tops[top] = (importlib.machinery.PathFinder.find_spec(top, [folder]) is not None
                          and loaded is not None and Path(loaded).resolve().is_relative_to(folder)
-                         and not _installed(top, folder))
+                         and not _installed(top, folder, loaded))
         if tops[top]:
             found.append(other)
     return found
 
 
-def _installed(top: str, folder: str) -> bool:
-    """Whether `top` is importable without `folder` on the path: from another path entry, or
-    through an import hook (an editable install's, as this project's own packages): a worker
-    imports it by name, and sending it by value would make a second copy of its classes."""
+def _installed(top: str, folder: str, loaded: str) -> bool:
+    """Whether a worker importing `top` by name, without `folder` on its path, gets the very
+    module loaded here (`loaded`: its file): from another path entry, or through an import
+    hook (an editable install's, as this project's own packages). Then it travels by name;
+    by value would make a second copy of its classes. A different module of that name does
+    not count: a folder `data/` in the working directory (a namespace package to Python) or
+    an installed `utils` is what the worker would import instead of the script's own."""
     elsewhere = [p for p in sys.path if p and Path(p).resolve() != Path(folder)]
-    if importlib.machinery.PathFinder.find_spec(top, elsewhere) is not None:
-        return True
+    specs = [importlib.machinery.PathFinder.find_spec(top, elsewhere)]
     for finder in sys.meta_path:
         if finder is importlib.machinery.PathFinder or not hasattr(finder, "find_spec"):
             continue
         try:
-            if finder.find_spec(top, None) is not None:
-                return True
-        except Exception:  # a third-party hook that cannot answer: not one that installs it
+            specs.append(finder.find_spec(top, None))
+        except Exception:  # a broken third-party hook: it finds nothing
             continue
-    return False
+    return any(spec is not None and spec.origin and spec.has_location
+               and Path(spec.origin).resolve() == Path(loaded).resolve() for spec in specs)

@@ -19,11 +19,12 @@ The launcher's own keys are taken out; everything else is a JobSpec field, check
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import ConfigError, JobSpec
+from orchestrator.config import ConfigError, JobSpec, unknown_fields
 from orchestrator.validation import is_int, is_number
 
 LAUNCHER_KEYS = ("entrypoint", "config", "runtime_env", "run_dir", "max_failures",
@@ -60,13 +61,20 @@ def load_job_file(path: str | Path) -> JobFile:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a job file is a mapping of fields (name, entrypoint, "
                           f"num_workers, ...), got {type(data).__name__}")
+    # Unknown keys against the launcher's keys too: `entry_point` gets "did you mean
+    # 'entrypoint'", and the known fields listed are all a job file may hold.
+    unknown = unknown_fields(data, [*(f.name for f in dataclasses.fields(JobSpec)),
+                                    *LAUNCHER_KEYS], "the job file")
     launcher = {k: data.pop(k) for k in LAUNCHER_KEYS if k in data}
     problems = _launcher_problems(launcher)
-    try:
-        spec = JobSpec.from_dict(data)
-    except (ConfigError, TypeError) as e:
-        problems.append(str(e))
-        spec = None
+    spec = None
+    if unknown:
+        problems.append(unknown)
+    else:
+        try:
+            spec = JobSpec.from_dict(data)
+        except (ConfigError, TypeError) as e:
+            problems.append(str(e))
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     if launcher.get("config") is None:  # `config:` left empty: no config

@@ -77,16 +77,23 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
     if config is not None and not isinstance(config, dict):
         raise JobFailed(f"config must be a dict, got {type(config).__name__}", EXIT_BAD_INPUT)
     from ray_layer.launch import launch
-    from ray_layer.user_loop import ship_by_value, yielding
+    from ray_layer.user_loop import pickling_problem, ship_by_value, yielding
 
     module = sys.modules.get(getattr(train_loop, "__module__", None) or "")
+    script_folders: tuple[str, ...] = ()
     if module is not None and (module.__name__ == "__main__"
                                or not importable_by_name(module)):
         if module.__name__ != "__main__":  # cloudpickle sends __main__'s functions by value
             ship_by_value(module)
         for helper in local_modules(module):  # files beside the script that it imported
             ship_by_value(helper)
-    return launch(yielding(train_loop), config or {}, spec, directory, address=address,
+        if getattr(module, "__file__", None):  # for what the loop imports only when it runs
+            script_folders = (str(Path(module.__file__).resolve().parent),)
+    per_worker = yielding(train_loop, script_folders)
+    problem = pickling_problem(train_loop, per_worker)
+    if problem:
+        raise JobFailed(problem, EXIT_BAD_INPUT)
+    return launch(per_worker, config or {}, spec, directory, address=address,
                   queue_timeout_s=queue_timeout_s, max_failures=max_failures,
                   keep_checkpoints=keep_checkpoints, runtime_env=runtime_env)
 

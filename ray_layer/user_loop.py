@@ -15,6 +15,10 @@ the same report. A checkpoint may be passed by rank 0 only (Ray Train's common p
 from __future__ import annotations
 
 import functools
+import io
+import os
+import sys
+import traceback
 from typing import Any, Callable
 
 import ray
@@ -68,17 +72,24 @@ def _from_rank_zero(value: str | None) -> str | None:
     return box[0]
 
 
-def yielding(train_loop: Callable) -> Callable[[dict], None]:
+def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callable[[dict], None]:
     """The function Ray Train runs on each worker: the user's loop (called with the config,
     or with nothing when it takes no argument), a Yielded ending it normally (its report,
-    with the checkpoint and "yielded", is already in)."""
+    with the checkpoint and "yielded", is already in). `import_path`: folders put first on
+    the worker's import path where they exist there (the script's own, so a helper the loop
+    imports only when it runs is found on this node or on shared storage)."""
     takes_config = accepts_config(train_loop)
 
     def per_worker(config: dict) -> None:
+        for folder in reversed(import_path):
+            if os.path.isdir(folder) and folder not in sys.path:
+                sys.path.insert(0, folder)
         try:
             train_loop(config) if takes_config else train_loop()
         except Yielded:
             pass
+        except Exception as e:
+            raise _sendable(e) from None
 
     # The loop's name in Ray's logs, but not its signature: Ray Train counts the parameters
     # through __wrapped__, and would call a loop taking none (or an optional config) without
@@ -86,6 +97,38 @@ def yielding(train_loop: Callable) -> Callable[[dict], None]:
     functools.update_wrapper(per_worker, train_loop, updated=())  # (no __dict__: no
     del per_worker.__wrapped__                                     # __signature__ either)
     return per_worker
+
+
+def _sendable(error: Exception) -> Exception:
+    """The loop's exception as it can reach the driver: itself when it pickles; else (a
+    class holding a lock or a socket) a RuntimeError carrying its type, message and
+    traceback, so the job's error line names it and not Ray's failed health check."""
+    try:
+        ray.cloudpickle.dumps(error)
+        return error
+    except Exception as why:
+        trace = "".join(traceback.format_exception(error)).rstrip()
+        return RuntimeError(f"{type(error).__qualname__}: {error} (the exception itself "
+                            f"cannot be sent to the driver: {why})\n{trace}")
+
+
+def pickling_problem(train_loop: Callable, per_worker: Callable) -> str | None:
+    """Why `per_worker` (yielding(train_loop)) cannot be sent to the workers, naming what in
+    the loop's reach does not pickle; None when it can. Checked before the job is placed: Ray
+    fails it only after placement, as a training failure."""
+    try:
+        ray.cloudpickle.dumps(per_worker)
+        return None
+    except Exception as e:
+        from ray.util import inspect_serializability
+
+        name = getattr(train_loop, "__qualname__", repr(train_loop))
+        _, failures = inspect_serializability(train_loop, name=name, print_file=io.StringIO())
+        culprits = sorted({" -> ".join(str(p) for p in f.path) + f" ({type(f.obj).__name__})"
+                           for f in failures or ()})
+        return (f"the training loop {name} cannot be sent to the workers: {type(e).__name__}: "
+                f"{e}" + (f"; it reaches {', '.join(culprits)}" if culprits else "")
+                + ". Create such objects inside the loop, where each worker makes its own")
 
 
 def ship_by_value(module) -> None:

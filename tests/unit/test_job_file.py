@@ -650,3 +650,97 @@ def test_a_run_resumed_after_a_yield_that_saves_no_checkpoint_since_is_done(monk
     driver = placed_run.PlacedRun(scheduler, JobSpec("yl"), 60.0, say=lambda line: None)
     assert driver.run(lambda placement: fits.pop(0))[0].metrics["step"] == 9
     assert len(driver.yields) == 2
+
+
+def test_a_helper_named_like_a_folder_of_the_working_directory_still_travels(tmp_path,
+                                                                               monkeypatch):
+    """`submit` from a folder holding `data/` (a namespace package to Python): the script's
+    own data.py counted as "installed", did not travel, and the workers imported the folder
+    (AttributeError: module 'data' has no attribute 'rows')."""
+    import torch  # noqa: F401 (see test_a_script_imports_the_files_beside_it...)
+    from orchestrator.entrypoints import local_modules
+
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    (tmp_path / "data_q4").mkdir()  # the working directory's folder of that name
+    write(tmp_path / "job" / "data_q4.py", "def rows():\n    return 3\n")
+    write(tmp_path / "job" / "train.py", "import data_q4\ndef train_loop():\n"
+          "    return data_q4.rows()\n")
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])  # as `python -m` from there
+    monkeypatch.chdir(tmp_path)
+    entry = load_entrypoint("job/train.py:train_loop")
+    assert entry.function() == 3
+    assert [m.__name__ for m in local_modules(entry.module)] == ["data_q4"]
+
+
+def test_a_loop_that_cannot_be_pickled_is_bad_input_naming_what_before_placing(tmp_path,
+                                                                             monkeypatch):
+    """It was placed, then failed as a training failure (exit 4) with Ray's 30-line dump."""
+    import threading
+
+    monkeypatch.setattr(launch, "DEFAULT_RUNS_ROOT", tmp_path)
+    lock = threading.Lock()
+
+    def locked_loop(config):
+        with lock:
+            return config
+
+    with pytest.raises(JobFailed) as e:  # (Ray would refuse to start here: conftest.py)
+        launch.fit(locked_loop, spec=JobSpec("alpha"))
+    assert e.value.exit_code == EXIT_BAD_INPUT
+    assert "the training loop" in str(e.value) and "locked_loop cannot be sent to the workers" \
+        in str(e.value)
+    assert "lock (lock)" in str(e.value) and "inside the loop" in str(e.value)
+
+
+def test_a_loops_exception_that_cannot_be_pickled_still_names_itself():
+    """Ray reported a failed worker health check instead of the user's error."""
+    import threading
+
+    import ray.cloudpickle
+
+    from ray_layer import user_loop
+
+    class Unpicklable(Exception):
+        def __init__(self, message):
+            super().__init__(message)
+            self.lock = threading.Lock()
+
+    def loop(config):
+        raise Unpicklable("holding a lock")
+
+    with pytest.raises(RuntimeError) as e:
+        user_loop.yielding(loop)({})
+    assert str(e.value).startswith(
+        "test_a_loops_exception_that_cannot_be_pickled_still_names_itself.<locals>."
+        "Unpicklable: holding a lock (the exception itself cannot be sent")
+    ray.cloudpickle.loads(ray.cloudpickle.dumps(e.value))  # it reaches the driver
+    with pytest.raises(ValueError, match="bad batch"):  # a picklable one is left as it is
+        user_loop.yielding(lambda config: (_ for _ in ()).throw(ValueError("bad batch")))({})
+
+
+def test_a_helper_the_loop_imports_only_when_it_runs_is_found_on_the_worker(tmp_path,
+                                                                           monkeypatch):
+    from ray_layer import user_loop
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    write(tmp_path / "job" / "lazy_k2.py", "SIZE = 5\n")
+
+    def loop(config):
+        from lazy_k2 import SIZE
+        return SIZE
+
+    with pytest.raises(ModuleNotFoundError):
+        user_loop.yielding(loop)({})
+    user_loop.yielding(loop, (str(tmp_path / "job"),))({})  # as fit passes the script's folder
+    assert sys.path[0] == str(tmp_path / "job")
+
+
+def test_a_misspelt_launcher_key_gets_a_did_you_mean_too(tmp_path):
+    path = write(tmp_path / "job.yaml", "name: a\nentry_point: m:f\nmax_failure: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_job_file(path)
+    message = str(e.value)
+    assert "'entry_point' (did you mean 'entrypoint'?)" in message
+    assert "'max_failure' (did you mean 'max_failures'?)" in message
+    assert "queue_timeout_s" in message.split("known fields:")[1]
