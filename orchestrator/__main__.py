@@ -280,14 +280,23 @@ def submit(job, entry, resume: bool, address: str | None) -> int:
         on_interrupt="interrupted; continue with submit --resume (or, before its first "
                      "checkpoint, submit it again)")
     if code == 0:
-        metrics = {k: v for k, v in (launched.result.metrics or {}).items()
-                   if isinstance(v, (int, float, str))}
-        checkpoint = launched.result.checkpoint
-        print(f"{job.spec.name}: done on {len(launched.placement.worker_nodes)} worker(s); "
-              f"last checkpointed report {json.dumps(metrics)}"
-              + (f"; preempted or moved {len(launched.yields)}x" if launched.yields else "")
-              + f"\ncheckpoint: {checkpoint.path if checkpoint else None}")
+        print(done_line(job.spec.name, launched))
     return code
+
+
+def done_line(name: str, launched) -> str:
+    """What a finished submit says: where it ran, its last checkpointed report and where
+    that checkpoint is; a loop that saved none is told so, not shown `{}` and `None`."""
+    metrics = {k: v for k, v in (launched.result.metrics or {}).items()
+               if isinstance(v, (int, float, str))}
+    checkpoint = launched.result.checkpoint
+    moved = f"; preempted or moved {len(launched.yields)}x" if launched.yields else ""
+    head = f"{name}: done on {len(launched.placement.worker_nodes)} worker(s)"
+    if checkpoint is None:
+        return (f"{head}{moved}; the loop saved no checkpoint (pass one to launch.report to "
+                "make the run resumable; its reports are in `logs " + name + "`)")
+    return (f"{head}; last checkpointed report {json.dumps(metrics)}{moved}\n"
+            f"checkpoint: {checkpoint.path}")
 
 
 def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.0) -> int:

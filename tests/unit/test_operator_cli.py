@@ -115,3 +115,20 @@ def test_place_exits_0_with_a_placement_and_3_when_the_job_cannot_be_placed(caps
         if as_json:
             assert ("worker_nodes" in json.loads(out)) == (want == 0)
     assert core.jobs(T0 + 6) == []  # a dry run reserves and queues nothing
+
+
+def test_a_finished_submit_says_when_the_loop_saved_no_checkpoint():
+    from orchestrator.__main__ import done_line
+
+    placement = SimpleNamespace(worker_nodes=["a", "b"])
+    none = SimpleNamespace(result=SimpleNamespace(metrics={}, checkpoint=None),
+                           placement=placement, yields=[])
+    assert done_line("j", none) == ("j: done on 2 worker(s); the loop saved no checkpoint "
+                                    "(pass one to launch.report to make the run resumable; "
+                                    "its reports are in `logs j`)")
+    saved = SimpleNamespace(result=SimpleNamespace(metrics={"step": 4, "loss": 0.5, "x": [1]},
+                                                   checkpoint=SimpleNamespace(path="/r/c")),
+                            placement=placement, yields=[{}])
+    assert done_line("j", saved) == ('j: done on 2 worker(s); last checkpointed report '
+                                     '{"step": 4, "loss": 0.5}; preempted or moved 1x\n'
+                                     'checkpoint: /r/c')
