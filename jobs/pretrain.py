@@ -176,7 +176,10 @@ def inherit_run_settings(args: argparse.Namespace, run_dir: Path) -> list[str]:
         value = recorded[dest]
         if dest == "accelerator_types":
             value = list(value or [])
-        if value != getattr(args, dest):
+        # What the flag would give: --min-lr's absence means --lr / 10 (of the run's --lr,
+        # taken just before), not None.
+        default = _min_lr(args) if dest == "min_lr" else getattr(args, dest)
+        if value != default:
             taken.append(f"{dest} {value}")
         setattr(args, dest, value)
     return taken

@@ -396,8 +396,9 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "ke
                                "eval_batches", "precision", "warn_min_mfu",
                                "warn_max_comm_share", "warn_max_memory_fraction",
                                # Where the shards are may move (what they hold is data_key);
-                               # the starting weights matter only before the first checkpoint.
-                               "data_cache", "init_from",
+                               # the starting weights and spans matter only before the first
+                               # checkpoint.
+                               "data_cache", "init_from", "span_init",
                                # A checkpoint of either strategy is converted on load; compiling
                                # changes speed, not the weights' meaning.
                                "strategy", "compile"})

@@ -170,8 +170,8 @@ def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list
     # Every file is written in a staging directory first: a full disk or an interrupt while
     # writing leaves the earlier export whole (it used to leave a new model beside the old
     # tokenizer, a pair transformers loads without a word). Only renames happen in `out`.
-    staging = out / f".export-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    _remove_stale_staging(out)
+    staging = out / f"{STAGING_PREFIX}{os.getpid()}"
     staging.mkdir()
     try:
         names = _write_hf_files(model, tokenizer, staging)
@@ -180,6 +180,29 @@ def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [out / name for name in names]
+
+
+STAGING_PREFIX = ".export-"  # + the exporting process's pid
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Staging directories of exports that died (kill -9) hold a whole model each: removed,
+    unless their process still runs (an export into the same --out at the same time)."""
+    for staging in out.glob(f"{STAGING_PREFIX}*"):
+        pid = staging.name[len(STAGING_PREFIX):]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: alive
+        return True
+    return True
 
 
 def _write_hf_files(model, tokenizer: Tokenizer, directory: Path) -> list[str]:

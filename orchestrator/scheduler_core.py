@@ -364,11 +364,17 @@ class SchedulerCore:
         outcome.add(self._after_capacity_freed(now))
         return outcome
 
-    def cancel(self, job_name: str, owner: str, now: float) -> Outcome:
+    def cancel(self, job_name: str, owner: str, now: float,
+               waiting_only: bool = False) -> Outcome:
         """Leave the queue, or, running, be told to checkpoint and stop (CANCEL directive);
         only its owner or an operator (no owner). A driver cancelling its own job frees it at
-        once: it is not training."""
+        once: it is not training. `waiting_only`: leave the queue, and nothing if it is not
+        waiting (a driver's Ctrl-C: running workers still hold their devices until aborted,
+        and the driver releases them after)."""
         if owner and self.owner_of(job_name) not in (owner, None):
+            return Outcome(False)
+        if waiting_only and not (job_name in self.queue.waiting
+                                 or job_name in self.queue.ready):
             return Outcome(False)
         outcome = Outcome(False, [Persist()])
         self.excluded_gpus.pop(job_name, None)

@@ -111,8 +111,8 @@ class InterruptibleTrainer(TorchTrainer):
     """A TorchTrainer whose Ctrl-C also reaches FollowPlacement's wait for room after a lost
     node. That wait runs inside Ray Train's controller, an async actor whose event loop it
     holds, so Ray Train's own Ctrl-C (ray.get of the controller's abort) waited for it to end.
-    The first Ctrl-C now first withdraws the job from the scheduler (fire and forget), so the
-    wait's next poll finds it gone and stops; `interrupted` tells _fit the failure that
+    The first Ctrl-C now first withdraws the job from the scheduler's queue if it waits there
+    (fire and forget), so the wait's next poll finds it gone and stops; `interrupted` tells _fit the failure that
     follows is the user's interrupt."""
 
     def __init__(self, *args, on_interrupt: Callable[[], None], **kwargs) -> None:
@@ -142,7 +142,9 @@ def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: 
     def withdraw() -> None:
         from ray_layer.scheduler_client import get_scheduler
 
-        get_scheduler().cancel.remote(spec.name, owner)
+        # Waiting only: a running job's workers hold their devices until the abort ends
+        # them; its reservation is released after, as at any end (PlacedRun.release).
+        get_scheduler().cancel.remote(spec.name, owner, True)
 
     def trainer_for(placement: Placement) -> TorchTrainer:
         return InterruptibleTrainer(

@@ -180,9 +180,10 @@ class SchedulerActor:
         return None if d is None else {"kind": d.kind, "reason": d.reason}
 
     # -- operators ------------------------------------------------------------------------
-    def cancel(self, job_name: str, owner: str = "") -> bool:
-        """Leave the queue, or (running, by an operator) checkpoint and stop."""
-        return self._call(lambda now: self.core.cancel(job_name, owner, now))
+    def cancel(self, job_name: str, owner: str = "", waiting_only: bool = False) -> bool:
+        """Leave the queue, or (running, by an operator) checkpoint and stop; `waiting_only`:
+        leave the queue if waiting, else nothing."""
+        return self._call(lambda now: self.core.cancel(job_name, owner, now, waiting_only))
 
     def preempt(self, job_name: str) -> bool:
         """An operator's preemption: the job checkpoints, yields and waits in the queue."""

@@ -89,7 +89,10 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
         except Yielded:
             pass
         except Exception as e:
-            raise _sendable(e) from None
+            stand_in = _stand_in_if_unsendable(e)
+            if stand_in is None:
+                raise  # as it is, its cause and context with it
+            raise stand_in from None
 
     # The loop's name in Ray's logs, but not its signature: Ray Train counts the parameters
     # through __wrapped__, and would call a loop taking none (or an optional config) without
@@ -99,17 +102,19 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
     return per_worker
 
 
-def _sendable(error: Exception) -> Exception:
-    """The loop's exception as it can reach the driver: itself when it pickles; else (a
-    class holding a lock or a socket) a RuntimeError carrying its type, message and
-    traceback, so the job's error line names it and not Ray's failed health check."""
+def _stand_in_if_unsendable(error: Exception) -> Exception | None:
+    """None when the loop's exception reaches the driver as it is (it pickles and unpickles:
+    `class BadBatch(Exception): __init__(self, step, reason)` pickles, then fails to
+    rebuild). Else a RuntimeError carrying its type, message and traceback, so the job's
+    error line names it and not Ray's failed health check."""
     try:
-        ray.cloudpickle.dumps(error)
-        return error
+        ray.cloudpickle.loads(ray.cloudpickle.dumps(error))
+        return None
     except Exception as why:
         trace = "".join(traceback.format_exception(error)).rstrip()
         return RuntimeError(f"{type(error).__qualname__}: {error} (the exception itself "
-                            f"cannot be sent to the driver: {why})\n{trace}")
+                            f"cannot be sent to the driver: {type(why).__name__}: {why})"
+                            f"\n{trace}")
 
 
 def pickling_problem(train_loop: Callable, per_worker: Callable) -> str | None:

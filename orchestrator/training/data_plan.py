@@ -38,6 +38,7 @@ class DataPlan:
     key: str  # corpus.cache_key
     cache_uri: str  # <cache root>/<key prefix>: the shards and their manifest
     manifest: dict[str, Any] | None  # the finished cache's manifest; None = to tokenize
+    retokenize: bool = False  # --retokenize: a pass even over finished shards
 
     @property
     def cached(self) -> bool:
@@ -105,7 +106,8 @@ def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool
     manifest = None if retokenize else read_manifest(cache_uri)
     if manifest is not None and manifest.get("key") != key:
         manifest = None
-    return DataPlan(sources, text_field, skip_bad_lines, tok, key, cache_uri, manifest)
+    return DataPlan(sources, text_field, skip_bad_lines, tok, key, cache_uri, manifest,
+                    retokenize)
 
 
 def trained_tokenizer(sources: list[SourceFile], text_field: str, skip_bad_lines: bool,
@@ -171,10 +173,12 @@ def tokenize_in_process(plan: DataPlan, shard_tokens: int = SHARD_TOKENS,
 def tokenize_once(plan: DataPlan, run_pass: Callable[[DataPlan], dict[str, Any]],
                   say: Callable[[str], None] = print) -> dict[str, Any]:
     """`run_pass(plan)` (a tokenizing pass that writes the plan's cache) under the cache's
-    pass lock; when another run held it, its finished shards are used instead of redone
-    (a --retokenize included: they were just built from the same files)."""
+    pass lock. The manifest is read again once the lock is held: another run may have
+    finished the shards since this one planned (while it waited, or just before), and they
+    are used, not cleared and redone; a --retokenize run redoes them unless they were built
+    while it waited (from the same files, just now)."""
     with pass_lock(plan.cache_uri, say) as waited:
-        if waited:
+        if waited or not plan.retokenize:
             manifest = read_manifest(plan.cache_uri)
             if manifest is not None and manifest.get("key") == plan.key:
                 say(f"token shards cached at {plan.cache_uri} by the other run: "
@@ -236,7 +240,7 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
         fields["init_from"] = str(Path(init_from).expanduser().resolve())
         # A learnable span starts covering the whole context, so the model starts as the one
         # imported (spans from 0 would first cut a pretrained model's context to ~32 tokens).
-        fields["span_init"] = saved.get("span_init", 1.0) if saved else 1.0
+        fields["span_init"] = 1.0
         notes += [f"--init-from: {w}" for w in init_warnings(hf)]
         if tokenizer == "bytes" and train_tokenizer is None:
             tokenizer = str(Path(init_from).expanduser() / "tokenizer.json")
@@ -257,8 +261,9 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
                      tokenizer=tokenizer, train_tokenizer=train_tokenizer,
                      cache_root=cache_root, retokenize=retokenize, say=say)
     if init_from:
-        _check_init_vocab(init_from, plan.tokenizer, own=tokenizer == str(
-            Path(init_from).expanduser() / "tokenizer.json"))
+        model_dir = Path(init_from).expanduser().resolve()
+        _check_init_vocab(init_from, plan.tokenizer, own=Path(tokenizer).expanduser().resolve()
+                          in (model_dir, model_dir / "tokenizer.json"))
     if plan.tokenizer.eos_id is None:
         notes.append(f"the tokenizer ({plan.tokenizer.name}) has no end-of-text token (none "
                      f"of {', '.join(EOS_NAMES)}): documents are joined with no separator")
@@ -288,8 +293,8 @@ def recorded_data(saved: dict[str, Any], run_dir: Path, cache_root: str | None =
                         "--train-tokenizer) again to tokenize them, or --data-cache where "
                         "they moved")
     names = ["data_key", "vocab_size", "tokenizer_sha256"]
-    if saved.get("init_from"):  # the run took its size (and span start) from that model
-        names += ["init_from", "model_size", "span_init"]
+    if saved.get("init_from"):  # the run took its size from the model it started from
+        names += ["init_from", "model_size"]
     fields = {"data_cache": cache, **{name: saved[name] for name in names if name in saved}}
     unused = [f for f in data_flags if f in ("--text-field", "--skip-bad-lines")]
     notes = [f"{', '.join(unused)} ignored: the run goes on with the shards it was "

@@ -178,11 +178,13 @@ def pass_lock(cache_uri: str, say=print):
     Yields whether it waited (the cache may then hold the other run's finished shards). An
     exclusive flock on `<cache dir>.lock` beside the directory: released by the kernel when
     its holder dies, and honoured across NFS clients. Object storage (s3://, gs://) has no
-    such lock; there it yields False at once."""
-    if "://" in cache_uri:
+    such lock, nor has a filesystem that refuses flock (some FUSE and Lustre mounts): there
+    it yields False at once (said, for the latter) and the pass runs unguarded, as before."""
+    fs, directory = storage_for(cache_uri)
+    if not isinstance(fs, pafs.LocalFileSystem):
         yield False
         return
-    path = Path(storage_for(cache_uri)[1] + ".lock")
+    path = Path(directory + ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as lock:
         waited = False
@@ -195,6 +197,11 @@ def pass_lock(cache_uri: str, say=print):
                 "finish, then using its shards")
             fcntl.flock(lock, fcntl.LOCK_EX)
             waited = True
+        except OSError as e:  # ENOLCK, EOPNOTSUPP: this filesystem has no flock
+            say(f"warning: cannot lock {path} ({e.strerror or e}): two runs tokenizing into "
+                "this cache at once could clear each other's shards")
+            yield False
+            return
         try:
             lock.seek(0)
             lock.truncate()

@@ -426,3 +426,35 @@ def test_the_pass_lock_of_a_run_that_died_is_free_at_once(tmp_path):
         holder.wait(10)
     waiter.join(5)
     assert outcome == {"waited": True}
+
+
+def test_a_run_whose_plan_predates_anothers_finished_pass_uses_those_shards(corpus, tmp_path):
+    """A planned (no manifest yet), B then tokenized and released the lock before A took it:
+    A, not having waited, cleared B's fresh shards and redid them while B trained on them."""
+    from orchestrator.training.data_plan import tokenize_once
+
+    cache = str(tmp_path / "cache")
+    late = plan_data([str(corpus)], cache_root=cache)
+    first = plan_data([str(corpus)], cache_root=cache)
+    built = tokenize_once(first, lambda p: tokenize_in_process(p, say=lambda _: None))
+    passes = []
+    assert tokenize_once(late, lambda p: passes.append(p) or {}, lambda _: None) == built
+    assert passes == [] and late.manifest == built
+    # --retokenize that did not wait for anyone: redone, as asked.
+    redo = plan_data([str(corpus)], cache_root=cache, retokenize=True)
+    tokenize_once(redo, lambda p: passes.append(p) or {}, lambda _: None)
+    assert passes == [redo]
+
+
+def test_a_filesystem_without_flock_tokenizes_unguarded_and_says_so(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    said = []
+    with shards.pass_lock(str(tmp_path / "cache" / "k"), said.append) as waited:
+        assert waited is False
+    assert said and said[0].startswith("warning: cannot lock") and "No locks available" in said[0]

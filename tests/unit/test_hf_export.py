@@ -397,3 +397,15 @@ def test_export_never_overwrites_a_model_it_did_not_write_and_a_full_disk_keeps_
     assert code == 2 and f"--out {out}" in err and "No space left on device" in err, err
     assert "Traceback" not in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == kept
+
+
+def test_the_staging_of_an_export_killed_outright_is_removed_by_the_next(tmp_path):
+    from jobs import export
+
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
+    out = tmp_path / "out"
+    dead = out / ".export-999999999"  # no such process
+    dead.mkdir(parents=True)
+    (dead / "model.safetensors").write_bytes(b"\0" * 1000)
+    assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert not dead.exists() and not list(out.glob(".export-*"))

@@ -714,8 +714,26 @@ def test_a_loops_exception_that_cannot_be_pickled_still_names_itself():
         "test_a_loops_exception_that_cannot_be_pickled_still_names_itself.<locals>."
         "Unpicklable: holding a lock (the exception itself cannot be sent")
     ray.cloudpickle.loads(ray.cloudpickle.dumps(e.value))  # it reaches the driver
-    with pytest.raises(ValueError, match="bad batch"):  # a picklable one is left as it is
-        user_loop.yielding(lambda config: (_ for _ in ()).throw(ValueError("bad batch")))({})
+
+    class BadBatch(Exception):  # pickles, but cannot be rebuilt from its args
+        def __init__(self, step, reason):
+            super().__init__(f"step {step}: {reason}")
+
+    def bad_batch(config):
+        raise BadBatch(3, "nan")
+
+    with pytest.raises(RuntimeError, match="BadBatch: step 3: nan .*cannot be sent"):
+        user_loop.yielding(bad_batch)({})
+
+    def chained(config):  # one that travels is left as it is, its cause with it
+        try:
+            raise KeyError("x")
+        except KeyError as cause:
+            raise ValueError("bad batch") from cause
+
+    with pytest.raises(ValueError, match="bad batch") as e:
+        user_loop.yielding(chained)({})
+    assert isinstance(e.value.__cause__, KeyError)
 
 
 def test_a_helper_the_loop_imports_only_when_it_runs_is_found_on_the_worker(tmp_path,

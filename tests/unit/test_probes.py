@@ -262,8 +262,15 @@ def test_a_mig_enabled_gpu_reports_its_smallest_slice_not_the_board(monkeypatch)
     board_memory = nvml.nvmlDeviceGetMemoryInfo
     names = nvml.nvmlDeviceGetName
     nvml.NVML_DEVICE_MIG_ENABLE = 1
-    # GPU 0 is split in two slices, GPU 1 has MIG on and no slice, GPU 2 has MIG off.
-    nvml.nvmlDeviceGetMigMode = lambda h: {0: (1, 1), 1: (1, 1), 2: (0, 0)}[h]
+    # GPU 0 is split in two slices, GPU 1 has MIG on and no slice, GPU 2 cannot do MIG
+    # (NotSupported, as on every card before the A100).
+
+    def mig_mode(h):
+        if h == 2:
+            raise FakeNotSupported("mig mode")
+        return (1, 1)
+
+    nvml.nvmlDeviceGetMigMode = mig_mode
     nvml.nvmlDeviceGetMaxMigDeviceCount = lambda h: 7
     nvml.nvmlDeviceGetMigDeviceHandleByIndex = mig_handle
     nvml.nvmlDeviceGetName = lambda h: slices[h][0] if isinstance(h, tuple) else names(h)

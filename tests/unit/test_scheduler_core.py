@@ -895,3 +895,15 @@ def test_a_relaunch_right_after_its_driver_was_killed_is_not_a_second_launch(mon
     assert actor.core.owner_of("run") == "new-driver"
     monkeypatch.setitem(module, "_dead_drivers", lambda: set())  # the other driver lives
     assert isinstance(actor.submit(cpus("run", 2), "third-driver"), Rejection)
+
+
+def test_a_drivers_ctrl_c_withdraws_a_waiting_job_and_leaves_a_running_one_held():
+    """Ctrl-C's withdraw freed a running job's devices at once: the next job was placed
+    while its workers were still aborting on them."""
+    core = core_with(cpu_node("a", cpus=2))
+    core.submit(cpus("train", 2), "d", T0)
+    core.submit(cpus("next", 2), "d2", T0 + 1)  # waits for train's CPUs
+    assert core.cancel("train", "d", T0 + 2, waiting_only=True).decision is False
+    assert set(core.running) == {"train"} and "next" in core.queue.waiting
+    assert core.cancel("next", "d2", T0 + 3, waiting_only=True).decision is True
+    assert "next" not in core.queue.waiting and set(core.running) == {"train"}
