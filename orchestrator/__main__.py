@@ -345,7 +345,8 @@ def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
         if args.json:
             print(json.dumps({"time": time.time(), "nodes": rows, "jobs": snapshot["jobs"],
                               "queue": [q.__dict__ for q in snapshot["queue"]],
-                              "throughput": snapshot.get("throughput")}, indent=2))
+                              "throughput": snapshot.get("throughput"),
+                              "autoscaling": snapshot.get("autoscaling")}, indent=2))
         else:
             print(format_status(rows, snapshot["jobs"], snapshot.get("throughput")))
         return 0

@@ -46,6 +46,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
+from orchestrator.autoscaling import NodeType, resource_bundles, scale_up_plan
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import ClusterState, NodeReport, gpu_families, report_problem
 from orchestrator.placement import (Placement, PlacementError, Queued, Rejection, place,
@@ -121,6 +122,10 @@ class SchedulerCore:
                                            max_load_per_cpu=s.max_load_per_cpu)
         self.speed = speed
         self.policy = policy
+        # The node types the cluster's autoscaler can add (orchestrator/autoscaling.py; set
+        # by the live actor from the cluster config, empty elsewhere): a job only they can
+        # hold waits for them instead of being rejected.
+        self.node_types: tuple[NodeType, ...] = ()
         self.queue = JobQueue(self._level if s.queue_order == "las" else None,
                               self._promote_after)
         self.running: dict[str, RunningJob] = {}
@@ -310,7 +315,7 @@ class SchedulerCore:
         try:
             placement = self._place(spec, now, owner, explain)
         except PlacementError as e:
-            return Outcome(self._not_final(e.rejection))
+            return Outcome(self._not_final(e.rejection, spec))
         if dry_run:
             return Outcome(placement)
         self._start(spec, owner, placement, now, history or QueuedJob(spec, owner, now))
@@ -839,18 +844,55 @@ class SchedulerCore:
         return (self.restored_at is not None and self._unreported() > 0
                 and now - self.restored_at < self.settings.suspect_after_s)
 
-    def _not_final(self, rejection: Rejection) -> Rejection:
-        """While alive nodes have not reported, "can never fit" is not known: wait for them."""
+    def _not_final(self, rejection: Rejection, spec: JobSpec | None = None) -> Rejection:
+        """While alive nodes have not reported, "can never fit" is not known: wait for them.
+        Nor is it final when (given `spec`) the autoscaler can add nodes that hold the job."""
+        if rejection.fits_when_free:
+            return rejection
+        if spec is not None and self._scale_up(spec) is not None:
+            return dataclasses.replace(rejection, fits_when_free=True, message=(
+                f"{rejection.message}\n  {self._scale_up_reason(spec)}"))
         missing = self._unreported()
-        if rejection.fits_when_free or not missing:
+        if not missing:
             return rejection
         return dataclasses.replace(rejection, fits_when_free=True, message=(
             f"{rejection.message}\n  {missing} node(s) Ray lists alive have not reported yet "
             "(did the scheduler restart?): waiting for them"))
 
     def _never_fits(self, spec: JobSpec, now: float) -> Rejection | None:
-        """A rejection when the job cannot fit even the idle healthy cluster (None while
-        some alive nodes have not reported: it is not known yet)."""
+        """A rejection when the job cannot fit even the idle healthy cluster, nor nodes the
+        autoscaler can add (None while some alive nodes have not reported: it is not known
+        yet)."""
+        rejection = self._cannot_hold(spec, now)
+        if rejection is not None and self._scale_up(spec) is not None:
+            return None  # it waits for the autoscaler (scale_up_requests)
+        return rejection
+
+    def _awaits_new_nodes(self, spec: JobSpec, now: float) -> bool:
+        """Only nodes the autoscaler can add would hold it (never with no node types)."""
+        return bool(self.node_types) and self._scale_up(spec) is not None \
+            and self._cannot_hold(spec, now) is not None
+
+    def _scale_up(self, spec: JobSpec) -> tuple[NodeType, int] | None:
+        return scale_up_plan(spec, self.node_types) if self.node_types else None
+
+    def _scale_up_reason(self, spec: JobSpec) -> str:
+        node_type, nodes = self._scale_up(spec)
+        return (f"waiting for the autoscaler to add {nodes} x {node_type.name} node(s): the "
+                "cluster as it stands cannot hold it")
+
+    def scale_up_requests(self, now: float) -> list[dict[str, float]]:
+        """What to ask the autoscaler for (request_resources' bundles): the workers of every
+        waiting job that the cluster as it stands cannot hold and a node type can. Empty when
+        none: asking for nothing withdraws an earlier request, so nodes a job that left no
+        longer needs can go idle and be removed."""
+        return [bundle for job in self.queue.ordered()
+                if self._awaits_new_nodes(job.spec, now)
+                for bundle in resource_bundles(job.spec, self._scale_up(job.spec)[0])]
+
+    def _cannot_hold(self, spec: JobSpec, now: float) -> Rejection | None:
+        """A rejection when the job cannot fit even the idle healthy cluster as it stands
+        (None while some alive nodes have not reported: it is not known yet)."""
         if self._unreported():
             return None
         idle = worker_capacity(spec, self.state, now, ignore_reservations=True)
@@ -895,6 +937,11 @@ class SchedulerCore:
         refused = False  # a job was refused as backfill (see _repass_due)
         for job in self.queue.ordered():
             spec = job.spec
+            if self._awaits_new_nodes(spec, now):
+                # Out of line until its nodes join: it cannot start on the cluster as it
+                # stands, so it neither blocks nor plans a start for the jobs behind it.
+                self._wait_reason(job, self._scale_up_reason(spec))
+                continue
             shape = _shape(spec)
             if shape in failed_shapes or not _counts_allow(spec, free_gpus, free_cpus,
                                                            self.state):

@@ -82,6 +82,8 @@ class SchedulerActor:
         self._ray_checked_at = float("-inf")
         self._restore()
         self._refresh_ray_view()
+        self.core.node_types = _autoscaler_node_types()
+        self._scale_up_asked: list[dict[str, float]] = []  # the last request_resources
         self.maintain_every_s = maintain_every_s
         # Node id -> (its agent's actor id, since when that agent is known to have not
         # reported): an agent that stays silent past suspect_after_s is killed and started
@@ -209,6 +211,8 @@ class SchedulerActor:
                 "jobs": self.core.jobs(now),
                 "throughput": {"reference": self.throughput.reference,
                                "rows": self.throughput.rows()},
+                "autoscaling": {"node_types": [t.name for t in self.core.node_types],
+                                "asked_for": list(self._scale_up_asked)},
             }
 
     # -- maintenance ----------------------------------------------------------------------
@@ -229,12 +233,15 @@ class SchedulerActor:
                 self._apply(outcome)
             agents = self.core.agents_needed(alive, now)
             last_seen = {e.node_id: self.core.state.last_seen.get(e.node_id) for e in agents}
+            scale_up = self.core.scale_up_requests(now)
             if self._throughput_unsaved:  # learnt speeds: saved at most once a pass
                 self._save()
             changes = {"dead_by_ray": dead.decision, "expired": tick.decision["expired"],
                        "lost_reservations": tick.decision["lost_reservations"],
                        "orphans_released": orphans.decision[0] + orphans.decision[1],
                        "placed_from_queue": sorted(set(self.core.queue.ready) - ready_before)}
+        if scale_up != self._scale_up_asked:
+            changes["autoscaler_asked_for"] = self._ask_autoscaler(scale_up)
         if any(changes.values()):
             log.warning("scheduler maintenance: %s", changes)
         restarted = []
@@ -248,6 +255,19 @@ class SchedulerActor:
         changes["agents_ensured"] = [e.node_id for e in agents]
         changes["agents_restarted"] = restarted
         return changes
+
+    def _ask_autoscaler(self, bundles: list[dict[str, float]]) -> list[dict[str, float]]:
+        """request_resources for the waiting jobs only new nodes can hold (it replaces the
+        previous request; an empty one withdraws it). Kept as asked only once it went out."""
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=bundles)
+        except Exception as e:  # asked again at the next pass
+            log.warning("cannot ask the autoscaler for %d worker bundle(s): %s", len(bundles), e)
+            return []
+        self._scale_up_asked = bundles
+        return bundles
 
     def _maintain_forever(self) -> None:
         while True:
@@ -377,6 +397,57 @@ class SchedulerActor:
             log.warning("scheduler restarted: restored %d reservation(s), %d running and %d "
                         "queued job(s)", len(self.core.state.reservations),
                         len(self.core.running), len(self.core.queue))
+
+
+def _autoscaler_node_types() -> tuple:
+    """The node types this cluster's autoscaler can add, from the config it runs with (the
+    `--autoscaling-config` of the autoscaler on this, the head, node; else the
+    ~/ray_bootstrap_config.yaml `ray up` leaves on the head). None known (no autoscaler, an
+    unreadable file): (), and a job the cluster cannot hold is rejected as before."""
+    import yaml
+
+    from orchestrator.autoscaling import node_types_from_config
+
+    path = _autoscaling_config_path()
+    if path is None:
+        return ()
+    try:
+        types = node_types_from_config(yaml.safe_load(path.read_text()))
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        log.warning("autoscaling config %s not used (jobs the cluster cannot hold now are "
+                    "rejected, not waited for): %s", path, e)
+        return ()
+    log.info("autoscaling config %s: jobs only its node types %s can hold wait for them",
+             path, ", ".join(t.name for t in types))
+    return types
+
+
+def _autoscaling_config_path():
+    """--autoscaling-config of the autoscaler (Ray's monitor process) serving this cluster
+    (matched by its --gcs-address: other Ray clusters may run on the same machine), else
+    ~/ray_bootstrap_config.yaml when it exists."""
+    from pathlib import Path
+
+    import psutil
+
+    gcs = ray.get_runtime_context().gcs_address
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            args = process.info["cmdline"] or []
+        except (psutil.Error, OSError):
+            continue
+        if not any(a.endswith("monitor.py") and "autoscaler" in a for a in args) or \
+                f"--gcs-address={gcs}" not in args:
+            continue
+        for arg in args:
+            if arg.startswith("--autoscaling-config="):
+                path = Path(arg.split("=", 1)[1]).expanduser()
+                try:  # as `ray start` was given it: relative to where it ran
+                    return path if path.is_absolute() else Path(process.cwd()) / path
+                except (psutil.Error, OSError):
+                    return path
+    bootstrap = Path("~/ray_bootstrap_config.yaml").expanduser()
+    return bootstrap if bootstrap.is_file() else None
 
 
 def _ray_nodes() -> tuple[set[str], set[str], set[str]]:

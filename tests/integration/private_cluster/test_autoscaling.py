@@ -1,6 +1,7 @@
 """cluster.local.yaml on Ray's fake_multinode autoscaler: a job needing a node type that is not
-running makes the autoscaler add one; the scheduler gives it a node agent without being asked;
-the job is placed there, and Ray runs the job's worker there.
+running waits, and the scheduler asks the autoscaler for it, which adds one; the scheduler
+gives it a node agent without being asked; the job is placed there, and Ray runs the job's
+worker there.
 
 The cluster is this test's own (private_ray.py beside it): the autoscaler needs a head
 started with `RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...`, which cannot
@@ -12,14 +13,14 @@ import pytest
 
 
 # The driver: what a job launcher does, step by step, printing one JSON line of evidence.
+# Nobody here asks the autoscaler for anything: the scheduler does, for the job it queued.
 DRIVER = r'''
 import json, time
 import ray
-from ray.autoscaler.sdk import request_resources
 from ray_layer.cluster import ensure_control_plane
 from orchestrator.config import JobSpec
 from orchestrator.inventory import LABEL_ACCELERATOR_TYPE
-from orchestrator.placement import Placement, Rejection
+from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.polling import wait_for
 
 ray.init()
@@ -28,24 +29,23 @@ alive = [n for n in ray.nodes() if n["Alive"]]
 before = {n["NodeID"] for n in alive}
 spec = JobSpec(name="needs-a-t4", num_workers=1, cpus_per_worker=1, gpus_per_worker=1,
                accelerator_types=("T4",))
-first = ray.get(scheduler.place.remote(spec, "", True))  # dry run: nothing reserved
-
-# The job's demand, in the resources the node types declare (accelerator_type:<family> is
-# Ray's own resource for an accelerator type, cluster.local.yaml declares it per type).
-request_resources(bundles=[{"CPU": spec.cpus_per_worker, "GPU": spec.gpus_per_worker,
-                            "accelerator_type:T4": 0.001}] * spec.num_workers)
+owner = ray.get_runtime_context().get_job_id()
+first = ray.get(scheduler.submit.remote(spec, owner))  # no T4 node is up
 asked = time.monotonic()
+asked_for = wait_for("the scheduler's request to the autoscaler", lambda: ray.get(
+    scheduler.snapshot.remote())["autoscaling"]["asked_for"], timeout_s=30)
 new = wait_for("a new T4 node", lambda: [n for n in ray.nodes() if n["Alive"]
                                          and n["NodeID"] not in before
                                          and n["Labels"].get(LABEL_ACCELERATOR_TYPE) == "T4"],
-               timeout_s=90)
+               timeout_s=120)
 joined_s = time.monotonic() - asked
 node_id = new[0]["NodeID"]
 # Nobody here starts an agent there: the scheduler's maintenance pass does.
 wait_for("a report from the new node's agent",
          lambda: node_id in ray.get(scheduler.snapshot.remote())["reports"], timeout_s=90)
 registered_s = time.monotonic() - asked
-decision = ray.get(scheduler.submit.remote(spec, ray.get_runtime_context().get_job_id()))
+decision = wait_for("the job's placement", lambda: (lambda d: d if not isinstance(d, Queued)
+                    else None)(ray.get(scheduler.poll.remote(spec.name, owner))), timeout_s=60)
 
 @ray.remote(num_cpus=1, num_gpus=1)
 def where():
@@ -56,9 +56,11 @@ if isinstance(decision, Placement):  # run the worker exactly where placed, as R
     ran_on = ray.get(where.options(label_selector={"ray.io/node-id": decision.worker_nodes[0]})
                      .remote(), timeout=60)
     ray.get(scheduler.release.remote(spec.name))
-report = ray.get(scheduler.snapshot.remote())["reports"][node_id]
+snapshot = ray.get(scheduler.snapshot.remote())
+report = snapshot["reports"][node_id]
 print(json.dumps({
-    "first": type(first).__name__, "first_message": getattr(first, "message", ""),
+    "first": type(first).__name__, "first_reason": getattr(first, "reason", ""),
+    "node_types": snapshot["autoscaling"]["node_types"], "asked_for": asked_for,
     "before": sorted(n["Labels"].get("orchestrator.io/node-type", "") for n in alive),
     "node_id": node_id, "node_type": new[0]["Labels"].get(
         "orchestrator.io/node-type"), "joined_s": joined_s, "registered_s": registered_s,
@@ -78,9 +80,13 @@ def autoscaling_cluster(local_cluster):
 def test_a_job_needing_an_absent_node_type_scales_up_registers_and_places(autoscaling_cluster):
     out = autoscaling_cluster.run_python(DRIVER, timeout_s=240)
     result = json.loads(out.strip().splitlines()[-1])
-    # Before: the head and a CPU worker, and the T4 job cannot be placed (no node has a T4).
+    # Before: the head and a CPU worker. The T4 job is not refused: it waits, and the
+    # scheduler asks the autoscaler (cluster.local.yaml's node types) for its worker.
     assert result["before"] == ["cpu", "head"]
-    assert result["first"] == "Rejection" and "T4" in result["first_message"]
+    assert "infer_t4" in result["node_types"] and "head" not in result["node_types"]
+    assert result["first"] == "Queued", result
+    assert "waiting for the autoscaler to add 1 x infer_t4" in result["first_reason"]
+    assert result["asked_for"] == [{"CPU": 1.0, "GPU": 1, "accelerator_type:T4": 0.001}]
     # The autoscaler added a node of the right type, with the labels cluster.local.yaml gives.
     assert result["node_type"] == "inference"
     assert result["reported_gpus"] == ["T4"] * 4  # declared through labels, marked "declared"

@@ -1,0 +1,134 @@
+"""The node types an autoscaling Ray cluster can add, and what a job would need of them.
+
+A job that the cluster as it stands can never hold (no A100 node is up yet on a fresh
+`ray up cluster.yaml`) was rejected at once, and nothing asked the autoscaler for the nodes it
+names. When the cluster's autoscaling config is known (the head's `ray_bootstrap_config.yaml`,
+or the `--autoscaling-config` its autoscaler runs with), such a job waits in the queue
+instead, and the scheduler asks the autoscaler for its workers' resources
+(`ray.autoscaler.sdk.request_resources`); once the nodes join and their agents report, the
+queue places it as any other. A job no node type can hold either is still rejected at once.
+
+    types = node_types_from_config(yaml.safe_load(open("cluster.yaml")))
+    plan = scale_up_plan(JobSpec("j", num_workers=16, gpus_per_worker=1,
+                                 accelerator_types=("A100",)), types)   # (train_a100, 2 nodes)
+    bundles = resource_bundles(spec, plan[0])   # what request_resources is asked for
+
+Pure: no Ray. The live scheduler (ray_layer/scheduler_actor.py) reads the config and makes
+the request; the core (scheduler_core.py) decides which waiting jobs need one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.config import JobSpec
+from orchestrator.inventory import (LABEL_ACCELERATOR_MEMORY_GB, LABEL_ACCELERATOR_TYPE,
+                                    LABEL_NETWORK_GBPS, accelerator_family)
+
+ACCELERATOR_RESOURCE_PREFIX = "accelerator_type:"  # Ray's resource per accelerator type
+# A tiny amount of the type's accelerator_type resource in each bundle steers the autoscaler
+# to that node type (as Ray's own accelerator_type option does) without using it up.
+ACCELERATOR_RESOURCE_SHARE = 0.001
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """One of the cluster config's available_node_types, as placement sees it."""
+
+    name: str
+    cpus: float
+    gpus: int
+    family: str  # accelerator family ("" for none or unknown)
+    accelerator_resource: str  # "accelerator_type:A100", or "" when the type declares none
+    gpu_memory_gb: float | None
+    network_gbps: float | None  # between nodes of this type (its network-gbps label)
+    max_workers: int
+
+    def workers_per_node(self, spec: JobSpec) -> int:
+        by_cpu = math.floor(self.cpus / spec.cpus_per_worker + 1e-9) \
+            if spec.cpus_per_worker else math.inf
+        by_gpu = self.gpus // math.ceil(spec.gpus_per_worker) \
+            if spec.gpus_per_worker else math.inf
+        count = min(by_cpu, by_gpu)
+        return 0 if count == math.inf else int(count)
+
+
+def node_types_from_config(config: dict[str, Any]) -> tuple[NodeType, ...]:
+    """The worker node types of a Ray cluster config (`ray up`'s YAML, parsed); the head's is
+    left out (jobs are not placed there). ValueError naming the node type and field when
+    one cannot be read."""
+    types = config.get("available_node_types") if isinstance(config, dict) else None
+    if not isinstance(types, dict):
+        raise ValueError("the cluster config has no available_node_types mapping")
+    head = config.get("head_node_type")
+    default_max = config.get("max_workers", 0)
+    return tuple(_node_type(name, t, default_max) for name, t in types.items()
+                 if name != head)
+
+
+def _node_type(name: str, raw: Any, default_max: Any) -> NodeType:
+    if not isinstance(raw, dict):
+        raise ValueError(f"node type {name!r}: not a mapping")
+    resources, labels = raw.get("resources") or {}, raw.get("labels") or {}
+    if not isinstance(resources, dict) or not isinstance(labels, dict):
+        raise ValueError(f"node type {name!r}: resources and labels must be mappings")
+    accelerator = next((key for key in resources
+                        if str(key).startswith(ACCELERATOR_RESOURCE_PREFIX)), "")
+    family = accelerator_family(str(labels.get(LABEL_ACCELERATOR_TYPE, "")) or
+                                accelerator.removeprefix(ACCELERATOR_RESOURCE_PREFIX))
+    try:
+        return NodeType(
+            name=name, cpus=float(resources.get("CPU", 0)), gpus=int(resources.get("GPU", 0)),
+            family=family, accelerator_resource=accelerator,
+            gpu_memory_gb=_optional_float(labels.get(LABEL_ACCELERATOR_MEMORY_GB)),
+            network_gbps=_optional_float(labels.get(LABEL_NETWORK_GBPS)),
+            max_workers=int(raw.get("max_workers", default_max)))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"node type {name!r}: {e}") from None
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value in (None, "") else float(value)
+
+
+def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...]
+                  ) -> tuple[NodeType, int] | None:
+    """The node type, and how many nodes of it, that would hold all of `spec`'s workers on
+    their own (families, GPU count and memory, CPUs, the bandwidth floor between nodes of one
+    type, its max_workers); the fewest nodes, then the fewest idle GPUs, wins. None when no
+    type can: the job can never run here, autoscaling or not."""
+    best = None
+    for node_type in node_types:
+        if spec.accelerator_types and node_type.family not in spec.accelerator_types:
+            continue
+        if spec.gpus_per_worker and spec.min_gpu_memory_gb and (
+                node_type.gpu_memory_gb is None
+                or node_type.gpu_memory_gb < spec.min_gpu_memory_gb):
+            continue
+        per_node = node_type.workers_per_node(spec)
+        if per_node < 1:
+            continue
+        nodes = math.ceil(spec.num_workers / per_node)
+        if nodes > node_type.max_workers:
+            continue
+        if nodes > 1 and spec.min_bandwidth_gbps and (
+                node_type.network_gbps is None
+                or node_type.network_gbps < spec.min_bandwidth_gbps):
+            continue
+        idle_gpus = nodes * node_type.gpus - spec.num_workers * math.ceil(spec.gpus_per_worker)
+        key = (nodes, idle_gpus)
+        if best is None or key < best[0]:
+            best = (key, node_type, nodes)
+    return None if best is None else (best[1], best[2])
+
+
+def resource_bundles(spec: JobSpec, node_type: NodeType) -> list[dict[str, float]]:
+    """One bundle per worker, in the resources the node type declares: what
+    request_resources is asked for so the autoscaler adds nodes of that type."""
+    bundle: dict[str, float] = {"CPU": spec.cpus_per_worker}
+    if spec.gpus_per_worker:
+        bundle["GPU"] = math.ceil(spec.gpus_per_worker)
+        if node_type.accelerator_resource:
+            bundle[node_type.accelerator_resource] = ACCELERATOR_RESOURCE_SHARE
+    return [dict(bundle) for _ in range(spec.num_workers)]

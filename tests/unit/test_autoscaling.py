@@ -1,0 +1,96 @@
+"""orchestrator/autoscaling.py and the core's use of it: a job only nodes the autoscaler can
+add would hold waits for them (and they are asked for) instead of being rejected."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.autoscaling import node_types_from_config, resource_bundles, scale_up_plan
+from orchestrator.config import JobSpec
+from orchestrator.placement import Placement, Queued, Rejection
+from tests.unit.test_scheduler_core import T0, core_with, cpu_node, gpu_node
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def aws_types():
+    return node_types_from_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+
+
+def test_the_shipped_cluster_configs_node_types_are_read(aws_types):
+    by_name = {t.name: t for t in aws_types}
+    assert "head" not in by_name  # jobs never go to the head
+    a100 = by_name["train_a100"]
+    assert (a100.cpus, a100.gpus, a100.family, a100.accelerator_resource, a100.gpu_memory_gb,
+            a100.network_gbps, a100.max_workers) == (96, 8, "A100", "accelerator_type:A100",
+                                                     80.0, 50.0, 4)
+    assert by_name["infer_t4"].family == "T4" and by_name["cpu_worker"].gpus == 0
+    local = node_types_from_config(yaml.safe_load((ROOT / "cluster.local.yaml").read_text()))
+    assert {t.family for t in local} >= {"A100", "T4"}
+
+
+def test_a_plan_takes_the_fewest_nodes_of_a_type_that_holds_every_worker(aws_types):
+    sixteen = JobSpec("j", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    node_type, nodes = scale_up_plan(sixteen, aws_types)
+    assert (node_type.name, nodes) == ("train_a100", 2)
+    assert resource_bundles(sixteen, node_type)[0] == {"CPU": 1.0, "GPU": 1,
+                                                       "accelerator_type:A100": 0.001}
+    # Any family: 4 GPUs on one T4 or L4 node (4 each) beat half an 8-GPU node.
+    four = JobSpec("j", num_workers=4, gpus_per_worker=1)
+    assert scale_up_plan(four, aws_types)[0].gpus == 4
+    assert scale_up_plan(JobSpec("j", num_workers=40, gpus_per_worker=1,
+                                 accelerator_types=("A100",)), aws_types) is None  # 4 x 8
+    assert scale_up_plan(JobSpec("j", num_workers=1, gpus_per_worker=1,
+                                 min_gpu_memory_gb=40, accelerator_types=("T4",)),
+                         aws_types) is None  # a T4 has 16 GB
+    assert scale_up_plan(JobSpec("j", num_workers=16, gpus_per_worker=1, min_bandwidth_gbps=100,
+                                 accelerator_types=("A100",)), aws_types) is None  # 50 GB/s
+    assert scale_up_plan(JobSpec("j", num_workers=16, gpus_per_worker=1, min_bandwidth_gbps=100),
+                         aws_types)[0].name == "train_h100"  # 400 GB/s between its nodes
+
+
+def test_a_config_that_cannot_be_read_names_the_node_type():
+    with pytest.raises(ValueError, match="no available_node_types"):
+        node_types_from_config({})
+    with pytest.raises(ValueError, match="node type 'w': .*'many'"):
+        node_types_from_config({"available_node_types": {"w": {"resources": {"CPU": "many"}}}})
+
+
+def test_a_job_only_new_nodes_can_hold_waits_asks_for_them_and_is_placed_when_they_join(
+        aws_types):
+    """A fresh `ray up cluster.yaml` (head and one CPU node): the A100 job was rejected at
+    once and nothing asked the autoscaler for an A100 node."""
+    core = core_with(cpu_node("cpu", cpus=16))
+    spec = JobSpec("train", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",))
+    assert isinstance(core.submit(spec, "d", T0).decision, Rejection)  # no node types known
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = aws_types
+    waiting = core.submit(spec, "d", T0).decision
+    assert isinstance(waiting, Queued), waiting
+    assert "waiting for the autoscaler to add 1 x train_a100 node(s)" in waiting.reason
+    a100 = next(t for t in aws_types if t.name == "train_a100")
+    assert core.scale_up_requests(T0 + 1) == resource_bundles(spec, a100)  # 8 bundles
+    # A CPU job behind it is not held up by it.
+    assert isinstance(core.submit(JobSpec("cpu-job", num_workers=2), "d2", T0 + 2).decision,
+                      Placement)
+    # No node type can hold it: rejected at once, as before.
+    never = JobSpec("huge", num_workers=64, gpus_per_worker=1, accelerator_types=("A100",))
+    assert isinstance(core.submit(never, "d3", T0 + 3).decision, Rejection)
+    # The A100 node joins and reports: placed at the next pass, and nothing is asked for.
+    core.ray_nodes({"cpu", "a100"}, set(), T0 + 300)
+    core.report(gpu_node("a100", gpus=8, family="A100"), T0 + 300)  # (a queue pass)
+    placed = core.poll("train", "d", T0 + 302).decision
+    assert isinstance(placed, Placement) and placed.worker_nodes == ("a100",) * 8, placed
+    assert core.scale_up_requests(T0 + 303) == []
+
+
+def test_a_job_that_lost_its_node_waits_for_a_replacement_the_autoscaler_can_add(aws_types):
+    core = core_with(gpu_node("a100", gpus=8, family="A100"), cpu_node("cpu", cpus=16))
+    core.node_types = aws_types
+    spec = JobSpec("train", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",))
+    assert isinstance(core.submit(spec, "d", T0).decision, Placement)
+    core.ray_nodes({"cpu"}, {"a100"}, T0 + 500)
+    waiting = core.replace(spec, "d", ["a100"], T0 + 501).decision
+    assert isinstance(waiting, Queued) and "autoscaler" in waiting.reason, waiting
+    assert len(core.scale_up_requests(T0 + 502)) == 8
