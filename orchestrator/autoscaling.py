@@ -96,11 +96,16 @@ def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...]
                   ) -> tuple[NodeType, int] | None:
     """The node type, and how many nodes of it, that would hold all of `spec`'s workers on
     their own (families, GPU count and memory, CPUs, the bandwidth floor between nodes of one
-    type, its max_workers); the fewest nodes, then the fewest idle GPUs, wins. None when no
-    type can: the job can never run here, autoscaling or not."""
+    type, its max_workers); for a CPU job a type without GPUs first, then the fewest nodes,
+    then the fewest idle GPUs. None when no type can: the job can never run here,
+    autoscaling or not."""
     best = None
+    families = {f.upper() for f in spec.accelerator_types}
     for node_type in node_types:
-        if spec.accelerator_types and node_type.family not in spec.accelerator_types:
+        if families and (node_type.family not in families
+                         or not node_type.accelerator_resource):
+            # (A type without its accelerator_type resource cannot be asked for by family:
+            # the autoscaler could meet the request with another one.)
             continue
         if spec.gpus_per_worker and spec.min_gpu_memory_gb and (
                 node_type.gpu_memory_gb is None
@@ -117,7 +122,8 @@ def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...]
                 or node_type.network_gbps < spec.min_bandwidth_gbps):
             continue
         idle_gpus = nodes * node_type.gpus - spec.num_workers * math.ceil(spec.gpus_per_worker)
-        key = (nodes, idle_gpus)
+        # A CPU job: nodes without GPUs first (the autoscaler, asked for CPUs, picks so too).
+        key = (not spec.gpus_per_worker and node_type.gpus > 0, nodes, idle_gpus)
         if best is None or key < best[0]:
             best = (key, node_type, nodes)
     return None if best is None else (best[1], best[2])

@@ -126,6 +126,7 @@ class SchedulerCore:
         # by the live actor from the cluster config, empty elsewhere): a job only they can
         # hold waits for them instead of being rejected.
         self.node_types: tuple[NodeType, ...] = ()
+        self._awaits_memo: tuple[float, dict] = (math.nan, {})
         self.queue = JobQueue(self._level if s.queue_order == "las" else None,
                               self._promote_after)
         self.running: dict[str, RunningJob] = {}
@@ -869,9 +870,19 @@ class SchedulerCore:
         return rejection
 
     def _awaits_new_nodes(self, spec: JobSpec, now: float) -> bool:
-        """Only nodes the autoscaler can add would hold it (never with no node types)."""
-        return bool(self.node_types) and self._scale_up(spec) is not None \
-            and self._cannot_hold(spec, now) is not None
+        """Only nodes the autoscaler can add would hold it (never with no node types).
+        Answered once per job shape and moment: the queue pass and scale_up_requests ask it
+        of every waiting job."""
+        if not self.node_types:
+            return False
+        key = _shape(spec)
+        if self._awaits_memo[0] != now:
+            self._awaits_memo = (now, {})
+        memo = self._awaits_memo[1]
+        if key not in memo:
+            memo[key] = self._scale_up(spec) is not None \
+                and self._cannot_hold(spec, now) is not None
+        return memo[key]
 
     def _scale_up(self, spec: JobSpec) -> tuple[NodeType, int] | None:
         return scale_up_plan(spec, self.node_types) if self.node_types else None
@@ -881,11 +892,14 @@ class SchedulerCore:
         return (f"waiting for the autoscaler to add {nodes} x {node_type.name} node(s): the "
                 "cluster as it stands cannot hold it")
 
-    def scale_up_requests(self, now: float) -> list[dict[str, float]]:
+    def scale_up_requests(self, now: float) -> list[dict[str, float]] | None:
         """What to ask the autoscaler for (request_resources' bundles): the workers of every
         waiting job that the cluster as it stands cannot hold and a node type can. Empty when
         none: asking for nothing withdraws an earlier request, so nodes a job that left no
-        longer needs can go idle and be removed."""
+        longer needs can go idle and be removed. None while alive nodes have not reported
+        (a node just joined): not known, the last request stands."""
+        if self._unreported():
+            return None
         return [bundle for job in self.queue.ordered()
                 if self._awaits_new_nodes(job.spec, now)
                 for bundle in resource_bundles(job.spec, self._scale_up(job.spec)[0])]

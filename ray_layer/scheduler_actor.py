@@ -83,7 +83,9 @@ class SchedulerActor:
         self._restore()
         self._refresh_ray_view()
         self.core.node_types = _autoscaler_node_types()
-        self._scale_up_asked: list[dict[str, float]] = []  # the last request_resources
+        # The last request_resources; None: none made yet, so the first pass makes one, which
+        # also withdraws a request left by the scheduler before a restart.
+        self._scale_up_asked: list[dict[str, float]] | None = None
         self.maintain_every_s = maintain_every_s
         # Node id -> (its agent's actor id, since when that agent is known to have not
         # reported): an agent that stays silent past suspect_after_s is killed and started
@@ -212,7 +214,7 @@ class SchedulerActor:
                 "throughput": {"reference": self.throughput.reference,
                                "rows": self.throughput.rows()},
                 "autoscaling": {"node_types": [t.name for t in self.core.node_types],
-                                "asked_for": list(self._scale_up_asked)},
+                                "asked_for": list(self._scale_up_asked or [])},
             }
 
     # -- maintenance ----------------------------------------------------------------------
@@ -240,7 +242,7 @@ class SchedulerActor:
                        "lost_reservations": tick.decision["lost_reservations"],
                        "orphans_released": orphans.decision[0] + orphans.decision[1],
                        "placed_from_queue": sorted(set(self.core.queue.ready) - ready_before)}
-        if scale_up != self._scale_up_asked:
+        if scale_up is not None and scale_up != self._scale_up_asked:
             changes["autoscaler_asked_for"] = self._ask_autoscaler(scale_up)
         if any(changes.values()):
             log.warning("scheduler maintenance: %s", changes)
@@ -424,13 +426,14 @@ def _autoscaler_node_types() -> tuple:
 
 def _autoscaling_config_path():
     """--autoscaling-config of the autoscaler (Ray's monitor process) serving this cluster
-    (matched by its --gcs-address: other Ray clusters may run on the same machine), else
-    ~/ray_bootstrap_config.yaml when it exists."""
+    (matched by its --gcs-address: other Ray clusters may run on the same machine); when no
+    such process is found, ~/ray_bootstrap_config.yaml if it exists."""
     from pathlib import Path
 
     import psutil
 
     gcs = ray.get_runtime_context().gcs_address
+    monitor_found = False
     for process in psutil.process_iter(["cmdline"]):
         try:
             args = process.info["cmdline"] or []
@@ -439,6 +442,7 @@ def _autoscaling_config_path():
         if not any(a.endswith("monitor.py") and "autoscaler" in a for a in args) or \
                 f"--gcs-address={gcs}" not in args:
             continue
+        monitor_found = True
         for arg in args:
             if arg.startswith("--autoscaling-config="):
                 path = Path(arg.split("=", 1)[1]).expanduser()
@@ -446,6 +450,8 @@ def _autoscaling_config_path():
                     return path if path.is_absolute() else Path(process.cwd()) / path
                 except (psutil.Error, OSError):
                     return path
+    if monitor_found:  # an autoscaler without a config (`ray start --head`): it adds nothing
+        return None
     bootstrap = Path("~/ray_bootstrap_config.yaml").expanduser()
     return bootstrap if bootstrap.is_file() else None
 

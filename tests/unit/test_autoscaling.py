@@ -94,3 +94,31 @@ def test_a_job_that_lost_its_node_waits_for_a_replacement_the_autoscaler_can_add
     waiting = core.replace(spec, "d", ["a100"], T0 + 501).decision
     assert isinstance(waiting, Queued) and "autoscaler" in waiting.reason, waiting
     assert len(core.scale_up_requests(T0 + 502)) == 8
+
+
+def test_a_cpu_job_plans_cpu_nodes_and_families_are_matched_whatever_their_case(aws_types):
+    cpu_job = JobSpec("etl", num_workers=100, cpus_per_worker=1)
+    assert scale_up_plan(cpu_job, aws_types)[0].name == "cpu_worker"  # not an H100 node
+    lower = JobSpec("j", num_workers=8, gpus_per_worker=1, accelerator_types=("a100",))
+    assert scale_up_plan(lower, aws_types)[0].name == "train_a100"
+    # A GPU type that does not declare its accelerator_type resource cannot be asked for by
+    # family (the autoscaler could meet {CPU, GPU} with another type): not planned for one.
+    bare = node_types_from_config({"available_node_types": {"gpu": {
+        "resources": {"CPU": 8, "GPU": 8}, "labels": {"orchestrator.io/accelerator-type": "A100"},
+        "max_workers": 2}}})
+    assert bare[0].family == "A100" and scale_up_plan(lower, bare) is None
+    assert scale_up_plan(JobSpec("any", num_workers=8, gpus_per_worker=1), bare) is not None
+
+
+def test_a_node_that_has_not_reported_yet_leaves_the_last_request_standing(aws_types):
+    """A node joining (any node) withdrew the request until its agent reported; one that
+    never reported kept anything from being asked."""
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = aws_types
+    spec = JobSpec("train", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",))
+    core.submit(spec, "d", T0)
+    assert len(core.scale_up_requests(T0 + 1)) == 8
+    core.ray_nodes({"cpu", "new"}, set(), T0 + 2)  # joined, its agent not reporting yet
+    assert core.scale_up_requests(T0 + 3) is None
+    core.report(cpu_node("new", cpus=16), T0 + 4)
+    assert len(core.scale_up_requests(T0 + 5)) == 8  # still only an A100 node would hold it

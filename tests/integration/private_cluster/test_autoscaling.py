@@ -56,11 +56,16 @@ if isinstance(decision, Placement):  # run the worker exactly where placed, as R
     ran_on = ray.get(where.options(label_selector={"ray.io/node-id": decision.worker_nodes[0]})
                      .remote(), timeout=60)
     ray.get(scheduler.release.remote(spec.name))
+# Nothing waits for new nodes any more: the request is withdrawn (else the autoscaler keeps
+# the node up for it).
+withdrawn = wait_for("the request withdrawn", lambda: ray.get(scheduler.snapshot.remote())[
+    "autoscaling"]["asked_for"] == [] or None, timeout_s=30)
 snapshot = ray.get(scheduler.snapshot.remote())
 report = snapshot["reports"][node_id]
 print(json.dumps({
     "first": type(first).__name__, "first_reason": getattr(first, "reason", ""),
     "node_types": snapshot["autoscaling"]["node_types"], "asked_for": asked_for,
+    "withdrawn": bool(withdrawn),
     "before": sorted(n["Labels"].get("orchestrator.io/node-type", "") for n in alive),
     "node_id": node_id, "node_type": new[0]["Labels"].get(
         "orchestrator.io/node-type"), "joined_s": joined_s, "registered_s": registered_s,
@@ -87,6 +92,7 @@ def test_a_job_needing_an_absent_node_type_scales_up_registers_and_places(autosc
     assert result["first"] == "Queued", result
     assert "waiting for the autoscaler to add 1 x infer_t4" in result["first_reason"]
     assert result["asked_for"] == [{"CPU": 1.0, "GPU": 1, "accelerator_type:T4": 0.001}]
+    assert result["withdrawn"]  # once placed, nothing is asked for
     # The autoscaler added a node of the right type, with the labels cluster.local.yaml gives.
     assert result["node_type"] == "inference"
     assert result["reported_gpus"] == ["T4"] * 4  # declared through labels, marked "declared"
