@@ -139,6 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="start from a GPT-2-shaped Hugging Face model directory "
                       "(config.json, model.safetensors, tokenizer.json): fine-tuning")
     args = p.parse_args(argv)
+    args.flags = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
     args.given = _flags_given(p, argv)
     return args
 
@@ -167,15 +168,22 @@ def inherit_run_settings(args: argparse.Namespace, run_dir: Path) -> list[str]:
     """On --resume: every run setting not given on the command line set to the run's
     recorded value (config.json). Returns the settings that differ from the flags' defaults,
     as 'name value' (said once, so the user sees what the run goes on with)."""
-    saved = _read_json(run_dir / "config.json") or {}
+    where = run_dir / "config.json"
+    saved = _read_json(where) or {}
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(section, {}), dict)
+                                              for section in ("train", "job")):
+        raise ConfigError(f"--resume: {where} is not a run's config (its train and job "
+                          "sections must be mappings); restore it, or start a new run")
     taken = []
     for dest, section in INHERITED.items():
         recorded = saved.get(section, {})
         if not hasattr(args, dest) or dest in getattr(args, "given", ()) or dest not in recorded:
             continue
         value = recorded[dest]
-        if dest == "accelerator_types":
-            value = list(value or [])
+        if not _recorded_kind_fits(value, getattr(args, dest)):
+            flag = getattr(args, "flags", {}).get(dest, f"--{dest.replace('_', '-')}")
+            raise ConfigError(f"--resume: {where}: {section}.{dest} is {value!r}, which no "
+                              f"{flag} could have given; pass {flag} with the run's value")
         # What the flag would give: --min-lr's absence means --lr / 10 (of the run's --lr,
         # taken just before), not None.
         default = _min_lr(args) if dest == "min_lr" else getattr(args, dest)
@@ -250,6 +258,22 @@ def _launcher_problems(args: argparse.Namespace) -> list[str]:
             f"(DDP), so the other {args.gpus_per_worker - 1} would sit idle. Use "
             f"--num-workers {args.num_workers * args.gpus_per_worker} --gpus-per-worker 1")
     return problems
+
+
+def _recorded_kind_fits(value, flag_default) -> bool:
+    """A recorded setting has the type its flag gives (a float flag's may be an int; a flag
+    whose default is None may be None or a plain number or bool): a hand-edited "lr": "fast"
+    is named, not inherited into a traceback."""
+    if flag_default is None:
+        return value is None or isinstance(value, (bool, int, float))
+    if isinstance(flag_default, bool):
+        return isinstance(value, bool)
+    if isinstance(flag_default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            (isinstance(flag_default, float) or isinstance(value, int))
+    if isinstance(flag_default, list):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, type(flag_default))
 
 
 def _min_lr(args: argparse.Namespace) -> float:

@@ -127,6 +127,8 @@ class SchedulerCore:
         # hold waits for them instead of being rejected.
         self.node_types: tuple[NodeType, ...] = ()
         self._awaits_memo: tuple[float, dict] = (math.nan, {})
+        self.awaiting_since: dict[str, float] = {}  # job -> when it began waiting for nodes
+        self._alive_changed_at = -math.inf  # when Ray's alive set last changed
         self.queue = JobQueue(self._level if s.queue_order == "las" else None,
                               self._promote_after)
         self.running: dict[str, RunningJob] = {}
@@ -193,6 +195,8 @@ class SchedulerCore:
     def ray_nodes(self, alive: set[str], dead: set[str], now: float) -> Outcome:
         """Ray's view of the nodes. Nodes Ray lists dead, and nodes holding reservations that
         Ray no longer lists alive (died while the scheduler was restarting), are dead."""
+        if set(alive) != self.ray_alive:
+            self._alive_changed_at = now
         self.ray_alive, self.ray_dead = set(alive), set(dead)
         if self.settings.synthetic_nodes:
             return Outcome([])
@@ -316,7 +320,7 @@ class SchedulerCore:
         try:
             placement = self._place(spec, now, owner, explain)
         except PlacementError as e:
-            return Outcome(self._not_final(e.rejection, spec))
+            return Outcome(self._not_final(e.rejection, spec, now))
         if dry_run:
             return Outcome(placement)
         self._start(spec, owner, placement, now, history or QueuedJob(spec, owner, now))
@@ -498,7 +502,10 @@ class SchedulerCore:
         False (the simulator records none)."""
         expired, lost = self.state.expire(now)
         outcome = Outcome({"expired": expired, "lost_reservations": lost})
-        if expired:
+        self.awaiting_since = {name: since for name, since in self.awaiting_since.items()
+                               if name in self.queue.waiting}
+        if expired or any(now - since > self.settings.scale_up_timeout_s
+                          for since in self.awaiting_since.values()):
             outcome.effects.append(Persist())
             outcome.add(self._reject_unfittable(now))
         outcome.add(self._drain(now))
@@ -845,12 +852,13 @@ class SchedulerCore:
         return (self.restored_at is not None and self._unreported() > 0
                 and now - self.restored_at < self.settings.suspect_after_s)
 
-    def _not_final(self, rejection: Rejection, spec: JobSpec | None = None) -> Rejection:
+    def _not_final(self, rejection: Rejection, spec: JobSpec | None = None,
+                   now: float | None = None) -> Rejection:
         """While alive nodes have not reported, "can never fit" is not known: wait for them.
-        Nor is it final when (given `spec`) the autoscaler can add nodes that hold the job."""
+        Nor is it final when (given `spec`) only nodes the autoscaler can add would hold it."""
         if rejection.fits_when_free:
             return rejection
-        if spec is not None and self._scale_up(spec) is not None:
+        if spec is not None and self._awaits_new_nodes(spec, now):
             return dataclasses.replace(rejection, fits_when_free=True, message=(
                 f"{rejection.message}\n  {self._scale_up_reason(spec)}"))
         missing = self._unreported()
@@ -865,9 +873,18 @@ class SchedulerCore:
         autoscaler can add (None while some alive nodes have not reported: it is not known
         yet)."""
         rejection = self._cannot_hold(spec, now)
-        if rejection is not None and self._scale_up(spec) is not None:
+        if rejection is None or self._scale_up(spec) is None:
+            self.awaiting_since.pop(spec.name, None)
+            return rejection
+        since = self.awaiting_since.setdefault(spec.name, now)
+        if now - since <= self.settings.scale_up_timeout_s:
             return None  # it waits for the autoscaler (scale_up_requests)
-        return rejection
+        self.awaiting_since.pop(spec.name, None)
+        node_type, nodes = self._scale_up(spec)
+        return dataclasses.replace(rejection, message=(
+            f"{rejection.message}\n  waited {now - since:.0f} s (scale_up_timeout_s) for the "
+            f"autoscaler to add {nodes} x {node_type.name} node(s), and the nodes that joined "
+            "do not hold it (do their labels promise more than they report?)"))
 
     def _awaits_new_nodes(self, spec: JobSpec, now: float) -> bool:
         """Only nodes the autoscaler can add would hold it (never with no node types).
@@ -896,10 +913,10 @@ class SchedulerCore:
         """What to ask the autoscaler for (request_resources' bundles): the workers of every
         waiting job that the cluster as it stands cannot hold and a node type can. Empty when
         none: asking for nothing withdraws an earlier request, so nodes a job that left no
-        longer needs can go idle and be removed. None while alive nodes have not reported
-        (a node just joined): not known, the last request stands."""
-        if self._unreported():
-            return None
+        longer needs can go idle and be removed. None while a node that just joined has not
+        reported (for suspect_after_s): not known, the last request stands."""
+        if self._unreported() and now - self._alive_changed_at < self.settings.suspect_after_s:
+            return None  # (a node that never reports: afterwards nothing is held for it)
         return [bundle for job in self.queue.ordered()
                 if self._awaits_new_nodes(job.spec, now)
                 for bundle in resource_bundles(job.spec, self._scale_up(job.spec)[0])]
@@ -911,7 +928,7 @@ class SchedulerCore:
             return None
         idle = worker_capacity(spec, self.state, now, ignore_reservations=True)
         if int(idle.sum()) >= spec.num_workers:
-            return None
+            return None  # (a bandwidth floor may still stand in the way: place() says so)
         try:
             place(spec, self.state, now, explain=False)
         except PlacementError as e:
@@ -955,6 +972,7 @@ class SchedulerCore:
                 # Out of line until its nodes join: it cannot start on the cluster as it
                 # stands, so it neither blocks nor plans a start for the jobs behind it.
                 self._wait_reason(job, self._scale_up_reason(spec))
+                self.awaiting_since.setdefault(spec.name, now)  # (its scale_up_timeout_s)
                 continue
             shape = _shape(spec)
             if shape in failed_shapes or not _counts_allow(spec, free_gpus, free_cpus,

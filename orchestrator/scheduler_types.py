@@ -57,11 +57,16 @@ class SchedulerSettings:
     # (at least protect_share of the family's GPUs). False: the fastest family that fits.
     comparative_advantage: bool = True
     protect_share: float = 1.0
+    # Autoscaling clusters: how long a job that only new nodes could hold waits for them. A
+    # node type's labels can promise what the node, once up, does not report (80 GB labelled,
+    # 79.6 GiB measured; MIG on): without a bound the job would wait, and the request keep
+    # the nodes up, for ever. Then it is rejected with the reason.
+    scale_up_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         problems = []
         for name in ("min_run_s", "restart_cost_s", "starvation_factor",
-                     "worker_start_grace_s"):
+                     "worker_start_grace_s", "scale_up_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
                 problems.append(f"{name} must be a number >= 0, got {value!r}")

@@ -122,3 +122,42 @@ def test_a_node_that_has_not_reported_yet_leaves_the_last_request_standing(aws_t
     assert core.scale_up_requests(T0 + 3) is None
     core.report(cpu_node("new", cpus=16), T0 + 4)
     assert len(core.scale_up_requests(T0 + 5)) == 8  # still only an A100 node would hold it
+
+
+def test_nodes_that_join_but_do_not_hold_the_job_end_its_wait_after_the_timeout(aws_types):
+    """An H100 labelled 80 GB reports 79.6 GiB: a job asking 80 GB waited, and kept asking
+    for (and keeping up) H100 nodes, for ever."""
+    from orchestrator.inventory import GIB, GpuInfo, NodeReport
+
+    core = core_with(cpu_node("cpu", cpus=16), scale_up_timeout_s=600.0)
+    core.node_types = aws_types
+    spec = JobSpec("big", num_workers=8, gpus_per_worker=1, min_gpu_memory_gb=80,
+                   accelerator_types=("H100",))
+    assert isinstance(core.submit(spec, "d", T0).decision, Queued)
+    h100 = NodeReport(node_id="h100", hostname="h100", ray_cpus=192, ray_gpus=8, cpu_count=192,
+                      load_avg_1m=0.0, ram_total_bytes=64 * GIB, ram_available_bytes=64 * GIB,
+                      gpus=tuple(GpuInfo(i, "NVIDIA H100 80GB HBM3", 81559 << 20, 81000 << 20)
+                                 for i in range(8)))
+    core.ray_nodes({"cpu", "h100"}, set(), T0 + 300)
+    core.report(h100, T0 + 300)
+    core.tick(T0 + 301)
+    assert isinstance(core.poll("big", "d", T0 + 302).decision, Queued)  # still within
+    assert len(core.scale_up_requests(T0 + 303)) == 8
+    core.report(h100, T0 + 605)
+    core.tick(T0 + 605)
+    gone = core.poll("big", "d", T0 + 606).decision
+    assert isinstance(gone, Rejection), gone
+    assert "waited 605 s (scale_up_timeout_s) for the autoscaler to add 1 x train_h100" \
+        in gone.message
+    assert core.scale_up_requests(T0 + 607) == []
+
+
+def test_a_node_that_never_reports_does_not_hold_the_request_for_ever(aws_types):
+    core = core_with(cpu_node("cpu", cpus=16), suspect_after_s=30.0)
+    core.node_types = aws_types
+    spec = JobSpec("train", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",))
+    core.submit(spec, "d", T0)
+    core.ray_nodes({"cpu", "mute"}, set(), T0 + 10)  # joins, its agent never reports
+    assert core.scale_up_requests(T0 + 11) is None  # just joined: not known yet
+    core.cancel("train", "d", T0 + 12)
+    assert core.scale_up_requests(T0 + 10 + 60) == []  # later: nothing held for it

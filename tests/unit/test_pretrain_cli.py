@@ -1,6 +1,7 @@
 """Bad input to jobs/pretrain.py: one clear line naming the problem, non-zero exit, no traceback.
 Each case fails before Ray starts, so these stay in the unit tier (run as real subprocesses)."""
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -183,3 +184,22 @@ def test_a_summary_missing_figures_is_still_printed(tmp_path, capsys):
     summary = _write_summary(result, TrainConfig(max_steps=5), placement, tmp_path, 1.0, [])
     assert summary["held_out_loss"] is None and (tmp_path / "summary.json").exists()
     assert "loss - -> - (held-out -), - tokens/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("train, job, said", [
+    (None, {}, "is not a run's config (its train and job sections must be mappings)"),
+    ({}, "x", "is not a run's config (its train and job sections must be mappings)"),
+    ({"lr": "fast"}, {}, "train.lr is 'fast', which no --lr could have given"),
+    ({}, {"accelerator_types": "A100"}, "job.accelerator_types is 'A100', which no "
+                                        "--accelerator-type could have given"),
+])
+def test_resume_names_a_config_json_it_cannot_inherit_from(tmp_path, train, job, said):
+    from jobs import pretrain
+    from orchestrator.config import ConfigError
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint_1").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"train": train, "job": job}))
+    args = pretrain.parse_args(["--resume", "--run-dir", str(run_dir)])
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        pretrain.inherit_run_settings(args, run_dir)
