@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -171,7 +173,7 @@ def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list
     # writing leaves the earlier export whole (it used to leave a new model beside the old
     # tokenizer, a pair transformers loads without a word). Only renames happen in `out`.
     _remove_stale_staging(out)
-    staging = out / f"{STAGING_PREFIX}{os.getpid()}"
+    staging = out / f"{STAGING_PREFIX}{_staging_owner()}"
     staging.mkdir()
     try:
         names = _write_hf_files(model, tokenizer, staging)
@@ -182,16 +184,32 @@ def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list
     return [out / name for name in names]
 
 
-STAGING_PREFIX = ".export-"  # + the exporting process's pid
+STAGING_PREFIX = ".export-"  # + the exporting host and process: "<host>-<pid>"
+# Another machine's staging directory (--out on shared storage) is only removed once this
+# old: whether its process still runs cannot be asked from here.
+FOREIGN_STAGING_AGE_S = 24 * 3600.0
+
+
+def _staging_owner() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _remove_stale_staging(out: Path) -> None:
     """Staging directories of exports that died (kill -9) hold a whole model each: removed,
-    unless their process still runs (an export into the same --out at the same time)."""
+    unless their process may still be writing (an export into the same --out at the same
+    time: on this host while its process runs, on another until a day has passed)."""
+    host = socket.gethostname()
     for staging in out.glob(f"{STAGING_PREFIX}*"):
-        pid = staging.name[len(STAGING_PREFIX):]
-        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
-            continue
+        owner_host, _, pid = staging.name[len(STAGING_PREFIX):].rpartition("-")
+        if owner_host == host and pid.isdigit():
+            if int(pid) != os.getpid() and _process_alive(int(pid)):
+                continue
+        else:
+            try:
+                if time.time() - staging.stat().st_mtime < FOREIGN_STAGING_AGE_S:
+                    continue
+            except OSError:
+                continue
         shutil.rmtree(staging, ignore_errors=True)
 
 

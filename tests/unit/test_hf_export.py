@@ -402,10 +402,20 @@ def test_export_never_overwrites_a_model_it_did_not_write_and_a_full_disk_keeps_
 def test_the_staging_of_an_export_killed_outright_is_removed_by_the_next(tmp_path):
     from jobs import export
 
+    import os
+    import socket
+
     save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
     out = tmp_path / "out"
-    dead = out / ".export-999999999"  # no such process
-    dead.mkdir(parents=True)
-    (dead / "model.safetensors").write_bytes(b"\0" * 1000)
+    host = socket.gethostname()
+    dead = out / f".export-{host}-999999999"  # no such process here
+    alive = out / f".export-{host}-{os.getppid()}"  # a process that runs: left alone
+    elsewhere = out / ".export-other-host-12"  # another machine's, fresh: left alone
+    old = out / ".export-gone-host-13"  # another machine's, two days old: removed
+    for staging in (dead, alive, elsewhere, old):
+        staging.mkdir(parents=True)
+        (staging / "model.safetensors").write_bytes(b"\0" * 1000)
+    os.utime(old, (0, os.path.getmtime(old) - 2 * 86400))
     assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
-    assert not dead.exists() and not list(out.glob(".export-*"))
+    assert sorted(p.name for p in out.glob(".export-*")) == sorted([alive.name,
+                                                                   elsewhere.name])
