@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
 from orchestrator.inventory import GpuInfo, declared_gpus
@@ -81,11 +82,10 @@ def _nvml_gpu(pynvml: Any, index: int) -> GpuInfo:
     before); utilization, NVLink and PCIe are optional: None where this GPU or driver lacks
     them (NotSupported on consumer cards, MIG slices, virtual GPUs)."""
     handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-    name, memory = _text(pynvml.nvmlDeviceGetName(handle)), None
-    mig = _mig_slice(pynvml, handle, name)
-    if mig is not None:  # what a worker given this GPU can use: one slice
-        name, memory = mig
-    memory = memory or pynvml.nvmlDeviceGetMemoryInfo(handle)
+    board = _text(pynvml.nvmlDeviceGetName(handle))
+    # With MIG on, what a worker given this GPU can use is one slice, not the board.
+    name, memory = _mig_slice(pynvml, handle, board) or (
+        board, pynvml.nvmlDeviceGetMemoryInfo(handle))
     utilization = _nvml_optional(pynvml, pynvml.nvmlDeviceGetUtilizationRates, handle)
     return GpuInfo(
         index=index,
@@ -122,15 +122,8 @@ def _mig_slice(pynvml: Any, handle: Any, board: str) -> tuple[str, Any] | None:
             slices.append((_text(pynvml.nvmlDeviceGetName(mig)),
                            pynvml.nvmlDeviceGetMemoryInfo(mig)))
     if not slices:
-        return f"{board} MIG (no instances)", _NO_MEMORY
+        return f"{board} MIG (no instances)", SimpleNamespace(total=0, free=0, used=0)
     return min(slices, key=lambda s: s[1].total)
-
-
-class _NoMemory:
-    total = free = used = 0
-
-
-_NO_MEMORY = _NoMemory()
 
 
 def _nvml_optional(pynvml: Any, query: Callable[..., Any], *args: Any) -> Any:

@@ -858,9 +858,10 @@ class SchedulerCore:
         Nor is it final when (given `spec`) only nodes the autoscaler can add would hold it."""
         if rejection.fits_when_free:
             return rejection
-        if spec is not None and self._awaits_new_nodes(spec, now):
+        plan = self._new_nodes_plan(spec, now) if spec is not None else None
+        if plan is not None:
             return dataclasses.replace(rejection, fits_when_free=True, message=(
-                f"{rejection.message}\n  {self._scale_up_reason(spec)}"))
+                f"{rejection.message}\n  {_scale_up_reason(plan)}"))
         missing = self._unreported()
         if not missing:
             return rejection
@@ -873,41 +874,35 @@ class SchedulerCore:
         autoscaler can add (None while some alive nodes have not reported: it is not known
         yet)."""
         rejection = self._cannot_hold(spec, now)
-        if rejection is None or self._scale_up(spec) is None:
+        plan = scale_up_plan(spec, self.node_types) if rejection is not None else None
+        if plan is None:
             self.awaiting_since.pop(spec.name, None)
             return rejection
         since = self.awaiting_since.setdefault(spec.name, now)
         if now - since <= self.settings.scale_up_timeout_s:
             return None  # it waits for the autoscaler (scale_up_requests)
         self.awaiting_since.pop(spec.name, None)
-        node_type, nodes = self._scale_up(spec)
+        node_type, nodes = plan
         return dataclasses.replace(rejection, message=(
             f"{rejection.message}\n  waited {now - since:.0f} s (scale_up_timeout_s) for the "
             f"autoscaler to add {nodes} x {node_type.name} node(s), and the nodes that joined "
             "do not hold it (do their labels promise more than they report?)"))
 
-    def _awaits_new_nodes(self, spec: JobSpec, now: float) -> bool:
-        """Only nodes the autoscaler can add would hold it (never with no node types).
-        Answered once per job shape and moment: the queue pass and scale_up_requests ask it
-        of every waiting job."""
+    def _new_nodes_plan(self, spec: JobSpec, now: float) -> tuple[NodeType, int] | None:
+        """(node type, nodes) when only nodes the autoscaler can add would hold the job, else
+        None (always with no node types). Answered once per job shape and moment: the queue
+        pass and scale_up_requests ask it of every waiting job."""
         if not self.node_types:
-            return False
+            return None
         key = _shape(spec)
         if self._awaits_memo[0] != now:
             self._awaits_memo = (now, {})
         memo = self._awaits_memo[1]
         if key not in memo:
-            memo[key] = self._scale_up(spec) is not None \
-                and self._cannot_hold(spec, now) is not None
+            plan = scale_up_plan(spec, self.node_types)
+            holdable = plan is None or self._cannot_hold(spec, now) is None
+            memo[key] = None if holdable else plan
         return memo[key]
-
-    def _scale_up(self, spec: JobSpec) -> tuple[NodeType, int] | None:
-        return scale_up_plan(spec, self.node_types) if self.node_types else None
-
-    def _scale_up_reason(self, spec: JobSpec) -> str:
-        node_type, nodes = self._scale_up(spec)
-        return (f"waiting for the autoscaler to add {nodes} x {node_type.name} node(s): the "
-                "cluster as it stands cannot hold it")
 
     def scale_up_requests(self, now: float) -> list[dict[str, float]] | None:
         """What to ask the autoscaler for (request_resources' bundles): the workers of every
@@ -917,9 +912,9 @@ class SchedulerCore:
         reported (for suspect_after_s): not known, the last request stands."""
         if self._unreported() and now - self._alive_changed_at < self.settings.suspect_after_s:
             return None  # (a node that never reports: afterwards nothing is held for it)
-        return [bundle for job in self.queue.ordered()
-                if self._awaits_new_nodes(job.spec, now)
-                for bundle in resource_bundles(job.spec, self._scale_up(job.spec)[0])]
+        plans = ((job.spec, self._new_nodes_plan(job.spec, now)) for job in self.queue.ordered())
+        return [bundle for spec, plan in plans if plan is not None
+                for bundle in resource_bundles(spec, plan[0])]
 
     def _cannot_hold(self, spec: JobSpec, now: float) -> Rejection | None:
         """A rejection when the job cannot fit even the idle healthy cluster as it stands
@@ -968,10 +963,11 @@ class SchedulerCore:
         refused = False  # a job was refused as backfill (see _repass_due)
         for job in self.queue.ordered():
             spec = job.spec
-            if self._awaits_new_nodes(spec, now):
+            new_nodes = self._new_nodes_plan(spec, now)
+            if new_nodes is not None:
                 # Out of line until its nodes join: it cannot start on the cluster as it
                 # stands, so it neither blocks nor plans a start for the jobs behind it.
-                self._wait_reason(job, self._scale_up_reason(spec))
+                self._wait_reason(job, _scale_up_reason(new_nodes))
                 self.awaiting_since.setdefault(spec.name, now)  # (its scale_up_timeout_s)
                 continue
             shape = _shape(spec)
@@ -1434,6 +1430,12 @@ class SchedulerCore:
 
 
 # -- small pure helpers ----------------------------------------------------------------------------
+
+def _scale_up_reason(plan: tuple[NodeType, int]) -> str:
+    node_type, nodes = plan
+    return (f"waiting for the autoscaler to add {nodes} x {node_type.name} node(s): the "
+            "cluster as it stands cannot hold it")
+
 
 def _shape(spec: JobSpec) -> tuple:
     """Jobs of one shape fit or fail alike: a failure is remembered for the pass."""

@@ -112,8 +112,8 @@ class InterruptibleTrainer(TorchTrainer):
     node. That wait runs inside Ray Train's controller, an async actor whose event loop it
     holds, so Ray Train's own Ctrl-C (ray.get of the controller's abort) waited for it to end.
     The first Ctrl-C now first withdraws the job from the scheduler's queue if it waits there
-    (fire and forget), so the wait's next poll finds it gone and stops; `interrupted` tells _fit the failure that
-    follows is the user's interrupt."""
+    (fire and forget), so the wait's next poll finds it gone and stops; `interrupted` tells
+    _fit that the failure which follows is the user's interrupt."""
 
     def __init__(self, *args, on_interrupt: Callable[[], None], **kwargs) -> None:
         super().__init__(*args, **kwargs)

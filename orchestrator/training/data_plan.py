@@ -262,7 +262,8 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
                      cache_root=cache_root, retokenize=retokenize, say=say)
     if init_from:
         model_dir = Path(init_from).expanduser().resolve()
-        _check_init_vocab(init_from, plan.tokenizer, own=Path(tokenizer).expanduser().resolve()
+        _check_init_vocab(init_from, hf["vocab_size"], plan.tokenizer,
+                          own=Path(tokenizer).expanduser().resolve()
                           in (model_dir, model_dir / "tokenizer.json"))
     if plan.tokenizer.eos_id is None:
         notes.append(f"the tokenizer ({plan.tokenizer.name}) has no end-of-text token (none "
@@ -303,12 +304,9 @@ def recorded_data(saved: dict[str, Any], run_dir: Path, cache_root: str | None =
                      None, notes)
 
 
-def _check_init_vocab(init_from: str, tokenizer: Tokenizer, own: bool) -> None:
-    """The model's embedding rows must be the tokenizer's ids. `own`: the tokenizer is the
-    tokenizer.json beside the model."""
-    from orchestrator.hf_export import read_hf_config
-
-    vocab = read_hf_config(init_from).get("vocab_size")
+def _check_init_vocab(init_from: str, vocab: int, tokenizer: Tokenizer, own: bool) -> None:
+    """The model's embedding rows (`vocab`, its config.json's) must be the tokenizer's ids.
+    `own`: the tokenizer is the tokenizer.json beside the model."""
     if vocab == tokenizer.vocab_size:
         return
     if own:  # e.g. an embedding table padded to a multiple of 64 past its tokenizer
