@@ -100,6 +100,9 @@ class _HeadPlan:
     # A GPU head's workers need CPUs beside their GPUs: free CPUs on its nodes now beyond
     # what it needs, which a job taking no GPUs may use (inf when units are CPUs already)
     spare_cpus: float = math.inf
+    # GPUs per family that jobs allowed only that family may take although the head could
+    # use it: they have first call there, and the head's room already leaves them out
+    first_call: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 # -- the core ------------------------------------------------------------------------------------
@@ -129,6 +132,9 @@ class SchedulerCore:
         self._awaits_memo: tuple[float, dict] = (math.nan, {})
         self.awaiting_since: dict[str, float] = {}  # job -> when it began waiting for nodes
         self._alive_changed_at = -math.inf  # when Ray's alive set last changed
+        # A waiting job was kept although it may never fit, as nodes had not reported: once
+        # they have (or suspect_after_s passed), the queue is checked again (_recheck_due)
+        self._verdicts_due = False
         self.queue = JobQueue(self._level if s.queue_order == "las" else None,
                               self._promote_after)
         self.running: dict[str, RunningJob] = {}
@@ -185,6 +191,8 @@ class SchedulerCore:
             self.state.reports else False
         self.state.update(report, now)
         outcome = Outcome(True)
+        if self._verdicts_due and not self._unknown_nodes(now):
+            outcome.add(self._reject_unfittable(now))  # the last node needed to judge them
         if not was_placeable and len(self.queue):  # capacity (re)appeared: waiting jobs may start
             outcome.add(self._drain(now))
         return outcome
@@ -505,7 +513,8 @@ class SchedulerCore:
         self.awaiting_since = {name: since for name, since in self.awaiting_since.items()
                                if name in self.queue.waiting}
         if expired or any(now - since > self.settings.scale_up_timeout_s
-                          for since in self.awaiting_since.values()):
+                          for since in self.awaiting_since.values()) \
+                or (self._verdicts_due and not self._unknown_nodes(now)):
             outcome.effects.append(Persist())
             outcome.add(self._reject_unfittable(now))
         outcome.add(self._drain(now))
@@ -847,6 +856,23 @@ class SchedulerCore:
             return 0
         return len(self.ray_alive - self.state.reports.keys())
 
+    def _unknown_nodes(self, now: float) -> int:
+        """Nodes whose capacity is not known yet: alive in Ray, not reported, and listed
+        alive (or the scheduler restored) less than suspect_after_s ago. Past that, a node
+        that never reports (its agent failed, its reports are refused) is not waited for: a
+        job that cannot fit the rest is rejected rather than kept for ever."""
+        missing = self._unreported()
+        since = max(self._alive_changed_at, self.restored_at or -math.inf)
+        if missing and now - since < self.settings.suspect_after_s:
+            return missing
+        return 0
+
+    def _judged_later(self, now: float) -> int:
+        """_unknown_nodes, remembering that a verdict waits for them (report and tick)."""
+        missing = self._unknown_nodes(now)
+        self._verdicts_due |= bool(missing)
+        return missing
+
     def _still_gathering(self, now: float) -> bool:
         """Just restarted, and nodes Ray lists alive have not reported yet."""
         return (self.restored_at is not None and self._unreported() > 0
@@ -862,7 +888,7 @@ class SchedulerCore:
         if plan is not None:
             return dataclasses.replace(rejection, fits_when_free=True, message=(
                 f"{rejection.message}\n  {_scale_up_reason(plan)}"))
-        missing = self._unreported()
+        missing = self._judged_later(now) if now is not None else self._unreported()
         if not missing:
             return rejection
         return dataclasses.replace(rejection, fits_when_free=True, message=(
@@ -910,7 +936,7 @@ class SchedulerCore:
         none: asking for nothing withdraws an earlier request, so nodes a job that left no
         longer needs can go idle and be removed. None while a node that just joined has not
         reported (for suspect_after_s): not known, the last request stands."""
-        if self._unreported() and now - self._alive_changed_at < self.settings.suspect_after_s:
+        if self._unknown_nodes(now):
             return None  # (a node that never reports: afterwards nothing is held for it)
         plans = ((job.spec, self._new_nodes_plan(job.spec, now)) for job in self.queue.ordered())
         return [bundle for spec, plan in plans if plan is not None
@@ -919,7 +945,7 @@ class SchedulerCore:
     def _cannot_hold(self, spec: JobSpec, now: float) -> Rejection | None:
         """A rejection when the job cannot fit even the idle healthy cluster as it stands
         (None while some alive nodes have not reported: it is not known yet)."""
-        if self._unreported():
+        if self._judged_later(now):
             return None
         idle = worker_capacity(spec, self.state, now, ignore_reservations=True)
         if int(idle.sum()) >= spec.num_workers:
@@ -931,8 +957,10 @@ class SchedulerCore:
         return None  # cannot happen (idle capacity >= free capacity); keep the job
 
     def _reject_unfittable(self, now: float) -> Outcome:
-        """Nodes left: waiting jobs that can never fit now are dropped with the reason."""
+        """Nodes left, or the last unknown ones reported: waiting jobs that can never fit now
+        are dropped with the reason."""
         outcome = Outcome()
+        self._verdicts_due = False  # (set again while nodes are still unknown)
         for job in self.queue.ordered():
             never = self._never_fits(job.spec, now)
             if never is not None:
@@ -986,7 +1014,7 @@ class SchedulerCore:
                 placement = self._place(spec, now, job.owner, free_gpus=free_gpus)
             except PlacementError as e:
                 failed_shapes.add(shape)
-                if not self._not_final(e.rejection).fits_when_free:
+                if not self._not_final(e.rejection, now=now).fits_when_free:
                     self.queue.reject(spec.name, e.rejection)
                     self._forget_preemption(spec.name)
                     outcome.samples += catalogue.decision_samples(
@@ -1052,8 +1080,11 @@ class SchedulerCore:
         kept off (_family_choice) are not its: jobs that may run only there do not delay it."""
         spec = head.spec
         choice = self._family_choice(spec, free_gpus)
+        first_call = {}
         if choice is not None and choice.usable:
             spec = spec.narrowed(accelerator_types=choice.usable)
+            waiting = self.queue.gpus_by_allowed
+            first_call = {f: waiting[(f,)] for f in choice.usable if waiting.get((f,))}
         usable, per_gpu = self._head_units(spec, now)
         if choice is not None and not choice.usable:
             usable = np.zeros_like(usable)
@@ -1080,7 +1111,7 @@ class SchedulerCore:
             free_cpus = np.maximum(t.cpus[:n] - t.taken(n)[0], 0)[placeable].sum()
             # (never below 0: a job taking no CPUs there never delays the head)
             spare_cpus = max(float(free_cpus) - head.spec.total_cpus, 0.0)
-        return _HeadPlan(head.spec.name, usable, per_gpu, shadow, extra, spare_cpus)
+        return _HeadPlan(head.spec.name, usable, per_gpu, shadow, extra, spare_cpus, first_call)
 
     def _running_by_end(self, now: float) -> Iterator[tuple[float, str]]:
         """(expected end, name) of the running jobs with an estimate, soonest first: those
@@ -1102,6 +1133,12 @@ class SchedulerCore:
         """EASY's test: the job does not delay the head's reserved start."""
         reservations = placement.reservations()
         units = _units_on(reservations, plan.usable, self.state, plan.per_gpu)
+        only = allowed_families(spec)
+        if units and len(only) == 1 and units <= plan.first_call.get(only[0], 0):
+            # Its family's GPUs it takes were never the head's (the head's room there leaves
+            # them out): refusing it would idle them while the head waits for them for ever.
+            plan.first_call[only[0]] -= units
+            return True
         if units == 0:
             # Capacity the head cannot use; but a job taking no GPUs may still take the CPUs
             # the head's workers need beside theirs: only those it does not need.

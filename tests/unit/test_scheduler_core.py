@@ -907,3 +907,56 @@ def test_a_drivers_ctrl_c_withdraws_a_waiting_job_and_leaves_a_running_one_held(
     assert set(core.running) == {"train"} and "next" in core.queue.waiting
     assert core.cancel("next", "d2", T0 + 3, waiting_only=True).decision is True
     assert "next" not in core.queue.waiting and set(core.running) == {"train"}
+
+
+# -- found by a review of the core under random event sequences (2026-12-05) ----------------------
+
+def ticked(core, since, seconds, step=5.0):
+    now = since
+    while now < since + seconds:
+        now += step
+        core.tick(now, gauges=False)
+    return now
+
+
+def test_a_flexible_head_kept_off_a_family_lets_the_jobs_with_first_call_there_start():
+    # 'any' is kept off the A100s because 'a100-only' has first call on them, and the rest
+    # cannot hold it; 'a100-only' was refused as backfill for delaying 'any' on those same
+    # A100s: both waited for ever on an idle cluster.
+    core = core_with(gpu_node("a100", gpus=4), gpu_node("h100", gpus=1, family="H100"),
+                     gpu_node("t4", gpus=1, family="T4"))
+    core.submit(gpus("blocker", 4, accelerator_types=("A100",)), "d", T0)
+    assert isinstance(core.submit(gpus("any", 4), "d", T0 + 1).decision, Queued)
+    assert isinstance(core.submit(gpus("a100-only", 4, accelerator_types=("A100",)), "d",
+                                  T0 + 2).decision, Queued)
+    core.release("blocker", "d", T0 + 3)
+    ticked(core, T0 + 3, 60)
+    assert set(core.running) == {"a100-only"}
+    core.release("a100-only", "d", T0 + 100)  # then the A100s are the flexible job's
+    assert set(core.running) == {"any"}
+
+
+def test_a_job_that_never_fits_is_rejected_once_the_unreported_nodes_report():
+    # Submitted while a node Ray lists alive had not reported ("not known yet"), it was then
+    # never judged again: queued for ever, "fits once running jobs release their reservations".
+    core = SchedulerCore(SchedulerSettings(suspect_after_s=15, dead_after_s=60))
+    core.ray_nodes({"t4-a", "t4-b"}, set(), T0)
+    core.report(gpu_node("t4-a", family="T4"), T0)
+    a100_job = gpus("needs-a100", 1, accelerator_types=("A100",))
+    assert isinstance(core.submit(a100_job, "d", T0).decision, Queued)
+    core.report(gpu_node("t4-b", family="T4"), T0 + 1)
+    rejection = core.poll("needs-a100", "d", T0 + 1).decision
+    assert isinstance(rejection, Rejection) and "not one of A100" in rejection.message
+
+
+def test_a_node_that_never_reports_is_not_waited_for_past_suspect_after_s():
+    core = SchedulerCore(SchedulerSettings(suspect_after_s=15, dead_after_s=60))
+    core.ray_nodes({"t4-a", "silent"}, set(), T0)
+    core.report(gpu_node("t4-a", family="T4"), T0)
+    assert isinstance(core.submit(gpus("huge", 100, accelerator_types=("A100",)), "d",
+                                  T0).decision, Queued)  # the silent node might hold it
+    for now in (T0 + 5, T0 + 10, T0 + 20):
+        core.report(gpu_node("t4-a", family="T4"), now)
+        core.tick(now, gauges=False)
+    assert isinstance(core.poll("huge", "d", T0 + 20).decision, Rejection)
+    assert isinstance(core.submit(gpus("huge2", 100), "d", T0 + 21).decision, Rejection)
