@@ -648,7 +648,7 @@ class SchedulerCore:
                 restore(saved.get(key, {}))
             except Exception as e:  # corrupt or from another version: keep going
                 problems.append(f"cannot restore scheduler {key}, skipping it: {e}")
-        return problems + self._release_unowned_reservations()
+        return problems + self._release_unowned_reservations() + self._drop_unowned_ready()
 
     def _release_unowned_reservations(self) -> list[str]:
         """Every reservation is a running job's (or its migration claim's): one whose job
@@ -659,6 +659,20 @@ class SchedulerCore:
             self.state.release(name)
         return [f"released the reservation of {name!r}: no running job of that name was "
                 "restored" for name in unowned]
+
+    def _drop_unowned_ready(self) -> list[str]:
+        """A placement not yet collected whose running job could not be restored: its
+        reservation was released, so handing it to the driver would give the same devices to
+        two jobs. Its driver is told to submit again instead."""
+        unowned = [name for name in self.queue.ready if name not in self.running]
+        for name in unowned:
+            placement = self.queue.ready.pop(name)
+            self.queue.keep_rejection(name, Rejection(
+                name, f"job '{name}' was placed, but the scheduler restarted and could not "
+                "restore its record: submit it again", fits_when_free=True),
+                placement.owner)
+        return [f"withdrew the placement of {name!r} not yet collected: no running job of "
+                "that name was restored" for name in unowned]
 
     def _restore_running(self, data: dict) -> list[str]:
         """The running jobs, one by one: one that cannot be read is named and skipped, the

@@ -960,3 +960,24 @@ def test_a_node_that_never_reports_is_not_waited_for_past_suspect_after_s():
         core.tick(now, gauges=False)
     assert isinstance(core.poll("huge", "d", T0 + 20).decision, Rejection)
     assert isinstance(core.submit(gpus("huge2", 100), "d", T0 + 21).decision, Rejection)
+
+
+def test_a_placement_whose_record_is_not_restored_is_withdrawn_not_handed_out():
+    # Placed from the queue, not yet collected, its running record unreadable after a
+    # restart: its reservation was released but its placement still handed to its driver,
+    # and the same GPUs were then given to another job as well.
+    core = core_with(gpu_node("a", gpus=4))
+    core.submit(gpus("big", 4), "d1", T0)
+    core.submit(gpus("j", 4), "d2", T0)
+    core.release("big", "d1", T0 + 1)
+    assert "j" in core.queue.ready
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["running"]["j"]["spec"]["num_workers"] = "4"  # that one record unreadable
+    restored = SchedulerCore(core.settings)
+    problems = restored.restore(saved)
+    assert any("withdrew the placement of 'j'" in p for p in problems)
+    restored.ray_nodes({"a"}, set(), T0 + 2)
+    restored.report(gpu_node("a", gpus=4), T0 + 2)
+    told = restored.poll("j", "d2", T0 + 3).decision
+    assert isinstance(told, Rejection) and "submit it again" in told.message
+    assert isinstance(restored.submit(gpus("other", 4), "d3", T0 + 4).decision, Placement)
