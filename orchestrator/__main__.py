@@ -146,6 +146,8 @@ def refusal(command: str, name: str, row: dict[str, Any] | None) -> str:
         return (f"job {name!r} is not preemptible (its JobSpec says preemptible: false): its "
                 "loop never checkpoints on request, so it cannot be told to stop; stop its "
                 "driver instead (`ray job stop`, or Ctrl-C)")
+    if command == "preempt" and row is not None and row.get("reason", "").startswith("cancel"):
+        return f"job {name!r} is being cancelled: it stops at its next step boundary"
     return f"no job named {name!r} is {'running' if command == 'preempt' else 'running or waiting'}"
 
 

@@ -420,10 +420,15 @@ class SchedulerCore:
 
     def preempt(self, job_name: str, now: float, reason: str = "preempted by an operator"
                 ) -> Outcome:
-        """An operator's preemption: the job checkpoints, yields and waits in the queue."""
+        """An operator's preemption: the job checkpoints, yields and waits in the queue. A
+        job already told to stop for good (cancelled) is not brought back; one already
+        being preempted stays so (done)."""
         if job_name not in self.running or job_name in self.queue.ready \
                 or not self.running[job_name].spec.preemptible:
             return Outcome(False)
+        directive = self.running[job_name].directive
+        if directive is not None and directive.kind in (CANCEL, PREEMPT):
+            return Outcome(directive.kind == PREEMPT)
         outcome = self._direct(job_name, PREEMPT, reason, now)
         outcome.decision = True
         return outcome
@@ -1329,6 +1334,10 @@ class SchedulerCore:
     def _direct(self, job_name: str, kind: str, reason: str, now: float, for_job: str = "",
                 target: Placement | None = None) -> Outcome:
         job = self.running[job_name]
+        if job.directive is not None and job.directive.for_job not in ("", for_job):
+            # No longer that waiting job's victim: it must not wait on it for ever (and look
+            # for no other victims meanwhile)
+            self.preempting.get(job.directive.for_job, set()).discard(job_name)
         job.directive = Directive(kind, reason, now, for_job, target)
         return Outcome(effects=[Persist(), Yield(job_name, job.placement.owner, kind, reason,
                                                  target.worker_nodes if target else ())])

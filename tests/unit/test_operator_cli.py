@@ -64,6 +64,9 @@ def test_operator_preempt_and_cancel_say_what_happens_and_refuse_unknown_jobs(ca
     assert code == 2 and "no job named 'nope' is running or waiting" in out.err
     code, out = run("cancel", "low", core, capsys)  # running: checkpoints first
     assert code == 0 and core.directive("low", T0 + 6).kind == "cancel"
+    code, out = run("preempt", "low", core, capsys)  # a cancel is not undone
+    assert code == 2 and "'low' is being cancelled" in out.err
+    assert core.directive("low", T0 + 7).kind == "cancel"
 
 
 def test_a_job_that_is_not_preemptible_is_never_told_to_stop_and_the_operator_hears_why(capsys):

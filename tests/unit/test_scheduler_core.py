@@ -981,3 +981,27 @@ def test_a_placement_whose_record_is_not_restored_is_withdrawn_not_handed_out():
     told = restored.poll("j", "d2", T0 + 3).decision
     assert isinstance(told, Rejection) and "submit it again" in told.message
     assert isinstance(restored.submit(gpus("other", 4), "d3", T0 + 4).decision, Placement)
+
+
+def test_an_operators_preempt_does_not_undo_a_cancel():
+    core = core_with(gpu_node("a", gpus=4))
+    core.submit(gpus("job", 4), "d", T0)
+    assert core.cancel("job", "", T0 + 1).decision is True
+    assert core.preempt("job", T0 + 2).decision is False  # it was put back in the queue
+    assert isinstance(core.yielded("job", "d", T0 + 3).decision, Rejection)
+    assert "job" not in core.running and "job" not in core.queue.waiting
+
+
+def test_a_victim_told_something_else_is_no_longer_waited_on_by_its_preemptor():
+    # v1 was preempted for x, then cancelled by an operator: x kept waiting for v1 in
+    # `preempting` for ever and never looked for another victim while v2 ran on.
+    core = core_with(gpu_node("a", gpus=4), gpu_node("b", gpus=4))
+    core.submit(gpus("v1", 4), "d", T0)
+    core.submit(gpus("v2", 4), "d", T0)
+    core.submit(gpus("x", 8, priority=1), "dx", T0 + 100)
+    assert core.preempting["x"] == {"v1", "v2"}
+    core.cancel("v1", "", T0 + 101)
+    assert core.preempting["x"] == {"v2"}
+    assert core.running["v1"].directive.kind == CANCEL
+    assert core.preempt("v2", T0 + 102).decision is True  # already yielding: left as it is
+    assert core.running["v2"].directive.for_job == "x"
