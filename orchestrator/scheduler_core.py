@@ -283,6 +283,7 @@ class SchedulerCore:
                 f"job '{name}' already holds a reservation or waits in the queue: a job of "
                 "that name is running (two launches of the same run?)")),
                 catalogue.REJECT_DUPLICATE)
+        self.excluded_gpus.pop(name, None)  # an earlier job's of this name (a new run now)
         self._learn_typical_speed(spec)
         self.queue.add(QueuedJob(spec, owner, now, "submitted"))
         outcome = Outcome(effects=[Persist()])
@@ -517,6 +518,10 @@ class SchedulerCore:
         outcome = Outcome({"expired": expired, "lost_reservations": lost})
         self.awaiting_since = {name: since for name, since in self.awaiting_since.items()
                                if name in self.queue.waiting}
+        # GPUs excluded for a job that has gone (its driver died, it was rejected): not a
+        # later job's of that name
+        self.excluded_gpus = {name: gpus for name, gpus in self.excluded_gpus.items()
+                              if self.owner_of(name) is not None}
         if expired or any(now - since > self.settings.scale_up_timeout_s
                           for since in self.awaiting_since.values()) \
                 or (self._verdicts_due and not self._unknown_nodes(now)):
@@ -736,6 +741,9 @@ class SchedulerCore:
                              excluded_gpus=excluded)
             except PlacementError as e:
                 why = e.rejection.message.splitlines()[0]
+        never = self._cannot_hold(spec, now)
+        if never is not None:  # (its own excluded GPUs, say): waiting would not help
+            raise PlacementError(never)
         kept = (f"; kept off {'/'.join(choice.kept_off)}: jobs that can run only there wait "
                 "for it or hold most of it" if choice.kept_off else "")
         raise PlacementError(Rejection(spec.name, (why or f"cannot place job '{spec.name}' "
@@ -966,11 +974,13 @@ class SchedulerCore:
         (None while some alive nodes have not reported: it is not known yet)."""
         if self._judged_later(now):
             return None
-        idle = worker_capacity(spec, self.state, now, ignore_reservations=True)
+        excluded = frozenset(self.excluded_gpus.get(spec.name, ()))
+        idle = worker_capacity(spec, self.state, now, ignore_reservations=True,
+                               excluded_gpus=excluded)
         if int(idle.sum()) >= spec.num_workers:
             return None  # (a bandwidth floor may still stand in the way: place() says so)
         try:
-            place(spec, self.state, now, explain=False)
+            place(spec, self.state, now, explain=False, excluded_gpus=excluded)
         except PlacementError as e:
             return e.rejection
         return None  # cannot happen (idle capacity >= free capacity); keep the job
@@ -1017,7 +1027,8 @@ class SchedulerCore:
                 self._wait_reason(job, _scale_up_reason(new_nodes))
                 self.awaiting_since.setdefault(spec.name, now)  # (its scale_up_timeout_s)
                 continue
-            shape = _shape(spec)
+            # (a job's own excluded GPUs make its shape its own: its failure is not others')
+            shape = _shape(spec), frozenset(self.excluded_gpus.get(spec.name, ()))
             if shape in failed_shapes or not _counts_allow(spec, free_gpus, free_cpus,
                                                            self.state):
                 if shape not in failed_shapes:
@@ -1090,7 +1101,9 @@ class SchedulerCore:
         """Which node rows hold capacity the head could use, and whether units are GPUs."""
         t = self.state.table
         n = len(t)
-        usable = worker_capacity(head, self.state, now, ignore_reservations=True) > 0
+        excluded = frozenset(self.excluded_gpus.get(head.name, ()))
+        usable = worker_capacity(head, self.state, now, ignore_reservations=True,
+                                 excluded_gpus=excluded) > 0
         return usable[:n], head.gpus_per_worker > 0
 
     def _head_plan(self, head: QueuedJob, now: float, free_gpus: dict[int, int]) -> _HeadPlan:

@@ -1005,3 +1005,32 @@ def test_a_victim_told_something_else_is_no_longer_waited_on_by_its_preemptor():
     assert core.running["v1"].directive.kind == CANCEL
     assert core.preempt("v2", T0 + 102).decision is True  # already yielding: left as it is
     assert core.running["v2"].directive.for_job == "x"
+
+
+def test_excluded_gpus_die_with_their_job_and_never_leave_it_waiting_for_ever():
+    core = core_with(gpu_node("a", gpus=4), gpu_node("b", gpus=4))
+    run1 = gpus("run1", 1, min_gpu_memory_gb=40)
+    node = core.submit(run1, "d1", T0).decision.worker_nodes[0]
+    core.gpu_too_small("run1", "d1", [(node, 0)], T0 + 1)
+    node = core.poll("run1", "d1", T0 + 2).decision.worker_nodes[0]
+    core.gpu_too_small("run1", "d1", [(node, 0)], T0 + 3)  # again: the whole node excluded
+    core.owners_dead({"d1"}, T0 + 4)  # its driver killed; the run resubmitted, same name
+    assert isinstance(core.submit(gpus("run1", 8), "d2", T0 + 5).decision, Placement)
+    # A job allowed two families, excluded from a GPU the idle cluster cannot do without:
+    # rejected, not queued for ever ("room for 2 worker(s)").
+    core = core_with(gpu_node("a", gpus=2), gpu_node("t", gpus=1, family="T4"))
+    core.submit(gpus("m", 3, accelerator_types=("A100", "T4")), "d", T0)
+    told = core.gpu_too_small("m", "d", [("t", 0)], T0 + 1).decision
+    assert isinstance(told, Rejection) and "1 excluded for this job" in told.message
+
+
+def test_a_jobs_own_excluded_gpus_do_not_hold_back_same_shaped_jobs_behind_it():
+    core = core_with(gpu_node("a", gpus=4), gpu_node("c", gpus=2))
+    for name, n in (("L", 2), ("b", 1), ("x", 2)):
+        core.submit(gpus(name, n), "d", T0)
+    core.submit(gpus("y", 2), "d", T0)  # waits: 1 GPU free
+    core.gpu_too_small("x", "d", [("a", 0), ("a", 1)], T0 + 1)
+    core.gpu_too_small("x", "d", [("a", 2)], T0 + 2)  # x waits; 3 GPUs free on a
+    ticked(core, T0 + 2, 20)
+    row = {r["job"]: r for r in core.jobs(T0 + 30)}["y"]
+    assert "1 free now" not in row["reason"]  # its reason was x's shape's, and stale
