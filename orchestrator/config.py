@@ -186,6 +186,13 @@ class JobSpec:
         return copy
 
     def validate(self) -> None:
+        # (Python refuses to print an int of over 4,300 digits: the messages below would
+        # fail with a ValueError of their own)
+        huge = [f.name for f in dataclasses.fields(self)
+                if is_int(getattr(self, f.name)) and abs(getattr(self, f.name)) > 10**18]
+        if huge:
+            raise ConfigError(f"invalid JobSpec: {', '.join(huge)} must be far smaller "
+                              "(over 18 digits)")
         p: list[str] = []
         _check(p, isinstance(self.name, str) and self.name.strip() != "",
                f"name must be a non-empty string, got {self.name!r}")
@@ -204,7 +211,9 @@ class JobSpec:
                f"got {self.min_gpu_memory_gb!r}")
         _check(p, is_number(self.min_bandwidth_gbps) and self.min_bandwidth_gbps >= 0,
                f"min_bandwidth_gbps must be a number >= 0, got {self.min_bandwidth_gbps!r}")
-        _check(p, is_int(self.priority), f"priority must be an integer, got {self.priority!r}")
+        _check(p, is_int(self.priority) and -2**31 <= self.priority < 2**31,
+               f"priority must be an integer in [-2147483648, 2147483647], "
+               f"got {self.priority!r}")
         _check(p, isinstance(self.preemptible, bool),
                f"preemptible must be true or false, got {self.preemptible!r}")
         _check(p, self.expected_duration_s is None

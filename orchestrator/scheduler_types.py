@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement
 from orchestrator.queue import placement_from_dict, placement_to_dict, service_size
+from orchestrator.validation import is_int
 
 PREEMPT, MIGRATE, CANCEL = "preempt", "migrate", "cancel"  # the kinds of Yield and Directive
 
@@ -65,14 +66,25 @@ class SchedulerSettings:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("min_run_s", "restart_cost_s", "starvation_factor",
-                     "worker_start_grace_s", "scale_up_timeout_s"):
+        for name in ("preemption", "migration", "backfill", "synthetic_nodes",
+                     "comparative_advantage"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0):
-                problems.append(f"{name} must be a number >= 0, got {value!r}")
+            if not isinstance(value, bool):  # "false" in a settings file would mean on
+                problems.append(f"{name} must be true or false, got {value!r}")
+        # Durations and rates may be infinite (the simulator's never-silent nodes), not NaN.
+        for name, low in (("suspect_after_s", 0), ("dead_after_s", 0), ("inter_group_gbps", 0),
+                          ("max_load_per_cpu", 0), ("min_run_s", None),
+                          ("restart_cost_s", None), ("starvation_factor", None),
+                          ("worker_start_grace_s", None), ("scale_up_timeout_s", None)):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and not math.isnan(value) and (value > low if low is not None else value >= 0)
+            if not ok:
+                problems.append(f"{name} must be a number {'>' if low is not None else '>='}"
+                                f" 0, got {value!r}")
         for name in ("max_preemptions", "failed_placements_per_pass"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= (0 if name == "max_preemptions" else 1)):
+            if not (is_int(value) and value >= (0 if name == "max_preemptions" else 1)):
                 problems.append(f"{name} must be a whole number >= "
                                 f"{0 if name == 'max_preemptions' else 1}, got {value!r}")
         if self.queue_order not in ("las", "fifo"):
@@ -83,7 +95,7 @@ class SchedulerSettings:
                 and list(thresholds) == sorted(set(thresholds))):
             problems.append("las_thresholds_gpu_s must be increasing numbers > 0, got "
                             f"{thresholds!r}")
-        if not (isinstance(self.preemption_searches_per_pass, int)
+        if not (is_int(self.preemption_searches_per_pass)
                 and self.preemption_searches_per_pass >= 1):
             problems.append("preemption_searches_per_pass must be a whole number >= 1, got "
                             f"{self.preemption_searches_per_pass!r}")

@@ -80,6 +80,18 @@ def test_a_job_file_that_is_not_utf8_or_names_a_migration_claim_is_named(tmp_pat
         resolve_fit_run_dir(JobSpec("my/run"), None, False)
 
 
+def test_a_number_too_long_to_print_is_named_not_a_traceback(tmp_path):
+    # Python will not read or print an int of over 4,300 digits: a ValueError escaped
+    path = tmp_path / "job.yaml"
+    write(path, "name: a\nentrypoint: m:f\npriority: " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=f"{path}: holds a number of over 4,300 digits"):
+        load_job_file(path)
+    with pytest.raises(ConfigError, match="priority must be far smaller"):
+        JobSpec("a", priority=10**5000)
+    with pytest.raises(ConfigError, match=r"priority must be an integer in \[-2147483648"):
+        JobSpec("a", priority=2**40)
+
+
 @pytest.mark.parametrize("line, expected", [
     ("max_failures: -1", "max_failures must be an integer >= 0, got -1"),
     ("max_failures: '3'", "max_failures must be an integer >= 0, got '3'"),

@@ -1034,3 +1034,16 @@ def test_a_jobs_own_excluded_gpus_do_not_hold_back_same_shaped_jobs_behind_it():
     ticked(core, T0 + 2, 20)
     row = {r["job"]: r for r in core.jobs(T0 + 30)}["y"]
     assert "1 free now" not in row["reason"]  # its reason was x's shape's, and stale
+
+
+@pytest.mark.parametrize("bad, field", [({"backfill": "false"}, "backfill"),
+                                        ({"preemption": 0}, "preemption"),
+                                        ({"min_run_s": True}, "min_run_s"),
+                                        ({"inter_group_gbps": float("nan")}, "inter_group_gbps"),
+                                        ({"max_load_per_cpu": -1}, "max_load_per_cpu"),
+                                        ({"suspect_after_s": "15"}, "suspect_after_s")])
+def test_every_scheduler_setting_is_checked_and_named(bad, field):
+    # "false" in a settings file left backfill on; a string duration failed with a TypeError
+    # deep in the core.
+    with pytest.raises(ValueError, match=field):
+        SchedulerSettings(**bad)
