@@ -157,7 +157,8 @@ class JobSpec:
     min_bandwidth_gbps: float = 0.0  # floor between every pair of nodes the job spans, GB/s
     accelerator_types: tuple[str, ...] = ()  # allowed accelerator families; () = any
     priority: int = 0  # higher is placed first when jobs wait in the queue
-    # The user's estimate of the run time in seconds (as Slurm's time limit); None = unknown.
+    # The user's estimate of the run time in seconds (like Slurm's time limit, never enforced:
+    # it plans backfill and migration); None = unknown.
     # Lets the queue backfill a job into a gap that ends before a blocked job could start,
     # and lets the scheduler weigh a migration's gain against its restart cost.
     expected_duration_s: float | None = None

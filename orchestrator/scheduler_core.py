@@ -9,7 +9,10 @@ state, start an agent on a node, tell a running job to yield, metric samples.
 
 What it decides:
 - **Queue.** A job that fits the cluster but not its free capacity waits, highest priority
-  first, then first submitted. A job that can never fit is rejected with the reason.
+  first, then (`queue_order` "las") least attained service (Tiresias' levels of GPU-seconds
+  run so far) and first submitted within a level, or ("fifo") first submitted. A job that can
+  never fit is rejected with the reason (once every node Ray lists alive has reported, or
+  `suspect_after_s` has passed).
 - **Backfill (EASY).** When the first waiting job (the head) cannot start, later jobs may
   start only if they do not delay it: the head gets a reservation at its earliest start time
   (the *shadow time*), computed from the running jobs' expected ends
@@ -18,8 +21,9 @@ What it decides:
   (another accelerator type). Without estimates, only the last. Look-ahead is bounded by cost
   (failed placement attempts per pass), not by a count of jobs: a job whose shape already
   failed in this pass, or whose GPU/CPU count exceeds what is free, costs a dict look-up.
-- **Preemption.** A waiting job of higher priority that fits the cluster but not its free
-  capacity may preempt lower-priority running jobs: victims lowest priority first, then least
+- **Preemption.** A waiting job of higher priority (or, under LAS, the same priority and a
+  lower service level) that fits the cluster but not its free capacity may preempt running
+  jobs it outranks: victims lowest priority first, then least
   work lost since their last checkpoint, the fewest that make room. A job runs at least
   `min_run_s` between preemptions (no thrashing) and is not preempted again once preempted
   `max_preemptions` times (ageing). Victims keep their reservation until they yield, so nothing
@@ -637,7 +641,8 @@ class SchedulerCore:
                 "running": {name: job.to_dict() for name, job in self.running.items()},
                 "preempting": {name: sorted(v) for name, v in self.preempting.items()},
                 "excluded_gpus": {name: sorted(v) for name, v in self.excluded_gpus.items()},
-                "silent_nodes": self.state.silence_to_dict()}
+                "silent_nodes": self.state.silence_to_dict(),
+                "settings": dataclasses.asdict(self.settings)}
 
     def restore(self, saved: dict) -> list[str]:
         """Reload what a previous incarnation promised; returns the problems met. A part that

@@ -33,7 +33,7 @@ class SchedulerSettings:
     max_preemptions: int = 3  # ageing: a job preempted this often is not preempted again
     migration: bool = True
     restart_cost_s: float = 120.0  # checkpoint + restart, what a migration must win back
-    backfill: bool = True  # False: strict FIFO, nothing starts while an earlier job waits
+    backfill: bool = True  # False: strict queue order, nothing starts while an earlier job waits
     # A job's workers start some seconds after its placement (its driver polls, then Ray Train
     # starts them). Until this long after a placement, Ray's usage on its nodes may not show
     # it yet, so what Ray work outside the scheduler holds there is never lowered meanwhile:
@@ -104,6 +104,25 @@ class SchedulerSettings:
                             f"{self.protect_share!r}")
         if problems:
             raise ValueError("invalid scheduler settings: " + "; ".join(problems))
+
+
+def settings_to_run_with(given: dict, saved_state: dict) -> tuple[SchedulerSettings, str]:
+    """The settings a scheduler starts with, and a problem met ("" if none): those `given`;
+    none given (recreated by ensure_scheduler() after it was lost, not restarted by Ray,
+    which keeps the arguments), those its predecessor ran with, saved with its state
+    (SchedulerCore.to_dict), so a cluster's settings are not quietly reset to the defaults."""
+    if given:
+        return SchedulerSettings(**given), ""
+    saved = saved_state.get("settings") if isinstance(saved_state, dict) else None
+    if not saved:
+        return SchedulerSettings(), ""
+    try:
+        known = {f: saved[f] for f in SchedulerSettings.__dataclass_fields__ if f in saved}
+        if isinstance(known.get("las_thresholds_gpu_s"), list):  # (JSON has no tuples)
+            known["las_thresholds_gpu_s"] = tuple(known["las_thresholds_gpu_s"])
+        return SchedulerSettings(**known), ""
+    except (TypeError, ValueError) as e:
+        return SchedulerSettings(), f"saved scheduler settings unreadable, using the defaults: {e}"
 
 
 # -- effects ----------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from orchestrator.config import JobSpec
 from orchestrator.inventory import NodeReport, silent_agent
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.scheduler_core import SchedulerCore
-from orchestrator.scheduler_types import Outcome, SchedulerSettings, Yield
+from orchestrator.scheduler_types import (Outcome, SchedulerSettings, Yield,
+                                          settings_to_run_with)
 from orchestrator.throughput import ThroughputTable
 from ray_layer.node_agent import ensure_agent
 from ray_layer.scheduler_client import NAMESPACE, get_agent
@@ -76,8 +77,8 @@ class SchedulerActor:
         # hence looked up through self at each call).
         self.throughput = ThroughputTable()
         self._throughput_unsaved = False
-        self.core = SchedulerCore(SchedulerSettings(**settings), speed=self._speed)
         self.store = _GcsStore()
+        self.core = SchedulerCore(self._settings(settings), speed=self._speed)
         self.lock = threading.RLock()  # Ray's thread and the maintenance thread
         self._ray_checked_at = float("-inf")
         self._restore()
@@ -370,6 +371,19 @@ class SchedulerActor:
         with self.lock:
             self._apply(self.core.ray_nodes(alive, dead, time.time()))
             self._apply(self.core.ray_usage(available, time.time()))
+
+    def _settings(self, given: dict) -> SchedulerSettings:
+        try:
+            saved = {} if given else self.store.load()
+        except Exception:  # unreadable state: _restore says so
+            saved = {}
+        settings, problem = settings_to_run_with(given, saved)
+        if problem:
+            log.error(problem)
+        elif not given and isinstance(saved, dict) and saved.get("settings"):
+            log.warning("scheduler recreated with no settings: running with those saved by "
+                        "its predecessor")
+        return settings
 
     def _restore(self) -> None:
         """Reload what a previous incarnation promised. A part that cannot be read (corrupt,

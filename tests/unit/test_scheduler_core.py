@@ -1047,3 +1047,19 @@ def test_every_scheduler_setting_is_checked_and_named(bad, field):
     # deep in the core.
     with pytest.raises(ValueError, match=field):
         SchedulerSettings(**bad)
+
+
+def test_a_scheduler_recreated_without_settings_runs_with_its_predecessors():
+    # ensure_scheduler() with no settings after the scheduler was lost (not restarted by
+    # Ray, which keeps them) quietly went back to the defaults.
+    from orchestrator.scheduler_types import settings_to_run_with
+
+    core = core_with(gpu_node("a"), min_run_s=7.0, las_thresholds_gpu_s=(10.0, 20.0),
+                     backfill=False)
+    saved = json.loads(json.dumps(core.to_dict()))
+    settings, problem = settings_to_run_with({}, saved)
+    assert settings == core.settings and problem == ""
+    assert settings_to_run_with({"min_run_s": 3.0}, saved)[0].min_run_s == 3.0  # given wins
+    saved["settings"]["backfill"] = "no"
+    settings, problem = settings_to_run_with({}, saved)
+    assert settings == SchedulerSettings() and "backfill must be true or false" in problem
