@@ -646,8 +646,11 @@ class SchedulerCore:
 
     def restore(self, saved: dict) -> list[str]:
         """Reload what a previous incarnation promised; returns the problems met. A part that
-        cannot be read is skipped (the scheduler must still start) and named."""
+        cannot be read is skipped (the scheduler must still start) and named. The restored
+        queue was judged against the cluster as it was: it is judged again once the nodes
+        have reported (a node may have gone while no scheduler ran)."""
         problems = []
+        self._verdicts_due = True
         # (Silent nodes before the running jobs: a job held only there has no reservation.)
         parts = (("reservations", lambda d: problems.extend(self.state.restore_reservations(d))),
                  ("silent_nodes", self.state.restore_silence),

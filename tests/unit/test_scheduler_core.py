@@ -1063,3 +1063,19 @@ def test_a_scheduler_recreated_without_settings_runs_with_its_predecessors():
     saved["settings"]["backfill"] = "no"
     settings, problem = settings_to_run_with({}, saved)
     assert settings == SchedulerSettings() and "backfill must be true or false" in problem
+
+
+def test_a_restored_queue_is_judged_again_against_the_nodes_that_report():
+    # The only A100 node went while no scheduler ran, holding nothing of this scheduler's
+    # (Ray work of its own held its GPUs): the A100 job waited for ever after the restart.
+    core = core_with(gpu_node("a100", gpus=4), gpu_node("t4", gpus=4, family="T4"))
+    core.ray_usage({"a100": {"CPU": 16.0, "GPU": 0.0}, "t4": {"CPU": 16.0, "GPU": 4.0}}, T0)
+    assert isinstance(core.submit(gpus("a100-job", 4, accelerator_types=("A100",)), "d",
+                                  T0 + 1).decision, Queued)
+    restored = SchedulerCore(core.settings)
+    restored.restore(json.loads(json.dumps(core.to_dict())))
+    restored.ray_nodes({"t4"}, {"a100"}, T0 + 2)
+    restored.report(gpu_node("t4", gpus=4, family="T4"), T0 + 2)
+    ticked(restored, T0 + 2, 10)
+    told = restored.poll("a100-job", "d", T0 + 20).decision
+    assert isinstance(told, Rejection) and "not one of A100" in told.message
