@@ -6,9 +6,11 @@ A checkpoint directory holds `state.pt` (a dict of tensors and plain values) and
 objects, so a tampered file cannot run code.
 
 A sharded checkpoint (strategy fsdp) holds `meta.pt` (+ `.sha256`: step, config, scaler, the
-names of pending gradients; written by rank 0) and `torch.distributed.checkpoint`'s files:
-`.metadata` and one `__<rank>_0.distcp` per worker with its shards of the model, optimizer and
-pending gradients. Each worker may write into its own directory; Ray Train merges the workers'
+names of pending gradients, and the sha256 of every shard file; written by rank 0 after all
+the shards) and `torch.distributed.checkpoint`'s files: `.metadata` and one
+`__<rank>_0.distcp` per worker with its shards of the model, optimizer and pending gradients.
+A shard that does not match its recorded sha256 makes the checkpoint unusable, as a corrupt
+`state.pt` does (a flipped byte otherwise loaded silently as garbage optimizer state). Each worker may write into its own directory; Ray Train merges the workers'
 directories of one report into one. `load_checkpoint` reads either kind whole (serving, export
 and compression take any run's checkpoint); `load_sharded_into` loads in place, resharding to
 the current worker count.
@@ -27,6 +29,7 @@ STATE_FILE = "state.pt"
 CHECKSUM_FILE = STATE_FILE + ".sha256"
 SHARDED_META_FILE = "meta.pt"
 DCP_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's index of the shards
+SHARD_DIGESTS = "shard_sha256"  # meta.pt's entry: {shard file name: sha256}
 
 
 class CheckpointError(RuntimeError):
@@ -39,6 +42,13 @@ def _dcp_errors() -> tuple[type[BaseException], ...]:
     from torch.distributed.checkpoint.api import CheckpointException
 
     return (Exception, CheckpointException)
+
+
+def _dcp_problem(e: BaseException) -> str:
+    """The line that says what went wrong in a torch.distributed.checkpoint failure: its
+    message holds every failed rank's whole traceback, whose last line is the cause."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def sha256_file(path: Path) -> str:
@@ -78,7 +88,10 @@ def verify_checksum(path: str | os.PathLike) -> None:
     for p in (path, checksum_path):
         if not p.is_file():
             raise CheckpointError(f"checkpoint file missing: {p}")
-    expected = checksum_path.read_text().strip()
+    _check_digest(path, checksum_path.read_text().strip())
+
+
+def _check_digest(path: Path, expected: str) -> None:
     actual = sha256_file(path)
     if actual != expected:
         raise CheckpointError(f"checkpoint {path} is corrupt: sha256 {actual[:12]}... does not "
@@ -119,11 +132,19 @@ def checkpoint_header(directory: str | os.PathLike) -> dict[str, Any]:
     with "sharded" saying which. CheckpointError naming the file when unusable."""
     directory = Path(directory)
     if not is_sharded_checkpoint(directory):
+        if not (directory / STATE_FILE).exists() and (directory / DCP_METADATA_FILE).is_file():
+            raise CheckpointError(f"sharded checkpoint {directory} has no {SHARDED_META_FILE} "
+                                  "(written last, by rank 0): incomplete")
         return {**load_tensors(directory / STATE_FILE), "sharded": False}
     meta = load_tensors(directory / SHARDED_META_FILE)
     if not (directory / DCP_METADATA_FILE).is_file():
         raise CheckpointError(f"sharded checkpoint {directory} has no {DCP_METADATA_FILE} "
                               "(torch.distributed.checkpoint's index): incomplete")
+    # (checkpoints written before shards had digests have none: their shards go unchecked)
+    for name, expected in sorted((meta.pop(SHARD_DIGESTS, None) or {}).items()):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"checkpoint file missing: {directory / name}")
+        _check_digest(directory / name, expected)
     return {**meta, "sharded": True}
 
 
@@ -136,9 +157,26 @@ def save_sharded(directory: str | os.PathLike, tensors: dict[str, Any], meta: di
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    dcp.save(tensors, checkpoint_id=str(directory))
+    try:
+        dcp.save(tensors, checkpoint_id=str(directory))
+    except _dcp_errors() as e:  # (its CheckpointException is no Exception: a traceback)
+        raise CheckpointError(f"sharded checkpoint {directory} cannot be written: "
+                              f"{_dcp_problem(e)}") from e
+    digests = _gathered({p.name: sha256_file(p)
+                         for p in sorted(directory.glob(f"__{rank}_*.distcp"))})
     if rank == 0:
-        save_tensors(directory / SHARDED_META_FILE, meta)
+        save_tensors(directory / SHARDED_META_FILE, {**meta, SHARD_DIGESTS: digests})
+
+
+def _gathered(mine: dict[str, str]) -> dict[str, str]:
+    """Every worker's {shard file: sha256} merged (collective when a process group is up)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mine
+    everyone: list[dict[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {name: digest for part in everyone for name, digest in (part or {}).items()}
 
 
 def load_sharded_into(directory: str | os.PathLike, tensors: dict[str, Any]) -> None:
@@ -151,8 +189,7 @@ def load_sharded_into(directory: str | os.PathLike, tensors: dict[str, Any]) -> 
         dcp.load(tensors, checkpoint_id=str(directory))
     except _dcp_errors() as e:  # DCP wraps every rank's failure in its own exception types
         raise CheckpointError(f"sharded checkpoint {directory} cannot be loaded: "
-                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}"
-                              ) from e
+                              f"{_dcp_problem(e)}") from e
 
 
 def sharded_optimizer_names(directory: str | os.PathLike) -> set[str]:
@@ -165,7 +202,7 @@ def sharded_optimizer_names(directory: str | os.PathLike) -> set[str]:
         keys = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
     except _dcp_errors() as e:
         raise CheckpointError(f"sharded checkpoint {directory}: its {DCP_METADATA_FILE} "
-                              f"cannot be read: {e}") from e
+                              f"cannot be read: {_dcp_problem(e)}") from e
     return {k[len(prefix):].rsplit(".", 1)[0] for k in keys if k.startswith(prefix)}
 
 
@@ -182,7 +219,8 @@ def _load_sharded_whole(directory: Path) -> dict[str, Any]:
         _load_state_dict(tensors, storage_reader=FileSystemReader(str(directory)),
                          planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     except _dcp_errors() as e:
-        raise CheckpointError(f"sharded checkpoint {directory} cannot be read: {e}") from e
+        raise CheckpointError(f"sharded checkpoint {directory} cannot be read: "
+                              f"{_dcp_problem(e)}") from e
     meta.pop("sharded")
     return {**meta, "model": tensors["model"], "optimizer": tensors["optimizer"],
             "pending_gradients": tensors.get("pending", {})}
@@ -202,7 +240,8 @@ def model_from_state(state: Any, directory: str | os.PathLike):
     from orchestrator.config import ConfigError, TrainConfig
     from orchestrator.training.model import GPT, GPTConfig, widths_from_state_dict
 
-    where = Path(directory) / STATE_FILE
+    where = Path(directory) / (SHARDED_META_FILE if is_sharded_checkpoint(directory)
+                               else STATE_FILE)
     if not isinstance(state, dict) or not {"model", "config"} <= set(state):
         raise CheckpointError(f"{where} is not a training checkpoint: it needs 'model' and "
                               "'config' entries")

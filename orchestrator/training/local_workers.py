@@ -53,8 +53,7 @@ class WorkerSession(LocalSession):
                 if target.exists():
                     shutil.rmtree(target)
                 staging.rename(target)
-                for old in self.checkpoints()[:-self.keep]:
-                    shutil.rmtree(old)
+                self._prune_checkpoints(target)
             append_metrics(self.run_dir, metrics, str(target) if saved else None)
         dist.barrier()
         if self.crash_at is not None and metrics["step"] == self.crash_at:

@@ -81,7 +81,15 @@ class LocalSession:
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
-        for old in self.checkpoints()[:-self.keep]:
+        self._prune_checkpoints(target)
+
+    def _prune_checkpoints(self, written: Path) -> None:
+        """Keep `keep` checkpoints: the one just written and the most recently written of the
+        rest. By write time, not step: after a fallback past a corrupt newer checkpoint, its
+        higher step would otherwise outrank, and prune, the good one just written."""
+        others = sorted((p for p in self.checkpoints() if p != written),
+                        key=lambda p: p.stat().st_mtime)
+        for old in others[:max(len(others) - (self.keep - 1), 0)]:
             shutil.rmtree(old)
 
 

@@ -68,6 +68,21 @@ def test_checkpoints_keep_the_last_k(tmp_path):
                                                        "checkpoint_00000030"]
 
 
+def test_retention_never_prunes_the_checkpoint_just_written(tmp_path):
+    # After a fallback past a corrupt checkpoint of a higher step, that step outranked the
+    # good one just written, which was pruned at once: a kill then lost everything since.
+    stale = tmp_path / "checkpoint_00000010"
+    stale.mkdir()
+    (stale / "state.pt").write_bytes(b"corrupt")
+    os.utime(stale, (time.time() - 60, time.time() - 60))
+    session = LocalSession(tmp_path, keep=1, device=CPU)
+    written = tmp_path / "source"
+    written.mkdir()
+    (written / "state.pt").write_bytes(b"good")
+    session.report({"step": 6, "loss": 1.0}, str(written))
+    assert [p.name for p in session.checkpoints()] == ["checkpoint_00000006"]
+
+
 class SlowReportingSession(LocalSession):
     """Every report (and its checkpoint) takes 0.4 s longer, like a slow storage upload."""
 
