@@ -44,12 +44,19 @@ import gc
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
+import traceback
 from unittest import mock
 
-import torch
+# The budget counts from here, before torch and the project are imported: the shell's
+# `timeout` counts from the process's start, and a run that outlived the budget by the
+# imports' seconds was killed before the final line.
+PROCESS_STARTED = time.monotonic()
+
+import torch  # noqa: E402
 
 from orchestrator.config import MODEL_PRESETS, TrainConfig
 from orchestrator.probes import probe_nvml
@@ -273,14 +280,19 @@ def train_once(run: Run, steps: int, batch: int) -> dict:
             "wall_s": round(time.perf_counter() - started, 1)}
 
 
-def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float) -> dict:
-    """A run's row: its figures, or its error; out of memory retries once at half the batch."""
+def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float,
+            deadline: float = float("inf")) -> dict:
+    """A run's row: its figures, or its error; out of memory retries once at half the batch
+    if the run's cost still fits before `deadline` (time.monotonic())."""
     row: dict = {"run": run.name, "preset": run.preset, "precision": run.precision,
                  "compile": run.compile, "vocab": run.vocab, "cudnn": run.cudnn,
                  "profiled": run.profile, "foreach": run.foreach, "autotune": run.autotune,
                  "variant": run.variant, "batch": run.batch}
     for batch in (run.batch, run.batch // 2):
         if batch < 1:
+            break
+        if batch != run.batch and time.monotonic() + run.cost_s > deadline:
+            row["error"] += "; no time left to retry at half the batch"
             break
         row["batch"] = batch
         try:
@@ -292,6 +304,7 @@ def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float)
             row["error"] = f"out of memory at batch {batch}: {str(error)[:300]}"
         except Exception as error:  # noqa: BLE001 - the check reports it and goes on
             row["error"] = f"{type(error).__name__}: {str(error)[:500]}"
+            traceback.print_exc()  # (into gpu_check.log: no second call to find where)
             break
     if row.get("mfu") is not None and datasheet:
         # The loop's MFU is against the datasheet peak; the same work over the measured
@@ -357,7 +370,16 @@ def save(summary: dict, out: str | None) -> None:
         os.replace(partial, out)
 
 
-def main(argv: list[str] | None = None) -> int:
+class Terminated(BaseException):
+    """SIGTERM (the shell's `timeout`): the check stops, still printing what it measured
+    (no Exception: the runs' own `except Exception` must not take it for a failed run)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=COST_STEPS,
                         help="steps per run; MFU is the last half's (compile is in the first)")
@@ -372,31 +394,51 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device"}))
         return 1
-    deadline = time.monotonic() + args.budget_s
+    deadline = (time.monotonic() if started is None else started) + args.budget_s
     name = torch.cuda.get_device_name()
     datasheet = gpu_peak_flops(name, "bf16")
     measured_tflops = measure_matmul_tflops()
     summary: dict = {
         "device": name, "torch": torch.__version__,
         "capability": ".".join(map(str, torch.cuda.get_device_capability())),
-        "nvml": [dataclasses.asdict(g) for g in probe_nvml()],
+        "nvml": nvml_rows(),
         "auto_precision": resolve_precision("auto", torch.device("cuda")),
         "datasheet_bf16_tflops": datasheet / 1e12 if datasheet else None,
         "measured_matmul_bf16_tflops": round(measured_tflops, 1),
         "runs": [], "skipped": []}
     save(summary, args.out)
-    for run in args.runs:
-        if time.monotonic() + run.cost_s * max(1.0, args.steps / COST_STEPS) > deadline:
-            summary["skipped"].append(run.name)
-            continue
-        row = measure(run, args.steps, datasheet, measured_tflops * 1e12)
-        summary["runs"].append(row)
-        summary["compile_speedup"] = compile_speedups(summary["runs"])
-        print(json.dumps(row), file=sys.stderr, flush=True)
-        save(summary, args.out)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        run_all(args, summary, deadline, datasheet, measured_tflops)
+    except Terminated:
+        summary["terminated"] = "SIGTERM (the shell's timeout) before every run ended"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    save(summary, args.out)
     print(json.dumps(summary))
     return 0
 
 
+def nvml_rows() -> list[dict]:
+    """The NVML probe's GPUs; an error is recorded, not fatal: the runs are what counts."""
+    try:
+        return [dataclasses.asdict(g) for g in probe_nvml()]
+    except Exception as error:  # noqa: BLE001
+        return [{"error": f"{type(error).__name__}: {error}"}]
+
+
+def run_all(args, summary: dict, deadline: float, datasheet: float | None,
+            measured_tflops: float) -> None:
+    for run in args.runs:
+        if time.monotonic() + run.cost_s * max(1.0, args.steps / COST_STEPS) > deadline:
+            summary["skipped"].append(run.name)
+            continue
+        row = measure(run, args.steps, datasheet, measured_tflops * 1e12, deadline)
+        summary["runs"].append(row)
+        summary["compile_speedup"] = compile_speedups(summary["runs"])
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        save(summary, args.out)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(started=PROCESS_STARTED))

@@ -230,3 +230,58 @@ def test_variant_runs_stay_out_of_the_compile_speedups(fake_gpu, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [row["variant"] for row in summary["runs"]] == [True, True, False]
     assert summary["compile_speedup"] == {}
+
+
+# -- found by a review before the next lent GPU (2026-12-05) -----------------------------------
+
+def test_the_budget_counts_from_the_process_start_and_a_retry_must_fit_it(fake_gpu, capsys,
+                                                                          monkeypatch):
+    # The shell's `timeout` counts from the start, the budget counted from after the imports;
+    # an out-of-memory retry at half the batch was never weighed against it.
+    import time
+    from types import SimpleNamespace
+
+    gpu_check.main(["--budget-s", "100", "--runs", "large:128:compiled"],
+                   started=time.monotonic() - 90)
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["skipped"] == [
+        "bf16-large-compiled"]
+    clock = [1000.0]  # the first attempt takes 60 s of a 95 s budget, then runs out of memory
+    monkeypatch.setattr(gpu_check, "time", SimpleNamespace(monotonic=lambda: clock[0],
+                                                           perf_counter=time.perf_counter))
+    failing = gpu_check.train_once
+
+    def slow_failure(run, steps, batch):
+        clock[0] += 60
+        return failing(run, steps, batch)
+
+    monkeypatch.setattr(gpu_check, "train_once", slow_failure)
+    gpu_check.main(["--budget-s", "95", "--runs", "gpt2-medium:64"], started=clock[0])
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])["runs"][0]
+    assert fake_gpu == [("bf16-gpt2-medium", 64)]  # costs 40 s: no retry at 32, it would overrun
+    assert row["error"].endswith("no time left to retry at half the batch")
+
+
+def test_a_sigterm_still_prints_the_summary_and_an_nvml_error_stops_nothing(
+        fake_gpu, monkeypatch, capsys, tmp_path):
+    import os
+    import signal
+
+    def nvml_fails():
+        raise RuntimeError("NVML: driver/library version mismatch")
+
+    def killed_by_timeout(run, steps, batch):
+        fake_gpu.append((run.name, batch))
+        if len(fake_gpu) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"mfu": 0.4, "tokens_per_s": 1000.0}
+
+    monkeypatch.setattr(gpu_check, "probe_nvml", nvml_fails)
+    monkeypatch.setattr(gpu_check, "train_once", killed_by_timeout)
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--budget-s", "1000", "--out", str(out), "--runs", "large:16",
+                           "large:32", "large:64"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["nvml"] == [{"error": "RuntimeError: NVML: driver/library version mismatch"}]
+    assert [r["batch"] for r in summary["runs"]] == [16] and "SIGTERM" in summary["terminated"]
+    assert json.loads(out.read_text()) == summary
+    assert signal.getsignal(signal.SIGTERM) is not gpu_check._terminated
