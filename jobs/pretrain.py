@@ -197,10 +197,7 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
                   ) -> tuple[TrainConfig, JobSpec]:
     """Validated configs; a ConfigError names every bad field at once. `data_fields`: the
     TrainConfig fields the data and tokenizer flags resolved to (configure_data)."""
-    if args.resume:
-        taken = inherit_run_settings(args, run_dir)
-        if taken:
-            print(f"--resume: going on with the run's own {', '.join(taken)}")
+    taken = inherit_run_settings(args, run_dir) if args.resume else []
     problems = _launcher_problems(args)
     fields = {"model_size": args.model_size, **(data_fields or {})}  # --init-from sets the size
     if "model_size" in getattr(args, "given", ()) and fields["model_size"] != args.model_size:
@@ -238,6 +235,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
         check_init_context(train_config.init_from, train_config.seq_len)
     if args.resume:
         _check_resumable(run_dir, train_config)
+    if taken:  # (said once it goes on: before a refusal it contradicted it)
+        print(f"--resume: going on with the run's own {', '.join(taken)}")
     return train_config, spec
 
 
@@ -282,7 +281,8 @@ def _min_lr(args: argparse.Namespace) -> float:
     begun then resumes with the floor it recorded.)"""
     if args.min_lr is not None:
         return args.min_lr
-    return args.lr * TrainConfig.min_lr / TrainConfig.lr
+    # (never below 0: a negative --lr is refused by name, not also the floor nobody gave)
+    return max(args.lr, 0.0) * TrainConfig.min_lr / TrainConfig.lr
 
 
 def _min_gpu_memory_gb(args: argparse.Namespace, train_config: TrainConfig) -> float:
@@ -508,7 +508,11 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         "elapsed_s": round(elapsed_s, 1),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\ntrained {summary['steps']} steps in {summary['precision']} on "
+    start = summary["resumed_from_step"]
+    # (a resumed run's figures are this leg's: its first loss is the resumed step's, not 0's)
+    trained = (f"trained steps {start} -> {summary['steps']} (resumed)" if start else
+               f"trained {summary['steps']} steps")
+    print(f"\n{trained} in {summary['precision']} on "
           f"{summary['num_workers']} worker(s): loss {_figure(summary['first_loss'], '.3f')} "
           f"-> {_figure(summary['final_loss'], '.3f')} (held-out "
           f"{_figure(summary['held_out_loss'], '.3f')}), "

@@ -131,7 +131,7 @@ def format_status(rows: list[dict[str, Any]], jobs: list[dict[str, Any]],
                       ",".join(r["reservations"]) or "-"))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
-    lines += [""] + format_jobs(jobs) if jobs else []
+    lines += [""] + (format_jobs(jobs) if jobs else ["jobs: none running or waiting"])
     speeds = format_throughput(throughput)
     lines += [""] + speeds if speeds else []
     for r in rows:
@@ -237,11 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                 job, entry = _runnable_job(args.job_file, args.dry_run, args.resume, args.json)
                 if not args.dry_run:
                     return submit(job, entry, args.resume, args.address)
-                spec = job.spec
+                return dry_run_submit(job.spec, args.address, args.json)
         except (ConfigError, EntrypointError) as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        args.command = "place"
     try:
         ray, scheduler = _connect(args.address)
     except JobFailed as e:
@@ -366,8 +365,23 @@ def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
             if args.command == "preempt" else
             "dropped (a running job checkpoints at its next step boundary first)"))
         return 0
-    decision = ray.get(scheduler.place.remote(spec, "", True, True))
-    if args.json:
+    return print_placement(ray.get(scheduler.place.remote(spec, "", True, True)), args.json)
+
+
+def dry_run_submit(spec: JobSpec, address: str | None, as_json: bool) -> int:
+    """Where `submit` would run the job, reserving nothing: on an embedded Ray when no
+    cluster is given, as submit itself and `jobs/pretrain.py --dry-run` do (`place` only
+    looks at a running cluster)."""
+    from ray_layer.launch import dry_run_placement
+
+    code, placeable = run_job(lambda: print_placement(dry_run_placement(spec, address), as_json),
+                              on_interrupt="interrupted: nothing was placed")
+    return code or placeable
+
+
+def print_placement(decision, as_json: bool) -> int:
+    """A dry run's answer, as text or JSON; the exit code says whether it is placeable now."""
+    if as_json:
         fields = dict(decision.__dict__)
         if not math.isfinite(fields.get("bottleneck_gbps", 0)):
             fields["bottleneck_gbps"] = None  # single node: no network link (strict JSON)
@@ -377,5 +391,20 @@ def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
     return 0 if hasattr(decision, "worker_nodes") else EXIT_NOT_PLACEABLE
 
 
+def main_piped(argv: list[str] | None = None) -> int:
+    """main(), where a reader that stops early (`logs NAME | head`) ends the output quietly,
+    as for any Unix tool, instead of a BrokenPipeError traceback."""
+    import os
+
+    try:
+        code = main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # (stdout pointed at /dev/null: the interpreter's own flush at exit must not fail too)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_piped())

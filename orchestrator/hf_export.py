@@ -233,7 +233,10 @@ def _write_hf_files(model, tokenizer: Tokenizer, directory: Path) -> list[str]:
     special = {"eos_token": EOT_TOKEN, "bos_token": EOT_TOKEN} if eos is not None else {}
     files = {
         "config.json": text(hf_config(model, tokenizer)),
-        "generation_config.json": text({"bos_token_id": eos, "eos_token_id": eos}),
+        # max_length: the context, which generation must not outrun (the text-generation
+        # pipeline's default of 256 new tokens indexed past a 128-position model's table)
+        "generation_config.json": text({"bos_token_id": eos, "eos_token_id": eos,
+                                        "max_length": model.config.block_size}),
         TOKENIZER_FILE: tokenizer.to_json(),
         "tokenizer_config.json": text({"tokenizer_class": "PreTrainedTokenizerFast",
                                        "model_max_length": model.config.block_size,

@@ -261,10 +261,23 @@ def load_tokenizer_file(path: str | os.PathLike, flag: str = "--tokenizer") -> H
         raise TokenizerError(f"{flag}: cannot read tokenizer file {path}: {e}") from None
     except Exception as e:  # tokenizers raises its own Exception for bad JSON / schema
         raise TokenizerError(f"{flag}: {path} is not a Hugging Face tokenizers file: "
-                             f"{str(e).splitlines()[0][:200]}") from None
+                             f"{_tokenizer_file_problem(path, e)}") from None
     if tok.get_vocab_size(with_added_tokens=True) < 1:
         raise TokenizerError(f"{flag}: tokenizer file {path} has an empty vocabulary")
     return HFTokenizer(tok, str(path))
+
+
+def _tokenizer_file_problem(path: Path, error: Exception) -> str:
+    """Why the file is not a tokenizer, said plainly: the Rust parser's message reads like a
+    JSON syntax error ("expected `,` or `}`") also for valid JSON of another shape."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        return f"not valid JSON ({e})"
+    if not isinstance(data, dict) or "model" not in data:
+        return ("valid JSON, but not a tokenizer: it has no 'model' (a tokenizer.json as "
+                "`tokenizers` or `transformers` saves it is expected)")
+    return str(error).splitlines()[0][:200]
 
 
 def tokenizer_from_json(text: str, name: str) -> Tokenizer:

@@ -222,13 +222,18 @@ def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path
 
 def format_table(report: dict[str, Any]) -> str:
     shape_names = list(report["latency_setup"]["shapes"])
-    header = (f"{'MODEL':<12} {'RUNTIME':<20} {'SIZE MB':>8} "
+    # (as wide as the longest name: "original-onnx" and "onnxruntime int8 static" overran
+    # fixed widths and shifted their rows)
+    model_w = max([len("MODEL"), *(len(r["model"]) for r in report["rows"])])
+    runtime_w = max([len("RUNTIME"), *(len(r["runtime"]) for r in report["rows"])])
+    header = (f"{'MODEL':<{model_w}} {'RUNTIME':<{runtime_w}} {'SIZE MB':>8} "
               + " ".join(f"{'ms ' + name:>14}" for name in shape_names)
               + f" {'PERPLEXITY':>11} {'SPARSITY':>9}")
     lines = [header]
     for r in report["rows"]:
         ppl = "-" if r["perplexity"] is None else f"{r['perplexity']:.4f}"
-        lines.append(f"{r['model']:<12} {r['runtime']:<20} {r['size_bytes'] / 1e6:>8.2f} "
+        lines.append(f"{r['model']:<{model_w}} {r['runtime']:<{runtime_w}} "
+                     f"{r['size_bytes'] / 1e6:>8.2f} "
                      + " ".join(f"{r['latency_ms_by_shape'][name]:>14.2f}"
                                 for name in shape_names)
                      + f" {ppl:>11} {r['sparsity']:>9.1%}")

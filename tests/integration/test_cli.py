@@ -43,3 +43,16 @@ def test_place_dry_run_explains_without_reserving(cluster, tmp_path):
     spec.write_text("name: dry\nnum_workers: 2\ngpus_per_worker: 1\naccelerator_types: [H100]\n")
     refused = run_cli("place", "--spec", str(spec), "--dry-run")
     assert refused.returncode == 3 and "is not one of H100" in refused.stdout
+
+
+def test_submit_dry_run_places_the_job_file_as_submit_would(cluster, tmp_path):
+    # Through the launcher's own connection (an embedded Ray when no cluster is given, as
+    # pretrain --dry-run), where it refused without a running cluster; the JSON unchanged.
+    (tmp_path / "train.py").write_text("def train_loop(config):\n    pass\n")
+    job = tmp_path / "job.yaml"
+    job.write_text("name: dry-submit\nentrypoint: train.py:train_loop\nnum_workers: 2\n"
+                   "gpus_per_worker: 1\naccelerator_types: [T4]\n")
+    result = run_cli("submit", str(job), "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    placed = json.loads(result.stdout)
+    assert placed["worker_nodes"] == [cluster["t4"]] * 2

@@ -456,3 +456,23 @@ def test_the_pruning_stage_reports_sparsity_as_the_report_does(train_tokens, tmp
     assert metrics["linear_weight_sparsity"] != pytest.approx(metrics["sparsity"])
     saved = json.loads((tmp_path / "pruned" / "stage.json").read_text())
     assert saved["sparsity"] == metrics["sparsity"]
+
+
+def test_the_report_table_keeps_its_columns_for_long_model_and_runtime_names():
+    # "original-onnx" and "onnxruntime int8 static" overran fixed widths: their rows shifted
+    from orchestrator.compression.report import format_table
+
+    rows = [{"model": model, "runtime": runtime, "size_bytes": 4e6, "perplexity": 9.5,
+             "latency_ms_by_shape": {"b1": 1.0}, "sparsity": 0.3}
+            for model, runtime in (("original", "torch fp32"),
+                                   ("original-onnx", "onnxruntime fp32"),
+                                   ("int8", "onnxruntime int8 static"))]
+    report = {"rows": rows, "latency_setup": {"shapes": {"b1": None}, "primary": "b1",
+                                              "threads": 2, "cpu": {"isa": "avx2"}},
+              "summary": {"size_ratio": 4.0, "latency_ratio": 2.0, "ppl_original": 9.0,
+                          "ppl_int8": 9.5, "ppl_increase_pct": 5.0, "sparsity": 0.3}}
+    table = format_table(report).splitlines()[:4]
+    ends = {line.index("SIZE MB") + len("SIZE MB") if i == 0 else line.index("4.00") + 4
+            for i, line in enumerate(table)}
+    assert len(ends) == 1, table  # the size column ends at one place in every row
+    assert "onnxruntime int8 static" in table[3]

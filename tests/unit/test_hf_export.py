@@ -79,6 +79,15 @@ def test_greedy_generation_matches_and_the_tokenizer_loads(exported):
     assert len(set(expected[0, ids.shape[1]:].tolist())) > 1  # a continuation, not one token
 
 
+def test_the_readmes_pipeline_call_works_with_its_defaults(exported):
+    # README: pipeline('text-generation', model=DIR)('Once upon a time'). Its default of 256
+    # new tokens ran past the model's 32 positions: IndexError in the position table.
+    ours, directory = exported
+    generate = transformers.pipeline("text-generation", model=str(directory))
+    text = generate("Once upon a time", do_sample=False)[0]["generated_text"]
+    assert text.startswith("Once upon a time") and len(text) > len("Once upon a time")
+
+
 def test_a_bpe_run_exports_its_own_tokenizer(tmp_path):
     bpe = train_bpe([f"the café number {i} opens at dawn" for i in range(300)], 320)
     model = sharp_model(vocab_size=bpe.vocab_size)

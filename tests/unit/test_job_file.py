@@ -771,3 +771,18 @@ def test_a_misspelt_launcher_key_gets_a_did_you_mean_too(tmp_path):
     assert "'entry_point' (did you mean 'entrypoint'?)" in message
     assert "'max_failure' (did you mean 'max_failures'?)" in message
     assert "queue_timeout_s" in message.split("known fields:")[1]
+
+
+def test_logs_read_by_a_reader_that_stops_early_end_quietly(tmp_path):
+    # `logs NAME | head`: a BrokenPipeError traceback and exit 1
+    run_dir = tmp_path / "runs" / "long"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": i, "loss": 1.0}) + "\n" for i in range(20_000)))
+    reader = subprocess.Popen([sys.executable, "-m", "orchestrator", "logs", "long"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "ORCHESTRATOR_RUNS_DIR": str(tmp_path / "runs")})
+    assert reader.stdout.readline().strip().endswith("step 0: loss=1")
+    reader.stdout.close()  # what `head` does once it has its lines
+    assert reader.wait(timeout=60) == 0
+    assert "Traceback" not in reader.stderr.read()

@@ -99,6 +99,8 @@ def test_status_json_is_strict_json_when_a_nodes_host_probe_failed():
     text = json.dumps(rows, allow_nan=False)  # raises on Infinity
     assert json.loads(text)[0]["load_per_cpu"] is None
     assert "n " in format_status(rows, [], None)
+    # An idle cluster says so: the jobs section was left out, as if status had failed to ask
+    assert "jobs: none running or waiting" in format_status(rows, [], None)
 
 
 def test_place_exits_0_with_a_placement_and_3_when_the_job_cannot_be_placed(capsys):

@@ -50,6 +50,14 @@ def test_bad_input_gets_one_clear_message(args, expected, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_bad_lr_is_named_without_the_floor_derived_from_it(tmp_path):
+    # "lr must be ..., got -1.0; min_lr must be ..., got -0.09999999999999999": a field
+    # nobody gave, with float noise
+    result = run_pretrain("--lr", "-1", tmp_path=tmp_path)
+    assert result.returncode == 2 and "lr must be a number in [0, 10), got -1.0" in result.stderr
+    assert "min_lr" not in result.stderr
+
+
 def test_every_bad_flag_is_named_at_once(tmp_path):
     # The JobSpec's and the launcher's flags too, not only the first TrainConfig error.
     result = run_pretrain("--num-workers", "0", "--max-steps", "-5", "--ingest-workers", "-3",
@@ -96,11 +104,12 @@ def fake_finished_run(run_dir, steps, **train):
 
 
 def test_resume_with_other_settings_is_refused_before_anything_starts(tmp_path):
-    run_dir = fake_finished_run(tmp_path / "run", steps=50, seq_len=64)
+    run_dir = fake_finished_run(tmp_path / "run", steps=50, seq_len=64, batch_size=4)
     result = run_pretrain("--resume", "--run-dir", str(run_dir), "--max-steps", "100",
                           "--seq-len", "128", tmp_path=tmp_path)
     assert result.returncode == 2
     assert "was trained with other settings: seq_len: 64 -> 128" in result.stderr
+    assert "going on with the run's own" not in result.stdout  # (it said so, then refused)
 
 
 def test_resume_alone_goes_on_with_the_runs_own_settings(tmp_path):
@@ -184,6 +193,20 @@ def test_a_summary_missing_figures_is_still_printed(tmp_path, capsys):
     summary = _write_summary(result, TrainConfig(max_steps=5), placement, tmp_path, 1.0, [])
     assert summary["held_out_loss"] is None and (tmp_path / "summary.json").exists()
     assert "loss - -> - (held-out -), - tokens/s" in capsys.readouterr().out
+
+
+def test_a_resumed_runs_summary_says_which_steps_its_figures_cover(tmp_path, capsys):
+    # "trained 30 steps ... loss 3.113 -> 2.906" for a leg of 10 steps from step 20, whose
+    # first loss is step 20's
+    from types import SimpleNamespace
+
+    from jobs.pretrain import _write_summary
+
+    result = SimpleNamespace(metrics={"step": 30, "start_step": 20, "first_loss": 3.1,
+                                      "loss": 2.9}, checkpoint=None, return_value=None)
+    placement = SimpleNamespace(worker_nodes=("n",), bottleneck_gbps=float("inf"))
+    _write_summary(result, TrainConfig(max_steps=30), placement, tmp_path, 1.0, [])
+    assert "trained steps 20 -> 30 (resumed) in" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("train, job, said", [

@@ -54,7 +54,11 @@ def test_a_parquet_file_without_the_text_field_names_the_flag(tmp_path, capsys):
 
 def test_a_tokenizer_file_that_does_not_parse_is_named(tmp_path, capsys):
     (tmp_path / "tok.json").write_text("{not json")
-    assert f"--tokenizer: {tmp_path}/tok.json is not a Hugging Face tokenizers file" in refused(
+    assert f"--tokenizer: {tmp_path}/tok.json is not a Hugging Face tokenizers file: not " \
+        "valid JSON" in refused(tmp_path, capsys, "--tokenizer", str(tmp_path / "tok.json"))
+    # Valid JSON of another shape read like a syntax error ("expected `,` or `}`")
+    (tmp_path / "tok.json").write_text('{"hello": "world"}')
+    assert "valid JSON, but not a tokenizer: it has no 'model'" in refused(
         tmp_path, capsys, "--tokenizer", str(tmp_path / "tok.json"))
 
 
