@@ -137,7 +137,7 @@ class SchedulerCore:
         self.awaiting_since: dict[str, float] = {}  # job -> when it began waiting for nodes
         self._alive_changed_at = -math.inf  # when Ray's alive set last changed
         # A waiting job was kept although it may never fit, as nodes had not reported: once
-        # they have (or suspect_after_s passed), the queue is checked again (_recheck_due)
+        # they have (or suspect_after_s passed), the queue is judged again (report and tick)
         self._verdicts_due = False
         self.queue = JobQueue(self._level if s.queue_order == "las" else None,
                               self._promote_after)

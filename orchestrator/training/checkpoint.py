@@ -10,7 +10,8 @@ names of pending gradients, and the sha256 of every shard file; written by rank 
 the shards) and `torch.distributed.checkpoint`'s files: `.metadata` and one
 `__<rank>_0.distcp` per worker with its shards of the model, optimizer and pending gradients.
 A shard that does not match its recorded sha256 makes the checkpoint unusable, as a corrupt
-`state.pt` does (a flipped byte otherwise loaded silently as garbage optimizer state). Each worker may write into its own directory; Ray Train merges the workers'
+`state.pt` does (a flipped byte otherwise loaded silently as garbage optimizer state). Each
+worker may write into its own directory; Ray Train merges the workers'
 directories of one report into one. `load_checkpoint` reads either kind whole (serving, export
 and compression take any run's checkpoint); `load_sharded_into` loads in place, resharding to
 the current worker count.
