@@ -104,8 +104,8 @@ class _HeadPlan:
     # A GPU head's workers need CPUs beside their GPUs: free CPUs on its nodes now beyond
     # what it needs, which a job taking no GPUs may use (inf when units are CPUs already)
     spare_cpus: float = math.inf
-    # GPUs per family that jobs allowed only that family may take although the head could
-    # use it: they have first call there, and the head's room already leaves them out
+    # GPUs per family that jobs allowed only that family may take on a family the head is
+    # kept off: they have first call there, and the head's room already leaves them out
     first_call: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
@@ -1124,7 +1124,7 @@ class SchedulerCore:
         if choice is not None and choice.usable:
             spec = spec.narrowed(accelerator_types=choice.usable)
             waiting = self.queue.gpus_by_allowed
-            first_call = {f: waiting[(f,)] for f in choice.usable if waiting.get((f,))}
+            first_call = {f: waiting[(f,)] for f in choice.kept_off if waiting.get((f,))}
         usable, per_gpu = self._head_units(spec, now)
         if choice is not None and not choice.usable:
             usable = np.zeros_like(usable)
