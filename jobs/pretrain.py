@@ -281,8 +281,9 @@ def _min_lr(args: argparse.Namespace) -> float:
     begun then resumes with the floor it recorded.)"""
     if args.min_lr is not None:
         return args.min_lr
-    # (never below 0: a negative --lr is refused by name, not also the floor nobody gave)
-    return max(args.lr, 0.0) * TrainConfig.min_lr / TrainConfig.lr
+    if not 0 <= args.lr < 10:  # (NaN too) refused by name: not also the floor nobody gave
+        return TrainConfig.min_lr
+    return args.lr * TrainConfig.min_lr / TrainConfig.lr
 
 
 def _min_gpu_memory_gb(args: argparse.Namespace, train_config: TrainConfig) -> float:

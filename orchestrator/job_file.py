@@ -58,9 +58,12 @@ def load_job_file(path: str | Path) -> JobFile:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
-    except ValueError:  # an integer of over 4,300 digits, which Python will not read
-        raise ConfigError(f"{path}: holds a number of over 4,300 digits; no field takes "
-                          "one (a typo?)") from None
+    except ValueError as e:  # PyYAML's constructors: an impossible date, a huge integer
+        if "digits" in str(e):  # (Python reads no integer of over 4,300 digits)
+            raise ConfigError(f"{path}: holds a number of over 4,300 digits; no field takes "
+                              "one (a typo?)") from None
+        raise ConfigError(f"{path}: not valid YAML: {e} (quote a value that only looks like "
+                          "a date or a number)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a job file is a mapping of fields (name, entrypoint, "
                           f"num_workers, ...), got {type(data).__name__}")

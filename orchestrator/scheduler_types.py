@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement
 from orchestrator.queue import placement_from_dict, placement_to_dict, service_size
-from orchestrator.validation import is_int
+from orchestrator.validation import is_int, is_number
 
 PREEMPT, MIGRATE, CANCEL = "preempt", "migrate", "cancel"  # the kinds of Yield and Directive
 
@@ -91,7 +91,7 @@ class SchedulerSettings:
             problems.append(f"queue_order must be 'las' or 'fifo', got {self.queue_order!r}")
         thresholds = self.las_thresholds_gpu_s
         if not (isinstance(thresholds, (tuple, list)) and all(
-                isinstance(x, (int, float)) and x > 0 for x in thresholds)
+                is_number(x) and x > 0 for x in thresholds)
                 and list(thresholds) == sorted(set(thresholds))):
             problems.append("las_thresholds_gpu_s must be increasing numbers > 0, got "
                             f"{thresholds!r}")
@@ -99,7 +99,7 @@ class SchedulerSettings:
                 and self.preemption_searches_per_pass >= 1):
             problems.append("preemption_searches_per_pass must be a whole number >= 1, got "
                             f"{self.preemption_searches_per_pass!r}")
-        if not (isinstance(self.protect_share, (int, float)) and 0 < self.protect_share <= 1):
+        if not (is_number(self.protect_share) and 0 < self.protect_share <= 1):
             problems.append(f"protect_share must be a number in (0, 1], got "
                             f"{self.protect_share!r}")
         if problems:

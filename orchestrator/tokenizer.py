@@ -272,8 +272,8 @@ def _tokenizer_file_problem(path: Path, error: Exception) -> str:
     JSON syntax error ("expected `,` or `}`") also for valid JSON of another shape."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        return f"not valid JSON ({e})"
+    except (ValueError, RecursionError) as e:  # (nested thousands deep: no tokenizer either)
+        return f"not valid JSON ({type(e).__name__}: {str(e)[:200]})"
     if not isinstance(data, dict) or "model" not in data:
         return ("valid JSON, but not a tokenizer: it has no 'model' (a tokenizer.json as "
                 "`tokenizers` or `transformers` saves it is expected)")

@@ -32,7 +32,8 @@ class SchedulerNotUp(TimeoutError):
 def ensure_scheduler(**settings):
     """The cluster's scheduler, created with `settings` (SchedulerActor's keyword arguments:
     the fields of orchestrator.scheduler_types.SchedulerSettings, plus maintain_every_s) if it
-    does not exist yet; an existing one keeps the settings it was created with."""
+    does not exist yet; an existing one keeps the settings it was created with. Created with
+    none (after the scheduler was lost), it runs with those its predecessor saved."""
     return SchedulerActor.options(name=SCHEDULER_NAME, namespace=NAMESPACE, lifetime="detached",
                                   get_if_exists=True,
                                   # On the head node, which outlives worker nodes: a scheduler

@@ -280,6 +280,11 @@ def train_once(run: Run, steps: int, batch: int) -> dict:
             "wall_s": round(time.perf_counter() - started, 1)}
 
 
+def run_cost(run: Run, steps: int) -> float:
+    """A run's expected seconds at `steps` steps (its cost_s was measured at COST_STEPS)."""
+    return run.cost_s * max(1.0, steps / COST_STEPS)
+
+
 def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float,
             deadline: float = float("inf")) -> dict:
     """A run's row: its figures, or its error; out of memory retries once at half the batch
@@ -291,7 +296,7 @@ def measure(run: Run, steps: int, datasheet: float | None, measured_peak: float,
     for batch in (run.batch, run.batch // 2):
         if batch < 1:
             break
-        if batch != run.batch and time.monotonic() + run.cost_s > deadline:
+        if batch != run.batch and time.monotonic() + run_cost(run, steps) > deadline:
             row["error"] += "; no time left to retry at half the batch"
             break
         row["batch"] = batch
@@ -395,23 +400,23 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         print(json.dumps({"error": "no CUDA device"}))
         return 1
     deadline = (time.monotonic() if started is None else started) + args.budget_s
-    name = torch.cuda.get_device_name()
-    datasheet = gpu_peak_flops(name, "bf16")
-    measured_tflops = measure_matmul_tflops()
-    summary: dict = {
-        "device": name, "torch": torch.__version__,
-        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
-        "nvml": nvml_rows(),
-        "auto_precision": resolve_precision("auto", torch.device("cuda")),
-        "datasheet_bf16_tflops": datasheet / 1e12 if datasheet else None,
-        "measured_matmul_bf16_tflops": round(measured_tflops, 1),
-        "runs": [], "skipped": []}
-    save(summary, args.out)
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    summary: dict = {"runs": [], "skipped": []}
+    previous = signal.signal(signal.SIGTERM, _terminated)  # (from here on, nothing is lost)
     try:
+        name = torch.cuda.get_device_name()
+        datasheet = gpu_peak_flops(name, "bf16")
+        summary.update({"device": name, "torch": torch.__version__,
+                        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+                        "nvml": nvml_rows(),
+                        "auto_precision": resolve_precision("auto", torch.device("cuda")),
+                        "datasheet_bf16_tflops": datasheet / 1e12 if datasheet else None})
+        measured_tflops = measure_matmul_tflops()
+        summary["measured_matmul_bf16_tflops"] = round(measured_tflops, 1)
+        save(summary, args.out)
         run_all(args, summary, deadline, datasheet, measured_tflops)
     except Terminated:
-        summary["terminated"] = "SIGTERM (the shell's timeout) before every run ended"
+        summary["terminated"] = ("SIGTERM (the shell's timeout) during "
+                                 f"{summary.pop('running', 'the set-up')}: later runs not made")
     finally:
         signal.signal(signal.SIGTERM, previous)
     save(summary, args.out)
@@ -430,10 +435,12 @@ def nvml_rows() -> list[dict]:
 def run_all(args, summary: dict, deadline: float, datasheet: float | None,
             measured_tflops: float) -> None:
     for run in args.runs:
-        if time.monotonic() + run.cost_s * max(1.0, args.steps / COST_STEPS) > deadline:
+        if time.monotonic() + run_cost(run, args.steps) > deadline:
             summary["skipped"].append(run.name)
             continue
+        summary["running"] = run.name  # (named if the shell's timeout cuts it)
         row = measure(run, args.steps, datasheet, measured_tflops * 1e12, deadline)
+        del summary["running"]
         summary["runs"].append(row)
         summary["compile_speedup"] = compile_speedups(summary["runs"])
         print(json.dumps(row), file=sys.stderr, flush=True)

@@ -259,6 +259,11 @@ def test_the_budget_counts_from_the_process_start_and_a_retry_must_fit_it(fake_g
     row = json.loads(capsys.readouterr().out.splitlines()[-1])["runs"][0]
     assert fake_gpu == [("bf16-gpt2-medium", 64)]  # costs 40 s: no retry at 32, it would overrun
     assert row["error"].endswith("no time left to retry at half the batch")
+    # The retry's cost scales with --steps as a run's does (it was weighed at 20 steps)
+    fake_gpu.clear()
+    gpu_check.main(["--budget-s", "150", "--steps", "60", "--runs", "gpt2-medium:64"],
+                   started=clock[0])  # costs 120 s at 60 steps; 90 s left after the first
+    assert fake_gpu == [("bf16-gpt2-medium", 64)]
 
 
 def test_a_sigterm_still_prints_the_summary_and_an_nvml_error_stops_nothing(
@@ -282,6 +287,7 @@ def test_a_sigterm_still_prints_the_summary_and_an_nvml_error_stops_nothing(
                            "large:32", "large:64"]) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert summary["nvml"] == [{"error": "RuntimeError: NVML: driver/library version mismatch"}]
-    assert [r["batch"] for r in summary["runs"]] == [16] and "SIGTERM" in summary["terminated"]
+    assert [r["batch"] for r in summary["runs"]] == [16]
+    assert summary["terminated"].startswith("SIGTERM (the shell's timeout) during bf16-large:")
     assert json.loads(out.read_text()) == summary
     assert signal.getsignal(signal.SIGTERM) is not gpu_check._terminated

@@ -86,6 +86,9 @@ def test_a_number_too_long_to_print_is_named_not_a_traceback(tmp_path):
     write(path, "name: a\nentrypoint: m:f\npriority: " + "9" * 5000 + "\n")
     with pytest.raises(ConfigError, match=f"{path}: holds a number of over 4,300 digits"):
         load_job_file(path)
+    write(path, "name: a\nentrypoint: m:f\nrun_dir: 2026-13-45\n")  # no such date
+    with pytest.raises(ConfigError, match="not valid YAML: .*month must be in 1..12 .*quote"):
+        load_job_file(path)
     with pytest.raises(ConfigError, match="priority must be far smaller"):
         JobSpec("a", priority=10**5000)
     with pytest.raises(ConfigError, match=r"priority must be an integer in \[-2147483648"):

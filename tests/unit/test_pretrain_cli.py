@@ -53,9 +53,10 @@ def test_bad_input_gets_one_clear_message(args, expected, tmp_path):
 def test_a_bad_lr_is_named_without_the_floor_derived_from_it(tmp_path):
     # "lr must be ..., got -1.0; min_lr must be ..., got -0.09999999999999999": a field
     # nobody gave, with float noise
-    result = run_pretrain("--lr", "-1", tmp_path=tmp_path)
-    assert result.returncode == 2 and "lr must be a number in [0, 10), got -1.0" in result.stderr
-    assert "min_lr" not in result.stderr
+    for lr in ("-1", "150", "nan"):
+        result = run_pretrain("--lr", lr, tmp_path=tmp_path)
+        assert result.returncode == 2 and "lr must be a number in [0, 10), got" in result.stderr
+        assert "min_lr" not in result.stderr, lr
 
 
 def test_every_bad_flag_is_named_at_once(tmp_path):

@@ -60,6 +60,11 @@ def test_a_tokenizer_file_that_does_not_parse_is_named(tmp_path, capsys):
     (tmp_path / "tok.json").write_text('{"hello": "world"}')
     assert "valid JSON, but not a tokenizer: it has no 'model'" in refused(
         tmp_path, capsys, "--tokenizer", str(tmp_path / "tok.json"))
+    from orchestrator.tokenizer import TokenizerError, load_tokenizer_file
+
+    (tmp_path / "tok.json").write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError
+    with pytest.raises(TokenizerError, match="not valid JSON"):
+        load_tokenizer_file(tmp_path / "tok.json")
 
 
 def test_a_tokenizer_vocabulary_too_small_is_refused(tmp_path, capsys):

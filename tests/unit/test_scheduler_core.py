@@ -1041,7 +1041,9 @@ def test_a_jobs_own_excluded_gpus_do_not_hold_back_same_shaped_jobs_behind_it():
                                         ({"min_run_s": True}, "min_run_s"),
                                         ({"inter_group_gbps": float("nan")}, "inter_group_gbps"),
                                         ({"max_load_per_cpu": -1}, "max_load_per_cpu"),
-                                        ({"suspect_after_s": "15"}, "suspect_after_s")])
+                                        ({"suspect_after_s": "15"}, "suspect_after_s"),
+                                        ({"protect_share": True}, "protect_share"),
+                                        ({"las_thresholds_gpu_s": (True,)}, "las_thresholds")])
 def test_every_scheduler_setting_is_checked_and_named(bad, field):
     # "false" in a settings file left backfill on; a string duration failed with a TypeError
     # deep in the core.
@@ -1079,3 +1081,31 @@ def test_a_restored_queue_is_judged_again_against_the_nodes_that_report():
     ticked(restored, T0 + 2, 10)
     told = restored.poll("a100-job", "d", T0 + 20).decision
     assert isinstance(told, Rejection) and "not one of A100" in told.message
+
+
+def test_one_jobs_excluded_gpus_never_decide_for_a_same_shaped_job():
+    # Its shape was the memo's and the victim search's key, exclusions left out: the job
+    # behind it waited for the autoscaler beside an idle node that holds it, or never looked
+    # for victims.
+    from pathlib import Path
+
+    import yaml
+
+    from orchestrator.autoscaling import node_types_from_config
+
+    core = core_with(gpu_node("a", gpus=4))
+    core.node_types = node_types_from_config(yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "cluster.yaml").read_text()))
+    core.submit(gpus("A", 4, accelerator_types=("A100",)), "d1", T0)
+    core.gpu_too_small("A", "d1", [("a", 0)], T0 + 1)  # A now needs a new node
+    assert isinstance(core.submit(gpus("B", 4, accelerator_types=("A100",)), "d2",
+                                  T0 + 2).decision, Placement)
+
+    core = core_with(gpu_node("a", gpus=4), gpu_node("b", gpus=4))
+    victim = core.submit(gpus("La", 4), "d", T0).decision.worker_nodes[0]
+    core.submit(gpus("Lb", 4, priority=5), "d", T0)
+    core.submit(gpus("X", 4, priority=1), "dx", T0 + 1)
+    core.excluded_gpus["X"] = {(victim, i) for i in range(4)}  # as two gpu_too_small reports
+    core.submit(gpus("B", 4, priority=1), "db", T0 + 2)
+    ticked(core, T0 + 20, 20)  # past min_run_s: La may be preempted, for B (not for X)
+    assert core.running["La"].directive.for_job == "B"
