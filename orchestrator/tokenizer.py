@@ -48,6 +48,11 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_as_text(self, text: str) -> list[int]:
+        """`encode`, with a special token's spelling ("<|endoftext|>") read as plain text:
+        a client's text must not forge the tokens a template puts between messages."""
+        ...
+
     def decode(self, ids: list[int]) -> str: ...
 
     def token_bytes(self, token_id: int) -> bytes: ...
@@ -62,6 +67,8 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    encode_as_text = encode  # (bytes never spell end-of-text)
 
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
@@ -121,6 +128,7 @@ class HFTokenizer:
         tokenizer.no_truncation()
         tokenizer.no_padding()
         self._tok = tokenizer
+        self._as_text = None  # encode_as_text's copy, made on first use
         self.name = name
         # The largest id + 1, not the token count: a vocabulary may skip ids.
         self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
@@ -138,6 +146,14 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_as_text(self, text: str) -> list[int]:
+        if self._as_text is None:  # a second instance: the setting is the tokenizer's own
+            from tokenizers import Tokenizer as HFTok
+
+            self._as_text = HFTok.from_str(self._tok.to_str())
+            self._as_text.encode_special_tokens = True
+        return self._as_text.encode(text, add_special_tokens=False).ids
 
     def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
         dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.uint32

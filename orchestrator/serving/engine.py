@@ -274,7 +274,8 @@ class ContinuousEngine:
             logits[torch.tensor([s for s, _ in picks], device=device)],
             torch.tensor([p.temperature for p in params], device=device),
             torch.tensor([p.top_p for p in params], device=device),
-            torch.tensor([sequence.row.draw() for sequence in rows], device=device))
+            torch.tensor([sequence.row.draw() for sequence in rows], device=device),
+            vocab=self.tokenizer.vocab_size)
         out = []
         for sequence, token in zip(rows, tokens.tolist()):
             chunk = sequence.row.accept(token)

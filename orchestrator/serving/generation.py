@@ -110,9 +110,14 @@ def collect(chunks: list[Chunk]) -> GenerationResult:
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                  uniform: torch.Tensor) -> torch.Tensor:
+                  uniform: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
     """Next token per row: argmax where temperature is 0, else a draw from the tempered
-    distribution cut to its top_p mass, by inverting its CDF at `uniform` (B,) in [0, 1)."""
+    distribution cut to its top_p mass, by inverting its CDF at `uniform` (B,) in [0, 1).
+    Only the first `vocab` ids (the tokenizer's) are ever picked: a model with more rows
+    than its tokenizer has tokens must not emit one no text stands for (its decoding
+    failed, and with it every request of the batch)."""
+    if vocab is not None and logits.size(-1) > vocab:
+        logits = logits[..., :vocab]
     greedy = logits.argmax(dim=-1)
     if not bool((temperature > 0).any()):
         return greedy
@@ -136,6 +141,7 @@ class Row:
         self.request = request
         tokenizer = tokenizer or ByteTokenizer()
         self.eos_id = tokenizer.eos_id
+        self.vocab = tokenizer.vocab_size
         self.text = TextStream(request.params.stop, tokenizer.token_bytes)
         for token in request.generated:  # rebuild the stream state of what was delivered
             self.text.feed(token)
@@ -223,7 +229,8 @@ class RowGroup:
         logits, _ = self.model(self.input, cache=self.cache, key_is_real=self.key_is_real,
                                positions=self.positions)
         uniform = torch.tensor([row.draw() for _, row in self.rows], device=logits.device)
-        tokens = sample_tokens(logits[:, -1, :], self.temperature, self.top_p, uniform)
+        tokens = sample_tokens(logits[:, -1, :], self.temperature, self.top_p, uniform,
+                               vocab=self.rows[0][1].vocab)
         chunks = [(i, row.accept(t)) for (i, row), t in zip(self.rows, tokens.tolist())]
         self.input = tokens.unsqueeze(1)
         self._keep([r for r, (_, row) in enumerate(self.rows) if not row.finished])

@@ -254,7 +254,9 @@ def chat_prompt(messages: tuple[tuple[str, str], ...], tokenizer: Tokenizer,
                  and tokenizer.eos_id < token_ids else [])
     tokens: list[int] = []
     for role, content in messages:
-        tokens += tokenizer.encode(f"{CHAT_ROLES[role]}: {content}\n") + separator
+        # (as text: a message spelling "<|endoftext|>" must not end itself and start a
+        # forged turn)
+        tokens += tokenizer.encode_as_text(f"{CHAT_ROLES[role]}: {content}\n") + separator
     return tuple(tokens + tokenizer.encode("Assistant:"))
 
 
@@ -284,6 +286,7 @@ def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str
     except APIError as e:
         raise bad_request(e.message.replace("max_tokens", field).replace(
             "prompt", "messages"), field if e.param == "max_tokens" else "messages") from None
+    _check_chat_fits_cache(len(prompt), max_tokens, field, kv_cache_tokens)
     stream = _bool(data, "stream", False)
     return CompletionRequest(
         prompts=(prompt,), max_tokens=max_tokens,
@@ -291,6 +294,19 @@ def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str
         stop=_stop(data.get("stop")) + (CHAT_STOP,), seed=_seed(data.get("seed")),
         stream=stream, include_usage=_include_usage(data.get("stream_options"), stream),
         model=model)
+
+
+def _check_chat_fits_cache(prompt: int, max_tokens: int, field: str,
+                           kv_cache_tokens: int | None) -> None:
+    """What the replica would refuse for its KV cache, refused here naming the chat field at
+    fault (the replica knows only "max_tokens", which a chat client may not have sent)."""
+    if kv_cache_tokens is None or prompt + max_tokens - 1 <= kv_cache_tokens:
+        return
+    raise bad_request(
+        f"the messages ({prompt} tokens with the template) plus {field} ({max_tokens}) need "
+        f"{prompt + max_tokens} tokens of KV cache; this replica's cache holds "
+        f"{kv_cache_tokens} tokens (setting kv_cache_tokens); shorten the messages or lower "
+        f"{field}", "messages" if prompt > kv_cache_tokens else field)
 
 
 def _chat_default_max_tokens(prompt: int, block_size: int, kv_cache_tokens: int | None) -> int:

@@ -333,3 +333,27 @@ def test_an_engine_whose_decode_kernel_cannot_compile_decodes_through_matrix_pro
     monkeypatch.undo()
     request = greedy(b"still served", 6)
     assert run_to_completion(eng, [request])[0] == alone(model, request)
+
+
+def test_a_model_with_more_ids_than_its_tokenizer_never_emits_one_it_cannot_decode():
+    # A sampled id past the tokenizer's failed decoding inside the step, and with it every
+    # request of the batch, in both batching modes
+    import torch
+
+    from orchestrator.config import TrainConfig
+    from orchestrator.training.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    wide = GPT(GPTConfig.from_train_config(TrainConfig(model_size="tiny", seq_len=64),
+                                           vocab_size=300)).eval()
+    with torch.no_grad():  # the ids the byte tokenizer lacks are the likeliest
+        wide.lm_head.weight[257:] += 5.0 * wide.lm_head.weight[257:].sign()
+    tokenizer = ByteTokenizer()
+    requests = [GenerationRequest(tuple(b"hello"), SamplingParams(20, temperature=0.0)),
+                GenerationRequest(tuple(b"world"), SamplingParams(20, temperature=1.0, seed=3))]
+    engine = ContinuousEngine(wide, 64, tokenizer, EngineLimits.sized_for(4, 64, 16, 256))
+    for i, request in enumerate(requests):
+        engine.add(i, request)
+    while not engine.idle:
+        engine.step()  # raised ValueError: token id ... is outside the byte tokenizer's
+    assert len(generate(wide, requests, 64, tokenizer)) == 2
