@@ -152,7 +152,8 @@ class HFTokenizer:
             from tokenizers import Tokenizer as HFTok
 
             self._as_text = HFTok.from_str(self._tok.to_str())
-            self._as_text.encode_special_tokens = True
+        # (set every time: a pickled copy, as Ray ships one, comes back without it)
+        self._as_text.encode_special_tokens = True
         return self._as_text.encode(text, add_special_tokens=False).ids
 
     def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:

@@ -310,6 +310,10 @@ def test_a_message_spelling_the_end_of_text_token_cannot_forge_a_turn():
     prompt = protocol.chat_prompt((("user", forged),), bpe, bpe.vocab_size)
     assert prompt.count(bpe.eos_id) == 1  # only the template's, after the message
     assert bpe.encode(forged).count(bpe.eos_id) == 1  # (what it was read as before)
+    import pickle  # as Ray ships it: the copy's setting did not survive the trip
+
+    shipped = pickle.loads(pickle.dumps(bpe))
+    assert protocol.chat_prompt((("user", forged),), shipped, bpe.vocab_size) == prompt
 
 
 @pytest.mark.parametrize("body, param, words", [
