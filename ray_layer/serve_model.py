@@ -7,6 +7,7 @@ batching policy, generation, loading, resources) are the pure modules of orchest
 import asyncio
 import dataclasses
 import itertools
+import json
 import logging
 import threading
 import time
@@ -41,6 +42,10 @@ CHAT_ROUTE = "/v1/chat/completions"
 # process) is taken as hung: a reload waiting for it is refused, a replica serving from it is
 # unhealthy.
 ENGINE_OPEN_TIMEOUT_S = 300.0
+# The last runtime config a replica of each deployment applied, in the GCS key-value store:
+# a refused config stays Serve's target, and a replica started after it (a replacement, an
+# autoscaled one) has no old model of its own to keep serving; it serves this one instead.
+LAST_GOOD_NAMESPACE = "orchestrator-serve"
 # An engine process that dies (out of memory, a crash) is started again, at most this many
 # times in this window; beyond that the replica stays down and its health check fails, so
 # Serve replaces it.
@@ -125,7 +130,22 @@ class GPTModel:
         """Apply a runtime config: load the checkpoint it names (off the event loop, while the
         current model keeps serving), then swap. A bad config never takes a serving replica
         down: it is refused, logged and reported, and the previous model keeps serving. At
-        start-up (nothing serving yet) it fails the replica with the same message."""
+        start-up (nothing serving yet) the config the deployment's replicas last applied is
+        served instead, the refusal reported as for a serving replica (a replica replacing
+        one that died after a refused reload failed to start, and so did every later one:
+        the app went down); with none, it fails the replica with the message."""
+        if self.loaded is not None:
+            return await self._apply(user_config)
+        try:
+            await self._apply(user_config)
+        except RuntimeError as refused:
+            fallback = _last_good_config(self._last_good_key())
+            if fallback is None or fallback == user_config:
+                raise
+            await self._apply(fallback)  # (raises in turn if that one no longer loads)
+            self._refuse_update(str(refused))
+
+    async def _apply(self, user_config: dict[str, Any]) -> None:
         started = time.perf_counter()
         try:
             runtime = RuntimeConfig.from_user_config(user_config, self.settings)
@@ -153,6 +173,17 @@ class GPTModel:
         self.serving_engine, self.engine_problem = engine, None
         self._adapt_batching(time.monotonic())  # the new bounds apply from now
         self._retire_engines(keep=engine)  # (static batching: every engine goes)
+        _remember_good_config(self._last_good_key(), user_config)
+
+    def _last_good_key(self) -> str:
+        """This deployment's, as built with these settings (an app deployed afresh with
+        other settings never falls back to an earlier app's model)."""
+        import hashlib
+
+        built = hashlib.sha256(json.dumps(dataclasses.asdict(self.settings), sort_keys=True,
+                                          default=str).encode()).hexdigest()[:16]
+        return (f"last-good-config/{serve.get_replica_context().app_name}/{self.deployment}/"
+                f"{built}")
 
     def _swap(self, loaded: LoadedModel, switch_s: float) -> None:
         previous, self.loaded = self.loaded, loaded  # batches running keep their own model
@@ -698,3 +729,25 @@ class GPTModel:
         if self.wedged.is_set():
             threading.Event().wait()
         return forward_problem(loaded, self.device)
+
+
+def _remember_good_config(key: str, user_config: dict[str, Any] | None) -> None:
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    try:
+        _internal_kv_put(key, json.dumps(user_config).encode(),
+                         overwrite=True, namespace=LAST_GOOD_NAMESPACE)
+    except Exception as e:  # only the fallback is lost, never the reload
+        log.warning("could not record the config applied (%s): a replica started after a "
+                    "refused reload will fail to start", e)
+
+
+def _last_good_config(key: str) -> dict[str, Any] | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        raw = _internal_kv_get(key, namespace=LAST_GOOD_NAMESPACE)
+        return json.loads(raw) if raw else None
+    except Exception as e:
+        log.warning("could not read the config last applied: %s", e)
+        return None

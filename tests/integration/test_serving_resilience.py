@@ -52,7 +52,8 @@ def deployed(cluster, tmp_path_factory):
         return wait_for_app(APP, replicas={"GPTModel": replicas} if replicas else None)
 
     deploy(FIXED_TWO, 2)
-    yield {"url": f"http://127.0.0.1:{port}", "deploy": deploy, "nodes": cluster}
+    yield {"url": f"http://127.0.0.1:{port}", "deploy": deploy, "nodes": cluster,
+           "port": port, "checkpoint": checkpoint}
     serve.shutdown()
 
 
@@ -131,6 +132,38 @@ def test_a_killed_replica_is_replaced_and_requests_still_succeed(deployed):
     retries = requests.get(f"{deployed['url']}/health", timeout=30).json()["ingress_retries"]
     print(f"\nreplica kill: {ok}/{len(load.results)} requests succeeded (half of them streams); "
           f"replacement running {replaced_after:.1f}s after the kill; ingress retries {retries}")
+
+
+def test_a_replica_started_after_a_refused_reload_serves_the_last_good_config(deployed):
+    # The refused config stays Serve's target: the replacement of a replica killed after it
+    # applied it at start, failed (nothing of its own to keep serving), and so did every
+    # later one; the app stopped serving.
+    import ray
+
+    from ray_layer.serve_app import deploy_config
+
+    good = deployed["checkpoint"]
+    bad = app_config(deployed["port"], good, FIXED_TWO)
+    bad["applications"][0]["deployments"][-1]["user_config"] = {
+        "checkpoint": good + "-missing"}
+    try:
+        deploy_config(bad)
+        wait_until("both replicas refusing the reload", lambda: all(
+            (stats := model_handle().replica_stats.remote().result(timeout_s=10))
+            and stats["reload_error"] for _ in range(4)))
+        victim = sorted(replica_names())[0]
+        with Load(deployed["url"], clients=2) as load:
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            wait_until("a replacement replica", lambda: not actor_exists(victim)
+                       and len(replica_names(2) - {victim}) == 2)
+            time.sleep(1)
+        ok = len(load.results) - len(load.failures())
+        assert load.results and ok / len(load.results) >= 0.999, load.failures()[:3]
+        for _ in range(4):  # every replica, the new one too, serves and says why
+            stats = model_handle().replica_stats.remote().result(timeout_s=10)
+            assert "-missing" in stats["reload_error"]["message"]
+    finally:
+        deployed["deploy"](FIXED_TWO, 2)
 
 
 def test_a_replica_with_a_hung_batch_loop_fails_its_health_check_and_is_replaced(deployed):
