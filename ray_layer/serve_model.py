@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import ray
 import torch
@@ -139,7 +139,7 @@ class GPTModel:
         try:
             await self._apply(user_config)
         except RuntimeError as refused:
-            fallback = _last_good_config(self._last_good_key())
+            fallback = _last_good_config(self._last_good_key)
             if fallback is None or fallback == user_config:
                 raise
             await self._apply(fallback)  # (raises in turn if that one no longer loads)
@@ -173,7 +173,7 @@ class GPTModel:
         self.serving_engine, self.engine_problem = engine, None
         self._adapt_batching(time.monotonic())  # the new bounds apply from now
         self._retire_engines(keep=engine)  # (static batching: every engine goes)
-        _remember_good_config(self._last_good_key(), user_config)
+        _remember_good_config(self._last_good_key, user_config)
 
     def _last_good_key(self) -> str:
         """This deployment's, as built with these settings (an app deployed afresh with
@@ -731,22 +731,22 @@ class GPTModel:
         return forward_problem(loaded, self.device)
 
 
-def _remember_good_config(key: str, user_config: dict[str, Any] | None) -> None:
+def _remember_good_config(key: Callable[[], str], user_config: dict[str, Any] | None) -> None:
     from ray.experimental.internal_kv import _internal_kv_put
 
-    try:
-        _internal_kv_put(key, json.dumps(user_config).encode(),
+    try:  # (the key too: outside a Serve replica, or without Ray, there is no record)
+        _internal_kv_put(key(), json.dumps(user_config).encode(),
                          overwrite=True, namespace=LAST_GOOD_NAMESPACE)
     except Exception as e:  # only the fallback is lost, never the reload
         log.warning("could not record the config applied (%s): a replica started after a "
                     "refused reload will fail to start", e)
 
 
-def _last_good_config(key: str) -> dict[str, Any] | None:
+def _last_good_config(key: Callable[[], str]) -> dict[str, Any] | None:
     from ray.experimental.internal_kv import _internal_kv_get
 
     try:
-        raw = _internal_kv_get(key, namespace=LAST_GOOD_NAMESPACE)
+        raw = _internal_kv_get(key(), namespace=LAST_GOOD_NAMESPACE)
         return json.loads(raw) if raw else None
     except Exception as e:
         log.warning("could not read the config last applied: %s", e)
