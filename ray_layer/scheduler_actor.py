@@ -9,7 +9,6 @@ and persistence of the core's state in the GCS key-value store, so a restarted s
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import threading
 import time
@@ -24,43 +23,16 @@ from orchestrator.scheduler_core import SchedulerCore
 from orchestrator.scheduler_types import (Outcome, SchedulerSettings, Yield,
                                           settings_to_run_with)
 from orchestrator.throughput import ThroughputTable
+from ray_layer.gcs_store import GcsJsonStore
 from ray_layer.node_agent import ensure_agent
 from ray_layer.scheduler_client import NAMESPACE, get_agent
 from ray_layer.telemetry import record_all
 
 log = logging.getLogger(__name__)
 
-STATE_KEY = b"scheduler-state"
+STATE_KEY = "scheduler-state"
 THROUGHPUT_KEY = "throughput"  # the learnt speeds, beside the core's parts in the saved state
 RAY_NODES_REFRESH_S = 1.0  # a flood of reports for unknown nodes asks Ray at most this often
-
-
-class _GcsStore:
-    """Scheduler state in the GCS key-value store: it outlives the actor's process, and the
-    GCS is what the whole cluster already depends on (no extra service, no shared disk)."""
-
-    def load(self) -> dict:
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        raw = _internal_kv_get(STATE_KEY, namespace=NAMESPACE)
-        return json.loads(raw) if raw else {}
-
-    def set_aside(self) -> str:
-        """Copy the stored state to a key of its own (it is unreadable and the next save
-        replaces it): kept for a person to look at. Returns that key."""
-        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
-
-        key = STATE_KEY + f".unreadable.{int(time.time())}".encode()
-        raw = _internal_kv_get(STATE_KEY, namespace=NAMESPACE)
-        if raw:
-            _internal_kv_put(key, raw, overwrite=True, namespace=NAMESPACE)
-        return key.decode()
-
-    def save(self, data: dict) -> None:
-        from ray.experimental.internal_kv import _internal_kv_put
-
-        _internal_kv_put(STATE_KEY, json.dumps(data).encode(), overwrite=True,
-                         namespace=NAMESPACE)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -77,11 +49,12 @@ class SchedulerActor:
         # hence looked up through self at each call).
         self.throughput = ThroughputTable()
         self._throughput_unsaved = False
-        self.store = _GcsStore()
-        self.core = SchedulerCore(self._settings(settings), speed=self._speed)
+        self.store = GcsJsonStore(STATE_KEY, NAMESPACE)
+        saved, unreadable = self._load_state()  # (read once: settings, then the state)
+        self.core = SchedulerCore(self._settings(settings, saved), speed=self._speed)
         self.lock = threading.RLock()  # Ray's thread and the maintenance thread
         self._ray_checked_at = float("-inf")
-        self._restore()
+        self._restore(saved, unreadable)
         self._refresh_ray_view()
         self.core.node_types = _autoscaler_node_types()
         # The last request_resources; None: none made yet, so the first pass makes one, which
@@ -372,34 +345,37 @@ class SchedulerActor:
             self._apply(self.core.ray_nodes(alive, dead, time.time()))
             self._apply(self.core.ray_usage(available, time.time()))
 
-    def _settings(self, given: dict) -> SchedulerSettings:
+    def _load_state(self) -> tuple[dict, Exception | None]:
+        """(what a previous incarnation saved, {} if nothing; the error if it is unreadable)."""
         try:
-            saved = {} if given else self.store.load()
-        except Exception:  # unreadable state: _restore says so
-            saved = {}
+            saved = self.store.load()
+            if saved is not None and not isinstance(saved, dict):
+                raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+            return saved or {}, None
+        except Exception as e:
+            return {}, e
+
+    def _settings(self, given: dict, saved: dict) -> SchedulerSettings:
         settings, problem = settings_to_run_with(given, saved)
         if problem:
             log.error(problem)
-        elif not given and isinstance(saved, dict) and saved.get("settings"):
+        elif not given and saved.get("settings"):
             log.warning("scheduler recreated with no settings: running with those saved by "
                         "its predecessor")
         return settings
 
-    def _restore(self) -> None:
+    def _restore(self, saved: dict, unreadable: Exception | None) -> None:
         """Reload what a previous incarnation promised. A part that cannot be read (corrupt,
         or from an older version) is logged and skipped: the scheduler must still start."""
-        try:
-            saved = self.store.load()
-            if not isinstance(saved, dict):
-                raise ValueError(f"a JSON {type(saved).__name__}, not an object")
-        except Exception as e:
+        if unreadable is not None:
             # Started empty, but as after a restart: nodes get time to report before jobs are
             # judged against a cluster that looks empty.
             try:
                 kept = f" (kept as {self.store.set_aside()!r})"
             except Exception:
                 kept = ""
-            log.error("scheduler state in the GCS is unreadable, starting empty%s: %s", kept, e)
+            log.error("scheduler state in the GCS is unreadable, starting empty%s: %s", kept,
+                      unreadable)
             self.core.restored_at = time.time()
             return
         for problem in self.core.restore(saved):

@@ -6,6 +6,7 @@ batching policy, generation, loading, resources) are the pure modules of orchest
 """
 import asyncio
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -13,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import ray
 import torch
@@ -32,6 +33,7 @@ from orchestrator.serving.loading import (LoadedModel, default_checkpoint, forwa
 from orchestrator.serving.protocol import APIError
 from orchestrator.serving.retries import engine_lost
 from orchestrator.serving.settings import RuntimeConfig, ServeSettings
+from ray_layer.gcs_store import GcsJsonStore
 from ray_layer.telemetry import record
 
 log = logging.getLogger("ray.serve")
@@ -86,6 +88,7 @@ class GPTModel:
         self.loaded: LoadedModel | None = None
         self.runtime: RuntimeConfig | None = None
         self.reload_error: dict[str, Any] | None = None
+        self.last_good: GcsJsonStore | None = None  # made at the first config applied
         self.bounds = RuntimeConfig.from_user_config(None, self.settings).bounds
         self.batch_settings: BatchSettings | None = None
         # Static batching decodes on one thread of its own: the event loop stays free to take
@@ -139,7 +142,7 @@ class GPTModel:
         try:
             await self._apply(user_config)
         except RuntimeError as refused:
-            fallback = _last_good_config(self._last_good_key)
+            fallback = self._last_good_config()
             if fallback is None or fallback == user_config:
                 raise
             await self._apply(fallback)  # (raises in turn if that one no longer loads)
@@ -173,17 +176,30 @@ class GPTModel:
         self.serving_engine, self.engine_problem = engine, None
         self._adapt_batching(time.monotonic())  # the new bounds apply from now
         self._retire_engines(keep=engine)  # (static batching: every engine goes)
-        _remember_good_config(self._last_good_key, user_config)
+        self._remember_good_config(user_config)
 
-    def _last_good_key(self) -> str:
-        """This deployment's, as built with these settings (an app deployed afresh with
-        other settings never falls back to an earlier app's model)."""
-        import hashlib
-
+    def _last_good_store(self) -> GcsJsonStore:
+        """Where this deployment, as built with these settings, records the config applied
+        (an app deployed afresh with other settings never falls back to an earlier app's)."""
         built = hashlib.sha256(json.dumps(dataclasses.asdict(self.settings), sort_keys=True,
                                           default=str).encode()).hexdigest()[:16]
-        return (f"last-good-config/{serve.get_replica_context().app_name}/{self.deployment}/"
-                f"{built}")
+        return GcsJsonStore(f"last-good-config/{serve.get_replica_context().app_name}/"
+                            f"{self.deployment}/{built}", LAST_GOOD_NAMESPACE)
+
+    def _remember_good_config(self, user_config: dict[str, Any] | None) -> None:
+        try:  # (the store too: outside a Serve replica, or without Ray, there is none)
+            self.last_good = self.last_good or self._last_good_store()
+            self.last_good.save(user_config)
+        except Exception as e:  # only the fallback is lost, never the reload
+            log.warning("could not record the config applied (%s): a replica started after a "
+                        "refused reload will fail to start", e)
+
+    def _last_good_config(self) -> dict[str, Any] | None:
+        try:
+            return (self.last_good or self._last_good_store()).load()
+        except Exception as e:
+            log.warning("could not read the config last applied: %s", e)
+            return None
 
     def _swap(self, loaded: LoadedModel, switch_s: float) -> None:
         previous, self.loaded = self.loaded, loaded  # batches running keep their own model
@@ -729,25 +745,3 @@ class GPTModel:
         if self.wedged.is_set():
             threading.Event().wait()
         return forward_problem(loaded, self.device)
-
-
-def _remember_good_config(key: Callable[[], str], user_config: dict[str, Any] | None) -> None:
-    from ray.experimental.internal_kv import _internal_kv_put
-
-    try:  # (the key too: outside a Serve replica, or without Ray, there is no record)
-        _internal_kv_put(key(), json.dumps(user_config).encode(),
-                         overwrite=True, namespace=LAST_GOOD_NAMESPACE)
-    except Exception as e:  # only the fallback is lost, never the reload
-        log.warning("could not record the config applied (%s): a replica started after a "
-                    "refused reload will fail to start", e)
-
-
-def _last_good_config(key: Callable[[], str]) -> dict[str, Any] | None:
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    try:
-        raw = _internal_kv_get(key(), namespace=LAST_GOOD_NAMESPACE)
-        return json.loads(raw) if raw else None
-    except Exception as e:
-        log.warning("could not read the config last applied: %s", e)
-        return None
