@@ -128,6 +128,19 @@ def unknown_fields(data: Mapping[str, Any], known: list[str], what: str) -> str 
     return f"unknown field(s) in {what}: {', '.join(hints)}; known fields: {', '.join(known)}"
 
 
+def _known_fields_problems(cls, data: Mapping[str, Any], known: list[str]) -> str:
+    """"; " and what the known fields' values are refused for, so that one run names every
+    mistake (a typo and a bad value), not one per try; "" when they pass or cannot be
+    judged alone (a required field among the unknown)."""
+    try:
+        cls(**{key: value for key, value in data.items() if key in known})
+    except ConfigError as e:
+        return f"; {e}"
+    except TypeError:
+        pass
+    return ""
+
+
 def from_mapping(cls, data: Mapping[str, Any], what: str):
     """Build dataclass `cls` from a mapping, rejecting unknown keys with a did-you-mean hint."""
     if not isinstance(data, Mapping):
@@ -136,7 +149,7 @@ def from_mapping(cls, data: Mapping[str, Any], what: str):
     known = [f.name for f in dataclasses.fields(cls)]
     problem = unknown_fields(data, known, what)
     if problem:
-        raise ConfigError(problem)
+        raise ConfigError(problem + _known_fields_problems(cls, data, known))
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [name for name in required if name not in data]

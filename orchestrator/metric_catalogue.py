@@ -213,8 +213,8 @@ SERVE_REQUESTS = MetricSpec(
 SERVE_ERRORS = MetricSpec(
     "orchestrator_serve_errors", COUNTER,
     "Requests that failed, by route and kind (bad_request; overloaded: back-pressure, add "
-    "replicas; unavailable: no model loaded yet, a reload or a lost replica or engine, retried "
-    "by clients; internal), and refused hot reloads (kind bad_config)",
+    "replicas; unavailable: no model loaded yet, a reload, a lost replica or engine, or no "
+    "replica running, retried by clients; internal), and refused hot reloads (kind bad_config)",
     "1", SERVE_TAGS + ("kind",))
 SERVE_REQUEST_LATENCY = MetricSpec(
     "orchestrator_serve_request_latency_seconds", HISTOGRAM,

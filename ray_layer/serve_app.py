@@ -40,7 +40,8 @@ from orchestrator.serving.generation import (Chunk, GenerationRequest, Generatio
                                              SamplingParams)
 from orchestrator.serving.loading import default_checkpoint, pin_checkpoint
 from orchestrator.serving.protocol import APIError
-from orchestrator.serving.retries import (gather_or_cancel, is_engine_lost, resumable_stream,
+from orchestrator.serving.retries import (DeploymentState, gather_or_cancel, is_engine_lost,
+                                          resumable_stream, taken_within, untaken_error,
                                           with_retries)
 from orchestrator.serving.resources import (ReplicaResources, recommend_replica_resources,
                                             report_from_ray_node)
@@ -154,7 +155,7 @@ class Ingress:
                 for prompt in parsed.prompts]
             if parsed.stream:
                 return await self._stream_response(parsed, requests, started, route)
-            results = await gather_or_cancel(*(self._generate(r) for r in requests))
+            results = await gather_or_cancel(*(self._generate(r, route) for r in requests))
         except Exception as e:
             return self._error_response(e, route, started)
         version = results[0].version
@@ -230,7 +231,8 @@ class Ingress:
         for attempt in range(TOKENIZER_FETCHES):
             # During a hot reload this call may reach a replica still serving the model
             # before: its tokenizer is kept under its own name, never under `name`.
-            tokenizer = await self._with_retries(lambda: self.model.tokenizer.remote())
+            tokenizer = await self._with_retries(
+                lambda: self._answer(self.model.tokenizer.remote()))
             self._tokenizers[tokenizer.name] = tokenizer
             if tokenizer.name == name:
                 return protocol.Encoder(tokenizer, info.get("token_ids", protocol.VOCAB_SIZE))
@@ -241,12 +243,40 @@ class Ingress:
 
     async def _model_info(self, max_age_s: float) -> dict[str, Any]:
         if self._info is None or time.monotonic() - self._info_at > max_age_s:
-            self._info = await self._with_retries(lambda: self.model.model_info.remote())
+            self._info = await self._with_retries(
+                lambda: self._answer(self.model.model_info.remote()))
             self._info_at = time.monotonic()
         return self._info
 
-    async def _generate(self, request: GenerationRequest) -> GenerationResult:
-        return await self._with_retries(lambda: self.model.generate.remote(request))
+    async def _generate(self, request: GenerationRequest, route: str) -> GenerationResult:
+        return await self._with_retries(
+            lambda: self._answer(self.model.generate.remote(request, route)))
+
+    async def _answer(self, response):
+        """A model call's answer, once a replica took it within replica_wait_s."""
+        await self._taken(response)
+        return await response
+
+    async def _taken(self, response) -> None:
+        # A handle's call waits in Serve's router until a replica takes it, for ever when
+        # none can start; the private _fetch_future_result_async is that wait (pinned Ray).
+        await taken_within(response._fetch_future_result_async, self.settings.replica_wait_s,
+                           response.cancel, self._untaken_error)
+
+    async def _untaken_error(self) -> APIError:
+        try:
+            state = await asyncio.wait_for(asyncio.to_thread(self._model_state), timeout=5.0)
+        except Exception as e:
+            state = f"{type(e).__name__}: {e}"
+        return untaken_error(self.settings.replica_wait_s, self.model.deployment_name, state)
+
+    def _model_state(self) -> DeploymentState:
+        """What Serve says of the model deployment (a call to Serve's controller)."""
+        app = serve.status().applications[self.model.app_name]
+        model = app.deployments[self.model.deployment_name]
+        return DeploymentState(getattr(model.status, "value", str(model.status)),
+                               {getattr(k, "value", str(k)): n
+                                for k, n in model.replica_states.items()}, model.message)
 
     async def _with_retries(self, call):
         """Resend a call whose model replica died (or none was reachable, or its engine
@@ -257,22 +287,29 @@ class Ingress:
                         type(error).__name__, attempt + 2)
         return await with_retries(call, retryable, self.settings.request_retries, counted)
 
-    def _stream_one(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    def _stream_one(self, request: GenerationRequest, route: str) -> AsyncIterator[Chunk]:
         """One prompt's chunks. If its replica (or engine process) dies mid-stream, the rest
         comes from another attempt, continuing after the tokens already delivered."""
         def counted(error: BaseException, attempt: int, delivered: int) -> None:
             self.retries["streams_resumed" if delivered else "streams_restarted"] += 1
             log.warning("model replica lost mid-stream after %d token(s) (%s); resuming",
                         delivered, type(error).__name__)
-        return resumable_stream(self.stream_model.generate_stream.remote, request, retryable,
-                                self.settings.request_retries, counted)
+        return resumable_stream(lambda attempt: self._taken_stream(attempt, route), request,
+                                retryable, self.settings.request_retries, counted)
 
-    async def _pump(self, queue: asyncio.Queue, index: int,
-                    request: GenerationRequest) -> None:
+    async def _taken_stream(self, request: GenerationRequest,
+                            route: str) -> AsyncIterator[Chunk]:
+        response = self.stream_model.generate_stream.remote(request, route)
+        await self._taken(response)
+        async for chunk in response:
+            yield chunk
+
+    async def _pump(self, queue: asyncio.Queue, index: int, request: GenerationRequest,
+                    route: str) -> None:
         """Prompt `index`'s chunks into the response's queue, then its error if it failed,
         then None."""
         try:
-            async for chunk in self._stream_one(request):
+            async for chunk in self._stream_one(request, route):
                 await queue.put((index, chunk))
         except Exception as e:
             await queue.put((index, e))
@@ -285,7 +322,8 @@ class Ingress:
         anything (over the KV cache, the replica overloaded or without a model) gets its
         status (4xx/5xx) and error body, not a 200 with an error event."""
         queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self._pump(queue, i, r)) for i, r in enumerate(requests)]
+        tasks = [asyncio.create_task(self._pump(queue, i, r, route))
+                 for i, r in enumerate(requests)]
         handed_over = False
         try:
             first = await queue.get()

@@ -225,17 +225,21 @@ class GPTModel:
         log.error("config update refused, still serving %s: %s", self.loaded.version, message)
 
     # -- generation ---------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        return collect([chunk async for chunk in self.generate_stream(request)])
+    async def generate(self, request: GenerationRequest,
+                       route: str = COMPLETIONS_ROUTE) -> GenerationResult:
+        return collect([chunk async for chunk in self.generate_stream(request, route)])
 
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def generate_stream(self, request: GenerationRequest,
+                              route: str = COMPLETIONS_ROUTE) -> AsyncIterator[Chunk]:
+        """`route`: the API route the request came by, the label of its latency metrics."""
         stream = (self._continuous_stream if self.runtime is None
                   or self.runtime.batching == "continuous" else self._static_stream)
-        async for chunk in stream(request):
+        async for chunk in stream(request, route):
             yield chunk
 
     # -- continuous batching ------------------------------------------------------------------
-    async def _continuous_stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def _continuous_stream(self, request: GenerationRequest,
+                                 route: str) -> AsyncIterator[Chunk]:
         """Queue the request in the current engine and yield its chunks as steps produce
         them. Leaving early (the client went away: Serve cancels this generator) cancels it
         in the engine, which frees its row and blocks before the next step."""
@@ -260,8 +264,7 @@ class GPTModel:
                     raise item
                 if first_at is None:
                     first_at = time.perf_counter()
-                    record(catalogue.SERVE_TIME_TO_FIRST_TOKEN, first_at - arrived,
-                           deployment=self.deployment, route=COMPLETIONS_ROUTE)
+                    self._record_first_token(first_at - arrived, route)
                 produced += len(item.tokens)
                 finished = item.finish_reason is not None
                 yield dataclasses.replace(item, version=engine.loaded.version)
@@ -269,7 +272,7 @@ class GPTModel:
             if self.streams.pop(key, None) is not None and not finished:
                 self.host.send(("cancel", engine.id, key))
             elif finished and produced > 1:
-                self._record_tpot((time.perf_counter() - first_at) / (produced - 1))
+                self._record_tpot((time.perf_counter() - first_at) / (produced - 1), route)
 
     def _current_engine(self) -> EngineRecord:
         """The engine of the model served now, with the cache the settings ask for. Opened
@@ -464,12 +467,17 @@ class GPTModel:
                     self.engine_problem = message
         self.engines = [e for e in self.engines if e not in ended]
 
-    def _record_tpot(self, seconds: float) -> None:
+    def _record_first_token(self, seconds: float, route: str) -> None:
+        record(catalogue.SERVE_TIME_TO_FIRST_TOKEN, seconds, deployment=self.deployment,
+               route=route)
+
+    def _record_tpot(self, seconds: float, route: str) -> None:
         record(catalogue.SERVE_TIME_PER_OUTPUT_TOKEN, seconds, deployment=self.deployment,
-               route=COMPLETIONS_ROUTE)
+               route=route)
 
     # -- static batching ----------------------------------------------------------------------
-    async def _static_stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def _static_stream(self, request: GenerationRequest,
+                             route: str) -> AsyncIterator[Chunk]:
         arrived = time.perf_counter()
         self._admit(request)
         finished, first_at, produced = False, None, 0
@@ -478,8 +486,7 @@ class GPTModel:
             async for chunk in self.batch(request):
                 if first_at is None:
                     first_at = time.perf_counter()
-                    record(catalogue.SERVE_TIME_TO_FIRST_TOKEN, first_at - arrived,
-                           deployment=self.deployment, route=COMPLETIONS_ROUTE)
+                    self._record_first_token(first_at - arrived, route)
                 finished = chunk.finish_reason is not None
                 produced += len(chunk.tokens)
                 yield chunk
@@ -489,7 +496,7 @@ class GPTModel:
             if not finished and id(request) in self.running:
                 self.abandoned.add(id(request))  # its row stops before the batch's next step
         if finished and produced > 1:
-            self._record_tpot((time.perf_counter() - first_at) / (produced - 1))
+            self._record_tpot((time.perf_counter() - first_at) / (produced - 1), route)
         if not finished:  # the batch's model could not hold it (reloaded meanwhile)
             unfit = request.unfit_for(self.loaded.block_size,
                                       self.loaded.model.config.vocab_size)

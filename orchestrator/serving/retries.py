@@ -5,7 +5,8 @@ replica's engine process gone, `ENGINE_LOST`)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
 
 from orchestrator.serving.generation import Chunk, GenerationRequest
@@ -80,4 +81,57 @@ async def gather_or_cancel(*calls: Awaitable[T]) -> list[T]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+@dataclass(frozen=True)
+class DeploymentState:
+    """What Serve says of the model deployment (`serve status`): its status, replicas by
+    state, and its message (why replicas do not start, for one)."""
+
+    status: str
+    replicas: Mapping[str, int]
+    message: str = ""
+
+    @property
+    def running(self) -> int:
+        return self.replicas.get("RUNNING", 0)
+
+
+def untaken_error(wait_s: float, deployment: str, state: DeploymentState | str) -> APIError:
+    """The 503 of a request no replica of `deployment` took within `wait_s`: every running
+    one full ("overloaded"), or none running, with what Serve says of why ("no_replica");
+    `state` is the error that kept Serve from saying."""
+    head = f"no {deployment} replica took the request within {wait_s:g} s"
+    if isinstance(state, str):
+        return APIError(503, f"{head} (its state is unknown: {state}); retry shortly",
+                        type="server_error", code="no_replica")
+    if state.running:
+        return APIError(503, f"{head}: all {state.running} running are full (the server is "
+                             "overloaded); retry shortly", type="server_error",
+                        code="overloaded")
+    others = ", ".join(f"{count} {name.lower()}" for name, count in sorted(state.replicas.items())
+                       if count)
+    why = f"; {state.message}" if state.message else ""
+    return APIError(503, f"{head}: none is running ({deployment} is {state.status}"
+                         f"{', replicas: ' + others if others else ''}{why}); retry shortly, "
+                         "or see `serve status`", type="server_error", code="no_replica")
+
+
+async def taken_within(assignment: Callable[[], Awaitable[object]], wait_s: float,
+                       cancel: Callable[[], None],
+                       untaken: Callable[[], Awaitable[APIError]]) -> None:
+    """Wait until a replica took the request (`assignment()` resolves), at most `wait_s`
+    (0: as long as it takes): past that the request is withdrawn (`cancel()`) and
+    `untaken()`'s error raised. Without a bound a request waits for ever while no replica
+    can start, and its client sees nothing."""
+    if not wait_s:
+        return
+    try:
+        await asyncio.wait_for(assignment(), wait_s)
+    except asyncio.TimeoutError:
+        cancel()
+        raise await untaken() from None
+    except BaseException:  # the client left (cancelled): nothing stays queued for it
+        cancel()
         raise

@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from orchestrator.config import ConfigError, from_mapping
+from orchestrator.config import ConfigError, from_mapping, unknown_fields
 from orchestrator.serving.batching import BatchBounds
 
 # The app as Serve imports it (`serve run ray_layer.serve_app:app`), and its model deployment.
@@ -110,6 +110,10 @@ class ServeSettings:
     max_prompts_per_request: int = 32
     max_body_bytes: int = 1 << 20
     request_retries: int = 3  # times the ingress resends a request whose replica died
+    # How long a request waits for a model replica to take it (none running: all replaced or
+    # failing to start; or every one full) before it is answered 503; 0 = as long as it takes.
+    # Raise it when replicas scale from zero onto nodes that take longer to start.
+    replica_wait_s: float = 60.0
     ingress_replicas: int = 1
     # Health.
     health_check_period_s: float = 5.0
@@ -184,11 +188,10 @@ class RuntimeConfig:
         exceed what max_ongoing_requests lets fill (ConfigError naming the field)."""
         if user_config is not None and not isinstance(user_config, Mapping):
             raise ConfigError(f"user_config must be a mapping, got {type(user_config).__name__}")
-        merged = {**settings.user_config(), **(user_config or {})}
-        unknown = set(merged) - set(RUNTIME_FIELDS)
+        unknown = unknown_fields(user_config or {}, list(RUNTIME_FIELDS), "user_config")
         if unknown:
-            raise ConfigError(f"user_config: unknown field(s) {sorted(unknown)}; known: "
-                              f"{', '.join(RUNTIME_FIELDS)}")
+            raise ConfigError(unknown)
+        merged = {**settings.user_config(), **(user_config or {})}
         config = cls(**coerce(cls, merged, "user_config"))
         problems = _field_problems(config, _INT_MIN, _FLOAT_RANGE)
         problems += _batch_problems(config.min_batch_size, config.max_batch_size)
@@ -259,7 +262,8 @@ _FLOAT_RANGE = {"cpus_per_replica": (0.0, 1024.0), "gpus_per_replica": (0.0, 64.
                 "target_ongoing_requests": (0.001, 1e6), "upscale_delay_s": (0.0, 86400.0),
                 "downscale_delay_s": (0.0, 86400.0), "max_batch_wait_ms": (0.0, 10_000.0),
                 "health_check_period_s": (0.1, 3600.0),
-                "health_check_timeout_s": (0.1, 3600.0), "hang_after_s": (0.1, 86400.0)}
+                "health_check_timeout_s": (0.1, 3600.0), "hang_after_s": (0.1, 86400.0),
+                "replica_wait_s": (0.0, 86400.0)}
 
 
 def _field_problems(obj: Any, int_min: dict[str, int],

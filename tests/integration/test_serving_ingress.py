@@ -16,20 +16,44 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:coroutine .*ASGIIngressWrapper.__del__.* was never awaited:RuntimeWarning")
 
 
+class Response:
+    """A stand-in for Serve's DeploymentResponse(Generator): `taken` resolves once a replica
+    takes the call (never, for a deployment without a running replica)."""
+
+    def __init__(self, result, taken: bool):
+        self.result, self.taken, self.cancelled = result, taken, False
+
+    async def _fetch_future_result_async(self):
+        if not self.taken:
+            await asyncio.sleep(3600)
+
+    def cancel(self):
+        self.cancelled = True
+        if hasattr(self.result, "close"):  # a coroutine never awaited: no warning
+            self.result.close()
+
+    def __await__(self):
+        return self.result.__await__()
+
+    def __aiter__(self):
+        return self.result.__aiter__()
+
+
 class Remote:
-    def __init__(self, call):
-        self.call = call
+    def __init__(self, call, taken: bool = True):
+        self.call, self.taken, self.sent = call, taken, []
 
     def remote(self, *args):
-        return self.call(*args)
+        self.sent.append(Response(self.call(*args), self.taken))
+        return self.sent[-1]
 
 
-def ingress(model):
+def ingress(model, **settings):
     from ray_layer import serve_app
 
     node = object.__new__(serve_app.Ingress.func_or_class)
     node.model = node.stream_model = model
-    node.settings = ServeSettings.from_args({"request_retries": 1})
+    node.settings = ServeSettings.from_args({"request_retries": 1, **settings})
     node.deployment, node._info, node._info_at = "Ingress", None, 0.0
     node.retries, node._tokenizers = Counter(), {}
     return node
@@ -74,7 +98,7 @@ def test_a_stream_whose_client_left_before_it_started_cancels_its_prompts():
 
     decoding = []
 
-    async def generate_stream(request):
+    async def generate_stream(request, route):
         yield Chunk((65,), "A")
         decoding.append(request)
         await asyncio.sleep(30)  # a long answer: only a cancel ends it early
@@ -102,3 +126,33 @@ def test_a_stream_whose_client_left_before_it_started_cancels_its_prompts():
         assert all(task.cancelled() for task in response.tasks)
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=20))
+
+
+def test_a_call_no_replica_takes_is_withdrawn_and_answered_503_naming_why():
+    from orchestrator.serving.retries import DeploymentState
+
+    async def generate(request, route):
+        raise AssertionError("never reached: no replica took the call")
+
+    async def generate_stream(request, route):
+        raise AssertionError("never reached: no replica took the call")
+        yield
+    unary, streamed = Remote(generate, taken=False), Remote(generate_stream, taken=False)
+    node = ingress(SimpleNamespace(generate=unary, generate_stream=streamed,
+                                   deployment_name="GPTModel"), replica_wait_s=0.2)
+    node._model_state = lambda: DeploymentState(
+        "DEPLOYING", {"PENDING_ALLOCATION": 1}, "1 replica has taken more than 30s to be "
+        "scheduled: resources {'CPU': 64.0} are not available")
+    request = GenerationRequest((65,), SamplingParams(4))
+
+    async def stream():
+        return [chunk async for chunk in node._stream_one(request, "/v1/completions")]
+    for call, remote in ((node._generate(request, "/v1/completions"), unary),
+                         (stream(), streamed)):
+        with pytest.raises(APIError) as refused:
+            asyncio.run(asyncio.wait_for(call, timeout=20))
+        error = refused.value
+        assert (error.status, error.code) == (503, "no_replica")
+        assert "within 0.2 s" in error.message and "DEPLOYING" in error.message
+        assert "'CPU': 64.0" in error.message and "1 pending_allocation" in error.message
+        assert [r.cancelled for r in remote.sent] == [True]  # withdrawn, and not resent

@@ -123,3 +123,31 @@ def test_a_token_the_model_cannot_read_is_a_400_and_the_replica_serves_on(replic
             model._admit(bad)
 
     asyncio.run(scenario())
+
+
+def test_latency_metrics_carry_the_route_the_request_came_by(replica, monkeypatch):
+    # Chat's time to first token and per output token were counted as completions'.
+    from ray import serve
+
+    import ray_layer.serve_model as serve_model
+    from orchestrator import metric_catalogue as catalogue
+
+    model, checkpoint = replica
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(  # static's
+        deployment="GPTModel", replica_id=SimpleNamespace(unique_id="r"),  # serve.batch too
+        _deployment_config=SimpleNamespace(max_ongoing_requests=256)))
+    recorded = []
+    monkeypatch.setattr(serve_model, "record", lambda spec, value, **tags: recorded.append(
+        (spec.name, tags.get("route"))))
+    latency = {catalogue.SERVE_TIME_TO_FIRST_TOKEN.name,
+               catalogue.SERVE_TIME_PER_OUTPUT_TOKEN.name}
+
+    async def scenario():
+        for batching in ("continuous", "static"):
+            await model.reconfigure({"checkpoint": checkpoint, "batching": batching})
+            for route in (serve_model.CHAT_ROUTE, serve_model.COMPLETIONS_ROUTE):
+                recorded.clear()
+                await model.generate(request(4), route)
+                assert sorted(r for r in recorded if r[0] in latency) == sorted(
+                    (name, route) for name in latency), (batching, recorded)
+    asyncio.run(asyncio.wait_for(scenario(), timeout=120))

@@ -206,3 +206,41 @@ def test_autoscaling_follows_a_load_ramp_up_and_back_down(deployed):
     print(f"\nautoscaling: {most} replicas {scaled_up_after:.1f}s into a ramp of up to {clients} "
           f"clients ({len(load.results)} requests, none failed); back to 1 replica "
           f"{time.monotonic() - stopped:.1f}s after the load stopped")
+
+
+def test_with_no_model_replica_able_to_start_a_request_is_answered_503_naming_why(deployed):
+    # A model replica asking for more CPUs than any node has never starts: without a bound
+    # on the wait for one, every request hung until its client gave up. Another app name so
+    # that the running app's replicas are removed, not kept serving through a rolling update.
+    from ray import serve
+
+    from ray_layer.serve_app import deploy_config
+
+    config = app_config(deployed["port"], deployed["checkpoint"], FIXED_TWO)
+    application = config["applications"][0]
+    application["name"] = "gpt-no-replica"
+    application["args"].update(cpus_per_replica=64, replica_wait_s=2)
+    deploy_config(config)
+
+    def ingress_up() -> bool:
+        apps = serve.status().applications
+        app = apps.get("gpt-no-replica")
+        return APP not in apps and app is not None and \
+            app.deployments.get("Ingress") is not None and \
+            app.deployments["Ingress"].status == "HEALTHY"
+    wait_until("the new app's ingress running, the old app gone", ingress_up)
+    deadline, answer = time.monotonic() + 60, None
+    while time.monotonic() < deadline:  # HAProxy routes to the new ingress shortly
+        started = time.monotonic()
+        answer = requests.post(f"{deployed['url']}/v1/completions", timeout=30,
+                               json={"prompt": "hi", "max_tokens": 2})
+        took = time.monotonic() - started
+        if answer.status_code == 503 and "no_replica" in answer.text:
+            break
+        time.sleep(0.5)
+    assert answer is not None and answer.status_code == 503, answer and answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "no_replica" and "within 2 s" in error["message"]
+    assert "none is running (GPTModel is" in error["message"], error["message"]
+    assert took < 15, f"answered after {took:.1f}s"
+    print(f"\nno replica able to start: 503 after {took:.1f}s: {error['message']}")

@@ -107,3 +107,49 @@ def test_when_one_prompt_fails_the_others_are_cancelled():
             await asyncio.wait_for(gather_or_cancel(long_prompt(), refused()), timeout=5)
     asyncio.run(run())
     assert cancelled == ["long"]
+
+
+def test_a_request_no_replica_takes_says_whether_replicas_are_full_or_none_runs():
+    from orchestrator.serving.retries import DeploymentState, untaken_error
+
+    full = untaken_error(60, "GPTModel", DeploymentState("HEALTHY", {"RUNNING": 2}))
+    assert (full.status, full.code) == (503, "overloaded")
+    assert "all 2 running are full" in full.message
+    none = untaken_error(60, "GPTModel", DeploymentState(
+        "UNHEALTHY", {"RUNNING": 0, "STARTING": 1}, "The replica failed to start"))
+    assert (none.status, none.code) == (503, "no_replica")
+    assert "none is running (GPTModel is UNHEALTHY, replicas: 1 starting; The replica " \
+           "failed to start)" in none.message
+    unknown = untaken_error(60, "GPTModel", "TimeoutError: ")
+    assert unknown.code == "no_replica" and "state is unknown: TimeoutError" in unknown.message
+
+
+def test_waiting_for_a_replica_is_bounded_and_withdraws_the_request():
+    from orchestrator.serving.retries import taken_within
+
+    withdrawn = []
+
+    async def untaken():
+        return APIError(503, "nobody took it", code="no_replica")
+
+    async def never():
+        await asyncio.sleep(3600)
+
+    async def soon():
+        await asyncio.sleep(0.01)
+    with pytest.raises(APIError, match="nobody took it"):
+        asyncio.run(taken_within(never, 0.05, lambda: withdrawn.append("late"), untaken))
+    asyncio.run(taken_within(soon, 5.0, lambda: withdrawn.append("soon"), untaken))
+    # 0: as long as it takes (the assignment is not even awaited here: the answer's own
+    # await waits for it).
+    asyncio.run(taken_within(never, 0, lambda: withdrawn.append("unbounded"), untaken))
+
+    async def client_leaves():
+        task = asyncio.ensure_future(taken_within(never, 5.0,
+                                                  lambda: withdrawn.append("left"), untaken))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(client_leaves())
+    assert withdrawn == ["late", "left"]

@@ -27,6 +27,13 @@ def test_unknown_keys_get_a_hint():
         ServeSettings.from_args({"max_batch": 4})
 
 
+def test_a_typo_and_a_bad_value_are_named_in_one_go():
+    with pytest.raises(ConfigError) as e:
+        ServeSettings.from_args({"max_batch": 4, "min_replicas": "-1"})
+    assert "'max_batch' (did you mean 'max_batch_size'" in str(e.value)
+    assert "min_replicas must be an integer >= 0, got -1" in str(e.value)
+
+
 def test_every_bad_field_is_named_at_once():
     with pytest.raises(ConfigError) as e:
         ServeSettings.from_args({"max_batch_size": "lots", "min_replicas": -1,
@@ -59,7 +66,7 @@ def test_user_config_keeps_unset_fields_from_the_settings_and_respects_the_cap()
     assert RuntimeConfig.from_user_config(None, settings).checkpoint == "/a"
     with pytest.raises(ConfigError, match="at most 16"):
         RuntimeConfig.from_user_config({"max_batch_size": 64}, settings)
-    with pytest.raises(ConfigError, match="unknown field"):
+    with pytest.raises(ConfigError, match="'checkpiont' \\(did you mean 'checkpoint'"):
         RuntimeConfig.from_user_config({"checkpiont": "/c"}, settings)
     with pytest.raises(ConfigError, match="min_batch_size"):
         RuntimeConfig.from_user_config({"min_batch_size": 0}, settings)
