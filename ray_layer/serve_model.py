@@ -360,6 +360,8 @@ class GPTModel:
                 self._on_opened(event[1], event[2])
             elif kind in ("failed", "open_failed"):
                 self._end_engine(event[1], event[2])
+            elif kind == "gone":
+                self._on_gone(event[1], event[2])
             elif kind == "rejected":
                 stream = self.streams.get(event[2])
                 if stream is not None:
@@ -466,6 +468,20 @@ class GPTModel:
                 if engine is self.serving_engine:
                     self.engine_problem = message
         self.engines = [e for e in self.engines if e not in ended]
+
+    def _on_gone(self, engine_id: int, key: int) -> None:
+        """A request sent to an engine that had already failed (the host's failure and the
+        request crossed): it never ran, so it is retryable when the engine had opened (the
+        resend opens a fresh one); an engine that never opened fails it with the reason, as
+        it did its other requests (a resend would load the model again for the same end)."""
+        stream = self.streams.pop(key, None)
+        if stream is None:
+            return
+        queue, engine = stream
+        why = engine.ready.result() if engine.ready.done() else None
+        queue.put_nowait(
+            engine_lost(f"engine {engine_id} failed before the request started")
+            if why is None else APIError(500, f"generation failed: {why}", type="server_error"))
 
     def _record_first_token(self, seconds: float, route: str) -> None:
         record(catalogue.SERVE_TIME_TO_FIRST_TOKEN, seconds, deployment=self.deployment,

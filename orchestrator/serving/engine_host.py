@@ -36,8 +36,9 @@ Commands (replica -> host; tuples, the first item names them):
 Events (host -> replica; lists):
     ("opened", engine_id, version)  ("open_failed", engine_id, message)
     ("step", engine_id, chunks, queue_seconds, snapshot)    chunks: [(key, Chunk)]
-    ("failed", engine_id, message)  a step raised (or an add for an engine already gone):
-                                    the engine is gone, its requests failed
+    ("failed", engine_id, message)  a step raised: the engine is gone, its requests failed
+    ("gone", engine_id, key)        an add for an engine already gone (failed or never
+                                    opened): the request never ran
     ("rejected", engine_id, key, message, param)   add refused: over the engine's capacity
     ("closed", engine_id)           a retired engine finished its rows
     ("probe", token, problem)       problem: None when healthy
@@ -108,8 +109,7 @@ class EngineHost:
             self.changed.add(engine_id)
             return []
         if engine_id not in self.engines:  # it failed: a late cancel needs no answer
-            return [] if kind == "cancel" else [
-                ("failed", engine_id, f"engine {engine_id} is gone (its model failed)")]
+            return [] if kind == "cancel" else [("gone", engine_id, command[2])]
         engine = self.engines[engine_id][0]
         self.changed.add(engine_id)
         if kind == "cancel":

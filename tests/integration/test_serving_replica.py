@@ -151,3 +151,27 @@ def test_latency_metrics_carry_the_route_the_request_came_by(replica, monkeypatc
                 assert sorted(r for r in recorded if r[0] in latency) == sorted(
                     (name, route) for name in latency), (batching, recorded)
     asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+
+
+def test_a_request_that_reached_an_engine_already_failed_is_resent_not_failed(replica):
+    # The host's "failed" for a step and a new request's add cross: the request never ran,
+    # so it gets the retryable error (it got a 500 that the ingress does not resend); an
+    # engine that never opened fails it with why, as its other requests.
+    from ray_layer.serve_model import EngineRecord
+
+    model, _ = replica
+
+    async def scenario():
+        answers = []
+        for engine_id, why in ((7, None), (8, "its KV cache needs 9.0 GiB")):
+            ready = asyncio.get_running_loop().create_future()
+            ready.set_result(why)
+            queue = asyncio.Queue()
+            model.streams[engine_id * 10] = (queue, EngineRecord(engine_id, None, None, ready))
+            model._on_host_events([("gone", engine_id, engine_id * 10)])
+            answers.append(queue.get_nowait())
+        return answers
+    resent, failed = asyncio.run(scenario())
+    assert is_engine_lost(resent) and resent.status == 503
+    assert failed.status == 500 and "9.0 GiB" in failed.message and not is_engine_lost(failed)
+    assert not model.streams
