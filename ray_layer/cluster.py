@@ -51,6 +51,31 @@ def ensure_agents() -> dict[str, "ray.actor.ActorHandle"]:
     return {node_id: ensure_agent(node_id) for node_id in alive_node_ids()}
 
 
+def _running_local_clusters() -> list[str]:
+    """GCS addresses of the Ray clusters running on this machine (Ray's own search of the
+    processes, as `--address auto` uses); [] when it cannot tell."""
+    from ray._private import services
+
+    try:
+        return sorted(services.find_gcs_addresses())
+    except Exception:  # a notice is never worth failing the job over
+        return []
+    finally:  # Ray caches what it found; a later search in this process must see ours too
+        services._thread_safe_find_gcs_addresses_cache_clear()
+
+
+def _notice_clusters_beside(addresses: list[str]) -> None:
+    """An embedded Ray started beside a cluster `ray start` runs here: the job is invisible
+    to that cluster (`python -m orchestrator status`, preempt, cancel, its dashboard), and
+    Ray's state API inside the job may reach the other one (Ray Train's placement-group
+    cleaner did: "Found multiple active Ray instances"). Said once, before it starts."""
+    if addresses:
+        _warn(f"a Ray cluster already runs on this machine ({', '.join(addresses)}): this "
+              "job starts an embedded Ray of its own, which that cluster's `python -m "
+              "orchestrator status`, preempt, cancel and dashboard do not see. Pass "
+              "--address auto to run it there.")
+
+
 def _warn(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr, flush=True)
 
@@ -161,6 +186,8 @@ def connect(address: str | None, runtime_env: dict | None = None, embedded: bool
         address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if address and address != "auto":
         _check_reachable(address, source, embedded=embedded)
+    if not address:
+        _notice_clusters_beside(_running_local_clusters())
     try:
         # "local", not None: None connects to whatever `ray start` last recorded on this
         # machine (/tmp/ray/ray_current_cluster), and to a stale record it retried a dead

@@ -77,6 +77,8 @@ api = FastAPI(title="orchestrator GPT: OpenAI-compatible completions and chat co
 DRAIN_BODY_BYTES = 64 << 20
 # Tries to fetch the served model's tokenizer while a hot reload has replicas on two models.
 TOKENIZER_FETCHES = 3
+# How long the model deployment's state, asked of Serve when calls find no replica, is reused.
+MODEL_STATE_MAX_AGE_S = 2.0
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -85,6 +87,21 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                      type="invalid_request_error" if exc.status_code < 500 else "server_error")
     return JSONResponse(error.body(), status_code=exc.status_code)
+
+
+def was_taken(response) -> bool:
+    """Whether Serve's router gave the call to a replica (its private future, pinned Ray)."""
+    future = response._replica_result_future
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
+def withdraw(response) -> None:
+    """Cancel a call, also when a replica took it just as it was withdrawn: with the router
+    on this event loop, response.cancel() then finds nothing to cancel (the result was never
+    fetched) and the replica would generate for nobody."""
+    response.cancel()
+    if response._replica_result is None and was_taken(response):
+        response._replica_result_future.result().cancel()
 
 
 class CancellingStream(StreamingResponse):
@@ -121,6 +138,8 @@ class Ingress:
         self._info_at = 0.0
         self.retries: Counter = Counter()  # calls resent after a model replica was lost
         self._tokenizers: dict[str, Any] = {"bytes": ByteTokenizer()}  # by tokenizer name
+        self._state_lock = asyncio.Lock()
+        self._state: tuple[float, DeploymentState | str] | None = None  # (when, what)
 
     @api.post(COMPLETIONS_ROUTE)
     async def completions(self, request: Request) -> Response:
@@ -261,14 +280,23 @@ class Ingress:
         # A handle's call waits in Serve's router until a replica takes it, for ever when
         # none can start; the private _fetch_future_result_async is that wait (pinned Ray).
         await taken_within(response._fetch_future_result_async, self.settings.replica_wait_s,
-                           response.cancel, self._untaken_error)
+                           lambda: was_taken(response), lambda: withdraw(response),
+                           self._untaken_error)
 
     async def _untaken_error(self) -> APIError:
-        try:
-            state = await asyncio.wait_for(asyncio.to_thread(self._model_state), timeout=5.0)
-        except Exception as e:
-            state = f"{type(e).__name__}: {e}"
-        return untaken_error(self.settings.replica_wait_s, self.model.deployment_name, state)
+        """The 503 of a call no replica took, with Serve's view of the model deployment:
+        asked once per MODEL_STATE_MAX_AGE_S however many calls time out together (the
+        controller is busy then, starting replicas)."""
+        async with self._state_lock:
+            if self._state is None or time.monotonic() - self._state[0] > MODEL_STATE_MAX_AGE_S:
+                try:
+                    state = await asyncio.wait_for(asyncio.to_thread(self._model_state),
+                                                   timeout=5.0)
+                except Exception as e:
+                    state = f"{type(e).__name__}: {e}"
+                self._state = (time.monotonic(), state)
+        return untaken_error(self.settings.replica_wait_s, self.model.deployment_name,
+                             self._state[1])
 
     def _model_state(self) -> DeploymentState:
         """What Serve says of the model deployment (a call to Serve's controller)."""

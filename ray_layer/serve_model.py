@@ -358,7 +358,9 @@ class GPTModel:
                     future.set_result(event[2])
             elif kind == "opened":
                 self._on_opened(event[1], event[2])
-            elif kind in ("failed", "open_failed"):
+            elif kind == "failed":
+                self._end_engine(event[1], event[2], held=event[3])
+            elif kind == "open_failed":
                 self._end_engine(event[1], event[2])
             elif kind == "gone":
                 self._on_gone(event[1], event[2])
@@ -445,14 +447,18 @@ class GPTModel:
     def _engine(self, engine_id: int) -> EngineRecord | None:
         return next((e for e in self.engines if e.id == engine_id), None)
 
-    def _end_engine(self, engine_id: int | None, message: str) -> None:
+    def _end_engine(self, engine_id: int | None, message: str,
+                    held: set | None = None) -> None:
         """An engine that failed or never opened (None: every engine, the host is gone):
-        every request it holds gets the error, and the next request opens a fresh one. An
-        engine serving now that could not open makes the replica unhealthy (check_health):
-        a fresh replica may load where this one cannot."""
+        the requests it holds get the error (`held`: the keys a failed step took with it;
+        the engine's other requests crossed the failure and are answered "gone", _on_gone),
+        and the next request opens a fresh one. An engine serving now that could not open
+        makes the replica unhealthy (check_health): a fresh replica may load where this one
+        cannot."""
         ended = [e for e in self.engines if engine_id is None or e.id == engine_id]
         keys = [key for key, (_, engine) in self.streams.items()
-                if engine_id is None or engine.id == engine_id]
+                if (engine_id is None or engine.id == engine_id)
+                and (held is None or key in held)]
         if not ended and not keys:
             return  # already ended (a late answer to a request sent before it was)
         log.error("continuous batching engine %s failed: %s",

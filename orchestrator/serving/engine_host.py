@@ -36,7 +36,9 @@ Commands (replica -> host; tuples, the first item names them):
 Events (host -> replica; lists):
     ("opened", engine_id, version)  ("open_failed", engine_id, message)
     ("step", engine_id, chunks, queue_seconds, snapshot)    chunks: [(key, Chunk)]
-    ("failed", engine_id, message)  a step raised: the engine is gone, its requests failed
+    ("failed", engine_id, message, keys)  a step raised: the engine is gone, and so are
+                                    the requests it held (keys); an add that crossed the
+                                    failure is answered "gone"
     ("gone", engine_id, key)        an add for an engine already gone (failed or never
                                     opened): the request never ran
     ("rejected", engine_id, key, message, param)   add refused: over the engine's capacity
@@ -90,6 +92,10 @@ class EngineHost:
         self.loaded: queue.SimpleQueue = queue.SimpleQueue()  # (id, limits, model | error)
         self.changed: set[int] = set()  # engines a command changed since their last event
         self.retired: set[int] = set()  # engines that close once their rows are done
+        # Keys each engine holds (added, neither finished nor cancelled): those a failed
+        # step takes with it. Kept here, not read from the engine, which may lose track of
+        # a row in the middle of the step that failed.
+        self.held: dict[int, set] = {}
 
     @property
     def busy(self) -> bool:
@@ -114,12 +120,14 @@ class EngineHost:
         self.changed.add(engine_id)
         if kind == "cancel":
             engine.cancel(command[2])
+            self.held[engine_id].discard(command[2])
             return []
         _, _, key, request, arrived = command
         try:
             engine.add(key, request, arrived)
         except CapacityError as e:  # the replica checks first; a race with new limits
             return [("rejected", engine_id, key, str(e), e.param)]
+        self.held[engine_id].add(key)
         return []
 
     def _open(self, engine_id: int, source: LoadedModel | tuple[str, str],
@@ -165,6 +173,7 @@ class EngineHost:
         except Exception as e:
             return self._open_failed(engine_id, f"{type(e).__name__}: {e}")
         self.engines[engine_id] = (engine, loaded)
+        self.held[engine_id] = set()
         events: list[tuple] = [("opened", engine_id, loaded.version)]
         for command in self.loading.pop(engine_id, []):
             events += self.apply(command)
@@ -199,10 +208,13 @@ class EngineHost:
                     chunks = engine.step()
                 except Exception as e:  # a bug or a device error: fail its requests only
                     log.exception("continuous batching step failed")
+                    held = self.held[engine_id]
                     self._forget(engine_id)
                     events.append(("failed", engine_id, f"generation failed: "
-                                                        f"{type(e).__name__}: {e}"))
+                                                        f"{type(e).__name__}: {e}", held))
                     continue
+                self.held[engine_id].difference_update(
+                    key for key, chunk in chunks if chunk.finish_reason is not None)
                 events.append(("step", engine_id, chunks,
                                [waited for _, waited in engine.queue_seconds],
                                engine_snapshot(engine)))
@@ -216,6 +228,7 @@ class EngineHost:
 
     def _forget(self, engine_id: int) -> None:
         del self.engines[engine_id]
+        del self.held[engine_id]
         self.retired.discard(engine_id)
 
     def _probe(self) -> str | None:

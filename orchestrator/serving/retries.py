@@ -119,19 +119,23 @@ def untaken_error(wait_s: float, deployment: str, state: DeploymentState | str) 
 
 
 async def taken_within(assignment: Callable[[], Awaitable[object]], wait_s: float,
-                       cancel: Callable[[], None],
+                       taken: Callable[[], bool], cancel: Callable[[], None],
                        untaken: Callable[[], Awaitable[APIError]]) -> None:
     """Wait until a replica took the request (`assignment()` resolves), at most `wait_s`
     (0: as long as it takes): past that the request is withdrawn (`cancel()`) and
-    `untaken()`'s error raised. Without a bound a request waits for ever while no replica
-    can start, and its client sees nothing."""
+    `untaken()`'s error raised - unless `taken()` says a replica took it as the wait ended
+    (it runs: its answer is awaited, not a 503 given while it runs for nobody). Without a
+    bound a request waits for ever while no replica can start, and its client sees
+    nothing."""
     if not wait_s:
         return
     try:
         await asyncio.wait_for(assignment(), wait_s)
     except asyncio.TimeoutError:
+        if taken():
+            return
         cancel()
         raise await untaken() from None
-    except BaseException:  # the client left (cancelled): nothing stays queued for it
+    except asyncio.CancelledError:  # the client left: nothing stays queued or runs for it
         cancel()
         raise

@@ -1,6 +1,7 @@
 """The ingress's request path driven directly on an event loop, with a stand-in for the model
 deployment's handle (no Ray started): what a live app shows only by a race."""
 import asyncio
+import concurrent.futures
 from collections import Counter
 from types import SimpleNamespace
 
@@ -17,18 +18,29 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 class Response:
-    """A stand-in for Serve's DeploymentResponse(Generator): `taken` resolves once a replica
-    takes the call (never, for a deployment without a running replica)."""
+    """A stand-in for Serve's DeploymentResponse(Generator): a replica takes the call at
+    once ("now"), never (a deployment without a running replica), or just as the ingress's
+    wait for it ends ("as_the_wait_ends": the router's future resolved, the fetch not yet
+    resumed)."""
 
-    def __init__(self, result, taken: bool):
+    def __init__(self, result, taken: str):
         self.result, self.taken, self.cancelled = result, taken, False
+        self._replica_result_future = concurrent.futures.Future()
+        self._replica_result = None
+        self.replica_result = SimpleNamespace(cancelled=False)
+        self.replica_result.cancel = lambda: setattr(self.replica_result, "cancelled", True)
+        if taken == "now":
+            self._replica_result_future.set_result(self.replica_result)
 
     async def _fetch_future_result_async(self):
-        if not self.taken:
+        if self.taken != "now":
+            if self.taken == "as_the_wait_ends":
+                self._replica_result_future.set_result(self.replica_result)
             await asyncio.sleep(3600)
 
     def cancel(self):
         self.cancelled = True
+        self._replica_result_future.cancel()
         if hasattr(self.result, "close"):  # a coroutine never awaited: no warning
             self.result.close()
 
@@ -40,7 +52,7 @@ class Response:
 
 
 class Remote:
-    def __init__(self, call, taken: bool = True):
+    def __init__(self, call, taken: str = "now"):
         self.call, self.taken, self.sent = call, taken, []
 
     def remote(self, *args):
@@ -56,6 +68,7 @@ def ingress(model, **settings):
     node.settings = ServeSettings.from_args({"request_retries": 1, **settings})
     node.deployment, node._info, node._info_at = "Ingress", None, 0.0
     node.retries, node._tokenizers = Counter(), {}
+    node._state_lock, node._state = asyncio.Lock(), None
     return node
 
 
@@ -137,7 +150,7 @@ def test_a_call_no_replica_takes_is_withdrawn_and_answered_503_naming_why():
     async def generate_stream(request, route):
         raise AssertionError("never reached: no replica took the call")
         yield
-    unary, streamed = Remote(generate, taken=False), Remote(generate_stream, taken=False)
+    unary, streamed = Remote(generate, "never"), Remote(generate_stream, "never")
     node = ingress(SimpleNamespace(generate=unary, generate_stream=streamed,
                                    deployment_name="GPTModel"), replica_wait_s=0.2)
     node._model_state = lambda: DeploymentState(
@@ -156,3 +169,28 @@ def test_a_call_no_replica_takes_is_withdrawn_and_answered_503_naming_why():
         assert "within 0.2 s" in error.message and "DEPLOYING" in error.message
         assert "'CPU': 64.0" in error.message and "1 pending_allocation" in error.message
         assert [r.cancelled for r in remote.sent] == [True]  # withdrawn, and not resent
+
+
+def test_a_call_a_replica_takes_as_the_wait_ends_is_answered_not_refused():
+    # With Serve's router on the ingress's loop the assignment can finish in the loop pass
+    # in which the wait times out: the call then runs on its replica, and a 503 for it (with
+    # a cancel that no longer reaches it) left it generating for nobody.
+    async def generate(request, route):
+        return "the answer"
+    unary = Remote(generate, "as_the_wait_ends")
+    node = ingress(SimpleNamespace(generate=unary, deployment_name="GPTModel"),
+                   replica_wait_s=0.1)
+    request = GenerationRequest((65,), SamplingParams(4))
+    assert asyncio.run(asyncio.wait_for(node._generate(request, "/v1/completions"), 20)) == \
+        "the answer"
+    assert not unary.sent[0].cancelled
+
+
+def test_a_call_withdrawn_as_a_replica_takes_it_is_stopped_on_that_replica():
+    from ray_layer.serve_app import withdraw
+
+    async def generate(request, route):
+        return "the answer"
+    response = Response(generate(None, None), "now")  # taken; its result never fetched
+    withdraw(response)
+    assert response.cancelled and response.replica_result.cancelled

@@ -154,24 +154,34 @@ def test_latency_metrics_carry_the_route_the_request_came_by(replica, monkeypatc
 
 
 def test_a_request_that_reached_an_engine_already_failed_is_resent_not_failed(replica):
-    # The host's "failed" for a step and a new request's add cross: the request never ran,
-    # so it gets the retryable error (it got a 500 that the ingress does not resend); an
-    # engine that never opened fails it with why, as its other requests.
+    # The host's "failed" for a step and a new request's add cross (the host answers that
+    # add "gone", after the "failed"): the request never ran, so it gets the retryable
+    # error (it got the 500 of the engine's own requests, which the ingress does not
+    # resend); an engine that never opened fails it with why, as its other requests.
     from ray_layer.serve_model import EngineRecord
 
     model, _ = replica
 
+    def stream(key, engine):
+        queue = asyncio.Queue()
+        model.streams[key] = (queue, engine)
+        return queue
+
     async def scenario():
-        answers = []
-        for engine_id, why in ((7, None), (8, "its KV cache needs 9.0 GiB")):
-            ready = asyncio.get_running_loop().create_future()
-            ready.set_result(why)
-            queue = asyncio.Queue()
-            model.streams[engine_id * 10] = (queue, EngineRecord(engine_id, None, None, ready))
-            model._on_host_events([("gone", engine_id, engine_id * 10)])
-            answers.append(queue.get_nowait())
-        return answers
-    resent, failed = asyncio.run(scenario())
-    assert is_engine_lost(resent) and resent.status == 503
-    assert failed.status == 500 and "9.0 GiB" in failed.message and not is_engine_lost(failed)
-    assert not model.streams
+        ready = asyncio.get_running_loop().create_future()
+        ready.set_result(None)  # it had opened
+        failed_step = EngineRecord(7, None, None, ready)
+        model.engines.append(failed_step)
+        ran, crossed = stream(70, failed_step), stream(71, failed_step)
+        model._on_host_events([("failed", 7, "generation failed: device lost", {70}),
+                               ("gone", 7, 71)])
+        never_opened = asyncio.get_running_loop().create_future()
+        never_opened.set_result("its KV cache needs 9.0 GiB")
+        late = stream(80, EngineRecord(8, None, None, never_opened))
+        model._on_host_events([("gone", 8, 80)])
+        return ran.get_nowait(), crossed.get_nowait(), late.get_nowait()
+    ran, crossed, late = asyncio.run(scenario())
+    assert ran.status == 500 and "device lost" in ran.message and not is_engine_lost(ran)
+    assert is_engine_lost(crossed) and crossed.status == 503
+    assert late.status == 500 and "9.0 GiB" in late.message and not is_engine_lost(late)
+    assert not model.streams and not model.engines

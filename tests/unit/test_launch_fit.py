@@ -52,9 +52,29 @@ def test_a_job_without_an_address_starts_its_own_ray(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs["address"]))
+    monkeypatch.setattr(cluster, "_running_local_clusters", lambda: [])
     assert cluster.connect(None) is True  # started here: the caller shuts it down
     assert cluster.connect("auto") is False
     assert calls == ["local", "auto"]
+
+
+def test_an_embedded_ray_started_beside_a_running_cluster_says_so(monkeypatch, capsys):
+    # The job ran unseen by the cluster `ray start` runs here: `status` showed no job and
+    # `preempt` found none, with nothing saying why.
+    import ray
+
+    from ray_layer import cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(cluster, "_running_local_clusters", lambda: ["10.0.0.5:6379"])
+    cluster.connect(None)
+    err = capsys.readouterr().err
+    assert "a Ray cluster already runs on this machine (10.0.0.5:6379)" in err
+    assert "--address auto" in err
+    cluster.connect("auto")  # joining it: nothing to say
+    assert capsys.readouterr().err == ""
 
 
 def test_ctrl_c_withdraws_the_job_before_ray_trains_abort_and_ends_as_an_interrupt(

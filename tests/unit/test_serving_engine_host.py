@@ -135,6 +135,7 @@ def test_a_model_that_cannot_load_and_a_failing_step_are_reported_not_raised(tmp
     run_host(host, lambda block, timeout: commands.pop(0), emitted.extend)
     failed = [e for e in emitted if e[0] == "failed"]
     assert failed and "device lost" in failed[0][2] and 0 not in host.engines
+    assert failed[0][3] == {1}  # the request the failed step took with it
     # An add for the engine that is gone is answered, naming the request that never ran (the
     # replica resends it); a late cancel needs no answer (the replica ended its requests).
     assert host.apply(("add", 0, 2, requests()[0], 0.0)) == [("gone", 0, 2)]

@@ -137,15 +137,20 @@ def test_waiting_for_a_replica_is_bounded_and_withdraws_the_request():
 
     async def soon():
         await asyncio.sleep(0.01)
+    def no():
+        return False
     with pytest.raises(APIError, match="nobody took it"):
-        asyncio.run(taken_within(never, 0.05, lambda: withdrawn.append("late"), untaken))
-    asyncio.run(taken_within(soon, 5.0, lambda: withdrawn.append("soon"), untaken))
+        asyncio.run(taken_within(never, 0.05, no, lambda: withdrawn.append("late"), untaken))
+    asyncio.run(taken_within(soon, 5.0, no, lambda: withdrawn.append("soon"), untaken))
+    # Taken just as the wait ended: it runs, so it is neither withdrawn nor refused.
+    asyncio.run(taken_within(never, 0.05, lambda: True,
+                             lambda: withdrawn.append("taken at the end"), untaken))
     # 0: as long as it takes (the assignment is not even awaited here: the answer's own
     # await waits for it).
-    asyncio.run(taken_within(never, 0, lambda: withdrawn.append("unbounded"), untaken))
+    asyncio.run(taken_within(never, 0, no, lambda: withdrawn.append("unbounded"), untaken))
 
     async def client_leaves():
-        task = asyncio.ensure_future(taken_within(never, 5.0,
+        task = asyncio.ensure_future(taken_within(never, 5.0, no,
                                                   lambda: withdrawn.append("left"), untaken))
         await asyncio.sleep(0.01)
         task.cancel()
