@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from orchestrator.job_exit import EXIT_BAD_INPUT, JobFailed, run_job
 
@@ -26,27 +27,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     from safetensors import SafetensorError
 
-    from orchestrator.hf_export import ExportError, export_checkpoint
+    from orchestrator.hf_export import ExportError, export_checkpoint, has_export
     from orchestrator.tokenizer import TokenizerError
     from orchestrator.training.checkpoint import CheckpointError
 
+    had_export = has_export(Path(args.out))
     try:
         files, info = export_checkpoint(args.checkpoint, args.out)
     except (ExportError, CheckpointError, TokenizerError) as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
     except (OSError, SafetensorError) as e:  # a full disk, no permission at --out
-        raise JobFailed(f"--out {args.out}: the export failed: {e}; an earlier export there "
-                        "is left as it was", EXIT_BAD_INPUT) from None
+        raise JobFailed(f"--out {args.out}: the export failed: {e}"
+                        f"{what_is_left(Path(args.out), had_export)}", EXIT_BAD_INPUT) from None
+    for problem in info["skipped"]:  # an older checkpoint is exported in their place
+        print(f"warning: skipped an unusable newer checkpoint: {problem}", file=sys.stderr)
     print(f"exported {info['checkpoint']} (step {info['step']}, {info['params'] / 1e6:.2f}M "
           f"params, vocabulary {info['vocab_size']}, tokenizer {info['tokenizer']}) to "
           f"{args.out}: {', '.join(f.name for f in files)}")
     return info
 
 
+def what_is_left(out: Path, had_export: bool) -> str:
+    """What a failed export left in `out`, for the end of its error line."""
+    from orchestrator.hf_export import has_export
+
+    if not had_export:
+        return ""
+    if has_export(out):  # its config.json goes only once every new file is written
+        return "; the earlier export there is left as it was"
+    return ("; the earlier export there was partly replaced and has no config.json, so "
+            "nothing loads it: run the export again")
+
+
+# The files are renamed into --out with the earlier config.json removed first and the new one
+# renamed last: an interrupt leaves no mix of old and new that transformers would load.
+ON_INTERRUPT = ("interrupted: --out holds a whole export (the earlier one, if any) or files "
+                "without a config.json, which nothing loads: run the export again")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    code, _ = run_job(lambda: run(args), on_interrupt="interrupted: nothing is half-written "
-                                                   "(files are renamed into place)")
+    code, _ = run_job(lambda: run(args), on_interrupt=ON_INTERRUPT)
     return code
 
 

@@ -158,6 +158,9 @@ def from_mapping(cls, data: Mapping[str, Any], what: str):
     return cls(**data)
 
 
+MAX_WORKERS = 100_000  # a job's num_workers (JobSpec), and a trace job's num_gpus (traces.py)
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What a distributed training job asks of the cluster."""
@@ -214,8 +217,9 @@ class JobSpec:
                f"name must not end in {CLAIM_SUFFIX!r} (the scheduler's name for the GPUs a "
                f"migrating job moves to), got {self.name!r}")
         # Upper bounds catch typos (an extra zero) long before any cluster could be that big.
-        _check(p, is_int(self.num_workers) and 1 <= self.num_workers <= 100_000,
-               f"num_workers must be an integer in [1, 100000], got {self.num_workers!r}")
+        _check(p, is_int(self.num_workers) and 1 <= self.num_workers <= MAX_WORKERS,
+               f"num_workers must be an integer in [1, {MAX_WORKERS}], got "
+               f"{self.num_workers!r}")
         _check(p, is_number(self.cpus_per_worker) and 0.01 <= self.cpus_per_worker <= 4096,
                f"cpus_per_worker must be a number in [0.01, 4096], got {self.cpus_per_worker!r}")
         _check(p, is_int(self.gpus_per_worker) and 0 <= self.gpus_per_worker <= 64,

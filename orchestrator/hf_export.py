@@ -34,6 +34,14 @@ if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
     import torch
 
 SAFETENSORS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# Every file an export writes: in an --out without config.json, not ours to overwrite.
+EXPORT_FILES = (SAFETENSORS_FILE, "generation_config.json", TOKENIZER_FILE,
+                "tokenizer_config.json", "special_tokens_map.json", CONFIG_FILE)
+# In --out while an export replaces its files (written before the earlier config.json is
+# removed, removed after the new one is in place): a --out without config.json holding it is
+# an unfinished export of ours, which the next export may replace.
+UNFINISHED_MARKER = ".export-unfinished"
 INDEX_FILE = "model.safetensors.index.json"  # a sharded model: tensor name -> shard file
 # In every config.json the export writes: an --out holding a GPT-2 model without it (one
 # downloaded or fine-tuned elsewhere) is not ours to replace.
@@ -65,6 +73,14 @@ ATTENTION_SETTINGS = {
 
 class ExportError(ValueError):
     """A model that cannot be exported or imported as GPT-2; the message says why."""
+
+
+def check_exportable(model, source: str | None = None) -> None:
+    """ExportError saying why `model` (read from `source`, named when given) cannot be
+    written as a GPT-2 (export_refusal)."""
+    refusal = export_refusal(model)
+    if refusal:
+        raise ExportError(f"{source + ': ' if source else ''}cannot export as GPT-2: {refusal}")
 
 
 def export_refusal(model) -> str | None:
@@ -139,17 +155,40 @@ def output_refusal(out: Path) -> str | None:
                                             for f in (STATE_FILE, SHARDED_META_FILE)):
         return "it holds a training run or checkpoint, which the export would overwrite"
     try:
-        config = json.loads((out / "config.json").read_text())
+        config = json.loads((out / CONFIG_FILE).read_text())
     except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return "it has a config.json that is not a Hugging Face model's"
+        return _unowned_files_refusal(out)
+    except OSError as e:
+        return f"its config.json cannot be read ({e}), so whose files are there is unknown"
+    except ValueError as e:
+        return f"it has a config.json that is not a Hugging Face model's (not JSON: {e})"
     if not isinstance(config, dict) or config.get("model_type") != "gpt2":
         return "it has a config.json that is not a GPT-2 model's (a run's own?)"
     if config.get("exported_by") != EXPORTED_BY:
         return ("it holds a Hugging Face model that jobs/export.py did not write (its "
                 "config.json has no exported_by), which the export would overwrite")
     return None
+
+
+def _unowned_files_refusal(out: Path) -> str | None:
+    """Why files named as the export's, in an `out` without config.json, are not ours to
+    replace (a user's tokenizer_config.json), or None when there are none or an unfinished
+    export of ours left them."""
+    if (out / UNFINISHED_MARKER).exists():
+        return None
+    taken = [name for name in EXPORT_FILES if (out / name).exists()]
+    if not taken:
+        return None
+    return (f"it has no config.json, yet holds {', '.join(taken)}, which the export would "
+            "overwrite (not an earlier export's: those have a config.json)")
+
+
+def has_export(out: Path) -> bool:
+    """Whether `out` holds a whole export (past check_output, a config.json is ours)."""
+    try:
+        return (out / CONFIG_FILE).is_file()
+    except OSError:  # no permission to look: check_output says so
+        return False
 
 
 def check_output(out: Path) -> None:
@@ -163,9 +202,7 @@ def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list
     """Write `model` and `tokenizer` as a Hugging Face GPT-2 directory (model.safetensors,
     config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
     special_tokens_map.json). Files are written in a staging directory, then renamed."""
-    refusal = export_refusal(model)
-    if refusal:
-        raise ExportError(f"cannot export as GPT-2: {refusal}")
+    check_exportable(model)
     out = Path(out_dir)
     check_output(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,11 +214,23 @@ def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list
     staging.mkdir()
     try:
         names = _write_hf_files(model, tokenizer, staging)
-        for name in names:
-            os.replace(staging / name, out / name)
+        _move_into_place(staging, names, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [out / name for name in names]
+
+
+def _move_into_place(staging: Path, names: list[str], out: Path) -> None:
+    """Rename the files written in `staging` into `out`, replacing an earlier export, so that
+    no moment leaves a loadable mix of the two (an interrupt between two renames left the new
+    weights beside the old config and tokenizer): the old config.json goes first and the new
+    one comes last, and the marker says meanwhile that the files are ours."""
+    (out / UNFINISHED_MARKER).write_text("an export into this directory did not finish: "
+                                         "run jobs/export.py again\n")
+    (out / CONFIG_FILE).unlink(missing_ok=True)
+    for name in sorted(names, key=lambda n: n == CONFIG_FILE):  # config.json last
+        os.replace(staging / name, out / name)
+    (out / UNFINISHED_MARKER).unlink()
 
 
 STAGING_PREFIX = ".export-"  # + the exporting host and process: "<host>-<pid>"
@@ -229,10 +278,14 @@ def _write_hf_files(model, tokenizer: Tokenizer, directory: Path) -> list[str]:
 
     eos = tokenizer.eos_id
     text = lambda obj: json.dumps(obj, indent=2) + "\n"  # noqa: E731
-    save_file(hf_state_dict(model), str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
+    weights = directory / SAFETENSORS_FILE
+    save_file(hf_state_dict(model), str(weights), metadata={"format": "pt"})
+    # safetensors creates the file 0600: a serving process of another user could not read
+    # the weights it can read the config beside. The mode every other file gets:
+    os.chmod(weights, 0o666 & ~_umask())
     special = {"eos_token": EOT_TOKEN, "bos_token": EOT_TOKEN} if eos is not None else {}
     files = {
-        "config.json": text(hf_config(model, tokenizer)),
+        CONFIG_FILE: text(hf_config(model, tokenizer)),
         # max_length: the context, which generation must not outrun (the text-generation
         # pipeline's default of 256 new tokens indexed past a 128-position model's table)
         "generation_config.json": text({"bos_token_id": eos, "eos_token_id": eos,
@@ -248,36 +301,68 @@ def _write_hf_files(model, tokenizer: Tokenizer, directory: Path) -> list[str]:
     return [SAFETENSORS_FILE, *files]
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
                       ) -> tuple[list[Path], dict[str, Any]]:
     """Export the training checkpoint `path` names (a checkpoint directory, or a run directory:
-    its newest usable checkpoint) with the run's tokenizer. Returns (files, what was
-    exported). ExportError / CheckpointError / TokenizerError say why not."""
-    from orchestrator.serving.loading import format_of, model_directories
-    from orchestrator.training.checkpoint import newest_usable_checkpoint
+    its newest usable checkpoint) with the run's tokenizer. Returns (files, what was exported:
+    "skipped" holds why each newer checkpoint of a run was not). ExportError /
+    CheckpointError / TokenizerError say why not."""
+    from orchestrator.serving.loading import model_directories
+    from orchestrator.training.checkpoint import first_that_loads
 
     check_output(Path(out_dir))  # before the checkpoint is read: that can take a while
     candidates, is_run = model_directories(path)
-
-    def training_checkpoint_only(directory: Path) -> None:
-        fmt = format_of(directory)
-        if fmt is None or fmt.name != "checkpoint":
-            raise ExportError(f"{directory} is a {fmt.name if fmt else 'unknown'} model; only "
-                              "training checkpoints (state.pt) export to GPT-2 (an INT8 model "
-                              "has no GPT-2 form)")
-
-    directory, state, model, train_config = newest_usable_checkpoint(
-        candidates, is_run, path, check=training_checkpoint_only)
+    (directory, state, model, train_config), skipped = first_that_loads(
+        candidates, is_run, path, _load_exportable)
+    check_exportable(model, str(directory))
     try:
         tokenizer = tokenizer_for_model(
             tokenizer_of_run(directory, train_config.tokenizer_sha256),
             model.config.vocab_size)
-    except TokenizerError as e:
-        raise ExportError(f"{directory}: {e}") from None
+    except (TokenizerError, OSError) as e:
+        # (some of its messages name the checkpoint already)
+        raise ExportError(str(e) if str(directory) in str(e) else f"{directory}: {e}") from None
     files = export_gpt2(model, tokenizer, out_dir)
     return files, {"checkpoint": str(directory), "step": state.get("step"),
                    "vocab_size": model.config.vocab_size, "tokenizer": tokenizer.name,
-                   "params": sum(p.numel() for p in model.parameters())}
+                   "params": sum(p.numel() for p in model.parameters()), "skipped": skipped}
+
+
+def _load_exportable(directory: Path):
+    """(directory, state, model, train_config) of one training checkpoint, as
+    newest_usable_checkpoint reads it, or CheckpointError when it cannot be read (no
+    permission: the checkpoint's problem, not --out's) or its logits are not finite (a
+    diverged run: transformers would give NaN too). Serving's forward probe decides, so a run
+    directory falls back to the checkpoint serving would load."""
+    from orchestrator.serving.loading import _forward_problem
+    from orchestrator.training.checkpoint import CheckpointError, newest_usable_checkpoint
+
+    try:
+        found = newest_usable_checkpoint([directory], False, directory,
+                                         check=_training_checkpoint_only)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {directory} cannot be read: {e}") from None
+    problem = _forward_problem(found[2], str(directory), "cpu")
+    if problem:
+        raise CheckpointError(f"{problem} (its weights diverged): it is not exported")
+    return found
+
+
+def _training_checkpoint_only(directory: Path) -> None:
+    from orchestrator.serving.loading import format_of
+
+    fmt = format_of(directory)
+    if fmt is None or fmt.name != "checkpoint":
+        raise ExportError(f"{directory} is an {fmt.name if fmt else 'unknown'} model; only "
+                          "training checkpoints (state.pt) export to GPT-2 (an INT8 model "
+                          "has no GPT-2 form)")
 
 
 # --- import (--init-from) ---------------------------------------------------------------

@@ -62,7 +62,7 @@ from orchestrator.policies import POLICY_NAMES, make_policy
 from orchestrator.scheduler_core import CLAIM_SUFFIX, SchedulerCore
 from orchestrator.scheduler_types import MIGRATE, PREEMPT, SchedulerSettings, Yield
 from orchestrator.throughput import ThroughputTable
-from orchestrator.traces import TraceJob, unknown_families
+from orchestrator.traces import TraceJob, unknown_families, unknown_family_reason
 
 SIM_NOW = 0.0  # the ClusterState's clock: constant, see the module docstring
 DEFAULT_CLUSTER = "v100:8x48,p100:8x48,k80:4x64;rack=16"  # 1,024 GPUs, 160 servers
@@ -74,6 +74,7 @@ DEFAULT_CLUSTER = "v100:8x48,p100:8x48,k80:4x64;rack=16"  # 1,024 GPUs, 160 serv
 RESTART_S = 61.0
 
 FINISHED, NEVER_FITS = "finished", "never_fits"
+PLOT_FILES = ("jct_cdf.png", "utilization.png")  # what write_plots writes
 
 
 @dataclass
@@ -159,7 +160,7 @@ def make_jobs(trace: list[TraceJob], cluster: ClusterSpec) -> list[SimJob]:
         job = SimJob(t, model, spec, reference, ideal, work=t.duration_s * reference)
         if t.accelerators and not known:
             job.status = NEVER_FITS
-            job.never_fit_reason = f"unknown accelerator family {'|'.join(unknown)}"
+            job.never_fit_reason = unknown_family_reason(unknown)
         jobs.append(job)
     return jobs
 
@@ -591,9 +592,9 @@ def write_plots(results: list[SimResult], total_gpus: int, out: Path) -> list[st
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "jct_cdf.png", dpi=110)
+    fig.savefig(out / PLOT_FILES[0], dpi=110)
     plt.close(fig)
-    written.append("jct_cdf.png")
+    written.append(PLOT_FILES[0])
 
     end = max((float(r.timeline_t[-1]) for r in results if len(r.timeline_t)), default=0.0)
     fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
@@ -610,10 +611,29 @@ def write_plots(results: list[SimResult], total_gpus: int, out: Path) -> list[st
         ax.set_ylim(0, 105)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "utilization.png", dpi=110)
+    fig.savefig(out / PLOT_FILES[1], dpi=110)
     plt.close(fig)
-    written.append("utilization.png")
+    written.append(PLOT_FILES[1])
     return written
+
+
+def remove_stale_plots(out: Path) -> None:
+    """Delete the plots an earlier run wrote to `out`: with --no-plots they would sit beside
+    the new jobs.csv and summary.json, showing another replay."""
+    for name in PLOT_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def out_dir_problem(out: Path) -> str | None:
+    """Why `out` cannot take the outputs (it is created if missing), or None: checked before
+    any replay runs, not found when the first file is written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_text("")
+        (out / ".write-test").unlink()
+    except OSError as e:
+        return f"cannot write to --out {out}: {e.strerror or e}"
+    return None
 
 
 def _json_safe(x):
@@ -650,24 +670,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
-def _sniff_format(path: Path) -> str:
-    from orchestrator.traces import TraceError
-
-    try:
-        with path.open(encoding="utf-8") as f:
-            first = f.readline()
-    except OSError as e:
-        raise TraceError(f"{path}: cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise TraceError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 "
-                         "CSV") from None
-    return "philly" if first.strip().split(",")[0].strip() == "timestamp" else "canonical"
-
-
 def run_cli(args) -> int:
     """`python -m orchestrator simulate ...`; never imports Ray."""
     from orchestrator.cluster_model import ClusterSpecError
-    from orchestrator.traces import PHILLY_CSV, TraceError, load_trace, prepare
+    from orchestrator.traces import PHILLY_CSV, TraceError, load_trace, prepare, sniff_format
 
     def err(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)
@@ -686,19 +692,16 @@ def run_cli(args) -> int:
             path = PHILLY_CSV
         else:
             path = Path(args.trace)
-        fmt = _sniff_format(path) if args.format == "auto" else args.format
+        fmt = sniff_format(path) if args.format == "auto" else args.format
         t0 = time.perf_counter()
         raw = load_trace(path, fmt)
         trace = prepare(raw, args.max_jobs, args.load_scale)
     except (ClusterSpecError, TraceError) as e:
         return err(str(e))
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_text("")
-        (out / ".write-test").unlink()
-    except OSError as e:
-        return err(f"cannot write to --out {out}: {e.strerror or e}")
+    problem = out_dir_problem(out)
+    if problem:
+        return err(problem)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     log(f"trace {path} ({fmt}): {len(raw):,} jobs read, {len(trace):,} replayed "
         f"(load scale {args.load_scale:g}) in {time.perf_counter() - t0:.1f}s; cluster "
@@ -710,6 +713,8 @@ def run_cli(args) -> int:
         log(f"[{name}] done in {result.metrics['wall_s']:.1f}s")
         results.append(result)
     write_jobs_csv(results, out / "jobs.csv")
+    if args.no_plots:
+        remove_stale_plots(out)
     plots = [] if args.no_plots else write_plots(results, cluster.total_gpus, out)
     summary = {
         "trace": str(path), "format": fmt, "jobs_in_trace": len(raw), "max_jobs": args.max_jobs,

@@ -18,13 +18,19 @@ name: a letter or digit, then letters, digits, "_" or "-". An empty part ("V100|
 TraceJob.accelerators and `unknown_families` names it, so the simulator can report the job as
 never fitting rather than refuse the whole trace.
 
+Times are in seconds: a duration or submit time over MAX_SECONDS (1e9 s, 31 years) is an error,
+most likely milliseconds or microseconds. num_gpus is at most MAX_GPUS (JobSpec's num_workers
+limit). A leading UTF-8 byte-order mark and blank lines before the header are skipped; a file
+with a header but no rows is an error, and so is a gzip-compressed one.
+
 Any other column, a missing required column, or a malformed row raises TraceError naming the
 file and the line. Nothing is dropped: jobs that cannot fit the modelled cluster are counted and
 reported by the simulator. `write_canonical` writes jobs back in this format (load_canonical
 reads them back equal, apart from `line`).
 
 Philly (`data/philly.csv`): timestamp, duration, num_gpus, gpu_time, cluster; submit times are
-made relative to the first job.
+made relative to the first job. `sniff_format` tells the two apart by the header: Philly when a
+column is `timestamp`.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from orchestrator.cluster_model import GAVEL_JOB_TYPES
-from orchestrator.config import ACCELERATOR_FAMILIES
+from orchestrator.config import ACCELERATOR_ALIASES, ACCELERATOR_FAMILIES, MAX_WORKERS
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 PHILLY_CSV = DATA_DIR / "philly.csv"
@@ -45,6 +51,19 @@ PHILLY_CSV = DATA_DIR / "philly.csv"
 CANONICAL_REQUIRED = ("submit_time_s", "duration_s", "num_gpus")
 CANONICAL_OPTIONAL = ("model_type", "accelerator")
 PHILLY_COLUMNS = ("timestamp", "duration", "num_gpus", "gpu_time", "cluster")
+# (required, optional) columns of each format.
+FORMAT_COLUMNS = {"canonical": (CANONICAL_REQUIRED, CANONICAL_OPTIONAL),
+                  "philly": (PHILLY_COLUMNS[:3], PHILLY_COLUMNS[3:])}
+# A column only that format has: how a header is recognised (sniff_format, error hints).
+FORMAT_KEY_COLUMN = {"philly": "timestamp", "canonical": "submit_time_s"}
+FORMAT_NAMES = {"philly": "Philly", "canonical": "canonical"}  # as the hints write them
+# 31 years: a longer duration or later submit time is a unit mistake (milliseconds,
+# microseconds), and its figures would come out as inf, nan or 300-digit numbers.
+MAX_SECONDS = 1e9
+# JobSpec's num_workers limit: a bigger job would fail there as a bare ConfigError, not as a
+# line of the trace.
+MAX_GPUS = MAX_WORKERS
+GZIP_MAGIC = b"\x1f\x8b"
 ACCELERATOR_SEPARATOR = "|"
 # A family name: what the constraint syntax accepts, known family or not.
 _FAMILY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -103,6 +122,15 @@ def unknown_families(accelerators: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(a for a in accelerators if a.upper() not in ACCELERATOR_FAMILIES)
 
 
+def unknown_family_reason(unknown: tuple[str, ...]) -> str:
+    """Why a job allowed only the `unknown` families never fits; an alias of a known family
+    (config.ACCELERATOR_ALIASES: V100S, MI250X) is named with the family to write instead."""
+    aliases = [f"{a} is an alias of {ACCELERATOR_ALIASES[a]}; write {ACCELERATOR_ALIASES[a]}"
+               for a in unknown if a in ACCELERATOR_ALIASES]
+    hint = f" ({'; '.join(aliases)})" if aliases else ""
+    return f"unknown accelerator family {'|'.join(unknown)}{hint}"
+
+
 def _float(value: str, name: str, where: str, minimum: float, strict: bool) -> float:
     try:
         x = float(value)
@@ -114,13 +142,23 @@ def _float(value: str, name: str, where: str, minimum: float, strict: bool) -> f
     return x
 
 
+def _seconds(value: str, name: str, where: str, strict: bool) -> float:
+    """A time in seconds: >= 0 (> 0 if `strict`) and at most MAX_SECONDS."""
+    x = _float(value, name, where, 0, strict)
+    if x > MAX_SECONDS:
+        raise TraceError(f"{where}: {name} {value!r} is over {MAX_SECONDS:g} s (31 years): "
+                         "times are in seconds; was it written in ms or µs?")
+    return x
+
+
 def _int(value: str, name: str, where: str) -> int:
     try:
         x = float(value)
     except (TypeError, ValueError):
         raise TraceError(f"{where}: {name} is not a number: {value!r}") from None
-    if not math.isfinite(x) or x != int(x) or x < 1:
-        raise TraceError(f"{where}: {name} must be an integer >= 1, got {value!r}")
+    if not math.isfinite(x) or x != int(x) or not 1 <= x <= MAX_GPUS:
+        raise TraceError(f"{where}: {name} must be an integer in [1, {MAX_GPUS}], "
+                         f"got {value!r}")
     return int(x)
 
 
@@ -129,49 +167,91 @@ def _read(path: Path | str):
     try:
         # Decoded whole here (traces are megabytes): a file that is not UTF-8 is named now,
         # not as a traceback from somewhere in the rows.
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as e:
         raise TraceError(f"{path}: cannot read: {e.strerror or e}") from None
+    if data.startswith(GZIP_MAGIC):
+        raise TraceError(f"{path}: gzip-compressed: gunzip it first")
+    try:
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column.
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise TraceError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 "
                          "CSV") from None
     return path, io.StringIO(text, newline="")
 
 
-def _check_header(path: Path, header: list[str] | None, required: tuple[str, ...],
-                  optional: tuple[str, ...]) -> None:
+def _is_blank(row: list[str]) -> bool:
+    return all(not c.strip() for c in row)
+
+
+def _header(reader, rows) -> tuple[int, list[str] | None]:
+    """(line, stripped column names) of the first non-blank row (blank lines before the
+    header are skipped); (1, None) if the file has none."""
+    for row in rows:
+        if not _is_blank(row):
+            return reader.line_num, [h.strip() for h in row]
+    return 1, None
+
+
+def _format_hint(header: list[str], fmt: str) -> str:
+    """A hint such as ' (a Philly trace? pass --format philly)' when the header has another
+    format's key column; '' if not."""
+    for other, key in FORMAT_KEY_COLUMN.items():
+        if other != fmt and key in header:
+            return f" (a {FORMAT_NAMES[other]} trace? pass --format {other})"
+    return ""
+
+
+def _check_header(where: str, header: list[str] | None, fmt: str) -> None:
+    required, optional = FORMAT_COLUMNS[fmt]
     if not header:
-        raise TraceError(f"{path}:1: empty file (expected a header: {', '.join(required)})")
+        raise TraceError(f"{where}: empty file (expected a header: {', '.join(required)})")
     unknown = [c for c in header if c not in required + optional]
     if unknown:
-        raise TraceError(f"{path}:1: unknown column(s) {', '.join(map(repr, unknown))}; "
-                         f"known: {', '.join(required + optional)}")
+        raise TraceError(f"{where}: unknown column(s) {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(required + optional)}{_format_hint(header, fmt)}")
     missing = [c for c in required if c not in header]
     if missing:
-        raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)}")
+        raise TraceError(f"{where}: missing column(s) {', '.join(missing)}"
+                         f"{_format_hint(header, fmt)}")
     if len(set(header)) != len(header):
-        raise TraceError(f"{path}:1: duplicate column names in {header}")
+        raise TraceError(f"{where}: duplicate column names in {header}")
 
 
-def _rows(path: Path | str, required: tuple[str, ...], optional: tuple[str, ...]):
+def _rows(path: Path | str, fmt: str):
     """(line number, "file:line", get(column) -> stripped text) for each non-blank data row,
-    after checking the header; a row with the wrong number of fields is an error."""
+    after checking the header (the first non-blank line) against `fmt`'s columns; a row with
+    the wrong number of fields is an error, and so is a file with no rows."""
     path, handle = _read(path)
     with handle:
         reader = csv.reader(handle)
         rows = _parsed(reader, path)
-        header = next(rows, None)
-        header = [h.strip() for h in header] if header else header
-        _check_header(path, header, required, optional)
+        line, header = _header(reader, rows)
+        _check_header(f"{path}:{line}", header, fmt)
         col = {name: i for i, name in enumerate(header)}
+        count = 0
         for row in rows:
             where = f"{path}:{reader.line_num}"
-            if not row or all(not c.strip() for c in row):
-                continue  # blank line
+            if _is_blank(row):
+                continue
             if len(row) != len(header):
                 raise TraceError(f"{where}: {len(row)} field(s), the header has {len(header)}")
+            count += 1
             yield reader.line_num, where, \
                 (lambda name, row=row: row[col[name]].strip() if name in col else "")
+        if not count:  # a replay of nothing would print a table of dashes and exit 0
+            raise TraceError(f"{path}: no jobs (only a header)")
+
+
+def sniff_format(path: Path | str) -> str:
+    """The format of a trace file: philly if a column of its header (the first non-blank line,
+    read as CSV: quoted or in any order) is `timestamp`, else canonical."""
+    path, handle = _read(path)
+    with handle:
+        reader = csv.reader(handle)
+        _, header = _header(reader, _parsed(reader, path))
+    return "philly" if FORMAT_KEY_COLUMN["philly"] in (header or ()) else "canonical"
 
 
 def _parsed(reader, path: Path):
@@ -189,7 +269,7 @@ def _parsed(reader, path: Path):
 def load_canonical(path: Path | str) -> list[TraceJob]:
     """Jobs from a canonical CSV (see the module docstring)."""
     jobs = []
-    for line, where, get in _rows(path, CANONICAL_REQUIRED, CANONICAL_OPTIONAL):
+    for line, where, get in _rows(path, "canonical"):
         model_type = get("model_type")
         if model_type and model_type not in GAVEL_JOB_TYPES:
             raise TraceError(f"{where}: unknown model_type {model_type!r}; known: "
@@ -197,8 +277,8 @@ def load_canonical(path: Path | str) -> list[TraceJob]:
         accelerators = parse_accelerators(get("accelerator"), where)
         jobs.append(TraceJob(
             job_id=len(jobs),
-            submit_time_s=_float(get("submit_time_s"), "submit_time_s", where, 0, False),
-            duration_s=_float(get("duration_s"), "duration_s", where, 0, True),
+            submit_time_s=_seconds(get("submit_time_s"), "submit_time_s", where, False),
+            duration_s=_seconds(get("duration_s"), "duration_s", where, True),
             num_gpus=_int(get("num_gpus"), "num_gpus", where),
             model_type=model_type, accelerators=accelerators, line=line))
     return jobs
@@ -229,7 +309,7 @@ def write_canonical(jobs: list[TraceJob], path: Path | str) -> None:
 def load_philly(path: Path | str = PHILLY_CSV) -> list[TraceJob]:
     """Jobs from the Philly trace as published with the Pollux artifact."""
     rows = []
-    for line, where, get in _rows(path, PHILLY_COLUMNS[:3], PHILLY_COLUMNS[3:]):
+    for line, where, get in _rows(path, "philly"):
         stamp = get("timestamp")
         try:
             if len(stamp) != 19 or stamp[10] != " ":
@@ -239,7 +319,7 @@ def load_philly(path: Path | str = PHILLY_CSV) -> list[TraceJob]:
         except ValueError:
             raise TraceError(f"{where}: timestamp is not 'YYYY-MM-DD HH:MM:SS': "
                              f"{stamp!r}") from None
-        rows.append((submit, _float(get("duration"), "duration", where, 0, True),
+        rows.append((submit, _seconds(get("duration"), "duration", where, True),
                      _int(get("num_gpus"), "num_gpus", where), line))
     if not rows:
         return []

@@ -38,8 +38,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from orchestrator.policies import POLICY_NAMES
-from orchestrator.simulator import (SimResult, format_summary, simulate, write_jobs_csv,
-                                    write_plots)
+from orchestrator.simulator import (SimResult, format_summary, out_dir_problem, simulate,
+                                    write_jobs_csv, write_plots)
 from orchestrator.traces import PHILLY_CSV, TraceJob, load_philly, prepare
 from scripts import gen_constrained_trace
 
@@ -218,6 +218,12 @@ def argument_problems(args) -> list[str]:
         problems.append(f"--start must be >= 0 and --jobs >= 1, got {args.start}, {args.jobs}")
     if args.seed < 0:
         problems.append(f"--seed must be >= 0, got {args.seed}")
+    if args.trace_seed < 0:  # numpy's default_rng takes no negative seed
+        problems.append(f"--trace-seed must be >= 0, got {args.trace_seed}")
+    if args.out is not None:  # else found only when the first section's replays are done
+        problem = out_dir_problem(Path(args.out))
+        if problem:
+            problems.append(problem)
     return problems
 
 

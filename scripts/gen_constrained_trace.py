@@ -134,10 +134,14 @@ def neighbour_pairs(gpus: dict[str, int]) -> tuple[tuple[str, str], ...]:
     return tuple(zip(order, order[1:]))
 
 
-def check_parameters(jobs: int, load: float, scarce_load: float, gang_share: float,
+def check_parameters(seed: int, jobs: int, load: float, scarce_load: float, gang_share: float,
                      single_share: float, pair_share: float, cluster: ClusterSpec) -> None:
     """Raise ValueError naming the option when the parameters cannot make a trace."""
     gpus = family_gpus(cluster)
+    # numpy's default_rng refuses a negative seed without naming it ("expected non-negative
+    # integer").
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
     if not isinstance(jobs, (int, np.integer)) or jobs < 2:
         raise ValueError(f"--jobs must be an integer >= 2, got {jobs!r}")
     for name, value in (("--load", load), ("--scarce-load", scarce_load)):
@@ -235,7 +239,8 @@ def generate(seed: int = DEFAULT_SEED, jobs: int = DEFAULT_JOBS, load: float = D
              cluster: str = CONSTRAINED_CLUSTER) -> list[TraceJob]:
     """The constrained trace, in submit order (see the module docstring for every parameter)."""
     spec = parse_cluster_spec(cluster)
-    check_parameters(jobs, load, scarce_load, gang_share, single_share, pair_share, spec)
+    check_parameters(seed, jobs, load, scarce_load, gang_share, single_share, pair_share,
+                     spec)
     gpus = family_gpus(spec)
     scarce = scarce_family(gpus)
     rng = np.random.default_rng(seed)

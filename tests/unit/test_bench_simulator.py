@@ -100,12 +100,26 @@ def test_small_traces_end_with_a_json_line_of_every_policy_and_section(capsys, m
     (["--start", "-1"], "--start must be >= 0"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--sections", "philly,ful"], "--sections: unknown ful"),
+    (["--sections", "constrained", "--trace-seed", "-1"], "--trace-seed must be >= 0, got -1"),
 ])
 def test_bad_flags_are_refused_before_any_replay(capsys, args, message):
     # A misspelt policy failed only when its replay came, after the others had run.
     with pytest.raises(SystemExit) as e:
         bench.main(["--processes", "1", *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_out_that_cannot_be_a_directory_is_refused_before_any_replay(tmp_path, capsys,
+                                                                       monkeypatch):
+    # It ran every replay of the section and then failed with NotADirectoryError.
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(bench, "run_policies", lambda *a, **k: pytest.fail("replay ran"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--processes", "1", "--sections", "constrained", "--out",
+                    str(tmp_path / "file" / "out")])
+    assert e.value.code == 2
+    assert f"cannot write to --out {tmp_path / 'file' / 'out'}: Not a directory" in \
+        capsys.readouterr().err
 
 
 def test_a_slice_past_the_end_of_the_trace_is_refused():

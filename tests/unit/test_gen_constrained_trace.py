@@ -107,6 +107,7 @@ def test_the_cli_writes_a_csv_that_loads_back(jobs, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--jobs", "1"], "--jobs must be an integer >= 2"),
+    (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
     (["--load", "0"], "--load must be a number > 0"),
     (["--gang-share", "0.5", "--single-share", "0.4"], "--gang-share 0.5 > --single-share"),
     (["--single-share", "0.9", "--pair-share", "0.2"], "> 1"),

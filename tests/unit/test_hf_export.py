@@ -428,3 +428,209 @@ def test_the_staging_of_an_export_killed_outright_is_removed_by_the_next(tmp_pat
     assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob(".export-*")) == sorted([alive.name,
                                                                    elsewhere.name])
+
+
+def save_run_checkpoint(directory, step=1, seed=0, diverged=False, **config):
+    """A tiny training checkpoint (`diverged`: a NaN weight, as a run that blew up writes)."""
+    train_config = TrainConfig(model_size="tiny", seq_len=32, **config)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_train_config(train_config, vocab_size=train_config.vocab_size))
+    if diverged:
+        with torch.no_grad():
+            model.ln_f.weight[0] = float("nan")
+    save_checkpoint(directory, {"model": model.state_dict(), "config": train_config.to_dict(),
+                                "step": step})
+    return directory
+
+
+def test_the_weights_are_as_readable_as_the_files_beside_them(tmp_path):
+    """safetensors creates model.safetensors 0600: a serving process of another user on
+    shared storage could read the config and tokenizer, not the weights."""
+    import os
+
+    from orchestrator.hf_export import EXPORT_FILES
+
+    mask = os.umask(0o022)
+    try:
+        files = export_gpt2(sharp_model(), ByteTokenizer(), tmp_path / "hf")
+    finally:
+        os.umask(mask)
+    assert sorted(f.name for f in files) == sorted(EXPORT_FILES)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == \
+        {f.name: "0o644" for f in files}
+
+
+def test_a_run_says_which_newer_checkpoint_it_skipped_and_why(tmp_path, capsys):
+    from jobs import export
+
+    run = tmp_path / "run"
+    save_run_checkpoint(run / "checkpoint_00000001", step=1)
+    newest = save_run_checkpoint(run / "checkpoint_00000002", step=2)
+    data = bytearray((newest / "state.pt").read_bytes())
+    data[-100] ^= 0xFF
+    (newest / "state.pt").write_bytes(bytes(data))
+    assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: skipped an unusable newer checkpoint: checkpoint {newest / 'state.pt'} " \
+           "is corrupt" in captured.err, captured.err
+    assert f"exported {run / 'checkpoint_00000001'} (step 1" in captured.out
+
+
+def test_a_diverged_checkpoint_is_not_exported_a_run_falls_back_past_it(tmp_path, capsys):
+    """Its export succeeded, and transformers gave NaN logits: serving's forward probe
+    decides here too."""
+    from jobs import export
+
+    run = tmp_path / "run"
+    save_run_checkpoint(run / "checkpoint_00000001", step=1)
+    diverged = save_run_checkpoint(run / "checkpoint_00000002", step=2, diverged=True)
+    assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    assert f"skipped an unusable newer checkpoint: model {diverged} produced non-finite " \
+           "logits" in captured.err, captured.err
+    assert f"exported {run / 'checkpoint_00000001'} (step 1" in captured.out
+    ids = torch.tensor([list(b"finite")])
+    with torch.no_grad():
+        assert torch.isfinite(hf_model(tmp_path / "o")(ids).logits).all()
+    code = export.main(["--checkpoint", str(diverged), "--out", str(tmp_path / "o2")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"model {diverged} produced non-finite logits" in err, err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_an_unreadable_checkpoint_is_blamed_on_the_checkpoint_not_on_out(tmp_path, capsys,
+                                                                       monkeypatch):
+    """chmod 000 state.pt was reported as '--out ...: the export failed: Permission denied:
+    .../state.pt; an earlier export there is left as it was' (with no earlier export)."""
+    from jobs import export
+    from orchestrator.training import checkpoint
+
+    directory = save_run_checkpoint(tmp_path / "run" / "checkpoint_00000005", step=5)
+    real = checkpoint.sha256_file
+
+    def no_permission(path):
+        if path.name == "state.pt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(checkpoint, "sha256_file", no_permission)  # (as root, chmod is moot)
+    code = export.main(["--checkpoint", str(directory), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: checkpoint {directory} cannot be read: [Errno 13] " \
+                         "Permission denied" in err, err
+    assert "--out" not in err and "earlier export" not in err
+
+
+def test_a_failed_export_mentions_an_earlier_export_only_when_there_was_one(
+        tmp_path, capsys, monkeypatch):
+    from jobs import export
+    from orchestrator import hf_export
+
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf_export, "_write_hf_files", full_disk)
+    code = export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "new")])
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and "earlier export" not in err, err
+
+
+def test_export_files_in_an_out_without_its_config_are_not_overwritten(tmp_path, capsys):
+    """A user's tokenizer_config.json was replaced without a word."""
+    from jobs import export
+
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "tokenizer_config.json").write_text('{"mine": true}')
+    (out / "tokenizer.json").write_text("{}")
+    code = export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--out {out}: it has no config.json, yet holds tokenizer.json, " \
+                         "tokenizer_config.json" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert (out / "tokenizer_config.json").read_text() == '{"mine": true}'
+    # A config.json that cannot be read is said to be so, not taken for another model's.
+    unreadable = tmp_path / "unreadable"
+    (unreadable / "config.json").mkdir(parents=True)
+    code = export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(unreadable)])
+    err = capsys.readouterr().err
+    assert code == 2 and "its config.json cannot be read ([Errno 21] Is a directory" in err, err
+    assert "not a Hugging Face model's" not in err
+
+
+def test_an_interrupt_while_renaming_never_leaves_a_loadable_mix(tmp_path, capsys,
+                                                                  monkeypatch):
+    """Ctrl-C after model.safetensors was renamed left the new weights beside the old config
+    and tokenizer, which transformers loads, and said 'nothing is half-written'."""
+    import os
+
+    from jobs import export
+
+    old_run = tmp_path / "old"
+    save_run_checkpoint(old_run / "checkpoint_00000001", seed=1)
+    new_run = tmp_path / "new"
+    save_run_checkpoint(new_run / "checkpoint_00000001", seed=2, vocab_size=257,
+                        tokenizer_sha256=ByteTokenizer().sha256)  # another tokenizer too
+    exports = {}
+    for name, run in (("old", old_run), ("new", new_run)):
+        assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / f"{name}-hf")]) \
+            == 0
+        exports[name] = {p.name: p.read_bytes() for p in (tmp_path / f"{name}-hf").iterdir()}
+    real_replace = os.replace
+    for interrupt_at in range(1, len(exports["new"]) + 1):
+        out = tmp_path / f"out{interrupt_at}"
+        assert export.main(["--checkpoint", str(old_run), "--out", str(out)]) == 0
+        calls = []
+
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == interrupt_at:
+                raise KeyboardInterrupt
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        code = export.main(["--checkpoint", str(new_run), "--out", str(out)])
+        monkeypatch.setattr(os, "replace", real_replace)
+        err = capsys.readouterr().err
+        assert code == 130 and "nothing is half-written" not in err, err
+        left = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+        if "config.json" in left:  # loadable: then wholly the old export
+            assert left == exports["old"], (interrupt_at, sorted(left))
+        # Running it again finishes the export (the files are known to be ours).
+        assert export.main(["--checkpoint", str(new_run), "--out", str(out)]) == 0
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == exports["new"]
+
+
+def test_refusals_name_the_checkpoint_once(tmp_path, capsys):
+    from jobs import export
+    from orchestrator.serving.loading import INT8_FILE
+
+    def error_of(directory):
+        code = export.main(["--checkpoint", str(directory), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and not (tmp_path / "o").exists(), err
+        return err
+
+    # A BPE run whose tokenizer.json was deleted.
+    no_tokenizer = save_run_checkpoint(tmp_path / "bpe" / "checkpoint_00000001",
+                                       vocab_size=300, tokenizer_sha256="ab" * 32)
+    err = error_of(no_tokenizer)
+    assert err.count(str(no_tokenizer)) == 1 and "no tokenizer.json is beside it" in err, err
+    # A pruned model, a span short of the context: which checkpoint is refused.
+    pruned = tmp_path / "pruned" / "checkpoint_00000001"
+    config = TrainConfig(model_size="tiny", seq_len=32)
+    model = GPT(dataclasses.replace(GPTConfig.from_train_config(config), mlp_hidden=(64, 128)))
+    save_checkpoint(pruned, {"model": model.state_dict(), "config": config.to_dict(), "step": 1})
+    assert f"error: {pruned}: cannot export as GPT-2: the model is structurally pruned" in \
+        error_of(pruned)
+    span = save_run_checkpoint(tmp_path / "span" / "checkpoint_00000001", attention_span=True,
+                               span_init=0.2)
+    assert f"error: {span}: cannot export as GPT-2: the model was trained with the learnable " \
+           "attention span" in error_of(span)
+    int8 = tmp_path / "int8"
+    int8.mkdir()
+    (int8 / INT8_FILE).write_bytes(b"")
+    assert f"{int8} is an int8 model; only training checkpoints" in error_of(int8)

@@ -231,7 +231,8 @@ def test_canonical_loader_reads_optional_columns(tmp_path):
     ("submit_time_s,num_gpus\n0,1\n", ":1: missing column(s) duration_s"),
     ("submit_time_s,duration_s,num_gpus\n0,1,1\n3,5,two\n", ":3: num_gpus is not a number"),
     ("submit_time_s,duration_s,num_gpus\n0,0,1\n", ":2: duration_s must be a finite number > 0"),
-    ("submit_time_s,duration_s,num_gpus\n0,1,1.5\n", ":2: num_gpus must be an integer >= 1"),
+    ("submit_time_s,duration_s,num_gpus\n0,1,1.5\n",
+     ":2: num_gpus must be an integer in [1, 100000]"),
     ("submit_time_s,duration_s,num_gpus\n-1,1,1\n", ":2: submit_time_s must be a finite"),
     ("submit_time_s,duration_s,num_gpus\n0,1\n", ":2: 2 field(s), the header has 3"),
     ("submit_time_s,duration_s,num_gpus,accelerator\n0,1,1,V100|\n",
@@ -360,6 +361,68 @@ def test_simulate_cli_reports_the_bad_trace_line(tmp_path, capsys):
     assert main(["simulate", "--trace", str(path), "--out", str(tmp_path / "o"),
                  "--quiet"]) == 2
     assert f"{path}:3: duration_s is not a number" in capsys.readouterr().err
+
+
+def simulate_cli(tmp_path, text: str, *args: str):
+    """Run `simulate` (fifo, no plots, out in tmp_path/o) on a trace of `text`: (exit code,
+    the trace's path)."""
+    path = tmp_path / "trace.csv"
+    path.write_text(text, encoding="utf-8")
+    code = main(["simulate", "--trace", str(path), "--policy", "fifo", "--out",
+                 str(tmp_path / "o"), "--quiet", "--no-plots", *args])
+    return code, path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("submit_time_s,duration_s,num_gpus\n0,100,1\n1,100,100001\n",
+     ":3: num_gpus must be an integer in [1, 100000], got '100001'"),
+    ("timestamp,duration,num_gpus\n2017-10-09 07:01:55,100,200000\n", ":2: num_gpus must be"),
+    ("submit_time_s,duration_s,num_gpus\n0,1e300,1\n", ":2: duration_s '1e300' is over 1e+09 s"),
+    ("submit_time_s,duration_s,num_gpus\n", ": no jobs (only a header)"),
+])
+def test_simulate_cli_refuses_what_a_replay_cannot_use_naming_the_line(tmp_path, capsys, text,
+                                                                      message):
+    # A GPU count over JobSpec's limit was a ConfigError traceback (exit 1); a huge duration
+    # or a header alone replayed into inf/nan or an empty table with exit 0.
+    code, path = simulate_cli(tmp_path, text)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {path}") and message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("text", [
+    "\ufefftimestamp,duration,num_gpus\n2017-10-09 07:01:55,100,1\n",
+    '"timestamp","duration","num_gpus"\n"2017-10-09 07:01:55",100,1\n',
+    "duration,timestamp,num_gpus\n100,2017-10-09 07:01:55,1\n",
+    "\n \nsubmit_time_s,duration_s,num_gpus\n0,100,1\n",
+])
+def test_simulate_cli_auto_format_reads_bom_quoted_reordered_and_blank_led_headers(
+        tmp_path, capsys, text):
+    code, _ = simulate_cli(tmp_path, text)
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())[
+        "policies"]["fifo"]["jobs_finished"] == 1
+
+
+def test_no_plots_removes_the_plots_of_an_earlier_run(tmp_path, capsys):
+    # They stayed beside the new jobs.csv and summary.json, showing another replay.
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in ("jct_cdf.png", "utilization.png"):
+        (out / name).write_bytes(b"old")
+    code, _ = simulate_cli(tmp_path, "submit_time_s,duration_s,num_gpus\n0,100,1\n")
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["jobs.csv", "summary.json"]
+    assert json.loads((out / "summary.json").read_text())["files"] == ["jobs.csv",
+                                                                      "summary.json"]
+
+
+def test_an_accelerator_alias_never_fits_naming_the_family_to_write(tmp_path, capsys):
+    code, _ = simulate_cli(tmp_path, "submit_time_s,duration_s,num_gpus,accelerator\n"
+                           "0,100,1,V100S\n1,100,1,P100\n", "--cluster", "v100:8x1,p100:8x1")
+    assert code == 0
+    assert "unknown accelerator family V100S (V100S is an alias of V100; write V100)" in \
+        capsys.readouterr().out
 
 
 def test_simulate_never_imports_ray(tmp_path):

@@ -1,9 +1,14 @@
 """The canonical trace's accelerator constraint (a set of families separated by '|'), its
-line-numbered errors, and write_canonical's round trip. Pure logic, no Ray."""
+line-numbered errors, write_canonical's round trip, and what the loaders make of files as
+users hand them over (BOM, quoted headers, gzip, unit mistakes). Pure logic, no Ray."""
 import pytest
 
-from orchestrator.traces import (TraceError, TraceJob, load_canonical, parse_accelerators,
-                                 unknown_families, write_canonical)
+import gzip
+
+from orchestrator.config import ConfigError, JobSpec
+from orchestrator.traces import (MAX_GPUS, TraceError, TraceJob, load_canonical, load_philly,
+                                 load_trace, parse_accelerators, sniff_format,
+                                 unknown_families, unknown_family_reason, write_canonical)
 
 HEADER = "submit_time_s,duration_s,num_gpus,accelerator\n"
 
@@ -91,3 +96,106 @@ def test_write_canonical_refuses_a_family_that_would_not_read_back(tmp_path):
     path = tmp_path / "x.csv"
     with pytest.raises(TraceError, match=r"x.csv: job 7: accelerators \['V100\|A100'\]"):
         write_canonical([TraceJob(7, 0.0, 1.0, 1, "", ("V100|A100",))], path)
+
+
+# -- files as users hand them over ----------------------------------------------------------
+
+CANONICAL = "submit_time_s,duration_s,num_gpus\n"
+PHILLY = "timestamp,duration,num_gpus\n"
+
+
+def write(tmp_path, text: str, name: str = "t.csv"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("fmt, text, message", [
+    ("canonical", CANONICAL + "0,100,1\n1,100,100001\n", ":3: num_gpus must be an integer in "
+     "[1, 100000], got '100001'"),
+    ("canonical", CANONICAL + "0,100,1e18\n", ":2: num_gpus must be an integer in [1, 100000]"),
+    ("philly", PHILLY + "2017-10-09 07:01:55,100,200000\n", ":2: num_gpus must be an integer"),
+])
+def test_more_gpus_than_a_jobspec_allows_is_a_trace_error_naming_the_line(tmp_path, fmt, text,
+                                                                         message):
+    # It used to pass here and end in a bare ConfigError traceback when the simulator made jobs.
+    path = write(tmp_path, text)
+    with pytest.raises(TraceError) as e:
+        load_trace(path, fmt)
+    assert str(e.value).startswith(str(path)) and message in str(e.value)
+
+
+def test_the_gpu_bound_is_jobspecs_num_workers_limit():
+    JobSpec("j", num_workers=MAX_GPUS, gpus_per_worker=1)
+    with pytest.raises(ConfigError, match="num_workers"):
+        JobSpec("j", num_workers=MAX_GPUS + 1, gpus_per_worker=1)
+
+
+@pytest.mark.parametrize("fmt, text, message", [
+    ("canonical", CANONICAL + "0,1.7e308,1\n", ":2: duration_s '1.7e308' is over 1e+09 s"),
+    ("canonical", CANONICAL + "0,100,1\n5,1e12,1\n", ":3: duration_s '1e12' is over"),
+    ("canonical", CANONICAL + "1e300,100,1\n", ":2: submit_time_s '1e300' is over"),
+    ("philly", PHILLY + "2017-10-09 07:01:55,1e12,1\n", ":2: duration '1e12' is over"),
+])
+def test_times_over_31_years_are_refused_hinting_at_the_unit(tmp_path, fmt, text, message):
+    # They replayed, printing inf, nan or 300-digit JCTs with exit 0.
+    path = write(tmp_path, text)
+    with pytest.raises(TraceError) as e:
+        load_trace(path, fmt)
+    assert str(e.value).startswith(str(path)) and message in str(e.value)
+    assert "seconds; was it written in ms or µs?" in str(e.value)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    canonical = write(tmp_path, "\ufeff" + CANONICAL + "0,100,2\n", "c.csv")
+    philly = write(tmp_path, "\ufeff" + PHILLY + "2017-10-09 07:01:55,100,1\n", "p.csv")
+    assert [(j.duration_s, j.num_gpus) for j in load_canonical(canonical)] == [(100, 2)]
+    assert sniff_format(philly) == "philly"
+    assert [j.duration_s for j in load_philly(philly)] == [100]
+
+
+@pytest.mark.parametrize("header", ['"timestamp","duration","num_gpus"',
+                                    "duration,timestamp,num_gpus",
+                                    " timestamp , duration,num_gpus"])
+def test_a_philly_header_is_recognised_quoted_or_reordered(tmp_path, header):
+    path = write(tmp_path, f"{header}\n100,100,1\n")
+    assert sniff_format(path) == "philly"
+    assert sniff_format(write(tmp_path, '"submit_time_s",duration_s,num_gpus\n0,1,1\n',
+                              "c.csv")) == "canonical"
+
+
+def test_a_philly_file_read_as_canonical_says_to_pass_format_philly(tmp_path):
+    path = write(tmp_path, "duration,timestamp,num_gpus\n100,2017-10-09 07:01:55,1\n", "p.csv")
+    with pytest.raises(TraceError, match=r"p.csv:1: unknown column\(s\) 'duration', "
+                       r"'timestamp'.* \(a Philly trace\? pass --format philly\)$"):
+        load_canonical(path)
+
+
+def test_a_header_without_rows_is_an_error(tmp_path):
+    path = write(tmp_path, CANONICAL + "\n")
+    with pytest.raises(TraceError, match=f"^{path}: no jobs \\(only a header\\)$"):
+        load_canonical(path)
+
+
+def test_blank_lines_before_the_header_are_skipped(tmp_path):
+    path = write(tmp_path, "\n \n" + CANONICAL + "0,100,1\n")
+    (job,) = load_canonical(path)
+    assert (job.duration_s, job.line) == (100, 4)
+    with pytest.raises(TraceError, match=r"t.csv:3: unknown column\(s\) 'user'"):
+        load_canonical(write(tmp_path, "\n\nsubmit_time_s,duration_s,num_gpus,user\n0,1,1,x\n"))
+
+
+def test_a_gzip_file_is_named_as_such(tmp_path):
+    path = tmp_path / "t.csv.gz"
+    path.write_bytes(gzip.compress((CANONICAL + "0,100,1\n").encode()))
+    for read in (load_canonical, sniff_format):
+        with pytest.raises(TraceError, match=f"^{path}: gzip-compressed: gunzip it first$"):
+            read(path)
+
+
+def test_an_alias_of_a_known_family_is_named_with_the_family_to_write():
+    assert unknown_family_reason(("V100S",)) == \
+        "unknown accelerator family V100S (V100S is an alias of V100; write V100)"
+    assert unknown_family_reason(("Z80", "MI250X")) == \
+        "unknown accelerator family Z80|MI250X (MI250X is an alias of MI250; write MI250)"
+    assert unknown_family_reason(("Z80",)) == "unknown accelerator family Z80"
