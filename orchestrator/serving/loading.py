@@ -78,8 +78,9 @@ def _run_tokenizer(directory: Path, expected_sha256: str, model: torch.nn.Module
                                                  and vocab == BYTE_VOCAB):
             raise TokenizerError(f"the tokenizer ({tokenizer.name}) has "
                                  f"{tokenizer.vocab_size} tokens, the model {vocab}")
-    except TokenizerError as e:
-        raise CheckpointError(f"checkpoint {directory}: {e}") from None
+    except TokenizerError as e:  # (a message that names the checkpoint already: once)
+        raise CheckpointError(str(e) if str(directory) in str(e)
+                              else f"checkpoint {directory}: {e}") from None
     return tokenizer
 
 

@@ -125,3 +125,18 @@ def test_int8_exports_load_through_the_compression_loader(tmp_path):
     assert len(out[0][1]) == 6
     # int8 weights: close to the fp32 model, so greedy agrees on at least the first token.
     assert out[0][1][0] == reference[0][1][0]
+
+
+def test_a_missing_tokenizer_names_the_checkpoint_once(tmp_path):
+    from types import SimpleNamespace
+
+    from orchestrator.serving.loading import _run_tokenizer
+    from orchestrator.training.checkpoint import CheckpointError
+
+    directory = tmp_path / "run" / "checkpoint_00000001"
+    directory.mkdir(parents=True)
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=320))
+    with pytest.raises(CheckpointError) as e:
+        _run_tokenizer(directory, "ab" * 32, model)
+    assert str(e.value).count(str(directory)) == 1, str(e.value)
+    assert "no tokenizer.json is beside it" in str(e.value)
