@@ -159,3 +159,17 @@ def test_head_brings_up_the_control_plane_that_starts_agents_on_joining_nodes():
     head = load(CLUSTER_YAML)["head_start_ray_commands"]
     assert any("ensure_control_plane()" in c for c in head[head.index(next(
         c for c in head if "ray start --head" in c)):])
+
+
+def test_the_head_can_launch_workers_and_nodes_get_only_what_git_tracks():
+    # head_setup_commands replaces Ray's AWS default, which installs boto3: without it the
+    # head's autoscaler could not import its AWS provider, and no worker ever started. The
+    # head runs Ray from ~/venv, so boto3 must go there.
+    from ray.autoscaler._private.util import prepare_config
+
+    config = prepare_config(load(CLUSTER_YAML))
+    installs = " ".join(config["head_setup_commands"])
+    assert "~/venv/bin/pip install" in installs and "boto3" in installs
+    # Ray copies the file mounts whole unless filtered: a local .venv or runs/ went to every
+    # node.
+    assert ".gitignore" in config["rsync_filter"]
