@@ -62,10 +62,25 @@ class NodeReport:
         return self.load_avg_1m / max(self.cpu_count, 1)
 
 
+def _missing_fields(obj: object) -> list[str]:
+    """The dataclass fields `obj` lacks: a report pickled by an agent of an older version
+    unpickles without the fields added since (pickle restores the attributes it carries)."""
+    present = getattr(obj, "__dict__", {})
+    return [f.name for f in dataclasses.fields(obj) if f.name not in present]
+
+
 def report_problem(report: NodeReport) -> str | None:
-    """What makes a node report unusable (a number that is not one, or below zero), or None.
-    Checked before any of it is stored: a NaN CPU count made every job look as if it could
-    never fit, and a NaN GPU count left the node's row half made."""
+    """What makes a node report unusable (a field missing, a number that is not one, or
+    below zero), or None. Checked before any of it is stored: a NaN CPU count made every job
+    look as if it could never fit, a NaN GPU count left the node's row half made, and a
+    report without bandwidth_gbps was stored but not counted (its node's restored
+    reservations were lost, and the node handed out twice)."""
+    missing = _missing_fields(report)
+    missing += [f"gpus[{i}].{name}" for i, gpu in enumerate(getattr(report, "gpus", ()))
+                for name in _missing_fields(gpu)]
+    if missing:
+        return (f"it lacks {', '.join(missing)}: its agent runs another version of this "
+                "project (restart the node's agent with the scheduler's version)")
     figures = {"ray_cpus": report.ray_cpus, "ray_gpus": report.ray_gpus,
                "cpu_count": report.cpu_count, "load_avg_1m": report.load_avg_1m,
                "ram_total_bytes": report.ram_total_bytes,
@@ -152,6 +167,7 @@ class ClusterState:
         self.reports: dict[str, NodeReport] = {}
         self.last_seen: dict[str, float] = {}
         self.dead: set[str] = set()  # declared dead by Ray or by missed heartbeats
+        self.silent: set[str] = set()  # of those, the ones dead by missed heartbeats only
         # Nodes a job's driver could not reach (a failed TCP probe), with why: they take no new
         # work until their next report, but keep what they hold; a blip is not a death.
         self.suspected: dict[str, str] = {}
@@ -176,6 +192,7 @@ class ClusterState:
                         self.table.add_reserved(r.node_id, r.cpus, r.gpus)
         if report.node_id in self.dead:  # a node that reports again is alive again
             self.dead.discard(report.node_id)
+            self.silent.discard(report.node_id)
             self._revive(report.node_id)  # (after: these count once, as they are set)
 
     def health(self, node_id: str, now: float) -> str:
@@ -191,10 +208,12 @@ class ClusterState:
         health = self.health(node_id, now)
         if health == HEALTHY:
             return None
-        if node_id in self.dead:
+        if node_id in self.dead and node_id not in self.silent:
             return "dead: Ray reports the node gone"
         if node_id in self.suspected:
             return f"suspect: {self.suspected[node_id]} (takes no new work until it reports)"
+        if node_id not in self.last_seen:  # dead by silence before the scheduler restarted
+            return f"{health}: no heartbeat since the scheduler (re)started"
         age = now - self.last_seen[node_id]
         limit = self.dead_after_s if health == DEAD else self.suspect_after_s
         return f"{health}: no heartbeat for {age:.0f}s (limit {limit:.0f}s)"
@@ -215,6 +234,7 @@ class ClusterState:
         if node_id in self.reports:
             self.dead.add(node_id)
             self.table.set_dead(node_id, True)
+        self.silent.discard(node_id)
         if self.suspected.pop(node_id, None) is not None:
             self.table.suspect[self.table.index[node_id]] = False
         self.silent_reservations.pop(node_id, None)
@@ -231,6 +251,7 @@ class ClusterState:
                       if n not in self.dead and now - self.last_seen[n] > self.dead_after_s]
         for node_id in newly_dead:
             self.dead.add(node_id)
+            self.silent.add(node_id)  # its agent went quiet: said so, not "Ray reports it gone"
             self.table.set_dead(node_id, True)
         dropped = self._drop_reservations_on(set(newly_dead))
         for job, reservation in dropped:
@@ -398,6 +419,7 @@ class ClusterState:
         for node, held in data.items():
             self.silent_reservations[node] = [Reservation(**r) for r in held]
             self.dead.add(node)
+            self.silent.add(node)
 
 
 class NodeTable:

@@ -159,6 +159,23 @@ def run_probe(name: str, probe: Callable[[], Any], default: Any,
         return default
 
 
+def gpu_count_problem(gpus: tuple[GpuInfo, ...], ray_gpus: float) -> str | None:
+    """Why the GPUs probed disagree with the GPUs Ray was given on the node, or None. NVML
+    sees every GPU of the machine, CUDA_VISIBLE_DEVICES or --num-gpus only some: the node's
+    memory and family then count GPUs Ray never hands out (a T4 beside four A100s made an
+    A100 node mixed, kept off A100 jobs). No GPU probed where Ray counts some: the node is
+    placed as a CPU node, which the operator must hear of."""
+    if ray_gpus > 0 and not gpus:
+        return (f"Ray counts {ray_gpus:g} GPU(s) here, but NVML found none and no labels "
+                "declare them (NVML library missing or driver not loaded?): placed as a "
+                "CPU node")
+    if ray_gpus > 0 and len(gpus) > ray_gpus:
+        return (f"NVML sees {len(gpus)} GPUs, Ray was given {ray_gpus:g} "
+                "(CUDA_VISIBLE_DEVICES or --num-gpus?): the node's GPU memory and families "
+                "count GPUs Ray does not hand out")
+    return None
+
+
 def probe_gpus(labels: dict[str, str], errors: dict[str, str]) -> tuple[GpuInfo, ...]:
     """Measured GPUs when NVML sees any; otherwise whatever the node's labels declare."""
     measured = run_probe("nvml", lambda: probe_nvml(errors), (), errors)

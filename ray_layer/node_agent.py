@@ -25,8 +25,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from orchestrator.inventory import NodeReport, check_network_labels
 from orchestrator.metric_catalogue import node_samples
 from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, bandwidth_probe_bytes,
-                                 best_bandwidth_gbps, host_figures, merge_bandwidth,
-                                 probe_gpus, run_probe)
+                                 best_bandwidth_gbps, gpu_count_problem, host_figures,
+                                 merge_bandwidth, probe_gpus, run_probe)
 from ray_layer.scheduler_client import NAMESPACE, agent_name, get_agent, get_scheduler
 from ray_layer.telemetry import record_all
 
@@ -75,9 +75,13 @@ class NodeAgent:
         errors: dict[str, str] = {}
         host = host_figures(errors)
         run_probe("network-labels", lambda: check_network_labels(self.labels), None, errors)
+        gpus = probe_gpus(self.labels, errors)
+        mismatch = gpu_count_problem(gpus, self.ray_gpus)
+        if mismatch:
+            errors["gpu-count"] = mismatch
         return NodeReport(node_id=self.node_id, ray_cpus=self.ray_cpus, ray_gpus=self.ray_gpus,
-                          gpus=probe_gpus(self.labels, errors), labels=self.labels,
-                          probe_errors=errors, bandwidth_gbps=dict(self._bandwidth), **host)
+                          gpus=gpus, labels=self.labels, probe_errors=errors,
+                          bandwidth_gbps=dict(self._bandwidth), **host)
 
     def report_now(self) -> NodeReport:
         report = self.collect()

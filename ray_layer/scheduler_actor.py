@@ -1,7 +1,7 @@
 """SchedulerActor: the live cluster's driver of the pure scheduling core.
 
 All rules live in orchestrator/scheduler_core.py (unit-tested without Ray, and replayed by the
-simulator). This shell adds only what needs Ray: the clock (`time.time()` passed in as `now`),
+simulator). This shell adds only what needs Ray: the clock (`wall_clock()` passed in as `now`),
 Ray's view of the nodes and of dead drivers, a maintenance thread, one lock, metric recording
 and persistence of the core's state in the GCS key-value store, so a restarted scheduler
 (max_restarts=-1) forgets nothing it had promised.
@@ -29,6 +29,17 @@ from ray_layer.scheduler_client import NAMESPACE, get_agent
 from ray_layer.telemetry import record_all
 
 log = logging.getLogger(__name__)
+
+# The core's `now`: wall-clock seconds that never jump. Heartbeat ages are differences of it,
+# and a step of the host's clock (NTP, a resumed VM) read through time.time() aged every
+# report at once: every node was declared dead and the queued jobs rejected for good. Read
+# from the monotonic clock, anchored to the wall clock when the process started (a
+# restarted scheduler re-anchors, so saved timestamps stay comparable).
+_WALL_AT_START, _MONOTONIC_AT_START = time.time(), time.monotonic()
+
+
+def wall_clock() -> float:
+    return _WALL_AT_START + (time.monotonic() - _MONOTONIC_AT_START)
 
 STATE_KEY = "scheduler-state"
 THROUGHPUT_KEY = "throughput"  # the learnt speeds, beside the core's parts in the saved state
@@ -77,10 +88,10 @@ class SchedulerActor:
             alive, dead, _ = _ray_nodes()  # a node that joined since the last pass
             self._ray_checked_at = time.monotonic()
             with self.lock:
-                self._apply(self.core.ray_nodes(alive, dead, time.time()))
+                self._apply(self.core.ray_nodes(alive, dead, wall_clock()))
         with self.lock:
             first_refusal = report.node_id not in self.core.refused_nodes
-            outcome = self.core.report(report, time.time())
+            outcome = self.core.report(report, wall_clock())
             accepted = self._apply(outcome) is True
         if not accepted and first_refusal:
             log.warning("refused a report for node %s: %s (logged once per node)",
@@ -151,7 +162,7 @@ class SchedulerActor:
         `per_worker_rate`: the job's recent throughput per worker (tokens/s), if it has a new
         figure: learnt for its workload on the family it runs on."""
         with self.lock:
-            now = time.time()
+            now = wall_clock()
             if per_worker_rate is not None:
                 self._observe(job_name, per_worker_rate, now)
             d = self.core.directive(job_name, now, last_checkpoint_at)
@@ -171,12 +182,12 @@ class SchedulerActor:
         """Release what drivers that have exited held or queued; returns those jobs."""
         dead_drivers = _dead_drivers()
         with self.lock:
-            released, dropped = self._apply(self.core.owners_dead(dead_drivers, time.time()))
+            released, dropped = self._apply(self.core.owners_dead(dead_drivers, wall_clock()))
         return released + dropped
 
     def snapshot(self) -> dict:
         with self.lock:
-            now = time.time()
+            now = wall_clock()
             state = self.core.state
             return {
                 "reports": dict(state.reports),
@@ -199,7 +210,7 @@ class SchedulerActor:
         available = _ray_available()
         self._ray_checked_at = time.monotonic()
         with self.lock:
-            now = time.time()
+            now = wall_clock()
             ready_before = set(self.core.queue.ready)
             dead = self.core.ray_nodes(alive, gone, now)
             usage = self.core.ray_usage(available, now)
@@ -288,13 +299,13 @@ class SchedulerActor:
     # -- carrying out the core's outcomes ---------------------------------------------------
     def _call(self, event):
         with self.lock:
-            return self._apply(event(time.time()))
+            return self._apply(event(wall_clock()))
 
     def _decide(self, event, count: bool = True):
         """A decision a caller waits for: its latency is recorded with it."""
         start = time.perf_counter()
         with self.lock:
-            outcome = event(time.time())
+            outcome = event(wall_clock())
             decision = self._apply(outcome)
         if count:
             record_all(catalogue.latency_samples(decision, time.perf_counter() - start))
@@ -342,8 +353,8 @@ class SchedulerActor:
         available = _ray_available()
         self._ray_checked_at = time.monotonic()
         with self.lock:
-            self._apply(self.core.ray_nodes(alive, dead, time.time()))
-            self._apply(self.core.ray_usage(available, time.time()))
+            self._apply(self.core.ray_nodes(alive, dead, wall_clock()))
+            self._apply(self.core.ray_usage(available, wall_clock()))
 
     def _load_state(self) -> tuple[dict, Exception | None]:
         """(what a previous incarnation saved, {} if nothing; the error if it is unreadable)."""
@@ -376,7 +387,7 @@ class SchedulerActor:
                 kept = ""
             log.error("scheduler state in the GCS is unreadable, starting empty%s: %s", kept,
                       unreadable)
-            self.core.restored_at = time.time()
+            self.core.restored_at = wall_clock()
             return
         for problem in self.core.restore(saved):
             log.error(problem)
@@ -385,7 +396,7 @@ class SchedulerActor:
             for problem in problems:
                 log.error(problem)
         if saved:
-            self.core.restored_at = time.time()
+            self.core.restored_at = wall_clock()
             log.warning("scheduler restarted: restored %d reservation(s), %d running and %d "
                         "queued job(s)", len(self.core.state.reservations),
                         len(self.core.running), len(self.core.queue))

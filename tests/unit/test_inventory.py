@@ -90,3 +90,29 @@ def test_reservations_survive_a_round_trip_without_double_counting():
 ])
 def test_accelerator_family(name, family):
     assert accelerator_family(name) == family
+
+
+def test_a_node_dead_by_silence_is_not_said_to_be_gone_by_ray():
+    # The operator was pointed at Ray for what was a quiet agent.
+    state = state_with(node("a"), node("b"))
+    state.expire(now=61)
+    assert state.health_reason("a", now=61) == "dead: no heartbeat for 61s (limit 60s)"
+    state.mark_dead("b")
+    assert state.health_reason("b", now=61) == "dead: Ray reports the node gone"
+    state.update(node("a"), now=62)  # it reports again: alive, and dead later for silence
+    assert state.health_reason("a", now=62) is None
+
+
+def test_a_report_lacking_a_field_is_refused_before_anything_of_it_is_stored():
+    # An agent of an older version pickled a NodeReport without bandwidth_gbps: it was
+    # stored, then failed half-way (the node was called healthy, its restored reservations
+    # were never counted, and its capacity could be handed out twice).
+    from orchestrator.inventory import report_problem
+
+    old = node("a", gpus=1)
+    object.__delattr__(old, "bandwidth_gbps")
+    object.__delattr__(old.gpus[0], "memory_free_bytes")
+    problem = report_problem(old)
+    assert problem and "bandwidth_gbps" in problem and "gpus[0].memory_free_bytes" in problem
+    assert "another version" in problem
+    assert report_problem(node("a", gpus=1)) is None

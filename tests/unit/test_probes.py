@@ -286,3 +286,14 @@ def test_a_mig_enabled_gpu_reports_its_smallest_slice_not_the_board(monkeypatch)
     assert (whole.name, whole.memory_total_bytes) == ("NVIDIA A100-SXM4-80GB", 80 * GIB)
     assert accelerator_family(split.name) == "" and gpu_families([whole]) == ["A100"]
     assert gpu_families([split, whole]) == ["", "A100"]  # a mixed node: no family
+
+
+def test_gpus_probed_and_gpus_ray_was_given_disagreeing_is_said():
+    from orchestrator.inventory import GpuInfo
+    from orchestrator.probes import gpu_count_problem
+
+    a100s = tuple(GpuInfo(i, "NVIDIA A100-SXM4-80GB", 80 << 30, 80 << 30) for i in range(5))
+    # CUDA_VISIBLE_DEVICES hid one of five from Ray: NVML still counts it.
+    assert "NVML sees 5 GPUs, Ray was given 4" in gpu_count_problem(a100s, 4.0)
+    assert "NVML found none" in gpu_count_problem((), 8.0)  # no NVML library, no labels
+    assert gpu_count_problem(a100s, 5.0) is None and gpu_count_problem((), 0.0) is None

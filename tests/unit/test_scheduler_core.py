@@ -888,7 +888,7 @@ def test_a_relaunch_right_after_its_driver_was_killed_is_not_a_second_launch(mon
     # class, they need not be the `scheduler_actor` module object imported here.
     module = inspect.unwrap(actor_class.reclaim_orphans).__globals__
     monkeypatch.setitem(module, "record_all", lambda samples: None)
-    monkeypatch.setattr(scheduler_actor.time, "time", lambda: T0 + 1)  # the nodes' clock
+    monkeypatch.setitem(module, "wall_clock", lambda: T0 + 1)  # the nodes' clock
     monkeypatch.setitem(module, "_dead_drivers", lambda: {"killed-driver"})
     assert isinstance(actor.submit(cpus("run", 2), "killed-driver"), Placement)
     assert isinstance(actor.submit(cpus("run", 2), "new-driver"), Placement)
@@ -1109,3 +1109,13 @@ def test_one_jobs_excluded_gpus_never_decide_for_a_same_shaped_job():
     core.submit(gpus("B", 4, priority=1), "db", T0 + 2)
     ticked(core, T0 + 20, 20)  # past min_run_s: La may be preempted, for B (not for X)
     assert core.running["La"].directive.for_job == "B"
+
+
+def test_the_live_schedulers_clock_does_not_jump_with_the_hosts(monkeypatch):
+    # A step of the host's clock (NTP, a resumed VM) aged every heartbeat at once: every node
+    # was declared dead and the queued jobs rejected for good.
+    from ray_layer import scheduler_actor
+
+    before = scheduler_actor.wall_clock()
+    monkeypatch.setattr(scheduler_actor.time, "time", lambda: before + 90.0)
+    assert scheduler_actor.wall_clock() - before < 5.0
