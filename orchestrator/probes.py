@@ -15,16 +15,62 @@ from orchestrator.inventory import GpuInfo, declared_gpus
 
 
 def probe_host() -> dict[str, Any]:
+    """The node's CPUs, load and memory as this process may use them: within its CPU
+    affinity and its memory cgroup (a container's limit, not the host's figures)."""
     import psutil
 
     memory = psutil.virtual_memory()
+    total, available = memory.total, memory.available
+    limit = cgroup_memory_limit()
+    if limit is not None:
+        total, available = min(total, limit[0]), min(available, limit[0] - limit[1])
     return {
         "hostname": socket.gethostname(),
-        "cpu_count": os.cpu_count() or 1,
+        "cpu_count": len(os.sched_getaffinity(0)) or os.cpu_count() or 1,
         "load_avg_1m": os.getloadavg()[0],
-        "ram_total_bytes": memory.total,
-        "ram_available_bytes": memory.available,
+        "ram_total_bytes": total,
+        "ram_available_bytes": available,
     }
+
+
+def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup",
+                        root: str = "/sys/fs/cgroup") -> tuple[int, int] | None:
+    """(limit, usage) in bytes of this process's memory cgroup (v2, or v1's memory
+    controller), or None without a limit (or without cgroups). In a container the host's
+    figures overstate what the process may take: psutil reads the host's."""
+    for limit_file, usage_file in _cgroup_memory_files(proc_cgroup, root):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as ~2**63
+            return None
+        return int(limit), min(usage, int(limit))
+    return None
+
+
+def _cgroup_memory_files(proc_cgroup: str, root: str) -> list[tuple[str, str]]:
+    """(limit, usage) files of this process's memory cgroup, v2 first."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    v2, v1 = [], []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if not controllers:
+            base = f"{root}{path}".rstrip("/")
+            v2.append((f"{base}/memory.max", f"{base}/memory.current"))
+        elif "memory" in controllers.split(","):
+            base = f"{root}/memory{path}".rstrip("/")
+            v1.append((f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes"))
+    return v2 + v1
+
+
 
 
 # What a node whose host probe failed reports: one CPU's worth of nothing, and a load so high

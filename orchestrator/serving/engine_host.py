@@ -60,6 +60,7 @@ from typing import Any, Callable
 
 import torch
 
+from orchestrator.probes import cgroup_memory_limit
 from orchestrator.serving.engine import (CapacityError, ContinuousEngine, EngineLimits,
                                          kv_cache_bytes)
 from orchestrator.serving.loading import LoadedModel, forward_problem, load_for_serving
@@ -252,45 +253,8 @@ def free_memory_bytes(device: torch.device) -> int:
     import psutil  # the node agents' memory probe (orchestrator/probes.py) reads it too
 
     available = psutil.virtual_memory().available
-    in_cgroup = _cgroup_room()
-    return available if in_cgroup is None else min(available, in_cgroup)
-
-
-def _cgroup_room(proc_cgroup: str = "/proc/self/cgroup",
-                 root: str = "/sys/fs/cgroup") -> int | None:
-    """The memory this process's cgroup (v2, or v1's memory controller) may still take, or
-    None without a limit (or without cgroups)."""
-    for limit_file, usage_file in _cgroup_memory_files(proc_cgroup, root):
-        try:
-            with open(limit_file) as f:
-                limit = f.read().strip()
-            with open(usage_file) as f:
-                usage = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as ~2**63
-            return None
-        return max(int(limit) - usage, 0)
-    return None
-
-
-def _cgroup_memory_files(proc_cgroup: str, root: str) -> list[tuple[str, str]]:
-    """(limit, usage) files of this process's memory cgroup, v2 first."""
-    try:
-        with open(proc_cgroup) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    v2, v1 = [], []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if not controllers:
-            base = f"{root}{path}".rstrip("/")
-            v2.append((f"{base}/memory.max", f"{base}/memory.current"))
-        elif "memory" in controllers.split(","):
-            base = f"{root}/memory{path}".rstrip("/")
-            v1.append((f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes"))
-    return v2 + v1
+    limit = cgroup_memory_limit()
+    return available if limit is None else min(available, limit[0] - limit[1])
 
 
 def run_host(host: EngineHost, receive: Callable[[bool, float | None], list[tuple]],

@@ -297,3 +297,35 @@ def test_gpus_probed_and_gpus_ray_was_given_disagreeing_is_said():
     assert "NVML sees 5 GPUs, Ray was given 4" in gpu_count_problem(a100s, 4.0)
     assert "NVML found none" in gpu_count_problem((), 8.0)  # no NVML library, no labels
     assert gpu_count_problem(a100s, 5.0) is None and gpu_count_problem((), 0.0) is None
+
+
+def test_the_memory_a_cgroup_leaves_is_read_from_v2_or_v1(tmp_path):
+    from orchestrator.probes import cgroup_memory_limit
+
+    def cgroup(lines: str, files: dict[str, str]) -> int | None:
+        (tmp_path / "proc").write_text(lines)
+        for name, text in files.items():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text(text)
+        limit = cgroup_memory_limit(str(tmp_path / "proc"), str(tmp_path))
+        return None if limit is None else limit[0] - limit[1]
+
+    assert cgroup("0::/job\n", {"job/memory.max": "1000\n", "job/memory.current": "400\n"}) == 600
+    assert cgroup("0::/free\n", {"free/memory.max": "max\n", "free/memory.current": "1\n"}) is None
+    v1 = "4:memory:/ray/x\n0::/\n"
+    assert cgroup(v1, {"memory/ray/x/memory.limit_in_bytes": "5000",
+                       "memory/ray/x/memory.usage_in_bytes": "7000"}) == 0  # over: none left
+    assert cgroup("4:memory:/ray/y\n", {"memory/ray/y/memory.limit_in_bytes":
+                                          "9223372036854771712",
+                                          "memory/ray/y/memory.usage_in_bytes": "1"}) is None
+    assert cgroup_memory_limit(str(tmp_path / "absent"), str(tmp_path)) is None
+
+
+def test_the_host_probe_reports_memory_within_the_processs_cgroup(monkeypatch):
+    # In a container the agent reported the host's 22.8 GiB available where its cgroup left
+    # 1 GiB.
+    from orchestrator import probes
+
+    monkeypatch.setattr(probes, "cgroup_memory_limit", lambda: (4 << 30, 3 << 30))
+    figures = probes.probe_host()
+    assert figures["ram_total_bytes"] <= 4 << 30 and figures["ram_available_bytes"] <= 1 << 30

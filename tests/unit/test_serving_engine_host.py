@@ -242,22 +242,3 @@ def test_the_replica_end_reports_a_host_process_that_died():
 
     asyncio.run(main())
     assert [e[0] for e in events] == ["host_died"]
-
-
-def test_the_memory_a_cgroup_leaves_is_read_from_v2_or_v1(tmp_path):
-    def cgroup(lines: str, files: dict[str, str]) -> int | None:
-        (tmp_path / "proc").write_text(lines)
-        for name, text in files.items():
-            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / name).write_text(text)
-        return engine_host._cgroup_room(str(tmp_path / "proc"), str(tmp_path))
-
-    assert cgroup("0::/job\n", {"job/memory.max": "1000\n", "job/memory.current": "400\n"}) == 600
-    assert cgroup("0::/free\n", {"free/memory.max": "max\n", "free/memory.current": "1\n"}) is None
-    v1 = "4:memory:/ray/x\n0::/\n"
-    assert cgroup(v1, {"memory/ray/x/memory.limit_in_bytes": "5000",
-                       "memory/ray/x/memory.usage_in_bytes": "7000"}) == 0  # over: none left
-    assert cgroup("4:memory:/ray/y\n", {"memory/ray/y/memory.limit_in_bytes":
-                                          "9223372036854771712",
-                                          "memory/ray/y/memory.usage_in_bytes": "1"}) is None
-    assert engine_host._cgroup_room(str(tmp_path / "absent"), str(tmp_path)) is None
