@@ -102,7 +102,7 @@ NODE_BANDWIDTH = MetricSpec(
     "rounds of 8 MiB)", "bytes/s", NODE_TAGS + ("peer",))
 NODE_PROBE_FAILURES = MetricSpec(
     "orchestrator_node_probe_failures", COUNTER,
-    "Probe runs that failed, by probe (nvml, declared, host, network-labels)", "1",
+    "Probe runs that failed, by probe (nvml, declared, gpu-count, host, network-labels)", "1",
     NODE_TAGS + ("probe",))
 
 # -- scheduler (ray_layer/scheduler_actor.py), one per cluster -----------------------------------------
