@@ -28,7 +28,8 @@ from orchestrator.training.data_plan import (DataSetup, check_trainable, configu
                                              default_cache_root, resume_data_conflicts)
 from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed,
                                   run_job)
-from orchestrator.runs import DEFAULT_RUNS_ROOT, RunDirError, read_metrics, resolve_run_dir
+from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, read_metrics, resolve_run_dir,
+                              unregistered_newer_checkpoints)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
 from orchestrator.training.memory import gpu_memory_needed_gb, memory_lines
@@ -319,6 +320,10 @@ def _read_json(path: Path) -> dict | None:
 
 def resolve_data(args: argparse.Namespace, run_dir: Path) -> DataSetup:
     """The data, tokenizer and --init-from flags checked and resolved, before Ray starts."""
+    for flag, value in (("--tokenizer", args.tokenizer), ("--init-from", args.init_from),
+                        ("--data-cache", args.data_cache)):
+        if value is not None and not value.strip():  # read as unset: a run without it
+            raise ConfigError(f"{flag} is empty: give a path, or leave the flag out")
     saved = (_read_json(run_dir / "config.json") or {}).get("train") if args.resume else None
     setup = configure_data(
         data=args.data, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines,
@@ -353,6 +358,8 @@ def run(args: argparse.Namespace) -> dict | None:
             return dry_run(train_config, spec, args.address)
         if args.resume and _already_complete(run_dir, train_config):
             return None
+        if args.resume:
+            _warn_unregistered(run_dir)
     except (ConfigError, RunDirError, DataError, TokenizerError, ExportError) as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
 
@@ -428,6 +435,17 @@ def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
         return False
     _say_nothing_to_do(f"{run_dir} is already at step {done}", train_config)
     return True
+
+
+def _warn_unregistered(run_dir: Path) -> None:
+    """Say which checkpoints a resume passes over: written as the run was stopped, never
+    registered by Ray Train (their steps are trained again)."""
+    newer, registered = unregistered_newer_checkpoints(run_dir)
+    if newer:
+        print(f"warning: --resume: {len(newer)} checkpoint(s) written after the last one Ray "
+              f"Train registered ({registered}) are not used: the run was stopped while it "
+              f"reported them ({', '.join(d.name for d in newer)}); their steps are trained "
+              "again, and they may be deleted", file=sys.stderr)
 
 
 def _say_nothing_to_do(where: str, train_config: TrainConfig) -> None:

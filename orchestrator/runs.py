@@ -61,6 +61,25 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), reverse=True)
 
 
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def unregistered_newer_checkpoints(run_dir: Path) -> tuple[list[Path], str | None]:
+    """(checkpoint directories newer than every one Ray Train registered, newest first; the
+    newest registered one's name). A run stopped (Ctrl-C) while its workers reported writes
+    checkpoints Ray Train never registers: a resume starts from the registered one, and the
+    steps after it are trained again. ([], None) without Ray Train's record."""
+    try:
+        snapshot = json.loads((run_dir / RAY_CHECKPOINT_SNAPSHOT).read_text())
+        registered = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], None
+    if not registered:
+        return [], None
+    newest = max(registered)
+    return [d for d in checkpoint_dirs(run_dir) if d.name > newest], newest
+
+
 def new_run_dir(root: Path, prefix: str, now: dt.datetime) -> Path:
     """A run directory that does not exist yet (two runs in the same second get -2, -3...)."""
     base = root.expanduser().resolve() / f"{prefix}-{now:%Y%m%d-%H%M%S}"
@@ -77,22 +96,62 @@ def latest_run_with_checkpoints(root: Path) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime).resolve() if runs else None
 
 
+def writable_dir_problem(path: Path) -> str | None:
+    """Why a file cannot be written in directory `path` (made if missing, then removed
+    again with the parents made for it), or None. Asked before Ray starts: a run dir or
+    data cache under /proc, or a file where a directory belongs, failed as a traceback once
+    the data had been tokenized."""
+    made = []
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        made.append(parent)
+        parent = parent.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename and
+                                      str(e.filename) != str(path) else "")
+    finally:
+        for directory in made:  # deepest first: only what this check made
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+    return None
+
+
 def resolve_run_dir(run_dir: str | None, resume: bool, root: Path, prefix: str,
                     now: dt.datetime) -> Path:
     """The run directory to use, refusing combinations that would lose or mix up work:
     resuming where there is nothing to resume, or silently continuing an old run."""
     if run_dir is None:
         if not resume:
-            return new_run_dir(root, prefix, now)
+            path = new_run_dir(root, prefix, now)
+            problem = writable_dir_problem(path)
+            if problem:
+                raise RunDirError(f"cannot write to run dir {path} (under the runs root, "
+                                  f"ORCHESTRATOR_RUNS_DIR): {problem}")
+            return path
         latest = latest_run_with_checkpoints(root)
         if latest is None:
             raise RunDirError(f"--resume: no run with checkpoints under {root.expanduser()}; "
                               "pass --run-dir of the run to continue")
         return latest
+    if not str(run_dir).strip():  # Path("") is the current directory: the run went there
+        raise RunDirError("--run-dir is empty: give a path, or leave the flag out (a new run "
+                          "under the runs root)")
     path = Path(run_dir).expanduser().resolve()
+    if path.is_file():
+        raise RunDirError(f"--run-dir {path} is a file, not a directory")
     if resume and not has_checkpoints(path):
         raise RunDirError(f"--resume: no checkpoint in run dir {path}")
     if not resume and has_checkpoints(path):
         raise RunDirError(f"run dir {path} already holds checkpoints from an earlier run; "
                           "pass --resume to continue it, or choose another --run-dir")
+    problem = writable_dir_problem(path)
+    if problem:
+        raise RunDirError(f"cannot write to run dir {path}: {problem}")
     return path

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from orchestrator.runs import writable_dir_problem
 from orchestrator.tokenizer import (EOS_NAMES, Tokenizer, TokenizerError, load_tokenizer,
                                     tokenizer_from_json, tokenizer_of_run, train_bpe)
 from orchestrator.training.corpus import (DataError, SourceFile, cache_key, check_text_column,
@@ -215,6 +216,19 @@ class DataSetup:
     notes: list[str]
 
 
+def _check_cache_writable(cache_root: str, given: bool) -> None:
+    """DataError naming the flag when a local cache root cannot take the shards (checked
+    before Ray starts: it failed as a traceback after tokenizing). URIs are left to their
+    file system."""
+    if "://" in cache_root:
+        return
+    problem = writable_dir_problem(Path(absolute_cache_root(cache_root)))
+    if problem:
+        where = "--data-cache" if given else "the data cache beside the run dir (--data-cache " \
+            "to choose another)"
+        raise DataError(f"{where} {cache_root}: cannot write there: {problem}")
+
+
 def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, tokenizer: str,
                    train_tokenizer: int | None, cache_root: str, retokenize: bool,
                    init_from: str | None, saved: dict[str, Any] | None,
@@ -257,6 +271,7 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
         fields.update(vocab_size=256 if legacy else tok.vocab_size,
                       tokenizer_sha256="" if legacy else tok.sha256)
         return DataSetup(fields, tok, None, notes)
+    _check_cache_writable(cache_root, "--data-cache" in data_flags)
     plan = plan_data(data, text_field=text_field, skip_bad_lines=skip_bad_lines,
                      tokenizer=tokenizer, train_tokenizer=train_tokenizer,
                      cache_root=cache_root, retokenize=retokenize, say=say)

@@ -191,3 +191,34 @@ def test_a_tokenizer_without_an_end_of_text_token_is_warned_about(tmp_path, caps
                           str(tmp_path / "tokenizer.json"), "--run-dir", str(tmp_path / "run"),
                           capsys=capsys)
     assert "has no end-of-text token" in err and "joined with no separator" in err
+
+
+def test_a_data_cache_or_run_dir_that_cannot_be_written_is_named_before_ray(tmp_path, capsys):
+    # Tokenizing started Ray and ended in a FileNotFoundError/PermissionError traceback.
+    data = tmp_path / "d.txt"
+    data.write_text("some text to train on. " * 50)
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    err = refused(tmp_path, capsys, "--data", str(data), "--data-cache", str(a_file / "cache"))
+    assert f"--data-cache {a_file / 'cache'}: cannot write there" in err
+    code, err = run_pretrain("--data", str(data), "--run-dir", str(a_file / "run"),
+                             capsys=capsys)
+    assert code == 2 and f"cannot write to run dir {a_file / 'run'}" in err, err
+    code, err = run_pretrain("--run-dir", str(a_file), capsys=capsys)
+    assert code == 2 and "is a file, not a directory" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--run-dir", "--tokenizer", "--init-from", "--data-cache"])
+def test_an_empty_path_flag_is_refused_not_read_as_unset_or_as_here(flag, tmp_path, capsys,
+                                                                    monkeypatch):
+    # --run-dir "" trained into the current directory; the others trained without them.
+    monkeypatch.chdir(tmp_path)
+    code, err = run_pretrain(flag, "", capsys=capsys)
+    assert code == 2 and f"{flag} is empty" in err, err
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_a_seed_torch_cannot_take_is_refused_before_any_worker_starts(capsys):
+    # It passed, and every worker failed at torch.manual_seed: three restarts, then exit 4.
+    code, err = run_pretrain("--seed", str(2 ** 64), capsys=capsys)
+    assert code == 2 and "seed must be an integer in [-2**63, 2**64)" in err, err

@@ -59,3 +59,22 @@ def test_metrics_log_keeps_every_report_and_skips_a_torn_last_line(tmp_path):
                                                                (2, "/runs/x/checkpoint_2")]
     assert all(r["time"] > 0 for r in records)
     assert read_metrics(tmp_path / "absent") == []
+
+
+def test_checkpoints_written_after_the_last_registered_one_are_found(tmp_path):
+    # Ctrl-C as workers reported: checkpoints on disk that Ray Train never registered; a
+    # resume passed over them without a word.
+    import json
+
+    from orchestrator.runs import unregistered_newer_checkpoints
+
+    for name in ("checkpoint_2026-12-05_18-51-01", "checkpoint_2026-12-05_18-51-02",
+                 "checkpoint_2026-12-05_18-51-03"):
+        (tmp_path / name).mkdir()
+    assert unregistered_newer_checkpoints(tmp_path) == ([], None)  # no Ray Train record
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_2026-12-05_18-51-01"}]}))
+    newer, registered = unregistered_newer_checkpoints(tmp_path)
+    assert registered == "checkpoint_2026-12-05_18-51-01"
+    assert [d.name for d in newer] == ["checkpoint_2026-12-05_18-51-03",
+                                       "checkpoint_2026-12-05_18-51-02"]
