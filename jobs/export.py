@@ -61,8 +61,8 @@ def what_is_left(out: Path, had_export: bool) -> str:
 
 # The files are renamed into --out with the earlier config.json removed first and the new one
 # renamed last: an interrupt leaves no mix of old and new that transformers would load.
-ON_INTERRUPT = ("interrupted: --out holds a whole export (the earlier one, if any) or files "
-                "without a config.json, which nothing loads: run the export again")
+ON_INTERRUPT = ("interrupted: --out holds a whole export (the earlier one or the new one) or "
+                "files without a config.json, which nothing loads: run the export again")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,9 +131,17 @@ def unknown_fields(data: Mapping[str, Any], known: list[str], what: str) -> str 
 def _known_fields_problems(cls, data: Mapping[str, Any], known: list[str]) -> str:
     """"; " and what the known fields' values are refused for, so that one run names every
     mistake (a typo and a bad value), not one per try; "" when they pass or cannot be
-    judged alone (a required field among the unknown)."""
+    judged alone (a required field among the unknown). A misspelt key's value stands in for
+    the field it is closest to: judged at that field's default instead, a correct value
+    beside it was refused (`min_replicas: 3` "must be <= max_replicas (2)" beside
+    `max_replica: 4`)."""
+    meant = {key: value for key, value in data.items() if key in known}
+    for key, value in data.items():
+        close = difflib.get_close_matches(str(key), known, n=1) if key not in known else []
+        if close and close[0] not in meant:
+            meant[close[0]] = value
     try:
-        cls(**{key: value for key, value in data.items() if key in known})
+        cls(**meant)
     except ConfigError as e:
         return f"; {e}"
     except TypeError:

@@ -41,7 +41,7 @@ EXPORT_FILES = (SAFETENSORS_FILE, "generation_config.json", TOKENIZER_FILE,
 # In --out while an export replaces its files (written before the earlier config.json is
 # removed, removed after the new one is in place): a --out without config.json holding it is
 # an unfinished export of ours, which the next export may replace.
-UNFINISHED_MARKER = ".export-unfinished"
+UNFINISHED_MARKER = ".unfinished-export"  # (not STAGING_PREFIX's: not a staging dir)
 INDEX_FILE = "model.safetensors.index.json"  # a sharded model: tensor name -> shard file
 # In every config.json the export writes: an --out holding a GPT-2 model without it (one
 # downloaded or fine-tuned elsewhere) is not ours to replace.
@@ -230,7 +230,7 @@ def _move_into_place(staging: Path, names: list[str], out: Path) -> None:
     (out / CONFIG_FILE).unlink(missing_ok=True)
     for name in sorted(names, key=lambda n: n == CONFIG_FILE):  # config.json last
         os.replace(staging / name, out / name)
-    (out / UNFINISHED_MARKER).unlink()
+    (out / UNFINISHED_MARKER).unlink(missing_ok=True)  # (a concurrent export's may be gone)
 
 
 STAGING_PREFIX = ".export-"  # + the exporting host and process: "<host>-<pid>"

@@ -15,8 +15,9 @@ from orchestrator.inventory import GpuInfo, declared_gpus
 
 
 def probe_host() -> dict[str, Any]:
-    """The node's CPUs, load and memory as this process may use them: within its CPU
-    affinity and its memory cgroup (a container's limit, not the host's figures)."""
+    """The node's CPUs, load and memory; memory as this process may use it (within its
+    memory cgroup: a container's limit, not the host's figures). The CPU count stays the
+    host's: it divides the host's load average (load per CPU)."""
     import psutil
 
     memory = psutil.virtual_memory()
@@ -26,7 +27,7 @@ def probe_host() -> dict[str, Any]:
         total, available = min(total, limit[0]), min(available, limit[0] - limit[1])
     return {
         "hostname": socket.gethostname(),
-        "cpu_count": len(os.sched_getaffinity(0)) or os.cpu_count() or 1,
+        "cpu_count": os.cpu_count() or 1,
         "load_avg_1m": os.getloadavg()[0],
         "ram_total_bytes": total,
         "ram_available_bytes": available,

@@ -101,19 +101,21 @@ def writable_dir_problem(path: Path) -> str | None:
     again with the parents made for it), or None. Asked before Ray starts: a run dir or
     data cache under /proc, or a file where a directory belongs, failed as a traceback once
     the data had been tokenized."""
-    made = []
-    parent = path
-    while not parent.exists() and parent != parent.parent:
-        made.append(parent)
-        parent = parent.parent
+    made: list[Path] = []
+    probe = path / f".write-check-{os.getpid()}"
     try:
+        parent = path
+        while not parent.exists() and parent != parent.parent:
+            made.append(parent)
+            parent = parent.parent
+        if path.exists() and not path.is_dir():
+            return "it is a file, not a directory"
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-check-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename and
-                                      str(e.filename) != str(path) else "")
+        named = e.filename and str(e.filename) not in (str(path), str(probe))
+        return f"{e.strerror or e}" + (f" ({e.filename})" if named else "")
     finally:
         for directory in made:  # deepest first: only what this check made
             try:
@@ -144,14 +146,12 @@ def resolve_run_dir(run_dir: str | None, resume: bool, root: Path, prefix: str,
         raise RunDirError("--run-dir is empty: give a path, or leave the flag out (a new run "
                           "under the runs root)")
     path = Path(run_dir).expanduser().resolve()
-    if path.is_file():
-        raise RunDirError(f"--run-dir {path} is a file, not a directory")
+    problem = writable_dir_problem(path)  # first: a file, or a path it cannot even look at
+    if problem:
+        raise RunDirError(f"cannot write to run dir {path}: {problem}")
     if resume and not has_checkpoints(path):
         raise RunDirError(f"--resume: no checkpoint in run dir {path}")
     if not resume and has_checkpoints(path):
         raise RunDirError(f"run dir {path} already holds checkpoints from an earlier run; "
                           "pass --resume to continue it, or choose another --run-dir")
-    problem = writable_dir_problem(path)
-    if problem:
-        raise RunDirError(f"cannot write to run dir {path}: {problem}")
     return path

@@ -222,6 +222,7 @@ class SchedulerCore:
         gone_silent = dead & set(self.state.silent_reservations)  # dead by silence, then by
         for node_id in gone_silent:  # Ray: its workers are gone, nothing to give back
             self.state.silent_reservations.pop(node_id)
+        self.state.silent -= dead  # Ray's word now, whatever silence said before
         if gone_silent and not newly_dead:
             outcome.effects.append(Persist())
         if newly_dead:

@@ -59,6 +59,7 @@ from orchestrator.config import JobSpec
 from orchestrator.inventory import ClusterState
 from orchestrator.placement import Placement, Rejection
 from orchestrator.policies import POLICY_NAMES, make_policy
+from orchestrator.runs import writable_dir_problem
 from orchestrator.scheduler_core import CLAIM_SUFFIX, SchedulerCore
 from orchestrator.scheduler_types import MIGRATE, PREEMPT, SchedulerSettings, Yield
 from orchestrator.throughput import ThroughputTable
@@ -627,12 +628,10 @@ def remove_stale_plots(out: Path) -> None:
 def out_dir_problem(out: Path) -> str | None:
     """Why `out` cannot take the outputs (it is created if missing), or None: checked before
     any replay runs, not found when the first file is written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_text("")
-        (out / ".write-test").unlink()
-    except OSError as e:
-        return f"cannot write to --out {out}: {e.strerror or e}"
+    problem = writable_dir_problem(out)
+    if problem:
+        return f"cannot write to --out {out}: {problem}"
+    out.mkdir(parents=True, exist_ok=True)
     return None
 
 

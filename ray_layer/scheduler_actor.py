@@ -41,6 +41,14 @@ _WALL_AT_START, _MONOTONIC_AT_START = time.time(), time.monotonic()
 def wall_clock() -> float:
     return _WALL_AT_START + (time.monotonic() - _MONOTONIC_AT_START)
 
+
+def _in_scheduler_clock(driver_time: float | None, now: float) -> float | None:
+    """A driver's time.time() reading as wall_clock() would have read it: its age by the wall
+    clocks (synchronised across hosts), taken from now."""
+    if driver_time is None:
+        return None
+    return now - max(0.0, time.time() - driver_time)
+
 STATE_KEY = "scheduler-state"
 THROUGHPUT_KEY = "throughput"  # the learnt speeds, beside the core's parts in the saved state
 RAY_NODES_REFRESH_S = 1.0  # a flood of reports for unknown nodes asks Ray at most this often
@@ -165,7 +173,7 @@ class SchedulerActor:
             now = wall_clock()
             if per_worker_rate is not None:
                 self._observe(job_name, per_worker_rate, now)
-            d = self.core.directive(job_name, now, last_checkpoint_at)
+            d = self.core.directive(job_name, now, _in_scheduler_clock(last_checkpoint_at, now))
         return None if d is None else {"kind": d.kind, "reason": d.reason}
 
     # -- operators ------------------------------------------------------------------------

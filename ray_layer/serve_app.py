@@ -322,7 +322,7 @@ class Ingress:
             self.retries["streams_resumed" if delivered else "streams_restarted"] += 1
             log.warning("model replica lost mid-stream after %d token(s) (%s); resuming",
                         delivered, type(error).__name__)
-        return resumable_stream(lambda attempt: self._taken_stream(attempt, route), request,
+        return resumable_stream(lambda resumed: self._taken_stream(resumed, route), request,
                                 retryable, self.settings.request_retries, counted)
 
     async def _taken_stream(self, request: GenerationRequest,

@@ -271,10 +271,14 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
         fields.update(vocab_size=256 if legacy else tok.vocab_size,
                       tokenizer_sha256="" if legacy else tok.sha256)
         return DataSetup(fields, tok, None, notes)
-    _check_cache_writable(cache_root, "--data-cache" in data_flags)
+    cache_given = "--data-cache" in data_flags
+    if train_tokenizer is not None:  # trained into the cache root, before the shards
+        _check_cache_writable(cache_root, cache_given)
     plan = plan_data(data, text_field=text_field, skip_bad_lines=skip_bad_lines,
                      tokenizer=tokenizer, train_tokenizer=train_tokenizer,
                      cache_root=cache_root, retokenize=retokenize, say=say)
+    if not plan.cached:  # shards to write (a read-only cache that holds them is fine)
+        _check_cache_writable(cache_root, cache_given)
     if init_from:
         model_dir = Path(init_from).expanduser().resolve()
         _check_init_vocab(init_from, hf["vocab_size"], plan.tokenizer,

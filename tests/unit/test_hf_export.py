@@ -634,3 +634,9 @@ def test_refusals_name_the_checkpoint_once(tmp_path, capsys):
     int8.mkdir()
     (int8 / INT8_FILE).write_bytes(b"")
     assert f"{int8} is an int8 model; only training checkpoints" in error_of(int8)
+
+
+def test_the_unfinished_export_marker_is_not_taken_for_a_staging_directory():
+    from orchestrator.hf_export import STAGING_PREFIX, UNFINISHED_MARKER
+
+    assert not UNFINISHED_MARKER.startswith(STAGING_PREFIX)

@@ -222,3 +222,22 @@ def test_a_seed_torch_cannot_take_is_refused_before_any_worker_starts(capsys):
     # It passed, and every worker failed at torch.manual_seed: three restarts, then exit 4.
     code, err = run_pretrain("--seed", str(2 ** 64), capsys=capsys)
     assert code == 2 and "seed must be an integer in [-2**63, 2**64)" in err, err
+
+
+def test_a_read_only_cache_that_holds_the_shards_is_used_one_without_them_named(
+        tmp_path, monkeypatch):
+    # A cache tokenized once and mounted read-only is read, never written: refusing it for
+    # want of write access broke runs that worked.
+    from orchestrator.training import data_plan
+
+    plan, _ = tokenized_run(tmp_path, "cache")
+    monkeypatch.setattr(data_plan, "writable_dir_problem",
+                        lambda path: "Read-only file system")
+    flags = dict(text_field="text", skip_bad_lines=False, tokenizer="bytes",
+                 train_tokenizer=None, cache_root=str(tmp_path / "cache"), retokenize=False,
+                 init_from=None, saved=None, data_flags=("--data-cache",))
+    setup = data_plan.configure_data(data=[str(tmp_path / "a.txt")], **flags)
+    assert setup.plan.cached
+    (tmp_path / "b.txt").write_text("another paragraph, not tokenized yet\n\n" * 40)
+    with pytest.raises(DataError, match="--data-cache .*: cannot write there: Read-only"):
+        data_plan.configure_data(data=[str(tmp_path / "b.txt")], **flags)

@@ -329,3 +329,13 @@ def test_the_host_probe_reports_memory_within_the_processs_cgroup(monkeypatch):
     monkeypatch.setattr(probes, "cgroup_memory_limit", lambda: (4 << 30, 3 << 30))
     figures = probes.probe_host()
     assert figures["ram_total_bytes"] <= 4 << 30 and figures["ram_available_bytes"] <= 1 << 30
+
+
+def test_the_host_probe_divides_the_hosts_load_by_the_hosts_cpus(monkeypatch):
+    # A container's affinity CPUs beside the whole host's load average made a pinned node look
+    # loaded and lose every load tie-break.
+    from orchestrator import probes
+
+    monkeypatch.setattr(probes.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(probes.os, "cpu_count", lambda: 64)
+    assert probes.probe_host()["cpu_count"] == 64

@@ -78,3 +78,22 @@ def test_checkpoints_written_after_the_last_registered_one_are_found(tmp_path):
     assert registered == "checkpoint_2026-12-05_18-51-01"
     assert [d.name for d in newer] == ["checkpoint_2026-12-05_18-51-03",
                                        "checkpoint_2026-12-05_18-51-02"]
+
+
+def test_a_run_dir_that_cannot_be_looked_at_is_named_not_a_traceback(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from orchestrator.runs import writable_dir_problem
+
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    assert writable_dir_problem(a_file) == "it is a file, not a directory"
+    assert ".write-check" not in (writable_dir_problem(a_file / "run") or "x.write-check")
+    real_exists = Path.exists
+
+    def no_search(self, *args, **kwargs):  # a parent this user cannot search (EACCES)
+        if str(self).startswith(str(tmp_path / "locked")):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_exists(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "exists", no_search)
+    assert "Permission denied" in writable_dir_problem(tmp_path / "locked" / "run")

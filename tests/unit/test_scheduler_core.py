@@ -1119,3 +1119,21 @@ def test_the_live_schedulers_clock_does_not_jump_with_the_hosts(monkeypatch):
     before = scheduler_actor.wall_clock()
     monkeypatch.setattr(scheduler_actor.time, "time", lambda: before + 90.0)
     assert scheduler_actor.wall_clock() - before < 5.0
+
+
+def test_a_silent_node_ray_then_reports_dead_is_said_to_be_gone_by_ray():
+    core = core_with(cpu_node("a", cpus=4), suspect_after_s=15.0, dead_after_s=60.0)
+    core.state.expire(T0 + 100)
+    assert "no heartbeat" in core.state.health_reason("a", T0 + 100)
+    core.ray_nodes(set(), {"a"}, T0 + 101)
+    assert core.state.health_reason("a", T0 + 101) == "dead: Ray reports the node gone"
+
+
+def test_a_drivers_checkpoint_time_is_read_in_the_schedulers_clock(monkeypatch):
+    # Drivers send time.time(); the scheduler's clock is its own (wall_clock): the age counts.
+    from ray_layer import scheduler_actor
+
+    monkeypatch.setattr(scheduler_actor.time, "time", lambda: 5_000.0)
+    assert scheduler_actor._in_scheduler_clock(4_990.0, now=100.0) == 90.0
+    assert scheduler_actor._in_scheduler_clock(None, now=100.0) is None
+    assert scheduler_actor._in_scheduler_clock(6_000.0, now=100.0) == 100.0  # not in the future

@@ -172,3 +172,12 @@ def test_batching_mode_and_kv_cache_settings_are_checked():
     assert (runtime.batching, runtime.kv_cache_tokens) == ("static", 64)
     with pytest.raises(ConfigError, match="batching must be one of"):
         RuntimeConfig.from_user_config({"batching": "paged"}, ServeSettings())
+
+
+def test_a_typo_does_not_get_a_correct_value_beside_it_refused():
+    # The misspelt field was judged at its default: min_replicas 3 "must be <= max_replicas
+    # (2)" although the user wrote 4, only under the wrong name.
+    with pytest.raises(ConfigError) as e:
+        ServeSettings.from_args({"min_replicas": 3, "max_replica": 4})
+    assert "'max_replica' (did you mean 'max_replicas'" in str(e.value)
+    assert "must be <=" not in str(e.value)
