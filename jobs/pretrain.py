@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import shlex
 import sys
 import time
 from collections import Counter
@@ -347,11 +348,21 @@ def _data_flags(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(flag for flag, on in given.items() if on)
 
 
+def resume_hint(args: argparse.Namespace) -> str:
+    """What Ctrl-C says: --resume alone continues the latest run under the runs root, which
+    need not be this one (another run since, or a --run-dir elsewhere): name it."""
+    run_dir = getattr(args, "resolved_run_dir", None)
+    if run_dir is None:
+        return "interrupted; resume with --resume"
+    return f"interrupted; resume with --resume --run-dir {shlex.quote(str(run_dir))}"
+
+
 def run(args: argparse.Namespace) -> dict | None:
     started = time.time()
     try:
         run_dir = resolve_run_dir(args.run_dir, args.resume, DEFAULT_RUNS_ROOT, "pretrain",
                                   dt.datetime.now())
+        args.resolved_run_dir = run_dir  # for the Ctrl-C hint
         setup = resolve_data(args, run_dir)
         train_config, spec = build_configs(args, run_dir, setup.fields)
         if args.dry_run:
@@ -553,7 +564,7 @@ def _figure(value, spec: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    code, _ = run_job(lambda: run(args), on_interrupt="interrupted; resume with --resume")
+    code, _ = run_job(lambda: run(args), on_interrupt=lambda: resume_hint(args))
     return code
 
 

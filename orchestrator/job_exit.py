@@ -22,14 +22,16 @@ class JobFailed(Exception):
         self.exit_code = exit_code
 
 
-def run_job(work: Callable[[], T], on_interrupt: str) -> tuple[int, T | None]:
+def run_job(work: Callable[[], T], on_interrupt: str | Callable[[], str]
+            ) -> tuple[int, T | None]:
     """Run `work`; (0, its result), or (the exit code, None) after saying why on stderr.
-    `on_interrupt` tells the user how to carry on after Ctrl-C (what is saved is kept)."""
+    `on_interrupt` tells the user how to carry on after Ctrl-C (what is saved is kept); a
+    callable is asked then (what to say may depend on how far `work` got)."""
     try:
         return 0, work()
     except JobFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code, None
     except KeyboardInterrupt:
-        print(on_interrupt, file=sys.stderr)
+        print(on_interrupt() if callable(on_interrupt) else on_interrupt, file=sys.stderr)
         return EXIT_INTERRUPTED, None

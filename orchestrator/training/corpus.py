@@ -280,6 +280,24 @@ def check_text_column(source: SourceFile, text_field: str) -> None:
                         f"{', '.join(names[:20])}")
 
 
+TEXT_HEAD_BYTES = 64 * 1024  # what check_text_head reads of a local text file
+
+
+def check_text_head(source: SourceFile) -> None:
+    """A local text file must start as UTF-8 (its first 64 KiB, read in the driver): a binary
+    or Latin-1 file was named only by a tokenizing task, after Ray had started. Remote files
+    are left to the tokenizing pass (a request per file here)."""
+    if source.format != "txt" or ("://" in source.uri and not source.uri.startswith("file://")):
+        return
+    fs, path = filesystem_for(source.uri)
+    with fs.open_input_stream(path) as f:
+        head = f.read(TEXT_HEAD_BYTES)
+    try:  # not final: a character cut at the 64 KiB mark is not an error
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < TEXT_HEAD_BYTES)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source.uri}: not UTF-8 text near byte {e.start}") from None
+
+
 def iter_documents(source: SourceFile, text_field: str = "text",
                    skip_bad_lines: bool = False, skipped: list[str] | None = None
                    ) -> Iterator[Document]:

@@ -227,3 +227,18 @@ def test_resume_names_a_config_json_it_cannot_inherit_from(tmp_path, train, job,
     args = pretrain.parse_args(["--resume", "--run-dir", str(run_dir)])
     with pytest.raises(ConfigError, match=re.escape(said)):
         pretrain.inherit_run_settings(args, run_dir)
+
+
+def test_ctrl_c_names_the_run_dir_to_resume(tmp_path, monkeypatch, capsys):
+    # `--resume` alone continues the latest run under the runs root: not this one when its
+    # --run-dir is elsewhere.
+    from jobs import pretrain
+
+    monkeypatch.setenv("ORCHESTRATOR_RUNS_DIR", str(tmp_path / "runs"))
+
+    def interrupted(args):
+        args.resolved_run_dir = tmp_path / "my run"
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pretrain, "run", interrupted)
+    assert pretrain.main(["--run-dir", str(tmp_path / "my run")]) == 130
+    assert f"resume with --resume --run-dir '{tmp_path / 'my run'}'" in capsys.readouterr().err

@@ -241,3 +241,17 @@ def test_a_read_only_cache_that_holds_the_shards_is_used_one_without_them_named(
     (tmp_path / "b.txt").write_text("another paragraph, not tokenized yet\n\n" * 40)
     with pytest.raises(DataError, match="--data-cache .*: cannot write there: Read-only"):
         data_plan.configure_data(data=[str(tmp_path / "b.txt")], **flags)
+
+
+def test_a_text_file_that_is_not_utf8_is_named_before_ray_starts(tmp_path, capsys):
+    # It was named by a tokenizing task, ~9 s after Ray had started.
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait\n\n".encode("latin-1") * 10)
+    err = refused(tmp_path, capsys, "--data", str(latin1))
+    assert f"{latin1}: not UTF-8 text near byte 3" in err, err
+    # A multi-byte character cut at the 64 KiB mark is not an error.
+    from orchestrator.training.corpus import TEXT_HEAD_BYTES, SourceFile, check_text_head
+
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes(b"a" * (TEXT_HEAD_BYTES - 1) + "\u00e9".encode() + b"b")
+    check_text_head(SourceFile(str(cut), "txt", cut.stat().st_size, cut.stat().st_mtime_ns))
