@@ -18,13 +18,7 @@ def probe_host() -> dict[str, Any]:
     """The node's CPUs, load and memory; memory as this process may use it (within its
     memory cgroup: a container's limit, not the host's figures). The CPU count stays the
     host's: it divides the host's load average (load per CPU)."""
-    import psutil
-
-    memory = psutil.virtual_memory()
-    total, available = memory.total, memory.available
-    limit = cgroup_memory_limit()
-    if limit is not None:
-        total, available = min(total, limit[0]), min(available, limit[0] - limit[1])
+    total, available = memory_within_cgroup()
     return {
         "hostname": socket.gethostname(),
         "cpu_count": os.cpu_count() or 1,
@@ -32,6 +26,18 @@ def probe_host() -> dict[str, Any]:
         "ram_total_bytes": total,
         "ram_available_bytes": available,
     }
+
+
+def memory_within_cgroup() -> tuple[int, int]:
+    """(total, available) bytes of RAM this process may use: the kernel's figures, within its
+    memory cgroup's limit (a container's, not the host's)."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    limit = cgroup_memory_limit()
+    if limit is None:
+        return memory.total, memory.available
+    return min(memory.total, limit[0]), min(memory.available, limit[0] - limit[1])
 
 
 def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup",

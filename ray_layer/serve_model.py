@@ -74,6 +74,12 @@ class EngineRecord:
         return self.ready.done() and self.ready.result() is None
 
 
+def generation_failed(message: str) -> APIError:
+    """The 500 of a request whose engine failed (a step raised, or it never opened)."""
+    return APIError(500, message if message.startswith("generation failed")
+                    else f"generation failed: {message}", type="server_error")
+
+
 @serve.deployment(name="GPTModel", graceful_shutdown_timeout_s=10,
                   graceful_shutdown_wait_loop_s=0.5)
 class GPTModel:
@@ -464,8 +470,7 @@ class GPTModel:
         log.error("continuous batching engine %s failed: %s",
                   "*" if engine_id is None else engine_id, message)
         error = (engine_lost(message) if engine_id is None  # the host died: retryable
-                 else APIError(500, message if message.startswith("generation failed")
-                               else f"generation failed: {message}", type="server_error"))
+                 else generation_failed(message))
         for key in keys:  # popped: the stream's end sends no cancel for them
             self.streams.pop(key)[0].put_nowait(error)
         for engine in ended:
@@ -487,7 +492,7 @@ class GPTModel:
         why = engine.ready.result() if engine.ready.done() else None
         queue.put_nowait(
             engine_lost(f"engine {engine_id} failed before the request started")
-            if why is None else APIError(500, f"generation failed: {why}", type="server_error"))
+            if why is None else generation_failed(why))
 
     def _record_first_token(self, seconds: float, route: str) -> None:
         record(catalogue.SERVE_TIME_TO_FIRST_TOKEN, seconds, deployment=self.deployment,

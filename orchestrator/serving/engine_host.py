@@ -60,7 +60,7 @@ from typing import Any, Callable
 
 import torch
 
-from orchestrator.probes import cgroup_memory_limit
+from orchestrator.probes import memory_within_cgroup
 from orchestrator.serving.engine import (CapacityError, ContinuousEngine, EngineLimits,
                                          kv_cache_bytes)
 from orchestrator.serving.loading import LoadedModel, forward_problem, load_for_serving
@@ -250,11 +250,7 @@ def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    import psutil  # the node agents' memory probe (orchestrator/probes.py) reads it too
-
-    available = psutil.virtual_memory().available
-    limit = cgroup_memory_limit()
-    return available if limit is None else min(available, limit[0] - limit[1])
+    return memory_within_cgroup()[1]  # as the node agents' memory probe reads it
 
 
 def run_host(host: EngineHost, receive: Callable[[bool, float | None], list[tuple]],
