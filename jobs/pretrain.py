@@ -30,7 +30,7 @@ from orchestrator.training.data_plan import (DataSetup, check_trainable, configu
 from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed,
                                   run_job)
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, read_metrics, resolve_run_dir,
-                              unregistered_newer_checkpoints)
+                              unused_checkpoints_warning)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
 from orchestrator.training.memory import gpu_memory_needed_gb, memory_lines
@@ -449,14 +449,10 @@ def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
 
 
 def _warn_unregistered(run_dir: Path) -> None:
-    """Say which checkpoints a resume passes over: written as the run was stopped, never
-    registered by Ray Train (their steps are trained again)."""
-    newer, registered = unregistered_newer_checkpoints(run_dir)
-    if newer:
-        print(f"warning: --resume: {len(newer)} checkpoint(s) written after the last one Ray "
-              f"Train registered ({registered}) are not used: the run was stopped while it "
-              f"reported them ({', '.join(d.name for d in newer)}); their steps are trained "
-              "again, and they may be deleted", file=sys.stderr)
+    """Say which checkpoints a resume passes over (runs.unused_checkpoints_warning)."""
+    warning = unused_checkpoints_warning(run_dir)
+    if warning:
+        print(f"warning: --resume: {warning}", file=sys.stderr)
 
 
 def _say_nothing_to_do(where: str, train_config: TrainConfig) -> None:

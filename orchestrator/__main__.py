@@ -25,7 +25,7 @@ from orchestrator.inventory import GIB, NodeReport
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed, run_job
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
-from orchestrator.runs import DEFAULT_RUNS_ROOT, read_metrics
+from orchestrator.runs import DEFAULT_RUNS_ROOT, METRICS_LOG, read_metrics
 
 
 def _accelerators(report: NodeReport) -> str:
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 job, entry = _runnable_job(args.job_file, args.dry_run, args.resume, args.json)
                 if not args.dry_run:
                     return submit(job, entry, args.resume, args.address)
-                return dry_run_submit(job.spec, args.address, args.json)
+                return dry_run_submit(job, entry, args.address, args.json)
         except (ConfigError, EntrypointError) as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -311,9 +311,15 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
     if not directory.is_dir():  # a job just submitted makes it at its first report
         print(f"waiting for {directory} (the job's first report; pass --run-dir if the job "
               "set run_dir)", file=sys.stderr, flush=True)
-    shown = 0
+    shown, seen = 0, None
     try:
         while True:
+            file = log_identity(directory)
+            if seen is not None and _replaced(seen, file):
+                shown = 0  # a new history: shown from its start when it comes
+                print(f"({directory / METRICS_LOG} was removed or replaced: a new run's "
+                      "reports follow)", file=sys.stderr, flush=True)
+            seen = file
             records = read_metrics(directory)
             for record in records[shown:]:
                 print(format_report(record), flush=True)
@@ -325,9 +331,26 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
         return 0
 
 
+def _replaced(before: tuple, now: tuple | None) -> bool:
+    """Whether metrics.jsonl is no longer the file it was: gone, another file, or shorter."""
+    return now is None or now[0] != before[0] or now[1] < before[1]
+
+
+def log_identity(directory: Path) -> tuple[tuple[int, int], int] | None:
+    """((device, inode), size) of a run's metrics.jsonl, or None while there is none."""
+    try:
+        stat = (directory / METRICS_LOG).stat()
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino), stat.st_size
+
+
 def format_report(record: dict[str, Any]) -> str:
     """One metrics.jsonl record as a line: time, step, the figures, and a checkpoint mark."""
-    when = time.strftime("%H:%M:%S", time.localtime(record.get("time", 0)))
+    try:
+        when = time.strftime("%H:%M:%S", time.localtime(record.get("time", 0)))
+    except (TypeError, ValueError, OverflowError, OSError):  # a hand-edited line's time
+        when = "--:--:--"
     figures = " ".join(f"{k}={_short(v)}" for k, v in record.items()
                        if k not in ("time", "checkpoint", "step", "worker_nodes")
                        and isinstance(v, (int, float, str)) and not isinstance(v, bool))
@@ -368,14 +391,27 @@ def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
     return print_placement(ray.get(scheduler.place.remote(spec, "", True, True)), args.json)
 
 
-def dry_run_submit(spec: JobSpec, address: str | None, as_json: bool) -> int:
-    """Where `submit` would run the job, reserving nothing: on an embedded Ray when no
-    cluster is given, as submit itself and `jobs/pretrain.py --dry-run` do (`place` only
-    looks at a running cluster)."""
+def dry_run_submit(job, entry, address: str | None, as_json: bool) -> int:
+    """Where `submit` would run the job, reserving nothing, after the checks `submit` makes
+    before it starts anything (launch.prepare_fit: the run directory, the runtime_env, the
+    loop reaching the workers), so that a dry run passes only what submit would run. On an
+    embedded Ray when no cluster is given, as submit itself and `jobs/pretrain.py --dry-run`
+    do (`place` only looks at a running cluster)."""
+    from orchestrator.launch import DEFAULT_KEEP_CHECKPOINTS, prepare_fit
+    from orchestrator.runs import has_checkpoints
     from ray_layer.launch import dry_run_placement
 
-    code, placeable = run_job(lambda: print_placement(dry_run_placement(spec, address), as_json),
-                              on_interrupt="interrupted: nothing was placed")
+    def check_and_place() -> int:
+        _, directory = prepare_fit(
+            entry.function, spec=job.spec, config=job.config, run_dir=job.run_dir,
+            resume=None, queue_timeout_s=job.queue_timeout_s, max_failures=job.max_failures,
+            runtime_env=job.runtime_env, keep_checkpoints=DEFAULT_KEEP_CHECKPOINTS)
+        if has_checkpoints(directory):  # to stderr: --json's output stays one JSON document
+            print(f"note: run_dir {directory} holds checkpoints: submit it with --resume to "
+                  "continue that run", file=sys.stderr)
+        return print_placement(dry_run_placement(job.spec, address), as_json)
+
+    code, placeable = run_job(check_and_place, on_interrupt="interrupted: nothing was placed")
     return code or placeable
 
 

@@ -128,7 +128,7 @@ def unknown_fields(data: Mapping[str, Any], known: list[str], what: str) -> str 
     return f"unknown field(s) in {what}: {', '.join(hints)}; known fields: {', '.join(known)}"
 
 
-def _known_fields_problems(cls, data: Mapping[str, Any], known: list[str]) -> str:
+def known_fields_problems(cls, data: Mapping[str, Any], known: list[str]) -> str:
     """"; " and what the known fields' values are refused for, so that one run names every
     mistake (a typo and a bad value), not one per try; "" when they pass or cannot be
     judged alone (a required field among the unknown). A misspelt key's value stands in for
@@ -157,7 +157,7 @@ def from_mapping(cls, data: Mapping[str, Any], what: str):
     known = [f.name for f in dataclasses.fields(cls)]
     problem = unknown_fields(data, known, what)
     if problem:
-        raise ConfigError(problem + _known_fields_problems(cls, data, known))
+        raise ConfigError(problem + known_fields_problems(cls, data, known))
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [name for name in required if name not in data]

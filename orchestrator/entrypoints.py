@@ -84,9 +84,19 @@ def _import(module_name: str) -> ModuleType:
                                   "folder the working directory, or installed?)") from None
         raise EntrypointError(f"entrypoint module {module_name!r} failed to import: "
                               f"{type(e).__name__}: {e}") from None
+    except SystemExit as e:  # it would end this command silently, with the module's code
+        raise EntrypointError(_exit_on_import(f"entrypoint module {module_name!r}", e)) from None
     except Exception as e:  # the user's module raised while importing
         raise EntrypointError(f"entrypoint module {module_name!r} failed to import: "
                               f"{type(e).__name__}: {e}") from None
+
+
+def _exit_on_import(what: str, exit: SystemExit) -> str:
+    """Why a module that called sys.exit() (or argparse that did) as it was imported cannot
+    be an entry point."""
+    return (f"{what} exited (sys.exit({exit.code!r})) as it was imported: code that runs the "
+            "script (argument parsing, a main() call) belongs under "
+            "`if __name__ == \"__main__\":`, so that importing it only defines the loop")
 
 
 def _load_file(where: str, base_dir: Path | None) -> ModuleType:
@@ -109,6 +119,9 @@ def _load_file(where: str, base_dir: Path | None) -> ModuleType:
         sys.path.insert(0, str(path.parent))
     try:
         spec.loader.exec_module(module)
+    except SystemExit as e:
+        del sys.modules[name]
+        raise EntrypointError(_exit_on_import(f"entrypoint script {path}", e)) from None
     except Exception as e:
         del sys.modules[name]
         raise EntrypointError(f"entrypoint script {path} failed to import: "

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import ConfigError, JobSpec, unknown_fields
+from orchestrator.config import ConfigError, JobSpec, known_fields_problems, unknown_fields
 from orchestrator.validation import is_int, is_number
 
 LAUNCHER_KEYS = ("entrypoint", "config", "runtime_env", "run_dir", "max_failures",
@@ -51,7 +51,7 @@ def load_job_file(path: str | Path) -> JobFile:
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_loader())
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:  # e.g. UTF-16, what PowerShell's `>` writes
@@ -72,10 +72,11 @@ def load_job_file(path: str | Path) -> JobFile:
     unknown = unknown_fields(data, [*(f.name for f in dataclasses.fields(JobSpec)),
                                     *LAUNCHER_KEYS], "the job file")
     launcher = {k: data.pop(k) for k in LAUNCHER_KEYS if k in data}
-    problems = _launcher_problems(launcher)
+    problems = launcher_problems(launcher)
     spec = None
-    if unknown:
-        problems.append(unknown)
+    if unknown:  # with what the known fields' values are refused for: every mistake at once
+        problems.append(unknown + known_fields_problems(
+            JobSpec, data, [f.name for f in dataclasses.fields(JobSpec)]))
     else:
         try:
             spec = JobSpec.from_dict(data)
@@ -95,6 +96,35 @@ def load_job_file(path: str | Path) -> JobFile:
     return JobFile(spec=spec, path=path, **launcher)
 
 
+def _loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    silently (`num_workers: 8` ... `num_workers: 1` ran one worker)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        """SafeLoader with mapping_without_duplicates for every mapping."""
+
+    def mapping_without_duplicates(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: construct_mapping names it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found key {key!r} twice (a second one would silently win)",
+                    key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 mapping_without_duplicates)
+    return StrictLoader
+
+
 def _yaml_problem(error) -> str:
     """PyYAML's error in one line: the problem and where (its own text spans four lines)."""
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]
@@ -102,7 +132,9 @@ def _yaml_problem(error) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
-def _launcher_problems(launcher: dict[str, Any]) -> list[str]:
+def launcher_problems(launcher: dict[str, Any]) -> list[str]:
+    """What is wrong with the launcher's keys present in `launcher` (a job file's, or
+    launch.fit's arguments)."""
     p = []
     if "entrypoint" in launcher and not isinstance(launcher["entrypoint"], str):
         p.append(f"entrypoint must be a string 'module:function' or 'script.py:function', "

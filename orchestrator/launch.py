@@ -38,13 +38,19 @@ from typing import Any, Callable
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.entrypoints import accepts_config, local_modules
 from orchestrator.job_exit import EXIT_BAD_INPUT, JobFailed
-from orchestrator.runs import DEFAULT_RUNS_ROOT, has_checkpoints
+from orchestrator.job_file import launcher_problems
+from orchestrator.runs import (DEFAULT_RUNS_ROOT, has_checkpoints, unused_checkpoints_warning,
+                               writable_dir_problem)
+from orchestrator.validation import is_int
+
+DEFAULT_KEEP_CHECKPOINTS = 3
 
 
 def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = None,
         run_dir: str | Path | None = None, resume: bool = False, address: str | None = None,
         queue_timeout_s: float = 600.0, max_failures: int = 3,
-        runtime_env: dict[str, Any] | None = None, keep_checkpoints: int = 3):
+        runtime_env: dict[str, Any] | None = None,
+        keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS):
     """Run `train_loop` on the cluster where the scheduler places `spec`; returns a
     `ray_layer.launch.Launched` (Ray Train's `result`, the final `placement`, the `yields`).
 
@@ -66,19 +72,52 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
     Raises JobFailed (its `exit_code` as in docs/training.md) naming what went wrong: bad
     input, a job the cluster cannot hold, or the first worker's own exception.
     """
+    per_worker, directory = prepare_fit(
+        train_loop, spec=spec, config=config, run_dir=run_dir, resume=resume,
+        queue_timeout_s=queue_timeout_s, max_failures=max_failures, runtime_env=runtime_env,
+        keep_checkpoints=keep_checkpoints)
+    if resume:
+        warning = unused_checkpoints_warning(directory)
+        if warning:
+            print(f"warning: resume: {warning}", file=sys.stderr)
+    from ray_layer.launch import launch
+
+    return launch(per_worker, config or {}, spec, directory, address=address,
+                  queue_timeout_s=queue_timeout_s, max_failures=max_failures,
+                  keep_checkpoints=keep_checkpoints, runtime_env=runtime_env)
+
+
+def prepare_fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None,
+                run_dir: str | Path | None, resume: bool | None, queue_timeout_s: float,
+                max_failures: int, runtime_env: dict[str, Any] | None,
+                keep_checkpoints: int) -> tuple[Callable, Path]:
+    """(the function each worker runs, the run directory): everything `fit` checks before it
+    connects to Ray, so that `submit --dry-run` refuses what `submit` would. JobFailed
+    (EXIT_BAD_INPUT) naming the first problem. `resume=None` (a dry run) accepts a run
+    directory with or without checkpoints."""
     if not isinstance(spec, JobSpec):
         raise JobFailed(f"spec must be an orchestrator.config.JobSpec, got {spec!r}",
                         EXIT_BAD_INPUT)
+    problems = launcher_problems({"max_failures": max_failures,
+                                  "queue_timeout_s": queue_timeout_s,
+                                  "runtime_env": runtime_env})
+    if not (is_int(keep_checkpoints) and keep_checkpoints >= 1):
+        problems.append(f"keep_checkpoints must be an integer >= 1, got {keep_checkpoints!r}")
+    if config is not None and not isinstance(config, dict):
+        problems.append(f"config must be a dict, got {type(config).__name__}")
+    if problems:
+        raise JobFailed("; ".join(problems), EXIT_BAD_INPUT)
     try:
         accepts_config(train_loop)
         directory = resolve_fit_run_dir(spec, run_dir, resume)
     except (TypeError, ConfigError) as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
-    if config is not None and not isinstance(config, dict):
-        raise JobFailed(f"config must be a dict, got {type(config).__name__}", EXIT_BAD_INPUT)
-    from ray_layer.launch import launch
+    from ray_layer.cluster import runtime_env_problem
     from ray_layer.user_loop import pickling_problem, ship_by_value, yielding
 
+    problem = runtime_env_problem(runtime_env) if runtime_env else None
+    if problem:
+        raise JobFailed(problem, EXIT_BAD_INPUT)
     module = sys.modules.get(getattr(train_loop, "__module__", None) or "")
     script_folders: tuple[str, ...] = ()
     if module is not None and (module.__name__ == "__main__"
@@ -93,9 +132,7 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
     problem = pickling_problem(train_loop, per_worker)
     if problem:
         raise JobFailed(problem, EXIT_BAD_INPUT)
-    return launch(per_worker, config or {}, spec, directory, address=address,
-                  queue_timeout_s=queue_timeout_s, max_failures=max_failures,
-                  keep_checkpoints=keep_checkpoints, runtime_env=runtime_env)
+    return per_worker, directory
 
 
 def report(metrics: dict[str, Any], checkpoint=None) -> None:
@@ -106,18 +143,23 @@ def report(metrics: dict[str, Any], checkpoint=None) -> None:
     report_and_maybe_yield(metrics, checkpoint)
 
 
-def resolve_fit_run_dir(spec: JobSpec, run_dir: str | Path | None, resume: bool) -> Path:
-    """The run's directory (see `fit`); ConfigError when it is not the job's or would mix two
-    runs."""
-    if "/" in spec.name or "\\" in spec.name:
-        raise ConfigError(f"name {spec.name!r} must not contain a path separator: a fitted "
-                          "job's name is its run directory's")
+def resolve_fit_run_dir(spec: JobSpec, run_dir: str | Path | None,
+                        resume: bool | None) -> Path:
+    """The run's directory (see `fit`); ConfigError when it is not the job's, cannot be
+    written, or would mix two runs (resume=None, a dry run: either way is fine)."""
+    name_problem = run_name_problem(spec.name)
+    if name_problem:
+        raise ConfigError(f"name {spec.name!r} {name_problem}: a fitted job's name is its run "
+                          "directory's")
     directory = (Path(run_dir).expanduser() if run_dir is not None
                  else DEFAULT_RUNS_ROOT.expanduser() / spec.name).resolve()
     if directory.name != spec.name:
         raise ConfigError(f"run_dir {directory} must end in the job's name {spec.name!r} (Ray "
                           "Train and the scheduler both know the run by it)")
-    if not resume and has_checkpoints(directory):
+    problem = writable_dir_problem(directory)
+    if problem:  # Ray Train found it only once the job was placed, as "failed after restarts"
+        raise ConfigError(f"cannot write to run_dir {directory}: {problem}")
+    if resume is False and has_checkpoints(directory):
         raise ConfigError(f"run_dir {directory} already holds checkpoints of a run: resume it "
                           "(resume=True, --resume) or give the job another name")
     if resume and not has_checkpoints(directory):  # as pretrain's --resume: never a silent
@@ -125,6 +167,19 @@ def resolve_fit_run_dir(spec: JobSpec, run_dir: str | Path | None, resume: bool)
         raise ConfigError(f"resume: no checkpoint in run_dir {directory} to resume from; "
                           "start it as a new run (without resume=True, --resume)")
     return directory
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why a job's name cannot be a directory's name, or None."""
+    if "/" in name or "\\" in name:
+        return "must not contain a path separator"
+    if name in (".", ".."):
+        return "is not a directory name"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "must not contain control characters"
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        return "is longer than a file name may be (255 bytes)"
+    return None
 
 
 def importable_by_name(module) -> bool:

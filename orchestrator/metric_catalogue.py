@@ -98,8 +98,8 @@ NODE_MEMORY_USED = MetricSpec(
     "Host RAM in use (1 - available/total), 0-1", "ratio", NODE_TAGS)
 NODE_BANDWIDTH = MetricSpec(
     "orchestrator_node_bandwidth_bytes_per_second", GAUGE,
-    "Measured throughput from this node to a peer through Ray's object store (best of 2 "
-    "rounds of 8 MiB)", "bytes/s", NODE_TAGS + ("peer",))
+    "Measured throughput from this node to a peer through Ray's object store (median of "
+    "the last 3 measurements, each the best of 2 rounds of 8 MiB)", "bytes/s", NODE_TAGS + ("peer",))
 NODE_PROBE_FAILURES = MetricSpec(
     "orchestrator_node_probe_failures", COUNTER,
     "Probe runs that failed, by probe (nvml, declared, gpu-count, host, network-labels)", "1",

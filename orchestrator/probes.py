@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import socket
+import statistics
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
@@ -262,12 +264,64 @@ def best_bandwidth_gbps(nbytes: int, seconds: Iterable[float | None]) -> float |
     return nbytes / min(usable) / 1e9
 
 
-def merge_bandwidth(previous: dict[str, float], measured: dict[str, float],
-                    sampled: set[str], alive: set[str]) -> dict[str, float]:
-    """A node's bandwidth figures after one refresh: this round's measurements; earlier ones
-    for peers not sampled this time (clusters larger than max_bandwidth_peers); nothing for a
-    peer sampled this round whose transfer failed or timed out (its old, fast figure kept a
-    degraded link looking healthy to placement) or for a node that left the cluster."""
-    kept = {node: gbps for node, gbps in previous.items()
-            if node in alive and node not in sampled}
-    return {**kept, **measured}
+# A peer's figure is the median of its last few measurements: one round that met a burst of
+# other traffic no longer replaces a steady figure on its own, while two slow rounds in a row
+# (a link that really degraded) do.
+BANDWIDTH_HISTORY = 3
+# A figure is dropped once it is older than one pass over every peer (stalest peers are measured
+# first) plus this many periods: an agent whose measurements stopped (Ray unreachable, its
+# thread stuck) stops vouching for links it last saw long ago.
+BANDWIDTH_STALE_PERIODS = 2
+
+# peer node id -> ((monotonic time measured, GB/s), ...), oldest first, at most BANDWIDTH_HISTORY
+BandwidthHistory = dict[str, tuple[tuple[float, float], ...]]
+
+
+def record_bandwidth(history: BandwidthHistory, measured: dict[str, float], sampled: set[str],
+                     alive: set[str], now: float) -> BandwidthHistory:
+    """A node's bandwidth history after one refresh: this round's measurements appended to each
+    peer's last ones; peers not sampled this time (clusters larger than max_bandwidth_peers)
+    unchanged; nothing for a peer sampled this round whose transfer failed or timed out (its
+    old, fast figures kept a degraded link looking healthy to placement) or for a node that
+    left the cluster."""
+    updated = {node: samples for node, samples in history.items()
+               if node in alive and node not in sampled}
+    for node, gbps in measured.items():
+        updated[node] = (history.get(node, ()) + ((now, gbps),))[-BANDWIDTH_HISTORY:]
+    return updated
+
+
+def current_bandwidth(history: BandwidthHistory, now: float,
+                      max_age_s: float) -> dict[str, float]:
+    """{peer: GB/s} as reported: the median of each peer's measurements of the last max_age_s;
+    a peer with none that recent is left out (no figure rather than an old one)."""
+    figures = {}
+    for node, samples in history.items():
+        recent = [gbps for measured_at, gbps in samples if now - measured_at <= max_age_s]
+        if recent:
+            figures[node] = statistics.median(recent)
+    return figures
+
+
+def bandwidth_max_age_s(peer_count: int, max_peers: int, period_s: float) -> float:
+    """How old a figure may be: the periods one pass over `peer_count` peers takes at
+    `max_peers` per period, plus BANDWIDTH_STALE_PERIODS of slack. `period_s` is the longest a
+    period can take (the pause between refreshes plus a refresh whose peers all time out);
+    without a timer (period 0: refreshes only on request) figures never age out."""
+    if period_s <= 0:
+        return math.inf
+    passes = math.ceil(peer_count / max_peers) if max_peers > 0 else 0
+    return (passes + BANDWIDTH_STALE_PERIODS) * period_s
+
+
+def peers_to_measure(candidates: Iterable[str], last_tried: dict[str, float], max_peers: int,
+                     rng: random.Random) -> list[str]:
+    """Up to max_peers of `candidates`, the stalest first: peers never tried, then those tried
+    longest ago (by `last_tried`, their last attempt, answered or not: peers that keep failing
+    must not crowd out the others), so every peer of a large cluster is reached within
+    ceil(peers / max_peers) periods. Ties (all peers, at start) are broken at random so that
+    the agents of a large cluster do not all measure the same few nodes first."""
+    order = list(candidates)
+    rng.shuffle(order)  # sort() is stable: the shuffle decides among equally stale peers
+    order.sort(key=lambda node: last_tried.get(node, -math.inf))
+    return order[:max(max_peers, 0)]

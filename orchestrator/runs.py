@@ -23,30 +23,44 @@ class RunDirError(ValueError):
     """The run directory cannot be used as asked; the message names it."""
 
 
+LINE_FIELDS = ("time", "checkpoint")  # what append_metrics adds to each report
+
+
 def append_metrics(run_dir: Path, metrics: dict[str, Any], checkpoint: str | None) -> None:
     """One line of metrics.jsonl: the report, when it was written and the checkpoint it
-    registered (None for a metrics-only report). A run found already complete trained
-    nothing: its report adds nothing to the history."""
+    registered (None for a metrics-only report). A report's own `time` or `checkpoint` is
+    kept as `time_` / `checkpoint_` (it was overwritten). A run found already complete
+    trained nothing: its report adds nothing to the history."""
     if metrics.get("already_complete"):
         return
-    line = {**metrics, "time": time.time(), "checkpoint": checkpoint}
+    own = {(f"{key}_" if key in LINE_FIELDS else key): value for key, value in metrics.items()}
+    line = {**own, "time": time.time(), "checkpoint": checkpoint}
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(run_dir) / METRICS_LOG, "a") as f:
-        f.write(json.dumps(line, default=str) + "\n")
+    with open(Path(run_dir) / METRICS_LOG, "a+b") as f:  # appends go to the end, seeks or not
+        size, torn = f.seek(0, os.SEEK_END), False
+        if size:
+            f.seek(size - 1)
+            torn = f.read(1) != b"\n"
+        # After a torn last line (a crash mid-write), a line of its own: appended to the torn
+        # one, this report was lost with it.
+        f.write((b"\n" if torn else b"") + (json.dumps(line, default=str) + "\n").encode())
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's lines, oldest first; a torn last line (a crash mid-write) is skipped."""
+    """metrics.jsonl's reports, oldest first; a torn line (a crash mid-write) and a line
+    that is not a JSON object (edited by hand) are skipped."""
     try:
-        lines = (Path(run_dir) / METRICS_LOG).read_text().splitlines()
+        lines = (Path(run_dir) / METRICS_LOG).read_text(errors="replace").splitlines()
     except FileNotFoundError:
         return []
     records = []
     for line in lines:
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
@@ -64,20 +78,34 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def unregistered_newer_checkpoints(run_dir: Path) -> tuple[list[Path], str | None]:
-    """(checkpoint directories newer than every one Ray Train registered, newest first; the
-    newest registered one's name). A run stopped (Ctrl-C) while its workers reported writes
-    checkpoints Ray Train never registers: a resume starts from the registered one, and the
-    steps after it are trained again. ([], None) without Ray Train's record."""
+def unused_checkpoints_warning(run_dir: Path) -> str | None:
+    """What a resume of `run_dir` passes over, or None: checkpoint directories Ray Train never
+    registered. A run stopped (Ctrl-C) while its workers reported writes checkpoints Ray Train
+    never registers; a resume starts from the newest registered one (the steps after it are
+    trained again), or from step 0 when it registered none. None too when Ray Train's record
+    cannot be read (nothing is known to be passed over)."""
+    written = checkpoint_dirs(run_dir)
+    if not written:
+        return None
     try:
         snapshot = json.loads((run_dir / RAY_CHECKPOINT_SNAPSHOT).read_text())
         registered = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    except FileNotFoundError:  # stopped before Ray Train recorded any checkpoint
+        registered = set()
     except (OSError, ValueError, KeyError, TypeError):
-        return [], None
-    if not registered:
-        return [], None
-    newest = max(registered)
-    return [d for d in checkpoint_dirs(run_dir) if d.name > newest], newest
+        return None
+    newest = max(registered, default="")
+    unused = [d for d in written if d.name > newest]
+    if not unused:
+        return None
+    names = ", ".join(d.name for d in unused)
+    if registered:
+        return (f"{len(unused)} checkpoint(s) written after the last one Ray Train registered "
+                f"({newest}) are not used: the run was stopped while it reported them "
+                f"({names}); their steps are trained again, and they may be deleted")
+    return (f"Ray Train registered none of the run's {len(unused)} checkpoint(s) ({names}): "
+            "the run was stopped while it reported its first, so it starts again from step "
+            "0; they may be deleted")
 
 
 def new_run_dir(root: Path, prefix: str, now: dt.datetime) -> Path:

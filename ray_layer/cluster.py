@@ -165,6 +165,37 @@ def _check_reachable(address: str, source: str, timeout_s: float = 5.0,
             "`ray start --head` running there, and is the port open from here?") from None
 
 
+def runtime_env_problem(runtime_env: dict) -> str | None:
+    """What Ray would refuse in a job's runtime_env, or None, asked before Ray starts: Ray
+    checks it only in ray.init, after starting a node, and its error then read as a failed
+    connection. A key close to one of Ray's (`workdir`) is named too: Ray takes any key
+    (plugins) and ignored it silently."""
+    import difflib
+
+    from ray.runtime_env import RuntimeEnv
+
+    known = sorted(k for k in RuntimeEnv.known_fields if not k.startswith("_"))
+    for key in runtime_env:
+        close = difflib.get_close_matches(str(key), known, n=1)
+        if key not in RuntimeEnv.known_fields and close:
+            return (f"runtime_env: unknown key {key!r} (did you mean {close[0]!r}?); Ray's "
+                    f"keys: {', '.join(known)}")
+    for key, value in [*runtime_env.items(), (None, None)]:  # each alone, then together
+        try:
+            RuntimeEnv(**({key: value} if key is not None else runtime_env))
+        except (TypeError, ValueError) as e:
+            where = f"runtime_env.{key}" if key is not None else "runtime_env"
+            return f"{where}: {' '.join(str(e).split())}{RUNTIME_ENV_HINTS.get(key, '')}"
+    return None
+
+
+RUNTIME_ENV_HINTS = {  # what a job file's author most likely meant
+    "env_vars": ' (values are strings: quote numbers in YAML, OMP_NUM_THREADS: "1")',
+    "pip": " (a list of packages, [pandas, numpy==2.1], or a requirements file's path)",
+    "working_dir": " (a folder, relative to the job file, or a URI)",
+}
+
+
 def connect(address: str | None, runtime_env: dict | None = None, embedded: bool = True
             ) -> bool:
     """Connect to the cluster at `address` (or RAY_ADDRESS; "auto": the one `ray start` runs

@@ -15,6 +15,7 @@ heartbeat's pace.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -24,9 +25,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.inventory import NodeReport, check_network_labels
 from orchestrator.metric_catalogue import node_samples
-from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, bandwidth_probe_bytes,
-                                 best_bandwidth_gbps, gpu_count_problem, host_figures,
-                                 merge_bandwidth, probe_gpus, run_probe)
+from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, BandwidthHistory,
+                                 bandwidth_max_age_s, bandwidth_probe_bytes,
+                                 best_bandwidth_gbps, current_bandwidth, gpu_count_problem,
+                                 host_figures, peers_to_measure, probe_gpus, record_bandwidth,
+                                 run_probe)
 from ray_layer.scheduler_client import NAMESPACE, agent_name, get_agent, get_scheduler
 from ray_layer.telemetry import record_all
 
@@ -56,7 +59,11 @@ class NodeAgent:
         self.heartbeat_s = heartbeat_s
         self.bandwidth_every_s = bandwidth_every_s
         self.max_bandwidth_peers = max_bandwidth_peers
-        self._bandwidth: dict[str, float] = {}  # peer node id -> GB/s, latest measurement
+        # Peer node id -> its last few measurements; reports carry current_bandwidth() of it.
+        self._bandwidth: BandwidthHistory = {}
+        self._bandwidth_max_age_s = math.inf  # set by each refresh from the cluster's size
+        self._last_tried: dict[str, float] = {}  # peer -> when it was last measured or tried
+        self._rng = random.Random()
         # One measurement at a time (the timer's and an explicit refresh would compete for the
         # same link); reentrant because refresh_bandwidth holds it around measure_bandwidth.
         self._bandwidth_lock = threading.RLock()
@@ -81,7 +88,11 @@ class NodeAgent:
             errors["gpu-count"] = mismatch
         return NodeReport(node_id=self.node_id, ray_cpus=self.ray_cpus, ray_gpus=self.ray_gpus,
                           gpus=gpus, labels=self.labels, probe_errors=errors,
-                          bandwidth_gbps=dict(self._bandwidth), **host)
+                          bandwidth_gbps=self.bandwidth_figures(), **host)
+
+    def bandwidth_figures(self) -> dict[str, float]:
+        """{peer node id: GB/s} as reports carry them (recent measurements, smoothed)."""
+        return current_bandwidth(self._bandwidth, time.monotonic(), self._bandwidth_max_age_s)
 
     def report_now(self) -> NodeReport:
         report = self.collect()
@@ -140,9 +151,22 @@ class NodeAgent:
             peers = self._peers(alive)
             measured = self.measure_bandwidth(peers, nbytes, timeout_s)
             # One assignment: collect() never sees half an update.
-            self._bandwidth = merge_bandwidth(self._bandwidth, measured, set(peers), alive)
+            now = time.monotonic()
+            self._bandwidth = record_bandwidth(self._bandwidth, measured, set(peers), alive, now)
+            self._last_tried = {node: tried for node, tried in self._last_tried.items()
+                                if node in alive} | dict.fromkeys(peers, now)
+            self._bandwidth_max_age_s = bandwidth_max_age_s(
+                len(alive - {self.node_id}), self.max_bandwidth_peers,
+                self._longest_period_s(timeout_s))
             self._failing_peers &= alive
         return measured
+
+    def _longest_period_s(self, timeout_s: float) -> float:
+        """The pause between timed refreshes plus the longest a refresh can take (every
+        sampled peer timing out in every round); 0 when there is no timer."""
+        if self.bandwidth_every_s <= 0:
+            return 0.0
+        return self.bandwidth_every_s + BANDWIDTH_ROUNDS * timeout_s * self.max_bandwidth_peers
 
     def _time_pull(self, node_id: str, peer, nbytes: int, timeout_s: float) -> float | None:
         """Seconds for one peer to fetch a fresh nbytes object from here, or None on failure.
@@ -164,12 +188,12 @@ class NodeAgent:
         return seconds
 
     def _peers(self, alive: set[str]) -> dict:
-        """Handles of other nodes' agents, at most max_bandwidth_peers of them, sampled at
-        random so that over successive refreshes a large cluster is covered."""
-        others = sorted(alive - {self.node_id})
-        others = random.sample(others, min(len(others), max(self.max_bandwidth_peers, 0)))
+        """Handles of other nodes' agents, at most max_bandwidth_peers of them, the stalest
+        first so that successive refreshes cover a large cluster."""
+        chosen = peers_to_measure(alive - {self.node_id}, self._last_tried,
+                                  self.max_bandwidth_peers, self._rng)
         peers = {}
-        for node_id in others:
+        for node_id in chosen:
             try:
                 peers[node_id] = get_agent(node_id)
             except ValueError:  # that node's agent is not up yet: measure it next time

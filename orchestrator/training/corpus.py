@@ -283,19 +283,52 @@ def check_text_column(source: SourceFile, text_field: str) -> None:
 TEXT_HEAD_BYTES = 64 * 1024  # what check_text_head reads of a local text file
 
 
-def check_text_head(source: SourceFile) -> None:
-    """A local text file must start as UTF-8 (its first 64 KiB, read in the driver): a binary
-    or Latin-1 file was named only by a tokenizing task, after Ray had started. Remote files
-    are left to the tokenizing pass (a request per file here)."""
-    if source.format != "txt" or ("://" in source.uri and not source.uri.startswith("file://")):
-        return
+def _is_local(source: SourceFile) -> bool:
+    """Whether a file is read here without a request (the head checks skip remote files: a
+    request per file in the driver; the tokenizing pass names their problems)."""
+    return "://" not in source.uri or source.uri.startswith("file://")
+
+
+def _read_head(source: SourceFile) -> bytes:
     fs, path = filesystem_for(source.uri)
     with fs.open_input_stream(path) as f:
-        head = f.read(TEXT_HEAD_BYTES)
+        return f.read(TEXT_HEAD_BYTES)
+
+
+def check_text_head(source: SourceFile) -> None:
+    """A local text file must start as UTF-8 (its first 64 KiB, read in the driver): a binary
+    or Latin-1 file was named only by a tokenizing task, after Ray had started."""
+    if source.format != "txt" or not _is_local(source):
+        return
+    head = _read_head(source)
     try:  # not final: a character cut at the 64 KiB mark is not an error
         codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < TEXT_HEAD_BYTES)
     except UnicodeDecodeError as e:
         raise DataError(f"{source.uri}: not UTF-8 text near byte {e.start}") from None
+
+
+def check_jsonl_head(source: SourceFile, text_field: str, skip_bad_lines: bool) -> None:
+    """A local .jsonl file's complete lines within its first 64 KiB, checked in the driver as
+    the tokenizing pass checks every line, so that a wrong --text-field is named before Ray
+    starts: without --skip-bad-lines the first bad line there is refused; with it, a head in
+    which no line is usable (it would skip the whole file)."""
+    if source.format != "jsonl" or not _is_local(source):
+        return
+    head = _read_head(source)
+    lines = head.split(b"\n")
+    if len(head) == TEXT_HEAD_BYTES:
+        lines.pop()  # cut at the 64 KiB mark
+    problems, usable = [], False
+    for line_no, data in enumerate(lines, start=1):
+        text, problem = _jsonl_record(data, text_field)
+        if problem and not skip_bad_lines:
+            _bad(source, line_no, problem, skip=False, skipped=[])
+        if problem:
+            problems.append(f"line {line_no}: {problem}")
+        usable = usable or text is not None
+    if problems and not usable:
+        raise DataError(f"{source.uri}: none of its first {len(problems)} lines is usable, so "
+                        f"--skip-bad-lines would skip them all ({problems[0]})")
 
 
 def iter_documents(source: SourceFile, text_field: str = "text",
@@ -379,33 +412,39 @@ def _jsonl_documents(source: SourceFile, field: str, skip: bool, skipped: list[s
             if not data:
                 break
             line_no += 1
-            try:
-                line = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                _bad(source, line_no, f"not UTF-8 text (byte {e.start + 1} of the line)",
-                     skip, skipped)
-                continue
-            if not line.strip():
-                continue
-            problem = None
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                problem = f"not valid JSON ({e.msg})"
-            else:
-                if not isinstance(record, dict):
-                    problem = f"a JSON {type(record).__name__}, not an object"
-                elif field not in record:
-                    problem = f"no {field!r} field (--text-field)"
-                elif not isinstance(record[field], str):
-                    problem = f"field {field!r} is {type(record[field]).__name__}, not a string"
-                else:
-                    problem = _not_unicode(record[field], field)
+            text, problem = _jsonl_record(data, field)
             if problem:
                 _bad(source, line_no, problem, skip, skipped)
                 continue
-            yield Document(record[field], index, eos_after=True, line=line_no)
+            if text is None:  # a blank line
+                continue
+            yield Document(text, index, eos_after=True, line=line_no)
             index += 1
+
+
+def _jsonl_record(data: bytes, field: str) -> tuple[str | None, str | None]:
+    """(the document's text, None) for a good .jsonl line, (None, why) for a bad one, and
+    (None, None) for a blank one."""
+    try:
+        line = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 text (byte {e.start + 1} of the line)"
+    if not line.strip():
+        return None, None
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        return None, f"not valid JSON ({e.msg})"
+    if not isinstance(record, dict):
+        return None, f"a JSON {type(record).__name__}, not an object"
+    if field not in record:
+        fields = ", ".join(repr(name) for name in list(record)[:10])
+        return None, (f"no {field!r} field (--text-field); its fields: {fields or 'none'}"
+                      f"{', ...' if len(record) > 10 else ''}")
+    if not isinstance(record[field], str):
+        return None, f"field {field!r} is {type(record[field]).__name__}, not a string"
+    problem = _not_unicode(record[field], field)
+    return (None, problem) if problem else (record[field], None)
 
 
 def _not_unicode(text: str, field: str) -> str | None:

@@ -20,7 +20,8 @@ from orchestrator.runs import writable_dir_problem
 from orchestrator.tokenizer import (EOS_NAMES, Tokenizer, TokenizerError, load_tokenizer,
                                     tokenizer_from_json, tokenizer_of_run, train_bpe)
 from orchestrator.training.corpus import (DataError, SourceFile, cache_key, check_text_column,
-                                          check_text_head, expand_sources, iter_texts)
+                                          check_jsonl_head, check_text_head,
+                                          expand_sources, iter_texts)
 from orchestrator.training.shards import (SHARD_TOKENS, clear_cache_dir, pass_lock,
                                           read_manifest, storage_for, tokenize_source,
                                           write_manifest)
@@ -100,6 +101,7 @@ def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool
         if source.format == "parquet":
             check_text_column(source, text_field)
         check_text_head(source)
+        check_jsonl_head(source, text_field, skip_bad_lines)
     if tok is None:
         tok = trained_tokenizer(sources, text_field, skip_bad_lines, train_tokenizer,
                                 cache_root, say)

@@ -251,6 +251,25 @@ def test_a_module_that_raises_on_import_is_named_with_its_error(tmp_path, monkey
                             "ZeroDivisionError: division by zero")
 
 
+def test_a_script_or_module_that_exits_on_import_is_refused_not_obeyed(tmp_path, monkeypatch):
+    # A script parsing its arguments at import ended `submit` silently with the script's exit
+    # code (0 read as success; argparse's usage line named "__main__.py").
+    script = write(tmp_path / "cli_train.py", "import argparse\n"
+                   "argparse.ArgumentParser().parse_args(['--lr'])\n"
+                   "def train_loop(config):\n    pass\n")
+    with pytest.raises(EntrypointError) as e:
+        load_entrypoint("cli_train.py:train_loop", base_dir=tmp_path)
+    assert str(e.value).startswith(f"entrypoint script {script} exited (sys.exit(2)) as it "
+                                   "was imported: code that runs the script"), e.value
+    assert 'if __name__ == "__main__":' in str(e.value)
+    assert not [m for m in sys.modules if m.startswith("orchestrator_entry_cli_train_")]
+    write(tmp_path / "exiting_loops_e5.py", "import sys\nsys.exit(0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(EntrypointError, match=r"entrypoint module 'exiting_loops_e5' exited "
+                                              r"\(sys.exit\(0\)\)"):
+        load_entrypoint("exiting_loops_e5:train_loop")
+
+
 def test_a_module_missing_a_dependency_is_not_called_missing_itself(tmp_path, monkeypatch):
     write(tmp_path / "needs_dep_c3.py", "import not_installed_anywhere_c3\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -427,6 +446,19 @@ def test_a_relative_run_dir_in_a_job_file_is_beside_the_file(tmp_path, monkeypat
      "needs more than one argument"),
     ({"spec": JobSpec("alpha"), "run_dir": "/tmp/beta"}, "must end in the job's name 'alpha'"),
     ({"spec": JobSpec("alpha"), "config": [1]}, "config must be a dict, got list"),
+    # launch.fit's own launcher arguments: Ray Train refused keep_checkpoints=0 with a
+    # traceback once the job was placed; a string timeout failed while queued.
+    ({"spec": JobSpec("alpha"), "keep_checkpoints": 0, "max_failures": "3",
+      "queue_timeout_s": "600"}, "max_failures must be an integer >= 0, got '3'; "
+     "queue_timeout_s must be a number >= 0, got '600'; keep_checkpoints must be an integer "
+     ">= 1, got 0"),
+    ({"spec": JobSpec("..")}, "name '..' is not a directory name"),
+    ({"spec": JobSpec("a\0b")}, "name 'a\\x00b' must not contain control characters"),
+    ({"spec": JobSpec("x" * 300)}, "is longer than a file name may be (255 bytes)"),
+    ({"spec": JobSpec("alpha"), "runtime_env": {"env_vars": {"OMP_NUM_THREADS": 1}}},
+     "runtime_env.env_vars: runtime_env['env_vars'] must be of type Dict[str, str]"),
+    ({"spec": JobSpec("alpha"), "runtime_env": {"workdir": "."}},
+     "runtime_env: unknown key 'workdir' (did you mean 'working_dir'?)"),
 ])
 def test_fit_refuses_bad_input_as_exit_2_before_ray(tmp_path, monkeypatch, kwargs, expected):
     monkeypatch.setattr(launch, "DEFAULT_RUNS_ROOT", tmp_path)
@@ -560,6 +592,10 @@ def submit(*args, tmp_path):
     ("- a list\n", {}, "a job file is a mapping of fields"),
     ("name: a\nnum_workers: [1,\n", {}, "not valid YAML: expected the node content, but "
                                          "found '<stream end>' at line 3, column 1"),
+    ("name: a\nnum_workers: 8\nentrypoint: train.py:train_loop\nnum_workers: 1\n", {},
+     "found key 'num_workers' twice (a second one would silently win) at line 4"),
+    ("name: a\nnum_worker: 2\ncpus_per_worker: -1\n", {},  # a typo and a bad value at once
+     "'num_worker' (did you mean 'num_workers'?)"),
 ])
 def test_submit_of_bad_input_exits_2_naming_the_problem(tmp_path, job, files, expected):
     folder = tmp_path / "job"
@@ -571,6 +607,54 @@ def test_submit_of_bad_input_exits_2_naming_the_problem(tmp_path, job, files, ex
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_dir_that_cannot_be_written_is_refused_before_placing(tmp_path):
+    # Ray Train found it only once the job was placed: "training failed after 3 restart(s)".
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=f"cannot write to run_dir {tmp_path}/afile/alpha: "):
+        launch.resolve_fit_run_dir(JobSpec("alpha"), tmp_path / "afile" / "alpha", False)
+
+
+@pytest.mark.parametrize("job, files, expected", [
+    ("name: a/b\nentrypoint: train.py:train_loop\n", {},
+     "name 'a/b' must not contain a path separator"),
+    ("name: a\nentrypoint: train.py:train_loop\nruntime_env: {env_vars: {OMP_NUM_THREADS: 1}}\n",
+     {}, "quote numbers in YAML"),
+    ("name: a\nentrypoint: train.py:train_loop\nrun_dir: afile/a\n", {"afile": "x"},
+     "cannot write to run_dir"),
+    ("name: a\nentrypoint: train.py:train_loop\n",
+     {"train.py": "import threading\nLOCK = threading.Lock()\n"
+                  "def train_loop(config):\n    with LOCK:\n        pass\n"},
+     "cannot be sent to the workers"),
+])
+def test_a_dry_run_refuses_what_submit_would(tmp_path, job, files, expected):
+    # A dry run checked the job file and the entry point only, and said "placeable" (exit 0)
+    # for jobs submit then refused.
+    folder = tmp_path / "job"
+    for name, text in {"train.py": "def train_loop(config):\n    pass\n", **files}.items():
+        write(folder / name, text)
+    result = submit(write(folder / "job.yaml", job), "--dry-run", tmp_path=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_dry_run_of_a_run_with_checkpoints_says_submit_needs_resume(tmp_path, monkeypatch,
+                                                                     capsys):
+    from orchestrator.__main__ import main
+    from orchestrator.placement import Rejection
+    from ray_layer import launch as ray_launch
+
+    monkeypatch.setattr(launch, "DEFAULT_RUNS_ROOT", tmp_path / "runs")
+    (tmp_path / "runs" / "a" / "checkpoint_2026-12-05_18-51-01").mkdir(parents=True)
+    write(tmp_path / "train.py", "def train_loop(config):\n    pass\n")
+    job = write(tmp_path / "job.yaml", "name: a\nentrypoint: train.py:train_loop\n")
+    monkeypatch.setattr(ray_launch, "dry_run_placement", lambda spec, address: Rejection(
+        spec.name, "no cluster in this test"))
+    assert main(["submit", str(job), "--dry-run"]) == 3  # not placeable (the stub), not refused
+    out, err = capsys.readouterr()
+    assert "no cluster in this test" in out
+    assert f"note: run_dir {tmp_path}/runs/a holds checkpoints: submit it with --resume" in err
 
 
 def test_a_dry_run_checks_the_entry_point_as_submit_does(tmp_path):
@@ -608,6 +692,43 @@ def test_logs_follow_waits_for_a_run_directory_not_made_yet(tmp_path, monkeypatc
     out = capsys.readouterr()
     assert "waiting for" in out.err and "step 5: loss=2" in out.out
     assert cli.print_logs("alpha", str(tmp_path / "beta"), follow=False) == 2
+
+
+def test_logs_follow_starts_again_when_the_run_is_started_afresh(tmp_path, monkeypatch,
+                                                                capsys):
+    # The cursor was a line count: after the run dir was removed and a new run wrote its
+    # first reports, nothing more was shown.
+    from orchestrator import __main__ as cli
+
+    run_dir = tmp_path / "alpha"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": step, "loss": 3.0}) + "\n" for step in (1, 2, 3)))
+    sleeps = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) == 1:  # removed and started again: one report so far
+            (run_dir / "metrics.jsonl").unlink()
+            (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+        else:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(cli.time, "sleep", sleep)
+    assert cli.print_logs("alpha", str(run_dir), follow=True) == 0
+    out = capsys.readouterr()
+    assert "step 1: loss=9" in out.out, out.out
+    assert "was removed or replaced" in out.err
+
+
+def test_logs_skip_lines_that_are_not_reports(tmp_path, capsys):
+    from orchestrator import __main__ as cli
+
+    (tmp_path / "alpha").mkdir()
+    (tmp_path / "alpha" / "metrics.jsonl").write_text(
+        '[1, 2]\n{"step": 1, "time": 1e300, "loss": 2.0}\n{"step": 2, "time": "noon"}\n')
+    assert cli.print_logs("alpha", str(tmp_path / "alpha"), follow=False) == 0
+    out = capsys.readouterr().out
+    assert "--:--:-- step 1: loss=2" in out and "--:--:-- step 2" in out
 
 
 def test_submit_of_a_used_run_dir_without_resume_exits_2(tmp_path):

@@ -52,6 +52,27 @@ def test_a_parquet_file_without_the_text_field_names_the_flag(tmp_path, capsys):
         tmp_path, capsys, "--data", str(tmp_path / "a.parquet"), "--text-field", "body")
 
 
+def test_a_jsonl_file_without_the_text_field_is_named_before_ray_starts(tmp_path, capsys):
+    # It was named by a tokenizing task after Ray had started; with --skip-bad-lines a wrong
+    # --text-field skipped every line and the run stopped later for want of data.
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"content": f"document {i}", "id": i}) + "\n"
+                            for i in range(50)))
+    err = refused(tmp_path, capsys, "--data", str(path))
+    assert f"{path}:1: no 'text' field (--text-field); its fields: 'content', 'id'" in err, err
+    err = refused(tmp_path, capsys, "--data", str(path), "--skip-bad-lines")
+    assert f"{path}: none of its first 50 lines is usable, so --skip-bad-lines would skip " \
+        "them all (line 1: no 'text' field" in err, err
+    # Some bad lines among good ones are what --skip-bad-lines is for: not refused here.
+    from orchestrator.training.corpus import SourceFile, check_jsonl_head
+
+    path.write_text('{"text": "fine"}\n[1, 2]\n{"text": "fine too"}\n')
+    source = SourceFile(str(path), "jsonl", path.stat().st_size, path.stat().st_mtime_ns)
+    check_jsonl_head(source, "text", skip_bad_lines=True)
+    with pytest.raises(DataError, match=f"{path}:2: a JSON list, not an object"):
+        check_jsonl_head(source, "text", skip_bad_lines=False)
+
+
 def test_a_tokenizer_file_that_does_not_parse_is_named(tmp_path, capsys):
     (tmp_path / "tok.json").write_text("{not json")
     assert f"--tokenizer: {tmp_path}/tok.json is not a Hugging Face tokenizers file: not " \

@@ -1,12 +1,15 @@
 import math
+import random
 import sys
 import types
 from pathlib import Path
 
 import pytest
 
-from orchestrator.probes import (BANDWIDTH_MAX_BYTES, bandwidth_probe_bytes, best_bandwidth_gbps,
-                                 merge_bandwidth, probe_gpus, probe_host, probe_nvml, run_probe)
+from orchestrator import probes
+from orchestrator.probes import (BANDWIDTH_MAX_BYTES, bandwidth_max_age_s, bandwidth_probe_bytes,
+                                 best_bandwidth_gbps, current_bandwidth, peers_to_measure,
+                                 probe_gpus, probe_host, probe_nvml, record_bandwidth, run_probe)
 from orchestrator.inventory import (GIB, LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
                                     LABEL_ACCELERATOR_TYPE, declared_gpus)
 
@@ -200,12 +203,63 @@ def test_a_failing_host_probe_leaves_the_node_in_the_cluster(monkeypatch):
     assert report.load_per_cpu >= probes.HOST_PROBE_FAILED_LOAD  # loses every tie-break
 
 
+def _history(**figures):
+    """A bandwidth history with one measurement per peer, taken at time 0."""
+    return {node: ((0.0, gbps),) for node, gbps in figures.items()}
+
+
 def test_a_peer_whose_transfer_failed_loses_its_old_figure():
-    previous = {"b": 2.0, "c": 3.0, "gone": 9.0}
-    # b sampled and measured again, c sampled but timed out, d not sampled this round.
-    merged = merge_bandwidth({**previous, "d": 4.0}, {"b": 2.5}, {"b", "c"},
-                             alive={"b", "c", "d"})
-    assert merged == {"b": 2.5, "d": 4.0}
+    # b sampled and measured again, c sampled but timed out, d not sampled this round, "gone"
+    # left the cluster.
+    history = record_bandwidth(_history(b=2.0, c=3.0, d=4.0, gone=9.0), {"b": 2.5}, {"b", "c"},
+                               alive={"b", "c", "d"}, now=1.0)
+    assert current_bandwidth(history, now=1.0, max_age_s=60) == {"b": 2.25, "d": 4.0}
+
+
+def test_one_slow_round_does_not_replace_a_steady_figure_but_two_do():
+    history = _history(b=2.0)
+    history = record_bandwidth(history, {"b": 2.0}, {"b"}, {"b"}, now=1.0)
+    history = record_bandwidth(history, {"b": 0.1}, {"b"}, {"b"}, now=2.0)  # one burst
+    assert current_bandwidth(history, now=2.0, max_age_s=60) == {"b": 2.0}
+    history = record_bandwidth(history, {"b": 0.1}, {"b"}, {"b"}, now=3.0)  # degraded for real
+    assert current_bandwidth(history, now=3.0, max_age_s=60) == {"b": 0.1}
+    assert len(history["b"]) == probes.BANDWIDTH_HISTORY
+
+
+def test_figures_older_than_the_age_limit_are_not_reported():
+    history = record_bandwidth(_history(b=2.0, c=3.0), {"c": 1.0}, {"c"}, {"b", "c"}, now=100.0)
+    # b was last measured at 0, c at 0 and 100: at 150 with a 120 s limit only c's recent
+    # figure counts.
+    assert current_bandwidth(history, now=150.0, max_age_s=120) == {"c": 1.0}
+
+
+def test_the_age_limit_covers_a_full_pass_over_the_peers():
+    # 20 peers at 8 per period take 3 periods, plus the slack.
+    assert bandwidth_max_age_s(20, 8, 100.0) == (3 + probes.BANDWIDTH_STALE_PERIODS) * 100.0
+    assert bandwidth_max_age_s(3, 8, 100.0) == (1 + probes.BANDWIDTH_STALE_PERIODS) * 100.0
+    assert bandwidth_max_age_s(20, 8, 0.0) == math.inf  # no timer: only explicit refreshes
+
+
+def test_successive_refreshes_reach_every_peer_in_one_pass():
+    peers = {f"n{i:02d}" for i in range(20)}
+    rng = random.Random(0)
+    last_tried: dict[str, float] = {}
+    reached = []
+    for now in range(3):  # ceil(20 / 8) = 3 refreshes
+        chosen = peers_to_measure(peers, last_tried, 8, rng)
+        last_tried |= dict.fromkeys(chosen, float(now))
+        reached += chosen
+    assert set(reached) == peers
+    # Later refreshes go back to those tried longest ago, not at random.
+    chosen = peers_to_measure(peers, last_tried, 8, rng)
+    assert max(last_tried[n] for n in chosen) <= min(last_tried[n] for n in peers - set(chosen))
+    assert min(last_tried[n] for n in peers - set(chosen)) > 0
+
+
+def test_agents_starting_together_do_not_all_pick_the_same_peers():
+    peers = {f"n{i:02d}" for i in range(50)}
+    firsts = {tuple(peers_to_measure(peers, {}, 4, random.Random(seed))) for seed in range(10)}
+    assert len(firsts) > 1
 
 
 # --- bandwidth arithmetic --------------------------------------------------------------------

@@ -61,23 +61,48 @@ def test_metrics_log_keeps_every_report_and_skips_a_torn_last_line(tmp_path):
     assert read_metrics(tmp_path / "absent") == []
 
 
-def test_checkpoints_written_after_the_last_registered_one_are_found(tmp_path):
+def test_a_report_after_a_torn_line_is_kept_and_a_reports_own_time_too(tmp_path):
+    # Appended to a torn line (a crash mid-write), the next report was lost with it; a
+    # report's own "time" was overwritten by the line's.
+    from orchestrator.runs import append_metrics, read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.9}\n{"step": 2, "lo')
+    append_metrics(tmp_path, {"step": 3, "loss": 0.7, "time": 12.5}, None)
+    append_metrics(tmp_path, {"step": 4, "loss": 0.6}, "/ckpt")
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 3, 4]
+    assert records[1]["time_"] == 12.5 and records[1]["time"] > 1e9
+    assert records[2]["checkpoint"] == "/ckpt"
+
+
+def test_checkpoints_ray_train_never_registered_are_named(tmp_path):
     # Ctrl-C as workers reported: checkpoints on disk that Ray Train never registered; a
-    # resume passed over them without a word.
+    # resume passed over them without a word, and started from step 0 when it had none.
     import json
 
-    from orchestrator.runs import unregistered_newer_checkpoints
+    from orchestrator.runs import unused_checkpoints_warning
 
+    assert unused_checkpoints_warning(tmp_path) is None  # no checkpoints
     for name in ("checkpoint_2026-12-05_18-51-01", "checkpoint_2026-12-05_18-51-02",
                  "checkpoint_2026-12-05_18-51-03"):
         (tmp_path / name).mkdir()
-    assert unregistered_newer_checkpoints(tmp_path) == ([], None)  # no Ray Train record
-    (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+    assert unused_checkpoints_warning(tmp_path) == (
+        "Ray Train registered none of the run's 3 checkpoint(s) (checkpoint_2026-12-05_18-51-03, "
+        "checkpoint_2026-12-05_18-51-02, checkpoint_2026-12-05_18-51-01): the run was stopped "
+        "while it reported its first, so it starts again from step 0; they may be deleted")
+    snapshot = tmp_path / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(json.dumps(
         {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_2026-12-05_18-51-01"}]}))
-    newer, registered = unregistered_newer_checkpoints(tmp_path)
-    assert registered == "checkpoint_2026-12-05_18-51-01"
-    assert [d.name for d in newer] == ["checkpoint_2026-12-05_18-51-03",
-                                       "checkpoint_2026-12-05_18-51-02"]
+    assert unused_checkpoints_warning(tmp_path) == (
+        "2 checkpoint(s) written after the last one Ray Train registered "
+        "(checkpoint_2026-12-05_18-51-01) are not used: the run was stopped while it reported "
+        "them (checkpoint_2026-12-05_18-51-03, checkpoint_2026-12-05_18-51-02); their steps "
+        "are trained again, and they may be deleted")
+    snapshot.write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": "checkpoint_2026-12-05_18-51-03"}]}))
+    assert unused_checkpoints_warning(tmp_path) is None  # the newest is registered
+    snapshot.write_text("{torn")
+    assert unused_checkpoints_warning(tmp_path) is None  # unknown: no claim made
 
 
 def test_a_run_dir_that_cannot_be_looked_at_is_named_not_a_traceback(tmp_path, monkeypatch):
