@@ -38,7 +38,7 @@ FLAG_HELP = {
     "prune_structure": "both: remove whole attention heads and MLP channels, shrinking the "
                        "matrices; heads / channels: only those; unstructured: zero single "
                        "weights (smaller nowhere, faster nowhere)",
-    "prune_importance": "how heads and channels are ranked: first-order Taylor (|w * grad| "
+    "prune_importance": "how heads and channels are ranked: first-order Taylor (w * grad "
                         "summed over the unit, squared) or weight magnitude",
     "prune_scope": "rank units across the whole stack (global: layers that matter less give "
                    "up more) or within each layer (per_layer: each at --prune-sparsity)",
@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> dict:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
     except (CheckpointError, ExportError) as e:
         raise JobFailed(str(e), EXIT_FAILED) from None
+    except OSError as e:  # a full disk, a mount gone read-only: one line, not a traceback
+        raise JobFailed(f"cannot read or write a file: {e}", EXIT_FAILED) from None
     finally:
         # A run refused before its first stage leaves no empty --out behind.
         if not existed and out.is_dir() and not any(p.name != "compress_config.json"

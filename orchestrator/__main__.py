@@ -25,7 +25,7 @@ from orchestrator.inventory import GIB, NodeReport
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed, run_job
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
-from orchestrator.runs import DEFAULT_RUNS_ROOT, METRICS_LOG, read_metrics
+from orchestrator.runs import DEFAULT_RUNS_ROOT, LINE_FIELDS, METRICS_LOG, read_metrics
 
 
 def _accelerators(report: NodeReport) -> str:
@@ -352,7 +352,7 @@ def format_report(record: dict[str, Any]) -> str:
     except (TypeError, ValueError, OverflowError, OSError):  # a hand-edited line's time
         when = "--:--:--"
     figures = " ".join(f"{k}={_short(v)}" for k, v in record.items()
-                       if k not in ("time", "checkpoint", "step", "worker_nodes")
+                       if k not in (*LINE_FIELDS, "step", "worker_nodes")
                        and isinstance(v, (int, float, str)) and not isinstance(v, bool))
     return (f"{when} step {record.get('step', '-')}: {figures}"
             + (" [checkpoint]" if record.get("checkpoint") else ""))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from orchestrator import validation
-from orchestrator.validation import is_int, is_number
+from orchestrator.validation import SEED_RULE, is_int, is_number, is_seed
 
 
 class ConfigError(ValueError):
@@ -368,9 +368,7 @@ class TrainConfig:
                    f"{name} must be an integer >= 1, got {value!r}")
         _check(p, is_int(self.warmup_steps) and self.warmup_steps >= 0,
                f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        # torch.manual_seed's range: beyond it every worker raised at start, three restarts.
-        _check(p, is_int(self.seed) and -2 ** 63 <= self.seed < 2 ** 64,
-               f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+        _check(p, is_seed(self.seed), f"seed {SEED_RULE}, got {self.seed!r}")
         for name in ("lr", "min_lr"):
             value = getattr(self, name)
             _check(p, is_number(value) and 0 <= value < 10,

@@ -96,6 +96,9 @@ def load_job_file(path: str | Path) -> JobFile:
     return JobFile(spec=spec, path=path, **launcher)
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _loader():
     """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
     silently (`num_workers: 8` ... `num_workers: 1` ran one worker)."""
@@ -107,6 +110,8 @@ def _loader():
     def mapping_without_duplicates(loader, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG:  # `<<: *defaults`: construct_mapping merges those,
+                continue                   # and a key written here overrides them, as meant
             key = loader.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen

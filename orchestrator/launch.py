@@ -67,13 +67,13 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
     max_failures: worker-group restarts Ray Train attempts (a worker's crash, a lost node).
     runtime_env: Ray's runtime_env for the job (working_dir, pip, env_vars), set when this
         call connects.
-    keep_checkpoints: how many checkpoints Ray Train keeps.
+    keep_checkpoints: how many checkpoints Ray Train keeps; None: every one.
 
     Raises JobFailed (its `exit_code` as in docs/training.md) naming what went wrong: bad
     input, a job the cluster cannot hold, or the first worker's own exception.
     """
-    per_worker, directory = prepare_fit(
-        train_loop, spec=spec, config=config, run_dir=run_dir, resume=resume,
+    per_worker, directory = prepare_fit(  # bool(): None here is "no", not a dry run's "either"
+        train_loop, spec=spec, config=config, run_dir=run_dir, resume=bool(resume),
         queue_timeout_s=queue_timeout_s, max_failures=max_failures, runtime_env=runtime_env,
         keep_checkpoints=keep_checkpoints)
     if resume:
@@ -100,11 +100,10 @@ def prepare_fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] |
                         EXIT_BAD_INPUT)
     problems = launcher_problems({"max_failures": max_failures,
                                   "queue_timeout_s": queue_timeout_s,
-                                  "runtime_env": runtime_env})
-    if not (is_int(keep_checkpoints) and keep_checkpoints >= 1):
-        problems.append(f"keep_checkpoints must be an integer >= 1, got {keep_checkpoints!r}")
-    if config is not None and not isinstance(config, dict):
-        problems.append(f"config must be a dict, got {type(config).__name__}")
+                                  "runtime_env": runtime_env, "config": config})
+    if not (keep_checkpoints is None or is_int(keep_checkpoints) and keep_checkpoints >= 1):
+        problems.append(f"keep_checkpoints must be an integer >= 1 or None (keep every "
+                        f"one), got {keep_checkpoints!r}")
     if problems:
         raise JobFailed("; ".join(problems), EXIT_BAD_INPUT)
     try:
@@ -112,12 +111,14 @@ def prepare_fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] |
         directory = resolve_fit_run_dir(spec, run_dir, resume)
     except (TypeError, ConfigError) as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
-    from ray_layer.cluster import runtime_env_problem
+    from ray_layer.cluster import runtime_env_problem, runtime_env_warnings
     from ray_layer.user_loop import pickling_problem, ship_by_value, yielding
 
     problem = runtime_env_problem(runtime_env) if runtime_env else None
     if problem:
         raise JobFailed(problem, EXIT_BAD_INPUT)
+    for warning in runtime_env_warnings(runtime_env or {}):
+        print(f"warning: {warning}", file=sys.stderr)
     module = sys.modules.get(getattr(train_loop, "__module__", None) or "")
     script_folders: tuple[str, ...] = ()
     if module is not None and (module.__name__ == "__main__"

@@ -29,12 +29,18 @@ LINE_FIELDS = ("time", "checkpoint")  # what append_metrics adds to each report
 def append_metrics(run_dir: Path, metrics: dict[str, Any], checkpoint: str | None) -> None:
     """One line of metrics.jsonl: the report, when it was written and the checkpoint it
     registered (None for a metrics-only report). A report's own `time` or `checkpoint` is
-    kept as `time_` / `checkpoint_` (it was overwritten). A run found already complete
+    kept as `time_` / `checkpoint_` (it was overwritten; `time__` if it has a `time_` too). A run found already complete
     trained nothing: its report adds nothing to the history."""
     if metrics.get("already_complete"):
         return
-    own = {(f"{key}_" if key in LINE_FIELDS else key): value for key, value in metrics.items()}
-    line = {**own, "time": time.time(), "checkpoint": checkpoint}
+    line = {key: value for key, value in metrics.items() if key not in LINE_FIELDS}
+    for key in LINE_FIELDS:
+        if key in metrics:
+            renamed = f"{key}_"
+            while renamed in line:  # the report's own `time_` keeps its name
+                renamed += "_"
+            line[renamed] = metrics[key]
+    line.update(time=time.time(), checkpoint=checkpoint)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(run_dir) / METRICS_LOG, "a+b") as f:  # appends go to the end, seeks or not
         size, torn = f.seek(0, os.SEEK_END), False

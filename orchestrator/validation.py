@@ -21,6 +21,15 @@ def is_number(value: Any) -> bool:
             and math.isfinite(value))
 
 
+SEED_RULE = "must be an integer in [-2**63, 2**64)"
+
+
+def is_seed(value: Any) -> bool:
+    """An integer torch.manual_seed takes: beyond its range a run failed where the seed was
+    first used (every worker at start, or the compression report after every stage)."""
+    return is_int(value) and -2 ** 63 <= value < 2 ** 64
+
+
 class _NoDefault:
     def __repr__(self) -> str:
         return "(absent)"

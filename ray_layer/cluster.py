@@ -168,25 +168,34 @@ def _check_reachable(address: str, source: str, timeout_s: float = 5.0,
 def runtime_env_problem(runtime_env: dict) -> str | None:
     """What Ray would refuse in a job's runtime_env, or None, asked before Ray starts: Ray
     checks it only in ray.init, after starting a node, and its error then read as a failed
-    connection. A key close to one of Ray's (`workdir`) is named too: Ray takes any key
-    (plugins) and ignored it silently."""
+    connection."""
+    from ray.runtime_env import RuntimeEnv
+
+    for key, value in [*runtime_env.items(), (None, None)]:  # each alone, then together
+        try:
+            RuntimeEnv(**({key: value} if key is not None else runtime_env))
+        except Exception as e:  # ValueError, TypeError, a plugin schema's ValidationError
+            where = f"runtime_env.{key}" if key is not None else "runtime_env"
+            return f"{where}: {' '.join(str(e).split())}{RUNTIME_ENV_HINTS.get(key, '')}"
+    return None
+
+
+def runtime_env_warnings(runtime_env: dict) -> list[str]:
+    """A key of runtime_env close to one of Ray's (`workdir`): Ray takes any key, for its
+    plugins, and ignores one no plugin claims, so a typo passed silently. A warning, not a
+    refusal: a plugin's key may look like one of Ray's (`conda_env`)."""
     import difflib
 
     from ray.runtime_env import RuntimeEnv
 
     known = sorted(k for k in RuntimeEnv.known_fields if not k.startswith("_"))
+    warnings = []
     for key in runtime_env:
         close = difflib.get_close_matches(str(key), known, n=1)
         if key not in RuntimeEnv.known_fields and close:
-            return (f"runtime_env: unknown key {key!r} (did you mean {close[0]!r}?); Ray's "
-                    f"keys: {', '.join(known)}")
-    for key, value in [*runtime_env.items(), (None, None)]:  # each alone, then together
-        try:
-            RuntimeEnv(**({key: value} if key is not None else runtime_env))
-        except (TypeError, ValueError) as e:
-            where = f"runtime_env.{key}" if key is not None else "runtime_env"
-            return f"{where}: {' '.join(str(e).split())}{RUNTIME_ENV_HINTS.get(key, '')}"
-    return None
+            warnings.append(f"runtime_env: Ray does not know the key {key!r} (did you mean "
+                            f"{close[0]!r}?); it is ignored unless a plugin takes it")
+    return warnings
 
 
 RUNTIME_ENV_HINTS = {  # what a job file's author most likely meant

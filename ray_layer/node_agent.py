@@ -151,10 +151,10 @@ class NodeAgent:
             peers = self._peers(alive)
             measured = self.measure_bandwidth(peers, nbytes, timeout_s)
             # One assignment: collect() never sees half an update.
-            now = time.monotonic()
-            self._bandwidth = record_bandwidth(self._bandwidth, measured, set(peers), alive, now)
+            self._bandwidth = record_bandwidth(self._bandwidth, measured, set(peers), alive,
+                                               time.monotonic())
             self._last_tried = {node: tried for node, tried in self._last_tried.items()
-                                if node in alive} | dict.fromkeys(peers, now)
+                                if node in alive}
             self._bandwidth_max_age_s = bandwidth_max_age_s(
                 len(alive - {self.node_id}), self.max_bandwidth_peers,
                 self._longest_period_s(timeout_s))
@@ -192,6 +192,9 @@ class NodeAgent:
         first so that successive refreshes cover a large cluster."""
         chosen = peers_to_measure(alive - {self.node_id}, self._last_tried,
                                   self.max_bandwidth_peers, self._rng)
+        # Chosen counts as tried, agent found or not: nodes whose agents are not up yet must
+        # not take every slot, round after round.
+        self._last_tried.update(dict.fromkeys(chosen, time.monotonic()))
         peers = {}
         for node_id in chosen:
             try:

@@ -13,7 +13,7 @@ from orchestrator import validation
 from orchestrator.config import MODEL_PRESETS, ConfigError, from_mapping
 from orchestrator.compression.prune import SCOPES
 from orchestrator.compression.structured import IMPORTANCE, STRUCTURES
-from orchestrator.validation import is_int, is_number
+from orchestrator.validation import SEED_RULE, is_int, is_number, is_seed
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -122,7 +122,7 @@ class CompressConfig:
               "must be a number >= 0")
         check(is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip",
               "must be a number >= 0 (0 disables clipping)")
-        check(is_int(self.seed), "seed", "must be an integer")
+        check(is_seed(self.seed), "seed", SEED_RULE)
         check(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}")
         check(isinstance(self.onnx_baseline, bool), "onnx_baseline", "must be true or false")
         check(isinstance(self.int8_static, bool), "int8_static", "must be true or false")

@@ -352,8 +352,10 @@ def int8_state(model: nn.Module, names: list[str], qmax: int = WEIGHT_QMAX) -> d
 
 
 def save_int8(directory: Path, model: nn.Module, names: list[str],
-              qmax: int = WEIGHT_QMAX) -> dict[str, Any]:
-    """Write both artifacts and config.json into `directory` (which the caller stages)."""
+              qmax: int = WEIGHT_QMAX, tokenizer_sha256: str = "") -> dict[str, Any]:
+    """Write both artifacts and config.json into `directory` (which the caller stages).
+    `tokenizer_sha256`: the model's tokenizer (its tokenizer.json, which the caller writes
+    beside them unless it is bytes), recorded so that serving refuses the export without it."""
     directory = Path(directory)
     state = int8_state(model, names, qmax)
     save_tensors(directory / TORCH_FILE, state)
@@ -378,9 +380,21 @@ def save_int8(directory: Path, model: nn.Module, names: list[str],
                   TORCH_FILE: sha256_file(directory / TORCH_FILE)},
         "load": {"onnxruntime": "orchestrator.compression.export.load_onnx_model(dir)",
                  "torch": "orchestrator.compression.export.load_int8_model(dir)"},
+        "tokenizer_sha256": tokenizer_sha256,
     }
     write_json(directory / CONFIG_FILE, info)
     return info
+
+
+def recorded_tokenizer_sha256(directory: str | Path) -> str:
+    """The tokenizer an int8 export records in its config.json; "" for an export from before
+    it did (or a config.json that cannot be read: the loaders name that)."""
+    try:
+        info = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return ""
+    value = info.get("tokenizer_sha256") if isinstance(info, dict) else None
+    return value if isinstance(value, str) else ""
 
 
 def load_int8_model(directory: str | Path, device: str | torch.device = "cpu") -> GPT:

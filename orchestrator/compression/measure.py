@@ -45,7 +45,10 @@ def perplexity(model: Forward, inputs: torch.Tensor, targets: torch.Tensor,
         total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
                                  reduction="sum").item()
         count += y.numel()
-    return math.exp(total / count)
+    try:
+        return math.exp(total / count)
+    except OverflowError:  # a diverged model's mean loss past ~709: inf (written as null, as
+        return math.inf    # any non-finite figure), not a traceback after every stage
 
 
 @torch.no_grad()
@@ -101,7 +104,7 @@ def onnx_decode_step(session, past_shapes: list[tuple[int, ...]], vocab_size: in
     keys and values (the time of a step does not depend on their values)."""
     import numpy as np
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed % 2 ** 64)  # numpy takes no negative seed; torch does
     feeds = {"idx": rng.integers(0, vocab_size, (past_shapes[0][0], 1)).astype(np.int64),
              "position": np.array([context - 1], dtype=np.int64)}
     feeds.update({f"past_{i}": rng.standard_normal(shape).astype(np.float32)

@@ -33,8 +33,11 @@ from orchestrator.compression.config import CompressConfig, resume_conflicts
 from orchestrator.compression.finetune import Plan, PruneSchedule, finetune
 from orchestrator.compression.report import (block_sparsity, build_report, format_table,
                                              latency_seq_len)
-from orchestrator.compression.source import teacher_data
+from orchestrator.compression.source import teacher_data, teacher_tokenizer
 from orchestrator.config import MODEL_PRESETS, ConfigError
+from orchestrator.runs import writable_dir_problem
+from orchestrator.tokenizer import (ByteTokenizer, Tokenizer, TokenizerError, save_tokenizer,
+                                    tokenizer_of_run)
 from orchestrator.training.data import get_batch
 from orchestrator.training.loop import say
 from orchestrator.training.model import GPT, GPTConfig
@@ -99,13 +102,17 @@ def check_out(out: Path, config: CompressConfig, source: dict[str, Any]) -> None
 
 
 def check_out_path(out: Path) -> None:
-    """Refuse an --out that cannot be a directory: an existing file, or a path under one."""
+    """Refuse an --out that cannot be a directory (an existing file, or a path under one) or
+    cannot be written (/sys, a read-only mount: found after the teacher's ONNX export)."""
     blocker = file_in_the_way(out)
     if blocker == out:
         raise ConfigError(f"--out {out} exists and is not a directory")
     if blocker is not None:
         raise ConfigError(f"--out {out} cannot be created: {blocker} is a file, not a "
                           "directory")
+    problem = writable_dir_problem(out)
+    if problem:
+        raise ConfigError(f"--out {out} cannot be written: {problem}")
 
 
 def _save_stage(directory: Path, model: torch.nn.Module, masks: dict | None,
@@ -141,8 +148,13 @@ def _load_stage(directory: Path, log: Callable[[str], None]
     return model.eval(), masks, metrics
 
 
-def _export_done(directory: Path, log: Callable[[str], None]) -> bool:
+def _export_done(directory: Path, log: Callable[[str], None], tokenizer: Tokenizer) -> bool:
     if not directory.is_dir():
+        return False
+    if not _carries_tokenizer(directory, tokenizer):
+        log(f"warning: {directory} does not carry the teacher's tokenizer ({tokenizer.name}); "
+            "exporting again")
+        shutil.rmtree(directory, ignore_errors=True)
         return False
     try:
         export.load_onnx_model(directory, threads=1)
@@ -157,6 +169,16 @@ def _export_done(directory: Path, log: Callable[[str], None]) -> bool:
         return False
     log(f"{directory.name}: already done, reusing {directory}")
     return True
+
+
+def _carries_tokenizer(directory: Path, tokenizer: Tokenizer) -> bool:
+    """Whether serving reads an int8 export with `tokenizer`: the one it records, found as
+    the loader finds it (serving/loading.py)."""
+    try:
+        return tokenizer_of_run(directory, export.recorded_tokenizer_sha256(directory)
+                                ).sha256 == tokenizer.sha256
+    except TokenizerError:
+        return False
 
 
 def _plan(stage: str, steps: int, config: CompressConfig, seq_len: int) -> Plan:
@@ -179,6 +201,8 @@ class Run:
     device: torch.device
     seq_len: int
     log: Callable[[str], None] = say
+    # The teacher's: the int8 export carries it (bytes: a teacher without a run).
+    tokenizer: Tokenizer = dataclasses.field(default_factory=ByteTokenizer)
 
     def plan(self, stage: str, steps: int) -> Plan:
         return _plan(stage, steps, self.config, self.seq_len)
@@ -303,12 +327,14 @@ def stage_qat(run: Run, student: GPT, masks: dict | None) -> tuple[GPT, dict[str
 def stage_export(run: Run, student: GPT) -> Path:
     """Stage 3: the int8 artifacts (export.py)."""
     int8_dir = run.out / "int8"
-    if not _export_done(int8_dir, run.log):
+    if not _export_done(int8_dir, run.log, run.tokenizer):
         run.log(f"export: int8 ONNX + torch artifacts -> {int8_dir}")
         names = prune.prunable_names(student)
         with staged_dir(int8_dir) as tmp:
             export.save_int8(tmp, student.cpu().eval(), names,
-                             qat.qmax_for_bits(run.config.weight_bits))
+                             qat.qmax_for_bits(run.config.weight_bits), run.tokenizer.sha256)
+            if not isinstance(run.tokenizer, ByteTokenizer):  # bytes: no file, as for runs
+                save_tokenizer(run.tokenizer, tmp)
     return int8_dir
 
 
@@ -345,6 +371,7 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
     # seconds, before --out is touched, not after its fine-tunes.
     try:
         data = teacher_data(source, config.eval_tokens)
+        tokenizer = teacher_tokenizer(source)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     check_eval_window(config, data[1], seq_len)
@@ -357,7 +384,8 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
             fp32_onnx = export.export_fp32_onnx(teacher, Path(scratch) / "original.fp32.onnx",
                                                 "teacher (export check, before fine-tuning)")
         prepare_out(out, config, source)
-        return _run_stages(teacher, source, config, out, device, seq_len, fp32_onnx, data, log)
+        return _run_stages(teacher, source, config, out, device, seq_len, fp32_onnx, data,
+                           tokenizer, log)
 
 
 def check_eval_window(config: CompressConfig, held_out: torch.Tensor, seq_len: int) -> None:
@@ -366,9 +394,11 @@ def check_eval_window(config: CompressConfig, held_out: torch.Tensor, seq_len: i
     try:
         measure.held_out_windows(held_out, seq_len, config.eval_tokens)
     except ValueError:
-        what = (f"eval_tokens (--eval-tokens) {config.eval_tokens}" if config.eval_tokens
-                < len(held_out) - 1 else f"the teacher's held-out text ({len(held_out)} "
-                                         "tokens)")
+        # The flag when it alone is too small: the held-out tokens of a run trained on
+        # --data arrive cut to eval_tokens + 1, so their count says nothing then.
+        what = (f"eval_tokens (--eval-tokens) {config.eval_tokens}"
+                if config.eval_tokens < seq_len
+                else f"the teacher's held-out text ({len(held_out)} tokens)")
         raise ConfigError(f"{what} is shorter than one evaluation window of seq_len "
                           f"(--seq-len, else the teacher's context) {seq_len} tokens: raise "
                           "it or lower --seq-len") from None
@@ -376,10 +406,11 @@ def check_eval_window(config: CompressConfig, held_out: torch.Tensor, seq_len: i
 
 def _run_stages(teacher: GPT, source: dict[str, Any], config: CompressConfig, out: Path,
                 device: torch.device, seq_len: int, fp32_onnx: Path | None,
-                data: tuple[Any, torch.Tensor], log: Callable[[str], None]) -> dict[str, Any]:
+                data: tuple[Any, torch.Tensor], tokenizer: Tokenizer,
+                log: Callable[[str], None]) -> dict[str, Any]:
     train_tokens, held_out = data
     run = Run(out, config, teacher.to(device).eval().requires_grad_(False), train_tokens,
-              device, seq_len, log)
+              device, seq_len, log, tokenizer)
     stages: dict[str, Any] = {}
 
     stage_original(run, source)

@@ -185,7 +185,7 @@ def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path
                          measure.size_bytes(student[1]), latency["distilled"],
                          ppl["distilled"], 0.0, primary))
     if calibration:
-        rows.append(_row("int8-static", "onnxruntime int8 st", static_size,
+        rows.append(_row("int8-static", "onnxruntime int8 static", static_size,
                          latency["int8-static"], ppl["int8-static"], int8_sparsity, primary))
     original, int8 = rows[0], rows[2]
     summary = {

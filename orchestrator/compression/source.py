@@ -10,6 +10,7 @@ import torch
 
 from orchestrator.compression.artifacts import cpu_state_dict
 from orchestrator.runs import checkpoint_dirs
+from orchestrator.tokenizer import ByteTokenizer, Tokenizer, TokenizerError, tokenizer_of_run
 from orchestrator.training.checkpoint import (CHECKSUM_FILE, SHARDED_META_FILE, STATE_FILE,
                                               CheckpointError, newest_usable_checkpoint,
                                               recorded_sha256)
@@ -47,6 +48,21 @@ def load_teacher(path: str | Path, log: Callable[[str], None]
               # same data in the same tokens (teacher_data).
               "train": train_config.to_dict()}
     return model, source
+
+
+def teacher_tokenizer(source: dict[str, Any]) -> Tokenizer:
+    """The tokenizer the teacher was trained with (its run's tokenizer.json, checked against
+    the checkpoint's record); bytes for a teacher without a run (the benchmark's, in process)
+    and for runs from before tokenizers were recorded. The int8 export carries it: without
+    it a BPE-trained model was served with the byte tokenizer. CheckpointError when the
+    recorded one is missing or altered."""
+    if "train" not in source:
+        return ByteTokenizer()
+    try:
+        return tokenizer_of_run(source["checkpoint"],
+                                source["train"].get("tokenizer_sha256") or "")
+    except TokenizerError as e:
+        raise CheckpointError(f"the teacher's tokenizer: {e}") from None
 
 
 def weights_digest(model: torch.nn.Module) -> str:

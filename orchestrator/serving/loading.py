@@ -60,11 +60,12 @@ def _load_training_checkpoint(directory: Path, device: torch.device
 
 def _load_int8_export(directory: Path, device: torch.device
                       ) -> tuple[torch.nn.Module, str, int | None, Tokenizer]:
-    from orchestrator.compression.export import load_int8_model
+    from orchestrator.compression.export import load_int8_model, recorded_tokenizer_sha256
 
     model = load_int8_model(directory, device=device)  # verifies the checksum
     sha256 = (directory / (INT8_FILE + ".sha256")).read_text().strip()
-    return model.eval(), sha256, None, _run_tokenizer(directory, "", model)
+    return model.eval(), sha256, None, _run_tokenizer(
+        directory, recorded_tokenizer_sha256(directory), model)
 
 
 def _run_tokenizer(directory: Path, expected_sha256: str, model: torch.nn.Module) -> Tokenizer:
@@ -194,10 +195,18 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", *,
         model=model, block_size=int(model.config.block_size),
         version=version_of(directory, sha256), path=str(directory), requested=str(path),
         format=fmt.name, sha256=sha256, step=step,
-        params=sum(p.numel() for p in model.parameters()), loaded_at=time.time(),
+        params=parameter_count(model), loaded_at=time.time(),
         load_seconds=time.perf_counter() - started,
         warnings=[f"skipped an unusable newer checkpoint: {p}" for p in skipped],
         tokenizer=tokenizer)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """The model's weights: its parameters, and an int8 export's quantized matrices and their
+    biases, which are buffers (counting parameters alone left them out)."""
+    return sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for name, b in model.named_buffers()
+        if name.endswith((".weight_int8", ".bias")))
 
 
 def load_for_serving(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:

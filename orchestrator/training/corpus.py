@@ -311,24 +311,26 @@ def check_jsonl_head(source: SourceFile, text_field: str, skip_bad_lines: bool) 
     """A local .jsonl file's complete lines within its first 64 KiB, checked in the driver as
     the tokenizing pass checks every line, so that a wrong --text-field is named before Ray
     starts: without --skip-bad-lines the first bad line there is refused; with it, a head in
-    which no line is usable (it would skip the whole file)."""
+    which every line is an object without the field (a wrong --text-field: it would skip the
+    whole file). Other bad lines are what --skip-bad-lines is for, even a head of them."""
     if source.format != "jsonl" or not _is_local(source):
         return
     head = _read_head(source)
     lines = head.split(b"\n")
     if len(head) == TEXT_HEAD_BYTES:
         lines.pop()  # cut at the 64 KiB mark
-    problems, usable = [], False
+    lacking, others = [], 0
     for line_no, data in enumerate(lines, start=1):
         text, problem = _jsonl_record(data, text_field)
         if problem and not skip_bad_lines:
             _bad(source, line_no, problem, skip=False, skipped=[])
-        if problem:
-            problems.append(f"line {line_no}: {problem}")
-        usable = usable or text is not None
-    if problems and not usable:
-        raise DataError(f"{source.uri}: none of its first {len(problems)} lines is usable, so "
-                        f"--skip-bad-lines would skip them all ({problems[0]})")
+        if problem and problem.startswith(f"no {text_field!r} field"):
+            lacking.append(f"line {line_no}: {problem}")
+        elif problem or text is not None:
+            others += 1
+    if lacking and not others:
+        raise DataError(f"{source.uri}: none of its first {len(lacking)} lines has the field, "
+                        f"so --skip-bad-lines would skip them all ({lacking[0]})")
 
 
 def iter_documents(source: SourceFile, text_field: str = "text",

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jobs import pretrain
+from orchestrator.training.corpus import TEXT_HEAD_BYTES
 from orchestrator.training.data_plan import plan_data, tokenize_in_process
 from orchestrator.training.shards import MANIFEST_FILE, open_shards
 from ray_layer.data_ingest import tokenize_with_ray_data
@@ -45,12 +46,16 @@ def test_ray_data_with_two_workers_writes_the_shards_one_process_writes(cluster,
 
 
 def test_a_bad_jsonl_line_stops_the_pass_naming_file_and_line(cluster, tmp_path, capsys):
+    # Past the 64 KiB the driver checks before Ray starts (corpus.check_jsonl_head, unit-
+    # tested): the tokenizing pass finds it.
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "a.jsonl").write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    good = '{"text": "a fine document of about sixty bytes, no more"}\n'
+    lines = 2 * TEXT_HEAD_BYTES // len(good)
+    (tmp_path / "data" / "a.jsonl").write_text(good * lines + '{"txt": "typo"}\n')
     code = pretrain.main([*TINY, "--data", str(tmp_path / "data"),
                           "--run-dir", str(tmp_path / "runs" / "r")])
     assert code == 2
-    assert f"{tmp_path}/data/a.jsonl:2: no 'text' field (--text-field)" in \
+    assert f"{tmp_path}/data/a.jsonl:{lines + 1}: no 'text' field (--text-field)" in \
         capsys.readouterr().err
     assert not (tmp_path / "runs" / "r").exists()
     caches = list((tmp_path / "runs" / "data-cache").iterdir())

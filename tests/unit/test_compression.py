@@ -3,6 +3,7 @@
 Models here are a few tens of thousands of parameters and fine-tunes a handful of steps; one
 INT8 export (about 8 s, the ONNX exporter's fixed cost) is shared by the export tests."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -212,6 +213,63 @@ def exported(tmp_path_factory):
     directory = tmp_path_factory.mktemp("int8")
     info = export.save_int8(directory, model, names)
     return model, names, directory, info
+
+
+def test_a_diverged_models_perplexity_is_inf_not_an_overflow():
+    from orchestrator.compression.measure import perplexity
+
+    def diverged(x):  # all its probability on token 0; the targets are token 1
+        logits = torch.zeros(*x.shape, 4)
+        logits[..., 0] = 1e5
+        return logits, None
+
+    inputs = torch.zeros(2, 8, dtype=torch.long)
+    assert perplexity(diverged, inputs, torch.ones_like(inputs), 1) == math.inf
+
+
+def test_a_short_eval_tokens_is_blamed_not_the_held_out_text_cut_to_it():
+    # A teacher trained on --data hands over its held-out tokens cut to eval_tokens + 1: the
+    # message blamed "the teacher's held-out text (11 tokens)" of a split of 23,805.
+    from orchestrator.compression.pipeline import check_eval_window
+
+    cut = torch.zeros(11, dtype=torch.long)
+    with pytest.raises(ConfigError, match=r"^eval_tokens \(--eval-tokens\) 10 is shorter"):
+        check_eval_window(CompressConfig(eval_tokens=10), cut, 32)
+    with pytest.raises(ConfigError, match=r"^the teacher's held-out text \(11 tokens\)"):
+        check_eval_window(CompressConfig(eval_tokens=4096), cut, 32)
+
+
+def test_the_int8_export_carries_a_bpe_teachers_tokenizer(tmp_path):
+    # It was served with the byte tokenizer: a BPE-trained model's ids read as bytes.
+    import dataclasses
+
+    from orchestrator.compression.config import CompressConfig
+    from orchestrator.compression.pipeline import Run, stage_export
+    from orchestrator.serving.loading import load_model
+    from orchestrator.tokenizer import TOKENIZER_FILE, ByteTokenizer, train_bpe
+
+    bpe = train_bpe(["hello world, the quick brown fox jumps over the lazy dog"] * 50, 300)
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(TINY, vocab_size=bpe.vocab_size)).eval()
+    logged = []
+    run = Run(tmp_path, CompressConfig(), model, torch.zeros(64, dtype=torch.long),
+              torch.device("cpu"), 16, logged.append, bpe)
+    int8_dir = stage_export(run, model)
+    served = load_model(int8_dir)
+    assert served.tokenizer.vocab_size == bpe.vocab_size
+    # Its int8 matrices and biases (buffers) counted too, as the fp32 model's parameters.
+    assert served.params == model.num_params(non_embedding=False)
+    assert served.tokenizer.encode("hello world") == bpe.encode("hello world")
+    # Without its tokenizer.json the export is refused, not served with bytes.
+    (int8_dir / TOKENIZER_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"no {TOKENIZER_FILE} is beside it"):
+        load_model(int8_dir)
+    # A rerun over an export that lacks it exports again; a bytes teacher's export needs none.
+    assert stage_export(run, model) == int8_dir and (int8_dir / TOKENIZER_FILE).is_file()
+    assert any("does not carry the teacher's tokenizer" in line for line in logged)
+    bytes_run = dataclasses.replace(run, tokenizer=ByteTokenizer(), out=tmp_path / "b")
+    small = GPT(TINY).eval()
+    assert isinstance(load_model(stage_export(bytes_run, small)).tokenizer, ByteTokenizer)
 
 
 def test_exported_linear_weights_are_int8(exported):

@@ -99,6 +99,8 @@ def test_run_directory_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):
     ("--prune-sparsity", "0", "prune_sparsity (--prune-sparsity)"),
     ("--temperature", "-1", "temperature (--temperature)"),
     ("--latency-repeats", "0", "latency_repeats (--latency-repeats)"),
+    # torch's range (was: accepted, then a traceback from the report after every stage)
+    ("--seed", str(2 ** 64), "seed (--seed) must be an integer in [-2**63, 2**64)"),
     # The decode latency needs one cached position (was: a traceback after every stage)
     ("--latency-seq", "1", "latency_seq (--latency-seq) must be an integer >= 2"),
     ("--seq-len", "999", "seq_len (--seq-len) must be <= the teacher's context length 16"),
@@ -196,7 +198,9 @@ def test_an_out_that_cannot_be_a_directory_is_refused_before_the_teacher_is_read
     (tmp_path / "file").write_text("mine")
     for out, why in ((tmp_path / "file", "exists and is not a directory"),
                      (tmp_path / "file" / "out", f"cannot be created: {tmp_path / 'file'} is "
-                                                 "a file")):
+                                                 "a file"),
+                     # Found after the teacher's ONNX export, as a traceback.
+                     (Path("/proc/compress-out"), "cannot be written: ")):
         # No checkpoint there either: --out is named first, before anything is loaded.
         code, err = run_job(capsys, "--checkpoint", str(tmp_path / "nope"), "--out", str(out))
         assert code == 2 and f"--out {out} {why}" in err and "Traceback" not in err, err

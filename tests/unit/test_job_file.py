@@ -445,20 +445,18 @@ def test_a_relative_run_dir_in_a_job_file_is_beside_the_file(tmp_path, monkeypat
     ({"spec": JobSpec("alpha"), "train_loop": lambda a, b: None},
      "needs more than one argument"),
     ({"spec": JobSpec("alpha"), "run_dir": "/tmp/beta"}, "must end in the job's name 'alpha'"),
-    ({"spec": JobSpec("alpha"), "config": [1]}, "config must be a dict, got list"),
+    ({"spec": JobSpec("alpha"), "config": [1]}, "config must be a mapping, got [1]"),
     # launch.fit's own launcher arguments: Ray Train refused keep_checkpoints=0 with a
     # traceback once the job was placed; a string timeout failed while queued.
     ({"spec": JobSpec("alpha"), "keep_checkpoints": 0, "max_failures": "3",
       "queue_timeout_s": "600"}, "max_failures must be an integer >= 0, got '3'; "
      "queue_timeout_s must be a number >= 0, got '600'; keep_checkpoints must be an integer "
-     ">= 1, got 0"),
+     ">= 1 or None (keep every one), got 0"),
     ({"spec": JobSpec("..")}, "name '..' is not a directory name"),
     ({"spec": JobSpec("a\0b")}, "name 'a\\x00b' must not contain control characters"),
     ({"spec": JobSpec("x" * 300)}, "is longer than a file name may be (255 bytes)"),
     ({"spec": JobSpec("alpha"), "runtime_env": {"env_vars": {"OMP_NUM_THREADS": 1}}},
      "runtime_env.env_vars: runtime_env['env_vars'] must be of type Dict[str, str]"),
-    ({"spec": JobSpec("alpha"), "runtime_env": {"workdir": "."}},
-     "runtime_env: unknown key 'workdir' (did you mean 'working_dir'?)"),
 ])
 def test_fit_refuses_bad_input_as_exit_2_before_ray(tmp_path, monkeypatch, kwargs, expected):
     monkeypatch.setattr(launch, "DEFAULT_RUNS_ROOT", tmp_path)
@@ -607,6 +605,35 @@ def test_submit_of_bad_input_exits_2_naming_the_problem(tmp_path, job, files, ex
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_yaml_merge_keys_still_work_and_a_key_written_twice_is_refused(tmp_path):
+    # The duplicate-key check first built every key itself, so `<<: *defaults` failed with
+    # "could not determine a constructor for the tag ...merge".
+    path = write(tmp_path / "job.yaml", """\
+        defaults: &defaults {num_workers: 2, cpus_per_worker: 1}
+        name: a
+        <<: *defaults
+        num_workers: 3
+        """)
+    with pytest.raises(ConfigError, match="unknown field.*'defaults'"):
+        load_job_file(path)  # (an anchor needs a home: here an unknown key, as meant)
+    path = write(tmp_path / "job.yaml", """\
+        name: a
+        <<: {num_workers: 2, cpus_per_worker: 1}
+        num_workers: 3
+        """)
+    job = load_job_file(path)
+    assert (job.spec.num_workers, job.spec.cpus_per_worker) == (3, 1)  # written here wins
+
+
+def test_a_runtime_env_key_close_to_rays_is_warned_of_not_refused():
+    from ray_layer.cluster import runtime_env_problem, runtime_env_warnings
+
+    assert runtime_env_problem({"workdir": "."}) is None  # a plugin may take any key
+    assert runtime_env_warnings({"workdir": ".", "env_vars": {}}) == [
+        "runtime_env: Ray does not know the key 'workdir' (did you mean 'working_dir'?); it "
+        "is ignored unless a plugin takes it"]
 
 
 def test_a_run_dir_that_cannot_be_written_is_refused_before_placing(tmp_path):

@@ -61,14 +61,19 @@ def test_a_jsonl_file_without_the_text_field_is_named_before_ray_starts(tmp_path
     err = refused(tmp_path, capsys, "--data", str(path))
     assert f"{path}:1: no 'text' field (--text-field); its fields: 'content', 'id'" in err, err
     err = refused(tmp_path, capsys, "--data", str(path), "--skip-bad-lines")
-    assert f"{path}: none of its first 50 lines is usable, so --skip-bad-lines would skip " \
-        "them all (line 1: no 'text' field" in err, err
+    assert f"{path}: none of its first 50 lines has the field, so --skip-bad-lines would " \
+        "skip them all (line 1: no 'text' field" in err, err
     # Some bad lines among good ones are what --skip-bad-lines is for: not refused here.
     from orchestrator.training.corpus import SourceFile, check_jsonl_head
 
     path.write_text('{"text": "fine"}\n[1, 2]\n{"text": "fine too"}\n')
     source = SourceFile(str(path), "jsonl", path.stat().st_size, path.stat().st_mtime_ns)
     check_jsonl_head(source, "text", skip_bad_lines=True)
+    # ... even a head of them (null texts sorted first), as long as the field is there.
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text('{"text": null}\n' * 5 + '{"text": "later"}\n')
+    check_jsonl_head(SourceFile(str(nulls), "jsonl", nulls.stat().st_size,
+                                nulls.stat().st_mtime_ns), "text", skip_bad_lines=True)
     with pytest.raises(DataError, match=f"{path}:2: a JSON list, not an object"):
         check_jsonl_head(source, "text", skip_bad_lines=False)
 

@@ -67,11 +67,12 @@ def test_a_report_after_a_torn_line_is_kept_and_a_reports_own_time_too(tmp_path)
     from orchestrator.runs import append_metrics, read_metrics
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.9}\n{"step": 2, "lo')
-    append_metrics(tmp_path, {"step": 3, "loss": 0.7, "time": 12.5}, None)
+    append_metrics(tmp_path, {"step": 3, "loss": 0.7, "time": 12.5, "time_": 1.0}, None)
     append_metrics(tmp_path, {"step": 4, "loss": 0.6}, "/ckpt")
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 3, 4]
-    assert records[1]["time_"] == 12.5 and records[1]["time"] > 1e9
+    assert records[1]["time__"] == 12.5 and records[1]["time_"] == 1.0
+    assert records[1]["time"] > 1e9
     assert records[2]["checkpoint"] == "/ckpt"
 
 
