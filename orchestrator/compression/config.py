@@ -140,7 +140,21 @@ class CompressConfig:
         return dataclasses.asdict(self)
 
 
-def resume_conflicts(saved: Mapping[str, Any], config: CompressConfig) -> list[str]:
+def resume_conflicts(saved: Mapping[str, Any], config: CompressConfig,
+                     block_size: int | None = None) -> list[str]:
     """'field: old -> new' for every field whose change would make finished stages stale (a
-    field the saved config lacks counts as its default: orchestrator/validation.py)."""
+    field the saved config lacks counts as its default: orchestrator/validation.py).
+    Settings that run the same are the same: seq_len left out or given as the teacher's
+    context (`block_size`), the importance of unstructured pruning (which ranks no units),
+    the distillation steps of a run without a smaller student."""
+    saved = dict(saved)
+    if block_size:
+        saved["seq_len"] = saved.get("seq_len") or block_size
+        config = dataclasses.replace(config, seq_len=config.seq_len or block_size)
+    unused = {"prune_importance": config.prune_structure == "unstructured"
+              and saved.get("prune_structure") == "unstructured",
+              "distill_steps": not config.student_size and not saved.get("student_size")}
+    for name, ignored in unused.items():
+        if ignored:
+            saved[name] = getattr(config, name)
     return validation.resume_conflicts(saved, config, RESUMABLE_CHANGES)

@@ -68,18 +68,21 @@ def fine_tune_seq_len(config: CompressConfig, block_size: int) -> int:
     return seq_len
 
 
-def prepare_out(out: Path, config: CompressConfig, source: dict[str, Any]) -> None:
+def prepare_out(out: Path, config: CompressConfig, source: dict[str, Any],
+                block_size: int | None = None) -> None:
     """Create --out for a new run, or check that it holds this same run to resume.
 
     Checked before anything is written: a refused run leaves --out as it was."""
-    check_out(out, config, source)
+    check_out(out, config, source, block_size)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / CONFIG_FILE, {"compress": config.to_dict(), "source": source})
 
 
-def check_out(out: Path, config: CompressConfig, source: dict[str, Any]) -> None:
+def check_out(out: Path, config: CompressConfig, source: dict[str, Any],
+              block_size: int | None = None) -> None:
     """Refuse an --out that is a file, holds something else, or holds a run of another
-    teacher or with settings that would change its finished stages. Writes nothing."""
+    teacher or with settings that would change its finished stages (`block_size`: the
+    teacher's context, what seq_len left out means). Writes nothing."""
     saved_path = out / CONFIG_FILE
     check_out_path(out)
     if saved_path.is_file():
@@ -91,7 +94,7 @@ def check_out(out: Path, config: CompressConfig, source: dict[str, Any]) -> None
         if saved_source.get("sha256") != source.get("sha256"):
             raise ConfigError(f"--out {out} holds a compression of another teacher "
                               f"({saved_source.get('checkpoint')}); use a new --out")
-        conflicts = resume_conflicts(saved_config, config)
+        conflicts = resume_conflicts(saved_config, config, block_size)
         if conflicts:
             raise ConfigError(f"--out {out} was made with other settings: "
                               f"{'; '.join(conflicts)}. Pass the original values or use a "
@@ -366,7 +369,7 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
     # The report's settings too: a rerun that only changes them rewrites compress_config.json
     # (prepare_out), which must not then disagree with the report it failed to write.
     latency_seq_len(config, teacher.config.block_size)
-    check_out(out, config, source)
+    check_out(out, config, source, teacher.config.block_size)
     # The teacher's data, read and checked now: a run that cannot be scored fails in
     # seconds, before --out is touched, not after its fine-tunes.
     try:
@@ -383,7 +386,7 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
             log("export check: exporting the teacher to ONNX")
             fp32_onnx = export.export_fp32_onnx(teacher, Path(scratch) / "original.fp32.onnx",
                                                 "teacher (export check, before fine-tuning)")
-        prepare_out(out, config, source)
+        prepare_out(out, config, source, teacher.config.block_size)
         return _run_stages(teacher, source, config, out, device, seq_len, fp32_onnx, data,
                            tokenizer, log)
 

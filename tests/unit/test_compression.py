@@ -361,6 +361,22 @@ def test_resume_conflicts_ignore_bookkeeping_fields():
         "prune_sparsity: 0.3 -> 0.5"]
 
 
+def test_resume_conflicts_ignore_settings_that_run_the_same():
+    # Refused before: `seq_len: None -> 32` for the teacher's own context, and settings the
+    # run does not use.
+    saved = CompressConfig(prune_structure="unstructured").to_dict()
+    same = CompressConfig(prune_structure="unstructured", seq_len=32,
+                          prune_importance="magnitude", distill_steps=5)
+    assert resume_conflicts(saved, same, block_size=32) == []
+    assert resume_conflicts(saved, same, block_size=64) == ["seq_len: 64 -> 32"]
+    structured = CompressConfig().to_dict()  # there the importance ranks the units
+    assert resume_conflicts(structured, CompressConfig(prune_importance="magnitude"),
+                            block_size=32) == ["prune_importance: 'taylor' -> 'magnitude'"]
+    student = CompressConfig(student_size="tiny").to_dict()
+    assert resume_conflicts(student, CompressConfig(student_size="tiny", distill_steps=5),
+                            block_size=32) == ["distill_steps: 300 -> 5"]
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny tensors gain nothing from a second thread, and on a machine shared with other test
