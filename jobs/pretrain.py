@@ -29,8 +29,8 @@ from orchestrator.training.data_plan import (DataSetup, check_trainable, configu
                                              default_cache_root, resume_data_conflicts)
 from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed,
                                   run_job)
-from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, read_metrics, resolve_run_dir,
-                              unused_checkpoints_warning)
+from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, read_metrics,
+                              resolve_run_dir, unused_checkpoints_warning)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
 from orchestrator.training.memory import gpu_memory_needed_gb, memory_lines
@@ -354,6 +354,9 @@ def resume_hint(args: argparse.Namespace) -> str:
     run_dir = getattr(args, "resolved_run_dir", None)
     if run_dir is None:
         return "interrupted; resume with --resume"
+    if not has_checkpoints(run_dir):  # (--resume would be refused: no checkpoint)
+        return ("interrupted before the run's first checkpoint: nothing to resume; run the "
+                "same command again")
     return f"interrupted; resume with --resume --run-dir {shlex.quote(str(run_dir))}"
 
 

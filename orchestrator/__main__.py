@@ -49,6 +49,11 @@ def status_rows(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
     for node_id, report in sorted(snapshot["reports"].items()):
         bandwidth = [v for v in report.bandwidth_gbps.values() if math.isfinite(v)]
         cpus_held, gpus_held = reserved.get(node_id, (0.0, 0))
+        # Ray work the scheduler did not place (Serve replicas, other users' actors) holds
+        # room too: free counted without it disagreed with `place` and the queue's reasons.
+        cpus_outside, gpus_outside = snapshot.get("outside", {}).get(node_id, (0.0, 0))
+        # A node that takes no work (dead, suspect, draining) has nothing free to add up.
+        usable = snapshot["health"][node_id] == "healthy"
         rows.append({
             "node_id": node_id,
             "hostname": report.hostname,
@@ -56,10 +61,14 @@ def status_rows(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
             "heartbeat_age_s": round(snapshot["age_s"][node_id], 1),
             "accelerators": _accelerators(report),
             "gpus": int(report.ray_gpus),
-            "gpus_free": int(report.ray_gpus) - gpus_held,
+            "gpus_free": max(int(report.ray_gpus) - gpus_held - gpus_outside, 0) if usable
+            else 0,
+            "gpus_outside": gpus_outside,
             "gpu_free_gib": [round(g.memory_free_bytes / GIB, 1) for g in report.gpus],
             "cpus": report.ray_cpus,
-            "cpus_free": report.ray_cpus - cpus_held,
+            "cpus_free": max(report.ray_cpus - cpus_held - cpus_outside, 0.0) if usable
+            else 0.0,
+            "cpus_outside": cpus_outside,
             # (inf when the host probe failed: null, as JSON has no infinity)
             "load_per_cpu": (round(report.load_per_cpu, 2)
                              if math.isfinite(report.load_per_cpu) else None),
@@ -128,7 +137,7 @@ def format_status(rows: list[dict[str, Any]], jobs: list[dict[str, Any]],
         table.append((r["node_id"][:12], r["health"], r["accelerators"],
                       f"{r['gpus_free']}/{r['gpus']}", memory,
                       f"{r['cpus_free']:g}/{r['cpus']:g}", load, bandwidth,
-                      ",".join(r["reservations"]) or "-"))
+                      _held_by(r)))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
     lines += [""] + (format_jobs(jobs) if jobs else ["jobs: none running or waiting"])
@@ -138,6 +147,15 @@ def format_status(rows: list[dict[str, Any]], jobs: list[dict[str, Any]],
         for probe, error in r["probe_errors"].items():
             lines.append(f"probe error on {r['node_id'][:12]}: {probe}: {error}")
     return "\n".join(lines)
+
+
+def _held_by(row: dict[str, Any]) -> str:
+    """The RESERVED BY column: the scheduler's jobs, and what Ray work outside it holds."""
+    outside = [f"{n:g} {what}" for n, what in ((row["cpus_outside"], "CPU"),
+                                              (row["gpus_outside"], "GPU")) if n]
+    held = row["reservations"] + ([f"outside the scheduler: {', '.join(outside)}"]
+                                  if outside else [])
+    return ", ".join(held) or "-"
 
 
 def refusal(command: str, name: str, row: dict[str, Any] | None) -> str:
@@ -347,15 +365,20 @@ def log_identity(directory: Path) -> tuple[tuple[int, int], int] | None:
 
 def format_report(record: dict[str, Any]) -> str:
     """One metrics.jsonl record as a line: time, step, the figures, and a checkpoint mark."""
-    try:
-        when = time.strftime("%H:%M:%S", time.localtime(record.get("time", 0)))
-    except (TypeError, ValueError, OverflowError, OSError):  # a hand-edited line's time
-        when = "--:--:--"
-    figures = " ".join(f"{k}={_short(v)}" for k, v in record.items()
+    figures = " ".join(f"{k}={_clock(v) if k.endswith('_at') else _short(v)}"
+                       for k, v in record.items()
                        if k not in (*LINE_FIELDS, "step", "worker_nodes")
                        and isinstance(v, (int, float, str)) and not isinstance(v, bool))
-    return (f"{when} step {record.get('step', '-')}: {figures}"
+    return (f"{_clock(record.get('time', 0))} step {record.get('step', '-')}: {figures}"
             + (" [checkpoint]" if record.get("checkpoint") else ""))
+
+
+def _clock(unix_time: Any) -> str:
+    """A Unix time as the local clock reads it (`started_at=1.797e+09` said nothing)."""
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(unix_time))
+    except (TypeError, ValueError, OverflowError, OSError):  # a hand-edited line's time
+        return "--:--:--"
 
 
 def _short(value: Any) -> str:

@@ -63,6 +63,12 @@ MAX_GROWTHS = 8
 BANDWIDTH_BAND = 1.25
 
 
+# Free room is what neither the scheduler's jobs nor Ray work outside it (Serve replicas,
+# other users' actors) hold: either may be what a waiting job waits for.
+FITS_WHEN_FREED = ("it fits once running jobs (or Ray work outside the scheduler: see "
+                   "`status`) release their room")
+
+
 def bandwidth_band(gbps: float) -> float:
     """The band a bottleneck falls in (higher is faster); inf for a single node."""
     if gbps <= 0:
@@ -632,7 +638,7 @@ def _rejection(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndar
                     f"for {available} worker(s) now on {len(healthy)} healthy node(s) with "
                     f"{total_cpus:g} CPUs, {total_gpus} GPUs in total")
     if fits_when_free and too_slow is None:
-        headline += "; it fits once running jobs release their reservations"
+        headline += f"; {FITS_WHEN_FREED}"
     lines = [headline]
     if not state.reports:
         lines.append("  no node has reported yet (are the node agents running?)")

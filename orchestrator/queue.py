@@ -40,6 +40,11 @@ class QueuedJob:
     promoted: bool = False  # waited long enough to be put back at level 0 (starvation guard)
 
     @property
+    def in_queue_since(self) -> float:
+        """When it entered the queue this time (a preempted job: at its preemption)."""
+        return self.enqueued_at if self.queued_at is None else self.queued_at
+
+    @property
     def attained_s(self) -> float:
         """Service received so far: run time x GPUs (x workers for a CPU job)."""
         return self.ran_s * service_size(self.spec)
@@ -125,7 +130,7 @@ class JobQueue:
         if key[1] > 0 and self.promote_after is not None:
             wait = self.promote_after(job)
             if wait is not None:
-                since = job.enqueued_at if job.queued_at is None else job.queued_at
+                since = job.in_queue_since
                 self._promote_at[job.spec.name] = since + wait
                 heapq.heappush(self._promotions, (since + wait, job.spec.name))
         if job.spec.total_gpus:

@@ -53,8 +53,8 @@ from orchestrator import metric_catalogue as catalogue
 from orchestrator.autoscaling import NodeType, resource_bundles, scale_up_plan
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import ClusterState, NodeReport, gpu_families, report_problem
-from orchestrator.placement import (Placement, PlacementError, Queued, Rejection, place,
-                                    worker_capacity)
+from orchestrator.placement import (FITS_WHEN_FREED, Placement, PlacementError, Queued,
+                                    Rejection, place, worker_capacity)
 from orchestrator.queue import JobQueue, QueuedJob, allowed_families
 from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, Directive, Outcome, Persist,
                                           RunningJob, SchedulerSettings, StartAgent, Yield)
@@ -490,7 +490,13 @@ class SchedulerCore:
         else:
             preempted = job.preemptions + (directive is not None and directive.kind == PREEMPT)
             reason = directive.reason if directive else (reason or "yielded")
-            self.queue.add(QueuedJob(job.spec, job.placement.owner, job.enqueued_at,
+            # An operator's preemption is meant to make room: the job goes behind those
+            # already waiting at its priority (with its first submit time it was first in
+            # line again and placed at once, ahead of the job it made room for).
+            by_operator = directive is not None and directive.kind == PREEMPT \
+                and not directive.for_job
+            self.queue.add(QueuedJob(job.spec, job.placement.owner,
+                                     now if by_operator else job.enqueued_at,
                                      reason, preempted, ran, queued_at=now))
             outcome.decision = self.queue.status(job_name)
         outcome.add(self._after_capacity_freed(now))
@@ -615,7 +621,9 @@ class SchedulerCore:
             rows.append({"job": job.spec.name,
                          "state": "preempted" if job.preemptions else "waiting",
                          "priority": job.spec.priority, "owner": job.owner, "nodes": [],
-                         "since_s": round(now - job.enqueued_at, 1),
+                         # Since it entered the queue this time: a preempted job's wait
+                         # starts at its preemption, not at its first submission.
+                         "since_s": round(now - job.in_queue_since, 1),
                          "preemptions": job.preemptions, "preemptible": job.spec.preemptible,
                          "position": position, "reason": job.reason})
         return rows
@@ -1022,7 +1030,9 @@ class SchedulerCore:
             return outcome
         self.queue.promote_due(now)
         free_gpus, free_cpus = self._free_units(now)
-        failed_shapes: set[tuple] = set()
+        # Shapes that could not start this pass -> the first such job: one of the same shape
+        # behind it fails alike, and says so (it kept "submitted" for ever).
+        failed_shapes: dict[tuple, str] = {}
         budget = self.settings.failed_placements_per_pass
         denials = BACKFILL_DENIALS_PER_PASS
         plan: _HeadPlan | None = None
@@ -1040,10 +1050,13 @@ class SchedulerCore:
             shape = self._shape(spec)
             if shape in failed_shapes or not _counts_allow(spec, free_gpus, free_cpus,
                                                            self.state):
-                if shape not in failed_shapes:
+                if shape in failed_shapes:
+                    self._wait_reason(job, f"as '{failed_shapes[shape]}' ahead of it (the "
+                                           "same shape)")
+                else:
                     self._wait_reason(job, _waiting_reason(spec, free_gpus, free_cpus,
                                                            self.state))
-                failed_shapes.add(shape)
+                failed_shapes.setdefault(shape, spec.name)
                 blocked.append(job)
                 if not self.settings.backfill:
                     break
@@ -1052,7 +1065,7 @@ class SchedulerCore:
             try:
                 placement = self._place(spec, now, job.owner, free_gpus=free_gpus)
             except PlacementError as e:
-                failed_shapes.add(shape)
+                failed_shapes.setdefault(shape, spec.name)
                 if not self._not_final(e.rejection, now=now).fits_when_free:
                     self.queue.reject(spec.name, e.rejection)
                     self._forget_preemption(spec.name)
@@ -1559,9 +1572,8 @@ def _waiting_reason(spec: JobSpec, free_gpus: dict[int, int], free_cpus: list[fl
             what += f" and {spec.total_cpus:g} CPUs"
             free = f"{_free_allowed_gpus(spec, free_gpus, state)} GPU(s) and " \
                    f"{free_cpus[0]:g} CPUs free now"
-        return f"needs {what}, {free}; it fits once running jobs release their reservations"
-    return (f"needs {spec.total_cpus:g} CPUs, {free_cpus[0]:g} free now; it fits once running "
-            "jobs release their reservations")
+        return f"needs {what}, {free}; {FITS_WHEN_FREED}"
+    return f"needs {spec.total_cpus:g} CPUs, {free_cpus[0]:g} free now; {FITS_WHEN_FREED}"
 
 
 def _take_units(placement: Placement, state: ClusterState, free_gpus: dict[int, int],

@@ -202,6 +202,7 @@ class SchedulerActor:
                 "age_s": {n: now - t for n, t in state.last_seen.items()},
                 "health": {n: state.health(n, now) for n in state.reports},
                 "reservations": dict(state.reservations),
+                "outside": {n: state.outside_on(n) for n in state.reports},
                 "queue": [self.core.queue.status(j.spec.name) for j in self.core.queue.ordered()],
                 "jobs": self.core.jobs(now),
                 "throughput": {"reference": self.throughput.reference,

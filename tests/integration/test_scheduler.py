@@ -110,7 +110,7 @@ def test_a_job_waits_in_the_queue_until_capacity_is_released(cluster, scheduler)
     assert isinstance(first, Placement)
     waiting = ray.get(scheduler.submit.remote(JobSpec("waiter", gpus_per_worker=1, accelerator_types=T4)))
     assert isinstance(waiting, Queued) and waiting.position == 1
-    assert "fits once running jobs release" in waiting.reason
+    assert "fits once running jobs (or Ray work outside the scheduler" in waiting.reason
     never = ray.get(scheduler.submit.remote(JobSpec("too-big", num_workers=3, gpus_per_worker=1, accelerator_types=T4)))
     assert isinstance(never, Rejection)  # more GPUs than exist: rejected, not queued
     ray.get(scheduler.release.remote("holder"))

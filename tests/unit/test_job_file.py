@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -756,6 +757,11 @@ def test_logs_skip_lines_that_are_not_reports(tmp_path, capsys):
     assert cli.print_logs("alpha", str(tmp_path / "alpha"), follow=False) == 0
     out = capsys.readouterr().out
     assert "--:--:-- step 1: loss=2" in out and "--:--:-- step 2" in out
+    # Times a report carries (started_at, restored_at, ...) read as clock times.
+    from orchestrator.__main__ import format_report
+
+    line = format_report({"step": 3, "time": 0.0, "started_at": 3600.0 * 7})
+    assert "started_at=" + time.strftime("%H:%M:%S", time.localtime(3600.0 * 7)) in line
 
 
 def test_submit_of_a_used_run_dir_without_resume_exits_2(tmp_path):

@@ -103,6 +103,24 @@ def test_status_json_is_strict_json_when_a_nodes_host_probe_failed():
     assert "jobs: none running or waiting" in format_status(rows, [], None)
 
 
+def test_status_counts_work_outside_the_scheduler_and_nothing_free_on_a_dead_node():
+    # Free counted only the scheduler's reservations: 4/4 CPUs free while a Serve replica
+    # held 3, where `place` and the queue said 1 (and blamed "running jobs"); a dead node kept
+    # its last free figures, which a script adding up `gpus_free` counted.
+    from orchestrator.__main__ import format_status, status_rows
+
+    busy = NodeReport("busy", "busy", 4, 0, 4, 0.0, GIB, GIB)
+    gone = NodeReport("gone", "gone", 2, 1, 2, 0.0, GIB, GIB)
+    snapshot = {"reservations": {}, "reports": {"busy": busy, "gone": gone},
+                "health": {"busy": "healthy", "gone": "dead"},
+                "age_s": {"busy": 1.0, "gone": 900.0},
+                "outside": {"busy": (3.0, 0), "gone": (0.0, 0)}}
+    rows = {r["node_id"]: r for r in status_rows(snapshot)}
+    assert rows["busy"]["cpus_free"] == 1.0 and rows["busy"]["cpus_outside"] == 3.0
+    assert (rows["gone"]["cpus_free"], rows["gone"]["gpus_free"]) == (0.0, 0)
+    assert "outside the scheduler: 3 CPU" in format_status(list(rows.values()), [], None)
+
+
 def test_place_exits_0_with_a_placement_and_3_when_the_job_cannot_be_placed(capsys):
     import json
 

@@ -184,7 +184,7 @@ def test_a_job_that_fits_once_others_release_says_so():
     with pytest.raises(PlacementError) as waiting:
         place(JobSpec("second", num_workers=2), state, NOW)
     assert waiting.value.rejection.fits_when_free
-    assert "fits once running jobs release" in str(waiting.value)
+    assert "fits once running jobs (or Ray work outside the scheduler" in str(waiting.value)
     with pytest.raises(PlacementError) as never:
         place(JobSpec("huge", num_workers=3), state, NOW)
     assert not never.value.rejection.fits_when_free

@@ -240,5 +240,11 @@ def test_ctrl_c_names_the_run_dir_to_resume(tmp_path, monkeypatch, capsys):
         args.resolved_run_dir = tmp_path / "my run"
         raise KeyboardInterrupt
     monkeypatch.setattr(pretrain, "run", interrupted)
+    # Before its first checkpoint (waiting in the queue, say) there is nothing to resume:
+    # the hint's --resume was refused, "no checkpoint in run dir".
+    assert pretrain.main(["--run-dir", str(tmp_path / "my run")]) == 130
+    assert "before the run's first checkpoint: nothing to resume; run the same command " \
+        "again" in capsys.readouterr().err
+    (tmp_path / "my run" / "checkpoint_2026-12-05_18-51-01").mkdir(parents=True)
     assert pretrain.main(["--run-dir", str(tmp_path / "my run")]) == 130
     assert f"resume with --resume --run-dir '{tmp_path / 'my run'}'" in capsys.readouterr().err

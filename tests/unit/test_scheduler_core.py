@@ -88,7 +88,7 @@ def test_a_job_waits_until_capacity_is_released_then_its_poll_gets_the_placement
     core.submit(cpus("holder", 4), "d1", T0)
     waiting = core.submit(cpus("waiter", 2), "d2", T0 + 1).decision
     assert isinstance(waiting, Queued) and waiting.position == 1
-    assert "fits once running jobs release" in waiting.reason
+    assert "fits once running jobs (or Ray work outside the scheduler" in waiting.reason
     assert isinstance(core.poll("waiter", "d2", T0 + 2).decision, Queued)
     assert core.release("holder", "d2", T0 + 3).decision is False  # not d2's to free
     assert core.release("holder", "d1", T0 + 3).decision is True
@@ -159,6 +159,32 @@ def test_a_higher_priority_job_preempts_and_the_victim_resumes_after_it():
     again = core.poll("low", "d-low", T0 + 101).decision
     assert isinstance(again, Placement)
     assert core.running["low"].preemptions == 1
+
+
+def test_an_operators_preemption_makes_room_for_the_job_waiting_behind():
+    # The preempted job kept its first submit time, was first in line again and was placed
+    # at once, ahead of the job it was preempted for.
+    core = core_with(cpu_node("a", cpus=4))
+    assert isinstance(core.submit(cpus("b", 2), "d-b", T0).decision, Placement)
+    waiting = core.submit(cpus("c", 3), "d-c", T0 + 5).decision
+    assert isinstance(waiting, Queued)
+    assert core.preempt("b", T0 + 30).decision is True
+    back = core.yielded("b", "d-b", T0 + 31).decision
+    assert isinstance(back, Queued) and back.position == 1
+    assert isinstance(core.poll("c", "d-c", T0 + 32).decision, Placement)
+    rows = {r["job"]: r for r in core.jobs(T0 + 40)}
+    assert rows["b"]["state"] == "preempted" and rows["b"]["since_s"] == 9.0  # since T0 + 31
+
+
+def test_a_job_behind_one_of_the_same_shape_says_so():
+    # It kept the reason "submitted" while it waited, and its timeout error repeated it.
+    core = core_with(cpu_node("a", cpus=4))
+    core.submit(cpus("big", 4), "d", T0)
+    core.submit(cpus("j", 2), "d", T0 + 1)
+    core.submit(cpus("i", 2), "d", T0 + 2)
+    reasons = {r["job"]: r["reason"] for r in core.jobs(T0 + 3)}
+    assert "needs 2 CPUs" in reasons["j"]
+    assert reasons["i"] == "as 'j' ahead of it (the same shape)"
 
 
 def test_victims_lowest_priority_first_then_least_work_lost_and_no_more_than_needed():
