@@ -32,7 +32,8 @@ class QueuedJob:
 
     spec: JobSpec
     owner: str
-    enqueued_at: float  # first submission: the queue order, and what ageing counts from
+    enqueued_at: float  # first submission (an operator's preemption: that time), the queue
+    # order, and what ageing counts from
     reason: str = ""
     preemptions: int = 0  # times this job was preempted (ageing: see SchedulerSettings)
     ran_s: float = 0.0  # run time in earlier placements, before it was preempted

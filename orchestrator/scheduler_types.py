@@ -190,7 +190,8 @@ class RunningJob:
     spec: JobSpec
     placement: Placement
     started_at: float
-    enqueued_at: float  # first submission: kept across preemptions
+    enqueued_at: float  # first submission: kept across preemptions (not an operator's:
+    # that one re-queues the job as if submitted then, behind those waiting; see yielded)
     preemptions: int = 0
     ran_s: float = 0.0  # run time in earlier placements
     last_checkpoint_at: float | None = None

@@ -98,8 +98,10 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
                 lambda placement: _fit(trainer_for(placement), run_dir, max_failures),
                 resumed_from=str(newest[0]) if newest else None)
             placement = driver.current_placement(placement)
-        except NotPlaced as e:
-            raise JobFailed(str(e), EXIT_NOT_PLACEABLE) from None
+        except NotPlaced as e:  # (a cancel, or no room after a yield: it may have trained)
+            kept = (f"\ncheckpoints so far are in {run_dir} (--resume continues the run)"
+                    if checkpoint_dirs(run_dir) else "")
+            raise JobFailed(f"{e}{kept}", EXIT_NOT_PLACEABLE) from None
         finally:
             warning = driver.release()
             if warning:
@@ -184,7 +186,8 @@ def _fit(trainer: TorchTrainer, run_dir: Path, max_failures: int):
             raise KeyboardInterrupt from None
         lost = _node_lost(e)
         if lost is not None:  # a lost node's workers found no room: not placeable now
-            raise JobFailed(f"{lost}; checkpoints so far are in {run_dir} (--resume once "
+            # On a line of its own: the rejection ends with its per-node reasons.
+            raise JobFailed(f"{lost}\ncheckpoints so far are in {run_dir} (--resume once "
                             "there is room)", EXIT_NOT_PLACEABLE) from None
         raise JobFailed(f"training failed after {max_failures} restart(s): "
                         f"{root_cause(e)}\n(full traceback in the worker log above; "

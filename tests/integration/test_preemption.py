@@ -104,6 +104,8 @@ def test_migration_moves_a_job_from_t4_to_a100_when_the_a100s_free(cluster, tmp_
     assert moved["start_step"] == yielded["step"]  # resumed where it stopped, on the A100s
     # The operator's cancel: the job checkpointed, stopped, and its driver said why.
     assert mover.returncode == 3 and "cancelled by an operator" in out, out[-2000:]
+    # ... and where its checkpoints are, to continue it (it ended with no hint).
+    assert f"checkpoints so far are in {run_dir} (--resume continues the run)" in out
     assert records[-1].get("yielded", "").startswith("cancel:")
     assert run_dir.name not in ray.get(scheduler.snapshot.remote())["reservations"]
 
