@@ -420,7 +420,7 @@ def dry_run_submit(job, entry, address: str | None, as_json: bool) -> int:
     loop reaching the workers), so that a dry run passes only what submit would run. On an
     embedded Ray when no cluster is given, as submit itself and `jobs/pretrain.py --dry-run`
     do (`place` only looks at a running cluster)."""
-    from orchestrator.launch import DEFAULT_KEEP_CHECKPOINTS, prepare_fit
+    from orchestrator.launch import prepare_fit
     from orchestrator.runs import has_checkpoints
     from ray_layer.launch import dry_run_placement
 
@@ -428,7 +428,7 @@ def dry_run_submit(job, entry, address: str | None, as_json: bool) -> int:
         _, directory = prepare_fit(
             entry.function, spec=job.spec, config=job.config, run_dir=job.run_dir,
             resume=None, queue_timeout_s=job.queue_timeout_s, max_failures=job.max_failures,
-            runtime_env=job.runtime_env, keep_checkpoints=DEFAULT_KEEP_CHECKPOINTS)
+            runtime_env=job.runtime_env)
         if has_checkpoints(directory):  # to stderr: --json's output stays one JSON document
             print(f"note: run_dir {directory} holds checkpoints: submit it with --resume to "
                   "continue that run", file=sys.stderr)

@@ -90,7 +90,8 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
 def prepare_fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None,
                 run_dir: str | Path | None, resume: bool | None, queue_timeout_s: float,
                 max_failures: int, runtime_env: dict[str, Any] | None,
-                keep_checkpoints: int) -> tuple[Callable, Path]:
+                keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS
+                ) -> tuple[Callable, Path]:
     """(the function each worker runs, the run directory): everything `fit` checks before it
     connects to Ray, so that `submit --dry-run` refuses what `submit` would. JobFailed
     (EXIT_BAD_INPUT) naming the first problem. `resume=None` (a dry run) accepts a run

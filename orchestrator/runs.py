@@ -29,8 +29,8 @@ LINE_FIELDS = ("time", "checkpoint")  # what append_metrics adds to each report
 def append_metrics(run_dir: Path, metrics: dict[str, Any], checkpoint: str | None) -> None:
     """One line of metrics.jsonl: the report, when it was written and the checkpoint it
     registered (None for a metrics-only report). A report's own `time` or `checkpoint` is
-    kept as `time_` / `checkpoint_` (it was overwritten; `time__` if it has a `time_` too). A run found already complete
-    trained nothing: its report adds nothing to the history."""
+    kept as `time_` / `checkpoint_` (it was overwritten; `time__` if it has a `time_` too).
+    A run found already complete trained nothing: its report adds nothing to the history."""
     if metrics.get("already_complete"):
         return
     line = {key: value for key, value in metrics.items() if key not in LINE_FIELDS}

@@ -324,7 +324,7 @@ def check_jsonl_head(source: SourceFile, text_field: str, skip_bad_lines: bool) 
         text, problem = _jsonl_record(data, text_field)
         if problem and not skip_bad_lines:
             _bad(source, line_no, problem, skip=False, skipped=[])
-        if problem and problem.startswith(f"no {text_field!r} field"):
+        if isinstance(problem, MissingField):
             lacking.append(f"line {line_no}: {problem}")
         elif problem or text is not None:
             others += 1
@@ -424,6 +424,11 @@ def _jsonl_documents(source: SourceFile, field: str, skip: bool, skipped: list[s
             index += 1
 
 
+class MissingField(str):
+    """The problem of a .jsonl line that lacks the text field (check_jsonl_head tells a wrong
+    --text-field from other bad lines by it)."""
+
+
 def _jsonl_record(data: bytes, field: str) -> tuple[str | None, str | None]:
     """(the document's text, None) for a good .jsonl line, (None, why) for a bad one, and
     (None, None) for a blank one."""
@@ -441,8 +446,8 @@ def _jsonl_record(data: bytes, field: str) -> tuple[str | None, str | None]:
         return None, f"a JSON {type(record).__name__}, not an object"
     if field not in record:
         fields = ", ".join(repr(name) for name in list(record)[:10])
-        return None, (f"no {field!r} field (--text-field); its fields: {fields or 'none'}"
-                      f"{', ...' if len(record) > 10 else ''}")
+        return None, MissingField(f"no {field!r} field (--text-field); its fields: "
+                                  f"{fields or 'none'}{', ...' if len(record) > 10 else ''}")
     if not isinstance(record[field], str):
         return None, f"field {field!r} is {type(record[field]).__name__}, not a string"
     problem = _not_unicode(record[field], field)
