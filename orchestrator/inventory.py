@@ -14,6 +14,7 @@ from typing import Iterable
 import numpy as np
 
 from orchestrator.config import ACCELERATOR_ALIASES, ACCELERATOR_FAMILIES, ACCELERATOR_SPEED
+from orchestrator.saved_records import saved_fields
 
 GIB = 1024 ** 3
 
@@ -384,12 +385,10 @@ class ClusterState:
         """Reload reservations persisted by reservations_to_dict (after a scheduler restart),
         job by job: one that cannot be read is skipped and named, the others kept. Fields a
         newer version added are ignored."""
-        known = {f.name for f in dataclasses.fields(Reservation)}
         problems = []
         for job, held in data.items():
             try:
-                records = [Reservation(**{k: v for k, v in r.items() if k in known})
-                           for r in held]
+                records = saved_reservations(held)
             except Exception as e:
                 problems.append(f"cannot restore the reservations of {job!r}, skipping them: "
                                 f"{type(e).__name__}: {e}")
@@ -413,13 +412,28 @@ class ClusterState:
         return {node: [dataclasses.asdict(r) for r in held]
                 for node, held in self.silent_reservations.items()}
 
-    def restore_silence(self, data: dict) -> None:
+    def restore_silence(self, data: dict) -> list[str]:
         """Reload silence_to_dict's record: each node counts as dead until it reports again,
-        when its reservations come back (as before the restart)."""
+        when its reservations come back (as before the restart). Node by node: one that
+        cannot be read is named and skipped. Returns the problems met."""
+        problems = []
         for node, held in data.items():
-            self.silent_reservations[node] = [Reservation(**r) for r in held]
+            try:
+                self.silent_reservations[node] = saved_reservations(held)
+            except Exception as e:
+                problems.append(f"cannot restore what silent node {node!r} held, skipping "
+                                f"it: {type(e).__name__}: {e}")
+                continue
             self.dead.add(node)
             self.silent.add(node)
+        return problems
+
+
+def saved_reservations(held: object) -> list[Reservation]:
+    """A job's (or a silent node's) reservations from saved state, every field checked."""
+    if not isinstance(held, list):
+        raise ValueError(f"a JSON {type(held).__name__}, not a list of reservations")
+    return [Reservation(**saved_fields(Reservation, r, "a reservation")) for r in held]
 
 
 class NodeTable:

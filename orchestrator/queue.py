@@ -18,11 +18,13 @@ import bisect
 import dataclasses
 import heapq
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Queued, Rejection
+from orchestrator.saved_records import saved_fields, saved_spec
 
 
 @dataclass
@@ -58,9 +60,13 @@ class QueuedJob:
 
     @classmethod
     def from_dict(cls, data: dict) -> "QueuedJob":
-        return cls(JobSpec.from_dict(data["spec"]), data["owner"], data["enqueued_at"],
-                   data.get("reason", ""), data.get("preemptions", 0), data.get("ran_s", 0.0),
-                   data.get("queued_at"), data.get("promoted", False))
+        """From saved state, every field checked (saved_records)."""
+        fields = saved_fields(cls, data, "queued job", QUEUED_JOB_SAVED)
+        return cls(saved_spec(data.get("spec"), "queued job"), **fields)
+
+
+QUEUED_JOB_SAVED = ("owner", "enqueued_at", "reason", "preemptions", "ran_s", "queued_at",
+                    "promoted")  # QueuedJob.to_dict's fields besides the spec
 
 
 def service_size(spec: JobSpec) -> int:
@@ -73,8 +79,15 @@ def placement_to_dict(placement: Placement) -> dict:
     return dataclasses.asdict(placement)
 
 
-def placement_from_dict(data: dict) -> Placement:
-    return Placement(**{**data, "worker_nodes": tuple(data["worker_nodes"])})
+def placement_from_dict(data: dict, what: str = "placement") -> Placement:
+    """From saved state, every field checked (saved_records)."""
+    return Placement(**saved_fields(Placement, data, what))
+
+
+def _saved_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"a JSON {type(value).__name__}, not a string")
+    return value
 
 
 def allowed_families(spec: JobSpec) -> tuple[str, ...]:
@@ -257,21 +270,30 @@ class JobQueue:
         queue = cls(level, promote_after)
         problems = [] if problems is None else problems
 
-        def each(entries, what: str, restore) -> None:
-            for key, value in entries:
+        def each(key: str, what: str, restore) -> None:
+            entries = data.get(key, {})
+            if isinstance(entries, Mapping):
+                entries = entries.items()
+            elif key == "waiting" and isinstance(entries, list):
+                entries = ((item.get("spec", {}).get("name", i) if isinstance(item, dict)
+                            and isinstance(item.get("spec"), dict) else i, item)
+                           for i, item in enumerate(entries))
+            else:
+                problems.append(f"cannot restore the queue's {key}, skipping it: a JSON "
+                                f"{type(entries).__name__}")
+                return
+            for name, value in entries:
                 try:
-                    restore(key, value)
+                    restore(name, value)
                 except Exception as e:
-                    problems.append(f"cannot restore {what} {key!r}, skipping it: "
+                    problems.append(f"cannot restore {what} {name!r}, skipping it: "
                                     f"{type(e).__name__}: {e}")
 
-        each(((item.get("spec", {}).get("name", i) if isinstance(item, dict) else i, item)
-              for i, item in enumerate(data.get("waiting", []))), "queued job",
-             lambda _, item: queue.add(QueuedJob.from_dict(item)))
-        each(data.get("ready", {}).items(), "placed job",
-             lambda name, p: queue.ready.__setitem__(name, placement_from_dict(p)))
-        each(data.get("rejected", {}).items(), "rejection",
-             lambda name, r: queue.rejected.__setitem__(name, Rejection(**r)))
-        queue.rejected_owners.update({name: str(owner) for name, owner in
-                                      data.get("rejected_owners", {}).items()})
+        each("waiting", "queued job", lambda _, item: queue.add(QueuedJob.from_dict(item)))
+        each("ready", "placed job", lambda name, p: queue.ready.__setitem__(
+            name, placement_from_dict(p, f"the placement of {name!r}")))
+        each("rejected", "rejection", lambda name, r: queue.rejected.__setitem__(
+            name, Rejection(**saved_fields(Rejection, r, f"the rejection of {name!r}"))))
+        each("rejected_owners", "the owner of rejected job",
+             lambda name, owner: queue.rejected_owners.__setitem__(name, _saved_str(owner)))
         return queue

@@ -56,8 +56,10 @@ from orchestrator.inventory import ClusterState, NodeReport, gpu_families, repor
 from orchestrator.placement import (FITS_WHEN_FREED, Placement, PlacementError, Queued,
                                     Rejection, place, worker_capacity)
 from orchestrator.queue import JobQueue, QueuedJob, allowed_families
+from orchestrator.saved_records import SAVED_STATE_VERSION
 from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, Directive, Outcome, Persist,
                                           RunningJob, SchedulerSettings, StartAgent, Yield)
+from orchestrator.validation import is_int
 
 # CLAIM_SUFFIX (config.py): reservation name of a migration target, held until the handover
 MAX_VICTIMS_TRIED = 64  # bounds one preemption search (a place() call per candidate)
@@ -646,7 +648,8 @@ class SchedulerCore:
 
     # -- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"reservations": self.state.reservations_to_dict(),
+        return {"version": SAVED_STATE_VERSION,
+                "reservations": self.state.reservations_to_dict(),
                 "queue": self.queue.to_dict(),
                 "running": {name: job.to_dict() for name, job in self.running.items()},
                 "preempting": {name: sorted(v) for name, v in self.preempting.items()},
@@ -660,15 +663,20 @@ class SchedulerCore:
         queue was judged against the cluster as it was: it is judged again once the nodes
         have reported (a node may have gone while no scheduler ran)."""
         problems = []
+        version = saved.get("version", 1)
+        if not (is_int(version) and version <= SAVED_STATE_VERSION):
+            problems.append(f"scheduler state saved in format {version!r}, this scheduler "
+                            f"reads format {SAVED_STATE_VERSION} (saved by a newer version?): "
+                            "what it added is left out")
         self._verdicts_due = True
         # (Silent nodes before the running jobs: a job held only there has no reservation.)
         parts = (("reservations", lambda d: problems.extend(self.state.restore_reservations(d))),
-                 ("silent_nodes", self.state.restore_silence),
+                 ("silent_nodes", lambda d: problems.extend(self.state.restore_silence(d))),
                  ("queue", lambda d: setattr(self, "queue", JobQueue.from_dict(
                      d, self.queue.level, self._promote_after, problems))),
                  ("running", lambda d: problems.extend(self._restore_running(d))),
                  ("preempting", lambda d: self.preempting.update(
-                     {n: set(v) for n, v in d.items()})),
+                     {n: set(_saved_names(v)) for n, v in d.items()})),
                  ("excluded_gpus", lambda d: self.excluded_gpus.update(
                      {n: {(str(a), int(b)) for a, b in v} for n, v in d.items()})))
         for key, restore in parts:
@@ -1532,6 +1540,13 @@ class SchedulerCore:
 
 
 # -- small pure helpers ----------------------------------------------------------------------------
+
+def _saved_names(value: object) -> list[str]:
+    """A saved list of job names (the victims of a preemption in progress)."""
+    if not (isinstance(value, list) and all(isinstance(name, str) for name in value)):
+        raise ValueError(f"a list of job names was expected, got {value!r:.60}")
+    return value
+
 
 def _scale_up_reason(plan: tuple[NodeType, int]) -> str:
     node_type, nodes = plan

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement
 from orchestrator.queue import placement_from_dict, placement_to_dict, service_size
+from orchestrator.saved_records import saved_fields, saved_spec
 from orchestrator.validation import is_int, is_number
 
 PREEMPT, MIGRATE, CANCEL = "preempt", "migrate", "cancel"  # the kinds of Yield and Directive
@@ -241,10 +242,21 @@ class RunningJob:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunningJob":
+        """From saved state, every field checked (saved_records)."""
+        fields = saved_fields(cls, data, "running job", RUNNING_JOB_SAVED)
         d = data.get("directive")
         directive = None if d is None else Directive(
-            d["kind"], d["reason"], d["since"], d.get("for_job", ""),
-            None if d.get("target") is None else placement_from_dict(d["target"]))
-        return cls(JobSpec.from_dict(data["spec"]), placement_from_dict(data["placement"]),
-                   data["started_at"], data["enqueued_at"], data.get("preemptions", 0),
-                   data.get("ran_s", 0.0), data.get("last_checkpoint_at"), directive)
+            **saved_fields(Directive, d, "its directive", DIRECTIVE_SAVED),
+            target=None if d.get("target") is None
+            else placement_from_dict(d["target"], "its migration's target"))
+        if directive is not None and directive.kind not in (PREEMPT, MIGRATE, CANCEL):
+            raise ValueError(f"its directive's kind is {directive.kind!r}, not one of "
+                             f"{PREEMPT}, {MIGRATE}, {CANCEL}")
+        return cls(saved_spec(data.get("spec"), "running job"),
+                   placement_from_dict(data.get("placement"), "its placement"),
+                   directive=directive, **fields)
+
+
+# What RunningJob.to_dict saves besides its spec, placement and directive.
+RUNNING_JOB_SAVED = ("started_at", "enqueued_at", "preemptions", "ran_s", "last_checkpoint_at")
+DIRECTIVE_SAVED = ("kind", "reason", "since", "for_job")

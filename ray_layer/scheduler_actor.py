@@ -20,7 +20,7 @@ from orchestrator.config import JobSpec
 from orchestrator.inventory import NodeReport, silent_agent
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.scheduler_core import SchedulerCore
-from orchestrator.scheduler_types import (Outcome, SchedulerSettings, Yield,
+from orchestrator.scheduler_types import (Outcome, Yield,
                                           settings_to_run_with)
 from orchestrator.throughput import ThroughputTable
 from ray_layer.gcs_store import GcsJsonStore
@@ -50,6 +50,9 @@ def _in_scheduler_clock(driver_time: float | None, now: float) -> float | None:
     return now - max(0.0, time.time() - driver_time)
 
 STATE_KEY = "scheduler-state"
+# Waits between reads of the saved state that fail (not unreadable: failed), ~30 s in all: a
+# GCS failing over is back well within it.
+STATE_READ_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 THROUGHPUT_KEY = "throughput"  # the learnt speeds, beside the core's parts in the saved state
 RAY_NODES_REFRESH_S = 1.0  # a flood of reports for unknown nodes asks Ray at most this often
 
@@ -70,10 +73,11 @@ class SchedulerActor:
         self._throughput_unsaved = False
         self.store = GcsJsonStore(STATE_KEY, NAMESPACE)
         saved, unreadable = self._load_state()  # (read once: settings, then the state)
-        self.core = SchedulerCore(self._settings(settings, saved), speed=self._speed)
+        run_with, settings_problem = settings_to_run_with(settings, saved)
+        self.core = SchedulerCore(run_with, speed=self._speed)
         self.lock = threading.RLock()  # Ray's thread and the maintenance thread
         self._ray_checked_at = float("-inf")
-        self._restore(saved, unreadable)
+        self._restore(saved, unreadable, settings_problem, bool(settings))
         self._refresh_ray_view()
         self.core.node_types = _autoscaler_node_types()
         # The last request_resources; None: none made yet, so the first pass makes one, which
@@ -366,49 +370,70 @@ class SchedulerActor:
             self._apply(self.core.ray_usage(available, wall_clock()))
 
     def _load_state(self) -> tuple[dict, Exception | None]:
-        """(what a previous incarnation saved, {} if nothing; the error if it is unreadable)."""
-        try:
-            saved = self.store.load()
-            if saved is not None and not isinstance(saved, dict):
-                raise ValueError(f"a JSON {type(saved).__name__}, not an object")
-            return saved or {}, None
-        except Exception as e:
-            return {}, e
+        """(what a previous incarnation saved, {} if nothing; the error if it is unreadable).
+        A failed read is not an unreadable state: the GCS failing over while Ray restarts
+        this actor made it start empty, and its first save replaced every reservation and
+        queued job. A read is tried again for STATE_READ_WAITS_S, then the actor fails to
+        start (Ray's error names why; the next driver's call makes a new one)."""
+        for wait_s in (*STATE_READ_WAITS_S, None):
+            try:
+                saved = self.store.load()
+                break
+            except ValueError as e:  # JSON or UTF-8 that cannot be decoded
+                return {}, e
+            except Exception as e:
+                if wait_s is None:
+                    raise RuntimeError(f"cannot read the scheduler's saved state (GCS key "
+                                       f"{STATE_KEY!r}): {type(e).__name__}: {e}; not "
+                                       "starting empty, which would replace it") from e
+                log.warning("reading the scheduler's saved state failed (%s); trying again "
+                            "in %gs", e, wait_s)
+                time.sleep(wait_s)
+        if saved is not None and not isinstance(saved, dict):
+            return {}, ValueError(f"a JSON {type(saved).__name__}, not an object")
+        return saved or {}, None
 
-    def _settings(self, given: dict, saved: dict) -> SchedulerSettings:
-        settings, problem = settings_to_run_with(given, saved)
-        if problem:
-            log.error(problem)
-        elif not given and saved.get("settings"):
-            log.warning("scheduler recreated with no settings: running with those saved by "
-                        "its predecessor")
-        return settings
-
-    def _restore(self, saved: dict, unreadable: Exception | None) -> None:
+    def _restore(self, saved: dict, unreadable: Exception | None,
+                 settings_problem: str | None, settings_given: bool) -> None:
         """Reload what a previous incarnation promised. A part that cannot be read (corrupt,
-        or from an older version) is logged and skipped: the scheduler must still start."""
+        or from another version) is logged and skipped: the scheduler must still start. The
+        document as saved is then copied aside first (GcsJsonStore.set_aside), as the next
+        save replaces it: nothing saved is lost to a bad record."""
         if unreadable is not None:
             # Started empty, but as after a restart: nodes get time to report before jobs are
             # judged against a cluster that looks empty.
-            try:
-                kept = f" (kept as {self.store.set_aside()!r})"
-            except Exception:
-                kept = ""
-            log.error("scheduler state in the GCS is unreadable, starting empty%s: %s", kept,
-                      unreadable)
+            log.error("scheduler state in the GCS is unreadable, starting empty (kept as "
+                      "%r): %s", self._set_aside(), unreadable)
             self.core.restored_at = wall_clock()
             return
-        for problem in self.core.restore(saved):
-            log.error(problem)
+        problems = [settings_problem] if settings_problem else []
+        if not settings_given and not settings_problem and saved.get("settings"):
+            log.warning("scheduler recreated with no settings: running with those saved by "
+                        "its predecessor")
+        problems += self.core.restore(saved)
         if THROUGHPUT_KEY in saved:  # states saved before the table existed lack it
-            self.throughput, problems = ThroughputTable.from_dict(saved[THROUGHPUT_KEY])
+            self.throughput, table_problems = ThroughputTable.from_dict(saved[THROUGHPUT_KEY])
+            problems += table_problems
+        if problems:
+            kept = self._set_aside()
             for problem in problems:
-                log.error(problem)
+                log.error("%s (the state as saved is kept as %r)", problem, kept)
         if saved:
             self.core.restored_at = wall_clock()
             log.warning("scheduler restarted: restored %d reservation(s), %d running and %d "
                         "queued job(s)", len(self.core.state.reservations),
                         len(self.core.running), len(self.core.queue))
+
+    def _set_aside(self) -> str:
+        """Copy the saved document aside before a save replaces it; if that fails, the actor
+        does not start (it would replace the only copy)."""
+        try:
+            return self.store.set_aside()
+        except Exception as e:
+            raise RuntimeError(f"cannot keep a copy of the scheduler's saved state (GCS key "
+                               f"{STATE_KEY!r}) that it cannot fully read: "
+                               f"{type(e).__name__}: {e}; not starting, which would replace "
+                               "it") from e
 
 
 def _autoscaler_node_types() -> tuple:

@@ -376,6 +376,57 @@ def test_one_unreadable_entry_of_saved_state_costs_that_entry_alone():
     assert not isinstance(again.submit(cpus("big", 3), "d", T0 + 1).decision, Placement)
 
 
+def test_a_mistyped_saved_field_costs_its_record_and_the_restored_scheduler_runs_on():
+    # A `started_at` of null passed restore, then failed in ray_usage's arithmetic on every
+    # pass (a restarted actor crash-looped); a corrupt rejected_owners lost the whole queue.
+    core = core_with(cpu_node("a", cpus=8))
+    for name in ("j1", "j2", "j3"):
+        core.submit(cpus(name, 1, expected_duration_s=600), "d", T0)
+    core.submit(cpus("w1", 8), "d", T0)
+    core.submit(cpus("w2", 8), "d", T0)
+    core.cancel("w2", "", T0 + 1)  # a rejection (and its owner) kept for w2's driver
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["running"]["j1"]["started_at"] = None
+    saved["running"]["j2"]["placement"]["cpus_per_worker"] = "1"
+    saved["queue"]["rejected_owners"] = ["not", "a", "mapping"]
+    saved["silent_nodes"] = {"gone": [{"job_name": "j3", "node_id": "gone", "cpus": None,
+                                       "gpus": 0}]}
+    again = core_with(cpu_node("a", cpus=8))
+    problems = again.restore(saved)
+    assert sorted(again.running) == ["j3"] and sorted(again.state.reservations) == ["j3"]
+    assert list(again.queue.waiting) == ["w1"]
+    assert any("running job 'j1'" in p and "started_at is None, not a number" in p
+               for p in problems)
+    assert any("running job 'j2'" in p and "cpus_per_worker is '1'" in p for p in problems)
+    assert any("rejected_owners" in p for p in problems)
+    assert any("silent node 'gone'" in p for p in problems)
+    again.ray_usage({"a": {"CPU": 7.0}}, T0 + 2)  # raised TypeError with j1 restored
+    again.tick(T0 + 3)
+    assert {row["job"] for row in again.jobs(T0 + 3)} >= {"j3", "w1"}
+
+
+def test_a_state_saved_by_a_newer_version_is_read_without_what_it_added():
+    # Rolled back after an upgrade: every JobSpec, Placement and Rejection had a field this
+    # version lacks. Each record came back skipped, and their reservations were released.
+    core = core_with(cpu_node("a", cpus=4))
+    core.submit(cpus("run", 2), "d", T0)
+    core.submit(cpus("wait", 4), "d", T0)
+    core.submit(cpus("gone", 4), "d", T0)
+    core.cancel("gone", "", T0 + 1)
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["version"] += 1
+    saved["running"]["run"]["spec"]["new_field"] = 1
+    saved["running"]["run"]["placement"]["new_field"] = 1
+    saved["running"]["run"]["new_field"] = 1
+    saved["queue"]["waiting"][0]["spec"]["new_field"] = 1
+    saved["queue"]["rejected"]["gone"]["new_field"] = 1
+    again = SchedulerCore(core.settings)
+    problems = again.restore(saved)
+    assert len(problems) == 1 and "saved by a newer version" in problems[0]
+    assert again.to_dict() == core.to_dict()
+    assert again.restore(json.loads(json.dumps(core.to_dict()))) == []  # its own: no problem
+
+
 def test_a_running_job_whose_reservation_record_was_lost_holds_its_placement_again():
     core = core_with(cpu_node("a", cpus=4))
     core.submit(cpus("j1", 3), "d", T0)
@@ -921,6 +972,79 @@ def test_a_relaunch_right_after_its_driver_was_killed_is_not_a_second_launch(mon
     assert actor.core.owner_of("run") == "new-driver"
     monkeypatch.setitem(module, "_dead_drivers", lambda: set())  # the other driver lives
     assert isinstance(actor.submit(cpus("run", 2), "third-driver"), Rejection)
+
+
+class _FlakyStore:
+    """The scheduler's GCS document: `loads` answered in turn (an exception raised)."""
+
+    def __init__(self, *loads, set_aside_fails=False):
+        self.loads, self.set_aside_fails, self.kept = list(loads), set_aside_fails, 0
+
+    def load(self):
+        answer = self.loads.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def set_aside(self):
+        if self.set_aside_fails:
+            raise ConnectionError("GCS unavailable")
+        self.kept += 1
+        return "scheduler-state.unreadable.1"
+
+
+def _bare_scheduler_actor(monkeypatch, store):
+    """The scheduler actor's class without Ray: its state loading and restoring alone."""
+    import inspect
+
+    from ray_layer import scheduler_actor
+    from orchestrator.throughput import ThroughputTable
+
+    actor_class = scheduler_actor.SchedulerActor.__ray_metadata__.modified_class
+    actor = object.__new__(actor_class)
+    actor.store, actor.throughput = store, ThroughputTable()
+    actor.core = SchedulerCore(SchedulerSettings())
+    sleeps = []
+    module = inspect.unwrap(actor_class._load_state).__globals__
+    monkeypatch.setattr(module["time"], "sleep", sleeps.append)
+    return actor, sleeps
+
+
+def test_a_failed_read_of_the_saved_state_is_tried_again_never_taken_for_no_state(monkeypatch):
+    # The GCS failing over while Ray restarted the scheduler: the read's error was taken for
+    # an unreadable state, the actor started empty and its first save replaced everything.
+    saved = {"queue": {"waiting": []}}
+    actor, sleeps = _bare_scheduler_actor(
+        monkeypatch, _FlakyStore(ConnectionError("down"), ConnectionError("down"), saved))
+    assert actor._load_state() == (saved, None) and sleeps == [1.0, 2.0]
+    actor, sleeps = _bare_scheduler_actor(monkeypatch, _FlakyStore(*[TimeoutError()] * 6))
+    with pytest.raises(RuntimeError, match="not starting empty"):
+        actor._load_state()
+    assert sum(sleeps) == 31.0
+    actor, _ = _bare_scheduler_actor(monkeypatch, _FlakyStore(ValueError("bad JSON")))
+    state, unreadable = actor._load_state()  # undecodable: unreadable, not retried
+    assert state == {} and isinstance(unreadable, ValueError)
+
+
+def test_a_saved_state_read_in_part_is_kept_aside_before_a_save_replaces_it(monkeypatch):
+    # A skipped record survived only as a log line: the next save overwrote it.
+    core = core_with(cpu_node("a", cpus=4))
+    core.submit(cpus("run", 2), "d", T0)
+    good = json.loads(json.dumps(core.to_dict()))
+    damaged = json.loads(json.dumps(good))
+    damaged["running"]["run"]["started_at"] = "yesterday"
+    actor, _ = _bare_scheduler_actor(monkeypatch, _FlakyStore())
+    actor._restore(good, None, "", False)
+    assert actor.store.kept == 0 and "run" in actor.core.running
+    actor, _ = _bare_scheduler_actor(monkeypatch, _FlakyStore())
+    actor._restore(damaged, None, "", False)
+    assert actor.store.kept == 1 and not actor.core.running
+    actor, _ = _bare_scheduler_actor(monkeypatch, _FlakyStore())
+    actor._restore(good, None, "saved scheduler settings unreadable", False)
+    assert actor.store.kept == 1
+    actor, _ = _bare_scheduler_actor(monkeypatch, _FlakyStore(set_aside_fails=True))
+    with pytest.raises(RuntimeError, match="not starting"):  # no copy: it must not replace it
+        actor._restore(damaged, None, "", False)
 
 
 def test_a_drivers_ctrl_c_withdraws_a_waiting_job_and_leaves_a_running_one_held():
