@@ -137,7 +137,10 @@ class Ingress:
         self._info: dict[str, Any] | None = None
         self._info_at = 0.0
         self.retries: Counter = Counter()  # calls resent after a model replica was lost
-        self._tokenizers: dict[str, Any] = {"bytes": ByteTokenizer()}  # by tokenizer name
+        # By sha256: a name is a file's path, which a new tokenizer can take (a compression's
+        # --out reused, a run directory trained again); the one cached under it went on
+        # encoding prompts with the old vocabulary.
+        self._tokenizers: dict[str, Any] = {ByteTokenizer().sha256: ByteTokenizer()}
         self._state_lock = asyncio.Lock()
         self._state: tuple[float, DeploymentState | str] | None = None  # (when, what)
 
@@ -242,22 +245,22 @@ class Ingress:
 
     async def _encoder(self, info: dict[str, Any]) -> protocol.Encoder:
         """Prompts are encoded with the served model's tokenizer: the byte tokenizer here,
-        another one fetched once from a model replica (by name)."""
-        name = info.get("tokenizer", "bytes")
-        if name in self._tokenizers:
-            return protocol.Encoder(self._tokenizers[name],
-                                    info.get("token_ids", protocol.VOCAB_SIZE))
+        another one fetched once from a model replica (known by its sha256)."""
+        wanted = info["tokenizer_sha256"]
+        token_ids = info.get("token_ids", protocol.VOCAB_SIZE)
+        if wanted in self._tokenizers:
+            return protocol.Encoder(self._tokenizers[wanted], token_ids)
         for attempt in range(TOKENIZER_FETCHES):
             # During a hot reload this call may reach a replica still serving the model
-            # before: its tokenizer is kept under its own name, never under `name`.
+            # before: its tokenizer is kept as what it is, never as the one wanted.
             tokenizer = await self._with_retries(
                 lambda: self._answer(self.model.tokenizer.remote()))
-            self._tokenizers[tokenizer.name] = tokenizer
-            if tokenizer.name == name:
-                return protocol.Encoder(tokenizer, info.get("token_ids", protocol.VOCAB_SIZE))
+            self._tokenizers[tokenizer.sha256] = tokenizer
+            if tokenizer.sha256 == wanted:
+                return protocol.Encoder(tokenizer, token_ids)
             await asyncio.sleep(0.1 * (attempt + 1))
-        raise APIError(503, f"the model is being reloaded (its tokenizer {name} is not on "
-                            f"every replica yet); retry shortly", type="server_error",
+        raise APIError(503, f"the model is being reloaded (its tokenizer {info.get('tokenizer')} "
+                            "is not on every replica yet); retry shortly", type="server_error",
                        code="reloading")
 
     async def _model_info(self, max_age_s: float) -> dict[str, Any]:

@@ -652,6 +652,7 @@ class GPTModel:
         model_ids = int(getattr(getattr(loaded.model, "config", None), "vocab_size",
                                 loaded.tokenizer.vocab_size))
         return {**loaded.info(), "tokenizer": loaded.tokenizer.name,
+                "tokenizer_sha256": loaded.tokenizer.sha256,
                 "token_ids": min(model_ids, loaded.tokenizer.vocab_size),
                 "batching": self.runtime.batching if self.runtime else None,
                 "kv_cache_tokens": limits.num_blocks * limits.block_tokens,

@@ -72,8 +72,9 @@ def ingress(model, **settings):
     return node
 
 
-def tokenizer(name):
-    return SimpleNamespace(name=name, vocab_size=256, eos_id=None)
+def tokenizer(name, sha256=None):
+    return SimpleNamespace(name=name, sha256=sha256 or f"sha-of-{name}", vocab_size=256,
+                           eos_id=None)
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +84,7 @@ def no_metrics(monkeypatch):
     monkeypatch.setattr(serve_app, "record", lambda *args, **kwargs: None)
 
 
-def test_during_a_reload_a_tokenizer_is_kept_only_under_its_own_name():
+def test_during_a_reload_a_tokenizer_is_kept_only_as_what_it_is():
     # A hot reload changes the tokenizer; the fetch reaches replicas still on the old model
     # twice before one on the new model answers.
     answers = [tokenizer("old"), tokenizer("old"), tokenizer("new")]
@@ -91,10 +92,11 @@ def test_during_a_reload_a_tokenizer_is_kept_only_under_its_own_name():
     async def fetch():
         return answers.pop(0)
     node = ingress(SimpleNamespace(tokenizer=Remote(fetch)))
-    info = {"tokenizer": "new", "token_ids": 256}
+    info = {"tokenizer": "new", "tokenizer_sha256": "sha-of-new", "token_ids": 256}
     encoder = asyncio.run(node._encoder(info))
     assert encoder.tokenizer.name == "new"
-    assert {name: t.name for name, t in node._tokenizers.items()} == {"old": "old", "new": "new"}
+    assert {sha: t.name for sha, t in node._tokenizers.items()} == {
+        "sha-of-old": "old", "sha-of-new": "new"}
 
     # Never on the new model within the tries: a 503 to retry, nothing cached as "new".
     answers[:] = [tokenizer("old")] * 3
@@ -102,7 +104,22 @@ def test_during_a_reload_a_tokenizer_is_kept_only_under_its_own_name():
     with pytest.raises(APIError) as refused:
         asyncio.run(node._encoder(info))
     assert refused.value.status == 503 and refused.value.code == "reloading"
-    assert list(node._tokenizers) == ["old"]
+    assert list(node._tokenizers) == ["sha-of-old"]
+
+
+def test_a_new_tokenizer_at_the_path_of_an_old_one_is_fetched_not_taken_from_the_cache():
+    # A compression's --out reused with another teacher: the same file name, another
+    # vocabulary. Cached by name, prompts went on being encoded with the old one.
+    answers = [tokenizer("/models/out/tokenizer.json", "sha-1"),
+               tokenizer("/models/out/tokenizer.json", "sha-2")]
+
+    async def fetch():
+        return answers.pop(0)
+    node = ingress(SimpleNamespace(tokenizer=Remote(fetch)))
+    for sha in ("sha-1", "sha-2"):
+        info = {"tokenizer": "/models/out/tokenizer.json", "tokenizer_sha256": sha,
+                "token_ids": 256}
+        assert asyncio.run(node._encoder(info)).tokenizer.sha256 == sha
 
 
 def test_a_stream_whose_client_left_before_it_started_cancels_its_prompts():
