@@ -29,8 +29,9 @@ from orchestrator.training.data_plan import (DataSetup, check_trainable, configu
                                              default_cache_root, resume_data_conflicts)
 from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed,
                                   run_job)
-from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, read_metrics,
-                              resolve_run_dir, unused_checkpoints_warning)
+from orchestrator.runs import (DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError, has_checkpoints,
+                              read_metrics, resolve_run_dir, say_set_aside,
+                              set_aside_earlier_history, unused_checkpoints_warning)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
 from orchestrator.training.memory import gpu_memory_needed_gb, memory_lines
@@ -395,6 +396,8 @@ def run(args: argparse.Namespace) -> dict | None:
         # Written once the data is known good; a run refused after (no cluster at --address,
         # not placeable) takes the directory it made away again: nothing is left behind.
         made_run_dir = not run_dir.exists()
+        if not args.resume:
+            say_set_aside(set_aside_earlier_history(run_dir))
         _write_resolved_config(run_dir, train_config, spec, setup.tokenizer)
         try:
             launched = launch(train_under_ray, {"train": train_config.to_dict(),
@@ -444,7 +447,7 @@ def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
         done = max((r["step"] for r in logged if isinstance(r.get("step"), int)
                     and Path(r["checkpoint"]).exists()), default=0)
     else:  # a run whose log records no checkpoint: its summary
-        done = (_read_json(run_dir / "summary.json") or {}).get("steps") or 0
+        done = (_read_json(run_dir / SUMMARY_FILE) or {}).get("steps") or 0
     if done < train_config.max_steps:
         return False
     _say_nothing_to_do(f"{run_dir} is already at step {done}", train_config)
@@ -536,7 +539,7 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         "run_dir": str(run_dir),
         "elapsed_s": round(elapsed_s, 1),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     start = summary["resumed_from_step"]
     # (a resumed run's figures are this leg's: its first loss is the resumed step's, not 0's)
     trained = (f"trained steps {start} -> {summary['steps']} (resumed)" if start else
@@ -552,7 +555,7 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
     if not summary["placement_honoured"]:
         print(f"warning: workers ran on {actual}, not where placed: {placement.worker_nodes}",
               file=sys.stderr)
-    print(f"checkpoint: {summary['checkpoint']}\nsummary:    {run_dir / 'summary.json'}")
+    print(f"checkpoint: {summary['checkpoint']}\nsummary:    {run_dir / SUMMARY_FILE}")
     return summary
 
 

@@ -39,7 +39,8 @@ from orchestrator.config import ConfigError, JobSpec
 from orchestrator.entrypoints import accepts_config, local_modules
 from orchestrator.job_exit import EXIT_BAD_INPUT, JobFailed
 from orchestrator.job_file import launcher_problems
-from orchestrator.runs import (DEFAULT_RUNS_ROOT, has_checkpoints, unused_checkpoints_warning,
+from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, say_set_aside,
+                               set_aside_earlier_history, unused_checkpoints_warning,
                                writable_dir_problem)
 from orchestrator.validation import is_int
 
@@ -80,6 +81,11 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
         warning = unused_checkpoints_warning(directory)
         if warning:
             print(f"warning: resume: {warning}", file=sys.stderr)
+    else:
+        try:
+            say_set_aside(set_aside_earlier_history(directory))
+        except RunDirError as e:
+            raise JobFailed(str(e), EXIT_BAD_INPUT) from None
     from ray_layer.launch import launch
 
     return launch(per_worker, config or {}, spec, directory, address=address,

@@ -10,11 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 METRICS_LOG = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"  # jobs/pretrain.py's, at the end of a run
 
 DEFAULT_RUNS_ROOT = Path(os.environ.get("ORCHESTRATOR_RUNS_DIR", "~/orchestrator-runs"))
 
@@ -112,6 +114,38 @@ def unused_checkpoints_warning(run_dir: Path) -> str | None:
     return (f"Ray Train registered none of the run's {len(unused)} checkpoint(s) ({names}): "
             "the run was stopped while it reported its first, so it starts again from step "
             "0; they may be deleted")
+
+
+def set_aside_earlier_history(run_dir: Path) -> list[Path]:
+    """Before a new run (not a resume) in `run_dir`: an earlier run's metrics.jsonl and
+    summary.json, left by a run that stopped before its first checkpoint (one with checkpoints
+    is refused), renamed `<name>.before-<its time>.<ext>`. The new run's reports were appended
+    to that history: `logs` showed two runs as one, steps 1.. twice. Returns the new names."""
+    moved = []
+    for name in (METRICS_LOG, SUMMARY_FILE):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        stamp = dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+        target, n = path.with_name(f"{path.stem}.before-{stamp}{path.suffix}"), 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.stem}.before-{stamp}-{n}{path.suffix}")
+        try:
+            path.rename(target)
+        except OSError as e:
+            raise RunDirError(f"cannot set aside the earlier run's {path} before a new run "
+                              f"in {run_dir}: {e.strerror or e}") from None
+        moved.append(target)
+    return moved
+
+
+def say_set_aside(moved: list[Path]) -> None:
+    """Tell the user where set_aside_earlier_history put the earlier run's files."""
+    if moved:
+        print(f"note: a new run in {moved[0].parent}: the earlier run's "
+              f"{', '.join(p.name for p in moved)} kept beside it (it stopped before its first "
+              "checkpoint)", file=sys.stderr)
 
 
 def new_run_dir(root: Path, prefix: str, now: dt.datetime) -> Path:

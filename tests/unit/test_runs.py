@@ -123,3 +123,19 @@ def test_a_run_dir_that_cannot_be_looked_at_is_named_not_a_traceback(tmp_path, m
         return real_exists(self, *args, **kwargs)
     monkeypatch.setattr(Path, "exists", no_search)
     assert "Permission denied" in writable_dir_problem(tmp_path / "locked" / "run")
+
+
+def test_a_new_run_sets_aside_the_history_of_one_that_stopped_before_any_checkpoint(tmp_path):
+    # The new run's reports were appended to the old run's: `logs` showed steps 1.. twice.
+    from orchestrator.runs import SUMMARY_FILE, set_aside_earlier_history
+
+    append_metrics(tmp_path, {"step": 1, "loss": 5.0}, None)
+    (tmp_path / SUMMARY_FILE).write_text('{"steps": 1}\n')
+    moved = set_aside_earlier_history(tmp_path)
+    assert [p.name.split(".before-")[0] for p in moved] == ["metrics", "summary"]
+    assert read_metrics(tmp_path) == [] and not (tmp_path / SUMMARY_FILE).exists()
+    assert '"loss": 5.0' in moved[0].read_text()  # kept, not lost
+    append_metrics(tmp_path, {"step": 1, "loss": 4.0}, None)  # a third run, same second
+    again = set_aside_earlier_history(tmp_path)
+    assert len(again) == 1 and again[0] != moved[0] and moved[0].exists()
+    assert set_aside_earlier_history(tmp_path) == []  # nothing earlier: nothing moved
