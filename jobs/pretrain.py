@@ -29,6 +29,7 @@ from orchestrator.training.data_plan import (DataSetup, check_trainable, configu
                                              default_cache_root, resume_data_conflicts)
 from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed,
                                   run_job)
+from orchestrator.launch import refuse_what_embedded_ray_cannot_hold
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError, has_checkpoints,
                               read_metrics, resolve_run_dir, say_set_aside,
                               set_aside_earlier_history, unused_checkpoints_warning)
@@ -375,6 +376,7 @@ def run(args: argparse.Namespace) -> dict | None:
             return None
         if args.resume:
             _warn_unregistered(run_dir)
+        refuse_what_embedded_ray_cannot_hold(spec, args.address)
     except (ConfigError, RunDirError, DataError, TokenizerError, ExportError) as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
 

@@ -31,13 +31,14 @@ ray_layer/user_loop.py), imported when called.
 from __future__ import annotations
 
 import importlib.machinery
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.entrypoints import accepts_config, local_modules
-from orchestrator.job_exit import EXIT_BAD_INPUT, JobFailed
+from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.job_file import launcher_problems
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, say_set_aside,
                                set_aside_earlier_history, unused_checkpoints_warning,
@@ -86,6 +87,7 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
             say_set_aside(set_aside_earlier_history(directory))
         except RunDirError as e:
             raise JobFailed(str(e), EXIT_BAD_INPUT) from None
+    refuse_what_embedded_ray_cannot_hold(spec, address)
     from ray_layer.launch import launch
 
     return launch(per_worker, config or {}, spec, directory, address=address,
@@ -141,6 +143,24 @@ def prepare_fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] |
     if problem:
         raise JobFailed(problem, EXIT_BAD_INPUT)
     return per_worker, directory
+
+
+def refuse_what_embedded_ray_cannot_hold(spec: JobSpec, address: str | None) -> None:
+    """JobFailed (EXIT_NOT_PLACEABLE) for a job that asks more CPUs than this machine has when
+    it would run on an embedded Ray (no address, no RAY_ADDRESS, Ray not started here): the
+    scheduler refused it only once Ray and the node agents had started, some seconds on. The
+    machine's CPU count is at least what Ray counts (it may count fewer, under a cgroup
+    limit), so nothing Ray would hold is refused here."""
+    ray = sys.modules.get("ray")
+    if address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        return
+    cpus = os.cpu_count() or 1
+    if spec.total_cpus > cpus:
+        raise JobFailed(
+            f"job '{spec.name}' asks {spec.num_workers} worker(s) x {spec.cpus_per_worker:g} "
+            f"CPUs = {spec.total_cpus:g} CPUs, and this machine has {cpus} (no --address: an "
+            "embedded Ray on this machine); use fewer workers or CPUs per worker, or give "
+            "--address of a cluster", EXIT_NOT_PLACEABLE)
 
 
 def report(metrics: dict[str, Any], checkpoint=None) -> None:

@@ -943,3 +943,21 @@ def test_logs_read_by_a_reader_that_stops_early_end_quietly(tmp_path):
     reader.stdout.close()  # what `head` does once it has its lines
     assert reader.wait(timeout=60) == 0
     assert "Traceback" not in reader.stderr.read()
+
+
+def test_a_job_larger_than_this_machine_is_refused_before_an_embedded_ray_starts(monkeypatch):
+    # Refused only once Ray and the node agents had started, some seconds on.
+    from orchestrator.job_exit import EXIT_NOT_PLACEABLE, JobFailed
+    from orchestrator.launch import refuse_what_embedded_ray_cannot_hold
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    big = JobSpec("big", num_workers=3, cpus_per_worker=2)
+    with pytest.raises(JobFailed) as refused:
+        refuse_what_embedded_ray_cannot_hold(big, None)
+    assert refused.value.exit_code == EXIT_NOT_PLACEABLE
+    assert "3 worker(s) x 2 CPUs = 6 CPUs, and this machine has 4" in str(refused.value)
+    refuse_what_embedded_ray_cannot_hold(JobSpec("fits", num_workers=2, cpus_per_worker=2), None)
+    refuse_what_embedded_ray_cannot_hold(big, "10.0.0.1:6379")  # a cluster: its scheduler's
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    refuse_what_embedded_ray_cannot_hold(big, None)
