@@ -31,7 +31,7 @@ from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEAB
                                   run_job)
 from orchestrator.launch import refuse_what_embedded_ray_cannot_hold
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError, has_checkpoints,
-                              read_metrics, resolve_run_dir, say_set_aside,
+                              RUN_LOCK, read_metrics, resolve_run_dir, run_dir_held, say_set_aside,
                               set_aside_earlier_history, unused_checkpoints_warning)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
@@ -398,20 +398,21 @@ def run(args: argparse.Namespace) -> dict | None:
         # Written once the data is known good; a run refused after (no cluster at --address,
         # not placeable) takes the directory it made away again: nothing is left behind.
         made_run_dir = not run_dir.exists()
-        if not args.resume:
-            say_set_aside(set_aside_earlier_history(run_dir))
-        _write_resolved_config(run_dir, train_config, spec, setup.tokenizer)
-        try:
-            launched = launch(train_under_ray, {"train": train_config.to_dict(),
-                                                "min_gpu_memory_gb": spec.min_gpu_memory_gb},
-                              spec, run_dir, address=args.address,
-                              queue_timeout_s=args.queue_timeout,
-                              max_failures=args.max_failures,
-                              keep_checkpoints=train_config.keep_checkpoints)
-        except JobFailed as e:
-            if made_run_dir and e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE):
-                _remove_if_untouched(run_dir)
-            raise
+        with run_dir_held(run_dir):
+            if not args.resume:
+                say_set_aside(set_aside_earlier_history(run_dir))
+            _write_resolved_config(run_dir, train_config, spec, setup.tokenizer)
+            try:
+                launched = launch(train_under_ray, {"train": train_config.to_dict(),
+                                                    "min_gpu_memory_gb": spec.min_gpu_memory_gb},
+                                  spec, run_dir, address=args.address,
+                                  queue_timeout_s=args.queue_timeout,
+                                  max_failures=args.max_failures,
+                                  keep_checkpoints=train_config.keep_checkpoints)
+            except JobFailed as e:
+                if made_run_dir and e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE):
+                    _remove_if_untouched(run_dir)
+                raise
     except RunDirError as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
     finally:
@@ -483,7 +484,7 @@ def _write_resolved_config(run_dir: Path, train_config: TrainConfig, spec: JobSp
 
 def _remove_if_untouched(run_dir: Path) -> None:
     """Remove a run directory that holds only what _write_resolved_config put there."""
-    written = {"config.json", TOKENIZER_FILE}
+    written = {"config.json", TOKENIZER_FILE, RUN_LOCK}
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= written:
         for name in written:
             (run_dir / name).unlink(missing_ok=True)

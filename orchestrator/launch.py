@@ -40,7 +40,8 @@ from orchestrator.config import ConfigError, JobSpec
 from orchestrator.entrypoints import accepts_config, local_modules
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.job_file import launcher_problems
-from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, say_set_aside,
+from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, run_dir_held,
+                               say_set_aside,
                                set_aside_earlier_history, unused_checkpoints_warning,
                                writable_dir_problem)
 from orchestrator.validation import is_int
@@ -82,17 +83,18 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
         warning = unused_checkpoints_warning(directory)
         if warning:
             print(f"warning: resume: {warning}", file=sys.stderr)
-    else:
-        try:
-            say_set_aside(set_aside_earlier_history(directory))
-        except RunDirError as e:
-            raise JobFailed(str(e), EXIT_BAD_INPUT) from None
     refuse_what_embedded_ray_cannot_hold(spec, address)
     from ray_layer.launch import launch
 
-    return launch(per_worker, config or {}, spec, directory, address=address,
-                  queue_timeout_s=queue_timeout_s, max_failures=max_failures,
-                  keep_checkpoints=keep_checkpoints, runtime_env=runtime_env)
+    try:
+        with run_dir_held(directory):
+            if not resume:
+                say_set_aside(set_aside_earlier_history(directory))
+            return launch(per_worker, config or {}, spec, directory, address=address,
+                          queue_timeout_s=queue_timeout_s, max_failures=max_failures,
+                          keep_checkpoints=keep_checkpoints, runtime_env=runtime_env)
+    except RunDirError as e:
+        raise JobFailed(str(e), EXIT_BAD_INPUT) from None
 
 
 def prepare_fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None,

@@ -7,13 +7,15 @@ restarts, where Ray Train's result keeps only the last report).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 METRICS_LOG = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"  # jobs/pretrain.py's, at the end of a run
@@ -138,6 +140,36 @@ def set_aside_earlier_history(run_dir: Path) -> list[Path]:
                               f"in {run_dir}: {e.strerror or e}") from None
         moved.append(target)
     return moved
+
+
+RUN_LOCK = ".run.lock"  # held (flock) by the process running a run, for the run's life
+
+
+@contextlib.contextmanager
+def run_dir_held(run_dir: Path) -> Iterator[None]:
+    """This process's claim on `run_dir` while its run runs: a second run started in the same
+    directory meanwhile is refused (RunDirError naming the holder). Two launches without
+    --address start two embedded Rays, whose schedulers know nothing of each other: both
+    trained into one directory. The lock file stays (a lock is released when its holder
+    exits, however it exits)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / RUN_LOCK, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise RunDirError(f"run dir {run_dir} is in use by another run on this machine "
+                          f"({holder}); wait for it to end, or use another run dir or job "
+                          "name") from None
+    try:
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()}, since {dt.datetime.now():%Y-%m-%d %H:%M:%S}\n")
+        lock.flush()
+        yield
+    finally:
+        lock.close()
 
 
 def say_set_aside(moved: list[Path]) -> None:

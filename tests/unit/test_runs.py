@@ -139,3 +139,19 @@ def test_a_new_run_sets_aside_the_history_of_one_that_stopped_before_any_checkpo
     again = set_aside_earlier_history(tmp_path)
     assert len(again) == 1 and again[0] != moved[0] and moved[0].exists()
     assert set_aside_earlier_history(tmp_path) == []  # nothing earlier: nothing moved
+
+
+def test_a_second_run_in_a_run_dir_in_use_is_refused_naming_the_holder(tmp_path):
+    # Two launches without --address (two embedded Rays) trained into one directory.
+    import os
+
+    from orchestrator.runs import run_dir_held
+
+    run_dir = tmp_path / "job"
+    with run_dir_held(run_dir):
+        with pytest.raises(RunDirError, match=f"in use by another run on this machine "
+                                              f"\\(pid {os.getpid()}, since "):
+            with run_dir_held(run_dir):
+                pass
+    with run_dir_held(run_dir):  # released when the first run ended
+        pass
