@@ -50,7 +50,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
-from orchestrator.autoscaling import NodeType, resource_bundles, scale_up_plan
+from orchestrator.autoscaling import (NodeType, cluster_max_workers_note, resource_bundles,
+                                      scale_up_plan)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import ClusterState, NodeReport, gpu_families, report_problem
 from orchestrator.placement import (FITS_WHEN_FREED, Placement, PlacementError, Queued,
@@ -948,7 +949,7 @@ class SchedulerCore:
         plan = scale_up_plan(spec, self.node_types) if rejection is not None else None
         if plan is None:
             self.awaiting_since.pop(spec.name, None)
-            return rejection
+            return self._with_cluster_max_workers_note(rejection, spec)
         since = self.awaiting_since.setdefault(spec.name, now)
         if now - since <= self.settings.scale_up_timeout_s:
             return None  # it waits for the autoscaler (scale_up_requests)
@@ -958,6 +959,15 @@ class SchedulerCore:
             f"{rejection.message}\n  waited {now - since:.0f} s (scale_up_timeout_s) for the "
             f"autoscaler to add {nodes} x {node_type.name} node(s), and the nodes that joined "
             "do not hold it (do their labels promise more than they report?)"))
+
+    def _with_cluster_max_workers_note(self, rejection: Rejection | None,
+                                       spec: JobSpec) -> Rejection | None:
+        """A job refused although a node type would hold it, but for the cluster's
+        max_workers: the reason says so (not only what the nodes up lack)."""
+        note = cluster_max_workers_note(spec, self.node_types) if rejection else None
+        if note is None:
+            return rejection
+        return dataclasses.replace(rejection, message=f"{rejection.message}\n  {note}")
 
     def _new_nodes_plan(self, spec: JobSpec, now: float) -> tuple[NodeType, int] | None:
         """(node type, nodes) when only nodes the autoscaler can add would hold the job, else

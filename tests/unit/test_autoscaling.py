@@ -161,3 +161,23 @@ def test_a_node_that_never_reports_does_not_hold_the_request_for_ever(aws_types)
     assert core.scale_up_requests(T0 + 11) is None  # just joined: not known yet
     core.cancel("train", "d", T0 + 12)
     assert core.scale_up_requests(T0 + 10 + 60) == []  # later: nothing held for it
+
+
+def test_the_clusters_max_workers_bounds_a_plan():
+    """Only each node type's max_workers was read: a 32-GPU job planned 4 A100 nodes in a
+    cluster of max_workers 2, waited scale_up_timeout_s for nodes Ray never launches and was
+    then rejected blaming the nodes' labels."""
+    a100 = {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1}, "max_workers": 10}
+    types = node_types_from_config({"max_workers": 2, "available_node_types": {"a100": a100}})
+    sixteen = JobSpec("j", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    assert scale_up_plan(sixteen, types)[1] == 2
+    big = JobSpec("big", num_workers=32, gpus_per_worker=1, accelerator_types=("A100",))
+    assert scale_up_plan(big, types) is None
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = types
+    refused = core.submit(big, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert "4 x a100 node(s)" in refused.message and "max_workers is 2" in refused.message
+    for bad in ("many", -1):
+        with pytest.raises(ValueError, match="cluster config's max_workers"):
+            node_types_from_config({"max_workers": bad, "available_node_types": {"a100": a100}})
