@@ -534,7 +534,7 @@ class SchedulerCore:
         expired, lost = self.state.expire(now)
         outcome = Outcome({"expired": expired, "lost_reservations": lost})
         self.awaiting_since = {name: since for name, since in self.awaiting_since.items()
-                               if name in self.queue.waiting}
+                               if self._waits_for_new_nodes(name, now)}
         # GPUs excluded for a job that has gone (its driver died, it was rejected): not a
         # later job's of that name
         self.excluded_gpus = {name: gpus for name, gpus in self.excluded_gpus.items()
@@ -948,6 +948,14 @@ class SchedulerCore:
         return dataclasses.replace(rejection, fits_when_free=True, message=(
             f"{rejection.message}\n  {missing} node(s) Ray lists alive have not reported yet "
             "(did the scheduler restart?): waiting for them"))
+
+    def _waits_for_new_nodes(self, job_name: str, now: float) -> bool:
+        """The job waits in the queue for nodes not up yet (or not known yet: nodes have not
+        reported). Not once the cluster as it is, idle, would hold it: it then waits for
+        running jobs, and scale_up_timeout_s, a bound on waiting for nodes, must not run."""
+        job = self.queue.waiting.get(job_name)
+        return job is not None and (self._unknown_nodes(now) > 0
+                                    or self._new_nodes_plan(job.spec, now) is not None)
 
     def _never_fits(self, spec: JobSpec, now: float) -> Rejection | None:
         """A rejection when the job cannot fit even the idle healthy cluster, nor nodes the

@@ -204,6 +204,28 @@ def test_nodes_asked_for_a_waiting_job_stay_asked_for_until_it_leaves_the_queue(
     assert core.scale_up_requests(T0 + 503) == []
 
 
+def test_the_scale_up_clock_stops_while_the_job_only_waits_for_running_jobs(aws_types):
+    """The scale_up_timeout_s clock kept counting while the job only waited for a running job
+    (it fitted the idle cluster): when the node that joined for it was lost later, the job was
+    rejected at once, "the nodes that joined do not hold it"."""
+    core = core_with(gpu_node("a1", gpus=8, family="A100", cpus=96), cpu_node("cpu", cpus=16),
+                     scale_up_timeout_s=600.0)
+    core.node_types = aws_types
+    core.submit(JobSpec("x", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",)),
+                "dx", T0)
+    y = JobSpec("y", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    assert isinstance(core.submit(y, "dy", T0 + 1).decision, Queued)
+    core.ray_nodes({"a1", "cpu", "a2"}, set(), T0 + 300)
+    core.report(gpu_node("a2", gpus=8, family="A100", cpus=96), T0 + 300)
+    core.tick(T0 + 301)  # y fits the cluster as it is now: it waits for x, not for nodes
+    core.ray_nodes({"a1", "cpu"}, {"a2"}, T0 + 900)  # a2 lost: y waits for a node again
+    core.tick(T0 + 901)
+    still = core.poll("y", "dy", T0 + 902).decision
+    assert isinstance(still, Queued) and "autoscaler" in still.reason, still
+    core.tick(T0 + 900 + 601)  # its clock began when it needed nodes again
+    assert isinstance(core.poll("y", "dy", T0 + 1502).decision, Rejection)
+
+
 def test_the_clusters_max_workers_bounds_a_plan():
     """Only each node type's max_workers was read: a 32-GPU job planned 4 A100 nodes in a
     cluster of max_workers 2, waited scale_up_timeout_s for nodes Ray never launches and was
