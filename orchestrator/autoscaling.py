@@ -18,6 +18,7 @@ the request; the core (scheduler_core.py) decides which waiting jobs need one.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,9 @@ class NodeType:
     gpu_memory_gb: float | None
     network_gbps: float | None  # between nodes of this type (its network-gbps label)
     max_workers: int
+    # The config's top-level max_workers: Ray launches no more worker nodes than this, of all
+    # types together (None: the config sets none)
+    cluster_max_workers: int | None = None
 
     def workers_per_node(self, spec: JobSpec) -> int:
         by_cpu = math.floor(self.cpus / spec.cpus_per_worker + 1e-9) \
@@ -62,9 +66,26 @@ def node_types_from_config(config: dict[str, Any]) -> tuple[NodeType, ...]:
     if not isinstance(types, dict):
         raise ValueError("the cluster config has no available_node_types mapping")
     head = config.get("head_node_type")
+    cluster_max = _cluster_max_workers(config)
     default_max = config.get("max_workers", 0)
-    return tuple(_node_type(name, t, default_max) for name, t in types.items()
-                 if name != head)
+    return tuple(dataclasses.replace(_node_type(name, t, default_max),
+                                     cluster_max_workers=cluster_max)
+                 for name, t in types.items() if name != head)
+
+
+def _cluster_max_workers(config: dict[str, Any]) -> int | None:
+    """The config's top-level max_workers (None when absent); ValueError naming it."""
+    raw = config.get("max_workers")
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = -1
+    if value < 0:
+        raise ValueError(f"the cluster config's max_workers must be a whole number >= 0, "
+                         f"not {raw!r}")
+    return value
 
 
 def _node_type(name: str, raw: Any, default_max: Any) -> NodeType:
@@ -96,9 +117,9 @@ def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...]
                   ) -> tuple[NodeType, int] | None:
     """The node type, and how many nodes of it, that would hold all of `spec`'s workers on
     their own (families, GPU count and memory, CPUs, the bandwidth floor between nodes of one
-    type, its max_workers); for a CPU job a type without GPUs first, then the fewest nodes,
-    then the fewest idle GPUs. None when no type can: the job can never run here,
-    autoscaling or not."""
+    type, its max_workers and the cluster's); for a CPU job a type without GPUs first, then
+    the fewest nodes, then the fewest idle GPUs. None when no type can: the job can never run
+    here, autoscaling or not."""
     best = None
     families = {f.upper() for f in spec.accelerator_types}
     for node_type in node_types:
@@ -115,7 +136,7 @@ def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...]
         if per_node < 1:
             continue
         nodes = math.ceil(spec.num_workers / per_node)
-        if nodes > node_type.max_workers:
+        if nodes > node_type.max_workers or _beyond_cluster_max(node_type, nodes):
             continue
         if nodes > 1 and spec.min_bandwidth_gbps and (
                 node_type.network_gbps is None
@@ -127,6 +148,24 @@ def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...]
         if best is None or key < best[0]:
             best = (key, node_type, nodes)
     return None if best is None else (best[1], best[2])
+
+
+def _beyond_cluster_max(node_type: NodeType, nodes: int) -> bool:
+    # (Nodes of other types already up count against it too; they are not known here.)
+    return node_type.cluster_max_workers is not None and nodes > node_type.cluster_max_workers
+
+
+def cluster_max_workers_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
+    """Why no plan holds `spec` when only the cluster's max_workers stands in the way (a type
+    would hold it with more nodes than the cluster may have), else None."""
+    cap = next((t.cluster_max_workers for t in node_types), None)  # (every type's alike)
+    uncapped = tuple(dataclasses.replace(t, cluster_max_workers=None) for t in node_types)
+    plan = scale_up_plan(spec, uncapped) if cap is not None else None
+    if plan is None:
+        return None
+    node_type, nodes = plan
+    return (f"the autoscaler would need to add {nodes} x {node_type.name} node(s), but the "
+            f"cluster config's max_workers is {cap}")
 
 
 def resource_bundles(spec: JobSpec, node_type: NodeType) -> list[dict[str, float]]:

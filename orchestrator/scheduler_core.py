@@ -50,7 +50,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
-from orchestrator.autoscaling import NodeType, resource_bundles, scale_up_plan
+from orchestrator.autoscaling import (NodeType, cluster_max_workers_note, resource_bundles,
+                                      scale_up_plan)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import ClusterState, NodeReport, gpu_families, report_problem
 from orchestrator.placement import (FITS_WHEN_FREED, Placement, PlacementError, Queued,
@@ -138,6 +139,10 @@ class SchedulerCore:
         self.node_types: tuple[NodeType, ...] = ()
         self._awaits_memo: tuple[float, dict] = (math.nan, {})
         self.awaiting_since: dict[str, float] = {}  # job -> when it began waiting for nodes
+        # Waiting job -> the worker bundles asked of the autoscaler for it, kept until it
+        # leaves the queue: withdrawn once its nodes joined but while it still waits (for a
+        # running job), they would sit idle and be removed, and it would ask again.
+        self.nodes_asked: dict[str, list[dict[str, float]]] = {}
         self._alive_changed_at = -math.inf  # when Ray's alive set last changed
         # A waiting job was kept although it may never fit, as nodes had not reported: once
         # they have (or suspect_after_s passed), the queue is judged again (report and tick)
@@ -531,7 +536,7 @@ class SchedulerCore:
         expired, lost = self.state.expire(now)
         outcome = Outcome({"expired": expired, "lost_reservations": lost})
         self.awaiting_since = {name: since for name, since in self.awaiting_since.items()
-                               if name in self.queue.waiting}
+                               if self._waits_for_new_nodes(name, now)}
         # GPUs excluded for a job that has gone (its driver died, it was rejected): not a
         # later job's of that name
         self.excluded_gpus = {name: gpus for name, gpus in self.excluded_gpus.items()
@@ -654,6 +659,7 @@ class SchedulerCore:
                 "running": {name: job.to_dict() for name, job in self.running.items()},
                 "preempting": {name: sorted(v) for name, v in self.preempting.items()},
                 "excluded_gpus": {name: sorted(v) for name, v in self.excluded_gpus.items()},
+                "nodes_asked": self.nodes_asked,
                 "silent_nodes": self.state.silence_to_dict(),
                 "settings": dataclasses.asdict(self.settings)}
 
@@ -678,7 +684,10 @@ class SchedulerCore:
                  ("preempting", lambda d: self.preempting.update(
                      {n: set(_saved_names(v)) for n, v in d.items()})),
                  ("excluded_gpus", lambda d: self.excluded_gpus.update(
-                     {n: {(str(a), int(b)) for a, b in v} for n, v in d.items()})))
+                     {n: {(str(a), int(b)) for a, b in v} for n, v in d.items()})),
+                 # (a restarted scheduler keeps asking for the nodes of jobs still waiting)
+                 ("nodes_asked", lambda d: self.nodes_asked.update(
+                     {str(n): [dict(b) for b in v] for n, v in d.items()})))
         for key, restore in parts:
             try:
                 restore(saved.get(key, {}))
@@ -948,6 +957,14 @@ class SchedulerCore:
             f"{rejection.message}\n  {missing} node(s) Ray lists alive have not reported yet "
             "(did the scheduler restart?): waiting for them"))
 
+    def _waits_for_new_nodes(self, job_name: str, now: float) -> bool:
+        """The job waits in the queue for nodes not up yet (or not known yet: nodes have not
+        reported). Not once the cluster as it is, idle, would hold it: it then waits for
+        running jobs, and scale_up_timeout_s, a bound on waiting for nodes, must not run."""
+        job = self.queue.waiting.get(job_name)
+        return job is not None and (self._unknown_nodes(now) > 0
+                                    or self._new_nodes_plan(job.spec, now) is not None)
+
     def _never_fits(self, spec: JobSpec, now: float) -> Rejection | None:
         """A rejection when the job cannot fit even the idle healthy cluster, nor nodes the
         autoscaler can add (None while some alive nodes have not reported: it is not known
@@ -956,16 +973,25 @@ class SchedulerCore:
         plan = scale_up_plan(spec, self.node_types) if rejection is not None else None
         if plan is None:
             self.awaiting_since.pop(spec.name, None)
-            return rejection
+            return self._with_cluster_max_workers_note(rejection, spec)
         since = self.awaiting_since.setdefault(spec.name, now)
         if now - since <= self.settings.scale_up_timeout_s:
             return None  # it waits for the autoscaler (scale_up_requests)
         self.awaiting_since.pop(spec.name, None)
-        node_type, nodes = plan
+        node_type, nodes = self._beside_nodes_up(spec, plan, now)
         return dataclasses.replace(rejection, message=(
             f"{rejection.message}\n  waited {now - since:.0f} s (scale_up_timeout_s) for the "
             f"autoscaler to add {nodes} x {node_type.name} node(s), and the nodes that joined "
             "do not hold it (do their labels promise more than they report?)"))
+
+    def _with_cluster_max_workers_note(self, rejection: Rejection | None,
+                                       spec: JobSpec) -> Rejection | None:
+        """A job refused although a node type would hold it, but for the cluster's
+        max_workers: the reason says so (not only what the nodes up lack)."""
+        note = cluster_max_workers_note(spec, self.node_types) if rejection else None
+        if note is None:
+            return rejection
+        return dataclasses.replace(rejection, message=f"{rejection.message}\n  {note}")
 
     def _new_nodes_plan(self, spec: JobSpec, now: float) -> tuple[NodeType, int] | None:
         """(node type, nodes) when only nodes the autoscaler can add would hold the job, else
@@ -980,20 +1006,44 @@ class SchedulerCore:
         if key not in memo:
             plan = scale_up_plan(spec, self.node_types)
             holdable = plan is None or self._cannot_hold(spec, now) is None
-            memo[key] = None if holdable else plan
+            memo[key] = None if holdable else self._beside_nodes_up(spec, plan, now)
         return memo[key]
+
+    def _beside_nodes_up(self, spec: JobSpec, plan: tuple[NodeType, int],
+                         now: float) -> tuple[NodeType, int]:
+        """The plan less the nodes its workers' bundles would fill on nodes already up (of
+        the type's family, when the bundles name it): request_resources is a shape the whole
+        cluster should hold, busy or not, so the autoscaler adds only the rest."""
+        node_type, nodes = plan
+        idle = worker_capacity(spec, self.state, now, ignore_reservations=True,
+                               excluded_gpus=frozenset(self.excluded_gpus.get(spec.name, ())))
+        if spec.gpus_per_worker and node_type.accelerator_resource:
+            t = self.state.table
+            idle = idle[t.family[:len(idle)] == t.families.get(node_type.family, -1)]
+        missing = spec.num_workers - int(idle.sum())
+        return node_type, max(1, min(nodes, math.ceil(missing / node_type.workers_per_node(spec))))
 
     def scale_up_requests(self, now: float) -> list[dict[str, float]] | None:
         """What to ask the autoscaler for (request_resources' bundles): the workers of every
-        waiting job that the cluster as it stands cannot hold and a node type can. Empty when
-        none: asking for nothing withdraws an earlier request, so nodes a job that left no
-        longer needs can go idle and be removed. None while a node that just joined has not
-        reported (for suspect_after_s): not known, the last request stands."""
+        waiting job that the cluster as it stands cannot hold and a node type can, and still
+        those of a job asked for before, until it leaves the queue (placed, cancelled,
+        rejected): its nodes must not go idle and be removed while it waits for a running
+        job. Empty when none: asking for nothing withdraws an earlier request, so nodes a job
+        that left no longer needs can go idle and be removed. None while a node that just
+        joined has not reported (for suspect_after_s): not known, the last request stands."""
         if self._unknown_nodes(now):
             return None  # (a node that never reports: afterwards nothing is held for it)
-        plans = ((job.spec, self._new_nodes_plan(job.spec, now)) for job in self.queue.ordered())
-        return [bundle for spec, plan in plans if plan is not None
-                for bundle in resource_bundles(spec, plan[0])]
+        waiting = self.queue.ordered()
+        self.nodes_asked = {job.spec.name: self.nodes_asked[job.spec.name] for job in waiting
+                            if job.spec.name in self.nodes_asked}
+        for job in waiting:
+            self._ask_for_new_nodes(job.spec, self._new_nodes_plan(job.spec, now))
+        return [bundle for job in waiting for bundle in self.nodes_asked.get(job.spec.name, ())]
+
+    def _ask_for_new_nodes(self, spec: JobSpec, plan: tuple[NodeType, int] | None) -> None:
+        """Note the bundles a job that needs new nodes asks for; the first ask stands."""
+        if plan is not None:
+            self.nodes_asked.setdefault(spec.name, resource_bundles(spec, plan[0]))
 
     def _cannot_hold(self, spec: JobSpec, now: float) -> Rejection | None:
         """A rejection when the job cannot fit even the idle healthy cluster as it stands
@@ -1054,6 +1104,8 @@ class SchedulerCore:
                 # stands, so it neither blocks nor plans a start for the jobs behind it.
                 self._wait_reason(job, _scale_up_reason(new_nodes))
                 self.awaiting_since.setdefault(spec.name, now)  # (its scale_up_timeout_s)
+                # (here too, so that the state a submission saves holds it for a restart)
+                self._ask_for_new_nodes(spec, new_nodes)
                 continue
             shape = self._shape(spec)
             if shape in failed_shapes or not _counts_allow(spec, free_gpus, free_cpus,

@@ -1,5 +1,6 @@
 """orchestrator/autoscaling.py and the core's use of it: a job only nodes the autoscaler can
 add would hold waits for them (and they are asked for) instead of being rejected."""
+import json
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import yaml
 from orchestrator.autoscaling import node_types_from_config, resource_bundles, scale_up_plan
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Queued, Rejection
+from orchestrator.scheduler_core import SchedulerCore
 from tests.unit.test_scheduler_core import T0, core_with, cpu_node, gpu_node
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,3 +163,84 @@ def test_a_node_that_never_reports_does_not_hold_the_request_for_ever(aws_types)
     assert core.scale_up_requests(T0 + 11) is None  # just joined: not known yet
     core.cancel("train", "d", T0 + 12)
     assert core.scale_up_requests(T0 + 10 + 60) == []  # later: nothing held for it
+
+
+def test_nodes_asked_for_a_waiting_job_stay_asked_for_until_it_leaves_the_queue(aws_types):
+    """The request was withdrawn once the job would fit an idle cluster, though it still
+    waited for a running job: the node that joined for it sat idle, the autoscaler removed it,
+    the job no longer fitted and the request went out again (a loop paying for nodes that run
+    nothing). And it asked for 2 A100 nodes where one beside the A100 node up does."""
+    core = core_with(gpu_node("a1", gpus=8, family="A100", cpus=96), cpu_node("cpu", cpus=16))
+    core.node_types = aws_types
+    x = JobSpec("x", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",))
+    assert isinstance(core.submit(x, "dx", T0).decision, Placement)
+    y = JobSpec("y", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    waiting = core.submit(y, "dy", T0 + 1).decision
+    assert "waiting for the autoscaler to add 1 x train_a100 node(s)" in waiting.reason, waiting
+    asked = core.scale_up_requests(T0 + 2)
+    assert len(asked) == 16  # (a shape the whole cluster, a1 included, should hold)
+    core.ray_nodes({"a1", "cpu", "a2"}, set(), T0 + 300)
+    core.report(gpu_node("a2", gpus=8, family="A100", cpus=96), T0 + 300)
+    core.tick(T0 + 301)
+    assert isinstance(core.poll("y", "dy", T0 + 302).decision, Queued)  # x still holds a1
+    assert core.scale_up_requests(T0 + 303) == asked  # a2 is not left for the autoscaler
+    restarted = SchedulerCore(core.settings)  # a scheduler restart keeps asking
+    restarted.restore(json.loads(json.dumps(core.to_dict())))
+    restarted.node_types = aws_types
+    restarted.ray_nodes({"a1", "cpu", "a2"}, set(), T0 + 304)
+    for node in (gpu_node("a1", gpus=8, family="A100", cpus=96), cpu_node("cpu", cpus=16),
+                 gpu_node("a2", gpus=8, family="A100", cpus=96)):
+        restarted.report(node, T0 + 304)
+    assert restarted.scale_up_requests(T0 + 305) == asked
+    core.release("x", "dx", T0 + 400)
+    placed = core.poll("y", "dy", T0 + 401).decision
+    assert isinstance(placed, Placement) and "a2" in placed.worker_nodes, placed
+    assert core.scale_up_requests(T0 + 402) == []
+    # A job that leaves the queue unplaced (cancelled) takes its request with it.
+    z = JobSpec("z", num_workers=8, gpus_per_worker=1, accelerator_types=("H100",))
+    assert isinstance(core.submit(z, "dz", T0 + 500).decision, Queued)
+    assert len(core.scale_up_requests(T0 + 501)) == 8
+    core.cancel("z", "dz", T0 + 502)
+    assert core.scale_up_requests(T0 + 503) == []
+
+
+def test_the_scale_up_clock_stops_while_the_job_only_waits_for_running_jobs(aws_types):
+    """The scale_up_timeout_s clock kept counting while the job only waited for a running job
+    (it fitted the idle cluster): when the node that joined for it was lost later, the job was
+    rejected at once, "the nodes that joined do not hold it"."""
+    core = core_with(gpu_node("a1", gpus=8, family="A100", cpus=96), cpu_node("cpu", cpus=16),
+                     scale_up_timeout_s=600.0)
+    core.node_types = aws_types
+    core.submit(JobSpec("x", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",)),
+                "dx", T0)
+    y = JobSpec("y", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    assert isinstance(core.submit(y, "dy", T0 + 1).decision, Queued)
+    core.ray_nodes({"a1", "cpu", "a2"}, set(), T0 + 300)
+    core.report(gpu_node("a2", gpus=8, family="A100", cpus=96), T0 + 300)
+    core.tick(T0 + 301)  # y fits the cluster as it is now: it waits for x, not for nodes
+    core.ray_nodes({"a1", "cpu"}, {"a2"}, T0 + 900)  # a2 lost: y waits for a node again
+    core.tick(T0 + 901)
+    still = core.poll("y", "dy", T0 + 902).decision
+    assert isinstance(still, Queued) and "autoscaler" in still.reason, still
+    core.tick(T0 + 900 + 601)  # its clock began when it needed nodes again
+    assert isinstance(core.poll("y", "dy", T0 + 1502).decision, Rejection)
+
+
+def test_the_clusters_max_workers_bounds_a_plan():
+    """Only each node type's max_workers was read: a 32-GPU job planned 4 A100 nodes in a
+    cluster of max_workers 2, waited scale_up_timeout_s for nodes Ray never launches and was
+    then rejected blaming the nodes' labels."""
+    a100 = {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1}, "max_workers": 10}
+    types = node_types_from_config({"max_workers": 2, "available_node_types": {"a100": a100}})
+    sixteen = JobSpec("j", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    assert scale_up_plan(sixteen, types)[1] == 2
+    big = JobSpec("big", num_workers=32, gpus_per_worker=1, accelerator_types=("A100",))
+    assert scale_up_plan(big, types) is None
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = types
+    refused = core.submit(big, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert "4 x a100 node(s)" in refused.message and "max_workers is 2" in refused.message
+    for bad in ("many", -1):
+        with pytest.raises(ValueError, match="cluster config's max_workers"):
+            node_types_from_config({"max_workers": bad, "available_node_types": {"a100": a100}})
