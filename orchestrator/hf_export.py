@@ -7,7 +7,7 @@ Two things differ and are mapped, not assumed:
   - activation: ours is the exact (erf) GELU; GPT-2's default `gelu_new` is the tanh
     approximation. The export writes `activation_function: "gelu"` (transformers' exact GELU);
   - end-of-text: the run's tokenizer's, written as bos/eos in config.json and
-    generation_config.json.
+    generation_config.json, and by its own name in the tokenizer files.
 Refused, with the reason: a structurally pruned model (layers of different widths: GPT-2 has
 one width), and a learnable attention span that does not cover the whole context (GPT-2 has
 no span; a span that covers it is an exact no-op and is dropped).
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import MODEL_PRESETS
-from orchestrator.tokenizer import (EOT_TOKEN, TOKENIZER_FILE, Tokenizer, TokenizerError,
+from orchestrator.tokenizer import (TOKENIZER_FILE, Tokenizer, TokenizerError,
                                     tokenizer_for_model, tokenizer_of_run)
 
 if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
@@ -283,7 +283,10 @@ def _write_hf_files(model, tokenizer: Tokenizer, directory: Path) -> list[str]:
     # safetensors creates the file 0600: a serving process of another user could not read
     # the weights it can read the config beside. The mode every other file gets:
     os.chmod(weights, 0o666 & ~_umask())
-    special = {"eos_token": EOT_TOKEN, "bos_token": EOT_TOKEN} if eos is not None else {}
+    # The token's own spelling: transformers adds a name missing from the vocabulary as a new
+    # token, past the embedding, whose id then disagrees with config.json's eos_token_id.
+    token = tokenizer.eos_token
+    special = {"eos_token": token, "bos_token": token} if eos is not None else {}
     files = {
         CONFIG_FILE: text(hf_config(model, tokenizer)),
         # max_length: the context, which generation must not outrun (the text-generation

@@ -45,6 +45,7 @@ class Tokenizer(Protocol):
     name: str  # "bytes", or the path / hash a trained tokenizer was loaded from
     vocab_size: int  # ids are 0 .. vocab_size - 1; the model's embedding follows it
     eos_id: int | None  # end-of-text id, or None when the tokenizer has none
+    eos_token: str | None  # its spelling in the vocabulary ("<|endoftext|>", "</s>", ...)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -64,6 +65,7 @@ class ByteTokenizer:
     name = "bytes"
     vocab_size = BYTE_VOCAB + 1
     eos_id: int | None = BYTE_EOT_ID
+    eos_token: str | None = EOT_TOKEN
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -99,6 +101,7 @@ class LegacyByteTokenizer(ByteTokenizer):
 
     vocab_size = BYTE_VOCAB
     eos_id: int | None = None
+    eos_token: str | None = None
 
     def to_json(self) -> str:
         return _byte_level_hf_tokenizer(with_eos=False).to_str()
@@ -133,13 +136,18 @@ class HFTokenizer:
         # The largest id + 1, not the token count: a vocabulary may skip ids.
         self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
         self.eos_id = _find_eos(tokenizer)
+        self.eos_token = None if self.eos_id is None else tokenizer.id_to_token(self.eos_id)
         spec = json.loads(self._json)
         # Byte-level tokenizers (GPT-2's kind, ours) spell each token in a printable alias of
         # its bytes; others are decoded in context (see _piece_bytes).
         decoders = _decoder_types(spec.get("decoder"))
         self._byte_level = "ByteLevel" in decoders
         self._byte_fallback = "ByteFallback" in decoders
-        self._special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        # Tokens without text: special added tokens, and end-of-text even when it is a plain
+        # vocabulary entry (a WordLevel "</s>"), so its spelling never reaches a client.
+        self._textless = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        if self.eos_id is not None:
+            self._textless.add(self.eos_id)
         anchor = tokenizer.encode("a", add_special_tokens=False).ids
         self._anchor = anchor[-1:] if anchor else []
         self._pieces: dict[int, bytes] = {}
@@ -168,7 +176,7 @@ class HFTokenizer:
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token id {token_id} is outside the tokenizer's "
                              f"0-{self.vocab_size - 1} ({self.name})")
-        if token_id in self._special:
+        if token_id in self._textless:
             return b""
         piece = self._pieces.get(token_id)
         if piece is None:
@@ -310,6 +318,22 @@ def tokenizer_from_json(text: str, name: str) -> Tokenizer:
                              f"{str(e).splitlines()[0][:200]}") from None
 
 
+def _read_tokenizer_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise TokenizerError(f"cannot read tokenizer file {path}: {e}") from None
+
+
+def tokenizer_text(data: bytes, path: str | os.PathLike) -> str:
+    """The text of the tokenizer file `path` whose bytes are `data` (hashed as they are
+    before this); TokenizerError naming the file when they are not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"cannot read tokenizer file {path}: not UTF-8 text ({e})") from None
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
     """`--tokenizer`: "bytes" or the path of a tokenizer.json (or of a directory with one)."""
     if spec == "bytes":
@@ -354,13 +378,13 @@ def tokenizer_of_run(directory: str | os.PathLike, expected_sha256: str = "") ->
     directory = Path(directory)
     for candidate in (directory / TOKENIZER_FILE, directory.parent / TOKENIZER_FILE):
         if candidate.is_file():
-            text = candidate.read_text(encoding="utf-8")
-            digest = hashlib.sha256(text.encode()).hexdigest()
+            data = _read_tokenizer_bytes(candidate)
+            digest = hashlib.sha256(data).hexdigest()
             if expected_sha256 and digest != expected_sha256:
                 raise TokenizerError(f"{candidate} is not the tokenizer this model was trained "
                                      f"with (sha256 {digest[:12]}..., recorded "
                                      f"{expected_sha256[:12]}...)")
-            return tokenizer_from_json(text, str(candidate))
+            return tokenizer_from_json(tokenizer_text(data, candidate), str(candidate))
     if expected_sha256 and expected_sha256 != ByteTokenizer().sha256:
         raise TokenizerError(f"{directory}: the model was trained with tokenizer "
                              f"{expected_sha256[:12]}... but no {TOKENIZER_FILE} is beside it")

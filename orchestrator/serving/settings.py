@@ -135,9 +135,23 @@ class ServeSettings:
                     f"max_batch_size x max_concurrent_batches ({self.max_batch_size} x "
                     f"{self.max_concurrent_batches} = {needed}), or batches never fill")
             problems += _batch_problems(self.min_batch_size, self.max_batch_size)
+            problems += self._target_problems()
         problems += _mode_problems(self.batching)
         if problems:
             raise ConfigError("invalid serving settings: " + "; ".join(problems))
+
+    def _target_problems(self) -> list[str]:
+        """Serve adds replicas when the ongoing requests per replica pass the target; a
+        replica accepting fewer is full first, and the surplus waits in Serve's router (503s
+        after replica_wait_s) until the load reaches about twice what the replicas hold."""
+        accepted = self.replica_max_ongoing_requests
+        if self.target_ongoing_requests <= accepted:
+            return []
+        how = ("" if self.max_ongoing_requests else
+               f" = max_batch_size x max_concurrent_batches x {QUEUED_ROUNDS}")
+        return [f"target_ongoing_requests ({self.target_ongoing_requests:g}) must be <= the "
+                f"replica's max_ongoing_requests ({accepted}{how}), or replicas are added only "
+                f"after requests queue and time out"]
 
     @property
     def replica_max_ongoing_requests(self) -> int:
@@ -215,7 +229,8 @@ def serving_path_options(path: str) -> dict[str, Any]:
 
 
 def serve_app_config(name: str, port: int, args: Mapping[str, Any], *,
-                     autoscaling: Mapping[str, Any], user_config: Mapping[str, Any],
+                     user_config: Mapping[str, Any],
+                     autoscaling: Mapping[str, Any] | None = None,
                      model_options: Mapping[str, Any] | None = None,
                      deployments: Sequence[Mapping[str, Any]] = (),
                      host: str = "127.0.0.1", route_prefix: str = "/",
@@ -224,15 +239,15 @@ def serve_app_config(name: str, port: int, args: Mapping[str, Any], *,
     runs this app as the application `name`: HTTP on the head node only, at `host:port`,
     through `serving_path` (SERVING_PATHS); the app built from `args` (ServeSettings fields,
     checked here so a typo fails before anything is deployed); its model deployment with
-    `autoscaling` (an autoscaling_config), `user_config` (RuntimeConfig fields: changing only
-    these reconfigures the running replicas in place) and any other deployment options in
-    `model_options`; `deployments`: more deployment entries (e.g. the Ingress's) as Serve
-    takes them.
+    the settings' autoscaling_config with `autoscaling`'s fields over it (model_autoscaling),
+    `user_config` (RuntimeConfig fields: changing only these reconfigures the running
+    replicas in place) and any other deployment options in `model_options`; `deployments`:
+    more deployment entries (e.g. the Ingress's) as Serve takes them.
 
     A deep copy throughout: the caller may change it without touching what it passed in."""
-    ServeSettings.from_args(args)
     model = {"name": MODEL_DEPLOYMENT, **(model_options or {}),
-             "autoscaling_config": autoscaling, "user_config": user_config}
+             "autoscaling_config": model_autoscaling(args, autoscaling),
+             "user_config": user_config}
     return copy.deepcopy({
         "proxy_location": "HeadOnly",
         "http_options": {"host": host, "port": port},
@@ -242,6 +257,29 @@ def serve_app_config(name: str, port: int, args: Mapping[str, Any], *,
             "args": args, "deployments": [model, *deployments],
         }],
     })
+
+
+def model_autoscaling(args: Mapping[str, Any],
+                      autoscaling: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The model deployment's autoscaling_config: the one the app's settings (`args`) build,
+    with `autoscaling`'s fields over it. Serve replaces a deployment's autoscaling_config
+    whole, so passing `autoscaling` alone would drop the app's target and bounds for Serve's
+    defaults. Fields that are also settings are checked as settings (ConfigError naming
+    `autoscaling` and the field); Serve checks its other fields (look_back_period_s, ...)."""
+    settings = ServeSettings.from_args(args)
+    autoscaling = {} if autoscaling is None else autoscaling
+    if not isinstance(autoscaling, Mapping):
+        raise ConfigError(f"autoscaling must be a mapping of autoscaling_config fields, got "
+                          f"{type(autoscaling).__name__}")
+    built = settings.autoscaling_config()
+    as_settings = {key: value for key, value in autoscaling.items() if key in built}
+    try:
+        merged = dataclasses.replace(settings, **coerce(ServeSettings, as_settings,
+                                                        "autoscaling"))
+    except ConfigError as e:
+        raise ConfigError(f"autoscaling: {e}") from None
+    return {**merged.autoscaling_config(),
+            **{key: value for key, value in autoscaling.items() if key not in built}}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -18,13 +18,14 @@ from typing import Any, Callable
 
 from orchestrator.runs import writable_dir_problem
 from orchestrator.tokenizer import (EOS_NAMES, Tokenizer, TokenizerError, load_tokenizer,
-                                    tokenizer_from_json, tokenizer_of_run, train_bpe)
+                                    tokenizer_from_json, tokenizer_of_run, tokenizer_text,
+                                    train_bpe)
 from orchestrator.training.corpus import (DataError, SourceFile, cache_key, check_text_column,
                                           check_jsonl_head, check_text_head,
                                           expand_sources, iter_texts)
 from orchestrator.training.shards import (SHARD_TOKENS, clear_cache_dir, pass_lock,
                                           read_manifest, storage_for, tokenize_source,
-                                          write_manifest)
+                                          write_atomically, write_manifest)
 
 BUNDLED_FILE = "pydoc_topics.txt"  # the bundled corpus as a source, for non-byte tokenizers
 
@@ -125,17 +126,26 @@ def trained_tokenizer(sources: list[SourceFile], text_field: str, skip_bad_lines
     fs, root = storage_for(cache_root)
     path = f"{root}/tokenizers/bpe-{vocab_size}-{key[:24]}.json"
     if fs.get_file_info(path).type.name == "File":
-        with fs.open_input_stream(path) as f:
-            return tokenizer_from_json(f.read().decode("utf-8"), path)
+        try:
+            return tokenizer_from_json(tokenizer_text(_read_cached(fs, path), path), path)
+        except TokenizerError as e:
+            raise TokenizerError(f"{e} (the cached --train-tokenizer result: remove it and "
+                                 f"the tokenizer is trained again)") from None
     started = time.perf_counter()
     tok = train_bpe(iter_texts(sources, text_field, skip_bad_lines), vocab_size)
     say(f"trained a byte-level BPE tokenizer of {tok.vocab_size} tokens on "
         f"{len(sources)} file(s) in {time.perf_counter() - started:.1f} s")
     fs.create_dir(f"{root}/tokenizers", recursive=True)
-    with fs.open_output_stream(path + ".tmp") as f:
-        f.write(tok.to_json().encode("utf-8"))
-    fs.move(path + ".tmp", path)
+    write_atomically(fs, path, tok.to_json().encode("utf-8"))
     return tok
+
+
+def _read_cached(fs, path: str) -> bytes:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except OSError as e:
+        raise TokenizerError(f"cannot read tokenizer file {path}: {e}") from None
 
 
 def check_trainable(manifest: dict[str, Any], seq_len: int, where: str) -> None:

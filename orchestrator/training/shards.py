@@ -54,7 +54,9 @@ def storage_for(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
-def _write_atomically(fs: pafs.FileSystem, path: str, data) -> None:
+def write_atomically(fs: pafs.FileSystem, path: str, data) -> None:
+    """Write `path` whole or not at all: a temporary file of this process's own (runs writing
+    the same file at once must not write, and then move away, each other's), then a move."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with fs.open_output_stream(tmp) as f:
         f.write(data)
@@ -84,7 +86,7 @@ class ShardWriter:
         tokens = np.concatenate(self.buffers[split])
         part = sum(1 for s in self.shards if s["split"] == split)
         name = f"{self.prefix}-{split}-{part:04d}.bin"
-        _write_atomically(self.fs, f"{self.directory}/{name}", tokens.tobytes())
+        write_atomically(self.fs, f"{self.directory}/{name}", tokens.tobytes())
         self.shards.append({"file": name, "split": split, "tokens": int(len(tokens))})
         self.buffers[split], self.buffered[split] = [], 0
 
@@ -231,7 +233,7 @@ def write_manifest(cache_uri: str, key: str, tokenizer, results: list[dict[str, 
     for split in SPLITS:
         manifest[f"{split}_tokens"] = sum(s["tokens"] for s in manifest["splits"][split])
     fs, directory = storage_for(cache_uri)
-    _write_atomically(fs, f"{directory}/{MANIFEST_FILE}",
+    write_atomically(fs, f"{directory}/{MANIFEST_FILE}",
                       (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 

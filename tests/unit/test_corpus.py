@@ -329,6 +329,56 @@ def test_a_trained_tokenizer_is_kept_in_the_cache_and_reused(corpus, tmp_path):
         plan_data([str(corpus)], cache_root=cache, train_tokenizer=300, tokenizer="x.json")
 
 
+def test_a_cached_trained_tokenizer_that_cannot_be_read_is_named(corpus, tmp_path):
+    cache = str(tmp_path / "cache")
+    plan_data([str(corpus)], cache_root=cache, train_tokenizer=300, say=lambda _: None)
+    (cached,) = (tmp_path / "cache" / "tokenizers").glob("*.json")
+    cached.write_bytes(b"\xff\xfe garbage")  # not UTF-8
+    with pytest.raises(TokenizerError, match=f"cannot read tokenizer file {cached}"):
+        plan_data([str(corpus)], cache_root=cache, train_tokenizer=300, say=lambda _: None)
+
+
+def test_two_runs_caching_the_same_trained_tokenizer_at_once_both_succeed(corpus, tmp_path,
+                                                                         monkeypatch):
+    """Another run caches the same trained tokenizer between this run's write and its move
+    into place. Both wrote one fixed `<file>.tmp`: this run's move then failed (OSError)."""
+    from orchestrator.training import data_plan
+
+    storage_for, cache, pid = data_plan.storage_for, str(tmp_path / "cache"), os.getpid()
+
+    class OtherRunMidway:
+        """The cache's filesystem; before this run's first move, another run (the same code
+        in a process of another id) trains and caches the same tokenizer."""
+
+        def __init__(self, fs):
+            self.fs, self.other_ran = fs, False
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def move(self, src, dest):
+            if not self.other_ran:
+                self.other_ran = True
+                with monkeypatch.context() as other_process:
+                    other_process.setattr(data_plan, "storage_for", storage_for)
+                    other_process.setattr(os, "getpid", lambda: pid + 1)
+                    plan_data([str(corpus)], cache_root=cache, train_tokenizer=300,
+                              say=lambda _: None)
+            self.fs.move(src, dest)
+
+    def storage_with_another_run(uri):
+        fs, root = storage_for(uri)
+        return OtherRunMidway(fs), root
+
+    monkeypatch.setattr(data_plan, "storage_for", storage_with_another_run)
+    first = plan_data([str(corpus)], cache_root=cache, train_tokenizer=300, say=lambda _: None)
+    second = plan_data([str(corpus)], cache_root=cache, train_tokenizer=300,
+                       say=lambda _: pytest.fail("trained again"))
+    assert first.tokenizer.sha256 == second.tokenizer.sha256
+    # one cached file, no temporary file left behind
+    assert [p.suffix for p in (tmp_path / "cache" / "tokenizers").iterdir()] == [".json"]
+
+
 class _PausingTokenizer:
     """The plan's tokenizer, calling `hook(call_number)` before each batch it encodes."""
 

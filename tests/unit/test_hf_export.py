@@ -100,6 +100,25 @@ def test_a_bpe_run_exports_its_own_tokenizer(tmp_path):
         bpe.eos_id
 
 
+def test_an_end_of_text_token_of_another_name_is_exported_by_its_own_name(tmp_path):
+    # The tokenizer files named <|endoftext|> whatever the end-of-text token was: transformers
+    # then added it as a new token, outside the embedding, and eos ids disagreed.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from orchestrator.tokenizer import HFTokenizer
+
+    vocab = {"<unk>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate("abcdefgh")}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["</s>"])
+    words = HFTokenizer(tok, "words")
+    export_gpt2(sharp_model(vocab_size=words.vocab_size), words, tmp_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.eos_token == "</s>" and tokenizer.eos_token_id == words.eos_id == 1
+    assert len(tokenizer) == words.vocab_size  # nothing added past the embedding
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 1
+
+
 def test_a_span_that_does_not_cover_the_context_is_refused_one_that_does_is_exact(tmp_path):
     short = sharp_model(attention_span=True, span_init=0.2)
     with pytest.raises(ExportError, match="learnable attention span.*does not cover"):

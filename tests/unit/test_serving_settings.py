@@ -50,6 +50,13 @@ def test_every_bad_field_is_named_at_once():
     ({"min_batch_size": 8, "max_batch_size": 4}, "min_batch_size (8) must be <= max_batch_size"),
     ({"min_replicas": 3, "max_replicas": 2}, "min_replicas (3) must be <= max_replicas"),
     ({"model_name": ""}, "model_name must not be empty"),
+    # a replica full at 8 ongoing requests: Serve's router would hold the rest until it
+    # scaled up at twice saturation
+    ({"max_batch_size": "1", "min_batch_size": "1"},
+     "target_ongoing_requests (16) must be <= the replica's max_ongoing_requests "
+     "(8 = max_batch_size x max_concurrent_batches x 8)"),
+    ({"max_ongoing_requests": 32, "target_ongoing_requests": 40},
+     "target_ongoing_requests (40) must be <= the replica's max_ongoing_requests (32)"),
 ])
 def test_inconsistent_settings_are_refused(args, words):
     with pytest.raises(ConfigError, match=words.replace("(", "\\(").replace(")", "\\)")):
@@ -109,13 +116,40 @@ def test_serve_app_config_is_a_valid_serve_config_for_this_app():
     assert application.args == args
     model, extra = application.deployments
     assert model.name == "GPTModel" and model.graceful_shutdown_timeout_s == 2
-    assert model.autoscaling_config == {"min_replicas": 1, "max_replicas": 2}
+    assert model.autoscaling_config == {"min_replicas": 1, "max_replicas": 2,
+                                        "target_ongoing_requests": 16.0,
+                                        "upscale_delay_s": 5.0, "downscale_delay_s": 30.0}
     assert model.user_config == {"checkpoint": "/d", "max_batch_size": 4}
     assert extra.name == "Ingress" and extra.ray_actor_options.num_cpus == 0
     # What it returns is the caller's to change: the inputs stay as they were.
     config["applications"][0]["args"]["checkpoint"] = "/other"
     config["applications"][0]["deployments"][1]["ray_actor_options"]["num_cpus"] = 1
     assert args["checkpoint"] == "/c" and ingress["ray_actor_options"]["num_cpus"] == 0
+
+
+def test_autoscaling_given_to_serve_app_config_is_merged_over_the_apps_settings():
+    # Serve replaces a deployment's autoscaling_config whole: the app's own target and bounds
+    # were dropped for Serve's defaults (target_ongoing_requests 2).
+    args = {"target_ongoing_requests": 4, "min_replicas": 2, "max_replicas": 3,
+            "upscale_delay_s": 1}
+
+    def autoscaling(**options) -> dict:
+        config = serve_app_config("app", 8000, args, user_config={}, **options)
+        return config["applications"][0]["deployments"][0]["autoscaling_config"]
+
+    assert autoscaling(autoscaling={"max_replicas": 5, "look_back_period_s": 1}) == {
+        "min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 4.0,
+        "upscale_delay_s": 1.0, "downscale_delay_s": 30.0, "look_back_period_s": 1}
+    # (none given: the app's own)
+    assert autoscaling() == ServeSettings.from_args(args).autoscaling_config()
+    with pytest.raises(ConfigError, match="autoscaling: .*min_replicas \\(6\\) must be <= "
+                                          "max_replicas \\(3\\)"):
+        autoscaling(autoscaling={"min_replicas": 6})
+    with pytest.raises(ConfigError, match="autoscaling: .*target_ongoing_requests must be a "
+                                          "number"):
+        autoscaling(autoscaling={"target_ongoing_requests": "many"})
+    with pytest.raises(ConfigError, match="autoscaling must be a mapping"):
+        autoscaling(autoscaling=[("min_replicas", 1)])
 
 
 def test_the_serving_path_is_chosen_through_the_serve_controllers_environment():

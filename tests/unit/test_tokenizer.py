@@ -128,3 +128,40 @@ def test_end_of_text_by_llama3s_name(tmp_path):
     assert _saved(tok, tmp_path / "tokenizer.json").eos_id == 2
     tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "<|stop|>": 3}, unk_token="<unk>"))
     assert _saved(tok, tmp_path / "tokenizer.json").eos_id is None
+
+
+def test_a_run_tokenizer_file_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "checkpoint_1"
+    checkpoint.mkdir()
+    bad = tmp_path / "tokenizer.json"
+    bad.write_bytes(b"\xff\xfe garbage")  # not UTF-8
+    with pytest.raises(TokenizerError, match=f"cannot read tokenizer file {bad}: not UTF-8"):
+        tokenizer_of_run(checkpoint, "")
+    with pytest.raises(TokenizerError, match=f"{bad} is not the tokenizer this model was"):
+        tokenizer_of_run(checkpoint, ByteTokenizer().sha256)  # (its bytes are hashed)
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(type(bad), "read_bytes", unreadable)
+    with pytest.raises(TokenizerError, match=f"cannot read tokenizer file {bad}.*denied"):
+        tokenizer_of_run(checkpoint, "")
+
+
+def test_the_end_of_text_token_has_no_text_even_as_a_plain_vocabulary_entry(tmp_path):
+    # "</s>" in the vocabulary but not an added special token: its text reached the client's
+    # stream before the row ended.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from orchestrator.serving.generation import GenerationRequest, Row, SamplingParams
+
+    vocab = {"<unk>": 0, "</s>": 1, "a": 2, "b": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = _saved(tok, tmp_path / "tokenizer.json")
+    assert words.eos_id == 1 and words.token_bytes(1) == b""
+    assert words.decode([2, 1, 3]) == words.decode([2, 3])
+    row = Row(GenerationRequest((2,), SamplingParams(max_tokens=5, temperature=0)), words)
+    chunks = [row.accept(t) for t in (3, 1)]
+    assert "".join(c.text for c in chunks) == " b"
+    assert chunks[-1].finish_reason == "stop"
