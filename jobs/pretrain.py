@@ -30,9 +30,10 @@ from orchestrator.training.data_plan import (DataSetup, check_trainable, configu
 from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed,
                                   run_job)
 from orchestrator.launch import refuse_what_embedded_ray_cannot_hold
-from orchestrator.runs import (DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError, has_checkpoints,
-                              RUN_LOCK, read_metrics, resolve_run_dir, run_dir_held, say_set_aside,
-                              set_aside_earlier_history, unused_checkpoints_warning)
+from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError,
+                              has_checkpoints, read_metrics, resolve_run_dir, run_dir_held,
+                              say_set_aside, set_aside_earlier_history,
+                              unused_checkpoints_warning)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
 from orchestrator.training.memory import gpu_memory_needed_gb, memory_lines
@@ -172,7 +173,7 @@ def inherit_run_settings(args: argparse.Namespace, run_dir: Path) -> list[str]:
     """On --resume: every run setting not given on the command line set to the run's
     recorded value (config.json). Returns the settings that differ from the flags' defaults,
     as 'name value' (said once, so the user sees what the run goes on with)."""
-    where = run_dir / "config.json"
+    where = run_dir / CONFIG_FILE
     saved = _read_json(where) or {}
     if not isinstance(saved, dict) or not all(isinstance(saved.get(section, {}), dict)
                                               for section in ("train", "job")):
@@ -304,7 +305,7 @@ def _min_gpu_memory_gb(args: argparse.Namespace, train_config: TrainConfig) -> f
 def _check_resumable(run_dir: Path, train_config: TrainConfig) -> None:
     """Refuse to resume with settings that would make it another run (checked here, before any
     worker starts, so the answer is one line rather than failed restarts)."""
-    saved = _read_json(run_dir / "config.json")
+    saved = _read_json(run_dir / CONFIG_FILE)
     conflicts = resume_conflicts(saved.get("train", {}), train_config) if saved else []
     if conflicts:
         raise ConfigError(f"--resume: {run_dir} was trained with other settings: "
@@ -327,7 +328,7 @@ def resolve_data(args: argparse.Namespace, run_dir: Path) -> DataSetup:
                         ("--data-cache", args.data_cache)):
         if value is not None and not value.strip():  # read as unset: a run without it
             raise ConfigError(f"{flag} is empty: give a path, or leave the flag out")
-    saved = (_read_json(run_dir / "config.json") or {}).get("train") if args.resume else None
+    saved = (_read_json(run_dir / CONFIG_FILE) or {}).get("train") if args.resume else None
     setup = configure_data(
         data=args.data, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines,
         tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
@@ -396,23 +397,20 @@ def run(args: argparse.Namespace) -> dict | None:
             except (DataError, ClusterConnectionError) as e:
                 raise JobFailed(str(e), EXIT_BAD_INPUT) from None
         # Written once the data is known good; a run refused after (no cluster at --address,
-        # not placeable) takes the directory it made away again: nothing is left behind.
-        made_run_dir = not run_dir.exists()
-        with run_dir_held(run_dir):
+        # not placeable) takes the directory it made away again (run_dir_held): nothing is
+        # left behind.
+        with run_dir_held(run_dir, written={CONFIG_FILE, TOKENIZER_FILE}):
             if not args.resume:
                 say_set_aside(set_aside_earlier_history(run_dir))
             _write_resolved_config(run_dir, train_config, spec, setup.tokenizer)
-            try:
-                launched = launch(train_under_ray, {"train": train_config.to_dict(),
-                                                    "min_gpu_memory_gb": spec.min_gpu_memory_gb},
-                                  spec, run_dir, address=args.address,
-                                  queue_timeout_s=args.queue_timeout,
-                                  max_failures=args.max_failures,
-                                  keep_checkpoints=train_config.keep_checkpoints)
-            except JobFailed as e:
-                if made_run_dir and e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE):
-                    _remove_if_untouched(run_dir)
-                raise
+            launched = launch(train_under_ray, {"train": train_config.to_dict(),
+                                                "min_gpu_memory_gb": spec.min_gpu_memory_gb},
+                              spec, run_dir, address=args.address,
+                              queue_timeout_s=args.queue_timeout,
+                              max_failures=args.max_failures,
+                              keep_checkpoints=train_config.keep_checkpoints)
+            return _write_summary(launched.result, train_config, launched.placement, run_dir,
+                                  time.time() - started, launched.yields)
     except RunDirError as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
     finally:
@@ -420,8 +418,6 @@ def run(args: argparse.Namespace) -> dict | None:
             import ray
 
             ray.shutdown()
-    return _write_summary(launched.result, train_config, launched.placement, run_dir,
-                          time.time() - started, launched.yields)
 
 
 def dry_run(train_config: TrainConfig, spec: JobSpec, address: str | None) -> None:
@@ -477,18 +473,9 @@ def _write_resolved_config(run_dir: Path, train_config: TrainConfig, spec: JobSp
         run_dir.mkdir(parents=True, exist_ok=True)
         if train_config.tokenizer_sha256:  # runs from before tokenizers were recorded: none
             save_tokenizer(tokenizer, run_dir)
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        (run_dir / CONFIG_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
     except OSError as e:
         raise RunDirError(f"cannot write to run dir {run_dir}: {e.strerror or e}") from None
-
-
-def _remove_if_untouched(run_dir: Path) -> None:
-    """Remove a run directory that holds only what _write_resolved_config put there."""
-    written = {"config.json", TOKENIZER_FILE, RUN_LOCK}
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= written:
-        for name in written:
-            (run_dir / name).unlink(missing_ok=True)
-        run_dir.rmdir()
 
 
 def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,

@@ -326,7 +326,7 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
         print(f"error: no run directory {directory} (pass --run-dir if the job set run_dir)",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    if not directory.is_dir():  # a job just submitted makes it at its first report
+    if not directory.is_dir():  # a job just submitted makes it when it is launched
         print(f"waiting for {directory} (the job's first report; pass --run-dir if the job "
               "set run_dir)", file=sys.stderr, flush=True)
     shown, seen = 0, None

@@ -26,6 +26,7 @@ from typing import Any
 from orchestrator.config import JobSpec
 from orchestrator.inventory import (LABEL_ACCELERATOR_MEMORY_GB, LABEL_ACCELERATOR_TYPE,
                                     LABEL_NETWORK_GBPS, accelerator_family)
+from orchestrator.validation import is_int
 
 ACCELERATOR_RESOURCE_PREFIX = "accelerator_type:"  # Ray's resource per accelerator type
 # A tiny amount of the type's accelerator_type resource in each bundle steers the autoscaler
@@ -78,14 +79,10 @@ def _cluster_max_workers(config: dict[str, Any]) -> int | None:
     raw = config.get("max_workers")
     if raw is None:
         return None
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        value = -1
-    if value < 0:
+    if not (is_int(raw) and raw >= 0):  # (int() read 2.7 as 2, true as 1)
         raise ValueError(f"the cluster config's max_workers must be a whole number >= 0, "
                          f"not {raw!r}")
-    return value
+    return raw
 
 
 def _node_type(name: str, raw: Any, default_max: Any) -> NodeType:

@@ -86,7 +86,7 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
     refuse_what_embedded_ray_cannot_hold(spec, address)
     from ray_layer.launch import launch
 
-    try:
+    try:  # (a refused fit leaves no directory it made behind: run_dir_held)
         with run_dir_held(directory):
             if not resume:
                 say_set_aside(set_aside_earlier_history(directory))

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+from orchestrator.file_lock import LockBusy, file_lock
+from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
 
 METRICS_LOG = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"  # jobs/pretrain.py's, at the end of a run
+CONFIG_FILE = "config.json"  # jobs/pretrain.py's resolved configs
 
 DEFAULT_RUNS_ROOT = Path(os.environ.get("ORCHESTRATOR_RUNS_DIR", "~/orchestrator-runs"))
 
@@ -121,10 +124,13 @@ def unused_checkpoints_warning(run_dir: Path) -> str | None:
 def set_aside_earlier_history(run_dir: Path) -> list[Path]:
     """Before a new run (not a resume) in `run_dir`: an earlier run's metrics.jsonl and
     summary.json, left by a run that stopped before its first checkpoint (one with checkpoints
-    is refused), renamed `<name>.before-<its time>.<ext>`. The new run's reports were appended
-    to that history: `logs` showed two runs as one, steps 1.. twice. Returns the new names."""
+    is refused), renamed `<name>.before-<its time>.<ext>`, with the config.json they belong to
+    (the new run writes its own). The new run's reports were appended to that history: `logs`
+    showed two runs as one, steps 1.. twice. Returns the new names."""
+    if not any((run_dir / name).is_file() for name in (METRICS_LOG, SUMMARY_FILE)):
+        return []  # no history: a config.json alone is only replaced
     moved = []
-    for name in (METRICS_LOG, SUMMARY_FILE):
+    for name in (METRICS_LOG, SUMMARY_FILE, CONFIG_FILE):
         path = run_dir / name
         if not path.is_file():
             continue
@@ -142,34 +148,50 @@ def set_aside_earlier_history(run_dir: Path) -> list[Path]:
     return moved
 
 
-RUN_LOCK = ".run.lock"  # held (flock) by the process running a run, for the run's life
+RUN_LOCK = ".run.lock"  # held (file_lock) by the process running a run, for the run's life
 
 
 @contextlib.contextmanager
-def run_dir_held(run_dir: Path) -> Iterator[None]:
+def run_dir_held(run_dir: Path, written: Iterable[str] = ()) -> Iterator[None]:
     """This process's claim on `run_dir` while its run runs: a second run started in the same
     directory meanwhile is refused (RunDirError naming the holder). Two launches without
     --address start two embedded Rays, whose schedulers know nothing of each other: both
-    trained into one directory. The lock file stays (a lock is released when its holder
-    exits, however it exits)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(run_dir / RUN_LOCK, "a+")
+    trained into one directory. On a filesystem without flock the run goes on unguarded
+    (said). A directory this call made is removed again when the block ends in a JobFailed
+    that started nothing (bad input, not placeable) and it holds only the lock and `written`
+    (the files the caller put there): a refused run leaves nothing behind."""
+    made = not run_dir.exists()
+    entered = False
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise RunDirError(f"run dir {run_dir} is in use by another run on this machine "
-                          f"({holder}); wait for it to end, or use another run dir or job "
-                          "name") from None
-    try:
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()}, since {dt.datetime.now():%Y-%m-%d %H:%M:%S}\n")
-        lock.flush()
-        yield
-    finally:
-        lock.close()
+        with file_lock(run_dir / RUN_LOCK) as state:
+            entered = True
+            if state.unsupported:
+                print(f"warning: cannot lock run dir {run_dir} ({state.unsupported}): a second "
+                      "run started in it meanwhile would not be refused", file=sys.stderr)
+            try:
+                yield
+            except JobFailed as e:
+                if made and e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE):
+                    _remove_if_only(run_dir, {RUN_LOCK, *written})
+                raise
+    except LockBusy as e:
+        if entered:
+            raise
+        raise RunDirError(f"run dir {run_dir} is in use by another run ({e.holder}); wait for "
+                          "it to end, or use another run dir or job name") from None
+    except OSError as e:
+        if entered:
+            raise
+        raise RunDirError(f"cannot lock run dir {run_dir}: {e.strerror or e}") from None
+
+
+def _remove_if_only(run_dir: Path, names: set[str]) -> None:
+    """Remove `run_dir` if it holds nothing but `names` (the lock's file too: its holder is
+    this process, which is done with it)."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= names:
+        for name in names:
+            (run_dir / name).unlink(missing_ok=True)
+        run_dir.rmdir()
 
 
 def say_set_aside(moved: list[Path]) -> None:

@@ -60,7 +60,7 @@ from orchestrator.queue import JobQueue, QueuedJob, allowed_families
 from orchestrator.saved_records import SAVED_STATE_VERSION
 from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, Directive, Outcome, Persist,
                                           RunningJob, SchedulerSettings, StartAgent, Yield)
-from orchestrator.validation import is_int
+from orchestrator.validation import is_int, is_number
 
 # CLAIM_SUFFIX (config.py): reservation name of a migration target, held until the handover
 MAX_VICTIMS_TRIED = 64  # bounds one preemption search (a place() call per candidate)
@@ -139,10 +139,11 @@ class SchedulerCore:
         self.node_types: tuple[NodeType, ...] = ()
         self._awaits_memo: tuple[float, dict] = (math.nan, {})
         self.awaiting_since: dict[str, float] = {}  # job -> when it began waiting for nodes
-        # Waiting job -> the worker bundles asked of the autoscaler for it, kept until it
-        # leaves the queue: withdrawn once its nodes joined but while it still waits (for a
-        # running job), they would sit idle and be removed, and it would ask again.
-        self.nodes_asked: dict[str, list[dict[str, float]]] = {}
+        # Waiting job -> (when it was queued, the worker bundles asked of the autoscaler for
+        # it), kept until it leaves the queue: withdrawn once its nodes joined but while it
+        # still waits (for a running job), they would sit idle and be removed, and it would
+        # ask again. The queue time tells a job from a later one of the same name.
+        self.nodes_asked: dict[str, tuple[float, list[dict[str, float]]]] = {}
         self._alive_changed_at = -math.inf  # when Ray's alive set last changed
         # A waiting job was kept although it may never fit, as nodes had not reported: once
         # they have (or suspect_after_s passed), the queue is judged again (report and tick)
@@ -659,7 +660,8 @@ class SchedulerCore:
                 "running": {name: job.to_dict() for name, job in self.running.items()},
                 "preempting": {name: sorted(v) for name, v in self.preempting.items()},
                 "excluded_gpus": {name: sorted(v) for name, v in self.excluded_gpus.items()},
-                "nodes_asked": self.nodes_asked,
+                "nodes_asked": {name: {"enqueued_at": since, "bundles": bundles}
+                                for name, (since, bundles) in self.nodes_asked.items()},
                 "silent_nodes": self.state.silence_to_dict(),
                 "settings": dataclasses.asdict(self.settings)}
 
@@ -686,14 +688,25 @@ class SchedulerCore:
                  ("excluded_gpus", lambda d: self.excluded_gpus.update(
                      {n: {(str(a), int(b)) for a, b in v} for n, v in d.items()})),
                  # (a restarted scheduler keeps asking for the nodes of jobs still waiting)
-                 ("nodes_asked", lambda d: self.nodes_asked.update(
-                     {str(n): [dict(b) for b in v] for n, v in d.items()})))
+                 ("nodes_asked", lambda d: problems.extend(self._restore_nodes_asked(d))))
         for key, restore in parts:
             try:
                 restore(saved.get(key, {}))
             except Exception as e:  # corrupt or from another version: keep going
                 problems.append(f"cannot restore scheduler {key}, skipping it: {e}")
         return problems + self._release_unowned_reservations() + self._drop_unowned_ready()
+
+    def _restore_nodes_asked(self, data: dict) -> list[str]:
+        """The autoscaler requests of waiting jobs, job by job (one that cannot be read is
+        named and skipped: it is asked for again at the next pass if still needed)."""
+        problems = []
+        for name, record in data.items():
+            try:
+                self.nodes_asked[name] = saved_nodes_asked(record)
+            except ValueError as e:
+                problems.append(f"cannot restore the nodes asked for {name!r}, skipping "
+                                f"them: {e}")
+        return problems
 
     def _release_unowned_reservations(self) -> list[str]:
         """Every reservation is a running job's (or its migration claim's): one whose job
@@ -1015,8 +1028,8 @@ class SchedulerCore:
         the type's family, when the bundles name it): request_resources is a shape the whole
         cluster should hold, busy or not, so the autoscaler adds only the rest."""
         node_type, nodes = plan
-        idle = worker_capacity(spec, self.state, now, ignore_reservations=True,
-                               excluded_gpus=frozenset(self.excluded_gpus.get(spec.name, ())))
+        # (no job's excluded GPUs: the answer is kept per job shape, for every job of it)
+        idle = worker_capacity(spec, self.state, now, ignore_reservations=True)
         if spec.gpus_per_worker and node_type.accelerator_resource:
             t = self.state.table
             idle = idle[t.family[:len(idle)] == t.families.get(node_type.family, -1)]
@@ -1034,16 +1047,22 @@ class SchedulerCore:
         if self._unknown_nodes(now):
             return None  # (a node that never reports: afterwards nothing is held for it)
         waiting = self.queue.ordered()
+        # (a job of the same name queued since, e.g. cancelled and submitted again with
+        # another shape, is another job: the earlier one's request goes)
         self.nodes_asked = {job.spec.name: self.nodes_asked[job.spec.name] for job in waiting
-                            if job.spec.name in self.nodes_asked}
+                            if self.nodes_asked.get(job.spec.name, (None,))[0]
+                            == job.enqueued_at}
         for job in waiting:
-            self._ask_for_new_nodes(job.spec, self._new_nodes_plan(job.spec, now))
-        return [bundle for job in waiting for bundle in self.nodes_asked.get(job.spec.name, ())]
+            self._ask_for_new_nodes(job, self._new_nodes_plan(job.spec, now))
+        return [bundle for job in waiting
+                for bundle in self.nodes_asked.get(job.spec.name, (0.0, ()))[1]]
 
-    def _ask_for_new_nodes(self, spec: JobSpec, plan: tuple[NodeType, int] | None) -> None:
-        """Note the bundles a job that needs new nodes asks for; the first ask stands."""
+    def _ask_for_new_nodes(self, job: QueuedJob, plan: tuple[NodeType, int] | None) -> None:
+        """Note the bundles a job that needs new nodes asks for (the latest plan's); without a
+        plan (the cluster as it is would hold it) an earlier ask stands."""
         if plan is not None:
-            self.nodes_asked.setdefault(spec.name, resource_bundles(spec, plan[0]))
+            self.nodes_asked[job.spec.name] = (job.enqueued_at,
+                                               resource_bundles(job.spec, plan[0]))
 
     def _cannot_hold(self, spec: JobSpec, now: float) -> Rejection | None:
         """A rejection when the job cannot fit even the idle healthy cluster as it stands
@@ -1105,7 +1124,7 @@ class SchedulerCore:
                 self._wait_reason(job, _scale_up_reason(new_nodes))
                 self.awaiting_since.setdefault(spec.name, now)  # (its scale_up_timeout_s)
                 # (here too, so that the state a submission saves holds it for a restart)
-                self._ask_for_new_nodes(spec, new_nodes)
+                self._ask_for_new_nodes(job, new_nodes)
                 continue
             shape = self._shape(spec)
             if shape in failed_shapes or not _counts_allow(spec, free_gpus, free_cpus,
@@ -1592,6 +1611,23 @@ class SchedulerCore:
 
 
 # -- small pure helpers ----------------------------------------------------------------------------
+
+def saved_nodes_asked(record: object) -> tuple[float, list[dict[str, float]]]:
+    """A waiting job's saved autoscaler request: (its queue time, the bundles asked), each
+    bundle resource names to non-negative numbers; ValueError naming what is wrong (a bad
+    bundle sent to request_resources failed every job's request, on every pass)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    since, bundles = record.get("enqueued_at"), record.get("bundles")
+    if not is_number(since):
+        raise ValueError(f"its enqueued_at is {since!r:.60}, not a number")
+    if not isinstance(bundles, list) or not all(
+            isinstance(b, dict) and all(isinstance(k, str) and is_number(v) and v >= 0
+                                        for k, v in b.items()) for b in bundles):
+        raise ValueError(f"its bundles are {bundles!r:.60}, not a list of resource names to "
+                         "numbers >= 0")
+    return float(since), [dict(b) for b in bundles]
+
 
 def _saved_names(value: object) -> list[str]:
     """A saved list of job names (the victims of a preemption in progress)."""

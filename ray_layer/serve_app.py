@@ -246,7 +246,11 @@ class Ingress:
     async def _encoder(self, info: dict[str, Any]) -> protocol.Encoder:
         """Prompts are encoded with the served model's tokenizer: the byte tokenizer here,
         another one fetched once from a model replica (known by its sha256)."""
-        wanted = info["tokenizer_sha256"]
+        wanted = info.get("tokenizer_sha256")
+        if wanted is None:  # a replica of an older release, during a rolling update
+            raise APIError(503, "the model replica answering does not name its tokenizer (an "
+                                "older release, being replaced?); retry shortly",
+                           type="server_error", code="reloading")
         token_ids = info.get("token_ids", protocol.VOCAB_SIZE)
         if wanted in self._tokenizers:
             return protocol.Encoder(self._tokenizers[wanted], token_ids)

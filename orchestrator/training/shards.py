@@ -18,17 +18,17 @@ in manifest order, so a batch stays a pure function of (seed, rank, step).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
 
+from orchestrator.file_lock import file_lock
 from orchestrator.training.corpus import (DataError, Document, SourceFile, is_held_out,
                                           iter_documents)
 
@@ -55,9 +55,10 @@ def storage_for(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def write_atomically(fs: pafs.FileSystem, path: str, data) -> None:
-    """Write `path` whole or not at all: a temporary file of this process's own (runs writing
-    the same file at once must not write, and then move away, each other's), then a move."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Write `path` whole or not at all: a temporary file of this writer's own (runs writing
+    the same file at once must not write, and then move away, each other's; on shared
+    storage, drivers in two containers can have the same pid), then a move."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)
@@ -187,32 +188,15 @@ def pass_lock(cache_uri: str, say=print):
         yield False
         return
     path = Path(directory + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as lock:
-        waited = False
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another run"
-            say(f"{holder} is tokenizing these files into {cache_uri}; waiting for it to "
-                "finish, then using its shards")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            waited = True
-        except OSError as e:  # ENOLCK, EOPNOTSUPP: this filesystem has no flock
-            say(f"warning: cannot lock {path} ({e.strerror or e}): two runs tokenizing into "
+
+    def wait_for(holder: str) -> None:
+        say(f"{holder} is tokenizing these files into {cache_uri}; waiting for it to finish, "
+            "then using its shards")
+    with file_lock(path, on_busy=wait_for) as state:
+        if state.unsupported:
+            say(f"warning: cannot lock {path} ({state.unsupported}): two runs tokenizing into "
                 "this cache at once could clear each other's shards")
-            yield False
-            return
-        try:
-            lock.seek(0)
-            lock.truncate()
-            lock.write(f"pid {os.getpid()} on {socket.gethostname()} (since "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-            lock.flush()
-            yield waited
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield state.waited
 
 
 def write_manifest(cache_uri: str, key: str, tokenizer, results: list[dict[str, Any]],

@@ -16,6 +16,8 @@ FSDP specifics kept here, so the loop reads the same for both:
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.distributed as dist
 
@@ -77,10 +79,38 @@ def grad_scaler(precision: Precision, strategy: str):
     """fp16 loss scaling; under FSDP the overflow check must agree across workers (each sees
     only its shard of the gradients): torch's ShardedGradScaler all-reduces it."""
     if uses_sharded_scaler(precision, strategy):
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(precision.device_type)
+        return _mixed_sharded_grad_scaler(precision.device_type)
     return precision.grad_scaler()
+
+
+def _mixed_sharded_grad_scaler(device_type: str):
+    """torch's ShardedGradScaler, for a model whose learnable spans stay unsharded (plain
+    tensors beside the DTensors; shard_model's ignored_params): it groups gradients by device
+    and dtype only, and its fused unscale refuses a list mixing the two kinds, so an fp16 run
+    with --attention-span under FSDP raised at its first step. The plain gradients are
+    unscaled on their own, into the same overflow flags, which unscale_ then all-reduces."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    class MixedShardedGradScaler(ShardedGradScaler):
+        def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16=True):
+            params = [p for group in optimizer.param_groups for p in group["params"]
+                      if p.grad is not None]
+            whole = [p.grad for p in params if not is_sharded(p.grad)]
+            sharded = SimpleNamespace(param_groups=[
+                {"params": [p for p in params if is_sharded(p.grad)]}])
+            flags = super()._unscale_grads_(sharded, inv_scale, found_inf, allow_fp16)
+            groups: dict[tuple, list[torch.Tensor]] = {}
+            for grad in whole:
+                groups.setdefault((grad.device, grad.dtype), []).append(grad)
+            with torch.no_grad():
+                for (device, _), grads in groups.items():
+                    if device not in flags:
+                        flags[device] = found_inf.to(device)
+                    torch._amp_foreach_non_finite_check_and_unscale_(
+                        grads, flags[device], inv_scale.to(device))
+            return flags
+
+    return MixedShardedGradScaler(device_type)
 
 
 def fused_optimizer_allowed(precision: Precision, strategy: str) -> bool:
@@ -114,7 +144,13 @@ def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     when it was written has none, and get_state_dict gives a fresh optimizer state for all)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    had_state = set(optimizer.state)
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    # get_state_dict fills a missing optimizer state by a zero-lr step of the live optimizer:
+    # an fp16 run whose steps so far all overflowed (skipped) then took its first real step as
+    # its second (AdamW's bias correction of step 2). Taken back out of the live one.
+    for param in [p for p in optimizer.state if p not in had_state]:
+        del optimizer.state[param]
     if with_state is not None:
         optimizer_state = {**optimizer_state, "state": {
             name: v for name, v in optimizer_state["state"].items() if name in with_state}}

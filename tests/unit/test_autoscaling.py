@@ -204,6 +204,41 @@ def test_nodes_asked_for_a_waiting_job_stay_asked_for_until_it_leaves_the_queue(
     assert core.scale_up_requests(T0 + 503) == []
 
 
+def test_a_job_submitted_again_under_its_name_asks_for_its_own_nodes(aws_types):
+    """Cancelled and submitted again with another shape before a maintenance pass: the first
+    job's A100 request stood (the first ask was kept by name), the H100 node the new job
+    needs was never asked for, and it was rejected after scale_up_timeout_s."""
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = aws_types
+    core.submit(JobSpec("j", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",)),
+                "d", T0)
+    core.cancel("j", "d", T0 + 1)
+    core.submit(JobSpec("j", num_workers=1, gpus_per_worker=1, accelerator_types=("H100",)),
+                "d", T0 + 2)
+    asked = core.scale_up_requests(T0 + 3)
+    h100 = next(t for t in aws_types if t.family == "H100")
+    assert asked == resource_bundles(core.queue.waiting["j"].spec, h100)
+
+
+def test_one_unreadable_saved_node_request_costs_that_job_alone(aws_types):
+    # A bad bundle sent to request_resources failed every job's request on every pass, and
+    # one unreadable entry dropped every job's.
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = aws_types
+    for name in ("a", "b"):
+        core.submit(JobSpec(name, num_workers=8, gpus_per_worker=1, accelerator_types=("A100",)),
+                    "d", T0)
+    asked = core.scale_up_requests(T0 + 1)
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["nodes_asked"]["a"]["bundles"][0]["GPU"] = None
+    again = SchedulerCore(core.settings)
+    problems = again.restore(saved)
+    assert problems == [f"cannot restore the nodes asked for 'a', skipping them: its bundles "
+                        f"are {saved['nodes_asked']['a']['bundles']!r:.60}, not a list of "
+                        "resource names to numbers >= 0"]
+    assert list(again.nodes_asked) == ["b"] and again.nodes_asked["b"][1] == asked[8:]
+
+
 def test_the_scale_up_clock_stops_while_the_job_only_waits_for_running_jobs(aws_types):
     """The scale_up_timeout_s clock kept counting while the job only waited for a running job
     (it fitted the idle cluster): when the node that joined for it was lost later, the job was
@@ -244,3 +279,10 @@ def test_the_clusters_max_workers_bounds_a_plan():
     for bad in ("many", -1):
         with pytest.raises(ValueError, match="cluster config's max_workers"):
             node_types_from_config({"max_workers": bad, "available_node_types": {"a100": a100}})
+
+
+@pytest.mark.parametrize("value", [2.7, True, "3", -1])
+def test_a_cluster_max_workers_that_is_not_a_whole_number_is_named(value):
+    with pytest.raises(ValueError, match="the cluster config's max_workers must be a whole "
+                                         "number >= 0"):
+        node_types_from_config({"max_workers": value, "available_node_types": {}})

@@ -129,16 +129,18 @@ def test_a_new_run_sets_aside_the_history_of_one_that_stopped_before_any_checkpo
     # The new run's reports were appended to the old run's: `logs` showed steps 1.. twice.
     from orchestrator.runs import SUMMARY_FILE, set_aside_earlier_history
 
+    assert set_aside_earlier_history(tmp_path) == []  # nothing earlier: nothing moved
+    (tmp_path / "config.json").write_text("{}")  # a config alone is the new run's to replace
+    assert set_aside_earlier_history(tmp_path) == []
     append_metrics(tmp_path, {"step": 1, "loss": 5.0}, None)
     (tmp_path / SUMMARY_FILE).write_text('{"steps": 1}\n')
     moved = set_aside_earlier_history(tmp_path)
-    assert [p.name.split(".before-")[0] for p in moved] == ["metrics", "summary"]
+    assert [p.name.split(".before-")[0] for p in moved] == ["metrics", "summary", "config"]
     assert read_metrics(tmp_path) == [] and not (tmp_path / SUMMARY_FILE).exists()
     assert '"loss": 5.0' in moved[0].read_text()  # kept, not lost
     append_metrics(tmp_path, {"step": 1, "loss": 4.0}, None)  # a third run, same second
     again = set_aside_earlier_history(tmp_path)
     assert len(again) == 1 and again[0] != moved[0] and moved[0].exists()
-    assert set_aside_earlier_history(tmp_path) == []  # nothing earlier: nothing moved
 
 
 def test_a_second_run_in_a_run_dir_in_use_is_refused_naming_the_holder(tmp_path):
@@ -149,9 +151,47 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused_naming_the_holder(tmp_path)
 
     run_dir = tmp_path / "job"
     with run_dir_held(run_dir):
-        with pytest.raises(RunDirError, match=f"in use by another run on this machine "
-                                              f"\\(pid {os.getpid()}, since "):
+        with pytest.raises(RunDirError, match=f"in use by another run \\(pid {os.getpid()} on "):
             with run_dir_held(run_dir):
                 pass
     with run_dir_held(run_dir):  # released when the first run ended
         pass
+
+
+def test_a_refused_run_takes_away_the_run_dir_it_made_and_nothing_else(tmp_path):
+    from orchestrator.job_exit import EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed
+    from orchestrator.runs import run_dir_held
+
+    made = tmp_path / "new"
+    with pytest.raises(JobFailed):
+        with run_dir_held(made, written={"config.json"}):
+            (made / "config.json").write_text("{}")
+            raise JobFailed("not placeable", EXIT_NOT_PLACEABLE)
+    assert not made.exists()
+    with pytest.raises(JobFailed):  # training failed: what it wrote stays
+        with run_dir_held(made, written={"config.json"}):
+            (made / "config.json").write_text("{}")
+            raise JobFailed("training failed", EXIT_FAILED)
+    assert (made / "config.json").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(JobFailed):  # it was there before: left as it was
+        with run_dir_held(kept):
+            raise JobFailed("not placeable", EXIT_NOT_PLACEABLE)
+    assert kept.exists()
+
+
+def test_a_run_dir_on_a_filesystem_without_flock_runs_unguarded_and_says_so(
+        tmp_path, monkeypatch, capsys):
+    # ENOLCK (NFS without lockd) was a traceback, not a run.
+    import errno
+
+    from orchestrator import file_lock
+    from orchestrator.runs import run_dir_held
+
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(file_lock.fcntl, "flock", no_flock)
+    with run_dir_held(tmp_path / "job"):
+        ran = True
+    assert ran and "cannot lock run dir" in capsys.readouterr().err

@@ -224,25 +224,28 @@ def test_fsdp_state_loads_with_the_resuming_optimizers_kernels(process_group, sa
 
     from orchestrator.training import strategy as strategies
 
-    def stepped(fused, shard):
+    def stepped(fused, shard, steps):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
         if shard:
             fully_shard(model)
         optimizer = torch.optim.AdamW(model.parameters(), fused=fused)
-        model(torch.randn(2, 8)).sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        for _ in range(steps):
+            model(torch.randn(2, 8)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
         return model, optimizer
 
-    saved_model, saved_optimizer = stepped(saved_fused, shard=not full)
+    saved_model, saved_optimizer = stepped(saved_fused, shard=not full, steps=2)
     model_state, optimizer_state = get_state_dict(
         saved_model, saved_optimizer, options=StateDictOptions(full_state_dict=full))
     state = {"model": model_state, "optimizer": optimizer_state}
-    model, optimizer = stepped(resuming_fused, shard=True)
+    model, optimizer = stepped(resuming_fused, shard=True, steps=1)
     strategies.apply_state(model, optimizer, state, full=full)
     assert [group["fused"] for group in optimizer.param_groups] == [resuming_fused]
-    assert optimizer.state  # the saved moments came in
+    # the saved moments came in (the resuming optimizer's own had taken one step, not two)
+    assert len(optimizer.state) == 4 and all(float(s["step"]) == 2.0
+                                             for s in optimizer.state.values())
 
 
 def test_an_fsdp_fp16_run_trains_where_the_fused_step_would_be_chosen(tmp_path, monkeypatch,
@@ -258,6 +261,50 @@ def test_an_fsdp_fp16_run_trains_where_the_fused_step_would_be_chosen(tmp_path, 
                                 eval_batches=1, strategy="fsdp", precision="fp16"),
                     LocalSession(tmp_path / "run", device=CPU))
     assert metrics["step"] == 2 and metrics["precision"] == "fp16"
+
+
+def test_an_fsdp_fp16_run_trains_the_learnable_span(tmp_path, process_group):
+    """The spans stay unsharded (plain tensors beside DTensors): ShardedGradScaler's fused
+    unscale refused the mixed list, "got mixed torch.Tensor and DTensor", at step 1."""
+    metrics = train(TrainConfig(model_size="tiny", batch_size=2, seq_len=16, max_steps=2,
+                                warmup_steps=1, checkpoint_every=2, log_every=2,
+                                eval_batches=1, strategy="fsdp", precision="fp16",
+                                attention_span=True, span_ramp=4),
+                    LocalSession(tmp_path / "run", device=CPU))
+    assert metrics["step"] == 2 and metrics["precision"] == "fp16"
+
+
+def test_the_fsdp_fp16_scaler_finds_an_overflow_in_an_unsharded_gradient(process_group):
+    # The plain gradients' overflow must skip the step as a sharded one's does.
+    from torch.distributed.fsdp import fully_shard
+
+    from orchestrator.training.precision import Precision
+    from orchestrator.training.strategy import grad_scaler
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    plain = model[1].weight
+    fully_shard(model, ignored_params={plain})
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = grad_scaler(Precision("fp16", "cpu"), "fsdp")
+    scaler.scale(model(torch.ones(2, 4)).sum()).backward()
+    plain.grad[0, 0] = float("inf")
+    before = plain.detach().clone()
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.equal(plain.detach(), before) and scaler.get_scale() < 65536.0
+
+
+def test_saving_a_sharded_checkpoint_leaves_the_live_optimizer_as_it_was(process_group):
+    # get_state_dict gave a never-stepped AdamW a state (step 1, zero moments) by stepping
+    # it: an fp16 run whose steps had all overflowed then took its first step as its second.
+    from torch.distributed.fsdp import fully_shard
+
+    from orchestrator.training.strategy import sharded_state
+
+    model = fully_shard(torch.nn.Linear(4, 4))
+    optimizer = torch.optim.AdamW(model.parameters())
+    saved = sharded_state(model, optimizer, with_state=set())
+    assert not optimizer.state and not saved["optimizer"]["state"]
 
 
 def test_a_sharded_checkpoint_missing_a_shard_falls_back_to_the_previous(runs, tmp_path, capsys,

@@ -1,0 +1,63 @@
+"""An exclusive lock on a local (or NFS) file for the length of a `with` block: flock, released
+by the kernel when its holder exits however it exits, honoured across NFS clients, with the
+holder's pid, host and start time written in the file for whoever finds it busy. Used around a
+tokenizing pass into a data cache (training/shards.py) and around a run in its run directory
+(runs.py)."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+class LockBusy(Exception):
+    """Another process holds the lock; `holder` is what it wrote in the file."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+@dataclass(frozen=True)
+class LockState:
+    waited: bool = False  # it was busy and this process waited for it
+    # Why the filesystem refuses flock (some FUSE and Lustre mounts: ENOLCK, EOPNOTSUPP):
+    # the block then runs unguarded, for the caller to say so. None: held.
+    unsupported: str | None = None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, on_busy: Callable[[str], None] | None = None) -> Iterator[LockState]:
+    """Hold an exclusive flock on `path` (made, with its folder, if missing) for the block.
+    Busy: without `on_busy`, LockBusy(holder) at once; with it, on_busy(holder) is called and
+    the lock waited for. OSError if the file cannot be opened."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as lock:
+        waited = False
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            if on_busy is None:
+                raise LockBusy(holder) from None
+            on_busy(holder)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            waited = True
+        except OSError as e:
+            yield LockState(unsupported=e.strerror or str(e))
+            return
+        try:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()} (since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            lock.flush()
+            yield LockState(waited=waited)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
