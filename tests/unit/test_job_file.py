@@ -952,6 +952,10 @@ def test_a_job_larger_than_this_machine_is_refused_before_an_embedded_ray_starts
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    # (the whole suite runs this after the integration tier's Ray started in this process)
+    ray_here = SimpleNamespace(initialized=False)
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(
+        is_initialized=lambda: ray_here.initialized))
     big = JobSpec("big", num_workers=3, cpus_per_worker=2)
     with pytest.raises(JobFailed) as refused:
         refuse_what_embedded_ray_cannot_hold(big, None)
@@ -960,4 +964,7 @@ def test_a_job_larger_than_this_machine_is_refused_before_an_embedded_ray_starts
     refuse_what_embedded_ray_cannot_hold(JobSpec("fits", num_workers=2, cpus_per_worker=2), None)
     refuse_what_embedded_ray_cannot_hold(big, "10.0.0.1:6379")  # a cluster: its scheduler's
     monkeypatch.setenv("RAY_ADDRESS", "auto")
+    refuse_what_embedded_ray_cannot_hold(big, None)
+    monkeypatch.delenv("RAY_ADDRESS")
+    ray_here.initialized = True  # Ray started here already: its own cluster, not this machine
     refuse_what_embedded_ray_cannot_hold(big, None)
