@@ -156,18 +156,25 @@ class HFTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_as_text(self, text: str) -> list[int]:
+        return self._special_as_text().encode(text, add_special_tokens=False).ids
+
+    def _special_as_text(self):
+        """A copy of the tokenizer that reads a special token's spelling as plain text."""
         if self._as_text is None:  # a second instance: the setting is the tokenizer's own
             from tokenizers import Tokenizer as HFTok
 
             self._as_text = HFTok.from_str(self._tok.to_str())
         # (set every time: a pickled copy, as Ray ships one, comes back without it)
         self._as_text.encode_special_tokens = True
-        return self._as_text.encode(text, add_special_tokens=False).ids
+        return self._as_text
 
     def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """Training documents, with any special token's spelling in them as plain text: a
+        document mentioning "<|endoftext|>" was cut into two there (the byte tokenizer keeps
+        it as text); documents are separated by the real end-of-text token alone."""
         dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
-        return [np.asarray(e.ids, dtype=dtype)
-                for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        return [np.asarray(e.ids, dtype=dtype) for e in
+                self._special_as_text().encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")

@@ -44,6 +44,14 @@ def test_trained_bpe_compresses_and_round_trips_bytewise():
     assert bpe.token_bytes(bpe.eos_id) == b""
 
 
+def test_a_training_document_spelling_end_of_text_is_not_cut_there():
+    # With BPE, "<|endoftext|>" written in a document became a document break (the byte
+    # tokenizer kept it as text): scraped text about tokenizers got false boundaries.
+    bpe = train_bpe([f"the quick brown fox {i} jumps" for i in range(200)], 400)
+    ids = bpe.encode_arrays(["a <|endoftext|> b"])[0].tolist()
+    assert bpe.eos_id not in ids and bpe.decode(ids) == "a <|endoftext|> b"
+
+
 def test_a_tokenizer_file_that_does_not_parse_is_named(tmp_path):
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"model": {"type": "nothing"}}')
