@@ -214,10 +214,14 @@ def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Preci
             say(f"warning: {error}; falling back to the previous checkpoint")
 
     for directory in checkpoint_dirs:
+        header, problem = None, None
         try:
-            header = checkpoint_header(directory)
+            header = checkpoint_header(directory, session.world_rank, session.world_size)
         except CheckpointError as e:
-            pass_over(e)
+            problem = e
+        problem = _any_workers_problem(problem)
+        if problem is not None:
+            pass_over(problem)
             continue
         conflicts = resume_conflicts(header["config"], config)
         if conflicts:
@@ -234,6 +238,19 @@ def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Preci
         raise CheckpointError("no usable checkpoint to resume from: " + " | ".join(problems))
     model, optimizer, scaler = _new_training_state(config, session, precision, init_from=True)
     return model, optimizer, scaler, 0, 0, cosine_legs(None, config.max_steps, 0, config)
+
+
+def _any_workers_problem(problem: CheckpointError | None) -> CheckpointError | None:
+    """The first problem any worker found with a checkpoint, on every worker (collective):
+    each checks its own part of it, and on remote storage reads its own copy. A worker passing
+    over a checkpoint alone left the others waiting in its load's collectives until the
+    timeout, or resumed them from another step."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return problem
+    said: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(said, None if problem is None else str(problem))
+    first = next((text for text in said if text is not None), None)
+    return None if first is None else CheckpointError(first)
 
 
 def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:

@@ -339,6 +339,21 @@ def test_a_flipped_byte_in_a_shard_is_caught_and_the_previous_checkpoint_taken(r
     assert metrics["start_step"] == 25 and "__1_0.distcp is corrupt" in capsys.readouterr().out
 
 
+def test_workers_agree_to_pass_over_a_shard_only_one_of_them_checks(runs, tmp_path):
+    # Each worker hashes its share of the shards (rank 1: __1_0.distcp): the other must fall
+    # back with it, not go on alone into the checkpoint's collective load.
+    source = runs["root"] / "fsdp"
+    run_dir = resume_from(source, HALF, tmp_path / "run")
+    shutil.copytree(source / "checkpoint_00000050", run_dir / "checkpoint_00000050")
+    shard = run_dir / "checkpoint_00000050" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    outcome = train_on_local_workers(config(strategy="fsdp"), run_dir)
+    assert "error" not in outcome, outcome
+    assert outcome["metrics"]["start_step"] == 25 and outcome["metrics"]["step"] == 50
+
+
 def test_a_sharded_save_that_fails_is_a_checkpoint_error_naming_the_cause(tmp_path,
                                                                           monkeypatch):
     # DCP's CheckpointException is no Exception: a full disk reached the user as every
