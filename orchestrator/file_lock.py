@@ -38,7 +38,7 @@ def file_lock(path: Path, on_busy: Callable[[str], None] | None = None) -> Itera
     the lock waited for. OSError if the file cannot be opened."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as lock:
-        waited = False
+        waited, unsupported = False, None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -50,7 +50,9 @@ def file_lock(path: Path, on_busy: Callable[[str], None] | None = None) -> Itera
             fcntl.flock(lock, fcntl.LOCK_EX)
             waited = True
         except OSError as e:
-            yield LockState(unsupported=e.strerror or str(e))
+            unsupported = e.strerror or str(e)
+        if unsupported is not None:  # (yielded outside the handler: the block's own errors
+            yield LockState(unsupported=unsupported)  # are not "during handling" of this one)
             return
         try:
             lock.seek(0)

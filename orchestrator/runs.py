@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator
 
 from orchestrator.file_lock import LockBusy, file_lock
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
+from orchestrator.tokenizer import TOKENIZER_FILE
 
 METRICS_LOG = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"  # jobs/pretrain.py's, at the end of a run
@@ -124,13 +125,13 @@ def unused_checkpoints_warning(run_dir: Path) -> str | None:
 def set_aside_earlier_history(run_dir: Path) -> list[Path]:
     """Before a new run (not a resume) in `run_dir`: an earlier run's metrics.jsonl and
     summary.json, left by a run that stopped before its first checkpoint (one with checkpoints
-    is refused), renamed `<name>.before-<its time>.<ext>`, with the config.json they belong to
-    (the new run writes its own). The new run's reports were appended to that history: `logs`
+    is refused), renamed `<name>.before-<its time>.<ext>`, with the config.json and
+    tokenizer.json they belong to (the new run writes its own). The new run's reports were appended to that history: `logs`
     showed two runs as one, steps 1.. twice. Returns the new names."""
     if not any((run_dir / name).is_file() for name in (METRICS_LOG, SUMMARY_FILE)):
         return []  # no history: a config.json alone is only replaced
     moved = []
-    for name in (METRICS_LOG, SUMMARY_FILE, CONFIG_FILE):
+    for name in (METRICS_LOG, SUMMARY_FILE, CONFIG_FILE, TOKENIZER_FILE):
         path = run_dir / name
         if not path.is_file():
             continue
@@ -161,7 +162,7 @@ def run_dir_held(run_dir: Path, written: Iterable[str] = ()) -> Iterator[None]:
     that started nothing (bad input, not placeable) and it holds only the lock and `written`
     (the files the caller put there): a refused run leaves nothing behind."""
     made = not run_dir.exists()
-    entered = False
+    entered, refused = False, False
     try:
         with file_lock(run_dir / RUN_LOCK) as state:
             entered = True
@@ -171,8 +172,7 @@ def run_dir_held(run_dir: Path, written: Iterable[str] = ()) -> Iterator[None]:
             try:
                 yield
             except JobFailed as e:
-                if made and e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE):
-                    _remove_if_only(run_dir, {RUN_LOCK, *written})
+                refused = made and e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE)
                 raise
     except LockBusy as e:
         if entered:
@@ -183,15 +183,22 @@ def run_dir_held(run_dir: Path, written: Iterable[str] = ()) -> Iterator[None]:
         if entered:
             raise
         raise RunDirError(f"cannot lock run dir {run_dir}: {e.strerror or e}") from None
+    finally:
+        if refused:  # once the lock's file is closed (NFS keeps an open one as .nfsXXXX)
+            _remove_if_only(run_dir, {RUN_LOCK, *written})
 
 
 def _remove_if_only(run_dir: Path, names: set[str]) -> None:
     """Remove `run_dir` if it holds nothing but `names` (the lock's file too: its holder is
-    this process, which is done with it)."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= names:
-        for name in names:
-            (run_dir / name).unlink(missing_ok=True)
-        run_dir.rmdir()
+    this process, which is done with it). Best effort: the job's own error is what the user
+    must see, not a cleanup's."""
+    try:
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= names:
+            for name in names:
+                (run_dir / name).unlink(missing_ok=True)
+            run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def say_set_aside(moved: list[Path]) -> None:

@@ -1028,8 +1028,8 @@ class SchedulerCore:
         the type's family, when the bundles name it): request_resources is a shape the whole
         cluster should hold, busy or not, so the autoscaler adds only the rest."""
         node_type, nodes = plan
-        # (no job's excluded GPUs: the answer is kept per job shape, for every job of it)
-        idle = worker_capacity(spec, self.state, now, ignore_reservations=True)
+        idle = worker_capacity(spec, self.state, now, ignore_reservations=True,
+                               excluded_gpus=frozenset(self.excluded_gpus.get(spec.name, ())))
         if spec.gpus_per_worker and node_type.accelerator_resource:
             t = self.state.table
             idle = idle[t.family[:len(idle)] == t.families.get(node_type.family, -1)]

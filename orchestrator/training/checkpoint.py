@@ -93,7 +93,11 @@ def verify_checksum(path: str | os.PathLike) -> None:
 
 
 def _check_digest(path: Path, expected: str) -> None:
-    actual = sha256_file(path)
+    try:
+        actual = sha256_file(path)
+    except OSError as e:  # (EIO, ESTALE: a problem the workers agree on, as any other)
+        raise CheckpointError(f"checkpoint file {path} cannot be read: "
+                              f"{e.strerror or e}") from None
     if actual != expected:
         raise CheckpointError(f"checkpoint {path} is corrupt: sha256 {actual[:12]}... does not "
                               f"match the recorded {expected[:12]}...")

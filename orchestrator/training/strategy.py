@@ -141,19 +141,22 @@ def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     """The model's and optimizer's state keyed by parameter name (FSDP: each worker's shards),
     what torch.distributed.checkpoint saves and loads in place. `with_state`: keep optimizer
     state only for these parameters (what a checkpoint holds: a group that had not stepped
-    when it was written has none, and get_state_dict gives a fresh optimizer state for all)."""
+    when it was written has none, and get_state_dict gives a fresh optimizer state for all);
+    None: those whose state the optimizer has."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     had_state = set(optimizer.state)
+    if with_state is None:  # (a save: the state the optimizer has, no more)
+        with_state = {name for name, p in model.named_parameters() if p in had_state}
     model_state, optimizer_state = get_state_dict(model, optimizer)
     # get_state_dict fills a missing optimizer state by a zero-lr step of the live optimizer:
     # an fp16 run whose steps so far all overflowed (skipped) then took its first real step as
-    # its second (AdamW's bias correction of step 2). Taken back out of the live one.
+    # its second (AdamW's bias correction of step 2), as did a run resumed from its checkpoint.
+    # Taken back out of the live one, and out of what is saved.
     for param in [p for p in optimizer.state if p not in had_state]:
         del optimizer.state[param]
-    if with_state is not None:
-        optimizer_state = {**optimizer_state, "state": {
-            name: v for name, v in optimizer_state["state"].items() if name in with_state}}
+    optimizer_state = {**optimizer_state, "state": {
+        name: v for name, v in optimizer_state["state"].items() if name in with_state}}
     return {"model": model_state, "optimizer": optimizer_state}
 
 

@@ -195,3 +195,19 @@ def test_a_run_dir_on_a_filesystem_without_flock_runs_unguarded_and_says_so(
     with run_dir_held(tmp_path / "job"):
         ran = True
     assert ran and "cannot lock run dir" in capsys.readouterr().err
+
+
+def test_a_refused_runs_cleanup_that_fails_leaves_the_jobs_own_error(tmp_path, monkeypatch):
+    # On NFS the lock's open file left a .nfsXXXX behind: rmdir's OSError replaced the
+    # JobFailed (a traceback, exit 1, instead of exit 3 and its reason).
+    from pathlib import Path
+
+    from orchestrator.job_exit import EXIT_NOT_PLACEABLE, JobFailed
+    from orchestrator.runs import run_dir_held
+
+    def not_empty(self):
+        raise OSError(39, "Directory not empty")
+    monkeypatch.setattr(Path, "rmdir", not_empty)
+    with pytest.raises(JobFailed, match="not placeable"):
+        with run_dir_held(tmp_path / "new"):
+            raise JobFailed("not placeable", EXIT_NOT_PLACEABLE)

@@ -303,8 +303,12 @@ def test_saving_a_sharded_checkpoint_leaves_the_live_optimizer_as_it_was(process
 
     model = fully_shard(torch.nn.Linear(4, 4))
     optimizer = torch.optim.AdamW(model.parameters())
-    saved = sharded_state(model, optimizer, with_state=set())
-    assert not optimizer.state and not saved["optimizer"]["state"]
+    saved = sharded_state(model, optimizer)  # as a checkpoint's save calls it
+    assert not optimizer.state and not saved["optimizer"]["state"]  # nor in the checkpoint
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    saved = sharded_state(model, optimizer)  # a stepped optimizer's state is all saved
+    assert len(saved["optimizer"]["state"]) == 2 and len(optimizer.state) == 2
 
 
 def test_a_sharded_checkpoint_missing_a_shard_falls_back_to_the_previous(runs, tmp_path, capsys,
@@ -337,6 +341,21 @@ def test_a_flipped_byte_in_a_shard_is_caught_and_the_previous_checkpoint_taken(r
         load_checkpoint(run_dir / "checkpoint_00000050")
     metrics = train(config(strategy="ddp"), LocalSession(run_dir, device=CPU))
     assert metrics["start_step"] == 25 and "__1_0.distcp is corrupt" in capsys.readouterr().out
+
+
+def test_a_shard_that_cannot_be_read_is_a_checkpoint_problem(runs, monkeypatch):
+    # An OSError (EIO, ESTALE) escaped the workers' agreement: the worker hashing that shard
+    # left, the others waited in the agreement's collective.
+    from orchestrator.training import checkpoint
+
+    def unreadable_shards(path):
+        if path.suffix == ".distcp":
+            raise OSError(5, "Input/output error")
+        return real(path)
+    real = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", unreadable_shards)
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp cannot be read: Input/output"):
+        checkpoint.checkpoint_header(runs["root"] / "fsdp" / HALF)
 
 
 def test_workers_agree_to_pass_over_a_shard_only_one_of_them_checks(runs, tmp_path):
