@@ -25,8 +25,8 @@ What it decides:
   lower service level) that fits the cluster but not its free capacity may preempt running
   jobs it outranks: victims lowest priority first, then least
   work lost since their last checkpoint, the fewest that make room. A job runs at least
-  `min_run_s` between preemptions (no thrashing) and is not preempted again once preempted
-  `max_preemptions` times (ageing). Victims keep their reservation until they yield, so nothing
+  `min_run_s` between preemptions (no thrashing) and, once preempted `max_preemptions` times,
+  only by a higher priority (ageing: LAS cannot starve it for ever). Victims keep their reservation until they yield, so nothing
   is ever double-booked; a yielded victim waits in the queue with its original submit time.
 - **Migration.** When a faster accelerator family has free capacity that no waiting job can
   use, a running job with a time estimate moves there if the modelled gain (remaining time x
@@ -1311,12 +1311,14 @@ class SchedulerCore:
                 for job in blocked[:MAX_BLOCKED_EXAMINED]):
             return outcome  # without a pass over the running jobs
         pool = self._victim_pool(now)
-        # Per priority the highest level running there, to say "outranks nobody" in O(1):
-        # the common case (FIFO order, one priority class) costs one pass over the pool and
-        # no sort.
+        aged = self.settings.max_preemptions  # preempted this often: LAS leaves it alone
+        # Per priority the highest level running there that LAS may preempt (-1: none), to
+        # say "outranks nobody" in O(1): the common case (FIFO order, one priority class)
+        # costs one pass over the pool and no sort.
         top_level: dict[int, int] = {}
-        for priority, level, _ in pool:
-            top_level[priority] = max(level, top_level.get(priority, -1))
+        for priority, level, running in pool:
+            top_level[priority] = max(level if running.preemptions < aged else -1,
+                                      top_level.get(priority, -1))
         lowest = min(top_level, default=None)
         tried: set[tuple] = set()  # (priority, level, shape) that found no victims
         in_victim_order = False
@@ -1335,8 +1337,10 @@ class SchedulerCore:
             if not in_victim_order:
                 self._sort_victims(pool, now)
                 in_victim_order = True
+            # Ageing (max_preemptions) bounds LAS only: a higher priority always outranks.
             candidates = [entry for entry in pool if entry[2].directive is None and (
-                entry[0] < priority or (entry[0] == priority and entry[1] > level))]
+                entry[0] < priority or (entry[0] == priority and entry[1] > level
+                                        and entry[2].preemptions < aged))]
             searches -= 1
             found = self._preempt_for(job, candidates, free_gpus, now)
             if not found.effects:
@@ -1345,8 +1349,9 @@ class SchedulerCore:
         return outcome
 
     def _victim_pool(self, now: float) -> list[tuple[int, int, RunningJob]]:
-        """(priority, service level, job) of the running jobs that may be preempted now.
-        Running jobs are ranked by levels only under LAS (else level 0)."""
+        """(priority, service level, job) of the running jobs that may be preempted now (by
+        a job that outranks them; one preempted max_preemptions times, only by a higher
+        priority). Running jobs are ranked by levels only under LAS (else level 0)."""
         s = self.settings
         # _level(attained_s) inlined: this runs for every running job on every pass.
         thresholds = s.las_thresholds_gpu_s if self.queue.level is not None else ()
@@ -1356,7 +1361,7 @@ class SchedulerCore:
                  if thresholds else 0, job)
                 for name, job in self.running.items()
                 if job.directive is None and job.spec.preemptible and name not in ready
-                and now - job.started_at >= s.min_run_s and job.preemptions < s.max_preemptions]
+                and now - job.started_at >= s.min_run_s]
 
     def _sort_victims(self, pool: list[tuple[int, int, RunningJob]], now: float) -> None:
         """Victim order: lowest priority, then highest level (most service received), then

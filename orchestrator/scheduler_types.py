@@ -31,7 +31,9 @@ class SchedulerSettings:
     # (seen in the Philly replay: segments of 72 s); the default equals restart_cost_s, so a job
     # trains at least as long as its restart costs.
     min_run_s: float = 120.0
-    max_preemptions: int = 3  # ageing: a job preempted this often is not preempted again
+    # Ageing: a job preempted this often is not preempted again by its own priority (LAS);
+    # a higher priority still preempts it.
+    max_preemptions: int = 3
     migration: bool = True
     restart_cost_s: float = 120.0  # checkpoint + restart, what a migration must win back
     backfill: bool = True  # False: strict queue order, nothing starts while an earlier job waits

@@ -198,8 +198,9 @@ def test_victims_lowest_priority_first_then_least_work_lost_and_no_more_than_nee
     assert set(yields(out)) == {"p1-fresh-checkpoint"}
 
 
-def test_no_preemption_before_min_run_time_nor_after_max_preemptions():
-    core = core_with(cpu_node("a", cpus=2), min_run_s=30.0, max_preemptions=1)
+def test_no_preemption_before_min_run_time_nor_by_las_after_max_preemptions():
+    core = core_with(cpu_node("a", cpus=2), min_run_s=30.0, max_preemptions=1,
+                     las_thresholds_gpu_s=(50.0,))
     core.submit(cpus("low", 2), "d", T0)
     early = core.submit(cpus("high", 2, priority=5), "d", T0 + 5)
     assert not yields(early)  # low has run only 5 s
@@ -207,9 +208,29 @@ def test_no_preemption_before_min_run_time_nor_after_max_preemptions():
     core.yielded("low", "d", T0 + 32)
     core.release("high", "d", T0 + 40)  # low resumes
     assert isinstance(core.poll("low", "d", T0 + 41).decision, Placement)
-    aged = core.submit(cpus("high2", 2, priority=5), "d", T0 + 100)
-    assert not yields(aged)  # preempted once already: ageing protects it
+    # low has run 91 s x 2 workers: level 1, above a new job of its priority
+    aged = core.submit(cpus("new", 2), "d", T0 + 100)
+    assert not yields(aged)  # preempted once already: ageing protects it from LAS
     assert isinstance(aged.decision, Queued)
+
+
+def test_max_preemptions_protects_a_job_from_its_own_priority_only():
+    # Ageing bounds LAS (jobs of its own priority) alone: an urgent job of a higher priority
+    # waited for a low one that had been preempted max_preemptions times (an operator's
+    # preemptions count too), with no end.
+    core = core_with(gpu_node("a", gpus=2), max_preemptions=1, las_thresholds_gpu_s=(100.0,))
+    core.submit(gpus("low", 2), "d", T0)
+    core.preempt("low", T0 + 100)
+    assert isinstance(core.yielded("low", "d", T0 + 100).decision, Placement)  # at once
+    assert core.running["low"].preemptions == 1
+    # 300 s x 2 GPUs: level 1, a new job is at level 0; LAS alone would preempt it
+    same = core.submit(gpus("same", 2), "d", T0 + 200)
+    assert not yields(same) and isinstance(same.decision, Queued)
+    core.cancel("same", "d", T0 + 200)
+    urgent = core.submit(gpus("urgent", 2, priority=10), "d", T0 + 201)
+    assert "priority 10 > 0" in yields(urgent)["low"].reason
+    core.yielded("low", "d", T0 + 202)
+    assert isinstance(core.poll("urgent", "d", T0 + 203).decision, Placement)
 
 
 def test_a_victim_that_finishes_instead_of_yielding_frees_the_room_all_the_same():
