@@ -40,6 +40,7 @@ What it decides:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import heapq
 import math
@@ -1419,7 +1420,7 @@ class SchedulerCore:
             if room < spec.total_gpus:
                 continue
             tried += 1
-            if self._fits_without(spec, chosen, now):
+            if self._fits_once_yielded(spec, chosen, now):
                 break
             if tried >= MAX_VICTIMS_TRIED:
                 return []
@@ -1427,7 +1428,7 @@ class SchedulerCore:
             return []
         for name in list(reversed(chosen))[1:]:  # drop any the later ones made unneeded
             rest = [v for v in chosen if v != name]
-            if self._fits_without(spec, rest, now):
+            if self._fits_once_yielded(spec, rest, now):
                 chosen = rest
         return chosen
 
@@ -1443,19 +1444,46 @@ class SchedulerCore:
                 return True
         return False
 
-    def _fits_without(self, spec: JobSpec, victims: list[str], now: float) -> bool:
-        """Would `spec` fit if `victims` released? (Their reservations are put back.)"""
+    def _fits_once_yielded(self, spec: JobSpec, victims: list[str], now: float) -> bool:
+        """Would the queue pass place `spec` once `victims` have yielded? Asked as the pass
+        asks (its family choice), not of place() alone: a job kept off a family (jobs
+        allowed only that family have first call on it) preempted victims there, the pass
+        then started a job of that family instead, and the preemptor preempted again."""
+        with self._as_if_yielded(victims):
+            try:
+                self._place(spec, now, free_gpus=self._free_units(now)[0])
+                return True
+            except PlacementError:
+                return False
+
+    @contextlib.contextmanager
+    def _as_if_yielded(self, victims: list[str]) -> Iterator[None]:
+        """The cluster and the queue as they will be once `victims` have yielded: their
+        reservations free, and those allowed a single family waiting for it again (where
+        they have first call, see _family_choice). All put back on exit."""
         saved = {v: self.state.reservations[v] for v in victims if v in self.state.reservations}
+        pinned = Counter()  # (family,) -> GPUs of the victims allowed that family alone
+        for v in victims:
+            spec = self.running[v].spec
+            only = allowed_families(spec)
+            if len(only) == 1 and spec.total_gpus:
+                pinned[only] += spec.total_gpus
+        waiting = self.queue.gpus_by_allowed
         for v in saved:
             self.state.release(v)
+        for only, n in pinned.items():
+            self.pinned_running[only[0]] -= n
+            waiting[only] += n
         try:
-            self._place(spec, now)
-            return True
-        except PlacementError:
-            return False
+            yield
         finally:
             for v, held in saved.items():
                 self.state.reserve(v, held)
+            for only, n in pinned.items():
+                self.pinned_running[only[0]] += n
+                waiting[only] -= n
+                if not waiting[only]:
+                    del waiting[only]
 
     def _direct(self, job_name: str, kind: str, reason: str, now: float, for_job: str = "",
                 target: Placement | None = None) -> Outcome:

@@ -233,6 +233,29 @@ def test_max_preemptions_protects_a_job_from_its_own_priority_only():
     assert isinstance(core.poll("urgent", "d", T0 + 203).decision, Placement)
 
 
+def test_no_victims_for_a_family_the_queue_pass_keeps_the_preemptor_off():
+    # 'any' preempted 'v' on the A100s, which 'a100-only' (waiting, priority -1) has first
+    # call on: the pass kept 'any' off them and started 'a100-only', which 'any' preempted,
+    # which then waited for the A100s again, and so on every min_run_s: 'any' never ran.
+    core = core_with(gpu_node("a100", gpus=4), gpu_node("t4", gpus=4, family="T4"),
+                     las_thresholds_gpu_s=(100.0,))
+    core.submit(gpus("t4-only", 4, accelerator_types=("T4",), preemptible=False), "d", T0)
+    core.submit(gpus("v", 4), "d", T0)
+    core.submit(gpus("a100-only", 4, accelerator_types=("A100",), priority=-1), "d", T0 + 1)
+    assert set(core.running) == {"t4-only", "v"}
+    out = core.submit(gpus("any", 4), "d", T0 + 500)  # level 0; 'v' is at level 1
+    assert not yields(out)
+    now = T0 + 500
+    for _ in range(20):
+        now += 5
+        assert not yields(core.tick(now))
+    # Once nobody has first call on the A100s, 'any' preempts 'v' and starts there.
+    out = core.cancel("a100-only", "d", now)
+    assert yields(out)["v"].kind == PREEMPT
+    core.yielded("v", "d", now + 2)
+    assert core.poll("any", "d", now + 3).decision.nodes == ["a100"]
+
+
 def test_a_victim_that_finishes_instead_of_yielding_frees_the_room_all_the_same():
     core = core_with(cpu_node("a", cpus=2))
     core.submit(cpus("low", 2), "d", T0)
