@@ -24,9 +24,11 @@ What it decides:
 - **Preemption.** A waiting job of higher priority (or, under LAS, the same priority and a
   lower service level) that fits the cluster but not its free capacity may preempt running
   jobs it outranks: victims lowest priority first, then least
-  work lost since their last checkpoint, the fewest that make room. A job runs at least
-  `min_run_s` between preemptions (no thrashing) and, once preempted `max_preemptions` times,
-  only by a higher priority (ageing: LAS cannot starve it for ever). Victims keep their reservation until they yield, so nothing
+  work lost since their last checkpoint, the fewest that make room — room as the queue pass
+  will place the job once they have yielded (its family choice; behind a blocked head, only
+  a start the backfill rule allows). A job runs at least `min_run_s` between preemptions (no
+  thrashing) and, once preempted `max_preemptions` times, only by a higher priority (ageing:
+  LAS cannot starve it for ever). Victims keep their reservation until they yield, so nothing
   is ever double-booked; a yielded victim waits in the queue with its original submit time.
 - **Migration.** When a faster accelerator family has free capacity that no waiting job can
   use, a running job with a time estimate moves there if the modelled gain (remaining time x
@@ -1343,7 +1345,7 @@ class SchedulerCore:
                 entry[0] < priority or (entry[0] == priority and entry[1] > level
                                         and entry[2].preemptions < aged))]
             searches -= 1
-            found = self._preempt_for(job, candidates, free_gpus, now)
+            found = self._preempt_for(job, candidates, free_gpus, now, head=blocked[0])
             if not found.effects:
                 tried.add(key)
             outcome.add(found)
@@ -1376,12 +1378,13 @@ class SchedulerCore:
                                  now - (e[2].last_checkpoint_at or e[2].started_at)))
 
     def _preempt_for(self, job: QueuedJob, candidates: list[tuple[int, int, RunningJob]],
-                     free_gpus: dict[int, int], now: float) -> Outcome:
-        """Make room for a waiting job by preempting running jobs it outranks, if enough do."""
+                     free_gpus: dict[int, int], now: float, head: QueuedJob) -> Outcome:
+        """Make room for a waiting job by preempting running jobs it outranks, if enough do
+        and the queue pass would then start it (`head`: the first job that could not)."""
         outcome = Outcome()
         job_name = job.spec.name
         victims = self._choose_victims(job.spec, candidates, free_gpus, now)
-        if not victims:
+        if not victims or not self._may_start_behind(head, job, victims, now):
             return outcome
         self.preempting[job_name] = set(victims)
         job.reason = (f"preempting {', '.join(victims)}: starts when they have checkpointed "
@@ -1455,6 +1458,23 @@ class SchedulerCore:
                 return True
             except PlacementError:
                 return False
+
+    def _may_start_behind(self, head: QueuedJob, job: QueuedJob, victims: list[str],
+                          now: float) -> bool:
+        """Whether the queue pass, once `victims` have yielded, would let `job` start behind
+        the blocked `head` (EASY's test, _may_backfill; the head itself always may). A job
+        the pass then refuses as delaying the head took the victims' run for capacity that
+        idles."""
+        if job is head:
+            return True
+        with self._as_if_yielded(victims):
+            free_gpus = self._free_units(now)[0]
+            try:
+                placement = self._place(job.spec, now, free_gpus=free_gpus)
+            except PlacementError:
+                return False
+            plan = self._head_plan(head, now, free_gpus)
+            return self._may_backfill(plan, job.spec, placement, now)
 
     @contextlib.contextmanager
     def _as_if_yielded(self, victims: list[str]) -> Iterator[None]:

@@ -256,6 +256,27 @@ def test_no_victims_for_a_family_the_queue_pass_keeps_the_preemptor_off():
     assert core.poll("any", "d", now + 3).decision.nodes == ["a100"]
 
 
+def test_a_job_behind_the_head_preempts_only_for_a_start_that_would_not_delay_the_head():
+    # 'small' preempted 'v1' though the backfill rule then refused it ("would delay 'head'"):
+    # 'v1' lost its run and its GPU idled, with no end.
+    core = core_with(gpu_node("a", gpus=4), gpu_node("t4", gpus=1, family="T4"),
+                     las_thresholds_gpu_s=(100.0,))
+    core.submit(gpus("u", 2, preemptible=False), "d", T0)
+    core.submit(gpus("v1", 1, accelerator_types=("A100",)), "d", T0)
+    core.submit(gpus("v2", 1, accelerator_types=("A100",)), "d", T0)
+    core.submit(gpus("w", 1, accelerator_types=("T4",)), "d", T0)
+    # The head cannot preempt (it needs 'u''s GPUs too): it waits without a shadow time.
+    assert isinstance(core.submit(gpus("head", 4, accelerator_types=("A100",)), "d",
+                                  T0 + 1000).decision, Queued)
+    out = core.submit(gpus("small", 1, accelerator_types=("A100",)), "d", T0 + 1001)
+    assert not yields(out) and set(core.running) == {"u", "v1", "v2", "w"}
+    # On GPUs the head cannot use, a job behind it may preempt, and starts.
+    out = core.submit(gpus("small-t4", 1, accelerator_types=("T4",)), "d", T0 + 1002)
+    assert set(yields(out)) == {"w"}
+    core.yielded("w", "d", T0 + 1003)
+    assert isinstance(core.poll("small-t4", "d", T0 + 1004).decision, Placement)
+
+
 def test_a_victim_that_finishes_instead_of_yielding_frees_the_room_all_the_same():
     core = core_with(cpu_node("a", cpus=2))
     core.submit(cpus("low", 2), "d", T0)
