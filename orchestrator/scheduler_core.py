@@ -370,7 +370,8 @@ class SchedulerCore:
         # Its service so far carries over (LAS level, the time left of its estimate)
         history = QueuedJob(spec, owner, now, "") if previous is None else QueuedJob(
             spec, owner, previous.enqueued_at, "", previous.preemptions,
-            previous.ran_s + max(now - previous.started_at, 0.0))
+            previous.ran_s + max(now - previous.started_at, 0.0),
+            las_baseline_s=previous.las_baseline_s)
         outcome = self.place_now(spec, owner, now, history=history)
         if previous is not None and isinstance(outcome.decision, Placement):
             self.running[spec.name].last_checkpoint_at = previous.last_checkpoint_at
@@ -508,7 +509,8 @@ class SchedulerCore:
                 and not directive.for_job
             self.queue.add(QueuedJob(job.spec, job.placement.owner,
                                      now if by_operator else job.enqueued_at,
-                                     reason, preempted, ran, queued_at=now))
+                                     reason, preempted, ran, queued_at=now,
+                                     las_baseline_s=job.las_baseline_s))
             outcome.decision = self.queue.status(job_name)
         outcome.add(self._after_capacity_freed(now))
         if isinstance(outcome.decision, Queued):  # it may have been placed again at once
@@ -594,7 +596,8 @@ class SchedulerCore:
         if s.min_run_s > 0 and (s.preemption or s.migration):
             dues.append((start + s.min_run_s, not s.migration))  # a move needs no waiting job
         if s.preemption and self.queue.level is not None and job.size:
-            dues += [(start + t / job.size - job.ran_s, True) for t in s.las_thresholds_gpu_s]
+            counted = job.ran_s - job.las_baseline_s  # (run time its level counts)
+            dues += [(start + t / job.size - counted, True) for t in s.las_thresholds_gpu_s]
         if s.backfill and job.planned_end is not None:
             dues.append((job.planned_end, True))
         for due, needs_queue in dues:
@@ -886,7 +889,8 @@ class SchedulerCore:
                queued: QueuedJob) -> None:
         self.state.reserve(spec.name, placement.reservations())
         self._track_running(RunningJob(spec, placement, now, queued.enqueued_at,
-                                       queued.preemptions, queued.ran_s))
+                                       queued.preemptions, queued.ran_s,
+                                       las_baseline_s=queued.las_baseline_s))
 
     def _track_running(self, job: RunningJob) -> None:
         self.running[job.spec.name] = job
@@ -1356,11 +1360,12 @@ class SchedulerCore:
         a job that outranks them; one preempted max_preemptions times, only by a higher
         priority). Running jobs are ranked by levels only under LAS (else level 0)."""
         s = self.settings
-        # _level(attained_s) inlined: this runs for every running job on every pass.
+        # _level(las_attained_s) inlined: this runs for every running job on every pass.
         thresholds = s.las_thresholds_gpu_s if self.queue.level is not None else ()
         ready = self.queue.ready
         return [(job.spec.priority,
-                 bisect.bisect_right(thresholds, (job.ran_s + now - job.started_at) * job.size)
+                 bisect.bisect_right(thresholds, (job.ran_s - job.las_baseline_s + now
+                                                  - job.started_at) * job.size)
                  if thresholds else 0, job)
                 for name, job in self.running.items()
                 if job.directive is None and job.spec.preemptible and name not in ready
@@ -1395,9 +1400,10 @@ class SchedulerCore:
             if running.spec.priority < job.spec.priority:
                 why = f"priority {job.spec.priority} > {running.spec.priority}"
             else:
-                why = (f"least attained service first: it has run "
-                       f"{running.attained_s(now) / 3600:.2f} GPU-h, level {level} < "
-                       f"{self._level(running.attained_s(now))}")
+                service = running.las_attained_s(now)
+                since = " since its promotion" if running.las_baseline_s else ""
+                why = (f"least attained service first: it has run {service / 3600:.2f} "
+                       f"GPU-h{since}, level {level} < {self._level(service)}")
             outcome.add(self._direct(victim, PREEMPT, f"preempted for job '{job_name}' ({why})",
                                      now, for_job=job_name))
         return outcome
@@ -1659,7 +1665,7 @@ class SchedulerCore:
             return False
         self._start(job.spec, job.placement.owner, target, now,
                     QueuedJob(job.spec, job.placement.owner, job.enqueued_at, "",
-                              job.preemptions, ran))
+                              job.preemptions, ran, las_baseline_s=job.las_baseline_s))
         return True
 
 

@@ -197,6 +197,9 @@ class RunningJob:
     # that one re-queues the job as if submitted then, behind those waiting; see yielded)
     preemptions: int = 0
     ran_s: float = 0.0  # run time in earlier placements
+    # Run time (of ran_s) its LAS level no longer counts: the starvation guard promoted it
+    # then (QueuedJob.las_baseline_s); without it the next new job preempted it at once
+    las_baseline_s: float = 0.0
     last_checkpoint_at: float | None = None
     directive: Directive | None = None
     # Derived, not persisted: the accelerator family it runs on, its speed per family and the
@@ -216,6 +219,10 @@ class RunningJob:
     def attained_s(self, now: float) -> float:
         """Service received so far, this run included: run time x GPUs (workers for CPU)."""
         return (self.ran_s + now - self.started_at) * self.size
+
+    def las_attained_s(self, now: float) -> float:
+        """The service its LAS level counts: since its last promotion (see las_baseline_s)."""
+        return (self.ran_s - self.las_baseline_s + now - self.started_at) * self.size
 
     @property
     def planned_end(self) -> float | None:
@@ -237,6 +244,7 @@ class RunningJob:
         return {"spec": self.spec.to_dict(), "placement": placement_to_dict(self.placement),
                 "started_at": self.started_at, "enqueued_at": self.enqueued_at,
                 "preemptions": self.preemptions, "ran_s": self.ran_s,
+                "las_baseline_s": self.las_baseline_s,
                 "last_checkpoint_at": self.last_checkpoint_at,
                 "directive": None if d is None else {
                     "kind": d.kind, "reason": d.reason, "since": d.since, "for_job": d.for_job,
@@ -260,5 +268,6 @@ class RunningJob:
 
 
 # What RunningJob.to_dict saves besides its spec, placement and directive.
-RUNNING_JOB_SAVED = ("started_at", "enqueued_at", "preemptions", "ran_s", "last_checkpoint_at")
+RUNNING_JOB_SAVED = ("started_at", "enqueued_at", "preemptions", "ran_s", "las_baseline_s",
+                     "last_checkpoint_at")
 DIRECTIVE_SAVED = ("kind", "reason", "since", "for_job")

@@ -9,8 +9,8 @@ from orchestrator.inventory import GIB, GpuInfo, NodeReport
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.queue import JobQueue, QueuedJob
 from orchestrator.scheduler_core import CLAIM_SUFFIX, SchedulerCore
-from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, SchedulerSettings,
-                                          StartAgent, Yield)
+from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, RunningJob,
+                                          SchedulerSettings, StartAgent, Yield)
 
 T0 = 1_000.0
 
@@ -708,6 +708,36 @@ def test_the_core_promotes_only_when_starvation_factor_is_set():
         return [j.spec.name for j in core.queue.ordered()]
     assert scene(starvation_factor=1.0) == ["long", "newest"]
     assert scene() == ["newest", "long"]
+
+
+def test_a_promoted_job_keeps_level_0_once_it_runs_and_across_a_restart():
+    # Tiresias resets a promoted job's attained service. Here 'long', put back at level 0 by
+    # the starvation guard, was ranked by all it had ever run once it started again, and
+    # the next new job preempted it as soon as min_run_s had passed, each time.
+    core = core_with(gpu_node("a", gpus=2), min_run_s=120.0, starvation_factor=1.0)
+    core.submit(gpus("long", 2), "d", T0)
+    core.submit(gpus("new", 2), "d", T0 + 4000)  # 'long' has 8,000 GPU-s: level 1
+    core.yielded("long", "d", T0 + 4001)
+    core.poll("new", "d", T0 + 4001)
+    # Waited as long as it ran: back at level 0, it preempts 'new' (level 1 by then).
+    assert set(yields(core.tick(T0 + 8002))) == {"new"}
+    core.yielded("new", "d", T0 + 8003)
+    assert isinstance(core.poll("long", "d", T0 + 8003).decision, Placement)
+    again = core_with(gpu_node("a", gpus=2), min_run_s=120.0, starvation_factor=1.0)
+    assert again.restore(json.loads(json.dumps(core.to_dict()))) == []
+    for c in (core, again):
+        out = c.submit(gpus("newest", 2), "d", T0 + 8200)
+        assert not yields(out) and isinstance(out.decision, Queued)
+    # What it ran in all is still reported as such.
+    assert core.running["long"].attained_s(T0 + 8200) == pytest.approx((4001 + 197) * 2)
+    # A running job saved before the baseline existed loads, unpromoted.
+    saved = core.running["long"].to_dict()
+    del saved["las_baseline_s"]
+    assert RunningJob.from_dict(saved).las_baseline_s == 0.0
+    # A promoted waiting job saved before it: its promotion cleared all it had run.
+    waiting = QueuedJob(gpus("old", 2), "d", T0, ran_s=50.0, promoted=True).to_dict()
+    del waiting["las_baseline_s"]
+    assert QueuedJob.from_dict(waiting).las_baseline_s == 50.0
 
 
 def test_fifo_queue_order_never_preempts_within_a_priority_class():
