@@ -461,6 +461,8 @@ class SchedulerCore:
             return None
         if last_checkpoint_at is not None:
             job.last_checkpoint_at = last_checkpoint_at
+        if job.directive is not None and job.directive.read_at is None:
+            job.directive = dataclasses.replace(job.directive, read_at=now)
         return job.directive
 
     def gpu_too_small(self, job_name: str, owner: str, gpus: list[tuple[str, int]],
@@ -1523,10 +1525,13 @@ class SchedulerCore:
                                                  target.worker_nodes if target else ())])
 
     def _forget_preemption(self, job_name: str) -> None:
-        """The job no longer waits: victims that have not yielded yet keep running."""
+        """The job no longer waits: victims that have not read their directive yet keep
+        running. One that has is checkpointing to yield: it keeps the directive, so that its
+        yield counts as the preemption it is (withdrawn, it was an uncounted restart)."""
         for victim in self.preempting.pop(job_name, ()):
             job = self.running.get(victim)
-            if job is not None and job.directive is not None and job.directive.kind == PREEMPT:
+            if job is not None and job.directive is not None and job.directive.kind == PREEMPT \
+                    and job.directive.read_at is None:
                 job.directive = None
 
     # -- internals: migration ----------------------------------------------------------------------

@@ -165,6 +165,7 @@ class Directive:
     since: float
     for_job: str = ""  # the job a preemption makes room for
     target: Placement | None = None  # a migration's claimed destination
+    read_at: float | None = None  # when the job first read it (it acts on it from then)
 
 
 @dataclass
@@ -248,6 +249,7 @@ class RunningJob:
                 "last_checkpoint_at": self.last_checkpoint_at,
                 "directive": None if d is None else {
                     "kind": d.kind, "reason": d.reason, "since": d.since, "for_job": d.for_job,
+                    "read_at": d.read_at,
                     "target": None if d.target is None else placement_to_dict(d.target)}}
 
     @classmethod
@@ -270,4 +272,4 @@ class RunningJob:
 # What RunningJob.to_dict saves besides its spec, placement and directive.
 RUNNING_JOB_SAVED = ("started_at", "enqueued_at", "preemptions", "ran_s", "las_baseline_s",
                      "last_checkpoint_at")
-DIRECTIVE_SAVED = ("kind", "reason", "since", "for_job")
+DIRECTIVE_SAVED = ("kind", "reason", "since", "for_job", "read_at")

@@ -277,6 +277,28 @@ def test_a_job_behind_the_head_preempts_only_for_a_start_that_would_not_delay_th
     assert isinstance(core.poll("small-t4", "d", T0 + 1004).decision, Placement)
 
 
+def test_a_preemption_the_victim_has_read_stays_when_its_preemptor_starts_elsewhere():
+    # The victim had read its directive (it was checkpointing to yield) when the preemptor
+    # started on room freed elsewhere: the directive was withdrawn, and the yield that
+    # followed was a restart the victim's preemptions never counted (ageing never came).
+    core = core_with(gpu_node("a", gpus=2), gpu_node("b", gpus=2), las_thresholds_gpu_s=(100.0,))
+    core.submit(gpus("v", 2), "d", T0)
+    core.submit(gpus("w", 2, expected_duration_s=1e6), "d", T0 + 1)
+    out = core.submit(gpus("p", 2), "d", T0 + 500)
+    (victim,) = yields(out)
+    other = ({"v", "w"} - {victim}).pop()
+    unread = core.submit(gpus("q", 2, priority=1), "d", T0 + 500)  # preempts the other
+    assert set(yields(unread)) == {other}
+    assert core.directive(victim, T0 + 501).kind == PREEMPT
+    core.cancel("q", "d", T0 + 502)  # the other's directive, unread, is withdrawn
+    assert core.running[other].directive is None
+    core.release(other, "d", T0 + 503)  # the other job ends: 'p' starts in its room
+    assert isinstance(core.poll("p", "d", T0 + 503).decision, Placement)
+    assert core.running[victim].directive.kind == PREEMPT  # read: it is yielding
+    core.yielded(victim, "d", T0 + 530)
+    assert core.running[victim].preemptions == 1  # placed again at once, counted
+
+
 def test_a_victim_that_finishes_instead_of_yielding_frees_the_room_all_the_same():
     core = core_with(cpu_node("a", cpus=2))
     core.submit(cpus("low", 2), "d", T0)
