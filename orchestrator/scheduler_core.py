@@ -1487,31 +1487,32 @@ class SchedulerCore:
     @contextlib.contextmanager
     def _as_if_yielded(self, victims: list[str]) -> Iterator[None]:
         """The cluster and the queue as they will be once `victims` have yielded: their
-        reservations free, and those allowed a single family waiting for it again (where
-        they have first call, see _family_choice). All put back on exit."""
+        reservations free, their GPUs waiting in the queue (those allowed a single family
+        then have first call on it, see _family_choice). All put back on exit."""
         saved = {v: self.state.reservations[v] for v in victims if v in self.state.reservations}
-        pinned = Counter()  # (family,) -> GPUs of the victims allowed that family alone
+        requeued = Counter()  # allowed families -> the victims' GPUs, as JobQueue counts them
         for v in victims:
             spec = self.running[v].spec
-            only = allowed_families(spec)
-            if len(only) == 1 and spec.total_gpus:
-                pinned[only] += spec.total_gpus
+            if spec.total_gpus:
+                requeued[allowed_families(spec)] += spec.total_gpus
         waiting = self.queue.gpus_by_allowed
         for v in saved:
             self.state.release(v)
-        for only, n in pinned.items():
-            self.pinned_running[only[0]] -= n
-            waiting[only] += n
+        for allowed, n in requeued.items():
+            waiting[allowed] += n
+            if len(allowed) == 1:
+                self.pinned_running[allowed[0]] -= n
         try:
             yield
         finally:
             for v, held in saved.items():
                 self.state.reserve(v, held)
-            for only, n in pinned.items():
-                self.pinned_running[only[0]] += n
-                waiting[only] -= n
-                if not waiting[only]:
-                    del waiting[only]
+            for allowed, n in requeued.items():
+                waiting[allowed] -= n
+                if not waiting[allowed]:
+                    del waiting[allowed]
+                if len(allowed) == 1:
+                    self.pinned_running[allowed[0]] += n
 
     def _direct(self, job_name: str, kind: str, reason: str, now: float, for_job: str = "",
                 target: Placement | None = None) -> Outcome:
