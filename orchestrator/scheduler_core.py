@@ -42,7 +42,6 @@ What it decides:
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dataclasses
 import heapq
 import math
@@ -114,6 +113,52 @@ class _HeadPlan:
     # kept off: they have first call there (the head's room leaves them out, its shadow and
     # extra do not: such a start can push the head past its shadow, see _may_backfill)
     first_call: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+class _AsIfYielded:
+    """The cluster and the queue as they will be once some running jobs have yielded, for the
+    victim search to ask what the queue pass would do then: their reservations free, their
+    GPUs waiting in the queue again (those allowed a single family then have first call on
+    it, see SchedulerCore._family_choice). Victims are added one at a time (and may be taken
+    back); leaving the `with` block puts everything back."""
+
+    def __init__(self, core: "SchedulerCore", victims: tuple[str, ...] | list[str] = ()) -> None:
+        self.core = core
+        self.held: dict[str, tuple] = {}  # victim -> its reservation, released meanwhile
+        for victim in victims:
+            self.add(victim)
+
+    def __enter__(self) -> "_AsIfYielded":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for victim in list(self.held):
+            self.take_back(victim)
+
+    def add(self, victim: str) -> None:
+        core = self.core
+        self.held[victim] = core.state.reservations.get(victim, ())
+        core.state.release(victim)
+        self._count_waiting(core.running[victim].spec, +1)
+
+    def take_back(self, victim: str) -> None:
+        held = self.held.pop(victim)
+        if held:
+            self.core.state.reserve(victim, held)
+        self._count_waiting(self.core.running[victim].spec, -1)
+
+    def _count_waiting(self, spec: JobSpec, sign: int) -> None:
+        """Its GPUs waiting (+1) or running again (-1), as JobQueue and _count_pinned count."""
+        if not spec.total_gpus:
+            return
+        allowed = allowed_families(spec)
+        waiting = self.core.queue.gpus_by_allowed
+        waiting[allowed] += sign * spec.total_gpus
+        if not waiting[allowed]:
+            del waiting[allowed]
+        if len(allowed) == 1:
+            pinned = self.core.pinned_running
+            pinned[allowed[0]] = pinned.get(allowed[0], 0) - sign * spec.total_gpus
 
 
 # -- the core ------------------------------------------------------------------------------------
@@ -1412,14 +1457,44 @@ class SchedulerCore:
 
     def _choose_victims(self, spec: JobSpec, candidates: list[tuple[int, int, RunningJob]],
                         free_gpus: dict[int, int], now: float) -> list[str]:
-        """The fewest candidates (in victim order) whose resources make the job fit; [] if
-        none do. A victim on a family the job may not use cannot help and is skipped; a
-        placement is tried only once free plus chosen GPUs could hold the job."""
+        """The fewest candidates (in victim order) whose resources make the job fit as the
+        queue pass would place it once they have yielded; [] if none do (see
+        _victims_in_reach)."""
+        reach, first = self._victims_in_reach(spec, candidates, free_gpus)
+        if not reach:
+            return []
+        with _AsIfYielded(self, reach) as yielded:
+            # More victims only free more (a victim allowed one family adds as much first
+            # call there as it frees): when all those in reach make no room, fewer do not
+            # either. One placement tried, not one per victim (most searches end here).
+            if not self._would_place(spec, now):
+                return []
+            for name in reach[first:]:
+                yielded.take_back(name)
+            n = first
+            while n < len(reach) and not self._would_place(spec, now):
+                yielded.add(reach[n])
+                n += 1
+            chosen = reach[:n]
+            for name in list(reversed(chosen))[1:]:  # drop any the later ones made unneeded
+                yielded.take_back(name)
+                if self._would_place(spec, now):
+                    chosen.remove(name)
+                else:
+                    yielded.add(name)
+        return chosen
+
+    def _victims_in_reach(self, spec: JobSpec, candidates: list[tuple[int, int, RunningJob]],
+                          free_gpus: dict[int, int]) -> tuple[list[str], int]:
+        """The candidates that could help the job, in victim order, as far as a search goes,
+        and how many of them the first placement is tried with: those whose GPUs, with the
+        free ones, could hold it; then one more per try, MAX_VICTIMS_TRIED tries at most.
+        ([], 0): never enough. A victim on a family the job may not use cannot help."""
         allowed = set(allowed_families(spec))
         room = _free_allowed_gpus(spec, free_gpus, self.state) if spec.gpus_per_worker \
             else math.inf
-        chosen: list[str] = []
-        tried = 0
+        names: list[str] = []
+        first = 0
         for _, _, job in candidates:
             if spec.gpus_per_worker and job.spec.gpus_per_worker:
                 if allowed and self.running_family(job.spec.name) not in allowed:
@@ -1427,21 +1502,12 @@ class SchedulerCore:
                 room += job.spec.total_gpus
             elif spec.gpus_per_worker and not self._beside_gpus(job.spec.name, allowed):
                 continue  # a job taking no GPUs helps only by the CPUs beside usable GPUs
-            chosen.append(job.spec.name)
-            if room < spec.total_gpus:
-                continue
-            tried += 1
-            if self._fits_once_yielded(spec, chosen, now):
+            names.append(job.spec.name)
+            if not first and room >= spec.total_gpus:
+                first = len(names)
+            if first and len(names) == first + MAX_VICTIMS_TRIED - 1:
                 break
-            if tried >= MAX_VICTIMS_TRIED:
-                return []
-        else:
-            return []
-        for name in list(reversed(chosen))[1:]:  # drop any the later ones made unneeded
-            rest = [v for v in chosen if v != name]
-            if self._fits_once_yielded(spec, rest, now):
-                chosen = rest
-        return chosen
+        return (names, first) if first else ([], 0)
 
     def _beside_gpus(self, job_name: str, allowed: set[str]) -> bool:
         """Whether the job holds CPUs on a node with GPUs of the `allowed` families (any when
@@ -1455,17 +1521,31 @@ class SchedulerCore:
                 return True
         return False
 
-    def _fits_once_yielded(self, spec: JobSpec, victims: list[str], now: float) -> bool:
-        """Would the queue pass place `spec` once `victims` have yielded? Asked as the pass
-        asks (its family choice), not of place() alone: a job kept off a family (jobs
-        allowed only that family have first call on it) preempted victims there, the pass
-        then started a job of that family instead, and the preemptor preempted again."""
-        with self._as_if_yielded(victims):
-            try:
-                self._place(spec, now, free_gpus=self._free_units(now)[0])
-                return True
-            except PlacementError:
-                return False
+    def _would_place(self, spec: JobSpec, now: float) -> bool:
+        """Would the queue pass place `spec` now (victims yielded in thought, _AsIfYielded)?
+        Asked as the pass asks (its family choice), not of place() alone: a job kept off a
+        family (jobs allowed only that family have first call on it) preempted victims
+        there, the pass then started a job of that family instead, and the preemptor
+        preempted again."""
+        free_gpus = self._free_units(now)[0]
+        if not self._enough_gpus_to_try(spec, free_gpus):
+            return False
+        try:
+            self._place(spec, now, free_gpus=free_gpus)
+            return True
+        except PlacementError:
+            return False
+
+    def _enough_gpus_to_try(self, spec: JobSpec, free_gpus: dict[int, int]) -> bool:
+        """False when the families the queue pass would try for the job (_family_choice)
+        have fewer free GPUs than it needs: _place would fail, and a failed place() costs
+        an explanation per node (the victim search asks for many victim sets)."""
+        choice = self._family_choice(spec, free_gpus) if self.policy is None else None
+        if choice is None:
+            return True  # (place() as given)
+        codes = self.state.table.families
+        # (every family of choice.order has room for the job, so is one of open_families)
+        return sum(free_gpus.get(codes[f], 0) for f in choice.open_families) >= spec.total_gpus
 
     def _may_start_behind(self, head: QueuedJob, job: QueuedJob, victims: list[str],
                           now: float) -> bool:
@@ -1475,7 +1555,7 @@ class SchedulerCore:
         idles."""
         if job is head:
             return True
-        with self._as_if_yielded(victims):
+        with _AsIfYielded(self, victims):
             free_gpus = self._free_units(now)[0]
             try:
                 placement = self._place(job.spec, now, free_gpus=free_gpus)
@@ -1483,36 +1563,6 @@ class SchedulerCore:
                 return False
             plan = self._head_plan(head, now, free_gpus)
             return self._may_backfill(plan, job.spec, placement, now)
-
-    @contextlib.contextmanager
-    def _as_if_yielded(self, victims: list[str]) -> Iterator[None]:
-        """The cluster and the queue as they will be once `victims` have yielded: their
-        reservations free, their GPUs waiting in the queue (those allowed a single family
-        then have first call on it, see _family_choice). All put back on exit."""
-        saved = {v: self.state.reservations[v] for v in victims if v in self.state.reservations}
-        requeued = Counter()  # allowed families -> the victims' GPUs, as JobQueue counts them
-        for v in victims:
-            spec = self.running[v].spec
-            if spec.total_gpus:
-                requeued[allowed_families(spec)] += spec.total_gpus
-        waiting = self.queue.gpus_by_allowed
-        for v in saved:
-            self.state.release(v)
-        for allowed, n in requeued.items():
-            waiting[allowed] += n
-            if len(allowed) == 1:
-                self.pinned_running[allowed[0]] -= n
-        try:
-            yield
-        finally:
-            for v, held in saved.items():
-                self.state.reserve(v, held)
-            for allowed, n in requeued.items():
-                waiting[allowed] -= n
-                if not waiting[allowed]:
-                    del waiting[allowed]
-                if len(allowed) == 1:
-                    self.pinned_running[allowed[0]] += n
 
     def _direct(self, job_name: str, kind: str, reason: str, now: float, for_job: str = "",
                 target: Placement | None = None) -> Outcome:
