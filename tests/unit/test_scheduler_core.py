@@ -249,6 +249,11 @@ def test_no_victims_for_a_family_the_queue_pass_keeps_the_preemptor_off():
     for _ in range(20):
         now += 5
         assert not yields(core.tick(now))
+    # The searches put back what they released and re-queued in thought.
+    assert core.queue.gpus_by_allowed == {("A100",): 4, (): 4}
+    assert core.pinned_running == {"T4": 4}
+    assert core.state.reserved_on("a100")[1] == 4 and set(core.state.reservations) == {
+        "t4-only", "v"}
     # Once nobody has first call on the A100s, 'any' preempts 'v' and starts there.
     out = core.cancel("a100-only", "d", now)
     assert yields(out)["v"].kind == PREEMPT
