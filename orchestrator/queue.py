@@ -41,6 +41,9 @@ class QueuedJob:
     ran_s: float = 0.0  # run time in earlier placements, before it was preempted
     queued_at: float | None = None  # when it entered the queue this time (None: enqueued_at)
     promoted: bool = False  # waited long enough to be put back at level 0 (starvation guard)
+    # Run time (of ran_s) its LAS level no longer counts: all it had run when the starvation
+    # guard last promoted it (Tiresias resets a promoted job's attained service)
+    las_baseline_s: float = 0.0
 
     @property
     def in_queue_since(self) -> float:
@@ -52,21 +55,31 @@ class QueuedJob:
         """Service received so far: run time x GPUs (x workers for a CPU job)."""
         return self.ran_s * service_size(self.spec)
 
+    @property
+    def las_attained_s(self) -> float:
+        """The service its LAS level counts: since its last promotion (attained_s, all of it,
+        is what is reported)."""
+        return (self.ran_s - self.las_baseline_s) * service_size(self.spec)
+
     def to_dict(self) -> dict:
         return {"spec": self.spec.to_dict(), "owner": self.owner,
                 "enqueued_at": self.enqueued_at, "reason": self.reason,
                 "preemptions": self.preemptions, "ran_s": self.ran_s,
-                "queued_at": self.queued_at, "promoted": self.promoted}
+                "queued_at": self.queued_at, "promoted": self.promoted,
+                "las_baseline_s": self.las_baseline_s}
 
     @classmethod
     def from_dict(cls, data: dict) -> "QueuedJob":
         """From saved state, every field checked (saved_records)."""
         fields = saved_fields(cls, data, "queued job", QUEUED_JOB_SAVED)
+        if fields.get("promoted") and "las_baseline_s" not in fields:
+            # saved before the baseline: a promotion then cleared all it had run, as now
+            fields["las_baseline_s"] = fields.get("ran_s", 0.0)
         return cls(saved_spec(data.get("spec"), "queued job"), **fields)
 
 
 QUEUED_JOB_SAVED = ("owner", "enqueued_at", "reason", "preemptions", "ran_s", "queued_at",
-                    "promoted")  # QueuedJob.to_dict's fields besides the spec
+                    "promoted", "las_baseline_s")  # QueuedJob.to_dict's fields besides the spec
 
 
 def service_size(spec: JobSpec) -> int:
@@ -170,7 +183,8 @@ class JobQueue:
         return job
 
     def order_key(self, job: QueuedJob) -> tuple:
-        level = self.level(job.attained_s) if self.level is not None and not job.promoted else 0
+        level = self.level(job.las_attained_s) if self.level is not None and not job.promoted \
+            else 0
         return (-job.spec.priority, level, job.enqueued_at, job.spec.name)
 
     def promote_due(self, now: float) -> list[str]:
@@ -183,6 +197,7 @@ class JobQueue:
             job = self.waiting[name]
             self.remove(name)
             job.promoted = True
+            job.las_baseline_s = job.ran_s  # kept once it runs (the running job's level)
             self.add(job)
             promoted.append(name)
         return promoted

@@ -24,9 +24,11 @@ What it decides:
 - **Preemption.** A waiting job of higher priority (or, under LAS, the same priority and a
   lower service level) that fits the cluster but not its free capacity may preempt running
   jobs it outranks: victims lowest priority first, then least
-  work lost since their last checkpoint, the fewest that make room. A job runs at least
-  `min_run_s` between preemptions (no thrashing) and is not preempted again once preempted
-  `max_preemptions` times (ageing). Victims keep their reservation until they yield, so nothing
+  work lost since their last checkpoint, the fewest that make room — room as the queue pass
+  will place the job once they have yielded (its family choice; behind a blocked head, only
+  a start the backfill rule allows). A job runs at least `min_run_s` between preemptions (no
+  thrashing) and, once preempted `max_preemptions` times, only by a higher priority (ageing:
+  LAS cannot starve it for ever). Victims keep their reservation until they yield, so nothing
   is ever double-booked; a yielded victim waits in the queue with its original submit time.
 - **Migration.** When a faster accelerator family has free capacity that no waiting job can
   use, a running job with a time estimate moves there if the modelled gain (remaining time x
@@ -111,6 +113,52 @@ class _HeadPlan:
     # kept off: they have first call there (the head's room leaves them out, its shadow and
     # extra do not: such a start can push the head past its shadow, see _may_backfill)
     first_call: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+class _AsIfYielded:
+    """The cluster and the queue as they will be once some running jobs have yielded, for the
+    victim search to ask what the queue pass would do then: their reservations free, their
+    GPUs waiting in the queue again (those allowed a single family then have first call on
+    it, see SchedulerCore._family_choice). Victims are added one at a time (and may be taken
+    back); leaving the `with` block puts everything back."""
+
+    def __init__(self, core: "SchedulerCore", victims: tuple[str, ...] | list[str] = ()) -> None:
+        self.core = core
+        self.held: dict[str, tuple] = {}  # victim -> its reservation, released meanwhile
+        for victim in victims:
+            self.add(victim)
+
+    def __enter__(self) -> "_AsIfYielded":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for victim in list(self.held):
+            self.take_back(victim)
+
+    def add(self, victim: str) -> None:
+        core = self.core
+        self.held[victim] = core.state.reservations.get(victim, ())
+        core.state.release(victim)
+        self._count_waiting(core.running[victim].spec, +1)
+
+    def take_back(self, victim: str) -> None:
+        held = self.held.pop(victim)
+        if held:
+            self.core.state.reserve(victim, held)
+        self._count_waiting(self.core.running[victim].spec, -1)
+
+    def _count_waiting(self, spec: JobSpec, sign: int) -> None:
+        """Its GPUs waiting (+1) or running again (-1), as JobQueue and _count_pinned count."""
+        if not spec.total_gpus:
+            return
+        allowed = allowed_families(spec)
+        waiting = self.core.queue.gpus_by_allowed
+        waiting[allowed] += sign * spec.total_gpus
+        if not waiting[allowed]:
+            del waiting[allowed]
+        if len(allowed) == 1:
+            pinned = self.core.pinned_running
+            pinned[allowed[0]] = pinned.get(allowed[0], 0) - sign * spec.total_gpus
 
 
 # -- the core ------------------------------------------------------------------------------------
@@ -367,7 +415,8 @@ class SchedulerCore:
         # Its service so far carries over (LAS level, the time left of its estimate)
         history = QueuedJob(spec, owner, now, "") if previous is None else QueuedJob(
             spec, owner, previous.enqueued_at, "", previous.preemptions,
-            previous.ran_s + max(now - previous.started_at, 0.0))
+            previous.ran_s + max(now - previous.started_at, 0.0),
+            las_baseline_s=previous.las_baseline_s)
         outcome = self.place_now(spec, owner, now, history=history)
         if previous is not None and isinstance(outcome.decision, Placement):
             self.running[spec.name].last_checkpoint_at = previous.last_checkpoint_at
@@ -457,6 +506,8 @@ class SchedulerCore:
             return None
         if last_checkpoint_at is not None:
             job.last_checkpoint_at = last_checkpoint_at
+        if job.directive is not None and job.directive.read_at is None:
+            job.directive = dataclasses.replace(job.directive, read_at=now)
         return job.directive
 
     def gpu_too_small(self, job_name: str, owner: str, gpus: list[tuple[str, int]],
@@ -505,7 +556,8 @@ class SchedulerCore:
                 and not directive.for_job
             self.queue.add(QueuedJob(job.spec, job.placement.owner,
                                      now if by_operator else job.enqueued_at,
-                                     reason, preempted, ran, queued_at=now))
+                                     reason, preempted, ran, queued_at=now,
+                                     las_baseline_s=job.las_baseline_s))
             outcome.decision = self.queue.status(job_name)
         outcome.add(self._after_capacity_freed(now))
         if isinstance(outcome.decision, Queued):  # it may have been placed again at once
@@ -591,7 +643,8 @@ class SchedulerCore:
         if s.min_run_s > 0 and (s.preemption or s.migration):
             dues.append((start + s.min_run_s, not s.migration))  # a move needs no waiting job
         if s.preemption and self.queue.level is not None and job.size:
-            dues += [(start + t / job.size - job.ran_s, True) for t in s.las_thresholds_gpu_s]
+            counted = job.ran_s - job.las_baseline_s  # (run time its level counts)
+            dues += [(start + t / job.size - counted, True) for t in s.las_thresholds_gpu_s]
         if s.backfill and job.planned_end is not None:
             dues.append((job.planned_end, True))
         for due, needs_queue in dues:
@@ -883,7 +936,8 @@ class SchedulerCore:
                queued: QueuedJob) -> None:
         self.state.reserve(spec.name, placement.reservations())
         self._track_running(RunningJob(spec, placement, now, queued.enqueued_at,
-                                       queued.preemptions, queued.ran_s))
+                                       queued.preemptions, queued.ran_s,
+                                       las_baseline_s=queued.las_baseline_s))
 
     def _track_running(self, job: RunningJob) -> None:
         self.running[job.spec.name] = job
@@ -1311,12 +1365,14 @@ class SchedulerCore:
                 for job in blocked[:MAX_BLOCKED_EXAMINED]):
             return outcome  # without a pass over the running jobs
         pool = self._victim_pool(now)
-        # Per priority the highest level running there, to say "outranks nobody" in O(1):
-        # the common case (FIFO order, one priority class) costs one pass over the pool and
-        # no sort.
+        aged = self.settings.max_preemptions  # preempted this often: LAS leaves it alone
+        # Per priority the highest level running there that LAS may preempt (-1: none), to
+        # say "outranks nobody" in O(1): the common case (FIFO order, one priority class)
+        # costs one pass over the pool and no sort.
         top_level: dict[int, int] = {}
-        for priority, level, _ in pool:
-            top_level[priority] = max(level, top_level.get(priority, -1))
+        for priority, level, running in pool:
+            top_level[priority] = max(level if running.preemptions < aged else -1,
+                                      top_level.get(priority, -1))
         lowest = min(top_level, default=None)
         tried: set[tuple] = set()  # (priority, level, shape) that found no victims
         in_victim_order = False
@@ -1335,28 +1391,32 @@ class SchedulerCore:
             if not in_victim_order:
                 self._sort_victims(pool, now)
                 in_victim_order = True
+            # Ageing (max_preemptions) bounds LAS only: a higher priority always outranks.
             candidates = [entry for entry in pool if entry[2].directive is None and (
-                entry[0] < priority or (entry[0] == priority and entry[1] > level))]
+                entry[0] < priority or (entry[0] == priority and entry[1] > level
+                                        and entry[2].preemptions < aged))]
             searches -= 1
-            found = self._preempt_for(job, candidates, free_gpus, now)
+            found = self._preempt_for(job, candidates, free_gpus, now, head=blocked[0])
             if not found.effects:
                 tried.add(key)
             outcome.add(found)
         return outcome
 
     def _victim_pool(self, now: float) -> list[tuple[int, int, RunningJob]]:
-        """(priority, service level, job) of the running jobs that may be preempted now.
-        Running jobs are ranked by levels only under LAS (else level 0)."""
+        """(priority, service level, job) of the running jobs that may be preempted now (by
+        a job that outranks them; one preempted max_preemptions times, only by a higher
+        priority). Running jobs are ranked by levels only under LAS (else level 0)."""
         s = self.settings
-        # _level(attained_s) inlined: this runs for every running job on every pass.
+        # _level(las_attained_s) inlined: this runs for every running job on every pass.
         thresholds = s.las_thresholds_gpu_s if self.queue.level is not None else ()
         ready = self.queue.ready
         return [(job.spec.priority,
-                 bisect.bisect_right(thresholds, (job.ran_s + now - job.started_at) * job.size)
+                 bisect.bisect_right(thresholds, (job.ran_s - job.las_baseline_s + now
+                                                  - job.started_at) * job.size)
                  if thresholds else 0, job)
                 for name, job in self.running.items()
                 if job.directive is None and job.spec.preemptible and name not in ready
-                and now - job.started_at >= s.min_run_s and job.preemptions < s.max_preemptions]
+                and now - job.started_at >= s.min_run_s]
 
     def _sort_victims(self, pool: list[tuple[int, int, RunningJob]], now: float) -> None:
         """Victim order: lowest priority, then highest level (most service received), then
@@ -1370,12 +1430,13 @@ class SchedulerCore:
                                  now - (e[2].last_checkpoint_at or e[2].started_at)))
 
     def _preempt_for(self, job: QueuedJob, candidates: list[tuple[int, int, RunningJob]],
-                     free_gpus: dict[int, int], now: float) -> Outcome:
-        """Make room for a waiting job by preempting running jobs it outranks, if enough do."""
+                     free_gpus: dict[int, int], now: float, head: QueuedJob) -> Outcome:
+        """Make room for a waiting job by preempting running jobs it outranks, if enough do
+        and the queue pass would then start it (`head`: the first job that could not)."""
         outcome = Outcome()
         job_name = job.spec.name
         victims = self._choose_victims(job.spec, candidates, free_gpus, now)
-        if not victims:
+        if not victims or not self._may_start_behind(head, job, victims, now):
             return outcome
         self.preempting[job_name] = set(victims)
         job.reason = (f"preempting {', '.join(victims)}: starts when they have checkpointed "
@@ -1386,23 +1447,54 @@ class SchedulerCore:
             if running.spec.priority < job.spec.priority:
                 why = f"priority {job.spec.priority} > {running.spec.priority}"
             else:
-                why = (f"least attained service first: it has run "
-                       f"{running.attained_s(now) / 3600:.2f} GPU-h, level {level} < "
-                       f"{self._level(running.attained_s(now))}")
+                service = running.las_attained_s(now)
+                since = " since its promotion" if running.las_baseline_s else ""
+                why = (f"least attained service first: it has run {service / 3600:.2f} "
+                       f"GPU-h{since}, level {level} < {self._level(service)}")
             outcome.add(self._direct(victim, PREEMPT, f"preempted for job '{job_name}' ({why})",
                                      now, for_job=job_name))
         return outcome
 
     def _choose_victims(self, spec: JobSpec, candidates: list[tuple[int, int, RunningJob]],
                         free_gpus: dict[int, int], now: float) -> list[str]:
-        """The fewest candidates (in victim order) whose resources make the job fit; [] if
-        none do. A victim on a family the job may not use cannot help and is skipped; a
-        placement is tried only once free plus chosen GPUs could hold the job."""
+        """The fewest candidates (in victim order) whose resources make the job fit as the
+        queue pass would place it once they have yielded; [] if none do (see
+        _victims_in_reach)."""
+        reach, first = self._victims_in_reach(spec, candidates, free_gpus)
+        if not reach:
+            return []
+        with _AsIfYielded(self, reach) as yielded:
+            # More victims only free more (a victim allowed one family adds as much first
+            # call there as it frees): when all those in reach make no room, fewer do not
+            # either. One placement tried, not one per victim (most searches end here).
+            if not self._would_place(spec, now):
+                return []
+            for name in reach[first:]:
+                yielded.take_back(name)
+            n = first
+            while n < len(reach) and not self._would_place(spec, now):
+                yielded.add(reach[n])
+                n += 1
+            chosen = reach[:n]
+            for name in list(reversed(chosen))[1:]:  # drop any the later ones made unneeded
+                yielded.take_back(name)
+                if self._would_place(spec, now):
+                    chosen.remove(name)
+                else:
+                    yielded.add(name)
+        return chosen
+
+    def _victims_in_reach(self, spec: JobSpec, candidates: list[tuple[int, int, RunningJob]],
+                          free_gpus: dict[int, int]) -> tuple[list[str], int]:
+        """The candidates that could help the job, in victim order, as far as a search goes,
+        and how many of them the first placement is tried with: those whose GPUs, with the
+        free ones, could hold it; then one more per try, MAX_VICTIMS_TRIED tries at most.
+        ([], 0): never enough. A victim on a family the job may not use cannot help."""
         allowed = set(allowed_families(spec))
         room = _free_allowed_gpus(spec, free_gpus, self.state) if spec.gpus_per_worker \
             else math.inf
-        chosen: list[str] = []
-        tried = 0
+        names: list[str] = []
+        first = 0
         for _, _, job in candidates:
             if spec.gpus_per_worker and job.spec.gpus_per_worker:
                 if allowed and self.running_family(job.spec.name) not in allowed:
@@ -1410,21 +1502,12 @@ class SchedulerCore:
                 room += job.spec.total_gpus
             elif spec.gpus_per_worker and not self._beside_gpus(job.spec.name, allowed):
                 continue  # a job taking no GPUs helps only by the CPUs beside usable GPUs
-            chosen.append(job.spec.name)
-            if room < spec.total_gpus:
-                continue
-            tried += 1
-            if self._fits_without(spec, chosen, now):
+            names.append(job.spec.name)
+            if not first and room >= spec.total_gpus:
+                first = len(names)
+            if first and len(names) == first + MAX_VICTIMS_TRIED - 1:
                 break
-            if tried >= MAX_VICTIMS_TRIED:
-                return []
-        else:
-            return []
-        for name in list(reversed(chosen))[1:]:  # drop any the later ones made unneeded
-            rest = [v for v in chosen if v != name]
-            if self._fits_without(spec, rest, now):
-                chosen = rest
-        return chosen
+        return (names, first) if first else ([], 0)
 
     def _beside_gpus(self, job_name: str, allowed: set[str]) -> bool:
         """Whether the job holds CPUs on a node with GPUs of the `allowed` families (any when
@@ -1438,19 +1521,48 @@ class SchedulerCore:
                 return True
         return False
 
-    def _fits_without(self, spec: JobSpec, victims: list[str], now: float) -> bool:
-        """Would `spec` fit if `victims` released? (Their reservations are put back.)"""
-        saved = {v: self.state.reservations[v] for v in victims if v in self.state.reservations}
-        for v in saved:
-            self.state.release(v)
+    def _would_place(self, spec: JobSpec, now: float) -> bool:
+        """Would the queue pass place `spec` now (victims yielded in thought, _AsIfYielded)?
+        Asked as the pass asks (its family choice), not of place() alone: a job kept off a
+        family (jobs allowed only that family have first call on it) preempted victims
+        there, the pass then started a job of that family instead, and the preemptor
+        preempted again."""
+        free_gpus = self._free_units(now)[0]
+        if not self._enough_gpus_to_try(spec, free_gpus):
+            return False
         try:
-            self._place(spec, now)
+            self._place(spec, now, free_gpus=free_gpus)
             return True
         except PlacementError:
             return False
-        finally:
-            for v, held in saved.items():
-                self.state.reserve(v, held)
+
+    def _enough_gpus_to_try(self, spec: JobSpec, free_gpus: dict[int, int]) -> bool:
+        """False when the families the queue pass would try for the job (_family_choice)
+        have fewer free GPUs than it needs: _place would fail, and a failed place() costs
+        an explanation per node (the victim search asks for many victim sets)."""
+        choice = self._family_choice(spec, free_gpus) if self.policy is None else None
+        if choice is None:
+            return True  # (place() as given)
+        codes = self.state.table.families
+        # (every family of choice.order has room for the job, so is one of open_families)
+        return sum(free_gpus.get(codes[f], 0) for f in choice.open_families) >= spec.total_gpus
+
+    def _may_start_behind(self, head: QueuedJob, job: QueuedJob, victims: list[str],
+                          now: float) -> bool:
+        """Whether the queue pass, once `victims` have yielded, would let `job` start behind
+        the blocked `head` (EASY's test, _may_backfill; the head itself always may). A job
+        the pass then refuses as delaying the head took the victims' run for capacity that
+        idles."""
+        if job is head:
+            return True
+        with _AsIfYielded(self, victims):
+            free_gpus = self._free_units(now)[0]
+            try:
+                placement = self._place(job.spec, now, free_gpus=free_gpus)
+            except PlacementError:
+                return False
+            plan = self._head_plan(head, now, free_gpus)
+            return self._may_backfill(plan, job.spec, placement, now)
 
     def _direct(self, job_name: str, kind: str, reason: str, now: float, for_job: str = "",
                 target: Placement | None = None) -> Outcome:
@@ -1464,10 +1576,13 @@ class SchedulerCore:
                                                  target.worker_nodes if target else ())])
 
     def _forget_preemption(self, job_name: str) -> None:
-        """The job no longer waits: victims that have not yielded yet keep running."""
+        """The job no longer waits: victims that have not read their directive yet keep
+        running. One that has is checkpointing to yield: it keeps the directive, so that its
+        yield counts as the preemption it is (withdrawn, it was an uncounted restart)."""
         for victim in self.preempting.pop(job_name, ()):
             job = self.running.get(victim)
-            if job is not None and job.directive is not None and job.directive.kind == PREEMPT:
+            if job is not None and job.directive is not None and job.directive.kind == PREEMPT \
+                    and job.directive.read_at is None:
                 job.directive = None
 
     # -- internals: migration ----------------------------------------------------------------------
@@ -1606,7 +1721,7 @@ class SchedulerCore:
             return False
         self._start(job.spec, job.placement.owner, target, now,
                     QueuedJob(job.spec, job.placement.owner, job.enqueued_at, "",
-                              job.preemptions, ran))
+                              job.preemptions, ran, las_baseline_s=job.las_baseline_s))
         return True
 
 

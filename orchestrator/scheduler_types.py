@@ -31,7 +31,9 @@ class SchedulerSettings:
     # (seen in the Philly replay: segments of 72 s); the default equals restart_cost_s, so a job
     # trains at least as long as its restart costs.
     min_run_s: float = 120.0
-    max_preemptions: int = 3  # ageing: a job preempted this often is not preempted again
+    # Ageing: a job preempted this often is not preempted again by its own priority (LAS);
+    # a higher priority still preempts it.
+    max_preemptions: int = 3
     migration: bool = True
     restart_cost_s: float = 120.0  # checkpoint + restart, what a migration must win back
     backfill: bool = True  # False: strict queue order, nothing starts while an earlier job waits
@@ -163,6 +165,7 @@ class Directive:
     since: float
     for_job: str = ""  # the job a preemption makes room for
     target: Placement | None = None  # a migration's claimed destination
+    read_at: float | None = None  # when the job first read it (it acts on it from then)
 
 
 @dataclass
@@ -195,6 +198,9 @@ class RunningJob:
     # that one re-queues the job as if submitted then, behind those waiting; see yielded)
     preemptions: int = 0
     ran_s: float = 0.0  # run time in earlier placements
+    # Run time (of ran_s) its LAS level no longer counts: the starvation guard promoted it
+    # then (QueuedJob.las_baseline_s); without it the next new job preempted it at once
+    las_baseline_s: float = 0.0
     last_checkpoint_at: float | None = None
     directive: Directive | None = None
     # Derived, not persisted: the accelerator family it runs on, its speed per family and the
@@ -214,6 +220,10 @@ class RunningJob:
     def attained_s(self, now: float) -> float:
         """Service received so far, this run included: run time x GPUs (workers for CPU)."""
         return (self.ran_s + now - self.started_at) * self.size
+
+    def las_attained_s(self, now: float) -> float:
+        """The service its LAS level counts: since its last promotion (see las_baseline_s)."""
+        return (self.ran_s - self.las_baseline_s + now - self.started_at) * self.size
 
     @property
     def planned_end(self) -> float | None:
@@ -235,9 +245,11 @@ class RunningJob:
         return {"spec": self.spec.to_dict(), "placement": placement_to_dict(self.placement),
                 "started_at": self.started_at, "enqueued_at": self.enqueued_at,
                 "preemptions": self.preemptions, "ran_s": self.ran_s,
+                "las_baseline_s": self.las_baseline_s,
                 "last_checkpoint_at": self.last_checkpoint_at,
                 "directive": None if d is None else {
                     "kind": d.kind, "reason": d.reason, "since": d.since, "for_job": d.for_job,
+                    "read_at": d.read_at,
                     "target": None if d.target is None else placement_to_dict(d.target)}}
 
     @classmethod
@@ -258,5 +270,6 @@ class RunningJob:
 
 
 # What RunningJob.to_dict saves besides its spec, placement and directive.
-RUNNING_JOB_SAVED = ("started_at", "enqueued_at", "preemptions", "ran_s", "last_checkpoint_at")
-DIRECTIVE_SAVED = ("kind", "reason", "since", "for_job")
+RUNNING_JOB_SAVED = ("started_at", "enqueued_at", "preemptions", "ran_s", "las_baseline_s",
+                     "last_checkpoint_at")
+DIRECTIVE_SAVED = ("kind", "reason", "since", "for_job", "read_at")

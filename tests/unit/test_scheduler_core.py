@@ -9,8 +9,8 @@ from orchestrator.inventory import GIB, GpuInfo, NodeReport
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.queue import JobQueue, QueuedJob
 from orchestrator.scheduler_core import CLAIM_SUFFIX, SchedulerCore
-from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, SchedulerSettings,
-                                          StartAgent, Yield)
+from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, RunningJob,
+                                          SchedulerSettings, StartAgent, Yield)
 
 T0 = 1_000.0
 
@@ -198,8 +198,9 @@ def test_victims_lowest_priority_first_then_least_work_lost_and_no_more_than_nee
     assert set(yields(out)) == {"p1-fresh-checkpoint"}
 
 
-def test_no_preemption_before_min_run_time_nor_after_max_preemptions():
-    core = core_with(cpu_node("a", cpus=2), min_run_s=30.0, max_preemptions=1)
+def test_no_preemption_before_min_run_time_nor_by_las_after_max_preemptions():
+    core = core_with(cpu_node("a", cpus=2), min_run_s=30.0, max_preemptions=1,
+                     las_thresholds_gpu_s=(50.0,))
     core.submit(cpus("low", 2), "d", T0)
     early = core.submit(cpus("high", 2, priority=5), "d", T0 + 5)
     assert not yields(early)  # low has run only 5 s
@@ -207,9 +208,100 @@ def test_no_preemption_before_min_run_time_nor_after_max_preemptions():
     core.yielded("low", "d", T0 + 32)
     core.release("high", "d", T0 + 40)  # low resumes
     assert isinstance(core.poll("low", "d", T0 + 41).decision, Placement)
-    aged = core.submit(cpus("high2", 2, priority=5), "d", T0 + 100)
-    assert not yields(aged)  # preempted once already: ageing protects it
+    # low has run 91 s x 2 workers: level 1, above a new job of its priority
+    aged = core.submit(cpus("new", 2), "d", T0 + 100)
+    assert not yields(aged)  # preempted once already: ageing protects it from LAS
     assert isinstance(aged.decision, Queued)
+
+
+def test_max_preemptions_protects_a_job_from_its_own_priority_only():
+    # Ageing bounds LAS (jobs of its own priority) alone: an urgent job of a higher priority
+    # waited for a low one that had been preempted max_preemptions times (an operator's
+    # preemptions count too), with no end.
+    core = core_with(gpu_node("a", gpus=2), max_preemptions=1, las_thresholds_gpu_s=(100.0,))
+    core.submit(gpus("low", 2), "d", T0)
+    core.preempt("low", T0 + 100)
+    assert isinstance(core.yielded("low", "d", T0 + 100).decision, Placement)  # at once
+    assert core.running["low"].preemptions == 1
+    # 300 s x 2 GPUs: level 1, a new job is at level 0; LAS alone would preempt it
+    same = core.submit(gpus("same", 2), "d", T0 + 200)
+    assert not yields(same) and isinstance(same.decision, Queued)
+    core.cancel("same", "d", T0 + 200)
+    urgent = core.submit(gpus("urgent", 2, priority=10), "d", T0 + 201)
+    assert "priority 10 > 0" in yields(urgent)["low"].reason
+    core.yielded("low", "d", T0 + 202)
+    assert isinstance(core.poll("urgent", "d", T0 + 203).decision, Placement)
+
+
+def test_no_victims_for_a_family_the_queue_pass_keeps_the_preemptor_off():
+    # 'any' preempted 'v' on the A100s, which 'a100-only' (waiting, priority -1) has first
+    # call on: the pass kept 'any' off them and started 'a100-only', which 'any' preempted,
+    # which then waited for the A100s again, and so on every min_run_s: 'any' never ran.
+    core = core_with(gpu_node("a100", gpus=4), gpu_node("t4", gpus=4, family="T4"),
+                     las_thresholds_gpu_s=(100.0,))
+    core.submit(gpus("t4-only", 4, accelerator_types=("T4",), preemptible=False), "d", T0)
+    core.submit(gpus("v", 4), "d", T0)
+    core.submit(gpus("a100-only", 4, accelerator_types=("A100",), priority=-1), "d", T0 + 1)
+    assert set(core.running) == {"t4-only", "v"}
+    out = core.submit(gpus("any", 4), "d", T0 + 500)  # level 0; 'v' is at level 1
+    assert not yields(out)
+    now = T0 + 500
+    for _ in range(20):
+        now += 5
+        assert not yields(core.tick(now))
+    # The searches put back what they released and re-queued in thought.
+    assert core.queue.gpus_by_allowed == {("A100",): 4, (): 4}
+    assert core.pinned_running == {"T4": 4}
+    assert core.state.reserved_on("a100")[1] == 4 and set(core.state.reservations) == {
+        "t4-only", "v"}
+    # Once nobody has first call on the A100s, 'any' preempts 'v' and starts there.
+    out = core.cancel("a100-only", "d", now)
+    assert yields(out)["v"].kind == PREEMPT
+    core.yielded("v", "d", now + 2)
+    assert core.poll("any", "d", now + 3).decision.nodes == ["a100"]
+
+
+def test_a_job_behind_the_head_preempts_only_for_a_start_that_would_not_delay_the_head():
+    # 'small' preempted 'v1' though the backfill rule then refused it ("would delay 'head'"):
+    # 'v1' lost its run and its GPU idled, with no end.
+    core = core_with(gpu_node("a", gpus=4), gpu_node("t4", gpus=1, family="T4"),
+                     las_thresholds_gpu_s=(100.0,))
+    core.submit(gpus("u", 2, preemptible=False), "d", T0)
+    core.submit(gpus("v1", 1, accelerator_types=("A100",)), "d", T0)
+    core.submit(gpus("v2", 1, accelerator_types=("A100",)), "d", T0)
+    core.submit(gpus("w", 1, accelerator_types=("T4",)), "d", T0)
+    # The head cannot preempt (it needs 'u''s GPUs too): it waits without a shadow time.
+    assert isinstance(core.submit(gpus("head", 4, accelerator_types=("A100",)), "d",
+                                  T0 + 1000).decision, Queued)
+    out = core.submit(gpus("small", 1, accelerator_types=("A100",)), "d", T0 + 1001)
+    assert not yields(out) and set(core.running) == {"u", "v1", "v2", "w"}
+    # On GPUs the head cannot use, a job behind it may preempt, and starts.
+    out = core.submit(gpus("small-t4", 1, accelerator_types=("T4",)), "d", T0 + 1002)
+    assert set(yields(out)) == {"w"}
+    core.yielded("w", "d", T0 + 1003)
+    assert isinstance(core.poll("small-t4", "d", T0 + 1004).decision, Placement)
+
+
+def test_a_preemption_the_victim_has_read_stays_when_its_preemptor_starts_elsewhere():
+    # The victim had read its directive (it was checkpointing to yield) when the preemptor
+    # started on room freed elsewhere: the directive was withdrawn, and the yield that
+    # followed was a restart the victim's preemptions never counted (ageing never came).
+    core = core_with(gpu_node("a", gpus=2), gpu_node("b", gpus=2), las_thresholds_gpu_s=(100.0,))
+    core.submit(gpus("v", 2), "d", T0)
+    core.submit(gpus("w", 2, expected_duration_s=1e6), "d", T0 + 1)
+    out = core.submit(gpus("p", 2), "d", T0 + 500)
+    (victim,) = yields(out)
+    other = ({"v", "w"} - {victim}).pop()
+    unread = core.submit(gpus("q", 2, priority=1), "d", T0 + 500)  # preempts the other
+    assert set(yields(unread)) == {other}
+    assert core.directive(victim, T0 + 501).kind == PREEMPT
+    core.cancel("q", "d", T0 + 502)  # the other's directive, unread, is withdrawn
+    assert core.running[other].directive is None
+    core.release(other, "d", T0 + 503)  # the other job ends: 'p' starts in its room
+    assert isinstance(core.poll("p", "d", T0 + 503).decision, Placement)
+    assert core.running[victim].directive.kind == PREEMPT  # read: it is yielding
+    core.yielded(victim, "d", T0 + 530)
+    assert core.running[victim].preemptions == 1  # placed again at once, counted
 
 
 def test_a_victim_that_finishes_instead_of_yielding_frees_the_room_all_the_same():
@@ -643,6 +735,36 @@ def test_the_core_promotes_only_when_starvation_factor_is_set():
         return [j.spec.name for j in core.queue.ordered()]
     assert scene(starvation_factor=1.0) == ["long", "newest"]
     assert scene() == ["newest", "long"]
+
+
+def test_a_promoted_job_keeps_level_0_once_it_runs_and_across_a_restart():
+    # Tiresias resets a promoted job's attained service. Here 'long', put back at level 0 by
+    # the starvation guard, was ranked by all it had ever run once it started again, and
+    # the next new job preempted it as soon as min_run_s had passed, each time.
+    core = core_with(gpu_node("a", gpus=2), min_run_s=120.0, starvation_factor=1.0)
+    core.submit(gpus("long", 2), "d", T0)
+    core.submit(gpus("new", 2), "d", T0 + 4000)  # 'long' has 8,000 GPU-s: level 1
+    core.yielded("long", "d", T0 + 4001)
+    core.poll("new", "d", T0 + 4001)
+    # Waited as long as it ran: back at level 0, it preempts 'new' (level 1 by then).
+    assert set(yields(core.tick(T0 + 8002))) == {"new"}
+    core.yielded("new", "d", T0 + 8003)
+    assert isinstance(core.poll("long", "d", T0 + 8003).decision, Placement)
+    again = core_with(gpu_node("a", gpus=2), min_run_s=120.0, starvation_factor=1.0)
+    assert again.restore(json.loads(json.dumps(core.to_dict()))) == []
+    for c in (core, again):
+        out = c.submit(gpus("newest", 2), "d", T0 + 8200)
+        assert not yields(out) and isinstance(out.decision, Queued)
+    # What it ran in all is still reported as such.
+    assert core.running["long"].attained_s(T0 + 8200) == pytest.approx((4001 + 197) * 2)
+    # A running job saved before the baseline existed loads, unpromoted.
+    saved = core.running["long"].to_dict()
+    del saved["las_baseline_s"]
+    assert RunningJob.from_dict(saved).las_baseline_s == 0.0
+    # A promoted waiting job saved before it: its promotion cleared all it had run.
+    waiting = QueuedJob(gpus("old", 2), "d", T0, ran_s=50.0, promoted=True).to_dict()
+    del waiting["las_baseline_s"]
+    assert QueuedJob.from_dict(waiting).las_baseline_s == 50.0
 
 
 def test_fifo_queue_order_never_preempts_within_a_priority_class():
