@@ -25,6 +25,8 @@ class LockBusy(Exception):
 
 @dataclass(frozen=True)
 class LockState:
+    """What file_lock's block runs under: held (after waiting or not), or unguarded."""
+
     waited: bool = False  # it was busy and this process waited for it
     # Why the filesystem refuses flock (some FUSE and Lustre mounts: ENOLCK, EOPNOTSUPP):
     # the block then runs unguarded, for the caller to say so. None: held.

@@ -92,6 +92,8 @@ def _mixed_sharded_grad_scaler(device_type: str):
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
     class MixedShardedGradScaler(ShardedGradScaler):
+        """ShardedGradScaler that also unscales plain (unsharded) gradients."""
+
         def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16=True):
             params = [p for group in optimizer.param_groups for p in group["params"]
                       if p.grad is not None]
