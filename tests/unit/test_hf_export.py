@@ -535,7 +535,7 @@ def test_an_unreadable_checkpoint_is_blamed_on_the_checkpoint_not_on_out(tmp_pat
     monkeypatch.setattr(checkpoint, "sha256_file", no_permission)  # (as root, chmod is moot)
     code = export.main(["--checkpoint", str(directory), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert code == 2 and f"error: checkpoint {directory} cannot be read: [Errno 13] " \
+    assert code == 2 and f"error: checkpoint file {directory / 'state.pt'} cannot be read: " \
                          "Permission denied" in err, err
     assert "--out" not in err and "earlier export" not in err
 
