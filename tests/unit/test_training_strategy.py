@@ -326,17 +326,24 @@ def test_a_sharded_checkpoint_missing_a_shard_falls_back_to_the_previous(runs, t
     assert metrics["start_step"] == 25 and metrics["step"] == 50
 
 
-def test_a_flipped_byte_in_a_shard_is_caught_and_the_previous_checkpoint_taken(runs, tmp_path,
-                                                                               capsys):
-    # Shards had no checksum: one flipped byte loaded silently (an exp_avg_sq of 1e31 in the
-    # reviewer's run), where a damaged state.pt is refused.
+def with_a_flipped_shard(runs, run_dir):
+    """The FSDP run's two checkpoints in `run_dir`, the later one's __1_0.distcp with a byte
+    flipped."""
     source = runs["root"] / "fsdp"
-    run_dir = resume_from(source, HALF, tmp_path / "run")
+    resume_from(source, HALF, run_dir)
     shutil.copytree(source / "checkpoint_00000050", run_dir / "checkpoint_00000050")
     shard = run_dir / "checkpoint_00000050" / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
+    return run_dir
+
+
+def test_a_flipped_byte_in_a_shard_is_caught_and_the_previous_checkpoint_taken(runs, tmp_path,
+                                                                               capsys):
+    # Shards had no checksum: one flipped byte loaded silently (an exp_avg_sq of 1e31 in the
+    # reviewer's run), where a damaged state.pt is refused.
+    run_dir = with_a_flipped_shard(runs, tmp_path / "run")
     with pytest.raises(CheckpointError, match=r"__1_0\.distcp is corrupt"):
         load_checkpoint(run_dir / "checkpoint_00000050")
     metrics = train(config(strategy="ddp"), LocalSession(run_dir, device=CPU))
@@ -361,13 +368,7 @@ def test_a_shard_that_cannot_be_read_is_a_checkpoint_problem(runs, monkeypatch):
 def test_workers_agree_to_pass_over_a_shard_only_one_of_them_checks(runs, tmp_path):
     # Each worker hashes its share of the shards (rank 1: __1_0.distcp): the other must fall
     # back with it, not go on alone into the checkpoint's collective load.
-    source = runs["root"] / "fsdp"
-    run_dir = resume_from(source, HALF, tmp_path / "run")
-    shutil.copytree(source / "checkpoint_00000050", run_dir / "checkpoint_00000050")
-    shard = run_dir / "checkpoint_00000050" / "__1_0.distcp"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    run_dir = with_a_flipped_shard(runs, tmp_path / "run")
     outcome = train_on_local_workers(config(strategy="fsdp"), run_dir)
     assert "error" not in outcome, outcome
     assert outcome["metrics"]["start_step"] == 25 and outcome["metrics"]["step"] == 50
