@@ -32,7 +32,6 @@ from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEAB
 from orchestrator.launch import refuse_what_embedded_ray_cannot_hold
 from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError,
                               has_checkpoints, read_metrics, resolve_run_dir, run_dir_held,
-                              say_set_aside, set_aside_earlier_history,
                               unused_checkpoints_warning)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
@@ -399,9 +398,8 @@ def run(args: argparse.Namespace) -> dict | None:
         # Written once the data is known good; a run refused after (no cluster at --address,
         # not placeable) takes the directory it made away again (run_dir_held): nothing is
         # left behind.
-        with run_dir_held(run_dir, written={CONFIG_FILE, TOKENIZER_FILE}):
-            if not args.resume:
-                say_set_aside(set_aside_earlier_history(run_dir))
+        with run_dir_held(run_dir, new_run=not args.resume,
+                          written={CONFIG_FILE, TOKENIZER_FILE}):
             _write_resolved_config(run_dir, train_config, spec, setup.tokenizer)
             launched = launch(train_under_ray, {"train": train_config.to_dict(),
                                                 "min_gpu_memory_gb": spec.min_gpu_memory_gb},

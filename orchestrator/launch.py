@@ -41,9 +41,7 @@ from orchestrator.entrypoints import accepts_config, local_modules
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.job_file import launcher_problems
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, run_dir_held,
-                               say_set_aside,
-                               set_aside_earlier_history, unused_checkpoints_warning,
-                               writable_dir_problem)
+                               unused_checkpoints_warning, writable_dir_problem)
 from orchestrator.validation import is_int
 
 DEFAULT_KEEP_CHECKPOINTS = 3
@@ -87,9 +85,7 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
     from ray_layer.launch import launch
 
     try:  # (a refused fit leaves no directory it made behind: run_dir_held)
-        with run_dir_held(directory):
-            if not resume:
-                say_set_aside(set_aside_earlier_history(directory))
+        with run_dir_held(directory, new_run=not resume):
             return launch(per_worker, config or {}, spec, directory, address=address,
                           queue_timeout_s=queue_timeout_s, max_failures=max_failures,
                           keep_checkpoints=keep_checkpoints, runtime_env=runtime_env)

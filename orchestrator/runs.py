@@ -126,8 +126,9 @@ def set_aside_earlier_history(run_dir: Path) -> list[Path]:
     """Before a new run (not a resume) in `run_dir`: an earlier run's metrics.jsonl and
     summary.json, left by a run that stopped before its first checkpoint (one with checkpoints
     is refused), renamed `<name>.before-<its time>.<ext>`, with the config.json and
-    tokenizer.json they belong to (the new run writes its own). The new run's reports were appended to that history: `logs`
-    showed two runs as one, steps 1.. twice. Returns the new names."""
+    tokenizer.json they belong to (the new run writes its own). The new run's reports were
+    appended to that history: `logs` showed two runs as one, steps 1.. twice. Returns the
+    new names."""
     if not any((run_dir / name).is_file() for name in (METRICS_LOG, SUMMARY_FILE)):
         return []  # no history: a config.json alone is only replaced
     moved = []
@@ -153,14 +154,16 @@ RUN_LOCK = ".run.lock"  # held (file_lock) by the process running a run, for the
 
 
 @contextlib.contextmanager
-def run_dir_held(run_dir: Path, written: Iterable[str] = ()) -> Iterator[None]:
+def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = ()) -> Iterator[None]:
     """This process's claim on `run_dir` while its run runs: a second run started in the same
     directory meanwhile is refused (RunDirError naming the holder). Two launches without
     --address start two embedded Rays, whose schedulers know nothing of each other: both
     trained into one directory. On a filesystem without flock the run goes on unguarded
-    (said). A directory this call made is removed again when the block ends in a JobFailed
-    that started nothing (bad input, not placeable) and it holds only the lock and `written`
-    (the files the caller put there): a refused run leaves nothing behind."""
+    (said). `new_run` (not a resume): an earlier run's history is set aside first, and said
+    (set_aside_earlier_history). A directory this call made is removed again when the block
+    ends in a JobFailed that started nothing (bad input, not placeable) and it holds only the
+    lock and `written` (the files the caller put there): a refused run leaves nothing
+    behind."""
     made = not run_dir.exists()
     entered, refused = False, False
     try:
@@ -169,6 +172,8 @@ def run_dir_held(run_dir: Path, written: Iterable[str] = ()) -> Iterator[None]:
             if state.unsupported:
                 print(f"warning: cannot lock run dir {run_dir} ({state.unsupported}): a second "
                       "run started in it meanwhile would not be refused", file=sys.stderr)
+            if new_run:
+                _say_set_aside(set_aside_earlier_history(run_dir))
             try:
                 yield
             except JobFailed as e:
@@ -201,7 +206,7 @@ def _remove_if_only(run_dir: Path, names: set[str]) -> None:
         pass
 
 
-def say_set_aside(moved: list[Path]) -> None:
+def _say_set_aside(moved: list[Path]) -> None:
     """Tell the user where set_aside_earlier_history put the earlier run's files."""
     if moved:
         print(f"note: a new run in {moved[0].parent}: the earlier run's "

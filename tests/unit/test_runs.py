@@ -150,11 +150,11 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused_naming_the_holder(tmp_path)
     from orchestrator.runs import run_dir_held
 
     run_dir = tmp_path / "job"
-    with run_dir_held(run_dir):
+    with run_dir_held(run_dir, new_run=True):
         with pytest.raises(RunDirError, match=f"in use by another run \\(pid {os.getpid()} on "):
-            with run_dir_held(run_dir):
+            with run_dir_held(run_dir, new_run=True):
                 pass
-    with run_dir_held(run_dir):  # released when the first run ended
+    with run_dir_held(run_dir, new_run=True):  # released when the first run ended
         pass
 
 
@@ -164,19 +164,19 @@ def test_a_refused_run_takes_away_the_run_dir_it_made_and_nothing_else(tmp_path)
 
     made = tmp_path / "new"
     with pytest.raises(JobFailed):
-        with run_dir_held(made, written={"config.json"}):
+        with run_dir_held(made, new_run=True, written={"config.json"}):
             (made / "config.json").write_text("{}")
             raise JobFailed("not placeable", EXIT_NOT_PLACEABLE)
     assert not made.exists()
     with pytest.raises(JobFailed):  # training failed: what it wrote stays
-        with run_dir_held(made, written={"config.json"}):
+        with run_dir_held(made, new_run=True, written={"config.json"}):
             (made / "config.json").write_text("{}")
             raise JobFailed("training failed", EXIT_FAILED)
     assert (made / "config.json").exists()
     kept = tmp_path / "kept"
     kept.mkdir()
     with pytest.raises(JobFailed):  # it was there before: left as it was
-        with run_dir_held(kept):
+        with run_dir_held(kept, new_run=True):
             raise JobFailed("not placeable", EXIT_NOT_PLACEABLE)
     assert kept.exists()
 
@@ -192,7 +192,7 @@ def test_a_run_dir_on_a_filesystem_without_flock_runs_unguarded_and_says_so(
     def no_flock(*args):
         raise OSError(errno.ENOLCK, "No locks available")
     monkeypatch.setattr(file_lock.fcntl, "flock", no_flock)
-    with run_dir_held(tmp_path / "job"):
+    with run_dir_held(tmp_path / "job", new_run=True):
         ran = True
     assert ran and "cannot lock run dir" in capsys.readouterr().err
 
@@ -209,5 +209,5 @@ def test_a_refused_runs_cleanup_that_fails_leaves_the_jobs_own_error(tmp_path, m
         raise OSError(39, "Directory not empty")
     monkeypatch.setattr(Path, "rmdir", not_empty)
     with pytest.raises(JobFailed, match="not placeable"):
-        with run_dir_held(tmp_path / "new"):
+        with run_dir_held(tmp_path / "new", new_run=True):
             raise JobFailed("not placeable", EXIT_NOT_PLACEABLE)
