@@ -161,9 +161,15 @@ class JobQueue:
                 self._promote_at[job.spec.name] = since + wait
                 heapq.heappush(self._promotions, (since + wait, job.spec.name))
         if job.spec.total_gpus:
-            allowed = allowed_families(job.spec)
-            self.gpus_by_allowed[allowed] += job.spec.total_gpus
-            self.sizes_by_allowed[allowed, job.spec.total_gpus] += 1
+            self.count_gpus_waiting(job.spec, +1)
+            self.sizes_by_allowed[allowed_families(job.spec), job.spec.total_gpus] += 1
+
+    def count_gpus_waiting(self, spec: JobSpec, sign: int) -> None:
+        """A GPU job's GPUs counted as waiting (+1) or no longer (-1), by allowed families."""
+        allowed = allowed_families(spec)
+        self.gpus_by_allowed[allowed] += sign * spec.total_gpus
+        if not self.gpus_by_allowed[allowed]:
+            del self.gpus_by_allowed[allowed]
 
     def remove(self, job_name: str) -> QueuedJob | None:
         job = self.waiting.pop(job_name, None)
@@ -172,11 +178,8 @@ class JobQueue:
             key = self._keys.pop(job_name)
             del self._order[bisect.bisect_left(self._order, key)]
             if job.spec.total_gpus:
-                allowed = allowed_families(job.spec)
-                self.gpus_by_allowed[allowed] -= job.spec.total_gpus
-                if not self.gpus_by_allowed[allowed]:
-                    del self.gpus_by_allowed[allowed]
-                shape = (allowed, job.spec.total_gpus)
+                self.count_gpus_waiting(job.spec, -1)
+                shape = (allowed_families(job.spec), job.spec.total_gpus)
                 self.sizes_by_allowed[shape] -= 1
                 if not self.sizes_by_allowed[shape]:
                     del self.sizes_by_allowed[shape]

@@ -151,14 +151,8 @@ class _AsIfYielded:
         """Its GPUs waiting (+1) or running again (-1), as JobQueue and _count_pinned count."""
         if not spec.total_gpus:
             return
-        allowed = allowed_families(spec)
-        waiting = self.core.queue.gpus_by_allowed
-        waiting[allowed] += sign * spec.total_gpus
-        if not waiting[allowed]:
-            del waiting[allowed]
-        if len(allowed) == 1:
-            pinned = self.core.pinned_running
-            pinned[allowed[0]] = pinned.get(allowed[0], 0) - sign * spec.total_gpus
+        self.core.queue.count_gpus_waiting(spec, sign)
+        self.core._count_pinned(spec, -sign)
 
 
 # -- the core ------------------------------------------------------------------------------------
