@@ -37,6 +37,10 @@ def fault_schedule(seed: int, max_steps: int, checkpoint_every: int,
     """Each kind `repeat` times, in a seeded order, at seeded steps between 15% and 85% of the
     run. Faults that restart training are at least two checkpoints apart (one to resume from,
     one more so that recovery is seen to make progress); the others land anywhere."""
+    for name, value in (("max_steps", max_steps), ("checkpoint_every", checkpoint_every),
+                        ("repeat", repeat)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     kinds = [k for k in kinds for _ in range(repeat)]
     unknown = sorted(set(kinds) - set(FAULTS))
     if unknown:
@@ -46,11 +50,14 @@ def fault_schedule(seed: int, max_steps: int, checkpoint_every: int,
     restarts = sum(k in RESTARTS_TRAINING for k in kinds)
     first, last = int(0.15 * max_steps), int(0.85 * max_steps)
     gap = 2 * checkpoint_every
-    if first + max(restarts - 1, 0) * gap > last:
-        raise ValueError(f"{restarts} training restarts need {gap} steps apart between steps "
-                         f"{first} and {last}: raise max_steps or lower checkpoint_every")
-    # Training restarts at evenly spread slots, jittered within their share of the window;
-    # the other faults anywhere in the window.
+    # Each restart gets an equal share of the window and lands in its first (share - gap)
+    # steps, so two are always a gap apart; a share under the gap is refused (the check on
+    # (restarts - 1) gaps let restarts 17 steps apart through with a 20-step gap).
+    if restarts * gap > last - first:
+        raise ValueError(f"{restarts} training restarts need {gap} steps each (two checkpoint "
+                         f"intervals) between steps {first} and {last}: raise max_steps or "
+                         "lower checkpoint_every")
+    # The other faults land anywhere in the window.
     share = (last - first) / max(restarts, 1)
     restart_steps = iter(sorted(
         first + int(i * share + rng.uniform(0, max(share - gap, 0))) for i in range(restarts)))

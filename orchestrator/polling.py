@@ -6,6 +6,7 @@ Pure: no Ray import; what is polled is the caller's `check`.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, TypeVar
 
@@ -19,7 +20,12 @@ def wait_for(what: str, check: Callable[[], T], timeout_s: float = 60.0, every_s
     After `timeout_s` without one: TimeoutError naming `what` (and the last exception ignored,
     if any). An exception of one of the `ignore` types counts as "not yet" (the thing checked
     may be restarting); any other propagates at once. `check` runs at least once, even with a
-    timeout of 0."""
+    timeout of 0. ValueError for a timeout or interval that is not a finite number >= 0 (a
+    NaN timeout never ended)."""
+    for name, value in (("timeout_s", timeout_s), ("every_s", every_s)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"wait_for({what!r}): {name} must be a finite number >= 0, "
+                             f"got {value!r}")
     deadline = time.monotonic() + timeout_s
     last_error: BaseException | None = None
     while True:
@@ -29,8 +35,9 @@ def wait_for(what: str, check: Callable[[], T], timeout_s: float = 60.0, every_s
                 return value
         except ignore as e:
             last_error = e
-        if time.monotonic() >= deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             break
-        time.sleep(every_s)
+        time.sleep(min(every_s, left))  # no full interval past the deadline
     why = f" (last error: {type(last_error).__name__}: {last_error})" if last_error else ""
     raise TimeoutError(f"{what}: not within {timeout_s:g}s{why}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any, Mapping
 
 
@@ -16,9 +17,14 @@ def is_int(value: Any) -> bool:
 
 
 def is_number(value: Any) -> bool:
-    """A finite int or float, not a bool."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    """A finite int or float, not a bool, that float() takes: an int past float's range
+    (JSON and YAML hold any number of digits) is not one; math.isfinite raised OverflowError
+    on it, a 500 from the serving API and a traceback from a job file."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= sys.float_info.max  # exact: Python compares int and float exactly
+    return math.isfinite(value)
 
 
 SEED_RULE = "must be an integer in [-2**63, 2**64)"

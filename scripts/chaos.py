@@ -456,12 +456,13 @@ def run(settings: Settings, workdir: Path) -> dict:
         serve.shutdown()
     finally:
         lab.shutdown()
-    return report(settings, outcome, reference, read_metrics(run_dir), injected, problems, load,
-                  time.monotonic() - started)
+    return report(settings, outcome, reference, read_metrics(run_dir), schedule, injected,
+                  problems, load, time.monotonic() - started)
 
 
 def report(settings: Settings, outcome: dict, reference: dict, records: list[dict],
-           injected: list[Injected], problems: list[str], load, elapsed_s: float) -> dict:
+           schedule: list[faults.Fault], injected: list[Injected], problems: list[str], load,
+           elapsed_s: float) -> dict:
     summary = outcome.get("summary") or {}
     scheduler_ok = not problems and all(f.survived for f in injected
                                         if f.kind == faults.SCHEDULER_KILLED)
@@ -470,7 +471,7 @@ def report(settings: Settings, outcome: dict, reference: dict, records: list[dic
         "seed": settings.seed,
         "train_completed": outcome.get("code") == 0 and summary.get("steps") == settings.max_steps,
         "train_steps_lost": faults.steps_lost(faults.attempts(records)),
-        "train_restarts": len(faults.attempts(records)) - 1,
+        "train_restarts": max(len(faults.attempts(records)) - 1, 0),
         "loss_matches_reference": faults.losses_match(summary, reference, LOSS_TOLERANCE),
         "losses_compared": faults.comparable_losses(summary, reference),
         **{f"{side}{k}": run.get(k) for side, run in (("", summary), ("reference_", reference))
@@ -480,11 +481,21 @@ def report(settings: Settings, outcome: dict, reference: dict, records: list[dic
         "serve_requests": requests, "serve_failed": failed,
         "serve_success_rate": round((requests - failed) / requests, 5) if requests else None,
         "serve_failures_sample": load.failures()[:3],
+        # Faults due after training ended are not injected: the run proved nothing of them.
+        "faults_scheduled": len(schedule),
+        "faults_not_injected": [f"{f.kind}@{f.at_step}" for f in schedule[len(injected):]],
         "faults_injected": len(injected),
         "faults_survived": sum(bool(f.survived) for f in injected),
         "faults": [dataclasses.asdict(f) for f in injected],
         "elapsed_s": round(elapsed_s, 1),
     }
+
+
+def passed(result: dict) -> bool:
+    """The exit code's rule: training completed and every scheduled fault was injected and
+    survived (one due after training ended passed unseen)."""
+    return result["train_completed"] and result["faults_survived"] \
+        == result["faults_injected"] == result["faults_scheduled"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -506,5 +517,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     outcome = main()
-    sys.exit(0 if outcome["train_completed"] and outcome["faults_survived"]
-             == outcome["faults_injected"] else 1)
+    sys.exit(0 if passed(outcome) else 1)

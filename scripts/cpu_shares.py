@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -26,8 +27,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-pct", type=float, default=0.5,
                    help="leave out threads below this percent of a core")
     args = p.parse_args(argv)
-    if args.seconds <= 0:
-        p.error(f"--seconds must be > 0, got {args.seconds:g}")
+    # A day at most: NaN and inf passed a `<= 0` check and ended in a traceback.
+    if not 0 < args.seconds <= 86400:
+        p.error(f"--seconds must be a number in (0, 86400], got {args.seconds:g}")
+    if args.top < 1:
+        p.error(f"--top must be >= 1, got {args.top}")
+    if not math.isfinite(args.min_pct) or args.min_pct < 0:
+        p.error(f"--min-pct must be a number >= 0, got {args.min_pct:g}")
     return args
 
 

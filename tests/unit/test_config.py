@@ -66,6 +66,7 @@ def test_non_mapping_is_refused():
     ({"max_steps": 0}, "max_steps"),
     ({"batch_size": True}, "batch_size"),
     ({"lr": -1.0}, "lr"),
+    ({"lr": 10 ** 400}, "lr"),  # past float's range: OverflowError, not a ConfigError
     ({"min_lr": 1.0, "lr": 0.1}, "min_lr"),
     ({"dropout": 1.0}, "dropout"),
 ])

@@ -69,3 +69,15 @@ def test_the_sampler_does_not_match_itself():
                             timeout=60)
     assert result.returncode == 1, result.stdout
     assert "no process but this one matches --match 'no-such-process-xyz'" in result.stderr
+
+
+@pytest.mark.parametrize("argv, words", [(["--seconds", "nan"], "--seconds must be"),
+                                         (["--seconds", "inf"], "--seconds must be"),
+                                         (["--top", "-1"], "--top must be >= 1"),
+                                         (["--min-pct", "nan"], "--min-pct must be")])
+def test_the_samplers_bad_flags_are_refused_naming_the_flag(argv, words, capsys):
+    # NaN and inf seconds passed the check and ended in a traceback; --top -1 dropped one.
+    from scripts.cpu_shares import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2 and words in capsys.readouterr().err

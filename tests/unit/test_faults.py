@@ -31,6 +31,39 @@ def test_a_run_too_short_for_its_restarts_is_refused_with_the_fix():
         fault_schedule(0, max_steps=600, checkpoint_every=20, kinds=["meteor"])
 
 
+def test_every_schedule_accepted_keeps_restarts_two_checkpoints_apart():
+    # Tight settings included: 100 steps with a checkpoint every 10 was accepted and put its
+    # four restarts ~17 steps apart for every seed.
+    import random
+    rng = random.Random(0)
+    accepted = 0
+    for _ in range(400):
+        max_steps, every = rng.randint(20, 400), rng.randint(1, 30)
+        try:
+            faults = fault_schedule(rng.randint(0, 99), max_steps, every)
+        except ValueError:
+            continue
+        accepted += 1
+        restarts = [f.at_step for f in faults if f.kind in RESTARTS_TRAINING]
+        assert all(b - a >= 2 * every for a, b in zip(restarts, restarts[1:])), \
+            (max_steps, every, restarts)
+    assert accepted > 100
+    with pytest.raises(ValueError, match="raise max_steps"):
+        fault_schedule(0, max_steps=100, checkpoint_every=10)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("max_steps", dict(max_steps=0, checkpoint_every=10)),
+    ("checkpoint_every", dict(max_steps=600, checkpoint_every=-100)),
+    ("repeat", dict(max_steps=600, checkpoint_every=10, repeat=-1)),
+])
+def test_a_schedule_of_a_count_below_one_is_refused_naming_it(name, kwargs):
+    # checkpoint_every=-100 put faults past the run's end (never injected); repeat=-1 gave
+    # an empty schedule: a chaos run with no chaos.
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+        fault_schedule(0, **kwargs)
+
+
 def record(step, start, t, nodes=("a", "b")):
     return {"step": step, "start_step": start, "time": t, "worker_nodes": list(nodes)}
 
@@ -102,3 +135,26 @@ def test_losses_compare_the_final_training_loss_only_over_equal_intervals():
     assert comparable_losses(same, reference) == ["held_out_loss", "final_loss"]
     assert not losses_match(same, reference, relative=1e-5)
     assert not losses_match({}, reference, relative=1e-5)  # a run that wrote no summary
+
+
+def test_a_chaos_run_whose_training_ended_before_a_fault_does_not_pass():
+    # Faults due after training ended were dropped unseen, and the exit code compared only
+    # the injected ones: one fault of seven injected and survived passed.
+    from types import SimpleNamespace
+
+    from scripts import chaos
+
+    settings = chaos.Settings.quick(0)
+    schedule = fault_schedule(0, settings.max_steps, settings.checkpoint_every)
+    first = schedule[0]
+    injected = [chaos.Injected(first.kind, first.at_step, 0.0, "done", survived=True)]
+    load = SimpleNamespace(results=[], failures=lambda: [])
+    result = chaos.report(settings, {"code": 0, "summary": {"steps": settings.max_steps}},
+                          {}, [], schedule, injected, [], load, 1.0)
+    assert result["faults_scheduled"] == len(schedule) == len(result["faults_not_injected"]) + 1
+    assert result["train_restarts"] == 0  # no records: not -1
+    assert not chaos.passed(result)
+    everything = [chaos.Injected(f.kind, f.at_step, 0.0, "done", survived=True)
+                  for f in schedule]
+    assert chaos.passed(chaos.report(settings, {"code": 0, "summary": {"steps": 200}}, {}, [],
+                                     schedule, everything, [], load, 1.0))

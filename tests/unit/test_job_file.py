@@ -104,6 +104,7 @@ def test_a_number_too_long_to_print_is_named_not_a_traceback(tmp_path):
     ("queue_timeout_s: -5", "queue_timeout_s must be a number >= 0, got -5"),
     ("queue_timeout_s: soon", "queue_timeout_s must be a number >= 0, got 'soon'"),
     ("queue_timeout_s: .inf", "queue_timeout_s must be a number >= 0, got inf"),
+    ("queue_timeout_s: 1" + "0" * 400, "queue_timeout_s must be a number >= 0, got 1000"),
     ("config: [1, 2]", "config must be a mapping, got [1, 2]"),
     ("config: lr=0.1", "config must be a mapping, got 'lr=0.1'"),
     ("runtime_env: working_dir", "runtime_env must be a mapping, got 'working_dir'"),

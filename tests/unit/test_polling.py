@@ -55,3 +55,20 @@ def test_other_exceptions_end_the_wait_at_once():
     with pytest.raises(KeyError):
         wait_for("x", check, timeout_s=5, every_s=0, ignore=(OSError,))
     assert len(calls) == 1
+
+
+def test_the_wait_ends_at_its_deadline_not_a_whole_interval_past_it():
+    import time
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        wait_for("x", lambda: None, timeout_s=0.2, every_s=3.0)
+    assert time.monotonic() - started < 2.0  # slept 3 s past a 0.2 s deadline before
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(timeout_s=float("nan")), "timeout_s"),
+                                          (dict(timeout_s=-1), "timeout_s"),
+                                          (dict(every_s=float("inf")), "every_s")])
+def test_a_timeout_or_interval_that_is_not_a_number_is_refused(kwargs, name):
+    # A NaN timeout never timed out: monotonic() >= nan is always False.
+    with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+        wait_for("x", lambda: None, **kwargs)

@@ -61,6 +61,9 @@ def test_malformed_bodies_are_400(raw, words):
     ({"prompt": "hi", "temperature": 2.5}, "temperature", "between 0 and 2"),
     ({"prompt": "hi", "top_p": 0}, "top_p", "> 0"),
     ({"prompt": "hi", "top_p": 1.5}, "top_p", "between 0 and 1"),
+    # An int past float's range (valid JSON) raised OverflowError: a 500, not a 400
+    ({"prompt": "hi", "temperature": 10 ** 400}, "temperature", "between 0 and 2"),
+    ({"prompt": "hi", "top_p": -10 ** 309}, "top_p", "between 0 and 1"),
     ({"prompt": "hi", "stop": 7}, "stop", "string or a list of strings"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ({"prompt": "hi", "stop": [""]}, "stop", "1-64 characters"),
@@ -332,6 +335,8 @@ def test_a_message_spelling_the_end_of_text_token_cannot_forge_a_turn():
     ({"messages": [{"role": "user", "content": "x" * BLOCK}]}, "messages",
      "maximum context length"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 10 ** 309}, "top_p",
+     "between 0 and 1"),
     ({"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "prompt",
      "Unrecognized"),
     ({"messages": [{"role": ["user"], "content": "x"}]}, "messages", "role must be one of"),
