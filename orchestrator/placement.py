@@ -89,6 +89,9 @@ class Rejection:
     # True when the job would fit on the healthy cluster if nothing were reserved: it should
     # wait in the queue rather than fail.
     fits_when_free: bool = False
+    # True when an operator cancelled the job (not a question of room): its driver says so
+    # rather than "cannot be placed".
+    cancelled: bool = False
 
 
 @dataclass(frozen=True)

@@ -405,6 +405,12 @@ class SchedulerCore:
         for node_id in lost_nodes:
             self.node_unreachable(node_id, "a job's driver could not reach its raylet", now)
         previous = self.running.get(spec.name)
+        if previous is not None and previous.directive is not None:
+            # Told to stop (cancel, preempt, migrate) before the node was lost: the worker
+            # group is down either way, so this is the yield it was going to make. Placed
+            # afresh, the directive was dropped: a cancelled job trained to its end, and an
+            # operator's preemption made no room.
+            return self.yielded(spec.name, owner, now, "lost node(s)")
         self._stop(spec.name)
         # Its service so far carries over (LAS level, the time left of its estimate)
         history = QueuedJob(spec, owner, now, "") if previous is None else QueuedJob(
@@ -457,7 +463,7 @@ class SchedulerCore:
         if job_name in self.queue.waiting or job_name in self.queue.ready:
             if not owner:  # an operator: the polling driver is told why
                 self.queue.keep_rejection(job_name, Rejection(job_name, (
-                    f"job '{job_name}' was cancelled by an operator")),
+                    f"job '{job_name}' was cancelled by an operator"), cancelled=True),
                     self.queue.owner_of(job_name) or "")
             self.queue.remove(job_name)
             ready = self.queue.ready.pop(job_name, None)
@@ -536,7 +542,7 @@ class SchedulerCore:
         ran = job.ran_s + max(now - job.started_at, 0.0)  # a clock stepped back: not < 0
         if directive is not None and directive.kind == CANCEL:
             outcome.decision = Rejection(job_name, f"job '{job_name}' was cancelled: "
-                                         f"{directive.reason}")
+                                         f"{directive.reason}", cancelled=True)
         elif directive is not None and directive.kind == MIGRATE and \
                 self._take_claim(job, directive.target, claim, now, ran):
             outcome.decision = directive.target

@@ -37,7 +37,8 @@ from orchestrator.runs import checkpoint_dirs
 from ray_layer.cluster import (ClusterConnectionError, connect, ensure_control_plane,
                                ensure_scheduler)
 from ray_layer.placed_run import NotPlaced, PlacedRun
-from ray_layer.train_callbacks import FollowPlacement, MetricsLog, NodeLostError
+from ray_layer.scheduler_client import SchedulerUnreachable
+from ray_layer.train_callbacks import FollowPlacement, JobCancelled, MetricsLog, NodeLostError
 
 
 @dataclass
@@ -51,6 +52,11 @@ class Launched:
 
 
 REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
+# Worker groups that failed to start (each waits up to Ray Train's 60 s start timeout) before
+# the run gives up: Ray Train retries them without limit by default, and a placed node that
+# is up but cannot host its worker (its CPUs or GPUs taken by work outside the scheduler) left
+# the run retrying for good - no exit code, the reservation held.
+STARTUP_TRIES = 3
 
 
 @contextlib.contextmanager
@@ -163,10 +169,13 @@ def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: 
             run_config=RunConfig(
                 name=run_dir.name, storage_path=str(run_dir.parent),
                 checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
-                failure_config=FailureConfig(max_failures=max_failures),
+                failure_config=FailureConfig(
+                    max_failures=max_failures,
+                    controller_failure_limit=max(STARTUP_TRIES, max_failures)),
                 # A lost node: re-placed by the scheduler before the worker group restarts.
                 callbacks=[MetricsLog(run_dir),
-                           FollowPlacement(spec, owner, timeout_s=queue_timeout_s)],
+                           FollowPlacement(spec, owner, timeout_s=queue_timeout_s,
+                                           reconnect=ensure_scheduler)],
             ),
             on_interrupt=withdraw,
         )
@@ -184,21 +193,49 @@ def _fit(trainer: TorchTrainer, run_dir: Path, max_failures: int):
     except Exception as e:
         if getattr(trainer, "interrupted", False):  # Ctrl-C ended a wait for room
             raise KeyboardInterrupt from None
-        lost = _node_lost(e)
-        if lost is not None:  # a lost node's workers found no room: not placeable now
-            # On a line of its own: the rejection ends with its per-node reasons.
-            raise JobFailed(f"{lost}\ncheckpoints so far are in {run_dir} (--resume once "
-                            "there is room)", EXIT_NOT_PLACEABLE) from None
-        raise JobFailed(f"training failed after {max_failures} restart(s): "
-                        f"{root_cause(e)}\n(full traceback in the worker log above; "
-                        f"checkpoints so far are in {run_dir})", EXIT_FAILED) from None
+        raise _failure(e, run_dir, max_failures) from None
 
 
-def _node_lost(error: Exception) -> NodeLostError | None:
-    """FollowPlacement's NodeLostError behind Ray Train's controller error, if that is it."""
-    cause = getattr(error, "controller_failure", error)
-    cause = getattr(cause, "cause", None) or cause
-    return cause if isinstance(cause, NodeLostError) else None
+def _failure(error: Exception, run_dir: Path, max_failures: int) -> JobFailed:
+    """What a failed fit() tells the user: the workers' failure after their restarts, or what
+    went wrong in Ray Train's controller (no restart count: none was spent on it)."""
+    kept = f"checkpoints so far are in {run_dir}"
+    cause = _controller_cause(error)
+    if cause is None:
+        return JobFailed(f"training failed after {max_failures} restart(s): "
+                         f"{root_cause(error)}\n(full traceback in the worker log above; "
+                         f"{kept})", EXIT_FAILED)
+    if isinstance(cause, NodeLostError):  # a lost node's workers found no room
+        # On a line of its own: the rejection ends with its per-node reasons.
+        return JobFailed(f"{cause}\n{kept} (--resume once there is room)", EXIT_NOT_PLACEABLE)
+    if isinstance(cause, JobCancelled):
+        return JobFailed(f"{cause}\n{kept} (--resume continues the run)", EXIT_NOT_PLACEABLE)
+    if isinstance(cause, SchedulerUnreachable):
+        return JobFailed(f"a node of the job was lost and {cause}\n{kept} (--resume once "
+                         "the scheduler answers: `python -m orchestrator status`)",
+                         EXIT_NOT_PLACEABLE)
+    if type(cause).__name__ in STARTUP_FAILURES:
+        return JobFailed(f"the workers did not start on their placed nodes in "
+                         f"{STARTUP_TRIES} tries (last: {type(cause).__name__}: {cause}): work "
+                         "the scheduler does not see (another Ray job, a Serve replica) may "
+                         "hold those nodes' CPUs or GPUs; `ray status` shows what is used\n"
+                         f"{kept} (--resume places the job again)", EXIT_NOT_PLACEABLE)
+    return JobFailed(f"training failed in Ray Train's controller: {type(cause).__name__}: "
+                     f"{cause}\n{kept}", EXIT_FAILED)
+
+
+# Ray Train's controller errors for a worker group that did not start (private classes:
+# matched by name).
+STARTUP_FAILURES = ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError")
+
+
+def _controller_cause(error: Exception) -> BaseException | None:
+    """The exception behind Ray Train's ControllerError (a callback's own, unwrapped from a
+    task error), or None when the run failed otherwise (the workers' WorkerGroupError)."""
+    cause = getattr(error, "controller_failure", None)
+    if cause is None:
+        return None
+    return getattr(cause, "cause", None) or cause
 
 
 def collective_backend(placement: Placement) -> str:

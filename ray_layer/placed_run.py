@@ -25,11 +25,10 @@ import ray
 
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Queued, Rejection
-from ray_layer.scheduler_client import get_scheduler
+from ray_layer.scheduler_client import SchedulerLink, SchedulerUnreachable, get_scheduler
 
 POLL_EVERY_S = 2.0
 SAY_EVERY_S = 30.0  # a waiting driver says where it stands this often
-ASK_TRIES = 3  # calls to a scheduler actor that died: looked up again between tries
 
 
 class NotPlaced(Exception):
@@ -71,10 +70,9 @@ class PlacedRun:
     def __init__(self, scheduler, spec: JobSpec, queue_timeout_s: float,
                  say: Callable[[str], None] = lambda line: print(line, flush=True),
                  reconnect: Callable[[], Any] | None = None) -> None:
-        self.scheduler, self.spec, self.queue_timeout_s, self.say = \
-            scheduler, spec, queue_timeout_s, say
+        self.spec, self.queue_timeout_s, self.say = spec, queue_timeout_s, say
         # A scheduler handle in place of a dead one: the cluster's, brought up if gone.
-        self.reconnect = reconnect or get_scheduler
+        self.link = SchedulerLink(scheduler, reconnect or get_scheduler)
         self.owner = driver_id()
         # Each time the job yielded: step, reason, at (fit returned: its workers stopped, the
         # scheduler told next) and placed_at (placed again).
@@ -132,25 +130,18 @@ class PlacedRun:
         self.say(f"placement for {self.spec.name}: {describe(decision)}")
         return decision
 
+    @property
+    def scheduler(self):
+        """The scheduler's handle now (another after a scheduler killed for good)."""
+        return self.link.handle
+
     def _ask(self, method: str, *args, timeout_s: float | None = None) -> Any:
-        """A call to the scheduler. Its actor killed for good (an operator's `ray kill`)
-        leaves this driver's handle dead: it brings the scheduler up again (as any launch
-        does; the new one restores the same state) and retries, a few times, instead of
-        failing with a traceback; NotPlaced, saying so, when none answers."""
-        for attempt in range(ASK_TRIES):
-            try:
-                return ray.get(getattr(self.scheduler, method).remote(*args), timeout=timeout_s)
-            except ray.exceptions.RayActorError as e:
-                problem = e
-            if attempt + 1 == ASK_TRIES:
-                break
-            time.sleep(1.0 + attempt)
-            try:
-                self.scheduler = self.reconnect()
-            except Exception as e:  # noqa: BLE001 - said in NotPlaced below if it persists
-                problem = e
-        raise NotPlaced(f"the scheduler did not answer {method}() after {ASK_TRIES} tries: "
-                        f"{type(problem).__name__}: {problem}")
+        """A call to the scheduler, through a dead actor's replacement (SchedulerLink);
+        NotPlaced, saying so, when none answers."""
+        try:
+            return self.link.ask(method, *args, timeout_s=timeout_s)
+        except SchedulerUnreachable as e:
+            raise NotPlaced(str(e)) from None
 
     def current_placement(self, placement: Placement) -> Placement:
         """The job's placement now: a node lost during training moves workers elsewhere."""

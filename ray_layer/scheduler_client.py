@@ -7,6 +7,9 @@ restarted) is found again.
 """
 from __future__ import annotations
 
+import time
+from typing import Any, Callable
+
 import ray
 
 SCHEDULER_NAME = "orchestrator-scheduler"
@@ -31,6 +34,44 @@ def get_scheduler() -> "ray.actor.ActorHandle":
             f"no scheduler on this Ray cluster (actor {SCHEDULER_NAME!r} in namespace "
             f"{NAMESPACE!r}): start a job (python jobs/pretrain.py) or run "
             "`python -m orchestrator status` once, which bring the control plane up") from None
+
+
+class SchedulerUnreachable(RuntimeError):
+    """No scheduler answered a call, looked up again between tries."""
+
+
+ASK_TRIES = 3  # calls to a scheduler actor that died: looked up again between tries
+
+
+class SchedulerLink:
+    """Calls to the scheduler that outlive its actor. One killed for good (an operator's
+    `ray kill`) leaves a caller's handle dead: the link looks the scheduler up again through
+    `reconnect` (which may bring it up: the new one restores the same state) and retries, a
+    few times, with a pause; SchedulerUnreachable, naming the call, when none answers. A call
+    past its `timeout_s` (a hung scheduler) is retried the same way. `handle` None: looked
+    up at the first call."""
+
+    def __init__(self, handle: "ray.actor.ActorHandle | None",
+                 reconnect: Callable[[], Any] = get_scheduler) -> None:
+        self.handle, self.reconnect = handle, reconnect
+
+    def ask(self, method: str, *args, timeout_s: float | None = None) -> Any:
+        problem: BaseException | None = None
+        for attempt in range(ASK_TRIES):
+            if attempt:
+                time.sleep(float(attempt))
+            if attempt or self.handle is None:
+                try:
+                    self.handle = self.reconnect()
+                except Exception as e:  # noqa: BLE001 - said below if it persists
+                    problem = e
+                    continue
+            try:
+                return ray.get(getattr(self.handle, method).remote(*args), timeout=timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                problem = e
+        raise SchedulerUnreachable(f"the scheduler did not answer {method}() after {ASK_TRIES} "
+                                   f"tries: {type(problem).__name__}: {problem}")
 
 
 def scheduler_or_none() -> "ray.actor.ActorHandle | None":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import ray
 from ray.train import UserCallback
@@ -28,7 +29,7 @@ from ray.train.v2._internal.execution.callback import ControllerCallback
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.runs import append_metrics
-from ray_layer.scheduler_client import get_scheduler
+from ray_layer.scheduler_client import SchedulerLink, get_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,25 @@ class NodeLostError(RuntimeError):
     """A placed node is gone and the job cannot be placed on the nodes that are left."""
 
 
+class JobCancelled(RuntimeError):
+    """An operator cancelled the job, and a node of it was lost before it stopped."""
+
+
+# One call to the scheduler from Ray Train's controller: a hung scheduler must not hold the
+# controller's event loop (and the run) for good.
+CALL_TIMEOUT_S = 60.0
+
+
 class FollowPlacement(ControllerCallback):
     """Ray Train controller callback that keeps a run on the nodes the scheduler chose: before
     each worker-group start it has a lost node's workers placed again and points the label
     selectors at the new nodes."""
 
-    def __init__(self, spec: JobSpec, owner: str, timeout_s: float = 600.0) -> None:
+    def __init__(self, spec: JobSpec, owner: str, timeout_s: float = 600.0,
+                 reconnect: Callable[[], Any] = get_scheduler) -> None:
         self.spec, self.owner, self.timeout_s = spec, owner, timeout_s
+        # How a scheduler is found (and brought up again, killed for good): the driver's way.
+        self.reconnect = reconnect
         self.scaling_config = None
 
     def after_controller_start(self, train_run_context) -> None:
@@ -80,17 +93,20 @@ class FollowPlacement(ControllerCallback):
 
     def _replace(self, lost: list[str]) -> Placement:
         """A new placement from the scheduler, waiting while the cluster is busy (the
-        capacity may come back: the autoscaler adds a node, another job ends)."""
-        scheduler = get_scheduler()
+        capacity may come back: the autoscaler adds a node, another job ends). A scheduler
+        killed for good is found again (SchedulerUnreachable when none answers)."""
+        link = SchedulerLink(None, self.reconnect)
         deadline = time.monotonic() + self.timeout_s
-        decision = ray.get(scheduler.replace.remote(self.spec, self.owner, lost))
+        decision = link.ask("replace", self.spec, self.owner, lost, timeout_s=CALL_TIMEOUT_S)
         while isinstance(decision, Queued):  # waits in the queue (it may preempt) for room
             if time.monotonic() > deadline:
                 raise NodeLostError(_lost_message(self.spec.name, lost, decision))
             time.sleep(2)
-            decision = ray.get(scheduler.poll.remote(self.spec.name, self.owner))
+            decision = link.ask("poll", self.spec.name, self.owner, timeout_s=CALL_TIMEOUT_S)
         if isinstance(decision, Placement):
             return decision
+        if decision.cancelled:  # told to stop before the node was lost: it stops here
+            raise JobCancelled(decision.message)
         raise NodeLostError(_lost_message(self.spec.name, lost, decision))
 
 

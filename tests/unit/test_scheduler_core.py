@@ -1056,6 +1056,26 @@ def test_a_job_that_lost_a_node_and_finds_no_room_waits_in_the_queue_and_preempt
     assert core.running["H"].enqueued_at == T0  # its submit time (and service) kept
 
 
+def test_a_node_lost_after_an_operators_cancel_or_preempt_still_honours_it():
+    # Placed afresh after the loss, the job's directive was dropped: a cancelled job trained
+    # to its end (exit 0), and a preempted one took its room straight back.
+    for kind in ("cancel", "preempt"):
+        core = core_with(gpu_node("n1"), gpu_node("n2"))
+        core.submit(gpus("j", 4), "d", T0)
+        core.submit(gpus("blocker", 4), "d1", T0 + 0.5)
+        core.submit(gpus("next", 4), "d2", T0 + 1)  # waits for room
+        lost = list(core.running["j"].placement.nodes)
+        core.cancel("j", "", T0 + 2) if kind == "cancel" else core.preempt("j", T0 + 2)
+        assert core.running["j"].directive is not None
+        core.ray_nodes({"n1", "n2"} - set(lost), set(lost), T0 + 3)
+        decision = core.replace(gpus("j", 4), "d", lost, T0 + 4).decision
+        if kind == "cancel":
+            assert isinstance(decision, Rejection) and decision.cancelled, decision
+            assert "j" not in core.running and not core.queue.holds("j")
+        else:  # back in line behind the job it made room for, not first again
+            assert isinstance(decision, Queued) and decision.position == 2, decision
+
+
 def test_next_promotion_looks_past_one_already_due_and_the_live_core_notes_no_wakeups():
     q = JobQueue(level=lambda s: 0 if s < 100 else 1, promote_after=lambda j: 2 * j.ran_s)
     for name, ran in (("a", 500.0), ("b", 1000.0)):  # promotions due at 1000 s and 2000 s

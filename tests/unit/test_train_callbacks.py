@@ -58,7 +58,7 @@ class FakeScheduler:
 def follower(monkeypatch, scheduler, placed, lost):
     monkeypatch.setattr(train_callbacks, "lost_nodes", lambda ids: sorted(set(lost) & ids))
     monkeypatch.setattr(ray, "get_actor", lambda name, namespace: scheduler)
-    monkeypatch.setattr(ray, "get", lambda value: value)
+    monkeypatch.setattr(ray, "get", lambda value, timeout=None: value)
     monkeypatch.setattr(train_callbacks.time, "sleep", lambda s: None)
     callback = FollowPlacement(JobSpec(name="run", num_workers=2), owner="job-1", timeout_s=60)
     selectors = [{"ray.io/node-id": n} for n in placed]
@@ -97,3 +97,37 @@ def test_a_busy_cluster_is_waited_for_and_a_cluster_too_small_is_a_clear_error(m
     with pytest.raises(NodeLostError, match="node\\(s\\) a of job 'run' were lost .* room for 1"):
         callback.follow_lost_nodes()
     assert selectors == [{"ray.io/node-id": "a"}, {"ray.io/node-id": "b"}]  # untouched
+
+
+def test_a_cancel_read_before_the_node_was_lost_ends_the_run_as_a_cancel(monkeypatch):
+    # The scheduler answers a cancelled job's re-placement with its cancel: said as one, not
+    # as "cannot be placed on the nodes that are left".
+    cancelled = Rejection("run", "job 'run' was cancelled: cancelled by an operator",
+                          cancelled=True)
+    callback, _ = follower(monkeypatch, FakeScheduler(cancelled), ["a", "b"], lost=["a"])
+    with pytest.raises(train_callbacks.JobCancelled, match="^job 'run' was cancelled"):
+        callback.follow_lost_nodes()
+
+
+def test_a_scheduler_killed_for_good_is_found_again_and_a_silent_one_is_named(monkeypatch):
+    # The callback looked the scheduler up once, without the driver's reconnect: a scheduler
+    # killed for good ended the run as "training failed after N restart(s)".
+    from ray_layer.scheduler_client import SchedulerUnreachable
+
+    def dead(*args):
+        raise ray.exceptions.ActorDiedError()
+    new = Placement("run", ("b", "c"), 1.0, 0)
+    handles = iter([SimpleNamespace(replace=SimpleNamespace(remote=dead)), FakeScheduler(new)])
+    callback, selectors = follower(monkeypatch, None, ["a", "b"], lost=["a"])
+    callback.reconnect = lambda: next(handles)
+    callback.follow_lost_nodes()
+    assert selectors == [{"ray.io/node-id": "b"}, {"ray.io/node-id": "c"}]
+
+    def hung(value, timeout=None):
+        assert timeout is not None  # a hung scheduler must not hold the controller for good
+        raise ray.exceptions.GetTimeoutError()
+    callback, _ = follower(monkeypatch, None, ["a", "b"], lost=["a"])
+    monkeypatch.setattr(ray, "get", hung)
+    callback.reconnect = lambda: FakeScheduler(new)
+    with pytest.raises(SchedulerUnreachable, match=r"did not answer replace\(\) after 3 tries"):
+        callback.follow_lost_nodes()

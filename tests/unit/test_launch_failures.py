@@ -1,0 +1,52 @@
+"""What a failed Ray Train run tells the user (ray_layer/launch.py): the workers' failure after
+their restarts, or what went wrong in Ray Train's controller, each with its exit code. Ray's
+exceptions are built here; no Ray is started."""
+from pathlib import Path
+
+import pytest
+from ray.train import ControllerError
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+from orchestrator.config import JobSpec
+from orchestrator.job_exit import EXIT_FAILED, EXIT_NOT_PLACEABLE
+from orchestrator.placement import Placement
+from ray_layer import launch
+from ray_layer.scheduler_client import SchedulerUnreachable
+from ray_layer.train_callbacks import JobCancelled
+
+RUN = Path("/runs/run")
+
+
+@pytest.mark.parametrize("cause, code, words", [
+    # Retried without limit by Ray Train's default: no exit at all before.
+    (WorkerGroupStartupTimeoutError(2), EXIT_NOT_PLACEABLE,
+     "the workers did not start on their placed nodes in 3 tries"),
+    (JobCancelled("job 'run' was cancelled: cancelled by an operator"), EXIT_NOT_PLACEABLE,
+     "job 'run' was cancelled"),
+    (SchedulerUnreachable("the scheduler did not answer replace() after 3 tries"),
+     EXIT_NOT_PLACEABLE, "a node of the job was lost and the scheduler did not answer"),
+    (OSError("No space left on device"), EXIT_FAILED,
+     "training failed in Ray Train's controller: OSError: No space left"),
+])
+def test_a_controller_failure_is_said_for_what_it_is_without_a_restart_count(cause, code,
+                                                                           words):
+    # All of these read "training failed after 3 restart(s)", none of which had happened.
+    failed = launch._failure(ControllerError(cause), RUN, max_failures=3)
+    assert failed.exit_code == code and str(failed).startswith(words), str(failed)
+    assert "restart(s)" not in str(failed) and str(RUN) in str(failed)
+
+
+def test_a_workers_failure_names_the_restarts_and_the_first_workers_error():
+    error = RuntimeError("workers failed")
+    error.worker_failures = {1: ValueError("bad batch"), 0: KeyError("x")}
+    failed = launch._failure(error, RUN, max_failures=2)
+    assert failed.exit_code == EXIT_FAILED
+    assert str(failed).startswith("training failed after 2 restart(s): worker rank 0: KeyError")
+
+
+def test_worker_groups_that_do_not_start_are_retried_a_bounded_number_of_times():
+    trainer_for = launch._trainer_factory(lambda config: None, {}, JobSpec("run"), RUN, "o",
+                                          queue_timeout_s=60, max_failures=0,
+                                          keep_checkpoints=2)
+    failure = trainer_for(Placement("run", ("n1",), 0.0, 1)).run_config.failure_config
+    assert failure.controller_failure_limit == launch.STARTUP_TRIES  # Ray's default: no limit
