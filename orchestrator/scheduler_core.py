@@ -55,7 +55,8 @@ from orchestrator import metric_catalogue as catalogue
 from orchestrator.autoscaling import (NodeType, cluster_max_workers_note, resource_bundles,
                                       scale_up_plan)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
-from orchestrator.inventory import ClusterState, NodeReport, gpu_families, report_problem
+from orchestrator.inventory import (ClusterState, NodeReport, Reservation, gpu_families,
+                                    report_problem)
 from orchestrator.placement import (FITS_WHEN_FREED, Placement, PlacementError, Queued,
                                     Rejection, place, worker_capacity)
 from orchestrator.queue import JobQueue, QueuedJob, allowed_families
@@ -125,6 +126,8 @@ class _AsIfYielded:
     def __init__(self, core: "SchedulerCore", victims: tuple[str, ...] | list[str] = ()) -> None:
         self.core = core
         self.held: dict[str, tuple] = {}  # victim -> its reservation, released meanwhile
+        # victim -> (table row, GPU slots, their measured free GiB), shown free meanwhile
+        self.memory: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
         for victim in victims:
             self.add(victim)
 
@@ -139,13 +142,34 @@ class _AsIfYielded:
         core = self.core
         self.held[victim] = core.state.reservations.get(victim, ())
         core.state.release(victim)
+        self.memory[victim] = self._show_gpus_free(self.held[victim])
         self._count_waiting(core.running[victim].spec, +1)
 
     def take_back(self, victim: str) -> None:
         held = self.held.pop(victim)
         if held:
             self.core.state.reserve(victim, held)
+        table = self.core.state.table
+        for row, slots, measured in self.memory.pop(victim):
+            table.gpu_free_gib[row, slots] = measured
         self._count_waiting(self.core.running[victim].spec, -1)
+
+    def _show_gpus_free(self, reservations) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """A victim's GPUs at their whole memory, as they will be once it has yielded. The
+        agents measure free memory, and the victim's training fills its GPUs: a job with a
+        memory floor (every GPU job pretrain.py submits) never fitted in thought, so it never
+        preempted. Which GPUs a job has is Ray's choice: its count of the node's fullest."""
+        table, shown = self.core.state.table, []
+        for r in reservations:
+            row = table.index.get(r.node_id)
+            if not r.gpus or row is None:
+                continue
+            free, total = table.gpu_free_gib[row], table.gpu_total_gib[row]
+            present = np.flatnonzero(np.isfinite(total))  # -inf pads slots the node lacks
+            slots = present[np.argsort(free[present] - total[present], kind="stable")][:r.gpus]
+            shown.append((row, slots, free[slots].copy()))
+            free[slots] = total[slots]
+        return shown
 
     def _count_waiting(self, spec: JobSpec, sign: int) -> None:
         """Its GPUs waiting (+1) or running again (-1), as JobQueue and _count_pinned count."""
@@ -663,9 +687,14 @@ class SchedulerCore:
         job = self.running.get(job_name)
         if job is None:
             return None
-        if job.family is None:
-            job.family = self._family_of(job.placement, job.spec)
-        return job.family
+        if job.family is not None:
+            return job.family
+        family = self._family_of(job.placement, job.spec)
+        # Kept only once every node of it has reported: a node that reports late after a
+        # restart read as "" (no family) for good, and no job of its family could preempt it.
+        if all(n in self.state.reports for n in job.placement.nodes):
+            job.family = family
+        return family
 
     def jobs(self, now: float) -> list[dict]:
         """Every job the scheduler knows, for `status`: running (with any pending directive),
@@ -716,6 +745,8 @@ class SchedulerCore:
                 "nodes_asked": {name: {"enqueued_at": since, "bundles": bundles}
                                 for name, (since, bundles) in self.nodes_asked.items()},
                 "silent_nodes": self.state.silence_to_dict(),
+                # (the comparative-advantage yardstick: victim order and family ranking)
+                "typical": {"speed": dict(self.typical_speed), "count": self.typical_count},
                 "settings": dataclasses.asdict(self.settings)}
 
     def restore(self, saved: dict) -> list[str]:
@@ -741,13 +772,28 @@ class SchedulerCore:
                  ("excluded_gpus", lambda d: self.excluded_gpus.update(
                      {n: {(str(a), int(b)) for a, b in v} for n, v in d.items()})),
                  # (a restarted scheduler keeps asking for the nodes of jobs still waiting)
-                 ("nodes_asked", lambda d: problems.extend(self._restore_nodes_asked(d))))
+                 ("nodes_asked", lambda d: problems.extend(self._restore_nodes_asked(d))),
+                 # (without it a restarted scheduler chose other victims than before)
+                 ("typical", self._restore_typical))
         for key, restore in parts:
             try:
                 restore(saved.get(key, {}))
             except Exception as e:  # corrupt or from another version: keep going
                 problems.append(f"cannot restore scheduler {key}, skipping it: {e}")
         return problems + self._release_unowned_reservations() + self._drop_unowned_ready()
+
+    def _restore_typical(self, data: dict) -> None:
+        """The typical job's relative speed per family and how many jobs it folds in;
+        ValueError naming what is wrong (the yardstick is then learnt afresh)."""
+        if not data:
+            return
+        speed, count = data.get("speed"), data.get("count")
+        if not (isinstance(speed, dict) and all(isinstance(f, str) and is_number(v) and v >= 0
+                                                for f, v in speed.items())):
+            raise ValueError(f"its speeds are {speed!r:.60}, not family names to numbers >= 0")
+        if not (is_int(count) and count >= 0):
+            raise ValueError(f"its count is {count!r:.60}, not an integer >= 0")
+        self.typical_speed, self.typical_count = {f: float(v) for f, v in speed.items()}, count
 
     def _restore_nodes_asked(self, data: dict) -> list[str]:
         """The autoscaler requests of waiting jobs, job by job (one that cannot be read is
@@ -1497,9 +1543,13 @@ class SchedulerCore:
         first = 0
         for _, _, job in candidates:
             if spec.gpus_per_worker and job.spec.gpus_per_worker:
-                if allowed and self.running_family(job.spec.name) not in allowed:
+                # Its GPUs on nodes of the families the job may use: a victim spread over two
+                # families counts for both (by its slowest alone, an A100 job never
+                # preempted one on A100 and T4 nodes).
+                usable = self._gpus_held_on(job.spec.name, allowed)
+                if not usable:
                     continue
-                room += job.spec.total_gpus
+                room += usable
             elif spec.gpus_per_worker and not self._beside_gpus(job.spec.name, allowed):
                 continue  # a job taking no GPUs helps only by the CPUs beside usable GPUs
             names.append(job.spec.name)
@@ -1512,14 +1562,21 @@ class SchedulerCore:
     def _beside_gpus(self, job_name: str, allowed: set[str]) -> bool:
         """Whether the job holds CPUs on a node with GPUs of the `allowed` families (any when
         empty)."""
+        return any(r.cpus > 0 and self.state.table.gpus[row] > 0
+                   for r, row in self._held_on(job_name, allowed))
+
+    def _gpus_held_on(self, job_name: str, allowed: set[str]) -> int:
+        """GPUs the job holds on nodes of the `allowed` families (any when empty)."""
+        return sum(r.gpus for r, _ in self._held_on(job_name, allowed))
+
+    def _held_on(self, job_name: str, allowed: set[str]) -> list[tuple[Reservation, int]]:
+        """The job's reservations (with their table rows) on nodes of the `allowed`
+        families (any when empty), as worker_capacity reads a node's family."""
         t = self.state.table
         codes = {t.families[f] for f in allowed if f in t.families}
-        for r in self.state.reservations.get(job_name, ()):
-            row = t.index.get(r.node_id)
-            if row is not None and r.cpus > 0 and t.gpus[row] > 0 and \
-                    (not allowed or t.family[row] in codes):
-                return True
-        return False
+        rows = ((r, t.index.get(r.node_id)) for r in self.state.reservations.get(job_name, ()))
+        return [(r, row) for r, row in rows
+                if row is not None and (not allowed or t.family[row] in codes)]
 
     def _would_place(self, spec: JobSpec, now: float) -> bool:
         """Would the queue pass place `spec` now (victims yielded in thought, _AsIfYielded)?

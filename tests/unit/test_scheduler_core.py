@@ -15,13 +15,14 @@ from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, RunningJob,
 T0 = 1_000.0
 
 
-def gpu_node(node_id, gpus=4, family="A100", memory_gb=80.0, cpus=16):
+def gpu_node(node_id, gpus=4, family="A100", memory_gb=80.0, cpus=16, free_gb=None):
     names = {"A100": "NVIDIA A100-SXM4-80GB", "T4": "Tesla T4", "H100": "NVIDIA H100 80GB HBM3"}
+    free = [memory_gb] * gpus if free_gb is None else free_gb
     return NodeReport(node_id=node_id, hostname=node_id, ray_cpus=cpus, ray_gpus=gpus,
                       cpu_count=cpus, load_avg_1m=0.0, ram_total_bytes=64 * GIB,
                       ram_available_bytes=64 * GIB,
                       gpus=tuple(GpuInfo(i, names[family], int(memory_gb * GIB),
-                                         int(memory_gb * GIB), source="declared")
+                                         int(free[i] * GIB), source="declared")
                                  for i in range(gpus)))
 
 
@@ -429,6 +430,30 @@ def test_state_survives_a_restart_with_preempted_jobs_and_directives():
     assert {r["state"] for r in again.jobs(T0 + 41)} >= {"yielding", "preempted"}
     assert again.restore({"queue": {"waiting": [{"bad": 1}]}})[0].startswith(
         "cannot restore queued job 0, skipping it")
+
+
+def test_a_restarted_scheduler_chooses_the_victims_the_one_before_would_have():
+    # The typical job's speeds (which order victims by comparative advantage) were not saved:
+    # the restored scheduler preempted the job on the T4s, the one before the job on A100s.
+    nodes = [gpu_node("a100", gpus=4), gpu_node("t4", gpus=4, family="T4")]
+    core = core_with(*nodes)
+    core.submit(gpus("v1", 4), "d", T0)  # flexible: the A100s
+    core.submit(gpus("v2", 4), "d", T0)  # flexible: the T4s
+    core.submit(gpus("p", 4, priority=5), "d", T0 + 5)  # victims still within min_run_s
+    core.directive("v1", T0 + 8, last_checkpoint_at=T0 + 2)
+    core.directive("v2", T0 + 8, last_checkpoint_at=T0 + 7)
+    again = SchedulerCore(core.settings)
+    assert again.restore(json.loads(json.dumps(core.to_dict()))) == []
+    again.restored_at = T0 + 9
+    again.ray_nodes({n.node_id for n in nodes}, set(), T0 + 9)
+    for n in nodes:
+        again.report(n, T0 + 9)
+    expected = set(yields(core.tick(T0 + 30)))
+    assert expected and set(yields(again.tick(T0 + 30))) == expected
+    bad = json.loads(json.dumps(core.to_dict()))
+    bad["typical"]["speed"]["A100"] = "fast"
+    assert any("cannot restore scheduler typical" in p
+               for p in SchedulerCore(core.settings).restore(bad))
 
 
 def test_a_dropped_jobs_reason_is_told_to_its_own_driver_not_taken_by_another():
@@ -1054,6 +1079,45 @@ def test_a_job_that_lost_a_node_and_finds_no_room_waits_in_the_queue_and_preempt
     placed = core.yielded(victim, core.running[victim].placement.owner, T0 + 510)
     assert isinstance(core.poll("H", "dH", T0 + 511).decision, Placement), placed
     assert core.running["H"].enqueued_at == T0  # its submit time (and service) kept
+
+
+def test_a_job_with_a_memory_floor_preempts_jobs_whose_training_fills_their_gpus():
+    # The victims' GPUs showed the memory their training uses: a job with a floor (every GPU
+    # job pretrain.py submits) never fitted in thought and never preempted anyone.
+    core = core_with(gpu_node("a", gpus=4), gpu_node("b", gpus=2))
+    core.submit(gpus("low", 4), "d", T0)
+    core.submit(gpus("other", 2), "d", T0)
+    # The agents' next reports: the jobs' training fills their GPUs; GPU 0 of b stays free.
+    core.report(gpu_node("a", gpus=4, free_gb=[2.0] * 4), T0 + 5)
+    core.report(gpu_node("b", gpus=2, free_gb=[80.0, 3.0]), T0 + 5)
+    table = core.state.table
+    measured = table.gpu_free_gib.copy()
+    outcome = core.submit(gpus("urgent", 4, priority=10, min_gpu_memory_gb=40.0), "d", T0 + 60)
+    assert set(yields(outcome)) == {"low"}, outcome
+    assert (table.gpu_free_gib == measured).all()  # the thought experiment left no trace
+
+
+def test_a_victim_spread_over_two_families_is_in_reach_of_a_job_for_either():
+    # Judged by its slowest family alone (T4), the A100-only job never preempted it.
+    for family in ("A100", "T4"):
+        core = core_with(gpu_node("a100", gpus=4), gpu_node("t4", gpus=4, family="T4"))
+        core.submit(gpus("low", 8), "d", T0)
+        outcome = core.submit(gpus("high", 4, priority=10, accelerator_types=(family,)), "d",
+                              T0 + 60)
+        assert set(yields(outcome)) == {"low"}, family
+
+
+def test_a_running_jobs_family_is_not_fixed_before_its_nodes_have_reported():
+    # After a restart, a pass before a slow agent's first report cached "" for the job on
+    # its node, for good: no job of that family could preempt it after.
+    core = core_with(gpu_node("a1"), gpu_node("t4", family="T4"))
+    core.submit(gpus("low", 4, accelerator_types=("A100",)), "d", T0)
+    again = SchedulerCore(core.settings)
+    assert again.restore(json.loads(json.dumps(core.to_dict()))) == []
+    again.ray_nodes({"a1", "t4"}, set(), T0 + 1)
+    assert again.running_family("low") == ""  # a1 has not reported to this scheduler yet
+    assert again.report(gpu_node("a1"), T0 + 20).decision is True
+    assert again.running_family("low") == "A100"
 
 
 def test_a_node_lost_after_an_operators_cancel_or_preempt_still_honours_it():
