@@ -129,6 +129,9 @@ class JobQueue:
         # Waiting GPU jobs' GPUs by the families they may use (() = any): what each family's
         # waiting demand is, without a pass over the queue.
         self.gpus_by_allowed: Counter = Counter()
+        # The GPUs of waiting jobs allowed one family, by (family, priority): the first call
+        # on a family is theirs against jobs they do not outrank only (first_call_gpus).
+        self._single_family_gpus: Counter = Counter()
         self.sizes_by_allowed: Counter = Counter()  # (allowed families, GPUs) -> waiting jobs
         self.ready: dict[str, Placement] = {}  # placed from the queue, not yet collected
         self.rejected: dict[str, Rejection] = {}  # dropped; told to the driver on its poll
@@ -170,6 +173,18 @@ class JobQueue:
         self.gpus_by_allowed[allowed] += sign * spec.total_gpus
         if not self.gpus_by_allowed[allowed]:
             del self.gpus_by_allowed[allowed]
+        if len(allowed) == 1:
+            key = (allowed[0], spec.priority)
+            self._single_family_gpus[key] += sign * spec.total_gpus
+            if not self._single_family_gpus[key]:
+                del self._single_family_gpus[key]
+
+    def first_call_gpus(self, family: str, priority: int) -> int:
+        """GPUs waiting jobs allowed only `family` need, of those at `priority` or above: they
+        have first call on it against a job of `priority` (a lower-priority job allowed only
+        the A100s kept a higher-priority job that may use any family off them, for good)."""
+        return sum(gpus for (f, p), gpus in self._single_family_gpus.items()
+                   if f == family and p >= priority)
 
     def remove(self, job_name: str) -> QueuedJob | None:
         job = self.waiting.pop(job_name, None)

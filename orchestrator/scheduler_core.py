@@ -900,8 +900,9 @@ class SchedulerCore:
         """For a GPU job that may use several accelerator families: which to try, best first.
 
         Room on a family is its free GPUs less what waiting jobs allowed only that family
-        need (they can run nowhere else: they have first call on it). A family is shielded
-        when jobs allowed only there hold or wait for protect_share of its GPUs; under
+        need (they can run nowhere else: they have first call on it, against jobs of their
+        priority or below). A family is shielded when jobs allowed only there hold, or wait
+        at this job's priority or above for, protect_share of its GPUs; under
         contention (other GPU jobs wait) the job is kept off shielded families, so the gang
         jobs that need them whole find them unfragmented. Order: without contention the
         fastest family for this job; with it, comparative advantage — the job's speed there
@@ -923,9 +924,10 @@ class SchedulerCore:
         waiting = self.queue.gpus_by_allowed
         own = need if spec.name in self.queue.waiting else 0
         contention = sum(waiting.values()) > own
-        room = {f: free_gpus.get(families[f], 0) - waiting.get((f,), 0) for f in candidates}
+        first_call = {f: self.queue.first_call_gpus(f, spec.priority) for f in candidates}
+        room = {f: free_gpus.get(families[f], 0) - first_call[f] for f in candidates}
         shielded = {f for f in candidates if contention and capacity.get(f, 0) > 0 and
-                    self.pinned_running.get(f, 0) + waiting.get((f,), 0)
+                    self.pinned_running.get(f, 0) + first_call[f]
                     >= self.settings.protect_share * capacity[f]}
         if sum(capacity.get(f, 0) for f in candidates if f not in shielded) < need:
             shielded = set()  # it cannot run without them: never kept off for good
@@ -1320,9 +1322,9 @@ class SchedulerCore:
         choice = self._family_choice(spec, free_gpus)
         first_call = {}
         if choice is not None and choice.usable:
+            first_call = {f: gpus for f in choice.kept_off
+                          if (gpus := self.queue.first_call_gpus(f, spec.priority))}
             spec = spec.narrowed(accelerator_types=choice.usable)
-            waiting = self.queue.gpus_by_allowed
-            first_call = {f: waiting[(f,)] for f in choice.kept_off if waiting.get((f,))}
         usable, per_gpu = self._head_units(spec, now)
         if choice is not None and not choice.usable:
             usable = np.zeros_like(usable)

@@ -235,14 +235,22 @@ def test_max_preemptions_protects_a_job_from_its_own_priority_only():
 
 
 def test_no_victims_for_a_family_the_queue_pass_keeps_the_preemptor_off():
-    # 'any' preempted 'v' on the A100s, which 'a100-only' (waiting, priority -1) has first
-    # call on: the pass kept 'any' off them and started 'a100-only', which 'any' preempted,
-    # which then waited for the A100s again, and so on every min_run_s: 'any' never ran.
+    # 'any' preempted 'v' on the A100s, which 'a100-only' (waiting, of the same priority,
+    # at LAS level 1 as 'v': it cannot preempt 'v' itself) has first call on: the pass kept
+    # 'any' off them and started 'a100-only', which 'any' preempted, which then waited for
+    # the A100s again, and so on every min_run_s: 'any' never ran.
     core = core_with(gpu_node("a100", gpus=4), gpu_node("t4", gpus=4, family="T4"),
                      las_thresholds_gpu_s=(100.0,))
     core.submit(gpus("t4-only", 4, accelerator_types=("T4",), preemptible=False), "d", T0)
     core.submit(gpus("v", 4), "d", T0)
-    core.submit(gpus("a100-only", 4, accelerator_types=("A100",), priority=-1), "d", T0 + 1)
+    core.submit(gpus("a100-only", 4, accelerator_types=("A100",)), "d", T0 + 1)
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["queue"]["waiting"][0]["ran_s"] = 50.0  # it ran before: 200 GPU-s, level 1
+    core = SchedulerCore(core.settings)
+    assert core.restore(saved) == []
+    core.ray_nodes({"a100", "t4"}, set(), T0 + 2)
+    core.report(gpu_node("a100", gpus=4), T0 + 2)
+    core.report(gpu_node("t4", gpus=4, family="T4"), T0 + 2)
     assert set(core.running) == {"t4-only", "v"}
     out = core.submit(gpus("any", 4), "d", T0 + 500)  # level 0; 'v' is at level 1
     assert not yields(out)
@@ -260,6 +268,24 @@ def test_no_victims_for_a_family_the_queue_pass_keeps_the_preemptor_off():
     assert yields(out)["v"].kind == PREEMPT
     core.yielded("v", "d", now + 2)
     assert core.poll("any", "d", now + 3).decision.nodes == ["a100"]
+
+
+def test_a_lower_priority_job_allowed_one_family_does_not_keep_a_higher_one_off_it():
+    # 'lo' (priority 0, A100 only) had first call on the A100s against 'hi' (priority 10, any
+    # family): once they freed, 'lo' started and 'hi' waited behind it, never preempting.
+    core = core_with(gpu_node("a100", gpus=4), gpu_node("t4", gpus=4, family="T4"))
+    core.submit(gpus("t4-job", 4, accelerator_types=("T4",), preemptible=False), "d", T0)
+    core.submit(gpus("r", 4, preemptible=False), "d", T0)  # holds the A100s
+    core.submit(gpus("hi", 4, priority=10), "d", T0 + 1)
+    core.submit(gpus("lo", 4, accelerator_types=("A100",)), "d", T0 + 2)
+    core.release("r", "d", T0 + 100)
+    assert set(core.running) == {"t4-job", "hi"}, core.jobs(T0 + 101)
+    # ... and, 'lo' started first, 'hi' preempts it rather than wait behind it for good.
+    core = core_with(gpu_node("a100", gpus=4), gpu_node("t4", gpus=4, family="T4"))
+    core.submit(gpus("t4-job", 4, accelerator_types=("T4",), preemptible=False), "d", T0)
+    core.submit(gpus("lo", 4, accelerator_types=("A100",)), "d", T0)
+    outcome = core.submit(gpus("hi", 4, priority=10), "d", T0 + 100)
+    assert set(yields(outcome)) == {"lo"}
 
 
 def test_a_job_behind_the_head_preempts_only_for_a_start_that_would_not_delay_the_head():
