@@ -238,6 +238,10 @@ class JobQueue:
     def level_of(self, job_name: str) -> int:
         return self._keys[job_name][1]
 
+    def head(self) -> QueuedJob | None:
+        """The first waiting job in queue order, if any."""
+        return self.waiting[self._order[0][-1]] if self._order else None
+
     def ordered(self) -> list[QueuedJob]:
         """Waiting jobs in queue order (a copy: callers may remove while iterating)."""
         return [self.waiting[key[-1]] for key in self._order]

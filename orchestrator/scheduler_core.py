@@ -1695,12 +1695,21 @@ class SchedulerCore:
         return outcome
 
     def _families_wanted_by_queue(self, free: dict[str, int]) -> set[str]:
-        """Families with enough free GPUs for some waiting job that may run on them."""
+        """Families with enough free GPUs for some waiting job that may run on them, and every
+        family the head of the queue or a job waiting for its victims may use: their GPUs
+        free up a few at a time (a migration there took the head's first 4 of 8 and delayed
+        it by the migrated job's whole run, or the room a preemption was making)."""
         wanted: set[str] = set()
         for allowed, gpus in self.queue.sizes_by_allowed:  # distinct shapes, not jobs
             wanted |= {f for f in allowed or free if free.get(f, 0) >= gpus}
             if len(wanted) == len(free):
-                break
+                return wanted
+        head = self.queue.head()
+        gathering = [head] if head is not None else []
+        gathering += [self.queue.waiting[n] for n in self.preempting if n in self.queue.waiting]
+        for job in gathering:
+            if job.spec.gpus_per_worker:
+                wanted |= {f for f in allowed_families(job.spec) or free if f in free}
         return wanted
 
     def _migration_key(self, job: RunningJob) -> tuple:

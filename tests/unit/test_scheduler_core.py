@@ -361,6 +361,35 @@ def test_a_job_migrates_to_a_faster_family_when_it_frees_and_the_gain_beats_rest
     assert isinstance(core.poll("thief", "d", T0 + 71).decision, Queued)  # A100s are taken
 
 
+def test_no_migration_onto_gpus_the_head_of_the_queue_is_gathering():
+    # 'w' (8 A100s) waits at the head; 4 A100s free: 'm' migrated onto them, and 'w' waited
+    # for 'm''s whole 10-hour run instead of 'r''s 200 s.
+    core = core_with(gpu_node("a100", gpus=8), gpu_node("t4", gpus=4, family="T4"),
+                     queue_order="fifo")
+    core.submit(gpus("x", 4, accelerator_types=("A100",), expected_duration_s=60), "d", T0)
+    core.submit(gpus("r", 4, accelerator_types=("A100",), expected_duration_s=200), "d", T0)
+    core.submit(gpus("m", 4, expected_duration_s=36000), "d", T0)  # on the T4s
+    core.submit(gpus("w", 8, accelerator_types=("A100",)), "d", T0 + 1)
+    assert not yields(core.release("x", "d", T0 + 60))
+    core.release("r", "d", T0 + 200)
+    assert "w" in core.running
+
+
+def test_no_migration_onto_the_room_a_preemption_is_making():
+    # 'low' was preempted for 'p' (8 A100s) and in the same pass 'm' claimed the 4 A100s
+    # 'p' counted on: 'low' lost its run for nothing and 'm' was preempted in turn.
+    core = core_with(gpu_node("a100", gpus=8), gpu_node("t4", gpus=4, family="T4"))
+    core.submit(gpus("low", 4, accelerator_types=("A100",)), "d", T0)
+    core.submit(gpus("x", 4, accelerator_types=("A100",), preemptible=False, priority=9),
+                "d", T0)
+    core.submit(gpus("m", 4, expected_duration_s=36000), "d", T0)  # on the T4s
+    core.submit(gpus("p", 8, accelerator_types=("A100",), priority=5), "d", T0 + 50)
+    assert {n: y.kind for n, y in yields(core.release("x", "d", T0 + 100)).items()} == {
+        "low": PREEMPT}
+    core.yielded("low", "d", T0 + 110)
+    assert "p" in core.running
+
+
 def test_no_migration_when_the_gain_is_below_the_restart_cost_or_unknown():
     core = core_with(gpu_node("t4", gpus=2, family="T4"), gpu_node("a100", gpus=2),
                      restart_cost_s=600.0)
