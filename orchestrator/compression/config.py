@@ -105,7 +105,8 @@ class CompressConfig:
               "must be an integer >= 1 (or unset: the teacher's context length)")
         check(is_number(self.prune_sparsity) and 0 < self.prune_sparsity < 1,
               "prune_sparsity", "must be a fraction in (0, 1)")
-        check(self.weight_bits in (7, 8), "weight_bits", "must be 7 or 8")
+        check(is_int(self.weight_bits) and self.weight_bits in (7, 8), "weight_bits",
+              "must be 7 or 8")
         check(self.prune_structure in STRUCTURES, "prune_structure",
               f"must be one of {', '.join(STRUCTURES)}")
         check(self.prune_importance in IMPORTANCE, "prune_importance",

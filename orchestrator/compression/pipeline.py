@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -144,31 +143,41 @@ def _load_stage(directory: Path, log: Callable[[str], None]
             masks = load_tensors(directory / MASKS_FILE)["masks"]
         metrics = json.loads((directory / STAGE_FILE).read_text())
     except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
-        log(f"warning: {directory} is unusable ({e}); redoing that stage")
-        shutil.rmtree(directory, ignore_errors=True)
+        _set_aside(directory, f"{directory} is unusable ({e})", "redoing that stage", log)
         return None
     log(f"{directory.name}: already done, reusing {directory}")
     return model.eval(), masks, metrics
+
+
+def _set_aside(directory: Path, problem: str, then: str, log: Callable[[str], None]) -> None:
+    """A finished stage that cannot be used now, moved to `<name>.unusable[-N]` beside it
+    rather than deleted: a read that failed for a passing reason (an I/O error, memory, a
+    library missing in this environment) cost the stage for good. OSError when it cannot be
+    moved (the redone stage could not be written there either)."""
+    target, n = directory.with_name(f"{directory.name}.unusable"), 1
+    while target.exists():
+        n += 1
+        target = directory.with_name(f"{directory.name}.unusable-{n}")
+    directory.rename(target)
+    log(f"warning: {problem}; kept as {target}, {then}")
 
 
 def _export_done(directory: Path, log: Callable[[str], None], tokenizer: Tokenizer) -> bool:
     if not directory.is_dir():
         return False
     if not _carries_tokenizer(directory, tokenizer):
-        log(f"warning: {directory} does not carry the teacher's tokenizer ({tokenizer.name}); "
-            "exporting again")
-        shutil.rmtree(directory, ignore_errors=True)
+        _set_aside(directory, f"{directory} does not carry the teacher's tokenizer "
+                   f"({tokenizer.name})", "exporting again", log)
         return False
     try:
         export.load_onnx_model(directory, threads=1)
         load_tensors(directory / export.TORCH_FILE)
     except (CheckpointError, OSError) as e:
-        log(f"warning: {directory} is unusable ({e}); exporting again")
-        shutil.rmtree(directory, ignore_errors=True)
+        _set_aside(directory, f"{directory} is unusable ({e})", "exporting again", log)
         return False
     except Exception as e:  # onnxruntime's own error types
-        log(f"warning: {directory}: ONNX Runtime cannot load it ({e}); exporting again")
-        shutil.rmtree(directory, ignore_errors=True)
+        _set_aside(directory, f"{directory}: ONNX Runtime cannot load it ({e})",
+                   "exporting again", log)
         return False
     log(f"{directory.name}: already done, reusing {directory}")
     return True

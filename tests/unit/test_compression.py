@@ -348,6 +348,8 @@ def test_invalid_config_names_every_bad_field():
     for field in ("prune_sparsity (--prune-sparsity)", "alpha (--alpha)", "temperature",
                   "prune_scope", "weight_bits", "qat_steps"):
         assert field in message
+    with pytest.raises(ConfigError, match="weight_bits"):
+        CompressConfig(weight_bits=7.0)  # 7.0 in (7, 8): a float qmax of 63.0 before
     with pytest.raises(ConfigError, match="student_size"):
         CompressConfig(student_size="huge")
     with pytest.raises(ConfigError, match="unknown field.*'alpah' \\(did you mean 'alpha'"):
@@ -550,3 +552,32 @@ def test_the_report_table_keeps_its_columns_for_long_model_and_runtime_names():
             for i, line in enumerate(table)}
     assert len(ends) == 1, table  # the size column ends at one place in every row
     assert "onnxruntime int8 static" in table[3]
+
+
+def test_a_finished_stage_that_cannot_be_read_now_is_set_aside_not_deleted(tmp_path,
+                                                                          monkeypatch):
+    # An I/O error reading stage.json deleted the finished stage (rmtree): a passing fault
+    # cost the work for good.
+    import errno
+    from pathlib import Path
+
+    from orchestrator.compression import pipeline
+
+    stage = tmp_path / "pruned"
+    pipeline._save_stage(stage, tiny_gpt(), None, {"loss": 1.0})
+    (tmp_path / "pruned.unusable").mkdir()  # an earlier one: never overwritten
+    read_text = Path.read_text
+
+    def flaky(path, *args, **kwargs):
+        if path.name == pipeline.STAGE_FILE:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return read_text(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "read_text", flaky)
+    said = []
+    assert pipeline._load_stage(stage, said.append) is None
+    kept = tmp_path / "pruned.unusable-2"
+    assert not stage.exists() and (kept / pipeline.WEIGHTS_FILE).is_file()
+    assert f"kept as {kept}, redoing that stage" in said[0]
+    monkeypatch.setattr(Path, "read_text", read_text)
+    kept.rename(stage)  # the fault passed: the stage is whole
+    assert pipeline._load_stage(stage, said.append)[2] == {"loss": 1.0}
