@@ -5,7 +5,8 @@
     <out>/original/             the teacher's fp32 weights (the size baseline)
     <out>/distilled/            only with a smaller student: a fresh student distilled from
                                 the teacher
-    <out>/pruned/               stage 1: gradual magnitude pruning, distillation fine-tune
+    <out>/pruned/               stage 1: gradual pruning (whole heads and MLP channels, then
+                                shrunk, by default; or magnitude), distillation fine-tune
     <out>/qat/                  stage 2: INT8 quantization-aware distillation fine-tune
     <out>/int8/                 stage 3: the INT8 export (export.py)
     <out>/report.json           original vs pruned vs INT8

@@ -3,8 +3,8 @@
 Prunable: the weight matrices of the Linear layers inside the transformer blocks (attention
 qkv and output projection, MLP fc and projection): at any useful size they hold almost all
 of the parameters. Not pruned: the token embedding, which is tied to the LM head (each of its
-256 rows is one byte's vector both in and out, so a zeroed entry degrades every occurrence of
-that byte and every output distribution; it is also < 1% of a 20M model), the position
+rows is one token's vector both in and out, so a zeroed entry degrades every occurrence of
+that token and every output distribution; with the byte tokenizer it is < 1% of a 20M model), the position
 embedding, LayerNorms and biases (tiny, and pruning them buys nothing).
 
 Masks are boolean tensors (True = kept). Once the schedule reaches its final sparsity they are
