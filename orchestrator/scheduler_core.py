@@ -1658,6 +1658,7 @@ class SchedulerCore:
         if not any(free.values()):
             return outcome  # the common case under load: checked before any per-job work
         room: dict[tuple, bool] = {}  # (faster families, GPUs) -> enough free there
+        head_plans: dict = {}  # the blocked head's EASY plan, made at the first target found
         for name, job in list(self.running.items()):
             key = job.migration_key
             if key is None:
@@ -1679,6 +1680,9 @@ class SchedulerCore:
             target = self._migration_target(job, free, now)
             if target is None:
                 continue
+            if not self._migration_spares_head(job.spec, target, now, head_plans):
+                job.no_target_at = seen  # looked at again once more is freed there
+                continue
             # The claim is the target placed under the claim's name: a real reservation.
             self.state.reserve(name + CLAIM_SUFFIX, target.reservations())
             new = self._family_of(target, job.spec)
@@ -1695,22 +1699,27 @@ class SchedulerCore:
         return outcome
 
     def _families_wanted_by_queue(self, free: dict[str, int]) -> set[str]:
-        """Families with enough free GPUs for some waiting job that may run on them, and every
-        family the head of the queue or a job waiting for its victims may use: their GPUs
-        free up a few at a time (a migration there took the head's first 4 of 8 and delayed
-        it by the migrated job's whole run, or the room a preemption was making)."""
+        """Families with enough free GPUs for some waiting job that may run on them."""
         wanted: set[str] = set()
         for allowed, gpus in self.queue.sizes_by_allowed:  # distinct shapes, not jobs
             wanted |= {f for f in allowed or free if free.get(f, 0) >= gpus}
             if len(wanted) == len(free):
-                return wanted
-        head = self.queue.head()
-        gathering = [head] if head is not None else []
-        gathering += [self.queue.waiting[n] for n in self.preempting if n in self.queue.waiting]
-        for job in gathering:
-            if job.spec.gpus_per_worker:
-                wanted |= {f for f in allowed_families(job.spec) or free if f in free}
+                break
         return wanted
+
+    def _migration_spares_head(self, spec: JobSpec, target: Placement, now: float,
+                               plans: dict) -> bool:
+        """Whether a migration to `target` passes the test a job starting behind the blocked
+        head of the queue must pass (EASY's, _may_backfill): a migration took the head's
+        first 4 of 8 GPUs as they freed and delayed it by the migrated job's whole run, or
+        took the room a preemption for it was making. `plans` keeps the head's plan for the
+        rest of the pass (each start the test lets through uses some of its slack)."""
+        head = self.queue.head()
+        if head is None:
+            return True
+        if "plan" not in plans:
+            plans["plan"] = self._head_plan(head, now, self._free_units(now)[0])
+        return self._may_backfill(plans["plan"], spec, target, now)
 
     def _migration_key(self, job: RunningJob) -> tuple:
         """(faster families, GPUs) of a job the migration scan looks at; () for one it never
