@@ -1719,7 +1719,14 @@ class SchedulerCore:
             return True
         if "plan" not in plans:
             plans["plan"] = self._head_plan(head, now, self._free_units(now)[0])
-        return self._may_backfill(plans["plan"], spec, target, now)
+        plan = plans["plan"]
+        # A move within what the head may use (a flexible head: any family) frees as many
+        # units as it takes: it delays nothing. (Tested whole, the Philly slice's mean JCT
+        # lost 8%: its LAS queue always has a head, and migrations to faster GPUs stopped.)
+        taken = _units_on(target.reservations(), plan.usable, self.state, plan.per_gpu)
+        freed = _units_on(self.state.reservations.get(spec.name, ()), plan.usable, self.state,
+                          plan.per_gpu)
+        return taken <= freed or self._may_backfill(plan, spec, target, now)
 
     def _migration_key(self, job: RunningJob) -> tuple:
         """(faster families, GPUs) of a job the migration scan looks at; () for one it never
