@@ -93,6 +93,23 @@ def report_problem(report: NodeReport) -> str | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value) or value < 0:
             return f"{name} is {value!r}: not a finite number >= 0"
+    for gpu in report.gpus:
+        if gpu.memory_free_bytes > gpu.memory_total_bytes:
+            return (f"gpus[{gpu.index}] has {gpu.memory_free_bytes} bytes free of "
+                    f"{gpu.memory_total_bytes}: more free than it holds")
+    return _bandwidth_problem(report.bandwidth_gbps)
+
+
+def _bandwidth_problem(measured: object) -> str | None:
+    """Why measured bandwidths are not peer ids to finite GB/s > 0, or None. An infinite link
+    let a bandwidth-bound job span a slow one; a string failed every placement near the
+    node."""
+    if not isinstance(measured, dict):
+        return f"bandwidth_gbps is {measured!r:.60}: not a mapping of peers to GB/s"
+    for peer, gbps in measured.items():
+        if not isinstance(peer, str) or isinstance(gbps, bool) \
+                or not isinstance(gbps, (int, float)) or not math.isfinite(gbps) or gbps <= 0:
+            return f"bandwidth_gbps[{peer!r:.40}] is {gbps!r:.40}: not a finite number > 0"
     return None
 
 

@@ -46,38 +46,61 @@ def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup",
                         root: str = "/sys/fs/cgroup") -> tuple[int, int] | None:
     """(limit, usage) in bytes of this process's memory cgroup (v2, or v1's memory
     controller), or None without a limit (or without cgroups). In a container the host's
-    figures overstate what the process may take: psutil reads the host's."""
-    for limit_file, usage_file in _cgroup_memory_files(proc_cgroup, root):
+    figures overstate what the process may take: psutil reads the host's. Usage leaves out
+    the page cache the kernel reclaims first (inactive files), as the kubelet's working set
+    does: counted, a container that had read its dataset once looked nearly full."""
+    for base, (limit_name, usage_name, inactive_key) in _cgroup_memory_dirs(proc_cgroup, root):
         try:
-            with open(limit_file) as f:
+            with open(f"{base}/{limit_name}") as f:
                 limit = f.read().strip()
-            with open(usage_file) as f:
+            with open(f"{base}/{usage_name}") as f:
                 usage = int(f.read().strip())
         except (OSError, ValueError):
             continue
         if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as ~2**63
             return None
+        usage -= min(_memory_stat(f"{base}/memory.stat", inactive_key), usage)
         return int(limit), min(usage, int(limit))
     return None
 
 
-def _cgroup_memory_files(proc_cgroup: str, root: str) -> list[tuple[str, str]]:
-    """(limit, usage) files of this process's memory cgroup, v2 first."""
+_CGROUP_V2 = ("memory.max", "memory.current", "inactive_file")
+_CGROUP_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+def _cgroup_memory_dirs(proc_cgroup: str, root: str) -> list[tuple[str, tuple[str, str, str]]]:
+    """Directories (with their file names) of this process's memory cgroup: its own path
+    under the mount, v2 first, then the mount's root. A container sharing the host's cgroup
+    namespace (Docker's default on v1) lists its host path in /proc/self/cgroup but has its
+    own cgroup mounted at the root: by the path alone its limit was never found."""
     try:
         with open(proc_cgroup) as f:
             lines = f.read().splitlines()
     except OSError:
         return []
-    v2, v1 = [], []
+    own, roots = [], []
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if not controllers:
-            base = f"{root}{path}".rstrip("/")
-            v2.append((f"{base}/memory.max", f"{base}/memory.current"))
+            own.append((f"{root}{path}".rstrip("/"), _CGROUP_V2))
+            roots.append((root.rstrip("/"), _CGROUP_V2))
         elif "memory" in controllers.split(","):
-            base = f"{root}/memory{path}".rstrip("/")
-            v1.append((f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes"))
-    return v2 + v1
+            own.append((f"{root}/memory{path}".rstrip("/"), _CGROUP_V1))
+            roots.append((f"{root}/memory", _CGROUP_V1))
+    return list(dict.fromkeys(own + roots))
+
+
+def _memory_stat(path: str, key: str) -> int:
+    """One figure of a cgroup's memory.stat, 0 when it cannot be read."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return max(int(value), 0)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 

@@ -103,7 +103,11 @@ def expand_sources(specs: list[str]) -> list[SourceFile]:
         if not isinstance(spec, str) or not spec.strip():
             raise DataError(f"--data must be a path, directory, glob or URI, got {spec!r}")
         for source in _expand_one(spec):
-            found.setdefault(_real_location(source.uri), source)
+            # One file named twice is kept under its first name in sorted order, whatever
+            # the order of the --data values (the cache key holds the name).
+            real = _real_location(source.uri)
+            if real not in found or source.uri < found[real].uri:
+                found[real] = source
     return sorted(found.values(), key=lambda s: s.uri)
 
 
@@ -347,7 +351,8 @@ def iter_documents(source: SourceFile, text_field: str = "text",
 def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[str]
                    ) -> Iterator[Document]:
     fs, path = filesystem_for(source.uri)
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    # utf-8-sig: a byte-order mark (Windows editors write one) opened the first document.
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
     buffer, index, consumed = "", 0, 0
     with fs.open_input_stream(path) as f:
         while True:
@@ -433,7 +438,8 @@ def _jsonl_record(data: bytes, field: str) -> tuple[str | None, str | None]:
     """(the document's text, None) for a good .jsonl line, (None, why) for a bad one, and
     (None, None) for a blank one."""
     try:
-        line = data.decode("utf-8")
+        # (a byte-order mark opening the file made its first line "not valid JSON")
+        line = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         return None, f"not UTF-8 text (byte {e.start + 1} of the line)"
     if not line.strip():

@@ -63,12 +63,10 @@ def bundled_source(cache_root: str) -> list[SourceFile]:
     fs.create_dir(root, recursive=True)
     path = f"{root}/{BUNDLED_FILE}"
     data = load_corpus()
-    info = fs.get_file_info(path)
-    if info.size != len(data):
-        tmp = f"{path}.tmp"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
+    if fs.get_file_info(path).size != len(data):
+        # A temporary file of this writer's own: runs starting at once moved each other's
+        # half-written one into place (a run refused: "the file is empty").
+        write_atomically(fs, path, data)
     uri = path if "://" not in cache_root else f"{cache_root.split('://')[0]}://{path}"
     return expand_sources([uri])
 

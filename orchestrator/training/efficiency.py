@@ -43,8 +43,10 @@ GPU_PEAK_TFLOPS: dict[tuple[str, str], dict[str, float]] = {
     ("H200", "NVL"): {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
     ("GH200", ""): {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
     ("B200", ""): {"bf16": 2250.0, "fp16": 2250.0},
-    ("MI250", "MI250"): {"bf16": 362.1, "fp16": 362.1, "fp32": 90.5},
-    ("MI250", "MI250X"): {"bf16": 383.0, "fp16": 383.0, "fp32": 95.7},
+    # Per GCD: an MI250(X) module is two dies, and ROCm lists each as a GPU of its own (as
+    # NVML does a K80's); the datasheet's 362.1 / 383 TFLOPS are the whole module's.
+    ("MI250", "MI250"): {"bf16": 181.05, "fp16": 181.05, "fp32": 45.25},
+    ("MI250", "MI250X"): {"bf16": 191.5, "fp16": 191.5, "fp32": 47.85},
     ("MI300X", ""): {"bf16": 1307.4, "fp16": 1307.4, "fp32": 163.4},
     ("MI300A", ""): {"bf16": 980.6, "fp16": 980.6, "fp32": 122.6},
 }

@@ -170,6 +170,11 @@ def clear_cache_dir(cache_uri: str) -> None:
     """Remove whatever an earlier, interrupted (or --retokenize'd) pass left, then recreate."""
     fs, directory = storage_for(cache_uri)
     if fs.get_file_info(directory).type == pafs.FileType.Directory:
+        # The manifest first: a clear cut short (killed, an I/O error) left it beside missing
+        # shards, and the next run took the cache for finished.
+        manifest = f"{directory}/{MANIFEST_FILE}"
+        if fs.get_file_info(manifest).type == pafs.FileType.File:
+            fs.delete_file(manifest)
         fs.delete_dir_contents(directory)
     fs.create_dir(directory, recursive=True)
 

@@ -45,7 +45,7 @@ def test_a_plan_takes_the_fewest_nodes_of_a_type_that_holds_every_worker(aws_typ
                                  accelerator_types=("A100",)), aws_types) is None  # 4 x 8
     assert scale_up_plan(JobSpec("j", num_workers=1, gpus_per_worker=1,
                                  min_gpu_memory_gb=40, accelerator_types=("T4",)),
-                         aws_types) is None  # a T4 has 16 GB
+                         aws_types) is None  # a T4 has 15 GiB
     assert scale_up_plan(JobSpec("j", num_workers=16, gpus_per_worker=1, min_bandwidth_gbps=100,
                                  accelerator_types=("A100",)), aws_types) is None  # 50 GB/s
     assert scale_up_plan(JobSpec("j", num_workers=16, gpus_per_worker=1, min_bandwidth_gbps=100),
@@ -126,13 +126,26 @@ def test_a_node_that_has_not_reported_yet_leaves_the_last_request_standing(aws_t
     assert len(core.scale_up_requests(T0 + 5)) == 8  # still only an A100 node would hold it
 
 
+def test_the_shipped_labels_promise_no_more_gpu_memory_than_nvml_reports(aws_types):
+    # Labelled with the datasheets' GB (T4 16, L4 24, H100 80), a job asking 16 GB had the
+    # autoscaler add a T4 node that could never hold it (NVML: 15360 MiB).
+    nvml_gib = {"A100": 81920 / 1024, "H100": 81559 / 1024, "T4": 15360 / 1024,
+                "L4": 23034 / 1024}
+    gpu_types = [t for t in aws_types if t.gpus]
+    assert {t.family for t in gpu_types} == set(nvml_gib)
+    assert all(t.gpu_memory_gb <= nvml_gib[t.family] for t in gpu_types), gpu_types
+
+
 def test_nodes_that_join_but_do_not_hold_the_job_end_its_wait_after_the_timeout(aws_types):
-    """An H100 labelled 80 GB reports 79.6 GiB: a job asking 80 GB waited, and kept asking
-    for (and keeping up) H100 nodes, for ever."""
+    """An H100 labelled 80 GB (a hand-written cluster config) reports 79.6 GiB: a job asking
+    80 GB waited, and kept asking for (and keeping up) H100 nodes, for ever."""
+    import dataclasses
+
     from orchestrator.inventory import GIB, GpuInfo, NodeReport
 
     core = core_with(cpu_node("cpu", cpus=16), scale_up_timeout_s=600.0)
-    core.node_types = aws_types
+    core.node_types = [dataclasses.replace(t, gpu_memory_gb=80.0) if t.family == "H100" else t
+                       for t in aws_types]
     spec = JobSpec("big", num_workers=8, gpus_per_worker=1, min_gpu_memory_gb=80,
                    accelerator_types=("H100",))
     assert isinstance(core.submit(spec, "d", T0).decision, Queued)

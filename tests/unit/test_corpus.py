@@ -146,6 +146,57 @@ def test_one_file_named_twice_is_read_once(corpus, tmp_path):
                                                                 "rows.parquet"]
 
 
+def test_the_files_kept_and_the_cache_key_do_not_depend_on_the_order_of_data_values(
+        corpus, tmp_path):
+    # One file named twice was kept under the first name given: the cache key (which holds
+    # it) changed with the order of --data values, and the corpus was tokenized again.
+    from orchestrator.training.corpus import cache_key
+
+    (tmp_path / "latest").symlink_to(corpus)
+    one = expand_sources([str(corpus), str(tmp_path / "latest")])
+    other = expand_sources([str(tmp_path / "latest"), str(corpus)])
+    assert [s.uri for s in one] == [s.uri for s in other]
+    assert cache_key(one, "text", False, "x") == cache_key(other, "text", False, "x")
+
+
+def test_a_byte_order_mark_opening_a_file_is_not_text(tmp_path):
+    # In .txt it opened the first document (trained on); in .jsonl, line 1 was "not valid
+    # JSON" (refused, or silently skipped with --skip-bad-lines).
+    (tmp_path / "bom.txt").write_bytes("\ufeffHello world.\n\nSecond.\n".encode())
+    (tmp_path / "bom.jsonl").write_bytes(
+        ("\ufeff" + json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n"
+         ).encode())
+    (txt,) = expand_sources([str(tmp_path / "bom.txt")])
+    assert [d.text for d in iter_documents(txt)] == ["Hello world.\n\n", "Second.\n"]
+    (jsonl,) = expand_sources([str(tmp_path / "bom.jsonl")])
+    assert [d.text for d in iter_documents(jsonl)] == ["one", "two"]
+
+
+def test_a_clear_cut_short_never_leaves_a_manifest_beside_missing_shards(corpus, tmp_path,
+                                                                         monkeypatch):
+    # A --retokenize clear killed part-way left manifest.json with shards gone: the next
+    # run took the cache for finished, and its workers failed after Ray started.
+    plan = plan_data([str(corpus)], cache_root=str(tmp_path / "cache"))
+    tokenize_in_process(plan, say=lambda _: None)
+
+    class CutShort:  # the local filesystem, whose clearing of a folder is killed
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def delete_dir_contents(self, path, **kwargs):
+            raise OSError("killed")
+    storage_for = shards.storage_for
+    monkeypatch.setattr(shards, "storage_for",
+                        lambda uri: (CutShort(storage_for(uri)[0]), storage_for(uri)[1]))
+    with pytest.raises(OSError, match="killed"):
+        shards.clear_cache_dir(plan.cache_uri)
+    monkeypatch.undo()
+    assert not plan_data([str(corpus)], cache_root=str(tmp_path / "cache")).cached
+
+
 def test_the_held_out_split_is_by_text_wherever_the_files_are(tmp_path):
     texts = [f"document number {i} of the corpus" for i in range(400)]
     for where in ("a", "b"):

@@ -21,8 +21,9 @@ def test_palm_flops_per_token():
     ("NVIDIA H100 PCIe", "bf16", 756), ("NVIDIA H100 NVL", "bf16", 835),
     ("NVIDIA H200 NVL", "bf16", 835), ("NVIDIA GH200 480GB", "bf16", 989),
     ("Tesla V100-SXM2-16GB", "fp16", 125), ("Tesla V100-PCIE-32GB", "fp16", 112),
-    ("Tesla P100-PCIE-16GB", "fp16", 18.7), ("AMD Instinct MI250X", "bf16", 383),
-    ("AMD Instinct MI250", "bf16", 362.1), ("AMD Instinct MI300X", "bf16", 1307.4),
+    ("Tesla P100-PCIE-16GB", "fp16", 18.7), ("AMD Instinct MI250X", "bf16", 191.5),
+    # (per GCD: the module's 383 / 362.1 are two GPUs' worth, halving every MFU)
+    ("AMD Instinct MI250", "bf16", 181.05), ("AMD Instinct MI300X", "bf16", 1307.4),
     ("NVIDIA L40", "bf16", 181), ("NVIDIA L40S", "bf16", 362), ("NVIDIA L4", "bf16", 121),
     ("NVIDIA A10", "bf16", 125), ("NVIDIA B200", "bf16", 2250), ("Tesla K80", "fp32", 4.37),
 ])

@@ -116,3 +116,25 @@ def test_a_report_lacking_a_field_is_refused_before_anything_of_it_is_stored():
     assert problem and "bandwidth_gbps" in problem and "gpus[0].memory_free_bytes" in problem
     assert "another version" in problem
     assert report_problem(node("a", gpus=1)) is None
+
+
+@pytest.mark.parametrize("measured, words", [
+    ({"b": float("inf")}, "bandwidth_gbps['b'] is inf"),  # a job spanned a slow link on it
+    ({"b": float("nan")}, "bandwidth_gbps['b'] is nan"),
+    ({"b": -5.0}, "bandwidth_gbps['b'] is -5.0"),
+    ({"b": "fast"}, "bandwidth_gbps['b'] is 'fast'"),  # failed every placement near it
+    ({"b": True}, "bandwidth_gbps['b'] is True"),
+])
+def test_a_report_with_a_bandwidth_that_is_not_one_is_refused(measured, words):
+    import dataclasses
+
+    from orchestrator.inventory import report_problem
+    problem = report_problem(dataclasses.replace(node("a"), bandwidth_gbps=measured))
+    assert problem and problem.startswith(words), problem
+    assert report_problem(dataclasses.replace(node("a"), bandwidth_gbps={"b": 12.5})) is None
+
+
+def test_a_gpu_reporting_more_free_memory_than_it_holds_is_refused():
+    from orchestrator.inventory import report_problem
+    problem = report_problem(node("a", gpus=2, gpu_free_gb=90.0, gpu_total_gb=80))
+    assert problem and "more free than it holds" in problem

@@ -373,6 +373,24 @@ def test_the_memory_a_cgroup_leaves_is_read_from_v2_or_v1(tmp_path):
                                           "9223372036854771712",
                                           "memory/ray/y/memory.usage_in_bytes": "1"}) is None
     assert cgroup_memory_limit(str(tmp_path / "absent"), str(tmp_path)) is None
+    # Page cache the kernel reclaims first is not in use (a container that had read its
+    # data once looked nearly full).
+    assert cgroup("0::/cache\n", {"cache/memory.max": "4000\n", "cache/memory.current": "3000\n",
+                                  "cache/memory.stat": "anon 500\ninactive_file 2500\n"}) == 3500
+
+
+def test_a_v1_container_sharing_the_hosts_cgroup_namespace_finds_its_limit_at_the_root(
+        tmp_path):
+    # /proc/self/cgroup names the host's path; the container's own cgroup is mounted at the
+    # root of the controller: its limit was never found, and the host's RAM reported.
+    from orchestrator.probes import cgroup_memory_limit
+
+    (tmp_path / "proc").write_text("12:memory:/kubepods/burstable/pod1/abc\n")
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("4096\n")
+    (tmp_path / "memory" / "memory.usage_in_bytes").write_text("1024\n")
+    (tmp_path / "memory" / "memory.stat").write_text("cache 600\ntotal_inactive_file 512\n")
+    assert cgroup_memory_limit(str(tmp_path / "proc"), str(tmp_path)) == (4096, 512)
 
 
 def test_the_host_probe_reports_memory_within_the_processs_cgroup(monkeypatch):
