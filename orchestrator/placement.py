@@ -101,6 +101,9 @@ class Queued:
     job_name: str
     position: int  # 1 = next in line
     reason: str
+    # True on the answer to a job that stopped as told (preempted) as it lost a node: like
+    # any preempted job it waits as long as it takes, with no --queue-timeout.
+    preempted: bool = False
 
 
 class PlacementError(Exception):

@@ -6,9 +6,10 @@ Pure: no Ray import; what is polled is the caller's `check`.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable, TypeVar
+
+from orchestrator.validation import is_number
 
 T = TypeVar("T")
 
@@ -23,7 +24,7 @@ def wait_for(what: str, check: Callable[[], T], timeout_s: float = 60.0, every_s
     timeout of 0. ValueError for a timeout or interval that is not a finite number >= 0 (a
     NaN timeout never ended)."""
     for name, value in (("timeout_s", timeout_s), ("every_s", every_s)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        if not (is_number(value) and value >= 0):
             raise ValueError(f"wait_for({what!r}): {name} must be a finite number >= 0, "
                              f"got {value!r}")
     deadline = time.monotonic() + timeout_s

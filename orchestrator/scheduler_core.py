@@ -128,6 +128,7 @@ class _AsIfYielded:
         self.held: dict[str, tuple] = {}  # victim -> its reservation, released meanwhile
         # victim -> (table row, GPU slots, their measured free GiB), shown free meanwhile
         self.memory: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        self.shown: set[tuple[int, int]] = set()  # (row, slot) shown free for some victim
         for victim in victims:
             self.add(victim)
 
@@ -152,6 +153,7 @@ class _AsIfYielded:
         table = self.core.state.table
         for row, slots, measured in self.memory.pop(victim):
             table.gpu_free_gib[row, slots] = measured
+            self.shown.difference_update((row, int(slot)) for slot in slots)
         self._count_waiting(self.core.running[victim].spec, -1)
 
     def _show_gpus_free(self, reservations) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -165,9 +167,13 @@ class _AsIfYielded:
             if not r.gpus or row is None:
                 continue
             free, total = table.gpu_free_gib[row], table.gpu_total_gib[row]
-            present = np.flatnonzero(np.isfinite(total))  # -inf pads slots the node lacks
+            # (-inf pads slots the node lacks; a slot shown free for another victim is that
+            # one's: taken again, its measured figure was overwritten for good)
+            present = np.array([s for s in np.flatnonzero(np.isfinite(total))
+                                if (row, int(s)) not in self.shown], dtype=np.int64)
             slots = present[np.argsort(free[present] - total[present], kind="stable")][:r.gpus]
             shown.append((row, slots, free[slots].copy()))
+            self.shown.update((row, int(slot)) for slot in slots)
             free[slots] = total[slots]
         return shown
 
@@ -426,15 +432,16 @@ class SchedulerCore:
             return Outcome(Rejection(spec.name, f"job '{spec.name}' is held by another driver"))
         if self.queue.holds(spec.name):  # a retried call while it waits: where it stands
             return self.poll(spec.name, owner, now)
+        if spec.name not in self.running and spec.name in self.queue.rejected and \
+                self.queue.rejected_owners.get(spec.name) == owner:
+            # A retried call (the answer to the first was lost): the cancel it was told, not
+            # a fresh placement of the cancelled job.
+            return Outcome(self.queue.take_rejection(spec.name))
         for node_id in lost_nodes:
             self.node_unreachable(node_id, "a job's driver could not reach its raylet", now)
         previous = self.running.get(spec.name)
         if previous is not None and previous.directive is not None:
-            # Told to stop (cancel, preempt, migrate) before the node was lost: the worker
-            # group is down either way, so this is the yield it was going to make. Placed
-            # afresh, the directive was dropped: a cancelled job trained to its end, and an
-            # operator's preemption made no room.
-            return self.yielded(spec.name, owner, now, "lost node(s)")
+            return self._yielded_as_it_lost_nodes(spec.name, owner, now)
         self._stop(spec.name)
         # Its service so far carries over (LAS level, the time left of its estimate)
         history = QueuedJob(spec, owner, now, "") if previous is None else QueuedJob(
@@ -456,6 +463,19 @@ class SchedulerCore:
         outcome.effects.append(Persist())
         return outcome
 
+    def _yielded_as_it_lost_nodes(self, job_name: str, owner: str, now: float) -> Outcome:
+        """A job told to stop (cancel, preempt, migrate) lost a node first: the worker group
+        is down either way, so this is the yield it was going to make (placed afresh, the
+        directive was dropped: a cancelled job trained to its end, and an operator's
+        preemption made no room). A cancel is kept for a retried call until the job is
+        released; a preempted job's answer says so (it waits without a deadline)."""
+        outcome = self.yielded(job_name, owner, now, "lost node(s)")
+        if isinstance(outcome.decision, Rejection):
+            self.queue.keep_rejection(job_name, outcome.decision, owner)
+        elif isinstance(outcome.decision, Queued):
+            outcome.decision = dataclasses.replace(outcome.decision, preempted=True)
+        return outcome
+
     # -- jobs: ending, yielding ----------------------------------------------------------------
     def release(self, job_name: str, owner: str, now: float) -> Outcome:
         """The job ended: free what it held (only its owner, or an operator passing no owner)."""
@@ -465,6 +485,8 @@ class SchedulerCore:
         if self.queue.remove(job_name) is not None:  # its driver ended before it was placed
             self._forget_preemption(job_name)
             released = True
+        if self.queue.rejected_owners.get(job_name) == owner:  # (its driver is done with it)
+            self.queue.take_rejection(job_name)
         self.excluded_gpus.pop(job_name, None)
         outcome = Outcome(released, [Persist()])
         outcome.add(self._after_capacity_freed(now))

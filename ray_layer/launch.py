@@ -52,11 +52,17 @@ class Launched:
 
 
 REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
-# Worker groups that failed to start (each waits up to Ray Train's 60 s start timeout) before
-# the run gives up: Ray Train retries them without limit by default, and a placed node that
-# is up but cannot host its worker (its CPUs or GPUs taken by work outside the scheduler) left
-# the run retrying for good - no exit code, the reservation held.
-STARTUP_TRIES = 3
+# Retries of a worker group that failed to start (each start waits up to Ray Train's 60 s
+# start timeout), over the whole run, before it gives up (or --max-failures, if larger): Ray
+# Train retries them without limit by default, and a placed node that is up but cannot host
+# its worker (its CPUs or GPUs taken by work outside the scheduler) left the run retrying for
+# good - no exit code, the reservation held.
+STARTUP_RETRIES = 3
+
+
+def startup_retries(max_failures: int) -> int:
+    """Ray Train's controller_failure_limit for a run of `max_failures`."""
+    return max(STARTUP_RETRIES, max_failures)
 
 
 @contextlib.contextmanager
@@ -171,7 +177,7 @@ def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: 
                 checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
                 failure_config=FailureConfig(
                     max_failures=max_failures,
-                    controller_failure_limit=max(STARTUP_TRIES, max_failures)),
+                    controller_failure_limit=startup_retries(max_failures)),
                 # A lost node: re-placed by the scheduler before the worker group restarts.
                 callbacks=[MetricsLog(run_dir),
                            FollowPlacement(spec, owner, timeout_s=queue_timeout_s,
@@ -215,10 +221,11 @@ def _failure(error: Exception, run_dir: Path, max_failures: int) -> JobFailed:
                          "the scheduler answers: `python -m orchestrator status`)",
                          EXIT_NOT_PLACEABLE)
     if type(cause).__name__ in STARTUP_FAILURES:
-        return JobFailed(f"the workers did not start on their placed nodes in "
-                         f"{STARTUP_TRIES} tries (last: {type(cause).__name__}: {cause}): work "
-                         "the scheduler does not see (another Ray job, a Serve replica) may "
-                         "hold those nodes' CPUs or GPUs; `ray status` shows what is used\n"
+        return JobFailed(f"the workers did not start on their placed nodes, retried "
+                         f"{startup_retries(max_failures)} times in this run (last: "
+                         f"{type(cause).__name__}: {cause}): work the scheduler does not see "
+                         "(another Ray job, a Serve replica) may hold those nodes' CPUs or "
+                         "GPUs; `ray status` shows what is used\n"
                          f"{kept} (--resume places the job again)", EXIT_NOT_PLACEABLE)
     return JobFailed(f"training failed in Ray Train's controller: {type(cause).__name__}: "
                      f"{cause}\n{kept}", EXIT_FAILED)

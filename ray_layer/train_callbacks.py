@@ -18,6 +18,7 @@ failure and the next worker-group start.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -96,8 +97,11 @@ class FollowPlacement(ControllerCallback):
         capacity may come back: the autoscaler adds a node, another job ends). A scheduler
         killed for good is found again (SchedulerUnreachable when none answers)."""
         link = SchedulerLink(None, self.reconnect)
-        deadline = time.monotonic() + self.timeout_s
         decision = link.ask("replace", self.spec, self.owner, lost, timeout_s=CALL_TIMEOUT_S)
+        # A job preempted as it lost the node waits as long as it takes to get back in, as
+        # any preempted job does; one that only lost a node, up to --queue-timeout.
+        deadline = math.inf if isinstance(decision, Queued) and decision.preempted \
+            else time.monotonic() + self.timeout_s
         while isinstance(decision, Queued):  # waits in the queue (it may preempt) for room
             if time.monotonic() > deadline:
                 raise NodeLostError(_lost_message(self.spec.name, lost, decision))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -151,14 +152,14 @@ def _load_stage(directory: Path, log: Callable[[str], None]
 
 
 def _set_aside(directory: Path, problem: str, then: str, log: Callable[[str], None]) -> None:
-    """A finished stage that cannot be used now, moved to `<name>.unusable[-N]` beside it
-    rather than deleted: a read that failed for a passing reason (an I/O error, memory, a
-    library missing in this environment) cost the stage for good. OSError when it cannot be
-    moved (the redone stage could not be written there either)."""
-    target, n = directory.with_name(f"{directory.name}.unusable"), 1
-    while target.exists():
-        n += 1
-        target = directory.with_name(f"{directory.name}.unusable-{n}")
+    """A finished stage that cannot be used now, moved to `<name>.unusable` beside it rather
+    than deleted: a read that failed for a passing reason (an I/O error, memory, a library
+    missing in this environment) cost the stage for good. One copy is kept (the latest): a
+    cause that persists would otherwise add a copy per rerun. OSError when it cannot be moved
+    (the redone stage could not be written there either)."""
+    target = directory.with_name(f"{directory.name}.unusable")
+    if target.exists():
+        shutil.rmtree(target)
     directory.rename(target)
     log(f"warning: {problem}; kept as {target}, {then}")
 

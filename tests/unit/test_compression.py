@@ -565,7 +565,7 @@ def test_a_finished_stage_that_cannot_be_read_now_is_set_aside_not_deleted(tmp_p
 
     stage = tmp_path / "pruned"
     pipeline._save_stage(stage, tiny_gpt(), None, {"loss": 1.0})
-    (tmp_path / "pruned.unusable").mkdir()  # an earlier one: never overwritten
+    (tmp_path / "pruned.unusable").mkdir()  # an earlier one: replaced (one copy is kept)
     read_text = Path.read_text
 
     def flaky(path, *args, **kwargs):
@@ -575,7 +575,7 @@ def test_a_finished_stage_that_cannot_be_read_now_is_set_aside_not_deleted(tmp_p
     monkeypatch.setattr(Path, "read_text", flaky)
     said = []
     assert pipeline._load_stage(stage, said.append) is None
-    kept = tmp_path / "pruned.unusable-2"
+    kept = tmp_path / "pruned.unusable"
     assert not stage.exists() and (kept / pipeline.WEIGHTS_FILE).is_file()
     assert f"kept as {kept}, redoing that stage" in said[0]
     monkeypatch.setattr(Path, "read_text", read_text)

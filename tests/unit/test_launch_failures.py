@@ -20,7 +20,7 @@ RUN = Path("/runs/run")
 @pytest.mark.parametrize("cause, code, words", [
     # Retried without limit by Ray Train's default: no exit at all before.
     (WorkerGroupStartupTimeoutError(2), EXIT_NOT_PLACEABLE,
-     "the workers did not start on their placed nodes in 3 tries"),
+     "the workers did not start on their placed nodes, retried 3 times in this run"),
     (JobCancelled("job 'run' was cancelled: cancelled by an operator"), EXIT_NOT_PLACEABLE,
      "job 'run' was cancelled"),
     (SchedulerUnreachable("the scheduler did not answer replace() after 3 tries"),
@@ -49,4 +49,5 @@ def test_worker_groups_that_do_not_start_are_retried_a_bounded_number_of_times()
                                           queue_timeout_s=60, max_failures=0,
                                           keep_checkpoints=2)
     failure = trainer_for(Placement("run", ("n1",), 0.0, 1)).run_config.failure_config
-    assert failure.controller_failure_limit == launch.STARTUP_TRIES  # Ray's default: no limit
+    assert failure.controller_failure_limit == launch.STARTUP_RETRIES  # Ray's default: none
+    assert launch.startup_retries(10) == 10  # --max-failures, when larger

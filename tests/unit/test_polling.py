@@ -67,7 +67,9 @@ def test_the_wait_ends_at_its_deadline_not_a_whole_interval_past_it():
 
 @pytest.mark.parametrize("kwargs, name", [(dict(timeout_s=float("nan")), "timeout_s"),
                                           (dict(timeout_s=-1), "timeout_s"),
-                                          (dict(every_s=float("inf")), "every_s")])
+                                          (dict(every_s=float("inf")), "every_s"),
+                                          (dict(timeout_s=10 ** 400), "timeout_s"),
+                                          (dict(timeout_s=True), "timeout_s")])
 def test_a_timeout_or_interval_that_is_not_a_number_is_refused(kwargs, name):
     # A NaN timeout never timed out: monotonic() >= nan is always False.
     with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):

@@ -1175,6 +1175,40 @@ def test_a_running_jobs_family_is_not_fixed_before_its_nodes_have_reported():
     assert again.running_family("low") == "A100"
 
 
+def test_victims_sharing_a_node_are_shown_free_on_slots_of_their_own_and_all_put_back():
+    # The second victim took the slot already shown free for the first and, restored
+    # first, wrote that shown figure over the measured one: GPU 0 stayed "80 GiB free".
+    from orchestrator.scheduler_core import _AsIfYielded
+
+    core = core_with(gpu_node("a", gpus=4))
+    core.submit(gpus("v1", 2), "d", T0)
+    core.submit(gpus("v2", 2), "d", T0)
+    core.report(gpu_node("a", gpus=4, free_gb=[2.0, 80.0, 80.0, 80.0]), T0 + 5)
+    table = core.state.table
+    measured = table.gpu_free_gib.copy()
+    with _AsIfYielded(core, ["v1", "v2"]) as thought:
+        slots = [set(s.tolist()) for v in ("v1", "v2") for _, s, _ in thought.memory[v]]
+        assert not slots[0] & slots[1]
+        thought.take_back("v1")
+    assert (table.gpu_free_gib == measured).all()
+
+
+def test_a_retried_replace_of_a_cancelled_job_gets_the_cancel_not_a_placement():
+    # The answer to the first call was lost (a scheduler past the caller's timeout): the
+    # retry found no such job and placed the cancelled job afresh.
+    core = core_with(gpu_node("n1"), gpu_node("n2"))
+    core.submit(gpus("j", 4), "d", T0)
+    lost = list(core.running["j"].placement.nodes)
+    core.cancel("j", "", T0 + 1)
+    first = core.replace(gpus("j", 4), "d", lost, T0 + 2).decision
+    retry = core.replace(gpus("j", 4), "d", lost, T0 + 3).decision
+    assert isinstance(first, Rejection) and first.cancelled
+    assert isinstance(retry, Rejection) and retry.cancelled and "j" not in core.running
+    core.replace(gpus("j", 4), "d", lost, T0 + 4)  # (a third: nothing kept, placed afresh)
+    core.release("j", "d", T0 + 5)
+    assert "j" not in core.queue.rejected  # its driver released it: nothing left behind
+
+
 def test_a_node_lost_after_an_operators_cancel_or_preempt_still_honours_it():
     # Placed afresh after the loss, the job's directive was dropped: a cancelled job trained
     # to its end (exit 0), and a preempted one took its room straight back.
@@ -1191,8 +1225,10 @@ def test_a_node_lost_after_an_operators_cancel_or_preempt_still_honours_it():
         if kind == "cancel":
             assert isinstance(decision, Rejection) and decision.cancelled, decision
             assert "j" not in core.running and not core.queue.holds("j")
-        else:  # back in line behind the job it made room for, not first again
+        else:  # back in line behind the job it made room for, not first again; its driver
+            # waits for it without --queue-timeout, as for any preemption
             assert isinstance(decision, Queued) and decision.position == 2, decision
+            assert decision.preempted
 
 
 def test_next_promotion_looks_past_one_already_due_and_the_live_core_notes_no_wakeups():

@@ -131,3 +131,16 @@ def test_a_scheduler_killed_for_good_is_found_again_and_a_silent_one_is_named(mo
     callback.reconnect = lambda: FakeScheduler(new)
     with pytest.raises(SchedulerUnreachable, match=r"did not answer replace\(\) after 3 tries"):
         callback.follow_lost_nodes()
+
+
+def test_a_job_preempted_as_it_lost_a_node_waits_past_the_queue_timeout(monkeypatch):
+    # It failed as "cannot be placed on the nodes that are left" after --queue-timeout, where
+    # any preempted job waits as long as it takes to get back in.
+    preempted = Queued("run", 2, "preempted by an operator", preempted=True)
+    plain = Queued("run", 2, "preempted by an operator")
+    new = Placement("run", ("c", "c"), 1.0, 0)
+    scheduler = FakeScheduler(preempted, plain, plain, new)
+    callback, selectors = follower(monkeypatch, scheduler, ["a", "b"], lost=["a"])
+    callback.timeout_s = -1  # the queue timeout long past
+    callback.follow_lost_nodes()
+    assert selectors[0] == {"ray.io/node-id": "c"}
