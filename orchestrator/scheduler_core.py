@@ -436,7 +436,7 @@ class SchedulerCore:
                 self.queue.rejected_owners.get(spec.name) == owner:
             # A retried call (the answer to the first was lost): the cancel it was told, not
             # a fresh placement of the cancelled job.
-            return Outcome(self.queue.take_rejection(spec.name))
+            return Outcome(self.queue.take_rejection(spec.name), [Persist()])
         for node_id in lost_nodes:
             self.node_unreachable(node_id, "a job's driver could not reach its raylet", now)
         previous = self.running.get(spec.name)
