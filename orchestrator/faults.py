@@ -8,6 +8,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from orchestrator.validation import is_int
+
 # Every fault the chaos run knows, in the words of its report.
 TRAIN_WORKER_KILLED = "train_worker_killed"
 NODE_REPLACED = "node_removed_and_added"  # a training node removed, a fresh one added
@@ -39,7 +41,7 @@ def fault_schedule(seed: int, max_steps: int, checkpoint_every: int,
     one more so that recovery is seen to make progress); the others land anywhere."""
     for name, value in (("max_steps", max_steps), ("checkpoint_every", checkpoint_every),
                         ("repeat", repeat)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     kinds = [k for k in kinds for _ in range(repeat)]
     unknown = sorted(set(kinds) - set(FAULTS))

@@ -128,7 +128,6 @@ class _AsIfYielded:
         self.held: dict[str, tuple] = {}  # victim -> its reservation, released meanwhile
         # victim -> (table row, GPU slots, their measured free GiB), shown free meanwhile
         self.memory: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
-        self.shown: set[tuple[int, int]] = set()  # (row, slot) shown free for some victim
         for victim in victims:
             self.add(victim)
 
@@ -153,7 +152,6 @@ class _AsIfYielded:
         table = self.core.state.table
         for row, slots, measured in self.memory.pop(victim):
             table.gpu_free_gib[row, slots] = measured
-            self.shown.difference_update((row, int(slot)) for slot in slots)
         self._count_waiting(self.core.running[victim].spec, -1)
 
     def _show_gpus_free(self, reservations) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -162,18 +160,19 @@ class _AsIfYielded:
         memory floor (every GPU job pretrain.py submits) never fitted in thought, so it never
         preempted. Which GPUs a job has is Ray's choice: its count of the node's fullest."""
         table, shown = self.core.state.table, []
+        # (row, slot) already shown free for another victim: that one's (taken again, its
+        # measured figure was overwritten for good when the two were put back)
+        others = {(row, int(slot)) for entries in self.memory.values()
+                  for row, slots, _ in entries for slot in slots}
         for r in reservations:
             row = table.index.get(r.node_id)
             if not r.gpus or row is None:
                 continue
             free, total = table.gpu_free_gib[row], table.gpu_total_gib[row]
-            # (-inf pads slots the node lacks; a slot shown free for another victim is that
-            # one's: taken again, its measured figure was overwritten for good)
-            present = np.array([s for s in np.flatnonzero(np.isfinite(total))
-                                if (row, int(s)) not in self.shown], dtype=np.int64)
+            present = np.array([s for s in np.flatnonzero(np.isfinite(total))  # -inf: none
+                                if (row, int(s)) not in others], dtype=np.int64)
             slots = present[np.argsort(free[present] - total[present], kind="stable")][:r.gpus]
             shown.append((row, slots, free[slots].copy()))
-            self.shown.update((row, int(slot)) for slot in slots)
             free[slots] = total[slots]
         return shown
 

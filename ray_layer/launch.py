@@ -58,6 +58,9 @@ REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 # its worker (its CPUs or GPUs taken by work outside the scheduler) left the run retrying for
 # good - no exit code, the reservation held.
 STARTUP_RETRIES = 3
+# Ray Train's controller errors for a worker group that did not start (private classes:
+# matched by name).
+STARTUP_FAILURES = ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError")
 
 
 def startup_retries(max_failures: int) -> int:
@@ -229,11 +232,6 @@ def _failure(error: Exception, run_dir: Path, max_failures: int) -> JobFailed:
                          f"{kept} (--resume places the job again)", EXIT_NOT_PLACEABLE)
     return JobFailed(f"training failed in Ray Train's controller: {type(cause).__name__}: "
                      f"{cause}\n{kept}", EXIT_FAILED)
-
-
-# Ray Train's controller errors for a worker group that did not start (private classes:
-# matched by name).
-STARTUP_FAILURES = ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError")
 
 
 def _controller_cause(error: Exception) -> BaseException | None:
