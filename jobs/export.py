@@ -21,7 +21,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True,
                    help="a run directory (its newest checkpoint) or a checkpoint directory")
     p.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("checkpoint", "out"):  # `--out "$DIR"` with DIR unset: not the cwd
+        if not getattr(args, flag).strip():
+            p.error(f"--{flag} is empty: give a directory")
+    # A `~` the shell left alone (--out=~/x, a job spec) is the home directory, as in
+    # --checkpoint and jobs/compress.py's --out, not a directory named "~".
+    args.out = str(Path(args.out).expanduser())
+    return args
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -44,8 +44,12 @@ EXPORT_FILES = (SAFETENSORS_FILE, "generation_config.json", TOKENIZER_FILE,
 UNFINISHED_MARKER = ".unfinished-export"  # (not STAGING_PREFIX's: not a staging dir)
 INDEX_FILE = "model.safetensors.index.json"  # a sharded model: tensor name -> shard file
 # In every config.json the export writes: an --out holding a GPT-2 model without it (one
-# downloaded or fine-tuned elsewhere) is not ours to replace.
+# downloaded elsewhere) is not ours to replace.
 EXPORTED_BY = "hetero-orchestrator jobs/export.py"
+# Also in that config.json: the sha256 of the model.safetensors written beside it. transformers
+# keeps unknown config keys, so a model fine-tuned from an export and saved back (or elsewhere)
+# still says exported_by; its weights no longer match this, and it is not ours to replace.
+WEIGHTS_SHA256_KEY = "exported_weights_sha256"
 # Ours -> GPT-2's name, per block; True = a Linear weight, stored transposed (Conv1D).
 _BLOCK_NAMES = {
     "ln1.weight": ("ln_1.weight", False), "ln1.bias": ("ln_1.bias", False),
@@ -120,7 +124,8 @@ def config_layers(model) -> int:
     return len(model.blocks)
 
 
-def hf_config(model, tokenizer: Tokenizer | None) -> dict[str, Any]:
+def hf_config(model, tokenizer: Tokenizer | None, weights_sha256: str) -> dict[str, Any]:
+    """The model's config.json; `weights_sha256`: that of the model.safetensors beside it."""
     c = model.config
     eos = tokenizer.eos_id if tokenizer is not None else None
     return {
@@ -133,7 +138,7 @@ def hf_config(model, tokenizer: Tokenizer | None) -> dict[str, Any]:
         "layer_norm_epsilon": LAYER_NORM_EPS, "initializer_range": 0.02,
         "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": True,
         "bos_token_id": eos, "eos_token_id": eos, "torch_dtype": "float32",
-        "exported_by": EXPORTED_BY,
+        "exported_by": EXPORTED_BY, WEIGHTS_SHA256_KEY: weights_sha256,
     }
 
 
@@ -167,7 +172,37 @@ def output_refusal(out: Path) -> str | None:
     if config.get("exported_by") != EXPORTED_BY:
         return ("it holds a Hugging Face model that jobs/export.py did not write (its "
                 "config.json has no exported_by), which the export would overwrite")
+    return _changed_weights_refusal(out, config.get(WEIGHTS_SHA256_KEY))
+
+
+def _changed_weights_refusal(out: Path, recorded: Any) -> str | None:
+    """Why the model in `out`, whose config.json says we exported it, is no longer ours to
+    replace: its weights are not the ones that export wrote (fine-tuned and saved back, or
+    re-saved in shards), or it predates the recorded checksum. None when they are."""
+    if not isinstance(recorded, str) or not recorded:
+        return (f"its config.json records no {WEIGHTS_SHA256_KEY} (an export from before "
+                "2026-12-06), so whether its weights changed since cannot be told; remove it "
+                "first if it may be replaced")
+    weights = out / SAFETENSORS_FILE
+    try:
+        digest = file_sha256(weights)
+    except FileNotFoundError:
+        return (f"it holds a model whose {SAFETENSORS_FILE} is gone (saved again in shards, "
+                "or removed), which the export would overwrite")
+    except OSError as e:
+        return f"its {SAFETENSORS_FILE} cannot be read ({e}), so whose weights are there is unknown"
+    if digest != recorded:
+        return (f"its {SAFETENSORS_FILE} is not the one jobs/export.py wrote (sha256 "
+                f"{digest[:12]}..., recorded {recorded[:12]}...): a model changed since, "
+                "fine-tuned and saved back?, which the export would overwrite")
     return None
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _unowned_files_refusal(out: Path) -> str | None:
@@ -212,6 +247,7 @@ def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list
     _remove_stale_staging(out)
     staging = out / f"{STAGING_PREFIX}{_staging_owner()}"
     staging.mkdir()
+    (staging / STAGING_MARKER).touch()
     try:
         names = _write_hf_files(model, tokenizer, staging)
         _move_into_place(staging, names, out)
@@ -234,6 +270,9 @@ def _move_into_place(staging: Path, names: list[str], out: Path) -> None:
 
 
 STAGING_PREFIX = ".export-"  # + the exporting host and process: "<host>-<pid>"
+# Inside every staging directory: only a directory holding it is ever removed as a dead
+# export's (a user's own `.export-settings` in --out is not ours).
+STAGING_MARKER = ".export-staging"
 # Another machine's staging directory (--out on shared storage) is only removed once this
 # old: whether its process still runs cannot be asked from here.
 FOREIGN_STAGING_AGE_S = 24 * 3600.0
@@ -250,7 +289,9 @@ def _remove_stale_staging(out: Path) -> None:
     host = socket.gethostname()
     for staging in out.glob(f"{STAGING_PREFIX}*"):
         owner_host, _, pid = staging.name[len(STAGING_PREFIX):].rpartition("-")
-        if owner_host == host and pid.isdigit():
+        if not (owner_host and pid.isdigit() and (staging / STAGING_MARKER).is_file()):
+            continue  # not a staging directory of ours
+        if owner_host == host:
             if int(pid) != os.getpid() and _process_alive(int(pid)):
                 continue
         else:
@@ -288,12 +329,12 @@ def _write_hf_files(model, tokenizer: Tokenizer, directory: Path) -> list[str]:
     token = tokenizer.eos_token
     special = {"eos_token": token, "bos_token": token} if eos is not None else {}
     files = {
-        CONFIG_FILE: text(hf_config(model, tokenizer)),
+        CONFIG_FILE: text(hf_config(model, tokenizer, file_sha256(weights))),
         # max_length: the context, which generation must not outrun (the text-generation
         # pipeline's default of 256 new tokens indexed past a 128-position model's table)
         "generation_config.json": text({"bos_token_id": eos, "eos_token_id": eos,
                                         "max_length": model.config.block_size}),
-        TOKENIZER_FILE: tokenizer.to_json(),
+        TOKENIZER_FILE: exported_tokenizer_json(tokenizer),
         "tokenizer_config.json": text({"tokenizer_class": "PreTrainedTokenizerFast",
                                        "model_max_length": model.config.block_size,
                                        "clean_up_tokenization_spaces": False, **special}),
@@ -302,6 +343,33 @@ def _write_hf_files(model, tokenizer: Tokenizer, directory: Path) -> list[str]:
     for name, content in files.items():
         (directory / name).write_text(content, encoding="utf-8")
     return [SAFETENSORS_FILE, *files]
+
+
+def exported_tokenizer_json(tokenizer: Tokenizer) -> str:
+    """The tokenizer.json to ship: the run's, without what training never applied (its
+    post-processor's added tokens, its truncation and padding: HFTokenizer). Kept, transformers
+    applies them: a Llama-style template put a BOS before every prompt the model never saw
+    one before, so its outputs differed from training's and from our serving's."""
+    text = tokenizer.to_json()
+    data = json.loads(text)
+    kept = {"post_processor": _offsets_only(data.get("post_processor")),
+            "truncation": None, "padding": None}
+    if all(data.get(key) == value for key, value in kept.items()):
+        return text  # as it is: the byte tokenizer's file stays byte-for-byte ours
+    return json.dumps({**data, **kept}, ensure_ascii=False)
+
+
+def _offsets_only(processor: dict | None) -> dict | None:
+    """The parts of a tokenizer.json post-processor that add no tokens (ByteLevel's: offsets
+    only), or None."""
+    if not processor:
+        return None
+    if processor.get("type") == "ByteLevel":
+        return processor
+    if processor.get("type") == "Sequence":
+        kept = [p for p in map(_offsets_only, processor.get("processors") or ()) if p]
+        return {**processor, "processors": kept} if kept else None
+    return None
 
 
 def _umask() -> int:
@@ -411,8 +479,10 @@ def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 # The config.json fields read here, with the type each must have (None: may be absent).
+# "?": may be absent; "?null": may also be null (GPT-2's own configs write "n_inner": null;
+# transformers fails on a null epsilon or context later, in a traceback).
 _CONFIG_TYPES = {"n_layer": "count", "n_head": "count", "n_embd": "count",
-                 "vocab_size": "count", "n_positions": "count?", "n_inner": "count?",
+                 "vocab_size": "count", "n_positions": "count?", "n_inner": "count?null",
                  "layer_norm_epsilon": "number?", "activation_function": "text?"}
 
 
@@ -420,9 +490,9 @@ def _check_config_types(config: dict[str, Any], path: Path) -> None:
     """ExportError naming the first field of the wrong type (a string "1e-5", a list ...)."""
     for key, kind in _CONFIG_TYPES.items():
         value = config.get(key)
-        if value is None and kind.endswith("?"):
+        if key not in config and "?" in kind or value is None and kind.endswith("?null"):
             continue
-        base = kind.rstrip("?")
+        base = kind.partition("?")[0]
         ok = {"count": isinstance(value, int) and not isinstance(value, bool) and value >= 1,
               "number": isinstance(value, (int, float)) and not isinstance(value, bool),
               "text": isinstance(value, str)}[base]

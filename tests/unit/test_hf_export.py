@@ -322,6 +322,9 @@ def test_broken_weights_and_config_fields_are_named_before_any_worker(tmp_path, 
         check_hf_weights(short, read_hf_config(short))
     for name, value, said in (("layer_norm_epsilon", "1e-5", 'layer_norm_epsilon must be a '
                                'number, got "1e-5"'),
+                              # (null passed and then failed in init_warnings: a traceback)
+                              ("layer_norm_epsilon", None, "layer_norm_epsilon must be a "
+                               "number, got null"),
                               ("n_head", "2", 'n_head must be an integer >= 1, got "2"')):
         bad = copy_export(directory, tmp_path / name, **{name: value})
         with pytest.raises(ExportError, match=said):
@@ -429,6 +432,7 @@ def test_export_never_overwrites_a_model_it_did_not_write_and_a_full_disk_keeps_
 
 def test_the_staging_of_an_export_killed_outright_is_removed_by_the_next(tmp_path):
     from jobs import export
+    from orchestrator.hf_export import STAGING_MARKER
 
     import os
     import socket
@@ -440,13 +444,18 @@ def test_the_staging_of_an_export_killed_outright_is_removed_by_the_next(tmp_pat
     alive = out / f".export-{host}-{os.getppid()}"  # a process that runs: left alone
     elsewhere = out / ".export-other-host-12"  # another machine's, fresh: left alone
     old = out / ".export-gone-host-13"  # another machine's, two days old: removed
-    for staging in (dead, alive, elsewhere, old):
+    # A user's own directories of such names, without the staging marker, old or not: kept.
+    users = [out / ".export-settings", out / f".export-{host}-999999998"]
+    for staging in (dead, alive, elsewhere, old, *users):
         staging.mkdir(parents=True)
         (staging / "model.safetensors").write_bytes(b"\0" * 1000)
-    os.utime(old, (0, os.path.getmtime(old) - 2 * 86400))
+        if staging not in users:
+            (staging / STAGING_MARKER).touch()
+    for directory in (old, *users):
+        os.utime(directory, (0, os.path.getmtime(directory) - 2 * 86400))
     assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.glob(".export-*")) == sorted([alive.name,
-                                                                   elsewhere.name])
+    assert sorted(p.name for p in out.glob(".export-*")) == sorted(
+        [alive.name, elsewhere.name, *(p.name for p in users)])
 
 
 def save_run_checkpoint(directory, step=1, seed=0, diverged=False, **config):
@@ -659,3 +668,66 @@ def test_the_unfinished_export_marker_is_not_taken_for_a_staging_directory():
     from orchestrator.hf_export import STAGING_PREFIX, UNFINISHED_MARKER
 
     assert not UNFINISHED_MARKER.startswith(STAGING_PREFIX)
+
+
+def test_a_model_fine_tuned_from_an_export_and_saved_back_is_not_overwritten(
+        tmp_path, capsys):
+    """transformers keeps unknown config keys: a model loaded from an export, fine-tuned and
+    saved back (or elsewhere) still says exported_by. Its weights are not the export's."""
+    from jobs import export
+
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
+    out = tmp_path / "out"
+    assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    tuned = hf_model(out)
+    with torch.no_grad():
+        tuned.transformer.wte.weight.add_(1.0)
+    for target in (out, tmp_path / "elsewhere"):
+        tuned.save_pretrained(target)
+        assert json.loads((target / "config.json").read_text())["exported_by"]
+        before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+        code = export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(target)])
+        err = capsys.readouterr().err
+        assert code == 2 and "model.safetensors is not the one jobs/export.py wrote" in err, err
+        assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
+    # An export left as written is replaced, as before.
+    fresh = tmp_path / "fresh"
+    assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(fresh)]) == 0
+    assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(fresh)]) == 0
+
+
+def test_the_shipped_tokenizer_adds_no_token_training_never_saw(tmp_path):
+    """A Llama-style tokenizer.json puts <s> before every text through its post-processor;
+    training (and our serving) encode without it, so transformers must too."""
+    from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers, processors
+
+    from orchestrator.tokenizer import tokenizer_from_json
+
+    words = ["<s>", "<|endoftext|>", "the", "cat", "sat", "[UNK]"]
+    raw = RawTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", 0)])
+    raw.enable_truncation(2)
+    ours = tokenizer_from_json(raw.to_str(), "wordlevel")
+    export_gpt2(sharp_model(vocab_size=len(words)), ours, tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert theirs("the cat sat").input_ids == ours.encode("the cat sat") == [2, 3, 4]
+
+
+def test_out_is_expanded_and_an_empty_flag_is_refused(tmp_path, monkeypatch, capsys):
+    from jobs import export
+
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert export.main(["--checkpoint", str(tmp_path / "run"), "--out=~/model"]) == 0
+    assert (tmp_path / "home" / "model" / "config.json").is_file()
+    assert not (tmp_path / "~").exists()
+    for argv in (["--checkpoint", str(tmp_path / "run"), "--out", ""],
+                 ["--checkpoint", " ", "--out", str(tmp_path / "x")]):
+        with pytest.raises(SystemExit) as exit_:
+            export.main(argv)
+        flag = "--out" if argv[-1] == "" else "--checkpoint"
+        assert exit_.value.code == 2 and f"{flag} is empty" in capsys.readouterr().err
+    assert not (tmp_path / "config.json").exists()
