@@ -36,6 +36,12 @@ def _accelerators(report: NodeReport) -> str:
     return f"{len(report.gpus)}x{'/'.join(names)} ({'/'.join(sources)})"
 
 
+# A node Ray lists dead because it was removed on purpose (a scale-down, `ray stop`): not
+# down (metrics do not count it either). `status` listed every one an autoscaling cluster had
+# ever shed as dead; its table shows them as one count line.
+RETIRED = "retired"
+
+
 def status_rows(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
     """One plain dict per node: what `status` prints, and what `status --json` emits."""
     held: dict[str, list[str]] = {}
@@ -53,11 +59,14 @@ def status_rows(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
         # room too: free counted without it disagreed with `place` and the queue's reasons.
         cpus_outside, gpus_outside = snapshot.get("outside", {}).get(node_id, (0.0, 0))
         # A node that takes no work (dead, suspect, draining) has nothing free to add up.
-        usable = snapshot["health"][node_id] == "healthy"
+        health = snapshot["health"][node_id]
+        usable = health == "healthy"
+        if health == "dead" and node_id in snapshot.get("retired", ()):
+            health = RETIRED
         rows.append({
             "node_id": node_id,
             "hostname": report.hostname,
-            "health": snapshot["health"][node_id],
+            "health": health,
             "heartbeat_age_s": round(snapshot["age_s"][node_id], 1),
             "accelerators": _accelerators(report),
             "gpus": int(report.ray_gpus),
@@ -129,7 +138,10 @@ def format_status(rows: list[dict[str, Any]], jobs: list[dict[str, Any]],
     header = ("NODE", "HEALTH", "ACCELERATORS", "GPU FREE", "GPU MEM FREE GiB", "CPU FREE",
               "LOAD", "BW GB/s (median)", "RESERVED BY")
     table = [header]
+    retired = [r for r in rows if r["health"] == RETIRED]
     for r in rows:
+        if r["health"] == RETIRED:
+            continue
         memory = (f"{min(r['gpu_free_gib']):.0f}-{max(r['gpu_free_gib']):.0f}"
                   if r["gpu_free_gib"] else "-")
         bandwidth = "-" if r["bandwidth_gbps_median"] is None else f"{r['bandwidth_gbps_median']:.2f}"
@@ -140,6 +152,9 @@ def format_status(rows: list[dict[str, Any]], jobs: list[dict[str, Any]],
                       _held_by(r)))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
+    if retired:
+        lines.append(f"(and {len(retired)} node(s) removed on purpose, by a scale-down or "
+                     "`ray stop`: `status --json` lists them as retired)")
     lines += [""] + (format_jobs(jobs) if jobs else ["jobs: none running or waiting"])
     speeds = format_throughput(throughput)
     lines += [""] + speeds if speeds else []
@@ -385,9 +400,17 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+# How long a command waits for the scheduler's answer: one restarting or hung (its actor
+# retries calls for good) left `status` hanging where the exit codes promise 3.
+CALL_TIMEOUT_S = 60.0
+
+
 def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
+    def answer(ref):
+        return ray.get(ref, timeout=CALL_TIMEOUT_S)
+
     if args.command == "status":
-        snapshot = ray.get(scheduler.snapshot.remote())
+        snapshot = answer(scheduler.snapshot.remote())
         rows = status_rows(snapshot)
         if args.json:
             print(json.dumps({"time": time.time(), "nodes": rows, "jobs": snapshot["jobs"],
@@ -398,9 +421,9 @@ def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
             print(format_status(rows, snapshot["jobs"], snapshot.get("throughput")))
         return 0
     if args.command in ("preempt", "cancel"):
-        done = ray.get(getattr(scheduler, args.command).remote(args.name))
+        done = answer(getattr(scheduler, args.command).remote(args.name))
         if not done:
-            jobs = {row["job"]: row for row in ray.get(scheduler.snapshot.remote())["jobs"]}
+            jobs = {row["job"]: row for row in answer(scheduler.snapshot.remote())["jobs"]}
             print(f"error: {refusal(args.command, args.name, jobs.get(args.name))}",
                   file=sys.stderr)
             # The name is wrong for this command (no such job, or one that cannot be told to
@@ -411,7 +434,7 @@ def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:
             if args.command == "preempt" else
             "dropped (a running job checkpoints at its next step boundary first)"))
         return 0
-    return print_placement(ray.get(scheduler.place.remote(spec, "", True, True)), args.json)
+    return print_placement(answer(scheduler.place.remote(spec, "", True, True)), args.json)
 
 
 def dry_run_submit(job, entry, address: str | None, as_json: bool) -> int:

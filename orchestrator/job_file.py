@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ConfigError, JobSpec, known_fields_problems, unknown_fields
+from orchestrator.runs import run_dir_uri_problem
 from orchestrator.validation import is_int, is_number
 
 LAUNCHER_KEYS = ("entrypoint", "config", "runtime_env", "run_dir", "max_failures",
@@ -149,10 +150,13 @@ def launcher_problems(launcher: dict[str, Any]) -> list[str]:
             p.append(f"{key} must be a mapping, got {launcher[key]!r}")
     if "run_dir" in launcher and not isinstance(launcher["run_dir"], str):
         p.append(f"run_dir must be a path, got {launcher['run_dir']!r}")
+    elif "run_dir" in launcher and run_dir_uri_problem(launcher["run_dir"]):
+        p.append(f"run_dir: {run_dir_uri_problem(launcher['run_dir'])}")
     if "max_failures" in launcher and not (is_int(launcher["max_failures"])
                                            and launcher["max_failures"] >= 0):
         p.append(f"max_failures must be an integer >= 0, got {launcher['max_failures']!r}")
     if "queue_timeout_s" in launcher and not (is_number(launcher["queue_timeout_s"])
                                               and launcher["queue_timeout_s"] >= 0):
-        p.append(f"queue_timeout_s must be a number >= 0, got {launcher['queue_timeout_s']!r}")
+        p.append(f"queue_timeout_s must be a finite number >= 0, got "
+                 f"{launcher['queue_timeout_s']!r}")
     return p

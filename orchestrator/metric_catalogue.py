@@ -115,7 +115,8 @@ SCHEDULER_QUEUE_LENGTH = MetricSpec(
     "Jobs waiting in the scheduler's queue for capacity", "1")
 SCHEDULER_QUEUE_OLDEST_WAIT = MetricSpec(
     "orchestrator_scheduler_queue_oldest_wait_seconds", GAUGE,
-    "How long the longest-waiting queued job has waited (0 when the queue is empty)", "seconds")
+    "How long the longest-waiting queued job has waited since it last entered the queue (a "
+    "preempted job's wait starts again; 0 when the queue is empty)", "seconds")
 SCHEDULER_JOBS_PLACED = MetricSpec(
     "orchestrator_scheduler_jobs_placed", GAUGE,
     "Jobs currently holding a reservation", "1")
@@ -130,7 +131,7 @@ SCHEDULER_PLACEMENT_LATENCY = MetricSpec(
 SCHEDULER_REJECTIONS = MetricSpec(
     "orchestrator_scheduler_rejections", COUNTER,
     "Jobs refused, by reason: duplicate (name in use), capacity (larger than the cluster), "
-    "bandwidth (no node set fast enough), busy (fits once jobs finish; place() only), "
+    "bandwidth (no node set fast enough), busy (fits once jobs finish, yet not queued), "
     "cluster_shrank (was queued, can no longer fit)", "1", ("reason",))
 
 SCHEDULER_REPORTS_REFUSED = MetricSpec(
@@ -149,7 +150,7 @@ SCHEDULER_YIELDS = MetricSpec(
 REJECT_DUPLICATE = "duplicate"  # a job of that name already runs or waits
 REJECT_CAPACITY = "capacity"  # larger than the healthy cluster even when idle
 REJECT_BANDWIDTH = "bandwidth"  # room exists, but not with the required bandwidth between nodes
-REJECT_BUSY = "busy"  # fits once running jobs release (place() without queueing)
+REJECT_BUSY = "busy"  # fits once running jobs release, yet was not queued
 REJECT_CLUSTER_SHRANK = "cluster_shrank"  # was queued; nodes left and it can never fit now
 REJECTION_REASONS = (REJECT_DUPLICATE, REJECT_CAPACITY, REJECT_BANDWIDTH, REJECT_BUSY,
                      REJECT_CLUSTER_SHRANK)
@@ -273,7 +274,8 @@ ALL: tuple[MetricSpec, ...] = (
 BY_NAME: dict[str, MetricSpec] = {spec.name: spec for spec in ALL}
 
 # Ray Serve's own metrics that the alerts use (Ray exports them; we only read them). Serve's
-# controller sets a replica's `replica_healthy` gauge to 0 when it stops it as unhealthy, and
+# controller sets a replica's `replica_healthy` gauge to 0 when it stops it (as unhealthy, or
+# in a scale-down or rolling update alike: the alert asks for its failure series too), and
 # the series goes ~20 s later (checked on a live Ray 2.60): an alert needing it 0 for a
 # minute never fired, but the samples stay in Prometheus, so replicas that were unhealthy
 # within a window can be counted. The controller also counts failed health checks, per
@@ -321,7 +323,7 @@ def rejection_reason(message: str, fits_when_free: bool) -> str:
     """The REJECTION_REASONS label for a Rejection (orchestrator/placement.py), from its
     headline: the message is the only place placement states which check failed."""
     headline = message.splitlines()[0] if message else ""
-    if "already holds a reservation" in headline or "already queued" in headline:
+    if "already holds a reservation" in headline or "already waits in the queue" in headline:
         return REJECT_DUPLICATE
     if "GB/s between every pair" in headline:
         return REJECT_BANDWIDTH
@@ -372,7 +374,9 @@ def node_samples(report) -> list[Sample]:
 
 def scheduler_samples(state, enqueued_at: list[float], jobs_placed: int, now: float,
                       retired: set[str] = frozenset()) -> list[Sample]:
-    """The scheduler's gauges from its ClusterState, the enqueue times of waiting jobs and
+    """The scheduler's gauges from its ClusterState, when each waiting job last entered the
+    queue (`enqueued_at`: a preempted job's wait is since its preemption, not its first
+    submission, which paged SchedulerQueueStuck seconds after a long job was preempted) and
     the number of jobs holding reservations. `retired` nodes (removed on purpose, see
     RAY_DEATH_EXPECTED) are left out of the health counts."""
     counts = {"healthy": 0, "suspect": 0, "dead": 0}

@@ -49,14 +49,19 @@ def _nodes(health: str) -> str:
 
 
 def _replicas_failing_within(window_s: int) -> str:
-    """Per (application, deployment): replicas Serve found unhealthy within the window, or
-    failed health checks within it. Each replaced replica's gauge is 0 for seconds only and
-    its failure series appears already at 3, so neither a `for:` nor increase() alone sees
-    them; both terms only ever under-count across a gap in the data (no false page after a
-    Prometheus restart)."""
+    """Per (application, deployment): replicas Serve stopped within the window that had failed
+    health checks, or failed health checks within it. Each replaced replica's gauge is 0 for
+    seconds only and its failure series appears already at 3, so neither a `for:` nor
+    increase() alone sees them; both terms only ever under-count across a gap in the data (no
+    false page after a Prometheus restart). Serve sets the gauge to 0 for every replica it
+    stops (a scale-down, a rolling update too: Ray 2.60's DeploymentState._stop_replica), so
+    a stopped replica counts only where its failure series is there too."""
     window = f"{window_s // 60}m"
-    return (f"(count by (application, deployment) (min_over_time("
-            f"{m.RAY_SERVE_REPLICA_HEALTHY}[{window}]) == 0) >= {m.ALERT_UNHEALTHY_REPLICAS}) "
+    return (f"(count by (application, deployment) ((min_over_time("
+            f"{m.RAY_SERVE_REPLICA_HEALTHY}[{window}]) == 0) "
+            f"and on (application, deployment, replica) (max_over_time("
+            f"{m.RAY_SERVE_HEALTH_CHECK_FAILURES}[{window}]) > 0)) "
+            f">= {m.ALERT_UNHEALTHY_REPLICAS}) "
             f"or (sum by (application, deployment) (increase("
             f"{m.RAY_SERVE_HEALTH_CHECK_FAILURES}[{window}])) >= "
             f"{m.ALERT_HEALTH_CHECK_FAILURES})")

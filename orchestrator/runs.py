@@ -224,9 +224,13 @@ def new_run_dir(root: Path, prefix: str, now: dt.datetime) -> Path:
     return candidate
 
 
-def latest_run_with_checkpoints(root: Path) -> Path | None:
+def latest_run_with_checkpoints(root: Path, prefix: str = "") -> Path | None:
+    """The most recently changed directory under `root` holding checkpoints; with `prefix`,
+    only runs named `<prefix>-...` (what `new_run_dir` names them): `pretrain --resume` went on
+    with a job file's run (~/orchestrator-runs/<job name>) it had never written."""
     root = root.expanduser()
-    runs = [p for p in root.glob("*") if has_checkpoints(p)] if root.is_dir() else []
+    runs = [p for p in root.glob(f"{prefix}-*" if prefix else "*")
+            if has_checkpoints(p)] if root.is_dir() else []
     return max(runs, key=lambda p: p.stat().st_mtime).resolve() if runs else None
 
 
@@ -259,6 +263,16 @@ def writable_dir_problem(path: Path) -> str | None:
     return None
 
 
+def run_dir_uri_problem(run_dir: str) -> str | None:
+    """Why `run_dir` cannot be a run directory when it is a URI (s3://, gs://): runs write
+    their config, metrics, lock and checkpoints with local file operations, so it became a
+    directory named `s3:` under the working directory, which a submitted job's is temporary."""
+    if "://" in run_dir:
+        return (f"{run_dir} is a URI; a run directory must be a path every node can reach "
+                "(shared storage mounted on each, such as NFS)")
+    return None
+
+
 def resolve_run_dir(run_dir: str | None, resume: bool, root: Path, prefix: str,
                     now: dt.datetime) -> Path:
     """The run directory to use, refusing combinations that would lose or mix up work:
@@ -271,14 +285,16 @@ def resolve_run_dir(run_dir: str | None, resume: bool, root: Path, prefix: str,
                 raise RunDirError(f"cannot write to run dir {path} (under the runs root, "
                                   f"ORCHESTRATOR_RUNS_DIR): {problem}")
             return path
-        latest = latest_run_with_checkpoints(root)
+        latest = latest_run_with_checkpoints(root, prefix)
         if latest is None:
-            raise RunDirError(f"--resume: no run with checkpoints under {root.expanduser()}; "
-                              "pass --run-dir of the run to continue")
+            raise RunDirError(f"--resume: no {prefix}-* run with checkpoints under "
+                              f"{root.expanduser()}; pass --run-dir of the run to continue")
         return latest
     if not str(run_dir).strip():  # Path("") is the current directory: the run went there
         raise RunDirError("--run-dir is empty: give a path, or leave the flag out (a new run "
                           "under the runs root)")
+    if run_dir_uri_problem(str(run_dir)):
+        raise RunDirError(f"--run-dir {run_dir_uri_problem(str(run_dir))}")
     path = Path(run_dir).expanduser().resolve()
     problem = writable_dir_problem(path)  # first: a file, or a path it cannot even look at
     if problem:

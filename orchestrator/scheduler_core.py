@@ -459,6 +459,12 @@ class SchedulerCore:
             placed = self.queue.ready.pop(spec.name, None)
             outcome.decision = placed or self.queue.status(spec.name) or \
                 self.queue.take_rejection(spec.name, outcome.decision)
+            if placed is not None:  # (counted by the queue pass that placed it)
+                outcome.effects.append(Persist())
+                return outcome
+        # Counted as a submit's decision is: a job refused after losing a node was in neither
+        # placement_decisions_total nor rejections_total.
+        outcome.samples += catalogue.decision_samples(outcome.decision, None)
         outcome.effects.append(Persist())
         return outcome
 
@@ -648,7 +654,7 @@ class SchedulerCore:
         outcome.add(self._migrate(now))
         if gauges:
             outcome.samples += catalogue.scheduler_samples(
-                self.state, [j.enqueued_at for j in self.queue.waiting.values()],
+                self.state, [j.in_queue_since for j in self.queue.waiting.values()],
                 len(self.running), now, retired)
         return outcome
 

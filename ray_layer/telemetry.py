@@ -75,6 +75,12 @@ def record(spec: MetricSpec, value: float | int | None, **tags: Any) -> None:
     if value is None:
         return
     value = float(value)  # numpy scalars: Ray accepts only int/float
+    if not math.isfinite(value) and spec.kind == GAUGE and spec.held:
+        # A diverged run's loss: the last finite value, re-sent for GAUGE_HOLD_S, showed the
+        # run healthy for ten minutes. Let it go: the panel goes blank within 20 s.
+        with _held_lock:
+            _held.pop((spec.name, tuple(sorted(tags.items()))), None)
+        return
     if not math.isfinite(value) or (spec.kind == COUNTER and value <= 0):
         return
     try:

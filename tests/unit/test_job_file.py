@@ -101,15 +101,18 @@ def test_a_number_too_long_to_print_is_named_not_a_traceback(tmp_path):
     ("max_failures: '3'", "max_failures must be an integer >= 0, got '3'"),
     ("max_failures: true", "max_failures must be an integer >= 0, got True"),
     ("max_failures: 1.5", "max_failures must be an integer >= 0, got 1.5"),
-    ("queue_timeout_s: -5", "queue_timeout_s must be a number >= 0, got -5"),
-    ("queue_timeout_s: soon", "queue_timeout_s must be a number >= 0, got 'soon'"),
-    ("queue_timeout_s: .inf", "queue_timeout_s must be a number >= 0, got inf"),
-    ("queue_timeout_s: 1" + "0" * 400, "queue_timeout_s must be a number >= 0, got 1000"),
+    ("queue_timeout_s: -5", "queue_timeout_s must be a finite number >= 0, got -5"),
+    ("queue_timeout_s: soon", "queue_timeout_s must be a finite number >= 0, got 'soon'"),
+    ("queue_timeout_s: .inf", "queue_timeout_s must be a finite number >= 0, got inf"),
+    ("queue_timeout_s: 1" + "0" * 400, "queue_timeout_s must be a finite number >= 0, got 1000"),
     ("config: [1, 2]", "config must be a mapping, got [1, 2]"),
     ("config: lr=0.1", "config must be a mapping, got 'lr=0.1'"),
     ("runtime_env: working_dir", "runtime_env must be a mapping, got 'working_dir'"),
     ("entrypoint: 42", "entrypoint must be a string"),
     ("run_dir: 5", "run_dir must be a path, got 5"),
+    # (it became a directory `s3:` beside the job file)
+    ("run_dir: s3://bucket/runs/a", "run_dir: s3://bucket/runs/a is a URI; a run directory "
+     "must be a path every node can reach"),
 ])
 def test_a_bad_launcher_value_is_named_with_the_file(tmp_path, line, expected):
     path = write(tmp_path / "job.yaml", f"name: a\n{line}\n")
@@ -452,7 +455,7 @@ def test_a_relative_run_dir_in_a_job_file_is_beside_the_file(tmp_path, monkeypat
     # traceback once the job was placed; a string timeout failed while queued.
     ({"spec": JobSpec("alpha"), "keep_checkpoints": 0, "max_failures": "3",
       "queue_timeout_s": "600"}, "max_failures must be an integer >= 0, got '3'; "
-     "queue_timeout_s must be a number >= 0, got '600'; keep_checkpoints must be an integer "
+     "queue_timeout_s must be a finite number >= 0, got '600'; keep_checkpoints must be an integer "
      ">= 1 or None (keep every one), got 0"),
     ({"spec": JobSpec("..")}, "name '..' is not a directory name"),
     ({"spec": JobSpec("a\0b")}, "name 'a\\x00b' must not contain control characters"),

@@ -256,6 +256,11 @@ def alert_cases() -> list[dict]:
          [])
     case([series(failures, {**deployment, "replica": f"old{i}"}, f"_x{mins} 3x{mins}")
           for i in range(4)], "ServeHealthChecksFailing", [])
+    # An autoscaling scale-down (or a rolling update): Serve sets the gauge of every replica it
+    # stops to 0; none failed a health check, so no page (it paged as a crash loop).
+    case([replaced("r1", 5), replaced("r2", 8), series(healthy, {**deployment, "replica": "r3"},
+                                                       flat(1)), counted("r3", 0)],
+         "ServeHealthChecksFailing", [])
     # Failure counts per deployment (Serve's high-cardinality tags off): by their increase.
     case([series(failures, deployment, f"0+0.5x{mins * 2}")], "ServeHealthChecksFailing",
          [(deployment, sev["ServeHealthChecksFailing"])])
@@ -438,6 +443,17 @@ def test_record_uses_the_kind_and_skips_what_was_not_measured(fake_metrics):
     assert made[m.SCHEDULER_PLACEMENTS.name].calls[0][0] == "inc"
     assert made[m.SCHEDULER_PLACEMENT_LATENCY.name].calls[0][0] == "observe"
     assert m.TRAIN_LOSS.name not in made
+
+
+def test_a_held_gauge_that_turns_nan_is_no_longer_re_sent(fake_metrics):
+    # A diverged run: its last finite loss, re-sent for ten minutes, showed it healthy.
+    telemetry, made = fake_metrics
+    telemetry.record(m.TRAIN_LOSS, 2.31, run="a", rank=0)
+    telemetry.record(m.TRAIN_LOSS, 2.5, run="b", rank=0)
+    telemetry.record(m.TRAIN_LOSS, float("nan"), run="a", rank=0)
+    recorded_at = telemetry._held[next(iter(telemetry._held))][3]
+    assert telemetry.refresh_gauges(recorded_at + 5) == 1  # run b's only
+    assert made[m.TRAIN_LOSS.name].calls[-1] == ("set", 2.5, {"run": "b", "rank": "0"})
 
 
 def test_record_refuses_a_wrong_tag_set_naming_the_metric(fake_metrics):

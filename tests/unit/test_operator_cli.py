@@ -46,8 +46,17 @@ class FakeHandle:
         return SimpleNamespace(remote=call)
 
 
+def bounded_get(value, timeout=None):
+    """ray.get as the commands must call it: with a timeout (a scheduler restarting for good
+    hung `status`, where exit 3 is promised)."""
+    from orchestrator.__main__ import CALL_TIMEOUT_S
+
+    assert timeout == CALL_TIMEOUT_S, timeout
+    return value
+
+
 def run(verb, name, core, capsys):
-    fake_ray = SimpleNamespace(get=lambda value: value)
+    fake_ray = SimpleNamespace(get=bounded_get)
     code = _run_command(argparse.Namespace(command=verb, name=name), fake_ray,
                         FakeHandle(core), None)
     return code, capsys.readouterr()
@@ -127,7 +136,7 @@ def test_place_exits_0_with_a_placement_and_3_when_the_job_cannot_be_placed(caps
     core = SchedulerCore(SchedulerSettings())
     core.ray_nodes({"n"}, set(), T0)
     core.report(NodeReport("n", "n", 2, 0, 2, 0.0, GIB, GIB), T0)
-    fake_ray = SimpleNamespace(get=lambda value: value)
+    fake_ray = SimpleNamespace(get=bounded_get)
     for spec, as_json, want in ((JobSpec("fits", num_workers=2), True, 0),
                                 (JobSpec("too-big", num_workers=8), True, 3),
                                 (JobSpec("too-big", num_workers=8), False, 3)):
@@ -155,3 +164,23 @@ def test_a_finished_submit_says_when_the_loop_saved_no_checkpoint():
     assert done_line("j", saved) == ('j: done on 2 worker(s); last checkpointed report '
                                      '{"step": 4, "loss": 0.5}; preempted or moved 1x\n'
                                      'checkpoint: /r/c')
+
+
+def test_nodes_removed_on_purpose_are_retired_not_dead_and_the_table_counts_them(capsys):
+    # An autoscaling cluster piled up a `dead` row for every worker it had ever scaled down.
+    from orchestrator.__main__ import format_status, status_rows
+
+    up = NodeReport("up", "up", 4, 0, 4, 0.0, GIB, GIB)
+    shed = [NodeReport(f"scaled{i}", f"scaled{i}", 4, 0, 4, 0.0, GIB, GIB) for i in range(3)]
+    crashed = NodeReport("crashed", "crashed", 4, 0, 4, 0.0, GIB, GIB)
+    nodes = [up, *shed, crashed]
+    snapshot = {"reservations": {}, "reports": {n.node_id: n for n in nodes},
+                "health": {"up": "healthy", **{n.node_id: "dead" for n in nodes[1:]}},
+                "age_s": {n.node_id: 1.0 for n in nodes},
+                "retired": [n.node_id for n in shed]}
+    rows = {r["node_id"]: r["health"] for r in status_rows(snapshot)}
+    assert rows == {"up": "healthy", "scaled0": "retired", "scaled1": "retired",
+                    "scaled2": "retired", "crashed": "dead"}
+    text = format_status(status_rows(snapshot), [], None)
+    assert "scaled" not in text and "crashed" in text
+    assert "(and 3 node(s) removed on purpose" in text

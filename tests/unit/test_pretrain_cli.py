@@ -32,7 +32,7 @@ def unused_port():
     (["--model-size", "huge"], "argument --model-size: invalid choice: 'huge'"),
     (["--num-workers", "0"], "num_workers must be an integer in [1, 100000], got 0"),
     (["--max-steps", "-5"], "max_steps must be an integer >= 1, got -5"),
-    (["--resume"], "--resume: no run with checkpoints under"),
+    (["--resume"], "--resume: no pretrain-* run with checkpoints under"),
     (["--resume", "--run-dir", "/nonexistent/run"], "no checkpoint in run dir /nonexistent/run"),
     (["--max-failures", "-1"], "--max-failures must be >= 0, got -1"),
     (["--accumulation", "lower=0"], "accumulation: the factor of 'lower' must be an integer"),

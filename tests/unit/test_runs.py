@@ -18,16 +18,21 @@ def test_new_run_gets_a_timestamped_dir(tmp_path):
 
 
 def test_resume_without_run_dir_takes_the_latest_run(tmp_path):
-    make_run(tmp_path / "old")
-    latest = make_run(tmp_path / "new")
-    (tmp_path / "empty").mkdir()
+    make_run(tmp_path / "pretrain-20260101-000000")
+    latest = make_run(tmp_path / "pretrain-20260102-000000")
+    (tmp_path / "pretrain-20260103-000000").mkdir()  # no checkpoint yet
     import os
-    os.utime(tmp_path / "old", (0, 0))
+    os.utime(tmp_path / "pretrain-20260101-000000", (0, 0))
+    assert resolve_run_dir(None, True, tmp_path, "pretrain", NOW) == latest
+    # A newer run of a job file (~/orchestrator-runs/<job name>) under the same root is not
+    # pretrain's to continue: --resume wrote into it.
+    make_run(tmp_path / "regression")
     assert resolve_run_dir(None, True, tmp_path, "pretrain", NOW) == latest
 
 
 def test_resume_with_nothing_to_resume_names_the_place(tmp_path):
-    with pytest.raises(RunDirError, match=f"no run with checkpoints under {tmp_path}"):
+    make_run(tmp_path / "a-job-files-run")
+    with pytest.raises(RunDirError, match=f"no pretrain-\\* run with checkpoints under {tmp_path}"):
         resolve_run_dir(None, True, tmp_path, "pretrain", NOW)
     with pytest.raises(RunDirError, match="no checkpoint in run dir .*nothing"):
         resolve_run_dir(str(tmp_path / "nothing"), True, tmp_path, "pretrain", NOW)
@@ -211,3 +216,10 @@ def test_a_refused_runs_cleanup_that_fails_leaves_the_jobs_own_error(tmp_path, m
     with pytest.raises(JobFailed, match="not placeable"):
         with run_dir_held(tmp_path / "new", new_run=True):
             raise JobFailed("not placeable", EXIT_NOT_PLACEABLE)
+
+
+def test_a_uri_run_dir_is_refused_not_made_a_local_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunDirError, match="--run-dir s3://bucket/runs/a is a URI"):
+        resolve_run_dir("s3://bucket/runs/a", False, tmp_path, "pretrain", NOW)
+    assert not (tmp_path / "s3:").exists()

@@ -1584,3 +1584,43 @@ def test_a_drivers_checkpoint_time_is_read_in_the_schedulers_clock(monkeypatch):
     assert scheduler_actor._in_scheduler_clock(4_990.0, now=100.0) == 90.0
     assert scheduler_actor._in_scheduler_clock(None, now=100.0) is None
     assert scheduler_actor._in_scheduler_clock(6_000.0, now=100.0) == 100.0  # not in the future
+
+
+def test_the_oldest_wait_gauge_counts_from_a_preempted_jobs_return_to_the_queue():
+    """A job that ran an hour and was just preempted has waited seconds, not an hour: the
+    gauge read its first submission and paged SchedulerQueueStuck (threshold 20 min, no
+    `for:`) at once, while `status` said 5 s."""
+    from orchestrator import metric_catalogue as m
+
+    core = core_with(cpu_node("a", cpus=4))
+    core.submit(cpus("low", 4), "d-low", T0)
+    core.submit(cpus("high", 4, priority=10), "d-high", T0 + 3600)  # preempts low
+    core.yielded("low", "d-low", T0 + 3605)
+    now = T0 + 3610
+    gauge = {spec.name: value for spec, value, _ in core.tick(now).samples}
+    assert gauge[m.SCHEDULER_QUEUE_OLDEST_WAIT.name] == pytest.approx(5.0)
+    assert [(j["job"], j["since_s"]) for j in core.jobs(now) if j["state"] == "preempted"] \
+        == [("low", pytest.approx(5.0))]
+
+
+def test_a_placement_after_a_lost_node_is_counted_as_a_decision():
+    """A job placed again, or refused, after losing a node: in neither
+    placement_decisions_total nor rejections_total."""
+    from orchestrator import metric_catalogue as m
+
+    def counted(outcome):
+        return [(spec.name, tags) for spec, _, tags in outcome.samples
+                if spec in (m.SCHEDULER_PLACEMENTS, m.SCHEDULER_REJECTIONS)]
+
+    core = core_with(gpu_node("n1"), gpu_node("n2"))
+    spec = gpus("job", 4)
+    core.submit(spec, "o", T0)
+    lost = list(core.running["job"].placement.nodes)
+    assert counted(core.replace(spec, "o", lost, T0 + 10)) == [
+        (m.SCHEDULER_PLACEMENTS.name, {"outcome": "placed"})]
+    core.ray_nodes(set(), {"n1", "n2"}, T0 + 20)  # the whole cluster gone: it can never fit
+    refused = core.replace(spec, "o", list(core.running["job"].placement.nodes), T0 + 21)
+    assert isinstance(refused.decision, Rejection), refused.decision
+    assert (m.SCHEDULER_PLACEMENTS.name, {"outcome": "rejected"}) in counted(refused)
+    assert [t for name, t in counted(refused) if name == m.SCHEDULER_REJECTIONS.name] == [
+        {"reason": m.REJECT_CAPACITY}]
