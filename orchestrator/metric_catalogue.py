@@ -213,7 +213,8 @@ SERVE_REQUESTS = MetricSpec(
     SERVE_TAGS + ("status",))
 SERVE_ERRORS = MetricSpec(
     "orchestrator_serve_errors", COUNTER,
-    "Requests that failed, by route and kind (bad_request; overloaded: back-pressure, add "
+    "Requests that failed, by route and kind (bad_request; client_closed: the client left "
+    "while sending its body; overloaded: back-pressure, add "
     "replicas; unavailable: no model loaded yet, a reload, a lost replica or engine, or no "
     "replica running, retried by clients; internal), and refused hot reloads (kind bad_config)",
     "1", SERVE_TAGS + ("kind",))
@@ -309,9 +310,15 @@ ALERT_HEALTH_CHECK_WINDOW_S = 600
 ALERT_TRAINING_FOR_S = 300
 
 
+# nginx's status for a client that closed the connection before the answer: not a server error
+CLIENT_CLOSED_STATUS = 499
+
+
 def serve_error_kind(status: int, code: str | None) -> str:
     """The SERVE_ERRORS kind of an error response: every 503 read as "overloaded" sent
     operators adding replicas for a missing model or a dead replica."""
+    if status == CLIENT_CLOSED_STATUS:
+        return "client_closed"
     if status < 500:
         return "bad_request"
     if status == 503:

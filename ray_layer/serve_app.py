@@ -33,6 +33,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.serving import protocol
@@ -136,6 +137,9 @@ class Ingress:
         self.deployment = serve.get_replica_context().deployment
         self._info: dict[str, Any] | None = None
         self._info_at = 0.0
+        # One refresh at a time: every request arriving while it ran sent its own model_info
+        # call (200 at once on an expired cache), each queued at a replica beside generation.
+        self._info_lock = asyncio.Lock()
         self.retries: Counter = Counter()  # calls resent after a model replica was lost
         # By sha256: a name is a file's path, which a new tokenizer can take (a compression's
         # --out reused, a run directory trained again); the one cached under it went on
@@ -159,6 +163,7 @@ class Ingress:
         try:
             protocol.check_content_type(request.headers.get("content-type"))
             data = protocol.parse_json_body(await self._read_body(request))
+            protocol.check_request_fields(data, chat=chat, model_name=self.settings.model_name)
             info = await self._model_info(max_age_s=1.0)
             encoder = await self._encoder(info)
             if chat:
@@ -193,7 +198,7 @@ class Ingress:
                 [(r.text, r.finish_reason) for r in results], prompt_tokens,
                 completion_tokens)
         self._record(route, 200, started)
-        return JSONResponse(body, headers={"x-model-version": version})
+        return JSONResponse(body, headers={"x-model-version": protocol.version_header(version)})
 
     @api.get("/v1/models")
     async def models(self) -> Response:
@@ -204,6 +209,17 @@ class Ingress:
             return self._error_response(e, "/v1/models", started)
         self._record("/v1/models", 200, started)
         return JSONResponse(protocol.models_body(self.settings.model_name, info))
+
+    @api.get("/v1/models/{model_id:path}")
+    async def retrieve_model(self, model_id: str) -> Response:
+        started = time.perf_counter()
+        try:
+            body = protocol.model_body(self.settings.model_name,
+                                       await self._model_info(max_age_s=0.0), model_id)
+        except Exception as e:
+            return self._error_response(e, "/v1/models", started)
+        self._record("/v1/models", 200, started)
+        return JSONResponse(body)
 
     @api.get("/health")
     async def health(self) -> Response:
@@ -268,11 +284,15 @@ class Ingress:
                        code="reloading")
 
     async def _model_info(self, max_age_s: float) -> dict[str, Any]:
-        if self._info is None or time.monotonic() - self._info_at > max_age_s:
-            self._info = await self._with_retries(
-                lambda: self._answer(self.model.model_info.remote()))
-            self._info_at = time.monotonic()
-        return self._info
+        if self._info is not None and time.monotonic() - self._info_at <= max_age_s:
+            return self._info
+        asked_at = time.monotonic()
+        async with self._info_lock:  # a refresh that ends after this call began serves it
+            if self._info is None or self._info_at < asked_at:
+                self._info = await self._with_retries(
+                    lambda: self._answer(self.model.model_info.remote()))
+                self._info_at = time.monotonic()
+            return self._info
 
     async def _generate(self, request: GenerationRequest, route: str) -> GenerationResult:
         return await self._with_retries(
@@ -434,6 +454,9 @@ class Ingress:
         if isinstance(e, BackPressureError):
             return APIError(503, "the server is overloaded; retry shortly",
                             type="server_error", code="overloaded")
+        if isinstance(e, ClientDisconnect):  # (left while sending its body: nobody to answer)
+            return APIError(catalogue.CLIENT_CLOSED_STATUS, "the client closed the connection "
+                            "before its request body was read", code="client_closed")
         if isinstance(e, RETRYABLE):
             return APIError(503, f"no model replica could serve the request "
                                  f"({type(e).__name__}); retry shortly", type="server_error",

@@ -21,9 +21,10 @@ left-padded to the longest. Here, at every `step()`:
    generator as static batching: generation.Row); rows that finish leave and free their
    blocks at once.
 
-A row's tokens depend only on its own request: its attention reads only its own blocks, and
-each row draws from its own seeded generator, so greedy and seeded output are those of the
-request decoded alone (tests/unit/test_serving_engine.py).
+A row's tokens depend only on its own request, up to float rounding: its attention reads only
+its own blocks, and each row draws from its own seeded generator, so greedy and seeded output
+are those of the request decoded alone (tests/unit/test_serving_engine.py), but for the last
+bits of its logits, which the packed matrix products' row count changes (docs/serving.md).
 
 The engine is single-threaded: one thread calls `add` / `cancel` between steps and `step`.
 In serving that is the engine host's stepping thread, in a process of its own by default
@@ -42,6 +43,7 @@ from orchestrator.serving import decode_kernel
 from orchestrator.serving.generation import Chunk, GenerationRequest, Row, sample_tokens
 from orchestrator.serving.paged import (PagedKVCache, Segment, cache_slots, first_of_run,
                                         paged_forward)
+from orchestrator.serving.protocol import kv_cache_refusal
 from orchestrator.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -88,10 +90,10 @@ def lane_blocks(context: int, limits: EngineLimits) -> int:
     return -(-context // limits.block_tokens)
 
 
-def kv_cache_bytes(model: torch.nn.Module, context: int, limits: EngineLimits) -> int:
+def kv_cache_bytes(model: torch.nn.Module, limits: EngineLimits) -> int:
     """What the engine's KV cache takes once every layer has written: keys and values of each
     layer's attention width (per layer: pruned models differ) at every slot."""
-    slots = cache_slots(limits.num_blocks, limits.block_tokens, lane_blocks(context, limits))
+    slots = cache_slots(limits.num_blocks, limits.block_tokens)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     widths = sum(block.attn.qkv.out_features // 3 for block in model.blocks)
     return 2 * widths * slots * torch.finfo(dtype).bits // 8
@@ -113,10 +115,8 @@ def check_request(request: GenerationRequest, context: int, limits: EngineLimits
         raise CapacityError(*unfit)
     capacity = limits.num_blocks * limits.block_tokens
     if positions_needed(request) > capacity:
-        needed = len(request.context) + request.remaining
-        raise CapacityError(f"prompt plus max_tokens need {needed} tokens of KV cache; "
-                            f"this replica's cache holds {capacity} tokens "
-                            f"(setting kv_cache_tokens); reduce the prompt or max_tokens")
+        raise CapacityError(kv_cache_refusal(len(request.context), request.remaining,
+                                             capacity, "prompt", "max_tokens"))
 
 
 @dataclass
@@ -246,7 +246,9 @@ class ContinuousEngine:
         segments, sampling = [], []
         budget = self.limits.prefill_chunk_tokens
         for index, sequence in enumerate(self.running):
-            decoding = len(sequence.pending) == 1 and sequence.fed > 0
+            # (by what was fed, not by one token pending: a prompt's last chunk of one token
+            # was counted as a decode token and fed past the prefill budget)
+            decoding = sequence.fed >= len(sequence.row.request.context)
             if decoding:  # its latest token
                 take = 1
                 self.stats.decode_tokens += 1

@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 LOAD_POLL_S = 0.05  # how often an idle host looks for a model its loader thread finished
 MAX_EVENTS_PER_WAKE = 32  # event lists the replica's loop takes in one go before yielding
+EXIT_WAIT_S = 2.0  # how long a dead engine process's exit code is waited for after EOF
 
 
 def engine_snapshot(engine: ContinuousEngine) -> dict[str, int]:
@@ -112,8 +113,9 @@ class EngineHost:
             self.loading[engine_id].append(command)
             return []
         if kind == "retire":
-            self.retired.add(engine_id)
-            self.changed.add(engine_id)
+            if engine_id in self.engines:  # (one that failed or closed: nothing to keep)
+                self.retired.add(engine_id)
+                self.changed.add(engine_id)
             return []
         if engine_id not in self.engines:  # it failed: a late cancel needs no answer
             return [] if kind == "cancel" else [("gone", engine_id, command[2])]
@@ -184,7 +186,7 @@ class EngineHost:
         """Why the engine's KV cache cannot fit the device's available memory, or None. The
         cache's layers are allocated at their first write: asked before, the answer is an
         error naming the setting rather than an out-of-memory kill in the middle of serving."""
-        need = kv_cache_bytes(loaded.model, loaded.block_size, limits)
+        need = kv_cache_bytes(loaded.model, limits)
         free = free_memory_bytes(self.device)
         if need <= free:
             return None
@@ -396,7 +398,15 @@ class EngineHostHandle:
                     return
                 self.on_events(self.conn.recv())
         except (EOFError, OSError):
-            self._gone(f"the engine process exited (exit code {self.worker.poll()})")
+            self._gone(f"the engine process exited ({self._exit_status()})")
+
+    def _exit_status(self) -> str:
+        """The engine process's exit code, once reaped: its socket closes a moment before, and
+        polled at once it read "exit code None" (an OOM kill's -9 is what an operator needs)."""
+        try:
+            return f"exit code {self.worker.wait(timeout=EXIT_WAIT_S)}"
+        except subprocess.TimeoutExpired:
+            return f"its socket closed; still running after {EXIT_WAIT_S:g} s"
 
     def _stop_reading(self) -> None:
         if self.reading:

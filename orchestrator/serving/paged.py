@@ -76,11 +76,13 @@ class BlockPool:
         return blocks
 
     def _free_lane_start(self, count: int) -> int:
-        """The first lane start with `count` free blocks from there, else -1."""
+        """The first lane start with `count` free blocks from there, else -1 (whole lanes
+        only: blocks past the last whole lane are no lane)."""
         if not self.lane_blocks or count > self.lane_blocks:
             return -1
         run = b"\x01" * count
-        for start in range(0, self.num_blocks - count + 1, self.lane_blocks):
+        whole = self.num_blocks // self.lane_blocks * self.lane_blocks
+        for start in range(0, whole - count + 1, self.lane_blocks):
             if self._free_map.startswith(run, start):
                 return start
         return -1
@@ -91,10 +93,11 @@ class BlockPool:
         self._free += len(blocks)
 
 
-def cache_slots(num_blocks: int, block_tokens: int, lane_blocks: int | None = None) -> int:
-    """Positions a PagedKVCache's tensors hold: its blocks, rounded up to whole lanes."""
-    lane_blocks = lane_blocks or num_blocks
-    return math.ceil(num_blocks / lane_blocks) * lane_blocks * block_tokens
+def cache_slots(num_blocks: int, block_tokens: int) -> int:
+    """Positions a PagedKVCache's tensors hold: exactly its blocks'. (Rounded up to whole
+    lanes, a cache set to 64 positions for a 1,024-position model allocated 1,024, and never
+    handed out the padding.)"""
+    return num_blocks * block_tokens
 
 
 def first_of_run(blocks: tuple[int, ...] | list[int]) -> int | None:
@@ -108,7 +111,7 @@ def first_of_run(blocks: tuple[int, ...] | list[int]) -> int | None:
 class PagedKVCache:
     """Keys and values of every layer in `num_blocks` blocks of `block_tokens` positions:
     layer l's tensor is (2, heads, slots, head_dim), keys at [0] and values at [1], each
-    head's positions (slots: num_blocks * block_tokens, rounded up to whole lanes) in order.
+    head's positions (slots: num_blocks * block_tokens) in order.
     Head-major, so a sequence's keys
     in a run of adjacent blocks are, for every head, one contiguous (positions, head_dim)
     matrix: the decode kernel streams it, and on the matrix-product paths a decoding row's
@@ -128,12 +131,12 @@ class PagedKVCache:
         self.device = torch.device(device)
         self.use_decode_kernel = use_decode_kernel
         self.layers: list[torch.Tensor | None] = [None] * num_layers
-        # Lanes: the pool cut into equal runs of lane_blocks blocks (a sequence's longest),
-        # the tensor rounded up to whole lanes (blocks past num_blocks are never handed out),
-        # so that every lane is one row of a (heads * lanes, lane positions) view.
+        # Lanes: the pool's whole runs of lane_blocks blocks (a sequence's longest), each a
+        # row of a (heads, lanes, lane positions) view; blocks past the last whole lane are
+        # handed out as any others, never attended as a lane.
         self.lane_blocks = lane_blocks or num_blocks
-        self.lanes = math.ceil(num_blocks / self.lane_blocks)
-        self.slots = cache_slots(num_blocks, block_tokens, lane_blocks)
+        self.lanes = num_blocks // self.lane_blocks
+        self.slots = cache_slots(num_blocks, block_tokens)
 
     @property
     def capacity_tokens(self) -> int:
@@ -170,16 +173,17 @@ class PagedKVCache:
     def lane_of(self, first_block: int | None) -> int | None:
         """The lane a sequence's run of blocks starts, or None (not a run, or not at a lane
         start)."""
-        if first_block is None or first_block % self.lane_blocks:
+        if first_block is None or first_block % self.lane_blocks \
+                or first_block // self.lane_blocks >= self.lanes:
             return None
         return first_block // self.lane_blocks
 
     def lane_view(self, layer: int, positions: int) -> torch.Tensor:
-        """Positions 0..positions-1 of every lane as (2, heads * lanes, positions, head_dim):
+        """Positions 0..positions-1 of every lane as (2, heads, lanes, positions, head_dim):
         a view, nothing copied."""
-        pool = self.layers[layer]
-        kv, heads, _, head_dim = pool.shape
-        return pool.view(kv, heads * self.lanes, -1, head_dim)[:, :, :positions]
+        lane_positions = self.lane_blocks * self.block_tokens
+        whole = self.layers[layer][:, :, :self.lanes * lane_positions]
+        return whole.unflatten(2, (self.lanes, lane_positions))[:, :, :, :positions]
 
     def slot(self, blocks: tuple[int, ...], position: int) -> int:
         return blocks[position // self.block_tokens] * self.block_tokens \
@@ -251,7 +255,7 @@ def _lane_attention(cache: PagedKVCache, layer: int, batch: _LaneBatch, q: torch
     on a CPU also means far fewer hand-overs of Python's GIL to the replica's other threads
     than a call per row."""
     heads, dim = q.shape[1:]
-    kv = cache.lane_view(layer, batch.longest).view(2, heads, cache.lanes, batch.longest, dim)
+    kv = cache.lane_view(layer, batch.longest)
     query = q.new_zeros(heads, cache.lanes, 1, dim)
     query[:, batch.lane, 0] = q[batch.token_index].transpose(0, 1)
     bias = batch.bias if span is None else span_bias(span, batch.distance, batch.allowed)

@@ -16,8 +16,9 @@ Chat (`/v1/chat/completions`) turns the messages into one prompt with a plain-te
 content and a newline, and "Assistant:" last, for the model to continue. The completion stops
 at "\nUser:" (the model starting the next turn itself). A tokenizer whose end-of-text token
 the model can read (a trained tokenizer's) also gets that token after every message, and
-generation stops when the model produces it; the byte tokenizer's (id 256) is outside today's
-256-id models, so they get plain text only.
+generation stops when the model produces it, as the byte tokenizer's (id 256) is for the
+257-id byte models runs train; a 256-id model of a run from before end-of-text was added gets
+plain text only.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from orchestrator.validation import is_int, is_number
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_STOP_CHARS = 64
-VOCAB_SIZE = 256  # byte-level tokens: the ids today's models read
+VOCAB_SIZE = 256  # the bytes without end-of-text: what Encoder assumes when not told
 # int64: torch.Generator.manual_seed takes up to 2**64 - 1 but folds a negative seed into it
 # (-1 and 2**64 - 1 would draw the same), so one range without aliases.
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -151,13 +152,21 @@ class Encoder:
         return tuple(tokens)
 
 
+def check_request_fields(data: dict[str, Any], *, chat: bool, model_name: str) -> None:
+    """What can be refused without the served model: unknown fields, another model's name,
+    fields this server takes only at their defaults. Asked before a replica is (none may be
+    up for a minute: a typo waited for it, then was told 503 instead of its 400)."""
+    _refuse_unknown_fields(data, _CHAT_KNOWN if chat else _KNOWN)
+    _model(data, model_name)
+    _refuse_non_defaults(data, _CHAT_ONLY_DEFAULT if chat else _ONLY_DEFAULT)
+
+
 def parse_completion_request(data: dict[str, Any], *, block_size: int, model_name: str,
                              max_prompts: int = 32, encoder: Encoder | None = None
                              ) -> CompletionRequest:
     """Validate a decoded /v1/completions body against the served model's context."""
-    _refuse_unknown_fields(data)
-    model = _model(data, model_name)
-    _refuse_non_defaults(data, _ONLY_DEFAULT)
+    check_request_fields(data, chat=False, model_name=model_name)
+    model = data.get("model")
     prompts = _prompts(data, max_prompts, encoder or Encoder())
     longest = max(len(p) for p in prompts)
     max_tokens = _max_tokens(data.get("max_tokens"), longest, block_size)
@@ -239,7 +248,9 @@ _CHAT_ONLY_DEFAULT = {**{k: v for k, v in _ONLY_DEFAULT.items()
                       "logprobs": (None, False), "top_logprobs": (None, 0),
                       "tools": (None, []), "tool_choice": (None, "none"),
                       "response_format": (None, {"type": "text"}),
-                      "parallel_tool_calls": (None,)}
+                      # (without tools either value asks for nothing)
+                      "parallel_tool_calls": (None, False, True),
+                      "store": (None, False), "metadata": (None, {})}
 _CHAT_KNOWN = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature",
                "top_p", "stop", "seed", "stream", "stream_options", "user",
                *_CHAT_ONLY_DEFAULT)
@@ -268,9 +279,8 @@ def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str
     what the context has left, and what the replica's KV cache (`kv_cache_tokens`, with
     continuous batching) holds after the prompt."""
     encoder = encoder or Encoder()
-    _refuse_unknown_fields(data, _CHAT_KNOWN)
-    model = _model(data, model_name)
-    _refuse_non_defaults(data, _CHAT_ONLY_DEFAULT)
+    check_request_fields(data, chat=True, model_name=model_name)
+    model = data.get("model")
     messages = _messages(data.get("messages"))
     prompt = chat_prompt(messages, encoder.tokenizer, encoder.token_ids)
     # null is unset, as OpenAI reads it (clients send "max_tokens": null for None)
@@ -302,11 +312,23 @@ def _check_chat_fits_cache(prompt: int, max_tokens: int, field: str,
     fault (the replica knows only "max_tokens", which a chat client may not have sent)."""
     if kv_cache_tokens is None or prompt + max_tokens - 1 <= kv_cache_tokens:
         return
-    raise bad_request(
-        f"the messages ({prompt} tokens with the template) plus {field} ({max_tokens}) need "
-        f"{prompt + max_tokens} tokens of KV cache; this replica's cache holds "
-        f"{kv_cache_tokens} tokens (setting kv_cache_tokens); shorten the messages or lower "
-        f"{field}", "messages" if prompt > kv_cache_tokens else field)
+    raise bad_request(kv_cache_refusal(prompt, max_tokens, kv_cache_tokens, "messages", field,
+                                       " with the template"),
+                      "messages" if prompt > kv_cache_tokens else field)
+
+
+def kv_cache_refusal(prompt: int, max_tokens: int, capacity: int, prompt_name: str,
+                     field: str, counted: str = "") -> str:
+    """Why prompt + max_tokens does not fit a KV cache of `capacity` positions, with the
+    positions it needs (every token fed: all but the last generated) and the largest
+    `field` that fits (the message said prompt + max_tokens, one more than the need)."""
+    fits = capacity - prompt + 1
+    advice = (f"at most {field} {fits} fits" if fits >= 1 else
+              f"the {prompt_name} alone are over it: shorten them" if prompt_name.endswith("s")
+              else f"the {prompt_name} alone is over it: shorten it")
+    return (f"the {prompt_name} ({prompt} tokens{counted}) and {field} ({max_tokens}) need "
+            f"{prompt + max_tokens - 1} positions of KV cache; this replica's cache holds "
+            f"{capacity} (setting kv_cache_tokens); {advice}")
 
 
 def _chat_default_max_tokens(prompt: int, block_size: int, kv_cache_tokens: int | None) -> int:
@@ -334,15 +356,31 @@ def _messages(value: Any) -> tuple[tuple[str, str], ...]:
         if not isinstance(role, str) or role not in CHAT_ROLES:
             raise bad_request(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got "
                               f"{json.dumps(role)}", "messages")
-        unknown = set(message) - {"role", "content", "name"}
-        if unknown:
-            raise bad_request(f"{where}: unsupported field(s) {sorted(unknown)} (tool calls "
-                              "are not supported)", "messages")
+        _refuse_message_extras(message, where)
         if message.get("name") is not None and not isinstance(message["name"], str):
             raise bad_request(f"{where}.name must be a string, got "
                               f"{_json_type(message['name'])}", "messages")
         out.append((role, _content(message.get("content"), where)))
     return tuple(out)
+
+
+# What an assistant message read back from a response holds besides its text: clients send
+# `choices[0].message.model_dump()` back as the next turn's history, with these null (or
+# empty). Accepted so; set, they ask for what this server does not do.
+_MESSAGE_ECHOED = ("refusal", "annotations", "audio", "function_call", "tool_calls")
+
+
+def _refuse_message_extras(message: dict[str, Any], where: str) -> None:
+    """A message's fields beyond role, content and name: refused naming them, unless they are
+    a response's fields echoed back empty."""
+    extras = set(message) - {"role", "content", "name"}
+    set_ = sorted(k for k in extras
+                  if not (k in _MESSAGE_ECHOED and message[k] in (None, [], {})))
+    if not set_:
+        return
+    tools = [k for k in set_ if k in ("tool_calls", "function_call", "tool_call_id")]
+    why = "tool calls are not supported" if tools else "not supported by this server"
+    raise bad_request(f"{where}: unsupported field(s) {set_} ({why})", "messages")
 
 
 def _content(content: Any, where: str) -> str:
@@ -453,7 +491,9 @@ def _include_usage(options: Any, stream: bool) -> bool:
     if not stream:
         raise bad_request("stream_options is only allowed when stream is true",
                           "stream_options")
-    include = options.get("include_usage", False)
+    include = options.get("include_usage")
+    if include is None:  # null is unset, as elsewhere
+        return False
     if not isinstance(include, bool):
         raise bad_request("stream_options.include_usage must be true or false",
                           "stream_options")
@@ -488,6 +528,15 @@ def completion_id() -> str:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+def version_header(version: str) -> str:
+    """The model version as an HTTP header value: percent-encoded past printable ASCII. It
+    names the checkpoint's directories, which users name (`прогон-1/checkpoint_...`), and
+    header values are Latin-1: a whole answer became a plain-text 500 once generated."""
+    from urllib.parse import quote
+
+    return quote(version, safe="".join(chr(c) for c in range(0x21, 0x7f) if chr(c) != "%"))
 
 
 def completion_body(request_id: str, model: str, version: str,
@@ -532,9 +581,18 @@ SSE_DONE = sse_event("[DONE]")
 
 def models_body(model_name: str, info: dict[str, Any]) -> dict[str, Any]:
     """GET /v1/models: the one served model, with the checkpoint it is serving now."""
-    return {"object": "list", "data": [{
-        "id": model_name, "object": "model", "created": int(info.get("loaded_at", 0)),
-        "owned_by": "orchestrator", **info}]}
+    return {"object": "list", "data": [model_body(model_name, info)]}
+
+
+def model_body(model_name: str, info: dict[str, Any], asked: str | None = None
+               ) -> dict[str, Any]:
+    """GET /v1/models/{asked} (openai-python's `models.retrieve`): the served model, or a 404
+    naming the one served."""
+    if asked is not None and asked != model_name:
+        raise APIError(404, f"The model '{asked}' does not exist; this server serves "
+                            f"'{model_name}'", "model", code="model_not_found")
+    return {"id": model_name, "object": "model", "created": int(info.get("loaded_at", 0)),
+            "owned_by": "orchestrator", **info}
 
 
 def chat_completion_id() -> str:

@@ -20,7 +20,8 @@ from typing import Any
 
 from orchestrator.config import ACCELERATOR_SPEED
 from orchestrator.inventory import (LABEL_ACCELERATOR_TYPE, GpuInfo, NodeReport,
-                                    accelerator_family, declared_gpus)
+                                    accelerator_family, declared_gpus, gpu_families,
+                                    node_family)
 
 INFERENCE_FAMILIES = ("T4", "L4", "A10", "A10G", "L40S")
 
@@ -45,11 +46,14 @@ def _family_inventory(reports: list[NodeReport], healthy: set[str]
     for report in reports:
         if report.node_id not in healthy or report.ray_gpus < 1:
             continue
+        # A node of several families (or an unknown one beside a known) promises none: Ray
+        # labels it by its first GPU and hands a replica any of its GPUs. Pinned to the T4 of
+        # an A100 + T4 node, a replica never started while A100s elsewhere sat idle.
+        if not node_family(gpu_families(report.gpus)):
+            continue
         by_family: dict[str, list] = defaultdict(list)
         for gpu in report.gpus:
-            family = accelerator_family(gpu.name)
-            if family:
-                by_family[family].append(gpu)
+            by_family[accelerator_family(gpu.name)].append(gpu)
         for family, gpus in by_family.items():
             entry = inventory[family]
             # Ray hands out only the GPUs it schedules: never count more than it has.

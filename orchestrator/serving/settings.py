@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import socket
 from dataclasses import dataclass
@@ -350,7 +351,11 @@ def coerce(cls, data: Mapping[str, Any], what: str) -> dict[str, Any]:
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     out = {}
     for key, value in data.items():
-        kind = types.get(key)
+        # A misspelt key's value as the field it is closest to (known_fields_problems judges
+        # it as that field: `max_replica=3` was also "max_replicas must be an integer, got '3'")
+        close = difflib.get_close_matches(str(key), list(types), n=1) if key not in types \
+            else [key]
+        kind = types.get(close[0]) if close else None
         if isinstance(value, str) and kind in ("int", "float", "bool"):
             value = _from_text(value.strip(), kind)
         elif kind == "float" and isinstance(value, int) and not isinstance(value, bool):

@@ -266,8 +266,8 @@ def test_a_request_over_the_kv_cache_capacity_is_refused_not_queued(server):
         assert response.status_code == 400 and time.monotonic() - started < 10
         error = response.json()["error"]
         assert error["param"] == "max_tokens"
-        assert "cache holds 32 tokens" in error["message"] and "kv_cache_tokens" in \
-            error["message"]
+        assert "need 39 positions of KV cache; this replica's cache holds 32 (setting " \
+            "kv_cache_tokens); at most max_tokens 13 fits" in error["message"], error["message"]
         # Streamed, the same status and error (not a 200 with an error event): the response
         # starts only once the first chunk is in.
         streamed = server.post({"prompt": "x" * 20, "max_tokens": 20, "stream": True})

@@ -102,6 +102,16 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_decoding(m
     assert eng.stats.prefill_tokens == 2 + 40
 
 
+def test_a_prompt_whose_last_chunk_is_one_token_counts_it_as_prefill(model):
+    # 7 tokens in chunks of 6: the seventh was counted as a decode token (7 / 2 read 6 / 3)
+    # and fed outside the step's prefill budget.
+    eng = engine(model, dataclasses.replace(LIMITS, prefill_chunk_tokens=6))
+    eng.add("a", greedy(b"1234567", 3))
+    while not eng.idle:
+        eng.step()
+    assert (eng.stats.prefill_tokens, eng.stats.decode_tokens) == (7, 2)
+
+
 def test_admission_waits_for_free_blocks_and_never_drops_a_request(model):
     # Each request needs 8 + 12 - 1 = 19 positions = 5 blocks of 4; 12 blocks hold two.
     limits = EngineLimits(max_rows=8, num_blocks=12, block_tokens=4, prefill_chunk_tokens=64)
@@ -175,7 +185,9 @@ def test_cancelling_frees_the_row_and_its_blocks_at_once(model):
 def test_requests_that_can_never_fit_are_refused_naming_the_limit(model):
     small = engine(model, EngineLimits(max_rows=4, num_blocks=4, block_tokens=4,
                                        prefill_chunk_tokens=8))
-    with pytest.raises(CapacityError, match="cache holds 16 tokens .*kv_cache_tokens"):
+    # (the need is the positions fed, 17; the largest max_tokens that fits, 7, is named)
+    with pytest.raises(CapacityError, match=r"need 17 positions of KV cache; this replica's "
+                       r"cache holds 16 \(setting kv_cache_tokens\); at most max_tokens 7 fits"):
         small.add("x", greedy(b"0123456789", 8))  # 17 positions fed > 16
     small.add("ok", greedy(b"0123456789", 7))  # 16: fits exactly
     with pytest.raises(CapacityError, match="maximum context length is 64"):
@@ -198,13 +210,17 @@ def test_a_token_the_model_cannot_read_is_refused_without_failing_the_others(mod
     assert produced[-1].finish_reason == "length"
 
 
-@pytest.mark.parametrize("num_blocks", [64, 50])  # whole lanes, and rounded up to them
+@pytest.mark.parametrize("num_blocks", [64, 50, 4])  # whole lanes, a part one, under one
 def test_the_kv_cache_size_is_known_before_it_is_allocated(model, num_blocks):
     limits = dataclasses.replace(LIMITS, num_blocks=num_blocks)
     eng = engine(model, limits)
     run_to_completion(eng, [greedy(b"Hello", 4)])  # every layer has written
     allocated = sum(t.numel() * t.element_size() for t in eng.cache.layers)
-    assert kv_cache_bytes(model, BLOCK, limits) == allocated
+    assert kv_cache_bytes(model, limits) == allocated
+    # Exactly its blocks: rounded up to whole lanes (contexts), a cache set to 16 positions
+    # allocated 64, and 200 allocated 256, positions never handed out.
+    per_position = allocated // eng.cache.slots
+    assert allocated == num_blocks * LIMITS.block_tokens * per_position
 
 
 def test_resumed_requests_continue_exactly(model):
@@ -265,8 +281,8 @@ def test_rows_in_lanes_runs_and_scattered_blocks_all_decode_as_alone(model, use_
     # decode kernel, each walks its own block table (a scattered row as several runs);
     # without it, as on CUDA, these are the three matrix-product paths: the lanes' view
     # together, runs in place one by one, scattered rows through a gather. Step 0 fills all 24 blocks
-    # (two lanes of 16 blocks, the second cut short): the first two requests take the lane
-    # starts, the rest runs after them; four 1-block rows end after 2 tokens, so at step 3
+    # (one whole lane of 16 blocks, and 8 that make no lane): the first request takes the
+    # lane start, the rest runs after it; four 1-block rows end after 2 tokens, so at step 3
     # the free blocks are holes and a 3-block request gets them scattered.
     limits = EngineLimits(max_rows=12, num_blocks=24, block_tokens=4, prefill_chunk_tokens=64)
     eng = engine(model, limits)
@@ -292,12 +308,12 @@ def test_rows_in_lanes_runs_and_scattered_blocks_all_decode_as_alone(model, use_
 
 
 def test_block_pool_puts_a_request_at_a_free_lane_start_first():
-    pool = BlockPool(20, lane_blocks=8)  # lanes start at 0, 8, 16 (the last one 4 blocks)
+    pool = BlockPool(20, lane_blocks=8)  # lanes start at 0 and 8 (16-19: no whole lane)
     assert pool.allocate(3) == [0, 1, 2]
     assert pool.allocate(2) == [8, 9]  # lane 1's start, not block 3
-    assert pool.allocate(4) == [16, 17, 18, 19]
-    assert pool.allocate(5) == [3, 4, 5, 6, 7]  # no lane start free for 5: first fit
-    assert pool.free == 6  # blocks 10-15
+    assert pool.allocate(4) == [3, 4, 5, 6]  # no lane start free: first fit
+    assert pool.allocate(5) == [10, 11, 12, 13, 14]
+    assert pool.free == 6  # blocks 7, 15-19
     pool.release([0, 1, 2])
     assert pool.allocate(2) == [0, 1]  # the lane start is free again
 

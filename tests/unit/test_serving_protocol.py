@@ -258,7 +258,16 @@ def test_chats_default_max_tokens_fits_the_replicas_kv_cache():
             protocol.parse_chat_request({"messages": [{"role": "user", "content": content}],
                                          **given}, block_size=BLOCK, model_name=MODEL,
                                         kv_cache_tokens=32)
-        assert refused.value.param == param and "holds 32 tokens" in refused.value.message
+        assert refused.value.param == param and "holds 32 (setting" in refused.value.message
+    # The need is the positions fed (messages + max_tokens - 1), and the largest that fits
+    # is named: 19 + 20 - 1 = 38; 32 - 19 + 1 = 14.
+    with pytest.raises(APIError) as refused:
+        protocol.parse_chat_request({**body, "max_completion_tokens": 20}, block_size=BLOCK,
+                                    model_name=MODEL, kv_cache_tokens=32)
+    assert (f"the messages ({prompt} tokens with the template) and max_completion_tokens "
+            f"(20) need {prompt + 19} positions of KV cache; this replica's cache holds 32 "
+            f"(setting kv_cache_tokens); at most max_completion_tokens {32 - prompt + 1} "
+            "fits") == refused.value.message
 
 
 def test_a_prompt_that_encodes_to_no_tokens_is_400():
@@ -326,8 +335,13 @@ def test_a_message_spelling_the_end_of_text_token_cannot_forge_a_turn():
     ({"messages": [{"role": "user", "content": None}]}, "messages", "content must be"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages",
      "only text is supported"),
-    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages",
-     "tool calls"),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     "messages", "tool calls are not supported"),
+    ({"messages": [{"role": "assistant", "content": "x", "refusal": "no"}]}, "messages",
+     "unsupported field(s) ['refusal'] (not supported by this server)"),
+    ({"messages": [{"role": "user", "content": "x"}], "store": True}, "store",
+     "not supported"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
       "max_completion_tokens": 1}, "max_completion_tokens", "not both"),
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
@@ -358,3 +372,33 @@ def test_chat_response_shapes():
     chunk = protocol.chat_chunk_body("id", MODEL, "v", 1, 0, {"content": "H"}, None)
     assert chunk["object"] == "chat.completion.chunk"
     assert chunk["choices"][0]["delta"] == {"content": "H"}
+
+
+def test_a_reply_sent_back_as_history_with_its_empty_fields_is_accepted():
+    """openai-python's usual multi-turn loop appends `choices[0].message.model_dump()`: its
+    refusal/annotations/audio/function_call/tool_calls are null. It was a 400 naming tool
+    calls nobody made; so were `store: false`, `metadata: {}`, `parallel_tool_calls: false`
+    and `stream_options.include_usage: null`."""
+    echoed = {"role": "assistant", "content": "Hi there", "refusal": None, "annotations": [],
+              "audio": None, "function_call": None, "tool_calls": None}
+    parsed = chat({"messages": [{"role": "user", "content": "Hello"}, echoed,
+                                {"role": "user", "content": "And?"}],
+                   "store": False, "metadata": {}, "parallel_tool_calls": False,
+                   "stream": True, "stream_options": {"include_usage": None}})
+    assert parsed.stream and not parsed.include_usage
+    assert bytes(parsed.prompts[0]).startswith(b"User: Hello\n")
+    assert b"Assistant: Hi there\n" in bytes(parsed.prompts[0])
+
+
+def test_a_model_version_of_any_characters_is_a_valid_header_value():
+    """The version names the checkpoint's directories, which users name: a Cyrillic run
+    directory made every non-streamed answer a plain-text 500 (header values are Latin-1)."""
+    from urllib.parse import unquote
+
+    from starlette.responses import JSONResponse
+
+    for version in ("прогон-1/checkpoint_000001@abcdef12", "run a/ckpt@12 %x", "plain@1"):
+        value = protocol.version_header(version)
+        JSONResponse({}, headers={"x-model-version": value})  # raised UnicodeEncodeError
+        assert unquote(value) == version
+    assert protocol.version_header("plain/checkpoint_1@ab") == "plain/checkpoint_1@ab"

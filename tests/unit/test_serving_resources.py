@@ -93,3 +93,15 @@ def test_rays_node_table_stands_in_when_there_is_no_scheduler():
     assert [g.name for g in l4.gpus] == ["L4"] * 4 and l4.gpus[0].source == "nvml"
     assert cpu.gpus == () and cpu.ray_cpus == 4.0
     assert recommend([t4, l4, cpu]).accelerator == "L4"
+
+
+def test_a_node_of_several_families_promises_none_of_them():
+    # Ray labels a node by its first GPU and hands a replica any of its GPUs: pinned to the T4
+    # of an A100 + T4 node, the replica never started while four A100s elsewhere sat idle.
+    mixed = node("mixed", measured("NVIDIA A100-SXM4-80GB", 1) + measured("Tesla T4", 1))
+    a100s = node("a100", measured("NVIDIA A100-SXM4-80GB", 4))
+    assert recommend([mixed, a100s]).accelerator == "CPU"  # no inference family promised
+    named = recommend([mixed, a100s], accelerator="A100")
+    assert named.nodes == ("a100",) and named.ray_actor_options["accelerator_type"] == "A100"
+    with pytest.raises(ValueError, match="no healthy node has 'T4'"):
+        recommend([mixed, a100s], accelerator="T4")

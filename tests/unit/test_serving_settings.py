@@ -84,6 +84,10 @@ def test_serve_config_yaml_is_a_valid_serve_config_for_this_app():
 
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)  # Serve's own validation
+    # The layout the tests deploy (serve_app_config): it was EveryNode, a proxy per node that
+    # could not reach the head's loopback-bound Ingress replicas.
+    assert schema.proxy_location == serve_app_config("app", 8000, {}, user_config={})[
+        "proxy_location"]
     (application,) = schema.applications
     assert application.import_path == "ray_layer.serve_app:app"
     settings = ServeSettings.from_args(application.args)
@@ -215,3 +219,9 @@ def test_a_typo_does_not_get_a_correct_value_beside_it_refused():
         ServeSettings.from_args({"min_replicas": 3, "max_replica": 4})
     assert "'max_replica' (did you mean 'max_replicas'" in str(e.value)
     assert "must be <=" not in str(e.value)
+    # From `serve run ... max_replica=3` every value is a string: the typo's was judged as
+    # the field it resembles before conversion ("max_replicas must be an integer, got '3'").
+    with pytest.raises(ConfigError) as e:
+        ServeSettings.from_args({"min_replicas": "3", "max_replica": "4"})
+    assert "'max_replica' (did you mean 'max_replicas'" in str(e.value)
+    assert "got '4'" not in str(e.value) and "must be <=" not in str(e.value), str(e.value)

@@ -1,0 +1,142 @@
+"""The HTTP front (ray_layer/serve_app.Ingress) with its model calls replaced: what it asks
+of the model replicas, and what it answers, without Ray. The live paths are in
+tests/integration/test_serving_ingress.py."""
+import asyncio
+import json
+
+import pytest
+from starlette.requests import Request
+
+from orchestrator.serving.generation import GenerationResult
+from orchestrator.serving.protocol import Encoder
+from orchestrator.serving.settings import ServeSettings
+
+serve_app = pytest.importorskip("ray_layer.serve_app")
+
+INFO = {"context_length": 64, "tokenizer_sha256": "bytes", "token_ids": 257,
+        "batching": "static"}
+
+
+class BareIngress(serve_app.Ingress.func_or_class):
+    def __del__(self):  # (Serve's wrapper shuts its ASGI app down: there is none here)
+        pass
+
+
+def ingress(model_info):
+    """An Ingress whose model_info call is `model_info` (async) and whose generation answers
+    at once; metrics are dropped."""
+    ing = object.__new__(BareIngress)
+    ing.settings = ServeSettings()
+    ing.deployment = "Ingress"
+    ing._info, ing._info_at, ing._info_lock = None, 0.0, asyncio.Lock()
+    ing._record = ing._record_error = lambda *args: None
+
+    async def with_retries(call):
+        return await model_info()
+
+    async def encoder(info):
+        return Encoder(None, 257)
+
+    ing._with_retries = with_retries
+    ing._encoder = encoder
+    ing.model = None
+    return ing
+
+
+def request(body: dict, route=serve_app.COMPLETIONS_ROUTE) -> Request:
+    sent = json.dumps(body).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": sent, "more_body": False}
+
+    return Request({"type": "http", "method": "POST", "path": route,
+                    "headers": [(b"content-type", b"application/json")]}, receive)
+
+
+def test_concurrent_requests_on_an_expired_cache_ask_the_model_once():
+    # Each of 200 requests arriving together sent its own model_info call, every one queued
+    # at a replica beside generation.
+    calls = 0
+
+    async def model_info():
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return INFO
+
+    async def main():
+        ing = ingress(model_info)
+        answers = await asyncio.gather(*(ing._model_info(1.0) for _ in range(200)))
+        assert all(a == INFO for a in answers)
+
+    asyncio.run(main())
+    assert calls == 1
+
+
+def test_a_body_that_names_a_bad_field_is_refused_without_waiting_for_a_replica():
+    # No replica up (a replacement starting): a typo waited replica_wait_s, then was told 503.
+    async def no_replica():
+        await asyncio.sleep(3600)
+
+    async def main():
+        ing = ingress(no_replica)
+        for body, status, words in (({"prompt": "hi", "max_token": 5}, 400, "max_token"),
+                                    ({"prompt": "hi", "model": "gpt-4"}, 404, "gpt-4"),
+                                    ({"prompt": "hi", "n": 2}, 400, "n=2")):
+            response = await asyncio.wait_for(ing._serve(request(body),
+                                                         serve_app.COMPLETIONS_ROUTE), 5)
+            assert response.status_code == status and words in response.body.decode()
+
+    asyncio.run(main())
+
+
+def test_an_answer_from_a_model_in_a_non_latin_directory_is_sent_not_a_500():
+    version = "прогон-1/checkpoint_000001@abcdef12"
+
+    async def model_info():
+        return INFO
+
+    async def main():
+        ing = ingress(model_info)
+
+        async def generate(request, route):
+            return GenerationResult("Hello", 5, "length", version)
+
+        ing._generate = generate
+        response = await ing._serve(request({"prompt": "hi", "max_tokens": 5}),
+                                    serve_app.COMPLETIONS_ROUTE)
+        assert response.status_code == 200, response.body
+        body = json.loads(response.body)
+        assert body["system_fingerprint"] == version and body["choices"][0]["text"] == "Hello"
+        assert response.headers["x-model-version"].startswith("%D0%BF")
+
+    asyncio.run(main())
+
+
+def test_a_client_that_leaves_while_sending_is_not_a_server_error():
+    from starlette.requests import ClientDisconnect
+
+    ing = ingress(None)
+    error = ing._as_api_error(ClientDisconnect())
+    assert error.status == 499 and error.code == "client_closed"
+    from orchestrator.metric_catalogue import serve_error_kind
+
+    assert serve_error_kind(error.status, error.code) == "client_closed"
+
+
+def test_the_served_model_can_be_retrieved_by_its_id_and_another_is_a_404():
+    # openai-python's client.models.retrieve(id): a route that did not exist (404 Not Found).
+    async def model_info():
+        return INFO
+
+    async def main():
+        ing = ingress(model_info)
+        found = await ing.retrieve_model(ing.settings.model_name)
+        missing = await ing.retrieve_model("gpt-4")
+        return found, missing
+
+    found, missing = asyncio.run(main())
+    assert found.status_code == 200
+    assert json.loads(found.body)["id"] == ServeSettings().model_name
+    assert missing.status_code == 404
+    assert json.loads(missing.body)["error"]["code"] == "model_not_found"
