@@ -183,9 +183,11 @@ def _changed_weights_refusal(out: Path, recorded: Any) -> str | None:
         return (f"its config.json records no {WEIGHTS_SHA256_KEY} (an export from before "
                 "2026-12-06), so whether its weights changed since cannot be told; remove it "
                 "first if it may be replaced")
+    from orchestrator.training.checkpoint import sha256_file
+
     weights = out / SAFETENSORS_FILE
     try:
-        digest = file_sha256(weights)
+        digest = sha256_file(weights)
     except FileNotFoundError:
         return (f"it holds a model whose {SAFETENSORS_FILE} is gone (saved again in shards, "
                 "or removed), which the export would overwrite")
@@ -196,13 +198,6 @@ def _changed_weights_refusal(out: Path, recorded: Any) -> str | None:
                 f"{digest[:12]}..., recorded {recorded[:12]}...): a model changed since, "
                 "fine-tuned and saved back?, which the export would overwrite")
     return None
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _unowned_files_refusal(out: Path) -> str | None:
@@ -317,6 +312,8 @@ def _write_hf_files(model, tokenizer: Tokenizer, directory: Path) -> list[str]:
     """The Hugging Face files of `model` and `tokenizer`, written in `directory`."""
     from safetensors.torch import save_file
 
+    from orchestrator.training.checkpoint import sha256_file
+
     eos = tokenizer.eos_id
     text = lambda obj: json.dumps(obj, indent=2) + "\n"  # noqa: E731
     weights = directory / SAFETENSORS_FILE
@@ -329,7 +326,7 @@ def _write_hf_files(model, tokenizer: Tokenizer, directory: Path) -> list[str]:
     token = tokenizer.eos_token
     special = {"eos_token": token, "bos_token": token} if eos is not None else {}
     files = {
-        CONFIG_FILE: text(hf_config(model, tokenizer, file_sha256(weights))),
+        CONFIG_FILE: text(hf_config(model, tokenizer, sha256_file(weights))),
         # max_length: the context, which generation must not outrun (the text-generation
         # pipeline's default of 256 new tokens indexed past a 128-position model's table)
         "generation_config.json": text({"bos_token_id": eos, "eos_token_id": eos,

@@ -41,6 +41,7 @@ from orchestrator.compression.artifacts import (CheckpointError, cpu_state_dict,
                                                 save_tensors, sha256_file, write_json)
 from orchestrator.compression.qat import WEIGHT_QMAX, Int8Linear, quantize_weight
 from orchestrator.cpython_quirks import retry_spurious_ast_error
+from orchestrator.tokenizer import TokenizerError
 from orchestrator.training.loss import token_cross_entropy
 from orchestrator.training.model import GPT, GPTConfig
 
@@ -388,11 +389,15 @@ def save_int8(directory: Path, model: nn.Module, names: list[str],
 
 def recorded_tokenizer_sha256(directory: str | Path) -> str:
     """The tokenizer an int8 export records in its config.json; "" for an export from before
-    it did (or a config.json that cannot be read: the loaders name that)."""
+    it did. TokenizerError when config.json is missing or unreadable: weights.int8.pt copied
+    without it was served with the bytes whatever its vocabulary."""
+    path = Path(directory) / CONFIG_FILE
     try:
-        info = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return ""
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{path} cannot be read ({e}); it records the export's "
+                             f"tokenizer: copy it (and any tokenizer.json) beside "
+                             f"{TORCH_FILE}") from None
     value = info.get("tokenizer_sha256") if isinstance(info, dict) else None
     return value if isinstance(value, str) else ""
 

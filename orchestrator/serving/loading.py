@@ -26,8 +26,8 @@ from typing import Any, Callable
 import torch
 
 from orchestrator.config import TrainConfig
-from orchestrator.tokenizer import (BYTE_VOCAB, TOKENIZER_FILE, ByteTokenizer, Tokenizer,
-                                    TokenizerError, tokenizer_of_run)
+from orchestrator.tokenizer import (BYTE_VOCAB, ByteTokenizer, Tokenizer, TokenizerError,
+                                    tokenizer_of_run)
 from orchestrator.runs import DEFAULT_RUNS_ROOT, checkpoint_dirs, latest_run_with_checkpoints
 from orchestrator.training.checkpoint import (SHARDED_META_FILE, STATE_FILE, CheckpointError,
                                               first_that_loads, load_checkpoint,
@@ -64,8 +64,11 @@ def _load_int8_export(directory: Path, device: torch.device
 
     model = load_int8_model(directory, device=device)  # verifies the checksum
     sha256 = (directory / (INT8_FILE + ".sha256")).read_text().strip()
-    return model.eval(), sha256, None, _run_tokenizer(
-        directory, recorded_tokenizer_sha256(directory), model)
+    try:
+        recorded = recorded_tokenizer_sha256(directory)
+    except TokenizerError as e:  # (copied without it: served with bytes, replies garbage)
+        raise CheckpointError(f"checkpoint {directory}: {e}") from None
+    return model.eval(), sha256, None, _run_tokenizer(directory, recorded, model)
 
 
 def _run_tokenizer(directory: Path, expected_sha256: str, model: torch.nn.Module) -> Tokenizer:
@@ -75,14 +78,6 @@ def _run_tokenizer(directory: Path, expected_sha256: str, model: torch.nn.Module
     try:
         tokenizer = tokenizer_of_run(directory, expected_sha256)
         vocab = model.config.vocab_size
-        if isinstance(tokenizer, ByteTokenizer) and vocab not in (BYTE_VOCAB,
-                                                                  tokenizer.vocab_size):
-            # No tokenizer.json found and none recorded (an int8 export copied without its
-            # config.json): bytes are a run's tokenizer only for a model of their size.
-            raise TokenizerError(f"no {TOKENIZER_FILE} is beside the model (nor in its run "
-                                 f"directory), and its {vocab}-token vocabulary is not the "
-                                 f"bytes' ({tokenizer.vocab_size}): copy the run's "
-                                 f"{TOKENIZER_FILE} (and config.json) beside it")
         if tokenizer.vocab_size > vocab and not (isinstance(tokenizer, ByteTokenizer)
                                                  and vocab == BYTE_VOCAB):
             raise TokenizerError(f"the tokenizer ({tokenizer.name}) has "

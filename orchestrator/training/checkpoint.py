@@ -71,6 +71,26 @@ def write_atomically(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def sync_tree(directory: Path) -> None:
+    """fsync every file under `directory`, then the directories themselves: a copied
+    checkpoint is on disk before the older ones are pruned (after a power loss the copy could
+    be empty, the only one left with keep=1)."""
+    for root, _, files in os.walk(directory, topdown=False):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        sync_directory(Path(root))
+
+
+def sync_directory(directory: Path) -> None:
+    """fsync a directory: the entries renamed into it are on disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_tensors(path: str | os.PathLike, obj: Any) -> Path:
     """`torch.save` of plain containers of tensors and numbers, atomically, with a `.sha256`
     sidecar written after it."""

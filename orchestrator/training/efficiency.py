@@ -1,8 +1,10 @@
 """Training efficiency figures: MFU, communication share, memory, and their alert thresholds.
 
 MFU (model FLOPs utilisation) follows PaLM (Chowdhery et al. 2022, appendix B): a decoder
-needs 6N + 12·L·H·Q·T FLOPs per trained token (N non-embedding parameters, L layers, H heads
-of size Q, context T), so achieved FLOP/s = that × tokens/s, over the device's peak.
+needs 6N + 12·L·H·Q·T FLOPs per trained token (N parameters less the position table: the
+token embedding, tied to the LM head, counts once, for the head's matrix product, as nanoGPT
+counts it; L layers, H heads of size Q, context T), so achieved FLOP/s = that × tokens/s,
+over the device's peak.
 """
 from __future__ import annotations
 
@@ -89,10 +91,11 @@ class Thresholds:
     max_memory_fraction: float = 0.90
 
 
-def flops_per_token(n_params_non_embedding: int, n_layer: int, n_embd: int,
-                    context: int) -> int:
-    """PaLM's training FLOPs per token: 6N + 12·L·(H·Q)·T, with H·Q = the model width."""
-    return 6 * n_params_non_embedding + 12 * n_layer * n_embd * context
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, context: int) -> int:
+    """PaLM's training FLOPs per token: 6N + 12·L·(H·Q)·T, with H·Q = the model width and N
+    the parameters that do matrix products per token (GPT.num_params: all but the position
+    table)."""
+    return 6 * n_params + 12 * n_layer * n_embd * context
 
 
 def gpu_peak_flops(device_name: str, precision: str) -> float | None:
@@ -183,16 +186,18 @@ def warnings_for(metrics: dict, thresholds: Thresholds) -> list[str]:
 
 def peak_memory(device: torch.device) -> tuple[int, int]:
     """(peak bytes used by this process, capacity in bytes): CUDA max allocated over the
-    device's memory on a GPU; the process's peak RSS over the machine's RAM on CPU."""
+    device's memory on a GPU; the process's peak RSS over the RAM it may use on CPU: within
+    its memory cgroup (a container's limit: over the host's RAM, the 90% warning never came
+    before the container's OOM kill)."""
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated(device),
                 torch.cuda.get_device_properties(device).total_memory)
     import resource
 
-    import psutil
+    from orchestrator.probes import memory_within_cgroup
 
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return peak_rss, psutil.virtual_memory().total
+    return peak_rss, memory_within_cgroup()[0]
 
 
 class CommTimer:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.runs import append_metrics
+from orchestrator.training.checkpoint import sync_directory, sync_tree
 from orchestrator.training.session import LocalSession
 
 RESULT_FILE = "worker_result.json"
@@ -50,9 +51,11 @@ class WorkerSession(LocalSession):
             self.reports.append(dict(metrics))
             saved = staging.exists()
             if saved:
+                sync_tree(staging)  # every worker's files (the barrier above: all copied)
                 if target.exists():
                     shutil.rmtree(target)
                 staging.rename(target)
+                sync_directory(self.run_dir)
                 self._prune_checkpoints(target)
             append_metrics(self.run_dir, metrics, str(target) if saved else None)
         dist.barrier()

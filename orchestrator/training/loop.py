@@ -11,6 +11,7 @@ the optimizer and schedule (optim.py), batches (data.py) and the optimizer step
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -113,6 +114,13 @@ def job_precision(requested: str, device: torch.device, rank: int = 0) -> str:
         say(f"precision auto: {AUTO_ORDER[weakest]} on every worker ({AUTO_ORDER[strongest]} "
             f"is not available on all of them)")
     return AUTO_ORDER[weakest]
+
+
+def _interval_mean(loss_sum, losses_summed) -> float:
+    """An interval's mean loss over the steps summed; NaN when none was (every fp16 step of
+    it overflowed: no loss to show)."""
+    count = int(losses_summed)
+    return float(loss_sum) / count if count else float("nan")
 
 
 def _mean_across_workers(value: float, device: torch.device) -> float:
@@ -292,6 +300,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     # interval_steps: the steps the reported loss averages; timed_steps: those the rates time
     # (all of them, except a compiled model's first step).
     interval_start, interval_steps, timed_steps, loss_sum = time.perf_counter(), 0, 0, 0.0
+    losses_summed = 0  # of interval_steps: fp16 leaves out a step the scaler skipped (below)
     run_tokens, run_seconds, skipped_steps = 0, 0.0, 0
     first_loss = None  # loss of this run's first step: the "before" of the loss curve
     phase_started = None  # start of this attempt's first step: the training phase's clock
@@ -329,8 +338,18 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         timed_steps += 1
         report_due = step % config.log_every == 0 or checkpoint_due
         # Accumulate on the device: .item() every step would stall a GPU on a host sync.
-        loss_sum += loss.detach().float()
-        if first_loss is None:
+        # Under fp16 loss scaling a non-finite loss is an overflow the scaler skips: averaged
+        # in, a healthy run's interval read NaN. (bf16 and fp32 have no scaler: NaN there is
+        # divergence, and is reported as it is.)
+        step_loss = loss.detach().float()
+        if scaler.is_enabled():
+            finite = torch.isfinite(step_loss)
+            step_loss = torch.where(finite, step_loss, torch.zeros_like(step_loss))
+            losses_summed += finite.int()
+        else:
+            losses_summed += 1
+        loss_sum += step_loss
+        if first_loss is None and (not scaler.is_enabled() or math.isfinite(loss.item())):
             first_loss = _mean_across_workers(loss.item(), device)
             # Wall-clock time of the first step this attempt completed: after a failure,
             # (this - failure time) is the recovery time.
@@ -355,10 +374,11 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 "started_at": started_at,
                 "restored_at": restored_at,
                 "first_step_at": first_step_at,
-                "loss": _mean_across_workers(loss_sum.item() / interval_steps, device),
+                "loss": _mean_across_workers(_interval_mean(loss_sum, losses_summed), device),
                 # The steps that loss averages: the interval since the last report, shorter
-                # after a resume or a yield (runs compare their losses over equal intervals).
-                "loss_steps": interval_steps,
+                # after a resume or a yield (runs compare their losses over equal intervals),
+                # less fp16 steps whose loss overflowed (skipped_steps counts them).
+                "loss_steps": int(losses_summed),
                 "first_loss": first_loss,
                 "lr": lr_at(step - 1, config, legs),
                 "tokens_per_s": timed_steps * tokens_per_step / elapsed,
@@ -401,6 +421,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                     say(f"stopped at step {step} with a checkpoint: {yielding}")
                 return metrics
             interval_start, interval_steps, timed_steps, loss_sum = time.perf_counter(), 0, 0, 0.0
+            losses_summed = 0
     return metrics
 
 
@@ -501,7 +522,7 @@ def _span_figures(model: GPT) -> dict[str, Any]:
 
 class Efficiency:
     """MFU, all-reduce share and peak memory per logging interval; warns (rank 0, once per
-    kind per run) when a figure crosses its threshold."""
+    kind per attempt) when a figure crosses its threshold (MFU on a GPU only)."""
 
     def __init__(self, config: TrainConfig, model: GPT, precision: Precision,
                  device: torch.device, wrapped: torch.nn.Module) -> None:
@@ -511,7 +532,9 @@ class Efficiency:
         self.peak_flops = (gpu_peak_flops(torch.cuda.get_device_name(device), precision.name)
                            if device.type == "cuda" else cpu_peak_flops())
         self.device = device
-        self.thresholds = Thresholds(config.warn_min_mfu, config.warn_max_comm_share,
+        # 45% is a GPU figure: against a CPU's measured peak every run fell short and warned.
+        self.thresholds = Thresholds(config.warn_min_mfu if device.type == "cuda" else 0.0,
+                                     config.warn_max_comm_share,
                                      config.warn_max_memory_fraction)
         self.comm = None
         if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
@@ -541,7 +564,8 @@ class Efficiency:
             kind = warning.split()[0]
             if kind not in self.warned:
                 self.warned.add(kind)
-                say(f"warning: {warning} (reported once per run)")
+                # (this process's: a restarted or resumed worker group says it again)
+                say(f"warning: {warning} (reported once per attempt)")
 
 
 def _publish(session: TrainSession, metrics: dict[str, Any], checkpoint_due: bool,

@@ -6,8 +6,8 @@ workers; one block's parameters gathered at a time, the next one prefetched):
 
 - parameters: fp32 master weights, 4 bytes each (autocast computes in bf16/fp16 from them);
 - gradients: fp32, 4 bytes each; DDP adds its gradient buckets (another 4 bytes each, as
-  `gradient_as_bucket_view` is off), and hierarchical accumulation may set a group's pending
-  gradients aside (up to 4 more);
+  `gradient_as_bucket_view` is off). Hierarchical accumulation adds none: a group's pending
+  gradients are set aside by reference while others step (accumulation.py), not copied;
 - optimizer: AdamW's two fp32 moments, 8 bytes per parameter;
 - autocast's low-precision copies of the weights in use (2 bytes each under bf16/fp16);
 - activations kept for the backward pass, per layer s·b·h·34 bytes at 16 bits (Korthikanti
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from orchestrator.config import TrainConfig
 
-GB = 1024 ** 3
+GIB = 1024 ** 3
 ADAM_BYTES = 8  # two fp32 moments
 FP32 = 4
 ACTIVATION_BYTES_PER_LAYER_16BIT = 34  # × seq · batch · width (Korthikanti et al. 2022)
@@ -41,7 +41,7 @@ ACTIVATION_BYTES_PER_LAYER_16BIT = 34  # × seq · batch · width (Korthikanti e
 SPAN_BIAS_BYTES = 16
 # CUDA context, library workspaces and allocator slack on top of the tensors: the low end of
 # the usual 0.5-2 GB, so the estimate refuses only GPUs the run clearly cannot fit.
-RUNTIME_OVERHEAD_BYTES = GB
+RUNTIME_OVERHEAD_BYTES = GIB
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,6 @@ class Shape:
     batch_size: int  # per worker, per micro-batch
     seq_len: int
     compute_bytes: int  # 2 under bf16/fp16 autocast, 4 in fp32
-    hierarchical: bool = False  # accumulation with unequal factors
     compiled: bool = False  # torch.compile'd: fewer copies of the logits live at once
     n_head: int = 1
     attention_span: bool = False  # the learnable span's attention stores its weights
@@ -93,9 +92,9 @@ class WorkerMemory:
         return self.weights + self.gradients + self.optimizer + self.activations
 
     def describe(self) -> str:
-        return (f"{self.strategy} over {self.workers} worker(s): {self.total / GB:.2f} GB per "
-                f"worker (weights {self.weights / GB:.2f}, gradients {self.gradients / GB:.2f}, "
-                f"optimizer {self.optimizer / GB:.2f}, activations {self.activations / GB:.2f})")
+        return (f"{self.strategy} over {self.workers} worker(s): {self.total / GIB:.2f} GiB per "
+                f"worker (weights {self.weights / GIB:.2f}, gradients {self.gradients / GIB:.2f}, "
+                f"optimizer {self.optimizer / GIB:.2f}, activations {self.activations / GIB:.2f})")
 
 
 def activation_bytes(shape: Shape) -> int:
@@ -128,7 +127,7 @@ def span_attention_bytes(shape: Shape) -> int:
 def ddp_worker_memory(shape: Shape, workers: int) -> WorkerMemory:
     n = shape.params
     low_precision_copies = n * shape.compute_bytes if shape.compute_bytes < FP32 else 0
-    gradients = n * FP32 * (3 if shape.hierarchical else 2)  # .grad + DDP's buckets (+ set aside)
+    gradients = n * FP32 * 2  # .grad + DDP's buckets
     return WorkerMemory("DDP", workers, n * FP32 + low_precision_copies, gradients,
                         n * ADAM_BYTES, activation_bytes(shape))
 
@@ -138,9 +137,8 @@ def fsdp_worker_memory(shape: Shape, workers: int) -> WorkerMemory:
     embeddings = n - shape.n_layer * block  # the root's parameters, gathered for the whole step
     # Gathered for compute: the root plus two blocks (the one running and the prefetched next).
     gathered = (embeddings + 2 * block) * shape.compute_bytes
-    # Sharded fp32 gradients (and pending ones set aside), plus the unsharded gradients of
-    # the block being reduce-scattered.
-    gradients = -(-n * FP32 * (2 if shape.hierarchical else 1) // workers) + block * FP32
+    # Sharded fp32 gradients, plus the unsharded gradients of the block being reduce-scattered.
+    gradients = -(-n * FP32 // workers) + block * FP32
     return WorkerMemory("FSDP", workers, -(-n * FP32 // workers) + gathered, gradients,
                         -(-n * ADAM_BYTES // workers), activation_bytes(shape))
 
@@ -155,7 +153,6 @@ def shape_of(config: TrainConfig, on_gpu: bool) -> Shape:
                  vocab_size=config.vocab_size, block_size=config.seq_len,
                  batch_size=config.batch_size, seq_len=config.seq_len,
                  compute_bytes=2 if low else FP32,
-                 hierarchical=len(set(config.accumulation_factors.values())) > 1,
                  compiled=config.compiles_on("cuda" if on_gpu else "cpu"),
                  n_head=preset["n_head"], attention_span=config.attention_span,
                  dropout=config.dropout > 0)
@@ -171,7 +168,7 @@ def gpu_memory_needed_gb(config: TrainConfig, workers: int) -> float:
     """Free memory (GiB, rounded up to 0.1) each worker's GPU needs for this run: the
     estimate under its strategy plus the runtime's overhead."""
     needed = worker_memory(config, workers, on_gpu=True).total + RUNTIME_OVERHEAD_BYTES
-    return math.ceil(needed / GB * 10) / 10
+    return math.ceil(needed / GIB * 10) / 10
 
 
 def memory_lines(config: TrainConfig, workers: int, on_gpu: bool) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from orchestrator.runs import append_metrics
+from orchestrator.training.checkpoint import sync_directory, sync_tree
 
 
 class TrainSession(Protocol):
@@ -78,9 +79,11 @@ class LocalSession:
         staging = self.run_dir / f".staging_{target.name}"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(checkpoint_dir, staging)
+        sync_tree(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
+        sync_directory(self.run_dir)  # the rename, before older checkpoints go
         self._prune_checkpoints(target)
 
     def _prune_checkpoints(self, written: Path) -> None:

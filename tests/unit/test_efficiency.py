@@ -72,6 +72,17 @@ def test_peak_memory_on_cpu_is_this_process_against_the_machine():
     assert 0 < used < capacity
 
 
+def test_peak_memory_on_cpu_is_against_the_containers_limit(monkeypatch):
+    # Against the host's RAM (24 GiB here) in a 4 GiB container, the 90% warning could never
+    # come before the OOM kill.
+    from orchestrator import probes
+
+    monkeypatch.setattr(probes, "cgroup_memory_limit", lambda: (4 * 1024 ** 3, 1024 ** 3))
+    assert peak_memory(torch.device("cpu"))[1] == min(4 * 1024 ** 3,
+                                                       probes.memory_within_cgroup()[0])
+    assert peak_memory(torch.device("cpu"))[1] <= 4 * 1024 ** 3
+
+
 def test_comm_timer_times_all_reduce_and_keeps_gradients_exact(process_group):
     torch.manual_seed(0)
     plain = torch.nn.Linear(8, 4)

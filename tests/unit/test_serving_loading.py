@@ -117,6 +117,7 @@ def test_int8_exports_load_through_the_compression_loader(tmp_path):
     (tmp_path / "int8").mkdir()
     save_tensors(tmp_path / "int8" / INT8_FILE,
                  export.int8_state(model, prunable_names(model)))
+    (tmp_path / "int8" / "config.json").write_text('{"tokenizer_sha256": ""}')  # as written
     loaded = load_model(tmp_path / "int8")
     assert loaded.format == "int8" and loaded.block_size == 32
     assert load_model(tmp_path).path == loaded.path  # the compress output dir holding int8/
@@ -127,26 +128,21 @@ def test_int8_exports_load_through_the_compression_loader(tmp_path):
     assert out[0][1][0] == reference[0][1][0]
 
 
-def test_an_int8_export_copied_without_its_tokenizer_is_not_served_with_bytes(tmp_path):
-    """weights.int8.pt alone (its config.json, which records the tokenizer, and tokenizer.json
-    not copied): a 320-token BPE model was served with the 257 bytes, every reply garbage."""
+def test_an_int8_export_copied_without_its_config_is_refused_not_served_with_bytes(tmp_path):
+    """weights.int8.pt alone (its config.json, which records the tokenizer, not copied): a
+    320-token BPE model was served with the 257 bytes, every reply garbage."""
     export = pytest.importorskip("orchestrator.compression.export")
     from orchestrator.compression.artifacts import save_tensors
     from orchestrator.compression.prune import prunable_names
     from orchestrator.training.model import GPT, GPTConfig
 
-    for vocab, served in ((320, False), (257, True)):
-        model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32,
-                              vocab_size=vocab)).eval()
-        directory = tmp_path / str(vocab)
-        directory.mkdir()
-        save_tensors(directory / INT8_FILE, export.int8_state(model, prunable_names(model)))
-        if served:
-            assert load_model(directory).model.config.vocab_size == 257
-        else:
-            with pytest.raises(CheckpointError, match="no tokenizer.json is beside the model"
-                                                      ".*320-token vocabulary"):
-                load_model(directory)
+    model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32, vocab_size=320))
+    save_tensors(tmp_path / INT8_FILE, export.int8_state(model.eval(), prunable_names(model)))
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'config.json'} cannot be read .*"
+                                              "records the export's tokenizer"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"tokenizer_sha256": ""}')  # an older export's
+    assert load_model(tmp_path).model.config.vocab_size == 320
 
 
 def test_a_missing_tokenizer_names_the_checkpoint_once(tmp_path):
