@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-dir", help=f"run directory (default: a new one under "
                    f"{DEFAULT_RUNS_ROOT}; on a multi-node cluster use shared storage)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --run-dir (default: the latest run) from its "
+                   help="continue the run in --run-dir (default: the newest pretrain-* run) from its "
                    "latest checkpoint")
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory a worker needs under DDP and FSDP and the placement "
@@ -351,7 +351,7 @@ def _data_flags(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def resume_hint(args: argparse.Namespace) -> str:
-    """What Ctrl-C says: --resume alone continues the latest run under the runs root, which
+    """What Ctrl-C says: --resume alone continues the newest pretrain-* run under the runs root, which
     need not be this one (another run since, or a --run-dir elsewhere): name it."""
     run_dir = getattr(args, "resolved_run_dir", None)
     if run_dir is None:

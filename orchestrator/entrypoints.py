@@ -62,6 +62,11 @@ def accepts_config(train_loop: Callable) -> bool:
         signature = inspect.signature(train_loop)
     except (TypeError, ValueError):
         raise TypeError(f"{train_loop!r} is not a function Ray Train can run") from None
+    kind = _not_run_by_a_call(train_loop)
+    if kind:  # called, it returns a coroutine or generator and runs nothing: a silent success
+        raise TypeError(f"{getattr(train_loop, '__qualname__', repr(train_loop))} is {kind}; "
+                        "Ray Train calls the loop and runs nothing it returns: make it a "
+                        "plain function (asyncio.run() inside it for async code)")
     positional = [p for p in signature.parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     required = [p for p in positional if p.default is p.empty]
@@ -75,13 +80,26 @@ def accepts_config(train_loop: Callable) -> bool:
                                    for p in signature.parameters.values())
 
 
+def _not_run_by_a_call(function: Callable) -> str | None:
+    """What kind of function `function` is when calling it runs none of its body."""
+    if inspect.isasyncgenfunction(function):
+        return "an async generator"
+    if inspect.iscoroutinefunction(function):
+        return "an async function"
+    if inspect.isgeneratorfunction(function):
+        return "a generator (it yields)"
+    return None
+
+
 def _import(module_name: str) -> ModuleType:
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise EntrypointError(f"entrypoint module {module_name!r} not found (is its "
-                                  "folder the working directory, or installed?)") from None
+            raise EntrypointError(f"entrypoint module {module_name!r} not found: a module "
+                                  "name is looked up from the current directory and installed "
+                                  "packages, not the job file's folder (a script there: "
+                                  "'path/to/script.py:function')") from None
         raise EntrypointError(f"entrypoint module {module_name!r} failed to import: "
                               f"{type(e).__name__}: {e}") from None
     except SystemExit as e:  # it would end this command silently, with the module's code
@@ -100,7 +118,8 @@ def _exit_on_import(what: str, exit: SystemExit) -> str:
 
 
 def _load_file(where: str, base_dir: Path | None) -> ModuleType:
-    candidates = ([base_dir / where] if base_dir else []) + [Path(where)]
+    script = Path(where).expanduser()  # (as run_dir and working_dir are)
+    candidates = ([base_dir / script] if base_dir else []) + [script]
     path = next((p.resolve() for p in candidates if p.is_file()), None)
     if path is None:
         # Each folder once: the job file's folder is often the working directory (or `where`
@@ -160,13 +179,25 @@ def local_modules(module: ModuleType) -> list[ModuleType]:
             continue
         top = other.__name__.partition(".")[0]
         if top not in tops:
-            loaded = getattr(sys.modules.get(top), "__file__", None)
-            tops[top] = (importlib.machinery.PathFinder.find_spec(top, [folder]) is not None
-                         and loaded is not None and Path(loaded).resolve().is_relative_to(folder)
-                         and not _installed(top, folder, loaded))
+            tops[top] = _from_folder(top, folder)
         if tops[top]:
             found.append(other)
     return found
+
+
+def _from_folder(top: str, folder: str) -> bool:
+    """Whether the top-level module `top` was found in the script's `folder`: a module or
+    package there (not the same one installed elsewhere), or a folder of modules without an
+    __init__.py (a namespace package: no __file__ of its own, where it was missed, and its
+    modules were pickled by name for workers that cannot import them)."""
+    if importlib.machinery.PathFinder.find_spec(top, [folder]) is None:
+        return False
+    loaded_module = sys.modules.get(top)
+    loaded = getattr(loaded_module, "__file__", None)
+    if loaded is None:
+        return any(Path(p).resolve().is_relative_to(folder)
+                   for p in getattr(loaded_module, "__path__", None) or ())
+    return Path(loaded).resolve().is_relative_to(folder) and not _installed(top, folder, loaded)
 
 
 def _installed(top: str, folder: str, loaded: str) -> bool:

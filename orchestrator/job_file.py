@@ -2,17 +2,19 @@
 reads. One YAML mapping:
 
     name: mnist-mlp                  # the job's name, and its run directory's name
-    entrypoint: examples/mlp.py:train_loop   # or package.module:function
+    entrypoint: examples/regression/train.py:train_loop   # or package.module:function
     config: {lr: 0.01, epochs: 3}    # handed to the loop (Ray Train's train_loop_config)
     num_workers: 2                   # ... and every other JobSpec field (docs/scheduler.md)
     cpus_per_worker: 1
-    preemptible: true                # false when the loop does not call launch.report
-    runtime_env: {working_dir: ., pip: [pandas]}   # Ray's runtime_env (working_dir: beside
-                                                   # the job file, as run_dir)
+    preemptible: true                # false when the loop reports no checkpoints
+    runtime_env: {pip: [pandas]}     # Ray's runtime_env (local paths in it: beside the job
+                                     # file, as run_dir; under `ray job submit`, a field
+                                     # given there too is refused)
     run_dir: ~/orchestrator-runs/mnist-mlp         # default: the runs root / name; a
                                                    # relative one is beside the job file
     max_failures: 3
     queue_timeout_s: 600
+    keep_checkpoints: 3              # how many Ray Train keeps; null: every one
 
 The launcher's own keys are taken out; everything else is a JobSpec field, checked by JobSpec
 (an unknown key gets a did-you-mean). Every error names the file.
@@ -28,8 +30,9 @@ from orchestrator.config import ConfigError, JobSpec, known_fields_problems, unk
 from orchestrator.runs import run_dir_uri_problem
 from orchestrator.validation import is_int, is_number
 
+DEFAULT_KEEP_CHECKPOINTS = 3  # checkpoints Ray Train keeps of a launched loop's run
 LAUNCHER_KEYS = ("entrypoint", "config", "runtime_env", "run_dir", "max_failures",
-                 "queue_timeout_s")
+                 "queue_timeout_s", "keep_checkpoints")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class JobFile:
     run_dir: str | None = None
     max_failures: int = 3
     queue_timeout_s: float = 600.0
+    keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS  # None: every one
     path: Path | None = None  # the file it came from; scripts are found next to it
 
 
@@ -90,11 +94,34 @@ def load_job_file(path: str | Path) -> JobFile:
     # Relative paths are the job file's, as its entrypoint script is, wherever `submit` runs.
     if "run_dir" in launcher:
         launcher["run_dir"] = str(path.parent / Path(launcher["run_dir"]).expanduser())
-    working_dir = (launcher.get("runtime_env") or {}).get("working_dir")
-    if isinstance(working_dir, str) and "://" not in working_dir:
-        launcher["runtime_env"] = {**launcher["runtime_env"], "working_dir":
-                                   str(path.parent / Path(working_dir).expanduser())}
+    if launcher.get("runtime_env"):
+        launcher["runtime_env"] = _runtime_env_paths_rebased(launcher["runtime_env"],
+                                                            path.parent)
     return JobFile(spec=spec, path=path, **launcher)
+
+
+def _runtime_env_paths_rebased(runtime_env: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The runtime_env with its local paths read from the job file's `folder`, as its
+    entrypoint and run_dir are: working_dir, a requirements file (`pip: requirements.txt`),
+    a conda environment file and py_modules entries (only working_dir was: the others were
+    read from wherever `submit` ran, and refused there). URIs and package names stay."""
+    def local(value: Any) -> bool:
+        return isinstance(value, str) and "://" not in value
+
+    def rebased(value: str) -> str:
+        return str(folder / Path(value).expanduser())
+
+    env = dict(runtime_env)
+    if local(env.get("working_dir")):
+        env["working_dir"] = rebased(env["working_dir"])
+    if local(env.get("pip")) and (folder / Path(env["pip"]).expanduser()).is_file():
+        env["pip"] = rebased(env["pip"])  # (a file's path; a package name is a list in Ray)
+    if local(env.get("conda")) and env["conda"].endswith((".yml", ".yaml")):
+        env["conda"] = rebased(env["conda"])
+    if isinstance(env.get("py_modules"), list):
+        env["py_modules"] = [rebased(m) if local(m) and (folder / Path(m).expanduser()).exists()
+                             else m for m in env["py_modules"]]
+    return env
 
 
 MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -152,6 +179,10 @@ def launcher_problems(launcher: dict[str, Any]) -> list[str]:
         p.append(f"run_dir must be a path, got {launcher['run_dir']!r}")
     elif "run_dir" in launcher and run_dir_uri_problem(launcher["run_dir"]):
         p.append(f"run_dir: {run_dir_uri_problem(launcher['run_dir'])}")
+    if launcher.get("keep_checkpoints") is not None and not (
+            is_int(launcher["keep_checkpoints"]) and launcher["keep_checkpoints"] >= 1):
+        p.append(f"keep_checkpoints must be an integer >= 1 or null (keep every one), got "
+                 f"{launcher['keep_checkpoints']!r}")
     if "max_failures" in launcher and not (is_int(launcher["max_failures"])
                                            and launcher["max_failures"] >= 0):
         p.append(f"max_failures must be an integer >= 0, got {launcher['max_failures']!r}")

@@ -39,19 +39,17 @@ from typing import Any, Callable
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.entrypoints import accepts_config, local_modules
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
-from orchestrator.job_file import launcher_problems
+from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS, launcher_problems
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, run_dir_held,
                                unused_checkpoints_warning, writable_dir_problem)
 from orchestrator.validation import is_int
-
-DEFAULT_KEEP_CHECKPOINTS = 3
 
 
 def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = None,
         run_dir: str | Path | None = None, resume: bool = False, address: str | None = None,
         queue_timeout_s: float = 600.0, max_failures: int = 3,
         runtime_env: dict[str, Any] | None = None,
-        keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS):
+        keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS):
     """Run `train_loop` on the cluster where the scheduler places `spec`; returns a
     `ray_layer.launch.Launched` (Ray Train's `result`, the final `placement`, the `yields`).
 
@@ -118,10 +116,12 @@ def prepare_fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] |
         directory = resolve_fit_run_dir(spec, run_dir, resume)
     except (TypeError, ConfigError) as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
-    from ray_layer.cluster import runtime_env_problem, runtime_env_warnings
+    from ray_layer.cluster import (runtime_env_problem, runtime_env_warnings,
+                                   submitted_runtime_env_conflict)
     from ray_layer.user_loop import pickling_problem, ship_by_value, yielding
 
-    problem = runtime_env_problem(runtime_env) if runtime_env else None
+    problem = (runtime_env_problem(runtime_env) or submitted_runtime_env_conflict(runtime_env)
+               if runtime_env else None)
     if problem:
         raise JobFailed(problem, EXIT_BAD_INPUT)
     for warning in runtime_env_warnings(runtime_env or {}):

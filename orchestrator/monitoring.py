@@ -57,10 +57,17 @@ def _replicas_failing_within(window_s: int) -> str:
     stops (a scale-down, a rolling update too: Ray 2.60's DeploymentState._stop_replica), so
     a stopped replica counts only where its failure series is there too."""
     window = f"{window_s // 60}m"
+    failures = m.RAY_SERVE_HEALTH_CHECK_FAILURES
+    # A replica's failures within the window: its series appeared in it (already at 3), or
+    # grew in it. (Its total alone counted a failure long past: two replicas that had each
+    # failed one check under load once paged at the scale-down that followed.)
+    failed_within = (f"((max_over_time({failures}[{window}]) > 0 unless on (application, "
+                     f"deployment, replica) max_over_time({failures}[{window}] offset {window}))"
+                     f" or (max_over_time({failures}[{window}]) - min_over_time({failures}"
+                     f"[{window}]) > 0))")
     return (f"(count by (application, deployment) ((min_over_time("
             f"{m.RAY_SERVE_REPLICA_HEALTHY}[{window}]) == 0) "
-            f"and on (application, deployment, replica) (max_over_time("
-            f"{m.RAY_SERVE_HEALTH_CHECK_FAILURES}[{window}]) > 0)) "
+            f"and on (application, deployment, replica) {failed_within}) "
             f">= {m.ALERT_UNHEALTHY_REPLICAS}) "
             f"or (sum by (application, deployment) (increase("
             f"{m.RAY_SERVE_HEALTH_CHECK_FAILURES}[{window}])) >= "
@@ -85,7 +92,8 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         m.ALERT_TRAINING_FOR_S, "warn",
         f"Training run {{{{ $labels.run }}}} is below {m.ALERT_MIN_MFU:.0%} MFU",
         "Model FLOPs utilisation {{ $value | humanizePercentage }}: check batch size, "
-        "precision, data loading and the communication share."),
+        "precision, data loading and the communication share. (A CPU run fires it too: 45% "
+        "is a GPU figure, which the training log's warning keeps to GPUs.)"),
     AlertRule(
         "TrainingCommunicationHigh",
         f"avg by (run) ({_q(m.TRAIN_COMM_SHARE)}) > {m.ALERT_MAX_COMM_SHARE}",

@@ -5,6 +5,7 @@ first one on a cluster creates anything.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Callable
@@ -178,6 +179,35 @@ def runtime_env_problem(runtime_env: dict) -> str | None:
             where = f"runtime_env.{key}" if key is not None else "runtime_env"
             return f"{where}: {' '.join(str(e).split())}{RUNTIME_ENV_HINTS.get(key, '')}"
     return None
+
+
+def submitted_runtime_env_conflict(runtime_env: dict,
+                                   environ: dict[str, str] | None = None) -> str | None:
+    """Under `ray job submit`, the runtime_env fields (and env_vars keys) the job's own
+    runtime_env shares with the submission's (`--working-dir`, `--runtime-env`), which Ray
+    refuses to merge, or None. Ray says so only in ray.init, as if the connection failed,
+    and a dry run (which connects without the job's runtime_env) passed."""
+    import json
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    environ = os.environ if environ is None else environ
+    if RAY_JOB_CONFIG_JSON_ENV_VAR not in environ or \
+            environ.get("RAY_OVERRIDE_JOB_RUNTIME_ENV") == "1":
+        return None
+    try:
+        submitted = json.loads(environ[RAY_JOB_CONFIG_JSON_ENV_VAR]).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None  # Ray's own to read; it says what is wrong with it
+    shared = sorted((set(runtime_env) & set(submitted)) - {"env_vars"})
+    shared += [f"env_vars.{k}" for k in sorted(set(runtime_env.get("env_vars") or {})
+                                               & set(submitted.get("env_vars") or {}))]
+    if not shared:
+        return None
+    return (f"runtime_env: {', '.join(shared)} also given by `ray job submit` (its "
+            "--working-dir / --runtime-env), and Ray does not merge a field given twice: "
+            "drop it from the job's runtime_env or from `ray job submit` (or set "
+            "RAY_OVERRIDE_JOB_RUNTIME_ENV=1: the job's then wins)")
 
 
 def runtime_env_warnings(runtime_env: dict) -> list[str]:

@@ -6,7 +6,7 @@ Any launcher wraps its own `fit(placement)` in `PlacedRun.run`; jobs/pretrain.py
 storage) and return a result whose metrics carry "yielded" when the job stopped because the
 scheduler told it to (orchestrator/training/loop.py does that at a step boundary, in the
 report that saves its checkpoint). A training function whose workers found a GPU without the
-free memory asked returns {"gpu_too_small": [...]} (ray_layer/train_session.py): read from
+free memory asked returns {GPU_SHORTFALL: [...]} (ray_layer/train_session.py): read from
 the result's `return_value`, since Ray Train's `metrics` are those of the latest report with
 a checkpoint only, and that report has none.
 
@@ -50,8 +50,10 @@ def describe(placement: Placement) -> str:
 def gpu_shortfall(result) -> list[dict] | None:
     """The GPUs the workers found without the free memory asked, if the training function
     returned them (rank 0's return value: Ray Train's Result.return_value)."""
+    from ray_layer.train_session import GPU_SHORTFALL
+
     value = getattr(result, "return_value", None)
-    return value.get("gpu_too_small") if isinstance(value, dict) else None
+    return value.get(GPU_SHORTFALL) if isinstance(value, dict) else None
 
 
 def _checkpoint_path(result) -> str | None:

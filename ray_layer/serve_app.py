@@ -137,9 +137,10 @@ class Ingress:
         self.deployment = serve.get_replica_context().deployment
         self._info: dict[str, Any] | None = None
         self._info_at = 0.0
-        # One refresh at a time: every request arriving while it ran sent its own model_info
-        # call (200 at once on an expired cache), each queued at a replica beside generation.
-        self._info_lock = asyncio.Lock()
+        # One refresh at a time, shared: every request arriving while it ran sent its own
+        # model_info call (200 at once on an expired cache), each queued at a replica beside
+        # generation; its answer, or its error, reaches every request waiting on it.
+        self._info_refresh: asyncio.Future | None = None
         self.retries: Counter = Counter()  # calls resent after a model replica was lost
         # By sha256: a name is a file's path, which a new tokenizer can take (a compression's
         # --out reused, a run directory trained again); the one cached under it went on
@@ -214,6 +215,7 @@ class Ingress:
     async def retrieve_model(self, model_id: str) -> Response:
         started = time.perf_counter()
         try:
+            protocol.model_body(self.settings.model_name, {}, model_id)  # another name: 404 now
             body = protocol.model_body(self.settings.model_name,
                                        await self._model_info(max_age_s=0.0), model_id)
         except Exception as e:
@@ -286,13 +288,21 @@ class Ingress:
     async def _model_info(self, max_age_s: float) -> dict[str, Any]:
         if self._info is not None and time.monotonic() - self._info_at <= max_age_s:
             return self._info
-        asked_at = time.monotonic()
-        async with self._info_lock:  # a refresh that ends after this call began serves it
-            if self._info is None or self._info_at < asked_at:
-                self._info = await self._with_retries(
-                    lambda: self._answer(self.model.model_info.remote()))
-                self._info_at = time.monotonic()
-            return self._info
+        if self._info_refresh is None:
+            self._info_refresh = asyncio.ensure_future(self._refresh_model_info())
+            self._info_refresh.add_done_callback(self._refreshed)
+        # (shielded: a request that gives up does not cancel the others' refresh)
+        return await asyncio.shield(self._info_refresh)
+
+    async def _refresh_model_info(self) -> dict[str, Any]:
+        info = await self._with_retries(lambda: self._answer(self.model.model_info.remote()))
+        self._info, self._info_at = info, time.monotonic()
+        return info
+
+    def _refreshed(self, refresh: asyncio.Future) -> None:
+        self._info_refresh = None  # the next expiry starts a new one, a failure too
+        if not refresh.cancelled():
+            refresh.exception()  # (read: no "never retrieved" warning when nobody waited)
 
     async def _generate(self, request: GenerationRequest, route: str) -> GenerationResult:
         return await self._with_retries(

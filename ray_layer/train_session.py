@@ -26,12 +26,16 @@ from orchestrator.training.session import gpu_shortfall, older_checkpoints
 from ray_layer.scheduler_client import scheduler_or_none
 from ray_layer.telemetry import record_all
 
+# The key of train_under_ray's return value naming GPUs without the free memory asked: the
+# launcher's own name, as a user's loop returns its own values (Result.return_value) too.
+GPU_SHORTFALL = "orchestrator_gpu_too_small"
+
 
 def train_under_ray(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train's per-worker entry point (TorchTrainer's train_loop_per_worker). `config`:
     {"train": TrainConfig as a dict, "min_gpu_memory_gb": what each worker's GPU must have
     free}. Every worker first checks the GPU it was given; if any lacks the memory, all stop
-    before training and return {"gpu_too_small": [...]}, so the job is placed again without
+    before training and return {GPU_SHORTFALL: [...]}, so the job is placed again without
     it (ray_layer/placed_run.py); a resumed run whose checkpoint is already at --max-steps
     returns {"already_complete": True, "step": ...}. Returned, not only reported: Ray Train's
     Result keeps the metrics of the latest report *with a checkpoint* (none here: None on a
@@ -50,7 +54,7 @@ def train_under_ray(config: dict[str, Any]) -> dict[str, Any] | None:
                 f"GPU {f['gpu_index']} of node {f['node_id'][:12]}: {f['free_gb']} GiB free, "
                 f"{f['needed_gb']:g} needed" for f in found))
         session.report({"step": 0, "gpu_too_small": found}, None)  # the run's log shows it
-        return {"gpu_too_small": found}
+        return {GPU_SHORTFALL: found}
     metrics = train(TrainConfig.from_dict(config["train"]), session)
     if metrics.get("already_complete"):
         # Reported without a checkpoint, so Result.metrics are the checkpoint's report (a

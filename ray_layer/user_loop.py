@@ -28,6 +28,9 @@ import torch.distributed as dist
 from orchestrator.entrypoints import accepts_config
 from ray_layer.train_session import DirectiveWatch
 
+# Metric names the launcher itself reads from a report: "yielded" (a preemption) and
+# "already_complete" (a resumed run with nothing left, kept out of metrics.jsonl).
+RESERVED_METRICS = frozenset({"yielded", "already_complete"})
 _watch: DirectiveWatch | None = None  # one per worker process (rank 0 asks)
 _pending: str | None = None  # a directive not yet acted on (no checkpoint since)
 
@@ -47,6 +50,10 @@ def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = 
     yield and rank 0 saves a checkpoint with this report, "yielded" joins that report's
     metrics and Yielded is raised on every rank after it."""
     global _watch, _pending
+    reserved = sorted(RESERVED_METRICS & set(metrics))
+    if reserved:  # (a loop's own "yielded" re-queued the job; "already_complete" hid a line)
+        raise ValueError(f"report: metric name(s) {reserved} are the launcher's own; rename "
+                         "them")
     decision = None
     if ray.train.get_context().get_world_rank() == 0:
         _watch = _watch or DirectiveWatch()
@@ -72,7 +79,7 @@ def _from_rank_zero(value: str | None) -> str | None:
     return box[0]
 
 
-def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callable[[dict], None]:
+def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callable[[dict], Any]:
     """The function Ray Train runs on each worker: the user's loop (called with the config,
     or with nothing when it takes no argument), a Yielded ending it normally (its report,
     with the checkpoint and "yielded", is already in). `import_path`: folders put first on
@@ -80,14 +87,15 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
     imports only when it runs is found on this node or on shared storage)."""
     takes_config = accepts_config(train_loop)
 
-    def per_worker(config: dict) -> None:
+    def per_worker(config: dict) -> Any:
         for folder in reversed(import_path):
             if os.path.isdir(folder) and folder not in sys.path:
                 sys.path.insert(0, folder)
         try:
-            train_loop(config) if takes_config else train_loop()
+            # Rank 0's return value is the result's `return_value` (it was dropped)
+            return train_loop(config) if takes_config else train_loop()
         except Yielded:
-            pass
+            return None
         except Exception as e:
             stand_in = _stand_in_if_unsendable(e)
             if stand_in is None:

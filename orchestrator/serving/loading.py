@@ -98,11 +98,12 @@ def format_of(directory: Path) -> ModelFormat | None:
 
 
 def default_checkpoint(root: Path = DEFAULT_RUNS_ROOT) -> Path:
-    """The newest run with checkpoints under the runs root (what `serve run` serves when no
-    checkpoint is given)."""
-    run = latest_run_with_checkpoints(root)
+    """The newest jobs/pretrain.py run (`pretrain-*`) with checkpoints under the runs root
+    (what `serve run` serves when no checkpoint is given): a job file's run there (a user
+    loop's checkpoints, in a format of its own) was taken and refused."""
+    run = latest_run_with_checkpoints(root, "pretrain")
     if run is None:
-        raise CheckpointError(f"checkpoint: none given and no run with checkpoints under "
+        raise CheckpointError(f"checkpoint: none given and no pretrain-* run with checkpoints under "
                               f"{root.expanduser()}; train one with jobs/pretrain.py or pass "
                               "checkpoint=<dir>")
     return run

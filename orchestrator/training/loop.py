@@ -11,7 +11,6 @@ the optimizer and schedule (optim.py), batches (data.py) and the optimizer step
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -116,19 +115,31 @@ def job_precision(requested: str, device: torch.device, rank: int = 0) -> str:
     return AUTO_ORDER[weakest]
 
 
-def _interval_mean(loss_sum, losses_summed) -> float:
-    """An interval's mean loss over the steps summed; NaN when none was (every fp16 step of
-    it overflowed: no loss to show)."""
-    count = int(losses_summed)
-    return float(loss_sum) / count if count else float("nan")
+def _mean_loss_across_workers(loss_sum, losses_summed, device: torch.device
+                              ) -> tuple[float, float]:
+    """(the mean of the losses summed on every worker, the steps per worker it averages):
+    one all_reduce of both, so workers that summed different numbers of steps (fp16 leaves
+    out a step whose loss overflowed) weigh by their steps. NaN when no worker summed any."""
+    tensor = torch.tensor([float(loss_sum), float(losses_summed)], dtype=torch.float64,
+                          device=device)
+    workers = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+        workers = dist.get_world_size()
+    total, count = tensor.tolist()
+    return (total / count if count else float("nan")), count / workers
 
 
-def _mean_across_workers(value: float, device: torch.device) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()
+def _summed_loss(loss: torch.Tensor, skip_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss to add to an interval's sum, 1 or 0 steps summed), on the device: under fp16
+    loss scaling a non-finite loss is an overflow the scaler skips, left out (averaged in, a
+    healthy run's interval read NaN); without a scaler (bf16, fp32) NaN is divergence, and is
+    kept to be seen."""
+    value = loss.detach().float()
+    if not skip_nonfinite:
+        return value, torch.ones((), device=value.device)
+    finite = torch.isfinite(value)
+    return torch.where(finite, value, torch.zeros_like(value)), finite.float()
 
 
 @torch.no_grad()
@@ -303,6 +314,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     losses_summed = 0  # of interval_steps: fp16 leaves out a step the scaler skipped (below)
     run_tokens, run_seconds, skipped_steps = 0, 0.0, 0
     first_loss = None  # loss of this run's first step: the "before" of the loss curve
+    first_step_at = None
     phase_started = None  # start of this attempt's first step: the training phase's clock
     while step < config.max_steps:
         if phase_started is None:
@@ -338,19 +350,15 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         timed_steps += 1
         report_due = step % config.log_every == 0 or checkpoint_due
         # Accumulate on the device: .item() every step would stall a GPU on a host sync.
-        # Under fp16 loss scaling a non-finite loss is an overflow the scaler skips: averaged
-        # in, a healthy run's interval read NaN. (bf16 and fp32 have no scaler: NaN there is
-        # divergence, and is reported as it is.)
-        step_loss = loss.detach().float()
-        if scaler.is_enabled():
-            finite = torch.isfinite(step_loss)
-            step_loss = torch.where(finite, step_loss, torch.zeros_like(step_loss))
-            losses_summed += finite.int()
-        else:
-            losses_summed += 1
+        step_loss, summed = _summed_loss(loss, skip_nonfinite=scaler.is_enabled())
         loss_sum += step_loss
-        if first_loss is None and (not scaler.is_enabled() or math.isfinite(loss.item())):
-            first_loss = _mean_across_workers(loss.item(), device)
+        losses_summed += summed
+        if first_loss is None:  # (on every worker alike: the mean is a collective)
+            # The first step's loss, or (its fp16 loss overflowed on every worker) the first
+            # finite one's: the "before" of the loss curve, never NaN for a healthy run.
+            mean, counted = _mean_loss_across_workers(step_loss, summed, device)
+            first_loss = mean if counted else None
+        if first_step_at is None:
             # Wall-clock time of the first step this attempt completed: after a failure,
             # (this - failure time) is the recovery time.
             first_step_at = time.time()
@@ -366,6 +374,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 # the interval would end at the last kernel's launch, not its completion.
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - interval_start
+            interval_loss, interval_loss_steps = _mean_loss_across_workers(
+                loss_sum, losses_summed, device)
             run_tokens += timed_steps * tokens_per_step
             run_seconds += elapsed
             metrics = {
@@ -374,11 +384,12 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 "started_at": started_at,
                 "restored_at": restored_at,
                 "first_step_at": first_step_at,
-                "loss": _mean_across_workers(_interval_mean(loss_sum, losses_summed), device),
-                # The steps that loss averages: the interval since the last report, shorter
-                # after a resume or a yield (runs compare their losses over equal intervals),
-                # less fp16 steps whose loss overflowed (skipped_steps counts them).
-                "loss_steps": int(losses_summed),
+                "loss": interval_loss,
+                # The steps (per worker) that loss averages: the interval since the last
+                # report, shorter after a resume or a yield (runs compare their losses over
+                # equal intervals), less fp16 steps whose loss overflowed (skipped_steps).
+                "loss_steps": (int(interval_loss_steps) if interval_loss_steps.is_integer()
+                               else round(interval_loss_steps, 2)),
                 "first_loss": first_loss,
                 "lr": lr_at(step - 1, config, legs),
                 "tokens_per_s": timed_steps * tokens_per_step / elapsed,

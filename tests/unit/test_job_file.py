@@ -110,6 +110,7 @@ def test_a_number_too_long_to_print_is_named_not_a_traceback(tmp_path):
     ("runtime_env: working_dir", "runtime_env must be a mapping, got 'working_dir'"),
     ("entrypoint: 42", "entrypoint must be a string"),
     ("run_dir: 5", "run_dir must be a path, got 5"),
+    ("keep_checkpoints: 0", "keep_checkpoints must be an integer >= 1 or null"),
     # (it became a directory `s3:` beside the job file)
     ("run_dir: s3://bucket/runs/a", "run_dir: s3://bucket/runs/a is a URI; a run directory "
      "must be a path every node can reach"),
@@ -443,6 +444,17 @@ def test_a_relative_run_dir_in_a_job_file_is_beside_the_file(tmp_path, monkeypat
     loaded = load_job_file(job)
     assert loaded.run_dir == str(tmp_path / "proj" / "runs" / "alpha")
     assert loaded.runtime_env == {"working_dir": str(tmp_path / "proj"), "pip": ["pandas"]}
+    # So are the runtime_env's other files beside it (read from the current directory, they
+    # were refused: "runtime_env.pip: requirements.txt is not a valid file").
+    (tmp_path / "proj" / "requirements.txt").write_text("pandas\n")
+    (tmp_path / "proj" / "lib").mkdir()
+    job.write_text("name: alpha\nentrypoint: train.py:loop\n"
+                   "runtime_env: {pip: requirements.txt, conda: env.yaml, "
+                   "py_modules: [lib, s3://bucket/m.zip]}\n")
+    assert load_job_file(job).runtime_env == {
+        "pip": str(tmp_path / "proj" / "requirements.txt"),
+        "conda": str(tmp_path / "proj" / "env.yaml"),
+        "py_modules": [str(tmp_path / "proj" / "lib"), "s3://bucket/m.zip"]}
 
 
 @pytest.mark.parametrize("kwargs, expected", [
@@ -639,6 +651,35 @@ def test_a_runtime_env_key_close_to_rays_is_warned_of_not_refused():
     assert runtime_env_warnings({"workdir": ".", "env_vars": {}}) == [
         "runtime_env: Ray does not know the key 'workdir' (did you mean 'working_dir'?); it "
         "is ignored unless a plugin takes it"]
+
+
+def test_a_runtime_env_field_ray_job_submit_also_gives_is_refused_naming_it(monkeypatch,
+                                                                             tmp_path):
+    """`ray job submit --working-dir . -- python -m orchestrator submit job.yaml` with the job
+    file's `runtime_env: {working_dir: .}`: Ray refused the merge in ray.init, read as "cannot
+    start or connect to Ray", and a dry run (connecting without it) said placeable."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from ray_layer.cluster import submitted_runtime_env_conflict
+
+    submitted = {RAY_JOB_CONFIG_JSON_ENV_VAR: json.dumps({"runtime_env": {
+        "working_dir": "gcs://_ray_pkg_abc.zip", "env_vars": {"A": "1"}}})}
+    assert submitted_runtime_env_conflict({"pip": ["pandas"], "env_vars": {"B": "2"}},
+                                          submitted) is None
+    problem = submitted_runtime_env_conflict({"working_dir": ".", "env_vars": {"A": "2"}},
+                                             submitted)
+    assert problem.startswith("runtime_env: working_dir, env_vars.A also given by `ray job "
+                              "submit`"), problem
+    assert submitted_runtime_env_conflict({"working_dir": "."}, {
+        **submitted, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}) is None
+    assert submitted_runtime_env_conflict({"working_dir": "."}, {}) is None  # not submitted
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, submitted[RAY_JOB_CONFIG_JSON_ENV_VAR])
+    monkeypatch.setattr(launch, "DEFAULT_RUNS_ROOT", tmp_path)
+    with pytest.raises(JobFailed, match="working_dir also given by `ray job submit`") as e:
+        launch.prepare_fit(lambda: None, spec=JobSpec("alpha"), config=None, run_dir=None,
+                           resume=None, queue_timeout_s=0.0, max_failures=0,
+                           runtime_env={"working_dir": str(tmp_path)})
+    assert e.value.exit_code == EXIT_BAD_INPUT
 
 
 def test_a_run_dir_that_cannot_be_written_is_refused_before_placing(tmp_path):
@@ -972,3 +1013,57 @@ def test_a_job_larger_than_this_machine_is_refused_before_an_embedded_ray_starts
     monkeypatch.delenv("RAY_ADDRESS")
     ray_here.initialized = True  # Ray started here already: its own cluster, not this machine
     refuse_what_embedded_ray_cannot_hold(big, None)
+
+
+def test_a_helper_folder_without_init_travels_with_the_loop(tmp_path, monkeypatch):
+    """`from nsmods.helper import f` where nsmods/ beside the script has no __init__.py (a
+    namespace package: no __file__): it did not travel, every check passed, and the workers
+    failed to unpickle the loop (ModuleNotFoundError) after the job was placed."""
+    import torch  # noqa: F401 (see test_a_script_imports_the_files_beside_it...)
+    from orchestrator.entrypoints import local_modules
+
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    write(tmp_path / "job" / "nsmods_q5" / "helper.py", "def width():\n    return 7\n")
+    write(tmp_path / "job" / "train.py", "from nsmods_q5.helper import width\n"
+          "def train_loop():\n    return width()\n")
+    entry = load_entrypoint(str(tmp_path / "job" / "train.py") + ":train_loop")
+    assert entry.function() == 7
+    assert [m.__name__ for m in local_modules(entry.module)] == ["nsmods_q5.helper"]
+
+
+def test_the_loops_return_value_comes_back_and_reserved_report_names_are_refused():
+    from ray_layer import user_loop
+
+    # Rank 0's return value is the result's return_value: per_worker dropped it.
+    assert user_loop.yielding(lambda config: {"accuracy": 0.9})({}) == {"accuracy": 0.9}
+    # A loop's own "yielded" was read as a preemption (the job re-queued for nothing).
+    for name in ("yielded", "already_complete"):
+        with pytest.raises(ValueError, match=f"'{name}'.* are the launcher's own"):
+            user_loop.report({"loss": 1.0, name: True})
+
+
+def test_an_async_or_generator_loop_is_refused_it_would_run_nothing(tmp_path):
+    # Called, it returns a coroutine or generator: the job "succeeded" without training.
+    write(tmp_path / "loops.py", "async def a(config):\n    pass\n"
+          "def g(config):\n    yield 1\n")
+    for name, kind in (("a", "an async function"), ("g", "a generator")):
+        with pytest.raises(EntrypointError, match=f"{name} is {kind}"):
+            load_entrypoint(f"{tmp_path / 'loops.py'}:{name}")
+
+
+def test_a_script_path_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    write(tmp_path / "tilde_q6.py", "def loop():\n    return 1\n")
+    assert load_entrypoint("~/tilde_q6.py:loop").function() == 1
+
+
+def test_a_job_file_sets_how_many_checkpoints_are_kept(tmp_path):
+    # `keep_checkpoints: 5` was an unknown field: submit always kept 3.
+    job = load_job_file(write(tmp_path / "job.yaml", "name: a\nkeep_checkpoints: 5\n"))
+    assert job.keep_checkpoints == 5
+    assert load_job_file(write(tmp_path / "all.yaml",
+                               "name: a\nkeep_checkpoints: null\n")).keep_checkpoints is None
+    assert load_job_file(write(tmp_path / "default.yaml", "name: a\n")).keep_checkpoints == 3

@@ -261,6 +261,12 @@ def alert_cases() -> list[dict]:
     case([replaced("r1", 5), replaced("r2", 8), series(healthy, {**deployment, "replica": "r3"},
                                                        flat(1)), counted("r3", 0)],
          "ServeHealthChecksFailing", [])
+    # A scale-down of two replicas that each failed one check long before the window (a
+    # hang-check timeout under the load that preceded it): their totals are 1, not failures
+    # within the window.
+    case([replaced("r1", 5), replaced("r2", 8),
+          *(series(failures, {**deployment, "replica": r}, flat(1)) for r in ("r1", "r2"))],
+         "ServeHealthChecksFailing", [])
     # Failure counts per deployment (Serve's high-cardinality tags off): by their increase.
     case([series(failures, deployment, f"0+0.5x{mins * 2}")], "ServeHealthChecksFailing",
          [(deployment, sev["ServeHealthChecksFailing"])])

@@ -1,5 +1,5 @@
 """PlacedRun (ray_layer/placed_run.py) when the workers found a GPU without the free memory
-asked: the training function returns {"gpu_too_small": [...]} (Ray Train's
+asked: the training function returns {GPU_SHORTFALL: [...]} (Ray Train's
 Result.return_value); the driver tells the scheduler and fits again on the new placement.
 Ray Train's Result.metrics are the latest *checkpointed* report's: None on a fresh run, an
 earlier attempt's on a run resumed after a yield - never the shortfall."""
@@ -9,6 +9,7 @@ import pytest
 
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement
+from ray_layer.train_session import GPU_SHORTFALL
 
 SHORT = [{"node_id": "n1", "gpu_index": 1, "free_gb": 2.0, "needed_gb": 40.0}]
 
@@ -39,10 +40,10 @@ def result(metrics, checkpoint=None, return_value=None):
 
 
 @pytest.mark.parametrize("short_result", [
-    result(None, return_value={"gpu_too_small": SHORT}),  # a fresh run
+    result(None, return_value={GPU_SHORTFALL: SHORT}),  # a fresh run
     # resumed after a yield: the metrics are that yield's checkpointed report's
     result({"step": 7, "yielded": "preempt: by an operator"}, "/run/checkpoint_7",
-           return_value={"gpu_too_small": SHORT}),
+           return_value={GPU_SHORTFALL: SHORT}),
 ], ids=["fresh", "resumed"])
 def test_a_shortfall_is_told_to_the_scheduler_and_the_job_fits_again(driver, short_result):
     run, calls, second = driver
@@ -119,3 +120,13 @@ def test_no_scheduler_answering_is_said_not_a_traceback(monkeypatch):
                                JobSpec("job"), 60.0, say=lambda line: None, reconnect=gone)
     with pytest.raises(placed_run.NotPlaced, match=r"did not answer submit\(\) after 3 tries"):
         run.run(lambda placement: None)
+
+
+def test_a_users_loop_returning_its_own_gpu_too_small_is_its_answer(driver):
+    # A user's loop's return value is the result's return_value too (it was dropped): a key
+    # of its own named like the launcher's marker must not place the job again.
+    run, calls, _ = driver
+    mine = result({"step": 3}, "/run/checkpoint_3", return_value={"gpu_too_small": ["mine"]})
+    final, _ = run.run(lambda placement: mine)
+    assert final.return_value == {"gpu_too_small": ["mine"]}
+    assert [c[0] for c in calls] == ["submit"]

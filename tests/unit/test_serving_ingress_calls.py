@@ -3,6 +3,7 @@ of the model replicas, and what it answers, without Ray. The live paths are in
 tests/integration/test_serving_ingress.py."""
 import asyncio
 import json
+import time
 
 import pytest
 from starlette.requests import Request
@@ -28,7 +29,7 @@ def ingress(model_info):
     ing = object.__new__(BareIngress)
     ing.settings = ServeSettings()
     ing.deployment = "Ingress"
-    ing._info, ing._info_at, ing._info_lock = None, 0.0, asyncio.Lock()
+    ing._info, ing._info_at, ing._info_refresh = None, 0.0, None
     ing._record = ing._record_error = lambda *args: None
 
     async def with_retries(call):
@@ -71,6 +72,29 @@ def test_concurrent_requests_on_an_expired_cache_ask_the_model_once():
 
     asyncio.run(main())
     assert calls == 1
+
+
+def test_a_failed_refresh_fails_every_waiting_request_at_once():
+    # Taken in turn, each waiting request made its own call after the one before failed:
+    # the k-th got its 503 after k x replica_wait_s.
+    calls = 0
+
+    async def no_answer():
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.2)
+        raise RuntimeError("no replica")
+
+    async def main():
+        ing = ingress(no_answer)
+        started = time.monotonic()
+        answers = await asyncio.gather(*(ing._model_info(1.0) for _ in range(6)),
+                                       return_exceptions=True)
+        return answers, time.monotonic() - started
+
+    answers, took = asyncio.run(main())
+    assert all(isinstance(a, RuntimeError) for a in answers)
+    assert calls == 1 and took < 1.0, (calls, took)
 
 
 def test_a_body_that_names_a_bad_field_is_refused_without_waiting_for_a_replica():
@@ -136,6 +160,15 @@ def test_the_served_model_can_be_retrieved_by_its_id_and_another_is_a_404():
         return found, missing
 
     found, missing = asyncio.run(main())
+    # Another model's name: a 404 at once, with no replica up (it waited for one first).
+
+    async def never():
+        await asyncio.sleep(3600)
+
+    async def wrong_name():
+        return await asyncio.wait_for(ingress(never).retrieve_model("gpt-4"), 5)
+
+    assert asyncio.run(wrong_name()).status_code == 404
     assert found.status_code == 200
     assert json.loads(found.body)["id"] == ServeSettings().model_name
     assert missing.status_code == 404

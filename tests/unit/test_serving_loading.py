@@ -98,11 +98,19 @@ def test_versions_differ_for_different_weights_at_one_path(tmp_path):
     assert first != second and first.split("@")[0] == second.split("@")[0]
 
 
-def test_default_checkpoint_is_the_newest_run(tmp_path):
+def test_default_checkpoint_is_the_newest_pretrain_run(tmp_path):
+    import os
+
     with pytest.raises(CheckpointError, match="none given"):
         default_checkpoint(tmp_path)
-    save_untrained_checkpoint(tmp_path / "run-1" / "checkpoint_00000001")
-    assert default_checkpoint(tmp_path) == (tmp_path / "run-1").resolve()
+    save_untrained_checkpoint(tmp_path / "pretrain-1" / "checkpoint_00000001")
+    assert default_checkpoint(tmp_path) == (tmp_path / "pretrain-1").resolve()
+    # A newer job-file run under the same root (the README's example: a user loop's own
+    # checkpoint format) was taken, and `serve run` refused to start.
+    (tmp_path / "regression" / "checkpoint_00000001").mkdir(parents=True)
+    (tmp_path / "regression" / "checkpoint_00000001" / "state.pt").write_bytes(b"mine")
+    os.utime(tmp_path / "pretrain-1", (0, 0))
+    assert default_checkpoint(tmp_path) == (tmp_path / "pretrain-1").resolve()
 
 
 def test_int8_exports_load_through_the_compression_loader(tmp_path):

@@ -260,9 +260,12 @@ def test_fp16_scaler_skips_an_overflowing_step():
     assert scaler.get_scale() < scale  # and the scale backed off
 
 
-def test_fp16_overflow_inside_the_loop_is_skipped_counted_and_backs_off(tmp_path, monkeypatch):
+@pytest.mark.parametrize("overflowing_call, log_every", [(3, 5), (1, 1)])
+def test_fp16_overflow_inside_the_loop_is_skipped_counted_and_backs_off(
+        tmp_path, monkeypatch, overflowing_call, log_every):
     """An infinite loss on one step (as a real fp16 overflow would give) goes through the whole
-    loop: that step is skipped, counted, the scale halves, and the weights stay finite."""
+    loop: that step is skipped, counted, the scale halves, and the weights stay finite. (The
+    first step too, reported on its own.)"""
     from orchestrator.training import loop
 
     class OverflowsOnce(loop.GPT):
@@ -272,19 +275,22 @@ def test_fp16_overflow_inside_the_loop_is_skipped_counted_and_backs_off(tmp_path
             logits, loss = super().forward(idx, targets, **kwargs)
             if targets is not None and self.training:
                 OverflowsOnce.calls += 1
-                if OverflowsOnce.calls == 3:
+                if OverflowsOnce.calls == overflowing_call:
                     loss = loss * float("inf")
             return logits, loss
 
     monkeypatch.setattr(loop, "GPT", OverflowsOnce)
     session = LocalSession(tmp_path, device=CPU)
-    metrics = train(tiny(max_steps=5, precision="fp16", seq_len=16, log_every=5,
+    metrics = train(tiny(max_steps=5, precision="fp16", seq_len=16, log_every=log_every,
                          checkpoint_every=5), session)
     assert metrics["skipped_steps"] == 1
     assert metrics["loss_scale"] == 2.0 ** 16 / 2  # GradScaler's initial scale, backed off once
     # The interval's loss leaves the overflowed step out: averaged in, a healthy run's
     # report (and its metrics.jsonl line, not strict JSON then) read NaN.
-    assert math.isfinite(metrics["loss"]) and metrics["loss_steps"] == 4
+    # (one interval of 5, one step left out; or the last of five 1-step intervals)
+    assert math.isfinite(metrics["loss"]) and metrics["loss_steps"] == (4 if log_every == 5
+                                                                        else 1)
+    assert math.isfinite(metrics["first_loss"])  # the first step's, or the first finite one's
     state = load_checkpoint(session.checkpoints()[-1])
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
