@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a pretrain run directory (newest usable checkpoint) or a checkpoint "
-                   "directory (holding state.pt)")
+                   "directory (holding state.pt, or an FSDP run's sharded meta.pt)")
     p.add_argument("--out", required=True, help="output directory (rerun to resume)")
     for field in dataclasses.fields(CompressConfig):
         flag = "--" + field.name.replace("_", "-")

@@ -41,8 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--address", help="Ray cluster address (host:port); default: RAY_ADDRESS, "
-                   "else start an embedded local Ray")
+    p.add_argument("--address", help="Ray cluster address (host:port, or auto: the one `ray "
+                   "start` runs on this machine); default: RAY_ADDRESS, else start an "
+                   "embedded local Ray")
     p.add_argument("--run-dir", help=f"run directory (default: a new one under "
                    f"{DEFAULT_RUNS_ROOT}; on a multi-node cluster use shared storage)")
     p.add_argument("--resume", action="store_true",

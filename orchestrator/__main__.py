@@ -217,13 +217,18 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+# status, place, preempt and cancel talk to a running cluster and never start one.
+CLUSTER_ADDRESS_HELP = ("the running Ray cluster (host:port); default: RAY_ADDRESS, else the "
+                        "one `ray start` runs on this machine")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="nodes, accelerators, health, bandwidth, reservations")
-    status.add_argument("--json", action="store_true")
-    status.add_argument("--address")
+    status.add_argument("--json", action="store_true", help="as JSON (docs/operations.md)")
+    status.add_argument("--address", help=CLUSTER_ADDRESS_HELP)
     submitting = sub.add_parser("submit", help="run your own training loop where the scheduler "
                             "places it (a job file: JobSpec fields, entrypoint, config)")
     submitting.add_argument("job_file", help="job YAML (see orchestrator/job_file.py)")
@@ -232,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     submitting.add_argument("--resume", action="store_true",
                         help="continue the run in its run_dir from its latest checkpoint")
     submitting.add_argument("--json", action="store_true", help="with --dry-run: as JSON")
-    submitting.add_argument("--address")
+    submitting.add_argument("--address", help="Ray cluster (host:port, or auto: the one `ray "
+                            "start` runs here); default: RAY_ADDRESS, else an embedded Ray "
+                            "of its own, which `status` and the others cannot see")
     reading_logs = sub.add_parser("logs", help="a run's reports, one line each (its metrics.jsonl)")
     reading_logs.add_argument("name", help="the job's name")
     reading_logs.add_argument("--run-dir", help=f"default: {DEFAULT_RUNS_ROOT}/NAME")
@@ -241,13 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     place.add_argument("--spec", required=True, help="JobSpec or job YAML file")
     place.add_argument("--dry-run", action="store_true", required=True,
                        help="required: this command never reserves; jobs reserve when they run")
-    place.add_argument("--json", action="store_true")
-    place.add_argument("--address")
+    place.add_argument("--json", action="store_true", help="as JSON")
+    place.add_argument("--address", help=CLUSTER_ADDRESS_HELP)
     for verb, what in (("preempt", "checkpoint a running job and put it back in the queue"),
                        ("cancel", "stop a job (a running one checkpoints first) and drop it")):
         operator = sub.add_parser(verb, help=what)
         operator.add_argument("name", help="the job's name (its run directory's name)")
-        operator.add_argument("--address")
+        operator.add_argument("--address", help=CLUSTER_ADDRESS_HELP)
     simulate = sub.add_parser("simulate", help="replay a job trace on a modelled cluster "
                               "under each placement policy (no Ray)")
     from orchestrator.simulator import add_arguments
