@@ -37,6 +37,7 @@ import torch
 
 from orchestrator.compression.artifacts import load_tensors, save_tensors
 from orchestrator.compression.config import CompressConfig
+from orchestrator.config import MODEL_PRESETS, ConfigError
 from orchestrator.compression.finetune import Plan, finetune, say
 from orchestrator.help_format import DefaultsHelpFormatter
 from orchestrator.compression.pipeline import run_pipeline
@@ -83,17 +84,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--distill-steps", type=int, default=150)
     p.add_argument("--work", help="keep the teacher and the pipeline's outputs here (a rerun "
                    "reuses them); default: a temporary directory, deleted at the end")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Every setting checked now, not after the teacher's minutes of training (the student's
+    # after the whole pipeline): a typo failed as a traceback, its work deleted.
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.student_size is not None and args.student_size not in MODEL_PRESETS:
+        p.error(f"--student-size must be one of {', '.join(MODEL_PRESETS)}, got "
+                f"{args.student_size!r}")
+    for name in ("teacher_steps", "distill_steps", "n_layer", "n_head", "n_embd", "block_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        compress_config(args)
+        if args.student_size:
+            compress_config(args, student_size=args.student_size,
+                            distill_steps=args.distill_steps)
+        GPTConfig(**teacher_shape(args))
+    except (ConfigError, ValueError) as e:
+        p.error(str(e))
+    return args
+
+
+def teacher_shape(args: argparse.Namespace) -> dict:
+    return dict(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                n_embd=args.n_embd)
+
+
+def teacher_settings(args: argparse.Namespace) -> dict:
+    """What the teacher is trained with: kept beside teacher.pt, and compared before a rerun
+    reuses it (it was reused whatever the flags said, and reported with the new ones)."""
+    return {**teacher_shape(args), "teacher_steps": args.teacher_steps,
+            "teacher_lr": args.teacher_lr, "batch_size": args.batch_size, "seed": args.seed}
 
 
 def teacher_model(args: argparse.Namespace, work: Path) -> GPT:
     """Train the teacher (or reuse the one a previous run with --work left)."""
-    config = GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                       n_embd=args.n_embd)
+    config = GPTConfig(**teacher_shape(args))
     path = work / "teacher.pt"
     model = GPT(config)
     if path.is_file():
-        model.load_state_dict(load_tensors(path)["model"])
+        saved = load_tensors(path)
+        if saved.get("settings") != teacher_settings(args):
+            raise SystemExit(f"error: {path} was trained with {saved.get('settings')}, not "
+                             f"{teacher_settings(args)}: use another --work, or delete it")
+        model.load_state_dict(saved["model"])
         say(f"teacher: reusing {path}")
         return model.eval()
     torch.manual_seed(args.seed)
@@ -106,7 +141,7 @@ def teacher_model(args: argparse.Namespace, work: Path) -> GPT:
                 batch_size=args.batch_size, seq_len=args.block_size, seed=args.seed,
                 alpha=1.0, temperature=1.0, log_every=25, checkpoint_every=10 ** 9)
     finetune(model, None, split_corpus(load_corpus())[0], plan, torch.device("cpu"))
-    save_tensors(path, {"model": model.state_dict()})
+    save_tensors(path, {"model": model.state_dict(), "settings": teacher_settings(args)})
     return model.eval()
 
 

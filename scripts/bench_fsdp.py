@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from orchestrator.config import TrainConfig
+from orchestrator.config import MODEL_PRESETS, TrainConfig
 from orchestrator.training.local_workers import train_on_local_workers
 
 
@@ -140,7 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--ckpt-size", default="medium")
+    parser.add_argument("--ckpt-size", default="medium", choices=tuple(MODEL_PRESETS))
     args = parser.parse_args()
     if args.rounds < 1:  # a median of no rounds is no figure
         parser.error(f"--rounds must be >= 1, got {args.rounds}")

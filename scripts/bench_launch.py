@@ -150,8 +150,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--settle-s", type=float, default=6.0,
                         help="idle time before each run (see above)")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.reports < 2 or args.seconds_per_report <= 0:
-        parser.error("--rounds must be >= 1, --reports >= 2, --seconds-per-report > 0")
+    # (`not x > 0` refuses NaN too: it passed `<= 0` and failed in calibrate; a negative
+    # --settle-s failed in time.sleep after Ray had started)
+    if args.rounds < 1 or args.reports < 2 or not args.seconds_per_report > 0 \
+            or not args.settle_s >= 0:
+        parser.error("--rounds must be >= 1, --reports >= 2, --seconds-per-report > 0, "
+                     "--settle-s >= 0")
 
     import ray
 

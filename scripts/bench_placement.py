@@ -512,6 +512,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.nodes < RACK_SIZE or args.jobs < 1:
         parser.error(f"--nodes must be >= {RACK_SIZE} and --jobs >= 1")
+    if args.actor_jobs < 1 or args.profile < 0:  # (negative: jobs[:-5] ran, said nothing)
+        parser.error("--actor-jobs must be >= 1 and --profile >= 0")
     result = run(args.nodes, args.jobs, args.seed, actor=not args.no_actor,
                  actor_jobs=args.actor_jobs, profile=args.profile)
     print(f"\nours, place() over both streams: {result['placements_per_s']:,.0f} placements/s, "

@@ -113,7 +113,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "of a process of their own (the app's engine_process: false)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="intra-op threads of the model replica (the app's torch_threads)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Before Ray, Serve and the model-alone phases (~1 min): 0 rounds or a 0 s window died at
+    # the end dividing by zero.
+    for name in ("rounds", "concurrency", "steady_concurrency", "max_tokens", "stream_every",
+                 "max_batch_size", "torch_threads", "context"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("duration", "equal_duration", "model_alone_seconds"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not args.warmup >= 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    return args
 
 
 @dataclass

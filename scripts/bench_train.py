@@ -106,11 +106,18 @@ def _ray_run(flags: dict, run_dir: Path, cpus: int) -> dict:
 
 
 def ray_train_workers() -> list:
-    """The Ray Train worker processes on this machine (psutil.Process), by pid."""
+    """This process's Ray Train worker processes (psutil.Process), by pid: descendants of
+    this process, whose Ray (embedded, or ray.cluster_utils.Cluster's nodes) starts them.
+    Every such process on the machine was a candidate, another session's too."""
     import psutil
 
-    return sorted((p for p in psutil.process_iter(["cmdline"])
-                   if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])),
+    def is_train_worker(process) -> bool:
+        try:
+            return any("RayTrainWorker" in part for part in process.cmdline())
+        except psutil.Error:  # gone, or not ours to read
+            return False
+
+    return sorted((p for p in psutil.Process().children(recursive=True) if is_train_worker(p)),
                   key=lambda p: p.pid)
 
 
@@ -140,6 +147,10 @@ def measure_recovery(run_dir: Path, extra_args: list[str], timeout_s: float = 60
     job.join(timeout=timeout_s)
     summary = json.loads((run_dir / "summary.json").read_text()) if outcome.get("code") == 0 \
         else {}
+    if summary and not summary.get("resumed_from_step"):
+        # Its only attempt ran through: the kill did not reach it (first_step_at - killed_at
+        # would be negative, a "recovery" before the fault).
+        raise RuntimeError("the run never restarted after the kill: no recovery to measure")
     recovery = summary["first_step_at"] - killed_at if summary else None
     return {"code": outcome.get("code"), "summary": summary, "recovery_s": recovery}
 

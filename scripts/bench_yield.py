@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.rounds < 1 or args.log_every < 1 or args.segment_steps < 4 * args.log_every:
         parser.error("--rounds and --log-every must be >= 1, --segment-steps >= 4 x "
                      "--log-every (two steady reports after each resume)")
+    if not args.timeout_s > 0:
+        parser.error(f"--timeout-s must be > 0, got {args.timeout_s}")
 
     import ray
 

@@ -255,11 +255,17 @@ def fresh_process_state() -> None:
     torch.cuda.empty_cache()
 
 
+def last_half(steps: int) -> int:
+    """The report interval whose last report times the last half of `steps` (an odd count
+    with steps // 2 reported at k, 2k and 2k + 1: the figures kept were one step's)."""
+    return steps - steps // 2
+
+
 def train_once(run: Run, steps: int, batch: int) -> dict:
     """One training run in this process: its last report's figures and its wall time."""
     fresh_process_state()
     config = TrainConfig(model_size=run.preset, precision=run.precision, seq_len=SEQ_LEN,
-                         batch_size=batch, max_steps=steps, log_every=steps // 2,
+                         batch_size=batch, max_steps=steps, log_every=last_half(steps),
                          checkpoint_every=10 * steps, warmup_steps=1, compile=run.compile,
                          vocab_size=run.vocab, eval_batches=1)
     profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
@@ -396,6 +402,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be >= 2 (MFU is measured over the last half)")
+    if not args.budget_s > 0:  # (NaN passed, and turned every budget test off)
+        parser.error(f"--budget-s must be a number > 0, got {args.budget_s}")
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device"}))
         return 1

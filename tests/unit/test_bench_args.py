@@ -9,9 +9,65 @@ import pytest
     ("bench_train", ["--rounds", "0"], "--rounds must be >= 1, got 0"),
     ("bench_fsdp", ["--rounds", "0"], "--rounds must be >= 1, got 0"),
     ("bench_fsdp", ["--steps", "0"], "--steps must be >= 1, got 0"),
+    # (bench_compress found these after the teacher's minutes of training, or the whole
+    # pipeline's, as tracebacks; its temporary work deleted)
+    ("bench_compress", ["--prune-steps", "0"], "prune_steps (--prune-steps) must be"),
+    ("bench_compress", ["--student-size", "huge"], "--student-size must be one of"),
+    ("bench_compress", ["--threads", "0"], "--threads must be >= 1, got 0"),
+    ("bench_serve", ["--rounds", "0"], "--rounds must be >= 1, got 0"),  # (after Serve: 1/0)
+    ("bench_serve", ["--duration", "0"], "--duration must be > 0"),
+    ("bench_launch", ["--seconds-per-report", "nan"], "--seconds-per-report > 0"),
+    ("bench_placement", ["--actor-jobs", "-5"], "--actor-jobs must be >= 1"),
+    ("bench_fsdp", ["--ckpt-size", "huge"], "invalid choice: 'huge'"),
+    ("gpu_check", ["--budget-s", "nan"], "--budget-s must be a number > 0, got nan"),
 ])
 def test_no_rounds_is_refused_naming_the_flag(script, args, message):
     # It died at the end with "StatisticsError: no median for empty data".
     result = subprocess.run([sys.executable, "-m", f"scripts.{script}", *args],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_only_this_sessions_train_workers_are_candidates_to_kill():
+    # Every "RayTrainWorker" process of the machine was: another session's could be killed,
+    # and the benchmark's own run then reported a negative recovery time.
+    import subprocess
+    import sys
+    import time
+
+    from scripts.bench_train import ray_train_workers
+
+    sleeper = "import time; time.sleep(30)"
+    ours = subprocess.Popen([sys.executable, "-c", sleeper, "RayTrainWorker"])
+    # Another session's: not a descendant of this process (its parent exits: reparented).
+    subprocess.run([sys.executable, "-c",
+                    "import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
+                    f"{sleeper!r}, 'RayTrainWorker', 'elsewhere'])"], check=True)
+    try:
+        deadline = time.monotonic() + 10
+        while ours.pid not in {p.pid for p in ray_train_workers()} and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        found = ray_train_workers()
+        assert [p.pid for p in found] == [ours.pid]
+    finally:
+        ours.kill()
+        import psutil
+
+        for p in psutil.process_iter(["cmdline"]):
+            if "elsewhere" in (p.info["cmdline"] or []):
+                p.kill()
+
+
+def test_a_cached_teacher_trained_otherwise_is_not_reused(tmp_path):
+    # It was reused whatever the flags said (--n-head changes no shape), and the JSON
+    # reported the new flags.
+    from scripts import bench_compress
+
+    small = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "16",
+             "--teacher-steps", "1", "--batch-size", "2"]
+    bench_compress.teacher_model(bench_compress.parse_args(small), tmp_path)
+    bench_compress.teacher_model(bench_compress.parse_args(small), tmp_path)  # reused
+    other = bench_compress.parse_args([*small[:4], "--n-head", "4", *small[6:]])
+    with pytest.raises(SystemExit, match="teacher.pt was trained with .*'n_head': 2"):
+        bench_compress.teacher_model(other, tmp_path)

@@ -291,3 +291,16 @@ def test_a_sigterm_still_prints_the_summary_and_an_nvml_error_stops_nothing(
     assert summary["terminated"].startswith("SIGTERM (the shell's timeout) during bf16-large:")
     assert json.loads(out.read_text()) == summary
     assert signal.getsignal(signal.SIGTERM) is not gpu_check._terminated
+
+
+@pytest.mark.parametrize("steps", [20, 21, 5])
+def test_the_figures_kept_time_the_last_half_of_the_steps(tmp_path, steps):
+    # With log_every = steps // 2, 21 steps reported at 10, 20 and 21: the last report, the
+    # one kept, timed one step.
+    from orchestrator.training.session import LocalSession
+
+    session = LocalSession(tmp_path, device=torch.device("cpu"))
+    train(TrainConfig(model_size="tiny", seq_len=16, batch_size=2, max_steps=steps,
+                      log_every=gpu_check.last_half(steps), checkpoint_every=10 * steps,
+                      warmup_steps=1, eval_batches=1), session)
+    assert session.reports[-1]["loss_steps"] >= steps // 2
