@@ -12,8 +12,9 @@
 - mfu_cpu: MFU of the plain runs (median) against the CPU peak measured by a timed matmul.
 - recovery_s: a Ray Train worker SIGKILLed mid-run -> first step after the automatic resume.
 - span_speedup: forward time at long context of a full-attention model over a learnt-span model
-  (keys beyond the learnt window never computed); span_train_speedup: the same for training
-  steps; span_loss_delta: held-out loss (span) − held-out loss (full) after equal steps.
+  (keys beyond the learnt window never computed); span_train_speedup: the same for a training
+  step's forward and backward; each the median of alternating rounds' ratios, with its spread
+  (`_spread`); span_loss_delta: held-out loss (span) − held-out loss (full) after equal steps.
 - fp16_skipped_steps: overflowing steps the dynamic loss scaler skipped in a short fp16 run
   (fp16 is emulated on this CPU: the count is real, the speed is not meaningful).
 
@@ -165,14 +166,26 @@ def recovery(workdir: Path) -> dict:
             "recovery_resumed_from_step": result["summary"]["resumed_from_step"]}
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+SPAN_ROUNDS = 6  # alternating rounds of each span timing
+
+
+def paired_rounds(first, second, rounds: int) -> dict:
+    """Time `first` and `second` in `rounds` rounds, which of the two goes first alternating
+    round by round (a fixed order lets the machine's drift decide: this ratio read 0.88x and
+    1.53x on two days): the median of the per-round ratios first / second, their spread,
+    and each side's median seconds."""
+    first(), second()  # warm-up
+    ratios, times = [], {"first": [], "second": []}
+    for round_ in range(rounds):
+        sides = [("first", first), ("second", second)]
+        for name, fn in (sides if round_ % 2 == 0 else sides[::-1]):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+        ratios.append(times["first"][-1] / times["second"][-1])
+    return {"ratio": statistics.median(ratios), "spread": [min(ratios), max(ratios)],
+            "first_s": statistics.median(times["first"]),
+            "second_s": statistics.median(times["second"])}
 
 
 def attention_span(steps: int, seq_len: int, workdir: Path) -> dict:
@@ -195,13 +208,22 @@ def attention_span(steps: int, seq_len: int, workdir: Path) -> dict:
         with torch.no_grad():
             model(idx)
 
-    full_s = median_seconds(lambda: forward(models["full"]), 5)
-    span_s = median_seconds(lambda: forward(models["span"]), 5)
+    def train_step(model):  # forward and backward at the learnt window, as a step trains
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model(idx, idx)[1].backward()
+
+    forwards = paired_rounds(lambda: forward(models["full"]), lambda: forward(models["span"]),
+                             SPAN_ROUNDS)
+    steps = paired_rounds(lambda: train_step(models["full"]),
+                          lambda: train_step(models["span"]), SPAN_ROUNDS)
     return {"span_seq_len": seq_len,
-            "span_speedup": round(full_s / span_s, 2),
-            "span_forward_ms": {"full": round(full_s * 1e3, 1), "span": round(span_s * 1e3, 1)},
-            "span_train_speedup": round(results["span"]["run_tokens_per_s"]
-                                        / results["full"]["run_tokens_per_s"], 2),
+            "span_speedup": round(forwards["ratio"], 2),
+            "span_speedup_spread": [round(r, 2) for r in forwards["spread"]],
+            "span_forward_ms": {"full": round(forwards["first_s"] * 1e3, 1),
+                                "span": round(forwards["second_s"] * 1e3, 1)},
+            "span_train_speedup": round(steps["ratio"], 2),
+            "span_train_speedup_spread": [round(r, 2) for r in steps["spread"]],
             "span_window": results["span"]["attention_window"],
             "span_mean_per_layer": results["span"]["attention_span_mean"],
             "span_loss_delta": round(results["span"]["held_out_loss"]

@@ -71,3 +71,14 @@ def test_a_cached_teacher_trained_otherwise_is_not_reused(tmp_path):
     other = bench_compress.parse_args([*small[:4], "--n-head", "4", *small[6:]])
     with pytest.raises(SystemExit, match="teacher.pt was trained with .*'n_head': 2"):
         bench_compress.teacher_model(other, tmp_path)
+
+
+def test_span_timings_alternate_which_model_goes_first():
+    # Full attention always went first (five of it, then five of the span model), and the
+    # training ratio came from two runs minutes apart: 0.88x one day, 1.53x another.
+    from scripts.bench_train import paired_rounds
+
+    calls = []
+    result = paired_rounds(lambda: calls.append("full"), lambda: calls.append("span"), 4)
+    assert calls[2:] == ["full", "span", "span", "full", "full", "span", "span", "full"]
+    assert len(result["spread"]) == 2 and result["ratio"] > 0
