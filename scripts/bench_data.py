@@ -41,6 +41,7 @@ from orchestrator.training.data import get_batch, load_corpus  # noqa: E402
 from orchestrator.training.data_plan import plan_data, tokenize_in_process  # noqa: E402
 from orchestrator.training.session import LocalSession  # noqa: E402
 from orchestrator.training.shards import open_shards  # noqa: E402
+from scripts.rounds import rotated  # noqa: E402
 
 CPU = torch.device("cpu")
 QUIET = lambda _line: None  # noqa: E731
@@ -66,7 +67,7 @@ def tokenizing(corpus: Path, tokenizer_file: Path, work: Path, rounds: int) -> d
     megabytes = sum(p.stat().st_size for p in corpus.iterdir()) / 1e6
     rates: dict[str, list[float]] = {"single": [], "ray_1": [], "ray_2": []}
     for r in range(rounds):
-        for side in rates:  # alternating rounds: the machine's load is shared fairly
+        for side in rotated(list(rates), r):  # each side first in turn: drift is shared
             plan = plan_data([str(corpus)], tokenizer=str(tokenizer_file),
                              cache_root=str(work / f"{side}-{r}"))
             started = time.perf_counter()
@@ -78,12 +79,17 @@ def tokenizing(corpus: Path, tokenizer_file: Path, work: Path, rounds: int) -> d
             print(f"round {r}: {side:6} {rates[side][-1]:6.2f} MB/s "
                   f"({manifest['train_tokens'] + manifest['held_out_tokens']:,} tokens)")
     median = {side: statistics.median(v) for side, v in rates.items()}
+
+    def paired(side: str) -> float:  # the median of the rounds' own ratios
+        return statistics.median(a / b for a, b in zip(rates[side], rates["single"]))
+
     return {"corpus_mb": round(megabytes, 1),
             "tokenize_mb_per_s_single": round(median["single"], 2),
             "tokenize_mb_per_s_ray_1": round(median["ray_1"], 2),
             "tokenize_mb_per_s_ray_2": round(median["ray_2"], 2),
-            "ray_1_vs_single": round(median["ray_1"] / median["single"], 3),
-            "ray_2_vs_single": round(median["ray_2"] / median["single"], 3)}
+            "ray_1_vs_single": round(paired("ray_1"), 3),
+            "ray_2_vs_single": round(paired("ray_2"), 3)}
+
 
 
 def training(corpus: Path, tokenizer_file: Path, work: Path, rounds: int, steps: int) -> dict:
@@ -124,7 +130,8 @@ def batch_cost(config: TrainConfig, stream, tensor: torch.Tensor, calls: int = 3
     alternating rounds of `calls` batches (a training step is ~1000x longer on this CPU)."""
     times: dict[str, list[float]] = {"mmap": [], "memory": []}
     for r in range(rounds):
-        for side, tokens in (("mmap", stream), ("memory", tensor)):
+        for side in rotated(["mmap", "memory"], r):
+            tokens = stream if side == "mmap" else tensor
             started = time.perf_counter()
             for step in range(calls):
                 get_batch(tokens, config.batch_size, config.seq_len, seed=r, rank=0, step=step)

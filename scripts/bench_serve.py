@@ -50,6 +50,7 @@ from orchestrator import cpu_shares
 from orchestrator.polling import wait_for
 from orchestrator.serving.settings import (ENGINE_THREAD, SERVING_PATHS, free_port,
                                            serve_app_config)
+from scripts.rounds import rotated
 
 APP = "bench-gpt"
 MODEL = "orchestrator-gpt"
@@ -402,15 +403,16 @@ def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 
 
     qps: dict[str, list[float]] = {"continuous": [], "static": [], "unbatched": [],
                                    "continuous_matmul": []}
+    measure = {"continuous": continuous,
+               "continuous_matmul": lambda: continuous(use_decode_kernel=False),
+               "static": lambda: static(rows), "unbatched": lambda: static(1)}
     try:
-        for _ in range(rounds):
-            qps["continuous"].append(continuous())
-            qps["continuous_matmul"].append(continuous(use_decode_kernel=False))
-            qps["static"].append(static(rows))
-            qps["unbatched"].append(static(1))
+        for round_ in range(rounds):
+            for mode in rotated(list(measure), round_):  # each mode first in turn
+                qps[mode].append(measure[mode]())
     finally:
         torch.set_num_threads(threads)
-    return {mode: round(statistics.mean(values), 2) for mode, values in qps.items()}
+    return {mode: round(statistics.median(values), 2) for mode, values in qps.items()}
 
 
 def summarize(name: str, runs: list[Run]) -> dict:
@@ -546,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes: dict[str, Counter] = {mode: Counter() for mode in MODES}
         threads: dict[str, list] = {}
         for round_ in range(rounds):
-            for mode in MODES:  # alternating: a drift of the shared machine falls on all
+            for mode in rotated(list(MODES), round_):  # each first in turn: drift is shared
                 deploy(first, 1, settings[mode])
                 before = stats()
                 sampler = None if round_ else sample_cpu_into(threads, mode, seconds)

@@ -40,6 +40,7 @@ from orchestrator.training.data import VOCAB_SIZE
 from orchestrator.training.loop import train
 from orchestrator.training.model import GPT, GPTConfig
 from orchestrator.training.session import LocalSession
+from scripts.rounds import paired_rounds
 
 CPU = torch.device("cpu")
 
@@ -167,25 +168,6 @@ def recovery(workdir: Path) -> dict:
 
 
 SPAN_ROUNDS = 6  # alternating rounds of each span timing
-
-
-def paired_rounds(first, second, rounds: int) -> dict:
-    """Time `first` and `second` in `rounds` rounds, which of the two goes first alternating
-    round by round (a fixed order lets the machine's drift decide: this ratio read 0.88x and
-    1.53x on two days): the median of the per-round ratios first / second, their spread,
-    and each side's median seconds."""
-    first(), second()  # warm-up
-    ratios, times = [], {"first": [], "second": []}
-    for round_ in range(rounds):
-        sides = [("first", first), ("second", second)]
-        for name, fn in (sides if round_ % 2 == 0 else sides[::-1]):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-        ratios.append(times["first"][-1] / times["second"][-1])
-    return {"ratio": statistics.median(ratios), "spread": [min(ratios), max(ratios)],
-            "first_s": statistics.median(times["first"]),
-            "second_s": statistics.median(times["second"])}
 
 
 def attention_span(steps: int, seq_len: int, workdir: Path) -> dict:

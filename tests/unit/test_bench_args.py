@@ -76,7 +76,7 @@ def test_a_cached_teacher_trained_otherwise_is_not_reused(tmp_path):
 def test_span_timings_alternate_which_model_goes_first():
     # Full attention always went first (five of it, then five of the span model), and the
     # training ratio came from two runs minutes apart: 0.88x one day, 1.53x another.
-    from scripts.bench_train import paired_rounds
+    from scripts.rounds import paired_rounds
 
     calls = []
     result = paired_rounds(lambda: calls.append("full"), lambda: calls.append("span"), 4)

@@ -1,0 +1,31 @@
+"""How a benchmark orders its rounds: each side goes first in turn, and a ratio is the median
+of the rounds' own ratios, so that the shared machine's drift falls on every side alike."""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def rotated(sides: list, round_: int) -> list:
+    """The sides in round `round_`'s order: each goes first in turn (a fixed order put the
+    same side first every round, in the machine's drift)."""
+    shift = round_ % len(sides)
+    return sides[shift:] + sides[:shift]
+
+
+def paired_rounds(first, second, rounds: int) -> dict:
+    """Time `first` and `second` in `rounds` rounds, which of the two goes first alternating
+    round by round (a fixed order lets the machine's drift decide: this ratio read 0.88x and
+    1.53x on two days): the median of the per-round ratios first / second, their spread,
+    and each side's median seconds."""
+    first(), second()  # warm-up
+    ratios, times = [], {"first": [], "second": []}
+    for round_ in range(rounds):
+        for name, fn in rotated([("first", first), ("second", second)], round_):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+        ratios.append(times["first"][-1] / times["second"][-1])
+    return {"ratio": statistics.median(ratios), "spread": [min(ratios), max(ratios)],
+            "first_s": statistics.median(times["first"]),
+            "second_s": statistics.median(times["second"])}
