@@ -93,7 +93,16 @@ def load_job_file(path: str | Path) -> JobFile:
         launcher.pop("config", None)
     # Relative paths are the job file's, as its entrypoint script is, wherever `submit` runs.
     if "run_dir" in launcher:
-        launcher["run_dir"] = str(path.parent / Path(launcher["run_dir"]).expanduser())
+        run_dir = Path(launcher["run_dir"]).expanduser()
+        if not run_dir.is_absolute() and "runtime_resources" in path.resolve().parts:
+            # Under `ray job submit --working-dir`, the job file is in Ray's temporary copy of
+            # the working dir: checkpoints there are lost to its cache cleanup, and a code
+            # change (a new copy) makes --resume find none.
+            raise ConfigError(f"{path}: run_dir {launcher['run_dir']!r} is relative to the job "
+                              "file, which is in Ray's temporary copy of the working directory "
+                              "(ray job submit --working-dir): give an absolute path, on "
+                              "storage every node reaches")
+        launcher["run_dir"] = str(path.parent / run_dir)
     if launcher.get("runtime_env"):
         launcher["runtime_env"] = _runtime_env_paths_rebased(launcher["runtime_env"],
                                                             path.parent)

@@ -1067,3 +1067,15 @@ def test_a_job_file_sets_how_many_checkpoints_are_kept(tmp_path):
     assert load_job_file(write(tmp_path / "all.yaml",
                                "name: a\nkeep_checkpoints: null\n")).keep_checkpoints is None
     assert load_job_file(write(tmp_path / "default.yaml", "name: a\n")).keep_checkpoints == 3
+
+
+def test_a_relative_run_dir_in_rays_copy_of_the_working_dir_is_refused(tmp_path):
+    # Under `ray job submit --working-dir .` the job file lies in Ray's package cache: its
+    # checkpoints landed there, lost to the cache's cleanup and to --resume after a code edit.
+    copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab"
+    job = write(copy / "job.yaml", "name: alpha\nrun_dir: runs/alpha\n")
+    with pytest.raises(ConfigError, match="run_dir 'runs/alpha' is relative to the job file, "
+                                          "which is in Ray's temporary copy"):
+        load_job_file(job)
+    write(job, f"name: alpha\nrun_dir: {tmp_path / 'runs' / 'alpha'}\n")
+    assert load_job_file(job).run_dir == str(tmp_path / "runs" / "alpha")
