@@ -11,7 +11,9 @@ pins each worker to its placed node and releases the reservation at the end.
   startup_overhead_s = median(launcher) - median(bare).
 - steady state: samples trained between rank 0's first and last report over the wall time
   between them (rank 0's clock, taken as it calls report). Ray Train's controller takes one
-  report per poll (every 2 s) and a worker's next report waits for it, so every report here
+  report per poll (Ray's default 2 s; the launcher sets 0.25 s for the process, so every run
+  after its first call, the bare one too, polls at 0.25 s) and a worker's next report waits
+  for it, so every report here
   covers --seconds-per-report (default 4) of training, calibrated before the rounds: the
   pacing then never holds a worker back. steady_state_ratio = median over the rounds of
   launcher samples/s over the bare samples/s of the same pair of rounds.

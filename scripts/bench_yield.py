@@ -30,7 +30,8 @@ Cadence: the checkpoint a yield writes is its own (the loop saves at the step th
 agreed), so --checkpoint-every is the run's length (no periodic checkpoint before the last
 step): every checkpoint in the measured window is a yield's, and each resume is checked to
 restore exactly the step its yield saved. Reports come every --log-every steps (default 20,
-~2.5 s here), above Ray Train's 2 s report poll, so training is not paced by its reports
+~2.5 s here), above Ray Train's report poll (0.25 s as the launcher sets it; Ray's default
+2 s), so training is not paced by its reports
 (docs/training.md); the yield's report is taken at the controller's next poll, as in any run.
 
 The last stdout line is one JSON object.

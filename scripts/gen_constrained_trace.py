@@ -41,7 +41,7 @@ Definitions:
   (num_gpus <= their GPUs together; it may span servers): a pair that does not fit is redrawn
   (none does not on the default cluster: Philly's largest job has 128 GPUs, the smallest
   non-scarce family 256).
-- Durations above Philly's 99th percentile (254,884 s = 70.8 h) are clipped to it: the
+- Durations above Philly's 99th percentile (254,758 s = 70.8 h) are clipped to it: the
   other 1% run for up to 37 days, and a handful of such jobs would carry much of the offered
   load past the trace's span (a 37-day job pinned to a K80 runs for months), so that the
   cluster would see far less contention while jobs arrive than `load` says.
@@ -88,7 +88,7 @@ DEFAULT_SINGLE_SHARE = 1 / 3
 DEFAULT_PAIR_SHARE = 0.15
 GANG_GPUS = 8
 REFERENCE_FAMILY = GPU_TYPES[REFERENCE_GPU].family  # trace durations are on a P100
-DURATION_CLIP_PERCENTILE = 99  # Philly's p99 duration, 254,884 s (70.8 h)
+DURATION_CLIP_PERCENTILE = 99  # Philly's p99 duration, 254,758 s (70.8 h)
 # Constraint kinds, as the summary counts them.
 ANY, SINGLE, GANG, PAIR = "any", "single", "gang", "pair"
 
