@@ -180,23 +180,31 @@ def local_modules(module: ModuleType) -> list[ModuleType]:
         top = other.__name__.partition(".")[0]
         if top not in tops:
             tops[top] = _from_folder(top, folder)
-        if tops[top]:
+        # A namespace package may span folders (the script's and an installed one): each of
+        # its modules by where it lies (an installed one travelling by value would give the
+        # workers second copies of its classes).
+        if tops[top] == NAMESPACE and Path(other.__file__).resolve().is_relative_to(folder) \
+                or tops[top] is True:
             found.append(other)
     return found
 
 
-def _from_folder(top: str, folder: str) -> bool:
+NAMESPACE = "namespace"  # _from_folder's answer for a namespace package with a part there
+
+
+def _from_folder(top: str, folder: str) -> bool | str:
     """Whether the top-level module `top` was found in the script's `folder`: a module or
-    package there (not the same one installed elsewhere), or a folder of modules without an
-    __init__.py (a namespace package: no __file__ of its own, where it was missed, and its
-    modules were pickled by name for workers that cannot import them)."""
+    package there (not the same one installed elsewhere); NAMESPACE for a folder of modules
+    without an __init__.py there (a namespace package: no __file__ of its own, where it was
+    missed, and its modules were pickled by name for workers that cannot import them)."""
     if importlib.machinery.PathFinder.find_spec(top, [folder]) is None:
         return False
     loaded_module = sys.modules.get(top)
     loaded = getattr(loaded_module, "__file__", None)
     if loaded is None:
-        return any(Path(p).resolve().is_relative_to(folder)
-                   for p in getattr(loaded_module, "__path__", None) or ())
+        return NAMESPACE if any(Path(p).resolve().is_relative_to(folder)
+                                for p in getattr(loaded_module, "__path__", None) or ()) \
+            else False
     return Path(loaded).resolve().is_relative_to(folder) and not _installed(top, folder, loaded)
 
 

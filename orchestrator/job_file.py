@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ConfigError, JobSpec, known_fields_problems, unknown_fields
-from orchestrator.runs import run_dir_uri_problem
+from orchestrator.runs import in_rays_working_dir_copy, run_dir_uri_problem
 from orchestrator.validation import is_int, is_number
 
 DEFAULT_KEEP_CHECKPOINTS = 3  # checkpoints Ray Train keeps of a launched loop's run
@@ -94,7 +94,7 @@ def load_job_file(path: str | Path) -> JobFile:
     # Relative paths are the job file's, as its entrypoint script is, wherever `submit` runs.
     if "run_dir" in launcher:
         run_dir = Path(launcher["run_dir"]).expanduser()
-        if not run_dir.is_absolute() and "runtime_resources" in path.resolve().parts:
+        if not run_dir.is_absolute() and in_rays_working_dir_copy(path.parent):
             # Under `ray job submit --working-dir`, the job file is in Ray's temporary copy of
             # the working dir: checkpoints there are lost to its cache cleanup, and a code
             # change (a new copy) makes --resume find none.
@@ -111,9 +111,10 @@ def load_job_file(path: str | Path) -> JobFile:
 
 def _runtime_env_paths_rebased(runtime_env: dict[str, Any], folder: Path) -> dict[str, Any]:
     """The runtime_env with its local paths read from the job file's `folder`, as its
-    entrypoint and run_dir are: working_dir, a requirements file (`pip: requirements.txt`),
-    a conda environment file and py_modules entries (only working_dir was: the others were
-    read from wherever `submit` ran, and refused there). URIs and package names stay."""
+    entrypoint and run_dir are: working_dir, a requirements file (`pip` / `uv` as a string,
+    or their `packages` as one), a conda environment file and py_modules entries (only
+    working_dir was: the others were read from wherever `submit` ran, and refused there).
+    URIs, package lists and conda environment names stay."""
     def local(value: Any) -> bool:
         return isinstance(value, str) and "://" not in value
 
@@ -123,13 +124,15 @@ def _runtime_env_paths_rebased(runtime_env: dict[str, Any], folder: Path) -> dic
     env = dict(runtime_env)
     if local(env.get("working_dir")):
         env["working_dir"] = rebased(env["working_dir"])
-    if local(env.get("pip")) and (folder / Path(env["pip"]).expanduser()).is_file():
-        env["pip"] = rebased(env["pip"])  # (a file's path; a package name is a list in Ray)
+    for key in ("pip", "uv"):  # Ray reads a string as a requirements file's path
+        if local(env.get(key)):
+            env[key] = rebased(env[key])
+        elif isinstance(env.get(key), dict) and local(env[key].get("packages")):
+            env[key] = {**env[key], "packages": rebased(env[key]["packages"])}
     if local(env.get("conda")) and env["conda"].endswith((".yml", ".yaml")):
         env["conda"] = rebased(env["conda"])
     if isinstance(env.get("py_modules"), list):
-        env["py_modules"] = [rebased(m) if local(m) and (folder / Path(m).expanduser()).exists()
-                             else m for m in env["py_modules"]]
+        env["py_modules"] = [rebased(m) if local(m) else m for m in env["py_modules"]]
     return env
 
 
@@ -188,10 +191,6 @@ def launcher_problems(launcher: dict[str, Any]) -> list[str]:
         p.append(f"run_dir must be a path, got {launcher['run_dir']!r}")
     elif "run_dir" in launcher and run_dir_uri_problem(launcher["run_dir"]):
         p.append(f"run_dir: {run_dir_uri_problem(launcher['run_dir'])}")
-    if launcher.get("keep_checkpoints") is not None and not (
-            is_int(launcher["keep_checkpoints"]) and launcher["keep_checkpoints"] >= 1):
-        p.append(f"keep_checkpoints must be an integer >= 1 or null (keep every one), got "
-                 f"{launcher['keep_checkpoints']!r}")
     if "max_failures" in launcher and not (is_int(launcher["max_failures"])
                                            and launcher["max_failures"] >= 0):
         p.append(f"max_failures must be an integer >= 0, got {launcher['max_failures']!r}")
@@ -199,4 +198,8 @@ def launcher_problems(launcher: dict[str, Any]) -> list[str]:
                                               and launcher["queue_timeout_s"] >= 0):
         p.append(f"queue_timeout_s must be a finite number >= 0, got "
                  f"{launcher['queue_timeout_s']!r}")
+    if launcher.get("keep_checkpoints") is not None and not (
+            is_int(launcher["keep_checkpoints"]) and launcher["keep_checkpoints"] >= 1):
+        p.append(f"keep_checkpoints must be an integer >= 1 or null/None (keep every one), got "
+                 f"{launcher['keep_checkpoints']!r}")
     return p

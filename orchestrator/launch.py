@@ -42,7 +42,6 @@ from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS, launcher_problems
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, run_dir_held,
                                unused_checkpoints_warning, writable_dir_problem)
-from orchestrator.validation import is_int
 
 
 def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = None,
@@ -105,10 +104,8 @@ def prepare_fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] |
                         EXIT_BAD_INPUT)
     problems = launcher_problems({"max_failures": max_failures,
                                   "queue_timeout_s": queue_timeout_s,
-                                  "runtime_env": runtime_env, "config": config})
-    if not (keep_checkpoints is None or is_int(keep_checkpoints) and keep_checkpoints >= 1):
-        problems.append(f"keep_checkpoints must be an integer >= 1 or None (keep every "
-                        f"one), got {keep_checkpoints!r}")
+                                  "runtime_env": runtime_env, "config": config,
+                                  "keep_checkpoints": keep_checkpoints})
     if problems:
         raise JobFailed("; ".join(problems), EXIT_BAD_INPUT)
     try:

@@ -263,6 +263,16 @@ def writable_dir_problem(path: Path) -> str | None:
     return None
 
 
+def in_rays_working_dir_copy(path: Path) -> bool:
+    """Whether `path` lies in Ray's temporary copy of a job's working directory
+    (`.../runtime_resources/working_dir_files/_ray_pkg_<hash>/`, under `ray job submit
+    --working-dir`): run directories there are lost to Ray's package cache cleanup, and a code
+    change (a new copy) leaves --resume nothing to find."""
+    parts = Path(path).resolve().parts
+    return any(a == "runtime_resources" and b == "working_dir_files" and c.startswith("_ray_pkg_")
+               for a, b, c in zip(parts, parts[1:], parts[2:]))
+
+
 def run_dir_uri_problem(run_dir: str) -> str | None:
     """Why `run_dir` cannot be a run directory when it is a URI (s3://, gs://): runs write
     their config, metrics, lock and checkpoints with local file operations, so it became a
@@ -295,6 +305,10 @@ def resolve_run_dir(run_dir: str | None, resume: bool, root: Path, prefix: str,
                           "under the runs root)")
     if run_dir_uri_problem(str(run_dir)):
         raise RunDirError(f"--run-dir {run_dir_uri_problem(str(run_dir))}")
+    if not Path(run_dir).expanduser().is_absolute() and in_rays_working_dir_copy(Path.cwd()):
+        raise RunDirError(f"--run-dir {run_dir} is relative to the working directory, which is "
+                          "Ray's temporary copy of it (ray job submit --working-dir): give an "
+                          "absolute path, on storage every node reaches")
     path = Path(run_dir).expanduser().resolve()
     problem = writable_dir_problem(path)  # first: a file, or a path it cannot even look at
     if problem:

@@ -31,6 +31,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.config import JobSpec
+from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.placement import Placement
 from orchestrator.runs import checkpoint_dirs
@@ -95,7 +96,8 @@ def dry_run_placement(spec: JobSpec, address: str | None):
 
 def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobSpec,
            run_dir: Path, *, address: str | None, queue_timeout_s: float, max_failures: int,
-           keep_checkpoints: int = 3, runtime_env: dict | None = None) -> Launched:
+           keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS,
+           runtime_env: dict | None = None) -> Launched:
     """Place `spec`, run `train_fn(train_loop_config)` on every worker under Ray Train with
     its checkpoints in `run_dir` (the run's name is the directory's name), and release."""
     # Ray Train's controller takes a worker's report once per poll, 2 s apart by default, and

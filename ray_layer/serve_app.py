@@ -215,9 +215,10 @@ class Ingress:
     async def retrieve_model(self, model_id: str) -> Response:
         started = time.perf_counter()
         try:
-            protocol.model_body(self.settings.model_name, {}, model_id)  # another name: 404 now
+            # (another name: a 404 now, before a replica is asked)
+            protocol.check_model_name(model_id, self.settings.model_name)
             body = protocol.model_body(self.settings.model_name,
-                                       await self._model_info(max_age_s=0.0), model_id)
+                                       await self._model_info(max_age_s=0.0))
         except Exception as e:
             return self._error_response(e, "/v1/models", started)
         self._record("/v1/models", 200, started)

@@ -71,6 +71,30 @@ def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = 
         raise Yielded(decision, metrics.get("step"))
 
 
+def _rank_zero_result(value: Any) -> Any:
+    """What a worker hands Ray Train back: rank 0's return value (the result's
+    `return_value`; it was dropped), when it can travel. Ray Train sends every worker's at
+    each status check, and one that cannot be pickled failed the finished run as a failed
+    health check: the other ranks' are left out, and rank 0's is replaced by None, said."""
+    if value is None or _world_rank() != 0:
+        return None
+    try:
+        ray.cloudpickle.dumps(value)
+    except Exception as e:
+        sys.stderr.write(f"warning: the loop's return value ({type(value).__name__}) cannot "
+                         f"be sent back ({type(e).__name__}: {e}); the result's return_value "
+                         "is None\n")
+        return None
+    return value
+
+
+def _world_rank() -> int:
+    try:
+        return ray.train.get_context().get_world_rank()
+    except Exception:  # (outside Ray Train: a test calling the wrapper)
+        return 0
+
+
 def _from_rank_zero(value: str | None) -> str | None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
@@ -92,8 +116,7 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
             if os.path.isdir(folder) and folder not in sys.path:
                 sys.path.insert(0, folder)
         try:
-            # Rank 0's return value is the result's `return_value` (it was dropped)
-            return train_loop(config) if takes_config else train_loop()
+            value = train_loop(config) if takes_config else train_loop()
         except Yielded:
             return None
         except Exception as e:
@@ -101,6 +124,7 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
             if stand_in is None:
                 raise  # as it is, its cause and context with it
             raise stand_in from None
+        return _rank_zero_result(value)
 
     # The loop's name in Ray's logs, but not its signature: Ray Train counts the parameters
     # through __wrapped__, and would call a loop taking none (or an optional config) without

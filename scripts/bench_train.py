@@ -197,15 +197,15 @@ def attention_span(steps: int, seq_len: int, workdir: Path) -> dict:
 
     forwards = paired_rounds(lambda: forward(models["full"]), lambda: forward(models["span"]),
                              SPAN_ROUNDS)
-    steps = paired_rounds(lambda: train_step(models["full"]),
-                          lambda: train_step(models["span"]), SPAN_ROUNDS)
+    training = paired_rounds(lambda: train_step(models["full"]),
+                             lambda: train_step(models["span"]), SPAN_ROUNDS)
     return {"span_seq_len": seq_len,
             "span_speedup": round(forwards["ratio"], 2),
             "span_speedup_spread": [round(r, 2) for r in forwards["spread"]],
             "span_forward_ms": {"full": round(forwards["first_s"] * 1e3, 1),
                                 "span": round(forwards["second_s"] * 1e3, 1)},
-            "span_train_speedup": round(steps["ratio"], 2),
-            "span_train_speedup_spread": [round(r, 2) for r in steps["spread"]],
+            "span_train_speedup": round(training["ratio"], 2),
+            "span_train_speedup_spread": [round(r, 2) for r in training["spread"]],
             "span_window": results["span"]["attention_window"],
             "span_mean_per_layer": results["span"]["attention_span_mean"],
             "span_loss_delta": round(results["span"]["held_out_loss"]

@@ -104,7 +104,8 @@ def default_checkpoint(root: Path = DEFAULT_RUNS_ROOT) -> Path:
     run = latest_run_with_checkpoints(root, "pretrain")
     if run is None:
         raise CheckpointError(f"checkpoint: none given and no pretrain-* run with checkpoints under "
-                              f"{root.expanduser()}; train one with jobs/pretrain.py or pass "
+                              f"{root.expanduser()} (a run given its own --run-dir name does "
+                              "not count); train one with jobs/pretrain.py or pass "
                               "checkpoint=<dir>")
     return run
 

@@ -183,10 +183,16 @@ def _model(data: dict[str, Any], model_name: str) -> str | None:
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request(f"model must be a string, got {_json_type(model)}", "model")
-    if model is not None and model != model_name:
-        raise APIError(404, f"The model '{model}' does not exist; this server serves "
-                            f"'{model_name}'", "model", code="model_not_found")
+    if model is not None:
+        check_model_name(model, model_name)
     return model
+
+
+def check_model_name(asked: str, model_name: str) -> None:
+    """The 404 OpenAI gives for a model this server does not serve."""
+    if asked != model_name:
+        raise APIError(404, f"The model '{asked}' does not exist; this server serves "
+                            f"'{model_name}'", "model", code="model_not_found")
 
 
 def _refuse_non_defaults(data: dict[str, Any], only_default: dict[str, tuple]) -> None:
@@ -584,13 +590,8 @@ def models_body(model_name: str, info: dict[str, Any]) -> dict[str, Any]:
     return {"object": "list", "data": [model_body(model_name, info)]}
 
 
-def model_body(model_name: str, info: dict[str, Any], asked: str | None = None
-               ) -> dict[str, Any]:
-    """GET /v1/models/{asked} (openai-python's `models.retrieve`): the served model, or a 404
-    naming the one served."""
-    if asked is not None and asked != model_name:
-        raise APIError(404, f"The model '{asked}' does not exist; this server serves "
-                            f"'{model_name}'", "model", code="model_not_found")
+def model_body(model_name: str, info: dict[str, Any]) -> dict[str, Any]:
+    """The served model as /v1/models lists it (and GET /v1/models/{id} answers it)."""
     return {"id": model_name, "object": "model", "created": int(info.get("loaded_at", 0)),
             "owned_by": "orchestrator", **info}
 

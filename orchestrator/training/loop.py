@@ -116,10 +116,11 @@ def job_precision(requested: str, device: torch.device, rank: int = 0) -> str:
 
 
 def _mean_loss_across_workers(loss_sum, losses_summed, device: torch.device
-                              ) -> tuple[float, float]:
+                              ) -> tuple[float | None, float]:
     """(the mean of the losses summed on every worker, the steps per worker it averages):
     one all_reduce of both, so workers that summed different numbers of steps (fp16 leaves
-    out a step whose loss overflowed) weigh by their steps. NaN when no worker summed any."""
+    out a step whose loss overflowed) weigh by their steps. None when no worker summed any
+    (NaN written to metrics.jsonl is not JSON)."""
     tensor = torch.tensor([float(loss_sum), float(losses_summed)], dtype=torch.float64,
                           device=device)
     workers = 1
@@ -127,7 +128,7 @@ def _mean_loss_across_workers(loss_sum, losses_summed, device: torch.device
         dist.all_reduce(tensor)
         workers = dist.get_world_size()
     total, count = tensor.tolist()
-    return (total / count if count else float("nan")), count / workers
+    return (total / count if count else None), count / workers
 
 
 def _summed_loss(loss: torch.Tensor, skip_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,8 +357,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         if first_loss is None:  # (on every worker alike: the mean is a collective)
             # The first step's loss, or (its fp16 loss overflowed on every worker) the first
             # finite one's: the "before" of the loss curve, never NaN for a healthy run.
-            mean, counted = _mean_loss_across_workers(step_loss, summed, device)
-            first_loss = mean if counted else None
+            first_loss = _mean_loss_across_workers(step_loss, summed, device)[0]
         if first_step_at is None:
             # Wall-clock time of the first step this attempt completed: after a failure,
             # (this - failure time) is the recovery time.
@@ -593,7 +593,8 @@ def _publish(session: TrainSession, metrics: dict[str, Any], checkpoint_due: boo
 
 
 def _say_progress(metrics: dict[str, Any]) -> None:
-    line = (f"step {metrics['step']:>6} | loss {metrics['loss']:.4f} | "
+    loss = "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}"  # (all overflowed)
+    line = (f"step {metrics['step']:>6} | loss {loss} | "
             f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:,.0f} tok/s")
     if metrics.get("mfu") is not None:
         line += f" | MFU {metrics['mfu']:.1%}"

@@ -450,11 +450,15 @@ def test_a_relative_run_dir_in_a_job_file_is_beside_the_file(tmp_path, monkeypat
     (tmp_path / "proj" / "lib").mkdir()
     job.write_text("name: alpha\nentrypoint: train.py:loop\n"
                    "runtime_env: {pip: requirements.txt, conda: env.yaml, "
-                   "py_modules: [lib, s3://bucket/m.zip]}\n")
+                   "py_modules: [lib, s3://bucket/m.zip], "
+                   "uv: {packages: requirements.txt, uv_check: false}}\n")
     assert load_job_file(job).runtime_env == {
         "pip": str(tmp_path / "proj" / "requirements.txt"),
         "conda": str(tmp_path / "proj" / "env.yaml"),
-        "py_modules": [str(tmp_path / "proj" / "lib"), "s3://bucket/m.zip"]}
+        "py_modules": [str(tmp_path / "proj" / "lib"), "s3://bucket/m.zip"],
+        "uv": {"packages": str(tmp_path / "proj" / "requirements.txt"), "uv_check": False}}
+    job.write_text("name: alpha\nruntime_env: {pip: [pandas], conda: my-env}\n")  # names
+    assert load_job_file(job).runtime_env == {"pip": ["pandas"], "conda": "my-env"}
 
 
 @pytest.mark.parametrize("kwargs, expected", [
@@ -468,7 +472,7 @@ def test_a_relative_run_dir_in_a_job_file_is_beside_the_file(tmp_path, monkeypat
     ({"spec": JobSpec("alpha"), "keep_checkpoints": 0, "max_failures": "3",
       "queue_timeout_s": "600"}, "max_failures must be an integer >= 0, got '3'; "
      "queue_timeout_s must be a finite number >= 0, got '600'; keep_checkpoints must be an integer "
-     ">= 1 or None (keep every one), got 0"),
+     ">= 1 or null/None (keep every one), got 0"),
     ({"spec": JobSpec("..")}, "name '..' is not a directory name"),
     ({"spec": JobSpec("a\0b")}, "name 'a\\x00b' must not contain control characters"),
     ({"spec": JobSpec("x" * 300)}, "is longer than a file name may be (255 bytes)"),
@@ -1025,18 +1029,24 @@ def test_a_helper_folder_without_init_travels_with_the_loop(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "modules", dict(sys.modules))
     monkeypatch.setattr(sys, "path", list(sys.path))
     write(tmp_path / "job" / "nsmods_q5" / "helper.py", "def width():\n    return 7\n")
+    # Another part of the same namespace installed elsewhere: by name, not by value.
+    write(tmp_path / "site" / "nsmods_q5" / "installed.py", "def height():\n    return 2\n")
+    sys.path.append(str(tmp_path / "site"))
     write(tmp_path / "job" / "train.py", "from nsmods_q5.helper import width\n"
-          "def train_loop():\n    return width()\n")
+          "from nsmods_q5.installed import height\n"
+          "def train_loop():\n    return width() * height()\n")
     entry = load_entrypoint(str(tmp_path / "job" / "train.py") + ":train_loop")
-    assert entry.function() == 7
+    assert entry.function() == 14
     assert [m.__name__ for m in local_modules(entry.module)] == ["nsmods_q5.helper"]
 
 
 def test_the_loops_return_value_comes_back_and_reserved_report_names_are_refused():
     from ray_layer import user_loop
 
-    # Rank 0's return value is the result's return_value: per_worker dropped it.
+    # Rank 0's return value is the result's return_value: per_worker dropped it. One that
+    # cannot travel is replaced by None (Ray Train failed the finished run on it).
     assert user_loop.yielding(lambda config: {"accuracy": 0.9})({}) == {"accuracy": 0.9}
+    assert user_loop.yielding(lambda config: (i for i in range(3)))({}) is None
     # A loop's own "yielded" was read as a preemption (the job re-queued for nothing).
     for name in ("yielded", "already_complete"):
         with pytest.raises(ValueError, match=f"'{name}'.* are the launcher's own"):
@@ -1079,3 +1089,7 @@ def test_a_relative_run_dir_in_rays_copy_of_the_working_dir_is_refused(tmp_path)
         load_job_file(job)
     write(job, f"name: alpha\nrun_dir: {tmp_path / 'runs' / 'alpha'}\n")
     assert load_job_file(job).run_dir == str(tmp_path / "runs" / "alpha")
+    # A folder of one's own named runtime_resources is not Ray's copy.
+    mine = write(tmp_path / "runtime_resources" / "proj" / "job.yaml",
+                 "name: alpha\nrun_dir: runs/alpha\n")
+    assert load_job_file(mine).run_dir == str(mine.parent / "runs" / "alpha")

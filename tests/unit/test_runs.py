@@ -223,3 +223,17 @@ def test_a_uri_run_dir_is_refused_not_made_a_local_directory(tmp_path, monkeypat
     with pytest.raises(RunDirError, match="--run-dir s3://bucket/runs/a is a URI"):
         resolve_run_dir("s3://bucket/runs/a", False, tmp_path, "pretrain", NOW)
     assert not (tmp_path / "s3:").exists()
+
+
+def test_a_relative_run_dir_inside_rays_copy_of_the_working_dir_is_refused(tmp_path,
+                                                                          monkeypatch):
+    # `ray job submit --working-dir . -- python jobs/pretrain.py --run-dir runs/x`: the
+    # checkpoints went into Ray's package cache.
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab12"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    with pytest.raises(RunDirError, match="--run-dir runs/x is relative to the working "
+                                          "directory, which is Ray's temporary copy"):
+        resolve_run_dir("runs/x", False, tmp_path, "pretrain", NOW)
+    assert resolve_run_dir(str(tmp_path / "runs" / "x"), False, tmp_path, "pretrain", NOW) \
+        == tmp_path / "runs" / "x"

@@ -445,3 +445,48 @@ def test_a_run_extended_on_resume_reports_no_lr_jump(tmp_path):
                                           (tmp_path / "metrics.jsonl").read_text().splitlines())
           if "lr" in m}
     assert lr[25] == lr[30] == config.min_lr < lr[20]  # (recomputed: 1.9x lr[20] at 25)
+
+
+def _one_rank_overflows_first(rank: int, run_dir: str, store: str, out: str) -> None:
+    """A gloo worker of test_an_overflow_on_one_rank_only_...: rank 1's first loss is inf."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from orchestrator.training import loop
+    from orchestrator.training.local_workers import WorkerSession
+
+    class OverflowsOnRankOne(loop.GPT):
+        calls = 0
+
+        def forward(self, idx, targets=None, **kwargs):
+            logits, loss = super().forward(idx, targets, **kwargs)
+            if targets is not None and self.training:
+                OverflowsOnRankOne.calls += 1
+                if OverflowsOnRankOne.calls == 1 and dist.get_rank() == 1:
+                    loss = loss * float("inf")
+            return logits, loss
+
+    loop.GPT = OverflowsOnRankOne
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        metrics = loop.train(tiny(max_steps=4, precision="fp16", seq_len=16, log_every=2,
+                                  checkpoint_every=4), WorkerSession(run_dir, rank, 2))
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({k: metrics[k] for k in ("first_loss", "loss", "loss_steps", "step")}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_overflow_on_one_rank_only_neither_hangs_nor_reports_nan(tmp_path):
+    # The first loss's mean was a collective only the ranks with a finite loss called: the
+    # others went on, and the group hung (gloo timed out; NCCL waits its own timeout).
+    import torch.multiprocessing as mp
+
+    mp.spawn(_one_rank_overflows_first, args=(str(tmp_path / "run"), str(tmp_path / "store"),
+                                               str(tmp_path / "metrics")), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"metrics.{r}").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["step"] == 4
+    assert math.isfinite(ranks[0]["first_loss"]) and math.isfinite(ranks[0]["loss"])
