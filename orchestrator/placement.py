@@ -127,6 +127,10 @@ class Placement:
     node_reasons: dict[str, str] = field(default_factory=dict)  # nodes not chosen -> why
     owner: str = ""  # who holds the reservation (a Ray job id); "" = unknown, never reclaimed
     bottleneck_gbps: float = INTRA_NODE  # slowest link between any two chosen nodes
+    # Every chosen node's GPUs measured by NVML (False: declared by labels, as on a laptop
+    # modelling a GPU cluster): NCCL needs real GPUs, and a CUDA build of torch has it
+    # whether or not there are any (ray_layer/launch.collective_backend).
+    gpus_measured: bool = True
 
     @property
     def nodes(self) -> list[str]:
@@ -537,7 +541,14 @@ def place(spec: JobSpec, state: ClusterState, now: float, owner: str = "",
     reasons = _node_reasons(spec, state, now, capacity, set(worker_nodes),
                             excluded_gpus=excluded_gpus) if explain else {}
     return Placement(spec.name, tuple(worker_nodes), spec.cpus_per_worker,
-                     spec.gpus_per_worker, reasons, owner, choice.bottleneck)
+                     spec.gpus_per_worker, reasons, owner, choice.bottleneck,
+                     gpus_measured(state, worker_nodes))
+
+
+def gpus_measured(state: ClusterState, nodes) -> bool:
+    """Whether every GPU of `nodes` was measured by NVML (none declared by labels only)."""
+    return all(gpu.source == "nvml" for node in set(nodes)
+               for gpu in state.reports[node].gpus if node in state.reports)
 
 
 # -- explanations -------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ import numpy as np
 
 from orchestrator.config import JobSpec
 from orchestrator.inventory import ClusterState
-from orchestrator.placement import (Placement, PlacementError, bottleneck_gbps, place,
-                                    worker_capacity)
+from orchestrator.placement import (Placement, PlacementError, bottleneck_gbps, gpus_measured,
+                                    place, worker_capacity)
 
 POLICY_NAMES = ("fifo", "random", "bestfit", "tiresias", "gavel", "hetero-las")
 # The queue order of each policy (SchedulerSettings.queue_order); the rest of the settings
@@ -54,7 +54,8 @@ def _from_rows(spec: JobSpec, state: ClusterState, rows, capacity: np.ndarray) -
             break
     nodes = list(dict.fromkeys(workers))
     return Placement(spec.name, tuple(workers), spec.cpus_per_worker, spec.gpus_per_worker,
-                     bottleneck_gbps=bottleneck_gbps(state, nodes))
+                     bottleneck_gbps=bottleneck_gbps(state, nodes),
+                     gpus_measured=gpus_measured(state, nodes))
 
 
 def first_fit(spec: JobSpec, state: ClusterState, now: float, job=None) -> Placement | None:

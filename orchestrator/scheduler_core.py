@@ -243,7 +243,10 @@ class SchedulerCore:
         self.excluded_gpus: dict[str, set[tuple[str, int]]] = {}
         self.ray_alive: set[str] = set()
         self.ray_dead: set[str] = set()
-        self.refused_nodes: set[str] = set()  # logged once each
+        # Nodes whose reports are being refused: each run of refusals is logged once (an
+        # accepted report ends the run; kept for good, a later refusal of another kind went
+        # unlogged while the agent pointed the operator to the scheduler's log).
+        self.refused_nodes: set[str] = set()
         # When each node's agent last sent a report refused as malformed: it is alive and
         # reporting, so restarting it (every suspect_after_s, for ever) would not help.
         self.malformed_at: dict[str, float] = {}
@@ -273,6 +276,8 @@ class SchedulerCore:
                                      {"reason": catalogue.REPORT_MALFORMED})])
         was_placeable = self.state.health(node, now) == "healthy" if node in \
             self.state.reports else False
+        self.refused_nodes.discard(node)
+        self.malformed_at.pop(node, None)
         self.state.update(report, now)
         outcome = Outcome(True)
         if self._verdicts_due and not self._unknown_nodes(now):

@@ -105,6 +105,11 @@ class SchedulerSettings:
         if not (is_number(self.protect_share) and 0 < self.protect_share <= 1):
             problems.append(f"protect_share must be a number in (0, 1], got "
                             f"{self.protect_share!r}")
+        # (checked here, not only where ClusterState is built: saved settings breaking it made
+        # every new scheduler fail in its constructor, settings_to_run_with never told)
+        if not problems and self.suspect_after_s > self.dead_after_s:
+            problems.append(f"suspect_after_s ({self.suspect_after_s}) must be <= dead_after_s "
+                            f"({self.dead_after_s})")
         if problems:
             raise ValueError("invalid scheduler settings: " + "; ".join(problems))
 

@@ -246,9 +246,12 @@ def _controller_cause(error: Exception) -> BaseException | None:
 
 
 def collective_backend(placement: Placement) -> str:
-    """NCCL for GPU workers where torch has it; else gloo. A CPU build of torch (as on a
-    laptop modelling GPUs with node labels) has no NCCL, and a cluster runs one build."""
-    return "nccl" if placement.gpus_per_worker and dist.is_nccl_available() else "gloo"
+    """NCCL for GPU workers on GPUs NVML measured, where torch has it; else gloo. A CUDA
+    build of torch (pip's default on Linux) has NCCL without any GPU: GPUs declared by node
+    labels (a machine modelling a GPU cluster) got it, and ProcessGroupNCCL refused to start
+    ("only supported with GPUs, no GPUs found")."""
+    return ("nccl" if placement.gpus_per_worker and placement.gpus_measured
+            and dist.is_nccl_available() else "gloo")
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ from ray_layer.telemetry import record_all
 log = logging.getLogger(__name__)
 
 BANDWIDTH_ROUNDS = 2  # best of 2: the first transfer to a peer can include one-time setup
+REPORT_TIMEOUT_S = 30.0  # a report's answer waited for (a scheduler stuck restarting)
 
 
 # Concurrency groups, so that a long bandwidth measurement (up to timeout x peers when peers
@@ -95,23 +96,47 @@ class NodeAgent:
         return current_bandwidth(self._bandwidth, time.monotonic(), self._bandwidth_max_age_s)
 
     def report_now(self) -> NodeReport:
+        """Measure, export and report now, waiting for the scheduler's answer (what a caller
+        bringing the control plane up waits on)."""
+        report = self._measured()
+        # Bounded: a scheduler stuck restarting must not freeze the caller.
+        self._answered(ray.get(get_scheduler().report.remote(report), timeout=REPORT_TIMEOUT_S))
+        return report
+
+    def _measured(self) -> NodeReport:
         report = self.collect()
         # Exported before sending: a node whose scheduler is away still shows in Prometheus.
         record_all(node_samples(report))
-        # Bounded: a scheduler stuck restarting must not freeze this agent's heartbeat.
-        accepted = ray.get(get_scheduler().report.remote(report), timeout=30)
+        return report
+
+    def _answered(self, accepted: bool) -> None:
         if not accepted and not self._refused:  # once per run of refusals
             log.warning("the scheduler refused this agent's report for node %s (the "
                         "scheduler's log says why: a node Ray does not list alive, or a "
                         "malformed figure)", self.node_id[:16])
         self._refused = not accepted
-        return report
 
     def _heartbeat(self) -> None:
+        """Every beat measures and exports; the report goes without waiting, its answer read
+        at a later beat (a slow scheduler's answer took up to 30 s a beat, and the node's
+        gauges, unrefreshed past Ray's 20 s, vanished from Prometheus meanwhile). While an
+        answer is outstanding, no second report queues behind it; one unanswered for
+        REPORT_TIMEOUT_S is given up (a scheduler replaced meanwhile) and a new one sent."""
+        pending, sent_at = None, 0.0
         while not self._stop.wait(self.heartbeat_s):
             try:
-                self.report_now()
+                report = self._measured()
+                if pending is not None:
+                    ready, _ = ray.wait([pending], timeout=0)
+                    if not ready and time.monotonic() - sent_at < REPORT_TIMEOUT_S:
+                        continue
+                    answered, pending = pending, None
+                    if not ready:
+                        raise TimeoutError(f"no answer to a report in {REPORT_TIMEOUT_S:g} s")
+                    self._answered(ray.get(answered))
+                pending, sent_at = get_scheduler().report.remote(report), time.monotonic()
             except Exception as e:  # scheduler briefly away: try again next beat
+                pending = None
                 log.warning("node agent %s: heartbeat failed: %s", self.node_id[:12], e)
 
     # --- bandwidth -------------------------------------------------------------------------

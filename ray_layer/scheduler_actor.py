@@ -107,7 +107,7 @@ class SchedulerActor:
             outcome = self.core.report(report, wall_clock())
             accepted = self._apply(outcome) is True
         if not accepted and first_refusal:
-            log.warning("refused a report for node %s: %s (logged once per node)",
+            log.warning("refused a report for node %s: %s (logged once per run of refusals)",
                         report.node_id[:16], outcome.decision)
         return accepted
 

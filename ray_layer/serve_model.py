@@ -667,22 +667,26 @@ class GPTModel:
     def replica_stats(self) -> dict[str, Any]:
         """This replica's batching figures (the /health route shows one replica's). With
         continuous batching a batch is one decoding step, and its size the rows that
-        produced a token in it."""
+        produced a token in it. Ray 2.60 runs a replica's plain methods on a thread pool,
+        beside the loop that changes what they read: collections are copied in one step
+        (C-level, under the GIL) before they are looped over (iterated live, /health
+        answered 503 "dictionary changed size during iteration" from a busy replica)."""
         settings = self.batch_settings
+        batch_sizes = dict(self.batch_sizes)
         waiting, rows = self._continuous_load()
         engines = [{"version": engine.loaded.version, "waiting": 0, "running": 0,
                     "kv_blocks_free": engine.limits.num_blocks, "steps": 0,
                     "prefill_tokens": 0, "decode_tokens": 0, "cancelled": 0,
                     **engine.snapshot, "kv_blocks": engine.limits.num_blocks,
                     "kv_block_tokens": engine.limits.block_tokens,
-                    "max_rows": engine.limits.max_rows} for engine in self.engines]
+                    "max_rows": engine.limits.max_rows} for engine in tuple(self.engines)]
         return {"replica": serve.get_replica_context().replica_id.unique_id,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "version": self.loaded.version if self.loaded else None,
                 "batching": self.runtime.batching if self.runtime else None,
                 "batches": self.stats["batches"], "requests": self.stats["requests"],
-                "largest_batch": max(self.batch_sizes, default=0),
-                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "largest_batch": max(batch_sizes, default=0),
+                "batch_sizes": {str(k): v for k, v in sorted(batch_sizes.items())},
                 "max_batch_size_now": settings.max_batch_size if settings else None,
                 "batch_wait_ms_now": (round(settings.wait_timeout_s * 1000, 3)
                                       if settings else None),
@@ -697,18 +701,20 @@ class GPTModel:
         """Requests waiting for and rows running in the engines: every open continuous
         request is one or the other, and the rows are what the engines said last.
         `opened_only`: leave out requests waiting for an engine's model to load."""
-        streams = sum(1 for _, e in self.streams.values() if e.opened or not opened_only)
-        rows = min(sum(e.snapshot.get("running", 0) for e in self.engines), streams)
+        streams = sum(1 for _, e in tuple(self.streams.values()) if e.opened or not opened_only)
+        rows = min(sum(e.snapshot.get("running", 0) for e in tuple(self.engines)), streams)
         return streams - rows, rows
 
     def replica_actor_name(self) -> str:
         """The Ray actor name of this replica (chaos drills kill replicas by it)."""
         return ray.get_runtime_context().get_actor_name()
 
-    def inject_fault(self, kind: str) -> str:
+    async def inject_fault(self, kind: str) -> str:
         """`hang_batch_loop`: the generation thread and the engine host stop for good, so
         requests queue and no step finishes - what a wedged GPU or a deadlock looks like.
-        Returns this replica's actor name. Only with the fault_injection setting."""
+        Returns this replica's actor name. Only with the fault_injection setting. Async: on
+        the replica's loop, as every other send to the engine host is (a plain method runs
+        on Serve's thread pool)."""
         if not self.settings.fault_injection:
             raise APIError(403, "fault injection is off (setting fault_injection)")
         if kind != "hang_batch_loop":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -135,8 +136,12 @@ class RayTrainSession:
         if self.device.type != "cuda" or not min_gpu_memory_gb:
             return None
         free_bytes, _ = torch.cuda.mem_get_info(self.device)
-        return gpu_shortfall(free_bytes, min_gpu_memory_gb, self.node_id,
-                             int(ray.get_gpu_ids()[0]))
+        index, own_bytes = _nvml_index_and_own_bytes(self.device)
+        # This process's own CUDA context is already out of `free` (creating it is what
+        # mem_get_info did, if Ray's set_device had not): placement asked NVML before it
+        # existed, and the need counts it (memory.RUNTIME_OVERHEAD_BYTES), so it is added
+        # back; else a GPU placement found just enough was refused by its own worker.
+        return gpu_shortfall(free_bytes + own_bytes, min_gpu_memory_gb, self.node_id, index)
 
     def directive(self) -> str | None:
         return self._watch.poll()
@@ -213,3 +218,23 @@ class DirectiveWatch:
                     job, self._last_checkpoint_at, self._rate)
                 self._rate = None  # each figure once: the scheduler smooths what it gets
         return None
+
+
+def _nvml_index_and_own_bytes(device: torch.device) -> tuple[int | str, int]:
+    """(the NVML index of this worker's GPU, the bytes this process holds on it), as NVML
+    sees them, found by the device's UUID. Where NVML cannot say (no library, another PID
+    namespace): Ray's GPU id (a UUID string when CUDA_VISIBLE_DEVICES named UUIDs, where
+    int() failed every worker) and 0."""
+    gpu_id = ray.get_gpu_ids()[0]
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-"))
+                                                  else f"GPU-{uuid}")
+        own = sum(p.usedGpuMemory or 0 for p in
+                  pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid())
+        return pynvml.nvmlDeviceGetIndex(handle), own
+    except Exception:  # NVML missing or not answering: the check as it was
+        return (int(gpu_id) if str(gpu_id).isdigit() else str(gpu_id)), 0

@@ -128,7 +128,9 @@ class AdmissionGate:
 
     @property
     def waiting(self) -> int:
-        return sum(not let_in.done() for let_in, _ in self._waiting)
+        # (copied in one step first: the replica's stats are read on a thread of Serve's
+        # pool while the loop appends; iterated live, "deque mutated during iteration")
+        return sum(not let_in.done() for let_in, _ in tuple(self._waiting))
 
     async def enter(self, request_id: int) -> None:
         let_in = asyncio.get_running_loop().create_future()

@@ -52,8 +52,10 @@ class HierarchicalAccumulation:
         return wrapped.no_sync()
 
     def step(self, step: int, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             grad_clip: float) -> bool:
-        """Step the groups due at `step`; True if the loss scaler skipped it for overflow."""
+             grad_clip: float) -> "bool | torch.Tensor":
+        """Step the groups due at `step`; whether the loss scaler skipped it for overflow: a
+        device tensor under fp16 (read as a float, the scale was two host syncs a step, each
+        a stall of the GPU's queue; the loop sums it and reads it at a report), else False."""
         due = self.due(step)
         if not due:
             return False
@@ -70,17 +72,22 @@ class HierarchicalAccumulation:
                         p.grad.div_(self.factors[name])
         if grad_clip:
             clip_gradients(stepping, grad_clip)  # sharded (FSDP) and whole alike
-        scale_before = scaler.get_scale()
+        scaled = scaler.is_enabled()
+        scale_before = scaler._get_scale_async().clone() if scaled else None
         scaler.step(optimizer)  # skipped by the scaler if gradients overflowed
         scaler.update()
-        scale_after = scaler.get_scale()
         for p in stepping:
             p.grad = None
-        for p, grad in waiting.items():
-            p.grad = grad.mul_(scale_after / scale_before) if scale_after != scale_before else grad
+        if waiting and scaled:  # (only then the scale is read on the host: their rescale)
+            ratio = float(scaler._get_scale_async() / scale_before)
+            for p, grad in waiting.items():
+                p.grad = grad.mul_(ratio) if ratio != 1.0 else grad
+        else:
+            for p, grad in waiting.items():
+                p.grad = grad
         for name in due:
             self.optimizer_steps[name] += 1
-        return scaler.is_enabled() and scale_after < scale_before
+        return scaler._get_scale_async() < scale_before if scaled else False
 
 
 def pending_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -362,9 +362,11 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             # Wall-clock time of the first step this attempt completed: after a failure,
             # (this - failure time) is the recovery time.
             first_step_at = time.time()
-            if compiled and not report_due:
-                # That step compiled the model (15-65 s on an H200): timed, it would drag the
-                # first report's tokens/s and MFU down and set off the low-MFU warning.
+            if (compiled or device.type == "cuda") and not report_due:
+                # That step compiled the model (15-65 s on an H200), or on a GPU paid the
+                # lazy CUDA set-up (module loading, cuBLAS and SDPA initialisation, the
+                # allocator's growth): timed, it would drag the first report's tokens/s and
+                # MFU down and set off the low-MFU warning.
                 interval_start, timed_steps = time.perf_counter(), 0
                 efficiency.restart()
 
@@ -395,7 +397,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 "tokens_per_s": timed_steps * tokens_per_step / elapsed,
                 "run_tokens_per_s": run_tokens / run_seconds,
                 "tokens_seen": tokens_seen,
-                "skipped_steps": skipped_steps,
+                "skipped_steps": int(skipped_steps),
                 "world_size": session.world_size,
                 "compiled": compiled,
                 **_model_figures(model, precision, scaler, accumulation),

@@ -212,3 +212,25 @@ def test_pending_gradients_follow_a_precision_change_on_resume(tmp_path, monkeyp
               LocalSession(run_dir, device=CPU))
     # The last step (step 3) is the one where 'upper' applies the pending gradients.
     assert norms["fp32"][-1] == pytest.approx(norms["fp16"][-1], rel=1e-2)
+
+
+def test_an_fp16_step_does_not_read_the_loss_scale_on_the_host(monkeypatch):
+    # get_scale() is a host-GPU sync: read twice a step, it stalled the GPU's queue on every
+    # fp16 run (T4, V100: what `auto` picks there). Skips are counted on the device.
+    calls = []
+    real = torch.amp.GradScaler.get_scale
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale",
+                        lambda self: calls.append(1) or real(self))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
+    accumulation = HierarchicalAccumulation(parameter_groups(model), {
+        "embeddings": 1, "lower": 1, "upper": 1, "head": 1})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    skipped = 0
+    for step in range(4):
+        idx = torch.randint(0, 256, (2, 16))
+        loss = model(idx, idx)[1] * (float("inf") if step == 2 else 1.0)
+        scaler.scale(loss).backward()
+        skipped += accumulation.step(step, optimizer, scaler, grad_clip=0.0)
+    assert calls == [] and int(skipped) == 1

@@ -130,3 +130,21 @@ def test_a_users_loop_returning_its_own_gpu_too_small_is_its_answer(driver):
     final, _ = run.run(lambda placement: mine)
     assert final.return_value == {"gpu_too_small": ["mine"]}
     assert [c[0] for c in calls] == ["submit"]
+
+
+def test_a_workers_gpu_named_by_uuid_does_not_crash_the_memory_check(monkeypatch):
+    # CUDA_VISIBLE_DEVICES of UUIDs (a MIG slice needs one): Ray's GPU ids are those strings,
+    # and int() failed every worker before training. Without NVML, Ray's id stands.
+    import ray
+
+    from ray_layer import train_session
+
+    for ray_id, expected in (("GPU-5e1c0a7f", "GPU-5e1c0a7f"), ("3", 3)):
+        monkeypatch.setattr(ray, "get_gpu_ids", lambda: [ray_id])
+        assert train_session._nvml_index_and_own_bytes(torch_cpu()) == (expected, 0)
+
+
+def torch_cpu():
+    import torch
+
+    return torch.device("cpu")  # (no CUDA here: NVML's view is not reached)

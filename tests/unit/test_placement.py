@@ -426,3 +426,24 @@ def test_a_node_whose_gpus_ray_does_not_schedule_says_so():
         place(JobSpec("j", num_workers=1, gpus_per_worker=8),
               cluster(dataclasses.replace(report, ray_gpus=4)), NOW)
     assert "Ray schedules" not in str(e.value)
+
+
+def test_a_placement_says_whether_its_gpus_were_measured_and_nccl_needs_them(monkeypatch):
+    # A CUDA build of torch has NCCL without any GPU: label-declared GPUs (a machine modelling
+    # a GPU cluster) got it, and ProcessGroupNCCL refused to start with no GPU found.
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from ray_layer.launch import collective_backend
+
+    declared = node("d", gpus=2)  # (nodes.py declares its GPUs)
+    measured = NodeReport(**{**node("m", gpus=2).__dict__, "gpus": tuple(
+        dataclasses.replace(g, source="nvml") for g in node("m", gpus=2).gpus)})
+    spec = JobSpec("j", num_workers=2, gpus_per_worker=1)
+    on_declared = place(spec, cluster(declared), NOW)
+    on_measured = place(spec, cluster(measured), NOW)
+    assert (on_declared.gpus_measured, on_measured.gpus_measured) == (False, True)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)  # a CUDA build's answer
+    assert collective_backend(on_declared) == "gloo"
+    assert collective_backend(on_measured) == "nccl"

@@ -470,6 +470,22 @@ def test_an_agent_sending_malformed_reports_is_not_restarted_in_a_loop():
     assert StartAgent("b") in core.agents_needed({"a", "b"}, silent_since)
 
 
+def test_each_run_of_refused_reports_is_new_after_an_accepted_one():
+    # A node once refused stayed in refused_nodes for good: a later refusal, for another
+    # reason, was never logged while its agent pointed to the scheduler's log.
+    import dataclasses
+
+    core = core_with(cpu_node("a"))
+    nan_load = dataclasses.replace(cpu_node("a"), load_avg_1m=float("nan"))
+    assert core.report(nan_load, T0 + 1).decision.startswith("malformed")
+    assert "a" in core.refused_nodes
+    assert core.report(cpu_node("a"), T0 + 2).decision is True
+    assert "a" not in core.refused_nodes and "a" not in core.malformed_at
+    negative_ram = dataclasses.replace(cpu_node("a"), ram_available_bytes=-1)
+    assert "a" not in core.refused_nodes  # (the actor logs when it is not: a new run)
+    assert core.report(negative_ram, T0 + 3600).decision.startswith("malformed")
+
+
 def test_state_survives_a_restart_with_preempted_jobs_and_directives():
     core = core_with(cpu_node("a", cpus=2), cpu_node("b", cpus=2))
     core.submit(cpus("low", 2), "d", T0)
@@ -1512,6 +1528,12 @@ def test_a_scheduler_recreated_without_settings_runs_with_its_predecessors():
     saved["settings"]["backfill"] = "no"
     settings, problem = settings_to_run_with({}, saved)
     assert settings == SchedulerSettings() and "backfill must be true or false" in problem
+    # Each saved value fine alone, together not: every new scheduler failed in SchedulerCore
+    # (ClusterState's check), never starting, the saved document never set aside.
+    saved["settings"].update(backfill=False, suspect_after_s=100.0, dead_after_s=30.0)
+    settings, problem = settings_to_run_with({}, saved)
+    assert settings == SchedulerSettings() and "must be <= dead_after_s" in problem
+    SchedulerCore(settings)
 
 
 def test_a_restored_queue_is_judged_again_against_the_nodes_that_report():

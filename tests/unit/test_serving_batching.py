@@ -138,3 +138,40 @@ def test_a_larger_batch_size_lets_more_in():
         await asyncio.gather(*tasks.values())
 
     asyncio.run(scenario())
+
+
+def test_the_gates_waiting_count_can_be_read_from_another_thread():
+    # Ray 2.60 runs a replica's plain methods (replica_stats, behind /health) on a thread
+    # pool while the loop admits requests: iterated live, the count raised "deque mutated
+    # during iteration", and /health answered 503 from a busy replica.
+    import asyncio
+    import sys
+    import threading
+
+    from orchestrator.serving.batching import AdmissionGate
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: a race shows within the test
+    try:
+        gate, loop = AdmissionGate(8, 1), asyncio.new_event_loop()
+        errors, stop = [], threading.Event()
+
+        def read():
+            while not stop.is_set():
+                try:
+                    gate.waiting
+                except RuntimeError as e:
+                    errors.append(e)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        for i in range(100_000):
+            gate._waiting.append((loop.create_future(), i))
+            if len(gate._waiting) > 50:
+                gate._waiting.popleft()
+        stop.set()
+        reader.join()
+        loop.close()
+    finally:
+        sys.setswitchinterval(switch_interval)
+    assert not errors, errors[:1]
