@@ -243,10 +243,11 @@ class SchedulerCore:
         self.excluded_gpus: dict[str, set[tuple[str, int]]] = {}
         self.ray_alive: set[str] = set()
         self.ray_dead: set[str] = set()
-        # Nodes whose reports are being refused: each run of refusals is logged once (an
-        # accepted report ends the run; kept for good, a later refusal of another kind went
-        # unlogged while the agent pointed the operator to the scheduler's log).
-        self.refused_nodes: set[str] = set()
+        # Nodes whose reports are being refused, and why (the reason's kind): logged when a
+        # run of refusals starts or its kind changes (an accepted report ends the run; kept
+        # for good, a later refusal of another kind went unlogged while the agent pointed the
+        # operator to the scheduler's log).
+        self.refused_nodes: dict[str, str] = {}
         # When each node's agent last sent a report refused as malformed: it is alive and
         # reporting, so restarting it (every suspect_after_s, for ever) would not help.
         self.malformed_at: dict[str, float] = {}
@@ -264,19 +265,19 @@ class SchedulerCore:
         if not self.settings.synthetic_nodes and node not in self.ray_alive:
             reason = catalogue.REPORT_DEAD_NODE if node in self.ray_dead \
                 else catalogue.REPORT_UNKNOWN_NODE
-            self.refused_nodes.add(node)
+            self.refused_nodes[node] = reason
             return Outcome(reason, samples=[(catalogue.SCHEDULER_REPORTS_REFUSED, 1,
                                              {"reason": reason})])
         problem = report_problem(report)
         if problem:
-            self.refused_nodes.add(node)
+            self.refused_nodes[node] = catalogue.REPORT_MALFORMED
             self.malformed_at[node] = now
             return Outcome(f"{catalogue.REPORT_MALFORMED}: {problem}",
                            samples=[(catalogue.SCHEDULER_REPORTS_REFUSED, 1,
                                      {"reason": catalogue.REPORT_MALFORMED})])
         was_placeable = self.state.health(node, now) == "healthy" if node in \
             self.state.reports else False
-        self.refused_nodes.discard(node)
+        self.refused_nodes.pop(node, None)
         self.malformed_at.pop(node, None)
         self.state.update(report, now)
         outcome = Outcome(True)
@@ -575,11 +576,15 @@ class SchedulerCore:
             return Outcome(self._answer_and_forget_rejection(job_name, owner))
         excluded = self.excluded_gpus.setdefault(job_name, set())
         for node, index in gpus:
-            if (node, index) in excluded:  # Ray picks GPU ids and picked it again: the node
-                report = self.state.reports.get(node)  # is avoided for this job altogether
+            report = self.state.reports.get(node)
+            if (node, index) in excluded or not is_int(index):
+                # Ray picks GPU ids and picked it again, or the worker could not say which
+                # of the node's GPUs it was (a UUID NVML did not map; int() raised here and
+                # failed the job): the node is avoided for this job altogether
                 excluded.update((node, g.index) for g in (report.gpus if report else ()))
+                continue
             excluded.add((str(node), int(index)))
-        where = ", ".join(f"GPU {i} of node {n[:12]}" for n, i in sorted(gpus))
+        where = ", ".join(f"GPU {i} of node {n[:12]}" for n, i in gpus)
         return self.yielded(job_name, owner, now,
                             reason=f"{where} lacked {job.spec.min_gpu_memory_gb:g} GiB free: "
                                    "placed again without it")

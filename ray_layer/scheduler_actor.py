@@ -103,11 +103,13 @@ class SchedulerActor:
             with self.lock:
                 self._apply(self.core.ray_nodes(alive, dead, wall_clock()))
         with self.lock:
-            first_refusal = report.node_id not in self.core.refused_nodes
+            refused_before = self.core.refused_nodes.get(report.node_id)
             outcome = self.core.report(report, wall_clock())
             accepted = self._apply(outcome) is True
-        if not accepted and first_refusal:
-            log.warning("refused a report for node %s: %s (logged once per run of refusals)",
+            refused_now = self.core.refused_nodes.get(report.node_id)
+        if not accepted and refused_now != refused_before:
+            log.warning("refused a report for node %s: %s (logged once per run of refusals "
+                        "of one kind)",
                         report.node_id[:16], outcome.decision)
         return accepted
 

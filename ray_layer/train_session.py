@@ -222,19 +222,34 @@ class DirectiveWatch:
 
 def _nvml_index_and_own_bytes(device: torch.device) -> tuple[int | str, int]:
     """(the NVML index of this worker's GPU, the bytes this process holds on it), as NVML
-    sees them, found by the device's UUID. Where NVML cannot say (no library, another PID
-    namespace): Ray's GPU id (a UUID string when CUDA_VISIBLE_DEVICES named UUIDs, where
-    int() failed every worker) and 0."""
+    sees them, found by the device's UUID. Each part falls back on its own: the index to
+    Ray's GPU id (a UUID string when CUDA_VISIBLE_DEVICES named UUIDs, where int() failed
+    every worker; the scheduler then avoids the whole node), the bytes to 0 (no process list
+    on MIG, vGPU or WSL, or another PID namespace: the check as it was)."""
     gpu_id = ray.get_gpu_ids()[0]
+    index: int | str = int(gpu_id) if str(gpu_id).isdigit() else str(gpu_id)
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-"))
-                                                  else f"GPU-{uuid}")
+        handle = _nvml_handle(pynvml, str(torch.cuda.get_device_properties(device).uuid))
+        index = pynvml.nvmlDeviceGetIndex(handle)
+    except Exception:  # NVML missing or not answering
+        return index, 0
+    try:
         own = sum(p.usedGpuMemory or 0 for p in
                   pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid())
-        return pynvml.nvmlDeviceGetIndex(handle), own
-    except Exception:  # NVML missing or not answering: the check as it was
-        return (int(gpu_id) if str(gpu_id).isdigit() else str(gpu_id)), 0
+    except Exception:
+        own = 0
+    return index, own
+
+
+def _nvml_handle(pynvml, uuid: str):
+    """The NVML handle of the device torch names by `uuid` (torch gives it bare, NVML wants
+    the "GPU-" or, for a MIG slice, the "MIG-" prefix)."""
+    if uuid.startswith(("GPU-", "MIG-")):
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid)
+    try:
+        return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+    except pynvml.NVMLError:
+        return pynvml.nvmlDeviceGetHandleByUUID(f"MIG-{uuid}")

@@ -484,6 +484,10 @@ def test_each_run_of_refused_reports_is_new_after_an_accepted_one():
     negative_ram = dataclasses.replace(cpu_node("a"), ram_available_bytes=-1)
     assert "a" not in core.refused_nodes  # (the actor logs when it is not: a new run)
     assert core.report(negative_ram, T0 + 3600).decision.startswith("malformed")
+    # A run whose kind changes is said again (the actor logs on a change of kind).
+    core.ray_nodes(set(), {"a"}, T0 + 3601)
+    assert core.report(cpu_node("a"), T0 + 3602).decision == "dead_node"
+    assert core.refused_nodes["a"] == "dead_node"
 
 
 def test_state_survives_a_restart_with_preempted_jobs_and_directives():
@@ -1646,3 +1650,17 @@ def test_a_placement_after_a_lost_node_is_counted_as_a_decision():
     assert (m.SCHEDULER_PLACEMENTS.name, {"outcome": "rejected"}) in counted(refused)
     assert [t for name, t in counted(refused) if name == m.SCHEDULER_REJECTIONS.name] == [
         {"reason": m.REJECT_CAPACITY}]
+
+
+def test_a_gpu_the_worker_names_by_uuid_avoids_the_node_not_the_scheduler():
+    # A MIG slice NVML could not map: the worker sent Ray's id, a UUID string, and int() of
+    # it raised in the scheduler, failing the job instead of placing it elsewhere.
+    core = core_with(gpu_node("n1"), gpu_node("n2"))
+    spec = gpus("job", 4, min_gpu_memory_gb=10.0)
+    core.submit(spec, "d", T0)
+    first = core.running["job"].placement.worker_nodes[0]
+    outcome = core.gpu_too_small("job", "d", [(first, "MIG-5e1c0a7f-0000")], T0 + 1)
+    assert {n for n, _ in core.excluded_gpus["job"]} == {first}
+    assert len(core.excluded_gpus["job"]) == 4  # every GPU of that node
+    placed = outcome.decision
+    assert getattr(placed, "worker_nodes", None) and first not in placed.worker_nodes, placed
