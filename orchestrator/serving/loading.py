@@ -124,6 +124,10 @@ def model_directories(path: str | Path) -> tuple[list[Path], bool]:
         return inside, True
     if format_of(p / "int8") is not None:  # a jobs/compress.py output directory
         return [p / "int8"], False
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        raise CheckpointError(f"checkpoint {p} is a Hugging Face model (jobs/export.py writes "
+                              "those): serve, compress or export the training checkpoint it "
+                              "came from, or load it with transformers")
     markers = " or ".join(f"{f.marker} ({f.name})" for f in FORMATS)
     raise CheckpointError(f"checkpoint {p} holds no model: expected {markers}, a run "
                           "directory with checkpoint_* directories inside, or a compress "

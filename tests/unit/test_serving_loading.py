@@ -166,3 +166,14 @@ def test_a_missing_tokenizer_names_the_checkpoint_once(tmp_path):
         _run_tokenizer(directory, "ab" * 32, model)
     assert str(e.value).count(str(directory)) == 1, str(e.value)
     assert "no tokenizer.json is beside it" in str(e.value)
+
+
+def test_a_hugging_face_export_is_named_as_such_not_as_no_model(tmp_path):
+    # "holds no model: expected state.pt (checkpoint) or ..." said nothing of what it was.
+    from orchestrator.hf_export import export_checkpoint
+
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000001")
+    export_checkpoint(tmp_path / "run", tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="is a Hugging Face model .*the training "
+                                              "checkpoint it came from"):
+        load_model(tmp_path / "hf")
