@@ -233,8 +233,13 @@ def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list
     config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
     special_tokens_map.json). Files are written in a staging directory, then renamed."""
     check_exportable(model)
-    out = Path(out_dir)
-    check_output(out)
+    check_output(Path(out_dir))
+    return _write_export(model, tokenizer, Path(out_dir))
+
+
+def _write_export(model, tokenizer: Tokenizer, out: Path) -> list[Path]:
+    """export_gpt2 once `out` is checked (check_output: it hashes an earlier export's
+    weights, which export_checkpoint has done already, before reading the checkpoint)."""
     out.mkdir(parents=True, exist_ok=True)
     # Every file is written in a staging directory first: a full disk or an interrupt while
     # writing leaves the earlier export whole (it used to leave a new model beside the old
@@ -397,7 +402,7 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
     except (TokenizerError, OSError) as e:
         # (some of its messages name the checkpoint already)
         raise ExportError(str(e) if str(directory) in str(e) else f"{directory}: {e}") from None
-    files = export_gpt2(model, tokenizer, out_dir)
+    files = _write_export(model, tokenizer, Path(out_dir))  # (--out checked above)
     return files, {"checkpoint": str(directory), "step": state.get("step"),
                    "vocab_size": model.config.vocab_size, "tokenizer": tokenizer.name,
                    "params": sum(p.numel() for p in model.parameters()), "skipped": skipped}

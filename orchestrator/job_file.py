@@ -189,8 +189,10 @@ def launcher_problems(launcher: dict[str, Any]) -> list[str]:
             p.append(f"{key} must be a mapping, got {launcher[key]!r}")
     if "run_dir" in launcher and not isinstance(launcher["run_dir"], str):
         p.append(f"run_dir must be a path, got {launcher['run_dir']!r}")
-    elif "run_dir" in launcher and run_dir_uri_problem(launcher["run_dir"]):
-        p.append(f"run_dir: {run_dir_uri_problem(launcher['run_dir'])}")
+    elif "run_dir" in launcher:
+        uri_problem = run_dir_uri_problem(launcher["run_dir"])
+        if uri_problem:
+            p.append(f"run_dir: {uri_problem}")
     if "max_failures" in launcher and not (is_int(launcher["max_failures"])
                                            and launcher["max_failures"] >= 0):
         p.append(f"max_failures must be an integer >= 0, got {launcher['max_failures']!r}")

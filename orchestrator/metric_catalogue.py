@@ -379,10 +379,10 @@ def node_samples(report) -> list[Sample]:
     return samples
 
 
-def scheduler_samples(state, enqueued_at: list[float], jobs_placed: int, now: float,
+def scheduler_samples(state, waiting_since: list[float], jobs_placed: int, now: float,
                       retired: set[str] = frozenset()) -> list[Sample]:
     """The scheduler's gauges from its ClusterState, when each waiting job last entered the
-    queue (`enqueued_at`: a preempted job's wait is since its preemption, not its first
+    queue (`waiting_since`: a preempted job's wait is since its preemption, not its first
     submission, which paged SchedulerQueueStuck seconds after a long job was preempted) and
     the number of jobs holding reservations. `retired` nodes (removed on purpose, see
     RAY_DEATH_EXPECTED) are left out of the health counts."""
@@ -391,8 +391,8 @@ def scheduler_samples(state, enqueued_at: list[float], jobs_placed: int, now: fl
         if node_id not in retired:
             counts[state.health(node_id, now)] += 1
     samples: list[Sample] = [(SCHEDULER_NODES, n, {"health": h}) for h, n in counts.items()]
-    oldest = max((now - t for t in enqueued_at), default=0.0)
-    samples += [(SCHEDULER_QUEUE_LENGTH, len(enqueued_at), {}),
+    oldest = max((now - t for t in waiting_since), default=0.0)
+    samples += [(SCHEDULER_QUEUE_LENGTH, len(waiting_since), {}),
                 (SCHEDULER_QUEUE_OLDEST_WAIT, max(oldest, 0.0), {}),
                 (SCHEDULER_JOBS_PLACED, jobs_placed, {})]
     return samples

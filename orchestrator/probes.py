@@ -155,6 +155,42 @@ def probe_nvml(errors: dict[str, str] | None = None) -> tuple[GpuInfo, ...]:
         pynvml.nvmlShutdown()
 
 
+def nvml_index_and_process_bytes(uuid: str, pid: int) -> tuple[int | None, int]:
+    """(the NVML index of the device torch names by `uuid`, the bytes process `pid` holds on
+    it): None when NVML cannot find the device (no library or driver), 0 when it cannot list
+    its processes (MIG, vGPU, WSL, another PID namespace). Each falls back on its own."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return None, 0
+    try:
+        handle = _nvml_handle_by_uuid(pynvml, uuid)
+        index = pynvml.nvmlDeviceGetIndex(handle)
+        try:
+            held = sum(p.usedGpuMemory or 0 for p in
+                       pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == pid)
+        except pynvml.NVMLError:
+            held = 0
+        return index, held
+    except pynvml.NVMLError:
+        return None, 0
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _nvml_handle_by_uuid(pynvml: Any, uuid: str):
+    """The NVML handle of the device torch names by `uuid` (torch gives it bare, NVML wants
+    the "GPU-" or, for a MIG slice, the "MIG-" prefix)."""
+    if uuid.startswith(("GPU-", "MIG-")):
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid)
+    try:
+        return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+    except pynvml.NVMLError:
+        return pynvml.nvmlDeviceGetHandleByUUID(f"MIG-{uuid}")
+
+
 def _nvml_gpu(pynvml: Any, index: int) -> GpuInfo:
     """One GPU. Name, UUID and memory are required (without them the probe fails, as
     before); utilization, NVLink and PCIe are optional: None where this GPU or driver lacks

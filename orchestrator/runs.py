@@ -303,8 +303,9 @@ def resolve_run_dir(run_dir: str | None, resume: bool, root: Path, prefix: str,
     if not str(run_dir).strip():  # Path("") is the current directory: the run went there
         raise RunDirError("--run-dir is empty: give a path, or leave the flag out (a new run "
                           "under the runs root)")
-    if run_dir_uri_problem(str(run_dir)):
-        raise RunDirError(f"--run-dir {run_dir_uri_problem(str(run_dir))}")
+    uri_problem = run_dir_uri_problem(str(run_dir))
+    if uri_problem:
+        raise RunDirError(f"--run-dir {uri_problem}")
     if not Path(run_dir).expanduser().is_absolute() and in_rays_working_dir_copy(Path.cwd()):
         raise RunDirError(f"--run-dir {run_dir} is relative to the working directory, which is "
                           "Ray's temporary copy of it (ray job submit --working-dir): give an "

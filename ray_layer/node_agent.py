@@ -130,19 +130,19 @@ class NodeAgent:
                 log.warning("node agent %s: measuring failed: %s", self.node_id[:12], e)
                 continue
             if pending is not None:
-                if not ray.wait([pending], timeout=0)[0] \
-                        and time.monotonic() - sent_at < REPORT_TIMEOUT_S:
+                answered = bool(ray.wait([pending], timeout=0)[0])
+                if not answered and time.monotonic() - sent_at < REPORT_TIMEOUT_S:
                     continue  # still answering: nothing queued behind it
-                pending = self._read_answer(pending)
+                pending = self._read_answer(pending, answered)
             try:  # (this beat's report goes now, also after an answer failed or timed out)
                 pending, sent_at = get_scheduler().report.remote(report), time.monotonic()
             except Exception as e:  # no scheduler now: try again next beat
                 log.warning("node agent %s: heartbeat failed: %s", self.node_id[:12], e)
 
-    def _read_answer(self, pending) -> None:
-        """Read a report's answer, ready or given up; None: nothing pending any more."""
+    def _read_answer(self, pending, answered: bool) -> None:
+        """Read a report's answer, or give it up; None: nothing pending any more."""
         try:
-            if not ray.wait([pending], timeout=0)[0]:
+            if not answered:
                 raise TimeoutError(f"no answer to a report in {REPORT_TIMEOUT_S:g} s")
             self._answered(ray.get(pending))
         except Exception as e:  # a scheduler replaced meanwhile, or stuck

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from orchestrator.config import TrainConfig
 from orchestrator.metric_catalogue import training_samples
 from orchestrator import throughput
+from orchestrator.probes import nvml_index_and_process_bytes
 from orchestrator.training.loop import say, train
 from orchestrator.training.session import gpu_shortfall, older_checkpoints
 from ray_layer.scheduler_client import scheduler_or_none
@@ -221,35 +222,16 @@ class DirectiveWatch:
 
 
 def _nvml_index_and_own_bytes(device: torch.device) -> tuple[int | str, int]:
-    """(the NVML index of this worker's GPU, the bytes this process holds on it), as NVML
-    sees them, found by the device's UUID. Each part falls back on its own: the index to
-    Ray's GPU id (a UUID string when CUDA_VISIBLE_DEVICES named UUIDs, where int() failed
-    every worker; the scheduler then avoids the whole node), the bytes to 0 (no process list
-    on MIG, vGPU or WSL, or another PID namespace: the check as it was)."""
+    """(the NVML index of this worker's GPU, the bytes this process holds on it:
+    probes.nvml_index_and_process_bytes by the device's UUID). Where NVML cannot say, the
+    index is Ray's GPU id (a UUID string when CUDA_VISIBLE_DEVICES named UUIDs, where int()
+    failed every worker; the scheduler then avoids the whole node) and the bytes 0 (the
+    check as it was)."""
     gpu_id = ray.get_gpu_ids()[0]
-    index: int | str = int(gpu_id) if str(gpu_id).isdigit() else str(gpu_id)
+    fallback: int | str = int(gpu_id) if str(gpu_id).isdigit() else str(gpu_id)
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = _nvml_handle(pynvml, str(torch.cuda.get_device_properties(device).uuid))
-        index = pynvml.nvmlDeviceGetIndex(handle)
-    except Exception:  # NVML missing or not answering
-        return index, 0
-    try:
-        own = sum(p.usedGpuMemory or 0 for p in
-                  pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid())
-    except Exception:
-        own = 0
-    return index, own
-
-
-def _nvml_handle(pynvml, uuid: str):
-    """The NVML handle of the device torch names by `uuid` (torch gives it bare, NVML wants
-    the "GPU-" or, for a MIG slice, the "MIG-" prefix)."""
-    if uuid.startswith(("GPU-", "MIG-")):
-        return pynvml.nvmlDeviceGetHandleByUUID(uuid)
-    try:
-        return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-    except pynvml.NVMLError:
-        return pynvml.nvmlDeviceGetHandleByUUID(f"MIG-{uuid}")
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+    except Exception:  # (no CUDA device: nothing for NVML to find)
+        return fallback, 0
+    index, held = nvml_index_and_process_bytes(uuid, os.getpid())
+    return (fallback if index is None else index), held

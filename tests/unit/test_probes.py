@@ -411,3 +411,32 @@ def test_the_host_probe_divides_the_hosts_load_by_the_hosts_cpus(monkeypatch):
     monkeypatch.setattr(probes.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     monkeypatch.setattr(probes.os, "cpu_count", lambda: 64)
     assert probes.probe_host()["cpu_count"] == 64
+
+
+def test_a_workers_gpu_is_found_by_torchs_bare_uuid_and_its_own_bytes_counted(monkeypatch):
+    # torch names a device by its bare UUID; NVML wants the "GPU-"/"MIG-" prefix. The process
+    # list may be unsupported (MIG, vGPU, WSL): the index still stands, and NVML is shut down.
+    from orchestrator.probes import nvml_index_and_process_bytes
+
+    nvml = fake_pynvml([A100, T4])
+    devices = {"GPU-a100": 0, "MIG-t4": 1}
+
+    def by_uuid(uuid):
+        if uuid not in devices:
+            raise FakeNVMLError(uuid)
+        return devices[uuid]
+
+    def processes(handle):
+        if handle == 1:
+            raise FakeNotSupported("processes")
+        return [types.SimpleNamespace(pid=7, usedGpuMemory=512), types.SimpleNamespace(
+            pid=8, usedGpuMemory=None), types.SimpleNamespace(pid=9, usedGpuMemory=4096)]
+
+    nvml.nvmlDeviceGetHandleByUUID = by_uuid
+    nvml.nvmlDeviceGetIndex = lambda handle: handle
+    nvml.nvmlDeviceGetComputeRunningProcesses = processes
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert nvml_index_and_process_bytes("a100", pid=7) == (0, 512)
+    assert nvml_index_and_process_bytes("t4", pid=7) == (1, 0)  # a MIG slice, no process list
+    assert nvml_index_and_process_bytes("gone", pid=7) == (None, 0)
+    assert nvml.calls.count("init") == nvml.calls.count("shutdown") == 3
