@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +63,35 @@ def sha256_file(path: Path) -> str:
 
 def write_atomically(path: Path, write) -> None:
     """Write to a temp file in the same directory, fsync, then rename over the target: a crash
-    leaves either the old file or the new one, never half of one."""
+    leaves either the old file or the new one, never half of one. A write that fails (a full
+    disk: torch.save says only "unexpected pos") removes its temp file and raises
+    CheckpointError naming the file and the free space left."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"checkpoint file {path} cannot be written: "
+                              f"{_write_problem(e)}{_free_space(path.parent)}") from e
+
+
+def _write_problem(e: Exception) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def _free_space(directory: Path) -> str:
+    """"; N GiB free on its filesystem" (a full disk is the usual cause), or nothing."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return ""
+    return f" ({free / 1024 ** 3:.2f} GiB free on its filesystem)"
 
 
 def sync_tree(directory: Path) -> None:
@@ -109,7 +132,13 @@ def verify_checksum(path: str | os.PathLike) -> None:
     for p in (path, checksum_path):
         if not p.is_file():
             raise CheckpointError(f"checkpoint file missing: {p}")
-    _check_digest(path, checksum_path.read_text().strip())
+    try:  # (a damaged sidecar must not stop the fallback to an older checkpoint)
+        expected = checksum_path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "not a sha256"
+        raise CheckpointError(f"checkpoint file {checksum_path} cannot be read: "
+                              f"{reason}") from None
+    _check_digest(path, expected)
 
 
 def _check_digest(path: Path, expected: str) -> None:
@@ -161,7 +190,7 @@ def checkpoint_header(directory: str | os.PathLike, rank: int = 0,
     over a terabyte), so the verdict is only whole once the workers agree (the loop's)."""
     directory = Path(directory)
     if not is_sharded_checkpoint(directory):
-        if not (directory / STATE_FILE).exists() and (directory / DCP_METADATA_FILE).is_file():
+        if not (directory / STATE_FILE).exists() and _has_shards(directory):
             raise CheckpointError(f"sharded checkpoint {directory} has no {SHARDED_META_FILE} "
                                   "(written last, by rank 0): incomplete")
         return {**load_tensors(directory / STATE_FILE), "sharded": False}
@@ -176,6 +205,11 @@ def checkpoint_header(directory: str | os.PathLike, rank: int = 0,
             raise CheckpointError(f"checkpoint file missing: {directory / name}")
         _check_digest(directory / name, expected)
     return {**meta, "sharded": True}
+
+
+def _has_shards(directory: Path) -> bool:
+    """torch.distributed.checkpoint's files are there (its index or any worker's shards)."""
+    return (directory / DCP_METADATA_FILE).is_file() or any(directory.glob("__*.distcp"))
 
 
 def save_sharded(directory: str | os.PathLike, tensors: dict[str, Any], meta: dict[str, Any],
@@ -195,6 +229,9 @@ def save_sharded(directory: str | os.PathLike, tensors: dict[str, Any], meta: di
     digests = _gathered({p.name: sha256_file(p)
                          for p in sorted(directory.glob(f"__{rank}_*.distcp"))})
     if rank == 0:
+        # The index too (rank 0 writes it, last): an altered one reads the shards' bytes
+        # into the wrong tensors without any shard's digest changing.
+        digests[DCP_METADATA_FILE] = sha256_file(directory / DCP_METADATA_FILE)
         save_tensors(directory / SHARDED_META_FILE, {**meta, SHARD_DIGESTS: digests})
 
 

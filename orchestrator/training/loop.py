@@ -228,12 +228,13 @@ def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Preci
     checkpoint of another run config is an error, not something to skip."""
     problems = []
 
-    def pass_over(error: CheckpointError) -> None:
+    def pass_over(error: CheckpointError, others_left: bool) -> None:
         problems.append(str(error))
-        if session.world_rank == 0:
+        if session.world_rank == 0 and others_left:  # (else the error below says it all)
             say(f"warning: {error}; falling back to the previous checkpoint")
 
-    for directory in checkpoint_dirs:
+    for position, directory in enumerate(checkpoint_dirs):
+        others_left = position < len(checkpoint_dirs) - 1
         header, problem = None, None
         try:
             header = checkpoint_header(directory, session.world_rank, session.world_size)
@@ -241,7 +242,7 @@ def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Preci
             problem = e
         problem = _any_workers_problem(problem)
         if problem is not None:
-            pass_over(problem)
+            pass_over(problem, others_left)
             continue
         conflicts = resume_conflicts(header["config"], config)
         if conflicts:
@@ -253,7 +254,7 @@ def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Preci
             return (model, optimizer, scaler,
                     *_restore((directory, header), session, config, model, optimizer, scaler))
         except CheckpointError as e:
-            pass_over(e)
+            pass_over(e, others_left)
     if problems:
         raise CheckpointError("no usable checkpoint to resume from: " + " | ".join(problems))
     model, optimizer, scaler = _new_training_state(config, session, precision, init_from=True)

@@ -16,10 +16,11 @@ def test_fsdp_run_checkpoints_every_workers_shard_and_resumes(cluster, tmp_path)
     first = read_summary(run_dir)
     files = {p.name for p in Path(first["checkpoint"]).iterdir()}
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"} <= files
-    # Each worker's shard digest reached rank 0's meta.pt, from its own directory
+    # Each worker's shard digest reached rank 0's meta.pt, from its own directory, with
+    # the index's
     from orchestrator.training.checkpoint import SHARD_DIGESTS, load_tensors
     meta = load_tensors(Path(first["checkpoint"]) / "meta.pt")
-    assert sorted(meta[SHARD_DIGESTS]) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(meta[SHARD_DIGESTS]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert pretrain.main([*args, "--max-steps", "6", "--resume"]) == 0
     resumed = read_summary(run_dir)
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 6

@@ -324,13 +324,50 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_pat
     assert "state.pt is corrupt" in capsys.readouterr().out
 
 
-def test_when_every_checkpoint_is_corrupt_training_refuses_to_start_over(tmp_path):
+def test_when_every_checkpoint_is_corrupt_training_refuses_to_start_over(tmp_path, capsys):
     session = LocalSession(tmp_path, device=CPU)
     train(tiny(max_steps=10), session)
     for checkpoint in session.checkpoints():
         (checkpoint / "state.pt").write_bytes(b"garbage")
+    capsys.readouterr()
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
         train(tiny(max_steps=20), session)
+    # No fallback announced where there is nothing to fall back to
+    assert "falling back" not in capsys.readouterr().out
+
+
+def test_a_damaged_checksum_file_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
+    # A non-UTF-8 byte in the sidecar raised UnicodeDecodeError, no CheckpointError: no
+    # fallback, and every restart failed on it while a good checkpoint lay beside it.
+    session = LocalSession(tmp_path, keep=3, device=CPU)
+    train(tiny(max_steps=20), session)
+    sidecar = session.checkpoints()[-1] / "state.pt.sha256"
+    data = bytearray(sidecar.read_bytes())
+    data[3] |= 0x80
+    sidecar.write_bytes(bytes(data))
+    metrics = train(tiny(max_steps=30), session)
+    assert metrics["start_step"] == 10 and metrics["step"] == 30
+    said = capsys.readouterr().out
+    assert "state.pt.sha256 cannot be read: not a sha256" in said and "falling back" in said
+
+
+def test_a_save_on_a_full_disk_names_the_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    # torch.save on a full disk says "[enforce fail at inline_container.cc] unexpected pos":
+    # no file, no cause; and its half-written .tmp stayed, holding the space.
+    from orchestrator.training import checkpoint
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(CheckpointError) as caught:
+        save_checkpoint(tmp_path / "ckpt", {"step": 1})
+    message = str(caught.value)
+    assert message.startswith(f"checkpoint file {tmp_path / 'ckpt' / 'state.pt'} cannot be "
+                              "written: RuntimeError: [enforce fail")
+    assert "GiB free on its filesystem" in message
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == []
 
 
 @pytest.mark.parametrize("schedule, expected", [

@@ -12,7 +12,7 @@ import torch
 
 from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.training.checkpoint import (CheckpointError, DCP_METADATA_FILE,
-                                              load_checkpoint)
+                                              checkpoint_header, load_checkpoint)
 from orchestrator.training.local_workers import train_on_local_workers
 from orchestrator.training.loop import train
 from orchestrator.training.session import LocalSession
@@ -348,6 +348,30 @@ def test_a_flipped_byte_in_a_shard_is_caught_and_the_previous_checkpoint_taken(r
         load_checkpoint(run_dir / "checkpoint_00000050")
     metrics = train(config(strategy="ddp"), LocalSession(run_dir, device=CPU))
     assert metrics["start_step"] == 25 and "__1_0.distcp is corrupt" in capsys.readouterr().out
+
+
+def test_an_altered_index_is_caught_and_the_previous_checkpoint_taken(runs, tmp_path, capsys):
+    # Only the shards had digests: an index whose entries were swapped read each tensor's
+    # bytes into another without complaint.
+    source = runs["root"] / "fsdp"
+    run_dir = resume_from(source, HALF, tmp_path / "run")
+    shutil.copytree(source / "checkpoint_00000050", run_dir / "checkpoint_00000050")
+    index = run_dir / "checkpoint_00000050" / DCP_METADATA_FILE
+    index.write_bytes(index.read_bytes() + b"\0")
+    with pytest.raises(CheckpointError, match=r"00000050/\.metadata is corrupt"):
+        load_checkpoint(run_dir / "checkpoint_00000050")
+    metrics = train(config(strategy="ddp"), LocalSession(run_dir, device=CPU))
+    assert metrics["start_step"] == 25 and ".metadata is corrupt" in capsys.readouterr().out
+
+
+def test_shards_without_rank_0s_files_are_named_a_sharded_checkpoint(runs, tmp_path):
+    # Neither meta.pt nor the index arrived (rank 0's part), the other workers' shards did:
+    # the error named a missing state.pt, the wrong kind of checkpoint.
+    run_dir = resume_from(runs["root"] / "fsdp", HALF, tmp_path / "run")
+    for name in ("meta.pt", "meta.pt.sha256", DCP_METADATA_FILE):
+        (run_dir / HALF / name).unlink()
+    with pytest.raises(CheckpointError, match=rf"sharded checkpoint .*{HALF} has no meta\.pt"):
+        checkpoint_header(run_dir / HALF)
 
 
 def test_a_shard_that_cannot_be_read_is_a_checkpoint_problem(runs, monkeypatch):
