@@ -31,8 +31,7 @@ from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEAB
                                   run_job)
 from orchestrator.launch import refuse_what_embedded_ray_cannot_hold
 from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError,
-                              has_checkpoints, read_metrics, resolve_run_dir, run_dir_held,
-                              unused_checkpoints_warning)
+                              has_checkpoints, read_metrics, resolve_run_dir, run_dir_held)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
 from orchestrator.training.memory import gpu_memory_needed_gb, memory_lines
@@ -375,8 +374,6 @@ def run(args: argparse.Namespace) -> dict | None:
             return dry_run(train_config, spec, args.address)
         if args.resume and _already_complete(run_dir, train_config):
             return None
-        if args.resume:
-            _warn_unregistered(run_dir)
         refuse_what_embedded_ray_cannot_hold(spec, args.address)
     except (ConfigError, RunDirError, DataError, TokenizerError, ExportError) as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
@@ -450,13 +447,6 @@ def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
         return False
     _say_nothing_to_do(f"{run_dir} is already at step {done}", train_config)
     return True
-
-
-def _warn_unregistered(run_dir: Path) -> None:
-    """Say which checkpoints a resume passes over (runs.unused_checkpoints_warning)."""
-    warning = unused_checkpoints_warning(run_dir)
-    if warning:
-        print(f"warning: --resume: {warning}", file=sys.stderr)
 
 
 def _say_nothing_to_do(where: str, train_config: TrainConfig) -> None:

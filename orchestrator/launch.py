@@ -41,7 +41,7 @@ from orchestrator.entrypoints import accepts_config, local_modules
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS, launcher_problems
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, run_dir_held,
-                               unused_checkpoints_warning, writable_dir_problem)
+                               writable_dir_problem)
 
 
 def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = None,
@@ -74,10 +74,6 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
         train_loop, spec=spec, config=config, run_dir=run_dir, resume=bool(resume),
         queue_timeout_s=queue_timeout_s, max_failures=max_failures, runtime_env=runtime_env,
         keep_checkpoints=keep_checkpoints)
-    if resume:
-        warning = unused_checkpoints_warning(directory)
-        if warning:
-            print(f"warning: resume: {warning}", file=sys.stderr)
     refuse_what_embedded_ray_cannot_hold(spec, address)
     from ray_layer.launch import launch
 

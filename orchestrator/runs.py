@@ -1,7 +1,7 @@
 """Run directories: where a run's checkpoints, resolved config and summary live.
 
-Layout (Ray Train's, which owns checkpoint storage): <run_dir>/checkpoint_<timestamp>/ and
-<run_dir>/checkpoint_manager_snapshot.json; this project adds config.json, summary.json and
+Layout (Ray Train's, which owns checkpoint storage): <run_dir>/checkpoint_<step>_<UTC time>/
+(checkpoint_name) and <run_dir>/checkpoint_manager_snapshot.json; this project adds config.json, summary.json and
 metrics.jsonl (every report of rank 0, appended as it happens: a run's history survives its
 restarts, where Ray Train's result keeps only the last report).
 """
@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,22 +83,50 @@ def has_checkpoints(run_dir: Path) -> bool:
     return bool(checkpoint_dirs(run_dir))  # none in a missing directory or a file
 
 
+CHECKPOINT_PREFIX = "checkpoint_"
+_STEP_NAMED = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)(?:_(.*))?$")
+
+
+def checkpoint_name(step: int, written_at: float | None = None) -> str:
+    """A checkpoint directory's name: checkpoint_<step:08d>, and for Ray Train's (which may
+    write a step twice: a resume before an unregistered checkpoint of a later step) the UTC
+    time after it. The step leads so that name order is training order whatever the clocks
+    of the nodes rank 0 ran on (Ray's own checkpoint_<local time> went back when rank 0 moved
+    to a node in another time zone, or the clock was stepped back)."""
+    name = f"{CHECKPOINT_PREFIX}{int(step):08d}"
+    if written_at is None:
+        return name
+    stamp = dt.datetime.fromtimestamp(written_at, dt.timezone.utc)
+    return f"{name}_{stamp.strftime('%Y-%m-%d_%H-%M-%S.%f')}"
+
+
+def checkpoint_age(path: str | Path) -> tuple:
+    """Sort key, oldest first: by step, then by the time in the name (checkpoint_name's),
+    after every checkpoint named by Ray Train's default checkpoint_<local time> (runs from
+    before steps led the name: older than any step-named one in the same run, and in name
+    order among themselves)."""
+    name = Path(path).name
+    step_named = _STEP_NAMED.match(name)
+    if step_named is None:
+        return (0, 0, name)
+    return (1, int(step_named.group(1)), step_named.group(2) or "")
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """A run directory's checkpoint_* directories, newest first: Ray Train's
-    checkpoint_<timestamp> and LocalSession's checkpoint_<step:08d> both sort oldest to
-    newest."""
-    return sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), reverse=True)
+    """A run directory's checkpoint_* directories, newest first (checkpoint_age)."""
+    return sorted((p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()),
+                  key=checkpoint_age, reverse=True)
 
 
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def unused_checkpoints_warning(run_dir: Path) -> str | None:
-    """What a resume of `run_dir` passes over, or None: checkpoint directories Ray Train never
-    registered. A run stopped (Ctrl-C) while its workers reported writes checkpoints Ray Train
-    never registers; a resume starts from the newest registered one (the steps after it are
-    trained again), or from step 0 when it registered none. None too when Ray Train's record
-    cannot be read (nothing is known to be passed over)."""
+def unregistered_checkpoints_warning(run_dir: Path) -> str | None:
+    """Checkpoints of `run_dir` that Ray Train never registered, or None. A run stopped
+    (Ctrl-C) while its workers reported writes checkpoints Ray Train never registers: a resume
+    takes them like any other (the newest that verifies), but Ray Train's keep_checkpoints
+    never prunes them. None too when Ray Train's record cannot be read (repair_ray_record
+    says so)."""
     written = checkpoint_dirs(run_dir)
     if not written:
         return None
@@ -106,20 +135,96 @@ def unused_checkpoints_warning(run_dir: Path) -> str | None:
         registered = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
     except FileNotFoundError:  # stopped before Ray Train recorded any checkpoint
         registered = set()
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return None
-    newest = max(registered, default="")
-    unused = [d for d in written if d.name > newest]
-    if not unused:
+    unregistered = [d.name for d in written if d.name not in registered]
+    if not unregistered:
         return None
-    names = ", ".join(d.name for d in unused)
-    if registered:
-        return (f"{len(unused)} checkpoint(s) written after the last one Ray Train registered "
-                f"({newest}) are not used: the run was stopped while it reported them "
-                f"({names}); their steps are trained again, and they may be deleted")
-    return (f"Ray Train registered none of the run's {len(unused)} checkpoint(s) ({names}): "
-            "the run was stopped while it reported its first, so it starts again from step "
-            "0; they may be deleted")
+    return (f"{len(unregistered)} checkpoint(s) Ray Train never registered (the run was "
+            f"stopped while it reported them: {', '.join(unregistered)}): the resume takes "
+            "the newest checkpoint that verifies, registered or not; keep_checkpoints does "
+            "not prune unregistered ones (delete them once the run has gone past them)")
+
+
+def repair_ray_record(run_dir: Path) -> str | None:
+    """Before a resume: Ray Train's record of the run's checkpoints
+    (checkpoint_manager_snapshot.json) made to agree with the checkpoint directories, and
+    what was done (None: nothing to do). Ray Train's controller refuses a record naming a
+    checkpoint that is gone (an operator deleted the newest to roll back) or one it cannot
+    parse (a crash or a full disk mid-write: Ray writes it in place), and only after the job
+    was placed, as a failure with restarts that never happened. Names of checkpoints that are
+    gone are dropped from it; an unreadable record is set aside (the resume takes the newest
+    checkpoint that verifies either way: ray_layer/train_session.py). The original is kept
+    beside it."""
+    path = Path(run_dir) / RAY_CHECKPOINT_SNAPSHOT
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        repaired, gone = _without_checkpoints_gone(record, {p.name for p in
+                                                            checkpoint_dirs(run_dir)})
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        kept = _kept_beside(path, "unreadable")
+        return (f"Ray Train's record {path} cannot be read ({type(e).__name__}: {e}): set "
+                f"aside as {kept.name}; the run resumes from its newest checkpoint that "
+                "verifies, and keep_checkpoints no longer prunes the checkpoints before it")
+    if not gone:
+        return None
+    kept = _kept_beside(path, "before-repair", copy=True)
+    from orchestrator.training.checkpoint import write_atomically
+    write_atomically(path, lambda f: f.write(json.dumps(repaired).encode()))
+    return (f"Ray Train's record {path} named checkpoint(s) no longer there "
+            f"({', '.join(gone)}): dropped from it (the original kept as {kept.name})")
+
+
+def _without_checkpoints_gone(record: dict, present: set[str]) -> tuple[dict, list[str]]:
+    """Ray Train 2.60's record (CheckpointManager._save_state) without the checkpoints not in
+    `present`, and their names. Its parallel lists stay parallel; the latest becomes the
+    remaining checkpoint reported last."""
+    def kept(state: dict) -> bool:
+        return state["checkpoint_dir_name"] in present
+
+    results = list(zip(record["checkpoint_results"], record["checkpoint_report_indices"],
+                       strict=True))
+    gone = [r["checkpoint_dir_name"] for r, _ in results if not kept(r)]
+    pending = list(zip(record["pending_training_results"], record["pending_validation_specs"],
+                       strict=True))
+    if not gone and all(kept(r) for r, _ in pending):
+        return record, []
+    results = [(r, i) for r, i in results if kept(r)]
+    pending = [(r, spec) for r, spec in pending if kept(r)]
+    latest = record.get("latest_checkpoint_result")
+    if latest is not None and not kept(latest):
+        latest = max(results, key=lambda pair: pair[1])[0] if results else None
+    repaired = {**record,
+                "checkpoint_results": [r for r, _ in results],
+                "checkpoint_report_indices": [i for _, i in results],
+                "latest_checkpoint_result": latest,
+                "pending_training_results": [r for r, _ in pending],
+                "pending_validation_specs": [spec for _, spec in pending]}
+    for field in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                  "failed_validation_checkpoint_dir_names"):
+        if field in record:
+            repaired[field] = [name for name in record[field] if name in present]
+    return repaired, gone
+
+
+def _kept_beside(path: Path, why: str, copy: bool = False) -> Path:
+    """`path` renamed (or copied) to `<name>.<why>-<time>` beside it; RunDirError naming it
+    when that fails."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target, n = path.with_name(f"{path.name}.{why}-{stamp}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{why}-{stamp}-{n}")
+    try:
+        if copy:
+            target.write_bytes(path.read_bytes())
+        else:
+            path.rename(target)
+    except OSError as e:
+        raise RunDirError(f"cannot keep {path} as {target.name}: {e.strerror or e}") from None
+    return target
 
 
 def set_aside_earlier_history(run_dir: Path) -> list[Path]:
@@ -127,12 +232,15 @@ def set_aside_earlier_history(run_dir: Path) -> list[Path]:
     summary.json, left by a run that stopped before its first checkpoint (one with checkpoints
     is refused), renamed `<name>.before-<its time>.<ext>`, with the config.json and
     tokenizer.json they belong to (the new run writes its own). The new run's reports were
-    appended to that history: `logs` showed two runs as one, steps 1.. twice. Returns the
-    new names."""
-    if not any((run_dir / name).is_file() for name in (METRICS_LOG, SUMMARY_FILE)):
+    appended to that history: `logs` showed two runs as one, steps 1.. twice. Ray Train's
+    record of the earlier run's checkpoints goes too: one naming checkpoints that are gone
+    stopped the new run's controller from starting. Returns the new names."""
+    if not any((run_dir / name).is_file()
+               for name in (METRICS_LOG, SUMMARY_FILE, RAY_CHECKPOINT_SNAPSHOT)):
         return []  # no history: a config.json alone is only replaced
     moved = []
-    for name in (METRICS_LOG, SUMMARY_FILE, CONFIG_FILE, TOKENIZER_FILE):
+    for name in (METRICS_LOG, SUMMARY_FILE, CONFIG_FILE, TOKENIZER_FILE,
+                 RAY_CHECKPOINT_SNAPSHOT):
         path = run_dir / name
         if not path.is_file():
             continue
@@ -160,7 +268,9 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = ()) -> I
     --address start two embedded Rays, whose schedulers know nothing of each other: both
     trained into one directory. On a filesystem without flock the run goes on unguarded
     (said). `new_run` (not a resume): an earlier run's history is set aside first, and said
-    (set_aside_earlier_history). A directory this call made is removed again when the block
+    (set_aside_earlier_history); a resume repairs Ray Train's record of the checkpoints and
+    says which it never registered (repair_ray_record, unregistered_checkpoints_warning). A
+    directory this call made is removed again when the block
     ends in a JobFailed that started nothing (bad input, not placeable) and it holds only the
     lock and `written` (the files the caller put there): a refused run leaves nothing
     behind."""
@@ -174,6 +284,8 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = ()) -> I
                       "run started in it meanwhile would not be refused", file=sys.stderr)
             if new_run:
                 _say_set_aside(set_aside_earlier_history(run_dir))
+            else:  # (under the lock: never the record of a run training there now)
+                _say_before_resume(run_dir)
             try:
                 yield
             except JobFailed as e:
@@ -204,6 +316,13 @@ def _remove_if_only(run_dir: Path, names: set[str]) -> None:
             run_dir.rmdir()
     except OSError:
         pass
+
+
+def _say_before_resume(run_dir: Path) -> None:
+    """Repair Ray Train's record of the checkpoints and say what the resume will find."""
+    for warning in (repair_ray_record(run_dir), unregistered_checkpoints_warning(run_dir)):
+        if warning:
+            print(f"warning: resume: {warning}", file=sys.stderr)
 
 
 def _say_set_aside(moved: list[Path]) -> None:

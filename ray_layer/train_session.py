@@ -23,8 +23,10 @@ from orchestrator.config import TrainConfig
 from orchestrator.metric_catalogue import training_samples
 from orchestrator import throughput
 from orchestrator.probes import nvml_index_and_process_bytes
+from orchestrator.runs import checkpoint_dirs, checkpoint_name
+from orchestrator.training.checkpoint import sync_directory, sync_tree
 from orchestrator.training.loop import say, train
-from orchestrator.training.session import gpu_shortfall, older_checkpoints
+from orchestrator.training.session import gpu_shortfall
 from ray_layer.scheduler_client import scheduler_or_none
 from ray_layer.telemetry import record_all
 
@@ -105,16 +107,18 @@ class RayTrainSession:
 
     @contextlib.contextmanager
     def checkpoint_dirs(self) -> Iterator[list[str]]:
-        """Ray Train's latest checkpoint first, then, on local or shared-filesystem storage,
-        the older ones it kept beside it (newest first). On remote storage (S3, GCS) only the
-        latest is fetched."""
+        """On local or shared-filesystem storage, every checkpoint of the run, newest first
+        (runs.checkpoint_dirs: by step): those Ray Train never registered too (a run stopped
+        while it reported them; each is verified before use, as any other), and with no
+        record at all (set aside unreadable: runs.repair_ray_record). On remote storage (S3,
+        GCS) only Ray Train's latest is fetched."""
+        storage = ray.train.get_context().get_storage()
+        if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+            yield [str(p) for p in checkpoint_dirs(Path(storage.experiment_fs_path))]
+            return
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             yield []
-            return
-        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-            latest = Path(checkpoint.path)
-            yield [str(latest)] + [str(p) for p in older_checkpoints(latest)]
             return
         with checkpoint.as_directory() as directory:
             yield [directory]
@@ -159,10 +163,29 @@ class RayTrainSession:
         # shard; rank 0's also holds the index and meta.pt) and Ray Train merges the
         # directories of one report into one checkpoint in storage (file names never clash:
         # torch.distributed.checkpoint names each rank's file by its rank).
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if checkpoint is not None:
-            self._watch.checkpointed()
+        if not checkpoint_dir:
+            ray.train.report(metrics)
+            return
+        # Named by step (runs.checkpoint_name: Ray's default name is rank 0's local time,
+        # whose order is not the training order once rank 0 moves to a node whose clock
+        # differs); Ray Train gives every rank rank 0's name.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                         checkpoint_dir_name=checkpoint_name(metrics["step"], time.time()),
+                         checkpoint_upload_fn=persisted_to_disk)
+        self._watch.checkpointed()
+
+
+def persisted_to_disk(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+    """Ray Train's own copy of a checkpoint into the run's storage, then, on a local or shared
+    filesystem, fsync'd (runs' sync_tree): Ray registers it and deletes the oldest checkpoint
+    right after this returns, and its copy is not synced, so after a power loss the only
+    checkpoint left (keep_checkpoints=1) could be empty. LocalSession does the same."""
+    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint,
+                                                                                 name)
+    if isinstance(persisted.filesystem, pyarrow.fs.LocalFileSystem):
+        sync_tree(Path(persisted.path))
+        sync_directory(Path(persisted.path).parent)
+    return persisted
 
 
 class DirectiveWatch:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from orchestrator.runs import append_metrics
+from orchestrator.runs import append_metrics, checkpoint_name
 from orchestrator.training.checkpoint import sync_directory, sync_tree
 from orchestrator.training.session import LocalSession
 
@@ -39,7 +39,7 @@ class WorkerSession(LocalSession):
         return torch.nn.parallel.DistributedDataParallel(model) if self.world_size > 1 else model
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        target = self.run_dir / f"checkpoint_{int(metrics['step']):08d}"
+        target = self.run_dir / checkpoint_name(metrics["step"])
         staging = self.run_dir / f".staging_{target.name}"
         if self.world_rank == 0:
             shutil.rmtree(staging, ignore_errors=True)

@@ -11,7 +11,7 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
-from orchestrator.runs import append_metrics
+from orchestrator.runs import append_metrics, checkpoint_dirs, checkpoint_name
 from orchestrator.training.checkpoint import sync_directory, sync_tree
 
 
@@ -59,7 +59,7 @@ class LocalSession:
         return None  # no scheduler: a plain process runs to the end
 
     def checkpoints(self) -> list[Path]:
-        return sorted(p for p in self.run_dir.glob("checkpoint_*") if p.is_dir())
+        return checkpoint_dirs(self.run_dir)[::-1]
 
     @contextlib.contextmanager
     def checkpoint_dirs(self) -> Iterator[list[str]]:
@@ -67,7 +67,7 @@ class LocalSession:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         self.reports.append(dict(metrics))
-        target = self.run_dir / f"checkpoint_{int(metrics['step']):08d}"
+        target = self.run_dir / checkpoint_name(metrics["step"])
         self._keep_checkpoint(checkpoint_dir, target)
         append_metrics(self.run_dir, metrics, str(target) if checkpoint_dir else None)
 
@@ -94,16 +94,6 @@ class LocalSession:
                         key=lambda p: p.stat().st_mtime)
         for old in others[:max(len(others) - (self.keep - 1), 0)]:
             shutil.rmtree(old)
-
-
-def older_checkpoints(latest: Path) -> list[Path]:
-    """The checkpoints beside `latest` that are older, newest first: where to fall back to.
-    Ray names checkpoints by timestamp (name order is age order) and keeps its
-    checkpoint_manager_snapshot.json beside them: directories only. A newer directory is a
-    checkpoint a dying worker wrote that Ray Train never registered (seen in the chaos run):
-    not a fallback."""
-    return sorted((p for p in latest.parent.glob("checkpoint_*")
-                   if p.is_dir() and p.name < latest.name), reverse=True)
 
 
 def gpu_shortfall(free_bytes: int, min_gpu_memory_gb: float, node_id: str,

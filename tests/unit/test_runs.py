@@ -86,29 +86,30 @@ def test_checkpoints_ray_train_never_registered_are_named(tmp_path):
     # resume passed over them without a word, and started from step 0 when it had none.
     import json
 
-    from orchestrator.runs import unused_checkpoints_warning
+    from orchestrator.runs import unregistered_checkpoints_warning
 
-    assert unused_checkpoints_warning(tmp_path) is None  # no checkpoints
+    assert unregistered_checkpoints_warning(tmp_path) is None  # no checkpoints
     for name in ("checkpoint_2026-12-05_18-51-01", "checkpoint_2026-12-05_18-51-02",
-                 "checkpoint_2026-12-05_18-51-03"):
+                 "checkpoint_00000030_2026-12-05_18-51-03"):
         (tmp_path / name).mkdir()
-    assert unused_checkpoints_warning(tmp_path) == (
-        "Ray Train registered none of the run's 3 checkpoint(s) (checkpoint_2026-12-05_18-51-03, "
-        "checkpoint_2026-12-05_18-51-02, checkpoint_2026-12-05_18-51-01): the run was stopped "
-        "while it reported its first, so it starts again from step 0; they may be deleted")
+    assert unregistered_checkpoints_warning(tmp_path) == (
+        "3 checkpoint(s) Ray Train never registered (the run was stopped while it reported "
+        "them: checkpoint_00000030_2026-12-05_18-51-03, checkpoint_2026-12-05_18-51-02, "
+        "checkpoint_2026-12-05_18-51-01): the resume takes the newest checkpoint that "
+        "verifies, registered or not; keep_checkpoints does not prune unregistered ones "
+        "(delete them once the run has gone past them)")
     snapshot = tmp_path / "checkpoint_manager_snapshot.json"
-    snapshot.write_text(json.dumps(
-        {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_2026-12-05_18-51-01"}]}))
-    assert unused_checkpoints_warning(tmp_path) == (
-        "2 checkpoint(s) written after the last one Ray Train registered "
-        "(checkpoint_2026-12-05_18-51-01) are not used: the run was stopped while it reported "
-        "them (checkpoint_2026-12-05_18-51-03, checkpoint_2026-12-05_18-51-02); their steps "
-        "are trained again, and they may be deleted")
     snapshot.write_text(json.dumps({"checkpoint_results": [
-        {"checkpoint_dir_name": "checkpoint_2026-12-05_18-51-03"}]}))
-    assert unused_checkpoints_warning(tmp_path) is None  # the newest is registered
+        {"checkpoint_dir_name": "checkpoint_2026-12-05_18-51-01"},
+        {"checkpoint_dir_name": "checkpoint_2026-12-05_18-51-02"}]}))
+    assert unregistered_checkpoints_warning(tmp_path).startswith(
+        "1 checkpoint(s) Ray Train never registered (the run was stopped while it reported "
+        "them: checkpoint_00000030_2026-12-05_18-51-03)")
+    snapshot.write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": p.name} for p in tmp_path.iterdir() if p.is_dir()]}))
+    assert unregistered_checkpoints_warning(tmp_path) is None  # all registered
     snapshot.write_text("{torn")
-    assert unused_checkpoints_warning(tmp_path) is None  # unknown: no claim made
+    assert unregistered_checkpoints_warning(tmp_path) is None  # repair_ray_record says it
 
 
 def test_a_run_dir_that_cannot_be_looked_at_is_named_not_a_traceback(tmp_path, monkeypatch):

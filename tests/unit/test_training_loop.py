@@ -1,5 +1,6 @@
 """The one training loop, run in a plain process (LocalSession)."""
 import dataclasses
+import datetime as dt
 import json
 import math
 import os
@@ -402,15 +403,23 @@ def test_a_gpu_with_less_free_memory_than_asked_is_reported_with_its_node_and_in
     assert short == {"node_id": "node-a", "gpu_index": 3, "free_gb": 12.5, "needed_gb": 40.0}
 
 
-def test_fallback_checkpoints_are_only_older_than_the_registered_latest(tmp_path):
-    from orchestrator.training.session import older_checkpoints
+def test_checkpoints_are_ordered_by_step_whatever_the_clock_said(tmp_path):
+    # Ray named checkpoints by rank 0's local time: rank 0 re-placed on a node two hours
+    # behind made step 150 look newer than step 200 (served, exported, compressed, resumed
+    # from). Checkpoints from before steps led the name come first.
+    from orchestrator.runs import checkpoint_dirs, checkpoint_name
 
-    names = ["checkpoint_2026-12-02_10-46-29.1", "checkpoint_2026-12-02_10-46-29.9",
-             "checkpoint_2026-12-02_10-46-30.4"]  # the last: written, never registered
+    utc = dt.datetime(2026, 12, 6, 12, tzinfo=dt.timezone.utc).timestamp()
+    names = ["checkpoint_2026-12-06_09-00-00.000000",  # a run's first, before the upgrade
+             checkpoint_name(100, utc + 3600),
+             checkpoint_name(150, utc + 7200),
+             checkpoint_name(200, utc + 10800 - 7200)]  # clock two hours behind
+    assert names[1] == "checkpoint_00000100_2026-12-06_13-00-00.000000"
     for name in names:
         (tmp_path / name).mkdir()
-    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
-    assert older_checkpoints(tmp_path / names[1]) == [tmp_path / names[0]]
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's, not one
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == names[::-1]
+    assert [p.name for p in LocalSession(tmp_path).checkpoints()] == names
 
 
 def test_a_resumed_run_steps_with_its_own_optimizer_kernels(tmp_path, monkeypatch):
