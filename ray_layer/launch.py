@@ -211,6 +211,8 @@ def _failure(error: Exception, run_dir: Path, max_failures: int) -> JobFailed:
     """What a failed fit() tells the user: the workers' failure after their restarts, or what
     went wrong in Ray Train's controller (no restart count: none was spent on it)."""
     kept = f"checkpoints so far are in {run_dir}"
+    if isinstance(error, ray.exceptions.RayActorError):  # Ray Train's controller itself
+        return JobFailed(_controller_died(error) + f"\n{kept}", EXIT_FAILED)
     cause = _controller_cause(error)
     if cause is None:
         return JobFailed(f"training failed after {max_failures} restart(s): "
@@ -234,6 +236,16 @@ def _failure(error: Exception, run_dir: Path, max_failures: int) -> JobFailed:
                          f"{kept} (--resume places the job again)", EXIT_NOT_PLACEABLE)
     return JobFailed(f"training failed in Ray Train's controller: {type(cause).__name__}: "
                      f"{cause}\n{kept}", EXIT_FAILED)
+
+
+def _controller_died(error: ray.exceptions.RayActorError) -> str:
+    """Ray Train's controller failed to start (its __init__ raised: the error is the last line
+    of the traceback Ray puts in the message) or died: no worker ran, no restart was spent.
+    It read "training failed after 3 restart(s): ActorDiedError: ... Traceback ...". """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if getattr(error, "actor_init_failed", False):
+        return f"Ray Train's controller could not start: {lines[-1] if lines else error}"
+    return f"Ray Train's controller died: {' '.join(lines[:2])}"
 
 
 def _controller_cause(error: Exception) -> BaseException | None:

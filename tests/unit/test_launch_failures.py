@@ -36,6 +36,24 @@ def test_a_controller_failure_is_said_for_what_it_is_without_a_restart_count(cau
     assert "restart(s)" not in str(failed) and str(RUN) in str(failed)
 
 
+def test_a_controller_that_cannot_start_is_one_line_without_a_restart_count():
+    # Ray Train's controller refusing its record of the checkpoints read "training failed
+    # after 3 restart(s): ActorDiedError: ... Traceback ...": no restart had happened.
+    from ray.exceptions import ActorDiedError, RayTaskError
+    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
+
+    refused = CheckpointManagerInitializationError("The run snapshot contains a reference to "
+                                                   "a checkpoint that does not exist anymore")
+    task_error = RayTaskError("TrainController.__init__", "Traceback (most recent call last):\n"
+                              '  File "checkpoint_manager.py", line 523\n'
+                              f"CheckpointManagerInitializationError: {refused}", refused)
+    failed = launch._failure(ActorDiedError(task_error), RUN, max_failures=3)
+    assert failed.exit_code == EXIT_FAILED
+    assert str(failed).startswith("Ray Train's controller could not start: "
+                                  "CheckpointManagerInitializationError: The run snapshot")
+    assert "restart(s)" not in str(failed) and "Traceback" not in str(failed)
+
+
 def test_a_workers_failure_names_the_restarts_and_the_first_workers_error():
     error = RuntimeError("workers failed")
     error.worker_failures = {1: ValueError("bad batch"), 0: KeyError("x")}
