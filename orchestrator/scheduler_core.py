@@ -125,7 +125,10 @@ class _AsIfYielded:
 
     def __init__(self, core: "SchedulerCore", victims: tuple[str, ...] | list[str] = ()) -> None:
         self.core = core
-        self.held: dict[str, tuple] = {}  # victim -> its reservation, released meanwhile
+        # victim -> its reservation, released meanwhile (None: it held none). An empty one is
+        # kept too: a job wholly on a silent node holds () so that its reservation comes back
+        # when the node reports (ClusterState._revive); dropped, its GPUs went to another job.
+        self.held: dict[str, tuple | None] = {}
         # victim -> (table row, GPU slots, their measured free GiB), shown free meanwhile
         self.memory: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
         for victim in victims:
@@ -140,14 +143,14 @@ class _AsIfYielded:
 
     def add(self, victim: str) -> None:
         core = self.core
-        self.held[victim] = core.state.reservations.get(victim, ())
+        self.held[victim] = core.state.reservations.get(victim)
         core.state.release(victim)
-        self.memory[victim] = self._show_gpus_free(self.held[victim])
+        self.memory[victim] = self._show_gpus_free(self.held[victim] or ())
         self._count_waiting(core.running[victim].spec, +1)
 
     def take_back(self, victim: str) -> None:
         held = self.held.pop(victim)
-        if held:
+        if held is not None:
             self.core.state.reserve(victim, held)
         table = self.core.state.table
         for row, slots, measured in self.memory.pop(victim):
@@ -415,6 +418,11 @@ class SchedulerCore:
         held = self.running.get(spec.name)
         if held is not None and not dry_run and owner and held.placement.owner == owner:
             return Outcome(held.placement)
+        if held is not None and not dry_run:
+            # (even were its reservation lost: a second start gave its devices to two jobs)
+            return Outcome(Rejection(spec.name, (
+                f"job '{spec.name}' already holds a reservation: a job of that name is running "
+                f"(held by {held.placement.owner or 'an operator'})")))
         if self.queue.holds(spec.name) and not dry_run:
             return Outcome(Rejection(spec.name, f"job '{spec.name}' already waits in the queue"))
         try:
@@ -880,10 +888,13 @@ class SchedulerCore:
                 problems.append(f"cannot restore running job {name!r}, skipping it: "
                                 f"{type(e).__name__}: {e}")
                 continue
-            kept_aside = any(r.job_name == name for held in
-                             self.state.silent_reservations.values() for r in held)
-            if name not in self.state.reservations and not kept_aside:
-                self.state.reserve(name, job.placement.reservations())
+            if name not in self.state.reservations:
+                # Less what is kept aside for silent nodes (given back when they report:
+                # only to a job holding a reservation, an empty one included)
+                aside = {r.node_id for held in self.state.silent_reservations.values()
+                         for r in held if r.job_name == name}
+                self.state.reserve(name, [r for r in job.placement.reservations()
+                                          if r.node_id not in aside])
             self._track_running(job)
         return problems
 
@@ -1019,12 +1030,21 @@ class SchedulerCore:
 
     def _start(self, spec: JobSpec, owner: str, placement: Placement, now: float,
                queued: QueuedJob) -> None:
+        self._refuse_if_running(spec.name)  # (before its reservation is made)
         self.state.reserve(spec.name, placement.reservations())
         self._track_running(RunningJob(spec, placement, now, queued.enqueued_at,
                                        queued.preemptions, queued.ran_s,
                                        las_baseline_s=queued.las_baseline_s))
 
+    def _refuse_if_running(self, job_name: str) -> None:
+        """A running job's record is never replaced: the job it describes still holds its
+        devices, and a second placement under its name gave them to two jobs (a reservation
+        lost by a bug no longer stood in the way)."""
+        if job_name in self.running:
+            raise ValueError(f"job '{job_name}' is already running: not started again")
+
     def _track_running(self, job: RunningJob) -> None:
+        self._refuse_if_running(job.spec.name)
         self.running[job.spec.name] = job
         if job.planned_end is not None:
             bisect.insort(self.planned_ends, (job.planned_end, job.spec.name))

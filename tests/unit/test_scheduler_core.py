@@ -616,7 +616,9 @@ def test_a_state_saved_by_a_newer_version_is_read_without_what_it_added():
     problems = again.restore(saved)
     assert len(problems) == 1 and "saved by a newer version" in problems[0]
     assert again.to_dict() == core.to_dict()
-    assert again.restore(json.loads(json.dumps(core.to_dict()))) == []  # its own: no problem
+    # its own: no problem (restored as the actor does, into a new scheduler: restored over
+    # the first, each running job would be started a second time)
+    assert SchedulerCore(core.settings).restore(json.loads(json.dumps(core.to_dict()))) == []
 
 
 def test_a_running_job_whose_reservation_record_was_lost_holds_its_placement_again():
@@ -1664,3 +1666,61 @@ def test_a_gpu_the_worker_names_by_uuid_avoids_the_node_not_the_scheduler():
     assert len(core.excluded_gpus["job"]) == 4  # every GPU of that node
     placed = outcome.decision
     assert getattr(placed, "worker_nodes", None) and first not in placed.worker_nodes, placed
+
+
+# -- found by a review of the pure scheduling core --------------------------------------------------
+
+def test_a_victim_search_keeps_the_reservation_of_a_job_whole_on_a_silent_node():
+    # J's node went silent: its reservation was set aside (J kept an empty one). A victim
+    # search then released J in thought and, the empty one being falsy, never put it back:
+    # when the node reported again J's GPUs were not given back, and X was placed on them.
+    core = SchedulerCore(SchedulerSettings())  # heartbeat limits 15 s / 60 s
+    core.ray_nodes({"N", "M"}, set(), T0)
+    core.report(gpu_node("N", gpus=4, cpus=16), T0)
+    core.report(cpu_node("M", 4), T0)
+    assert core.submit(gpus("J", 4), "dj", T0).decision.nodes == ["N"]
+    assert core.submit(cpus("K", 4, preemptible=False), "dk", T0).decision.nodes == ["M"]
+    now = T0 + 195
+    for now in range(int(T0) + 125, int(T0) + 200, 5):  # N's agent is quiet for 75 s
+        core.report(cpu_node("M", 4), now)
+    assert core.tick(now).decision["lost_reservations"] == ["J"]
+    # A higher-priority job looks for victims: J (on the silent node) is the only candidate
+    assert isinstance(core.submit(cpus("W", 2, priority=1), "dw", now).decision, Queued)
+    assert core.state.reservations["J"] == ()
+    core.report(gpu_node("N", gpus=4, cpus=16), now + 5)  # back: J never stopped there
+    assert core.state.reserved_on("N")[1] == 4  # J's GPUs are held again
+    x = core.submit(gpus("X", 4), "dx", now + 6).decision
+    assert isinstance(x, Queued), x
+
+
+def test_a_running_job_is_never_started_a_second_time_under_its_name():
+    core = core_with(gpu_node("n1"), gpu_node("n2"))
+    core.submit(gpus("J", 4), "dj", T0)
+    core.state.release("J")  # a reservation lost by a bug: the running record must still hold
+    again = core.place_now(gpus("J", 4), "other", T0 + 1).decision
+    assert isinstance(again, Rejection) and "a job of that name is running (held by dj)" \
+        in again.message
+    assert core.running["J"].placement.owner == "dj"
+    with pytest.raises(ValueError, match="'J' is already running"):
+        core._track_running(core.running["J"])
+
+
+def test_a_lost_reservation_record_of_a_job_partly_on_a_silent_node_is_rebuilt():
+    # Its record unreadable after a restart, a job with a share kept aside for a silent node
+    # got no reservation at all: neither on the node still reporting nor, once the silent
+    # one reported again, there (only a job holding a reservation gets its share back).
+    settings = dict(suspect_after_s=15, dead_after_s=60)
+    core = core_with(gpu_node("n1"), gpu_node("n2"), **settings)
+    core.submit(gpus("big", 8), "o1", T0)
+    core.report(gpu_node("n1"), T0 + 50)
+    assert core.tick(T0 + 61).decision["expired"] == ["n2"]
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["reservations"]["big"] = "not a list of records"
+    again = SchedulerCore(core.settings)
+    again.ray_nodes({"n1", "n2"}, set(), T0 + 62)
+    again.restore(saved)
+    again.report(gpu_node("n1"), T0 + 62)
+    assert again.state.reserved_on("n1") == (4.0, 4)
+    again.report(gpu_node("n2"), T0 + 63)
+    assert again.state.reserved_on("n2") == (4.0, 4)
+    assert isinstance(again.submit(gpus("other", 4), "o2", T0 + 64).decision, Queued)
