@@ -152,11 +152,15 @@ class Placement:
 
 def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
                     ignore_reservations: bool = False,
-                    excluded_gpus: GpuSlots = frozenset()) -> np.ndarray:
+                    excluded_gpus: GpuSlots = frozenset(),
+                    revivable: frozenset[str] = frozenset()) -> np.ndarray:
     """Workers of `spec` each node of the table can host now (0 where it cannot).
 
     `excluded_gpus`: (node id, GPU index) pairs that do not count for this job — e.g. a GPU
-    that a worker, once started, found without the free memory the table said it had."""
+    that a worker, once started, found without the free memory the table said it had.
+    `revivable`: dead nodes that count in the idle view (ignore_reservations) as their last
+    report left them: nodes dead only by their agent's silence that Ray still lists alive
+    may report again, and a job that needs them has not become unfittable."""
     t = state.table
     n = len(t)
     reserved_cpus, reserved_gpus = (0, 0) if ignore_reservations else t.taken(n)
@@ -183,6 +187,8 @@ def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
             capacity = np.where(allowed[t.family[:n]], capacity, 0)
     # Suspect and overloaded nodes may recover: they count for the idle view, not for now.
     usable_node = ~t.dead[:n] if ignore_reservations else state.placeable(now)
+    if ignore_reservations and revivable:
+        usable_node[[t.index[node] for node in revivable if node in t.index]] = True
     # Clip before the integer cast: a tiny per-worker size must not overflow int64.
     return np.where(usable_node, np.clip(capacity, 0, 1_000_000), 0).astype(np.int64)
 

@@ -298,6 +298,7 @@ class SchedulerCore:
         Ray no longer lists alive (died while the scheduler was restarting), are dead."""
         if set(alive) != self.ray_alive:
             self._alive_changed_at = now
+        silent_before = self._silent_alive()
         self.ray_alive, self.ray_dead = set(alive), set(dead)
         if self.settings.synthetic_nodes:
             return Outcome([])
@@ -315,6 +316,8 @@ class SchedulerCore:
             outcome.effects.append(Persist())
         if newly_dead:
             outcome.effects.append(Persist())
+        # A silent node Ray no longer lists alive has left: jobs only it could hold never fit
+        if newly_dead or silent_before - self._silent_alive():
             outcome.add(self._reject_unfittable(now))
         return outcome
 
@@ -1123,11 +1126,18 @@ class SchedulerCore:
             return dataclasses.replace(rejection, fits_when_free=True, message=(
                 f"{rejection.message}\n  {_scale_up_reason(plan)}"))
         missing = self._judged_later(now) if now is not None else self._unreported()
-        if not missing:
-            return rejection
-        return dataclasses.replace(rejection, fits_when_free=True, message=(
-            f"{rejection.message}\n  {missing} node(s) Ray lists alive have not reported yet "
-            "(did the scheduler restart?): waiting for them"))
+        if missing:
+            return dataclasses.replace(rejection, fits_when_free=True, message=(
+                f"{rejection.message}\n  {missing} node(s) Ray lists alive have not reported "
+                "yet (did the scheduler restart?): waiting for them"))
+        silent = self._silent_alive()
+        if spec is not None and now is not None and silent and \
+                self._cannot_hold(spec, now) is None:
+            return dataclasses.replace(rejection, fits_when_free=True, message=(
+                f"{rejection.message}\n  {len(silent)} node(s) Ray lists alive have not "
+                "reported for over dead_after_s (their agents may be restarting): waiting "
+                "for them"))
+        return rejection
 
     def _waits_for_new_nodes(self, job_name: str, now: float) -> bool:
         """The job waits in the queue for nodes not up yet (or not known yet: nodes have not
@@ -1223,14 +1233,20 @@ class SchedulerCore:
             self.nodes_asked[job.spec.name] = (job.enqueued_at,
                                                resource_bundles(job.spec, plan[0]))
 
+    def _silent_alive(self) -> frozenset[str]:
+        """Nodes dead only by their agent's silence that Ray still lists alive: they have
+        not left (an agent restarting, a hung probe) and may report again."""
+        return frozenset(self.state.silent & self.ray_alive)
+
     def _cannot_hold(self, spec: JobSpec, now: float) -> Rejection | None:
         """A rejection when the job cannot fit even the idle healthy cluster as it stands
-        (None while some alive nodes have not reported: it is not known yet)."""
+        (None while some alive nodes have not reported: it is not known yet). Nodes only
+        silent (_silent_alive) count: a job is not dropped for a 65 s agent hiccup."""
         if self._judged_later(now):
             return None
         excluded = frozenset(self.excluded_gpus.get(spec.name, ()))
         idle = worker_capacity(spec, self.state, now, ignore_reservations=True,
-                               excluded_gpus=excluded)
+                               excluded_gpus=excluded, revivable=self._silent_alive())
         if int(idle.sum()) >= spec.num_workers:
             return None  # (a bandwidth floor may still stand in the way: place() says so)
         try:
@@ -1304,7 +1320,7 @@ class SchedulerCore:
                 placement = self._place(spec, now, job.owner, free_gpus=free_gpus)
             except PlacementError as e:
                 failed_shapes.setdefault(shape, spec.name)
-                if not self._not_final(e.rejection, now=now).fits_when_free:
+                if not self._not_final(e.rejection, spec, now).fits_when_free:
                     self.queue.reject(spec.name, e.rejection)
                     self._forget_preemption(spec.name)
                     outcome.samples += catalogue.decision_samples(

@@ -1724,3 +1724,42 @@ def test_a_lost_reservation_record_of_a_job_partly_on_a_silent_node_is_rebuilt()
     again.report(gpu_node("n2"), T0 + 63)
     assert again.state.reserved_on("n2") == (4.0, 4)
     assert isinstance(again.submit(gpus("other", 4), "o2", T0 + 64).decision, Queued)
+
+
+def test_a_node_only_silent_is_not_taken_for_gone_when_judging_if_a_job_can_ever_fit():
+    # b's agent was quiet for 65 s while Ray still listed b alive: 'big' (8 GPUs, both nodes)
+    # was dropped as never fitting, and its driver stopped for good.
+    core = SchedulerCore(SchedulerSettings())  # heartbeat limits 15 s / 60 s
+    core.ray_nodes({"a", "b"}, set(), T0)
+    core.report(gpu_node("a"), T0)
+    core.report(gpu_node("b"), T0)
+    core.submit(gpus("small", 1), "d1", T0)
+    assert isinstance(core.submit(gpus("big", 8), "d2", T0 + 1).decision, Queued)
+    now = T0
+    for now in range(int(T0) + 5, int(T0) + 66, 5):
+        core.report(gpu_node("a", free_gb=[0, 80, 80, 80]), now)
+        core.tick(now)
+    assert "b" in core.state.silent
+    assert isinstance(core.poll("big", "d2", now + 1).decision, Queued)
+    # a job submitted meanwhile that only the silent node makes possible waits too
+    assert isinstance(core.submit(gpus("big2", 8), "d3", now + 1).decision, Queued)
+    core.report(gpu_node("b"), now + 5)  # its agent is back
+    core.release("small", "d1", now + 6)
+    assert isinstance(core.poll("big", "d2", now + 7).decision, Placement)
+    assert isinstance(core.poll("big2", "d3", now + 7).decision, Queued)
+
+
+def test_a_silent_node_ray_then_lists_dead_drops_the_jobs_only_it_made_possible():
+    core = SchedulerCore(SchedulerSettings())
+    core.ray_nodes({"a", "b"}, set(), T0)
+    core.report(gpu_node("a"), T0)
+    core.report(gpu_node("b"), T0)
+    core.submit(gpus("small", 1), "d1", T0)
+    core.submit(gpus("big", 8), "d2", T0 + 1)
+    for now in range(int(T0) + 5, int(T0) + 66, 5):
+        core.report(gpu_node("a"), now)
+        core.tick(now)
+    assert isinstance(core.poll("big", "d2", T0 + 66).decision, Queued)
+    core.ray_nodes({"a"}, {"b"}, T0 + 70)  # now b has left
+    gone = core.poll("big", "d2", T0 + 71).decision
+    assert isinstance(gone, Rejection) and "needs 8 worker(s)" in gone.message
