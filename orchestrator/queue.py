@@ -56,6 +56,13 @@ class QueuedJob:
         return self.ran_s * service_size(self.spec)
 
     @property
+    def expected_left_s(self) -> float | None:
+        """How long it is expected to run once started: what its earlier runs left of its
+        estimate (a preempted job resumes); None without one, or past it (its end unknown)."""
+        left = estimate_left_s(self.spec, self.ran_s)
+        return left if left is not None and left > 0 else None
+
+    @property
     def las_attained_s(self) -> float:
         """The service its LAS level counts: since its last promotion (attained_s, all of it,
         is what is reported)."""
@@ -86,6 +93,14 @@ def service_size(spec: JobSpec) -> int:
     """What one second of a job's run counts as attained service: its GPUs (its workers for a
     CPU job), as Tiresias' 2D-LAS counts GPU-time."""
     return spec.total_gpus or spec.num_workers
+
+
+def estimate_left_s(spec: JobSpec, ran_s: float) -> float | None:
+    """What `ran_s` seconds of earlier runs leave of a job's time estimate (None: it has
+    none; negative past it)."""
+    if spec.expected_duration_s is None:
+        return None
+    return spec.expected_duration_s - ran_s
 
 
 def placement_to_dict(placement: Placement) -> dict:

@@ -1336,7 +1336,8 @@ class SchedulerCore:
                 if budget <= 0:
                     break
                 continue
-            if plan is not None and not self._may_backfill(plan, spec, placement, now):
+            if plan is not None and not self._may_backfill(plan, spec, placement, now,
+                                                           job.expected_left_s):
                 self._wait_reason(job, f"would delay '{plan.job}' (first in line) if started "
                                        "now: waits for a gap that ends before it can start")
                 refused = True
@@ -1442,8 +1443,9 @@ class SchedulerCore:
                 yield end, name
 
     def _may_backfill(self, plan: _HeadPlan, spec: JobSpec, placement: Placement,
-                      now: float) -> bool:
-        """EASY's test: the job does not delay the head's reserved start."""
+                      now: float, expected_s: float | None) -> bool:
+        """EASY's test: the job does not delay the head's reserved start. `expected_s`: how
+        long it is expected to run from now (a resumed job: what is left of its estimate)."""
         reservations = placement.reservations()
         units = _units_on(reservations, plan.usable, self.state, plan.per_gpu)
         only = allowed_families(spec)
@@ -1464,7 +1466,7 @@ class SchedulerCore:
                 return True
         if plan.shadow is None:
             return False
-        if spec.expected_duration_s is not None and now + spec.expected_duration_s <= plan.shadow:
+        if expected_s is not None and now + expected_s <= plan.shadow:
             return True
         if units and units <= plan.extra:
             plan.extra -= units
@@ -1694,7 +1696,7 @@ class SchedulerCore:
             except PlacementError:
                 return False
             plan = self._head_plan(head, now, free_gpus)
-            return self._may_backfill(plan, job.spec, placement, now)
+            return self._may_backfill(plan, job.spec, placement, now, job.expected_left_s)
 
     def _direct(self, job_name: str, kind: str, reason: str, now: float, for_job: str = "",
                 target: Placement | None = None) -> Outcome:
@@ -1753,7 +1755,7 @@ class SchedulerCore:
             target = self._migration_target(job, free, now)
             if target is None:
                 continue
-            if not self._migration_spares_head(job.spec, target, now, head_plans):
+            if not self._migration_spares_head(job, target, now, head_plans):
                 job.no_target_at = seen  # looked at again once more is freed there
                 continue
             # The claim is the target placed under the claim's name: a real reservation.
@@ -1780,7 +1782,7 @@ class SchedulerCore:
                 break
         return wanted
 
-    def _migration_spares_head(self, spec: JobSpec, target: Placement, now: float,
+    def _migration_spares_head(self, job: RunningJob, target: Placement, now: float,
                                plans: dict) -> bool:
         """Whether a migration to `target` passes the test a job starting behind the blocked
         head of the queue must pass (EASY's, _may_backfill): a migration took the head's
@@ -1797,9 +1799,11 @@ class SchedulerCore:
         # units as it takes: it delays nothing. (Tested whole, the Philly slice's mean JCT
         # lost 8%: its LAS queue always has a head, and migrations to faster GPUs stopped.)
         taken = _units_on(target.reservations(), plan.usable, self.state, plan.per_gpu)
-        freed = _units_on(self.state.reservations.get(spec.name, ()), plan.usable, self.state,
-                          plan.per_gpu)
-        return taken <= freed or self._may_backfill(plan, spec, target, now)
+        freed = _units_on(self.state.reservations.get(job.spec.name, ()), plan.usable,
+                          self.state, plan.per_gpu)
+        # (it runs on there for what is left of its estimate, not the whole of it)
+        return taken <= freed or self._may_backfill(plan, job.spec, target, now,
+                                                    job.remaining_s(now))
 
     def _migration_key(self, job: RunningJob) -> tuple:
         """(faster families, GPUs) of a job the migration scan looks at; () for one it never

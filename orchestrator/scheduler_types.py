@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement
-from orchestrator.queue import placement_from_dict, placement_to_dict, service_size
+from orchestrator.queue import (estimate_left_s, placement_from_dict, placement_to_dict,
+                                service_size)
 from orchestrator.saved_records import saved_fields, saved_spec
 from orchestrator.validation import is_int, is_number
 
@@ -233,9 +234,8 @@ class RunningJob:
     @property
     def planned_end(self) -> float | None:
         """When it is expected to end, if it has an estimate (fixed while it runs)."""
-        if self.spec.expected_duration_s is None:
-            return None
-        return self.started_at + self.spec.expected_duration_s - self.ran_s
+        left = estimate_left_s(self.spec, self.ran_s)
+        return None if left is None else self.started_at + left
 
     def remaining_s(self, now: float) -> float | None:
         """Expected seconds left, or None without an estimate (or past it)."""

@@ -1763,3 +1763,32 @@ def test_a_silent_node_ray_then_lists_dead_drops_the_jobs_only_it_made_possible(
     core.ray_nodes({"a"}, {"b"}, T0 + 70)  # now b has left
     gone = core.poll("big", "d2", T0 + 71).decision
     assert isinstance(gone, Rejection) and "needs 8 worker(s)" in gone.message
+
+
+def test_a_resumed_job_backfills_by_the_time_it_has_left_not_its_whole_estimate():
+    # P was preempted after 901 of its 1000 s: 99 s left would end long before the head's
+    # start (T0 + 1500), but its whole 1000 s were counted and 2 GPUs idled for 600 s.
+    core = core_with(gpu_node("n", gpus=4))
+    core.submit(JobSpec("R", num_workers=2, gpus_per_worker=1, expected_duration_s=1500),
+                "d", T0)
+    core.submit(JobSpec("P", num_workers=2, gpus_per_worker=1, expected_duration_s=1000),
+                "d", T0)
+    assert isinstance(core.submit(gpus("H", 4), "d", T0 + 890).decision, Queued)
+    core.preempt("P", T0 + 900)
+    resumed = core.yielded("P", "d", T0 + 901).decision
+    assert isinstance(resumed, Placement), resumed
+    assert core.running["P"].planned_end == pytest.approx(T0 + 1000)
+
+
+def test_a_migration_behind_the_head_counts_the_time_the_job_has_left():
+    # 'm' (3000 s, 1000 s left at T0 + 2000) moving onto the A100s ends at T0 + 3000, before
+    # 'w' can start (T0 + 4500, when 'r' ends); counted whole it ended at T0 + 5000.
+    core = core_with(gpu_node("a100", gpus=8), gpu_node("t4", gpus=4, family="T4"),
+                     queue_order="fifo")
+    core.submit(gpus("x", 4, accelerator_types=("A100",)), "d", T0)
+    core.submit(gpus("r", 4, accelerator_types=("A100",), expected_duration_s=4500), "d", T0)
+    core.submit(gpus("m", 4, expected_duration_s=3000), "d", T0)  # on the T4s
+    assert core.running["m"].placement.nodes == ["t4"]
+    core.submit(gpus("w", 8, accelerator_types=("A100",)), "d", T0 + 1)
+    told = yields(core.release("x", "d", T0 + 2000))
+    assert told and told["m"].kind == MIGRATE
