@@ -44,6 +44,10 @@ class QueuedJob:
     # Run time (of ran_s) its LAS level no longer counts: all it had run when the starvation
     # guard last promoted it (Tiresias resets a promoted job's attained service)
     las_baseline_s: float = 0.0
+    # The LAS level it waits at, at least: an operator's preemption puts the job behind those
+    # waiting at its priority, at the highest level among them (at its own, a job of little
+    # service went straight back ahead of the one it was preempted for). Until it runs again.
+    level_floor: int = 0
 
     @property
     def in_queue_since(self) -> float:
@@ -73,7 +77,7 @@ class QueuedJob:
                 "enqueued_at": self.enqueued_at, "reason": self.reason,
                 "preemptions": self.preemptions, "ran_s": self.ran_s,
                 "queued_at": self.queued_at, "promoted": self.promoted,
-                "las_baseline_s": self.las_baseline_s}
+                "las_baseline_s": self.las_baseline_s, "level_floor": self.level_floor}
 
     @classmethod
     def from_dict(cls, data: dict) -> "QueuedJob":
@@ -86,7 +90,7 @@ class QueuedJob:
 
 
 QUEUED_JOB_SAVED = ("owner", "enqueued_at", "reason", "preemptions", "ran_s", "queued_at",
-                    "promoted", "las_baseline_s")  # QueuedJob.to_dict's fields besides the spec
+                    "promoted", "las_baseline_s", "level_floor")  # to_dict's, bar the spec
 
 
 def service_size(spec: JobSpec) -> int:
@@ -216,9 +220,15 @@ class JobQueue:
         return job
 
     def order_key(self, job: QueuedJob) -> tuple:
-        level = self.level(job.las_attained_s) if self.level is not None and not job.promoted \
-            else 0
+        level = max(self.level(job.las_attained_s), job.level_floor) \
+            if self.level is not None and not job.promoted else 0
         return (-job.spec.priority, level, job.enqueued_at, job.spec.name)
+
+    def last_level(self, priority: int) -> int:
+        """The highest level among the jobs waiting at `priority` (0: none waits)."""
+        # (keys are sorted by -priority, then level: the last one of the priority's run)
+        at = bisect.bisect_left(self._order, (-priority + 1,)) - 1
+        return self._order[at][1] if at >= 0 and self._order[at][0] == -priority else 0
 
     def promote_due(self, now: float) -> list[str]:
         """Put back at level 0 the waiting jobs whose promotion time has come; their names."""

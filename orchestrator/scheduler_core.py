@@ -624,12 +624,16 @@ class SchedulerCore:
             # An operator's preemption is meant to make room: the job goes behind those
             # already waiting at its priority (with its first submit time it was first in
             # line again and placed at once, ahead of the job it made room for).
+            # Under LAS also at their level at least: with a fresh submit time alone, a job
+            # of less service still went back ahead of them.
             by_operator = directive is not None and directive.kind == PREEMPT \
                 and not directive.for_job
             self.queue.add(QueuedJob(job.spec, job.placement.owner,
                                      now if by_operator else job.enqueued_at,
                                      reason, preempted, ran, queued_at=now,
-                                     las_baseline_s=job.las_baseline_s))
+                                     las_baseline_s=job.las_baseline_s,
+                                     level_floor=self.queue.last_level(job.spec.priority)
+                                     if by_operator else 0))
             outcome.decision = self.queue.status(job_name)
         outcome.add(self._after_capacity_freed(now))
         if isinstance(outcome.decision, Queued):  # it may have been placed again at once

@@ -1792,3 +1792,35 @@ def test_a_migration_behind_the_head_counts_the_time_the_job_has_left():
     core.submit(gpus("w", 8, accelerator_types=("A100",)), "d", T0 + 1)
     told = yields(core.release("x", "d", T0 + 2000))
     assert told and told["m"].kind == MIGRATE
+
+
+def test_under_las_an_operators_preemption_puts_the_job_behind_those_waiting_at_its_priority():
+    # V (level 0) preempted W (level 1); an operator preempts V to let W run. With a fresh
+    # submit time but level 0, V went straight back ahead of W and was placed again at once.
+    core = core_with(gpu_node("n", gpus=4), las_thresholds_gpu_s=(100.0, 1000.0))
+    core.submit(gpus("W", 4), "dw", T0)
+    core.submit(gpus("V", 4), "dv", T0 + 50)
+    core.tick(T0 + 60)  # W has run 240 GPU-s: level 1, preempted for V
+    assert isinstance(core.yielded("W", "dw", T0 + 61).decision, Queued)
+    assert isinstance(core.poll("V", "dv", T0 + 61).decision, Placement)
+    assert core.queue.level_of("W") == 1
+    assert core.preempt("V", T0 + 80).decision is True
+    back = core.yielded("V", "dv", T0 + 81).decision  # V has run 76 GPU-s: level 0
+    assert isinstance(back, Queued) and back.position == 1, back
+    assert isinstance(core.poll("W", "dw", T0 + 82).decision, Placement)
+    assert core.queue.level_of("V") == 1  # it waits at W's level, after W
+    assert not yields(core.tick(T0 + 200))  # and does not preempt W straight back
+    again = SchedulerCore(core.settings)
+    again.ray_nodes({"n"}, set(), T0 + 201)
+    assert again.restore(json.loads(json.dumps(core.to_dict()))) == []
+    assert again.queue.level_of("V") == 1
+
+
+def test_a_queued_job_saved_before_level_floors_restores_at_its_own_level():
+    q = JobQueue(level=lambda s: int(s >= 100))
+    q.add(QueuedJob(gpus("a", 1), "o", 10.0, ran_s=500.0))
+    saved = json.loads(json.dumps(q.to_dict()))
+    for job in saved["waiting"]:
+        job.pop("level_floor", None)
+    again = JobQueue.from_dict(saved, level=lambda s: int(s >= 100))
+    assert again.level_of("a") == 1 and again.waiting["a"].level_floor == 0
