@@ -10,7 +10,8 @@ Starvation guard (Tiresias' promotion): under LAS, a job that has waited longer 
 
 Besides the waiting jobs it holds two mailboxes, since drivers learn of decisions by polling:
 `ready` (placed from the queue, not yet collected by the driver) and `rejected` (dropped:
-the cluster shrank and the job can never fit, or an operator cancelled it).
+the cluster shrank and the job can never fit, or an operator cancelled it; kept until its
+driver polls or exits).
 """
 from __future__ import annotations
 
@@ -313,6 +314,15 @@ class JobQueue:
         for name in gone:
             self.remove(name)
             self.ready.pop(name, None)
+        return gone
+
+    def drop_rejections_of(self, dead_owners: set[str]) -> list[str]:
+        """Forget the rejections kept for drivers that died: nobody will poll for them (kept,
+        they grew the saved state without bound). Those of no known owner stay."""
+        gone = [name for name, owner in self.rejected_owners.items()
+                if owner and owner in dead_owners]
+        for name in gone:
+            self.take_rejection(name)
         return gone
 
     def to_dict(self) -> dict:

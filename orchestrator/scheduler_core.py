@@ -643,7 +643,8 @@ class SchedulerCore:
         return outcome
 
     def owners_dead(self, dead_owners: set[str], now: float) -> Outcome:
-        """Drivers that exited: release what they held, forget what they queued."""
+        """Drivers that exited: release what they held, forget what they queued and the
+        rejections kept for them."""
         released = [name for name, job in self.running.items()
                     if job.placement.owner and job.placement.owner in dead_owners]
         for name in released:
@@ -656,6 +657,8 @@ class SchedulerCore:
         if released or dropped:
             outcome.effects.append(Persist())
             outcome.add(self._after_capacity_freed(now))
+        if self.queue.drop_rejections_of(dead_owners) and not outcome.persist:
+            outcome.effects.append(Persist())
         return outcome
 
     def tick(self, now: float, retired: set[str] = frozenset(), gauges: bool = True) -> Outcome:

@@ -1824,3 +1824,19 @@ def test_a_queued_job_saved_before_level_floors_restores_at_its_own_level():
         job.pop("level_floor", None)
     again = JobQueue.from_dict(saved, level=lambda s: int(s >= 100))
     assert again.level_of("a") == 1 and again.waiting["a"].level_floor == 0
+
+
+def test_rejections_kept_for_drivers_that_have_exited_are_dropped():
+    # Nobody will poll for them: kept for ever, they grew the state saved on every change.
+    core = core_with(cpu_node("a", cpus=4), cpu_node("b", cpus=4))
+    core.submit(cpus("hold", 4), "d0", T0)
+    for k in range(3):
+        assert isinstance(core.submit(cpus(f"big{k}", 8), f"driver{k}", T0).decision, Queued)
+    core.ray_nodes({"a"}, {"b"}, T0 + 1)  # they can never fit now
+    assert set(core.queue.rejected) == {"big0", "big1", "big2"}
+    outcome = core.owners_dead({"driver0", "driver1"}, T0 + 2)
+    assert set(core.queue.rejected) == {"big2"} and outcome.persist
+    assert set(core.queue.rejected_owners) == {"big2"}
+    assert "big0" not in core.to_dict()["queue"]["rejected"]
+    dropped = core.poll("big2", "driver2", T0 + 3).decision  # a live driver still learns why
+    assert isinstance(dropped, Rejection) and "needs 8 worker(s)" in dropped.message
