@@ -164,7 +164,7 @@ def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
     t = state.table
     n = len(t)
     reserved_cpus, reserved_gpus = (0, 0) if ignore_reservations else t.taken(n)
-    capacity = np.floor((t.cpus[:n] - reserved_cpus) / spec.cpus_per_worker + 1e-9)
+    free_gpus = None
     if spec.gpus_per_worker:
         # Free memory is measured, so GPUs busy with reserved jobs look full; with reservations
         # ignored ("would it fit an idle cluster?") their total memory is what counts.
@@ -178,19 +178,30 @@ def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
         # Ray hands out only the GPUs it schedules, minus those reserved. GPUs busy with a
         # reserved job usually lack free memory too, so they are not subtracted twice: the
         # smaller count is what is really free. (Ray picks the GPU index.)
-        usable = np.minimum(fitting, t.gpus[:n] - reserved_gpus)
-        capacity = np.minimum(capacity, usable // spec.gpus_per_worker)
-        if spec.accelerator_types:
-            allowed = np.zeros(len(t.families), dtype=bool)
-            allowed[[t.families[f.upper()] for f in spec.accelerator_types
-                     if f.upper() in t.families]] = True
-            capacity = np.where(allowed[t.family[:n]], capacity, 0)
+        free_gpus = np.minimum(fitting, t.gpus[:n] - reserved_gpus)
+    capacity = workers_by_count(spec, t.cpus[:n] - reserved_cpus, free_gpus)
+    if spec.gpus_per_worker and spec.accelerator_types:
+        allowed = np.zeros(len(t.families), dtype=bool)
+        allowed[[t.families[f.upper()] for f in spec.accelerator_types
+                 if f.upper() in t.families]] = True
+        capacity = np.where(allowed[t.family[:n]], capacity, 0)
     # Suspect and overloaded nodes may recover: they count for the idle view, not for now.
     usable_node = ~t.dead[:n] if ignore_reservations else state.placeable(now)
     if ignore_reservations and revivable:
         usable_node[[t.index[node] for node in revivable if node in t.index]] = True
     # Clip before the integer cast: a tiny per-worker size must not overflow int64.
     return np.where(usable_node, np.clip(capacity, 0, 1_000_000), 0).astype(np.int64)
+
+
+def workers_by_count(spec: JobSpec, free_cpus, free_gpus):
+    """Whole workers of `spec` that nodes with these free CPUs and GPUs (per node: arrays,
+    or one node's numbers) hold by count alone, each worker's CPUs and GPUs on one node
+    (worker_capacity adds GPU memory, families and health; the head's plan, what frees as
+    running jobs end)."""
+    workers = np.floor(free_cpus / spec.cpus_per_worker + 1e-9)
+    if spec.gpus_per_worker:
+        workers = np.minimum(workers, free_gpus // spec.gpus_per_worker)
+    return workers
 
 
 def _excluded_slots(state: ClusterState, excluded_gpus: GpuSlots

@@ -15,9 +15,10 @@ What it decides:
   `suspect_after_s` has passed).
 - **Backfill (EASY).** When the first waiting job (the head) cannot start, later jobs may
   start only if they do not delay it: the head gets a reservation at its earliest start time
-  (the *shadow time*), computed from the running jobs' expected ends
-  (`JobSpec.expected_duration_s`); a later job may start if it ends before that, or uses only
-  capacity the head does not need then (the *extra*), or capacity the head cannot use at all
+  (the *shadow time*: when the nodes it can use hold all its workers, node by node), computed
+  from the running jobs' expected ends (`JobSpec.expected_duration_s`); a later job may start
+  if it ends before that, or uses only capacity the head does not need then (the *extra*: its
+  workers still fit beside it, node by node), or capacity the head cannot use at all
   (another accelerator type). Without estimates, only the last. Look-ahead is bounded by cost
   (failed placement attempts per pass), not by a count of jobs: a job whose shape already
   failed in this pass, or whose GPU/CPU count exceeds what is free, costs a dict look-up.
@@ -58,7 +59,7 @@ from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import (ClusterState, NodeReport, Reservation, gpu_families,
                                     report_problem)
 from orchestrator.placement import (FITS_WHEN_FREED, Placement, PlacementError, Queued,
-                                    Rejection, place, worker_capacity)
+                                    Rejection, place, worker_capacity, workers_by_count)
 from orchestrator.queue import JobQueue, QueuedJob, allowed_families
 from orchestrator.saved_records import SAVED_STATE_VERSION
 from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, Directive, Outcome, Persist,
@@ -98,6 +99,41 @@ class _FamilyChoice:
     usable: tuple[str, ...]  # families it is not shielded from (what it waits for)
 
 
+class _HeadRoom:
+    """The head's room node by node: the CPUs and GPUs free on each node it could use, and
+    the whole workers of its shape they hold (a worker's CPUs and GPUs on one node; at most
+    `cap`, what the node holds of them idle: GPU memory, families, excluded GPUs). Counted
+    in units summed over nodes, 2 GPUs free on each of two nodes held a 4-GPU worker."""
+
+    def __init__(self, spec: JobSpec, cap: np.ndarray, cpus: np.ndarray,
+                 gpus: np.ndarray, state: ClusterState) -> None:
+        self.spec, self.cap, self.cpus, self.gpus = spec, cap, cpus, gpus
+        self.index = state.table.index
+        self.workers = np.minimum(cap, workers_by_count(spec, cpus, gpus))
+        self.total = int(self.workers.sum())
+
+    def add(self, reservations, sign: int = 1) -> None:
+        """Reservations freed (sign 1: a job ends) or taken (-1) on the head's nodes."""
+        for r in reservations:
+            row = self.index.get(r.node_id)
+            if row is None or row >= len(self.cap) or not self.cap[row]:
+                continue
+            self.cpus[row] += sign * r.cpus
+            self.gpus[row] += sign * r.gpus
+            fits = min(int(self.cap[row]), int(workers_by_count(
+                self.spec, max(self.cpus[row], 0.0), max(int(self.gpus[row]), 0))))
+            self.total += fits - int(self.workers[row])
+            self.workers[row] = fits
+
+    def take_if_spare(self, reservations) -> bool:
+        """Take `reservations` if the head's workers still fit beside them."""
+        self.add(reservations, -1)
+        if self.total >= self.spec.num_workers:
+            return True
+        self.add(reservations, +1)
+        return False
+
+
 @dataclass
 class _HeadPlan:
     """EASY's reservation for the first waiting job that could not start."""
@@ -106,7 +142,7 @@ class _HeadPlan:
     usable: np.ndarray  # bool per node row: capacity the head could use
     per_gpu: bool  # units are GPUs (else CPUs)
     shadow: float | None  # earliest start; None = unknown (running jobs lack estimates)
-    extra: float  # units free at the shadow time that the head does not need
+    room: _HeadRoom  # its room at the shadow time (what is spare there is the *extra*)
     # A GPU head's workers need CPUs beside their GPUs: free CPUs on its nodes now beyond
     # what it needs, which a job taking no GPUs may use (inf when units are CPUs already)
     spare_cpus: float = math.inf
@@ -1386,19 +1422,11 @@ class SchedulerCore:
         cpus = float(np.where(ok, np.maximum(t.cpus[:n] - taken_cpus, 0), 0).sum())
         return {code: int(v) for code, v in enumerate(by_family)}, [cpus]
 
-    def _head_units(self, head: JobSpec, now: float) -> tuple[np.ndarray, bool]:
-        """Which node rows hold capacity the head could use, and whether units are GPUs."""
-        t = self.state.table
-        n = len(t)
-        excluded = frozenset(self.excluded_gpus.get(head.name, ()))
-        usable = worker_capacity(head, self.state, now, ignore_reservations=True,
-                                 excluded_gpus=excluded) > 0
-        return usable[:n], head.gpus_per_worker > 0
-
     def _head_plan(self, head: QueuedJob, now: float, free_gpus: dict[int, int]) -> _HeadPlan:
-        """The head's shadow time and extra units (EASY), counted in GPUs (GPU jobs) or CPUs
-        on the nodes it could use, from the running jobs' expected ends. Families the head is
-        kept off (_family_choice) are not its: jobs that may run only there do not delay it."""
+        """The head's shadow time (EASY): the first moment the nodes it could use hold all
+        its workers, node by node (_HeadRoom), as the running jobs end as expected; and its
+        room then. Families the head is kept off (_family_choice) are not its: jobs that may
+        run only there do not delay it."""
         spec = head.spec
         choice = self._family_choice(spec, free_gpus)
         first_call = {}
@@ -1406,33 +1434,35 @@ class SchedulerCore:
             first_call = {f: gpus for f in choice.kept_off
                           if (gpus := self.queue.first_call_gpus(f, spec.priority))}
             spec = spec.narrowed(accelerator_types=choice.usable)
-        usable, per_gpu = self._head_units(spec, now)
-        if choice is not None and not choice.usable:
-            usable = np.zeros_like(usable)
         t = self.state.table
         n = len(t)
+        excluded = frozenset(self.excluded_gpus.get(spec.name, ()))
+        cap = worker_capacity(spec, self.state, now, ignore_reservations=True,
+                              excluded_gpus=excluded)[:n]
+        if choice is not None and not choice.usable:
+            cap = np.zeros_like(cap)
+        usable, per_gpu = cap > 0, spec.gpus_per_worker > 0
         placeable = usable & self.state.placeable(now)
-        held = t.taken(n)[1 if per_gpu else 0]
-        total = t.gpus[:n] if per_gpu else t.cpus[:n]
-        free = float(np.maximum(total - held, 0)[placeable].sum())
-        need = float(head.spec.total_gpus if per_gpu else head.spec.total_cpus)
-        shadow = now if free >= need else None
-        if shadow is None:
-            # Running jobs by expected end; their units on the head's nodes are counted only
-            # until enough are freed (most of a long running list is never looked at).
-            reservations = self.state.reservations
-            for end, name in self._running_by_end(now):
-                free += _units_on(reservations.get(name, ()), usable, self.state, per_gpu)
-                if free >= need:
-                    shadow = end
-                    break
-        extra = free - need if shadow is not None else 0.0
+        taken_cpus, taken_gpus = t.taken(n)
+        free_cpus = np.where(placeable, np.maximum(t.cpus[:n] - taken_cpus, 0), 0.0)
         spare_cpus = math.inf
         if per_gpu:
-            free_cpus = np.maximum(t.cpus[:n] - t.taken(n)[0], 0)[placeable].sum()
             # (never below 0: a job taking no CPUs there never delays the head)
-            spare_cpus = max(float(free_cpus) - head.spec.total_cpus, 0.0)
-        return _HeadPlan(head.spec.name, usable, per_gpu, shadow, extra, spare_cpus, first_call)
+            spare_cpus = max(float(free_cpus.sum()) - head.spec.total_cpus, 0.0)
+        room = _HeadRoom(spec, np.where(placeable, cap, 0), free_cpus,
+                         np.where(placeable, np.maximum(t.gpus[:n] - taken_gpus, 0), 0),
+                         self.state)
+        shadow = now if room.total >= spec.num_workers else None
+        if shadow is None:
+            # Running jobs by expected end; what they free on the head's nodes is counted
+            # only until its workers fit (most of a long running list is never looked at).
+            reservations = self.state.reservations
+            for end, name in self._running_by_end(now):
+                room.add(reservations.get(name, ()))
+                if room.total >= spec.num_workers:
+                    shadow = end
+                    break
+        return _HeadPlan(head.spec.name, usable, per_gpu, shadow, room, spare_cpus, first_call)
 
     def _running_by_end(self, now: float) -> Iterator[tuple[float, str]]:
         """(expected end, name) of the running jobs with an estimate, soonest first: those
@@ -1475,10 +1505,9 @@ class SchedulerCore:
             return False
         if expected_s is not None and now + expected_s <= plan.shadow:
             return True
-        if units and units <= plan.extra:
-            plan.extra -= units
-            return True
-        return False
+        # Room the head does not need at its start: its workers still fit beside the job,
+        # node by node (a GPU spare in all may be the one a node needs for a whole worker)
+        return bool(units) and plan.room.take_if_spare(reservations)
 
     # -- internals: preemption ---------------------------------------------------------------------
     def _preempt_for_blocked(self, blocked: list[QueuedJob], free_gpus: dict[int, int],

@@ -1840,3 +1840,57 @@ def test_rejections_kept_for_drivers_that_have_exited_are_dropped():
     assert "big0" not in core.to_dict()["queue"]["rejected"]
     dropped = core.poll("big2", "driver2", T0 + 3).decision  # a live driver still learns why
     assert isinstance(dropped, Rejection) and "needs 8 worker(s)" in dropped.message
+
+
+def test_the_heads_start_counts_whole_workers_per_node_not_gpus_summed_over_nodes():
+    # 'head' needs a whole 4-GPU node; 2 GPUs are free on each of two nodes until T0 + 3600.
+    # Summed, 4 free GPUs made its start "now": every backfill touching those nodes was
+    # refused while their GPUs idled for an hour.
+    core = core_with(gpu_node("a"), gpu_node("b"))
+    for name in ("r1", "filler", "r2"):
+        core.submit(JobSpec(name, num_workers=1, gpus_per_worker=2, expected_duration_s=3600),
+                    "d", T0)
+    core.release("filler", "d", T0)
+    assert {n: j.placement.nodes for n, j in core.running.items()} == {"r1": ["a"],
+                                                                      "r2": ["b"]}
+    assert isinstance(core.submit(JobSpec("head", num_workers=1, gpus_per_worker=4), "d",
+                                  T0 + 1).decision, Queued)
+    short = core.submit(JobSpec("short", num_workers=1, gpus_per_worker=1,
+                                expected_duration_s=60), "d", T0 + 2).decision
+    assert isinstance(short, Placement), short
+    long = core.submit(JobSpec("long", num_workers=1, gpus_per_worker=1,
+                               expected_duration_s=7200), "d", T0 + 3).decision
+    assert isinstance(long, Queued) and "would delay 'head'" in long.reason
+
+
+def test_the_heads_start_counts_the_cpus_its_workers_need_beside_their_gpus():
+    # 'head' needs 8 CPUs beside its 4 GPUs; 'prep' holds 14 of the node's 16 CPUs until
+    # T0 + 3600. Counted by GPUs alone the head could start "now", and nothing backfilled.
+    core = core_with(gpu_node("g", gpus=4, cpus=16))
+    core.submit(JobSpec("prep", num_workers=14, cpus_per_worker=1, expected_duration_s=3600),
+                "d", T0)
+    assert isinstance(core.submit(JobSpec("head", num_workers=1, gpus_per_worker=4,
+                                          cpus_per_worker=8), "d", T0 + 1).decision, Queued)
+    short = core.submit(JobSpec("short", num_workers=1, gpus_per_worker=1, cpus_per_worker=1,
+                                expected_duration_s=60), "d", T0 + 2).decision
+    assert isinstance(short, Placement), short
+
+
+def test_a_backfill_into_the_heads_spare_room_must_leave_its_workers_whole_per_node():
+    # At the head's start (T0 + 100) 3 + 2 GPUs are free for its 2 workers of 2 GPUs: one
+    # GPU spare in all, but a job taking one of b's would leave b with a single GPU, no
+    # room for a worker, and the head waiting for 's' (10 hours) instead.
+    core = core_with(gpu_node("a", gpus=3, memory_gb=40), gpu_node("b", gpus=3))
+    core.submit(JobSpec("r", num_workers=1, gpus_per_worker=2, expected_duration_s=100,
+                        accelerator_types=("A100",), min_gpu_memory_gb=30), "d", T0)
+    core.submit(JobSpec("s", num_workers=1, gpus_per_worker=1, min_gpu_memory_gb=60,
+                        expected_duration_s=36000), "d", T0)
+    assert core.running["r"].placement.nodes == ["a"] and \
+        core.running["s"].placement.nodes == ["b"]
+    assert isinstance(core.submit(JobSpec("head", num_workers=2, gpus_per_worker=2), "d",
+                                  T0 + 1).decision, Queued)
+    on_b = core.submit(JobSpec("on-b", num_workers=1, gpus_per_worker=1,
+                               min_gpu_memory_gb=60), "d", T0 + 2).decision
+    assert isinstance(on_b, Queued) and "would delay 'head'" in on_b.reason
+    on_a = core.submit(JobSpec("on-a", num_workers=1, gpus_per_worker=1), "d", T0 + 3)
+    assert isinstance(on_a.decision, Placement) and on_a.decision.nodes == ["a"]
