@@ -396,7 +396,7 @@ def run(args: argparse.Namespace) -> dict | None:
         # Written once the data is known good; a run refused after (no cluster at --address,
         # not placeable) takes the directory it made away again (run_dir_held): nothing is
         # left behind.
-        with run_dir_held(run_dir, new_run=not args.resume,
+        with run_dir_held(run_dir, new_run=not args.resume, any_checkpoint=True,
                           written={CONFIG_FILE, TOKENIZER_FILE}):
             _write_resolved_config(run_dir, train_config, spec, setup.tokenizer)
             launched = launch(train_under_ray, {"train": train_config.to_dict(),

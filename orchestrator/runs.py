@@ -15,7 +15,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from orchestrator.file_lock import LockBusy, file_lock
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
@@ -121,12 +121,13 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def unregistered_checkpoints_warning(run_dir: Path) -> str | None:
-    """Checkpoints of `run_dir` that Ray Train never registered, or None. A run stopped
-    (Ctrl-C) while its workers reported writes checkpoints Ray Train never registers: a resume
-    takes them like any other (the newest that verifies), but Ray Train's keep_checkpoints
-    never prunes them. None too when Ray Train's record cannot be read (repair_ray_record
-    says so)."""
+def unregistered_checkpoints_warning(run_dir: Path, any_checkpoint: bool) -> str | None:
+    """Checkpoints of `run_dir` that Ray Train's record does not list, or None. A run stopped
+    (Ctrl-C) while its workers reported writes checkpoints Ray Train never registers, which
+    its keep_checkpoints never prunes. `any_checkpoint`: the resume takes the newest that
+    verifies, listed or not (pretrain's loop); else ray.train.get_checkpoint() gives the
+    newest listed (a user's loop). None too when the record cannot be read
+    (repair_ray_record says so)."""
     written = checkpoint_dirs(run_dir)
     if not written:
         return None
@@ -140,34 +141,49 @@ def unregistered_checkpoints_warning(run_dir: Path) -> str | None:
     unregistered = [d.name for d in written if d.name not in registered]
     if not unregistered:
         return None
-    return (f"{len(unregistered)} checkpoint(s) Ray Train never registered (the run was "
-            f"stopped while it reported them: {', '.join(unregistered)}): the resume takes "
-            "the newest checkpoint that verifies, registered or not; keep_checkpoints does "
-            "not prune unregistered ones (delete them once the run has gone past them)")
+    resume = ("the resume takes the newest checkpoint that verifies, listed or not"
+              if any_checkpoint else
+              "the resume starts from the newest it lists (ray.train.get_checkpoint()), "
+              "or from scratch when it lists none")
+    return (f"{len(unregistered)} checkpoint(s) not in Ray Train's record (a run stopped "
+            f"while it reported them: {', '.join(unregistered)}): {resume}; keep_checkpoints "
+            "does not prune them (delete them once the run has gone past them)")
 
 
-def repair_ray_record(run_dir: Path) -> str | None:
+def repair_ray_record(run_dir: Path, any_checkpoint: bool) -> str | None:
     """Before a resume: Ray Train's record of the run's checkpoints
     (checkpoint_manager_snapshot.json) made to agree with the checkpoint directories, and
     what was done (None: nothing to do). Ray Train's controller refuses a record naming a
-    checkpoint that is gone (an operator deleted the newest to roll back) or one it cannot
-    parse (a crash or a full disk mid-write: Ray writes it in place), and only after the job
-    was placed, as a failure with restarts that never happened. Names of checkpoints that are
-    gone are dropped from it; an unreadable record is set aside (the resume takes the newest
-    checkpoint that verifies either way: ray_layer/train_session.py). The original is kept
-    beside it."""
+    checkpoint that is gone (an operator deleted the newest to roll back), one it cannot
+    parse (a crash or a full disk mid-write: Ray writes it in place) or one another Ray
+    version wrote, and only after the job was placed, as a failure with restarts that never
+    happened. Names of checkpoints that are gone are dropped from it, the original kept beside
+    it. A record Ray cannot read is set aside when the resume does not need it
+    (`any_checkpoint`: pretrain's loop takes the newest checkpoint that verifies); a user's
+    loop resumes from what it lists, so there RunDirError names it."""
     path = Path(run_dir) / RAY_CHECKPOINT_SNAPSHOT
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
-        repaired, gone = _without_checkpoints_gone(record, {p.name for p in
-                                                            checkpoint_dirs(run_dir)})
+        problem = _other_ray_version(record)
+        if problem is None:
+            # Ray's own test (_assert_checkpoints_exist): the name exists in the directory,
+            # whatever it is called (a user's loop may name its checkpoints as it likes)
+            repaired, gone = _without_checkpoints_gone(
+                record, lambda name: (Path(run_dir) / name).exists())
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        problem = f"cannot be read ({type(e).__name__}: {e})"
+    if problem is not None:
+        if not any_checkpoint:
+            raise RunDirError(f"Ray Train's record of the run's checkpoints {path} {problem}: "
+                              "your loop resumes from what it lists (ray.train.get_checkpoint"
+                              "()); restore it, or move it aside to start the loop from "
+                              "scratch")
         kept = _kept_beside(path, "unreadable")
-        return (f"Ray Train's record {path} cannot be read ({type(e).__name__}: {e}): set "
-                f"aside as {kept.name}; the run resumes from its newest checkpoint that "
-                "verifies, and keep_checkpoints no longer prunes the checkpoints before it")
+        return (f"Ray Train's record {path} {problem}: set aside as {kept.name}; the run "
+                "resumes from its newest checkpoint that verifies, and keep_checkpoints no "
+                "longer prunes the checkpoints before it")
     if not gone:
         return None
     kept = _kept_beside(path, "before-repair", copy=True)
@@ -177,12 +193,23 @@ def repair_ray_record(run_dir: Path) -> str | None:
             f"({', '.join(gone)}): dropped from it (the original kept as {kept.name})")
 
 
-def _without_checkpoints_gone(record: dict, present: set[str]) -> tuple[dict, list[str]]:
-    """Ray Train 2.60's record (CheckpointManager._save_state) without the checkpoints not in
-    `present`, and their names. Its parallel lists stay parallel; the latest becomes the
-    remaining checkpoint reported last."""
+def _other_ray_version(record: dict) -> str | None:
+    """Why Ray Train would refuse a record written by another Ray version, or None."""
+    from importlib.metadata import version
+
+    written_by, installed = record.get("ray_version"), version("ray")
+    if written_by == installed:
+        return None
+    return f"was written by Ray {written_by}, which Ray {installed} refuses"
+
+
+def _without_checkpoints_gone(record: dict, present: Callable[[str], bool]
+                              ) -> tuple[dict, list[str]]:
+    """Ray Train 2.60's record (CheckpointManager._save_state) without the checkpoints whose
+    name is not `present`, and their names. Its parallel lists stay parallel; the latest
+    becomes the remaining checkpoint reported last."""
     def kept(state: dict) -> bool:
-        return state["checkpoint_dir_name"] in present
+        return present(state["checkpoint_dir_name"])
 
     results = list(zip(record["checkpoint_results"], record["checkpoint_report_indices"],
                        strict=True))
@@ -205,7 +232,7 @@ def _without_checkpoints_gone(record: dict, present: set[str]) -> tuple[dict, li
     for field in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
                   "failed_validation_checkpoint_dir_names"):
         if field in record:
-            repaired[field] = [name for name in record[field] if name in present]
+            repaired[field] = [name for name in record[field] if present(name)]
     return repaired, gone
 
 
@@ -262,14 +289,16 @@ RUN_LOCK = ".run.lock"  # held (file_lock) by the process running a run, for the
 
 
 @contextlib.contextmanager
-def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = ()) -> Iterator[None]:
+def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
+                 any_checkpoint: bool = False) -> Iterator[None]:
     """This process's claim on `run_dir` while its run runs: a second run started in the same
     directory meanwhile is refused (RunDirError naming the holder). Two launches without
     --address start two embedded Rays, whose schedulers know nothing of each other: both
     trained into one directory. On a filesystem without flock the run goes on unguarded
     (said). `new_run` (not a resume): an earlier run's history is set aside first, and said
     (set_aside_earlier_history); a resume repairs Ray Train's record of the checkpoints and
-    says which it never registered (repair_ray_record, unregistered_checkpoints_warning). A
+    says which it does not list (repair_ray_record, unregistered_checkpoints_warning;
+    `any_checkpoint`: the run's loop resumes from any checkpoint that verifies). A
     directory this call made is removed again when the block
     ends in a JobFailed that started nothing (bad input, not placeable) and it holds only the
     lock and `written` (the files the caller put there): a refused run leaves nothing
@@ -285,7 +314,7 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = ()) -> I
             if new_run:
                 _say_set_aside(set_aside_earlier_history(run_dir))
             else:  # (under the lock: never the record of a run training there now)
-                _say_before_resume(run_dir)
+                _say_before_resume(run_dir, any_checkpoint)
             try:
                 yield
             except JobFailed as e:
@@ -318,11 +347,16 @@ def _remove_if_only(run_dir: Path, names: set[str]) -> None:
         pass
 
 
-def _say_before_resume(run_dir: Path) -> None:
-    """Repair Ray Train's record of the checkpoints and say what the resume will find."""
-    for warning in (repair_ray_record(run_dir), unregistered_checkpoints_warning(run_dir)):
-        if warning:
-            print(f"warning: resume: {warning}", file=sys.stderr)
+def _say_before_resume(run_dir: Path, any_checkpoint: bool) -> None:
+    """Repair Ray Train's record of the checkpoints and say what the resume will find (once
+    the record is set aside, no checkpoint is listed: nothing more worth saying)."""
+    repaired = repair_ray_record(run_dir, any_checkpoint)
+    if repaired:
+        print(f"warning: resume: {repaired}", file=sys.stderr)
+    unlisted = ((run_dir / RAY_CHECKPOINT_SNAPSHOT).is_file() or not repaired) and \
+        unregistered_checkpoints_warning(run_dir, any_checkpoint)
+    if unlisted:
+        print(f"warning: resume: {unlisted}", file=sys.stderr)
 
 
 def _say_set_aside(moved: list[Path]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -212,7 +213,8 @@ def _failure(error: Exception, run_dir: Path, max_failures: int) -> JobFailed:
     went wrong in Ray Train's controller (no restart count: none was spent on it)."""
     kept = f"checkpoints so far are in {run_dir}"
     if isinstance(error, ray.exceptions.RayActorError):  # Ray Train's controller itself
-        return JobFailed(_controller_died(error) + f"\n{kept}", EXIT_FAILED)
+        return JobFailed(f"{_controller_died(error)}\n{kept} (--resume continues the run)",
+                         EXIT_FAILED)
     cause = _controller_cause(error)
     if cause is None:
         return JobFailed(f"training failed after {max_failures} restart(s): "
@@ -239,13 +241,22 @@ def _failure(error: Exception, run_dir: Path, max_failures: int) -> JobFailed:
 
 
 def _controller_died(error: ray.exceptions.RayActorError) -> str:
-    """Ray Train's controller failed to start (its __init__ raised: the error is the last line
-    of the traceback Ray puts in the message) or died: no worker ran, no restart was spent.
-    It read "training failed after 3 restart(s): ActorDiedError: ... Traceback ...". """
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    """Ray Train's controller failed to start (its __init__ raised: Ray's message carries the
+    traceback, whose last top-level `Name: message` line and what follows it say what) or
+    died (Ray's message names the actor, then why): no worker ran, no restart was spent. It
+    read "training failed after 3 restart(s): ActorDiedError: ... Traceback ..."."""
+    lines = str(error).splitlines()
     if getattr(error, "actor_init_failed", False):
-        return f"Ray Train's controller could not start: {lines[-1] if lines else error}"
-    return f"Ray Train's controller died: {' '.join(lines[:2])}"
+        starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+        what = " ".join(line.strip() for line in lines[starts[-1]:]) if starts else str(error)
+        return f"Ray Train's controller could not start: {what}"
+    why = [line.strip() for line in lines[1:]
+           if line.strip() and not _ACTOR_FIELD.match(line)]
+    return f"Ray Train's controller died: {' '.join(why) or lines[0]}"
+
+
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b[^:]*:")
+_ACTOR_FIELD = re.compile(r"\s*(class_name|actor_id|pid|name|namespace|ip):")
 
 
 def _controller_cause(error: Exception) -> BaseException | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,7 +25,8 @@ from orchestrator.metric_catalogue import training_samples
 from orchestrator import throughput
 from orchestrator.probes import nvml_index_and_process_bytes
 from orchestrator.runs import checkpoint_dirs, checkpoint_name
-from orchestrator.training.checkpoint import sync_directory, sync_tree
+from orchestrator.training.checkpoint import (CheckpointError, free_space_note,
+                                              sync_directory, sync_tree)
 from orchestrator.training.loop import say, train
 from orchestrator.training.session import gpu_shortfall
 from ray_layer.scheduler_client import scheduler_or_none
@@ -107,21 +109,21 @@ class RayTrainSession:
 
     @contextlib.contextmanager
     def checkpoint_dirs(self) -> Iterator[list[str]]:
-        """On local or shared-filesystem storage, every checkpoint of the run, newest first
-        (runs.checkpoint_dirs: by step): those Ray Train never registered too (a run stopped
-        while it reported them; each is verified before use, as any other), and with no
-        record at all (set aside unreadable: runs.repair_ray_record). On remote storage (S3,
-        GCS) only Ray Train's latest is fetched."""
+        """Every checkpoint of the run, newest first (runs.checkpoint_dirs: by step): those
+        Ray Train never registered too (a run stopped while it reported them; each is
+        verified before use, as any other), and with no record at all (set aside unreadable:
+        runs.repair_ray_record). Rank 0's listing, on every rank: on a shared filesystem
+        (NFS caches listings) a rank could see a checkpoint another did not, and the two
+        would resume from different steps."""
         storage = ray.train.get_context().get_storage()
-        if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
-            yield [str(p) for p in checkpoint_dirs(Path(storage.experiment_fs_path))]
-            return
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield []
-            return
-        with checkpoint.as_directory() as directory:
-            yield [directory]
+        if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+            # (run directories are local or shared paths: runs.run_dir_uri_problem)
+            raise ValueError(f"the run's storage {storage.storage_filesystem.type_name} is not "
+                             "a local or shared filesystem")
+        found = None
+        if self.world_rank == 0:
+            found = [str(p) for p in checkpoint_dirs(Path(storage.experiment_fs_path))]
+        yield _rank_zeros(found)
 
     def worker_nodes(self) -> list[str]:
         """Node id of every worker, by rank, so the launcher can check workers landed where
@@ -176,16 +178,33 @@ class RayTrainSession:
 
 
 def persisted_to_disk(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
-    """Ray Train's own copy of a checkpoint into the run's storage, then, on a local or shared
-    filesystem, fsync'd (runs' sync_tree): Ray registers it and deletes the oldest checkpoint
-    right after this returns, and its copy is not synced, so after a power loss the only
-    checkpoint left (keep_checkpoints=1) could be empty. LocalSession does the same."""
-    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint,
-                                                                                 name)
-    if isinstance(persisted.filesystem, pyarrow.fs.LocalFileSystem):
-        sync_tree(Path(persisted.path))
-        sync_directory(Path(persisted.path).parent)
+    """Ray Train's own copy of a checkpoint into the run's directory, then fsync'd (sync_tree):
+    Ray registers it and deletes the oldest checkpoint right after this returns, and its copy
+    is not synced, so after a power loss the only checkpoint left (keep_checkpoints=1) could
+    be empty. LocalSession does the same. A copy that fails (a full disk) is removed and
+    raised as a CheckpointError naming it and the free space."""
+    storage = ray.train.get_context().get_storage()
+    target = Path(storage.experiment_fs_path) / name
+    try:
+        persisted = storage.persist_current_checkpoint(checkpoint, name)
+        sync_tree(target)
+        sync_directory(target.parent)
+    except OSError as e:
+        # A full disk: pyarrow's bare OSError, and a partial directory Ray never registers
+        # (so never prunes) left by every restart that retrained up to the same save.
+        shutil.rmtree(target, ignore_errors=True)
+        raise CheckpointError(f"checkpoint {target} cannot be written: {e.strerror or e}"
+                              f"{free_space_note(target.parent)}") from None
     return persisted
+
+
+def _rank_zeros(value: Any) -> Any:
+    """Rank 0's `value` on every rank (collective when a process group is up)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class DirectiveWatch:

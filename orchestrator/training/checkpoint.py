@@ -76,7 +76,7 @@ def write_atomically(path: Path, write) -> None:
     except Exception as e:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"checkpoint file {path} cannot be written: "
-                              f"{_write_problem(e)}{_free_space(path.parent)}") from e
+                              f"{_write_problem(e)}{free_space_note(path.parent)}") from e
 
 
 def _write_problem(e: Exception) -> str:
@@ -85,7 +85,7 @@ def _write_problem(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _free_space(directory: Path) -> str:
+def free_space_note(directory: Path) -> str:
     """"; N GiB free on its filesystem" (a full disk is the usual cause), or nothing."""
     try:
         free = shutil.disk_usage(directory).free

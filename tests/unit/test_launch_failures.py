@@ -42,16 +42,32 @@ def test_a_controller_that_cannot_start_is_one_line_without_a_restart_count():
     from ray.exceptions import ActorDiedError, RayTaskError
     from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
 
-    refused = CheckpointManagerInitializationError("The run snapshot contains a reference to "
-                                                   "a checkpoint that does not exist anymore")
+    refused = CheckpointManagerInitializationError(
+        "1 validation error for _CheckpointManagerState\ncurrent_report_index\n  Field "
+        "required [type=missing]\n    For further information visit https://errors.pydantic")
     task_error = RayTaskError("TrainController.__init__", "Traceback (most recent call last):\n"
-                              '  File "checkpoint_manager.py", line 523\n'
+                              '  File "checkpoint_manager.py", line 392, in _load_state\n'
+                              "    raise CheckpointManagerInitializationError(error) from e\n"
                               f"CheckpointManagerInitializationError: {refused}", refused)
     failed = launch._failure(ActorDiedError(task_error), RUN, max_failures=3)
     assert failed.exit_code == EXIT_FAILED
-    assert str(failed).startswith("Ray Train's controller could not start: "
-                                  "CheckpointManagerInitializationError: The run snapshot")
+    assert str(failed).startswith(
+        "Ray Train's controller could not start: CheckpointManagerInitializationError: 1 "
+        "validation error for _CheckpointManagerState current_report_index Field required")
     assert "restart(s)" not in str(failed) and "Traceback" not in str(failed)
+    assert str(failed).endswith("(--resume continues the run)")
+
+
+def test_a_controller_that_died_says_why():
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+    from ray.exceptions import ActorDiedError
+
+    context = ActorDiedErrorContext(class_name="TrainController", actor_id=b"\1" * 16, pid=7,
+                                    error_message="The actor's worker process has died: "
+                                                  "killed by the OOM killer")
+    failed = launch._failure(ActorDiedError(context), RUN, max_failures=3)
+    assert str(failed).startswith("Ray Train's controller died: The actor's worker process "
+                                  "has died: killed by the OOM killer"), str(failed)
 
 
 def test_a_workers_failure_names_the_restarts_and_the_first_workers_error():

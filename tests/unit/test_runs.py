@@ -88,28 +88,31 @@ def test_checkpoints_ray_train_never_registered_are_named(tmp_path):
 
     from orchestrator.runs import unregistered_checkpoints_warning
 
-    assert unregistered_checkpoints_warning(tmp_path) is None  # no checkpoints
+    assert unregistered_checkpoints_warning(tmp_path, True) is None  # no checkpoints
     for name in ("checkpoint_2026-12-05_18-51-01", "checkpoint_2026-12-05_18-51-02",
                  "checkpoint_00000030_2026-12-05_18-51-03"):
         (tmp_path / name).mkdir()
-    assert unregistered_checkpoints_warning(tmp_path) == (
-        "3 checkpoint(s) Ray Train never registered (the run was stopped while it reported "
-        "them: checkpoint_00000030_2026-12-05_18-51-03, checkpoint_2026-12-05_18-51-02, "
+    assert unregistered_checkpoints_warning(tmp_path, True) == (
+        "3 checkpoint(s) not in Ray Train's record (a run stopped while it reported them: "
+        "checkpoint_00000030_2026-12-05_18-51-03, checkpoint_2026-12-05_18-51-02, "
         "checkpoint_2026-12-05_18-51-01): the resume takes the newest checkpoint that "
-        "verifies, registered or not; keep_checkpoints does not prune unregistered ones "
-        "(delete them once the run has gone past them)")
+        "verifies, listed or not; keep_checkpoints does not prune them (delete them once the "
+        "run has gone past them)")
+    # A user's loop resumes from what the record lists
+    assert "the resume starts from the newest it lists (ray.train.get_checkpoint()), or " \
+        "from scratch when it lists none" in unregistered_checkpoints_warning(tmp_path, False)
     snapshot = tmp_path / "checkpoint_manager_snapshot.json"
     snapshot.write_text(json.dumps({"checkpoint_results": [
         {"checkpoint_dir_name": "checkpoint_2026-12-05_18-51-01"},
         {"checkpoint_dir_name": "checkpoint_2026-12-05_18-51-02"}]}))
-    assert unregistered_checkpoints_warning(tmp_path).startswith(
-        "1 checkpoint(s) Ray Train never registered (the run was stopped while it reported "
-        "them: checkpoint_00000030_2026-12-05_18-51-03)")
+    assert unregistered_checkpoints_warning(tmp_path, True).startswith(
+        "1 checkpoint(s) not in Ray Train's record (a run stopped while it reported them: "
+        "checkpoint_00000030_2026-12-05_18-51-03)")
     snapshot.write_text(json.dumps({"checkpoint_results": [
         {"checkpoint_dir_name": p.name} for p in tmp_path.iterdir() if p.is_dir()]}))
-    assert unregistered_checkpoints_warning(tmp_path) is None  # all registered
+    assert unregistered_checkpoints_warning(tmp_path, True) is None  # all registered
     snapshot.write_text("{torn")
-    assert unregistered_checkpoints_warning(tmp_path) is None  # repair_ray_record says it
+    assert unregistered_checkpoints_warning(tmp_path, True) is None  # repair_ray_record says it
 
 
 def test_a_run_dir_that_cannot_be_looked_at_is_named_not_a_traceback(tmp_path, monkeypatch):
