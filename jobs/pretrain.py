@@ -31,7 +31,8 @@ from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEAB
                                   run_job)
 from orchestrator.launch import refuse_what_embedded_ray_cannot_hold
 from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError,
-                              has_checkpoints, read_metrics, resolve_run_dir, run_dir_held)
+                              has_checkpoints, not_a_run_dirs_files, read_metrics,
+                              resolve_run_dir, run_dir_held)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
 from orchestrator.training.memory import gpu_memory_needed_gb, memory_lines
@@ -368,6 +369,7 @@ def run(args: argparse.Namespace) -> dict | None:
         run_dir = resolve_run_dir(args.run_dir, args.resume, DEFAULT_RUNS_ROOT, "pretrain",
                                   dt.datetime.now())
         args.resolved_run_dir = run_dir  # for the Ctrl-C hint
+        _refuse_other_jobs_folder(run_dir)
         setup = resolve_data(args, run_dir)
         train_config, spec = build_configs(args, run_dir, setup.fields)
         if args.dry_run:
@@ -394,7 +396,7 @@ def run(args: argparse.Namespace) -> dict | None:
             except (DataError, ClusterConnectionError) as e:
                 raise JobFailed(str(e), EXIT_BAD_INPUT) from None
         # Written once the data is known good; a run refused after (no cluster at --address,
-        # not placeable) takes the directory it made away again (run_dir_held): nothing is
+        # not placeable) takes back what it added (run_dir_held): nothing is
         # left behind.
         with run_dir_held(run_dir, new_run=not args.resume, any_checkpoint=True,
                           written={CONFIG_FILE, TOKENIZER_FILE}):
@@ -414,6 +416,18 @@ def run(args: argparse.Namespace) -> dict | None:
             import ray
 
             ray.shutdown()
+
+
+def _refuse_other_jobs_folder(run_dir: Path) -> None:
+    """RunDirError naming what `run_dir` holds that no run put there (a Hugging Face export,
+    a compression's --out): asked before anything is written, since the run's config.json
+    and tokenizer.json would replace that folder's own."""
+    found = not_a_run_dirs_files(run_dir)
+    if found:
+        raise RunDirError(f"--run-dir {run_dir} is not a run directory: it holds "
+                          f"{'; '.join(found)}, which a run would overwrite or mix its files "
+                          "with. Give a new or empty folder (to fine-tune a Hugging Face "
+                          "model, pass its folder as --init-from)")
 
 
 def dry_run(train_config: TrainConfig, spec: JobSpec, address: str | None) -> None:

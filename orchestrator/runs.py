@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from orchestrator.file_lock import LockBusy, file_lock
+from orchestrator.hf_export import INDEX_FILE, SAFETENSORS_FILE
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.tokenizer import TOKENIZER_FILE
 
@@ -298,12 +299,13 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
     (said). `new_run` (not a resume): an earlier run's history is set aside first, and said
     (set_aside_earlier_history); a resume repairs Ray Train's record of the checkpoints and
     says which it does not list (repair_ray_record, unregistered_checkpoints_warning;
-    `any_checkpoint`: the run's loop resumes from any checkpoint that verifies). A
-    directory this call made is removed again when the block
-    ends in a JobFailed that started nothing (bad input, not placeable) and it holds only the
-    lock and `written` (the files the caller put there): a refused run leaves nothing
-    behind."""
+    `any_checkpoint`: the run's loop resumes from any checkpoint that verifies). When the
+    block ends in a JobFailed that started nothing (bad input, not placeable), what this call
+    added is taken back: a directory it made, if it holds only the lock and `written` (the
+    files the caller put there); in one that was there, the lock's file and those of
+    `written` that were not (take_back_refused_run): a refused run leaves nothing behind."""
     made = not run_dir.exists()
+    added = names_not_in(run_dir, {RUN_LOCK, *written})
     entered, refused = False, False
     try:
         with file_lock(run_dir / RUN_LOCK) as state:
@@ -318,7 +320,7 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
             try:
                 yield
             except JobFailed as e:
-                refused = made and e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE)
+                refused = e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE)
                 raise
     except LockBusy as e:
         if entered:
@@ -331,7 +333,7 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
         raise RunDirError(f"cannot lock run dir {run_dir}: {e.strerror or e}") from None
     finally:
         if refused:  # once the lock's file is closed (NFS keeps an open one as .nfsXXXX)
-            _remove_if_only(run_dir, {RUN_LOCK, *written})
+            take_back_refused_run(run_dir, made, added)
 
 
 def _remove_if_only(run_dir: Path, names: set[str]) -> None:
@@ -473,3 +475,72 @@ def resolve_run_dir(run_dir: str | None, resume: bool, root: Path, prefix: str,
         raise RunDirError(f"run dir {path} already holds checkpoints from an earlier run; "
                           "pass --resume to continue it, or choose another --run-dir")
     return path
+
+
+def names_not_in(run_dir: Path, names: Iterable[str]) -> set[str]:
+    """Those of `names` that are not in `run_dir` (all of them where it does not exist)."""
+    return {name for name in names if not (run_dir / name).exists()}
+
+
+def take_back_refused_run(run_dir: Path, made: bool, added: set[str]) -> None:
+    """After a refused run (run_dir_held): the files it `added` removed, and the directory
+    too where it `made` it and nothing else is there. A folder that was there keeps what it
+    held; the .run.lock and config.json left in it said a run had been there. Best effort, as
+    _remove_if_only."""
+    if made:
+        _remove_if_only(run_dir, added)
+        return
+    for name in added:
+        try:
+            (run_dir / name).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+# What other jobs leave in a folder, which a run there would overwrite or mix its files with
+# (the config.json beside them, a run's tokenizer.json): a Hugging Face model (jobs/export.py's,
+# or one downloaded), a compression's --out (orchestrator/compression/pipeline.py's
+# CONFIG_FILE).
+OTHER_JOBS_FILES = {SAFETENSORS_FILE: "a Hugging Face model's weights",
+                    INDEX_FILE: "a Hugging Face model's shard index",
+                    "pytorch_model.bin": "a Hugging Face model's weights",
+                    "compress_config.json": "a jobs/compress.py --out's settings"}
+RUN_CONFIG_SECTIONS = ("train", "job")  # what jobs/pretrain.py writes in a run's config.json
+# What a config.json of another kind says it is (jobs/export.py's, a compression's export).
+CONFIG_MARKS = ("exported_by", "model_type", "format")
+
+
+def not_a_run_dirs_files(run_dir: Path) -> list[str]:
+    """What an existing `run_dir` holds that no run put there and a new run would overwrite
+    or mix with, each with what it is; [] for a run directory, an empty or missing folder.
+    `pretrain.py --run-dir` at a Hugging Face export (meant --init-from) replaced its
+    config.json and tokenizer.json with the run's, even when the run was then refused."""
+    if not run_dir.is_dir():
+        return []
+    found = []
+    config = _not_a_runs_config(run_dir / CONFIG_FILE)
+    if config:
+        found.append(config)
+    elif not (run_dir / CONFIG_FILE).exists() and (run_dir / TOKENIZER_FILE).exists():
+        found.append(f"{TOKENIZER_FILE} without a run's {CONFIG_FILE}")
+    found += [f"{name} ({what})" for name, what in OTHER_JOBS_FILES.items()
+              if (run_dir / name).exists()]
+    return found
+
+
+def _not_a_runs_config(path: Path) -> str | None:
+    """`path` (a config.json) described, when it is not a run's: one without the train and
+    job sections jobs/pretrain.py writes, with what it says it is. None when it is a run's,
+    or there is none."""
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return f"{CONFIG_FILE} that is not a run's (unreadable: {e})"
+    if isinstance(saved, dict) and any(section in saved for section in RUN_CONFIG_SECTIONS):
+        return None
+    marks = [f"{key} {saved[key]!r}" for key in CONFIG_MARKS
+             if isinstance(saved, dict) and key in saved]
+    return (f"{CONFIG_FILE} without a run's train and job sections"
+            + (f" ({', '.join(marks)})" if marks else ""))

@@ -1,6 +1,7 @@
 """Bad input to jobs/pretrain.py: one clear line naming the problem, non-zero exit, no traceback.
 Each case fails before Ray starts, so these stay in the unit tier (run as real subprocesses)."""
 import json
+import os
 import re
 import socket
 import subprocess
@@ -12,11 +13,14 @@ import pytest
 from orchestrator.config import TrainConfig
 
 PRETRAIN = Path(__file__).resolve().parents[2] / "jobs" / "pretrain.py"
+# This checkout's orchestrator package, not the one installed: a worktree's jobs/pretrain.py
+# ran against another checkout's.
+CHECKOUT = {"PYTHONPATH": str(PRETRAIN.parents[1])}
 
 
 def run_pretrain(*args, tmp_path, **extra_env):
     env = {"ORCHESTRATOR_RUNS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-           **extra_env}
+           **CHECKOUT, **extra_env}
     return subprocess.run([sys.executable, str(PRETRAIN), *args], capture_output=True,
                           text=True, timeout=120, env=env)
 
@@ -72,7 +76,7 @@ def test_every_bad_flag_is_named_at_once(tmp_path):
 
 def test_help_says_each_default_once():
     result = subprocess.run([sys.executable, str(PRETRAIN), "--help"], capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=60, env={**os.environ, **CHECKOUT})
     help_text = " ".join(result.stdout.split())
     assert "(default: None)" not in help_text and "(default: [])" not in help_text
     assert "--max-steps MAX_STEPS optimizer steps" in help_text and "(default: 200)" in help_text
@@ -248,3 +252,69 @@ def test_ctrl_c_names_the_run_dir_to_resume(tmp_path, monkeypatch, capsys):
     (tmp_path / "my run" / "checkpoint_2026-12-05_18-51-01").mkdir(parents=True)
     assert pretrain.main(["--run-dir", str(tmp_path / "my run")]) == 130
     assert f"resume with --resume --run-dir '{tmp_path / 'my run'}'" in capsys.readouterr().err
+
+
+def hf_export_folder(folder):
+    """What jobs/export.py writes (the files that matter here)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "exported_by": "hetero-orchestrator jobs/export.py"}))
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "tokenizer.json").write_text('{"model": "theirs"}')
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.fixture
+def launch_refuses(monkeypatch):
+    """ray_layer.launch.launch replaced by one that refuses as not placeable: a run that got
+    past its checks ends there, never starting Ray."""
+    import types
+
+    from orchestrator.job_exit import EXIT_NOT_PLACEABLE, JobFailed
+
+    def launch(*args, **kwargs):
+        raise JobFailed("stub: not placeable now", EXIT_NOT_PLACEABLE)
+    monkeypatch.setitem(sys.modules, "ray_layer.launch",
+                        types.SimpleNamespace(launch=launch, dry_run_placement=launch))
+
+
+def test_a_run_dir_holding_a_hugging_face_model_is_refused_and_left_as_it_was(
+        tmp_path, capsys, launch_refuses):
+    # --run-dir at an export (meant --init-from): its config.json and tokenizer.json were
+    # replaced by the run's, even when the run was then refused, and a .run.lock left there.
+    from jobs import pretrain
+
+    model = tmp_path / "my-model"
+    before = hf_export_folder(model)
+    code = pretrain.main(["--run-dir", str(model), "--address", "127.0.0.1:1",
+                          "--max-steps", "5"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert f"--run-dir {model} is not a run directory" in err
+    assert "config.json without a run's train and job sections (exported_by " \
+        "'hetero-orchestrator jobs/export.py', model_type 'gpt2')" in err
+    assert "model.safetensors" in err and "--init-from" in err
+
+
+def test_a_run_dir_holding_a_compression_is_refused(tmp_path, capsys, launch_refuses):
+    from jobs import pretrain
+
+    out = tmp_path / "compressed"
+    out.mkdir()
+    (out / "compress_config.json").write_text("{}")
+    assert pretrain.main(["--run-dir", str(out), "--address", "127.0.0.1:1"]) == 2
+    assert "compress_config.json" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["compress_config.json"]
+
+
+def test_a_refused_run_in_an_existing_empty_folder_leaves_it_empty(tmp_path, capsys,
+                                                                    launch_refuses):
+    # Refused after its checks (not placeable): its config.json and .run.lock stayed behind.
+    from jobs import pretrain
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    assert pretrain.main(["--run-dir", str(folder), "--address", "127.0.0.1:1"]) == 3
+    assert "stub: not placeable now" in capsys.readouterr().err
+    assert list(folder.iterdir()) == []

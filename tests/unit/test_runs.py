@@ -241,3 +241,23 @@ def test_a_relative_run_dir_inside_rays_copy_of_the_working_dir_is_refused(tmp_p
         resolve_run_dir("runs/x", False, tmp_path, "pretrain", NOW)
     assert resolve_run_dir(str(tmp_path / "runs" / "x"), False, tmp_path, "pretrain", NOW) \
         == tmp_path / "runs" / "x"
+
+
+def test_a_refused_run_in_a_folder_that_was_there_takes_back_only_what_it_added(tmp_path):
+    # The folder stayed, and so did the refused run's .run.lock and config.json in it.
+    from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, JobFailed
+    from orchestrator.runs import run_dir_held
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(JobFailed):
+        with run_dir_held(kept, new_run=True, written={"config.json", "tokenizer.json"}):
+            (kept / "config.json").write_text("{}")
+            raise JobFailed("no cluster there", EXIT_BAD_INPUT)
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    with pytest.raises(JobFailed):  # training failed: the run's files stay
+        with run_dir_held(kept, new_run=True, written={"config.json"}):
+            (kept / "config.json").write_text("{}")
+            raise JobFailed("training failed", EXIT_FAILED)
+    assert (kept / "config.json").exists() and (kept / ".run.lock").exists()
