@@ -137,15 +137,25 @@ def _runtime_env_paths_rebased(runtime_env: dict[str, Any], folder: Path) -> dic
 
 
 MERGE_TAG = "tag:yaml.org,2002:merge"
+FLOAT_TAG = "tag:yaml.org,2002:float"
+# The floats YAML 1.2 reads and PyYAML's YAML 1.1 leaves as strings: an exponent without a
+# dot (1e-3, -2E5) or without a sign (1.8e3). The loop got lr='1e-3', and
+# `expected_duration_s: 1e4` was refused as not a number. Integers keep their own resolver
+# (tried first), and a quoted "1e-3" stays a string.
+EXPONENT_FLOAT = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"
 
 
 def _loader():
-    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
-    silently (`num_workers: 8` ... `num_workers: 1` ran one worker)."""
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently: `num_workers: 8` ... `num_workers: 1` ran one worker), and reading 1e-3 as the
+    float it is (EXPONENT_FLOAT)."""
+    import re
+
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
-        """SafeLoader with mapping_without_duplicates for every mapping."""
+        """SafeLoader with mapping_without_duplicates for every mapping, and YAML 1.2's
+        exponent floats."""
 
     def mapping_without_duplicates(loader, node, deep=False):
         seen = set()
@@ -167,6 +177,8 @@ def _loader():
 
     StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
                                  mapping_without_duplicates)
+    StrictLoader.add_implicit_resolver(FLOAT_TAG, re.compile(EXPONENT_FLOAT),
+                                       list("-+0123456789."))
     return StrictLoader
 
 

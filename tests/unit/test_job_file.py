@@ -648,6 +648,26 @@ def test_yaml_merge_keys_still_work_and_a_key_written_twice_is_refused(tmp_path)
     assert (job.spec.num_workers, job.spec.cpus_per_worker) == (3, 1)  # written here wins
 
 
+def test_numbers_in_exponent_form_are_numbers_as_yaml_1_2_reads_them(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 and 1.8e3 as strings: the loop got lr='1e-3', and
+    # `expected_duration_s: 1e4` was refused as "must be a number".
+    path = write(tmp_path / "job.yaml", """\
+        name: a
+        expected_duration_s: 1e4
+        min_bandwidth_gbps: 1.25E+1
+        config: {lr: 1e-3, wd: 3e-4, scale: 1.8e3, neg: -2E5, dot: .5e1,
+                 steps: 100, big: 1_000, hex: 0x10, quoted: "1e-3", plain: 1e, word: e5,
+                 ver: 1.2.3}
+        """)
+    job = load_job_file(path)
+    assert job.spec.expected_duration_s == 1e4 and job.spec.min_bandwidth_gbps == 12.5
+    assert job.config == {"lr": 1e-3, "wd": 3e-4, "scale": 1800.0, "neg": -2e5, "dot": 5.0,
+                          "steps": 100, "big": 1000, "hex": 16, "quoted": "1e-3",
+                          "plain": "1e", "word": "e5", "ver": "1.2.3"}
+    assert all(type(job.config[k]) is float for k in ("lr", "wd", "scale", "neg", "dot"))
+    assert all(type(job.config[k]) is int for k in ("steps", "big", "hex"))
+
+
 def test_a_runtime_env_key_close_to_rays_is_warned_of_not_refused():
     from ray_layer.cluster import runtime_env_problem, runtime_env_warnings
 
