@@ -318,3 +318,39 @@ def test_a_refused_run_in_an_existing_empty_folder_leaves_it_empty(tmp_path, cap
     assert pretrain.main(["--run-dir", str(folder), "--address", "127.0.0.1:1"]) == 3
     assert "stub: not placeable now" in capsys.readouterr().err
     assert list(folder.iterdir()) == []
+
+
+def test_a_warmup_longer_than_the_run_is_refused_naming_both_flags(tmp_path):
+    # The learning rate rose the whole run and never reached --lr, and nothing said so.
+    from jobs import pretrain
+    from orchestrator.config import ConfigError
+
+    args = pretrain.parse_args(["--warmup-steps", "50", "--max-steps", "10"])
+    with pytest.raises(ConfigError, match=re.escape("--warmup-steps 50 is more than "
+                                                    "--max-steps 10")):
+        pretrain.build_configs(args, tmp_path / "run")
+
+
+def test_the_default_warmup_past_a_short_runs_end_is_said_not_refused(tmp_path, capsys):
+    # `--max-steps 4` smoke runs (and the tests') keep working; the quickstart's
+    # `--max-steps 20` reaches --lr at its last step: nothing to say.
+    from jobs import pretrain
+
+    train, _ = pretrain.build_configs(pretrain.parse_args(["--max-steps", "4"]), tmp_path / "a")
+    assert train.warmup_steps == 20
+    assert "warning: --warmup-steps 20 (its default) is more than --max-steps 4" in \
+        capsys.readouterr().err
+    for argv in (["--max-steps", "20"], []):
+        pretrain.build_configs(pretrain.parse_args(argv), tmp_path / "b")
+        assert "warmup" not in capsys.readouterr().err
+
+
+def test_a_resume_past_the_warmup_rule_is_not_refused(tmp_path, capsys):
+    # The run's own warmup: refusing its resume would strand it.
+    from jobs import pretrain
+
+    run_dir = fake_finished_run(tmp_path / "run", steps=5, warmup_steps=50, max_steps=5)
+    args = pretrain.parse_args(["--resume", "--run-dir", str(run_dir), "--max-steps", "10"])
+    train, _ = pretrain.build_configs(args, run_dir)
+    assert (train.warmup_steps, train.max_steps) == (50, 10)
+    assert "warmup" not in capsys.readouterr().err
