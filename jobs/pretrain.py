@@ -35,6 +35,7 @@ from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, Run
                               resolve_run_dir, run_dir_held)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
+from orchestrator.validation import given_by_flags
 from orchestrator.training.memory import gpu_memory_needed_gb, memory_lines
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -209,31 +210,33 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
         problems.append(f"--model-size {args.model_size}: the --init-from model has the "
                         f"{fields['model_size']} preset's shape; leave --model-size out")
     train_config = None
-    try:
-        train_config = TrainConfig(
-            precision=args.precision, max_steps=args.max_steps,
-            batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-            lr_schedule=args.lr_schedule, lr_decay_every=args.lr_decay_every,
-            warmup_steps=args.warmup_steps, attention_span=args.attention_span,
-            span_ramp=args.span_ramp, span_penalty=args.span_penalty,
-            accumulation=args.accumulation, min_lr=_min_lr(args),
-            checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
-            strategy=args.strategy, compile=args.compile, **fields)
-    except ConfigError as e:
-        problems.append(str(e))
-    try:  # checked even when the TrainConfig is not: every bad flag named at once
-        spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,
-                       cpus_per_worker=args.cpus_per_worker,
-                       gpus_per_worker=args.gpus_per_worker,
-                       min_gpu_memory_gb=(_min_gpu_memory_gb(args, train_config)
-                                          if train_config and args.num_workers >= 1
-                                          else args.min_gpu_memory_gb or 0.0),
-                       min_bandwidth_gbps=args.min_bandwidth_gbps,
-                       accelerator_types=tuple(args.accelerator_types), priority=args.priority,
-                       expected_duration_s=args.expected_duration_s,
-                       workload=pretrain_workload(train_config) if train_config else "")
-    except ConfigError as e:
-        problems.append(str(e))
+    # Each field's problem names its flag: `seq_len (--seq-len) must be ...`
+    with given_by_flags(getattr(args, "flags", {})):
+        try:
+            train_config = TrainConfig(
+                precision=args.precision, max_steps=args.max_steps,
+                batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                lr_schedule=args.lr_schedule, lr_decay_every=args.lr_decay_every,
+                warmup_steps=args.warmup_steps, attention_span=args.attention_span,
+                span_ramp=args.span_ramp, span_penalty=args.span_penalty,
+                accumulation=args.accumulation, min_lr=_min_lr(args),
+                checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
+                strategy=args.strategy, compile=args.compile, **fields)
+        except ConfigError as e:
+            problems.append(str(e))
+        try:  # checked even when the TrainConfig is not: every bad flag named at once
+            spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,
+                           cpus_per_worker=args.cpus_per_worker,
+                           gpus_per_worker=args.gpus_per_worker,
+                           min_gpu_memory_gb=(_min_gpu_memory_gb(args, train_config)
+                                              if train_config and args.num_workers >= 1
+                                              else args.min_gpu_memory_gb or 0.0),
+                           min_bandwidth_gbps=args.min_bandwidth_gbps,
+                           accelerator_types=tuple(args.accelerator_types), priority=args.priority,
+                           expected_duration_s=args.expected_duration_s,
+                           workload=pretrain_workload(train_config) if train_config else "")
+        except ConfigError as e:
+            problems.append(str(e))
     warmup = _warmup_past_the_end(args)
     if warmup and "warmup_steps" in getattr(args, "given", ()):
         problems.append(f"{warmup}; give --warmup-steps <= --max-steps")

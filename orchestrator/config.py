@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 from orchestrator import validation
 from orchestrator.validation import SEED_RULE, is_int, is_number, is_seed
+# `seq_len (--seq-len)` where a command line gave the field (validation.given_by_flags)
+from orchestrator.validation import field_with_flag as _named
 
 
 class ConfigError(ValueError):
@@ -71,9 +73,11 @@ def _shorten(value: Any, limit: int = 60) -> str:
     return repr(value)
 
 
-def _check(problems: list[str], ok: bool, message: str) -> None:
+def _check(problems: list[str], ok: bool, message: str) -> bool:
+    """`ok`; `message` added to `problems` when it is not."""
     if not ok:
         problems.append(message)
+    return ok
 
 
 def _raise_if_any(what: str, problems: list[str]) -> None:
@@ -213,7 +217,7 @@ class JobSpec:
     def validate(self) -> None:
         # (Python refuses to print an int of over 4,300 digits: the messages below would
         # fail with a ValueError of their own)
-        huge = [f.name for f in dataclasses.fields(self)
+        huge = [_named(f.name) for f in dataclasses.fields(self)
                 if is_int(getattr(self, f.name)) and abs(getattr(self, f.name)) > 10**18]
         if huge:
             raise ConfigError(f"invalid JobSpec: {', '.join(huge)} must be far smaller "
@@ -226,45 +230,57 @@ class JobSpec:
                f"migrating job moves to), got {self.name!r}")
         # Upper bounds catch typos (an extra zero) long before any cluster could be that big.
         _check(p, is_int(self.num_workers) and 1 <= self.num_workers <= MAX_WORKERS,
-               f"num_workers must be an integer in [1, {MAX_WORKERS}], got "
+               f"{_named('num_workers')} must be an integer in [1, {MAX_WORKERS}], got "
                f"{self.num_workers!r}")
         _check(p, is_number(self.cpus_per_worker) and 0.01 <= self.cpus_per_worker <= 4096,
-               f"cpus_per_worker must be a number in [0.01, 4096], got {self.cpus_per_worker!r}")
-        _check(p, is_int(self.gpus_per_worker) and 0 <= self.gpus_per_worker <= 64,
-               f"gpus_per_worker must be an integer in [0, 64], got {self.gpus_per_worker!r}")
-        _check(p, is_number(self.min_gpu_memory_gb) and 0 <= self.min_gpu_memory_gb <= 10_000,
-               f"min_gpu_memory_gb must be a number in [0, 10000], "
-               f"got {self.min_gpu_memory_gb!r}")
+               f"{_named('cpus_per_worker')} must be a number in [0.01, 4096], got "
+               f"{self.cpus_per_worker!r}")
+        gpus_valid = _check(p, is_int(self.gpus_per_worker) and 0 <= self.gpus_per_worker <= 64,
+                            f"{_named('gpus_per_worker')} must be an integer in [0, 64], got "
+                            f"{self.gpus_per_worker!r}")
+        memory_valid = _check(
+            p, is_number(self.min_gpu_memory_gb) and 0 <= self.min_gpu_memory_gb <= 10_000,
+            f"{_named('min_gpu_memory_gb')} must be a number in [0, 10000], "
+            f"got {self.min_gpu_memory_gb!r}")
         _check(p, is_number(self.min_bandwidth_gbps) and self.min_bandwidth_gbps >= 0,
-               f"min_bandwidth_gbps must be a number >= 0, got {self.min_bandwidth_gbps!r}")
+               f"{_named('min_bandwidth_gbps')} must be a number >= 0, got "
+               f"{self.min_bandwidth_gbps!r}")
         _check(p, is_int(self.priority) and -2**31 <= self.priority < 2**31,
-               f"priority must be an integer in [-2147483648, 2147483647], "
+               f"{_named('priority')} must be an integer in [-2147483648, 2147483647], "
                f"got {self.priority!r}")
         _check(p, isinstance(self.preemptible, bool),
                f"preemptible must be true or false, got {self.preemptible!r}")
         _check(p, self.expected_duration_s is None
                or (is_number(self.expected_duration_s) and self.expected_duration_s > 0),
-               f"expected_duration_s must be a number of seconds > 0 (or unset), "
+               f"{_named('expected_duration_s')} must be a number of seconds > 0 (or unset), "
                f"got {self.expected_duration_s!r}")
         _check(p, isinstance(self.workload, str) and len(self.workload) <= MAX_WORKLOAD_CHARS
                and self.workload.isprintable(),
                f"workload must be a string of at most {MAX_WORKLOAD_CHARS} printable "
                f"characters, got {_shorten(self.workload)}")
-        if not isinstance(self.accelerator_types, tuple):
-            p.append(f"accelerator_types must be a list of accelerator families, got "
-                     f"{self.accelerator_types!r}")
-        else:
-            unknown = [t for t in self.accelerator_types
-                       if not isinstance(t, str) or t.upper() not in ACCELERATOR_FAMILIES]
-            _check(p, not unknown, f"accelerator_types has unknown type(s) {unknown}; known: "
-                   f"{', '.join(ACCELERATOR_FAMILIES)}")
-        if not p and self.accelerator_types and self.gpus_per_worker == 0:
-            p.append(f"accelerator_types={list(self.accelerator_types)} needs "
-                     "gpus_per_worker >= 1")
-        if not p and self.min_gpu_memory_gb > 0 and self.gpus_per_worker == 0:
-            p.append(f"min_gpu_memory_gb={self.min_gpu_memory_gb} needs gpus_per_worker >= 1 "
-                     "(a CPU-only worker has no GPU memory to require)")
+        types_valid = self._check_accelerator_types(p)
+        # The rules between fields, for fields that passed alone: named with the others,
+        # not on the next try.
+        if types_valid and gpus_valid and self.accelerator_types and self.gpus_per_worker == 0:
+            p.append(f"{_named('accelerator_types')} {list(self.accelerator_types)} needs "
+                     f"{_named('gpus_per_worker')} >= 1")
+        if memory_valid and gpus_valid and self.min_gpu_memory_gb > 0 \
+                and self.gpus_per_worker == 0:
+            p.append(f"{_named('min_gpu_memory_gb')} {self.min_gpu_memory_gb} needs "
+                     f"{_named('gpus_per_worker')} >= 1 (a CPU-only worker has no GPU memory to "
+                     "require)")
         _raise_if_any(f"JobSpec '{self.name}'", p)
+
+    def _check_accelerator_types(self, p: list[str]) -> bool:
+        """Whether accelerator_types is a list of known families; what is wrong added to `p`."""
+        if not isinstance(self.accelerator_types, tuple):
+            p.append(f"{_named('accelerator_types')} must be a list of accelerator families, got "
+                     f"{self.accelerator_types!r}")
+            return False
+        unknown = [t for t in self.accelerator_types
+                   if not isinstance(t, str) or t.upper() not in ACCELERATOR_FAMILIES]
+        return _check(p, not unknown, f"{_named('accelerator_types')} has unknown type(s) "
+                      f"{unknown}; known: {', '.join(ACCELERATOR_FAMILIES)}")
 
     @property
     def total_cpus(self) -> float:
@@ -353,27 +369,31 @@ class TrainConfig:
                f"vocab_size must be an integer in [2, 16777216], got {self.vocab_size!r}")
         for name in ("data_cache", "data_key", "tokenizer_sha256", "init_from"):
             _check(p, isinstance(getattr(self, name), str),
-                   f"{name} must be a string, got {getattr(self, name)!r}")
-        _check(p, self.model_size in MODEL_PRESETS,
-               f"model_size must be one of {', '.join(MODEL_PRESETS)}, got {self.model_size!r}")
+                   f"{_named(name)} must be a string, got {getattr(self, name)!r}")
+        preset_valid = _check(p, self.model_size in MODEL_PRESETS,
+                              f"{_named('model_size')} must be one of {', '.join(MODEL_PRESETS)}, "
+                              f"got {self.model_size!r}")
         _check(p, self.lr_schedule in LR_SCHEDULES,
-               f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+               f"{_named('lr_schedule')} must be one of {', '.join(LR_SCHEDULES)}, got "
+               f"{self.lr_schedule!r}")
         _check(p, is_int(self.lr_decay_every) and self.lr_decay_every >= 1,
-               f"lr_decay_every must be an integer >= 1, got {self.lr_decay_every!r}")
+               f"{_named('lr_decay_every')} must be an integer >= 1, got {self.lr_decay_every!r}")
         _check(p, self.precision in PRECISIONS,
-               f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+               f"{_named('precision')} must be one of {', '.join(PRECISIONS)}, got "
+               f"{self.precision!r}")
+        valid = {}
         for name in ("max_steps", "batch_size", "seq_len", "checkpoint_every",
                      "keep_checkpoints", "log_every", "eval_batches"):
             value = getattr(self, name)
-            _check(p, is_int(value) and value >= 1,
-                   f"{name} must be an integer >= 1, got {value!r}")
+            valid[name] = _check(p, is_int(value) and value >= 1,
+                                 f"{_named(name)} must be an integer >= 1, got {value!r}")
         _check(p, is_int(self.warmup_steps) and self.warmup_steps >= 0,
-               f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        _check(p, is_seed(self.seed), f"seed {SEED_RULE}, got {self.seed!r}")
+               f"{_named('warmup_steps')} must be an integer >= 0, got {self.warmup_steps!r}")
+        _check(p, is_seed(self.seed), f"{_named('seed')} {SEED_RULE}, got {self.seed!r}")
         for name in ("lr", "min_lr"):
             value = getattr(self, name)
-            _check(p, is_number(value) and 0 <= value < 10,
-                   f"{name} must be a number in [0, 10), got {value!r}")
+            valid[name] = _check(p, is_number(value) and 0 <= value < 10,
+                                 f"{_named(name)} must be a number in [0, 10), got {value!r}")
         _check(p, is_number(self.weight_decay) and self.weight_decay >= 0,
                f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
         _check(p, is_number(self.grad_clip) and self.grad_clip >= 0,
@@ -386,28 +406,34 @@ class TrainConfig:
             _check(p, is_number(value) and 0 <= value <= 1,
                    f"{name} must be a fraction in [0, 1], got {value!r}")
         _check(p, self.strategy in STRATEGIES,
-               f"strategy must be one of {', '.join(STRATEGIES)}, got {_shorten(self.strategy)}")
+               f"{_named('strategy')} must be one of {', '.join(STRATEGIES)}, got "
+               f"{_shorten(self.strategy)}")
         _check(p, self.compile is None or isinstance(self.compile, bool),
-               f"compile must be true, false or null (null: compile on CUDA only), got "
-               f"{self.compile!r}")
+               f"{_named('compile')} must be true, false or null (null: compile on CUDA only), "
+               f"got {self.compile!r}")
         _check(p, isinstance(self.attention_span, bool),
-               f"attention_span must be true or false, got {self.attention_span!r}")
+               f"{_named('attention_span')} must be true or false, got {self.attention_span!r}")
         _check(p, is_int(self.span_ramp) and self.span_ramp >= 1,
-               f"span_ramp must be an integer >= 1, got {self.span_ramp!r}")
+               f"{_named('span_ramp')} must be an integer >= 1, got {self.span_ramp!r}")
         _check(p, is_number(self.span_penalty) and self.span_penalty >= 0,
-               f"span_penalty must be a number >= 0, got {self.span_penalty!r}")
+               f"{_named('span_penalty')} must be a number >= 0, got {self.span_penalty!r}")
         try:
             parse_accumulation(self.accumulation)
         except ConfigError as e:
-            p.append(str(e))
-        if not p:
+            p.append(str(e).replace("accumulation", _named("accumulation"), 1))
+        # The rules between fields, for fields that passed alone: named with the others,
+        # not on the next try.
+        if preset_valid:
             preset = MODEL_PRESETS[self.model_size]
             _check(p, preset["n_embd"] % preset["n_head"] == 0,
-                   f"model_size {self.model_size!r}: n_embd must divide by n_head")
+                   f"{_named('model_size')} {self.model_size!r}: n_embd must divide by n_head")
+        if valid["seq_len"]:
             _check(p, self.seq_len <= 8192,
-                   f"seq_len must be <= 8192 for the built-in presets, got {self.seq_len}")
+                   f"{_named('seq_len')} must be <= 8192 for the built-in presets, got "
+                   f"{self.seq_len}")
+        if valid["lr"] and valid["min_lr"]:
             _check(p, self.min_lr <= self.lr,
-                   f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+                   f"{_named('min_lr')} ({self.min_lr}) must be <= {_named('lr')} ({self.lr})")
         _raise_if_any("TrainConfig", p)
 
     @property

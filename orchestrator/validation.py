@@ -5,10 +5,12 @@ the one rule for which settings a resumed run may not change.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import sys
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 
 def is_int(value: Any) -> bool:
@@ -28,6 +30,36 @@ def is_number(value: Any) -> bool:
 
 
 SEED_RULE = "must be an integer in [-2**63, 2**64)"
+
+# The command-line flag of each field of the configs validated now (given_by_flags): none
+# outside a command line (a job file, a saved config, a test), whose errors name fields only.
+_FIELD_FLAGS: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
+    "field_flags", default=None)
+
+
+def flag_of(field: str) -> str:
+    """The flag a command line gives a config field by: `batch_size` is `--batch-size`."""
+    return "--" + field.replace("_", "-")
+
+
+def field_with_flag(field: str, flag: str | None = None) -> str:
+    """How an error names a config field: with the flag that gave it, `batch_size
+    (--batch-size)` (`flag`, else the field's in given_by_flags), or alone where no flag did
+    (a job file's field, a saved config's)."""
+    flags = _FIELD_FLAGS.get()
+    flag = flag or (flags or {}).get(field)
+    return f"{field} ({flag})" if flag else field
+
+
+@contextlib.contextmanager
+def given_by_flags(flags: Mapping[str, str]) -> Iterator[None]:
+    """Configs validated in the block name each field in `flags` (field -> its flag) with
+    that flag: `jobs/pretrain.py --accelerator-type` was refused as `accelerator_types`."""
+    token = _FIELD_FLAGS.set(flags)
+    try:
+        yield
+    finally:
+        _FIELD_FLAGS.reset(token)
 
 
 def is_seed(value: Any) -> bool:

@@ -13,7 +13,8 @@ from orchestrator import validation
 from orchestrator.config import MODEL_PRESETS, ConfigError, from_mapping
 from orchestrator.compression.prune import SCOPES
 from orchestrator.compression.structured import IMPORTANCE, STRUCTURES
-from orchestrator.validation import SEED_RULE, is_int, is_number, is_seed
+from orchestrator.validation import (SEED_RULE, field_with_flag, flag_of, is_int, is_number,
+                                     is_seed)
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -85,8 +86,8 @@ class CompressConfig:
 
         def check(ok: bool, field: str, message: str) -> None:
             if not ok:
-                flag = "--" + field.replace("_", "-")
-                p.append(f"{field} ({flag}) {message}, got {getattr(self, field)!r}")
+                p.append(f"{field_with_flag(field, flag_of(field))} {message}, got "
+                         f"{getattr(self, field)!r}")
 
         check(self.student_size is None or self.student_size in MODEL_PRESETS, "student_size",
               f"must be one of {', '.join(MODEL_PRESETS)} (or unset: the teacher's shape)")

@@ -94,3 +94,37 @@ def test_a_field_missing_from_the_saved_config_counts_as_its_default(
     assert resume_conflicts_of(saved, make()) == []
     assert resume_conflicts_of(saved, make(**{field: other})) == [
         f"{field}: {default!r} -> {other!r}"]
+
+
+@pytest.mark.parametrize("kwargs, said", [
+    # Each cross-field rule was checked only once every field passed: a second run named it.
+    ({"max_steps": 0, "seq_len": 9000}, ["max_steps", "seq_len must be <= 8192"]),
+    ({"batch_size": 0, "min_lr": 1.0, "lr": 0.1}, ["batch_size", "min_lr (1.0) must be <= lr"]),
+    ({"dropout": 2.0, "model_size": "tiny", "seq_len": 9000}, ["dropout", "seq_len must be"]),
+])
+def test_trainconfig_names_its_cross_field_problems_beside_the_others(kwargs, said):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**kwargs)
+    assert all(words in str(e.value) for words in said), str(e.value)
+
+
+@pytest.mark.parametrize("kwargs, said", [
+    ({"num_workers": 0, "accelerator_types": ("T4",)},
+     ["num_workers", "accelerator_types ['T4'] needs gpus_per_worker >= 1"]),
+    ({"priority": 1.5, "min_gpu_memory_gb": 16},
+     ["priority", "min_gpu_memory_gb 16 needs gpus_per_worker >= 1"]),
+])
+def test_jobspec_names_its_cross_field_problems_beside_the_others(kwargs, said):
+    with pytest.raises(ConfigError) as e:
+        JobSpec(name="job", **kwargs)
+    assert all(words in str(e.value) for words in said), str(e.value)
+
+
+def test_a_cross_field_rule_is_not_judged_on_a_field_already_refused():
+    # "min_lr (0.5) must be <= lr ('x')" would say nothing the type error does not.
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(lr="x", min_lr=0.5)
+    assert "must be <=" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        JobSpec(name="job", gpus_per_worker=-1, accelerator_types=("T4",))
+    assert "needs gpus_per_worker" not in str(e.value)

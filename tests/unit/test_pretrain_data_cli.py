@@ -247,7 +247,7 @@ def test_an_empty_path_flag_is_refused_not_read_as_unset_or_as_here(flag, tmp_pa
 def test_a_seed_torch_cannot_take_is_refused_before_any_worker_starts(capsys):
     # It passed, and every worker failed at torch.manual_seed: three restarts, then exit 4.
     code, err = run_pretrain("--seed", str(2 ** 64), capsys=capsys)
-    assert code == 2 and "seed must be an integer in [-2**63, 2**64)" in err, err
+    assert code == 2 and "seed (--seed) must be an integer in [-2**63, 2**64)" in err, err
 
 
 def test_a_read_only_cache_that_holds_the_shards_is_used_one_without_them_named(
