@@ -186,12 +186,14 @@ def refusal(command: str, name: str, row: dict[str, Any] | None) -> str:
 
 def _connect(address: str | None):
     """(ray, the scheduler) of the running cluster; JobFailed saying why not (exit 2: no
-    cluster there; 3: its scheduler did not come up)."""
+    cluster there, or no scheduler on it yet; 3: its scheduler did not answer). Creates no
+    scheduler: these commands look at a cluster and start nothing."""
     import os
 
     import ray
 
     from ray_layer.cluster import ClusterConnectionError, connect, ensure_control_plane
+    from ray_layer.scheduler_client import SchedulerNotRunning
 
     # Unlike a job, these commands look at an existing cluster: never start an embedded one
     # ("auto": the cluster started on this machine, when neither --address nor RAY_ADDRESS).
@@ -206,7 +208,9 @@ def _connect(address: str | None):
                        "--address HOST:6379")
         raise JobFailed(message, EXIT_BAD_INPUT) from None
     try:
-        scheduler, _ = ensure_control_plane()
+        scheduler, _ = ensure_control_plane(create_scheduler=False)
+    except SchedulerNotRunning as e:  # nothing to show or act on: `submit` brings it up
+        raise JobFailed(str(e), EXIT_BAD_INPUT) from None
     except (ray.exceptions.RayError, TimeoutError) as e:
         raise JobFailed(f"the scheduler did not come up: {_one_line(str(e))}",
                         EXIT_NOT_PLACEABLE) from None

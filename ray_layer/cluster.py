@@ -14,7 +14,7 @@ import ray
 
 from ray_layer.node_agent import ensure_agent
 from ray_layer.scheduler_actor import SchedulerActor
-from ray_layer.scheduler_client import NAMESPACE, SCHEDULER_NAME, get_agent
+from ray_layer.scheduler_client import NAMESPACE, SCHEDULER_NAME, get_agent, get_scheduler
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
 # How long ensure_control_plane waits for a fresh report: from an agent that was already up
@@ -82,7 +82,7 @@ def _warn(line: str) -> None:
 
 
 def ensure_control_plane(timeout_s: float | None = None, start_timeout_s: float | None = None,
-                         warn: Callable[[str], None] = _warn):
+                         warn: Callable[[str], None] = _warn, create_scheduler: bool = True):
     """Scheduler + agents up, and a fresh report in the scheduler from every agent that
     answers in time: `timeout_s` (default AGENT_REPORT_WAIT_S) for agents already up,
     `start_timeout_s` (default AGENT_START_WAIT_S) for agents this call started. Agents that
@@ -90,12 +90,15 @@ def ensure_control_plane(timeout_s: float | None = None, start_timeout_s: float 
     warning and left out: the scheduler treats their silent nodes as suspect and places
     elsewhere, and its maintenance restarts an agent that stays silent. One hung agent must
     not block every job and `status`. SchedulerNotUp when the scheduler itself does not
-    answer within `start_timeout_s`. Returns (scheduler, {node id: agent}) for every alive
-    node."""
+    answer within `start_timeout_s`. `create_scheduler` False (the operator commands, which
+    look at a cluster and start nothing): SchedulerNotRunning where the cluster has no
+    scheduler, and nothing created; made by `status`, the scheduler ran with the default
+    settings for good (an existing one keeps those it was created with). Returns (scheduler,
+    {node id: agent}) for every alive node."""
     timeout_s = AGENT_REPORT_WAIT_S if timeout_s is None else timeout_s
     start_timeout_s = AGENT_START_WAIT_S if start_timeout_s is None else start_timeout_s
     start = time.monotonic()
-    scheduler = ensure_scheduler()
+    scheduler = ensure_scheduler() if create_scheduler else get_scheduler()
     try:  # answers once its __init__ (state restored from the GCS) is done
         ray.get(scheduler.__ray_ready__.remote(), timeout=max(start_timeout_s, timeout_s))
     except (ray.exceptions.RayError, TimeoutError) as e:  # GetTimeoutError is both

@@ -31,9 +31,9 @@ def get_scheduler() -> "ray.actor.ActorHandle":
         return ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
     except ValueError:
         raise SchedulerNotRunning(
-            f"no scheduler on this Ray cluster (actor {SCHEDULER_NAME!r} in namespace "
-            f"{NAMESPACE!r}): start a job (python jobs/pretrain.py) or run "
-            "`python -m orchestrator status` once, which bring the control plane up") from None
+            f"no scheduler on this cluster yet (it starts with the first job: jobs/pretrain.py "
+            f"or `python -m orchestrator submit`, with --address; actor {SCHEDULER_NAME!r} in "
+            f"namespace {NAMESPACE!r})") from None
 
 
 class SchedulerUnreachable(RuntimeError):

@@ -184,3 +184,32 @@ def test_nodes_removed_on_purpose_are_retired_not_dead_and_the_table_counts_them
     text = format_status(status_rows(snapshot), [], None)
     assert "scaled" not in text and "crashed" in text
     assert "(and 3 node(s) removed on purpose" in text
+
+
+def test_the_operator_commands_create_no_scheduler_on_a_cluster_without_one(monkeypatch,
+                                                                             capsys, tmp_path):
+    # `status` on a fresh cluster created the scheduler (with the default settings, for good:
+    # an existing one keeps those it was created with) and an agent on every node.
+    import ray
+
+    from orchestrator.__main__ import main
+    from ray_layer import cluster
+
+    def created(*args, **kwargs):
+        raise AssertionError("the scheduler was created")
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: False)
+    monkeypatch.setattr(cluster, "ensure_scheduler", created)
+    monkeypatch.setattr(cluster, "ensure_agent", created)
+
+    def no_such_actor(name, namespace=None):
+        raise ValueError(f"Failed to look up actor with name '{name}'")
+    monkeypatch.setattr(ray, "get_actor", no_such_actor)
+    job = tmp_path / "job.yaml"
+    job.write_text("name: a\n")
+    for argv in (["status"], ["status", "--json"], ["preempt", "a"], ["cancel", "a"],
+                 ["place", "--spec", str(job), "--dry-run"]):
+        assert main([*argv, "--address", "127.0.0.1:1"]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: no scheduler on this cluster yet (it starts with the "
+                              "first job"), err
+        assert err.count("\n") == 1
