@@ -349,13 +349,16 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
     """Each report of the run, oldest first, one line each; with `follow`, new ones as they
     come (Ctrl-C to stop)."""
     directory = Path(run_dir).expanduser() if run_dir else DEFAULT_RUNS_ROOT.expanduser() / name
+    # Only where the directory is the name's, under the runs root (a job file's run_dir may
+    # be elsewhere): one given by --run-dir is simply not there.
+    hint = "" if run_dir else "pass --run-dir if the job set run_dir"
     if not directory.is_dir() and not follow:
-        print(f"error: no run directory {directory} (pass --run-dir if the job set run_dir)",
+        print(f"error: no run directory {directory}" + (f" ({hint})" if hint else ""),
               file=sys.stderr)
         return EXIT_BAD_INPUT
     if not directory.is_dir():  # a job just submitted makes it when it is launched
-        print(f"waiting for {directory} (the job's first report; pass --run-dir if the job "
-              "set run_dir)", file=sys.stderr, flush=True)
+        print(f"waiting for {directory} (the job's first report" + (f"; {hint})" if hint else ")"),
+              file=sys.stderr, flush=True)
     shown, seen = 0, None
     try:
         while True:

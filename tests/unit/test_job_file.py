@@ -858,6 +858,27 @@ def test_logs_of_a_run_that_is_not_there_exits_2(tmp_path):
     assert f"error: no run directory {tmp_path / 'ghost'}" in result.stderr
 
 
+def test_logs_of_a_missing_run_dir_given_by_flag_does_not_ask_for_the_flag(
+        tmp_path, monkeypatch, capsys):
+    # "(pass --run-dir if the job set run_dir)", to someone who had passed it.
+    from orchestrator import __main__ as cli
+
+    ghost = tmp_path / "ghost"
+    assert cli.print_logs("ghost", str(ghost), follow=False) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: no run directory {ghost}\n"
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli.time, "sleep", interrupted)
+    assert cli.print_logs("ghost", str(ghost), follow=True) == 0
+    err = capsys.readouterr().err
+    assert f"waiting for {ghost}" in err and "--run-dir" not in err
+    monkeypatch.setattr(cli, "DEFAULT_RUNS_ROOT", tmp_path)  # the name's: the hint is due
+    assert cli.print_logs("ghost", None, follow=False) == 2
+    assert "(pass --run-dir if the job set run_dir)" in capsys.readouterr().err
+
+
 def test_a_run_resumed_after_a_yield_that_saves_no_checkpoint_since_is_done(monkeypatch):
     """Ray Train's result keeps the metrics of the latest checkpoint's report: a loop resumed
     after its yield that reports no newer checkpoint still shows "yielded". The driver must
