@@ -310,7 +310,10 @@ def _runnable_job(job_file: str, dry_run: bool, resume: bool, as_json: bool):
     if job.entrypoint is None:
         raise ConfigError(f"{job_file}: entrypoint is missing: the training loop to run, "
                           "'package.module:function' or 'path/to/script.py:function'")
-    return job, load_entrypoint(job.entrypoint, job.path.parent)
+    try:
+        return job, load_entrypoint(job.entrypoint, job.path.parent)
+    except EntrypointError as e:  # named with the file, as every other job-file error is
+        raise EntrypointError(f"{job_file}: {e}") from None
 
 
 def submit(job, entry, resume: bool, address: str | None) -> int:

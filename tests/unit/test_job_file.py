@@ -628,6 +628,19 @@ def test_submit_of_bad_input_exits_2_naming_the_problem(tmp_path, job, files, ex
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_an_entry_point_that_does_not_load_is_named_with_the_job_file(tmp_path, monkeypatch,
+                                                                      capsys, dry_run):
+    # Every other job-file error starts with the file's path; the entry point's did not.
+    from orchestrator.__main__ import main
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # (should it get that far: no Ray)
+    path = write(tmp_path / "job" / "job.yaml", "name: a\nentrypoint: missing.py:loop\n")
+    assert main(["submit", str(path), *dry_run]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: entrypoint script 'missing.py' not found"), err
+
+
 def test_yaml_merge_keys_still_work_and_a_key_written_twice_is_refused(tmp_path):
     # The duplicate-key check first built every key itself, so `<<: *defaults` failed with
     # "could not determine a constructor for the tag ...merge".
