@@ -173,8 +173,16 @@ def _held_by(row: dict[str, Any]) -> str:
     return ", ".join(held) or "-"
 
 
+WAITING_STATES = ("waiting", "preempted")  # status rows of jobs in the queue (not running)
+
+
 def refusal(command: str, name: str, row: dict[str, Any] | None) -> str:
-    """Why `preempt NAME` or `cancel NAME` did nothing, from the job's `status` row."""
+    """Why `preempt NAME` or `cancel NAME` did nothing, from the job's `status` row. Its
+    state first: a waiting job was told it was not preemptible (stop its driver), where a
+    cancel drops it."""
+    if command == "preempt" and row is not None and row.get("state") in WAITING_STATES:
+        return (f"job {name!r} is waiting in the queue, not running: nothing to preempt "
+                f"(`cancel {name}` drops it)")
     if row is not None and not row.get("preemptible", True):
         return (f"job {name!r} is not preemptible (its JobSpec says preemptible: false): its "
                 "loop never checkpoints on request, so it cannot be told to stop; stop its "

@@ -213,3 +213,22 @@ def test_the_operator_commands_create_no_scheduler_on_a_cluster_without_one(monk
         assert err.startswith("error: no scheduler on this cluster yet (it starts with the "
                               "first job"), err
         assert err.count("\n") == 1
+
+
+def test_preempt_of_a_waiting_job_says_it_is_not_running_and_how_to_drop_it(capsys):
+    # A waiting job that is not preemptible was called "not preemptible ... stop its driver
+    # instead", and a preemptible one "no job named ... is running", as if unknown.
+    core = SchedulerCore(SchedulerSettings(min_run_s=0.0, suspect_after_s=1e4,
+                                           dead_after_s=1e5))
+    core.ray_nodes({"n"}, set(), T0)
+    core.report(NodeReport("n", "n", 2, 0, 2, 0.0, GIB, GIB), T0)
+    core.submit(JobSpec("running", num_workers=2), "d", T0)
+    core.submit(JobSpec("own-loop", num_workers=2, preemptible=False), "d", T0 + 1)
+    core.submit(JobSpec("plain", num_workers=2), "d", T0 + 2)
+    for name in ("own-loop", "plain"):
+        code, out = run("preempt", name, core, capsys)
+        assert code == 2
+        assert out.err == (f"error: job {name!r} is waiting in the queue, not running: nothing "
+                           f"to preempt (`cancel {name}` drops it)\n")
+    code, out = run("cancel", "own-loop", core, capsys)  # what the refusal advised
+    assert code == 0 and "own-loop" not in core.queue.waiting
