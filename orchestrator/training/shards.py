@@ -11,7 +11,8 @@ filesystem one pass at a time writes a cache directory (`pass_lock`): a second r
 the same files waits for the first and then reads its shards instead of clearing them.
 
 Workers memory-map the shards (numpy.memmap) and read only the windows a batch needs, so a
-worker's memory does not grow with the corpus. Shards on remote storage (s3://, gs://) are
+worker's memory does not grow with the corpus; at most OPEN_MAPS_MAX shards are mapped at once
+(each map holds a file descriptor), so neither do its open files. Shards on remote storage (s3://, gs://) are
 first copied to local disk once. The training split is the concatenation of the train shards
 in manifest order, so a batch stays a pure function of (seed, rank, step).
 """
@@ -22,6 +23,7 @@ import json
 import os
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ SHARD_TOKENS = 16 << 20  # tokens per shard: 32 MiB of uint16
 ENCODE_BATCH_DOCS = 256  # documents handed to the tokenizer at once
 SPLITS = ("train", "held_out")
 LOCAL_SHARD_CACHE = Path("~/.cache/hetero-orchestrator/shards")
+OPEN_MAPS_MAX = 64  # shard files a reader keeps memory-mapped at once (ShardFiles)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -227,11 +230,49 @@ def write_manifest(cache_uri: str, key: str, tokenizer, results: list[dict[str, 
     return manifest
 
 
-class TokenStream:
-    """The concatenation of memory-mapped shards, read by windows (only the pages a batch
-    touches are ever resident)."""
+class ShardFiles:
+    """The memory maps of one cache's shard files: mapped when a window first needs one, at
+    most `max_open` at once, the least recently read unmapped first. Every map holds a file
+    descriptor, and one per shard ran each worker out of them (EMFILE under the usual 1,024)
+    on a corpus of ~500 small files (a train and a held-out shard each); a few large shards
+    all stay mapped, and are read as before."""
 
-    def __init__(self, arrays: list[np.ndarray]) -> None:
+    def __init__(self, directory: str, dtype: np.dtype, max_open: int = OPEN_MAPS_MAX) -> None:
+        self.directory, self.dtype, self.max_open = directory, dtype, max_open
+        self.maps: OrderedDict[str, np.memmap] = OrderedDict()
+
+    def mapped(self, name: str) -> np.memmap:
+        found = self.maps.get(name)
+        if found is not None:
+            self.maps.move_to_end(name)
+            return found
+        if len(self.maps) >= self.max_open:
+            self.maps.popitem(last=False)  # unmapped (its descriptor closed) with it
+        found = self.maps[name] = np.memmap(f"{self.directory}/{name}", dtype=self.dtype,
+                                            mode="r")
+        return found
+
+
+class Shard:
+    """One shard file as TokenStream reads it: its length from the manifest, its tokens from
+    the map ShardFiles holds for it."""
+
+    def __init__(self, files: ShardFiles, name: str, tokens: int) -> None:
+        self.files, self.name, self.tokens = files, name, tokens
+        self.filename = f"{files.directory}/{name}"
+
+    def __len__(self) -> int:
+        return self.tokens
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.files.mapped(self.name)[index]
+
+
+class TokenStream:
+    """The concatenation of shards (Shard, or arrays in memory), read by windows (only the
+    pages a batch touches are ever resident)."""
+
+    def __init__(self, arrays: list) -> None:
         self.arrays = [a for a in arrays if len(a)]
         self.ends = np.cumsum([len(a) for a in self.arrays], dtype=np.int64)
 
@@ -269,6 +310,7 @@ def open_shards(cache_uri: str, local_dir: str | os.PathLike | None = None
         _copy_to_local(fs, directory, local, manifest)
         directory = str(local)
     dtype = np.dtype(manifest["dtype"])
+    files = ShardFiles(directory, dtype)  # both splits: one bound on open files
     streams = []
     for split in SPLITS:
         arrays = []
@@ -279,7 +321,7 @@ def open_shards(cache_uri: str, local_dir: str | os.PathLike | None = None
                 raise DataError(f"token shard {path} is missing or truncated ({size} bytes, "
                                 f"expected {shard['tokens'] * dtype.itemsize}); pass "
                                 "--retokenize to rebuild the cache")
-            arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+            arrays.append(Shard(files, shard["file"], shard["tokens"]))
         streams.append(TokenStream(arrays))
     return streams[0], streams[1], manifest
 
