@@ -12,8 +12,9 @@ glob, local or any URI pyarrow's filesystems read (`s3://bucket/prefix/*.jsonl`,
   - `.parquet`: one document per row, the string column `--text-field`.
 A bad line or row is an error naming the file and line (`--skip-bad-lines` skips and counts).
 
-Held-out documents are chosen by a hash of (file, document index): about one in ten, the same
-on every machine and every run, and never trained on.
+Held-out documents are chosen by a hash of their text (without the spaces and line ends
+around it): about one in ten, the same on every machine and every run, every copy of a
+document on the same side, and never trained on.
 """
 from __future__ import annotations
 
@@ -506,17 +507,26 @@ def is_held_out(text: str, fraction: float = HELD_OUT_FRACTION) -> bool:
     """Whether a document belongs to the held-out split: a hash of its text, so the same on
     every machine and run wherever the files are mounted, independent of how files are
     spread over workers, and one split for every copy of a document (a file read twice, a
-    paragraph repeated across files): nothing held out is also trained on."""
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    paragraph repeated across files): nothing held out is also trained on. The text is
+    hashed without what surrounds it (_split_form): a .txt paragraph carries the blank-line
+    run after it, and the next paragraph's indentation, which differ copy by copy."""
+    digest = hashlib.sha256(_split_form(text).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") < fraction * 2 ** 64
+
+
+def _split_form(text: str) -> str:
+    """A document as the split sees it: CRLF line ends read as LF, spaces and line ends
+    around it dropped (one paragraph mid-file, at the file's end, in a Windows copy)."""
+    return text.replace("\r\n", "\n").strip()
 
 
 def cache_key(sources: list[SourceFile], text_field: str, skip_bad_lines: bool,
               tokenizer_sha256: str, held_out_fraction: float = HELD_OUT_FRACTION) -> str:
     """What the token shards depend on: the files (path, size, modification time), how they
     are read, the tokenizer and the split. Same key = same shards: nothing to tokenize."""
-    # version 2: the held-out split by document text (1: by file path and position)
-    identity = {"version": 2, "files": [[s.uri, s.size, s.mtime_ns] for s in sources],
+    # version 3: the split hashes the text without its surrounding spaces and line ends
+    # (2: with them; 1: by file path and position)
+    identity = {"version": 3, "files": [[s.uri, s.size, s.mtime_ns] for s in sources],
                 "text_field": text_field, "skip_bad_lines": skip_bad_lines,
                 "tokenizer": tokenizer_sha256, "held_out_fraction": held_out_fraction}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

@@ -207,6 +207,27 @@ def test_the_held_out_split_is_by_text_wherever_the_files_are(tmp_path):
     assert held[0] == held[1] and 20 < len(held[0]) < 80  # ~10%, the same documents
 
 
+def test_a_paragraph_falls_on_one_side_wherever_it_is_in_a_file(tmp_path):
+    """The hash took in what a paragraph's cut leaves at its ends (the blank-line run after
+    it, CRLF line ends, the next paragraph's indentation, none at the file's end): copies of
+    one paragraph fell on both sides, a held-out one trained on."""
+    texts = [f"Paragraph number {i} of some text." for i in range(200)]
+    layouts = {"a.txt": "\n\n".join(texts) + "\n", "b.txt": "\n\n\n\n".join(texts),
+               "c.txt": "\r\n\r\n".join(texts) + "\r\n", "d.txt": "\n\n    ".join(texts),
+               "e.txt": "\n \n\t".join(reversed(texts)) + "\n\n"}
+    for name, text in layouts.items():
+        (tmp_path / name).write_bytes(text.encode())
+    sides = {}
+    for source in expand_sources([str(tmp_path)]):
+        for doc in iter_documents(source):
+            if doc.text.strip():  # (a file ending in a blank line ends with an empty one)
+                sides.setdefault(doc.text.strip(), set()).add(is_held_out(doc.text))
+    assert sorted(sides) == sorted(texts)
+    assert all(len(side) == 1 for side in sides.values()), \
+        [text for text, side in sides.items() if len(side) > 1]
+    assert 5 < sum(side == {True} for side in sides.values()) < 40  # still ~10% held out
+
+
 def test_compressed_files_are_refused_by_name_not_passed_over(tmp_path):
     (tmp_path / "part-00000.jsonl.gz").write_bytes(b"\x1f\x8b")
     (tmp_path / "LICENSE.txt").write_text("license text " * 100)
