@@ -7,7 +7,8 @@ A `--data` value is a file, a directory (every .txt, .jsonl and .parquet file un
 glob, local or any URI pyarrow's filesystems read (`s3://bucket/prefix/*.jsonl`, `gs://`,
 `file://`). Documents:
   - `.txt`: the file's paragraphs (text up to and including a blank line), so a held-out
-    split by document works on a single book as on a folder of files;
+    split by document works on a single book as on a folder of files; in each split the
+    paragraphs that follow each other in the file run on, with no end-of-text between them;
   - `.jsonl`: one document per line, the string in `--text-field` (default "text");
   - `.parquet`: one document per row, the string column `--text-field`.
 A bad line or row is an error naming the file and line (`--skip-bad-lines` skips and counts).
@@ -70,7 +71,8 @@ class Document:
 
     text: str
     index: int  # position in its file (paragraph, line or row)
-    eos_after: bool  # end-of-text follows (every document but a .txt paragraph before the last)
+    eos_after: bool  # the text runs on no further (every document but a .txt paragraph
+    # before the file's last): end-of-text follows it in its split (shards.tokenize_source)
     line: int = 0  # 1-based line or row, for messages
 
 
@@ -524,8 +526,9 @@ def cache_key(sources: list[SourceFile], text_field: str, skip_bad_lines: bool,
               tokenizer_sha256: str, held_out_fraction: float = HELD_OUT_FRACTION) -> str:
     """What the token shards depend on: the files (path, size, modification time), how they
     are read, the tokenizer and the split. Same key = same shards: nothing to tokenize."""
-    # version 3: the split hashes the text without its surrounding spaces and line ends
-    # (2: with them; 1: by file path and position)
+    # version 3: the split hashes the text without its surrounding spaces and line ends, and
+    # a .txt file's held-out paragraphs run on as its training ones do (2: hashed with them,
+    # an end-of-text after each held-out paragraph; 1: split by file path and position)
     identity = {"version": 3, "files": [[s.uri, s.size, s.mtime_ns] for s in sources],
                 "text_field": text_field, "skip_bad_lines": skip_bad_lines,
                 "tokenizer": tokenizer_sha256, "held_out_fraction": held_out_fraction}

@@ -104,8 +104,12 @@ def tokenize_source(source: SourceFile, file_index: int, tokenizer, cache_uri: s
                     text_field: str = "text", skip_bad_lines: bool = False,
                     shard_tokens: int = SHARD_TOKENS) -> dict[str, Any]:
     """Tokenize one file into shards in `cache_uri`: documents go to the train or held-out
-    split by corpus.is_held_out, each followed by the end-of-text token. Returns the file's
-    shard records and counts (documents, tokens, bytes, skipped lines, seconds)."""
+    split by corpus.is_held_out. Each split gets the file's text in runs, each followed by
+    the end-of-text token: a run is a .jsonl line's or parquet row's document, or the .txt
+    paragraphs that follow each other in the file (a book's text runs on across paragraphs,
+    and ends where the file goes on in the other split, or ends); the same rule for both
+    splits, so held-out text reads as training text does. Returns the file's shard records
+    and counts (documents, tokens, bytes, skipped lines, seconds)."""
     started = time.perf_counter()
     writer = ShardWriter(cache_uri, f"{file_index:05d}", token_dtype(tokenizer.vocab_size),
                          shard_tokens)
@@ -114,27 +118,26 @@ def tokenize_source(source: SourceFile, file_index: int, tokenizer, cache_uri: s
     skipped: list[str] = []
     counts = {"documents": 0, "held_out_documents": 0}
     pending: list[Document] = []
-    train_open = False  # train tokens written since the last end-of-text
+    run_open = dict.fromkeys(SPLITS, False)  # tokens written since the split's last end-of-text
+
+    def end_run(split: str) -> None:
+        if run_open[split] and eos is not None:
+            writer.add(split, eos)
+        run_open[split] = False
 
     def encode_pending() -> None:
-        nonlocal train_open
         texts = [d.text for d in pending]
         for doc, ids in zip(pending, tokenizer.encode_arrays(texts)):
-            if is_held_out(doc.text):
-                counts["held_out_documents"] += bool(doc.text)
-                if len(ids):  # each held-out document stands alone, end-of-text after it
-                    writer.add("held_out", ids)
-                    if eos is not None:
-                        writer.add("held_out", eos)
-            else:
-                counts["documents"] += bool(doc.text)
-                if len(ids):
-                    writer.add("train", ids)
-                    train_open = True
-            # The document (or a .txt file) ends: close the train text that precedes it.
-            if doc.eos_after and train_open and eos is not None:
-                writer.add("train", eos)
-                train_open = False
+            held_out = is_held_out(doc.text)
+            split, other = ("held_out", "train") if held_out else ("train", "held_out")
+            counts["held_out_documents" if held_out else "documents"] += bool(doc.text)
+            if len(ids):
+                end_run(other)  # the file's text goes on in this split
+                writer.add(split, ids)
+                run_open[split] = True
+            if doc.eos_after:  # the document (or a .txt file) ends
+                for either in SPLITS:
+                    end_run(either)
         pending.clear()
 
     for doc in iter_documents(source, text_field, skip_bad_lines, skipped):

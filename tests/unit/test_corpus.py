@@ -228,6 +228,44 @@ def test_a_paragraph_falls_on_one_side_wherever_it_is_in_a_file(tmp_path):
     assert 5 < sum(side == {True} for side in sides.values()) < 40  # still ~10% held out
 
 
+def split_streams(tmp_path, source):
+    """Each split's tokens of one file tokenized with the byte tokenizer, as text with
+    end-of-text written "|"."""
+    result = shards.tokenize_source(source, 0, ByteTokenizer(), str(tmp_path / "shards"))
+    streams = {}
+    for split in shards.SPLITS:
+        tokens = np.concatenate([np.fromfile(tmp_path / "shards" / s["file"], np.uint16)
+                                 for s in result["shards"] if s["split"] == split])
+        streams[split] = bytes(b if b < 256 else ord("|") for b in tokens).decode()
+    return streams
+
+
+def test_both_splits_join_a_txt_files_paragraphs_alike(tmp_path):
+    """Held-out paragraphs each ended with end-of-text, training ones ran on with none to the
+    file's end: the held-out loss was measured on text cut up as training never saw it. Both
+    splits now read a file's text in runs of the paragraphs that follow each other in it,
+    each run ending with end-of-text (where the file goes on in the other split, and at its
+    end)."""
+    (tmp_path / "shards").mkdir()
+    texts = [f"Paragraph {i}, a line of a book." for i in range(600)]
+    (tmp_path / "book.txt").write_text("\n\n".join(texts) + "\n")
+    source, = expand_sources([str(tmp_path / "book.txt")])
+    docs = list(iter_documents(source))
+    expected = dict.fromkeys(shards.SPLITS, "")
+    for i, doc in enumerate(docs):
+        split = "held_out" if is_held_out(doc.text) else "train"
+        last = i == len(docs) - 1 or is_held_out(docs[i + 1].text) != (split == "held_out")
+        expected[split] += doc.text + ("|" if last else "")
+    streams = split_streams(tmp_path, source)
+    assert streams == expected
+    # some of the file's held-out paragraphs follow each other, and read so
+    pairs = [a.text + b.text for a, b in zip(docs, docs[1:])
+             if is_held_out(a.text) and is_held_out(b.text)]
+    assert pairs and all(pair in streams["held_out"] for pair in pairs)
+    runs = [streams[split].count("|") for split in shards.SPLITS]  # they alternate
+    assert abs(runs[0] - runs[1]) <= 1 and min(runs) > 40
+
+
 def test_compressed_files_are_refused_by_name_not_passed_over(tmp_path):
     (tmp_path / "part-00000.jsonl.gz").write_bytes(b"\x1f\x8b")
     (tmp_path / "LICENSE.txt").write_text("license text " * 100)
