@@ -288,6 +288,12 @@ def check_text_column(source: SourceFile, text_field: str) -> None:
 
 
 TEXT_HEAD_BYTES = 64 * 1024  # what check_text_head reads of a local text file
+# check_jsonl_head reads on to the end of the line the 64 KiB mark cuts, up to this much: a
+# first line longer than 64 KiB (a book a line) was not checked at all.
+JSONL_HEAD_MAX_BYTES = 16 << 20
+# A .jsonl line longer than this is refused, not read: a .json file (one array on one line,
+# or an object over many) saved as .jsonl was read whole into memory as one line.
+JSONL_LINE_MAX_BYTES = 256 << 20
 
 
 def _is_local(source: SourceFile) -> bool:
@@ -314,18 +320,49 @@ def check_text_head(source: SourceFile) -> None:
         raise DataError(f"{source.uri}: not UTF-8 text near byte {e.start}") from None
 
 
+def _read_jsonl_head(source: SourceFile) -> tuple[list[bytes], bytes]:
+    """(the complete lines, what follows them unfinished) of a .jsonl file's first 64 KiB and
+    on to the end of the line that mark cuts, reading JSONL_HEAD_MAX_BYTES at most."""
+    fs, path = filesystem_for(source.uri)
+    with fs.open_input_stream(path) as f:
+        head = bytearray(f.read(TEXT_HEAD_BYTES))
+        more = len(head) == TEXT_HEAD_BYTES
+        while more and len(head) < JSONL_HEAD_MAX_BYTES:
+            chunk = f.read(min(TEXT_HEAD_BYTES, JSONL_HEAD_MAX_BYTES - len(head)))
+            more = bool(chunk)
+            head += chunk
+            if b"\n" in chunk:
+                break
+        more = more and bool(f.read(1))
+    lines = bytes(head).split(b"\n")
+    return (lines[:-1], lines[-1]) if more else (lines, b"")
+
+
+def _unfinished_first_line(source: SourceFile, start: bytes) -> None:
+    """A first line longer than the head check reads: what its first character says (a .json
+    file's array, "[", is no JSON Lines object)."""
+    first = start.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
+    if first and first != b"{":
+        _bad(source, 1, f"not a JSON object: a line of over {_mib(JSONL_HEAD_MAX_BYTES)} that "
+             f"starts with {first.decode('latin-1')!r}", skip=False, skipped=[])
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:g} MiB"
+
+
 def check_jsonl_head(source: SourceFile, text_field: str, skip_bad_lines: bool) -> None:
-    """A local .jsonl file's complete lines within its first 64 KiB, checked in the driver as
-    the tokenizing pass checks every line, so that a wrong --text-field is named before Ray
-    starts: without --skip-bad-lines the first bad line there is refused; with it, a head in
-    which every line is an object without the field (a wrong --text-field: it would skip the
-    whole file). Other bad lines are what --skip-bad-lines is for, even a head of them."""
+    """A local .jsonl file's complete lines within its first 64 KiB (and the line that mark
+    cuts), checked in the driver as the tokenizing pass checks every line, so that a wrong
+    --text-field is named before Ray starts: without --skip-bad-lines the first bad line there
+    is refused; with it, a head in which every line is an object without the field (a wrong
+    --text-field: it would skip the whole file). Other bad lines are what --skip-bad-lines is
+    for, even a head of them."""
     if source.format != "jsonl" or not _is_local(source):
         return
-    head = _read_head(source)
-    lines = head.split(b"\n")
-    if len(head) == TEXT_HEAD_BYTES:
-        lines.pop()  # cut at the 64 KiB mark
+    lines, unfinished = _read_jsonl_head(source)
+    if not lines and not skip_bad_lines:
+        _unfinished_first_line(source, unfinished)
     lacking, others = [], 0
     for line_no, data in enumerate(lines, start=1):
         text, problem = _jsonl_record(data, text_field)
@@ -418,10 +455,15 @@ def _jsonl_documents(source: SourceFile, field: str, skip: bool, skipped: list[s
         index = 0
         line_no = 0
         while True:
-            data = lines.readline()
+            data = lines.readline(JSONL_LINE_MAX_BYTES + 1)
             if not data:
                 break
             line_no += 1
+            if len(data) > JSONL_LINE_MAX_BYTES and not data.endswith(b"\n"):
+                raise DataError(f"{source.uri}:{line_no}: a line of over "
+                                f"{_mib(JSONL_LINE_MAX_BYTES)}: not JSON Lines (one JSON "
+                                "object per line; a .json file holding one array or an "
+                                "object over many lines is not read)")
             text, problem = _jsonl_record(data, field)
             if problem:
                 _bad(source, line_no, problem, skip, skipped)
@@ -447,6 +489,8 @@ def _jsonl_record(data: bytes, field: str) -> tuple[str | None, str | None]:
         return None, f"not UTF-8 text (byte {e.start + 1} of the line)"
     if not line.strip():
         return None, None
+    if line.lstrip().startswith("["):  # not parsed: a .json file's array, hundreds of MB
+        return None, "a JSON list, not an object"
     try:
         record = json.loads(line)
     except ValueError as e:

@@ -147,7 +147,16 @@ def _read_cached(fs, path: str) -> bytes:
 
 
 def check_trainable(manifest: dict[str, Any], seq_len: int, where: str) -> None:
-    """Both splits must hold more than one sequence; DataError naming --seq-len otherwise."""
+    """Both splits must hold more than one sequence; DataError naming --seq-len otherwise, or
+    --skip-bad-lines when it skipped every line (a wrong --text-field, not a short corpus)."""
+    skipped = manifest.get("skipped_lines", 0)
+    if skipped and not manifest["documents"] + manifest["held_out_documents"]:
+        example = manifest.get("skipped_example")
+        raise DataError(f"--skip-bad-lines skipped all {skipped:,} lines (or rows) of the "
+                        f"corpus that were not blank, leaving nothing to train on ({where})"
+                        + (f"; the first: {example}" if example else "")
+                        + f"; is --text-field {manifest.get('text_field', 'text')!r} the field "
+                        "that holds the text?")
     for split, what in (("train", "training"), ("held_out", "held-out")):
         tokens = manifest[f"{split}_tokens"]
         if tokens <= seq_len + 1:
@@ -156,7 +165,9 @@ def check_trainable(manifest: dict[str, Any], seq_len: int, where: str) -> None:
                             f"tokens ({documents} documents; {where}), too short for one "
                             f"sequence of {seq_len + 1}; give more data or a shorter --seq-len"
                             + (" (about one document in ten is held out)"
-                               if split == "held_out" else ""))
+                               if split == "held_out" else "")
+                            + (f" (--skip-bad-lines skipped {skipped:,} bad lines)"
+                               if skipped else ""))
 
 
 def progress_line(results: list[dict[str, Any]], total_files: int, seconds: float) -> str:

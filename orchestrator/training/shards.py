@@ -222,6 +222,7 @@ def write_manifest(cache_uri: str, key: str, tokenizer, results: list[dict[str, 
         "documents": sum(r["documents"] for r in results),
         "held_out_documents": sum(r["held_out_documents"] for r in results),
         "skipped_lines": sum(r["skipped_count"] for r in results),
+        "skipped_example": next((line for r in results for line in r["skipped"]), None),
         "splits": {split: [s for r in results for s in r["shards"] if s["split"] == split]
                    for split in SPLITS},
     }

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from orchestrator.tokenizer import ByteTokenizer, TokenizerError
+from orchestrator.training import corpus as corpus_module
 from orchestrator.training import shards
-from orchestrator.training.corpus import (MAX_DOCUMENT_CHARS, DataError, expand_sources,
-                                          is_held_out, iter_documents)
+from orchestrator.training.corpus import (MAX_DOCUMENT_CHARS, DataError, check_jsonl_head,
+                                          expand_sources, is_held_out, iter_documents)
 from orchestrator.training.data import get_batch
 from orchestrator.training.data_plan import check_trainable, plan_data, tokenize_in_process
 from orchestrator.training.shards import TokenStream, open_shards, token_dtype
@@ -74,6 +75,69 @@ def test_a_jsonl_line_without_the_text_field_is_named_or_skipped_and_counted(tmp
     docs = list(iter_documents(source, skip_bad_lines=True, skipped=skipped))
     assert [d.text for d in docs] == ["one", "four"]
     assert [s.split(": ", 1)[0] for s in skipped] == [f"{path}:2", f"{path}:3"]
+
+
+def test_a_jsonl_head_whose_first_line_is_over_64_kib_is_still_checked(tmp_path):
+    """Only lines complete within the first 64 KiB were checked: books of 100 KB a line
+    under a wrong --text-field passed, and every line was skipped after Ray started."""
+    path = tmp_path / "books.jsonl"
+    with open(path, "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"content": f"book {i} " + "word " * 20_000}) + "\n")
+    source, = expand_sources([str(path)])
+    with pytest.raises(DataError, match=f"{path}:1: no 'text' field .*'content'"):
+        check_jsonl_head(source, "text", False)
+    with pytest.raises(DataError, match="none of its first 1 lines has the field"):
+        check_jsonl_head(source, "text", True)
+    check_jsonl_head(source, "content", False)
+
+
+def test_a_json_array_saved_as_jsonl_is_refused_by_its_head(tmp_path, monkeypatch):
+    """A .json array (one line) passed the head check unread, and the pass then read the
+    whole file as one line into memory."""
+    path = tmp_path / "array.jsonl"
+    path.write_text(json.dumps([{"text": f"document {i} " * 5} for i in range(3000)]))
+    source, = expand_sources([str(path)])
+    assert source.size > 64 * 1024
+    with pytest.raises(DataError, match=f"{path}:1: a JSON list, not an object"):
+        check_jsonl_head(source, "text", False)
+    # a line past what the head check reads: named by how it starts
+    monkeypatch.setattr(corpus_module, "JSONL_HEAD_MAX_BYTES", 128 * 1024)
+    with pytest.raises(DataError, match=f"{path}:1: not a JSON object: a line of over "
+                                        "0.125 MiB that starts with '\\['"):
+        check_jsonl_head(source, "text", False)
+
+
+def test_a_jsonl_line_over_the_line_cap_is_named_not_read_into_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_module, "JSONL_LINE_MAX_BYTES", 1 << 14)
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": "x" * 50_000})
+                    + "\n" + json.dumps({"text": "after"}) + "\n")
+    source, = expand_sources([str(path)])
+    for skip in (False, True):
+        read = []
+        with pytest.raises(DataError, match=f"{path}:2: a line of over 0.015625 MiB: not "
+                                            "JSON Lines"):
+            for doc in iter_documents(source, skip_bad_lines=skip, skipped=[]):
+                read.append(doc.text)
+        assert read == ["fine"]
+
+
+def test_a_corpus_emptied_by_skipped_lines_says_so_not_seq_len(tmp_path):
+    path = tmp_path / "books.jsonl"
+    with open(path, "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"content": f"book {i} " + "word " * 100}) + "\n")
+    source, = expand_sources([str(path)])
+    result = shards.tokenize_source(source, 0, ByteTokenizer(), str(tmp_path),
+                                    skip_bad_lines=True)
+    manifest = shards.write_manifest(str(tmp_path), "k", ByteTokenizer(), [result], [source],
+                                     "text")
+    with pytest.raises(DataError) as error:
+        check_trainable(manifest, 256, "here")
+    message = str(error.value)
+    assert "--skip-bad-lines skipped all 20 lines" in message and "--seq-len" not in message
+    assert f"{path}:1: no 'text' field" in message and "--text-field" in message
 
 
 def test_a_parquet_file_without_the_text_column_is_refused_before_reading(tmp_path):
