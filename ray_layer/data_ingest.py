@@ -7,8 +7,10 @@ One row per source file goes through `map_batches` into a pool of tokenizer acto
 the tokenizer once); each actor streams its file's documents (orchestrator/training/corpus.py),
 tokenizes them and writes the file's shards (orchestrator/training/shards.py) straight to the
 cache, so only small records come back to the driver, which shows progress (documents,
-tokens, MB/s) as files finish. A bad line or row stops the pass with the DataError that names
-it, before any training worker starts; the cache then has no manifest and is redone next time.
+tokens, MB/s) as files finish. A bad line or row, a file that cannot be read (removed since
+planning, a storage error) or a cache that cannot be written (disk full) stops the pass with
+the DataError that names it, before any training worker starts; the cache then has no
+manifest and is redone next time.
 """
 from __future__ import annotations
 

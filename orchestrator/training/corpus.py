@@ -382,10 +382,15 @@ def iter_documents(source: SourceFile, text_field: str = "text",
                    ) -> Iterator[Document]:
     """The documents of one file, streamed (memory does not grow with the file). A bad line
     or row raises DataError naming file and line, or, with `skip_bad_lines`, is appended to
-    `skipped` (as "file:line: why") and skipped."""
+    `skipped` (as "file:line: why") and skipped; a file that cannot be read, DataError
+    naming it."""
     reader = {"txt": _txt_documents, "jsonl": _jsonl_documents,
               "parquet": _parquet_documents}[source.format]
-    yield from reader(source, text_field, skip_bad_lines, skipped if skipped is not None else [])
+    try:
+        yield from reader(source, text_field, skip_bad_lines,
+                          skipped if skipped is not None else [])
+    except OSError as e:  # removed since planning, a storage read error, EIO: name the file
+        raise DataError(f"{source.uri}: cannot read: {e}") from None
 
 
 def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[str]

@@ -67,11 +67,23 @@ def write_atomically(fs: pafs.FileSystem, path: str, data) -> None:
     fs.move(tmp, path)
 
 
+@contextlib.contextmanager
+def writing_cache(cache_uri: str, what: str):
+    """An I/O error writing `what` into the cache (disk full, read-only, a storage error) as
+    a DataError naming the cache: it left the tokenizing pass as a raw (Ray) traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(f"the data cache {cache_uri} (--data-cache): cannot write {what}: "
+                        f"{e}") from None
+
+
 class ShardWriter:
     """Buffers one file's token ids per split and writes a shard whenever a split holds
     `shard_tokens` tokens (a worker's memory is bounded by the shard size)."""
 
     def __init__(self, cache_uri: str, prefix: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.cache_uri = cache_uri
         self.fs, self.directory = storage_for(cache_uri)
         self.prefix, self.dtype, self.shard_tokens = prefix, dtype, shard_tokens
         self.buffers: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
@@ -90,7 +102,8 @@ class ShardWriter:
         tokens = np.concatenate(self.buffers[split])
         part = sum(1 for s in self.shards if s["split"] == split)
         name = f"{self.prefix}-{split}-{part:04d}.bin"
-        write_atomically(self.fs, f"{self.directory}/{name}", tokens.tobytes())
+        with writing_cache(self.cache_uri, name):
+            write_atomically(self.fs, f"{self.directory}/{name}", tokens.tobytes())
         self.shards.append({"file": name, "split": split, "tokens": int(len(tokens))})
         self.buffers[split], self.buffered[split] = [], 0
 
@@ -175,14 +188,15 @@ def read_manifest(cache_uri: str) -> dict[str, Any] | None:
 def clear_cache_dir(cache_uri: str) -> None:
     """Remove whatever an earlier, interrupted (or --retokenize'd) pass left, then recreate."""
     fs, directory = storage_for(cache_uri)
-    if fs.get_file_info(directory).type == pafs.FileType.Directory:
-        # The manifest first: a clear cut short (killed, an I/O error) left it beside missing
-        # shards, and the next run took the cache for finished.
-        manifest = f"{directory}/{MANIFEST_FILE}"
-        if fs.get_file_info(manifest).type == pafs.FileType.File:
-            fs.delete_file(manifest)
-        fs.delete_dir_contents(directory)
-    fs.create_dir(directory, recursive=True)
+    with writing_cache(cache_uri, "its directory (clearing it)"):
+        if fs.get_file_info(directory).type == pafs.FileType.Directory:
+            # The manifest first: a clear cut short (killed, an I/O error) left it beside
+            # missing shards, and the next run took the cache for finished.
+            manifest = f"{directory}/{MANIFEST_FILE}"
+            if fs.get_file_info(manifest).type == pafs.FileType.File:
+                fs.delete_file(manifest)
+            fs.delete_dir_contents(directory)
+        fs.create_dir(directory, recursive=True)
 
 
 @contextlib.contextmanager
@@ -203,7 +217,9 @@ def pass_lock(cache_uri: str, say=print):
     def wait_for(holder: str) -> None:
         say(f"{holder} is tokenizing these files into {cache_uri}; waiting for it to finish, "
             "then using its shards")
-    with file_lock(path, on_busy=wait_for) as state:
+    with contextlib.ExitStack() as held:
+        with writing_cache(cache_uri, f"its lock file {path}"):  # (not the pass's errors)
+            state = held.enter_context(file_lock(path, on_busy=wait_for))
         if state.unsupported:
             say(f"warning: cannot lock {path} ({state.unsupported}): two runs tokenizing into "
                 "this cache at once could clear each other's shards")
@@ -229,8 +245,9 @@ def write_manifest(cache_uri: str, key: str, tokenizer, results: list[dict[str, 
     for split in SPLITS:
         manifest[f"{split}_tokens"] = sum(s["tokens"] for s in manifest["splits"][split])
     fs, directory = storage_for(cache_uri)
-    write_atomically(fs, f"{directory}/{MANIFEST_FILE}",
-                      (json.dumps(manifest, indent=1) + "\n").encode())
+    with writing_cache(cache_uri, MANIFEST_FILE):
+        write_atomically(fs, f"{directory}/{MANIFEST_FILE}",
+                         (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 
 

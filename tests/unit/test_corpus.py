@@ -140,6 +140,57 @@ def test_a_corpus_emptied_by_skipped_lines_says_so_not_seq_len(tmp_path):
     assert f"{path}:1: no 'text' field" in message and "--text-field" in message
 
 
+def test_a_file_that_cannot_be_read_in_the_pass_is_named(tmp_path):
+    """An OSError in the pass (a file removed since planning, an S3 or EIO read error) came
+    out of it as a raw traceback (a Ray one on the cluster), naming no file."""
+    for name, text in (("a.txt", paragraphs(5, "p")), ("b.jsonl", '{"text": "x"}\n')):
+        (tmp_path / name).write_text(text)
+        source, = expand_sources([str(tmp_path / name)])
+        os.remove(tmp_path / name)
+        with pytest.raises(DataError, match=f"{tmp_path / name}: cannot read: .*No such file"):
+            shards.tokenize_source(source, 0, ByteTokenizer(), str(tmp_path / "cache"))
+
+
+def test_a_data_cache_that_cannot_be_written_in_the_pass_is_named(tmp_path, monkeypatch):
+    """Disk full while writing a shard or the manifest: named as the data cache, not the
+    file being read (nor a raw OSError)."""
+    import errno
+
+    (tmp_path / "a.txt").write_text(paragraphs(40, "p"))
+    plan = plan_data([str(tmp_path / "a.txt")], cache_root=str(tmp_path / "cache"))
+
+    def disk_full(fs, path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards, "write_atomically", disk_full)
+    with pytest.raises(DataError, match=f"the data cache {plan.cache_uri} \\(--data-cache\\): "
+                                        "cannot write 00000-train-0000.bin: .*No space left"):
+        tokenize_in_process(plan, say=lambda _: None)
+
+    def read_only(path, on_busy=None):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(shards, "file_lock", read_only)
+    with pytest.raises(DataError, match=f"the data cache {plan.cache_uri} .*: cannot write "
+                                        "its lock file .*Read-only"):
+        with shards.pass_lock(plan.cache_uri):
+            pass
+
+
+def test_the_ray_data_pass_returns_an_unreadable_file_as_an_error_naming_it(tmp_path):
+    """The Ray Data task's callable (run here without Ray) returns the error to the driver,
+    which raises it with its message intact, rather than raising it into Ray's retries."""
+    from ray_layer.data_ingest import TokenizeFiles
+
+    (tmp_path / "a.txt").write_text(paragraphs(5, "p"))
+    source, = expand_sources([str(tmp_path / "a.txt")])
+    os.remove(tmp_path / "a.txt")
+    task = TokenizeFiles(ByteTokenizer().to_json(), str(tmp_path / "cache"), "text", False,
+                         shards.SHARD_TOKENS)
+    result, = task({"index": [3], "source": [source.to_dict()]})["result"]
+    assert result["index"] == 3 and f"{tmp_path / 'a.txt'}: cannot read" in result["error"]
+
+
 def test_a_parquet_file_without_the_text_column_is_refused_before_reading(tmp_path):
     pq.write_table(pa.table({"body": ["x" * 50]}), tmp_path / "a.parquet")
     with pytest.raises(DataError, match="no column 'text' \\(--text-field\\); columns: body"):
@@ -255,7 +306,7 @@ def test_a_clear_cut_short_never_leaves_a_manifest_beside_missing_shards(corpus,
     storage_for = shards.storage_for
     monkeypatch.setattr(shards, "storage_for",
                         lambda uri: (CutShort(storage_for(uri)[0]), storage_for(uri)[1]))
-    with pytest.raises(OSError, match="killed"):
+    with pytest.raises(DataError, match=f"data cache {plan.cache_uri} .*: killed"):
         shards.clear_cache_dir(plan.cache_uri)
     monkeypatch.undo()
     assert not plan_data([str(corpus)], cache_root=str(tmp_path / "cache")).cached
