@@ -28,6 +28,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -280,11 +281,29 @@ def _parquet_file(source: SourceFile):
 
 
 def check_text_column(source: SourceFile, text_field: str) -> None:
-    """A parquet file must have the text column (checked from its footer, nothing read)."""
-    names = _parquet_file(source).schema_arrow.names
-    if text_field not in names:
+    """A parquet file must have the text column, of strings (checked from its footer, nothing
+    read): a binary or list column passed, and then every row failed after Ray started."""
+    schema = _parquet_file(source).schema_arrow
+    if text_field not in schema.names:
         raise DataError(f"{source.uri}: no column {text_field!r} (--text-field); columns: "
-                        f"{', '.join(names[:20])}")
+                        f"{', '.join(schema.names[:20])}")
+    kind = schema.field(schema.names.index(text_field)).type
+    if not _holds_strings(kind):
+        hint = ("write the text as a string (UTF-8) column"
+                if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) else
+                "write one string per row (join the list)" if pa.types.is_list(kind)
+                or pa.types.is_large_list(kind) else "give the column that holds the text")
+        raise DataError(f"{source.uri}: column {text_field!r} (--text-field) holds {kind}, "
+                        f"not strings; {hint}")
+
+
+def _holds_strings(kind: pa.DataType) -> bool:
+    """Whether an Arrow type reads as Python strings: string, large_string, string_view, or
+    a dictionary of those."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or pa.types.is_string_view(kind))
 
 
 TEXT_HEAD_BYTES = 64 * 1024  # what check_text_head reads of a local text file

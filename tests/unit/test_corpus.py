@@ -3,6 +3,7 @@
 pass runs the same per-file function (tests/integration/test_data_ingest.py)."""
 import json
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -195,6 +196,32 @@ def test_a_parquet_file_without_the_text_column_is_refused_before_reading(tmp_pa
     pq.write_table(pa.table({"body": ["x" * 50]}), tmp_path / "a.parquet")
     with pytest.raises(DataError, match="no column 'text' \\(--text-field\\); columns: body"):
         plan_data([str(tmp_path)], cache_root=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("values, kind", [
+    (pa.array([b"hello world"] * 3, pa.binary()), "binary"),
+    (pa.array([b"hello world"] * 3, pa.large_binary()), "large_binary"),
+    (pa.array([["a", "b"]] * 3), "list<element: string>"),
+    (pa.array([1, 2, 3]), "int64"),
+])
+def test_a_parquet_text_column_that_is_not_strings_is_refused_before_ray(tmp_path, values,
+                                                                        kind):
+    """A binary or list column passed the driver's check, then every row failed after Ray
+    started, suggesting --skip-bad-lines, which skipped every row."""
+    pq.write_table(pa.table({"text": values}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=f"{tmp_path / 'a.parquet'}: column 'text' "
+                                        f"\\(--text-field\\) holds {re.escape(kind)}, not strings"):
+        plan_data([str(tmp_path)], cache_root=str(tmp_path / "cache"))
+
+
+def test_parquet_string_columns_of_every_kind_are_read(tmp_path):
+    words = ["one", "two", "one"]
+    for name, values in (("s", pa.array(words)), ("l", pa.array(words, pa.large_string())),
+                         ("d", pa.array(words).dictionary_encode())):
+        pq.write_table(pa.table({"text": values}), tmp_path / f"{name}.parquet")
+        source, = expand_sources([str(tmp_path / f"{name}.parquet")])
+        assert [d.text for d in iter_documents(source)] == words, name
+    plan_data([str(tmp_path)], cache_root=str(tmp_path / "cache"))
 
 
 def test_txt_documents_are_paragraphs_that_join_back_to_the_file(tmp_path, monkeypatch):
