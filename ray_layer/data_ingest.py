@@ -14,7 +14,6 @@ manifest and is redone next time.
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import ray
@@ -22,7 +21,7 @@ import ray.data
 
 from orchestrator.tokenizer import tokenizer_from_json
 from orchestrator.training.corpus import DataError, SourceFile
-from orchestrator.training.data_plan import BUNDLED_FILE, DataPlan, finish, progress_line
+from orchestrator.training.data_plan import BUNDLED_FILE, DataPlan, PassProgress, finish
 from orchestrator.training.shards import SHARD_TOKENS, clear_cache_dir, tokenize_source
 
 
@@ -57,7 +56,7 @@ def tokenize_with_ray_data(plan: DataPlan, num_workers: int = 2, *,
     """Tokenize `plan`'s sources into its cache directory with `num_workers` tokenizer actors
     (one CPU each); returns the manifest. Ray must be initialised (ray_layer.cluster.connect)."""
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # our own progress line says more, once per file
+    context.enable_progress_bars = False  # our own progress line says more (PassProgress)
     context.print_on_execution_start = False
     clear_cache_dir(plan.cache_uri)
     items = [{"index": i, "source": s.to_dict()} for i, s in enumerate(plan.sources)]
@@ -68,13 +67,13 @@ def tokenize_with_ray_data(plan: DataPlan, num_workers: int = 2, *,
                                "cache_uri": plan.cache_uri, "text_field": plan.text_field,
                                "skip_bad_lines": plan.skip_bad_lines,
                                "shard_tokens": shard_tokens})
-    started, results = time.perf_counter(), []
+    progress, results = PassProgress(len(items), say), []
     for row in dataset.iter_rows():
         result = row["result"]
         if "error" in result:
             raise DataError(result["error"])
         results.append(result)
-        say(progress_line(results, len(items), time.perf_counter() - started))
+        progress.add(result)
     skipped = [line for r in results for line in r["skipped"]]
     if skipped:
         say(f"skipped {sum(r['skipped_count'] for r in results)} bad line(s) "

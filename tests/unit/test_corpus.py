@@ -4,6 +4,7 @@ pass runs the same per-file function (tests/integration/test_data_ingest.py)."""
 import json
 import os
 import re
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -760,3 +761,21 @@ def test_a_filesystem_without_flock_tokenizes_unguarded_and_says_so(tmp_path, mo
     with shards.pass_lock(str(tmp_path / "cache" / "k"), said.append) as waited:
         assert waited is False
     assert said and said[0].startswith("warning: cannot lock") and "No locks available" in said[0]
+
+
+def test_a_pass_over_many_files_sums_its_progress_once_and_says_it_once_a_second():
+    """The progress line re-summed every result at each finished file: 85 s of driver time
+    over 20,000 files, and 20,000 lines."""
+    from orchestrator.training.data_plan import PassProgress
+
+    now, said = [0.0], []
+    progress = PassProgress(20_000, said.append, clock=lambda: now[0])
+    started = time.perf_counter()
+    for _ in range(20_000):
+        now[0] += 0.01  # a file every 10 ms: 200 s
+        progress.add({"documents": 2, "held_out_documents": 1, "tokens": 100,
+                      "held_out_tokens": 10, "bytes": 1000})
+    assert time.perf_counter() - started < 3
+    assert 190 <= len(said) <= 202, len(said)
+    assert said[-1] == ("tokenized 20000/20000 files: 60,000 documents, 2,200,000 tokens, "
+                        "20.0 MB at 0.10 MB/s")
