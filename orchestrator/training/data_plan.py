@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,9 +23,10 @@ from orchestrator.tokenizer import (EOS_NAMES, Tokenizer, TokenizerError, load_t
 from orchestrator.training.corpus import (DataError, SourceFile, cache_key, check_text_column,
                                           check_jsonl_head, check_text_head,
                                           expand_sources, iter_texts)
-from orchestrator.training.shards import (SHARD_TOKENS, clear_cache_dir, pass_lock,
-                                          read_manifest, storage_for, tokenize_source,
-                                          write_atomically, write_manifest)
+from orchestrator.training.shards import (SHARD_TOKENS, clear_cache_dir, fresh_dir_beside,
+                                          on_local_storage, pass_lock, read_manifest,
+                                          remove_replaced, storage_for, swap_in,
+                                          tokenize_source, write_atomically, write_manifest)
 
 BUNDLED_FILE = "pydoc_topics.txt"  # the bundled corpus as a source, for non-byte tokenizers
 
@@ -106,11 +107,24 @@ def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool
                                 cache_root, say)
     key = cache_key(sources, text_field, skip_bad_lines, tok.sha256)
     cache_uri = cache_dir(cache_root, key)
-    manifest = None if retokenize else read_manifest(cache_uri)
+    manifest = read_manifest(cache_uri)
+    if retokenize and manifest is not None:
+        _check_replaceable(cache_uri)
+        manifest = None
     if manifest is not None and manifest.get("key") != key:
         manifest = None
     return DataPlan(sources, text_field, skip_bad_lines, tok, key, cache_uri, manifest,
                     retokenize)
+
+
+def _check_replaceable(cache_uri: str) -> None:
+    """--retokenize replaces finished shards by a swap of directories (shards.swap_in), which
+    object storage cannot do, nor can it tell whether a run is reading them."""
+    if not on_local_storage(cache_uri):
+        raise DataError(f"--retokenize: the token shards at {cache_uri} are on object storage, "
+                        "where they cannot be replaced while a run may be reading them; "
+                        "delete that directory once no run uses it (the next run tokenizes "
+                        "again), or give another --data-cache")
 
 
 def trained_tokenizer(sources: list[SourceFile], text_field: str, skip_bad_lines: bool,
@@ -231,7 +245,22 @@ def tokenize_once(plan: DataPlan, run_pass: Callable[[DataPlan], dict[str, Any]]
                     f"{manifest['held_out_tokens']:,} held-out tokens")
                 plan.manifest = manifest
                 return manifest
+        if plan.retokenize and read_manifest(plan.cache_uri) is not None:
+            return _replace_shards(plan, run_pass, say)
         return run_pass(plan)
+
+
+def _replace_shards(plan: DataPlan, run_pass: Callable[[DataPlan], dict[str, Any]],
+                    say: Callable[[str], None]) -> dict[str, Any]:
+    """--retokenize over finished shards: the pass writes a fresh directory, swapped in for
+    the cache's once finished (shards.swap_in). Clearing the cache first, as before, took the
+    shards from a run training on them (and from its workers restarting)."""
+    remove_replaced(plan.cache_uri, say)  # what earlier passes left, now unread
+    fresh = replace(plan, cache_uri=fresh_dir_beside(plan.cache_uri))
+    manifest = run_pass(fresh)
+    swap_in(fresh.cache_uri, plan.cache_uri, say)
+    plan.manifest = manifest
+    return manifest
 
 
 def finish(plan: DataPlan, results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -4,25 +4,33 @@ A cache directory (one per cache key: orchestrator/training/corpus.cache_key) ho
   <file>-train-<part>.bin, <file>-held_out-<part>.bin   raw token ids (uint16 when the
                                                         vocabulary fits, else uint32)
   manifest.json                                         every shard in order, with counts
+  readers.lock                                          held shared by every process reading
+                                                        the shards (local filesystems)
 Each shard is written under a temporary name and renamed; the manifest is written last, the
 same way. A directory without a manifest is an interrupted pass: it is cleared and redone, never
 read. With the manifest present, a second run tokenizes nothing. On a local or network
 filesystem one pass at a time writes a cache directory (`pass_lock`): a second run starting on
-the same files waits for the first and then reads its shards instead of clearing them.
+the same files waits for the first and then reads its shards instead of clearing them. A
+--retokenize over finished shards writes a fresh directory beside the cache's and swaps it in
+(`swap_in`); the replaced one is removed once no process holds its readers lock.
 
 Workers memory-map the shards (numpy.memmap) and read only the windows a batch needs, so a
 worker's memory does not grow with the corpus; at most OPEN_MAPS_MAX shards are mapped at once
-(each map holds a file descriptor), so neither do its open files. Shards on remote storage (s3://, gs://) are
-first copied to local disk once. The training split is the concatenation of the train shards
-in manifest order, so a batch stays a pure function of (seed, rank, step).
+(each map holds a file descriptor), so neither do its open files. Shards on remote storage
+(s3://, gs://) are first copied to local disk once. The training split is the concatenation of
+the train shards in manifest order, so a batch stays a pure function of (seed, rank, step).
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
+import shutil
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -41,6 +49,9 @@ ENCODE_BATCH_DOCS = 256  # documents handed to the tokenizer at once
 SPLITS = ("train", "held_out")
 LOCAL_SHARD_CACHE = Path("~/.cache/hetero-orchestrator/shards")
 OPEN_MAPS_MAX = 64  # shard files a reader keeps memory-mapped at once (ShardFiles)
+READERS_FILE = "readers.lock"  # held shared by every process reading the directory's shards
+RETOKENIZING = ".retokenize-"  # <cache dir>.retokenize-<id>: a --retokenize pass's directory
+REPLACED = ".replaced-"  # <cache dir>.replaced-<id>: shards a --retokenize replaced
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -55,6 +66,12 @@ def storage_for(uri: str) -> tuple[pafs.FileSystem, str]:
         except Exception as e:
             raise DataError(f"--data-cache {uri}: cannot open this URI: {e}") from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def on_local_storage(cache_uri: str) -> bool:
+    """Whether a cache is on a local (or network) filesystem, where directories are renamed
+    and files locked; not object storage."""
+    return isinstance(storage_for(cache_uri)[0], pafs.LocalFileSystem)
 
 
 def write_atomically(fs: pafs.FileSystem, path: str, data) -> None:
@@ -176,13 +193,26 @@ def read_manifest(cache_uri: str) -> dict[str, Any] | None:
         return None
     try:
         with fs.open_input_stream(path) as f:
-            manifest = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"shard manifest {cache_uri}/{MANIFEST_FILE} is unreadable: {e}; "
-                        "pass --retokenize to rebuild it") from None
+            raw = f.read()
+    except OSError as e:
+        raise _unreadable(cache_uri, e) from None
+    return parse_manifest(raw, cache_uri)
+
+
+def parse_manifest(raw: bytes, cache_uri: str) -> dict[str, Any] | None:
+    """A manifest's contents; None when another version wrote it (it is rebuilt)."""
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except ValueError as e:
+        raise _unreadable(cache_uri, e) from None
     if manifest.get("version") != MANIFEST_VERSION:
-        return None  # written by another version: rebuilt
+        return None
     return manifest
+
+
+def _unreadable(cache_uri: str, error: Exception) -> DataError:
+    return DataError(f"shard manifest {cache_uri}/{MANIFEST_FILE} is unreadable: {error}; "
+                     "pass --retokenize to rebuild it")
 
 
 def clear_cache_dir(cache_uri: str) -> None:
@@ -197,6 +227,8 @@ def clear_cache_dir(cache_uri: str) -> None:
                 fs.delete_file(manifest)
             fs.delete_dir_contents(directory)
         fs.create_dir(directory, recursive=True)
+        if on_local_storage(cache_uri):  # (object storage has no locks)
+            fs.open_output_stream(f"{directory}/{READERS_FILE}").close()  # empty
 
 
 @contextlib.contextmanager
@@ -208,11 +240,10 @@ def pass_lock(cache_uri: str, say=print):
     its holder dies, and honoured across NFS clients. Object storage (s3://, gs://) has no
     such lock, nor has a filesystem that refuses flock (some FUSE and Lustre mounts): there
     it yields False at once (said, for the latter) and the pass runs unguarded, as before."""
-    fs, directory = storage_for(cache_uri)
-    if not isinstance(fs, pafs.LocalFileSystem):
+    if not on_local_storage(cache_uri):
         yield False
         return
-    path = Path(directory + ".lock")
+    path = Path(storage_for(cache_uri)[1] + ".lock")
 
     def wait_for(holder: str) -> None:
         say(f"{holder} is tokenizing these files into {cache_uri}; waiting for it to finish, "
@@ -224,6 +255,68 @@ def pass_lock(cache_uri: str, say=print):
             say(f"warning: cannot lock {path} ({state.unsupported}): two runs tokenizing into "
                 "this cache at once could clear each other's shards")
         yield state.waited
+
+
+def fresh_dir_beside(cache_uri: str) -> str:
+    """Where a --retokenize pass writes, to be swapped in when finished (swap_in)."""
+    return f"{cache_uri}{RETOKENIZING}{uuid.uuid4().hex[:12]}"
+
+
+def swap_in(fresh: str, cache_uri: str, say=print) -> None:
+    """Put the finished pass in `fresh` (a directory beside the cache's, as fresh_dir_beside
+    names it) in the cache directory's place: the cache directory is renamed aside, then
+    `fresh` renamed to it (a run opening the shards in between tries again: open_shards).
+    Then the replaced directories are removed, those no process reads; a run training on the
+    shards keeps them, by its descriptor of their directory, until it ends. Local or network
+    filesystems only (plan_data refuses --retokenize on object storage)."""
+    _, directory = storage_for(cache_uri)
+    _, fresh_dir = storage_for(fresh)
+    replaced = f"{directory}{REPLACED}{uuid.uuid4().hex[:12]}"
+    with writing_cache(cache_uri, "its directory (replacing it)"):
+        os.rename(directory, replaced)
+        try:
+            os.rename(fresh_dir, directory)
+        except OSError:
+            os.rename(replaced, directory)
+            raise
+    remove_replaced(cache_uri, say)
+
+
+def remove_replaced(cache_uri: str, say=print) -> None:
+    """Remove what earlier passes into this cache left beside it: the directories that
+    --retokenize replaced, once no process reads them (they are said to be kept otherwise),
+    and the fresh ones of passes that died. Called under the cache's pass lock."""
+    _, directory = storage_for(cache_uri)
+    for path in sorted(glob.glob(glob.escape(directory) + RETOKENIZING + "*")):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in sorted(glob.glob(glob.escape(directory) + REPLACED + "*")):
+        if not _remove_unread(path):
+            say(f"the token shards --retokenize replaced may still be read by a run training "
+                f"on them: left at {path}; a later --retokenize removes them once none does")
+
+
+def _remove_unread(directory: str) -> bool:
+    """Remove a directory unless a process holds its readers lock (ShardFiles); False when it
+    is kept: read now, or on a filesystem without flock, where that cannot be told."""
+    try:
+        lock = open(os.path.join(directory, READERS_FILE), "r+b")
+    except FileNotFoundError:
+        lock = None  # no reader can hold it
+    except OSError:  # not ours to lock (read-only): whether it is read cannot be told
+        return False
+    try:
+        if lock is not None:
+            # Held while removing: a reader opening the directory meanwhile waits, then finds
+            # it removed and opens the cache path again (ShardFiles.removed).
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # BlockingIOError: read now
+                return False
+        shutil.rmtree(directory, ignore_errors=True)
+        return True
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def write_manifest(cache_uri: str, key: str, tokenizer, results: list[dict[str, Any]],
@@ -252,25 +345,71 @@ def write_manifest(cache_uri: str, key: str, tokenizer, results: list[dict[str, 
 
 
 class ShardFiles:
-    """The memory maps of one cache's shard files: mapped when a window first needs one, at
-    most `max_open` at once, the least recently read unmapped first. Every map holds a file
-    descriptor, and one per shard ran each worker out of them (EMFILE under the usual 1,024)
-    on a corpus of ~500 small files (a train and a held-out shard each); a few large shards
-    all stay mapped, and are read as before."""
+    """A cache directory's shard files, read as a training worker reads them.
 
-    def __init__(self, directory: str, dtype: np.dtype, max_open: int = OPEN_MAPS_MAX) -> None:
-        self.directory, self.dtype, self.max_open = directory, dtype, max_open
+    The directory is held by a descriptor, and its readers lock (READERS_FILE) shared while
+    this reader lives: a --retokenize swaps a fresh directory in and renames this one aside,
+    and removes it only once no process holds that lock (swap_in), so the shards stay this
+    reader's to the end of its run. They are memory-mapped when a window first needs one, at
+    most OPEN_MAPS_MAX at once, the least recently read unmapped first: every map holds a
+    file descriptor, and one per shard ran each worker out of them (EMFILE under the usual
+    1,024) on a corpus of ~500 small files (a train and a held-out shard each); a few large
+    shards all stay mapped, and are read as before."""
+
+    def __init__(self, directory: str, max_open: int | None = None) -> None:
+        self.directory, self.max_open = directory, max_open or OPEN_MAPS_MAX
+        self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        weakref.finalize(self, os.close, self.dir_fd)
+        self.readers = self._hold_readers_lock()
         self.maps: OrderedDict[str, np.memmap] = OrderedDict()
 
-    def mapped(self, name: str) -> np.memmap:
+    def _open(self, name: str, mode: str = "rb"):
+        return open(name, mode, opener=lambda path, flags: os.open(path, flags,
+                                                                   dir_fd=self.dir_fd))
+
+    def _hold_readers_lock(self):
+        """The readers lock, held shared (None where there is none: a local copy of remote
+        shards, or a filesystem without flock)."""
+        try:
+            lock = self._open(READERS_FILE)
+        except FileNotFoundError:
+            return None
+        try:  # waits only while a --retokenize removes this directory (see removed)
+            fcntl.flock(lock, fcntl.LOCK_SH)
+        except OSError:
+            lock.close()
+            return None
+        return lock
+
+    @property
+    def removed(self) -> bool:
+        """Whether the directory was removed between its opening and the lock (the lock file
+        is then unlinked): the cache path holds the shards that replaced it."""
+        return self.readers is not None and os.fstat(self.readers.fileno()).st_nlink == 0
+
+    def read_manifest(self, cache_uri: str) -> dict[str, Any] | None:
+        try:
+            with self._open(MANIFEST_FILE) as f:
+                return parse_manifest(f.read(), cache_uri)
+        except FileNotFoundError:
+            return None
+
+    def size(self, name: str) -> int:
+        """The size of a shard file in bytes, -1 when it is missing."""
+        try:
+            return os.stat(name, dir_fd=self.dir_fd).st_size
+        except FileNotFoundError:
+            return -1
+
+    def mapped(self, name: str, dtype: np.dtype) -> np.memmap:
         found = self.maps.get(name)
         if found is not None:
             self.maps.move_to_end(name)
             return found
         if len(self.maps) >= self.max_open:
             self.maps.popitem(last=False)  # unmapped (its descriptor closed) with it
-        found = self.maps[name] = np.memmap(f"{self.directory}/{name}", dtype=self.dtype,
-                                            mode="r")
+        with self._open(name) as f:
+            found = self.maps[name] = np.memmap(f, dtype=dtype, mode="r")
         return found
 
 
@@ -278,15 +417,15 @@ class Shard:
     """One shard file as TokenStream reads it: its length from the manifest, its tokens from
     the map ShardFiles holds for it."""
 
-    def __init__(self, files: ShardFiles, name: str, tokens: int) -> None:
-        self.files, self.name, self.tokens = files, name, tokens
+    def __init__(self, files: ShardFiles, name: str, tokens: int, dtype: np.dtype) -> None:
+        self.files, self.name, self.tokens, self.dtype = files, name, tokens, dtype
         self.filename = f"{files.directory}/{name}"
 
     def __len__(self) -> int:
         return self.tokens
 
     def __getitem__(self, index) -> np.ndarray:
-        return self.files.mapped(self.name)[index]
+        return self.files.mapped(self.name, self.dtype)[index]
 
 
 class TokenStream:
@@ -321,30 +460,51 @@ def open_shards(cache_uri: str, local_dir: str | os.PathLike | None = None
                 ) -> tuple[TokenStream, TokenStream, dict[str, Any]]:
     """(train, held-out, manifest) of a finished cache; remote shards are copied to local disk
     first (`local_dir`, default ~/.cache/hetero-orchestrator/shards/<key>)."""
-    manifest = read_manifest(cache_uri)
-    if manifest is None:
-        raise DataError(f"no finished token shards at {cache_uri} (no {MANIFEST_FILE}); "
-                        "run jobs/pretrain.py with --data to build them")
     fs, directory = storage_for(cache_uri)
-    if not isinstance(fs, pafs.LocalFileSystem):
+    if isinstance(fs, pafs.LocalFileSystem):
+        files, manifest = _open_local(directory, cache_uri)
+    else:
+        manifest = read_manifest(cache_uri)
+        if manifest is None:
+            raise _not_finished(cache_uri)
         local = Path(local_dir or LOCAL_SHARD_CACHE.expanduser() / manifest["key"])
         _copy_to_local(fs, directory, local, manifest)
-        directory = str(local)
+        files = ShardFiles(str(local))
     dtype = np.dtype(manifest["dtype"])
-    files = ShardFiles(directory, dtype)  # both splits: one bound on open files
     streams = []
-    for split in SPLITS:
+    for split in SPLITS:  # both splits in one ShardFiles: one bound on open files
         arrays = []
         for shard in manifest["splits"][split]:
-            path = f"{directory}/{shard['file']}"
-            size = os.path.getsize(path) if os.path.exists(path) else -1
+            size = files.size(shard["file"])
             if size != shard["tokens"] * dtype.itemsize:
-                raise DataError(f"token shard {path} is missing or truncated ({size} bytes, "
-                                f"expected {shard['tokens'] * dtype.itemsize}); pass "
-                                "--retokenize to rebuild the cache")
-            arrays.append(Shard(files, shard["file"], shard["tokens"]))
+                raise DataError(f"token shard {files.directory}/{shard['file']} is missing or "
+                                f"truncated ({size} bytes, expected "
+                                f"{shard['tokens'] * dtype.itemsize}); pass --retokenize to "
+                                "rebuild the cache")
+            arrays.append(Shard(files, shard["file"], shard["tokens"], dtype))
         streams.append(TokenStream(arrays))
     return streams[0], streams[1], manifest
+
+
+def _open_local(directory: str, cache_uri: str) -> tuple[ShardFiles, dict[str, Any]]:
+    """The cache directory held for reading, and its manifest (read through the same
+    descriptor: the manifest and the shards are one pass's). Tried again a few times: a
+    --retokenize swapping its fresh directory in leaves the path empty for an instant."""
+    for attempt in range(4):
+        try:
+            files = ShardFiles(directory)
+        except FileNotFoundError:
+            files = None
+        manifest = files.read_manifest(cache_uri) if files and not files.removed else None
+        if manifest is not None:
+            return files, manifest
+        time.sleep(0.05 * (attempt + 1))
+    raise _not_finished(cache_uri)
+
+
+def _not_finished(cache_uri: str) -> DataError:
+    return DataError(f"no finished token shards at {cache_uri} (no {MANIFEST_FILE}); "
+                     "run jobs/pretrain.py with --data to build them")
 
 
 def _copy_to_local(fs: pafs.FileSystem, directory: str, local: Path,

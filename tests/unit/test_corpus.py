@@ -20,7 +20,7 @@ from orchestrator.training.corpus import (MAX_DOCUMENT_CHARS, DataError, check_j
                                           expand_sources, is_held_out, iter_documents)
 from orchestrator.training.data import get_batch
 from orchestrator.training.data_plan import check_trainable, plan_data, tokenize_in_process
-from orchestrator.training.shards import TokenStream, open_shards, token_dtype
+from orchestrator.training.shards import TokenStream, open_shards, read_manifest, token_dtype
 
 
 def paragraphs(n, tag):
@@ -743,10 +743,13 @@ def test_a_run_whose_plan_predates_anothers_finished_pass_uses_those_shards(corp
     passes = []
     assert tokenize_once(late, lambda p: passes.append(p) or {}, lambda _: None) == built
     assert passes == [] and late.manifest == built
-    # --retokenize that did not wait for anyone: redone, as asked.
+    # --retokenize that did not wait for anyone: redone, as asked (into a fresh directory,
+    # swapped in: tests/unit/test_shards.py).
     redo = plan_data([str(corpus)], cache_root=cache, retokenize=True)
-    tokenize_once(redo, lambda p: passes.append(p) or {}, lambda _: None)
-    assert passes == [redo]
+    redone = tokenize_once(redo, lambda p: passes.append(p) or tokenize_in_process(
+        p, say=lambda _: None), lambda _: None)
+    assert len(passes) == 1 and passes[0].cache_uri.startswith(redo.cache_uri + ".retokenize-")
+    assert redone == built and read_manifest(redo.cache_uri) == built
 
 
 def test_a_filesystem_without_flock_tokenizes_unguarded_and_says_so(tmp_path, monkeypatch):

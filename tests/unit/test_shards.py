@@ -1,13 +1,19 @@
 """Reading the token shards (orchestrator/training/shards.py) as a training worker does."""
+import glob
 import json
 import os
 
 import numpy as np
+import pyarrow.fs as pafs
+import pytest
 import torch
 
 from orchestrator.training import shards
+from orchestrator.training.corpus import DataError
 from orchestrator.training.data import get_batch
-from orchestrator.training.shards import open_shards
+from orchestrator.training.data_plan import plan_data, tokenize_in_process, tokenize_once
+from orchestrator.training.shards import open_shards, read_manifest
+from tests.unit.test_corpus import _PausingTokenizer  # calls a hook before each batch
 
 
 def write_cache(directory, train_parts, held_out_parts, key="k"):
@@ -48,3 +54,66 @@ def test_open_files_do_not_grow_with_the_number_of_shards(tmp_path):
     assert np.array_equal(held_out.window(0, len(held_out)), tokens[:8000])
     grown = open_fds() - before
     assert grown <= shards.OPEN_MAPS_MAX + 2, f"{grown} files open for 600 shards"
+
+
+def small_corpus(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        (data / f"{i}.txt").write_text("\n\n".join(
+            f"file {i} paragraph {j}: a short line of text." for j in range(60)))
+    return str(data)
+
+
+def retokenize(data, cache, said, hook=lambda: None):
+    redo = plan_data([data], cache_root=cache, retokenize=True)
+    redo.tokenizer = _PausingTokenizer(redo.tokenizer, lambda call: call == 1 and hook())
+    return tokenize_once(redo, lambda p: tokenize_in_process(p, shard_tokens=500,
+                                                             say=lambda _: None), said.append)
+
+
+def test_retokenize_takes_no_shards_from_a_run_reading_them(tmp_path, monkeypatch):
+    """--retokenize cleared the cache directory first: a run training on those shards lost
+    them mid-run (a worker that reopens one, or restarts and opens the cache, found none).
+    The pass now writes a fresh directory and swaps it in; the old one is removed once no
+    process reads it."""
+    monkeypatch.setattr(shards, "OPEN_MAPS_MAX", 1)  # every other shard read reopens a file
+    data, cache = small_corpus(tmp_path), str(tmp_path / "cache")
+    plan = plan_data([data], cache_root=cache)
+    built = tokenize_in_process(plan, shard_tokens=500, say=lambda _: None)
+    assert len(built["splits"]["train"]) > 3
+    run = dict(zip(("train", "held_out"), open_shards(plan.cache_uri)))  # training on them
+    expected = run["train"].window(0, len(run["train"]))
+    mid_pass = {}
+
+    def read_mid_pass():
+        mid_pass["running run"] = run["train"].window(0, len(expected))
+        mid_pass["restarted worker"] = open_shards(plan.cache_uri)[0].window(0, len(expected))
+
+    said = []
+    manifest = retokenize(data, cache, said, read_mid_pass)
+    assert np.array_equal(mid_pass["running run"], expected)
+    assert np.array_equal(mid_pass["restarted worker"], expected)
+    assert np.array_equal(run["train"].window(0, len(expected)), expected)  # after the swap
+    assert manifest["splits"] == built["splits"] and read_manifest(plan.cache_uri) == manifest
+    kept = sorted(glob.glob(plan.cache_uri + ".*"))
+    assert [os.path.basename(k).split("-")[0] for k in kept] == [
+        os.path.basename(plan.cache_uri) + suffix for suffix in (".lock", ".replaced")], kept
+    assert any("may still be read by a run" in line for line in said), said
+    run.clear()  # the run ended
+    retokenize(data, cache, said)  # no reader left: the next pass removes it
+    assert glob.glob(plan.cache_uri + ".*") == [plan.cache_uri + ".lock"]
+    assert np.array_equal(open_shards(plan.cache_uri)[0].window(0, len(expected)), expected)
+
+
+def test_retokenize_of_shards_on_object_storage_is_refused(tmp_path, monkeypatch):
+    """Object storage has no rename of a directory nor a lock to tell who reads it: the
+    shards a run may be reading cannot be replaced safely there."""
+    data, cache = small_corpus(tmp_path), str(tmp_path / "cache")
+    plan = plan_data([data], cache_root=cache)
+    tokenize_in_process(plan, say=lambda _: None)
+    remote = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())
+    monkeypatch.setattr(shards, "storage_for", lambda uri: (remote, plan.cache_uri))
+    with pytest.raises(DataError, match="--retokenize: the token shards at s3://bucket/cache/"
+                                        ".* are on object storage"):
+        plan_data([data], cache_root="s3://bucket/cache", retokenize=True)
