@@ -44,10 +44,11 @@ def get_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, *, seed: int,
     """Random windows of `seq_len` tokens (inputs) and the same shifted by one (targets).
     `tokens`: a tensor in memory, or a TokenStream of memory-mapped shards (only the windows
     drawn are read); the same starts are drawn for both."""
-    if len(tokens) <= seq_len + 1:
+    if len(tokens) < seq_len + 1:  # a window is seq_len inputs and the target after them
         raise ValueError(f"corpus of {len(tokens)} tokens is too short for seq_len {seq_len}")
     generator = torch.Generator().manual_seed(stream_seed(seed, rank, step))
-    starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size,), generator=generator)
+    # (high is exclusive: every start whose window fits, the last token a target too)
+    starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator)
     if not isinstance(tokens, torch.Tensor):
         windows = torch.from_numpy(tokens.windows(starts.tolist(), seq_len + 1))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

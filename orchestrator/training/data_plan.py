@@ -161,7 +161,7 @@ def _read_cached(fs, path: str) -> bytes:
 
 
 def check_trainable(manifest: dict[str, Any], seq_len: int, where: str) -> None:
-    """Both splits must hold more than one sequence; DataError naming --seq-len otherwise, or
+    """Both splits must hold a sequence; DataError naming --seq-len otherwise, or
     --skip-bad-lines when it skipped every line (a wrong --text-field, not a short corpus)."""
     skipped = manifest.get("skipped_lines", 0)
     if skipped and not manifest["documents"] + manifest["held_out_documents"]:
@@ -173,7 +173,7 @@ def check_trainable(manifest: dict[str, Any], seq_len: int, where: str) -> None:
                         "that holds the text?")
     for split, what in (("train", "training"), ("held_out", "held-out")):
         tokens = manifest[f"{split}_tokens"]
-        if tokens <= seq_len + 1:
+        if tokens < seq_len + 1:  # (data.get_batch's rule)
             documents = manifest["documents" if split == "train" else "held_out_documents"]
             raise DataError(f"--seq-len {seq_len}: the corpus's {what} split has {tokens} "
                             f"tokens ({documents} documents; {where}), too short for one "

@@ -570,6 +570,10 @@ def test_a_corpus_too_short_for_the_sequence_length_names_the_flag(tmp_path):
     check_trainable(manifest, 16, "here")
     with pytest.raises(DataError, match="--seq-len 4096: the corpus's training split has"):
         check_trainable(manifest, 4096, "here")
+    fewest = min(manifest["train_tokens"], manifest["held_out_tokens"])
+    check_trainable(manifest, fewest - 1, "here")  # one window each: enough (data.get_batch)
+    with pytest.raises(DataError, match=f"--seq-len {fewest}: "):
+        check_trainable(manifest, fewest, "here")
 
 
 def test_a_trained_tokenizer_is_kept_in_the_cache_and_reused(corpus, tmp_path):

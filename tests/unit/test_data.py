@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from orchestrator.training.data import decode, encode, get_batch, load_corpus, split_corpus
@@ -24,3 +25,19 @@ def test_batches_are_a_function_of_seed_rank_step():
     x, y = a
     assert x.shape == y.shape == (4, 32)
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+
+
+def test_every_window_can_be_drawn_and_the_last_token_is_a_target():
+    """randint's high is exclusive: the last start was never drawn (nor the corpus's last
+    token ever a target), and a corpus of exactly one window was refused."""
+    tokens = torch.arange(12)
+    starts, targets = set(), set()
+    for step in range(300):
+        x, y = get_batch(tokens, 8, 4, seed=0, rank=0, step=step)
+        starts |= set(x[:, 0].tolist())
+        targets |= set(y.flatten().tolist())
+    assert starts == set(range(8)) and targets == set(range(1, 12))
+    x, y = get_batch(torch.arange(5), 2, 4, seed=0, rank=0, step=0)  # one window: 5 tokens
+    assert x.tolist() == [[0, 1, 2, 3]] * 2 and y.tolist() == [[1, 2, 3, 4]] * 2
+    with pytest.raises(ValueError, match="corpus of 4 tokens is too short for seq_len 4"):
+        get_batch(torch.arange(4), 2, 4, seed=0, rank=0, step=0)
