@@ -39,7 +39,7 @@ _PARAGRAPH_END = re.compile(r"\n[ \t\r]*\n\s*")  # a blank line (and any that fo
 # A paragraph longer than this (text with no blank lines: one sentence or record per line,
 # code) is cut after the first line end past it, and at 4x where no line ends: documents stay
 # many enough for the held-out split and small enough to stream.
-MAX_DOCUMENT_CHARS = 16 << 10
+MAX_DOCUMENT_CHARS = 16 << 10  # characters (not bytes)
 # A line end where a long paragraph may be cut: the next line has text, so the cut is never
 # inside the blank-line run that ends a paragraph, and stays where it is when more is read.
 _LINE_CUT = re.compile(r"\n(?=[ \t\r]*\S)")

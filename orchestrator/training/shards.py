@@ -97,7 +97,8 @@ def writing_cache(cache_uri: str, what: str):
 
 class ShardWriter:
     """Buffers one file's token ids per split and writes a shard whenever a split holds
-    `shard_tokens` tokens (a worker's memory is bounded by the shard size)."""
+    `shard_tokens` tokens (a worker's memory is bounded by the shard size): after the document
+    whose tokens reach it, so the end-of-text added after them may open the next shard."""
 
     def __init__(self, cache_uri: str, prefix: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.cache_uri = cache_uri
