@@ -18,8 +18,10 @@ unknown accelerator family, allowed families the cluster does not have, more GPU
 cluster has of the allowed families), not queued.
 
 Metrics (per policy):
-- JCT = finish - submit (mean, p50, p99), queueing delay = first start - submit (mean),
-  makespan = last finish - first submit, jobs finished / never fitting (by reason)
+- JCT = finish - submit (mean, p50, p99); wait = JCT - time holding GPUs (mean): all the
+  time a job spent queued, before its first start and after each preemption or migration;
+  first-start delay = first start - submit (mean: a preempted job's later waits are not in
+  it); makespan = last finish - first submit; jobs finished / never fitting (by reason)
 - usable_gpus_busy_while_waiting = allocated GPU-time / (allocated GPU-time + GPU-time left
   idle while some waiting job was allowed to use those GPUs (their family)), over the time
   jobs wait: 1.0 = no usable GPU ever idles while a job waits. GPUs held back for the head of
@@ -453,10 +455,18 @@ def busy_while_waiting(t: np.ndarray, alloc: np.ndarray, queue: np.ndarray,
     return busy / (busy + idle) if busy + idle > 0 else None
 
 
+def waited_s(job: SimJob) -> float:
+    """All the time a finished job spent without GPUs: JCT - time holding them (its first
+    start's delay and every wait after a preemption or migration)."""
+    # (clipped: the runtime is a sum of segments, a job that never waited can come out -1e-13)
+    return max(job.finish - job.trace.submit_time_s - job.runtime, 0.0)
+
+
 def summarize(jobs: list[SimJob], total_gpus: int, decisions: int, policy_s: float) -> dict:
     done = [j for j in jobs if j.status == FINISHED]
     jct = np.array([j.finish - j.trace.submit_time_s for j in done])
-    wait = np.array([j.start - j.trace.submit_time_s for j in done])
+    first_start_delay = np.array([j.start - j.trace.submit_time_s for j in done])
+    wait = np.array([waited_s(j) for j in done])
     gpu_time = sum(j.trace.num_gpus * j.runtime for j in done)
     good_time = sum(j.trace.num_gpus * j.runtime * j.speed_vs_ideal for j in done)
     first = min((j.trace.submit_time_s for j in jobs), default=0.0)
@@ -477,7 +487,8 @@ def summarize(jobs: list[SimJob], total_gpus: int, decisions: int, policy_s: flo
         "mean_jct_s": stat(jct, np.mean),
         "p50_jct_s": stat(jct, np.median),
         "p99_jct_s": stat(jct, lambda x: np.percentile(x, 99)),
-        "mean_queue_s": stat(wait, np.mean),
+        "mean_wait_s": stat(wait, np.mean),
+        "mean_first_start_delay_s": stat(first_start_delay, np.mean),
         "makespan_s": float(makespan),
         "allocation_rate": gpu_time / denominator if denominator > 0 else None,
         "goodput_utilization": good_time / denominator if denominator > 0 else None,
@@ -499,8 +510,8 @@ def summarize(jobs: list[SimJob], total_gpus: int, decisions: int, policy_s: flo
 # -- outputs ----------------------------------------------------------------------------------------
 
 JOB_COLUMNS = ("policy", "job_id", "trace_line", "submit_time_s", "num_gpus", "model_type",
-               "accelerator", "status", "never_fit_reason", "start_time_s", "finish_time_s", "jct_s", "queue_s",
-               "runtime_s", "duration_ref_s", "speed_vs_ideal", "gpu_types", "n_nodes",
+               "accelerator", "status", "never_fit_reason", "start_time_s", "finish_time_s",
+               "jct_s", "wait_s", "first_start_delay_s", "runtime_s", "duration_ref_s", "speed_vs_ideal", "gpu_types", "n_nodes",
                "n_racks", "bottleneck_gbps", "nodes")
 
 
@@ -521,6 +532,7 @@ def write_jobs_csv(results: list[SimResult], path: Path) -> None:
                             num(j.start),
                             num(j.finish),
                             num(j.finish - t.submit_time_s) if done else "",
+                            num(waited_s(j)) if done else "",
                             num(j.start - t.submit_time_s) if done else "", num(j.runtime),
                             num(t.duration_s), num(j.speed_vs_ideal), j.gpu_types, j.n_nodes,
                             j.n_racks, num(j.bottleneck_gbps) if done else "", j.nodes))
@@ -528,8 +540,8 @@ def write_jobs_csv(results: list[SimResult], path: Path) -> None:
 
 def format_summary(results: list[SimResult]) -> str:
     header = ("POLICY", "FINISHED", "NEVER FIT", "MEAN JCT h", "P50 JCT h", "P99 JCT h",
-              "MEAN QUEUE h", "MAKESPAN d", "BUSY WAITING %", "ALLOC QUEUED %", "GOODPUT %",
-              "MIGRATIONS", "PREEMPTIONS", "RESTART %", "DECISIONS/s")
+              "MEAN WAIT h", "FIRST START h", "MAKESPAN d", "BUSY WAITING %", "ALLOC QUEUED %",
+              "GOODPUT %", "MIGRATIONS", "PREEMPTIONS", "RESTART %", "DECISIONS/s")
 
     def h(x):
         return "-" if x is None else f"{x / 3600:.2f}"
@@ -542,7 +554,8 @@ def format_summary(results: list[SimResult]) -> str:
         m = r.metrics
         rows.append((r.policy, f"{m['jobs_finished']:,}", f"{m['jobs_never_fit']:,}",
                      h(m["mean_jct_s"]), h(m["p50_jct_s"]), h(m["p99_jct_s"]),
-                     h(m["mean_queue_s"]), f"{m['makespan_s'] / 86400:.2f}",
+                     h(m["mean_wait_s"]), h(m["mean_first_start_delay_s"]),
+                     f"{m['makespan_s'] / 86400:.2f}",
                      pct(m.get("usable_gpus_busy_while_waiting")),
                      pct(m.get("allocation_rate_while_queued")),
                      pct(m["goodput_utilization"]), f"{m.get('migrations', 0):,}",

@@ -47,7 +47,8 @@ DEFAULT_CLUSTER = "v100:8x48,p100:8x48,k80:4x64;rack=16"
 OURS = "hetero-las"
 SWEEP = (0.5, 1.0, 2.0)
 SWEEP_POLICIES = ("fifo", OURS)
-KEYS = ("mean_jct_s", "p50_jct_s", "p99_jct_s", "mean_queue_s", "makespan_s",
+KEYS = ("mean_jct_s", "p50_jct_s", "p99_jct_s", "mean_wait_s", "mean_first_start_delay_s",
+        "makespan_s",
         "usable_gpus_busy_while_waiting", "allocation_rate", "allocation_rate_while_queued",
         "goodput_utilization", "jobs_finished", "jobs_never_fit", "never_fit_reasons",
         "preemptions", "migrations", "preemptions_per_job", "migrations_per_job",

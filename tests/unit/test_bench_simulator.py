@@ -79,6 +79,9 @@ def test_small_traces_end_with_a_json_line_of_every_policy_and_section(capsys, m
         for metrics in by.values():
             assert all(metrics[k] is not None and metrics[k] > 0 for k in PER_POLICY)
             assert metrics["jobs_finished"] + metrics["jobs_never_fit"] == jobs
+            # every wait, not only the first: at least the delay to the first start
+            assert metrics["mean_wait_s"] >= metrics["mean_first_start_delay_s"] - 1e-6
+            assert "mean_queue_s" not in metrics  # it meant the first-start delay only
         assert result[section]["speedup_vs_fifo"] == pytest.approx(
             by["fifo"]["mean_jct_s"] / by["hetero-las"]["mean_jct_s"], abs=1e-3)
         assert result[section]["speedup_vs_gavel"] == pytest.approx(

@@ -40,7 +40,8 @@ def test_one_job_on_the_reference_gpu_runs_for_its_trace_duration(policy):
     assert job.status == FINISHED and job.start == 0 and job.finish == pytest.approx(100)
     assert job.nodes == "p100-0000:2"
     m = result.metrics
-    assert m["mean_jct_s"] == pytest.approx(100) and m["mean_queue_s"] == 0
+    assert m["mean_jct_s"] == pytest.approx(100) and m["mean_first_start_delay_s"] == 0
+    assert m["mean_wait_s"] == 0
     assert m["makespan_s"] == pytest.approx(100)
     assert m["allocation_rate"] == pytest.approx(2 / 8)
     assert m["jobs_finished"] == 1 and m["decisions"] == 1
@@ -68,7 +69,8 @@ def test_a_job_waits_until_another_ends_while_a_smaller_one_backfills(policy):
     jobs = by_id(result)
     assert jobs[1].start == 100 and jobs[1].finish == 110  # fits only once job 0 ends
     assert jobs[2].start == 6 and jobs[2].finish == 16  # backfilled into the 2 free GPUs
-    assert result.metrics["mean_queue_s"] == pytest.approx(95 / 3)
+    assert result.metrics["mean_first_start_delay_s"] == pytest.approx(95 / 3)
+    assert result.metrics["mean_wait_s"] == pytest.approx(95 / 3)  # nobody waits twice
 
 
 def test_backfill_zero_is_strict_fifo():
@@ -473,6 +475,34 @@ def test_a_las_preemption_costs_the_measured_restart_and_loses_no_work():
     m = result.metrics
     assert m["preemptions_per_job"] == 0.5
     assert m["restart_overhead"] == pytest.approx(RESTART_S / (a.finish - 0))
+
+
+def test_the_wait_after_a_preemption_counts_as_waiting_not_only_the_first_start():
+    # A starts at once, is preempted by B at 8,000 s and waits while B runs its 100 s: its
+    # first start came at once, but it waited 100 s. The mean wait is over both jobs (B never
+    # waits); the first-start delay says nothing of A's wait (it read 0 as "mean queue").
+    result = simulate(trace((0, 10_000, 1), (8000, 100, 1)), "p100:1x1", "hetero-las",
+                      check=True)
+    a = by_id(result)[0]
+    assert a.preemptions == 1
+    m = result.metrics
+    assert m["mean_first_start_delay_s"] == 0
+    assert m["mean_wait_s"] == pytest.approx(100 / 2, abs=0.01)
+    held = sum(end - start for start, end, _ in a.history)
+    assert m["mean_wait_s"] == pytest.approx((a.finish - held) / 2)  # A submitted at 0
+
+
+def test_jobs_csv_names_the_first_start_delay_and_the_whole_wait(tmp_path):
+    from orchestrator.simulator import write_jobs_csv
+    import csv
+
+    result = simulate(trace((0, 10_000, 1), (8000, 100, 1)), "p100:1x1", "hetero-las")
+    write_jobs_csv([result], tmp_path / "jobs.csv")
+    rows = list(csv.DictReader((tmp_path / "jobs.csv").open()))
+    assert "queue_s" not in rows[0]
+    assert float(rows[0]["first_start_delay_s"]) == 0
+    assert float(rows[0]["wait_s"]) == pytest.approx(100, abs=0.01)
+    assert float(rows[1]["wait_s"]) == 0
 
 
 # Decisions that time alone makes possible: the simulator ticks the core when one falls due, as
