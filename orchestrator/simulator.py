@@ -29,10 +29,15 @@ Metrics (per policy):
   in JCT.
 - allocation_rate = sum(GPUs x runtime) / (cluster GPUs x makespan);
   allocation_rate_while_queued = allocated / cluster GPUs, averaged over the time jobs wait
-- goodput_utilization = sum(GPUs x runtime x achieved/ideal speed) / (cluster GPUs x makespan),
+- gpu_time_efficiency = sum(GPUs x runtime x achieved/ideal speed) / sum(GPUs x runtime): the
+  GPU-time the jobs' work would take at the ideal speed over the GPU-time they were allocated,
   ideal = consolidated throughput on the fastest GPU type in the cluster (cluster_model); the
-  RESTART_S a resumed segment spends reloading counts as runtime at speed 0 (the goodput
-  timeline, a plot, counts a segment's GPUs from its start)
+  RESTART_S a resumed segment spends reloading counts as runtime at speed 0. Its numerator is
+  the trace's work, the same under every policy, so a goodput over cluster GPUs x makespan
+  would say nothing makespan does not; over the GPU-time allocated it says how well the
+  policy placed jobs (slower families, spread placements and reloads lower it). The goodput
+  timeline (a plot: allocated GPUs x achieved/ideal speed, counting a segment's GPUs from its
+  start) shows when that work was done.
 - preemptions and migrations (in all and per job), restart_overhead = GPU-time spent
   yielding and reloading checkpoints (RESTART_S per restart), over all GPU-time allocated
 - decisions/s = policy calls / seconds spent inside the policy
@@ -468,7 +473,7 @@ def summarize(jobs: list[SimJob], total_gpus: int, decisions: int, policy_s: flo
     first_start_delay = np.array([j.start - j.trace.submit_time_s for j in done])
     wait = np.array([waited_s(j) for j in done])
     gpu_time = sum(j.trace.num_gpus * j.runtime for j in done)
-    good_time = sum(j.trace.num_gpus * j.runtime * j.speed_vs_ideal for j in done)
+    ideal_gpu_time = sum(j.trace.num_gpus * j.runtime * j.speed_vs_ideal for j in done)
     first = min((j.trace.submit_time_s for j in jobs), default=0.0)
     makespan = max((j.finish for j in done), default=first) - first
     denominator = total_gpus * makespan
@@ -491,7 +496,7 @@ def summarize(jobs: list[SimJob], total_gpus: int, decisions: int, policy_s: flo
         "mean_first_start_delay_s": stat(first_start_delay, np.mean),
         "makespan_s": float(makespan),
         "allocation_rate": gpu_time / denominator if denominator > 0 else None,
-        "goodput_utilization": good_time / denominator if denominator > 0 else None,
+        "gpu_time_efficiency": ideal_gpu_time / gpu_time if gpu_time > 0 else None,
         "mean_speed_vs_ideal": stat(np.array([j.speed_vs_ideal for j in done]), np.mean),
         "preemptions": sum(j.preemptions for j in jobs),
         "migrations": sum(j.migrations for j in jobs),
@@ -541,7 +546,7 @@ def write_jobs_csv(results: list[SimResult], path: Path) -> None:
 def format_summary(results: list[SimResult]) -> str:
     header = ("POLICY", "FINISHED", "NEVER FIT", "MEAN JCT h", "P50 JCT h", "P99 JCT h",
               "MEAN WAIT h", "FIRST START h", "MAKESPAN d", "BUSY WAITING %", "ALLOC QUEUED %",
-              "GOODPUT %", "MIGRATIONS", "PREEMPTIONS", "RESTART %", "DECISIONS/s")
+              "GPU EFF %", "MIGRATIONS", "PREEMPTIONS", "RESTART %", "DECISIONS/s")
 
     def h(x):
         return "-" if x is None else f"{x / 3600:.2f}"
@@ -558,7 +563,7 @@ def format_summary(results: list[SimResult]) -> str:
                      f"{m['makespan_s'] / 86400:.2f}",
                      pct(m.get("usable_gpus_busy_while_waiting")),
                      pct(m.get("allocation_rate_while_queued")),
-                     pct(m["goodput_utilization"]), f"{m.get('migrations', 0):,}",
+                     pct(m["gpu_time_efficiency"]), f"{m.get('migrations', 0):,}",
                      f"{m.get('preemptions', 0):,}", pct(m.get("restart_overhead")),
                      "-" if m["decisions_per_s"] is None else f"{m['decisions_per_s']:,.0f}"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]

@@ -50,7 +50,7 @@ SWEEP_POLICIES = ("fifo", OURS)
 KEYS = ("mean_jct_s", "p50_jct_s", "p99_jct_s", "mean_wait_s", "mean_first_start_delay_s",
         "makespan_s",
         "usable_gpus_busy_while_waiting", "allocation_rate", "allocation_rate_while_queued",
-        "goodput_utilization", "jobs_finished", "jobs_never_fit", "never_fit_reasons",
+        "gpu_time_efficiency", "jobs_finished", "jobs_never_fit", "never_fit_reasons",
         "preemptions", "migrations", "preemptions_per_job", "migrations_per_job",
         "restart_overhead", "multi_rack_jobs", "decisions_per_s", "wall_s")
 

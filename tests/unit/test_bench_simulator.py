@@ -7,7 +7,7 @@ import pytest
 from orchestrator.traces import TraceJob, prepare
 from scripts import bench_simulator as bench
 
-PER_POLICY = ("mean_jct_s", "p99_jct_s", "allocation_rate", "goodput_utilization", "makespan_s")
+PER_POLICY = ("mean_jct_s", "p99_jct_s", "allocation_rate", "gpu_time_efficiency", "makespan_s")
 MODEL = "ResNet-18 (batch size 64)"
 # Two racks of two 4-GPU P100 servers, and a rack of K80s no job below may use. First-fit walks
 # the table rack by rack, so with one P100 server taken, its next 8 GPUs straddle two racks

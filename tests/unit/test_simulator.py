@@ -197,7 +197,7 @@ def test_conservation_no_gpu_double_allocated_and_every_job_accounted_for(policy
             level += delta
             assert 0 <= level <= capacity[node], node
     assert 0 < result.metrics["allocation_rate"] <= 1
-    assert 0 < result.metrics["goodput_utilization"] <= result.metrics["allocation_rate"]
+    assert 0 < result.metrics["gpu_time_efficiency"] <= 1
 
 
 def test_same_seed_same_replay_and_the_seed_matters_for_random():
@@ -505,6 +505,23 @@ def test_jobs_csv_names_the_first_start_delay_and_the_whole_wait(tmp_path):
     assert float(rows[1]["wait_s"]) == 0
 
 
+@pytest.mark.parametrize("family", ["P100", "V100"])
+def test_gpu_time_efficiency_says_where_jobs_ran_at_the_same_makespan(family):
+    # C (10,000 s, P100 only) sets the makespan; A (1,000 s) runs beside it on the other P100
+    # or on the V100. The work done at ideal (V100) speed is the same either way, so the old
+    # goodput_utilization (that work / (cluster GPUs x makespan)) read the same for both:
+    # r x 11,000 / (3 x 10,000). The GPU-time it took differs: 11,000 s on P100s, or
+    # 10,000 s + 1,000 r s when A runs on the V100.
+    result = simulate(trace((0, 10_000, 1, "P100"), (0, 1000, 1, family)), "v100:1x1,p100:1x2",
+                      "hetero-las", check=True)
+    r = cluster_model.consolidated_throughput(MODEL, "p100", 1) / \
+        cluster_model.consolidated_throughput(MODEL, "v100", 1)
+    m = result.metrics
+    assert m["makespan_s"] == pytest.approx(10_000) and "goodput_utilization" not in m
+    gpu_time = 11_000 if family == "P100" else 10_000 + 1000 * r
+    assert m["gpu_time_efficiency"] == pytest.approx(11_000 * r / gpu_time)
+
+
 # Decisions that time alone makes possible: the simulator ticks the core when one falls due, as
 # the live actor's periodic tick does, not only on arrivals and completions.
 
@@ -549,8 +566,8 @@ def test_reloading_after_a_preemption_is_not_goodput():
     a, b = by_id(result)[0], by_id(result)[1]
     assert a.preemptions == 1 and a.overhead_s == pytest.approx(RESTART_S)
     useful = a.runtime - RESTART_S + b.runtime
-    assert result.metrics["goodput_utilization"] == pytest.approx(
-        useful / result.metrics["makespan_s"])
+    assert result.metrics["gpu_time_efficiency"] == pytest.approx(
+        useful / (a.runtime + b.runtime))
     assert a.speed_vs_ideal == pytest.approx(1 - RESTART_S / a.runtime)
 
 
