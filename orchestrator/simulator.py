@@ -22,11 +22,12 @@ Metrics (per policy):
   time a job spent queued, before its first start and after each preemption or migration;
   first-start delay = first start - submit (mean: a preempted job's later waits are not in
   it); makespan = last finish - first submit; jobs finished / never fitting (by reason)
-- usable_gpus_busy_while_waiting = allocated GPU-time / (allocated GPU-time + GPU-time left
-  idle while some waiting job was allowed to use those GPUs (their family)), over the time
-  jobs wait: 1.0 = no usable GPU ever idles while a job waits. GPUs held back for the head of
-  the queue count as idle, deliberately: a reservation is worth it only if it pays for itself
-  in JCT.
+- usable_gpus_busy_while_waiting = usable allocated GPU-time / (usable allocated + usable idle
+  GPU-time), over the time jobs wait, where usable = of a family some waiting job is allowed
+  to use and allocated = reserved (running jobs, a migration's claimed target): the share of
+  the GPUs waiting jobs could use that were busy; 1.0 = no usable GPU ever idles while a job
+  waits. GPUs held back for the head of the queue count as idle, deliberately: a reservation
+  is worth it only if it pays for itself in JCT.
 - allocation_rate = sum(GPUs x runtime) / (cluster GPUs x makespan);
   allocation_rate_while_queued = allocated / cluster GPUs, averaged over the time jobs wait
 - gpu_time_efficiency = sum(GPUs x runtime x achieved/ideal speed) / sum(GPUs x runtime): the
@@ -236,8 +237,9 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
     index = {j.spec.name: i for i, j in enumerate(jobs)}
     arrivals = sorted(range(len(jobs)), key=lambda i: jobs[i].trace.submit_time_s)
     next_arrival = 0
-    tl_t, tl_alloc, tl_good, tl_queue, tl_idle = [], [], [], [], []
-    usable_idle = _usable_idle_counter(state)
+    tl_t, tl_alloc, tl_good, tl_queue = [], [], [], []
+    tl_usable = []  # (allocated, idle) GPUs of the families some waiting job may use
+    usable_gpus = _usable_gpus_counter(state)
     wall0 = last_progress = time.perf_counter()
 
     def start(job: SimJob, placement: Placement, now: float) -> None:
@@ -269,7 +271,7 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
         tl_alloc.append(run.gpus)
         tl_good.append(run.goodput)
         tl_queue.append(len(core.queue))
-        tl_idle.append(usable_idle(core.queue.gpus_by_allowed) if len(core.queue) else 0)
+        tl_usable.append(usable_gpus(core.queue.gpus_by_allowed) if len(core.queue) else (0, 0))
         if progress is not None and time.perf_counter() - last_progress >= progress_every_s:
             last_progress = time.perf_counter()
             progress(f"[{policy}] {run.finished + run.never:,}/{len(jobs):,} jobs done, "
@@ -321,8 +323,9 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
     metrics = summarize(jobs, total_gpus, timing["decisions"], timing["policy_s"])
     metrics["allocation_rate_while_queued"] = allocation_while_queued(*timeline[:2],
                                                                       timeline[3], total_gpus)
+    usable = np.array(tl_usable, dtype=float).reshape(-1, 2)
     metrics["usable_gpus_busy_while_waiting"] = busy_while_waiting(
-        timeline[0], timeline[1], timeline[3], np.array(tl_idle, dtype=float))
+        timeline[0], timeline[3], usable[:, 0], usable[:, 1])
     metrics["wall_s"] = round(time.perf_counter() - wall0, 3)
     return SimResult(policy, jobs, *timeline, metrics)
 
@@ -352,21 +355,24 @@ def never_fit_reason(spec: JobSpec, cluster: ClusterSpec) -> str:
     return f"needs {spec.total_gpus} GPUs, the cluster has {have} of {kinds}"
 
 
-def _usable_idle_counter(state: ClusterState) -> Callable[[Counter], int]:
-    """idle(waiting GPUs by allowed families) -> free GPUs of the families some waiting job
-    may use (JobQueue.gpus_by_allowed; a key () allows any family)."""
+def _usable_gpus_counter(state: ClusterState) -> Callable[[Counter], tuple[int, int]]:
+    """usable(waiting GPUs by allowed families) -> (allocated, free) GPUs of the families some
+    waiting job may use (JobQueue.gpus_by_allowed; a key () allows any family)."""
     t = state.table
 
-    def idle(gpus_by_allowed: Counter) -> int:
+    def usable(gpus_by_allowed: Counter) -> tuple[int, int]:
         n = len(t)
+        held = np.bincount(t.family[:n], weights=t.reserved_gpus[:n], minlength=len(t.families))
         free = np.bincount(t.family[:n], weights=t.gpus[:n] - t.reserved_gpus[:n],
                            minlength=len(t.families))
         if () in gpus_by_allowed:
-            return int(sum(free[code] for f, code in t.families.items() if f))
-        wanted = {f for key in gpus_by_allowed for f in key}
-        return int(sum(free[t.families[f]] for f in wanted if f in t.families))
+            codes = [code for f, code in t.families.items() if f]
+        else:
+            wanted = {f for key in gpus_by_allowed for f in key}
+            codes = [t.families[f] for f in wanted if f in t.families]
+        return int(sum(held[c] for c in codes)), int(sum(free[c] for c in codes))
 
-    return idle
+    return usable
 
 
 class _Replay:
@@ -447,15 +453,15 @@ def allocation_while_queued(t: np.ndarray, alloc: np.ndarray, queue: np.ndarray,
     return float((alloc[:-1] * dt)[waiting].sum() / (span * total_gpus)) if span > 0 else None
 
 
-def busy_while_waiting(t: np.ndarray, alloc: np.ndarray, queue: np.ndarray,
+def busy_while_waiting(t: np.ndarray, queue: np.ndarray, usable_busy: np.ndarray,
                        usable_idle: np.ndarray) -> float | None:
-    """Allocated GPU-time / (allocated + usable idle GPU-time), over the time jobs wait (see
-    the module docstring); None if no job ever waited."""
+    """Usable allocated GPU-time / (usable allocated + usable idle GPU-time), over the time
+    jobs wait (see the module docstring); None if no job ever waited."""
     if len(t) < 2:
         return None
     dt = np.diff(t)
     waiting = queue[:-1] > 0
-    busy = float((alloc[:-1] * dt)[waiting].sum())
+    busy = float((usable_busy[:-1] * dt)[waiting].sum())
     idle = float((usable_idle[:-1] * dt)[waiting].sum())
     return busy / (busy + idle) if busy + idle > 0 else None
 

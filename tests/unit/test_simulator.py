@@ -453,6 +453,17 @@ def test_usable_gpus_busy_while_waiting_counts_only_gpus_the_waiting_job_may_use
     assert result.metrics["usable_gpus_busy_while_waiting"] == pytest.approx(busy)
 
 
+def test_usable_gpus_busy_while_waiting_is_a_share_of_the_gpus_the_waiting_job_may_use():
+    # An 8-GPU P100-only job waits (1 s to 1,000 s) while a 4-GPU job holds half the P100
+    # server and 4 P100s idle; 96 V100s are busy with jobs of their own. Of the GPUs the
+    # waiting job may use, half are busy; with every allocated GPU (the V100s too, while they
+    # run) in the numerator it read 0.92.
+    jobs = [(0, 1000, 4, "P100")] + [(0, 1000, 8, "V100")] * 12 + [(1, 10, 8, "P100")]
+    result = simulate(trace(*jobs), "p100:8x1,v100:8x12", "fifo", check=True)
+    assert by_id(result)[13].start == pytest.approx(1000)
+    assert result.metrics["usable_gpus_busy_while_waiting"] == pytest.approx(0.5)
+
+
 def test_never_fitting_jobs_are_counted_by_reason():
     result = simulate(trace((0, 10, 1, "A100"), (0, 10, 64), (0, 10, 1, "Z80"),
                             (0, 10, 1, "Z80|P100")), "p100:8x1,k80:4x1", "hetero-las")
