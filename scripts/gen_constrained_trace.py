@@ -171,7 +171,9 @@ def check_parameters(seed: int, jobs: int, load: float, scarce_load: float, gang
         raise ValueError(f"--cluster {cluster.text!r}: the scarce family {scarce} has "
                          f"{gpus[scarce]} GPUs, fewer than a gang job's {GANG_GPUS}")
     units = reference_units(gpus)
-    if units[scarce] * scarce_load >= sum(units.values()) * load:
+    # (--scarce-load is the gang jobs' load: with none, it bounds nothing)
+    if kind_counts(jobs, gang_share, single_share, pair_share)[GANG] and \
+            units[scarce] * scarce_load >= sum(units.values()) * load:
         raise ValueError(f"--scarce-load {scarce_load} on {gpus[scarce]} {scarce} GPUs is "
                          f"more than --load {load} on all {cluster.total_gpus} GPUs")
 

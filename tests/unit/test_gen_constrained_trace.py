@@ -105,6 +105,16 @@ def test_the_cli_writes_a_csv_that_loads_back(jobs, tmp_path, capsys):
     assert "offered load: 0.950 overall" in printed
 
 
+def test_no_gang_jobs_need_no_room_for_a_gang_load(tmp_path, capsys):
+    # --scarce-load is the gang jobs' load: without gang jobs it bounds nothing (at --load 0.1
+    # the default 0.7 on the A100s was refused as "more than --load").
+    out = tmp_path / "trace.csv"
+    assert gen.main(["--out", str(out), "--jobs", "200", "--gang-share", "0",
+                     "--load", "0.1"]) == 0, capsys.readouterr().err
+    back = load_canonical(out)
+    assert len(back) == 200 and not any(j.accelerators == ("A100",) for j in back)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--jobs", "1"], "--jobs must be an integer >= 2"),
     (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
