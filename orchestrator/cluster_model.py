@@ -199,6 +199,13 @@ def consolidated_throughput(model: str, gpu_type: str, n: int) -> float:
     return 1.0 / iteration_times(model, gpu_type, n)[0]
 
 
+def speed_over_reference(model: str, gpu_type: str, n: int) -> float:
+    """How many times faster `n` GPUs of `gpu_type` on one server train `model` than `n`
+    REFERENCE_GPUs: a trace duration (on the reference GPU) over it is the run time there."""
+    return consolidated_throughput(model, gpu_type, n) / consolidated_throughput(
+        model, REFERENCE_GPU, n)
+
+
 # -- the cluster ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -45,24 +45,34 @@ Definitions:
   other 1% run for up to 37 days, and a handful of such jobs would carry much of the offered
   load past the trace's span (a 37-day job pinned to a K80 runs for months), so that the
   cluster would see far less contention while jobs arrive than `load` says.
-- Durations are on the reference GPU (P100), as the simulator reads them; faster families run
-  them faster (by the job's model in the simulator; by the static table for the load below).
-- Capacity is counted in reference GPUs (P100s): a family's GPUs x its speed over a P100
-  (config.ACCELERATOR_SPEED: K80 0.42, V100 1.67, A100 3.67), 1,355 on the default cluster.
-  Counted in plain GPUs (992), load 0.95 would leave the cluster, mostly faster than the P100
-  the durations are on, at about 0.7 of what it can serve, with little to schedule.
+- Durations are on the reference GPU (P100), as the simulator reads them. Each job's model
+  type is the one the simulator gives a Philly row (cluster_model.model_for, by GPU-hours of
+  the drawn row) and is written in the trace's model_type column, so the speeds below are the
+  replay's, gang jobs' included (scaled, some would cross a GPU-hours bucket).
+- Loads are in the replay's units: a job's run time on a family, all its GPUs on one server,
+  is its duration / its speed-up there over a P100 in the simulator's speed model
+  (cluster_model.speed_over_reference: Gavel's measurements for its model at its GPU count;
+  an A100 is 2.2 V100s). A family's capacity in reference GPUs (P100s) for the trace is its
+  GPUs x the work-weighted harmonic mean of the jobs' speed-ups there: the P100-seconds of
+  the trace's work one second of all its GPUs runs (about 960 P100s on the default cluster
+  at seed 0, K80 0.27, V100 1.07, A100 2.35 each). Until 2026-12-06 capacity was counted
+  with the static config.ACCELERATOR_SPEED ratios (K80 0.42, V100 1.67, A100 3.67: 1,355
+  P100s), which overstate what Gavel measured for these models: the trace said 0.95 and
+  offered 1.34 in the replay, the gang jobs 1.06 of the A100s (said 0.7), the K80-pinned
+  jobs 1.44 (said 0.91).
 - Gang jobs' durations are Philly durations (drawn uniformly from all rows) times ONE factor,
-  chosen so that sum(8 x duration of gang jobs) / (scarce capacity x last submit time) equals
-  scarce_load. Unscaled, 5% of the jobs at 8 GPUs of Philly durations would offer the 10% of
-  GPUs about twice what they can serve, and every policy's JCT would be set by an unstable
-  queue rather than by where it places jobs.
+  chosen (by bisection) so that their GPU-seconds on the scarce family / (its GPUs x last
+  submit time) equals scarce_load while the trace offers `load`. Unscaled, 5% of the jobs at
+  8 GPUs of Philly durations would offer the 10% of GPUs about twice what they can serve, and
+  every policy's JCT would be set by an unstable queue rather than by where it places jobs.
 - Offered load = sum(num_gpus x duration_s) / (cluster capacity x last submit time).
 - Arrivals are Poisson at rate (jobs - 1) / T, the first at 0: exponential gaps, scaled so that
   the last submit time is exactly T = sum(num_gpus x duration_s) / (capacity x load); the
   offered load is then `load` to rounding.
-- Per-family load in the summary: "pinned" counts only jobs allowed that family alone (a lower
-  bound on what it must serve); "spread" splits every job's GPU-seconds over its allowed
-  families (all, for "any") in proportion to their GPU counts.
+- Per-family load in the summary, in the family's own GPU-seconds at the jobs' speeds there:
+  "pinned" counts only jobs allowed that family alone (a lower bound on what it must serve;
+  above 1, those jobs' queue grows while jobs arrive); "spread" splits every job's work over
+  its allowed families (all, for "any") in proportion to their GPU counts.
 """
 from __future__ import annotations
 
@@ -73,8 +83,8 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.cluster_model import (GPU_TYPES, REFERENCE_GPU, ClusterSpec,
-                                        parse_cluster_spec)
+from orchestrator.cluster_model import (FAMILY_TO_TYPE, GPU_TYPES, REFERENCE_GPU, ClusterSpec,
+                                        model_for, parse_cluster_spec, speed_over_reference)
 from orchestrator.config import ACCELERATOR_SPEED
 from orchestrator.traces import TraceError, TraceJob, load_philly, write_canonical
 
@@ -114,13 +124,34 @@ def family_gpus(cluster: ClusterSpec) -> dict[str, int]:
     return dict(sorted(by_family.items(), key=lambda kv: (ACCELERATOR_SPEED[kv[0]], kv[0])))
 
 
-def reference_units(gpus: dict[str, int]) -> dict[str, float]:
-    """Family -> its GPUs counted in reference GPUs (P100, the GPU trace durations are on):
-    GPUs x config.ACCELERATOR_SPEED[family] / ACCELERATOR_SPEED["P100"] (a V100 is 1.67, an
-    A100 3.67, a K80 0.42). Loads are offered against this capacity: a job of `duration_s`
-    on the reference GPU takes that long on a P100, 2.2x less on an A100."""
-    ref = ACCELERATOR_SPEED[REFERENCE_FAMILY]
-    return {f: n * ACCELERATOR_SPEED[f] / ref for f, n in gpus.items()}
+def speedups(sizes, models, families) -> dict[str, np.ndarray]:
+    """Family -> each job's speed-up there over the reference GPU, all its GPUs on one server,
+    in the simulator's speed model (cluster_model.speed_over_reference: Gavel's measurements
+    of the job's model at its GPU count): its duration over that is its run time there."""
+    return {f: np.array([speed_over_reference(m, FAMILY_TO_TYPE[f], int(n))
+                         for m, n in zip(models, sizes)]) for f in families}
+
+
+def family_capacity(gpus: dict[str, int], work: np.ndarray,
+                    speedup: dict[str, np.ndarray]) -> dict[str, float]:
+    """Family -> its capacity in reference GPUs (P100s) for this mix of jobs (`work`: each
+    job's GPUs x duration on the reference GPU): its GPUs x the work-weighted harmonic mean of
+    the jobs' speed-ups there, i.e. the reference GPU-seconds of the trace's work that one
+    second of all its GPUs runs."""
+    return {f: n * work.sum() / (work / speedup[f]).sum() for f, n in gpus.items()}
+
+
+def offered_load(gpus: dict[str, int], work: np.ndarray, speedup: dict[str, np.ndarray],
+                 last_s: float) -> float:
+    """sum(GPUs x duration on the reference GPU) / (capacity in reference GPUs x last_s)."""
+    return float(work.sum()) / (sum(family_capacity(gpus, work, speedup).values()) * last_s)
+
+
+def family_load(family: str, gpus: dict[str, int], work: np.ndarray,
+                speedup: dict[str, np.ndarray], last_s: float) -> float:
+    """The GPU-seconds `work` (GPUs x reference duration per job) takes on `family`, all on
+    one server each, over the family's GPU-seconds until `last_s`."""
+    return float((work / speedup[family]).sum()) / (gpus[family] * last_s)
 
 
 def scarce_family(gpus: dict[str, int]) -> str:
@@ -170,12 +201,7 @@ def check_parameters(seed: int, jobs: int, load: float, scarce_load: float, gang
     if gang_share > 0 and gpus[scarce] < GANG_GPUS:
         raise ValueError(f"--cluster {cluster.text!r}: the scarce family {scarce} has "
                          f"{gpus[scarce]} GPUs, fewer than a gang job's {GANG_GPUS}")
-    units = reference_units(gpus)
-    # (--scarce-load is the gang jobs' load: with none, it bounds nothing)
-    if kind_counts(jobs, gang_share, single_share, pair_share)[GANG] and \
-            units[scarce] * scarce_load >= sum(units.values()) * load:
-        raise ValueError(f"--scarce-load {scarce_load} on {gpus[scarce]} {scarce} GPUs is "
-                         f"more than --load {load} on all {cluster.total_gpus} GPUs")
+    # (whether --scarce-load fits in --load depends on the jobs' speeds: gang_scale says)
 
 
 def kind_counts(jobs: int, gang_share: float, single_share: float,
@@ -217,14 +243,31 @@ def draw_fitting_rows(rng: np.random.Generator, capacity: np.ndarray,
     return rows
 
 
-def gang_scale(other_gpu_s: float, gang_gpu_s: float, scarce_units: float,
-               total_units: float, load: float, scarce_load: float) -> float:
+def gang_scale(gpus: dict[str, int], work: np.ndarray, speedup: dict[str, np.ndarray],
+               is_gang: np.ndarray, load: float, scarce_load: float) -> float:
     """The factor on the gang jobs' durations that makes their load on the scarce family
-    `scarce_load` while the whole trace offers `load` (capacities in reference GPUs):
-        s G / (scarce x T) = scarce_load, T = (O + s G) / (total x load)
-        => s G = scarce x scarce_load x O / (total x load - scarce x scarce_load)."""
-    return scarce_units * scarce_load * other_gpu_s / (
-        gang_gpu_s * (total_units * load - scarce_units * scarce_load))
+    `scarce_load` when the last submit time makes the whole trace offer `load`. The gang
+    load grows with the factor (more of the trace's work is theirs) towards `load` x the
+    cluster's capacity over the scarce family's for gang jobs alone: found by bisection;
+    ValueError naming --scarce-load when it is beyond that."""
+    scarce = scarce_family(gpus)
+
+    def gang_load(factor: float) -> float:
+        scaled = np.where(is_gang, work * factor, work)
+        last_s = float(scaled.sum()) / (sum(family_capacity(gpus, scaled, speedup).values()) * load)
+        return family_load(scarce, gpus, np.where(is_gang, scaled, 0.0), speedup, last_s)
+
+    low, high = 0.0, 1.0
+    while gang_load(high) < scarce_load:
+        low, high = high, high * 2
+        if high > 1e12:  # the gang jobs would have to be all the load, and more
+            raise ValueError(f"--scarce-load {scarce_load} on {gpus[scarce]} {scarce} GPUs is "
+                             f"more than --load {load} on all {sum(gpus.values())} GPUs "
+                             f"can carry")
+    for _ in range(100):  # to float precision
+        mid = (low + high) / 2
+        low, high = (mid, high) if gang_load(mid) < scarce_load else (low, mid)
+    return (low + high) / 2
 
 
 def arrival_times(rng: np.random.Generator, jobs: int, last_s: float) -> np.ndarray:
@@ -244,7 +287,6 @@ def generate(seed: int = DEFAULT_SEED, jobs: int = DEFAULT_JOBS, load: float = D
     check_parameters(seed, jobs, load, scarce_load, gang_share, single_share, pair_share,
                      spec)
     gpus = family_gpus(spec)
-    scarce = scarce_family(gpus)
     rng = np.random.default_rng(seed)
     counts = kind_counts(jobs, gang_share, single_share, pair_share)
     kinds = rng.permutation(np.repeat(list(counts), list(counts.values())))
@@ -258,41 +300,43 @@ def generate(seed: int = DEFAULT_SEED, jobs: int = DEFAULT_JOBS, load: float = D
     sizes[~is_gang], durations[~is_gang] = philly_sizes[rows], philly_durations[rows]
     durations[is_gang] = philly_durations[rng.integers(len(philly_durations),
                                                        size=int(is_gang.sum()))]
-    other_gpu_s = float((sizes * durations)[~is_gang].sum())
-    units = reference_units(gpus)
+    # The model the simulator would give each Philly row (by its GPU-hours), written in the
+    # trace: the speeds the loads are set with are then the replay's, gang jobs' included
+    # (their scaled durations would move some across a GPU-hours bucket)
+    models = [model_for(float(d), int(n)) for d, n in zip(durations, sizes)]
+    speedup = speedups(sizes, models, gpus)
     if is_gang.any():
-        durations[is_gang] *= gang_scale(other_gpu_s, GANG_GPUS * float(durations[is_gang].sum()),
-                                         units[scarce], sum(units.values()), load, scarce_load)
-    last_s = float((sizes * durations).sum()) / (sum(units.values()) * load)
+        durations[is_gang] *= gang_scale(gpus, sizes * durations, speedup, is_gang, load,
+                                         scarce_load)
+    last_s = float((sizes * durations).sum()) / (
+        sum(family_capacity(gpus, sizes * durations, speedup).values()) * load)
     submits = arrival_times(rng, jobs, last_s)
-    return [TraceJob(i, float(submits[i]), float(durations[i]), int(sizes[i]),
-                     accelerators=allowed[i]) for i in range(jobs)]
+    return [TraceJob(i, float(submits[i]), float(durations[i]), int(sizes[i]), models[i],
+                     allowed[i]) for i in range(jobs)]
 
 
 # -- summary ---------------------------------------------------------------------------------------
 
-def offered_load(jobs: list[TraceJob], total_units: float) -> float:
-    """sum(num_gpus x duration_s) / (capacity in reference GPUs x last submit time)."""
+def trace_loads(jobs: list[TraceJob], gpus: dict[str, int]
+                ) -> tuple[float, dict[str, tuple[float, float]]]:
+    """(offered load of the whole cluster, family -> (pinned, spread) load), in the replay's
+    units (see the module docstring): the jobs' speeds by their model (model_for, as the
+    simulator reads the trace)."""
+    sizes = np.array([j.num_gpus for j in jobs])
+    work = sizes * np.array([j.duration_s for j in jobs])
+    speedup = speedups(sizes, [model_for(j.duration_s, j.num_gpus, j.model_type)
+                               for j in jobs], gpus)
     last = max(j.submit_time_s for j in jobs)
-    return sum(j.num_gpus * j.duration_s for j in jobs) / (total_units * last)
-
-
-def family_loads(jobs: list[TraceJob], gpus: dict[str, int]) -> dict[str, tuple[float, float]]:
-    """Family -> (pinned, spread) offered load against its capacity in reference GPUs (see
-    the module docstring)."""
-    units = reference_units(gpus)
-    last = max(j.submit_time_s for j in jobs)
-    pinned = dict.fromkeys(gpus, 0.0)
-    spread = dict.fromkeys(gpus, 0.0)
-    for j in jobs:
-        work = j.num_gpus * j.duration_s
-        allowed = [f for f in (j.accelerators or gpus) if f in gpus]
-        if len(j.accelerators) == 1 and allowed:
-            pinned[allowed[0]] += work
-        held = sum(gpus[f] for f in allowed)
-        for f in allowed:
-            spread[f] += work * gpus[f] / held
-    return {f: (pinned[f] / (units[f] * last), spread[f] / (units[f] * last)) for f in gpus}
+    allowed = [[f for f in (j.accelerators or gpus) if f in gpus] for j in jobs]
+    loads = {}
+    for f in gpus:
+        pinned = np.array([len(j.accelerators) == 1 and a == [f]
+                           for j, a in zip(jobs, allowed)])
+        share = np.array([gpus[f] / sum(gpus[g] for g in a) if f in a else 0.0
+                          for a in allowed])
+        loads[f] = (family_load(f, gpus, np.where(pinned, work, 0.0), speedup, last),
+                    family_load(f, gpus, work * share, speedup, last))
+    return offered_load(gpus, work, speedup, last), loads
 
 
 def summary(jobs: list[TraceJob], cluster: str = CONSTRAINED_CLUSTER) -> str:
@@ -305,7 +349,7 @@ def summary(jobs: list[TraceJob], cluster: str = CONSTRAINED_CLUSTER) -> str:
     gang = sum(j.accelerators == (scarce,) and j.num_gpus == GANG_GPUS for j in jobs)
     by_len = [sum(len(j.accelerators) == k for j in jobs) for k in (0, 1, 2)]
     last = max(j.submit_time_s for j in jobs)
-    loads = family_loads(jobs, gpus)
+    overall, loads = trace_loads(jobs, gpus)
     lines = [
         f"jobs: {n:,} over {last / 86400:.2f} days (last submit {last:,.0f} s)",
         f"cluster: {spec.total_gpus:,} GPUs: " + ", ".join(
@@ -313,10 +357,10 @@ def summary(jobs: list[TraceJob], cluster: str = CONSTRAINED_CLUSTER) -> str:
         f"constraints: any family {by_len[0] / n:.1%}, one family {by_len[1] / n:.1%} "
         f"(of which {GANG_GPUS}-GPU {scarce}-only gang jobs {gang / n:.1%}), "
         f"two families {by_len[2] / n:.1%}",
-        f"offered load: {offered_load(jobs, sum(reference_units(gpus).values())):.3f} overall "
-        f"(sum GPUs x duration on a {REFERENCE_FAMILY} / (cluster capacity in "
-        f"{REFERENCE_FAMILY}s x last submit))",
-        "per family (pinned = jobs allowed only it; spread = every job split by GPU count):",
+        f"offered load: {overall:.3f} overall (sum GPUs x duration on a {REFERENCE_FAMILY} / "
+        f"(cluster capacity in {REFERENCE_FAMILY}s for this job mix x last submit))",
+        "per family, in its GPU-seconds at the jobs' speeds there (pinned = jobs allowed only "
+        "it; spread = every job split by GPU count):",
         *(f"  {f:>5}: pinned {p:.3f}, spread {s:.3f}" for f, (p, s) in reversed(loads.items())),
     ]
     return "\n".join(lines)

@@ -1,18 +1,19 @@
 """scripts/gen_constrained_trace.py: the constrained heterogeneous trace has the shape the
 issue asks for (cluster, constraint shares, gang jobs, load), fits, is reproducible and loads
 back. One 8,000-job trace per module keeps it fast. No Ray."""
+import math
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from orchestrator.cluster_model import GPU_TYPES, parse_cluster_spec
+from orchestrator.cluster_model import FAMILY_TO_TYPE, GPU_TYPES, parse_cluster_spec, throughput
+from orchestrator.simulator import make_jobs
 from orchestrator.traces import load_canonical, write_canonical
 from scripts import gen_constrained_trace as gen
 
 SPEC = parse_cluster_spec(gen.CONSTRAINED_CLUSTER)
 GPUS = gen.family_gpus(SPEC)  # family -> GPUs
-UNITS = gen.reference_units(GPUS)  # family -> capacity in P100s
 N = gen.DEFAULT_JOBS
 
 
@@ -21,9 +22,18 @@ def jobs():
     return gen.generate()
 
 
-def offered(jobs, selected, gpus):
+def replay_gpu_s(jobs, family):
+    """Each job's GPU-seconds on `family`, all on one server, as the simulator runs it: its
+    work (iterations) over its throughput there (simulator.make_jobs, _Replay.start)."""
+    return np.array([j.trace.num_gpus * j.work / throughput(
+        j.model, (FAMILY_TO_TYPE[family],), j.trace.num_gpus, math.inf)
+        for j in make_jobs(jobs, SPEC)])
+
+
+def load_on(family, jobs, selected):
+    """The load `selected` (a mask over jobs) offers `family`, in the replay's units."""
     last = max(j.submit_time_s for j in jobs)
-    return sum(j.num_gpus * j.duration_s for j in selected) / (gpus * last)
+    return replay_gpu_s(jobs, family)[selected].sum() / (GPUS[family] * last)
 
 
 def test_the_cluster_has_four_families_and_a_scarce_one_in_8_gpu_servers():
@@ -44,9 +54,11 @@ def test_job_count_and_constraint_shares(jobs):
 
 
 def test_gang_jobs_are_5_percent_of_8_gpus_on_the_scarce_family_at_its_load(jobs):
-    gang = [j for j in jobs if j.accelerators == ("A100",)]
-    assert len(gang) == round(0.05 * N) and {j.num_gpus for j in gang} == {8}
-    assert offered(jobs, gang, UNITS["A100"]) == pytest.approx(gen.DEFAULT_SCARCE_LOAD, rel=0.02)
+    # In the replay's units: the GPU-seconds the gang jobs take on the A100s in the simulator
+    # (they offered 1.06 there when the load was set with config.ACCELERATOR_SPEED's ratios)
+    gang = np.array([j.accelerators == ("A100",) for j in jobs])
+    assert gang.sum() == round(0.05 * N) and {j.num_gpus for j in np.array(jobs)[gang]} == {8}
+    assert load_on("A100", jobs, gang) == pytest.approx(gen.DEFAULT_SCARCE_LOAD, rel=1e-6)
 
 
 def test_other_single_family_jobs_pick_by_gpu_count(jobs):
@@ -59,11 +71,21 @@ def test_other_single_family_jobs_pick_by_gpu_count(jobs):
         assert count / total == pytest.approx(GPUS[family] / others, abs=0.05), family
 
 
-def test_offered_load_is_the_target(jobs):
-    capacity = sum(UNITS.values())  # in P100s: 96 A100 x 2.2/0.6 + 384 V100 x 1/0.6 + ...
-    assert capacity == pytest.approx(96 * 2.2 / 0.6 + 384 / 0.6 + 256 + 256 * 0.25 / 0.6)
-    assert gen.offered_load(jobs, capacity) == pytest.approx(gen.DEFAULT_LOAD, rel=0.02)
-    assert offered(jobs, jobs, capacity) == pytest.approx(0.95, rel=0.02)
+def test_offered_load_is_the_target_in_the_replays_units(jobs):
+    # A family's capacity in P100s for this trace: its GPUs x the P100-seconds of the trace's
+    # work per GPU-second it takes there in the simulator (all jobs on it). Counted with
+    # config.ACCELERATOR_SPEED's ratios instead (1,355 P100s), the trace offered 1.34.
+    everything = np.ones(len(jobs), dtype=bool)
+    work = sum(j.num_gpus * j.duration_s for j in jobs)
+    last = max(j.submit_time_s for j in jobs)
+    capacity = sum(GPUS[f] * work / replay_gpu_s(jobs, f).sum() for f in GPUS)
+    assert work / (capacity * last) == pytest.approx(gen.DEFAULT_LOAD, rel=1e-6)
+    overall, per_family = gen.trace_loads(jobs, GPUS)
+    assert overall == pytest.approx(0.95, rel=1e-6)
+    pinned = {f: np.array([j.accelerators == (f,) for j in jobs]) for f in GPUS}
+    for f in GPUS:  # the summary's pinned loads are the replay's too
+        assert per_family[f][0] == pytest.approx(load_on(f, jobs, pinned[f]), rel=1e-9), f
+    assert load_on("P100", jobs, everything) == pytest.approx(work / (GPUS["P100"] * last))
     submits = [j.submit_time_s for j in jobs]
     assert submits[0] == 0 and submits == sorted(submits)
 
@@ -98,8 +120,10 @@ def test_the_cli_writes_a_csv_that_loads_back(jobs, tmp_path, capsys):
     out = tmp_path / "trace.csv"
     assert gen.main(["--out", str(out), "--seed", "0"]) == 0
     back = load_canonical(out)
-    assert [(j.submit_time_s, j.duration_s, j.num_gpus, j.accelerators) for j in back] == \
-        [(j.submit_time_s, j.duration_s, j.num_gpus, j.accelerators) for j in jobs]
+    assert [(j.submit_time_s, j.duration_s, j.num_gpus, j.model_type, j.accelerators)
+            for j in back] == \
+        [(j.submit_time_s, j.duration_s, j.num_gpus, j.model_type, j.accelerators)
+         for j in jobs]
     printed = capsys.readouterr().out
     assert "jobs: 8,000" in printed and "A100 96 (9.7%)" in printed
     assert "offered load: 0.950 overall" in printed
@@ -123,7 +147,8 @@ def test_no_gang_jobs_need_no_room_for_a_gang_load(tmp_path, capsys):
     (["--single-share", "0.9", "--pair-share", "0.2"], "> 1"),
     (["--cluster", "v100:8x4"], "needs at least two accelerator families"),
     (["--cluster", "v100:8x4,a100:4x1"], "the scarce family A100 has 4 GPUs"),
-    (["--scarce-load", "20"], "--scarce-load 20.0 on 96 A100 GPUs is more than --load"),
+    (["--scarce-load", "20", "--jobs", "400"],
+     "--scarce-load 20.0 on 96 A100 GPUs is more than --load"),
     (["--cluster", "v100:8"], "part 'v100:8'"),
     (["--jobs", "10", "--gang-share", "0.96", "--single-share", "1", "--pair-share", "0"],
      "makes every job a gang job"),
