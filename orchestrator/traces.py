@@ -2,7 +2,8 @@
 
 Canonical CSV (header required, columns in any order):
 
-    submit_time_s   seconds since the trace start (float >= 0)
+    submit_time_s   seconds (float >= 0): since the trace start, or absolute (Unix time);
+                    the replay's clock starts at the first submit (prepare)
     duration_s      run time on the reference GPU type, all GPUs on one server (float > 0)
     num_gpus        GPUs the job uses (integer >= 1)
     model_type      optional: a Gavel job type ("ResNet-50 (batch size 64)"); empty = by GPU-hours
@@ -18,9 +19,12 @@ name: a letter or digit, then letters, digits, "_" or "-". An empty part ("V100|
 TraceJob.accelerators and `unknown_families` names it, so the simulator can report the job as
 never fitting rather than refuse the whole trace.
 
-Times are in seconds: a duration or submit time over MAX_SECONDS (1e9 s, 31 years) is an error,
-most likely milliseconds or microseconds. num_gpus is at most MAX_GPUS (JobSpec's num_workers
-limit). A leading UTF-8 byte-order mark and blank lines before the header are skipped; a file
+Times are in seconds, and milliseconds or microseconds are refused, naming the file, line and
+field: a duration over MAX_SECONDS (1e9 s, 31 years), a submit time over MAX_UNIX_SECONDS (1e10
+s: the year 2286 as Unix time; Unix time in ms is over 1e12), submit times spanning over
+MAX_SECONDS (relative times in ms past 11.6 days, or Unix and relative times mixed); relative
+times in ms spanning less, and durations in ms under MAX_SECONDS, read as seconds. num_gpus
+is at most MAX_GPUS (JobSpec's num_workers limit). A leading UTF-8 byte-order mark and blank lines before the header are skipped; a file
 with a header but no rows is an error, and so is a gzip-compressed one.
 
 Any other column, a missing required column, or a malformed row raises TraceError naming the
@@ -57,9 +61,13 @@ FORMAT_COLUMNS = {"canonical": (CANONICAL_REQUIRED, CANONICAL_OPTIONAL),
 # A column only that format has: how a header is recognised (sniff_format, error hints).
 FORMAT_KEY_COLUMN = {"philly": "timestamp", "canonical": "submit_time_s"}
 FORMAT_NAMES = {"philly": "Philly", "canonical": "canonical"}  # as the hints write them
-# 31 years: a longer duration or later submit time is a unit mistake (milliseconds,
-# microseconds), and its figures would come out as inf, nan or 300-digit numbers.
+# 31 years: a longer duration, or submit times spanning longer, is a unit mistake
+# (milliseconds, microseconds), and its figures would come out as inf, nan or 300-digit numbers.
 MAX_SECONDS = 1e9
+# Submit times may be Unix times in seconds (the commonest export: prepare() starts the clock
+# at the first); one over this, the year 2286 as Unix time, is in ms (1.5e12 now) or µs.
+MAX_UNIX_SECONDS = 1e10
+UNIT_HINT = "times are in seconds; was it written in ms or µs?"
 # JobSpec's num_workers limit: a bigger job would fail there as a bare ConfigError, not as a
 # line of the trace.
 MAX_GPUS = MAX_WORKERS
@@ -142,13 +150,28 @@ def _float(value: str, name: str, where: str, minimum: float, strict: bool) -> f
     return x
 
 
-def _seconds(value: str, name: str, where: str, strict: bool) -> float:
-    """A time in seconds: >= 0 (> 0 if `strict`) and at most MAX_SECONDS."""
+def _seconds(value: str, name: str, where: str, strict: bool, limit: float = MAX_SECONDS,
+             limit_is: str = "31 years") -> float:
+    """A time in seconds: >= 0 (> 0 if `strict`) and at most `limit`."""
     x = _float(value, name, where, 0, strict)
-    if x > MAX_SECONDS:
-        raise TraceError(f"{where}: {name} {value!r} is over {MAX_SECONDS:g} s (31 years): "
-                         "times are in seconds; was it written in ms or µs?")
+    if x > limit:
+        raise TraceError(f"{where}: {name} {value!r} is over {limit:g} s ({limit_is}): "
+                         f"{UNIT_HINT}")
     return x
+
+
+def _check_submit_span(jobs: list[TraceJob], path) -> None:
+    """Submit times spanning over MAX_SECONDS are in ms or µs (or Unix and relative times
+    mixed): a TraceError naming the last job's line and the first's."""
+    if not jobs:
+        return
+    first = min(jobs, key=lambda j: j.submit_time_s)
+    last = max(jobs, key=lambda j: j.submit_time_s)
+    span = last.submit_time_s - first.submit_time_s
+    if span > MAX_SECONDS:
+        raise TraceError(f"{path}:{last.line}: submit_time_s {last.submit_time_s:g} is "
+                         f"{span:g} s ({span / (365.25 * 86400):,.0f} years) after line "
+                         f"{first.line}'s {first.submit_time_s:g}: {UNIT_HINT}")
 
 
 def _int(value: str, name: str, where: str) -> int:
@@ -277,10 +300,12 @@ def load_canonical(path: Path | str) -> list[TraceJob]:
         accelerators = parse_accelerators(get("accelerator"), where)
         jobs.append(TraceJob(
             job_id=len(jobs),
-            submit_time_s=_seconds(get("submit_time_s"), "submit_time_s", where, False),
+            submit_time_s=_seconds(get("submit_time_s"), "submit_time_s", where, False,
+                                   MAX_UNIX_SECONDS, "the year 2286 as Unix time"),
             duration_s=_seconds(get("duration_s"), "duration_s", where, True),
             num_gpus=_int(get("num_gpus"), "num_gpus", where),
             model_type=model_type, accelerators=accelerators, line=line))
+    _check_submit_span(jobs, Path(path))
     return jobs
 
 

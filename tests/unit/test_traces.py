@@ -7,7 +7,7 @@ import gzip
 
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.traces import (MAX_GPUS, TraceError, TraceJob, load_canonical, load_philly,
-                                 load_trace, parse_accelerators, sniff_format,
+                                 load_trace, parse_accelerators, prepare, sniff_format,
                                  unknown_families, unknown_family_reason, write_canonical)
 
 HEADER = "submit_time_s,duration_s,num_gpus,accelerator\n"
@@ -135,6 +135,9 @@ def test_the_gpu_bound_is_jobspecs_num_workers_limit():
     ("canonical", CANONICAL + "0,1.7e308,1\n", ":2: duration_s '1.7e308' is over 1e+09 s"),
     ("canonical", CANONICAL + "0,100,1\n5,1e12,1\n", ":3: duration_s '1e12' is over"),
     ("canonical", CANONICAL + "1e300,100,1\n", ":2: submit_time_s '1e300' is over"),
+    # Unix time in ms: as seconds it is thousands of years ahead
+    ("canonical", CANONICAL + "1507532515,100,1\n1507532600000,100,1\n",
+     ":3: submit_time_s '1507532600000' is over"),
     ("philly", PHILLY + "2017-10-09 07:01:55,1e12,1\n", ":2: duration '1e12' is over"),
 ])
 def test_times_over_31_years_are_refused_hinting_at_the_unit(tmp_path, fmt, text, message):
@@ -143,6 +146,24 @@ def test_times_over_31_years_are_refused_hinting_at_the_unit(tmp_path, fmt, text
     with pytest.raises(TraceError) as e:
         load_trace(path, fmt)
     assert str(e.value).startswith(str(path)) and message in str(e.value)
+    assert "seconds; was it written in ms or µs?" in str(e.value)
+
+
+def test_unix_epoch_submit_times_are_read_and_the_clock_starts_at_the_first(tmp_path):
+    # The most common export (seconds since 1970); it was refused as "ms or µs?".
+    path = write(tmp_path, CANONICAL + "1507532600,7200,2\n1507532515,3600,1\n")
+    jobs = prepare(load_trace(path, "canonical"))
+    assert [(j.submit_time_s, j.duration_s, j.line) for j in jobs] == [(0, 3600, 3),
+                                                                       (85, 7200, 2)]
+
+
+def test_submit_times_spanning_over_31_years_are_refused_naming_both_ends(tmp_path):
+    # Relative times in ms (2e9 ms = 23 days), or relative and Unix times mixed: the span,
+    # not the size of one time, gives the unit away.
+    path = write(tmp_path, CANONICAL + "0,100,1\n7200000,100,1\n2000000000,100,1\n")
+    with pytest.raises(TraceError) as e:
+        load_trace(path, "canonical")
+    assert str(e.value).startswith(f"{path}:4: submit_time_s") and "line 2" in str(e.value)
     assert "seconds; was it written in ms or µs?" in str(e.value)
 
 
