@@ -4,8 +4,18 @@ Every decision is the live scheduler's: the simulator drives the same SchedulerC
 (orchestrator/scheduler_core.py) the SchedulerActor drives — its queue, EASY backfill,
 preemption and migration — with trace arrivals (`submit`), modelled completions
 (`release`) and `tick` at each moment time alone makes a decision possible (the live actor
-ticks every 5 s; SchedulerCore.next_wakeup names those moments), and carries out its yields as live drivers do (checkpoint at the step boundary, stop,
-`yielded`, restart after RESTART_S). Policies (orchestrator/policies.py) differ in
+ticks every 5 s; SchedulerCore.next_wakeup names those moments), and carries out its yields
+as live jobs and drivers do: the job asks `directive` at a step boundary NOTICE_S after the
+directive was issued (one taken back before then is not seen: the job trains on),
+checkpoints there and keeps its GPUs until it has released them (YIELD_S after the
+directive), then `yielded`; placed again, it reloads for RELOAD_S before it trains (RESTART_S
+= YIELD_S + RELOAD_S, measured live). Modelled jobs checkpoint only when told to yield (as the
+job bench_yield measured: no periodic checkpoints), so a running job has no checkpoint in its
+current attempt to report with `directive` (live, DirectiveWatch reports the last of the
+attempt, None before one): the core's victim tie-break, least time since the last checkpoint,
+goes by time since the job (re)started, as live for such jobs; a live job that also
+checkpoints periodically reports its last save, which is not modelled here, so among victims
+otherwise equal the live core may pick another. Policies (orchestrator/policies.py) differ in
 where jobs go and in the queue's order: "hetero-las" is the live scheduler's own rules, the
 others are baselines plugged into the same core. Time in the ClusterState is a constant
 (SIM_NOW) and heartbeat limits are infinite, so no modelled server ever goes stale; simulated
@@ -33,14 +43,16 @@ Metrics (per policy):
 - gpu_time_efficiency = sum(GPUs x runtime x achieved/ideal speed) / sum(GPUs x runtime): the
   GPU-time the jobs' work would take at the ideal speed over the GPU-time they were allocated,
   ideal = consolidated throughput on the fastest GPU type in the cluster (cluster_model); the
-  RESTART_S a resumed segment spends reloading counts as runtime at speed 0. Its numerator is
+  RELOAD_S a resumed segment spends reloading, and a yielding job's checkpoint and release
+  after it saw the directive, count as runtime at speed 0. Its numerator is
   the trace's work, the same under every policy, so a goodput over cluster GPUs x makespan
   would say nothing makespan does not; over the GPU-time allocated it says how well the
   policy placed jobs (slower families, spread placements and reloads lower it). The goodput
   timeline (a plot: allocated GPUs x achieved/ideal speed, counting a segment's GPUs from its
-  start) shows when that work was done.
+  start to its release) shows when that work was done.
 - preemptions and migrations (in all and per job), restart_overhead = GPU-time spent
-  yielding and reloading checkpoints (RESTART_S per restart), over all GPU-time allocated
+  yielding (checkpoint and release, after the job saw its directive) and reloading
+  checkpoints (RELOAD_S per restart), over all GPU-time allocated
 - decisions/s = policy calls / seconds spent inside the policy
 """
 from __future__ import annotations
@@ -75,12 +87,20 @@ from orchestrator.traces import TraceJob, unknown_families, unknown_family_reaso
 
 SIM_NOW = 0.0  # the ClusterState's clock: constant, see the module docstring
 DEFAULT_CLUSTER = "v100:8x48,p100:8x48,k80:4x64;rack=16"  # 1,024 GPUs, 160 servers
-# A preempted or migrated job spends RESTART_S before it trains again: the planned-yield time
-# measured live by scripts/bench_yield.py (directive -> checkpoint -> release -> placed again
-# -> workers restarted -> checkpoint restored -> first step; median 60.7 s,
-# docs/benchmarks.md). It loses no work: a live job told to yield finishes its step and
-# checkpoints there (training/loop.py), and that save is inside the measured time.
+# A preempted or migrated job spends RESTART_S from the directive to its first step after the
+# restart: the planned-yield time measured live by scripts/bench_yield.py (directive ->
+# checkpoint -> release -> placed again -> workers restarted -> checkpoint restored -> first
+# step; median 60.7 s, docs/benchmarks.md 2026-12-02). Of it, the job keeps its old GPUs for
+# YIELD_S: it sees the directive at a step boundary NOTICE_S after it was issued (median
+# notice 2.32 s), checkpoints there (2.04 s) and releases its GPUs (2.27 s), the medians of
+# those parts. It trains until it sees the directive and loses no work: the checkpoint saves
+# it (training/loop.py). Placed again, it spends the rest, RELOAD_S, before it trains.
 RESTART_S = 61.0
+NOTICE_S = 2.32
+YIELD_S = 6.63  # notice + checkpoint + release
+RELOAD_S = RESTART_S - YIELD_S
+# Events of the replay's heap besides arrivals, at the same instant in this order per job
+ENDS, SEES_DIRECTIVE, RELEASES = 0, 1, 2
 
 FINISHED, NEVER_FITS = "finished", "never_fits"
 PLOT_FILES = ("jct_cdf.png", "utilization.png")  # what write_plots writes
@@ -111,6 +131,7 @@ class SimJob:
     work_done: float = 0.0  # iterations saved in checkpoints before the current segment
     speed: float = math.nan  # iterations/s where it runs now
     segment_start: float = math.nan
+    trained_until: float = math.nan  # when it saw its directive to yield (its checkpoint)
     segments: int = 0  # times started (1 + restarts after preemption or migration)
     good_time: float = 0.0  # run time weighted by achieved/ideal speed
     preemptions: int = 0
@@ -233,7 +254,9 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
 
         core._place = timed_place
     run = _Replay(jobs, state, check)
-    completions: list[tuple[float, int, int]] = []  # (finish, job index, segment): lazy deletion
+    # (time, job index, segment, ENDS | SEES_DIRECTIVE | RELEASES); lazy deletion: an event of
+    # an earlier segment, or of a job no longer in the state it expects, is skipped
+    completions: list[tuple[float, int, int, int]] = []
     index = {j.spec.name: i for i, j in enumerate(jobs)}
     arrivals = sorted(range(len(jobs)), key=lambda i: jobs[i].trace.submit_time_s)
     next_arrival = 0
@@ -242,27 +265,41 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
     usable_gpus = _usable_gpus_counter(state)
     wall0 = last_progress = time.perf_counter()
 
+    def at(t: float, job: SimJob, event: int) -> None:
+        heapq.heappush(completions, (t, index[job.spec.name], job.segments, event))
+
     def start(job: SimJob, placement: Placement, now: float) -> None:
         run.start(job, placement, now)
-        heapq.heappush(completions, (job.finish, index[job.spec.name], job.segments))
+        at(job.finish, job, ENDS)
 
     def carry_out(outcome, now: float, job: SimJob | None = None) -> None:
-        """Start what the core placed (`job`: the one the decision is about); carry out its
-        yields (preemption, migration) as the live drivers do: stop, then `yielded`."""
+        """Start what the core placed (`job`: the one the decision is about); tell the jobs
+        it directs to yield (preemption, migration): each sees it NOTICE_S later."""
         if job is not None and isinstance(outcome.decision, Placement):
             start(job, outcome.decision, now)
         for effect in outcome.effects:
-            if isinstance(effect, Yield):
-                told = core.running.get(effect.job_name)
-                if told is None or told.directive is None:
-                    continue  # taken back before the job read it (its preemptor started)
-                victim = by_name[effect.job_name]
-                run.stop(victim, now, yielding=True)
-                victim.preemptions += effect.kind == PREEMPT
-                victim.migrations += effect.kind == MIGRATE
-                carry_out(core.yielded(effect.job_name, "", now), now, victim)
+            if isinstance(effect, Yield) and by_name[effect.job_name].status == "running":
+                at(now + NOTICE_S, by_name[effect.job_name], SEES_DIRECTIVE)
         for name in list(core.queue.ready):
             start(by_name[name], core.poll(name, "", now).decision, now)
+
+    def sees_directive(job: SimJob, now: float) -> None:
+        """The job asks at a step boundary, as a live job does (core.directive, through
+        which the live actor answers; with no checkpoint in this attempt to report: see the
+        module docstring). None: taken back before it read it (its preemptor started
+        elsewhere), it trains on. Else it checkpoints and releases its GPUs."""
+        if core.directive(job.spec.name, now) is None:
+            return
+        run.sees_directive(job, now)
+        at(now + YIELD_S - NOTICE_S, job, RELEASES)
+
+    def releases(job: SimJob, now: float) -> None:
+        """The job has checkpointed and stopped: `yielded`, as its driver calls it."""
+        kind = core.running[job.spec.name].directive.kind
+        run.stop(job, now, yielding=True)
+        job.preemptions += kind == PREEMPT
+        job.migrations += kind == MIGRATE
+        carry_out(core.yielded(job.spec.name, "", now), now, job)
 
     def record(now: float) -> None:
         """The timeline after an event; progress every progress_every_s of wall time."""
@@ -294,12 +331,19 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
             continue
         now = t_event
         while completions and completions[0][0] <= now:
-            _, i, segment = heapq.heappop(completions)
+            _, i, segment, event = heapq.heappop(completions)
             job = jobs[i]
-            if job.status != "running" or segment != job.segments:
-                continue  # a completion planned before the job was preempted or moved
-            run.finish(job, now)
-            carry_out(core.release(job.spec.name, "", now), now)
+            if segment != job.segments:
+                continue  # planned before the job was preempted or moved
+            if event == RELEASES:
+                releases(job, now)
+            elif job.status != "running":
+                continue  # it ended, or saw a directive, before this
+            elif event == SEES_DIRECTIVE:
+                sees_directive(job, now)
+            else:
+                run.finish(job, now)
+                carry_out(core.release(job.spec.name, "", now), now)
         while next_arrival < len(arrivals) and \
                 jobs[arrivals[next_arrival]].trace.submit_time_s <= now:
             job = jobs[arrivals[next_arrival]]
@@ -390,7 +434,7 @@ class _Replay:
             used[_type_of(node)] = used.get(_type_of(node), 0) + workers * placement.gpus_per_worker
         n = job.trace.num_gpus
         job.speed = throughput(job.model, tuple(sorted(used)), n, placement.bottleneck_gbps)
-        restart = RESTART_S if job.segments else 0.0  # a resumed job reloads its checkpoint
+        restart = RELOAD_S if job.segments else 0.0  # a resumed job reloads its checkpoint
         job.segment_start = now
         job.finish = now + restart + (job.work - job.work_done) / job.speed
         if math.isnan(job.start):
@@ -410,17 +454,24 @@ class _Replay:
         self.goodput += n * job.speed_vs_ideal
         self._check()
 
+    def sees_directive(self, job: SimJob, now: float) -> None:
+        """The job read a directive to yield at a step boundary: it trains no more (the
+        checkpoint it writes now keeps its work) but holds its GPUs until it releases them."""
+        job.trained_until = now
+        job.status = "yielding"
+
     def stop(self, job: SimJob, now: float, yielding: bool) -> None:
-        """The job stops running: finished, or yielding (its work saved by the checkpoint the
-        directive asks for at the step boundary)."""
+        """The job releases its GPUs: finished, or yielding (its work saved by the checkpoint
+        written when it saw the directive)."""
         held = now - job.segment_start
+        trained = (job.trained_until if yielding else now) - job.segment_start
         job.history.append((job.segment_start, now, job.nodes))
         job.runtime = (0.0 if math.isnan(job.runtime) else job.runtime) + held
-        reloading = min(held, RESTART_S) if job.segments > 1 else 0.0
-        job.good_time += (held - reloading) * job.speed_vs_ideal  # reloading trains nothing
-        job.overhead_s += reloading
+        reloading = min(trained, RELOAD_S) if job.segments > 1 else 0.0
+        job.good_time += (trained - reloading) * job.speed_vs_ideal  # reloading trains nothing
+        job.overhead_s += held - (trained - reloading)  # reloading, checkpointing, releasing
         if yielding:
-            job.work_done += job.speed * (held - reloading)
+            job.work_done += job.speed * (trained - reloading)
             job.status = "yielded"
         self.gpus -= job.trace.num_gpus
         self.goodput -= job.trace.num_gpus * job.speed_vs_ideal

@@ -12,8 +12,8 @@ from orchestrator.scheduler_types import SchedulerSettings
 from orchestrator.__main__ import main
 from orchestrator.cluster_model import (ClusterSpecError, build_state, iteration_times,
                                         parse_cluster_spec, throughput)
-from orchestrator.simulator import (FINISHED, NEVER_FITS, RESTART_S, simulate,
-                                    simulation_settings)
+from orchestrator.simulator import (FINISHED, NEVER_FITS, NOTICE_S, RELOAD_S, RESTART_S,
+                                    YIELD_S, simulate, simulation_settings)
 from orchestrator.traces import (TraceError, TraceJob, load_canonical, load_philly, load_trace,
                                  prepare, unknown_families)
 
@@ -476,31 +476,35 @@ def test_never_fitting_jobs_are_counted_by_reason():
 
 def test_a_las_preemption_costs_the_measured_restart_and_loses_no_work():
     # One P100. A runs 8,000 s (> 7,200 GPU-s: LAS level 1); B arrives and preempts it. Told to
-    # yield, A checkpoints at its step boundary (as the live loop does), so it keeps all 8,000
-    # s of work and spends only RESTART_S (the measured yield, save included) to come back.
+    # yield, A checkpoints at its step boundary (as the live loop does), so it keeps all the
+    # work done until it saw the directive, and from the directive to its first step after
+    # the restart it spends RESTART_S (the measured yield, save included) as B runs between.
     result = simulate(trace((0, 10_000, 1), (8000, 100, 1)), "p100:1x1", "hetero-las",
                       check=True)
     a, b = by_id(result)[0], by_id(result)[1]
-    assert (a.preemptions, b.start, b.finish) == (1, 8000, 8100)
-    assert a.finish == pytest.approx(8100 + RESTART_S + 2000)
+    assert a.preemptions == 1
+    assert (b.start, b.finish) == (pytest.approx(8000 + YIELD_S), pytest.approx(8100 + YIELD_S))
+    assert a.finish == pytest.approx(8100 + RESTART_S + 10_000 - (8000 + NOTICE_S))
     m = result.metrics
     assert m["preemptions_per_job"] == 0.5
-    assert m["restart_overhead"] == pytest.approx(RESTART_S / (a.finish - 0))
+    # the GPU is busy throughout: A's yield and reload over all GPU-time
+    assert m["restart_overhead"] == pytest.approx((YIELD_S - NOTICE_S + RELOAD_S) / a.finish)
 
 
 def test_the_wait_after_a_preemption_counts_as_waiting_not_only_the_first_start():
     # A starts at once, is preempted by B at 8,000 s and waits while B runs its 100 s: its
-    # first start came at once, but it waited 100 s. The mean wait is over both jobs (B never
-    # waits); the first-start delay says nothing of A's wait (it read 0 as "mean queue").
+    # first start came at once, but it waited 100 s. B waits for A's yield (YIELD_S). The
+    # first-start delay says nothing of A's wait (as "mean queue" it read 0, with yields
+    # carried out at once).
     result = simulate(trace((0, 10_000, 1), (8000, 100, 1)), "p100:1x1", "hetero-las",
                       check=True)
     a = by_id(result)[0]
     assert a.preemptions == 1
     m = result.metrics
-    assert m["mean_first_start_delay_s"] == 0
-    assert m["mean_wait_s"] == pytest.approx(100 / 2, abs=0.01)
+    assert m["mean_first_start_delay_s"] == pytest.approx(YIELD_S / 2)
+    assert m["mean_wait_s"] == pytest.approx((100 + YIELD_S) / 2, abs=0.01)
     held = sum(end - start for start, end, _ in a.history)
-    assert m["mean_wait_s"] == pytest.approx((a.finish - held) / 2)  # A submitted at 0
+    assert m["mean_wait_s"] == pytest.approx((a.finish - held + YIELD_S) / 2)  # A came at 0
 
 
 def test_jobs_csv_names_the_first_start_delay_and_the_whole_wait(tmp_path):
@@ -513,7 +517,7 @@ def test_jobs_csv_names_the_first_start_delay_and_the_whole_wait(tmp_path):
     assert "queue_s" not in rows[0]
     assert float(rows[0]["first_start_delay_s"]) == 0
     assert float(rows[0]["wait_s"]) == pytest.approx(100, abs=0.01)
-    assert float(rows[1]["wait_s"]) == 0
+    assert float(rows[1]["wait_s"]) == pytest.approx(YIELD_S, abs=0.01)
 
 
 @pytest.mark.parametrize("family", ["P100", "V100"])
@@ -533,53 +537,91 @@ def test_gpu_time_efficiency_says_where_jobs_ran_at_the_same_makespan(family):
     assert m["gpu_time_efficiency"] == pytest.approx(11_000 * r / gpu_time)
 
 
+def test_a_yielding_job_keeps_its_gpus_until_it_has_checkpointed_and_released_them():
+    # Live (bench_yield) a victim sees its directive 2.32 s later, at a step boundary, and
+    # holds its GPUs while it checkpoints and stops: 6.63 s from the directive to the release.
+    # B (level 0) preempts A (level 1) at 8,000 s and starts only then; A trains until it sees
+    # the directive, and from the directive to its first step after the restart it spends
+    # the measured RESTART_S when placed again at once.
+    from orchestrator.simulator import NOTICE_S, RELOAD_S, YIELD_S
+
+    assert (NOTICE_S, YIELD_S, RESTART_S) == (2.32, 6.63, 61.0)
+    assert YIELD_S + RELOAD_S == RESTART_S
+    result = simulate(trace((0, 10_000, 1), (8000, 100, 1)), "p100:1x1", "hetero-las",
+                      check=True)
+    a, b = by_id(result)[0], by_id(result)[1]
+    assert a.preemptions == 1 and a.history[0][:2] == (0, pytest.approx(8000 + YIELD_S))
+    assert b.start == pytest.approx(8000 + YIELD_S)
+    trained = 8000 + NOTICE_S
+    assert a.finish == pytest.approx(b.finish + RELOAD_S + 10_000 - trained)
+    assert a.overhead_s == pytest.approx(YIELD_S - NOTICE_S + RELOAD_S)
+
+
+def test_a_directive_taken_back_before_the_job_sees_it_stops_nothing():
+    # B arrives at 8,000 s and preempts A or C (both past LAS level 1). C ends at 8,001 s,
+    # before the victim sees its directive (2.32 s): B starts on C's GPU and the unread
+    # directive is withdrawn, as live. Yields carried out at once stopped the victim at
+    # 8,000 s.
+    result = simulate(trace((0, 20_000, 1), (0, 8001, 1), (8000, 100, 1)), "p100:1x2",
+                      "hetero-las", check=True)
+    a, c, b = (by_id(result)[i] for i in range(3))
+    assert result.metrics["preemptions"] == 0 and len(a.history) == len(c.history) == 1
+    assert b.start == pytest.approx(8001) and a.finish == pytest.approx(20_000)
+
+
 # Decisions that time alone makes possible: the simulator ticks the core when one falls due, as
 # the live actor's periodic tick does, not only on arrivals and completions.
 
 def test_a_job_moves_to_a_faster_gpu_once_it_has_run_min_run_s():
     # B starts on the P100 at 10 s while A holds the V100; A ends at 46 s, before B has run
-    # min_run_s (120 s), and no event follows: B moves when it passes min_run_s.
+    # min_run_s (120 s), and no event follows: B is told to move when it passes min_run_s
+    # (and leaves the P100 once it has yielded).
     result = simulate(trace((0, 50, 1), (10, 10_000, 1)), "v100:1x1,p100:1x1", "hetero-las",
                       check=True)
     b = by_id(result)[1]
     assert b.migrations == 1 and b.nodes == "v100-0000:1"
-    assert b.history[0][1] == pytest.approx(10 + 120, abs=0.01)
+    assert b.history[0][1] == pytest.approx(10 + 120 + YIELD_S, abs=0.01)
 
 
 def test_a_running_job_crossing_a_las_level_is_preempted_then():
-    # A reaches LAS level 1 at 7,200 GPU-s; B (level 0) has waited since 100 s and starts then,
-    # not when A ends.
+    # A reaches LAS level 1 at 7,200 GPU-s; B (level 0) has waited since 100 s and starts then
+    # (once A has yielded), not when A ends.
     result = simulate(trace((0, 10_000, 1), (100, 100, 1)), "p100:1x1", "hetero-las",
                       check=True)
     a, b = by_id(result)[0], by_id(result)[1]
     assert a.preemptions == 1
-    assert b.start == pytest.approx(7200, abs=0.01) and b.finish == pytest.approx(7300, abs=0.01)
+    assert b.start == pytest.approx(7200 + YIELD_S, abs=0.01)
+    assert b.finish == pytest.approx(7300 + YIELD_S, abs=0.01)
 
 
 def test_a_starving_job_is_promoted_when_its_time_comes():
-    # B preempts A at 7,200 s (A at level 1); B reaches level 1 at 14,400 s (no preemption
-    # between equals). With starvation_factor 1.5, A waits 1.5 x 7,200 s = 10,800 s and is put
-    # back at level 0 at 18,000 s, where it preempts B; nothing else happens then.
+    # B preempts A at 7,200 s (A at level 1); A yields, having held the GPU for y = 7,200 s +
+    # YIELD_S; B reaches level 1 at y + 7,200 s (no preemption between equals). With
+    # starvation_factor 1.5, A waits 1.5 y and is put back at level 0 at 2.5 y, where it
+    # preempts B, starting once B has yielded; nothing else happens then.
     cluster = "p100:1x1"
     settings = simulation_settings(parse_cluster_spec(cluster), starvation_factor=1.5)
     result = simulate(trace((0, 20_000, 1), (10, 20_000, 1)), cluster, "hetero-las",
                       check=True, settings=settings)
     a, b = by_id(result)[0], by_id(result)[1]
-    assert [round(s) for s, _, _ in a.history] == [0, 18_000]
-    assert b.preemptions == 1 and b.history[0][1] == pytest.approx(18_000, abs=0.01)
+    promoted = 2.5 * (7200 + YIELD_S)
+    assert [s for s, _, _ in a.history] == [0, pytest.approx(promoted + YIELD_S, abs=0.01)]
+    assert b.preemptions == 1 and b.history[0][1] == pytest.approx(promoted + YIELD_S, abs=0.01)
 
 
 def test_reloading_after_a_preemption_is_not_goodput():
-    # One P100 (ideal = achieved speed): A is preempted by B and reloads for RESTART_S. The
-    # reload counted as useful work (goodput 100%), flattering the policies that preempt.
+    # One P100 (ideal = achieved speed): A is preempted by B, holds the GPU while it
+    # checkpoints and releases it, and reloads for RELOAD_S. The reload counted as useful work
+    # (goodput 100%), flattering the policies that preempt.
     result = simulate(trace((0, 20_000, 1), (8000, 100, 1)), "p100:1x1", "hetero-las",
                       check=True)
     a, b = by_id(result)[0], by_id(result)[1]
-    assert a.preemptions == 1 and a.overhead_s == pytest.approx(RESTART_S)
-    useful = a.runtime - RESTART_S + b.runtime
+    lost = YIELD_S - NOTICE_S + RELOAD_S
+    assert a.preemptions == 1 and a.overhead_s == pytest.approx(lost)
+    useful = a.runtime - lost + b.runtime
     assert result.metrics["gpu_time_efficiency"] == pytest.approx(
         useful / (a.runtime + b.runtime))
-    assert a.speed_vs_ideal == pytest.approx(1 - RESTART_S / a.runtime)
+    assert a.speed_vs_ideal == pytest.approx(1 - lost / a.runtime)
 
 
 def test_tuned_settings_keep_the_policys_own_rules():
