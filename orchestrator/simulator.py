@@ -22,8 +22,9 @@ others are baselines plugged into the same core. Time in the ClusterState is a c
 time lives here.
 
 Each job's `expected_duration_s` is its trace duration (on the reference GPU), as a user would
-estimate it; EASY backfill uses it. `backfill=False` is strict FIFO (nothing starts while an
-earlier job waits). Jobs that can never fit are counted as `never_fits` with the reason (an
+estimate it; EASY backfill uses it. `backfill=False` is strict queue order: nothing starts
+while a job ahead of it in the queue's order waits (FIFO under a FIFO queue order; under LAS,
+least attained service first, so a new job may start before an earlier preempted one). Jobs that can never fit are counted as `never_fits` with the reason (an
 unknown accelerator family, allowed families the cluster does not have, more GPUs than the
 cluster has of the allowed families), not queued.
 
@@ -137,7 +138,7 @@ class SimJob:
     preemptions: int = 0
     migrations: int = 0
     history: list = field(default_factory=list)  # (start, end, nodes) of every segment run
-    overhead_s: float = 0.0  # run time spent reloading checkpoints or redoing lost work
+    overhead_s: float = 0.0  # run time reloading checkpoints, checkpointing to yield, releasing
     never_fit_reason: str = ""
 
 
@@ -205,7 +206,8 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
     Every decision is the live scheduler's: a SchedulerCore (queue, EASY backfill, preemption,
     migration) whose placement and queue order are `policy`'s (orchestrator/policies.py;
     "hetero-las" = the live scheduler's own rules). `backfill=False` is
-    strict FIFO (default: `settings`' own, EASY backfill as the live scheduler). `check`
+    strict queue order (the policy's: FIFO or LAS; default: `settings`' own, EASY backfill as
+    the live scheduler). `check`
     asserts after every event that no server holds more GPUs than it has and that the
     reservations add up to the running jobs (conservation)."""
     if isinstance(cluster, str):
@@ -736,7 +738,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--load-scale", type=float, default=1.0,
                         help="divide inter-arrival times by X (> 1 = busier)")
     parser.add_argument("--no-backfill", dest="backfill", action="store_false",
-                        help="strict FIFO: nothing starts while an earlier job waits "
+                        help="strict queue order (FIFO, or LAS for tiresias and "
+                        "hetero-las): nothing starts while a job ahead of it waits "
                         "(default: EASY backfill, as the live scheduler)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random policy")
     parser.add_argument("--out", required=True, help="output directory")

@@ -73,10 +73,21 @@ def test_a_job_waits_until_another_ends_while_a_smaller_one_backfills(policy):
     assert result.metrics["mean_wait_s"] == pytest.approx(95 / 3)  # nobody waits twice
 
 
-def test_backfill_zero_is_strict_fifo():
+def test_no_backfill_is_strict_queue_order():
     jobs = by_id(simulate(trace((0, 100, 6), (5, 10, 4), (6, 10, 2)), "p100:8x1", "hetero-las",
                           backfill=False))
     assert jobs[2].start == 100  # waits behind the blocked job 1
+
+
+def test_no_backfill_under_las_is_strict_las_order_not_fifo():
+    # A (level 1 after 7,200 s) is preempted by B at 8,000 s and waits; C comes at 8,500 s at
+    # level 0. When B ends, C starts first, though A was submitted first: the order nothing
+    # may jump is the queue's (here LAS), FIFO only under a FIFO queue order.
+    jobs = by_id(simulate(trace((0, 10_000, 1), (8000, 3000, 1), (8500, 100, 1)), "p100:1x1",
+                          "hetero-las", backfill=False, check=True))
+    a, b, c = jobs[0], jobs[1], jobs[2]
+    assert a.preemptions == 1 and c.start == pytest.approx(b.finish)
+    assert a.history[1][0] == pytest.approx(c.finish)
 
 
 @pytest.mark.parametrize("policy", ALL)
