@@ -8,7 +8,8 @@
 2. **Constrained trace**: scripts/gen_constrained_trace.py's seeded heterogeneous trace (8,000
    jobs; a third allowed one family only, 5% gang jobs of 8 GPUs allowed only the scarce
    A100s, offered load 0.95) on its four-family cluster, at the trace's load under every
-   policy, and at 0.5x and 2x the load (--sweep) under FIFO first-fit and hetero-las.
+   policy, and at 0.5x and 2x the load (--sweep) under FIFO first-fit and hetero-las (those
+   of them --policies names; none: no sweep).
 3. **Full Philly** (--full): the whole trace (82,247 jobs, load scale 1) under every policy,
    timed: the figure is the wall time of all the replays together. Replays are independent
    and single-threaded, so they run in --processes processes (default: one per core).
@@ -130,11 +131,12 @@ def constrained_section(args) -> tuple[dict, list[SimResult]]:
     print(format_summary(results))
     section = {"trace_seed": args.trace_seed, "jobs": len(trace), "cluster": cluster,
                **figures(results), "sweep": {}}
-    for scale in args.sweep:
+    sweep_policies = [p for p in SWEEP_POLICIES if p in args.policies]  # those asked for
+    for scale in args.sweep if sweep_policies else ():
         if scale == 1.0:
-            swept = [r for r in results if r.policy in SWEEP_POLICIES]
+            swept = [r for r in results if r.policy in sweep_policies]
         else:
-            swept = run_policies(prepare(trace, load_scale=scale), cluster, SWEEP_POLICIES,
+            swept = run_policies(prepare(trace, load_scale=scale), cluster, sweep_policies,
                                  args.seed, f"constrained x{scale:g} ", args.processes)
             print(f"\nConstrained trace at {scale:g}x its load")
             print(format_summary(swept))

@@ -96,6 +96,24 @@ def test_small_traces_end_with_a_json_line_of_every_policy_and_section(capsys, m
         "usable_gpus_busy_while_waiting"]
 
 
+def test_the_sweep_runs_only_the_policies_asked_for(capsys, monkeypatch):
+    # --policies hetero-las: the sweep replayed FIFO at 0.5x and 2x all the same.
+    real = bench.gen_constrained_trace.generate
+    monkeypatch.setattr(bench.gen_constrained_trace, "generate",
+                        lambda seed: real(seed=seed, jobs=200, load=20.0))
+    replayed = []
+    real_replay = bench._timed_replay
+    monkeypatch.setattr(bench, "_timed_replay",
+                        lambda trace, cluster, name, *rest: replayed.append(name) or
+                        real_replay(trace, cluster, name, *rest))
+    result = bench.main(["--sections", "constrained", "--policies", "hetero-las",
+                         "--processes", "1"])
+    assert replayed == ["hetero-las"] * 3  # at 1x, 0.5x and 2x the load
+    for point in result["constrained"]["sweep"].values():
+        assert set(point["mean_jct_s"]) == {"hetero-las"}
+    assert set(result["constrained"]["policies"]) == {"hetero-las"}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--policies", "fifo,hetero_las"], "--policies: unknown hetero_las"),
     (["--load-scale", "0"], "--load-scale must be a number > 0"),
