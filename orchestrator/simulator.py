@@ -573,10 +573,13 @@ def summarize(jobs: list[SimJob], total_gpus: int, decisions: int, policy_s: flo
 
 # -- outputs ----------------------------------------------------------------------------------------
 
+# gpu_types, n_nodes, n_racks, bottleneck_gbps and nodes describe a job's last placement;
+# `placements` counts them (> 1 after a preemption or migration; speed_vs_ideal is over all).
 JOB_COLUMNS = ("policy", "job_id", "trace_line", "submit_time_s", "num_gpus", "model_type",
                "accelerator", "status", "never_fit_reason", "start_time_s", "finish_time_s",
-               "jct_s", "wait_s", "first_start_delay_s", "runtime_s", "duration_ref_s", "speed_vs_ideal", "gpu_types", "n_nodes",
-               "n_racks", "bottleneck_gbps", "nodes")
+               "jct_s", "wait_s", "first_start_delay_s", "runtime_s", "duration_ref_s",
+               "speed_vs_ideal", "placements", "gpu_types", "n_nodes", "n_racks",
+               "bottleneck_gbps", "nodes")
 
 
 def write_jobs_csv(results: list[SimResult], path: Path) -> None:
@@ -598,7 +601,8 @@ def write_jobs_csv(results: list[SimResult], path: Path) -> None:
                             num(j.finish - t.submit_time_s) if done else "",
                             num(waited_s(j)) if done else "",
                             num(j.start - t.submit_time_s) if done else "", num(j.runtime),
-                            num(t.duration_s), num(j.speed_vs_ideal), j.gpu_types, j.n_nodes,
+                            num(t.duration_s), num(j.speed_vs_ideal), j.segments,
+                            j.gpu_types, j.n_nodes,
                             j.n_racks, num(j.bottleneck_gbps) if done else "", j.nodes))
 
 

@@ -594,6 +594,18 @@ def test_a_job_moves_to_a_faster_gpu_once_it_has_run_min_run_s():
     assert b.history[0][1] == pytest.approx(10 + 120 + YIELD_S, abs=0.01)
 
 
+def test_jobs_csv_says_a_moved_jobs_placement_columns_are_its_last(tmp_path):
+    # B ran on the P100, then on the V100: its row's placement columns are the V100's, and
+    # `placements` says there were two (the columns alone read as if it ran on a V100 only).
+    from orchestrator.simulator import write_jobs_csv
+    import csv
+
+    result = simulate(trace((0, 50, 1), (10, 10_000, 1)), "v100:1x1,p100:1x1", "hetero-las")
+    write_jobs_csv([result], tmp_path / "jobs.csv")
+    row = list(csv.DictReader((tmp_path / "jobs.csv").open()))[1]
+    assert (row["placements"], row["gpu_types"], row["nodes"]) == ("2", "v100", "v100-0000:1")
+
+
 def test_a_running_job_crossing_a_las_level_is_preempted_then():
     # A reaches LAS level 1 at 7,200 GPU-s; B (level 0) has waited since 100 s and starts then
     # (once A has yielded), not when A ends.
