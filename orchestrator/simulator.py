@@ -24,9 +24,10 @@ time lives here.
 Each job's `expected_duration_s` is its trace duration (on the reference GPU), as a user would
 estimate it; EASY backfill uses it. `backfill=False` is strict queue order: nothing starts
 while a job ahead of it in the queue's order waits (FIFO under a FIFO queue order; under LAS,
-least attained service first, so a new job may start before an earlier preempted one). Jobs that can never fit are counted as `never_fits` with the reason (an
-unknown accelerator family, allowed families the cluster does not have, more GPUs than the
-cluster has of the allowed families), not queued.
+least attained service first, so a new job may start before an earlier preempted one). Jobs
+that can never fit are counted as `never_fits` with the reason (an unknown accelerator family,
+allowed families the cluster does not have, more GPUs than the cluster has of the allowed
+families), not queued.
 
 Metrics (per policy):
 - JCT = finish - submit (mean, p50, p99); wait = JCT - time holding GPUs (mean): all the
@@ -205,11 +206,10 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
 
     Every decision is the live scheduler's: a SchedulerCore (queue, EASY backfill, preemption,
     migration) whose placement and queue order are `policy`'s (orchestrator/policies.py;
-    "hetero-las" = the live scheduler's own rules). `backfill=False` is
-    strict queue order (the policy's: FIFO or LAS; default: `settings`' own, EASY backfill as
-    the live scheduler). `check`
-    asserts after every event that no server holds more GPUs than it has and that the
-    reservations add up to the running jobs (conservation)."""
+    "hetero-las" = the live scheduler's own rules). `backfill=False` is strict queue order
+    (the policy's: FIFO or LAS; default: `settings`' own, EASY backfill as the live
+    scheduler). `check` asserts after every event that no server holds more GPUs than it has
+    and that the reservations add up to the running jobs (conservation)."""
     if isinstance(cluster, str):
         cluster = parse_cluster_spec(cluster)
     jobs = make_jobs(trace, cluster)

@@ -24,8 +24,9 @@ field: a duration over MAX_SECONDS (1e9 s, 31 years), a submit time over MAX_UNI
 s: the year 2286 as Unix time; Unix time in ms is over 1e12), submit times spanning over
 MAX_SECONDS (relative times in ms past 11.6 days, or Unix and relative times mixed); relative
 times in ms spanning less, and durations in ms under MAX_SECONDS, read as seconds. num_gpus
-is at most MAX_GPUS (JobSpec's num_workers limit). A leading UTF-8 byte-order mark and blank lines before the header are skipped; a file
-with a header but no rows is an error, and so is a gzip-compressed one.
+is at most MAX_GPUS (JobSpec's num_workers limit). A leading UTF-8 byte-order mark and blank
+lines before the header are skipped; a file with a header but no rows is an error, and so is a
+gzip-compressed one.
 
 Any other column, a missing required column, or a malformed row raises TraceError naming the
 file and the line. Nothing is dropped: jobs that cannot fit the modelled cluster are counted and

@@ -147,6 +147,12 @@ def offered_load(gpus: dict[str, int], work: np.ndarray, speedup: dict[str, np.n
     return float(work.sum()) / (sum(family_capacity(gpus, work, speedup).values()) * last_s)
 
 
+def last_submit_s(gpus: dict[str, int], work: np.ndarray, speedup: dict[str, np.ndarray],
+                  load: float) -> float:
+    """The last submit time at which `work` offers `load` (offered_load solved for it)."""
+    return offered_load(gpus, work, speedup, 1.0) / load
+
+
 def family_load(family: str, gpus: dict[str, int], work: np.ndarray,
                 speedup: dict[str, np.ndarray], last_s: float) -> float:
     """The GPU-seconds `work` (GPUs x reference duration per job) takes on `family`, all on
@@ -254,8 +260,8 @@ def gang_scale(gpus: dict[str, int], work: np.ndarray, speedup: dict[str, np.nda
 
     def gang_load(factor: float) -> float:
         scaled = np.where(is_gang, work * factor, work)
-        last_s = float(scaled.sum()) / (sum(family_capacity(gpus, scaled, speedup).values()) * load)
-        return family_load(scarce, gpus, np.where(is_gang, scaled, 0.0), speedup, last_s)
+        return family_load(scarce, gpus, np.where(is_gang, scaled, 0.0), speedup,
+                           last_submit_s(gpus, scaled, speedup, load))
 
     low, high = 0.0, 1.0
     while gang_load(high) < scarce_load:
@@ -308,9 +314,7 @@ def generate(seed: int = DEFAULT_SEED, jobs: int = DEFAULT_JOBS, load: float = D
     if is_gang.any():
         durations[is_gang] *= gang_scale(gpus, sizes * durations, speedup, is_gang, load,
                                          scarce_load)
-    last_s = float((sizes * durations).sum()) / (
-        sum(family_capacity(gpus, sizes * durations, speedup).values()) * load)
-    submits = arrival_times(rng, jobs, last_s)
+    submits = arrival_times(rng, jobs, last_submit_s(gpus, sizes * durations, speedup, load))
     return [TraceJob(i, float(submits[i]), float(durations[i]), int(sizes[i]), models[i],
                      allowed[i]) for i in range(jobs)]
 
