@@ -12,6 +12,8 @@ fine-tune's own: the distillation loss, the pruning masks and QAT's fake-quantiz
 """
 from __future__ import annotations
 
+import glob
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from orchestrator.compression import prune, structured
 from orchestrator.compression.artifacts import CheckpointError, load_tensors, save_tensors
 from orchestrator.compression.distill import distillation_loss
 from orchestrator.training.accumulation import HierarchicalAccumulation
+from orchestrator.training.checkpoint import sync_directory
 from orchestrator.training.data import get_batch
 from orchestrator.training.loop import say
 from orchestrator.training.optim import (build_optimizer, load_optimizer_state, set_lr,
@@ -88,9 +91,9 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
     """Fine-tune `student` in place; returns (masks, metrics).
 
     `masks` are kept fixed; with a `schedule` they are recomputed as it says and end at its
-    final sparsity. `partial` is where the stage's progress is checkpointed every
-    `plan.checkpoint_every` steps and resumed from; the caller deletes it once the stage's
-    output is safely written."""
+    final sparsity. `partial` names the stage's progress checkpoints (progress_checkpoints),
+    saved every `plan.checkpoint_every` steps and resumed from; the caller deletes them
+    (remove_progress) once the stage's output is safely written."""
     weights = prune.prunable_weights(student)
     masks = dict(masks or {})
     optimizer = build_optimizer(student, plan)
@@ -103,14 +106,15 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
     # the gradients of every step); unstructured pruning thresholds single weights.
     scorer = (structured.Importance(student, schedule.importance, schedule.structure)
               if schedule is not None and schedule.structure != "unstructured" else None)
-    resume = _read_partial(partial, plan.stage, log)
+    resume = _read_progress(partial, plan.stage, log)
     if resume is not None:
+        resume_path, resume = resume
         student.load_state_dict(resume["model"])
         load_optimizer_state(optimizer, resume["optimizer"])
         masks, step = resume["masks"], resume["step"]
         if scorer is not None:
             scorer.load_state_dict(resume.get("importance", {}))
-        log(f"{plan.stage}: resumed at step {step}/{plan.steps} from {partial}")
+        log(f"{plan.stage}: resumed at step {step}/{plan.steps} from {resume_path}")
     masks = {name: m.to(device) for name, m in masks.items()}
     if teacher is not None:
         teacher.eval()
@@ -152,11 +156,11 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
             log(line + f" | {interval_tokens / elapsed:,.0f} tok/s")
             interval_start, interval_tokens = time.perf_counter(), 0
         if partial is not None and step % plan.checkpoint_every == 0 and step < plan.steps:
-            save_tensors(partial, {"model": student.state_dict(),
-                                   "optimizer": optimizer.state_dict(),
-                                   "masks": {n: m.cpu() for n, m in masks.items()},
-                                   "importance": scorer.state_dict() if scorer else {},
-                                   "step": step})
+            _save_progress(partial, step, {"model": student.state_dict(),
+                                           "optimizer": optimizer.state_dict(),
+                                           "masks": {n: m.cpu() for n, m in masks.items()},
+                                           "importance": scorer.state_dict() if scorer else {},
+                                           "step": step})
     if schedule is not None:
         # Land exactly on the target whether the ramp ended early (then this recomputes the
         # same masks: the pruned weights are the zeros) or on the last step.
@@ -181,18 +185,56 @@ def _masks_at(student: nn.Module, weights: dict[str, torch.Tensor],
     return structured.compute_masks(student, scorer, sparsity, scope)
 
 
-def _read_partial(partial: Path | None, stage: str, log: Callable[[str], None]
-                  ) -> dict[str, Any] | None:
-    """The stage's progress checkpoint, or None to start the stage over (with a warning when
-    one exists but cannot be used)."""
-    if partial is None or not partial.is_file():
+def progress_checkpoints(partial: Path) -> list[Path]:
+    """The stage's progress checkpoints, newest first: `<stem>.step<N><suffix>` beside
+    `partial`, one per saved step while the next is being written, then `partial` itself (the
+    single file earlier versions overwrote in place), if there."""
+    pattern = re.compile(re.escape(partial.stem) + r"\.step(\d+)" + re.escape(partial.suffix))
+    numbered = sorted(((int(m.group(1)), path) for path in _progress_files(partial)
+                       if (m := pattern.fullmatch(path.name))), reverse=True)
+    return [path for _, path in numbered] + ([partial] if partial.is_file() else [])
+
+
+def remove_progress(partial: Path, keep: Path | None = None) -> None:
+    """Delete the stage's progress checkpoints, their sidecars and any unfinished temporary
+    file, all but `keep` (and its sidecar)."""
+    kept = {keep.name, keep.name + ".sha256"} if keep is not None else set()
+    for path in _progress_files(partial):
+        if path.name not in kept:
+            path.unlink(missing_ok=True)
+
+
+def _progress_files(partial: Path) -> list[Path]:
+    return list(partial.parent.glob(glob.escape(partial.stem) + ".*"))
+
+
+def _save_progress(partial: Path, step: int, state: dict[str, Any]) -> None:
+    """Checkpoint the stage's progress under a name of its own, then delete the earlier ones.
+    Overwriting one file would not do: a stop after the new data is in place but before its
+    checksum is (seconds for a big model) left a file that no longer verifies, and the stage
+    started over from step 0."""
+    path = partial.with_name(f"{partial.stem}.step{step:08d}{partial.suffix}")
+    save_tensors(path, state)
+    sync_directory(path.parent)  # both renames are on disk before the older files go
+    remove_progress(partial, keep=path)
+
+
+def _read_progress(partial: Path | None, stage: str, log: Callable[[str], None]
+                   ) -> tuple[Path, dict[str, Any]] | None:
+    """(path, state) of the newest progress checkpoint that verifies, falling back to the one
+    before it (said); None to start the stage over."""
+    if partial is None:
         return None
-    try:
-        state = load_tensors(partial)
-        missing = {"model", "optimizer", "masks", "step"} - set(state)
-        if missing:
-            raise CheckpointError(f"{partial} lacks {', '.join(sorted(missing))}")
-        return state
-    except CheckpointError as e:
-        log(f"warning: {stage}: cannot resume ({e}); starting the stage over")
-        return None
+    candidates = progress_checkpoints(partial)
+    for i, path in enumerate(candidates):
+        try:
+            state = load_tensors(path)
+            missing = {"model", "optimizer", "masks", "step"} - set(state)
+            if missing:
+                raise CheckpointError(f"{path} lacks {', '.join(sorted(missing))}")
+            return path, state
+        except CheckpointError as e:
+            then = ("trying the previous progress checkpoint" if i + 1 < len(candidates)
+                    else "starting the stage over")
+            log(f"warning: {stage}: cannot resume from {path.name} ({e}); {then}")
+    return None

@@ -13,7 +13,8 @@
 
 A stage's directory appears only when the stage is complete (built under a hidden name and
 renamed), so a rerun skips exactly the finished stages. Inside a fine-tune, progress is
-checkpointed to <out>/.<stage>.partial.pt and a rerun continues from it.
+checkpointed to <out>/.<stage>.partial.step<N>.pt (each under a new name, the previous one
+deleted once it is complete) and a rerun continues from the newest that verifies.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from orchestrator.compression.artifacts import (CheckpointError, cpu_state_dict,
                                                 file_in_the_way, load_tensors, save_tensors,
                                                 staged_dir, write_json)
 from orchestrator.compression.config import CompressConfig, resume_conflicts
-from orchestrator.compression.finetune import Plan, PruneSchedule, finetune
+from orchestrator.compression.finetune import (Plan, PruneSchedule, finetune,
+                                               remove_progress)
 from orchestrator.compression.report import (block_sparsity, build_report, format_table,
                                              latency_seq_len)
 from orchestrator.compression.source import teacher_data, teacher_tokenizer
@@ -241,8 +243,7 @@ def _run_stage(run: Run, stage: str, dirname: str, student: GPT, plan: Plan, *,
         metrics["sparsity"] = block_sparsity(student, dense_config)
     _save_stage(run.out / dirname, student, masks if masks else None,
                 {"stage": stage, **metrics})
-    for path in (partial, partial.with_name(partial.name + ".sha256")):
-        path.unlink(missing_ok=True)
+    remove_progress(partial)
     return student, masks, metrics
 
 

@@ -127,6 +127,51 @@ def test_interrupted_fine_tune_resumes_exactly(train_tokens, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_stop_while_progress_is_checkpointed_resumes_from_the_previous_one(
+        train_tokens, tmp_path, monkeypatch):
+    """Stopped (Ctrl-C, ray job stop) after a progress checkpoint's data file is in place but
+    before its sha256 is: the rerun resumes from the checkpoint before it, not from step 0."""
+    from orchestrator.training import checkpoint
+
+    teacher = tiny_gpt(1)
+    reference = tiny_gpt()
+    finetune(reference, teacher, train_tokens, plan(steps=6), torch.device("cpu"),
+             log=lambda line: None)
+    real_sha256, hashed = checkpoint.sha256_file, []
+
+    def stopped_hashing_the_second(path):
+        hashed.append(path)
+        if len(hashed) == 2:  # the step-4 checkpoint, written, not yet checksummed
+            raise KeyboardInterrupt
+        return real_sha256(path)
+
+    partial = tmp_path / ".prune.partial.pt"
+    monkeypatch.setattr(checkpoint, "sha256_file", stopped_hashing_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_gpt(), teacher, train_tokens, plan(steps=6, checkpoint_every=2),
+                 torch.device("cpu"), partial=partial, log=lambda line: None)
+    monkeypatch.setattr(checkpoint, "sha256_file", real_sha256)
+    lines = []
+    resumed = tiny_gpt()
+    finetune(resumed, teacher, train_tokens, plan(steps=6, checkpoint_every=2),
+             torch.device("cpu"), partial=partial, log=lines.append)
+    assert any("trying the previous progress checkpoint" in line for line in lines), lines
+    assert any("resumed at step 2/6" in line for line in lines), lines
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # Progress is saved under a new name and the older one deleted only once the new one is
+    # complete: after the rerun's own step-4 save, one checkpoint (and its sidecar) is left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".prune.partial.step00000004.pt", ".prune.partial.step00000004.pt.sha256"]
+    # The single progress file earlier versions wrote is still resumed from.
+    for name in (".prune.partial.step00000004.pt", ".prune.partial.step00000004.pt.sha256"):
+        (tmp_path / name).rename(tmp_path / name.replace(".step00000004", ""))
+    lines.clear()
+    finetune(tiny_gpt(), teacher, train_tokens, plan(steps=6, checkpoint_every=2),
+             torch.device("cpu"), partial=partial, log=lines.append)
+    assert any(f"resumed at step 4/6 from {partial}" in line for line in lines), lines
+
+
 # ---- distillation --------------------------------------------------------------------------
 
 def test_distillation_loss_is_zero_when_student_equals_teacher():
