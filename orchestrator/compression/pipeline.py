@@ -42,6 +42,7 @@ from orchestrator.runs import writable_dir_problem
 from orchestrator.tokenizer import (ByteTokenizer, Tokenizer, TokenizerError, save_tokenizer,
                                     tokenizer_of_run)
 from orchestrator.training.data import get_batch
+from orchestrator.training.checkpoint import recorded_sha256
 from orchestrator.training.loop import say
 from orchestrator.training.model import GPT, GPTConfig
 
@@ -95,8 +96,7 @@ def check_out(out: Path, config: CompressConfig, source: dict[str, Any],
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"cannot read {saved_path}: {e}") from None
         if saved_source.get("sha256") != source.get("sha256"):
-            raise ConfigError(f"--out {out} holds a compression of another teacher "
-                              f"({saved_source.get('checkpoint')}); use a new --out")
+            raise ConfigError(_another_teacher(out, saved_source, source))
         conflicts = resume_conflicts(saved_config, config, block_size)
         if conflicts:
             raise ConfigError(f"--out {out} was made with other settings: "
@@ -105,6 +105,23 @@ def check_out(out: Path, config: CompressConfig, source: dict[str, Any],
     elif out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"--out {out} is not empty and holds no compression run (no "
                           f"{CONFIG_FILE}); choose a new or empty directory")
+
+
+def _another_teacher(out: Path, saved: dict[str, Any], source: dict[str, Any]) -> str:
+    """Why --out is refused for this teacher. When its own teacher is an earlier checkpoint
+    of the same run, still there unchanged (--checkpoint RUN takes the newest, and the
+    pretrain run has saved another since), the refusal says how to resume it."""
+    recorded, chosen = saved.get("checkpoint"), source.get("checkpoint")
+    if recorded and chosen and Path(recorded).parent == Path(chosen).parent:
+        try:
+            unchanged = recorded_sha256(recorded) == saved.get("sha256")
+        except OSError:  # pruned from the run since (keep=N)
+            unchanged = False
+        if unchanged:
+            return (f"--out {out} holds a compression of {recorded}, another checkpoint of "
+                    f"the same run: to resume it, pass --checkpoint {recorded}; to compress "
+                    f"{Path(chosen).name} instead, use a new --out")
+    return f"--out {out} holds a compression of another teacher ({recorded}); use a new --out"
 
 
 def check_out_path(out: Path) -> None:

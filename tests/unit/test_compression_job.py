@@ -159,6 +159,30 @@ def test_resuming_with_other_settings_or_another_teacher_is_refused(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["compress_config.json"]
 
 
+def test_a_rerun_after_the_teacher_run_saved_a_newer_checkpoint_says_how_to_resume(
+        tmp_path, capsys):
+    """--checkpoint RUN picks the newest checkpoint: once the pretrain run has saved another,
+    the same command is refused; the refusal names the recorded checkpoint to pass."""
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoint_00000002", step=2)
+    _, source = load_teacher(run, log=print)
+    out = tmp_path / "out"
+    prepare_out(out, CompressConfig(), source)  # the earlier run, its teacher step 2
+    before = (out / "compress_config.json").read_bytes()
+    make_checkpoint(run / "checkpoint_00000004", step=4, seed=1)
+    code, err = run_job(capsys, "--checkpoint", str(run), "--out", str(out))
+    assert code == 2, err
+    assert f"to resume it, pass --checkpoint {run / 'checkpoint_00000002'}" in err, err
+    assert "to compress checkpoint_00000004 instead, use a new --out" in err
+    assert (out / "compress_config.json").read_bytes() == before
+    # Gone from the run (pruned by keep=N): nothing to resume from there, a new --out.
+    import shutil
+    shutil.rmtree(run / "checkpoint_00000002")
+    code, err = run_job(capsys, "--checkpoint", str(run), "--out", str(out))
+    assert code == 2 and "another teacher" in err and "use a new --out" in err, err
+    assert "to resume" not in err
+
+
 def test_a_model_that_cannot_be_exported_fails_before_any_fine_tuning(tmp_path, monkeypatch):
     from orchestrator.compression.export import ExportError
     from orchestrator.compression.pipeline import run_pipeline
