@@ -23,7 +23,7 @@ from orchestrator.training.checkpoint import (CheckpointError, load_tensors, sav
                                               sha256_file, write_atomically)
 
 __all__ = ["CheckpointError", "save_tensors", "load_tensors", "write_json", "staged_dir",
-           "sha256_file", "cpu_state_dict", "file_in_the_way"]
+           "sha256_file", "cpu_state_dict", "file_in_the_way", "onnx_files", "remove_onnx"]
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -71,6 +71,21 @@ def file_in_the_way(directory: Path) -> Path | None:
         if path.exists():
             return None if path.is_dir() else path
     return None
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """An ONNX graph file and, when there, the `<file>.data` beside it that holds its weights:
+    torch.onnx writes one once a model's weights pass 1.5 GiB, whatever external_data=False
+    says."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.is_file() else [path]
+
+
+def remove_onnx(path: Path) -> None:
+    """Delete an ONNX file and its weights file, if any (onnx_files)."""
+    for file in onnx_files(path):
+        file.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 
 from orchestrator.compression.artifacts import (CheckpointError, cpu_state_dict, load_tensors,
-                                                save_tensors, sha256_file, write_json)
+                                                remove_onnx, save_tensors, sha256_file,
+                                                write_json)
 from orchestrator.compression.qat import WEIGHT_QMAX, Int8Linear, quantize_weight
 from orchestrator.cpython_quirks import retry_spurious_ast_error
 from orchestrator.tokenizer import TokenizerError
@@ -112,7 +113,8 @@ def _onnx_program(module: nn.Module, args: tuple, **options):
 
 def export_fp32_onnx(model: nn.Module, path: Path, what: str = "model") -> Path:
     """torch.onnx (dynamo exporter) with dynamic batch and sequence length up to the model's
-    context, weights inside the one file."""
+    context, weights inside the one file up to torch's 1.5 GiB, in `<path>.data` beyond
+    (artifacts.onnx_files)."""
     model = copy.deepcopy(model).cpu().eval()
     block = model.config.block_size
     batch_dim = torch.export.Dim("batch", min=1, max=65536)
@@ -199,7 +201,7 @@ def int8_decode_onnx(directory: Path, out_path: Path) -> Path:
     export_decode_onnx(twin, fp32_path, "int8 model")
     quantize_onnx_linears(fp32_path, out_path,
                           {n: (q, state["scales"][n]) for n, q in state["int8"].items()})
-    fp32_path.unlink()
+    remove_onnx(fp32_path)
     return out_path
 
 
@@ -248,7 +250,7 @@ def static_int8_onnx(directory: Path, out_dir: Path, batches: list[torch.Tensor]
         exporter(twin, fp32_path, "int8 model (static)")
         paths.append(out_dir / f"static.{kind}.onnx")
         quantize_onnx_linears(fp32_path, paths[-1], linears, static=constants)
-        fp32_path.unlink()
+        remove_onnx(fp32_path)
     return paths[0], paths[1]
 
 
@@ -366,7 +368,7 @@ def save_int8(directory: Path, model: nn.Module, names: list[str],
     rewritten = quantize_onnx_linears(
         fp32_path, directory / ONNX_FILE,
         {name: (state["int8"][name], state["scales"][name]) for name in names})
-    fp32_path.unlink()
+    remove_onnx(fp32_path)
     info = {
         "format": FORMAT,
         "gpt_config": state["config"],

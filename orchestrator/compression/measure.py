@@ -12,14 +12,18 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from orchestrator.compression.artifacts import onnx_files
+
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def size_bytes(path: Path) -> int:
+    """Bytes on disk of a file or a directory; of an ONNX file, with its weights file."""
     path = Path(path)
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    files = onnx_files(path) if path.suffix == ".onnx" else [path]
+    return sum(p.stat().st_size for p in files)
 
 
 def held_out_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int

@@ -317,6 +317,27 @@ def test_the_int8_export_carries_a_bpe_teachers_tokenizer(tmp_path):
     assert isinstance(load_model(stage_export(bytes_run, small)).tokenizer, ByteTokenizer)
 
 
+def test_weights_torch_writes_beside_a_large_onnx_export_are_removed_and_counted(
+        tmp_path, monkeypatch):
+    """torch.onnx saves the weights to `<file>.data` once they pass 1.5 GiB, whatever
+    external_data=False says (forced here for a tiny model): the int8 export's temporary fp32
+    graph left its .data in int8/ for good, and the fp32 baseline's size left it out."""
+    import torch.onnx._internal.exporter._onnx_program as onnx_program
+
+    from orchestrator.compression import measure
+
+    monkeypatch.setattr(onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
+    model = tiny_gpt()
+    (tmp_path / "int8").mkdir()
+    export.save_int8(tmp_path / "int8", model, prune.prunable_names(model))
+    assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == [
+        export.CONFIG_FILE, export.ONNX_FILE, export.TORCH_FILE, export.TORCH_FILE + ".sha256"]
+    fp32 = export.export_fp32_onnx(model, tmp_path / "original.fp32.onnx")
+    data = tmp_path / "original.fp32.onnx.data"
+    assert data.stat().st_size > 4 * model.num_params() * 0.9  # the weights are there
+    assert measure.size_bytes(fp32) == fp32.stat().st_size + data.stat().st_size
+
+
 def test_exported_linear_weights_are_int8(exported):
     import onnx
     from onnx import TensorProto, numpy_helper
