@@ -22,14 +22,29 @@ def checkpoint_candidates(path: str | Path) -> tuple[list[Path], bool]:
     p = Path(path).expanduser().resolve()
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
-    if (p / STATE_FILE).exists() or (p / CHECKSUM_FILE).exists() or \
-            (p / SHARDED_META_FILE).exists():  # strategy fsdp's sharded checkpoint
+    if p.is_file():
+        raise CheckpointError(_file_given(p))
+    if _is_checkpoint_dir(p):
         return [p], False
     inside = checkpoint_dirs(p)
     if inside:
         return inside, True
     raise CheckpointError(f"{p} is neither a checkpoint directory (no {STATE_FILE}) nor a run "
                           "directory (no checkpoint_* inside)")
+
+
+def _is_checkpoint_dir(p: Path) -> bool:
+    return ((p / STATE_FILE).exists() or (p / CHECKSUM_FILE).exists()
+            or (p / SHARDED_META_FILE).exists())  # strategy fsdp's sharded checkpoint
+
+
+def _file_given(p: Path) -> str:
+    """--checkpoint names a file (state.pt itself, say): the directory to pass instead."""
+    if _is_checkpoint_dir(p.parent):
+        return (f"--checkpoint {p} is a file: pass the checkpoint directory that holds it, "
+                f"{p.parent}")
+    return (f"--checkpoint {p} is a file, not a pretrain checkpoint directory (holding "
+            f"{STATE_FILE}, or a sharded checkpoint's {SHARDED_META_FILE}) or a run directory")
 
 
 def load_teacher(path: str | Path, log: Callable[[str], None]

@@ -44,6 +44,25 @@ def test_missing_checkpoint_is_named_and_nothing_is_written(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_file_given_as_the_checkpoint_names_the_directory_to_pass(tmp_path, capsys):
+    # Was: "<dir>/state.pt is neither a checkpoint directory (no state.pt) nor a run directory"
+    checkpoint = make_checkpoint(tmp_path / "run" / "checkpoint_00000003")
+    out = tmp_path / "out"
+    for name in (STATE_FILE, STATE_FILE + ".sha256"):
+        code, err = run_job(capsys, "--checkpoint", str(checkpoint / name), "--out", str(out))
+        assert code == 2, err
+        assert (f"--checkpoint {checkpoint / name} is a file: pass the checkpoint directory "
+                f"that holds it, {checkpoint}") in err, err
+        assert "neither" not in err and not out.exists()
+    # A file in no checkpoint directory (an int8 export's weights): what --checkpoint takes.
+    (tmp_path / "int8").mkdir()
+    (tmp_path / "int8" / "weights.int8.pt").write_bytes(b"int8")
+    code, err = run_job(capsys, "--checkpoint", str(tmp_path / "int8" / "weights.int8.pt"),
+                        "--out", str(out))
+    assert code == 2 and "weights.int8.pt is a file, not a pretrain checkpoint directory" in err
+    assert not out.exists()
+
+
 def test_corrupt_checkpoint_is_named_and_nothing_is_written(tmp_path, capsys):
     checkpoint = make_checkpoint(tmp_path / "run" / "checkpoint_00000003")
     corrupt(checkpoint)
