@@ -93,13 +93,18 @@ def check_amount(config: GPTConfig, sparsity: float, structure: str, scope: str)
         removable = sum((unit_counts(config, i)[k] - 1) * unit_cost(config, k)
                         for i in layers for k in kinds)
         if budget > removable:
-            kind = kinds[-1] if len(kinds) == 1 else "head"
-            what, module = KIND_NAMES[kind]
-            where = (f"layer {layers[0]} (blocks.{layers[0]}.{module})" if len(layers) == 1 else
-                     f"layer 0 (blocks.0.{module}) and every other layer")
+            if len(kinds) == 1:
+                what, module = KIND_NAMES[kinds[0]]
+                taken, module = f"remove every {what}", f".{module}"
+            else:  # the budget runs past all of both kinds, not the heads alone
+                taken = ("need more than every removable "
+                         + " and ".join(KIND_NAMES[k][0] for k in kinds))
+                module = ""
+            where = (f"layer {layers[0]} (blocks.{layers[0]}{module})" if len(layers) == 1 else
+                     f"layer 0 (blocks.0{module}) and every other layer")
             raise ConfigError(
                 f"prune_sparsity (--prune-sparsity) {sparsity} with --prune-structure "
-                f"{structure} would remove every {what} of {where}: at most "
+                f"{structure} would {taken} of {where}: at most "
                 f"{removable / params:.1%} of "
                 f"{'its' if len(layers) == 1 else 'the block'} parameters can go while each "
                 f"layer keeps one {', one '.join(KIND_NAMES[k][0] for k in kinds)}")
