@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 from pathlib import Path
 
@@ -114,7 +113,6 @@ def run(args: argparse.Namespace) -> dict:
     from orchestrator.training.checkpoint import CheckpointError
 
     out = Path(args.out).expanduser().resolve()
-    existed = out.exists()
     try:
         config = build_config(args)
         resolve_device(config.device)
@@ -132,11 +130,7 @@ def run(args: argparse.Namespace) -> dict:
         raise JobFailed(str(e), EXIT_FAILED) from None
     except OSError as e:  # a full disk, a mount gone read-only: one line, not a traceback
         raise JobFailed(f"cannot read or write a file: {e}", EXIT_FAILED) from None
-    finally:
-        # A run refused before its first stage leaves no empty --out behind.
-        if not existed and out.is_dir() and not any(p.name != "compress_config.json"
-                                                    for p in out.iterdir()):
-            shutil.rmtree(out)
+    # (A run refused before its first stage leaves no --out it made behind: out_held.)
 
 
 def main(argv: list[str] | None = None) -> int:

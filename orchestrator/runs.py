@@ -336,10 +336,10 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
             take_back_refused_run(run_dir, made, added)
 
 
-def _remove_if_only(run_dir: Path, names: set[str]) -> None:
+def remove_dir_if_only(run_dir: Path, names: set[str]) -> None:
     """Remove `run_dir` if it holds nothing but `names` (the lock's file too: its holder is
     this process, which is done with it). Best effort: the job's own error is what the user
-    must see, not a cleanup's."""
+    must see, not a cleanup's. (Also the compression pipeline's, for its --out.)"""
     try:
         if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= names:
             for name in names:
@@ -486,9 +486,9 @@ def take_back_refused_run(run_dir: Path, made: bool, added: set[str]) -> None:
     """After a refused run (run_dir_held): the files it `added` removed, and the directory
     too where it `made` it and nothing else is there. A folder that was there keeps what it
     held; the .run.lock and config.json left in it said a run had been there. Best effort, as
-    _remove_if_only."""
+    remove_dir_if_only."""
     if made:
-        _remove_if_only(run_dir, added)
+        remove_dir_if_only(run_dir, added)
         return
     for name in added:
         try:

@@ -10,6 +10,7 @@
     <out>/qat/                  stage 2: INT8 quantization-aware distillation fine-tune
     <out>/int8/                 stage 3: the INT8 export (export.py)
     <out>/report.json           original vs pruned vs INT8
+    <out>/.compress.lock        held by the run using --out (out_held)
 
 A stage's directory appears only when the stage is complete (built under a hidden name and
 renamed), so a rerun skips exactly the finished stages. Inside a fine-tune, progress is
@@ -18,12 +19,13 @@ deleted once it is complete) and a rerun continues from the newest that verifies
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -38,7 +40,8 @@ from orchestrator.compression.report import (block_sparsity, build_report, forma
                                              latency_seq_len)
 from orchestrator.compression.source import teacher_data, teacher_tokenizer
 from orchestrator.config import MODEL_PRESETS, ConfigError
-from orchestrator.runs import writable_dir_problem
+from orchestrator.file_lock import LockBusy, file_lock
+from orchestrator.runs import remove_dir_if_only, writable_dir_problem
 from orchestrator.tokenizer import (ByteTokenizer, Tokenizer, TokenizerError, save_tokenizer,
                                     tokenizer_of_run)
 from orchestrator.training.data import get_batch
@@ -51,6 +54,7 @@ REPORT_FILE = "report.json"
 WEIGHTS_FILE = "weights.pt"
 MASKS_FILE = "masks.pt"
 STAGE_FILE = "stage.json"
+OUT_LOCK = ".compress.lock"  # held (file_lock) by the run using --out, for the run's life
 # Data stream per fine-tune (get_batch's `rank`): each stage draws its own batches, none of
 # them the pretraining workers' (ranks 0..N).
 STREAMS = {"distill": 101, "prune": 102, "qat": 103, "calibrate": 104}
@@ -102,7 +106,7 @@ def check_out(out: Path, config: CompressConfig, source: dict[str, Any],
             raise ConfigError(f"--out {out} was made with other settings: "
                               f"{'; '.join(conflicts)}. Pass the original values or use a "
                               "new --out")
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(p.name != OUT_LOCK for p in out.iterdir()):
         raise ConfigError(f"--out {out} is not empty and holds no compression run (no "
                           f"{CONFIG_FILE}); choose a new or empty directory")
 
@@ -122,6 +126,41 @@ def _another_teacher(out: Path, saved: dict[str, Any], source: dict[str, Any]) -
                     f"the same run: to resume it, pass --checkpoint {recorded}; to compress "
                     f"{Path(chosen).name} instead, use a new --out")
     return f"--out {out} holds a compression of another teacher ({recorded}); use a new --out"
+
+
+@contextlib.contextmanager
+def out_held(out: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """This process's claim on --out while its run runs: a second run on the same --out
+    meanwhile is refused (ConfigError naming the holder) before it writes anything; both
+    wrote the same progress checkpoints and temporary folders. On a filesystem without flock
+    the run goes on unguarded (said). A directory this call made is removed again when the
+    block fails and it holds only the lock and compress_config.json: a refused run leaves no
+    --out behind."""
+    made = not out.exists()
+    entered, failed = False, False
+    try:
+        with file_lock(out / OUT_LOCK) as state:
+            entered = True
+            if state.unsupported:
+                log(f"warning: cannot lock --out {out} ({state.unsupported}): a second run on "
+                    "it meanwhile would not be refused")
+            try:
+                yield
+            except BaseException:
+                failed = True
+                raise
+    except LockBusy as e:
+        if entered:
+            raise
+        raise ConfigError(f"--out {out} is in use by another compression run ({e.holder}); "
+                          "wait for it to end, or use another --out") from None
+    except OSError as e:
+        if entered:
+            raise
+        raise ConfigError(f"cannot lock --out {out}: {e.strerror or e}") from None
+    finally:
+        if made and failed:  # once the lock's file is closed (NFS keeps an open one)
+            remove_dir_if_only(out, {OUT_LOCK, CONFIG_FILE})
 
 
 def check_out_path(out: Path) -> None:
@@ -399,25 +438,27 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
     # (prepare_out), which must not then disagree with the report it failed to write.
     latency_seq_len(config, teacher.config.block_size)
     check_out(out, config, source, teacher.config.block_size)
-    # The teacher's data, read and checked now: a run that cannot be scored fails in
-    # seconds, before --out is touched, not after its fine-tunes.
-    try:
-        data = teacher_data(source, config.eval_tokens)
-        tokenizer = teacher_tokenizer(source)
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
-    check_eval_window(config, data[1], seq_len)
-    with tempfile.TemporaryDirectory(prefix="compress-") as scratch:
-        fp32_onnx = None
-        if not (out / "int8" / export.ONNX_FILE).is_file():
-            # Fail in seconds, before --out is touched, rather than after the fine-tunes:
-            # the int8 runtime needs the model to go through torch.onnx.export.
-            log("export check: exporting the teacher to ONNX")
-            fp32_onnx = export.export_fp32_onnx(teacher, Path(scratch) / "original.fp32.onnx",
-                                                "teacher (export check, before fine-tuning)")
-        prepare_out(out, config, source, teacher.config.block_size)
-        return _run_stages(teacher, source, config, out, device, seq_len, fp32_onnx, data,
-                           tokenizer, log)
+    with out_held(out, log):  # (after check_out: a folder of something else gets no lock file)
+        # The teacher's data, read and checked now: a run that cannot be scored fails in
+        # seconds, before anything is written to --out, not after its fine-tunes.
+        try:
+            data = teacher_data(source, config.eval_tokens)
+            tokenizer = teacher_tokenizer(source)
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
+        check_eval_window(config, data[1], seq_len)
+        with tempfile.TemporaryDirectory(prefix="compress-") as scratch:
+            fp32_onnx = None
+            if not (out / "int8" / export.ONNX_FILE).is_file():
+                # Fail in seconds, before anything is written to --out, rather than after the
+                # fine-tunes: the int8 runtime needs the model to go through torch.onnx.export.
+                log("export check: exporting the teacher to ONNX")
+                fp32_onnx = export.export_fp32_onnx(
+                    teacher, Path(scratch) / "original.fp32.onnx",
+                    "teacher (export check, before fine-tuning)")
+            prepare_out(out, config, source, teacher.config.block_size)
+            return _run_stages(teacher, source, config, out, device, seq_len, fp32_onnx, data,
+                               tokenizer, log)
 
 
 def check_eval_window(config: CompressConfig, held_out: torch.Tensor, seq_len: int) -> None:

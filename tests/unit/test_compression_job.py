@@ -202,6 +202,32 @@ def test_a_rerun_after_the_teacher_run_saved_a_newer_checkpoint_says_how_to_resu
     assert "to resume" not in err
 
 
+def test_a_second_run_on_a_busy_out_is_refused_naming_the_holder(tmp_path, capsys):
+    """Two runs on one --out used the same progress files and temporary folders."""
+    import os
+
+    from orchestrator.compression.pipeline import OUT_LOCK, out_held
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    _, source = load_teacher(checkpoint, log=print)
+    for resumed in (False, True):
+        out = tmp_path / f"out-{resumed}"
+        if resumed:
+            prepare_out(out, CompressConfig(), source)
+        before = sorted(p.name for p in out.iterdir()) if resumed else []
+        with out_held(out, print):  # another run, running
+            code, err = run_job(capsys, "--checkpoint", str(checkpoint), "--out", str(out))
+        assert code == 2, err
+        assert (f"--out {out} is in use by another compression run (pid {os.getpid()} on "
+                in err), err
+        assert sorted(p.name for p in out.iterdir()) == sorted([*before, OUT_LOCK])
+    # A run refused while it held --out takes a directory it made away again, lock and all.
+    out = tmp_path / "made"
+    code, err = run_job(capsys, "--checkpoint", str(checkpoint), "--out", str(out),
+                        "--eval-tokens", "10")  # refused once the teacher's data is read
+    assert code == 2 and "--eval-tokens" in err and not out.exists()
+
+
 def test_a_model_that_cannot_be_exported_fails_before_any_fine_tuning(tmp_path, monkeypatch):
     from orchestrator.compression.export import ExportError
     from orchestrator.compression.pipeline import run_pipeline
