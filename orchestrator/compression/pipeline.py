@@ -15,7 +15,8 @@
 A stage's directory appears only when the stage is complete (built under a hidden name and
 renamed), so a rerun skips exactly the finished stages. Inside a fine-tune, progress is
 checkpointed to <out>/.<stage>.partial.step<N>.pt (each under a new name, the previous one
-deleted once it is complete) and a rerun continues from the newest that verifies.
+deleted once it is complete) and a rerun continues from the newest that verifies; a rerun
+deletes those of a stage already published (remove_leftovers).
 """
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ from orchestrator.compression.artifacts import (CheckpointError, cpu_state_dict,
                                                 staged_dir, write_json)
 from orchestrator.compression.config import CompressConfig, resume_conflicts
 from orchestrator.compression.finetune import (Plan, PruneSchedule, finetune,
-                                               remove_progress)
-from orchestrator.compression.report import (block_sparsity, build_report, format_table,
-                                             latency_seq_len)
+                                               progress_checkpoints, remove_progress)
+from orchestrator.compression.report import (SCRATCH_PREFIX, block_sparsity, build_report,
+                                             format_table, latency_seq_len)
 from orchestrator.compression.source import teacher_data, teacher_tokenizer
 from orchestrator.config import MODEL_PRESETS, ConfigError
 from orchestrator.file_lock import LockBusy, file_lock
@@ -58,6 +59,8 @@ OUT_LOCK = ".compress.lock"  # held (file_lock) by the run using --out, for the 
 # Data stream per fine-tune (get_batch's `rank`): each stage draws its own batches, none of
 # them the pretraining workers' (ranks 0..N).
 STREAMS = {"distill": 101, "prune": 102, "qat": 103, "calibrate": 104}
+# Each fine-tune's output directory under --out.
+STAGE_DIRS = {"distill": "distilled", "prune": "pruned", "qat": "qat"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,13 +80,37 @@ def fine_tune_seq_len(config: CompressConfig, block_size: int) -> int:
 
 
 def prepare_out(out: Path, config: CompressConfig, source: dict[str, Any],
-                block_size: int | None = None) -> None:
-    """Create --out for a new run, or check that it holds this same run to resume.
+                block_size: int | None = None, log: Callable[[str], None] = say) -> None:
+    """Create --out for a new run, or check that it holds this same run to resume and clear
+    what an earlier run killed on its way left behind (remove_leftovers). Called while this
+    run holds --out (out_held).
 
     Checked before anything is written: a refused run leaves --out as it was."""
     check_out(out, config, source, block_size)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / CONFIG_FILE, {"compress": config.to_dict(), "source": source})
+    remove_leftovers(out, log)
+
+
+def remove_leftovers(out: Path, log: Callable[[str], None]) -> None:
+    """Delete what no stage will use again, left by a run killed on its way (a crash, SIGKILL):
+    the progress checkpoints of a stage already published (the crash fell between publishing
+    and deleting them: a model's size, for good) and the report's temporary folders. Only
+    while this run holds --out: another run's would be in use."""
+    for stage, dirname in STAGE_DIRS.items():
+        partial = partial_path(out, stage)
+        if (out / dirname).is_dir() and progress_checkpoints(partial):
+            names = ", ".join(p.name for p in progress_checkpoints(partial))
+            remove_progress(partial)
+            log(f"{dirname}: removed its leftover progress checkpoint(s) {names}")
+    for scratch in out.glob(SCRATCH_PREFIX + "*"):
+        shutil.rmtree(scratch, ignore_errors=True)
+        log(f"report: removed the temporary folder {scratch.name} of an earlier attempt")
+
+
+def partial_path(out: Path, stage: str) -> Path:
+    """The name a fine-tune's progress checkpoints are derived from (finetune)."""
+    return out / f".{stage}.partial.pt"
 
 
 def check_out(out: Path, config: CompressConfig, source: dict[str, Any],
@@ -280,14 +307,14 @@ class Run:
         return _plan(stage, steps, self.config, self.seq_len)
 
 
-def _run_stage(run: Run, stage: str, dirname: str, student: GPT, plan: Plan, *,
+def _run_stage(run: Run, stage: str, student: GPT, plan: Plan, *,
                masks: dict | None = None, schedule: PruneSchedule | None = None,
                finish: Callable[[GPT, dict], tuple[GPT, dict | None]] | None = None
                ) -> tuple[GPT, dict | None, dict[str, Any]]:
     """One fine-tune stage: train (resuming from its partial checkpoint), `finish` the model
     (structured pruning shrinks it), then publish the stage's directory and drop the partial
     checkpoint. Returns (model, masks, metrics)."""
-    partial = run.out / f".{stage}.partial.pt"
+    partial = partial_path(run.out, stage)
     dense_config = student.config  # before a structured finish shrinks it
     run.log(f"{stage}: fine-tuning {plan.steps} steps (batch {plan.batch_size} x "
             f"{plan.seq_len}, alpha {plan.alpha}, temperature {plan.temperature})")
@@ -297,7 +324,7 @@ def _run_stage(run: Run, stage: str, dirname: str, student: GPT, plan: Plan, *,
         student, masks = finish(student, masks)
     if schedule is not None:  # pruning: "sparsity" as the report means it, one figure
         metrics["sparsity"] = block_sparsity(student, dense_config)
-    _save_stage(run.out / dirname, student, masks if masks else None,
+    _save_stage(run.out / STAGE_DIRS[stage], student, masks if masks else None,
                 {"stage": stage, **metrics})
     remove_progress(partial)
     return student, masks, metrics
@@ -328,7 +355,7 @@ def stage_student(run: Run) -> tuple[GPT, dict[str, Any] | None]:
         student = GPT(student_config)
         student.load_state_dict(run.teacher.state_dict())
         return student.to(run.device), None
-    done = _load_stage(run.out / "distilled", run.log)
+    done = _load_stage(run.out / STAGE_DIRS["distill"], run.log)
     if done:
         student, _, metrics = done
         return student.to(run.device), metrics
@@ -336,7 +363,7 @@ def stage_student(run: Run) -> tuple[GPT, dict[str, Any] | None]:
     student = GPT(student_config).to(run.device)
     run.log(f"distill: {config.student_size} student ({student.num_params() / 1e6:.2f}M "
             f"params) from a {run.teacher.num_params() / 1e6:.2f}M teacher")
-    student, _, metrics = _run_stage(run, "distill", "distilled", student,
+    student, _, metrics = _run_stage(run, "distill", student,
                                      run.plan("distill", config.distill_steps))
     return student, metrics
 
@@ -345,7 +372,7 @@ def stage_prune(run: Run, student: GPT) -> tuple[GPT, dict | None, dict[str, Any
     """Stage 1: gradual pruning while distilling. Structured: whole heads and MLP channels are
     masked as the amount ramps up, then the matrices are shrunk (no masks remain). Returns
     (model, masks, metrics)."""
-    done = _load_stage(run.out / "pruned", run.log)
+    done = _load_stage(run.out / STAGE_DIRS["prune"], run.log)
     if done:
         model, masks, metrics = done
         return model.to(run.device), masks, metrics
@@ -375,14 +402,14 @@ def stage_prune(run: Run, student: GPT) -> tuple[GPT, dict | None, dict[str, Any
                     f"{structured.block_params(model.config):,} block parameters left")
             return small.eval(), None
         finish = shrink
-    return _run_stage(run, "prune", "pruned", student, run.plan("prune", config.prune_steps),
+    return _run_stage(run, "prune", student, run.plan("prune", config.prune_steps),
                       schedule=schedule, finish=finish)
 
 
 def stage_qat(run: Run, student: GPT, masks: dict | None) -> tuple[GPT, dict[str, Any]]:
     """Stage 2: INT8 quantization-aware training while distilling, masks (unstructured
     pruning's) fixed."""
-    done = _load_stage(run.out / "qat", run.log)
+    done = _load_stage(run.out / STAGE_DIRS["qat"], run.log)
     if done:
         model, _, metrics = done
         return model.to(run.device), metrics
@@ -390,7 +417,7 @@ def stage_qat(run: Run, student: GPT, masks: dict | None) -> tuple[GPT, dict[str
     qat.prepare_qat(student, prune.prunable_names(student), qmax)
     run.log(f"qat: fake-quantized int8 weights (per channel, [-{qmax}, {qmax}]) and uint8 "
             "activations (per tensor, dynamic)")
-    student, _, metrics = _run_stage(run, "qat", "qat", student,
+    student, _, metrics = _run_stage(run, "qat", student,
                                      run.plan("qat", run.config.qat_steps), masks=masks)
     return student, metrics
 
@@ -456,7 +483,7 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
                 fp32_onnx = export.export_fp32_onnx(
                     teacher, Path(scratch) / "original.fp32.onnx",
                     "teacher (export check, before fine-tuning)")
-            prepare_out(out, config, source, teacher.config.block_size)
+            prepare_out(out, config, source, teacher.config.block_size, log)
             return _run_stages(teacher, source, config, out, device, seq_len, fp32_onnx, data,
                                tokenizer, log)
 
@@ -490,7 +517,7 @@ def _run_stages(teacher: GPT, source: dict[str, Any], config: CompressConfig, ou
     student, stages["distill"] = stage_student(run)
     distilled = None
     if config.student_size:  # its own report row, as distilled (pruning changes it in place)
-        distilled = (GPT(student.config), out / "distilled" / WEIGHTS_FILE)
+        distilled = (GPT(student.config), out / STAGE_DIRS["distill"] / WEIGHTS_FILE)
         distilled[0].load_state_dict(student.state_dict())
     student, masks, stages["prune"] = stage_prune(run, student)
     pruned = GPT(student.config)
@@ -501,7 +528,7 @@ def _run_stages(teacher: GPT, source: dict[str, Any], config: CompressConfig, ou
     log("report: measuring original, pruned and int8")
     report = build_report(teacher=run.teacher, pruned=pruned, out=out,
                           original_file=out / "original" / WEIGHTS_FILE,
-                          pruned_file=out / "pruned" / WEIGHTS_FILE, int8_dir=int8_dir,
+                          pruned_file=out / STAGE_DIRS["prune"] / WEIGHTS_FILE, int8_dir=int8_dir,
                           config=config, eval_seq_len=seq_len, held_out=held_out, log=log,
                           fp32_onnx=fp32_onnx, dense_config=shape_to_compress(teacher, config),
                           student=distilled, calibration=calibration_batches(run) if config.int8_static else None)

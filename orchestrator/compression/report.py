@@ -19,6 +19,7 @@ from orchestrator.compression.export import (ONNX_FILE, TORCH_FILE, export_decod
 from orchestrator.config import ConfigError
 
 COLUMNS = ("model", "runtime", "size_bytes", "latency_ms", "perplexity", "sparsity")
+SCRATCH_PREFIX = ".report-"  # the report's temporary folder in --out, one per attempt
 
 
 def _row(model: str, runtime: str, size: int, latency: dict[str, float], ppl: float | None,
@@ -129,7 +130,7 @@ def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path
     dense_config = dense_config or teacher.config
     threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads)
-    scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=out))
     fp32_onnx, baseline_size = fp32_onnx or scratch / "original.fp32.onnx", 0
     try:
         torch_int8 = load_int8_model(int8_dir)

@@ -202,6 +202,29 @@ def test_a_rerun_after_the_teacher_run_saved_a_newer_checkpoint_says_how_to_resu
     assert "to resume" not in err
 
 
+def test_a_resume_clears_what_a_killed_run_left_behind(tmp_path):
+    """A crash between publishing a stage and deleting its progress checkpoint left a
+    multi-GB file for good; a SIGKILL during the report, its scratch folder. Only what no
+    unfinished stage needs goes."""
+    out = tmp_path / "out"
+    source = {"checkpoint": "a", "sha256": "abc"}
+    prepare_out(out, CompressConfig(), source)
+    (out / "pruned").mkdir()  # finished: its progress is left over
+    leftovers = [".prune.partial.step00000004.pt", ".prune.partial.step00000004.pt.sha256",
+                 ".prune.partial.pt", ".prune.partial.pt.sha256"]
+    kept = [".qat.partial.step00000002.pt", ".qat.partial.step00000002.pt.sha256"]
+    for name in leftovers + kept:  # (qat is not finished: its progress is resumed)
+        (out / name).write_bytes(b"x")
+    (out / ".report-k1ll3d").mkdir()
+    (out / ".report-k1ll3d" / "int8.decode.onnx").write_bytes(b"x")
+    said = []
+    prepare_out(out, CompressConfig(), source, log=said.append)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["compress_config.json", "pruned", *kept])
+    assert any(".prune.partial.step00000004.pt" in line and "pruned" in line for line in said)
+    assert any(".report-k1ll3d" in line for line in said)
+
+
 def test_a_second_run_on_a_busy_out_is_refused_naming_the_holder(tmp_path, capsys):
     """Two runs on one --out used the same progress files and temporary folders."""
     import os
