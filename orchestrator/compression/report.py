@@ -31,17 +31,6 @@ def _row(model: str, runtime: str, size: int, latency: dict[str, float], ppl: fl
             "sparsity": round(sparsity, 4)}
 
 
-class _OnnxFp32:
-    """The original model in ONNX Runtime fp32: isolates what int8 buys from what the runtime
-    buys."""
-
-    def __init__(self, path: Path, threads: int) -> None:
-        self.session = ort_session(path, threads)
-
-    def __call__(self, idx: torch.Tensor):
-        return torch.from_numpy(self.session.run(["logits"], {"idx": idx.numpy()})[0]), None
-
-
 def latency_seq_len(config: CompressConfig, block_size: int) -> int:
     """The tokens of every latency shape: --latency-seq, capped by the model's context. The
     decode step needs one cached position at least; the pipeline asks before any stage runs,
