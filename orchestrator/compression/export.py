@@ -111,6 +111,26 @@ def _onnx_program(module: nn.Module, args: tuple, **options):
     return retry_spurious_ast_error(export)
 
 
+def _save(program, path: Path) -> None:
+    """Write an exported program to `path` without the nodes' stack traces (torch still puts
+    the weights in `<path>.data` past 1.5 GiB: artifacts.onnx_files)."""
+    _drop_stack_traces(program.model)
+    program.save(str(path), external_data=False)
+
+
+# The node metadata in which torch.onnx records the Python stack trace that made each node.
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def _drop_stack_traces(model) -> None:
+    """Remove every node's stack trace (an onnx_ir Model's, before it is saved): about 1 KB a
+    node, with this machine's absolute paths, in a file handed to others. Metadata only:
+    ONNX Runtime never reads it, and the other provenance entries stay."""
+    for graph in [*model.graphs(), *model.functions.values()]:
+        for node in graph.all_nodes():
+            node.metadata_props.pop(STACK_TRACE_KEY, None)
+
+
 def export_fp32_onnx(model: nn.Module, path: Path, what: str = "model") -> Path:
     """torch.onnx (dynamo exporter) with dynamic batch and sequence length up to the model's
     context, weights inside the one file up to torch's 1.5 GiB, in `<path>.data` beyond
@@ -124,7 +144,7 @@ def export_fp32_onnx(model: nn.Module, path: Path, what: str = "model") -> Path:
         program = _onnx_program(
             _LogitsOnly(model), (example,), input_names=["idx"], output_names=["logits"],
             dynamic_shapes=({0: batch_dim, 1: time_dim},))
-        program.save(str(path), external_data=False)
+        _save(program, path)
     except Exception as e:
         # torch.export's messages run to pages; the first line says what failed.
         first = _plain(str(e)).strip().splitlines()[0] if str(e).strip() else ""
@@ -174,7 +194,7 @@ def export_decode_onnx(model: nn.Module, path: Path, what: str = "model") -> Pat
             input_names=["idx", "position"] + [f"past_{i}" for i in range(len(past))],
             output_names=["logits"] + [f"present_{i}" for i in range(len(past))],
             dynamic_shapes=({0: batch_dim}, None, [{0: batch_dim, 2: past_dim}] * len(past)))
-        program.save(str(path), external_data=False)
+        _save(program, path)
     except Exception as e:
         first = _plain(str(e)).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(f"torch.onnx.export of the {what}'s decode step failed: "

@@ -4,6 +4,7 @@ Models here are a few tens of thousands of parameters and fine-tunes a handful o
 INT8 export (about 8 s, the ONNX exporter's fixed cost) is shared by the export tests."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -336,6 +337,22 @@ def test_weights_torch_writes_beside_a_large_onnx_export_are_removed_and_counted
     data = tmp_path / "original.fp32.onnx.data"
     assert data.stat().st_size > 4 * model.num_params() * 0.9  # the weights are there
     assert measure.size_bytes(fp32) == fp32.stat().st_size + data.stat().st_size
+
+
+def test_the_onnx_export_carries_no_stack_traces_with_local_paths(exported):
+    """torch.onnx records every node's Python stack trace (~1 KB a node) with this machine's
+    absolute paths: not for a model file handed to others."""
+    import onnx
+
+    _, _, directory, _ = exported
+    path = directory / export.ONNX_FILE
+    nodes = onnx.load(str(path)).graph.node
+    assert not [n.name for n in nodes
+                if any(p.key == export.STACK_TRACE_KEY for p in n.metadata_props)]
+    repo = str(Path(export.__file__).resolve().parents[2]).encode()
+    assert repo not in path.read_bytes()
+    # What ONNX Runtime needs is all there (the graph still checks and runs: the tests below).
+    assert any(n.op_type == "MatMulInteger" for n in nodes)
 
 
 def test_exported_linear_weights_are_int8(exported):
