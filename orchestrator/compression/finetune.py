@@ -195,13 +195,14 @@ def progress_checkpoints(partial: Path) -> list[Path]:
     return [path for _, path in numbered] + ([partial] if partial.is_file() else [])
 
 
-def remove_progress(partial: Path, keep: Path | None = None) -> None:
+def remove_progress(partial: Path, keep: Path | None = None) -> list[str]:
     """Delete the stage's progress checkpoints, their sidecars and any unfinished temporary
-    file, all but `keep` (and its sidecar)."""
+    file, all but `keep` (and its sidecar); returns the names deleted."""
     kept = {keep.name, keep.name + ".sha256"} if keep is not None else set()
-    for path in _progress_files(partial):
-        if path.name not in kept:
-            path.unlink(missing_ok=True)
+    removed = sorted(path.name for path in _progress_files(partial) if path.name not in kept)
+    for name in removed:
+        (partial.parent / name).unlink(missing_ok=True)
+    return removed
 
 
 def _progress_files(partial: Path) -> list[Path]:

@@ -35,8 +35,7 @@ from orchestrator.compression.artifacts import (CheckpointError, cpu_state_dict,
                                                 file_in_the_way, load_tensors, save_tensors,
                                                 staged_dir, write_json)
 from orchestrator.compression.config import CompressConfig, resume_conflicts
-from orchestrator.compression.finetune import (Plan, PruneSchedule, finetune,
-                                               progress_checkpoints, remove_progress)
+from orchestrator.compression.finetune import Plan, PruneSchedule, finetune, remove_progress
 from orchestrator.compression.report import (SCRATCH_PREFIX, block_sparsity, build_report,
                                              format_table, latency_seq_len)
 from orchestrator.compression.source import teacher_data, teacher_tokenizer
@@ -45,8 +44,8 @@ from orchestrator.file_lock import LockBusy, file_lock
 from orchestrator.runs import remove_dir_if_only, writable_dir_problem
 from orchestrator.tokenizer import (ByteTokenizer, Tokenizer, TokenizerError, save_tokenizer,
                                     tokenizer_of_run)
-from orchestrator.training.data import get_batch
 from orchestrator.training.checkpoint import recorded_sha256
+from orchestrator.training.data import get_batch
 from orchestrator.training.loop import say
 from orchestrator.training.model import GPT, GPTConfig
 
@@ -98,11 +97,10 @@ def remove_leftovers(out: Path, log: Callable[[str], None]) -> None:
     and deleting them: a model's size, for good) and the report's temporary folders. Only
     while this run holds --out: another run's would be in use."""
     for stage, dirname in STAGE_DIRS.items():
-        partial = partial_path(out, stage)
-        if (out / dirname).is_dir() and progress_checkpoints(partial):
-            names = ", ".join(p.name for p in progress_checkpoints(partial))
-            remove_progress(partial)
-            log(f"{dirname}: removed its leftover progress checkpoint(s) {names}")
+        removed = remove_progress(partial_path(out, stage)) if (out / dirname).is_dir() else []
+        if removed:
+            log(f"{dirname}: already done; removed its leftover progress files "
+                f"{', '.join(removed)}")
     for scratch in out.glob(SCRATCH_PREFIX + "*"):
         shutil.rmtree(scratch, ignore_errors=True)
         log(f"report: removed the temporary folder {scratch.name} of an earlier attempt")
