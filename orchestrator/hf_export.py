@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import MODEL_PRESETS
+from orchestrator.hf_files import INDEX_FILE, SAFETENSORS_FILE
 from orchestrator.tokenizer import (TOKENIZER_FILE, Tokenizer, TokenizerError,
                                     tokenizer_for_model, tokenizer_of_run)
 
 if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
     import torch
 
-SAFETENSORS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 # Every file an export writes: in an --out without config.json, not ours to overwrite.
 EXPORT_FILES = (SAFETENSORS_FILE, "generation_config.json", TOKENIZER_FILE,
@@ -42,7 +42,6 @@ EXPORT_FILES = (SAFETENSORS_FILE, "generation_config.json", TOKENIZER_FILE,
 # removed, removed after the new one is in place): a --out without config.json holding it is
 # an unfinished export of ours, which the next export may replace.
 UNFINISHED_MARKER = ".unfinished-export"  # (not STAGING_PREFIX's: not a staging dir)
-INDEX_FILE = "model.safetensors.index.json"  # a sharded model: tensor name -> shard file
 # In every config.json the export writes: an --out holding a GPT-2 model without it (one
 # downloaded elsewhere) is not ours to replace.
 EXPORTED_BY = "hetero-orchestrator jobs/export.py"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from orchestrator.file_lock import LockBusy, file_lock
-from orchestrator.hf_export import INDEX_FILE, SAFETENSORS_FILE
+from orchestrator.hf_files import INDEX_FILE, SAFETENSORS_FILE
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.tokenizer import TOKENIZER_FILE
 
