@@ -23,7 +23,8 @@ from orchestrator.tokenizer import (EOS_NAMES, Tokenizer, TokenizerError, load_t
 from orchestrator.training.corpus import (DataError, SourceFile, cache_key, check_text_column,
                                           check_jsonl_head, check_text_head,
                                           expand_sources, iter_texts)
-from orchestrator.training.shards import (SHARD_TOKENS, clear_cache_dir, fresh_dir_beside,
+from orchestrator.training.shards import (SHARD_TOKENS, UnreadableManifest, clear_cache_dir,
+                                          fresh_dir_beside, has_manifest_file,
                                           on_local_storage, pass_lock, read_manifest,
                                           remove_replaced, storage_for, swap_in,
                                           tokenize_source, write_atomically, write_manifest)
@@ -107,7 +108,7 @@ def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool
                                 cache_root, say)
     key = cache_key(sources, text_field, skip_bad_lines, tok.sha256)
     cache_uri = cache_dir(cache_root, key)
-    manifest = read_manifest(cache_uri)
+    manifest = _manifest_unless_replaced(cache_uri, retokenize)
     if retokenize and manifest is not None:
         _check_replaceable(cache_uri)
         manifest = None
@@ -115,6 +116,18 @@ def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool
         manifest = None
     return DataPlan(sources, text_field, skip_bad_lines, tok, key, cache_uri, manifest,
                     retokenize)
+
+
+def _manifest_unless_replaced(cache_uri: str, retokenize: bool) -> dict[str, Any] | None:
+    """The cache's manifest (read_manifest), or None under --retokenize when it cannot be
+    read: what --retokenize is for (the error says to pass it), so the directory is replaced
+    as any other, not refused again with that error."""
+    try:
+        return read_manifest(cache_uri)
+    except UnreadableManifest:
+        if not retokenize:
+            raise
+        return None
 
 
 def _check_replaceable(cache_uri: str) -> None:
@@ -238,14 +251,18 @@ def tokenize_once(plan: DataPlan, run_pass: Callable[[DataPlan], dict[str, Any]]
     while it waited (from the same files, just now)."""
     with pass_lock(plan.cache_uri, say) as waited:
         if waited or not plan.retokenize:
-            manifest = read_manifest(plan.cache_uri)
+            manifest = _manifest_unless_replaced(plan.cache_uri, plan.retokenize)
             if manifest is not None and manifest.get("key") == plan.key:
                 say(f"token shards cached at {plan.cache_uri} by the other run: "
                     f"{manifest['train_tokens']:,} training and "
                     f"{manifest['held_out_tokens']:,} held-out tokens")
                 plan.manifest = manifest
                 return manifest
-        if plan.retokenize and read_manifest(plan.cache_uri) is not None:
+        # Finished shards (or ones whose manifest cannot be read) a run may be reading are
+        # swapped out; object storage can only clear them in place (no reader opens shards
+        # whose manifest does not parse; plan_data refused --retokenize over readable ones).
+        if plan.retokenize and has_manifest_file(plan.cache_uri) \
+                and on_local_storage(plan.cache_uri):
             return _replace_shards(plan, run_pass, say)
         return run_pass(plan)
 

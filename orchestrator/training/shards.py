@@ -185,13 +185,23 @@ def tokenize_source(source: SourceFile, file_index: int, tokenizer, cache_uri: s
             "seconds": time.perf_counter() - started}
 
 
+class UnreadableManifest(DataError):
+    """A manifest that does not parse or cannot be read: --retokenize replaces it."""
+
+
+def has_manifest_file(cache_uri: str) -> bool:
+    """Whether the cache directory holds a manifest file, whatever is in it."""
+    fs, directory = storage_for(cache_uri)
+    return fs.get_file_info(f"{directory}/{MANIFEST_FILE}").type == pafs.FileType.File
+
+
 def read_manifest(cache_uri: str) -> dict[str, Any] | None:
     """The cache directory's manifest, or None when there is none (nothing or a partial
-    pass); DataError naming the file when it does not parse."""
+    pass); UnreadableManifest naming the file when it does not parse."""
+    if not has_manifest_file(cache_uri):
+        return None
     fs, directory = storage_for(cache_uri)
     path = f"{directory}/{MANIFEST_FILE}"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
     try:
         with fs.open_input_stream(path) as f:
             raw = f.read()
@@ -211,8 +221,8 @@ def parse_manifest(raw: bytes, cache_uri: str) -> dict[str, Any] | None:
     return manifest
 
 
-def _unreadable(cache_uri: str, error: Exception) -> DataError:
-    return DataError(f"shard manifest {cache_uri}/{MANIFEST_FILE} is unreadable: {error}; "
+def _unreadable(cache_uri: str, error: Exception) -> UnreadableManifest:
+    return UnreadableManifest(f"shard manifest {cache_uri}/{MANIFEST_FILE} is unreadable: {error}; "
                      "pass --retokenize to rebuild it")
 
 

@@ -1,4 +1,5 @@
 """Reading the token shards (orchestrator/training/shards.py) as a training worker does."""
+import contextlib
 import glob
 import json
 import os
@@ -8,7 +9,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from orchestrator.training import shards
+from orchestrator.training import data_plan, shards
 from orchestrator.training.corpus import DataError
 from orchestrator.training.data import get_batch
 from orchestrator.training.data_plan import plan_data, tokenize_in_process, tokenize_once
@@ -104,6 +105,32 @@ def test_retokenize_takes_no_shards_from_a_run_reading_them(tmp_path, monkeypatc
     retokenize(data, cache, said)  # no reader left: the next pass removes it
     assert glob.glob(plan.cache_uri + ".*") == [plan.cache_uri + ".lock"]
     assert np.array_equal(open_shards(plan.cache_uri)[0].window(0, len(expected)), expected)
+
+
+def test_retokenize_rebuilds_a_cache_whose_manifest_does_not_parse(tmp_path, monkeypatch):
+    """The error of a manifest that does not parse says to pass --retokenize, and
+    --retokenize raised that same error: the manifest was read first, also to be replaced."""
+    data, cache = small_corpus(tmp_path), str(tmp_path / "cache")
+    plan = plan_data([data], cache_root=cache)
+    built = tokenize_in_process(plan, shard_tokens=500, say=lambda _: None)
+    manifest = os.path.join(plan.cache_uri, shards.MANIFEST_FILE)
+    with open(manifest, "w") as f:
+        f.write('{"version": ')  # cut short
+    with pytest.raises(DataError, match="manifest.json is unreadable: .*pass --retokenize"):
+        plan_data([data], cache_root=cache)
+    assert retokenize(data, cache, [])["splits"] == built["splits"]
+    assert read_manifest(plan.cache_uri)["splits"] == built["splits"]
+    # The same when the --retokenize run waited for another pass, which left it unreadable.
+    with open(manifest, "w") as f:
+        f.write('{"version": ')
+
+    @contextlib.contextmanager
+    def waited_for_another_pass(cache_uri, say):
+        yield True
+
+    monkeypatch.setattr(data_plan, "pass_lock", waited_for_another_pass)
+    assert retokenize(data, cache, [])["splits"] == built["splits"]
+    assert read_manifest(plan.cache_uri)["splits"] == built["splits"]
 
 
 def test_retokenize_of_shards_on_object_storage_is_refused(tmp_path, monkeypatch):
