@@ -455,18 +455,34 @@ def _paragraphs(text: str) -> list[str]:
 
 def _cut_long(paragraph: str) -> list[str]:
     """A paragraph in pieces of about MAX_DOCUMENT_CHARS: each ends at the first line end past
-    that (with text after it), or at 4x that where none is."""
+    that (with text after it), or at 4x that where none is. Lengths count a CRLF as one
+    character, as the split reads the text (_split_form): counting its '\r', a Windows copy
+    was cut at other lines than the LF copy, and no piece of one hashed as the other's."""
     pieces, start = [], 0
-    while len(paragraph) - start > MAX_DOCUMENT_CHARS:
-        hard = start + 4 * MAX_DOCUMENT_CHARS
-        cut = _LINE_CUT.search(paragraph, start + MAX_DOCUMENT_CHARS - 1, hard)
-        if cut is None and len(paragraph) <= hard:
+    while (soft := _past(paragraph, start, MAX_DOCUMENT_CHARS)) < len(paragraph):
+        hard = _past(paragraph, start, 4 * MAX_DOCUMENT_CHARS)
+        cut = _LINE_CUT.search(paragraph, soft - 1, hard)
+        if cut is None and hard >= len(paragraph):
             break
         end = cut.end() if cut is not None else hard
         pieces.append(paragraph[start:end])
         start = end
     pieces.append(paragraph[start:])
     return pieces
+
+
+def _past(text: str, start: int, chars: int) -> int:
+    """Where `chars` characters of `text` from `start` end, a CRLF counted as one (never
+    between its '\r' and '\n'); len(text) when fewer are left."""
+    end = start + chars
+    while end < len(text):
+        short = chars - (end - start - text.count("\r\n", start, end))
+        if not short:
+            break
+        end += short  # (each step adds at most half as many CRLF: a few steps)
+    if end < len(text) and text[end - 1:end + 1] == "\r\n":
+        end += 1
+    return min(end, len(text))
 
 
 def _jsonl_documents(source: SourceFile, field: str, skip: bool, skipped: list[str]

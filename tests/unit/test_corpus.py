@@ -371,6 +371,28 @@ def test_a_paragraph_falls_on_one_side_wherever_it_is_in_a_file(tmp_path):
     assert 5 < sum(side == {True} for side in sides.values()) < 40  # still ~10% held out
 
 
+def test_a_long_paragraph_is_cut_at_the_same_lines_in_its_lf_and_crlf_copies(tmp_path,
+                                                                          monkeypatch):
+    """A paragraph over MAX_DOCUMENT_CHARS (a record per line, no blank lines) is cut at the
+    first line end past it: counting the '\r' of CRLF line ends, a Windows copy was cut at
+    other lines, so none of its pieces hashed as the LF copy's (0 of 74 matched) and the held-out
+    lines of one copy were trained on through the other."""
+    lines = [f"record {i}: " + "alpha beta gamma delta "[:3 + i % 19] for i in range(6000)]
+    lines[3000] = "x" * (5 * MAX_DOCUMENT_CHARS)  # no line end: the hard cut, at 4x
+    forms = {}
+    for name, end in (("lf.txt", "\n"), ("crlf.txt", "\r\n")):
+        text = end.join(lines) + end
+        (tmp_path / name).write_bytes(text.encode())
+        source, = expand_sources([str(tmp_path / name)])
+        for chunk in (corpus_module.READ_CHUNK, 4093):  # (4093 cuts some CRLF in two)
+            monkeypatch.setattr(corpus_module, "READ_CHUNK", chunk)
+            docs = [d.text for d in iter_documents(source)]
+            assert "".join(docs) == text
+            forms.setdefault(name, [corpus_module._split_form(d) for d in docs])
+            assert [corpus_module._split_form(d) for d in docs] == forms[name]
+    assert len(forms["lf.txt"]) > 10 and forms["crlf.txt"] == forms["lf.txt"]
+
+
 def split_streams(tmp_path, source):
     """Each split's tokens of one file tokenized with the byte tokenizer, as text with
     end-of-text written "|"."""
