@@ -15,8 +15,9 @@ the same files waits for the first and then reads its shards instead of clearing
 (`swap_in`); the replaced one is removed once no process holds its readers lock.
 
 Workers memory-map the shards (numpy.memmap) and read only the windows a batch needs, so a
-worker's memory does not grow with the corpus; at most OPEN_MAPS_MAX shards are mapped at once
-(each map holds a file descriptor), so neither do its open files. Shards on remote storage
+worker's memory does not grow with the corpus; every shard stays mapped where the open-files
+limit allows (each map holds a file descriptor), else at most half that limit at once
+(OPEN_MAPS_MAX at least), so a worker does not run out of files. Shards on remote storage
 (s3://, gs://) are first copied to local disk once. The training split is the concatenation of
 the train shards in manifest order, so a batch stays a pure function of (seed, rank, step).
 """
@@ -27,6 +28,7 @@ import fcntl
 import glob
 import json
 import os
+import resource
 import shutil
 import time
 import uuid
@@ -48,7 +50,7 @@ SHARD_TOKENS = 16 << 20  # tokens per shard: 32 MiB of uint16
 ENCODE_BATCH_DOCS = 256  # documents handed to the tokenizer at once
 SPLITS = ("train", "held_out")
 LOCAL_SHARD_CACHE = Path("~/.cache/hetero-orchestrator/shards")
-OPEN_MAPS_MAX = 64  # shard files a reader keeps memory-mapped at once (ShardFiles)
+OPEN_MAPS_MAX = 64  # shard maps a reader keeps at least, whatever the open-files limit
 READERS_FILE = "readers.lock"  # held shared by every process reading the directory's shards
 RETOKENIZING = ".retokenize-"  # <cache dir>.retokenize-<id>: a --retokenize pass's directory
 REPLACED = ".replaced-"  # <cache dir>.replaced-<id>: shards a --retokenize replaced
@@ -362,10 +364,10 @@ class ShardFiles:
     this reader lives: a --retokenize swaps a fresh directory in and renames this one aside,
     and removes it only once no process holds that lock (swap_in), so the shards stay this
     reader's to the end of its run. They are memory-mapped when a window first needs one, at
-    most OPEN_MAPS_MAX at once, the least recently read unmapped first: every map holds a
-    file descriptor, and one per shard ran each worker out of them (EMFILE under the usual
-    1,024) on a corpus of ~500 small files (a train and a held-out shard each); a few large
-    shards all stay mapped, and are read as before."""
+    most `max_open` at once (open_shards sizes it from the open-files limit: maps_to_keep),
+    the least recently read unmapped first: every map holds a file descriptor, and one per
+    shard ran each worker out of them (EMFILE under the usual 1,024) on a corpus of ~500
+    small files (a train and a held-out shard each)."""
 
     def __init__(self, directory: str, max_open: int | None = None) -> None:
         self.directory, self.max_open = directory, max_open or OPEN_MAPS_MAX
@@ -481,6 +483,7 @@ def open_shards(cache_uri: str, local_dir: str | os.PathLike | None = None
         local = Path(local_dir or LOCAL_SHARD_CACHE.expanduser() / manifest["key"])
         _copy_to_local(fs, directory, local, manifest)
         files = ShardFiles(str(local))
+    files.max_open = maps_to_keep(sum(len(manifest["splits"][split]) for split in SPLITS))
     dtype = np.dtype(manifest["dtype"])
     streams = []
     for split in SPLITS:  # both splits in one ShardFiles: one bound on open files
@@ -495,6 +498,30 @@ def open_shards(cache_uri: str, local_dir: str | os.PathLike | None = None
             arrays.append(Shard(files, shard["file"], shard["tokens"], dtype))
         streams.append(TokenStream(arrays))
     return streams[0], streams[1], manifest
+
+
+def maps_to_keep(shard_count: int) -> int:
+    """How many shards a reader keeps mapped (ShardFiles.max_open): all of them where half
+    the open-files limit, raised to its hard limit first, holds them (mapping at most 64,
+    a corpus of 500 shards reopened one for nearly every window: batches 10x slower, more so
+    on NFS); half, as the process has files of its own (sockets, checkpoints, libraries).
+    Under a low limit the LRU of OPEN_MAPS_MAX maps is the fallback."""
+    return max(OPEN_MAPS_MAX, min(shard_count, raised_open_files_limit() // 2))
+
+
+def raised_open_files_limit() -> int:
+    """The soft limit on open files (RLIMIT_NOFILE), raised to the hard limit where that is
+    higher (best effort, as `ulimit -n` would; a worker starts with the soft one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 62
+    if soft < hard and hard != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # the soft limit stays: fewer maps
+    return soft
 
 
 def _open_local(directory: str, cache_uri: str) -> tuple[ShardFiles, dict[str, Any]]:
