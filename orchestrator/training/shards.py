@@ -24,6 +24,7 @@ the train shards in manifest order, so a batch stays a pure function of (seed, r
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import json
@@ -233,15 +234,20 @@ def clear_cache_dir(cache_uri: str) -> None:
     fs, directory = storage_for(cache_uri)
     with writing_cache(cache_uri, "its directory (clearing it)"):
         if fs.get_file_info(directory).type == pafs.FileType.Directory:
-            # The manifest first: a clear cut short (killed, an I/O error) left it beside
-            # missing shards, and the next run took the cache for finished.
-            manifest = f"{directory}/{MANIFEST_FILE}"
-            if fs.get_file_info(manifest).type == pafs.FileType.File:
-                fs.delete_file(manifest)
+            _delete_manifest(fs, directory)
             fs.delete_dir_contents(directory)
         fs.create_dir(directory, recursive=True)
         if on_local_storage(cache_uri):  # (object storage has no locks)
             fs.open_output_stream(f"{directory}/{READERS_FILE}").close()  # empty
+
+
+def _delete_manifest(fs: pafs.FileSystem, directory: str) -> None:
+    """The first step of removing a cache directory: a removal cut short (killed, an I/O
+    error) left the manifest beside missing shards, and the next run took them for finished;
+    and a reader finds no manifest, so never maps shards being removed (_remove_unread)."""
+    manifest = f"{directory}/{MANIFEST_FILE}"
+    if fs.get_file_info(manifest).type == pafs.FileType.File:
+        fs.delete_file(manifest)
 
 
 @contextlib.contextmanager
@@ -325,6 +331,12 @@ def _remove_unread(directory: str) -> bool:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # BlockingIOError: read now
                 return False
+        # The manifest first: rmtree may unlink the lock file before it, and a reader then
+        # finding no lock to wait on read the manifest and mapped shards that vanished.
+        try:
+            _delete_manifest(pafs.LocalFileSystem(), directory)
+        except OSError:
+            return False
         shutil.rmtree(directory, ignore_errors=True)
         return True
     finally:
@@ -413,6 +425,8 @@ class ShardFiles:
             return os.stat(name, dir_fd=self.dir_fd).st_size
         except FileNotFoundError:
             return -1
+        except OSError as e:
+            raise self._cannot_read(name, e) from None
 
     def mapped(self, name: str, dtype: np.dtype) -> np.memmap:
         found = self.maps.get(name)
@@ -421,9 +435,17 @@ class ShardFiles:
             return found
         if len(self.maps) >= self.max_open:
             self.maps.popitem(last=False)  # unmapped (its descriptor closed) with it
-        with self._open(name) as f:
-            found = self.maps[name] = np.memmap(f, dtype=dtype, mode="r")
+        try:
+            with self._open(name) as f:
+                found = self.maps[name] = np.memmap(f, dtype=dtype, mode="r")
+        except OSError as e:  # removed under this reader, ESTALE on NFS, EIO
+            raise self._cannot_read(name, e) from None
         return found
+
+    def _cannot_read(self, name: str, error: OSError) -> DataError:
+        """A training worker's read of a shard failed: named, not a raw OSError."""
+        return DataError(f"token shard {self.directory}/{name}: cannot read: "
+                         f"{error.strerror or error}")
 
 
 class Shard:
@@ -531,9 +553,11 @@ def _open_local(directory: str, cache_uri: str) -> tuple[ShardFiles, dict[str, A
     for attempt in range(4):
         try:
             files = ShardFiles(directory)
-        except FileNotFoundError:
-            files = None
-        manifest = files.read_manifest(cache_uri) if files and not files.removed else None
+            manifest = files.read_manifest(cache_uri) if not files.removed else None
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ESTALE):  # (gone: opened again)
+                raise DataError(f"token shards at {directory}: cannot read: {e}") from None
+            manifest = None
         if manifest is not None:
             return files, manifest
         time.sleep(0.05 * (attempt + 1))

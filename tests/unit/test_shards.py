@@ -1,8 +1,10 @@
 """Reading the token shards (orchestrator/training/shards.py) as a training worker does."""
 import contextlib
+import errno
 import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -145,6 +147,65 @@ def test_retokenize_takes_no_shards_from_a_run_reading_them(tmp_path, monkeypatc
     retokenize(data, cache, said)  # no reader left: the next pass removes it
     assert glob.glob(plan.cache_uri + ".*") == [plan.cache_uri + ".lock"]
     assert np.array_equal(open_shards(plan.cache_uri)[0].window(0, len(expected)), expected)
+
+
+def test_a_reader_opening_shards_as_they_are_removed_is_given_none_of_them(tmp_path,
+                                                                           monkeypatch):
+    """A reader that opened the cache directory just before a --retokenize swapped it out
+    takes its readers lock while the replaced directory is removed: rmtree unlinked
+    readers.lock before manifest.json, so the reader found no lock to wait on, then a
+    manifest, then shards that vanished under it (a raw FileNotFoundError mid-run)."""
+    data, cache = small_corpus(tmp_path), str(tmp_path / "cache")
+    plan = plan_data([data], cache_root=cache)
+    tokenize_in_process(plan, shard_tokens=500, say=lambda _: None)
+    opened_before_the_swap = os.open(plan.cache_uri, os.O_RDONLY | os.O_DIRECTORY)
+    real_rmtree, seen = shutil.rmtree, []
+
+    def rmtree_reaching_the_lock_first(path, ignore_errors=False):
+        lock = os.path.join(path, shards.READERS_FILE)
+        if os.path.exists(lock):
+            os.unlink(lock)
+            try:  # the reader takes its lock now: there is none to wait on
+                seen.append(open_shards(f"/proc/self/fd/{opened_before_the_swap}"))
+            except DataError as e:
+                seen.append(e)
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(shards.shutil, "rmtree", rmtree_reaching_the_lock_first)
+    try:
+        retokenize(data, cache, [])
+    finally:
+        os.close(opened_before_the_swap)
+    assert len(seen) == 1 and isinstance(seen[0], DataError), seen  # it opens the cache again
+    assert "no finished token shards" in str(seen[0])
+
+
+def test_a_shard_that_cannot_be_read_is_named_with_its_directory(tmp_path, monkeypatch):
+    """A shard removed (or gone stale on NFS) under a reader was a raw FileNotFoundError or
+    OSError from a training worker, naming no cache."""
+    write_cache(tmp_path, [np.arange(100)] * 3, [np.arange(50)])
+    train, _, _ = open_shards(str(tmp_path))
+    stale = OSError(errno.ESTALE, os.strerror(errno.ESTALE), shards.MANIFEST_FILE)
+    real_read = shards.ShardFiles.read_manifest
+    calls = []
+
+    def stale_once(self, cache_uri):  # the directory swapped out as it was opened: again
+        calls.append(cache_uri)
+        if len(calls) == 1:
+            raise stale
+        return real_read(self, cache_uri)
+
+    monkeypatch.setattr(shards.ShardFiles, "read_manifest", stale_once)
+    assert len(open_shards(str(tmp_path))[1]) == 50 and len(calls) == 2
+    monkeypatch.setattr(shards.ShardFiles, "read_manifest", lambda self, cache_uri: (
+        _ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied", "manifest.json")))
+    with pytest.raises(DataError, match=f"token shards at {tmp_path}: cannot read: .*Permission "
+                                        "denied: 'manifest.json'"):
+        open_shards(str(tmp_path))
+    os.remove(tmp_path / "00001-train-0000.bin")
+    with pytest.raises(DataError, match=f"token shard {tmp_path}/00001-train-0000.bin: cannot "
+                                        "read: No such file"):
+        train.window(0, 300)
 
 
 def test_retokenize_rebuilds_a_cache_whose_manifest_does_not_parse(tmp_path, monkeypatch):
