@@ -275,9 +275,25 @@ def _parquet_file(source: SourceFile):
 
     fs, path = filesystem_for(source.uri)
     try:
-        return pq.ParquetFile(fs.open_input_file(path))
-    except Exception as e:  # ArrowInvalid for a bad footer, OSError for I/O
-        raise DataError(f"{source.uri}: not a readable parquet file: {e}") from None
+        handle = fs.open_input_file(path)
+    except OSError as e:  # removed since planning, no access, a storage error
+        raise DataError(f"{source.uri}: cannot read: {e}") from None
+    try:
+        return pq.ParquetFile(handle)
+    except Exception as e:  # ArrowInvalid: no parquet footer
+        raise _parquet_error(source, e, "not a readable parquet file") from None
+
+
+def _parquet_error(source: SourceFile, error: Exception, what: str) -> DataError:
+    """A parquet read's error as `what` (not parquet, corrupt data), or as the other formats'
+    "cannot read" for an I/O error of the system (errno: removed, EIO, ESTALE): those were
+    reported as corrupt data. pyarrow raises OSError without errno both for data that does
+    not decode ("Couldn't deserialize thrift") and for object storage errors: said so."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return DataError(f"{source.uri}: cannot read: {error}")
+    if isinstance(error, OSError):
+        what += ", or a storage read error"
+    return DataError(f"{source.uri}: {what}: {error}")
 
 
 def check_text_column(source: SourceFile, text_field: str) -> None:
@@ -573,12 +589,10 @@ def _parquet_documents(source: SourceFile, field: str, skip: bool, skipped: list
                          skip, skipped, what="row")
                     continue
                 yield Document(value, row - 1, eos_after=True, line=row)
-    except OSError as e:
-        raise DataError(f"{source.uri}: corrupt parquet data after row {row}: {e}") from None
-    except Exception as e:  # ArrowInvalid on a damaged page
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{source.uri}: corrupt parquet data after row {row}: {e}") from None
+    except DataError:
+        raise
+    except Exception as e:  # ArrowInvalid on a damaged page, OSError
+        raise _parquet_error(source, e, f"corrupt parquet data after row {row}") from None
 
 
 def _bad(source: SourceFile, line: int, problem: str, skip: bool, skipped: list[str],

@@ -145,12 +145,43 @@ def test_a_corpus_emptied_by_skipped_lines_says_so_not_seq_len(tmp_path):
 def test_a_file_that_cannot_be_read_in_the_pass_is_named(tmp_path):
     """An OSError in the pass (a file removed since planning, an S3 or EIO read error) came
     out of it as a raw traceback (a Ray one on the cluster), naming no file."""
-    for name, text in (("a.txt", paragraphs(5, "p")), ("b.jsonl", '{"text": "x"}\n')):
-        (tmp_path / name).write_text(text)
+    writers = {"a.txt": lambda path: path.write_text(paragraphs(5, "p")),
+               "b.jsonl": lambda path: path.write_text('{"text": "x"}\n'),
+               "c.parquet": lambda path: pq.write_table(pa.table({"text": ["x"] * 10}), path)}
+    for name, write in writers.items():  # (parquet's was "not a readable parquet file")
+        write(tmp_path / name)
         source, = expand_sources([str(tmp_path / name)])
         os.remove(tmp_path / name)
         with pytest.raises(DataError, match=f"{tmp_path / name}: cannot read: .*No such file"):
             shards.tokenize_source(source, 0, ByteTokenizer(), str(tmp_path / "cache"))
+
+
+def test_a_parquet_read_error_mid_file_is_named_as_such_not_as_corrupt_data(tmp_path,
+                                                                           monkeypatch):
+    """EIO (or a file gone stale) while reading a parquet file's rows was "corrupt parquet
+    data after row N"; data that does not decode still is."""
+    import errno
+
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(3000)]}), tmp_path / "a.parquet")
+    source, = expand_sources([str(tmp_path / "a.parquet")])
+    real_batches = pq.ParquetFile.iter_batches
+
+    def failing_after_one_batch(error):
+        def iter_batches(self, *args, **kwargs):
+            yield next(real_batches(self, *args, **kwargs))
+            raise error
+        return iter_batches
+
+    for error, expected in ((OSError(errno.EIO, "Input/output error"),
+                             "cannot read: \\[Errno 5\\] Input/output error"),
+                            (pa.ArrowInvalid("bad page"),
+                             "corrupt parquet data after row 1024: bad page"),
+                            (OSError("Corrupt snappy compressed data"),  # (pyarrow's, no errno)
+                             "corrupt parquet data after row 1024, or a storage read error: "
+                             "Corrupt snappy")):
+        monkeypatch.setattr(pq.ParquetFile, "iter_batches", failing_after_one_batch(error))
+        with pytest.raises(DataError, match=f"{tmp_path / 'a.parquet'}: {expected}"):
+            list(iter_documents(source))
 
 
 def test_a_data_cache_that_cannot_be_written_in_the_pass_is_named(tmp_path, monkeypatch):
