@@ -26,7 +26,7 @@ from orchestrator.training.corpus import (DataError, SourceFile, cache_key, chec
 from orchestrator.training.shards import (SHARD_TOKENS, UnreadableManifest, clear_cache_dir,
                                           fresh_dir_beside, has_manifest_file,
                                           on_local_storage, pass_lock, read_manifest,
-                                          remove_replaced, storage_for, swap_in,
+                                          storage_for, swap_in,
                                           tokenize_source, write_atomically, write_manifest)
 
 BUNDLED_FILE = "pydoc_topics.txt"  # the bundled corpus as a source, for non-byte tokenizers
@@ -253,7 +253,7 @@ def tokenize_once(plan: DataPlan, run_pass: Callable[[DataPlan], dict[str, Any]]
         if waited or not plan.retokenize:
             manifest = _manifest_unless_replaced(plan.cache_uri, plan.retokenize)
             if manifest is not None and manifest.get("key") == plan.key:
-                say(f"token shards cached at {plan.cache_uri} by the other run: "
+                say(f"token shards cached at {plan.cache_uri} by another run: "
                     f"{manifest['train_tokens']:,} training and "
                     f"{manifest['held_out_tokens']:,} held-out tokens")
                 plan.manifest = manifest
@@ -272,7 +272,6 @@ def _replace_shards(plan: DataPlan, run_pass: Callable[[DataPlan], dict[str, Any
     """--retokenize over finished shards: the pass writes a fresh directory, swapped in for
     the cache's once finished (shards.swap_in). Clearing the cache first, as before, took the
     shards from a run training on them (and from its workers restarting)."""
-    remove_replaced(plan.cache_uri, say)  # what earlier passes left, now unread
     fresh = replace(plan, cache_uri=fresh_dir_beside(plan.cache_uri))
     manifest = run_pass(fresh)
     swap_in(fresh.cache_uri, plan.cache_uri, say)

@@ -12,7 +12,8 @@ read. With the manifest present, a second run tokenizes nothing. On a local or n
 filesystem one pass at a time writes a cache directory (`pass_lock`): a second run starting on
 the same files waits for the first and then reads its shards instead of clearing them. A
 --retokenize over finished shards writes a fresh directory beside the cache's and swaps it in
-(`swap_in`); the replaced one is removed once no process holds its readers lock.
+(`swap_in`); the replaced one is removed once no process holds its readers lock. What a
+killed pass leaves beside the cache is settled by the next pass (`settle_leftovers`).
 
 Workers memory-map the shards (numpy.memmap) and read only the windows a batch needs, so a
 worker's memory does not grow with the corpus; every shard stays mapped where the open-files
@@ -258,7 +259,8 @@ def pass_lock(cache_uri: str, say=print):
     exclusive flock on `<cache dir>.lock` beside the directory: released by the kernel when
     its holder dies, and honoured across NFS clients. Object storage (s3://, gs://) has no
     such lock, nor has a filesystem that refuses flock (some FUSE and Lustre mounts): there
-    it yields False at once (said, for the latter) and the pass runs unguarded, as before."""
+    it yields False at once (said, for the latter) and the pass runs unguarded, as before.
+    Held, it first settles what earlier passes left beside the cache (settle_leftovers)."""
     if not on_local_storage(cache_uri):
         yield False
         return
@@ -273,6 +275,8 @@ def pass_lock(cache_uri: str, say=print):
         if state.unsupported:
             say(f"warning: cannot lock {path} ({state.unsupported}): two runs tokenizing into "
                 "this cache at once could clear each other's shards")
+        else:
+            settle_leftovers(cache_uri, say)
         yield state.waited
 
 
@@ -301,17 +305,44 @@ def swap_in(fresh: str, cache_uri: str, say=print) -> None:
     remove_replaced(cache_uri, say)
 
 
-def remove_replaced(cache_uri: str, say=print) -> None:
-    """Remove what earlier passes into this cache left beside it: the directories that
-    --retokenize replaced, once no process reads them (they are said to be kept otherwise),
-    and the fresh ones of passes that died. Called under the cache's pass lock."""
+def settle_leftovers(cache_uri: str, say=print) -> None:
+    """What earlier passes into this cache left beside it, settled as a pass starts, under
+    the pass lock (every pass into the cache holds it, so none writes beside it now): a
+    finished --retokenize directory takes the cache's place where a pass killed between
+    swap_in's renames left none (it was tokenized again); the other --retokenize directories,
+    of passes that died, are removed (each as large as the cache), and so are the replaced
+    ones no process reads."""
     _, directory = storage_for(cache_uri)
-    for path in sorted(glob.glob(glob.escape(directory) + RETOKENIZING + "*")):
+    fresh = sorted(glob.glob(glob.escape(directory) + RETOKENIZING + "*"))
+    finished = [path for path in fresh if _finished(path)]
+    if finished and not os.path.exists(directory):
+        newest = max(finished, key=lambda path: os.stat(f"{path}/{MANIFEST_FILE}").st_mtime_ns)
+        with writing_cache(cache_uri, "its directory (putting finished shards in place)"):
+            os.rename(newest, directory)
+        say(f"the finished token shards of a --retokenize killed before its swap take the "
+            f"cache's place: {newest} -> {cache_uri}")
+    for path in fresh:
         shutil.rmtree(path, ignore_errors=True)
+    remove_replaced(cache_uri, say)
+
+
+def _finished(directory: str) -> bool:
+    """Whether a --retokenize directory holds a finished pass (its manifest, written last)."""
+    try:
+        return read_manifest(directory) is not None
+    except DataError:
+        return False
+
+
+def remove_replaced(cache_uri: str, say=print) -> None:
+    """Remove the directories that --retokenize replaced beside this cache, once no process
+    reads them (they are said to be kept otherwise). Called under the cache's pass lock."""
+    _, directory = storage_for(cache_uri)
     for path in sorted(glob.glob(glob.escape(directory) + REPLACED + "*")):
         if not _remove_unread(path):
             say(f"the token shards --retokenize replaced may still be read by a run training "
-                f"on them: left at {path}; a later --retokenize removes them once none does")
+                f"on them: left at {path}; a later pass into this cache (--retokenize) "
+                "removes them once none does")
 
 
 def _remove_unread(directory: str) -> bool:

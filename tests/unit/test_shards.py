@@ -1,6 +1,7 @@
 """Reading the token shards (orchestrator/training/shards.py) as a training worker does."""
 import contextlib
 import errno
+import fcntl
 import glob
 import json
 import os
@@ -206,6 +207,60 @@ def test_a_shard_that_cannot_be_read_is_named_with_its_directory(tmp_path, monke
     with pytest.raises(DataError, match=f"token shard {tmp_path}/00001-train-0000.bin: cannot "
                                         "read: No such file"):
         train.window(0, 300)
+
+
+def test_a_retokenize_killed_between_its_renames_is_finished_by_the_next_pass(tmp_path,
+                                                                              monkeypatch):
+    """Killed between swap_in's two renames, a --retokenize left no cache directory, its
+    finished shards beside it and the replaced ones aside, for good: the next run tokenized
+    everything again. The next pass now puts the finished shards in place and removes the
+    rest (unread)."""
+    data, cache = small_corpus(tmp_path), str(tmp_path / "cache")
+    plan = plan_data([data], cache_root=cache)
+    built = tokenize_in_process(plan, shard_tokens=500, say=lambda _: None)
+
+    def killed_between_the_renames(fresh, cache_uri, say):
+        os.rename(cache_uri, cache_uri + shards.REPLACED + "0")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_plan, "swap_in", killed_between_the_renames)
+    with pytest.raises(KeyboardInterrupt):
+        retokenize(data, cache, [])
+    monkeypatch.undo()
+    assert not os.path.exists(plan.cache_uri)
+    later = plan_data([data], cache_root=cache)
+    passes, said = [], []
+    assert tokenize_once(later, passes.append, said.append) == built and passes == []
+    assert read_manifest(plan.cache_uri) == built
+    assert glob.glob(plan.cache_uri + ".*") == [plan.cache_uri + ".lock"]
+    assert any("take the cache's place" in line for line in said), said
+
+
+def test_every_pass_removes_the_directories_of_killed_retokenize_passes(tmp_path,
+                                                                        monkeypatch):
+    """A killed --retokenize left <cache dir>.retokenize-<id> (as large as the cache) until
+    another --retokenize: any pass into the cache now removes it, under the pass lock (no
+    other pass writes one meanwhile); not where the lock cannot be held."""
+    data, cache = small_corpus(tmp_path), str(tmp_path / "cache")
+    plan = plan_data([data], cache_root=cache)
+    killed = plan.cache_uri + shards.RETOKENIZING + "dead"
+    os.makedirs(plan.cache_uri)  # an interrupted pass too: no manifest
+    os.makedirs(killed)
+    with open(os.path.join(killed, "00000-train-0000.bin"), "wb") as f:
+        f.write(b"\0" * 1000)
+    real_flock = fcntl.flock
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with shards.pass_lock(plan.cache_uri, lambda _: None):
+        pass
+    assert os.path.isdir(killed)  # (another pass may be writing it)
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    tokenize_once(plan, lambda p: tokenize_in_process(p, shard_tokens=500,
+                                                      say=lambda _: None), lambda _: None)
+    assert not os.path.exists(killed) and read_manifest(plan.cache_uri) is not None
 
 
 def test_retokenize_rebuilds_a_cache_whose_manifest_does_not_parse(tmp_path, monkeypatch):
