@@ -358,7 +358,7 @@ def resolve_data(args: argparse.Namespace, run_dir: Path) -> DataSetup:
         cache_root=args.data_cache or default_cache_root(run_dir), retokenize=args.retokenize,
         init_from=args.init_from, saved=saved, run_dir=run_dir, data_flags=_data_flags(args))
     if saved is not None:
-        problems = resume_data_conflicts(saved, setup.fields)
+        problems = resume_data_conflicts(saved, setup.fields, setup.plan)
         if problems:
             raise ConfigError(f"--resume: {run_dir}: {'; '.join(problems)}. Start a new run "
                               "without --resume to train on this")

@@ -305,21 +305,32 @@ def check_text_column(source: SourceFile, text_field: str) -> None:
                         f"{', '.join(schema.names[:20])}")
     kind = schema.field(schema.names.index(text_field)).type
     if not _holds_strings(kind):
-        hint = ("write the text as a string (UTF-8) column"
-                if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) else
+        hint = ("write the text as a string (UTF-8) column" if _holds_bytes(kind) else
                 "write one string per row (join the list)" if pa.types.is_list(kind)
                 or pa.types.is_large_list(kind) else "give the column that holds the text")
         raise DataError(f"{source.uri}: column {text_field!r} (--text-field) holds {kind}, "
                         f"not strings; {hint}")
 
 
+def _values(kind: pa.DataType) -> pa.DataType:
+    """The type of a column's values: a dictionary's are its value type's."""
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
+
+
 def _holds_strings(kind: pa.DataType) -> bool:
     """Whether an Arrow type reads as Python strings: string, large_string, string_view, or
     a dictionary of those."""
-    if pa.types.is_dictionary(kind):
-        kind = kind.value_type
+    kind = _values(kind)
     return (pa.types.is_string(kind) or pa.types.is_large_string(kind)
             or pa.types.is_string_view(kind))
+
+
+def _holds_bytes(kind: pa.DataType) -> bool:
+    """Whether an Arrow type holds bytes (text written without its encoding): binary,
+    large_binary, binary_view, fixed_size_binary, or a dictionary of those."""
+    kind = _values(kind)
+    return (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+            or pa.types.is_binary_view(kind) or pa.types.is_fixed_size_binary(kind))
 
 
 TEXT_HEAD_BYTES = 64 * 1024  # what check_text_head reads of a local text file
@@ -620,14 +631,19 @@ def _split_form(text: str) -> str:
     return text.replace("\r\n", "\n").strip()
 
 
+# version 3: the split hashes the text without its surrounding spaces and line ends, and a
+# .txt file's held-out paragraphs run on as its training ones do (2: hashed with them, an
+# end-of-text after each held-out paragraph; 1: split by file path and position)
+CACHE_KEY_VERSION = 3
+
+
 def cache_key(sources: list[SourceFile], text_field: str, skip_bad_lines: bool,
-              tokenizer_sha256: str, held_out_fraction: float = HELD_OUT_FRACTION) -> str:
+              tokenizer_sha256: str, held_out_fraction: float = HELD_OUT_FRACTION,
+              version: int = CACHE_KEY_VERSION) -> str:
     """What the token shards depend on: the files (path, size, modification time), how they
-    are read, the tokenizer and the split. Same key = same shards: nothing to tokenize."""
-    # version 3: the split hashes the text without its surrounding spaces and line ends, and
-    # a .txt file's held-out paragraphs run on as its training ones do (2: hashed with them,
-    # an end-of-text after each held-out paragraph; 1: split by file path and position)
-    identity = {"version": 3, "files": [[s.uri, s.size, s.mtime_ns] for s in sources],
+    are read, the tokenizer and the split. Same key = same shards: nothing to tokenize.
+    `version`: an earlier one gives the key runs of that version recorded."""
+    identity = {"version": version, "files": [[s.uri, s.size, s.mtime_ns] for s in sources],
                 "text_field": text_field, "skip_bad_lines": skip_bad_lines,
                 "tokenizer": tokenizer_sha256, "held_out_fraction": held_out_fraction}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

@@ -20,8 +20,8 @@ from orchestrator.runs import writable_dir_problem
 from orchestrator.tokenizer import (EOS_NAMES, Tokenizer, TokenizerError, load_tokenizer,
                                     tokenizer_from_json, tokenizer_of_run, tokenizer_text,
                                     train_bpe)
-from orchestrator.training.corpus import (DataError, SourceFile, cache_key, check_text_column,
-                                          check_jsonl_head, check_text_head,
+from orchestrator.training.corpus import (CACHE_KEY_VERSION, DataError, SourceFile, cache_key,
+                                          check_jsonl_head, check_text_column, check_text_head,
                                           expand_sources, iter_texts)
 from orchestrator.training.shards import (SHARD_TOKENS, UnreadableManifest, clear_cache_dir,
                                           fresh_dir_beside, has_manifest_file,
@@ -427,15 +427,36 @@ def _check_init_vocab(init_from: str, vocab: int, tokenizer: Tokenizer, own: boo
                          "model's own tokenizer")
 
 
-def resume_data_conflicts(saved: dict[str, Any], fields: dict[str, Any]) -> list[str]:
-    """Why resuming `saved` with these data fields would train another run, in words."""
+def resume_data_conflicts(saved: dict[str, Any], fields: dict[str, Any],
+                          plan: DataPlan | None = None) -> list[str]:
+    """Why resuming `saved` with these data fields (and `plan`, of its --data) would train
+    another run, in words."""
     problems = []
     if saved.get("tokenizer_sha256", "") != fields.get("tokenizer_sha256", ""):
         problems.append("it was trained with another tokenizer (tokenizer_sha256 "
                         f"{saved.get('tokenizer_sha256', '')[:12] or 'bytes'} -> "
                         f"{fields.get('tokenizer_sha256', '')[:12] or 'bytes'}); pass the "
                         "run's tokenizer.json with --tokenizer")
-    if saved.get("data_key", "") != fields.get("data_key", ""):
+    version = _earlier_key_version(saved, plan)
+    if version is not None:
+        problems.append(f"its shards were tokenized from these files under an earlier rule "
+                        f"(cache key version {version}, now {CACHE_KEY_VERSION}: the held-out "
+                        "split and .txt documents changed since), so they would tokenize into "
+                        "other shards; resume without --data to go on with the run's own")
+    elif saved.get("data_key", "") != fields.get("data_key", ""):
         problems.append("it was trained on other data (the --data files, their sizes or "
                         "modification times, --text-field or --skip-bad-lines differ)")
     return problems
+
+
+def _earlier_key_version(saved: dict[str, Any], plan: DataPlan | None) -> int | None:
+    """The earlier cache-key version under which `plan`'s files, read as it reads them with
+    the run's tokenizer, give the run's recorded data_key; None when none does."""
+    if plan is None or not saved.get("data_key"):
+        return None
+    tokenizer = saved.get("tokenizer_sha256") or plan.tokenizer.sha256
+    for version in range(1, CACHE_KEY_VERSION):
+        if cache_key(plan.sources, plan.text_field, plan.skip_bad_lines, tokenizer,
+                     version=version) == saved["data_key"]:
+            return version
+    return None

@@ -230,26 +230,37 @@ def test_a_parquet_file_without_the_text_column_is_refused_before_reading(tmp_pa
         plan_data([str(tmp_path)], cache_root=str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("values, kind", [
-    (pa.array([b"hello world"] * 3, pa.binary()), "binary"),
-    (pa.array([b"hello world"] * 3, pa.large_binary()), "large_binary"),
-    (pa.array([["a", "b"]] * 3), "list<element: string>"),
-    (pa.array([1, 2, 3]), "int64"),
+BINARY_HINT = "write the text as a string (UTF-8) column"
+
+
+@pytest.mark.parametrize("values, kind, hint", [
+    (pa.array([b"hello world"] * 3, pa.binary()), "binary", BINARY_HINT),
+    (pa.array([b"hello world"] * 3, pa.large_binary()), "large_binary", BINARY_HINT),
+    (pa.array([b"hello world"] * 3, pa.binary_view()), "binary_view", BINARY_HINT),
+    (pa.array([b"hello world"] * 3, pa.binary(11)), "fixed_size_binary[11]", BINARY_HINT),
+    (pa.array([b"hello", b"world", b"hello"]).dictionary_encode(),
+     "dictionary<values=binary, indices=int32, ordered=0>", BINARY_HINT),
+    (pa.array([["a", "b"]] * 3), "list<element: string>", "write one string per row"),
+    (pa.array([1, 2, 3]), "int64", "give the column that holds the text"),
 ])
 def test_a_parquet_text_column_that_is_not_strings_is_refused_before_ray(tmp_path, values,
-                                                                        kind):
+                                                                        kind, hint):
     """A binary or list column passed the driver's check, then every row failed after Ray
-    started, suggesting --skip-bad-lines, which skipped every row."""
+    started, suggesting --skip-bad-lines, which skipped every row. Every kind of bytes gets
+    the hint to write strings (a dictionary of binary, binary_view, fixed_size_binary got
+    "give the column that holds the text")."""
     pq.write_table(pa.table({"text": values}), tmp_path / "a.parquet")
     with pytest.raises(DataError, match=f"{tmp_path / 'a.parquet'}: column 'text' "
-                                        f"\\(--text-field\\) holds {re.escape(kind)}, not strings"):
+                                        f"\\(--text-field\\) holds {re.escape(kind)}, not "
+                                        f"strings; {re.escape(hint)}"):
         plan_data([str(tmp_path)], cache_root=str(tmp_path / "cache"))
 
 
 def test_parquet_string_columns_of_every_kind_are_read(tmp_path):
     words = ["one", "two", "one"]
     for name, values in (("s", pa.array(words)), ("l", pa.array(words, pa.large_string())),
-                         ("d", pa.array(words).dictionary_encode())):
+                         ("d", pa.array(words).dictionary_encode()),
+                         ("v", pa.array(words, pa.string_view()))):
         pq.write_table(pa.table({"text": values}), tmp_path / f"{name}.parquet")
         source, = expand_sources([str(tmp_path / f"{name}.parquet")])
         assert [d.text for d in iter_documents(source)] == words, name

@@ -146,6 +146,27 @@ def test_resuming_on_other_data_is_refused(tmp_path, capsys):
     assert code == 2 and "it was trained on other data (the --data files" in err
 
 
+def test_resuming_a_run_tokenized_under_an_earlier_cache_key_says_so(tmp_path, capsys):
+    """The same files, tokenized before the cache key's version 3 (the held-out split's
+    rules changed): the refusal blamed the files, their sizes or modification times."""
+    from orchestrator.training.corpus import cache_key, expand_sources
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("some paragraph of text\n\n" * 40)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    sources = expand_sources([str(tmp_path / "data")])
+    train = {**TrainConfig().to_dict(), "vocab_size": 257,
+             "data_key": cache_key(sources, "text", False, ByteTokenizer().sha256, version=2),
+             "tokenizer_sha256": ByteTokenizer().sha256}
+    (run_dir / "config.json").write_text(json.dumps({"train": train}))
+    code, err = run_pretrain("--resume", "--run-dir", str(run_dir), "--data",
+                             str(tmp_path / "data"), capsys=capsys)
+    assert code == 2 and "their sizes or modification times" not in err, err
+    assert "tokenized from these files under an earlier rule (cache key version 2, now 3" in err
+    assert "resume without --data" in err
+
+
 def tokenized_run(tmp_path, cache: str):
     """A run trained on --data: its tokenized shards in tmp_path / cache, its tokenizer in
     tmp_path / run, and its recorded train config. (plan, saved)"""
