@@ -226,8 +226,8 @@ def parse_manifest(raw: bytes, cache_uri: str) -> dict[str, Any] | None:
 
 
 def _unreadable(cache_uri: str, error: Exception) -> UnreadableManifest:
-    return UnreadableManifest(f"shard manifest {cache_uri}/{MANIFEST_FILE} is unreadable: {error}; "
-                     "pass --retokenize to rebuild it")
+    return UnreadableManifest(f"shard manifest {cache_uri}/{MANIFEST_FILE} is unreadable: "
+                              f"{error}; pass --retokenize to rebuild it")
 
 
 def clear_cache_dir(cache_uri: str) -> None:
