@@ -372,14 +372,19 @@ def _read_jsonl_head(source: SourceFile) -> tuple[list[bytes], bytes]:
     fs, path = filesystem_for(source.uri)
     with fs.open_input_stream(path) as f:
         head = bytearray(f.read(TEXT_HEAD_BYTES))
-        more = len(head) == TEXT_HEAD_BYTES
-        while more and len(head) < JSONL_HEAD_MAX_BYTES:
+        while (len(head) >= TEXT_HEAD_BYTES and len(head) < JSONL_HEAD_MAX_BYTES
+               and b"\n" not in head[TEXT_HEAD_BYTES - 1:]):
             chunk = f.read(min(TEXT_HEAD_BYTES, JSONL_HEAD_MAX_BYTES - len(head)))
-            more = bool(chunk)
-            head += chunk
-            if b"\n" in chunk:
+            if not chunk:
                 break
-        more = more and bool(f.read(1))
+            head += chunk
+        # Up to the end of the line the 64 KiB mark cuts, not the whole chunk read past it:
+        # the lines after are the tokenizing pass's to check, as before.
+        cut = head.find(b"\n", TEXT_HEAD_BYTES - 1)
+        beyond = cut >= 0 and cut + 1 < len(head)
+        if cut >= 0:
+            del head[cut + 1:]
+        more = beyond or bool(f.read(1))
     lines = bytes(head).split(b"\n")
     return (lines[:-1], lines[-1]) if more else (lines, b"")
 

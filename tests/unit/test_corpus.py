@@ -94,6 +94,21 @@ def test_a_jsonl_head_whose_first_line_is_over_64_kib_is_still_checked(tmp_path)
     check_jsonl_head(source, "content", False)
 
 
+def test_the_jsonl_head_check_stops_at_the_end_of_the_line_the_64_kib_mark_cuts(tmp_path):
+    # Reading on for the cut line took the whole next 64 KiB: lines far past the mark were
+    # refused by the driver, which leaves them to the pass (and its --skip-bad-lines).
+    good = '{"text": "a fine document of about sixty bytes, no more"}\n'
+    lines = 2 * 64 * 1024 // len(good)
+    path = tmp_path / "a.jsonl"
+    path.write_text(good * lines + '{"txt": "typo"}\n')
+    source, = expand_sources([str(path)])
+    check_jsonl_head(source, "text", False)  # the typo is 64 KiB past the mark
+    path.write_text(good * (64 * 1024 // len(good)) + '{"txt": "typo"}\n' + good * 10)
+    source, = expand_sources([str(path)])
+    with pytest.raises(DataError, match=f"{path}:{64 * 1024 // len(good) + 1}: no 'text'"):
+        check_jsonl_head(source, "text", False)  # the line the mark cuts
+
+
 def test_a_json_array_saved_as_jsonl_is_refused_by_its_head(tmp_path, monkeypatch):
     """A .json array (one line) passed the head check unread, and the pass then read the
     whole file as one line into memory."""
