@@ -15,11 +15,14 @@ T = TypeVar("T")
 
 
 class JobFailed(Exception):
-    """Ends the job with one clear message and an exit code; no traceback."""
+    """Ends the job with one clear message and an exit code; no traceback. `ran`: the job's
+    workers were started before it failed (a run directory then keeps what it holds, exit 3
+    included: a cancel, a lost node without room)."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
+    def __init__(self, message: str, exit_code: int, ran: bool = False) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.ran = ran
 
 
 def run_job(work: Callable[[], T], on_interrupt: str | Callable[[], str]

@@ -300,12 +300,11 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
     (set_aside_earlier_history); a resume repairs Ray Train's record of the checkpoints and
     says which it does not list (repair_ray_record, unregistered_checkpoints_warning;
     `any_checkpoint`: the run's loop resumes from any checkpoint that verifies). When the
-    block ends in a JobFailed that started nothing (bad input, not placeable), what this call
-    added is taken back: a directory it made, if it holds only the lock and `written` (the
-    files the caller put there); in one that was there, the lock's file and those of
-    `written` that were not (take_back_refused_run): a refused run leaves nothing behind."""
-    made = not run_dir.exists()
-    added = names_not_in(run_dir, {RUN_LOCK, *written})
+    block ends in a refusal that started nothing (a JobFailed of bad input or not placeable
+    whose job never ran, or a RunDirError: a write of the caller's failed), the folder is put
+    back as it was (RunDirTakeBack): a refused run leaves nothing behind and changes
+    nothing it found."""
+    take_back = RunDirTakeBack(run_dir, {RUN_LOCK, *written})
     entered, refused = False, False
     try:
         with file_lock(run_dir / RUN_LOCK) as state:
@@ -320,7 +319,11 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
             try:
                 yield
             except JobFailed as e:
-                refused = e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE)
+                refused = (e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE)
+                           and not getattr(e, "ran", False))
+                raise
+            except RunDirError:
+                refused = True
                 raise
     except LockBusy as e:
         if entered:
@@ -333,7 +336,7 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
         raise RunDirError(f"cannot lock run dir {run_dir}: {e.strerror or e}") from None
     finally:
         if refused:  # once the lock's file is closed (NFS keeps an open one as .nfsXXXX)
-            take_back_refused_run(run_dir, made, added)
+            take_back.restore()
 
 
 def remove_dir_if_only(run_dir: Path, names: set[str]) -> None:
@@ -477,22 +480,35 @@ def resolve_run_dir(run_dir: str | None, resume: bool, root: Path, prefix: str,
     return path
 
 
-def names_not_in(run_dir: Path, names: Iterable[str]) -> set[str]:
-    """Those of `names` that are not in `run_dir` (all of them where it does not exist)."""
-    return {name for name in names if not (run_dir / name).exists()}
+class RunDirTakeBack:
+    """What `run_dir` held of `names` (the run's lock and the files its caller writes) before
+    a run, to put back after the run is refused: the names it added removed, the files it
+    replaced (a refused --resume's config.json, with the refused flags the next --resume
+    would inherit) written back, and the directory removed where the run made it. Only while
+    the folder holds nothing else new: a run that got as far as checkpoints or metrics
+    (exit 3 after training: a cancel, a lost node without room) keeps all it wrote. Best
+    effort, as remove_dir_if_only: the job's own error is what the user must see."""
 
+    def __init__(self, run_dir: Path, names: set[str]) -> None:
+        self.run_dir, self.names = run_dir, names
+        self.made = not run_dir.exists()
+        self.before = set() if self.made else {p.name for p in run_dir.iterdir()}
+        self.contents = {name: (run_dir / name).read_bytes() for name in names - {RUN_LOCK}
+                         if (run_dir / name).is_file()}
 
-def take_back_refused_run(run_dir: Path, made: bool, added: set[str]) -> None:
-    """After a refused run (run_dir_held): the files it `added` removed, and the directory
-    too where it `made` it and nothing else is there. A folder that was there keeps what it
-    held; the .run.lock and config.json left in it said a run had been there. Best effort, as
-    remove_dir_if_only."""
-    if made:
-        remove_dir_if_only(run_dir, added)
-        return
-    for name in added:
+    def restore(self) -> None:
         try:
-            (run_dir / name).unlink(missing_ok=True)
+            now = {p.name for p in self.run_dir.iterdir()} if self.run_dir.is_dir() else set()
+            if not now <= self.before | self.names:
+                return  # the run produced more than its caller's files: it is kept
+            if self.made:
+                remove_dir_if_only(self.run_dir, self.names)
+                return
+            for name in self.names - self.before:
+                (self.run_dir / name).unlink(missing_ok=True)
+            for name, data in self.contents.items():
+                if (self.run_dir / name).read_bytes() != data:
+                    (self.run_dir / name).write_bytes(data)
         except OSError:
             pass
 
@@ -518,10 +534,14 @@ def not_a_run_dirs_files(run_dir: Path) -> list[str]:
     if not run_dir.is_dir():
         return []
     found = []
-    config = _not_a_runs_config(run_dir / CONFIG_FILE)
+    # A folder with checkpoints or a run's lock is a run's, whatever its config.json (the
+    # first layout's had no sections; a write that failed left tokenizer.json alone).
+    ours = has_checkpoints(run_dir) or (run_dir / RUN_LOCK).exists()
+    config = None if ours else _not_a_runs_config(run_dir / CONFIG_FILE)
     if config:
         found.append(config)
-    elif not (run_dir / CONFIG_FILE).exists() and (run_dir / TOKENIZER_FILE).exists():
+    elif (not ours and not (run_dir / CONFIG_FILE).exists()
+          and (run_dir / TOKENIZER_FILE).exists()):
         found.append(f"{TOKENIZER_FILE} without a run's {CONFIG_FILE}")
     found += [f"{name} ({what})" for name, what in OTHER_JOBS_FILES.items()
               if (run_dir / name).exists()]

@@ -110,16 +110,23 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
         driver = PlacedRun(scheduler, spec, queue_timeout_s, reconnect=ensure_scheduler)
         trainer_for = _trainer_factory(train_fn, train_loop_config, spec, run_dir, driver.owner,
                                        queue_timeout_s, max_failures, keep_checkpoints)
+        fitted = []  # (whether workers were started: a refusal after that ran the job)
+
+        def fit_placed(placement: Placement):
+            fitted.append(placement)
+            return _fit(trainer_for(placement), run_dir, max_failures)
         try:
             newest = checkpoint_dirs(run_dir)
-            result, placement = driver.run(
-                lambda placement: _fit(trainer_for(placement), run_dir, max_failures),
-                resumed_from=str(newest[0]) if newest else None)
+            result, placement = driver.run(fit_placed,
+                                           resumed_from=str(newest[0]) if newest else None)
             placement = driver.current_placement(placement)
         except NotPlaced as e:  # (a cancel, or no room after a yield: it may have trained)
             kept = (f"\ncheckpoints so far are in {run_dir} (--resume continues the run)"
                     if checkpoint_dirs(run_dir) else "")
-            raise JobFailed(f"{e}{kept}", EXIT_NOT_PLACEABLE) from None
+            raise JobFailed(f"{e}{kept}", EXIT_NOT_PLACEABLE, ran=bool(fitted)) from None
+        except JobFailed as e:
+            e.ran = e.ran or bool(fitted)
+            raise
         finally:
             warning = driver.release()
             if warning:

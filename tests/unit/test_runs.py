@@ -261,3 +261,77 @@ def test_a_refused_run_in_a_folder_that_was_there_takes_back_only_what_it_added(
             (kept / "config.json").write_text("{}")
             raise JobFailed("training failed", EXIT_FAILED)
     assert (kept / "config.json").exists() and (kept / ".run.lock").exists()
+
+
+def test_a_run_that_trained_then_was_refused_keeps_its_files(tmp_path):
+    # Exit 3 after training (an operator's cancel, a lost node without room) took back the
+    # run's config.json and tokenizer.json from a folder made beforehand: --resume then ran
+    # with the defaults, and serving found no tokenizer beside the checkpoints.
+    from orchestrator.job_exit import EXIT_NOT_PLACEABLE, JobFailed
+    from orchestrator.runs import run_dir_held
+
+    for ran in (True, False):  # (False: the checkpoint alone says it trained)
+        run = tmp_path / f"made-before-{ran}"
+        run.mkdir()
+        with pytest.raises(JobFailed):
+            with run_dir_held(run, new_run=True, written={"config.json", "tokenizer.json"}):
+                (run / "config.json").write_text('{"train": {}, "job": {}}')
+                (run / "tokenizer.json").write_text("{}")
+                (run / "checkpoint_00000500").mkdir()
+                raise JobFailed("job 'x' was cancelled", EXIT_NOT_PLACEABLE, ran=ran)
+        assert {"config.json", "tokenizer.json", "checkpoint_00000500"} <= {
+            p.name for p in run.iterdir()}
+    run = tmp_path / "ran-no-checkpoint"
+    run.mkdir()
+    with pytest.raises(JobFailed):
+        with run_dir_held(run, new_run=True, written={"config.json"}):
+            (run / "config.json").write_text('{"train": {}, "job": {}}')
+            raise JobFailed("job 'x' was cancelled", EXIT_NOT_PLACEABLE, ran=True)
+    assert (run / "config.json").exists()
+
+
+def test_a_refused_resume_leaves_the_runs_config_as_it_was(tmp_path):
+    # The refused flags (--num-workers 64) stayed in config.json, and the next plain --resume
+    # inherited them and was refused again.
+    from orchestrator.job_exit import EXIT_NOT_PLACEABLE, JobFailed
+    from orchestrator.runs import run_dir_held
+
+    run = tmp_path / "run"
+    (run / "checkpoint_00000010").mkdir(parents=True)
+    (run / "config.json").write_text('{"train": {"num_workers": 2}, "job": {}}')
+    with pytest.raises(JobFailed):
+        with run_dir_held(run, new_run=False, written={"config.json", "tokenizer.json"}):
+            (run / "config.json").write_text('{"train": {"num_workers": 64}, "job": {}}')
+            raise JobFailed("no room for 64 workers", EXIT_NOT_PLACEABLE)
+    assert (run / "config.json").read_text() == '{"train": {"num_workers": 2}, "job": {}}'
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_00000010", "config.json"]
+
+
+def test_a_write_that_fails_in_the_block_takes_back_what_was_written(tmp_path):
+    # tokenizer.json written, config.json's write failed (a full disk): the folder kept
+    # tokenizer.json and .run.lock, and the next attempt refused it as another job's folder.
+    from orchestrator.runs import RunDirError, not_a_run_dirs_files, run_dir_held
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(RunDirError):
+        with run_dir_held(run, new_run=True, written={"config.json", "tokenizer.json"}):
+            (run / "tokenizer.json").write_text("{}")
+            raise RunDirError(f"cannot write to run dir {run}: No space left on device")
+    assert list(run.iterdir()) == []
+    # and a folder a run left that way is still taken for a run's
+    (run / "tokenizer.json").write_text("{}")
+    (run / ".run.lock").write_text("")
+    assert not_a_run_dirs_files(run) == []
+
+
+def test_a_run_directory_of_the_first_layout_is_still_a_run_directory(tmp_path):
+    # Its config.json is a flat TrainConfig (no train/job sections): --resume was refused
+    # as "not a run directory ... give a new or empty folder".
+    from orchestrator.runs import not_a_run_dirs_files
+
+    (tmp_path / "checkpoint_00000010").mkdir()
+    (tmp_path / "config.json").write_text('{"model_size": "tiny"}')
+    assert not_a_run_dirs_files(tmp_path) == []
+    (tmp_path / "model.safetensors").write_text("")
+    assert not_a_run_dirs_files(tmp_path) == ["model.safetensors (a Hugging Face model's weights)"]
