@@ -39,6 +39,8 @@ What it decides:
   (owner "") may release or cancel it; jobs of drivers found dead are released.
 - **Node health.** Dead only when Ray says so or heartbeats stop past `dead_after_s`; a failed
   TCP probe from a job's driver makes a node suspect (no new work until it reports), not dead.
+  A job that only nodes dead by silence alone (Ray lists them alive) could hold waits for
+  them out of line, as one waiting for the autoscaler's nodes does.
 """
 from __future__ import annotations
 
@@ -1177,9 +1179,8 @@ class SchedulerCore:
         if spec is not None and now is not None and silent and \
                 self._cannot_hold(spec, now) is None:
             return dataclasses.replace(rejection, fits_when_free=True, message=(
-                f"{rejection.message}\n  {len(silent)} node(s) Ray lists alive have not "
-                "reported for over dead_after_s (their agents may be restarting): waiting "
-                "for them"))
+                f"{rejection.message}\n  "
+                f"{_silent_reason(self._silent_nodes_needed(spec, now) or sorted(silent))}"))
         return rejection
 
     def _waits_for_new_nodes(self, job_name: str, now: float) -> bool:
@@ -1225,14 +1226,18 @@ class SchedulerCore:
         if not self.node_types:
             return None
         key = self._shape(spec)
-        if self._awaits_memo[0] != now:
-            self._awaits_memo = (now, {})
-        memo = self._awaits_memo[1]
+        memo = self._memo(now)
         if key not in memo:
             plan = scale_up_plan(spec, self.node_types)
             holdable = plan is None or self._cannot_hold(spec, now) is None
             memo[key] = None if holdable else self._beside_nodes_up(spec, plan, now)
         return memo[key]
+
+    def _memo(self, now: float) -> dict:
+        """Answers per job shape kept for one moment (_new_nodes_plan, _silent_nodes_needed)."""
+        if self._awaits_memo[0] != now:
+            self._awaits_memo = (now, {})
+        return self._awaits_memo[1]
 
     def _beside_nodes_up(self, spec: JobSpec, plan: tuple[NodeType, int],
                          now: float) -> tuple[NodeType, int]:
@@ -1280,6 +1285,28 @@ class SchedulerCore:
         """Nodes dead only by their agent's silence that Ray still lists alive: they have
         not left (an agent restarting, a hung probe) and may report again."""
         return frozenset(self.state.silent & self.ray_alive)
+
+    def _silent_nodes_needed(self, spec: JobSpec, now: float) -> tuple[str, ...]:
+        """The silent nodes (_silent_alive) with room for the job when the idle cluster holds
+        it only with them, else (). Answered once per job shape, moment and silent set: the
+        queue pass asks it of every waiting job."""
+        if not self.state.silent:  # the common case: no set built
+            return ()
+        silent = self._silent_alive()
+        if not silent:
+            return ()
+        key = ("silent", silent, self._shape(spec))
+        memo = self._memo(now)
+        if key not in memo:
+            index = self.state.table.index
+            idle = worker_capacity(spec, self.state, now, ignore_reservations=True,
+                                   excluded_gpus=frozenset(self.excluded_gpus.get(spec.name, ())),
+                                   revivable=silent)
+            on_silent = {node: int(idle[index[node]]) for node in silent if node in index}
+            with_them = int(idle.sum())
+            needed = with_them >= spec.num_workers > with_them - sum(on_silent.values())
+            memo[key] = tuple(sorted(n for n, w in on_silent.items() if w)) if needed else ()
+        return memo[key]
 
     def _cannot_hold(self, spec: JobSpec, now: float) -> Rejection | None:
         """A rejection when the job cannot fit even the idle healthy cluster as it stands
@@ -1344,6 +1371,13 @@ class SchedulerCore:
                 # (here too, so that the state a submission saves holds it for a restart)
                 self._ask_for_new_nodes(job, new_nodes)
                 continue
+            silent = self._silent_nodes_needed(spec, now)
+            if silent:
+                # Out of line as well, until they report (or Ray lists them dead): kept as the
+                # head, its start was unknown (they are not capacity meanwhile), and every job
+                # behind it that would use its other nodes was refused while their GPUs idled.
+                self._wait_reason(job, _silent_reason(silent))
+                continue
             shape = self._shape(spec)
             if shape in failed_shapes or not _counts_allow(spec, free_gpus, free_cpus,
                                                            self.state):
@@ -1400,6 +1434,15 @@ class SchedulerCore:
         if blocked:
             outcome.add(self._preempt_for_blocked(blocked, free_gpus, now))
         return outcome
+
+    def _first_in_line(self, now: float) -> QueuedJob | None:
+        """The first waiting job in queue order that is not out of line (waiting for nodes
+        the autoscaler adds, or for silent ones): the head whose start EASY protects."""
+        for job in self.queue.ordered():
+            if self._new_nodes_plan(job.spec, now) is None and \
+                    not self._silent_nodes_needed(job.spec, now):
+                return job
+        return None
 
     def _shape(self, spec: JobSpec) -> tuple:
         """Jobs of one shape fit or fail alike (_shape); a job's own excluded GPUs make its
@@ -1825,7 +1868,7 @@ class SchedulerCore:
         first 4 of 8 GPUs as they freed and delayed it by the migrated job's whole run, or
         took the room a preemption for it was making. `plans` keeps the head's plan for the
         rest of the pass (each start the test lets through uses some of its slack)."""
-        head = self.queue.head()
+        head = self._first_in_line(now)
         if head is None:
             return True
         if "plan" not in plans:
@@ -1952,6 +1995,14 @@ def _scale_up_reason(plan: tuple[NodeType, int]) -> str:
     node_type, nodes = plan
     return (f"waiting for the autoscaler to add {nodes} x {node_type.name} node(s): the "
             "cluster as it stands cannot hold it")
+
+
+def _silent_reason(nodes) -> str:
+    """Why a job waits for nodes dead only by their agents' silence (_silent_alive)."""
+    named = ", ".join(n[:12] for n in list(nodes)[:8]) + (", ..." if len(nodes) > 8 else "")
+    return (f"waiting for silent node(s) {named} to report again (Ray lists them alive; no "
+            "agent report for over dead_after_s: their agents may be restarting): the "
+            "cluster without them cannot hold it")
 
 
 def _shape(spec: JobSpec) -> tuple:

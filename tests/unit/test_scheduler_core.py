@@ -1894,3 +1894,54 @@ def test_a_backfill_into_the_heads_spare_room_must_leave_its_workers_whole_per_n
     assert isinstance(on_b, Queued) and "would delay 'head'" in on_b.reason
     on_a = core.submit(JobSpec("on-a", num_workers=1, gpus_per_worker=1), "d", T0 + 3)
     assert isinstance(on_a.decision, Placement) and on_a.decision.nodes == ["a"]
+
+
+def test_a_job_only_a_silent_node_makes_possible_waits_out_of_line():
+    # 'big' (8 GPUs) fits only with b, whose agent is silent. Kept as the blocked head, its
+    # start was unknown (b is not counted as capacity): every job behind it that would use
+    # a's GPUs was refused, and 3 of them idled for as long as b's agent was silent.
+    core = SchedulerCore(SchedulerSettings())  # heartbeat limits 15 s / 60 s
+    core.ray_nodes({"a", "b"}, set(), T0)
+    core.report(gpu_node("a"), T0)
+    core.report(gpu_node("b"), T0)
+    assert core.submit(gpus("small", 1), "d1", T0).decision.nodes == ["a"]
+    assert isinstance(core.submit(gpus("big", 8), "d2", T0 + 1).decision, Queued)
+    now = T0
+    for now in range(int(T0) + 5, int(T0) + 71, 5):
+        core.report(gpu_node("a"), now)
+        core.tick(now)
+    assert "b" in core.state.silent
+    waiting = core.poll("big", "d2", now).decision
+    assert isinstance(waiting, Queued) and "silent node(s) b" in waiting.reason, waiting
+    short = core.submit(gpus("short", 1), "d3", now).decision  # no estimate: ends "never"
+    assert isinstance(short, Placement) and short.nodes == ["a"], short
+    # a job submitted meanwhile that only b makes possible is told so (not "3 free now")
+    big2 = core.submit(gpus("big2", 6), "d4", now).decision
+    assert isinstance(big2, Queued) and "silent node(s) b" in big2.reason, big2
+    core.report(gpu_node("b"), now + 5)  # b's agent is back: 'big' is in line again
+    assert "would delay 'big'" in core.submit(gpus("late", 1), "d5", now + 6).decision.reason
+
+
+def test_a_job_waiting_for_a_silent_node_does_not_hold_back_a_migration_as_the_head():
+    # 'big' (8 H100s) fits only with b, whose agent is silent: a's 4 H100s freed, 'm' (on
+    # the T4s, hours left) may move there. Taken for the blocked head (its start unknown),
+    # 'big' refused the move, and a's H100s idled until b reported again.
+    core = SchedulerCore(SchedulerSettings(min_run_s=10.0, restart_cost_s=30.0))
+    core.ray_nodes({"a", "b", "t"}, set(), T0)
+    for report in (gpu_node("a", family="H100"), gpu_node("b", family="H100"),
+                   gpu_node("t", family="T4")):
+        core.report(report, T0)
+    for name in ("f1", "f2"):
+        core.submit(gpus(name, 4, accelerator_types=("H100",)), "d", T0)
+    core.submit(gpus("m", 4, expected_duration_s=36000), "d", T0)
+    assert core.running["m"].placement.nodes == ["t"]
+    now = T0
+    for now in range(int(T0) + 5, int(T0) + 71, 5):
+        core.report(gpu_node("a", family="H100"), now)
+        core.report(gpu_node("t", family="T4"), now)
+        core.tick(now)
+    assert "b" in core.state.silent
+    assert isinstance(core.submit(gpus("big", 8, accelerator_types=("H100",)), "d2",
+                                  now).decision, Queued)
+    told = yields(core.release("f1", "d", now + 1))
+    assert "m" in told and told["m"].kind == MIGRATE, told
