@@ -1498,13 +1498,16 @@ class SchedulerCore:
         shadow = now if room.total >= spec.num_workers else None
         if shadow is None:
             # Running jobs by expected end; what they free on the head's nodes is counted
-            # only until its workers fit (most of a long running list is never looked at).
+            # only until its workers fit (most of a long running list is never looked at),
+            # and those ending at that same moment too (a sweep placed with one estimate):
+            # left out, its room then was short of them, and backfills that fit were refused.
             reservations = self.state.reservations
             for end, name in self._running_by_end(now):
-                room.add(reservations.get(name, ()))
-                if room.total >= spec.num_workers:
-                    shadow = end
+                if shadow is not None and end > shadow:
                     break
+                room.add(reservations.get(name, ()))
+                if shadow is None and room.total >= spec.num_workers:
+                    shadow = end
         return _HeadPlan(head.spec.name, usable, per_gpu, shadow, room, spare_cpus, first_call)
 
     def _running_by_end(self, now: float) -> Iterator[tuple[float, str]]:

@@ -1843,13 +1843,13 @@ def test_rejections_kept_for_drivers_that_have_exited_are_dropped():
 
 
 def test_the_heads_start_counts_whole_workers_per_node_not_gpus_summed_over_nodes():
-    # 'head' needs a whole 4-GPU node; 2 GPUs are free on each of two nodes until T0 + 3600.
-    # Summed, 4 free GPUs made its start "now": every backfill touching those nodes was
-    # refused while their GPUs idled for an hour.
+    # 'head' needs a whole 4-GPU node; 2 GPUs are free on each of two nodes until T0 + 3600
+    # (r1 ends; r2 an hour later). Summed, 4 free GPUs made its start "now": every backfill
+    # touching those nodes was refused while their GPUs idled for an hour.
     core = core_with(gpu_node("a"), gpu_node("b"))
-    for name in ("r1", "filler", "r2"):
-        core.submit(JobSpec(name, num_workers=1, gpus_per_worker=2, expected_duration_s=3600),
-                    "d", T0)
+    for name, hours in (("r1", 1), ("filler", 1), ("r2", 2)):
+        core.submit(JobSpec(name, num_workers=1, gpus_per_worker=2,
+                            expected_duration_s=3600 * hours), "d", T0)
     core.release("filler", "d", T0)
     assert {n: j.placement.nodes for n, j in core.running.items()} == {"r1": ["a"],
                                                                       "r2": ["b"]}
@@ -1945,3 +1945,22 @@ def test_a_job_waiting_for_a_silent_node_does_not_hold_back_a_migration_as_the_h
                                   now).decision, Queued)
     told = yields(core.release("f1", "d", now + 1))
     assert "m" in told and told["m"].kind == MIGRATE, told
+
+
+def test_jobs_ending_at_the_heads_start_all_count_in_its_room_then():
+    # s1 and s2 (a sweep: one estimate) end together at T0 + 36000, the head's start. Only
+    # s1's GPU counted in its room there (the walk stopped at the first end that made it
+    # fit): 'b', leaving the head its 3 GPUs beside it then, was refused and a GPU idled.
+    core = core_with(gpu_node("a", gpus=8))
+    core.submit(JobSpec("r", num_workers=1, gpus_per_worker=4), "d", T0)  # no estimate
+    for name in ("s1", "s2"):
+        core.submit(JobSpec(name, num_workers=1, gpus_per_worker=1, expected_duration_s=36000),
+                    "d", T0)
+    assert isinstance(core.submit(JobSpec("head", num_workers=1, gpus_per_worker=3), "d",
+                                  T0 + 1).decision, Queued)
+    b = core.submit(JobSpec("b", num_workers=1, gpus_per_worker=1, expected_duration_s=72000),
+                    "d", T0 + 2).decision
+    assert isinstance(b, Placement), b
+    # and no more than that: a second one would leave the head 2 GPUs at its start
+    c = core.submit(JobSpec("c", num_workers=1, gpus_per_worker=1), "d", T0 + 3).decision
+    assert isinstance(c, Queued) and "would delay 'head'" in c.reason, c
