@@ -146,7 +146,8 @@ class _HeadPlan:
     shadow: float | None  # earliest start; None = unknown (running jobs lack estimates)
     room: _HeadRoom  # its room at the shadow time (what is spare there is the *extra*)
     # A GPU head's workers need CPUs beside their GPUs: free CPUs on its nodes now beyond
-    # what it needs, which a job taking no GPUs may use (inf when units are CPUs already)
+    # what it needs, which a job taking no GPUs may use while the shadow time is unknown
+    # (inf when units are CPUs already; once it is known, the room at it judges such a job)
     spare_cpus: float = math.inf
     # GPUs per family that jobs allowed only that family may take on a family the head is
     # kept off: they have first call there (the head's room leaves them out, its shadow and
@@ -1541,10 +1542,17 @@ class SchedulerCore:
             return True
         if units == 0:
             # Capacity the head cannot use; but a job taking no GPUs may still take the CPUs
-            # the head's workers need beside theirs: only those it does not need.
+            # the head's workers need beside theirs. Its start known, as any backfill (below:
+            # the sum alone let a GPU backfill later in the pass take the same CPUs from the
+            # head's room, and the head missed its start); else only the CPUs free now
+            # beyond what the head needs, summed over its nodes.
             cpus = _units_on(reservations, plan.usable, self.state, False) \
                 if plan.per_gpu else 0.0
-            if cpus <= plan.spare_cpus + 1e-9:
+            if not cpus:
+                return True
+            if plan.shadow is None:
+                if cpus > plan.spare_cpus + 1e-9:
+                    return False
                 plan.spare_cpus -= cpus
                 return True
         if plan.shadow is None:
@@ -1553,7 +1561,7 @@ class SchedulerCore:
             return True
         # Room the head does not need at its start: its workers still fit beside the job,
         # node by node (a GPU spare in all may be the one a node needs for a whole worker)
-        return bool(units) and plan.room.take_if_spare(reservations)
+        return plan.room.take_if_spare(reservations)
 
     # -- internals: preemption ---------------------------------------------------------------------
     def _preempt_for_blocked(self, blocked: list[QueuedJob], free_gpus: dict[int, int],

@@ -1964,3 +1964,44 @@ def test_jobs_ending_at_the_heads_start_all_count_in_its_room_then():
     # and no more than that: a second one would leave the head 2 GPUs at its start
     c = core.submit(JobSpec("c", num_workers=1, gpus_per_worker=1), "d", T0 + 3).decision
     assert isinstance(c, Queued) and "would delay 'head'" in c.reason, c
+
+
+def test_a_cpu_backfill_on_the_heads_node_leaves_its_workers_room_at_its_start():
+    # The head needs 3 GPUs and 12 CPUs of g, at T0 + 1000 (R ends). In one pass 'C' took 3
+    # CPUs (the head's spare CPUs now, summed) and 'G' then the same CPUs from the head's
+    # room at its start: at T0 + 1000 only 9 CPUs were left beside the GPUs for the head.
+    core = core_with(gpu_node("g", gpus=4, cpus=16))
+    core.submit(JobSpec("R", num_workers=1, gpus_per_worker=2, expected_duration_s=1000),
+                "d", T0)
+    core.submit(JobSpec("X", num_workers=1, gpus_per_worker=2, expected_duration_s=10),
+                "d", T0)
+    assert isinstance(core.submit(JobSpec("head", num_workers=1, gpus_per_worker=3,
+                                          cpus_per_worker=12), "d", T0 + 1).decision, Queued)
+    core.queue.add(QueuedJob(JobSpec("C", num_workers=1, cpus_per_worker=3,
+                                     expected_duration_s=1e5), "d", T0 + 2))
+    core.queue.add(QueuedJob(JobSpec("G", num_workers=1, gpus_per_worker=1, cpus_per_worker=4,
+                                     expected_duration_s=1e5), "d", T0 + 3))
+    core.release("X", "d", T0 + 10)  # one pass looks at C and G behind the blocked head
+    assert "C" in core.running and "G" not in core.running
+    assert "would delay 'head'" in core.queue.waiting["G"].reason
+    core.release("R", "d", T0 + 1000)  # R ends as expected: the head starts
+    assert isinstance(core.poll("head", "d", T0 + 1000).decision, Placement)
+
+
+def test_a_cpu_backfill_is_judged_by_the_heads_room_at_its_start_not_by_cpus_free_now():
+    # The head needs 3 GPUs and 12 CPUs of g, at T0 + 1000 (R ends); 'P' frees 9 CPUs at
+    # T0 + 100. Of the 6 CPUs free now none is spare (summed), so 'C' (3 CPUs) was refused,
+    # although at the head's start 16 CPUs are free there, 13 of them beside 'C'.
+    core = core_with(gpu_node("g", gpus=4, cpus=16))
+    core.submit(JobSpec("R", num_workers=1, gpus_per_worker=2, expected_duration_s=1000),
+                "d", T0)
+    core.submit(JobSpec("P", num_workers=1, cpus_per_worker=9, expected_duration_s=100),
+                "d", T0)
+    assert isinstance(core.submit(JobSpec("head", num_workers=1, gpus_per_worker=3,
+                                          cpus_per_worker=12), "d", T0 + 1).decision, Queued)
+    c = core.submit(JobSpec("C", num_workers=1, cpus_per_worker=3, expected_duration_s=1e5),
+                    "d", T0 + 2).decision
+    assert isinstance(c, Placement), c
+    # one more would leave the head 10 CPUs beside its GPUs then
+    more = core.submit(JobSpec("C2", num_workers=1, cpus_per_worker=3), "d", T0 + 3).decision
+    assert isinstance(more, Queued) and "would delay 'head'" in more.reason, more
