@@ -429,6 +429,35 @@ class ClusterState:
         return {node: [dataclasses.asdict(r) for r in held]
                 for node, held in self.silent_reservations.items()}
 
+    def silent_reports_to_dict(self) -> dict:
+        """The last report of each node dead by silence alone, and when it came: what it
+        holds still counts for the jobs only it makes possible (see SchedulerCore
+        _silent_alive), so a restarted scheduler, which hears nothing from it, needs it."""
+        return {node: {"last_seen": self.last_seen[node],
+                       "report": dataclasses.asdict(self.reports[node])}
+                for node in sorted(self.silent) if node in self.reports}
+
+    def restore_silent_reports(self, data: dict) -> list[str]:
+        """Reload silent_reports_to_dict's record before restore_silence (a node already
+        dead by then would be revived by its report): each node's row as its last report
+        left it, dead by silence until it reports again. Node by node: one that cannot be
+        read is named and skipped (its jobs are judged without it). The problems met."""
+        problems = []
+        for node, record in data.items():
+            try:
+                report, last_seen = saved_silent_report(node, record)
+            except Exception as e:
+                problems.append(f"cannot restore the last report of silent node {node!r}, "
+                                f"skipping it: {type(e).__name__}: {e}")
+                continue
+            if node in self.reports:
+                continue  # it reported since: that report stands
+            self.update(report, last_seen)
+            self.dead.add(node)
+            self.silent.add(node)
+            self.table.set_dead(node, True)
+        return problems
+
     def restore_silence(self, data: dict) -> list[str]:
         """Reload silence_to_dict's record: each node counts as dead until it reports again,
         when its reservations come back (as before the restart). Node by node: one that
@@ -444,6 +473,27 @@ class ClusterState:
             self.dead.add(node)
             self.silent.add(node)
         return problems
+
+
+def saved_silent_report(node: str, record: object) -> tuple[NodeReport, float]:
+    """A silent node's saved last report and when it came, every field checked (and the
+    report as a live one is, report_problem); ValueError naming what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    last_seen = record.get("last_seen")
+    if isinstance(last_seen, bool) or not isinstance(last_seen, (int, float)) \
+            or not math.isfinite(last_seen):
+        raise ValueError(f"its last_seen is {last_seen!r:.60}, not a number")
+    fields = saved_fields(NodeReport, record.get("report"), "its report")
+    fields["gpus"] = tuple(GpuInfo(**saved_fields(GpuInfo, gpu, f"its report's gpus[{i}]"))
+                           for i, gpu in enumerate(fields.get("gpus", ())))
+    report = NodeReport(**fields)
+    if report.node_id != node:
+        raise ValueError(f"its report is node {report.node_id!r:.60}'s")
+    problem = report_problem(report)
+    if problem:
+        raise ValueError(f"its report: {problem}")
+    return report, float(last_seen)
 
 
 def saved_reservations(held: object) -> list[Reservation]:

@@ -839,6 +839,8 @@ class SchedulerCore:
                 "nodes_asked": {name: {"enqueued_at": since, "bundles": bundles}
                                 for name, (since, bundles) in self.nodes_asked.items()},
                 "silent_nodes": self.state.silence_to_dict(),
+                # (their last reports: the jobs only they make possible still wait for them)
+                "silent_node_reports": self.state.silent_reports_to_dict(),
                 # (the comparative-advantage yardstick: victim order and family ranking)
                 "typical": {"speed": dict(self.typical_speed), "count": self.typical_count},
                 "settings": dataclasses.asdict(self.settings)}
@@ -855,8 +857,11 @@ class SchedulerCore:
                             f"reads format {SAVED_STATE_VERSION} (saved by a newer version?): "
                             "what it added is left out")
         self._verdicts_due = True
-        # (Silent nodes before the running jobs: a job held only there has no reservation.)
+        # (Silent nodes before the running jobs: a job held only there has no reservation;
+        # their last reports before what they held: a report revives a node already dead.)
         parts = (("reservations", lambda d: problems.extend(self.state.restore_reservations(d))),
+                 ("silent_node_reports",
+                  lambda d: problems.extend(self.state.restore_silent_reports(d))),
                  ("silent_nodes", lambda d: problems.extend(self.state.restore_silence(d))),
                  ("queue", lambda d: setattr(self, "queue", JobQueue.from_dict(
                      d, self.queue.level, self._promote_after, problems))),

@@ -2005,3 +2005,41 @@ def test_a_cpu_backfill_is_judged_by_the_heads_room_at_its_start_not_by_cpus_fre
     # one more would leave the head 10 CPUs beside its GPUs then
     more = core.submit(JobSpec("C2", num_workers=1, cpus_per_worker=3), "d", T0 + 3).decision
     assert isinstance(more, Queued) and "would delay 'head'" in more.reason, more
+
+
+def test_a_restarted_scheduler_still_counts_a_node_only_silent_for_the_jobs_it_makes_possible():
+    # b's agent was silent past dead_after_s, Ray still listing b alive: 'big' waited for it.
+    # A restarted scheduler knew nothing of b's capacity (no report since) and dropped 'big'
+    # as never fitting once suspect_after_s had passed, b still alive in Ray's eyes.
+    core = SchedulerCore(SchedulerSettings())  # heartbeat limits 15 s / 60 s
+    core.ray_nodes({"a", "b"}, set(), T0)
+    core.report(gpu_node("a"), T0)
+    core.report(gpu_node("b"), T0)
+    core.submit(gpus("small", 1), "d1", T0)
+    core.submit(gpus("big", 8), "d2", T0 + 1)
+    now = T0
+    for now in range(int(T0) + 5, int(T0) + 71, 5):
+        core.report(gpu_node("a"), now)
+        core.tick(now)
+    assert "b" in core.state.silent
+    saved = json.loads(json.dumps(core.to_dict()))
+    again = SchedulerCore(core.settings)
+    assert again.restore(saved) == []
+    again.restored_at = now
+    again.ray_nodes({"a", "b"}, set(), now)  # Ray still lists b alive
+    for now in range(now + 5, now + 41, 5):
+        again.report(gpu_node("a"), now)
+        again.tick(now)
+    waiting = again.poll("big", "d2", now).decision
+    assert isinstance(waiting, Queued) and "silent node(s) b" in waiting.reason, waiting
+    again.report(gpu_node("b"), now + 1)  # b's agent is back
+    again.release("small", "d1", now + 2)
+    assert isinstance(again.poll("big", "d2", now + 3).decision, Placement)
+    # a state saved before silent nodes' reports were kept restores as it did
+    older = dict(saved)
+    del older["silent_node_reports"]
+    assert SchedulerCore(core.settings).restore(older) == []
+    # and a record that cannot be read is named and skipped
+    saved["silent_node_reports"]["b"]["report"]["ray_gpus"] = -4
+    problems = SchedulerCore(core.settings).restore(saved)
+    assert len(problems) == 1 and "silent node 'b'" in problems[0] and "ray_gpus" in problems[0]
