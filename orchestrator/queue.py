@@ -5,8 +5,9 @@ starts. Order: higher priority first; within a priority class, the lower service
 (least attained service, Tiresias-style: the core's `level` function maps a job's GPU-seconds
 run so far to a level; 0 for every job under FIFO); then first submitted (a preempted job
 keeps its original submit time, so it goes back near the front of its level, not to the end).
-Starvation guard (Tiresias' promotion): under LAS, a job that has waited longer than its own
-`promote_after` (the core's: a multiple of the time it has run) goes back to level 0.
+Starvation guard (Tiresias' promotion): under LAS, a job above level 0 by its service that has
+waited longer than its own `promote_after` (the core's: a multiple of the time it has run) goes
+back to level 0 (a level floor alone, an operator's preemption, is not lifted).
 
 Besides the waiting jobs it holds two mailboxes, since drivers learn of decisions by polling:
 `ready` (placed from the queue, not yet collected by the driver) and `rejected` (dropped:
@@ -177,7 +178,8 @@ class JobQueue:
         self.waiting[job.spec.name] = job
         key = self._keys[job.spec.name] = self.order_key(job)
         bisect.insort(self._order, key)
-        if key[1] > 0 and self.promote_after is not None:
+        # (by its own level: a floor alone, an operator's preemption, is not lifted by waiting)
+        if key[1] > 0 and self.promote_after is not None and self.level(job.las_attained_s):
             wait = self.promote_after(job)
             if wait is not None:
                 since = job.in_queue_since

@@ -2043,3 +2043,18 @@ def test_a_restarted_scheduler_still_counts_a_node_only_silent_for_the_jobs_it_m
     saved["silent_node_reports"]["b"]["report"]["ray_gpus"] = -4
     problems = SchedulerCore(core.settings).restore(saved)
     assert len(problems) == 1 and "silent node 'b'" in problems[0] and "ray_gpus" in problems[0]
+
+
+def test_the_starvation_guard_does_not_lift_a_level_floor_alone():
+    # V (own level 0) waits at W's level 1 after an operator preempted it. Its promotion was
+    # planned as for a level-1 job (after factor x its 19 s run) and lifted the floor at
+    # T0 + 99: V went back ahead of W, the job it was preempted to let run.
+    q = JobQueue(level=lambda s: int(s >= 100),
+                 promote_after=lambda job: 1.0 * job.ran_s if job.ran_s > 0 else None)
+    q.add(QueuedJob(gpus("W", 4), "w", T0, ran_s=50.0, queued_at=T0 + 60))  # 200 GPU-s
+    q.add(QueuedJob(gpus("V", 4), "v", T0 + 80, ran_s=19.0, queued_at=T0 + 80,
+                    level_floor=1))  # 76 GPU-s: level 0 of its own
+    assert [j.spec.name for j in q.ordered()] == ["W", "V"]
+    assert q.next_promotion(after=T0 + 81) == T0 + 110  # W's, after 50 s of waiting
+    q.promote_due(T0 + 100)
+    assert [j.spec.name for j in q.ordered()] == ["W", "V"] and not q.waiting["V"].promoted
