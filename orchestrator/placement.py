@@ -198,9 +198,13 @@ def workers_by_count(spec: JobSpec, free_cpus, free_gpus):
     or one node's numbers) hold by count alone, each worker's CPUs and GPUs on one node
     (worker_capacity adds GPU memory, families and health; the head's plan, what frees as
     running jobs end)."""
-    workers = np.floor(free_cpus / spec.cpus_per_worker + 1e-9)
+    # (one node's plain numbers by Python's own: numpy on a scalar costs ~1 us a call, and the
+    # head's plan counts one node at a time as each running job ends)
+    floor, least = (math.floor, min) if isinstance(free_cpus, (int, float)) \
+        else (np.floor, np.minimum)
+    workers = floor(free_cpus / spec.cpus_per_worker + 1e-9)
     if spec.gpus_per_worker:
-        workers = np.minimum(workers, free_gpus // spec.gpus_per_worker)
+        workers = least(workers, free_gpus // spec.gpus_per_worker)
     return workers
 
 

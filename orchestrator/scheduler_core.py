@@ -109,10 +109,15 @@ class _HeadRoom:
 
     def __init__(self, spec: JobSpec, cap: np.ndarray, cpus: np.ndarray,
                  gpus: np.ndarray, state: ClusterState) -> None:
-        self.spec, self.cap, self.cpus, self.gpus = spec, cap, cpus, gpus
+        self.spec = spec
         self.index = state.table.index
-        self.workers = np.minimum(cap, workers_by_count(spec, cpus, gpus))
-        self.total = int(self.workers.sum())
+        workers = np.minimum(cap, workers_by_count(spec, cpus, gpus)).astype(np.int64)
+        self.total = int(workers.sum())
+        # Per node as Python lists: add() updates one node at a time, once per reservation
+        # of every job that ends before the head's start, where numpy's per-element access
+        # and scalar calls cost several times the arithmetic.
+        self.cap, self.workers = cap.astype(np.int64).tolist(), workers.tolist()
+        self.cpus, self.gpus = cpus.astype(float).tolist(), gpus.astype(np.int64).tolist()
 
     def add(self, reservations, sign: int = 1) -> None:
         """Reservations freed (sign 1: a job ends) or taken (-1) on the head's nodes."""
@@ -120,11 +125,11 @@ class _HeadRoom:
             row = self.index.get(r.node_id)
             if row is None or row >= len(self.cap) or not self.cap[row]:
                 continue
-            self.cpus[row] += sign * r.cpus
-            self.gpus[row] += sign * r.gpus
-            fits = min(int(self.cap[row]), int(workers_by_count(
-                self.spec, max(self.cpus[row], 0.0), max(int(self.gpus[row]), 0))))
-            self.total += fits - int(self.workers[row])
+            cpus = self.cpus[row] = self.cpus[row] + sign * r.cpus
+            gpus = self.gpus[row] = self.gpus[row] + sign * r.gpus
+            fits = min(self.cap[row],
+                       int(workers_by_count(self.spec, max(cpus, 0.0), max(gpus, 0))))
+            self.total += fits - self.workers[row]
             self.workers[row] = fits
 
     def take_if_spare(self, reservations) -> bool:

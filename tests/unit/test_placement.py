@@ -1,10 +1,12 @@
 import dataclasses
 
+import numpy as np
 import pytest
 
 from orchestrator.config import ACCELERATOR_SPEED, ConfigError, JobSpec
 from orchestrator.inventory import GIB, ClusterState, GpuInfo, NodeReport, Reservation
-from orchestrator.placement import PlacementError, bottleneck_gbps, place, worker_capacity
+from orchestrator.placement import (PlacementError, bottleneck_gbps, place, worker_capacity,
+                                    workers_by_count)
 
 from nodes import NOW, cluster, node
 
@@ -447,3 +449,14 @@ def test_a_placement_says_whether_its_gpus_were_measured_and_nccl_needs_them(mon
     monkeypatch.setattr(dist, "is_nccl_available", lambda: True)  # a CUDA build's answer
     assert collective_backend(on_declared) == "gloo"
     assert collective_backend(on_measured) == "nccl"
+
+
+def test_workers_by_count_answers_alike_for_one_node_and_for_many():
+    # One node's plain numbers take Python's arithmetic (the head's plan, node by node), a
+    # table's columns numpy's: the same count either way, rounding at the edges included.
+    cpus = [0.0, 0.29999999999999993, 0.3, 0.9, 3.0, 7.5, 12.0, 64.0]
+    gpus = [0, 1, 2, 3, 4, 8, 8, 8]
+    for spec in (JobSpec("c", cpus_per_worker=0.1), JobSpec("g", gpus_per_worker=2,
+                                                             cpus_per_worker=1.5)):
+        many = workers_by_count(spec, np.array(cpus), np.array(gpus))
+        assert [workers_by_count(spec, c, g) for c, g in zip(cpus, gpus)] == many.tolist()
