@@ -884,7 +884,8 @@ class SchedulerCore:
                 restore(saved.get(key, {}))
             except Exception as e:  # corrupt or from another version: keep going
                 problems.append(f"cannot restore scheduler {key}, skipping it: {e}")
-        return problems + self._release_unowned_reservations() + self._drop_unowned_ready()
+        return problems + self._release_unowned_reservations() + self._drop_unowned_ready() \
+            + self._drop_waiting_copies_of_running()
 
     def _restore_typical(self, data: dict) -> None:
         """The typical job's relative speed per family and how many jobs it folds in;
@@ -934,6 +935,17 @@ class SchedulerCore:
                 placement.owner)
         return [f"withdrew the placement of {name!r} not yet collected: no running job of "
                 "that name was restored" for name in unowned]
+
+    def _drop_waiting_copies_of_running(self) -> list[str]:
+        """A job saved both running and waiting (a hand-edited or corrupt state) runs: its
+        workers hold the devices. Its waiting copy goes, named (kept, a queue pass dropped it
+        later without a word)."""
+        both = [name for name in self.queue.waiting if name in self.running]
+        for name in both:
+            self.queue.remove(name)
+            self._forget_preemption(name)
+        return [f"dropped the waiting entry of {name!r}: a running job of that name was "
+                "restored (a job cannot both run and wait)" for name in both]
 
     def _restore_running(self, data: dict) -> list[str]:
         """The running jobs, one by one: one that cannot be read is named and skipped, the

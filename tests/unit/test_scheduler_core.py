@@ -2058,3 +2058,18 @@ def test_the_starvation_guard_does_not_lift_a_level_floor_alone():
     assert q.next_promotion(after=T0 + 81) == T0 + 110  # W's, after 50 s of waiting
     q.promote_due(T0 + 100)
     assert [j.spec.name for j in q.ordered()] == ["W", "V"] and not q.waiting["V"].promoted
+
+
+def test_a_saved_state_with_a_job_both_running_and_waiting_keeps_it_running_and_says_so():
+    # A hand-edited (or corrupt) state: 'J' both runs and waits. The waiting copy was kept
+    # beside the running one, and the first queue pass dropped it without a word.
+    core = core_with(gpu_node("a"), gpu_node("b"))
+    core.submit(gpus("J", 4), "dj", T0)
+    core.submit(gpus("W", 6), "dw", T0)  # waits
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["queue"]["waiting"].append(QueuedJob(gpus("J", 4), "dj", T0).to_dict())
+    again = SchedulerCore(core.settings)
+    problems = again.restore(saved)
+    assert len(problems) == 1 and "'J'" in problems[0] and "running" in problems[0], problems
+    assert "J" in again.running and list(again.queue.waiting) == ["W"]
+    assert again.queue.gpus_by_allowed[()] == 6  # the waiting GPUs counted once, W's
