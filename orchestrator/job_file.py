@@ -22,6 +22,8 @@ The launcher's own keys are taken out; everything else is a JobSpec field, check
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,24 +140,34 @@ def _runtime_env_paths_rebased(runtime_env: dict[str, Any], folder: Path) -> dic
 
 MERGE_TAG = "tag:yaml.org,2002:merge"
 FLOAT_TAG = "tag:yaml.org,2002:float"
+STR_TAG = "tag:yaml.org,2002:str"
+NULL_TAG = "tag:yaml.org,2002:null"
 # The floats YAML 1.2 reads and PyYAML's YAML 1.1 leaves as strings: an exponent without a
 # dot (1e-3, -2E5) or without a sign (1.8e3). The loop got lr='1e-3', and
 # `expected_duration_s: 1e4` was refused as not a number. Integers keep their own resolver
 # (tried first), and a quoted "1e-3" stays a string.
 EXPONENT_FLOAT = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"
+# The job file's keys whose value is a string, read as the text written (_typed_as_meant).
+TEXT_FIELDS = ("entrypoint", "run_dir",
+               *(name for name, hint in typing.get_type_hints(JobSpec).items() if hint is str))
 
 
 def _loader():
     """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
-    silently: `num_workers: 8` ... `num_workers: 1` ran one worker), and reading 1e-3 as the
-    float it is (EXPONENT_FLOAT)."""
+    silently: `num_workers: 8` ... `num_workers: 1` ran one worker), reading 1e-3 as the
+    float it is (EXPONENT_FLOAT), and a value where a string is meant as its text
+    (_typed_as_meant)."""
     import re
 
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
-        """SafeLoader with mapping_without_duplicates for every mapping, and YAML 1.2's
-        exponent floats."""
+        """SafeLoader with mapping_without_duplicates for every mapping, YAML 1.2's
+        exponent floats, and strings where the job file takes strings."""
+
+        def construct_document(self, node):
+            _typed_as_meant(node)
+            return super().construct_document(node)
 
     def mapping_without_duplicates(loader, node, deep=False):
         seen = set()
@@ -180,6 +192,66 @@ def _loader():
     StrictLoader.add_implicit_resolver(FLOAT_TAG, re.compile(EXPONENT_FLOAT),
                                        list("-+0123456789."))
     return StrictLoader
+
+
+def _typed_as_meant(root) -> None:
+    """Retag the plain scalars of a job file's node tree, before it is built, where the
+    field wants other than what the value looks like. Where a string is meant (TEXT_FIELDS,
+    runtime_env's working_dir, env_vars' names and values: Ray takes only strings there) the
+    value is the text written: `GIT_SHA: 8e91234` was inf, `NCCL_TIMEOUT_SCALE: 1e3` 1000.0,
+    `OMP_NUM_THREADS: 1` an int, and Ray refused each; `name: 1e3` was refused. In `config`,
+    numbers stay numbers (lr: 1e-3), except an exponent form too large for a float: a
+    commit hash such as 8e91234 was inf."""
+    for key, value in _entries(root):
+        if key.value in TEXT_FIELDS:
+            _as_text(value)
+        elif key.value == "runtime_env":
+            for env_key, env_value in _entries(value):
+                if env_key.value == "working_dir":
+                    _as_text(env_value)
+                elif env_key.value == "env_vars":
+                    for name, variable in _entries(env_value):
+                        _as_text(name)
+                        _as_text(variable)
+        elif key.value == "config":
+            _unbounded_exponents_as_text(value, set())
+
+
+def _entries(node):
+    """(key node, value node) of a mapping node, those merged into it (`<<: *defaults`)
+    included; none for any other node."""
+    if node.id != "mapping":
+        return
+    for key, value in node.value:
+        if key.tag == MERGE_TAG:
+            yield from (pair for merged in (value.value if value.id == "sequence" else [value])
+                        for pair in _entries(merged))
+        else:
+            yield key, value
+
+
+def _as_text(node) -> None:
+    """A plain (unquoted) scalar read as the text written, not the number, boolean or date
+    it looks like; null stays null (a field left empty)."""
+    if node.id == "scalar" and node.style is None and node.tag != NULL_TAG:
+        node.tag = STR_TAG
+
+
+def _unbounded_exponents_as_text(node, seen: set[int]) -> None:
+    """The exponent-form numbers under `node` that no float holds (8e91234: inf) read as
+    the text written. (`.inf` stays infinity: it says so.) `seen`: the nodes walked (an
+    alias may make the tree a cycle)."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if node.id == "scalar":
+        if node.tag == FLOAT_TAG and node.style is None and "e" in node.value.lower() \
+                and not math.isfinite(float(node.value.replace("_", ""))):
+            node.tag = STR_TAG
+        return
+    children = node.value if node.id == "sequence" else [n for pair in node.value for n in pair]
+    for child in children:
+        _unbounded_exponents_as_text(child, seen)
 
 
 def _yaml_problem(error) -> str:

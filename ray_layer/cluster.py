@@ -232,7 +232,7 @@ def runtime_env_warnings(runtime_env: dict) -> list[str]:
 
 
 RUNTIME_ENV_HINTS = {  # what a job file's author most likely meant
-    "env_vars": ' (values are strings: quote numbers in YAML, OMP_NUM_THREADS: "1")',
+    "env_vars": ' (values are strings, OMP_NUM_THREADS: "1": not a list, nor left empty)',
     "pip": " (a list of packages, [pandas, numpy==2.1], or a requirements file's path)",
     "working_dir": " (a folder, relative to the job file, or a URI)",
 }

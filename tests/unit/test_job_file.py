@@ -87,9 +87,11 @@ def test_a_number_too_long_to_print_is_named_not_a_traceback(tmp_path):
     write(path, "name: a\nentrypoint: m:f\npriority: " + "9" * 5000 + "\n")
     with pytest.raises(ConfigError, match=f"{path}: holds a number of over 4,300 digits"):
         load_job_file(path)
-    write(path, "name: a\nentrypoint: m:f\nrun_dir: 2026-13-45\n")  # no such date
+    write(path, "name: a\nentrypoint: m:f\nconfig: {day: 2026-13-45}\n")  # no such date
     with pytest.raises(ConfigError, match="not valid YAML: .*month must be in 1..12 .*quote"):
         load_job_file(path)
+    write(path, "name: a\nentrypoint: m:f\nrun_dir: 2026-13-45\n")  # a path: its text
+    assert load_job_file(path).run_dir == str(tmp_path / "2026-13-45")
     with pytest.raises(ConfigError, match="priority must be far smaller"):
         JobSpec("a", priority=10**5000)
     with pytest.raises(ConfigError, match=r"priority must be an integer in \[-2147483648"):
@@ -108,8 +110,9 @@ def test_a_number_too_long_to_print_is_named_not_a_traceback(tmp_path):
     ("config: [1, 2]", "config must be a mapping, got [1, 2]"),
     ("config: lr=0.1", "config must be a mapping, got 'lr=0.1'"),
     ("runtime_env: working_dir", "runtime_env must be a mapping, got 'working_dir'"),
-    ("entrypoint: 42", "entrypoint must be a string"),
-    ("run_dir: 5", "run_dir must be a path, got 5"),
+    # (a number there is read as its text: `entrypoint: 42` is then no module:function)
+    ("entrypoint: [train.py]", "entrypoint must be a string"),
+    ("run_dir: {a: 5}", "run_dir must be a path, got {'a': 5}"),
     ("keep_checkpoints: 0", "keep_checkpoints must be an integer >= 1 or null"),
     # (it became a directory `s3:` beside the job file)
     ("run_dir: s3://bucket/runs/a", "run_dir: s3://bucket/runs/a is a URI; a run directory "
@@ -681,6 +684,41 @@ def test_numbers_in_exponent_form_are_numbers_as_yaml_1_2_reads_them(tmp_path):
     assert all(type(job.config[k]) is int for k in ("steps", "big", "hex"))
 
 
+def test_a_field_that_takes_a_string_gets_the_text_written_not_a_number(tmp_path):
+    # The exponent floats applied to the whole file: `GIT_SHA: 8e91234` reached Ray as inf,
+    # `NCCL_TIMEOUT_SCALE: 1e3` as 1000.0 (Ray refuses both: env_vars are strings), `name:
+    # 1e3` was refused, and a config value like a commit hash became inf.
+    path = write(tmp_path / "job.yaml", """\
+        name: envjob
+        entrypoint: train.py:train_loop
+        num_workers: 1
+        config: {build: 20240101e1}
+        runtime_env:
+          env_vars: {NCCL_TIMEOUT_SCALE: 1e3, GIT_SHA: 8e91234}
+        """)  # the review's job_env.yaml
+    job = load_job_file(path)
+    assert job.runtime_env == {"env_vars": {"NCCL_TIMEOUT_SCALE": "1e3", "GIT_SHA": "8e91234"}}
+    assert job.config == {"build": 202401010.0}  # a number where one fits (docs/training.md)
+    path = write(tmp_path / "job.yaml", """\
+        name: 1e3
+        <<: {workload: 2.5}
+        entrypoint: 1e5
+        run_dir: 1e3
+        expected_duration_s: 1e4
+        config: {sha: 8e91234, big: -1E999, lr: 1e-3, inf: .inf, steps: 10}
+        runtime_env:
+          working_dir: 1e2
+          env_vars: {OMP_NUM_THREADS: 1, RATIO: 0.5, DEBUG: true, 1e3: x, EMPTY: null}
+        """)
+    job = load_job_file(path)
+    assert (job.spec.name, job.spec.workload, job.entrypoint) == ("1e3", "2.5", "1e5")
+    assert job.run_dir == str(tmp_path / "1e3") and job.spec.expected_duration_s == 1e4
+    assert job.config == {"sha": "8e91234", "big": "-1E999", "lr": 1e-3, "inf": float("inf"),
+                          "steps": 10}
+    assert job.runtime_env == {"working_dir": str(tmp_path / "1e2"), "env_vars": {
+        "OMP_NUM_THREADS": "1", "RATIO": "0.5", "DEBUG": "true", "1e3": "x", "EMPTY": None}}
+
+
 def test_a_runtime_env_key_close_to_rays_is_warned_of_not_refused():
     from ray_layer.cluster import runtime_env_problem, runtime_env_warnings
 
@@ -729,8 +767,8 @@ def test_a_run_dir_that_cannot_be_written_is_refused_before_placing(tmp_path):
 @pytest.mark.parametrize("job, files, expected", [
     ("name: a/b\nentrypoint: train.py:train_loop\n", {},
      "name 'a/b' must not contain a path separator"),
-    ("name: a\nentrypoint: train.py:train_loop\nruntime_env: {env_vars: {OMP_NUM_THREADS: 1}}\n",
-     {}, "quote numbers in YAML"),
+    ("name: a\nentrypoint: train.py:train_loop\nruntime_env: {env_vars: {OMP_NUM_THREADS: [1]}}\n",
+     {}, "values are strings"),
     ("name: a\nentrypoint: train.py:train_loop\nrun_dir: afile/a\n", {"afile": "x"},
      "cannot write to run_dir"),
     ("name: a\nentrypoint: train.py:train_loop\n",
