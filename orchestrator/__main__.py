@@ -192,10 +192,14 @@ def refusal(command: str, name: str, row: dict[str, Any] | None) -> str:
     return f"no job named {name!r} is {'running' if command == 'preempt' else 'running or waiting'}"
 
 
-def _connect(address: str | None):
-    """(ray, the scheduler) of the running cluster; JobFailed saying why not (exit 2: no
-    cluster there, or no scheduler on it yet; 3: its scheduler did not answer). Creates no
-    scheduler: these commands look at a cluster and start nothing."""
+def _connect(address: str | None, create_scheduler: bool):
+    """(ray, the scheduler) of the running cluster, with a fresh report from every node's
+    agent (ensure_control_plane: an agent is started on a node that has none); JobFailed
+    saying why not (exit 2: no cluster there, or no scheduler on it yet; 3: its scheduler did
+    not answer). Never starts a cluster. `create_scheduler`: create the scheduler where the
+    cluster has none (`place`, as `submit --dry-run` does: planning a placement needs one);
+    False (`status`, `preempt`, `cancel`): a cluster without one has no jobs to show or act
+    on, and is left as it is."""
     import os
 
     import ray
@@ -216,8 +220,8 @@ def _connect(address: str | None):
                        "--address HOST:6379")
         raise JobFailed(message, EXIT_BAD_INPUT) from None
     try:
-        scheduler, _ = ensure_control_plane(create_scheduler=False)
-    except SchedulerNotRunning as e:  # nothing to show or act on: `submit` brings it up
+        scheduler, _ = ensure_control_plane(create_scheduler=create_scheduler)
+    except SchedulerNotRunning as e:  # its message names what creates one
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
     except (ray.exceptions.RayError, TimeoutError) as e:
         raise JobFailed(f"the scheduler did not come up: {_one_line(str(e))}",
@@ -229,7 +233,8 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-# status, place, preempt and cancel talk to a running cluster and never start one.
+# status, place, preempt and cancel talk to a running cluster and never start one (place
+# creates its scheduler where it has none: _connect).
 CLUSTER_ADDRESS_HELP = ("the running Ray cluster (host:port); default: RAY_ADDRESS, else the "
                         "one `ray start` runs on this machine")
 
@@ -294,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
     try:
-        ray, scheduler = _connect(args.address)
+        ray, scheduler = _connect(args.address, create_scheduler=args.command == "place")
     except JobFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -468,7 +473,7 @@ def dry_run_submit(job, entry, address: str | None, as_json: bool) -> int:
     before it starts anything (launch.prepare_fit: the run directory, the runtime_env, the
     loop reaching the workers), so that a dry run passes only what submit would run. On an
     embedded Ray when no cluster is given, as submit itself and `jobs/pretrain.py --dry-run`
-    do (`place` only looks at a running cluster)."""
+    do (`place` uses a running cluster only)."""
     from orchestrator.launch import prepare_fit
     from orchestrator.runs import has_checkpoints
     from ray_layer.launch import dry_run_placement

@@ -90,11 +90,11 @@ def ensure_control_plane(timeout_s: float | None = None, start_timeout_s: float 
     warning and left out: the scheduler treats their silent nodes as suspect and places
     elsewhere, and its maintenance restarts an agent that stays silent. One hung agent must
     not block every job and `status`. SchedulerNotUp when the scheduler itself does not
-    answer within `start_timeout_s`. `create_scheduler` False (the operator commands, which
-    look at a cluster and start nothing): SchedulerNotRunning where the cluster has no
-    scheduler, and nothing created; made by `status`, the scheduler ran with the default
-    settings for good (an existing one keeps those it was created with). Returns (scheduler,
-    {node id: agent}) for every alive node."""
+    answer within `start_timeout_s`. `create_scheduler` False (the CLI's `status`, `preempt`
+    and `cancel`): SchedulerNotRunning where the cluster has no scheduler, and nothing
+    created, agents neither; where it has one, an agent is still started on a node that has
+    none, as the scheduler's own maintenance would. Returns (scheduler, {node id: agent}) for
+    every alive node."""
     timeout_s = AGENT_REPORT_WAIT_S if timeout_s is None else timeout_s
     start_timeout_s = AGENT_START_WAIT_S if start_timeout_s is None else start_timeout_s
     start = time.monotonic()

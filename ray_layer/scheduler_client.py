@@ -31,9 +31,10 @@ def get_scheduler() -> "ray.actor.ActorHandle":
         return ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
     except ValueError:
         raise SchedulerNotRunning(
-            f"no scheduler on this cluster yet (it starts with the first job: jobs/pretrain.py "
-            f"or `python -m orchestrator submit`, with --address; actor {SCHEDULER_NAME!r} in "
-            f"namespace {NAMESPACE!r})") from None
+            "no scheduler on this cluster yet: it is created by the first job run on it "
+            "(`python -m orchestrator submit`, also with --dry-run, or jobs/pretrain.py, with "
+            "--address) or by `python -m orchestrator place --spec JOB.yaml --dry-run` (actor "
+            f"{SCHEDULER_NAME!r} in namespace {NAMESPACE!r})") from None
 
 
 class SchedulerUnreachable(RuntimeError):

@@ -204,15 +204,43 @@ def test_the_operator_commands_create_no_scheduler_on_a_cluster_without_one(monk
     def no_such_actor(name, namespace=None):
         raise ValueError(f"Failed to look up actor with name '{name}'")
     monkeypatch.setattr(ray, "get_actor", no_such_actor)
-    job = tmp_path / "job.yaml"
-    job.write_text("name: a\n")
-    for argv in (["status"], ["status", "--json"], ["preempt", "a"], ["cancel", "a"],
-                 ["place", "--spec", str(job), "--dry-run"]):
+    for argv in (["status"], ["status", "--json"], ["preempt", "a"], ["cancel", "a"]):
         assert main([*argv, "--address", "127.0.0.1:1"]) == 2, argv
         err = capsys.readouterr().err
-        assert err.startswith("error: no scheduler on this cluster yet (it starts with the "
-                              "first job"), err
+        assert err.startswith("error: no scheduler on this cluster yet: it is created by the "
+                              "first job run on it (`python -m orchestrator submit`, also "
+                              "with --dry-run, or jobs/pretrain.py, with --address) or by "
+                              "`python -m orchestrator place --spec JOB.yaml --dry-run`"), err
         assert err.count("\n") == 1
+
+
+def test_place_plans_on_a_fresh_cluster_creating_the_scheduler_as_submit_dry_run_does(
+        monkeypatch, capsys, tmp_path):
+    # `place --dry-run` was refused on a cluster where no job had run yet, where `submit
+    # --dry-run` of the same job file answered.
+    import ray
+
+    from orchestrator.__main__ import main
+    from ray_layer import cluster
+    from ray_layer.scheduler_client import SchedulerNotRunning
+
+    core = SchedulerCore(SchedulerSettings(min_run_s=0.0, suspect_after_s=1e4,
+                                           dead_after_s=1e5))
+    core.ray_nodes({"n"}, set(), T0)
+    core.report(NodeReport("n", "n", 2, 0, 2, 0.0, GIB, GIB), T0)
+
+    def control_plane(create_scheduler=True, **kwargs):  # a cluster with no scheduler yet
+        if not create_scheduler:
+            raise SchedulerNotRunning("no scheduler on this cluster yet")
+        return FakeHandle(core), {}
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: False)
+    monkeypatch.setattr(cluster, "ensure_control_plane", control_plane)
+    monkeypatch.setattr(ray, "get", bounded_get)
+    job = tmp_path / "job.yaml"
+    job.write_text("name: a\n")
+    assert main(["place", "--spec", str(job), "--dry-run", "--address", "127.0.0.1:1"]) == 0
+    assert capsys.readouterr().out == "would place 'a': worker 0 -> node n\n"
+    assert main(["status", "--address", "127.0.0.1:1"]) == 2  # looks, creates nothing
 
 
 def test_preempt_of_a_waiting_job_says_it_is_not_running_and_how_to_drop_it(capsys):
