@@ -16,7 +16,8 @@ A stage's directory appears only when the stage is complete (built under a hidde
 renamed), so a rerun skips exactly the finished stages. Inside a fine-tune, progress is
 checkpointed to <out>/.<stage>.partial.step<N>.pt (each under a new name, the previous one
 deleted once it is complete) and a rerun continues from the newest that verifies; a rerun
-deletes those of a stage already published (remove_leftovers).
+deletes those of a stage already published (remove_leftovers; not where --out cannot be
+locked).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from orchestrator.compression.report import (SCRATCH_PREFIX, block_sparsity, bui
 from orchestrator.compression.source import teacher_data, teacher_tokenizer
 from orchestrator.config import MODEL_PRESETS, ConfigError
 from orchestrator.file_lock import LockBusy, file_lock
-from orchestrator.runs import remove_dir_if_only, writable_dir_problem
+from orchestrator.runs import names_not_in, take_back_refused_run, writable_dir_problem
 from orchestrator.tokenizer import (ByteTokenizer, Tokenizer, TokenizerError, save_tokenizer,
                                     tokenizer_of_run)
 from orchestrator.training.checkpoint import recorded_sha256
@@ -79,16 +80,19 @@ def fine_tune_seq_len(config: CompressConfig, block_size: int) -> int:
 
 
 def prepare_out(out: Path, config: CompressConfig, source: dict[str, Any],
-                block_size: int | None = None, log: Callable[[str], None] = say) -> None:
+                block_size: int | None = None, log: Callable[[str], None] = say,
+                guarded: bool = True) -> None:
     """Create --out for a new run, or check that it holds this same run to resume and clear
     what an earlier run killed on its way left behind (remove_leftovers). Called while this
-    run holds --out (out_held).
+    run holds --out (out_held); `guarded` False, where the filesystem refused its lock:
+    another run may be using --out now, and nothing of it is removed as left over.
 
     Checked before anything is written: a refused run leaves --out as it was."""
     check_out(out, config, source, block_size)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / CONFIG_FILE, {"compress": config.to_dict(), "source": source})
-    remove_leftovers(out, log)
+    if guarded:
+        remove_leftovers(out, log)
 
 
 def remove_leftovers(out: Path, log: Callable[[str], None]) -> None:
@@ -154,23 +158,31 @@ def _another_teacher(out: Path, saved: dict[str, Any], source: dict[str, Any]) -
 
 
 @contextlib.contextmanager
-def out_held(out: Path, log: Callable[[str], None]) -> Iterator[None]:
+def out_held(out: Path, log: Callable[[str], None]) -> Iterator[bool]:
     """This process's claim on --out while its run runs: a second run on the same --out
     meanwhile is refused (ConfigError naming the holder) before it writes anything; both
-    wrote the same progress checkpoints and temporary folders. On a filesystem without flock
-    the run goes on unguarded (said). A directory this call made is removed again when the
-    block fails and it holds only the lock and compress_config.json: a refused run leaves no
-    --out behind."""
+    wrote the same progress checkpoints and temporary folders. Yields whether it is held: on
+    a filesystem without flock the run goes on unguarded (said), and prepare_out must then
+    remove nothing as left over. When the block fails, what this call added is taken back
+    (take_back_refused_run, as a pretrain run's run_dir_held does): a directory it made, if
+    it holds only the lock and compress_config.json; the lock's file, in one that was there.
+    A refused run leaves --out as it was."""
     made = not out.exists()
+    # compress_config.json goes only with a directory this call made, holding nothing else:
+    # in one that was there, a run failing after prepare_out wrote it may have finished
+    # stages, which a rerun resumes by it.
+    added = {OUT_LOCK, CONFIG_FILE} if made else names_not_in(out, {OUT_LOCK})
     entered, failed = False, False
     try:
         with file_lock(out / OUT_LOCK) as state:
             entered = True
             if state.unsupported:
                 log(f"warning: cannot lock --out {out} ({state.unsupported}): a second run on "
-                    "it meanwhile would not be refused")
+                    "it meanwhile would not be refused, and what earlier runs left there "
+                    "(progress files of finished stages, .report-* folders) is kept: it could "
+                    "be such a run's")
             try:
-                yield
+                yield state.unsupported is None
             except BaseException:
                 failed = True
                 raise
@@ -184,8 +196,8 @@ def out_held(out: Path, log: Callable[[str], None]) -> Iterator[None]:
             raise
         raise ConfigError(f"cannot lock --out {out}: {e.strerror or e}") from None
     finally:
-        if made and failed:  # once the lock's file is closed (NFS keeps an open one)
-            remove_dir_if_only(out, {OUT_LOCK, CONFIG_FILE})
+        if failed:  # once the lock's file is closed (NFS keeps an open one)
+            take_back_refused_run(out, made, added)
 
 
 def check_out_path(out: Path) -> None:
@@ -463,7 +475,8 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
     # (prepare_out), which must not then disagree with the report it failed to write.
     latency_seq_len(config, teacher.config.block_size)
     check_out(out, config, source, teacher.config.block_size)
-    with out_held(out, log):  # (after check_out: a folder of something else gets no lock file)
+    # (after check_out: a folder of something else gets no lock file)
+    with out_held(out, log) as guarded:
         # The teacher's data, read and checked now: a run that cannot be scored fails in
         # seconds, before anything is written to --out, not after its fine-tunes.
         try:
@@ -481,7 +494,7 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
                 fp32_onnx = export.export_fp32_onnx(
                     teacher, Path(scratch) / "original.fp32.onnx",
                     "teacher (export check, before fine-tuning)")
-            prepare_out(out, config, source, teacher.config.block_size, log)
+            prepare_out(out, config, source, teacher.config.block_size, log, guarded)
             return _run_stages(teacher, source, config, out, device, seq_len, fp32_onnx, data,
                                tokenizer, log)
 

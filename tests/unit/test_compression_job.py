@@ -251,6 +251,51 @@ def test_a_second_run_on_a_busy_out_is_refused_naming_the_holder(tmp_path, capsy
     assert code == 2 and "--eval-tokens" in err and not out.exists()
 
 
+def test_a_refused_run_takes_its_lock_file_back_from_an_out_that_was_there(tmp_path, capsys):
+    """.compress.lock stayed in an existing --out (empty, or a run's to resume) after a run
+    refused there: a refused run leaves --out as it was."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    _, source = load_teacher(checkpoint, log=print)
+    empty, resumed = tmp_path / "empty", tmp_path / "resumed"
+    empty.mkdir()
+    prepare_out(resumed, CompressConfig(eval_tokens=10), source)
+    for out in (empty, resumed):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        code, err = run_job(capsys, "--checkpoint", str(checkpoint), "--out", str(out),
+                            "--eval-tokens", "10")  # refused once the teacher's data is read
+        assert code == 2 and "--eval-tokens" in err, err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_run_that_cannot_lock_out_deletes_nothing_as_leftovers(tmp_path, monkeypatch):
+    """Where flock is refused the run goes on unguarded: another run may be using --out now,
+    and its progress files and the report's .report-* folder were deleted as leftovers."""
+    import errno
+    import fcntl
+
+    from orchestrator.compression import export, pipeline
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    teacher, source = load_teacher(checkpoint, log=print)
+    out = tmp_path / "out"
+    prepare_out(out, CompressConfig(), source)
+    (out / "pruned").mkdir()
+    (out / ".prune.partial.step00000004.pt").write_bytes(b"x")
+    (out / ".report-l1ve").mkdir()
+    (out / "int8").mkdir()  # (no export check)
+    (out / "int8" / export.ONNX_FILE).write_bytes(b"x")
+    before = sorted(p.name for p in out.iterdir())
+
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setattr(pipeline, "_run_stages", lambda *args: {})
+    said = []
+    pipeline.run_pipeline(teacher, source, CompressConfig(), out, log=said.append)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, pipeline.OUT_LOCK])
+    assert any("cannot lock --out" in line and "kept" in line for line in said), said
+
+
 def test_a_model_that_cannot_be_exported_fails_before_any_fine_tuning(tmp_path, monkeypatch):
     from orchestrator.compression.export import ExportError
     from orchestrator.compression.pipeline import run_pipeline
