@@ -237,13 +237,15 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
                            workload=pretrain_workload(train_config) if train_config else "")
         except ConfigError as e:
             problems.append(str(e))
-    warmup = _warmup_past_the_end(args)
-    if warmup and "warmup_steps" in getattr(args, "given", ()):
-        problems.append(f"{warmup}; give --warmup-steps <= --max-steps")
     if problems:
         raise ConfigError("; ".join(problems))
-    if warmup:  # the default's: short smoke runs (--max-steps 4) are documented and tested
-        print(f"warning: {warmup} (pass --warmup-steps <= --max-steps to reach it)",
+    # Said, never refused: a first leg to be extended by `--resume --max-steps N` is meant
+    # (loop.cosine_legs resumes during the warmup), and so are short smoke runs
+    # (--max-steps 4, under the default warmup).
+    warmup = _warmup_past_the_end(args)
+    if warmup:
+        print(f"warning: {warmup} (pass --warmup-steps <= --max-steps to reach it, or extend "
+              f"the run later with --resume --max-steps >= {args.warmup_steps})",
               file=sys.stderr)
     if train_config.init_from:
         check_init_context(train_config.init_from, train_config.seq_len)
@@ -257,8 +259,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
 def _warmup_past_the_end(args: argparse.Namespace) -> str | None:
     """On a new run, a warmup longer than the run: the learning rate rises the whole run and
     never reaches --lr (at --warmup-steps == --max-steps it does, at the last step: the
-    quickstart's --max-steps 20). None on --resume (the warmup is the run's own, and extending
-    the run must not be refused for it), and where either flag is bad itself (TrainConfig
+    quickstart's --max-steps 20). None on --resume (the warmup is the run's own, and its
+    --warmup-steps may not be the flag's), and where either flag is bad itself (TrainConfig
     names it)."""
     warmup, steps = args.warmup_steps, args.max_steps
     if args.resume or not (warmup >= 0 and steps >= 1) or warmup <= steps:
