@@ -1,8 +1,8 @@
 """An exclusive lock on a local (or NFS) file for the length of a `with` block: flock, released
 by the kernel when its holder exits however it exits, honoured across NFS clients, with the
 holder's pid, host and start time written in the file for whoever finds it busy. Used around a
-tokenizing pass into a data cache (training/shards.py) and around a run in its run directory
-(runs.py)."""
+tokenizing pass into a data cache (training/shards.py), around a run in its run directory
+(runs.py) and around a compression in its --out (compression/pipeline.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -65,3 +65,25 @@ def file_lock(path: Path, on_busy: Callable[[str], None] | None = None) -> Itera
             yield LockState(waited=waited)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def claimed(path: Path, busy: Callable[[str], Exception],
+            cannot: Callable[[str], Exception]) -> Iterator[LockState]:
+    """file_lock(path) for the block (a run directory's, a compression --out's), its refusals
+    raised as the caller's own errors: busy(holder) when another process holds it,
+    cannot(reason) when the lock's file cannot be opened. Errors of the block itself pass as
+    they are."""
+    entered = False
+    try:
+        with file_lock(path) as state:
+            entered = True
+            yield state
+    except LockBusy as e:
+        if entered:
+            raise
+        raise busy(e.holder) from None
+    except OSError as e:
+        if entered:
+            raise
+        raise cannot(e.strerror or str(e)) from None

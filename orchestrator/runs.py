@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from orchestrator.file_lock import LockBusy, file_lock
+from orchestrator.file_lock import claimed
 from orchestrator.hf_files import INDEX_FILE, SAFETENSORS_FILE
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.tokenizer import TOKENIZER_FILE
@@ -302,13 +302,17 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
     `any_checkpoint`: the run's loop resumes from any checkpoint that verifies). When the
     block ends in a refusal that started nothing (a JobFailed of bad input or not placeable
     whose job never ran, or a RunDirError: a write of the caller's failed), the folder is put
-    back as it was (RunDirTakeBack): a refused run leaves nothing behind and changes
+    back as it was (TakeBack): a refused run leaves nothing behind and changes
     nothing it found."""
-    take_back = RunDirTakeBack(run_dir, {RUN_LOCK, *written})
-    entered, refused = False, False
+    take_back = TakeBack(run_dir, {RUN_LOCK, *written})
+    refused = False
     try:
-        with file_lock(run_dir / RUN_LOCK) as state:
-            entered = True
+        with claimed(run_dir / RUN_LOCK,
+                     busy=lambda holder: RunDirError(
+                         f"run dir {run_dir} is in use by another run ({holder}); wait for it "
+                         "to end, or use another run dir or job name"),
+                     cannot=lambda why: RunDirError(f"cannot lock run dir {run_dir}: {why}")
+                     ) as state:
             if state.unsupported:
                 print(f"warning: cannot lock run dir {run_dir} ({state.unsupported}): a second "
                       "run started in it meanwhile would not be refused", file=sys.stderr)
@@ -325,15 +329,6 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
             except RunDirError:
                 refused = True
                 raise
-    except LockBusy as e:
-        if entered:
-            raise
-        raise RunDirError(f"run dir {run_dir} is in use by another run ({e.holder}); wait for "
-                          "it to end, or use another run dir or job name") from None
-    except OSError as e:
-        if entered:
-            raise
-        raise RunDirError(f"cannot lock run dir {run_dir}: {e.strerror or e}") from None
     finally:
         if refused:  # once the lock's file is closed (NFS keeps an open one as .nfsXXXX)
             take_back.restore()
@@ -480,9 +475,9 @@ def resolve_run_dir(run_dir: str | None, resume: bool, root: Path, prefix: str,
     return path
 
 
-class RunDirTakeBack:
+class TakeBack:
     """What `run_dir` held of `names` (the run's lock and the files its caller writes) before
-    a run, to put back after the run is refused: the names it added removed, the files it
+    a run (or a compression in its --out), to put back after the run is refused: the names it added removed, the files it
     replaced (a refused --resume's config.json, with the refused flags the next --resume
     would inherit) written back, and the directory removed where the run made it. Only while
     the folder holds nothing else new: a run that got as far as checkpoints or metrics

@@ -41,8 +41,8 @@ from orchestrator.compression.report import (SCRATCH_PREFIX, block_sparsity, bui
                                              format_table, latency_seq_len)
 from orchestrator.compression.source import teacher_data, teacher_tokenizer
 from orchestrator.config import MODEL_PRESETS, ConfigError
-from orchestrator.file_lock import LockBusy, file_lock
-from orchestrator.runs import names_not_in, take_back_refused_run, writable_dir_problem
+from orchestrator.file_lock import claimed
+from orchestrator.runs import TakeBack, writable_dir_problem
 from orchestrator.tokenizer import (ByteTokenizer, Tokenizer, TokenizerError, save_tokenizer,
                                     tokenizer_of_run)
 from orchestrator.training.checkpoint import recorded_sha256
@@ -163,19 +163,20 @@ def out_held(out: Path, log: Callable[[str], None]) -> Iterator[bool]:
     meanwhile is refused (ConfigError naming the holder) before it writes anything; both
     wrote the same progress checkpoints and temporary folders. Yields whether it is held: on
     a filesystem without flock the run goes on unguarded (said), and prepare_out must then
-    remove nothing as left over. When the block fails, what this call added is taken back
-    (take_back_refused_run, as a pretrain run's run_dir_held does): a directory it made, if
-    it holds only the lock and compress_config.json; the lock's file, in one that was there.
-    A refused run leaves --out as it was."""
-    made = not out.exists()
-    # compress_config.json goes only with a directory this call made, holding nothing else:
-    # in one that was there, a run failing after prepare_out wrote it may have finished
-    # stages, which a rerun resumes by it.
-    added = {OUT_LOCK, CONFIG_FILE} if made else names_not_in(out, {OUT_LOCK})
-    entered, failed = False, False
+    remove nothing as left over. A run that fails with nothing in --out but the lock and
+    compress_config.json put --out back as it was (runs.TakeBack, as a pretrain run's
+    run_dir_held does): a directory it made removed, the files it added to one that was
+    there removed, those it replaced written back; one that finished a stage or saved
+    progress keeps all it wrote, for a rerun to resume."""
+    take_back = TakeBack(out, {OUT_LOCK, CONFIG_FILE})
+    failed = False
     try:
-        with file_lock(out / OUT_LOCK) as state:
-            entered = True
+        with claimed(out / OUT_LOCK,
+                     busy=lambda holder: ConfigError(
+                         f"--out {out} is in use by another compression run ({holder}); wait "
+                         "for it to end, or use another --out"),
+                     cannot=lambda why: ConfigError(f"cannot lock --out {out}: {why}")
+                     ) as state:
             if state.unsupported:
                 log(f"warning: cannot lock --out {out} ({state.unsupported}): a second run on "
                     "it meanwhile would not be refused, and what earlier runs left there "
@@ -186,18 +187,9 @@ def out_held(out: Path, log: Callable[[str], None]) -> Iterator[bool]:
             except BaseException:
                 failed = True
                 raise
-    except LockBusy as e:
-        if entered:
-            raise
-        raise ConfigError(f"--out {out} is in use by another compression run ({e.holder}); "
-                          "wait for it to end, or use another --out") from None
-    except OSError as e:
-        if entered:
-            raise
-        raise ConfigError(f"cannot lock --out {out}: {e.strerror or e}") from None
     finally:
         if failed:  # once the lock's file is closed (NFS keeps an open one)
-            take_back_refused_run(out, made, added)
+            take_back.restore()
 
 
 def check_out_path(out: Path) -> None:
