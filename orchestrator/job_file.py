@@ -21,6 +21,7 @@ The launcher's own keys are taken out; everything else is a JobSpec field, check
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -202,39 +203,49 @@ def _typed_as_meant(root) -> None:
     `OMP_NUM_THREADS: 1` an int, and Ray refused each; `name: 1e3` was refused. In `config`,
     numbers stay numbers (lr: 1e-3), except an exponent form too large for a float: a
     commit hash such as 8e91234 was inf."""
-    for key, value in _entries(root):
+    for key, value, put in _entries(root):
         if key.value in TEXT_FIELDS:
-            _as_text(value)
+            put(key, _as_text(value))
         elif key.value == "runtime_env":
-            for env_key, env_value in _entries(value):
+            for env_key, env_value, put_env in _entries(value):
                 if env_key.value == "working_dir":
-                    _as_text(env_value)
+                    put_env(env_key, _as_text(env_value))
                 elif env_key.value == "env_vars":
-                    for name, variable in _entries(env_value):
-                        _as_text(name)
-                        _as_text(variable)
+                    for name, variable, put_variable in _entries(env_value):
+                        put_variable(_as_text(name), _as_text(variable))
         elif key.value == "config":
             _unbounded_exponents_as_text(value, set())
 
 
 def _entries(node):
-    """(key node, value node) of a mapping node, those merged into it (`<<: *defaults`)
-    included; none for any other node."""
+    """(key node, value node, put) of a mapping node, those merged into it (`<<: *defaults`)
+    included; none for any other node. put(key, value) replaces the pair in the mapping: a
+    retagged node is a copy, since an anchored node is the same object wherever an alias
+    names it (`epochs: &ep 3` read as text under env_vars made config's epochs '3' too), and
+    a merged mapping is walked as a copy of its own for the same reason."""
     if node.id != "mapping":
         return
-    for key, value in node.value:
+    for index, (key, value) in enumerate(node.value):
         if key.tag == MERGE_TAG:
-            yield from (pair for merged in (value.value if value.id == "sequence" else [value])
-                        for pair in _entries(merged))
+            merged = copy.deepcopy(value)
+            node.value[index] = (key, merged)
+            for part in (merged.value if merged.id == "sequence" else [merged]):
+                yield from _entries(part)
         else:
-            yield key, value
+            def put(new_key, new_value, pairs=node.value, index=index):
+                pairs[index] = (new_key, new_value)
+            yield key, value, put
 
 
-def _as_text(node) -> None:
+def _as_text(node):
     """A plain (unquoted) scalar read as the text written, not the number, boolean or date
-    it looks like; null stays null (a field left empty)."""
+    it looks like (a copy: the node may be an anchor used elsewhere); null stays null (a
+    field left empty); anything else as it is."""
     if node.id == "scalar" and node.style is None and node.tag != NULL_TAG:
-        node.tag = STR_TAG
+        text = copy.copy(node)
+        text.tag = STR_TAG
+        return text
+    return node
 
 
 def _unbounded_exponents_as_text(node, seen: set[int]) -> None:

@@ -1,8 +1,8 @@
 """Run directories: where a run's checkpoints, resolved config and summary live.
 
 Layout (Ray Train's, which owns checkpoint storage): <run_dir>/checkpoint_<step>_<UTC time>/
-(checkpoint_name) and <run_dir>/checkpoint_manager_snapshot.json; this project adds config.json, summary.json and
-metrics.jsonl (every report of rank 0, appended as it happens: a run's history survives its
+(checkpoint_name) and <run_dir>/checkpoint_manager_snapshot.json; this project adds
+config.json, summary.json and metrics.jsonl (every report of rank 0, appended as it happens: a run's history survives its
 restarts, where Ray Train's result keeps only the last report).
 """
 from __future__ import annotations
@@ -304,8 +304,8 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
     whose job never ran, or a RunDirError: a write of the caller's failed), the folder is put
     back as it was (TakeBack): a refused run leaves nothing behind and changes
     nothing it found."""
-    take_back = TakeBack(run_dir, {RUN_LOCK, *written})
-    refused = False
+    made, lock_added = not run_dir.exists(), not (run_dir / RUN_LOCK).exists()
+    take_back, refused = None, False
     try:
         with claimed(run_dir / RUN_LOCK,
                      busy=lambda holder: RunDirError(
@@ -315,11 +315,18 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
                      ) as state:
             if state.unsupported:
                 print(f"warning: cannot lock run dir {run_dir} ({state.unsupported}): a second "
-                      "run started in it meanwhile would not be refused", file=sys.stderr)
+                      "run started in it meanwhile would not be refused, and a refused run "
+                      "leaves what it wrote (another run's files could be among them)",
+                      file=sys.stderr)
             if new_run:
                 _say_set_aside(set_aside_earlier_history(run_dir))
             else:  # (under the lock: never the record of a run training there now)
                 _say_before_resume(run_dir, any_checkpoint)
+            # The folder to put back: as it is now, its history set aside or its record
+            # repaired (expected, kept), under the lock (no other run's files in it).
+            if not state.unsupported:
+                take_back = TakeBack(run_dir, {RUN_LOCK, *written}, made,
+                                     {RUN_LOCK} if lock_added else set())
             try:
                 yield
             except JobFailed as e:
@@ -329,9 +336,12 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
             except RunDirError:
                 refused = True
                 raise
+            except KeyboardInterrupt as e:  # Ctrl-C in the queue: as refused, unless it ran
+                refused = not getattr(e, "ran", True)
+                raise
     finally:
-        if refused:  # once the lock's file is closed (NFS keeps an open one as .nfsXXXX)
-            take_back.restore()
+        if refused and take_back is not None:  # once the lock's file is closed (NFS keeps
+            take_back.restore()  # an open one as .nfsXXXX)
 
 
 def remove_dir_if_only(run_dir: Path, names: set[str]) -> None:
@@ -476,19 +486,20 @@ def resolve_run_dir(run_dir: str | None, resume: bool, root: Path, prefix: str,
 
 
 class TakeBack:
-    """What `run_dir` held of `names` (the run's lock and the files its caller writes) before
-    a run (or a compression in its --out), to put back after the run is refused: the names it added removed, the files it
-    replaced (a refused --resume's config.json, with the refused flags the next --resume
-    would inherit) written back, and the directory removed where the run made it. Only while
-    the folder holds nothing else new: a run that got as far as checkpoints or metrics
-    (exit 3 after training: a cancel, a lost node without room) keeps all it wrote. Best
-    effort, as remove_dir_if_only: the job's own error is what the user must see."""
+    """What a folder held of `names` (the lock and the files its caller writes: a run's run
+    dir, a compression's --out) once claimed, to put back after the run is refused: the
+    names it added removed, the files it replaced written back (a refused --resume's
+    config.json, with the refused flags the next --resume would inherit), and the folder
+    removed where the run `made` it. `new`: those of `names` the claim itself added (its
+    lock). Only while the folder holds nothing else new: a run that got as far as
+    checkpoints or metrics (exit 3 after training: a cancel, a lost node without room) keeps
+    all it wrote. Best effort, as remove_dir_if_only: the job's own error is what the user
+    must see."""
 
-    def __init__(self, run_dir: Path, names: set[str]) -> None:
-        self.run_dir, self.names = run_dir, names
-        self.made = not run_dir.exists()
-        self.before = set() if self.made else {p.name for p in run_dir.iterdir()}
-        self.contents = {name: (run_dir / name).read_bytes() for name in names - {RUN_LOCK}
+    def __init__(self, run_dir: Path, names: set[str], made: bool, new: set[str]) -> None:
+        self.run_dir, self.names, self.made = run_dir, names, made
+        self.before = {p.name for p in run_dir.iterdir()} - new
+        self.contents = {name: (run_dir / name).read_bytes() for name in names - new
                          if (run_dir / name).is_file()}
 
     def restore(self) -> None:

@@ -124,8 +124,8 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
             kept = (f"\ncheckpoints so far are in {run_dir} (--resume continues the run)"
                     if checkpoint_dirs(run_dir) else "")
             raise JobFailed(f"{e}{kept}", EXIT_NOT_PLACEABLE, ran=bool(fitted)) from None
-        except JobFailed as e:
-            e.ran = e.ran or bool(fitted)
+        except (JobFailed, KeyboardInterrupt) as e:  # (run_dir_held: whether to take back)
+            e.ran = getattr(e, "ran", False) or bool(fitted)
             raise
         finally:
             warning = driver.release()

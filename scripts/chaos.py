@@ -41,7 +41,7 @@ from typing import Any, Callable
 from orchestrator import faults, polling
 from orchestrator.inventory import (
     LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB, LABEL_ACCELERATOR_TYPE)
-from orchestrator.runs import read_metrics
+from orchestrator.runs import checkpoint_age, checkpoint_dirs, read_metrics
 from orchestrator.serving.settings import free_port, serve_app_config
 from scripts.bench_train import ray_train_workers
 
@@ -290,13 +290,16 @@ class Chaos:
         while old_group & {p.pid for p in ray_train_workers()} and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(0.5)  # the controller's last poll of the old group's reports
-        newest = next(r for r in reversed(self._records()) if r.get("checkpoint"))
-        files = [p for p in Path(newest["checkpoint"]).rglob("*") if p.is_file()]
+        recorded = next(r for r in reversed(self._records()) if r.get("checkpoint"))
+        # The newest on disk, registered or not: what the resume takes first (the dying group
+        # may have written one after the last it reported).
+        newest = checkpoint_dirs(Path(recorded["checkpoint"]).parent)[0]
+        files = [p for p in newest.rglob("*") if p.is_file()]
         biggest = max(files, key=lambda p: p.stat().st_size)
         size = biggest.stat().st_size
         with open(biggest, "r+b") as f:
             f.truncate(size // 2)
-        truncated_step = int(newest["step"])
+        truncated_step = checkpoint_age(newest)[1]  # (step-named: runs.checkpoint_name)
 
         def fell_back(injected: Injected) -> None:
             attempt = self._resumed_after(injected)

@@ -168,8 +168,8 @@ def out_held(out: Path, log: Callable[[str], None]) -> Iterator[bool]:
     run_dir_held does): a directory it made removed, the files it added to one that was
     there removed, those it replaced written back; one that finished a stage or saved
     progress keeps all it wrote, for a rerun to resume."""
-    take_back = TakeBack(out, {OUT_LOCK, CONFIG_FILE})
-    failed = False
+    made, lock_added = not out.exists(), not (out / OUT_LOCK).exists()
+    take_back, failed = None, False
     try:
         with claimed(out / OUT_LOCK,
                      busy=lambda holder: ConfigError(
@@ -180,16 +180,19 @@ def out_held(out: Path, log: Callable[[str], None]) -> Iterator[bool]:
             if state.unsupported:
                 log(f"warning: cannot lock --out {out} ({state.unsupported}): a second run on "
                     "it meanwhile would not be refused, and what earlier runs left there "
-                    "(progress files of finished stages, .report-* folders) is kept: it could "
-                    "be such a run's")
+                    "(progress files of finished stages, .report-* folders) is kept, as is "
+                    "what this run writes if it fails: it could be such a run's")
+            else:
+                take_back = TakeBack(out, {OUT_LOCK, CONFIG_FILE}, made,
+                                     {OUT_LOCK} if lock_added else set())
             try:
                 yield state.unsupported is None
             except BaseException:
                 failed = True
                 raise
     finally:
-        if failed:  # once the lock's file is closed (NFS keeps an open one)
-            take_back.restore()
+        if failed and take_back is not None:  # once the lock's file is closed (NFS keeps
+            take_back.restore()  # an open one)
 
 
 def check_out_path(out: Path) -> None:
@@ -534,7 +537,8 @@ def _run_stages(teacher: GPT, source: dict[str, Any], config: CompressConfig, ou
                           pruned_file=out / STAGE_DIRS["prune"] / WEIGHTS_FILE, int8_dir=int8_dir,
                           config=config, eval_seq_len=seq_len, held_out=held_out, log=log,
                           fp32_onnx=fp32_onnx, dense_config=shape_to_compress(teacher, config),
-                          student=distilled, calibration=calibration_batches(run) if config.int8_static else None)
+                          student=distilled,
+                          calibration=calibration_batches(run) if config.int8_static else None)
     report.update({"stages": {k: v for k, v in stages.items() if v is not None},
                    "source": source, "config": config.to_dict(),
                    "artifacts": {"int8_dir": str(int8_dir),

@@ -684,6 +684,23 @@ def test_numbers_in_exponent_form_are_numbers_as_yaml_1_2_reads_them(tmp_path):
     assert all(type(job.config[k]) is int for k in ("steps", "big", "hex"))
 
 
+def test_an_anchor_read_as_text_under_env_vars_stays_a_value_elsewhere(tmp_path):
+    # The retagging changed the anchored node itself: config's use_amp became the truthy
+    # 'false', epochs '3', and num_workers '4' was refused.
+    path = write(tmp_path / "job.yaml", """\
+        name: ws
+        entrypoint: train.py:train_loop
+        num_workers: &nw 4
+        config: {use_amp: &amp false, epochs: &ep 3, lr: &lr 0.001}
+        runtime_env: {env_vars: {USE_AMP: *amp, EPOCHS: *ep, WORLD_SIZE: *nw, LR: *lr}}
+        """)
+    job = load_job_file(path)
+    assert job.config == {"use_amp": False, "epochs": 3, "lr": 0.001}
+    assert job.spec.num_workers == 4
+    assert job.runtime_env["env_vars"] == {"USE_AMP": "false", "EPOCHS": "3",
+                                           "WORLD_SIZE": "4", "LR": "0.001"}
+
+
 def test_a_field_that_takes_a_string_gets_the_text_written_not_a_number(tmp_path):
     # The exponent floats applied to the whole file: `GIT_SHA: 8e91234` reached Ray as inf,
     # `NCCL_TIMEOUT_SCALE: 1e3` as 1000.0 (Ray refuses both: env_vars are strings), `name:

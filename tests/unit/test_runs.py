@@ -335,3 +335,42 @@ def test_a_run_directory_of_the_first_layout_is_still_a_run_directory(tmp_path):
     assert not_a_run_dirs_files(tmp_path) == []
     (tmp_path / "model.safetensors").write_text("")
     assert not_a_run_dirs_files(tmp_path) == ["model.safetensors (a Hugging Face model's weights)"]
+
+
+def test_what_a_refusal_puts_back_is_the_folder_under_the_lock_and_unguarded_nothing(
+        tmp_path, monkeypatch):
+    import errno
+
+    from orchestrator import file_lock
+    from orchestrator.job_exit import EXIT_NOT_PLACEABLE, JobFailed
+    from orchestrator.runs import run_dir_held
+
+    # A new run where an earlier one stopped before its first checkpoint: its history set
+    # aside (kept), then refused: the set-aside counted as new and nothing was taken back,
+    # not even the lock.
+    run = tmp_path / "history"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(JobFailed):
+        with run_dir_held(run, new_run=True, written={"config.json"}):
+            (run / "config.json").write_text('{"train": {}, "job": {}}')
+            raise JobFailed("not placeable", EXIT_NOT_PLACEABLE)
+    assert [p.name.split(".before-")[0] for p in run.iterdir()] == ["metrics"]
+    # Ctrl-C while the job waited in the queue (its workers never started): refused too
+    (run / "config.json").write_text('{"train": {"num_workers": 2}, "job": {}}')
+    (run / "checkpoint_00000010").mkdir()
+    interrupt = KeyboardInterrupt()
+    interrupt.ran = False
+    with pytest.raises(KeyboardInterrupt):
+        with run_dir_held(run, new_run=False, written={"config.json"}):
+            (run / "config.json").write_text('{"train": {"num_workers": 64}, "job": {}}')
+            raise interrupt
+    assert "64" not in (run / "config.json").read_text()
+    # Without flock another run's files could be there: nothing is taken back
+    monkeypatch.setattr(file_lock.fcntl, "flock", lambda *args: (_ for _ in ()).throw(
+        OSError(errno.ENOLCK, "No locks available")))
+    with pytest.raises(JobFailed):
+        with run_dir_held(tmp_path / "unguarded", new_run=True, written={"config.json"}):
+            (tmp_path / "unguarded" / "config.json").write_text("{}")
+            raise JobFailed("not placeable", EXIT_NOT_PLACEABLE)
+    assert (tmp_path / "unguarded" / "config.json").exists()
