@@ -302,46 +302,37 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
     `any_checkpoint`: the run's loop resumes from any checkpoint that verifies). When the
     block ends in a refusal that started nothing (a JobFailed of bad input or not placeable
     whose job never ran, or a RunDirError: a write of the caller's failed), the folder is put
-    back as it was (TakeBack): a refused run leaves nothing behind and changes
+    back as it was (FolderClaim): a refused run leaves nothing behind and changes
     nothing it found."""
-    made, lock_added = not run_dir.exists(), not (run_dir / RUN_LOCK).exists()
-    take_back, refused = None, False
-    try:
-        with claimed(run_dir / RUN_LOCK,
-                     busy=lambda holder: RunDirError(
-                         f"run dir {run_dir} is in use by another run ({holder}); wait for it "
-                         "to end, or use another run dir or job name"),
-                     cannot=lambda why: RunDirError(f"cannot lock run dir {run_dir}: {why}")
-                     ) as state:
-            if state.unsupported:
-                print(f"warning: cannot lock run dir {run_dir} ({state.unsupported}): a second "
-                      "run started in it meanwhile would not be refused, and a refused run "
-                      "leaves what it wrote (another run's files could be among them)",
-                      file=sys.stderr)
-            if new_run:
-                _say_set_aside(set_aside_earlier_history(run_dir))
-            else:  # (under the lock: never the record of a run training there now)
-                _say_before_resume(run_dir, any_checkpoint)
-            # The folder to put back: as it is now, its history set aside or its record
-            # repaired (expected, kept), under the lock (no other run's files in it).
-            if not state.unsupported:
-                take_back = TakeBack(run_dir, {RUN_LOCK, *written}, made,
-                                     {RUN_LOCK} if lock_added else set())
-            try:
-                yield
-            except JobFailed as e:
-                refused = (e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE)
-                           and not getattr(e, "ran", False))
-                raise
-            except RunDirError:
-                refused = True
-                raise
-            except KeyboardInterrupt as e:  # Ctrl-C in the queue: as refused, unless it ran
-                refused = not getattr(e, "ran", True)
-                raise
-    finally:
-        if refused and take_back is not None:  # once the lock's file is closed (NFS keeps
-            take_back.restore()  # an open one as .nfsXXXX)
+    with folder_claimed(run_dir, RUN_LOCK,
+                        busy=lambda holder: RunDirError(
+                            f"run dir {run_dir} is in use by another run ({holder}); wait "
+                            "for it to end, or use another run dir or job name"),
+                        cannot=lambda why: RunDirError(f"cannot lock run dir {run_dir}: {why}")
+                        ) as claim:
+        if claim.unguarded:
+            print(f"warning: cannot lock run dir {run_dir} ({claim.unguarded}): a second run "
+                  "started in it meanwhile would not be refused, and a refused run leaves "
+                  "what it wrote (another run's files could be among them)", file=sys.stderr)
+        if new_run:
+            _say_set_aside(set_aside_earlier_history(run_dir))
+        else:  # (under the lock: never the record of a run training there now)
+            _say_before_resume(run_dir, any_checkpoint)
+        # What a refusal puts back: the folder as it is now, its history set aside or its
+        # record repaired (expected, kept), under the lock (no other run's files in it).
+        claim.snapshot(written)
+        try:
+            yield
+        except JobFailed as e:
+            claim.refused = (e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE)
+                             and not getattr(e, "ran", False))
+            raise
+        except RunDirError:
+            claim.refused = True
+            raise
+        except KeyboardInterrupt as e:  # Ctrl-C in the queue: as refused, unless it ran
+            claim.refused = not getattr(e, "ran", True)
+            raise
 
 
 def remove_dir_if_only(run_dir: Path, names: set[str]) -> None:
@@ -485,38 +476,67 @@ def resolve_run_dir(run_dir: str | None, resume: bool, root: Path, prefix: str,
     return path
 
 
-class TakeBack:
-    """What a folder held of `names` (the lock and the files its caller writes: a run's run
-    dir, a compression's --out) once claimed, to put back after the run is refused: the
-    names it added removed, the files it replaced written back (a refused --resume's
+class FolderClaim:
+    """A folder a run claims by its lock file (a run's run dir, a compression's --out), and
+    what to put back if the run is refused (`refused`, set by the claimant). snapshot(written)
+    records what the folder holds once the claimant has done its own preparations (an earlier
+    run's history set aside: kept); after a refusal the names the run added of the lock and
+    `written` are removed, the files of those it replaced written back (a refused --resume's
     config.json, with the refused flags the next --resume would inherit), and the folder
-    removed where the run `made` it. `new`: those of `names` the claim itself added (its
-    lock). Only while the folder holds nothing else new: a run that got as far as
-    checkpoints or metrics (exit 3 after training: a cancel, a lost node without room) keeps
-    all it wrote. Best effort, as remove_dir_if_only: the job's own error is what the user
-    must see."""
+    removed where the run made it. Only while the folder holds nothing else new: a run that
+    got as far as checkpoints or metrics (exit 3 after training: a cancel, a lost node
+    without room) keeps all it wrote. Nothing is put back where flock is refused
+    (`unguarded`: another run's files could be among them). Best effort, as
+    remove_dir_if_only: the job's own error is what the user must see."""
 
-    def __init__(self, run_dir: Path, names: set[str], made: bool, new: set[str]) -> None:
-        self.run_dir, self.names, self.made = run_dir, names, made
-        self.before = {p.name for p in run_dir.iterdir()} - new
-        self.contents = {name: (run_dir / name).read_bytes() for name in names - new
-                         if (run_dir / name).is_file()}
+    def __init__(self, folder: Path, lock: str) -> None:
+        self.folder, self.lock = folder, lock
+        self.made, self.lock_added = not folder.exists(), not (folder / lock).exists()
+        self.unguarded: str | None = None  # why flock is refused, once claimed
+        self.refused = False
+        self._names: set[str] | None = None  # None: no snapshot, nothing to put back
 
-    def restore(self) -> None:
+    def snapshot(self, written: Iterable[str]) -> None:
+        if self.unguarded:
+            return
+        new = {self.lock} if self.lock_added else set()
+        self._names = {self.lock, *written}
+        self._before = {p.name for p in self.folder.iterdir()} - new
+        self._contents = {name: (self.folder / name).read_bytes()
+                          for name in self._names - new if (self.folder / name).is_file()}
+
+    def put_back(self) -> None:
+        if not self.refused or self._names is None:
+            return
         try:
-            now = {p.name for p in self.run_dir.iterdir()} if self.run_dir.is_dir() else set()
-            if not now <= self.before | self.names:
+            now = {p.name for p in self.folder.iterdir()} if self.folder.is_dir() else set()
+            if not now <= self._before | self._names:
                 return  # the run produced more than its caller's files: it is kept
             if self.made:
-                remove_dir_if_only(self.run_dir, self.names)
+                remove_dir_if_only(self.folder, self._names)
                 return
-            for name in self.names - self.before:
-                (self.run_dir / name).unlink(missing_ok=True)
-            for name, data in self.contents.items():
-                if (self.run_dir / name).read_bytes() != data:
-                    (self.run_dir / name).write_bytes(data)
+            for name in self._names - self._before:
+                (self.folder / name).unlink(missing_ok=True)
+            for name, data in self._contents.items():
+                if (self.folder / name).read_bytes() != data:
+                    (self.folder / name).write_bytes(data)
         except OSError:
             pass
+
+
+@contextlib.contextmanager
+def folder_claimed(folder: Path, lock: str, busy: Callable[[str], Exception],
+                   cannot: Callable[[str], Exception]) -> Iterator[FolderClaim]:
+    """The flock on `folder`/`lock` for the block (file_lock.claimed: busy(holder),
+    cannot(reason) as the caller's errors), with the FolderClaim whose put_back runs once
+    the lock's file is closed (NFS keeps an open one as .nfsXXXX)."""
+    claim = FolderClaim(folder, lock)
+    try:
+        with claimed(folder / lock, busy=busy, cannot=cannot) as state:
+            claim.unguarded = state.unsupported
+            yield claim
+    finally:
+        claim.put_back()
 
 
 # What other jobs leave in a folder, which a run there would overwrite or mix its files with

@@ -41,8 +41,7 @@ from orchestrator.compression.report import (SCRATCH_PREFIX, block_sparsity, bui
                                              format_table, latency_seq_len)
 from orchestrator.compression.source import teacher_data, teacher_tokenizer
 from orchestrator.config import MODEL_PRESETS, ConfigError
-from orchestrator.file_lock import claimed
-from orchestrator.runs import TakeBack, writable_dir_problem
+from orchestrator.runs import folder_claimed, writable_dir_problem
 from orchestrator.tokenizer import (ByteTokenizer, Tokenizer, TokenizerError, save_tokenizer,
                                     tokenizer_of_run)
 from orchestrator.training.checkpoint import recorded_sha256
@@ -164,35 +163,27 @@ def out_held(out: Path, log: Callable[[str], None]) -> Iterator[bool]:
     wrote the same progress checkpoints and temporary folders. Yields whether it is held: on
     a filesystem without flock the run goes on unguarded (said), and prepare_out must then
     remove nothing as left over. A run that fails with nothing in --out but the lock and
-    compress_config.json put --out back as it was (runs.TakeBack, as a pretrain run's
+    compress_config.json put --out back as it was (runs.FolderClaim, as a pretrain run's
     run_dir_held does): a directory it made removed, the files it added to one that was
     there removed, those it replaced written back; one that finished a stage or saved
     progress keeps all it wrote, for a rerun to resume."""
-    made, lock_added = not out.exists(), not (out / OUT_LOCK).exists()
-    take_back, failed = None, False
-    try:
-        with claimed(out / OUT_LOCK,
-                     busy=lambda holder: ConfigError(
-                         f"--out {out} is in use by another compression run ({holder}); wait "
-                         "for it to end, or use another --out"),
-                     cannot=lambda why: ConfigError(f"cannot lock --out {out}: {why}")
-                     ) as state:
-            if state.unsupported:
-                log(f"warning: cannot lock --out {out} ({state.unsupported}): a second run on "
-                    "it meanwhile would not be refused, and what earlier runs left there "
-                    "(progress files of finished stages, .report-* folders) is kept, as is "
-                    "what this run writes if it fails: it could be such a run's")
-            else:
-                take_back = TakeBack(out, {OUT_LOCK, CONFIG_FILE}, made,
-                                     {OUT_LOCK} if lock_added else set())
-            try:
-                yield state.unsupported is None
-            except BaseException:
-                failed = True
-                raise
-    finally:
-        if failed and take_back is not None:  # once the lock's file is closed (NFS keeps
-            take_back.restore()  # an open one)
+    with folder_claimed(out, OUT_LOCK,
+                        busy=lambda holder: ConfigError(
+                            f"--out {out} is in use by another compression run ({holder}); "
+                            "wait for it to end, or use another --out"),
+                        cannot=lambda why: ConfigError(f"cannot lock --out {out}: {why}")
+                        ) as claim:
+        if claim.unguarded:
+            log(f"warning: cannot lock --out {out} ({claim.unguarded}): a second run on it "
+                "meanwhile would not be refused, and what earlier runs left there (progress "
+                "files of finished stages, .report-* folders) is kept, as is what this run "
+                "writes if it fails: it could be such a run's")
+        claim.snapshot({CONFIG_FILE})
+        try:
+            yield claim.unguarded is None
+        except BaseException:
+            claim.refused = True
+            raise
 
 
 def check_out_path(out: Path) -> None:
