@@ -2,8 +2,9 @@
 
 Layout (Ray Train's, which owns checkpoint storage): <run_dir>/checkpoint_<step>_<UTC time>/
 (checkpoint_name) and <run_dir>/checkpoint_manager_snapshot.json; this project adds
-config.json, summary.json and metrics.jsonl (every report of rank 0, appended as it happens: a run's history survives its
-restarts, where Ray Train's result keeps only the last report).
+config.json, summary.json and metrics.jsonl (every report of rank 0, appended as it
+happens: a run's history survives its restarts, where Ray Train's result keeps only the last
+report).
 """
 from __future__ import annotations
 
