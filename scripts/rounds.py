@@ -5,12 +5,9 @@ from __future__ import annotations
 import statistics
 import time
 
-
-def rotated(sides: list, round_: int) -> list:
-    """The sides in round `round_`'s order: each goes first in turn (a fixed order put the
-    same side first every round, in the machine's drift)."""
-    shift = round_ % len(sides)
-    return sides[shift:] + sides[:shift]
+# The one rotation: orchestrator/ may not import scripts/, and the compression report rotates
+# its models the same way.
+from orchestrator.rounds import rotated
 
 
 def paired_rounds(first, second, rounds: int) -> dict:

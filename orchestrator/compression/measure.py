@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.compression.artifacts import onnx_files
+from orchestrator.rounds import rotated
 
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -68,15 +69,17 @@ def timed_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup: int =
              ) -> dict[str, float]:
     """Median wall time of each call. The calls take turns within each round, so a burst of
     load from another process on the machine hits all of them alike instead of skewing
-    whichever happened to be running."""
+    whichever happened to be running; and each goes first in turn, or a drift within every
+    round would fall on the same calls (the original model always first, its ONNX baseline
+    always last)."""
     for _ in range(warmup):
         for call in calls.values():
             call()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
+    for repeat in range(repeats):
+        for name in rotated(list(calls), repeat):
             start = time.perf_counter()
-            call()
+            calls[name]()
             times[name].append(time.perf_counter() - start)
     return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
