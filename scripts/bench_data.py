@@ -41,7 +41,7 @@ from orchestrator.training.data import get_batch, load_corpus  # noqa: E402
 from orchestrator.training.data_plan import plan_data, tokenize_in_process  # noqa: E402
 from orchestrator.training.session import LocalSession  # noqa: E402
 from orchestrator.training.shards import open_shards  # noqa: E402
-from scripts.rounds import rotated  # noqa: E402
+from scripts.rounds import median_ratio, rotated  # noqa: E402
 
 CPU = torch.device("cpu")
 QUIET = lambda _line: None  # noqa: E731
@@ -80,8 +80,8 @@ def tokenizing(corpus: Path, tokenizer_file: Path, work: Path, rounds: int) -> d
                   f"({manifest['train_tokens'] + manifest['held_out_tokens']:,} tokens)")
     median = {side: statistics.median(v) for side, v in rates.items()}
 
-    def paired(side: str) -> float:  # the median of the rounds' own ratios
-        return statistics.median(a / b for a, b in zip(rates[side], rates["single"]))
+    def paired(side: str) -> float:
+        return median_ratio(rates[side], rates["single"])["ratio"]
 
     return {"corpus_mb": round(megabytes, 1),
             "tokenize_mb_per_s_single": round(median["single"], 2),
@@ -118,7 +118,7 @@ def training(corpus: Path, tokenizer_file: Path, work: Path, rounds: int, steps:
             rates[side].append(metrics["run_tokens_per_s"])
             print(f"round {r}: train on {side:6} {rates[side][-1]:8,.0f} tokens/s")
     mmap, memory = (statistics.median(rates[s]) for s in ("mmap", "memory"))
-    paired = statistics.median(a / b for a, b in zip(rates["mmap"], rates["memory"]))
+    paired = median_ratio(rates["mmap"], rates["memory"])["ratio"]
     return {"train_tokens_per_s_mmap": round(mmap), "train_tokens_per_s_memory": round(memory),
             "mmap_vs_memory_train": round(paired, 3), "train_rounds": rounds,
             **batch_cost(config, train_stream, in_memory[0])}

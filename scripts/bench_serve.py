@@ -30,7 +30,11 @@ tokens after the first) come from those; latency from all. Plus the latency of a
 and two ceilings on the same machine: the serving path without generation (GET /v1/models) and
 the model alone in this process (tokens/s of a batch of 1 vs a full batch, one thread; QPS
 of each batching mode on the mixed load).
-The last line printed is one JSON object with every figure.
+The last line printed is one JSON object with every figure. A ratio between two settings
+(continuous_vs_static_qps, batching_speedup, static_batching_speedup and the model_alone_
+ones) is the median of the rounds' own ratios, its spread [min, max] beside it (KEY_spread);
+each round's QPS: qps_rounds_*, model_alone_mixed_qps_rounds. A setting's qps_* is its
+answers over all its rounds' windows.
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ from orchestrator import cpu_shares
 from orchestrator.polling import wait_for
 from orchestrator.serving.settings import (ENGINE_THREAD, SERVING_PATHS, free_port,
                                            serve_app_config)
-from scripts.rounds import rotated
+from scripts.rounds import median_ratio, rotated
 
 APP = "bench-gpt"
 MODEL = "orchestrator-gpt"
@@ -58,6 +62,14 @@ PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the orchestrat
                "workers on heterogeneous nodes and serves completions.")
 LONG_TEXT = (PROMPT_TEXT + " ") * 4  # prompts of the mixed load: slices of up to 200 bytes
 MODES = ("continuous", "static", "unbatched")
+# The ratios between settings (key: top, bottom), served and in this process without serving.
+SERVED_RATIOS = {"continuous_vs_static_qps": ("continuous", "static"),
+                 "batching_speedup": ("continuous", "unbatched"),
+                 "static_batching_speedup": ("static", "unbatched")}
+ALONE_RATIOS = {"model_alone_continuous_vs_static_qps": ("continuous", "static"),
+                # the served batching_speedup's ceiling on this machine
+                "model_alone_batching_speedup": ("continuous", "unbatched"),
+                "model_alone_decode_kernel_speedup": ("continuous", "continuous_matmul")}
 
 
 @dataclass(frozen=True)
@@ -156,6 +168,10 @@ class Run:
     @property
     def seconds(self) -> float:
         return self.end - self.start
+
+    @property
+    def qps(self) -> float:
+        return len(self.measured()) / self.seconds
 
     def measured(self) -> list[Result]:
         """Successes that ended inside the window. Counting also those that end after it
@@ -352,13 +368,14 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
 
 
-def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 2) -> dict:
-    """QPS of the served model in this process, one thread, on the mixed load with `rows`
-    requests always outstanding (a closed loop without HTTP): continuous batching (the
-    engine refilled as rows finish) vs static batching (batches of `rows` decoded to their
-    end, generation.generate) vs unbatched (batches of one), alternating rounds of `seconds`
-    each. What the batching modes can give on this machine before the serving path takes
-    its share. `continuous_matmul`: continuous batching with the decode kernel off (the
+def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 2
+                      ) -> dict[str, list[float]]:
+    """Each round's QPS of the served model in this process, one thread, on the mixed load
+    with `rows` requests always outstanding (a closed loop without HTTP): continuous batching
+    (the engine refilled as rows finish) vs static batching (batches of `rows` decoded to
+    their end, generation.generate) vs unbatched (batches of one), alternating rounds of
+    `seconds` each. What the batching modes can give on this machine before the serving path
+    takes its share. `continuous_matmul`: continuous batching with the decode kernel off (the
     matrix-product paths CUDA takes), the baseline of the kernel on this CPU."""
     import torch
 
@@ -412,7 +429,23 @@ def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 
                 qps[mode].append(measure[mode]())
     finally:
         torch.set_num_threads(threads)
-    return {mode: round(statistics.median(values), 2) for mode, values in qps.items()}
+    return qps
+
+
+def round_ratios(qps: dict[str, list[float]], ratios: dict[str, tuple[str, str]]) -> dict:
+    """Each of `ratios` (key: top, bottom) from every round's QPS of each setting: the median
+    of the rounds' own ratios (scripts/rounds.py), its spread [min, max] under `KEY_spread`.
+    None for both where a round of either side answered nothing (a 0 QPS round gives no
+    ratio worth a median)."""
+    figures: dict = {}
+    for key, (top, bottom) in ratios.items():
+        if not (all(qps[top]) and all(qps[bottom])):
+            figures[key] = figures[f"{key}_spread"] = None
+            continue
+        paired = median_ratio(qps[top], qps[bottom])
+        figures[key] = round(paired["ratio"], 2)
+        figures[f"{key}_spread"] = [round(r, 2) for r in paired["spread"]]
+    return figures
 
 
 def summarize(name: str, runs: list[Run]) -> dict:
@@ -494,15 +527,12 @@ def main(argv: list[str] | None = None) -> int:
         alone[args.max_batch_size]["tokens_per_s"] / alone[1]["tokens_per_s"], 2)
     print(f"model alone: {alone}", flush=True)
     mixed_alone = model_alone_mixed(first, args.max_batch_size, args.model_alone_seconds)
-    out["model_alone_mixed_qps"] = mixed_alone
-    out["model_alone_continuous_vs_static_qps"] = ratio(mixed_alone["continuous"],
-                                                        mixed_alone["static"])
-    # The served batching_speedup's ceiling on this machine: the same ratio without serving.
-    out["model_alone_batching_speedup"] = ratio(mixed_alone["continuous"],
-                                                mixed_alone["unbatched"])
-    out["model_alone_decode_kernel_speedup"] = ratio(mixed_alone["continuous"],
-                                                     mixed_alone["continuous_matmul"])
-    print(f"model alone, mixed load: {mixed_alone}", flush=True)
+    out["model_alone_mixed_qps"] = {mode: round(statistics.median(rounds), 2)
+                                    for mode, rounds in mixed_alone.items()}
+    out["model_alone_mixed_qps_rounds"] = {mode: [round(q, 2) for q in rounds]
+                                           for mode, rounds in mixed_alone.items()}
+    out.update(round_ratios(mixed_alone, ALONE_RATIOS))
+    print(f"model alone, mixed load: {out['model_alone_mixed_qps_rounds']}", flush=True)
 
     # Not the replicas' logs: one access-log line per request (thousands) would bury the
     # figures, and this process, which also runs the load, would spend CPU printing them.
@@ -568,12 +598,9 @@ def main(argv: list[str] | None = None) -> int:
                 "tpot_p99_ms", "failed")})
             figures[f"mean_rows_per_pass_{mode}"] = round(
                 sum(k * n for k, n in sizes[mode].items()) / max(count, 1), 2)
-        figures["continuous_vs_static_qps"] = ratio(figures["qps_continuous"],
-                                                    figures["qps_static"])
-        figures["batching_speedup"] = ratio(figures["qps_continuous"],
-                                            figures["qps_unbatched"])
-        figures["static_batching_speedup"] = ratio(figures["qps_static"],
-                                                   figures["qps_unbatched"])
+            figures[f"qps_rounds_{mode}"] = [round(run.qps, 1) for run in runs[mode]]
+        figures.update(round_ratios({mode: [run.qps for run in runs[mode]] for mode in MODES},
+                                    SERVED_RATIOS))
         return figures
 
     try:

@@ -40,7 +40,7 @@ from orchestrator.training.data import VOCAB_SIZE
 from orchestrator.training.loop import train
 from orchestrator.training.model import GPT, GPTConfig
 from orchestrator.training.session import LocalSession
-from scripts.rounds import paired_rounds
+from scripts.rounds import median_ratio, paired_rounds
 
 CPU = torch.device("cpu")
 
@@ -72,14 +72,14 @@ def plain_vs_ray(steps: int, rounds: int, workdir: Path, cpus: int | None = None
             print(f"round {r + 1} {side} ({cpus} CPUs): {figures['phase_tokens_per_s']:,.0f} "
                   f"tokens/s over the phase, {figures['steps_tokens_per_s']:,.0f} in the steps",
                   flush=True)
-    ratios = [ray / plain for ray, plain in zip(phase["ray"], phase["plain"])]
-    step_ratios = [ray / plain for ray, plain in zip(steps_only["ray"], steps_only["plain"])]
+    overhead = median_ratio(phase["ray"], phase["plain"])
     return {"plain_tokens_per_s": round(statistics.median(phase["plain"])),
             "ray_tokens_per_s": round(statistics.median(phase["ray"])),
-            "ray_vs_plain_throughput": round(statistics.median(ratios), 3),
-            "ray_vs_plain_spread": [round(min(ratios), 3), round(max(ratios), 3)],
-            "ray_vs_plain_rounds": [round(x, 3) for x in ratios],
-            "ray_vs_plain_steps_only": round(statistics.median(step_ratios), 3),
+            "ray_vs_plain_throughput": round(overhead["ratio"], 3),
+            "ray_vs_plain_spread": [round(x, 3) for x in overhead["spread"]],
+            "ray_vs_plain_rounds": [round(x, 3) for x in overhead["rounds"]],
+            "ray_vs_plain_steps_only": round(
+                median_ratio(steps_only["ray"], steps_only["plain"])["ratio"], 3),
             "mfu_cpu": round(statistics.median(mfu), 4)}
 
 

@@ -16,13 +16,21 @@ def paired_rounds(first, second, rounds: int) -> dict:
     1.53x on two days): the median of the per-round ratios first / second, their spread,
     and each side's median seconds."""
     first(), second()  # warm-up
-    ratios, times = [], {"first": [], "second": []}
+    times: dict[str, list[float]] = {"first": [], "second": []}
     for round_ in range(rounds):
         for name, fn in rotated([("first", first), ("second", second)], round_):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-        ratios.append(times["first"][-1] / times["second"][-1])
-    return {"ratio": statistics.median(ratios), "spread": [min(ratios), max(ratios)],
+    return {**median_ratio(times["first"], times["second"]),
             "first_s": statistics.median(times["first"]),
             "second_s": statistics.median(times["second"])}
+
+
+def median_ratio(tops: list[float], bottoms: list[float]) -> dict:
+    """The rounds' own ratios top / bottom (round by round), their median and their spread
+    [min, max]. Not a ratio of figures pooled or taken a median of over the rounds: those pair
+    one round's top with another's bottom, and drift between rounds moves them."""
+    ratios = [top / bottom for top, bottom in zip(tops, bottoms, strict=True)]
+    return {"ratio": statistics.median(ratios), "spread": [min(ratios), max(ratios)],
+            "rounds": ratios}

@@ -80,3 +80,44 @@ def test_cpu_figures_name_the_replica_its_generation_thread_and_the_serving_path
     assert (figures["generation_thread_cpu_pct_static"],
             figures["generation_thread_runqueue_wait_pct_static"]) == (56.0, 41.0)
     assert figures["cpu_pct_engine_process_static"] == 0.1
+
+
+def _rounds(*answers: int, seconds: float = 10.0) -> list:
+    """One Run per round, each with `answers` successes inside a `seconds` window."""
+    return [bench.Run([bench.Result(0.0, 1.0, 200)] * n, 0.0, seconds) for n in answers]
+
+
+def test_ratios_between_settings_are_medians_of_the_rounds_own_ratios_with_their_spread():
+    # Continuous 70 then 40 QPS, unbatched 7 then 8: the rounds' ratios are 10 and 5, their
+    # median 7.5. QPS pooled over both rounds gave 55 / 7.5 = 7.33, which no round measured.
+    runs = {"continuous": _rounds(700, 400), "static": _rounds(350, 100),
+            "unbatched": _rounds(70, 80)}
+    qps = {mode: [run.qps for run in rounds] for mode, rounds in runs.items()}
+    assert qps == {"continuous": [70.0, 40.0], "static": [35.0, 10.0], "unbatched": [7.0, 8.0]}
+    figures = bench.round_ratios(qps, bench.SERVED_RATIOS)
+    assert figures["batching_speedup"] == 7.5
+    assert figures["batching_speedup_spread"] == [5.0, 10.0]
+    assert figures["continuous_vs_static_qps"] == 3.0  # rounds 2 and 4
+    assert figures["continuous_vs_static_qps_spread"] == [2.0, 4.0]
+    assert figures["static_batching_speedup"] == 3.12  # rounds 5 and 1.25: median 3.125
+    assert figures["static_batching_speedup_spread"] == [1.25, 5.0]
+    assert bench.summarize("x", runs["continuous"])["qps"] == 55.0  # each mode's own QPS
+
+
+def test_model_alone_ratios_are_medians_of_the_rounds_own_ratios():
+    qps = {"continuous": [20.0, 30.0], "continuous_matmul": [10.0, 30.0],
+           "static": [10.0, 10.0], "unbatched": [4.0, 2.0]}
+    figures = bench.round_ratios(qps, bench.ALONE_RATIOS)
+    assert figures["model_alone_batching_speedup"] == 10.0  # rounds 5 and 15
+    assert figures["model_alone_batching_speedup_spread"] == [5.0, 15.0]
+    assert figures["model_alone_decode_kernel_speedup"] == 1.5  # rounds 2 and 1
+    assert figures["model_alone_continuous_vs_static_qps"] == 2.5
+
+
+def test_a_round_that_answered_nothing_gives_no_ratio():
+    figures = bench.round_ratios({"continuous": [50.0, 40.0], "static": [20.0, 0.0],
+                                  "unbatched": [5.0, 4.0]}, bench.SERVED_RATIOS)
+    assert figures["continuous_vs_static_qps"] is None
+    assert figures["continuous_vs_static_qps_spread"] is None
+    assert figures["batching_speedup"] == 10.0
+
