@@ -44,6 +44,8 @@ from orchestrator.compression.pipeline import run_pipeline
 from orchestrator.compression.source import weights_digest
 from orchestrator.training.data import load_corpus, split_corpus
 from orchestrator.training.model import GPT, GPTConfig
+from orchestrator.validation import is_number
+from scripts.flags import require, require_at_least
 
 TEACHER_STREAM = 100  # the teacher's own batch stream (get_batch rank)
 
@@ -87,14 +89,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     # Every setting checked now, not after the teacher's minutes of training (the student's
     # after the whole pipeline): a typo failed as a traceback, its work deleted.
-    if args.threads < 1:
-        p.error(f"--threads must be >= 1, got {args.threads}")
+    require_at_least(p, args, 1, "threads")
     if args.student_size is not None and args.student_size not in MODEL_PRESETS:
         p.error(f"--student-size must be one of {', '.join(MODEL_PRESETS)}, got "
                 f"{args.student_size!r}")
-    for name in ("teacher_steps", "distill_steps", "n_layer", "n_head", "n_embd", "block_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_at_least(p, args, 1, "teacher_steps", "distill_steps", "n_layer", "n_head", "n_embd",
+                     "block_size")
+    # The teacher's own settings, which no CompressConfig checks: AdamW refused a bad lr, and
+    # the attention layer a width heads cannot split, as tracebacks naming no flag.
+    require(p, args, ("teacher_lr",), lambda lr: is_number(lr) and 0 < lr < 1,
+            "must be a number in (0, 1)")
+    if args.n_embd % args.n_head:
+        p.error(f"--n-embd must divide by --n-head, got {args.n_embd} and {args.n_head}")
     try:
         compress_config(args)
         if args.student_size:

@@ -56,6 +56,7 @@ from orchestrator.inventory import (GIB, LABEL_NETWORK_GBPS, LABEL_NETWORK_GROUP
 from orchestrator.placement import Placement, bottleneck_gbps
 from orchestrator.policies import best_fit, first_fit
 from orchestrator.policies import live_place as ours
+from scripts.flags import require_at_least
 
 NOW = 1_000.0
 TARGET_PLACEMENTS_PER_S = 1_000.0
@@ -514,6 +515,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--nodes must be >= {RACK_SIZE} and --jobs >= 1")
     if args.actor_jobs < 1 or args.profile < 0:  # (negative: jobs[:-5] ran, said nothing)
         parser.error("--actor-jobs must be >= 1 and --profile >= 0")
+    require_at_least(parser, args, 0, "seed")  # numpy's default_rng takes no negative seed
     result = run(args.nodes, args.jobs, args.seed, actor=not args.no_actor,
                  actor_jobs=args.actor_jobs, profile=args.profile)
     print(f"\nours, place() over both streams: {result['placements_per_s']:,.0f} placements/s, "

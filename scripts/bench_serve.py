@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -54,6 +55,7 @@ from orchestrator import cpu_shares
 from orchestrator.polling import wait_for
 from orchestrator.serving.settings import (ENGINE_THREAD, SERVING_PATHS, free_port,
                                            serve_app_config)
+from scripts.flags import require, require_at_least
 from scripts.rounds import median_ratio, rotated
 
 APP = "bench-gpt"
@@ -129,15 +131,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     # Before Ray, Serve and the model-alone phases (~1 min): 0 rounds or a 0 s window died at
     # the end dividing by zero.
-    for name in ("rounds", "concurrency", "steady_concurrency", "max_tokens", "stream_every",
-                 "max_batch_size", "torch_threads", "context"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("duration", "equal_duration", "model_alone_seconds"):
-        if not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if not args.warmup >= 0:
-        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    require_at_least(p, args, 1, "rounds", "concurrency", "steady_concurrency", "max_tokens",
+                     "stream_every", "max_batch_size", "torch_threads", "context")
+    require(p, args, ("duration", "equal_duration", "model_alone_seconds"),
+            lambda seconds: seconds > 0, "must be > 0")
+    require_at_least(p, args, 0, "warmup")
     return args
 
 
@@ -507,13 +505,22 @@ def replica_names(count: int, timeout_s: float = 30.0) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The two fresh checkpoints (a small GPT each) were left behind after every run.
+    checkpoints = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    try:
+        return benchmark(args, checkpoints)
+    finally:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def benchmark(args: argparse.Namespace, checkpoints: Path) -> int:
+    """Every phase; fresh models are written to `checkpoints`."""
     import ray
     from ray import serve
 
     from ray_layer.serve_app import deploy_config, wait_for_app
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    first, second = fresh_checkpoints(args.model_size, args.context, tmp)
+    first, second = fresh_checkpoints(args.model_size, args.context, checkpoints)
     first, second = args.checkpoint or first, args.reload_checkpoint or second
     out: dict = {"model_size": args.model_size, "max_tokens": args.max_tokens,
                  "concurrency": args.concurrency, "max_batch_size": args.max_batch_size,

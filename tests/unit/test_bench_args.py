@@ -18,6 +18,9 @@ import pytest
     ("bench_serve", ["--duration", "0"], "--duration must be > 0"),
     ("bench_launch", ["--seconds-per-report", "nan"], "--seconds-per-report > 0"),
     ("bench_placement", ["--actor-jobs", "-5"], "--actor-jobs must be >= 1"),
+    # (numpy's "expected non-negative integer" traceback, naming no flag)
+    ("bench_placement", ["--seed", "-1", "--no-actor", "--nodes", "16", "--jobs", "1"],
+     "--seed must be >= 0, got -1"),
     ("bench_fsdp", ["--ckpt-size", "huge"], "invalid choice: 'huge'"),
     ("gpu_check", ["--budget-s", "nan"], "--budget-s must be a number > 0, got nan"),
 ])
@@ -26,6 +29,22 @@ def test_no_rounds_is_refused_naming_the_flag(script, args, message):
     result = subprocess.run([sys.executable, "-m", f"scripts.{script}", *args],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    # Accepted, then refused by AdamW as the teacher's training began: "Invalid learning rate".
+    (["--teacher-lr", "nan"], "--teacher-lr must be a number in (0, 1), got nan"),
+    (["--teacher-lr", "-1"], "--teacher-lr must be a number in (0, 1), got -1.0"),
+    # A bare AssertionError from the attention layer, naming neither flag.
+    (["--n-embd", "100", "--n-head", "8"], "--n-embd must divide by --n-head, got 100 and 8"),
+])
+def test_bench_compress_refuses_a_teacher_it_cannot_train_naming_the_flag(args, message,
+                                                                          capsys):
+    from scripts import bench_compress
+
+    with pytest.raises(SystemExit) as exit_:
+        bench_compress.parse_args(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_only_this_sessions_train_workers_are_candidates_to_kill():

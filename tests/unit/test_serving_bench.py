@@ -121,3 +121,22 @@ def test_a_round_that_answered_nothing_gives_no_ratio():
     assert figures["continuous_vs_static_qps_spread"] is None
     assert figures["batching_speedup"] == 10.0
 
+
+def test_the_fresh_checkpoints_folder_is_removed_when_the_benchmark_ends(tmp_path,
+                                                                          monkeypatch):
+    # Two small GPTs in a bench-serve-* folder were left behind by every run (here it stops
+    # in the model-alone phase, before any Ray: the folder goes whatever the way out).
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    written = []
+
+    def stop(checkpoint, *_):
+        written.append(checkpoint)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(bench, "model_alone", stop)
+    with pytest.raises(RuntimeError, match="stop"):
+        bench.main(["--model-size", "tiny", "--context", "32"])
+    assert written and written[0].startswith(str(tmp_path))  # it did write them there
+    assert list(tmp_path.iterdir()) == []
