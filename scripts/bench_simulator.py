@@ -10,15 +10,16 @@
    A100s, offered load 0.95) on its four-family cluster, at the trace's load under every
    policy, and at 0.5x and 2x the load (--sweep) under FIFO first-fit and hetero-las (those
    of them --policies names; none: no sweep).
-3. **Full Philly** (--full): the whole trace (82,247 jobs, load scale 1) under every policy,
-   timed: the figure is the wall time of all the replays together. Replays are independent
-   and single-threaded, so they run in --processes processes (default: one per core).
+3. **Full Philly** (--sections full): the whole trace (82,247 jobs, load scale 1) under every
+   policy, timed: the figure is the wall time of all the replays together. Replays are
+   independent and single-threaded, so they run in --processes processes (default: one per
+   core).
 
 Prints each section's summary table, then, as the last line, one JSON object:
-    {"philly": {"speedup_vs_fifo", "speedup_vs_gavel", "p99_vs_gavel", "policies": {...}},
-     "constrained": {"speedup_vs_fifo", "usable_gpus_busy_while_waiting",
-                     "sweep": {"0.5": {"speedup_vs_fifo", ...}, ...}, "policies": {...}},
-     "full_philly": {"wall_s", ...}, ...}
+    {"philly": {"speedup_vs_fifo", "speedup_vs_gavel", "speedup_vs_tiresias", "p99_vs_gavel",
+                "usable_gpus_busy_while_waiting", "policies": {...}, ...},
+     "constrained": {the same, "sweep": {"0.5": {"speedup_vs_fifo", ...}, ...}, ...},
+     "full_philly": {the same, "wall_s", ...}}
 Speedups are the baseline's mean JCT / hetero-las'; p99_vs_gavel is Gavel-style p99 JCT /
 hetero-las'; usable_gpus_busy_while_waiting is hetero-las'.
 
