@@ -11,7 +11,7 @@ Runs the project's own training loop (`orchestrator.training.loop.train` through
     the bundled corpus's 256 byte values (the figure measured before) and with the vocabulary
     padded to 50,304 (a multiple of 64);
   - an fp16 run with dynamic loss scaling (its final scale and that its loss fell);
-  - peak memory of each run.
+  - peak memory of each run (`peak_memory_gb`, in GiB).
 
     PYTHONPATH=. python -m scripts.gpu_check [--steps 20] [--budget-s 380] [--out FILE]
         [--runs large:128:compiled:vocab=50257 gpt2-medium:64:compiled ...]
@@ -108,11 +108,11 @@ class Run:
 # In order of importance: what issue 19 asks first (GPT-2 small's shape, its vocabulary
 # included, with and without compile; fp16 with loss scaling; a larger preset with and
 # without), then where GPT-2 small's GPU time goes, the largest preset, and the byte and
-# padded vocabularies measured before. Batches fill a third to two thirds of an H200's 141 GB
-# (peaks with GPT-2's vocabulary at ff3fa63: large 128 -> 55 GB compiled, 68 GB eager;
-# gpt2-medium 64 -> 65 GB compiled; gpt2-large 32 -> 83 GB eager at 54fb133); out of memory
-# halves them. (cuDNN's attention is what SDPA already picks on an H200: a `cudnn` run is no
-# longer a default one.)
+# padded vocabularies measured before. Batches fill a third to two thirds of an H200's 140 GiB
+# (143,771 MiB; peaks with GPT-2's vocabulary at ff3fa63: large 128 -> 55 GiB compiled, 68 GiB
+# eager; gpt2-medium 64 -> 65 GiB compiled; gpt2-large 32 -> 83 GiB eager at 54fb133); out of
+# memory halves them. (cuDNN's attention is what SDPA already picks on an H200: a `cudnn` run
+# is no longer a default one.)
 RUNS = (
     Run("large", 128, compile=True, vocab=GPT2_VOCAB, cost_s=75.0),
     Run("large", 128, vocab=GPT2_VOCAB, cost_s=30.0),
@@ -290,6 +290,7 @@ def train_once(run: Run, steps: int, batch: int) -> dict:
     return {**profiled, "mfu": metrics.get("mfu"), "tokens_per_s": metrics.get("tokens_per_s"),
             "first_loss": metrics.get("first_loss"), "loss": metrics.get("loss"),
             "loss_scale": metrics.get("loss_scale"), "precision": metrics.get("precision"),
+            # In GiB, whatever the key says: the recorded runs' key (benchmarks.md) is kept.
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1024 ** 3, 2),
             "wall_s": round(time.perf_counter() - started, 1)}
 
