@@ -301,8 +301,19 @@ def probe_gpus(labels: dict[str, str], errors: dict[str, str]) -> tuple[GpuInfo,
 # Node-to-node bandwidth. The transfer itself needs Ray (ray_layer/node_agent.py); the arithmetic
 # lives here so it is tested without a cluster.
 MIB = 1024 ** 2
-BANDWIDTH_DEFAULT_BYTES = 8 * MIB  # large enough that per-transfer overhead is a small share
+# Each measurement times two sizes, the larger BANDWIDTH_DEFAULT_BYTES and the smaller
+# BANDWIDTH_SIZE_RATIO times less. One size alone measured Ray's per-transfer overhead (tens of
+# ms: scheduling the pull, object lookup, connection) more than the link: 8 MiB transfers
+# between raylets on one machine gave 0.19-0.35 GB/s, below the 1.25 GB/s assumed for a pair
+# never measured, so a measured pair lost bandwidth floors an unmeasured one met.
+BANDWIDTH_DEFAULT_BYTES = 64 * MIB
+BANDWIDTH_SIZE_RATIO = 8
 BANDWIDTH_MAX_BYTES = 256 * MIB  # bounds the object-store memory one measurement can take
+# The fitted rate is at most this many times the larger transfer's own rate: when the two
+# sizes' times differ by little more than timing noise the fit could claim any rate, while
+# beyond this gain the overhead is 7 times the larger transfer's streaming time, too much to
+# resolve the link under it.
+BANDWIDTH_MAX_FIT_GAIN = 8.0
 
 
 def bandwidth_probe_bytes(nbytes: int) -> int:
@@ -311,16 +322,43 @@ def bandwidth_probe_bytes(nbytes: int) -> int:
     return max(1, min(int(nbytes), BANDWIDTH_MAX_BYTES))
 
 
-def best_bandwidth_gbps(nbytes: int, seconds: Iterable[float | None]) -> float | None:
-    """GB/s (1e9 bytes/s) of the fastest round, or None when no round gave a usable time.
+def bandwidth_probe_sizes(nbytes: int) -> tuple[int, ...]:
+    """The payload sizes one measurement sends, smallest first: `nbytes` (bounded by
+    bandwidth_probe_bytes) and BANDWIDTH_SIZE_RATIO times less (one size when that rounds to
+    the same)."""
+    large = bandwidth_probe_bytes(nbytes)
+    return tuple(sorted({max(1, large // BANDWIDTH_SIZE_RATIO), large}))
 
-    The fastest round, not the mean: the first transfer to a peer pays one-time costs
-    (connections, memory mapping) that say nothing about the link. Failed rounds (None) and
-    non-positive or non-finite times are dropped rather than turned into absurd rates."""
-    usable = [s for s in seconds if s is not None and math.isfinite(s) and s > 0]
-    if nbytes <= 0 or not usable:
+
+def _fastest(seconds: Iterable[float | None]) -> float | None:
+    """The fastest usable round: failed rounds (None) and non-positive or non-finite times are
+    dropped rather than turned into absurd rates."""
+    return min((s for s in seconds if s is not None and math.isfinite(s) and s > 0),
+               default=None)
+
+
+def bandwidth_gbps(seconds_by_size: dict[int, Iterable[float | None]]) -> float | None:
+    """GB/s (1e9 bytes/s) of a link from the times of its transfers, by payload size in bytes;
+    None when the largest size has no usable time (its transfers failed or timed out).
+
+    Each size's fastest round, not the mean: the first transfer to a peer pays one-time costs
+    (connections, memory mapping) that say nothing about the link. With two sizes, time = a +
+    n / B is fitted through their fastest rounds and B reported: the per-transfer overhead a,
+    the same for both sizes, is no part of the link's rate. Never below the larger transfer's
+    own rate (noise making the smaller look faster per byte than the larger: no overhead left
+    to remove), nor above BANDWIDTH_MAX_FIT_GAIN times it; that rate alone where the smaller
+    size has no usable time, or where only one size was sent."""
+    fastest = {n: _fastest(times) for n, times in seconds_by_size.items() if n > 0}
+    if not fastest or fastest[max(fastest)] is None:
         return None
-    return nbytes / min(usable) / 1e9
+    large = max(fastest)
+    plain = large / fastest[large]
+    usable = sorted((n, t) for n, t in fastest.items() if t is not None)
+    (small, t_small), (_, t_large) = usable[0], usable[-1]
+    if small == large or t_large <= t_small:  # no size-dependent part to fit
+        return plain / 1e9
+    fitted = (large - small) / (t_large - t_small)
+    return min(max(fitted, plain), BANDWIDTH_MAX_FIT_GAIN * plain) / 1e9
 
 
 # A peer's figure is the median of its last few measurements: one round that met a burst of

@@ -5,8 +5,9 @@ so a job can make sure the scheduler's view is fresh before it asks for a placem
 
 It also measures node-to-node bandwidth through the Ray object store, the path training data
 and checkpoints actually take: it `ray.put`s a buffer and asks each peer agent to `ray.get` it,
-timing the fetch on the peer. Measurements run on their own timer thread and land in every
-later report as `bandwidth_gbps`.
+timing the fetch on the peer, at two sizes so that Ray's per-transfer overhead is fitted out
+(probes.bandwidth_gbps). Measurements run on their own timer thread and land in every later
+report as `bandwidth_gbps`.
 
 Every report is also exported as metrics (orchestrator/metric_catalogue.py: per-GPU memory and
 utilization, host load and memory, measured bandwidth), so Prometheus sees each node at the
@@ -25,11 +26,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.inventory import NodeReport, check_network_labels
 from orchestrator.metric_catalogue import node_samples
-from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, BandwidthHistory,
-                                 bandwidth_max_age_s, bandwidth_probe_bytes,
-                                 best_bandwidth_gbps, current_bandwidth, gpu_count_problem,
-                                 host_figures, peers_to_measure, probe_gpus, record_bandwidth,
-                                 run_probe)
+from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, BandwidthHistory, bandwidth_gbps,
+                                 bandwidth_max_age_s, bandwidth_probe_sizes, current_bandwidth,
+                                 gpu_count_problem, host_figures, peers_to_measure, probe_gpus,
+                                 record_bandwidth, run_probe)
 from ray_layer.scheduler_client import NAMESPACE, agent_name, get_agent, get_scheduler
 from ray_layer.telemetry import record_all
 
@@ -164,16 +164,18 @@ class NodeAgent:
     def measure_bandwidth(self, peers: dict, nbytes: int = BANDWIDTH_DEFAULT_BYTES,
                           timeout_s: float = 10.0) -> dict[str, float]:
         """{peer node id: GB/s} from this node to each peer agent in `peers` (node id ->
-        handle). A peer that fails or times out is left out, never raised."""
-        nbytes = bandwidth_probe_bytes(nbytes)
+        handle), timing transfers of `nbytes` and of bandwidth_probe_sizes' smaller size. A
+        peer that fails or times out is left out, never raised."""
+        sizes = bandwidth_probe_sizes(nbytes)
         with self._bandwidth_lock:
-            seconds: dict[str, list[float | None]] = {node_id: [] for node_id in peers}
+            seconds: dict[str, dict[int, list[float | None]]] = {
+                node_id: {size: [] for size in sizes} for node_id in peers}
             for _ in range(BANDWIDTH_ROUNDS):
                 for node_id, peer in peers.items():
-                    if None not in seconds[node_id]:  # a peer that failed once is not retried
-                        seconds[node_id].append(self._time_pull(node_id, peer, nbytes, timeout_s))
-        measured = {node_id: best_bandwidth_gbps(nbytes, times)
-                     for node_id, times in seconds.items()}
+                    for size, times in seconds[node_id].items():
+                        if not _failed(seconds[node_id]):  # a failing peer is not retried
+                            times.append(self._time_pull(node_id, peer, size, timeout_s))
+        measured = {node_id: bandwidth_gbps(times) for node_id, times in seconds.items()}
         return {node_id: gbps for node_id, gbps in measured.items() if gbps is not None}
 
     @ray.method(concurrency_group="bandwidth")
@@ -198,10 +200,11 @@ class NodeAgent:
 
     def _longest_period_s(self, timeout_s: float) -> float:
         """The pause between timed refreshes plus the longest a refresh can take (every
-        sampled peer timing out in every round); 0 when there is no timer."""
+        transfer to every sampled peer taking all its timeout); 0 when there is no timer."""
         if self.bandwidth_every_s <= 0:
             return 0.0
-        return self.bandwidth_every_s + BANDWIDTH_ROUNDS * timeout_s * self.max_bandwidth_peers
+        transfers = BANDWIDTH_ROUNDS * len(bandwidth_probe_sizes(BANDWIDTH_DEFAULT_BYTES))
+        return self.bandwidth_every_s + transfers * timeout_s * self.max_bandwidth_peers
 
     def _time_pull(self, node_id: str, peer, nbytes: int, timeout_s: float) -> float | None:
         """Seconds for one peer to fetch a fresh nbytes object from here, or None on failure.
@@ -252,6 +255,11 @@ class NodeAgent:
                 log.warning("node agent %s: bandwidth refresh failed: %s", self.node_id[:12], e)
             found_peers = self._bandwidth or self._failing_peers
             delay = self.bandwidth_every_s if found_peers else soon
+
+
+def _failed(seconds_by_size: dict[int, list[float | None]]) -> bool:
+    """Whether one of a peer's transfers failed or timed out (None)."""
+    return any(None in times for times in seconds_by_size.values())
 
 
 def ensure_agent(node_id: str) -> "ray.actor.ActorHandle":

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from orchestrator import probes
-from orchestrator.probes import (BANDWIDTH_MAX_BYTES, bandwidth_max_age_s, bandwidth_probe_bytes,
-                                 best_bandwidth_gbps, current_bandwidth, peers_to_measure,
+from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, BANDWIDTH_MAX_BYTES,
+                                 BANDWIDTH_MAX_FIT_GAIN, MIB, bandwidth_gbps,
+                                 bandwidth_max_age_s, bandwidth_probe_bytes,
+                                 bandwidth_probe_sizes, current_bandwidth, peers_to_measure,
                                  probe_gpus, probe_host, probe_nvml, record_bandwidth, run_probe)
 from orchestrator.inventory import (GIB, LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
                                     LABEL_ACCELERATOR_TYPE, declared_gpus)
@@ -266,25 +268,82 @@ def test_agents_starting_together_do_not_all_pick_the_same_peers():
 
 def test_bandwidth_is_bytes_over_the_fastest_round():
     # 8 MB in 0.004 s = 2 GB/s; the slow first round (setup) is ignored.
-    assert best_bandwidth_gbps(8_000_000, [0.5, 0.004]) == pytest.approx(2.0)
-    assert best_bandwidth_gbps(1_000_000_000, [1.0]) == pytest.approx(1.0)
+    assert bandwidth_gbps({8_000_000: [0.5, 0.004]}) == pytest.approx(2.0)
+    assert bandwidth_gbps({1_000_000_000: [1.0]}) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("seconds", [[], [None], [None, None], [0.0], [-1.0], [math.inf],
                                      [math.nan]])
 def test_bandwidth_without_a_usable_round_is_none(seconds):
-    assert best_bandwidth_gbps(8_000_000, seconds) is None
+    assert bandwidth_gbps({8_000_000: seconds}) is None
+    assert bandwidth_gbps({1_000_000: [0.001], 8_000_000: seconds}) is None  # large failed
 
 
 def test_bandwidth_skips_failed_rounds():
-    assert best_bandwidth_gbps(2_000_000, [None, 0.001, math.nan]) == pytest.approx(2.0)
-    assert best_bandwidth_gbps(0, [0.001]) is None
+    assert bandwidth_gbps({2_000_000: [None, 0.001, math.nan]}) == pytest.approx(2.0)
+    assert bandwidth_gbps({0: [0.001]}) is None
+
+
+def transfer_s(nbytes: int, gbps: float, overhead_s: float) -> float:
+    return overhead_s + nbytes / (gbps * 1e9)
+
+
+@pytest.mark.parametrize("gbps", [0.125, 1.25, 5.0])
+def test_bandwidth_fits_out_the_per_transfer_overhead(gbps):
+    # Ray's ~25 ms per transfer made an 8 MiB measurement of any link 0.19-0.35 GB/s; the
+    # fit through the two sizes' fastest rounds gives the link's own rate back.
+    sizes = bandwidth_probe_sizes(BANDWIDTH_DEFAULT_BYTES)
+    assert sizes == (8 * MIB, 64 * MIB)
+    seconds = {n: [2 * transfer_s(n, gbps, 0.025), transfer_s(n, gbps, 0.025)] for n in sizes}
+    assert bandwidth_gbps(seconds) == pytest.approx(gbps)
+
+
+def test_bandwidth_fit_is_bounded_by_the_larger_transfers_own_rate():
+    small, large = 8 * MIB, 64 * MIB
+    plain = large / 0.1 / 1e9
+    # The smaller size faster per byte than the larger (noise: no overhead would be left),
+    # the fit would be below what the larger transfer did: the larger's own rate.
+    assert bandwidth_gbps({small: [0.005], large: [0.1]}) == pytest.approx(plain)
+    # The larger no slower than the smaller: nothing to fit, its own rate.
+    assert bandwidth_gbps({small: [0.1], large: [0.1]}) == pytest.approx(plain)
+    # Times a hair apart would fit any rate: at most BANDWIDTH_MAX_FIT_GAIN x its own.
+    assert bandwidth_gbps({small: [0.0999], large: [0.1]}) == pytest.approx(
+        BANDWIDTH_MAX_FIT_GAIN * plain)
+    # The smaller's transfers failed: the larger's own rate, as with one size.
+    assert bandwidth_gbps({small: [None], large: [0.1]}) == pytest.approx(plain)
+
+
+def test_a_measured_link_is_not_placed_below_the_same_link_unmeasured():
+    # Two 4-CPU nodes, 8 workers, a 1 GB/s floor. Unmeasured, the pair is assumed 10 GbE
+    # (1.25 GB/s) and the job placed; measured through Ray over that very link, the 8 MiB
+    # figure (0.28 GB/s) refused it.
+    from orchestrator.config import JobSpec
+    from orchestrator.inventory import ClusterState, NodeReport
+    from orchestrator.placement import Placement, place
+
+    def report(node, peer=None, gbps=None):
+        return NodeReport(node, node, 4, 0, 4, 0.0, GIB, GIB,
+                          bandwidth_gbps={peer: gbps} if peer else {})
+
+    sizes = bandwidth_probe_sizes(BANDWIDTH_DEFAULT_BYTES)
+    measured = bandwidth_gbps({n: [transfer_s(n, 1.25, 0.025)] for n in sizes})
+    spec = JobSpec(name="j", num_workers=8, cpus_per_worker=1, min_bandwidth_gbps=1.0)
+    for a, b in ((report("A"), report("B")),
+                 (report("A", "B", measured), report("B", "A", measured))):
+        state = ClusterState()
+        state.update(a, 0.0)
+        state.update(b, 0.0)
+        decision = place(spec, state, 0.0)
+        assert isinstance(decision, Placement), decision
+        assert decision.bottleneck_gbps == pytest.approx(state.inter_group_gbps)
 
 
 def test_bandwidth_payload_is_bounded():
     assert bandwidth_probe_bytes(8 * 1024 ** 2) == 8 * 1024 ** 2
     assert bandwidth_probe_bytes(10 ** 12) == BANDWIDTH_MAX_BYTES == 256 * 1024 ** 2
     assert bandwidth_probe_bytes(0) == bandwidth_probe_bytes(-5) == 1
+    assert bandwidth_probe_sizes(10 ** 12) == (32 * MIB, 256 * MIB)
+    assert bandwidth_probe_sizes(1) == (1,)
 
 
 def test_a_malformed_network_bandwidth_label_is_named():
