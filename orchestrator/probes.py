@@ -44,54 +44,85 @@ def memory_within_cgroup() -> tuple[int, int]:
 
 def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup",
                         root: str = "/sys/fs/cgroup") -> tuple[int, int] | None:
-    """(limit, usage) in bytes of this process's memory cgroup (v2, or v1's memory
+    """(limit, usage) in bytes of this process's memory cgroups (v2, or v1's memory
     controller), or None without a limit (or without cgroups). In a container the host's
-    figures overstate what the process may take: psutil reads the host's. Usage leaves out
-    the page cache the kernel reclaims first (inactive files), as the kubelet's working set
-    does: counted, a container that had read its dataset once looked nearly full."""
-    for base, (limit_name, usage_name, inactive_key) in _cgroup_memory_dirs(proc_cgroup, root):
-        try:
-            with open(f"{base}/{limit_name}") as f:
-                limit = f.read().strip()
-            with open(f"{base}/{usage_name}") as f:
-                usage = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as ~2**63
-            return None
-        usage -= min(_memory_stat(f"{base}/memory.stat", inactive_key), usage)
-        return int(limit), min(usage, int(limit))
-    return None
+    figures overstate what the process may take: psutil reads the host's.
+
+    Every cgroup from the process's own up to the mount's root counts (a limit set on any
+    of them binds it): the limit is the smallest of theirs, and the usage is that limit less
+    the least room any of them leaves (siblings may fill a parent's). The process's own
+    cgroup alone read as no limit where the container's was set above it (Ray's workers in
+    a child cgroup of the container's). Usage leaves out the page cache the kernel reclaims
+    first (inactive files), as the kubelet's working set does: counted, a container that had
+    read its dataset once looked nearly full."""
+    levels = [figures for base, names in _cgroup_memory_dirs(proc_cgroup, root)
+              if (figures := _cgroup_level(base, names)) is not None]
+    if not levels:
+        return None
+    limit = min(level_limit for level_limit, _ in levels)
+    room = min(level_limit - usage for level_limit, usage in levels)
+    return limit, limit - max(room, 0)
 
 
-_CGROUP_V2 = ("memory.max", "memory.current", "inactive_file")
-_CGROUP_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+def _cgroup_level(base: str, names: tuple[str, str, str, str | None]) -> tuple[int, int] | None:
+    """(limit, usage) of one cgroup directory, or None when it sets no limit or cannot be
+    read. v1 also reads memory.stat's hierarchical_memory_limit: its ancestors' limits,
+    including those outside a container's view."""
+    limit_name, usage_name, inactive_key, hierarchical_key = names
+    try:
+        with open(f"{base}/{limit_name}") as f:
+            text = f.read().strip()
+        with open(f"{base}/{usage_name}") as f:
+            usage = int(f.read().strip())
+        limit = NO_CGROUP_LIMIT if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+    stat = f"{base}/memory.stat"
+    if hierarchical_key:
+        limit = min(limit, _memory_stat(stat, hierarchical_key, NO_CGROUP_LIMIT))
+    if limit >= NO_CGROUP_LIMIT:
+        return None
+    usage -= min(_memory_stat(stat, inactive_key), usage)
+    return limit, min(usage, limit)
 
 
-def _cgroup_memory_dirs(proc_cgroup: str, root: str) -> list[tuple[str, tuple[str, str, str]]]:
-    """Directories (with their file names) of this process's memory cgroup: its own path
-    under the mount, v2 first, then the mount's root. A container sharing the host's cgroup
-    namespace (Docker's default on v1) lists its host path in /proc/self/cgroup but has its
-    own cgroup mounted at the root: by the path alone its limit was never found."""
+NO_CGROUP_LIMIT = 1 << 60  # v2 writes "no limit" as "max", v1 as ~2**63
+_CGROUP_V2 = ("memory.max", "memory.current", "inactive_file", None)
+_CGROUP_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file",
+              "hierarchical_memory_limit")
+
+
+def _cgroup_memory_dirs(proc_cgroup: str, root: str
+                        ) -> list[tuple[str, tuple[str, str, str, str | None]]]:
+    """Directories (with their file names) of this process's memory cgroups: its own path
+    under the mount and each parent up to the mount's root (v2's and v1's). A container
+    sharing the host's cgroup namespace (Docker's default on v1) lists its host path in
+    /proc/self/cgroup, which is not under the mount, but has its own cgroup mounted at the
+    root: the walk ends there."""
     try:
         with open(proc_cgroup) as f:
             lines = f.read().splitlines()
     except OSError:
         return []
-    own, roots = [], []
+    dirs = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if not controllers:
-            own.append((f"{root}{path}".rstrip("/"), _CGROUP_V2))
-            roots.append((root.rstrip("/"), _CGROUP_V2))
+            mount, names = root.rstrip("/"), _CGROUP_V2
         elif "memory" in controllers.split(","):
-            own.append((f"{root}/memory{path}".rstrip("/"), _CGROUP_V1))
-            roots.append((f"{root}/memory", _CGROUP_V1))
-    return list(dict.fromkeys(own + roots))
+            mount, names = f"{root.rstrip('/')}/memory", _CGROUP_V1
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        if ".." in parts:  # a cgroup outside this namespace's view: only the mount's root
+            parts = []
+        dirs += [("/".join([mount, *parts[:depth]]), names)
+                 for depth in range(len(parts), -1, -1)]
+    return list(dict.fromkeys(dirs))
 
 
-def _memory_stat(path: str, key: str) -> int:
-    """One figure of a cgroup's memory.stat, 0 when it cannot be read."""
+def _memory_stat(path: str, key: str, default: int = 0) -> int:
+    """One figure of a cgroup's memory.stat, `default` when it cannot be read."""
     try:
         with open(path) as f:
             for line in f:
@@ -100,9 +131,7 @@ def _memory_stat(path: str, key: str) -> int:
                     return max(int(value), 0)
     except (OSError, ValueError):
         pass
-    return 0
-
-
+    return default
 
 
 # What a node whose host probe failed reports: one CPU's worth of nothing, and a load so high

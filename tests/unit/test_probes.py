@@ -412,15 +412,21 @@ def test_gpus_probed_and_gpus_ray_was_given_disagreeing_is_said():
     assert gpu_count_problem(a100s, 5.0) is None and gpu_count_problem((), 0.0) is None
 
 
+def write_cgroup(tmp_path, proc: str, files: dict[str, str]) -> tuple[int, int] | None:
+    from orchestrator.probes import cgroup_memory_limit
+
+    (tmp_path / "proc").write_text(proc)
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return cgroup_memory_limit(str(tmp_path / "proc"), str(tmp_path))
+
+
 def test_the_memory_a_cgroup_leaves_is_read_from_v2_or_v1(tmp_path):
     from orchestrator.probes import cgroup_memory_limit
 
     def cgroup(lines: str, files: dict[str, str]) -> int | None:
-        (tmp_path / "proc").write_text(lines)
-        for name, text in files.items():
-            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / name).write_text(text)
-        limit = cgroup_memory_limit(str(tmp_path / "proc"), str(tmp_path))
+        limit = write_cgroup(tmp_path, lines, files)
         return None if limit is None else limit[0] - limit[1]
 
     assert cgroup("0::/job\n", {"job/memory.max": "1000\n", "job/memory.current": "400\n"}) == 600
@@ -450,6 +456,36 @@ def test_a_v1_container_sharing_the_hosts_cgroup_namespace_finds_its_limit_at_th
     (tmp_path / "memory" / "memory.usage_in_bytes").write_text("1024\n")
     (tmp_path / "memory" / "memory.stat").write_text("cache 600\ntotal_inactive_file 512\n")
     assert cgroup_memory_limit(str(tmp_path / "proc"), str(tmp_path)) == (4096, 512)
+
+
+def test_a_limit_set_above_the_processs_own_cgroup_is_found(tmp_path):
+    # The container's 8 GiB at the root of its cgroup namespace, the process in a child
+    # cgroup without a limit of its own: "max" there read as no limit, and the host's RAM
+    # was reported (a KV cache sized to it was OOM-killed).
+    assert write_cgroup(tmp_path, "0::/ray/workers\n", {
+        "memory.max": f"{8 << 30}\n", "memory.current": f"{3 << 30}\n",
+        "ray/memory.max": "max\n", "ray/memory.current": f"{2 << 30}\n",
+        "ray/workers/memory.max": "max\n", "ray/workers/memory.current": f"{1 << 30}\n",
+    }) == (8 << 30, 3 << 30)
+
+
+def test_the_tightest_level_of_the_cgroup_tree_bounds_the_memory(tmp_path):
+    # Own limit 4000 with 1000 used; its parent's 6000 nearly all used by siblings: 500 left
+    # for this process, within a limit of 4000.
+    assert write_cgroup(tmp_path, "0::/pod/job\n", {
+        "pod/memory.max": "6000\n", "pod/memory.current": "5500\n",
+        "pod/job/memory.max": "4000\n", "pod/job/memory.current": "1000\n",
+    }) == (4000, 3500)
+
+
+def test_a_v1_cgroup_reads_its_hierarchical_limit(tmp_path):
+    # v1: memory.limit_in_bytes is the cgroup's own; memory.stat's hierarchical_memory_limit
+    # counts its ancestors', also those outside the container's view.
+    assert write_cgroup(tmp_path, "4:memory:/\n", {
+        "memory/memory.limit_in_bytes": "9223372036854771712\n",
+        "memory/memory.usage_in_bytes": "1000\n",
+        "memory/memory.stat": "hierarchical_memory_limit 5000\ntotal_inactive_file 200\n",
+    }) == (5000, 800)
 
 
 def test_the_host_probe_reports_memory_within_the_processs_cgroup(monkeypatch):
