@@ -729,15 +729,18 @@ LABEL_NETWORK_GBPS = "orchestrator.io/network-gbps"
 MAX_DECLARED_ACCELERATORS = 64  # more than any real node has: a typo, not a machine
 
 
-def declared_gpus(labels: dict[str, str]) -> tuple[GpuInfo, ...]:
-    """Accelerators declared by node labels, marked source="declared".
+def declared_gpus(labels: dict[str, str], ray_gpus: float = 0.0) -> tuple[GpuInfo, ...]:
+    """Accelerators declared by node labels, marked source="declared". Without a count label,
+    as many as Ray was given on the node (`ray_gpus`; one where Ray counts none): one by
+    default declared a single accelerator on a node Ray gave four, and placement refused a
+    2-GPU worker there.
 
     Raises ValueError naming the label when a value is malformed."""
     name = labels.get(LABEL_ACCELERATOR_TYPE)
     if not name:
         return ()
     try:
-        count = int(labels.get(LABEL_ACCELERATOR_COUNT, "1"))
+        count = int(labels.get(LABEL_ACCELERATOR_COUNT, str(max(int(ray_gpus), 1))))
         memory_gb = float(labels.get(LABEL_ACCELERATOR_MEMORY_GB, "0"))
     except ValueError as e:
         raise ValueError(f"node label {LABEL_ACCELERATOR_COUNT} or "

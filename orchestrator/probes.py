@@ -13,7 +13,7 @@ import statistics
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
-from orchestrator.inventory import GpuInfo, declared_gpus
+from orchestrator.inventory import LABEL_ACCELERATOR_COUNT, GpuInfo, declared_gpus
 
 
 def probe_host() -> dict[str, Any]:
@@ -306,8 +306,9 @@ def gpu_count_problem(gpus: tuple[GpuInfo, ...], ray_gpus: float) -> str | None:
     """Why the GPUs probed disagree with the GPUs Ray was given on the node, or None. NVML
     sees every GPU of the machine, CUDA_VISIBLE_DEVICES or --num-gpus only some: the node's
     memory and family then count GPUs Ray never hands out (a T4 beside four A100s made an
-    A100 node mixed, kept off A100 jobs). No GPU probed where Ray counts some: the node is
-    placed as a CPU node, which the operator must hear of."""
+    A100 node mixed, kept off A100 jobs). Fewer probed than Ray counts: placement hands out
+    only those probed (per-GPU memory is theirs), the others sit idle. No GPU probed where Ray
+    counts some: the node is placed as a CPU node, which the operator must hear of."""
     if ray_gpus > 0 and not gpus:
         return (f"Ray counts {ray_gpus:g} GPU(s) here, but NVML found none and no labels "
                 "declare them (NVML library missing or driver not loaded?): placed as a "
@@ -316,15 +317,26 @@ def gpu_count_problem(gpus: tuple[GpuInfo, ...], ray_gpus: float) -> str | None:
         return (f"NVML sees {len(gpus)} GPUs, Ray was given {ray_gpus:g} "
                 "(CUDA_VISIBLE_DEVICES or --num-gpus?): the node's GPU memory and families "
                 "count GPUs Ray does not hand out")
+    if 0 < len(gpus) < ray_gpus:
+        seen, fix = ((f"NVML sees {len(gpus)} GPU(s)",
+                      "--num-gpus above the GPUs present, or a GPU lost?")
+                     if gpus[0].source == "nvml" else
+                     (f"node label {LABEL_ACCELERATOR_COUNT} declares {len(gpus)}",
+                      f"set {LABEL_ACCELERATOR_COUNT} to Ray's count, or --num-gpus to the "
+                      "label's"))
+        return (f"{seen}, Ray was given {ray_gpus:g} ({fix}): placement hands out only "
+                f"{len(gpus)} GPU(s) here")
     return None
 
 
-def probe_gpus(labels: dict[str, str], errors: dict[str, str]) -> tuple[GpuInfo, ...]:
-    """Measured GPUs when NVML sees any; otherwise whatever the node's labels declare."""
+def probe_gpus(labels: dict[str, str], errors: dict[str, str],
+               ray_gpus: float = 0.0) -> tuple[GpuInfo, ...]:
+    """Measured GPUs when NVML sees any; otherwise whatever the node's labels declare (as many
+    as Ray was given, `ray_gpus`, where they declare no count)."""
     measured = run_probe("nvml", lambda: probe_nvml(errors), (), errors)
     if measured:
         return measured
-    return run_probe("declared", lambda: declared_gpus(labels), (), errors)
+    return run_probe("declared", lambda: declared_gpus(labels, ray_gpus), (), errors)
 
 
 # Node-to-node bandwidth. The transfer itself needs Ray (ray_layer/node_agent.py); the arithmetic

@@ -83,7 +83,7 @@ class NodeAgent:
         errors: dict[str, str] = {}
         host = host_figures(errors)
         run_probe("network-labels", lambda: check_network_labels(self.labels), None, errors)
-        gpus = probe_gpus(self.labels, errors)
+        gpus = probe_gpus(self.labels, errors, self.ray_gpus)
         mismatch = gpu_count_problem(gpus, self.ray_gpus)
         if mismatch:
             errors["gpu-count"] = mismatch

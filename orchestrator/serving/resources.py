@@ -113,7 +113,7 @@ def report_from_ray_node(node: dict[str, Any]) -> NodeReport:
     labels = dict(node.get("Labels") or {})
     resources = node.get("Resources") or {}
     try:
-        gpus = declared_gpus(labels)
+        gpus = declared_gpus(labels, float(resources.get("GPU", 0)))
     except ValueError:  # a malformed label: the node agent reports it; count no accelerators
         gpus = ()
     detected = [key.split(":", 1)[1] for key in resources if key.startswith("accelerator_type:")]

@@ -13,7 +13,7 @@ from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, BANDWIDTH_MAX_BYTES,
                                  bandwidth_probe_sizes, current_bandwidth, peers_to_measure,
                                  probe_gpus, probe_host, probe_nvml, record_bandwidth, run_probe)
 from orchestrator.inventory import (GIB, LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
-                                    LABEL_ACCELERATOR_TYPE, declared_gpus)
+                                    LABEL_ACCELERATOR_TYPE, GpuInfo, declared_gpus)
 
 T4_LABELS = {LABEL_ACCELERATOR_TYPE: "T4", LABEL_ACCELERATOR_COUNT: "4",
              LABEL_ACCELERATOR_MEMORY_GB: "16"}
@@ -399,6 +399,36 @@ def test_a_mig_enabled_gpu_reports_its_smallest_slice_not_the_board(monkeypatch)
     assert (whole.name, whole.memory_total_bytes) == ("NVIDIA A100-SXM4-80GB", 80 * GIB)
     assert accelerator_family(split.name) == "" and gpu_families([whole]) == ["A100"]
     assert gpu_families([split, whole]) == ["", "A100"]  # a mixed node: no family
+
+
+def test_declared_accelerators_without_a_count_are_as_many_as_ray_was_given():
+    # A type and memory labelled, the count forgotten, Ray given 4 GPUs: one accelerator was
+    # declared, and a 2-GPU worker was refused "needs 2 GPU per worker, 1 free".
+    from orchestrator.config import JobSpec
+    from orchestrator.inventory import ClusterState, NodeReport
+    from orchestrator.placement import Placement, place
+    from orchestrator.probes import gpu_count_problem
+
+    labels = {LABEL_ACCELERATOR_TYPE: "T4", LABEL_ACCELERATOR_MEMORY_GB: "15"}
+    errors = {}
+    gpus = probe_gpus(labels, errors, ray_gpus=4.0)
+    assert len(gpus) == 4 and errors == {} and gpu_count_problem(gpus, 4.0) is None
+    assert len(declared_gpus(labels)) == 1  # Ray counts none (or not asked): one
+    state = ClusterState()
+    state.update(NodeReport("n", "n", 16, 4, 16, 0.0, GIB, GIB, gpus, labels), 0.0)
+    assert isinstance(place(JobSpec(name="j", num_workers=1, gpus_per_worker=2), state, 0.0),
+                      Placement)
+
+
+def test_fewer_gpus_probed_than_ray_was_given_is_said_naming_the_count_label():
+    from orchestrator.probes import gpu_count_problem
+
+    declared = declared_gpus({**T4_LABELS, LABEL_ACCELERATOR_COUNT: "1"})
+    problem = gpu_count_problem(declared, 4.0)
+    assert problem and f"{LABEL_ACCELERATOR_COUNT} declares 1" in problem
+    assert "Ray was given 4" in problem and "--num-gpus" in problem
+    measured = tuple(GpuInfo(i, "NVIDIA L4", 22 * GIB, 22 * GIB) for i in range(2))
+    assert "NVML sees 2 GPU(s), Ray was given 4" in gpu_count_problem(measured, 4.0)
 
 
 def test_gpus_probed_and_gpus_ray_was_given_disagreeing_is_said():

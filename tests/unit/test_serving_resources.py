@@ -93,6 +93,11 @@ def test_rays_node_table_stands_in_when_there_is_no_scheduler():
     assert [g.name for g in l4.gpus] == ["L4"] * 4 and l4.gpus[0].source == "nvml"
     assert cpu.gpus == () and cpu.ray_cpus == 4.0
     assert recommend([t4, l4, cpu]).accelerator == "L4"
+    # A declared type without a count label: as many as Ray was given, not one.
+    del labels["orchestrator.io/accelerator-count"]
+    t4 = report_from_ray_node({"NodeID": "t4", "Labels": labels,
+                               "Resources": {"CPU": 2.0, "GPU": 2.0}})
+    assert len(t4.gpus) == 2
 
 
 def test_a_node_of_several_families_promises_none_of_them():
