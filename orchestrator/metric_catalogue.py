@@ -90,12 +90,16 @@ NODE_GPUS = MetricSpec(
     "orchestrator_node_gpus", GAUGE,
     "Accelerators the node agent sees, by source: nvml (measured) or declared (node labels)",
     "1", NODE_TAGS + ("source",))
+# A load is not a share: above 1 per CPU is normal on a busy node (unit "1", not "ratio",
+# which the dashboard draws as a percentage).
 NODE_LOAD_PER_CPU = MetricSpec(
     "orchestrator_node_load_per_cpu", GAUGE,
-    "1-minute load average over the CPUs the OS sees", "ratio", NODE_TAGS)
+    "1-minute load average over the CPUs the OS sees (absent while the host probe fails)",
+    "1", NODE_TAGS)
 NODE_MEMORY_USED = MetricSpec(
     "orchestrator_node_memory_used_ratio", GAUGE,
-    "Host RAM in use (1 - available/total), 0-1", "ratio", NODE_TAGS)
+    "RAM in use within the node agent's memory cgroups (a container's limit, else the "
+    "host's; 1 - available/total), 0-1", "ratio", NODE_TAGS)
 NODE_BANDWIDTH = MetricSpec(
     "orchestrator_node_bandwidth_bytes_per_second", GAUGE,
     "Measured throughput from this node to a peer through Ray's object store (median of "
@@ -369,7 +373,8 @@ def node_samples(report) -> list[Sample]:
                     (GPU_MEMORY_TOTAL, gpu.memory_total_bytes, tags),
                     (GPU_UTILIZATION, None if gpu.utilization_pct is None
                      else gpu.utilization_pct / 100, tags)]
-    samples.append((NODE_LOAD_PER_CPU, report.load_per_cpu, node))
+    if "host" not in report.probe_errors:  # else its load is the stand-in that loses ties
+        samples.append((NODE_LOAD_PER_CPU, report.load_per_cpu, node))
     if report.ram_total_bytes > 0:
         samples.append((NODE_MEMORY_USED,
                         1 - report.ram_available_bytes / report.ram_total_bytes, node))

@@ -203,7 +203,7 @@ def _panels() -> dict[str, list[Panel]]:
             Panel("Host load per CPU", m.NODE_LOAD_PER_CPU,
                   f"max by (node_id, node_type) ({m.NODE_LOAD_PER_CPU.exported})",
                   "{{node_type}} {{node_id}}"),
-            Panel("Host memory used", m.NODE_MEMORY_USED,
+            Panel("Memory used (within cgroup)", m.NODE_MEMORY_USED,
                   f"max by (node_id, node_type) ({m.NODE_MEMORY_USED.exported})",
                   "{{node_type}} {{node_id}}"),
             Panel("Measured bandwidth", m.NODE_BANDWIDTH,

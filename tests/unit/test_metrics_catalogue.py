@@ -324,6 +324,31 @@ def test_node_samples_export_measured_gpus_host_and_bandwidth():
         assert set(tags) == set(spec.tag_keys), spec.name
 
 
+def test_a_failed_host_probe_exports_no_load_or_memory_figure(monkeypatch):
+    # Its stand-in load (10^6, so the node loses every tie-break) was drawn on the dashboard
+    # as a load of a million per CPU.
+    from orchestrator import probes
+
+    def no_psutil():
+        raise ImportError("No module named 'psutil'")
+
+    monkeypatch.setattr(probes, "probe_host", no_psutil)
+    errors = {}
+    host = probes.host_figures(errors)
+    report = NodeReport(node_id="n1", ray_cpus=8, ray_gpus=0, probe_errors=errors, **host)
+    s = by_metric(m.node_samples(report))
+    assert m.NODE_LOAD_PER_CPU.name not in s and m.NODE_MEMORY_USED.name not in s
+    assert s[m.NODE_PROBE_FAILURES.name][0][1]["probe"] == "host"
+
+
+def test_load_per_cpu_is_drawn_as_a_plain_number_not_a_percentage():
+    # As a "ratio" Grafana drew a load of 2 per CPU as 200%.
+    panels = [p for row in monitoring._panels().values() for p in row]
+    load = next(p for p in panels if p.spec is m.NODE_LOAD_PER_CPU)
+    assert monitoring.GRAFANA_UNITS[load.spec.unit] == "short"
+    assert "cgroup" in m.NODE_MEMORY_USED.description
+
+
 def test_scheduler_samples_count_health_queue_and_skip_retired_nodes():
     state = cluster(node("a"), node("b"), node("c"))
     state.update(node("a"), now=NOW + 40)  # b and c are 40 s late: suspect (after 30 s)
