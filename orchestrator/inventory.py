@@ -699,13 +699,18 @@ def check_network_labels(labels: dict[str, str]) -> None:
     raw = labels.get(LABEL_NETWORK_GBPS)
     if raw is None:
         return
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
+    value = _number(raw)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"node label {LABEL_NETWORK_GBPS}={raw!r}: must be a positive number "
                          "of GB/s; ignored")
+
+
+def _number(label_value: str) -> float:
+    """A label's value as a number, NaN when it is none (which every range check refuses)."""
+    try:
+        return float(label_value)
+    except ValueError:
+        return math.nan
 
 
 def _float_label(labels: dict[str, str], key: str) -> float:
@@ -739,21 +744,20 @@ def declared_gpus(labels: dict[str, str], ray_gpus: float = 0.0) -> tuple[GpuInf
     name = labels.get(LABEL_ACCELERATOR_TYPE)
     if not name:
         return ()
-    try:
-        count = int(labels.get(LABEL_ACCELERATOR_COUNT, str(max(int(ray_gpus), 1))))
-        memory_gb = float(labels.get(LABEL_ACCELERATOR_MEMORY_GB, "0"))
-    except ValueError as e:
-        raise ValueError(f"node label {LABEL_ACCELERATOR_COUNT} or "
-                         f"{LABEL_ACCELERATOR_MEMORY_GB} is not a number: {e}") from None
-    if not 0 <= count <= MAX_DECLARED_ACCELERATORS:
-        raise ValueError(f"node label {LABEL_ACCELERATOR_COUNT}={count}: must be between 0 and "
-                         f"{MAX_DECLARED_ACCELERATORS}")
-    if not (math.isfinite(memory_gb) and 0 <= memory_gb <= 100_000):
-        raise ValueError(f"node label {LABEL_ACCELERATOR_MEMORY_GB}={memory_gb}: must be a "
-                         "finite number of GiB >= 0")
+    count_label = labels.get(LABEL_ACCELERATOR_COUNT, str(max(int(ray_gpus), 1)))
+    count = _number(count_label)
+    # A whole number written as a decimal ("4.0": YAML or a template may write 4 so) counts.
+    if not (count.is_integer() and 0 <= count <= MAX_DECLARED_ACCELERATORS):
+        raise ValueError(f"node label {LABEL_ACCELERATOR_COUNT}={count_label!r}: must be a "
+                         f"whole number between 0 and {MAX_DECLARED_ACCELERATORS}")
+    memory_label = labels.get(LABEL_ACCELERATOR_MEMORY_GB, "0")
+    memory_gb = _number(memory_label)
+    if not 0 <= memory_gb <= 100_000:  # (NaN fails both)
+        raise ValueError(f"node label {LABEL_ACCELERATOR_MEMORY_GB}={memory_label!r}: must be a "
+                         "number of GiB between 0 and 100000")
     memory = int(memory_gb * GIB)
     return tuple(GpuInfo(index=i, name=name, memory_total_bytes=memory,
-                         memory_free_bytes=memory, source="declared") for i in range(count))
+                         memory_free_bytes=memory, source="declared") for i in range(int(count)))
 
 
 def silent_agent(known: tuple[str, float] | None, actor_id: str, last_seen: float | None,

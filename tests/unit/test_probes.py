@@ -47,6 +47,23 @@ def test_malformed_declaration_names_the_label(label, value):
         declared_gpus({**T4_LABELS, label: value})
 
 
+@pytest.mark.parametrize("label, value, other", [
+    (LABEL_ACCELERATOR_COUNT, "four", LABEL_ACCELERATOR_MEMORY_GB),
+    (LABEL_ACCELERATOR_COUNT, "4.5", LABEL_ACCELERATOR_MEMORY_GB),
+    (LABEL_ACCELERATOR_MEMORY_GB, "16GB", LABEL_ACCELERATOR_COUNT),
+])
+def test_a_malformed_label_is_named_alone_with_its_value(label, value, other):
+    # Both labels were named for either one's fault ("... count or ... memory-gb is not a
+    # number"), and the value only in Python's words.
+    with pytest.raises(ValueError) as caught:
+        declared_gpus({**T4_LABELS, label: value})
+    assert f"{label}={value!r}" in str(caught.value) and other not in str(caught.value)
+
+
+def test_a_whole_count_written_as_a_decimal_is_accepted():
+    assert len(declared_gpus({**T4_LABELS, LABEL_ACCELERATOR_COUNT: "4.0"})) == 4
+
+
 def test_a_failing_probe_is_recorded_and_others_go_on():
     errors = {}
     assert run_probe("broken", lambda: 1 / 0, "default", errors) == "default"
