@@ -308,22 +308,24 @@ def gpu_count_problem(gpus: tuple[GpuInfo, ...], ray_gpus: float) -> str | None:
     memory and family then count GPUs Ray never hands out (a T4 beside four A100s made an
     A100 node mixed, kept off A100 jobs). Fewer probed than Ray counts: placement hands out
     only those probed (per-GPU memory is theirs), the others sit idle. No GPU probed where Ray
-    counts some: the node is placed as a CPU node, which the operator must hear of."""
+    counts some: the node is placed as a CPU node, which the operator must hear of. Worded by
+    where the GPUs came from: declared ones are the count label's, not NVML's."""
     if ray_gpus > 0 and not gpus:
-        return (f"Ray counts {ray_gpus:g} GPU(s) here, but NVML found none and no labels "
-                "declare them (NVML library missing or driver not loaded?): placed as a "
-                "CPU node")
+        return (f"Ray counts {ray_gpus:g} GPU(s) here, but NVML found none and the node's "
+                "labels declare none (NVML library missing or driver not loaded? "
+                f"{LABEL_ACCELERATOR_COUNT}=0?): placed as a CPU node")
+    if not gpus or len(gpus) == ray_gpus:
+        return None
+    declared = gpus[0].source != "nvml"
+    seen = (f"node label {LABEL_ACCELERATOR_COUNT} declares {len(gpus)}" if declared
+            else f"NVML sees {len(gpus)} GPU(s)")
+    relabel = f"set {LABEL_ACCELERATOR_COUNT} to Ray's count, or --num-gpus to the label's"
     if ray_gpus > 0 and len(gpus) > ray_gpus:
-        return (f"NVML sees {len(gpus)} GPUs, Ray was given {ray_gpus:g} "
-                "(CUDA_VISIBLE_DEVICES or --num-gpus?): the node's GPU memory and families "
-                "count GPUs Ray does not hand out")
-    if 0 < len(gpus) < ray_gpus:
-        seen, fix = ((f"NVML sees {len(gpus)} GPU(s)",
-                      "--num-gpus above the GPUs present, or a GPU lost?")
-                     if gpus[0].source == "nvml" else
-                     (f"node label {LABEL_ACCELERATOR_COUNT} declares {len(gpus)}",
-                      f"set {LABEL_ACCELERATOR_COUNT} to Ray's count, or --num-gpus to the "
-                      "label's"))
+        fix = relabel if declared else "CUDA_VISIBLE_DEVICES or --num-gpus?"
+        return (f"{seen}, Ray was given {ray_gpus:g} ({fix}): the node's GPU memory and "
+                "families count GPUs Ray does not hand out")
+    if len(gpus) < ray_gpus:
+        fix = relabel if declared else "--num-gpus above the GPUs present, or a GPU lost?"
         return (f"{seen}, Ray was given {ray_gpus:g} ({fix}): placement hands out only "
                 f"{len(gpus)} GPU(s) here")
     return None

@@ -448,13 +448,26 @@ def test_fewer_gpus_probed_than_ray_was_given_is_said_naming_the_count_label():
     assert "NVML sees 2 GPU(s), Ray was given 4" in gpu_count_problem(measured, 4.0)
 
 
+def test_a_gpu_count_problem_of_declared_accelerators_names_the_label_not_nvml():
+    # Eight NPUs declared by label on a node Ray gave four read "NVML sees 8 GPUs"; a label
+    # declaring 0 read "no labels declare them".
+    from orchestrator.probes import gpu_count_problem
+
+    problem = gpu_count_problem(declared_gpus({**T4_LABELS, LABEL_ACCELERATOR_COUNT: "8"}), 4.0)
+    assert "NVML" not in problem and f"{LABEL_ACCELERATOR_COUNT} declares 8" in problem
+    assert "--num-gpus" in problem
+    none = declared_gpus({**T4_LABELS, LABEL_ACCELERATOR_COUNT: "0"})
+    problem = gpu_count_problem(none, 4.0)
+    assert "no labels declare them" not in problem and f"{LABEL_ACCELERATOR_COUNT}=0" in problem
+
+
 def test_gpus_probed_and_gpus_ray_was_given_disagreeing_is_said():
     from orchestrator.inventory import GpuInfo
     from orchestrator.probes import gpu_count_problem
 
     a100s = tuple(GpuInfo(i, "NVIDIA A100-SXM4-80GB", 80 << 30, 80 << 30) for i in range(5))
     # CUDA_VISIBLE_DEVICES hid one of five from Ray: NVML still counts it.
-    assert "NVML sees 5 GPUs, Ray was given 4" in gpu_count_problem(a100s, 4.0)
+    assert "NVML sees 5 GPU(s), Ray was given 4" in gpu_count_problem(a100s, 4.0)
     assert "NVML found none" in gpu_count_problem((), 8.0)  # no NVML library, no labels
     assert gpu_count_problem(a100s, 5.0) is None and gpu_count_problem((), 0.0) is None
 
