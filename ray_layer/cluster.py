@@ -159,6 +159,9 @@ def _check_reachable(address: str, source: str, timeout_s: float = 5.0,
             + (". Unset it to use an embedded Ray" if embedded and source == "RAY_ADDRESS"
                else ""))
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    # An IPv6 host comes bracketed ("[::1]:6379"); the socket wants it bare.
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     if not host or not port.isdigit():
         raise ClusterConnectionError(f"{source} {address!r} is not of the form host:port")
     try:
