@@ -78,7 +78,8 @@ GPU_TAGS = NODE_TAGS + ("gpu", "accelerator")
 
 GPU_MEMORY_USED = MetricSpec(
     "orchestrator_gpu_memory_used_bytes", GAUGE,
-    "GPU memory in use, per GPU, as NVML measures it (declared GPUs are not measured)",
+    "GPU memory in use, per GPU, as NVML measures it: PyTorch's caching allocator's reserve, "
+    "the CUDA context and NCCL's buffers count (declared GPUs are not measured)",
     "bytes", GPU_TAGS)
 GPU_MEMORY_TOTAL = MetricSpec(
     "orchestrator_gpu_memory_total_bytes", GAUGE,
@@ -296,6 +297,11 @@ RAY_SERVE_HEALTH_CHECK_FAILURES = "ray_serve_health_check_failures_total"  # cou
 ALERT_MIN_MFU = 0.45  # well-tuned dense LLM training reaches 45-55% MFU (PaLM: 46%)
 ALERT_MAX_COMM_SHARE = 0.15  # more: the all-reduce, not compute, sets the pace
 ALERT_MAX_MEMORY_FRACTION = 0.90  # above it, allocator fragmentation tips into OOM
+# GPU memory as NVML sees it includes what PyTorch's caching allocator keeps reserved, the
+# CUDA context and NCCL's buffers: a healthy training run holds over 90% of it (at 0.90 the
+# alert fired on such runs). Near full is the sign here; peak allocated is
+# TrainingMemoryHigh's.
+ALERT_MAX_GPU_MEMORY_USED = 0.97
 ALERT_NODE_DOWN_FOR_S = 60  # the scheduler calls a node suspect after 15 s without heartbeat
 # Twice the default --queue-timeout (600 s): a driver with default settings has given up long
 # before, so a job still waiting is one someone asked to wait for very long, or a queue that

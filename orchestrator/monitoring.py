@@ -112,11 +112,15 @@ ALERT_RULES: tuple[AlertRule, ...] = (
     AlertRule(
         "GpuMemoryHigh",
         f"max by (node_id, gpu) ({_q(m.GPU_MEMORY_USED)}) / max by (node_id, gpu) "
-        f"({_q(m.GPU_MEMORY_TOTAL)}) > {m.ALERT_MAX_MEMORY_FRACTION}",
+        f"({_q(m.GPU_MEMORY_TOTAL)}) > {m.ALERT_MAX_GPU_MEMORY_USED}",
         m.ALERT_TRAINING_FOR_S, "warn",
         f"GPU {{{{ $labels.gpu }}}} on node {{{{ $labels.node_id }}}} is over "
-        f"{m.ALERT_MAX_MEMORY_FRACTION:.0%} full",
-        "{{ $value | humanizePercentage }} of the GPU's memory in use (NVML)."),
+        f"{m.ALERT_MAX_GPU_MEMORY_USED:.0%} full",
+        "{{ $value | humanizePercentage }} of the GPU's memory in use (NVML), which counts "
+        "what PyTorch's caching allocator keeps reserved, the CUDA context and NCCL's "
+        "buffers: a healthy training run holds over 90%. Near full, a process that allocates "
+        "outside the cache (another job, a second engine) fails; TrainingMemoryHigh judges a "
+        "run's own peak."),
     AlertRule(
         "SchedulerQueueStuck",
         f"max({_q(m.SCHEDULER_QUEUE_OLDEST_WAIT)}) > {m.ALERT_QUEUE_STUCK_AFTER_S}",
