@@ -382,22 +382,23 @@ def _fastest(seconds: Iterable[float | None]) -> float | None:
 
 def bandwidth_gbps(seconds_by_size: dict[int, Iterable[float | None]]) -> float | None:
     """GB/s (1e9 bytes/s) of a link from the times of its transfers, by payload size in bytes;
-    None when the largest size has no usable time (its transfers failed or timed out).
+    None when no size has a usable time.
 
     Each size's fastest round, not the mean: the first transfer to a peer pays one-time costs
     (connections, memory mapping) that say nothing about the link. With two sizes, time = a +
     n / B is fitted through their fastest rounds and B reported: the per-transfer overhead a,
     the same for both sizes, is no part of the link's rate. Never below the larger transfer's
     own rate (noise making the smaller look faster per byte than the larger: no overhead left
-    to remove), nor above BANDWIDTH_MAX_FIT_GAIN times it; that rate alone where the smaller
-    size has no usable time, or where only one size was sent."""
-    fastest = {n: _fastest(times) for n, times in seconds_by_size.items() if n > 0}
-    if not fastest or fastest[max(fastest)] is None:
+    to remove), nor above BANDWIDTH_MAX_FIT_GAIN times it. With one usable size (one sent, or
+    the larger's transfers failed or timed out: a link too slow for it), that size's own rate:
+    the overhead counted, it is below the link's, never above (no figure would leave the
+    link at the rate assumed for pairs never measured)."""
+    usable = sorted((n, t) for n, times in seconds_by_size.items()
+                    if n > 0 and (t := _fastest(times)) is not None)
+    if not usable:
         return None
-    large = max(fastest)
-    plain = large / fastest[large]
-    usable = sorted((n, t) for n, t in fastest.items() if t is not None)
-    (small, t_small), (_, t_large) = usable[0], usable[-1]
+    (small, t_small), (large, t_large) = usable[0], usable[-1]
+    plain = large / t_large
     if small == large or t_large <= t_small:  # no size-dependent part to fit
         return plain / 1e9
     fitted = (large - small) / (t_large - t_small)
