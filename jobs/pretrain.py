@@ -209,7 +209,7 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
     if "model_size" in getattr(args, "given", ()) and fields["model_size"] != args.model_size:
         problems.append(f"--model-size {args.model_size}: the --init-from model has the "
                         f"{fields['model_size']} preset's shape; leave --model-size out")
-    train_config = None
+    train_config, left_pending = None, None
     # Each field's problem names its flag: `seq_len (--seq-len) must be ...`
     with given_by_flags(getattr(args, "flags", {})):
         try:
@@ -222,6 +222,7 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
                 accumulation=args.accumulation, min_lr=_min_lr(args),
                 checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
                 strategy=args.strategy, compile=args.compile, **fields)
+            left_pending = train_config.left_pending_at_end()
         except ConfigError as e:
             problems.append(str(e))
         try:  # checked even when the TrainConfig is not: every bad flag named at once
@@ -247,6 +248,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
         print(f"warning: {warmup} (pass --warmup-steps <= --max-steps to reach it, or extend "
               f"the run later with --resume --max-steps >= {args.warmup_steps})",
               file=sys.stderr)
+    if left_pending:  # said, as the warmup is: a first leg to extend with --resume is legitimate
+        print(f"warning: {left_pending}", file=sys.stderr)
     if train_config.init_from:
         check_init_context(train_config.init_from, train_config.seq_len)
     if args.resume:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -417,8 +418,9 @@ class TrainConfig:
                f"{_named('span_ramp')} must be an integer >= 1, got {self.span_ramp!r}")
         _check(p, is_number(self.span_penalty) and self.span_penalty >= 0,
                f"{_named('span_penalty')} must be a number >= 0, got {self.span_penalty!r}")
+        factors = None
         try:
-            parse_accumulation(self.accumulation)
+            factors = parse_accumulation(self.accumulation)
         except ConfigError as e:
             p.append(str(e).replace("accumulation", _named("accumulation"), 1))
         # The rules between fields, for fields that passed alone: named with the others,
@@ -434,7 +436,46 @@ class TrainConfig:
         if valid["lr"] and valid["min_lr"]:
             _check(p, self.min_lr <= self.lr,
                    f"{_named('min_lr')} ({self.min_lr}) must be <= {_named('lr')} ({self.lr})")
+        if factors is not None and valid["max_steps"]:
+            self._check_every_group_steps(p, factors)
         _raise_if_any("TrainConfig", p)
+
+    def _check_every_group_steps(self, p: list[str], factors: dict[str, int]) -> None:
+        """A group whose factor exceeds max_steps would never take an optimizer step: it
+        trained nothing while the run reported a loss as if it had."""
+        never = {group: k for group, k in factors.items() if k > self.max_steps}
+        if never:
+            groups = ", ".join(f"{group} (factor {k})" for group, k in never.items())
+            p.append(f"{_named('accumulation')} {self.accumulation!r}: {groups} would never "
+                     f"take an optimizer step in {_named('max_steps')} {self.max_steps} "
+                     f"micro-batches; raise max_steps to >= {max(never.values())} or lower "
+                     f"{'its factor' if len(never) == 1 else 'their factors'}")
+
+    def left_pending_at_end(self) -> str | None:
+        """What a run of this config leaves unapplied when max_steps is not a multiple of a
+        group's factor (the last max_steps % k micro-batches' gradients of that group stay
+        pending in the final checkpoint, where a resume with a higher max_steps applies
+        them), with the nearest max_steps that leaves nothing; None when every group ends on
+        a step. Said, never refused: a first leg to be extended later is legitimate."""
+        factors = self.accumulation_factors
+        left = {group: self.max_steps % k for group, k in factors.items()}
+        by_count: dict[int, list[str]] = {}
+        for group, count in left.items():
+            if count:
+                by_count.setdefault(count, []).append(group)
+        if not by_count:
+            return None
+        pending = " and ".join(
+            f"the last {f'{count} micro-batches' if count > 1 else 'micro-batch'} "
+            f"({', '.join(groups)})" for count, groups in sorted(by_count.items()))
+        period = math.lcm(*factors.values())  # every group steps on its multiples
+        below, above = self.max_steps // period * period, -(-self.max_steps // period) * period
+        ends = " or ".join(str(n) for n in (below, above) if n >= 1)
+        return (f"{_named('max_steps')} {self.max_steps} ends mid-accumulation "
+                f"({_named('accumulation')} {self.accumulation!r}): the gradients of {pending} "
+                "are never applied in this run (they stay pending in its final checkpoint, for "
+                f"a resume with a higher max_steps); max_steps {ends} ends on a step of every "
+                "group")
 
     @property
     def model_preset(self) -> dict[str, int]:

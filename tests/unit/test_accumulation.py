@@ -178,6 +178,46 @@ def test_invalid_factors_are_refused_naming_the_field(spec, message):
         TrainConfig(accumulation=spec)
 
 
+def test_a_group_that_would_never_step_is_refused_naming_accumulation_and_max_steps():
+    # embeddings=8 over 5 micro-batches: the embeddings never stepped (their weights stayed
+    # the initial ones), and the run ended with a held-out loss as if they had trained.
+    with pytest.raises(ConfigError, match=r"accumulation 'embeddings=8': embeddings \(factor "
+                       r"8\) would never take an optimizer step in max_steps 5 micro-batches; "
+                       r"raise max_steps to >= 8 or lower its factor"):
+        TrainConfig(max_steps=5, accumulation="embeddings=8")
+    assert TrainConfig(max_steps=8, accumulation="embeddings=8").left_pending_at_end() is None
+
+
+def test_a_run_ending_mid_accumulation_says_what_stays_pending_and_where_nothing_would():
+    said = TrainConfig(max_steps=10, accumulation="4").left_pending_at_end()
+    assert said.startswith("max_steps 10 ends mid-accumulation (accumulation '4'): the "
+                           "gradients of the last 2 micro-batches (embeddings, lower, upper, "
+                           "head) are never applied in this run")
+    assert said.endswith("max_steps 8 or 12 ends on a step of every group")
+    # Groups left with different counts; the nearest end is a multiple of every factor.
+    said = TrainConfig(max_steps=10, accumulation="embeddings=3,upper=4").left_pending_at_end()
+    assert "the last micro-batch (embeddings) and the last 2 micro-batches (upper)" in said
+    assert said.endswith("max_steps 12 ends on a step of every group")
+
+
+def test_what_a_run_ending_mid_accumulation_leaves_pending_a_longer_resume_applies(tmp_path):
+    """The warning's promise: the gradients of micro-batches 8 and 9 (k=4, 10 steps) are in
+    the final checkpoint, and resumed to 12 the run ends as one of 12 from the start.
+    (A constant LR: the cosine's legs of a resumed run differ from one run of 12.)"""
+    config = tiny(accumulation="4", max_steps=10, checkpoint_every=5, log_every=5,
+                  lr_schedule="constant")
+    ended = train(config, LocalSession(tmp_path / "resumed", device=CPU))
+    assert ended["optimizer_steps"] == dict.fromkeys(("embeddings", "lower", "upper", "head"),
+                                                     2)
+    last = sorted((tmp_path / "resumed").glob("checkpoint_*"))[-1]
+    assert load_checkpoint(last)["pending_gradients"]
+    longer = dataclasses.replace(config, max_steps=12)
+    train(longer, LocalSession(tmp_path / "resumed", device=CPU))
+    train(longer, LocalSession(tmp_path / "straight", device=CPU))
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
 def test_factor_spec_forms():
     assert parse_accumulation("2") == {"embeddings": 2, "lower": 2, "upper": 2, "head": 2}
     assert parse_accumulation("upper=8") == {"embeddings": 1, "lower": 1, "upper": 8,

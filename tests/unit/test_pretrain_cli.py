@@ -42,6 +42,9 @@ def unused_port():
     (["--max-failures", "-1"], "--max-failures must be >= 0, got -1"),
     (["--accumulation", "lower=0"],
      "accumulation (--accumulation): the factor of 'lower' must be an integer"),
+    (["--max-steps", "5", "--accumulation", "embeddings=8"],
+     "accumulation (--accumulation) 'embeddings=8': embeddings (factor 8) would never take an "
+     "optimizer step in max_steps (--max-steps) 5 micro-batches"),
     (["--attention-span", "--span-ramp", "0"],
      "span_ramp (--span-ramp) must be an integer >= 1, got 0"),
     (["--strategy", "fsdp", "--num-workers", "0", "--gpus-per-worker", "1"],  # not a
@@ -362,6 +365,26 @@ def test_a_resume_past_the_warmup_rule_is_not_refused(tmp_path, capsys):
     train, _ = pretrain.build_configs(args, run_dir)
     assert (train.warmup_steps, train.max_steps) == (50, 10)
     assert "warmup" not in capsys.readouterr().err
+
+
+def test_a_run_ending_mid_accumulation_is_said_in_one_line_naming_the_flags(tmp_path, capsys):
+    # The last 2 micro-batches' gradients were dropped from the run without a word (they stay
+    # in the final checkpoint); said, not refused: a first leg to extend is legitimate.
+    from jobs import pretrain
+
+    args = pretrain.parse_args(["--max-steps", "10", "--accumulation", "4",
+                                "--warmup-steps", "2"])
+    train, _ = pretrain.build_configs(args, tmp_path / "run")
+    assert train.max_steps == 10
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "warning: max_steps (--max-steps) 10 ends mid-accumulation (accumulation "
+        "(--accumulation) '4'): the gradients of the last 2 micro-batches (embeddings, lower, "
+        "upper, head) are never applied in this run")
+    args = pretrain.parse_args(["--max-steps", "12", "--accumulation", "4",
+                                "--warmup-steps", "2"])
+    pretrain.build_configs(args, tmp_path / "run")
+    assert capsys.readouterr().err == ""
 
 
 def test_config_problems_name_the_flag_that_gave_each_field(tmp_path):
