@@ -6,8 +6,11 @@ workers; one block's parameters gathered at a time, the next one prefetched):
 
 - parameters: fp32 master weights, 4 bytes each (autocast computes in bf16/fp16 from them);
 - gradients: fp32, 4 bytes each; DDP adds its gradient buckets (another 4 bytes each, as
-  `gradient_as_bucket_view` is off). Hierarchical accumulation adds none: a group's pending
-  gradients are set aside by reference while others step (accumulation.py), not copied;
+  `gradient_as_bucket_view` is off) with more than one worker: one worker trains unwrapped,
+  without DDP. FSDP adds the unsharded gradients of the block being reduce-scattered, one
+  worker too (torch copies them into its reduce-scatter buffer at any world size).
+  Hierarchical accumulation adds none: a group's pending gradients are set aside by
+  reference while others step (accumulation.py), not copied;
 - optimizer: AdamW's two fp32 moments, 8 bytes per parameter;
 - autocast's low-precision copies of the weights in use (2 bytes each under bf16/fp16);
 - activations kept for the backward pass, per layer s·b·h·34 bytes at 16 bits (Korthikanti
@@ -127,7 +130,9 @@ def span_attention_bytes(shape: Shape) -> int:
 def ddp_worker_memory(shape: Shape, workers: int) -> WorkerMemory:
     n = shape.params
     low_precision_copies = n * shape.compute_bytes if shape.compute_bytes < FP32 else 0
-    gradients = n * FP32 * 2  # .grad + DDP's buckets
+    # .grad, and DDP's buckets where there is a DDP: at world size 1 the sessions (and Ray
+    # Train's prepare_model) leave the model unwrapped.
+    gradients = n * FP32 * (2 if workers > 1 else 1)
     return WorkerMemory("DDP", workers, n * FP32 + low_precision_copies, gradients,
                         n * ADAM_BYTES, activation_bytes(shape))
 

@@ -72,6 +72,21 @@ def test_fsdp_shards_what_ddp_replicates():
     assert fsdp_worker_memory(shape, 16).total < fsdp.total
 
 
+def test_a_single_worker_counts_no_ddp_buckets():
+    """One worker trains unwrapped (no DDP at world size 1: the sessions' prepare_model, and
+    Ray's), so its gradients are .grad alone: gpt2-xl at 4 x 1024 with GPT-2's vocabulary was
+    43.3 GiB, 5.8 of them buckets it does not have, and a 40 GB A100 with 39.5 GiB free was
+    refused."""
+    from orchestrator.training.memory import gpu_memory_needed_gb
+
+    config = TrainConfig(model_size="gpt2-xl", seq_len=1024, batch_size=4, vocab_size=50257)
+    shape = shape_of(config, on_gpu=True)
+    assert ddp_worker_memory(shape, 1).gradients == 4 * shape.params
+    assert ddp_worker_memory(shape, 2).gradients == 8 * shape.params  # .grad + the buckets
+    assert gpu_memory_needed_gb(config, 1) == 37.5
+    assert gpu_memory_needed_gb(config, 2) == 43.3 > 39.5
+
+
 def test_precision_sets_the_compute_width():
     fp32 = shape_of(TrainConfig(precision="fp32"), on_gpu=True)
     auto_gpu = shape_of(TrainConfig(precision="auto"), on_gpu=True)
