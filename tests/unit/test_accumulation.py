@@ -103,6 +103,34 @@ def test_a_group_steps_with_the_mean_of_its_micro_batch_gradients():
     assert other.item() == -4.0  # stepped every micro-batch
 
 
+def test_clipping_covers_only_the_groups_stepping_on_that_micro_batch(monkeypatch):
+    """What docs/training.md says of clipping under unequal factors (kept as it is: existing
+    runs resume bit-equal): the norm is the stepping groups' alone, so the fast groups' clip
+    coefficient changes on the micro-batch a slow group steps with them."""
+    from orchestrator.training import accumulation as acc
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=16))
+    groups = parameter_groups(model)
+    accumulation = HierarchicalAccumulation(groups, {"embeddings": 4, "lower": 1, "upper": 1,
+                                                     "head": 1})
+    clipped = []  # per stepping micro-batch, the groups whose gradients the norm covers
+
+    def clip_gradients(params, max_norm):
+        clipping = {id(p) for p in params}
+        clipped.append({name for name, group in groups.items()
+                        if {id(p) for p in group} <= clipping})
+
+    monkeypatch.setattr(acc, "clip_gradients", clip_gradients)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for step in range(4):
+        idx = torch.randint(0, 256, (2, 16))
+        model(idx, idx)[1].backward()
+        accumulation.step(step, optimizer, scaler, grad_clip=1.0)
+    assert clipped == [{"lower", "upper", "head"}] * 3 + [set(groups)]
+
+
 def test_a_loss_scale_change_rescales_the_pending_gradients():
     """fp16: the scale doubles after a good step (growth_interval=1); gradients a waiting group
     accumulated at the old scale must follow, or its step would be off by that factor."""
