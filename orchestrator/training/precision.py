@@ -27,12 +27,20 @@ def resolve_precision(requested: str, device: torch.device) -> str:
         if device.type == "cpu" and requested != "fp32":
             log.warning("precision %s on CPU is emulated on most CPUs and can be far slower "
                         "than fp32; use it on CPU only to test the code path", requested)
+        if device.type == "cuda" and requested == "bf16" and not _native_bf16():
+            log.warning("precision bf16 on a GPU without native bf16 (compute capability "
+                        "below 8.0: T4, V100) is emulated and far slower; use --precision "
+                        "fp16 (loss scaling), as auto would")
         return requested
     if device.type == "cuda":
-        # Native bf16 only (compute capability 8.0+): by default torch also counts emulated
-        # bf16, which would give a T4 or V100 slow bf16 instead of fp16 with loss scaling.
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+        return "bf16" if _native_bf16() else "fp16"
     return "fp32"
+
+
+def _native_bf16() -> bool:
+    """Whether this process's GPU computes bf16 natively (compute capability 8.0+). By
+    default torch also counts emulated bf16, which a T4 or V100 runs far slower than fp16."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 @dataclass(frozen=True)

@@ -248,6 +248,21 @@ def test_auto_precision_on_a_gpu_takes_bf16_only_where_it_is_native(monkeypatch,
     assert resolve_precision("auto", torch.device("cuda")) == expected
 
 
+@pytest.mark.parametrize("native_bf16, warned", [(False, True), (True, False)])
+def test_bf16_asked_of_a_gpu_without_native_bf16_warns_suggesting_fp16(monkeypatch, caplog,
+                                                                      native_bf16, warned):
+    """An explicit --precision bf16 on a T4 or V100 ran emulated bf16, far slower, unsaid
+    (auto avoids it); it still runs as asked."""
+    def is_bf16_supported(including_emulation=True):
+        return native_bf16 or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    with caplog.at_level("WARNING", logger="orchestrator.training.precision"):
+        assert resolve_precision("bf16", torch.device("cuda")) == "bf16"
+    said = "precision bf16 on a GPU without native bf16" in caplog.text
+    assert said == warned and ("use --precision fp16" in caplog.text) == warned
+
+
 def test_fp16_scaler_skips_an_overflowing_step():
     precision = Precision("fp16", "cpu")
     weight = torch.nn.Parameter(torch.ones(2))
