@@ -45,6 +45,12 @@ class HierarchicalAccumulation:
     def is_plain(self) -> bool:
         return all(k == 1 for k in self.factors.values())
 
+    def last_step_before(self, step: int) -> int | None:
+        """The latest micro-batch before `step` on which any group stepped (its LR is the
+        one the weights last moved with), or None before the run's first step."""
+        latest = max((step // k) * k - 1 for k in self.factors.values())
+        return latest if latest >= 0 else None
+
     def sync_context(self, wrapped: torch.nn.Module, must_sync: bool):
         """DDP's no_sync on micro-batches where no gradient is needed across workers yet."""
         if must_sync or not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):

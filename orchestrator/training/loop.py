@@ -394,7 +394,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 "loss_steps": (int(interval_loss_steps) if interval_loss_steps.is_integer()
                                else round(interval_loss_steps, 2)),
                 "first_loss": first_loss,
-                "lr": lr_at(step - 1, config, legs),
+                "lr": _last_step_lr(accumulation, step, config, legs),
                 "tokens_per_s": timed_steps * tokens_per_step / elapsed,
                 "run_tokens_per_s": run_tokens / run_seconds,
                 "tokens_seen": tokens_seen,
@@ -497,6 +497,15 @@ def _restore(found: tuple[str, dict[str, Any]], session: TrainSession, config: T
     return state["step"], state["tokens_seen"], legs
 
 
+def _last_step_lr(accumulation: HierarchicalAccumulation, step: int, config: TrainConfig,
+                  legs: list) -> float | None:
+    """The LR of the last optimizer step taken before `step` (any group's), what the weights
+    last moved with; under accumulation the last micro-batch's LR is one no step may have
+    used. None before the run's first step."""
+    last = accumulation.last_step_before(step)
+    return None if last is None else lr_at(last, config, legs)
+
+
 def _model_figures(model: GPT, precision: Precision, scaler,
                    accumulation: HierarchicalAccumulation) -> dict[str, Any]:
     """The report's figures about the model's state: precision, loss scale, optimizer steps
@@ -597,8 +606,9 @@ def _publish(session: TrainSession, metrics: dict[str, Any], checkpoint_due: boo
 
 def _say_progress(metrics: dict[str, Any]) -> None:
     loss = "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}"  # (all overflowed)
+    lr = "-" if metrics["lr"] is None else f"{metrics['lr']:.2e}"  # (no step yet)
     line = (f"step {metrics['step']:>6} | loss {loss} | "
-            f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:,.0f} tok/s")
+            f"lr {lr} | {metrics['tokens_per_s']:,.0f} tok/s")
     if metrics.get("mfu") is not None:
         line += f" | MFU {metrics['mfu']:.1%}"
     if metrics.get("comm_share") is not None:

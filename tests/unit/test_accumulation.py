@@ -63,6 +63,24 @@ def test_equal_factors_are_exactly_ordinary_accumulation(tmp_path):
         assert torch.equal(got[name], tensor), name
 
 
+def test_the_reported_lr_is_the_one_the_last_optimizer_step_used(tmp_path):
+    """k=4 steps on micro-batches 3, 7 and 11: the report at step 6 said micro-batch 5's LR,
+    which no step used. Before the first step there is none to report (the progress line
+    says `lr -`)."""
+    config = tiny(accumulation="4", log_every=3)
+    session = LocalSession(tmp_path, device=CPU)
+    train(config, session)
+    assert [r["lr"] for r in session.reports] == [None, lr_at(3, config), lr_at(7, config),
+                                                  lr_at(11, config)]
+    assert lr_at(5, config) != lr_at(3, config)
+    # Unequal factors: the latest micro-batch on which any group stepped.
+    accumulation = HierarchicalAccumulation({"embeddings": [torch.nn.Parameter(torch.ones(1))],
+                                             "upper": [torch.nn.Parameter(torch.ones(1))]},
+                                            {"embeddings": 2, "upper": 4})
+    assert [accumulation.last_step_before(step) for step in (1, 2, 3, 4, 6, 7)] == \
+        [None, 1, 1, 3, 5, 5]
+
+
 def test_each_group_steps_every_k_micro_batches():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=16))
