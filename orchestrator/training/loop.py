@@ -29,6 +29,7 @@ from orchestrator.training.data import get_batch, load_corpus, split_corpus, str
 from orchestrator.training.efficiency import (CommTimer, Thresholds, cpu_peak_flops,
                                            flops_per_token, gpu_peak_flops, mfu, peak_memory,
                                            warnings_for)
+from orchestrator.training.memory import parameters_label
 from orchestrator.training.model import GPT, GPTConfig, parameter_groups
 from orchestrator.training.optim import (build_optimizer, load_optimizer_state, set_lr,
                                         warmup_cosine_lr)
@@ -300,7 +301,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     efficiency = Efficiency(config, model, precision, device, parallel)
     tokens_per_step = config.batch_size * config.seq_len * session.world_size
     if session.world_rank == 0:
-        say(f"training {config.model_size} GPT ({model.num_params() / 1e6:.2f}M params) "
+        say(f"training {config.model_size} GPT "
+            f"({parameters_label(model.num_params(non_embedding=False))}) "
             f"in {precision.name} on {session.world_size} worker(s) ({config.strategy}"
             f"{', compiled' if compiled else ''}), "
             f"steps {step}->{config.max_steps}")

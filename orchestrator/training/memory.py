@@ -176,10 +176,17 @@ def gpu_memory_needed_gb(config: TrainConfig, workers: int) -> float:
     return math.ceil(needed / GIB * 10) / 10
 
 
+def parameters_label(count: int) -> str:
+    """A model's size as the dry run and the training banner both give it: every parameter,
+    the position table included (Shape.params; GPT-2 small is 124.44M so). MFU's FLOPs per
+    token count the table out (GPT.num_params' default), as PaLM's formula does."""
+    return f"{count / 1e6:,.2f}M parameters"
+
+
 def memory_lines(config: TrainConfig, workers: int, on_gpu: bool) -> list[str]:
     """What `jobs/pretrain.py --dry-run` prints about memory: per worker under DDP and FSDP."""
     shape = shape_of(config, on_gpu)
-    lines = [f"model: {config.model_size}, {shape.params / 1e6:,.1f}M parameters (vocabulary "
+    lines = [f"model: {config.model_size}, {parameters_label(shape.params)} (vocabulary "
              f"{shape.vocab_size:,}); micro-batch {shape.batch_size} x {shape.seq_len} tokens "
              f"per worker, {'16-bit' if shape.compute_bytes == 2 else 'fp32'} compute",
              "memory per worker (estimate; plus the CUDA context and allocator slack, "

@@ -95,6 +95,23 @@ def test_precision_sets_the_compute_width():
     assert activation_bytes(fp32) > activation_bytes(auto_gpu)
 
 
+def test_the_training_banner_and_the_dry_run_give_one_parameter_count(tmp_path, capsys):
+    """The banner left the position table out (GPT-2 small's shape with GPT-2's vocabulary:
+    123.65M there, 124.44M in the dry run). At seq 256 the tiny preset's table (16,384) moves
+    the count from 0.12M to 0.13M."""
+    import re
+
+    from orchestrator.training.loop import train
+    from orchestrator.training.session import LocalSession
+
+    config = TrainConfig(model_size="tiny", seq_len=256, batch_size=1, max_steps=1,
+                         log_every=1, checkpoint_every=1, warmup_steps=0, eval_batches=1)
+    train(config, LocalSession(tmp_path, device=torch.device("cpu")))
+    banner = re.search(r"training tiny GPT \(([\d.,]+M parameters)\)", capsys.readouterr().out)
+    assert banner and banner.group(1) == "0.13M parameters"
+    assert memory_lines(config, 1, on_gpu=False)[0].startswith(f"model: tiny, {banner.group(1)}")
+
+
 def test_dry_run_lines_name_both_strategies():
     lines = memory_lines(TrainConfig(model_size="gpt2-medium", seq_len=1024), 4, on_gpu=True)
     assert "gpt2-medium" in lines[0] and "16-bit compute" in lines[0]
