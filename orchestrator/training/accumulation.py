@@ -41,10 +41,6 @@ class HierarchicalAccumulation:
         """Groups whose optimizer step falls on micro-batch `step` (0-based)."""
         return [name for name, k in self.factors.items() if (step + 1) % k == 0]
 
-    @property
-    def is_plain(self) -> bool:
-        return all(k == 1 for k in self.factors.values())
-
     def last_step_before(self, step: int) -> int | None:
         """The latest micro-batch before `step` on which any group stepped (its LR is the
         one the weights last moved with), or None before the run's first step."""
