@@ -7,8 +7,8 @@ workers; one block's parameters gathered at a time, the next one prefetched):
 - parameters: fp32 master weights, 4 bytes each (autocast computes in bf16/fp16 from them);
 - gradients: fp32, 4 bytes each; DDP adds its gradient buckets (another 4 bytes each, as
   `gradient_as_bucket_view` is off) with more than one worker: one worker trains unwrapped,
-  without DDP. FSDP adds the unsharded gradients of the block being reduce-scattered, one
-  worker too (torch copies them into its reduce-scatter buffer at any world size).
+  without DDP. FSDP adds the unsharded gradients of the block being reduce-scattered, with
+  one worker too (torch copies them into its reduce-scatter buffer at any world size).
   Hierarchical accumulation adds none: a group's pending gradients are set aside by
   reference while others step (accumulation.py), not copied;
 - optimizer: AdamW's two fp32 moments, 8 bytes per parameter;
