@@ -222,6 +222,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
                 accumulation=args.accumulation, min_lr=_min_lr(args),
                 checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
                 strategy=args.strategy, compile=args.compile, **fields)
+            if never_steps := train_config.never_stepping_groups():
+                problems.append(never_steps)
             left_pending = train_config.left_pending_at_end()
         except ConfigError as e:
             problems.append(str(e))

@@ -418,9 +418,8 @@ class TrainConfig:
                f"{_named('span_ramp')} must be an integer >= 1, got {self.span_ramp!r}")
         _check(p, is_number(self.span_penalty) and self.span_penalty >= 0,
                f"{_named('span_penalty')} must be a number >= 0, got {self.span_penalty!r}")
-        factors = None
         try:
-            factors = parse_accumulation(self.accumulation)
+            parse_accumulation(self.accumulation)
         except ConfigError as e:
             p.append(str(e).replace("accumulation", _named("accumulation"), 1))
         # The rules between fields, for fields that passed alone: named with the others,
@@ -436,20 +435,22 @@ class TrainConfig:
         if valid["lr"] and valid["min_lr"]:
             _check(p, self.min_lr <= self.lr,
                    f"{_named('min_lr')} ({self.min_lr}) must be <= {_named('lr')} ({self.lr})")
-        if factors is not None and valid["max_steps"]:
-            self._check_every_group_steps(p, factors)
         _raise_if_any("TrainConfig", p)
 
-    def _check_every_group_steps(self, p: list[str], factors: dict[str, int]) -> None:
-        """A group whose factor exceeds max_steps would never take an optimizer step: it
-        trained nothing while the run reported a loss as if it had."""
-        never = {group: k for group, k in factors.items() if k > self.max_steps}
-        if never:
-            groups = ", ".join(f"{group} (factor {k})" for group, k in never.items())
-            p.append(f"{_named('accumulation')} {self.accumulation!r}: {groups} would never "
-                     f"take an optimizer step in {_named('max_steps')} {self.max_steps} "
-                     f"micro-batches; raise max_steps to >= {max(never.values())} or lower "
-                     f"{'its factor' if len(never) == 1 else 'their factors'}")
+    def never_stepping_groups(self) -> str | None:
+        """Why this config cannot train: a group whose factor exceeds max_steps would never
+        take an optimizer step (it trained nothing while the run reported a loss as if it
+        had); None when every group steps. A rule for training, not part of validate(): a
+        saved run's config must still load (to serve, export or compress its checkpoint)."""
+        never = {group: k for group, k in self.accumulation_factors.items()
+                 if k > self.max_steps}
+        if not never:
+            return None
+        groups = ", ".join(f"{group} (factor {k})" for group, k in never.items())
+        return (f"{_named('accumulation')} {self.accumulation!r}: {groups} would never take an "
+                f"optimizer step in {_named('max_steps')} {self.max_steps} micro-batches; "
+                f"raise max_steps to >= {max(never.values())} or lower "
+                f"{'its factor' if len(never) == 1 else 'their factors'}")
 
     def left_pending_at_end(self) -> str | None:
         """What a run of this config leaves unapplied when max_steps is not a multiple of a

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from orchestrator.config import TrainConfig, resume_conflicts
+from orchestrator.config import ConfigError, TrainConfig, resume_conflicts
 from orchestrator.training.accumulation import (HierarchicalAccumulation, pending_gradients,
                                                 restore_pending_gradients)
 from orchestrator.training.checkpoint import (CheckpointError, checkpoint_header,
@@ -279,6 +279,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     """Train until `config.max_steps`, resuming from the session's latest checkpoint.
 
     Returns the final metrics (also the last report)."""
+    if never_steps := config.never_stepping_groups():  # before any data or model is built
+        raise ConfigError(never_steps)
     # Wall-clock marks of this attempt (after a yield or a failure: the restart) for the
     # reports: its workers up (started_at), its checkpoint loaded (restored_at).
     started_at = time.time()

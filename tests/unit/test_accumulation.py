@@ -1,5 +1,6 @@
 """Hierarchical gradient accumulation: per-group factors, DDP no_sync, exact resume, fp16."""
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -224,13 +225,21 @@ def test_invalid_factors_are_refused_naming_the_field(spec, message):
         TrainConfig(accumulation=spec)
 
 
-def test_a_group_that_would_never_step_is_refused_naming_accumulation_and_max_steps():
+def test_a_group_that_would_never_step_is_refused_by_training_but_its_config_still_loads(
+        tmp_path):
     # embeddings=8 over 5 micro-batches: the embeddings never stepped (their weights stayed
-    # the initial ones), and the run ended with a held-out loss as if they had trained.
-    with pytest.raises(ConfigError, match=r"accumulation 'embeddings=8': embeddings \(factor "
-                       r"8\) would never take an optimizer step in max_steps 5 micro-batches; "
-                       r"raise max_steps to >= 8 or lower its factor"):
-        TrainConfig(max_steps=5, accumulation="embeddings=8")
+    # the initial ones), and the run ended with a held-out loss as if they had trained. The
+    # config itself stays valid: a saved run's checkpoint must still load to be served.
+    config = TrainConfig.from_dict({"model_size": "tiny", "max_steps": 5,
+                                    "accumulation": "embeddings=8"})
+    said = (r"accumulation 'embeddings=8': embeddings \(factor 8\) would never take an "
+            r"optimizer step in max_steps 5 micro-batches; raise max_steps to >= 8 or lower "
+            r"its factor")
+    assert re.fullmatch(said, config.never_stepping_groups())
+    with pytest.raises(ConfigError, match=said):
+        train(config, LocalSession(tmp_path / "run", device=torch.device("cpu")))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert TrainConfig(max_steps=8, accumulation="embeddings=8").never_stepping_groups() is None
     assert TrainConfig(max_steps=8, accumulation="embeddings=8").left_pending_at_end() is None
 
 
