@@ -167,17 +167,21 @@ class Ingress:
             protocol.check_request_fields(data, chat=chat, model_name=self.settings.model_name)
             info = await self._model_info(max_age_s=1.0)
             encoder = await self._encoder(info)
+            # Every prompt is checked against the replica's KV cache here, before any
+            # starts (protocol._check_fits_cache says why)
+            kv_cache_tokens = (info["kv_cache_tokens"]
+                               if info.get("batching") == "continuous" else None)
             if chat:
                 parsed = protocol.parse_chat_request(
                     data, block_size=info["context_length"],
                     model_name=self.settings.model_name, encoder=encoder,
-                    kv_cache_tokens=(info["kv_cache_tokens"]
-                                     if info.get("batching") == "continuous" else None))
+                    kv_cache_tokens=kv_cache_tokens)
             else:
                 parsed = protocol.parse_completion_request(
                     data, block_size=info["context_length"],
                     model_name=self.settings.model_name,
-                    max_prompts=self.settings.max_prompts_per_request, encoder=encoder)
+                    max_prompts=self.settings.max_prompts_per_request, encoder=encoder,
+                    kv_cache_tokens=kv_cache_tokens)
             requests = [GenerationRequest(prompt, SamplingParams(
                 parsed.max_tokens, parsed.temperature, parsed.top_p, parsed.stop, parsed.seed))
                 for prompt in parsed.prompts]
@@ -192,14 +196,15 @@ class Ingress:
         if chat:
             body = protocol.chat_completion_body(
                 protocol.chat_completion_id(), self.settings.model_name, version,
-                results[0].text, results[0].finish_reason, prompt_tokens, completion_tokens)
+                protocol.chat_reply_content(results[0].text), results[0].finish_reason,
+                prompt_tokens, completion_tokens)
         else:
             body = protocol.completion_body(
                 protocol.completion_id(), self.settings.model_name, version,
                 [(r.text, r.finish_reason) for r in results], prompt_tokens,
                 completion_tokens)
         self._record(route, 200, started)
-        return JSONResponse(body, headers={"x-model-version": protocol.version_header(version)})
+        return JSONResponse(body, headers=protocol.version_headers(version))
 
     @api.get("/v1/models")
     async def models(self) -> Response:
@@ -396,8 +401,10 @@ class Ingress:
             if isinstance(first[1], Exception):
                 return self._error_response(first[1], route, started)
             handed_over = True
+            version = first[1].version if first[1] is not None else ""
             return CancellingStream(self._sse(parsed, first, queue, len(tasks), started, route),
-                                    tasks, media_type="text/event-stream")
+                                    tasks, media_type="text/event-stream",
+                                    headers=protocol.version_headers(version))
         finally:
             if not handed_over:  # refused, or the client left while waiting
                 for task in tasks:
@@ -410,8 +417,10 @@ class Ingress:
         queue's; interleaved, each tagged with its index), the usage if asked for, then
         [DONE]. An error after the response has started is sent as an error event (the
         status line is already out). Chat chunks carry deltas: the role first, then the
-        content, then the finish_reason. (CancellingStream cancels the prompts' tasks.)"""
+        content (protocol.ChatReply's), then the finish_reason. (CancellingStream cancels the
+        prompts' tasks.)"""
         chat = route == CHAT_ROUTE
+        reply = protocol.ChatReply()
         request_id = protocol.chat_completion_id() if chat else protocol.completion_id()
         created = int(time.time())
         model, status, version, produced = self.settings.model_name, 200, "", 0
@@ -444,11 +453,12 @@ class Ingress:
                         yield protocol.sse_event(protocol.chat_chunk_body(
                             request_id, model, version, created, index,
                             {"role": "assistant", "content": ""}, None))
-                    if chat and item.text and item.finish_reason:  # text, then the end
-                        yield event(index, item.text, None)
+                    text = reply.text(item.text) if chat else item.text
+                    if chat and text and item.finish_reason:  # text, then the end
+                        yield event(index, text, None)
                         yield event(index, "", item.finish_reason)
-                    elif item.text or item.finish_reason:
-                        yield event(index, item.text, item.finish_reason)
+                    elif text or item.finish_reason:
+                        yield event(index, text, item.finish_reason)
             if status == 200 and parsed.include_usage:
                 usage_body = (protocol.chat_usage_chunk_body if chat
                               else protocol.usage_chunk_body)

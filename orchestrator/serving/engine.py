@@ -115,8 +115,8 @@ def check_request(request: GenerationRequest, context: int, limits: EngineLimits
         raise CapacityError(*unfit)
     capacity = limits.num_blocks * limits.block_tokens
     if positions_needed(request) > capacity:
-        raise CapacityError(kv_cache_refusal(len(request.context), request.remaining,
-                                             capacity, "prompt", "max_tokens"))
+        raise CapacityError(*kv_cache_refusal(len(request.context), request.remaining,
+                                              capacity, "prompt", "max_tokens"))
 
 
 @dataclass

@@ -71,10 +71,11 @@ class GenerationRequest:
             return (f"token id {bad} is not one this model reads (ids 0-{token_ids - 1}); "
                     "the model served may have changed: retry", "prompt")
         needed = len(self.context) + self.remaining
-        if needed > context:
+        if needed > context:  # (a prompt that fills the context alone is the one at fault)
             return (f"This model's maximum context length is {context} tokens, however you "
                     f"requested {needed} tokens ({len(self.context)} in the prompt; "
-                    f"{self.remaining} for the completion)", "max_tokens")
+                    f"{self.remaining} for the completion)",
+                    "prompt" if len(self.context) >= context else "max_tokens")
         return None
 
     def resumed_after(self, tokens: tuple[int, ...]) -> "GenerationRequest":
@@ -123,9 +124,12 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
         return greedy
     probs = torch.softmax(logits.float() / temperature.clamp(min=1e-6).unsqueeze(1), dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # Keep the most likely tokens until their mass reaches top_p (the first one always).
+    # Keep the most likely tokens until their mass reaches top_p, the first one always: top_p
+    # 0 (which OpenAI accepts) keeps it alone, so it is greedy.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs * (mass_before < top_p.unsqueeze(1))
+    kept = mass_before < top_p.unsqueeze(1)
+    kept[..., 0] = True
+    sorted_probs = sorted_probs * kept
     cdf = sorted_probs.cumsum(dim=-1)
     target = uniform.unsqueeze(1) * cdf[:, -1:]
     pick = torch.searchsorted(cdf, target).clamp(max=logits.size(-1) - 1)

@@ -18,7 +18,9 @@ at "\nUser:" (the model starting the next turn itself). A tokenizer whose end-of
 the model can read (a trained tokenizer's) also gets that token after every message, and
 generation stops when the model produces it, as the byte tokenizer's (id 256) is for the
 257-id byte models runs train; a 256-id model of a run from before end-of-text was added gets
-plain text only.
+plain text only. The template's space after "Assistant:" is the model's to write: the reply's
+content loses one leading space (`ChatReply`), so a reply sent back as history renders as the
+model wrote it.
 """
 from __future__ import annotations
 
@@ -162,14 +164,19 @@ def check_request_fields(data: dict[str, Any], *, chat: bool, model_name: str) -
 
 
 def parse_completion_request(data: dict[str, Any], *, block_size: int, model_name: str,
-                             max_prompts: int = 32, encoder: Encoder | None = None
-                             ) -> CompletionRequest:
-    """Validate a decoded /v1/completions body against the served model's context."""
+                             max_prompts: int = 32, encoder: Encoder | None = None,
+                             kv_cache_tokens: int | None = None) -> CompletionRequest:
+    """Validate a decoded /v1/completions body against the served model's context, and with
+    continuous batching the replica's KV cache (`kv_cache_tokens`): every prompt is checked
+    against it here, and an unset max_tokens is cut to what it holds, as for chat."""
     check_request_fields(data, chat=False, model_name=model_name)
     model = data.get("model")
     prompts = _prompts(data, max_prompts, encoder or Encoder())
-    longest = max(len(p) for p in prompts)
-    max_tokens = _max_tokens(data.get("max_tokens"), longest, block_size)
+    longest, name = _longest_prompt(prompts)
+    max_tokens = _max_tokens(data.get("max_tokens"), longest, block_size,
+                             _default_max_tokens(longest, block_size, kv_cache_tokens,
+                                                 most=DEFAULT_MAX_TOKENS), name)
+    _check_fits_cache(longest, max_tokens, kv_cache_tokens, name, "max_tokens")
     stream = _bool(data, "stream", False)
     return CompletionRequest(
         prompts=prompts, max_tokens=max_tokens,
@@ -245,6 +252,13 @@ def _prompts(data: dict[str, Any], max_prompts: int,
     return tuple(prompts)
 
 
+def _longest_prompt(prompts: tuple[tuple[int, ...], ...]) -> tuple[int, str]:
+    """The longest prompt's length and its name ("prompt", or "prompt[i]" among several): it
+    needs the most room, so it is the one a refusal names."""
+    i = max(range(len(prompts)), key=lambda j: len(prompts[j]))
+    return len(prompts[i]), "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+
+
 # -- chat completions ------------------------------------------------------------------------
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User",
               "assistant": "Assistant"}
@@ -277,6 +291,28 @@ def chat_prompt(messages: tuple[tuple[str, str], ...], tokenizer: Tokenizer,
     return tuple(tokens + tokenizer.encode("Assistant:"))
 
 
+class ChatReply:
+    """An assistant reply's content from the text released for it, streamed or whole alike:
+    the first text loses one leading space. The prompt ends "Assistant:" and the model writes
+    the template's space itself; kept, it started the content, and history renders an
+    assistant message "Assistant: <content>", so a reply sent back got one space more every
+    turn. Without it, history renders as the model wrote it."""
+
+    def __init__(self) -> None:
+        self._started = False
+
+    def text(self, released: str) -> str:
+        if self._started or not released:
+            return released
+        self._started = True
+        return released.removeprefix(" ")
+
+
+def chat_reply_content(text: str) -> str:
+    """A whole reply's content (see ChatReply)."""
+    return ChatReply().text(text)
+
+
 def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str,
                        encoder: Encoder | None = None,
                        kv_cache_tokens: int | None = None) -> CompletionRequest:
@@ -297,12 +333,13 @@ def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str
     field = "max_completion_tokens" if "max_completion_tokens" in given else "max_tokens"
     try:
         max_tokens = _max_tokens(data.get(field), len(prompt), block_size,
-                                 default=_chat_default_max_tokens(len(prompt), block_size,
-                                                                  kv_cache_tokens))
+                                 _default_max_tokens(len(prompt), block_size, kv_cache_tokens))
     except APIError as e:
         raise bad_request(e.message.replace("max_tokens", field).replace(
             "prompt", "messages"), field if e.param == "max_tokens" else "messages") from None
-    _check_chat_fits_cache(len(prompt), max_tokens, field, kv_cache_tokens)
+    # (the replica knows only "max_tokens", which a chat client may not have sent)
+    _check_fits_cache(len(prompt), max_tokens, kv_cache_tokens, "messages", field,
+                      " with the template")
     stream = _bool(data, "stream", False)
     return CompletionRequest(
         prompts=(prompt,), max_tokens=max_tokens,
@@ -312,36 +349,44 @@ def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str
         model=model)
 
 
-def _check_chat_fits_cache(prompt: int, max_tokens: int, field: str,
-                           kv_cache_tokens: int | None) -> None:
-    """What the replica would refuse for its KV cache, refused here naming the chat field at
-    fault (the replica knows only "max_tokens", which a chat client may not have sent)."""
+def _check_fits_cache(prompt: int, max_tokens: int, kv_cache_tokens: int | None,
+                      prompt_name: str, field: str, counted: str = "") -> None:
+    """What the replica would refuse for its KV cache (`kv_cache_tokens`, with continuous
+    batching), refused before any prompt starts: one refused by the replica after another
+    prompt's text went out made a streamed answer a 200 ending in an error event."""
     if kv_cache_tokens is None or prompt + max_tokens - 1 <= kv_cache_tokens:
         return
-    raise bad_request(kv_cache_refusal(prompt, max_tokens, kv_cache_tokens, "messages", field,
-                                       " with the template"),
-                      "messages" if prompt > kv_cache_tokens else field)
+    raise bad_request(*kv_cache_refusal(prompt, max_tokens, kv_cache_tokens, prompt_name,
+                                        field, counted))
 
 
 def kv_cache_refusal(prompt: int, max_tokens: int, capacity: int, prompt_name: str,
-                     field: str, counted: str = "") -> str:
-    """Why prompt + max_tokens does not fit a KV cache of `capacity` positions, with the
-    positions it needs (every token fed: all but the last generated) and the largest
-    `field` that fits (the message said prompt + max_tokens, one more than the need)."""
-    fits = capacity - prompt + 1
-    advice = (f"at most {field} {fits} fits" if fits >= 1 else
-              f"the {prompt_name} alone are over it: shorten them" if prompt_name.endswith("s")
-              else f"the {prompt_name} alone is over it: shorten it")
+                     field: str, counted: str = "") -> tuple[str, str]:
+    """Why prompt + max_tokens does not fit a KV cache of `capacity` positions, and the
+    request field at fault: the prompt when it alone is over (no `field` could fit, and the
+    client may not have sent one: it is not named), else `field`, with the positions needed
+    (every token fed: all but the last generated) and the largest `field` that fits."""
+    if prompt > capacity:
+        verb, it = ("are", "them") if prompt_name.endswith("s") else ("is", "it")
+        return (f"the {prompt_name} ({prompt} tokens{counted}) {verb} over the KV cache alone: "
+                f"this replica's cache holds {capacity} (setting kv_cache_tokens); shorten {it}",
+                prompt_name.split("[")[0])
     return (f"the {prompt_name} ({prompt} tokens{counted}) and {field} ({max_tokens}) need "
             f"{prompt + max_tokens - 1} positions of KV cache; this replica's cache holds "
-            f"{capacity} (setting kv_cache_tokens); {advice}")
+            f"{capacity} (setting kv_cache_tokens); at most {field} {capacity - prompt + 1} "
+            "fits", field)
 
 
-def _chat_default_max_tokens(prompt: int, block_size: int, kv_cache_tokens: int | None) -> int:
+def _default_max_tokens(prompt: int, block_size: int, kv_cache_tokens: int | None,
+                        most: int | None = None) -> int:
+    """An unset max_tokens: what the context has left after the prompt, and what the KV cache
+    holds after it (every position fed: all but the last generated), at most `most`."""
     room = block_size - prompt
-    if kv_cache_tokens is not None:  # the cache holds every position fed: all but the last
+    if kv_cache_tokens is not None:
         room = min(room, kv_cache_tokens - prompt + 1)
-    return max(room, 1)  # a prompt the cache cannot hold is refused by the replica, naming it
+    if most is not None:
+        room = min(room, most)
+    return max(room, 1)  # a prompt the cache cannot hold is refused, naming it
 
 
 def _messages(value: Any) -> tuple[tuple[str, str], ...]:
@@ -412,15 +457,15 @@ def _content(content: Any, where: str) -> str:
     return content
 
 
-def _max_tokens(value: Any, longest_prompt: int, block_size: int,
-                default: int = DEFAULT_MAX_TOKENS) -> int:
+def _max_tokens(value: Any, longest_prompt: int, block_size: int, default: int,
+                prompt_name: str = "prompt") -> int:
     if longest_prompt >= block_size:
-        raise bad_request(f"prompt is {longest_prompt} tokens; this model's maximum context "
-                          f"length is {block_size} tokens, which must hold the prompt and at "
-                          "least one generated token", "prompt")
+        raise bad_request(f"{prompt_name} is {longest_prompt} tokens; this model's maximum "
+                          f"context length is {block_size} tokens, which must hold the prompt "
+                          "and at least one generated token", "prompt")
     room = block_size - longest_prompt
-    if value is None:  # unset: OpenAI's default, shortened to what the context can hold
-        return min(default, room)
+    if value is None:  # unset: the default, already cut to the room (_default_max_tokens)
+        return default
     if not is_int(value) or value < 1:
         raise bad_request(f"max_tokens must be an integer >= 1, got {json.dumps(value)}",
                           "max_tokens")
@@ -443,10 +488,8 @@ def _number(data: dict[str, Any], name: str, default: float, low: float, high: f
 
 
 def _top_p(data: dict[str, Any]) -> float:
-    value = _number(data, "top_p", 1.0, 0.0, 1.0)
-    if value <= 0:
-        raise bad_request("top_p must be > 0 (it is the probability mass kept)", "top_p")
-    return value
+    # 0, as OpenAI takes it: sampling keeps the most likely token always, so greedy.
+    return _number(data, "top_p", 1.0, 0.0, 1.0)
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -484,26 +527,31 @@ def _bool(data: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
+# OpenAI's stream_options. include_obfuscation pads streamed events with random characters
+# (against reading the text from payload sizes): it changes no text, and none is sent here, so
+# it is accepted and has no effect; a key that would change what is sent is refused.
+STREAM_OPTIONS = ("include_usage", "include_obfuscation")
+
+
 def _include_usage(options: Any, stream: bool) -> bool:
     if options is None:
         return False
     if not isinstance(options, dict):
         raise bad_request(f"stream_options must be an object, got {_json_type(options)}",
                           "stream_options")
-    unknown = set(options) - {"include_usage"}
+    unknown = set(options) - set(STREAM_OPTIONS)
     if unknown:
-        raise bad_request(f"stream_options: unknown field(s) {sorted(unknown)}; only "
-                          "include_usage is supported", "stream_options")
+        raise bad_request(f"stream_options: unknown field(s) {sorted(unknown)}; OpenAI's are "
+                          "include_usage and include_obfuscation (accepted, no effect here)",
+                          "stream_options")
     if not stream:
         raise bad_request("stream_options is only allowed when stream is true",
                           "stream_options")
-    include = options.get("include_usage")
-    if include is None:  # null is unset, as elsewhere
-        return False
-    if not isinstance(include, bool):
-        raise bad_request("stream_options.include_usage must be true or false",
-                          "stream_options")
-    return include
+    for name in STREAM_OPTIONS:  # null is unset, as elsewhere
+        if options.get(name) is not None and not isinstance(options[name], bool):
+            raise bad_request(f"stream_options.{name} must be true or false",
+                              "stream_options")
+    return options.get("include_usage") is True
 
 
 def _same(value: Any, allowed: Any) -> bool:
@@ -543,6 +591,11 @@ def version_header(version: str) -> str:
     from urllib.parse import quote
 
     return quote(version, safe="".join(chr(c) for c in range(0x21, 0x7f) if chr(c) != "%"))
+
+
+def version_headers(version: str) -> dict[str, str]:
+    """The headers of an answer produced by model `version` (none when it is not known)."""
+    return {"x-model-version": version_header(version)} if version else {}
 
 
 def completion_body(request_id: str, model: str, version: str,

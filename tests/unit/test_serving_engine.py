@@ -7,7 +7,7 @@ import pytest
 
 from orchestrator.serving import decode_kernel
 from orchestrator.serving.engine import (CapacityError, ContinuousEngine, EngineLimits,
-                                         kv_cache_bytes, run_to_completion)
+                                         check_request, kv_cache_bytes, run_to_completion)
 from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
 from orchestrator.serving.paged import BlockPool, first_of_run
 from orchestrator.tokenizer import ByteTokenizer
@@ -193,6 +193,26 @@ def test_requests_that_can_never_fit_are_refused_naming_the_limit(model):
     with pytest.raises(CapacityError, match="maximum context length is 64"):
         engine(model).add("y", greedy(b"z" * 60, 5))
     assert len(small.waiting) == 1
+
+
+def test_a_prompt_alone_over_the_limit_is_refused_naming_the_prompt():
+    # The replica's 400 said param "max_tokens" and "and max_tokens (1) need ..." for a prompt
+    # no max_tokens could make fit.
+    cache_of_64 = EngineLimits(max_rows=4, num_blocks=4, block_tokens=16)
+    with pytest.raises(CapacityError) as refused:
+        check_request(GenerationRequest((1,) * 100, SamplingParams(1)), 512, cache_of_64, 257)
+    assert refused.value.param == "prompt" and "max_tokens" not in str(refused.value)
+    assert str(refused.value).startswith("the prompt (100 tokens) is over the KV cache alone")
+    with pytest.raises(CapacityError) as refused:  # the prompt fits: max_tokens is at fault
+        check_request(GenerationRequest((1,) * 60, SamplingParams(10)), 512, cache_of_64, 257)
+    assert refused.value.param == "max_tokens" and "at most max_tokens 5 fits" in \
+        str(refused.value)
+    # Over the model's context (after a hot reload to a shorter one), the same.
+    for prompt, param in ((64, "prompt"), (60, "max_tokens")):
+        with pytest.raises(CapacityError, match="maximum context length is 64") as refused:
+            check_request(GenerationRequest((1,) * prompt, SamplingParams(5)), 64,
+                          EngineLimits(), 257)
+        assert refused.value.param == param
 
 
 def test_a_token_the_model_cannot_read_is_refused_without_failing_the_others(model):

@@ -8,7 +8,8 @@ import time
 import pytest
 from starlette.requests import Request
 
-from orchestrator.serving.generation import GenerationResult
+from orchestrator.serving import protocol
+from orchestrator.serving.generation import Chunk, GenerationResult, collect
 from orchestrator.serving.protocol import Encoder
 from orchestrator.serving.settings import ServeSettings
 
@@ -173,3 +174,81 @@ def test_the_served_model_can_be_retrieved_by_its_id_and_another_is_a_404():
     assert json.loads(found.body)["id"] == ServeSettings().model_name
     assert missing.status_code == 404
     assert json.loads(missing.body)["error"]["code"] == "model_not_found"
+
+
+def answered(body: dict, route: str, chunks: list[Chunk] | None,
+             info=INFO) -> tuple[int, dict, bytes]:
+    """Status, headers and body of `body` answered by a model that produces `chunks` for each
+    prompt (streamed as they come, or collected whole); generation fails the test when
+    `chunks` is None."""
+    async def model_info():
+        return info
+
+    async def stream_one(request, route):
+        assert chunks is not None, "the request reached the model"
+        for chunk in chunks:
+            await asyncio.sleep(0)
+            yield chunk
+
+    async def generate(request, route):
+        assert chunks is not None, "the request reached the model"
+        return collect(chunks)
+
+    async def main():
+        ing = ingress(model_info)
+        ing._stream_one, ing._generate = stream_one, generate
+        response = await ing._serve(request(body, route), route)
+        if hasattr(response, "body_iterator"):
+            sent = b"".join([part async for part in response.body_iterator])
+            return response.status_code, dict(response.headers), sent
+        return response.status_code, dict(response.headers), response.body
+
+    return asyncio.run(main())
+
+
+def events(sent: bytes) -> list[dict]:
+    return [json.loads(event[len("data: "):]) for event in sent.decode().split("\n\n")
+            if event.startswith("data: {")]
+
+
+def test_a_chat_answer_starts_without_the_templates_space_streamed_or_whole():
+    # The model continues "Assistant:" with " ": every answer began with a space, doubled
+    # in the history a client sent back next turn ("Assistant:  Yo.").
+    chunks = [Chunk((32,), " ", None, "v1"), Chunk((89,), "Y", None, "v1"),
+              Chunk((111, 46), "o.", "length", "v1")]
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    status, _, sent = answered(body, serve_app.CHAT_ROUTE, chunks)
+    assert status == 200 and json.loads(sent)["choices"][0]["message"]["content"] == "Yo."
+    assert json.loads(sent)["usage"]["completion_tokens"] == 4  # the space was generated
+    status, _, sent = answered({**body, "stream": True}, serve_app.CHAT_ROUTE, chunks)
+    deltas = [event["choices"][0]["delta"] for event in events(sent)]
+    assert status == 200 and deltas == [{"role": "assistant", "content": ""}, {"content": "Y"},
+                                        {"content": "o."}, {}]
+    # Completions continue the prompt as it is: their text keeps its space.
+    status, _, sent = answered({"prompt": "Hi", "max_tokens": 4}, serve_app.COMPLETIONS_ROUTE,
+                               chunks)
+    assert json.loads(sent)["choices"][0]["text"] == " Yo."
+
+
+def test_a_streamed_prompt_over_the_kv_cache_is_a_400_before_any_text():
+    # Only chat was checked against kv_cache_tokens here: this was a 200, the first
+    # prompt's text, then an error event for the second.
+    info = {**INFO, "batching": "continuous", "kv_cache_tokens": 32}
+    body = {"prompt": ["hi", "x" * 40], "max_tokens": 2, "stream": True}
+    status, _, sent = answered(body, serve_app.COMPLETIONS_ROUTE, None, info)
+    error = json.loads(sent)["error"]
+    assert status == 400 and error["param"] == "prompt" and "prompt[1] (40 tokens)" in \
+        error["message"]
+    # Static batching has no such cache: the same request is served.
+    chunks = [Chunk((121,), "y", "length", "v1")]
+    status, _, sent = answered(body, serve_app.COMPLETIONS_ROUTE, chunks)
+    assert status == 200 and sent.endswith(b"data: [DONE]\n\n")
+
+
+def test_a_streamed_answer_names_its_model_version_in_a_header_as_a_whole_one_does():
+    version = "прогон-1/checkpoint_000001@abcdef12"
+    chunks = [Chunk((72,), "H", None, version), Chunk((105,), "i", "length", version)]
+    for stream in (False, True):
+        status, headers, _ = answered({"prompt": "hi", "max_tokens": 2, "stream": stream},
+                                      serve_app.COMPLETIONS_ROUTE, chunks)
+        assert status == 200 and headers["x-model-version"] == protocol.version_header(version)

@@ -59,7 +59,6 @@ def test_malformed_bodies_are_400(raw, words):
      f"(2 in your prompt; {BLOCK} for the completion)"),
     ({"prompt": "hi", "temperature": "hot"}, "temperature", "between 0 and 2"),
     ({"prompt": "hi", "temperature": 2.5}, "temperature", "between 0 and 2"),
-    ({"prompt": "hi", "top_p": 0}, "top_p", "> 0"),
     ({"prompt": "hi", "top_p": 1.5}, "top_p", "between 0 and 1"),
     # An int past float's range (valid JSON) raised OverflowError: a 500, not a 400
     ({"prompt": "hi", "temperature": 10 ** 400}, "temperature", "between 0 and 2"),
@@ -73,7 +72,9 @@ def test_malformed_bodies_are_400(raw, words):
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options",
      "only allowed when stream is true"),
     ({"prompt": "hi", "stream": True, "stream_options": {"x": 1}}, "stream_options",
-     "unknown field"),
+     "unknown field(s) ['x']; OpenAI's are include_usage and include_obfuscation"),
+    ({"prompt": "hi", "stream": True, "stream_options": {"include_obfuscation": "no"}},
+     "stream_options", "stream_options.include_obfuscation must be true or false"),
     ({"prompt": "hi", "n": 2}, "n", "not supported"),
     ({"prompt": "hi", "echo": True}, "echo", "not supported"),
     ({"prompt": "hi", "logprobs": 3}, "logprobs", "not supported"),
@@ -124,6 +125,90 @@ def test_prompt_forms_and_fields():
 def test_default_max_tokens_shrinks_to_the_room_left():
     assert parse({"prompt": "x" * (BLOCK - 5)}).max_tokens == 5
     assert parse({"prompt": "x" * (BLOCK - 16)}).max_tokens == 16
+
+
+def test_top_p_0_is_accepted_as_openai_does_and_samples_greedily():
+    # It was a 400 ("top_p must be > 0"); OpenAI takes it: only the most likely token is kept.
+    import torch
+
+    from orchestrator.serving.generation import sample_tokens
+
+    parsed = parse({"prompt": "hi", "top_p": 0, "temperature": 1.5})
+    assert parsed.top_p == 0.0
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
+    picked = sample_tokens(logits, torch.full((3,), parsed.temperature),
+                           torch.full((3,), parsed.top_p), torch.tensor([0.0, 0.5, 0.9999]))
+    assert picked.tolist() == [1, 1, 1]
+
+
+def test_stream_options_openai_defines_are_accepted_and_others_refused():
+    # include_obfuscation (OpenAI pads streamed events against size side channels) changes
+    # no text: accepted, no padding sent. It was a 400 naming an "unknown field".
+    for options, usage in (({"include_obfuscation": False}, False),
+                           ({"include_obfuscation": True, "include_usage": True}, True),
+                           ({"include_obfuscation": None}, False)):
+        assert parse({"prompt": "hi", "stream": True,
+                      "stream_options": options}).include_usage is usage
+        assert chat({"messages": [{"role": "user", "content": "hi"}], "stream": True,
+                     "stream_options": options}).include_usage is usage
+    # vLLM's continuous_usage_stats changes what is sent: refused, naming what is known.
+    error = refused({"prompt": "hi", "stream": True,
+                     "stream_options": {"continuous_usage_stats": True}})
+    assert error.param == "stream_options"
+    assert "['continuous_usage_stats']" in error.message and "include_usage" in error.message
+
+
+def cache_refusal(body: dict, kv_cache_tokens: int, chat_route: bool = False) -> APIError:
+    parse_body = protocol.parse_chat_request if chat_route else parse_completion_request
+    with pytest.raises(APIError) as e:
+        parse_body(body, block_size=4 * BLOCK, model_name=MODEL, kv_cache_tokens=kv_cache_tokens)
+    return e.value
+
+
+def test_completions_default_max_tokens_fits_the_replicas_kv_cache():
+    # The default (16) was cut to the context only: a 60-token prompt on a 64-position cache
+    # was refused "max_tokens (16) need 75 positions", though the client sent no max_tokens
+    # (chat's default was cut to the cache, and ran).
+    parsed = parse_completion_request({"prompt": "x" * 60}, block_size=4 * BLOCK,
+                                      model_name=MODEL, kv_cache_tokens=64)
+    assert parsed.max_tokens == 64 - 60 + 1
+    # The longest prompt sets it; without a cache (static batching), the context only.
+    assert parse_completion_request({"prompt": ["x" * 60, "y"]}, block_size=4 * BLOCK,
+                                    model_name=MODEL, kv_cache_tokens=64).max_tokens == 5
+    assert parse({"prompt": "x" * 10}).max_tokens == 16
+
+
+def test_every_prompt_is_checked_against_the_kv_cache_naming_the_one_at_fault():
+    # Only chat was checked here: a streamed request whose second prompt was over the cache
+    # was a 200 with the first prompt's text, then an error event.
+    error = cache_refusal({"prompt": ["hi", "x" * 100, "yo"], "max_tokens": 1}, 64)
+    assert (error.status, error.param) == (400, "prompt")
+    assert error.message == ("the prompt[1] (100 tokens) is over the KV cache alone: this "
+                             "replica's cache holds 64 (setting kv_cache_tokens); shorten it")
+    error = cache_refusal({"prompt": ["hi", "x" * 50], "max_tokens": 20}, 64)
+    assert error.param == "max_tokens"
+    assert error.message == ("the prompt[1] (50 tokens) and max_tokens (20) need 69 positions "
+                             "of KV cache; this replica's cache holds 64 (setting "
+                             "kv_cache_tokens); at most max_tokens 15 fits")
+    # One prompt is "prompt"; unsent, max_tokens is not named (it was: "max_tokens (16)").
+    error = cache_refusal({"prompt": "x" * 100}, 64)
+    assert error.param == "prompt" and error.message.startswith("the prompt (100 tokens) is")
+    assert "max_tokens" not in error.message
+    # Over the context, the prompt among several is named too.
+    error = cache_refusal({"prompt": ["hi", "x" * 4 * BLOCK]}, 10 * BLOCK)
+    assert error.param == "prompt" and error.message.startswith(f"prompt[1] is {4 * BLOCK}")
+
+
+def test_a_chat_over_the_kv_cache_names_only_the_fields_sent():
+    # It said "the messages (...) and max_tokens (1) need ...": a field never sent.
+    messages = [{"role": "user", "content": "x" * 100}]
+    error = cache_refusal({"messages": messages}, 64, chat_route=True)
+    assert error.param == "messages" and "max_tokens" not in error.message
+    assert error.message.startswith("the messages (") and "are over the KV cache alone" \
+        in error.message
+    error = cache_refusal({"messages": messages, "max_completion_tokens": 5}, 64,
+                          chat_route=True)
+    assert error.param == "messages" and "max_completion_tokens" not in error.message
 
 
 def test_too_many_prompts():
@@ -237,6 +322,26 @@ def test_chat_messages_become_the_documented_plain_text_prompt():
     # No max_tokens: whatever the context has left, as OpenAI's chat default.
     assert chat({"messages": [{"role": "user", "content": "Hi"}]}).max_tokens == \
         BLOCK - len(b"User: Hi\nAssistant:")
+
+
+def test_a_chat_reply_loses_the_templates_space_once_so_history_renders_as_the_model_saw_it():
+    # A plain-text model continues "Assistant:" with a space: the content began with it, and
+    # sent back as history it rendered "Assistant:  Yo." (one space more every turn).
+    from orchestrator.tokenizer import ByteTokenizer
+
+    generated = " Yo there."  # what the model produced after "Assistant:"
+    whole = protocol.chat_reply_content(generated)
+    reply = protocol.ChatReply()
+    streamed = [reply.text(part) for part in ("", " ", "Yo", " there.")]
+    assert whole == "".join(streamed) == "Yo there."
+    assert streamed == ["", "", "Yo", " there."]  # (the first text only)
+    history = protocol.chat_prompt((("user", "Hi"), ("assistant", whole), ("user", "More")),
+                                   ByteTokenizer(), 256)
+    assert bytes(history) == (b"User: Hi\nAssistant:" + generated.encode()
+                              + b"\nUser: More\nAssistant:")
+    # Only the template's space goes: a reply the model began with two keeps one.
+    assert protocol.chat_reply_content("  x") == " x"
+    assert protocol.chat_reply_content("x y") == "x y"
 
 
 def test_chats_default_max_tokens_fits_the_replicas_kv_cache():
