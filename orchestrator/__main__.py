@@ -22,7 +22,8 @@ from typing import Any
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.entrypoints import EntrypointError, load_entrypoint
 from orchestrator.inventory import GIB, NodeReport
-from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed, run_job
+from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE,
+                                  JobFailed, run_job)
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
 from orchestrator.runs import DEFAULT_RUNS_ROOT, LINE_FIELDS, METRICS_LOG, read_metrics
@@ -429,11 +430,6 @@ def _clock(unix_time: Any) -> str:
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-# How long a command waits for the scheduler's answer: one restarting or hung (its actor
-# retries calls for good) left `status` hanging where the exit codes promise 3.
-CALL_TIMEOUT_S = 60.0
 
 
 def _run_command(args, ray, scheduler, spec: JobSpec | None) -> int:

@@ -11,6 +11,11 @@ EXIT_NOT_PLACEABLE = 3   # the cluster cannot run the job (rejected, queue timeo
 EXIT_FAILED = 4          # the work itself failed (training after its restarts, an export)
 EXIT_INTERRUPTED = 130   # Ctrl-C
 
+# How long a caller waits for one answer of the scheduler before it counts as not answering
+# (exit 3): its actor retries calls for good, so one restarting or hung held `status`, a
+# dry run or a queued driver for ever where exit 3 is promised.
+CALL_TIMEOUT_S = 60.0
+
 T = TypeVar("T")
 
 

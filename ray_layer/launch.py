@@ -33,13 +33,14 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.config import JobSpec
 from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS
-from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed
+from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_FAILED,
+                                  EXIT_NOT_PLACEABLE, JobFailed)
 from orchestrator.placement import Placement
 from orchestrator.runs import checkpoint_dirs
 from ray_layer.cluster import (ClusterConnectionError, connect, ensure_control_plane,
                                ensure_scheduler)
 from ray_layer.placed_run import NotPlaced, PlacedRun
-from ray_layer.scheduler_client import SchedulerUnreachable
+from ray_layer.scheduler_client import SchedulerUnreachable, failed_call
 from ray_layer.train_callbacks import FollowPlacement, JobCancelled, MetricsLog, NodeLostError
 
 
@@ -92,7 +93,10 @@ def connected_scheduler(address: str | None, runtime_env: dict | None = None):
 def dry_run_placement(spec: JobSpec, address: str | None):
     """The placement `spec` would get now (a Placement or a Rejection), reserving nothing."""
     with connected_scheduler(address) as scheduler:
-        return ray.get(scheduler.place.remote(spec, "", True, True))  # dry run, explained
+        try:  # (dry run, explained)
+            return ray.get(scheduler.place.remote(spec, "", True, True), timeout=CALL_TIMEOUT_S)
+        except ray.exceptions.RayError as e:  # gone, hung, or failed inside: exit 3 as promised
+            raise JobFailed(failed_call("place", e, CALL_TIMEOUT_S), EXIT_NOT_PLACEABLE) from None
 
 
 def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobSpec,

@@ -16,6 +16,7 @@ preempted waits as long as it takes to get back in.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import Counter
@@ -24,8 +25,10 @@ from typing import Any, Callable
 import ray
 
 from orchestrator.config import JobSpec
+from orchestrator.job_exit import CALL_TIMEOUT_S
 from orchestrator.placement import Placement, Queued, Rejection
-from ray_layer.scheduler_client import SchedulerLink, SchedulerUnreachable, get_scheduler
+from ray_layer.scheduler_client import (SchedulerLink, SchedulerUnreachable, failed_call,
+                                        get_scheduler)
 
 POLL_EVERY_S = 2.0
 SAY_EVERY_S = 30.0  # a waiting driver says where it stands this often
@@ -63,6 +66,11 @@ def _checkpoint_path(result) -> str | None:
 
 def _normalized(path: str | None) -> str | None:
     return None if path is None else os.path.normpath(path)
+
+
+def _gave_up(deadline_s: float, decision: Queued) -> str:
+    return (f"gave up after waiting {deadline_s:g}s in the queue (--queue-timeout): "
+            f"{decision.reason}")
 
 
 class PlacedRun:
@@ -115,18 +123,30 @@ class PlacedRun:
             self.yields[-1]["placed_at"] = time.time()  # placed again: the next fit starts
 
     def wait(self, decision, deadline_s: float | None) -> Placement:
-        """Poll until placed; NotPlaced on a rejection or past the deadline (None: no limit)."""
+        """Poll until placed; NotPlaced on a rejection or past the deadline (None: no limit).
+        A poll waits no longer than the deadline leaves (CALL_TIMEOUT_S at most): a hung or
+        crash-looping scheduler must not hold the driver past it."""
         start = last_said = time.monotonic()
+
+        def left() -> float:
+            return math.inf if deadline_s is None else deadline_s - (time.monotonic() - start)
         while isinstance(decision, Queued):
-            if deadline_s is not None and time.monotonic() - start >= deadline_s:
+            if left() <= 0:
                 self._ask("cancel", self.spec.name, self.owner)
-                raise NotPlaced(f"gave up after waiting {deadline_s:g}s in the queue "
-                                f"(--queue-timeout): {decision.reason}")
+                raise NotPlaced(_gave_up(deadline_s, decision))
             if time.monotonic() - last_said >= SAY_EVERY_S or last_said == start:
                 self.say(f"queued ({decision.position} in line): {decision.reason}")
                 last_said = time.monotonic()
             time.sleep(POLL_EVERY_S)
-            decision = self._ask("poll", self.spec.name, self.owner)
+            try:
+                decision = self._ask("poll", self.spec.name, self.owner,
+                                     timeout_s=max(1.0, min(CALL_TIMEOUT_S, left())))
+            except NotPlaced as e:
+                if left() > 0:
+                    raise
+                # Not cancelled: a scheduler that does not answer cannot be told; it drops
+                # the job once this driver has exited, as for any driver gone.
+                raise NotPlaced(f"{_gave_up(deadline_s, decision)} ({e})") from None
         if isinstance(decision, Rejection):
             raise NotPlaced(decision.message)
         self.say(f"placement for {self.spec.name}: {describe(decision)}")
@@ -137,13 +157,16 @@ class PlacedRun:
         """The scheduler's handle now (another after a scheduler killed for good)."""
         return self.link.handle
 
-    def _ask(self, method: str, *args, timeout_s: float | None = None) -> Any:
+    def _ask(self, method: str, *args, timeout_s: float = CALL_TIMEOUT_S) -> Any:
         """A call to the scheduler, through a dead actor's replacement (SchedulerLink);
-        NotPlaced, saying so, when none answers."""
+        NotPlaced, saying so in one line, when none answers or the call failed inside it
+        (Ray's RayTaskError: a GCS write failing, say)."""
         try:
             return self.link.ask(method, *args, timeout_s=timeout_s)
         except SchedulerUnreachable as e:
             raise NotPlaced(str(e)) from None
+        except ray.exceptions.RayError as e:
+            raise NotPlaced(failed_call(method, e)) from None
 
     def current_placement(self, placement: Placement) -> Placement:
         """The job's placement now: a node lost during training moves workers elsewhere."""

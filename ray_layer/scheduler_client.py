@@ -75,6 +75,22 @@ class SchedulerLink:
                                    f"tries: {type(problem).__name__}: {problem}")
 
 
+def failed_call(method: str, error: BaseException, timeout_s: float | None = None) -> str:
+    """One line for a call to the scheduler that Ray failed: an exception raised inside it
+    (Ray's RayTaskError keeps it as `cause`; its own text is the actor's traceback), a call
+    past `timeout_s`, or the actor gone."""
+    cause = getattr(error, "cause", None)
+    if isinstance(error, ray.exceptions.RayTaskError) and cause is not None:
+        return f"the scheduler failed in {method}(): {type(cause).__name__}: {_first_line(cause)}"
+    if isinstance(error, ray.exceptions.GetTimeoutError) and timeout_s is not None:
+        return f"the scheduler did not answer {method}() within {timeout_s:g} s"
+    return f"the scheduler did not answer {method}(): {type(error).__name__}: {_first_line(error)}"
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+
+
 def scheduler_or_none() -> "ray.actor.ActorHandle | None":
     """The scheduler, or None where a run works without one (plain Ray Train, a lone replica)."""
     try:

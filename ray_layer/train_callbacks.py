@@ -28,6 +28,7 @@ from ray.train import UserCallback
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from orchestrator.config import JobSpec
+from orchestrator.job_exit import CALL_TIMEOUT_S
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.runs import append_metrics
 from ray_layer.scheduler_client import SchedulerLink, get_scheduler
@@ -52,11 +53,6 @@ class NodeLostError(RuntimeError):
 
 class JobCancelled(RuntimeError):
     """An operator cancelled the job, and a node of it was lost before it stopped."""
-
-
-# One call to the scheduler from Ray Train's controller: a hung scheduler must not hold the
-# controller's event loop (and the run) for good.
-CALL_TIMEOUT_S = 60.0
 
 
 class FollowPlacement(ControllerCallback):

@@ -1,0 +1,137 @@
+"""A driver's calls to the scheduler (ray_layer/placed_run.py, and the dry run's in
+ray_layer/launch.py): each is bounded, so a scheduler that hangs or restarts for good ends the
+driver with exit 3 (--queue-timeout included) instead of holding it for ever, and an error
+raised inside the scheduler is said in one line, not a traceback. Ray's calls are stubbed; no
+Ray is started."""
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator.config import JobSpec
+from orchestrator.job_exit import CALL_TIMEOUT_S, EXIT_NOT_PLACEABLE, JobFailed
+from orchestrator.placement import Queued
+
+
+def failure_in_the_scheduler(method: str):
+    """What ray.get raises for an exception inside the actor (a GCS put failing in _save)."""
+    import ray
+
+    error = ray.exceptions.RayTaskError(
+        method, "Traceback (most recent call last):\n  File \"scheduler_actor.py\"\n"
+        "RuntimeError: GCS put failed (Deadline Exceeded)", RuntimeError("GCS put failed"))
+    return error.as_instanceof_cause()
+
+
+def driver(monkeypatch, scheduler, get, queue_timeout_s=600.0):
+    import ray
+
+    from ray_layer import placed_run
+
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(placed_run, "driver_id", lambda: "driver")
+    return placed_run.PlacedRun(scheduler, JobSpec("job"), queue_timeout_s,
+                                say=lambda line: None, reconnect=lambda: scheduler)
+
+
+def test_an_error_inside_the_scheduler_ends_the_driver_in_one_line(monkeypatch):
+    # It escaped PlacedRun, launch and run_job as a RayTaskError traceback, with no exit code.
+    from ray_layer.placed_run import NotPlaced
+
+    def get(ref, timeout=None):
+        raise failure_in_the_scheduler("submit")
+    scheduler = SimpleNamespace(submit=SimpleNamespace(remote=lambda *args: None))
+    with pytest.raises(NotPlaced) as raised:
+        driver(monkeypatch, scheduler, get).run(lambda placement: None)
+    message = str(raised.value)
+    assert message == "the scheduler failed in submit(): RuntimeError: GCS put failed"
+
+
+class HungScheduler:
+    """A scheduler that answers submit (queued) and then nothing: each call waits for its
+    timeout on a fake clock. One without a timeout would wait for ever: the test fails."""
+
+    def __init__(self, monkeypatch) -> None:
+        from ray_layer import placed_run
+
+        self.now, self.timeouts = 0.0, []
+        monkeypatch.setattr(placed_run.time, "monotonic", lambda: self.now)
+        monkeypatch.setattr(placed_run.time, "sleep", self.sleep)
+        self.submit = SimpleNamespace(remote=lambda *args: "submit")
+        self.poll = self.cancel = SimpleNamespace(remote=lambda *args: "hung")
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def get(self, ref, timeout=None):
+        import ray
+
+        if ref == "submit":
+            return Queued("job", 1, "waits for room")
+        if timeout is None:
+            raise AssertionError("a call to a hung scheduler without a timeout never returns")
+        self.timeouts.append(timeout)
+        self.now += timeout
+        raise ray.exceptions.GetTimeoutError("timed out")
+
+
+def test_a_hung_scheduler_ends_the_queue_wait_at_its_deadline(monkeypatch):
+    # Polls had no timeout: with max_task_retries=-1 a hung or crash-looping scheduler held
+    # the driver for ever, and --queue-timeout (checked between polls) never fired.
+    from ray_layer.placed_run import NotPlaced
+
+    scheduler = HungScheduler(monkeypatch)
+    with pytest.raises(NotPlaced, match=r"gave up after waiting 100s in the queue "
+                                        r"\(--queue-timeout\)"):
+        driver(monkeypatch, scheduler, scheduler.get, queue_timeout_s=100.0).run(
+            lambda placement: None)
+    # Each poll is bounded by the time left to the deadline; retries (SchedulerLink's three
+    # tries, a second or two apart) are all that runs past it.
+    assert scheduler.timeouts and all(t <= CALL_TIMEOUT_S for t in scheduler.timeouts)
+    assert scheduler.now <= 3 * 100.0 + 3 + 2
+
+
+def test_a_hung_scheduler_ends_the_wait_after_a_yield_too(monkeypatch):
+    # After a yield the wait has no deadline, but each call still has one: NotPlaced, saying
+    # the scheduler did not answer, rather than a driver waiting for ever.
+    from ray_layer.placed_run import NotPlaced
+
+    scheduler = HungScheduler(monkeypatch)
+    run = driver(monkeypatch, scheduler, scheduler.get)
+    with pytest.raises(NotPlaced, match=r"did not answer poll\(\) after 3 tries"):
+        run.wait(Queued("job", 1, "preempted"), deadline_s=None)
+    assert scheduler.timeouts == [CALL_TIMEOUT_S] * 3
+
+
+@contextlib.contextmanager
+def scheduler_stub(address, runtime_env=None):
+    yield SimpleNamespace(place=SimpleNamespace(remote=lambda *args: "place"))
+
+
+@pytest.mark.parametrize("error, words", [
+    # The scheduler died for good between coming up and place(): a RayActorError traceback.
+    (lambda: __import__("ray").exceptions.RayActorError(),
+     "the scheduler did not answer place(): RayActorError"),
+    (lambda: __import__("ray").exceptions.GetTimeoutError("timed out"),
+     f"the scheduler did not answer place() within {CALL_TIMEOUT_S:g} s"),
+    (lambda: failure_in_the_scheduler("place"),
+     "the scheduler failed in place(): RuntimeError: GCS put failed"),
+])
+def test_a_dry_run_whose_scheduler_does_not_answer_exits_3(monkeypatch, error, words):
+    # docs/operations.md promises exit 3 when the scheduler did not answer within 60 s; the
+    # dry run waited without a timeout and let Ray's errors out as tracebacks.
+    import ray
+
+    from ray_layer import launch
+
+    timeouts = []
+
+    def get(ref, timeout=None):
+        timeouts.append(timeout)
+        raise error()
+    monkeypatch.setattr(launch, "connected_scheduler", scheduler_stub)
+    monkeypatch.setattr(ray, "get", get)
+    with pytest.raises(JobFailed) as raised:
+        launch.dry_run_placement(JobSpec("job"), None)
+    assert raised.value.exit_code == EXIT_NOT_PLACEABLE and timeouts == [CALL_TIMEOUT_S]
+    assert str(raised.value).startswith(words) and "\n" not in str(raised.value)
