@@ -288,6 +288,11 @@ class SchedulerCore:
         # (node id, GPU index) pairs a job must not be given: its worker found the GPU Ray
         # assigned without the free memory the job asks for (memory used outside Ray).
         self.excluded_gpus: dict[str, set[tuple[str, int]]] = {}
+        # How many placements each job's driver has given back (yielded, gpu_too_small): the
+        # driver says how many it had before each such call, so a call already carried out
+        # and sent again (its answer lost: Ray retries calls to a restarted actor, and the
+        # driver's link resends) is answered, not carried out twice.
+        self.placements_given_back: dict[str, int] = {}
         self.ray_alive: set[str] = set()
         self.ray_dead: set[str] = set()
         # Nodes whose reports are being refused, and why (the reason's kind): logged when a
@@ -425,6 +430,7 @@ class SchedulerCore:
                 "that name is running (two launches of the same run?)")),
                 catalogue.REJECT_DUPLICATE)
         self.excluded_gpus.pop(name, None)  # an earlier job's of this name (a new run now)
+        self.placements_given_back.pop(name, None)
         self._learn_typical_speed(spec)
         self.queue.add(QueuedJob(spec, owner, now, "submitted"))
         outcome = Outcome(effects=[Persist()])
@@ -534,11 +540,9 @@ class SchedulerCore:
         is down either way, so this is the yield it was going to make (placed afresh, the
         directive was dropped: a cancelled job trained to its end, and an operator's
         preemption made no room). A cancel is kept for a retried call until the job is
-        released; a preempted job's answer says so (it waits without a deadline)."""
-        outcome = self.yielded(job_name, owner, now, "lost node(s)")
-        if isinstance(outcome.decision, Rejection):
-            self.queue.keep_rejection(job_name, outcome.decision, owner)
-        elif isinstance(outcome.decision, Queued):
+        released (_yield); a preempted job's answer says so (it waits without a deadline)."""
+        outcome = self._yield(self.running[job_name], owner, now, "lost node(s)")
+        if isinstance(outcome.decision, Queued):
             outcome.decision = dataclasses.replace(outcome.decision, preempted=True)
         return outcome
 
@@ -554,6 +558,7 @@ class SchedulerCore:
         if self.queue.rejected_owners.get(job_name) == owner:  # (its driver is done with it)
             self.queue.take_rejection(job_name)
         self.excluded_gpus.pop(job_name, None)
+        self.placements_given_back.pop(job_name, None)
         outcome = Outcome(released, [Persist()])
         outcome.add(self._after_capacity_freed(now))
         return outcome
@@ -623,12 +628,13 @@ class SchedulerCore:
         return job.directive
 
     def gpu_too_small(self, job_name: str, owner: str, gpus: list[tuple[str, int]],
-                      now: float) -> Outcome:
+                      now: float, given_back: int | None = None) -> Outcome:
         """A worker found that the GPU Ray gave it lacks the free memory the job asks for:
-        the job gives its placement back and is placed again without those GPUs."""
-        job = self.running.get(job_name)
-        if job is None or (owner and job.placement.owner != owner):
-            return Outcome(self._answer_and_forget_rejection(job_name, owner))
+        the job gives its placement back and is placed again without those GPUs.
+        `given_back`: as for yielded."""
+        job = self._giving_back(job_name, owner, given_back)
+        if job is None:
+            return self._where_it_stands(job_name, owner, now)
         excluded = self.excluded_gpus.setdefault(job_name, set())
         for node, index in gpus:
             report = self.state.reports.get(node)
@@ -640,17 +646,58 @@ class SchedulerCore:
                 continue
             excluded.add((str(node), int(index)))
         where = ", ".join(f"GPU {i} of node {n[:12]}" for n, i in gpus)
-        return self.yielded(job_name, owner, now,
-                            reason=f"{where} lacked {job.spec.min_gpu_memory_gb:g} GiB free: "
-                                   "placed again without it")
+        outcome = self._yield(job, owner, now,
+                              reason=f"{where} lacked {job.spec.min_gpu_memory_gb:g} GiB free: "
+                                     "placed again without it")
+        self._count_given_back(job_name, given_back)
+        return outcome
 
-    def yielded(self, job_name: str, owner: str, now: float, reason: str = "") -> Outcome:
+    def yielded(self, job_name: str, owner: str, now: float, reason: str = "",
+                given_back: int | None = None) -> Outcome:
         """The job checkpointed and stopped as told: preempted -> back in the queue (its
         original submit time kept); migrating -> handed its claimed target at once;
-        cancelled -> gone. The decision is what its driver should do next."""
+        cancelled -> gone. The decision is what its driver should do next. `given_back`: how
+        many placements the driver had given back before this call (None: not said, the
+        simulator's); fewer than the scheduler counts: the call was carried out already and
+        is sent again, so it is answered with where the job stands now."""
+        job = self._giving_back(job_name, owner, given_back)
+        if job is None:
+            return self._where_it_stands(job_name, owner, now)
+        outcome = self._yield(job, owner, now, reason)
+        self._count_given_back(job_name, given_back)
+        return outcome
+
+    def _giving_back(self, job_name: str, owner: str, given_back: int | None
+                     ) -> RunningJob | None:
+        """The running job a driver's yielded or gpu_too_small gives back, or None: not
+        running (or another driver's), or a call already carried out."""
         job = self.running.get(job_name)
         if job is None or (owner and job.placement.owner != owner):
-            return Outcome(self._answer_and_forget_rejection(job_name, owner))
+            return None
+        if given_back is not None and given_back < self.placements_given_back.get(job_name, 0):
+            return None
+        return job
+
+    def _count_given_back(self, job_name: str, given_back: int | None) -> None:
+        if given_back is not None:
+            self.placements_given_back[job_name] = given_back + 1
+
+    def _where_it_stands(self, job_name: str, owner: str, now: float) -> Outcome:
+        """The answer to a yielded or gpu_too_small for a placement the job no longer holds
+        (a call carried out already, sent again; a job already stopped): what a poll says. A
+        rejection kept for this driver (a cancel, a drop) is said again, until the driver
+        releases the job: handed over once, a retry was told "not in the queue"."""
+        kept = self.queue.rejected.get(job_name)
+        if owner and kept is not None and self.queue.rejected_owners.get(job_name) == owner \
+                and self.owner_of(job_name) is None:
+            return Outcome(kept)
+        return self.poll(job_name, owner, now)
+
+    def _yield(self, job: RunningJob, owner: str, now: float, reason: str = "") -> Outcome:
+        """Carry out a running job's yield (see yielded). A rejection (cancelled, or dropped
+        as it can no longer fit) is kept for its driver until it releases the job, so that a
+        retried call hears it again."""
+        job_name = job.spec.name
         directive = job.directive
         claim = self.state.reservations.get(job_name + CLAIM_SUFFIX)
         self._stop(job_name)
@@ -684,6 +731,8 @@ class SchedulerCore:
             placed = self.queue.ready.pop(job_name, None)  # or dropped: it can no longer fit
             outcome.decision = placed or self.queue.status(job_name) or \
                 self.queue.take_rejection(job_name)
+        if owner and isinstance(outcome.decision, Rejection):
+            self.queue.keep_rejection(job_name, outcome.decision, owner)
         return outcome
 
     def owners_dead(self, dead_owners: set[str], now: float) -> Outcome:
@@ -717,6 +766,8 @@ class SchedulerCore:
         # later job's of that name
         self.excluded_gpus = {name: gpus for name, gpus in self.excluded_gpus.items()
                               if self.owner_of(name) is not None}
+        self.placements_given_back = {name: n for name, n in self.placements_given_back.items()
+                                      if self.owner_of(name) is not None}
         if expired or any(now - since > self.settings.scale_up_timeout_s
                           for since in self.awaiting_since.values()) \
                 or (self._verdicts_due and not self._unknown_nodes(now)):
@@ -841,6 +892,7 @@ class SchedulerCore:
                 "running": {name: job.to_dict() for name, job in self.running.items()},
                 "preempting": {name: sorted(v) for name, v in self.preempting.items()},
                 "excluded_gpus": {name: sorted(v) for name, v in self.excluded_gpus.items()},
+                "placements_given_back": dict(self.placements_given_back),
                 "nodes_asked": {name: {"enqueued_at": since, "bundles": bundles}
                                 for name, (since, bundles) in self.nodes_asked.items()},
                 "silent_nodes": self.state.silence_to_dict(),
@@ -875,6 +927,9 @@ class SchedulerCore:
                      {n: set(_saved_names(v)) for n, v in d.items()})),
                  ("excluded_gpus", lambda d: self.excluded_gpus.update(
                      {n: {(str(a), int(b)) for a, b in v} for n, v in d.items()})),
+                 # (without it, a call carried out just before a restart was carried out twice)
+                 ("placements_given_back", lambda d: self.placements_given_back.update(
+                     {str(n): _saved_count(v) for n, v in d.items()})),
                  # (a restarted scheduler keeps asking for the nodes of jobs still waiting)
                  ("nodes_asked", lambda d: problems.extend(self._restore_nodes_asked(d))),
                  # (without it a restarted scheduler chose other victims than before)
@@ -2015,6 +2070,12 @@ def saved_nodes_asked(record: object) -> tuple[float, list[dict[str, float]]]:
         raise ValueError(f"its bundles are {bundles!r:.60}, not a list of resource names to "
                          "numbers >= 0")
     return float(since), [dict(b) for b in bundles]
+
+
+def _saved_count(value: object) -> int:
+    if not (is_int(value) and value >= 0):
+        raise ValueError(f"a count of {value!r:.60}, not an integer >= 0")
+    return value
 
 
 def _saved_names(value: object) -> list[str]:

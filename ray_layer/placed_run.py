@@ -87,6 +87,9 @@ class PlacedRun:
         # Each time the job yielded: step, reason, at (fit returned: its workers stopped, the
         # scheduler told next) and placed_at (placed again).
         self.yields: list[dict[str, Any]] = []
+        # Placements given back so far (yielded, gpu_too_small), sent with each such call: the
+        # scheduler answers a call it already carried out, sent again, instead of doing it twice
+        self.given_back = 0
 
     def run(self, fit: Callable[[Placement], Any], resumed_from: str | None = None
             ) -> tuple[Any, Placement]:
@@ -105,7 +108,7 @@ class PlacedRun:
                 self.say(f"{self.spec.name}: " + "; ".join(
                     f"GPU {i} of node {n[:12]}" for n, i in gpus) + " lacked the free memory "
                     "asked: placing it again without them")
-                decision = self._ask("gpu_too_small", self.spec.name, self.owner, gpus)
+                decision = self._give_back("gpu_too_small", gpus)
                 placement = self.wait(decision, deadline_s=self.queue_timeout_s)
                 continue
             reason = (result.metrics or {}).get("yielded")
@@ -118,7 +121,7 @@ class PlacedRun:
             step = result.metrics.get("step")
             self.say(f"{self.spec.name} stopped at step {step} with a checkpoint: {reason}")
             self.yields.append({"step": step, "reason": reason, "at": time.time()})
-            decision = self._ask("yielded", self.spec.name, self.owner)
+            decision = self._give_back("yielded")
             placement = self.wait(decision, deadline_s=None)  # preempted time is not counted
             self.yields[-1]["placed_at"] = time.time()  # placed again: the next fit starts
 
@@ -167,6 +170,12 @@ class PlacedRun:
             raise NotPlaced(str(e)) from None
         except ray.exceptions.RayError as e:
             raise NotPlaced(failed_call(method, e)) from None
+
+    def _give_back(self, method: str, *args) -> Any:
+        """yielded or gpu_too_small, numbered (the same number on every try of one call)."""
+        decision = self._ask(method, self.spec.name, self.owner, *args, self.given_back)
+        self.given_back += 1
+        return decision
 
     def current_placement(self, placement: Placement) -> Placement:
         """The job's placement now: a node lost during training moves workers elsewhere."""

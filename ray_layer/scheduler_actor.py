@@ -155,16 +155,21 @@ class SchedulerActor:
         self._refresh_ray_view()
         return self._decide(lambda now: self.core.replace(spec, owner, lost_nodes, now))
 
-    def yielded(self, job_name: str, owner: str = "") -> Placement | Queued | Rejection:
-        """The job checkpointed and stopped as its directive said; what it should do next."""
+    def yielded(self, job_name: str, owner: str = "", given_back: int | None = None
+                ) -> Placement | Queued | Rejection:
+        """The job checkpointed and stopped as its directive said; what it should do next.
+        `given_back`: how many placements its driver had given back before (a call sent
+        again is answered, not carried out twice; see SchedulerCore.yielded)."""
         self._refresh_ray_view()  # it is placed again at once: on what Ray sees now
-        return self._call(lambda now: self.core.yielded(job_name, owner, now))
+        return self._call(lambda now: self.core.yielded(job_name, owner, now,
+                                                        given_back=given_back))
 
-    def gpu_too_small(self, job_name: str, owner: str, gpus: list[tuple[str, int]]
-                      ) -> Placement | Queued | Rejection:
+    def gpu_too_small(self, job_name: str, owner: str, gpus: list[tuple[str, int]],
+                      given_back: int | None = None) -> Placement | Queued | Rejection:
         """The job's workers found these (node id, GPU index) without the free memory asked:
-        placed again without them."""
-        return self._call(lambda now: self.core.gpu_too_small(job_name, owner, gpus, now))
+        placed again without them (`given_back`: as for yielded)."""
+        return self._call(lambda now: self.core.gpu_too_small(job_name, owner, gpus, now,
+                                                              given_back=given_back))
 
     def release(self, job_name: str, owner: str = "") -> bool:
         """The job ended: free what it held (only its owner, or an operator passing no owner)."""

@@ -135,3 +135,30 @@ def test_a_dry_run_whose_scheduler_does_not_answer_exits_3(monkeypatch, error, w
         launch.dry_run_placement(JobSpec("job"), None)
     assert raised.value.exit_code == EXIT_NOT_PLACEABLE and timeouts == [CALL_TIMEOUT_S]
     assert str(raised.value).startswith(words) and "\n" not in str(raised.value)
+
+
+def test_a_give_back_sent_again_carries_the_same_number(monkeypatch):
+    # The scheduler tells a yielded it already carried out (its answer lost to a restart) from
+    # the next one by this number; a resend with a new number would be carried out twice.
+    import ray
+
+    from orchestrator.placement import Placement
+    from ray_layer import placed_run
+
+    placement, sent = Placement("job", ("n1",), 0.0, 1), []
+
+    def yielded(*args):
+        sent.append(args)
+        if len(sent) == 1:  # the scheduler restarted before answering: the link resends
+            raise ray.exceptions.ActorDiedError()
+        return placement
+    scheduler = SimpleNamespace(submit=SimpleNamespace(remote=lambda *args: placement),
+                                yielded=SimpleNamespace(remote=yielded))
+    monkeypatch.setattr(placed_run.time, "sleep", lambda s: None)
+    run = driver(monkeypatch, scheduler, lambda value, timeout=None: value)
+    fits = [SimpleNamespace(metrics={"step": 3, "yielded": "preempt"}, return_value=None,
+                            checkpoint=SimpleNamespace(path=f"/run/checkpoint_{step}"))
+            for step in (3, 6)] + [SimpleNamespace(metrics={"step": 9}, return_value=None,
+                                                   checkpoint=None)]
+    run.run(lambda p: fits.pop(0))
+    assert [args[-1] for args in sent] == [0, 0, 1]

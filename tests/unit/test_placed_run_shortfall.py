@@ -54,7 +54,7 @@ def test_a_shortfall_is_told_to_the_scheduler_and_the_job_fits_again(driver, sho
         placements.append(placement)
         return fits.pop(0)
     final, placement = run.run(fit)
-    assert ("gpu_too_small", "job", "driver", [("n1", 1)]) in calls
+    assert ("gpu_too_small", "job", "driver", [("n1", 1)], 0) in calls  # (its first give-back)
     assert not fits and placements[1] == second and placement == second
     assert final.metrics["step"] == 9 and run.yields == []
 

@@ -668,6 +668,56 @@ def test_a_gpu_found_without_the_memory_asked_is_excluded_and_the_job_placed_aga
     assert not core.excluded_gpus and not core.state.reservations
 
 
+def test_a_retried_gpu_too_small_is_answered_not_carried_out_twice():
+    # The reply to the first call was lost (the actor died after its save; Ray retries the
+    # call, or the driver's link sends it again): the retry took the GPU already excluded
+    # for "Ray picked it again", ruled out the whole node and rejected a job GPU 1 could hold.
+    core = core_with(gpu_node("n", gpus=2))
+    core.submit(gpus("job", 1, min_gpu_memory_gb=40), "d", T0)
+    first = core.gpu_too_small("job", "d", [("n", 0)], T0 + 5, given_back=0).decision
+    retried = core.gpu_too_small("job", "d", [("n", 0)], T0 + 6, given_back=0)
+    assert isinstance(first, Placement) and retried.decision == first
+    assert core.excluded_gpus["job"] == {("n", 0)}
+    assert core.running["job"].started_at == T0 + 5 and not retried.persist
+    # The driver's next report (its second give-back) is a new one: Ray picked GPU 0 again.
+    again = core.gpu_too_small("job", "d", [("n", 0)], T0 + 7, given_back=1).decision
+    assert isinstance(again, Rejection) and "2 excluded for this job" in again.message
+
+
+def test_a_retried_yielded_does_not_stop_the_placement_the_first_call_made():
+    # After an operator's preemption the first yielded placed the job again; its retry
+    # stopped that placement and placed the job once more (its room, on a busy cluster, or a
+    # migration's target could be lost to another job in between).
+    core = core_with(cpu_node("n", cpus=4))
+    core.submit(cpus("job", 2), "d", T0)
+    core.preempt("job", T0 + 10)
+    core.directive("job", T0 + 11)
+    first = core.yielded("job", "d", T0 + 12, given_back=0).decision
+    retried = core.yielded("job", "d", T0 + 13, given_back=0)
+    assert isinstance(first, Placement) and retried.decision == first
+    assert core.running["job"].started_at == T0 + 12 and core.running["job"].preemptions == 1
+    assert core.placements_given_back == {"job": 1}
+    # Saved with the state: a scheduler restarted between the two calls answers alike.
+    restored = SchedulerCore(core.settings)
+    assert not restored.restore(json.loads(json.dumps(core.to_dict())))
+    assert restored.yielded("job", "d", T0 + 14, given_back=0).decision == first
+    assert restored.running["job"].started_at == T0 + 12
+
+
+def test_a_retried_yielded_of_a_cancelled_job_is_told_the_cancel_again():
+    # The retry was told "job 'job' is not in the queue" (the rejection was handed over once),
+    # so the driver's exit 3 did not say that an operator had cancelled it.
+    core = core_with(cpu_node("n", cpus=4))
+    core.submit(cpus("job", 2), "d", T0)
+    core.cancel("job", "", T0 + 20)
+    core.directive("job", T0 + 21)
+    first = core.yielded("job", "d", T0 + 22, given_back=0).decision
+    retried = core.yielded("job", "d", T0 + 23, given_back=0).decision
+    assert first.cancelled and retried == first and "was cancelled" in retried.message
+    assert core.release("job", "d", T0 + 24).decision is False  # its driver is done with it
+    assert "job" not in core.queue.rejected and not core.placements_given_back
+
+
 def test_each_decision_is_counted_once():
     core = core_with(cpu_node("a", cpus=2))
     placed = core.submit(cpus("one", 2), "d", T0)
