@@ -65,7 +65,8 @@ from orchestrator.placement import (FITS_WHEN_FREED, Placement, PlacementError, 
 from orchestrator.queue import JobQueue, QueuedJob, allowed_families
 from orchestrator.saved_records import SAVED_STATE_VERSION
 from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, Directive, Outcome, Persist,
-                                          RunningJob, SchedulerSettings, StartAgent, Yield)
+                                          RunningJob, SaveSoon, SchedulerSettings, StartAgent,
+                                          Yield)
 from orchestrator.validation import is_int, is_number
 
 # CLAIM_SUFFIX (config.py): reservation name of a migration target, held until the handover
@@ -78,6 +79,10 @@ TYPICAL_WEIGHT = 0.01  # the typical job's speeds follow the last ~100 GPU jobs 
 # A wake-up (next_wakeup) falls this long after the moment it is for, so float rounding of
 # start + min_run_s never leaves `now - start >= min_run_s` just unmet at the tick.
 WAKE_MARGIN_S = 1e-3
+# A job's last checkpoint time told again within this of the one known is the same checkpoint:
+# the live actor turns the job's clock into its own at each check, which moves the figure by
+# rounding, and every such move was a save.
+SAME_CHECKPOINT_S = 1.0
 
 # speed(spec, accelerator family) -> relative training speed; the simulator passes its model.
 SpeedModel = Callable[[JobSpec, str], float]
@@ -615,17 +620,26 @@ class SchedulerCore:
         return outcome
 
     def directive(self, job_name: str, now: float, last_checkpoint_at: float | None = None
-                  ) -> Directive | None:
-        """What a running job should do at its next step boundary (None: keep training).
-        The job's check also says when it last checkpointed (victim choice uses it)."""
+                  ) -> Outcome:
+        """What a running job should do at its next step boundary (decision: a Directive, or
+        None to keep training). The job's check also says when it last checkpointed (victim
+        choice uses it): a new time is saved soon (SaveSoon). A directive's first read is
+        saved at once: the job acts on it from then on, and a restarted scheduler that lost
+        the read withdrew it (_forget_preemption), its yield uncounted as a preemption."""
         job = self.running.get(job_name)
         if job is None:
-            return None
+            return Outcome(None)
+        outcome = Outcome()
         if last_checkpoint_at is not None:
+            if job.last_checkpoint_at is None or \
+                    abs(last_checkpoint_at - job.last_checkpoint_at) >= SAME_CHECKPOINT_S:
+                outcome.effects.append(SaveSoon())
             job.last_checkpoint_at = last_checkpoint_at
         if job.directive is not None and job.directive.read_at is None:
             job.directive = dataclasses.replace(job.directive, read_at=now)
-        return job.directive
+            outcome.effects.append(Persist())
+        outcome.decision = job.directive
+        return outcome
 
     def gpu_too_small(self, job_name: str, owner: str, gpus: list[tuple[str, int]],
                       now: float, given_back: int | None = None) -> Outcome:

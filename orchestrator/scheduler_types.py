@@ -142,6 +142,13 @@ class Persist:
 
 
 @dataclass(frozen=True)
+class SaveSoon:
+    """The state changed, but not in a way worth a write per call (a running job's last
+    checkpoint time, told at every step-boundary check): saved with the next change that
+    persists, or by the next maintenance pass."""
+
+
+@dataclass(frozen=True)
 class StartAgent:
     """Effect: start (or restart) the agent of an alive node whose agent has not reported
     lately (a node that joined, or one whose agent stopped)."""

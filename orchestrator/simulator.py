@@ -290,7 +290,7 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
         which the live actor answers; with no checkpoint in this attempt to report: see the
         module docstring). None: taken back before it read it (its preemptor started
         elsewhere), it trains on. Else it checkpoints and releases its GPUs."""
-        if core.directive(job.spec.name, now) is None:
+        if core.directive(job.spec.name, now).decision is None:
             return
         run.sees_directive(job, now)
         at(now + YIELD_S - NOTICE_S, job, RELEASES)

@@ -20,8 +20,7 @@ from orchestrator.config import JobSpec
 from orchestrator.inventory import NodeReport, silent_agent
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.scheduler_core import SchedulerCore
-from orchestrator.scheduler_types import (Outcome, Yield,
-                                          settings_to_run_with)
+from orchestrator.scheduler_types import Outcome, SaveSoon, Yield, settings_to_run_with
 from orchestrator.throughput import ThroughputTable
 from ray_layer.gcs_store import GcsJsonStore
 from ray_layer.node_agent import ensure_agent
@@ -70,7 +69,9 @@ class SchedulerActor:
         # Relative speed per (workload, family), static until jobs report (replaced on restore,
         # hence looked up through self at each call).
         self.throughput = ThroughputTable()
-        self._throughput_unsaved = False
+        # Changes saved by the next maintenance pass, not at once (SaveSoon: learnt speeds,
+        # jobs' checkpoint times): a figure a second per job is not worth a GCS write each.
+        self._unsaved = False
         self.store = GcsJsonStore(STATE_KEY, NAMESPACE)
         saved, unreadable = self._load_state()  # (read once: settings, then the state)
         run_with, settings_problem = settings_to_run_with(settings, saved)
@@ -185,7 +186,8 @@ class SchedulerActor:
             now = wall_clock()
             if per_worker_rate is not None:
                 self._observe(job_name, per_worker_rate, now)
-            d = self.core.directive(job_name, now, _in_scheduler_clock(last_checkpoint_at, now))
+            d = self._apply(self.core.directive(job_name, now,
+                                                _in_scheduler_clock(last_checkpoint_at, now)))
         return None if d is None else {"kind": d.kind, "reason": d.reason}
 
     # -- operators ------------------------------------------------------------------------
@@ -244,7 +246,7 @@ class SchedulerActor:
             agents = self.core.agents_needed(alive, now)
             last_seen = {e.node_id: self.core.state.last_seen.get(e.node_id) for e in agents}
             scale_up = self.core.scale_up_requests(now)
-            if self._throughput_unsaved:  # learnt speeds: saved at most once a pass
+            if self._unsaved:  # (SaveSoon) saved at most once a pass
                 self._save()
             changes = {"dead_by_ray": dead.decision, "expired": tick.decision["expired"],
                        "lost_reservations": tick.decision["lost_reservations"],
@@ -344,11 +346,13 @@ class SchedulerActor:
                 record_all([(catalogue.SCHEDULER_YIELDS, 1, {"kind": effect.kind})])
         if outcome.persist:
             self._save()
+        elif any(isinstance(effect, SaveSoon) for effect in outcome.effects):
+            self._unsaved = True
         return outcome.decision
 
     def _save(self) -> None:
         self.store.save({**self.core.to_dict(), THROUGHPUT_KEY: self.throughput.to_dict()})
-        self._throughput_unsaved = False
+        self._unsaved = False
 
     # -- learning speeds ----------------------------------------------------------------------
     def _speed(self, spec: JobSpec, family: str) -> float:
@@ -358,13 +362,13 @@ class SchedulerActor:
     def _observe(self, job_name: str, per_worker_rate: float, now: float) -> None:
         """Learn a running job's throughput on the family that sets its pace (jobs without a
         workload key, and CPU jobs, teach nothing). Saved by the next maintenance pass or
-        state change, not at once: a figure a second per job is not worth a GCS write each."""
+        state change, not at once (as SaveSoon)."""
         job = self.core.running.get(job_name)
         family = self.core.running_family(job_name)
         if job is None or not job.spec.workload or not family:
             return
         self.throughput.observe(job.spec.workload, family, per_worker_rate, now)
-        self._throughput_unsaved = True
+        self._unsaved = True
         # The core caches a running job's speed per family (RunningJob.speeds) for its
         # migration checks; drop this job's, so its next check uses what was just learnt.
         job.speeds.clear()

@@ -72,10 +72,10 @@ def test_operator_preempt_and_cancel_say_what_happens_and_refuse_unknown_jobs(ca
     code, out = run("cancel", "nope", core, capsys)
     assert code == 2 and "no job named 'nope' is running or waiting" in out.err
     code, out = run("cancel", "low", core, capsys)  # running: checkpoints first
-    assert code == 0 and core.directive("low", T0 + 6).kind == "cancel"
+    assert code == 0 and core.directive("low", T0 + 6).decision.kind == "cancel"
     code, out = run("preempt", "low", core, capsys)  # a cancel is not undone
     assert code == 2 and "'low' is being cancelled" in out.err
-    assert core.directive("low", T0 + 7).kind == "cancel"
+    assert core.directive("low", T0 + 7).decision.kind == "cancel"
 
 
 def test_a_job_that_is_not_preemptible_is_never_told_to_stop_and_the_operator_hears_why(capsys):
@@ -85,13 +85,13 @@ def test_a_job_that_is_not_preemptible_is_never_told_to_stop_and_the_operator_he
     core.report(NodeReport("n", "n", 2, 0, 2, 0.0, GIB, GIB), T0)
     core.submit(JobSpec("own-loop", num_workers=2, preemptible=False), "d", T0)
     core.submit(JobSpec("urgent", num_workers=2, priority=5), "d", T0 + 1)
-    assert core.directive("own-loop", T0 + 2) is None  # no room made by preempting it
+    assert core.directive("own-loop", T0 + 2).decision is None  # no room made by preempting it
     assert core.jobs(T0 + 2)[1]["reason"] != "" and "preempting" not in core.jobs(T0 + 2)[1][
         "reason"]
     for verb in ("preempt", "cancel"):
         code, out = run(verb, "own-loop", core, capsys)
         assert code == 2 and "'own-loop' is not preemptible" in out.err  # refused: nothing done
-    assert core.directive("own-loop", T0 + 6) is None
+    assert core.directive("own-loop", T0 + 6).decision is None
 
 
 def test_status_json_is_strict_json_when_a_nodes_host_probe_failed():

@@ -1,6 +1,7 @@
 """The scheduling core's rules, driven by events with explicit times: no Ray, no sleeping."""
 import dataclasses
 import json
+import time
 
 import pytest
 
@@ -9,7 +10,7 @@ from orchestrator.inventory import GIB, GpuInfo, NodeReport
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.queue import JobQueue, QueuedJob
 from orchestrator.scheduler_core import CLAIM_SUFFIX, SchedulerCore
-from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, RunningJob,
+from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, RunningJob, SaveSoon,
                                           SchedulerSettings, StartAgent, Yield)
 
 T0 = 1_000.0
@@ -150,7 +151,7 @@ def test_a_higher_priority_job_preempts_and_the_victim_resumes_after_it():
     assert isinstance(high.decision, Queued) and "preempting low" in high.decision.reason
     told = yields(high)["low"]
     assert told.kind == PREEMPT and "priority 10 > 0" in told.reason
-    assert core.directive("low", T0 + 61).kind == PREEMPT
+    assert core.directive("low", T0 + 61).decision.kind == PREEMPT
     # Until the victim yields, nothing is double-booked: it still holds its CPUs.
     assert core.state.reserved_on("a") == (4.0, 0)
     back = core.yielded("low", "d-low", T0 + 65).decision
@@ -321,7 +322,7 @@ def test_a_preemption_the_victim_has_read_stays_when_its_preemptor_starts_elsewh
     other = ({"v", "w"} - {victim}).pop()
     unread = core.submit(gpus("q", 2, priority=1), "d", T0 + 500)  # preempts the other
     assert set(yields(unread)) == {other}
-    assert core.directive(victim, T0 + 501).kind == PREEMPT
+    assert core.directive(victim, T0 + 501).decision.kind == PREEMPT
     core.cancel("q", "d", T0 + 502)  # the other's directive, unread, is withdrawn
     assert core.running[other].directive is None
     core.release(other, "d", T0 + 503)  # the other job ends: 'p' starts in its room
@@ -405,7 +406,7 @@ def test_an_operator_cancel_of_a_running_job_lets_it_checkpoint_then_drops_it():
     core = core_with(cpu_node("a", cpus=2))
     core.submit(cpus("job", 2), "d", T0)
     assert core.cancel("job", "", T0 + 1).decision is True
-    assert core.directive("job", T0 + 2).kind == CANCEL
+    assert core.directive("job", T0 + 2).decision.kind == CANCEL
     gone = core.yielded("job", "d", T0 + 3).decision
     assert isinstance(gone, Rejection) and "cancelled" in gone.message
     assert not core.state.reservations and not len(core.queue)
@@ -1414,6 +1415,56 @@ def test_a_saved_state_read_in_part_is_kept_aside_before_a_save_replaces_it(monk
     actor, _ = _bare_scheduler_actor(monkeypatch, _FlakyStore(set_aside_fails=True))
     with pytest.raises(RuntimeError, match="not starting"):  # no copy: it must not replace it
         actor._restore(damaged, None, "", False)
+
+
+def test_a_directive_read_is_saved_at_once_and_a_new_checkpoint_time_soon():
+    # Neither was saved: a scheduler restarted after a victim read its preemption restored it
+    # unread, so its preemptor giving up withdrew it and the yield went uncounted toward
+    # max_preemptions; victims were ordered by stale checkpoint times.
+    core = core_with(cpu_node("a", cpus=2))
+    core.submit(cpus("job", 2), "d", T0)
+    core.preempt("job", T0 + 1)
+    first = core.directive("job", T0 + 2, last_checkpoint_at=T0 + 1)
+    again = core.directive("job", T0 + 3, last_checkpoint_at=T0 + 1)
+    assert first.decision.kind == PREEMPT and first.persist and not again.persist  # once
+    assert not any(isinstance(e, SaveSoon) for e in again.effects)  # nothing new
+    newer = core.directive("job", T0 + 4, last_checkpoint_at=T0 + 3)
+    assert not newer.persist and any(isinstance(e, SaveSoon) for e in newer.effects)
+    restored = SchedulerCore(core.settings)
+    assert not restored.restore(json.loads(json.dumps(core.to_dict())))
+    job = restored.running["job"]
+    assert job.directive.read_at == T0 + 2 and job.last_checkpoint_at == T0 + 3
+
+
+def test_the_scheduler_actor_saves_a_read_directive_at_once_and_checkpoint_times_per_pass(
+        monkeypatch):
+    import inspect
+    import threading
+
+    from ray_layer import scheduler_actor
+
+    saves = []
+    actor_class = scheduler_actor.SchedulerActor.__ray_metadata__.modified_class
+    actor = object.__new__(actor_class)
+    actor.lock, actor.core = threading.RLock(), core_with(cpu_node("a", cpus=4))
+    actor.store = type("Store", (), {"save": lambda self, state: saves.append(state)})()
+    actor.throughput = type("Table", (), {"to_dict": lambda self: {}})()
+    actor._unsaved, actor._retired, actor._scale_up_asked = False, set(), []
+    actor._agents_lock, actor._agent_silent_since = threading.Lock(), {}
+    module = inspect.unwrap(actor_class.directive).__globals__
+    for name, value in (("record_all", lambda samples: None), ("wall_clock", lambda: T0 + 5),
+                        ("_ray_nodes", lambda: ({"a"}, set(), set())),
+                        ("_dead_drivers", lambda: set()), ("_ray_available", lambda: {})):
+        monkeypatch.setitem(module, name, value)
+    actor.core.submit(cpus("job", 2), "d", T0)
+    actor.core.preempt("job", T0 + 1)
+    assert actor.directive("job")["kind"] == PREEMPT and len(saves) == 1  # read: saved
+    assert actor.directive("job") is not None and len(saves) == 1
+    actor.directive("job", last_checkpoint_at=time.time() - 2)  # a newer checkpoint
+    assert len(saves) == 1 and actor._unsaved  # not a write per step boundary...
+    actor.maintain()
+    assert len(saves) == 2 and not actor._unsaved  # ...but by the next maintenance pass
+    assert saves[-1]["running"]["job"]["last_checkpoint_at"] == pytest.approx(T0 + 3, abs=1)
 
 
 def test_a_drivers_ctrl_c_withdraws_a_waiting_job_and_leaves_a_running_one_held():
