@@ -93,8 +93,8 @@ def status_rows(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def format_jobs(jobs: list[dict[str, Any]]) -> list[str]:
-    """One line per job: running, yielding (told to checkpoint and stop), preempted or
-    waiting, with why."""
+    """One line per job: running, yielding (told to checkpoint and stop), placed (not
+    started by its driver yet), preempted or waiting, with why."""
     lines = []
     for j in jobs:
         where = f" on {','.join(n[:12] for n in j['nodes'])}" if j["nodes"] else ""
@@ -184,6 +184,9 @@ def refusal(command: str, name: str, row: dict[str, Any] | None) -> str:
     if command == "preempt" and row is not None and row.get("state") in WAITING_STATES:
         return (f"job {name!r} is waiting in the queue, not running: nothing to preempt "
                 f"(`cancel {name}` drops it)")
+    if command == "preempt" and row is not None and row.get("state") == "placed":
+        return (f"job {name!r} is placed, its driver has not started it yet: preempt it once "
+                f"it runs, or `cancel {name}`")
     if row is not None and not row.get("preemptible", True):
         return (f"job {name!r} is not preemptible (its JobSpec says preemptible: false): its "
                 "loop never checkpoints on request, so it cannot be told to stop; stop its "

@@ -862,11 +862,13 @@ class SchedulerCore:
 
     def jobs(self, now: float) -> list[dict]:
         """Every job the scheduler knows, for `status`: running (with any pending directive),
-        waiting (preempted ones say so) with its reason and place in line."""
+        placed (its driver has not collected the placement: nothing runs yet, so `preempt`
+        refuses it), waiting (preempted ones say so) with its reason and place in line."""
         rows = []
         for name, job in sorted(self.running.items()):
             d = job.directive
-            rows.append({"job": name, "state": "yielding" if d else "running",
+            state = "yielding" if d else "placed" if name in self.queue.ready else "running"
+            rows.append({"job": name, "state": state,
                          "priority": job.spec.priority, "owner": job.placement.owner,
                          "nodes": job.placement.nodes, "since_s": round(now - job.started_at, 1),
                          "preemptions": job.preemptions, "preemptible": job.spec.preemptible,

@@ -78,6 +78,25 @@ def test_operator_preempt_and_cancel_say_what_happens_and_refuse_unknown_jobs(ca
     assert core.directive("low", T0 + 7).decision.kind == "cancel"
 
 
+def test_a_job_placed_but_not_started_by_its_driver_is_shown_placed_and_preempt_says_so(
+        capsys):
+    # `status` showed it running while `preempt` said "no job named 'b' is running".
+    core = SchedulerCore(SchedulerSettings(min_run_s=0.0, suspect_after_s=1e4,
+                                           dead_after_s=1e5))
+    core.ray_nodes({"n"}, set(), T0)
+    core.report(NodeReport("n", "n", 2, 0, 2, 0.0, GIB, GIB), T0)
+    core.submit(JobSpec("a", num_workers=2), "d1", T0)
+    core.submit(JobSpec("b", num_workers=2), "d2", T0 + 1)
+    core.release("a", "d1", T0 + 2)  # b is placed from the queue; its driver polls next
+    assert format_jobs(core.jobs(T0 + 3)) == ["placed    b (priority 0) on n, 1s"]
+    code, out = run("preempt", "b", core, capsys)
+    assert code == 2 and out.err.strip() == (
+        "error: job 'b' is placed, its driver has not started it yet: preempt it once it "
+        "runs, or `cancel b`")
+    assert core.poll("b", "d2", T0 + 4).decision.nodes == ["n"]  # collected: now running
+    assert format_jobs(core.jobs(T0 + 5))[0].startswith("running   b")
+
+
 def test_a_job_that_is_not_preemptible_is_never_told_to_stop_and_the_operator_hears_why(capsys):
     core = SchedulerCore(SchedulerSettings(min_run_s=0.0, suspect_after_s=1e4,
                                            dead_after_s=1e5))
