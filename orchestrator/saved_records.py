@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.config import JobSpec
+from orchestrator.validation import is_number
 
 # The scheduler state's format (SchedulerCore.to_dict). Raised when a change means an older
 # scheduler would misread the state; an older one meeting a newer version says so and keeps
@@ -43,6 +44,27 @@ def saved_fields(cls: type, data: Any, what: str,
             raise ValueError(f"{what}'s {name} is {_short(value)}, not {problem}")
         values[name] = checked
     return values
+
+
+def continued_clock(saved: Any, time_now: float) -> tuple[float, str | None]:
+    """Where a restarted scheduler's clock starts (wall-clock seconds, as its `now`): the
+    host's clock (`time_now`, time.time()) moved by how far its predecessor's clock stood
+    from the host's at its last save (`saved`: {"time": time.time(), "clock": its clock},
+    read together). The scheduler's clock never jumps with the host's (a step would age every
+    heartbeat at once), so after a step it stands apart from it; a successor starting afresh
+    at the host's time shifted every saved time (a job's start, its wait, a silent node's
+    last report) by the step: run times inflated by it (LAS levels), or times in the future.
+    Nothing saved (a first scheduler, a state saved before the clock was): the host's clock.
+    (start, None), or (the host's clock, why the saved clock was not used)."""
+    if saved is None:
+        return time_now, None
+    host, clock = (saved.get("time"), saved.get("clock")) if isinstance(saved, Mapping) \
+        else (None, None)
+    if not (is_number(host) and is_number(clock)):
+        return time_now, (f"the saved clock {_short(saved)} is not two numbers (time, clock): "
+                          "the scheduler's clock starts at the host's, and times saved before "
+                          "a step of the host's clock are off by that step")
+    return time_now + (clock - host), None
 
 
 def saved_spec(data: Any, what: str) -> JobSpec:

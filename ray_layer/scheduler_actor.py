@@ -19,6 +19,7 @@ from orchestrator import metric_catalogue as catalogue
 from orchestrator.config import JobSpec
 from orchestrator.inventory import NodeReport, silent_agent
 from orchestrator.placement import Placement, Queued, Rejection
+from orchestrator.saved_records import continued_clock
 from orchestrator.scheduler_core import SchedulerCore
 from orchestrator.scheduler_types import Outcome, SaveSoon, Yield, settings_to_run_with
 from orchestrator.throughput import ThroughputTable
@@ -32,13 +33,19 @@ log = logging.getLogger(__name__)
 # The core's `now`: wall-clock seconds that never jump. Heartbeat ages are differences of it,
 # and a step of the host's clock (NTP, a resumed VM) read through time.time() aged every
 # report at once: every node was declared dead and the queued jobs rejected for good. Read
-# from the monotonic clock, anchored to the wall clock when the process started (a
-# restarted scheduler re-anchors, so saved timestamps stay comparable).
+# from the monotonic clock, anchored to the wall clock when the process started; a restarted
+# scheduler continues its predecessor's clock (_continue_clock), so saved timestamps stay
+# comparable across a step of the host's clock.
 _WALL_AT_START, _MONOTONIC_AT_START = time.time(), time.monotonic()
 
 
 def wall_clock() -> float:
     return _WALL_AT_START + (time.monotonic() - _MONOTONIC_AT_START)
+
+
+def _start_clock_at(wall: float) -> None:
+    global _WALL_AT_START, _MONOTONIC_AT_START
+    _WALL_AT_START, _MONOTONIC_AT_START = wall, time.monotonic()
 
 
 def _in_scheduler_clock(driver_time: float | None, now: float) -> float | None:
@@ -53,6 +60,7 @@ STATE_KEY = "scheduler-state"
 # GCS failing over is back well within it.
 STATE_READ_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 THROUGHPUT_KEY = "throughput"  # the learnt speeds, beside the core's parts in the saved state
+CLOCK_KEY = "clock"  # {"time": time.time(), "clock": wall_clock()} at the save (continued_clock)
 RAY_NODES_REFRESH_S = 1.0  # a flood of reports for unknown nodes asks Ray at most this often
 
 
@@ -74,6 +82,7 @@ class SchedulerActor:
         self._unsaved = False
         self.store = GcsJsonStore(STATE_KEY, NAMESPACE)
         saved, unreadable = self._load_state()  # (read once: settings, then the state)
+        self._continue_clock(saved)  # before anything reads the clock
         run_with, settings_problem = settings_to_run_with(settings, saved)
         self.core = SchedulerCore(run_with, speed=self._speed)
         self.lock = threading.RLock()  # Ray's thread and the maintenance thread
@@ -351,7 +360,8 @@ class SchedulerActor:
         return outcome.decision
 
     def _save(self) -> None:
-        self.store.save({**self.core.to_dict(), THROUGHPUT_KEY: self.throughput.to_dict()})
+        self.store.save({**self.core.to_dict(), THROUGHPUT_KEY: self.throughput.to_dict(),
+                         CLOCK_KEY: {"time": time.time(), "clock": wall_clock()}})
         self._unsaved = False
 
     # -- learning speeds ----------------------------------------------------------------------
@@ -406,6 +416,13 @@ class SchedulerActor:
         if saved is not None and not isinstance(saved, dict):
             return {}, ValueError(f"a JSON {type(saved).__name__}, not an object")
         return saved or {}, None
+
+    def _continue_clock(self, saved: dict) -> None:
+        """Start this incarnation's clock where its predecessor's stood (continued_clock)."""
+        start, problem = continued_clock(saved.get(CLOCK_KEY), time.time())
+        if problem:
+            log.warning("%s", problem)
+        _start_clock_at(start)
 
     def _restore(self, saved: dict, unreadable: Exception | None,
                  settings_problem: str | None, settings_given: bool) -> None:

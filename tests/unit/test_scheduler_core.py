@@ -1467,6 +1467,49 @@ def test_the_scheduler_actor_saves_a_read_directive_at_once_and_checkpoint_times
     assert saves[-1]["running"]["job"]["last_checkpoint_at"] == pytest.approx(T0 + 3, abs=1)
 
 
+def test_a_restarted_scheduler_continues_its_predecessors_clock_across_a_host_clock_step():
+    # The scheduler's clock is monotonic, anchored to the host's clock at its start. The
+    # host's clock stepped an hour forward during one incarnation; the next anchored afresh,
+    # and every saved time read an hour older: a job placed 25 s before had run 3625 s (its
+    # LAS level), and after a step back, times lay in the future.
+    from orchestrator.saved_records import continued_clock
+
+    started_at = 1_005.0  # a job's start, in the first incarnation's clock (host: 1000 at 0)
+    saved = {"time": 1_000.0 + 20 + 3_600, "clock": 1_020.0}  # saved 20 s in, after the step
+    start, problem = continued_clock(saved, time_now=4_630.0)  # 10 s later, the host's clock
+    assert problem is None and start - started_at == 25.0
+    back = {"time": 1_000.0 + 20 - 3_600, "clock": 1_020.0}  # the host's clock stepped back
+    start, _ = continued_clock(back, time_now=1_000.0 + 30 - 3_600)
+    assert start - started_at == 25.0  # not -3575: never a start in the future
+    assert continued_clock(None, 4_630.0) == (4_630.0, None)  # nothing saved: the host's
+    start, problem = continued_clock({"time": "noon"}, 4_630.0)
+    assert start == 4_630.0 and "not two numbers" in problem
+
+
+def test_the_scheduler_actor_saves_its_clock_and_a_successor_continues_it(monkeypatch):
+    import inspect
+
+    from ray_layer import scheduler_actor
+
+    actor_class = scheduler_actor.SchedulerActor.__ray_metadata__.modified_class
+    module = inspect.unwrap(actor_class._save).__globals__
+    for name in ("_WALL_AT_START", "_MONOTONIC_AT_START"):  # put back after the test
+        monkeypatch.setitem(module, name, module[name])
+    saves = []
+    actor = object.__new__(actor_class)
+    actor.core, actor.throughput = core_with(cpu_node("a")), type(
+        "Table", (), {"to_dict": lambda self: {}})()
+    actor.store = type("Store", (), {"save": lambda self, state: saves.append(state)})()
+    actor._save()
+    clock = saves[-1][scheduler_actor.CLOCK_KEY]
+    assert clock["clock"] == pytest.approx(module["wall_clock"](), abs=1)
+    assert clock["time"] == pytest.approx(time.time(), abs=1)
+    # A successor reading it starts where this clock stands, an hour off the host's clock.
+    actor._continue_clock({scheduler_actor.CLOCK_KEY: {"time": time.time(),
+                                                       "clock": time.time() - 3_600}})
+    assert module["wall_clock"]() == pytest.approx(time.time() - 3_600, abs=1)
+
+
 def test_a_drivers_ctrl_c_withdraws_a_waiting_job_and_leaves_a_running_one_held():
     """Ctrl-C's withdraw freed a running job's devices at once: the next job was placed
     while its workers were still aborting on them."""
