@@ -1,10 +1,12 @@
 """SchedulerActor: the live cluster's driver of the pure scheduling core.
 
 All rules live in orchestrator/scheduler_core.py (unit-tested without Ray, and replayed by the
-simulator). This shell adds only what needs Ray: the clock (`wall_clock()` passed in as `now`),
-Ray's view of the nodes and of dead drivers, a maintenance thread, one lock, metric recording
-and persistence of the core's state in the GCS key-value store, so a restarted scheduler
-(max_restarts=-1) forgets nothing it had promised.
+simulator). This shell adds only what needs Ray: the clock (`wall_clock()` passed in as `now`,
+continued across restarts), Ray's view of the nodes and of dead drivers, a maintenance thread
+(which also starts and restarts node agents and asks the autoscaler for nodes), one lock, the
+speeds learnt from jobs' throughput, metric recording and persistence of the core's state in
+the GCS key-value store, so a restarted scheduler (max_restarts=-1) forgets nothing it had
+promised.
 """
 from __future__ import annotations
 
