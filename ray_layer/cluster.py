@@ -1,11 +1,17 @@
 """Bring the control plane up: a named scheduler and an agent on every alive node.
 
 Idempotent: actors that already exist are reused, so every job can call this and only the
-first one on a cluster creates anything.
+first one on a cluster creates anything. What is missing is created outside the calling job's
+runtime_env (_create_without_runtime_env).
+
+    python -m ray_layer.cluster GCS_ADDRESS [SETTINGS_JSON]   # that creation, in a driver of
+                                                              # its own
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -14,7 +20,8 @@ import ray
 
 from ray_layer.node_agent import ensure_agent
 from ray_layer.scheduler_actor import SchedulerActor
-from ray_layer.scheduler_client import NAMESPACE, SCHEDULER_NAME, get_agent, get_scheduler
+from ray_layer.scheduler_client import (NAMESPACE, SCHEDULER_NAME, SchedulerNotRunning,
+                                        get_agent, get_scheduler)
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
 # How long ensure_control_plane waits for a fresh report: from an agent that was already up
@@ -24,6 +31,11 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this re
 # depend on those reports). Looked up at each call, so a test can shorten them.
 AGENT_REPORT_WAIT_S = 10.0
 AGENT_START_WAIT_S = 60.0
+# The driver of its own that creates missing control plane actors: how long it may take (Ray
+# connecting, the scheduler restoring its state, every agent's first report), and the
+# variable marking it (it never starts another).
+CLEAN_BRING_UP_TIMEOUT_S = 180.0
+CLEAN_BRING_UP_ENV = "ORCHESTRATOR_CONTROL_PLANE_BRING_UP"
 
 
 class SchedulerNotUp(TimeoutError):
@@ -34,12 +46,65 @@ def ensure_scheduler(**settings):
     """The cluster's scheduler, created with `settings` (SchedulerActor's keyword arguments:
     the fields of orchestrator.scheduler_types.SchedulerSettings, plus maintain_every_s) if it
     does not exist yet; an existing one keeps the settings it was created with. Created with
-    none (after the scheduler was lost), it runs with those its predecessor saved."""
+    none (after the scheduler was lost), it runs with those its predecessor saved. Created
+    outside this process's runtime_env, where it has one (_create_without_runtime_env)."""
+    if _runtime_env_inherited() and _scheduler_missing():
+        _create_without_runtime_env(settings)
     return SchedulerActor.options(name=SCHEDULER_NAME, namespace=NAMESPACE, lifetime="detached",
                                   get_if_exists=True,
                                   # On the head node, which outlives worker nodes: a scheduler
                                   # on a node that is lost restarts with no reports for a while.
                                   resources={HEAD_NODE_RESOURCE: 0.001}).remote(**settings)
+
+
+def _scheduler_missing() -> bool:
+    try:
+        get_scheduler()
+    except SchedulerNotRunning:
+        return True
+    return False
+
+
+def _runtime_env_inherited() -> dict:
+    """The runtime_env an actor created by this process gets: its job's (ray.init's, `ray job
+    submit`'s), or in a task or actor its own; {} where none (or Ray cannot say), and in the
+    driver that creates the control plane aside (CLEAN_BRING_UP_ENV): it never starts another."""
+    if os.environ.get(CLEAN_BRING_UP_ENV):
+        return {}
+    try:
+        return dict(ray.get_runtime_context().runtime_env or {})
+    except Exception:  # not connected: nothing is created here either
+        return {}
+
+
+def _create_without_runtime_env(settings: dict) -> None:
+    """Create what is missing of the control plane (the scheduler with `settings`, an agent on
+    every alive node) from a driver process of its own, connected without a runtime_env. Ray
+    gives an actor the runtime_env of the process creating it, field by field: a runtime_env
+    option on the actor replaces only the fields it names (env_vars merge per variable), and
+    none removes one. Created by a job's driver (or, the scheduler lost, by a job's Ray Train
+    controller), the scheduler and the agents ran for the cluster's life in that job's pip
+    venv, working_dir and env_vars, and waited for its venv to build before starting (past
+    the driver's 60 s wait: "did not come up"). If that process fails, it is said, and the
+    caller creates them itself, as before."""
+    environ = {k: v for k, v in os.environ.items()
+               # (Ray reads a `ray job submit` job's runtime_env, and the address, from these)
+               if k not in ("RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_ADDRESS")}
+    environ[CLEAN_BRING_UP_ENV] = "1"
+    command = [sys.executable, "-m", "ray_layer.cluster", ray.get_runtime_context().gcs_address,
+               json.dumps(settings)]
+    try:
+        done = subprocess.run(command, env=environ, capture_output=True, text=True,
+                              timeout=CLEAN_BRING_UP_TIMEOUT_S)
+        why = None if done.returncode == 0 else \
+            ([line for line in done.stderr.splitlines() if line.strip()] or
+             [f"exit code {done.returncode}"])[-1].strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        why = f"{type(e).__name__}: {e}"
+    if why:
+        _warn(f"could not create the control plane outside this job's runtime_env ({why}): "
+              "creating it here, where the scheduler and node agents inherit that runtime_env "
+              "for the cluster's life")
 
 
 def alive_node_ids() -> list[str]:
@@ -106,13 +171,10 @@ def ensure_control_plane(timeout_s: float | None = None, start_timeout_s: float 
             f"the scheduler actor ({SCHEDULER_NAME!r} in Ray namespace {NAMESPACE!r}) did not "
             f"come up: {type(e).__name__}: {e}") from None
     nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
-    agents, started = {}, set()
-    for node_id in nodes:
-        try:
-            get_agent(node_id)
-        except ValueError:  # none yet: this call starts it, and waits longer for it
-            started.add(node_id)
-        agents[node_id] = ensure_agent(node_id)
+    started = {node_id for node_id in nodes if not _agent_exists(node_id)}  # waited for longer
+    if started and _runtime_env_inherited():
+        _create_without_runtime_env({})
+    agents = {node_id: ensure_agent(node_id) for node_id in nodes}
     asked = {agent.report_now.remote(): node_id for node_id, agent in agents.items()}
     refs = list(asked)
     _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
@@ -140,6 +202,14 @@ def ensure_control_plane(timeout_s: float | None = None, start_timeout_s: float 
                  f"node {node_id} ({nodes[node_id].get('NodeManagerAddress', '?')}): {why}"
                  for node_id, why in sorted(silent.items())))
     return scheduler, agents
+
+
+def _agent_exists(node_id: str) -> bool:
+    try:
+        get_agent(node_id)
+    except ValueError:
+        return False
+    return True
 
 
 class ClusterConnectionError(RuntimeError):
@@ -275,3 +345,9 @@ def connect(address: str | None, runtime_env: dict | None = None, embedded: bool
         raise ClusterConnectionError(f"cannot start or connect to {where}: "
                                      f"{type(e).__name__}: {e}") from None
     return not address
+
+
+if __name__ == "__main__":  # _create_without_runtime_env's driver: no runtime_env of its own
+    ray.init(address=sys.argv[1])
+    ensure_scheduler(**(json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}))
+    ensure_control_plane()

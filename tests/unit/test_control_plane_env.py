@@ -1,0 +1,78 @@
+"""The control plane's actors (ray_layer/cluster.py) are not created inside a job's runtime_env.
+Ray gives an actor the runtime_env of the process creating it, field by field: an explicit
+runtime_env option replaces only the fields it names (env_vars merge per variable), and none
+removes one. Created by the first job's driver, the scheduler and node agents ran for the
+cluster's life in that job's pip venv, working_dir and env_vars (and waited for the venv to
+build, past the driver's 60 s wait). A missing one is now created by a driver process of its
+own, started without a runtime_env. Ray is stubbed; no Ray is started, no process run."""
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+SUBMITTED = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # Ray's: a `ray job submit` job's config, runtime_env
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    """ray_layer.cluster with Ray stubbed: a job with a pip runtime_env, no scheduler yet;
+    `.runs` lists the processes started, `.created` the actors created in this process."""
+    import ray
+
+    from ray_layer import cluster
+    from ray_layer.scheduler_client import SchedulerNotRunning
+
+    runs, created = [], []
+    context = SimpleNamespace(runtime_env={"pip": ["pandas"]}, gcs_address="10.0.0.1:6379")
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
+
+    def no_scheduler():
+        raise SchedulerNotRunning("none")
+    monkeypatch.setattr(cluster, "get_scheduler", no_scheduler)
+    monkeypatch.setattr(cluster, "SchedulerActor", SimpleNamespace(
+        options=lambda **options: SimpleNamespace(
+            remote=lambda **settings: created.append(settings) or "scheduler")))
+
+    def run(command, **kwargs):
+        runs.append((command, kwargs))
+        return SimpleNamespace(returncode=0, stderr="")
+    monkeypatch.setattr(cluster.subprocess, "run", run)
+    monkeypatch.setenv(SUBMITTED, json.dumps({"runtime_env": {"pip": ["pandas"]}}))
+    return SimpleNamespace(module=cluster, context=context, runs=runs, created=created)
+
+
+def test_a_missing_scheduler_is_created_by_a_process_without_the_jobs_runtime_env(cluster):
+    assert cluster.module.ensure_scheduler(min_run_s=5.0) == "scheduler"
+    [(command, kwargs)] = cluster.runs
+    assert command == [sys.executable, "-m", "ray_layer.cluster", "10.0.0.1:6379",
+                       json.dumps({"min_run_s": 5.0})]
+    # Not `ray job submit`'s runtime_env either (Ray reads it from the environment)
+    assert SUBMITTED not in kwargs["env"] and kwargs["timeout"] > 60
+
+
+def test_nothing_is_started_aside_without_a_runtime_env_or_with_a_scheduler_up(cluster,
+                                                                              monkeypatch):
+    cluster.context.runtime_env = {}  # a plain driver: what it creates inherits nothing
+    cluster.module.ensure_scheduler()
+    cluster.context.runtime_env = {"pip": ["pandas"]}
+    monkeypatch.setattr(cluster.module, "get_scheduler", lambda: "scheduler")  # up already
+    cluster.module.ensure_scheduler()
+    assert cluster.runs == [] and len(cluster.created) == 2  # (looked up: get_if_exists)
+
+
+def test_the_process_aside_never_starts_another(cluster, monkeypatch):
+    # Its own Ray job has no runtime_env; were one still there, it must not loop.
+    monkeypatch.setenv(cluster.module.CLEAN_BRING_UP_ENV, "1")
+    cluster.module.ensure_scheduler()
+    assert cluster.runs == []
+
+
+def test_a_failed_process_aside_is_said_and_the_scheduler_created_here_as_before(
+        cluster, monkeypatch, capsys):
+    monkeypatch.setattr(cluster.module.subprocess, "run", lambda command, **kwargs:
+                        SimpleNamespace(returncode=1, stderr="...\nConnectionError: GCS down\n"))
+    assert cluster.module.ensure_scheduler() == "scheduler" and cluster.created == [{}]
+    err = capsys.readouterr().err
+    assert err.startswith("warning: could not create the control plane outside this job's "
+                          "runtime_env (ConnectionError: GCS down)"), err
