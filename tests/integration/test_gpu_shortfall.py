@@ -89,8 +89,9 @@ def test_a_gpu_short_of_memory_gets_the_job_placed_again_not_finished(cluster, t
     assert marker.read_text() == cluster["t4"]
     # ... and its driver told the scheduler which GPU, then was placed again.
     (call,) = spies[0].gpu_too_small_calls
-    job, owner, gpus = call
+    job, owner, gpus, given_back = call
     assert job == name and owner == ray.get_runtime_context().get_job_id()
+    assert given_back == 0  # the first placement it gives back (a resend would carry 0 too)
     assert [node for node, _ in gpus] == [cluster["t4"]]
     assert out.count(f"placement for {name}: ") == 2, out
     assert "lacked the free memory asked: placing it again without them" in out
