@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 from collections import Counter
 from typing import Any, AsyncIterator
 
@@ -39,7 +40,7 @@ from orchestrator import metric_catalogue as catalogue
 from orchestrator.serving import protocol
 from orchestrator.serving.generation import (Chunk, GenerationRequest, GenerationResult,
                                              SamplingParams)
-from orchestrator.serving.loading import default_checkpoint, pin_checkpoint
+from orchestrator.serving.loading import pin_checkpoint
 from orchestrator.serving.protocol import APIError
 from orchestrator.serving.retries import (DeploymentState, gather_or_cancel, is_engine_lost,
                                           resumable_stream, taken_within, untaken_error,
@@ -545,18 +546,23 @@ def _this_machine() -> tuple[list, set[str]]:
 def app(args: dict[str, Any] | None = None) -> serve.Application:
     """Application builder: `serve run ray_layer.serve_app:app key=value ...`, or
     `import_path: ray_layer.serve_app:app` with `args:` in serve_config.yaml. The keys
-    are ServeSettings' fields; the checkpoint is checked here so a wrong path fails before
-    anything starts."""
+    are ServeSettings' fields; a checkpoint in them is checked here so a wrong path fails
+    before anything starts."""
     settings = ServeSettings.from_args(args)
     # Pinned here, once: replicas started later (autoscaling, replacements) serve the same
     # checkpoint while training writes newer ones into the run. CheckpointError naming it.
-    checkpoint = str(pin_checkpoint(settings.checkpoint or default_checkpoint()))
-    log.info("serving checkpoint %s", checkpoint)
+    # None in the args: the builder cannot see a user_config (serve_config.yaml's deployment
+    # options are applied after it), so the replicas pin the one named there, or the newest
+    # pretrain-* run, once for this build (loading.pin_once).
+    checkpoint = str(pin_checkpoint(settings.checkpoint)) if settings.checkpoint else ""
+    log.info("serving checkpoint %s", checkpoint or "named in the model's user_config (none: "
+             "the newest pretrain-* run), pinned by its first replica")
     resources = replica_resources(settings)
     log.info("model replicas on %s: %s", resources.accelerator, resources.reason)
     # Also in the args: a user_config that leaves the checkpoint empty (serve_config.yaml's
     # "") means this one.
     arguments = {**dataclasses.asdict(settings), "checkpoint": checkpoint}
+    build = uuid.uuid4().hex[:12]  # (Serve builds again only when the args change)
     model = GPTModel.options(
         ray_actor_options=resources.ray_actor_options,
         max_ongoing_requests=settings.replica_max_ongoing_requests,
@@ -567,7 +573,7 @@ def app(args: dict[str, Any] | None = None) -> serve.Application:
         # The ingress logs every HTTP request; a second line per request from the model hop
         # says nothing new and costs CPU on the serving path (~10-30% QPS here, measured).
         logging_config={"enable_access_log": False},
-    ).bind(arguments)
+    ).bind(arguments, build)
     return Ingress.options(num_replicas=settings.ingress_replicas).bind(model, arguments)
 
 

@@ -28,11 +28,13 @@ from orchestrator.serving.batching import (AdmissionGate, ArrivalRate, BatchSett
                                            batch_loop_problem, choose_batch_settings)
 from orchestrator.serving.generation import (BatchGeneration, Chunk, GenerationRequest,
                                              GenerationResult, collect)
-from orchestrator.serving.loading import (LoadedModel, default_checkpoint, forward_problem,
-                                          load_for_serving)
+from orchestrator.serving.loading import (CheckpointPin, LoadedModel, forward_problem,
+                                          load_for_serving, pin_once, record_served,
+                                          resolve_checkpoint)
 from orchestrator.serving.protocol import APIError
 from orchestrator.serving.retries import engine_lost
 from orchestrator.serving.settings import RuntimeConfig, ServeSettings
+from orchestrator.training.checkpoint import CheckpointError
 from ray_layer.gcs_store import GcsJsonStore
 from ray_layer.telemetry import record
 
@@ -48,6 +50,8 @@ ENGINE_OPEN_TIMEOUT_S = 300.0
 # a refused config stays Serve's target, and a replica started after it (a replacement, an
 # autoscaled one) has no old model of its own to keep serving; it serves this one instead.
 LAST_GOOD_NAMESPACE = "orchestrator-serve"
+# The checkpoint pins a deployment's replicas share (loading.pin_once), in the same namespace.
+PINS_PREFIX = "checkpoint-pins"
 # An engine process that dies (out of memory, a crash) is started again, at most this many
 # times in this window; beyond that the replica stays down and its health check fails, so
 # Serve replaces it.
@@ -74,6 +78,30 @@ class EngineRecord:
         return self.ready.done() and self.ready.result() is None
 
 
+class GcsPinStore:
+    """loading.PinStore in the GCS key-value store: each key a JSON document under `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def _at(self, key: str) -> GcsJsonStore:
+        return GcsJsonStore(f"{self.prefix}/{key}", LAST_GOOD_NAMESPACE)
+
+    def get(self, key: str) -> Any:
+        return self._at(key).load()
+
+    def put(self, key: str, value: Any) -> None:
+        self._at(key).save(value)
+
+    def put_if_absent(self, key: str, value: Any) -> Any:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        at = self._at(key)
+        _internal_kv_put(at.key, json.dumps(value).encode(), overwrite=False,
+                         namespace=at.namespace)
+        return at.load()
+
+
 def generation_failed(message: str) -> APIError:
     """The 500 of a request whose engine failed (a step raised, or it never opened)."""
     return APIError(500, message if message.startswith("generation failed")
@@ -86,12 +114,17 @@ class GPTModel:
     """The model replica deployment: holds one loaded model, batches requests dynamically and
     generates with a KV cache; reloads on a new checkpoint and reports its health to Serve."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], build: str = "") -> None:
+        """`build`: the app build this replica belongs to (serve_app.app names each): its
+        checkpoint pins are that build's, so an app deployed afresh resolves its run dirs
+        afresh."""
         self.settings = ServeSettings.from_args(settings)
+        self.build = build
         torch.set_num_threads(self.settings.torch_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.deployment = serve.get_replica_context().deployment
         self.loaded: LoadedModel | None = None
+        self.pin: CheckpointPin | None = None  # the pin `loaded` was loaded for
         self.runtime: RuntimeConfig | None = None
         self.reload_error: dict[str, Any] | None = None
         self.last_good: GcsJsonStore | None = None  # made at the first config applied
@@ -160,15 +193,14 @@ class GPTModel:
             runtime = RuntimeConfig.from_user_config(user_config, self.settings)
         except ConfigError as e:
             return self._refuse_update(str(e))
-        loaded = self.loaded
+        loaded, pin = self.loaded, self.pin
         if loaded is None or runtime.checkpoint != self.runtime.checkpoint:
+            requested = runtime.checkpoint or self.settings.checkpoint
             try:
-                loaded = await asyncio.get_running_loop().run_in_executor(
-                    None, load_for_serving,
-                    runtime.checkpoint or self.settings.checkpoint or default_checkpoint(),
-                    self.device)
+                loaded, pin = await asyncio.get_running_loop().run_in_executor(
+                    None, self._load_pinned, requested)
             except Exception as e:  # a missing, corrupt or foreign checkpoint: any error
-                return self._refuse_update(f"checkpoint {runtime.checkpoint!r} cannot be "
+                return self._refuse_update(f"checkpoint {requested!r} cannot be "
                                            f"served: {type(e).__name__}: {e}")
         engine = None
         if runtime.batching == "continuous":  # open before taking requests, refuse if not
@@ -178,19 +210,52 @@ class GPTModel:
                                            f"{loaded.path!r} with this config: {problem}")
         if loaded is not self.loaded:
             self._swap(loaded, time.perf_counter() - started)
+            self.pin = pin
+            self._record_pin(pin)
         self.runtime, self.bounds, self.reload_error = runtime, runtime.bounds, None
         self.serving_engine, self.engine_problem = engine, None
         self._adapt_batching(time.monotonic())  # the new bounds apply from now
         self._retire_engines(keep=engine)  # (static batching: every engine goes)
         self._remember_good_config(user_config)
 
-    def _last_good_store(self) -> GcsJsonStore:
-        """Where this deployment, as built with these settings, records the config applied
-        (an app deployed afresh with other settings never falls back to an earlier app's)."""
+    def _load_pinned(self, requested: str) -> tuple[LoadedModel, CheckpointPin]:
+        """The model of the checkpoint a config names ("" = the newest pretrain-* run), from
+        the directory the deployment pinned for it (loading.pin_once). Without the pin store
+        (outside a Serve replica, or without Ray) this replica resolves it alone."""
+        try:
+            pin = pin_once(self._pin_store(), requested, self.pin)
+        except CheckpointError:
+            raise
+        except Exception as e:  # the store, not the checkpoint
+            log.warning("could not share the checkpoint pin (%s): this replica resolves %r "
+                        "alone", e, requested)
+            pin = CheckpointPin(requested, str(resolve_checkpoint(requested)), 0)
+        loaded = load_for_serving(pin.directory, self.device)
+        loaded.requested = requested or loaded.requested  # (/v1/models: what was named)
+        return loaded, pin
+
+    def _pin_store(self) -> GcsPinStore:
+        return GcsPinStore(f"{PINS_PREFIX}/{self._deployment_key()}/{self.build}")
+
+    def _record_pin(self, pin: CheckpointPin) -> None:
+        if not pin.generation:  # resolved alone: nothing to share
+            return
+        try:
+            record_served(self._pin_store(), pin)
+        except Exception as e:  # only later replicas' agreement is lost, never the reload
+            log.warning("could not record the checkpoint served (%s): a replica started "
+                        "later resolves %r again", e, pin.requested)
+
+    def _deployment_key(self) -> str:
+        """This deployment, as built with these settings: an app deployed afresh with other
+        settings never takes an earlier app's records."""
         built = hashlib.sha256(json.dumps(dataclasses.asdict(self.settings), sort_keys=True,
                                           default=str).encode()).hexdigest()[:16]
-        return GcsJsonStore(f"last-good-config/{serve.get_replica_context().app_name}/"
-                            f"{self.deployment}/{built}", LAST_GOOD_NAMESPACE)
+        return f"{serve.get_replica_context().app_name}/{self.deployment}/{built}"
+
+    def _last_good_store(self) -> GcsJsonStore:
+        """Where this deployment records the config applied."""
+        return GcsJsonStore(f"last-good-config/{self._deployment_key()}", LAST_GOOD_NAMESPACE)
 
     def _remember_good_config(self, user_config: dict[str, Any] | None) -> None:
         try:  # (the store too: outside a Serve replica, or without Ray, there is none)

@@ -18,10 +18,12 @@ for two different files at one path.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -99,14 +101,17 @@ def format_of(directory: Path) -> ModelFormat | None:
 
 def default_checkpoint(root: Path = DEFAULT_RUNS_ROOT) -> Path:
     """The newest jobs/pretrain.py run (`pretrain-*`) with checkpoints under the runs root
-    (what `serve run` serves when no checkpoint is given): a job file's run there (a user
-    loop's checkpoints, in a format of its own) was taken and refused."""
+    (what is served when neither the app's args nor the user_config names a checkpoint): a
+    job file's run there (a user loop's checkpoints, in a format of its own) was taken and
+    refused."""
     run = latest_run_with_checkpoints(root, "pretrain")
     if run is None:
         raise CheckpointError(f"checkpoint: none given and no pretrain-* run with checkpoints under "
                               f"{root.expanduser()} (a run given its own --run-dir name does "
-                              "not count); train one with jobs/pretrain.py or pass "
-                              "checkpoint=<dir>")
+                              "not count); train one with jobs/pretrain.py, or name the run, "
+                              "checkpoint or export dir as `checkpoint` in the app's args "
+                              "(checkpoint=<dir> after `serve run ...:app`) or in the model "
+                              "deployment's user_config")
     return run
 
 
@@ -145,6 +150,95 @@ def pin_checkpoint(path: str | Path) -> Path:
         verify_checksum(directory / format_of(directory).marker)
         return directory
     return first_that_loads(candidates, is_run, path, whole)[0]
+
+
+def resolve_checkpoint(requested: str) -> Path:
+    """pin_checkpoint of what a config named, "" being the newest pretrain-* run."""
+    return pin_checkpoint(requested or default_checkpoint())
+
+
+class PinStore(Protocol):
+    """Where a deployment's replicas share their checkpoint pins (ray_layer/serve_model.py: the
+    GCS key-value store; a dict in tests): JSON-ready values under string keys."""
+
+    def get(self, key: str) -> Any: ...
+
+    def put(self, key: str, value: Any) -> None: ...
+
+    def put_if_absent(self, key: str, value: Any) -> Any:
+        """Store `value` unless `key` holds one already; return what `key` holds now."""
+
+
+@dataclass(frozen=True)
+class CheckpointPin:
+    """The model directory a deployment's replicas serve for a checkpoint named in its config.
+    `generation` counts the explicit reloads the pin was made for: 1 for the first config a
+    deployment applies, one more at each reload to another checkpoint."""
+
+    requested: str  # as the config named it ("" = the newest pretrain-* run)
+    directory: str
+    generation: int
+
+
+CURRENT_PIN = "current"  # the pin replicas starting now serve (record_served)
+LATEST_PIN = "latest"  # the newest generation pinned (its replicas may still be loading it)
+
+
+def pin_once(store: PinStore, requested: str, serving: CheckpointPin | None,
+             resolve: Callable[[str], Path] = resolve_checkpoint) -> CheckpointPin:
+    """The directory every replica of a deployment loads for `requested` until the next
+    explicit reload: resolved (a run dir to its newest whole checkpoint) by the first replica
+    that asks, read back by the others, also those that start later. Resolved per replica,
+    a run dir named in a user_config gave replicas added by autoscaling the newer checkpoints
+    training wrote meanwhile.
+
+    `serving`: the pin of the model this replica serves now (None at start-up). Each reload
+    to another checkpoint is a generation. A replica takes the newest pin of `requested`
+    made after the one it serves (the deployment's current one, at start-up): another
+    replica's pin of the reload it is applying, which it joins, also when it starts while
+    the reload rolls out or applies it late. With none, `requested` is pinned for the next
+    generation, resolved once for all (`put_if_absent`): a reload back to a run dir served
+    earlier resolves it afresh. A replica starting where `requested` is already what the
+    deployment serves serves that."""
+    current = _pin_of(store.get(CURRENT_PIN))
+    since = serving.generation if serving else current.generation if current else 0
+    newest = max(since, current.generation if current else 0, _generation(store.get(LATEST_PIN)))
+    for generation in range(newest, since, -1):
+        directory = store.get(_pin_key(generation, requested))
+        if directory:
+            return CheckpointPin(requested, directory, generation)
+    if serving is None and current is not None and current.requested == requested:
+        return current
+    generation = newest + 1
+    directory = store.put_if_absent(_pin_key(generation, requested), str(resolve(requested)))
+    if _generation(store.get(LATEST_PIN)) < generation:  # (a race only narrows a search)
+        store.put(LATEST_PIN, generation)
+    return CheckpointPin(requested, directory, generation)
+
+
+def _pin_key(generation: int, requested: str) -> str:
+    return f"{generation}/{hashlib.sha256(requested.encode()).hexdigest()[:16]}"
+
+
+def _generation(saved: Any) -> int:
+    return saved if isinstance(saved, int) and not isinstance(saved, bool) else 0
+
+
+def record_served(store: PinStore, pin: CheckpointPin) -> None:
+    """Once a pin's model has loaded (never before: a refused reload must not become what
+    replicas starting later serve): replicas starting from now serve it. A pin of an older
+    generation, recorded late, does not overwrite a newer one."""
+    current = _pin_of(store.get(CURRENT_PIN))
+    if current is None or current.generation <= pin.generation:
+        store.put(CURRENT_PIN, dataclasses.asdict(pin))
+
+
+def _pin_of(saved: Any) -> CheckpointPin | None:
+    try:
+        return CheckpointPin(str(saved["requested"]), str(saved["directory"]),
+                             int(saved["generation"]))
+    except (TypeError, KeyError, ValueError):  # nothing saved, or not a pin: none
+        return None
 
 
 @dataclass

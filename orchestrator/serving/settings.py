@@ -71,7 +71,9 @@ class ServeSettings:
     """The serving application's settings (serve_config.yaml `args`, or key=value after
     `serve run ...:app`), validated at construction."""
 
-    checkpoint: str = ""  # run, checkpoint or INT8 export dir; "" = newest run under the runs root
+    # Run, checkpoint or INT8 export dir, pinned when the app is built; "" = the user_config's,
+    # else the newest pretrain-* run under the runs root (pinned by the first replica).
+    checkpoint: str = ""
     model_name: str = "orchestrator-gpt"  # the id clients pass as `model`
     # Replica resources: "auto" (inference accelerator the cluster has, else CPU), "cpu", or
     # an accelerator family (T4, L4, A100, ...).

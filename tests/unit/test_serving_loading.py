@@ -4,8 +4,9 @@ import torch
 
 from orchestrator.config import TrainConfig
 from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
-from orchestrator.serving.loading import (INT8_FILE, default_checkpoint, load_for_serving,
-                                          load_model, model_directories, pin_checkpoint,
+from orchestrator.serving.loading import (INT8_FILE, CheckpointPin, default_checkpoint,
+                                          load_for_serving, load_model, model_directories,
+                                          pin_checkpoint, pin_once, record_served,
                                           save_untrained_checkpoint)
 from orchestrator.training.checkpoint import (CheckpointError, load_checkpoint,
                                               save_checkpoint)
@@ -71,6 +72,70 @@ def test_a_deployment_pins_the_newest_whole_checkpoint_of_a_run(tmp_path):
     (old / "state.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
         pin_checkpoint(old)
+
+
+class Pins(dict):
+    """loading.PinStore in a dict, and a resolver that counts its calls and returns what
+    `newest` says at the time (a run that training writes on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.newest, self.resolved = "ckpt-1", 0
+
+    def put(self, key, value):
+        self[key] = value
+
+    def put_if_absent(self, key, value):
+        return self.setdefault(key, value)
+
+    def resolve(self, requested):
+        self.resolved += 1
+        return f"{requested}/{self.newest}"
+
+    def pin(self, requested, serving=None, record=True):
+        pin = pin_once(self, requested, serving, self.resolve)
+        if record:  # (after its model loaded)
+            record_served(self, pin)
+        return pin
+
+
+def test_a_deployments_replicas_resolve_a_run_once_until_the_next_reload():
+    pins = Pins()
+    first = pins.pin("run")
+    pins.newest = "ckpt-2"
+    # Replicas starting later (autoscaling, a replacement): the same, never resolved again.
+    assert pins.pin("run") == pins.pin("run") == first == CheckpointPin("run", "run/ckpt-1", 1)
+    assert pins.resolved == 1
+    # A reload elsewhere and back: resolved afresh, once for every replica reloading, also
+    # those whose reload comes after training wrote another checkpoint.
+    other = pins.pin("other", serving=first)
+    pins.newest = "ckpt-3"
+    back = pins.pin("run", serving=other)
+    pins.newest = "ckpt-4"
+    assert pins.pin("run", serving=pins.pin("other", serving=first)) == back
+    assert back.directory == "run/ckpt-3" and back.generation == 3
+
+
+def test_a_replica_starting_while_a_reload_rolls_out_takes_the_reloads_pin():
+    pins = Pins()
+    old = pins.pin("run")
+    pins.newest = "ckpt-2"
+    reloading = pins.pin("other", serving=old, record=False)  # still loading its model
+    pins.newest = "ckpt-3"
+    # Serve hands a replica starting now the new config; the current pin is still the old.
+    assert pins.pin("other") == reloading
+    assert pins.resolved == 2
+
+
+def test_a_refused_reload_never_becomes_what_replicas_starting_later_serve():
+    pins = Pins()
+    good = pins.pin("run")
+    pins.pin("broken", serving=good, record=False)  # its model did not load: not recorded
+    assert pins.pin("run") == good  # a replica starting now falls back to it: still pinned
+    # A pin recorded late (a slow replica of an older reload) does not replace a newer one.
+    newer = pins.pin("other", serving=good)
+    record_served(pins, good)
+    assert pins.pin("other") == newer
 
 
 def test_an_explicit_checkpoint_must_itself_load(tmp_path):

@@ -96,6 +96,8 @@ def test_serve_config_yaml_is_a_valid_serve_config_for_this_app():
     # The file documents every runtime setting and continuous batching's fixed ones.
     assert set(RUNTIME_FIELDS) <= set(model.user_config)
     assert {"batching", "kv_block_tokens", "prefill_chunk_tokens"} <= set(application.args)
+    # Where the model is named: the args (pinned at build) as well as the user_config.
+    assert "checkpoint" in application.args
     autoscaling = model.autoscaling_config
     assert autoscaling["min_replicas"] < autoscaling["max_replicas"]
     assert {"target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"} <= set(autoscaling)

@@ -1,0 +1,123 @@
+"""A model replica's lifecycle without Ray (Serve's replica context, the metrics and the GCS
+store are stand-ins): which checkpoint replicas started at different times serve, and its
+health check's probe. Static batching only (continuous batching's engine process is
+tests/integration/test_serving_replica.py's)."""
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from orchestrator.serving.loading import save_untrained_checkpoint
+
+CONTEXT = 32
+
+
+class DictStore:
+    """The pin store (loading.PinStore) in a dict: what the GCS key-value store is to a
+    deployment's replicas."""
+
+    def __init__(self):
+        self.data = {}
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key, value):
+        self.data[key] = value
+
+    def put_if_absent(self, key, value):
+        return self.data.setdefault(key, value)
+
+
+@pytest.fixture
+def replicas(monkeypatch):
+    """make(settings) -> a replica of one deployment (they share one pin store)."""
+    from ray import serve
+
+    import ray_layer.serve_model as serve_model
+
+    store = DictStore()
+    monkeypatch.setattr(serve_model, "record", lambda *args, **kwargs: None)
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(
+        deployment="GPTModel", replica_id=SimpleNamespace(unique_id="r")))
+    monkeypatch.setattr(serve_model.GPTModel.func_or_class, "_pin_store",
+                        lambda self: store, raising=False)
+    threads = torch.get_num_threads()  # a replica sets this process's: given back after
+    made = []
+
+    def make(**settings):
+        model = serve_model.GPTModel.func_or_class({"torch_threads": 1, "max_batch_size": 4,
+                                                    "batching": "static", **settings})
+        made.append(model)
+        return model
+    yield make
+    for model in made:
+        model.executor.shutdown(wait=False, cancel_futures=True)
+    torch.set_num_threads(threads)
+
+
+def checkpoint(run: Path, step: int) -> str:
+    return str(save_untrained_checkpoint(run / f"checkpoint_{step:08d}", "tiny", CONTEXT,
+                                         seed=step, step=step))
+
+
+def test_a_run_dir_in_the_user_config_is_pinned_once_for_every_replica(replicas, tmp_path):
+    # serve_config.yaml's user_config names a run dir and training goes on: a replica added
+    # by autoscaling later served the newer checkpoint, the first the one of its start.
+    run = tmp_path / "run"
+    first = checkpoint(run, 1)
+    config = {"checkpoint": str(run), "batching": "static"}
+    early = replicas()
+    asyncio.run(early.reconfigure(config))
+    checkpoint(run, 2)  # training writes on
+    later = replicas()
+    asyncio.run(later.reconfigure(config))
+    assert early.loaded.path == later.loaded.path == first
+
+
+def test_a_reload_back_to_a_run_dir_pins_its_newest_checkpoint_once_for_all(replicas,
+                                                                           tmp_path):
+    run, other = tmp_path / "run", tmp_path / "other"
+    checkpoint(run, 1)
+    fixed = checkpoint(other, 7)
+    a, b = replicas(), replicas()
+    for replica in (a, b):
+        asyncio.run(replica.reconfigure({"checkpoint": str(run)}))
+    newer = checkpoint(run, 2)
+    for replica in (a, b):  # a reload to another checkpoint ...
+        asyncio.run(replica.reconfigure({"checkpoint": fixed}))
+    # ... and back: an explicit reload, so the run's newest now; training writing on between
+    # the replicas' reconfigure calls changes nothing, nor for a replica started after.
+    asyncio.run(a.reconfigure({"checkpoint": str(run)}))
+    checkpoint(run, 3)
+    asyncio.run(b.reconfigure({"checkpoint": str(run)}))
+    c = replicas()
+    asyncio.run(c.reconfigure({"checkpoint": str(run)}))
+    assert a.loaded.path == b.loaded.path == c.loaded.path == newer
+
+
+def test_the_app_builds_without_a_checkpoint_in_its_args(monkeypatch, tmp_path):
+    # serve_config.yaml names the checkpoint in the model's user_config, which the builder
+    # never sees: it resolved "the newest pretrain-* run" instead and failed the deploy
+    # where there was none (a run trained with its own --run-dir), or pinned an unrelated one.
+    from orchestrator.serving.loading import CheckpointError
+    from ray_layer import serve_app
+
+    def no_default_run():
+        raise CheckpointError("checkpoint: none given and no pretrain-* run")
+    monkeypatch.setattr(serve_app, "default_checkpoint", no_default_run, raising=False)
+    built = serve_app.app({"accelerator": "cpu"})
+    model = built._bound_deployment.init_args[0]._bound_deployment
+    settings, build = model.init_args
+    assert settings["checkpoint"] == "" and build  # the replicas pin it, once per build
+    assert model.user_config["checkpoint"] == ""
+    # Named in the args, it is pinned when the app is built (a wrong path fails the deploy).
+    run = tmp_path / "run"
+    newest = checkpoint(run, 1)
+    built = serve_app.app({"accelerator": "cpu", "checkpoint": str(run)})
+    settings, _ = built._bound_deployment.init_args[0]._bound_deployment.init_args
+    assert settings["checkpoint"] == newest
+    with pytest.raises(CheckpointError, match="does not exist"):
+        serve_app.app({"accelerator": "cpu", "checkpoint": str(tmp_path / "missing")})
