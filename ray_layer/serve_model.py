@@ -33,7 +33,7 @@ from orchestrator.serving.loading import (CheckpointPin, LoadedModel, forward_pr
                                           resolve_checkpoint)
 from orchestrator.serving.protocol import APIError
 from orchestrator.serving.retries import engine_lost
-from orchestrator.serving.settings import RuntimeConfig, ServeSettings
+from orchestrator.serving.settings import RuntimeConfig, ServeSettings, shutdown_grace_problem
 from orchestrator.training.checkpoint import CheckpointError
 from ray_layer.gcs_store import GcsJsonStore
 from ray_layer.telemetry import record
@@ -108,8 +108,8 @@ def generation_failed(message: str) -> APIError:
                     else f"generation failed: {message}", type="server_error")
 
 
-@serve.deployment(name="GPTModel", graceful_shutdown_timeout_s=10,
-                  graceful_shutdown_wait_loop_s=0.5)
+# (graceful_shutdown_timeout_s: the setting, which serve_app.app gives the deployment)
+@serve.deployment(name="GPTModel", graceful_shutdown_wait_loop_s=0.5)
 class GPTModel:
     """The model replica deployment: holds one loaded model, batches requests dynamically and
     generates with a KV cache; reloads on a new checkpoint and reports its health to Serve."""
@@ -253,6 +253,13 @@ class GPTModel:
                                           default=str).encode()).hexdigest()[:16]
         return f"{serve.get_replica_context().app_name}/{self.deployment}/{built}"
 
+    def _deployment_option(self, name: str) -> Any:
+        """An option of this deployment as Serve applies it: a config file's deployment
+        options override what the app's settings gave it (the settings' value outside
+        Serve; the replica context's config is private, pinned Ray)."""
+        config = getattr(serve.get_replica_context(), "_deployment_config", None)
+        return getattr(config, name, getattr(self.settings, name))
+
     def _last_good_store(self) -> GcsJsonStore:
         """Where this deployment records the config applied."""
         return GcsJsonStore(f"last-good-config/{self._deployment_key()}", LAST_GOOD_NAMESPACE)
@@ -282,6 +289,10 @@ class GPTModel:
         self.stats["switch_ms"] = round(switch_s * 1000)
         for warning in loaded.warnings:
             log.warning("checkpoint %s: %s", loaded.requested, warning)
+        grace = shutdown_grace_problem(loaded.block_size,
+                                       self._deployment_option("graceful_shutdown_timeout_s"))
+        if grace:
+            log.warning("checkpoint %s: %s", loaded.requested, grace)
         log.info("serving %s (%s, %d params) from %s; %s took %.2fs", loaded.version,
                  loaded.format, loaded.params, loaded.path,
                  "switch" if previous else "load", switch_s)

@@ -56,6 +56,16 @@ SERVING_PATHS: dict[str, dict[str, str]] = {
                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"},
     "proxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"},
 }
+# The controller's options on either path. A stopping replica is drained for up to its
+# graceful_shutdown_timeout_s, sized for whole generations (the setting); Serve 2.60 drains
+# one that failed its health checks the same way unless told not to, and a hung replica
+# would hold its requests that long instead of letting the ingress resend them at once.
+CONTROLLER_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"}
+# A stopping replica waits for its requests up to graceful_shutdown_timeout_s, then Serve
+# kills it and their clients get an error (a retry from scratch, for a non-streamed one):
+# the default lets a generation of a whole 2048-token context finish at this time per token
+# (time per output token under load here: 20-60 ms on a 2-core CPU, docs/benchmarks.md).
+SHUTDOWN_SECONDS_PER_TOKEN = 0.05
 
 # Full rounds of batches a model replica accepts by default: the running batches, and queued
 # requests for the rounds after them (they wait at the replica's admission gate, app.py).
@@ -118,6 +128,9 @@ class ServeSettings:
     # Raise it when replicas scale from zero onto nodes that take longer to start.
     replica_wait_s: float = 60.0
     ingress_replicas: int = 1
+    # How long a stopping replica (scale-down, a redeploy with other args) waits for its
+    # requests, model and Ingress replicas alike (SHUTDOWN_SECONDS_PER_TOKEN says why 120).
+    graceful_shutdown_timeout_s: float = 120.0
     # Health.
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 10.0
@@ -228,7 +241,19 @@ def serving_path_options(path: str) -> dict[str, Any]:
     select the HTTP serving path; ConfigError naming `serving_path` for an unknown one."""
     if path not in SERVING_PATHS:
         raise ConfigError(f"serving_path: {path!r} is not one of {', '.join(SERVING_PATHS)}")
-    return {"runtime_env": {"env_vars": dict(SERVING_PATHS[path])}}
+    return {"runtime_env": {"env_vars": {**SERVING_PATHS[path], **CONTROLLER_ENV}}}
+
+
+def shutdown_grace_problem(context_tokens: int, grace_s: float) -> str | None:
+    """Why a replica stopping may cut a request generating a whole context of
+    `context_tokens` (at SHUTDOWN_SECONDS_PER_TOKEN), or None."""
+    needed = context_tokens * SHUTDOWN_SECONDS_PER_TOKEN
+    if needed <= grace_s:
+        return None
+    return (f"graceful_shutdown_timeout_s ({grace_s:g} s) is shorter than a generation of the "
+            f"model's whole context ({context_tokens} tokens x "
+            f"{SHUTDOWN_SECONDS_PER_TOKEN * 1000:g} ms = {needed:g} s): a replica stopping "
+            f"(scale-down, a redeploy with other args) cuts requests longer than that; raise it")
 
 
 def serve_app_config(name: str, port: int, args: Mapping[str, Any], *,
@@ -302,6 +327,7 @@ _INT_MIN = {"torch_threads": 1, "min_replicas": 0, "max_replicas": 1, "min_batch
 _FLOAT_RANGE = {"cpus_per_replica": (0.0, 1024.0), "gpus_per_replica": (0.0, 64.0),
                 "target_ongoing_requests": (0.001, 1e6), "upscale_delay_s": (0.0, 86400.0),
                 "downscale_delay_s": (0.0, 86400.0), "max_batch_wait_ms": (0.0, 10_000.0),
+                "graceful_shutdown_timeout_s": (0.0, 3600.0),
                 "health_check_period_s": (0.1, 3600.0),
                 "health_check_timeout_s": (0.1, 3600.0), "hang_after_s": (0.1, 86400.0),
                 "replica_wait_s": (0.0, 86400.0)}

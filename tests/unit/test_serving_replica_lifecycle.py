@@ -121,3 +121,21 @@ def test_the_app_builds_without_a_checkpoint_in_its_args(monkeypatch, tmp_path):
     assert settings["checkpoint"] == newest
     with pytest.raises(CheckpointError, match="does not exist"):
         serve_app.app({"accelerator": "cpu", "checkpoint": str(tmp_path / "missing")})
+
+
+def test_stopping_replicas_give_a_whole_context_generation_time_to_finish():
+    # Serve force-kills a stopping replica (scale-down, an args redeploy) after its
+    # graceful_shutdown_timeout_s: 10 s on the model (a chat's default max_tokens, the rest of
+    # a 512-token context, takes ~10-12 s at 20-23 ms a token) and Serve's 20 s on the
+    # Ingress, which holds the client's connection as long.
+    from orchestrator.serving.settings import ServeSettings, shutdown_grace_problem
+    from ray_layer import serve_app
+
+    built = serve_app.app({"accelerator": "cpu", "graceful_shutdown_timeout_s": 300})
+    model = built._bound_deployment.init_args[0]._bound_deployment
+    assert model._deployment_config.graceful_shutdown_timeout_s == 300
+    assert built._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 300
+    default = ServeSettings().graceful_shutdown_timeout_s
+    assert shutdown_grace_problem(2048, default) is None  # up to a 2048-token context
+    problem = shutdown_grace_problem(4096, default)
+    assert "graceful_shutdown_timeout_s (120 s)" in problem and "4096 tokens" in problem

@@ -172,10 +172,27 @@ def test_the_serving_path_is_chosen_through_the_serve_controllers_environment():
     # ... and "proxy" turns both off explicitly, so a cluster started with them on in its
     # environment still gets Serve's Python proxy when asked for it.
     assert env(serving_path="proxy") == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
-                                         "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+                                         "RAY_SERVE_ENABLE_HA_PROXY": "0",
+                                         "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"}
     with pytest.raises(ConfigError, match="serving_path: 'nginx' is not one of haproxy, proxy"):
         serve_app_config("app", 8000, {}, autoscaling={}, user_config={},
                          serving_path="nginx")
+
+
+def test_unhealthy_replicas_are_stopped_at_once_on_either_serving_path():
+    # A stopping replica is drained for up to graceful_shutdown_timeout_s (sized for whole
+    # generations); one that failed its health checks (a hung generation loop) would hold its
+    # requests that long instead of letting the ingress resend them at once.
+    for path in ("haproxy", "proxy"):
+        env = serving_path_options(path)["runtime_env"]["env_vars"]
+        assert env["RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS"] == "1", path
+
+
+def test_the_shutdown_grace_is_a_checked_setting():
+    with pytest.raises(ConfigError, match="graceful_shutdown_timeout_s must be a number"):
+        ServeSettings.from_args({"graceful_shutdown_timeout_s": "-1"})
+    assert ServeSettings.from_args({"graceful_shutdown_timeout_s": "30"}
+                                   ).graceful_shutdown_timeout_s == 30.0
 
 
 def test_serve_config_yaml_serves_through_the_default_path():
