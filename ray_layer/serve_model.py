@@ -33,7 +33,8 @@ from orchestrator.serving.loading import (CheckpointPin, LoadedModel, forward_pr
                                           resolve_checkpoint)
 from orchestrator.serving.protocol import APIError
 from orchestrator.serving.retries import engine_lost
-from orchestrator.serving.settings import RuntimeConfig, ServeSettings, shutdown_grace_problem
+from orchestrator.serving.settings import (RuntimeConfig, ServeSettings, health_probe_timeout_s,
+                                           shutdown_grace_problem)
 from orchestrator.training.checkpoint import CheckpointError
 from ray_layer.gcs_store import GcsJsonStore
 from ray_layer.telemetry import record
@@ -161,7 +162,11 @@ class GPTModel:
         self.engine_ids = itertools.count()
         self.keys = itertools.count()
         self.streams: dict[int, tuple[asyncio.Queue, EngineRecord]] = {}
-        self.probes: dict[int, asyncio.Future] = {}
+        self.probes: dict[int, asyncio.Future] = {}  # the engine host's, by key
+        # The health checks' probe of the model, until a check has its answer: a check that
+        # gave up on it leaves it to the next, which waits for it rather than queueing
+        # another behind it on the generation thread.
+        self.health_probe: asyncio.Future | None = None
         self.batch = serve.batch(max_batch_size=self.settings.max_batch_size,
                                  batch_wait_timeout_s=self.settings.max_batch_wait_ms / 1000,
                                  max_concurrent_batches=self.settings.max_concurrent_batches
@@ -463,6 +468,9 @@ class GPTModel:
         self.host_deaths = [t for t in self.host_deaths if now - t < HOST_RESTART_WINDOW_S]
         self.host_deaths.append(now)
         self._end_engine(None, message)
+        for probe in self.probes.values():  # (never answered now: a check waits on them)
+            if not probe.done():
+                probe.set_result(f"continuous batching's engine process died: {message}")
         if len(self.host_deaths) > HOST_RESTARTS:
             log.error("continuous batching is down: %s (the engine process died %d times in "
                       "%gs: not restarted)", message, len(self.host_deaths),
@@ -802,12 +810,15 @@ class GPTModel:
         return self.replica_actor_name()
 
     async def check_health(self) -> None:
-        """Serve calls this every health_check_period_s; raising gets the replica replaced.
-        Unhealthy: no model, the batch loop task or the engine host gone, the engine of the
-        model served now unable to open or not open after ENGINE_OPEN_TIMEOUT_S, requests
-        waiting or running with no decoding step for hang_after_s (waiting for a model to
-        load does not count), or a one-token forward pass (on the generation thread, and in
-        the engine host once it has opened an engine) not finishing within hang_after_s."""
+        """Serve calls this every health_check_period_s; raising (or not answering within
+        health_check_timeout_s) 3 times in a row gets the replica replaced. Unhealthy: no
+        model, the batch loop task or the engine host gone, the engine of the model served
+        now unable to open or not open after ENGINE_OPEN_TIMEOUT_S, requests waiting or
+        running with no decoding step for hang_after_s (waiting for a model to load does not
+        count), or a one-token forward pass (on the generation thread, and in the engine host
+        once it has opened an engine) giving non-finite logits or not finishing within
+        hang_after_s, bounded by Serve's timeout (settings.health_probe_timeout_s). A probe
+        still running when its check gave up is the next check's: never a second one."""
         if self.loaded is None:
             raise RuntimeError("no model loaded")
         # Re-recorded while the replica lives (telemetry holds a gauge for 10 minutes).
@@ -832,6 +843,25 @@ class GPTModel:
                                      self.settings.hang_after_s, alive)
         if problem:
             raise RuntimeError(problem)
+        if self.health_probe is None:
+            self.health_probe = asyncio.ensure_future(self._probe())
+        bound = health_probe_timeout_s(self.settings.hang_after_s,
+                                       self._deployment_option("health_check_timeout_s"))
+        try:  # (shielded: giving up leaves the probe running, for the next check)
+            results = await asyncio.wait_for(asyncio.shield(self.health_probe), timeout=bound)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"a one-token forward pass did not finish within {bound:g}s "
+                               f"(hang_after_s within Serve's health_check_timeout_s)") from None
+        finally:
+            if self.health_probe.done():
+                self.health_probe = None  # answered: the next check probes afresh
+        problem = next((r for r in results if r), None)  # each probe's: None when healthy
+        if problem:
+            raise RuntimeError(problem)
+
+    async def _probe(self) -> list[str | None]:
+        """A one-token forward pass on the generation thread, and in the engine host once it
+        has opened an engine: each one's problem, None when healthy."""
         loop = asyncio.get_running_loop()
         probes = [loop.run_in_executor(self.executor, self._probe_model, self.loaded)]
         token = None
@@ -841,16 +871,9 @@ class GPTModel:
             self.host.send(("probe", token))
             probes.append(self.probes[token])
         try:
-            results = await asyncio.wait_for(asyncio.gather(*probes),
-                                             timeout=self.settings.hang_after_s)
-        except asyncio.TimeoutError:
-            raise RuntimeError(f"a one-token forward pass did not finish within "
-                               f"{self.settings.hang_after_s:g}s") from None
+            return await asyncio.gather(*probes)
         finally:
             self.probes.pop(token, None)
-        problem = next((r for r in results if r), None)  # each probe's: None when healthy
-        if problem:
-            raise RuntimeError(problem)
 
     def __del__(self) -> None:
         """Serve's graceful shutdown: the engine process goes with the replica (it would

@@ -244,6 +244,19 @@ def serving_path_options(path: str) -> dict[str, Any]:
     return {"runtime_env": {"env_vars": {**SERVING_PATHS[path], **CONTROLLER_ENV}}}
 
 
+# Serve 2.60 counts a health check as failed once it has not answered in
+# health_check_timeout_s (3 in a row replace the replica), whatever it answers later: the
+# model's probe is bounded by this share of it, the rest for the check's other work and its
+# round trip.
+PROBE_SHARE_OF_HEALTH_TIMEOUT = 0.8
+
+
+def health_probe_timeout_s(hang_after_s: float, health_check_timeout_s: float) -> float:
+    """How long a health check waits for the model's one-token probe: hang_after_s, within
+    Serve's own timeout of the check."""
+    return min(hang_after_s, PROBE_SHARE_OF_HEALTH_TIMEOUT * health_check_timeout_s)
+
+
 def shutdown_grace_problem(context_tokens: int, grace_s: float) -> str | None:
     """Why a replica stopping may cut a request generating a whole context of
     `context_tokens` (at SHUTDOWN_SECONDS_PER_TOKEN), or None."""

@@ -139,3 +139,35 @@ def test_stopping_replicas_give_a_whole_context_generation_time_to_finish():
     assert shutdown_grace_problem(2048, default) is None  # up to a 2048-token context
     problem = shutdown_grace_problem(4096, default)
     assert "graceful_shutdown_timeout_s (120 s)" in problem and "4096 tokens" in problem
+
+
+def test_a_hung_probe_fails_the_check_within_serves_timeout_and_is_not_sent_again(replicas,
+                                                                                  tmp_path):
+    # The probe waited up to hang_after_s (30 s) while Serve fails a check after
+    # health_check_timeout_s (10 s); each later check queued another probe behind the hung
+    # one on the generation thread.
+    import threading
+
+    from orchestrator.serving.settings import health_probe_timeout_s
+
+    model = replicas(health_check_timeout_s=1.0, hang_after_s=30)
+    asyncio.run(model.reconfigure({"checkpoint": checkpoint(tmp_path / "run", 1)}))
+    stuck, probes = threading.Event(), []
+
+    def probe(loaded):
+        probes.append(loaded)
+        stuck.wait(10)
+    model._probe_model = probe
+    bound = health_probe_timeout_s(30, 1.0)
+    assert bound < 1.0
+
+    async def scenario():
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match=f"did not finish within {bound:g}s"):
+                await asyncio.wait_for(model.check_health(), 3)
+        assert len(probes) == 1  # the second check waited for the same probe
+        stuck.set()
+        await model.check_health()  # (the late answer of that probe: healthy)
+        await model.check_health()
+        assert len(probes) == 2  # and then a fresh one
+    asyncio.run(scenario())
