@@ -45,8 +45,8 @@ from orchestrator.serving.protocol import APIError
 from orchestrator.serving.retries import (DeploymentState, gather_or_cancel, is_engine_lost,
                                           resumable_stream, taken_within, untaken_error,
                                           with_retries)
-from orchestrator.serving.resources import (ReplicaResources, recommend_replica_resources,
-                                            report_from_ray_node)
+from orchestrator.serving.resources import (ReplicaResources, listed_accelerator_types,
+                                            recommend_replica_resources, report_from_ray_node)
 from orchestrator.serving.settings import ServeSettings
 from orchestrator.tokenizer import ByteTokenizer
 from ray_layer.scheduler_client import get_scheduler
@@ -508,20 +508,26 @@ def replica_resources(settings: ServeSettings) -> ReplicaResources:
     """The accelerator to ask for, from the scheduler's view of the cluster when it runs
     (agents' measured and declared accelerators, node health), else Ray's node table; when
     Ray is not connected yet (`serve run module:app` builds before connecting), this machine."""
-    reports, healthy = _cluster_reports()
+    reports, healthy, accelerator_types = _cluster_reports()
     return recommend_replica_resources(reports, healthy, accelerator=settings.accelerator,
                                        cpus=settings.cpus_per_replica,
-                                       gpus=settings.gpus_per_replica)
+                                       gpus=settings.gpus_per_replica,
+                                       accelerator_types=accelerator_types)
 
 
-def _cluster_reports() -> tuple[list, set[str]]:
+def _cluster_reports() -> tuple[list, set[str], dict[str, set[str]]]:
+    """(node reports, healthy node ids, the accelerator types Ray lists per node id: none
+    known before Ray is connected)."""
     if not ray.is_initialized():
-        return _this_machine()
+        return (*_this_machine(), {})
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    accelerator_types = {n["NodeID"]: listed_accelerator_types(n.get("Resources") or {})
+                         for n in nodes}
     reports, healthy = _scheduler_view()
     if reports:
-        return reports, healthy
-    reports = [report_from_ray_node(n) for n in ray.nodes() if n["Alive"]]
-    return reports, {r.node_id for r in reports}
+        return reports, healthy, accelerator_types
+    reports = [report_from_ray_node(n) for n in nodes]
+    return reports, {r.node_id for r in reports}, accelerator_types
 
 
 def _scheduler_view() -> tuple[list, set[str]]:

@@ -89,7 +89,9 @@ class ServeSettings:
     # an accelerator family (T4, L4, A100, ...).
     accelerator: str = "auto"
     cpus_per_replica: float = 1.0
-    gpus_per_replica: float = 1.0  # when an accelerator is used; fractions share one
+    # When an accelerator is used; fractions share one. At most 1: a replica runs its model
+    # on one CUDA device, and a second GPU would sit reserved and idle.
+    gpus_per_replica: float = 1.0
     torch_threads: int = 1  # per replica; more threads on a shared CPU mostly contend
     # Autoscaling of the model deployment (serve_config.yaml may override it whole).
     min_replicas: int = 1
@@ -152,6 +154,10 @@ class ServeSettings:
                     f"{self.max_concurrent_batches} = {needed}), or batches never fill")
             problems += _batch_problems(self.min_batch_size, self.max_batch_size)
             problems += self._target_problems()
+            if self.gpus_per_replica > 1:
+                problems.append(f"gpus_per_replica ({self.gpus_per_replica:g}) must be <= 1: a "
+                                "replica runs its model on one device; for more throughput "
+                                "raise max_replicas")
         problems += _mode_problems(self.batching)
         if problems:
             raise ConfigError("invalid serving settings: " + "; ".join(problems))

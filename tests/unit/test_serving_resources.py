@@ -53,7 +53,7 @@ def test_the_family_with_most_gpus_wins_then_the_faster():
 
 def test_training_gpus_only_or_none_falls_back_to_cpu():
     result = recommend([node("a100", measured("NVIDIA A100-SXM4-80GB", 8)), node("cpu")])
-    assert result.accelerator == "CPU" and result.ray_actor_options == {"num_cpus": 1.0}
+    assert result.accelerator == "CPU" and result.ray_actor_options["num_cpus"] == 1.0
     assert "A100" in result.reason and "CPU" in result.reason
     assert recommend([node("cpu")]).accelerator == "CPU"
 
@@ -110,3 +110,68 @@ def test_a_node_of_several_families_promises_none_of_them():
     assert named.nodes == ("a100",) and named.ray_actor_options["accelerator_type"] == "A100"
     with pytest.raises(ValueError, match="no healthy node has 'T4'"):
         recommend([mixed, a100s], accelerator="T4")
+
+
+def sized(node_id, gpus, cpus, labels=None):
+    return NodeReport(node_id, node_id, cpus, len(gpus), cpus, 0.0, 64 * GIB, 64 * GIB,
+                      tuple(gpus), labels or {})
+
+
+def test_a_family_counts_only_on_nodes_that_can_hold_a_whole_replica():
+    # Three 1xT4 nodes outnumber one 2xL4 node, but a replica asking for 2 GPUs (or more
+    # CPUs than a T4 node has) fits none of them: it was pinned to T4 and stayed pending.
+    nodes = [sized(f"t4-{i}", measured("Tesla T4", 1), cpus=4) for i in range(3)]
+    nodes.append(sized("l4", measured("NVIDIA L4", 2), cpus=16))
+    assert recommend(nodes).accelerator == "T4"  # (one GPU: the most GPUs win)
+    for wanted in ({"gpus": 2}, {"cpus": 8}):
+        result = recommend(nodes, **wanted)
+        assert result.accelerator == "L4" and result.nodes == ("l4",), wanted
+    with pytest.raises(ValueError, match="cpus_per_replica=8.*T4"):
+        recommend(nodes, accelerator="T4", cpus=8)
+    only_t4 = nodes[:3]
+    result = recommend(only_t4, gpus=2)
+    assert result.accelerator == "CPU" and "2 GPU" in result.reason
+
+
+def test_cpu_replicas_stay_off_training_nodes():
+    # A CPU replica could land on an A100/H100 training node (CPUs free there) and keep the
+    # autoscaler from removing it. cluster.yaml labels those node types "train".
+    import yaml
+    from pathlib import Path
+
+    from orchestrator.metric_catalogue import LABEL_NODE_TYPE
+    from orchestrator.serving.resources import TRAINING_NODE_TYPES
+
+    for cpu in (recommend([node("cpu")]), recommend([node("t4", measured("Tesla T4", 1))],
+                                                    accelerator="cpu")):
+        assert cpu.ray_actor_options == {"num_cpus": 1.0,
+                                         "label_selector": {LABEL_NODE_TYPE: "!train"}}
+    from ray._private.label_utils import validate_label_selector
+    assert validate_label_selector(cpu.ray_actor_options["label_selector"]) is None
+    repo = Path(__file__).resolve().parents[2]
+    for name in ("cluster.yaml", "cluster.local.yaml"):
+        types = yaml.safe_load((repo / name).read_text())["available_node_types"]
+        for type_name, node_type in types.items():
+            trains = any(str(key) in ("accelerator_type:A100", "accelerator_type:H100")
+                         for key in node_type.get("resources", {}))
+            role = node_type.get("labels", {}).get(LABEL_NODE_TYPE)
+            assert (role in TRAINING_NODE_TYPES) == trains, (name, type_name)
+
+
+def test_declared_gpus_ray_also_lists_by_accelerator_type_are_pinned_by_it():
+    # cluster.yaml's nodes declare their GPUs by label and list accelerator_type:<family>:
+    # pinned by label_selector, which Ray 2.60's v1 autoscaler ignores (it could launch
+    # another family's node for the replica).
+    gpus, labels = declared("T4", 4)
+    typed = {"t4": {"T4"}}
+    result = recommend([node("t4", gpus, labels=labels)], accelerator_types=typed)
+    assert result.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 1.0,
+                                        "accelerator_type": "T4"}
+    # Some nodes of the family list it, some only declare it: the option reaches the former.
+    other_gpus, other_labels = declared("T4", 4)
+    both = [node("t4", gpus, labels=labels), node("t4-bare", other_gpus, labels=other_labels)]
+    result = recommend(both, accelerator_types={"t4": {"T4"}, "t4-bare": set()})
+    assert result.ray_actor_options["accelerator_type"] == "T4" and result.nodes == ("t4",)
+    # Ray lists none: the label, as before.
+    result = recommend(both, accelerator_types={"t4": set(), "t4-bare": set()})
+    assert result.ray_actor_options["label_selector"] == {LABEL_ACCELERATOR_TYPE: "T4"}

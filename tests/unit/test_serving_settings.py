@@ -188,6 +188,14 @@ def test_unhealthy_replicas_are_stopped_at_once_on_either_serving_path():
         assert env["RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS"] == "1", path
 
 
+def test_a_replica_is_not_given_gpus_it_cannot_use():
+    # A replica runs its model on one CUDA device: a second GPU sat reserved and idle.
+    with pytest.raises(ConfigError, match="gpus_per_replica \\(2\\) must be <= 1: a replica "
+                                          "runs its model on one device"):
+        ServeSettings.from_args({"gpus_per_replica": "2"})
+    assert ServeSettings.from_args({"gpus_per_replica": "0.5"}).gpus_per_replica == 0.5
+
+
 def test_the_shutdown_grace_is_a_checked_setting():
     with pytest.raises(ConfigError, match="graceful_shutdown_timeout_s must be a number"):
         ServeSettings.from_args({"graceful_shutdown_timeout_s": "-1"})
