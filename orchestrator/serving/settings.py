@@ -67,6 +67,15 @@ CONTROLLER_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"}
 # (time per output token under load here: 20-60 ms on a 2-core CPU, docs/benchmarks.md).
 SHUTDOWN_SECONDS_PER_TOKEN = 0.05
 
+# Ray Serve 2.60's AutoscalingConfig fields (ray.serve.config; a unit test compares): Serve
+# drops a key it does not know without a word, so a misspelt one (max_replica) left the
+# deployment at its old bound.
+SERVE_AUTOSCALING_FIELDS = (
+    "min_replicas", "initial_replicas", "max_replicas", "target_ongoing_requests",
+    "metrics_interval_s", "look_back_period_s", "smoothing_factor", "upscale_smoothing_factor",
+    "downscale_smoothing_factor", "upscaling_factor", "downscaling_factor", "downscale_delay_s",
+    "downscale_to_zero_delay_s", "upscale_delay_s", "aggregation_function", "policy")
+
 # Full rounds of batches a model replica accepts by default: the running batches, and queued
 # requests for the rounds after them (they wait at the replica's admission gate, app.py).
 # Accepting only what the running batches hold collapses throughput once clients outnumber it:
@@ -312,12 +321,16 @@ def model_autoscaling(args: Mapping[str, Any],
     with `autoscaling`'s fields over it. Serve replaces a deployment's autoscaling_config
     whole, so passing `autoscaling` alone would drop the app's target and bounds for Serve's
     defaults. Fields that are also settings are checked as settings (ConfigError naming
-    `autoscaling` and the field); Serve checks its other fields (look_back_period_s, ...)."""
+    `autoscaling` and the field); Serve checks its other fields' values (look_back_period_s,
+    ...), and keys it does not know are refused here with a hint (Serve would drop them)."""
     settings = ServeSettings.from_args(args)
     autoscaling = {} if autoscaling is None else autoscaling
     if not isinstance(autoscaling, Mapping):
         raise ConfigError(f"autoscaling must be a mapping of autoscaling_config fields, got "
                           f"{type(autoscaling).__name__}")
+    unknown = unknown_fields(autoscaling, list(SERVE_AUTOSCALING_FIELDS), "autoscaling")
+    if unknown:
+        raise ConfigError(f"autoscaling: {unknown}")
     built = settings.autoscaling_config()
     as_settings = {key: value for key, value in autoscaling.items() if key in built}
     try:

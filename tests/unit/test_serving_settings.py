@@ -158,6 +158,36 @@ def test_autoscaling_given_to_serve_app_config_is_merged_over_the_apps_settings(
         autoscaling(autoscaling=[("min_replicas", 1)])
 
 
+def test_autoscaling_fields_serve_would_ignore_are_refused_with_a_hint():
+    # Serve 2.60's AutoscalingConfig drops keys it does not know: max_replica=5 was accepted
+    # and the deployment kept max_replicas 2.
+    from orchestrator.serving.settings import model_autoscaling
+
+    with pytest.raises(ConfigError, match="autoscaling: unknown field\\(s\\) in autoscaling: "
+                                          "'max_replica' \\(did you mean 'max_replicas'\\?\\)"):
+        model_autoscaling({}, {"max_replica": 5})
+    assert model_autoscaling({}, {"look_back_period_s": 15})["look_back_period_s"] == 15
+
+
+def test_the_autoscaling_fields_known_here_are_serves():
+    from ray.serve.config import AutoscalingConfig
+
+    from orchestrator.serving.settings import SERVE_AUTOSCALING_FIELDS
+
+    assert sorted(SERVE_AUTOSCALING_FIELDS) == sorted(AutoscalingConfig.model_fields)
+
+
+def test_serve_config_yamls_autoscaling_config_has_only_fields_serve_reads():
+    from orchestrator.serving.settings import model_autoscaling
+
+    shipped = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    (application,) = shipped["applications"]
+    (model,) = [d for d in application["deployments"] if d["name"] == "GPTModel"]
+    assert model_autoscaling(application["args"], model["autoscaling_config"]) == {
+        **ServeSettings.from_args(application["args"]).autoscaling_config(),
+        **model["autoscaling_config"]}
+
+
 def test_the_serving_path_is_chosen_through_the_serve_controllers_environment():
     from ray.serve.schema import ServeDeploySchema
 
