@@ -42,9 +42,9 @@ from orchestrator.serving.generation import (Chunk, GenerationRequest, Generatio
                                              SamplingParams)
 from orchestrator.serving.loading import pin_checkpoint
 from orchestrator.serving.protocol import APIError
-from orchestrator.serving.retries import (DeploymentState, gather_or_cancel, is_engine_lost,
-                                          resumable_stream, taken_within, untaken_error,
-                                          with_retries)
+from orchestrator.serving.retries import (DeploymentState, gather_or_cancel, idle_health,
+                                          is_engine_lost, resumable_stream, taken_within,
+                                          untaken_error, with_retries)
 from orchestrator.serving.resources import (ReplicaResources, listed_accelerator_types,
                                             recommend_replica_resources, report_from_ray_node)
 from orchestrator.serving.settings import ServeSettings
@@ -233,7 +233,17 @@ class Ingress:
     @api.get("/health")
     async def health(self) -> Response:
         """200 when a model replica answers with a loaded model, with that replica's batching
-        figures; 503 otherwise. (Serve's own liveness route is the proxy's /-/healthz.)"""
+        figures; with none running, Serve's view alone (retries.idle_health: no replica is
+        called, nor woken): 200 "scaled_to_zero" when autoscaling removed them all
+        (min_replicas 0); 503 otherwise. (Serve's own liveness route is the proxy's
+        /-/healthz.)"""
+        state = await self._deployment_state()
+        idle = idle_health(self.model.deployment_name, state) \
+            if isinstance(state, DeploymentState) else None
+        if idle is not None:
+            status, body = idle
+            return JSONResponse({**body, "model": self.settings.model_name,
+                                 "ingress_retries": dict(self.retries)}, status_code=status)
         try:
             stats = await asyncio.wait_for(self.model.replica_stats.remote(), timeout=5.0)
         except Exception as e:
@@ -328,9 +338,14 @@ class Ingress:
                            self._untaken_error)
 
     async def _untaken_error(self) -> APIError:
-        """The 503 of a call no replica took, with Serve's view of the model deployment:
-        asked once per MODEL_STATE_MAX_AGE_S however many calls time out together (the
-        controller is busy then, starting replicas)."""
+        """The 503 of a call no replica took, with Serve's view of the model deployment."""
+        return untaken_error(self.settings.replica_wait_s, self.model.deployment_name,
+                             await self._deployment_state())
+
+    async def _deployment_state(self) -> DeploymentState | str:
+        """Serve's view of the model deployment, asked once per MODEL_STATE_MAX_AGE_S however
+        many calls time out (the controller is busy then, starting replicas) or /health
+        requests arrive together; as text, the error that kept Serve from saying."""
         async with self._state_lock:
             if self._state is None or time.monotonic() - self._state[0] > MODEL_STATE_MAX_AGE_S:
                 try:
@@ -339,8 +354,7 @@ class Ingress:
                 except Exception as e:
                     state = f"{type(e).__name__}: {e}"
                 self._state = (time.monotonic(), state)
-        return untaken_error(self.settings.replica_wait_s, self.model.deployment_name,
-                             self._state[1])
+        return self._state[1]
 
     def _model_state(self) -> DeploymentState:
         """What Serve says of the model deployment (a call to Serve's controller)."""

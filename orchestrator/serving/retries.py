@@ -110,12 +110,39 @@ def untaken_error(wait_s: float, deployment: str, state: DeploymentState | str) 
         return APIError(503, f"{head}: all {state.running} running are full (the server is "
                              "overloaded); retry shortly", type="server_error",
                         code="overloaded")
+    return APIError(503, f"{head}: none is running ({_described(deployment, state)}); retry "
+                         "shortly, or see `serve status`", type="server_error",
+                    code="no_replica")
+
+
+def _described(deployment: str, state: DeploymentState) -> str:
+    """'GPTModel is UPDATING, replicas: 2 starting; <Serve's message>'."""
     others = ", ".join(f"{count} {name.lower()}" for name, count in sorted(state.replicas.items())
                        if count)
     why = f"; {state.message}" if state.message else ""
-    return APIError(503, f"{head}: none is running ({deployment} is {state.status}"
-                         f"{', replicas: ' + others if others else ''}{why}); retry shortly, "
-                         "or see `serve status`", type="server_error", code="no_replica")
+    return f"{deployment} is {state.status}{', replicas: ' + others if others else ''}{why}"
+
+
+# Serve's deployment statuses with no replica running by autoscaling's choice: scaled to zero
+# (min_replicas 0, no traffic), being scaled down to it, or starting one for a request.
+SCALED_TO_ZERO_STATUSES = ("HEALTHY", "DOWNSCALING", "UPSCALING")
+
+
+def idle_health(deployment: str, state: DeploymentState) -> tuple[int, dict] | None:
+    """/health's status code and body when Serve says no replica of `deployment` runs, told
+    from Serve's view alone: asking a replica would wait for one, and wake one (Serve scales
+    a deployment up from zero for any call). None when one runs: ask it. Scaled to zero, or
+    starting a replica for a request (nothing but starting or stopping ones): 200
+    "scaled_to_zero"; else (a failed deploy, replicas unable to start): 503 with Serve's
+    view."""
+    if state.running:
+        return None
+    active = {name for name, count in state.replicas.items()
+              if count and name not in ("STOPPING", "STOPPED")}
+    if state.status in SCALED_TO_ZERO_STATUSES and active <= {"STARTING"}:
+        return 200, {"status": "scaled_to_zero", "starting": state.replicas.get("STARTING", 0)}
+    return 503, {"status": "unavailable",
+                 "error": f"no {deployment} replica is running ({_described(deployment, state)})"}
 
 
 async def taken_within(assignment: Callable[[], Awaitable[object]], wait_s: float,

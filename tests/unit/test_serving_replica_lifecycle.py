@@ -171,3 +171,41 @@ def test_a_hung_probe_fails_the_check_within_serves_timeout_and_is_not_sent_agai
         await model.check_health()
         assert len(probes) == 2  # and then a fresh one
     asyncio.run(scenario())
+
+
+def test_health_of_an_app_scaled_to_zero_is_ok_and_wakes_no_replica():
+    # min_replicas 0: /health called a replica (none running), answered 503 after 5 s and
+    # made Serve start one.
+    from orchestrator.serving.retries import DeploymentState
+    from orchestrator.serving.settings import ServeSettings
+    from ray_layer import serve_app
+
+    calls = []
+
+    class Model:  # (a DeploymentHandle's part the route uses)
+        deployment_name = "GPTModel"
+
+        class replica_stats:
+            @staticmethod
+            def remote():
+                calls.append(1)
+                return asyncio.sleep(3600)
+
+    def ingress(state):
+        ing = object.__new__(type("BareIngress", (serve_app.Ingress.func_or_class,),
+                                  {"__del__": lambda self: None}))
+        ing.settings, ing.model, ing.retries = ServeSettings(), Model(), {}
+
+        async def deployment_state():
+            return state
+        ing._deployment_state = deployment_state
+        return ing
+
+    async def health(state):
+        return await asyncio.wait_for(ingress(state).health(), 10)
+
+    idle = asyncio.run(health(DeploymentState("HEALTHY", {})))
+    assert idle.status_code == 200 and b'"status":"scaled_to_zero"' in idle.body
+    failed = asyncio.run(health(DeploymentState("DEPLOY_FAILED", {}, "no resources")))
+    assert failed.status_code == 503 and b"no resources" in failed.body
+    assert calls == []

@@ -158,3 +158,20 @@ def test_waiting_for_a_replica_is_bounded_and_withdraws_the_request():
             await task
     asyncio.run(client_leaves())
     assert withdrawn == ["late", "left"]
+
+
+def test_health_without_a_running_replica_is_told_from_serves_view_alone():
+    # With min_replicas 0 and no traffic, /health asked a replica: a 503 after 5 s, and the
+    # call woke one (Serve scales up for it).
+    from orchestrator.serving.retries import DeploymentState, idle_health
+
+    assert idle_health("GPTModel", DeploymentState("HEALTHY", {"RUNNING": 1})) is None
+    for status, replicas, starting in (("HEALTHY", {}, 0), ("DOWNSCALING", {"STOPPING": 1}, 0),
+                                       ("UPSCALING", {"STARTING": 1}, 1)):
+        code, body = idle_health("GPTModel", DeploymentState(status, replicas))
+        assert (code, body["status"], body["starting"]) == (200, "scaled_to_zero", starting)
+    code, body = idle_health("GPTModel", DeploymentState(
+        "UNHEALTHY", {"STARTING": 1}, "The replica failed to start"))
+    assert code == 503 and body["status"] == "unavailable"
+    assert body["error"] == ("no GPTModel replica is running (GPTModel is UNHEALTHY, replicas: "
+                             "1 starting; The replica failed to start)")
