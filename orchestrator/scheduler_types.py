@@ -27,8 +27,8 @@ class SchedulerSettings:
     max_load_per_cpu: float = math.inf
     preemption: bool = True
     # A job runs at least this long between preemptions or migrations, counted from its
-    # placement. A restart takes about a minute before the first step (61 s measured, see
-    # simulator.RESTART_S), so at 60 s a job could be preempted again while still reloading
+    # placement. A GPU job's restart takes up to a minute before the first step (modelled
+    # at 61 s, simulator.RESTART_S), so at 60 s a job could be preempted again while still reloading
     # (seen in the Philly replay: segments of 72 s); the default equals restart_cost_s, so a job
     # trains at least as long as its restart costs.
     min_run_s: float = 120.0

@@ -90,13 +90,17 @@ from orchestrator.traces import TraceJob, unknown_families, unknown_family_reaso
 SIM_NOW = 0.0  # the ClusterState's clock: constant, see the module docstring
 DEFAULT_CLUSTER = "v100:8x48,p100:8x48,k80:4x64;rack=16"  # 1,024 GPUs, 160 servers
 # A preempted or migrated job spends RESTART_S from the directive to its first step after the
-# restart: the planned-yield time measured live by scripts/bench_yield.py (directive ->
-# checkpoint -> release -> placed again -> workers restarted -> checkpoint restored -> first
-# step; median 60.7 s, docs/benchmarks.md 2026-12-02). Of it, the job keeps its old GPUs for
-# YIELD_S: it sees the directive at a step boundary NOTICE_S after it was issued (median
-# notice 2.32 s), checkpoints there (2.04 s) and releases its GPUs (2.27 s), the medians of
-# those parts. It trains until it sees the directive and loses no work: the checkpoint saves
-# it (training/loop.py). Placed again, it spends the rest, RELOAD_S, before it trains.
+# restart (directive -> checkpoint -> release -> placed again -> workers restarted ->
+# checkpoint restored -> first step). A modelled GPU-job restart, not today's live figure: the
+# values are scripts/bench_yield.py's first run (a2f8eec, docs/benchmarks.md 2026-12-02:
+# median 60.7 s, on a loaded machine, with Ray Train's 2 s report poll); on current code and a
+# quieter machine the tiny CPU job restarts in 13.8 s (benchmarks.md 2026-12-06 (evening)),
+# but a GPU job also pays what it does not (CUDA contexts, NCCL communicators, reading a
+# multi-GB checkpoint), so the replay keeps the minute. Of it, the job keeps its old GPUs for
+# YIELD_S: it sees the directive at a step boundary NOTICE_S after it was issued (notice
+# 2.32 s), checkpoints there (2.04 s) and releases its GPUs (2.27 s), that run's medians. It
+# trains until it sees the directive and loses no work: the checkpoint saves it
+# (training/loop.py). Placed again, it spends the rest, RELOAD_S, before it trains.
 RESTART_S = 61.0
 NOTICE_S = 2.32
 YIELD_S = 6.63  # notice + checkpoint + release
