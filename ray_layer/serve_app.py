@@ -42,9 +42,10 @@ from orchestrator.serving.generation import (Chunk, GenerationRequest, Generatio
                                              SamplingParams)
 from orchestrator.serving.loading import pin_checkpoint
 from orchestrator.serving.protocol import APIError
-from orchestrator.serving.retries import (DeploymentState, gather_or_cancel, idle_health,
-                                          is_engine_lost, resumable_stream, taken_within,
-                                          untaken_error, with_retries)
+from orchestrator.serving.retries import (ROUTABLE_STATES, DeploymentState, gather_or_cancel,
+                                          is_engine_lost, replicas_in, resumable_stream,
+                                          taken_within, unanswered_health, untaken_error,
+                                          with_retries)
 from orchestrator.serving.resources import (ReplicaResources, listed_accelerator_types,
                                             recommend_replica_resources, report_from_ray_node)
 from orchestrator.serving.settings import ServeSettings
@@ -81,6 +82,11 @@ DRAIN_BODY_BYTES = 64 << 20
 TOKENIZER_FETCHES = 3
 # How long the model deployment's state, asked of Serve when calls find no replica, is reused.
 MODEL_STATE_MAX_AGE_S = 2.0
+# How long a caller waits for Serve's view (one call to the controller at a time, shared):
+# a controller restarting never holds /health, or a 503's message, for longer.
+MODEL_STATE_WAIT_S = 2.0
+# How long /health waits for the model replica it asks.
+HEALTH_REPLICA_WAIT_S = 5.0
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -95,6 +101,19 @@ def was_taken(response) -> bool:
     """Whether Serve's router gave the call to a replica (its private future, pinned Ray)."""
     future = response._replica_result_future
     return future.done() and not future.cancelled() and future.exception() is None
+
+
+def routable_replicas(handle) -> int | None:
+    """How many replicas the handle's router in this process sends calls to now: its own copy
+    of the controller's list (RUNNING and PENDING_MIGRATION ones), read without a call; None
+    before the router exists or has heard of a replica (private attributes, pinned Ray)."""
+    router = getattr(getattr(handle, "_router", None), "_asyncio_router", None)
+    if router is None or not router.running_replicas_populated():
+        return None
+    request_router = router._request_router  # (the property would create one, off its loop)
+    replicas = (request_router.curr_replicas if request_router is not None
+                else router._running_replicas)
+    return len(replicas or ())
 
 
 def withdraw(response) -> None:
@@ -147,8 +166,8 @@ class Ingress:
         # --out reused, a run directory trained again); the one cached under it went on
         # encoding prompts with the old vocabulary.
         self._tokenizers: dict[str, Any] = {ByteTokenizer().sha256: ByteTokenizer()}
-        self._state_lock = asyncio.Lock()
         self._state: tuple[float, DeploymentState | str] | None = None  # (when, what)
+        self._state_refresh: asyncio.Future | None = None  # the controller call in flight
 
     @api.post(COMPLETIONS_ROUTE)
     async def completions(self, request: Request) -> Response:
@@ -233,25 +252,38 @@ class Ingress:
     @api.get("/health")
     async def health(self) -> Response:
         """200 when a model replica answers with a loaded model, with that replica's batching
-        figures; with none running, Serve's view alone (retries.idle_health: no replica is
-        called, nor woken): 200 "scaled_to_zero" when autoscaling removed them all
-        (min_replicas 0); 503 otherwise. (Serve's own liveness route is the proxy's
-        /-/healthz.)"""
-        state = await self._deployment_state()
-        idle = idle_health(self.model.deployment_name, state) \
-            if isinstance(state, DeploymentState) else None
-        if idle is not None:
-            status, body = idle
-            return JSONResponse({**body, "model": self.settings.model_name,
-                                 "ingress_retries": dict(self.retries)}, status_code=status)
-        try:
-            stats = await asyncio.wait_for(self.model.replica_stats.remote(), timeout=5.0)
-        except Exception as e:
-            body = {"status": "unavailable", "error": f"{type(e).__name__}: {e}"}
-            return JSONResponse(body, status_code=503)
-        status = "degraded" if stats.get("reload_error") else "ok"
-        return JSONResponse({"status": status, "model": self.settings.model_name, **stats,
-                             "ingress_retries": dict(self.retries)})
+        figures. A replica is asked only while one takes calls (this router's own list; Serve's
+        view before the router has one): a call with none running waits for one, and wakes
+        one (Serve scales up from zero for any call). When none is asked, or the one asked
+        does not answer, Serve's view says (retries.unanswered_health): 200 while replicas
+        serve (a hot reload's updating ones), 200 "scaled_to_zero" when autoscaling removed
+        them all (min_replicas 0), 503 otherwise. Serve's controller is asked only then, so
+        /health does not depend on it while replicas answer. (Serve's own liveness route is
+        the proxy's /-/healthz.)"""
+        error = None
+        if await self._replica_to_ask():
+            try:
+                stats = await asyncio.wait_for(self.model.replica_stats.remote(),
+                                               timeout=HEALTH_REPLICA_WAIT_S)
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+            else:
+                status = "degraded" if stats.get("reload_error") else "ok"
+                return JSONResponse({"status": status, "model": self.settings.model_name,
+                                     **stats, "ingress_retries": dict(self.retries)})
+        code, body = unanswered_health(self.model.deployment_name,
+                                       await self._deployment_state(), error)
+        return JSONResponse({**body, "model": self.settings.model_name,
+                             "ingress_retries": dict(self.retries)}, status_code=code)
+
+    async def _replica_to_ask(self) -> bool:
+        """Whether a model replica takes calls now, so that asking one wakes none."""
+        routable = routable_replicas(self.model)
+        if routable is None:  # (the router has not heard yet: Serve's view says)
+            state = await self._deployment_state()
+            return not isinstance(state, DeploymentState) or bool(
+                replicas_in(state, ROUTABLE_STATES))
+        return routable > 0
 
     # -- helpers ------------------------------------------------------------------------------
     async def _read_body(self, request: Request) -> bytes:
@@ -345,16 +377,30 @@ class Ingress:
     async def _deployment_state(self) -> DeploymentState | str:
         """Serve's view of the model deployment, asked once per MODEL_STATE_MAX_AGE_S however
         many calls time out (the controller is busy then, starting replicas) or /health
-        requests arrive together; as text, the error that kept Serve from saying."""
-        async with self._state_lock:
-            if self._state is None or time.monotonic() - self._state[0] > MODEL_STATE_MAX_AGE_S:
-                try:
-                    state = await asyncio.wait_for(asyncio.to_thread(self._model_state),
-                                                   timeout=5.0)
-                except Exception as e:
-                    state = f"{type(e).__name__}: {e}"
-                self._state = (time.monotonic(), state)
-        return self._state[1]
+        requests arrive together; as text, the error that kept Serve from saying. One call
+        to the controller at a time, shared: a caller waits for it at most
+        MODEL_STATE_WAIT_S (a controller restarting answers nobody meanwhile: each caller
+        waiting on it in turn held every other, and a call per caller piled up threads)."""
+        if self._state is not None and time.monotonic() - self._state[0] <= MODEL_STATE_MAX_AGE_S:
+            return self._state[1]
+        if self._state_refresh is None:
+            self._state_refresh = asyncio.ensure_future(asyncio.to_thread(self._model_state))
+            self._state_refresh.add_done_callback(self._state_refreshed)
+        try:  # (shielded: a caller that gives up leaves the call to the others)
+            return await asyncio.wait_for(asyncio.shield(self._state_refresh),
+                                          MODEL_STATE_WAIT_S)
+        except asyncio.TimeoutError:
+            return f"Serve's controller did not answer within {MODEL_STATE_WAIT_S:g} s"
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+
+    def _state_refreshed(self, refresh: asyncio.Future) -> None:
+        self._state_refresh = None
+        if refresh.cancelled():
+            return
+        error = refresh.exception()
+        state = f"{type(error).__name__}: {error}" if error else refresh.result()
+        self._state = (time.monotonic(), state)
 
     def _model_state(self) -> DeploymentState:
         """What Serve says of the model deployment (a call to Serve's controller)."""

@@ -123,26 +123,48 @@ def _described(deployment: str, state: DeploymentState) -> str:
     return f"{deployment} is {state.status}{', replicas: ' + others if others else ''}{why}"
 
 
-# Serve's deployment statuses with no replica running by autoscaling's choice: scaled to zero
+# Replica states whose replicas serve: RUNNING and PENDING_MIGRATION ones (on a draining
+# node) take calls; UPDATING ones apply a user_config (a hot reload: the model before it
+# serves meanwhile) and RECOVERING ones are found again after the controller restarted, both
+# taking calls again within moments. A 503 for those made every hot reload of a one-replica
+# deployment an outage to a load balancer.
+ROUTABLE_STATES = ("RUNNING", "PENDING_MIGRATION")
+SERVING_STATES = ROUTABLE_STATES + ("UPDATING", "RECOVERING")
+# Serve's deployment statuses with no replica serving by autoscaling's choice: scaled to zero
 # (min_replicas 0, no traffic), being scaled down to it, or starting one for a request.
 SCALED_TO_ZERO_STATUSES = ("HEALTHY", "DOWNSCALING", "UPSCALING")
 
 
-def idle_health(deployment: str, state: DeploymentState) -> tuple[int, dict] | None:
-    """/health's status code and body when Serve says no replica of `deployment` runs, told
-    from Serve's view alone: asking a replica would wait for one, and wake one (Serve scales
-    a deployment up from zero for any call). None when one runs: ask it. Scaled to zero, or
-    starting a replica for a request (nothing but starting or stopping ones): 200
-    "scaled_to_zero"; else (a failed deploy, replicas unable to start): 503 with Serve's
-    view."""
-    if state.running:
-        return None
+def replicas_in(state: DeploymentState, states: tuple[str, ...]) -> int:
+    return sum(state.replicas.get(name, 0) for name in states)
+
+
+def unanswered_health(deployment: str, state: DeploymentState | str,
+                      error: str | None = None) -> tuple[int, dict]:
+    """/health's status code and body when no replica of `deployment` answered it: none was
+    asked (none takes calls: asking would wait for one, and wake one, as Serve scales a
+    deployment up from zero for any call), or `error` is why the one asked did not answer.
+    Told from Serve's view (`state`; as text, why Serve could not say):
+      - a replica serving that was not asked (all updating, recovering, or not yet known to
+        this router): 200 "ok", with Serve's view;
+      - scaled to zero, or starting a replica for a request (nothing but starting or
+        stopping ones): 200 "scaled_to_zero";
+      - else (a running replica that failed to answer, a failed deploy, replicas unable to
+        start, Serve unreachable): 503 "unavailable", with Serve's view and the error."""
+    if isinstance(state, str):
+        why = f"{error}; " if error else ""
+        return 503, {"status": "unavailable",
+                     "error": f"{why}Serve's view of {deployment} is unknown: {state}"}
+    described = _described(deployment, state)
+    if replicas_in(state, SERVING_STATES) and not (error and replicas_in(state, ROUTABLE_STATES)):
+        return 200, {"status": "ok", "serve": described}
     active = {name for name, count in state.replicas.items()
               if count and name not in ("STOPPING", "STOPPED")}
     if state.status in SCALED_TO_ZERO_STATUSES and active <= {"STARTING"}:
         return 200, {"status": "scaled_to_zero", "starting": state.replicas.get("STARTING", 0)}
-    return 503, {"status": "unavailable",
-                 "error": f"no {deployment} replica is running ({_described(deployment, state)})"}
+    head = f"the {deployment} replica asked did not answer: {error}" if error \
+        else f"no {deployment} replica is running"
+    return 503, {"status": "unavailable", "error": f"{head} ({described})"}
 
 
 async def taken_within(assignment: Callable[[], Awaitable[object]], wait_s: float,

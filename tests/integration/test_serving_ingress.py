@@ -68,7 +68,7 @@ def ingress(model, **settings):
     node.settings = ServeSettings.from_args({"request_retries": 1, **settings})
     node.deployment, node._info, node._info_at = "Ingress", None, 0.0
     node.retries, node._tokenizers = Counter(), {}
-    node._state_lock, node._state = asyncio.Lock(), None
+    node._state, node._state_refresh = None, None
     return node
 
 

@@ -3,6 +3,7 @@ store are stand-ins): which checkpoint replicas started at different times serve
 health check's probe. Static batching only (continuous batching's engine process is
 tests/integration/test_serving_replica.py's)."""
 import asyncio
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -209,3 +210,101 @@ def test_health_of_an_app_scaled_to_zero_is_ok_and_wakes_no_replica():
     failed = asyncio.run(health(DeploymentState("DEPLOY_FAILED", {}, "no resources")))
     assert failed.status_code == 503 and b"no resources" in failed.body
     assert calls == []
+
+
+def _bare_ingress(model):
+    from orchestrator.serving.settings import ServeSettings
+    from ray_layer import serve_app
+
+    ing = object.__new__(type("BareIngress", (serve_app.Ingress.func_or_class,),
+                              {"__del__": lambda self: None}))
+    ing.settings, ing.model, ing.retries = ServeSettings(), model, {}
+    ing._state, ing._state_refresh = None, None
+    return ing
+
+
+class _Router:  # (the private part of a handle's router that routable_replicas reads)
+    def __init__(self, routable: int):
+        self._asyncio_router = SimpleNamespace(
+            running_replicas_populated=lambda: True, _running_replicas=None,
+            _request_router=SimpleNamespace(curr_replicas=dict.fromkeys(range(routable))))
+
+
+def test_health_asks_a_running_replica_without_asking_serves_controller():
+    # /health called serve.status() first, every time: while Serve's controller restarted,
+    # /health waited on it (5 s) though a replica could answer.
+    calls = []
+
+    class Model:
+        deployment_name = "GPTModel"
+        _router = _Router(routable=1)
+
+        class replica_stats:
+            @staticmethod
+            def remote():
+                calls.append(1)
+
+                async def stats():
+                    return {"version": "run/checkpoint_1@abcd", "reload_error": None}
+                return stats()
+
+    ing = _bare_ingress(Model())
+
+    def controller_down():
+        raise AssertionError("Serve's controller was asked")
+    ing._model_state = controller_down
+    answer = asyncio.run(asyncio.wait_for(ing.health(), 10))
+    assert answer.status_code == 200 and b'"status":"ok"' in answer.body and calls == [1]
+
+
+def test_health_during_a_hot_reload_is_ok_and_asks_no_updating_replica():
+    # A one-replica deployment applying a user_config is UPDATING (Serve routes no call to
+    # it): /health answered 503 "no GPTModel replica is running" for the whole reload.
+    from orchestrator.serving.retries import DeploymentState
+
+    calls = []
+
+    class Model:
+        deployment_name = "GPTModel"
+        _router = _Router(routable=0)
+
+        class replica_stats:
+            @staticmethod
+            def remote():
+                calls.append(1)
+                return asyncio.sleep(3600)
+
+    ing = _bare_ingress(Model())
+    ing._model_state = lambda: DeploymentState("UPDATING", {"UPDATING": 1})
+    answer = asyncio.run(asyncio.wait_for(ing.health(), 10))
+    assert answer.status_code == 200 and b'"status":"ok"' in answer.body
+    assert b"GPTModel is UPDATING" in answer.body and calls == []
+
+
+def test_serves_view_is_one_controller_call_at_a_time_and_bounded():
+    # While Serve's controller restarted, each caller held a lock for 5 s (every other /health
+    # waited in turn) and started its own serve.status() thread, which never returned.
+    import threading
+    from ray_layer import serve_app
+
+    release, calls = threading.Event(), []
+
+    def hung_controller():
+        calls.append(1)
+        release.wait(30)
+        raise RuntimeError("controller gone")
+
+    ing = _bare_ingress(SimpleNamespace(deployment_name="GPTModel"))
+    ing._model_state = hung_controller
+
+    async def scenario():
+        started = time.monotonic()
+        states = await asyncio.gather(*(ing._deployment_state() for _ in range(5)))
+        waited = time.monotonic() - started
+        again = await ing._deployment_state()
+        release.set()
+        return states, waited, again
+    states, waited, again = asyncio.run(scenario())
+    assert calls == [1] and waited < serve_app.MODEL_STATE_WAIT_S + 1
+    assert set(states) == {again} == {
+        f"Serve's controller did not answer within {serve_app.MODEL_STATE_WAIT_S:g} s"}

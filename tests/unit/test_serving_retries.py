@@ -163,15 +163,44 @@ def test_waiting_for_a_replica_is_bounded_and_withdraws_the_request():
 def test_health_without_a_running_replica_is_told_from_serves_view_alone():
     # With min_replicas 0 and no traffic, /health asked a replica: a 503 after 5 s, and the
     # call woke one (Serve scales up for it).
-    from orchestrator.serving.retries import DeploymentState, idle_health
+    from orchestrator.serving.retries import DeploymentState, unanswered_health
 
-    assert idle_health("GPTModel", DeploymentState("HEALTHY", {"RUNNING": 1})) is None
     for status, replicas, starting in (("HEALTHY", {}, 0), ("DOWNSCALING", {"STOPPING": 1}, 0),
                                        ("UPSCALING", {"STARTING": 1}, 1)):
-        code, body = idle_health("GPTModel", DeploymentState(status, replicas))
+        code, body = unanswered_health("GPTModel", DeploymentState(status, replicas))
         assert (code, body["status"], body["starting"]) == (200, "scaled_to_zero", starting)
-    code, body = idle_health("GPTModel", DeploymentState(
+    code, body = unanswered_health("GPTModel", DeploymentState(
         "UNHEALTHY", {"STARTING": 1}, "The replica failed to start"))
     assert code == 503 and body["status"] == "unavailable"
     assert body["error"] == ("no GPTModel replica is running (GPTModel is UNHEALTHY, replicas: "
                              "1 starting; The replica failed to start)")
+
+
+def test_health_counts_updating_recovering_and_migrating_replicas_as_serving():
+    # A hot reload of a one-replica deployment (UPDATING), a controller restart (RECOVERING)
+    # and a draining node (PENDING_MIGRATION) each answered 503 "no replica is running".
+    from orchestrator.serving.retries import DeploymentState, unanswered_health
+
+    # (a migrating replica takes calls: one that was asked and failed is a 503, as RUNNING)
+    for status, replicas, errors in (
+            ("UPDATING", {"UPDATING": 1}, (None, "TimeoutError: ")),
+            ("HEALTHY", {"RECOVERING": 1}, (None, "TimeoutError: ")),
+            ("HEALTHY", {"PENDING_MIGRATION": 1, "STARTING": 1}, (None,))):
+        for error in errors:  # not asked, or asked while it updated
+            code, body = unanswered_health("GPTModel", DeploymentState(status, replicas),
+                                           error)
+            assert (code, body["status"]) == (200, "ok"), (replicas, error)
+            assert f"GPTModel is {status}" in body["serve"]
+
+
+def test_health_of_a_running_replica_that_did_not_answer_is_503_with_the_error():
+    from orchestrator.serving.retries import DeploymentState, unanswered_health
+
+    code, body = unanswered_health("GPTModel", DeploymentState("HEALTHY", {"RUNNING": 1}),
+                                   "TimeoutError: no answer in 5 s")
+    assert code == 503 and body["error"] == (
+        "the GPTModel replica asked did not answer: TimeoutError: no answer in 5 s (GPTModel "
+        "is HEALTHY, replicas: 1 running)")
+    code, body = unanswered_health("GPTModel", "TimeoutError: the controller", "ActorDiedError")
+    assert code == 503 and body["error"] == (
+        "ActorDiedError; Serve's view of GPTModel is unknown: TimeoutError: the controller")
