@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ from orchestrator.training.checkpoint import (SHARDED_META_FILE, STATE_FILE, Che
 # Kept equal to orchestrator.compression.export.TORCH_FILE (a unit test checks it): detection
 # must not import the compression package, which only the INT8 loader needs.
 INT8_FILE = "weights.int8.pt"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -199,21 +202,39 @@ def pin_once(store: PinStore, requested: str, serving: CheckpointPin | None,
     the reload rolls out or applies it late. With none, `requested` is pinned for the next
     generation, resolved once for all (`put_if_absent`): a reload back to a run dir served
     earlier resolves it afresh. A replica starting where `requested` is already what the
-    deployment serves serves that."""
+    deployment serves serves that.
+
+    A pinned directory deleted since (training's keep_checkpoints rotation removes a run's
+    older checkpoints while it trains on) is pinned again, as the next generation: every
+    replica starting later failed on it ("does not exist")."""
     current = _pin_of(store.get(CURRENT_PIN))
     since = serving.generation if serving else current.generation if current else 0
     newest = max(since, current.generation if current else 0, _generation(store.get(LATEST_PIN)))
+    pinned = _pinned(store, requested, serving, current, since, newest)
+    if pinned is not None and Path(pinned.directory).is_dir():
+        return pinned
+    generation = newest + 1
+    directory = store.put_if_absent(_pin_key(generation, requested), str(resolve(requested)))
+    if _generation(store.get(LATEST_PIN)) < generation:  # (a race only narrows a search)
+        store.put(LATEST_PIN, generation)
+    if pinned is not None:
+        log.warning("checkpoint %s, pinned for %r, was deleted (training's keep_checkpoints "
+                    "rotation, or by hand): %s is pinned instead, for the replicas starting "
+                    "from now", pinned.directory, requested, directory)
+    return CheckpointPin(requested, directory, generation)
+
+
+def _pinned(store: PinStore, requested: str, serving: CheckpointPin | None,
+            current: CheckpointPin | None, since: int, newest: int) -> CheckpointPin | None:
+    """The pin of `requested` pin_once takes, if one was made: the newest made after
+    `since`, else the deployment's current one at start-up."""
     for generation in range(newest, since, -1):
         directory = store.get(_pin_key(generation, requested))
         if directory:
             return CheckpointPin(requested, directory, generation)
     if serving is None and current is not None and current.requested == requested:
         return current
-    generation = newest + 1
-    directory = store.put_if_absent(_pin_key(generation, requested), str(resolve(requested)))
-    if _generation(store.get(LATEST_PIN)) < generation:  # (a race only narrows a search)
-        store.put(LATEST_PIN, generation)
-    return CheckpointPin(requested, directory, generation)
+    return None
 
 
 def _pin_key(generation: int, requested: str) -> str:

@@ -1,4 +1,7 @@
 """Which model is served: checkpoint, run and INT8 directories; clear errors otherwise."""
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -74,9 +77,15 @@ def test_a_deployment_pins_the_newest_whole_checkpoint_of_a_run(tmp_path):
         pin_checkpoint(old)
 
 
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (Pins' checkpoint directories are made there)
+
+
 class Pins(dict):
     """loading.PinStore in a dict, and a resolver that counts its calls and returns what
-    `newest` says at the time (a run that training writes on)."""
+    `newest` says at the time (a run that training writes on), made in the current
+    directory (pinned directories that are gone are pinned again)."""
 
     def __init__(self):
         super().__init__()
@@ -90,7 +99,9 @@ class Pins(dict):
 
     def resolve(self, requested):
         self.resolved += 1
-        return f"{requested}/{self.newest}"
+        directory = Path(f"{requested}/{self.newest}")
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
 
     def pin(self, requested, serving=None, record=True):
         pin = pin_once(self, requested, serving, self.resolve)
@@ -99,7 +110,7 @@ class Pins(dict):
         return pin
 
 
-def test_a_deployments_replicas_resolve_a_run_once_until_the_next_reload():
+def test_a_deployments_replicas_resolve_a_run_once_until_the_next_reload(in_tmp):
     pins = Pins()
     first = pins.pin("run")
     pins.newest = "ckpt-2"
@@ -116,7 +127,7 @@ def test_a_deployments_replicas_resolve_a_run_once_until_the_next_reload():
     assert back.directory == "run/ckpt-3" and back.generation == 3
 
 
-def test_a_replica_starting_while_a_reload_rolls_out_takes_the_reloads_pin():
+def test_a_replica_starting_while_a_reload_rolls_out_takes_the_reloads_pin(in_tmp):
     pins = Pins()
     old = pins.pin("run")
     pins.newest = "ckpt-2"
@@ -127,7 +138,7 @@ def test_a_replica_starting_while_a_reload_rolls_out_takes_the_reloads_pin():
     assert pins.resolved == 2
 
 
-def test_a_refused_reload_never_becomes_what_replicas_starting_later_serve():
+def test_a_refused_reload_never_becomes_what_replicas_starting_later_serve(in_tmp):
     pins = Pins()
     good = pins.pin("run")
     pins.pin("broken", serving=good, record=False)  # its model did not load: not recorded
@@ -242,3 +253,24 @@ def test_a_hugging_face_export_is_named_as_such_not_as_no_model(tmp_path):
     with pytest.raises(CheckpointError, match="is a Hugging Face model .*the training "
                                               "checkpoint it came from"):
         load_model(tmp_path / "hf")
+
+
+def test_a_pinned_checkpoint_deleted_by_trainings_rotation_is_pinned_again(tmp_path, caplog):
+    # keep_checkpoints 3: training deleted the pinned checkpoint as it wrote newer ones, and
+    # every replica starting later failed: "checkpoint ... does not exist".
+    run = tmp_path / "pretrain-x"
+    for step in (100, 200, 300):
+        save_untrained_checkpoint(run / f"checkpoint_{step:06d}", step=step)
+    pins = Pins()
+    first = pin_once(pins, str(run), None)
+    record_served(pins, first)
+    for step in (400, 500, 600):
+        save_untrained_checkpoint(run / f"checkpoint_{step:06d}", step=step)
+    for step in (100, 200, 300):
+        shutil.rmtree(run / f"checkpoint_{step:06d}")
+    later = pin_once(pins, str(run), None)
+    assert later == CheckpointPin(str(run), str(run / "checkpoint_000600"), 2)
+    assert load_for_serving(later.directory).step == 600
+    assert pin_once(pins, str(run), None) == later  # and the next replica joins it
+    assert f"checkpoint {run / 'checkpoint_000300'}, pinned for {str(run)!r}, was deleted" \
+        in caplog.text and f"{run / 'checkpoint_000600'} is pinned instead" in caplog.text
