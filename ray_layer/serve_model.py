@@ -29,8 +29,8 @@ from orchestrator.serving.batching import (AdmissionGate, ArrivalRate, BatchSett
 from orchestrator.serving.generation import (BatchGeneration, Chunk, GenerationRequest,
                                              GenerationResult, collect)
 from orchestrator.serving.loading import (CheckpointPin, LoadedModel, forward_problem,
-                                          load_for_serving, pin_once, record_served,
-                                          resolve_checkpoint)
+                                          load_for_serving, pin_once, record_refused,
+                                          record_served, resolve_checkpoint)
 from orchestrator.serving.protocol import APIError
 from orchestrator.serving.retries import engine_lost
 from orchestrator.serving.settings import (RuntimeConfig, ServeSettings, health_probe_timeout_s,
@@ -235,21 +235,26 @@ class GPTModel:
             log.warning("could not share the checkpoint pin (%s): this replica resolves %r "
                         "alone", e, requested)
             pin = CheckpointPin(requested, str(resolve_checkpoint(requested)), 0)
-        loaded = load_for_serving(pin.directory, self.device)
+        try:
+            loaded = load_for_serving(pin.directory, self.device)
+        except Exception:
+            self._record_pin(pin, record_refused)
+            raise
         loaded.requested = requested or loaded.requested  # (/v1/models: what was named)
         return loaded, pin
 
     def _pin_store(self) -> GcsPinStore:
         return GcsPinStore(f"{PINS_PREFIX}/{self._deployment_key()}/{self.build}")
 
-    def _record_pin(self, pin: CheckpointPin) -> None:
+    def _record_pin(self, pin: CheckpointPin, record=record_served) -> None:
+        """`record` (loading.record_served or record_refused) of a shared pin."""
         if not pin.generation:  # resolved alone: nothing to share
             return
         try:
-            record_served(self._pin_store(), pin)
+            record(self._pin_store(), pin)
         except Exception as e:  # only later replicas' agreement is lost, never the reload
-            log.warning("could not record the checkpoint served (%s): a replica started "
-                        "later resolves %r again", e, pin.requested)
+            log.warning("could not record whether the checkpoint pinned for %r loaded (%s)",
+                        pin.requested, e)
 
     def _deployment_key(self) -> str:
         """This deployment, as built with these settings: an app deployed afresh with other

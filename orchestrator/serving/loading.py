@@ -227,10 +227,13 @@ def pin_once(store: PinStore, requested: str, serving: CheckpointPin | None,
 def _pinned(store: PinStore, requested: str, serving: CheckpointPin | None,
             current: CheckpointPin | None, since: int, newest: int) -> CheckpointPin | None:
     """The pin of `requested` pin_once takes, if one was made: the newest made after
-    `since`, else the deployment's current one at start-up."""
+    `since` that no replica refused (or one served), else the deployment's current one at
+    start-up. A refused pin was taken again by every retry of its reload, and by replicas
+    starting with it, even after training wrote a good checkpoint: it is resolved afresh."""
     for generation in range(newest, since, -1):
-        directory = store.get(_pin_key(generation, requested))
-        if directory:
+        key = _pin_key(generation, requested)
+        directory = store.get(key)
+        if directory and not (store.get(REFUSED + key) and not store.get(SERVED + key)):
             return CheckpointPin(requested, directory, generation)
     if serving is None and current is not None and current.requested == requested:
         return current
@@ -245,10 +248,20 @@ def _generation(saved: Any) -> int:
     return saved if isinstance(saved, int) and not isinstance(saved, bool) else 0
 
 
+REFUSED, SERVED = "refused/", "served/"  # before a pin's key: a replica refused, served it
+
+
+def record_refused(store: PinStore, pin: CheckpointPin) -> None:
+    """A pin's model did not load here: unless a replica serves it, the next pin_once of its
+    checkpoint resolves it afresh."""
+    store.put(REFUSED + _pin_key(pin.generation, pin.requested), True)
+
+
 def record_served(store: PinStore, pin: CheckpointPin) -> None:
     """Once a pin's model has loaded (never before: a refused reload must not become what
     replicas starting later serve): replicas starting from now serve it. A pin of an older
     generation, recorded late, does not overwrite a newer one."""
+    store.put(SERVED + _pin_key(pin.generation, pin.requested), True)
     current = _pin_of(store.get(CURRENT_PIN))
     if current is None or current.generation <= pin.generation:
         store.put(CURRENT_PIN, dataclasses.asdict(pin))

@@ -9,8 +9,8 @@ from orchestrator.config import TrainConfig
 from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
 from orchestrator.serving.loading import (INT8_FILE, CheckpointPin, default_checkpoint,
                                           load_for_serving, load_model, model_directories,
-                                          pin_checkpoint, pin_once, record_served,
-                                          save_untrained_checkpoint)
+                                          pin_checkpoint, pin_once, record_refused,
+                                          record_served, save_untrained_checkpoint)
 from orchestrator.training.checkpoint import (CheckpointError, load_checkpoint,
                                               save_checkpoint)
 from tests.support import one_thread
@@ -274,3 +274,24 @@ def test_a_pinned_checkpoint_deleted_by_trainings_rotation_is_pinned_again(tmp_p
     assert pin_once(pins, str(run), None) == later  # and the next replica joins it
     assert f"checkpoint {run / 'checkpoint_000300'}, pinned for {str(run)!r}, was deleted" \
         in caplog.text and f"{run / 'checkpoint_000600'} is pinned instead" in caplog.text
+
+
+def test_a_refused_pin_is_resolved_afresh_at_the_next_try(in_tmp):
+    # A reload to a run dir whose newest checkpoint diverged was refused everywhere; its
+    # retry, after training wrote a good one, and replicas starting with it took the same
+    # refused pin again.
+    pins = Pins()
+    first = pins.pin("run")
+    other = pins.pin("other", serving=first)
+    pins.newest = "ckpt-2-diverged"
+    bad = pins.pin("run", serving=other, record=False)
+    record_refused(pins, bad)
+    pins.newest = "ckpt-3-good"
+    retry = pins.pin("run", serving=other, record=False)
+    assert retry == CheckpointPin("run", "run/ckpt-3-good", bad.generation + 1)
+    assert pin_once(pins, "run", None, pins.resolve) == retry  # a replica starting: joins it
+    # One replica refusing a pin another serves (out of memory there) leaves it pinned.
+    record_refused(pins, retry)
+    record_served(pins, retry)
+    pins.newest = "ckpt-4"
+    assert pins.pin("run", serving=other) == retry
