@@ -429,7 +429,7 @@ class SchedulerCore:
         held_by = self.owner_of(name)
         if held_by is not None:
             if owner and held_by == owner:  # a retried call: the same answer
-                return Outcome(self._answer_and_forget_rejection(name, owner))
+                return Outcome(self._answer(name, owner))
             return self._reject(Rejection(name, (
                 f"job '{name}' already holds a reservation or waits in the queue: a job of "
                 "that name is running (two launches of the same run?)")),
@@ -466,7 +466,7 @@ class SchedulerCore:
         if placed is not None and (not owner or placed.owner == owner):
             del self.queue.ready[job_name]
             return Outcome(placed, [Persist()])
-        return Outcome(self._answer_and_forget_rejection(job_name, owner))
+        return Outcome(self._answer(job_name, owner))
 
     def place_now(self, spec: JobSpec, owner: str, now: float, dry_run: bool = False,
                   explain: bool | None = None, history: QueuedJob | None = None) -> Outcome:
@@ -503,11 +503,11 @@ class SchedulerCore:
             return Outcome(Rejection(spec.name, f"job '{spec.name}' is held by another driver"))
         if self.queue.holds(spec.name):  # a retried call while it waits: where it stands
             return self.poll(spec.name, owner, now)
-        if spec.name not in self.running and spec.name in self.queue.rejected and \
-                self.queue.rejected_owners.get(spec.name) == owner:
+        kept = self._kept_rejection(spec.name, owner)
+        if spec.name not in self.running and kept is not None:
             # A retried call (the answer to the first was lost): the cancel it was told, not
             # a fresh placement of the cancelled job.
-            return Outcome(self.queue.take_rejection(spec.name), [Persist()])
+            return Outcome(kept)
         for node_id in lost_nodes:
             self.node_unreachable(node_id, "a job's driver could not reach its raylet", now)
         previous = self.running.get(spec.name)
@@ -698,13 +698,8 @@ class SchedulerCore:
 
     def _where_it_stands(self, job_name: str, owner: str, now: float) -> Outcome:
         """The answer to a yielded or gpu_too_small for a placement the job no longer holds
-        (a call carried out already, sent again; a job already stopped): what a poll says. A
-        rejection kept for this driver (a cancel, a drop) is said again, until the driver
-        releases the job: handed over once, a retry was told "not in the queue"."""
-        kept = self.queue.rejected.get(job_name)
-        if owner and kept is not None and self.queue.rejected_owners.get(job_name) == owner \
-                and self.owner_of(job_name) is None:
-            return Outcome(kept)
+        (a call carried out already, sent again; a job already stopped): what a poll says,
+        a rejection kept for this driver (a cancel, a drop) included (_kept_rejection)."""
         return self.poll(job_name, owner, now)
 
     def _yield(self, job: RunningJob, owner: str, now: float, reason: str = "") -> Outcome:
@@ -884,10 +879,10 @@ class SchedulerCore:
                          "position": position, "reason": job.reason})
         return rows
 
-    def _answer_and_forget_rejection(self, job_name: str,
-                                     owner: str) -> Placement | Queued | Rejection:
-        """Where the job stands, for its driver. A rejection is handed over once and then
-        forgotten (the driver stops on it), so asking twice gives "not in the queue"."""
+    def _answer(self, job_name: str, owner: str) -> Placement | Queued | Rejection:
+        """Where the job stands, for its driver. A rejection kept for this driver (a cancel, a
+        drop) is said again on every call until the driver releases the job or exits
+        (_kept_rejection); one of no known owner is handed over once and then forgotten."""
         job = self.running.get(job_name)
         if job is not None and (not owner or job.placement.owner == owner):
             return job.placement
@@ -895,10 +890,23 @@ class SchedulerCore:
         mine = waiting_owner is not None and bool(owner) and waiting_owner == owner
         if job_name in self.queue.rejected and not mine:  # (an earlier job's, for its driver)
             whose = self.queue.rejected_owners.get(job_name, "")
-            if not owner or not whose or whose == owner:  # never another driver's to take
+            if not whose:  # nobody would release it or exit: kept, it would stay for ever
                 return self.queue.take_rejection(job_name)
+            kept = self._kept_rejection(job_name, owner or whose)  # (an operator's look too)
+            if kept is not None:
+                return kept
         return self.queue.status(job_name) or Rejection(
             job_name, f"job '{job_name}' is not in the queue")
+
+    def _kept_rejection(self, job_name: str, owner: str) -> Rejection | None:
+        """The rejection kept for `owner`'s job, or None. Kept after it was said, until the
+        driver releases the job (release) or exits (owners_dead): handed over once, a call
+        sent again (the link's resend after a timeout, while Ray still runs the first; Ray's
+        retry after a restart) was told "not in the queue" and the driver's exit never said
+        that its job was cancelled."""
+        if owner and self.queue.rejected_owners.get(job_name) == owner:
+            return self.queue.rejected.get(job_name)
+        return None
 
     # -- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict:

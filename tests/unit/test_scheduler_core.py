@@ -719,6 +719,29 @@ def test_a_retried_yielded_of_a_cancelled_job_is_told_the_cancel_again():
     assert "job" not in core.queue.rejected and not core.placements_given_back
 
 
+def test_a_poll_sent_again_is_told_the_cancel_again_until_the_driver_releases_the_job():
+    # The driver's link resends a poll that timed out; Ray still runs the first one
+    # (max_task_retries=-1), which took the operator's cancel: the resend was told "job 'b' is
+    # not in the queue" and the driver exited 3 without saying it was cancelled.
+    core = core_with(gpu_node("n1"))
+    core.submit(gpus("a", 4), "d0", T0)
+    core.submit(gpus("b", 2), "d", T0 + 1)
+    core.cancel("b", "", T0 + 2)
+    first = core.poll("b", "d", T0 + 3).decision
+    resent = core.poll("b", "d", T0 + 4).decision
+    assert first.cancelled and resent == first and "cancelled by an operator" in resent.message
+    assert "not in the queue" in core.poll("b", "other", T0 + 5).decision.message
+    assert core.poll("b", "", T0 + 5).decision == first  # an operator's look takes nothing
+    assert core.release("b", "d", T0 + 6).decision is False  # its driver is done with it
+    assert "b" not in core.queue.rejected
+    # A driver that exits instead: forgotten with the others kept for dead drivers.
+    core.submit(gpus("c", 2), "d2", T0 + 7)
+    core.cancel("c", "", T0 + 8)
+    assert core.poll("c", "d2", T0 + 9).decision.cancelled
+    core.owners_dead({"d2"}, T0 + 10)
+    assert "c" not in core.queue.rejected
+
+
 def test_each_decision_is_counted_once():
     core = core_with(cpu_node("a", cpus=2))
     placed = core.submit(cpus("one", 2), "d", T0)
