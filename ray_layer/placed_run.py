@@ -31,6 +31,10 @@ from ray_layer.scheduler_client import (SchedulerLink, SchedulerUnreachable, fai
                                         get_scheduler)
 
 POLL_EVERY_S = 2.0
+# How long the cancel sent at --queue-timeout may take, one try: the driver ends at the
+# deadline, not 3 x CALL_TIMEOUT_S after it, and a scheduler that missed the cancel drops the
+# job once the driver has exited.
+CANCEL_TIMEOUT_S = 10.0
 SAY_EVERY_S = 30.0  # a waiting driver says where it stands this often
 
 
@@ -127,23 +131,22 @@ class PlacedRun:
 
     def wait(self, decision, deadline_s: float | None) -> Placement:
         """Poll until placed; NotPlaced on a rejection or past the deadline (None: no limit).
-        A poll waits no longer than the deadline leaves (CALL_TIMEOUT_S at most): a hung or
-        crash-looping scheduler must not hold the driver past it."""
+        Polls end by the deadline, a poll's tries together included (CALL_TIMEOUT_S each at
+        most): a hung or crash-looping scheduler must not hold the driver past it."""
         start = last_said = time.monotonic()
+        deadline = None if deadline_s is None else start + deadline_s
 
         def left() -> float:
-            return math.inf if deadline_s is None else deadline_s - (time.monotonic() - start)
+            return math.inf if deadline is None else deadline - time.monotonic()
         while isinstance(decision, Queued):
             if left() <= 0:
-                self._ask("cancel", self.spec.name, self.owner)
-                raise NotPlaced(_gave_up(deadline_s, decision))
+                raise NotPlaced(self._leave_queue(deadline_s, decision))
             if time.monotonic() - last_said >= SAY_EVERY_S or last_said == start:
                 self.say(f"queued ({decision.position} in line): {decision.reason}")
                 last_said = time.monotonic()
-            time.sleep(POLL_EVERY_S)
+            time.sleep(max(0.0, min(POLL_EVERY_S, left())))  # (never past the deadline)
             try:
-                decision = self._ask("poll", self.spec.name, self.owner,
-                                     timeout_s=max(1.0, min(CALL_TIMEOUT_S, left())))
+                decision = self._ask("poll", self.spec.name, self.owner, deadline=deadline)
             except NotPlaced as e:
                 if left() > 0:
                     raise
@@ -155,17 +158,29 @@ class PlacedRun:
         self.say(f"placement for {self.spec.name}: {describe(decision)}")
         return decision
 
+    def _leave_queue(self, deadline_s: float, decision: Queued) -> str:
+        """Cancel the job at its queue timeout; the timeout's message. The cancel waits
+        CANCEL_TIMEOUT_S at most: the timeout is said either way, and a scheduler that did not
+        hear the cancel drops the job once this driver has exited, as for any driver gone."""
+        try:
+            self._ask("cancel", self.spec.name, self.owner, timeout_s=CANCEL_TIMEOUT_S,
+                      deadline=time.monotonic() + CANCEL_TIMEOUT_S)
+        except NotPlaced as e:
+            return f"{_gave_up(deadline_s, decision)} (not cancelled: {e})"
+        return _gave_up(deadline_s, decision)
+
     @property
     def scheduler(self):
         """The scheduler's handle now (another after a scheduler killed for good)."""
         return self.link.handle
 
-    def _ask(self, method: str, *args, timeout_s: float = CALL_TIMEOUT_S) -> Any:
-        """A call to the scheduler, through a dead actor's replacement (SchedulerLink);
-        NotPlaced, saying so in one line, when none answers or the call failed inside it
-        (Ray's RayTaskError: a GCS write failing, say)."""
+    def _ask(self, method: str, *args, timeout_s: float = CALL_TIMEOUT_S,
+             deadline: float | None = None) -> Any:
+        """A call to the scheduler, through a dead actor's replacement (SchedulerLink, which
+        `deadline` bounds); NotPlaced, saying so in one line, when none answers or the call
+        failed inside it (Ray's RayTaskError: a GCS write failing, say)."""
         try:
-            return self.link.ask(method, *args, timeout_s=timeout_s)
+            return self.link.ask(method, *args, timeout_s=timeout_s, deadline=deadline)
         except SchedulerUnreachable as e:
             raise NotPlaced(str(e)) from None
         except ray.exceptions.RayError as e:

@@ -7,6 +7,7 @@ restarted) is found again.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -42,6 +43,9 @@ class SchedulerUnreachable(RuntimeError):
 
 
 ASK_TRIES = 3  # calls to a scheduler actor that died: looked up again between tries
+# The least one try waits when a deadline is near or past: a scheduler that is up answers in
+# milliseconds, and a try of a few of them would read a busy one as hung.
+MIN_TRY_S = 1.0
 
 
 class SchedulerLink:
@@ -56,11 +60,19 @@ class SchedulerLink:
                  reconnect: Callable[[], Any] = get_scheduler) -> None:
         self.handle, self.reconnect = handle, reconnect
 
-    def ask(self, method: str, *args, timeout_s: float | None = None) -> Any:
+    def ask(self, method: str, *args, timeout_s: float | None = None,
+            deadline: float | None = None) -> Any:
+        """`method`'s answer. `deadline` (a time.monotonic() instant, None: none): each try
+        waits at most what it leaves (MIN_TRY_S at least) and no retry starts past it, so the
+        tries together end by it; with `timeout_s` alone each try waits that long."""
         problem: BaseException | None = None
+        tries = 0
         for attempt in range(ASK_TRIES):
             if attempt:
-                time.sleep(float(attempt))
+                if _left(deadline) <= 0:
+                    break
+                time.sleep(min(float(attempt), _left(deadline)))
+            tries += 1
             if attempt or self.handle is None:
                 try:
                     self.handle = self.reconnect()
@@ -68,11 +80,24 @@ class SchedulerLink:
                     problem = e
                     continue
             try:
-                return ray.get(getattr(self.handle, method).remote(*args), timeout=timeout_s)
+                return ray.get(getattr(self.handle, method).remote(*args),
+                               timeout=_try_timeout(timeout_s, deadline))
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
                 problem = e
-        raise SchedulerUnreachable(f"the scheduler did not answer {method}() after {ASK_TRIES} "
-                                   f"tries: {type(problem).__name__}: {problem}")
+        raise SchedulerUnreachable(
+            f"the scheduler did not answer {method}() after {tries} "
+            f"{'try' if tries == 1 else 'tries'}: {type(problem).__name__}: {problem}")
+
+
+def _left(deadline: float | None) -> float:
+    return math.inf if deadline is None else deadline - time.monotonic()
+
+
+def _try_timeout(timeout_s: float | None, deadline: float | None) -> float | None:
+    if deadline is None:
+        return timeout_s
+    left = max(_left(deadline), MIN_TRY_S)
+    return left if timeout_s is None else min(timeout_s, left)
 
 
 def failed_call(method: str, error: BaseException, timeout_s: float | None = None) -> str:

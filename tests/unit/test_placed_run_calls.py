@@ -77,18 +77,38 @@ class HungScheduler:
 
 def test_a_hung_scheduler_ends_the_queue_wait_at_its_deadline(monkeypatch):
     # Polls had no timeout: with max_task_retries=-1 a hung or crash-looping scheduler held
-    # the driver for ever, and --queue-timeout (checked between polls) never fired.
-    from ray_layer.placed_run import NotPlaced
+    # the driver for ever, and --queue-timeout (checked between polls) never fired. Then each
+    # of SchedulerLink's three tries waited what the deadline left at the first: 185 s for
+    # --queue-timeout 100.
+    from ray_layer.placed_run import POLL_EVERY_S, NotPlaced
 
     scheduler = HungScheduler(monkeypatch)
     with pytest.raises(NotPlaced, match=r"gave up after waiting 100s in the queue "
-                                        r"\(--queue-timeout\)"):
+                                        r"\(--queue-timeout\): waits for room \(the scheduler "
+                                        r"did not answer poll\(\)"):
         driver(monkeypatch, scheduler, scheduler.get, queue_timeout_s=100.0).run(
             lambda placement: None)
-    # Each poll is bounded by the time left to the deadline; retries (SchedulerLink's three
-    # tries, a second or two apart) are all that runs past it.
     assert scheduler.timeouts and all(t <= CALL_TIMEOUT_S for t in scheduler.timeouts)
-    assert scheduler.now <= 3 * 100.0 + 3 + 2
+    assert scheduler.now <= 100.0 + POLL_EVERY_S + 3
+
+
+def test_a_scheduler_hung_at_the_deadline_still_ends_the_wait_then(monkeypatch):
+    # Polls answered "queued" until the deadline, then the scheduler hung: the cancel sent at
+    # the deadline waited 60 s three times (283 s for --queue-timeout 100) and its failure
+    # replaced the queue timeout's message.
+    from ray_layer.placed_run import CANCEL_TIMEOUT_S, NotPlaced
+
+    scheduler = HungScheduler(monkeypatch)
+    scheduler.poll = SimpleNamespace(remote=lambda *args: "submit")  # answered: queued
+    with pytest.raises(NotPlaced) as raised:
+        driver(monkeypatch, scheduler, scheduler.get, queue_timeout_s=100.0).run(
+            lambda placement: None)
+    message = str(raised.value)
+    assert message.startswith("gave up after waiting 100s in the queue (--queue-timeout): "
+                              "waits for room"), message
+    assert "not cancelled" in message and "cancel()" in message
+    assert scheduler.timeouts == [CANCEL_TIMEOUT_S] and CANCEL_TIMEOUT_S <= 10
+    assert scheduler.now <= 100.0 + CANCEL_TIMEOUT_S
 
 
 def test_a_hung_scheduler_ends_the_wait_after_a_yield_too(monkeypatch):
