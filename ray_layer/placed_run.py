@@ -28,7 +28,7 @@ from orchestrator.config import JobSpec
 from orchestrator.job_exit import CALL_TIMEOUT_S
 from orchestrator.placement import Placement, Queued, Rejection
 from ray_layer.scheduler_client import (SchedulerLink, SchedulerUnreachable, failed_call,
-                                        get_scheduler)
+                                        get_scheduler, takes_fewer_arguments)
 
 POLL_EVERY_S = 2.0
 # How long the cancel sent at --queue-timeout may take, one try: the driver ends at the
@@ -40,6 +40,10 @@ SAY_EVERY_S = 30.0  # a waiting driver says where it stands this often
 
 class NotPlaced(Exception):
     """The scheduler rejected the job, dropped it, or it waited past its queue timeout."""
+
+
+class OlderScheduler(NotPlaced):
+    """The scheduler's code takes fewer arguments than a call sent (takes_fewer_arguments)."""
 
 
 def driver_id() -> str:
@@ -94,6 +98,7 @@ class PlacedRun:
         # Placements given back so far (yielded, gpu_too_small), sent with each such call: the
         # scheduler answers a call it already carried out, sent again, instead of doing it twice
         self.given_back = 0
+        self.scheduler_counts = True  # False: one of an older version, which takes no count
 
     def run(self, fit: Callable[[Placement], Any], resumed_from: str | None = None
             ) -> tuple[Any, Placement]:
@@ -183,12 +188,32 @@ class PlacedRun:
             return self.link.ask(method, *args, timeout_s=timeout_s, deadline=deadline)
         except SchedulerUnreachable as e:
             raise NotPlaced(str(e)) from None
-        except ray.exceptions.RayError as e:
+        except (TypeError, ray.exceptions.RayError) as e:
+            if takes_fewer_arguments(e):
+                raise OlderScheduler(failed_call(method, e)) from None
+            if not isinstance(e, ray.exceptions.RayError):
+                raise  # (this driver's own bug)
             raise NotPlaced(failed_call(method, e)) from None
 
     def _give_back(self, method: str, *args) -> Any:
-        """yielded or gpu_too_small, numbered (the same number on every try of one call)."""
-        decision = self._ask(method, self.spec.name, self.owner, *args, self.given_back)
+        """yielded or gpu_too_small, numbered (the same number on every try of one call). A
+        scheduler of an older version, still running (a detached actor outlives an upgrade),
+        takes no number: sent without it, from then on, said once."""
+        call = (method, self.spec.name, self.owner, *args)
+        try:
+            decision = self._ask(*call, self.given_back) if self.scheduler_counts \
+                else self._ask(*call)
+        except OlderScheduler:
+            if not self.scheduler_counts:
+                raise
+            self.scheduler_counts = False
+            self.say(f"warning: the scheduler runs an older version of this package (its "
+                     f"{method}() takes no count of placements given back, so a call sent "
+                     "again after a lost answer may be carried out twice): to pick up fixes, "
+                     "kill it for good (ray.kill on its handle; a restart by Ray keeps the code "
+                     "it was created with) and the next job brings up one of this version, "
+                     "which restores its state")
+            decision = self._ask(*call)
         self.given_back += 1
         return decision
 

@@ -112,6 +112,16 @@ def failed_call(method: str, error: BaseException, timeout_s: float | None = Non
     return f"the scheduler did not answer {method}(): {type(error).__name__}: {_first_line(error)}"
 
 
+def takes_fewer_arguments(error: BaseException) -> bool:
+    """Whether a call failed because the scheduler's code takes fewer arguments than were
+    sent: a scheduler started by an older version of this package (a detached actor outlives
+    an upgrade of the code calling it). Ray refuses the call in .remote(), checking it against
+    the actor's class as the caller's handle knows it, or the method raises inside the actor
+    (a RayTaskError keeps that TypeError as `cause`)."""
+    cause = getattr(error, "cause", None) or error
+    return isinstance(cause, TypeError) and "positional argument" in str(cause)
+
+
 def _first_line(error: BaseException) -> str:
     return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
 

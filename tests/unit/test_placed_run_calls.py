@@ -182,3 +182,54 @@ def test_a_give_back_sent_again_carries_the_same_number(monkeypatch):
                                                    checkpoint=None)]
     run.run(lambda p: fits.pop(0))
     assert [args[-1] for args in sent] == [0, 0, 1]
+
+
+def older_yielded(where: str):
+    """yielded of a scheduler started by an older version (a detached actor outlives upgrades):
+    (job_name, owner) only. Ray refuses the extra argument when .remote() checks it against
+    the actor's class (`where` "remote"), or the method raises inside the actor ("actor")."""
+    import ray
+
+    def check(args):
+        if len(args) > 2:
+            error = TypeError("yielded() takes from 2 to 3 positional arguments but 4 were given")
+            if where == "remote":
+                raise error
+            return ray.exceptions.RayTaskError("yielded", "Traceback ...", error
+                                               ).as_instanceof_cause()
+        return None
+    return check
+
+
+@pytest.mark.parametrize("where", ["remote", "actor"])
+def test_a_scheduler_of_an_older_version_is_given_back_placements_without_the_count(
+        monkeypatch, where):
+    # The count of placements given back, a new positional argument, failed every yield
+    # against a scheduler still running the previous version: the driver ended with
+    # "the scheduler failed in yielded(): TypeError" after its first preemption.
+    from orchestrator.placement import Placement
+
+    placement, sent, said = Placement("job", ("n1",), 0.0, 1), [], []
+    check = older_yielded(where)
+
+    def yielded(*args):
+        sent.append(args)
+        return check(args) or placement
+    scheduler = SimpleNamespace(submit=SimpleNamespace(remote=lambda *args: placement),
+                                yielded=SimpleNamespace(remote=yielded))
+
+    def get(value, timeout=None):
+        if isinstance(value, Exception):
+            raise value
+        return value
+    run = driver(monkeypatch, scheduler, get)
+    run.say = said.append
+    fits = [SimpleNamespace(metrics={"step": step, "yielded": "preempt"}, return_value=None,
+                            checkpoint=SimpleNamespace(path=f"/run/checkpoint_{step}"))
+            for step in (3, 6)] + [SimpleNamespace(metrics={"step": 9}, return_value=None,
+                                                   checkpoint=None)]
+    result, _ = run.run(lambda p: fits.pop(0))
+    assert result.metrics == {"step": 9}
+    assert sent == [("job", "driver", 0), ("job", "driver"), ("job", "driver")]
+    older = [line for line in said if "older version" in line]
+    assert len(older) == 1 and "kill it for good" in older[0] and "yielded()" in older[0]
