@@ -13,7 +13,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import ray
@@ -85,26 +87,56 @@ def _create_without_runtime_env(settings: dict) -> None:
     none removes one. Created by a job's driver (or, the scheduler lost, by a job's Ray Train
     controller), the scheduler and the agents ran for the cluster's life in that job's pip
     venv, working_dir and env_vars, and waited for its venv to build before starting (past
-    the driver's 60 s wait: "did not come up"). If that process fails, it is said, and the
-    caller creates them itself, as before."""
+    the driver's 60 s wait: "did not come up"). That process imports the package installed
+    on this node, as the actors' workers will (docs/operations.md: installed on every node).
+    If it fails (the package not installed, say), it is said, and the caller creates them
+    itself, as before."""
     environ = {k: v for k, v in os.environ.items()
                # (Ray reads a `ray job submit` job's runtime_env, and the address, from these)
                if k not in ("RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_ADDRESS")}
     environ[CLEAN_BRING_UP_ENV] = "1"
+    pythonpath = _without_runtime_env_folders(environ.pop("PYTHONPATH", ""))
+    if pythonpath:
+        environ["PYTHONPATH"] = pythonpath
     command = [sys.executable, "-m", "ray_layer.cluster", ray.get_runtime_context().gcs_address,
                json.dumps(settings)]
     try:
-        done = subprocess.run(command, env=environ, capture_output=True, text=True,
-                              timeout=CLEAN_BRING_UP_TIMEOUT_S)
+        # In an empty folder of its own: Ray adds a driver's working directory to the sys.path
+        # of its job's workers (the scheduler's, the agents') when the job has no working_dir,
+        # and the caller's is its job's (under `ray job submit --working-dir`, the extracted
+        # copy, which Ray deletes once unused). Removed after: a path gone imports nothing.
+        with tempfile.TemporaryDirectory(prefix="orchestrator-control-plane-") as folder:
+            done = subprocess.run(command, env=environ, cwd=folder, capture_output=True,
+                                  text=True, timeout=CLEAN_BRING_UP_TIMEOUT_S)
         why = None if done.returncode == 0 else \
             ([line for line in done.stderr.splitlines() if line.strip()] or
              [f"exit code {done.returncode}"])[-1].strip()
     except (OSError, subprocess.TimeoutExpired) as e:
         why = f"{type(e).__name__}: {e}"
     if why:
-        _warn(f"could not create the control plane outside this job's runtime_env ({why}): "
-              "creating it here, where the scheduler and node agents inherit that runtime_env "
-              "for the cluster's life")
+        _warn(_created_here_because(why))
+
+
+def _without_runtime_env_folders(pythonpath: str) -> str:
+    """PYTHONPATH without the folders a runtime_env put on it: Ray extracts a job's working_dir
+    and py_modules under its session's runtime_resources folder and puts them first. The rest
+    is what a worker of a job without runtime_env sees."""
+    return os.pathsep.join(p for p in pythonpath.split(os.pathsep)
+                           if p and "runtime_resources" not in Path(p).parts)
+
+
+def _created_here_because(why: str) -> str:
+    """The warning when the control plane could not be created aside (`why`: the last line
+    the process said): a package not installed on this node says how to install it."""
+    here = ("creating it here, where the scheduler and node agents inherit this job's "
+            "runtime_env for the cluster's life")
+    if why.startswith("ModuleNotFoundError: No module named") and \
+            any(f"'{package}" in why for package in ("ray_layer", "orchestrator")):
+        return ("this package (ray_layer, orchestrator) is not installed on this node, only "
+                f"shipped with the job ({why}): {here}. Install it on every node, in the "
+                "Python that runs Ray (`pip install .` in a checkout; cluster.yaml does: see "
+                "docs/operations.md)")
+    return f"could not create the control plane outside this job's runtime_env ({why}): {here}"
 
 
 def alive_node_ids() -> list[str]:

@@ -76,3 +76,43 @@ def test_a_failed_process_aside_is_said_and_the_scheduler_created_here_as_before
     err = capsys.readouterr().err
     assert err.startswith("warning: could not create the control plane outside this job's "
                           "runtime_env (ConnectionError: GCS down)"), err
+
+
+def test_the_process_aside_imports_the_installed_package_not_the_jobs_copy(
+        cluster, monkeypatch, tmp_path):
+    # Ray adds a driver's working directory to its job's workers' sys.path when the job has
+    # no working_dir. Run from the caller's, under `ray job submit --working-dir .` the job's
+    # extracted copy (a folder Ray deletes once unused), the scheduler imported that snapshot
+    # while agents on other nodes ran the installed package. The copy was also on PYTHONPATH.
+    import os
+    from pathlib import Path
+
+    job_copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    job_copy.mkdir(parents=True)
+    monkeypatch.chdir(job_copy)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(job_copy), "/opt/cluster-libs"]))
+    seen = []
+
+    def run(command, **kwargs):
+        seen.append((kwargs["cwd"], sorted(os.listdir(kwargs["cwd"])), kwargs["env"]))
+        return SimpleNamespace(returncode=0, stderr="")
+    monkeypatch.setattr(cluster.module.subprocess, "run", run)
+    cluster.module.ensure_scheduler()
+    [(cwd, listing, env)] = seen
+    assert listing == [] and Path(cwd) != job_copy and not Path(cwd).exists()  # removed after
+    assert env["PYTHONPATH"] == "/opt/cluster-libs"
+
+
+def test_a_package_not_installed_on_the_node_is_said_and_created_here_as_before(
+        cluster, monkeypatch, capsys):
+    # Shipped only by the job's working_dir, the package cannot be imported outside it: the
+    # process aside fails, and the caller creates the control plane itself, saying why.
+    monkeypatch.setattr(cluster.module.subprocess, "run", lambda command, **kwargs:
+                        SimpleNamespace(returncode=1, stderr=(
+                            "Traceback (most recent call last):\n  ...\n"
+                            "ModuleNotFoundError: No module named 'ray_layer'\n")))
+    assert cluster.module.ensure_scheduler() == "scheduler" and cluster.created == [{}]
+    err = capsys.readouterr().err
+    assert err.startswith("warning: this package (ray_layer, orchestrator) is not installed on "
+                          "this node, only shipped with the job"), err
+    assert "pip install" in err and "operations.md" in err
