@@ -104,8 +104,9 @@ NODE_MEMORY_USED = MetricSpec(
 NODE_BANDWIDTH = MetricSpec(
     "orchestrator_node_bandwidth_bytes_per_second", GAUGE,
     "Measured throughput from this node to a peer through Ray's object store (median of "
-    "the last 3 measurements, each fitted through the best of 2 rounds of 8 MiB and of 64 "
-    "MiB, Ray's per-transfer overhead left out)", "bytes/s", NODE_TAGS + ("peer",))
+    "the last 3 measurements, each from the best of 2 rounds of 8 MiB and of 64 MiB: fitted "
+    "to leave Ray's per-transfer overhead out where their times differ clearly, else the 64 "
+    "MiB transfer's own rate)", "bytes/s", NODE_TAGS + ("peer",))
 NODE_PROBE_FAILURES = MetricSpec(
     "orchestrator_node_probe_failures", COUNTER,
     "Probe runs that failed, by probe (nvml, declared, gpu-count, host, network-labels)", "1",

@@ -352,11 +352,13 @@ MIB = 1024 ** 2
 BANDWIDTH_DEFAULT_BYTES = 64 * MIB
 BANDWIDTH_SIZE_RATIO = 8
 BANDWIDTH_MAX_BYTES = 256 * MIB  # bounds the object-store memory one measurement can take
-# The fitted rate is at most this many times the larger transfer's own rate: when the two
-# sizes' times differ by little more than timing noise the fit could claim any rate, while
-# beyond this gain the overhead is 7 times the larger transfer's streaming time, too much to
-# resolve the link under it.
-BANDWIDTH_MAX_FIT_GAIN = 8.0
+# The fit is used only when the larger transfer took clearly longer than the smaller: by this
+# share of its own time and by this many seconds. Times closer than that are within timing
+# noise of each other (overhead dominating both) and the fit could claim any rate: 8 and 64 MiB
+# in 31 and 32 ms fitted 58.7 GB/s for a link whose 64 MiB transfer ran at 2.1. The share also
+# bounds the fit: at most 1 / share (4) times the larger transfer's own rate.
+BANDWIDTH_MIN_FIT_SHARE = 0.25
+BANDWIDTH_MIN_FIT_DIFF_S = 0.003
 
 
 def bandwidth_probe_bytes(nbytes: int) -> int:
@@ -387,22 +389,24 @@ def bandwidth_gbps(seconds_by_size: dict[int, Iterable[float | None]]) -> float 
     Each size's fastest round, not the mean: the first transfer to a peer pays one-time costs
     (connections, memory mapping) that say nothing about the link. With two sizes, time = a +
     n / B is fitted through their fastest rounds and B reported: the per-transfer overhead a,
-    the same for both sizes, is no part of the link's rate. Never below the larger transfer's
-    own rate (noise making the smaller look faster per byte than the larger: no overhead left
-    to remove), nor above BANDWIDTH_MAX_FIT_GAIN times it. With one usable size (one sent, or
-    the larger's transfers failed or timed out: a link too slow for it), that size's own rate:
-    the overhead counted, it is below the link's, never above (no figure would leave the
-    link at the rate assumed for pairs never measured)."""
+    the same for both sizes, is no part of the link's rate. The fit only where the larger
+    took clearly longer (BANDWIDTH_MIN_FIT_SHARE of its time, BANDWIDTH_MIN_FIT_DIFF_S), and
+    never below the larger transfer's own rate (noise making the smaller look faster per byte
+    than the larger: no overhead left to remove). Otherwise, and with one usable size (one
+    sent, or the larger's transfers failed or timed out: a link too slow for it), the larger
+    usable size's own rate: the overhead counted, it is below the link's, never above (no
+    figure would leave the link at the rate assumed for pairs never measured)."""
     usable = sorted((n, t) for n, times in seconds_by_size.items()
                     if n > 0 and (t := _fastest(times)) is not None)
     if not usable:
         return None
     (small, t_small), (large, t_large) = usable[0], usable[-1]
     plain = large / t_large
-    if small == large or t_large <= t_small:  # no size-dependent part to fit
-        return plain / 1e9
-    fitted = (large - small) / (t_large - t_small)
-    return min(max(fitted, plain), BANDWIDTH_MAX_FIT_GAIN * plain) / 1e9
+    longer_by = t_large - t_small
+    if small == large or longer_by < max(BANDWIDTH_MIN_FIT_SHARE * t_large,
+                                         BANDWIDTH_MIN_FIT_DIFF_S):
+        return plain / 1e9  # nothing size-dependent to fit, beyond timing noise
+    return max((large - small) / longer_by, plain) / 1e9
 
 
 # A peer's figure is the median of its last few measurements: one round that met a burst of

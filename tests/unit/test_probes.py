@@ -8,8 +8,8 @@ import pytest
 
 from orchestrator import probes
 from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, BANDWIDTH_MAX_BYTES,
-                                 BANDWIDTH_MAX_FIT_GAIN, MIB, bandwidth_gbps,
-                                 bandwidth_max_age_s, bandwidth_probe_bytes,
+                                 BANDWIDTH_MIN_FIT_DIFF_S, BANDWIDTH_MIN_FIT_SHARE, MIB,
+                                 bandwidth_gbps, bandwidth_max_age_s, bandwidth_probe_bytes,
                                  bandwidth_probe_sizes, current_bandwidth, peers_to_measure,
                                  probe_gpus, probe_host, probe_nvml, record_bandwidth, run_probe)
 from orchestrator.inventory import (GIB, LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
@@ -330,11 +330,38 @@ def test_bandwidth_fit_is_bounded_by_the_larger_transfers_own_rate():
     assert bandwidth_gbps({small: [0.005], large: [0.1]}) == pytest.approx(plain)
     # The larger no slower than the smaller: nothing to fit, its own rate.
     assert bandwidth_gbps({small: [0.1], large: [0.1]}) == pytest.approx(plain)
-    # Times a hair apart would fit any rate: at most BANDWIDTH_MAX_FIT_GAIN x its own.
-    assert bandwidth_gbps({small: [0.0999], large: [0.1]}) == pytest.approx(
-        BANDWIDTH_MAX_FIT_GAIN * plain)
+    # Times a hair apart would fit any rate: the larger's own rate (a lower bound).
+    assert bandwidth_gbps({small: [0.0999], large: [0.1]}) == pytest.approx(plain)
     # The smaller's transfers failed: the larger's own rate, as with one size.
     assert bandwidth_gbps({small: [None], large: [0.1]}) == pytest.approx(plain)
+
+
+@pytest.mark.parametrize("t_small, t_large", [(0.0310, 0.0320), (0.0300, 0.0301)])
+def test_times_within_noise_of_each_other_give_the_larger_transfers_own_rate(t_small, t_large):
+    # The per-transfer overhead dominating, the two times differed by 1 ms or 0.1 ms: the fit
+    # claimed 16.8 and 17.8 GB/s (its cap) for a link whose 64 MiB transfer ran at 2.1.
+    small, large = 8 * MIB, 64 * MIB
+    assert bandwidth_gbps({small: [t_small], large: [t_large]}) == pytest.approx(
+        large / t_large / 1e9)
+
+
+def test_the_fit_is_used_only_where_the_sizes_times_differ_clearly():
+    small, large = 8 * MIB, 64 * MIB
+    plain = large / 0.040 / 1e9
+    # 10 ms apart (25% of the larger's 40 ms): the fit, (56 MiB / 10 ms).
+    assert bandwidth_gbps({small: [0.030], large: [0.040]}) == pytest.approx(
+        (large - small) / 0.010 / 1e9)
+    # 9 ms apart: under a quarter of 40 ms, the larger's own rate.
+    assert bandwidth_gbps({small: [0.031], large: [0.040]}) == pytest.approx(plain)
+    # A quarter of a fast transfer but under BANDWIDTH_MIN_FIT_DIFF_S: timing noise.
+    fast = large / 0.008 / 1e9
+    assert BANDWIDTH_MIN_FIT_DIFF_S > 0.002
+    assert bandwidth_gbps({small: [0.006], large: [0.008]}) == pytest.approx(fast)
+    # Whatever the times, the figure is at most 1 / BANDWIDTH_MIN_FIT_SHARE times the larger's
+    # own rate (the cap the rule implies).
+    for t_small in (0.0, 0.001, 0.02, 0.029, 0.03, 0.0399):
+        measured = bandwidth_gbps({small: [t_small or None], large: [0.040]})
+        assert plain <= measured <= plain / BANDWIDTH_MIN_FIT_SHARE + 1e-9
 
 
 def test_a_measured_link_is_not_placed_below_the_same_link_unmeasured():
