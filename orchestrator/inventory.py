@@ -736,16 +736,18 @@ MAX_DECLARED_ACCELERATORS = 64  # more than any real node has: a typo, not a mac
 
 def declared_gpus(labels: dict[str, str], ray_gpus: float = 0.0) -> tuple[GpuInfo, ...]:
     """Accelerators declared by node labels, marked source="declared". Without a count label,
-    as many as Ray was given on the node (`ray_gpus`; one where Ray counts none): one by
-    default declared a single accelerator on a node Ray gave four, and placement refused a
-    2-GPU worker there.
+    as many as the whole GPUs Ray was given on the node (`ray_gpus`; placement hands out no
+    part of one), at least one (the type label declares one; gpu_count_problem says when Ray
+    has none to hand out) and at most MAX_DECLARED_ACCELERATORS: one by default declared a
+    single accelerator on a node Ray gave four, and placement refused a 2-GPU worker there.
 
     Raises ValueError naming the label when a value is malformed."""
     name = labels.get(LABEL_ACCELERATOR_TYPE)
     if not name:
         return ()
-    count_label = labels.get(LABEL_ACCELERATOR_COUNT, str(max(int(ray_gpus), 1)))
-    count = _number(count_label)
+    count_label = labels.get(LABEL_ACCELERATOR_COUNT)
+    count = float(min(max(int(ray_gpus), 1), MAX_DECLARED_ACCELERATORS)) \
+        if count_label is None else _number(count_label)
     # A whole number written as a decimal ("4.0": YAML or a template may write 4 so) counts.
     if not (count.is_integer() and 0 <= count <= MAX_DECLARED_ACCELERATORS):
         raise ValueError(f"node label {LABEL_ACCELERATOR_COUNT}={count_label!r}: must be a "

@@ -13,7 +13,8 @@ import statistics
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
-from orchestrator.inventory import LABEL_ACCELERATOR_COUNT, GpuInfo, declared_gpus
+from orchestrator.inventory import (LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_TYPE,
+                                    MAX_DECLARED_ACCELERATORS, GpuInfo, declared_gpus)
 
 
 def probe_host() -> dict[str, Any]:
@@ -302,39 +303,63 @@ def run_probe(name: str, probe: Callable[[], Any], default: Any,
         return default
 
 
-def gpu_count_problem(gpus: tuple[GpuInfo, ...], ray_gpus: float) -> str | None:
+def gpu_count_problem(gpus: tuple[GpuInfo, ...], ray_gpus: float,
+                      labels: dict[str, str]) -> str | None:
     """Why the GPUs probed disagree with the GPUs Ray was given on the node, or None. NVML
     sees every GPU of the machine, CUDA_VISIBLE_DEVICES or --num-gpus only some: the node's
     memory and family then count GPUs Ray never hands out (a T4 beside four A100s made an
     A100 node mixed, kept off A100 jobs). Fewer probed than Ray counts: placement hands out
     only those probed (per-GPU memory is theirs), the others sit idle. No GPU probed where Ray
-    counts some: the node is placed as a CPU node, which the operator must hear of. Worded by
-    where the GPUs came from: declared ones are the count label's, not NVML's."""
+    counts some: the node is placed as a CPU node, which the operator must hear of. Declared
+    ones (the node's `labels`) are worded by what declared their count: _declared_problem."""
     if ray_gpus > 0 and not gpus:
         return (f"Ray counts {ray_gpus:g} GPU(s) here, but NVML found none and the node's "
                 "labels declare none (NVML library missing or driver not loaded? "
                 f"{LABEL_ACCELERATOR_COUNT}=0?): placed as a CPU node")
     if not gpus or len(gpus) == ray_gpus:
         return None
-    declared = gpus[0].source != "nvml"
-    seen = (f"node label {LABEL_ACCELERATOR_COUNT} declares {len(gpus)}" if declared
-            else f"NVML sees {len(gpus)} GPU(s)")
-    relabel = f"set {LABEL_ACCELERATOR_COUNT} to Ray's count, or --num-gpus to the label's"
+    if gpus[0].source != "nvml":
+        return _declared_problem(len(gpus), ray_gpus, LABEL_ACCELERATOR_COUNT in labels)
+    seen = f"NVML sees {len(gpus)} GPU(s), Ray was given {ray_gpus:g}"
     if ray_gpus > 0 and len(gpus) > ray_gpus:
-        fix = relabel if declared else "CUDA_VISIBLE_DEVICES or --num-gpus?"
-        return (f"{seen}, Ray was given {ray_gpus:g} ({fix}): the node's GPU memory and "
+        return (f"{seen} (CUDA_VISIBLE_DEVICES or --num-gpus?): the node's GPU memory and "
                 "families count GPUs Ray does not hand out")
     if len(gpus) < ray_gpus:
-        fix = relabel if declared else "--num-gpus above the GPUs present, or a GPU lost?"
-        return (f"{seen}, Ray was given {ray_gpus:g} ({fix}): placement hands out only "
-                f"{len(gpus)} GPU(s) here")
+        return (f"{seen} (--num-gpus above the GPUs present, or a GPU lost?): placement hands "
+                f"out only {len(gpus)} GPU(s) here")
     return None
+
+
+def _declared_problem(declared: int, ray_gpus: float, counted: bool) -> str | None:
+    """gpu_count_problem for `declared` accelerators, `counted` by the count label or else
+    as many as Ray's whole GPUs (declared_gpus): never a count label's value nobody wrote.
+    Placement hands out whole GPUs only, so none of them on a node Ray gave less than one."""
+    whole = int(ray_gpus)
+    if declared == whole:
+        return None
+    seen = (f"node label {LABEL_ACCELERATOR_COUNT} declares {declared}" if counted else
+            f"node label {LABEL_ACCELERATOR_TYPE} declares {declared} accelerator(s) (no "
+            f"{LABEL_ACCELERATOR_COUNT} label: Ray's whole GPUs, at least 1, at most "
+            f"{MAX_DECLARED_ACCELERATORS})")
+    if whole == 0:
+        hint = "--num-gpus missing?" if ray_gpus == 0 else "a whole --num-gpus?"
+        return (f"{seen}, but Ray was given {ray_gpus:g} GPU(s) here ({hint}): placement "
+                "hands out none of them")
+    if not counted:  # (fewer than Ray's: only where Ray's count is past the most declared)
+        return (f"{seen}, Ray was given {ray_gpus:g} (--num-gpus above the accelerators "
+                f"present?): placement hands out only {declared} here")
+    relabel = f"set {LABEL_ACCELERATOR_COUNT} to Ray's count, or --num-gpus to the label's"
+    if declared > whole:
+        return (f"{seen}, Ray was given {ray_gpus:g} ({relabel}): the node's GPU memory and "
+                "families count GPUs Ray does not hand out")
+    return (f"{seen}, Ray was given {ray_gpus:g} ({relabel}): placement hands out only "
+            f"{declared} GPU(s) here")
 
 
 def probe_gpus(labels: dict[str, str], errors: dict[str, str],
                ray_gpus: float = 0.0) -> tuple[GpuInfo, ...]:
-    """Measured GPUs when NVML sees any; otherwise whatever the node's labels declare (as many
-    as Ray was given, `ray_gpus`, where they declare no count)."""
+    """Measured GPUs when NVML sees any; otherwise whatever the node's labels declare (by Ray's
+    GPU count, `ray_gpus`, where they declare no count: declared_gpus)."""
     measured = run_probe("nvml", lambda: probe_nvml(errors), (), errors)
     if measured:
         return measured

@@ -84,7 +84,7 @@ class NodeAgent:
         host = host_figures(errors)
         run_probe("network-labels", lambda: check_network_labels(self.labels), None, errors)
         gpus = probe_gpus(self.labels, errors, self.ray_gpus)
-        mismatch = gpu_count_problem(gpus, self.ray_gpus)
+        mismatch = gpu_count_problem(gpus, self.ray_gpus, self.labels)
         if mismatch:
             errors["gpu-count"] = mismatch
         return NodeReport(node_id=self.node_id, ray_cpus=self.ray_cpus, ray_gpus=self.ray_gpus,

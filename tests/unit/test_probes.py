@@ -13,7 +13,8 @@ from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, BANDWIDTH_MAX_BYTES,
                                  bandwidth_probe_sizes, current_bandwidth, peers_to_measure,
                                  probe_gpus, probe_host, probe_nvml, record_bandwidth, run_probe)
 from orchestrator.inventory import (GIB, LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
-                                    LABEL_ACCELERATOR_TYPE, GpuInfo, declared_gpus)
+                                    LABEL_ACCELERATOR_TYPE, MAX_DECLARED_ACCELERATORS, GpuInfo,
+                                    declared_gpus)
 
 T4_LABELS = {LABEL_ACCELERATOR_TYPE: "T4", LABEL_ACCELERATOR_COUNT: "4",
              LABEL_ACCELERATOR_MEMORY_GB: "16"}
@@ -463,7 +464,7 @@ def test_declared_accelerators_without_a_count_are_as_many_as_ray_was_given():
     labels = {LABEL_ACCELERATOR_TYPE: "T4", LABEL_ACCELERATOR_MEMORY_GB: "15"}
     errors = {}
     gpus = probe_gpus(labels, errors, ray_gpus=4.0)
-    assert len(gpus) == 4 and errors == {} and gpu_count_problem(gpus, 4.0) is None
+    assert len(gpus) == 4 and errors == {} and gpu_count_problem(gpus, 4.0, labels) is None
     assert len(declared_gpus(labels)) == 1  # Ray counts none (or not asked): one
     state = ClusterState()
     state.update(NodeReport("n", "n", 16, 4, 16, 0.0, GIB, GIB, gpus, labels), 0.0)
@@ -474,12 +475,12 @@ def test_declared_accelerators_without_a_count_are_as_many_as_ray_was_given():
 def test_fewer_gpus_probed_than_ray_was_given_is_said_naming_the_count_label():
     from orchestrator.probes import gpu_count_problem
 
-    declared = declared_gpus({**T4_LABELS, LABEL_ACCELERATOR_COUNT: "1"})
-    problem = gpu_count_problem(declared, 4.0)
+    labels = {**T4_LABELS, LABEL_ACCELERATOR_COUNT: "1"}
+    problem = gpu_count_problem(declared_gpus(labels), 4.0, labels)
     assert problem and f"{LABEL_ACCELERATOR_COUNT} declares 1" in problem
     assert "Ray was given 4" in problem and "--num-gpus" in problem
     measured = tuple(GpuInfo(i, "NVIDIA L4", 22 * GIB, 22 * GIB) for i in range(2))
-    assert "NVML sees 2 GPU(s), Ray was given 4" in gpu_count_problem(measured, 4.0)
+    assert "NVML sees 2 GPU(s), Ray was given 4" in gpu_count_problem(measured, 4.0, {})
 
 
 def test_a_gpu_count_problem_of_declared_accelerators_names_the_label_not_nvml():
@@ -487,12 +488,50 @@ def test_a_gpu_count_problem_of_declared_accelerators_names_the_label_not_nvml()
     # declaring 0 read "no labels declare them".
     from orchestrator.probes import gpu_count_problem
 
-    problem = gpu_count_problem(declared_gpus({**T4_LABELS, LABEL_ACCELERATOR_COUNT: "8"}), 4.0)
+    labels = {**T4_LABELS, LABEL_ACCELERATOR_COUNT: "8"}
+    problem = gpu_count_problem(declared_gpus(labels), 4.0, labels)
     assert "NVML" not in problem and f"{LABEL_ACCELERATOR_COUNT} declares 8" in problem
     assert "--num-gpus" in problem
-    none = declared_gpus({**T4_LABELS, LABEL_ACCELERATOR_COUNT: "0"})
-    problem = gpu_count_problem(none, 4.0)
+    labels = {**T4_LABELS, LABEL_ACCELERATOR_COUNT: "0"}
+    problem = gpu_count_problem(declared_gpus(labels), 4.0, labels)
     assert "no labels declare them" not in problem and f"{LABEL_ACCELERATOR_COUNT}=0" in problem
+
+
+@pytest.mark.parametrize("count, declared", [(None, 1), ("4", 4)])
+def test_declared_accelerators_where_ray_counts_no_gpu_are_a_gpu_count_problem(count, declared):
+    # NPUs declared by label on a node started without --num-gpus: no probe error, though
+    # placement hands none of them out (and refused the node only when a job asked for GPUs).
+    from orchestrator.probes import gpu_count_problem
+
+    labels = {LABEL_ACCELERATOR_TYPE: "NPU910", **({LABEL_ACCELERATOR_COUNT: count} if count
+                                                   else {})}
+    gpus = declared_gpus(labels, 0.0)
+    assert len(gpus) == declared
+    problem = gpu_count_problem(gpus, 0.0, labels)
+    assert problem and "Ray was given 0 GPU(s) here (--num-gpus missing?)" in problem
+    assert "placement hands out none of them" in problem
+
+
+def test_without_a_count_label_no_count_label_value_is_quoted():
+    # The count is Ray's (its whole GPUs, at least one): messages quoted a label value nobody
+    # wrote, "accelerator-count declares 1" for Ray's 0.5, and Ray's 100 GPUs raised
+    # "accelerator-count='100': must be a whole number ..." and then "labels declare none".
+    from orchestrator.probes import gpu_count_problem
+
+    labels = {LABEL_ACCELERATOR_TYPE: "T4"}
+    half = declared_gpus(labels, 0.5)
+    assert len(half) == 1
+    problem = gpu_count_problem(half, 0.5, labels)
+    assert problem and f"{LABEL_ACCELERATOR_COUNT} declares" not in problem
+    assert f"no {LABEL_ACCELERATOR_COUNT} label" in problem and "Ray was given 0.5" in problem
+    many = declared_gpus(labels, 100.0)
+    assert len(many) == MAX_DECLARED_ACCELERATORS
+    problem = gpu_count_problem(many, 100.0, labels)
+    assert problem and f"{LABEL_ACCELERATOR_COUNT}=" not in problem and "declare none" not in problem
+    assert "Ray was given 100" in problem and f"only {MAX_DECLARED_ACCELERATORS}" in problem
+    # Whole GPUs, as placement hands them out: 4.5 of Ray's are 4 accelerators, no problem.
+    assert len(declared_gpus(labels, 4.5)) == 4
+    assert gpu_count_problem(declared_gpus(labels, 4.5), 4.5, labels) is None
 
 
 def test_gpus_probed_and_gpus_ray_was_given_disagreeing_is_said():
@@ -501,9 +540,9 @@ def test_gpus_probed_and_gpus_ray_was_given_disagreeing_is_said():
 
     a100s = tuple(GpuInfo(i, "NVIDIA A100-SXM4-80GB", 80 << 30, 80 << 30) for i in range(5))
     # CUDA_VISIBLE_DEVICES hid one of five from Ray: NVML still counts it.
-    assert "NVML sees 5 GPU(s), Ray was given 4" in gpu_count_problem(a100s, 4.0)
-    assert "NVML found none" in gpu_count_problem((), 8.0)  # no NVML library, no labels
-    assert gpu_count_problem(a100s, 5.0) is None and gpu_count_problem((), 0.0) is None
+    assert "NVML sees 5 GPU(s), Ray was given 4" in gpu_count_problem(a100s, 4.0, {})
+    assert "NVML found none" in gpu_count_problem((), 8.0, {})  # no NVML library, no labels
+    assert gpu_count_problem(a100s, 5.0, {}) is None and gpu_count_problem((), 0.0, {}) is None
 
 
 def write_cgroup(tmp_path, proc: str, files: dict[str, str]) -> tuple[int, int] | None:
