@@ -204,6 +204,7 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
     """Validated configs; a ConfigError names every bad field at once. `data_fields`: the
     TrainConfig fields the data and tokenizer flags resolved to (configure_data)."""
     taken = inherit_run_settings(args, run_dir) if args.resume else []
+    resumed_at = _resumed_step(run_dir) if args.resume else 0
     problems = _launcher_problems(args)
     fields = {"model_size": args.model_size, **(data_fields or {})}  # --init-from sets the size
     if "model_size" in getattr(args, "given", ()) and fields["model_size"] != args.model_size:
@@ -222,9 +223,12 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
                 accumulation=args.accumulation, min_lr=_min_lr(args),
                 checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
                 strategy=args.strategy, compile=args.compile, **fields)
-            if never_steps := train_config.never_stepping_groups():
-                problems.append(never_steps)
-            left_pending = train_config.left_pending_at_end()
+            # Accumulation vs --max-steps matters only where training happens: a finished
+            # run resumed with nothing to do (run: _already_complete) is said so, exit 0.
+            if train_config.max_steps > resumed_at:
+                if never_steps := train_config.never_stepping_groups():
+                    problems.append(never_steps)
+                left_pending = train_config.left_pending_at_end(after=resumed_at)
         except ConfigError as e:
             problems.append(str(e))
         try:  # checked even when the TrainConfig is not: every bad flag named at once
@@ -476,17 +480,22 @@ def dry_run(train_config: TrainConfig, spec: JobSpec, address: str | None) -> No
     return None
 
 
-def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
-    """True (and says so) when the run already reached --max-steps: nothing to start. Its
-    metrics log's last checkpoint that is still there says so (a run stopped before its end,
-    resumed with a lower --max-steps; one an operator deleted to roll back does not count),
-    or, where the log records no checkpoint, its summary."""
+def _resumed_step(run_dir: Path) -> int:
+    """The step a --resume of the run goes on from: its metrics log's last checkpoint that
+    is still there (a run stopped before its end; one an operator deleted to roll back does
+    not count), or, where the log records no checkpoint, its summary's."""
     logged = [r for r in read_metrics(run_dir) if isinstance(r.get("checkpoint"), str)]
     if logged:  # the checkpoints still there (a finished run rolled back trains again)
-        done = max((r["step"] for r in logged if isinstance(r.get("step"), int)
+        return max((r["step"] for r in logged if isinstance(r.get("step"), int)
                     and Path(r["checkpoint"]).exists()), default=0)
-    else:  # a run whose log records no checkpoint: its summary
-        done = (_read_json(run_dir / SUMMARY_FILE) or {}).get("steps") or 0
+    steps = (_read_json(run_dir / SUMMARY_FILE) or {}).get("steps")
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else 0
+
+
+def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
+    """True (and says so) when the run already reached --max-steps (_resumed_step: a run
+    stopped before its end may be resumed with a lower one): nothing to start."""
+    done = _resumed_step(run_dir)
     if done < train_config.max_steps:
         return False
     _say_nothing_to_do(f"{run_dir} is already at step {done}", train_config)

@@ -452,12 +452,14 @@ class TrainConfig:
                 f"raise max_steps to >= {max(never.values())} or lower "
                 f"{'its factor' if len(never) == 1 else 'their factors'}")
 
-    def left_pending_at_end(self) -> str | None:
+    def left_pending_at_end(self, after: int = 0) -> str | None:
         """What a run of this config leaves unapplied when max_steps is not a multiple of a
         group's factor (the last max_steps % k micro-batches' gradients of that group stay
         pending in the final checkpoint, where a resume with a higher max_steps applies
-        them), with the nearest max_steps that leaves nothing; None when every group ends on
-        a step. Said, never refused: a first leg to be extended later is legitimate."""
+        them), with the nearest max_steps that leaves nothing and lies past `after` (a
+        resume's step: a max_steps at or below it trains nothing); None when every group
+        ends on a step. Said, never refused: a first leg to be extended later is
+        legitimate."""
         factors = self.accumulation_factors
         left = {group: self.max_steps % k for group, k in factors.items()}
         by_count: dict[int, list[str]] = {}
@@ -471,7 +473,7 @@ class TrainConfig:
             f"({', '.join(groups)})" for count, groups in sorted(by_count.items()))
         period = math.lcm(*factors.values())  # every group steps on its multiples
         below, above = self.max_steps // period * period, -(-self.max_steps // period) * period
-        ends = " or ".join(str(n) for n in (below, above) if n >= 1)
+        ends = " or ".join(str(n) for n in (below, above) if n > after)
         return (f"{_named('max_steps')} {self.max_steps} ends mid-accumulation "
                 f"({_named('accumulation')} {self.accumulation!r}): the gradients of {pending} "
                 "are never applied in this run (they stay pending in its final checkpoint, for "

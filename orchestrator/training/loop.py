@@ -275,23 +275,32 @@ def _any_workers_problem(problem: CheckpointError | None) -> CheckpointError | N
     return None if first is None else CheckpointError(first)
 
 
+def _refuse_groups_that_never_step(config: TrainConfig, step: int) -> None:
+    """ConfigError when training from `step` would happen with a group that never steps
+    (TrainConfig.never_stepping_groups). A run already at max_steps trains nothing: its
+    resume says so (already_complete) even where a config saved before the rule has such a
+    group."""
+    if step < config.max_steps and (never_steps := config.never_stepping_groups()):
+        raise ConfigError(never_steps)
+
+
 def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     """Train until `config.max_steps`, resuming from the session's latest checkpoint.
 
     Returns the final metrics (also the last report)."""
-    if never_steps := config.never_stepping_groups():  # before any data or model is built
-        raise ConfigError(never_steps)
     # Wall-clock marks of this attempt (after a yield or a failure: the restart) for the
     # reports: its workers up (started_at), its checkpoint loaded (restored_at).
     started_at = time.time()
     device = session.device
-    precision = Precision(job_precision(config.precision, device, session.world_rank),
-                          device.type)
-    train_tokens, held_out_tokens = training_data(config)
-
     with session.checkpoint_dirs() as checkpoint_dirs:
+        if not checkpoint_dirs:  # a new run: refused before any data or model is built
+            _refuse_groups_that_never_step(config, step=0)
+        precision = Precision(job_precision(config.precision, device, session.world_rank),
+                              device.type)
+        train_tokens, held_out_tokens = training_data(config)
         model, optimizer, scaler, step, tokens_seen, legs = _resumed_or_new(
             config, session, precision, checkpoint_dirs)
+    _refuse_groups_that_never_step(config, step)  # a resumed run, its step known
     restored_at = time.time()
     parallel = model if config.strategy == "fsdp" else session.prepare_model(model)
     # Compiled, the wrapper is no longer a DDP module: no_sync and the all-reduce timer are

@@ -255,6 +255,33 @@ def test_a_run_ending_mid_accumulation_says_what_stays_pending_and_where_nothing
     assert said.endswith("max_steps 12 ends on a step of every group")
 
 
+def test_a_resume_is_told_only_of_ends_past_its_step():
+    # Resumed at step 10 with max_steps 14: 12 or 16 (both train); at 13, 12 would train
+    # nothing, so 16 alone. (Was "8 or 12" for a run at 10: a max_steps below its step.)
+    config = TrainConfig(max_steps=14, accumulation="4")
+    assert config.left_pending_at_end(after=10).endswith(
+        "max_steps 12 or 16 ends on a step of every group")
+    assert config.left_pending_at_end(after=13).endswith(
+        "; max_steps 16 ends on a step of every group")
+    assert TrainConfig(max_steps=10, accumulation="4").left_pending_at_end(after=8).endswith(
+        "; max_steps 12 ends on a step of every group")
+
+
+def test_a_finished_run_with_a_group_that_never_steps_resumes_to_nothing_to_do(tmp_path):
+    # A run checkpointed at step 4 whose factor (8) is above the max_steps it is resumed
+    # with: at 4 it trains nothing, so it is already complete, not refused (as a config
+    # saved before the rule must); at 6 it would train, and is refused.
+    config = tiny(accumulation="embeddings=8", max_steps=8, checkpoint_every=4, log_every=4)
+    with pytest.raises(RuntimeError, match="worker killed"):
+        train(config, CrashingSession(tmp_path, crash_at=4))
+    metrics = train(dataclasses.replace(config, max_steps=4),
+                    LocalSession(tmp_path, device=CPU))
+    assert metrics["already_complete"] and metrics["step"] == 4
+    with pytest.raises(ConfigError, match=r"embeddings \(factor 8\) would never take an "
+                                          r"optimizer step in max_steps 6 "):
+        train(dataclasses.replace(config, max_steps=6), LocalSession(tmp_path, device=CPU))
+
+
 def test_what_a_run_ending_mid_accumulation_leaves_pending_a_longer_resume_applies(tmp_path):
     """The warning's promise: the gradients of micro-batches 8 and 9 (k=4, 10 steps) are in
     the final checkpoint, and resumed to 12 the run ends as one of 12 from the start.

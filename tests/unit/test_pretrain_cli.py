@@ -387,6 +387,46 @@ def test_a_run_ending_mid_accumulation_is_said_in_one_line_naming_the_flags(tmp_
     assert capsys.readouterr().err == ""
 
 
+def test_a_finished_run_resumed_with_nothing_to_do_gets_no_accumulation_warning(tmp_path,
+                                                                                capsys):
+    # A 10-step run at --accumulation 4, finished: its resume printed "the gradients of the
+    # last 2 micro-batches ... are never applied in this run", suggested --max-steps 8
+    # (below its step), then said "nothing to do".
+    from jobs import pretrain
+
+    run_dir = fake_finished_run(tmp_path / "run", steps=10, max_steps=10, accumulation="4",
+                                warmup_steps=2)
+    args = pretrain.parse_args(["--resume", "--run-dir", str(run_dir)])
+    assert pretrain.run(args) is None
+    out, err = capsys.readouterr()
+    assert "already at step 10" in out
+    assert err == ""
+    # Resumed to 14: the suggested ends lie past the run's step 10.
+    args = pretrain.parse_args(["--resume", "--run-dir", str(run_dir), "--max-steps", "14"])
+    pretrain.build_configs(args, run_dir)
+    assert capsys.readouterr().err.endswith(
+        "; max_steps 12 or 16 ends on a step of every group\n")
+    args = pretrain.parse_args(["--resume", "--run-dir", str(run_dir), "--max-steps", "11"])
+    pretrain.build_configs(args, run_dir)
+    assert capsys.readouterr().err.endswith("; max_steps 12 ends on a step of every group\n")
+
+
+def test_a_finished_run_whose_factor_exceeds_max_steps_resumes_to_nothing_to_do(tmp_path):
+    # Saved before a factor above max_steps was refused, and finished: its resume exited 2
+    # on a rule about training, where nothing is left to train. Resumed to train more (and
+    # still below the factor) it is refused.
+    run_dir = fake_finished_run(tmp_path / "run", steps=5, max_steps=5,
+                                accumulation="embeddings=8")
+    result = run_pretrain("--resume", "--run-dir", str(run_dir), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" in result.stdout and "already at step 5" in result.stdout
+    result = run_pretrain("--resume", "--run-dir", str(run_dir), "--max-steps", "7",
+                          tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert ("embeddings (factor 8) would never take an optimizer step in max_steps "
+            "(--max-steps) 7 micro-batches") in result.stderr
+
+
 def test_config_problems_name_the_flag_that_gave_each_field(tmp_path):
     # "accelerator_types=['A100'] needs gpus_per_worker >= 1": no such flag as either; and
     # named only once every other field passed.
