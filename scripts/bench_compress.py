@@ -43,6 +43,7 @@ from orchestrator.help_format import DefaultsHelpFormatter
 from orchestrator.compression.pipeline import run_pipeline
 from orchestrator.compression.source import weights_digest
 from orchestrator.training.data import load_corpus, split_corpus
+from orchestrator.training.memory import parameters_label
 from orchestrator.training.model import GPT, GPTConfig
 from orchestrator.validation import is_number
 from scripts.flags import require, require_at_least
@@ -140,7 +141,7 @@ def teacher_model(args: argparse.Namespace, work: Path) -> GPT:
     torch.manual_seed(args.seed)
     model = GPT(config)
     say(f"teacher: training a {args.n_layer}x{args.n_embd} GPT "
-        f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) for "
+        f"({parameters_label(model.num_params(non_embedding=False))}) for "
         f"{args.teacher_steps} steps")
     plan = Plan(stage="teacher", steps=args.teacher_steps, stream=TEACHER_STREAM,
                 lr=args.teacher_lr, warmup_steps=20, weight_decay=0.1, grad_clip=1.0,

@@ -222,11 +222,12 @@ def one_round(job: Job, scheduler, start_step: int, preempt_after_step: int,
 def model_description() -> str:
     from orchestrator.config import TrainConfig
     from orchestrator.training.data import VOCAB_SIZE
+    from orchestrator.training.memory import parameters_label
     from orchestrator.training.model import GPT, GPTConfig
 
-    params = GPT(GPTConfig.from_train_config(TrainConfig(model_size=MODEL),
-                                             vocab_size=VOCAB_SIZE)).num_params()
-    return f"{MODEL} GPT ({params / 1e6:.2f}M params), {PRECISION}, CPU"
+    model = GPT(GPTConfig.from_train_config(TrainConfig(model_size=MODEL), vocab_size=VOCAB_SIZE))
+    return (f"{MODEL} GPT ({parameters_label(model.num_params(non_embedding=False))}), "
+            f"{PRECISION}, CPU")
 
 
 def main(argv: list[str] | None = None) -> dict:

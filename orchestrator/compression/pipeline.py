@@ -47,6 +47,7 @@ from orchestrator.tokenizer import (ByteTokenizer, Tokenizer, TokenizerError, sa
 from orchestrator.training.checkpoint import recorded_sha256
 from orchestrator.training.data import get_batch
 from orchestrator.training.loop import say
+from orchestrator.training.memory import parameters_label
 from orchestrator.training.model import GPT, GPTConfig
 
 CONFIG_FILE = "compress_config.json"
@@ -357,8 +358,9 @@ def stage_student(run: Run) -> tuple[GPT, dict[str, Any] | None]:
         return student.to(run.device), metrics
     torch.manual_seed(config.seed)
     student = GPT(student_config).to(run.device)
-    run.log(f"distill: {config.student_size} student ({student.num_params() / 1e6:.2f}M "
-            f"params) from a {run.teacher.num_params() / 1e6:.2f}M teacher")
+    run.log(f"distill: {config.student_size} student "
+            f"({parameters_label(student.num_params(non_embedding=False))}) from a teacher of "
+            f"{parameters_label(run.teacher.num_params(non_embedding=False))}")
     student, _, metrics = _run_stage(run, "distill", student,
                                      run.plan("distill", config.distill_steps))
     return student, metrics
@@ -449,10 +451,12 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
     if config.student_size:
         with torch.device("meta"):  # counted, not allocated (a gpt2-xl preset is GBs)
             student = GPT(shape_to_compress(teacher, config))
-        if student.num_params() >= teacher.num_params():
+        student_params = student.num_params(non_embedding=False)
+        teacher_params = teacher.num_params(non_embedding=False)
+        if student_params >= teacher_params:
             raise ConfigError(f"student_size (--student-size) must be a smaller model than the "
-                              f"teacher ({teacher.num_params() / 1e6:.2f}M params), got "
-                              f"{config.student_size!r} ({student.num_params() / 1e6:.2f}M)")
+                              f"teacher ({parameters_label(teacher_params)}), got "
+                              f"{config.student_size!r} ({parameters_label(student_params)})")
     # An amount that would take every head or channel of a layer is refused now, naming the
     # layer, not after the distillation stage.
     structured.check_amount(shape_to_compress(teacher, config), config.prune_sparsity,

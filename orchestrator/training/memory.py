@@ -177,9 +177,11 @@ def gpu_memory_needed_gb(config: TrainConfig, workers: int) -> float:
 
 
 def parameters_label(count: int) -> str:
-    """A model's size as the dry run and the training banner both give it: every parameter,
-    the position table included (Shape.params; GPT-2 small is 124.44M so). MFU's FLOPs per
-    token count the table out (GPT.num_params' default), as PaLM's formula does."""
+    """A model's size wherever one is shown (the dry run, the training banner, compression's
+    distill line and --student-size refusal, the benchmarks): every parameter, the position
+    table included (Shape.params, GPT.num_params(non_embedding=False); GPT-2 small is
+    124.44M so). Only MFU's FLOPs per token count the table out (GPT.num_params' default),
+    as PaLM's formula does."""
     return f"{count / 1e6:,.2f}M parameters"
 
 

@@ -91,3 +91,17 @@ def test_the_fresh_start_reference_is_the_first_attempt():
 def test_bad_flags_fail_before_ray_starts():
     with pytest.raises(SystemExit):
         bench.main(["--segment-steps", "30", "--log-every", "20"])
+
+
+def test_the_model_is_described_with_the_count_training_gives():
+    # Every weight, the position table too (the banner's parameters_label), not FLOPs' count.
+    from orchestrator.config import TrainConfig
+    from orchestrator.training.data import VOCAB_SIZE
+    from orchestrator.training.memory import parameters_label
+    from orchestrator.training.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig.from_train_config(TrainConfig(model_size=bench.MODEL),
+                                            vocab_size=VOCAB_SIZE))
+    every_weight = sum(p.numel() for p in model.parameters())
+    assert bench.model_description().startswith(
+        f"{bench.MODEL} GPT ({parameters_label(every_weight)}), ")

@@ -17,6 +17,7 @@ from orchestrator.compression.distill import distillation_loss
 from orchestrator.compression.finetune import Plan, PruneSchedule, finetune
 from orchestrator.config import ConfigError
 from orchestrator.training.data import load_corpus, split_corpus
+from orchestrator.training.memory import parameters_label
 from orchestrator.training.model import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -474,6 +475,10 @@ def one_thread():
 
 # ---- a smaller student ---------------------------------------------------------------------
 
+def every_weight(model):
+    return sum(p.numel() for p in model.parameters())
+
+
 def test_smaller_student_is_distilled_first_and_reused_on_rerun(train_tokens, tmp_path):
     from orchestrator.compression.pipeline import Run, stage_student
 
@@ -484,6 +489,10 @@ def test_smaller_student_is_distilled_first_and_reused_on_rerun(train_tokens, tm
     lines = []
     run = Run(tmp_path, config, teacher, train_tokens, torch.device("cpu"), 16, lines.append)
     student, metrics = stage_student(run)
+    # Counted as the training banner and the dry run count: every weight (the position table
+    # too; the log gave GPT.num_params(), FLOPs' count, which leaves it out).
+    assert lines[0] == (f"distill: tiny student ({parameters_label(every_weight(student))}) "
+                        f"from a teacher of {parameters_label(every_weight(teacher))}")
     assert (student.config.n_layer, student.config.n_embd) == (2, 64)
     assert student.config.block_size == 16 and student.config.dropout == 0.0
     assert metrics["steps"] == 4 and metrics["final_kd"] > 0 and metrics["final_ce"] > 0

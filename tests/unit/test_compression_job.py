@@ -137,6 +137,23 @@ def test_invalid_values_name_the_field_and_write_nothing(tmp_path, capsys, flag,
     assert not out.exists()
 
 
+def test_a_student_no_smaller_is_refused_naming_both_counts_as_training_does(tmp_path, capsys):
+    # Every weight, the position table too (the banner's and --dry-run's count): the refusal
+    # gave GPT.num_params(), FLOPs' count, 4.80M for this medium student against 4.81M.
+    from orchestrator.training.memory import parameters_label
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    code, err = run_job(capsys, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"),
+                        "--student-size", "medium")
+    teacher = GPT(GPTConfig.from_train_config(TrainConfig(model_size="tiny", seq_len=16)))
+    student = GPT(GPTConfig.from_train_config(TrainConfig(model_size="medium", seq_len=16)))
+    every_weight = [sum(p.numel() for p in m.parameters()) for m in (teacher, student)]
+    assert code == 2
+    assert (f"the teacher ({parameters_label(every_weight[0])}), got 'medium' "
+            f"({parameters_label(every_weight[1])})") in err
+    assert "4.81M parameters" in err
+
+
 @pytest.mark.parametrize("args,layer", [
     (("--prune-structure", "heads", "--prune-sparsity", "0.5"), "blocks.0.attn"),
     (("--prune-structure", "channels", "--prune-scope", "per_layer", "--prune-sparsity",
