@@ -127,18 +127,11 @@ def test_default_max_tokens_shrinks_to_the_room_left():
     assert parse({"prompt": "x" * (BLOCK - 16)}).max_tokens == 16
 
 
-def test_top_p_0_is_accepted_as_openai_does_and_samples_greedily():
-    # It was a 400 ("top_p must be > 0"); OpenAI takes it: only the most likely token is kept.
-    import torch
-
-    from orchestrator.serving.generation import sample_tokens
-
+def test_top_p_0_is_accepted_as_openai_does():
+    # It was a 400 ("top_p must be > 0"); OpenAI takes it. (The sampler already drew the most
+    # likely token at top_p 0, so only the protocol's refusal is pinned here.)
     parsed = parse({"prompt": "hi", "top_p": 0, "temperature": 1.5})
     assert parsed.top_p == 0.0
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
-    picked = sample_tokens(logits, torch.full((3,), parsed.temperature),
-                           torch.full((3,), parsed.top_p), torch.tensor([0.0, 0.5, 0.9999]))
-    assert picked.tolist() == [1, 1, 1]
 
 
 def test_stream_options_openai_defines_are_accepted_and_others_refused():
