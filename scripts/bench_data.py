@@ -105,9 +105,9 @@ def training(corpus: Path, tokenizer_file: Path, work: Path, rounds: int, steps:
     shards_source = loop.training_data
     rates: dict[str, list[float]] = {"mmap": [], "memory": []}
     for r in range(rounds):
-        # Alternating, and each side first in every other round: the machine is shared and its
-        # load drifts; the ratio is taken within each pair of neighbouring runs.
-        for side in (("mmap", "memory") if r % 2 == 0 else ("memory", "mmap")):
+        # Each side first in turn: the machine is shared and its load drifts; the ratio is
+        # taken within each round's pair of runs.
+        for side in rotated(["mmap", "memory"], r):
             # The same loop; only where the tokens live differs.
             loop.training_data = (shards_source if side == "mmap"
                                   else lambda _config: in_memory)

@@ -7,10 +7,11 @@
 - checkpoint save/load seconds, sharded (torch.distributed.checkpoint, every worker writes its
   shard) against full (rank 0 writes state.pt; every worker reads it), for the same model and
   optimizer state (`--ckpt-size` preset, default medium), each through the loop's own save and
-  restore functions; rounds alternate the order; medians.
+  restore functions; rounds alternate the order; medians, and sharded_vs_full_save / _load
+  the median of the per-round ratios sharded over full, with their spread (`_spread`).
 
-The machine is shared and its load drifts: the ratios come from neighbouring runs, and the
-medians from alternating rounds. The last line printed is one JSON object.
+The machine is shared and its load drifts: each ratio is the median of the rounds' own ratios
+(scripts.rounds.median_ratio), each side going first in turn (scripts.rounds.rotated). The last line printed is one JSON object.
 Usage: python -m scripts.bench_fsdp [--rounds 3] [--steps 60] [--ckpt-size medium]
 """
 from __future__ import annotations
@@ -29,14 +30,15 @@ import torch.distributed as dist
 
 from orchestrator.config import MODEL_PRESETS, TrainConfig
 from orchestrator.training.local_workers import train_on_local_workers
+from scripts.flags import require_at_least
+from scripts.rounds import median_ratio, rotated
 
 
 def throughput_rounds(rounds: int, steps: int, workdir: Path) -> dict:
-    ratios, rates = [], {"ddp": [], "fsdp": []}
+    rates = {"ddp": [], "fsdp": []}
     for r in range(rounds):
-        order = ("ddp", "fsdp") if r % 2 == 0 else ("fsdp", "ddp")
         got = {}
-        for strategy in order:
+        for strategy in rotated(["ddp", "fsdp"], r):
             config = TrainConfig(model_size="tiny", batch_size=8, seq_len=64, max_steps=steps,
                                  checkpoint_every=steps, log_every=steps, warmup_steps=5,
                                  eval_batches=1, strategy=strategy)
@@ -45,13 +47,13 @@ def throughput_rounds(rounds: int, steps: int, workdir: Path) -> dict:
                 raise SystemExit(f"{strategy} run failed: {outcome['error']}")
             got[strategy] = outcome["metrics"]["run_tokens_per_s"]
             rates[strategy].append(got[strategy])
-        ratios.append(got["fsdp"] / got["ddp"])
-        print(f"round {r + 1}: ddp {got['ddp']:,.0f} tok/s, fsdp {got['fsdp']:,.0f} tok/s, "
-              f"ratio {ratios[-1]:.3f}", flush=True)
+        print(f"round {r + 1}: ddp {got['ddp']:,.0f} tok/s, fsdp {got['fsdp']:,.0f} tok/s",
+              flush=True)
+    paired = median_ratio(rates["fsdp"], rates["ddp"])
     return {"ddp_tokens_per_s": round(statistics.median(rates["ddp"])),
             "fsdp_tokens_per_s": round(statistics.median(rates["fsdp"])),
-            "fsdp_vs_ddp_throughput": round(statistics.median(ratios), 3),
-            "fsdp_vs_ddp_spread": [round(min(ratios), 3), round(max(ratios), 3)]}
+            "fsdp_vs_ddp_throughput": round(paired["ratio"], 3),
+            "fsdp_vs_ddp_spread": [round(r, 3) for r in paired["spread"]]}
 
 
 def _checkpoint_worker(rank: int, world: int, size: str, rounds: int, workdir: str,
@@ -103,8 +105,7 @@ def _checkpoint_worker(rank: int, world: int, size: str, rounds: int, workdir: s
 
     times = {f"{kind}_{op}": [] for kind in ("full", "sharded") for op in ("save", "load")}
     for r in range(rounds):
-        order = ("ddp", "fsdp") if r % 2 == 0 else ("fsdp", "ddp")
-        for strategy in order:
+        for strategy in rotated(["ddp", "fsdp"], r):
             kind = "sharded" if strategy == "fsdp" else "full"
             directory = os.path.join(workdir, f"{kind}-{r}")  # one directory all ranks share
             for op, fn in (("save", save), ("load", load)):
@@ -120,6 +121,10 @@ def _checkpoint_worker(rank: int, world: int, size: str, rounds: int, workdir: s
                    for name, values in times.items()}
         figures.update({f"{kind}_checkpoint_mb": round(size / 2 ** 20, 1)
                         for kind, size in sizes.items()})
+        for op in ("save", "load"):
+            paired = median_ratio(times[f"sharded_{op}"], times[f"full_{op}"])
+            figures[f"sharded_vs_full_{op}"] = round(paired["ratio"], 3)
+            figures[f"sharded_vs_full_{op}_spread"] = [round(r, 3) for r in paired["spread"]]
         Path(workdir, "figures.json").write_text(json.dumps(figures))
     dist.destroy_process_group()
 
@@ -130,10 +135,7 @@ def checkpoint_rounds(size: str, rounds: int, workdir: Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     mp.spawn(_checkpoint_worker, args=(2, size, rounds, str(workdir),
                                        str(workdir / "rendezvous")), nprocs=2, join=True)
-    figures = json.loads((workdir / "figures.json").read_text())
-    figures["sharded_vs_full_save"] = round(figures["sharded_save_s"] / figures["full_save_s"], 3)
-    figures["sharded_vs_full_load"] = round(figures["sharded_load_s"] / figures["full_load_s"], 3)
-    return figures
+    return json.loads((workdir / "figures.json").read_text())
 
 
 def main() -> None:
@@ -142,10 +144,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--ckpt-size", default="medium", choices=tuple(MODEL_PRESETS))
     args = parser.parse_args()
-    if args.rounds < 1:  # a median of no rounds is no figure
-        parser.error(f"--rounds must be >= 1, got {args.rounds}")
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+    require_at_least(parser, args, 1, "rounds", "steps")  # a median of no rounds is no figure
     with tempfile.TemporaryDirectory(prefix="bench-fsdp-") as tmp:
         figures = {"workers": 2, "rounds": args.rounds, "steps": args.steps,
                    "checkpoint_model_size": args.ckpt_size}

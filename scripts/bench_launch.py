@@ -8,7 +8,8 @@ connects, brings the scheduler and node agents up, submits the job, waits for it
 pins each worker to its placed node and releases the reservation at the end.
 
 - startup: from the driver's call (`fit`) to rank 0's first report, per round;
-  startup_overhead_s = median(launcher) - median(bare).
+  startup_overhead_s = median(launcher) - median(bare); startup_ratio = median over the rounds
+  of launcher over bare start-up of the same round, with its spread (startup_ratio_spread).
 - steady state: samples trained between rank 0's first and last report over the wall time
   between them (rank 0's clock, taken as it calls report). Ray Train's controller takes one
   report per poll (Ray's default 2 s; the launcher sets 0.25 s for the process, so every run
@@ -16,11 +17,13 @@ pins each worker to its placed node and releases the reservation at the end.
   for it, so every report here
   covers --seconds-per-report (default 4) of training, calibrated before the rounds: the
   pacing then never holds a worker back. steady_state_ratio = median over the rounds of
-  launcher samples/s over the bare samples/s of the same pair of rounds.
+  launcher samples/s over the bare samples/s of the same round (each round's in
+  steady_state_ratios, min and max in steady_state_ratio_spread).
 - where the time goes: in_report_s (mean time rank 0 spends inside a report call, after the
-  first) and compute_samples_per_s (samples over the time outside report calls), per kind.
-- each round runs one of each, bare first in even rounds and the launcher first in odd ones
-  (neither always follows the other's teardown); one warm-up of each first (not
+  first) and compute_samples_per_s (samples over the time outside report calls), per kind;
+  compute_ratio (and compute_ratio_spread) as steady_state_ratio, from the latter.
+- each round runs one of each, each side going first in turn (bare first in even rounds:
+  neither always follows the other's teardown); one warm-up of each first (not
   counted: the first launcher call creates the scheduler and the agents). Before every run,
   bare or not, the machine idles --settle-s (default 6 s): the scheduler learns what Ray has
   free from its maintenance pass (every 5 s), and a bare run's workers, which it does not
@@ -41,6 +44,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from scripts.flags import require, require_at_least
+from scripts.rounds import median_ratio, rotated
 
 WORKERS = 2
 BATCH = 256
@@ -143,6 +149,48 @@ def run_launcher(config: dict, storage: Path, name: str) -> dict:
     return figures(Path(config["timing"]), called_at)
 
 
+def comparison(rows: list[dict]) -> dict:
+    """The launcher against bare from every run's figures (`rows`: round, kind and figures();
+    round 0 is the warm-up): each ratio the median of the rounds' own ratios with its spread
+    (scripts.rounds.median_ratio), the sides' figures as medians."""
+    measured = [r for r in rows if r["round"] > 0]
+
+    def of(kind: str, key: str) -> list[float]:
+        return [r[key] for r in measured if r["kind"] == kind]
+
+    def median_of(kind: str, key: str) -> float:
+        return statistics.median(of(kind, key))
+
+    def launcher_over_bare(key: str) -> dict:
+        return median_ratio(of("launcher", key), of("bare", key))
+
+    def spread(paired: dict) -> list[float]:
+        return [round(r, 3) for r in paired["spread"]]
+
+    startup, steady, compute = (launcher_over_bare(key) for key in (
+        "startup_s", "samples_per_s", "compute_samples_per_s"))
+    return {
+        "startup_overhead_s": round(median_of("launcher", "startup_s")
+                                    - median_of("bare", "startup_s"), 2),
+        "steady_state_ratio": round(steady["ratio"], 3),
+        "steady_state_ratio_spread": spread(steady),
+        "bare_startup_s": round(median_of("bare", "startup_s"), 2),
+        "launcher_startup_s": round(median_of("launcher", "startup_s"), 2),
+        "startup_ratio": round(startup["ratio"], 3),
+        "startup_ratio_spread": spread(startup),
+        "bare_samples_per_s": round(median_of("bare", "samples_per_s")),
+        "launcher_samples_per_s": round(median_of("launcher", "samples_per_s")),
+        "steady_state_ratios": [round(r, 3) for r in steady["rounds"]],
+        "bare_in_report_s": round(median_of("bare", "in_report_s"), 3),
+        "launcher_in_report_s": round(median_of("launcher", "in_report_s"), 3),
+        "compute_ratio": round(compute["ratio"], 3),
+        "compute_ratio_spread": spread(compute),
+        "warmup_launcher_startup_s": round(next(r["startup_s"] for r in rows
+                                                if r["round"] == 0 and r["kind"] == "launcher"),
+                                           2),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,12 +200,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--settle-s", type=float, default=6.0,
                         help="idle time before each run (see above)")
     args = parser.parse_args(argv)
-    # (`not x > 0` refuses NaN too: it passed `<= 0` and failed in calibrate; a negative
-    # --settle-s failed in time.sleep after Ray had started)
-    if args.rounds < 1 or args.reports < 2 or not args.seconds_per_report > 0 \
-            or not args.settle_s >= 0:
-        parser.error("--rounds must be >= 1, --reports >= 2, --seconds-per-report > 0, "
-                     "--settle-s >= 0")
+    # (NaN is refused too: it passed `<= 0` and failed in calibrate; a negative --settle-s
+    # failed in time.sleep after Ray had started)
+    require_at_least(parser, args, 1, "rounds")
+    require_at_least(parser, args, 2, "reports")
+    require(parser, args, ("seconds_per_report",), lambda seconds: seconds > 0, "must be > 0")
+    require_at_least(parser, args, 0, "settle_s")
 
     import ray
 
@@ -169,11 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             storage = Path(tmp)
-            sides = (("bare", run_bare), ("launcher", run_launcher))
+            sides = [("bare", run_bare), ("launcher", run_launcher)]
             for round_ in range(args.rounds + 1):  # round 0: the warm-up
-                # Alternating which goes first: neither side always follows the other's
-                # teardown.
-                for kind, run in (sides if round_ % 2 == 0 else sides[::-1]):
+                # Each side first in turn: neither always follows the other's teardown.
+                for kind, run in rotated(sides, round_):
                     name = f"bench-{kind}-{round_}"
                     config = {"reports": args.reports, "steps_per_report": steps_per_report,
                               "timing": str(storage / f"{name}.jsonl")}
@@ -188,36 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         ray.shutdown()
 
-    measured = [r for r in rows if r["round"] > 0]
-    of = lambda kind, key: [r[key] for r in measured if r["kind"] == kind]  # noqa: E731
-    bare_startup, launcher_startup = of("bare", "startup_s"), of("launcher", "startup_s")
-    bare_sps, launcher_sps = of("bare", "samples_per_s"), of("launcher", "samples_per_s")
-    ratios = [l / b for l, b in zip(launcher_sps, bare_sps)]
-    result = {
-        "startup_overhead_s": round(statistics.median(launcher_startup)
-                                    - statistics.median(bare_startup), 2),
-        "steady_state_ratio": round(statistics.median(ratios), 3),
-        "rounds": args.rounds,
-        "bare_startup_s": round(statistics.median(bare_startup), 2),
-        "launcher_startup_s": round(statistics.median(launcher_startup), 2),
-        "startup_ratio": round(statistics.median(launcher_startup)
-                               / statistics.median(bare_startup), 3),
-        "bare_samples_per_s": round(statistics.median(bare_sps)),
-        "launcher_samples_per_s": round(statistics.median(launcher_sps)),
-        "steady_state_ratios": [round(r, 3) for r in ratios],
-        "bare_in_report_s": round(statistics.median(of("bare", "in_report_s")), 3),
-        "launcher_in_report_s": round(statistics.median(of("launcher", "in_report_s")), 3),
-        "compute_ratio": round(statistics.median(
-            [l / b for l, b in zip(of("launcher", "compute_samples_per_s"),
-                                   of("bare", "compute_samples_per_s"))]), 3),
-        "warmup_launcher_startup_s": round(next(r["startup_s"] for r in rows
-                                                if r["round"] == 0 and r["kind"] == "launcher"),
-                                           2),
-        "steps_per_report": steps_per_report,
-        "reports": args.reports,
-        "settle_s": args.settle_s,
-        "workers": WORKERS,
-    }
+    result = {**comparison(rows), "rounds": args.rounds, "steps_per_report": steps_per_report,
+              "reports": args.reports, "settle_s": args.settle_s, "workers": WORKERS}
     print(f"launcher vs bare: start-up +{result['startup_overhead_s']:.2f} s "
           f"({result['launcher_startup_s']:.2f} vs {result['bare_startup_s']:.2f} s), "
           f"steady state x{result['steady_state_ratio']:.3f} "

@@ -1,14 +1,15 @@
 """The LM loss (orchestrator/training/loss.py) against the one a user would write,
 `F.cross_entropy(logits.float(), targets)`: forward + backward time on the same logits,
-rounds alternating, median ratio and its spread.
+each side first in turn, the median of the rounds' own ratios and its spread.
 
     PYTHONPATH=. python scripts/bench_loss.py [--tokens 4096] [--vocab 8192] [--rounds 9]
 
 On a CPU: fp32 logits, then the padded head's shape (7 columns past the vocabulary, sliced
 eager backward) in fp32 and bf16. With CUDA it also times bf16 logits of GPT-2's vocabulary
 padded to 50,304 columns, eager and under torch.compile. The last
-line is one JSON object: `speedup` per case (reference time / ours, median), `spread`
-(min-max of the per-round ratios) and the medians in ms.
+line is one JSON object: `speedup` per case (the median over the rounds of reference time /
+ours, scripts.rounds.median_ratio), `spread` (min-max of the per-round ratios) and the medians
+in ms.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.training.loss import token_cross_entropy
+from scripts.flags import require, require_at_least
+from scripts.rounds import median_ratio, rotated
 
 Loss = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 PADDING = 7  # columns past the vocabulary in the padded cases
@@ -44,18 +47,18 @@ def time_once(loss: Loss, logits: torch.Tensor, targets: torch.Tensor, vocab: in
 
 def compare(name: str, ours: Loss, theirs: Loss, logits: torch.Tensor, targets: torch.Tensor,
             vocab: int, rounds: int) -> dict:
-    """Alternating rounds after one warm-up of each (which compiles a compiled pair)."""
+    """Rounds after one warm-up of each (which compiles a compiled pair), each side first in
+    turn; the speedup is the median of the rounds' own reference / ours ratios."""
     time_once(ours, logits, targets, vocab), time_once(theirs, logits, targets, vocab)
-    ours_s, theirs_s = [], []
+    times: dict[str, list[float]] = {"ours": [], "reference": []}
     for i in range(rounds):
-        pair = [(ours, ours_s), (theirs, theirs_s)]
-        for loss, times in (pair if i % 2 == 0 else pair[::-1]):
-            times.append(time_once(loss, logits, targets, vocab))
-    ratios = [t / o for o, t in zip(ours_s, theirs_s)]
-    row = {"case": name, "ours_ms": round(statistics.median(ours_s) * 1e3, 2),
-           "reference_ms": round(statistics.median(theirs_s) * 1e3, 2),
-           "speedup": round(statistics.median(ratios), 3),
-           "spread": [round(min(ratios), 3), round(max(ratios), 3)]}
+        for side, loss in rotated([("ours", ours), ("reference", theirs)], i):
+            times[side].append(time_once(loss, logits, targets, vocab))
+    speedup = median_ratio(times["reference"], times["ours"])
+    row = {"case": name, "ours_ms": round(statistics.median(times["ours"]) * 1e3, 2),
+           "reference_ms": round(statistics.median(times["reference"]) * 1e3, 2),
+           "speedup": round(speedup["ratio"], 3),
+           "spread": [round(r, 3) for r in speedup["spread"]]}
     print(json.dumps(row))
     return row
 
@@ -66,11 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args(argv)
-    if min(args.tokens, args.rounds) < 1:
-        parser.error("--tokens and --rounds must be >= 1")
-    if args.vocab <= PADDING:
-        parser.error(f"--vocab must be > {PADDING} (the padded cases leave {PADDING} columns "
-                     f"out)")
+    require_at_least(parser, args, 1, "tokens", "rounds")
+    require(parser, args, ("vocab",), lambda vocab: vocab > PADDING,
+            f"must be > {PADDING} (the padded cases leave {PADDING} columns out)")
     torch.manual_seed(0)
     rows = []
     targets = torch.randint(0, args.vocab - PADDING, (args.tokens,))

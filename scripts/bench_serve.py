@@ -664,10 +664,6 @@ def benchmark(args: argparse.Namespace, checkpoints: Path) -> int:
     return 0
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a and b else None
-
-
 def _get(url: str) -> str:
     import urllib.request
 

@@ -40,7 +40,8 @@ from orchestrator.training.data import VOCAB_SIZE
 from orchestrator.training.loop import train
 from orchestrator.training.model import GPT, GPTConfig
 from orchestrator.training.session import LocalSession
-from scripts.rounds import median_ratio, paired_rounds
+from scripts.flags import require_at_least
+from scripts.rounds import median_ratio, paired_rounds, rotated
 
 CPU = torch.device("cpu")
 
@@ -61,7 +62,7 @@ def plain_vs_ray(steps: int, rounds: int, workdir: Path, cpus: int | None = None
     steps_only: dict[str, list[float]] = {"plain": [], "ray": []}
     mfu = []
     for r in range(rounds):
-        for side in ("plain", "ray") if r % 2 == 0 else ("ray", "plain"):
+        for side in rotated(["plain", "ray"], r):
             run_dir = workdir / f"{side}-{r}"
             figures = (_plain_run(flags, run_dir, cpus) if side == "plain"
                        else _ray_run(flags, run_dir, cpus))
@@ -231,8 +232,7 @@ def main() -> None:
     parser.add_argument("--only-overhead", action="store_true",
                         help="measure Ray Train's overhead and stop")
     args = parser.parse_args()
-    if args.rounds < 1:  # a median of no rounds is no figure
-        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    require_at_least(parser, args, 1, "rounds")  # a median of no rounds is no figure
     figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(tmp)

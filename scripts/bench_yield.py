@@ -52,6 +52,7 @@ from typing import Any
 
 from orchestrator.polling import wait_for
 from orchestrator.runs import read_metrics
+from scripts.flags import require, require_at_least
 
 MODEL = "tiny"
 PRECISION = "fp32"
@@ -240,11 +241,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--log-every", type=int, default=20, help="steps between reports")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="for each wait")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.log_every < 1 or args.segment_steps < 4 * args.log_every:
-        parser.error("--rounds and --log-every must be >= 1, --segment-steps >= 4 x "
-                     "--log-every (two steady reports after each resume)")
-    if not args.timeout_s > 0:
-        parser.error(f"--timeout-s must be > 0, got {args.timeout_s}")
+    require_at_least(parser, args, 1, "rounds", "log_every")
+    require(parser, args, ("segment_steps",), lambda steps: steps >= 4 * args.log_every,
+            f"must be >= 4 x --log-every ({4 * args.log_every}: two steady reports after each "
+            "resume)")
+    require(parser, args, ("timeout_s",), lambda seconds: seconds > 0, "must be > 0")
 
     import ray
 

@@ -16,7 +16,16 @@ import pytest
     ("bench_compress", ["--threads", "0"], "--threads must be >= 1, got 0"),
     ("bench_serve", ["--rounds", "0"], "--rounds must be >= 1, got 0"),  # (after Serve: 1/0)
     ("bench_serve", ["--duration", "0"], "--duration must be > 0"),
-    ("bench_launch", ["--seconds-per-report", "nan"], "--seconds-per-report > 0"),
+    ("bench_launch", ["--seconds-per-report", "nan"],
+     "--seconds-per-report must be > 0, got nan"),
+    # (bench_launch and bench_yield named every rule at once, not the flag at fault)
+    ("bench_launch", ["--reports", "1"], "--reports must be >= 2, got 1"),
+    ("bench_launch", ["--settle-s", "-1"], "--settle-s must be >= 0, got -1.0"),
+    ("bench_yield", ["--log-every", "0"], "--log-every must be >= 1, got 0"),
+    ("bench_yield", ["--log-every", "40"],
+     "--segment-steps must be >= 4 x --log-every (160: two steady reports after each resume), "
+     "got 120"),
+    ("bench_yield", ["--timeout-s", "nan"], "--timeout-s must be > 0, got nan"),
     ("bench_placement", ["--actor-jobs", "-5"], "--actor-jobs must be >= 1"),
     # (numpy's "expected non-negative integer" traceback, naming no flag)
     ("bench_placement", ["--seed", "-1", "--no-actor", "--nodes", "16", "--jobs", "1"],

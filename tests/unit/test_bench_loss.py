@@ -36,10 +36,24 @@ def test_the_two_losses_agree_on_what_they_time():
         bench_loss.reference(logits, targets, 37).item(), rel=1e-6)
 
 
-def test_sizes_below_one_are_refused(capsys):
-    with pytest.raises(SystemExit):
-        bench_loss.main(["--rounds", "0"])
-    assert "--tokens and --rounds must be >= 1" in capsys.readouterr().err
+def test_sizes_below_one_are_refused_naming_the_flag_and_value(capsys):
+    # (was "--tokens and --rounds must be >= 1" for either: scripts.flags, as the others)
+    for flag in ("--tokens", "--rounds"):
+        with pytest.raises(SystemExit):
+            bench_loss.main([flag, "0"])
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_loss.main(["--vocab", "7"])
-    assert "--vocab must be > 7" in capsys.readouterr().err
+    assert "--vocab must be > 7 (the padded cases leave 7 columns out), got 7" in \
+        capsys.readouterr().err
+
+
+def test_each_loss_goes_first_in_turn(monkeypatch):
+    # (scripts.rounds.rotated: the warm-up, then ours first in even rounds)
+    order = []
+    monkeypatch.setattr(bench_loss, "time_once", lambda loss, *_: order.append(
+        "ours" if loss is bench_loss.token_cross_entropy else "reference") or 1.0)
+    bench_loss.compare("case", bench_loss.token_cross_entropy, bench_loss.reference, None, None,
+                       8, rounds=3)
+    assert order == ["ours", "reference", "ours", "reference", "reference", "ours", "ours",
+                     "reference"]

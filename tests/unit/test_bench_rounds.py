@@ -1,0 +1,71 @@
+"""Benchmarks' ratios between two sides: the median of the rounds' own ratios with its spread
+(scripts.rounds.median_ratio), each side going first in turn (rotated). No Ray: the runs are
+faked."""
+import statistics
+
+from scripts import bench_fsdp, bench_launch, bench_train
+
+
+def launch_rows(bare_startup, launcher_startup):
+    """bench_launch's rows: a warm-up round 0, then one run of each kind per round."""
+    rows = []
+    for round_, (bare, launcher) in enumerate(zip([99.0, *bare_startup],
+                                                   [98.0, *launcher_startup])):
+        for kind, startup in (("bare", bare), ("launcher", launcher)):
+            rows.append({"round": round_, "kind": kind, "startup_s": startup,
+                         "samples_per_s": 100.0 * startup, "in_report_s": 0.01,
+                         "compute_samples_per_s": 1000.0 / startup})
+    return rows
+
+
+def test_the_launchers_startup_ratio_is_the_median_of_the_rounds_own():
+    # Per round 3.0, 1.05, 31/30: the median 1.05. The ratio of the medians (30/20 = 1.5)
+    # paired one round's launcher with another round's bare run.
+    figures = bench_launch.comparison(launch_rows([10.0, 20.0, 30.0], [30.0, 21.0, 31.0]))
+    assert figures["startup_ratio"] == 1.05
+    assert figures["startup_ratio_spread"] == [round(31 / 30, 3), 3.0]
+    assert figures["startup_overhead_s"] == 10.0  # median 30 - median 20
+    assert (figures["bare_startup_s"], figures["launcher_startup_s"]) == (20.0, 30.0)
+    # The warm-up counts nowhere but in its own key.
+    assert figures["warmup_launcher_startup_s"] == 98.0
+    # samples/s are 100 x start-up here: the same ratios, each round's kept.
+    assert figures["steady_state_ratio"] == 1.05
+    assert figures["steady_state_ratios"] == [3.0, 1.05, round(31 / 30, 3)]
+    assert figures["compute_ratio"] == round(statistics.median([1 / 3, 20 / 21, 30 / 31]), 3)
+
+
+def test_plain_and_ray_runs_go_first_in_turn_and_their_ratio_is_per_round(monkeypatch,
+                                                                            tmp_path):
+    order = []
+    rates = {"plain": iter([100.0, 200.0, 300.0]), "ray": iter([90.0, 100.0, 285.0])}
+
+    def fake_run(side):
+        def run(flags, run_dir, cpus):
+            order.append(side)
+            rate = next(rates[side])
+            return {"phase_tokens_per_s": rate, "steps_tokens_per_s": rate, "mfu": 0.1}
+        return run
+
+    monkeypatch.setattr(bench_train, "_plain_run", fake_run("plain"))
+    monkeypatch.setattr(bench_train, "_ray_run", fake_run("ray"))
+    figures = bench_train.plain_vs_ray(10, 3, tmp_path, cpus=1)
+    assert order == ["plain", "ray", "ray", "plain", "plain", "ray"]
+    assert figures["ray_vs_plain_rounds"] == [0.9, 0.5, 0.95]
+    assert figures["ray_vs_plain_throughput"] == 0.9
+
+
+def test_fsdp_and_ddp_go_first_in_turn_and_their_ratio_is_per_round(monkeypatch, tmp_path):
+    order = []
+    rates = {"ddp": iter([100.0, 200.0, 300.0]), "fsdp": iter([50.0, 300.0, 150.0])}
+
+    def fake_workers(config, run_dir):
+        order.append(config.strategy)
+        return {"metrics": {"run_tokens_per_s": next(rates[config.strategy])}}
+
+    monkeypatch.setattr(bench_fsdp, "train_on_local_workers", fake_workers)
+    figures = bench_fsdp.throughput_rounds(3, 4, tmp_path)
+    assert order == ["ddp", "fsdp", "fsdp", "ddp", "ddp", "fsdp"]
+    assert figures["fsdp_vs_ddp_throughput"] == 0.5  # rounds 0.5, 1.5, 0.5
+    assert figures["fsdp_vs_ddp_spread"] == [0.5, 1.5]
+    assert figures["ddp_tokens_per_s"] == 200 and figures["fsdp_tokens_per_s"] == 150
+
