@@ -81,9 +81,9 @@ class Shape:
 
 @dataclass(frozen=True)
 class WorkerMemory:
-    """Bytes one worker needs, by kind."""
+    """Bytes one worker needs, by kind. `strategy` None: one worker, trained unwrapped."""
 
-    strategy: str
+    strategy: str | None
     workers: int
     weights: int
     gradients: int
@@ -95,8 +95,10 @@ class WorkerMemory:
         return self.weights + self.gradients + self.optimizer + self.activations
 
     def describe(self) -> str:
-        return (f"{self.strategy} over {self.workers} worker(s): {self.total / GIB:.2f} GiB per "
-                f"worker (weights {self.weights / GIB:.2f}, gradients {self.gradients / GIB:.2f}, "
+        setting = (f"{self.strategy} over {self.workers} worker(s)" if self.strategy
+                   else f"{self.workers} worker (no DDP)")
+        return (f"{setting}: {self.total / GIB:.2f} GiB per worker (weights "
+                f"{self.weights / GIB:.2f}, gradients {self.gradients / GIB:.2f}, "
                 f"optimizer {self.optimizer / GIB:.2f}, activations {self.activations / GIB:.2f})")
 
 
@@ -130,11 +132,12 @@ def span_attention_bytes(shape: Shape) -> int:
 def ddp_worker_memory(shape: Shape, workers: int) -> WorkerMemory:
     n = shape.params
     low_precision_copies = n * shape.compute_bytes if shape.compute_bytes < FP32 else 0
-    # .grad, and DDP's buckets where there is a DDP: at world size 1 the sessions (and Ray
-    # Train's prepare_model) leave the model unwrapped.
-    gradients = n * FP32 * (2 if workers > 1 else 1)
-    return WorkerMemory("DDP", workers, n * FP32 + low_precision_copies, gradients,
-                        n * ADAM_BYTES, activation_bytes(shape))
+    # At world size 1 the sessions (and Ray Train's prepare_model) leave the model unwrapped:
+    # no DDP, so none of its buckets, and the dry run says so rather than "DDP over 1".
+    ddp = workers > 1
+    gradients = n * FP32 * (2 if ddp else 1)  # .grad, and DDP's buckets
+    return WorkerMemory("DDP" if ddp else None, workers, n * FP32 + low_precision_copies,
+                        gradients, n * ADAM_BYTES, activation_bytes(shape))
 
 
 def fsdp_worker_memory(shape: Shape, workers: int) -> WorkerMemory:
@@ -186,7 +189,8 @@ def parameters_label(count: int) -> str:
 
 
 def memory_lines(config: TrainConfig, workers: int, on_gpu: bool) -> list[str]:
-    """What `jobs/pretrain.py --dry-run` prints about memory: per worker under DDP and FSDP."""
+    """What `jobs/pretrain.py --dry-run` prints about memory: per worker under DDP (one
+    worker: unwrapped, no DDP) and FSDP."""
     shape = shape_of(config, on_gpu)
     lines = [f"model: {config.model_size}, {parameters_label(shape.params)} (vocabulary "
              f"{shape.vocab_size:,}); micro-batch {shape.batch_size} x {shape.seq_len} tokens "

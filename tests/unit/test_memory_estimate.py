@@ -119,6 +119,14 @@ def test_dry_run_lines_name_both_strategies():
     assert lines[3].strip().startswith("FSDP over 4 worker(s)")
 
 
+def test_a_one_worker_dry_run_says_it_trains_without_ddp():
+    # Its figure leaves DDP's buckets out (one worker trains unwrapped), and it was labelled
+    # "DDP over 1 worker(s)"; FSDP still wraps one worker.
+    lines = memory_lines(TrainConfig(model_size="gpt2-medium", seq_len=1024), 1, on_gpu=True)
+    assert lines[2].strip().startswith("1 worker (no DDP): ")
+    assert lines[3].strip().startswith("FSDP over 1 worker(s): ")
+
+
 def test_a_model_that_fits_no_gpu_is_refused_naming_need_and_free_memory():
     """jobs/pretrain.py asks placement for the estimate by default: GPT-2 XL at 8 x 1024
     tokens under DDP cannot fit a 40 GB A100, sharded with FSDP it can."""
