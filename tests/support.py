@@ -62,6 +62,28 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def emulation_warning_worker(rank: int, warnings: list[str | None], rendezvous: str,
+                             out: str) -> None:
+    """A worker (torch.multiprocessing.spawn target) whose own device gives `warnings[rank]`
+    for a precision asked for; writes what it said."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from orchestrator.training import loop
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=len(warnings), timeout=datetime.timedelta(seconds=60))
+    said = []
+    try:
+        loop.emulation_warning = lambda requested, device: warnings[rank]
+        loop.say = lambda line: said.append(line + "\n")
+        loop.job_precision("bf16", torch.device("cpu"), rank)
+        Path(out, str(rank)).write_text("".join(said))
+    finally:
+        dist.destroy_process_group()
+
+
 def agreed_precision_worker(rank: int, choices: list[str], rendezvous: str, out: str) -> None:
     """A worker (torch.multiprocessing.spawn target) whose own device gives `choices[rank]`
     for `auto`, as an A100 and a T4 placed in one job do; writes what the job agreed on."""

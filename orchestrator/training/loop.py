@@ -33,8 +33,8 @@ from orchestrator.training.memory import parameters_label
 from orchestrator.training.model import GPT, GPTConfig, parameter_groups
 from orchestrator.training.optim import (build_optimizer, load_optimizer_state, set_lr,
                                         warmup_cosine_lr)
-from orchestrator.training.precision import (Precision, load_scaler_state, resolve_precision,
-                                             saved_loss_scale)
+from orchestrator.training.precision import (Precision, emulation_warning, load_scaler_state,
+                                             resolve_precision, saved_loss_scale)
 from orchestrator.training.session import TrainSession
 from orchestrator.training import strategy as strategies
 
@@ -102,9 +102,13 @@ def job_precision(requested: str, device: torch.device, rank: int = 0) -> str:
     and a job placed on an A100 and a T4 got bf16 on one and fp16 with loss scaling on the
     other: DDP then averaged scaled with unscaled gradients (the copies drifted apart) and FSDP
     gathered parameters of two sizes (a collective mismatch). The workers agree on the weakest
-    choice any of them made (one all-reduce at start)."""
+    choice any of them made (one all-reduce at start). A precision asked for is each
+    worker's as asked; rank 0 warns once where it is emulated (_say_emulated)."""
     local = resolve_precision(requested, device)
-    if requested != "auto" or not (dist.is_available() and dist.is_initialized()):
+    if requested != "auto":
+        _say_emulated(requested, device, rank)
+        return local
+    if not (dist.is_available() and dist.is_initialized()):
         return local
     code = AUTO_ORDER.index(local)
     bounds = torch.tensor([code, -code], dtype=torch.int64, device=device)
@@ -114,6 +118,19 @@ def job_precision(requested: str, device: torch.device, rank: int = 0) -> str:
         say(f"precision auto: {AUTO_ORDER[weakest]} on every worker ({AUTO_ORDER[strongest]} "
             f"is not available on all of them)")
     return AUTO_ORDER[weakest]
+
+
+def _say_emulated(requested: str, device: torch.device, rank: int) -> None:
+    """Rank 0 says, once for the job, that the precision asked for runs emulated where any
+    worker's device emulates it: a forced bf16 on eight V100s said it eight times, and on an
+    A100 and a T4 it is the T4's to say (the workers' warnings gathered)."""
+    warning = emulation_warning(requested, device)
+    if requested != "fp32" and dist.is_available() and dist.is_initialized():
+        said: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(said, warning)
+        warning = next((text for text in said if text is not None), None)
+    if rank == 0 and warning:
+        say(f"warning: {warning}")
 
 
 def _mean_loss_across_workers(loss_sum, losses_summed, device: torch.device

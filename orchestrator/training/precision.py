@@ -7,12 +7,9 @@ gradients, so it gets dynamic loss scaling (GradScaler); bf16 has fp32's range a
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 
 import torch
-
-log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -24,17 +21,25 @@ def resolve_precision(requested: str, device: torch.device) -> str:
         if requested not in _DTYPES:
             raise ValueError(f"precision must be one of auto, {', '.join(_DTYPES)}; "
                              f"got {requested!r}")
-        if device.type == "cpu" and requested != "fp32":
-            log.warning("precision %s on CPU is emulated on most CPUs and can be far slower "
-                        "than fp32; use it on CPU only to test the code path", requested)
-        if device.type == "cuda" and requested == "bf16" and not _native_bf16():
-            log.warning("precision bf16 on a GPU without native bf16 (compute capability "
-                        "below 8.0: T4, V100) is emulated and far slower; use --precision "
-                        "fp16 (loss scaling), as auto would")
         return requested
     if device.type == "cuda":
         return "bf16" if _native_bf16() else "fp16"
     return "fp32"
+
+
+def emulation_warning(requested: str, device: torch.device) -> str | None:
+    """What to say where a precision asked for (not auto) runs emulated, far slower, on
+    `device`; None where it runs natively. Said by the job once (loop.job_precision), not by
+    every worker."""
+    if device.type == "cpu" and requested in ("fp16", "bf16"):
+        return (f"precision {requested} on CPU is emulated on most CPUs and can be far slower "
+                "than fp32; use it on CPU only to test the code path")
+    if device.type == "cuda" and requested == "bf16" and not _native_bf16():
+        # (named as a field and as its flag: train() also takes a TrainConfig built in code)
+        return ("precision bf16 on a GPU without native bf16 (compute capability below 8.0: "
+                "T4, V100) is emulated and far slower; use precision fp16 (--precision fp16), "
+                "with loss scaling, as auto would")
+    return None
 
 
 def _native_bf16() -> bool:
