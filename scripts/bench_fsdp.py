@@ -11,7 +11,8 @@
   the median of the per-round ratios sharded over full, with their spread (`_spread`).
 
 The machine is shared and its load drifts: each ratio is the median of the rounds' own ratios
-(scripts.rounds.median_ratio), each side going first in turn (scripts.rounds.rotated). The last line printed is one JSON object.
+(scripts.rounds.median_ratio), each side going first in turn (scripts.rounds.rotated). The
+last line printed is one JSON object.
 Usage: python -m scripts.bench_fsdp [--rounds 3] [--steps 60] [--ckpt-size medium]
 """
 from __future__ import annotations
