@@ -101,8 +101,11 @@ class FollowPlacement(ControllerCallback):
         while isinstance(decision, Queued):  # waits in the queue (it may preempt) for room
             if time.monotonic() > deadline:
                 raise NodeLostError(_lost_message(self.spec.name, lost, decision))
-            time.sleep(2)
-            decision = link.ask("poll", self.spec.name, self.owner, timeout_s=CALL_TIMEOUT_S)
+            time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+            # A poll's tries together end by the deadline: each waiting CALL_TIMEOUT_S held a
+            # hung scheduler's job up to 3 x 60 s past --queue-timeout.
+            decision = link.ask("poll", self.spec.name, self.owner, timeout_s=CALL_TIMEOUT_S,
+                                deadline=None if deadline == math.inf else deadline)
         if isinstance(decision, Placement):
             return decision
         if decision.cancelled:  # told to stop before the node was lost: it stops here

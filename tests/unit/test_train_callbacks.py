@@ -144,3 +144,36 @@ def test_a_job_preempted_as_it_lost_a_node_waits_past_the_queue_timeout(monkeypa
     callback.timeout_s = -1  # the queue timeout long past
     callback.follow_lost_nodes()
     assert selectors[0] == {"ray.io/node-id": "c"}
+
+
+def test_a_scheduler_hung_while_a_lost_nodes_job_waits_ends_the_wait_at_its_deadline(
+        monkeypatch):
+    # Each poll waited CALL_TIMEOUT_S three times, whatever --queue-timeout had left: a hung
+    # scheduler held the job up to 3 x 60 s past its deadline.
+    from ray_layer import scheduler_client
+    from ray_layer.scheduler_client import SchedulerUnreachable
+
+    clock = SimpleNamespace(now=0.0)
+    busy = Queued("run", 1, "lost node(s) a; waiting for room")
+    hung = SimpleNamespace(replace=SimpleNamespace(remote=lambda *a: "replace"),
+                           poll=SimpleNamespace(remote=lambda *a: "hung"))
+
+    def get(ref, timeout=None):
+        if ref == "replace":
+            return busy
+        assert timeout is not None, "a call to a hung scheduler without a timeout never returns"
+        clock.now += timeout
+        raise ray.exceptions.GetTimeoutError("timed out")
+
+    def sleep(seconds):
+        clock.now += seconds
+
+    callback, _ = follower(monkeypatch, hung, ["a", "b"], lost=["a"])
+    callback.timeout_s = 30
+    monkeypatch.setattr(ray, "get", get)
+    for module in (train_callbacks, scheduler_client):
+        monkeypatch.setattr(module.time, "monotonic", lambda: clock.now)
+        monkeypatch.setattr(module.time, "sleep", sleep)
+    with pytest.raises((SchedulerUnreachable, NodeLostError)):
+        callback.follow_lost_nodes()
+    assert clock.now <= 30 + 3
