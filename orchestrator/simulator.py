@@ -105,6 +105,50 @@ RESTART_S = 61.0
 NOTICE_S = 2.32
 YIELD_S = 6.63  # notice + checkpoint + release
 RELOAD_S = RESTART_S - YIELD_S
+
+
+@dataclass(frozen=True)
+class RestartCost:
+    """A preempted or migrated job's restart in the replay: it sees the directive notice_s
+    after it was issued, releases its GPUs yield_s after it and trains again restart_s after
+    it (the rest, reload_s, on its new GPUs). The defaults are the modelled GPU-job restart
+    above; `--notice-s`, `--yield-s` and `--restart-s` ask how the policies compare at
+    another."""
+    notice_s: float = NOTICE_S
+    yield_s: float = YIELD_S
+    restart_s: float = RESTART_S
+
+    @property
+    def reload_s(self) -> float:
+        return self.restart_s - self.yield_s
+
+    def problem(self) -> str | None:
+        """What is wrong with it, naming the flags; None when it is a restart."""
+        figures = {"--notice-s": self.notice_s, "--yield-s": self.yield_s,
+                   "--restart-s": self.restart_s}
+        bad = [f"{flag} {value:g}" for flag, value in figures.items()
+               if not (math.isfinite(value) and value >= 0)]
+        if bad:
+            return f"{', '.join(bad)}: seconds must be numbers >= 0"
+        if not self.notice_s <= self.yield_s <= self.restart_s:
+            return (f"--notice-s ({self.notice_s:g}) <= --yield-s ({self.yield_s:g}) <= "
+                    f"--restart-s ({self.restart_s:g}) must hold: the yield includes the "
+                    "notice, the restart the yield")
+        return None
+
+
+def add_restart_arguments(parser) -> None:
+    """The flags of RestartCost, for `simulate` and scripts/bench_simulator.py alike."""
+    parser.add_argument("--restart-s", type=float, default=RESTART_S,
+                        help=f"directive -> first step after the restart (default {RESTART_S:g})")
+    parser.add_argument("--yield-s", type=float, default=YIELD_S,
+                        help=f"directive -> old GPUs released (default {YIELD_S:g})")
+    parser.add_argument("--notice-s", type=float, default=NOTICE_S,
+                        help=f"directive -> seen at a step boundary (default {NOTICE_S:g})")
+
+
+def restart_cost(args) -> RestartCost:
+    return RestartCost(notice_s=args.notice_s, yield_s=args.yield_s, restart_s=args.restart_s)
 # Events of the replay's heap besides arrivals, at the same instant in this order per job
 ENDS, SEES_DIRECTIVE, RELEASES = 0, 1, 2
 
@@ -205,7 +249,8 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
              backfill: bool | None = None, check: bool = False,
              progress: Callable[[str], None] | None = None,
              progress_every_s: float = 5.0,
-             settings: SchedulerSettings | None = None) -> SimResult:
+             settings: SchedulerSettings | None = None,
+             restart: RestartCost = RestartCost()) -> SimResult:
     """Replay `trace` (sorted by submit time, e.g. from traces.prepare) under one policy.
 
     Every decision is the live scheduler's: a SchedulerCore (queue, EASY backfill, preemption,
@@ -213,7 +258,8 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
     "hetero-las" = the live scheduler's own rules). `backfill=False` is strict queue order
     (the policy's: FIFO or LAS; default: `settings`' own, EASY backfill as the live
     scheduler). `check` asserts after every event that no server holds more GPUs than it has
-    and that the reservations add up to the running jobs (conservation)."""
+    and that the reservations add up to the running jobs (conservation). `restart`: what a
+    preempted or migrated job spends restarting."""
     if isinstance(cluster, str):
         cluster = parse_cluster_spec(cluster)
     jobs = make_jobs(trace, cluster)
@@ -259,7 +305,7 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
                 timing["policy_s"] += time.perf_counter() - t0
 
         core._place = timed_place
-    run = _Replay(jobs, state, check)
+    run = _Replay(jobs, state, check, restart.reload_s)
     # (time, job index, segment, ENDS | SEES_DIRECTIVE | RELEASES); lazy deletion: an event of
     # an earlier segment, or of a job no longer in the state it expects, is skipped
     completions: list[tuple[float, int, int, int]] = []
@@ -280,12 +326,12 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
 
     def carry_out(outcome, now: float, job: SimJob | None = None) -> None:
         """Start what the core placed (`job`: the one the decision is about); tell the jobs
-        it directs to yield (preemption, migration): each sees it NOTICE_S later."""
+        it directs to yield (preemption, migration): each sees it restart.notice_s later."""
         if job is not None and isinstance(outcome.decision, Placement):
             start(job, outcome.decision, now)
         for effect in outcome.effects:
             if isinstance(effect, Yield) and by_name[effect.job_name].status == "running":
-                at(now + NOTICE_S, by_name[effect.job_name], SEES_DIRECTIVE)
+                at(now + restart.notice_s, by_name[effect.job_name], SEES_DIRECTIVE)
         for name in list(core.queue.ready):
             start(by_name[name], core.poll(name, "", now).decision, now)
 
@@ -297,7 +343,7 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
         if core.directive(job.spec.name, now).decision is None:
             return
         run.sees_directive(job, now)
-        at(now + YIELD_S - NOTICE_S, job, RELEASES)
+        at(now + restart.yield_s - restart.notice_s, job, RELEASES)
 
     def releases(job: SimJob, now: float) -> None:
         """The job has checkpointed and stopped: `yielded`, as its driver calls it."""
@@ -428,8 +474,9 @@ def _usable_gpus_counter(state: ClusterState) -> Callable[[Counter], tuple[int, 
 class _Replay:
     """The simulated jobs' progress: work done, segments run, GPUs and goodput held."""
 
-    def __init__(self, jobs: list[SimJob], state: ClusterState, check: bool) -> None:
-        self.state, self.check = state, check
+    def __init__(self, jobs: list[SimJob], state: ClusterState, check: bool,
+                 reload_s: float = RELOAD_S) -> None:
+        self.state, self.check, self.reload_s = state, check, reload_s
         self.gpus, self.goodput = 0, 0.0
         self.finished = self.never = 0
 
@@ -440,7 +487,7 @@ class _Replay:
             used[_type_of(node)] = used.get(_type_of(node), 0) + workers * placement.gpus_per_worker
         n = job.trace.num_gpus
         job.speed = throughput(job.model, tuple(sorted(used)), n, placement.bottleneck_gbps)
-        restart = RELOAD_S if job.segments else 0.0  # a resumed job reloads its checkpoint
+        restart = self.reload_s if job.segments else 0.0  # a resumed job reloads its checkpoint
         job.segment_start = now
         job.finish = now + restart + (job.work - job.work_done) / job.speed
         if math.isnan(job.start):
@@ -473,7 +520,7 @@ class _Replay:
         trained = (job.trained_until if yielding else now) - job.segment_start
         job.history.append((job.segment_start, now, job.nodes))
         job.runtime = (0.0 if math.isnan(job.runtime) else job.runtime) + held
-        reloading = min(trained, RELOAD_S) if job.segments > 1 else 0.0
+        reloading = min(trained, self.reload_s) if job.segments > 1 else 0.0
         job.good_time += (trained - reloading) * job.speed_vs_ideal  # reloading trains nothing
         job.overhead_s += held - (trained - reloading)  # reloading, checkpointing, releasing
         if yielding:
@@ -753,6 +800,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_restart_arguments(parser)
 
 
 def run_cli(args) -> int:
@@ -769,6 +817,9 @@ def run_cli(args) -> int:
         return err(f"--policy {args.policy!r}: use one of {', '.join(POLICY_NAMES)}, all")
     if args.seed < 0:  # the random policy's numpy generator takes no negative seed
         return err(f"--seed must be an integer >= 0, got {args.seed}")
+    restart = restart_cost(args)
+    if restart.problem():
+        return err(restart.problem())
     try:
         cluster = parse_cluster_spec(args.cluster)
         if args.trace is None:
@@ -794,7 +845,7 @@ def run_cli(args) -> int:
     results = []
     for name in policies:
         result = simulate(trace, cluster, name, seed=args.seed, backfill=args.backfill,
-                          progress=log)
+                          progress=log, restart=restart)
         log(f"[{name}] done in {result.metrics['wall_s']:.1f}s")
         results.append(result)
     write_jobs_csv(results, out / "jobs.csv")

@@ -122,6 +122,8 @@ def test_the_sweep_runs_only_the_policies_asked_for(capsys, monkeypatch):
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--sections", "philly,ful"], "--sections: unknown ful"),
     (["--sections", "constrained", "--trace-seed", "-1"], "--trace-seed must be >= 0, got -1"),
+    (["--restart-s", "5", "--yield-s", "6"], "--yield-s (6) <= --restart-s (5) must hold"),
+    (["--restart-s", "nan"], "--restart-s nan: seconds must be numbers >= 0"),
 ])
 def test_bad_flags_are_refused_before_any_replay(capsys, args, message):
     # A misspelt policy failed only when its replay came, after the others had run.

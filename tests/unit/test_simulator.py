@@ -13,7 +13,7 @@ from orchestrator.__main__ import main
 from orchestrator.cluster_model import (ClusterSpecError, build_state, iteration_times,
                                         parse_cluster_spec, throughput)
 from orchestrator.simulator import (FINISHED, NEVER_FITS, NOTICE_S, RELOAD_S, RESTART_S,
-                                    YIELD_S, simulate, simulation_settings)
+                                    YIELD_S, RestartCost, simulate, simulation_settings)
 from orchestrator.traces import (TraceError, TraceJob, load_canonical, load_philly, load_trace,
                                  prepare, unknown_families)
 
@@ -500,6 +500,21 @@ def test_a_las_preemption_costs_the_measured_restart_and_loses_no_work():
     assert m["preemptions_per_job"] == 0.5
     # the GPU is busy throughout: A's yield and reload over all GPU-time
     assert m["restart_overhead"] == pytest.approx((YIELD_S - NOTICE_S + RELOAD_S) / a.finish)
+
+
+def test_another_restart_cost_is_the_one_the_replay_charges():
+    # The same preemption as above at a cheaper restart (bench_yield's tiny CPU job): B starts
+    # when A has released its GPU, A trains again restart_s after the directive.
+    restart = RestartCost(notice_s=0.5, yield_s=1.2, restart_s=13.8)
+    result = simulate(trace((0, 10_000, 1), (8000, 100, 1)), "p100:1x1", "hetero-las",
+                      check=True, restart=restart)
+    a, b = by_id(result)[0], by_id(result)[1]
+    assert a.preemptions == 1
+    assert b.start == pytest.approx(8000 + 1.2)
+    assert a.finish == pytest.approx(8100 + 1.2 + 13.8 - 1.2 + 10_000 - (8000 + 0.5))
+    assert result.metrics["restart_overhead"] == pytest.approx((1.2 - 0.5 + 12.6) / a.finish)
+    assert RestartCost(notice_s=2, yield_s=1).problem().startswith("--notice-s (2) <=")
+    assert RestartCost().problem() is None
 
 
 def test_the_wait_after_a_preemption_counts_as_waiting_not_only_the_first_start():
