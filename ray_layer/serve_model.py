@@ -30,7 +30,8 @@ from orchestrator.serving.generation import (BatchGeneration, Chunk, GenerationR
                                              GenerationResult, collect)
 from orchestrator.serving.loading import (CheckpointPin, LoadedModel, forward_problem,
                                           load_for_serving, pin_once, record_refused,
-                                          record_served, resolve_checkpoint)
+                                          record_served, resolve_checkpoint,
+                                          superseding_pin)
 from orchestrator.serving.protocol import APIError
 from orchestrator.serving.retries import engine_lost
 from orchestrator.serving.settings import (RuntimeConfig, ServeSettings, health_probe_timeout_s,
@@ -199,8 +200,9 @@ class GPTModel:
         except ConfigError as e:
             return self._refuse_update(str(e))
         loaded, pin = self.loaded, self.pin
-        if loaded is None or runtime.checkpoint != self.runtime.checkpoint:
-            requested = runtime.checkpoint or self.settings.checkpoint
+        requested = runtime.checkpoint or self.settings.checkpoint
+        if (loaded is None or runtime.checkpoint != self.runtime.checkpoint
+                or await self._pin_superseded()):
             try:
                 loaded, pin = await asyncio.get_running_loop().run_in_executor(
                     None, self._load_pinned, requested)
@@ -242,6 +244,21 @@ class GPTModel:
             raise
         loaded.requested = requested or loaded.requested  # (/v1/models: what was named)
         return loaded, pin
+
+    async def _pin_superseded(self) -> bool:
+        """Whether the deployment pinned the checkpoint this replica's config names anew since
+        this replica loaded it (loading.superseding_pin): the config unchanged, it is loaded
+        all the same, so that every replica serves one checkpoint."""
+        if self.pin is None or not self.pin.generation:  # resolved alone: nothing shared
+            return False
+        try:
+            newer = await asyncio.get_running_loop().run_in_executor(
+                None, superseding_pin, self._pin_store(), self.pin)
+        except Exception as e:  # the store: this replica keeps what it serves
+            log.warning("could not read the checkpoint pinned for %r (%s): this replica keeps "
+                        "serving %s", self.pin.requested, e, self.pin.directory)
+            return False
+        return newer is not None
 
     def _pin_store(self) -> GcsPinStore:
         return GcsPinStore(f"{PINS_PREFIX}/{self._deployment_key()}/{self.build}")

@@ -224,6 +224,19 @@ def pin_once(store: PinStore, requested: str, serving: CheckpointPin | None,
     return CheckpointPin(requested, directory, generation)
 
 
+def superseding_pin(store: PinStore, serving: CheckpointPin) -> CheckpointPin | None:
+    """The deployment's current pin where it replaced the one this replica serves: made by a
+    later reload for the same checkpoint named, to another directory. A replica that refused
+    a reload kept its config's checkpoint, so reverting the config was no change to it while
+    the others pinned the run's newest checkpoint afresh: replicas served two checkpoints."""
+    current = _pin_of(store.get(CURRENT_PIN))
+    if (current is not None and current.requested == serving.requested
+            and current.generation > serving.generation
+            and current.directory != serving.directory):
+        return current
+    return None
+
+
 def _pinned(store: PinStore, requested: str, serving: CheckpointPin | None,
             current: CheckpointPin | None, since: int, newest: int) -> CheckpointPin | None:
     """The pin of `requested` pin_once takes, if one was made: the newest made after

@@ -99,6 +99,35 @@ def test_a_reload_back_to_a_run_dir_pins_its_newest_checkpoint_once_for_all(repl
     assert a.loaded.path == b.loaded.path == c.loaded.path == newer
 
 
+def test_reverting_a_reload_one_replica_refused_brings_every_replica_to_one_checkpoint(
+        replicas, tmp_path):
+    # a reloads run -> other, b refuses it (out of memory with two models held), the operator
+    # reverts the user_config: a pins the run's newest checkpoint, and b, whose config never
+    # changed, kept the older one, as c, started later, did not.
+    run = tmp_path / "run"
+    checkpoint(run, 1)
+    other = checkpoint(tmp_path / "other", 7)
+    a, b = replicas(), replicas()
+    for replica in (a, b):
+        asyncio.run(replica.reconfigure({"checkpoint": str(run), "batching": "static"}))
+    newer = checkpoint(run, 2)
+    asyncio.run(a.reconfigure({"checkpoint": other, "batching": "static"}))
+    load = b._load_pinned
+
+    def out_of_memory(requested):
+        raise MemoryError("CUDA out of memory")
+    b._load_pinned = out_of_memory
+    asyncio.run(b.reconfigure({"checkpoint": other, "batching": "static"}))
+    b._load_pinned = load
+    assert b.reload_error is not None
+    for replica in (a, b):
+        asyncio.run(replica.reconfigure({"checkpoint": str(run), "batching": "static"}))
+    c = replicas()
+    asyncio.run(c.reconfigure({"checkpoint": str(run), "batching": "static"}))
+    assert a.loaded.path == b.loaded.path == c.loaded.path == newer
+    assert b.reload_error is None
+
+
 def test_the_app_builds_without_a_checkpoint_in_its_args(monkeypatch, tmp_path):
     # serve_config.yaml names the checkpoint in the model's user_config, which the builder
     # never sees: it resolved "the newest pretrain-* run" instead and failed the deploy
