@@ -133,6 +133,11 @@ SERVING_STATES = ROUTABLE_STATES + ("UPDATING", "RECOVERING")
 # Serve's deployment statuses with no replica serving by autoscaling's choice: scaled to zero
 # (min_replicas 0, no traffic), being scaled down to it, or starting one for a request.
 SCALED_TO_ZERO_STATUSES = ("HEALTHY", "DOWNSCALING", "UPSCALING")
+# In Serve's message (2.60, deployment_state.py) while replicas wait for a node with room for
+# them: "... has N replicas that have taken more than 30s to be scheduled. ... Resources
+# required for each replica: ...". The deployment stays UPSCALING, its replicas STARTING, for
+# as long as none fits: /health said 200 for ever to a replica that could never start.
+UNSCHEDULABLE_MARK = "to be scheduled"
 
 
 def replicas_in(state: DeploymentState, states: tuple[str, ...]) -> int:
@@ -147,10 +152,12 @@ def unanswered_health(deployment: str, state: DeploymentState | str,
     Told from Serve's view (`state`; as text, why Serve could not say):
       - a replica serving that was not asked (all updating, recovering, or not yet known to
         this router): 200 "ok", with Serve's view;
-      - scaled to zero, or starting a replica for a request (nothing but starting or
-        stopping ones): 200 "scaled_to_zero";
-      - else (a running replica that failed to answer, a failed deploy, replicas unable to
-        start, Serve unreachable): 503 "unavailable", with Serve's view and the error."""
+      - scaled to zero (none wanted: nothing but stopping ones): 200 "scaled_to_zero";
+      - starting replicas (for a request, at a scale-up) that Serve does not say it cannot
+        place: 200 "starting", with Serve's view;
+      - else (a running replica that failed to answer, replicas Serve cannot schedule, a
+        failed deploy, replicas unable to start, Serve unreachable): 503 "unavailable", with
+        Serve's view and the error."""
     if isinstance(state, str):
         why = f"{error}; " if error else ""
         return 503, {"status": "unavailable",
@@ -160,9 +167,14 @@ def unanswered_health(deployment: str, state: DeploymentState | str,
         return 200, {"status": "ok", "serve": described}
     active = {name for name, count in state.replicas.items()
               if count and name not in ("STOPPING", "STOPPED")}
-    if state.status in SCALED_TO_ZERO_STATUSES and active <= {"STARTING"}:
-        return 200, {"status": "scaled_to_zero", "starting": state.replicas.get("STARTING", 0)}
+    unschedulable = UNSCHEDULABLE_MARK in state.message
+    if state.status in SCALED_TO_ZERO_STATUSES and active <= {"STARTING"} and not unschedulable:
+        starting = state.replicas.get("STARTING", 0)
+        if not starting:
+            return 200, {"status": "scaled_to_zero", "starting": 0}
+        return 200, {"status": "starting", "starting": starting, "serve": described}
     head = f"the {deployment} replica asked did not answer: {error}" if error \
+        else f"no {deployment} replica can be scheduled" if unschedulable \
         else f"no {deployment} replica is running"
     return 503, {"status": "unavailable", "error": f"{head} ({described})"}
 

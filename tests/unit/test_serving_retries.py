@@ -165,15 +165,37 @@ def test_health_without_a_running_replica_is_told_from_serves_view_alone():
     # call woke one (Serve scales up for it).
     from orchestrator.serving.retries import DeploymentState, unanswered_health
 
-    for status, replicas, starting in (("HEALTHY", {}, 0), ("DOWNSCALING", {"STOPPING": 1}, 0),
-                                       ("UPSCALING", {"STARTING": 1}, 1)):
+    for status, replicas in (("HEALTHY", {}), ("DOWNSCALING", {"STOPPING": 1})):
         code, body = unanswered_health("GPTModel", DeploymentState(status, replicas))
-        assert (code, body["status"], body["starting"]) == (200, "scaled_to_zero", starting)
+        assert (code, body["status"], body["starting"]) == (200, "scaled_to_zero", 0)
+    # a replica started for a request that came in is wanted: starting, not scaled to zero
+    code, body = unanswered_health("GPTModel", DeploymentState(
+        "UPSCALING", {"STARTING": 1}, "Upscaling from 0 to 1 replicas."))
+    assert (code, body["status"], body["starting"]) == (200, "starting", 1)
+    assert body["serve"] == ("GPTModel is UPSCALING, replicas: 1 starting; Upscaling from 0 "
+                             "to 1 replicas.")
     code, body = unanswered_health("GPTModel", DeploymentState(
         "UNHEALTHY", {"STARTING": 1}, "The replica failed to start"))
     assert code == 503 and body["status"] == "unavailable"
     assert body["error"] == ("no GPTModel replica is running (GPTModel is UNHEALTHY, replicas: "
                              "1 starting; The replica failed to start)")
+
+
+def test_health_of_a_replica_serve_cannot_schedule_is_503_with_serves_message():
+    # A replica no node has room for stays STARTING, the deployment UPSCALING: /health said
+    # 200 scaled_to_zero for as long as it could not be placed.
+    from orchestrator.serving.retries import DeploymentState, unanswered_health
+
+    message = ("Deployment 'GPTModel' in application 'llm' has 1 replicas that have taken "
+               "more than 30s to be scheduled. This may be due to waiting for the cluster to "
+               "auto-scale or for a runtime environment to be installed. Resources required "
+               "for each replica: {'CPU': 1.0, 'GPU': 1.0}, total resources available: "
+               "{'CPU': 8.0}. Use `ray status` for more details.")
+    code, body = unanswered_health("GPTModel", DeploymentState("UPSCALING", {"STARTING": 1},
+                                                               message))
+    assert (code, body["status"]) == (503, "unavailable")
+    assert body["error"] == ("no GPTModel replica can be scheduled (GPTModel is UPSCALING, "
+                             f"replicas: 1 starting; {message})")
 
 
 def test_health_counts_updating_recovering_and_migrating_replicas_as_serving():
