@@ -330,7 +330,7 @@ def model_autoscaling(args: Mapping[str, Any],
                           f"{type(autoscaling).__name__}")
     unknown = unknown_fields(autoscaling, list(SERVE_AUTOSCALING_FIELDS), "autoscaling")
     if unknown:
-        raise ConfigError(f"autoscaling: {unknown}")
+        raise ConfigError(unknown)  # (it names autoscaling)
     built = settings.autoscaling_config()
     as_settings = {key: value for key, value in autoscaling.items() if key in built}
     try:
