@@ -215,15 +215,17 @@ class GPTModel:
             if problem is not None:
                 return self._refuse_update(f"continuous batching cannot serve checkpoint "
                                            f"{loaded.path!r} with this config: {problem}")
-        if loaded is not self.loaded:
+        swapped = loaded is not self.loaded
+        if swapped:
             self._swap(loaded, time.perf_counter() - started)
             self.pin = pin
-            self._record_pin(pin)
         self.runtime, self.bounds, self.reload_error = runtime, runtime.bounds, None
         self.serving_engine, self.engine_problem = engine, None
         self._adapt_batching(time.monotonic())  # the new bounds apply from now
         self._retire_engines(keep=engine)  # (static batching: every engine goes)
         self._remember_good_config(user_config)
+        if swapped:  # (awaited: this replica's records keep the order of its reloads)
+            await asyncio.get_running_loop().run_in_executor(None, self._record_pin, pin)
 
     def _load_pinned(self, requested: str) -> tuple[LoadedModel, CheckpointPin]:
         """The model of the checkpoint a config names ("" = the newest pretrain-* run), from
@@ -264,7 +266,8 @@ class GPTModel:
         return GcsPinStore(f"{PINS_PREFIX}/{self._deployment_key()}/{self.build}")
 
     def _record_pin(self, pin: CheckpointPin, record=record_served) -> None:
-        """`record` (loading.record_served or record_refused) of a shared pin."""
+        """`record` (loading.record_served or record_refused) of a shared pin. Synchronous
+        GCS calls: run off the event loop (a slow GCS stalled every request meanwhile)."""
         if not pin.generation:  # resolved alone: nothing to share
             return
         try:

@@ -128,6 +128,30 @@ def test_reverting_a_reload_one_replica_refused_brings_every_replica_to_one_chec
     assert b.reload_error is None
 
 
+def test_the_pin_store_is_never_called_on_the_replicas_event_loop(replicas, tmp_path):
+    # record_served's GCS get and put ran on the event loop: a slow GCS stalled every request
+    # of the replica while it answered.
+    import threading
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    checkpoint(run, 1)
+    fixed = checkpoint(other, 7)
+    replica = replicas()
+    store = replica._pin_store()
+    on_loop = []
+    for name in ("get", "put", "put_if_absent"):
+        def call(*args, _call=getattr(store, name), _name=name):
+            on_loop.append((_name, args[0], threading.current_thread() is
+                            threading.main_thread()))
+            return _call(*args)
+        setattr(store, name, call)
+    asyncio.run(replica.reconfigure({"checkpoint": str(run), "batching": "static"}))
+    asyncio.run(replica.reconfigure({"checkpoint": fixed, "batching": "static"}))
+    assert replica.loaded.path == fixed
+    assert ("put", "current", False) in on_loop  # (recorded: served)
+    assert [call for call in on_loop if call[2]] == []
+
+
 def test_the_app_builds_without_a_checkpoint_in_its_args(monkeypatch, tmp_path):
     # serve_config.yaml names the checkpoint in the model's user_config, which the builder
     # never sees: it resolved "the newest pretrain-* run" instead and failed the deploy
