@@ -448,16 +448,19 @@ BandwidthHistory = dict[str, tuple[tuple[float, float], ...]]
 
 
 def record_bandwidth(history: BandwidthHistory, measured: dict[str, float], sampled: set[str],
-                     alive: set[str], now: float) -> BandwidthHistory:
+                     alive: set[str], now: float,
+                     failed: frozenset[str] | set[str] = frozenset()) -> BandwidthHistory:
     """A node's bandwidth history after one refresh: this round's measurements appended to each
     peer's last ones; peers not sampled this time (clusters larger than max_bandwidth_peers)
-    unchanged; nothing for a peer sampled this round whose transfer failed or timed out (its
-    old, fast figures kept a degraded link looking healthy to placement) or for a node that
-    left the cluster."""
+    unchanged; nothing for a node that left the cluster. A peer sampled this round one of whose
+    transfers failed or timed out (`failed`) keeps only this round's figure, if any (the
+    smaller transfer's rate, a lower bound): its old, fast figures would outvote it in the
+    median and keep a degraded link looking healthy to placement."""
     updated = {node: samples for node, samples in history.items()
                if node in alive and node not in sampled}
     for node, gbps in measured.items():
-        updated[node] = (history.get(node, ()) + ((now, gbps),))[-BANDWIDTH_HISTORY:]
+        before = () if node in failed else history.get(node, ())
+        updated[node] = (before + ((now, gbps),))[-BANDWIDTH_HISTORY:]
     return updated
 
 

@@ -69,6 +69,7 @@ class NodeAgent:
         # same link); reentrant because refresh_bandwidth holds it around measure_bandwidth.
         self._bandwidth_lock = threading.RLock()
         self._failing_peers: set[str] = set()  # logged once until they answer again
+        self._failed_peers_last: set[str] = set()  # a transfer failed in the last measurement
         self._refused = False  # the last report was refused (logged once until one is taken)
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat, name="node-agent-heartbeat",
@@ -165,7 +166,9 @@ class NodeAgent:
                           timeout_s: float = 10.0) -> dict[str, float]:
         """{peer node id: GB/s} from this node to each peer agent in `peers` (node id ->
         handle), timing transfers of `nbytes` and of bandwidth_probe_sizes' smaller size. A
-        peer that fails or times out is left out, never raised."""
+        peer none of whose transfers came through is left out, never raised; one whose larger
+        transfer failed or timed out gets the smaller's rate (a lower bound) and is named in
+        `_failed_peers_last` for record_bandwidth."""
         sizes = bandwidth_probe_sizes(nbytes)
         with self._bandwidth_lock:
             seconds: dict[str, dict[int, list[float | None]]] = {
@@ -175,6 +178,8 @@ class NodeAgent:
                     for size, times in seconds[node_id].items():
                         if not _failed(seconds[node_id]):  # a failing peer is not retried
                             times.append(self._time_pull(node_id, peer, size, timeout_s))
+            self._failed_peers_last = {node_id for node_id, by_size in seconds.items()
+                                       if _failed(by_size)}
         measured = {node_id: bandwidth_gbps(times) for node_id, times in seconds.items()}
         return {node_id: gbps for node_id, gbps in measured.items() if gbps is not None}
 
@@ -189,7 +194,7 @@ class NodeAgent:
             measured = self.measure_bandwidth(peers, nbytes, timeout_s)
             # One assignment: collect() never sees half an update.
             self._bandwidth = record_bandwidth(self._bandwidth, measured, set(peers), alive,
-                                               time.monotonic())
+                                               time.monotonic(), self._failed_peers_last)
             self._last_tried = {node: tried for node, tried in self._last_tried.items()
                                 if node in alive}
             self._bandwidth_max_age_s = bandwidth_max_age_s(

@@ -207,8 +207,9 @@ class GPTModel:
                 loaded, pin = await asyncio.get_running_loop().run_in_executor(
                     None, self._load_pinned, requested)
             except Exception as e:  # a missing, corrupt or foreign checkpoint: any error
-                return self._refuse_update(f"checkpoint {requested or '(none named)'!r} cannot "
-                                           f"be served: {type(e).__name__}: {e}")
+                named = repr(requested) if requested else "(none named)"
+                return self._refuse_update(f"checkpoint {named} cannot be served: "
+                                           f"{type(e).__name__}: {e}")
         engine = None
         if runtime.batching == "continuous":  # open before taking requests, refuse if not
             engine, problem = await self._engine_ready(loaded, runtime)

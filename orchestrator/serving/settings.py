@@ -163,10 +163,6 @@ class ServeSettings:
                     f"{self.max_concurrent_batches} = {needed}), or batches never fill")
             problems += _batch_problems(self.min_batch_size, self.max_batch_size)
             problems += self._target_problems()
-            if self.gpus_per_replica > 1:
-                problems.append(f"gpus_per_replica ({self.gpus_per_replica:g}) must be <= 1: a "
-                                "replica runs its model on one device; for more throughput "
-                                "raise max_replicas")
         problems += _mode_problems(self.batching)
         if problems:
             raise ConfigError("invalid serving settings: " + "; ".join(problems))
@@ -356,13 +352,18 @@ _INT_MIN = {"torch_threads": 1, "min_replicas": 0, "max_replicas": 1, "min_batch
             "max_prompts_per_request": 1, "max_body_bytes": 64, "request_retries": 0,
             "ingress_replicas": 1, "kv_cache_tokens": 0, "kv_block_tokens": 1,
             "prefill_chunk_tokens": 1}
-_FLOAT_RANGE = {"cpus_per_replica": (0.0, 1024.0), "gpus_per_replica": (0.0, 64.0),
+_FLOAT_RANGE = {"cpus_per_replica": (0.0, 1024.0), "gpus_per_replica": (0.0, 1.0),
                 "target_ongoing_requests": (0.001, 1e6), "upscale_delay_s": (0.0, 86400.0),
                 "downscale_delay_s": (0.0, 86400.0), "max_batch_wait_ms": (0.0, 10_000.0),
                 "graceful_shutdown_timeout_s": (0.0, 3600.0),
                 "health_check_period_s": (0.1, 3600.0),
                 "health_check_timeout_s": (0.1, 3600.0), "hang_after_s": (0.1, 86400.0),
                 "replica_wait_s": (0.0, 86400.0)}
+
+
+# Why a range is what it is, where the bound alone would puzzle.
+_RANGE_WHY = {"gpus_per_replica": ": a replica runs its model on one device; for more "
+                                  "throughput raise max_replicas"}
 
 
 def _field_problems(obj: Any, int_min: dict[str, int],
@@ -380,7 +381,7 @@ def _field_problems(obj: Any, int_min: dict[str, int],
             if not (isinstance(value, (int, float)) and not isinstance(value, bool)
                     and math.isfinite(value) and low <= value <= high):
                 problems.append(f"{f.name} must be a number in [{low:g}, {high:g}], "
-                                f"got {value!r}")
+                                f"got {value!r}{_RANGE_WHY.get(f.name, '')}")
         elif f.type in ("bool", bool) and not isinstance(value, bool):
             problems.append(f"{f.name} must be true or false, got {value!r}")
         elif f.type in ("str", str) and not isinstance(value, str):

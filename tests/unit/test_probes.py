@@ -668,3 +668,13 @@ def test_a_workers_gpu_is_found_by_torchs_bare_uuid_and_its_own_bytes_counted(mo
     assert nvml_index_and_process_bytes("t4", pid=7) == (1, 0)  # a MIG slice, no process list
     assert nvml_index_and_process_bytes("gone", pid=7) == (None, 0)
     assert nvml.calls.count("init") == nvml.calls.count("shutdown") == 3
+
+
+def test_a_peer_whose_larger_transfer_failed_keeps_only_this_rounds_lower_bound():
+    # Two healthy rounds, then the 64 MiB transfer times out and the 8 MiB one is slow: its
+    # rate was appended beside the two fast figures, and the median kept reporting 7.3 GB/s
+    # for a link that could not move 64 MiB in 10 s.
+    history = record_bandwidth({}, {"b": 7.3}, {"b"}, {"b"}, now=1.0)
+    history = record_bandwidth(history, {"b": 7.3}, {"b"}, {"b"}, now=2.0)
+    history = record_bandwidth(history, {"b": 0.0056}, {"b"}, {"b"}, now=3.0, failed={"b"})
+    assert current_bandwidth(history, now=3.0, max_age_s=100.0) == {"b": 0.0056}

@@ -222,8 +222,8 @@ def test_unhealthy_replicas_are_stopped_at_once_on_either_serving_path():
 
 def test_a_replica_is_not_given_gpus_it_cannot_use():
     # A replica runs its model on one CUDA device: a second GPU sat reserved and idle.
-    with pytest.raises(ConfigError, match="gpus_per_replica \\(2\\) must be <= 1: a replica "
-                                          "runs its model on one device"):
+    with pytest.raises(ConfigError, match=r"gpus_per_replica must be a number in \[0, 1\], "
+                                          r"got 2.0: a replica runs its model on one device"):
         ServeSettings.from_args({"gpus_per_replica": "2"})
     assert ServeSettings.from_args({"gpus_per_replica": "0.5"}).gpus_per_replica == 0.5
 
