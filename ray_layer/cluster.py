@@ -90,7 +90,11 @@ def _create_without_runtime_env(settings: dict) -> None:
     the driver's 60 s wait: "did not come up"). That process imports the package installed
     on this node, as the actors' workers will (docs/operations.md: installed on every node).
     If it fails (the package not installed, say), it is said, and the caller creates them
-    itself, as before."""
+    itself, as before; it is not tried again by this process (it would fail again, each time
+    up to CLEAN_BRING_UP_TIMEOUT_S: a lost scheduler's re-creation waited for it twice)."""
+    global _bring_up_failed
+    if _bring_up_failed:
+        return
     environ = {k: v for k, v in os.environ.items()
                # (Ray reads a `ray job submit` job's runtime_env, and the address, from these)
                if k not in ("RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_ADDRESS")}
@@ -114,7 +118,11 @@ def _create_without_runtime_env(settings: dict) -> None:
     except (OSError, subprocess.TimeoutExpired) as e:
         why = f"{type(e).__name__}: {e}"
     if why:
+        _bring_up_failed = True
         _warn(_created_here_because(why))
+
+
+_bring_up_failed = False  # _create_without_runtime_env failed once in this process
 
 
 def _without_runtime_env_folders(pythonpath: str) -> str:

@@ -63,6 +63,10 @@ STATE_KEY = "scheduler-state"
 STATE_READ_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 THROUGHPUT_KEY = "throughput"  # the learnt speeds, beside the core's parts in the saved state
 CLOCK_KEY = "clock"  # {"time": time.time(), "clock": wall_clock()} at the save (continued_clock)
+# A maintenance pass saves at least this often, changes or not: the clock pair above is only
+# as fresh as the last save, and a host clock step after it shifts a restarted scheduler's
+# saved times by the step (an idle cluster can go hours without a change to save).
+CLOCK_RESAVE_S = 300.0
 RAY_NODES_REFRESH_S = 1.0  # a flood of reports for unknown nodes asks Ray at most this often
 
 
@@ -81,7 +85,7 @@ class SchedulerActor:
         self.throughput = ThroughputTable()
         # Changes saved by the next maintenance pass, not at once (SaveSoon: learnt speeds,
         # jobs' checkpoint times): a figure a second per job is not worth a GCS write each.
-        self._unsaved = False
+        self._unsaved, self._saved_at = False, time.monotonic()
         self.store = GcsJsonStore(STATE_KEY, NAMESPACE)
         saved, unreadable = self._load_state()  # (read once: settings, then the state)
         self._continue_clock(saved)  # before anything reads the clock
@@ -257,7 +261,8 @@ class SchedulerActor:
             agents = self.core.agents_needed(alive, now)
             last_seen = {e.node_id: self.core.state.last_seen.get(e.node_id) for e in agents}
             scale_up = self.core.scale_up_requests(now)
-            if self._unsaved:  # (SaveSoon) saved at most once a pass
+            # (SaveSoon) saved at most once a pass; and the clock pair kept fresh
+            if self._unsaved or time.monotonic() - self._saved_at > CLOCK_RESAVE_S:
                 self._save()
             changes = {"dead_by_ray": dead.decision, "expired": tick.decision["expired"],
                        "lost_reservations": tick.decision["lost_reservations"],
@@ -364,7 +369,7 @@ class SchedulerActor:
     def _save(self) -> None:
         self.store.save({**self.core.to_dict(), THROUGHPUT_KEY: self.throughput.to_dict(),
                          CLOCK_KEY: {"time": time.time(), "clock": wall_clock()}})
-        self._unsaved = False
+        self._unsaved, self._saved_at = False, time.monotonic()
 
     # -- learning speeds ----------------------------------------------------------------------
     def _speed(self, spec: JobSpec, family: str) -> float:

@@ -38,6 +38,7 @@ def cluster(monkeypatch):
         runs.append((command, kwargs))
         return SimpleNamespace(returncode=0, stderr="")
     monkeypatch.setattr(cluster.subprocess, "run", run)
+    monkeypatch.setattr(cluster, "_bring_up_failed", False)
     monkeypatch.setenv(SUBMITTED, json.dumps({"runtime_env": {"pip": ["pandas"]}}))
     return SimpleNamespace(module=cluster, context=context, runs=runs, created=created)
 
@@ -116,3 +117,16 @@ def test_a_package_not_installed_on_the_node_is_said_and_created_here_as_before(
     assert err.startswith("warning: this package (ray_layer, orchestrator) is not installed on "
                           "this node, only shipped with the job"), err
     assert "pip install" in err and "operations.md" in err
+
+
+def test_a_failed_process_aside_is_not_tried_again_by_the_same_process(cluster, monkeypatch,
+                                                                       capsys):
+    # A lost scheduler's re-creation ran it twice (ensure_scheduler, then
+    # ensure_control_plane), each up to CLEAN_BRING_UP_TIMEOUT_S, with the warning twice.
+    tried = []
+    monkeypatch.setattr(cluster.module.subprocess, "run", lambda command, **kwargs:
+                        tried.append(command) or SimpleNamespace(returncode=1, stderr="boom"))
+    cluster.module.ensure_scheduler()
+    cluster.module.ensure_scheduler()
+    assert len(tried) == 1 and capsys.readouterr().err.count("warning:") == 1
+    assert cluster.created == [{}, {}]  # both created here, as before

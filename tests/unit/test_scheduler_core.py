@@ -1473,6 +1473,7 @@ def test_the_scheduler_actor_saves_a_read_directive_at_once_and_checkpoint_times
     actor.store = type("Store", (), {"save": lambda self, state: saves.append(state)})()
     actor.throughput = type("Table", (), {"to_dict": lambda self: {}})()
     actor._unsaved, actor._retired, actor._scale_up_asked = False, set(), []
+    actor._saved_at = time.monotonic()
     actor._agents_lock, actor._agent_silent_since = threading.Lock(), {}
     module = inspect.unwrap(actor_class.directive).__globals__
     for name, value in (("record_all", lambda samples: None), ("wall_clock", lambda: T0 + 5),
@@ -1488,6 +1489,13 @@ def test_the_scheduler_actor_saves_a_read_directive_at_once_and_checkpoint_times
     actor.maintain()
     assert len(saves) == 2 and not actor._unsaved  # ...but by the next maintenance pass
     assert saves[-1]["running"]["job"]["last_checkpoint_at"] == pytest.approx(T0 + 3, abs=1)
+    actor.maintain()
+    assert len(saves) == 2  # nothing changed: nothing saved
+    # The clock pair is only as fresh as the last save (a host clock step after it shifts a
+    # restarted scheduler's times): an idle scheduler saves it every CLOCK_RESAVE_S anyway.
+    actor._saved_at -= scheduler_actor.CLOCK_RESAVE_S + 1
+    actor.maintain()
+    assert len(saves) == 3 and saves[-1]["clock"]["clock"] == T0 + 5
 
 
 def test_a_restarted_scheduler_continues_its_predecessors_clock_across_a_host_clock_step():
