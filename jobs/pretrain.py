@@ -225,9 +225,9 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
                 strategy=args.strategy, compile=args.compile, **fields)
             # Accumulation vs --max-steps matters only where training happens: a finished
             # run resumed with nothing to do (run: _already_complete) is said so, exit 0.
+            if never_steps := train_config.never_stepping_groups(from_step=resumed_at):
+                problems.append(never_steps)
             if train_config.max_steps > resumed_at:
-                if never_steps := train_config.never_stepping_groups():
-                    problems.append(never_steps)
                 left_pending = train_config.left_pending_at_end(after=resumed_at)
         except ConfigError as e:
             problems.append(str(e))

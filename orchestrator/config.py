@@ -437,11 +437,15 @@ class TrainConfig:
                    f"{_named('min_lr')} ({self.min_lr}) must be <= {_named('lr')} ({self.lr})")
         _raise_if_any("TrainConfig", p)
 
-    def never_stepping_groups(self) -> str | None:
-        """Why this config cannot train: a group whose factor exceeds max_steps would never
-        take an optimizer step (it trained nothing while the run reported a loss as if it
-        had); None when every group steps. A rule for training, not part of validate(): a
-        saved run's config must still load (to serve, export or compress its checkpoint)."""
+    def never_stepping_groups(self, from_step: int = 0) -> str | None:
+        """Why this config cannot train from `from_step` (a resume's step): a group whose
+        factor exceeds max_steps would never take an optimizer step (it trained nothing while
+        the run reported a loss as if it had); None when every group steps, or when nothing
+        is left to train (a finished run resumed says so, even with a config saved before this
+        rule). A rule for training, not part of validate(): a saved run's config must still
+        load (to serve, export or compress its checkpoint)."""
+        if from_step >= self.max_steps:
+            return None
         never = {group: k for group, k in self.accumulation_factors.items()
                  if k > self.max_steps}
         if not never:

@@ -294,10 +294,8 @@ def _any_workers_problem(problem: CheckpointError | None) -> CheckpointError | N
 
 def _refuse_groups_that_never_step(config: TrainConfig, step: int) -> None:
     """ConfigError when training from `step` would happen with a group that never steps
-    (TrainConfig.never_stepping_groups). A run already at max_steps trains nothing: its
-    resume says so (already_complete) even where a config saved before the rule has such a
-    group."""
-    if step < config.max_steps and (never_steps := config.never_stepping_groups()):
+    (TrainConfig.never_stepping_groups, which says when that is)."""
+    if never_steps := config.never_stepping_groups(from_step=step):
         raise ConfigError(never_steps)
 
 
