@@ -1461,6 +1461,7 @@ def test_a_directive_read_is_saved_at_once_and_a_new_checkpoint_time_soon():
 
 def test_the_scheduler_actor_saves_a_read_directive_at_once_and_checkpoint_times_per_pass(
         monkeypatch):
+    import inspect
     import threading
 
     from ray_layer import scheduler_actor
@@ -1474,9 +1475,7 @@ def test_the_scheduler_actor_saves_a_read_directive_at_once_and_checkpoint_times
     actor._unsaved, actor._retired, actor._scale_up_asked = False, set(), []
     actor._saved_at = time.monotonic()
     actor._agents_lock, actor._agent_silent_since = threading.Lock(), {}
-    # The module itself: once Ray has created an actor of the class in this process (the
-    # integration tier, run first), its methods are Ray's wrappers with other globals.
-    module = vars(scheduler_actor)
+    module = inspect.unwrap(actor_class.directive).__globals__
     for name, value in (("record_all", lambda samples: None), ("wall_clock", lambda: T0 + 5),
                         ("_ray_nodes", lambda: ({"a"}, set(), set())),
                         ("_dead_drivers", lambda: set()), ("_ray_available", lambda: {})):
