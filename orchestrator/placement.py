@@ -150,6 +150,13 @@ class Placement:
 
 # -- capacity: how many of the job's workers each node can host ------------------------------
 
+def capacity_shape(spec: JobSpec) -> tuple:
+    """What worker_capacity reads of a job: jobs alike in these get the same answer from it
+    whatever their worker count (a memo of its answer is keyed on them: keep both in step)."""
+    return (spec.cpus_per_worker, spec.gpus_per_worker, spec.min_gpu_memory_gb,
+            spec.accelerator_types)
+
+
 def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
                     ignore_reservations: bool = False,
                     excluded_gpus: GpuSlots = frozenset(),

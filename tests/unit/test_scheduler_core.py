@@ -2249,3 +2249,84 @@ def test_a_saved_state_with_a_job_both_running_and_waiting_keeps_it_running_and_
     assert len(problems) == 1 and "'J'" in problems[0] and "running" in problems[0], problems
     assert "J" in again.running and list(again.queue.waiting) == ["W"]
     assert again.queue.gpus_by_allowed[()] == 6  # the waiting GPUs counted once, W's
+
+
+# -- the silent-node check's cost in a queue pass (2026-12-06, night) ------------------------------
+
+def silent_cluster(seed: int):
+    """A random cluster of 12 GPU nodes, 2 of them silent (their agents stopped reporting)
+    but listed alive by Ray; the moment after."""
+    import random
+
+    rng = random.Random(seed)
+    nodes = [gpu_node(f"n{i}", gpus=rng.randint(1, 8), cpus=rng.choice((8, 16, 32, 64)),
+                      **rng.choice(({"family": "A100", "memory_gb": 80.0},
+                                    {"family": "A100", "memory_gb": 40.0},
+                                    {"family": "H100", "memory_gb": 80.0},
+                                    {"family": "T4", "memory_gb": 16.0})))
+             for i in range(12)]
+    core = SchedulerCore(SchedulerSettings())  # heartbeat limits 15 s / 60 s
+    core.ray_nodes({n.node_id for n in nodes}, set(), T0)
+    for n in nodes:
+        core.report(n, T0)
+    now = T0
+    for now in range(int(T0) + 5, int(T0) + 71, 5):
+        for n in nodes[2:]:
+            core.report(n, now)
+        core.tick(now)
+    assert core.state.silent == {"n0", "n1"}
+    return core, nodes, rng, float(now)
+
+
+def random_specs(rng, nodes, count: int) -> list[JobSpec]:
+    specs = []
+    for i in range(count):
+        gpus_each = rng.choice((0, 1, 1, 2))
+        specs.append(JobSpec(
+            f"j{i}", num_workers=rng.randint(1, 60), gpus_per_worker=gpus_each,
+            cpus_per_worker=rng.choice((1.0, 2.0, 4.0)),
+            min_gpu_memory_gb=rng.choice((0.0, 20.0, 40.0)) if gpus_each else 0.0,
+            accelerator_types=rng.choice(((), ("A100",), ("H100",), ("A100", "H100"), ("T4",)))
+            if gpus_each else ()))
+    return specs
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_silent_nodes_needed_answers_alike_when_shared_across_a_pass(seed):
+    # The queue pass asks every waiting job which silent nodes it needs; the answer is now
+    # shared by jobs of one kind of worker, whatever their worker count. Shared in one moment,
+    # each job's answer is the one it gets asked alone (a moment of its own, nothing shared),
+    # its own excluded GPUs (a GPU found short of memory) included.
+    core, nodes, rng, now = silent_cluster(seed)
+    specs = random_specs(rng, nodes, 300)
+    for spec in rng.sample(specs, 60):
+        node = rng.choice(nodes)
+        core.excluded_gpus[spec.name] = {(node.node_id, g.index) for g in node.gpus
+                                         if rng.random() < 0.5}
+    shared = [core._silent_nodes_needed(spec, now + 1) for spec in specs]
+    alone = [core._silent_nodes_needed(spec, now + 2 + i / 1000) for i, spec in enumerate(specs)]
+    assert shared == alone
+    assert any(shared) and not all(shared)  # (jobs that need silent nodes, and others)
+
+
+def test_the_silent_node_check_counts_the_cluster_once_per_kind_of_worker(monkeypatch):
+    # With one node silent, a queue pass of 700 waiting job shapes at 500 nodes cost ~14 ms
+    # more: the idle cluster's room was counted over every node for each job shape, though
+    # the worker count (what mostly makes shapes differ) does not change the count.
+    from orchestrator import scheduler_core
+    from orchestrator.placement import capacity_shape
+
+    core, nodes, rng, now = silent_cluster(0)
+    specs = random_specs(rng, nodes, 300)
+    counted = []
+
+    real = scheduler_core.worker_capacity
+
+    def counting(spec, *args, **kwargs):
+        counted.append(spec.name)
+        return real(spec, *args, **kwargs)
+    monkeypatch.setattr(scheduler_core, "worker_capacity", counting)
+    for spec in specs:
+        core._silent_nodes_needed(spec, now + 1)
+    kinds = {capacity_shape(spec) for spec in specs}
+    assert len(counted) == len(kinds) < len({scheduler_core._shape(s) for s in specs}) / 2
