@@ -44,14 +44,16 @@ class SchedulerNotUp(TimeoutError):
     """The scheduler actor did not come up (or answer) in time: nothing can be placed."""
 
 
-def ensure_scheduler(**settings):
+def ensure_scheduler(*, timeout_s: float | None = None, **settings):
     """The cluster's scheduler, created with `settings` (SchedulerActor's keyword arguments:
     the fields of orchestrator.scheduler_types.SchedulerSettings, plus maintain_every_s) if it
     does not exist yet; an existing one keeps the settings it was created with. Created with
     none (after the scheduler was lost), it runs with those its predecessor saved. Created
-    outside this process's runtime_env, where it has one (_create_without_runtime_env)."""
+    outside this process's runtime_env, where it has one (_create_without_runtime_env), in
+    `timeout_s` at most (None: CLEAN_BRING_UP_TIMEOUT_S): a SchedulerLink's reconnect passes
+    what its call's deadline leaves."""
     if _runtime_env_inherited() and _scheduler_missing():
-        _create_without_runtime_env(settings)
+        _create_without_runtime_env(settings, timeout_s)
     return SchedulerActor.options(name=SCHEDULER_NAME, namespace=NAMESPACE, lifetime="detached",
                                   get_if_exists=True,
                                   # On the head node, which outlives worker nodes: a scheduler
@@ -79,7 +81,7 @@ def _runtime_env_inherited() -> dict:
         return {}
 
 
-def _create_without_runtime_env(settings: dict) -> None:
+def _create_without_runtime_env(settings: dict, timeout_s: float | None = None) -> None:
     """Create what is missing of the control plane (the scheduler with `settings`, an agent on
     every alive node) from a driver process of its own, connected without a runtime_env. Ray
     gives an actor the runtime_env of the process creating it, field by field: a runtime_env
@@ -91,10 +93,14 @@ def _create_without_runtime_env(settings: dict) -> None:
     on this node, as the actors' workers will (docs/operations.md: installed on every node).
     If it fails (the package not installed, say), it is said, and the caller creates them
     itself, as before; it is not tried again by this process (it would fail again, each time
-    up to CLEAN_BRING_UP_TIMEOUT_S: a lost scheduler's re-creation waited for it twice)."""
+    up to CLEAN_BRING_UP_TIMEOUT_S: a lost scheduler's re-creation waited for it twice).
+    `timeout_s` shorter than CLEAN_BRING_UP_TIMEOUT_S (a caller's deadline): SchedulerNotUp
+    when the process has not ended by then (_cut_short)."""
     global _bring_up_failed
     if _bring_up_failed:
         return
+    limit = CLEAN_BRING_UP_TIMEOUT_S if timeout_s is None else \
+        min(timeout_s, CLEAN_BRING_UP_TIMEOUT_S)
     environ = {k: v for k, v in os.environ.items()
                # (Ray reads a `ray job submit` job's runtime_env, and the address, from these)
                if k not in ("RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_ADDRESS")}
@@ -111,11 +117,15 @@ def _create_without_runtime_env(settings: dict) -> None:
         # copy, which Ray deletes once unused). Removed after: a path gone imports nothing.
         with tempfile.TemporaryDirectory(prefix="orchestrator-control-plane-") as folder:
             done = subprocess.run(command, env=environ, cwd=folder, capture_output=True,
-                                  text=True, timeout=CLEAN_BRING_UP_TIMEOUT_S)
+                                  text=True, timeout=limit)
         why = None if done.returncode == 0 else \
             ([line for line in done.stderr.splitlines() if line.strip()] or
              [f"exit code {done.returncode}"])[-1].strip()
-    except (OSError, subprocess.TimeoutExpired) as e:
+    except subprocess.TimeoutExpired as e:
+        if limit < CLEAN_BRING_UP_TIMEOUT_S:
+            raise _cut_short(limit) from None
+        why = f"{type(e).__name__}: {e}"
+    except OSError as e:
         why = f"{type(e).__name__}: {e}"
     if why:
         _bring_up_failed = True
@@ -123,6 +133,15 @@ def _create_without_runtime_env(settings: dict) -> None:
 
 
 _bring_up_failed = False  # _create_without_runtime_env failed once in this process
+
+
+def _cut_short(limit: float) -> "SchedulerNotUp":
+    """The creation aside stopped at a caller's deadline. Not a failure of the process
+    aside (a later call with the time tries it again), and nothing is created here instead:
+    in this job's runtime_env for the cluster's life, for a caller that gives up anyway."""
+    return SchedulerNotUp(
+        f"the control plane (the scheduler {SCHEDULER_NAME!r}, node agents), created by a "
+        f"process of its own, was not up within the {limit:g} s the call's deadline left")
 
 
 def _without_runtime_env_folders(pythonpath: str) -> str:

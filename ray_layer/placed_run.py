@@ -87,9 +87,10 @@ class PlacedRun:
 
     def __init__(self, scheduler, spec: JobSpec, queue_timeout_s: float,
                  say: Callable[[str], None] = lambda line: print(line, flush=True),
-                 reconnect: Callable[[], Any] | None = None) -> None:
+                 reconnect: Callable[..., Any] | None = None) -> None:
         self.spec, self.queue_timeout_s, self.say = spec, queue_timeout_s, say
-        # A scheduler handle in place of a dead one: the cluster's, brought up if gone.
+        # A scheduler handle in place of a dead one: the cluster's, brought up if gone (within
+        # what a call's deadline leaves: SchedulerLink).
         self.link = SchedulerLink(scheduler, reconnect or get_scheduler)
         self.owner = driver_id()
         # Each time the job yielded: step, reason, at (fit returned: its workers stopped, the

@@ -26,8 +26,10 @@ def agent_name(node_id: str) -> str:
     return f"node-agent-{node_id}"
 
 
-def get_scheduler() -> "ray.actor.ActorHandle":
-    """The cluster's scheduler; SchedulerNotRunning, saying how to start one, when absent."""
+def get_scheduler(timeout_s: float | None = None) -> "ray.actor.ActorHandle":
+    """The cluster's scheduler; SchedulerNotRunning, saying how to start one, when absent.
+    (A look-up: nothing to wait for. `timeout_s` is taken so that it can be a SchedulerLink's
+    `reconnect`.)"""
     try:
         return ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
     except ValueError:
@@ -54,17 +56,21 @@ class SchedulerLink:
     `reconnect` (which may bring it up: the new one restores the same state) and retries, a
     few times, with a pause; SchedulerUnreachable, naming the call, when none answers. A call
     past its `timeout_s` (a hung scheduler) is retried the same way. `handle` None: looked
-    up at the first call."""
+    up at the first call. `reconnect(timeout_s=)` takes at most `timeout_s` seconds (None:
+    no bound; bringing a scheduler up may take minutes), else raises: the link passes what
+    a call's deadline leaves (ray_layer.cluster.ensure_scheduler honours it)."""
 
     def __init__(self, handle: "ray.actor.ActorHandle | None",
-                 reconnect: Callable[[], Any] = get_scheduler) -> None:
+                 reconnect: Callable[..., Any] = get_scheduler) -> None:
         self.handle, self.reconnect = handle, reconnect
 
     def ask(self, method: str, *args, timeout_s: float | None = None,
             deadline: float | None = None) -> Any:
         """`method`'s answer. `deadline` (a time.monotonic() instant, None: none): each try
-        waits at most what it leaves (MIN_TRY_S at least) and no retry starts past it, so the
-        tries together end by it; with `timeout_s` alone each try waits that long."""
+        waits at most what it leaves (MIN_TRY_S at least), a scheduler's re-creation by
+        `reconnect` included, and no retry starts past it, so the tries together end by it;
+        with `timeout_s` alone each try waits that long."""
+        asked_at = time.monotonic()
         problem: BaseException | None = None
         tries = 0
         for attempt in range(ASK_TRIES):
@@ -75,7 +81,7 @@ class SchedulerLink:
             tries += 1
             if attempt or self.handle is None:
                 try:
-                    self.handle = self.reconnect()
+                    self.handle = self.reconnect(timeout_s=_reconnect_timeout(deadline))
                 except Exception as e:  # noqa: BLE001 - said below if it persists
                     problem = e
                     continue
@@ -85,12 +91,26 @@ class SchedulerLink:
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
                 problem = e
         raise SchedulerUnreachable(
-            f"the scheduler did not answer {method}() after {tries} "
-            f"{'try' if tries == 1 else 'tries'}: {type(problem).__name__}: {problem}")
+            f"the scheduler did not answer {method}(){_by_deadline(deadline, asked_at)} after "
+            f"{tries} {'try' if tries == 1 else 'tries'}: {type(problem).__name__}: {problem}")
 
 
 def _left(deadline: float | None) -> float:
     return math.inf if deadline is None else deadline - time.monotonic()
+
+
+def _reconnect_timeout(deadline: float | None) -> float | None:
+    """How long a reconnect may take: what the deadline leaves (MIN_TRY_S at least, as a
+    try), unbounded without one. A lost scheduler's re-creation (the control plane brought
+    up by a process of its own) held a driver up to 180 s past its --queue-timeout."""
+    return None if deadline is None else max(_left(deadline), MIN_TRY_S)
+
+
+def _by_deadline(deadline: float | None, asked_at: float) -> str:
+    """Said of a call whose deadline ended its tries: how long it had."""
+    if deadline is None or _left(deadline) > 0:
+        return ""
+    return f" within the {round(max(deadline - asked_at, 0.0), 1):g} s its deadline left,"
 
 
 def _try_timeout(timeout_s: float | None, deadline: float | None) -> float | None:

@@ -61,7 +61,7 @@ class FollowPlacement(ControllerCallback):
     selectors at the new nodes."""
 
     def __init__(self, spec: JobSpec, owner: str, timeout_s: float = 600.0,
-                 reconnect: Callable[[], Any] = get_scheduler) -> None:
+                 reconnect: Callable[..., Any] = get_scheduler) -> None:
         self.spec, self.owner, self.timeout_s = spec, owner, timeout_s
         # How a scheduler is found (and brought up again, killed for good): the driver's way.
         self.reconnect = reconnect

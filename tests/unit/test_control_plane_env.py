@@ -130,3 +130,72 @@ def test_a_failed_process_aside_is_not_tried_again_by_the_same_process(cluster, 
     cluster.module.ensure_scheduler()
     assert len(tried) == 1 and capsys.readouterr().err.count("warning:") == 1
     assert cluster.created == [{}, {}]  # both created here, as before
+
+
+class Clock:
+    """time.monotonic and time.sleep on a fake clock; the process aside takes the whole
+    `timeout` it is given (a slow GCS, a scheduler restoring a large state) and is killed."""
+
+    def __init__(self, monkeypatch, cluster) -> None:
+        import subprocess
+        import time
+
+        self.now, self.timeouts = 0.0, []
+        monkeypatch.setattr(time, "monotonic", lambda: self.now)
+        monkeypatch.setattr(time, "sleep", self.sleep)
+
+        def slow(command, **kwargs):
+            self.timeouts.append(kwargs["timeout"])
+            self.now += kwargs["timeout"]
+            raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+        monkeypatch.setattr(cluster.module.subprocess, "run", slow)
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def dead_scheduler():
+    import ray
+
+    def dead(*args):
+        raise ray.exceptions.ActorDiedError()
+    return SimpleNamespace(poll=SimpleNamespace(remote=dead))
+
+
+def test_a_lost_schedulers_re_creation_ends_by_the_calls_deadline(cluster, monkeypatch):
+    # A driver's poll found the scheduler killed for good: its re-creation (ensure_scheduler,
+    # the control plane brought up by a process of its own) waited up to 180 s, whatever the
+    # poll's deadline (--queue-timeout) left: 30 s left ended 180 s later.
+    from ray_layer.scheduler_client import SchedulerLink, SchedulerUnreachable
+
+    clock = Clock(monkeypatch, cluster)
+    monkeypatch.setattr(cluster.module.SchedulerActor, "options", lambda **options:
+                        SimpleNamespace(remote=lambda **settings: cluster.created.append(
+                            settings) or dead_scheduler()))  # (created here: dead too)
+    link = SchedulerLink(dead_scheduler(), cluster.module.ensure_scheduler)
+    with pytest.raises(SchedulerUnreachable) as raised:
+        link.ask("poll", "job", "driver", timeout_s=60.0, deadline=30.0)
+    assert clock.timeouts == [pytest.approx(29.0)] and clock.now <= 30.0  # (1 s of pause)
+    assert str(raised.value).startswith(
+        "the scheduler did not answer poll() within the 30 s its deadline left, after 2 tries: "
+        "SchedulerNotUp: the control plane"), raised.value
+    assert "not up within the 29 s the call's deadline left" in str(raised.value)
+    # Cut short by a deadline, the process aside has not failed: tried again by the next
+    # call, and nothing was created here (in the job's runtime_env, for the cluster's life).
+    assert cluster.created == [] and cluster.module._bring_up_failed is False
+
+
+def test_without_a_deadline_a_re_creation_waits_as_before(cluster, monkeypatch, capsys):
+    # A call with no deadline (a job's submit, a Ray Train controller's replace) gives the
+    # process aside its full time, and then creates the control plane itself, as before.
+    from ray_layer.scheduler_client import SchedulerLink
+
+    clock = Clock(monkeypatch, cluster)
+    scheduler = SimpleNamespace(poll=SimpleNamespace(remote=lambda *args: "queued"))
+    monkeypatch.setattr(cluster.module.SchedulerActor, "options", lambda **options:
+                        SimpleNamespace(remote=lambda **settings: scheduler))
+    monkeypatch.setattr(__import__("ray"), "get", lambda value, timeout=None: value)
+    link = SchedulerLink(None, cluster.module.ensure_scheduler)
+    assert link.ask("poll", "job", "driver", timeout_s=60.0) == "queued"
+    assert clock.timeouts == [cluster.module.CLEAN_BRING_UP_TIMEOUT_S]
+    assert "could not create the control plane outside" in capsys.readouterr().err

@@ -31,7 +31,7 @@ def driver(monkeypatch, scheduler, get, queue_timeout_s=600.0):
     monkeypatch.setattr(ray, "get", get)
     monkeypatch.setattr(placed_run, "driver_id", lambda: "driver")
     return placed_run.PlacedRun(scheduler, JobSpec("job"), queue_timeout_s,
-                                say=lambda line: None, reconnect=lambda: scheduler)
+                                say=lambda line: None, reconnect=lambda timeout_s=None: scheduler)
 
 
 def test_an_error_inside_the_scheduler_ends_the_driver_in_one_line(monkeypatch):

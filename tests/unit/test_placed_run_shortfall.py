@@ -95,7 +95,7 @@ def test_a_scheduler_replaced_mid_job_is_looked_up_again(monkeypatch):
     monkeypatch.setattr(placed_run, "driver_id", lambda: "driver")
     monkeypatch.setattr(placed_run.time, "sleep", lambda s: None)
     run = placed_run.PlacedRun(old, JobSpec("job"), 60.0, say=lambda line: None,
-                               reconnect=lambda: new)
+                               reconnect=lambda timeout_s=None: new)
     fits = [result({"step": 3, "yielded": "preempt: by an operator"}, "/run/checkpoint_3"),
             result({"step": 9}, "/run/checkpoint_9")]
     final, _ = run.run(lambda placement: fits.pop(0))
@@ -111,7 +111,7 @@ def test_no_scheduler_answering_is_said_not_a_traceback(monkeypatch):
     def dead(*args):
         raise ray.exceptions.ActorDiedError()
 
-    def gone():
+    def gone(timeout_s=None):
         raise SchedulerNotRunning("no scheduler on this Ray cluster")
     monkeypatch.setattr(ray, "get", lambda value, timeout=None: value)
     monkeypatch.setattr(placed_run, "driver_id", lambda: "driver")

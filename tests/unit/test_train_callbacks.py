@@ -119,7 +119,7 @@ def test_a_scheduler_killed_for_good_is_found_again_and_a_silent_one_is_named(mo
     new = Placement("run", ("b", "c"), 1.0, 0)
     handles = iter([SimpleNamespace(replace=SimpleNamespace(remote=dead)), FakeScheduler(new)])
     callback, selectors = follower(monkeypatch, None, ["a", "b"], lost=["a"])
-    callback.reconnect = lambda: next(handles)
+    callback.reconnect = lambda timeout_s=None: next(handles)
     callback.follow_lost_nodes()
     assert selectors == [{"ray.io/node-id": "b"}, {"ray.io/node-id": "c"}]
 
@@ -128,7 +128,7 @@ def test_a_scheduler_killed_for_good_is_found_again_and_a_silent_one_is_named(mo
         raise ray.exceptions.GetTimeoutError()
     callback, _ = follower(monkeypatch, None, ["a", "b"], lost=["a"])
     monkeypatch.setattr(ray, "get", hung)
-    callback.reconnect = lambda: FakeScheduler(new)
+    callback.reconnect = lambda timeout_s=None: FakeScheduler(new)
     with pytest.raises(SchedulerUnreachable, match=r"did not answer replace\(\) after 3 tries"):
         callback.follow_lost_nodes()
 
