@@ -187,7 +187,8 @@ class GPTModel:
         try:
             await self._apply(user_config)
         except RuntimeError as refused:
-            fallback = self._last_good_config()
+            fallback = await asyncio.get_running_loop().run_in_executor(
+                None, self._last_good_config)
             if fallback is None or fallback == user_config:
                 raise
             await self._apply(fallback)  # (raises in turn if that one no longer loads)
@@ -224,9 +225,12 @@ class GPTModel:
         self.serving_engine, self.engine_problem = engine, None
         self._adapt_batching(time.monotonic())  # the new bounds apply from now
         self._retire_engines(keep=engine)  # (static batching: every engine goes)
-        self._remember_good_config(user_config)
-        if swapped:  # (awaited: this replica's records keep the order of its reloads)
-            await asyncio.get_running_loop().run_in_executor(None, self._record_pin, pin)
+        # GCS writes, off the event loop (on it, a slow GCS stalled the streaming requests);
+        # awaited: this replica's records keep the order of its reloads.
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._remember_good_config, user_config)
+        if swapped:
+            await loop.run_in_executor(None, self._record_pin, pin)
 
     def _load_pinned(self, requested: str) -> tuple[LoadedModel, CheckpointPin]:
         """The model of the checkpoint a config names ("" = the newest pretrain-* run), from
@@ -296,6 +300,7 @@ class GPTModel:
         return GcsJsonStore(f"last-good-config/{self._deployment_key()}", LAST_GOOD_NAMESPACE)
 
     def _remember_good_config(self, user_config: dict[str, Any] | None) -> None:
+        """Record the config applied (a synchronous GCS put: run off the event loop)."""
         try:  # (the store too: outside a Serve replica, or without Ray, there is none)
             self.last_good = self.last_good or self._last_good_store()
             self.last_good.save(user_config)

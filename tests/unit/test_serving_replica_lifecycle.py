@@ -152,6 +152,32 @@ def test_the_pin_store_is_never_called_on_the_replicas_event_loop(replicas, tmp_
     assert [call for call in on_loop if call[2]] == []
 
 
+def test_the_config_applied_is_recorded_off_the_replicas_event_loop(replicas, tmp_path):
+    # _remember_good_config's GCS put ran on the event loop at each reconfigure: a slow GCS
+    # stalled the replica's streaming requests while it answered.
+    import threading
+
+    saved = []
+
+    class Store:
+        def save(self, data):
+            saved.append((data, threading.current_thread() is threading.main_thread()))
+
+        def load(self):
+            return saved[-1][0] if saved else None
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    checkpoint(run, 1)
+    fixed = checkpoint(other, 7)
+    replica = replicas()
+    replica._last_good_store = Store
+    for config in ({"checkpoint": str(run), "batching": "static"},
+                   {"checkpoint": fixed, "batching": "static"}):
+        asyncio.run(replica.reconfigure(config))
+    assert [data["checkpoint"] for data, _ in saved] == [str(run), fixed]
+    assert [on_loop for _, on_loop in saved] == [False, False]
+
+
 def test_the_app_builds_without_a_checkpoint_in_its_args(monkeypatch, tmp_path):
     # serve_config.yaml names the checkpoint in the model's user_config, which the builder
     # never sees: it resolved "the newest pretrain-* run" instead and failed the deploy
