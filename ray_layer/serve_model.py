@@ -128,6 +128,10 @@ class GPTModel:
         self.loaded: LoadedModel | None = None
         self.pin: CheckpointPin | None = None  # the pin `loaded` was loaded for
         self.runtime: RuntimeConfig | None = None
+        # The checkpoint of the config Serve gave last, applied or refused (None: none that
+        # parsed yet): a config naming another is a reload here too, as on the replicas that
+        # applied the one refused here.
+        self.given_checkpoint: str | None = None
         self.reload_error: dict[str, Any] | None = None
         self.last_good: GcsJsonStore | None = None  # made at the first config applied
         self.bounds = RuntimeConfig.from_user_config(None, self.settings).bounds
@@ -187,11 +191,13 @@ class GPTModel:
         try:
             await self._apply(user_config)
         except RuntimeError as refused:
+            given = self.given_checkpoint  # the refused config's, as Serve sees this replica
             fallback = await asyncio.get_running_loop().run_in_executor(
                 None, self._last_good_config)
             if fallback is None or fallback == user_config:
                 raise
             await self._apply(fallback)  # (raises in turn if that one no longer loads)
+            self.given_checkpoint = given if given is not None else self.given_checkpoint
             self._refuse_update(str(refused))
 
     async def _apply(self, user_config: dict[str, Any]) -> None:
@@ -202,8 +208,13 @@ class GPTModel:
             return self._refuse_update(str(e))
         loaded, pin = self.loaded, self.pin
         requested = runtime.checkpoint or self.settings.checkpoint
+        # A config naming the checkpoint served here is still a reload when the one Serve
+        # gave before, refused here, named another (a revert): the replicas that applied that
+        # one pin `requested` afresh, and this one joins them whichever Serve updates first
+        # (waiting for their pin instead, a replica updated before them kept its old model).
+        given, self.given_checkpoint = self.given_checkpoint, runtime.checkpoint
         if (loaded is None or runtime.checkpoint != self.runtime.checkpoint
-                or await self._pin_superseded()):
+                or runtime.checkpoint != given or await self._pin_superseded()):
             try:
                 loaded, pin = await asyncio.get_running_loop().run_in_executor(
                     None, self._load_pinned, requested)
@@ -217,10 +228,10 @@ class GPTModel:
             if problem is not None:
                 return self._refuse_update(f"continuous batching cannot serve checkpoint "
                                            f"{loaded.path!r} with this config: {problem}")
-        swapped = loaded is not self.loaded
+        swapped, repinned = loaded is not self.loaded, pin != self.pin
         if swapped:
             self._swap(loaded, time.perf_counter() - started)
-            self.pin = pin
+        self.pin = pin
         self.runtime, self.bounds, self.reload_error = runtime, runtime.bounds, None
         self.serving_engine, self.engine_problem = engine, None
         self._adapt_batching(time.monotonic())  # the new bounds apply from now
@@ -229,7 +240,7 @@ class GPTModel:
         # awaited: this replica's records keep the order of its reloads.
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._remember_good_config, user_config)
-        if swapped:
+        if repinned:
             await loop.run_in_executor(None, self._record_pin, pin)
 
     def _load_pinned(self, requested: str) -> tuple[LoadedModel, CheckpointPin]:
@@ -244,6 +255,10 @@ class GPTModel:
             log.warning("could not share the checkpoint pin (%s): this replica resolves %r "
                         "alone", e, requested)
             pin = CheckpointPin(requested, str(resolve_checkpoint(requested)), 0)
+        served = self.pin
+        if self.loaded is not None and served is not None and (
+                (pin.requested, pin.directory) == (served.requested, served.directory)):
+            return self.loaded, pin  # (a revert pinned what this replica serves: no 2nd copy)
         try:
             loaded = load_for_serving(pin.directory, self.device)
         except Exception:

@@ -128,6 +128,65 @@ def test_reverting_a_reload_one_replica_refused_brings_every_replica_to_one_chec
     assert b.reload_error is None
 
 
+def test_a_revert_brings_every_replica_to_one_checkpoint_whichever_serve_updates_first(
+        replicas, tmp_path):
+    # Serve rolls a config out a few replicas at a time, in no set order. b refused the
+    # reload and was given the revert first: its config unchanged and no replica pinned the
+    # run anew yet, it kept the old checkpoint, and a then pinned the run's newest: replicas
+    # served two checkpoints until the next reload.
+    run = tmp_path / "run"
+    checkpoint(run, 1)
+    other = checkpoint(tmp_path / "other", 7)
+    a, b = replicas(), replicas()
+    for replica in (a, b):
+        asyncio.run(replica.reconfigure({"checkpoint": str(run), "batching": "static"}))
+    newer = checkpoint(run, 2)
+    asyncio.run(a.reconfigure({"checkpoint": other, "batching": "static"}))
+    load = b._load_pinned
+
+    def out_of_memory(requested):
+        raise MemoryError("CUDA out of memory")
+    b._load_pinned = out_of_memory
+    asyncio.run(b.reconfigure({"checkpoint": other, "batching": "static"}))
+    b._load_pinned = load
+    for replica in (b, a):  # the revert reaches b first
+        asyncio.run(replica.reconfigure({"checkpoint": str(run), "batching": "static"}))
+    checkpoint(run, 3)  # training writes on: later replicas still join the revert's pin
+    c = replicas()
+    asyncio.run(c.reconfigure({"checkpoint": str(run), "batching": "static"}))
+    assert a.loaded.path == b.loaded.path == c.loaded.path == newer
+    assert b.reload_error is None
+
+
+def test_reverting_a_reload_every_replica_refused_loads_no_second_copy(replicas, tmp_path):
+    # The revert pins the checkpoint afresh: where that is the directory served, the model
+    # served is kept (a second copy could not fit beside it where memory is tight).
+    fixed = checkpoint(tmp_path / "fixed", 1)
+    a = replicas()
+    asyncio.run(a.reconfigure({"checkpoint": fixed, "batching": "static"}))
+    served = a.loaded
+    asyncio.run(a.reconfigure({"checkpoint": str(tmp_path / "missing"), "batching": "static"}))
+    assert str(tmp_path / "missing") in a.reload_error["message"]
+    asyncio.run(a.reconfigure({"checkpoint": fixed, "batching": "static"}))
+    assert a.loaded is served and a.reload_error is None
+
+
+def test_a_fixed_config_typo_moves_no_replica_off_its_checkpoint(replicas, tmp_path):
+    # A config refused before it named a checkpoint (a typo in another field) is no reload
+    # of the run dir: fixing it keeps the checkpoint every replica serves.
+    run = tmp_path / "run"
+    first = checkpoint(run, 1)
+    a = replicas()
+    asyncio.run(a.reconfigure({"checkpoint": str(run), "batching": "static"}))
+    checkpoint(run, 2)
+    asyncio.run(a.reconfigure({"checkpoint": str(run), "batching": "static",
+                               "max_batch_size": -1}))
+    assert a.reload_error is not None
+    asyncio.run(a.reconfigure({"checkpoint": str(run), "batching": "static",
+                               "max_batch_size": 4}))
+    assert a.loaded.path == first and a.reload_error is None
+
+
 def test_the_pin_store_is_never_called_on_the_replicas_event_loop(replicas, tmp_path):
     # record_served's GCS get and put ran on the event loop: a slow GCS stalled every request
     # of the replica while it answered.
