@@ -214,7 +214,12 @@ def pin_once(store: PinStore, requested: str, serving: CheckpointPin | None,
     if pinned is not None and Path(pinned.directory).is_dir():
         return pinned
     generation = newest + 1
-    directory = store.put_if_absent(_pin_key(generation, requested), str(resolve(requested)))
+    key = _pin_key(generation, requested)
+    # Looked up before resolving (reading, and checksumming, the checkpoint: seconds on a big
+    # one): a replica that pinned this generation meanwhile, whose LATEST_PIN write lags or
+    # was overwritten by a racing lower one, is joined at no cost. Replicas asking at the
+    # same moment each resolve; the first put wins and the others take its directory.
+    directory = store.get(key) or store.put_if_absent(key, str(resolve(requested)))
     if _generation(store.get(LATEST_PIN)) < generation:  # (a race only narrows a search)
         store.put(LATEST_PIN, generation)
     if pinned is not None:

@@ -7,10 +7,11 @@ import torch
 
 from orchestrator.config import TrainConfig
 from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
-from orchestrator.serving.loading import (INT8_FILE, CheckpointPin, default_checkpoint,
-                                          load_for_serving, load_model, model_directories,
-                                          pin_checkpoint, pin_once, record_refused,
-                                          record_served, save_untrained_checkpoint)
+from orchestrator.serving.loading import (INT8_FILE, LATEST_PIN, CheckpointPin,
+                                          default_checkpoint, load_for_serving, load_model,
+                                          model_directories, pin_checkpoint, pin_once,
+                                          record_refused, record_served,
+                                          save_untrained_checkpoint)
 from orchestrator.training.checkpoint import (CheckpointError, load_checkpoint,
                                               save_checkpoint)
 from tests.support import one_thread
@@ -295,3 +296,16 @@ def test_a_refused_pin_is_resolved_afresh_at_the_next_try(in_tmp):
     record_served(pins, retry)
     pins.newest = "ckpt-4"
     assert pins.pin("run", serving=other) == retry
+
+
+def test_a_pin_made_meanwhile_is_joined_without_resolving_the_checkpoint_again(in_tmp):
+    # Two replicas pinning at once (two checkpoints) can leave LATEST_PIN one generation
+    # behind (the lower write lands last): the next replica read the older figure, resolved
+    # the checkpoint (reading and checksumming it) and only then found the pin there.
+    pins = Pins()
+    first = pins.pin("run")
+    made = pins.pin("other", serving=first, record=False)  # generation 2, not served yet
+    pins[LATEST_PIN] = first.generation  # the lagging write
+    resolved = pins.resolved
+    assert pin_once(pins, "other", first, pins.resolve) == made
+    assert pins.resolved == resolved
