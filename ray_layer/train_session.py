@@ -125,6 +125,11 @@ class RayTrainSession:
             found = [str(p) for p in checkpoint_dirs(Path(storage.experiment_fs_path))]
         yield _rank_zeros(found)
 
+    def passed_over(self, directory: str) -> None:
+        """Nothing to do here: Ray Train's retention (keep_checkpoints) prunes by the order
+        checkpoints were reported and cannot be told of one found unusable later (see
+        docs/training.md, Checkpoints and recovery)."""
+
     def worker_nodes(self) -> list[str]:
         """Node id of every worker, by rank, so the launcher can check workers landed where
         the scheduler placed them. Collective: every rank calls it (report() does)."""

@@ -246,8 +246,9 @@ def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Preci
     checkpoint of another run config is an error, not something to skip."""
     problems = []
 
-    def pass_over(error: CheckpointError, others_left: bool) -> None:
+    def pass_over(directory: str, error: CheckpointError, others_left: bool) -> None:
         problems.append(str(error))
+        session.passed_over(directory)  # (retention prunes it before any good one)
         if session.world_rank == 0 and others_left:  # (else the error below says it all)
             say(f"warning: {error}; falling back to the previous checkpoint")
 
@@ -260,7 +261,7 @@ def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Preci
             problem = e
         problem = _any_workers_problem(problem)
         if problem is not None:
-            pass_over(problem, others_left)
+            pass_over(directory, problem, others_left)
             continue
         conflicts = resume_conflicts(header["config"], config)
         if conflicts:
@@ -272,7 +273,7 @@ def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Preci
             return (model, optimizer, scaler,
                     *_restore((directory, header), session, config, model, optimizer, scaler))
         except CheckpointError as e:
-            pass_over(e, others_left)
+            pass_over(directory, e, others_left)
     if problems:
         raise CheckpointError("no usable checkpoint to resume from: " + " | ".join(problems))
     model, optimizer, scaler = _new_training_state(config, session, precision, init_from=True)

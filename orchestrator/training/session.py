@@ -34,6 +34,10 @@ class TrainSession(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         """Publish metrics (every rank calls this); rank 0 may attach a checkpoint directory."""
 
+    def passed_over(self, directory: str) -> None:
+        """The loop found this checkpoint unusable (corrupt, cut, unreadable) and resumed from
+        an older one: retention must not keep it in place of a good one."""
+
     def directive(self) -> str | None:
         """Rank 0 only, at step boundaries: why the job should checkpoint and stop now (the
         scheduler preempts, migrates or cancels it), or None to go on. Must not block."""
@@ -51,6 +55,7 @@ class LocalSession:
         self.keep = keep
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.reports: list[dict[str, Any]] = []
+        self.unusable: set[Path] = set()  # checkpoints the loop passed over as unusable
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
@@ -86,14 +91,22 @@ class LocalSession:
         sync_directory(self.run_dir)  # the rename, before older checkpoints go
         self._prune_checkpoints(target)
 
+    def passed_over(self, directory: str) -> None:
+        self.unusable.add(Path(directory))
+
     def _prune_checkpoints(self, written: Path) -> None:
         """Keep `keep` checkpoints: the one just written and the most recently written of the
-        rest. By write time, not step: after a fallback past a corrupt newer checkpoint, its
-        higher step would otherwise outrank, and prune, the good one just written."""
+        rest, those the loop passed over as unusable pruned first. By write time, not step:
+        after a fallback past a corrupt newer checkpoint, its higher step would otherwise
+        outrank, and prune, the good one just written; and a corrupt checkpoint, written
+        after the good one the run resumed from, outranked that one by time (a later resume,
+        the new checkpoint damaged too, found only corrupt ones)."""
+        self.unusable.discard(written)  # (a step written again replaced the unusable one)
         others = sorted((p for p in self.checkpoints() if p != written),
-                        key=lambda p: p.stat().st_mtime)
+                        key=lambda p: (p not in self.unusable, p.stat().st_mtime))
         for old in others[:max(len(others) - (self.keep - 1), 0)]:
             shutil.rmtree(old)
+            self.unusable.discard(old)
 
 
 def gpu_shortfall(free_bytes: int, min_gpu_memory_gb: float, node_id: str,

@@ -363,6 +363,30 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_pat
     assert "state.pt is corrupt" in capsys.readouterr().out
 
 
+def test_retention_prunes_checkpoints_found_corrupt_before_the_good_one_resumed_from(
+        tmp_path, capsys):
+    # keep=3 with the two newest corrupt: the resume fell back to step 10, and the next save
+    # pruned step 10 (the oldest written) and kept both corrupt ones; once the new checkpoint
+    # was damaged too (the same disk), a resume found only corrupt checkpoints.
+    session = LocalSession(tmp_path, keep=3, device=CPU)
+    train(tiny(max_steps=30), session)  # checkpoints at 10, 20 and 30
+    for step in (20, 30):
+        state = tmp_path / f"checkpoint_{step:08d}" / "state.pt"
+        state.write_bytes(state.read_bytes()[:100])
+    capsys.readouterr()
+    metrics = train(tiny(max_steps=15, checkpoint_every=5), session)
+    assert metrics["start_step"] == 10
+    said = capsys.readouterr().out
+    for step in (20, 30):  # each skipped checkpoint named, with why
+        assert f"checkpoint_{step:08d}/state.pt is corrupt" in said
+    assert [p.name for p in session.checkpoints()] == [
+        "checkpoint_00000010", "checkpoint_00000015", "checkpoint_00000030"]
+    newest = tmp_path / "checkpoint_00000015" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    metrics = train(tiny(max_steps=20, checkpoint_every=5), LocalSession(tmp_path, device=CPU))
+    assert metrics["start_step"] == 10 and metrics["step"] == 20
+
+
 def test_when_every_checkpoint_is_corrupt_training_refuses_to_start_over(tmp_path, capsys):
     session = LocalSession(tmp_path, device=CPU)
     train(tiny(max_steps=10), session)
