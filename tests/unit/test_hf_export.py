@@ -504,6 +504,27 @@ def test_a_run_says_which_newer_checkpoint_it_skipped_and_why(tmp_path, capsys):
     assert f"exported {run / 'checkpoint_00000001'} (step 1" in captured.out
 
 
+def test_a_run_names_a_newer_checkpoint_whose_save_was_cut_short(tmp_path, capsys):
+    # A sharded checkpoint without rank 0's meta.pt (written last) and a directory left
+    # empty were passed over without a word: the older checkpoint was exported silently.
+    from jobs import export
+
+    run = tmp_path / "run"
+    save_run_checkpoint(run / "checkpoint_00000001", step=1)
+    sharded = run / "checkpoint_00000002"
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"index")
+    (sharded / "__0_0.distcp").write_bytes(b"shard")
+    empty = run / "checkpoint_00000003"
+    empty.mkdir()
+    assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: skipped an unusable newer checkpoint: sharded checkpoint {sharded} has "
+            "no meta.pt (written last, by rank 0): incomplete") in err, err
+    assert ("warning: skipped an unusable newer checkpoint: checkpoint file missing: "
+            f"{empty / 'state.pt'}") in err, err
+
+
 def test_a_diverged_checkpoint_is_not_exported_a_run_falls_back_past_it(tmp_path, capsys):
     """Its export succeeded, and transformers gave NaN logits: serving's forward probe
     decides here too."""
