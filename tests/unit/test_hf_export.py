@@ -504,6 +504,25 @@ def test_a_run_says_which_newer_checkpoint_it_skipped_and_why(tmp_path, capsys):
     assert f"exported {run / 'checkpoint_00000001'} (step 1" in captured.out
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_sharded_fsdp_checkpoint_exports_with_the_same_logits(tmp_path):
+    # An FSDP run's checkpoint (meta.pt + torch.distributed.checkpoint's shards) is read whole
+    # for the export: transformers must compute what the model in it computes.
+    from orchestrator.training.checkpoint import save_sharded
+
+    train_config = TrainConfig(model_size="tiny", seq_len=32)
+    model = sharp_model(vocab_size=train_config.vocab_size)
+    save_sharded(tmp_path / "checkpoint", {"model": model.state_dict(), "pending": {},
+                                           "optimizer": {"state": {}, "param_groups": []}},
+                 {"config": train_config.to_dict(), "step": 7}, rank=0)
+    _, info = export_checkpoint(tmp_path / "checkpoint", tmp_path / "out")
+    assert info["step"] == 7
+    ids = torch.tensor([list(b"sharded, then whole")])
+    with torch.no_grad():
+        assert torch.allclose(hf_model(tmp_path / "out")(ids).logits, model(ids)[0],
+                              atol=1e-4, rtol=0)
+
+
 def test_a_run_names_a_newer_checkpoint_whose_save_was_cut_short(tmp_path, capsys):
     # A sharded checkpoint without rank 0's meta.pt (written last) and a directory left
     # empty were passed over without a word: the older checkpoint was exported silently.
