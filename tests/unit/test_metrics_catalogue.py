@@ -164,6 +164,37 @@ def test_metrics_table_lists_every_metric_with_its_type_and_labels():
         assert f"| {rule.name} |" in table
 
 
+# Not metrics, though they look like one: the key a training function returns its GPU
+# shortfall under (ray_layer/train_session.GPU_SHORTFALL, docs/scheduler.md).
+NOT_METRICS = {"orchestrator_gpu_too_small"}
+
+
+def metric_names_in_prose_docs() -> dict[str, list[str]]:
+    """Each metric-like name the README and docs/*.md write -> where (benchmarks.md and
+    changes.md are logs: their old entries keep the names of their day)."""
+    pages = [monitoring.REPO / "README.md"] + [
+        p for p in sorted((monitoring.REPO / "docs").glob("*.md"))
+        if p.name not in ("benchmarks.md", "changes.md")]
+    found: dict[str, list[str]] = {}
+    for page in pages:
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            for name in re.findall(r"\b(?:ray_)?orchestrator_[a-z0-9_]+", line):
+                found.setdefault(name, []).append(f"{page.name}:{number}")
+    return found
+
+
+def test_every_metric_the_docs_name_is_one_the_catalogue_exports():
+    # A name is queryable as exported (with a histogram's series suffixes) or recorded
+    # (prose that says "Ray adds the ray_ prefix"); a mix of the two, the recorded name with
+    # Ray's counter suffix, is neither, and cannot be found in Prometheus as written.
+    known = {spec.name for spec in m.ALL} | NOT_METRICS
+    for spec in m.ALL:
+        known |= {spec.exported + suffix for suffix in ("", "_bucket", "_sum", "_count")}
+    unknown = {name: where for name, where in metric_names_in_prose_docs().items()
+               if name not in known}
+    assert unknown == {}
+
+
 # -- promtool ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
