@@ -2,8 +2,10 @@
 (orchestrator/job_file.py), entry points (orchestrator/entrypoints.py), the run directory
 `fit` uses (orchestrator.launch.resolve_fit_run_dir), `fit`'s own argument checks, and
 `python -m orchestrator submit` on bad input (real subprocesses: exit 2, one `error:` line)."""
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,7 +19,7 @@ from orchestrator import launch
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.entrypoints import EntrypointError, accepts_config, load_entrypoint
 from orchestrator.job_exit import EXIT_BAD_INPUT, JobFailed
-from orchestrator.job_file import load_job_file
+from orchestrator.job_file import LAUNCHER_KEYS, load_job_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -1202,3 +1204,17 @@ def test_a_relative_run_dir_in_rays_copy_of_the_working_dir_is_refused(tmp_path)
     mine = write(tmp_path / "runtime_resources" / "proj" / "job.yaml",
                  "name: alpha\nrun_dir: runs/alpha\n")
     assert load_job_file(mine).run_dir == str(mine.parent / "runs" / "alpha")
+
+
+def test_training_docs_name_every_job_file_key():
+    # docs/training.md's paragraph on job files lists the launcher's keys, then "every other
+    # key is a `JobSpec` field (...)": both lists are what a job file accepts, so a field
+    # the code takes and the list leaves out (JobSpec.workload once) is one a reader of the
+    # docs would think refused.
+    text = " ".join((REPO / "docs" / "training.md").read_text().split())
+    paragraph = text.split("**A job file**", 1)[1].split("checked by `JobSpec`", 1)[0]
+    launcher_part, spec_part = paragraph.split("every other key is a `JobSpec` field", 1)
+    launcher_named = set(re.findall(r"`(\w+)`", launcher_part.split("the launcher's keys", 1)[1]))
+    spec_named = set(re.findall(r"`(\w+)`", spec_part))
+    assert launcher_named == set(LAUNCHER_KEYS)
+    assert spec_named == {f.name for f in dataclasses.fields(JobSpec)}
