@@ -1,9 +1,10 @@
 """`python -m orchestrator status | preempt | cancel`: what an operator sees and types, against
 the scheduling core's own data (a stand-in for the actor handle; no Ray)."""
 import argparse
+from pathlib import Path
 from types import SimpleNamespace
 
-from orchestrator.__main__ import _run_command, format_jobs
+from orchestrator.__main__ import _run_command, format_jobs, refusal
 from orchestrator.config import JobSpec
 from orchestrator.inventory import GIB, NodeReport
 from orchestrator.scheduler_core import SchedulerCore
@@ -279,3 +280,20 @@ def test_preempt_of_a_waiting_job_says_it_is_not_running_and_how_to_drop_it(caps
                            f"to preempt (`cancel {name}` drops it)\n")
     code, out = run("cancel", "own-loop", core, capsys)  # what the refusal advised
     assert code == 0 and "own-loop" not in core.queue.waiting
+
+
+def test_operations_docs_name_every_refusal_of_preempt_and_cancel():
+    # docs/operations.md's exit-code table is where an operator looks up an `error:` line;
+    # the placed-not-started and being-cancelled refusals were missing from it.
+    doc = " ".join((Path(__file__).resolve().parents[2] / "docs" / "operations.md")
+                   .read_text().split())
+    cases = [("preempt", {"state": "waiting"}), ("preempt", {"state": "placed"}),
+             ("cancel", {"state": "running", "preemptible": False}),
+             ("preempt", {"state": "running", "reason": "cancelled by an operator"}),
+             ("preempt", None), ("cancel", None)]
+    undocumented = []
+    for command, row in cases:
+        opening = " ".join(refusal(command, "NAME", row).split()[:5])
+        if opening not in doc:
+            undocumented.append(opening)
+    assert undocumented == []
