@@ -1,12 +1,15 @@
 """The --cluster SPEC with servers of one GPU type in groups of different sizes
 ("v100:8x24,v100:4x48,a100:8x12;rack=16"): totals, node names, racks, and that the simulator
 counts every GPU of the type. Pure logic, no Ray."""
+import re
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
 
+from orchestrator import cluster_model
 from orchestrator.cluster_model import ServerGroup, build_state, parse_cluster_spec
-from orchestrator.simulator import FINISHED, NEVER_FITS, simulate
+from orchestrator.simulator import DEFAULT_CLUSTER, FINISHED, NEVER_FITS, simulate
 from orchestrator.traces import TraceJob, prepare
 
 MIXED = "v100:8x24,v100:4x48,a100:8x12;rack=16"
@@ -55,3 +58,17 @@ def test_the_simulator_counts_every_gpu_of_a_type_split_over_groups():
     result = simulate(jobs, "v100:8x1,v100:4x2,p100:8x1;rack=4", "hetero-las", check=True)
     assert [j.status for j in result.jobs] == [FINISHED, NEVER_FITS, FINISHED]
     assert result.jobs[0].n_nodes == 3 and result.jobs[0].gpu_types == "v100"
+
+
+def test_simulator_docs_describe_the_spec_grammar_with_the_codes_defaults():
+    # docs/simulator.md had no word on the SPEC's options (rack, rack_gbps, inter_gbps) or
+    # its GPU types, which only `--help` and this module's docstring gave.
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "simulator.md").read_text()
+    section = " ".join(doc.split("\n## Cluster SPEC\n", 1)[1].split("\n## ", 1)[0].split())
+    assert sorted(re.findall(r"`([a-z0-9]+)`", section.split(" is one of ", 1)[1])[:7]) == \
+        sorted(cluster_model.GPU_TYPES)
+    for key, default in (("rack", cluster_model.DEFAULT_RACK),
+                         ("rack_gbps", cluster_model.DEFAULT_RACK_GBPS),
+                         ("inter_gbps", cluster_model.DEFAULT_INTER_GBPS)):
+        assert f"`{key}`" in section and f"(default {default:g}" in section, key
+    assert f"`{DEFAULT_CLUSTER}`" in section
