@@ -111,7 +111,8 @@ def prepare_fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] |
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
     from ray_layer.cluster import (runtime_env_problem, runtime_env_warnings,
                                    submitted_runtime_env_conflict)
-    from ray_layer.user_loop import pickling_problem, ship_by_value, yielding
+    from ray_layer.user_loop import (config_pickling_problem, pickling_problem,
+                                     ship_by_value, yielding)
 
     problem = (runtime_env_problem(runtime_env) or submitted_runtime_env_conflict(runtime_env)
                if runtime_env else None)
@@ -130,7 +131,8 @@ def prepare_fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] |
         if getattr(module, "__file__", None):  # for what the loop imports only when it runs
             script_folders = (str(Path(module.__file__).resolve().parent),)
     per_worker = yielding(train_loop, script_folders)
-    problem = pickling_problem(train_loop, per_worker)
+    # After ship_by_value: an object of a class defined in the script travels with it.
+    problem = pickling_problem(train_loop, per_worker) or config_pickling_problem(config or {})
     if problem:
         raise JobFailed(problem, EXIT_BAD_INPUT)
     return per_worker, directory

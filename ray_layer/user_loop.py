@@ -168,6 +168,52 @@ def pickling_problem(train_loop: Callable, per_worker: Callable) -> str | None:
                 + ". Create such objects inside the loop, where each worker makes its own")
 
 
+def config_pickling_problem(config: dict[str, Any]) -> str | None:
+    """Why `config` cannot be sent to the workers, naming the entry at fault
+    (config['lock'], config['data'][2]); None when it can. Ray Train pickles it only inside
+    fit(), once the job was placed: it failed there as "training failed after 3 restart(s):
+    TypeError: Could not serialize the put value ..." (exit 4), no restart spent on it."""
+    if _pickling_error(config) is None:
+        return None
+    where, error = _unpicklable_entry(config, "config", set())
+    return (f"{where} cannot be sent to the workers ({type(error).__name__}: {error}): put "
+            "what a worker can rebuild it from in the config (a path, a number, a string) and "
+            "create it inside the loop")
+
+
+class _RayHandlesLeftToRay(ray.cloudpickle.CloudPickler):
+    """cloudpickle, leaving Ray's own references (an ObjectRef, an actor handle) out: Ray
+    sends those itself, and pickling one here, outside a task, would pin its object for
+    the life of this process."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        return id(obj) if isinstance(obj, (ray.ObjectRef, ray.actor.ActorHandle)) else None
+
+
+def _pickling_error(value: Any) -> Exception | None:
+    try:
+        _RayHandlesLeftToRay(io.BytesIO()).dump(value)
+        return None
+    except Exception as e:
+        return e
+
+
+def _unpicklable_entry(value: Any, where: str, seen: set[int]) -> tuple[str, Exception]:
+    """(the innermost entry of `value`, itself unpicklable, that does not pickle, and why),
+    through dicts, lists and tuples; `value` itself when none of its entries is to blame."""
+    seen.add(id(value))
+    if isinstance(value, dict):
+        entries = [(f"{where}[{key!r}]", item) for key, item in value.items()]
+    elif isinstance(value, (list, tuple)):
+        entries = [(f"{where}[{index}]", item) for index, item in enumerate(value)]
+    else:
+        entries = []
+    for path, item in entries:
+        if id(item) not in seen and _pickling_error(item) is not None:
+            return _unpicklable_entry(item, path, seen)
+    return where, _pickling_error(value)
+
+
 def ship_by_value(module) -> None:
     """Send `module`'s functions to the workers by value: it was loaded from a file path, and
     a worker cannot import it by name."""
