@@ -50,6 +50,9 @@ def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = 
     yield and rank 0 saves a checkpoint with this report, "yielded" joins that report's
     metrics and Yielded is raised on every rank after it."""
     global _watch, _pending
+    problem = report_arguments_problem(metrics, checkpoint)
+    if problem:
+        raise TypeError(f"launch.report: {problem}")
     reserved = sorted(RESERVED_METRICS & set(metrics))
     if reserved:  # (a loop's own "yielded" re-queued the job; "already_complete" hid a line)
         raise ValueError(f"report: metric name(s) {reserved} are the launcher's own; rename "
@@ -69,6 +72,33 @@ def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = 
         _watch.checkpointed()
     if decision:
         raise Yielded(decision, metrics.get("step"))
+
+
+def report_arguments_problem(metrics: Any, checkpoint: Any) -> str | None:
+    """What is wrong with report's arguments, or None. Ray Train checks neither: a float for
+    the metrics failed as "TypeError: 'float' object is not iterable", a folder's path for
+    the checkpoint as "AttributeError: 'str' object has no attribute 'path'", after the
+    restarts; a list of pairs, or names that are not strings, later, in Ray Train's
+    controller or the metrics log (JSON). None of them named report."""
+    if not isinstance(metrics, dict):
+        return (f"metrics must be a dict of metric names to values, got "
+                f"{type(metrics).__name__} {_short_repr(metrics)}")
+    # Names JSON cannot write (metrics.jsonl's): a number was written as its text, and stays.
+    unwritable = [key for key in metrics
+                  if key is not None and not isinstance(key, (str, int, float, bool))]
+    if unwritable:
+        return (f"metric names must be strings, got {_short_repr(unwritable[0])} "
+                f"({type(unwritable[0]).__name__})")
+    if checkpoint is not None and not isinstance(checkpoint, ray.train.Checkpoint):
+        return (f"checkpoint must be a ray.train.Checkpoint "
+                f"(ray.train.Checkpoint.from_directory(folder)) or None, got "
+                f"{type(checkpoint).__name__} {_short_repr(checkpoint)}")
+    return None
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _rank_zero_result(value: Any) -> Any:

@@ -533,6 +533,13 @@ class FakeWatch:
         self.checkpoints += 1
 
 
+def saved(folder: str):
+    """A checkpoint of `folder` (never read: Ray Train's report is stubbed)."""
+    import ray.train
+
+    return ray.train.Checkpoint.from_directory(folder)
+
+
 def test_a_yield_waits_for_a_checkpoint_and_rides_on_that_report(monkeypatch):
     """Ray Train's result keeps only the metrics of the latest checkpoint's report: "yielded"
     must be in that very report, or the driver never learns that the loop stopped early."""
@@ -542,7 +549,7 @@ def test_a_yield_waits_for_a_checkpoint_and_rides_on_that_report(monkeypatch):
 
     reports = []
     monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None:
-                        reports.append((metrics, checkpoint)))
+                        reports.append((metrics, checkpoint and checkpoint.path)))
     monkeypatch.setattr(ray.train, "get_context",
                         lambda: SimpleNamespace(get_world_rank=lambda: 0))
     watch = FakeWatch(None, "preempt: by an operator")
@@ -551,7 +558,7 @@ def test_a_yield_waits_for_a_checkpoint_and_rides_on_that_report(monkeypatch):
 
     def loop(config):
         for step in range(config["steps"]):
-            user_loop.report({"step": step}, checkpoint=f"ckpt-{step}" if step % 3 == 2 else None)
+            user_loop.report({"step": step}, checkpoint=saved(f"ckpt-{step}") if step % 3 == 2 else None)
 
     user_loop.yielding(loop)({"steps": 10})  # ends normally at the yield
     assert reports == [({"step": 0}, None),
@@ -576,7 +583,7 @@ def test_a_loops_own_except_exception_does_not_swallow_a_yield(monkeypatch):
     def loop():
         for step in range(5):
             try:  # a loop that logs a failed step and goes on
-                user_loop.report({"step": step}, checkpoint="c")
+                user_loop.report({"step": step}, checkpoint=saved("c"))
             except Exception:
                 pass
 
@@ -591,12 +598,12 @@ def test_a_loop_taking_nothing_runs_and_without_a_directive_never_yields(monkeyp
 
     reports = []
     monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None:
-                        reports.append((metrics, checkpoint)))
+                        reports.append((metrics, checkpoint and checkpoint.path)))
     monkeypatch.setattr(ray.train, "get_context",
                         lambda: SimpleNamespace(get_world_rank=lambda: 0))
     monkeypatch.setattr(user_loop, "_watch", FakeWatch())
     monkeypatch.setattr(user_loop, "_pending", None)
-    user_loop.yielding(lambda: [user_loop.report({"step": s}, checkpoint="c") for s in range(3)])(
+    user_loop.yielding(lambda: [user_loop.report({"step": s}, checkpoint=saved("c")) for s in range(3)])(
         {"ignored": True})
     assert reports == [({"step": s}, "c") for s in range(3)]
     # Ray Train calls the function it runs with the config only when it counts a required
@@ -1188,6 +1195,25 @@ def test_the_loops_return_value_comes_back_and_reserved_report_names_are_refused
             user_loop.report({"loss": 1.0, name: True})
 
 
+@pytest.mark.parametrize("metrics, checkpoint, expected", [
+    (0.25, None, "metrics must be a dict of metric names to values, got float 0.25"),
+    ([("loss", 0.25)], None, "metrics must be a dict of metric names to values, got list "
+     "[('loss', 0.25)]"),
+    ({("loss", "train"): 0.25}, None, "metric names must be strings, got ('loss', 'train') "
+     "(tuple)"),
+    ({"loss": 0.25}, "/tmp/ckpt", "checkpoint must be a ray.train.Checkpoint "
+     "(ray.train.Checkpoint.from_directory(folder)) or None, got str '/tmp/ckpt'"),
+])
+def test_report_names_a_bad_argument_before_ray_train_sees_it(metrics, checkpoint, expected):
+    """Ray Train checks neither: they failed after the restarts as "'float' object is not
+    iterable" or "'str' object has no attribute 'path'", or later, never naming report."""
+    from ray_layer import user_loop
+
+    with pytest.raises(TypeError) as e:
+        user_loop.report(metrics, checkpoint)
+    assert str(e.value) == f"launch.report: {expected}"
+
+
 def test_an_async_or_generator_loop_is_refused_it_would_run_nothing(tmp_path):
     # Called, it returns a coroutine or generator: the job "succeeded" without training.
     write(tmp_path / "loops.py", "async def a(config):\n    pass\n"
@@ -1195,6 +1221,7 @@ def test_an_async_or_generator_loop_is_refused_it_would_run_nothing(tmp_path):
     for name, kind in (("a", "an async function"), ("g", "a generator")):
         with pytest.raises(EntrypointError, match=f"{name} is {kind}"):
             load_entrypoint(f"{tmp_path / 'loops.py'}:{name}")
+
 
 
 def test_a_script_path_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
