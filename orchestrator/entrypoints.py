@@ -92,8 +92,9 @@ def _not_run_by_a_call(function: Callable) -> str | None:
 
 
 def _import(module_name: str) -> ModuleType:
+    ray_before = _ray_initialized()
     try:
-        return importlib.import_module(module_name)
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise EntrypointError(f"entrypoint module {module_name!r} not found: a module "
@@ -107,6 +108,32 @@ def _import(module_name: str) -> ModuleType:
     except Exception as e:  # the user's module raised while importing
         raise EntrypointError(f"entrypoint module {module_name!r} failed to import: "
                               f"{type(e).__name__}: {e}") from None
+    _refuse_ray_started_on_import(f"entrypoint module {module_name!r}", ray_before)
+    return module
+
+
+def _ray_initialized() -> bool:
+    """Whether this process is connected to a Ray (asked of Ray only where it is imported:
+    this module never imports it)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _refuse_ray_started_on_import(what: str, ray_before: bool) -> None:
+    """EntrypointError when importing the entry point initialized Ray: a top-level
+    ray.init(), a Trainer's fit() or a Ray Data read (a plain Ray Train script's body). That
+    work ran outside the scheduler, and the launcher then used that Ray (connect() keeps one
+    already initialized): `--address` and the job file's runtime_env were passed over (the
+    latter refused as if given to launch.fit beside the user's own ray.init())."""
+    if ray_before or not _ray_initialized():
+        return
+    sys.modules["ray"].shutdown()  # (what the script started: this command ends here)
+    raise EntrypointError(
+        f"{what} initialized Ray as it was imported (a top-level ray.init(), a Trainer's "
+        "fit() or a Ray Data read): that ran outside the scheduler, and the launcher would "
+        "have used that Ray, not the one --address, RAY_ADDRESS and the job file's "
+        "runtime_env ask for; code that runs the script belongs under `if __name__ == \"__main__\":`, so that importing it only "
+        "defines the loop")
 
 
 def _exit_on_import(what: str, exit: SystemExit) -> str:
@@ -136,6 +163,7 @@ def _load_file(where: str, base_dir: Path | None) -> ModuleType:
     # imports a file beside it works from any working directory (local_modules ships those).
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))
+    ray_before = _ray_initialized()
     try:
         spec.loader.exec_module(module)
     except SystemExit as e:
@@ -145,6 +173,11 @@ def _load_file(where: str, base_dir: Path | None) -> ModuleType:
         del sys.modules[name]
         raise EntrypointError(f"entrypoint script {path} failed to import: "
                               f"{type(e).__name__}: {e}") from None
+    try:
+        _refuse_ray_started_on_import(f"entrypoint script {path}", ray_before)
+    except EntrypointError:
+        del sys.modules[name]
+        raise
     return module
 
 

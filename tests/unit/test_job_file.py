@@ -281,6 +281,36 @@ def test_a_script_or_module_that_exits_on_import_is_refused_not_obeyed(tmp_path,
         load_entrypoint("exiting_loops_e5:train_loop")
 
 
+def test_a_script_or_module_that_starts_ray_on_import_is_refused(tmp_path, monkeypatch):
+    """A plain Ray Train script (`trainer.fit()` at its top level) trained as it was imported,
+    outside the scheduler, and `submit` then ran the job on the Ray that started, passing
+    over --address and the job file's runtime_env (refused as if given beside ray.init())."""
+    import ray
+
+    started = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append(True))  # (no real Ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(started))
+    monkeypatch.setattr(ray, "shutdown", started.clear)
+    script = write(tmp_path / "ray_script_r7.py", "import ray\nray.init()\n"
+                   "def train_loop(config):\n    pass\n")
+    with pytest.raises(EntrypointError) as e:
+        load_entrypoint("ray_script_r7.py:train_loop", base_dir=tmp_path)
+    assert str(e.value).startswith(f"entrypoint script {script} initialized Ray as it was "
+                                   "imported"), e.value
+    assert 'if __name__ == "__main__":' in str(e.value)
+    assert not started  # what it started is stopped
+    assert not [m for m in sys.modules if m.startswith("orchestrator_entry_ray_script_r7_")]
+    write(tmp_path / "ray_module_r7.py", "import ray\nray.init()\ndef train_loop(): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(EntrypointError, match="entrypoint module 'ray_module_r7' initialized Ray"):
+        load_entrypoint("ray_module_r7:train_loop")
+    # A Ray this process had started before is none of the entry point's doing.
+    started.append(True)
+    write(tmp_path / "plain_r7.py", "def train_loop(config):\n    pass\n")
+    assert load_entrypoint("plain_r7.py:train_loop", base_dir=tmp_path).function.__name__ \
+        == "train_loop"
+
+
 def test_a_module_missing_a_dependency_is_not_called_missing_itself(tmp_path, monkeypatch):
     write(tmp_path / "needs_dep_c3.py", "import not_installed_anywhere_c3\n")
     monkeypatch.syspath_prepend(str(tmp_path))
