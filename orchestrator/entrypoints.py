@@ -62,6 +62,12 @@ def accepts_config(train_loop: Callable) -> bool:
         signature = inspect.signature(train_loop)
     except (TypeError, ValueError):
         raise TypeError(f"{train_loop!r} is not a function Ray Train can run") from None
+    if inspect.isclass(train_loop):  # (a Tune Trainable, a class with __call__): the job
+        # "succeeded" having made an instance and trained nothing
+        raise TypeError(f"{train_loop.__qualname__} is a class: called, it only makes an "
+                        "instance, and Ray Train runs nothing it returns; name a function (or "
+                        "an instance made at the script's top level, if its class has "
+                        "__call__)")
     kind = _not_run_by_a_call(train_loop)
     if kind:  # called, it returns a coroutine or generator and runs nothing: a silent success
         raise TypeError(f"{getattr(train_loop, '__qualname__', repr(train_loop))} is {kind}; "

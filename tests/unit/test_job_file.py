@@ -1253,6 +1253,16 @@ def test_an_async_or_generator_loop_is_refused_it_would_run_nothing(tmp_path):
             load_entrypoint(f"{tmp_path / 'loops.py'}:{name}")
 
 
+def test_a_class_named_as_the_loop_is_refused_it_would_only_be_instantiated(tmp_path):
+    # Ray Train calls the loop: a class (a Tune Trainable, one with __call__) only made an
+    # instance, and the job "succeeded" without training. An instance with __call__ runs.
+    write(tmp_path / "classes.py", "class Loop:\n    def __call__(self, config):\n"
+          "        pass\nloop = Loop()\n")
+    with pytest.raises(EntrypointError, match="'.*:Loop': Loop is a class: called, it only "
+                                              "makes an instance"):
+        load_entrypoint(f"{tmp_path / 'classes.py'}:Loop")
+    assert accepts_config(load_entrypoint(f"{tmp_path / 'classes.py'}:loop").function)
+
 
 def test_a_script_path_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
