@@ -156,5 +156,33 @@ def test_a_chaos_run_whose_training_ended_before_a_fault_does_not_pass():
     assert not chaos.passed(result)
     everything = [chaos.Injected(f.kind, f.at_step, 0.0, "done", survived=True)
                   for f in schedule]
-    assert chaos.passed(chaos.report(settings, {"code": 0, "summary": {"steps": 200}}, {}, [],
-                                     schedule, everything, [], load, 1.0))
+    losses = {"steps": 200, "final_loss": 2.7, "final_loss_steps": 5, "held_out_loss": 2.9}
+    served = SimpleNamespace(results=[(200, "")] * 10, failures=lambda: [])
+    assert chaos.passed(chaos.report(settings, {"code": 0, "summary": losses}, losses, [],
+                                     schedule, everything, [], served, 1.0))
+
+
+def test_a_chaos_run_passes_only_with_the_reference_losses_sound_books_and_served_requests():
+    # The exit code looked at training and the faults alone: a run that resumed to other
+    # weights, left the scheduler's books wrong or served nothing exited 0.
+    from types import SimpleNamespace
+
+    from scripts import chaos
+
+    settings = chaos.Settings.quick(0)
+    schedule = fault_schedule(0, settings.max_steps, settings.checkpoint_every)
+    everything = [chaos.Injected(f.kind, f.at_step, 0.0, "done", survived=True)
+                  for f in schedule]
+    reference = {"steps": 200, "final_loss": 2.7, "final_loss_steps": 5, "held_out_loss": 2.9}
+
+    def verdict(summary=reference, problems=(), results=((200, ""),) * 1000):
+        load = SimpleNamespace(results=list(results),
+                               failures=lambda: [r for r in results if r[0] != 200])
+        return chaos.passed(chaos.report(settings, {"code": 0, "summary": summary}, reference,
+                                         [], schedule, everything, list(problems), load, 1.0))
+
+    assert verdict()
+    assert not verdict(summary={**reference, "held_out_loss": 3.0})  # other weights
+    assert not verdict(problems=["node n1 booked for 4 CPUs of 2"])
+    assert not verdict(results=())  # serving answered nothing
+    assert not verdict(results=((200, ""),) * 990 + ((0, "timed out"),) * 10)
