@@ -104,6 +104,23 @@ def resumed_after(records: list[dict[str, Any]], at: float) -> Attempt | None:
     return later[0] if progressed else None
 
 
+def due(fault: Fault, records: list[dict[str, Any]], restarted_at: float | None) -> bool:
+    """Whether `fault` may land now, by the run's metrics.jsonl records: the run has reported
+    fault.at_step. A fault that restarts training, after another (injected at unix time
+    `restarted_at`), waits for the run to resume from that one, register a checkpoint and
+    reach at_step on the resumed attempt: the killed attempt's last report, a checkpoint
+    interval or more past the earlier fault's step, can already be past this one's, and a
+    fault injected then lands in the middle of a restart (a worker kill hit a dying process,
+    and its check passed on the earlier fault's recovery)."""
+    if not records:
+        return False
+    if fault.kind not in RESTARTS_TRAINING or restarted_at is None:
+        return int(records[-1]["step"]) >= fault.at_step
+    latest = attempts(records)[-1]
+    return (resumed_after(records, restarted_at) is not None
+            and latest.started_at > restarted_at and latest.last_step >= fault.at_step)
+
+
 def seconds_per_step(records: list[dict[str, Any]]) -> float | None:
     """The run's recent pace: between its last two reports, if both are of one attempt."""
     if len(records) < 2:

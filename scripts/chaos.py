@@ -55,6 +55,7 @@ SURVIVAL_TIMEOUT_S = 90.0
 # reported is known, not the one it died at).
 LOG_EVERY = 5
 MAX_JITTER_S = 2.0
+NOT_INJECTED = "not injected"  # an Injected's detail when the injection itself failed
 # The clients never retry; in past runs a killed replica cost no request (the ingress resent
 # them to the other replica). The test and the exit code share this bar.
 MIN_SERVE_SUCCESS_RATE = 0.999
@@ -222,7 +223,7 @@ class Chaos:
         try:
             detail, check = act()
         except Exception as e:  # noqa: BLE001 - a fault that cannot be injected is a finding
-            injected = Injected(fault.kind, fault.at_step, time.time(), "not injected",
+            injected = Injected(fault.kind, fault.at_step, time.time(), NOT_INJECTED,
                                 survived=False, problem=f"injection failed: "
                                                         f"{type(e).__name__}: {e}")
             say(f"step {fault.at_step}: {fault.kind} could not be injected: {injected.problem}")
@@ -415,11 +416,6 @@ def train(run_dir: Path, settings: Settings) -> tuple[int, dict]:
     return code, summary
 
 
-def current_step(run_dir: Path) -> int:
-    records = read_metrics(run_dir)
-    return int(records[-1]["step"]) if records else -1
-
-
 def run(settings: Settings, workdir: Path) -> dict:
     from ray import serve
 
@@ -446,13 +442,20 @@ def run(settings: Settings, workdir: Path) -> dict:
         injector = Chaos(lab, run_dir, settings, training=job.is_alive)
         with Load(url, clients=settings.clients, pause_s=settings.client_pause_s) as load:
             job.start()
+            restarted_at = None  # when the last fault that restarts training was injected
             for fault in schedule:
-                while job.is_alive() and current_step(run_dir) < fault.at_step:
+                while job.is_alive() and not faults.due(fault, read_metrics(run_dir),
+                                                        restarted_at):
                     time.sleep(0.2)
                 if not job.is_alive():
-                    say(f"training ended before step {fault.at_step}: {fault.kind} not injected")
+                    say(f"training ended before step {fault.at_step}"
+                        + (" of a run resumed from the fault before" if restarted_at
+                           and fault.kind in faults.RESTARTS_TRAINING else "")
+                        + f": {fault.kind} not injected")
                     break
-                injector.inject(fault)
+                landed = injector.inject(fault)
+                if fault.kind in faults.RESTARTS_TRAINING and landed.detail != NOT_INJECTED:
+                    restarted_at = landed.at
             job.join()
             injected = injector.results()
         books = scheduler_books()

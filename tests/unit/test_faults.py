@@ -1,7 +1,8 @@
 import pytest
 
-from orchestrator.faults import (FAULTS, RESTARTS_TRAINING, Attempt, attempts,
-                                comparable_losses, fault_schedule, losses_match,
+from orchestrator.faults import (FAULTS, JOB_PREEMPTED, RESTARTS_TRAINING,
+                                SCHEDULER_KILLED, TRAIN_WORKER_KILLED, Attempt, Fault,
+                                attempts, comparable_losses, due, fault_schedule, losses_match,
                                 reservation_problems, resumed_after, seconds_per_step,
                                 steps_lost)
 
@@ -97,6 +98,30 @@ def test_a_resume_counts_once_it_registers_a_checkpoint_even_in_its_first_report
     # An attempt that has reported but registered nothing yet has made no progress.
     progressing = records[:-1] + [record(199, 197, 80.0)]
     assert resumed_after(progressing, at=50.0) is None
+
+
+def test_a_restart_fault_waits_for_the_run_to_recover_from_the_one_before():
+    # A worker kill due at step 40 landed at t=61, the run by then at step 60 (a checkpoint
+    # there): the next restart, due at step 60, was injected at once on the killed attempt's
+    # last report, in the middle of the restart.
+    records = [record(s, 0, s) for s in range(5, 65, 5)]
+    for r in records:
+        if r["step"] % 10 == 0:
+            r["checkpoint"] = f"/c/{r['step']}"
+    killed_at = 61.0
+    nxt = Fault(TRAIN_WORKER_KILLED, 60)
+    assert due(nxt, records, restarted_at=None)  # the first restart fault: by step alone
+    assert not due(nxt, records, restarted_at=killed_at)
+    # Other faults land anywhere, a restart in progress included.
+    assert due(Fault(SCHEDULER_KILLED, 55), records, restarted_at=killed_at)
+    # The resumed attempt's first reports, before it registers a checkpoint: not yet.
+    records += [record(s, 60, 90.0 + s) for s in (65,)]
+    assert not due(nxt, records, restarted_at=killed_at)
+    records.append({**record(70, 60, 160.0), "checkpoint": "/c/70"})
+    assert due(nxt, records, restarted_at=killed_at)
+    # Recovered but not at the step yet.
+    assert not due(Fault(JOB_PREEMPTED, 80), records, restarted_at=killed_at)
+    assert not due(nxt, [], restarted_at=None)
 
 
 def test_seconds_per_step_from_the_last_two_reports_of_one_attempt():
