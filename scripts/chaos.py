@@ -374,13 +374,23 @@ class Chaos:
         from ray_layer.scheduler_client import get_agent
 
         node_id = self.rng.choice(sorted(alive_nodes()))
-        ray.kill(get_agent(node_id), no_restart=True)
+        killed = get_agent(node_id)
+        killed_id = killed._actor_id.hex()
+        ray.kill(killed, no_restart=True)
 
         def survived(injected: Injected) -> None:
-            def reported_again():
+            # ray.kill is asynchronous and the scheduler takes calls in turn: a report the
+            # killed agent sent as it died could land after the kill, and "a report after the
+            # kill" passed with no new agent. So: another actor under the node's agent name,
+            # then a report after it was seen.
+            wait_for(f"a new agent on node {node_id[:12]}",
+                     lambda: get_agent(node_id)._actor_id.hex() != killed_id)
+            new_agent_seen = time.time()
+
+            def reported_since():
                 ages = ray_get(scheduler().snapshot.remote())["age_s"]
-                return time.time() - ages.get(node_id, float("inf")) > injected.at
-            wait_for(f"a new agent on node {node_id[:12]} reports", reported_again)
+                return time.time() - ages.get(node_id, float("inf")) > new_agent_seen
+            wait_for(f"the new agent on node {node_id[:12]} reports", reported_since)
             injected.recovery_s = round(time.time() - injected.at, 1)
 
         return f"agent of node {node_id[:12]} killed for good", survived
