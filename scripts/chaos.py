@@ -290,9 +290,11 @@ class Chaos:
         # restart needs new worker processes, so it reads the checkpoint seconds later.
         old_group = {p.pid for p in ray_train_workers()}
         killed = self._kill_a_worker()
-        deadline = time.monotonic() + 30
-        while old_group & {p.pid for p in ray_train_workers()} and time.monotonic() < deadline:
-            time.sleep(0.2)
+        # Not gone in 30 s: an injection failure saying so (cutting the checkpoint anyway let
+        # the survivor register a newer one, and the check failed on a "resumed at step").
+        polling.wait_for("the killed worker's group exits",
+                         lambda: not old_group & {p.pid for p in ray_train_workers()},
+                         timeout_s=30, every_s=0.2)
         time.sleep(0.5)  # the controller's last poll of the old group's reports
         recorded = next(r for r in reversed(self._records()) if r.get("checkpoint"))
         # The newest on disk, registered or not: what the resume takes first (the dying group
