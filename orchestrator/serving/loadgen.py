@@ -49,6 +49,10 @@ class Load:
                 self.results.append(self._stream() if stream else self._complete())
             except requests.RequestException as e:
                 self.results.append((0, str(e)))
+            except Exception as e:  # noqa: BLE001 - a malformed answer is a failure too
+                # (a stream event that is not JSON, an answer without "choices"): it ended
+                # the client's thread unseen, and the success rate counted on without it.
+                self.results.append((-1, f"malformed answer: {type(e).__name__}: {e}"))
             stop.wait(self.pause_s)
 
     def _complete(self) -> tuple[int, str]:
