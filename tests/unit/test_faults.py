@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 
 from orchestrator.faults import (FAULTS, JOB_PREEMPTED, RESTARTS_TRAINING,
@@ -165,8 +167,6 @@ def test_losses_compare_the_final_training_loss_only_over_equal_intervals():
 def test_a_chaos_run_whose_training_ended_before_a_fault_does_not_pass():
     # Faults due after training ended were dropped unseen, and the exit code compared only
     # the injected ones: one fault of seven injected and survived passed.
-    from types import SimpleNamespace
-
     from scripts import chaos
 
     settings = chaos.Settings.quick(0)
@@ -190,8 +190,6 @@ def test_a_chaos_run_whose_training_ended_before_a_fault_does_not_pass():
 def test_a_chaos_run_passes_only_with_the_reference_losses_sound_books_and_served_requests():
     # The exit code looked at training and the faults alone: a run that resumed to other
     # weights, left the scheduler's books wrong or served nothing exited 0.
-    from types import SimpleNamespace
-
     from scripts import chaos
 
     settings = chaos.Settings.quick(0)
@@ -211,3 +209,52 @@ def test_a_chaos_run_passes_only_with_the_reference_losses_sound_books_and_serve
     assert not verdict(problems=["node n1 booked for 4 CPUs of 2"])
     assert not verdict(results=())  # serving answered nothing
     assert not verdict(results=((200, ""),) * 990 + ((0, "timed out"),) * 10)
+
+
+@pytest.fixture
+def scheduler_kill(monkeypatch, tmp_path):
+    """Chaos.kill_scheduler with Ray faked: the scheduler restarts at once and answers with
+    `books["after"]`; the chaos job's records are written as the test asks. Short waits."""
+    import ray
+
+    import ray_layer.scheduler_client
+    from orchestrator import polling
+    from orchestrator.runs import append_metrics
+    from scripts import chaos
+
+    books = {"before": {"chaos": [reservation("n1")]}, "after": {}}
+    restarts = iter(range(100))
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart: None)
+    monkeypatch.setattr(ray_layer.scheduler_client, "actor_restarts", lambda a: next(restarts))
+    monkeypatch.setattr(chaos, "scheduler", lambda: object())
+    monkeypatch.setattr(chaos, "alive_nodes", lambda: {"n1": 2.0})
+    monkeypatch.setattr(chaos, "polling", SimpleNamespace(wait_for=lambda what, check, t, **kw:
+                                                          polling.wait_for(what, check, 1, **kw)))
+    state = SimpleNamespace(training=True)
+
+    def check(last_step: int, after: dict):
+        append_metrics(tmp_path, {"step": last_step, "start_step": 0, "time": 1.0}, None)
+        answers = iter([books["before"], after])
+        monkeypatch.setattr(chaos, "scheduler_books", lambda: next(answers))
+        injector = chaos.Chaos(None, tmp_path, chaos.Settings.quick(0),
+                               training=lambda: state.training)
+        _, survived = injector.kill_scheduler()
+        survived(chaos.Injected(SCHEDULER_KILLED, 150, 0.0, "killed"))
+    return check, state
+
+
+def test_a_scheduler_restart_that_lost_a_running_jobs_reservation_is_caught(scheduler_kill):
+    check, _ = scheduler_kill
+    with pytest.raises(AssertionError, match="job chaos lost its reservation"):
+        check(last_step=160, after={})
+    check(last_step=160, after={"chaos": [reservation("n1")]})
+
+
+def test_a_job_that_finished_during_the_scheduler_restart_may_leave_empty_books(scheduler_kill):
+    # Its last step reported, the job gave its reservation back while its driver was still
+    # finishing: the empty books waited for as "no answer" (a timeout), and the job's absence
+    # was taken for a loss while the driver thread lived.
+    check, state = scheduler_kill
+    check(last_step=200, after={})
+    state.training = False
+    check(last_step=200, after={})
