@@ -1,3 +1,4 @@
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -258,3 +259,50 @@ def test_a_job_that_finished_during_the_scheduler_restart_may_leave_empty_books(
     check(last_step=200, after={})
     state.training = False
     check(last_step=200, after={})
+
+
+def test_a_node_agent_kill_is_survived_only_by_a_new_agent_that_reports(monkeypatch, tmp_path):
+    # ray.kill is asynchronous: a report the dying agent sent landed after the kill, and the
+    # check took it for the new agent's (it never looked for a new agent).
+    import ray
+
+    import ray_layer.scheduler_client
+    from orchestrator import polling
+    from scripts import chaos
+
+    def actor(hex_id):
+        return SimpleNamespace(_actor_id=SimpleNamespace(hex=lambda: hex_id))
+
+    agents = {"n1": actor("old")}
+    reported_at = {"n1": time.time() - 3.0}
+
+    def get_agent(node_id):
+        if node_id not in agents:
+            raise ValueError("no agent")
+        return agents[node_id]
+
+    def kill(handle, no_restart):
+        del agents["n1"]
+        reported_at["n1"] = time.time() + 0.01  # the dying agent's last report lands later
+
+    monkeypatch.setattr(ray, "kill", kill)
+    monkeypatch.setattr(ray_layer.scheduler_client, "get_agent", get_agent)
+    monkeypatch.setattr(chaos, "alive_nodes", lambda: {"n1": 2.0})
+    monkeypatch.setattr(chaos, "scheduler", lambda: SimpleNamespace(
+        snapshot=SimpleNamespace(remote=lambda: None)))
+    monkeypatch.setattr(chaos, "ray_get", lambda ref: {
+        "age_s": {n: time.time() - t for n, t in reported_at.items()}})
+    monkeypatch.setattr(chaos, "polling", SimpleNamespace(wait_for=lambda what, check, t, **kw:
+                                                          polling.wait_for(what, check, 0.5,
+                                                                           every_s=0.05, **kw)))
+    injector = chaos.Chaos(None, tmp_path, chaos.Settings.quick(0), training=lambda: True)
+    _, survived = injector.kill_node_agent()
+    injected = chaos.Injected("node_agent_killed", 85, time.time(), "killed")
+    time.sleep(0.05)
+    with pytest.raises(TimeoutError, match="a new agent on node n1"):
+        survived(injected)
+    agents["n1"] = actor("new")  # the scheduler's maintenance starts one...
+    with pytest.raises(TimeoutError, match="the new agent on node n1 reports"):
+        survived(injected)
+    reported_at["n1"] = time.time() + 0.2  # ...which reports
+    survived(injected)
