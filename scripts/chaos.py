@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -252,8 +253,10 @@ class Chaos:
     def _records(self) -> list[dict]:
         return read_metrics(self.run_dir)
 
-    def _reported_last_step(self) -> bool:
-        return any(int(r["step"]) >= self.settings.max_steps for r in self._records())
+    def _reported_last_step(self, by: float = math.inf) -> bool:
+        """Whether the run's last step has been reported (at time `by` or before)."""
+        return any(int(r["step"]) >= self.settings.max_steps and r["time"] <= by
+                   for r in self._records())
 
     def _checkpoint_interval_s(self) -> float:
         """How long a checkpoint interval takes now (at most MAX_JITTER_S). Reports come every
@@ -349,14 +352,17 @@ class Chaos:
             # restart, and the books it shows would prove nothing.
             wait_for("Ray restarts the scheduler",
                      lambda: actor_restarts(scheduler()) > restarts, timeout_s=60)
-            # Read before the books: a job that has reported its last step (or ended) may have
-            # given its reservation back by the time they come; one still short of it may not.
-            # (Asked after the books, "is the driver thread alive?" took a release made while
-            # the driver was finishing for a lost reservation.)
-            may_have_released = not self.training() or self._reported_last_step()
+            ended_before = not self.training()
             # Empty books are an answer too (the job done and released): waiting for truthy
             # books timed out on them.
             (after,) = wait_for("the scheduler answers again", lambda: (scheduler_books(),))
+            read_at = time.time()
+            # A job gives its reservation back only after its last step's report: missing
+            # from books read by `read_at`, it lost it unless that report came before then.
+            # (Asked before the books, a job finishing while the restarted scheduler came up
+            # read as one still training; asked after them, "is the driver thread alive?"
+            # took a release made while the driver was finishing for a lost reservation.)
+            may_have_released = ended_before or self._reported_last_step(by=read_at)
             injected.recovery_s = round(time.time() - injected.at, 1)
             problems = faults.reservation_problems(after, alive_nodes())
             problems += [f"job {job} lost its reservation" for job in before

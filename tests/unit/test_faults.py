@@ -233,10 +233,16 @@ def scheduler_kill(monkeypatch, tmp_path):
                                                           polling.wait_for(what, check, 1, **kw)))
     state = SimpleNamespace(training=True)
 
-    def check(last_step: int, after: dict):
+    def check(last_step: int, after: dict, finished_meanwhile: bool = False):
         append_metrics(tmp_path, {"step": last_step, "start_step": 0, "time": 1.0}, None)
         answers = iter([books["before"], after])
-        monkeypatch.setattr(chaos, "scheduler_books", lambda: next(answers))
+
+        def books_read():
+            answer = next(answers)
+            if finished_meanwhile and answer is after:  # the last report, then the release
+                append_metrics(tmp_path, {"step": 200, "start_step": 0}, None)
+            return answer
+        monkeypatch.setattr(chaos, "scheduler_books", books_read)
         injector = chaos.Chaos(None, tmp_path, chaos.Settings.quick(0),
                                training=lambda: state.training)
         _, survived = injector.kill_scheduler()
@@ -259,6 +265,15 @@ def test_a_job_that_finished_during_the_scheduler_restart_may_leave_empty_books(
     check(last_step=200, after={})
     state.training = False
     check(last_step=200, after={})
+
+
+def test_a_job_that_finished_while_the_restarted_scheduler_came_up_lost_nothing(
+        scheduler_kill):
+    # At step 185 when the restart was seen; its last report and its release reached the
+    # new scheduler before the books were read: "has it reported its last step?", asked
+    # before the books, took the release for a loss.
+    check, _ = scheduler_kill
+    check(last_step=185, after={}, finished_meanwhile=True)
 
 
 def test_a_node_agent_kill_is_survived_only_by_a_new_agent_that_reports(monkeypatch, tmp_path):
