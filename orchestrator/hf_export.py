@@ -393,8 +393,6 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
     candidates, is_run = model_directories(path)
     (directory, state, model, train_config), skipped = first_that_loads(
         candidates, is_run, path, _load_exportable)
-    if is_run:
-        skipped = _cut_short_since(directory) + skipped
     check_exportable(model, str(directory))
     try:
         tokenizer = tokenizer_for_model(
@@ -407,27 +405,6 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
     return files, {"checkpoint": str(directory), "step": state.get("step"),
                    "vocab_size": model.config.vocab_size, "tokenizer": tokenizer.name,
                    "params": sum(p.numel() for p in model.parameters()), "skipped": skipped}
-
-
-def _cut_short_since(exported: Path) -> list[str]:
-    """Why each checkpoint of the run newer than `exported` that holds no model file (a save
-    cut short: a sharded one without rank 0's meta.pt, an empty directory) was not even tried:
-    model_directories leaves those out, so the export fell back past them without a word."""
-    from orchestrator.runs import checkpoint_age, checkpoint_dirs
-    from orchestrator.serving.loading import format_of
-    from orchestrator.training.checkpoint import CheckpointError, checkpoint_header
-
-    problems = []
-    for directory in checkpoint_dirs(exported.parent):
-        if checkpoint_age(directory) <= checkpoint_age(exported):
-            break
-        if format_of(directory) is not None:  # tried, and its problem is said already
-            continue
-        try:
-            checkpoint_header(directory)  # the message naming what is missing
-        except (CheckpointError, OSError) as e:
-            problems.append(str(e))
-    return problems
 
 
 def _load_exportable(directory: Path):
@@ -451,11 +428,11 @@ def _load_exportable(directory: Path):
 
 
 def _training_checkpoint_only(directory: Path) -> None:
-    from orchestrator.serving.loading import format_of
+    from orchestrator.serving.loading import model_format
 
-    fmt = format_of(directory)
-    if fmt is None or fmt.name != "checkpoint":
-        raise ExportError(f"{directory} is an {fmt.name if fmt else 'unknown'} model; only "
+    fmt = model_format(directory)  # (CheckpointError for one cut short: a run falls back)
+    if fmt.name != "checkpoint":
+        raise ExportError(f"{directory} is an {fmt.name} model; only "
                           "training checkpoints (state.pt) export to GPT-2 (an INT8 model "
                           "has no GPT-2 form)")
 

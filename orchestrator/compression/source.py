@@ -11,9 +11,9 @@ import torch
 from orchestrator.compression.artifacts import cpu_state_dict
 from orchestrator.runs import checkpoint_dirs
 from orchestrator.tokenizer import ByteTokenizer, Tokenizer, TokenizerError, tokenizer_of_run
-from orchestrator.training.checkpoint import (CHECKSUM_FILE, SHARDED_META_FILE, STATE_FILE,
-                                              CheckpointError, newest_usable_checkpoint,
-                                              recorded_sha256)
+from orchestrator.training.checkpoint import (SHARDED_META_FILE, STATE_FILE, CheckpointError,
+                                              holds_checkpoint_files,
+                                              newest_usable_checkpoint, recorded_sha256)
 from orchestrator.training.model import GPT
 
 
@@ -24,7 +24,7 @@ def checkpoint_candidates(path: str | Path) -> tuple[list[Path], bool]:
         raise CheckpointError(f"checkpoint not found: {p}")
     if p.is_file():
         raise CheckpointError(_file_given(p))
-    if _is_checkpoint_dir(p):
+    if holds_checkpoint_files(p):  # (one whose save was cut short says so as it loads)
         return [p], False
     inside = checkpoint_dirs(p)
     if inside:
@@ -33,14 +33,9 @@ def checkpoint_candidates(path: str | Path) -> tuple[list[Path], bool]:
                           "directory (no checkpoint_* inside)")
 
 
-def _is_checkpoint_dir(p: Path) -> bool:
-    return ((p / STATE_FILE).exists() or (p / CHECKSUM_FILE).exists()
-            or (p / SHARDED_META_FILE).exists())  # strategy fsdp's sharded checkpoint
-
-
 def _file_given(p: Path) -> str:
     """--checkpoint names a file (state.pt itself, say): the directory to pass instead."""
-    if _is_checkpoint_dir(p.parent):
+    if holds_checkpoint_files(p.parent):
         return (f"--checkpoint {p} is a file: pass the checkpoint directory that holds it, "
                 f"{p.parent}")
     return (f"--checkpoint {p} is a file, not a pretrain checkpoint directory (holding "

@@ -33,7 +33,8 @@ from orchestrator.tokenizer import (BYTE_VOCAB, ByteTokenizer, Tokenizer, Tokeni
                                     tokenizer_of_run)
 from orchestrator.runs import DEFAULT_RUNS_ROOT, checkpoint_dirs, latest_run_with_checkpoints
 from orchestrator.training.checkpoint import (SHARDED_META_FILE, STATE_FILE, CheckpointError,
-                                              first_that_loads, load_checkpoint,
+                                              cut_short_problem, first_that_loads,
+                                              holds_checkpoint_files, load_checkpoint,
                                               model_from_state, recorded_sha256,
                                               verify_checksum)
 
@@ -102,6 +103,18 @@ def format_of(directory: Path) -> ModelFormat | None:
     return next((f for f in FORMATS if (directory / f.marker).is_file()), None)
 
 
+def model_format(directory: Path) -> ModelFormat:
+    """The format of the model in `directory`, a checkpoint named or one of a run's, or
+    CheckpointError saying why it holds none: its save was cut short, naming the file it
+    never wrote (training's cut_short_problem: a resume, serving, export and compression say
+    the same)."""
+    fmt = format_of(directory)
+    if fmt is None:
+        raise CheckpointError(cut_short_problem(directory)
+                              or f"checkpoint {directory} holds no model file")
+    return fmt
+
+
 def default_checkpoint(root: Path = DEFAULT_RUNS_ROOT) -> Path:
     """The newest jobs/pretrain.py run (`pretrain-*`) with checkpoints under the runs root
     (what is served when neither the app's args nor the user_config names a checkpoint): a
@@ -119,15 +132,17 @@ def default_checkpoint(root: Path = DEFAULT_RUNS_ROOT) -> Path:
 
 
 def model_directories(path: str | Path) -> tuple[list[Path], bool]:
-    """(directories to try, newest first; whether `path` was a run directory)."""
+    """(directories to try, newest first; whether `path` was a run directory). Every
+    checkpoint_* of a run is tried, also one whose save was cut short: model_format names
+    what it lacks as the run falls back past it (left out, it was passed over unsaid)."""
     p = Path(path).expanduser().resolve()
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist")
     if not p.is_dir():
         raise CheckpointError(f"checkpoint {p} is a file; give the directory that holds it")
-    if format_of(p) is not None:
+    if format_of(p) is not None or holds_checkpoint_files(p):  # (cut short: said on load)
         return [p], False
-    inside = [c for c in checkpoint_dirs(p) if format_of(c)]
+    inside = checkpoint_dirs(p)
     if inside:
         return inside, True
     if format_of(p / "int8") is not None:  # a jobs/compress.py output directory
@@ -150,7 +165,7 @@ def pin_checkpoint(path: str | Path) -> Path:
     candidates, is_run = model_directories(path)
 
     def whole(directory: Path) -> Path:
-        verify_checksum(directory / format_of(directory).marker)
+        verify_checksum(directory / model_format(directory).marker)
         return directory
     return first_that_loads(candidates, is_run, path, whole)[0]
 
@@ -336,7 +351,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", *,
     candidates, is_run = model_directories(path)
 
     def load(directory: Path):
-        fmt = format_of(directory)
+        fmt = model_format(directory)
         model, sha256, step, tokenizer = fmt.load(directory, device)
         if probe:
             problem = _forward_problem(model, version_of(directory, sha256), device)

@@ -190,9 +190,7 @@ def checkpoint_header(directory: str | os.PathLike, rank: int = 0,
     over a terabyte), so the verdict is only whole once the workers agree (the loop's)."""
     directory = Path(directory)
     if not is_sharded_checkpoint(directory):
-        if not (directory / STATE_FILE).exists() and _has_shards(directory):
-            raise CheckpointError(f"sharded checkpoint {directory} has no {SHARDED_META_FILE} "
-                                  "(written last, by rank 0): incomplete")
+        _refuse_cut_short(directory)
         return {**load_tensors(directory / STATE_FILE), "sharded": False}
     meta = load_tensors(directory / SHARDED_META_FILE)
     if not (directory / DCP_METADATA_FILE).is_file():
@@ -210,6 +208,35 @@ def checkpoint_header(directory: str | os.PathLike, rank: int = 0,
 def _has_shards(directory: Path) -> bool:
     """torch.distributed.checkpoint's files are there (its index or any worker's shards)."""
     return (directory / DCP_METADATA_FILE).is_file() or any(directory.glob("__*.distcp"))
+
+
+def cut_short_problem(directory: str | os.PathLike) -> str | None:
+    """Why the checkpoint `directory` holds no model file, its save cut short before writing
+    it: a sharded one without rank 0's meta.pt (written last, after every worker's shards), a
+    full one without state.pt. None when either is there. Training's resume, serving, export
+    and compression all say this, for a checkpoint named and for one a run falls back past."""
+    directory = Path(directory)
+    if (directory / STATE_FILE).exists() or is_sharded_checkpoint(directory):
+        return None
+    if _has_shards(directory) or (directory / f"{SHARDED_META_FILE}.sha256").exists():
+        return (f"sharded checkpoint {directory} has no {SHARDED_META_FILE} (written last, by "
+                "rank 0): incomplete")
+    return f"checkpoint file missing: {directory / STATE_FILE}"
+
+
+def _refuse_cut_short(directory: Path) -> None:
+    problem = cut_short_problem(directory)
+    if problem:
+        raise CheckpointError(problem)
+
+
+def holds_checkpoint_files(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds any file a training checkpoint's save writes (whole or cut
+    short): a checkpoint directory, not a run directory or a directory of something else."""
+    directory = Path(directory)
+    return (any((directory / name).exists() for name in (
+        STATE_FILE, CHECKSUM_FILE, SHARDED_META_FILE, f"{SHARDED_META_FILE}.sha256"))
+        or _has_shards(directory))
 
 
 def save_sharded(directory: str | os.PathLike, tensors: dict[str, Any], meta: dict[str, Any],
@@ -297,6 +324,7 @@ def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's whole state, full or sharded (read whole here)."""
     if is_sharded_checkpoint(directory):
         return _load_sharded_whole(Path(directory))
+    _refuse_cut_short(Path(directory))  # (not "state.pt missing" where shards were written)
     return load_tensors(Path(directory) / STATE_FILE)
 
 

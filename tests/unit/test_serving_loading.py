@@ -309,3 +309,79 @@ def test_a_pin_made_meanwhile_is_joined_without_resolving_the_checkpoint_again(i
     resolved = pins.resolved
     assert pin_once(pins, "other", first, pins.resolve) == made
     assert pins.resolved == resolved
+
+
+def cut_short_sharded_save(directory: Path) -> Path:
+    """What a --strategy fsdp save leaves when it stops before rank 0 writes meta.pt (last):
+    torch.distributed.checkpoint's index and a shard, no model file."""
+    directory.mkdir(parents=True)
+    (directory / ".metadata").write_bytes(b"index")
+    (directory / "__0_0.distcp").write_bytes(b"shard")
+    return directory
+
+
+CUT_SHORT = "has no meta.pt (written last, by rank 0): incomplete"
+
+
+def _served(path: Path, out: Path) -> list[str]:
+    return load_model(path).warnings
+
+
+def _compression_teacher(path: Path, out: Path) -> list[str]:
+    from orchestrator.compression.source import load_teacher
+
+    said: list[str] = []
+    load_teacher(path, said.append)
+    return said
+
+
+def _exported(path: Path, out: Path) -> list[str]:
+    from orchestrator.hf_export import export_checkpoint
+
+    return export_checkpoint(path, out)[1]["skipped"]
+
+
+READERS = pytest.mark.parametrize("read", [_served, _compression_teacher, _exported],
+                                  ids=["serving", "compression", "export"])
+
+
+@READERS
+def test_a_cut_short_sharded_checkpoint_named_is_refused_as_cut_short(tmp_path, read):
+    # Serving and export said "holds no model: expected state.pt ... or meta.pt ...",
+    # compression "neither a checkpoint directory (no state.pt) nor a run directory": none
+    # said the save was cut short, nor which file it never wrote.
+    checkpoint = cut_short_sharded_save(tmp_path / "checkpoint_00000002")
+    with pytest.raises(CheckpointError) as e:
+        read(checkpoint, tmp_path / "out")
+    assert f"sharded checkpoint {checkpoint} {CUT_SHORT}" in str(e.value)
+
+
+@READERS
+def test_a_run_names_the_newer_cut_short_checkpoint_it_falls_back_past(tmp_path, read):
+    # Serving passed over it without a word (model_directories left it out), compression
+    # said "checkpoint file missing: .../state.pt", a file an FSDP save never writes.
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000001", step=1)
+    sharded = cut_short_sharded_save(tmp_path / "run" / "checkpoint_00000002")
+    said = read(tmp_path / "run", tmp_path / "out")
+    assert any(f"sharded checkpoint {sharded} {CUT_SHORT}" in line for line in said), said
+
+
+@READERS
+def test_a_run_whose_every_checkpoint_was_cut_short_says_so(tmp_path, read):
+    # Serving and export said the run dir "holds no model", as for a directory of anything.
+    sharded = cut_short_sharded_save(tmp_path / "run" / "checkpoint_00000002")
+    with pytest.raises(CheckpointError) as e:
+        read(tmp_path / "run", tmp_path / "out")
+    assert f"no usable checkpoint in run directory {tmp_path / 'run'}" in str(e.value)
+    assert f"sharded checkpoint {sharded} {CUT_SHORT}" in str(e.value)
+
+
+@READERS
+def test_a_run_names_the_corrupt_newest_checkpoint_it_falls_back_past(tmp_path, read):
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000001", step=1)
+    newest = save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000002", step=2)
+    (newest / "state.pt").write_bytes(b"garbage")
+    said = read(tmp_path / "run", tmp_path / "out")
+    assert any(f"checkpoint {newest / 'state.pt'} is corrupt: sha256" in line
+               for line in said), said
+
