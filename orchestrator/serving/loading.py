@@ -33,8 +33,9 @@ from orchestrator.tokenizer import (BYTE_VOCAB, ByteTokenizer, Tokenizer, Tokeni
                                     tokenizer_of_run)
 from orchestrator.runs import DEFAULT_RUNS_ROOT, checkpoint_dirs, latest_run_with_checkpoints
 from orchestrator.training.checkpoint import (SHARDED_META_FILE, STATE_FILE, CheckpointError,
-                                              cut_short_problem, first_that_loads,
-                                              holds_checkpoint_files, load_checkpoint,
+                                              checkpoint_header, cut_short_problem,
+                                              first_that_loads, holds_checkpoint_files,
+                                              is_sharded_checkpoint, load_checkpoint,
                                               model_from_state, recorded_sha256,
                                               verify_checksum)
 
@@ -163,11 +164,23 @@ def pin_checkpoint(path: str | Path) -> Path:
     is passed over, as loading does), so that every replica of a deployment serves that one,
     however many checkpoints training writes after. CheckpointError naming the path."""
     candidates, is_run = model_directories(path)
+    pinned, skipped = first_that_loads(candidates, is_run, path, _whole)
+    for problem in skipped:  # (a deployment loads the directory pinned: said here or never)
+        log.warning("run %s: skipped an unusable newer checkpoint: %s", path, problem)
+    return pinned
 
-    def whole(directory: Path) -> Path:
-        verify_checksum(directory / model_format(directory).marker)
-        return directory
-    return first_that_loads(candidates, is_run, path, whole)[0]
+
+def _whole(directory: Path) -> Path:
+    """`directory`, once its files are checked against their recorded checksums, or
+    CheckpointError naming the one that is not: a sharded checkpoint's shards and index too
+    (their digests are in its meta.pt), so a run falls back past a corrupt shard rather than
+    pinning a checkpoint every replica then refuses. Tensors are not loaded."""
+    fmt = model_format(directory)
+    if is_sharded_checkpoint(directory):
+        checkpoint_header(directory)  # meta.pt (small), then every shard's digest
+    else:
+        verify_checksum(directory / fmt.marker)
+    return directory
 
 
 def resolve_checkpoint(requested: str) -> Path:

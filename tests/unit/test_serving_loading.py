@@ -385,3 +385,33 @@ def test_a_run_names_the_corrupt_newest_checkpoint_it_falls_back_past(tmp_path, 
     assert any(f"checkpoint {newest / 'state.pt'} is corrupt: sha256" in line
                for line in said), said
 
+
+def test_pinning_a_run_warns_of_each_newer_checkpoint_it_passes_over(tmp_path, caplog):
+    # A deployment serves the directory pinned, so load_model's warnings never saw the newer
+    # checkpoints of the run: a corrupt or cut-short newest one was passed over silently.
+    old = save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000001", step=1)
+    corrupt = save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000002", step=2)
+    (corrupt / "state.pt").write_bytes(b"garbage")
+    sharded = cut_short_sharded_save(tmp_path / "run" / "checkpoint_00000003")
+    with caplog.at_level("WARNING", logger="orchestrator.serving.loading"):
+        assert pin_checkpoint(tmp_path / "run") == old
+    assert f"sharded checkpoint {sharded} {CUT_SHORT}" in caplog.text, caplog.text
+    assert f"checkpoint {corrupt / 'state.pt'} is corrupt" in caplog.text, caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_pinning_a_run_passes_over_a_sharded_checkpoint_with_a_corrupt_shard(tmp_path):
+    # Only meta.pt's checksum was verified: the run was pinned to a checkpoint whose shard
+    # is corrupt, which every replica then refused, though an older one was whole.
+    from orchestrator.training.checkpoint import save_sharded
+
+    old = save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000001", step=1)
+    state = load_checkpoint(old)
+    newest = tmp_path / "run" / "checkpoint_00000002"
+    save_sharded(newest, {"model": state["model"], "pending": {},
+                          "optimizer": {"state": {}, "param_groups": []}},
+                 {"config": state["config"], "step": 2}, rank=0)
+    assert pin_checkpoint(tmp_path / "run") == newest
+    shard = next(newest.glob("__*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-1] + b"x")
+    assert pin_checkpoint(tmp_path / "run") == old
