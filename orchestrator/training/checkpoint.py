@@ -355,9 +355,37 @@ def model_from_state(state: Any, directory: str | os.PathLike):
         model = GPT(gpt_config)
         model.load_state_dict(state["model"])
     except (RuntimeError, ValueError, AttributeError) as e:
+        # One line: torch's own message has a line per weight (dozens for a whole model).
         raise CheckpointError(f"{where}: the weights do not fit a {train_config.model_size!r} "
-                              f"GPT: {e}") from None
+                              f"GPT: {_weights_mismatch(state['model'], gpt_config, e)}"
+                              ) from None
     return model.eval(), train_config
+
+
+def _weights_mismatch(weights: Any, gpt_config, error: Exception) -> str:
+    """What of a state dict does not fit the GPT `gpt_config` describes, in one line: the
+    missing, unexpected and other-shaped entries counted, the first of each named."""
+    from orchestrator.training.model import GPT
+
+    if not isinstance(weights, dict):
+        return f"{type(weights).__name__} is not a state dict"
+    try:
+        with torch.device("meta"):  # shapes only, nothing allocated (a gpt2-xl config is GBs)
+            expected = GPT(gpt_config).state_dict()
+    except (RuntimeError, ValueError, AttributeError):  # widths read off the weights that
+        return str(error).splitlines()[0]               # build no model: the error says why
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [k for k in expected if k in weights and hasattr(weights[k], "shape")
+                and tuple(weights[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{len(names)} {what} (first {names[0]})"
+             for names, what in ((missing, "missing"), (unexpected, "unexpected")) if names]
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (first {k}: "
+                     f"{list(weights[k].shape)} in the checkpoint, {list(expected[k].shape)} "
+                     "in the model)")
+    return "; ".join(parts) or str(error).splitlines()[0]
 
 
 def first_that_loads(candidates: list[Path], is_run: bool, path: str | os.PathLike, load,

@@ -103,6 +103,23 @@ def test_weights_that_do_not_fit_their_config_are_refused(tmp_path, capsys):
     assert str(checkpoint / STATE_FILE) in err
 
 
+def test_weights_of_another_model_size_are_refused_in_one_line(tmp_path, capsys):
+    """A checkpoint whose config says 'small' holding a 'tiny' model's weights: torch's
+    load_state_dict message (a line per weight, 50 here, printed twice) came through whole."""
+    tiny = GPT(GPTConfig.from_train_config(TrainConfig(model_size="tiny", seq_len=16)))
+    checkpoint = tmp_path / "ckpt"
+    save_checkpoint(checkpoint, {"model": tiny.state_dict(),
+                                 "config": TrainConfig(model_size="small", seq_len=16).to_dict()})
+    code, err = run_job(capsys, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{checkpoint / STATE_FILE}: the weights do not fit a 'small' GPT" in err
+    # What does not fit, counted, with the first of each kind named.
+    assert "24 missing (first blocks.2.ln1.weight)" in err, err
+    assert ("of another shape (first tok_emb.weight: [256, 64] in the checkpoint, "
+            "[256, 128] in the model)") in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_run_directory_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):
     run = tmp_path / "run"
     make_checkpoint(run / "checkpoint_00000010", step=10)
