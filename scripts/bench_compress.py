@@ -40,7 +40,8 @@ from orchestrator.compression.config import CompressConfig
 from orchestrator.config import MODEL_PRESETS, ConfigError
 from orchestrator.compression.finetune import Plan, finetune, say
 from orchestrator.help_format import DefaultsHelpFormatter
-from orchestrator.compression.pipeline import run_pipeline
+from orchestrator.compression.pipeline import (check_eval_window, check_settings,
+                                               run_pipeline)
 from orchestrator.compression.source import weights_digest
 from orchestrator.training.data import load_corpus, split_corpus
 from orchestrator.training.memory import parameters_label
@@ -103,11 +104,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.n_embd % args.n_head:
         p.error(f"--n-embd must divide by --n-head, got {args.n_embd} and {args.n_head}")
     try:
-        compress_config(args)
+        configs = [compress_config(args)]
         if args.student_size:
-            compress_config(args, student_size=args.student_size,
-                            distill_steps=args.distill_steps)
-        GPTConfig(**teacher_shape(args))
+            configs.append(compress_config(args, student_size=args.student_size,
+                                           distill_steps=args.distill_steps))
+        teacher = GPTConfig(**teacher_shape(args))
+        # What the pipeline would refuse only after the teacher's training (and, for the
+        # student, after the first pipeline): asked now, as the flags' own errors.
+        held_out = split_corpus(load_corpus())[1]
+        for config in configs:
+            check_settings(teacher, config)
+            check_eval_window(config, held_out, args.block_size)
     except (ConfigError, ValueError) as e:
         p.error(str(e))
     return args
@@ -187,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                 teacher, source, compress_config(args, student_size=args.student_size,
                                                  distill_steps=args.distill_steps),
                 work / f"student-{args.student_size}")
+    except ConfigError as e:  # a --work made with other settings, say: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

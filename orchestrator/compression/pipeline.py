@@ -441,16 +441,16 @@ def calibration_batches(run: Run, count: int = 4) -> list[torch.Tensor]:
             for step in range(count)]
 
 
-def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, out: Path,
-                 log: Callable[[str], None] = say) -> dict[str, Any]:
-    """Every stage not yet finished under `out`, then the report (also written to
-    report.json). `source` identifies the teacher (a rerun must use the same one)."""
-    out = Path(out).expanduser().resolve()
-    device = resolve_device(config.device)
-    seq_len = fine_tune_seq_len(config, teacher.config.block_size)
-    if config.student_size:
-        with torch.device("meta"):  # counted, not allocated (a gpt2-xl preset is GBs)
+def check_settings(teacher_config: GPTConfig, config: CompressConfig) -> None:
+    """Refuse (ConfigError naming the flag) what the teacher's shape alone rules out: asked by
+    run_pipeline before anything is read or written, and by the benchmark before it trains its
+    teacher (it found these after its first pipeline, minutes later)."""
+    fine_tune_seq_len(config, teacher_config.block_size)
+    with torch.device("meta"):  # counted, not allocated (a gpt2-xl preset is GBs)
+        teacher = GPT(teacher_config)
+        if config.student_size:
             student = GPT(shape_to_compress(teacher, config))
+    if config.student_size:
         student_params = student.num_params(non_embedding=False)
         teacher_params = teacher.num_params(non_embedding=False)
         if student_params >= teacher_params:
@@ -463,7 +463,17 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
                             config.prune_structure, config.prune_scope)
     # The report's settings too: a rerun that only changes them rewrites compress_config.json
     # (prepare_out), which must not then disagree with the report it failed to write.
-    latency_seq_len(config, teacher.config.block_size)
+    latency_seq_len(config, teacher_config.block_size)
+
+
+def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, out: Path,
+                 log: Callable[[str], None] = say) -> dict[str, Any]:
+    """Every stage not yet finished under `out`, then the report (also written to
+    report.json). `source` identifies the teacher (a rerun must use the same one)."""
+    out = Path(out).expanduser().resolve()
+    device = resolve_device(config.device)
+    seq_len = fine_tune_seq_len(config, teacher.config.block_size)
+    check_settings(teacher.config, config)
     check_out(out, config, source, teacher.config.block_size)
     # (after check_out: a folder of something else gets no lock file)
     with out_held(out, log) as guarded:

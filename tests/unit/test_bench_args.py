@@ -46,6 +46,12 @@ def test_no_rounds_is_refused_naming_the_flag(script, args, message):
     (["--teacher-lr", "-1"], "--teacher-lr must be a number in (0, 1), got -1.0"),
     # A bare AssertionError from the attention layer, naming neither flag.
     (["--n-embd", "100", "--n-head", "8"], "--n-embd must divide by --n-head, got 100 and 8"),
+    # Found by the pipeline only after the teacher's training and the whole first pipeline
+    # (the student's runs second), as a traceback.
+    (["--student-size", "large"], "student_size (--student-size) must be a smaller model than "
+                                  "the teacher"),
+    (["--eval-tokens", "10"], "eval_tokens (--eval-tokens) 10 is shorter than one evaluation "
+                              "window"),
 ])
 def test_bench_compress_refuses_a_teacher_it_cannot_train_naming_the_flag(args, message,
                                                                           capsys):
@@ -54,6 +60,25 @@ def test_bench_compress_refuses_a_teacher_it_cannot_train_naming_the_flag(args, 
     with pytest.raises(SystemExit) as exit_:
         bench_compress.parse_args(args)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_compress_names_a_refusal_of_the_pipeline_in_one_line(monkeypatch, tmp_path,
+                                                                    capsys):
+    """A rerun on the same --work with another --prune-steps is refused by the pipeline
+    (its --out holds other settings): that ConfigError came out as a traceback."""
+    from orchestrator.config import ConfigError
+    from orchestrator.training.model import GPT, GPTConfig
+    from scripts import bench_compress
+
+    def refuse(*args, **kwargs):
+        raise ConfigError(f"--out {tmp_path}/compressed was made with other settings")
+
+    monkeypatch.setattr(bench_compress, "teacher_model", lambda args, work: GPT(
+        GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)))
+    monkeypatch.setattr(bench_compress, "run_pipeline", refuse)
+    assert bench_compress.main(["--work", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {tmp_path}/compressed was made with other settings\n", err
 
 
 def test_only_this_sessions_train_workers_are_candidates_to_kill():
