@@ -49,7 +49,7 @@ def load_teacher(path: str | Path, log: Callable[[str], None]
     warning; a checkpoint directory given explicitly must itself be usable."""
     candidates, is_run = checkpoint_candidates(path)
     directory, state, model, train_config = newest_usable_checkpoint(
-        candidates, is_run, Path(path).resolve(),
+        candidates, is_run, path,
         on_skip=lambda e: log(f"warning: {e}; trying the previous checkpoint"))
     source = {"checkpoint": str(directory), "sha256": recorded_sha256(directory),
               "step": state.get("step"), "model_size": train_config.model_size,

@@ -404,8 +404,9 @@ def first_that_loads(candidates: list[Path], is_run: bool, path: str | os.PathLi
             problems.append(str(e))
             if on_skip is not None:
                 on_skip(e)
-    raise CheckpointError(f"no usable checkpoint in run directory {Path(path).resolve()}: "
-                          + " | ".join(problems))
+    # (expanded: '--checkpoint=~/run' reaches here with its tilde, and was named <cwd>/~/run)
+    raise CheckpointError("no usable checkpoint in run directory "
+                          f"{Path(path).expanduser().resolve()}: " + " | ".join(problems))
 
 
 def newest_usable_checkpoint(candidates: list[Path], is_run: bool, path: str | os.PathLike,

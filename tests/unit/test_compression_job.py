@@ -120,6 +120,16 @@ def test_weights_of_another_model_size_are_refused_in_one_line(tmp_path, capsys)
     assert not (tmp_path / "o").exists()
 
 
+def test_a_run_directory_given_with_a_tilde_is_named_expanded(tmp_path, capsys, monkeypatch):
+    """--checkpoint=~/run (no shell expands a tilde after '='): the refusal named
+    <cwd>/~/run, a directory that does not exist."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    corrupt(make_checkpoint(tmp_path / "run" / "checkpoint_00000003"))
+    code, err = run_job(capsys, "--checkpoint", "~/run", "--out", str(tmp_path / "o"))
+    assert code == 2 and f"no usable checkpoint in run directory {tmp_path / 'run'}:" in err, err
+
+
 def test_run_directory_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):
     run = tmp_path / "run"
     make_checkpoint(run / "checkpoint_00000010", step=10)
