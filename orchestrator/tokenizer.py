@@ -148,8 +148,7 @@ class HFTokenizer:
         self._textless = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
         if self.eos_id is not None:
             self._textless.add(self.eos_id)
-        anchor = tokenizer.encode("a", add_special_tokens=False).ids
-        self._anchor = anchor[-1:] if anchor else []
+        self._anchor = _anchor_of(tokenizer)
         self._pieces: dict[int, bytes] = {}
 
     def encode(self, text: str) -> list[int]:
@@ -218,6 +217,17 @@ class HFTokenizer:
     @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def _anchor_of(tokenizer) -> list[int]:
+    """The token of "a" that _piece_bytes decodes other tokens after, or none: a tokenizer
+    that cannot encode "a" (a WordLevel vocabulary without an unknown token raises) still
+    loads, decoding each token alone; it raised a bare Exception from `tokenizers` instead."""
+    try:
+        anchor = tokenizer.encode("a", add_special_tokens=False).ids
+    except Exception:  # tokenizers raises its own Exception type
+        return []
+    return anchor[-1:] if anchor else []
 
 
 def _decoder_types(decoder: dict | None) -> set[str]:

@@ -161,8 +161,7 @@ def tokenize_source(source: SourceFile, file_index: int, tokenizer, cache_uri: s
         run_open[split] = False
 
     def encode_pending() -> None:
-        texts = [d.text for d in pending]
-        for doc, ids in zip(pending, tokenizer.encode_arrays(texts)):
+        for doc, ids in zip(pending, encode_documents(tokenizer, source, pending)):
             held_out = is_held_out(doc.text)
             split, other = ("held_out", "train") if held_out else ("train", "held_out")
             counts["held_out_documents" if held_out else "documents"] += bool(doc.text)
@@ -187,6 +186,33 @@ def tokenize_source(source: SourceFile, file_index: int, tokenizer, cache_uri: s
             "held_out_tokens": sum(s["tokens"] for s in shards if s["split"] == "held_out"),
             "skipped": skipped[:20], "skipped_count": len(skipped), "shards": shards,
             "seconds": time.perf_counter() - started}
+
+
+def encode_documents(tokenizer, source: SourceFile, docs: list[Document]) -> list[np.ndarray]:
+    """The token ids of `docs`; DataError naming the file and the first document the tokenizer
+    cannot encode (a WordLevel vocabulary without an unknown token meeting a word outside it:
+    `tokenizers` raises a bare Exception, which left the pass as a traceback naming nothing)."""
+    try:
+        return tokenizer.encode_arrays([d.text for d in docs])
+    except Exception as batch_error:  # tokenizers raises its own Exception type
+        for doc in docs:  # which one: encoded alone
+            try:
+                tokenizer.encode_arrays([doc.text])
+            except Exception as e:
+                raise DataError(f"{_where(source, doc)}: the tokenizer ({tokenizer.name}) "
+                                f"cannot encode this document: {str(e).splitlines()[0]}"
+                                ) from None
+        raise DataError(f"{source.uri}: the tokenizer ({tokenizer.name}) cannot encode "
+                        f"its documents: {str(batch_error).splitlines()[0]}") from None
+
+
+def _where(source: SourceFile, doc: Document) -> str:
+    """A document's place in its file, for messages: a .jsonl line, a parquet row, or a .txt
+    paragraph (Document.line counts paragraphs there, not lines)."""
+    if source.format == "txt":
+        return f"{source.uri} (paragraph {doc.line})"
+    return f"{source.uri}:{doc.line}" if source.format == "jsonl" else \
+        f"{source.uri}: row {doc.line}"
 
 
 class UnreadableManifest(DataError):

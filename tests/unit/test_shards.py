@@ -300,3 +300,22 @@ def test_retokenize_of_shards_on_object_storage_is_refused(tmp_path, monkeypatch
     with pytest.raises(DataError, match="--retokenize: the token shards at s3://bucket/cache/"
                                         ".* are on object storage"):
         plan_data([data], cache_root="s3://bucket/cache", retokenize=True)
+
+
+def test_a_document_the_tokenizer_cannot_encode_is_named_with_file_and_line(tmp_path):
+    """A WordLevel tokenizer without an unknown token raises a bare Exception on a word
+    outside its vocabulary: it failed to load at all ("a" is outside it too), and a pass
+    hitting such a word ended in a traceback naming neither file nor line."""
+    from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
+
+    raw = RawTokenizer(models.WordLevel({"hello": 0, "world": 1, "</s>": 2}))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.save(str(tmp_path / "tokenizer.json"))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "hello world"}\n{"text": "hello there"}\n')
+    plan = plan_data([str(corpus)], tokenizer=str(tmp_path / "tokenizer.json"),
+                     cache_root=str(tmp_path / "cache"), say=lambda _: None)
+    with pytest.raises(DataError, match=rf"^{corpus}:2: the tokenizer \(.*tokenizer.json\) "
+                       r"cannot encode this document: .*Missing \[UNK\]"):
+        tokenize_in_process(plan, say=lambda _: None)
+    assert read_manifest(plan.cache_uri) is None  # nothing finished is left
