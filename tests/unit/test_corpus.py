@@ -79,6 +79,22 @@ def test_a_jsonl_line_without_the_text_field_is_named_or_skipped_and_counted(tmp
     assert [s.split(": ", 1)[0] for s in skipped] == [f"{path}:2", f"{path}:3"]
 
 
+def test_a_jsonl_value_of_the_wrong_type_is_named_by_its_json_type(tmp_path):
+    """`{"text": null}` said "field 'text' is NoneType", a number "is int": Python's names,
+    not the file's."""
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": null}\n{"text": 3}\n{"text": true}\n{"text": {"en": "x"}}\n'
+                    'null\n2.5\n"text"\n')
+    source, = expand_sources([str(path)])
+    skipped = []
+    assert not list(iter_documents(source, skip_bad_lines=True, skipped=skipped))
+    assert [s.split(": ", 1)[1] for s in skipped] == [
+        "field 'text' is null, not a string", "field 'text' is number, not a string",
+        "field 'text' is boolean, not a string", "field 'text' is object, not a string",
+        "a JSON null, not an object", "a JSON number, not an object",
+        "a JSON string, not an object"]
+
+
 def test_a_jsonl_head_whose_first_line_is_over_64_kib_is_still_checked(tmp_path):
     """Only lines complete within the first 64 KiB were checked: books of 100 KB a line
     under a wrong --text-field passed, and every line was skipped after Ray started."""
