@@ -132,7 +132,7 @@ def _expand_one(spec: str) -> list[SourceFile]:
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"--data {spec}: no such file or directory")
     if info.type == pafs.FileType.Directory:
-        infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        infos = [i for i in _listing(fs, path, spec)
                  if i.type == pafs.FileType.File and not _hidden_below(path, i.path)]
         _refuse_compressed(spec, [i.path for i in infos])
         sources = [_source(spec, i) for i in sorted(infos, key=lambda i: i.path)
@@ -229,7 +229,11 @@ def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str) -> list[SourceFil
         matches = _glob_regex(pattern).match
     except ValueError as e:
         raise DataError(f"--data {spec}: not a usable pattern ({e})") from None
-    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    below = pattern[len(base):].strip("/")
+    # Only as deep as the pattern reaches: `data/*.jsonl` listed all of data/ and below
+    # (minutes over a home directory), and failed on a folder it never needed (a mount's
+    # lost+found that only root reads).
+    infos = _listing(fs, base, spec, None if "**" in below else below.count("/") + 1)
     hidden_too = _names_hidden(pattern[len(base):])
     matched = [i for i in sorted(infos, key=lambda i: i.path)
                if i.type == pafs.FileType.File and matches(i.path)
@@ -240,6 +244,24 @@ def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str) -> list[SourceFil
         raise DataError(f"--data {spec}: the pattern matches no {', '.join(FORMATS)} files"
                         + (f" ({len(matched)} other file(s))" if matched else ""))
     return [_checked(_source(_with_scheme(spec, i.path), i), spec) for i in usable]
+
+
+def _listing(fs: pafs.FileSystem, base: str, spec: str, depth: int | None = None
+             ) -> list[pafs.FileInfo]:
+    """What is under the folder `base`: everything (depth None), or `depth` levels of it
+    (1: its own entries). DataError naming --data when a folder cannot be listed (no
+    permission): pyarrow's OSError left the job as a traceback."""
+    try:
+        if depth is None:
+            return fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        found, folders = [], [base]
+        for _ in range(depth):
+            level = [i for folder in folders for i in fs.get_file_info(pafs.FileSelector(folder))]
+            found += level
+            folders = [i.path for i in level if i.type == pafs.FileType.Directory]
+        return found
+    except OSError as e:
+        raise DataError(f"--data {spec}: cannot list the files under {base}: {e}") from None
 
 
 def _file_info(fs: pafs.FileSystem, path: str, spec: str) -> pafs.FileInfo:

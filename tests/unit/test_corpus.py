@@ -67,6 +67,41 @@ def test_unusable_paths_are_refused_naming_them(tmp_path, make, expected):
     assert str(path) in str(error.value)
 
 
+class _FolderLockedFS:
+    """The local filesystem, but one folder cannot be listed (as a mount's lost+found for
+    anyone but root; the tests run as root, whom permissions do not stop)."""
+
+    def __init__(self, locked):
+        self.local, self.locked = pafs.LocalFileSystem(), str(locked)
+
+    def get_file_info(self, what):
+        if isinstance(what, pafs.FileSelector) and (
+                what.base_dir == self.locked
+                or what.recursive and self.locked.startswith(what.base_dir.rstrip("/") + "/")):
+            raise PermissionError(13, f"Cannot list directory '{self.locked}'")
+        return self.local.get_file_info(what)
+
+    def __getattr__(self, name):
+        return getattr(self.local, name)
+
+
+def test_a_glob_lists_only_as_deep_as_it_reaches_and_a_folder_not_listable_is_named(
+        tmp_path, monkeypatch):
+    """`DIR/*.jsonl` listed DIR and everything below it: a folder the pattern never reaches
+    that cannot be listed (lost+found on a mount) failed it with pyarrow's raw OSError."""
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n')
+    (tmp_path / "lost+found").mkdir()
+    fs = _FolderLockedFS(tmp_path / "lost+found")
+    monkeypatch.setattr(corpus_module, "filesystem_for",
+                        lambda uri: (fs, os.path.abspath(uri)))
+    assert [s.uri for s in expand_sources([f"{tmp_path}/*.jsonl"])] == [
+        str(tmp_path / "a.jsonl")]
+    for spec in (str(tmp_path), f"{tmp_path}/**.jsonl", f"{tmp_path}/*/*.jsonl"):
+        with pytest.raises(DataError, match=rf"^--data {re.escape(spec)}: cannot list the "
+                           rf"files under {tmp_path}.*lost\+found"):
+            expand_sources([spec])
+
+
 def test_a_jsonl_line_without_the_text_field_is_named_or_skipped_and_counted(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text('{"text": "one"}\n{"body": "two"}\nnot json\n{"text": "four"}\n')
