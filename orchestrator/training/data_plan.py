@@ -186,8 +186,10 @@ def check_trainable(manifest: dict[str, Any], seq_len: int, where: str) -> None:
                         "that holds the text?")
     for split, what in (("train", "training"), ("held_out", "held-out")):
         tokens = manifest[f"{split}_tokens"]
+        documents = manifest["documents" if split == "train" else "held_out_documents"]
+        if not documents and manifest["documents"] + manifest["held_out_documents"]:
+            raise _no_document_in(what, manifest, where)
         if tokens < seq_len + 1:  # (data.get_batch's rule)
-            documents = manifest["documents" if split == "train" else "held_out_documents"]
             raise DataError(f"--seq-len {seq_len}: the corpus's {what} split has {tokens} "
                             f"tokens ({documents} documents; {where}), too short for one "
                             f"sequence of {seq_len + 1}; give more data or a shorter --seq-len"
@@ -195,6 +197,17 @@ def check_trainable(manifest: dict[str, Any], seq_len: int, where: str) -> None:
                                if split == "held_out" else "")
                             + (f" (--skip-bad-lines skipped {skipped:,} bad lines)"
                                if skipped else ""))
+
+
+def _no_document_in(what: str, manifest: dict[str, Any], where: str) -> DataError:
+    """A split that no document fell in: too few documents (a few books as .jsonl lines),
+    whatever --seq-len; "give a shorter --seq-len" was said, which cannot help."""
+    total = manifest["documents"] + manifest["held_out_documents"]
+    return DataError(f"none of the corpus's {total:,} documents fell in the {what} split "
+                     f"({where}): a document goes to the held-out split by a hash of its "
+                     "text, about one in ten, so a handful of documents can leave a split "
+                     "empty; give more documents (cut long ones: a .txt file is read by "
+                     "paragraph, a .jsonl file by line)")
 
 
 class PassProgress:

@@ -713,6 +713,19 @@ def test_a_corpus_too_short_for_the_sequence_length_names_the_flag(tmp_path):
         check_trainable(manifest, fewest, "here")
 
 
+def test_a_split_no_document_fell_in_says_so_not_seq_len(tmp_path):
+    """Three books as three .jsonl lines: none held out, and the refusal advised "a shorter
+    --seq-len", which cannot fill a split no document is in."""
+    path = tmp_path / "books.jsonl"
+    path.write_text("".join(json.dumps({"text": f"book {i} " * 2000}) + "\n" for i in (0, 2, 4)))
+    plan = plan_data([str(path)], cache_root=str(tmp_path / "cache"))
+    manifest = tokenize_in_process(plan, say=lambda _: None)
+    assert (manifest["documents"], manifest["held_out_documents"]) == (3, 0)
+    with pytest.raises(DataError, match=r"^none of the corpus's 3 documents fell in the "
+                       r"held-out split \(here\).*give more documents"):
+        check_trainable(manifest, 16, "here")
+
+
 def test_a_trained_tokenizer_is_kept_in_the_cache_and_reused(corpus, tmp_path):
     cache = str(tmp_path / "cache")
     first = plan_data([str(corpus)], cache_root=cache, train_tokenizer=300, say=lambda _: None)
