@@ -385,7 +385,16 @@ def check_text_head(source: SourceFile) -> None:
     try:  # not final: a character cut at the 64 KiB mark is not an error
         codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < TEXT_HEAD_BYTES)
     except UnicodeDecodeError as e:
-        raise DataError(f"{source.uri}: not UTF-8 text near byte {e.start}") from None
+        raise DataError(f"{source.uri}: not UTF-8 text near byte {e.start}"
+                        f"{_encoding_hint(head)}") from None
+
+
+def _encoding_hint(start: bytes) -> str:
+    """What to do about text that is not UTF-8, from how the file starts: a UTF-16 file (what
+    Windows Notepad saves as "Unicode") was "not UTF-8 near byte 0", which says nothing of it."""
+    if start.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return " (it starts with a UTF-16 byte-order mark: the file is UTF-16); save it as UTF-8"
+    return "; save it as UTF-8"
 
 
 def _read_jsonl_head(source: SourceFile) -> tuple[list[bytes], bytes]:
@@ -471,15 +480,16 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
     fs, path = filesystem_for(source.uri)
     # utf-8-sig: a byte-order mark (Windows editors write one) opened the first document.
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
-    buffer, index, consumed = "", 0, 0
+    buffer, index, consumed, start = "", 0, 0, b""
     with fs.open_input_stream(path) as f:
         while True:
             chunk = f.read(READ_CHUNK)
+            start = start or chunk[:2]
             try:
                 buffer += decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as e:
                 raise DataError(f"{source.uri}: not UTF-8 text near byte "
-                                f"{consumed + e.start}") from None
+                                f"{consumed + e.start}{_encoding_hint(start)}") from None
             consumed += len(chunk)
             # Before the end, only text up to the buffer's last non-space is cut, and its
             # last piece waits for more: every cut is then where it falls in the whole text,
@@ -580,7 +590,9 @@ def _jsonl_record(data: bytes, field: str) -> tuple[str | None, str | None]:
         # (a byte-order mark opening the file made its first line "not valid JSON")
         line = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
-        return None, f"not UTF-8 text (byte {e.start + 1} of the line)"
+        return None, (f"not UTF-8 text (byte {e.start + 1} of the line)"
+                      + (_encoding_hint(data) if data.startswith((b"\xff\xfe", b"\xfe\xff"))
+                         else ""))
     if not line.strip():
         return None, None
     if line.lstrip().startswith("["):  # not parsed: a .json file's array, hundreds of MB

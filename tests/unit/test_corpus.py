@@ -17,7 +17,8 @@ from orchestrator.tokenizer import ByteTokenizer, TokenizerError
 from orchestrator.training import corpus as corpus_module
 from orchestrator.training import shards
 from orchestrator.training.corpus import (MAX_DOCUMENT_CHARS, DataError, check_jsonl_head,
-                                          expand_sources, is_held_out, iter_documents)
+                                          check_text_head, expand_sources, is_held_out,
+                                          iter_documents)
 from orchestrator.training.data import get_batch
 from orchestrator.training.data_plan import check_trainable, plan_data, tokenize_in_process
 from orchestrator.training.shards import TokenStream, open_shards, read_manifest, token_dtype
@@ -357,6 +358,25 @@ def test_txt_without_blank_lines_is_cut_at_line_ends_the_same_whatever_the_chunk
     for chunk in (1000, 4093):  # the chunks read do not move a cut
         monkeypatch.setattr("orchestrator.training.corpus.READ_CHUNK", chunk)
         assert [d.text for d in iter_documents(source)] == docs
+
+
+def test_a_utf16_file_is_said_to_be_utf16(tmp_path):
+    """What Windows Notepad saves as "Unicode" was "not UTF-8 text near byte 0", with no word
+    of UTF-16 or of what to do."""
+    text = tmp_path / "notes.txt"
+    text.write_bytes("Hello\r\n\r\nworld\r\n".encode("utf-16"))
+    lines = tmp_path / "notes.jsonl"
+    lines.write_bytes('{"text": "Hello"}\n'.encode("utf-16"))
+    utf16 = r"\(it starts with a UTF-16 byte-order mark: the file is UTF-16\); save it as UTF-8"
+    source, = expand_sources([str(text)])
+    with pytest.raises(DataError, match=f"^{text}: not UTF-8 text near byte 0 {utf16}$"):
+        check_text_head(source)
+    with pytest.raises(DataError, match=f"^{text}: not UTF-8 text near byte 0 {utf16}$"):
+        list(iter_documents(source))
+    source, = expand_sources([str(lines)])
+    with pytest.raises(DataError,
+                       match=f"^{lines}:1: not UTF-8 text .byte 1 of the line. {utf16}"):
+        list(iter_documents(source))
 
 
 def test_a_jsonl_line_that_is_not_utf8_costs_that_line_alone(tmp_path):
