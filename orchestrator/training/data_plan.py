@@ -458,7 +458,9 @@ def resume_data_conflicts(saved: dict[str, Any], fields: dict[str, Any],
                         "other shards; resume without --data to go on with the run's own")
     elif saved.get("data_key", "") != fields.get("data_key", ""):
         problems.append("it was trained on other data (the --data files, their sizes or "
-                        "modification times, --text-field or --skip-bad-lines differ)")
+                        "modification times, --text-field or --skip-bad-lines differ; "
+                        "files copied or touched since count too); resume without --data to "
+                        "go on with the shards it was trained on")
     return problems
 
 

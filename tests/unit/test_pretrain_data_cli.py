@@ -144,6 +144,8 @@ def test_resuming_on_other_data_is_refused(tmp_path, capsys):
     code, err = run_pretrain("--resume", "--run-dir", str(run_dir), "--data",
                              str(tmp_path / "data"), capsys=capsys)
     assert code == 2 and "it was trained on other data (the --data files" in err
+    # a file merely copied or touched counts as other data: the way on is said
+    assert "resume without --data to go on with the shards it was trained on" in err
 
 
 def test_resuming_a_run_tokenized_under_an_earlier_cache_key_says_so(tmp_path, capsys):
