@@ -81,10 +81,30 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI pyarrow knows."""
     if "://" in uri:
         try:
-            return pafs.FileSystem.from_uri(uri)
+            return _uri_filesystem(uri)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unknown schemes
             raise DataError(f"--data {uri}: cannot open this URI: {e}") from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+# A URI's query (`?region=us-east-1&scheme=http`): `name=value` pairs, never a glob's `?`.
+_URI_QUERY = re.compile(r"\?[A-Za-z_]\w*=[^/?]*(?:&[A-Za-z_]\w*=[^/?]*)*\Z")
+
+
+def _uri_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's FileSystem.from_uri, with a glob's wildcards kept in the path: it read a `?`
+    as the start of a query (`file:///data/part-?.jsonl` became the folder /data, every file
+    in it; `s3://` refused it) and refused a `[` (`part-[0-4].jsonl`). The part before the
+    first wildcard's folder is the URI pyarrow parses; the rest is appended to its path."""
+    query = _URI_QUERY.search(uri)
+    body = uri[:query.start()] if query else uri
+    after_scheme = body.index("://") + 3
+    wildcards = [i for i, ch in enumerate(body) if ch in "*?[" and i >= after_scheme]
+    head = body[:wildcards[0]].rsplit("/", 1)[0] if wildcards else body
+    if not wildcards or len(head) <= after_scheme:  # none, or in the bucket or host name
+        return pafs.FileSystem.from_uri(uri)
+    fs, base = pafs.FileSystem.from_uri(head + (query.group(0) if query else ""))
+    return fs, base.rstrip("/") + body[len(head):]
 
 
 def _with_scheme(original: str, path: str) -> str:

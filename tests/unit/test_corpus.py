@@ -54,6 +54,24 @@ def test_a_directory_a_glob_and_a_file_uri_name_the_same_files(corpus):
                                                f"{corpus}/sub/docs.jsonl"])
 
 
+def test_a_uri_glob_reads_question_marks_and_sets_as_a_glob(tmp_path):
+    """pyarrow read a URI's `?` as a query: `file://DIR/?.jsonl` became DIR itself (every
+    file in it and below, silently), and it refused `[a-b]`."""
+    for name in ("a", "b", "zz"):
+        (tmp_path / f"{name}.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.jsonl").write_text('{"text": "x"}\n')
+
+    def names(spec):
+        return [os.path.basename(s.uri) for s in expand_sources([spec])]
+    assert names(f"file://{tmp_path}/?.jsonl") == ["a.jsonl", "b.jsonl"]
+    assert names(f"file://{tmp_path}/[a-b].jsonl") == ["a.jsonl", "b.jsonl"]
+    assert names(f"file://{tmp_path}/[!a].jsonl") == ["b.jsonl"]
+    assert names(f"file://{tmp_path}/*/*.jsonl") == ["c.jsonl"]
+    fs, path = corpus_module.filesystem_for("s3://bucket/dir/part-[0-4]?.jsonl?region=x-1")
+    assert (path, fs.region) == ("bucket/dir/part-[0-4]?.jsonl", "x-1")  # its query kept
+
+
 @pytest.mark.parametrize("make, expected", [
     (lambda d: d / "missing", "no such file or directory"),
     (lambda d: (d / "empty.txt").write_text("") and None or d / "empty.txt", "is empty"),
