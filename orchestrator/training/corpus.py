@@ -96,23 +96,33 @@ def _uri_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     as the start of a query (`file:///data/part-?.jsonl` became the folder /data, every file
     in it; `s3://` refused it) and refused a `[` (`part-[0-4].jsonl`). The part before the
     first wildcard's folder is the URI pyarrow parses; the rest is appended to its path."""
-    query = _URI_QUERY.search(uri)
-    body = uri[:query.start()] if query else uri
+    body, query = split_uri_query(uri)
     after_scheme = body.index("://") + 3
     wildcards = [i for i, ch in enumerate(body) if ch in "*?[" and i >= after_scheme]
     head = body[:wildcards[0]].rsplit("/", 1)[0] if wildcards else body
     if not wildcards or len(head) <= after_scheme:  # none, or in the bucket or host name
         return pafs.FileSystem.from_uri(uri)
-    fs, base = pafs.FileSystem.from_uri(head + (query.group(0) if query else ""))
+    fs, base = pafs.FileSystem.from_uri(head + query)
     return fs, base.rstrip("/") + body[len(head):]
 
 
+def split_uri_query(uri: str) -> tuple[str, str]:
+    """(the URI without its query, the query with its "?", or "") of a URI whose query is
+    `name=value` pairs (`s3://bucket/data?endpoint_override=host:9000`); a glob's `?` is not
+    one."""
+    query = _URI_QUERY.search(uri) if "://" in uri else None
+    return (uri[:query.start()], query.group(0)) if query else (uri, "")
+
+
 def _with_scheme(original: str, path: str) -> str:
-    """The URI of `path` on the same filesystem as `original` (keeps s3://, file://, ...)."""
+    """The URI of `path` on the same filesystem as `original` (keeps s3://, file://, ..., and
+    the query that configures it: a file under `s3://b/d?endpoint_override=...` was named
+    without it, and read from AWS's endpoint)."""
     if "://" not in original:
         return path
     scheme = original.split("://", 1)[0]
-    return f"{scheme}://{path}" if scheme != "file" else f"file://{path}"
+    return f"{scheme}://{path}{split_uri_query(original)[1]}" if scheme != "file" \
+        else f"file://{path}"
 
 
 def _format_of(path: str) -> str | None:

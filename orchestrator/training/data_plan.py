@@ -22,7 +22,7 @@ from orchestrator.tokenizer import (EOS_NAMES, Tokenizer, TokenizerError, load_t
                                     train_bpe)
 from orchestrator.training.corpus import (CACHE_KEY_VERSION, DataError, SourceFile, cache_key,
                                           check_jsonl_head, check_text_column, check_text_head,
-                                          expand_sources, iter_texts)
+                                          expand_sources, iter_texts, split_uri_query)
 from orchestrator.training.shards import (SHARD_TOKENS, UnreadableManifest, clear_cache_dir,
                                           fresh_dir_beside, has_manifest_file,
                                           on_local_storage, pass_lock, read_manifest,
@@ -69,7 +69,8 @@ def bundled_source(cache_root: str) -> list[SourceFile]:
         # A temporary file of this writer's own: runs starting at once moved each other's
         # half-written one into place (a run refused: "the file is empty").
         write_atomically(fs, path, data)
-    uri = path if "://" not in cache_root else f"{cache_root.split('://')[0]}://{path}"
+    uri = path if "://" not in cache_root else \
+        f"{cache_root.split('://')[0]}://{path}{split_uri_query(cache_root)[1]}"
     return expand_sources([uri])
 
 
@@ -82,8 +83,11 @@ def absolute_cache_root(cache_root: str) -> str:
 
 
 def cache_dir(cache_root: str, key: str) -> str:
-    """Where the token shards of cache key `key` are under `cache_root`."""
-    return f"{cache_root.rstrip('/')}/{key[:24]}"
+    """Where the token shards of cache key `key` are under `cache_root` (before its query,
+    `s3://b/cache?endpoint_override=...`: appended after it, the key became part of the
+    query's value)."""
+    root, query = split_uri_query(cache_root)
+    return f"{root.rstrip('/')}/{key[:24]}{query}"
 
 
 def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool = False,

@@ -72,6 +72,23 @@ def test_a_uri_glob_reads_question_marks_and_sets_as_a_glob(tmp_path):
     assert (path, fs.region) == ("bucket/dir/part-[0-4]?.jsonl", "x-1")  # its query kept
 
 
+def test_a_uri_query_configuring_the_filesystem_stays_with_every_file_and_cache_dir():
+    """`s3://b/d?endpoint_override=host:9000` (MinIO): the files listed under it were named
+    without the query, and read from AWS; and the shard cache's key was appended to the
+    query's value (`...?endpoint_override=host:9000/KEY`)."""
+    from orchestrator.training.data_plan import cache_dir
+
+    query = "?endpoint_override=localhost:9000&region=x-1"
+    info = pafs.FileInfo("b/d/a.jsonl", pafs.FileType.File, size=3)
+    assert corpus_module._source(f"s3://b/d{query}", info).uri == f"s3://b/d/a.jsonl{query}"
+    assert corpus_module._source(f"s3://b/d/*.jsonl{query}", info).uri == \
+        f"s3://b/d/a.jsonl{query}"
+    cache = cache_dir(f"s3://b/cache{query}", "f" * 64)
+    assert cache == f"s3://b/cache/{'f' * 24}{query}"
+    fs, path = shards.storage_for(cache)
+    assert (path, fs.region) == (f"b/cache/{'f' * 24}", "x-1")
+
+
 @pytest.mark.parametrize("make, expected", [
     (lambda d: d / "missing", "no such file or directory"),
     (lambda d: (d / "empty.txt").write_text("") and None or d / "empty.txt", "is empty"),
