@@ -291,10 +291,12 @@ def _byte_level_hf_tokenizer(with_eos: bool = True):
 def load_tokenizer_file(path: str | os.PathLike, flag: str = "--tokenizer") -> HFTokenizer:
     """A tokenizer.json (or a directory holding one); TokenizerError naming the file."""
     path = Path(path).expanduser()
-    if path.is_dir():
+    folder = path if path.is_dir() else None
+    if folder is not None:
         path = path / TOKENIZER_FILE
     if not path.is_file():
-        raise TokenizerError(f"{flag}: tokenizer file {path} does not exist")
+        raise TokenizerError(f"{flag}: tokenizer file {path} does not exist"
+                             + (_other_tokenizer_files(folder) if folder else ""))
     from tokenizers import Tokenizer as HFTok
 
     try:
@@ -307,6 +309,22 @@ def load_tokenizer_file(path: str | os.PathLike, flag: str = "--tokenizer") -> H
     if tok.get_vocab_size(with_added_tokens=True) < 1:
         raise TokenizerError(f"{flag}: tokenizer file {path} has an empty vocabulary")
     return HFTokenizer(tok, str(path))
+
+
+# What a model folder holds instead of tokenizer.json: a slow transformers tokenizer's files.
+OTHER_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+                         "sentencepiece.bpe.model", "vocab.txt")
+
+
+def _other_tokenizer_files(folder: Path) -> str:
+    """A hint for a folder without tokenizer.json that holds another form of tokenizer (GPT-2's
+    vocab.json + merges.txt, a SentencePiece model): only tokenizer.json is read."""
+    found = [name for name in OTHER_TOKENIZER_FILES if (folder / name).is_file()]
+    if not found:
+        return ""
+    return (f"; the folder holds {', '.join(found)}, which are not read: only a Hugging Face "
+            "tokenizers file is (transformers writes one: AutoTokenizer.from_pretrained(DIR)"
+            ".save_pretrained(DIR), for a tokenizer it loads as a fast one)")
 
 
 def _tokenizer_file_problem(path: Path, error: Exception) -> str:

@@ -52,6 +52,17 @@ def test_a_training_document_spelling_end_of_text_is_not_cut_there():
     assert bpe.eos_id not in ids and bpe.decode(ids) == "a <|endoftext|> b"
 
 
+def test_a_model_folder_with_another_form_of_tokenizer_says_it_is_not_read(tmp_path):
+    """GPT-2's own folder has vocab.json and merges.txt, no tokenizer.json: the refusal said
+    only that tokenizer.json does not exist."""
+    (tmp_path / "vocab.json").write_text("{}")
+    (tmp_path / "merges.txt").write_text("")
+    with pytest.raises(TokenizerError, match=rf"^--tokenizer: tokenizer file "
+                       rf"{tmp_path / 'tokenizer.json'} does not exist; the folder holds "
+                       r"vocab.json, merges.txt, which are not read: .*save_pretrained"):
+        load_tokenizer(str(tmp_path))
+
+
 def test_a_tokenizer_file_that_does_not_parse_is_named(tmp_path):
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"model": {"type": "nothing"}}')
