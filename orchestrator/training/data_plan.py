@@ -27,7 +27,8 @@ from orchestrator.training.shards import (SHARD_TOKENS, UnreadableManifest, clea
                                           fresh_dir_beside, has_manifest_file,
                                           on_local_storage, pass_lock, read_manifest,
                                           storage_for, swap_in,
-                                          tokenize_source, write_atomically, write_manifest)
+                                          tokenize_source, write_atomically, write_manifest,
+                                          writing_cache)
 
 BUNDLED_FILE = "pydoc_topics.txt"  # the bundled corpus as a source, for non-byte tokenizers
 
@@ -62,13 +63,15 @@ def bundled_source(cache_root: str) -> list[SourceFile]:
     from orchestrator.training.data import load_corpus
 
     fs, root = storage_for(cache_root)
-    fs.create_dir(root, recursive=True)
     path = f"{root}/{BUNDLED_FILE}"
     data = load_corpus()
-    if fs.get_file_info(path).size != len(data):
-        # A temporary file of this writer's own: runs starting at once moved each other's
-        # half-written one into place (a run refused: "the file is empty").
-        write_atomically(fs, path, data)
+    # (a cache that cannot be written, named: it was a raw OSError, a traceback)
+    with writing_cache(cache_root, BUNDLED_FILE):
+        if fs.get_file_info(path).size != len(data):
+            fs.create_dir(root, recursive=True)
+            # A temporary file of this writer's own: runs starting at once moved each other's
+            # half-written one into place (a run refused: "the file is empty").
+            write_atomically(fs, path, data)
     uri = path if "://" not in cache_root else \
         f"{cache_root.split('://')[0]}://{path}{split_uri_query(cache_root)[1]}"
     return expand_sources([uri])

@@ -257,6 +257,18 @@ def test_a_data_cache_or_run_dir_that_cannot_be_written_is_named_before_ray(tmp_
     assert code == 2 and "is a file, not a directory" in err, err
 
 
+def test_a_data_cache_that_cannot_take_the_bundled_corpus_is_named(tmp_path, capsys):
+    """--tokenizer without --data writes the bundled corpus into the cache as a .txt file
+    first: a cache that could not be written ended the job in a NotADirectoryError traceback."""
+    save_tokenizer(train_bpe(["some text to train on"] * 20, 300), tmp_path / "tok")
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    err = refused(tmp_path, capsys, "--tokenizer", str(tmp_path / "tok"),
+                  "--data-cache", str(a_file / "cache"))
+    assert f"the data cache {a_file / 'cache'} (--data-cache): cannot write pydoc_topics.txt" \
+        in err, err
+
+
 @pytest.mark.parametrize("flag", ["--run-dir", "--tokenizer", "--init-from", "--data-cache"])
 def test_an_empty_path_flag_is_refused_not_read_as_unset_or_as_here(flag, tmp_path, capsys,
                                                                     monkeypatch):
