@@ -167,8 +167,10 @@ def trained_tokenizer(sources: list[SourceFile], text_field: str, skip_bad_lines
     tok = train_bpe(iter_texts(sources, text_field, skip_bad_lines), vocab_size)
     say(f"trained a byte-level BPE tokenizer of {tok.vocab_size} tokens on "
         f"{len(sources)} file(s) in {time.perf_counter() - started:.1f} s")
-    fs.create_dir(f"{root}/tokenizers", recursive=True)
-    write_atomically(fs, path, tok.to_json().encode("utf-8"))
+    # (named: configure_data checks a local cache first, but not one on object storage)
+    with writing_cache(cache_root, path.rsplit("/", 2)[-2] + "/" + path.rsplit("/", 1)[-1]):
+        fs.create_dir(f"{root}/tokenizers", recursive=True)
+        write_atomically(fs, path, tok.to_json().encode("utf-8"))
     return tok
 
 

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.config import TrainConfig
-from orchestrator.training.corpus import DataError
+from orchestrator.training import data_plan
+from orchestrator.training.corpus import DataError, expand_sources
 from orchestrator.tokenizer import ByteTokenizer, save_tokenizer, train_bpe
 from jobs import pretrain
 
@@ -267,6 +268,12 @@ def test_a_data_cache_that_cannot_take_the_bundled_corpus_is_named(tmp_path, cap
                   "--data-cache", str(a_file / "cache"))
     assert f"the data cache {a_file / 'cache'} (--data-cache): cannot write pydoc_topics.txt" \
         in err, err
+    # the trained tokenizer's copy there too (a cache on object storage is not checked first)
+    (tmp_path / "d.txt").write_text("some text to train on.\n\n" * 50)
+    with pytest.raises(DataError, match=f"^the data cache {a_file / 'cache'} \\(--data-cache\\): "
+                       "cannot write tokenizers/bpe-300-"):
+        data_plan.trained_tokenizer(expand_sources([str(tmp_path / "d.txt")]), "text",
+                                    False, 300, str(a_file / "cache"), say=lambda _: None)
 
 
 @pytest.mark.parametrize("flag", ["--run-dir", "--tokenizer", "--init-from", "--data-cache"])
