@@ -419,12 +419,26 @@ def check_text_head(source: SourceFile) -> None:
                         f"{_encoding_hint(head)}") from None
 
 
+# How a file that is not text starts: compressed data under a text file's name
+# (part-00000.jsonl holding gzip), which read as "not UTF-8 near byte 1", naming neither.
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2",
+                    b"\xfd7zXZ\x00": "xz", b"\x04\x22\x4d\x18": "lz4", b"PK\x03\x04": "zip"}
+MAGIC_BYTES = 6  # the longest of them
+
+
+def _known_start(start: bytes) -> str | None:
+    """The hint for a file starting as UTF-16 or compressed data, or None."""
+    if start.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return " (it starts with a UTF-16 byte-order mark: the file is UTF-16); save it as UTF-8"
+    kind = next((k for magic, k in COMPRESSED_MAGIC.items() if start.startswith(magic)), None)
+    return None if kind is None else (f" (it starts as {kind} data: the file is compressed); "
+                                      "decompress it first")
+
+
 def _encoding_hint(start: bytes) -> str:
     """What to do about text that is not UTF-8, from how the file starts: a UTF-16 file (what
     Windows Notepad saves as "Unicode") was "not UTF-8 near byte 0", which says nothing of it."""
-    if start.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return " (it starts with a UTF-16 byte-order mark: the file is UTF-16); save it as UTF-8"
-    return "; save it as UTF-8"
+    return _known_start(start) or "; save it as UTF-8"
 
 
 def _read_jsonl_head(source: SourceFile) -> tuple[list[bytes], bytes]:
@@ -514,7 +528,7 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
     with fs.open_input_stream(path) as f:
         while True:
             chunk = f.read(READ_CHUNK)
-            start = start or chunk[:2]
+            start = start or chunk[:MAGIC_BYTES]
             try:
                 buffer += decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as e:
@@ -621,8 +635,7 @@ def _jsonl_record(data: bytes, field: str) -> tuple[str | None, str | None]:
         line = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         return None, (f"not UTF-8 text (byte {e.start + 1} of the line)"
-                      + (_encoding_hint(data) if data.startswith((b"\xff\xfe", b"\xfe\xff"))
-                         else ""))
+                      + (_known_start(data[:MAGIC_BYTES]) or ""))
     if not line.strip():
         return None, None
     if line.lstrip().startswith("["):  # not parsed: a .json file's array, hundreds of MB

@@ -414,6 +414,27 @@ def test_a_utf16_file_is_said_to_be_utf16(tmp_path):
         list(iter_documents(source))
 
 
+def test_compressed_data_under_a_text_files_name_is_said_to_be_compressed(tmp_path):
+    """part-00000.jsonl holding gzip data was "not UTF-8 text (byte 2 of the line)"."""
+    import gzip
+    import lzma
+
+    lines = tmp_path / "part-00000.jsonl"
+    lines.write_bytes(gzip.compress(b'{"text": "hello"}\n' * 100))
+    source, = expand_sources([str(lines)])
+    with pytest.raises(DataError, match=rf"^{lines}:1: not UTF-8 text \(byte \d+ of the line\) "
+                       r"\(it starts as gzip data: the file is compressed\); decompress it"):
+        list(iter_documents(source))
+    text = tmp_path / "book.txt"
+    text.write_bytes(lzma.compress(b"Call me Ishmael.\n\n" * 100))
+    source, = expand_sources([str(text)])
+    hint = r"\(it starts as xz data: the file is compressed\); decompress it first$"
+    with pytest.raises(DataError, match=rf"^{text}: not UTF-8 text near byte \d+ {hint}"):
+        check_text_head(source)
+    with pytest.raises(DataError, match=rf"^{text}: not UTF-8 text near byte \d+ {hint}"):
+        list(iter_documents(source))
+
+
 def test_a_jsonl_line_that_is_not_utf8_costs_that_line_alone(tmp_path):
     path = tmp_path / "a.jsonl"
     good = [json.dumps({"text": f"document {i}"}).encode() for i in range(3000)]
