@@ -130,12 +130,19 @@ def scheduler():
     return get_scheduler()
 
 
-def scheduler_books(timeout_s: float = 30.0) -> dict[str, list[dict]]:
+def scheduler_view(timeout_s: float = 30.0) -> tuple[dict[str, list[dict]], set[str]]:
+    """The scheduler's books (job -> its reservations) and the jobs waiting in its queue,
+    from one snapshot."""
     import ray
 
     snapshot = ray.get(scheduler().snapshot.remote(), timeout=timeout_s)
-    return {job: [dataclasses.asdict(r) for r in held]
-            for job, held in snapshot["reservations"].items()}
+    return ({job: [dataclasses.asdict(r) for r in held]
+             for job, held in snapshot["reservations"].items()},
+            {queued.job_name for queued in snapshot["queue"]})
+
+
+def scheduler_books(timeout_s: float = 30.0) -> dict[str, list[dict]]:
+    return scheduler_view(timeout_s)[0]
 
 
 def alive_nodes() -> dict[str, float]:
@@ -355,18 +362,20 @@ class Chaos:
             ended_before = not self.training()
             # Empty books are an answer too (the job done and released): waiting for truthy
             # books timed out on them.
-            (after,) = wait_for("the scheduler answers again", lambda: (scheduler_books(),))
+            after, waiting = wait_for("the scheduler answers again", scheduler_view)
             read_at = time.time()
-            # A job gives its reservation back only after its last step's report: missing
-            # from books read by `read_at`, it lost it unless that report came before then.
-            # (Asked before the books, a job finishing while the restarted scheduler came up
-            # read as one still training; asked after them, "is the driver thread alive?"
-            # took a release made while the driver was finishing for a lost reservation.)
+            # A job gives its reservation back when it yields (it then waits in the queue:
+            # the kill can land between its yield's checkpoint and its driver's call) or
+            # after its last step's report: missing from books read by `read_at`, it lost
+            # its reservation unless it waits or that report came before then. (Asked before
+            # the books, a job finishing while the restarted scheduler came up read as one
+            # still training; asked after them, "is the driver thread alive?" took a release
+            # made while the driver was finishing for a lost reservation.)
             may_have_released = ended_before or self._reported_last_step(by=read_at)
             injected.recovery_s = round(time.time() - injected.at, 1)
             problems = faults.reservation_problems(after, alive_nodes())
             problems += [f"job {job} lost its reservation" for job in before
-                         if job not in after and not may_have_released]
+                         if job not in after and job not in waiting and not may_have_released]
             if problems:
                 raise AssertionError(f"after the restart: {'; '.join(problems)} (before the "
                                      f"kill: {before}, after: {after})")

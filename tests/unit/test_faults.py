@@ -233,16 +233,17 @@ def scheduler_kill(monkeypatch, tmp_path):
                                                           polling.wait_for(what, check, 1, **kw)))
     state = SimpleNamespace(training=True)
 
-    def check(last_step: int, after: dict, finished_meanwhile: bool = False):
+    def check(last_step: int, after: dict, finished_meanwhile: bool = False,
+              waiting: frozenset = frozenset()):
         append_metrics(tmp_path, {"step": last_step, "start_step": 0, "time": 1.0}, None)
-        answers = iter([books["before"], after])
+        answers = iter([(books["before"], set()), (after, set(waiting))])
 
-        def books_read():
+        def view_read(timeout_s=30.0):
             answer = next(answers)
-            if finished_meanwhile and answer is after:  # the last report, then the release
+            if finished_meanwhile and answer[0] is after:  # the last report, the release
                 append_metrics(tmp_path, {"step": 200, "start_step": 0}, None)
             return answer
-        monkeypatch.setattr(chaos, "scheduler_books", books_read)
+        monkeypatch.setattr(chaos, "scheduler_view", view_read)
         injector = chaos.Chaos(None, tmp_path, chaos.Settings.quick(0),
                                training=lambda: state.training)
         _, survived = injector.kill_scheduler()
@@ -274,6 +275,16 @@ def test_a_job_that_finished_while_the_restarted_scheduler_came_up_lost_nothing(
     # before the books, took the release for a loss.
     check, _ = scheduler_kill
     check(last_step=185, after={}, finished_meanwhile=True)
+
+
+def test_a_job_that_yielded_while_the_scheduler_restarted_waits_and_lost_nothing(
+        scheduler_kill):
+    # Killed between a preemption's checkpoint and the driver's yielded(): the restarted
+    # scheduler restored the reservation, the yield then gave it back and queued the job.
+    check, _ = scheduler_kill
+    check(last_step=166, after={}, waiting=frozenset({"chaos"}))
+    with pytest.raises(AssertionError, match="job chaos lost its reservation"):
+        check(last_step=166, after={}, waiting=frozenset({"other"}))
 
 
 def test_a_node_agent_kill_is_survived_only_by_a_new_agent_that_reports(monkeypatch, tmp_path):
