@@ -244,6 +244,11 @@ class ClusterSpec:
         return sum(g.servers for g in self.groups)
 
 
+# The most servers a SPEC may have in all: each is a node of the modelled ClusterState (100,000
+# take about 7 s to build here; a replay on them is slower still).
+MAX_SERVERS = 100_000
+
+
 def parse_cluster_spec(text: str) -> ClusterSpec:
     """Parse a --cluster SPEC (see the module docstring)."""
     def fail(part: str, why: str) -> ClusterSpecError:
@@ -268,19 +273,28 @@ def parse_cluster_spec(text: str) -> ClusterSpec:
                 from None
         if not x or not 1 <= gpus_i <= 64 or count_i < 1:
             raise fail(part, "need 1 <= GPUs per server <= 64 and >= 1 server")
+        # Each server is built as a node of the ClusterState: a typo such as 8x99999999 ran
+        # for minutes and out of memory instead of being refused.
+        if sum(g.servers for g in groups) + count_i > MAX_SERVERS:
+            raise fail(part, f"at most {MAX_SERVERS:,} servers in all")
         groups.append(ServerGroup(kind, gpus_i, count_i))
     values = {"rack": DEFAULT_RACK, "rack_gbps": DEFAULT_RACK_GBPS,
               "inter_gbps": DEFAULT_INTER_GBPS}
+    given: set[str] = set()
     for part in options:
         if not part:
             continue
         key, sep, value = (s.strip() for s in part.partition("="))
         if not sep or key not in values:
             raise fail(part, f"expected one of {', '.join(k + '=...' for k in values)}")
+        if key in given:  # which one was meant? (the last silently won)
+            raise fail(part, f"{key} is given twice")
+        given.add(key)
         try:
             number = int(value) if key == "rack" else float(value)
         except ValueError:
-            raise fail(part, f"{key} must be a number") from None
+            raise fail(part, "rack must be a whole number" if key == "rack"
+                       else f"{key} must be a number") from None
         if not (math.isfinite(number) and number > 0):
             raise fail(part, f"{key} must be > 0")
         values[key] = number

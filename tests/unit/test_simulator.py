@@ -321,6 +321,24 @@ def test_bad_cluster_spec_names_the_part(text, part):
         parse_cluster_spec(text)
 
 
+def test_cluster_spec_refuses_a_server_count_it_could_not_build():
+    # A typo such as 8x99999999 built one modelled server after another for minutes, then ran
+    # out of memory, where every other malformed part is one line at once.
+    with pytest.raises(ClusterSpecError, match="part 'k80:4x99999999'.*at most 100,000"):
+        parse_cluster_spec("v100:8x4,k80:4x99999999")
+    with pytest.raises(ClusterSpecError, match="at most 100,000 servers in all"):
+        parse_cluster_spec("v100:8x60000,k80:4x60000")
+    assert parse_cluster_spec("v100:8x50000,k80:4x50000").servers == 100_000
+
+
+def test_cluster_spec_rack_must_be_whole_and_options_given_once():
+    # rack=2.5 was refused as "must be a number"; rack=2;rack=3 silently took the last one
+    with pytest.raises(ClusterSpecError, match="part 'rack=2.5': rack must be a whole number"):
+        parse_cluster_spec("v100:8x4;rack=2.5")
+    with pytest.raises(ClusterSpecError, match="part 'rack=3': rack is given twice"):
+        parse_cluster_spec("v100:8x4;rack=2;rack=3")
+
+
 def test_cluster_spec_builds_racks_as_network_groups():
     spec = parse_cluster_spec("V100:8x5,k80:4x3;rack=2;rack_gbps=25;inter_gbps=2")
     assert spec.total_gpus == 52 and spec.gpus_by_type() == {"v100": 40, "k80": 12}
