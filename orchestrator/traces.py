@@ -374,5 +374,10 @@ def prepare(jobs: list[TraceJob], max_jobs: int | None = None,
     if not ordered:
         return []
     t0 = ordered[0].submit_time_s
+    # A tiny scale overflows the last submit time to inf: every figure of the replay was nan.
+    if not math.isfinite((ordered[-1].submit_time_s - t0) / load_scale):
+        raise TraceError(f"--load-scale {load_scale:g}: the last submit time "
+                         f"({ordered[-1].submit_time_s - t0:g} s after the first) divided by it "
+                         "is not a finite number of seconds")
     return [replace(j, job_id=i, submit_time_s=(j.submit_time_s - t0) / load_scale)
             for i, j in enumerate(ordered)]

@@ -339,6 +339,13 @@ def test_cluster_spec_rack_must_be_whole_and_options_given_once():
         parse_cluster_spec("v100:8x4;rack=2;rack=3")
 
 
+def test_prepare_refuses_a_load_scale_that_overflows_submit_times():
+    # --load-scale 1e-307 turned the second submit time into inf: every figure came out nan
+    jobs = [TraceJob(0, 0, 10, 1), TraceJob(1, 50, 10, 1)]
+    with pytest.raises(TraceError, match="--load-scale 1e-307.*submit time"):
+        prepare(jobs, load_scale=1e-307)
+
+
 def test_cluster_spec_builds_racks_as_network_groups():
     spec = parse_cluster_spec("V100:8x5,k80:4x3;rack=2;rack_gbps=25;inter_gbps=2")
     assert spec.total_gpus == 52 and spec.gpus_by_type() == {"v100": 40, "k80": 12}
