@@ -13,7 +13,12 @@ with state.reserve(), exactly as the live scheduler does.
 - bestfit     first submitted first; the tightest single node that holds the job, else the
               fewest nodes (largest first), blind to racks and bandwidth
 - tiresias    Tiresias-style: least attained service first (discretised 2D-LAS, GPU-seconds,
-              with preemption), best-fit placement, blind to accelerator types
+              with preemption), best-fit placement, blind to accelerator types where it
+              starts a job
+
+Migration is the core's and on for every policy: a running job of any of them is moved to a
+faster family with free GPUs no waiting job wants (SchedulerCore._migrate), which neither FIFO
+first-fit nor Tiresias does as published (docs/simulator.md#policies measures the difference).
 - gavel       Gavel-style heterogeneity-aware greedy: first submitted first; the GPU types in
               order of the job's throughput on them (Gavel's table), each tried with place()
               restricted to that type; the first that fits wins (a job no one type can

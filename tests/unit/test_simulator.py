@@ -713,3 +713,18 @@ def test_a_job_refused_as_backfill_starts_elsewhere_on_the_next_pass():
     started = {j.trace.job_id: j.start for j in
                simulate(trace(*jobs), cluster, "gavel", check=True, settings=settings).jobs}
     assert started[3] == pytest.approx(330, abs=1) and started[4] == pytest.approx(330, abs=1)
+
+
+@pytest.mark.parametrize("policy", ["fifo", "bestfit", "tiresias"])
+def test_type_blind_baselines_are_still_migrated_by_the_core(policy):
+    # docs/simulator.md#policies: the type-blind baselines choose only where a job starts;
+    # the core's migration (on for every policy) then moves it to a faster free family.
+    # Job 1 starts on the K80 server (the V100 one is busy with V100-only job 0) and moves to
+    # the V100s once job 0 is done; without migration it would finish on the K80s.
+    jobs = by_id(simulate(trace((0, 600, 4, "V100"), (10, 36000, 4)), "k80:4x1,v100:4x1",
+                          policy, check=True))
+    assert jobs[1].migrations == 1 and jobs[1].gpu_types == "v100"
+    assert jobs[1].history[0][2].startswith("k80-0000")
+    off = by_id(simulate(trace((0, 600, 4, "V100"), (10, 36000, 4)), "k80:4x1,v100:4x1",
+                         policy, settings=SchedulerSettings(migration=False)))
+    assert off[1].migrations == 0 and off[1].gpu_types == "k80"
