@@ -79,6 +79,7 @@ from orchestrator.cluster_model import (FAMILY_TO_TYPE, GPU_TYPES, REFERENCE_GPU
                                         parse_cluster_spec, throughput)
 from orchestrator.config import JobSpec
 from orchestrator.inventory import ClusterState
+from orchestrator.job_exit import EXIT_INTERRUPTED
 from orchestrator.placement import Placement, Rejection
 from orchestrator.policies import POLICY_NAMES, make_policy
 from orchestrator.runs import writable_dir_problem
@@ -843,11 +844,16 @@ def run_cli(args) -> int:
         f"(load scale {args.load_scale:g}) in {time.perf_counter() - t0:.1f}s; cluster "
         f"{cluster.total_gpus:,} GPUs on {cluster.servers:,} servers")
     results = []
-    for name in policies:
-        result = simulate(trace, cluster, name, seed=args.seed, backfill=args.backfill,
-                          progress=log, restart=restart)
-        log(f"[{name}] done in {result.metrics['wall_s']:.1f}s")
-        results.append(result)
+    try:
+        for name in policies:
+            result = simulate(trace, cluster, name, seed=args.seed, backfill=args.backfill,
+                              progress=log, restart=restart)
+            log(f"[{name}] done in {result.metrics['wall_s']:.1f}s")
+            results.append(result)
+    except KeyboardInterrupt:  # a long replay stopped: one line, as the other commands say
+        print(f"interrupted after {len(results)} of {len(policies)} policies: nothing "
+              f"written to {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     write_jobs_csv(results, out / "jobs.csv")
     if args.no_plots:
         remove_stale_plots(out)

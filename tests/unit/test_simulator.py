@@ -728,3 +728,22 @@ def test_type_blind_baselines_are_still_migrated_by_the_core(policy):
     off = by_id(simulate(trace((0, 600, 4, "V100"), (10, 36000, 4)), "k80:4x1,v100:4x1",
                          policy, settings=SchedulerSettings(migration=False)))
     assert off[1].migrations == 0 and off[1].gpu_types == "k80"
+
+
+def test_simulate_cli_ctrl_c_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    # Ctrl-C in a long replay printed a traceback from deep in the core; the other commands
+    # say what happened in one line and exit 130.
+    from orchestrator import simulator
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simulator, "simulate", interrupted)
+    path = tmp_path / "trace.csv"
+    path.write_text("submit_time_s,duration_s,num_gpus\n0,100,2\n")
+    out = tmp_path / "o"
+    code = main(["simulate", "--trace", str(path), "--out", str(out), "--quiet", "--no-plots",
+                 "--policy", "fifo"])
+    err = capsys.readouterr().err
+    assert code == 130 and err.startswith("interrupted") and str(out) in err
+    assert not (out / "summary.json").exists()
