@@ -1123,7 +1123,13 @@ class SchedulerCore:
         waiting = self.queue.gpus_by_allowed
         own = need if spec.name in self.queue.waiting else 0
         contention = sum(waiting.values()) > own
-        first_call = {f: self.queue.first_call_gpus(f, spec.priority) for f in candidates}
+        # In strict queue order (backfill off) nothing behind the head starts before it, so
+        # no job there has first call against it: counted, a job pinned to a family behind
+        # the head kept it off that family while neither could start, for ever.
+        head = self.queue.head() if not self.settings.backfill else None
+        strict_head = head is not None and head.spec.name == spec.name
+        first_call = {f: 0 if strict_head else self.queue.first_call_gpus(f, spec.priority)
+                      for f in candidates}
         room = {f: free_gpus.get(families[f], 0) - first_call[f] for f in candidates}
         shielded = {f for f in candidates if contention and capacity.get(f, 0) > 0 and
                     self.pinned_running.get(f, 0) + first_call[f]

@@ -747,3 +747,16 @@ def test_simulate_cli_ctrl_c_is_one_line_not_a_traceback(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert code == 130 and err.startswith("interrupted") and str(out) in err
     assert not (out / "summary.json").exists()
+
+
+def test_strict_order_head_is_not_kept_off_a_family_by_a_job_behind_it():
+    # A random-trace check found a deadlock under --no-backfill: job 1 (all 12 GPUs, any
+    # family) is the head; job 2 (8 GPUs, K80 only) behind it had "first call" on the K80s,
+    # so the head's room there was 0 for as long as job 2 waited, and job 2 could not start
+    # before the head in strict order: both waited on an idle cluster (a RuntimeError here,
+    # for ever live). In strict order no job behind the head can start first: none has
+    # first call against it.
+    jobs = by_id(simulate(trace((0, 30000, 1, "V100|K80"), (0, 30, 12), (1200, 300, 8, "K80")),
+                          "v100:4x1,k80:4x2;rack=1", "hetero-las", backfill=False, check=True))
+    assert all(j.status == FINISHED for j in jobs.values())
+    assert jobs[1].start < jobs[2].start  # strict order kept: the head first
