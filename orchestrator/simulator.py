@@ -415,6 +415,12 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
             raise RuntimeError(f"{policy}: {len(core.queue)} job(s) queued on an idle cluster;"
                                f" first: {core.queue.ordered()[0].spec}")
         record(now)
+    # Every job finished or was counted as never fitting: one the core dropped without a
+    # word (neither started nor kept queued) would be left out of every figure silently.
+    lost = [j.spec.name for j in jobs if j.status not in (FINISHED, NEVER_FITS)]
+    if lost:
+        raise RuntimeError(f"{policy}: {len(lost)} job(s) neither finished nor never fitting "
+                           f"at the end of the replay: {', '.join(lost[:5])}")
     timeline = (np.array(tl_t, dtype=float), np.array(tl_alloc, dtype=float),
                 np.array(tl_good, dtype=float), np.array(tl_queue, dtype=float))
     metrics = summarize(jobs, total_gpus, timing["decisions"], timing["policy_s"])

@@ -760,3 +760,20 @@ def test_strict_order_head_is_not_kept_off_a_family_by_a_job_behind_it():
                           "v100:4x1,k80:4x2;rack=1", "hetero-las", backfill=False, check=True))
     assert all(j.status == FINISHED for j in jobs.values())
     assert jobs[1].start < jobs[2].start  # strict order kept: the head first
+
+
+def test_a_job_the_core_drops_without_a_word_stops_the_replay(monkeypatch):
+    # Every trace job must finish or be counted as never fitting. A job the core took and
+    # then neither ran nor kept queued was left out of every figure without a word (only a
+    # job still queued at the end was noticed); now the replay names it.
+    from orchestrator.scheduler_types import Outcome
+
+    submit = scheduler_core.SchedulerCore.submit
+
+    def drop_job_1(self, spec, owner, now, *args, **kwargs):
+        return Outcome(None) if spec.name == "job-1" else submit(self, spec, owner, now,
+                                                                 *args, **kwargs)
+
+    monkeypatch.setattr(scheduler_core.SchedulerCore, "submit", drop_job_1)
+    with pytest.raises(RuntimeError, match=r"fifo: 1 job\(s\) neither finished nor .*job-1"):
+        simulate(trace((0, 100, 1), (10, 100, 1)), "p100:4x1", "fifo")
