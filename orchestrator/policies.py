@@ -149,14 +149,22 @@ def _family_gpus(table, family: str, gpus: np.ndarray) -> int:
     return 0 if code is None else int(gpus[table.family[:len(table)] == code].sum())
 
 
+# Blind to accelerator types where they start a job; as published, they never move a running
+# job to another GPU type either (the core's migration does, unless `published`).
+TYPE_BLIND = ("fifo", "random", "bestfit", "tiresias")
+
+
 def make_policy(name: str, seed: int = 0,
-                type_order: Callable[[object], tuple[str, ...]] | None = None
-                ) -> tuple[Policy | None, dict]:
+                type_order: Callable[[object], tuple[str, ...]] | None = None,
+                published: bool = False) -> tuple[Policy | None, dict]:
     """The placement of policy `name` (None: the core's own, place() with its family choice)
-    and its SchedulerSettings overrides."""
+    and its SchedulerSettings overrides. `published`: a type-blind baseline runs without the
+    core's heterogeneity-aware migration, as its paper's scheduler (FIFO first-fit and
+    Tiresias never move a job to another GPU type)."""
     if name not in POLICY_NAMES:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}, all")
-    settings = {"queue_order": QUEUE_ORDER[name]}
+    settings = {"queue_order": QUEUE_ORDER[name],
+                **({"migration": False} if published and name in TYPE_BLIND else {})}
     if name == "fifo":
         return first_fit, settings
     if name == "random":

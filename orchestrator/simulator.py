@@ -138,6 +138,14 @@ class RestartCost:
         return None
 
 
+def add_published_baselines_argument(parser) -> None:
+    """--published-baselines, for `simulate` and the simulator benchmark alike."""
+    parser.add_argument("--published-baselines", action="store_true",
+                        help="fifo, random, bestfit and tiresias without the core's migration "
+                        "of running jobs to faster GPU types, as their papers' schedulers "
+                        "(default: the live scheduler's migration under every policy)")
+
+
 def add_restart_arguments(parser) -> None:
     """The flags of RestartCost, for `simulate` and scripts/bench_simulator.py alike."""
     parser.add_argument("--restart-s", type=float, default=RESTART_S,
@@ -251,7 +259,8 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
              progress: Callable[[str], None] | None = None,
              progress_every_s: float = 5.0,
              settings: SchedulerSettings | None = None,
-             restart: RestartCost = RestartCost()) -> SimResult:
+             restart: RestartCost = RestartCost(),
+             published_baselines: bool = False) -> SimResult:
     """Replay `trace` (sorted by submit time, e.g. from traces.prepare) under one policy.
 
     Every decision is the live scheduler's: a SchedulerCore (queue, EASY backfill, preemption,
@@ -260,7 +269,8 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
     (the policy's: FIFO or LAS; default: `settings`' own, EASY backfill as the live
     scheduler). `check` asserts after every event that no server holds more GPUs than it has
     and that the reservations add up to the running jobs (conservation). `restart`: what a
-    preempted or migrated job spends restarting."""
+    preempted or migrated job spends restarting. `published_baselines`: the type-blind
+    baselines without the core's migration (policies.make_policy)."""
     if isinstance(cluster, str):
         cluster = parse_cluster_spec(cluster)
     jobs = make_jobs(trace, cluster)
@@ -273,7 +283,8 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
         return tuple(f for f in _families_by_speed(job.model, job.trace.num_gpus, present)
                      if f in allowed)
 
-    call, overrides = make_policy(policy, seed=seed, type_order=type_order)
+    call, overrides = make_policy(policy, seed=seed, type_order=type_order,
+                                  published=published_baselines)
     timing = {"decisions": 0, "policy_s": 0.0}
 
     def timed_policy(spec: JobSpec, state: ClusterState, now: float, owner: str):
@@ -804,6 +815,7 @@ def add_arguments(parser) -> None:
                         "hetero-las): nothing starts while a job ahead of it waits "
                         "(default: EASY backfill, as the live scheduler)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    add_published_baselines_argument(parser)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -853,7 +865,8 @@ def run_cli(args) -> int:
     try:
         for name in policies:
             result = simulate(trace, cluster, name, seed=args.seed, backfill=args.backfill,
-                              progress=log, restart=restart)
+                              progress=log, restart=restart,
+                              published_baselines=args.published_baselines)
             log(f"[{name}] done in {result.metrics['wall_s']:.1f}s")
             results.append(result)
     except KeyboardInterrupt:  # a long replay stopped: one line, as the other commands say
@@ -868,7 +881,8 @@ def run_cli(args) -> int:
         "trace": str(path), "format": fmt, "jobs_in_trace": len(raw), "max_jobs": args.max_jobs,
         "load_scale": args.load_scale, "cluster": cluster.text,
         "cluster_gpus": cluster.total_gpus, "cluster_servers": cluster.servers,
-        "backfill": args.backfill, "seed": args.seed, "reference_gpu": REFERENCE_GPU,
+        "backfill": args.backfill, "published_baselines": args.published_baselines,
+        "seed": args.seed, "reference_gpu": REFERENCE_GPU,
         "policies": {r.policy: r.metrics for r in results},
         "files": ["jobs.csv", "summary.json"] + plots,
     }

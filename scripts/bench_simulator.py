@@ -25,9 +25,12 @@ hetero-las'; usable_gpus_busy_while_waiting is hetero-las'.
 
     python -m scripts.bench_simulator [--sections philly,constrained,full] [--out DIR]
                                       [--processes N] [--restart-s S --yield-s S --notice-s S]
+                                      [--published-baselines]
 
 --restart-s, --yield-s and --notice-s replace the modelled GPU-job restart (docs/simulator.md)
 to see how the policies compare at another; the JSON's "restart" names the one used.
+--published-baselines runs fifo, random, bestfit and tiresias without the core's migration to
+faster GPU types, as their papers' schedulers (the JSON's "published_baselines" says which).
 
 No Ray: pure simulation.
 """
@@ -44,7 +47,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from orchestrator.policies import POLICY_NAMES
-from orchestrator.simulator import (RestartCost, SimResult, add_restart_arguments,
+from orchestrator.simulator import (RestartCost, SimResult, add_published_baselines_argument,
+                                    add_restart_arguments,
                                     format_summary, out_dir_problem, restart_cost, simulate,
                                     write_jobs_csv, write_plots)
 from orchestrator.traces import PHILLY_CSV, TraceJob, load_philly, prepare
@@ -78,24 +82,29 @@ LONGEST_FIRST = ("random", "bestfit", "tiresias", "fifo", "hetero-las", "gavel")
 
 def run_policies(trace: list[TraceJob], cluster: str, policies, seed: int = 0,
                  label: str = "", processes: int = 1,
-                 restart: RestartCost = RestartCost()) -> list[SimResult]:
+                 restart: RestartCost = RestartCost(),
+                 published: bool = False) -> list[SimResult]:
     """One replay per policy, in `processes` processes (each replay is single-threaded and
     independent: on N cores up to N run at once); results in the order of `policies`."""
     def ranked(name: str) -> int:
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     if processes <= 1 or len(policies) <= 1:
-        return [_timed_replay(trace, cluster, name, seed, label, restart) for name in policies]
+        return [_timed_replay(trace, cluster, name, seed, label, restart, published)
+                for name in policies]
     with ProcessPoolExecutor(min(processes, len(policies))) as pool:
-        futures = {name: pool.submit(_timed_replay, trace, cluster, name, seed, label, restart)
+        futures = {name: pool.submit(_timed_replay, trace, cluster, name, seed, label, restart,
+                                     published)
                    for name in sorted(policies, key=ranked)}
         return [futures[name].result() for name in policies]
 
 
 def _timed_replay(trace: list[TraceJob], cluster: str, name: str, seed: int,
-                  label: str, restart: RestartCost = RestartCost()) -> SimResult:
+                  label: str, restart: RestartCost = RestartCost(),
+                  published: bool = False) -> SimResult:
     t0 = time.perf_counter()
-    result = simulate(trace, cluster, name, seed=seed, restart=restart)
+    result = simulate(trace, cluster, name, seed=seed, restart=restart,
+                      published_baselines=published)
     print(f"[{label}{name}] {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     return result
 
@@ -120,7 +129,7 @@ def figures(results: list[SimResult]) -> dict:
 def philly_section(args) -> tuple[dict, list[SimResult]]:
     trace = philly_slice(args.start, args.jobs, args.load_scale)
     results = run_policies(trace, DEFAULT_CLUSTER, args.policies, args.seed, "philly ",
-                           args.processes, restart_cost(args))
+                           args.processes, restart_cost(args), args.published_baselines)
     print(f"Philly jobs {args.start:,}..{args.start + len(trace) - 1:,} by submit time, load "
           f"scale {args.load_scale:g}, cluster {DEFAULT_CLUSTER!r}")
     print(format_summary(results))
@@ -132,7 +141,7 @@ def constrained_section(args) -> tuple[dict, list[SimResult]]:
     trace = prepare(gen_constrained_trace.generate(seed=args.trace_seed))
     cluster = gen_constrained_trace.CONSTRAINED_CLUSTER
     results = run_policies(trace, cluster, args.policies, args.seed, "constrained ",
-                           args.processes, restart_cost(args))
+                           args.processes, restart_cost(args), args.published_baselines)
     print(f"\nConstrained trace (scripts/gen_constrained_trace.py, seed {args.trace_seed}): "
           f"{len(trace):,} jobs, cluster {cluster!r}")
     print(format_summary(results))
@@ -145,7 +154,7 @@ def constrained_section(args) -> tuple[dict, list[SimResult]]:
         else:
             swept = run_policies(prepare(trace, load_scale=scale), cluster, sweep_policies,
                                  args.seed, f"constrained x{scale:g} ", args.processes,
-                                 restart_cost(args))
+                                 restart_cost(args), args.published_baselines)
             print(f"\nConstrained trace at {scale:g}x its load")
             print(format_summary(swept))
         ratios = figures(swept)
@@ -160,7 +169,7 @@ def full_philly_section(args) -> tuple[dict, list[SimResult]]:
     trace = prepare(load_philly(PHILLY_CSV))
     t0 = time.perf_counter()
     results = run_policies(trace, DEFAULT_CLUSTER, args.policies, args.seed, "full ",
-                           args.processes, restart_cost(args))
+                           args.processes, restart_cost(args), args.published_baselines)
     wall = time.perf_counter() - t0
     print(f"\nFull Philly trace: {len(trace):,} jobs at load scale 1, all policies in "
           f"{wall:.0f}s ({args.processes} process(es))")
@@ -186,13 +195,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="replays run at once, one per process (default: one per core)")
     add_restart_arguments(parser)
+    add_published_baselines_argument(parser)
     args = parser.parse_args(argv)
     for problem in argument_problems(args):
         parser.error(problem)  # the first, before any replay runs
     args.policies = args.policies.split(",")
     args.sweep = [float(s) for s in args.sweep.split(",") if s]
     sections = set(args.sections.split(","))
-    summary: dict = {"restart": dataclasses.asdict(restart_cost(args))}
+    summary: dict = {"restart": dataclasses.asdict(restart_cost(args)),
+                     "published_baselines": args.published_baselines}
     for name, key, run in (("philly", "philly", philly_section),
                            ("constrained", "constrained", constrained_section),
                            ("full", "full_philly", full_philly_section)):

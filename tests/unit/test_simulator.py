@@ -728,6 +728,31 @@ def test_type_blind_baselines_are_still_migrated_by_the_core(policy):
     off = by_id(simulate(trace((0, 600, 4, "V100"), (10, 36000, 4)), "k80:4x1,v100:4x1",
                          policy, settings=SchedulerSettings(migration=False)))
     assert off[1].migrations == 0 and off[1].gpu_types == "k80"
+    published = by_id(simulate(trace((0, 600, 4, "V100"), (10, 36000, 4)), "k80:4x1,v100:4x1",
+                               policy, published_baselines=True))
+    assert published[1].migrations == 0 and published[1].gpu_types == "k80"
+
+
+def test_published_baselines_leave_the_live_schedulers_own_rules_their_migration(
+        tmp_path, capsys):
+    # --published-baselines: the type-blind baselines as their papers' schedulers; hetero-las
+    # (and gavel) keep the core's migration. The CLI says which in its summary.
+    for policy in ("hetero-las", "gavel"):
+        jobs = by_id(simulate(trace((0, 600, 4, "V100"), (10, 36000, 4)), "k80:4x1,v100:4x1",
+                              policy, published_baselines=True))
+        assert jobs[1].gpu_types == "v100", policy
+    path = tmp_path / "trace.csv"
+    path.write_text(f"submit_time_s,duration_s,num_gpus,model_type,accelerator\n"
+                    f"0,600,4,{MODEL},V100\n10,36000,4,{MODEL},\n")
+    for flag, migrations in ((["--published-baselines"], 0), ([], 1)):
+        out = tmp_path / f"out{len(flag)}"
+        assert main(["simulate", "--trace", str(path), "--out", str(out), "--quiet",
+                     "--no-plots", "--policy", "tiresias", "--cluster", "k80:4x1,v100:4x1",
+                     *flag]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["published_baselines"] == bool(flag)
+        assert summary["policies"]["tiresias"]["migrations"] == migrations
+    capsys.readouterr()
 
 
 def test_simulate_cli_ctrl_c_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
