@@ -14,7 +14,8 @@ from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
 from orchestrator.inventory import (LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_TYPE,
-                                    MAX_DECLARED_ACCELERATORS, GpuInfo, declared_gpus)
+                                    MAX_DECLARED_ACCELERATORS, GpuInfo, accelerator_family,
+                                    declared_gpus, gpu_families)
 
 
 def probe_host() -> dict[str, Any]:
@@ -362,8 +363,31 @@ def probe_gpus(labels: dict[str, str], errors: dict[str, str],
     GPU count, `ray_gpus`, where they declare no count: declared_gpus)."""
     measured = run_probe("nvml", lambda: probe_nvml(errors), (), errors)
     if measured:
+        problem = declared_family_problem(measured, labels)
+        if problem:
+            errors["declared"] = problem
         return measured
     return run_probe("declared", lambda: declared_gpus(labels, ray_gpus), (), errors)
+
+
+def declared_family_problem(measured: tuple[GpuInfo, ...], labels: dict[str, str]) -> str | None:
+    """Why the node's accelerator-type label disagrees with the GPUs NVML measured, or None.
+    Measured GPUs replace declared ones, so such a label is ignored while the autoscaler
+    still adds its node type for jobs of the declared family (cluster.yaml's labels), which
+    then never fit there: labels left from another instance type, or cluster.local.yaml's fake
+    nodes on a machine whose own GPU NVML reports on every one of them."""
+    declared = labels.get(LABEL_ACCELERATOR_TYPE)
+    if not declared:
+        return None
+    families, family = gpu_families(measured), accelerator_family(declared)
+    if families == [family]:
+        return None
+    names = ", ".join(sorted({g.name for g in measured}))
+    measured_families = ", ".join(f or "none" for f in families)
+    return (f"node label {LABEL_ACCELERATOR_TYPE}={declared!r} (family {family or 'none'}) "
+            f"is not what NVML measures here ({len(measured)} x {names}, family "
+            f"{measured_families}): the measured GPUs are used and the label ignored (labels "
+            "of another instance type? a fake_multinode cluster on a machine with GPUs?)")
 
 
 # Node-to-node bandwidth. The transfer itself needs Ray (ray_layer/node_agent.py); the arithmetic

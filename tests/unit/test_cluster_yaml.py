@@ -99,6 +99,28 @@ def test_cloud_resources_match_the_instance_types():
         assert resources["CPU"] == (0 if name == "head" else cpus), name
 
 
+# What NVML names each instance type's GPUs (nvidia-smi on p4de, p5, g4dn, g6).
+INSTANCE_GPU_NAMES = {"p4de.24xlarge": "NVIDIA A100-SXM4-80GB",
+                      "p5.48xlarge": "NVIDIA H100 80GB HBM3", "g4dn.12xlarge": "Tesla T4",
+                      "g6.12xlarge": "NVIDIA L4"}
+
+
+def test_accelerator_labels_name_what_nvml_measures_on_the_instance():
+    # Measured GPUs replace declared ones: a label of another family is ignored on the node,
+    # while the autoscaler still adds the type for jobs of the labelled family.
+    from orchestrator.inventory import GpuInfo
+    from orchestrator.probes import declared_family_problem
+
+    for name, node_type in load(CLUSTER_YAML)["available_node_types"].items():
+        gpu_name = INSTANCE_GPU_NAMES.get(node_type["node_config"]["InstanceType"])
+        if gpu_name is None:
+            assert LABEL_ACCELERATOR_TYPE not in node_type["labels"], name
+            continue
+        measured = tuple(GpuInfo(i, gpu_name, 80 << 30, 80 << 30)
+                         for i in range(node_type["resources"]["GPU"]))
+        assert declared_family_problem(measured, node_type["labels"]) is None, name
+
+
 def test_local_cluster_has_the_cloud_node_types():
     cloud, local = load(CLUSTER_YAML), load(LOCAL_YAML)
     assert set(worker_types(cloud)) == set(worker_types(local))

@@ -165,6 +165,24 @@ def test_nvml_required_query_failing_is_a_probe_error_and_shuts_down(monkeypatch
     assert "FakeNVMLError" in errors["nvml"] and nvml.calls == ["init", "shutdown"]
 
 
+def test_a_label_declaring_another_accelerator_than_nvml_measures_is_a_probe_error(monkeypatch):
+    # cluster.local.yaml's fake train_a100 node on a workstation with a T4: NVML's T4 replaced
+    # the declared A100s without a word, and the A100 job the autoscaler added the node for
+    # never fitted there.
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([T4]))
+    labels = {LABEL_ACCELERATOR_TYPE: "A100-80GB", LABEL_ACCELERATOR_COUNT: "8"}
+    errors = {}
+    (t4,) = probe_gpus(labels, errors, ray_gpus=8.0)
+    assert t4.source == "nvml"  # measured still wins: the figures are real
+    assert f"{LABEL_ACCELERATOR_TYPE}='A100-80GB'" in errors["declared"]
+    assert "1 x Tesla T4" in errors["declared"] and "label ignored" in errors["declared"]
+    # A label naming what NVML measures, in its own spelling, is no problem.
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([A100, A100]))
+    errors = {}
+    probe_gpus({LABEL_ACCELERATOR_TYPE: "A100-80GB"}, errors, ray_gpus=2.0)
+    assert errors == {}
+
+
 def failing_init(value: int):
     def init():
         error = FakeNVMLError(f"nvmlInit failed ({value})")
