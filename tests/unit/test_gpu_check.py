@@ -304,3 +304,71 @@ def test_the_figures_kept_time_the_last_half_of_the_steps(tmp_path, steps):
                       log_every=gpu_check.last_half(steps), checkpoint_every=10 * steps,
                       warmup_steps=1, eval_batches=1), session)
     assert session.reports[-1]["loss_steps"] >= steps // 2
+
+
+# scripts/gpu_check.sh with `timeout`, `python3` and `nvidia-smi` stubbed on PATH: the stub
+# `timeout` logs its arguments, "runs" the test tier by sleeping TIER_S and gpu_check.py by
+# saving a summary and exiting with CHECK_RC (137: killed past SIGTERM's grace).
+TIMEOUT_STUB = """#!/usr/bin/env bash
+echo "$@" >> "$STUB_LOG"
+case "$*" in
+  *"-m pytest"*) sleep "$TIER_S"; exit 0 ;;
+  *"-m scripts.gpu_check"*)
+    while [ "$1" != --out ]; do shift; done
+    echo '{"runs": [{"run": "bf16-large"}]}' > "$2"
+    [ "$CHECK_RC" = 0 ] && echo '{"runs": [{"run": "bf16-large"}], "final": true}'
+    exit "$CHECK_RC" ;;
+esac
+"""
+
+
+def run_gpu_check_sh(tmp_path, total_s: int, tier_s: float = 0, check_rc: int = 0):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, text in (("timeout", TIMEOUT_STUB), ("nvidia-smi", "#!/bin/sh\n"),
+                       ("python3", f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    log = tmp_path / "timeout.log"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(log),
+           "TIER_S": str(tier_s), "CHECK_RC": str(check_rc), "RESULTS_DIR": str(tmp_path),
+           "GPU_CHECK_TOTAL_S": str(total_s)}
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script), "--budget-s", "380"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    return done, [line.split() for line in log.read_text().splitlines()]
+
+
+def seconds_and_grace(timeout_args: list[str]) -> tuple[int, int]:
+    """(limit, kill grace) of a `timeout [-k GRACE] LIMIT ...` call."""
+    if timeout_args[0] == "-k":
+        return int(timeout_args[2]), int(timeout_args[1])
+    return int(timeout_args[0]), 0
+
+
+def test_the_shell_check_ends_inside_its_total_even_after_a_slow_test_tier(tmp_path):
+    # The tier's 150 s and the check's fixed 420 s came to 570 s, over the planned 560 s
+    # call: the call's limit killed the check before its final JSON line.
+    done, calls = run_gpu_check_sh(tmp_path, total_s=20, tier_s=1)
+    tier, check = calls
+    assert "pytest" in tier and "scripts.gpu_check" in check, calls
+    limit, grace = seconds_and_grace(check)
+    assert grace > 0  # a check that ignores SIGTERM is still ended
+    assert 1 <= limit and 1 + limit + grace <= 20
+    assert json.loads(done.stdout.splitlines()[-1])["final"] is True
+
+
+def test_the_shell_check_gets_a_positive_limit_when_no_time_is_left(tmp_path):
+    _, calls = run_gpu_check_sh(tmp_path, total_s=5)
+    assert seconds_and_grace(calls[-1])[0] == 1  # (`timeout 0` would mean no limit at all)
+
+
+def test_a_check_killed_past_its_grace_still_ends_with_the_saved_figures(tmp_path):
+    done, _ = run_gpu_check_sh(tmp_path, total_s=540, check_rc=137)
+    last = json.loads(done.stdout.splitlines()[-1])
+    assert last == {"runs": [{"run": "bf16-large"}], "killed": True}
