@@ -50,11 +50,24 @@ def shard_model(model: torch.nn.Module, precision: Precision) -> torch.nn.Module
     low = None if precision.name == "fp32" else precision.dtype
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
     ignored = span_parameters(model)
+    mesh = workers_mesh(model)
     for block in model.blocks:
-        fully_shard(block, mp_policy=policy, ignored_params=ignored or None)
-    fully_shard(model, mp_policy=policy, ignored_params=ignored or None)
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=ignored or None)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored or None)
     _average_gradients_of(ignored)
     return model
+
+
+def workers_mesh(model: torch.nn.Module):
+    """The workers' one-dimensional device mesh, on the device type the model was placed on.
+    fully_shard's own default is the accelerator torch sees, CUDA wherever a GPU is visible:
+    a worker training on the CPU on a GPU node (Ray leaves a node's GPUs visible to a worker
+    that asked for none; the local workers on a GPU machine) had its shards moved onto a GPU
+    it was not given, beside its CPU batches and its gloo group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = next(model.parameters()).device.type
+    return init_device_mesh(device_type, (dist.get_world_size(),))
 
 
 def _average_gradients_of(params: set[torch.nn.Parameter]) -> None:

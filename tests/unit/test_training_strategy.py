@@ -155,6 +155,21 @@ def test_fsdp_in_a_plain_process_is_refused_with_the_reason(tmp_path):
         train(config(strategy="fsdp", max_steps=2), LocalSession(tmp_path, device=CPU))
 
 
+def test_fsdp_shards_on_the_models_device_where_a_gpu_is_visible(process_group, monkeypatch):
+    """A CPU worker on a GPU node (Ray leaves the node's GPUs visible to a worker that asked
+    for none): fully_shard's default mesh is the visible accelerator's, which moved the CPU
+    model's shards onto a GPU (here, a CPU build: the CUDA mesh itself fails)."""
+    from orchestrator.training.model import GPT, GPTConfig
+    from orchestrator.training.precision import Precision
+    from orchestrator.training.strategy import shard_model
+
+    monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
+    model = GPT(GPTConfig.from_train_config(config(), vocab_size=300))
+    shard_model(model, Precision("fp32", "cpu"))
+    assert {(p.device.type, p.device_mesh.device_type) for p in model.parameters()
+            if hasattr(p, "device_mesh")} == {("cpu", "cpu")}
+
+
 def test_pretrain_flags_reach_the_config(tmp_path):
     from jobs import pretrain
 
