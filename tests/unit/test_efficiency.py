@@ -53,7 +53,9 @@ def test_every_family_with_peaks_is_known_to_the_scheduler():
 
 
 def test_cpu_peak_is_measured_and_mfu_is_a_ratio():
-    peak = measure_cpu_peak_flops(size=128, repeats=2, min_seconds=0.0)
+    # The best of 0.2 s of matmuls, not of two: under a loaded machine (the suite beside
+    # other work) two 128-matmuls both ran preempted, at 59 MFLOP/s, below the bound.
+    peak = measure_cpu_peak_flops(size=128, repeats=2, min_seconds=0.2)
     assert 1e8 < peak < 1e14
     assert mfu(tokens_per_s=1000, flops_per_token_=peak / 1000,
                peak_flops=peak) == pytest.approx(1.0)
