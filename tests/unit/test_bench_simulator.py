@@ -56,7 +56,7 @@ def test_replays_in_parallel_processes_give_the_sequential_results():
     sequential = bench.run_policies(trace, CLUSTER, policies)
     parallel = bench.run_policies(trace, CLUSTER, policies, processes=2)
     assert [r.policy for r in parallel] == list(policies)  # the order asked, not finishing
-    for one, other in zip(sequential, parallel):
+    for one, other in zip(sequential, parallel, strict=True):
         assert {k: v for k, v in one.metrics.items() if k not in timing} == \
             {k: v for k, v in other.metrics.items() if k not in timing}
 

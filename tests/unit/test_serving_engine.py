@@ -54,7 +54,7 @@ def staggered(eng: ContinuousEngine, arrivals: dict[int, list[GenerationRequest]
 def test_paged_generation_equals_the_naive_loop(model):
     prompts = [b"Hello", b"A much longer prompt than the first one", b"x"]
     out = run_to_completion(engine(model), [greedy(p, 12) for p in prompts])
-    for prompt, (_, tokens, reason) in zip(prompts, out):
+    for prompt, (_, tokens, reason) in zip(prompts, out, strict=True):
         assert tokens == reference_greedy(model, prompt, 12)
         assert reason == "length"
 

@@ -12,7 +12,7 @@ from tests.tiny_gpt import BLOCK, greedy, model, reference_greedy, torch_on_one_
 def test_batched_left_padded_cached_generation_equals_the_naive_loop(model):
     prompts = [b"Hello", b"A much longer prompt than the first", b"x"]
     out = generate(model, [greedy(p, 12) for p in prompts], BLOCK)
-    for prompt, (_, tokens, reason) in zip(prompts, out):
+    for prompt, (_, tokens, reason) in zip(prompts, out, strict=True):
         assert tokens == reference_greedy(model, prompt, 12)
         assert reason == "length"
 
