@@ -64,7 +64,8 @@ def test_medians_are_per_part_and_the_total_is_the_median_of_totals():
     assert medians["restore_s"] == 14.0  # restored_at fixed: the later start, the shorter
     assert medians["planned_yield_s"] == 47.0
     assert list(medians)[0] == "planned_yield_s"
-    with pytest.raises(ValueError):
+    # (statistics.median of nothing raises a ValueError too, without saying what is missing)
+    with pytest.raises(ValueError, match="no rounds to summarise"):
         bench.summarise([])
 
 
@@ -84,13 +85,14 @@ def test_the_fresh_start_reference_is_the_first_attempt():
                 "first_step_at": 15.0},
                resumed()]
     assert bench.fresh_start(records) == {"fresh_restore_s": 3.5, "fresh_first_step_s": 1.5}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no report of the job's first attempt"):
         bench.fresh_start([resumed()])
 
 
-def test_bad_flags_fail_before_ray_starts():
+def test_bad_flags_fail_before_ray_starts(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--segment-steps", "30", "--log-every", "20"])
+    assert "--segment-steps must be >= 4 x --log-every (80" in capsys.readouterr().err
 
 
 def test_the_model_is_described_with_the_count_training_gives():
