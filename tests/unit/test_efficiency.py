@@ -64,8 +64,17 @@ def test_cpu_peak_is_measured_and_mfu_is_a_ratio():
 def test_warnings_name_each_crossed_threshold():
     thresholds = Thresholds(min_mfu=0.45, max_comm_share=0.15, max_memory_fraction=0.9)
     assert warnings_for({"mfu": 0.5, "comm_share": 0.1, "memory_fraction": 0.5}, thresholds) == []
-    warnings = warnings_for({"mfu": 0.2, "comm_share": 0.3, "memory_fraction": 0.95}, thresholds)
-    assert [w.split()[0] for w in warnings] == ["MFU", "gradient", "memory"]
+    mfu_low = "MFU 20.0% is below 45%"
+    comm_high = "gradient all-reduce takes 30.0% of step time (> 15%)"
+    memory_high = "memory at 95.0% of capacity (> 90%)"
+    assert warnings_for({"mfu": 0.2, "comm_share": 0.3, "memory_fraction": 0.95},
+                        thresholds) == [mfu_low, comm_high, memory_high]
+    # Each figure alone crosses only its own threshold: a check reading another figure (or
+    # comparing against another threshold) would pass when all three are crossed at once.
+    fine = {"mfu": 0.5, "comm_share": 0.1, "memory_fraction": 0.5}
+    assert warnings_for({**fine, "mfu": 0.2}, thresholds) == [mfu_low]
+    assert warnings_for({**fine, "comm_share": 0.3}, thresholds) == [comm_high]
+    assert warnings_for({**fine, "memory_fraction": 0.95}, thresholds) == [memory_high]
     assert warnings_for({"mfu": None, "comm_share": None}, thresholds) == []
 
 
