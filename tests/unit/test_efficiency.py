@@ -59,6 +59,10 @@ def test_cpu_peak_is_measured_and_mfu_is_a_ratio():
     assert 1e8 < peak < 1e14
     assert mfu(tokens_per_s=1000, flops_per_token_=peak / 1000,
                peak_flops=peak) == pytest.approx(1.0)
+    # Half the tokens at the same cost: half the peak used (at exactly the peak, an MFU
+    # turned upside down, peak over achieved, gave 1.0 as well).
+    assert mfu(tokens_per_s=500, flops_per_token_=peak / 1000,
+               peak_flops=peak) == pytest.approx(0.5)
 
 
 def test_warnings_name_each_crossed_threshold():
