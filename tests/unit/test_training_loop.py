@@ -206,10 +206,16 @@ def test_already_complete_run_does_nothing(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_paths_run_on_tiny_tensors(tmp_path, precision):
-    metrics = train(tiny(max_steps=3, precision=precision, seq_len=16, log_every=1),
-                    LocalSession(tmp_path, device=CPU))
+    config = tiny(max_steps=3, precision=precision, seq_len=16, log_every=1)
+    metrics = train(config, LocalSession(tmp_path / precision, device=CPU))
     assert metrics["precision"] == precision
     assert torch.isfinite(torch.tensor(metrics["loss"]))
+    # Computed in the low precision, not only labelled so: the same seeded run in fp32 ends
+    # on another loss. Only fp16 scales its loss.
+    fp32 = train(dataclasses.replace(config, precision="fp32"),
+                 LocalSession(tmp_path / "fp32", device=CPU))
+    assert metrics["loss"] != fp32["loss"]
+    assert (metrics["loss_scale"] is not None) == (precision == "fp16")
 
 
 @pytest.mark.parametrize("saved, resumed", [("fp32", "fp16"), ("bf16", "fp16"),
