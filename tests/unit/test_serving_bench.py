@@ -1,5 +1,6 @@
 """scripts/bench_serve.py's arithmetic (the load itself needs Ray: run the script)."""
 import pytest
+import torch
 
 from scripts import bench_serve as bench
 
@@ -42,7 +43,11 @@ def test_fresh_checkpoints_are_two_different_servable_models(tmp_path):
     from orchestrator.serving.loading import load_model
 
     first, second = bench.fresh_checkpoints("tiny", 32, tmp_path)
-    assert load_model(first).version != load_model(second).version
+    first, second = load_model(first), load_model(second)
+    # Other weights: the versions (checkpoint name, hash of a file that holds the step too)
+    # differed for two copies of one model as well.
+    assert first.version != second.version
+    assert not torch.equal(first.model.tok_emb.weight, second.model.tok_emb.weight)
 
 
 def test_cpu_figures_name_the_replica_its_generation_thread_and_the_serving_path():
