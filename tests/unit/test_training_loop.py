@@ -359,13 +359,16 @@ def test_checkpoint_carrying_code_is_never_unpickled(tmp_path):
         load_checkpoint(tmp_path)
 
 
+EVERY_2 = dict(checkpoint_every=2, log_every=2)  # checkpoints to fall back on, in few steps
+
+
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_path, capsys):
     session = LocalSession(tmp_path, keep=3, device=CPU)
-    train(tiny(max_steps=20), session)  # checkpoints at 10 and 20
+    train(tiny(max_steps=4, **EVERY_2), session)  # checkpoints at 2 and 4
     latest = session.checkpoints()[-1] / "state.pt"
     latest.write_bytes(latest.read_bytes()[:100])  # truncated, like a crash mid-copy
-    metrics = train(tiny(max_steps=30), session)
-    assert metrics["start_step"] == 10 and metrics["step"] == 30
+    metrics = train(tiny(max_steps=6, **EVERY_2), session)
+    assert metrics["start_step"] == 2 and metrics["step"] == 6
     assert "state.pt is corrupt" in capsys.readouterr().out
 
 
@@ -374,23 +377,25 @@ def test_retention_prunes_checkpoints_found_corrupt_before_the_good_one_resumed_
     # keep=3 with the two newest corrupt: the resume fell back to step 10, and the next save
     # pruned step 10 (the oldest written) and kept both corrupt ones; once the new checkpoint
     # was damaged too (the same disk), a resume found only corrupt checkpoints.
+    # (at 1/5 of the steps: checkpoints every 2 steps, not 10, tell the same story)
     session = LocalSession(tmp_path, keep=3, device=CPU)
-    train(tiny(max_steps=30), session)  # checkpoints at 10, 20 and 30
-    for step in (20, 30):
+    train(tiny(max_steps=6, **EVERY_2), session)  # checkpoints at 2, 4 and 6
+    for step in (4, 6):
         state = tmp_path / f"checkpoint_{step:08d}" / "state.pt"
         state.write_bytes(state.read_bytes()[:100])
     capsys.readouterr()
-    metrics = train(tiny(max_steps=15, checkpoint_every=5), session)
-    assert metrics["start_step"] == 10
+    metrics = train(tiny(max_steps=3, checkpoint_every=1, log_every=1), session)
+    assert metrics["start_step"] == 2
     said = capsys.readouterr().out
-    for step in (20, 30):  # each skipped checkpoint named, with why
+    for step in (4, 6):  # each skipped checkpoint named, with why
         assert f"checkpoint_{step:08d}/state.pt is corrupt" in said
     assert [p.name for p in session.checkpoints()] == [
-        "checkpoint_00000010", "checkpoint_00000015", "checkpoint_00000030"]
-    newest = tmp_path / "checkpoint_00000015" / "state.pt"
+        "checkpoint_00000002", "checkpoint_00000003", "checkpoint_00000006"]
+    newest = tmp_path / "checkpoint_00000003" / "state.pt"
     newest.write_bytes(newest.read_bytes()[:100])
-    metrics = train(tiny(max_steps=20, checkpoint_every=5), LocalSession(tmp_path, device=CPU))
-    assert metrics["start_step"] == 10 and metrics["step"] == 20
+    metrics = train(tiny(max_steps=4, checkpoint_every=1, log_every=1),
+                    LocalSession(tmp_path, device=CPU))
+    assert metrics["start_step"] == 2 and metrics["step"] == 4
 
 
 def test_when_every_checkpoint_is_corrupt_training_refuses_to_start_over(tmp_path, capsys):
@@ -409,13 +414,13 @@ def test_a_damaged_checksum_file_falls_back_to_the_previous_checkpoint(tmp_path,
     # A non-UTF-8 byte in the sidecar raised UnicodeDecodeError, no CheckpointError: no
     # fallback, and every restart failed on it while a good checkpoint lay beside it.
     session = LocalSession(tmp_path, keep=3, device=CPU)
-    train(tiny(max_steps=20), session)
+    train(tiny(max_steps=4, **EVERY_2), session)
     sidecar = session.checkpoints()[-1] / "state.pt.sha256"
     data = bytearray(sidecar.read_bytes())
     data[3] |= 0x80
     sidecar.write_bytes(bytes(data))
-    metrics = train(tiny(max_steps=30), session)
-    assert metrics["start_step"] == 10 and metrics["step"] == 30
+    metrics = train(tiny(max_steps=6, **EVERY_2), session)
+    assert metrics["start_step"] == 2 and metrics["step"] == 6
     said = capsys.readouterr().out
     assert "state.pt.sha256 cannot be read: not a sha256" in said and "falling back" in said
 
