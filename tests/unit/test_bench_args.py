@@ -76,6 +76,10 @@ def test_bench_compress_names_a_refusal_of_the_pipeline_in_one_line(monkeypatch,
     monkeypatch.setattr(bench_compress, "teacher_model", lambda args, work: GPT(
         GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)))
     monkeypatch.setattr(bench_compress, "run_pipeline", refuse)
+    # main() sets this process's torch threads (--threads, 1): left so, a later test's run
+    # here stopped being bit-equal to its twin in a subprocess (test_resume_continues_...).
+    import torch
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
     assert bench_compress.main(["--work", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: --out {tmp_path}/compressed was made with other settings\n", err
