@@ -527,18 +527,18 @@ def test_fit_refuses_bad_input_as_exit_2_before_ray(tmp_path, monkeypatch, kwarg
 def test_a_config_that_cannot_be_sent_to_the_workers_is_bad_input_naming_its_entry(
         tmp_path, monkeypatch):
     """Ray Train pickles the config only once the job is placed: a lock in it failed the job
-    as "training failed after 3 restart(s): TypeError: Could not serialize ..." (exit 4)."""
-    import threading
-
+    as "training failed after 3 restart(s): TypeError: Could not serialize ..." (exit 4).
+    (A generator here: a lock pickles, as a new lock, in a process where Ray Serve has
+    registered its lock serializer with cloudpickle, as the serving tests do.)"""
     import ray
 
     monkeypatch.setattr(launch, "DEFAULT_RUNS_ROOT", tmp_path)
-    config = {"lr": 0.1, "data": {"paths": ["a", "b"], "guard": threading.Lock()}}
+    config = {"lr": 0.1, "data": {"paths": ["a", "b"], "rows": (row for row in "ab")}}
     with pytest.raises(JobFailed) as e:
         launch.fit(lambda config: None, spec=JobSpec("alpha"), config=config)
     assert e.value.exit_code == EXIT_BAD_INPUT
-    assert str(e.value).startswith("config['data']['guard'] cannot be sent to the workers "
-                                   "(TypeError: cannot pickle '_thread.lock' object)")
+    assert str(e.value).startswith("config['data']['rows'] cannot be sent to the workers "
+                                   "(TypeError: cannot pickle 'generator' object)")
     assert not (tmp_path / "alpha").exists()  # refused before anything was made
     # What Ray sends itself (an object reference: pinned for good if pickled here) and what
     # cloudpickle sends (a function) are no problem.
