@@ -114,7 +114,7 @@ def split_uri_query(uri: str) -> tuple[str, str]:
     return (uri[:query.start()], query.group(0)) if query else (uri, "")
 
 
-def _with_scheme(original: str, path: str) -> str:
+def with_scheme(original: str, path: str) -> str:
     """The URI of `path` on the same filesystem as `original` (keeps s3://, file://, ..., and
     the query that configures it: a file under `s3://b/d?endpoint_override=...` was named
     without it, and read from AWS's endpoint)."""
@@ -273,7 +273,7 @@ def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str) -> list[SourceFil
     if not usable:
         raise DataError(f"--data {spec}: the pattern matches no {', '.join(FORMATS)} files"
                         + (f" ({len(matched)} other file(s))" if matched else ""))
-    return [_checked(_source(_with_scheme(spec, i.path), i), spec) for i in usable]
+    return [_checked(_source(with_scheme(spec, i.path), i), spec) for i in usable]
 
 
 def _listing(fs: pafs.FileSystem, base: str, spec: str, depth: int | None = None
@@ -302,7 +302,7 @@ def _file_info(fs: pafs.FileSystem, path: str, spec: str) -> pafs.FileInfo:
 
 
 def _source(spec_or_uri: str, info: pafs.FileInfo) -> SourceFile:
-    uri = _with_scheme(spec_or_uri, info.path) if "://" in spec_or_uri else info.path
+    uri = with_scheme(spec_or_uri, info.path) if "://" in spec_or_uri else info.path
     return SourceFile(uri=uri, format=_format_of(info.path), size=int(info.size or 0),
                       mtime_ns=int(info.mtime_ns or 0))
 

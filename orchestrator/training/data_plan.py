@@ -22,7 +22,8 @@ from orchestrator.tokenizer import (EOS_NAMES, Tokenizer, TokenizerError, load_t
                                     train_bpe)
 from orchestrator.training.corpus import (CACHE_KEY_VERSION, DataError, SourceFile, cache_key,
                                           check_jsonl_head, check_text_column, check_text_head,
-                                          expand_sources, iter_texts, split_uri_query)
+                                          expand_sources, iter_texts, split_uri_query,
+                                          with_scheme)
 from orchestrator.training.shards import (SHARD_TOKENS, UnreadableManifest, clear_cache_dir,
                                           fresh_dir_beside, has_manifest_file,
                                           on_local_storage, pass_lock, read_manifest,
@@ -72,9 +73,7 @@ def bundled_source(cache_root: str) -> list[SourceFile]:
             # A temporary file of this writer's own: runs starting at once moved each other's
             # half-written one into place (a run refused: "the file is empty").
             write_atomically(fs, path, data)
-    uri = path if "://" not in cache_root else \
-        f"{cache_root.split('://')[0]}://{path}{split_uri_query(cache_root)[1]}"
-    return expand_sources([uri])
+    return expand_sources([with_scheme(cache_root, path)])
 
 
 def absolute_cache_root(cache_root: str) -> str:
@@ -156,7 +155,8 @@ def trained_tokenizer(sources: list[SourceFile], text_field: str, skip_bad_lines
                              f"got {vocab_size!r}")
     key = cache_key(sources, text_field, skip_bad_lines, f"train-bpe-{vocab_size}")
     fs, root = storage_for(cache_root)
-    path = f"{root}/tokenizers/bpe-{vocab_size}-{key[:24]}.json"
+    name = f"tokenizers/bpe-{vocab_size}-{key[:24]}.json"
+    path = f"{root}/{name}"
     if fs.get_file_info(path).type.name == "File":
         try:
             return tokenizer_from_json(tokenizer_text(_read_cached(fs, path), path), path)
@@ -168,7 +168,7 @@ def trained_tokenizer(sources: list[SourceFile], text_field: str, skip_bad_lines
     say(f"trained a byte-level BPE tokenizer of {tok.vocab_size} tokens on "
         f"{len(sources)} file(s) in {time.perf_counter() - started:.1f} s")
     # (named: configure_data checks a local cache first, but not one on object storage)
-    with writing_cache(cache_root, path.rsplit("/", 2)[-2] + "/" + path.rsplit("/", 1)[-1]):
+    with writing_cache(cache_root, name):
         fs.create_dir(f"{root}/tokenizers", recursive=True)
         write_atomically(fs, path, tok.to_json().encode("utf-8"))
     return tok
