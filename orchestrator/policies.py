@@ -15,10 +15,6 @@ with state.reserve(), exactly as the live scheduler does.
 - tiresias    Tiresias-style: least attained service first (discretised 2D-LAS, GPU-seconds,
               with preemption), best-fit placement, blind to accelerator types where it
               starts a job
-
-Migration is the core's and on for every policy: a running job of any of them is moved to a
-faster family with free GPUs no waiting job wants (SchedulerCore._migrate), which neither FIFO
-first-fit nor Tiresias does as published (docs/simulator.md#policies measures the difference).
 - gavel       Gavel-style heterogeneity-aware greedy: first submitted first; the GPU types in
               order of the job's throughput on them (Gavel's table), each tried with place()
               restricted to that type; the first that fits wins (a job no one type can
@@ -28,6 +24,11 @@ first-fit nor Tiresias does as published (docs/simulator.md#policies measures th
               advantage across accelerator families, families kept for the jobs that can run
               only there, then orchestrator.placement.place() (fewest nodes, best connected,
               best fit)
+
+Migration is the core's and on for every policy: a running job of any of them is moved to a
+faster family with free GPUs no waiting job wants (SchedulerCore._migrate), which neither FIFO
+first-fit nor Tiresias does as published; make_policy(published=True) turns it off for the
+type-blind ones (docs/simulator.md#policies measures the difference).
 """
 from __future__ import annotations
 
