@@ -138,8 +138,8 @@ def _refuse_ray_started_on_import(what: str, ray_before: bool) -> None:
         f"{what} initialized Ray as it was imported (a top-level ray.init(), a Trainer's "
         "fit() or a Ray Data read): that ran outside the scheduler, and the launcher would "
         "have used that Ray, not the one --address, RAY_ADDRESS and the job file's "
-        "runtime_env ask for; code that runs the script belongs under `if __name__ == \"__main__\":`, so that importing it only "
-        "defines the loop")
+        "runtime_env ask for; code that runs the script belongs under "
+        "`if __name__ == \"__main__\":`, so that importing it only defines the loop")
 
 
 def _exit_on_import(what: str, exit: SystemExit) -> str:
