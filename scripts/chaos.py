@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import signal
@@ -260,8 +259,8 @@ class Chaos:
     def _records(self) -> list[dict]:
         return read_metrics(self.run_dir)
 
-    def _reported_last_step(self, by: float = math.inf) -> bool:
-        """Whether the run's last step has been reported (at time `by` or before)."""
+    def _reported_last_step(self, by: float) -> bool:
+        """Whether the run's last step was reported at time `by` or before."""
         return any(int(r["step"]) >= self.settings.max_steps and r["time"] <= by
                    for r in self._records())
 
@@ -371,7 +370,7 @@ class Chaos:
             # the books, a job finishing while the restarted scheduler came up read as one
             # still training; asked after them, "is the driver thread alive?" took a release
             # made while the driver was finishing for a lost reservation.)
-            may_have_released = ended_before or self._reported_last_step(by=read_at)
+            may_have_released = ended_before or self._reported_last_step(read_at)
             injected.recovery_s = round(time.time() - injected.at, 1)
             problems = faults.reservation_problems(after, alive_nodes())
             problems += [f"job {job} lost its reservation" for job in before
