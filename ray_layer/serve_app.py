@@ -550,7 +550,7 @@ class Ingress:
         error = self._as_api_error(e)
         self._record_error(route, error)
         self._record(route, error.status, started)
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
     def _record_error(self, route: str, error: APIError) -> None:
         record(catalogue.SERVE_ERRORS, 1, deployment=self.deployment, route=route,

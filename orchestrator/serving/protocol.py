@@ -41,6 +41,10 @@ VOCAB_SIZE = 256  # the bytes without end-of-text: what Encoder assumes when not
 # int64: torch.Generator.manual_seed takes up to 2**64 - 1 but folds a negative seed into it
 # (-1 and 2**64 - 1 would draw the same), so one range without aliases.
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1
+# Seconds a 503 (overloaded, no replica yet, a replica lost, a reload under way) tells the
+# client to wait before retrying (Retry-After; openai-python waits that long, 0-60 s, before
+# its retry instead of guessing).
+RETRY_AFTER_S = 1
 
 
 class APIError(Exception):
@@ -55,6 +59,10 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        """The response's headers: Retry-After on a 503, whose cause passes (RETRY_AFTER_S)."""
+        return {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else {}
 
     def __reduce__(self):  # crosses Ray actor boundaries with all its fields
         return (APIError, (self.status, self.message, self.param, self.type, self.code))

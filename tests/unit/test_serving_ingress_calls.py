@@ -252,3 +252,39 @@ def test_a_streamed_answer_names_its_model_version_in_a_header_as_a_whole_one_do
         status, headers, _ = answered({"prompt": "hi", "max_tokens": 2, "stream": stream},
                                       serve_app.COMPLETIONS_ROUTE, chunks)
         assert status == 200 and headers["x-model-version"] == protocol.version_header(version)
+
+
+def test_a_503_tells_the_client_when_to_retry():
+    # Overloaded or no replica: a 503 without Retry-After, so clients (openai-python reads
+    # it) fell back to guessing how long to wait.
+    from ray.serve.exceptions import BackPressureError
+
+    from orchestrator.serving.retries import untaken_error
+
+    async def model_info():
+        return INFO
+
+    for raised, code in ((BackPressureError(num_queued_requests=1, max_queued_requests=1),
+                          "overloaded"),
+                         (untaken_error(60, "GPTModel", "timed out"), "no_replica")):
+        async def generate(request, route, raised=raised):
+            raise raised
+
+        async def stream_one(request, route, raised=raised):
+            raise raised
+            yield
+
+        async def main():
+            ing = ingress(model_info)
+            ing._generate, ing._stream_one = generate, stream_one
+            return [await ing._serve(request({"prompt": "hi", "max_tokens": 2,
+                                              "stream": stream}), serve_app.COMPLETIONS_ROUTE)
+                    for stream in (False, True)]
+
+        for response in asyncio.run(main()):
+            assert response.status_code == 503
+            assert json.loads(response.body)["error"]["code"] == code
+            assert response.headers["retry-after"] == str(protocol.RETRY_AFTER_S)
+    # A client's mistake is not to be retried as is: no Retry-After.
+    status, headers, _ = answered({"prompt": "hi", "n": 2}, serve_app.COMPLETIONS_ROUTE, None)
+    assert status == 400 and "retry-after" not in headers
