@@ -68,8 +68,13 @@ class APIError(Exception):
         return (APIError, (self.status, self.message, self.param, self.type, self.code))
 
 
-def bad_request(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, param)
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param, code=code)
+
+
+# OpenAI's code for a prompt, or prompt + max_tokens, over what the model (here also: the
+# replica's KV cache) holds: clients check it to trim the history or lower max_tokens.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
 
 @dataclass(frozen=True)
@@ -344,7 +349,8 @@ def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str
                                  _default_max_tokens(len(prompt), block_size, kv_cache_tokens))
     except APIError as e:
         raise bad_request(e.message.replace("max_tokens", field).replace(
-            "prompt", "messages"), field if e.param == "max_tokens" else "messages") from None
+            "prompt", "messages"), field if e.param == "max_tokens" else "messages",
+            e.code) from None
     # (the replica knows only "max_tokens", which a chat client may not have sent)
     _check_fits_cache(len(prompt), max_tokens, kv_cache_tokens, "messages", field,
                       " with the template")
@@ -365,7 +371,7 @@ def _check_fits_cache(prompt: int, max_tokens: int, kv_cache_tokens: int | None,
     if kv_cache_tokens is None or prompt + max_tokens - 1 <= kv_cache_tokens:
         return
     raise bad_request(*kv_cache_refusal(prompt, max_tokens, kv_cache_tokens, prompt_name,
-                                        field, counted))
+                                        field, counted), CONTEXT_LENGTH_EXCEEDED)
 
 
 def kv_cache_refusal(prompt: int, max_tokens: int, capacity: int, prompt_name: str,
@@ -470,7 +476,8 @@ def _max_tokens(value: Any, longest_prompt: int, block_size: int, default: int,
     if longest_prompt >= block_size:
         raise bad_request(f"{prompt_name} is {longest_prompt} tokens; this model's maximum "
                           f"context length is {block_size} tokens, which must hold the prompt "
-                          "and at least one generated token", "prompt")
+                          "and at least one generated token", "prompt",
+                          CONTEXT_LENGTH_EXCEEDED)
     room = block_size - longest_prompt
     if value is None:  # unset: the default, already cut to the room (_default_max_tokens)
         return default
@@ -481,7 +488,8 @@ def _max_tokens(value: Any, longest_prompt: int, block_size: int, default: int,
         raise bad_request(f"This model's maximum context length is {block_size} tokens, "
                           f"however you requested {longest_prompt + value} tokens "
                           f"({longest_prompt} in your prompt; {value} for the completion). "
-                          "Please reduce your prompt or max_tokens.", "max_tokens")
+                          "Please reduce your prompt or max_tokens.", "max_tokens",
+                          CONTEXT_LENGTH_EXCEEDED)
     return value
 
 

@@ -89,8 +89,9 @@ def test_bad_fields_are_400_naming_the_field(body, param, words):
     error = refused(body)
     assert (error.status, error.param) == (400, param)
     assert words in error.message
+    code = "context_length_exceeded" if "maximum context length" in words else None
     assert error.body() == {"error": {"message": error.message, "type": "invalid_request_error",
-                                      "param": param, "code": None}}
+                                      "param": param, "code": code}}
 
 
 def test_unknown_model_is_404_model_not_found():
@@ -500,3 +501,25 @@ def test_a_model_version_of_any_characters_is_a_valid_header_value():
         JSONResponse({}, headers={"x-model-version": value})  # raised UnicodeEncodeError
         assert unquote(value) == version
     assert protocol.version_header("plain/checkpoint_1@ab") == "plain/checkpoint_1@ab"
+
+
+def test_a_request_over_the_context_or_cache_has_openais_context_length_code():
+    # OpenAI answers code "context_length_exceeded"; clients that trim history or lower
+    # max_tokens on it (checking the code) got code null here.
+    messages = [{"role": "user", "content": "x" * BLOCK}]
+    for error in (refused({"prompt": "x" * BLOCK}),
+                  refused({"prompt": "hi", "max_tokens": BLOCK}),
+                  refused({"prompt": [1] * (BLOCK + 3)}),
+                  cache_refusal({"prompt": ["hi", "x" * 100], "max_tokens": 1}, 64),
+                  cache_refusal({"prompt": "x" * 50, "max_tokens": 20}, 64),
+                  cache_refusal({"messages": [{"role": "user", "content": "x" * 100}]}, 64,
+                                chat_route=True)):
+        assert (error.status, error.code) == (400, "context_length_exceeded"), error.message
+    for body, param in (({"messages": messages}, "messages"),
+                        ({"messages": [{"role": "user", "content": "x"}],
+                          "max_completion_tokens": BLOCK}, "max_completion_tokens")):
+        with pytest.raises(APIError) as e:
+            chat(body)
+        assert (e.value.param, e.value.code) == (param, "context_length_exceeded")
+    # Other bad fields keep no code.
+    assert refused({"prompt": "hi", "max_tokens": 0}).code is None
