@@ -94,7 +94,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     """Unknown routes and wrong methods, in OpenAI's error shape too."""
     error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                      type="invalid_request_error" if exc.status_code < 500 else "server_error")
-    return JSONResponse(error.body(), status_code=exc.status_code)
+    # (its headers kept: a 405's Allow names the method to use)
+    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 def was_taken(response) -> bool:

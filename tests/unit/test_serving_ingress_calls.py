@@ -288,3 +288,12 @@ def test_a_503_tells_the_client_when_to_retry():
     # A client's mistake is not to be retried as is: no Retry-After.
     status, headers, _ = answered({"prompt": "hi", "n": 2}, serve_app.COMPLETIONS_ROUTE, None)
     assert status == 400 and "retry-after" not in headers
+
+
+def test_a_wrong_method_is_a_405_naming_the_allowed_one():
+    # The OpenAI-shaped error body dropped Starlette's Allow header (HTTP requires it on a 405).
+    from starlette.testclient import TestClient
+
+    response = TestClient(serve_app.api).get(serve_app.COMPLETIONS_ROUTE)
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["error"]["message"].startswith("GET /v1/completions")
