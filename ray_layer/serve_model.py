@@ -32,7 +32,8 @@ from orchestrator.serving.loading import (CheckpointPin, LoadedModel, forward_pr
                                           load_for_serving, pin_once, record_refused,
                                           record_served, resolve_checkpoint,
                                           superseding_pin)
-from orchestrator.serving.protocol import APIError
+# (CHAT_ROUTE: known here too, as before it moved to protocol)
+from orchestrator.serving.protocol import CHAT_ROUTE, COMPLETIONS_ROUTE, APIError  # noqa: F401
 from orchestrator.serving.retries import engine_lost
 from orchestrator.serving.settings import (RuntimeConfig, ServeSettings, health_probe_timeout_s,
                                            shutdown_grace_problem)
@@ -42,8 +43,6 @@ from ray_layer.telemetry import record
 
 log = logging.getLogger("ray.serve")
 
-COMPLETIONS_ROUTE = "/v1/completions"  # the route label of the model's metrics
-CHAT_ROUTE = "/v1/chat/completions"
 # An engine not open this long after it was asked for (its model loading in the engine
 # process) is taken as hung: a reload waiting for it is refused, a replica serving from it is
 # unhealthy.

@@ -47,6 +47,11 @@ SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1
 RETRY_AFTER_S = 1
 
 
+# The routes (also the route label of the serving metrics).
+COMPLETIONS_ROUTE = "/v1/completions"
+CHAT_ROUTE = "/v1/chat/completions"
+
+
 class APIError(Exception):
     """A request the server refuses, with the OpenAI error body to send back."""
 
@@ -171,7 +176,7 @@ def check_request_fields(data: dict[str, Any], *, chat: bool, model_name: str) -
     """What can be refused without the served model: unknown fields, another model's name,
     fields this server takes only at their defaults. Asked before a replica is (none may be
     up for a minute: a typo waited for it, then was told 503 instead of its 400)."""
-    _refuse_unknown_fields(data, _CHAT_KNOWN if chat else _KNOWN)
+    _refuse_unknown_fields(data, chat)
     _model(data, model_name)
     _refuse_non_defaults(data, _CHAT_ONLY_DEFAULT if chat else _ONLY_DEFAULT)
 
@@ -222,13 +227,21 @@ def _refuse_non_defaults(data: dict[str, Any], only_default: dict[str, tuple]) -
                               f"server; leave it out", name)
 
 
-def _refuse_unknown_fields(data: dict[str, Any], known: tuple[str, ...] = _KNOWN) -> None:
-    """Unknown fields refused, with the closest known one; `user` (kept for the client's own
-    records, unused here) checked to be a string, as OpenAI does."""
+def _refuse_unknown_fields(data: dict[str, Any], chat: bool) -> None:
+    """Unknown fields refused, with the closest known one, or the route that takes it (a chat
+    body posted to /v1/completions); `user` (kept for the client's own records, unused
+    here) checked to be a string, as OpenAI does."""
+    known, other = (_CHAT_KNOWN, _KNOWN) if chat else (_KNOWN, _CHAT_KNOWN)
+    route, other_route = (CHAT_ROUTE, COMPLETIONS_ROUTE) if chat else (COMPLETIONS_ROUTE,
+                                                                       CHAT_ROUTE)
     for key in data:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
+            if not close and key in other:
+                takes = {"messages": "prompt", "prompt": "messages"}.get(key)
+                hint = (f" (a field of POST {other_route}"
+                        + (f"; POST {route} takes {takes})" if takes else ")"))
             raise bad_request(f"Unrecognized request argument supplied: {key}{hint}", key)
     if data.get("user") is not None and not isinstance(data["user"], str):
         raise bad_request(f"user must be a string, got {_json_type(data['user'])}", "user")

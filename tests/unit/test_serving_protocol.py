@@ -523,3 +523,21 @@ def test_a_request_over_the_context_or_cache_has_openais_context_length_code():
         assert (e.value.param, e.value.code) == (param, "context_length_exceeded")
     # Other bad fields keep no code.
     assert refused({"prompt": "hi", "max_tokens": 0}).code is None
+
+
+def test_a_field_of_the_other_route_says_which_route_takes_it():
+    # A chat body posted to /v1/completions (or a prompt to chat) was only "Unrecognized
+    # request argument supplied: messages", with no word of where it belongs.
+    with pytest.raises(APIError) as e:
+        protocol.check_request_fields({"messages": []}, chat=False, model_name=MODEL)
+    assert e.value.param == "messages" and e.value.message == (
+        "Unrecognized request argument supplied: messages (a field of POST "
+        "/v1/chat/completions; POST /v1/completions takes prompt)")
+    with pytest.raises(APIError) as e:
+        protocol.check_request_fields({"prompt": "hi"}, chat=True, model_name=MODEL)
+    assert e.value.param == "prompt" and e.value.message.endswith(
+        "(a field of POST /v1/completions; POST /v1/chat/completions takes messages)")
+    # A near miss keeps its did-you-mean hint.
+    with pytest.raises(APIError, match="did you mean 'max_tokens'"):
+        protocol.check_request_fields({"max_completion_tokens": 5}, chat=False,
+                                      model_name=MODEL)
