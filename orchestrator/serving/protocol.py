@@ -174,11 +174,43 @@ class Encoder:
 
 def check_request_fields(data: dict[str, Any], *, chat: bool, model_name: str) -> None:
     """What can be refused without the served model: unknown fields, another model's name,
-    fields this server takes only at their defaults. Asked before a replica is (none may be
-    up for a minute: a typo waited for it, then was told 503 instead of its 400)."""
+    fields this server takes only at their defaults, chat's messages, the token limit's type
+    and the sampling and streaming fields (all but the prompt's tokens and the token limit's
+    room, which need the model's tokenizer and context). Asked before a replica is (none may
+    be up for a minute: a typo, or a temperature of 5, waited for it, then was told 503,
+    which clients retry, instead of its 400)."""
     _refuse_unknown_fields(data, chat)
     _model(data, model_name)
     _refuse_non_defaults(data, _CHAT_ONLY_DEFAULT if chat else _ONLY_DEFAULT)
+    if chat:
+        _messages(data.get("messages"))
+    _token_limit(data, chat)
+    _sampling(data)
+
+
+def _sampling(data: dict[str, Any]) -> dict[str, Any]:
+    """The sampling and streaming fields, as CompletionRequest takes them."""
+    stream = _bool(data, "stream", False)
+    return {"temperature": _number(data, "temperature", 1.0, 0.0, 2.0), "top_p": _top_p(data),
+            "stop": _stop(data.get("stop")), "seed": _seed(data.get("seed")),
+            "stream": stream,
+            "include_usage": _include_usage(data.get("stream_options"), stream)}
+
+
+def _token_limit(data: dict[str, Any], chat: bool) -> tuple[str, Any]:
+    """The token-limit field the client sent and its value (None: unset), an integer >= 1;
+    chat takes max_completion_tokens or max_tokens, not both. Null is unset, as OpenAI
+    reads it (clients send "max_tokens": null for None beside the other field)."""
+    fields = ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",)
+    given = [f for f in fields if data.get(f) is not None]
+    if len(given) == 2:
+        raise bad_request("give max_completion_tokens or max_tokens, not both",
+                          "max_completion_tokens")
+    field = given[0] if given else "max_tokens"
+    value = data.get(field)
+    if value is not None and (not is_int(value) or value < 1):
+        raise bad_request(f"{field} must be an integer >= 1, got {json.dumps(value)}", field)
+    return field, value
 
 
 def parse_completion_request(data: dict[str, Any], *, block_size: int, model_name: str,
@@ -195,13 +227,8 @@ def parse_completion_request(data: dict[str, Any], *, block_size: int, model_nam
                              _default_max_tokens(longest, block_size, kv_cache_tokens,
                                                  most=DEFAULT_MAX_TOKENS), name)
     _check_fits_cache(longest, max_tokens, kv_cache_tokens, name, "max_tokens")
-    stream = _bool(data, "stream", False)
-    return CompletionRequest(
-        prompts=prompts, max_tokens=max_tokens,
-        temperature=_number(data, "temperature", 1.0, 0.0, 2.0),
-        top_p=_top_p(data), stop=_stop(data.get("stop")), seed=_seed(data.get("seed")),
-        stream=stream, include_usage=_include_usage(data.get("stream_options"), stream),
-        model=model)
+    return CompletionRequest(prompts=prompts, max_tokens=max_tokens, model=model,
+                             **_sampling(data))
 
 
 def _model(data: dict[str, Any], model_name: str) -> str | None:
@@ -351,14 +378,9 @@ def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str
     model = data.get("model")
     messages = _messages(data.get("messages"))
     prompt = chat_prompt(messages, encoder.tokenizer, encoder.token_ids)
-    # null is unset, as OpenAI reads it (clients send "max_tokens": null for None)
-    given = {f for f in ("max_tokens", "max_completion_tokens") if data.get(f) is not None}
-    if len(given) == 2:
-        raise bad_request("give max_completion_tokens or max_tokens, not both",
-                          "max_completion_tokens")
-    field = "max_completion_tokens" if "max_completion_tokens" in given else "max_tokens"
+    field, value = _token_limit(data, chat=True)
     try:
-        max_tokens = _max_tokens(data.get(field), len(prompt), block_size,
+        max_tokens = _max_tokens(value, len(prompt), block_size,
                                  _default_max_tokens(len(prompt), block_size, kv_cache_tokens))
     except APIError as e:
         raise bad_request(e.message.replace("max_tokens", field).replace(
@@ -367,13 +389,9 @@ def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str
     # (the replica knows only "max_tokens", which a chat client may not have sent)
     _check_fits_cache(len(prompt), max_tokens, kv_cache_tokens, "messages", field,
                       " with the template")
-    stream = _bool(data, "stream", False)
-    return CompletionRequest(
-        prompts=(prompt,), max_tokens=max_tokens,
-        temperature=_number(data, "temperature", 1.0, 0.0, 2.0), top_p=_top_p(data),
-        stop=_stop(data.get("stop")) + (CHAT_STOP,), seed=_seed(data.get("seed")),
-        stream=stream, include_usage=_include_usage(data.get("stream_options"), stream),
-        model=model)
+    sampling = _sampling(data)
+    return CompletionRequest(prompts=(prompt,), max_tokens=max_tokens, model=model,
+                             **{**sampling, "stop": sampling["stop"] + (CHAT_STOP,)})
 
 
 def _check_fits_cache(prompt: int, max_tokens: int, kv_cache_tokens: int | None,

@@ -297,3 +297,36 @@ def test_a_wrong_method_is_a_405_naming_the_allowed_one():
     response = TestClient(serve_app.api).get(serve_app.COMPLETIONS_ROUTE)
     assert response.status_code == 405 and response.headers["allow"] == "POST"
     assert response.json()["error"]["message"].startswith("GET /v1/completions")
+
+
+def test_every_field_that_needs_no_model_is_refused_without_waiting_for_a_replica():
+    # Only unknown fields, the model's name and the default-only fields were: with no
+    # replica up, a temperature of 5 or a "tool" message waited replica_wait_s for one, then
+    # got a 503, which clients retry, instead of its 400.
+    async def no_replica():
+        await asyncio.sleep(3600)
+
+    chat = [{"role": "user", "content": "hi"}]
+    cases = [({"prompt": "hi", "temperature": 5}, serve_app.COMPLETIONS_ROUTE, "temperature"),
+             ({"prompt": "hi", "top_p": -1}, serve_app.COMPLETIONS_ROUTE, "top_p"),
+             ({"prompt": "hi", "stop": 3}, serve_app.COMPLETIONS_ROUTE, "stop"),
+             ({"prompt": "hi", "seed": 0.5}, serve_app.COMPLETIONS_ROUTE, "seed"),
+             ({"prompt": "hi", "max_tokens": 0}, serve_app.COMPLETIONS_ROUTE, "max_tokens"),
+             ({"prompt": "hi", "stream_options": {}}, serve_app.COMPLETIONS_ROUTE,
+              "stream_options"),
+             ({"messages": [{"role": "tool", "content": "x"}]}, serve_app.CHAT_ROUTE,
+              "messages"),
+             ({"messages": chat, "max_completion_tokens": "5"}, serve_app.CHAT_ROUTE,
+              "max_completion_tokens"),
+             ({"messages": chat, "max_tokens": 1, "max_completion_tokens": 1},
+              serve_app.CHAT_ROUTE, "max_completion_tokens"),
+             ({"messages": chat, "stream": "yes"}, serve_app.CHAT_ROUTE, "stream")]
+
+    async def main():
+        ing = ingress(no_replica)
+        for body, route, param in cases:
+            response = await asyncio.wait_for(ing._serve(request(body, route), route), 5)
+            assert (response.status_code, json.loads(response.body)["error"]["param"]) == \
+                (400, param), body
+
+    asyncio.run(main())
