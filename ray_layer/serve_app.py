@@ -185,7 +185,9 @@ class Ingress:
         try:
             protocol.check_content_type(request.headers.get("content-type"))
             data = protocol.parse_json_body(await self._read_body(request))
-            protocol.check_request_fields(data, chat=chat, model_name=self.settings.model_name)
+            protocol.check_request_fields(
+                data, chat=chat, model_name=self.settings.model_name,
+                max_prompts=self.settings.max_prompts_per_request)
             info = await self._model_info(max_age_s=1.0)
             encoder = await self._encoder(info)
             # Every prompt is checked against the replica's KV cache here, before any

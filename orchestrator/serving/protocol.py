@@ -172,11 +172,13 @@ class Encoder:
         return tuple(tokens)
 
 
-def check_request_fields(data: dict[str, Any], *, chat: bool, model_name: str) -> None:
+def check_request_fields(data: dict[str, Any], *, chat: bool, model_name: str,
+                         max_prompts: int = 32) -> None:
     """What can be refused without the served model: unknown fields, another model's name,
-    fields this server takes only at their defaults, chat's messages, the token limit's type
-    and the sampling and streaming fields (all but the prompt's tokens and the token limit's
-    room, which need the model's tokenizer and context). Asked before a replica is (none may
+    fields this server takes only at their defaults, the prompts' shape and count (at most
+    `max_prompts`) or chat's messages, the token limit's type and the sampling and streaming
+    fields (all but the prompts' tokens and the token limit's room, which need the model's
+    tokenizer and context). Asked before a replica is (none may
     be up for a minute: a typo, or a temperature of 5, waited for it, then was told 503,
     which clients retry, instead of its 400)."""
     _refuse_unknown_fields(data, chat)
@@ -184,6 +186,8 @@ def check_request_fields(data: dict[str, Any], *, chat: bool, model_name: str) -
     _refuse_non_defaults(data, _CHAT_ONLY_DEFAULT if chat else _ONLY_DEFAULT)
     if chat:
         _messages(data.get("messages"))
+    else:
+        _prompt_items(data, max_prompts)
     _token_limit(data, chat)
     _sampling(data)
 
@@ -219,7 +223,7 @@ def parse_completion_request(data: dict[str, Any], *, block_size: int, model_nam
     """Validate a decoded /v1/completions body against the served model's context, and with
     continuous batching the replica's KV cache (`kv_cache_tokens`): every prompt is checked
     against it here, and an unset max_tokens is cut to what it holds, as for chat."""
-    check_request_fields(data, chat=False, model_name=model_name)
+    check_request_fields(data, chat=False, model_name=model_name, max_prompts=max_prompts)
     model = data.get("model")
     prompts = _prompts(data, max_prompts, encoder or Encoder())
     longest, name = _longest_prompt(prompts)
@@ -276,33 +280,39 @@ def _refuse_unknown_fields(data: dict[str, Any], chat: bool) -> None:
 
 def _prompts(data: dict[str, Any], max_prompts: int,
              encoder: Encoder) -> tuple[tuple[int, ...], ...]:
+    return tuple(encoder.text(item, where) if isinstance(item, str) else encoder.ids(item, where)
+                 for where, item in _prompt_items(data, max_prompts))
+
+
+def _prompt_items(data: dict[str, Any], max_prompts: int) -> list[tuple[str, Any]]:
+    """Each prompt with its name ("prompt", or "prompt[i]" among several): a non-empty string
+    or list of token ids, at most `max_prompts` of them; all that needs no tokenizer."""
     if "prompt" not in data or data["prompt"] is None:
         raise bad_request("you must provide a prompt (a string, a list of strings, or token "
                           "ids)", "prompt")
     prompt = data["prompt"]
     if isinstance(prompt, str):
-        return (encoder.text(prompt, "prompt"),)
-    if not isinstance(prompt, list):
+        items = [("prompt", prompt)]
+    elif not isinstance(prompt, list):
         raise bad_request(f"prompt must be a string, a list of strings or a list of token ids, "
                           f"got {_json_type(prompt)}", "prompt")
-    if not prompt:
+    elif not prompt:
         raise bad_request("prompt must not be an empty list", "prompt")
-    if all(is_int(t) for t in prompt):  # one prompt as token ids
-        return (encoder.ids(prompt, "prompt"),)
-    if len(prompt) > max_prompts:
+    elif all(is_int(t) for t in prompt):  # one prompt as token ids
+        items = [("prompt", prompt)]
+    elif len(prompt) > max_prompts:
         raise bad_request(f"prompt holds {len(prompt)} prompts; at most {max_prompts} per "
                           "request", "prompt")
-    prompts = []
-    for i, item in enumerate(prompt):
-        where = f"prompt[{i}]"
-        if isinstance(item, str):
-            prompts.append(encoder.text(item, where))
-        elif isinstance(item, list) and item and all(is_int(t) for t in item):
-            prompts.append(encoder.ids(item, where))
-        else:
+    else:
+        items = [(f"prompt[{i}]", item) for i, item in enumerate(prompt)]
+    for where, item in items:
+        if not (isinstance(item, str) or isinstance(item, list) and item
+                and all(is_int(t) for t in item)):
             raise bad_request(f"{where} must be a string or a non-empty list of token ids, got "
                               f"{_json_type(item)}", "prompt")
-    return tuple(prompts)
+        if item == "":
+            raise bad_request(f"{where} must not be empty", "prompt")
+    return items
 
 
 def _longest_prompt(prompts: tuple[tuple[int, ...], ...]) -> tuple[int, str]:

@@ -320,7 +320,12 @@ def test_every_field_that_needs_no_model_is_refused_without_waiting_for_a_replic
               "max_completion_tokens"),
              ({"messages": chat, "max_tokens": 1, "max_completion_tokens": 1},
               serve_app.CHAT_ROUTE, "max_completion_tokens"),
-             ({"messages": chat, "stream": "yes"}, serve_app.CHAT_ROUTE, "stream")]
+             ({"messages": chat, "stream": "yes"}, serve_app.CHAT_ROUTE, "stream"),
+             # the prompt's shape and count need no tokenizer either
+             ({}, serve_app.COMPLETIONS_ROUTE, "prompt"),
+             ({"prompt": {"text": "hi"}}, serve_app.COMPLETIONS_ROUTE, "prompt"),
+             ({"prompt": ["hi", ""]}, serve_app.COMPLETIONS_ROUTE, "prompt"),
+             ({"prompt": ["hi"] * 33}, serve_app.COMPLETIONS_ROUTE, "prompt")]
 
     async def main():
         ing = ingress(no_replica)
