@@ -120,7 +120,8 @@ def check_content_type(header: str | None) -> None:
 def parse_json_body(body: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 saying what is wrong with it."""
     try:
-        text = body.decode("utf-8")
+        # (a leading byte order mark dropped: RFC 8259 lets a parser ignore it)
+        text = body.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise bad_request(f"request body is not valid UTF-8: byte {e.start} "
                           f"(0x{body[e.start]:02x}) cannot start or continue a character")

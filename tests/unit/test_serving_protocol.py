@@ -38,6 +38,13 @@ def test_malformed_bodies_are_400(raw, words):
     assert e.value.body()["error"]["type"] == "invalid_request_error"
 
 
+def test_a_body_led_by_a_utf8_byte_order_mark_is_read():
+    # Windows tools (PowerShell 5's Out-File, Notepad) save UTF-8 with a BOM; RFC 8259 lets a
+    # parser ignore it, and the error json gives ("decode using utf-8-sig") means nothing to
+    # a curl user.
+    assert parse_json_body('\ufeff{"prompt": "hi"}'.encode()) == {"prompt": "hi"}
+
+
 @pytest.mark.parametrize("body, param, words", [
     ({}, "prompt", "must provide a prompt"),
     ({"prompt": None}, "prompt", "must provide a prompt"),
