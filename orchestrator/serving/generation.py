@@ -14,6 +14,7 @@ with a seed gives the same completion every time.
 """
 from __future__ import annotations
 
+import random
 import secrets
 from dataclasses import dataclass, replace
 
@@ -149,20 +150,24 @@ class Row:
         self.text = TextStream(request.params.stop, tokenizer.token_bytes)
         for token in request.generated:  # rebuild the stream state of what was delivered
             self.text.feed(token)
-        self.rng: torch.Generator | None = None
+        self.rng: random.Random | None = None
         if request.params.temperature > 0:
             seed = request.params.seed
-            self.rng = torch.Generator().manual_seed(
-                secrets.randbits(63) if seed is None else seed)
-            if seed is not None and request.generated:
+            # Python's Mersenne Twister, seeded with all 64 bits of the seed (as unsigned, so
+            # that -1 is not 1): torch's CPU generator keeps only a seed's low 32 bits, and
+            # seeds 1 and 2**32 + 1 drew the same numbers.
+            self.rng = random.Random(secrets.randbits(64) if seed is None
+                                     else seed % 2 ** 64)
+            if seed is not None:
                 # One draw per sampled token: skip those an earlier attempt used, so a resumed
                 # seeded stream continues exactly as the uninterrupted one would have.
-                torch.rand(len(request.generated), generator=self.rng)
+                for _ in request.generated:
+                    self.rng.random()
         self.left = request.remaining
         self.finished = False
 
     def draw(self) -> float:
-        return torch.rand((), generator=self.rng).item() if self.rng is not None else 0.0
+        return self.rng.random() if self.rng is not None else 0.0
 
     def accept(self, token: int) -> Chunk:
         self.left -= 1

@@ -38,8 +38,8 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_STOP_CHARS = 64
 VOCAB_SIZE = 256  # the bytes without end-of-text: what Encoder assumes when not told
-# int64: torch.Generator.manual_seed takes up to 2**64 - 1 but folds a negative seed into it
-# (-1 and 2**64 - 1 would draw the same), so one range without aliases.
+# int64: one range without aliases (2**64 - 1 would draw as -1 does); generation.Row seeds its
+# generator with all 64 bits, so every seed in it draws its own numbers.
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1
 # Seconds a 503 (overloaded, no replica yet, a replica lost, a reload under way) tells the
 # client to wait before retrying (Retry-After; openai-python waits that long, 0-60 s, before

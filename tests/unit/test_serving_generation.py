@@ -39,6 +39,19 @@ def test_seeded_sampling_is_reproducible_and_per_row(model):
     assert len(unseeded) > 1
 
 
+def test_seeds_that_differ_above_32_bits_or_in_sign_sample_differently(model):
+    # torch's CPU generator keeps only a seed's low 32 bits: seeds 1 and 2**32 + 1 (and -1
+    # and 2**32 - 1) drew the same numbers, so two int64 seeds gave the same completion.
+    def sampled(seed):
+        return GenerationRequest(tuple(b"The fox"), SamplingParams(20, 1.0, seed=seed))
+
+    for a, b in ((1, 2 ** 32 + 1), (-1, 2 ** 32 - 1), (0, -(2 ** 63)), (5, -5)):
+        first, second = generate(model, [sampled(a), sampled(b)], BLOCK)
+        assert first[1] != second[1], (a, b)
+    assert generate(model, [sampled(-(2 ** 63))], BLOCK) == \
+        generate(model, [sampled(-(2 ** 63))], BLOCK)  # still reproducible
+
+
 def test_sampling_rules():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 4)
     temperature = torch.tensor([0.0, 1.0, 1.0, 1.0])
