@@ -219,10 +219,11 @@ class ContinuousEngine:
             return []
         segments, sampling = self._plan()
         logits = paged_forward(self.model, self.cache, segments)
+        # (before sampling: rows that finish in this step leave there, and still ran in it)
+        self.stats.most_rows = max(self.stats.most_rows, len(self.running))
         out = self._sample(logits, sampling)
         self.stats.steps += 1
         self.stats.rows_per_step[len(segments)] += 1
-        self.stats.most_rows = max(self.stats.most_rows, len(self.running))
         return out
 
     def _admit(self, now: float) -> None:

@@ -112,6 +112,16 @@ def test_a_prompt_whose_last_chunk_is_one_token_counts_it_as_prefill(model):
     assert (eng.stats.prefill_tokens, eng.stats.decode_tokens) == (7, 2)
 
 
+def test_most_rows_counts_the_rows_of_a_step_that_finish_in_it(model):
+    # It was taken after the step's finished rows had left: three one-token requests that
+    # ran together in one step counted 0.
+    eng = engine(model, dataclasses.replace(LIMITS, prefill_chunk_tokens=64))
+    for key in range(3):
+        eng.add(key, greedy(b"one token %d" % key, 1))
+    assert len(eng.step()) == 3 and eng.idle
+    assert eng.stats.most_rows == 3 and eng.stats.rows_per_step == {3: 1}
+
+
 def test_admission_waits_for_free_blocks_and_never_drops_a_request(model):
     # Each request needs 8 + 12 - 1 = 19 positions = 5 blocks of 4; 12 blocks hold two.
     limits = EngineLimits(max_rows=8, num_blocks=12, block_tokens=4, prefill_chunk_tokens=64)
