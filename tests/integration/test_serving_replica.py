@@ -25,6 +25,7 @@ CONTEXT = 1024  # a row decodes for ~1 s: the kill lands mid-stream
 
 @pytest.fixture
 def replica(monkeypatch, tmp_path):
+    import ray
     from ray import serve
 
     import ray_layer.serve_model as serve_model
@@ -32,8 +33,14 @@ def replica(monkeypatch, tmp_path):
     monkeypatch.setattr(serve_model, "record", lambda *args, **kwargs: None)
     monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(
         deployment="GPTModel", replica_id=SimpleNamespace(unique_id="r")))
+    # (replica_stats names the node: Ray's own runtime context would connect this process to
+    # whatever Ray it finds, start one, or wait on a dead one /tmp/ray/ray_current_cluster
+    # still names, when this file runs before any other has started Ray)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(
+        get_node_id=lambda: "node", get_actor_name=lambda: "replica"))
     checkpoint = str(save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000001",
                                                "tiny", CONTEXT))
+    ray_was_up = ray.is_initialized()
     threads = torch.get_num_threads()  # the replica sets this process's: given back after
     model = serve_model.GPTModel.func_or_class({"torch_threads": 1, "max_batch_size": 4,
                                                 "checkpoint": checkpoint})
@@ -41,6 +48,7 @@ def replica(monkeypatch, tmp_path):
     if model.host is not None:
         model.host.close()
     torch.set_num_threads(threads)
+    assert ray.is_initialized() == ray_was_up, "the replica started or joined Ray"
 
 
 def request(tokens: int) -> GenerationRequest:
