@@ -291,6 +291,9 @@ BY_NAME: dict[str, MetricSpec] = {spec.name: spec for spec in ALL}
 # or per deployment with RAY_SERVE_CONTROLLER_METRICS_INCLUDE_HIGH_CARDINALITY_TAGS=0.
 RAY_SERVE_REPLICA_HEALTHY = "ray_serve_deployment_replica_healthy"  # gauge, 1 = healthy
 RAY_SERVE_HEALTH_CHECK_FAILURES = "ray_serve_health_check_failures_total"  # counter
+# The labels Serve's controller sets on both (Ray 2.60's DeploymentState; "replica" only with
+# the high-cardinality tags on, the default): the alert groups and joins on them.
+RAY_SERVE_LABELS = ("application", "deployment", "replica")
 
 # -- alert thresholds (monitoring/alerts.yml uses exactly these) ------------------------------
 # The training thresholds are TrainConfig's warn_* defaults (the once-per-run warning in the

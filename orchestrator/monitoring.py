@@ -58,16 +58,17 @@ def _replicas_failing_within(window_s: int) -> str:
     a stopped replica counts only where its failure series is there too."""
     window = f"{window_s // 60}m"
     failures = m.RAY_SERVE_HEALTH_CHECK_FAILURES
+    replica = ", ".join(m.RAY_SERVE_LABELS)  # one replica's series
     # A replica's failures within the window: its series appeared in it (already at 3), or
     # grew in it. (Its total alone counted a failure long past: two replicas that had each
     # failed one check under load once paged at the scale-down that followed.)
-    failed_within = (f"((max_over_time({failures}[{window}]) > 0 unless on (application, "
-                     f"deployment, replica) max_over_time({failures}[{window}] offset {window}))"
+    failed_within = (f"((max_over_time({failures}[{window}]) > 0 unless on ({replica}) "
+                     f"max_over_time({failures}[{window}] offset {window}))"
                      f" or (max_over_time({failures}[{window}]) - min_over_time({failures}"
                      f"[{window}]) > 0))")
     return (f"(count by (application, deployment) ((min_over_time("
             f"{m.RAY_SERVE_REPLICA_HEALTHY}[{window}]) == 0) "
-            f"and on (application, deployment, replica) {failed_within}) "
+            f"and on ({replica}) {failed_within}) "
             f">= {m.ALERT_UNHEALTHY_REPLICAS}) "
             f"or (sum by (application, deployment) (increase("
             f"{m.RAY_SERVE_HEALTH_CHECK_FAILURES}[{window}])) >= "

@@ -126,6 +126,95 @@ def test_alert_rules_reference_only_catalogue_series():
         assert series and series <= known_series(), (rule.name, series - known_series())
 
 
+# Labels: a query on a label its series does not carry is valid PromQL that matches nothing
+# (a selector), groups everything into one series (by) or joins nothing (on); a legend or
+# an alert text naming a label the aggregation dropped shows it empty.
+def series_labels() -> dict[str, set[str]]:
+    """Every series we may query -> the labels we (or Serve) set on it; `le` on buckets."""
+    labels = {name: set(m.RAY_SERVE_LABELS) for name in (m.RAY_SERVE_HEALTH_CHECK_FAILURES,
+                                                         m.RAY_SERVE_REPLICA_HEALTHY)}
+    for spec in m.ALL:
+        if spec.kind == m.HISTOGRAM:
+            labels[f"{spec.exported}_bucket"] = {*spec.tag_keys, "le"}
+            labels[f"{spec.exported}_sum"] = labels[f"{spec.exported}_count"] = set(spec.tag_keys)
+        else:
+            labels[spec.exported] = set(spec.tag_keys)
+    return labels
+
+
+def label_values() -> dict[tuple[str, str], set[str]]:
+    """(series, label) -> every value the product records, for labels with a closed set."""
+    health = {t["health"] for spec, _, t in m.scheduler_samples(cluster(), [], 0, NOW)
+              if spec is m.SCHEDULER_NODES}
+    return {(m.SCHEDULER_NODES.exported, "health"): health,
+            (m.SCHEDULER_REJECTIONS.exported, "reason"): set(m.REJECTION_REASONS)}
+
+
+SERIES = re.compile(r"\b(ray_[a-zA-Z0-9_]+)(?:\{([^}]*)\})?")
+MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+BARE_AGGREGATION = re.compile(r"\b(?:sum|avg|min|max|count|group|stddev|stdvar)\s*\(")
+GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+
+
+def label_problems(expr: str, shown: list[str] = ()) -> list[str]:
+    """What in `expr` asks for a label its series lack: selectors, by/on lists (every series
+    of the expression must carry each), and `shown` labels (a legend's {{x}}, an alert's
+    $labels.x), which every grouping must also keep."""
+    known, values = series_labels(), label_values()
+    problems, used = [], []
+    for name, selector in SERIES.findall(expr):
+        if name not in known:
+            problems.append(f"{name} is not a series we export")
+            continue
+        used.append(name)
+        for label, op, value in MATCHER.findall(selector):
+            if label not in known[name]:
+                problems.append(f"{name}{{{label}...}}: {name} has no label {label!r}")
+            elif op == "=" and (name, label) in values and value not in values[name, label]:
+                problems.append(f"{name}{{{label}={value!r}}}: never recorded; "
+                                f"{sorted(values[name, label])}")
+    groups = [{g.strip() for g in group.split(",") if g.strip()}
+              for group in GROUPING.findall(expr)]
+    groups += [set()] * len(BARE_AGGREGATION.findall(expr))  # sum(...) keeps no label
+    for label in set().union(*groups):
+        problems += [f"by/on ({label}): {name} has no label {label!r}"
+                     for name in used if label not in known[name]]
+    for label in shown:
+        if any(label not in group for group in groups) or \
+                any(label not in known[name] for name in used):
+            problems.append(f"shows {label!r}, which the query's result does not carry")
+    return problems
+
+
+def test_alert_rules_query_only_labels_their_series_carry():
+    for rule in monitoring.ALERT_RULES:
+        shown = re.findall(r"\$labels\.([a-zA-Z_]+)", rule.summary + rule.description)
+        assert label_problems(rule.expr, shown) == [], rule.name
+
+
+def test_dashboard_queries_only_labels_their_series_carry():
+    for panel in (p for row in monitoring._panels().values() for p in row):
+        for expr, legend in ((panel.expr, panel.legend), *panel.more):
+            shown = re.findall(r"\{\{\s*([a-zA-Z_]+)\s*\}\}", legend)
+            assert label_problems(expr, shown) == [], (panel.title, expr)
+
+
+@pytest.mark.parametrize("expr, shown, problem", [
+    (f'max({m.SCHEDULER_NODES.exported}{{status="dead"}})', [], "no label 'status'"),
+    (f'max({m.SCHEDULER_NODES.exported}{{health="down"}})', [], "never recorded"),
+    (f"avg by (node_id) ({m.TRAIN_MFU.exported})", [], "no label 'node_id'"),
+    (f"avg by (run) ({m.TRAIN_MFU.exported})", ["rank"], "shows 'rank'"),
+    (f"sum({m.SERVE_QUEUE_DEPTH.exported})", ["deployment"], "shows 'deployment'"),
+    (f"histogram_quantile(0.99, sum by (le) (rate({m.SERVE_QUEUE_DEPTH.exported}[5m])))", [],
+     "no label 'le'"),
+    (f"{m.GPU_MEMORY_USED.exported} / on (node_id, route) {m.GPU_MEMORY_TOTAL.exported}", [],
+     "no label 'route'"),
+    ("rate(ray_orchestrator_serve_requests[1m])", [], "not a series we export"),
+])
+def test_the_label_check_catches_queries_that_would_match_nothing(expr, shown, problem):
+    assert any(problem in p for p in label_problems(expr, shown)), label_problems(expr, shown)
+
+
 def test_dashboard_is_valid_grafana_json_covering_the_catalogue():
     dashboard = json.loads(monitoring.DASHBOARD_PATH.read_text())
     assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 36
