@@ -317,8 +317,9 @@ def model_autoscaling(args: Mapping[str, Any],
     with `autoscaling`'s fields over it. Serve replaces a deployment's autoscaling_config
     whole, so passing `autoscaling` alone would drop the app's target and bounds for Serve's
     defaults. Fields that are also settings are checked as settings (ConfigError naming
-    `autoscaling` and the field); Serve checks its other fields' values (look_back_period_s,
-    ...), and keys it does not know are refused here with a hint (Serve would drop them)."""
+    `autoscaling` and the field), and so is initial_replicas against the bounds; Serve checks
+    its other fields' values (look_back_period_s, ...), and keys it does not know are refused
+    here with a hint (Serve would drop them)."""
     settings = ServeSettings.from_args(args)
     autoscaling = {} if autoscaling is None else autoscaling
     if not isinstance(autoscaling, Mapping):
@@ -334,8 +335,23 @@ def model_autoscaling(args: Mapping[str, Any],
                                                         "autoscaling"))
     except ConfigError as e:
         raise ConfigError(f"autoscaling: {e}") from None
-    return {**merged.autoscaling_config(),
-            **{key: value for key, value in autoscaling.items() if key not in built}}
+    passed = {key: value for key, value in autoscaling.items() if key not in built}
+    if passed.get("initial_replicas") is not None:
+        passed["initial_replicas"] = _initial_replicas(passed["initial_replicas"], merged)
+    return {**merged.autoscaling_config(), **passed}
+
+
+def _initial_replicas(raw: Any, settings: ServeSettings) -> int:
+    """autoscaling's initial_replicas, within the merged bounds as Serve requires (it refused
+    one outside them only at deploy); ConfigError naming the field."""
+    value = _from_text(raw.strip(), "int") if isinstance(raw, str) else raw
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise ConfigError(f"autoscaling: initial_replicas must be an integer >= 0, got {raw!r}")
+    if not settings.min_replicas <= value <= settings.max_replicas:
+        raise ConfigError(f"autoscaling: initial_replicas ({value}) must be between "
+                          f"min_replicas ({settings.min_replicas}) and max_replicas "
+                          f"({settings.max_replicas})")
+    return value
 
 
 def free_port(host: str = "127.0.0.1") -> int:

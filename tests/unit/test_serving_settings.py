@@ -1,4 +1,5 @@
 """Serving settings from `serve run` arguments and serve_config.yaml; runtime user_config."""
+import re
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,22 @@ def test_a_typo_does_not_get_a_correct_value_beside_it_refused():
         ServeSettings.from_args({"min_replicas": "3", "max_replica": "4"})
     assert "'max_replica' (did you mean 'max_replicas'" in str(e.value)
     assert "got '4'" not in str(e.value) and "must be <=" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("initial, words", [
+    (9, "initial_replicas (9) must be between min_replicas (1) and max_replicas (2)"),
+    (0, "initial_replicas (0) must be between min_replicas (1) and max_replicas (2)"),
+    ("many", "initial_replicas must be an integer >= 0, got 'many'"),
+    (1.5, "initial_replicas must be an integer >= 0, got 1.5"),
+])
+def test_initial_replicas_outside_the_bounds_is_refused_before_serve_sees_it(initial, words):
+    # It passed through unchecked: the documented one-line check of serve_config.yaml printed
+    # a config Serve refuses at deploy, and serve_app_config built one.
+    from orchestrator.serving.settings import model_autoscaling
+
+    with pytest.raises(ConfigError, match="autoscaling: " + re.escape(words)):
+        model_autoscaling({}, {"initial_replicas": initial})
+    # (checked against the bounds after the merge: the args' and the autoscaling's own)
+    assert model_autoscaling({"max_replicas": 4}, {"initial_replicas": 3, "min_replicas": 2}
+                             )["initial_replicas"] == 3
+    assert model_autoscaling({}, {"initial_replicas": "2"})["initial_replicas"] == 2
