@@ -661,3 +661,43 @@ def test_continuous_batching_records_its_steps_as_batches(monkeypatch):
 def test_serve_errors_say_whether_to_add_replicas(status, code, kind):
     # Every 503 was "overloaded": no model loaded or a lost replica read as a need for more.
     assert m.serve_error_kind(status, code) == kind
+
+
+# What Ray 2.60's metrics agent serves to Prometheus, without a cluster: the recorder the
+# agent hands every metric to (kind by kind, as reporter_agent does for a worker's Counter,
+# Gauge and Histogram) renders one sample of each catalogue metric, in a process of its own
+# (it installs a global meter provider). The integration tier checks the same on a cluster.
+RAY_EXPOSITION = """
+import json, sys
+from prometheus_client import REGISTRY, generate_latest
+from ray._private.telemetry.open_telemetry_metric_recorder import OpenTelemetryMetricRecorder
+
+recorder = OpenTelemetryMetricRecorder(gauge_metric_ttl_seconds=600)
+for name, kind, tags, buckets in json.load(sys.stdin):
+    if kind == "histogram":
+        recorder.register_histogram_metric(name, "d", buckets)
+    else:
+        getattr(recorder, f"register_{kind}_metric")(name, "d")
+    recorder.set_metric_value(name, tags, buckets[0] if buckets else 1.0)
+print(generate_latest(REGISTRY).decode())
+"""
+
+
+def test_rays_exporter_serves_each_metric_under_its_exported_name_and_labels():
+    import sys
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    specs = [(s.name, s.kind, {t: "x" for t in s.tag_keys}, list(s.buckets or ()))
+             for s in m.ALL]
+    out = subprocess.run([sys.executable, "-c", RAY_EXPOSITION], input=json.dumps(specs),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    served: dict[str, set[str]] = {}  # sample name -> its labels
+    for family in text_string_to_metric_families(out.stdout):
+        for sample in family.samples:
+            served.setdefault(sample.name, set()).update(sample.labels)
+    for name, labels in series_labels().items():
+        if name.startswith("ray_orchestrator_"):
+            assert name in served, (name, sorted(n for n in served if "orchestrator" in n))
+            assert labels <= served[name], (name, labels - served[name])
