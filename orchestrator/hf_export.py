@@ -144,9 +144,11 @@ def hf_config(model, tokenizer: Tokenizer | None, weights_sha256: str) -> dict[s
 def output_refusal(out: Path) -> str | None:
     """Why `out` must not receive an export: it cannot be a directory (a file, or a path
     under one), or it holds a training run or checkpoint, whose config.json and
-    tokenizer.json the export would overwrite (a resume reads them), or a model not exported
-    here. An earlier export there is replaced."""
+    tokenizer.json the export would overwrite (a resume reads them), or a compression's
+    output (serving reads its int8/ model's tokenizer.json from there when int8/ has none),
+    or a model not exported here. An earlier export there is replaced."""
     from orchestrator.compression.artifacts import file_in_the_way
+    from orchestrator.compression.pipeline import CONFIG_FILE as COMPRESS_CONFIG_FILE
     from orchestrator.training.checkpoint import SHARDED_META_FILE, STATE_FILE
 
     blocker = file_in_the_way(out)
@@ -158,6 +160,9 @@ def output_refusal(out: Path) -> str | None:
     if any(out.glob("checkpoint_*")) or any((out / f).exists()
                                             for f in (STATE_FILE, SHARDED_META_FILE)):
         return "it holds a training run or checkpoint, which the export would overwrite"
+    if (out / COMPRESS_CONFIG_FILE).exists():  # serving reads int8/'s tokenizer from here too
+        return (f"it holds a jobs/compress.py --out ({COMPRESS_CONFIG_FILE}), whose int8/ "
+                f"export would be served with the {TOKENIZER_FILE} written beside it")
     try:
         config = json.loads((out / CONFIG_FILE).read_text())
     except FileNotFoundError:

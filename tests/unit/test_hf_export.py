@@ -264,6 +264,25 @@ def test_export_to_an_out_that_cannot_be_a_directory_is_refused(tmp_path, capsys
     assert (tmp_path / "file").read_text() == "mine"
 
 
+def test_a_compress_out_is_refused_its_int8_export_would_read_the_tokenizer(tmp_path, capsys):
+    """An export into a jobs/compress.py --out put its tokenizer.json beside int8/, where
+    serving looks for the int8 model's (a run directory's rule): a bytes model's compressed
+    export was then refused as trained with another tokenizer."""
+    from jobs import export
+
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
+    out = tmp_path / "compressed"
+    (out / "int8").mkdir(parents=True)
+    (out / "compress_config.json").write_text("{}")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code = export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--out {out}: it holds a jobs/compress.py --out " \
+                         "(compress_config.json)" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["compress_config.json", "int8"]
+
+
 def copy_export(source, target, **config_changes):
     target.mkdir(parents=True, exist_ok=True)
     for f in source.iterdir():
