@@ -256,6 +256,23 @@ def test_a_hugging_face_export_is_named_as_such_not_as_no_model(tmp_path):
         load_model(tmp_path / "hf")
 
 
+def test_a_hugging_face_model_saved_in_shards_is_named_as_such_too(tmp_path):
+    # save_pretrained shards a big model (model.safetensors.index.json + its shards): it was
+    # "holds no model: expected state.pt ...", as if nothing of it were known.
+    transformers = pytest.importorskip("transformers")
+    from orchestrator.hf_export import export_checkpoint
+
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000001")
+    export_checkpoint(tmp_path / "run", tmp_path / "hf")
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").save_pretrained(
+        tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    with pytest.raises(CheckpointError, match="is a Hugging Face model .*the training "
+                                              "checkpoint it came from"):
+        load_model(tmp_path / "sharded")
+
+
 def test_a_pinned_checkpoint_deleted_by_trainings_rotation_is_pinned_again(tmp_path, caplog):
     # keep_checkpoints 3: training deleted the pinned checkpoint as it wrote newer ones, and
     # every replica starting later failed: "checkpoint ... does not exist".
