@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import MODEL_PRESETS
-from orchestrator.hf_files import INDEX_FILE, SAFETENSORS_FILE
+from orchestrator.hf_files import CONFIG_FILE, INDEX_FILE, SAFETENSORS_FILE
 from orchestrator.tokenizer import (TOKENIZER_FILE, Tokenizer, TokenizerError,
                                     tokenizer_for_model, tokenizer_of_run)
 
 if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
     import torch
 
-CONFIG_FILE = "config.json"
 # Every file an export writes: in an --out without config.json, not ours to overwrite.
 EXPORT_FILES = (SAFETENSORS_FILE, "generation_config.json", TOKENIZER_FILE,
                 "tokenizer_config.json", "special_tokens_map.json", CONFIG_FILE)

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from orchestrator.compression.artifacts import cpu_state_dict
+from orchestrator.hf_files import holds_hf_model
 from orchestrator.runs import checkpoint_dirs
 from orchestrator.tokenizer import ByteTokenizer, Tokenizer, TokenizerError, tokenizer_of_run
 from orchestrator.training.checkpoint import (SHARDED_META_FILE, STATE_FILE, CheckpointError,
@@ -29,6 +30,9 @@ def checkpoint_candidates(path: str | Path) -> tuple[list[Path], bool]:
     inside = checkpoint_dirs(p)
     if inside:
         return inside, True
+    if holds_hf_model(p):  # (as serving and jobs/export.py name one)
+        raise CheckpointError(f"--checkpoint {p} is a Hugging Face model (jobs/export.py "
+                              "writes those): compress the training checkpoint it came from")
     raise CheckpointError(f"{p} is neither a checkpoint directory (no {STATE_FILE}) nor a run "
                           "directory (no checkpoint_* inside)")
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from orchestrator.config import TrainConfig
-from orchestrator.hf_files import INDEX_FILE, SAFETENSORS_FILE
+from orchestrator.hf_files import holds_hf_model
 from orchestrator.tokenizer import (BYTE_VOCAB, ByteTokenizer, Tokenizer, TokenizerError,
                                     tokenizer_of_run)
 from orchestrator.runs import DEFAULT_RUNS_ROOT, checkpoint_dirs, latest_run_with_checkpoints
@@ -43,8 +43,6 @@ from orchestrator.training.checkpoint import (SHARDED_META_FILE, STATE_FILE, Che
 # Kept equal to orchestrator.compression.export.TORCH_FILE (a unit test checks it): detection
 # must not import the compression package, which only the INT8 loader needs.
 INT8_FILE = "weights.int8.pt"
-# A Hugging Face model's weights (whole, or the index of its shards): refused, named as such.
-HF_WEIGHTS_FILES = (SAFETENSORS_FILE, INDEX_FILE)
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +149,7 @@ def model_directories(path: str | Path) -> tuple[list[Path], bool]:
         return inside, True
     if format_of(p / "int8") is not None:  # a jobs/compress.py output directory
         return [p / "int8"], False
-    if (p / "config.json").is_file() and any((p / f).is_file() for f in HF_WEIGHTS_FILES):
+    if holds_hf_model(p):
         raise CheckpointError(f"checkpoint {p} is a Hugging Face model (jobs/export.py writes "
                               "those): serve, compress or export the training checkpoint it "
                               "came from, or load it with transformers")

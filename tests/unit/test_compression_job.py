@@ -63,6 +63,20 @@ def test_a_file_given_as_the_checkpoint_names_the_directory_to_pass(tmp_path, ca
     assert not out.exists()
 
 
+def test_a_hugging_face_export_given_as_the_teacher_is_named_as_one(tmp_path, capsys):
+    # Was: "<dir> is neither a checkpoint directory (no state.pt) nor a run directory",
+    # where serving and jobs/export.py say what it is and what to pass instead.
+    from orchestrator.hf_export import export_checkpoint
+
+    make_checkpoint(tmp_path / "run" / "checkpoint_00000003")
+    export_checkpoint(tmp_path / "run", tmp_path / "hf")
+    out = tmp_path / "out"
+    code, err = run_job(capsys, "--checkpoint", str(tmp_path / "hf"), "--out", str(out))
+    assert code == 2 and f"--checkpoint {tmp_path / 'hf'} is a Hugging Face model " \
+                         "(jobs/export.py writes those)" in err, err
+    assert "the training checkpoint it came from" in err and not out.exists()
+
+
 def test_corrupt_checkpoint_is_named_and_nothing_is_written(tmp_path, capsys):
     checkpoint = make_checkpoint(tmp_path / "run" / "checkpoint_00000003")
     corrupt(checkpoint)
