@@ -148,6 +148,7 @@ def output_refusal(out: Path) -> str | None:
     or a model not exported here. An earlier export there is replaced."""
     from orchestrator.compression.artifacts import file_in_the_way
     from orchestrator.compression.pipeline import CONFIG_FILE as COMPRESS_CONFIG_FILE
+    from orchestrator.serving.loading import INT8_FILE
     from orchestrator.training.checkpoint import SHARDED_META_FILE, STATE_FILE
 
     blocker = file_in_the_way(out)
@@ -159,9 +160,13 @@ def output_refusal(out: Path) -> str | None:
     if any(out.glob("checkpoint_*")) or any((out / f).exists()
                                             for f in (STATE_FILE, SHARDED_META_FILE)):
         return "it holds a training run or checkpoint, which the export would overwrite"
-    if (out / COMPRESS_CONFIG_FILE).exists():  # serving reads int8/'s tokenizer from here too
+    # Serving reads the tokenizer of an int8/ without one from beside it (tokenizer_of_run).
+    if (out / COMPRESS_CONFIG_FILE).exists():
         return (f"it holds a jobs/compress.py --out ({COMPRESS_CONFIG_FILE}), whose int8/ "
                 f"export would be served with the {TOKENIZER_FILE} written beside it")
+    if (out / "int8" / INT8_FILE).exists():  # (what model_directories takes for one, too)
+        return (f"it holds an INT8 export (int8/{INT8_FILE}), which would be served with the "
+                f"{TOKENIZER_FILE} written beside it")
     try:
         config = json.loads((out / CONFIG_FILE).read_text())
     except FileNotFoundError:
