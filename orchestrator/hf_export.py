@@ -147,7 +147,7 @@ def output_refusal(out: Path) -> str | None:
     output (serving reads its int8/ model's tokenizer.json from there when int8/ has none),
     or a model not exported here. An earlier export there is replaced."""
     from orchestrator.compression.artifacts import file_in_the_way
-    from orchestrator.compression.pipeline import CONFIG_FILE as COMPRESS_CONFIG_FILE
+    from orchestrator.runs import COMPRESS_CONFIG_FILE
     from orchestrator.serving.loading import INT8_FILE
     from orchestrator.training.checkpoint import SHARDED_META_FILE, STATE_FILE
 

@@ -544,10 +544,11 @@ def folder_claimed(folder: Path, lock: str, busy: Callable[[str], Exception],
 # (the config.json beside them, a run's tokenizer.json): a Hugging Face model (jobs/export.py's,
 # or one downloaded), a compression's --out (orchestrator/compression/pipeline.py's
 # CONFIG_FILE).
+COMPRESS_CONFIG_FILE = "compress_config.json"  # (compression.pipeline.CONFIG_FILE)
 OTHER_JOBS_FILES = {SAFETENSORS_FILE: "a Hugging Face model's weights",
                     INDEX_FILE: "a Hugging Face model's shard index",
                     "pytorch_model.bin": "a Hugging Face model's weights",
-                    "compress_config.json": "a jobs/compress.py --out's settings"}
+                    COMPRESS_CONFIG_FILE: "a jobs/compress.py --out's settings"}
 RUN_CONFIG_SECTIONS = ("train", "job")  # what jobs/pretrain.py writes in a run's config.json
 # What a config.json of another kind says it is (jobs/export.py's, a compression's export).
 CONFIG_MARKS = ("exported_by", "model_type", "format")

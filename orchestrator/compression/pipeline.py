@@ -41,7 +41,7 @@ from orchestrator.compression.report import (SCRATCH_PREFIX, block_sparsity, bui
                                              format_table, latency_seq_len)
 from orchestrator.compression.source import teacher_data, teacher_tokenizer
 from orchestrator.config import MODEL_PRESETS, ConfigError
-from orchestrator.runs import folder_claimed, writable_dir_problem
+from orchestrator.runs import COMPRESS_CONFIG_FILE, folder_claimed, writable_dir_problem
 from orchestrator.tokenizer import (ByteTokenizer, Tokenizer, TokenizerError, save_tokenizer,
                                     tokenizer_of_run)
 from orchestrator.training.checkpoint import recorded_sha256
@@ -50,7 +50,7 @@ from orchestrator.training.loop import say
 from orchestrator.training.memory import parameters_label
 from orchestrator.training.model import GPT, GPTConfig
 
-CONFIG_FILE = "compress_config.json"
+CONFIG_FILE = COMPRESS_CONFIG_FILE
 REPORT_FILE = "report.json"
 WEIGHTS_FILE = "weights.pt"
 MASKS_FILE = "masks.pt"
