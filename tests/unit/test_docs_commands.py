@@ -1,0 +1,147 @@
+"""Every command the README and docs show (`python jobs/X.py ...`, `python -m orchestrator ...`,
+`python -m scripts.X ...`, `python examples/.../make_data.py ...`), in a code block or an inline
+code span, names an entry point that exists and only flags its own parser has; where the
+command has no placeholders, the parser accepts it whole (value formats included)."""
+from __future__ import annotations
+
+import argparse
+import re
+import runpy
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = ["README.md", "examples/README.md"] + [
+    f"docs/{name}.md" for name in ("operations", "training", "data", "serving", "compression",
+                                   "simulator", "scheduler", "architecture", "testing")]
+
+# python jobs/X.py | python examples/.../X.py | python -m orchestrator | python -m scripts.X
+# (not `python -m orchestrator.serving.engine_host`: a replica's own process, no command line)
+ENTRY = re.compile(r"\bpython3? +(?:(?P<path>(?:jobs|scripts|examples)/[\w/]+\.py)"
+                   r"|-m +(?P<module>orchestrator\.monitoring|scripts\.\w+|orchestrator)(?![.\w]))")
+PLACEHOLDER = re.compile(r"[\[\]<>|]|\.\.\.|\bNAME\b|\bDIR\b|\bPATH\b|\bSPEC\b|\bN\b|\bX\b|[A-Z]{3,}")
+
+
+def _commands(text: str) -> list[tuple[str, bool]]:
+    """(command line, whether it is a whole command: a fenced shell block's line, its
+    continuations joined; else an inline code span, which may name only a part)."""
+    lines = []
+    fenced = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+    for m in fenced.finditer(text):
+        if m.group(1) in ("python", "yaml", "json", "text"):
+            continue
+        lines += [(line, True) for line in re.sub(r"\\\n\s*", " ", m.group(2)).splitlines()]
+    prose = fenced.sub("", text)
+    lines += [(" ".join(span.split()), False) for span in re.findall(r"`([^`]+)`", prose)]
+    return [(line, whole) for line, whole in lines if ENTRY.search(line)]
+
+
+class _Captured(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+_PARSERS: dict[str, argparse.ArgumentParser] = {}
+
+
+def _parser(entry: str) -> argparse.ArgumentParser:
+    """The entry point's own parser, caught at its first parse_args (nothing after it runs)."""
+    if entry not in _PARSERS:
+        def capture(self, *args, **kwargs):
+            raise _Captured(self)
+
+        saved = (argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args,
+                 sys.argv)
+        argparse.ArgumentParser.parse_args = capture
+        argparse.ArgumentParser.parse_known_args = capture
+        sys.argv = [entry]
+        try:
+            if entry.endswith(".py"):
+                runpy.run_path(str(REPO / entry), run_name="__main__")
+            else:
+                runpy.run_module(entry, run_name="__main__", alter_sys=False)
+        except _Captured as caught:
+            _PARSERS[entry] = caught.parser
+        finally:
+            (argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args,
+             sys.argv) = saved
+        assert entry in _PARSERS, f"{entry} parsed no arguments"
+    return _PARSERS[entry]
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _documented() -> list[tuple[str, str, list[str], bool]]:
+    """(where, entry point, its arguments as the docs give them, whether they are all: a
+    command as typed)."""
+    found = []
+    for doc in DOCS:
+        for line, whole in _commands((REPO / doc).read_text()):
+            for m in ENTRY.finditer(line):
+                rest = line[m.end():].split(" #")[0]
+                rest = re.split(r"&&|\|\||;\s|\$\(|\)|`", rest)[0]
+                try:
+                    words = shlex.split(rest)
+                except ValueError:
+                    words = [word.strip("'\"") for word in rest.split()]  # 'python -m ... status'
+
+                entry = m.group("path") or m.group("module")
+                # A command as typed: at the line's start (after VAR=value), or after `&&`
+                # or `ray job submit ... --`; not one named inside a comment or a tree.
+                typed = whole and re.fullmatch(r"\s*(?:[A-Z_]+=\S*\s+)*|.*(?:&&|\s--)\s*",
+                                               line[:m.start()]) is not None
+                if entry != "scripts.NAME":  # architecture.md: "python -m scripts.NAME"
+                    found.append((f"{doc}: {line.strip()}", entry, words, typed))
+    return found
+
+
+DOCUMENTED = _documented()
+
+
+def test_the_docs_show_commands_of_every_kind():
+    entries = {entry for _, entry, _, _ in DOCUMENTED}
+    assert {"jobs/pretrain.py", "jobs/compress.py", "jobs/export.py", "orchestrator",
+            "examples/image_cnn/make_data.py"} <= entries
+
+
+@pytest.mark.parametrize("where, entry, words, whole", DOCUMENTED,
+                         ids=[f"{i}-{e}" for i, (_, e, _, _) in enumerate(DOCUMENTED)])
+def test_a_documented_command_uses_only_flags_its_parser_has(where, entry, words, whole):
+    if entry.endswith(".py"):
+        assert (REPO / entry).is_file(), f"{where}: {entry} does not exist"
+    parser = _parser(entry)
+    commands = _subparsers(parser)
+    if commands and (words or whole):
+        assert words and words[0] in commands, (
+            f"{where}: {words[:1]} is not one of {sorted(commands)}")
+        parser = commands[words[0]]
+    flags = {s for action in parser._actions for s in action.option_strings}
+    for word in words:
+        flag = word.strip("[]").split("=")[0]
+        if flag.startswith("--") and "*" not in flag:
+            assert flag in flags, f"{where}: {entry} has no {flag} (it has {sorted(flags)})"
+    if not whole:
+        return
+    for word in words:  # a file of this repository it names (not ~/..., /mnt/..., s3://...)
+        if "/" in word and re.fullmatch(r"[\w.-][\w./-]*\.(?:ya?ml|py|csv)", word):
+            assert (REPO / word).is_file(), f"{where}: {word} does not exist"
+    if not any(PLACEHOLDER.search(w) or w in ("-h", "--help") for w in words):
+        try:
+            args = _parser(entry).parse_args(words)
+        except SystemExit:
+            pytest.fail(f"{where}: {entry}'s parser refuses {words}")
+        if entry == "orchestrator" and args.command == "simulate":  # checked after parsing
+            from orchestrator.cluster_model import parse_cluster_spec
+            from orchestrator.policies import POLICY_NAMES
+
+            assert args.policy in (*POLICY_NAMES, "all"), f"{where}: no policy {args.policy}"
+            if args.cluster:
+                parse_cluster_spec(args.cluster)
