@@ -47,8 +47,8 @@ def write(out: Path, train: int, test: int, shards: int, seed: int,
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for shard in range(shards):
-        images, labels = make(train // shards, rng, noise)
+    for shard in range(shards):  # `train` in all: the first train % shards hold one more
+        images, labels = make(train // shards + (shard < train % shards), rng, noise)
         paths.append(out / f"train-{shard:03d}.npz")
         np.savez_compressed(paths[-1], images=images, labels=labels)
     images, labels = make(test, rng, noise)
@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for flag in ("train", "test", "shards"):  # before anything is written
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.shards > args.train:
+        parser.error(f"--shards {args.shards} is more than --train {args.train}: every shard "
+                     "needs an image")
     paths = write(args.out, args.train, args.test, args.shards, args.seed)
     print(f"wrote {len(paths)} files ({args.train} training images in {args.shards} shards, "
           f"{args.test} held out) to {args.out}")

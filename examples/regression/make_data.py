@@ -27,12 +27,12 @@ def write(out: Path, rows: int, files: int, seed: int, noise: float = 0.05) -> l
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for f in range(files):
+    for f in range(files):  # `rows` in all: the first rows % files hold one more
         path = out / f"part-{f:03d}.csv"
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow([f"x{i}" for i in range(FEATURES)] + ["y"])
-            for _ in range(rows // files):
+            for _ in range(rows // files + (f < rows % files)):
                 x = [rng.uniform(-1.5, 1.5) for _ in range(FEATURES)]
                 y = target(x) + rng.gauss(0.0, noise)
                 writer.writerow([f"{v:.4f}" for v in x] + [f"{y:.4f}"])
@@ -48,8 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for flag in ("rows", "files"):  # before anything is written
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.files > args.rows:
+        parser.error(f"--files {args.files} is more than --rows {args.rows}: every file needs "
+                     "a row")
     paths = write(args.out, args.rows, args.files, args.seed)
-    print(f"wrote {len(paths)} CSV files ({args.rows // args.files} rows each) to {args.out}")
+    print(f"wrote {len(paths)} CSV files ({args.rows} rows in all) to {args.out}")
 
 
 if __name__ == "__main__":
