@@ -145,3 +145,28 @@ def test_a_documented_command_uses_only_flags_its_parser_has(where, entry, words
             assert args.policy in (*POLICY_NAMES, "all"), f"{where}: no policy {args.policy}"
             if args.cluster:
                 parse_cluster_spec(args.cluster)
+
+
+def _job_files() -> list[tuple[str, str]]:
+    """(where, text) of every YAML block the docs show as a job file (it has a name and a
+    worker count)."""
+    found = []
+    for doc in DOCS:
+        text = (REPO / doc).read_text()
+        for m in re.finditer(r"^```ya?ml\n(.*?)^```", text, re.S | re.M):
+            if re.search(r"^name:", m.group(1), re.M) and "num_workers:" in m.group(1):
+                found.append((f"{doc}:{text[:m.start()].count(chr(10)) + 1}", m.group(1)))
+    return found
+
+
+def test_every_job_file_the_docs_show_loads(tmp_path):
+    from orchestrator.job_file import load_job_file
+
+    shown = _job_files()
+    assert {where.split(":")[0] for where, _ in shown} >= {"examples/README.md",
+                                                          "docs/scheduler.md"}
+    for i, (where, text) in enumerate(shown):
+        path = tmp_path / f"job{i}.yaml"
+        path.write_text(text)
+        job = load_job_file(path)  # ConfigError naming the key otherwise
+        assert job.spec.name, where
