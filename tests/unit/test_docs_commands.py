@@ -16,7 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DOCS = ["README.md", "examples/README.md"] + [
     f"docs/{name}.md" for name in ("operations", "training", "data", "serving", "compression",
-                                   "simulator", "scheduler", "architecture", "testing")]
+                                   "simulator", "scheduler", "architecture", "testing",
+                                   "benchmarks")]  # (each figure's command reruns it)
 
 # python jobs/X.py | python examples/.../X.py | python -m orchestrator | python -m scripts.X
 # (not `python -m orchestrator.serving.engine_host`: a replica's own process, no command line)
