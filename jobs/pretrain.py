@@ -363,6 +363,8 @@ def resolve_data(args: argparse.Namespace, run_dir: Path) -> DataSetup:
         if value is not None and not value.strip():  # read as unset: a run without it
             raise ConfigError(f"{flag} is empty: give a path, or leave the flag out")
     saved = (_read_json(run_dir / CONFIG_FILE) or {}).get("train") if args.resume else None
+    if isinstance(saved, dict) and args.init_from is not None:
+        _refuse_other_init_from(args.init_from, saved, run_dir)
     setup = configure_data(
         data=args.data, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines,
         tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
@@ -376,6 +378,24 @@ def resolve_data(args: argparse.Namespace, run_dir: Path) -> DataSetup:
     for note in setup.notes:
         print(f"warning: {note}", file=sys.stderr)
     return setup
+
+
+def _refuse_other_init_from(init_from: str, saved: dict, run_dir: Path) -> None:
+    """`--resume --init-from DIR`: the run goes on from its checkpoint, whose weights replace
+    any --init-from (loaded at step 0 only), so a DIR other than the one the run started from
+    would be ignored, while config.json recorded it as the run's origin. Refused naming both
+    flags; the run's own DIR again is accepted (the same command with --resume added)."""
+    given = str(Path(init_from).expanduser().resolve())
+    recorded = saved.get("init_from") or ""
+    if given == recorded:
+        return
+    origin = (f"started from --init-from {recorded}" if recorded
+              else "started without --init-from")
+    raise ConfigError(f"--init-from {init_from} with --resume: the run {run_dir} {origin} and "
+                      "continues from its checkpoint, whose weights, optimizer state and step "
+                      "replace any --init-from (its weights are loaded at step 0 only). Leave "
+                      "--init-from out to continue the run, or start a new run (without "
+                      "--resume) to fine-tune from that model")
 
 
 def _data_flags(args: argparse.Namespace) -> tuple[str, ...]:

@@ -323,3 +323,58 @@ def test_a_text_file_that_is_not_utf8_is_named_before_ray_starts(tmp_path, capsy
     cut = tmp_path / "cut.txt"
     cut.write_bytes(b"a" * (TEXT_HEAD_BYTES - 1) + "\u00e9".encode() + b"b")
     check_text_head(SourceFile(str(cut), "txt", cut.stat().st_size, cut.stat().st_mtime_ns))
+
+
+def exported_tiny(folder, seed: int):
+    """A Hugging Face GPT-2 folder of the tiny preset, bytes, weights from `seed`."""
+    import torch
+
+    from orchestrator.hf_export import export_gpt2
+    from orchestrator.training.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    export_gpt2(GPT(GPTConfig.from_train_config(TrainConfig(model_size="tiny", seq_len=32),
+                                                vocab_size=257)), ByteTokenizer(), folder)
+    return str(folder)
+
+
+def started_run(run_dir, *flags):
+    """A run's config.json as pretrain writes it for `flags` (its shards, if any, tokenized),
+    and a checkpoint folder."""
+    args = pretrain.parse_args(["--run-dir", str(run_dir), "--seq-len", "32", *flags])
+    setup = pretrain.resolve_data(args, run_dir)
+    if setup.plan is not None:
+        data_plan.tokenize_in_process(setup.plan, say=lambda _: None)
+    train_config, spec = pretrain.build_configs(args, run_dir, setup.fields)
+    pretrain._write_resolved_config(run_dir, train_config, spec, setup.tokenizer)
+    (run_dir / "checkpoint_00000002").mkdir()
+    return (run_dir / "config.json").read_text()
+
+
+def test_resume_with_another_init_from_is_refused_naming_both_flags(tmp_path):
+    # `--resume --init-from OTHER` was accepted: the run went on from its checkpoint (OTHER's
+    # weights never loaded) while config.json recorded OTHER as the run's origin. A run
+    # started without --init-from got "it was trained on other data" instead.
+    from orchestrator.config import ConfigError
+
+    first, other = exported_tiny(tmp_path / "hf1", 5), exported_tiny(tmp_path / "hf2", 6)
+    run_dir = tmp_path / "run"
+    config = started_run(run_dir, "--init-from", first)
+    resume = ["--resume", "--run-dir", str(run_dir)]
+    with pytest.raises(ConfigError) as e:
+        pretrain.resolve_data(pretrain.parse_args([*resume, "--init-from", other]), run_dir)
+    assert str(e.value).startswith(f"--init-from {other} with --resume: the run {run_dir} "
+                                   f"started from --init-from {first} and continues from its "
+                                   "checkpoint")
+    assert "Leave --init-from out to continue the run" in str(e.value)
+    assert (run_dir / "config.json").read_text() == config  # nothing saved was touched
+    # The run's own model again (its first command with --resume added), or none: accepted.
+    for flags in (["--init-from", first], []):
+        setup = pretrain.resolve_data(pretrain.parse_args([*resume, *flags]), run_dir)
+        assert setup.fields["init_from"] == first
+    plain = tmp_path / "plain"
+    started_run(plain)
+    with pytest.raises(ConfigError, match=f"the run {plain} started without --init-from and "
+                                          "continues from its checkpoint"):
+        pretrain.resolve_data(pretrain.parse_args(["--resume", "--run-dir", str(plain),
+                                                   "--init-from", first]), plain)

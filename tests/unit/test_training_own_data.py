@@ -58,6 +58,30 @@ def test_init_from_starts_from_the_hugging_face_weights(tmp_path):
     assert not torch.equal(plain["tok_emb.weight"], source.state_dict()["tok_emb.weight"])
 
 
+def test_a_resume_goes_on_from_its_checkpoint_whatever_init_from_says(tmp_path):
+    """--init-from's weights are loaded at step 0 only: a resumed run keeps its checkpoint's
+    weights, optimizer state and step, even when its config names another model (what
+    train() is given; jobs/pretrain.py refuses `--resume --init-from OTHER` before that)."""
+    config = TrainConfig(model_size="tiny", seq_len=32, batch_size=2, max_steps=4,
+                         warmup_steps=0, lr_schedule="constant", checkpoint_every=2,
+                         log_every=2, vocab_size=257, tokenizer_sha256=ByteTokenizer().sha256)
+    models = {}
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        models[seed] = tmp_path / f"hf{seed}"
+        export_gpt2(GPT(GPTConfig.from_train_config(config, vocab_size=257)), ByteTokenizer(),
+                    models[seed])
+    first = TrainConfig(**{**config.to_dict(), "init_from": str(models[5])})
+    train(first, LocalSession(tmp_path / "whole", device=CPU))
+    train(TrainConfig(**{**first.to_dict(), "max_steps": 2}),
+          LocalSession(tmp_path / "resumed", device=CPU))
+    other = TrainConfig(**{**first.to_dict(), "init_from": str(models[6])})
+    assert train(other, LocalSession(tmp_path / "resumed", device=CPU))["start_step"] == 2
+    whole = load_checkpoint(LocalSession(tmp_path / "whole").checkpoints()[-1])["model"]
+    resumed = load_checkpoint(LocalSession(tmp_path / "resumed").checkpoints()[-1])["model"]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 def test_compression_fine_tunes_on_the_teachers_own_data(tmp_path):
     """A teacher trained on the user's shards is compressed on those shards (its tokens, its
     held-out split), not on the bundled corpus; a teacher without a run gets the bundled one."""
