@@ -10,7 +10,8 @@ ends the worker normally.
 
 Every worker must call `report` the same number of times (as Ray Train requires anyway);
 the decision to stop is rank 0's, shared with the others at each report, so all ranks stop at
-the same report. A checkpoint may be passed by rank 0 only (Ray Train's common pattern).
+the same report: the first report after the directive at which any rank passes a checkpoint
+(rank 0 alone, Ray Train's common pattern; every rank; or another rank alone).
 """
 from __future__ import annotations
 
@@ -57,18 +58,21 @@ def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = 
     if reserved:  # (a loop's own "yielded" re-queued the job; "already_complete" hid a line)
         raise ValueError(f"report: metric name(s) {reserved} are the launcher's own; rename "
                          "them")
-    decision = None
+    pending = None
     if ray.train.get_context().get_world_rank() == 0:
         _watch = _watch or DirectiveWatch()
         _pending = _pending or _watch.poll()  # asked without waiting; kept until acted on
-        if checkpoint is not None:
-            decision = _pending
-    decision = _from_rank_zero(decision)  # before the report: every rank stops after it
+        pending = _pending
+    # Before the report, on every rank alike: rank 0's directive, and whether any rank
+    # passes a checkpoint with this report (Ray Train keeps one, whichever rank's: a loop
+    # whose checkpoints came from rank 1 alone never yielded, and nothing said why).
+    pending, checkpointed = _agreed(pending, checkpoint is not None)
+    decision = pending if checkpointed else None
     if decision:
-        # In the checkpoint's own report: Ray Train's result keeps only those metrics.
+        # In the checkpoint's own report (rank 0's metrics are the ones Ray Train keeps).
         metrics = {**metrics, "yielded": decision}
     ray.train.report(metrics, checkpoint=checkpoint)
-    if checkpoint is not None and _watch is not None:
+    if checkpointed and _watch is not None:
         _watch.checkpointed()
     if decision:
         raise Yielded(decision, metrics.get("step"))
@@ -125,12 +129,14 @@ def _world_rank() -> int:
         return 0
 
 
-def _from_rank_zero(value: str | None) -> str | None:
+def _agreed(pending: str | None, has_checkpoint: bool) -> tuple[str | None, bool]:
+    """(rank 0's `pending` directive, whether any rank's `has_checkpoint`), the same on every
+    rank (one small collective when a process group is up)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return pending, has_checkpoint
+    every: list[tuple[str | None, bool] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (pending, has_checkpoint))
+    return every[0][0], any(entry[1] for entry in every)
 
 
 def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callable[[dict], Any]:

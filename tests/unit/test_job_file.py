@@ -597,6 +597,68 @@ def test_a_yield_waits_for_a_checkpoint_and_rides_on_that_report(monkeypatch):
     assert watch.checkpoints == 1
 
 
+class TwoRanks:
+    """torch.distributed as worker `rank` of two sees it, the other worker's side of each
+    collective given by `peer(call)` (call: 0, 1, ... per collective)."""
+
+    def __init__(self, peer, rank=0):
+        self.peer, self.rank, self.calls = peer, rank, 0
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return True
+
+    def get_world_size(self):
+        return 2
+
+    def broadcast_object_list(self, box, src=0):  # rank 0's own value stays
+        self.calls += 1
+
+    def all_gather_object(self, out, mine):
+        out[self.rank], out[1 - self.rank] = mine, self.peer(self.calls)
+        self.calls += 1
+
+
+def test_a_yield_rides_on_a_checkpoint_that_only_another_rank_passes(monkeypatch):
+    """A loop whose rank 1 saved the checkpoints (rank 0 passing none) never yielded: rank 0
+    waited for a checkpoint of its own, and the scheduler's preemption waited for good. Ray
+    Train keeps a checkpoint whichever rank passes it, with rank 0's metrics."""
+    import ray.train
+
+    from ray_layer import user_loop
+
+    reports = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None:
+                        reports.append((metrics, checkpoint and checkpoint.path)))
+    monkeypatch.setattr(ray.train, "get_context",
+                        lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    watch = FakeWatch("preempt: by an operator")
+    monkeypatch.setattr(user_loop, "_watch", watch)
+    monkeypatch.setattr(user_loop, "_pending", None)
+    # rank 1 passes a checkpoint at reports 2 and 5
+    monkeypatch.setattr(user_loop, "dist", TwoRanks(lambda call: (None, call in (2, 5))))
+
+    def loop(config):
+        for step in range(config["steps"]):
+            user_loop.report({"step": step})
+
+    user_loop.yielding(loop)({"steps": 10})
+    assert reports == [({"step": 0}, None), ({"step": 1}, None),
+                       ({"step": 2, "yielded": "preempt: by an operator"}, None)]
+    assert watch.checkpoints == 1  # the scheduler hears of the checkpoint (work at risk)
+    # Rank 1's side: it passes the checkpoint, rank 0 holds the directive; both stop there.
+    reports.clear()
+    monkeypatch.setattr(ray.train, "get_context",
+                        lambda: SimpleNamespace(get_world_rank=lambda: 1))
+    monkeypatch.setattr(user_loop, "dist",
+                        TwoRanks(lambda call: ("preempt: by an operator", False), rank=1))
+    user_loop.yielding(lambda: [user_loop.report({"step": s}, checkpoint=saved("c"))
+                                for s in range(3)])({})
+    assert reports == [({"step": 0, "yielded": "preempt: by an operator"}, "c")]
+
+
 def test_a_loops_own_except_exception_does_not_swallow_a_yield(monkeypatch):
     import ray.train
 
