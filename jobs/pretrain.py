@@ -175,11 +175,7 @@ def inherit_run_settings(args: argparse.Namespace, run_dir: Path) -> list[str]:
     recorded value (config.json). Returns the settings that differ from the flags' defaults,
     as 'name value' (said once, so the user sees what the run goes on with)."""
     where = run_dir / CONFIG_FILE
-    saved = _read_json(where) or {}
-    if not isinstance(saved, dict) or not all(isinstance(saved.get(section, {}), dict)
-                                              for section in ("train", "job")):
-        raise ConfigError(f"--resume: {where} is not a run's config (its train and job "
-                          "sections must be mappings); restore it, or start a new run")
+    saved = _run_config(run_dir)
     taken = []
     for dest, section in INHERITED.items():
         recorded = saved.get(section, {})
@@ -197,6 +193,19 @@ def inherit_run_settings(args: argparse.Namespace, run_dir: Path) -> list[str]:
             taken.append(f"{dest} {value}")
         setattr(args, dest, value)
     return taken
+
+
+def _run_config(run_dir: Path) -> dict:
+    """The config.json of the run being resumed ({} where there is none); ConfigError naming
+    it when its train or job section is not a mapping (read first by resolve_data, where
+    such a file was a traceback)."""
+    where = run_dir / CONFIG_FILE
+    saved = _read_json(where) or {}
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(section, {}), dict)
+                                              for section in ("train", "job")):
+        raise ConfigError(f"--resume: {where} is not a run's config (its train and job "
+                          "sections must be mappings); restore it, or start a new run")
+    return saved
 
 
 def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | None = None
@@ -362,8 +371,8 @@ def resolve_data(args: argparse.Namespace, run_dir: Path) -> DataSetup:
                         ("--data-cache", args.data_cache)):
         if value is not None and not value.strip():  # read as unset: a run without it
             raise ConfigError(f"{flag} is empty: give a path, or leave the flag out")
-    saved = (_read_json(run_dir / CONFIG_FILE) or {}).get("train") if args.resume else None
-    if isinstance(saved, dict) and args.init_from is not None:
+    saved = _run_config(run_dir).get("train") if args.resume else None
+    if saved is not None and args.init_from is not None:
         _refuse_other_init_from(args.init_from, saved, run_dir)
     setup = configure_data(
         data=args.data, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines,

@@ -240,6 +240,22 @@ def test_resume_names_a_config_json_it_cannot_inherit_from(tmp_path, train, job,
         pretrain.inherit_run_settings(args, run_dir)
 
 
+@pytest.mark.parametrize("config", [{"train": [1], "job": {}}, [1]])
+def test_resume_names_a_config_json_it_cannot_read_before_the_data_flags(tmp_path, capsys,
+                                                                         config):
+    # The data flags read config.json's train section first: a list there was an
+    # AttributeError traceback, not the line inherit_run_settings has for it.
+    from jobs import pretrain
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint_1").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert pretrain.main(["--resume", "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: {run_dir / 'config.json'} is not a run's config (its train and job " \
+        "sections must be mappings)" in err and "Traceback" not in err
+
+
 def test_ctrl_c_names_the_run_dir_to_resume(tmp_path, monkeypatch, capsys):
     # `--resume` alone continues the latest run under the runs root: not this one when its
     # --run-dir is elsewhere.
