@@ -380,6 +380,11 @@ def resolve_data(args: argparse.Namespace, run_dir: Path) -> DataSetup:
         cache_root=args.data_cache or default_cache_root(run_dir), retokenize=args.retokenize,
         init_from=args.init_from, saved=saved, run_dir=run_dir, data_flags=_data_flags(args))
     if saved is not None:
+        # The model the run started from and the spans' start it set stay the run's own: a
+        # resume loads neither (its checkpoint's weights), and without --init-from given
+        # again (--data given again: configure_data starts afresh) config.json lost them.
+        setup.fields.update({name: saved[name] for name in ("init_from", "span_init")
+                             if name in saved})
         problems = resume_data_conflicts(saved, setup.fields, setup.plan)
         if problems:
             raise ConfigError(f"--resume: {run_dir}: {'; '.join(problems)}. Start a new run "

@@ -378,3 +378,21 @@ def test_resume_with_another_init_from_is_refused_naming_both_flags(tmp_path):
                                           "continues from its checkpoint"):
         pretrain.resolve_data(pretrain.parse_args(["--resume", "--run-dir", str(plain),
                                                    "--init-from", first]), plain)
+
+
+def test_a_resume_keeps_the_model_the_run_started_from_in_its_config(tmp_path):
+    # `--resume --data X --tokenizer RUN/tokenizer.json` of a run started --init-from M (no
+    # --init-from given again) recorded init_from "" and span_init 0.0 in config.json and its
+    # checkpoints: the run's origin lost, and a later `--resume --init-from M` refused as a
+    # run "started without --init-from".
+    first = exported_tiny(tmp_path / "hf1", 5)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: a short line of text." for i in range(200)))
+    run_dir = tmp_path / "run"
+    started_run(run_dir, "--init-from", first, "--data", str(text))
+    for flags in (["--data", str(text), "--tokenizer", str(run_dir / "tokenizer.json")],
+                  ["--init-from", first, "--data", str(text)]):
+        args = pretrain.parse_args(["--resume", "--run-dir", str(run_dir), *flags])
+        setup = pretrain.resolve_data(args, run_dir)
+        config, _ = pretrain.build_configs(args, run_dir, setup.fields)
+        assert (config.init_from, config.span_init, config.model_size) == (first, 1.0, "tiny")
