@@ -265,8 +265,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
               file=sys.stderr)
     if left_pending:  # said, as the warmup is: a first leg to extend with --resume is legitimate
         print(f"warning: {left_pending}", file=sys.stderr)
-    if train_config.init_from:
-        check_init_context(train_config.init_from, train_config.seq_len)
+    if train_config.init_from and not args.resume:  # (a resume loads its checkpoint's
+        check_init_context(train_config.init_from, train_config.seq_len)  # weights, not DIR)
     if args.resume:
         _check_resumable(run_dir, train_config)
     if taken:  # (said once it goes on: before a refusal it contradicted it)

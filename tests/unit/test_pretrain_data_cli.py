@@ -396,3 +396,19 @@ def test_a_resume_keeps_the_model_the_run_started_from_in_its_config(tmp_path):
         setup = pretrain.resolve_data(args, run_dir)
         config, _ = pretrain.build_configs(args, run_dir, setup.fields)
         assert (config.init_from, config.span_init, config.model_size) == (first, 1.0, "tiny")
+
+
+def test_a_resume_needs_no_longer_the_model_the_run_started_from(tmp_path):
+    # Its checkpoint holds the weights; the model's folder, moved or deleted since (the run
+    # directory on shared storage, the model on a laptop), refused the resume: "--init-from
+    # DIR: no config.json".
+    import shutil
+
+    first = exported_tiny(tmp_path / "hf1", 5)
+    run_dir = tmp_path / "run"
+    started_run(run_dir, "--init-from", first)
+    shutil.rmtree(first)
+    args = pretrain.parse_args(["--resume", "--run-dir", str(run_dir)])
+    setup = pretrain.resolve_data(args, run_dir)
+    config, _ = pretrain.build_configs(args, run_dir, setup.fields)
+    assert config.init_from == first
