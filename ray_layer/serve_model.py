@@ -381,7 +381,7 @@ class GPTModel:
             check_request(request, engine.loaded.block_size, engine.limits,
                           engine.loaded.model.config.vocab_size)
         except CapacityError as e:
-            raise APIError(400, str(e), e.param) from None
+            raise APIError(400, str(e), e.param, code=e.code) from None
         key, queue = next(self.keys), asyncio.Queue()
         if not self.streams:
             self.last_progress = time.monotonic()  # an idle engine was not stalled
@@ -499,7 +499,7 @@ class GPTModel:
             elif kind == "rejected":
                 stream = self.streams.get(event[2])
                 if stream is not None:
-                    stream[0].put_nowait(APIError(400, event[3], event[4]))
+                    stream[0].put_nowait(APIError(400, event[3], event[4], code=event[5]))
             elif kind == "closed":
                 self.engines = [e for e in self.engines if e.id != event[1]]
             elif kind == "host_died":
@@ -658,7 +658,8 @@ class GPTModel:
                                       self.loaded.model.config.vocab_size)
             raise APIError(400, "the request no longer fits the model version now served "
                                 "(a reload changed its context or vocabulary): retry, shorter "
-                                "if the context shrank", unfit[1] if unfit else "max_tokens")
+                                "if the context shrank", unfit[1] if unfit else "max_tokens",
+                           code=unfit[2] if unfit else None)
 
     def _admit(self, request: GenerationRequest) -> None:
         loaded = self.loaded
@@ -666,7 +667,8 @@ class GPTModel:
             raise APIError(503, "no model is loaded yet", type="server_error")
         unfit = request.unfit_for(loaded.block_size, loaded.model.config.vocab_size)
         if unfit:
-            raise APIError(400, *unfit)
+            why, param, code = unfit
+            raise APIError(400, why, param, code=code)
         now = time.monotonic()
         if not self.queued and not self.running:
             self.last_progress = now  # an idle loop was not stalled

@@ -43,7 +43,7 @@ from orchestrator.serving import decode_kernel
 from orchestrator.serving.generation import Chunk, GenerationRequest, Row, sample_tokens
 from orchestrator.serving.paged import (PagedKVCache, Segment, cache_slots, first_of_run,
                                         paged_forward)
-from orchestrator.serving.protocol import kv_cache_refusal
+from orchestrator.serving.protocol import CONTEXT_LENGTH_EXCEEDED, kv_cache_refusal
 from orchestrator.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,10 @@ log = logging.getLogger(__name__)
 class CapacityError(ValueError):
     """A request that this engine can never run: it names the limit it exceeds."""
 
-    def __init__(self, message: str, param: str = "max_tokens") -> None:
+    def __init__(self, message: str, param: str = "max_tokens",
+                 code: str | None = None) -> None:
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code  # code: the 400's (protocol.APIError's)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ def check_request(request: GenerationRequest, context: int, limits: EngineLimits
     capacity = limits.num_blocks * limits.block_tokens
     if positions_needed(request) > capacity:
         raise CapacityError(*kv_cache_refusal(len(request.context), request.remaining,
-                                              capacity, "prompt", "max_tokens"))
+                                              capacity, "prompt", "max_tokens"),
+                            CONTEXT_LENGTH_EXCEEDED)
 
 
 @dataclass

@@ -41,7 +41,7 @@ Events (host -> replica; lists):
                                     failure is answered "gone"
     ("gone", engine_id, key)        an add for an engine already gone (failed or never
                                     opened): the request never ran
-    ("rejected", engine_id, key, message, param)   add refused: over the engine's capacity
+    ("rejected", engine_id, key, message, param, code)   add refused: over its capacity
     ("closed", engine_id)           a retired engine finished its rows
     ("probe", token, problem)       problem: None when healthy
     ("host_died", message)          (made by the replica's end when the host is gone)
@@ -129,7 +129,7 @@ class EngineHost:
         try:
             engine.add(key, request, arrived)
         except CapacityError as e:  # the replica checks first; a race with new limits
-            return [("rejected", engine_id, key, str(e), e.param)]
+            return [("rejected", engine_id, key, str(e), e.param, e.code)]
         self.held[engine_id].add(key)
         return []
 

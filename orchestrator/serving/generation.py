@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from orchestrator.serving.protocol import CONTEXT_LENGTH_EXCEEDED
 from orchestrator.serving.text import TextStream
 from orchestrator.tokenizer import ByteTokenizer, Tokenizer
 
@@ -62,21 +63,23 @@ class GenerationRequest:
     def remaining(self) -> int:
         return self.params.max_tokens - len(self.generated)
 
-    def unfit_for(self, context: int, token_ids: int) -> tuple[str, str] | None:
-        """(why, the request field at fault) when a model of `context` positions whose
+    def unfit_for(self, context: int, token_ids: int) -> tuple[str, str, str | None] | None:
+        """(why, the request field at fault, the error's code: OpenAI's
+        context_length_exceeded for a length) when a model of `context` positions whose
         embedding reads ids 0..token_ids-1 cannot run this request, else None. The ingress
         checks against the model it last asked about; after a hot reload to another context
         or vocabulary, a request may reach a model that cannot run it."""
         bad = next((t for t in self.context if not 0 <= t < token_ids), None)
         if bad is not None:
             return (f"token id {bad} is not one this model reads (ids 0-{token_ids - 1}); "
-                    "the model served may have changed: retry", "prompt")
+                    "the model served may have changed: retry", "prompt", None)
         needed = len(self.context) + self.remaining
         if needed > context:  # (a prompt that fills the context alone is the one at fault)
             return (f"This model's maximum context length is {context} tokens, however you "
                     f"requested {needed} tokens ({len(self.context)} in the prompt; "
                     f"{self.remaining} for the completion)",
-                    "prompt" if len(self.context) >= context else "max_tokens")
+                    "prompt" if len(self.context) >= context else "max_tokens",
+                    CONTEXT_LENGTH_EXCEEDED)
         return None
 
     def resumed_after(self, tokens: tuple[int, ...]) -> "GenerationRequest":

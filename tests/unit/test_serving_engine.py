@@ -403,3 +403,17 @@ def test_a_model_with_more_ids_than_its_tokenizer_never_emits_one_it_cannot_deco
     while not engine.idle:
         engine.step()  # raised ValueError: token id ... is outside the byte tokenizer's
     assert len(generate(wide, requests, 64, tokenizer)) == 2
+
+
+def test_the_engines_refusals_over_the_context_or_cache_carry_openais_code():
+    # The ingress's 400s had code context_length_exceeded, the replica's own (a request
+    # reaching it after a reload shrank the context or the cache) had none.
+    cache_of_64 = EngineLimits(max_rows=4, num_blocks=4, block_tokens=16)
+    for prompt, max_tokens, context in ((100, 1, 512), (60, 10, 512), (64, 5, 64), (60, 5, 64)):
+        with pytest.raises(CapacityError) as refused:
+            check_request(GenerationRequest((1,) * prompt, SamplingParams(max_tokens)), context,
+                          cache_of_64, 257)
+        assert refused.value.code == "context_length_exceeded", str(refused.value)
+    with pytest.raises(CapacityError) as refused:  # not a length: no code
+        check_request(GenerationRequest((300,), SamplingParams(1)), 64, cache_of_64, 257)
+    assert refused.value.code is None

@@ -421,3 +421,19 @@ def test_serves_view_is_one_controller_call_at_a_time_and_bounded():
     assert calls == [1] and waited < serve_app.MODEL_STATE_WAIT_S + 1
     assert set(states) == {again} == {
         f"Serve's controller did not answer within {serve_app.MODEL_STATE_WAIT_S:g} s"}
+
+
+def test_a_request_over_the_served_context_has_openais_context_length_code(replicas, tmp_path):
+    # The replica's own refusal (the model reloaded to a shorter context since the ingress
+    # checked) had code null, where the ingress's says context_length_exceeded.
+    from orchestrator.serving.generation import GenerationRequest, SamplingParams
+    from orchestrator.serving.protocol import APIError
+
+    replica = replicas()
+    asyncio.run(replica.reconfigure({"checkpoint": checkpoint(tmp_path / "run", 1),
+                                     "batching": "static"}))
+    with pytest.raises(APIError) as refused:
+        asyncio.run(replica.generate(GenerationRequest((1,) * 30, SamplingParams(5))))
+    assert (refused.value.status, refused.value.param, refused.value.code) == (
+        400, "max_tokens", "context_length_exceeded"), refused.value.message
+    assert refused.value.type == "invalid_request_error"
