@@ -48,8 +48,8 @@ class Yielded(BaseException):
 
 def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = None) -> None:
     """ray.train.report(metrics, checkpoint); and when the scheduler has asked this job to
-    yield and rank 0 saves a checkpoint with this report, "yielded" joins that report's
-    metrics and Yielded is raised on every rank after it."""
+    yield and any rank passes a checkpoint with this report, "yielded" joins that report's
+    metrics (on every rank) and Yielded is raised on every rank after it."""
     global _watch, _pending
     problem = report_arguments_problem(metrics, checkpoint)
     if problem:
