@@ -43,6 +43,10 @@ def test_a_body_led_by_a_utf8_byte_order_mark_is_read():
     # parser ignore it, and the error json gives ("decode using utf-8-sig") means nothing to
     # a curl user.
     assert parse_json_body('\ufeff{"prompt": "hi"}'.encode()) == {"prompt": "hi"}
+    # An invalid byte after the mark is named where it is in the body (the offset was counted
+    # after the mark: "byte 7 (0x3a)", a valid ':').
+    with pytest.raises(APIError, match=r"not valid UTF-8: byte 10 \(0xff\)"):
+        parse_json_body(b'\xef\xbb\xbf{"a": "\xff"}')
 
 
 @pytest.mark.parametrize("body, param, words", [
