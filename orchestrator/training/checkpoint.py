@@ -9,6 +9,9 @@ A sharded checkpoint (strategy fsdp) holds `meta.pt` (+ `.sha256`: step, config,
 names of pending gradients, and the sha256 of every shard file; written by rank 0 after all
 the shards) and `torch.distributed.checkpoint`'s files: `.metadata` and one
 `__<rank>_0.distcp` per worker with its shards of the model, optimizer and pending gradients.
+DCP itself reads its `.metadata` index with plain `pickle.load`; it is read here by an
+unpickler that builds only DCP's own metadata types, torch dtypes, sizes, layouts and paths
+(`_IndexUnpickler`), so a sharded checkpoint cannot run code either.
 A shard that does not match its recorded sha256 makes the checkpoint unusable, as a corrupt
 `state.pt` does (a flipped byte otherwise loaded silently as garbage optimizer state). Each
 worker may write into its own directory; Ray Train merges the workers'
@@ -19,8 +22,10 @@ the current worker count.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -262,6 +267,63 @@ def save_sharded(directory: str | os.PathLike, tensors: dict[str, Any], meta: di
         save_tensors(directory / SHARDED_META_FILE, {**meta, SHARD_DIGESTS: digests})
 
 
+# What a DCP index (.metadata) pickle may name besides DCP's own metadata classes and torch
+# dtypes: the checkpoint's path (StorageMeta), tensor sizes and layouts, the filesystem
+# reader's per-item storage record.
+_INDEX_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                  ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                  ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+                  ("collections", "OrderedDict"),
+                  ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+_INDEX_MODULE = "torch.distributed.checkpoint.metadata"
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that builds only what a DCP index holds (Python's documented way to
+    restrict unpickling): any other global - a function to call - is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _INDEX_GLOBALS:
+            return super().find_class(module, name)
+        if module == _INDEX_MODULE:
+            import torch.distributed.checkpoint.metadata as dcp_metadata
+
+            found = getattr(dcp_metadata, name, None)
+            if isinstance(found, type) and found.__module__ == _INDEX_MODULE:
+                return found
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint index type "
+                                     "(refused: unpickling it could run code)")
+
+
+@functools.cache
+def _safe_reader_class() -> type:
+    """torch.distributed.checkpoint's FileSystemReader, its index read by _IndexUnpickler."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as index:
+                try:
+                    metadata = _IndexUnpickler(index).load()
+                except Exception as e:
+                    raise CheckpointError(f"sharded checkpoint index {path} cannot be read "
+                                          f"safely: {e}") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader
+
+
+def _safe_reader(directory: str | os.PathLike):
+    return _safe_reader_class()(str(directory))
+
+
 def _gathered(mine: dict[str, str]) -> dict[str, str]:
     """Every worker's {shard file: sha256} merged (collective when a process group is up)."""
     import torch.distributed as dist
@@ -280,7 +342,8 @@ def load_sharded_into(directory: str | os.PathLike, tensors: dict[str, Any]) -> 
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(tensors, checkpoint_id=str(directory))
+        dcp.load(tensors, checkpoint_id=str(directory),
+                 storage_reader=_safe_reader(directory))
     except _dcp_errors() as e:  # DCP wraps every rank's failure in its own exception types
         raise CheckpointError(f"sharded checkpoint {directory} cannot be loaded: "
                               f"{_dcp_problem(e)}") from e
@@ -289,11 +352,9 @@ def load_sharded_into(directory: str | os.PathLike, tensors: dict[str, Any]) -> 
 def sharded_optimizer_names(directory: str | os.PathLike) -> set[str]:
     """The parameters a sharded checkpoint holds optimizer state for (its index's keys are
     'optimizer.state.<parameter>.<entry>'); CheckpointError naming it if unreadable."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     prefix = "optimizer.state."
     try:
-        keys = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        keys = _safe_reader(directory).read_metadata().state_dict_metadata
     except _dcp_errors() as e:
         raise CheckpointError(f"sharded checkpoint {directory}: its {DCP_METADATA_FILE} "
                               f"cannot be read: {_dcp_problem(e)}") from e
@@ -303,14 +364,13 @@ def sharded_optimizer_names(directory: str | os.PathLike) -> set[str]:
 def _load_sharded_whole(directory: Path) -> dict[str, Any]:
     """A sharded checkpoint read whole in this process, no process group needed: the same
     entries as a full checkpoint's state (the optimizer's state keyed by parameter name)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     meta = checkpoint_header(directory)
     tensors: dict[str, Any] = {}
     try:
-        _load_state_dict(tensors, storage_reader=FileSystemReader(str(directory)),
+        _load_state_dict(tensors, storage_reader=_safe_reader(directory),
                          planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     except _dcp_errors() as e:
         raise CheckpointError(f"sharded checkpoint {directory} cannot be read: "

@@ -359,6 +359,40 @@ def test_checkpoint_carrying_code_is_never_unpickled(tmp_path):
         load_checkpoint(tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_sharded_checkpoints_index_carrying_code_is_never_unpickled(tmp_path):
+    # torch.distributed.checkpoint reads its .metadata index with plain pickle.load: a
+    # sharded checkpoint from elsewhere ran code on load, though its meta.pt is weights_only
+    # (whoever writes .metadata also writes the digest meta.pt records for it).
+    import pickle
+
+    from orchestrator.training.checkpoint import (DCP_METADATA_FILE, SHARD_DIGESTS,
+                                                  save_sharded, save_tensors, sha256_file,
+                                                  sharded_optimizer_names)
+
+    directory = tmp_path / "checkpoint_00000001"
+    save_sharded(directory, {"model": {"w": torch.ones(2)}, "pending": {},
+                             "optimizer": {"state": {}, "param_groups": []}},
+                 {"step": 1}, rank=0)
+    assert load_checkpoint(directory)["model"]["w"].tolist() == [1.0, 1.0]  # a real one loads
+    assert sharded_optimizer_names(directory) == set()
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    index = directory / DCP_METADATA_FILE
+    index.write_bytes(pickle.dumps(Evil()))
+    meta = torch.load(directory / "meta.pt", weights_only=True)
+    meta[SHARD_DIGESTS][DCP_METADATA_FILE] = sha256_file(index)  # consistent, as a forger's
+    save_tensors(directory / "meta.pt", meta)
+    for read in (load_checkpoint, sharded_optimizer_names):
+        with pytest.raises(CheckpointError, match=f"{DCP_METADATA_FILE}.*(posix|os).mkdir"):
+            read(directory)
+        assert not marker.exists()
+
+
 EVERY_2 = dict(checkpoint_every=2, log_every=2)  # checkpoints to fall back on, in few steps
 
 
