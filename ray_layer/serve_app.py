@@ -546,8 +546,13 @@ class Ingress:
             return APIError(503, f"no model replica could serve the request "
                                  f"({type(e).__name__}); retry shortly", type="server_error",
                             code="unavailable")
+        # The client gets the exception's type only: its text can be a replica's whole
+        # traceback (a RayTaskError's: file paths, pid, IP); the operator's log has it all.
         log.exception("internal error", exc_info=e)
-        return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+        cause = getattr(e, "cause", None)  # (a RayTaskError's: what the replica raised)
+        kind = type(cause if isinstance(cause, BaseException) else e).__name__
+        return APIError(500, f"internal error ({kind}); the server's log holds the details",
+                        type="server_error")
 
     def _error_response(self, e: Exception, route: str, started: float) -> JSONResponse:
         error = self._as_api_error(e)

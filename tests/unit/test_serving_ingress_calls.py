@@ -3,6 +3,7 @@ of the model replicas, and what it answers, without Ray. The live paths are in
 tests/integration/test_serving_ingress.py."""
 import asyncio
 import json
+import logging
 import time
 
 import pytest
@@ -147,6 +148,28 @@ def test_a_client_that_leaves_while_sending_is_not_a_server_error():
     from orchestrator.metric_catalogue import serve_error_kind
 
     assert serve_error_kind(error.status, error.code) == "client_closed"
+
+
+def test_an_unexpected_error_tells_the_client_no_traceback_and_logs_it_whole():
+    # A replica's exception reaches the ingress as a RayTaskError whose text is the remote
+    # traceback (file paths, the replica's pid and IP): it was the client's 500 message.
+    from ray.exceptions import RayTaskError
+
+    remote = RayTaskError("GPTModel.generate", "Traceback (most recent call last):\n  File "
+                          '"/home/op/secret_dir/serve_model.py", line 1\nRuntimeError: boom',
+                          RuntimeError("boom"))
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(logging.Formatter().format(record))
+    serve_app.log.addHandler(handler)  # (Ray's "ray.serve" logger does not propagate)
+    try:
+        error = ingress(None)._as_api_error(remote)
+    finally:
+        serve_app.log.removeHandler(handler)
+    assert error.status == 500 and error.type == "server_error"
+    assert "secret_dir" not in json.dumps(error.body()) and "Traceback" not in error.message
+    assert "RuntimeError" in error.message  # what kind of failure, no more
+    assert "secret_dir" in "".join(logged)  # the operator's log keeps it all
 
 
 def test_the_served_model_can_be_retrieved_by_its_id_and_another_is_a_404():
