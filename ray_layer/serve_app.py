@@ -98,6 +98,15 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 
+def failure_without_traceback(error: BaseException) -> str:
+    """"Type: message" of a failure, for a client to read: a RayTaskError's text is the remote
+    traceback (file paths, pid, IP), so what the replica raised is named instead."""
+    cause = getattr(error, "cause", None)
+    if isinstance(error, ray.exceptions.RayTaskError) and isinstance(cause, BaseException):
+        error = cause
+    return f"{type(error).__name__}: {error}"
+
+
 def was_taken(response) -> bool:
     """Whether Serve's router gave the call to a replica (its private future, pinned Ray)."""
     future = response._replica_result_future
@@ -269,7 +278,7 @@ class Ingress:
                 stats = await asyncio.wait_for(self.model.replica_stats.remote(),
                                                timeout=HEALTH_REPLICA_WAIT_S)
             except Exception as e:
-                error = f"{type(e).__name__}: {e}"
+                error = failure_without_traceback(e)
             else:
                 status = "degraded" if stats.get("reload_error") else "ok"
                 return JSONResponse({"status": status, "model": self.settings.model_name,

@@ -172,6 +172,33 @@ def test_an_unexpected_error_tells_the_client_no_traceback_and_logs_it_whole():
     assert "secret_dir" in "".join(logged)  # the operator's log keeps it all
 
 
+def test_health_names_a_replicas_failure_without_its_remote_traceback(monkeypatch):
+    # /health's 503 said f"{type(e).__name__}: {e}": for a replica that raised, the remote
+    # traceback (file paths, pid, IP) went to whoever asked.
+    from types import SimpleNamespace
+
+    from ray.exceptions import RayTaskError
+
+    async def replica_stats():
+        raise RayTaskError("GPTModel.replica_stats", "Traceback (most recent call last):\n"
+                           '  File "/home/op/secret_dir/serve_model.py", line 1\n'
+                           "RuntimeError: boom", RuntimeError("boom"))
+
+    async def unknown_state():
+        return "the controller did not answer"
+
+    ing = ingress(None)
+    ing.model = SimpleNamespace(deployment_name="GPTModel",
+                                replica_stats=SimpleNamespace(remote=replica_stats))
+    ing._deployment_state = unknown_state
+    ing.retries = {}
+    monkeypatch.setattr(serve_app, "routable_replicas", lambda handle: 1)
+    response = asyncio.run(ing.health())
+    body = json.loads(response.body)
+    assert response.status_code == 503 and "RuntimeError: boom" in body["error"], body
+    assert "secret_dir" not in response.body.decode()
+
+
 def test_the_served_model_can_be_retrieved_by_its_id_and_another_is_a_404():
     # openai-python's client.models.retrieve(id): a route that did not exist (404 Not Found).
     async def model_info():
