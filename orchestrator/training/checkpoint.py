@@ -304,6 +304,8 @@ def _safe_reader_class() -> type:
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeFileSystemReader(FileSystemReader):
+        """FileSystemReader whose index (.metadata) is unpickled by _IndexUnpickler."""
+
         def read_metadata(self, *args: Any, **kwargs: Any):
             path = self._get_metadata_path(kwargs.get("rank"))
             with self.fs.create_stream(path, "rb") as index:
