@@ -148,7 +148,7 @@ def output_refusal(out: Path) -> str | None:
     or a model not exported here. An earlier export there is replaced."""
     from orchestrator.compression.artifacts import file_in_the_way
     from orchestrator.runs import COMPRESS_CONFIG_FILE
-    from orchestrator.serving.loading import INT8_FILE
+    from orchestrator.serving.loading import INT8_FILE, format_of
     from orchestrator.training.checkpoint import SHARDED_META_FILE, STATE_FILE
 
     blocker = file_in_the_way(out)
@@ -164,9 +164,11 @@ def output_refusal(out: Path) -> str | None:
     if (out / COMPRESS_CONFIG_FILE).exists():
         return (f"it holds a jobs/compress.py --out ({COMPRESS_CONFIG_FILE}), whose int8/ "
                 f"export would be served with the {TOKENIZER_FILE} written beside it")
-    if (out / "int8" / INT8_FILE).exists():  # (what model_directories takes for one, too)
-        return (f"it holds an INT8 export (int8/{INT8_FILE}), which would be served with the "
-                f"{TOKENIZER_FILE} written beside it")
+    inside = format_of(out / "int8")  # what model_directories takes for a compress output
+    if inside is not None:
+        what = (f"an INT8 export (int8/{INT8_FILE})" if inside.marker == INT8_FILE
+                else f"a model in int8/ ({inside.marker})")
+        return f"it holds {what}, which would be served with the {TOKENIZER_FILE} written beside it"
     try:
         config = json.loads((out / CONFIG_FILE).read_text())
     except FileNotFoundError:

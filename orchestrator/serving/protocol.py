@@ -37,6 +37,8 @@ from orchestrator.validation import is_int, is_number
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+# Prompts one /v1/completions request may hold (ServeSettings.max_prompts_per_request's default).
+MAX_PROMPTS = 32
 MAX_STOP_CHARS = 64
 VOCAB_SIZE = 256  # the bytes without end-of-text: what Encoder assumes when not told
 # int64: one range without aliases (2**64 - 1 would draw as -1 does); generation.Row seeds its
@@ -178,7 +180,7 @@ class Encoder:
 
 
 def check_request_fields(data: dict[str, Any], *, chat: bool, model_name: str,
-                         max_prompts: int = 32) -> None:
+                         max_prompts: int = MAX_PROMPTS) -> None:
     """What can be refused without the served model: unknown fields, another model's name,
     fields this server takes only at their defaults, the prompts' shape and count (at most
     `max_prompts`) or chat's messages, the token limit's type and the sampling and streaming
@@ -223,7 +225,7 @@ def _token_limit(data: dict[str, Any], chat: bool) -> tuple[str, Any]:
 
 
 def parse_completion_request(data: dict[str, Any], *, block_size: int, model_name: str,
-                             max_prompts: int = 32, encoder: Encoder | None = None,
+                             max_prompts: int = MAX_PROMPTS, encoder: Encoder | None = None,
                              kv_cache_tokens: int | None = None) -> CompletionRequest:
     """Validate a decoded /v1/completions body against the served model's context, and with
     continuous batching the replica's KV cache (`kv_cache_tokens`): every prompt is checked

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 from orchestrator.config import ConfigError, from_mapping, unknown_fields
 from orchestrator.serving.batching import BatchBounds
+from orchestrator.serving.protocol import MAX_PROMPTS
 
 # The app as Serve imports it (`serve run ray_layer.serve_app:app`), and its model deployment.
 IMPORT_PATH = "ray_layer.serve_app:app"
@@ -131,7 +132,7 @@ class ServeSettings:
     # Per model replica; 0 = max_batch_size x max_concurrent_batches x QUEUED_ROUNDS.
     max_ongoing_requests: int = 0
     # Requests.
-    max_prompts_per_request: int = 32
+    max_prompts_per_request: int = MAX_PROMPTS
     max_body_bytes: int = 1 << 20
     request_retries: int = 3  # times the ingress resends a request whose replica died
     # How long a request waits for a model replica to take it (none running: all replaced or

@@ -292,6 +292,16 @@ def test_a_compress_out_is_refused_its_int8_export_would_read_the_tokenizer(tmp_
     err = capsys.readouterr().err
     assert code == 2 and f"--out {deploy}: it holds an INT8 export (int8/{INT8_FILE})" in err, err
     assert sorted(p.name for p in deploy.iterdir()) == ["int8"]
+    # A checkpoint copied in as int8/ (any model format model_directories takes there).
+    from orchestrator.training.checkpoint import STATE_FILE
+
+    copied = tmp_path / "copied"
+    (copied / "int8").mkdir(parents=True)
+    (copied / "int8" / STATE_FILE).write_bytes(b"state")
+    code = export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(copied)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--out {copied}: it holds a model in int8/ ({STATE_FILE})" in err, err
+    assert sorted(p.name for p in copied.iterdir()) == ["int8"]
 
 
 def copy_export(source, target, **config_changes):

@@ -613,9 +613,6 @@ class TwoRanks:
     def get_world_size(self):
         return 2
 
-    def broadcast_object_list(self, box, src=0):  # rank 0's own value stays
-        self.calls += 1
-
     def all_gather_object(self, out, mine):
         out[self.rank], out[1 - self.rank] = mine, self.peer(self.calls)
         self.calls += 1
