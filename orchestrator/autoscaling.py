@@ -77,11 +77,14 @@ def node_types_from_config(config: dict[str, Any]) -> tuple[NodeType, ...]:
 def _cluster_max_workers(config: dict[str, Any]) -> int | None:
     """The config's top-level max_workers (None when absent); ValueError naming it."""
     raw = config.get("max_workers")
-    if raw is None:
-        return None
-    if not (is_int(raw) and raw >= 0):  # (int() read 2.7 as 2, true as 1)
-        raise ValueError(f"the cluster config's max_workers must be a whole number >= 0, "
-                         f"not {raw!r}")
+    return None if raw is None else _whole_number(raw, "the cluster config's max_workers")
+
+
+def _whole_number(raw: Any, what: str) -> int:
+    """`raw` when it is an int >= 0, else ValueError naming `what` (int() read 2.7 as 2,
+    true as 1, and took -1)."""
+    if not (is_int(raw) and raw >= 0):
+        raise ValueError(f"{what} must be a whole number >= 0, not {raw!r}")
     return raw
 
 
@@ -95,13 +98,16 @@ def _node_type(name: str, raw: Any, default_max: Any) -> NodeType:
                         if str(key).startswith(ACCELERATOR_RESOURCE_PREFIX)), "")
     family = accelerator_family(str(labels.get(LABEL_ACCELERATOR_TYPE, "")) or
                                 accelerator.removeprefix(ACCELERATOR_RESOURCE_PREFIX))
+    gpus = _whole_number(resources.get("GPU", 0), f"node type {name!r}: GPU")
+    max_workers = _whole_number(raw.get("max_workers", default_max),
+                                f"node type {name!r}: max_workers")
     try:
         return NodeType(
-            name=name, cpus=float(resources.get("CPU", 0)), gpus=int(resources.get("GPU", 0)),
+            name=name, cpus=float(resources.get("CPU", 0)), gpus=gpus,
             family=family, accelerator_resource=accelerator,
             gpu_memory_gb=_optional_float(labels.get(LABEL_ACCELERATOR_MEMORY_GB)),
             network_gbps=_optional_float(labels.get(LABEL_NETWORK_GBPS)),
-            max_workers=int(raw.get("max_workers", default_max)))
+            max_workers=max_workers)
     except (TypeError, ValueError) as e:
         raise ValueError(f"node type {name!r}: {e}") from None
 

@@ -299,3 +299,18 @@ def test_a_cluster_max_workers_that_is_not_a_whole_number_is_named(value):
     with pytest.raises(ValueError, match="the cluster config's max_workers must be a whole "
                                          "number >= 0"):
         node_types_from_config({"max_workers": value, "available_node_types": {}})
+
+
+@pytest.mark.parametrize("field", ["max_workers", "GPU"])
+@pytest.mark.parametrize("value", [2.7, True, "3", -1])
+def test_a_node_types_max_workers_or_gpus_that_is_not_a_whole_number_is_named(field, value):
+    # int() read 2.7 as 2 and true as 1, and -1 was taken, as the cluster's max_workers no
+    # longer is.
+    node_type = {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2}
+    if field == "GPU":
+        node_type["resources"]["GPU"] = value
+    else:
+        node_type["max_workers"] = value
+    with pytest.raises(ValueError, match=f"node type 'w': {field} must be a whole number >= 0, "
+                                         f"not {value!r}"):
+        node_types_from_config({"available_node_types": {"w": node_type}})
