@@ -25,9 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("checkpoint", "out"):  # `--out "$DIR"` with DIR unset: not the cwd
         if not getattr(args, flag).strip():
             p.error(f"--{flag} is empty: give a directory")
-    # A `~` the shell left alone (--out=~/x, a job spec) is the home directory, as in
-    # --checkpoint and jobs/compress.py's --out, not a directory named "~".
-    args.out = str(Path(args.out).expanduser())
+    from orchestrator.hf_export import export_dir  # (a `~` the shell left alone: home)
+
+    args.out = str(export_dir(args.out))
     return args
 
 

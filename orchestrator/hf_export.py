@@ -143,7 +143,8 @@ def hf_config(model, tokenizer: Tokenizer | None, weights_sha256: str) -> dict[s
 def output_refusal(out: Path) -> str | None:
     """Why `out` must not receive an export: it cannot be a directory (a file, or a path
     under one), or it holds a training run or checkpoint, whose config.json and
-    tokenizer.json the export would overwrite (a resume reads them), or a compression's
+    tokenizer.json the export would overwrite (a resume reads them), or it is in a run's
+    checkpoint_* folder (checkpoint retention deletes it whole), or a compression's
     output (serving reads its int8/ model's tokenizer.json from there when int8/ has none),
     or a model not exported here. An earlier export there is replaced."""
     from orchestrator.compression.artifacts import file_in_the_way
@@ -155,11 +156,18 @@ def output_refusal(out: Path) -> str | None:
     if blocker is not None:
         return ("it is a file, not a directory" if blocker == out else
                 f"{blocker} is a file, so no directory can be made under it")
+    if out.is_dir() and (any(out.glob("checkpoint_*")) or any(
+            (out / f).exists() for f in (STATE_FILE, SHARDED_META_FILE))):
+        return "it holds a training run or checkpoint, which the export would overwrite"
+    inside = _runs_checkpoint_around(out)
+    if inside is not None:
+        run = inside.parent
+        return (f"it is {'' if inside == out.resolve() else 'in '}{inside}, a checkpoint "
+                f"folder of the run {run}, which the run's checkpoint retention deletes whole "
+                f"(and a resume takes for a checkpoint); give a path beside the run, e.g. "
+                f"{run.parent / (run.name + '-hf')}")
     if not out.is_dir():
         return None
-    if any(out.glob("checkpoint_*")) or any((out / f).exists()
-                                            for f in (STATE_FILE, SHARDED_META_FILE)):
-        return "it holds a training run or checkpoint, which the export would overwrite"
     # Serving reads the tokenizer of an int8/ without one from beside it (tokenizer_of_run).
     if (out / COMPRESS_CONFIG_FILE).exists():
         return (f"it holds a jobs/compress.py --out ({COMPRESS_CONFIG_FILE}), whose int8/ "
@@ -183,6 +191,33 @@ def output_refusal(out: Path) -> str | None:
         return ("it holds a Hugging Face model that jobs/export.py did not write (its "
                 "config.json has no exported_by), which the export would overwrite")
     return _changed_weights_refusal(out, config.get(WEIGHTS_SHA256_KEY))
+
+
+def _runs_checkpoint_around(out: Path) -> Path | None:
+    """The checkpoint_* folder of a run directory (one with a metrics log or a checkpoint)
+    that `out` is or is inside, else None: training's retention (session.py, Ray Train's)
+    deletes such a folder whole, an export in it with it."""
+    from orchestrator.runs import CHECKPOINT_PREFIX, METRICS_LOG, checkpoint_dirs
+    from orchestrator.training.checkpoint import SHARDED_META_FILE, STATE_FILE
+
+    def is_run(directory: Path) -> bool:
+        return (directory / METRICS_LOG).exists() or any(
+            (c / f).exists() for c in checkpoint_dirs(directory)
+            for f in (STATE_FILE, SHARDED_META_FILE))
+
+    try:
+        resolved = out.resolve()
+        return next((folder for folder in (resolved, *resolved.parents)
+                     if folder.name.startswith(CHECKPOINT_PREFIX) and is_run(folder.parent)),
+                    None)
+    except OSError:  # (no permission to look: check_output's other checks say so)
+        return None
+
+
+def export_dir(out_dir: str | os.PathLike) -> Path:
+    """The directory `--out` / `out_dir` names: a `~` the shell left alone (`--out=~/x`, a
+    job spec, a library call) is the home directory, not a folder named "~"."""
+    return Path(out_dir).expanduser()
 
 
 def _changed_weights_refusal(out: Path, recorded: Any) -> str | None:
@@ -243,8 +278,9 @@ def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list
     config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
     special_tokens_map.json). Files are written in a staging directory, then renamed."""
     check_exportable(model)
-    check_output(Path(out_dir))
-    return _write_export(model, tokenizer, Path(out_dir))
+    out = export_dir(out_dir)
+    check_output(out)
+    return _write_export(model, tokenizer, out)
 
 
 def _write_export(model, tokenizer: Tokenizer, out: Path) -> list[Path]:
@@ -400,7 +436,8 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
     from orchestrator.serving.loading import model_directories
     from orchestrator.training.checkpoint import first_that_loads
 
-    check_output(Path(out_dir))  # before the checkpoint is read: that can take a while
+    out = export_dir(out_dir)
+    check_output(out)  # before the checkpoint is read: that can take a while
     candidates, is_run = model_directories(path)
     (directory, state, model, train_config), skipped = first_that_loads(
         candidates, is_run, path, _load_exportable)
@@ -412,7 +449,7 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
     except (TokenizerError, OSError) as e:
         # (some of its messages name the checkpoint already)
         raise ExportError(str(e) if str(directory) in str(e) else f"{directory}: {e}") from None
-    files = _write_export(model, tokenizer, Path(out_dir))  # (--out checked above)
+    files = _write_export(model, tokenizer, out)  # (--out checked above)
     return files, {"checkpoint": str(directory), "step": state.get("step"),
                    "vocab_size": model.config.vocab_size, "tokenizer": tokenizer.name,
                    "params": sum(p.numel() for p in model.parameters()), "skipped": skipped}

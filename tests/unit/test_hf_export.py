@@ -811,3 +811,35 @@ def test_out_is_expanded_and_an_empty_flag_is_refused(tmp_path, monkeypatch, cap
         flag = "--out" if argv[-1] == "" else "--checkpoint"
         assert exit_.value.code == 2 and f"{flag} is empty" in capsys.readouterr().err
     assert not (tmp_path / "config.json").exists()
+
+
+def test_an_out_inside_a_runs_checkpoint_is_refused_naming_it(tmp_path, capsys):
+    """An export into a run's checkpoint folder was deleted with it by training's checkpoint
+    retention (and one named checkpoint_* beside them would be taken for one)."""
+    from jobs import export
+
+    run = tmp_path / "run"
+    checkpoint = save_untrained_checkpoint(run / "checkpoint_00000003", step=3)
+    for out, folder in ((checkpoint / "hf", checkpoint), (checkpoint / "a" / "b", checkpoint),
+                        (run / "checkpoint_hf", run / "checkpoint_hf")):
+        code = export.main(["--checkpoint", str(run), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--out {out}: " in err and str(folder) in err, err
+        assert "checkpoint retention" in err and str(tmp_path / "run-hf") in err, err
+        assert not out.exists() and not (checkpoint / "a").exists()
+    with pytest.raises(ExportError, match="checkpoint retention"):  # the library's call too
+        export_checkpoint(run, checkpoint / "hf")
+    # A folder of another name, or checkpoint_* outside any run, is fine.
+    for out in (tmp_path / "run-hf", tmp_path / "checkpoint_exports" / "m"):
+        assert export.main(["--checkpoint", str(run), "--out", str(out)]) == 0
+        assert (out / "config.json").is_file()
+
+
+def test_export_checkpoint_expands_a_tilde_in_out_as_the_cli_does(tmp_path, monkeypatch):
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    files, _ = export_checkpoint(tmp_path / "run", "~/model")
+    assert (tmp_path / "home" / "model" / "config.json").is_file()
+    assert all(f.parent == tmp_path / "home" / "model" for f in files)
+    assert not (tmp_path / "~").exists()
