@@ -31,8 +31,8 @@ from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEAB
                                   run_job)
 from orchestrator.launch import refuse_what_embedded_ray_cannot_hold
 from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError,
-                              has_checkpoints, not_a_run_dirs_files, read_metrics,
-                              resolve_run_dir, run_dir_held)
+                              has_checkpoints, not_a_run_dirs_files, resolve_run_dir,
+                              resume_point, run_dir_held)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
 from orchestrator.validation import given_by_flags
@@ -213,7 +213,7 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
     """Validated configs; a ConfigError names every bad field at once. `data_fields`: the
     TrainConfig fields the data and tokenizer flags resolved to (configure_data)."""
     taken = inherit_run_settings(args, run_dir) if args.resume else []
-    resumed_at = _resumed_step(run_dir) if args.resume else 0
+    resumed_at = resume_point(run_dir).step if args.resume else 0
     problems = _launcher_problems(args)
     fields = {"model_size": args.model_size, **(data_fields or {})}  # --init-from sets the size
     if "model_size" in getattr(args, "given", ()) and fields["model_size"] != args.model_size:
@@ -514,25 +514,23 @@ def dry_run(train_config: TrainConfig, spec: JobSpec, address: str | None) -> No
     return None
 
 
-def _resumed_step(run_dir: Path) -> int:
-    """The step a --resume of the run goes on from: its metrics log's last checkpoint that
-    is still there (a run stopped before its end; one an operator deleted to roll back does
-    not count), or, where the log records no checkpoint, its summary's."""
-    logged = [r for r in read_metrics(run_dir) if isinstance(r.get("checkpoint"), str)]
-    if logged:  # the checkpoints still there (a finished run rolled back trains again)
-        return max((r["step"] for r in logged if isinstance(r.get("step"), int)
-                    and Path(r["checkpoint"]).exists()), default=0)
-    steps = (_read_json(run_dir / SUMMARY_FILE) or {}).get("steps")
-    return steps if isinstance(steps, int) and not isinstance(steps, bool) else 0
-
-
 def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
-    """True (and says so) when the run already reached --max-steps (_resumed_step: a run
-    stopped before its end may be resumed with a lower one): nothing to start."""
-    done = _resumed_step(run_dir)
-    if done < train_config.max_steps:
+    """True (and says so) when the run already reached --max-steps (resume_point: a run
+    stopped before its end may be resumed with a lower one; a damaged checkpoint at or past
+    it does not count, and is named): nothing to start."""
+    point = resume_point(run_dir, train_config.max_steps)
+    for step, problem in point.unusable:
+        print(f"warning: the run's checkpoint of step {step} is unusable: {problem}",
+              file=sys.stderr)
+    if point.unusable:
+        print("warning: so this --resume " + (
+            f"resumes from step {point.step}, the newest checkpoint the metrics log lists "
+            "that verifies" if point.step else "resumes from the newest checkpoint in the run "
+            "directory that loads (the metrics log lists none older that verifies), or stops "
+            "naming why none does"), file=sys.stderr)
+    if point.step < train_config.max_steps:
         return False
-    _say_nothing_to_do(f"{run_dir} is already at step {done}", train_config)
+    _say_nothing_to_do(f"{run_dir} is already at step {point.step}", train_config)
     return True
 
 

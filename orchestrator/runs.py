@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from orchestrator.file_lock import claimed
 from orchestrator.hf_files import INDEX_FILE, SAFETENSORS_FILE
@@ -79,6 +79,50 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+class ResumePoint(NamedTuple):
+    """Where a --resume of a run goes on from: `step` (0: from no checkpoint the metrics log
+    lists), and (step, why) of each logged checkpoint at or past --max-steps passed over as
+    unusable (a resume standing on it would have had nothing to do)."""
+
+    step: int
+    unusable: tuple[tuple[int, str], ...] = ()
+
+
+def resume_point(run_dir: Path, max_steps: int | None = None) -> ResumePoint:
+    """The step a --resume of the run goes on from: its metrics log's last checkpoint that
+    is still there (a run stopped before its end; one an operator deleted to roll back does
+    not count), or, where the log records no checkpoint, its summary's. With `max_steps`, a
+    checkpoint at or past it counts only when its files verify (checkpoint_problem): a damaged
+    final checkpoint made the resume "nothing to do" for ever; below it the training loop
+    verifies and falls back itself, so nothing is hashed here."""
+    logged = [r for r in read_metrics(run_dir) if isinstance(r.get("checkpoint"), str)]
+    if not logged:
+        summary = Path(run_dir) / SUMMARY_FILE
+        try:
+            steps = json.loads(summary.read_text()).get("steps")
+        except FileNotFoundError:
+            return ResumePoint(0)
+        except (OSError, ValueError, AttributeError) as e:
+            raise RunDirError(f"cannot read {summary}: {e}") from None
+        return ResumePoint(steps if isinstance(steps, int) and not isinstance(steps, bool)
+                           else 0)
+    # (the checkpoints still there: a finished run rolled back trains again)
+    there = sorted({(r["step"], r["checkpoint"]) for r in logged
+                    if isinstance(r.get("step"), int) and not isinstance(r["step"], bool)
+                    and Path(r["checkpoint"]).exists()}, reverse=True)
+    unusable: list[tuple[int, str]] = []
+    for step, checkpoint in there:
+        if max_steps is None or step < max_steps:
+            return ResumePoint(step, tuple(unusable))
+        from orchestrator.training.checkpoint import checkpoint_problem
+
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return ResumePoint(step, tuple(unusable))
+        unusable.append((step, problem))
+    return ResumePoint(0, tuple(unusable))
 
 
 def has_checkpoints(run_dir: Path) -> bool:

@@ -229,6 +229,22 @@ def cut_short_problem(directory: str | os.PathLike) -> str | None:
     return f"checkpoint file missing: {directory / STATE_FILE}"
 
 
+def checkpoint_problem(directory: str | os.PathLike) -> str | None:
+    """Why the checkpoint `directory` cannot be resumed from by its files (cut short, a file
+    missing or not matching its recorded sha256: what the loop's checkpoint_header checks,
+    every shard hashed here; nothing unpickled but a sharded checkpoint's meta.pt), or None."""
+    directory = Path(directory)
+    try:
+        if is_sharded_checkpoint(directory):
+            checkpoint_header(directory)
+        else:
+            _refuse_cut_short(directory)
+            verify_checksum(directory / STATE_FILE)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
 def _refuse_cut_short(directory: Path) -> None:
     problem = cut_short_problem(directory)
     if problem:

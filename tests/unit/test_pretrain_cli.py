@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import RESUMABLE_CHANGES, TrainConfig
+from orchestrator.training.checkpoint import save_checkpoint
 
 PRETRAIN = Path(__file__).resolve().parents[2] / "jobs" / "pretrain.py"
 # This checkout's orchestrator package, not the one installed: a worktree's jobs/pretrain.py
@@ -172,7 +173,7 @@ def test_resuming_below_the_last_checkpoint_does_nothing(tmp_path):
         json.dumps({"step": step, "time": 0, "checkpoint": f"{run_dir}/ckpt_{step}"}) + "\n"
         for step in (300, 600, 900)))
     for step in (300, 600):  # 900's was deleted (rolled back): it does not count
-        (run_dir / f"ckpt_{step}").mkdir()
+        save_checkpoint(run_dir / f"ckpt_{step}", {"step": step})  # (600's is verified)
     result = run_pretrain("--resume", "--run-dir", str(run_dir), "--max-steps", "500",
                           tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -482,3 +483,24 @@ def test_training_docs_name_every_flag_a_resume_may_change():
              for field in sorted(RESUMABLE_CHANGES - {"init_from"})]
     unnamed = [flag for flag in flags if f'"{flag}"' in source and f"`{flag}`" not in bullet]
     assert unnamed == []
+
+
+def test_resume_of_a_run_whose_final_checkpoint_is_damaged_trains_again(tmp_path, capsys):
+    # The metrics log lists the final checkpoint, so --resume at the same --max-steps said
+    # "nothing to do" however damaged it was on disk. (Checked before Ray: no run here.)
+    from jobs import pretrain
+    from orchestrator.runs import append_metrics
+
+    run_dir = tmp_path / "run"
+    for step in (5, 10):
+        checkpoint = save_checkpoint(run_dir / f"checkpoint_{step:08d}", {"step": step}).parent
+        append_metrics(run_dir, {"step": step}, str(checkpoint))
+    assert pretrain._already_complete(run_dir, TrainConfig(max_steps=10))
+    assert "nothing to do" in capsys.readouterr().out
+    state = run_dir / "checkpoint_00000010" / "state.pt"
+    state.write_bytes(b"damaged")
+    assert not pretrain._already_complete(run_dir, TrainConfig(max_steps=10))
+    out, err = capsys.readouterr()
+    assert "nothing to do" not in out
+    assert f"checkpoint {state} is corrupt" in err and "step 10" in err
+    assert "resumes from step 5" in err, err

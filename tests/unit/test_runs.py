@@ -374,3 +374,33 @@ def test_what_a_refusal_puts_back_is_the_folder_under_the_lock_and_unguarded_not
             (tmp_path / "unguarded" / "config.json").write_text("{}")
             raise JobFailed("not placeable", EXIT_NOT_PLACEABLE)
     assert (tmp_path / "unguarded" / "config.json").exists()
+
+
+def _logged_run(run_dir, steps):
+    from orchestrator.training.checkpoint import save_checkpoint
+
+    for step in steps:
+        checkpoint = save_checkpoint(run_dir / f"checkpoint_{step:08d}", {"step": step}).parent
+        append_metrics(run_dir, {"step": step}, str(checkpoint))
+    return run_dir
+
+
+def test_a_damaged_final_checkpoint_is_not_taken_for_a_finished_run(tmp_path):
+    """--resume at the same --max-steps said "nothing to do" when the final checkpoint the
+    metrics log lists was damaged on disk: the run could never be completed again."""
+    from orchestrator.runs import resume_point
+
+    run_dir = _logged_run(tmp_path / "run", (5, 10))
+    assert resume_point(run_dir, 10).step == 10 and resume_point(run_dir, 10).unusable == ()
+    state = run_dir / "checkpoint_00000010" / "state.pt"
+    state.write_bytes(state.read_bytes()[:-1] + b"x")  # one byte changed
+    point = resume_point(run_dir, 10)
+    assert point.step == 5
+    [(step, problem)] = point.unusable
+    assert step == 10 and f"checkpoint {state} is corrupt" in problem
+    # Below --max-steps nothing is hashed here: the training loop verifies and falls back.
+    assert resume_point(run_dir, 20) == (10, ()) and resume_point(run_dir) == (10, ())
+    (run_dir / "checkpoint_00000005" / "state.pt.sha256").unlink()
+    point = resume_point(run_dir, 5)
+    assert point.step == 0 and [s for s, _ in point.unusable] == [10, 5]
+    assert "checkpoint file missing" in point.unusable[1][1]
