@@ -27,6 +27,7 @@ import hashlib
 import os
 import pickle
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,12 @@ def write_atomically(path: Path, write) -> None:
     """Write to a temp file in the same directory, fsync, then rename over the target: a crash
     leaves either the old file or the new one, never half of one. A write that fails (a full
     disk: torch.save says only "unexpected pos") removes its temp file and raises
-    CheckpointError naming the file and the free space left."""
-    tmp = path.with_name(path.name + ".tmp")
+    CheckpointError naming the file and the free space left. The temp file is this write's
+    own, created new ("x": never through a file or link already there, never into another
+    writer's temp file)."""
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -478,6 +478,22 @@ def test_a_save_on_a_full_disk_names_the_file_and_leaves_no_temp_file(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == []
 
 
+def test_a_save_never_writes_through_a_file_left_at_a_temp_name(tmp_path):
+    """A temp file of a fixed name (state.pt.tmp), opened to truncate, wrote through a link
+    planted there (into whatever it named), then moved the link over the checkpoint; two
+    writers of one file also wrote into each other's. Each save makes a temp file of its own."""
+    from orchestrator.training.checkpoint import write_atomically
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    target = tmp_path / "ckpt" / "state.pt"
+    target.parent.mkdir()
+    (target.parent / "state.pt.tmp").symlink_to(victim)
+    write_atomically(target, lambda f: f.write(b"new"))
+    assert victim.read_bytes() == b"keep"
+    assert not target.is_symlink() and target.read_bytes() == b"new"
+
+
 @pytest.mark.parametrize("schedule, expected", [
     # warmup 2 steps to lr=1.0, then per schedule; max_steps 12, min_lr 0.1, decay every 4
     ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
