@@ -184,3 +184,36 @@ def test_the_end_of_text_token_has_no_text_even_as_a_plain_vocabulary_entry(tmp_
     chunks = [row.accept(t) for t in (3, 1)]
     assert "".join(c.text for c in chunks) == " b"
     assert chunks[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("encode", ["encode", "encode_as_text"])
+def test_encoding_a_long_text_lets_other_threads_run(encode):
+    # tokenizers' Tokenizer.encode holds the GIL throughout: the serving ingress, which
+    # encodes a large prompt in a worker thread, still had its event loop stand still for
+    # the ~0.3 s a 1 MiB prompt took. encode_batch releases it.
+    import threading
+    import time
+
+    bpe = train_bpe([f"the quick brown fox {i} jumps over the lazy dog" for i in range(300)],
+                    400)
+    text = "the quick brown fox jumps over the lazy dog 12345 " * 10_000
+    gaps, done = [0.0], threading.Event()
+
+    def ticker():
+        last = time.monotonic()
+        while not done.is_set():
+            time.sleep(0.002)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    time.sleep(0.02)
+    started = time.monotonic()
+    ids = getattr(bpe, encode)(text)
+    took = time.monotonic() - started
+    done.set()
+    thread.join()
+    assert ids == bpe._tok.encode(text, add_special_tokens=False).ids
+    assert took > 0.05, f"the text took {took:.3f} s: too short to tell"
+    assert max(gaps) < took / 2, f"another thread stood still {max(gaps):.3f} s of {took:.3f} s"
