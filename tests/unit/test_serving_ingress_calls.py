@@ -4,6 +4,7 @@ tests/integration/test_serving_ingress.py."""
 import asyncio
 import json
 import logging
+import threading
 import time
 
 import pytest
@@ -385,3 +386,72 @@ def test_every_field_that_needs_no_model_is_refused_without_waiting_for_a_replic
                 (400, param), body
 
     asyncio.run(main())
+
+
+
+class SlowTokenizer:
+    """A tokenizer that holds its thread for `seconds` per text (a BPE over a long prompt),
+    noting the threads it ran on."""
+    name, vocab_size, eos_id = "slow", 257, None
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.threads = seconds, []
+
+    def encode(self, text: str) -> list[int]:
+        self.threads.append(threading.current_thread())
+        time.sleep(self.seconds)
+        return [1, 2, 3]
+
+    encode_as_text = encode
+
+
+def served_beside_a_ticker(body: dict, route: str, tokenizer) -> tuple[int, str, float]:
+    """Status and body of `body` encoded with `tokenizer`, and the longest the event loop
+    stood still meanwhile (a coroutine ticking every 10 ms)."""
+    async def model_info():
+        return INFO
+
+    async def encoder(info):
+        return Encoder(tokenizer, 257)
+
+    async def main():
+        ing = ingress(model_info)
+        ing._encoder = encoder
+        gaps, done = [0.0], False
+
+        async def ticker():
+            last = time.monotonic()
+            while not done:
+                await asyncio.sleep(0.01)
+                gaps.append(time.monotonic() - last)
+                last = time.monotonic()
+
+        ticking = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        response = await ing._serve(request(body, route), route)
+        done = True
+        await ticking
+        return response.status_code, response.body.decode(), max(gaps)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("route, field", [
+    (serve_app.COMPLETIONS_ROUTE, lambda text: {"prompt": text}),
+    (serve_app.CHAT_ROUTE, lambda text: {"messages": [{"role": "user", "content": text}]})])
+def test_a_large_prompt_is_tokenized_off_the_event_loop_and_a_small_one_on_it(route, field):
+    # A 1 MiB prompt took ~0.3 s with a BPE tokenizer, encoded on the ingress's event loop:
+    # every other request it handled (streams too) stood still meanwhile.
+    # (max_tokens over the context: refused once the prompt is encoded, before generation)
+    tokenizer = SlowTokenizer(0.4)
+    large = {**field("x" * serve_app.PARSE_OFF_LOOP_BYTES), "max_tokens": 1000}
+    status, body, gap = served_beside_a_ticker(large, route, tokenizer)
+    assert status == 400 and "maximum context length" in body
+    assert gap < 0.2, f"the event loop stood still {gap:.2f} s while a prompt was encoded"
+    assert tokenizer.threads and threading.main_thread() not in tokenizer.threads
+    # A small body is encoded where it is: no thread hop for the common case.
+    tokenizer.seconds, tokenizer.threads = 0.0, []
+    status, body, _ = served_beside_a_ticker({**field("hi"), "max_tokens": 1000}, route,
+                                             tokenizer)
+    assert status == 400 and "maximum context length" in body
+    assert tokenizer.threads and set(tokenizer.threads) == {threading.main_thread()}
