@@ -197,23 +197,26 @@ def test_encoding_a_long_text_lets_other_threads_run(encode):
     bpe = train_bpe([f"the quick brown fox {i} jumps over the lazy dog" for i in range(300)],
                     400)
     text = "the quick brown fox jumps over the lazy dog 12345 " * 10_000
-    gaps, done = [0.0], threading.Event()
+    ticks, done = [], threading.Event()
 
     def ticker():
-        last = time.monotonic()
         while not done.is_set():
             time.sleep(0.002)
-            gaps.append(time.monotonic() - last)
-            last = time.monotonic()
+            ticks.append(time.monotonic())
 
     thread = threading.Thread(target=ticker)
     thread.start()
     time.sleep(0.02)
     started = time.monotonic()
     ids = getattr(bpe, encode)(text)
-    took = time.monotonic() - started
+    ended = time.monotonic()
     done.set()
     thread.join()
     assert ids == bpe._tok.encode(text, add_special_tokens=False).ids
+    took = ended - started
     assert took > 0.05, f"the text took {took:.3f} s: too short to tell"
-    assert max(gaps) < took / 2, f"another thread stood still {max(gaps):.3f} s of {took:.3f} s"
+    # Counted, not timed: a thread ticking every 2 ms ticks about took/2 ms times while the
+    # GIL is free, and at most once or twice (at the edges) while encode holds it, however
+    # loaded the machine is.
+    during = sum(started < t < ended for t in ticks)
+    assert during >= 5, f"another thread ticked {during} times in the {took:.3f} s encode"
