@@ -388,7 +388,6 @@ def test_every_field_that_needs_no_model_is_refused_without_waiting_for_a_replic
     asyncio.run(main())
 
 
-
 class SlowTokenizer:
     """A tokenizer that holds its thread for `seconds` per text (a BPE over a long prompt),
     noting the threads it ran on."""
