@@ -201,7 +201,7 @@ class Ingress:
             protocol.check_content_type(request.headers.get("content-type"))
             body = await self._read_body(request)
             data = protocol.parse_json_body(body)
-            protocol.check_request_fields(
+            checked = protocol.check_request_fields(
                 data, chat=chat, model_name=self.settings.model_name,
                 max_prompts=self.settings.max_prompts_per_request)
             info = await self._model_info(max_age_s=1.0)
@@ -214,13 +214,13 @@ class Ingress:
                 parse = functools.partial(
                     protocol.parse_chat_request, data, block_size=info["context_length"],
                     model_name=self.settings.model_name, encoder=encoder,
-                    kv_cache_tokens=kv_cache_tokens)
+                    kv_cache_tokens=kv_cache_tokens, checked=checked)
             else:
                 parse = functools.partial(
                     protocol.parse_completion_request, data,
                     block_size=info["context_length"], model_name=self.settings.model_name,
                     max_prompts=self.settings.max_prompts_per_request, encoder=encoder,
-                    kv_cache_tokens=kv_cache_tokens)
+                    kv_cache_tokens=kv_cache_tokens, checked=checked)
             # (tokenizing a large prompt holds the loop: see PARSE_OFF_LOOP_BYTES)
             parsed = (await asyncio.to_thread(parse) if len(body) > PARSE_OFF_LOOP_BYTES
                       else parse())

@@ -179,8 +179,19 @@ class Encoder:
         return tuple(tokens)
 
 
+@dataclass(frozen=True)
+class CheckedFields:
+    """What check_request_fields validated, for parse_* to use rather than read again: chat's
+    messages or each prompt with its name, the token-limit field and value, the sampling and
+    streaming fields."""
+
+    items: Any
+    token_limit: tuple[str, Any]
+    sampling: dict[str, Any]
+
+
 def check_request_fields(data: dict[str, Any], *, chat: bool, model_name: str,
-                         max_prompts: int = MAX_PROMPTS) -> None:
+                         max_prompts: int = MAX_PROMPTS) -> CheckedFields:
     """What can be refused without the served model: unknown fields, another model's name,
     fields this server takes only at their defaults, the prompts' shape and count (at most
     `max_prompts`) or chat's messages, the token limit's type and the sampling and streaming
@@ -191,12 +202,8 @@ def check_request_fields(data: dict[str, Any], *, chat: bool, model_name: str,
     _refuse_unknown_fields(data, chat)
     _model(data, model_name)
     _refuse_non_defaults(data, _CHAT_ONLY_DEFAULT if chat else _ONLY_DEFAULT)
-    if chat:
-        _messages(data.get("messages"))
-    else:
-        _prompt_items(data, max_prompts)
-    _token_limit(data, chat)
-    _sampling(data)
+    items = _messages(data.get("messages")) if chat else _prompt_items(data, max_prompts)
+    return CheckedFields(items, _token_limit(data, chat), _sampling(data))
 
 
 def _sampling(data: dict[str, Any]) -> dict[str, Any]:
@@ -226,20 +233,23 @@ def _token_limit(data: dict[str, Any], chat: bool) -> tuple[str, Any]:
 
 def parse_completion_request(data: dict[str, Any], *, block_size: int, model_name: str,
                              max_prompts: int = MAX_PROMPTS, encoder: Encoder | None = None,
-                             kv_cache_tokens: int | None = None) -> CompletionRequest:
+                             kv_cache_tokens: int | None = None,
+                             checked: CheckedFields | None = None) -> CompletionRequest:
     """Validate a decoded /v1/completions body against the served model's context, and with
     continuous batching the replica's KV cache (`kv_cache_tokens`): every prompt is checked
-    against it here, and an unset max_tokens is cut to what it holds, as for chat."""
-    check_request_fields(data, chat=False, model_name=model_name, max_prompts=max_prompts)
+    against it here, and an unset max_tokens is cut to what it holds, as for chat.
+    `checked`: check_request_fields's result for `data`, where the caller has it."""
+    checked = checked or check_request_fields(data, chat=False, model_name=model_name,
+                                              max_prompts=max_prompts)
     model = data.get("model")
-    prompts = _prompts(data, max_prompts, encoder or Encoder())
+    prompts = _prompts(checked.items, encoder or Encoder())
     longest, name = _longest_prompt(prompts)
-    max_tokens = _max_tokens(data.get("max_tokens"), longest, block_size,
+    max_tokens = _max_tokens(checked.token_limit[1], longest, block_size,
                              _default_max_tokens(longest, block_size, kv_cache_tokens,
                                                  most=DEFAULT_MAX_TOKENS), name)
     _check_fits_cache(longest, max_tokens, kv_cache_tokens, name, "max_tokens")
     return CompletionRequest(prompts=prompts, max_tokens=max_tokens, model=model,
-                             **_sampling(data))
+                             **checked.sampling)
 
 
 def _model(data: dict[str, Any], model_name: str) -> str | None:
@@ -285,10 +295,10 @@ def _refuse_unknown_fields(data: dict[str, Any], chat: bool) -> None:
         raise bad_request(f"user must be a string, got {_json_type(data['user'])}", "user")
 
 
-def _prompts(data: dict[str, Any], max_prompts: int,
-             encoder: Encoder) -> tuple[tuple[int, ...], ...]:
+def _prompts(items: list[tuple[str, Any]], encoder: Encoder) -> tuple[tuple[int, ...], ...]:
+    """The prompts _prompt_items checked, as token ids."""
     return tuple(encoder.text(item, where) if isinstance(item, str) else encoder.ids(item, where)
-                 for where, item in _prompt_items(data, max_prompts))
+                 for where, item in items)
 
 
 def _prompt_items(data: dict[str, Any], max_prompts: int) -> list[tuple[str, Any]]:
@@ -385,17 +395,17 @@ def chat_reply_content(text: str) -> str:
 
 def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str,
                        encoder: Encoder | None = None,
-                       kv_cache_tokens: int | None = None) -> CompletionRequest:
+                       kv_cache_tokens: int | None = None,
+                       checked: CheckedFields | None = None) -> CompletionRequest:
     """Validate a decoded /v1/chat/completions body; the result holds the one templated
     prompt, with the template's stop sequence added to the client's. Unset, max_tokens is
     what the context has left, and what the replica's KV cache (`kv_cache_tokens`, with
     continuous batching) holds after the prompt."""
     encoder = encoder or Encoder()
-    check_request_fields(data, chat=True, model_name=model_name)
+    checked = checked or check_request_fields(data, chat=True, model_name=model_name)
     model = data.get("model")
-    messages = _messages(data.get("messages"))
-    prompt = chat_prompt(messages, encoder.tokenizer, encoder.token_ids)
-    field, value = _token_limit(data, chat=True)
+    prompt = chat_prompt(checked.items, encoder.tokenizer, encoder.token_ids)
+    field, value = checked.token_limit
     try:
         max_tokens = _max_tokens(value, len(prompt), block_size,
                                  _default_max_tokens(len(prompt), block_size, kv_cache_tokens))
@@ -406,7 +416,7 @@ def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str
     # (the replica knows only "max_tokens", which a chat client may not have sent)
     _check_fits_cache(len(prompt), max_tokens, kv_cache_tokens, "messages", field,
                       " with the template")
-    sampling = _sampling(data)
+    sampling = checked.sampling
     return CompletionRequest(prompts=(prompt,), max_tokens=max_tokens, model=model,
                              **{**sampling, "stop": sampling["stop"] + (CHAT_STOP,)})
 
@@ -529,9 +539,7 @@ def _max_tokens(value: Any, longest_prompt: int, block_size: int, default: int,
     room = block_size - longest_prompt
     if value is None:  # unset: the default, already cut to the room (_default_max_tokens)
         return default
-    if not is_int(value) or value < 1:
-        raise bad_request(f"max_tokens must be an integer >= 1, got {json.dumps(value)}",
-                          "max_tokens")
+    # (an integer >= 1: _token_limit checked it)
     if value > room:
         raise bad_request(f"This model's maximum context length is {block_size} tokens, "
                           f"however you requested {longest_prompt + value} tokens "
