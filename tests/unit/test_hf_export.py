@@ -281,27 +281,21 @@ def test_a_compress_out_is_refused_its_int8_export_would_read_the_tokenizer(tmp_
                          "(compress_config.json)" in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == ["compress_config.json", "int8"]
-    # Its int8/ copied to a folder of its own: serving takes that folder for a compress
-    # output all the same (model_directories), so the same tokenizer rule holds there.
+    # Its int8/ copied to a folder of its own, or a checkpoint copied in as int8/: serving
+    # takes either folder for a compress output all the same (model_directories), so the
+    # same tokenizer rule holds there.
     from orchestrator.serving.loading import INT8_FILE
-
-    deploy = tmp_path / "deploy"
-    (deploy / "int8").mkdir(parents=True)
-    (deploy / "int8" / INT8_FILE).write_bytes(b"int8")
-    code = export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(deploy)])
-    err = capsys.readouterr().err
-    assert code == 2 and f"--out {deploy}: it holds an INT8 export (int8/{INT8_FILE})" in err, err
-    assert sorted(p.name for p in deploy.iterdir()) == ["int8"]
-    # A checkpoint copied in as int8/ (any model format model_directories takes there).
     from orchestrator.training.checkpoint import STATE_FILE
 
-    copied = tmp_path / "copied"
-    (copied / "int8").mkdir(parents=True)
-    (copied / "int8" / STATE_FILE).write_bytes(b"state")
-    code = export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(copied)])
-    err = capsys.readouterr().err
-    assert code == 2 and f"--out {copied}: it holds a model in int8/ ({STATE_FILE})" in err, err
-    assert sorted(p.name for p in copied.iterdir()) == ["int8"]
+    for name, model_file, said in (("deploy", INT8_FILE, f"an INT8 export (int8/{INT8_FILE})"),
+                                   ("copied", STATE_FILE, f"a model in int8/ ({STATE_FILE})")):
+        folder = tmp_path / name
+        (folder / "int8").mkdir(parents=True)
+        (folder / "int8" / model_file).write_bytes(b"model")
+        code = export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(folder)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--out {folder}: it holds {said}" in err, err
+        assert sorted(p.name for p in folder.iterdir()) == ["int8"]
 
 
 def copy_export(source, target, **config_changes):
