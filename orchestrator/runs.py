@@ -116,6 +116,7 @@ def resume_point(run_dir: Path, max_steps: int | None = None) -> ResumePoint:
     for step, checkpoint in there:
         if max_steps is None or step < max_steps:
             return ResumePoint(step, tuple(unusable))
+        # (imported here: torch, only for a checkpoint at or past max_steps)
         from orchestrator.training.checkpoint import checkpoint_problem
 
         problem = checkpoint_problem(checkpoint)

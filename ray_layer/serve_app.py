@@ -104,12 +104,18 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 
-def failure_without_traceback(error: BaseException) -> str:
-    """"Type: message" of a failure, for a client to read: a RayTaskError's text is the remote
-    traceback (file paths, pid, IP), so what the replica raised is named instead."""
+def what_was_raised(error: BaseException) -> BaseException:
+    """What a replica raised, for a client to be told of: a RayTaskError's own text is the
+    remote traceback (file paths, pid, IP)."""
     cause = getattr(error, "cause", None)
     if isinstance(error, ray.exceptions.RayTaskError) and isinstance(cause, BaseException):
-        error = cause
+        return cause
+    return error
+
+
+def failure_without_traceback(error: BaseException) -> str:
+    """"Type: message" of a failure, for a client to read (what_was_raised)."""
+    error = what_was_raised(error)
     return f"{type(error).__name__}: {error}"
 
 
@@ -568,8 +574,7 @@ class Ingress:
         # The client gets the exception's type only: its text can be a replica's whole
         # traceback (a RayTaskError's: file paths, pid, IP); the operator's log has it all.
         log.exception("internal error", exc_info=e)
-        cause = getattr(e, "cause", None)  # (a RayTaskError's: what the replica raised)
-        kind = type(cause if isinstance(cause, BaseException) else e).__name__
+        kind = type(what_was_raised(e)).__name__
         return APIError(500, f"internal error ({kind}); the server's log holds the details",
                         type="server_error")
 
