@@ -4,6 +4,7 @@ prefill interleaved with decoding, admission bounded by free blocks, cancellatio
 import dataclasses
 
 import pytest
+import torch
 
 from orchestrator.serving import decode_kernel
 from orchestrator.serving.engine import (CapacityError, ContinuousEngine, EngineLimits,
@@ -77,6 +78,47 @@ def test_requests_joining_and_leaving_every_step_get_what_they_get_alone(model):
     changes = sum(a != b for a, b in zip(rows, rows[1:]))
     assert max(rows) >= 4 and changes >= 5, rows  # the batch really changed as it ran
     assert eng.free_blocks == LIMITS.num_blocks  # every block back
+
+
+@pytest.mark.parametrize("use_decode_kernel", [True, False], ids=["kernel", "matmul-paths"])
+def test_every_rows_logits_are_those_of_the_whole_sequence_recomputed(model, use_decode_kernel,
+                                                                      monkeypatch):
+    # At the logits, not the tokens (on these tiny models an error must flip an argmax to
+    # change a token): every sampled row's logits are those of the model's forward pass over
+    # its whole sequence so far, within fp32 rounding. Rows join at steps 0-9 and leave at
+    # others; prompts of exactly one and two blocks of 4, one past each, and shorter, are
+    # prefilled 3 tokens a step; one request fills the model's context, two stop after their
+    # prefill (max_tokens 1); rows sit in lanes, other runs and scattered blocks (24 blocks:
+    # the pool fragments).
+    from orchestrator.serving import engine as engine_module
+
+    limits = EngineLimits(max_rows=6, num_blocks=24, block_tokens=4, prefill_chunk_tokens=3)
+    eng = engine(model, limits)
+    eng.cache.use_decode_kernel = use_decode_kernel
+    sampled = []
+    sample = engine_module.sample_tokens
+    monkeypatch.setattr(engine_module, "sample_tokens", lambda logits, *args, **kw:
+                        sampled.append(logits) or sample(logits, *args, **kw))
+    arrivals = {0: [(4, 9), (5, 3), (1, 1)], 1: [(8, 6), (10, BLOCK - 10)], 2: [(3, 12), (12, 1)],
+                5: [(7, 20)], 9: [(16, 5), (17, 4)]}
+    sequences, kinds, step = {}, set(), 0
+    while step <= max(arrivals) or not eng.idle:
+        for i, (length, max_tokens) in enumerate(arrivals.get(step, [])):
+            prompt = tuple((7 * j + 3 * i + step) % 250 for j in range(length))
+            eng.add((step, i), greedy(bytes(prompt), max_tokens))
+            sequences[(step, i)] = list(prompt)
+        sampled.clear()
+        chunks = eng.step()
+        kinds |= {"lane" if eng.cache.lane_of(s.first_block) is not None
+                  else "run" if s.first_block is not None else "scattered" for s in eng.running}
+        for (key, chunk), logits in zip(chunks, sampled[0] if chunks else [], strict=True):
+            with torch.no_grad():
+                expected = model(torch.tensor([sequences[key]]))[0][0, -1]
+            torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5, msg=str(key))
+            sequences[key] += chunk.tokens
+        step += 1
+    assert kinds == {"lane", "run", "scattered"}
+    assert len(sequences[(1, 1)]) == BLOCK and eng.free_blocks == limits.num_blocks
 
 
 def test_seeded_rows_do_not_depend_on_their_neighbours(model):
