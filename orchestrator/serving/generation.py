@@ -129,9 +129,10 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     probs = torch.softmax(logits.float() / temperature.clamp(min=1e-6).unsqueeze(1), dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     # Keep the most likely tokens until their mass reaches top_p, the first one always: top_p
-    # 0 (which OpenAI accepts) keeps it alone, so it is greedy.
+    # 0 (which OpenAI accepts) keeps it alone, so it is greedy. top_p >= 1 keeps every token:
+    # over a large vocabulary the fp32 running mass reaches 1.0 hundreds of tokens early.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    kept = mass_before < top_p.unsqueeze(1)
+    kept = (mass_before < top_p.unsqueeze(1)) | (top_p >= 1).unsqueeze(1)
     kept[..., 0] = True
     sorted_probs = sorted_probs * kept
     cdf = sorted_probs.cumsum(dim=-1)

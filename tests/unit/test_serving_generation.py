@@ -71,6 +71,18 @@ def test_sampling_rules():
     assert torch.allclose(freq, torch.softmax(logits[0], 0), atol=0.02)
 
 
+def test_top_p_one_keeps_the_whole_vocabulary():
+    # On 32,000 tokens the fp32 running mass reaches 1.0 hundreds of tokens before the end;
+    # top_p 1 (OpenAI's "no nucleus cut") must still let a draw near u = 1 reach that tail.
+    logits = torch.randn(1, 32000, generator=torch.Generator().manual_seed(0)) * 3
+    sorted_probs, order = torch.softmax(logits, -1).sort(descending=True)
+    tail = (sorted_probs.cumsum(-1) - sorted_probs >= 1.0)[0]
+    assert tail.sum() > 100, "this distribution no longer reaches 1.0 early in fp32"
+    token = sample_tokens(logits, torch.ones(1), torch.ones(1), torch.tensor([1 - 2 ** -24]))
+    rank = (order[0] == token).nonzero().item()
+    assert tail[rank], f"picked rank {rank}; the tail starts at {tail.nonzero()[0].item()}"
+
+
 def test_stop_sequences_end_a_row_early(model):
     full = generate(model, [greedy(b"Hello", 20)], BLOCK)[0][0]
     stop = full[5:7]
