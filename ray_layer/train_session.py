@@ -27,7 +27,7 @@ from orchestrator.probes import nvml_index_and_process_bytes
 from orchestrator.runs import checkpoint_dirs, checkpoint_name
 from orchestrator.training.checkpoint import (CheckpointError, free_space_note,
                                               sync_directory, sync_tree)
-from orchestrator.training.loop import say, train
+from orchestrator.training.loop import TrainingDiverged, say, train
 from orchestrator.training.session import gpu_shortfall
 from ray_layer.scheduler_client import scheduler_or_none
 from ray_layer.telemetry import record_all
@@ -35,6 +35,10 @@ from ray_layer.telemetry import record_all
 # The key of train_under_ray's return value naming GPUs without the free memory asked: the
 # launcher's own name, as a user's loop returns its own values (Result.return_value) too.
 GPU_SHORTFALL = "orchestrator_gpu_too_small"
+# The key of its return value saying why the run diverged (TrainingDiverged): returned, not
+# raised, since Ray Train would restart the workers from the last checkpoint, and the same
+# seeds would diverge the same way max_failures times over.
+DIVERGED = "diverged"
 
 
 def train_under_ray(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -43,10 +47,10 @@ def train_under_ray(config: dict[str, Any]) -> dict[str, Any] | None:
     free}. Every worker first checks the GPU it was given; if any lacks the memory, all stop
     before training and return {GPU_SHORTFALL: [...]}, so the job is placed again without
     it (ray_layer/placed_run.py); a resumed run whose checkpoint is already at --max-steps
-    returns {"already_complete": True, "step": ...}. Returned, not only reported: Ray Train's
-    Result keeps the metrics of the latest report *with a checkpoint* (none here: None on a
-    fresh run, an earlier attempt's on a resumed one), while `Result.return_value` is rank
-    0's return."""
+    returns {"already_complete": True, "step": ...}; a run that diverged returns {DIVERGED:
+    why}. Returned, not only reported: Ray Train's Result keeps the metrics of the latest
+    report *with a checkpoint* (none here: None on a fresh run, an earlier attempt's on a
+    resumed one), while `Result.return_value` is rank 0's return."""
     session = RayTrainSession()
     short = session.gpu_memory_shortfall(config.get("min_gpu_memory_gb", 0.0))
     found = [short]
@@ -61,7 +65,10 @@ def train_under_ray(config: dict[str, Any]) -> dict[str, Any] | None:
                 f"{f['needed_gb']:g} needed" for f in found))
         session.report({"step": 0, "gpu_too_small": found}, None)  # the run's log shows it
         return {GPU_SHORTFALL: found}
-    metrics = train(TrainConfig.from_dict(config["train"]), session)
+    try:
+        metrics = train(TrainConfig.from_dict(config["train"]), session)
+    except TrainingDiverged as e:  # (raised on every worker at the same report)
+        return {DIVERGED: str(e)}
     if metrics.get("already_complete"):
         # Reported without a checkpoint, so Result.metrics are the checkpoint's report (a
         # step past --max-steps): the driver learns it from the return value.

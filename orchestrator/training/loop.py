@@ -11,6 +11,7 @@ the optimizer and schedule (optim.py), batches (data.py) and the optimizer step
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -44,6 +45,17 @@ DROPOUT_STREAM = 1  # distinguishes dropout's random stream from the data stream
 # How often the workers ask whether the scheduler wants the job to yield (preempted, migrating,
 # cancelled). Each check is one small all-reduce so that every rank stops at the same step.
 DIRECTIVE_CHECK_EVERY = 5
+
+
+# fp16's loss scale below which a run counts as diverged: its gradients overflow fp16 even
+# unscaled, so every step is skipped for good (DeepSpeed's min_loss_scale, where it stops too).
+MIN_LOSS_SCALE = 1.0
+
+
+class TrainingDiverged(Exception):
+    """The run can no longer learn: its loss or weights are NaN/inf, or fp16's loss scale
+    collapsed. Raised on every worker at the same report, before that report's checkpoint is
+    saved: the newest checkpoint stays the last good one."""
 
 
 def say(line: str) -> None:
@@ -147,6 +159,48 @@ def _mean_loss_across_workers(loss_sum, losses_summed, device: torch.device
         workers = dist.get_world_size()
     total, count = tensor.tolist()
     return (total / count if count else None), count / workers
+
+
+def _stop_if_diverged(step: int, interval_steps: int, interval_loss: float | None,
+                      model: torch.nn.Module, scaler, config: TrainConfig,
+                      checkpoint_due: bool, device: torch.device) -> None:
+    """Raise TrainingDiverged, on every worker alike, where any worker's run diverged by this
+    report: its interval's loss is NaN/inf (bf16, fp32: fp16 leaves overflowed steps out), its
+    loss scale fell below MIN_LOSS_SCALE, or (before a checkpoint) its weights hold NaN/inf, as
+    a step can leave them under a finite loss. One small all-reduce per report."""
+    why = 0  # 0 healthy, then the reasons below in the order they are checked
+    if interval_loss is not None and not math.isfinite(interval_loss):
+        why = 1
+    elif scaler.is_enabled() and scaler.get_scale() < MIN_LOSS_SCALE:
+        why = 2
+    elif checkpoint_due and not _weights_finite(model):
+        why = 3
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([why], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        why = int(flag.item())
+    if not why:
+        return
+    first = step - interval_steps + 1
+    steps = f"step {step}" if first >= step else f"steps {first}-{step}"
+    what = {1: f"the loss over {steps} was {interval_loss}",
+            2: (f"fp16's loss scale fell below {MIN_LOSS_SCALE:g} (every step's gradients "
+                "overflowed fp16 even unscaled, and the step was skipped)"),
+            3: "the model's weights hold NaN or inf (the loss was still finite)"}[why]
+    lower = (f"a new run with a lower learning rate (--lr, now {config.lr:g}) or a longer "
+             f"warm-up (--warmup-steps, now {config.warmup_steps})")
+    advice = (f"--resume in bf16 (--precision bf16, compute capability 8.0+) or fp32 "
+              f"continues from it; or start {lower}" if why == 2 else f"Start {lower}")
+    raise TrainingDiverged(f"training diverged at step {step}: {what}; stopped before "
+                           f"saving a checkpoint there (those saved before it are kept). "
+                           f"{advice}")
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter this worker holds is finite (its own shards under FSDP)."""
+    checks = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+              for p in model.parameters()]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def _summed_loss(loss: torch.Tensor, skip_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,6 +462,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             elapsed = time.perf_counter() - interval_start
             interval_loss, interval_loss_steps = _mean_loss_across_workers(
                 loss_sum, losses_summed, device)
+            _stop_if_diverged(step, interval_steps, interval_loss, model, scaler, config,
+                              checkpoint_due, device)
             run_tokens += timed_steps * tokens_per_step
             run_seconds += elapsed
             metrics = {

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from jobs import pretrain
-from orchestrator.job_exit import EXIT_NOT_PLACEABLE
+from orchestrator.job_exit import EXIT_FAILED, EXIT_NOT_PLACEABLE
 from tests.support import run_summary as read_summary
 
 FORWARDED = re.compile(r"^\s*(\x1b\[[0-9;]*m)?\(\w+ pid=\d+")  # a Ray actor's log line
@@ -73,6 +73,31 @@ def test_unplaceable_job_is_refused_with_reasons(cluster, tmp_path, capsys):
     # actors ("(TrainController pid=...) ..."), which share this driver's stderr.
     own = [line for line in err.splitlines() if not FORWARDED.match(line)]
     assert not any("Traceback" in line for line in own)
+
+
+def test_a_diverged_run_fails_at_once_keeping_only_finite_checkpoints(cluster, tmp_path,
+                                                                      capsys):
+    # --lr 9.9 takes the tiny model's loss to NaN within ~15 steps. The workers return why
+    # rather than raise: raised, Ray Train restarted them from the last checkpoint and the same
+    # seeds diverged again, max_failures times over, saving NaN weights at each checkpoint.
+    import torch
+
+    from orchestrator.training.checkpoint import load_checkpoint
+
+    run_dir = tmp_path / "diverges"
+    code = pretrain.main([*TINY, "--num-workers", "2", "--max-steps", "60", "--lr", "9.9",
+                          "--warmup-steps", "1", "--checkpoint-every", "4",
+                          "--run-dir", str(run_dir)])
+    assert code == EXIT_FAILED
+    own = [line for line in capsys.readouterr().err.splitlines()
+           if not FORWARDED.match(line)]
+    said = [line for line in own if line.startswith("error: ")]
+    assert said and said[0].startswith("error: training diverged at step "), own
+    assert not any("restart" in line for line in own), own
+    assert not (run_dir / "summary.json").exists()
+    for checkpoint in run_dir.glob("checkpoint_*"):
+        state = load_checkpoint(checkpoint)
+        assert all(torch.isfinite(t).all() for t in state["model"].values()), checkpoint
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_under_ray_train(first_run):

@@ -340,6 +340,79 @@ def test_fp16_overflow_inside_the_loop_is_skipped_counted_and_backs_off(
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
+def _breaks_from_call(first_broken: int, how: float):
+    """A GPT class whose training loss is multiplied by `how` (nan, inf) from the
+    `first_broken`-th training forward on."""
+    from orchestrator.training import loop
+
+    class Breaks(loop.GPT):
+        calls = 0
+
+        def forward(self, idx, targets=None, **kwargs):
+            logits, loss = super().forward(idx, targets, **kwargs)
+            if targets is not None and self.training:
+                Breaks.calls += 1
+                if Breaks.calls >= first_broken:
+                    loss = loss * how
+            return logits, loss
+    return Breaks
+
+
+def test_a_diverged_run_stops_before_saving_its_nan_weights(tmp_path, monkeypatch):
+    # fp32: the loss turns NaN at step 13 and the weights with it. The run must stop at the
+    # next report, saying why, and leave step 10's checkpoint the newest: saved, NaN weights
+    # replaced the good checkpoints one by one (retention keeps 3) and every retry resumed NaN.
+    from orchestrator.training import loop
+
+    monkeypatch.setattr(loop, "GPT", _breaks_from_call(13, float("nan")))
+    session = LocalSession(tmp_path, device=CPU)
+    with pytest.raises(loop.TrainingDiverged) as e:
+        train(tiny(max_steps=40), session)
+    assert "step 20" in str(e.value) and "loss" in str(e.value) and "--lr" in str(e.value)
+    assert [r["step"] for r in session.reports] == [10]
+    state = load_checkpoint(session.checkpoints()[-1])
+    assert state["step"] == 10
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_an_fp16_run_whose_every_step_overflows_stops_once_its_loss_scale_collapses(
+        tmp_path, monkeypatch):
+    # Every step from the 3rd overflows: the scaler skips them all and halves the scale each
+    # time (2^16 -> 2^-2 by step 20). It ran to the end saying nothing, checkpointing the
+    # untrained weights as if trained.
+    from orchestrator.training import loop
+
+    monkeypatch.setattr(loop, "GPT", _breaks_from_call(3, float("inf")))
+    session = LocalSession(tmp_path, device=CPU)
+    with pytest.raises(loop.TrainingDiverged) as e:
+        train(tiny(max_steps=40, precision="fp16", seq_len=16), session)
+    assert "loss scale" in str(e.value) and "step 20" in str(e.value)
+    assert "--precision" in str(e.value)
+    assert [r["step"] for r in session.reports] == [10]
+
+
+def test_weights_turned_nan_under_a_finite_loss_are_not_checkpointed(tmp_path, monkeypatch):
+    # The step before a checkpoint can leave NaN weights with its own loss still finite (an
+    # infinite gradient norm clipped to NaN): the weights are checked before each save.
+    from orchestrator.training import loop
+
+    real_step = loop.HierarchicalAccumulation.step
+
+    def poisons_step_10(self, step, optimizer, scaler, grad_clip):
+        skipped = real_step(self, step, optimizer, scaler, grad_clip)
+        if step == 19:
+            with torch.no_grad():
+                next(p for g in optimizer.param_groups for p in g["params"]).fill_(float("nan"))
+        return skipped
+
+    monkeypatch.setattr(loop.HierarchicalAccumulation, "step", poisons_step_10)
+    session = LocalSession(tmp_path, device=CPU)
+    with pytest.raises(loop.TrainingDiverged) as e:
+        train(tiny(max_steps=40), session)
+    assert "weights" in str(e.value) and "step 20" in str(e.value)
+    assert [r["step"] for r in session.reports] == [10]
+
+
 def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
     save_checkpoint(tmp_path, {"step": 3, "w": torch.ones(2)})
     assert load_checkpoint(tmp_path)["step"] == 3
