@@ -1,7 +1,8 @@
 """The one fine-tune loop of the pipeline: distillation, pruning and QAT stages all run it.
 
 A step: (maybe) update pruning masks -> student forward -> distillation loss against the
-frozen teacher -> backward -> masked gradients -> clip -> AdamW -> re-apply masks.
+frozen teacher -> backward -> masked gradients -> clip -> AdamW -> re-apply masks -> clamp
+learnt attention spans into [0, 1] (as training does).
 Batches are a pure function of (seed, stream, step) (orchestrator/training/data.get_batch),
 so a stage resumed from its partial checkpoint sees exactly the batches the uninterrupted
 stage would have seen.
@@ -144,6 +145,9 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
         prune.mask_gradients(weights, masks)
         stepper.step(step, optimizer, scaler, plan.grad_clip)
         prune.apply_masks(weights, masks)  # AdamW's momentum and decay move pruned weights
+        # Learnt attention spans back into [0, 1], as the training loop does: one left past a
+        # bound gets no gradient through the clamp in `spans` and would be frozen there.
+        student.clamp_spans_()
         step += 1
         interval_tokens += x.numel()
         if step % plan.log_every == 0 or step == plan.steps:

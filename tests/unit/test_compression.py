@@ -129,6 +129,24 @@ def test_interrupted_fine_tune_resumes_exactly(train_tokens, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_fine_tunes_keep_learnt_spans_in_range_as_training_does(train_tokens):
+    """A span pushed past 0 (spans start there) is clamped back after each step, as the
+    training loop does: left outside, the clamp in `spans` cuts its gradient and the head's
+    span is frozen at 0 for good (it was: raw -0.045 after 20 steps, never to regrow)."""
+    import dataclasses
+
+    config = dataclasses.replace(TINY, attention_span=True, span_init=0.0, span_ramp=4)
+    torch.manual_seed(0)
+    teacher = GPT(config).eval()
+    student = GPT(config)
+    student.load_state_dict(teacher.state_dict())
+    finetune(student, teacher, train_tokens, plan(stage="qat", steps=20, lr=1e-2),
+             torch.device("cpu"), log=lambda line: None)
+    for block in student.blocks:
+        raw = block.attn.span.span_fraction.detach()
+        assert ((raw >= 0) & (raw <= 1)).all(), raw
+
+
 def test_a_stop_while_progress_is_checkpointed_resumes_from_the_previous_one(
         train_tokens, tmp_path, monkeypatch):
     """Stopped (Ctrl-C, ray job stop) after a progress checkpoint's data file is in place but
