@@ -105,6 +105,17 @@ def torch_decode_step(model: torch.nn.Module, batch: int, context: int, seed: in
     return step
 
 
+def cached_positions(model: torch.nn.Module, context: int) -> int:
+    """The positions a decode step after `context - 1` finds in the model's own KV cache: all
+    of them, or, with learnt attention spans, only the last window (LayerCache.keep). One
+    length for every layer, as an ONNX decode graph takes: the widest layer's window; exact,
+    since the keys past a layer's window weigh nothing."""
+    spans = model.spans() if hasattr(model, "spans") else []
+    if not spans:
+        return context - 1
+    return min(context - 1, max(span.window() for span in spans))
+
+
 def onnx_decode_step(session, past_shapes: list[tuple[int, ...]], vocab_size: int,
                      context: int, seed: int) -> Callable[[], object]:
     """The same decode step on an ONNX decode graph (export.export_decode_onnx): random past

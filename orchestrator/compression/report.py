@@ -58,9 +58,12 @@ def shapes(config: CompressConfig, block_size: int) -> dict[str, tuple[str, int,
 
 def _measure_latency(torch_models: dict[str, torch.nn.Module],
                      onnx: dict[str, tuple[Path, Path]], config: CompressConfig,
-                     block_size: int, vocab: int, log) -> dict[str, dict[str, float]]:
+                     block_size: int, vocab: int, log, onnx_twins: dict[str, torch.nn.Module]
+                     ) -> dict[str, dict[str, float]]:
     """name -> shape -> median ms. `onnx`: name -> (forward graph, decode graph); torch models
-    decode with their own KV cache."""
+    decode with their own KV cache. `onnx_twins`: name -> the torch model an ONNX graph was
+    made from: its decode graph is fed the cache that model keeps (learnt spans keep only
+    their window: measure.cached_positions), not more."""
     sessions = {name: (ort_session(fwd, config.threads), ort_session(dec, config.threads))
                 for name, (fwd, dec) in onnx.items()}
     result: dict[str, dict[str, float]] = {name: {} for name in [*torch_models, *onnx]}
@@ -75,8 +78,9 @@ def _measure_latency(torch_models: dict[str, torch.nn.Module],
             calls = {name: measure.torch_decode_step(m, batch, seq, config.seed)
                      for name, m in torch_models.items()}
             calls.update({name: measure.onnx_decode_step(
-                sessions[name][1], _decode_past_shapes(onnx[name][1], batch, seq - 1), vocab,
-                seq, config.seed) for name in sessions})
+                sessions[name][1], _decode_past_shapes(
+                    onnx[name][1], batch, measure.cached_positions(onnx_twins[name], seq)),
+                vocab, seq, config.seed) for name in sessions})
         log(f"report: latency {shape} ({kind}, batch {batch}, {seq} tokens), "
             f"{config.threads} thread(s), median of {config.latency_repeats}, models in turn")
         for name, ms in measure.timed_ms(calls, config.latency_repeats).items():
@@ -142,7 +146,9 @@ def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path
             onnx["original-onnx"] = (fp32_onnx, export_decode_onnx(
                 teacher, scratch / "original.decode.onnx", "original model"))
         latency = _measure_latency(torch_models, onnx, config, teacher.config.block_size,
-                                   teacher.config.vocab_size, log)
+                                   teacher.config.vocab_size, log,
+                                   {"int8": torch_int8, "int8-static": torch_int8,
+                                    "original-onnx": teacher})
         primary = next(iter(shapes(config, teacher.config.block_size)))
 
         inputs, targets = measure.held_out_windows(held_out, eval_seq_len, config.eval_tokens)

@@ -80,3 +80,48 @@ def test_latency_rounds_rotate_which_model_goes_first():
                                repeats=4, warmup=0)
     assert calls == [*"abc", *"bca", *"cab", *"abc"]
     assert set(medians) == {"a", "b", "c"}
+
+
+def test_onnx_decode_latency_is_timed_on_the_cache_a_model_with_learnt_spans_keeps(
+        tmp_path, monkeypatch):
+    """Torch models decode with their own cache, which with learnt spans keeps only the keys
+    the spans can see (15 here); the ONNX decode graphs beside them were fed every one of the
+    latency_seq - 1 positions (63), timing more work than the torch rows. Fed the window, the
+    graph computes what the torch model's cached step does."""
+    from orchestrator.compression import report
+    from orchestrator.compression.config import CompressConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32, attention_span=True,
+                          span_init=0.05, span_ramp=8)).eval()
+    forward = export.export_fp32_onnx(model, tmp_path / "forward.onnx")
+    decode = export.export_decode_onnx(model, tmp_path / "decode.onnx")
+    prompt = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(prompt[:, :-1], cache=cache)
+        past = [t.clone() for layer in cache.layers for t in (layer.keys, layer.values)]
+        expected, _ = model(prompt[:, -1:], cache=cache)
+    kept = {t.size(2) for t in past}
+    assert kept == {15}  # the torch cache: the window, not 63 positions
+
+    fed = []
+    real_step = measure.onnx_decode_step
+
+    def recording_step(session, past_shapes, *args, **kwargs):
+        fed.append(past_shapes)
+        return real_step(session, past_shapes, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "onnx_decode_step", recording_step)
+    config = CompressConfig(latency_seq=64, latency_batch=2, latency_batched=1,
+                            latency_repeats=1)
+    report._measure_latency({"torch": model}, {"onnx": (forward, decode)}, config, 128, 256,
+                            lambda line: None, {"onnx": model})
+    assert [shape[2] for shape in fed[0]] == [15] * 4
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(decode), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"idx": prompt[:, -1:].numpy(), "position": np.array([63]),
+                                      **{f"past_{i}": t.numpy() for i, t in enumerate(past)}})[0]
+    assert np.abs(logits - expected.numpy()).max() < 1e-4
