@@ -161,7 +161,8 @@ def test_nvml_required_query_failing_is_a_probe_error_and_shuts_down(monkeypatch
     nvml = fake_pynvml([{**A100, "name": FakeNVMLError}])
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     errors = {}
-    assert probe_gpus(T4_LABELS, errors)[0].source == "declared"  # falls back to the labels
+    # Left out, as among others: not replaced by the labels' (test_every_gpu_lost_...).
+    assert probe_gpus(T4_LABELS, errors) == ()
     assert "FakeNVMLError" in errors["nvml"] and nvml.calls == ["init", "shutdown"]
 
 
@@ -696,3 +697,25 @@ def test_a_peer_whose_larger_transfer_failed_keeps_only_this_rounds_lower_bound(
     history = record_bandwidth(history, {"b": 7.3}, {"b"}, {"b"}, now=2.0)
     history = record_bandwidth(history, {"b": 0.0056}, {"b"}, {"b"}, now=3.0, failed={"b"})
     assert current_bandwidth(history, now=3.0, max_age_s=100.0) == {"b": 0.0056}
+
+
+def test_every_gpu_lost_is_not_replaced_by_the_gpus_the_labels_declare(monkeypatch):
+    # A T4 node of cluster.yaml (labels declare 4 T4s) whose 4 GPUs NVML counts and finds lost:
+    # the labels stood in for them, 4 T4s with all their memory free, placed as healthy,
+    # while losing 3 of the 4 left 1 placeable.
+    from orchestrator.probes import gpu_count_problem
+
+    class FakeGpuIsLost(FakeNVMLError):
+        pass
+
+    labels = {LABEL_ACCELERATOR_TYPE: "T4", LABEL_ACCELERATOR_COUNT: "4",
+              LABEL_ACCELERATOR_MEMORY_GB: "15"}
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([{**T4, "name": FakeGpuIsLost}] * 4))
+    errors = {}
+    assert probe_gpus(labels, errors, 4.0) == ()
+    assert errors["nvml"].count("FakeGpuIsLost") == 4 and "declared" not in errors
+    problem = gpu_count_problem((), 4.0, labels)
+    assert "Ray counts 4 GPU(s)" in problem and "nvml probe error" in problem
+    # NVML absent (no GPU counted): the labels still declare the node's accelerators.
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([]))
+    assert [g.source for g in probe_gpus(labels, {}, 4.0)] == ["declared"] * 4
