@@ -55,6 +55,7 @@ def status_rows(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for node_id, report in sorted(snapshot["reports"].items()):
         bandwidth = [v for v in report.bandwidth_gbps.values() if math.isfinite(v)]
+        host_measured = "host" not in report.probe_errors
         cpus_held, gpus_held = reserved.get(node_id, (0.0, 0))
         # Ray work the scheduler did not place (Serve replicas, other users' actors) holds
         # room too: free counted without it disagreed with `place` and the queue's reasons.
@@ -79,10 +80,13 @@ def status_rows(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
             "cpus_free": max(report.ray_cpus - cpus_held - cpus_outside, 0.0) if usable
             else 0.0,
             "cpus_outside": cpus_outside,
-            # (inf when the host probe failed: null, as JSON has no infinity)
-            "load_per_cpu": (round(report.load_per_cpu, 2)
-                             if math.isfinite(report.load_per_cpu) else None),
-            "ram_available_gib": round(report.ram_available_bytes / GIB, 1),
+            # Null when the host probe failed: its stand-in (a load of 10^6 per CPU, no RAM:
+            # probes.host_figures) is no measurement (the metrics leave it out too); and null
+            # for an infinite load, as JSON has no infinity.
+            "load_per_cpu": (round(report.load_per_cpu, 2) if host_measured
+                             and math.isfinite(report.load_per_cpu) else None),
+            "ram_available_gib": (round(report.ram_available_bytes / GIB, 1) if host_measured
+                                  else None),
             "bandwidth_gbps_to_peers": {peer: round(v, 3) if math.isfinite(v) else None
                                         for peer, v in report.bandwidth_gbps.items()},
             "bandwidth_gbps_median": round(statistics.median(bandwidth), 3) if bandwidth else None,

@@ -297,3 +297,23 @@ def test_operations_docs_name_every_refusal_of_preempt_and_cancel():
         if opening not in doc:
             undocumented.append(opening)
     assert undocumented == []
+
+
+def test_status_shows_no_load_or_memory_for_a_node_whose_host_probe_failed(monkeypatch):
+    # The agent's stand-in (a load of 10^6 per CPU, no RAM: probes.host_figures) was shown as
+    # the node's measured load and memory ("LOAD 1000000.00"); the metrics leave them out.
+    from orchestrator import probes
+    from orchestrator.__main__ import format_status, status_rows
+
+    def no_psutil():
+        raise ImportError("No module named 'psutil'")
+
+    monkeypatch.setattr(probes, "probe_host", no_psutil)
+    errors = {}
+    report = NodeReport(node_id="n", ray_cpus=8, ray_gpus=0, probe_errors=errors,
+                        **probes.host_figures(errors))
+    snapshot = {"reservations": {}, "reports": {"n": report}, "health": {"n": "healthy"},
+                "age_s": {"n": 1.0}}
+    row, = status_rows(snapshot)
+    assert row["load_per_cpu"] is None and row["ram_available_gib"] is None
+    assert "1000000" not in format_status([row], [], None)
