@@ -588,6 +588,9 @@ def _node_reason(spec: JobSpec, state: ClusterState, report: NodeReport, now: fl
     if unhealthy:
         return unhealthy
     if report.load_per_cpu > state.max_load_per_cpu:
+        if "host" in report.probe_errors:  # its load is the agent's stand-in, not measured
+            return (f"load unknown, over the limit until its host probe works again: "
+                    f"{report.probe_errors['host']}")
         return (f"overloaded: load {report.load_per_cpu:.2f} per CPU > "
                 f"{state.max_load_per_cpu:g}")
     reserved_cpus, reserved_gpus = state.reserved_on(report.node_id)

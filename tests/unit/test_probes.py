@@ -719,3 +719,24 @@ def test_every_gpu_lost_is_not_replaced_by_the_gpus_the_labels_declare(monkeypat
     # NVML absent (no GPU counted): the labels still declare the node's accelerators.
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([]))
     assert [g.source for g in probe_gpus(labels, {}, 4.0)] == ["declared"] * 4
+
+
+def test_a_node_whose_host_probe_fails_is_not_said_to_be_overloaded(monkeypatch):
+    # Under a load limit, the stand-in load kept it out with "overloaded: load 1000000.00 per
+    # CPU", a figure nobody measured; the reason now names the failing probe.
+    import orchestrator.probes as probes
+    from orchestrator.config import JobSpec
+    from orchestrator.inventory import ClusterState, NodeReport
+    from orchestrator.placement import place
+
+    def no_psutil():
+        raise ImportError("No module named 'psutil'")
+
+    state = ClusterState(max_load_per_cpu=2.0)
+    state.update(NodeReport("calm", "calm", 8, 0, 8, 1.0, GIB, GIB), 0.0)
+    monkeypatch.setattr(probes, "probe_host", no_psutil)
+    errors = {}
+    state.update(NodeReport(node_id="blind", ray_cpus=8, ray_gpus=0, probe_errors=errors,
+                            **probes.host_figures(errors)), 0.0)
+    reason = place(JobSpec("j", num_workers=1), state, 1.0, explain=True).node_reasons["blind"]
+    assert "1000000" not in reason and "host probe" in reason and "psutil" in reason
