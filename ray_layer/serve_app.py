@@ -637,7 +637,9 @@ def _this_machine() -> tuple[list, set[str]]:
     from orchestrator.probes import probe_nvml, run_probe
     from orchestrator.inventory import NodeReport
 
-    gpus = run_probe("nvml", probe_nvml, (), {})
+    # Errors collected, not raised: a lost GPU is left out, not every GPU with it.
+    errors: dict[str, str] = {}
+    gpus = run_probe("nvml", lambda: probe_nvml(errors), (), errors)
     return [NodeReport("local", "localhost", 1, len(gpus), 1, 0.0, 0, 0, gpus)], {"local"}
 
 

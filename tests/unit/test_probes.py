@@ -224,6 +224,20 @@ def test_one_lost_gpu_leaves_the_others_reported(monkeypatch):
     assert errors["nvml"].startswith("GPU 3: FakeGpuIsLost") and nvml.calls[-1] == "shutdown"
 
 
+def test_serving_sizes_for_this_machine_on_its_gpus_left_after_one_is_lost(monkeypatch):
+    # Before Ray is up, `serve` sizes replicas for this machine: one lost GPU of eight made
+    # the probe raise, and all eight read as none.
+    from ray_layer.serve_app import _this_machine
+
+    class FakeGpuIsLost(FakeNVMLError):
+        pass
+
+    nvml = fake_pynvml([A100] * 3 + [{**A100, "name": FakeGpuIsLost}] + [A100] * 4)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    (report,), _ = _this_machine()
+    assert report.ray_gpus == 7 and [g.index for g in report.gpus] == [0, 1, 2, 4, 5, 6, 7]
+
+
 def test_a_failing_host_probe_leaves_the_node_in_the_cluster(monkeypatch):
     # The stand-in must pass the scheduler's report check: an infinite load was refused as
     # malformed, and the node then went dead with its running job's reservation released.
