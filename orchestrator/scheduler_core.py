@@ -2068,6 +2068,11 @@ class SchedulerCore:
                                  now, job.placement.owner)
         except PlacementError:
             return None
+        if target.bottleneck_gbps < job.placement.bottleneck_gbps:
+            # The gain counts accelerator speed alone, no network: a job on one node moved
+            # to 2 + 2 faster GPUs across 10 GbE for it (its gradients then cross that link
+            # every step). Never traded away: it waits for a target as well connected.
+            return None
         gain = remaining * (1 - here / self.speed(spec, self._family_of(target, spec)))
         if gain <= self.settings.restart_cost_s:
             return None

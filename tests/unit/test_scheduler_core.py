@@ -400,6 +400,26 @@ def test_no_migration_when_the_gain_is_below_the_restart_cost_or_unknown():
     assert not yields(core.release("blocker", "d", T0 + 60))
 
 
+def test_no_migration_that_spreads_a_job_over_a_slower_network_for_a_faster_family():
+    # 'j' runs on one T4 node; then 2 A100s are free on each of two nodes, 1.25 GB/s apart:
+    # it moved there for the A100s' speed alone (the gain counts no network), where a
+    # data-parallel job's gradients cross 10 GbE every step (the simulator's model: 5-10x
+    # slower than on one server).
+    core = core_with(gpu_node("t4", gpus=4, family="T4"), gpu_node("a1", gpus=8),
+                     gpu_node("a2", gpus=8))
+    for name in ("h1", "h2"):
+        core.submit(gpus(name, 8, accelerator_types=("A100",)), "d", T0)
+    assert core.submit(gpus("j", 4, expected_duration_s=36000), "d", T0).decision.nodes == [
+        "t4"]
+    for i, (old, new) in enumerate((("h1", "h3"), ("h2", "h4")), start=1):
+        core.release(old, "d", T0 + i)  # (within min_run_s of j's start: no move yet)
+        core.submit(gpus(new, 6, accelerator_types=("A100",)), "d", T0 + i)
+    assert core.state.table.gpus.sum() - core.state.table.reserved_gpus.sum() == 4
+    assert not yields(core.tick(T0 + 100))
+    told = yields(core.release("h3", "d", T0 + 200))["j"]  # a whole node's worth frees
+    assert told.kind == MIGRATE and set(told.target_nodes) == {"a1"}
+
+
 # -- operators, owners, nodes --------------------------------------------------------------------
 
 def test_an_operator_cancel_of_a_running_job_lets_it_checkpoint_then_drops_it():
