@@ -45,6 +45,7 @@ What it decides:
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import heapq
 import math
@@ -75,6 +76,9 @@ MAX_VICTIMS_TRIED = 64  # bounds one preemption search (a place() call per candi
 # Look-ahead also ends after this many jobs were placed but refused (they would delay the
 # head): under a long queue each costs a placement, as a failed one does.
 BACKFILL_DENIALS_PER_PASS = 128
+# EASY reservations per queue pass: the head's, and the first blocked job's on nodes of other
+# accelerator families (_plan_blocked)
+MAX_PLANS_PER_PASS = 8
 MAX_BLOCKED_EXAMINED = 256  # blocked waiting jobs, in queue order, one pass asks to preempt
 TYPICAL_WEIGHT = 0.01  # the typical job's speeds follow the last ~100 GPU jobs submitted
 # A wake-up (next_wakeup) falls this long after the moment it is for, so float rounding of
@@ -146,6 +150,11 @@ class _HeadRoom:
         self.add(reservations, +1)
         return False
 
+    def copy(self) -> "_HeadRoom":
+        new = copy.copy(self)
+        new.workers, new.cpus, new.gpus = list(self.workers), list(self.cpus), list(self.gpus)
+        return new
+
 
 @dataclass
 class _HeadPlan:
@@ -164,6 +173,7 @@ class _HeadPlan:
     # kept off: they have first call there (the head's room leaves them out, its shadow and
     # extra do not: such a start can push the head past its shadow, see _may_backfill)
     first_call: dict[str, int] = dataclasses.field(default_factory=dict)
+    families: frozenset = frozenset()  # family codes of its usable nodes (_plan_blocked)
 
 
 class _AsIfYielded:
@@ -1476,7 +1486,7 @@ class SchedulerCore:
         failed_shapes: dict[tuple, str] = {}
         budget = self.settings.failed_placements_per_pass
         denials = BACKFILL_DENIALS_PER_PASS
-        plan: _HeadPlan | None = None
+        plans: list[_HeadPlan] = []  # [0]: the head's; then see _plan_blocked
         blocked: list[QueuedJob] = []  # could not start now: they may preempt (below)
         refused = False  # a job was refused as backfill (see _repass_due)
         for job in self.queue.ordered():
@@ -1510,7 +1520,7 @@ class SchedulerCore:
                 blocked.append(job)
                 if not self.settings.backfill:
                     break
-                plan = plan or self._head_plan(job, now, free_gpus)
+                self._plan_blocked(plans, job, now, free_gpus)
                 continue
             try:
                 placement = self._place(spec, now, job.owner, free_gpus=free_gpus)
@@ -1527,14 +1537,16 @@ class SchedulerCore:
                 blocked.append(job)
                 if not self.settings.backfill:
                     break
-                plan = plan or self._head_plan(job, now, free_gpus)
+                self._plan_blocked(plans, job, now, free_gpus)
                 budget -= 1
                 if budget <= 0:
                     break
                 continue
-            if plan is not None and not self._may_backfill(plan, spec, placement, now,
-                                                           job.expected_left_s):
-                self._wait_reason(job, f"would delay '{plan.job}' (first in line) if started "
+            delayed = self._delays(plans, spec, placement, now, job.expected_left_s)
+            if delayed is not None:
+                where = "first in line" if delayed is plans[0] else \
+                    "first in line for those GPUs"
+                self._wait_reason(job, f"would delay '{delayed.job}' ({where}) if started "
                                        "now: waits for a gap that ends before it can start")
                 refused = True
                 denials -= 1
@@ -1553,6 +1565,57 @@ class SchedulerCore:
         if blocked:
             outcome.add(self._preempt_for_blocked(blocked, free_gpus, now))
         return outcome
+
+    def _plan_blocked(self, plans: list[_HeadPlan], job: QueuedJob, now: float,
+                      free_gpus: dict[int, int]) -> None:
+        """EASY's reservation for a job that could not start: the head's, and also the first
+        blocked job's on nodes no earlier plan could use (the head's reservation covers only
+        its families: an 8-GPU A100-only job behind a T4-only head was passed by every 4-GPU
+        A100 job submitted after it, for good). One per set of accelerator families at most,
+        found by a family look-up before any plan is made (a long queue costs no more)."""
+        t = self.state.table
+        if plans:
+            if len(plans) >= MAX_PLANS_PER_PASS or not job.spec.gpus_per_worker:
+                return  # (a CPU job may use every node: behind another plan, none is its own)
+            named = allowed_families(job.spec)
+            codes = {t.families[f] for f in named if f in t.families} if named \
+                else set(t.families.values())
+            if any(codes & p.families for p in plans):
+                return
+        plan = self._head_plan(job, now, free_gpus)
+        if plans and any((plan.usable & p.usable).any() for p in plans):
+            return
+        n = len(t)
+        plan.families = frozenset(np.unique(t.family[:n][plan.usable[:n]]).tolist())
+        plans.append(plan)
+
+    def _delays(self, plans: list[_HeadPlan], spec: JobSpec, placement: Placement,
+                now: float, expected_s: float | None) -> _HeadPlan | None:
+        """The plan whose job starting `placement` now would delay (EASY's test, each plan on
+        its own nodes); None when it delays none. A placement over the nodes of several plans
+        is judged on copies, so that one refused takes no plan's room."""
+        if not plans:
+            return None
+        if len(plans) == 1:
+            return None if self._may_backfill(plans[0], spec, placement, now, expected_s) \
+                else plans[0]
+        index = self.state.table.index
+        rows = [index[r.node_id] for r in placement.reservations() if r.node_id in index]
+        touched = [i for i, p in enumerate(plans) if any(p.usable[row] for row in rows
+                                                         if row < len(p.usable))]
+        if len(touched) == 1:
+            plan = plans[touched[0]]
+            return None if self._may_backfill(plan, spec, placement, now, expected_s) \
+                else plan
+        trial = {i: dataclasses.replace(plans[i], room=plans[i].room.copy(),
+                                        first_call=dict(plans[i].first_call))
+                 for i in touched}
+        for i, plan in trial.items():
+            if not self._may_backfill(plan, spec, placement, now, expected_s):
+                return plans[i]
+        for i, plan in trial.items():
+            plans[i] = plan
+        return None
 
     def _first_in_line(self, now: float) -> QueuedJob | None:
         """The first waiting job in queue order that is not out of line (waiting for nodes

@@ -1169,6 +1169,30 @@ def test_a_job_placed_again_after_a_lost_node_keeps_the_service_it_had():
     assert after.attained_s(t) == pytest.approx(attained) and after.planned_end == end
 
 
+def test_the_first_job_blocked_on_gpus_the_head_cannot_use_is_not_starved_by_later_ones():
+    # 'H' (T4 only) heads the queue; 'X' (8 A100s) waits behind it. EASY protected the head
+    # alone: every 4-GPU A100 job submitted after X took the A100s as they freed, so X never
+    # found 8 free at once, for as long as such jobs came (LAS: all level 0, no preemption).
+    a100, t4 = ("A100",), ("T4",)
+    core = core_with(gpu_node("a", gpus=8), gpu_node("t", gpus=4, family="T4"))
+    core.submit(gpus("long", 4, accelerator_types=t4), "d", T0)
+    for name in ("s0", "s1"):
+        core.submit(gpus(name, 4, accelerator_types=a100), "d", T0)
+    assert isinstance(core.submit(gpus("H", 4, accelerator_types=t4), "d", T0 + 1).decision,
+                      Queued)
+    assert isinstance(core.submit(gpus("X", 8, accelerator_types=a100), "d", T0 + 2).decision,
+                      Queued)
+    core.release("s0", "d", T0 + 500)
+    late = core.submit(gpus("s2", 4, accelerator_types=a100), "d", T0 + 501).decision
+    assert isinstance(late, Queued) and "would delay 'X'" in core.queue.waiting["s2"].reason
+    core.release("s1", "d", T0 + 1000)
+    assert isinstance(core.poll("X", "d", T0 + 1001).decision, Placement)
+    # A job on capacity neither blocked job can use still starts (nothing idles for them)
+    core.ray_nodes({"a", "t", "c"}, set(), T0 + 1002)
+    core.report(cpu_node("c", cpus=4), T0 + 1002)
+    assert isinstance(core.submit(cpus("cpu", 2), "d", T0 + 1003).decision, Placement)
+
+
 def test_a_gpu_head_held_by_running_jobs_still_lets_jobs_elsewhere_backfill():
     # The head's node is full (its CPUs too): its spare CPUs are none, not fewer than none.
     core = core_with(gpu_node("g", gpus=4, cpus=8), cpu_node("c", cpus=4),
