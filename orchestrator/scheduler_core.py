@@ -301,6 +301,9 @@ class SchedulerCore:
         # A queue pass refused a job as backfill and then started a later one: the refused job
         # may fit elsewhere now, which the live actor's next tick finds (next_wakeup).
         self._repass_due = False
+        # The jobs the last queue pass made EASY plans for (_plan_blocked): the migration
+        # scan right after it spares their room too (_migration_spares_head)
+        self._plan_jobs: list[str] = []
         # (node id, GPU index) pairs a job must not be given: its worker found the GPU Ray
         # assigned without the free memory the job asks for (memory used outside Ray).
         self.excluded_gpus: dict[str, set[tuple[str, int]]] = {}
@@ -1477,6 +1480,7 @@ class SchedulerCore:
     def _drain(self, now: float) -> Outcome:
         """Start every waiting job that may start now, in queue order; see the module doc."""
         outcome = Outcome()
+        self._plan_jobs = []
         if not len(self.queue) or self._still_gathering(now):
             return outcome
         self.queue.promote_due(now)
@@ -1562,6 +1566,7 @@ class SchedulerCore:
             outcome.samples += catalogue.decision_samples(placement, None)
             if not outcome.persist:
                 outcome.effects.append(Persist())
+        self._plan_jobs = [plan.job for plan in plans]
         if blocked:
             outcome.add(self._preempt_for_blocked(blocked, free_gpus, now))
         return outcome
@@ -2056,25 +2061,42 @@ class SchedulerCore:
     def _migration_spares_head(self, job: RunningJob, target: Placement, now: float,
                                plans: dict) -> bool:
         """Whether a migration to `target` passes the test a job starting behind the blocked
-        head of the queue must pass (EASY's, _may_backfill): a migration took the head's
-        first 4 of 8 GPUs as they freed and delayed it by the migrated job's whole run, or
-        took the room a preemption for it was making. `plans` keeps the head's plan for the
-        rest of the pass (each start the test lets through uses some of its slack)."""
+        head of the queue must pass (EASY's, _may_backfill), for the head and for the other
+        blocked jobs the last queue pass planned for (_plan_blocked): a migration took the
+        head's first 4 of 8 GPUs as they freed and delayed it by the migrated job's whole
+        run, or took the room a preemption for it was making. `plans` keeps the plans for
+        the rest of the pass (each start the test lets through uses some of their slack)."""
         head = self._first_in_line(now)
         if head is None:
             return True
-        if "plan" not in plans:
-            plans["plan"] = self._head_plan(head, now, self._free_units(now)[0])
-        plan = plans["plan"]
-        # A move within what the head may use (a flexible head: any family) frees as many
-        # units as it takes: it delays nothing. (Tested whole, the Philly slice's mean JCT
-        # lost 8%: its LAS queue always has a head, and migrations to faster GPUs stopped.)
-        taken = _units_on(target.reservations(), plan.usable, self.state, plan.per_gpu)
-        freed = _units_on(self.state.reservations.get(job.spec.name, ()), plan.usable,
-                          self.state, plan.per_gpu)
+        if "plans" not in plans:
+            free_gpus = self._free_units(now)[0]
+            made = [self._head_plan(head, now, free_gpus)]
+            for name in self._plan_jobs:
+                queued = self.queue.waiting.get(name)
+                if queued is None or name == head.spec.name:
+                    continue
+                plan = self._head_plan(queued, now, free_gpus)
+                if not any((plan.usable & p.usable).any() for p in made):
+                    made.append(plan)
+            plans["plans"] = made
+        made = plans["plans"]
+        # A move within what a plan's job may use (a flexible head: any family) frees as many
+        # units there as it takes: it delays nothing. (Tested whole, the Philly slice's mean
+        # JCT lost 8%: its LAS queue always has a head, and migrations to faster GPUs stopped.)
+        held = self.state.reservations.get(job.spec.name, ())
+        hit = [i for i, plan in enumerate(made)
+               if _units_on(target.reservations(), plan.usable, self.state, plan.per_gpu)
+               > _units_on(held, plan.usable, self.state, plan.per_gpu)]
+        if not hit:
+            return True
+        judged = [made[i] for i in hit]
         # (it runs on there for what is left of its estimate, not the whole of it)
-        return taken <= freed or self._may_backfill(plan, job.spec, target, now,
-                                                    job.remaining_s(now))
+        if self._delays(judged, job.spec, target, now, job.remaining_s(now)) is not None:
+            return False
+        for i, plan in zip(hit, judged):
+            made[i] = plan
+        return True
 
     def _migration_key(self, job: RunningJob) -> tuple:
         """(faster families, GPUs) of a job the migration scan looks at; () for one it never

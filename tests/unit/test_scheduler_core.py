@@ -1193,6 +1193,22 @@ def test_the_first_job_blocked_on_gpus_the_head_cannot_use_is_not_starved_by_lat
     assert isinstance(core.submit(cpus("cpu", 2), "d", T0 + 1003).decision, Placement)
 
 
+def test_no_migration_onto_the_room_of_a_blocked_job_behind_the_head():
+    # 'X' (8 A100s) waits behind the T4-only head 'H'; 4 A100s free: 'M' moved from the T4s
+    # onto them (the head's test alone passed it), and X waited for M's 10-hour run.
+    a100, t4 = ("A100",), ("T4",)
+    core = core_with(gpu_node("a", gpus=8), gpu_node("t", gpus=8, family="T4"))
+    core.submit(gpus("long", 4, accelerator_types=t4), "d", T0)
+    for name in ("s0", "s1"):
+        core.submit(gpus(name, 4, accelerator_types=a100, expected_duration_s=1000), "d", T0)
+    assert core.submit(gpus("M", 4, expected_duration_s=36000), "d", T0).decision.nodes == ["t"]
+    core.submit(gpus("H", 8, accelerator_types=t4), "d", T0 + 1)
+    core.submit(gpus("X", 8, accelerator_types=a100), "d", T0 + 2)
+    assert not yields(core.release("s1", "d", T0 + 500))
+    core.release("s0", "d", T0 + 900)
+    assert "X" in core.running
+
+
 def test_a_gpu_head_held_by_running_jobs_still_lets_jobs_elsewhere_backfill():
     # The head's node is full (its CPUs too): its spare CPUs are none, not fewer than none.
     core = core_with(gpu_node("g", gpus=4, cpus=8), cpu_node("c", cpus=4),
