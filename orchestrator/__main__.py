@@ -392,7 +392,12 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
                 print(f"({directory / METRICS_LOG} was removed or replaced: a new run's "
                       "reports follow)", file=sys.stderr, flush=True)
             seen = file
-            records = read_metrics(directory)
+            try:
+                records = read_metrics(directory)
+            except OSError as e:  # not its absence (no reports yet): unreadable
+                print(f"error: cannot read {directory / METRICS_LOG}: {e.strerror or e}",
+                      file=sys.stderr)
+                return EXIT_BAD_INPUT
             for record in records[shown:]:
                 print(format_report(record), flush=True)
             shown = max(shown, len(records))

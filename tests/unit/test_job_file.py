@@ -1023,6 +1023,19 @@ def test_logs_skip_lines_that_are_not_reports(tmp_path, capsys):
     assert "started_at=" + time.strftime("%H:%M:%S", time.localtime(3600.0 * 7)) in line
 
 
+def test_logs_of_a_metrics_log_that_cannot_be_read_is_an_error_line_not_a_traceback(
+        tmp_path, capsys):
+    # A metrics.jsonl that cannot be opened (another user's run dir on shared storage: no
+    # read permission; here a folder in its place) ended `logs` with a traceback, exit 1.
+    from orchestrator import __main__ as cli
+
+    (tmp_path / "alpha" / "metrics.jsonl").mkdir(parents=True)
+    assert cli.print_logs("alpha", str(tmp_path / "alpha"), follow=False) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read {tmp_path / 'alpha' / 'metrics.jsonl'}: ")
+    assert err.count("\n") == 1
+
+
 def test_submit_of_a_used_run_dir_without_resume_exits_2(tmp_path):
     folder = tmp_path / "job"
     write(folder / "train.py", "def train_loop(config): pass\n")
