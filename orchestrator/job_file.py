@@ -272,6 +272,10 @@ def _yaml_problem(error) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
+EMPTY_RUN_DIR = ("run_dir is empty: give a path, or leave it out (the runs root / the "
+                 "job's name)")
+
+
 def launcher_problems(launcher: dict[str, Any]) -> list[str]:
     """What is wrong with the launcher's keys present in `launcher` (a job file's, or
     launch.fit's arguments)."""
@@ -284,6 +288,8 @@ def launcher_problems(launcher: dict[str, Any]) -> list[str]:
             p.append(f"{key} must be a mapping, got {launcher[key]!r}")
     if "run_dir" in launcher and not isinstance(launcher["run_dir"], str):
         p.append(f"run_dir must be a path, got {launcher['run_dir']!r}")
+    elif "run_dir" in launcher and not launcher["run_dir"].strip():
+        p.append(EMPTY_RUN_DIR)  # ("" is the job file's folder, or fit's working directory)
     elif "run_dir" in launcher:
         uri_problem = run_dir_uri_problem(launcher["run_dir"])
         if uri_problem:

@@ -39,7 +39,7 @@ from typing import Any, Callable
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.entrypoints import accepts_config, local_modules
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
-from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS, launcher_problems
+from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS, EMPTY_RUN_DIR, launcher_problems
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, run_dir_held,
                                writable_dir_problem)
 
@@ -172,6 +172,8 @@ def resolve_fit_run_dir(spec: JobSpec, run_dir: str | Path | None,
     if name_problem:
         raise ConfigError(f"name {spec.name!r} {name_problem}: a fitted job's name is its run "
                           "directory's")
+    if isinstance(run_dir, str) and not run_dir.strip():  # Path(""): the working directory
+        raise ConfigError(EMPTY_RUN_DIR)
     directory = (Path(run_dir).expanduser() if run_dir is not None
                  else DEFAULT_RUNS_ROOT.expanduser() / spec.name).resolve()
     if directory.name != spec.name:

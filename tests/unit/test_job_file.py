@@ -119,6 +119,10 @@ def test_a_number_too_long_to_print_is_named_not_a_traceback(tmp_path):
     # (it became a directory `s3:` beside the job file)
     ("run_dir: s3://bucket/runs/a", "run_dir: s3://bucket/runs/a is a URI; a run directory "
      "must be a path every node can reach"),
+    # (it was the job file's own folder: the run went in beside its scripts, where that
+    # folder bears the job's name, as examples/regression/ does)
+    ("run_dir: ''", "run_dir is empty: give a path, or leave it out"),
+    ("run_dir: '  '", "run_dir is empty: give a path, or leave it out"),
 ])
 def test_a_bad_launcher_value_is_named_with_the_file(tmp_path, line, expected):
     path = write(tmp_path / "job.yaml", f"name: a\n{line}\n")
@@ -501,6 +505,8 @@ def test_a_relative_run_dir_in_a_job_file_is_beside_the_file(tmp_path, monkeypat
     ({"spec": JobSpec("alpha"), "train_loop": lambda a, b: None},
      "needs more than one argument"),
     ({"spec": JobSpec("alpha"), "run_dir": "/tmp/beta"}, "must end in the job's name 'alpha'"),
+    # ("" was the working directory: a run into it where that bears the job's name)
+    ({"spec": JobSpec("alpha"), "run_dir": ""}, "run_dir is empty: give a path, or leave it out"),
     ({"spec": JobSpec("alpha"), "config": [1]}, "config must be a mapping, got [1]"),
     # launch.fit's own launcher arguments: Ray Train refused keep_checkpoints=0 with a
     # traceback once the job was placed; a string timeout failed while queued.
