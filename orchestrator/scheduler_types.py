@@ -81,8 +81,9 @@ class SchedulerSettings:
                           ("restart_cost_s", None), ("starvation_factor", None),
                           ("worker_start_grace_s", None), ("scale_up_timeout_s", None)):
             value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
-                and not math.isnan(value) and (value > low if low is not None else value >= 0)
+            # (is_number: an int past float's range raised OverflowError in math.isnan)
+            ok = (is_number(value) or isinstance(value, float) and math.isinf(value)) \
+                and (value > low if low is not None else value >= 0)
             if not ok:
                 problems.append(f"{name} must be a number {'>' if low is not None else '>='}"
                                 f" 0, got {value!r}")

@@ -1748,7 +1748,10 @@ def test_a_jobs_own_excluded_gpus_do_not_hold_back_same_shaped_jobs_behind_it():
                                         ({"max_load_per_cpu": -1}, "max_load_per_cpu"),
                                         ({"suspect_after_s": "15"}, "suspect_after_s"),
                                         ({"protect_share": True}, "protect_share"),
-                                        ({"las_thresholds_gpu_s": (True,)}, "las_thresholds")])
+                                        ({"las_thresholds_gpu_s": (True,)}, "las_thresholds"),
+                                        # (past float's range: OverflowError, not named)
+                                        ({"dead_after_s": 10**400}, "dead_after_s"),
+                                        ({"min_run_s": 10**400}, "min_run_s")])
 def test_every_scheduler_setting_is_checked_and_named(bad, field):
     # "false" in a settings file left backfill on; a string duration failed with a TypeError
     # deep in the core.
@@ -1776,6 +1779,11 @@ def test_a_scheduler_recreated_without_settings_runs_with_its_predecessors():
     settings, problem = settings_to_run_with({}, saved)
     assert settings == SchedulerSettings() and "must be <= dead_after_s" in problem
     SchedulerCore(settings)
+    # A saved duration past float's range (JSON holds any number of digits): OverflowError
+    # out of every new scheduler's constructor, a crash loop, the document never set aside.
+    saved["settings"].update(suspect_after_s=15.0, dead_after_s=10**400)
+    settings, problem = settings_to_run_with({}, saved)
+    assert settings == SchedulerSettings() and "dead_after_s must be a number > 0" in problem
 
 
 def test_a_restored_queue_is_judged_again_against_the_nodes_that_report():
