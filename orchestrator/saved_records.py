@@ -99,8 +99,9 @@ def _as_type(hint: Any, value: Any) -> tuple[Any, str | None]:
         return value, None if isinstance(value, int) and not isinstance(value, bool) \
             else "an integer"
     if hint is float:  # infinity is a value some fields hold (a single node's bandwidth)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return value, None if number and not math.isnan(value) else "a number"
+        # (is_number: an int past float's range, which JSON may hold, raised OverflowError)
+        number = is_number(value) or isinstance(value, float) and math.isinf(value)
+        return value, None if number else "a number"
     if hint is str:
         return value, None if isinstance(value, str) else "a string"
     if origin is tuple and typing.get_args(hint)[1:] == (Ellipsis,):

@@ -618,6 +618,21 @@ def test_a_mistyped_saved_field_costs_its_record_and_the_restored_scheduler_runs
     assert {row["job"] for row in again.jobs(T0 + 3)} >= {"j3", "w1"}
 
 
+def test_a_saved_number_past_floats_range_is_named_with_its_field():
+    # (JSON holds any number of digits) The record was skipped as "OverflowError: int too
+    # large to convert to float": which field of it, not said.
+    core = core_with(cpu_node("a", cpus=8))
+    core.submit(cpus("j1", 1), "d", T0)
+    core.submit(cpus("w1", 8), "d", T0)
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["running"]["j1"]["started_at"] = 10**400
+    saved["queue"]["waiting"][0]["enqueued_at"] = -10**400
+    problems = core_with(cpu_node("a", cpus=8)).restore(saved)
+    assert any("running job 'j1'" in p and "started_at is 1000" in p and "not a number" in p
+               for p in problems), problems
+    assert any("queued job 'w1'" in p and "enqueued_at is -1000" in p for p in problems)
+
+
 def test_a_state_saved_by_a_newer_version_is_read_without_what_it_added():
     # Rolled back after an upgrade: every JobSpec, Placement and Rejection had a field this
     # version lacks. Each record came back skipped, and their reservations were released.
