@@ -371,7 +371,8 @@ class TrainConfig:
         for name in ("data_cache", "data_key", "tokenizer_sha256", "init_from"):
             _check(p, isinstance(getattr(self, name), str),
                    f"{_named(name)} must be a string, got {getattr(self, name)!r}")
-        preset_valid = _check(p, self.model_size in MODEL_PRESETS,
+        preset_valid = _check(p, isinstance(self.model_size, str)  # (a list: unhashable)
+                              and self.model_size in MODEL_PRESETS,
                               f"{_named('model_size')} must be one of {', '.join(MODEL_PRESETS)}, "
                               f"got {self.model_size!r}")
         _check(p, self.lr_schedule in LR_SCHEDULES,

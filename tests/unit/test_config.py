@@ -69,6 +69,8 @@ def test_non_mapping_is_refused():
     ({"lr": 10 ** 400}, "lr"),  # past float's range: OverflowError, not a ConfigError
     ({"min_lr": 1.0, "lr": 0.1}, "min_lr"),
     ({"dropout": 1.0}, "dropout"),
+    ({"model_size": ["tiny"]}, "model_size"),  # unhashable: a TypeError, naming nothing
+    ({"model_size": {"n_layer": 2}}, "model_size"),
 ])
 def test_trainconfig_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
