@@ -109,9 +109,10 @@ def resume_point(run_dir: Path, max_steps: int | None = None) -> ResumePoint:
         return ResumePoint(steps if isinstance(steps, int) and not isinstance(steps, bool)
                            else 0)
     # (the checkpoints still there: a finished run rolled back trains again)
-    there = sorted({(r["step"], r["checkpoint"]) for r in logged
+    there = sorted({(r["step"], str(path)) for r in logged
                     if isinstance(r.get("step"), int) and not isinstance(r["step"], bool)
-                    and Path(r["checkpoint"]).exists()}, reverse=True)
+                    and (path := _logged_checkpoint(run_dir, r["checkpoint"])).exists()},
+                   reverse=True)
     unusable: list[tuple[int, str]] = []
     for step, checkpoint in there:
         if max_steps is None or step < max_steps:
@@ -124,6 +125,15 @@ def resume_point(run_dir: Path, max_steps: int | None = None) -> ResumePoint:
             return ResumePoint(step, tuple(unusable))
         unusable.append((step, problem))
     return ResumePoint(0, tuple(unusable))
+
+
+def _logged_checkpoint(run_dir: Path, logged: str) -> Path:
+    """Where a checkpoint the metrics log names is now: the run directory's own of that name
+    where there is one (the log holds absolute paths, and the run directory may have been
+    moved, or its share mounted elsewhere, since), else the path as logged."""
+    name = Path(logged).name  # ("" for "" or "/": no name to look for)
+    here = Path(run_dir) / name
+    return here if name and here.exists() else Path(logged)
 
 
 def has_checkpoints(run_dir: Path) -> bool:

@@ -385,6 +385,21 @@ def _logged_run(run_dir, steps):
     return run_dir
 
 
+def test_a_moved_run_dir_resumes_from_the_checkpoints_it_holds(tmp_path):
+    """The metrics log names each checkpoint by its absolute path: once the run directory was
+    moved (or its share mounted elsewhere), none was found, so `--resume` at the same
+    --max-steps placed and started the job for nothing, and its checks counted from step 0."""
+    from orchestrator.runs import resume_point
+
+    old = _logged_run(tmp_path / "old" / "run", (5, 10))
+    (tmp_path / "new").mkdir()
+    new = old.rename(tmp_path / "new" / "run")
+    assert resume_point(new) == (10, ()) and resume_point(new, 10) == (10, ())
+    import shutil
+    shutil.rmtree(new / "checkpoint_00000010")  # rolled back by hand: not counted
+    assert resume_point(new) == (5, ())
+
+
 def test_a_damaged_final_checkpoint_is_not_taken_for_a_finished_run(tmp_path):
     """--resume at the same --max-steps said "nothing to do" when the final checkpoint the
     metrics log lists was damaged on disk: the run could never be completed again."""
