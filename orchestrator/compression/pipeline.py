@@ -126,6 +126,10 @@ def check_out(out: Path, config: CompressConfig, source: dict[str, Any],
         try:
             saved = json.loads(saved_path.read_text())
             saved_config, saved_source = saved["compress"], saved["source"]
+            for key, value in (("compress", saved_config), ("source", saved_source)):
+                if not isinstance(value, dict):  # (read as all defaults; or AttributeError)
+                    raise ValueError(f"its {key} is a JSON {type(value).__name__}, not an "
+                                     "object")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"cannot read {saved_path}: {e}") from None
         if saved_source.get("sha256") != source.get("sha256"):

@@ -451,3 +451,25 @@ def test_help_shows_every_settings_default_and_what_the_no_flags_skip(capsys):
         assert "(default: True)" not in text and "(default: False)" not in text, flag
     assert settings["--no-onnx-baseline"].endswith("(default: timed)")
     assert settings["--prune-scope"].endswith("(default: global)")
+
+
+@pytest.mark.parametrize("damage", ["source", "compress", "whole"])
+def test_an_out_whose_saved_settings_are_not_mappings_is_named_not_a_traceback(
+        tmp_path, capsys, damage):
+    # A damaged compress_config.json: a "source" that is not a mapping was an AttributeError
+    # traceback; a "compress" that is not one was read as all defaults (no conflicts).
+    import json
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoint_00000002", step=2)
+    _, source = load_teacher(run, log=print)
+    saved = {"source": {"compress": {}, "source": ["not", "a", "mapping"]},
+             "compress": {"compress": [], "source": source},
+             "whole": ["a", "list"]}[damage]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "compress_config.json").write_text(json.dumps(saved))
+    code, err = run_job(capsys, "--checkpoint", str(run), "--out", str(out))
+    assert code == 2, err
+    assert f"cannot read {out / 'compress_config.json'}" in err, err
+    assert json.loads((out / "compress_config.json").read_text()) == saved  # kept as it was
