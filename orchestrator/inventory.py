@@ -15,6 +15,7 @@ import numpy as np
 
 from orchestrator.config import ACCELERATOR_ALIASES, ACCELERATOR_FAMILIES, ACCELERATOR_SPEED
 from orchestrator.saved_records import saved_fields
+from orchestrator.validation import is_number
 
 GIB = 1024 ** 3
 
@@ -500,7 +501,15 @@ def saved_reservations(held: object) -> list[Reservation]:
     """A job's (or a silent node's) reservations from saved state, every field checked."""
     if not isinstance(held, list):
         raise ValueError(f"a JSON {type(held).__name__}, not a list of reservations")
-    return [Reservation(**saved_fields(Reservation, r, "a reservation")) for r in held]
+    reservations = [Reservation(**saved_fields(Reservation, r, "a reservation")) for r in held]
+    # (typed right, yet no amount held: -2 CPUs handed out two a job holds; inf held the
+    # node for ever)
+    for r in reservations:
+        for amount in ("cpus", "gpus"):
+            value = getattr(r, amount)
+            if not (is_number(value) and value >= 0):  # (finite: is_number)
+                raise ValueError(f"a reservation's {amount} is {value!r}, not a number >= 0")
+    return reservations
 
 
 class NodeTable:

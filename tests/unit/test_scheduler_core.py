@@ -633,6 +633,25 @@ def test_a_saved_number_past_floats_range_is_named_with_its_field():
     assert any("queued job 'w1'" in p and "enqueued_at is -1000" in p for p in problems)
 
 
+@pytest.mark.parametrize("field, value", [("cpus", -2.0), ("cpus", float("inf")),
+                                          ("gpus", -1), ("gpus", 10**400)])
+def test_a_saved_reservation_of_a_negative_or_infinite_amount_is_named_not_taken(field, value):
+    # Taken as read: -2 CPUs handed out the two CPUs j1's workers hold (a job placed beside
+    # it on a full node); infinite CPUs held the node for ever.
+    core = core_with(cpu_node("a", cpus=4))
+    core.submit(cpus("j1", 2), "d", T0)
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["reservations"]["j1"][0][field] = value
+    again = core_with(cpu_node("a", cpus=4))
+    problems = again.restore(saved)
+    assert any("reservations of 'j1'" in p and f"{field} is {value!r}" in p
+               for p in problems), problems
+    # j1 holds its placement again (from its running record): 2 CPUs, no more, no less
+    assert again.state.reservations["j1"] == core.state.reservations["j1"]
+    again.report(cpu_node("a", cpus=4), T0 + 1)
+    assert not isinstance(again.submit(cpus("big", 3), "e", T0 + 2).decision, Placement)
+
+
 def test_a_state_saved_by_a_newer_version_is_read_without_what_it_added():
     # Rolled back after an upgrade: every JobSpec, Placement and Rejection had a field this
     # version lacks. Each record came back skipped, and their reservations were released.
