@@ -89,7 +89,8 @@ class CompressConfig:
                 p.append(f"{field_with_flag(field, flag_of(field))} {message}, got "
                          f"{getattr(self, field)!r}")
 
-        check(self.student_size is None or self.student_size in MODEL_PRESETS, "student_size",
+        check(self.student_size is None or isinstance(self.student_size, str)  # (a list:
+              and self.student_size in MODEL_PRESETS, "student_size",  # unhashable)
               f"must be one of {', '.join(MODEL_PRESETS)} (or unset: the teacher's shape)")
         for name in ("prune_steps", "batch_size", "log_every", "checkpoint_every", "prune_every",
                      "eval_tokens", "eval_batch_size", "latency_batch", "latency_batched",

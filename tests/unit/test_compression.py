@@ -446,6 +446,9 @@ def test_invalid_config_names_every_bad_field():
         CompressConfig(weight_bits=7.0)  # 7.0 in (7, 8): a float qmax of 63.0 before
     with pytest.raises(ConfigError, match="student_size"):
         CompressConfig(student_size="huge")
+    for unhashable in (["tiny"], {"tiny": 1}):  # (a TypeError before: unhashable type)
+        with pytest.raises(ConfigError, match="student_size"):
+            CompressConfig.from_dict({"student_size": unhashable})
     with pytest.raises(ConfigError, match="unknown field.*'alpah' \\(did you mean 'alpha'"):
         CompressConfig.from_dict({"alpah": 0.5})
 
