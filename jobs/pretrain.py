@@ -19,8 +19,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from orchestrator.config import (LR_SCHEDULES, MODEL_PRESETS, PRECISIONS, STRATEGIES,
-                                 ConfigError, JobSpec, TrainConfig, resume_conflicts)
+from orchestrator.config import (LR_SCHEDULES, MAX_GPU_MEMORY_GB, MODEL_PRESETS, PRECISIONS,
+                                 STRATEGIES, ConfigError, JobSpec, TrainConfig,
+                                 resume_conflicts)
 from orchestrator.help_format import DefaultsHelpFormatter
 from orchestrator.hf_export import ExportError, check_init_context
 from orchestrator.tokenizer import TOKENIZER_FILE, TokenizerError, save_tokenizer
@@ -240,13 +241,18 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
                 left_pending = train_config.left_pending_at_end(after=resumed_at)
         except ConfigError as e:
             problems.append(str(e))
+        min_gpu_memory_gb = (_min_gpu_memory_gb(args, train_config)
+                             if train_config and args.num_workers >= 1
+                             else args.min_gpu_memory_gb or 0.0)
+        if args.min_gpu_memory_gb is None and min_gpu_memory_gb > MAX_GPU_MEMORY_GB:
+            # (not JobSpec's "--min-gpu-memory-gb must be in [0, 10000]": a flag not given)
+            problems.append(_need_past_any_gpu(args, train_config, min_gpu_memory_gb))
+            min_gpu_memory_gb = 0.0
         try:  # checked even when the TrainConfig is not: every bad flag named at once
             spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,
                            cpus_per_worker=args.cpus_per_worker,
                            gpus_per_worker=args.gpus_per_worker,
-                           min_gpu_memory_gb=(_min_gpu_memory_gb(args, train_config)
-                                              if train_config and args.num_workers >= 1
-                                              else args.min_gpu_memory_gb or 0.0),
+                           min_gpu_memory_gb=min_gpu_memory_gb,
                            min_bandwidth_gbps=args.min_bandwidth_gbps,
                            accelerator_types=tuple(args.accelerator_types), priority=args.priority,
                            expected_duration_s=args.expected_duration_s,
@@ -343,6 +349,17 @@ def _min_gpu_memory_gb(args: argparse.Namespace, train_config: TrainConfig) -> f
     if args.gpus_per_worker == 0:
         return 0.0
     return gpu_memory_needed_gb(train_config, args.num_workers)
+
+
+def _need_past_any_gpu(args: argparse.Namespace, train_config: TrainConfig,
+                       need_gb: float) -> str:
+    """Why a run whose estimated need (the default of --min-gpu-memory-gb) is past what any
+    GPU has cannot be placed, naming the flags that size it."""
+    return (f"the run's estimated need of {need_gb:g} GiB on each worker's GPU (--model-size "
+            f"{train_config.model_size}, --batch-size {train_config.batch_size} x --seq-len "
+            f"{train_config.seq_len} per worker, --strategy {train_config.strategy}) is more "
+            f"than any GPU has (over {MAX_GPU_MEMORY_GB:,} GiB): lower --batch-size or "
+            "--seq-len (--accumulation keeps the tokens per optimizer step) or --model-size")
 
 
 def _check_resumable(run_dir: Path, train_config: TrainConfig) -> None:

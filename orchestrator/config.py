@@ -33,6 +33,7 @@ MAX_ACCUMULATION = 1024
 # may be named so (orchestrator/scheduler_core.py).
 CLAIM_SUFFIX = "#migration"
 MAX_WORKLOAD_CHARS = 200  # JobSpec.workload: a key, not a description
+MAX_GPU_MEMORY_GB = 10_000  # JobSpec.min_gpu_memory_gb: more than any GPU has
 
 # Accelerator families the scheduler knows. A family must be a whole token of the device name
 # (inventory.accelerator_family), so the order does not matter; names a vendor also uses for a
@@ -240,8 +241,9 @@ class JobSpec:
                             f"{_named('gpus_per_worker')} must be an integer in [0, 64], got "
                             f"{self.gpus_per_worker!r}")
         memory_valid = _check(
-            p, is_number(self.min_gpu_memory_gb) and 0 <= self.min_gpu_memory_gb <= 10_000,
-            f"{_named('min_gpu_memory_gb')} must be a number in [0, 10000], "
+            p, is_number(self.min_gpu_memory_gb)
+            and 0 <= self.min_gpu_memory_gb <= MAX_GPU_MEMORY_GB,
+            f"{_named('min_gpu_memory_gb')} must be a number in [0, {MAX_GPU_MEMORY_GB}], "
             f"got {self.min_gpu_memory_gb!r}")
         _check(p, is_number(self.min_bandwidth_gbps) and self.min_bandwidth_gbps >= 0,
                f"{_named('min_bandwidth_gbps')} must be a number >= 0, got "

@@ -504,3 +504,26 @@ def test_resume_of_a_run_whose_final_checkpoint_is_damaged_trains_again(tmp_path
     assert "nothing to do" not in out
     assert f"checkpoint {state} is corrupt" in err and "step 10" in err
     assert "resumes from step 5" in err, err
+
+
+def test_an_estimated_need_past_any_gpu_is_named_by_the_flags_given(tmp_path):
+    # Without --min-gpu-memory-gb the GPU memory asked is the run's estimate; past JobSpec's
+    # bound it was refused as "min_gpu_memory_gb (--min-gpu-memory-gb) must be a number in
+    # [0, 10000], got 20435.6": a flag not given, and --dry-run could not show the estimate.
+    from jobs import pretrain
+    from orchestrator.config import ConfigError
+
+    args = pretrain.parse_args(["--model-size", "gpt2-xl", "--seq-len", "8192",
+                                "--batch-size", "1024", "--gpus-per-worker", "1"])
+    with pytest.raises(ConfigError) as e:
+        pretrain.build_configs(args, tmp_path / "run")
+    said = str(e.value)
+    assert "must be a number in [0, 10000]" not in said
+    assert re.search(r"estimated need of [\d.]+ GiB on each worker's GPU", said), said
+    for flag in ("--batch-size 1024", "--seq-len 8192", "--model-size gpt2-xl"):
+        assert flag in said
+    # Given, the bound is the flag's own, named as before.
+    args = pretrain.parse_args(["--gpus-per-worker", "1", "--min-gpu-memory-gb", "20000"])
+    with pytest.raises(ConfigError, match=re.escape(
+            "min_gpu_memory_gb (--min-gpu-memory-gb) must be a number in [0, 10000]")):
+        pretrain.build_configs(args, tmp_path / "run")
