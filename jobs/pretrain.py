@@ -432,7 +432,8 @@ def _refuse_other_init_from(init_from: str, saved: dict, run_dir: Path) -> None:
 def _data_flags(args: argparse.Namespace) -> tuple[str, ...]:
     """The flags given that apply only to --data files (said when they are ignored)."""
     given = {"--data-cache": args.data_cache is not None, "--retokenize": args.retokenize,
-             "--text-field": args.text_field != "text", "--skip-bad-lines": args.skip_bad_lines}
+             "--text-field": args.text_field != "text", "--skip-bad-lines": args.skip_bad_lines,
+             "--ingest-workers": args.ingest_workers > 0}  # (< 0: refused, not ignored)
     return tuple(flag for flag, on in given.items() if on)
 
 

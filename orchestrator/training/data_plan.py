@@ -347,7 +347,8 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
                    say: Callable[[str], None] = print) -> DataSetup:
     """Resolve the data, tokenizer and --init-from flags (`saved`: the train config of the run
     being resumed, in `run_dir`, or None). `data_flags`: those of --data-cache, --retokenize,
-    --text-field, --skip-bad-lines the user gave (they apply to --data files only).
+    --text-field, --skip-bad-lines, --ingest-workers the user gave (they apply to --data files
+    only).
     DataError / TokenizerError / ExportError name the flag."""
     fields: dict[str, Any] = {}
     notes: list[str] = []
@@ -427,7 +428,8 @@ def recorded_data(saved: dict[str, Any], run_dir: Path, cache_root: str | None =
     if saved.get("init_from"):  # the run took its size from the model it started from
         names += ["init_from", "model_size"]
     fields = {"data_cache": cache, **{name: saved[name] for name in names if name in saved}}
-    unused = [f for f in data_flags if f in ("--text-field", "--skip-bad-lines")]
+    unused = [f for f in data_flags
+              if f in ("--text-field", "--skip-bad-lines", "--ingest-workers")]
     notes = [f"{', '.join(unused)} ignored: the run goes on with the shards it was "
              "tokenized into"] if unused else []
     return DataSetup(fields, tokenizer_of_run(run_dir, saved.get("tokenizer_sha256", "")),

@@ -230,6 +230,18 @@ def test_data_flags_without_data_are_said_to_be_ignored(tmp_path, capsys):
     assert "--retokenize, --text-field ignored: they apply to --data files" in err
 
 
+def test_ingest_workers_without_data_are_said_to_be_ignored(tmp_path, capsys):
+    # docs/data.md: without --data the data-only flags are said to be ignored; the tokenizer
+    # workers' count was dropped silently (no tokenizing pass runs on the bundled corpus).
+    args = pretrain.parse_args(["--ingest-workers", "8", "--retokenize"])
+    pretrain.resolve_data(args, tmp_path / "run")
+    assert "--retokenize, --ingest-workers ignored: they apply to --data files" in \
+        capsys.readouterr().err
+    args = pretrain.parse_args(["--train-tokenizer", "300", "--ingest-workers", "8"])
+    pretrain.resolve_data(args, tmp_path / "run")  # a pass on the bundled corpus: it applies
+    assert "ignored" not in capsys.readouterr().err
+
+
 def test_a_tokenizer_without_an_end_of_text_token_is_warned_about(tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
