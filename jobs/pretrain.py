@@ -271,6 +271,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
               file=sys.stderr)
     if left_pending:  # said, as the warmup is: a first leg to extend with --resume is legitimate
         print(f"warning: {left_pending}", file=sys.stderr)
+    for ignored in _ignored_flags(args, train_config):
+        print(f"warning: {ignored}", file=sys.stderr)
     if train_config.init_from and not args.resume:  # (a resume loads its checkpoint's
         check_init_context(train_config.init_from, train_config.seq_len)  # weights, not DIR)
     if args.resume:
@@ -292,6 +294,28 @@ def _warmup_past_the_end(args: argparse.Namespace) -> str | None:
     default = "" if "warmup_steps" in getattr(args, "given", ()) else " (its default)"
     return (f"--warmup-steps {warmup}{default} is more than --max-steps {steps}: the learning "
             f"rate rises over the whole run and ends at {steps}/{warmup} of --lr")
+
+
+# Flags that only act with a setting: (the flags' destinations, the setting's test, the
+# setting as a flag). Given without it they change nothing.
+ACTING_WITH = (
+    (("span_ramp", "span_penalty"), lambda c: c.attention_span, "--attention-span"),
+    (("lr_decay_every",), lambda c: c.lr_schedule == "step", "--lr-schedule step"),
+    (("min_lr",), lambda c: c.lr_schedule == "cosine", "--lr-schedule cosine"),
+)
+
+
+def _ignored_flags(args: argparse.Namespace, train_config: TrainConfig) -> list[str]:
+    """The flags given whose setting is off (`--span-penalty` without --attention-span
+    trained standard attention, silently), as '--FLAG ignored: ...' lines."""
+    given, flags = getattr(args, "given", set()), getattr(args, "flags", {})
+    lines = []
+    for dests, on, setting in ACTING_WITH:
+        named = [flags.get(dest, dest) for dest in dests if dest in given]
+        if named and not on(train_config):
+            lines.append(f"{', '.join(named)} ignored: "
+                         f"{'they apply' if len(named) > 1 else 'it applies'} with {setting}")
+    return lines
 
 
 def _launcher_problems(args: argparse.Namespace) -> list[str]:

@@ -527,3 +527,22 @@ def test_an_estimated_need_past_any_gpu_is_named_by_the_flags_given(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(
             "min_gpu_memory_gb (--min-gpu-memory-gb) must be a number in [0, 10000]")):
         pretrain.build_configs(args, tmp_path / "run")
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--span-penalty", "1e-4", "--span-ramp", "16"],
+     "--span-ramp, --span-penalty ignored: they apply with --attention-span"),
+    (["--lr-decay-every", "50"], "--lr-decay-every ignored: it applies with --lr-schedule step"),
+    (["--lr-schedule", "constant", "--min-lr", "1e-4"],
+     "--min-lr ignored: it applies with --lr-schedule cosine"),
+])
+def test_a_flag_its_feature_is_off_for_is_said_to_be_ignored(tmp_path, capsys, argv, said):
+    # `--span-penalty 1e-4` without --attention-span trained standard attention, silently.
+    from jobs import pretrain
+
+    pretrain.build_configs(pretrain.parse_args(argv), tmp_path / "run")
+    assert f"warning: {said}" in capsys.readouterr().err
+    on = {"--span-penalty": ["--attention-span"], "--lr-decay-every": ["--lr-schedule", "step"],
+          "--lr-schedule": ["--lr-schedule", "cosine"]}[argv[0]]
+    pretrain.build_configs(pretrain.parse_args(argv + on), tmp_path / "run")
+    assert "ignored" not in capsys.readouterr().err
