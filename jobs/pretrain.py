@@ -182,6 +182,9 @@ def inherit_run_settings(args: argparse.Namespace, run_dir: Path) -> list[str]:
         recorded = saved.get(section, {})
         if not hasattr(args, dest) or dest in getattr(args, "given", ()) or dest not in recorded:
             continue
+        if dest == "accelerator_types" and "gpus_per_worker" in getattr(args, "given", ()) \
+                and args.gpus_per_worker == 0:  # on CPU workers the run's GPU families
+            continue  # are no choice to keep (and no flag could clear them)
         value = recorded[dest]
         if not _recorded_kind_fits(value, getattr(args, dest)):
             flag = getattr(args, "flags", {}).get(dest, f"--{dest.replace('_', '-')}")

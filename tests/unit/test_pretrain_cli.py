@@ -546,3 +546,20 @@ def test_a_flag_its_feature_is_off_for_is_said_to_be_ignored(tmp_path, capsys, a
           "--lr-schedule": ["--lr-schedule", "cosine"]}[argv[0]]
     pretrain.build_configs(pretrain.parse_args(argv + on), tmp_path / "run")
     assert "ignored" not in capsys.readouterr().err
+
+
+def test_a_gpu_run_resumed_on_cpu_workers_leaves_its_accelerator_types_behind(tmp_path):
+    # Refused as "accelerator_types (--accelerator-type) ['A100'] needs gpus_per_worker
+    # (--gpus-per-worker) >= 1": a flag not given, and no flag could clear the run's own.
+    from jobs import pretrain
+
+    run_dir = fake_finished_run(tmp_path / "run", steps=0)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["job"] = {"gpus_per_worker": 1, "accelerator_types": ["A100"]}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    resume = ["--resume", "--run-dir", str(run_dir)]
+    _, spec = pretrain.build_configs(pretrain.parse_args(resume + ["--gpus-per-worker", "0"]),
+                                     run_dir)
+    assert (spec.gpus_per_worker, spec.accelerator_types) == (0, ())
+    _, spec = pretrain.build_configs(pretrain.parse_args(resume), run_dir)  # on GPUs: its own
+    assert (spec.gpus_per_worker, spec.accelerator_types) == (1, ("A100",))
