@@ -324,6 +324,9 @@ def _ignored_flags(args: argparse.Namespace, train_config: TrainConfig) -> list[
 def _launcher_problems(args: argparse.Namespace) -> list[str]:
     """The flags that are neither TrainConfig's nor JobSpec's, checked."""
     problems = []
+    if args.address is not None and not args.address.strip():  # (connect: None, embedded)
+        problems.append("--address is empty: give host:port or auto, or leave the flag out "
+                        "(RAY_ADDRESS, else an embedded local Ray)")
     if args.max_failures < 0:
         problems.append(f"--max-failures must be >= 0, got {args.max_failures}")
     if not args.queue_timeout >= 0:

@@ -563,3 +563,14 @@ def test_a_gpu_run_resumed_on_cpu_workers_leaves_its_accelerator_types_behind(tm
     assert (spec.gpus_per_worker, spec.accelerator_types) == (0, ())
     _, spec = pretrain.build_configs(pretrain.parse_args(resume), run_dir)  # on GPUs: its own
     assert (spec.gpus_per_worker, spec.accelerator_types) == (1, ("A100",))
+
+
+@pytest.mark.parametrize("address", ["", " "])
+def test_an_empty_address_is_refused_not_read_as_none(tmp_path, address):
+    # `--address "$RAY_HEAD"` with the variable unset started an embedded local Ray and
+    # trained on this machine instead of the cluster (as an empty --tokenizer is refused).
+    from jobs import pretrain
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape("--address is empty")):
+        pretrain.build_configs(pretrain.parse_args(["--address", address]), tmp_path / "run")
