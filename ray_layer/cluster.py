@@ -387,6 +387,9 @@ def connect(address: str | None, runtime_env: dict | None = None, embedded: bool
                 "initialized in this process: pass it to your own ray.init() instead")
         return False
     source = "--address"
+    if address is not None and not address.strip():  # (`--address "$UNSET"`): not None
+        raise ClusterConnectionError("--address is empty: give host:port or auto, or leave "
+                                     "it out (RAY_ADDRESS, else an embedded local Ray)")
     if not address and os.environ.get("RAY_ADDRESS"):
         address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if address and address != "auto":

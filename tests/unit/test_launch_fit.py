@@ -58,6 +58,24 @@ def test_a_job_without_an_address_starts_its_own_ray(monkeypatch):
     assert calls == ["local", "auto"]
 
 
+@pytest.mark.parametrize("address", ["", "  "])
+def test_an_empty_address_is_refused_not_an_embedded_ray(monkeypatch, address):
+    # `submit JOB.yaml --address "$RAY_HEAD"` (unset) or launch.fit(address=""): an embedded
+    # local Ray started, and the job trained on this machine instead of the cluster.
+    import ray
+
+    from ray_layer import cluster
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs["address"]))
+    monkeypatch.setattr(cluster, "_running_local_clusters", lambda: [])
+    with pytest.raises(cluster.ClusterConnectionError, match="--address is empty"):
+        cluster.connect(address)
+    assert calls == []
+
+
 def test_an_embedded_ray_started_beside_a_running_cluster_says_so(monkeypatch, capsys):
     # The job ran unseen by the cluster `ray start` runs here: `status` showed no job and
     # `preempt` found none, with nothing saying why.
