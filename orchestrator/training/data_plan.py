@@ -383,6 +383,11 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
         fields.update(vocab_size=256 if legacy else tok.vocab_size,
                       tokenizer_sha256="" if legacy else tok.sha256)
         return DataSetup(fields, tok, None, notes)
+    unused = [f for f in data_flags
+              if f in ("--text-field", "--skip-bad-lines", "--ingest-workers")]
+    if not data and unused:  # (a tokenizer of its own: the cache and --retokenize apply)
+        notes.append(f"{', '.join(unused)} ignored: the bundled corpus is tokenized in this "
+                     "process (prepare_shards), a text file of its own")
     cache_given = "--data-cache" in data_flags
     if train_tokenizer is not None:  # trained into the cache root, before the shards
         _check_cache_writable(cache_root, cache_given)

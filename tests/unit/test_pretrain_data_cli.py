@@ -237,8 +237,16 @@ def test_ingest_workers_without_data_are_said_to_be_ignored(tmp_path, capsys):
     pretrain.resolve_data(args, tmp_path / "run")
     assert "--retokenize, --ingest-workers ignored: they apply to --data files" in \
         capsys.readouterr().err
-    args = pretrain.parse_args(["--train-tokenizer", "300", "--ingest-workers", "8"])
-    pretrain.resolve_data(args, tmp_path / "run")  # a pass on the bundled corpus: it applies
+    # A tokenizer of its own on the bundled corpus: tokenized in this process, not Ray Data
+    # (prepare_shards), so the workers' count, and a field of records, are no more used.
+    args = pretrain.parse_args(["--train-tokenizer", "300", "--ingest-workers", "8",
+                                "--text-field", "body", "--retokenize"])
+    pretrain.resolve_data(args, tmp_path / "run")
+    assert "--text-field, --ingest-workers ignored: the bundled corpus is tokenized in this " \
+        "process" in capsys.readouterr().err
+    (tmp_path / "a.txt").write_text("some text\n\n" * 400)
+    args = pretrain.parse_args(["--data", str(tmp_path / "a.txt"), "--ingest-workers", "8"])
+    pretrain.resolve_data(args, tmp_path / "run")  # files to tokenize on Ray Data: it applies
     assert "ignored" not in capsys.readouterr().err
 
 
