@@ -381,7 +381,9 @@ def test_pretrain_init_from_a_cut_weights_file_is_one_line_before_ray(tmp_path, 
     result = subprocess.run(
         [sys.executable, str(pretrain), "--init-from", str(cut), "--seq-len", "32",
          "--max-steps", "1", "--run-dir", str(tmp_path / "run")], capture_output=True,
-        text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+        text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                                     # this checkout's package, not the one installed
+                                     "PYTHONPATH": str(pretrain.parents[1])})
     assert result.returncode == 2, result.stderr
     assert f"{cut / 'model.safetensors'} is not a whole safetensors file" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
