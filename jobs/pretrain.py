@@ -613,8 +613,8 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         _say_nothing_to_do(f"the checkpoint is already at step {returned['step']}", train_config)
         return None
     if isinstance(returned, dict) and returned.get(DIVERGED):
-        raise JobFailed(f"{returned[DIVERGED]}\n(checkpoints so far are in {run_dir})",
-                        EXIT_FAILED)
+        raise JobFailed(f"{returned[DIVERGED]} (checkpoints so far, if any, are in "
+                        f"{run_dir})", EXIT_FAILED)
     if metrics.get("step") is None or metrics["step"] < train_config.max_steps:
         # Ray Train's result holds the last report with a checkpoint: one short of the end
         # means training stopped without saying why. No summary then, and never a made-up one.

@@ -196,6 +196,27 @@ def test_a_checkpoint_past_the_end_found_by_the_workers_writes_no_summary(tmp_pa
     assert not (tmp_path / "summary.json").exists()
 
 
+def test_a_diverged_run_fails_with_exit_4_and_one_line_naming_its_checkpoints(tmp_path):
+    # The workers return why (train_session.DIVERGED); Result.metrics are the last good
+    # checkpoint's report. The error is one line, as every other `error:` is.
+    from types import SimpleNamespace
+
+    from jobs.pretrain import _write_summary
+    from orchestrator.job_exit import EXIT_FAILED, JobFailed
+    from ray_layer.train_session import DIVERGED
+
+    why = "training diverged at step 20: the loss over steps 11-20 was nan; stopped ..."
+    result = SimpleNamespace(metrics={"step": 10, "loss": 3.0}, checkpoint=None,
+                             return_value={DIVERGED: why})
+    placement = SimpleNamespace(worker_nodes=("n",), bottleneck_gbps=float("inf"))
+    with pytest.raises(JobFailed) as e:
+        _write_summary(result, TrainConfig(max_steps=40), placement, tmp_path, 1.0, [])
+    assert e.value.exit_code == EXIT_FAILED
+    assert str(e.value).startswith(why) and str(tmp_path) in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "summary.json").exists()
+
+
 def test_a_summary_missing_figures_is_still_printed(tmp_path, capsys):
     from types import SimpleNamespace
 
