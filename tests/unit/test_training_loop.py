@@ -305,6 +305,24 @@ def test_fp16_scaler_skips_an_overflowing_step():
     assert scaler.get_scale() < scale  # and the scale backed off
 
 
+def _breaks_from_call(first_broken: int, how: float, last_broken: float = math.inf):
+    """A GPT class whose training loss is multiplied by `how` (nan, inf) on the
+    `first_broken`-th to `last_broken`-th training forwards (by default, every one on)."""
+    from orchestrator.training import loop
+
+    class Breaks(loop.GPT):
+        calls = 0
+
+        def forward(self, idx, targets=None, **kwargs):
+            logits, loss = super().forward(idx, targets, **kwargs)
+            if targets is not None and self.training:
+                Breaks.calls += 1
+                if first_broken <= Breaks.calls <= last_broken:
+                    loss = loss * how
+            return logits, loss
+    return Breaks
+
+
 @pytest.mark.parametrize("overflowing_call, log_every", [(3, 5), (1, 1)])
 def test_fp16_overflow_inside_the_loop_is_skipped_counted_and_backs_off(
         tmp_path, monkeypatch, overflowing_call, log_every):
@@ -313,18 +331,8 @@ def test_fp16_overflow_inside_the_loop_is_skipped_counted_and_backs_off(
     first step too, reported on its own.)"""
     from orchestrator.training import loop
 
-    class OverflowsOnce(loop.GPT):
-        calls = 0
-
-        def forward(self, idx, targets=None, **kwargs):
-            logits, loss = super().forward(idx, targets, **kwargs)
-            if targets is not None and self.training:
-                OverflowsOnce.calls += 1
-                if OverflowsOnce.calls == overflowing_call:
-                    loss = loss * float("inf")
-            return logits, loss
-
-    monkeypatch.setattr(loop, "GPT", OverflowsOnce)
+    monkeypatch.setattr(loop, "GPT", _breaks_from_call(overflowing_call, float("inf"),
+                                                       last_broken=overflowing_call))
     session = LocalSession(tmp_path, device=CPU)
     metrics = train(tiny(max_steps=5, precision="fp16", seq_len=16, log_every=log_every,
                          checkpoint_every=5), session)
@@ -340,22 +348,6 @@ def test_fp16_overflow_inside_the_loop_is_skipped_counted_and_backs_off(
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
-def _breaks_from_call(first_broken: int, how: float):
-    """A GPT class whose training loss is multiplied by `how` (nan, inf) from the
-    `first_broken`-th training forward on."""
-    from orchestrator.training import loop
-
-    class Breaks(loop.GPT):
-        calls = 0
-
-        def forward(self, idx, targets=None, **kwargs):
-            logits, loss = super().forward(idx, targets, **kwargs)
-            if targets is not None and self.training:
-                Breaks.calls += 1
-                if Breaks.calls >= first_broken:
-                    loss = loss * how
-            return logits, loss
-    return Breaks
 
 
 def test_a_diverged_run_stops_before_saving_its_nan_weights(tmp_path, monkeypatch):
