@@ -111,7 +111,8 @@ def resume_point(run_dir: Path, max_steps: int | None = None) -> ResumePoint:
     # (the checkpoints still there: a finished run rolled back trains again)
     there = sorted({(r["step"], str(path)) for r in logged
                     if isinstance(r.get("step"), int) and not isinstance(r["step"], bool)
-                    and (path := _logged_checkpoint(run_dir, r["checkpoint"])).exists()},
+                    and (path := _logged_checkpoint(run_dir, r["checkpoint"])) is not None
+                    and path.exists()},
                    reverse=True)
     unusable: list[tuple[int, str]] = []
     for step, checkpoint in there:
@@ -127,13 +128,15 @@ def resume_point(run_dir: Path, max_steps: int | None = None) -> ResumePoint:
     return ResumePoint(0, tuple(unusable))
 
 
-def _logged_checkpoint(run_dir: Path, logged: str) -> Path:
+def _logged_checkpoint(run_dir: Path, logged: str) -> Path | None:
     """Where a checkpoint the metrics log names is now: the run directory's own of that name
-    where there is one (the log holds absolute paths, and the run directory may have been
-    moved, or its share mounted elsewhere, since), else the path as logged."""
+    (None where the log names none). The log holds absolute paths, and the run directory may
+    have been moved, or its share mounted elsewhere, since; every checkpoint of a run is in
+    its run directory (Ray Train's storage is the directory's parent, the run's name its
+    own), so one gone from there is gone, whatever the logged path still holds (a copied
+    run's original, or a new run where the moved one was)."""
     name = Path(logged).name  # ("" for "" or "/": no name to look for)
-    here = Path(run_dir) / name
-    return here if name and here.exists() else Path(logged)
+    return Path(run_dir) / name if name else None
 
 
 def has_checkpoints(run_dir: Path) -> bool:

@@ -400,6 +400,22 @@ def test_a_moved_run_dir_resumes_from_the_checkpoints_it_holds(tmp_path):
     assert resume_point(new) == (5, ())
 
 
+def test_a_copied_run_dir_rolled_back_does_not_count_its_originals_checkpoints(tmp_path):
+    """Checkpoints live in the run directory (Ray Train's storage is its parent, its name the
+    run's): a logged one missing there is gone, even where the logged absolute path still
+    holds one, the original's of a copied run. Counted, `--resume --max-steps 10` of the copy
+    rolled back to step 5 said "nothing to do: already at step 10" for good."""
+    import shutil
+
+    from orchestrator.runs import resume_point
+
+    original = _logged_run(tmp_path / "a" / "run", (5, 10))
+    copy = shutil.copytree(original, tmp_path / "b" / "run")
+    shutil.rmtree(copy / "checkpoint_00000010")  # the copy rolled back by hand
+    assert resume_point(copy) == (5, ()) and resume_point(copy, 10) == (5, ())
+    assert resume_point(original, 10) == (10, ())  # the original's own still counts
+
+
 def test_a_damaged_final_checkpoint_is_not_taken_for_a_finished_run(tmp_path):
     """--resume at the same --max-steps said "nothing to do" when the final checkpoint the
     metrics log lists was damaged on disk: the run could never be completed again."""
