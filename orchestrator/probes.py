@@ -318,6 +318,15 @@ def gpu_count_problem(gpus: tuple[GpuInfo, ...], ray_gpus: float,
     counts some: the node is placed as a CPU node, which the operator must hear of. Declared
     ones (the node's `labels`) are worded by what declared their count: _declared_problem."""
     if ray_gpus > 0 and not gpus:
+        try:
+            declared = len(declared_gpus(labels, ray_gpus))
+        except ValueError:  # (a malformed label: the declared probe's error names it)
+            declared = 0
+        if declared:  # (probe_gpus takes them where NVML counts none: it counted, all failed)
+            return (f"Ray counts {ray_gpus:g} GPU(s) here, and every GPU NVML counts fails its "
+                    "queries (lost? the nvml probe error names them); the "
+                    f"{declared} the node's labels declare do not stand in for lost GPUs: "
+                    "placed as a CPU node")
         return (f"Ray counts {ray_gpus:g} GPU(s) here, but NVML found none usable (NVML "
                 "library missing or driver not loaded? or every GPU failing: the nvml probe "
                 "error names them) and no node label declares any in their stead "

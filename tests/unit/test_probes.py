@@ -730,6 +730,12 @@ def test_every_gpu_lost_is_not_replaced_by_the_gpus_the_labels_declare(monkeypat
     assert errors["nvml"].count("FakeGpuIsLost") == 4 and "declared" not in errors
     problem = gpu_count_problem((), 4.0, labels)
     assert "Ray counts 4 GPU(s)" in problem and "nvml probe error" in problem
+    # The labels do declare 4: the operator is told they are not taken in the lost GPUs'
+    # stead, not sent to look for a missing label ("no node label declares any ...=0?").
+    assert "no node label declares" not in problem and "=0?" not in problem, problem
+    assert "4 the node's labels declare" in problem, problem
+    # Without labels, the hint at a missing label stays.
+    assert "no node label declares any" in gpu_count_problem((), 4.0, {})
     # NVML absent (no GPU counted): the labels still declare the node's accelerators.
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([]))
     assert [g.source for g in probe_gpus(labels, {}, 4.0)] == ["declared"] * 4
