@@ -163,11 +163,12 @@ def _mean_loss_across_workers(loss_sum, losses_summed, device: torch.device
 
 def _stop_if_diverged(step: int, interval_steps: int, interval_loss: float | None,
                       model: torch.nn.Module, scaler, config: TrainConfig,
-                      checkpoint_due: bool, device: torch.device) -> None:
+                      checkpoint_due: bool, device: torch.device, saved_any: bool) -> None:
     """Raise TrainingDiverged, on every worker alike, where any worker's run diverged by this
     report: its interval's loss is NaN/inf (bf16, fp32: fp16 leaves overflowed steps out), its
     loss scale fell below MIN_LOSS_SCALE, or (before a checkpoint) its weights hold NaN/inf, as
-    a step can leave them under a finite loss. One small all-reduce per report."""
+    a step can leave them under a finite loss. One small all-reduce per report. `saved_any`:
+    the run has a checkpoint (else the message offers no --resume: it would be refused)."""
     why = 0  # 0 healthy, then the reasons below in the order they are checked
     if interval_loss is not None and not math.isfinite(interval_loss):
         why = 1
@@ -189,11 +190,13 @@ def _stop_if_diverged(step: int, interval_steps: int, interval_loss: float | Non
             3: "the model's weights hold NaN or inf (the loss was still finite)"}[why]
     lower = (f"a new run with a lower learning rate (--lr, now {config.lr:g}) or a longer "
              f"warm-up (--warmup-steps, now {config.warmup_steps})")
-    advice = (f"--resume in bf16 (--precision bf16, compute capability 8.0+) or fp32 "
-              f"continues from it; or start {lower}" if why == 2 else f"Start {lower}")
+    bf16 = "bf16 (--precision bf16, compute capability 8.0+) or fp32"
+    advice = (f"Start {lower}" if why != 2 else
+              f"--resume in {bf16} continues from it; or start {lower}" if saved_any else
+              f"Start a new run in {bf16}, or {lower}")
+    kept = "those saved before it are kept" if saved_any else "none was saved before it"
     raise TrainingDiverged(f"training diverged at step {step}: {what}; stopped before "
-                           f"saving a checkpoint there (those saved before it are kept). "
-                           f"{advice}")
+                           f"saving a checkpoint there ({kept}). {advice}")
 
 
 def _weights_finite(model: torch.nn.Module) -> bool:
@@ -389,6 +392,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             f"steps {step}->{config.max_steps}")
 
     start_step = step
+    saved_any = bool(checkpoint_dirs)  # (a resumed run's; set below at each one saved)
     metrics: dict[str, Any] = {"step": step, "start_step": start_step,
                                "already_complete": step >= config.max_steps}
     if metrics["already_complete"]:
@@ -463,7 +467,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             interval_loss, interval_loss_steps = _mean_loss_across_workers(
                 loss_sum, losses_summed, device)
             _stop_if_diverged(step, interval_steps, interval_loss, model, scaler, config,
-                              checkpoint_due, device)
+                              checkpoint_due, device, saved_any)
             run_tokens += timed_steps * tokens_per_step
             run_seconds += elapsed
             metrics = {
@@ -515,6 +519,7 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 _publish(session, metrics, checkpoint_due,
                          lambda: _checkpoint_state(model, optimizer, scaler, config, step,
                                                    tokens_seen, session.world_size, legs))
+            saved_any = saved_any or checkpoint_due
             if yielding is not None:
                 if session.world_rank == 0:
                     say(f"stopped at step {step} with a checkpoint: {yielding}")

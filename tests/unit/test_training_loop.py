@@ -381,6 +381,22 @@ def test_an_fp16_run_whose_every_step_overflows_stops_once_its_loss_scale_collap
     assert "loss scale" in str(e.value) and "step 20" in str(e.value)
     assert "--precision" in str(e.value)
     assert [r["step"] for r in session.reports] == [10]
+    assert "--resume" in str(e.value) and "those saved before it are kept" in str(e.value)
+
+
+def test_a_run_diverged_before_its_first_checkpoint_is_not_told_to_resume(tmp_path,
+                                                                          monkeypatch):
+    # Diverged at the report of step 20, the first checkpoint due at 50 (the default): there
+    # is nothing to --resume (it is refused: no checkpoint), and none was kept.
+    from orchestrator.training import loop
+
+    monkeypatch.setattr(loop, "GPT", _breaks_from_call(3, float("inf")))
+    session = LocalSession(tmp_path, device=CPU)
+    with pytest.raises(loop.TrainingDiverged) as e:
+        train(tiny(max_steps=40, precision="fp16", seq_len=16, checkpoint_every=50), session)
+    assert session.checkpoints() == [] and "step 20" in str(e.value)
+    assert "--resume" not in str(e.value) and "kept" not in str(e.value), str(e.value)
+    assert "none was saved" in str(e.value) and "--precision bf16" in str(e.value)
 
 
 def test_weights_turned_nan_under_a_finite_loss_are_not_checkpointed(tmp_path, monkeypatch):
