@@ -322,11 +322,11 @@ def gpu_count_problem(gpus: tuple[GpuInfo, ...], ray_gpus: float,
             declared = len(declared_gpus(labels, ray_gpus))
         except ValueError:  # (a malformed label: the declared probe's error names it)
             declared = 0
-        if declared:  # (probe_gpus takes them where NVML counts none: it counted, all failed)
-            return (f"Ray counts {ray_gpus:g} GPU(s) here, and every GPU NVML counts fails its "
-                    "queries (lost? the nvml probe error names them); the "
-                    f"{declared} the node's labels declare do not stand in for lost GPUs: "
-                    "placed as a CPU node")
+        if declared:  # (probe_gpus takes them where NVML is absent: it is there, failing)
+            return (f"Ray counts {ray_gpus:g} GPU(s) here, and NVML fails on this node (a "
+                    "driver/library mismatch, or every GPU lost: the nvml probe error says "
+                    f"which); the {declared} the node's labels declare do not stand in for GPUs "
+                    "NVML cannot reach: placed as a CPU node")
         return (f"Ray counts {ray_gpus:g} GPU(s) here, but NVML found none usable (NVML "
                 "library missing or driver not loaded? or every GPU failing: the nvml probe "
                 "error names them) and no node label declares any in their stead "
@@ -386,7 +386,7 @@ def probe_gpus(labels: dict[str, str], errors: dict[str, str],
         if problem:
             errors["declared"] = problem
         return measured
-    if failed:
+    if failed or "nvml" in errors:  # (NVML there but failing: nvmlInit, or every GPU)
         return ()
     return run_probe("declared", lambda: declared_gpus(labels, ray_gpus), (), errors)
 

@@ -210,6 +210,10 @@ def test_nvml_failing_to_start_on_a_gpu_node_is_a_probe_error(monkeypatch, code)
     errors = {}
     assert probe_gpus({}, errors) == ()
     assert f"nvmlInit failed ({code})" in errors["nvml"]
+    # Nor do a labelled node's declared GPUs stand in for the ones NVML cannot reach: they
+    # read as free GPUs on a node whose driver is broken.
+    errors = {}
+    assert probe_gpus(T4_LABELS, errors) == () and "nvml" in errors
 
 
 def test_one_lost_gpu_leaves_the_others_reported(monkeypatch):
