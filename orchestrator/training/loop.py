@@ -466,8 +466,15 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             elapsed = time.perf_counter() - interval_start
             interval_loss, interval_loss_steps = _mean_loss_across_workers(
                 loss_sum, losses_summed, device)
-            _stop_if_diverged(step, interval_steps, interval_loss, model, scaler, config,
-                              checkpoint_due, device, saved_any)
+            try:
+                _stop_if_diverged(step, interval_steps, interval_loss, model, scaler, config,
+                                  checkpoint_due, device, saved_any)
+            except TrainingDiverged as e:
+                # In the run's log too (metrics.jsonl, `logs NAME`): its reports stop, and why.
+                # (Every rank reports, as for any report; no checkpoint.)
+                session.report({"step": step, "start_step": start_step, "diverged": str(e)},
+                               None)
+                raise
             run_tokens += timed_steps * tokens_per_step
             run_seconds += elapsed
             metrics = {

@@ -82,6 +82,7 @@ def test_a_diverged_run_fails_at_once_keeping_only_finite_checkpoints(cluster, t
     # seeds diverged again, max_failures times over, saving NaN weights at each checkpoint.
     import torch
 
+    from orchestrator.runs import read_metrics
     from orchestrator.training.checkpoint import load_checkpoint
 
     run_dir = tmp_path / "diverges"
@@ -95,6 +96,8 @@ def test_a_diverged_run_fails_at_once_keeping_only_finite_checkpoints(cluster, t
     assert said and said[0].startswith("error: training diverged at step "), own
     assert not any("restart" in line for line in own), own
     assert not (run_dir / "summary.json").exists()
+    last = read_metrics(run_dir)[-1]  # (what `logs NAME` shows last: why the reports stop)
+    assert last["diverged"] in said[0] and last["checkpoint"] is None
     for checkpoint in run_dir.glob("checkpoint_*"):
         state = load_checkpoint(checkpoint)
         assert all(torch.isfinite(t).all() for t in state["model"].values()), checkpoint

@@ -350,6 +350,14 @@ def test_fp16_overflow_inside_the_loop_is_skipped_counted_and_backs_off(
 
 
 
+def _stopped_at_20_keeping_step_10(session, error) -> None:
+    """The run reported step 10 with its checkpoint, then at step 20 only why it stopped
+    (metrics.jsonl, `logs`), and holds no checkpoint past step 10."""
+    assert [r["step"] for r in session.reports] == [10, 20]
+    assert session.reports[-1]["diverged"] == str(error.value)
+    assert [load_checkpoint(c)["step"] for c in session.checkpoints()] == [10]
+
+
 def test_a_diverged_run_stops_before_saving_its_nan_weights(tmp_path, monkeypatch):
     # fp32: the loss turns NaN at step 13 and the weights with it. The run must stop at the
     # next report, saying why, and leave step 10's checkpoint the newest: saved, NaN weights
@@ -361,7 +369,7 @@ def test_a_diverged_run_stops_before_saving_its_nan_weights(tmp_path, monkeypatc
     with pytest.raises(loop.TrainingDiverged) as e:
         train(tiny(max_steps=40), session)
     assert "step 20" in str(e.value) and "loss" in str(e.value) and "--lr" in str(e.value)
-    assert [r["step"] for r in session.reports] == [10]
+    _stopped_at_20_keeping_step_10(session, e)
     state = load_checkpoint(session.checkpoints()[-1])
     assert state["step"] == 10
     assert all(torch.isfinite(t).all() for t in state["model"].values())
@@ -380,7 +388,7 @@ def test_an_fp16_run_whose_every_step_overflows_stops_once_its_loss_scale_collap
         train(tiny(max_steps=40, precision="fp16", seq_len=16), session)
     assert "loss scale" in str(e.value) and "step 20" in str(e.value)
     assert "--precision" in str(e.value)
-    assert [r["step"] for r in session.reports] == [10]
+    _stopped_at_20_keeping_step_10(session, e)
     assert "--resume" in str(e.value) and "those saved before it are kept" in str(e.value)
 
 
@@ -418,7 +426,7 @@ def test_weights_turned_nan_under_a_finite_loss_are_not_checkpointed(tmp_path, m
     with pytest.raises(loop.TrainingDiverged) as e:
         train(tiny(max_steps=40), session)
     assert "weights" in str(e.value) and "step 20" in str(e.value)
-    assert [r["step"] for r in session.reports] == [10]
+    _stopped_at_20_keeping_step_10(session, e)
 
 
 def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
