@@ -61,11 +61,14 @@ def workload_key(model: str | int, seq_len: int, batch_per_worker: int, precisio
 def pretrain_workload(config: TrainConfig) -> str:
     """The workload key of a run of the built-in training loop (jobs/pretrain.py). Compile
     left at its default follows the family (compiled on CUDA, eager on CPU), like precision
-    "auto"; forced either way, it is part of the key (compiled runs 1.09-1.18x faster)."""
+    "auto"; forced either way, it is part of the key (compiled runs 1.09-1.18x faster). The
+    vocabulary is (the LM head: a third of GPT-2 small's FLOPs at GPT-2's 50,257 tokens, next
+    to nothing at 257 bytes), and FSDP (its gathers), so that their speeds are not averaged."""
     forced = {True: "compiled", False: "eager", None: ""}[config.compile]
-    variant = "+".join(v for v in ("span" if config.attention_span else "", forced) if v)
+    variant = "+".join(v for v in ("span" if config.attention_span else "", forced,
+                                   "fsdp" if config.strategy == "fsdp" else "") if v)
     return workload_key(config.model_size, config.seq_len, config.batch_size, config.precision,
-                        variant)
+                        "/".join(v for v in (f"v{config.vocab_size}", variant) if v))
 
 
 def per_worker_rate(metrics: Mapping[str, Any]) -> float | None:

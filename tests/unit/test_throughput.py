@@ -205,12 +205,16 @@ def test_workload_keys_name_what_sets_the_speed():
     assert workload_key("small", 128, 16, "bf16") == "gpt-small/seq128/b16/bf16"
     assert workload_key(124_000_000, 1024, 8, "fp16") == "gpt-124M/seq1024/b8/fp16"
     base = TrainConfig()
-    assert pretrain_workload(base) == f"gpt-small/seq{base.seq_len}/b{base.batch_size}/auto"
-    keys = {pretrain_workload(TrainConfig(**change)) for change in (
-        {}, {"model_size": "large"}, {"seq_len": 256}, {"batch_size": 8},
-        {"precision": "fp32"}, {"attention_span": True}, {"compile": False},
-        {"compile": True}, {"compile": True, "attention_span": True})}
-    assert len(keys) == 9  # each of these changes the key
+    assert pretrain_workload(base) == \
+        f"gpt-small/seq{base.seq_len}/b{base.batch_size}/auto/v{base.vocab_size}"
+    # (the vocabulary sets the LM head's share of the work: 257 bytes against GPT-2's 50,257
+    # tokens is a third of GPT-2 small's FLOPs; FSDP adds gathers DDP has not)
+    changes = ({}, {"model_size": "large"}, {"seq_len": 256}, {"batch_size": 8},
+               {"precision": "fp32"}, {"attention_span": True}, {"compile": False},
+               {"compile": True}, {"compile": True, "attention_span": True},
+               {"vocab_size": 50257}, {"strategy": "fsdp"})
+    keys = {pretrain_workload(TrainConfig(**change)) for change in changes}
+    assert len(keys) == len(changes)  # each of these changes the key
     assert pretrain_workload(TrainConfig(lr=1e-3, max_steps=5)) == pretrain_workload(base)
 
 
@@ -220,7 +224,7 @@ def test_pretrain_sets_the_workload_of_its_jobspec(tmp_path):
     args = parse_args(["--model-size", "tiny", "--seq-len", "64", "--batch-size", "4",
                        "--precision", "fp32"])
     _, spec = build_configs(args, tmp_path / "run-1")
-    assert spec.workload == "gpt-tiny/seq64/b4/fp32"
+    assert spec.workload == "gpt-tiny/seq64/b4/fp32/v256"  # (no data resolved here)
 
 
 def test_jobspec_workload_is_checked_and_saved():
