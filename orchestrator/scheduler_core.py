@@ -1775,7 +1775,8 @@ class SchedulerCore:
         lowest = min(top_level, default=None)
         tried: set[tuple] = set()  # (priority, level, shape) that found no victims
         in_victim_order = False
-        for job in blocked[:MAX_BLOCKED_EXAMINED]:
+        planned = set(self._plan_jobs)  # (this pass's EASY plans: _may_start_behind)
+        for i, job in enumerate(blocked[:MAX_BLOCKED_EXAMINED]):
             if searches == 0 or lowest is None:
                 break
             name = job.spec.name
@@ -1795,7 +1796,8 @@ class SchedulerCore:
                 entry[0] < priority or (entry[0] == priority and entry[1] > level
                                         and entry[2].preemptions < aged))]
             searches -= 1
-            found = self._preempt_for(job, candidates, free_gpus, now, head=blocked[0])
+            ahead = [b for b in blocked[:i] if b.spec.name in planned]
+            found = self._preempt_for(job, candidates, free_gpus, now, ahead)
             if not found.effects:
                 tried.add(key)
             outcome.add(found)
@@ -1829,13 +1831,14 @@ class SchedulerCore:
                                  now - (e[2].last_checkpoint_at or e[2].started_at)))
 
     def _preempt_for(self, job: QueuedJob, candidates: list[tuple[int, int, RunningJob]],
-                     free_gpus: dict[int, int], now: float, head: QueuedJob) -> Outcome:
+                     free_gpus: dict[int, int], now: float, ahead: list[QueuedJob]) -> Outcome:
         """Make room for a waiting job by preempting running jobs it outranks, if enough do
-        and the queue pass would then start it (`head`: the first job that could not)."""
+        and the queue pass would then start it (`ahead`: the blocked jobs before it in queue
+        order that the pass made EASY plans for, _plan_blocked)."""
         outcome = Outcome()
         job_name = job.spec.name
         victims = self._choose_victims(job.spec, candidates, free_gpus, now)
-        if not victims or not self._may_start_behind(head, job, victims, now):
+        if not victims or not self._may_start_behind(ahead, job, victims, now):
             return outcome
         self.preempting[job_name] = set(victims)
         job.reason = (f"preempting {', '.join(victims)}: starts when they have checkpointed "
@@ -1957,13 +1960,15 @@ class SchedulerCore:
         # (every family of choice.order has room for the job, so is one of open_families)
         return sum(free_gpus.get(codes[f], 0) for f in choice.open_families) >= spec.total_gpus
 
-    def _may_start_behind(self, head: QueuedJob, job: QueuedJob, victims: list[str],
+    def _may_start_behind(self, ahead: list[QueuedJob], job: QueuedJob, victims: list[str],
                           now: float) -> bool:
         """Whether the queue pass, once `victims` have yielded, would let `job` start behind
-        the blocked `head` (EASY's test, _may_backfill; the head itself always may). A job
-        the pass then refuses as delaying the head took the victims' run for capacity that
-        idles."""
-        if job is head:
+        the blocked jobs `ahead` of it that it plans for (EASY's test for each plan,
+        _delays; the head itself always may). A job the pass then refuses as delaying one
+        of them took the victims' run for capacity that idles (judged against the head's
+        plan alone, an A100 job preempted for a start the plan of an 8-GPU A100 job ahead
+        of it then refused, behind a T4 head)."""
+        if not ahead:
             return True
         with _AsIfYielded(self, victims):
             free_gpus = self._free_units(now)[0]
@@ -1971,8 +1976,10 @@ class SchedulerCore:
                 placement = self._place(job.spec, now, free_gpus=free_gpus)
             except PlacementError:
                 return False
-            plan = self._head_plan(head, now, free_gpus)
-            return self._may_backfill(plan, job.spec, placement, now, job.expected_left_s)
+            plans: list[_HeadPlan] = []
+            for blocked in ahead:
+                self._plan_blocked(plans, blocked, now, free_gpus)
+            return self._delays(plans, job.spec, placement, now, job.expected_left_s) is None
 
     def _direct(self, job_name: str, kind: str, reason: str, now: float, for_job: str = "",
                 target: Placement | None = None) -> Outcome:

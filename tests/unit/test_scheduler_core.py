@@ -310,6 +310,24 @@ def test_a_job_behind_the_head_preempts_only_for_a_start_that_would_not_delay_th
     assert isinstance(core.poll("small-t4", "d", T0 + 1004).decision, Placement)
 
 
+def test_a_job_behind_the_head_preempts_only_for_a_start_no_blocked_jobs_plan_refuses():
+    # 'X' (4 A100s, behind the T4 head 'H') has its own EASY plan on the A100s; 'small'
+    # preempted 'v1' judged against the head's plan alone, and the pass then refused it
+    # ("would delay 'X'"): v1 lost its run and its GPU idled.
+    a100, t4 = ("A100",), ("T4",)
+    core = core_with(gpu_node("a", gpus=4), gpu_node("t", gpus=1, family="T4"),
+                     las_thresholds_gpu_s=(100.0,))
+    core.submit(gpus("long", 1, accelerator_types=t4, preemptible=False), "d", T0)
+    core.submit(gpus("u", 2, accelerator_types=a100, preemptible=False), "d", T0)
+    for name in ("v1", "v2"):
+        core.submit(gpus(name, 1, accelerator_types=a100), "d", T0)
+    core.submit(gpus("H", 1, accelerator_types=t4), "d", T0 + 1000)
+    core.submit(gpus("X", 4, accelerator_types=a100), "d", T0 + 1000.5)
+    out = core.submit(gpus("small", 1, accelerator_types=a100), "d", T0 + 1001)
+    assert not yields(out) and not core.preempting.get("small")
+    assert {"v1", "v2"} <= set(core.running)
+
+
 def test_a_preemption_the_victim_has_read_stays_when_its_preemptor_starts_elsewhere():
     # The victim had read its directive (it was checkpointing to yield) when the preemptor
     # started on room freed elsewhere: the directive was withdrawn, and the yield that
