@@ -1577,18 +1577,25 @@ class SchedulerCore:
         blocked job's on nodes no earlier plan could use (the head's reservation covers only
         its families: an 8-GPU A100-only job behind a T4-only head was passed by every 4-GPU
         A100 job submitted after it, for good). One per set of accelerator families at most,
-        found by a family look-up before any plan is made (a long queue costs no more)."""
+        found by a family look-up before any plan is made (a long queue costs no more).
+        A job whose victims are yielding (_preempt_for_blocked) gets one on any nodes: its
+        start is "now" once they have, and without it a job behind it took the room the first
+        victim freed, and it waited on with its preemption spent."""
         t = self.state.table
+        preempting = bool(self.preempting.get(job.spec.name))
         if plans:
-            if len(plans) >= MAX_PLANS_PER_PASS or not job.spec.gpus_per_worker:
-                return  # (a CPU job may use every node: behind another plan, none is its own)
-            named = allowed_families(job.spec)
-            codes = {t.families[f] for f in named if f in t.families} if named \
-                else set(t.families.values())
-            if any(codes & p.families for p in plans):
+            if len(plans) >= MAX_PLANS_PER_PASS:
                 return
+            if not preempting:
+                if not job.spec.gpus_per_worker:
+                    return  # (a CPU job may use every node: behind another plan, none is its own)
+                named = allowed_families(job.spec)
+                codes = {t.families[f] for f in named if f in t.families} if named \
+                    else set(t.families.values())
+                if any(codes & p.families for p in plans):
+                    return
         plan = self._head_plan(job, now, free_gpus)
-        if plans and any((plan.usable & p.usable).any() for p in plans):
+        if plans and not preempting and any((plan.usable & p.usable).any() for p in plans):
             return
         n = len(t)
         plan.families = frozenset(np.unique(t.family[:n][plan.usable[:n]]).tolist())

@@ -328,6 +328,30 @@ def test_a_job_behind_the_head_preempts_only_for_a_start_no_blocked_jobs_plan_re
     assert {"v1", "v2"} <= set(core.running)
 
 
+def test_the_room_a_job_behind_the_head_preempts_for_is_not_taken_by_a_job_behind_it():
+    # 'B' (behind the head 'H', on its family: no plan of its own) preempted v1 and v2; 'C',
+    # submitted after B, took the GPU v1 freed (it ends before H's shadow time), and B, its
+    # victims gone, still waited for C.
+    a100 = ("A100",)
+    core = core_with(gpu_node("a", gpus=4), gpu_node("b", gpus=4), las_thresholds_gpu_s=(100.0,))
+    core.submit(gpus("u", 4, accelerator_types=a100, preemptible=False,
+                     expected_duration_s=10000), "d", T0)
+    core.submit(gpus("w", 2, accelerator_types=a100, preemptible=False,
+                     expected_duration_s=20000), "d", T0)
+    for name in ("v1", "v2"):
+        core.submit(gpus(name, 1, accelerator_types=a100), "d", T0)
+    core.submit(gpus("H", 8, accelerator_types=a100), "d", T0 + 1000)
+    out = core.submit(gpus("B", 2, accelerator_types=a100, expected_duration_s=1000), "d",
+                      T0 + 1001)
+    assert set(yields(out)) == {"v1", "v2"}
+    core.yielded("v1", "d", T0 + 1002)
+    late = core.submit(gpus("C", 1, accelerator_types=a100, expected_duration_s=500), "d",
+                       T0 + 1003).decision
+    assert isinstance(late, Queued) and "would delay 'B'" in late.reason
+    core.yielded("v2", "d", T0 + 1004)
+    assert isinstance(core.poll("B", "d", T0 + 1005).decision, Placement)
+
+
 def test_a_preemption_the_victim_has_read_stays_when_its_preemptor_starts_elsewhere():
     # The victim had read its directive (it was checkpointing to yield) when the preemptor
     # started on room freed elsewhere: the directive was withdrawn, and the yield that
