@@ -1491,6 +1491,7 @@ class SchedulerCore:
         budget = self.settings.failed_placements_per_pass
         denials = BACKFILL_DENIALS_PER_PASS
         plans: list[_HeadPlan] = []  # [0]: the head's; then see _plan_blocked
+        holding: dict[int, set[int]] = {}  # (_plan_blocked)
         blocked: list[QueuedJob] = []  # could not start now: they may preempt (below)
         refused = False  # a job was refused as backfill (see _repass_due)
         for job in self.queue.ordered():
@@ -1524,7 +1525,7 @@ class SchedulerCore:
                 blocked.append(job)
                 if not self.settings.backfill:
                     break
-                self._plan_blocked(plans, job, now, free_gpus)
+                self._plan_blocked(plans, job, now, free_gpus, holding)
                 continue
             try:
                 placement = self._place(spec, now, job.owner, free_gpus=free_gpus)
@@ -1541,7 +1542,7 @@ class SchedulerCore:
                 blocked.append(job)
                 if not self.settings.backfill:
                     break
-                self._plan_blocked(plans, job, now, free_gpus)
+                self._plan_blocked(plans, job, now, free_gpus, holding)
                 budget -= 1
                 if budget <= 0:
                     break
@@ -1572,12 +1573,15 @@ class SchedulerCore:
         return outcome
 
     def _plan_blocked(self, plans: list[_HeadPlan], job: QueuedJob, now: float,
-                      free_gpus: dict[int, int]) -> None:
+                      free_gpus: dict[int, int], holding: dict[int, set[int]]) -> None:
         """EASY's reservation for a job that could not start: the head's, and also the first
         blocked job's on nodes no earlier plan could use (the head's reservation covers only
         its families: an 8-GPU A100-only job behind a T4-only head was passed by every 4-GPU
         A100 job submitted after it, for good). One per set of accelerator families at most,
-        found by a family look-up before any plan is made (a long queue costs no more).
+        found by a family look-up before any plan is made (a long queue costs no more):
+        the families it names that have a node with GPUs enough for one of its workers
+        (`holding`, per pass: GPUs per worker -> family codes; by its names alone, an 8-GPU
+        A100-or-T4 job behind a T4 head got no plan though no 4-GPU T4 node could hold it).
         A job whose victims are yielding (_preempt_for_blocked) gets one on any nodes: its
         start is "now" once they have, and without it a job behind it took the room the first
         victim freed, and it waited on with its preemption spent."""
@@ -1592,6 +1596,12 @@ class SchedulerCore:
                 named = allowed_families(job.spec)
                 codes = {t.families[f] for f in named if f in t.families} if named \
                     else set(t.families.values())
+                per_worker = job.spec.gpus_per_worker
+                if per_worker not in holding:
+                    n = len(t)
+                    holding[per_worker] = set(
+                        np.unique(t.family[:n][t.gpus[:n] >= per_worker]).tolist())
+                codes &= holding[per_worker]
                 if any(codes & p.families for p in plans):
                     return
         plan = self._head_plan(job, now, free_gpus)
@@ -1984,8 +1994,9 @@ class SchedulerCore:
             except PlacementError:
                 return False
             plans: list[_HeadPlan] = []
+            holding: dict[int, set[int]] = {}
             for blocked in ahead:
-                self._plan_blocked(plans, blocked, now, free_gpus)
+                self._plan_blocked(plans, blocked, now, free_gpus, holding)
             return self._delays(plans, job.spec, placement, now, job.expected_left_s) is None
 
     def _direct(self, job_name: str, kind: str, reason: str, now: float, for_job: str = "",

@@ -1269,6 +1269,26 @@ def test_the_first_job_blocked_on_gpus_the_head_cannot_use_is_not_starved_by_lat
     assert isinstance(core.submit(cpus("cpu", 2), "d", T0 + 1003).decision, Placement)
 
 
+def test_a_blocked_job_naming_the_heads_family_but_unable_to_use_it_gets_its_own_plan():
+    # 'X' may run on A100 or T4, but its 8-GPU worker fits no 4-GPU T4 node: its nodes are
+    # all ones the T4-only head cannot use. Its naming T4 alone cost it its reservation, and
+    # every 4-GPU job after it allowed A100 (and T4, as X: no first call on the A100s) took
+    # the A100s as they freed.
+    a100, t4 = ("A100",), ("T4",)
+    core = core_with(gpu_node("a", gpus=8), gpu_node("t", gpus=4, family="T4"))
+    core.submit(gpus("long", 4, accelerator_types=t4), "d", T0)
+    for name in ("s0", "s1"):
+        core.submit(gpus(name, 4, accelerator_types=a100), "d", T0)
+    core.submit(gpus("H", 4, accelerator_types=t4), "d", T0 + 1)
+    core.submit(JobSpec("X", num_workers=1, gpus_per_worker=8, accelerator_types=("A100", "T4")),
+                "d", T0 + 2)
+    core.release("s0", "d", T0 + 500)
+    late = core.submit(gpus("s2", 4, accelerator_types=("A100", "T4")), "d", T0 + 501).decision
+    assert isinstance(late, Queued) and "would delay 'X'" in late.reason
+    core.release("s1", "d", T0 + 1000)
+    assert isinstance(core.poll("X", "d", T0 + 1001).decision, Placement)
+
+
 def test_no_migration_onto_the_room_of_a_blocked_job_behind_the_head():
     # 'X' (8 A100s) waits behind the T4-only head 'H'; 4 A100s free: 'M' moved from the T4s
     # onto them (the head's test alone passed it), and X waited for M's 10-hour run.
