@@ -6,6 +6,7 @@ expiry is tested by stepping a number rather than sleeping.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -136,7 +137,8 @@ def name_tokens(gpu_name: str) -> set[str]:
     return set(re.split(r"[^A-Z0-9]+", gpu_name.upper()))
 
 
-def accelerator_family(gpu_name: str) -> str:
+@functools.lru_cache(maxsize=1024)  # (a rejection explains every node, each GPU's name: a
+def accelerator_family(gpu_name: str) -> str:  # victim search parsed 2.4 M names per pass)
     """The family of a GPU name as NVML or a label gives it ("NVIDIA A100-SXM4-80GB" -> "A100");
     "" when the name matches no known family. A family must be a whole token of the name: by
     substring, "NVIDIA L40" read as L4 and "NVIDIA GH200" as H200. A MIG slice ("NVIDIA
