@@ -541,14 +541,17 @@ def _choose_among(spec: JobSpec, state: ClusterState, capacity: np.ndarray,
 # -- the entry point ------------------------------------------------------------------------------
 
 def place(spec: JobSpec, state: ClusterState, now: float, owner: str = "",
-          explain: bool | None = None, excluded_gpus: GpuSlots = frozenset()) -> Placement:
+          explain: bool | None = None, excluded_gpus: GpuSlots = frozenset(),
+          trial: bool = False) -> Placement:
     """Place every worker of `spec` on a node, or raise PlacementError saying why not.
 
     `owner` identifies who will hold the reservation (the driver's Ray job id), so that it can
     be released if that driver dies without releasing it. `explain` gives every node not used
     a reason (default: on for clusters up to EXPLAIN_LIMIT nodes; rejections always explain).
     `excluded_gpus`: (node id, GPU index) pairs this job must not count on (see
-    worker_capacity)."""
+    worker_capacity). `trial`: a "would it fit?" question whose rejection text nobody reads
+    (the victim search asks hundreds per pass): a rejection then carries its headline alone,
+    no per-node reasons (a Python step per node); a placement is as without it."""
     if spec.name in state.reservations:
         raise PlacementError(Rejection(spec.name, (
             f"job '{spec.name}' already holds a reservation: a job of that name is running "
@@ -557,11 +560,12 @@ def place(spec: JobSpec, state: ClusterState, now: float, owner: str = "",
         explain = len(state.table) <= EXPLAIN_LIMIT
     capacity = worker_capacity(spec, state, now, excluded_gpus=excluded_gpus)
     if capacity.sum() < spec.num_workers:
-        raise PlacementError(_rejection(spec, state, now, capacity, explain, excluded_gpus))
+        raise PlacementError(_rejection(spec, state, now, capacity, explain, excluded_gpus,
+                                        trial=trial))
     choice = _choose(spec, state, capacity)
     if choice.bottleneck < spec.min_bandwidth_gbps:
         raise PlacementError(_rejection(spec, state, now, capacity, explain, excluded_gpus,
-                                        too_slow=choice))
+                                        too_slow=choice, trial=trial))
     t = state.table
     worker_nodes: list[str] = []
     for row in choice.rows:  # every node but the last is filled (see _Search.grow)
@@ -655,8 +659,9 @@ def _node_reasons(spec: JobSpec, state: ClusterState, now: float, capacity: np.n
 
 def _rejection(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndarray,
                explain: bool, excluded_gpus: GpuSlots = frozenset(),
-               too_slow: Choice | None = None) -> Rejection:
-    """`too_slow`: the best node set found, when it was below the job's bandwidth floor."""
+               too_slow: Choice | None = None, trial: bool = False) -> Rejection:
+    """`too_slow`: the best node set found, when it was below the job's bandwidth floor;
+    `trial`: the headline (and fits_when_free) only, no per-node reasons (see place())."""
     available = int(capacity.sum())
     idle = worker_capacity(spec, state, now, ignore_reservations=True,
                            excluded_gpus=excluded_gpus)
@@ -688,6 +693,8 @@ def _rejection(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndar
     if fits_when_free and too_slow is None:
         headline += f"; {FITS_WHEN_FREED}"
     lines = [headline]
+    if trial:
+        return Rejection(spec.name, headline, {}, fits_when_free)
     if not state.reports:
         lines.append("  no node has reported yet (are the node agents running?)")
     # Reasons cost a Python step per node: on big clusters, unless asked, the first nodes only.

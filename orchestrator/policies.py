@@ -102,7 +102,7 @@ def live_place(spec: JobSpec, state: ClusterState, now: float, job=None) -> Plac
     """orchestrator.placement.place() alone, as a placement function (scripts/bench_placement
     compares it with first-fit and best-fit job by job, without a queue)."""
     try:
-        return place(spec, state, now, explain=False)
+        return place(spec, state, now, explain=False, trial=True)
     except PlacementError:
         return None
 
@@ -134,7 +134,7 @@ def make_gavel(type_order: Callable[[object], tuple[str, ...]]) -> Policy:
             if typed is None:
                 typed = specs[key] = spec.narrowed(accelerator_types=(family,))
             try:
-                placement = place(typed, state, now, explain=False)
+                placement = place(typed, state, now, explain=False, trial=True)
             except PlacementError:
                 continue
             specs.pop(key, None)

@@ -1064,18 +1064,19 @@ class SchedulerCore:
 
     # -- internals: starting and stopping ----------------------------------------------------------
     def _place(self, spec: JobSpec, now: float, owner: str = "",
-               explain: bool | None = False, free_gpus: dict[int, int] | None = None
-               ) -> Placement:
+               explain: bool | None = False, free_gpus: dict[int, int] | None = None,
+               trial: bool = False) -> Placement:
         """Where the job would go now (PlacementError if nowhere), by place() or the policy.
         With `free_gpus` (the queue pass's free GPUs per family code) place() is asked family
-        by family in _family_choice's order first."""
+        by family in _family_choice's order first. `trial`: the caller only asks whether it
+        fits (place()'s trial: a rejection without per-node reasons)."""
         if self.policy is None:
             excluded = frozenset(self.excluded_gpus.get(spec.name.removesuffix(CLAIM_SUFFIX), ()))
             choice = None if free_gpus is None else self._family_choice(spec, free_gpus)
             if choice is None:
                 return place(spec, self.state, now, owner=owner, explain=explain,
-                             excluded_gpus=excluded)
-            return self._place_by_family(spec, choice, now, owner, explain, excluded)
+                             excluded_gpus=excluded, trial=trial)
+            return self._place_by_family(spec, choice, now, owner, explain, excluded, trial)
         placement = self.policy(spec, self.state, now, owner)
         if placement is None:
             raise PlacementError(Rejection(spec.name, f"job '{spec.name}' does not fit now",
@@ -1083,13 +1084,17 @@ class SchedulerCore:
         return dataclasses.replace(placement, owner=owner)
 
     def _place_by_family(self, spec: JobSpec, choice: "_FamilyChoice", now: float, owner: str,
-                         explain: bool | None, excluded: frozenset) -> Placement:
+                         explain: bool | None, excluded: frozenset,
+                         trial: bool = False) -> Placement:
         """place() on one family at a time in the choice's order, then across the families
-        the job may use now; a job kept off the others waits (never rejected for it)."""
+        the job may use now; a job kept off the others waits (never rejected for it).
+        Each place() is a trial: its rejection is dropped or read for its headline only;
+        `trial` makes the rejection of a job that never fits (_cannot_hold) one too."""
         for family in choice.order:
             try:
                 return place(spec.narrowed(accelerator_types=(family,)), self.state,
-                             now, owner=owner, explain=explain, excluded_gpus=excluded)
+                             now, owner=owner, explain=explain, excluded_gpus=excluded,
+                             trial=True)
             except PlacementError:
                 continue
         why = ""
@@ -1097,10 +1102,10 @@ class SchedulerCore:
             try:
                 return place(spec.narrowed(accelerator_types=choice.open_families),
                              self.state, now, owner=owner, explain=explain,
-                             excluded_gpus=excluded)
+                             excluded_gpus=excluded, trial=True)
             except PlacementError as e:
                 why = e.rejection.message.splitlines()[0]
-        never = self._cannot_hold(spec, now)
+        never = self._cannot_hold(spec, now, trial)
         if never is not None:  # (its own excluded GPUs, say): waiting would not help
             raise PlacementError(never)
         kept = (f"; kept off {'/'.join(choice.kept_off)}: jobs that can run only there wait "
@@ -1299,7 +1304,7 @@ class SchedulerCore:
                 "yet (did the scheduler restart?): waiting for them"))
         silent = self._silent_alive()
         if spec is not None and now is not None and silent and \
-                self._cannot_hold(spec, now) is None:
+                self._cannot_hold(spec, now, trial=True) is None:
             return dataclasses.replace(rejection, fits_when_free=True, message=(
                 f"{rejection.message}\n  "
                 f"{_silent_reason(self._silent_nodes_needed(spec, now) or sorted(silent))}"))
@@ -1351,7 +1356,7 @@ class SchedulerCore:
         memo = self._memo(now)
         if key not in memo:
             plan = scale_up_plan(spec, self.node_types)
-            holdable = plan is None or self._cannot_hold(spec, now) is None
+            holdable = plan is None or self._cannot_hold(spec, now, trial=True) is None
             memo[key] = None if holdable else self._beside_nodes_up(spec, plan, now)
         return memo[key]
 
@@ -1440,10 +1445,11 @@ class SchedulerCore:
                          sum(on_silent.values()), int(idle.sum()))
         return memo[key]
 
-    def _cannot_hold(self, spec: JobSpec, now: float) -> Rejection | None:
+    def _cannot_hold(self, spec: JobSpec, now: float, trial: bool = False) -> Rejection | None:
         """A rejection when the job cannot fit even the idle healthy cluster as it stands
         (None while some alive nodes have not reported: it is not known yet). Nodes only
-        silent (_silent_alive) count: a job is not dropped for a 65 s agent hiccup."""
+        silent (_silent_alive) count: a job is not dropped for a 65 s agent hiccup.
+        `trial`: only whether it is None matters (place()'s trial: no per-node reasons)."""
         if self._judged_later(now):
             return None
         excluded = frozenset(self.excluded_gpus.get(spec.name, ()))
@@ -1452,7 +1458,7 @@ class SchedulerCore:
         if int(idle.sum()) >= spec.num_workers:
             return None  # (a bandwidth floor may still stand in the way: place() says so)
         try:
-            place(spec, self.state, now, explain=False, excluded_gpus=excluded)
+            place(spec, self.state, now, explain=False, excluded_gpus=excluded, trial=trial)
         except PlacementError as e:
             return e.rejection
         return None  # cannot happen (idle capacity >= free capacity); keep the job
@@ -1961,7 +1967,7 @@ class SchedulerCore:
         if not self._enough_gpus_to_try(spec, free_gpus):
             return False
         try:
-            self._place(spec, now, free_gpus=free_gpus)
+            self._place(spec, now, free_gpus=free_gpus, trial=True)
             return True
         except PlacementError:
             return False
@@ -1990,7 +1996,7 @@ class SchedulerCore:
         with _AsIfYielded(self, victims):
             free_gpus = self._free_units(now)[0]
             try:
-                placement = self._place(job.spec, now, free_gpus=free_gpus)
+                placement = self._place(job.spec, now, free_gpus=free_gpus, trial=True)
             except PlacementError:
                 return False
             plans: list[_HeadPlan] = []
@@ -2175,7 +2181,7 @@ class SchedulerCore:
         try:  # placed under the claim's name: the job itself still holds its reservation
             target = self._place(spec.narrowed(name=spec.name + CLAIM_SUFFIX,
                                                      accelerator_types=tuple(sorted(faster))),
-                                 now, job.placement.owner)
+                                 now, job.placement.owner, trial=True)
         except PlacementError:
             return None
         if target.bottleneck_gbps < job.placement.bottleneck_gbps:

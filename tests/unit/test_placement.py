@@ -460,3 +460,18 @@ def test_workers_by_count_answers_alike_for_one_node_and_for_many():
                                                              cpus_per_worker=1.5)):
         many = workers_by_count(spec, np.array(cpus), np.array(gpus))
         assert [workers_by_count(spec, c, g) for c, g in zip(cpus, gpus)] == many.tolist()
+
+
+def test_a_trial_rejection_keeps_the_headline_and_verdict_without_node_reasons():
+    state = cluster(node("a", cpus=2), node("b", cpus=4))
+    spec = JobSpec("j", num_workers=3, gpus_per_worker=1)  # no GPU anywhere: never fits
+    with pytest.raises(PlacementError) as full:
+        place(spec, state, NOW)
+    with pytest.raises(PlacementError) as trial:
+        place(spec, state, NOW, trial=True)
+    assert set(full.value.rejection.node_reasons) == {"a", "b"}
+    assert trial.value.rejection.node_reasons == {}
+    assert trial.value.rejection.message == full.value.rejection.message.splitlines()[0]
+    assert trial.value.rejection.fits_when_free == full.value.rejection.fits_when_free
+    fits = JobSpec("k", num_workers=2)  # a placement is the same, reasons included
+    assert place(fits, state, NOW, trial=True) == place(fits, state, NOW)

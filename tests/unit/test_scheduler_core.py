@@ -2494,3 +2494,26 @@ def test_the_silent_node_check_counts_the_cluster_once_per_kind_of_worker(monkey
         core._silent_nodes_needed(spec, now + 1)
     kinds = {capacity_shape(spec) for spec in specs}
     assert len(counted) == len(kinds) < len({scheduler_core._shape(s) for s in specs}) / 2
+
+
+# -- trial placements (the victim search's "would it fit?") ----------------------------------
+
+def test_trial_placements_explain_no_node_but_users_still_get_reasons(monkeypatch):
+    # 8 GPUs free (enough to try), on 2-GPU nodes: a job of 4 GPUs per worker fits none.
+    from orchestrator import placement
+    calls = []
+    real = placement._node_reason
+    monkeypatch.setattr(placement, "_node_reason",
+                        lambda *a, **k: calls.append(a[2].node_id) or real(*a, **k))
+    core = core_with(*[gpu_node(f"a{i}", gpus=2) for i in range(2)],
+                     *[gpu_node(f"t{i}", gpus=2, family="T4") for i in range(2)])
+    for families in (("A100",), ("A100", "T4")):
+        spec = JobSpec("big", num_workers=2, gpus_per_worker=4, accelerator_types=families)
+        assert core._would_place(spec, T0 + 1) is False
+    assert calls == []  # every trial rejection was thrown away unexplained
+    spec = JobSpec("big", num_workers=2, gpus_per_worker=4, accelerator_types=("A100",))
+    rejection = core.place_now(spec, "d", T0 + 1, dry_run=True).decision
+    assert isinstance(rejection, Rejection)
+    assert sorted(calls) == ["a0", "a1", "t0", "t1"]
+    assert rejection.node_reasons["a0"] == "needs 4 GPU per worker, 2 free (0 reserved)"
+    assert "  node a0: needs 4 GPU per worker, 2 free (0 reserved)" in rejection.message
