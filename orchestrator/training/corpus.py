@@ -256,18 +256,30 @@ def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str) -> list[SourceFil
     if _file_info(fs, base, spec).type != pafs.FileType.Directory:
         raise DataError(f"--data {spec}: no such directory {base}")
     try:
-        matches = _glob_regex(pattern).match
+        matches = _glob_regex(pattern.rstrip("/")).match
     except ValueError as e:
         raise DataError(f"--data {spec}: not a usable pattern ({e})") from None
     below = pattern[len(base):].strip("/")
     # Only as deep as the pattern reaches: `data/*.jsonl` listed all of data/ and below
     # (minutes over a home directory), and failed on a folder it never needed (a mount's
     # lost+found that only root reads).
-    infos = _listing(fs, base, spec, None if "**" in below else below.count("/") + 1)
+    recursive = "**" in below
+    infos = _listing(fs, base, spec, None if recursive else below.count("/") + 1)
     hidden_too = _names_hidden(pattern[len(base):])
-    matched = [i for i in sorted(infos, key=lambda i: i.path)
-               if i.type == pafs.FileType.File and matches(i.path)
-               and (hidden_too or not _hidden_below(base, i.path))]
+    # `data/part-*/`: folders only, as a shell reads it (a local path lost its "/" above)
+    folders_only = split_uri_query(spec)[0].endswith("/")
+    found = {i.path: i for i in infos
+             if i.type in (pafs.FileType.File, pafs.FileType.Directory)
+             and matches(i.path)
+             and (i.type == pafs.FileType.Directory or not folders_only)
+             and (hidden_too or not _hidden_below(base, i.path))}
+    # A folder the pattern matches is read as a directory value: every file under it (its
+    # hidden ones skipped). It was passed over: `data/*` over folders matched "no files".
+    for folder in [i for i in found.values() if i.type == pafs.FileType.Directory]:
+        under = infos if recursive else _listing(fs, folder.path, spec)
+        found.update((i.path, i) for i in under if i.path.startswith(folder.path + "/")
+                     and not _hidden_below(folder.path, i.path))
+    matched = [i for _, i in sorted(found.items()) if i.type == pafs.FileType.File]
     _refuse_compressed(spec, [i.path for i in matched])
     usable = [i for i in matched if _format_of(i.path)]
     if not usable:

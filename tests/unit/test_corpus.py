@@ -1012,3 +1012,22 @@ def test_a_pass_over_many_files_sums_its_progress_once_and_says_it_once_a_second
     assert 190 <= len(said) <= 202, len(said)
     assert said[-1] == ("tokenized 20000/20000 files: 60,000 documents, 2,200,000 tokens, "
                         "20.0 MB at 0.10 MB/s")
+
+
+def test_a_glob_that_matches_folders_reads_them_as_directory_values(tmp_path):
+    """`DIR/*` or `DIR/part-*/` matching folders (a shell lists them; a folder given to --data
+    is every file under it) was refused as "the pattern matches no .txt, .jsonl, .parquet
+    files"."""
+    root = tmp_path / "corp"
+    for name in ("a/x.txt", "a/deep/y.jsonl", "a/.cache/z.txt", "b/w.txt", "top.txt",
+                 "c/notes.md", ".hid/h.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text('{"text": "t"}\n' if name.endswith(".jsonl") else "text")
+    names = lambda spec: [s.uri.split("corp/")[1] for s in expand_sources([spec])]
+    assert names(f"{root}/*") == ["a/deep/y.jsonl", "a/x.txt", "b/w.txt", "top.txt"]
+    assert names(f"{root}/*/") == ["a/deep/y.jsonl", "a/x.txt", "b/w.txt"]
+    assert names(f"{root}/[ab]") == ["a/deep/y.jsonl", "a/x.txt", "b/w.txt"]
+    assert names(f"{root}/**") == ["a/deep/y.jsonl", "a/x.txt", "b/w.txt", "top.txt"]
+    assert names(f"{root}/.h*") == [".hid/h.txt"]
+    with pytest.raises(DataError, match=r"--data .*/c\*: the pattern matches no .*\(1 other"):
+        expand_sources([f"{root}/c*"])
