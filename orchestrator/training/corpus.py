@@ -427,7 +427,8 @@ def check_text_head(source: SourceFile) -> None:
     try:  # not final: a character cut at the 64 KiB mark is not an error
         codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < TEXT_HEAD_BYTES)
     except UnicodeDecodeError as e:
-        raise DataError(f"{source.uri}: not UTF-8 text near byte {e.start}"
+        line = head.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{source.uri}:{line}: not UTF-8 text near byte {e.start}"
                         f"{_encoding_hint(head)}") from None
 
 
@@ -537,6 +538,7 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
     # utf-8-sig: a byte-order mark (Windows editors write one) opened the first document.
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
     buffer, index, consumed, start = "", 0, 0, b""
+    lines = 0  # line ends in the bytes decoded so far (the bad byte's line, for messages)
     with fs.open_input_stream(path) as f:
         while True:
             chunk = f.read(READ_CHUNK)
@@ -544,9 +546,14 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
             try:
                 buffer += decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as e:
-                raise DataError(f"{source.uri}: not UTF-8 text near byte "
-                                f"{consumed + e.start}{_encoding_hint(start)}") from None
+                # e.start counts in e.object: the chunk, after the last chunk's unfinished
+                # character and without a byte-order mark (neither holds a line end)
+                line = lines + e.object.count(b"\n", 0, e.start) + 1
+                raise DataError(f"{source.uri}:{line}: not UTF-8 text near byte "
+                                f"{consumed + len(chunk) - len(e.object) + e.start}"
+                                f"{_encoding_hint(start)}") from None
             consumed += len(chunk)
+            lines += chunk.count(b"\n")
             # Before the end, only text up to the buffer's last non-space is cut, and its
             # last piece waits for more: every cut is then where it falls in the whole text,
             # whatever the chunks (a blank-line run may go on in the next chunk).

@@ -404,9 +404,9 @@ def test_a_utf16_file_is_said_to_be_utf16(tmp_path):
     lines.write_bytes('{"text": "Hello"}\n'.encode("utf-16"))
     utf16 = r"\(it starts with a UTF-16 byte-order mark: the file is UTF-16\); save it as UTF-8"
     source, = expand_sources([str(text)])
-    with pytest.raises(DataError, match=f"^{text}: not UTF-8 text near byte 0 {utf16}$"):
+    with pytest.raises(DataError, match=f"^{text}:1: not UTF-8 text near byte 0 {utf16}$"):
         check_text_head(source)
-    with pytest.raises(DataError, match=f"^{text}: not UTF-8 text near byte 0 {utf16}$"):
+    with pytest.raises(DataError, match=f"^{text}:1: not UTF-8 text near byte 0 {utf16}$"):
         list(iter_documents(source))
     source, = expand_sources([str(lines)])
     with pytest.raises(DataError,
@@ -429,9 +429,9 @@ def test_compressed_data_under_a_text_files_name_is_said_to_be_compressed(tmp_pa
     text.write_bytes(lzma.compress(b"Call me Ishmael.\n\n" * 100))
     source, = expand_sources([str(text)])
     hint = r"\(it starts as xz data: the file is compressed\); decompress it first$"
-    with pytest.raises(DataError, match=rf"^{text}: not UTF-8 text near byte \d+ {hint}"):
+    with pytest.raises(DataError, match=rf"^{text}:\d+: not UTF-8 text near byte \d+ {hint}"):
         check_text_head(source)
-    with pytest.raises(DataError, match=rf"^{text}: not UTF-8 text near byte \d+ {hint}"):
+    with pytest.raises(DataError, match=rf"^{text}:\d+: not UTF-8 text near byte \d+ {hint}"):
         list(iter_documents(source))
 
 
@@ -1031,3 +1031,22 @@ def test_a_glob_that_matches_folders_reads_them_as_directory_values(tmp_path):
     assert names(f"{root}/.h*") == [".hid/h.txt"]
     with pytest.raises(DataError, match=r"--data .*/c\*: the pattern matches no .*\(1 other"):
         expand_sources([f"{root}/c*"])
+
+
+@pytest.mark.parametrize("chunk", [corpus_module.READ_CHUNK, 7, 4])
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_a_txt_byte_that_is_not_utf8_is_named_by_line(tmp_path, monkeypatch, chunk, bom):
+    """A .txt file's bad byte was named only as "near byte B" (0-based), no line: in a
+    corpus file of millions of lines, nothing an editor shows. The line is said as for a
+    .jsonl line (F:LINE:), and the byte counts the file's bytes, whatever the read size."""
+    monkeypatch.setattr("orchestrator.training.corpus.READ_CHUNK", chunk)
+    text = tmp_path / "book.txt"
+    data = bom + "one\r\n\r\ntwo \u00e9\n\nthree caf".encode("utf-8") + b"\xe9 au lait\n"
+    text.write_bytes(data)
+    source, = expand_sources([str(text)])
+    at = data.index(b"\xe9 au")
+    message = rf"^{text}:5: not UTF-8 text near byte {at} ; save it as UTF-8$"
+    with pytest.raises(DataError, match=message.replace(" ;", ";")):
+        check_text_head(source)
+    with pytest.raises(DataError, match=message.replace(" ;", ";")):
+        list(iter_documents(source))

@@ -336,7 +336,7 @@ def test_a_text_file_that_is_not_utf8_is_named_before_ray_starts(tmp_path, capsy
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\u00e9 au lait\n\n".encode("latin-1") * 10)
     err = refused(tmp_path, capsys, "--data", str(latin1))
-    assert f"{latin1}: not UTF-8 text near byte 3" in err, err
+    assert f"{latin1}:1: not UTF-8 text near byte 3" in err, err
     # A multi-byte character cut at the 64 KiB mark is not an error.
     from orchestrator.training.corpus import TEXT_HEAD_BYTES, SourceFile, check_text_head
 
