@@ -539,6 +539,7 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
     buffer, index, consumed, start = "", 0, 0, b""
     lines = 0  # line ends in the bytes decoded so far (the bad byte's line, for messages)
+    first_line = 1  # the next piece's
     with fs.open_input_stream(path) as f:
         while True:
             chunk = f.read(READ_CHUNK)
@@ -563,8 +564,11 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
                 buffer = buffer[sum(map(len, pieces)):]
             for i, piece in enumerate(pieces):
                 last = not chunk and i == len(pieces) - 1  # end-of-text after the file
-                yield Document(piece, index, eos_after=last, line=index + 1)
+                # (line: where the piece starts; its index counted the pieces a long
+                # paragraph is cut into, which messages named as paragraphs)
+                yield Document(piece, index, eos_after=last, line=first_line)
                 index += 1
+                first_line += piece.count("\n")
             if not chunk:
                 return
 

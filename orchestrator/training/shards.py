@@ -207,12 +207,10 @@ def encode_documents(tokenizer, source: SourceFile, docs: list[Document]) -> lis
 
 
 def _where(source: SourceFile, doc: Document) -> str:
-    """A document's place in its file, for messages: a .jsonl line, a parquet row, or a .txt
-    paragraph (Document.line counts paragraphs there, not lines)."""
-    if source.format == "txt":
-        return f"{source.uri} (paragraph {doc.line})"
-    return f"{source.uri}:{doc.line}" if source.format == "jsonl" else \
-        f"{source.uri}: row {doc.line}"
+    """A document's place in its file, for messages: the line a .jsonl document or a .txt
+    paragraph (or piece of one) starts on, or a parquet row."""
+    return f"{source.uri}: row {doc.line}" if source.format == "parquet" else \
+        f"{source.uri}:{doc.line}"
 
 
 class UnreadableManifest(DataError):

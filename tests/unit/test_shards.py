@@ -319,3 +319,24 @@ def test_a_document_the_tokenizer_cannot_encode_is_named_with_file_and_line(tmp_
                        r"cannot encode this document: .*Missing \[UNK\]"):
         tokenize_in_process(plan, say=lambda _: None)
     assert read_manifest(plan.cache_uri) is None  # nothing finished is left
+
+
+def test_a_txt_document_the_tokenizer_cannot_encode_is_named_by_its_line(tmp_path):
+    """A .txt document was named "(paragraph N)", N counting the pieces a long paragraph is
+    cut into (a paragraph on line 3 after a long one read "(paragraph 7)"): now by the line it
+    starts on, as a .jsonl line is."""
+    from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
+
+    from orchestrator.training.corpus import MAX_DOCUMENT_CHARS
+
+    raw = RawTokenizer(models.WordLevel({"hello": 0, "world": 1, "</s>": 2}))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.save(str(tmp_path / "tokenizer.json"))
+    corpus = tmp_path / "c.txt"
+    long_lines = MAX_DOCUMENT_CHARS // 12 * 3  # a paragraph cut into about 3 pieces
+    corpus.write_text("hello world\n" * long_lines + "\r\n" + "hello\nhello there\n\n")
+    plan = plan_data([str(corpus)], tokenizer=str(tmp_path / "tokenizer.json"),
+                     cache_root=str(tmp_path / "cache"), say=lambda _: None)
+    with pytest.raises(DataError, match=rf"^{corpus}:{long_lines + 2}: the tokenizer "
+                       r"\(.*tokenizer.json\) cannot encode this document"):
+        tokenize_in_process(plan, say=lambda _: None)
