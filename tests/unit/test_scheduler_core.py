@@ -1245,21 +1245,27 @@ def test_a_job_placed_again_after_a_lost_node_keeps_the_service_it_had():
     assert after.attained_s(t) == pytest.approx(attained) and after.planned_end == end
 
 
+def _t4_head_over_busy_a100s() -> SchedulerCore:
+    """An 8-GPU A100 node held by 's0' and 's1' (4 each), a 4-GPU T4 node held by 'long',
+    and 'H' (4 T4s) waiting first in line."""
+    core = core_with(gpu_node("a", gpus=8), gpu_node("t", gpus=4, family="T4"))
+    core.submit(gpus("long", 4, accelerator_types=("T4",)), "d", T0)
+    for name in ("s0", "s1"):
+        core.submit(gpus(name, 4, accelerator_types=("A100",)), "d", T0)
+    assert isinstance(core.submit(gpus("H", 4, accelerator_types=("T4",)), "d",
+                                  T0 + 1).decision, Queued)
+    return core
+
+
 def test_the_first_job_blocked_on_gpus_the_head_cannot_use_is_not_starved_by_later_ones():
     # 'H' (T4 only) heads the queue; 'X' (8 A100s) waits behind it. EASY protected the head
     # alone: every 4-GPU A100 job submitted after X took the A100s as they freed, so X never
     # found 8 free at once, for as long as such jobs came (LAS: all level 0, no preemption).
-    a100, t4 = ("A100",), ("T4",)
-    core = core_with(gpu_node("a", gpus=8), gpu_node("t", gpus=4, family="T4"))
-    core.submit(gpus("long", 4, accelerator_types=t4), "d", T0)
-    for name in ("s0", "s1"):
-        core.submit(gpus(name, 4, accelerator_types=a100), "d", T0)
-    assert isinstance(core.submit(gpus("H", 4, accelerator_types=t4), "d", T0 + 1).decision,
-                      Queued)
-    assert isinstance(core.submit(gpus("X", 8, accelerator_types=a100), "d", T0 + 2).decision,
-                      Queued)
+    core = _t4_head_over_busy_a100s()
+    assert isinstance(core.submit(gpus("X", 8, accelerator_types=("A100",)), "d",
+                                  T0 + 2).decision, Queued)
     core.release("s0", "d", T0 + 500)
-    late = core.submit(gpus("s2", 4, accelerator_types=a100), "d", T0 + 501).decision
+    late = core.submit(gpus("s2", 4, accelerator_types=("A100",)), "d", T0 + 501).decision
     assert isinstance(late, Queued) and "would delay 'X'" in core.queue.waiting["s2"].reason
     core.release("s1", "d", T0 + 1000)
     assert isinstance(core.poll("X", "d", T0 + 1001).decision, Placement)
@@ -1274,12 +1280,7 @@ def test_a_blocked_job_naming_the_heads_family_but_unable_to_use_it_gets_its_own
     # all ones the T4-only head cannot use. Its naming T4 alone cost it its reservation, and
     # every 4-GPU job after it allowed A100 (and T4, as X: no first call on the A100s) took
     # the A100s as they freed.
-    a100, t4 = ("A100",), ("T4",)
-    core = core_with(gpu_node("a", gpus=8), gpu_node("t", gpus=4, family="T4"))
-    core.submit(gpus("long", 4, accelerator_types=t4), "d", T0)
-    for name in ("s0", "s1"):
-        core.submit(gpus(name, 4, accelerator_types=a100), "d", T0)
-    core.submit(gpus("H", 4, accelerator_types=t4), "d", T0 + 1)
+    core = _t4_head_over_busy_a100s()
     core.submit(JobSpec("X", num_workers=1, gpus_per_worker=8, accelerator_types=("A100", "T4")),
                 "d", T0 + 2)
     core.release("s0", "d", T0 + 500)
