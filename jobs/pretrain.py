@@ -335,11 +335,13 @@ def _launcher_problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"--ingest-workers must be >= 0 (0: the cluster's CPUs), got "
                         f"{args.ingest_workers}")
     if args.gpus_per_worker > 1:
-        # DDP drives one device per worker: more per worker would be reserved and sit idle.
+        # DDP and FSDP both drive one device per worker: more per worker would be reserved
+        # and sit idle. (--num-workers 0, refused itself, still gets a command that works.)
+        workers = max(args.num_workers, 1) * args.gpus_per_worker
         problems.append(
             f"--gpus-per-worker {args.gpus_per_worker}: pretraining runs one GPU per worker "
-            f"(DDP), so the other {args.gpus_per_worker - 1} would sit idle. Use "
-            f"--num-workers {args.num_workers * args.gpus_per_worker} --gpus-per-worker 1")
+            f"(DDP and FSDP alike), so the other {args.gpus_per_worker - 1} would sit idle. "
+            f"Use --num-workers {workers} --gpus-per-worker 1")
     return problems
 
 

@@ -51,8 +51,11 @@ def unused_port():
     (["--strategy", "fsdp", "--num-workers", "0", "--gpus-per-worker", "1"],  # not a
      "num_workers (--num-workers) must be an integer in [1, 100000], got 0"),  # ZeroDivisionError
     (["--num-workers", "2", "--gpus-per-worker", "4"],
-     "--gpus-per-worker 4: pretraining runs one GPU per worker (DDP), so the other 3 would "
-     "sit idle. Use --num-workers 8 --gpus-per-worker 1"),
+     "--gpus-per-worker 4: pretraining runs one GPU per worker (DDP and FSDP alike), so the "
+     "other 3 would sit idle. Use --num-workers 8 --gpus-per-worker 1"),
+    # (the command suggested was --num-workers 0, itself refused)
+    (["--num-workers", "0", "--gpus-per-worker", "2", "--strategy", "fsdp"],
+     "Use --num-workers 2 --gpus-per-worker 1"),
 ])
 def test_bad_input_gets_one_clear_message(args, expected, tmp_path):
     result = run_pretrain(*args, tmp_path=tmp_path)
