@@ -154,14 +154,12 @@ def host_figures(errors: dict[str, str]) -> dict[str, Any]:
 NVML_ABSENT_ERRORS = {9: "driver not loaded", 12: "library not found"}
 
 
-def probe_nvml(errors: dict[str, str] | None = None,
-               failed: list[int] | None = None) -> tuple[GpuInfo, ...]:
+def probe_nvml(errors: dict[str, str] | None = None) -> tuple[GpuInfo, ...]:
     """Measured GPUs. No library or no driver -> () without an error: that is a normal CPU
     node, not a fault. Any other nvmlInit failure (a driver/library version mismatch after a
     driver upgrade, no permission) raises: a GPU node must not quietly read as a CPU node.
     With `errors`, a GPU whose queries fail is left out and its error recorded there (one lost
-    GPU of eight used to drop all eight), and its index appended to `failed`; without, the
-    failure raises."""
+    GPU of eight used to drop all eight); without, the failure raises."""
     try:
         import pynvml  # lazy: keeps `actors` importable fast on CPU-only machines
     except ImportError:
@@ -180,8 +178,6 @@ def probe_nvml(errors: dict[str, str] | None = None,
             except pynvml.NVMLError as e:
                 if errors is None:
                     raise
-                if failed is not None:
-                    failed.append(index)
                 # Under the probe's own name (a metrics label and the status column).
                 lost = f"GPU {index}: {type(e).__name__}: {e}"
                 errors["nvml"] = f"{errors['nvml']}; {lost}" if "nvml" in errors else lost
@@ -375,18 +371,18 @@ def probe_gpus(labels: dict[str, str], errors: dict[str, str],
                ray_gpus: float = 0.0) -> tuple[GpuInfo, ...]:
     """Measured GPUs when NVML sees any; otherwise whatever the node's labels declare (by Ray's
     GPU count, `ray_gpus`, where they declare no count: declared_gpus). Not where NVML counted
-    GPUs and every one failed (lost, fallen off the bus): none then, as for the failing ones
-    among others. The labels stood in for them, as many GPUs as declared with all their memory
-    free: a node whose every GPU was lost was placed as healthy, while losing all but one left
-    one placeable (cluster.yaml's GPU node types carry such labels)."""
-    failed: list[int] = []
-    measured = run_probe("nvml", lambda: probe_nvml(errors, failed), (), errors)
+    GPUs and every one failed (lost, fallen off the bus), or failed to start (nvmlInit): none
+    then, as for the failing ones among others; the nvml probe error says why. The labels
+    stood in for them, as many GPUs as declared with all their memory free: a node whose
+    every GPU was lost was placed as healthy, while losing all but one left one placeable
+    (cluster.yaml's GPU node types carry such labels)."""
+    measured = run_probe("nvml", lambda: probe_nvml(errors), (), errors)
     if measured:
         problem = declared_family_problem(measured, labels)
         if problem:
             errors["declared"] = problem
         return measured
-    if failed or "nvml" in errors:  # (NVML there but failing: nvmlInit, or every GPU)
+    if "nvml" in errors:  # (NVML there but failing: nvmlInit, or every GPU it counts)
         return ()
     return run_probe("declared", lambda: declared_gpus(labels, ray_gpus), (), errors)
 
