@@ -1617,6 +1617,17 @@ class SchedulerCore:
         plan.families = frozenset(np.unique(t.family[:n][plan.usable[:n]]).tolist())
         plans.append(plan)
 
+    def _plans_for(self, blocked: list[QueuedJob], now: float, free_gpus: dict[int, int]
+                   ) -> list[_HeadPlan]:
+        """The EASY plans a queue pass makes for these blocked jobs, in queue order (the
+        head first): _plan_blocked's, asked again where a pass's plans are judged later (a
+        preemption's start, a migration)."""
+        plans: list[_HeadPlan] = []
+        holding: dict[int, set[int]] = {}
+        for job in blocked:
+            self._plan_blocked(plans, job, now, free_gpus, holding)
+        return plans
+
     def _delays(self, plans: list[_HeadPlan], spec: JobSpec, placement: Placement,
                 now: float, expected_s: float | None) -> _HeadPlan | None:
         """The plan whose job starting `placement` now would delay (EASY's test, each plan on
@@ -1624,9 +1635,6 @@ class SchedulerCore:
         is judged on copies, so that one refused takes no plan's room."""
         if not plans:
             return None
-        if len(plans) == 1:
-            return None if self._may_backfill(plans[0], spec, placement, now, expected_s) \
-                else plans[0]
         index = self.state.table.index
         rows = [index[r.node_id] for r in placement.reservations() if r.node_id in index]
         touched = [i for i, p in enumerate(plans) if any(p.usable[row] for row in rows
@@ -1999,10 +2007,7 @@ class SchedulerCore:
                 placement = self._place(job.spec, now, free_gpus=free_gpus, trial=True)
             except PlacementError:
                 return False
-            plans: list[_HeadPlan] = []
-            holding: dict[int, set[int]] = {}
-            for blocked in ahead:
-                self._plan_blocked(plans, blocked, now, free_gpus, holding)
+            plans = self._plans_for(ahead, now, free_gpus)
             return self._delays(plans, job.spec, placement, now, job.expected_left_s) is None
 
     def _direct(self, job_name: str, kind: str, reason: str, now: float, for_job: str = "",
@@ -2101,16 +2106,10 @@ class SchedulerCore:
         if head is None:
             return True
         if "plans" not in plans:
-            free_gpus = self._free_units(now)[0]
-            made = [self._head_plan(head, now, free_gpus)]
-            for name in self._plan_jobs:
-                queued = self.queue.waiting.get(name)
-                if queued is None or name == head.spec.name:
-                    continue
-                plan = self._head_plan(queued, now, free_gpus)
-                if not any((plan.usable & p.usable).any() for p in made):
-                    made.append(plan)
-            plans["plans"] = made
+            behind = [self.queue.waiting.get(name) for name in self._plan_jobs
+                      if name != head.spec.name]
+            plans["plans"] = self._plans_for([head, *(q for q in behind if q is not None)],
+                                             now, self._free_units(now)[0])
         made = plans["plans"]
         # A move within what a plan's job may use (a flexible head: any family) frees as many
         # units there as it takes: it delays nothing. (Tested whole, the Philly slice's mean
