@@ -340,6 +340,11 @@ def _check_cache_writable(cache_root: str, given: bool) -> None:
         raise DataError(f"{where} {cache_root}: cannot write there: {problem}")
 
 
+# The data flags that act only on a tokenizing pass over --data files on Ray Data (not on
+# the bundled corpus, tokenized in process, nor on a resumed run's shards).
+TOKENIZING_PASS_FLAGS = ("--text-field", "--skip-bad-lines", "--ingest-workers")
+
+
 def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, tokenizer: str,
                    train_tokenizer: int | None, cache_root: str, retokenize: bool,
                    init_from: str | None, saved: dict[str, Any] | None,
@@ -384,7 +389,7 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
                       tokenizer_sha256="" if legacy else tok.sha256)
         return DataSetup(fields, tok, None, notes)
     unused = [f for f in data_flags
-              if f in ("--text-field", "--skip-bad-lines", "--ingest-workers")]
+              if f in TOKENIZING_PASS_FLAGS]
     if not data and unused:  # (a tokenizer of its own: the cache and --retokenize apply)
         notes.append(f"{', '.join(unused)} ignored: the bundled corpus is tokenized in this "
                      "process (prepare_shards), a text file of its own")
@@ -434,7 +439,7 @@ def recorded_data(saved: dict[str, Any], run_dir: Path, cache_root: str | None =
         names += ["init_from", "model_size"]
     fields = {"data_cache": cache, **{name: saved[name] for name in names if name in saved}}
     unused = [f for f in data_flags
-              if f in ("--text-field", "--skip-bad-lines", "--ingest-workers")]
+              if f in TOKENIZING_PASS_FLAGS]
     notes = [f"{', '.join(unused)} ignored: the run goes on with the shards it was "
              "tokenized into"] if unused else []
     return DataSetup(fields, tokenizer_of_run(run_dir, saved.get("tokenizer_sha256", "")),
