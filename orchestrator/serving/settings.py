@@ -395,8 +395,10 @@ def _field_problems(obj: Any, int_min: dict[str, int],
                                 f"got {value!r}")
         elif f.name in float_range:
             low, high = float_range[f.name]
+            # (an int is finite, and compared exactly: math.isfinite overflows past floats)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                    and math.isfinite(value) and low <= value <= high):
+                    and (isinstance(value, int) or math.isfinite(value))
+                    and low <= value <= high):
                 problems.append(f"{f.name} must be a number in [{low:g}, {high:g}], "
                                 f"got {value!r}{_RANGE_WHY.get(f.name, '')}")
         elif f.type in ("bool", bool) and not isinstance(value, bool):
@@ -437,11 +439,21 @@ def coerce(cls, data: Mapping[str, Any], what: str) -> dict[str, Any]:
         if isinstance(value, str) and kind in ("int", "float", "bool"):
             value = _from_text(value.strip(), kind)
         elif kind == "float" and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            value = _int_as_float(value)
         elif kind == "str" and value is None:
             value = ""
         out[key] = value
     return out
+
+
+def _int_as_float(value: int) -> float | int:
+    """An integer given for a float field, as a float; one past float's range (a YAML
+    integer literal of 309+ digits) is left as it is, for validation to name its field: the
+    conversion's OverflowError escaped as a traceback (out of a replica's reconfigure too)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return value
 
 
 def _from_text(text: str, kind: str) -> Any:

@@ -437,3 +437,17 @@ def test_a_request_over_the_served_context_has_openais_context_length_code(repli
     assert (refused.value.status, refused.value.param, refused.value.code) == (
         400, "max_tokens", "context_length_exceeded"), refused.value.message
     assert refused.value.type == "invalid_request_error"
+
+
+def test_a_reload_with_a_number_past_floats_range_is_refused_and_the_model_serves_on(
+        replicas, tmp_path):
+    # max_batch_wait_ms: 1000...0 (a YAML integer past float's range) raised OverflowError
+    # out of reconfigure: Serve replaced the serving replica, and the replacement, given the
+    # same config, failed to start.
+    served = checkpoint(tmp_path / "run", 1)
+    a = replicas()
+    asyncio.run(a.reconfigure({"checkpoint": served, "batching": "static"}))
+    asyncio.run(a.reconfigure({"checkpoint": served, "batching": "static",
+                               "max_batch_wait_ms": 10 ** 400}))
+    assert a.loaded.path == served
+    assert "max_batch_wait_ms" in a.reload_error["message"]

@@ -7,7 +7,8 @@ import yaml
 
 from orchestrator.config import ConfigError
 from orchestrator.serving.settings import (RUNTIME_FIELDS, RuntimeConfig, ServeSettings,
-                                           free_port, serve_app_config, serving_path_options)
+                                           free_port, model_autoscaling, serve_app_config,
+                                           serving_path_options)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -304,3 +305,19 @@ def test_initial_replicas_outside_the_bounds_is_refused_before_serve_sees_it(ini
     assert model_autoscaling({"max_replicas": 4}, {"initial_replicas": 3, "min_replicas": 2}
                              )["initial_replicas"] == 3
     assert model_autoscaling({}, {"initial_replicas": "2"})["initial_replicas"] == 2
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_an_integer_too_large_for_a_float_is_named_not_an_overflow(sign):
+    # A YAML integer literal past float's range for a float field (max_batch_wait_ms: 1000...0)
+    # raised OverflowError from the conversion: a reload's reconfigure raised it (Serve
+    # replaced a serving replica, and its replacement failed to start), a deploy a traceback.
+    huge = sign * 10 ** 400
+    with pytest.raises(ConfigError, match="max_batch_wait_ms must be a number in"):
+        RuntimeConfig.from_user_config({"max_batch_wait_ms": huge}, ServeSettings())
+    with pytest.raises(ConfigError, match="hang_after_s must be a number in"):
+        ServeSettings.from_args({"hang_after_s": huge})
+    with pytest.raises(ConfigError, match="hang_after_s must be a number in"):
+        ServeSettings(hang_after_s=huge)
+    with pytest.raises(ConfigError, match="autoscaling: .*upscale_delay_s"):
+        model_autoscaling({}, {"upscale_delay_s": huge})
