@@ -424,6 +424,8 @@ def check_text_head(source: SourceFile) -> None:
     if source.format != "txt" or not _is_local(source):
         return
     head = _read_head(source)
+    if not head.startswith((b"\xff\xfe", b"\xfe\xff")):  # (said below: UTF-16 with its mark)
+        _refuse_nul(source, head, 0, 0)
     try:  # not final: a character cut at the 64 KiB mark is not an error
         codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < TEXT_HEAD_BYTES)
     except UnicodeDecodeError as e:
@@ -446,6 +448,41 @@ def _known_start(start: bytes) -> str | None:
     kind = next((k for magic, k in COMPRESSED_MAGIC.items() if start.startswith(magic)), None)
     return None if kind is None else (f" (it starts as {kind} data: the file is compressed); "
                                       "decompress it first")
+
+
+def _nul_problem(data: bytes, file_start: bool) -> tuple[int, str] | None:
+    """(where the first NUL byte is, what the bytes are) when NUL bytes are 1% or more of the
+    4 KiB from the first one in `data` (a file's start when `file_start`, or a chunk of it);
+    None otherwise. Text holds no NUL bytes, but they are valid UTF-8: UTF-16 saved without
+    a byte-order mark (Python's "utf-16-le", many exporters) read as UTF-8 as a NUL after
+    every ASCII letter, and was tokenized silently as garbage. A NUL on every other byte is
+    UTF-16 (little-endian when the file's first byte is text and its second a NUL,
+    big-endian the other way round); anything else, binary data."""
+    at = data.find(0)
+    window = data[at:at + 4096]
+    nul = window.count(0)
+    if at < 0 or nul * 100 < len(window):
+        return None
+    if window[0::2].count(0) * 10 >= len(window) * 3 // 2 and window[1::2].count(0) * 10 <= nul:
+        name = ("UTF-16-LE" if at == 1 else "UTF-16-BE" if at == 0 else "UTF-16") \
+            if file_start else "UTF-16"
+        return at, (f"NUL bytes on every other byte: it reads as {name} text saved without a "
+                    "byte-order mark; save it as UTF-8")
+    return at, (f"{nul:,} NUL bytes in {len(window):,}: binary data, not text (or text in "
+                "UTF-16 or UTF-32): save it as UTF-8")
+
+
+def _refuse_nul(source: SourceFile, data: bytes, lines_before: int, bytes_before: int
+                ) -> None:
+    """DataError naming the file, the line and the byte of `data` (a file's head or one of
+    its chunks, after `lines_before` line ends and `bytes_before` bytes) where NUL bytes say
+    the text is not UTF-8 (_nul_problem)."""
+    problem = _nul_problem(data, file_start=not bytes_before)
+    if problem is not None:
+        at, why = problem
+        line = lines_before + data.count(b"\n", 0, at) + 1
+        raise DataError(f"{source.uri}:{line}: not UTF-8 text near byte {bytes_before + at}: "
+                        f"{why}")
 
 
 def _encoding_hint(start: bytes) -> str:
@@ -500,6 +537,9 @@ def check_jsonl_head(source: SourceFile, text_field: str, skip_bad_lines: bool) 
     if source.format != "jsonl" or not _is_local(source):
         return
     lines, unfinished = _read_jsonl_head(source)
+    head = b"\n".join(lines + [unfinished])
+    if not head.startswith((b"\xff\xfe", b"\xfe\xff")):  # a whole file so, not a bad line
+        _refuse_nul(source, head, 0, 0)
     if not lines and not skip_bad_lines:
         _unfinished_first_line(source, unfinished)
     lacking, others = [], 0
@@ -544,6 +584,8 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
         while True:
             chunk = f.read(READ_CHUNK)
             start = start or chunk[:MAGIC_BYTES]
+            if not start.startswith((b"\xff\xfe", b"\xfe\xff")):
+                _refuse_nul(source, chunk, lines, consumed)
             try:
                 buffer += decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as e:
@@ -625,6 +667,7 @@ def _jsonl_documents(source: SourceFile, field: str, skip: bool, skipped: list[s
         lines = io.BufferedReader(raw)
         index = 0
         line_no = 0
+        first = b""  # the first line's start: what a NUL byte in a bad line says
         while True:
             data = lines.readline(JSONL_LINE_MAX_BYTES + 1)
             if not data:
@@ -635,7 +678,13 @@ def _jsonl_documents(source: SourceFile, field: str, skip: bool, skipped: list[s
                                 f"{_mib(JSONL_LINE_MAX_BYTES)}: not JSON Lines (one JSON "
                                 "object per line; a .json file holding one array or an "
                                 "object over many lines is not read)")
+            first = first if line_no > 1 else data[:TEXT_HEAD_BYTES]
             text, problem = _jsonl_record(data, field)
+            if problem and b"\0" in data and line_no == 1:  # the whole file is so
+                _refuse_nul(source, first, 0, 0)
+            if problem and b"\0" in data and (nul := _nul_problem(first, True)) is not None:
+                problem += f" ({nul[1]})"  # (what the file's start says: a line's NULs
+                # fall at either offset in UTF-16)
             if problem:
                 _bad(source, line_no, problem, skip, skipped)
                 continue

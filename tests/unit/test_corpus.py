@@ -414,6 +414,42 @@ def test_a_utf16_file_is_said_to_be_utf16(tmp_path):
         list(iter_documents(source))
 
 
+def test_utf16_without_a_byte_order_mark_is_refused_not_read_as_nul_tokens(tmp_path):
+    """UTF-16 saved without a byte-order mark (Python's "utf-16-le", many exporters): its
+    ASCII is valid UTF-8 with a NUL after every letter, so the file was tokenized silently as
+    "H\\0e\\0l\\0..." garbage. Refused in the driver's head check and in the pass, naming
+    the file and the encoding; so is a file of NUL bytes (binary data)."""
+    book = "Call me Ishmael. Some years ago.\n\nNever mind how long.\n" * 50
+    le, be, nul = tmp_path / "le.txt", tmp_path / "be.txt", tmp_path / "nul.txt"
+    le.write_bytes(book.encode("utf-16-le"))
+    be.write_bytes(book.encode("utf-16-be"))
+    nul.write_bytes(b"\0" * 4096)
+    for path, said in ((le, "UTF-16-LE"), (be, "UTF-16-BE"), (nul, "binary")):
+        source, = expand_sources([str(path)])
+        with pytest.raises(DataError, match=rf"^{path}:1: not UTF-8 text near byte [01]: "
+                           rf".*NUL bytes.*{said}.*save it as UTF-8"):
+            check_text_head(source)
+        with pytest.raises(DataError, match=rf"^{path}:1: not UTF-8 text near byte [01]: "
+                           rf".*{said}"):
+            list(iter_documents(source))
+    # a UTF-16 file appended to a UTF-8 one (past the head check): the pass names its line
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes(b"plain text\n\n" * 8000 + book.encode("utf-16-le"))
+    source, = expand_sources([str(mixed)])
+    check_text_head(source)
+    with pytest.raises(DataError, match=rf"^{mixed}:16001: not UTF-8 text near byte 96001: "
+                       r"NUL bytes on every other byte: it reads as UTF-16 text"):
+        list(iter_documents(source))
+    lines = tmp_path / "le.jsonl"
+    lines.write_bytes((json.dumps({"text": "hello"}) + "\n").encode("utf-16-le") * 3)
+    source, = expand_sources([str(lines)])
+    for skip in (False, True):
+        with pytest.raises(DataError, match=rf"^{lines}:1: .*UTF-16-LE"):
+            check_jsonl_head(source, "text", skip)
+    with pytest.raises(DataError, match=rf"^{lines}:1: .*UTF-16-LE"):
+        list(iter_documents(source))
+
+
 def test_compressed_data_under_a_text_files_name_is_said_to_be_compressed(tmp_path):
     """part-00000.jsonl holding gzip data was "not UTF-8 text (byte 2 of the line)"."""
     import gzip
