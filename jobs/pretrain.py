@@ -592,14 +592,21 @@ def _say_nothing_to_do(where: str, train_config: TrainConfig) -> None:
 def _write_resolved_config(run_dir: Path, train_config: TrainConfig, spec: JobSpec,
                            tokenizer) -> None:
     """config.json and the run's tokenizer.json (what serving, compression and export read)."""
+    from orchestrator.training.checkpoint import CheckpointError, write_atomically
+
     resolved = {"train": train_config.to_dict(), "job": spec.to_dict()}
+    text = json.dumps(resolved, indent=2) + "\n"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if train_config.tokenizer_sha256:  # runs from before tokenizers were recorded: none
             save_tokenizer(tokenizer, run_dir)
-        (run_dir / CONFIG_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
+        # (whole or not at all: written in place, a full disk left a resumed run's
+        # config.json half written, and --resume, serving and export could not read it)
+        write_atomically(run_dir / CONFIG_FILE, lambda f: f.write(text.encode()), what="file")
     except OSError as e:
         raise RunDirError(f"cannot write to run dir {run_dir}: {e.strerror or e}") from None
+    except CheckpointError as e:
+        raise RunDirError(f"cannot write to run dir {run_dir}: {e}") from None
 
 
 def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
@@ -658,7 +665,14 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         "run_dir": str(run_dir),
         "elapsed_s": round(elapsed_s, 1),
     }
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    from orchestrator.training.checkpoint import CheckpointError, write_atomically
+
+    text = json.dumps(summary, indent=2) + "\n"
+    try:  # (whole or not at all, and said: a full disk here was a traceback)
+        write_atomically(run_dir / SUMMARY_FILE, lambda f: f.write(text.encode()), what="file")
+    except CheckpointError as e:
+        raise JobFailed(f"{e}; the run finished: its checkpoints are in {run_dir}",
+                        EXIT_FAILED) from None
     start = summary["resumed_from_step"]
     # (a resumed run's figures are this leg's: its first loss is the resumed step's, not 0's)
     trained = (f"trained steps {start} -> {summary['steps']} (resumed)" if start else

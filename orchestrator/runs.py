@@ -248,7 +248,8 @@ def repair_ray_record(run_dir: Path, any_checkpoint: bool) -> str | None:
         return None
     kept = _kept_beside(path, "before-repair", copy=True)
     from orchestrator.training.checkpoint import write_atomically
-    write_atomically(path, lambda f: f.write(json.dumps(repaired).encode()))
+    write_atomically(path, lambda f: f.write(json.dumps(repaired).encode()),
+                     what="Ray Train's record")
     return (f"Ray Train's record {path} named checkpoint(s) no longer there "
             f"({', '.join(gone)}): dropped from it (the original kept as {kept.name})")
 

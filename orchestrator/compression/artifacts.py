@@ -30,7 +30,7 @@ def write_json(path: Path, data: Any) -> None:
     """Strict JSON: a NaN or infinity (a diverged loss) is written as null, never as the bare
     `NaN` that JSON parsers other than Python's reject; the report is still written."""
     text = json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
-    write_atomically(Path(path), lambda f: f.write(text.encode()))
+    write_atomically(Path(path), lambda f: f.write(text.encode()), what="file")
 
 
 def _finite(data: Any) -> Any:

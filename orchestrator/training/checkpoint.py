@@ -67,13 +67,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write, what: str = "checkpoint file") -> None:
     """Write to a temp file in the same directory, fsync, then rename over the target: a crash
     leaves either the old file or the new one, never half of one. A write that fails (a full
     disk: torch.save says only "unexpected pos") removes its temp file and raises
-    CheckpointError naming the file and the free space left. The temp file is this write's
-    own, created new ("x": never through a file or link already there, never into another
-    writer's temp file)."""
+    CheckpointError naming the file (as `what`: any file, not only checkpoints, is written
+    so) and the free space left. The temp file is this write's own, created new ("x": never
+    through a file or link already there, never into another writer's temp file)."""
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         with open(tmp, "xb") as f:
@@ -83,7 +83,7 @@ def write_atomically(path: Path, write) -> None:
         os.replace(tmp, path)
     except Exception as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"checkpoint file {path} cannot be written: "
+        raise CheckpointError(f"{what} {path} cannot be written: "
                               f"{_write_problem(e)}{free_space_note(path.parent)}") from e
 
 

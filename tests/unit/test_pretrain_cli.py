@@ -598,3 +598,53 @@ def test_an_empty_address_is_refused_not_read_as_none(tmp_path, address):
 
     with pytest.raises(ConfigError, match=re.escape("--address is empty")):
         pretrain.build_configs(pretrain.parse_args(["--address", address]), tmp_path / "run")
+
+
+def test_a_failed_write_of_config_or_summary_keeps_the_files_there_and_is_said(tmp_path):
+    """config.json and summary.json were written in place: a write that failed part way (a
+    full disk; here a file-size limit, EFBIG) left the run's config.json half written, which
+    --resume, serving and export then could not read, and a summary's failure was a
+    traceback after the whole run. Now a temporary file takes the failure: the files already
+    there are kept, and the error names the file."""
+    import subprocess
+    import sys
+    import textwrap
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"train": {}, "job": {}}\n')
+    (run_dir / "summary.json").write_text('{"steps": 5}\n')
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        from pathlib import Path
+        from types import SimpleNamespace
+        from jobs import pretrain
+        from orchestrator.config import JobSpec, TrainConfig
+        from orchestrator.job_exit import JobFailed
+        from orchestrator.runs import RunDirError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, resource.RLIM_INFINITY))
+        run_dir = Path({str(run_dir)!r})
+        try:
+            pretrain._write_resolved_config(run_dir, TrainConfig(tokenizer_sha256=""),
+                                            JobSpec(name=run_dir.name), None)
+        except RunDirError as e:
+            print("config:", e)
+        result = SimpleNamespace(metrics={{"step": 5}}, checkpoint=None, return_value=None)
+        placement = SimpleNamespace(worker_nodes=("n",), bottleneck_gbps=float("inf"))
+        try:
+            pretrain._write_summary(result, TrainConfig(max_steps=5), placement, run_dir,
+                                    1.0, [])
+        except JobFailed as e:
+            print("summary:", e, e.exit_code)
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (run_dir / "config.json").read_text() == '{"train": {}, "job": {}}\n'
+    assert (run_dir / "summary.json").read_text() == '{"steps": 5}\n'
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "summary.json"]
+    assert f"config: cannot write to run dir {run_dir}: file {run_dir / 'config.json'} " \
+        "cannot be written: File too large" in done.stdout
+    assert f"summary: file {run_dir / 'summary.json'} cannot be written: File too large" \
+        in done.stdout and f"the run finished: its checkpoints are in {run_dir} 4" in done.stdout
