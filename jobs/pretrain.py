@@ -427,8 +427,9 @@ def resolve_data(args: argparse.Namespace, run_dir: Path) -> DataSetup:
         data=args.data, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines,
         tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
         cache_root=args.data_cache or default_cache_root(run_dir), retokenize=args.retokenize,
-        init_from=args.init_from, saved=saved, run_dir=run_dir, data_flags=_data_flags(args))
-    if saved is not None:
+        init_from=args.init_from, saved=saved, run_dir=run_dir, data_flags=_data_flags(args),
+        dry_run=args.dry_run)
+    if saved is not None and setup.tokenizer is not None:  # (None: a dry run's untrained BPE)
         # The model the run started from and the spans' start it set stay the run's own: a
         # resume loads neither (its checkpoint's weights), and without --init-from given
         # again (--data given again: configure_data starts afresh) config.json lost them.

@@ -95,8 +95,10 @@ def cache_dir(cache_root: str, key: str) -> str:
 def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool = False,
               tokenizer: str = "bytes", train_tokenizer: int | None = None,
               cache_root: str, retokenize: bool = False,
-              say: Callable[[str], None] = print) -> DataPlan:
-    """Check the sources and the tokenizer and find (or choose) the cache directory."""
+              say: Callable[[str], None] = print, train: bool = True) -> DataPlan | None:
+    """Check the sources and the tokenizer and find (or choose) the cache directory.
+    `train=False` (a dry run): a --train-tokenizer BPE not in the cache yet is not trained,
+    and None is returned once the sources are checked."""
     cache_root = absolute_cache_root(cache_root)
     if not isinstance(text_field, str) or not text_field:
         raise DataError(f"--text-field must be a non-empty field name, got {text_field!r}")
@@ -111,7 +113,9 @@ def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool
         check_jsonl_head(source, text_field, skip_bad_lines)
     if tok is None:
         tok = trained_tokenizer(sources, text_field, skip_bad_lines, train_tokenizer,
-                                cache_root, say)
+                                cache_root, say, train=train)
+        if tok is None:
+            return None
     key = cache_key(sources, text_field, skip_bad_lines, tok.sha256)
     cache_uri = cache_dir(cache_root, key)
     manifest = _manifest_unless_replaced(cache_uri, retokenize)
@@ -147,9 +151,11 @@ def _check_replaceable(cache_uri: str) -> None:
 
 
 def trained_tokenizer(sources: list[SourceFile], text_field: str, skip_bad_lines: bool,
-                      vocab_size: int, cache_root: str, say: Callable[[str], None]):
+                      vocab_size: int, cache_root: str, say: Callable[[str], None],
+                      train: bool = True):
     """`--train-tokenizer`: a byte-level BPE trained on the training documents, kept in the
-    cache (keyed by the data and the size) so a second run on the same data reuses it."""
+    cache (keyed by the data and the size) so a second run on the same data reuses it.
+    `train=False`: the cached one, or None where there is none (nothing trained)."""
     if not isinstance(vocab_size, int) or not 257 <= vocab_size <= 1 << 20:
         raise TokenizerError(f"--train-tokenizer must be a vocabulary size in [257, 1048576], "
                              f"got {vocab_size!r}")
@@ -163,6 +169,8 @@ def trained_tokenizer(sources: list[SourceFile], text_field: str, skip_bad_lines
         except TokenizerError as e:
             raise TokenizerError(f"{e} (the cached --train-tokenizer result: remove it and "
                                  f"the tokenizer is trained again)") from None
+    if not train:
+        return None
     started = time.perf_counter()
     tok = train_bpe(iter_texts(sources, text_field, skip_bad_lines), vocab_size)
     say(f"trained a byte-level BPE tokenizer of {tok.vocab_size} tokens on "
@@ -322,7 +330,7 @@ class DataSetup:
     the bundled corpus in bytes, read in memory)."""
 
     fields: dict[str, Any]
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None: a dry run's --train-tokenizer, not trained
     plan: DataPlan | None
     notes: list[str]
 
@@ -349,11 +357,13 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
                    train_tokenizer: int | None, cache_root: str, retokenize: bool,
                    init_from: str | None, saved: dict[str, Any] | None,
                    run_dir: Path | None = None, data_flags: tuple[str, ...] = (),
-                   say: Callable[[str], None] = print) -> DataSetup:
+                   say: Callable[[str], None] = print, dry_run: bool = False) -> DataSetup:
     """Resolve the data, tokenizer and --init-from flags (`saved`: the train config of the run
     being resumed, in `run_dir`, or None). `data_flags`: those of --data-cache, --retokenize,
     --text-field, --skip-bad-lines, --ingest-workers the user gave (they apply to --data files
-    only).
+    only). `dry_run`: every check, but a --train-tokenizer BPE not yet in the cache is not
+    trained (minutes over a large corpus, for a plan): its size stands for its vocabulary,
+    and the setup has no tokenizer and no plan.
     DataError / TokenizerError / ExportError name the flag."""
     fields: dict[str, Any] = {}
     notes: list[str] = []
@@ -398,7 +408,13 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
         _check_cache_writable(cache_root, cache_given)
     plan = plan_data(data, text_field=text_field, skip_bad_lines=skip_bad_lines,
                      tokenizer=tokenizer, train_tokenizer=train_tokenizer,
-                     cache_root=cache_root, retokenize=retokenize, say=say)
+                     cache_root=cache_root, retokenize=retokenize, say=say,
+                     train=not dry_run)
+    if plan is None:  # a dry run: the sources checked, the tokenizer not trained
+        notes.append(f"--dry-run: the --train-tokenizer BPE is not trained (a real run trains "
+                     f"it first); the estimate takes its full {train_tokenizer:,} tokens")
+        fields["vocab_size"] = train_tokenizer
+        return DataSetup(fields, None, None, notes)
     if not plan.cached:  # shards to write (a read-only cache that holds them is fine)
         _check_cache_writable(cache_root, cache_given)
     if init_from:

@@ -432,3 +432,36 @@ def test_a_resume_needs_no_longer_the_model_the_run_started_from(tmp_path):
     setup = pretrain.resolve_data(args, run_dir)
     config, _ = pretrain.build_configs(args, run_dir, setup.fields)
     assert config.init_from == first
+
+
+def test_a_dry_run_does_not_train_the_tokenizer(tmp_path, capsys, monkeypatch):
+    """`--dry-run --train-tokenizer N` trained the BPE over the whole corpus (minutes on a
+    large one) and wrote it into the cache, for a memory estimate and a placement. Now it
+    checks the files, estimates with N tokens and says so; a BPE already in the cache is
+    used as a run would."""
+    (tmp_path / "a.txt").write_text("".join(f"paragraph {i} of some text here.\n\n"
+                                            for i in range(400)))
+    cache = tmp_path / "cache"
+    planned = []
+    monkeypatch.setattr(pretrain, "dry_run", lambda config, spec, address: planned.append(
+        config))
+    flags = ["--dry-run", "--data", str(tmp_path / "a.txt"), "--train-tokenizer", "300",
+             "--data-cache", str(cache), "--run-dir", str(tmp_path / "runs" / "new")]
+    code, err = run_pretrain(*flags, capsys=capsys)
+    assert code == 0, err
+    assert planned[-1].vocab_size == 300
+    assert "--dry-run: the --train-tokenizer BPE is not trained" in err
+    assert not (cache / "tokenizers").exists() and not (tmp_path / "runs" / "new").exists()
+    # the files are still checked
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe\x00")
+    code, err = run_pretrain(*flags[:2], str(tmp_path / "b.txt"), *flags[3:], capsys=capsys)
+    assert code == 2 and "b.txt:1: not UTF-8 text" in err
+    # a BPE the cache holds (a run trained it) is the one estimated with
+    data_plan.plan_data([str(tmp_path / "a.txt")], train_tokenizer=300, cache_root=str(cache),
+                        say=lambda _: None)
+    code, err = run_pretrain(*flags, capsys=capsys)
+    trained = data_plan.plan_data([str(tmp_path / "a.txt")], train_tokenizer=300,
+                                  cache_root=str(cache)).tokenizer
+    assert code == 0 and "not trained" not in err
+    assert planned[-1].vocab_size == trained.vocab_size
+    assert planned[-1].tokenizer_sha256 == trained.sha256
