@@ -424,7 +424,7 @@ def check_text_head(source: SourceFile) -> None:
     if source.format != "txt" or not _is_local(source):
         return
     head = _read_head(source)
-    if not head.startswith((b"\xff\xfe", b"\xfe\xff")):  # (said below: UTF-16 with its mark)
+    if _known_start(head[:MAGIC_BYTES]) is None:  # (UTF-16 with its mark, compressed: below)
         _refuse_nul(source, head, 0, 0)
     try:  # not final: a character cut at the 64 KiB mark is not an error
         codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < TEXT_HEAD_BYTES)
@@ -538,7 +538,7 @@ def check_jsonl_head(source: SourceFile, text_field: str, skip_bad_lines: bool) 
         return
     lines, unfinished = _read_jsonl_head(source)
     head = b"\n".join(lines + [unfinished])
-    if not head.startswith((b"\xff\xfe", b"\xfe\xff")):  # a whole file so, not a bad line
+    if _known_start(head[:MAGIC_BYTES]) is None:  # a whole file so, not a bad line
         _refuse_nul(source, head, 0, 0)
     if not lines and not skip_bad_lines:
         _unfinished_first_line(source, unfinished)
@@ -584,7 +584,7 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
         while True:
             chunk = f.read(READ_CHUNK)
             start = start or chunk[:MAGIC_BYTES]
-            if not start.startswith((b"\xff\xfe", b"\xfe\xff")):
+            if _known_start(start) is None:  # (UTF-16 with its mark, compressed: said below)
                 _refuse_nul(source, chunk, lines, consumed)
             try:
                 buffer += decoder.decode(chunk, final=not chunk)
@@ -680,9 +680,11 @@ def _jsonl_documents(source: SourceFile, field: str, skip: bool, skipped: list[s
                                 "object over many lines is not read)")
             first = first if line_no > 1 else data[:TEXT_HEAD_BYTES]
             text, problem = _jsonl_record(data, field)
-            if problem and b"\0" in data and line_no == 1:  # the whole file is so
+            # (UTF-16 with its byte-order mark, compressed data: said so by _jsonl_record)
+            nul_said = problem and b"\0" in data and _known_start(first[:MAGIC_BYTES]) is None
+            if nul_said and line_no == 1:  # the whole file is so
                 _refuse_nul(source, first, 0, 0)
-            if problem and b"\0" in data and (nul := _nul_problem(first, True)) is not None:
+            if nul_said and (nul := _nul_problem(first, True)) is not None:
                 problem += f" ({nul[1]})"  # (what the file's start says: a line's NULs
                 # fall at either offset in UTF-16)
             if problem:
