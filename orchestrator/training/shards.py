@@ -81,11 +81,18 @@ def on_local_storage(cache_uri: str) -> bool:
 def write_atomically(fs: pafs.FileSystem, path: str, data) -> None:
     """Write `path` whole or not at all: a temporary file of this writer's own (runs writing
     the same file at once must not write, and then move away, each other's; on shared
-    storage, drivers in two containers can have the same pid), then a move."""
+    storage, drivers in two containers can have the same pid), then a move. A write that
+    fails (a full disk) removes its temporary file: half of one was left in the cache root
+    (a trained tokenizer's, the bundled corpus's), where no later pass clears it."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):  # (never written, or the storage refuses)
+            fs.delete_file(tmp)
+        raise
 
 
 @contextlib.contextmanager

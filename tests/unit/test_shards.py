@@ -340,3 +340,41 @@ def test_a_txt_document_the_tokenizer_cannot_encode_is_named_by_its_line(tmp_pat
     with pytest.raises(DataError, match=rf"^{corpus}:{long_lines + 2}: the tokenizer "
                        r"\(.*tokenizer.json\) cannot encode this document"):
         tokenize_in_process(plan, say=lambda _: None)
+
+
+class _FullDisk:
+    """A local filesystem whose writes stop part way with ENOSPC (a full disk)."""
+
+    def __init__(self):
+        self.fs = pafs.LocalFileSystem()
+
+    def open_output_stream(self, path):
+        stream = self.fs.open_output_stream(path)
+
+        class Stream:
+            def __enter__(self):
+                return self
+
+            def write(self, data):
+                stream.write(data[:10])
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def __exit__(self, *exc):
+                stream.close()
+        return Stream()
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
+    """A write into the data cache that failed (a full disk) left its half-written
+    `NAME.tmp-<id>` behind: a trained tokenizer's or the bundled corpus's copy in the cache
+    root, which no later pass clears. The error is raised as before, and the file already
+    there is kept."""
+    target = tmp_path / "tokenizers" / "bpe.json"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    with pytest.raises(OSError, match="No space left"):
+        shards.write_atomically(_FullDisk(), str(target), b"x" * 1000)
+    assert os.listdir(target.parent) == ["bpe.json"] and target.read_bytes() == b"old"
