@@ -411,6 +411,10 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
                      cache_root=cache_root, retokenize=retokenize, say=say,
                      train=not dry_run)
     if plan is None:  # a dry run: the sources checked, the tokenizer not trained
+        if init_from and hf["vocab_size"] > train_tokenizer:  # (a run would refuse it)
+            raise TokenizerError(f"--init-from {init_from}: the model has {hf['vocab_size']} "
+                                 f"token ids but the tokenizer (--train-tokenizer) at most "
+                                 f"{train_tokenizer}; use the model's own tokenizer")
         notes.append(f"--dry-run: the --train-tokenizer BPE is not trained (a real run trains "
                      f"it first); the estimate takes its full {train_tokenizer:,} tokens")
         fields["vocab_size"] = train_tokenizer

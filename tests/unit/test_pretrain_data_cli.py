@@ -465,3 +465,21 @@ def test_a_dry_run_does_not_train_the_tokenizer(tmp_path, capsys, monkeypatch):
     assert code == 0 and "not trained" not in err
     assert planned[-1].vocab_size == trained.vocab_size
     assert planned[-1].tokenizer_sha256 == trained.sha256
+    # a model with more token ids than a BPE of that size can have is refused, as a run
+    # refuses it once the BPE is trained
+    import torch
+
+    from orchestrator.hf_export import export_gpt2
+    from orchestrator.training.model import GPT, GPTConfig
+
+    bpe = train_bpe([f"word{i} other{i * 7} text{i % 13}" for i in range(3000)], 400)
+    torch.manual_seed(0)
+    export_gpt2(GPT(GPTConfig.from_train_config(TrainConfig(model_size="tiny", seq_len=32),
+                                                vocab_size=bpe.vocab_size)), bpe,
+                tmp_path / "hf")
+    err = refused(tmp_path, capsys, *flags[:3], "--train-tokenizer", "300",
+                  "--data-cache", str(tmp_path / "cache2"), "--seq-len", "32",
+                  "--init-from", str(tmp_path / "hf"))
+    assert f"--init-from {tmp_path / 'hf'}: the model has {bpe.vocab_size} token ids but the " \
+        "tokenizer (--train-tokenizer) at most 300; use the model's own tokenizer" in err
+    assert not (tmp_path / "cache2" / "tokenizers").exists()
