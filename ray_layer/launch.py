@@ -42,6 +42,7 @@ from ray_layer.cluster import (ClusterConnectionError, connect, ensure_control_p
 from ray_layer.placed_run import NotPlaced, PlacedRun
 from ray_layer.scheduler_client import SchedulerUnreachable, failed_call
 from ray_layer.train_callbacks import FollowPlacement, JobCancelled, MetricsLog, NodeLostError
+from ray_layer.user_loop import RAISED_AT
 
 
 @dataclass
@@ -312,4 +313,11 @@ def root_cause(error: Exception) -> str:
         error = getattr(error, "controller_failure", error)  # ray.train.ControllerError
         prefix = ""
     cause = getattr(error, "cause", None) or error  # RayTaskError keeps the original as .cause
-    return f"{prefix}{type(cause).__name__}: {cause}"
+    first, newline, rest = str(cause).partition("\n")
+    # Where a user's loop raised it (ray_layer/user_loop.py notes it on the worker): the
+    # traceback is only in a worker's log, and a bare `assert` had no message at all.
+    where = getattr(cause, RAISED_AT, None)
+    head = f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+    if isinstance(where, str):
+        head += f" ({where})"
+    return f"{prefix}{head}{newline}{rest}"

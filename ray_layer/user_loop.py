@@ -19,7 +19,9 @@ import functools
 import io
 import os
 import sys
+import sysconfig
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -32,6 +34,9 @@ from ray_layer.train_session import DirectiveWatch
 # Metric names the launcher itself reads from a report: "yielded" (a preemption) and
 # "already_complete" (a resumed run with nothing left, kept out of metrics.jsonl).
 RESERVED_METRICS = frozenset({"yielded", "already_complete"})
+# Set on a loop's exception by the worker: where in the user's own code it was raised
+# ("train.py line 57, in train_loop"), for the driver's one error line (ray_layer/launch.py).
+RAISED_AT = "orchestrator_raised_at"
 _watch: DirectiveWatch | None = None  # one per worker process (rank 0 asks)
 _pending: str | None = None  # a directive not yet acted on (no checkpoint since)
 
@@ -156,6 +161,7 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
         except Yielded:
             return None
         except Exception as e:
+            _mark_where_raised(e)
             stand_in = _stand_in_if_unsendable(e)
             if stand_in is None:
                 raise  # as it is, its cause and context with it
@@ -170,6 +176,35 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
     return per_worker
 
 
+def _library_folders() -> tuple[str, ...]:
+    """Folders of code that is not the user's: Python's own, installed packages, and this
+    project's packages (a `launch.report` refusing its arguments is the caller's line)."""
+    paths = sysconfig.get_paths()
+    here = Path(__file__).resolve().parents[1]
+    folders = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    folders |= {str(here / "orchestrator"), str(here / "ray_layer")}
+    return tuple(os.path.join(os.path.realpath(f), "") for f in folders)
+
+
+def _mark_where_raised(error: BaseException) -> None:
+    """Note on `error` (attribute RAISED_AT, which travels with it to the driver) the
+    innermost frame of the user's own code it came through: the driver's error line held only
+    the exception's type and message (a bare `assert` read "AssertionError: ", nothing else),
+    the traceback being in a worker's log."""
+    frames = traceback.extract_tb(error.__traceback__)[1:]  # (the first: per_worker's)
+    library = _library_folders()
+    own = [f for f in frames if not f.filename.startswith("<")
+           and not os.path.realpath(f.filename).startswith(library)]
+    if not own:
+        return
+    frame = own[-1]
+    try:
+        setattr(error, RAISED_AT, f"{Path(frame.filename).name} line {frame.lineno}, "
+                                  f"in {frame.name}")
+    except Exception:  # (an exception type that takes no attributes: said without it)
+        pass
+
+
 def _stand_in_if_unsendable(error: Exception) -> Exception | None:
     """None when the loop's exception reaches the driver as it is (it pickles and unpickles:
     `class BadBatch(Exception): __init__(self, step, reason)` pickles, then fails to
@@ -180,9 +215,12 @@ def _stand_in_if_unsendable(error: Exception) -> Exception | None:
         return None
     except Exception as why:
         trace = "".join(traceback.format_exception(error)).rstrip()
-        return RuntimeError(f"{type(error).__qualname__}: {error} (the exception itself "
-                            f"cannot be sent to the driver: {type(why).__name__}: {why})"
-                            f"\n{trace}")
+        stand_in = RuntimeError(f"{type(error).__qualname__}: {error} (the exception itself "
+                                f"cannot be sent to the driver: {type(why).__name__}: {why})"
+                                f"\n{trace}")
+        if hasattr(error, RAISED_AT):
+            setattr(stand_in, RAISED_AT, getattr(error, RAISED_AT))
+        return stand_in
 
 
 def pickling_problem(train_loop: Callable, per_worker: Callable) -> str | None:

@@ -85,3 +85,36 @@ def test_worker_groups_that_do_not_start_are_retried_a_bounded_number_of_times()
     failure = trainer_for(Placement("run", ("n1",), 0.0, 1)).run_config.failure_config
     assert failure.controller_failure_limit == launch.STARTUP_RETRIES  # Ray's default: none
     assert launch.startup_retries(10) == 10  # --max-failures, when larger
+
+
+def test_a_loops_own_error_is_one_line_naming_the_file_line_and_function_it_came_from(
+        tmp_path):
+    # A bare `assert` in the user's script read "worker rank 0: AssertionError: " and nothing
+    # else: the line said neither what failed nor where (the traceback is in a worker's log).
+    import ray
+
+    from orchestrator.entrypoints import load_entrypoint
+    from ray_layer.user_loop import yielding
+
+    (tmp_path / "train.py").write_text(
+        "import torch\n\n"
+        "def forward(model, x):\n"
+        "    return model(x)\n\n"
+        "def train_loop(config):\n"
+        "    assert config['steps'] > 0\n"
+        "    forward(torch.nn.Linear(4, 1), torch.zeros(2, 3))\n")
+    loop = load_entrypoint("train.py:train_loop", tmp_path).function
+    said = []
+    for config in ({"steps": 0}, {"steps": 5}):
+        with pytest.raises(Exception) as raised:
+            yielding(loop)(config)
+        sent = ray.cloudpickle.loads(ray.cloudpickle.dumps(raised.value))  # to the driver
+        error = RuntimeError("workers failed")
+        error.worker_failures = {0: sent}
+        said.append(str(launch._failure(error, RUN, max_failures=1)).splitlines()[0])
+    assert said[0] == ("training failed after 1 restart(s): worker rank 0: AssertionError "
+                       "(train.py line 7, in train_loop)")
+    # Raised inside torch: the innermost frame of the user's own code is named.
+    assert said[1].startswith("training failed after 1 restart(s): worker rank 0: "
+                              "RuntimeError: mat1 and mat2 shapes cannot be multiplied")
+    assert said[1].endswith("(train.py line 4, in forward)")
