@@ -72,6 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.shards > args.train:
         parser.error(f"--shards {args.shards} is more than --train {args.train}: every shard "
                      "needs an image")
+    # train.py reads every train-*.npz of the folder: a shard this write does not replace
+    # (more shards written there before) would be trained on beside the new ones.
+    kept = sorted(p.name for p in args.out.glob("train-*.npz")
+                  if p.name not in {f"train-{s:03d}.npz" for s in range(args.shards)})
+    if kept:
+        parser.error(f"--out {args.out} holds {', '.join(kept)}, which this write does not "
+                     "replace and train.py would read beside the new shards: remove them, or "
+                     "give another --out")
     paths = write(args.out, args.train, args.test, args.shards, args.seed)
     print(f"wrote {len(paths)} files ({args.train} training images in {args.shards} shards, "
           f"{args.test} held out) to {args.out}")

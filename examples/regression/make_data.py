@@ -54,6 +54,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.files > args.rows:
         parser.error(f"--files {args.files} is more than --rows {args.rows}: every file needs "
                      "a row")
+    # train.py reads every CSV file of the folder: one this write does not replace (more
+    # files written there before) would be trained on beside the new ones.
+    kept = sorted(p.name for p in args.out.glob("*.csv")
+                  if p.name not in {f"part-{f:03d}.csv" for f in range(args.files)})
+    if kept:
+        parser.error(f"--out {args.out} holds {', '.join(kept)}, which this write does not "
+                     "replace and train.py would read beside the new files: remove them, or "
+                     "give another --out")
     paths = write(args.out, args.rows, args.files, args.seed)
     print(f"wrote {len(paths)} CSV files ({args.rows} rows in all) to {args.out}")
 

@@ -56,3 +56,26 @@ def test_counts_that_cannot_be_written_are_refused_naming_the_flag(example, argv
     assert exit_.value.code == 2
     assert flag in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("example, first, second, stale", [
+    ("regression", ["--rows", "40", "--files", "4"], ["--rows", "20", "--files", "2"],
+     "part-002.csv"),
+    ("image_cnn", ["--train", "8", "--shards", "4", "--test", "2"],
+     ["--train", "8", "--shards", "2", "--test", "2"], "train-002.npz"),
+])
+def test_fewer_files_into_a_folder_of_more_are_refused_as_they_would_be_trained_on(
+        example, first, second, stale, tmp_path, capsys):
+    # The loop reads every file of the folder: 2 files written over 4 left 2 of the old data
+    # beside them, trained on as one set, and "wrote 2 files (20 rows)" was printed.
+    out = tmp_path / "out"
+    _main(example)(["--out", str(out), *first])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        _main(example)(["--out", str(out), *second])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert stale in err and "--out" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+    _main(example)(["--out", str(out), *first])  # as many again: replaced, as before
