@@ -12,7 +12,8 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from orchestrator.runs import append_metrics, checkpoint_dirs, checkpoint_name
-from orchestrator.training.checkpoint import sync_directory, sync_tree
+from orchestrator.training.checkpoint import (CheckpointError, free_space_note, sync_directory,
+                                              sync_tree)
 
 
 class TrainSession(Protocol):
@@ -83,8 +84,14 @@ class LocalSession:
         # a half checkpoint that would be taken for the latest.
         staging = self.run_dir / f".staging_{target.name}"
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, staging)
-        sync_tree(staging)
+        try:
+            shutil.copytree(checkpoint_dir, staging)
+            sync_tree(staging)
+        except OSError as e:  # (a full disk; shutil.Error too: a list of (src, dst, why))
+            # Nothing before it is touched; the partial copy would hold the space.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointError(f"checkpoint {target} cannot be written: {_copy_problem(e)}"
+                                  f"{free_space_note(self.run_dir)}") from None
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -107,6 +114,17 @@ class LocalSession:
         for old in others[:max(len(others) - (self.keep - 1), 0)]:
             shutil.rmtree(old)
             self.unusable.discard(old)
+
+
+def _copy_problem(error: OSError) -> str:
+    """What went wrong in a copy: shutil.Error gathers (source, target, why) of each file."""
+    if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list):
+        reasons = [entry[2] for entry in error.args[0]
+                   if isinstance(entry, tuple) and len(entry) == 3]
+        if reasons:
+            why = str(reasons[0])
+            return why.split("] ", 1)[1] if why.startswith("[Errno") and "] " in why else why
+    return error.strerror or str(error)
 
 
 def gpu_shortfall(free_bytes: int, min_gpu_memory_gb: float, node_id: str,

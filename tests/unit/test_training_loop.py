@@ -567,6 +567,37 @@ def test_a_save_on_a_full_disk_names_the_file_and_leaves_no_temp_file(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == []
 
 
+def test_a_copy_into_a_full_run_directory_names_it_and_keeps_the_checkpoints_before(
+        tmp_path, monkeypatch):
+    # The checkpoint is saved in a temporary folder, then copied into the run directory: on a
+    # full disk there, copytree raised shutil.Error with a list of (src, dst, why) triples,
+    # and its partial .staging_ copy stayed, holding the space.
+    import errno
+    import shutil
+
+    session = LocalSession(tmp_path / "run", keep=2, device=CPU)
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "state.pt").write_bytes(b"weights")
+    session.report({"step": 1, "loss": 1.0}, str(source))
+    real_copy = shutil.copyfile
+
+    def full_disk(src, dst, *args, **kwargs):
+        real_copy(src, dst, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    with pytest.raises(CheckpointError) as caught:
+        session.report({"step": 2, "loss": 1.0}, str(source))
+    message = str(caught.value)
+    assert message.startswith(f"checkpoint {tmp_path / 'run' / 'checkpoint_00000002'} cannot "
+                              "be written: No space left on device ("), message
+    assert "GiB free on its filesystem" in message
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint_00000001",
+                                                                    "metrics.jsonl"]
+    assert (tmp_path / "run" / "checkpoint_00000001" / "state.pt").read_bytes() == b"weights"
+
+
 def test_a_save_never_writes_through_a_file_left_at_a_temp_name(tmp_path):
     """A temp file of a fixed name (state.pt.tmp), opened to truncate, wrote through a link
     planted there (into whatever it named), then moved the link over the checkpoint; two
