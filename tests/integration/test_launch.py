@@ -179,7 +179,7 @@ def test_a_loop_that_raises_exits_4_naming_the_worker_and_its_error_and_releases
     err = capsys.readouterr().err
     assert code == 4 and launched is None
     assert ("error: training failed after 0 restart(s): worker rank 1: ValueError: bad batch "
-            "at step 2 on rank 1") in err
+            "at step 2 on rank 1 (failing.py line 10, in train_loop)") in err  # where, too
     # Step 1's report may be cut off by the failure as it is taken in (Ray Train's controller
     # polls reports): never a step past the failure, and what was logged is kept
     assert [r["step"] for r in read_metrics(tmp_path / name)] in ([0], [0, 1])
