@@ -19,6 +19,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
+from orchestrator.validation import expand_home
+
 
 class EntrypointError(ValueError):
     """The entry point cannot be used; the message names it and says why."""
@@ -151,7 +153,8 @@ def _exit_on_import(what: str, exit: SystemExit) -> str:
 
 
 def _load_file(where: str, base_dir: Path | None) -> ModuleType:
-    script = Path(where).expanduser()  # (as run_dir and working_dir are)
+    script = expand_home(where, "entrypoint script", EntrypointError)  # (as run_dir and
+    # working_dir are)
     candidates = ([base_dir / script] if base_dir else []) + [script]
     path = next((p.resolve() for p in candidates if p.is_file()), None)
     if path is None:

@@ -30,6 +30,7 @@ from orchestrator.config import MODEL_PRESETS
 from orchestrator.hf_files import CONFIG_FILE, INDEX_FILE, SAFETENSORS_FILE
 from orchestrator.tokenizer import (TOKENIZER_FILE, Tokenizer, TokenizerError,
                                     tokenizer_for_model, tokenizer_of_run)
+from orchestrator.validation import expand_home
 
 if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
     import torch
@@ -216,8 +217,9 @@ def _runs_checkpoint_around(out: Path) -> Path | None:
 
 def export_dir(out_dir: str | os.PathLike) -> Path:
     """The directory `--out` / `out_dir` names: a `~` the shell left alone (`--out=~/x`, a
-    job spec, a library call) is the home directory, not a folder named "~"."""
-    return Path(out_dir).expanduser()
+    job spec, a library call) is the home directory, not a folder named "~"; a `~user` of
+    no user is an ExportError naming --out."""
+    return expand_home(out_dir, "--out", ExportError)
 
 
 def _changed_weights_refusal(out: Path, recorded: Any) -> str | None:
@@ -491,7 +493,7 @@ def _training_checkpoint_only(directory: Path) -> None:
 def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
     """config.json of a GPT-2-shaped Hugging Face model directory; ExportError naming the
     file or field otherwise."""
-    directory = Path(directory).expanduser()
+    directory = expand_home(directory, "--init-from", ExportError)
     path = directory / "config.json"
     if not directory.is_dir():
         raise ExportError(f"--init-from {directory}: no such directory")
@@ -605,7 +607,7 @@ def check_hf_weights(directory: str | os.PathLike, config: dict[str, Any]) -> No
     from safetensors import SafetensorError, safe_open
 
     where: dict[str, tuple[Path, tuple[int, ...]]] = {}
-    for path in weight_files(Path(directory).expanduser()):
+    for path in weight_files(expand_home(directory, "--init-from", ExportError)):
         try:
             with safe_open(str(path), "pt") as f:
                 for key in f.keys():
@@ -685,7 +687,7 @@ def load_hf_weights(model, directory: str | os.PathLike) -> None:
     otherwise."""
     from safetensors.torch import load_file
 
-    files = weight_files(Path(directory).expanduser())
+    files = weight_files(expand_home(directory, "--init-from", ExportError))
     path = files[0] if len(files) == 1 else files[0].parent / INDEX_FILE
     hf = {_hf_name(k): v for f in files for k, v in load_file(str(f)).items()}
     state = model.state_dict()

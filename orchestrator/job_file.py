@@ -31,7 +31,7 @@ from typing import Any
 
 from orchestrator.config import ConfigError, JobSpec, known_fields_problems, unknown_fields
 from orchestrator.runs import in_rays_working_dir_copy, run_dir_uri_problem
-from orchestrator.validation import is_int, is_number
+from orchestrator.validation import expand_home, is_int, is_number
 
 DEFAULT_KEEP_CHECKPOINTS = 3  # checkpoints Ray Train keeps of a launched loop's run
 LAUNCHER_KEYS = ("entrypoint", "config", "runtime_env", "run_dir", "max_failures",
@@ -96,7 +96,7 @@ def load_job_file(path: str | Path) -> JobFile:
         launcher.pop("config", None)
     # Relative paths are the job file's, as its entrypoint script is, wherever `submit` runs.
     if "run_dir" in launcher:
-        run_dir = Path(launcher["run_dir"]).expanduser()
+        run_dir = expand_home(launcher["run_dir"], f"{path}: run_dir", ConfigError)
         if not run_dir.is_absolute() and in_rays_working_dir_copy(path.parent):
             # Under `ray job submit --working-dir`, the job file is in Ray's temporary copy of
             # the working dir: checkpoints there are lost to its cache cleanup, and a code
@@ -108,11 +108,12 @@ def load_job_file(path: str | Path) -> JobFile:
         launcher["run_dir"] = str(path.parent / run_dir)
     if launcher.get("runtime_env"):
         launcher["runtime_env"] = _runtime_env_paths_rebased(launcher["runtime_env"],
-                                                            path.parent)
+                                                            path.parent, path)
     return JobFile(spec=spec, path=path, **launcher)
 
 
-def _runtime_env_paths_rebased(runtime_env: dict[str, Any], folder: Path) -> dict[str, Any]:
+def _runtime_env_paths_rebased(runtime_env: dict[str, Any], folder: Path,
+                               job_file: Path | None = None) -> dict[str, Any]:
     """The runtime_env with its local paths read from the job file's `folder`, as its
     entrypoint and run_dir are: working_dir, a requirements file (`pip` / `uv` as a string,
     or their `packages` as one), a conda environment file and py_modules entries (only
@@ -121,21 +122,24 @@ def _runtime_env_paths_rebased(runtime_env: dict[str, Any], folder: Path) -> dic
     def local(value: Any) -> bool:
         return isinstance(value, str) and "://" not in value
 
-    def rebased(value: str) -> str:
-        return str(folder / Path(value).expanduser())
+    def rebased(value: str, key: str) -> str:  # (a ~user of no user: ConfigError naming it)
+        where = f"{job_file}: runtime_env.{key}" if job_file else f"runtime_env.{key}"
+        return str(folder / expand_home(value, where, ConfigError))
 
     env = dict(runtime_env)
     if local(env.get("working_dir")):
-        env["working_dir"] = rebased(env["working_dir"])
+        env["working_dir"] = rebased(env["working_dir"], "working_dir")
     for key in ("pip", "uv"):  # Ray reads a string as a requirements file's path
         if local(env.get(key)):
-            env[key] = rebased(env[key])
+            env[key] = rebased(env[key], key)
         elif isinstance(env.get(key), dict) and local(env[key].get("packages")):
-            env[key] = {**env[key], "packages": rebased(env[key]["packages"])}
+            env[key] = {**env[key], "packages": rebased(env[key]["packages"],
+                                                        f"{key}.packages")}
     if local(env.get("conda")) and env["conda"].endswith((".yml", ".yaml")):
-        env["conda"] = rebased(env["conda"])
+        env["conda"] = rebased(env["conda"], "conda")
     if isinstance(env.get("py_modules"), list):
-        env["py_modules"] = [rebased(m) if local(m) else m for m in env["py_modules"]]
+        env["py_modules"] = [rebased(m, "py_modules") if local(m) else m
+                             for m in env["py_modules"]]
     return env
 
 

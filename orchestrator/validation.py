@@ -10,6 +10,7 @@ import contextvars
 import dataclasses
 import math
 import sys
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 
@@ -27,6 +28,19 @@ def is_number(value: Any) -> bool:
     if isinstance(value, int):
         return abs(value) <= sys.float_info.max  # exact: Python compares int and float exactly
     return math.isfinite(value)
+
+
+def expand_home(path: Any, what: str, error: type[Exception] = ValueError) -> Path:
+    """Path(path) with a leading `~` or `~user` made the home directory, as a shell does;
+    `error` naming `what` (a flag, a file's field) when `~user` names no user of this machine
+    (Path.expanduser raised RuntimeError there: a traceback). The shell leaves `~bob/x` as
+    written when there is no user bob, so a typo reaches here."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        home = str(path).split("/", 1)[0]
+        raise error(f"{what} {str(path)!r}: {home} is the home directory of no user on this "
+                    "machine (a typo? ~/ is your own)") from None
 
 
 SEED_RULE = "must be an integer in [-2**63, 2**64)"

@@ -33,6 +33,7 @@ from orchestrator.hf_files import holds_hf_model
 from orchestrator.tokenizer import (BYTE_VOCAB, ByteTokenizer, Tokenizer, TokenizerError,
                                     tokenizer_of_run)
 from orchestrator.runs import DEFAULT_RUNS_ROOT, checkpoint_dirs, latest_run_with_checkpoints
+from orchestrator.validation import expand_home
 from orchestrator.training.checkpoint import (SHARDED_META_FILE, STATE_FILE, CheckpointError,
                                               checkpoint_header, cut_short_problem,
                                               first_that_loads, holds_checkpoint_files,
@@ -137,7 +138,7 @@ def model_directories(path: str | Path) -> tuple[list[Path], bool]:
     """(directories to try, newest first; whether `path` was a run directory). Every
     checkpoint_* of a run is tried, also one whose save was cut short: model_format names
     what it lacks as the run falls back past it (left out, it was passed over unsaid)."""
-    p = Path(path).expanduser().resolve()
+    p = expand_home(path, "checkpoint", CheckpointError).resolve()
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist")
     if not p.is_dir():

@@ -839,3 +839,24 @@ def test_export_checkpoint_expands_a_tilde_in_out_as_the_cli_does(tmp_path, monk
     assert (tmp_path / "home" / "model" / "config.json").is_file()
     assert all(f.parent == tmp_path / "home" / "model" for f in files)
     assert not (tmp_path / "~").exists()
+
+
+def test_a_home_of_no_user_is_one_line_naming_the_flag(tmp_path, capsys):
+    # `--out ~bob/model` with no user bob (the shell leaves it as written): Path.expanduser
+    # raised RuntimeError, a traceback from --out, --checkpoint and --init-from alike.
+    from jobs import export
+
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000001", step=1)
+    for argv, flag in ((["--checkpoint", str(tmp_path / "run"), "--out", "~nosuchuser-hf55/m"],
+                        "--out"),
+                       (["--checkpoint", "~nosuchuser-hf55/run", "--out", str(tmp_path / "o")],
+                        "checkpoint")):
+        with pytest.raises(SystemExit) as exit_:
+            code = export.main(argv)
+            raise SystemExit(code)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and flag in err and "~nosuchuser-hf55" in err, err
+        assert "Traceback" not in err
+    for read in (read_hf_config, lambda d: load_hf_weights(sharp_model(), d)):
+        with pytest.raises(ExportError, match="--init-from.*~nosuchuser-hf55"):
+            read("~nosuchuser-hf55/model")

@@ -1387,3 +1387,23 @@ def test_training_docs_name_every_job_file_key():
     spec_named = set(re.findall(r"`(\w+)`", spec_part))
     assert launcher_named == set(LAUNCHER_KEYS)
     assert spec_named == {f.name for f in dataclasses.fields(JobSpec)}
+
+
+@pytest.mark.parametrize("text,field", [
+    ("run_dir: ~nosuchuser-hf55/runs/x\n", "run_dir"),
+    ("runtime_env: {working_dir: ~nosuchuser-hf55/code}\n", "runtime_env.working_dir"),
+    ("runtime_env: {pip: ~nosuchuser-hf55/requirements.txt}\n", "runtime_env.pip"),
+    ("runtime_env: {py_modules: [~nosuchuser-hf55/mod]}\n", "runtime_env.py_modules"),
+])
+def test_a_home_of_no_user_is_refused_naming_the_file_and_field(tmp_path, text, field):
+    # `~bob/...` with no user bob: Path.expanduser raised RuntimeError, a traceback.
+    path = write(tmp_path / "job.yaml", "name: x\nentrypoint: train.py:loop\n" + text)
+    with pytest.raises(ConfigError) as e:
+        load_job_file(path)
+    assert str(path) in str(e.value) and field in str(e.value) and \
+        "~nosuchuser-hf55" in str(e.value), str(e.value)
+
+
+def test_an_entrypoint_script_under_a_home_of_no_user_is_an_entrypoint_error(tmp_path):
+    with pytest.raises(EntrypointError, match="~nosuchuser-hf55"):
+        load_entrypoint("~nosuchuser-hf55/train.py:loop", base_dir=tmp_path)
