@@ -34,7 +34,8 @@ reported by the simulator. `write_canonical` writes jobs back in this format (lo
 reads them back equal, apart from `line`).
 
 Philly (`data/philly.csv`): timestamp, duration, num_gpus, gpu_time, cluster; submit times are
-made relative to the first job. `sniff_format` tells the two apart by the header: Philly when a
+made relative to the first job; timestamps spanning over MAX_SECONDS (a typo in a year) are
+refused naming the file, the line and both timestamps. `sniff_format` tells the two apart by the header: Philly when a
 column is `timestamp`.
 """
 from __future__ import annotations
@@ -346,11 +347,18 @@ def load_philly(path: Path | str = PHILLY_CSV) -> list[TraceJob]:
             raise TraceError(f"{where}: timestamp is not 'YYYY-MM-DD HH:MM:SS': "
                              f"{stamp!r}") from None
         rows.append((submit, _seconds(get("duration"), "duration", where, True),
-                     _int(get("num_gpus"), "num_gpus", where), line))
+                     _int(get("num_gpus"), "num_gpus", where), line, stamp))
     if not rows:
         return []
-    start = min(r[0] for r in rows)
-    return [TraceJob(i, s - start, d, n, line=line) for i, (s, d, n, line) in enumerate(rows)]
+    first, last = min(rows, key=lambda r: r[0]), max(rows, key=lambda r: r[0])
+    span = last[0] - first[0]
+    if span > MAX_SECONDS:  # as a canonical trace's: a replay of a century, a typo's
+        raise TraceError(f"{path}:{last[3]}: timestamp {last[4]!r} is {span:g} s "
+                         f"({span / (365.25 * 86400):,.0f} years) after line {first[3]}'s "
+                         f"{first[4]!r}, over {MAX_SECONDS:g} s (31 years): a typo in the "
+                         "year?")
+    start = first[0]
+    return [TraceJob(i, s - start, d, n, line=line) for i, (s, d, n, line, _) in enumerate(rows)]
 
 
 def load_trace(path: Path | str, fmt: str = "canonical") -> list[TraceJob]:

@@ -220,3 +220,20 @@ def test_an_alias_of_a_known_family_is_named_with_the_family_to_write():
     assert unknown_family_reason(("Z80", "MI250X")) == \
         "unknown accelerator family Z80|MI250X (MI250X is an alias of MI250; write MI250)"
     assert unknown_family_reason(("Z80",)) == "unknown accelerator family Z80"
+
+
+def test_philly_timestamps_spanning_over_31_years_are_refused_naming_both_lines(tmp_path):
+    # A typo in a year (2117 for 2017) replayed a century: a makespan of 36,524 days, exit 0.
+    # A canonical trace's submit times spanning as long were refused; a Philly one's were not.
+    path = write(tmp_path, PHILLY + "2017-10-09 07:01:55,100,1\n2117-10-09 07:01:55,100,1\n"
+                                    "2017-10-10 07:01:55,100,1\n")
+    with pytest.raises(TraceError) as e:
+        load_trace(path, "philly")
+    message = str(e.value)
+    assert message.startswith(f"{path}:3: timestamp '2117-10-09 07:01:55'"), message
+    assert "line 2's '2017-10-09 07:01:55'" in message and "year" in message
+    assert "ms or µs" not in message  # (a date has no unit to get wrong)
+    # Within 31 years: read.
+    ok = write(tmp_path, PHILLY + "2017-10-09 07:01:55,100,1\n2047-10-09 07:01:55,100,1\n",
+               "ok.csv")
+    assert [j.submit_time_s for j in prepare(load_trace(ok, "philly"))][0] == 0
