@@ -449,7 +449,9 @@ def _refuse_other_init_from(init_from: str, saved: dict, run_dir: Path) -> None:
     any --init-from (loaded at step 0 only), so a DIR other than the one the run started from
     would be ignored, while config.json recorded it as the run's origin. Refused naming both
     flags; the run's own DIR again is accepted (the same command with --resume added)."""
-    given = str(Path(init_from).expanduser().resolve())
+    from orchestrator.validation import expand_home
+
+    given = str(expand_home(init_from, "--init-from", ConfigError).resolve())
     recorded = saved.get("init_from") or ""
     if given == recorded:
         return

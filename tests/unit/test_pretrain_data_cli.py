@@ -483,3 +483,12 @@ def test_a_dry_run_does_not_train_the_tokenizer(tmp_path, capsys, monkeypatch):
     assert f"--init-from {tmp_path / 'hf'}: the model has {bpe.vocab_size} token ids but the " \
         "tokenizer (--train-tokenizer) at most 300; use the model's own tokenizer" in err
     assert not (tmp_path / "cache2" / "tokenizers").exists()
+def test_init_from_a_home_of_no_user_is_one_line_also_with_resume(tmp_path, capsys):
+    # `--init-from ~bob/model` with no user bob: Path.expanduser raised RuntimeError.
+    assert "--init-from '~nosuchuser-hf55/m': ~nosuchuser-hf55 is the home directory of no " \
+           "user" in refused(tmp_path, capsys, "--init-from", "~nosuchuser-hf55/m")
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--init-from '~nosuchuser-hf55/m'"):
+        pretrain._refuse_other_init_from("~nosuchuser-hf55/m", {"init_from": ""},
+                                         tmp_path / "run")
