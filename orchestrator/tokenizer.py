@@ -293,7 +293,9 @@ def _byte_level_hf_tokenizer(with_eos: bool = True):
 
 def load_tokenizer_file(path: str | os.PathLike, flag: str = "--tokenizer") -> HFTokenizer:
     """A tokenizer.json (or a directory holding one); TokenizerError naming the file."""
-    path = Path(path).expanduser()
+    from orchestrator.validation import expand_home
+
+    path = expand_home(path, flag, TokenizerError)
     folder = path if path.is_dir() else None
     if folder is not None:
         path = path / TOKENIZER_FILE

@@ -492,3 +492,8 @@ def test_init_from_a_home_of_no_user_is_one_line_also_with_resume(tmp_path, caps
     with pytest.raises(ConfigError, match="--init-from '~nosuchuser-hf55/m'"):
         pretrain._refuse_other_init_from("~nosuchuser-hf55/m", {"init_from": ""},
                                          tmp_path / "run")
+
+
+def test_a_tokenizer_under_a_home_of_no_user_is_one_line(tmp_path, capsys):
+    assert "--tokenizer '~nosuchuser-hf55/t.json': ~nosuchuser-hf55 is the home directory " \
+           "of no user" in refused(tmp_path, capsys, "--tokenizer", "~nosuchuser-hf55/t.json")
