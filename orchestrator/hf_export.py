@@ -30,7 +30,7 @@ from orchestrator.config import MODEL_PRESETS
 from orchestrator.hf_files import CONFIG_FILE, INDEX_FILE, SAFETENSORS_FILE
 from orchestrator.tokenizer import (TOKENIZER_FILE, Tokenizer, TokenizerError,
                                     tokenizer_for_model, tokenizer_of_run)
-from orchestrator.validation import expand_home
+from orchestrator.validation import expand_home, is_number
 
 if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
     import torch
@@ -545,12 +545,16 @@ def _check_config_types(config: dict[str, Any], path: Path) -> None:
             continue
         base = kind.partition("?")[0]
         ok = {"count": isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-              "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+              # (finite, within float's range: an integer past it raised OverflowError
+              # in init_warnings, and NaN, which json reads, compared as no difference)
+              "number": is_number(value),
               "text": isinstance(value, str)}[base]
         if not ok:
-            what = {"count": "an integer >= 1", "number": "a number", "text": "a string"}[base]
-            raise ExportError(f"--init-from: {path}: {key} must be {what}, got "
-                              f"{json.dumps(value)}")
+            what = {"count": "an integer >= 1", "number": "a finite number",
+                    "text": "a string"}[base]
+            shown = json.dumps(value)  # (an integer of 400 digits: its first ones)
+            shown = shown if len(shown) <= 60 else f"{shown[:40]}... ({len(shown)} characters)"
+            raise ExportError(f"--init-from: {path}: {key} must be {what}, got {shown}")
 
 
 def weight_files(directory: Path) -> list[Path]:

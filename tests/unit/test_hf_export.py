@@ -355,10 +355,10 @@ def test_broken_weights_and_config_fields_are_named_before_any_worker(tmp_path, 
                                           r"config.json needs \(64, 64\)"):
         check_hf_weights(short, read_hf_config(short))
     for name, value, said in (("layer_norm_epsilon", "1e-5", 'layer_norm_epsilon must be a '
-                               'number, got "1e-5"'),
+                               'finite number, got "1e-5"'),
                               # (null passed and then failed in init_warnings: a traceback)
                               ("layer_norm_epsilon", None, "layer_norm_epsilon must be a "
-                               "number, got null"),
+                               "finite number, got null"),
                               ("n_head", "2", 'n_head must be an integer >= 1, got "2"')):
         bad = copy_export(directory, tmp_path / name, **{name: value})
         with pytest.raises(ExportError, match=said):
@@ -860,3 +860,21 @@ def test_a_home_of_no_user_is_one_line_naming_the_flag(tmp_path, capsys):
     for read in (read_hf_config, lambda d: load_hf_weights(sharp_model(), d)):
         with pytest.raises(ExportError, match="--init-from.*~nosuchuser-hf55"):
             read("~nosuchuser-hf55/model")
+
+
+@pytest.mark.parametrize("value,written", [(10 ** 400, "1" + "0" * 400), (float("nan"), "NaN"),
+                                           (float("inf"), "Infinity")],
+                         ids=["past-float", "nan", "inf"])
+def test_a_layer_norm_epsilon_no_float_holds_is_named_not_a_traceback(tmp_path, exported,
+                                                                     value, written):
+    # An integer past float's range: OverflowError in init_warnings, a traceback; NaN (which
+    # Python's json reads) passed without the warning a different epsilon gets.
+    from orchestrator.hf_export import init_warnings
+
+    _, directory = exported
+    bad = copy_export(directory, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": value}))
+    with pytest.raises(ExportError, match=f"layer_norm_epsilon must be a finite number, got "
+                                          f"{written[:20]}"):
+        init_warnings(read_hf_config(bad))
