@@ -598,6 +598,13 @@ def expected_hf_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# The safetensors dtypes a weight may have. Another (a quantized model's I8 or U8 codes, F8
+# with scales beside it) loaded cast to float: codes taken for weights, a model of noise.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+NOT_FLOAT = ("not floating point (F16, BF16, F32 or F64): a quantized model? import the model "
+             "it was quantized from")
+
+
 def _hf_name(key: str) -> str:
     """A tensor's name with the `transformer.` prefix Hub checkpoints of GPT2Model omit."""
     return key if key.startswith(("transformer.", "lm_head")) else f"transformer.{key}"
@@ -615,7 +622,8 @@ def check_hf_weights(directory: str | os.PathLike, config: dict[str, Any]) -> No
         try:
             with safe_open(str(path), "pt") as f:
                 for key in f.keys():
-                    where[_hf_name(key)] = (path, tuple(f.get_slice(key).get_shape()))
+                    piece = f.get_slice(key)
+                    where[_hf_name(key)] = (path, tuple(piece.get_shape()), piece.get_dtype())
         except (SafetensorError, OSError) as e:
             raise ExportError(f"--init-from: {path} is not a whole safetensors file: {e}") \
                 from None
@@ -626,6 +634,9 @@ def check_hf_weights(directory: str | os.PathLike, config: dict[str, Any]) -> No
         if where[name][1] != shape:
             raise ExportError(f"--init-from: {where[name][0]}: {name} has shape "
                               f"{where[name][1]}, config.json needs {shape}")
+        if where[name][2] not in FLOAT_DTYPES:
+            raise ExportError(f"--init-from: {where[name][0]}: {name} is {where[name][2]}, "
+                              f"{NOT_FLOAT}")
     if "lm_head.weight" in where:
         _check_tied(_read_tensor(where["lm_head.weight"][0], "lm_head.weight"),
                     _read_tensor(where["transformer.wte.weight"][0], "transformer.wte.weight"),
@@ -715,6 +726,11 @@ def load_hf_weights(model, directory: str | os.PathLike) -> None:
 
 
 def _take(hf: dict[str, torch.Tensor], name: str, path: Path) -> torch.Tensor:
+    import torch
+
     if name not in hf:
         raise ExportError(f"--init-from {path}: no tensor {name!r} (not a GPT-2 checkpoint?)")
+    if hf[name].dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ExportError(f"--init-from {path}: {name} is "
+                          f"{str(hf[name].dtype).removeprefix('torch.')}, {NOT_FLOAT}")
     return hf[name]

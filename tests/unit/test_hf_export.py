@@ -878,3 +878,23 @@ def test_a_layer_norm_epsilon_no_float_holds_is_named_not_a_traceback(tmp_path, 
     with pytest.raises(ExportError, match=f"layer_norm_epsilon must be a finite number, got "
                                           f"{written[:20]}"):
         init_warnings(read_hf_config(bad))
+
+
+def test_weights_of_an_integer_dtype_are_refused_naming_the_tensor(tmp_path, exported):
+    # A quantized model's int8 weights with GPT-2's shapes passed every check and loaded
+    # cast to float: integer codes as weights, a model of noise, said nowhere.
+    from safetensors.torch import load_file, save_file
+
+    from orchestrator.hf_export import check_hf_weights
+
+    _, directory = exported
+    quantized = copy_export(directory, tmp_path / "int8")
+    tensors = load_file(str(quantized / "model.safetensors"))
+    name = "transformer.h.0.attn.c_attn.weight"
+    tensors[name] = tensors[name].clamp(-1, 1).mul(127).to(torch.int8)
+    save_file(tensors, str(quantized / "model.safetensors"))
+    with pytest.raises(ExportError, match=f"{quantized / 'model.safetensors'}: {name} is I8, "
+                                          "not floating point"):
+        check_hf_weights(quantized, read_hf_config(quantized))
+    with pytest.raises(ExportError, match=f"{name} is int8, not floating point"):
+        load_hf_weights(sharp_model(), quantized)
