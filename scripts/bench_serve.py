@@ -53,8 +53,9 @@ from pathlib import Path
 
 from orchestrator import cpu_shares
 from orchestrator.polling import wait_for
-from orchestrator.serving.settings import (ENGINE_THREAD, SERVING_PATHS, free_port,
-                                           serve_app_config)
+from orchestrator.config import ConfigError
+from orchestrator.serving.settings import (ENGINE_THREAD, SERVING_PATHS, ServeSettings,
+                                           free_port, serve_app_config)
 from scripts.flags import require, require_at_least
 from scripts.rounds import median_ratio, rotated
 
@@ -136,7 +137,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     require(p, args, ("duration", "equal_duration", "model_alone_seconds"),
             lambda seconds: seconds > 0, "must be > 0")
     require_at_least(p, args, 0, "warmup")
+    # (0 read as "not given": the app's default ran, and nothing said so)
+    require(p, args, ("max_concurrent_batches",), lambda n: n is None or n >= 1, "must be >= 1")
+    # Every app the phases deploy, checked now: a setting the app refuses failed its deploy
+    # only after the model-alone phases, Ray and Serve had started (minutes), as a traceback.
+    try:
+        for batching in batching_settings(args).values():
+            app_config(args.port, "checkpoint", "checkpoint", 1, batching, args)
+    except ConfigError as e:
+        p.error(f"the serving app of --max-batch-size {args.max_batch_size}, "
+                f"--max-concurrent-batches {args.max_concurrent_batches}, --torch-threads "
+                f"{args.torch_threads} is refused: {e}")
     return args
+
+
+def batching_settings(args: argparse.Namespace) -> dict[str, dict]:
+    """The user_config of each batching setting (MODES) the mixed and equal loads compare."""
+    return {
+        "continuous": {"batching": "continuous", "max_batch_size": args.max_batch_size},
+        "static": {"batching": "static", "adaptive_batching": True, "min_batch_size": 4,
+                   "max_batch_size": args.max_batch_size, "max_batch_wait_ms": 10},
+        "unbatched": {"batching": "static", "adaptive_batching": False, "min_batch_size": 1,
+                      "max_batch_size": 1, "max_batch_wait_ms": 0}}
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The settings of this run that the JSON names (the batches a replica runs at once too:
+    the app's default when --max-concurrent-batches is not given)."""
+    return {"model_size": args.model_size, "max_tokens": args.max_tokens,
+            "concurrency": args.concurrency, "max_batch_size": args.max_batch_size,
+            "max_concurrent_batches": (args.max_concurrent_batches
+                                       or ServeSettings().max_concurrent_batches),
+            "serving_path": args.serving_path, "torch_threads": args.torch_threads,
+            "engine_process": not args.engine_thread}
 
 
 @dataclass
@@ -522,10 +555,7 @@ def benchmark(args: argparse.Namespace, checkpoints: Path) -> int:
 
     first, second = fresh_checkpoints(args.model_size, args.context, checkpoints)
     first, second = args.checkpoint or first, args.reload_checkpoint or second
-    out: dict = {"model_size": args.model_size, "max_tokens": args.max_tokens,
-                 "concurrency": args.concurrency, "max_batch_size": args.max_batch_size,
-                 "serving_path": args.serving_path, "torch_threads": args.torch_threads,
-                 "engine_process": not args.engine_thread}
+    out: dict = run_settings(args)
     alone = model_alone(first, args.max_batch_size, args.max_tokens)
     out["model_alone_tokens_per_s"] = {f"batch_{k}": v["tokens_per_s"] for k, v in alone.items()}
     out["model_alone_step_ms"] = {f"batch_{k}": v["step_ms"] for k, v in alone.items()}
@@ -549,12 +579,7 @@ def benchmark(args: argparse.Namespace, checkpoints: Path) -> int:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     port = args.port or free_port()
     base = f"http://127.0.0.1:{port}"
-    settings = {
-        "continuous": {"batching": "continuous", "max_batch_size": args.max_batch_size},
-        "static": {"batching": "static", "adaptive_batching": True, "min_batch_size": 4,
-                   "max_batch_size": args.max_batch_size, "max_batch_wait_ms": 10},
-        "unbatched": {"batching": "static", "adaptive_batching": False, "min_batch_size": 1,
-                      "max_batch_size": 1, "max_batch_wait_ms": 0}}
+    settings = batching_settings(args)
     batched = settings["continuous"]
     equal = Load((8, 40), (args.max_tokens, args.max_tokens))
 

@@ -145,3 +145,40 @@ def test_the_fresh_checkpoints_folder_is_removed_when_the_benchmark_ends(tmp_pat
         bench.main(["--model-size", "tiny", "--context", "32"])
     assert written and written[0].startswith(str(tmp_path))  # it did write them there
     assert list(tmp_path.iterdir()) == []
+
+
+
+@pytest.mark.parametrize("batch", ["1", "2", "3"])
+def test_a_batch_cap_the_app_refuses_is_refused_before_any_work(batch, capsys):
+    # --max-batch-size 2 was accepted; after the model-alone phases (minutes) and Ray's
+    # start, the first deploy failed with a traceback: "min_batch_size (4) must be <=
+    # max_batch_size (2)", a setting the user never gave, and no figure was printed.
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(["--max-batch-size", batch])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"the serving app of --max-batch-size {batch}," in err and "min_batch_size" in err
+
+
+def test_every_setting_the_phases_deploy_is_checked_with_the_flags():
+    args = bench.parse_args(["--max-batch-size", "8", "--max-concurrent-batches", "2"])
+    for batching in bench.batching_settings(args).values():
+        bench.app_config(8000, "/ckpt", "/ckpt", 1, batching, args)  # no ConfigError
+
+
+@pytest.mark.parametrize("args, message", [
+    # 0 read as "not given": the app's default ran, and the JSON did not say which.
+    (["--max-concurrent-batches", "0"], "--max-concurrent-batches must be >= 1, got 0"),
+    # (a ConfigError traceback once the model-alone phases and Ray had run)
+    (["--max-concurrent-batches", "-1"], "--max-concurrent-batches must be >= 1, got -1"),
+])
+def test_serving_flags_the_app_refuses_are_refused_before_any_work(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_json_says_how_many_batches_a_replica_ran_at_once():
+    assert bench.run_settings(bench.parse_args([]))["max_concurrent_batches"] == 1
+    assert bench.run_settings(bench.parse_args(["--max-concurrent-batches", "3"]))[
+        "max_concurrent_batches"] == 3
