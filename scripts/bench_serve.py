@@ -57,7 +57,7 @@ from orchestrator.config import ConfigError
 from orchestrator.serving.settings import (ENGINE_THREAD, SERVING_PATHS, ServeSettings,
                                            free_port, serve_app_config)
 from scripts.flags import require, require_at_least
-from scripts.rounds import median_ratio, rotated
+from scripts.rounds import median_ratio, paired_rounds, rotated
 
 APP = "bench-gpt"
 MODEL = "orchestrator-gpt"
@@ -324,9 +324,17 @@ async def run_load(base: str, concurrency: int, seconds: float, load: Load | Non
     return Run(results, began + warmup_s, until)
 
 
-def model_alone(checkpoint: str, batch: int, max_tokens: int) -> dict:
+MODEL_ALONE_ROUNDS = 5  # alternating rounds of the batch of 1 and the full batch
+
+
+def model_alone(checkpoint: str, batch: int, max_tokens: int,
+                rounds: int = MODEL_ALONE_ROUNDS) -> tuple[dict, dict]:
     """Tokens/s of the served model in this process, one thread (as a replica runs it), for
-    a batch of 1 and a full batch of the bench's prompts: what batching can buy at most."""
+    a batch of 1 and a full batch of the bench's prompts (each size's median over `rounds`
+    alternating rounds, scripts.rounds.paired_rounds), and the batching gain: the median of
+    the rounds' own full-batch over batch-of-1 tokens/s, with its spread. What batching can
+    buy at most. (Each side was timed once, the batch of 1 always first: one call of a few
+    ms set the gain.)"""
     import torch
 
     from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
@@ -336,19 +344,20 @@ def model_alone(checkpoint: str, batch: int, max_tokens: int) -> dict:
     torch.set_num_threads(1)
     try:
         loaded = load_model(checkpoint)
-        figures = {}
-        for size in (1, batch):
-            requests = [GenerationRequest(tuple(PROMPT_TEXT[i:i + 8 + i % 33].encode()),
-                                          SamplingParams(max_tokens, 0.0)) for i in range(size)]
-            generate(loaded.model, requests, loaded.block_size)  # warm-up
-            began = time.perf_counter()
-            generate(loaded.model, requests, loaded.block_size)
-            elapsed = time.perf_counter() - began
-            figures[size] = {"step_ms": round(elapsed / max_tokens * 1000, 2),
-                             "tokens_per_s": round(size * max_tokens / elapsed)}
+        requests = {size: [GenerationRequest(tuple(PROMPT_TEXT[i:i + 8 + i % 33].encode()),
+                                             SamplingParams(max_tokens, 0.0))
+                           for i in range(size)] for size in (1, batch)}
+        timed = paired_rounds(lambda: generate(loaded.model, requests[1], loaded.block_size),
+                              lambda: generate(loaded.model, requests[batch],
+                                               loaded.block_size), rounds)
     finally:
         torch.set_num_threads(threads)
-    return figures
+    figures = {size: {"step_ms": round(elapsed / max_tokens * 1000, 2),
+                      "tokens_per_s": round(size * max_tokens / elapsed)}
+               for size, elapsed in ((1, timed["first_s"]), (batch, timed["second_s"]))}
+    # Per round: (batch x tokens / t_batch) / (tokens / t_1) = batch x t_1 / t_batch.
+    gain = {"ratio": batch * timed["ratio"], "spread": [batch * r for r in timed["spread"]]}
+    return figures, gain
 
 
 # The processes of Serve's HTTP front, by command line: the Python proxy actor; HAProxy and the
@@ -556,12 +565,12 @@ def benchmark(args: argparse.Namespace, checkpoints: Path) -> int:
     first, second = fresh_checkpoints(args.model_size, args.context, checkpoints)
     first, second = args.checkpoint or first, args.reload_checkpoint or second
     out: dict = run_settings(args)
-    alone = model_alone(first, args.max_batch_size, args.max_tokens)
+    alone, gain = model_alone(first, args.max_batch_size, args.max_tokens)
     out["model_alone_tokens_per_s"] = {f"batch_{k}": v["tokens_per_s"] for k, v in alone.items()}
     out["model_alone_step_ms"] = {f"batch_{k}": v["step_ms"] for k, v in alone.items()}
     # What batching gains inside the model: the end-to-end speedup cannot go far beyond it.
-    out["model_alone_batching_gain"] = round(
-        alone[args.max_batch_size]["tokens_per_s"] / alone[1]["tokens_per_s"], 2)
+    out["model_alone_batching_gain"] = round(gain["ratio"], 2)
+    out["model_alone_batching_gain_spread"] = [round(r, 2) for r in gain["spread"]]
     print(f"model alone: {alone}", flush=True)
     mixed_alone = model_alone_mixed(first, args.max_batch_size, args.model_alone_seconds)
     out["model_alone_mixed_qps"] = {mode: round(statistics.median(rounds), 2)
