@@ -9,7 +9,10 @@ training nodes) runs, at the same time:
 Faults land on a seeded schedule (orchestrator/faults.py): training workers SIGKILLed, a
 training node removed (SIGKILL of its raylet and workers) and a fresh one added, the scheduler
 actor killed, a Serve replica killed, a node agent killed, the newest checkpoint truncated
-(right after a worker kill, so the resume must read it). Each fault has its own survival check.
+(right after a worker kill, so the resume must read it), the training job preempted by an
+operator (as `python -m orchestrator preempt`: it checkpoints, yields, waits in the queue and
+resumes). Each fault has its own survival check; --quick injects each once, the full run
+kills a training worker twice.
 
 Before the faults, the same training job runs undisturbed on the same cluster: the disturbed
 run must end at the same loss (resume is exact: model, optimizer, data position, RNG).

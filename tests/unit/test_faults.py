@@ -332,3 +332,22 @@ def test_a_node_agent_kill_is_survived_only_by_a_new_agent_that_reports(monkeypa
         survived(injected)
     reported_at["n1"] = time.time() + 0.2  # ...which reports
     survived(injected)
+
+
+def test_the_chaos_scripts_docstring_names_every_fault_it_injects():
+    # The operator's preemption (JOB_PREEMPTED) was injected in every run, quick or full, and
+    # missing from the list of faults the script's docstring gave.
+    from orchestrator import faults
+    from scripts import chaos
+
+    words = {faults.TRAIN_WORKER_KILLED: "training workers SIGKILLed",
+             faults.NODE_REPLACED: "a training node removed",
+             faults.SCHEDULER_KILLED: "the scheduler actor killed",
+             faults.SERVE_REPLICA_KILLED: "a Serve replica killed",
+             faults.NODE_AGENT_KILLED: "a node agent killed",
+             faults.CHECKPOINT_TRUNCATED: "the newest checkpoint truncated",
+             faults.JOB_PREEMPTED: "preempted by an operator"}
+    doc = " ".join(chaos.__doc__.split())
+    injected = set(chaos.Settings().kinds) | set(chaos.Settings.quick(0).kinds)
+    assert injected <= set(words)
+    assert [k for k in injected if words[k] not in doc] == []
