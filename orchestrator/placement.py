@@ -542,16 +542,19 @@ def _choose_among(spec: JobSpec, state: ClusterState, capacity: np.ndarray,
 
 def place(spec: JobSpec, state: ClusterState, now: float, owner: str = "",
           explain: bool | None = None, excluded_gpus: GpuSlots = frozenset(),
-          trial: bool = False) -> Placement:
+          trial: bool = False, reasons: bool = True) -> Placement:
     """Place every worker of `spec` on a node, or raise PlacementError saying why not.
 
     `owner` identifies who will hold the reservation (the driver's Ray job id), so that it can
     be released if that driver dies without releasing it. `explain` gives every node not used
     a reason (default: on for clusters up to EXPLAIN_LIMIT nodes; rejections always explain).
     `excluded_gpus`: (node id, GPU index) pairs this job must not count on (see
-    worker_capacity). `trial`: a "would it fit?" question whose rejection text nobody reads
-    (the victim search asks hundreds per pass): a rejection then carries its headline alone,
-    no per-node reasons (a Python step per node); a placement is as without it."""
+    worker_capacity). `trial`: a "would it fit?" question whose rejection nobody reads but
+    for being one (the victim search asks hundreds per pass): a rejection then carries a bare
+    message, no per-node reasons (a Python step per node) and no verdict (fits_when_free is
+    left False uncomputed: a _choose on the idle cluster); a placement is as without it.
+    `reasons=False`: a rejection whose caller shows its headline alone: the headline and the
+    verdict, no per-node reasons."""
     if spec.name in state.reservations:
         raise PlacementError(Rejection(spec.name, (
             f"job '{spec.name}' already holds a reservation: a job of that name is running "
@@ -561,11 +564,11 @@ def place(spec: JobSpec, state: ClusterState, now: float, owner: str = "",
     capacity = worker_capacity(spec, state, now, excluded_gpus=excluded_gpus)
     if capacity.sum() < spec.num_workers:
         raise PlacementError(_rejection(spec, state, now, capacity, explain, excluded_gpus,
-                                        trial=trial))
+                                        trial=trial, reasons=reasons))
     choice = _choose(spec, state, capacity)
     if choice.bottleneck < spec.min_bandwidth_gbps:
         raise PlacementError(_rejection(spec, state, now, capacity, explain, excluded_gpus,
-                                        too_slow=choice, trial=trial))
+                                        too_slow=choice, trial=trial, reasons=reasons))
     t = state.table
     worker_nodes: list[str] = []
     for row in choice.rows:  # every node but the last is filled (see _Search.grow)
@@ -659,9 +662,15 @@ def _node_reasons(spec: JobSpec, state: ClusterState, now: float, capacity: np.n
 
 def _rejection(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndarray,
                explain: bool, excluded_gpus: GpuSlots = frozenset(),
-               too_slow: Choice | None = None, trial: bool = False) -> Rejection:
+               too_slow: Choice | None = None, trial: bool = False,
+               reasons: bool = True) -> Rejection:
     """`too_slow`: the best node set found, when it was below the job's bandwidth floor;
-    `trial`: the headline (and fits_when_free) only, no per-node reasons (see place())."""
+    `trial`: a bare message, no verdict; `reasons=False`: the headline and fits_when_free
+    only, no per-node reasons (see place())."""
+    if trial:  # (the verdict and the totals below cost a Python step per node, and more)
+        why = "no node set fast enough" if too_slow is not None else "no room"
+        return Rejection(spec.name, f"cannot place job '{spec.name}' ({why}; a trial: "
+                                    "no reasons computed)")
     available = int(capacity.sum())
     idle = worker_capacity(spec, state, now, ignore_reservations=True,
                            excluded_gpus=excluded_gpus)
@@ -693,7 +702,7 @@ def _rejection(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndar
     if fits_when_free and too_slow is None:
         headline += f"; {FITS_WHEN_FREED}"
     lines = [headline]
-    if trial:
+    if not reasons:
         return Rejection(spec.name, headline, {}, fits_when_free)
     if not state.reports:
         lines.append("  no node has reported yet (are the node agents running?)")

@@ -1088,8 +1088,10 @@ class SchedulerCore:
                          trial: bool = False) -> Placement:
         """place() on one family at a time in the choice's order, then across the families
         the job may use now; a job kept off the others waits (never rejected for it).
-        Each place() is a trial: its rejection is dropped or read for its headline only;
-        `trial` makes the rejection of a job that never fits (_cannot_hold) one too."""
+        The per-family place() are trials (their rejections are dropped); the one across
+        the open families gives its headline, read as the wait reason, unless `trial` (the
+        caller only asks whether it fits), which makes the rejection of a job that never
+        fits (_cannot_hold) a trial too."""
         for family in choice.order:
             try:
                 return place(spec.narrowed(accelerator_types=(family,)), self.state,
@@ -1102,7 +1104,7 @@ class SchedulerCore:
             try:
                 return place(spec.narrowed(accelerator_types=choice.open_families),
                              self.state, now, owner=owner, explain=explain,
-                             excluded_gpus=excluded, trial=True)
+                             excluded_gpus=excluded, trial=trial, reasons=False)
             except PlacementError as e:
                 why = e.rejection.message.splitlines()[0]
         never = self._cannot_hold(spec, now, trial)

@@ -462,16 +462,35 @@ def test_workers_by_count_answers_alike_for_one_node_and_for_many():
         assert [workers_by_count(spec, c, g) for c, g in zip(cpus, gpus)] == many.tolist()
 
 
-def test_a_trial_rejection_keeps_the_headline_and_verdict_without_node_reasons():
-    state = cluster(node("a", cpus=2), node("b", cpus=4))
-    spec = JobSpec("j", num_workers=3, gpus_per_worker=1)  # no GPU anywhere: never fits
-    with pytest.raises(PlacementError) as full:
-        place(spec, state, NOW)
-    with pytest.raises(PlacementError) as trial:
-        place(spec, state, NOW, trial=True)
-    assert set(full.value.rejection.node_reasons) == {"a", "b"}
-    assert trial.value.rejection.node_reasons == {}
-    assert trial.value.rejection.message == full.value.rejection.message.splitlines()[0]
-    assert trial.value.rejection.fits_when_free == full.value.rejection.fits_when_free
+def test_a_trial_rejection_decides_alike_without_reasons_or_verdict(monkeypatch):
+    # 4 GPUs held on b: a 3 x 1-GPU job fits only once they are freed (the verdict is what
+    # keeps it waiting rather than failing), and one needing a GPU-less worker never fits.
+    from orchestrator import placement
+    state = cluster(node("a", gpus=2), node("b", gpus=4))
+    state.reserve("held", [Reservation("held", "b", 4, 4)])
+    for spec, verdict in ((JobSpec("j", num_workers=3, gpus_per_worker=1), True),
+                          (JobSpec("j", num_workers=9, gpus_per_worker=1), False)):
+        with pytest.raises(PlacementError) as full:
+            place(spec, state, NOW)
+        assert full.value.rejection.fits_when_free is verdict
+        assert ("it fits once running jobs" in full.value.rejection.message) is verdict
+        assert set(full.value.rejection.node_reasons) == {"a", "b"}
+        with pytest.raises(PlacementError) as headline:
+            place(spec, state, NOW, reasons=False)
+        assert headline.value.rejection.node_reasons == {}
+        assert headline.value.rejection.message == \
+            full.value.rejection.message.splitlines()[0]
+        assert headline.value.rejection.fits_when_free is verdict
+        # A trial rejects alike, computing neither the verdict (a _choose on the idle
+        # cluster) nor any reason
+        calls = []
+        monkeypatch.setattr(placement, "_choose", lambda *a: calls.append(a) or None)
+        monkeypatch.setattr(placement, "_node_reason", lambda *a: calls.append(a) or "")
+        with pytest.raises(PlacementError) as trial:
+            place(spec, state, NOW, trial=True)
+        monkeypatch.undo()
+        assert calls == []
+        assert trial.value.rejection.node_reasons == {}
+        assert "\n" not in trial.value.rejection.message
     fits = JobSpec("k", num_workers=2)  # a placement is the same, reasons included
     assert place(fits, state, NOW, trial=True) == place(fits, state, NOW)

@@ -2518,3 +2518,29 @@ def test_trial_placements_explain_no_node_but_users_still_get_reasons(monkeypatc
     assert sorted(calls) == ["a0", "a1", "t0", "t1"]
     assert rejection.node_reasons["a0"] == "needs 4 GPU per worker, 2 free (0 reserved)"
     assert "  node a0: needs 4 GPU per worker, 2 free (0 reserved)" in rejection.message
+
+
+def test_a_trial_placement_decides_as_the_real_one_without_the_verdict(monkeypatch):
+    # One GPU free on each of an A100 and a T4 node: a 2-GPU worker allowed either family is
+    # worth trying (2 GPUs free) but fits nowhere until a running job leaves; the verdict
+    # ("it fits once running jobs release their room") is what keeps it waiting.
+    from orchestrator import placement
+    core = core_with(gpu_node("a0", gpus=2), gpu_node("t0", gpus=2, family="T4"))
+    for name, family in (("ra", "A100"), ("rt", "T4")):
+        assert isinstance(core.submit(gpus(name, 1, accelerator_types=(family,)), "d",
+                                      T0).decision, Placement)
+    spec = JobSpec("w", num_workers=1, gpus_per_worker=2, accelerator_types=("A100", "T4"))
+    assert core._family_choice(spec, core._free_units(T0 + 1)[0]) is not None
+    chosen = []
+    real_choose = placement._choose
+    monkeypatch.setattr(placement, "_choose", lambda *a: chosen.append(a) or real_choose(*a))
+    assert core._would_place(spec, T0 + 1) is False
+    assert chosen == []  # no verdict computed: no search of the idle cluster
+    waiting = core.submit(spec, "d", T0 + 1).decision
+    assert isinstance(waiting, Queued)  # the real one: waits, and says why
+    assert waiting.reason.startswith("cannot place job 'w': it needs 1 worker(s)")
+    assert placement.FITS_WHEN_FREED in waiting.reason
+    assert chosen  # (the verdict, for the user's reason)
+    core.release("ra", "d", T0 + 2)  # room on a0 now: both place it, alike
+    assert "w" in core.queue.ready
+    assert core.queue.ready["w"].nodes == ["a0"]
