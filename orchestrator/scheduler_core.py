@@ -1250,6 +1250,8 @@ class SchedulerCore:
         self.queue.ready.pop(job_name, None)
         self.state.release(job_name + CLAIM_SUFFIX)
         self.state.forget_silent(job_name)
+        # (and its claim's: kept, a later claim of the job got it back when the node reported)
+        self.state.forget_silent(job_name + CLAIM_SUFFIX)
         released = self.state.release(job_name)
         if job is not None and job.directive is not None and job.directive.for_job:
             victims = self.preempting.get(job.directive.for_job)

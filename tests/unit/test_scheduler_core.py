@@ -385,6 +385,40 @@ def test_a_victim_that_finishes_instead_of_yielding_frees_the_room_all_the_same(
 
 # -- migration ---------------------------------------------------------------------------------------
 
+def test_a_migration_claim_lost_to_a_silent_node_is_not_revived_into_a_later_claim():
+    # job migrates to a1, whose agent then falls silent (Ray lists it alive): the claim's
+    # reservation there is kept aside. The move fails (part of its claim is lost) and job runs
+    # on the T4 again. Later it migrates to a2, and a1 reports again: the old claim's aside
+    # came back into the new claim, which held a1 idle against a waiting A100 job and, two
+    # reservations for a one-node target, made the move fail again.
+    core = core_with(gpu_node("t4", gpus=2, family="T4"), gpu_node("a1", gpus=2),
+                     gpu_node("a2", gpus=2), suspect_after_s=15, dead_after_s=60)
+
+    def beat(t, *nodes):
+        for n in nodes:
+            core.report(gpu_node(n, gpus=2, family="T4" if n == "t4" else "A100"), t)
+
+    core.submit(gpus("b1", 2, accelerator_types=("A100",)), "d", T0)
+    core.submit(gpus("b2", 2, accelerator_types=("A100",)), "d", T0)
+    assert core.submit(gpus("job", 2, expected_duration_s=36000), "d", T0).decision.nodes \
+        == ["t4"]
+    assert [core.running[b].placement.nodes for b in ("b1", "b2")] == [["a1"], ["a2"]]
+    beat(T0 + 50, "t4", "a1", "a2")
+    assert yields(core.release("b1", "d", T0 + 55))["job"].target_nodes == ("a1", "a1")
+    beat(T0 + 110, "t4", "a2")
+    assert core.tick(T0 + 116).decision["expired"] == ["a1"]  # silent: its claim kept aside
+    assert core.yielded("job", "d", T0 + 117).decision.nodes == ["t4"]  # the move failed
+    assert core.state.silent_reservations == {}  # (the claim is gone with the move)
+    beat(T0 + 140, "t4", "a2")
+    assert yields(core.release("b2", "d", T0 + 140))["job"].target_nodes == ("a2", "a2")
+    beat(T0 + 145, "t4", "a2", "a1")  # a1 answers again
+    assert [r.node_id for r in core.state.reservations["job" + CLAIM_SUFFIX]] == ["a2"]
+    waiting = core.submit(gpus("w", 2, accelerator_types=("A100",)), "d", T0 + 146).decision
+    assert isinstance(waiting, Placement) and waiting.nodes == ["a1"]
+    moved = core.yielded("job", "d", T0 + 147).decision
+    assert isinstance(moved, Placement) and moved.nodes == ["a2"]  # the move it was told
+
+
 def test_a_job_migrates_to_a_faster_family_when_it_frees_and_the_gain_beats_restart_cost():
     core = core_with(gpu_node("t4", gpus=2, family="T4"), gpu_node("a100", gpus=2))
     core.submit(gpus("blocker", 2, accelerator_types=("A100",)), "d", T0)
