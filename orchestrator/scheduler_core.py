@@ -1007,13 +1007,23 @@ class SchedulerCore:
 
     def _release_unowned_reservations(self) -> list[str]:
         """Every reservation is a running job's (or its migration claim's): one whose job
-        could not be restored would otherwise hold its capacity for ever."""
+        could not be restored would otherwise hold its capacity for ever (so would what a
+        silent node keeps aside for it, once the node reports)."""
         unowned = [name for name in self.state.reservations
                    if name.removesuffix(CLAIM_SUFFIX) not in self.running]
         for name in unowned:
             self.state.release(name)
+        # What silent nodes hold aside for them too: it would go, when the node reports, to
+        # a later job of that name (on other nodes), held for nobody's workers as it ran.
+        aside = sorted({r.job_name for held in self.state.silent_reservations.values()
+                        for r in held if r.job_name.removesuffix(CLAIM_SUFFIX)
+                        not in self.running})
+        for name in aside:
+            self.state.forget_silent(name)
         return [f"released the reservation of {name!r}: no running job of that name was "
-                "restored" for name in unowned]
+                "restored" for name in unowned] + [
+            f"dropped what silent nodes kept aside for {name!r}: no running job of that name "
+            "was restored" for name in aside]
 
     def _drop_unowned_ready(self) -> list[str]:
         """A placement not yet collected whose running job could not be restored: its

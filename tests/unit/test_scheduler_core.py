@@ -1245,6 +1245,29 @@ def test_a_restarted_scheduler_gives_back_a_silent_nodes_reservations_when_it_re
     assert isinstance(again.submit(gpus("other", 4), "o2", T0 + 64).decision, Queued)
 
 
+def test_a_silent_nodes_reservation_of_a_job_not_restored_never_goes_to_a_later_namesake():
+    # big runs on n1 and n2; n2 falls silent (its part kept aside). The scheduler restarts and
+    # cannot read big's record: big's reservations are released, but the part kept aside
+    # stayed, and went to the next job named big (on n1 alone) once n2 reported again: n2's
+    # GPUs held by nobody's workers for as long as that job ran.
+    settings = dict(suspect_after_s=15, dead_after_s=60)
+    core = core_with(gpu_node("n1"), gpu_node("n2"), **settings)
+    core.submit(gpus("big", 8), "o1", T0)
+    core.report(gpu_node("n1"), T0 + 50)
+    assert core.tick(T0 + 61).decision["expired"] == ["n2"]
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["running"]["big"]["placement"] = "garbage"
+    again = SchedulerCore(core.settings)
+    again.ray_nodes({"n1", "n2"}, set(), T0 + 62)
+    problems = again.restore(saved)
+    assert any("cannot restore running job 'big'" in p for p in problems)
+    again.report(gpu_node("n1"), T0 + 62)
+    assert again.submit(gpus("big", 4), "o2", T0 + 63).decision.nodes == ["n1"]
+    again.report(gpu_node("n2"), T0 + 64)  # it answers again
+    assert again.state.reserved_on("n2") == (0.0, 0)
+    assert again.submit(gpus("other", 4), "o3", T0 + 65).decision.nodes == ["n2"]
+
+
 def test_a_new_job_is_not_answered_with_an_earlier_jobs_rejection():
     core = core_with(gpu_node("n1"))
     core.submit(gpus("blocker", 4), "d0", T0)
