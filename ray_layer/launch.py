@@ -121,9 +121,8 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
             fitted.append(placement)
             return _fit(trainer_for(placement), run_dir, max_failures)
         try:
-            newest = checkpoint_dirs(run_dir)
-            result, placement = driver.run(fit_placed,
-                                           resumed_from=str(newest[0]) if newest else None)
+            result, placement = driver.run(
+                fit_placed, resumed_from=[str(p) for p in checkpoint_dirs(run_dir)])
             placement = driver.current_placement(placement)
         except NotPlaced as e:  # (a cancel, or no room after a yield: it may have trained)
             kept = (f"\ncheckpoints so far are in {run_dir} (--resume continues the run)"

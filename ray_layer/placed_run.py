@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import ray
 
@@ -101,15 +101,21 @@ class PlacedRun:
         self.given_back = 0
         self.scheduler_counts = True  # False: one of an older version, which takes no count
 
-    def run(self, fit: Callable[[Placement], Any], resumed_from: str | None = None
-            ) -> tuple[Any, Placement]:
+    def run(self, fit: Callable[[Placement], Any],
+            resumed_from: str | Iterable[str] | None = None) -> tuple[Any, Placement]:
         """Place, fit, and again after every yield; returns the last result and placement.
-        `resumed_from`: the run's newest checkpoint when this driver started (a resume)."""
+        `resumed_from`: the run's checkpoints when this driver started (a resume; one path:
+        its newest)."""
         decision = self._ask("submit", self.spec, self.owner)
         placement = self.wait(decision, deadline_s=self.queue_timeout_s)
-        # The checkpoint of the last yield. A resumed run's newest checkpoint may be an earlier
-        # driver's yield: a fit that saves nothing newer still shows it, and is not a new one.
-        yielded_with = _normalized(resumed_from)
+        # Checkpoints no yield of this driver's can show: those of earlier drivers, and this
+        # one's yields so far. A fit that registers no newer checkpoint still shows the one
+        # Ray Train registered last: an earlier driver's yield (also when a newer checkpoint
+        # on disk went unregistered, its driver stopped as it reported it: the resume takes
+        # that one and may find the run complete), or this driver's last. Taken for a new
+        # yield, a finished job was given back, queued again and fitted a second time.
+        not_ours = {_normalized(p) for p in ([resumed_from] if isinstance(resumed_from, str)
+                                             else resumed_from or ())}
         while True:
             result = fit(placement)
             short = gpu_shortfall(result)
@@ -125,9 +131,9 @@ class PlacedRun:
             # Ray Train's result keeps the metrics of the latest checkpoint's report: a run
             # resumed after a yield that saved no checkpoint since still shows that yield.
             checkpoint = _checkpoint_path(result)
-            if not reason or (checkpoint is not None and checkpoint == yielded_with):
+            if not reason or (checkpoint is not None and checkpoint in not_ours):
                 return result, placement
-            yielded_with = checkpoint
+            not_ours.add(checkpoint)
             step = result.metrics.get("step")
             self.say(f"{self.spec.name} stopped at step {step} with a checkpoint: {reason}")
             self.yields.append({"step": step, "reason": reason, "at": time.time()})

@@ -148,3 +148,46 @@ def torch_cpu():
     import torch
 
     return torch.device("cpu")  # (no CUDA here: NVML's view is not reached)
+
+
+def test_a_resume_past_an_unregistered_checkpoint_is_not_taken_for_a_yield(monkeypatch, tmp_path):
+    # The run yielded at step 10 (Ray Train's record: that checkpoint, its report "yielded"),
+    # ran on and wrote its final checkpoint at step 20, but the driver was stopped before
+    # Ray Train registered it. A --resume finds step 20 already complete: Ray Train's result
+    # still shows the yield of step 10, an earlier driver's. It was taken for a yield of this
+    # driver: the completed job was given back, queued again behind others (no deadline) and
+    # fitted a second time before it said there was nothing to do.
+    import contextlib
+
+    import ray
+
+    from ray_layer import launch, placed_run
+
+    for name in ("checkpoint_00000010_2026-12-06_22-27-40.182693",
+                 "checkpoint_00000020_2026-12-06_22-27-40.290455"):
+        (tmp_path / "run" / name).mkdir(parents=True)
+    placement = Placement("run", ("n1",), 0.0, 1)
+    calls = []
+
+    def remote(name, value):
+        return SimpleNamespace(remote=lambda *args: calls.append(name) or value)
+    scheduler = SimpleNamespace(submit=remote("submit", placement), poll=remote("poll", placement),
+                                yielded=remote("yielded", placement),
+                                release=remote("release", True))
+    monkeypatch.setattr(launch, "connected_scheduler",
+                        lambda address, runtime_env=None: contextlib.nullcontext(scheduler))
+    monkeypatch.setattr(ray, "get", lambda value, timeout=None: value)
+    monkeypatch.setattr(placed_run, "driver_id", lambda: "driver")
+    monkeypatch.setattr(launch, "_trainer_factory", lambda *args: lambda placement: None)
+    fits = []
+
+    def fit(trainer, run_dir, max_failures):
+        fits.append(run_dir)
+        return result({"step": 10, "yielded": "preempt: preempted for job 'high'"},
+                      str(tmp_path / "run" / "checkpoint_00000010_2026-12-06_22-27-40.182693"),
+                      return_value={"already_complete": True, "step": 20})
+    monkeypatch.setattr(launch, "_fit", fit)
+    launched = launch.launch(None, {}, JobSpec("run"), tmp_path / "run", address=None,
+                             queue_timeout_s=60, max_failures=3)
+    assert len(fits) == 1 and launched.yields == []
+    assert "yielded" not in calls and calls[-1] == "release"
