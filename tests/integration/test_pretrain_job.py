@@ -1,12 +1,14 @@
 """jobs/pretrain.py end to end on the shared multi-node cluster."""
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 from jobs import pretrain
 from orchestrator.job_exit import EXIT_FAILED, EXIT_NOT_PLACEABLE
+from orchestrator.runs import RAY_CHECKPOINT_SNAPSHOT
 from tests.support import run_summary as read_summary
 
 FORWARDED = re.compile(r"^\s*(\x1b\[[0-9;]*m)?\(\w+ pid=\d+")  # a Ray actor's log line
@@ -53,6 +55,34 @@ def resume(run_dir, max_steps):
 def test_resume_continues_the_step_count(first_run):
     summary = resume(first_run, max_steps=6)
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 6
+
+
+def test_a_resume_of_a_complete_run_is_not_taken_for_an_earlier_drivers_yield(first_run, tmp_path,
+                                                                               capsys):
+    # Ray Train's record ends at a yield; the final checkpoint after it is on disk but went
+    # unregistered (its driver stopped as the workers reported it). The resume finds the run
+    # complete, and Ray Train's result still shows that yield: it was taken for one of this
+    # driver's, and the finished job given back, queued and fitted a second time.
+    run_dir = tmp_path / "yield-then-unregistered"
+    shutil.copytree(first_run, run_dir)
+    (run_dir / "summary.json").unlink()
+    record_file = run_dir / RAY_CHECKPOINT_SNAPSHOT
+    record = json.loads(record_file.read_text())
+    *kept, unregistered = record["checkpoint_results"]
+    kept[-1]["metrics"]["yielded"] = "preempt: preempted for job 'high'"
+    record.update(checkpoint_results=kept, latest_checkpoint_result=kept[-1],
+                  checkpoint_report_indices=record["checkpoint_report_indices"][:len(kept)])
+    record_file.write_text(json.dumps(record))
+    log = run_dir / "metrics.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
+                           if unregistered["checkpoint_dir_name"] not in line))
+    step = unregistered["metrics"]["step"]
+    capsys.readouterr()
+    code = pretrain.main([*TINY, "--num-workers", "2", "--max-steps", str(step),
+                          "--checkpoint-every", "2", "--run-dir", str(run_dir), "--resume"])
+    out = capsys.readouterr().out
+    assert code == 0 and "stopped at step" not in out, out
+    assert f"nothing to do: the checkpoint is already at step {step}" in out, out
 
 
 def test_job_larger_than_any_node_spans_nodes_exactly_as_placed(cluster, tmp_path):
