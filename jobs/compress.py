@@ -112,8 +112,10 @@ def run(args: argparse.Namespace) -> dict:
     from orchestrator.compression.source import load_teacher
     from orchestrator.training.checkpoint import CheckpointError
 
-    out = Path(args.out).expanduser().resolve()
+    from orchestrator.validation import expand_home
+
     try:
+        out = expand_home(args.out, "--out", ConfigError).resolve()
         config = build_config(args)
         resolve_device(config.device)
         check_out_path(out)  # before the teacher is read: that can take a while

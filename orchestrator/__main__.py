@@ -27,6 +27,7 @@ from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_NOT_PLAC
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
 from orchestrator.runs import DEFAULT_RUNS_ROOT, LINE_FIELDS, METRICS_LOG, read_metrics
+from orchestrator.validation import expand_home
 
 
 def _accelerators(report: NodeReport) -> str:
@@ -372,7 +373,12 @@ def done_line(name: str, launched) -> str:
 def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.0) -> int:
     """Each report of the run, oldest first, one line each; with `follow`, new ones as they
     come (Ctrl-C to stop)."""
-    directory = Path(run_dir).expanduser() if run_dir else DEFAULT_RUNS_ROOT.expanduser() / name
+    try:
+        directory = (expand_home(run_dir, "--run-dir") if run_dir
+                     else DEFAULT_RUNS_ROOT.expanduser() / name)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     # Only where the directory is the name's, under the runs root (a job file's run_dir may
     # be elsewhere): one given by --run-dir is simply not there.
     hint = "" if run_dir else "pass --run-dir if the job set run_dir"

@@ -42,6 +42,7 @@ from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS, EMPTY_RUN_DIR, launcher_problems
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, run_dir_held,
                                writable_dir_problem)
+from orchestrator.validation import expand_home
 
 
 def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = None,
@@ -174,7 +175,7 @@ def resolve_fit_run_dir(spec: JobSpec, run_dir: str | Path | None,
                           "directory's")
     if isinstance(run_dir, str) and not run_dir.strip():  # Path(""): the working directory
         raise ConfigError(EMPTY_RUN_DIR)
-    directory = (Path(run_dir).expanduser() if run_dir is not None
+    directory = (expand_home(run_dir, "run_dir", ConfigError) if run_dir is not None
                  else DEFAULT_RUNS_ROOT.expanduser() / spec.name).resolve()
     if directory.name != spec.name:
         raise ConfigError(f"run_dir {directory} must end in the job's name {spec.name!r} (Ray "

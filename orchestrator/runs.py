@@ -22,6 +22,7 @@ from orchestrator.file_lock import claimed
 from orchestrator.hf_files import INDEX_FILE, SAFETENSORS_FILE
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.tokenizer import TOKENIZER_FILE
+from orchestrator.validation import expand_home
 
 METRICS_LOG = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"  # jobs/pretrain.py's, at the end of a run
@@ -520,11 +521,12 @@ def resolve_run_dir(run_dir: str | None, resume: bool, root: Path, prefix: str,
     uri_problem = run_dir_uri_problem(str(run_dir))
     if uri_problem:
         raise RunDirError(f"--run-dir {uri_problem}")
-    if not Path(run_dir).expanduser().is_absolute() and in_rays_working_dir_copy(Path.cwd()):
+    given = expand_home(run_dir, "--run-dir", RunDirError)
+    if not given.is_absolute() and in_rays_working_dir_copy(Path.cwd()):
         raise RunDirError(f"--run-dir {run_dir} is relative to the working directory, which is "
                           "Ray's temporary copy of it (ray job submit --working-dir): give an "
                           "absolute path, on storage every node reaches")
-    path = Path(run_dir).expanduser().resolve()
+    path = given.resolve()
     problem = writable_dir_problem(path)  # first: a file, or a path it cannot even look at
     if problem:
         raise RunDirError(f"cannot write to run dir {path}: {problem}")

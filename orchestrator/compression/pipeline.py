@@ -49,6 +49,7 @@ from orchestrator.training.data import get_batch
 from orchestrator.training.loop import say
 from orchestrator.training.memory import parameters_label
 from orchestrator.training.model import GPT, GPTConfig
+from orchestrator.validation import expand_home
 
 CONFIG_FILE = COMPRESS_CONFIG_FILE
 REPORT_FILE = "report.json"
@@ -474,7 +475,7 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
                  log: Callable[[str], None] = say) -> dict[str, Any]:
     """Every stage not yet finished under `out`, then the report (also written to
     report.json). `source` identifies the teacher (a rerun must use the same one)."""
-    out = Path(out).expanduser().resolve()
+    out = expand_home(out, "--out", ConfigError).resolve()
     device = resolve_device(config.device)
     seq_len = fine_tune_seq_len(config, teacher.config.block_size)
     check_settings(teacher.config, config)

@@ -16,11 +16,12 @@ from orchestrator.training.checkpoint import (SHARDED_META_FILE, STATE_FILE, Che
                                               holds_checkpoint_files,
                                               newest_usable_checkpoint, recorded_sha256)
 from orchestrator.training.model import GPT
+from orchestrator.validation import expand_home
 
 
 def checkpoint_candidates(path: str | Path) -> tuple[list[Path], bool]:
     """(checkpoint directories newest first, whether `path` was a run directory)."""
-    p = Path(path).expanduser().resolve()
+    p = expand_home(path, "--checkpoint", CheckpointError).resolve()
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
     if p.is_file():

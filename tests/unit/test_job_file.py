@@ -81,6 +81,9 @@ def test_a_job_file_that_is_not_utf8_or_names_a_migration_claim_is_named(tmp_pat
     from orchestrator.launch import resolve_fit_run_dir
     with pytest.raises(ConfigError, match="name 'my/run' must not contain a path separator"):
         resolve_fit_run_dir(JobSpec("my/run"), None, False)
+    with pytest.raises(ConfigError, match="run_dir '~nosuchuser-s55/a': ~nosuchuser-s55 is the "
+                                          "home directory of no user"):  # launch.fit's own
+        resolve_fit_run_dir(JobSpec("a"), "~nosuchuser-s55/a", False)
 
 
 def test_a_number_too_long_to_print_is_named_not_a_traceback(tmp_path):
@@ -985,6 +988,10 @@ def test_logs_follow_waits_for_a_run_directory_not_made_yet(tmp_path, monkeypatc
     out = capsys.readouterr()
     assert "waiting for" in out.err and "step 5: loss=2" in out.out
     assert cli.print_logs("alpha", str(tmp_path / "beta"), follow=False) == 2
+    capsys.readouterr()
+    assert cli.print_logs("alpha", "~nosuchuser-s55/alpha", follow=True) == 2  # not a traceback
+    assert "--run-dir '~nosuchuser-s55/alpha': ~nosuchuser-s55 is the home directory of no " \
+           "user" in capsys.readouterr().err
 
 
 def test_logs_follow_starts_again_when_the_run_is_started_afresh(tmp_path, monkeypatch,

@@ -435,3 +435,9 @@ def test_a_damaged_final_checkpoint_is_not_taken_for_a_finished_run(tmp_path):
     point = resume_point(run_dir, 5)
     assert point.step == 0 and [s for s, _ in point.unusable] == [10, 5]
     assert "checkpoint file missing" in point.unusable[1][1]
+
+
+def test_a_run_dir_in_the_home_of_no_user_is_refused_naming_the_flag(tmp_path):
+    with pytest.raises(RunDirError, match="--run-dir '~nosuchuser-s55/r': ~nosuchuser-s55 is "
+                                          "the home directory of no user"):
+        resolve_run_dir("~nosuchuser-s55/r", False, tmp_path, "pretrain", NOW)
