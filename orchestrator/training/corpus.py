@@ -459,9 +459,15 @@ def _nul_problem(data: bytes, file_start: bool) -> tuple[int, str] | None:
     UTF-16 (little-endian when the file's first byte is text and its second a NUL,
     big-endian the other way round); anything else, binary data."""
     at = data.find(0)
-    window = data[at:at + 4096]
+    if at < 0:
+        return None
+    # 4 KiB from the first NUL, or, short of them past it, the data's last 4 KiB from an even
+    # distance before it (one NUL in a file's last bytes was most of a window of a few)
+    short = at + 4096 - len(data)
+    begin = at if short <= 0 else max(at % 2, at - short // 2 * 2)
+    window = data[begin:begin + 4096]
     nul = window.count(0)
-    if at < 0 or nul * 100 < len(window):
+    if nul * 100 < len(window):
         return None
     if window[0::2].count(0) * 10 >= len(window) * 3 // 2 and window[1::2].count(0) * 10 <= nul:
         name = ("UTF-16-LE" if at == 1 else "UTF-16-BE" if at == 0 else "UTF-16") \
@@ -537,9 +543,9 @@ def check_jsonl_head(source: SourceFile, text_field: str, skip_bad_lines: bool) 
     if source.format != "jsonl" or not _is_local(source):
         return
     lines, unfinished = _read_jsonl_head(source)
-    head = b"\n".join(lines + [unfinished])
-    if _known_start(head[:MAGIC_BYTES]) is None:  # a whole file so, not a bad line
-        _refuse_nul(source, head, 0, 0)
+    first = lines[0] if lines else unfinished  # (as the pass: a later line's NULs are that
+    if _known_start(first[:MAGIC_BYTES]) is None:  # line's; the first's, a whole file so)
+        _refuse_nul(source, first, 0, 0)
     if not lines and not skip_bad_lines:
         _unfinished_first_line(source, unfinished)
     lacking, others = [], 0

@@ -450,6 +450,27 @@ def test_utf16_without_a_byte_order_mark_is_refused_not_read_as_nul_tokens(tmp_p
         list(iter_documents(source))
 
 
+def test_a_stray_nul_byte_near_the_end_is_text_and_a_bad_lines_nuls_only_that_line(tmp_path):
+    """The NUL check weighs the 4 KiB from the first NUL: one in a file's (or an 8 MB
+    chunk's) last bytes was most of a short window, refused as "UTF-16 text saved without a
+    byte-order mark", where the same NUL earlier is kept. And a .jsonl file's head check
+    refused a file whose later line is NUL bytes (a crash's zero-filled tail) even with
+    --skip-bad-lines, which the pass skips: only a first line so says the whole file is."""
+    stray = tmp_path / "stray.txt"
+    stray.write_bytes(b"A paragraph of text.\n" * 100 + b"end\0\n")
+    source, = expand_sources([str(stray)])
+    check_text_head(source)
+    assert len(list(iter_documents(source))) == 1
+    crash = tmp_path / "crash.jsonl"
+    crash.write_bytes(b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\n"
+                               for i in range(5)) + b"\0" * 300)
+    source, = expand_sources([str(crash)])
+    check_jsonl_head(source, "text", True)
+    skipped: list[str] = []
+    assert len(list(iter_documents(source, "text", True, skipped))) == 5
+    assert len(skipped) == 1 and skipped[0].startswith(f"{crash}:6: "), skipped
+
+
 def test_compressed_data_under_a_text_files_name_is_said_to_be_compressed(tmp_path):
     """part-00000.jsonl holding gzip data was "not UTF-8 text (byte 2 of the line)"."""
     import gzip
