@@ -401,12 +401,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
-    """Write `tokenizer.json` into `directory` atomically (temp file, then rename)."""
+    """Write `tokenizer.json` into `directory` whole or not at all (write_atomically, as
+    config.json beside it: a failed write, a full disk, left `tokenizer.json.tmp` in the run
+    directory); CheckpointError naming the file when it cannot be written."""
+    from orchestrator.training.checkpoint import write_atomically
+
     path = Path(directory) / TOKENIZER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(tokenizer.to_json(), encoding="utf-8")
-    os.replace(tmp, path)
+    text = tokenizer.to_json().encode("utf-8")
+    write_atomically(path, lambda f: f.write(text), what="file")
     return path
 
 

@@ -220,3 +220,28 @@ def test_encoding_a_long_text_lets_other_threads_run(encode):
     # loaded the machine is.
     during = sum(started < t < ended for t in ticks)
     assert during >= 5, f"another thread ticked {during} times in the {took:.3f} s encode"
+
+
+def test_a_tokenizer_write_that_fails_leaves_the_old_file_and_no_temp_file(tmp_path):
+    # A full disk (here a file-size limit: EFBIG) while tokenizer.json was written: its
+    # `tokenizer.json.tmp` stayed in the run directory, beside the run's files; the write is
+    # now checkpoint.write_atomically's (config.json's: a temp file of its own, fsync, rename).
+    import subprocess
+    import sys
+
+    save_tokenizer(ByteTokenizer(), tmp_path)
+    before = (tmp_path / "tokenizer.json").read_bytes()
+    code = ("import resource, signal, sys\n"
+            "from orchestrator.tokenizer import save_tokenizer, train_bpe\n"
+            "bpe = train_bpe(['some text to train on, and more of it'] * 50, 300)\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))\n"
+            "try:\n"
+            "    save_tokenizer(bpe, sys.argv[1])\n"
+            "except Exception as e:\n"
+            "    print(type(e).__name__, e)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert "File too large" in done.stdout, (done.stdout, done.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
+    assert (tmp_path / "tokenizer.json").read_bytes() == before
