@@ -30,6 +30,7 @@ from orchestrator.training.shards import (SHARD_TOKENS, UnreadableManifest, clea
                                           storage_for, swap_in,
                                           tokenize_source, write_atomically, write_manifest,
                                           writing_cache)
+from orchestrator.validation import expand_home
 
 BUNDLED_FILE = "pydoc_topics.txt"  # the bundled corpus as a source, for non-byte tokenizers
 
@@ -81,7 +82,8 @@ def absolute_cache_root(cache_root: str) -> str:
     (Ray's), where a path relative to where the driver was started would name nothing."""
     if "://" in cache_root:
         return cache_root
-    return os.path.abspath(os.path.expanduser(cache_root))
+    # (a ~user of no user: refused, not a folder named "~user" under the working directory)
+    return os.path.abspath(expand_home(cache_root, "--data-cache", DataError))
 
 
 def cache_dir(cache_root: str, key: str) -> str:

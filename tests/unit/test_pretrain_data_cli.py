@@ -497,3 +497,16 @@ def test_init_from_a_home_of_no_user_is_one_line_also_with_resume(tmp_path, caps
 def test_a_tokenizer_under_a_home_of_no_user_is_one_line(tmp_path, capsys):
     assert "--tokenizer '~nosuchuser-hf55/t.json': ~nosuchuser-hf55 is the home directory " \
            "of no user" in refused(tmp_path, capsys, "--tokenizer", "~nosuchuser-hf55/t.json")
+
+
+def test_a_data_cache_in_a_home_of_no_user_is_refused_not_made_in_the_working_dir(
+        tmp_path, monkeypatch):
+    # `--data-cache ~bob/cache` with no user bob (the shell leaves it as written):
+    # os.path.expanduser leaves it so too, and the tokens were cached in a folder named
+    # "~bob" under the working directory, where every other flag now refuses such a path.
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "d.txt"
+    corpus.write_text("some text to train on\n\nand another paragraph\n")
+    with pytest.raises(DataError, match="--data-cache.*~nosuchuser-hf55"):
+        data_plan.plan_data([str(corpus)], cache_root="~nosuchuser-hf55/cache")
+    assert not (tmp_path / "~nosuchuser-hf55").exists()
