@@ -85,7 +85,18 @@ def test_checkpoint_rounds_are_timed_after_a_warm_up_of_each_kind(monkeypatch, t
         saves.append(("full", os.path.basename(directory))), full(directory, state))[1])
     monkeypatch.setattr(loop, "_save_sharded_checkpoint", lambda directory, *rest: (
         saves.append(("sharded", os.path.basename(directory))), sharded(directory, *rest))[1])
-    bench_fsdp._checkpoint_worker(0, 1, "tiny", 1, str(tmp_path), str(tmp_path / "rendezvous"))
+    # The worker is a process of its own in the bench: here its torch.set_num_threads(1) and
+    # GLOO_SOCKET_IFNAME are put back after it (left, a later test of this process training
+    # in-process against a subprocess, test_training_loop's resume, differed in its bits).
+    import torch
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    threads = torch.get_num_threads()
+    try:
+        bench_fsdp._checkpoint_worker(0, 1, "tiny", 1, str(tmp_path),
+                                      str(tmp_path / "rendezvous"))
+    finally:
+        torch.set_num_threads(threads)
     assert saves == [("full", "full-warmup"), ("sharded", "sharded-warmup"),
                      ("full", "full-0"), ("sharded", "sharded-0")]
     figures = json.loads((tmp_path / "figures.json").read_text())
