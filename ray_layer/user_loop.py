@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import site
 import sys
 import sysconfig
 import traceback
@@ -182,6 +183,9 @@ def _library_folders() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     here = Path(__file__).resolve().parents[1]
     folders = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    # (and where else packages are installed: `pip install --user`'s site, which sysconfig's
+    # paths leave out, and the interpreter's other site-packages)
+    folders |= {site.getusersitepackages(), *getattr(site, "getsitepackages", list)()}
     folders |= {str(here / "orchestrator"), str(here / "ray_layer")}
     return tuple(os.path.join(os.path.realpath(f), "") for f in folders)
 

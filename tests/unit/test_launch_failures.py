@@ -118,3 +118,28 @@ def test_a_loops_own_error_is_one_line_naming_the_file_line_and_function_it_came
     assert said[1].startswith("training failed after 1 restart(s): worker rank 0: "
                               "RuntimeError: mat1 and mat2 shapes cannot be multiplied")
     assert said[1].endswith("(train.py line 4, in forward)")
+
+
+def test_a_package_installed_in_the_user_site_is_not_taken_for_the_users_own_code(
+        tmp_path, monkeypatch):
+    # `pip install --user torch` puts torch in ~/.local/lib/pythonX.Y/site-packages, which
+    # sysconfig's paths do not hold: its frame was named as where the loop raised
+    # ("functional.py line ..."), not the user's own line that called it.
+    import site
+
+    from orchestrator.entrypoints import load_entrypoint
+    from ray_layer.user_loop import RAISED_AT, yielding
+
+    user_site = tmp_path / "usersite"
+    user_site.mkdir()
+    (user_site / "fakelib_hf55.py").write_text("def boom():\n    raise ValueError('deep')\n")
+    monkeypatch.setattr(site, "getusersitepackages", lambda: str(user_site))
+    monkeypatch.syspath_prepend(str(user_site))
+    (tmp_path / "train.py").write_text(
+        "import fakelib_hf55\n\n"
+        "def train_loop(config):\n"
+        "    fakelib_hf55.boom()\n")
+    loop = load_entrypoint("train.py:train_loop", tmp_path).function
+    with pytest.raises(ValueError) as raised:
+        yielding(loop)({})
+    assert getattr(raised.value, RAISED_AT) == "train.py line 4, in train_loop"
