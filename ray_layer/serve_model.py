@@ -586,8 +586,8 @@ class GPTModel:
                     held: set | None = None) -> None:
         """An engine that failed or never opened (None: every engine, the host is gone):
         the requests it holds get the error (`held`: the keys a failed step took with it;
-        the engine's other requests crossed the failure and are answered "gone", _on_gone),
-        and the next request opens a fresh one. An engine serving now that could not open
+        the engine's other requests crossed the failure and are answered "gone", _on_gone;
+        one that never opened: _open_failure), and the next request opens a fresh one. An engine serving now that could not open
         makes the replica unhealthy (check_health): a fresh replica may load where this one
         cannot."""
         ended = [e for e in self.engines if engine_id is None or e.id == engine_id]
@@ -599,6 +599,8 @@ class GPTModel:
         log.error("continuous batching engine %s failed: %s",
                   "*" if engine_id is None else engine_id, message)
         error = (engine_lost(message) if engine_id is None  # the host died: retryable
+                 else self._open_failure(ended[0], message)
+                 if ended and not ended[0].ready.done()
                  else generation_failed(message))
         for key in keys:  # popped: the stream's end sends no cancel for them
             self.streams.pop(key)[0].put_nowait(error)
@@ -612,8 +614,8 @@ class GPTModel:
     def _on_gone(self, engine_id: int, key: int) -> None:
         """A request sent to an engine that had already failed (the host's failure and the
         request crossed): it never ran, so it is retryable when the engine had opened (the
-        resend opens a fresh one); an engine that never opened fails it with the reason, as
-        it did its other requests (a resend would load the model again for the same end)."""
+        resend opens a fresh one); an engine that never opened fails it as it did its other
+        requests (_open_failure)."""
         stream = self.streams.pop(key, None)
         if stream is None:
             return
@@ -621,7 +623,19 @@ class GPTModel:
         why = engine.ready.result() if engine.ready.done() else None
         queue.put_nowait(
             engine_lost(f"engine {engine_id} failed before the request started")
-            if why is None else generation_failed(why))
+            if why is None else self._open_failure(engine, why))
+
+    def _open_failure(self, engine: EngineRecord, why: str) -> APIError:
+        """The error of the requests of an engine that could not open. The model this
+        replica serves is opened again from disk after its engine process died or a step
+        failed, and its checkpoint may be gone by then (training prunes older ones, as
+        keep_checkpoints says): this replica cannot serve it any more (its health check fails,
+        and Serve replaces it) but another replica can, so they are resent (retryable 503).
+        Any other model's: why, as a 500."""
+        if engine.loaded is not None and engine.loaded is self.loaded:
+            return engine_lost(f"this replica cannot open the model it serves in its engine "
+                               f"again ({why})")
+        return generation_failed(why)
 
     def _record_first_token(self, seconds: float, route: str) -> None:
         record(catalogue.SERVE_TIME_TO_FIRST_TOKEN, seconds, deployment=self.deployment,

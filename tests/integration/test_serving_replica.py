@@ -193,3 +193,28 @@ def test_a_request_that_reached_an_engine_already_failed_is_resent_not_failed(re
     assert is_engine_lost(crossed) and crossed.status == 503
     assert late.status == 500 and "9.0 GiB" in late.message and not is_engine_lost(late)
     assert not model.streams and not model.engines
+
+
+def test_a_served_checkpoint_pruned_before_its_engine_restarts_gets_requests_resent(replica):
+    # Training prunes the checkpoint served (keep_checkpoints), then the engine process dies:
+    # the fresh one cannot load the model from disk again. Its requests got a 500 the
+    # ingress does not resend, until Serve replaced the replica; now a retryable 503 (another
+    # replica serves them), and the health check fails so that Serve replaces this one.
+    import shutil
+
+    model, checkpoint = replica
+
+    async def scenario():
+        await model.reconfigure({"checkpoint": checkpoint, "batching": "continuous"})
+        shutil.rmtree(checkpoint)
+        os.kill(model.host.worker.pid, signal.SIGKILL)
+        while not model.stats["engine_restarts"]:  # (its socket's EOF: a fresh process)
+            await asyncio.sleep(0.05)
+        with pytest.raises(Exception) as failed:
+            await tokens_of(model, request(4))
+        assert is_engine_lost(failed.value) and failed.value.status == 503, failed.value
+        assert "does not exist" in failed.value.message
+        with pytest.raises(RuntimeError, match="cannot open its engine"):
+            await model.check_health()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=120))

@@ -451,3 +451,36 @@ def test_a_reload_with_a_number_past_floats_range_is_refused_and_the_model_serve
                                "max_batch_wait_ms": 10 ** 400}))
     assert a.loaded.path == served
     assert "max_batch_wait_ms" in a.reload_error["message"]
+
+
+def test_a_served_model_its_engine_cannot_open_again_gets_its_requests_resent(replicas,
+                                                                               tmp_path):
+    # The engine process reloads the served model from disk when it opens its engine again
+    # (after the process died, or a step failed). Training had pruned that checkpoint
+    # meanwhile (keep_checkpoints): every request then got a 500 "generation failed:
+    # CheckpointError: ... does not exist", which the ingress does not resend, until Serve
+    # replaced the replica. This replica cannot serve its model, another can: retryable.
+    from ray_layer.serve_model import EngineRecord
+    from orchestrator.serving.retries import is_engine_lost
+
+    replica = replicas()
+    asyncio.run(replica.reconfigure({"checkpoint": checkpoint(tmp_path / "run", 1),
+                                     "batching": "static"}))
+    gone = "CheckpointError: checkpoint /run/checkpoint_00000001 does not exist"
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        engine = EngineRecord(3, replica.loaded, replica._engine_limits(replica.loaded),
+                              loop.create_future())
+        replica.engines.append(engine)
+        replica.serving_engine = engine
+        waiting, crossed = asyncio.Queue(), asyncio.Queue()
+        replica.streams[30] = (waiting, engine)
+        replica._on_host_events([("open_failed", 3, gone)])
+        replica.streams[31] = (crossed, engine)  # its add crossed the failure
+        replica._on_host_events([("gone", 3, 31)])
+        return waiting.get_nowait(), crossed.get_nowait()
+    for error in asyncio.run(scenario()):
+        assert is_engine_lost(error) and error.status == 503, error.message
+        assert "does not exist" in error.message
+    assert replica.engine_problem == gone  # its health check fails: Serve replaces it
