@@ -587,9 +587,9 @@ class GPTModel:
         """An engine that failed or never opened (None: every engine, the host is gone):
         the requests it holds get the error (`held`: the keys a failed step took with it;
         the engine's other requests crossed the failure and are answered "gone", _on_gone;
-        one that never opened: _open_failure), and the next request opens a fresh one. An engine serving now that could not open
-        makes the replica unhealthy (check_health): a fresh replica may load where this one
-        cannot."""
+        one that never opened: _open_failure), and the next request opens a fresh one. An
+        engine serving now that could not open makes the replica unhealthy (check_health): a
+        fresh replica may load where this one cannot."""
         ended = [e for e in self.engines if engine_id is None or e.id == engine_id]
         keys = [key for key, (_, engine) in self.streams.items()
                 if (engine_id is None or engine.id == engine_id)
