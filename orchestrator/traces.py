@@ -162,18 +162,18 @@ def _seconds(value: str, name: str, where: str, strict: bool, limit: float = MAX
     return x
 
 
-def _check_submit_span(jobs: list[TraceJob], path) -> None:
-    """Submit times spanning over MAX_SECONDS are in ms or µs (or Unix and relative times
-    mixed): a TraceError naming the last job's line and the first's."""
-    if not jobs:
-        return
-    first = min(jobs, key=lambda j: j.submit_time_s)
-    last = max(jobs, key=lambda j: j.submit_time_s)
-    span = last.submit_time_s - first.submit_time_s
+def _check_span(path, stamps, name: str, tail: str):
+    """The earliest of `stamps` ((seconds, line, as written) tuples, at least one);
+    a TraceError naming the file, both lines and both times when they span over MAX_SECONDS
+    (a canonical trace's in ms or µs, a Philly one's with a typo in a year): `tail` says
+    which."""
+    first, last = min(stamps, key=lambda s: s[0]), max(stamps, key=lambda s: s[0])
+    span = last[0] - first[0]
     if span > MAX_SECONDS:
-        raise TraceError(f"{path}:{last.line}: submit_time_s {last.submit_time_s:g} is "
-                         f"{span:g} s ({span / (365.25 * 86400):,.0f} years) after line "
-                         f"{first.line}'s {first.submit_time_s:g}: {UNIT_HINT}")
+        raise TraceError(f"{path}:{last[1]}: {name} {last[2]} is {span:g} s "
+                         f"({span / (365.25 * 86400):,.0f} years) after line {first[1]}'s "
+                         f"{first[2]}{tail}")
+    return first
 
 
 def _int(value: str, name: str, where: str) -> int:
@@ -307,7 +307,9 @@ def load_canonical(path: Path | str) -> list[TraceJob]:
             duration_s=_seconds(get("duration_s"), "duration_s", where, True),
             num_gpus=_int(get("num_gpus"), "num_gpus", where),
             model_type=model_type, accelerators=accelerators, line=line))
-    _check_submit_span(jobs, Path(path))
+    if jobs:  # in ms or µs, or Unix and relative times mixed
+        _check_span(Path(path), [(j.submit_time_s, j.line, f"{j.submit_time_s:g}")
+                                 for j in jobs], "submit_time_s", f": {UNIT_HINT}")
     return jobs
 
 
@@ -350,13 +352,8 @@ def load_philly(path: Path | str = PHILLY_CSV) -> list[TraceJob]:
                      _int(get("num_gpus"), "num_gpus", where), line, stamp))
     if not rows:
         return []
-    first, last = min(rows, key=lambda r: r[0]), max(rows, key=lambda r: r[0])
-    span = last[0] - first[0]
-    if span > MAX_SECONDS:  # as a canonical trace's: a replay of a century, a typo's
-        raise TraceError(f"{path}:{last[3]}: timestamp {last[4]!r} is {span:g} s "
-                         f"({span / (365.25 * 86400):,.0f} years) after line {first[3]}'s "
-                         f"{first[4]!r}, over {MAX_SECONDS:g} s (31 years): a typo in the "
-                         "year?")
+    first = _check_span(path, [(r[0], r[3], repr(r[4])) for r in rows], "timestamp",
+                        f", over {MAX_SECONDS:g} s (31 years): a typo in the year?")
     start = first[0]
     return [TraceJob(i, s - start, d, n, line=line) for i, (s, d, n, line, _) in enumerate(rows)]
 
