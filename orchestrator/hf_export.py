@@ -598,11 +598,13 @@ def expected_hf_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# The safetensors dtypes a weight may have. Another (a quantized model's I8 or U8 codes, F8
-# with scales beside it) loaded cast to float: codes taken for weights, a model of noise.
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-NOT_FLOAT = ("not floating point (F16, BF16, F32 or F64): a quantized model? import the model "
-             "it was quantized from")
+# The dtypes a weight may have: safetensors' name -> torch's (torch.<name>; torch is imported
+# only where tensors are). Another (a quantized model's I8 or U8 codes, F8 with scales beside
+# it) loaded cast to float: codes taken for weights, a model of noise.
+FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+NOT_FLOAT = (f"not floating point ({', '.join(list(FLOAT_DTYPES)[:-1])} or "
+             f"{list(FLOAT_DTYPES)[-1]}): a quantized model? import the model it was "
+             "quantized from")
 
 
 def _hf_name(key: str) -> str:
@@ -726,11 +728,9 @@ def load_hf_weights(model, directory: str | os.PathLike) -> None:
 
 
 def _take(hf: dict[str, torch.Tensor], name: str, path: Path) -> torch.Tensor:
-    import torch
-
     if name not in hf:
         raise ExportError(f"--init-from {path}: no tensor {name!r} (not a GPT-2 checkpoint?)")
-    if hf[name].dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ExportError(f"--init-from {path}: {name} is "
-                          f"{str(hf[name].dtype).removeprefix('torch.')}, {NOT_FLOAT}")
+    dtype = str(hf[name].dtype).removeprefix("torch.")
+    if dtype not in FLOAT_DTYPES.values():
+        raise ExportError(f"--init-from {path}: {name} is {dtype}, {NOT_FLOAT}")
     return hf[name]
