@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import math
 import socket
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -21,6 +20,7 @@ from typing import Any, Mapping, Sequence
 from orchestrator.config import ConfigError, from_mapping, unknown_fields
 from orchestrator.serving.batching import BatchBounds
 from orchestrator.serving.protocol import MAX_PROMPTS
+from orchestrator.validation import is_number
 
 # The app as Serve imports it (`serve run ray_layer.serve_app:app`), and its model deployment.
 IMPORT_PATH = "ray_layer.serve_app:app"
@@ -395,10 +395,7 @@ def _field_problems(obj: Any, int_min: dict[str, int],
                                 f"got {value!r}")
         elif f.name in float_range:
             low, high = float_range[f.name]
-            # (an int is finite, and compared exactly: math.isfinite overflows past floats)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                    and (isinstance(value, int) or math.isfinite(value))
-                    and low <= value <= high):
+            if not (is_number(value) and low <= value <= high):
                 problems.append(f"{f.name} must be a number in [{low:g}, {high:g}], "
                                 f"got {value!r}{_RANGE_WHY.get(f.name, '')}")
         elif f.type in ("bool", bool) and not isinstance(value, bool):
@@ -438,22 +435,14 @@ def coerce(cls, data: Mapping[str, Any], what: str) -> dict[str, Any]:
         kind = types.get(close[0]) if close else None
         if isinstance(value, str) and kind in ("int", "float", "bool"):
             value = _from_text(value.strip(), kind)
-        elif kind == "float" and isinstance(value, int) and not isinstance(value, bool):
-            value = _int_as_float(value)
+        elif kind == "float" and isinstance(value, int) and is_number(value):
+            # (one past float's range, a YAML literal of 309+ digits, is left for validation
+            # to name its field: float() raised OverflowError, a traceback)
+            value = float(value)
         elif kind == "str" and value is None:
             value = ""
         out[key] = value
     return out
-
-
-def _int_as_float(value: int) -> float | int:
-    """An integer given for a float field, as a float; one past float's range (a YAML
-    integer literal of 309+ digits) is left as it is, for validation to name its field: the
-    conversion's OverflowError escaped as a traceback (out of a replica's reconfigure too)."""
-    try:
-        return float(value)
-    except OverflowError:
-        return value
 
 
 def _from_text(text: str, kind: str) -> Any:
