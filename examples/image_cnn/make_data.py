@@ -42,14 +42,20 @@ def make(count: int, rng: np.random.Generator, noise: float) -> tuple[np.ndarray
     return np.stack([draw(int(k), rng, noise) for k in labels]), labels.astype(np.int64)
 
 
+def shard_names(shards: int) -> list[str]:
+    """The names `write` gives `shards` training shards, in order."""
+    return [f"train-{shard:03d}.npz" for shard in range(shards)]
+
+
 def write(out: Path, train: int, test: int, shards: int, seed: int,
           noise: float = 0.35) -> list[Path]:
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for shard in range(shards):  # `train` in all: the first train % shards hold one more
+    # `train` in all: the first train % shards hold one more
+    for shard, name in enumerate(shard_names(shards)):
         images, labels = make(train // shards + (shard < train % shards), rng, noise)
-        paths.append(out / f"train-{shard:03d}.npz")
+        paths.append(out / name)
         np.savez_compressed(paths[-1], images=images, labels=labels)
     images, labels = make(test, rng, noise)
     paths.append(out / "test.npz")
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     # train.py reads every train-*.npz of the folder: a shard this write does not replace
     # (more shards written there before) would be trained on beside the new ones.
     kept = sorted(p.name for p in args.out.glob("train-*.npz")
-                  if p.name not in {f"train-{s:03d}.npz" for s in range(args.shards)})
+                  if p.name not in shard_names(args.shards))
     if kept:
         parser.error(f"--out {args.out} holds {', '.join(kept)}, which this write does not "
                      "replace and train.py would read beside the new shards: remove them, or "

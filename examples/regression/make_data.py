@@ -23,12 +23,18 @@ def target(x: list[float]) -> float:
     return math.sin(2 * x[0]) + 0.5 * x[1] ** 2 - x[2] + 0.3 * x[3]
 
 
+def file_names(files: int) -> list[str]:
+    """The names `write` gives `files` files, in order."""
+    return [f"part-{f:03d}.csv" for f in range(files)]
+
+
 def write(out: Path, rows: int, files: int, seed: int, noise: float = 0.05) -> list[Path]:
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for f in range(files):  # `rows` in all: the first rows % files hold one more
-        path = out / f"part-{f:03d}.csv"
+    # `rows` in all: the first rows % files hold one more
+    for f, name in enumerate(file_names(files)):
+        path = out / name
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow([f"x{i}" for i in range(FEATURES)] + ["y"])
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     # train.py reads every CSV file of the folder: one this write does not replace (more
     # files written there before) would be trained on beside the new ones.
     kept = sorted(p.name for p in args.out.glob("*.csv")
-                  if p.name not in {f"part-{f:03d}.csv" for f in range(args.files)})
+                  if p.name not in file_names(args.files))
     if kept:
         parser.error(f"--out {args.out} holds {', '.join(kept)}, which this write does not "
                      "replace and train.py would read beside the new files: remove them, or "
