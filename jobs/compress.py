@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
 from orchestrator.compression.config import DEVICES, CompressConfig
 from orchestrator.compression.prune import SCOPES
@@ -25,6 +24,7 @@ from orchestrator.compression.structured import IMPORTANCE, STRUCTURES
 from orchestrator.config import MODEL_PRESETS, ConfigError
 from orchestrator.help_format import DefaultsHelpFormatter
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, JobFailed, run_job
+from orchestrator.validation import expand_home
 
 
 # Help for every flag (every CompressConfig field is one): --help shows each with its default,
@@ -112,8 +112,6 @@ def run(args: argparse.Namespace) -> dict:
     from orchestrator.compression.source import load_teacher
     from orchestrator.training.checkpoint import CheckpointError
 
-    from orchestrator.validation import expand_home
-
     try:
         out = expand_home(args.out, "--out", ConfigError).resolve()
         config = build_config(args)
@@ -140,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     code, report = run_job(lambda: run(args),
                            on_interrupt="interrupted; rerun the same command to resume")
     if code == 0:
-        print(f"report: {Path(args.out).expanduser().resolve() / 'report.json'}")
+        # (--out was read with expand_home already: a `~user` of no user was refused then)
+        print(f"report: {expand_home(args.out, '--out').resolve() / 'report.json'}")
         print(f"int8 model: {report['artifacts']['int8_dir']}")
     return code
 

@@ -46,7 +46,7 @@ from orchestrator.compression.source import weights_digest
 from orchestrator.training.data import load_corpus, split_corpus
 from orchestrator.training.memory import parameters_label
 from orchestrator.training.model import GPT, GPTConfig
-from orchestrator.validation import is_number
+from orchestrator.validation import expand_home, is_number
 from scripts.flags import require, require_at_least
 
 TEACHER_STREAM = 100  # the teacher's own batch stream (get_batch rank)
@@ -92,6 +92,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # Every setting checked now, not after the teacher's minutes of training (the student's
     # after the whole pipeline): a typo failed as a traceback, its work deleted.
     require_at_least(p, args, 1, "threads")
+    if args.work:
+        try:
+            args.work = expand_home(args.work, "--work")
+        except ValueError as e:
+            p.error(str(e))
     if args.student_size is not None and args.student_size not in MODEL_PRESETS:
         p.error(f"--student-size must be one of {', '.join(MODEL_PRESETS)}, got "
                 f"{args.student_size!r}")
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     # The same thread count for training and every runtime measured: on a shared 2-core
     # machine a second OpenMP thread that loses its core stalls every op at a barrier.
     torch.set_num_threads(args.threads)
-    work = Path(args.work).expanduser().resolve() if args.work else Path(
+    work = Path(args.work).resolve() if args.work else Path(
         tempfile.mkdtemp(prefix="bench-compress-"))
     work.mkdir(parents=True, exist_ok=True)
     student_report = None

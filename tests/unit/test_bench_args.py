@@ -139,3 +139,15 @@ def test_span_timings_alternate_which_model_goes_first():
     result = paired_rounds(lambda: calls.append("full"), lambda: calls.append("span"), 4)
     assert calls[2:] == ["full", "span", "span", "full", "full", "span", "span", "full"]
     assert len(result["spread"]) == 2 and result["ratio"] > 0
+
+
+def test_bench_compress_work_under_the_home_of_no_user_is_refused_naming_the_flag(capsys):
+    # Path.expanduser raised RuntimeError on `~nosuchuser-s55/x` (the shell leaves it as
+    # written): a traceback after the flags were all accepted.
+    from scripts import bench_compress
+
+    with pytest.raises(SystemExit) as exit_:
+        bench_compress.parse_args(["--work", "~nosuchuser-s55/x"])
+    assert exit_.value.code == 2
+    assert ("--work '~nosuchuser-s55/x': ~nosuchuser-s55 is the home directory of no user"
+            in capsys.readouterr().err)
