@@ -1245,17 +1245,22 @@ def test_a_restarted_scheduler_gives_back_a_silent_nodes_reservations_when_it_re
     assert isinstance(again.submit(gpus("other", 4), "o2", T0 + 64).decision, Queued)
 
 
+def big_on_two_nodes_the_second_silent() -> tuple[SchedulerCore, dict]:
+    """Job big (8 GPUs) on n1 and n2, n2 silent past dead_after_s (its part kept aside), and
+    the core's saved state then."""
+    core = core_with(gpu_node("n1"), gpu_node("n2"), suspect_after_s=15, dead_after_s=60)
+    core.submit(gpus("big", 8), "o1", T0)
+    core.report(gpu_node("n1"), T0 + 50)
+    assert core.tick(T0 + 61).decision["expired"] == ["n2"]
+    return core, json.loads(json.dumps(core.to_dict()))
+
+
 def test_a_silent_nodes_reservation_of_a_job_not_restored_never_goes_to_a_later_namesake():
     # big runs on n1 and n2; n2 falls silent (its part kept aside). The scheduler restarts and
     # cannot read big's record: big's reservations are released, but the part kept aside
     # stayed, and went to the next job named big (on n1 alone) once n2 reported again: n2's
     # GPUs held by nobody's workers for as long as that job ran.
-    settings = dict(suspect_after_s=15, dead_after_s=60)
-    core = core_with(gpu_node("n1"), gpu_node("n2"), **settings)
-    core.submit(gpus("big", 8), "o1", T0)
-    core.report(gpu_node("n1"), T0 + 50)
-    assert core.tick(T0 + 61).decision["expired"] == ["n2"]
-    saved = json.loads(json.dumps(core.to_dict()))
+    core, saved = big_on_two_nodes_the_second_silent()
     saved["running"]["big"]["placement"] = "garbage"
     again = SchedulerCore(core.settings)
     again.ray_nodes({"n1", "n2"}, set(), T0 + 62)
@@ -2107,12 +2112,7 @@ def test_a_lost_reservation_record_of_a_job_partly_on_a_silent_node_is_rebuilt()
     # Its record unreadable after a restart, a job with a share kept aside for a silent node
     # got no reservation at all: neither on the node still reporting nor, once the silent
     # one reported again, there (only a job holding a reservation gets its share back).
-    settings = dict(suspect_after_s=15, dead_after_s=60)
-    core = core_with(gpu_node("n1"), gpu_node("n2"), **settings)
-    core.submit(gpus("big", 8), "o1", T0)
-    core.report(gpu_node("n1"), T0 + 50)
-    assert core.tick(T0 + 61).decision["expired"] == ["n2"]
-    saved = json.loads(json.dumps(core.to_dict()))
+    core, saved = big_on_two_nodes_the_second_silent()
     saved["reservations"]["big"] = "not a list of records"
     again = SchedulerCore(core.settings)
     again.ray_nodes({"n1", "n2"}, set(), T0 + 62)
