@@ -35,8 +35,8 @@ reads them back equal, apart from `line`).
 
 Philly (`data/philly.csv`): timestamp, duration, num_gpus, gpu_time, cluster; submit times are
 made relative to the first job; timestamps spanning over MAX_SECONDS (a typo in a year) are
-refused naming the file, the line and both timestamps. `sniff_format` tells the two apart by the header: Philly when a
-column is `timestamp`.
+refused naming the file, the line and both timestamps. `sniff_format` tells the two apart by
+the header: Philly when a column is `timestamp`.
 """
 from __future__ import annotations
 

@@ -479,7 +479,8 @@ def test_an_out_whose_saved_settings_are_not_mappings_is_named_not_a_traceback(
 def test_a_home_of_no_user_is_named_by_its_flag_and_nothing_is_written(tmp_path, capsys, flag):
     """`~bob/x` of no user bob reaches us as written (the shell leaves it): Path.expanduser's
     RuntimeError was a traceback."""
-    paths = {"--checkpoint": str(make_checkpoint(tmp_path / "ckpt")), "--out": str(tmp_path / "out")}
+    paths = {"--checkpoint": str(make_checkpoint(tmp_path / "ckpt")),
+             "--out": str(tmp_path / "out")}
     paths[flag] = "~nosuchuser-s55/x"
     code, err = run_job(capsys, "--checkpoint", paths["--checkpoint"], "--out", paths["--out"])
     assert code == 2
