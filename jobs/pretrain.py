@@ -37,7 +37,8 @@ from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, Run
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
 from orchestrator.validation import given_by_flags
-from orchestrator.training.memory import gpu_memory_needed_gb, memory_lines
+from orchestrator.training.memory import (LOWER_MEMORY, gpu_memory_needed_gb, memory_lines,
+                                         sizing_flags)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = TrainConfig()
@@ -387,11 +388,9 @@ def _need_past_any_gpu(args: argparse.Namespace, train_config: TrainConfig,
                        need_gb: float) -> str:
     """Why a run whose estimated need (the default of --min-gpu-memory-gb) is past what any
     GPU has cannot be placed, naming the flags that size it."""
-    return (f"the run's estimated need of {need_gb:g} GiB on each worker's GPU (--model-size "
-            f"{train_config.model_size}, --batch-size {train_config.batch_size} x --seq-len "
-            f"{train_config.seq_len} per worker, --strategy {train_config.strategy}) is more "
-            f"than any GPU has (over {MAX_GPU_MEMORY_GB:,} GiB): lower --batch-size or "
-            "--seq-len (--accumulation keeps the tokens per optimizer step) or --model-size")
+    return (f"the run's estimated need of {need_gb:g} GiB on each worker's GPU "
+            f"({sizing_flags(train_config)}) is more than any GPU has (over "
+            f"{MAX_GPU_MEMORY_GB:,} GiB): {LOWER_MEMORY}")
 
 
 def _check_resumable(run_dir: Path, train_config: TrainConfig) -> None:

@@ -30,7 +30,8 @@ from orchestrator.training.data import get_batch, load_corpus, split_corpus, str
 from orchestrator.training.efficiency import (CommTimer, Thresholds, cpu_peak_flops,
                                            flops_per_token, gpu_peak_flops, mfu, peak_memory,
                                            warnings_for)
-from orchestrator.training.memory import parameters_label
+from orchestrator.training.memory import (GIB, LOWER_MEMORY, gpu_memory_needed_gb,
+                                          parameters_label, sizing_flags, worker_memory)
 from orchestrator.training.model import GPT, GPTConfig, parameter_groups
 from orchestrator.training.optim import (build_optimizer, load_optimizer_state, set_lr,
                                         warmup_cosine_lr)
@@ -56,6 +57,43 @@ class TrainingDiverged(Exception):
     """The run can no longer learn: its loss or weights are NaN/inf, or fp16's loss scale
     collapsed. Raised on every worker at the same report, before that report's checkpoint is
     saved: the newest checkpoint stays the last good one."""
+
+
+class WorkerOutOfMemory(Exception):
+    """A worker ran out of memory building the model or in a step (torch's allocator failed):
+    one line naming the flags that size a worker's memory and the estimate of its need, where
+    torch's own message (DefaultCPUAllocator's, CUDA's) names no flag. Raised, not returned as
+    divergence is: the other workers may be waiting in a collective this one never joins, and
+    only a raise makes Ray Train stop them (each restart fails the same way, then this line
+    ends the run)."""
+
+
+# What torch's allocators say when an allocation fails (a CUDA one raises
+# torch.cuda.OutOfMemoryError, a RuntimeError, in torch 2.x; "CUDA out of memory" before).
+OUT_OF_MEMORY_MARKS = ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch failing to allocate memory (never any other RuntimeError)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(mark in str(error)
+                                                for mark in OUT_OF_MEMORY_MARKS))
+
+
+def out_of_memory(config: TrainConfig, session: TrainSession, where: str,
+                  precision: str) -> WorkerOutOfMemory:
+    """The one-line reason a run ran out of memory `where` ("at step 3", "building the
+    model"), with the estimate of what a worker needs (memory.py)."""
+    device = session.device
+    on_gpu = device.type == "cuda"
+    need_gb = (gpu_memory_needed_gb(config, session.world_size) if on_gpu else
+               worker_memory(config, session.world_size, on_gpu=False).total / GIB)
+    more = ("use --strategy fsdp with more workers" if config.strategy != "fsdp" else
+            "use more workers (FSDP shards the model over them)")
+    return WorkerOutOfMemory(
+        f"out of memory {where} on worker rank {session.world_rank} ({device}): this run needs "
+        f"about {need_gb:,.1f} GiB per worker by the estimate ({sizing_flags(config)}, "
+        f"precision {precision}); {LOWER_MEMORY}, or {more}")
 
 
 def say(line: str) -> None:
@@ -371,11 +409,21 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         precision = Precision(job_precision(config.precision, device, session.world_rank),
                               device.type)
         train_tokens, held_out_tokens = training_data(config)
-        model, optimizer, scaler, step, tokens_seen, legs = _resumed_or_new(
-            config, session, precision, checkpoint_dirs)
+        try:
+            model, optimizer, scaler, step, tokens_seen, legs = _resumed_or_new(
+                config, session, precision, checkpoint_dirs)
+        except RuntimeError as e:
+            if is_out_of_memory(e):
+                raise out_of_memory(config, session, "building the model", precision.name) from e
+            raise
     _refuse_groups_that_never_step(config, step)  # a resumed run, its step known
     restored_at = time.time()
-    parallel = model if config.strategy == "fsdp" else session.prepare_model(model)
+    try:
+        parallel = model if config.strategy == "fsdp" else session.prepare_model(model)
+    except RuntimeError as e:
+        if is_out_of_memory(e):
+            raise out_of_memory(config, session, "building the model", precision.name) from e
+        raise
     # Compiled, the wrapper is no longer a DDP module: no_sync and the all-reduce timer are
     # still set on the DDP module underneath (`parallel`).
     compiled = config.compiles_on(device.type)
@@ -411,27 +459,32 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         # Dropout randomness is a function of (seed, rank, step): resume replays it exactly.
         torch.manual_seed(stream_seed(config.seed, session.world_rank, step, DROPOUT_STREAM))
         set_lr(optimizer, lr_at(step, config, legs))
-        x, y = get_batch(train_tokens, config.batch_size, config.seq_len, seed=config.seed,
-                         rank=session.world_rank, step=step)
-        # Decided before the step: a checkpoint due now makes DDP sync the gradients.
-        yielding = _agreed_directive(session, step, start_step, config, device)
-        if yielding is not None:
-            directive_seen_at = time.time()  # all ranks agreed to yield: the step, then save
-        checkpoint_due = ((step + 1) % config.checkpoint_every == 0
-                          or step + 1 == config.max_steps or yielding is not None)
-        # Workers must agree on the gradients when a group steps, and when a checkpoint
-        # (which holds rank 0's pending gradients) is written; otherwise DDP may skip the
-        # all-reduce and let each worker accumulate locally.
-        with accumulation.sync_context(parallel, bool(accumulation.due(step)) or checkpoint_due):
-            with precision.autocast():
-                _, loss = wrapped(to_device(x, device), to_device(y, device),
-                                  return_logits=False)
-            objective = loss
-            if config.attention_span:
-                # (Under FSDP the spans stay whole on every worker: strategy.py.)
-                objective = loss + config.span_penalty * model.span_penalty()
-            scaler.scale(objective).backward()
-        skipped_steps += accumulation.step(step, optimizer, scaler, config.grad_clip)
+        try:  # torch names no flag when an allocation fails: out_of_memory does
+            x, y = get_batch(train_tokens, config.batch_size, config.seq_len, seed=config.seed,
+                             rank=session.world_rank, step=step)
+            # Decided before the step: a checkpoint due now makes DDP sync the gradients.
+            yielding = _agreed_directive(session, step, start_step, config, device)
+            if yielding is not None:
+                directive_seen_at = time.time()  # all ranks agreed to yield: the step, then save
+            checkpoint_due = ((step + 1) % config.checkpoint_every == 0
+                              or step + 1 == config.max_steps or yielding is not None)
+            # Workers must agree on the gradients when a group steps, and when a checkpoint
+            # (which holds rank 0's pending gradients) is written; otherwise DDP may skip the
+            # all-reduce and let each worker accumulate locally.
+            with accumulation.sync_context(parallel, bool(accumulation.due(step)) or checkpoint_due):
+                with precision.autocast():
+                    _, loss = wrapped(to_device(x, device), to_device(y, device),
+                                      return_logits=False)
+                objective = loss
+                if config.attention_span:
+                    # (Under FSDP the spans stay whole on every worker: strategy.py.)
+                    objective = loss + config.span_penalty * model.span_penalty()
+                scaler.scale(objective).backward()
+            skipped_steps += accumulation.step(step, optimizer, scaler, config.grad_clip)
+        except RuntimeError as e:
+            if is_out_of_memory(e):
+                raise out_of_memory(config, session, f"at step {step}", precision.name) from e
+            raise
         model.clamp_spans_()
         step += 1
         tokens_seen += tokens_per_step

@@ -179,6 +179,18 @@ def gpu_memory_needed_gb(config: TrainConfig, workers: int) -> float:
     return math.ceil(needed / GIB * 10) / 10
 
 
+def sizing_flags(config: TrainConfig) -> str:
+    """The flags that size a worker's memory, as the messages about too little name them
+    (jobs/pretrain.py's need past any GPU, the training loop's out-of-memory stop)."""
+    return (f"--model-size {config.model_size}, --batch-size {config.batch_size} x --seq-len "
+            f"{config.seq_len} per worker, --strategy {config.strategy}")
+
+
+# What lowers that need, in those messages.
+LOWER_MEMORY = ("lower --batch-size or --seq-len (--accumulation keeps the tokens per optimizer "
+                "step) or --model-size")
+
+
 def parameters_label(count: int) -> str:
     """A model's size wherever one is shown (the dry run, the training banner, compression's
     distill line and --student-size refusal, the benchmarks): every parameter, the position

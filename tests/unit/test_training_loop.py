@@ -779,3 +779,64 @@ def test_an_overflow_on_one_rank_only_neither_hangs_nor_reports_nan(tmp_path):
     ranks = [json.loads((tmp_path / f"metrics.{r}").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and ranks[0]["step"] == 4
     assert math.isfinite(ranks[0]["first_loss"]) and math.isfinite(ranks[0]["loss"])
+
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+           "memory: you tried to allocate 102400000000 bytes. Error code 12")
+
+
+def _forward_raising(error: BaseException, on_call: int):
+    from orchestrator.training import loop
+
+    class Raises(loop.GPT):
+        calls = 0
+
+        def forward(self, idx, targets=None, **kwargs):
+            if targets is not None and self.training:
+                Raises.calls += 1
+                if Raises.calls == on_call:
+                    raise error
+            return super().forward(idx, targets, **kwargs)
+    return Raises
+
+
+@pytest.mark.parametrize("error", [RuntimeError(CPU_OOM),
+                                   RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"),
+                                   torch.cuda.OutOfMemoryError("Tried to allocate 2.00 GiB")])
+def test_running_out_of_memory_in_a_step_names_the_flags_and_the_estimate(tmp_path, monkeypatch,
+                                                                          error):
+    from orchestrator.training import loop
+
+    monkeypatch.setattr(loop, "GPT", _forward_raising(error, on_call=3))
+    with pytest.raises(loop.WorkerOutOfMemory) as e:
+        train(tiny(max_steps=5), LocalSession(tmp_path, device=CPU))
+    said = str(e.value)
+    assert "\n" not in said and e.value.__cause__ is error
+    assert said.startswith("out of memory at step 2 on worker rank 0 (cpu): this run needs "
+                           "about ")
+    assert ("GiB per worker by the estimate (--model-size tiny, --batch-size 4 x --seq-len 32 "
+            "per worker, --strategy ddp, precision fp32); lower --batch-size or --seq-len "
+            "(--accumulation keeps the tokens per optimizer step) or --model-size, or use "
+            "--strategy fsdp with more workers") in said
+
+
+def test_running_out_of_memory_building_the_model_says_so(tmp_path, monkeypatch):
+    from orchestrator.training import loop
+
+    def build(config, device):
+        raise RuntimeError(CPU_OOM)
+    monkeypatch.setattr(loop, "_new_model", build)
+    with pytest.raises(loop.WorkerOutOfMemory,
+                       match=r"^out of memory building the model on worker rank 0 \(cpu\): "
+                             r"this run needs about [\d.]+ GiB per worker"):
+        train(tiny(max_steps=5), LocalSession(tmp_path, device=CPU))
+
+
+def test_other_runtime_errors_in_a_step_propagate_unchanged(tmp_path, monkeypatch):
+    from orchestrator.training import loop
+
+    error = RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x8)")
+    monkeypatch.setattr(loop, "GPT", _forward_raising(error, on_call=2))
+    with pytest.raises(RuntimeError) as e:
+        train(tiny(max_steps=5), LocalSession(tmp_path, device=CPU))
+    assert e.value is error
