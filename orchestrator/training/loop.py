@@ -10,12 +10,13 @@ the optimizer and schedule (optim.py), batches (data.py) and the optimizer step
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -94,6 +95,19 @@ def out_of_memory(config: TrainConfig, session: TrainSession, where: str,
         f"out of memory {where} on worker rank {session.world_rank} ({device}): this run needs "
         f"about {need_gb:,.1f} GiB per worker by the estimate ({sizing_flags(config)}, "
         f"precision {precision}); {LOWER_MEMORY}, or {more}")
+
+
+@contextlib.contextmanager
+def out_of_memory_named(config: TrainConfig, session: TrainSession, where: str,
+                        precision: str) -> Iterator[None]:
+    """Inside it, torch failing to allocate memory is raised as out_of_memory's
+    WorkerOutOfMemory `where`; any other error as it is."""
+    try:
+        yield
+    except RuntimeError as e:  # (torch.cuda.OutOfMemoryError is one)
+        if is_out_of_memory(e):
+            raise out_of_memory(config, session, where, precision) from e
+        raise
 
 
 def say(line: str) -> None:
@@ -409,21 +423,13 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         precision = Precision(job_precision(config.precision, device, session.world_rank),
                               device.type)
         train_tokens, held_out_tokens = training_data(config)
-        try:
+        with out_of_memory_named(config, session, "building the model", precision.name):
             model, optimizer, scaler, step, tokens_seen, legs = _resumed_or_new(
                 config, session, precision, checkpoint_dirs)
-        except RuntimeError as e:
-            if is_out_of_memory(e):
-                raise out_of_memory(config, session, "building the model", precision.name) from e
-            raise
     _refuse_groups_that_never_step(config, step)  # a resumed run, its step known
     restored_at = time.time()
-    try:
+    with out_of_memory_named(config, session, "building the model", precision.name):
         parallel = model if config.strategy == "fsdp" else session.prepare_model(model)
-    except RuntimeError as e:
-        if is_out_of_memory(e):
-            raise out_of_memory(config, session, "building the model", precision.name) from e
-        raise
     # Compiled, the wrapper is no longer a DDP module: no_sync and the all-reduce timer are
     # still set on the DDP module underneath (`parallel`).
     compiled = config.compiles_on(device.type)
@@ -459,7 +465,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         # Dropout randomness is a function of (seed, rank, step): resume replays it exactly.
         torch.manual_seed(stream_seed(config.seed, session.world_rank, step, DROPOUT_STREAM))
         set_lr(optimizer, lr_at(step, config, legs))
-        try:  # torch names no flag when an allocation fails: out_of_memory does
+        # (torch names no flag when an allocation fails: out_of_memory does)
+        with out_of_memory_named(config, session, f"at step {step}", precision.name):
             x, y = get_batch(train_tokens, config.batch_size, config.seq_len, seed=config.seed,
                              rank=session.world_rank, step=step)
             # Decided before the step: a checkpoint due now makes DDP sync the gradients.
@@ -471,7 +478,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             # Workers must agree on the gradients when a group steps, and when a checkpoint
             # (which holds rank 0's pending gradients) is written; otherwise DDP may skip the
             # all-reduce and let each worker accumulate locally.
-            with accumulation.sync_context(parallel, bool(accumulation.due(step)) or checkpoint_due):
+            with accumulation.sync_context(parallel,
+                                           bool(accumulation.due(step)) or checkpoint_due):
                 with precision.autocast():
                     _, loss = wrapped(to_device(x, device), to_device(y, device),
                                       return_logits=False)
@@ -481,10 +489,6 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                     objective = loss + config.span_penalty * model.span_penalty()
                 scaler.scale(objective).backward()
             skipped_steps += accumulation.step(step, optimizer, scaler, config.grad_clip)
-        except RuntimeError as e:
-            if is_out_of_memory(e):
-                raise out_of_memory(config, session, f"at step {step}", precision.name) from e
-            raise
         model.clamp_spans_()
         step += 1
         tokens_seen += tokens_per_step
