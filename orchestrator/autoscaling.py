@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.config import JobSpec
-from orchestrator.inventory import (LABEL_ACCELERATOR_MEMORY_GB, LABEL_ACCELERATOR_TYPE,
-                                    LABEL_NETWORK_GBPS, accelerator_family)
+from orchestrator.inventory import (LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
+                                    LABEL_ACCELERATOR_TYPE, LABEL_NETWORK_GBPS,
+                                    accelerator_family)
 from orchestrator.validation import is_int
 
 ACCELERATOR_RESOURCE_PREFIX = "accelerator_type:"  # Ray's resource per accelerator type
@@ -99,6 +100,7 @@ def _node_type(name: str, raw: Any, default_max: Any) -> NodeType:
     family = accelerator_family(str(labels.get(LABEL_ACCELERATOR_TYPE, "")) or
                                 accelerator.removeprefix(ACCELERATOR_RESOURCE_PREFIX))
     gpus = _whole_number(resources.get("GPU", 0), f"node type {name!r}: GPU")
+    _check_labels_agree(name, labels, accelerator, gpus)
     max_workers = _whole_number(raw.get("max_workers", default_max),
                                 f"node type {name!r}: max_workers")
     try:
@@ -110,6 +112,32 @@ def _node_type(name: str, raw: Any, default_max: Any) -> NodeType:
             max_workers=max_workers)
     except (TypeError, ValueError) as e:
         raise ValueError(f"node type {name!r}: {e}") from None
+
+
+def _check_labels_agree(name: str, labels: dict, accelerator: str, gpus: int) -> None:
+    """ValueError naming the node type when its labels contradict its resources: the
+    accelerator_type resource steers the autoscaler while the label's family is what plans
+    match (an A100 job asked for another family's nodes), and an agent without NVML reports
+    the accelerator-count label's GPUs, not the GPU resource the plan counted."""
+    label_family = accelerator_family(str(labels.get(LABEL_ACCELERATOR_TYPE, "")))
+    resource_family = accelerator_family(accelerator.removeprefix(ACCELERATOR_RESOURCE_PREFIX))
+    if label_family and accelerator and label_family != resource_family:
+        raise ValueError(
+            f"node type {name!r}: label {LABEL_ACCELERATOR_TYPE}="
+            f"{labels[LABEL_ACCELERATOR_TYPE]!r} (family {label_family}) but resource "
+            f"{accelerator} (family {resource_family or 'none'}): make them name one family")
+    count = labels.get(LABEL_ACCELERATOR_COUNT)
+    if count is None or not labels.get(LABEL_ACCELERATOR_TYPE):
+        return  # (the count label counts only beside the type label, as on the node)
+    try:
+        agrees = float(count) == gpus
+    except (TypeError, ValueError):
+        agrees = False
+    if not agrees:
+        raise ValueError(
+            f"node type {name!r}: label {LABEL_ACCELERATOR_COUNT}={count!r} but resources "
+            f"GPU: {gpus}: make them agree (an agent that cannot see the GPUs reports the "
+            "label's count)")
 
 
 def _optional_float(value: Any) -> float | None:

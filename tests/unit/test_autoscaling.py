@@ -314,3 +314,32 @@ def test_a_node_types_max_workers_or_gpus_that_is_not_a_whole_number_is_named(fi
     with pytest.raises(ValueError, match=f"node type 'w': {field} must be a whole number >= 0, "
                                          f"not {value!r}"):
         node_types_from_config({"available_node_types": {"w": node_type}})
+
+
+@pytest.mark.parametrize("labels, resources, named", [
+    # The accelerator_type resource steers the autoscaler, the label decides the family the
+    # plan matches: an A100 job asked for accelerator_type:H100, which the real H100 type
+    # also declares, and waited scale_up_timeout_s on H100 nodes that never hold it.
+    ({"orchestrator.io/accelerator-type": "A100-80GB"},
+     {"CPU": 96, "GPU": 8, "accelerator_type:H100": 1}, "accelerator_type:H100"),
+    # Without NVML (declared GPUs, cluster.local.yaml) the agent reports the label's count:
+    # the plan counted 8 GPUs a node and under-asked for a 16-GPU job by half.
+    ({"orchestrator.io/accelerator-type": "A100", "orchestrator.io/accelerator-count": "4"},
+     {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1}, "accelerator-count"),
+])
+def test_a_node_type_whose_labels_contradict_its_resources_is_named(labels, resources, named):
+    config = {"available_node_types": {
+        "a100": {"resources": resources, "labels": labels, "max_workers": 2},
+        "h100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:H100": 1},
+                 "labels": {"orchestrator.io/accelerator-type": "H100"}, "max_workers": 2}}}
+    with pytest.raises(ValueError, match=f"node type 'a100': .*{named}"):
+        node_types_from_config(config)
+
+
+def test_labels_that_agree_with_the_resources_are_taken():
+    # Ray's name for the 80 GB A100 and a count written as a decimal agree with the label.
+    a100 = {"resources": {"CPU": 8, "GPU": 8, "accelerator_type:A100-80G": 1},
+            "labels": {"orchestrator.io/accelerator-type": "A100-80GB",
+                       "orchestrator.io/accelerator-count": "8.0"}, "max_workers": 1}
+    (node_type,) = node_types_from_config({"available_node_types": {"a100": a100}})
+    assert (node_type.family, node_type.gpus) == ("A100", 8)
