@@ -133,6 +133,18 @@ def test_a_diverged_run_fails_at_once_keeping_only_finite_checkpoints(cluster, t
         assert all(torch.isfinite(t).all() for t in state["model"].values()), checkpoint
 
 
+def test_a_run_out_of_memory_names_the_flags_that_size_it(cluster, tmp_path, capsys):
+    # torch's own "DefaultCPUAllocator: can't allocate memory: you tried to allocate
+    # 102400000000 bytes" named no flag (orchestrator/training/loop.py, out_of_memory).
+    code = pretrain.main([*TINY, "--batch-size", "100000000", "--max-failures", "0",
+                          "--run-dir", str(tmp_path / "oom")])
+    assert code == EXIT_FAILED
+    said = [line for line in capsys.readouterr().err.splitlines()
+            if line.startswith("error: ")]
+    assert said and "WorkerOutOfMemory: out of memory at step 0 on worker rank 0" in said[0]
+    assert "--batch-size 100000000 x --seq-len" in said[0] and "lower --batch-size" in said[0]
+
+
 def test_a_corrupt_latest_checkpoint_falls_back_under_ray_train(first_run):
     # Runs after test_resume_continues_the_step_count: checkpoints at steps 2, 4, 6 are kept.
     checkpoints = sorted(p for p in first_run.glob("checkpoint_*") if p.is_dir())
