@@ -25,8 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("checkpoint", "out"):  # `--out "$DIR"` with DIR unset: not the cwd
         if not getattr(args, flag).strip():
             p.error(f"--{flag} is empty: give a directory")
-    from orchestrator.hf_export import ExportError, export_dir  # (a `~` the shell left
-    try:                                                        # alone: home)
+    from orchestrator.hf_export import ExportError, export_dir
+
+    try:  # (a `~` the shell left alone: home)
         args.out = str(export_dir(args.out))
     except ExportError as e:  # ~user of no user
         p.error(str(e))

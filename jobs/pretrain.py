@@ -594,17 +594,16 @@ def _say_nothing_to_do(where: str, train_config: TrainConfig) -> None:
 def _write_resolved_config(run_dir: Path, train_config: TrainConfig, spec: JobSpec,
                            tokenizer) -> None:
     """config.json and the run's tokenizer.json (what serving, compression and export read)."""
-    from orchestrator.training.checkpoint import CheckpointError, write_atomically
+    from orchestrator.training.checkpoint import CheckpointError, write_json
 
     resolved = {"train": train_config.to_dict(), "job": spec.to_dict()}
-    text = json.dumps(resolved, indent=2) + "\n"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if train_config.tokenizer_sha256:  # runs from before tokenizers were recorded: none
             save_tokenizer(tokenizer, run_dir)
         # (whole or not at all: written in place, a full disk left a resumed run's
         # config.json half written, and --resume, serving and export could not read it)
-        write_atomically(run_dir / CONFIG_FILE, lambda f: f.write(text.encode()), what="file")
+        write_json(run_dir / CONFIG_FILE, resolved)
     except OSError as e:
         raise RunDirError(f"cannot write to run dir {run_dir}: {e.strerror or e}") from None
     except CheckpointError as e:
@@ -667,11 +666,10 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         "run_dir": str(run_dir),
         "elapsed_s": round(elapsed_s, 1),
     }
-    from orchestrator.training.checkpoint import CheckpointError, write_atomically
+    from orchestrator.training.checkpoint import CheckpointError, write_json
 
-    text = json.dumps(summary, indent=2) + "\n"
     try:  # (whole or not at all, and said: a full disk here was a traceback)
-        write_atomically(run_dir / SUMMARY_FILE, lambda f: f.write(text.encode()), what="file")
+        write_json(run_dir / SUMMARY_FILE, summary)
     except CheckpointError as e:
         raise JobFailed(f"{e}; the run finished: its checkpoints are in {run_dir}",
                         EXIT_FAILED) from None

@@ -153,8 +153,8 @@ def _exit_on_import(what: str, exit: SystemExit) -> str:
 
 
 def _load_file(where: str, base_dir: Path | None) -> ModuleType:
-    script = expand_home(where, "entrypoint script", EntrypointError)  # (as run_dir and
-    # working_dir are)
+    # (a ~ expanded as run_dir's and working_dir's are)
+    script = expand_home(where, "entrypoint script", EntrypointError)
     candidates = ([base_dir / script] if base_dir else []) + [script]
     path = next((p.resolve() for p in candidates if p.is_file()), None)
     if path is None:

@@ -9,39 +9,19 @@ error never leaves a directory that looks finished.
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
-# One implementation of checksummed tensor files, shared with training checkpoints.
+# One implementation of checksummed tensor files and atomic JSON, shared with training.
 from orchestrator.training.checkpoint import (CheckpointError, load_tensors, save_tensors,
-                                              sha256_file, write_atomically)
+                                              sha256_file, write_json)
 
 __all__ = ["CheckpointError", "save_tensors", "load_tensors", "write_json", "staged_dir",
            "sha256_file", "cpu_state_dict", "file_in_the_way", "onnx_files", "remove_onnx"]
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Strict JSON: a NaN or infinity (a diverged loss) is written as null, never as the bare
-    `NaN` that JSON parsers other than Python's reject; the report is still written."""
-    text = json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
-    write_atomically(Path(path), lambda f: f.write(text.encode()), what="file")
-
-
-def _finite(data: Any) -> Any:
-    """`data` with every non-finite float replaced by None."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {k: _finite(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite(v) for v in data]
-    return data
 
 
 def cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

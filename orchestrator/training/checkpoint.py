@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
+import math
 import os
 import pickle
 import shutil
@@ -85,6 +87,25 @@ def write_atomically(path: Path, write, what: str = "checkpoint file") -> None:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{what} {path} cannot be written: "
                               f"{_write_problem(e)}{free_space_note(path.parent)}") from e
+
+
+def write_json(path: Path, data: Any) -> None:
+    """`data` as indented JSON, written whole or not at all (write_atomically). Strict JSON:
+    a NaN or infinity (a diverged loss) is written as null, never as the bare `NaN` that JSON
+    parsers other than Python's reject; the file is still written."""
+    text = json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
+    write_atomically(Path(path), lambda f: f.write(text.encode()), what="file")
+
+
+def _finite(data: Any) -> Any:
+    """`data` with every non-finite float replaced by None."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def _write_problem(e: Exception) -> str:
