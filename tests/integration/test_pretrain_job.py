@@ -141,7 +141,9 @@ def test_a_run_out_of_memory_names_the_flags_that_size_it(cluster, tmp_path, cap
     assert code == EXIT_FAILED
     said = [line for line in capsys.readouterr().err.splitlines()
             if line.startswith("error: ")]
-    assert said and "WorkerOutOfMemory: out of memory at step 0 on worker rank 0" in said[0]
+    # Every worker runs out; whichever rank Ray Train reports first is named.
+    assert said and re.search(r"WorkerOutOfMemory: out of memory at step 0 on worker rank \d",
+                              said[0])
     assert "--batch-size 100000000 x --seq-len" in said[0] and "lower --batch-size" in said[0]
 
 
