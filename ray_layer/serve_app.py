@@ -213,9 +213,8 @@ class Ingress:
             info = await self._model_info(max_age_s=1.0)
             encoder = await self._encoder(info)
             # Every prompt is checked against the replica's KV cache here, before any
-            # starts (protocol._check_fits_cache says why)
-            kv_cache_tokens = (info["kv_cache_tokens"]
-                               if info.get("batching") == "continuous" else None)
+            # starts (protocol._check_fits_cache says why); None under static batching
+            kv_cache_tokens = info.get("kv_cache_tokens")
             if chat:
                 parse = functools.partial(
                     protocol.parse_chat_request, data, block_size=info["context_length"],

@@ -789,18 +789,23 @@ class GPTModel:
     # -- introspection and health --------------------------------------------------------------
     def model_info(self) -> dict[str, Any]:
         """The loaded model (/v1/models), with its tokenizer, the token ids its embedding
-        reads, how this replica batches and its KV cache's capacity in tokens."""
+        reads, how this replica batches and, with continuous batching, its KV cache's
+        capacity in tokens (None under static batching)."""
         loaded = self.loaded
         if loaded is None:
             raise APIError(503, "no model is loaded yet", type="server_error")
-        limits = self._engine_limits(loaded)
+        continuous = self.runtime is not None and self.runtime.batching == "continuous"
+        limits = self._engine_limits(loaded) if continuous else None
         model_ids = int(getattr(getattr(loaded.model, "config", None), "vocab_size",
                                 loaded.tokenizer.vocab_size))
         return {**loaded.info(), "tokenizer": loaded.tokenizer.name,
                 "tokenizer_sha256": loaded.tokenizer.sha256,
                 "token_ids": min(model_ids, loaded.tokenizer.vocab_size),
                 "batching": self.runtime.batching if self.runtime else None,
-                "kv_cache_tokens": limits.num_blocks * limits.block_tokens,
+                # (static batching has no paged cache: no figure, rather than one that
+                # holds no request to anything)
+                "kv_cache_tokens": (limits.num_blocks * limits.block_tokens if limits
+                                    else None),
                 "reload_error": self.reload_error}
 
     def tokenizer(self) -> Any:

@@ -484,3 +484,19 @@ def test_a_served_model_its_engine_cannot_open_again_gets_its_requests_resent(re
         assert is_engine_lost(error) and error.status == 503, error.message
         assert "does not exist" in error.message
     assert replica.engine_problem == gone  # its health check fails: Serve replaces it
+
+
+def test_models_info_shows_a_kv_cache_only_under_continuous_batching(replicas, tmp_path):
+    # /v1/models showed kv_cache_tokens 128 (max_batch_size 4 x the 32-token context) from a
+    # static-batching replica, which has no paged KV cache: a size no request was held to.
+    import dataclasses
+
+    replica = replicas()
+    asyncio.run(replica.reconfigure({"checkpoint": checkpoint(tmp_path / "run", 1),
+                                     "batching": "static", "kv_cache_tokens": 64}))
+    info = replica.model_info()
+    assert (info["batching"], info["kv_cache_tokens"]) == ("static", None)
+    # (the figure continuous batching's engine would run with; no engine is started here)
+    replica.runtime = dataclasses.replace(replica.runtime, batching="continuous")
+    info = replica.model_info()
+    assert (info["batching"], info["kv_cache_tokens"]) == ("continuous", 64)
