@@ -240,7 +240,7 @@ class RowGroup:
     def step(self) -> list[tuple[int, Chunk]]:
         """One forward pass; returns (request index, chunk) for every row still running."""
         logits, _ = self.model(self.input, cache=self.cache, key_is_real=self.key_is_real,
-                               positions=self.positions)
+                               positions=self.positions, last_only=True)
         uniform = torch.tensor([row.draw() for _, row in self.rows], device=logits.device)
         tokens = sample_tokens(logits[:, -1, :], self.temperature, self.top_p, uniform,
                                vocab=self.rows[0][1].vocab)

@@ -156,7 +156,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, key_is_real: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, return_logits: bool = True
+                positions: torch.Tensor | None = None, return_logits: bool = True,
+                last_only: bool = False
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx: (B, T) token ids. Returns logits (B, T, vocab) and, given targets, the mean loss.
         Training passes return_logits=False (logits None): compiled, a logits output that
@@ -166,7 +167,10 @@ class GPT(nn.Module):
 
         Incremental decoding passes a KVCache (idx then holds only the new tokens). Batches of
         left-padded prompts pass key_is_real (B, all positions fed so far; False = padding) and
-        positions (B, T), each row counting from its first real token."""
+        positions (B, T), each row counting from its first real token. last_only (without
+        targets): logits of each row's last position only, (B, 1, vocab), as decoding reads
+        them; over a prompt the LM head of every position cost more than the blocks with a
+        large vocabulary."""
         _, time = idx.shape
         start = cache.length if cache is not None else 0
         if start + time > self.config.block_size:
@@ -180,7 +184,7 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += time
         if targets is None:
-            return self.lm_head(self.ln_f(x)), None
+            return self.lm_head(self.ln_f(x[:, -1:] if last_only else x)), None
         vocab = self.lm_head.weight.size(0)
         logits = self._padded_head(self.ln_f(x))
         # The loss reads the padded logits whole (their slice's backward would copy them).

@@ -155,3 +155,21 @@ def test_requests_that_cannot_generate_are_refused():
         GenerationRequest((), SamplingParams(4))
     with pytest.raises(ValueError, match="nothing left"):
         GenerationRequest((1,), SamplingParams(2), generated=(5, 6))
+
+
+def test_static_batching_computes_logits_of_each_rows_last_position_only(model):
+    # Every step reads only each row's last logits; the prefill ran the LM head over every
+    # prompt position: with a 32,000-token vocabulary, 64 prompts of up to 200 tokens took
+    # 10 s to prefill instead of 1.3 s (a (64, 200, 32000) float tensor, 1.6 GB, made and
+    # dropped). The output is unchanged.
+    head_rows = []
+    hook = model.lm_head.register_forward_hook(
+        lambda module, inputs, output: head_rows.append(inputs[0].shape[:-1].numel()))
+    try:
+        prompts = [b"Hello there", b"A much longer prompt than the first one", b"x"]
+        out = generate(model, [greedy(p, 4) for p in prompts], BLOCK)
+    finally:
+        hook.remove()
+    assert head_rows == [3, 3, 3, 3], head_rows  # one per row and step
+    for prompt, (_, tokens, _) in zip(prompts, out, strict=True):
+        assert tokens == reference_greedy(model, prompt, 4)
