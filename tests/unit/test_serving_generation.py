@@ -83,6 +83,48 @@ def test_top_p_one_keeps_the_whole_vocabulary():
     assert tail[rank], f"picked rank {rank}; the tail starts at {tail.nonzero()[0].item()}"
 
 
+def sorted_inverse_cdf(logits, temperature, top_p, uniform):
+    """Sampling the slow obvious way: every row's whole vocabulary sorted, cut to top_p, its
+    CDF inverted at the row's draw."""
+    probs = torch.softmax(logits / temperature.clamp(min=1e-6).unsqueeze(1), -1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    kept = (sorted_probs.cumsum(-1) - sorted_probs < top_p.unsqueeze(1)) | (
+        top_p >= 1).unsqueeze(1)
+    kept[:, 0] = True
+    cdf = (sorted_probs * kept).cumsum(-1)
+    pick = torch.searchsorted(cdf, uniform.unsqueeze(1) * cdf[:, -1:]).clamp(
+        max=logits.size(-1) - 1)
+    sampled = order.gather(-1, pick).squeeze(-1)
+    return torch.where(temperature > 0, sampled, logits.argmax(-1))
+
+
+def test_sampling_sorts_a_whole_vocabulary_only_for_draws_past_its_most_likely_tokens(
+        monkeypatch):
+    # Every row sorted its whole vocabulary at every step: with 32,000 tokens, 64 rows at
+    # temperature 1 (OpenAI's default) took 0.6-0.8 s a step in the sort alone against
+    # 0.1-0.15 s for the forward pass (2-core CPU). The tokens drawn are the same.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 32000, generator=g) * 8  # peaked, as a trained model's are
+    temperature = torch.tensor([1.0, 0.7, 0.0, 1.5] * 16)
+    top_p = torch.tensor([1.0, 0.9, 1.0, 0.0] * 16)
+    uniform = torch.rand(64, generator=g)
+    uniform[:2] = torch.tensor([1 - 2 ** -24, 0.0])  # row 0's draw reaches the tail
+    sorted_rows = []
+    real_sort = torch.Tensor.sort
+
+    def sort(self, *args, **kwargs):
+        sorted_rows.append(self.shape[0])
+        return real_sort(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "sort", sort)
+    tokens = sample_tokens(logits, temperature, top_p, uniform)
+    monkeypatch.undo()
+    assert sum(sorted_rows) == 1, sorted_rows  # row 0 only
+    assert torch.equal(tokens, sorted_inverse_cdf(logits, temperature, top_p, uniform))
+    flat = logits / 8  # most of the mass past the first tokens: those rows sort it all
+    assert torch.equal(sample_tokens(flat, temperature, top_p, uniform),
+                       sorted_inverse_cdf(flat, temperature, top_p, uniform))
+
+
 def test_stop_sequences_end_a_row_early(model):
     full = generate(model, [greedy(b"Hello", 20)], BLOCK)[0][0]
     stop = full[5:7]
