@@ -369,8 +369,9 @@ def load_trace(path: Path | str, fmt: str = "canonical") -> list[TraceJob]:
 def prepare(jobs: list[TraceJob], max_jobs: int | None = None,
             load_scale: float = 1.0) -> list[TraceJob]:
     """Sort by submit time (stable: ties keep file order), keep the first `max_jobs`, start the
-    clock at the first submit, and divide inter-arrival times by `load_scale` (> 1 = busier).
-    Job ids are renumbered 0..n-1 in submit order; `line` still points into the file."""
+    clock at the first submit, and divide inter-arrival times by `load_scale` (> 1 = busier;
+    a scale that would spread the submit times over MAX_SECONDS is refused, as a trace's own
+    are). Job ids are renumbered 0..n-1 in submit order; `line` still points into the file."""
     if not (math.isfinite(load_scale) and load_scale > 0):
         raise TraceError(f"--load-scale must be a number > 0, got {load_scale}")
     if max_jobs is not None and max_jobs < 1:
@@ -379,10 +380,13 @@ def prepare(jobs: list[TraceJob], max_jobs: int | None = None,
     if not ordered:
         return []
     t0 = ordered[0].submit_time_s
-    # A tiny scale overflows the last submit time to inf: every figure of the replay was nan.
-    if not math.isfinite((ordered[-1].submit_time_s - t0) / load_scale):
-        raise TraceError(f"--load-scale {load_scale:g}: the last submit time "
-                         f"({ordered[-1].submit_time_s - t0:g} s after the first) divided by it "
-                         "is not a finite number of seconds")
+    span = ordered[-1].submit_time_s - t0
+    # A tiny scale spreads the arrivals past MAX_SECONDS, as a trace's own submit times may not:
+    # at 1e-300 a job's run is lost in its submit time's float rounding (JCTs of 0, a makespan
+    # of 300 digits), and at 1e-307 the last submit time overflowed to inf (every figure nan).
+    if not span / load_scale <= MAX_SECONDS:
+        raise TraceError(f"--load-scale {load_scale:g}: the submit times span {span:g} s; "
+                         f"divided by it they would span {span / load_scale:g} s, over "
+                         f"{MAX_SECONDS:g} s (31 years)")
     return [replace(j, job_id=i, submit_time_s=(j.submit_time_s - t0) / load_scale)
             for i, j in enumerate(ordered)]

@@ -51,7 +51,7 @@ from orchestrator.simulator import (RestartCost, SimResult, add_published_baseli
                                     add_restart_arguments,
                                     format_summary, out_dir_problem, restart_cost, simulate,
                                     write_jobs_csv, write_plots)
-from orchestrator.traces import PHILLY_CSV, TraceJob, load_philly, prepare
+from orchestrator.traces import PHILLY_CSV, TraceError, TraceJob, load_philly, prepare
 from scripts import gen_constrained_trace
 
 DEFAULT_CLUSTER = "v100:8x48,p100:8x48,k80:4x64;rack=16"
@@ -126,8 +126,7 @@ def figures(results: list[SimResult]) -> dict:
     return out
 
 
-def philly_section(args) -> tuple[dict, list[SimResult]]:
-    trace = philly_slice(args.start, args.jobs, args.load_scale)
+def philly_section(args, trace: list[TraceJob]) -> tuple[dict, list[SimResult]]:
     results = run_policies(trace, DEFAULT_CLUSTER, args.policies, args.seed, "philly ",
                            args.processes, restart_cost(args), args.published_baselines)
     print(f"Philly jobs {args.start:,}..{args.start + len(trace) - 1:,} by submit time, load "
@@ -137,8 +136,15 @@ def philly_section(args) -> tuple[dict, list[SimResult]]:
             "cluster": DEFAULT_CLUSTER, **figures(results)}, results
 
 
-def constrained_section(args) -> tuple[dict, list[SimResult]]:
+def constrained_traces(args) -> tuple[list[TraceJob], dict[float, list[TraceJob]]]:
+    """The constrained trace, and it at each --sweep scale but 1 (when the sweep runs)."""
     trace = prepare(gen_constrained_trace.generate(seed=args.trace_seed))
+    sweep = args.sweep if any(p in args.policies for p in SWEEP_POLICIES) else ()
+    return trace, {scale: prepare(trace, load_scale=scale) for scale in sweep if scale != 1.0}
+
+
+def constrained_section(args, traces) -> tuple[dict, list[SimResult]]:
+    trace, swept_traces = traces
     cluster = gen_constrained_trace.CONSTRAINED_CLUSTER
     results = run_policies(trace, cluster, args.policies, args.seed, "constrained ",
                            args.processes, restart_cost(args), args.published_baselines)
@@ -152,7 +158,7 @@ def constrained_section(args) -> tuple[dict, list[SimResult]]:
         if scale == 1.0:
             swept = [r for r in results if r.policy in sweep_policies]
         else:
-            swept = run_policies(prepare(trace, load_scale=scale), cluster, sweep_policies,
+            swept = run_policies(swept_traces[scale], cluster, sweep_policies,
                                  args.seed, f"constrained x{scale:g} ", args.processes,
                                  restart_cost(args), args.published_baselines)
             print(f"\nConstrained trace at {scale:g}x its load")
@@ -165,8 +171,7 @@ def constrained_section(args) -> tuple[dict, list[SimResult]]:
     return section, results
 
 
-def full_philly_section(args) -> tuple[dict, list[SimResult]]:
-    trace = prepare(load_philly(PHILLY_CSV))
+def full_philly_section(args, trace: list[TraceJob]) -> tuple[dict, list[SimResult]]:
     t0 = time.perf_counter()
     results = run_policies(trace, DEFAULT_CLUSTER, args.policies, args.seed, "full ",
                            args.processes, restart_cost(args), args.published_baselines)
@@ -204,11 +209,20 @@ def main(argv: list[str] | None = None) -> dict:
     sections = set(args.sections.split(","))
     summary: dict = {"restart": dataclasses.asdict(restart_cost(args)),
                      "published_baselines": args.published_baselines}
+    # Every trace is built before any replay runs: a --load-scale or --sweep scale that spreads
+    # arrivals past 31 years (traces.prepare) is refused at once, not after other replays.
+    try:
+        traces = {name: build() for name, build in (
+            ("philly", lambda: philly_slice(args.start, args.jobs, args.load_scale)),
+            ("constrained", lambda: constrained_traces(args)),
+            ("full", lambda: prepare(load_philly(PHILLY_CSV)))) if name in sections}
+    except TraceError as e:
+        parser.error(str(e))
     for name, key, run in (("philly", "philly", philly_section),
                            ("constrained", "constrained", constrained_section),
                            ("full", "full_philly", full_philly_section)):
         if name in sections:
-            summary[key], results = run(args)
+            summary[key], results = run(args, traces[name])
             if args.out:
                 write_outputs(results, Path(args.out) / name)
     print(json.dumps(summary))

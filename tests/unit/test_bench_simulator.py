@@ -132,6 +132,24 @@ def test_bad_flags_are_refused_before_any_replay(capsys, args, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args", [
+    ["--sections", "philly", "--jobs", "20", "--load-scale", "1e-300"],
+    ["--sections", "constrained", "--sweep", "1,1e-300"],
+])
+def test_a_load_scale_past_31_years_of_arrivals_is_refused_before_any_replay(
+        capsys, monkeypatch, args):
+    # --load-scale 1e-300 printed JCTs of 0 and a 300-digit makespan (a job's run lost in its
+    # submit time's rounding); a sweep scale so was refused only after the section's replays.
+    real = bench.gen_constrained_trace.generate
+    monkeypatch.setattr(bench.gen_constrained_trace, "generate",
+                        lambda seed: real(seed=seed, jobs=50))
+    monkeypatch.setattr(bench, "run_policies", lambda *a, **k: pytest.fail("replay ran"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--processes", "1", *args])
+    assert e.value.code == 2
+    assert "error: --load-scale 1e-300: the submit times span" in capsys.readouterr().err
+
+
 def test_an_out_that_cannot_be_a_directory_is_refused_before_any_replay(tmp_path, capsys,
                                                                        monkeypatch):
     # It ran every replay of the section and then failed with NotADirectoryError.

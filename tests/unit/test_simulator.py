@@ -349,6 +349,16 @@ def test_prepare_refuses_a_load_scale_that_overflows_submit_times():
         prepare(jobs, load_scale=1e-307)
 
 
+@pytest.mark.parametrize("scale", [1e-300, 1e-10])
+def test_prepare_refuses_a_load_scale_that_spreads_arrivals_past_31_years(scale):
+    # --load-scale 1e-300 put the third job at 2e301 s, where a 300 s job's finish equals its
+    # submit time in floats: JCTs came out 0 and the makespan a 300-digit number of days, exit 0
+    jobs = [TraceJob(0, 0, 100, 1), TraceJob(1, 10, 200, 1), TraceJob(2, 20, 300, 1)]
+    with pytest.raises(TraceError, match=f"--load-scale {scale:g}: .*20 s.*over 1e\\+09 s"):
+        prepare(jobs, load_scale=scale)
+    assert prepare(jobs, load_scale=2e-8)[-1].submit_time_s == pytest.approx(1e9)
+
+
 def test_cluster_spec_builds_racks_as_network_groups():
     spec = parse_cluster_spec("V100:8x5,k80:4x3;rack=2;rack_gbps=25;inter_gbps=2")
     assert spec.total_gpus == 52 and spec.gpus_by_type() == {"v100": 40, "k80": 12}
