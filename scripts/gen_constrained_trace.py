@@ -20,7 +20,9 @@ Parameters (generate()'s keywords; the CLI's options):
     seed          numpy default_rng seed; the same seed (and parameters) gives a byte-identical
                   CSV.
     jobs          number of jobs (default 8,000; >= 2).
-    load          target offered load of the whole cluster (default 0.95), see below.
+    load          target offered load of the whole cluster (default 0.95), see below; one so
+                  low that the arrivals would span over 1e9 s (31 years) is refused, as the
+                  simulator would refuse the trace.
     scarce_load   offered load of the gang jobs alone on the scarce family (default 0.7).
     gang_share    share of jobs that are gang jobs: exactly GANG_GPUS (8) GPUs, allowed only the
                   scarce family (default 0.05).
@@ -86,7 +88,7 @@ import numpy as np
 from orchestrator.cluster_model import (FAMILY_TO_TYPE, GPU_TYPES, REFERENCE_GPU, ClusterSpec,
                                         model_for, parse_cluster_spec, speed_over_reference)
 from orchestrator.config import ACCELERATOR_SPEED
-from orchestrator.traces import TraceError, TraceJob, load_philly, write_canonical
+from orchestrator.traces import MAX_SECONDS, TraceError, TraceJob, load_philly, write_canonical
 
 CONSTRAINED_CLUSTER = "a100:8x12,v100:8x24,v100:4x48,p100:8x16,p100:4x32,k80:4x64;rack=16"
 DEFAULT_SEED = 0
@@ -151,6 +153,15 @@ def last_submit_s(gpus: dict[str, int], work: np.ndarray, speedup: dict[str, np.
                   load: float) -> float:
     """The last submit time at which `work` offers `load` (offered_load solved for it)."""
     return offered_load(gpus, work, speedup, 1.0) / load
+
+
+def checked_last_submit_s(last_s: float, load: float) -> float:
+    """`last_s`; ValueError naming --load when it is over MAX_SECONDS (31 years), a span of
+    submit times the simulator refuses (orchestrator.traces): the trace would not replay."""
+    if not last_s <= MAX_SECONDS:
+        raise ValueError(f"--load {load!r}: the arrivals would span {last_s:g} s, over "
+                         f"{MAX_SECONDS:g} s (31 years), which a trace may not; raise --load")
+    return last_s
 
 
 def family_load(family: str, gpus: dict[str, int], work: np.ndarray,
@@ -311,10 +322,14 @@ def generate(seed: int = DEFAULT_SEED, jobs: int = DEFAULT_JOBS, load: float = D
     # (their scaled durations would move some across a GPU-hours bucket)
     models = [model_for(float(d), int(n)) for d, n in zip(durations, sizes)]
     speedup = speedups(sizes, models, gpus)
+    # The other jobs' work alone sets a lower bound (before the gang scale's bisection)
+    checked_last_submit_s(last_submit_s(gpus, np.where(is_gang, 0.0, sizes * durations),
+                                        speedup, load), load)
     if is_gang.any():
         durations[is_gang] *= gang_scale(gpus, sizes * durations, speedup, is_gang, load,
                                          scarce_load)
-    submits = arrival_times(rng, jobs, last_submit_s(gpus, sizes * durations, speedup, load))
+    submits = arrival_times(rng, jobs, checked_last_submit_s(
+        last_submit_s(gpus, sizes * durations, speedup, load), load))
     return [TraceJob(i, float(submits[i]), float(durations[i]), int(sizes[i]), models[i],
                      allowed[i]) for i in range(jobs)]
 

@@ -139,6 +139,19 @@ def test_no_gang_jobs_need_no_room_for_a_gang_load(tmp_path, capsys):
     assert len(back) == 200 and not any(j.accelerators == ("A100",) for j in back)
 
 
+@pytest.mark.parametrize("load", ["1e-300", "1e-7"])
+def test_a_load_so_low_that_arrivals_span_over_31_years_is_refused(tmp_path, capsys, load):
+    # --load 1e-300 wrote submit times of 1e301 s with exit 0: a trace the simulator refuses
+    # ("over 1e+10 s ... written in ms or µs?"); --load 1e-7 one spanning 780 years.
+    out = tmp_path / "x.csv"
+    assert gen.main(["--out", str(out), "--jobs", "50", "--gang-share", "0",
+                     "--load", load]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gen_constrained_trace: error: --load {float(load)!r}: ") and \
+        "over 1e+09 s (31 years)" in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--jobs", "1"], "--jobs must be an integer >= 2"),
     (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
