@@ -18,7 +18,8 @@ Cluster SPEC (`--cluster`):
 TYPE is one of GPU_TYPES (k80, p100, v100, t4, l4, a100, h100; case-insensitive). Each rack is a
 network group (labels orchestrator.io/network-group and -network-gbps) with `rack_gbps` GB/s
 between its servers (default 12.5 = 100 Gb/s); servers in different racks talk at `inter_gbps`
-(default 1.25 = 10 Gb/s, ClusterState.inter_group_gbps). GPUs of one server talk over
+(default 1.25 = 10 Gb/s, ClusterState.inter_group_gbps); each at least MIN_GBPS (0.001 GB/s,
+1 MB/s). GPUs of one server talk over
 NVLink/PCIe: no network. Servers get CPUS_PER_GPU Ray CPUs per GPU, so CPUs never bind.
 
 Speed model (per job, per placement):
@@ -100,6 +101,10 @@ MODEL_BY_GPU_HOURS = (
 DEFAULT_RACK = 16
 DEFAULT_RACK_GBPS = 12.5
 DEFAULT_INTER_GBPS = 1.25
+# The slowest rack_gbps / inter_gbps a SPEC may give: 1 MB/s (8 Mb/s), below any data-centre
+# network. At 1e-300 a spread job's modelled run took 1e300 s (300-digit JCTs); at 1e-320 its
+# speed underflowed to 0 (ZeroDivisionError in the replay).
+MIN_GBPS = 0.001
 
 
 # -- Gavel's throughput table ---------------------------------------------------------------------
@@ -297,6 +302,8 @@ def parse_cluster_spec(text: str) -> ClusterSpec:
                        else f"{key} must be a number") from None
         if not (math.isfinite(number) and number > 0):
             raise fail(part, f"{key} must be > 0")
+        if key != "rack" and number < MIN_GBPS:
+            raise fail(part, f"{key} is in GB/s and must be >= {MIN_GBPS:g} (1 MB/s)")
         values[key] = number
     return ClusterSpec(tuple(groups), values["rack"], values["rack_gbps"],
                        values["inter_gbps"], text)

@@ -342,6 +342,20 @@ def test_cluster_spec_rack_must_be_whole_and_options_given_once():
         parse_cluster_spec("v100:8x4;rack=2;rack=3")
 
 
+@pytest.mark.parametrize("part", ["inter_gbps=1e-320", "rack_gbps=1e-300", "inter_gbps=0.0009"])
+def test_cluster_spec_refuses_a_bandwidth_below_1_mb_per_s(tmp_path, capsys, part):
+    # inter_gbps=1e-320 made a spread job's speed 0: ZeroDivisionError from the replay;
+    # 1e-300 printed a 300-digit JCT with exit 0.
+    with pytest.raises(ClusterSpecError, match=f"part '{part}': .* >= 0.001"):
+        parse_cluster_spec(f"v100:4x2;rack=1;{part}")
+    path = tmp_path / "trace.csv"
+    path.write_text("submit_time_s,duration_s,num_gpus\n0,100,8\n")
+    assert main(["simulate", "--trace", str(path), "--out", str(tmp_path / "o"), "--quiet",
+                 "--no-plots", "--cluster", f"v100:4x2;rack=1;{part}"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --cluster 'v100:4x2;rack=1;{part}'")
+    assert parse_cluster_spec("v100:4x2;rack=1;inter_gbps=0.001").inter_gbps == 0.001
+
+
 def test_prepare_refuses_a_load_scale_that_overflows_submit_times():
     # --load-scale 1e-307 turned the second submit time into inf: every figure came out nan
     jobs = [TraceJob(0, 0, 10, 1), TraceJob(1, 50, 10, 1)]
