@@ -86,7 +86,7 @@ from orchestrator.runs import writable_dir_problem
 from orchestrator.scheduler_core import CLAIM_SUFFIX, SchedulerCore
 from orchestrator.scheduler_types import MIGRATE, PREEMPT, SchedulerSettings, Yield
 from orchestrator.throughput import ThroughputTable
-from orchestrator.traces import TraceJob, unknown_families, unknown_family_reason
+from orchestrator.traces import MAX_SECONDS, TraceJob, unknown_families, unknown_family_reason
 
 SIM_NOW = 0.0  # the ClusterState's clock: constant, see the module docstring
 DEFAULT_CLUSTER = "v100:8x48,p100:8x48,k80:4x64;rack=16"  # 1,024 GPUs, 160 servers
@@ -127,10 +127,12 @@ class RestartCost:
         """What is wrong with it, naming the flags; None when it is a restart."""
         figures = {"--notice-s": self.notice_s, "--yield-s": self.yield_s,
                    "--restart-s": self.restart_s}
+        # Over MAX_SECONDS is a unit mistake, as in a trace: 1e300 printed 300-digit JCTs.
         bad = [f"{flag} {value:g}" for flag, value in figures.items()
-               if not (math.isfinite(value) and value >= 0)]
+               if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS)]
         if bad:
-            return f"{', '.join(bad)}: seconds must be numbers >= 0"
+            return (f"{', '.join(bad)}: seconds must be numbers >= 0 and at most "
+                    f"{MAX_SECONDS:g} (31 years)")
         if not self.notice_s <= self.yield_s <= self.restart_s:
             return (f"--notice-s ({self.notice_s:g}) <= --yield-s ({self.yield_s:g}) <= "
                     f"--restart-s ({self.restart_s:g}) must hold: the yield includes the "

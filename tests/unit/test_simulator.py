@@ -569,6 +569,15 @@ def test_another_restart_cost_is_the_one_the_replay_charges():
     assert RestartCost().problem() is None
 
 
+def test_a_restart_over_31_years_is_refused_naming_the_flag():
+    # --restart-s 1e300 replayed with exit 0 and printed 300-digit JCTs (every preemption or
+    # migration cost 1e300 s): seconds in the wrong unit, as traces.MAX_SECONDS says for traces.
+    problem = RestartCost(restart_s=1e300, yield_s=1e300, notice_s=1e300).problem()
+    assert problem == ("--notice-s 1e+300, --yield-s 1e+300, --restart-s 1e+300: seconds must "
+                       "be numbers >= 0 and at most 1e+09 (31 years)")
+    assert RestartCost(restart_s=1e9).problem() is None
+
+
 def test_the_wait_after_a_preemption_counts_as_waiting_not_only_the_first_start():
     # A starts at once, is preempted by B at 8,000 s and waits while B runs its 100 s: its
     # first start came at once, but it waited 100 s. B waits for A's yield (YIELD_S). The
