@@ -420,7 +420,8 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
             outcome = core.submit(job.spec, "", now)
             if isinstance(outcome.decision, Rejection):
                 job.status = NEVER_FITS
-                job.never_fit_reason = never_fit_reason(job.spec, cluster)
+                job.never_fit_reason = never_fit_reason(
+                    job.spec, cluster, unknown_families(job.trace.accelerators))
                 run.never += 1
                 continue
             carry_out(outcome, now, job)
@@ -459,16 +460,19 @@ def simulation_settings(cluster: ClusterSpec, backfill: bool | None = None,
     return dataclasses.replace(base, **fixed) if base is not None else SchedulerSettings(**fixed)
 
 
-def never_fit_reason(spec: JobSpec, cluster: ClusterSpec) -> str:
+def never_fit_reason(spec: JobSpec, cluster: ClusterSpec, unknown: tuple[str, ...] = ()) -> str:
     """Why a job the core rejected can never run on the modelled cluster, in a few words
-    that group alike jobs (the summary counts jobs per reason)."""
+    that group alike jobs (the summary counts jobs per reason). `unknown`: the families of
+    its constraint the spec left out (traces.unknown_families: a typo, an alias such as
+    V100S), named too: they may be what the user meant."""
     present = {GPU_TYPES[k].family: n for k, n in cluster.gpus_by_type().items()}
     allowed = [f.upper() for f in spec.accelerator_types] or sorted(present)
+    also = f"; {unknown_family_reason(unknown)}" if unknown else ""
     if not any(f in present for f in allowed):
-        return f"no server of {'|'.join(allowed)} in the cluster"
+        return f"no server of {'|'.join(allowed)} in the cluster{also}"
     have = sum(present.get(f, 0) for f in allowed)
     kinds = "|".join(allowed) if spec.accelerator_types else "any type"
-    return f"needs {spec.total_gpus} GPUs, the cluster has {have} of {kinds}"
+    return f"needs {spec.total_gpus} GPUs, the cluster has {have} of {kinds}{also}"
 
 
 def _usable_gpus_counter(state: ClusterState) -> Callable[[Counter], tuple[int, int]]:

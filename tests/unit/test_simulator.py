@@ -490,6 +490,17 @@ def test_an_accelerator_alias_never_fits_naming_the_family_to_write(tmp_path, ca
         capsys.readouterr().out
 
 
+def test_a_job_of_an_alias_and_a_missing_family_never_fits_naming_the_alias_too():
+    # V100S|A100 on V100s (the user meant V100 or A100) never fit with the reason "no server
+    # of A100 in the cluster": the alias, the whole trouble, was named nowhere.
+    result = simulate(trace((0, 10, 1, "V100S|A100"), (0, 10, 1, "Z80|A100")), "v100:8x1",
+                      "fifo")
+    assert result.metrics["never_fit_reasons"] == {
+        "no server of A100 in the cluster; unknown accelerator family V100S (V100S is an "
+        "alias of V100; write V100)": 1,
+        "no server of A100 in the cluster; unknown accelerator family Z80": 1}
+
+
 def test_simulate_never_imports_ray(tmp_path):
     import subprocess
     import sys
