@@ -19,7 +19,7 @@ The cluster (CONSTRAINED_CLUSTER, --cluster):
 Parameters (generate()'s keywords; the CLI's options):
     seed          numpy default_rng seed; the same seed (and parameters) gives a byte-identical
                   CSV.
-    jobs          number of jobs (default 8,000; >= 2).
+    jobs          number of jobs (default 8,000; 2 to MAX_JOBS, 1,000,000).
     load          target offered load of the whole cluster (default 0.95), see below; one so
                   low that the arrivals would span over 1e9 s (31 years) is refused, as the
                   simulator would refuse the trace.
@@ -93,6 +93,9 @@ from orchestrator.traces import MAX_SECONDS, TraceError, TraceJob, load_philly, 
 CONSTRAINED_CLUSTER = "a100:8x12,v100:8x24,v100:4x48,p100:8x16,p100:4x32,k80:4x64;rack=16"
 DEFAULT_SEED = 0
 DEFAULT_JOBS = 8_000
+# The most jobs a trace may have: 12x the Philly trace, a replay of hours; 1e9 ended in numpy's
+# MemoryError traceback (22 GiB for one array), 1e8 ate memory for minutes first.
+MAX_JOBS = 1_000_000
 DEFAULT_LOAD = 0.95
 DEFAULT_SCARCE_LOAD = 0.7
 DEFAULT_GANG_SHARE = 0.05
@@ -190,8 +193,8 @@ def check_parameters(seed: int, jobs: int, load: float, scarce_load: float, gang
     # integer").
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
-    if not isinstance(jobs, (int, np.integer)) or jobs < 2:
-        raise ValueError(f"--jobs must be an integer >= 2, got {jobs!r}")
+    if not isinstance(jobs, (int, np.integer)) or not 2 <= jobs <= MAX_JOBS:
+        raise ValueError(f"--jobs must be an integer from 2 to {MAX_JOBS:,}, got {jobs!r}")
     for name, value in (("--load", load), ("--scarce-load", scarce_load)):
         if not (np.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a number > 0, got {value!r}")

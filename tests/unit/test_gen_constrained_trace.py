@@ -152,8 +152,24 @@ def test_a_load_so_low_that_arrivals_span_over_31_years_is_refused(tmp_path, cap
     assert not out.exists()
 
 
+def test_a_job_count_past_a_million_is_refused_before_any_array_is_built(tmp_path, capsys,
+                                                                         monkeypatch):
+    # --jobs 1000000000 ended in numpy's _ArrayMemoryError traceback ("Unable to allocate
+    # 22.4 GiB"); --jobs 100000000 ate memory for minutes first. (No generating here: the
+    # random generator, made before any array, stops the test if the job count got past.)
+    monkeypatch.setattr(gen.np.random, "default_rng",
+                        lambda seed: pytest.fail("--jobs 1000000000 went on to generate"))
+    out = tmp_path / "x.csv"
+    assert gen.main(["--out", str(out), "--jobs", "1000000000"]) == 2
+    assert capsys.readouterr().err == ("gen_constrained_trace: error: --jobs must be an integer "
+                                       "from 2 to 1,000,000, got 1000000000\n")
+    assert not out.exists()
+    gen.check_parameters(0, gen.MAX_JOBS, 0.95, 0.7, 0.05, 1 / 3, 0.15,
+                         gen.parse_cluster_spec(gen.CONSTRAINED_CLUSTER))
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--jobs", "1"], "--jobs must be an integer >= 2"),
+    (["--jobs", "1"], "--jobs must be an integer from 2 to 1,000,000"),
     (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
     (["--load", "0"], "--load must be a number > 0"),
     (["--gang-share", "0.5", "--single-share", "0.4"], "--gang-share 0.5 > --single-share"),
