@@ -112,6 +112,9 @@ def run(args: argparse.Namespace) -> dict:
     from orchestrator.compression.source import load_teacher
     from orchestrator.training.checkpoint import CheckpointError
 
+    for flag, value in (("--checkpoint", args.checkpoint), ("--out", args.out)):
+        if not value.strip():  # `--out "$OUT"` with OUT unset: Path("") is the cwd
+            raise JobFailed(f"{flag} is empty: give a directory", EXIT_BAD_INPUT)
     try:
         out = expand_home(args.out, "--out", ConfigError).resolve()
         config = build_config(args)

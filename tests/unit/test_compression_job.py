@@ -486,3 +486,23 @@ def test_a_home_of_no_user_is_named_by_its_flag_and_nothing_is_written(tmp_path,
     assert code == 2
     assert f"{flag} '~nosuchuser-s55/x': ~nosuchuser-s55 is the home directory of no user" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint", "--out"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_path_flag_is_refused_not_read_as_the_current_directory(
+        tmp_path, capsys, monkeypatch, flag, value):
+    """`--out "$OUT"` with OUT unset: Path("") is the current directory, so the compression
+    was written into it (an empty one), and `--checkpoint ""` run from a pretrain run's
+    folder compressed that run. Refused naming the flag, as jobs/export.py and pretrain do."""
+    cwd = tmp_path / "cwd"
+    make_checkpoint(cwd / "checkpoint_00000003")  # a run directory as the current one
+    monkeypatch.chdir(cwd)
+    before = sorted(p.name for p in cwd.iterdir())
+    paths = {"--checkpoint": str(cwd), "--out": str(tmp_path / "out")}
+    paths[flag] = value
+    code, err = run_job(capsys, "--checkpoint", paths["--checkpoint"], "--out", paths["--out"])
+    assert code == 2, err
+    assert f"{flag} is empty" in err, err
+    assert sorted(p.name for p in cwd.iterdir()) == before
+    assert not (tmp_path / "out").exists()
