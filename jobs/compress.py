@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> dict:
     from orchestrator.compression.pipeline import check_out_path, resolve_device, run_pipeline
     from orchestrator.compression.source import load_teacher
     from orchestrator.training.checkpoint import CheckpointError
+    from orchestrator.training.loop import is_out_of_memory
 
     for flag, value in (("--checkpoint", args.checkpoint), ("--out", args.out)):
         if not value.strip():  # `--out "$OUT"` with OUT unset: Path("") is the cwd
@@ -133,7 +134,29 @@ def run(args: argparse.Namespace) -> dict:
         raise JobFailed(str(e), EXIT_FAILED) from None
     except OSError as e:  # a full disk, a mount gone read-only: one line, not a traceback
         raise JobFailed(f"cannot read or write a file: {e}", EXIT_FAILED) from None
+    except RuntimeError as e:  # torch's allocator failing: a traceback naming no flag
+        if not is_out_of_memory(e):
+            raise
+        raise JobFailed(out_of_memory_message(config, teacher.config.block_size, e),
+                        EXIT_FAILED) from None
     # (A run refused before its first stage leaves no --out it made behind: out_held.)
+
+
+def out_of_memory_message(config: CompressConfig, block_size: int, error: Exception) -> str:
+    """One line for torch failing to allocate memory (training.loop.is_out_of_memory): what
+    torch says, from its allocator's words on, and the flags that size the memory. The
+    fine-tunes' are settings of the stages a rerun resumes, so lowering them needs a new
+    --out; the report's may change on a rerun."""
+    from orchestrator.training.loop import OUT_OF_MEMORY_MARKS
+
+    text = " ".join(str(error).split())
+    start = min((text.find(mark) for mark in OUT_OF_MEMORY_MARKS if mark in text), default=0)
+    return (f"out of memory: {text[start:start + 200]}; the fine-tunes take --batch-size "
+            f"{config.batch_size} x --seq-len {config.seq_len or block_size} tokens a step "
+            f"(lower them with a new --out: a rerun keeps the settings of the stages it "
+            f"resumes), the report --eval-batch-size {config.eval_batch_size} windows and "
+            f"--latency-batched {config.latency_batched} rows at a time (lower them on a "
+            f"rerun)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -506,3 +506,40 @@ def test_an_empty_path_flag_is_refused_not_read_as_the_current_directory(
     assert f"{flag} is empty" in err, err
     assert sorted(p.name for p in cwd.iterdir()) == before
     assert not (tmp_path / "out").exists()
+
+
+def test_running_out_of_memory_is_one_line_naming_the_flags_that_size_it(tmp_path, capsys,
+                                                                           monkeypatch):
+    """`--batch-size 10000000` on a CPU ended in torch's traceback (`DefaultCPUAllocator:
+    can't allocate memory: you tried to allocate 40960000000 bytes`), exit 1, naming no
+    flag; a CUDA device's OutOfMemoryError likewise. Now one line and exit 4, saying which
+    flags size the memory and that the fine-tune's need a new --out."""
+    from orchestrator.compression import pipeline
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 40960000000 bytes. "
+                           "Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(pipeline, "finetune", no_memory)
+    out = tmp_path / "out"
+    code, err = run_job(capsys, "--checkpoint", str(make_checkpoint(tmp_path / "ckpt")),
+                        "--out", str(out), "--batch-size", "10000000", "--no-onnx-baseline",
+                        "--no-int8-static")
+    assert code == 4, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "out of memory: DefaultCPUAllocator: can't allocate memory: you tried to allocate" in err
+    assert "--batch-size 10000000 x --seq-len 16" in err and "a new --out" in err, err
+    assert (out / "original").is_dir()  # what was saved is kept
+
+
+def test_an_error_that_is_not_out_of_memory_is_not_reworded(tmp_path, monkeypatch):
+    from orchestrator.compression import pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(pipeline, "finetune", broken)
+    with pytest.raises(RuntimeError, match="^some other failure$"):
+        JOB.main(["--checkpoint", str(make_checkpoint(tmp_path / "ckpt")),
+                  "--out", str(tmp_path / "out"), "--no-onnx-baseline", "--no-int8-static"])
