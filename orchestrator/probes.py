@@ -189,7 +189,8 @@ def probe_nvml(errors: dict[str, str] | None = None) -> tuple[GpuInfo, ...]:
 def nvml_index_and_process_bytes(uuid: str, pid: int) -> tuple[int | None, int]:
     """(the NVML index of the device torch names by `uuid`, the bytes process `pid` holds on
     it): None when NVML cannot find the device (no library or driver), 0 when it cannot list
-    its processes (MIG, vGPU, WSL, another PID namespace). Each falls back on its own."""
+    its processes (MIG, vGPU, WSL, another PID namespace). Each falls back on its own. For a
+    MIG slice, its board's index (the one probe_nvml reports the board under)."""
     try:
         import pynvml
 
@@ -198,7 +199,7 @@ def nvml_index_and_process_bytes(uuid: str, pid: int) -> tuple[int | None, int]:
         return None, 0
     try:
         handle = _nvml_handle_by_uuid(pynvml, uuid)
-        index = pynvml.nvmlDeviceGetIndex(handle)
+        index = pynvml.nvmlDeviceGetIndex(_nvml_board(pynvml, handle))
         try:
             held = sum(p.usedGpuMemory or 0 for p in
                        pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == pid)
@@ -220,6 +221,18 @@ def _nvml_handle_by_uuid(pynvml: Any, uuid: str):
         return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
     except pynvml.NVMLError:
         return pynvml.nvmlDeviceGetHandleByUUID(f"MIG-{uuid}")
+
+
+def _nvml_board(pynvml: Any, handle: Any) -> Any:
+    """The board of a MIG device handle (the handle itself otherwise, or where this driver or
+    pynvml cannot tell): a MIG handle's own NVML index is its slot on the board (what
+    nvmlDeviceGetMigDeviceHandleByIndex takes), not the board's index, so a worker on board
+    2's first slice named GPU 0 short of memory and placement excluded another GPU."""
+    is_mig = getattr(pynvml, "nvmlDeviceIsMigDeviceHandle", None)
+    parent = getattr(pynvml, "nvmlDeviceGetDeviceHandleFromMigDeviceHandle", None)
+    if is_mig and parent and _nvml_optional(pynvml, is_mig, handle):
+        return parent(handle)
+    return handle
 
 
 def _nvml_gpu(pynvml: Any, index: int) -> GpuInfo:

@@ -1,3 +1,4 @@
+import ctypes
 import math
 import random
 import sys
@@ -764,3 +765,31 @@ def test_a_node_whose_host_probe_fails_is_not_said_to_be_overloaded(monkeypatch)
                             **probes.host_figures(errors)), 0.0)
     reason = place(JobSpec("j", num_workers=1), state, 1.0, explain=True).node_reasons["blind"]
     assert "1000000" not in reason and "host probe" in reason and "psutil" in reason
+
+
+def test_a_workers_mig_slice_is_named_by_its_boards_index_not_its_slot(monkeypatch):
+    """NVML's index of a MIG device handle is its slot on its board (what
+    nvmlDeviceGetMigDeviceHandleByIndex takes), not the board's index: a worker on board 2's
+    slice 0 reported GPU 0 short of memory, and placement excluded board 0 instead of 2."""
+    from orchestrator.probes import nvml_index_and_process_bytes
+
+    nvml = fake_pynvml([A100, A100, A100])
+    slices = {"MIG-slice": ("mig", 2, 0), "GPU-board": 1}  # board 2's slot 0; board 1
+
+    def by_uuid(uuid):
+        if uuid not in slices:
+            raise FakeNVMLError(uuid)
+        return slices[uuid]
+
+    nvml.nvmlDeviceGetHandleByUUID = by_uuid
+    # (pynvml answers with a ctypes c_uint, as here)
+    nvml.nvmlDeviceIsMigDeviceHandle = lambda handle: ctypes.c_uint(isinstance(handle, tuple))
+    nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle = lambda handle: handle[1]
+    # As NVML documents it: a MIG handle's index is its slot within its board.
+    nvml.nvmlDeviceGetIndex = lambda handle: handle[2] if isinstance(handle, tuple) else handle
+    nvml.nvmlDeviceGetComputeRunningProcesses = lambda handle: [
+        types.SimpleNamespace(pid=7, usedGpuMemory=256 if handle == ("mig", 2, 0) else 1)]
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert nvml_index_and_process_bytes("slice", pid=7) == (2, 256)
+    assert nvml_index_and_process_bytes("board", pid=7) == (1, 1)
+    assert nvml.calls.count("init") == nvml.calls.count("shutdown") == 2
