@@ -259,7 +259,8 @@ class RowGroup:
         self.positions = ((real.cumsum(1) - 1).clamp(min=0).to(device) if self.padded
                           else None)
         self.input = tokens.to(device)
-        self.cache = model.new_cache()
+        # Positions fed in the end: the padded prompt plus every token but the last.
+        self.cache = model.new_cache(width + max(row.request.remaining for _, row in rows) - 1)
         params = [row.request.params for _, row in rows]
         self.temperature = torch.tensor([p.temperature for p in params], device=device)
         self.top_p = torch.tensor([p.top_p for p in params], device=device)

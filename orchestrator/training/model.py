@@ -201,8 +201,11 @@ class GPT(nn.Module):
             return self.lm_head(x)
         return F.linear(x, F.pad(weight, (0, 0, 0, padding)))
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.n_layer)
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """A KV cache; `capacity` (positions the decoding can reach, capped at block_size)
+        preallocates it, so each step writes in place instead of copying it whole."""
+        return KVCache(self.config.n_layer, None if capacity is None
+                       else min(capacity, self.config.block_size))
 
     def spans(self) -> list[AdaptiveSpan]:
         return [block.attn.span for block in self.blocks if block.attn.span is not None]

@@ -171,6 +171,52 @@ def test_left_padded_batch_matches_each_prompt_alone(config):
         assert torch.isfinite(batched).all()  # padding rows never turn into NaN
 
 
+@pytest.mark.parametrize("config", [GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32),
+                                    SPAN], ids=["standard", "span"])
+def test_a_preallocated_cache_writes_in_place_and_decodes_as_the_growing_one(config):
+    # The cache grew by torch.cat, a copy of every layer's keys and values per step (17% of a
+    # 64-row static batch's decode on a CPU). With a capacity each step writes in place; a
+    # learnt span keeps only its window, by copies as before (no buffers of the whole reach).
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    prompts = [torch.randint(0, 256, (n,)) for n in (5, 30, 12)]
+    width, steps = 30, 20
+    idx = torch.zeros(3, width, dtype=torch.long)
+    real = torch.zeros(3, width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        idx[row, width - len(prompt):] = prompt
+        real[row, width - len(prompt):] = True
+    tokens = torch.randint(0, 256, (3, steps))
+    for capacity in (width + steps, width + 8):  # the second overruns: back to copies
+        with torch.inference_mode():
+            growing, fixed = model.new_cache(), model.new_cache(capacity)
+            keep, mask, positions = torch.arange(3), real, (real.cumsum(1) - 1).clamp(min=0)
+            step_input, previous = idx, None
+            for t in range(steps):
+                expected, _ = model(step_input, cache=growing, key_is_real=mask,
+                                    positions=positions)
+                got, _ = model(step_input, cache=fixed, key_is_real=mask, positions=positions)
+                assert torch.equal(got, expected), (capacity, t)
+                for a, b in zip(fixed.layers, growing.layers, strict=True):
+                    assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+                pointers = [(layer.keys.untyped_storage().data_ptr(),
+                             layer.values.untyped_storage().data_ptr()) for layer in fixed.layers]
+                if config.attention_span:
+                    window = max(span.window() for span in model.spans())
+                    assert all(layer.keys.size(2) <= window for layer in fixed.layers)
+                elif previous is not None and capacity == width + steps:
+                    assert pointers == previous, f"step {t} reallocated the cache"
+                previous = pointers
+                if t == 10:  # a row finishes: both caches drop it (one copy, into new buffers)
+                    keep = torch.tensor([0, 2])
+                    growing.select(keep)
+                    fixed.select(keep)
+                    mask, positions, previous = mask[keep], positions[keep], None
+                mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=torch.bool)], dim=1)
+                positions = positions[:, -1:] + 1
+                step_input = tokens[keep, t:t + 1]
+
+
 def test_cache_refuses_to_run_past_the_context():
     model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
     cache = model.new_cache()
