@@ -63,7 +63,9 @@ def train_under_ray(config: dict[str, Any]) -> dict[str, Any] | None:
             say("GPU(s) without the free memory asked: " + "; ".join(
                 f"GPU {f['gpu_index']} of node {f['node_id'][:12]}: {f['free_gb']} GiB free, "
                 f"{f['needed_gb']:g} needed" for f in found))
-        session.report({"step": 0, "gpu_too_small": found}, None)  # the run's log shows it
+        # Not reported: no step ran, and a report's `step` (it needs one: metrics.jsonl's
+        # readers, the step gauge) read as a step 0 the run took. The worker log (above) and
+        # the driver (placed_run.PlacedRun) say it.
         return {GPU_SHORTFALL: found}
     try:
         metrics = train(TrainConfig.from_dict(config["train"]), session)
