@@ -61,7 +61,8 @@ class TrainingDiverged(Exception):
 
 
 class WorkerOutOfMemory(Exception):
-    """A worker ran out of memory building the model or in a step (torch's allocator failed):
+    """A worker ran out of memory building the model, in a step, in the held-out evaluation
+    or saving a checkpoint (torch's allocator failed):
     one line naming the flags that size a worker's memory and the estimate of its need, where
     torch's own message (DefaultCPUAllocator's, CUDA's) names no flag. Raised, not returned as
     divergence is: the other workers may be waiting in a collective this one never joins, and
@@ -562,7 +563,10 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                                              or config.strategy == "fsdp"):
                 # Only rank 0's metrics are kept; the unwrapped DDP model needs no collective,
                 # a sharded one gathers each block's parameters: every worker evaluates.
-                held_out_loss = evaluate(model, held_out_tokens, config, precision, device)
+                with out_of_memory_named(config, session,
+                                         f"evaluating the held-out loss at step {step}",
+                                         precision.name):
+                    held_out_loss = evaluate(model, held_out_tokens, config, precision, device)
                 if session.world_rank == 0:
                     metrics["held_out_loss"] = held_out_loss
             # Everything since the first step began (checkpoint saves, reports, evaluation),
@@ -574,15 +578,19 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
             if yielding is not None:
                 metrics["yielded"] = yielding
                 metrics["directive_seen_at"] = directive_seen_at
-            if config.strategy == "fsdp":
-                _publish_sharded(session, metrics, checkpoint_due, lambda directory:
-                                 _save_sharded_checkpoint(directory, model, optimizer, scaler,
-                                                          config, step, tokens_seen, session,
-                                                          legs))
-            else:
-                _publish(session, metrics, checkpoint_due,
-                         lambda: _checkpoint_state(model, optimizer, scaler, config, step,
-                                                   tokens_seen, session.world_size, legs))
+            # (a save gathers the state on the host: it can run out of memory too)
+            with out_of_memory_named(config, session, f"saving the checkpoint of step {step}"
+                                     if checkpoint_due else f"reporting step {step}",
+                                     precision.name):
+                if config.strategy == "fsdp":
+                    _publish_sharded(session, metrics, checkpoint_due, lambda directory:
+                                     _save_sharded_checkpoint(directory, model, optimizer,
+                                                              scaler, config, step, tokens_seen,
+                                                              session, legs))
+                else:
+                    _publish(session, metrics, checkpoint_due,
+                             lambda: _checkpoint_state(model, optimizer, scaler, config, step,
+                                                       tokens_seen, session.world_size, legs))
             saved_any = saved_any or checkpoint_due
             if yielding is not None:
                 if session.world_rank == 0:

@@ -832,6 +832,34 @@ def test_running_out_of_memory_building_the_model_says_so(tmp_path, monkeypatch)
         train(tiny(max_steps=5), LocalSession(tmp_path, device=CPU))
 
 
+def test_running_out_of_memory_in_the_final_evaluation_says_so(tmp_path, monkeypatch):
+    # The held-out evaluation after the last step (torch's own message got through, a
+    # traceback naming no flag)
+    from orchestrator.training import loop
+
+    def evaluate(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    with pytest.raises(loop.WorkerOutOfMemory,
+                       match=r"^out of memory evaluating the held-out loss at step 5 on worker "
+                             r"rank 0 \(cpu\): this run needs about [\d.]+ GiB per worker by "
+                             r"the estimate \(--model-size tiny, --batch-size 4 x --seq-len 32 "):
+        train(tiny(max_steps=5), LocalSession(tmp_path, device=CPU))
+
+
+def test_running_out_of_memory_saving_a_checkpoint_says_so(tmp_path, monkeypatch):
+    from orchestrator.training import loop
+
+    def save(*args, **kwargs):
+        raise RuntimeError(CPU_OOM)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    with pytest.raises(loop.WorkerOutOfMemory,
+                       match=r"^out of memory saving the checkpoint of step 5 on worker rank 0 "
+                             r"\(cpu\): this run needs about [\d.]+ GiB per worker") as e:
+        train(tiny(max_steps=5), LocalSession(tmp_path, device=CPU))
+    assert "\n" not in str(e.value)
+
+
 def test_other_runtime_errors_in_a_step_propagate_unchanged(tmp_path, monkeypatch):
     from orchestrator.training import loop
 
