@@ -33,6 +33,10 @@ ACCELERATOR_RESOURCE_PREFIX = "accelerator_type:"  # Ray's resource per accelera
 # A tiny amount of the type's accelerator_type resource in each bundle steers the autoscaler
 # to that node type (as Ray's own accelerator_type option does) without using it up.
 ACCELERATOR_RESOURCE_SHARE = 0.001
+# The cluster's max_workers when the config sets none: Ray's documented default (2.60's
+# ray-cluster-configuration, and the AWS, GCP and Azure providers' defaults.yaml). A node type
+# without its own max_workers takes the cluster's (Ray's fill_node_type_min_max_workers).
+RAY_DEFAULT_MAX_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,9 @@ class NodeType:
     network_gbps: float | None  # between nodes of this type (its network-gbps label)
     max_workers: int
     # The config's top-level max_workers: Ray launches no more worker nodes than this, of all
-    # types together (None: the config sets none)
+    # types together (RAY_DEFAULT_MAX_WORKERS where the config sets none; None: no bound)
     cluster_max_workers: int | None = None
+    cluster_max_workers_set: bool = True  # False: RAY_DEFAULT_MAX_WORKERS, the config sets none
 
     def workers_per_node(self, spec: JobSpec) -> int:
         by_cpu = math.floor(self.cpus / spec.cpus_per_worker + 1e-9) \
@@ -69,16 +74,19 @@ def node_types_from_config(config: dict[str, Any]) -> tuple[NodeType, ...]:
         raise ValueError("the cluster config has no available_node_types mapping")
     head = config.get("head_node_type")
     cluster_max = _cluster_max_workers(config)
-    default_max = config.get("max_workers", 0)
-    return tuple(dataclasses.replace(_node_type(name, t, default_max),
-                                     cluster_max_workers=cluster_max)
+    given = config.get("max_workers") is not None
+    # (a type without max_workers takes the cluster's, as Ray does: it read as 0, never scaled)
+    return tuple(dataclasses.replace(_node_type(name, t, cluster_max),
+                                     cluster_max_workers=cluster_max,
+                                     cluster_max_workers_set=given)
                  for name, t in types.items() if name != head)
 
 
-def _cluster_max_workers(config: dict[str, Any]) -> int | None:
-    """The config's top-level max_workers (None when absent); ValueError naming it."""
+def _cluster_max_workers(config: dict[str, Any]) -> int:
+    """The config's top-level max_workers (Ray's default when absent); ValueError naming it."""
     raw = config.get("max_workers")
-    return None if raw is None else _whole_number(raw, "the cluster config's max_workers")
+    return RAY_DEFAULT_MAX_WORKERS if raw is None else _whole_number(
+        raw, "the cluster config's max_workers")
 
 
 def _whole_number(raw: Any, what: str) -> int:
@@ -190,13 +198,15 @@ def cluster_max_workers_note(spec: JobSpec, node_types: tuple[NodeType, ...]) ->
     """Why no plan holds `spec` when only the cluster's max_workers stands in the way (a type
     would hold it with more nodes than the cluster may have), else None."""
     cap = next((t.cluster_max_workers for t in node_types), None)  # (every type's alike)
+    defaulted = not all(t.cluster_max_workers_set for t in node_types)
     uncapped = tuple(dataclasses.replace(t, cluster_max_workers=None) for t in node_types)
     plan = scale_up_plan(spec, uncapped) if cap is not None else None
     if plan is None:
         return None
     node_type, nodes = plan
     return (f"the autoscaler would need to add {nodes} x {node_type.name} node(s), but the "
-            f"cluster config's max_workers is {cap}")
+            f"cluster config's max_workers is {cap}"
+            + (" (Ray's default: the config sets none)" if defaulted else ""))
 
 
 def resource_bundles(spec: JobSpec, node_type: NodeType) -> list[dict[str, float]]:

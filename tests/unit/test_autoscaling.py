@@ -294,6 +294,30 @@ def test_the_clusters_max_workers_bounds_a_plan():
             node_types_from_config({"max_workers": bad, "available_node_types": {"a100": a100}})
 
 
+def test_max_workers_left_out_takes_rays_defaults():
+    """Ray 2.60 (ray-cluster-configuration: a node type's max_workers defaults to the
+    cluster's, whose default is 2): a node type without max_workers read as 0, so no job was
+    ever planned on it (rejected as if no type could hold it), and a config without the
+    top-level one was read as unbounded."""
+    a100 = {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1}}
+    (read,) = node_types_from_config({"available_node_types": {"a100": a100}})
+    assert (read.max_workers, read.cluster_max_workers) == (2, 2)
+    (read,) = node_types_from_config({"max_workers": 6, "available_node_types": {"a100": a100}})
+    assert (read.max_workers, read.cluster_max_workers) == (6, 6)
+    types = node_types_from_config({"available_node_types": {
+        "a100": a100, "t4": {"resources": {"CPU": 8, "GPU": 1, "accelerator_type:T4": 1},
+                             "max_workers": 10}}})
+    sixteen = JobSpec("j", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    assert scale_up_plan(sixteen, types) == (types[0], 2)
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = types
+    four_t4 = JobSpec("t4s", num_workers=4, gpus_per_worker=1, accelerator_types=("T4",))
+    refused = core.submit(four_t4, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert ("4 x t4 node(s), but the cluster config's max_workers is 2 (Ray's default: the "
+            "config sets none)") in refused.message
+
+
 @pytest.mark.parametrize("value", [2.7, True, "3", -1])
 def test_a_cluster_max_workers_that_is_not_a_whole_number_is_named(value):
     with pytest.raises(ValueError, match="the cluster config's max_workers must be a whole "
