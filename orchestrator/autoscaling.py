@@ -209,6 +209,25 @@ def cluster_max_workers_note(spec: JobSpec, node_types: tuple[NodeType, ...]) ->
             + (" (Ray's default: the config sets none)" if defaulted else ""))
 
 
+def unlabelled_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
+    """Why no plan holds `spec` when it asks for GPU memory and a GPU type that would hold it
+    declares none (no LABEL_ACCELERATOR_MEMORY_GB: scale_up_plan passes it over, its GPUs'
+    memory not known), naming each such type; else None."""
+    if not (spec.gpus_per_worker and spec.min_gpu_memory_gb):
+        return None
+    passed_over = [t for t in node_types if t.gpus and t.gpu_memory_gb is None
+                   and scale_up_plan(spec, (dataclasses.replace(t, gpu_memory_gb=math.inf),))]
+    if not passed_over:
+        return None
+    named = ", ".join(f"{t.name!r} ({t.family or 'GPU'})" for t in passed_over)
+    one = len(passed_over) == 1
+    return (f"node type{'' if one else 's'} {named} would hold it but "
+            f"{'has' if one else 'have'} no {LABEL_ACCELERATOR_MEMORY_GB} label: a job asking "
+            f"for GPU memory (min_gpu_memory_gb {spec.min_gpu_memory_gb:g}) is never planned "
+            f"on a type whose GPUs' memory is not declared (label {'it' if one else 'them'} "
+            "with it, in GiB as NVML reports it)")
+
+
 def resource_bundles(spec: JobSpec, node_type: NodeType) -> list[dict[str, float]]:
     """One bundle per worker, in the resources the node type declares: what
     request_resources is asked for so the autoscaler adds nodes of that type."""

@@ -57,7 +57,7 @@ import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.autoscaling import (NodeType, cluster_max_workers_note, resource_bundles,
-                                      scale_up_plan)
+                                      scale_up_plan, unlabelled_memory_note)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import (ClusterState, NodeReport, Reservation, gpu_families,
                                     report_problem)
@@ -1340,7 +1340,7 @@ class SchedulerCore:
         plan = scale_up_plan(spec, self.node_types) if rejection is not None else None
         if plan is None:
             self.awaiting_since.pop(spec.name, None)
-            return self._with_cluster_max_workers_note(rejection, spec)
+            return self._with_node_type_notes(rejection, spec)
         since = self.awaiting_since.setdefault(spec.name, now)
         if now - since <= self.settings.scale_up_timeout_s:
             return None  # it waits for the autoscaler (scale_up_requests)
@@ -1351,14 +1351,17 @@ class SchedulerCore:
             f"autoscaler to add {nodes} x {node_type.name} node(s), and the nodes that joined "
             "do not hold it (do their labels promise more than they report?)"))
 
-    def _with_cluster_max_workers_note(self, rejection: Rejection | None,
-                                       spec: JobSpec) -> Rejection | None:
+    def _with_node_type_notes(self, rejection: Rejection | None,
+                              spec: JobSpec) -> Rejection | None:
         """A job refused although a node type would hold it, but for the cluster's
-        max_workers: the reason says so (not only what the nodes up lack)."""
-        note = cluster_max_workers_note(spec, self.node_types) if rejection else None
-        if note is None:
+        max_workers or the type's missing GPU-memory label: the reason says so (not only what
+        the nodes up lack)."""
+        notes = [note for note in (cluster_max_workers_note(spec, self.node_types),
+                                   unlabelled_memory_note(spec, self.node_types))
+                 if note] if rejection else []
+        if not notes:
             return rejection
-        return dataclasses.replace(rejection, message=f"{rejection.message}\n  {note}")
+        return dataclasses.replace(rejection, message="\n  ".join([rejection.message, *notes]))
 
     def _new_nodes_plan(self, spec: JobSpec, now: float) -> tuple[NodeType, int] | None:
         """(node type, nodes) when only nodes the autoscaler can add would hold the job, else

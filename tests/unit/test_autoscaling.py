@@ -318,6 +318,29 @@ def test_max_workers_left_out_takes_rays_defaults():
             "config sets none)") in refused.message
 
 
+def test_a_rejection_names_a_gpu_type_left_out_for_lack_of_a_memory_label():
+    """A GPU type without the accelerator-memory-gb label is never planned for a job asking
+    for GPU memory (how much its GPUs have is not known): the job was rejected naming only the
+    nodes up, and nothing said the type was passed over, nor why."""
+    t4 = {"resources": {"CPU": 8, "GPU": 1, "accelerator_type:T4": 1}, "max_workers": 4,
+          "labels": {"orchestrator.io/accelerator-type": "T4"}}
+    a10 = {"resources": {"CPU": 8, "GPU": 1, "accelerator_type:A10G": 1}, "max_workers": 4,
+           "labels": {"orchestrator.io/accelerator-memory-gb": "8"}}
+    types = node_types_from_config({"max_workers": 4, "available_node_types": {"t4": t4,
+                                                                                "a10": a10}})
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = types
+    asks = JobSpec("j", num_workers=2, gpus_per_worker=1, min_gpu_memory_gb=12)
+    refused = core.submit(asks, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert ("node type 't4' (T4) would hold it but has no orchestrator.io/accelerator-memory-gb "
+            "label: a job asking for GPU memory (min_gpu_memory_gb 12) is never planned on a "
+            "type whose GPUs' memory is not declared") in refused.message
+    assert "'a10'" not in refused.message  # (labelled 8 GiB: too small, rightly left out)
+    plain = core.submit(JobSpec("k", num_workers=2, gpus_per_worker=1), "d", T0).decision
+    assert isinstance(plain, Queued)  # (asking no memory, the type is planned as before)
+
+
 @pytest.mark.parametrize("value", [2.7, True, "3", -1])
 def test_a_cluster_max_workers_that_is_not_a_whole_number_is_named(value):
     with pytest.raises(ValueError, match="the cluster config's max_workers must be a whole "
