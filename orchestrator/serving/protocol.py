@@ -3,8 +3,13 @@ as plain data.
 
 Validation is strict and total: every way a body can be wrong ends in an `APIError` carrying
 an HTTP status and an OpenAI-style error body that names the field (`param`), never in an
-exception the server would turn into a 500. Unknown fields are refused with a did-you-mean
-hint, as OpenAI does ("Unrecognized request argument"), so a typo is not silently ignored.
+exception the server would turn into a 500. Every field of OpenAI's request bodies is known
+and takes one of three paths: honoured; accepted and ignored, as changing nothing this server
+computes (`_NO_EFFECT`: `user`, `metadata`, `store`, `service_tier`, ...; type-checked); or
+accepted only at its "off" value, and refused otherwise with a message saying why
+(`_ONLY_DEFAULT`: `n`, `logprobs`, `tools`, `response_format` json_schema, ...). Fields that
+are not OpenAI's are refused with a did-you-mean hint, as OpenAI does ("Unrecognized request
+argument"), so a typo (`max_token`) is not silently ignored.
 
 Text prompts are encoded with the served model's tokenizer (orchestrator/tokenizer.py; the
 byte tokenizer by default, where a prompt's token count is its UTF-8 length); token-id prompts
@@ -101,12 +106,27 @@ class CompletionRequest:
 
 
 # Fields accepted only at their "off" value: sent by clients with defaults filled in, refused
-# (naming the field) as soon as they ask for something this server does not do.
-_ONLY_DEFAULT = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False),
-                 "logprobs": (None,), "suffix": (None, ""), "frequency_penalty": (None, 0),
-                 "presence_penalty": (None, 0), "logit_bias": (None, {})}
+# (naming the field and why) as soon as they ask for something this server does not do.
+# field: (the values accepted, why another is refused)
+_NO_LOGPROBS = "log probabilities are not returned"
+_NO_PENALTIES = "sampling has no frequency or presence penalties"
+_ONLY_DEFAULT = {
+    "n": ((None, 1), "one completion is generated per prompt; for more, send the request "
+                     "again, or the prompt several times in a list"),
+    "best_of": ((None, 1), "one completion is generated per prompt, with none to pick from"),
+    "echo": ((None, False), "the prompt is not sent back with the completion"),
+    "logprobs": ((None,), _NO_LOGPROBS),
+    "suffix": ((None, ""), "no insertion: the completion continues the prompt only"),
+    "frequency_penalty": ((None, 0), _NO_PENALTIES),
+    "presence_penalty": ((None, 0), _NO_PENALTIES),
+    "logit_bias": ((None, {}), "sampling takes no per-token bias"),
+}
+# Fields that change nothing this server computes: accepted (of their OpenAI type; null is
+# unset) and ignored. field: (the JSON types accepted, as _json_type names them)
+_STRING, _OBJECT, _BOOLEAN = ("a string",), ("an object",), ("a boolean",)
+_NO_EFFECT = {"user": _STRING}
 _KNOWN = ("model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
-          "stream_options", "user", *_ONLY_DEFAULT)
+          "stream_options", *_NO_EFFECT, *_ONLY_DEFAULT)
 
 
 def check_content_type(header: str | None) -> None:
@@ -201,6 +221,7 @@ def check_request_fields(data: dict[str, Any], *, chat: bool, model_name: str,
     which clients retry, instead of its 400)."""
     _refuse_unknown_fields(data, chat)
     _model(data, model_name)
+    _check_no_effect(data, _CHAT_NO_EFFECT if chat else _NO_EFFECT)
     _refuse_non_defaults(data, _CHAT_ONLY_DEFAULT if chat else _ONLY_DEFAULT)
     items = _messages(data.get("messages")) if chat else _prompt_items(data, max_prompts)
     return CheckedFields(items, _token_limit(data, chat), _sampling(data))
@@ -269,16 +290,35 @@ def check_model_name(asked: str, model_name: str) -> None:
 
 
 def _refuse_non_defaults(data: dict[str, Any], only_default: dict[str, tuple]) -> None:
-    for name, allowed in only_default.items():
+    for name, (allowed, why) in only_default.items():
         if name in data and not any(_same(data[name], a) for a in allowed):
-            raise bad_request(f"{name}={json.dumps(data[name])} is not supported by this "
-                              f"server; leave it out", name)
+            raise bad_request(f"{name}={_shown(data[name])} is not supported by this server "
+                              f"({why}); leave it out", name)
+
+
+def _shown(value: Any) -> str:
+    """A value as JSON for a message, cut at 80 characters (a list of tools can be long)."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _check_no_effect(data: dict[str, Any], no_effect: dict[str, tuple[str, ...]]) -> None:
+    """The fields accepted and ignored are still of their OpenAI type (null: unset), as
+    OpenAI checks them; `metadata` an object of strings."""
+    for name, types in no_effect.items():
+        value = data.get(name)
+        if value is not None and _json_type(value) not in types:
+            raise bad_request(f"{name} must be {' or '.join(types)}, got {_json_type(value)}",
+                              name)
+    metadata = data.get("metadata")
+    if isinstance(metadata, dict) and not all(isinstance(v, str) for v in metadata.values()):
+        raise bad_request("metadata must be an object of strings (key-value pairs)",
+                          "metadata")
 
 
 def _refuse_unknown_fields(data: dict[str, Any], chat: bool) -> None:
     """Unknown fields refused, with the closest known one, or the route that takes it (a chat
-    body posted to /v1/completions); `user` (kept for the client's own records, unused
-    here) checked to be a string, as OpenAI does."""
+    body posted to /v1/completions). Every field of OpenAI's API is known (module doc)."""
     known, other = (_CHAT_KNOWN, _KNOWN) if chat else (_KNOWN, _CHAT_KNOWN)
     route, other_route = (CHAT_ROUTE, COMPLETIONS_ROUTE) if chat else (COMPLETIONS_ROUTE,
                                                                        CHAT_ROUTE)
@@ -291,8 +331,6 @@ def _refuse_unknown_fields(data: dict[str, Any], chat: bool) -> None:
                 hint = (f" (a field of POST {other_route}"
                         + (f"; POST {route} takes {takes})" if takes else ")"))
             raise bad_request(f"Unrecognized request argument supplied: {key}{hint}", key)
-    if data.get("user") is not None and not isinstance(data["user"], str):
-        raise bad_request(f"user must be a string, got {_json_type(data['user'])}", "user")
 
 
 def _prompts(items: list[tuple[str, Any]], encoder: Encoder) -> tuple[tuple[int, ...], ...]:
@@ -343,16 +381,35 @@ def _longest_prompt(prompts: tuple[tuple[int, ...], ...]) -> tuple[int, str]:
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User",
               "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"  # the model starting the next user turn ends the answer
-_CHAT_ONLY_DEFAULT = {**{k: v for k, v in _ONLY_DEFAULT.items()
-                         if k not in ("best_of", "echo", "suffix")},
-                      "logprobs": (None, False), "top_logprobs": (None, 0),
-                      "tools": (None, []), "tool_choice": (None, "none"),
-                      "response_format": (None, {"type": "text"}),
-                      # (without tools either value asks for nothing)
-                      "parallel_tool_calls": (None, False, True),
-                      "store": (None, False), "metadata": (None, {})}
+_NO_TOOLS = "the model answers with text only, never a tool call"
+_NO_FUNCTIONS = "the model answers with text only, never a function call"
+_CHAT_ONLY_DEFAULT = {
+    **{k: v for k, v in _ONLY_DEFAULT.items() if k not in ("best_of", "echo", "suffix")},
+    "n": ((None, 1), "one choice is generated per request; send it again for more"),
+    "logprobs": ((None, False), _NO_LOGPROBS),
+    "top_logprobs": ((None, 0), _NO_LOGPROBS),
+    "tools": ((None, []), _NO_TOOLS),
+    "tool_choice": ((None, "none"), _NO_TOOLS),
+    "functions": ((None, []), _NO_FUNCTIONS),  # (deprecated by OpenAI for tools)
+    "function_call": ((None, "none"), _NO_FUNCTIONS),
+    "response_format": ((None, {"type": "text"}), "no structured output: the model's text "
+                        "is not constrained to JSON or a schema"),
+    "modalities": ((None, ["text"]), "only text is generated"),
+    "audio": ((None,), "only text is generated"),
+    "web_search_options": ((None,), "the model cannot search the web"),
+    "verbosity": ((None, "medium"), "the answer's length cannot be steered; only the "
+                  "default, medium, is taken"),
+}
+# (`parallel_tool_calls`: without tools, which are refused, either value asks for nothing;
+# `reasoning_effort`: the model spends no tokens reasoning before it answers, at any effort;
+# `prediction`: a predicted output only speeds up OpenAI's answer, never changes it.)
+_CHAT_NO_EFFECT = {**_NO_EFFECT, "metadata": _OBJECT, "store": _BOOLEAN,
+                   "service_tier": _STRING, "prompt_cache_key": _STRING,
+                   "prompt_cache_retention": _STRING, "safety_identifier": _STRING,
+                   "parallel_tool_calls": _BOOLEAN, "reasoning_effort": _STRING,
+                   "prediction": _OBJECT}
 _CHAT_KNOWN = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature",
-               "top_p", "stop", "seed", "stream", "stream_options", "user",
+               "top_p", "stop", "seed", "stream", "stream_options", *_CHAT_NO_EFFECT,
                *_CHAT_ONLY_DEFAULT)
 
 

@@ -450,8 +450,8 @@ def test_a_message_spelling_the_end_of_text_token_cannot_forge_a_turn():
      "messages", "tool calls are not supported"),
     ({"messages": [{"role": "assistant", "content": "x", "refusal": "no"}]}, "messages",
      "unsupported field(s) ['refusal'] (not supported by this server)"),
-    ({"messages": [{"role": "user", "content": "x"}], "store": True}, "store",
-     "not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "store": "yes"}, "store",
+     "store must be a boolean, got a string"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
       "max_completion_tokens": 1}, "max_completion_tokens", "not both"),
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
@@ -552,3 +552,99 @@ def test_a_field_of_the_other_route_says_which_route_takes_it():
     with pytest.raises(APIError, match="did you mean 'max_tokens'"):
         protocol.check_request_fields({"max_completion_tokens": 5}, chat=False,
                                       model_name=MODEL)
+
+
+# Every request field of OpenAI's Chat Completions API beyond messages/model and the sampling
+# fields tested above, as openai-python, LangChain, LiteLLM and OpenWebUI send them.
+_CHAT_IGNORED = {"service_tier": "auto", "store": True, "metadata": {"team": "a"},
+                 "user": "u-1", "parallel_tool_calls": True, "prompt_cache_key": "k",
+                 "prompt_cache_retention": "24h", "safety_identifier": "s",
+                 "reasoning_effort": "low",
+                 "prediction": {"type": "content", "content": "Hello"},
+                 "verbosity": "medium", "modalities": ["text"], "functions": [],
+                 "function_call": "none", "tools": [], "tool_choice": "none",
+                 "response_format": {"type": "text"}, "audio": None,
+                 "web_search_options": None, "logprobs": False, "top_logprobs": 0, "n": 1,
+                 "logit_bias": {}, "frequency_penalty": 0, "presence_penalty": 0}
+
+
+@pytest.mark.parametrize("field, value", sorted(_CHAT_IGNORED.items()))
+def test_openai_chat_fields_that_change_nothing_are_accepted(field, value):
+    """Fields of OpenAI's API that change nothing computed here (service_tier, store: true,
+    metadata, ...) were 400 "Unrecognized request argument" or "not supported": the official
+    client and the tools on it failed on their first request. Accepted, the answer is the
+    same as without them."""
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_completion_tokens": 5}
+    assert chat({**body, field: value}) == chat(body)
+
+
+def test_all_of_openais_chat_fields_at_once_are_accepted():
+    parsed = chat({"messages": [{"role": "user", "content": "Hello"}], "model": MODEL,
+                   "max_completion_tokens": 5, "temperature": 0, "top_p": 1, "seed": 1,
+                   "stop": ["\n\n"], "stream": True,
+                   "stream_options": {"include_usage": True}, **_CHAT_IGNORED})
+    assert parsed.max_tokens == 5 and parsed.stream and parsed.include_usage
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("n", 2, "one choice is generated per request"),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], "never a tool call"),
+    ("tool_choice", "required", "never a tool call"),
+    ("functions", [{"name": "f"}], "never a function call"),
+    ("function_call", "auto", "never a function call"),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}},
+     "not constrained to JSON or a schema"),
+    ("response_format", {"type": "json_object"}, "not constrained to JSON"),
+    ("logprobs", True, "log probabilities are not returned"),
+    ("top_logprobs", 3, "log probabilities are not returned"),
+    ("logit_bias", {"50256": -100}, "no per-token bias"),
+    ("presence_penalty", 0.5, "no frequency or presence penalties"),
+    ("modalities", ["text", "audio"], "only text is generated"),
+    ("audio", {"voice": "alloy", "format": "wav"}, "only text is generated"),
+    ("web_search_options", {}, "cannot search the web"),
+    ("verbosity", "low", "length cannot be steered"),
+])
+def test_openai_chat_fields_that_cannot_be_honoured_say_why(field, value, why):
+    with pytest.raises(APIError) as e:
+        chat({"messages": [{"role": "user", "content": "Hello"}], field: value})
+    assert (e.value.status, e.value.param) == (400, field)
+    assert e.value.message.startswith(f"{field}=") and why in e.value.message
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("service_tier", 1, "service_tier must be a string, got a number"),
+    ("metadata", ["a"], "metadata must be an object, got an array"),
+    ("metadata", {"a": 1}, "metadata must be an object of strings"),
+    ("parallel_tool_calls", "yes", "parallel_tool_calls must be a boolean"),
+    ("user", 5, "user must be a string, got a number"),
+])
+def test_ignored_fields_are_still_type_checked(field, value, words):
+    with pytest.raises(APIError) as e:
+        chat({"messages": [{"role": "user", "content": "Hello"}], field: value})
+    assert e.value.param == field and words in e.value.message
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("n", 2, "one completion is generated per prompt"), ("best_of", 3, "none to pick from"),
+    ("echo", True, "not sent back"), ("logprobs", 0, "log probabilities are not returned"),
+    ("suffix", "end", "no insertion"), ("logit_bias", {"1": 1}, "no per-token bias"),
+])
+def test_completion_fields_that_cannot_be_honoured_say_why(field, value, why):
+    error = refused({"prompt": "hi", field: value})
+    assert error.param == field and why in error.message
+
+
+def test_a_long_refused_value_is_cut_in_the_message():
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": {}}}
+             for i in range(50)]
+    with pytest.raises(APIError) as e:
+        chat({"messages": [{"role": "user", "content": "Hello"}], "tools": tools})
+    assert len(e.value.message) < 250 and "..." in e.value.message
+
+
+def test_fields_that_are_not_openais_are_still_refused():
+    # vLLM's extras (top_k) and typos are refused naming them, as OpenAI refuses them.
+    with pytest.raises(APIError, match="Unrecognized request argument supplied: top_k"):
+        chat({"messages": [{"role": "user", "content": "Hello"}], "top_k": 5})
+    with pytest.raises(APIError, match="did you mean 'service_tier'"):
+        chat({"messages": [{"role": "user", "content": "Hello"}], "service_teir": "auto"})
