@@ -66,6 +66,9 @@ def load_job_file(path: str | Path) -> JobFile:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:  # PyYAML builds its node tree recursively: `[[[...]]]` 2,000 deep
+        raise ConfigError(f"{path}: nested too deeply to read (lists or mappings hundreds of "
+                          "levels inside each other); no field takes such a value") from None
     except ValueError as e:  # PyYAML's constructors: an impossible date, a huge integer
         if "digits" in str(e):  # (Python reads no integer of over 4,300 digits)
             raise ConfigError(f"{path}: holds a number of over 4,300 digits; no field takes "

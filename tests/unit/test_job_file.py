@@ -86,6 +86,20 @@ def test_a_job_file_that_is_not_utf8_or_names_a_migration_claim_is_named(tmp_pat
         resolve_fit_run_dir(JobSpec("a"), "~nosuchuser-s55/a", False)
 
 
+def test_a_job_file_nested_thousands_of_levels_deep_is_named_not_a_recursion_error(tmp_path):
+    # PyYAML composes a node tree recursively: `config: [[[...]]]` 2,000 levels deep (or the
+    # whole file so) raised RecursionError, a traceback, from place --spec and submit
+    path = tmp_path / "job.yaml"
+    for text in ("name: a\nentrypoint: m:f\nconfig: {c: " + "[" * 2000 + "]" * 2000 + "}\n",
+                 "[" * 2000 + "]" * 2000 + "\n",
+                 "name: a\nconfig:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 2000))):
+        write(path, text)
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: nested too deeply"):
+            load_job_file(path)
+    write(path, "name: a\nentrypoint: m:f\nconfig: {c: " + "[" * 50 + "]" * 50 + "}\n")
+    assert load_job_file(path).config["c"] == eval("[" * 50 + "]" * 50)  # still read
+
+
 def test_a_number_too_long_to_print_is_named_not_a_traceback(tmp_path):
     # Python will not read or print an int of over 4,300 digits: a ValueError escaped
     path = tmp_path / "job.yaml"
