@@ -66,7 +66,7 @@ def append_metrics(run_dir: Path, metrics: dict[str, Any], checkpoint: str | Non
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """metrics.jsonl's reports, oldest first; a torn line (a crash mid-write) and a line
-    that is not a JSON object (edited by hand) are skipped."""
+    that is not a JSON object (edited by hand, or nested too deeply to decode) are skipped."""
     try:
         lines = (Path(run_dir) / METRICS_LOG).read_text(errors="replace").splitlines()
     except FileNotFoundError:
@@ -75,7 +75,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     for line in lines:
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # (RecursionError: `[[[...]]]` thousands deep)
             continue
         if isinstance(record, dict):
             records.append(record)

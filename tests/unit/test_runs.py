@@ -81,6 +81,18 @@ def test_a_report_after_a_torn_line_is_kept_and_a_reports_own_time_too(tmp_path)
     assert records[2]["checkpoint"] == "/ckpt"
 
 
+def test_a_metrics_line_nested_thousands_deep_is_skipped_not_a_recursion_error(tmp_path):
+    # json.loads raises RecursionError (not a ValueError) on `[[[...]]]` 100,000 deep: one
+    # such line (edited by hand, or garbage) made `logs NAME` and --resume a traceback
+    from orchestrator.runs import resume_point
+
+    (tmp_path / METRICS_LOG).write_text('{"step": 1, "checkpoint": null}\n'
+                                        + "[" * 100_000 + "]" * 100_000 + "\n"
+                                        + '{"step": 2, "checkpoint": null}\n')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert resume_point(tmp_path).step == 0
+
+
 def test_checkpoints_ray_train_never_registered_are_named(tmp_path):
     # Ctrl-C as workers reported: checkpoints on disk that Ray Train never registered; a
     # resume passed over them without a word, and started from step 0 when it had none.
