@@ -26,7 +26,7 @@ from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_NOT_PLAC
                                   JobFailed, run_job)
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
-from orchestrator.runs import DEFAULT_RUNS_ROOT, LINE_FIELDS, METRICS_LOG, read_metrics
+from orchestrator.runs import DEFAULT_RUNS_ROOT, LINE_FIELDS, METRICS_LOG, read_metrics_from
 from orchestrator.validation import expand_home
 
 
@@ -389,24 +389,23 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
     if not directory.is_dir():  # a job just submitted makes it when it is launched
         print(f"waiting for {directory} (the job's first report" + (f"; {hint})" if hint else ")"),
               file=sys.stderr, flush=True)
-    shown, seen = 0, None
+    offset, seen = 0, None  # (each poll reads only what was appended since the last)
     try:
         while True:
             file = log_identity(directory)
             if seen is not None and _replaced(seen, file):
-                shown = 0  # a new history: shown from its start when it comes
+                offset = 0  # a new history: shown from its start when it comes
                 print(f"({directory / METRICS_LOG} was removed or replaced: a new run's "
                       "reports follow)", file=sys.stderr, flush=True)
             seen = file
             try:
-                records = read_metrics(directory)
+                records, offset = read_metrics_from(directory, offset)
             except OSError as e:  # not its absence (no reports yet): unreadable
                 print(f"error: cannot read {directory / METRICS_LOG}: {e.strerror or e}",
                       file=sys.stderr)
                 return EXIT_BAD_INPUT
-            for record in records[shown:]:
+            for record in records:
                 print(format_report(record), flush=True)
-            shown = max(shown, len(records))
             if not follow:
                 return 0
             time.sleep(every_s)

@@ -67,12 +67,29 @@ def append_metrics(run_dir: Path, metrics: dict[str, Any], checkpoint: str | Non
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """metrics.jsonl's reports, oldest first; a torn line (a crash mid-write) and a line
     that is not a JSON object (edited by hand, or nested too deeply to decode) are skipped."""
+    return read_metrics_from(run_dir, 0)[0]
+
+
+def read_metrics_from(run_dir: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """The reports metrics.jsonl holds from byte `offset` on (read_metrics's), and the offset
+    to read on from next time (`logs --follow`, which re-read the whole file every second):
+    past its last whole line, or past a last line not yet ended that already is a report;
+    one that is not (mid-write) is read again then. The offset stays where there is no
+    file."""
     try:
-        lines = (Path(run_dir) / METRICS_LOG).read_text(errors="replace").splitlines()
+        with open(Path(run_dir) / METRICS_LOG, "rb") as f:
+            f.seek(offset)
+            data = f.read()
     except FileNotFoundError:
-        return []
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    records, tail = _reports(data[:end]), _reports(data[end:])
+    return records + tail, offset + (len(data) if tail else end)
+
+
+def _reports(data: bytes) -> list[dict[str, Any]]:
     records = []
-    for line in lines:
+    for line in data.decode(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except (ValueError, RecursionError):  # (RecursionError: `[[[...]]]` thousands deep)
