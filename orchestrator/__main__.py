@@ -373,6 +373,14 @@ def done_line(name: str, launched) -> str:
 def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.0) -> int:
     """Each report of the run, oldest first, one line each; with `follow`, new ones as they
     come (Ctrl-C to stop)."""
+    from orchestrator.launch import run_name_problem
+
+    # (a name no job can have: `logs ..` read the runs root's parent as if a run of no reports)
+    problem = None if run_dir else "is empty" if not name else run_name_problem(name)
+    if problem:
+        print(f"error: job name {name!r} {problem}: `logs` reads the run directory of that "
+              "name under the runs root (or the one --run-dir gives)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         directory = (expand_home(run_dir, "--run-dir") if run_dir
                      else DEFAULT_RUNS_ROOT.expanduser() / name)

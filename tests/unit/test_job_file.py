@@ -1066,6 +1066,25 @@ def test_logs_follow_reads_only_what_was_appended_since_its_last_look(tmp_path, 
     assert len(out) == 1002 and len(parsed) < 1010, len(parsed)
 
 
+def test_logs_of_a_name_no_job_can_have_is_refused_not_an_empty_listing(tmp_path, monkeypatch,
+                                                                        capsys):
+    # `logs ""`, `logs .` and `logs ..` read the runs root itself (or its parent) as a run
+    # directory: nothing printed, exit 0, as for a run with no reports yet; `logs a/b`
+    # another folder's metrics.jsonl.
+    from orchestrator import __main__ as cli
+
+    monkeypatch.setattr(cli, "DEFAULT_RUNS_ROOT", tmp_path / "runs")
+    (tmp_path / "runs" / "a" / "b").mkdir(parents=True)
+    for name, problem in (("", "is empty"), (".", "is not a directory name"),
+                          ("..", "is not a directory name"),
+                          ("a/b", "must not contain a path separator")):
+        assert cli.print_logs(name, None, follow=False) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: job name {name!r} {problem}"), err
+        assert err.count("\n") == 1
+    assert cli.print_logs("..", str(tmp_path / "runs" / "a"), follow=False) == 0  # --run-dir's
+
+
 def test_logs_skip_lines_that_are_not_reports(tmp_path, capsys):
     from orchestrator import __main__ as cli
 
