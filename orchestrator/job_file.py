@@ -34,6 +34,7 @@ from orchestrator.runs import in_rays_working_dir_copy, run_dir_uri_problem
 from orchestrator.validation import expand_home, is_int, is_number
 
 DEFAULT_KEEP_CHECKPOINTS = 3  # checkpoints Ray Train keeps of a launched loop's run
+MAX_JOB_FILE_BYTES = 16 << 20  # larger is no job file, and is refused unread
 LAUNCHER_KEYS = ("entrypoint", "config", "runtime_env", "run_dir", "max_failures",
                  "queue_timeout_s", "keep_checkpoints")
 
@@ -59,9 +60,16 @@ def load_job_file(path: str | Path) -> JobFile:
 
     path = Path(path)
     try:
-        data = yaml.load(path.read_text(), Loader=_loader())
+        with open(path, "rb") as f:  # (a cap: /dev/zero, or a checkpoint given by mistake)
+            raw = f.read(MAX_JOB_FILE_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(raw) > MAX_JOB_FILE_BYTES:
+        raise ConfigError(f"{path}: over {MAX_JOB_FILE_BYTES >> 20} MiB: a job file is a short "
+                          "YAML mapping of fields (name, entrypoint, num_workers, ...); is "
+                          "this the file meant?")
+    try:
+        data = yaml.load(raw.decode("utf-8"), Loader=_loader())
     except UnicodeDecodeError as e:  # e.g. UTF-16, what PowerShell's `>` writes
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:

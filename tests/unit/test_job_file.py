@@ -100,6 +100,22 @@ def test_a_job_file_nested_thousands_of_levels_deep_is_named_not_a_recursion_err
     assert load_job_file(path).config["c"] == eval("[" * 50 + "]" * 50)  # still read
 
 
+def test_a_job_file_far_larger_than_any_is_refused_before_it_is_read_whole(tmp_path):
+    # `place --spec /dev/zero` (or a job.yaml linked to it) ended in MemoryError, a traceback,
+    # after filling memory; a checkpoint passed by mistake was read whole, then parsed
+    from orchestrator.job_file import MAX_JOB_FILE_BYTES
+
+    path = tmp_path / "job.yaml"
+    path.write_text("name: a\n" + "#" * MAX_JOB_FILE_BYTES + "\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: over 16 MiB: a job file"):
+        load_job_file(path)
+    if Path("/dev/zero").exists():
+        link = tmp_path / "zero.yaml"
+        link.symlink_to("/dev/zero")
+        with pytest.raises(ConfigError, match="over 16 MiB"):
+            load_job_file(link)
+
+
 def test_a_number_too_long_to_print_is_named_not_a_traceback(tmp_path):
     # Python will not read or print an int of over 4,300 digits: a ValueError escaped
     path = tmp_path / "job.yaml"
