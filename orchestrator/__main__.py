@@ -219,8 +219,8 @@ def _connect(address: str | None, create_scheduler: bool):
     # Unlike a job, these commands look at an existing cluster: never start an embedded one
     # ("auto": the cluster started on this machine, when neither --address nor RAY_ADDRESS).
     given = address or os.environ.get("RAY_ADDRESS")
-    try:
-        connect(address or (None if given else "auto"), embedded=False)
+    try:  # (an empty --address, `--address "$UNSET"`, is connect's to refuse: not "not given")
+        connect(address if address is not None else None if given else "auto", embedded=False)
     except ClusterConnectionError as e:
         message = _one_line(str(e))
         if not given and "Could not find any running Ray instance" in message:

@@ -389,7 +389,9 @@ def connect(address: str | None, runtime_env: dict | None = None, embedded: bool
     source = "--address"
     if address is not None and not address.strip():  # (`--address "$UNSET"`): not None
         raise ClusterConnectionError("--address is empty: give host:port or auto, or leave "
-                                     "it out (RAY_ADDRESS, else an embedded local Ray)")
+                                     "it out (RAY_ADDRESS, else " + (
+                                         "an embedded local Ray)" if embedded else
+                                         "the Ray cluster `ray start` runs on this machine)"))
     if not address and os.environ.get("RAY_ADDRESS"):
         address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if address and address != "auto":

@@ -234,6 +234,35 @@ def test_the_operator_commands_create_no_scheduler_on_a_cluster_without_one(monk
         assert err.count("\n") == 1
 
 
+def test_an_empty_address_is_refused_not_taken_for_the_local_cluster(monkeypatch, capsys):
+    # `cancel NAME --address "$HEAD"` with HEAD unset acted on RAY_ADDRESS's cluster, or on
+    # the one `ray start` runs on this machine: "" was taken for no --address (submit and
+    # jobs/pretrain.py refuse it).
+    from orchestrator.__main__ import main
+    from ray_layer import cluster
+
+    real_connect, asked = cluster.connect, []
+
+    def connect(address, *args, **kwargs):  # never a real cluster: only the empty check
+        asked.append(address)
+        if address is not None and not address.strip():
+            return real_connect(address, *args, **kwargs)
+        raise cluster.ClusterConnectionError(f"would connect to {address!r}")
+    monkeypatch.setattr(cluster, "connect", connect)
+    for environ in ({"RAY_ADDRESS": "10.0.0.9:6379"}, {}):
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        for key, value in environ.items():
+            monkeypatch.setenv(key, value)
+        for argv in (["cancel", "a"], ["preempt", "a"], ["status"]):
+            for empty in ("", " "):
+                assert main([*argv, "--address", empty]) == 2, argv
+                err = capsys.readouterr().err
+                assert err.startswith("error: --address is empty: give host:port or auto, or "
+                                      "leave it out (RAY_ADDRESS, else the Ray cluster `ray "
+                                      "start` runs on this machine)"), err
+    assert asked == ["", " "] * 6
+
+
 def test_place_plans_on_a_fresh_cluster_creating_the_scheduler_as_submit_dry_run_does(
         monkeypatch, capsys, tmp_path):
     # `place --dry-run` was refused on a cluster where no job had run yet, where `submit
