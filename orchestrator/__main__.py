@@ -375,6 +375,10 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
     come (Ctrl-C to stop)."""
     from orchestrator.launch import run_name_problem
 
+    if run_dir is not None and not run_dir.strip():  # (`--run-dir "$UNSET"`): not left out
+        print("error: --run-dir is empty: give the run's directory, or leave it out (the "
+              "runs root / NAME)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     # (a name no job can have: `logs ..` read the runs root's parent as if a run of no reports)
     problem = None if run_dir else "is empty" if not name else run_name_problem(name)
     if problem:

@@ -1099,6 +1099,12 @@ def test_logs_of_a_name_no_job_can_have_is_refused_not_an_empty_listing(tmp_path
         assert err.startswith(f"error: job name {name!r} {problem}"), err
         assert err.count("\n") == 1
     assert cli.print_logs("..", str(tmp_path / "runs" / "a"), follow=False) == 0  # --run-dir's
+    # `--run-dir "$DIR"` with DIR unset read the runs root's run of that name instead
+    (tmp_path / "runs" / "b").mkdir()
+    for empty in ("", "  "):
+        assert cli.print_logs("b", empty, follow=False) == EXIT_BAD_INPUT
+        assert capsys.readouterr().err.startswith("error: --run-dir is empty: give the run's "
+                                                  "directory, or leave it out")
 
 
 def test_logs_skip_lines_that_are_not_reports(tmp_path, capsys):
