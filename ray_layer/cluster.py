@@ -294,11 +294,45 @@ def _check_reachable(address: str, source: str, timeout_s: float = 5.0,
     if not host or not port.isdigit():
         raise ClusterConnectionError(f"{source} {address!r} is not of the form host:port")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as connection:
+            other = None if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true") \
+                else _not_grpc(connection)
     except OSError as e:
         raise ClusterConnectionError(
             f"cannot reach a Ray cluster at {address} ({source}): {e.strerror or e}. Is "
             "`ray start --head` running there, and is the port open from here?") from None
+    if other:  # ray.init would retry its GCS there for minutes, logging each try
+        raise ClusterConnectionError(
+            f"{address} ({source}) is not a Ray cluster's GCS port: {other} (the dashboard's "
+            "8265, or another service?); give the address `ray start --head` printed, "
+            "host:6379 unless --port set another")
+
+
+# HTTP/2's client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, a Ray Client
+# server) answers with a SETTINGS frame of its own (frame type 4, the 4th byte of its header).
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(3) + b"\x04" + bytes(5)
+
+
+def _not_grpc(connection) -> str | None:
+    """What answered on `connection` (connected, with a timeout) when it is not a gRPC
+    server, or None when it is."""
+    import socket
+
+    answer = b""
+    try:
+        connection.sendall(HTTP2_PREFACE)
+        while len(answer) < 9 and (chunk := connection.recv(9 - len(answer))):
+            answer += chunk
+    except socket.timeout:
+        return f"no answer within {connection.gettimeout():g} s" if not answer else \
+            f"it answered {answer!r}"
+    except OSError as e:
+        return f"it dropped the connection ({e.strerror or e})"
+    if len(answer) == 9 and answer[3] == 4:
+        return None
+    if answer.startswith((b"HTTP/", b"<")):  # (a status line, or an HTML error page)
+        return "an HTTP server answered"
+    return f"it answered {answer!r}" if answer else "it closed the connection"
 
 
 def runtime_env_problem(runtime_env: dict) -> str | None:

@@ -7,6 +7,31 @@ import pytest
 from ray_layer.cluster import ClusterConnectionError, _check_reachable
 
 
+class GrpcServer:
+    """A gRPC server (as Ray's GCS is) on `host`, port 0; `.port` once entered."""
+
+    def __init__(self, host: str):
+        self.host = host
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+
+        self.server = grpc.server(ThreadPoolExecutor(1))
+        try:
+            self.port = self.server.add_insecure_port(f"{self.host}:0")
+        except RuntimeError:
+            pytest.skip(f"no {self.host} on this machine")
+        if not self.port:
+            pytest.skip(f"no {self.host} on this machine")
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.stop(0)
+
+
 def listener(family: int, host: str) -> socket.socket:
     try:
         server = socket.socket(family, socket.SOCK_STREAM)
@@ -21,12 +46,35 @@ def listener(family: int, host: str) -> socket.socket:
 def test_a_bracketed_ipv6_address_is_reached(template):
     # The brackets were kept in the host ("[::1]"), and a cluster listening there was
     # reported as "cannot reach a Ray cluster".
-    with listener(socket.AF_INET6, "::1") as server:
-        _check_reachable(template.format(port=server.getsockname()[1]), "--address")
+    with GrpcServer("[::1]") as server:
+        _check_reachable(template.format(port=server.port), "--address")
 
 
 def test_an_ipv4_address_is_still_reached_and_a_portless_one_refused():
-    with listener(socket.AF_INET, "127.0.0.1") as server:
-        _check_reachable(f"127.0.0.1:{server.getsockname()[1]}", "--address")
+    with GrpcServer("127.0.0.1") as server:
+        _check_reachable(f"127.0.0.1:{server.port}", "--address")
     with pytest.raises(ClusterConnectionError, match="not of the form host:port"):
         _check_reachable("[::1]", "--address")
+
+
+def test_a_port_that_answers_but_not_as_rays_gcs_is_refused_at_once():
+    # `status --address head:8265` (the dashboard's port: what `ray job submit` takes), or a
+    # port some other service holds: the TCP check passed and ray.init retried the "GCS"
+    # there for minutes, printing a warning each time (killed after 300 s, still waiting).
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    with listener(socket.AF_INET, "127.0.0.1") as server:  # accepts, never answers
+        with pytest.raises(ClusterConnectionError, match=(
+                r"^127.0.0.1:\d+ \(RAY_ADDRESS\) is not a Ray cluster's GCS port: no answer "
+                r"within 0.5 s \(the dashboard's 8265, or another service\?\); give the "
+                r"address `ray start --head` printed, host:6379")):
+            _check_reachable(f"127.0.0.1:{server.getsockname()[1]}", "RAY_ADDRESS", 0.5)
+    http = HTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ClusterConnectionError, match="an HTTP server answered"):
+            _check_reachable(f"127.0.0.1:{http.server_address[1]}", "--address", 5.0)
+    finally:
+        http.shutdown()
+        http.server_close()
