@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from orchestrator import validation
-from orchestrator.validation import SEED_RULE, is_int, is_number, is_seed
+from orchestrator.validation import SEED_RULE, has_control_characters, is_int, is_number, is_seed
 # `seq_len (--seq-len)` where a command line gave the field (validation.given_by_flags)
 from orchestrator.validation import field_with_flag as _named
 
@@ -227,6 +227,9 @@ class JobSpec:
         p: list[str] = []
         _check(p, isinstance(self.name, str) and self.name.strip() != "",
                f"name must be a non-empty string, got {self.name!r}")
+        _check(p, not (isinstance(self.name, str) and has_control_characters(self.name)),
+               f"name must not contain control characters (`status` prints it to operators' "
+               f"terminals), got {self.name!r}")
         _check(p, not (isinstance(self.name, str) and self.name.endswith(CLAIM_SUFFIX)),
                f"name must not end in {CLAIM_SUFFIX!r} (the scheduler's name for the GPUs a "
                f"migrating job moves to), got {self.name!r}")
@@ -272,7 +275,9 @@ class JobSpec:
             p.append(f"{_named('min_gpu_memory_gb')} {self.min_gpu_memory_gb} needs "
                      f"{_named('gpus_per_worker')} >= 1 (a CPU-only worker has no GPU memory to "
                      "require)")
-        _raise_if_any(f"JobSpec '{self.name}'", p)
+        # (repr: a name's escape sequence would reach the terminal in the message itself)
+        _raise_if_any(f"JobSpec {self.name!r}" if isinstance(self.name, str)
+                      else f"JobSpec '{self.name}'", p)
 
     def _check_accelerator_types(self, p: list[str]) -> bool:
         """Whether accelerator_types is a list of known families; what is wrong added to `p`."""

@@ -42,7 +42,7 @@ from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS, EMPTY_RUN_DIR, launcher_problems
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, run_dir_held,
                                writable_dir_problem)
-from orchestrator.validation import expand_home
+from orchestrator.validation import expand_home, has_control_characters
 
 
 def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = None,
@@ -199,7 +199,7 @@ def run_name_problem(name: str) -> str | None:
         return "must not contain a path separator"
     if name in (".", ".."):
         return "is not a directory name"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if has_control_characters(name):
         return "must not contain control characters"
     if len(name.encode("utf-8", "surrogatepass")) > 255:
         return "is longer than a file name may be (255 bytes)"

@@ -19,6 +19,12 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def has_control_characters(text: str) -> bool:
+    """Whether `text` holds a control character (C0, DEL or C1: a tab, ESC, CSI): one that
+    never belongs in a name, and that a terminal acts on where the name is printed."""
+    return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+
+
 def is_number(value: Any) -> bool:
     """A finite int or float, not a bool, that float() takes: an int past float's range
     (JSON and YAML hold any number of digits) is not one; math.isfinite raised OverflowError

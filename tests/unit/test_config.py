@@ -130,3 +130,13 @@ def test_a_cross_field_rule_is_not_judged_on_a_field_already_refused():
     with pytest.raises(ConfigError) as e:
         JobSpec(name="job", gpus_per_worker=-1, accelerator_types=("T4",))
     assert "needs gpus_per_worker" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["a\x1b[2Jb", "tab\there", "del\x7f", "csi\x9b31m"])
+def test_a_jobspec_name_with_control_characters_is_refused(name):
+    # `place --spec` (and jobs/pretrain.py, any driver) took a name holding an escape
+    # sequence, and `status` printed it raw to every operator's terminal (ESC[2J: cleared it).
+    with pytest.raises(ConfigError, match="name must not contain control characters") as e:
+        JobSpec(name=name)
+    assert str(e.value).startswith(f"invalid JobSpec {name!r}: ")  # escaped there too
+    assert JobSpec(name="résumé-run 2").name == "résumé-run 2"  # printable: still a name
