@@ -88,6 +88,21 @@ def is_seed(value: Any) -> bool:
     return is_int(value) and -2 ** 63 <= value < 2 ** 64
 
 
+# The most torch intra-op threads any flag or field may ask for (compression's --threads,
+# serving's torch_threads, bench_compress and bench_serve): 100,000 was accepted, and libgomp,
+# unable to make that many threads, killed the process with SIGSEGV at its first parallel op.
+# A fixed number, not one scaled by this machine's CPUs: a config checked on one node runs on
+# another (a replica, a resumed compression), and must mean the same on both. Past the CPUs
+# there are, more threads only contend.
+MAX_TORCH_THREADS = 1024
+TORCH_THREADS_RULE = f"must be an integer in [1, {MAX_TORCH_THREADS}]"
+
+
+def is_torch_threads(value: Any) -> bool:
+    """A count of threads torch.set_num_threads may be given (TORCH_THREADS_RULE)."""
+    return is_int(value) and 1 <= value <= MAX_TORCH_THREADS
+
+
 class _NoDefault:
     def __repr__(self) -> str:
         return "(absent)"

@@ -46,7 +46,7 @@ from orchestrator.compression.source import weights_digest
 from orchestrator.training.data import load_corpus, split_corpus
 from orchestrator.training.memory import parameters_label
 from orchestrator.training.model import GPT, GPTConfig
-from orchestrator.validation import expand_home, is_number
+from orchestrator.validation import TORCH_THREADS_RULE, expand_home, is_number, is_torch_threads
 from scripts.flags import require, require_at_least
 
 TEACHER_STREAM = 100  # the teacher's own batch stream (get_batch rank)
@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     # Every setting checked now, not after the teacher's minutes of training (the student's
     # after the whole pipeline): a typo failed as a traceback, its work deleted.
-    require_at_least(p, args, 1, "threads")
+    require(p, args, ("threads",), is_torch_threads, TORCH_THREADS_RULE)
     if args.work:
         try:
             args.work = expand_home(args.work, "--work")

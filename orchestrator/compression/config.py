@@ -13,8 +13,8 @@ from orchestrator import validation
 from orchestrator.config import MODEL_PRESETS, ConfigError, from_mapping
 from orchestrator.compression.prune import SCOPES
 from orchestrator.compression.structured import IMPORTANCE, STRUCTURES
-from orchestrator.validation import (SEED_RULE, field_with_flag, flag_of, is_int, is_number,
-                                     is_seed)
+from orchestrator.validation import (SEED_RULE, TORCH_THREADS_RULE, field_with_flag, flag_of,
+                                     is_int, is_number, is_seed, is_torch_threads)
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -94,9 +94,10 @@ class CompressConfig:
               f"must be one of {', '.join(MODEL_PRESETS)} (or unset: the teacher's shape)")
         for name in ("prune_steps", "batch_size", "log_every", "checkpoint_every", "prune_every",
                      "eval_tokens", "eval_batch_size", "latency_batch", "latency_batched",
-                     "latency_repeats", "threads"):
+                     "latency_repeats"):
             value = getattr(self, name)
             check(is_int(value) and value >= 1, name, "must be an integer >= 1")
+        check(is_torch_threads(self.threads), "threads", TORCH_THREADS_RULE)
         # The report times a decode step after latency_seq - 1 cached positions: one at least.
         check(is_int(self.latency_seq) and self.latency_seq >= 2, "latency_seq",
               "must be an integer >= 2")

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 from orchestrator.config import ConfigError, from_mapping, unknown_fields
 from orchestrator.serving.batching import BatchBounds
 from orchestrator.serving.protocol import MAX_PROMPTS
-from orchestrator.validation import is_number
+from orchestrator.validation import TORCH_THREADS_RULE, is_number, is_torch_threads
 
 # The app as Serve imports it (`serve run ray_layer.serve_app:app`), and its model deployment.
 IMPORT_PATH = "ray_layer.serve_app:app"
@@ -363,8 +363,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-# Lower bounds of integer fields, and [low, high] of float fields.
-_INT_MIN = {"torch_threads": 1, "min_replicas": 0, "max_replicas": 1, "min_batch_size": 1,
+# Lower bounds of integer fields, and [low, high] of float fields (torch_threads: the
+# project's one rule, validation.TORCH_THREADS_RULE).
+_INT_MIN = {"min_replicas": 0, "max_replicas": 1, "min_batch_size": 1,
             "max_batch_size": 1, "max_concurrent_batches": 1, "max_ongoing_requests": 0,
             "max_prompts_per_request": 1, "max_body_bytes": 64, "request_retries": 0,
             "ingress_replicas": 1, "kv_cache_tokens": 0, "kv_block_tokens": 1,
@@ -388,7 +389,10 @@ def _field_problems(obj: Any, int_min: dict[str, int],
     problems = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.name in int_min:
+        if f.name == "torch_threads":
+            if not is_torch_threads(value):
+                problems.append(f"torch_threads {TORCH_THREADS_RULE}, got {value!r}")
+        elif f.name in int_min:
             if not (isinstance(value, int) and not isinstance(value, bool)
                     and value >= int_min[f.name]):
                 problems.append(f"{f.name} must be an integer >= {int_min[f.name]}, "

@@ -4,6 +4,7 @@ Models here are a few tens of thousands of parameters and fine-tunes a handful o
 INT8 export (about 8 s, the ONNX exporter's fixed cost) is shared by the export tests."""
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -686,3 +687,15 @@ def test_a_finished_stage_that_cannot_be_read_now_is_set_aside_not_deleted(tmp_p
     monkeypatch.setattr(Path, "read_text", read_text)
     kept.rename(stage)  # the fault passed: the stage is whole
     assert pipeline._load_stage(stage, said.append)[2] == {"loss": 1.0}
+
+
+def test_threads_past_the_shared_limit_are_refused_before_any_thread_is_made():
+    # (--threads 100000 was accepted: libgomp could not make the threads and the job died
+    # of SIGSEGV, exit 139, when the report started, after every fine-tune)
+    from orchestrator.validation import MAX_TORCH_THREADS
+
+    rule = f"threads (--threads) must be an integer in [1, {MAX_TORCH_THREADS}]"
+    for threads in (100_000, MAX_TORCH_THREADS + 1, 0):
+        with pytest.raises(ConfigError, match=re.escape(rule)):
+            CompressConfig(threads=threads)
+    assert CompressConfig(threads=MAX_TORCH_THREADS).threads == MAX_TORCH_THREADS

@@ -321,3 +321,15 @@ def test_an_integer_too_large_for_a_float_is_named_not_an_overflow(sign):
         ServeSettings(hang_after_s=huge)
     with pytest.raises(ConfigError, match="autoscaling: .*upscale_delay_s"):
         model_autoscaling({}, {"upscale_delay_s": huge})
+
+
+def test_torch_threads_past_the_shared_limit_are_refused():
+    # (torch_threads: 100000 was accepted: each replica died of SIGSEGV at its first forward,
+    # libgomp unable to make the threads, and Serve restarted it over and over)
+    from orchestrator.validation import MAX_TORCH_THREADS
+
+    with pytest.raises(ConfigError, match=re.escape(
+            f"torch_threads must be an integer in [1, {MAX_TORCH_THREADS}], got 100000")):
+        ServeSettings.from_args({"torch_threads": "100000"})
+    assert ServeSettings.from_args({"torch_threads": MAX_TORCH_THREADS}).torch_threads == \
+        MAX_TORCH_THREADS
