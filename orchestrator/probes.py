@@ -174,16 +174,30 @@ def probe_nvml(errors: dict[str, str] | None = None) -> tuple[GpuInfo, ...]:
         gpus = []
         for index in range(pynvml.nvmlDeviceGetCount()):
             try:
-                gpus.append(_nvml_gpu(pynvml, index))
-            except pynvml.NVMLError as e:
+                gpus.append(_nvml_gpu(pynvml, index, errors))
+            except (pynvml.NVMLError, UnicodeDecodeError) as e:  # (a UUID not UTF-8)
                 if errors is None:
                     raise
-                # Under the probe's own name (a metrics label and the status column).
-                lost = f"GPU {index}: {type(e).__name__}: {e}"
-                errors["nvml"] = f"{errors['nvml']}; {lost}" if "nvml" in errors else lost
+                _nvml_error(errors, f"GPU {index}: {type(e).__name__}: {e}")
         return tuple(gpus)
     finally:
+        _nvml_shutdown(pynvml, errors)
+
+
+def _nvml_error(errors: dict[str, str], problem: str) -> None:
+    """Add `problem` to the nvml probe's error (its own name: a metrics label and the status
+    column), after any there already."""
+    errors["nvml"] = f"{errors['nvml']}; {problem}" if "nvml" in errors else problem
+
+
+def _nvml_shutdown(pynvml: Any, errors: dict[str, str] | None = None) -> None:
+    """nvmlShutdown, whose failure loses nothing read before it (recorded in `errors`): raised
+    from a `finally`, it replaced the readings, and every GPU was lost for the heartbeat."""
+    try:
         pynvml.nvmlShutdown()
+    except pynvml.NVMLError as e:
+        if errors is not None:
+            _nvml_error(errors, f"nvmlShutdown: {type(e).__name__}: {e} (readings kept)")
 
 
 def nvml_index_and_process_bytes(uuid: str, pid: int) -> tuple[int | None, int]:
@@ -209,7 +223,7 @@ def nvml_index_and_process_bytes(uuid: str, pid: int) -> tuple[int | None, int]:
     except pynvml.NVMLError:
         return None, 0
     finally:
-        pynvml.nvmlShutdown()
+        _nvml_shutdown(pynvml)
 
 
 def _nvml_handle_by_uuid(pynvml: Any, uuid: str):
@@ -235,14 +249,15 @@ def _nvml_board(pynvml: Any, handle: Any) -> Any:
     return handle
 
 
-def _nvml_gpu(pynvml: Any, index: int) -> GpuInfo:
+def _nvml_gpu(pynvml: Any, index: int, errors: dict[str, str] | None = None) -> GpuInfo:
     """One GPU. Name, UUID and memory are required (without them the probe fails, as
     before); utilization, NVLink and PCIe are optional: None where this GPU or driver lacks
-    them (NotSupported on consumer cards, MIG slices, virtual GPUs)."""
+    them (NotSupported on consumer cards, MIG slices, virtual GPUs). A name that is not UTF-8
+    is UNKNOWN_GPU_NAME (recorded in `errors`; without, it raises)."""
     handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-    board = _text(pynvml.nvmlDeviceGetName(handle))
+    board = _gpu_name(pynvml.nvmlDeviceGetName(handle), index, errors)
     # With MIG on, what a worker given this GPU can use is one slice, not the board.
-    name, memory = _mig_slice(pynvml, handle, board) or (
+    name, memory = _mig_slice(pynvml, handle, board, index, errors) or (
         board, pynvml.nvmlDeviceGetMemoryInfo(handle))
     utilization = _nvml_optional(pynvml, pynvml.nvmlDeviceGetUtilizationRates, handle)
     return GpuInfo(
@@ -260,7 +275,8 @@ def _nvml_gpu(pynvml: Any, index: int) -> GpuInfo:
     )
 
 
-def _mig_slice(pynvml: Any, handle: Any, board: str) -> tuple[str, Any] | None:
+def _mig_slice(pynvml: Any, handle: Any, board: str, index: int = 0,
+              errors: dict[str, str] | None = None) -> tuple[str, Any] | None:
     """(name, memory info) of the MIG slice standing for a MIG-enabled GPU, or None when MIG
     is off (or this driver or pynvml cannot say). Ray counts and hands out whole GPUs by
     index, and a CUDA process given a MIG-enabled GPU that way runs on one of its slices, not
@@ -277,7 +293,7 @@ def _mig_slice(pynvml: Any, handle: Any, board: str) -> tuple[str, Any] | None:
     for slot in range(count):
         mig = _nvml_optional(pynvml, pynvml.nvmlDeviceGetMigDeviceHandleByIndex, handle, slot)
         if mig is not None:  # NotFound: no slice in this slot
-            slices.append((_text(pynvml.nvmlDeviceGetName(mig)),
+            slices.append((_gpu_name(pynvml.nvmlDeviceGetName(mig), index, errors),
                            pynvml.nvmlDeviceGetMemoryInfo(mig)))
     if not slices:
         return f"{board} MIG (no instances)", SimpleNamespace(total=0, free=0, used=0)
@@ -305,6 +321,25 @@ def _nvlink_active_links(pynvml: Any, handle: Any) -> int | None:
 def _text(value: bytes | str) -> str:
     # Older pynvml releases return bytes, newer ones str.
     return value.decode() if isinstance(value, bytes) else value
+
+
+# The name of a GPU whose NVML name is not UTF-8: no accelerator family (so no MFU, and no job
+# naming a family goes there), the GPU otherwise reported as measured.
+UNKNOWN_GPU_NAME = "unknown GPU (NVML name not UTF-8)"
+
+
+def _gpu_name(value: bytes | str, index: int, errors: dict[str, str] | None) -> str:
+    """A GPU's (or MIG slice's) NVML name; UNKNOWN_GPU_NAME, recorded in `errors`, where it
+    is not UTF-8 (without `errors` that raises). Its UnicodeDecodeError, not an NVMLError,
+    lost every GPU of the node for the heartbeat."""
+    try:
+        return _text(value)
+    except UnicodeDecodeError:
+        if errors is None:
+            raise
+        _nvml_error(errors, f"GPU {index}: name {value!r} is not UTF-8: reported as "
+                            f"{UNKNOWN_GPU_NAME!r}, of no accelerator family (no MFU)")
+        return UNKNOWN_GPU_NAME
 
 
 def run_probe(name: str, probe: Callable[[], Any], default: Any,

@@ -229,6 +229,37 @@ def test_one_lost_gpu_leaves_the_others_reported(monkeypatch):
     assert errors["nvml"].startswith("GPU 3: FakeGpuIsLost") and nvml.calls[-1] == "shutdown"
 
 
+def test_a_failing_nvml_shutdown_keeps_the_readings(monkeypatch):
+    # The error nvmlShutdown raised in probe_nvml's `finally` replaced its return value: every
+    # GPU of the node was lost for the heartbeat, over a call made after they were all read.
+    nvml = fake_pynvml([A100, T4])
+
+    def shutdown():
+        raise FakeNVMLError("nvmlShutdown failed")
+
+    nvml.nvmlShutdown = shutdown
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    errors = {}
+    assert [g.name for g in probe_gpus({}, errors)] == ["NVIDIA A100-SXM4-80GB", "Tesla T4"]
+    assert "nvmlShutdown" in errors["nvml"] and "readings kept" in errors["nvml"]
+    assert [g.name for g in probe_nvml()] == ["NVIDIA A100-SXM4-80GB", "Tesla T4"]
+
+
+def test_a_gpu_name_that_is_not_utf8_costs_only_that_gpus_family(monkeypatch):
+    # A UnicodeDecodeError from one board's name is not an NVMLError: it lost every GPU.
+    from orchestrator.inventory import accelerator_family
+
+    bad = {**A100, "name": b"NVIDIA A100-SXM4-80GB\xff", "uuid": b"GPU-bad"}
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([A100, bad, T4]))
+    errors = {}
+    a100, unknown, t4 = probe_gpus({}, errors)
+    assert (a100.name, t4.name) == ("NVIDIA A100-SXM4-80GB", "Tesla T4")
+    assert (unknown.uuid, unknown.memory_total_bytes, unknown.nvlink_links) == (
+        "GPU-bad", 80 * GIB, 4)
+    assert accelerator_family(unknown.name) == ""  # no family: no MFU, no family's jobs
+    assert errors["nvml"].startswith("GPU 1: name b'NVIDIA A100-SXM4-80GB\\xff' is not UTF-8")
+
+
 def test_serving_sizes_for_this_machine_on_its_gpus_left_after_one_is_lost(monkeypatch):
     # Before Ray is up, `serve` sizes replicas for this machine: one lost GPU of eight made
     # the probe raise, and all eight read as none.
@@ -706,6 +737,13 @@ def test_a_workers_gpu_is_found_by_torchs_bare_uuid_and_its_own_bytes_counted(mo
     assert nvml_index_and_process_bytes("t4", pid=7) == (1, 0)  # a MIG slice, no process list
     assert nvml_index_and_process_bytes("gone", pid=7) == (None, 0)
     assert nvml.calls.count("init") == nvml.calls.count("shutdown") == 3
+
+
+    def shutdown():  # (its error escaped the function, documented to fall back on its own)
+        raise FakeNVMLError("nvmlShutdown failed")
+
+    nvml.nvmlShutdown = shutdown
+    assert nvml_index_and_process_bytes("a100", pid=7) == (0, 512)
 
 
 def test_a_peer_whose_larger_transfer_failed_keeps_only_this_rounds_lower_bound():
