@@ -175,13 +175,19 @@ def probe_nvml(errors: dict[str, str] | None = None) -> tuple[GpuInfo, ...]:
         for index in range(pynvml.nvmlDeviceGetCount()):
             try:
                 gpus.append(_nvml_gpu(pynvml, index, errors))
-            except (pynvml.NVMLError, UnicodeDecodeError) as e:  # (a UUID not UTF-8)
+            except (pynvml.NVMLError, UnicodeDecodeError, GpuUnknown) as e:  # (UUID not UTF-8)
                 if errors is None:
                     raise
-                _nvml_error(errors, f"GPU {index}: {type(e).__name__}: {e}")
+                why = str(e) if isinstance(e, GpuUnknown) else f"{type(e).__name__}: {e}"
+                _nvml_error(errors, f"GPU {index}: {why}")
         return tuple(gpus)
     finally:
         _nvml_shutdown(pynvml, errors)
+
+
+class GpuUnknown(Exception):
+    """What a GPU offers cannot be known this time (its MIG slices cannot be counted): left
+    out of the probe and named in its error, as a lost GPU is, never reported as empty."""
 
 
 def _nvml_error(errors: dict[str, str], problem: str) -> None:
@@ -283,12 +289,17 @@ def _mig_slice(pynvml: Any, handle: Any, board: str, index: int = 0,
     the board: the smallest slice is what a worker can count on (never the board's memory,
     which let placement put a worker needing 40 GB on a 10 GB slice). Its name keeps NVML's
     "MIG <profile>" ("NVIDIA A100-SXM4-80GB MIG 1g.10gb"), so it has no family and no MFU.
-    MIG on with no slices created: nothing CUDA can run on, zero memory."""
+    MIG on with no slices created: nothing CUDA can run on, zero memory. MIG on with the
+    slots uncountable: GpuUnknown (left out, as a lost GPU)."""
     get_mode = getattr(pynvml, "nvmlDeviceGetMigMode", None)
     mode = _nvml_optional(pynvml, get_mode, handle) if get_mode else None
     if not mode or mode[0] != getattr(pynvml, "NVML_DEVICE_MIG_ENABLE", 1):
         return None
-    count = _nvml_optional(pynvml, pynvml.nvmlDeviceGetMaxMigDeviceCount, handle) or 0
+    try:  # (failing, it read "no instances", 0 bytes, over the slices there)
+        count = pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)
+    except pynvml.NVMLError as e:
+        raise GpuUnknown(f"MIG is on and its slices cannot be counted "
+                         f"(nvmlDeviceGetMaxMigDeviceCount: {type(e).__name__}: {e})") from e
     slices = []
     for slot in range(count):
         mig = _nvml_optional(pynvml, pynvml.nvmlDeviceGetMigDeviceHandleByIndex, handle, slot)

@@ -522,6 +522,27 @@ def test_a_mig_enabled_gpu_reports_its_smallest_slice_not_the_board(monkeypatch)
     assert gpu_families([split, whole]) == ["", "A100"]  # a mixed node: no family
 
 
+def test_a_mig_board_whose_slot_count_fails_is_unknown_not_empty(monkeypatch):
+    # nvmlDeviceGetMaxMigDeviceCount failing read as "MIG (no instances)", 0 bytes, though
+    # slices exist: jobs asking GPU memory were rejected as never fitting, and the name told
+    # the operator to create slices that were there.
+    nvml = fake_pynvml([A100, A100])
+    nvml.NVML_DEVICE_MIG_ENABLE = 1
+    nvml.nvmlDeviceGetMigMode = lambda h: (1, 1) if h == 1 else (0, 0)
+
+    def slot_count(handle):
+        raise FakeNVMLError("Unknown Error")
+
+    nvml.nvmlDeviceGetMaxMigDeviceCount = slot_count
+    nvml.nvmlDeviceGetMigDeviceHandleByIndex = lambda handle, slot: ("mig", handle, slot)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    errors = {}
+    (whole,) = probe_gpus({}, errors, ray_gpus=2.0)  # left out, as a lost GPU is
+    assert (whole.index, whole.memory_total_bytes) == (0, 80 * GIB)
+    assert errors["nvml"] == ("GPU 1: MIG is on and its slices cannot be counted "
+                              "(nvmlDeviceGetMaxMigDeviceCount: FakeNVMLError: Unknown Error)")
+
+
 def test_declared_accelerators_without_a_count_are_as_many_as_ray_was_given():
     # A type and memory labelled, the count forgotten, Ray given 4 GPUs: one accelerator was
     # declared, and a 2-GPU worker was refused "needs 2 GPU per worker, 1 free".
