@@ -30,6 +30,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -498,6 +499,10 @@ def load_onnx_model(directory: str | Path, threads: int = 2) -> OnnxInt8Model:
         config = GPTConfig(**info["gpt_config"])
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{config_path} is not an int8 export description: {e}") from e
+    if not (isinstance(expected, str) and re.fullmatch("[0-9a-f]{64}", expected)):
+        # (a hand-edited number was a TypeError from the comparison below, naming nothing)
+        raise CheckpointError(f"{config_path}: files.{ONNX_FILE} must be the sha256 of "
+                              f"{ONNX_FILE} (64 hex digits), got {expected!r}")
     actual = sha256_file(onnx_path)
     if actual != expected:
         raise CheckpointError(f"{onnx_path} is corrupt: sha256 {actual[:12]}... does not match "

@@ -433,6 +433,22 @@ def test_int8_artifacts_refuse_tampering(exported, tmp_path):
     assert info["load"]["torch"].endswith("load_int8_model(dir)")
 
 
+@pytest.mark.parametrize("checksum", [5, None, ["ab"], {"sha256": "ab"}, "abc", "A" * 64])
+def test_an_int8_description_whose_checksum_is_not_text_is_named(tmp_path, checksum):
+    # A hand-edited config.json: `"files": {"model.int8.onnx": 5}` raised TypeError: 'int'
+    # object is not subscriptable, naming neither the file nor the field.
+    import dataclasses
+
+    config = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    (tmp_path / export.ONNX_FILE).write_bytes(b"x")
+    (tmp_path / export.CONFIG_FILE).write_text(json.dumps(
+        {"files": {export.ONNX_FILE: checksum}, "gpt_config": dataclasses.asdict(config)}))
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{tmp_path / export.CONFIG_FILE}: files.{export.ONNX_FILE} must be the sha256 of "
+            f"{export.ONNX_FILE} (64 hex digits), got {checksum!r}")):
+        export.load_onnx_model(tmp_path)
+
+
 # ---- config --------------------------------------------------------------------------------
 
 def test_invalid_config_names_every_bad_field():
