@@ -378,6 +378,11 @@ def _write_hf_files(model, tokenizer: Tokenizer, directory: Path) -> list[str]:
     # token, past the embedding, whose id then disagrees with config.json's eos_token_id.
     token = tokenizer.eos_token
     special = {"eos_token": token, "bos_token": token} if eos is not None else {}
+    # transformers matches a special token's spelling in a text as the token; ours may read it
+    # as text (the byte tokenizer: bytes never spell end-of-text), as training and serving
+    # encoded it: then transformers must too, or a text holding it gets a document boundary.
+    as_text = {"split_special_tokens": True} if eos is not None and \
+        tokenizer.encode(token) != [eos] else {}
     files = {
         CONFIG_FILE: text(hf_config(model, tokenizer, sha256_file(weights))),
         # max_length: the context, which generation must not outrun (the text-generation
@@ -387,7 +392,8 @@ def _write_hf_files(model, tokenizer: Tokenizer, directory: Path) -> list[str]:
         TOKENIZER_FILE: exported_tokenizer_json(tokenizer),
         "tokenizer_config.json": text({"tokenizer_class": "PreTrainedTokenizerFast",
                                        "model_max_length": model.config.block_size,
-                                       "clean_up_tokenization_spaces": False, **special}),
+                                       "clean_up_tokenization_spaces": False, **special,
+                                       **as_text}),
         "special_tokens_map.json": text(special),
     }
     for name, content in files.items():

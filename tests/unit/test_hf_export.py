@@ -898,3 +898,24 @@ def test_weights_of_an_integer_dtype_are_refused_naming_the_tensor(tmp_path, exp
         check_hf_weights(quantized, read_hf_config(quantized))
     with pytest.raises(ExportError, match=f"{name} is int8, not floating point"):
         load_hf_weights(sharp_model(), quantized)
+
+
+def test_the_byte_tokenizers_end_of_text_spelling_in_text_stays_bytes(tmp_path):
+    """Our byte tokenizer reads "<|endoftext|>" in a text as its 13 bytes (bytes never spell
+    end-of-text; training and serving encode so); transformers matched the spelling as the
+    special token 256, so the exported tokenizer gave the model a document boundary where
+    training saw text. A tokenizer that matches it (BPE) keeps matching it."""
+    from orchestrator.tokenizer import EOT_TOKEN
+
+    text = f"hi{EOT_TOKEN}there"
+    byte = ByteTokenizer()
+    export_gpt2(sharp_model(), byte, tmp_path / "bytes")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "bytes", local_files_only=True)
+    assert theirs(text).input_ids == byte.encode(text) == list(text.encode())
+    assert theirs.eos_token_id == byte.eos_id == 256
+    assert theirs.decode(theirs(text).input_ids) == text
+    bpe = train_bpe([f"the café number {i} opens at dawn" for i in range(300)], 320)
+    export_gpt2(sharp_model(vocab_size=bpe.vocab_size), bpe, tmp_path / "bpe")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "bpe", local_files_only=True)
+    assert theirs(text).input_ids == bpe.encode(text)
+    assert bpe.eos_id in bpe.encode(text)
