@@ -146,8 +146,8 @@ def output_refusal(out: Path) -> str | None:
     under one), or it holds a training run or checkpoint, whose config.json and
     tokenizer.json the export would overwrite (a resume reads them), or it is in a run's
     checkpoint_* folder (checkpoint retention deletes it whole), or a compression's
-    output (serving reads its int8/ model's tokenizer.json from there when int8/ has none),
-    or a model not exported here. An earlier export there is replaced."""
+    output (serving reads its int8/ model's tokenizer.json from there when int8/ has none)
+    or an INT8 export itself, or a model not exported here. An earlier export there is replaced."""
     from orchestrator.compression.artifacts import file_in_the_way
     from orchestrator.runs import COMPRESS_CONFIG_FILE
     from orchestrator.serving.loading import INT8_FILE, format_of
@@ -173,6 +173,9 @@ def output_refusal(out: Path) -> str | None:
     if (out / COMPRESS_CONFIG_FILE).exists():
         return (f"it holds a jobs/compress.py --out ({COMPRESS_CONFIG_FILE}), whose int8/ "
                 f"export would be served with the {TOKENIZER_FILE} written beside it")
+    if format_of(out) is not None:  # (a training checkpoint's was refused above)
+        return (f"it is an INT8 export ({INT8_FILE}), whose config.json and any "
+                f"{TOKENIZER_FILE} the export would overwrite")
     inside = format_of(out / "int8")  # what model_directories takes for a compress output
     if inside is not None:
         what = (f"an INT8 export (int8/{INT8_FILE})" if inside.marker == INT8_FILE

@@ -919,3 +919,23 @@ def test_the_byte_tokenizers_end_of_text_spelling_in_text_stays_bytes(tmp_path):
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "bpe", local_files_only=True)
     assert theirs(text).input_ids == bpe.encode(text)
     assert bpe.eos_id in bpe.encode(text)
+
+
+def test_an_int8_export_folder_itself_is_refused_as_one(tmp_path, capsys):
+    """--out at a compress output's int8/ (config.json of its own, no model_type) was refused
+    as "a config.json that is not a GPT-2 model's (a run's own?)"; one without its config.json
+    got the Hugging Face files written beside weights.int8.pt."""
+    from jobs import export
+    from orchestrator.serving.loading import INT8_FILE
+
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
+    for name, files in (("whole", {INT8_FILE: b"model", "config.json": b'{"scheme": "int8"}'}),
+                        ("bare", {INT8_FILE: b"model"})):
+        folder = tmp_path / name / "int8"
+        folder.mkdir(parents=True)
+        for file, data in files.items():
+            (folder / file).write_bytes(data)
+        code = export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(folder)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--out {folder}: it is an INT8 export ({INT8_FILE})" in err, err
+        assert sorted(p.name for p in folder.iterdir()) == sorted(files)
