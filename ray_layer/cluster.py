@@ -293,10 +293,10 @@ def _check_reachable(address: str, source: str, timeout_s: float = 5.0,
         host = host[1:-1]
     if not host or not port.isdigit():
         raise ClusterConnectionError(f"{source} {address!r} is not of the form host:port")
+    tls = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s) as connection:
-            other = None if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true") \
-                else _not_grpc(connection)
+            other = None if tls else _not_grpc(connection)
     except OSError as e:
         raise ClusterConnectionError(
             f"cannot reach a Ray cluster at {address} ({source}): {e.strerror or e}. Is "
@@ -306,6 +306,49 @@ def _check_reachable(address: str, source: str, timeout_s: float = 5.0,
             f"{address} ({source}) is not a Ray cluster's GCS port: {other} (the dashboard's "
             "8265, or another service?); give the address `ray start --head` printed, "
             "host:6379 unless --port set another")
+    refused = None if address.startswith("ray://") or tls else _token_refused(address,
+                                                                               timeout_s)
+    if refused:  # ray.init retried it for 20 s, then said only "Failed to connect"
+        raise ClusterConnectionError(
+            f"Ray at {address} ({source}) refuses this machine: {refused}. Its token is "
+            "what `ray get-auth-token` prints on the head node; here set RAY_AUTH_MODE=token "
+            "and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or the file ~/.ray/auth_token)")
+
+
+# A GCS method every Ray 2.5x/2.60 GCS serves; its request message is empty.
+GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+
+
+def _token_metadata() -> tuple[tuple[str, str], ...] | None:
+    """The gRPC metadata carrying the token Ray would send from this process (empty: none),
+    or None where this Ray keeps it elsewhere (no check rather than a wrong one)."""
+    try:
+        from ray._private.authentication.grpc_authentication_client_interceptor import \
+            _get_authentication_metadata_tuple
+        return tuple(_get_authentication_metadata_tuple())
+    except Exception:
+        return None
+
+
+def _token_refused(address: str, timeout_s: float) -> str | None:
+    """Why a GCS with token authentication (RAY_AUTH_MODE=token on the cluster) refuses the
+    token this process would send, or None: accepted, none needed, or the question could not
+    be asked (ray.init then says what it finds)."""
+    import grpc
+
+    metadata = _token_metadata()
+    if metadata is None:
+        return None
+    with grpc.insecure_channel(address) as channel:
+        ask = channel.unary_unary(GCS_PROBE_METHOD, request_serializer=None,
+                                  response_deserializer=None)
+        try:
+            ask(b"", timeout=timeout_s, metadata=metadata)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return ("it asks for an authentication token, and this machine sends "
+                        + ("another" if metadata else "none"))
+    return None
 
 
 # HTTP/2's client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, a Ray Client

@@ -4,14 +4,16 @@ import socket
 
 import pytest
 
-from ray_layer.cluster import ClusterConnectionError, _check_reachable
+from ray_layer.cluster import GCS_PROBE_METHOD, ClusterConnectionError, _check_reachable
 
 
 class GrpcServer:
-    """A gRPC server (as Ray's GCS is) on `host`, port 0; `.port` once entered."""
+    """A gRPC server (as Ray's GCS is) on `host`, port 0; `.port` once entered. `token`: it
+    answers the GCS probe (GCS_PROBE_METHOD) as a GCS with token authentication does,
+    UNAUTHENTICATED unless that token is sent."""
 
-    def __init__(self, host: str):
-        self.host = host
+    def __init__(self, host: str, token: str | None = None):
+        self.host, self.token = host, token
 
     def __enter__(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,10 @@ class GrpcServer:
         import grpc
 
         self.server = grpc.server(ThreadPoolExecutor(1))
+        if self.token is not None:
+            service, method = GCS_PROBE_METHOD.strip("/").split("/")
+            self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+                service, {method: grpc.unary_unary_rpc_method_handler(self._answer)})])
         try:
             self.port = self.server.add_insecure_port(f"{self.host}:0")
         except RuntimeError:
@@ -30,6 +36,13 @@ class GrpcServer:
 
     def __exit__(self, *exc):
         self.server.stop(0)
+
+    def _answer(self, request, context):
+        import grpc
+
+        if ("authorization", f"Bearer {self.token}") not in context.invocation_metadata():
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "InvalidAuthToken")
+        return b""
 
 
 def listener(family: int, host: str) -> socket.socket:
@@ -78,3 +91,28 @@ def test_a_port_that_answers_but_not_as_rays_gcs_is_refused_at_once():
     finally:
         http.shutdown()
         http.server_close()
+
+
+def test_a_gcs_that_refuses_this_machines_token_is_named_at_once(monkeypatch):
+    # A cluster started with RAY_AUTH_MODE=token: ray.init logged InvalidAuthToken 20 times,
+    # then raised "ConnectionError: Failed to connect", which named no token.
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    with GrpcServer("127.0.0.1", token="s3cret") as server:
+        with pytest.raises(ClusterConnectionError,
+                           match="asks for an authentication token, and this machine sends "
+                                 "none.*RAY_AUTH_TOKEN"):
+            _check_reachable(f"127.0.0.1:{server.port}", "--address")
+
+
+def test_a_gcs_that_takes_this_machines_token_passes_and_another_is_named(monkeypatch):
+    import ray_layer.cluster as cluster
+
+    sent = "s3cret"
+    monkeypatch.setattr(cluster, "_token_metadata",
+                        lambda: (("authorization", f"Bearer {sent}"),))
+    with GrpcServer("127.0.0.1", token="s3cret") as server:
+        _check_reachable(f"127.0.0.1:{server.port}", "--address")
+        sent = "stale"
+        with pytest.raises(ClusterConnectionError, match="this machine sends another"):
+            _check_reachable(f"127.0.0.1:{server.port}", "--address")
