@@ -173,6 +173,20 @@ def test_gavel_moves_a_job_only_to_the_families_its_claim_allows():
     assert head_starts["gavel"] == head_starts["fifo"] < 4000
 
 
+@pytest.mark.parametrize("policy", ("gavel", "fifo", "bestfit", "tiresias", "hetero-las"))
+def test_a_job_refused_as_backfill_on_one_family_starts_on_another(policy):
+    # The 8-GPU A100-only head waits for job 0's A100s; a long 1-GPU job of any family found
+    # room on the A100 server first (Gavel-style: its fastest type; first-fit: table order),
+    # which the core refused (it would delay the head), and it waited 711 s at 5 of 12 GPUs
+    # busy beside 4 idle K80s. Asked again without the A100s, it starts at once on a K80.
+    jobs = [TraceJob(0, 0.0, 2000.0, 4, MODEL, ("A100",)),
+            TraceJob(1, 1.0, 1000.0, 8, MODEL, ("A100",)),
+            TraceJob(2, 2.0, 20000.0, 1, MODEL)]
+    jobs = by_id(simulate(prepare(jobs), "a100:8x1,k80:4x1;rack=16", policy, check=True))
+    assert jobs[2].history[0][0] == 2.0 and jobs[2].history[0][2] == "k80-0000:1"
+    assert jobs[1].history[0][0] == jobs[0].finish  # the head was not delayed
+
+
 def random_trace(n, seed, max_gpus=16):
     rng = np.random.default_rng(seed)
     sizes = rng.choice([1, 1, 1, 2, 4, 8, max_gpus], size=n)
@@ -752,14 +766,16 @@ def test_a_job_refused_as_backfill_starts_elsewhere_on_the_next_pass():
     # Gavel-style, job 2 (P100|V100, 2 GPUs) first in line. At 330 s job 5's queue pass
     # refuses jobs as backfill (they would delay job 2) and then starts job 5; jobs 3 and 4
     # then fit on GPUs job 2 cannot use, which the live actor's next tick finds. The
-    # simulator passed again only at the next event (833 s).
+    # simulator passed again only at the next event (833 s). They were refused on a V100
+    # (Gavel-style's fastest type first) beside free K80s: asked again without the V100s
+    # (SchedulerCore._backfill_elsewhere), they now start as they arrive, on the K80s.
     jobs = [(0, 900, 1), (0, 2500, 2), (100, 2500, 2, "P100|V100"), (130, 2500, 1),
             (230, 2500, 1), (330, 60, 1)]
     cluster = "v100:2x1,p100:1x2,k80:1x2"
     settings = simulation_settings(parse_cluster_spec(cluster), queue_order="fifo")
     started = {j.trace.job_id: j.start for j in
                simulate(trace(*jobs), cluster, "gavel", check=True, settings=settings).jobs}
-    assert started[3] == pytest.approx(330, abs=1) and started[4] == pytest.approx(330, abs=1)
+    assert started[3] == 130 and started[4] == 230 and started[5] == 330
 
 
 @pytest.mark.parametrize("policy", ["fifo", "bestfit", "tiresias"])
