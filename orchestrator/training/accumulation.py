@@ -11,14 +11,19 @@ put back afterwards. With every k_g equal this is exactly ordinary gradient accu
 fp16 loss scaling: pending gradients were accumulated at the current loss scale. When the
 scaler changes the scale (after an overflow or a growth interval) they are rescaled by
 new/old, so every gradient in `.grad` is always at one scale. (Scales are powers of two: exact.)
-An overflow poisons the pending gradients of the waiting groups too; each of those groups then
-skips its next step, as a plain fp16 step would.
+An overflow poisons the pending gradients of the waiting groups too: each of those groups drops
+its window at its next step (its weights stay, as a plain fp16 step skipped for the overflow
+would leave them), while the groups stepping with it step as usual. That inf handed to the
+scaler made it skip every group stepping then and halve the scale again: one overflow, several
+skips. A window found poisoned in a checkpoint's pending gradients (an fp16 run stopped between
+the overflow and the group's step) is dropped as well, whatever precision resumes it.
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import torch.distributed as dist
 
 from orchestrator.training.strategy import clip_gradients
 
@@ -36,6 +41,9 @@ class HierarchicalAccumulation:
         self.groups = {name: params for name, params in groups.items() if params}
         self.factors = {name: factors[name] for name in self.groups}
         self.optimizer_steps = {name: start_step // k for name, k in self.factors.items()}
+        # Groups whose pending gradient an fp16 overflow made non-finite: their window is
+        # dropped at their next step. A resumed run's restored gradients are looked at once.
+        self.overflowed = self._non_finite(list(self.groups))
 
     def due(self, step: int) -> list[str]:
         """Groups whose optimizer step falls on micro-batch `step` (0-based)."""
@@ -61,7 +69,15 @@ class HierarchicalAccumulation:
         due = self.due(step)
         if not due:
             return False
+        for name in self.overflowed.intersection(due):  # (a window that overflowed: dropped)
+            self.overflowed.discard(name)
+            for p in self.groups[name]:
+                p.grad = None
         stepping = [p for name in due for p in self.groups[name]]
+        if not any(p.grad is not None for p in stepping):  # every window due was dropped
+            for name in due:
+                self.optimizer_steps[name] += 1
+            return False  # (the scaler's growth count takes no step for a good one)
         waiting = {p: p.grad for name in self.groups if name not in due
                    for p in self.groups[name] if p.grad is not None}
         for p in waiting:
@@ -84,12 +100,31 @@ class HierarchicalAccumulation:
             ratio = float(scaler._get_scale_async() / scale_before)
             for p, grad in waiting.items():
                 p.grad = grad.mul_(ratio) if ratio != 1.0 else grad
+            if ratio < 1.0:  # this step overflowed: which waiting windows it reached
+                self.overflowed |= self._non_finite([name for name in self.groups
+                                                     if name not in due])
         else:
             for p, grad in waiting.items():
                 p.grad = grad
         for name in due:
             self.optimizer_steps[name] += 1
         return scaler._get_scale_async() < scale_before if scaled else False
+
+    def _non_finite(self, names: list[str]) -> set[str]:
+        """Those of the groups `names` with a pending gradient holding inf or NaN, on every
+        worker alike (under FSDP each sees its own shards). Nothing to look at (no pending
+        gradient, as on a fresh run's start): no device read, no collective."""
+        grads = {name: [p.grad for p in self.groups[name] if p.grad is not None]
+                 for name in names}
+        grads = {name: found for name, found in grads.items() if found}
+        if not grads:
+            return set()
+        flags = torch.stack([torch.stack([
+            ~torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all()
+            for g in found]).any() for found in grads.values()]).to(torch.int32)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return {name for name, flag in zip(grads, flags.tolist()) if flag}
 
 
 def pending_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -166,6 +166,52 @@ def test_a_loss_scale_change_rescales_the_pending_gradients():
     assert torch.allclose(weight.detach(), torch.tensor([1.0, 3.0]))  # true mean gradient
 
 
+def test_an_overflow_skips_a_waiting_groups_step_without_skipping_the_others_again():
+    """fp16: micro-batch 0 overflows while 'lower' (k=2) waits. 'head' skips that step and the
+    scale halves once; 'lower' drops its window (its pending gradient is inf) on micro-batch 1,
+    where 'head' steps with its own finite gradient. That window's inf went to the scaler, which
+    skipped every group stepping with it and halved the scale again: one overflow, two skips."""
+    weight = torch.nn.Parameter(torch.zeros(2))
+    other = torch.nn.Parameter(torch.zeros(1))
+    accumulation = HierarchicalAccumulation({"lower": [weight], "head": [other]},
+                                            {"lower": 2, "head": 1})
+    optimizer = torch.optim.SGD([weight, other], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    skipped = 0
+    for step in range(4):
+        loss = (weight.sum() + other.sum()) * (float("inf") if step == 0 else 1.0)
+        scaler.scale(loss).backward()
+        skipped += accumulation.step(step, optimizer, scaler, grad_clip=0.0)
+        if step == 1:
+            assert torch.equal(weight.detach(), torch.zeros(2))  # its window dropped
+            assert torch.equal(other.detach(), torch.tensor([-1.0]))  # stepped once
+    assert int(skipped) == 1 and scaler.get_scale() == 4.0
+    assert torch.equal(weight.detach(), torch.tensor([-1.0, -1.0]))  # the next window's step
+    assert torch.equal(other.detach(), torch.tensor([-3.0]))
+    assert accumulation.optimizer_steps == {"lower": 2, "head": 4}
+
+
+def test_a_window_poisoned_by_an_fp16_overflow_resumed_in_fp32_is_dropped(tmp_path,
+                                                                          monkeypatch):
+    """An fp16 run's micro-batch 1 overflows while 'embeddings' (k=4) waits, and the
+    checkpoint of step 2 holds its inf pending gradient. Resumed in fp32 (precision may change
+    on resume) that gradient was applied: NaN weights, the run stopped as diverged."""
+    from orchestrator.training import loop
+    from test_training_loop import _breaks_from_call
+
+    monkeypatch.setattr(loop, "GPT", _breaks_from_call(2, float("inf"), last_broken=2))
+    config = tiny(accumulation="embeddings=4", max_steps=8, checkpoint_every=2, log_every=2,
+                  seq_len=16, precision="fp16")
+    with pytest.raises(RuntimeError, match="worker killed"):
+        train(config, CrashingSession(tmp_path, crash_at=2))
+    pending = load_checkpoint(tmp_path / "checkpoint_00000002")["pending_gradients"]
+    assert not all(torch.isfinite(g).all() for g in pending.values())
+    metrics = train(dataclasses.replace(config, precision="fp32"),
+                    LocalSession(tmp_path, device=CPU))
+    assert metrics["step"] == 8 and metrics["optimizer_steps"]["embeddings"] == 2
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path).values())
+
+
 def test_no_all_reduce_on_micro_batches_where_no_group_steps(process_group):
     """Under DDP the gradient all-reduce runs only when some group steps (or a checkpoint is
     due): a world of one process still goes through DDP's reducer and comm hook."""
