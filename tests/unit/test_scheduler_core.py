@@ -1100,6 +1100,32 @@ def test_a_flexible_job_keeps_off_the_family_a_single_family_job_waits_for():
     assert isinstance(flex, Placement) and flex.nodes == ["t4"]
 
 
+
+def test_a_job_refused_as_backfill_starts_on_the_pass_after_a_later_job_took_its_gpus():
+    # Node a (4 A100s) runs r1 (3 GPUs, 100 s); the 4-GPU head waits for a (b has 2 GPUs).
+    # x (1 GPU, no estimate) is placed on a's free GPU, tightest first, and refused: it
+    # would delay the head. Its other option is b, of the same family, so being asked again
+    # on its other families (_backfill_elsewhere) finds nothing. y (1 GPU, 50 s) then takes
+    # a's GPU: it ends before the head starts. x now fits only on b, which the head cannot
+    # use: the core asks for a pass just after (next_wakeup, _repass_due), as the live
+    # actor's next tick makes one, and that pass starts x on b. Without it a driver that
+    # calls the core only on events (the simulator) left x waiting until the next one.
+    core = core_with(gpu_node("a", gpus=4), gpu_node("b", gpus=2))
+    core.submit(JobSpec("r1", num_workers=1, gpus_per_worker=3, expected_duration_s=100),
+                "d", T0)
+    assert isinstance(core.submit(JobSpec("head", num_workers=1, gpus_per_worker=4), "d",
+                                  T0 + 1).decision, Queued)
+    assert isinstance(core.submit(gpus("x", 1), "d", T0 + 2).decision, Queued)
+    assert "would delay 'head'" in core.queue.waiting["x"].reason
+    y = core.submit(gpus("y", 1, expected_duration_s=50), "d", T0 + 3).decision
+    assert isinstance(y, Placement) and y.nodes == ["a"]
+    assert "x" not in core.running
+    wake = core.next_wakeup(T0 + 3, T0 + 1000)
+    assert wake is not None and wake < T0 + 4
+    core.tick(wake)
+    assert core.running["x"].placement.nodes == ["b"]
+    assert core.next_wakeup(wake, T0 + 1000) is None  # (asked once)
+
 def a100_and_t4_core(gain, gpus, **settings):
     """A core over one A100 and one T4 node of `gpus` GPUs each, where job NAME runs
     gain[NAME] times faster on the A100."""
