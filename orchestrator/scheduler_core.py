@@ -1693,8 +1693,10 @@ class SchedulerCore:
         while True:
             used = {int(t.family[index[r.node_id]]) for r in placement.reservations()
                     if r.node_id in index}
-            left = [f for f in left if t.families[f] not in used]
-            if not left:
+            # (A family with fewer free GPUs than one worker takes cannot help: no place() call)
+            left = [f for f in left if t.families[f] not in used
+                    and free_gpus.get(t.families[f], 0) >= spec.gpus_per_worker]
+            if sum(free_gpus.get(t.families[f], 0) for f in left) < spec.total_gpus:
                 return None
             try:
                 placement = self._place(spec.narrowed(accelerator_types=tuple(left)), now,
