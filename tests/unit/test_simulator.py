@@ -762,7 +762,7 @@ def test_tuned_settings_keep_the_policys_own_rules():
     assert simulation_settings(cluster, True, base=SchedulerSettings(backfill=False)).backfill
 
 
-def test_a_job_refused_as_backfill_starts_elsewhere_on_the_next_pass():
+def test_jobs_refused_as_backfill_on_the_fastest_type_start_at_once_on_another():
     # Gavel-style, job 2 (P100|V100, 2 GPUs) first in line. At 330 s job 5's queue pass
     # refuses jobs as backfill (they would delay job 2) and then starts job 5; jobs 3 and 4
     # then fit on GPUs job 2 cannot use, which the live actor's next tick finds. The
