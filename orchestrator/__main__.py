@@ -26,7 +26,8 @@ from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_NOT_PLAC
                                   JobFailed, run_job)
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
-from orchestrator.runs import DEFAULT_RUNS_ROOT, LINE_FIELDS, METRICS_LOG, read_metrics_from
+from orchestrator.runs import (DEFAULT_RUNS_ROOT, LINE_FIELDS, METRICS_LOG, read_metrics_from,
+                               run_end)
 from orchestrator.validation import expand_home
 
 
@@ -372,7 +373,8 @@ def done_line(name: str, launched) -> str:
 
 def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.0) -> int:
     """Each report of the run, oldest first, one line each; with `follow`, new ones as they
-    come (Ctrl-C to stop)."""
+    come, until the run has ended (its run_end record: then the run's own exit code, and its
+    error on stderr) or Ctrl-C."""
     from orchestrator.launch import run_name_problem
 
     if run_dir is not None and not run_dir.strip():  # (`--run-dir "$UNSET"`): not left out
@@ -410,6 +412,8 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
                 print(f"({directory / METRICS_LOG} was removed or replaced: a new run's "
                       "reports follow)", file=sys.stderr, flush=True)
             seen = file
+            # (looked at before the reads: every report the run wrote is read after it)
+            ended = run_end(directory) if follow else None
             try:
                 records, offset = read_metrics_from(directory, offset)
             except OSError as e:  # not its absence (no reports yet): unreadable
@@ -420,6 +424,12 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
                 print(format_report(record), flush=True)
             if not follow:
                 return 0
+            if ended is not None:
+                code = ended["exit_code"]
+                print("(the run has ended: " + ("done" if code == 0 else
+                      f"exit {code}" + (f": {ended['error']}" if ended.get("error") else ""))
+                      + ")", file=sys.stderr, flush=True)
+                return code
             time.sleep(every_s)
     except KeyboardInterrupt:
         return 0

@@ -20,13 +20,17 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from orchestrator.file_lock import claimed
 from orchestrator.hf_files import INDEX_FILE, SAFETENSORS_FILE
-from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
+from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED,
+                                   EXIT_NOT_PLACEABLE, JobFailed)
 from orchestrator.tokenizer import TOKENIZER_FILE
 from orchestrator.validation import expand_home
 
 METRICS_LOG = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"  # jobs/pretrain.py's, at the end of a run
 CONFIG_FILE = "config.json"  # jobs/pretrain.py's resolved configs
+# How the run's process ended (run_dir_held's, both jobs/pretrain.py and `submit`): its exit
+# code and error line; what `logs --follow` stops at. Removed when a run starts in the folder.
+ENDED_FILE = "ended.json"
 
 DEFAULT_RUNS_ROOT = Path(os.environ.get("ORCHESTRATOR_RUNS_DIR", "~/orchestrator-runs"))
 
@@ -345,7 +349,7 @@ def set_aside_earlier_history(run_dir: Path) -> list[Path]:
                for name in (METRICS_LOG, SUMMARY_FILE, RAY_CHECKPOINT_SNAPSHOT)):
         return []  # no history: a config.json alone is only replaced
     moved = []
-    for name in (METRICS_LOG, SUMMARY_FILE, CONFIG_FILE, TOKENIZER_FILE,
+    for name in (METRICS_LOG, SUMMARY_FILE, ENDED_FILE, CONFIG_FILE, TOKENIZER_FILE,
                  RAY_CHECKPOINT_SNAPSHOT):
         path = run_dir / name
         if not path.is_file():
@@ -398,19 +402,58 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
             _say_before_resume(run_dir, any_checkpoint)
         # What a refusal puts back: the folder as it is now, its history set aside or its
         # record repaired (expected, kept), under the lock (no other run's files in it).
-        claim.snapshot(written)
+        claim.snapshot({*written, ENDED_FILE})  # (an earlier run's end: put back if refused)
+        (run_dir / ENDED_FILE).unlink(missing_ok=True)  # this run has not ended
+        ended: tuple[int, str | None] = (EXIT_FAILED, None)
         try:
             yield
+            ended = (0, None)
         except JobFailed as e:
             claim.refused = (e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE)
                              and not getattr(e, "ran", False))
+            ended = (e.exit_code, str(e))
             raise
         except RunDirError:
             claim.refused = True
             raise
         except KeyboardInterrupt as e:  # Ctrl-C in the queue: as refused, unless it ran
             claim.refused = not getattr(e, "ran", True)
+            ended = (EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
             raise
+        except BaseException as e:  # (a traceback: exit 1)
+            ended = (1, f"{type(e).__name__}: {_one_line(str(e))}")
+            raise
+        finally:
+            if not claim.refused:
+                _write_run_end(run_dir, *ended)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _write_run_end(run_dir: Path, exit_code: int, error: str | None) -> None:
+    """ENDED_FILE, best effort (the job's own outcome is what its user must see)."""
+    from orchestrator.training.checkpoint import CheckpointError, write_json
+
+    try:
+        write_json(run_dir / ENDED_FILE, {"exit_code": exit_code, "error": error,
+                                          "time": time.time()})
+    except (CheckpointError, OSError):
+        pass
+
+
+def run_end(run_dir: Path) -> dict[str, Any] | None:
+    """How the run in `run_dir` ended ({"exit_code", "error", "time"}), or None while it has
+    not (running, not started, or a process killed outright: no record then)."""
+    try:
+        record = json.loads((Path(run_dir) / ENDED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    code = record.get("exit_code") if isinstance(record, dict) else None
+    if not isinstance(code, int) or isinstance(code, bool):
+        return None
+    return record
 
 
 def remove_dir_if_only(run_dir: Path, names: set[str]) -> None:

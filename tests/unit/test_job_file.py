@@ -1501,3 +1501,52 @@ def test_a_home_of_no_user_is_refused_naming_the_file_and_field(tmp_path, text, 
 def test_an_entrypoint_script_under_a_home_of_no_user_is_an_entrypoint_error(tmp_path):
     with pytest.raises(EntrypointError, match="~nosuchuser-hf55"):
         load_entrypoint("~nosuchuser-hf55/train.py:loop", base_dir=tmp_path)
+
+
+def test_logs_follow_exits_once_the_run_has_ended(tmp_path, monkeypatch, capsys):
+    # `logs NAME --follow` polled for ever after the run ended (done or failed): unlike
+    # `kubectl logs -f` / `ray job logs --follow`, a script following a run never got back.
+    # Now it prints the last reports and exits with the run's own exit code.
+    from orchestrator import __main__ as cli
+    from orchestrator.job_exit import EXIT_FAILED, JobFailed
+    from orchestrator.runs import append_metrics, run_dir_held
+
+    run_dir = tmp_path / "alpha"
+    sleeps = []
+
+    def run(fail):
+        try:
+            with run_dir_held(run_dir, new_run=not run_dir.exists()):
+                append_metrics(run_dir, {"step": len(sleeps), "loss": 2.0}, None)
+                if fail:
+                    raise JobFailed("worker 0 failed: boom", EXIT_FAILED, ran=True)
+        except JobFailed:
+            pass
+
+    def sleep(seconds, fail=True):
+        sleeps.append(seconds)
+        if len(sleeps) == 1:  # the run starts, reports and fails between two polls
+            run(fail)
+        elif len(sleeps) > 3:
+            raise KeyboardInterrupt  # (before the fix: it never stopped on its own)
+    monkeypatch.setattr(cli.time, "sleep", sleep)
+    assert cli.print_logs("alpha", str(run_dir), follow=True, every_s=0.01) == EXIT_FAILED
+    out = capsys.readouterr()
+    assert "step 1: loss=2" in out.out, out
+    assert "worker 0 failed: boom" in out.err and len(sleeps) == 1, (out.err, sleeps)
+
+    # Resumed and finished: exit 0; the earlier run's end is not taken for this one's.
+    sleeps.clear()
+    monkeypatch.setattr(cli.time, "sleep", lambda s: sleep(s, fail=False))
+    with run_dir_held(run_dir, new_run=False):
+        append_metrics(run_dir, {"step": 0, "loss": 3.0}, None)
+        monkeypatch.setattr(cli.time, "sleep", lambda s: (sleeps.append(s), None)[1]
+                            if len(sleeps) < 2 else (_ for _ in ()).throw(KeyboardInterrupt))
+        assert cli.print_logs("alpha", str(run_dir), follow=True, every_s=0.01) == 0
+        assert len(sleeps) == 2  # still running: followed until Ctrl-C
+    capsys.readouterr()
+    sleeps.clear()
+    monkeypatch.setattr(cli.time, "sleep", lambda s: sleep(s, fail=False))
+    assert cli.print_logs("alpha", str(run_dir), follow=True, every_s=0.01) == 0
+    out = capsys.readouterr()
+    assert "step 0: loss=3" in out.out and sleeps == [] and "ended" in out.err, (out, sleeps)
