@@ -158,8 +158,12 @@ def _sorted_draw(sorted_probs: torch.Tensor, top_p: torch.Tensor, uniform: torch
     # Keep the most likely tokens until their mass reaches top_p, the first one always: top_p
     # 0 (which OpenAI accepts) keeps it alone, so it is greedy. top_p >= 1 keeps every token:
     # over a large vocabulary the fp32 running mass reaches 1.0 hundreds of tokens early.
+    # The mass before a token is the running mass one token earlier, not (its running mass -
+    # its probability): that rounds either way, so a nucleus ending at the head's last token
+    # (running mass == top_p) could keep the next token in a whole sort and not in the head.
     running = sorted_probs.cumsum(dim=-1)
-    kept = (running - sorted_probs < top_p.unsqueeze(1)) | (top_p >= 1).unsqueeze(1)
+    before = torch.nn.functional.pad(running[:, :-1], (1, 0))
+    kept = (before < top_p.unsqueeze(1)) | (top_p >= 1).unsqueeze(1)
     kept[..., 0] = True
     cdf = (sorted_probs * kept).cumsum(dim=-1)
     if mass is None:

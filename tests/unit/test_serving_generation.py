@@ -88,8 +88,8 @@ def sorted_inverse_cdf(logits, temperature, top_p, uniform):
     CDF inverted at the row's draw."""
     probs = torch.softmax(logits / temperature.clamp(min=1e-6).unsqueeze(1), -1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    kept = (sorted_probs.cumsum(-1) - sorted_probs < top_p.unsqueeze(1)) | (
-        top_p >= 1).unsqueeze(1)
+    before = torch.nn.functional.pad(sorted_probs.cumsum(-1)[:, :-1], (1, 0))
+    kept = (before < top_p.unsqueeze(1)) | (top_p >= 1).unsqueeze(1)
     kept[:, 0] = True
     cdf = (sorted_probs * kept).cumsum(-1)
     pick = torch.searchsorted(cdf, uniform.unsqueeze(1) * cdf[:, -1:]).clamp(
@@ -123,6 +123,22 @@ def test_sampling_sorts_a_whole_vocabulary_only_for_draws_past_its_most_likely_t
     flat = logits / 8  # most of the mass past the first tokens: those rows sort it all
     assert torch.equal(sample_tokens(flat, temperature, top_p, uniform),
                        sorted_inverse_cdf(flat, temperature, top_p, uniform))
+
+
+def test_a_nucleus_ending_at_the_sorted_heads_last_token_keeps_what_a_whole_sort_keeps(
+        monkeypatch):
+    # top_p equal to the mass of the 256 most likely tokens: the whole sort's mass before token
+    # 257, taken as (its running mass - its probability), rounded below top_p and kept it,
+    # while the head ended the nucleus at 256; the draw nearest 1 then picked another token.
+    from orchestrator.serving import generation
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(1, 2000, generator=g) * 2
+    head = torch.softmax(logits, -1).sort(-1, descending=True)[0][:, :generation.SORTED_HEAD]
+    top_p, temperature = head.cumsum(-1)[:, -1], torch.ones(1)
+    uniform = torch.tensor([1 - 2 ** -24])
+    tokens = sample_tokens(logits, temperature, top_p, uniform)
+    monkeypatch.setattr(generation, "SORTED_HEAD", 10 ** 6)  # every row sorts it all
+    assert torch.equal(tokens, sample_tokens(logits, temperature, top_p, uniform))
 
 
 def test_stop_sequences_end_a_row_early(model):
