@@ -339,7 +339,11 @@ def _token_refused(address: str, timeout_s: float) -> str | None:
     metadata = _token_metadata()
     if metadata is None:
         return None
-    with grpc.insecure_channel(address) as channel:
+    from ray._private.ray_constants import GLOBAL_GRPC_OPTIONS
+
+    # Ray's own channel options: no http_proxy (as ray.init reaches the GCS), else the probe
+    # went to the proxy and waited its timeout there.
+    with grpc.insecure_channel(address, options=GLOBAL_GRPC_OPTIONS) as channel:
         ask = channel.unary_unary(GCS_PROBE_METHOD, request_serializer=None,
                                   response_deserializer=None)
         try:

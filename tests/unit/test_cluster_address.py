@@ -116,3 +116,19 @@ def test_a_gcs_that_takes_this_machines_token_passes_and_another_is_named(monkey
         sent = "stale"
         with pytest.raises(ClusterConnectionError, match="this machine sends another"):
             _check_reachable(f"127.0.0.1:{server.port}", "--address")
+
+
+def test_the_token_check_ignores_an_http_proxy_as_ray_does(monkeypatch):
+    # gRPC channels honour http_proxy; Ray's turn that off (GLOBAL_GRPC_OPTIONS): with a proxy
+    # set, the check's probe went to the proxy, waited its 5 s and named no token.
+    import time
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    silent = listener(socket.AF_INET, "127.0.0.1")  # a proxy that never answers
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    with silent, GrpcServer("127.0.0.1", token="s3cret") as server:
+        start = time.monotonic()
+        with pytest.raises(ClusterConnectionError, match="asks for an authentication token"):
+            _check_reachable(f"127.0.0.1:{server.port}", "--address")
+        assert time.monotonic() - start < 2.5
