@@ -216,23 +216,31 @@ def _mean_loss_across_workers(loss_sum, losses_summed, device: torch.device
 
 def _stop_if_diverged(step: int, interval_steps: int, interval_loss: float | None,
                       model: torch.nn.Module, scaler, config: TrainConfig,
-                      checkpoint_due: bool, device: torch.device, saved_any: bool) -> None:
+                      checkpoint_due: bool, device: torch.device, saved_any: bool,
+                      nonfinite_since: torch.Tensor | None = None) -> None:
     """Raise TrainingDiverged, on every worker alike, where any worker's run diverged by this
     report: its interval's loss is NaN/inf (bf16, fp32: fp16 leaves overflowed steps out), its
-    loss scale fell below MIN_LOSS_SCALE, or (before a checkpoint) its weights hold NaN/inf, as
-    a step can leave them under a finite loss. One small all-reduce per report. `saved_any`:
-    the run has a checkpoint (else the message offers no --resume: it would be refused)."""
+    loss scale fell below MIN_LOSS_SCALE, or (before a checkpoint, or once the loss scale
+    collapsed) its weights hold NaN/inf, as a step can leave them under a finite loss; weights
+    gone NaN also make every later fp16 step's loss NaN, which the scaler skips as overflows
+    until its scale collapses, so that is not blamed on fp16. One small all-reduce per report.
+    `saved_any`: the run has a checkpoint (else the message offers no --resume: it would be
+    refused). `nonfinite_since`: the first step (0: none) of this worker's unbroken run of
+    non-finite fp16 losses up to this one (_nonfinite_since)."""
     why = 0  # 0 healthy, then the reasons below in the order they are checked
     if interval_loss is not None and not math.isfinite(interval_loss):
         why = 1
     elif scaler.is_enabled() and scaler.get_scale() < MIN_LOSS_SCALE:
-        why = 2
+        why = 3 if not _weights_finite(model) else 2
     elif checkpoint_due and not _weights_finite(model):
         why = 3
+    # The earliest such step over the workers, negated for MAX: one all-reduce for both.
+    since = int(nonfinite_since) if nonfinite_since is not None else 0
     if dist.is_available() and dist.is_initialized():
-        flag = torch.tensor([why], dtype=torch.int64, device=device)
+        flag = torch.tensor([why, -(since or step + 1)], dtype=torch.int64, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        why = int(flag.item())
+        why, since = int(flag[0].item()), -int(flag[1].item())
+        since = 0 if since > step else since
     if not why:
         return
     first = step - interval_steps + 1
@@ -240,7 +248,10 @@ def _stop_if_diverged(step: int, interval_steps: int, interval_loss: float | Non
     what = {1: f"the loss over {steps} was {interval_loss}",
             2: (f"fp16's loss scale fell below {MIN_LOSS_SCALE:g} (every step's gradients "
                 "overflowed fp16 even unscaled, and the step was skipped)"),
-            3: "the model's weights hold NaN or inf (the loss was still finite)"}[why]
+            3: "the model's weights hold NaN or inf " + (
+                f"(every step's loss since step {since} was NaN or inf: fp16 loss scaling "
+                "skipped those steps as overflows and left them out of the reported loss)"
+                if since else "(the loss was still finite)")}[why]
     lower = (f"a new run with a lower learning rate (--lr, now {config.lr:g}) or a longer "
              f"warm-up (--warmup-steps, now {config.warmup_steps})")
     bf16 = "bf16 (--precision bf16, compute capability 8.0+) or fp32"
@@ -257,6 +268,14 @@ def _weights_finite(model: torch.nn.Module) -> bool:
     checks = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
               for p in model.parameters()]
     return bool(torch.stack(checks).all()) if checks else True
+
+
+def _nonfinite_since(since: torch.Tensor, summed: torch.Tensor, step: int) -> torch.Tensor:
+    """The first step of the unbroken run of non-finite losses up to this `step` (0: this
+    step's loss was finite), on the device (no host sync): `summed` is _summed_loss's 0 for a
+    step left out as non-finite."""
+    return torch.where(summed > 0, torch.zeros_like(since),
+                       torch.where(since > 0, since, torch.full_like(since, step)))
 
 
 def _summed_loss(loss: torch.Tensor, skip_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,6 +476,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     interval_start, interval_steps, timed_steps, loss_sum = time.perf_counter(), 0, 0, 0.0
     losses_summed = 0  # of interval_steps: fp16 leaves out a step the scaler skipped (below)
     run_tokens, run_seconds, skipped_steps = 0, 0.0, 0
+    # fp16: the first step of the unbroken run of non-finite losses up to now (0: none).
+    nonfinite_since = torch.zeros((), dtype=torch.int64, device=device)
     first_loss = None  # loss of this run's first step: the "before" of the loss curve
     first_step_at = None
     phase_started = None  # start of this attempt's first step: the training phase's clock
@@ -500,6 +521,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
         step_loss, summed = _summed_loss(loss, skip_nonfinite=scaler.is_enabled())
         loss_sum += step_loss
         losses_summed += summed
+        if scaler.is_enabled():
+            nonfinite_since = _nonfinite_since(nonfinite_since, summed, step)
         if first_loss is None:  # (on every worker alike: the mean is a collective)
             # The first step's loss, or (its fp16 loss overflowed on every worker) the first
             # finite one's: the "before" of the loss curve, never NaN for a healthy run.
@@ -526,7 +549,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                 loss_sum, losses_summed, device)
             try:
                 _stop_if_diverged(step, interval_steps, interval_loss, model, scaler, config,
-                                  checkpoint_due, device, saved_any)
+                                  checkpoint_due, device, saved_any,
+                                  nonfinite_since if scaler.is_enabled() else None)
             except TrainingDiverged as e:
                 # In the run's log too (metrics.jsonl, `logs NAME`): its reports stop, and why.
                 # (Every rank reports, as for any report; no checkpoint.)

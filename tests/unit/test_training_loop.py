@@ -429,6 +429,34 @@ def test_weights_turned_nan_under_a_finite_loss_are_not_checkpointed(tmp_path, m
     _stopped_at_20_keeping_step_10(session, e)
 
 
+@pytest.mark.parametrize("checkpoint_every", [10, 50])
+def test_fp16_weights_gone_nan_are_named_with_the_nan_losses_since(tmp_path, monkeypatch,
+                                                                   checkpoint_every):
+    # fp16, the weights NaN after step 5: every later loss is NaN, skipped as an overflow.
+    # With a checkpoint due (step 10) it said "(the loss was still finite)"; with none due
+    # the scale collapsed by step 30 and it blamed fp16 overflow, advising bf16.
+    from orchestrator.training import loop
+
+    real_step = loop.HierarchicalAccumulation.step
+
+    def poisons_step_5(self, step, optimizer, scaler, grad_clip):
+        skipped = real_step(self, step, optimizer, scaler, grad_clip)
+        if step == 4:
+            with torch.no_grad():
+                next(p for g in optimizer.param_groups for p in g["params"]).fill_(float("nan"))
+        return skipped
+
+    monkeypatch.setattr(loop.HierarchicalAccumulation, "step", poisons_step_5)
+    session = LocalSession(tmp_path, device=CPU)
+    with pytest.raises(loop.TrainingDiverged) as e:
+        train(tiny(max_steps=40, precision="fp16", seq_len=16,
+                   checkpoint_every=checkpoint_every), session)
+    message = str(e.value)
+    assert "weights hold NaN or inf" in message and "since step 6 was NaN or inf" in message
+    assert "still finite" not in message and "bf16" not in message, message
+    assert ("step 10" if checkpoint_every == 10 else "step 30") in message, message
+
+
 def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
     save_checkpoint(tmp_path, {"step": 3, "w": torch.ones(2)})
     assert load_checkpoint(tmp_path)["step"] == 3
