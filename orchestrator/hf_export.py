@@ -438,6 +438,14 @@ def _umask() -> int:
     return mask
 
 
+# What jobs/export.py takes instead of a compress stage folder: nothing of a compress output
+# exports (its int8/ is refused as INT8, by _training_checkpoint_only).
+EXPORT_INSTEAD_OF_STAGE = ("jobs/export.py exports training checkpoints (state.pt) only, and "
+                           "nothing in a compress output (its stages, its int8/) has a GPT-2 "
+                           "form; export the training checkpoint {out} was compressed from, "
+                           "{source}")
+
+
 def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
                       ) -> tuple[list[Path], dict[str, Any]]:
     """Export the training checkpoint `path` names (a checkpoint directory, or a run directory:
@@ -449,7 +457,7 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
 
     out = export_dir(out_dir)
     check_output(out)  # before the checkpoint is read: that can take a while
-    candidates, is_run = model_directories(path)
+    candidates, is_run = model_directories(path, EXPORT_INSTEAD_OF_STAGE)
     (directory, state, model, train_config), skipped = first_that_loads(
         candidates, is_run, path, _load_exportable)
     check_exportable(model, str(directory))

@@ -670,6 +670,41 @@ OTHER_JOBS_FILES = {SAFETENSORS_FILE: "a Hugging Face model's weights",
                     INDEX_FILE: "a Hugging Face model's shard index",
                     "pytorch_model.bin": "a Hugging Face model's weights",
                     COMPRESS_CONFIG_FILE: "a jobs/compress.py --out's settings"}
+# What each finished jobs/compress.py stage folder (original/, distilled/, pruned/, qat/)
+# holds (compression.pipeline's WEIGHTS_FILE, STAGE_FILE).
+COMPRESS_WEIGHTS_FILE, COMPRESS_STAGE_FILE = "weights.pt", "stage.json"
+
+
+def compress_stage(directory: Path) -> tuple[Path, str] | None:
+    """Where `directory` is a jobs/compress.py stage folder (its weights.pt and stage.json,
+    not a checkpoint any job loads): (the compress --out it lies in, the training checkpoint
+    that output was compressed from, as its compress_config.json records it, or words saying
+    where to find it); else None."""
+    if not ((directory / COMPRESS_WEIGHTS_FILE).is_file()
+            and (directory / COMPRESS_STAGE_FILE).is_file()):
+        return None
+    out = directory.parent
+    try:
+        source = json.loads((out / COMPRESS_CONFIG_FILE).read_text())["source"]["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        source = None
+    return out, (str(source) if isinstance(source, str) and source
+                 else f"the one {out / COMPRESS_CONFIG_FILE} records under source")
+
+
+def compress_stage_problem(directory: Path, label: str, advice: str) -> str | None:
+    """What `directory` (`label` names its flag) is, where it is a compress stage folder, with
+    `advice`, formatted with {out} (the compress --out) and {source} (its teacher checkpoint);
+    None where it is not one."""
+    stage = compress_stage(directory)
+    if stage is None:
+        return None
+    out, source = stage
+    return (f"{label} {directory} is a jobs/compress.py stage folder ({directory.name}/: "
+            f"{COMPRESS_WEIGHTS_FILE}, {COMPRESS_STAGE_FILE}), not a model checkpoint: "
+            + advice.format(out=out, source=source))
+
+
 RUN_CONFIG_SECTIONS = ("train", "job")  # what jobs/pretrain.py writes in a run's config.json
 # What a config.json of another kind says it is (jobs/export.py's, a compression's export).
 CONFIG_MARKS = ("exported_by", "model_type", "format")

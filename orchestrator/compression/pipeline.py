@@ -41,7 +41,8 @@ from orchestrator.compression.report import (SCRATCH_PREFIX, block_sparsity, bui
                                              format_table, latency_seq_len)
 from orchestrator.compression.source import teacher_data, teacher_tokenizer
 from orchestrator.config import MODEL_PRESETS, ConfigError
-from orchestrator.runs import COMPRESS_CONFIG_FILE, folder_claimed, writable_dir_problem
+from orchestrator.runs import (COMPRESS_CONFIG_FILE, COMPRESS_STAGE_FILE, COMPRESS_WEIGHTS_FILE,
+                              folder_claimed, writable_dir_problem)
 from orchestrator.tokenizer import (ByteTokenizer, Tokenizer, TokenizerError, save_tokenizer,
                                     tokenizer_of_run)
 from orchestrator.training.checkpoint import recorded_sha256
@@ -53,9 +54,9 @@ from orchestrator.validation import expand_home
 
 CONFIG_FILE = COMPRESS_CONFIG_FILE
 REPORT_FILE = "report.json"
-WEIGHTS_FILE = "weights.pt"
+WEIGHTS_FILE = COMPRESS_WEIGHTS_FILE
 MASKS_FILE = "masks.pt"
-STAGE_FILE = "stage.json"
+STAGE_FILE = COMPRESS_STAGE_FILE
 OUT_LOCK = ".compress.lock"  # held (file_lock) by the run using --out, for the run's life
 # Data stream per fine-tune (get_batch's `rank`): each stage draws its own batches, none of
 # them the pretraining workers' (ranks 0..N).

@@ -10,7 +10,7 @@ import torch
 
 from orchestrator.compression.artifacts import cpu_state_dict
 from orchestrator.hf_files import holds_hf_model
-from orchestrator.runs import checkpoint_dirs
+from orchestrator.runs import checkpoint_dirs, compress_stage_problem
 from orchestrator.tokenizer import ByteTokenizer, Tokenizer, TokenizerError, tokenizer_of_run
 from orchestrator.training.checkpoint import (SHARDED_META_FILE, STATE_FILE, CheckpointError,
                                               holds_checkpoint_files,
@@ -34,6 +34,10 @@ def checkpoint_candidates(path: str | Path) -> tuple[list[Path], bool]:
     if holds_hf_model(p):  # (as serving and jobs/export.py name one)
         raise CheckpointError(f"--checkpoint {p} is a Hugging Face model (jobs/export.py "
                               "writes those): compress the training checkpoint it came from")
+    stage = compress_stage_problem(p, "--checkpoint", "compress the training checkpoint it "
+                                   "was compressed from, {source}")
+    if stage:
+        raise CheckpointError(stage)
     raise CheckpointError(f"{p} is neither a checkpoint directory (no {STATE_FILE}) nor a run "
                           "directory (no checkpoint_* inside)")
 

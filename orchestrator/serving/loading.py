@@ -32,7 +32,8 @@ from orchestrator.config import TrainConfig
 from orchestrator.hf_files import holds_hf_model
 from orchestrator.tokenizer import (BYTE_VOCAB, ByteTokenizer, Tokenizer, TokenizerError,
                                     tokenizer_of_run)
-from orchestrator.runs import DEFAULT_RUNS_ROOT, checkpoint_dirs, latest_run_with_checkpoints
+from orchestrator.runs import (DEFAULT_RUNS_ROOT, checkpoint_dirs, compress_stage_problem,
+                              latest_run_with_checkpoints)
 from orchestrator.validation import expand_home
 from orchestrator.training.checkpoint import (SHARDED_META_FILE, STATE_FILE, CheckpointError,
                                               checkpoint_header, cut_short_problem,
@@ -134,10 +135,19 @@ def default_checkpoint(root: Path = DEFAULT_RUNS_ROOT) -> Path:
     return run
 
 
-def model_directories(path: str | Path) -> tuple[list[Path], bool]:
+# What a caller of model_directories says to do instead of a jobs/compress.py stage folder
+# (runs.compress_stage_problem's advice).
+SERVE_INSTEAD_OF_STAGE = ("serve the compress output {out} (its int8/ model) or the training "
+                          "checkpoint it was compressed from, {source}")
+
+
+def model_directories(path: str | Path, stage_advice: str = SERVE_INSTEAD_OF_STAGE
+                      ) -> tuple[list[Path], bool]:
     """(directories to try, newest first; whether `path` was a run directory). Every
     checkpoint_* of a run is tried, also one whose save was cut short: model_format names
-    what it lacks as the run falls back past it (left out, it was passed over unsaid)."""
+    what it lacks as the run falls back past it (left out, it was passed over unsaid).
+    `stage_advice`: what the caller takes instead of a compress stage folder (serving's by
+    default; jobs/export.py's differs)."""
     p = expand_home(path, "checkpoint", CheckpointError).resolve()
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist")
@@ -154,6 +164,9 @@ def model_directories(path: str | Path) -> tuple[list[Path], bool]:
         raise CheckpointError(f"checkpoint {p} is a Hugging Face model (jobs/export.py writes "
                               "those): serve, compress or export the training checkpoint it "
                               "came from, or load it with transformers")
+    stage = compress_stage_problem(p, "checkpoint", stage_advice)
+    if stage:
+        raise CheckpointError(stage)
     markers = " or ".join(f"{f.marker} ({f.name})" for f in FORMATS)
     raise CheckpointError(f"checkpoint {p} holds no model: expected {markers}, a run "
                           "directory with checkpoint_* directories inside, or a compress "

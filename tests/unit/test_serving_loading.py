@@ -432,3 +432,28 @@ def test_pinning_a_run_passes_over_a_sharded_checkpoint_with_a_corrupt_shard(tmp
     shard = next(newest.glob("__*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-1] + b"x")
     assert pin_checkpoint(tmp_path / "run") == old
+
+
+@READERS
+def test_a_compress_stage_folder_is_named_with_what_to_pass_instead(tmp_path, read):
+    # All three said "holds no model: expected state.pt ..." (compression: "neither a
+    # checkpoint directory ... nor a run directory"), not that it is a compression stage,
+    # nor what to pass: export takes nothing of a compress output (its int8/ is refused too).
+    import json
+
+    out = tmp_path / "compressed"
+    (out / "pruned").mkdir(parents=True)
+    (out / "pruned" / "weights.pt").write_bytes(b"tensors")
+    (out / "pruned" / "stage.json").write_text("{}")
+    teacher = "/runs/pretrain-x/checkpoint_00000010"
+    (out / "compress_config.json").write_text(json.dumps({"compress": {},
+                                                          "source": {"checkpoint": teacher}}))
+    with pytest.raises(CheckpointError) as e:
+        read(out / "pruned", tmp_path / "out")
+    said = str(e.value)
+    assert f"{out / 'pruned'} is a jobs/compress.py stage folder" in said, said
+    assert teacher in said and "holds no model" not in said
+    if read is _served:
+        assert f"serve the compress output {out}" in said
+    if read is _exported:
+        assert "nothing in a compress output (its stages, its int8/)" in said
