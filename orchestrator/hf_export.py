@@ -89,12 +89,16 @@ def check_exportable(model, source: str | None = None) -> None:
 def export_refusal(model) -> str | None:
     """Why `model` cannot be written as a GPT-2, or None when it can."""
     config = model.config
-    if getattr(config, "mlp_hidden", None) is not None or \
-            getattr(config, "n_heads_per_layer", None) is not None:
-        return ("the model is structurally pruned (layers of different widths: mlp_hidden="
-                f"{getattr(config, 'mlp_hidden', None)}, n_heads_per_layer="
-                f"{getattr(config, 'n_heads_per_layer', None)}); GPT2LMHeadModel has one MLP "
-                "width and one head count for every layer")
+    heads = getattr(config, "n_heads_per_layer", None)
+    if heads is not None and any(h != config.n_head for h in heads):
+        return (f"the model is structurally pruned: its attention heads are "
+                f"(n_heads_per_layer={heads} of n_head {config.n_head}); GPT2LMHeadModel's "
+                "attention has n_head heads, n_embd wide together, in every layer")
+    widths = set(getattr(config, "mlp_hidden", None) or ())
+    if len(widths) > 1:
+        return (f"the model is structurally pruned: its MLP widths differ between layers "
+                f"(mlp_hidden={config.mlp_hidden}); GPT2LMHeadModel has one MLP width "
+                "(n_inner) for every layer")
     if config.attention_span:
         # m(x) = 1 for every distance x <= z: a span of at least block_size - 1 in every head
         # is exactly standard causal attention.
@@ -130,7 +134,10 @@ def hf_config(model, tokenizer: Tokenizer | None, weights_sha256: str) -> dict[s
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
-        "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None,
+        "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+        # null: 4 x n_embd; an MLP pruned to one width in every layer: that width
+        # (export_refusal refuses unequal ones).
+        "n_inner": mlp_width if (mlp_width := c.layer_mlp_hidden(0)) != 4 * c.n_embd else None,
         # Ours is the exact GELU; GPT-2's default ("gelu_new") is the tanh approximation.
         "activation_function": "gelu",
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,

@@ -134,8 +134,31 @@ def test_a_span_that_does_not_cover_the_context_is_refused_one_that_does_is_exac
 
 def test_a_structurally_pruned_model_is_refused(tmp_path):
     config = dataclasses.replace(sharp_model().config, mlp_hidden=(64, 128))
-    with pytest.raises(ExportError, match="structurally pruned .*mlp_hidden=\\(64, 128\\)"):
+    with pytest.raises(ExportError, match="MLP widths differ between layers "
+                                          "\\(mlp_hidden=\\(64, 128\\)\\)"):
         export_gpt2(GPT(config), ByteTokenizer(), tmp_path)
+    config = dataclasses.replace(sharp_model().config, n_heads_per_layer=(1, 1))
+    with pytest.raises(ExportError, match="attention heads are \\(n_heads_per_layer=\\(1, 1\\)"):
+        export_gpt2(GPT(config), ByteTokenizer(), tmp_path)
+
+
+def test_an_mlp_pruned_to_one_width_in_every_layer_exports_as_n_inner(tmp_path):
+    # GPT-2's n_inner is one MLP width for every layer: mlp_hidden=(128, 128) was refused as
+    # "layers of different widths". transformers must compute the same logits.
+    model = sharp_model()
+    config = dataclasses.replace(model.config, mlp_hidden=(128, 128))
+    assert 128 != 4 * config.n_embd
+    torch.manual_seed(1)
+    pruned = GPT(config).eval()
+    with torch.no_grad():
+        for block in pruned.blocks:
+            block.mlp.fc.weight.mul_(40)
+        pruned.tok_emb.weight.mul_(10)
+    export_gpt2(pruned, ByteTokenizer(), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["n_inner"] == 128
+    ids = torch.tensor([list(b"pruned, one width")])
+    with torch.no_grad():
+        assert torch.allclose(hf_model(tmp_path)(ids).logits, pruned(ids)[0], atol=1e-4, rtol=0)
 
 
 def test_import_gives_back_the_same_model(exported):
