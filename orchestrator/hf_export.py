@@ -504,11 +504,17 @@ def _load_exportable(directory: Path):
 def _training_checkpoint_only(directory: Path) -> None:
     from orchestrator.serving.loading import model_format
 
+    from orchestrator.runs import COMPRESS_CONFIG_FILE, compressed_from
+
     fmt = model_format(directory)  # (CheckpointError for one cut short: a run falls back)
     if fmt.name != "checkpoint":
+        out = directory.parent
+        instead = (f"; export the training checkpoint {out} was compressed from, "
+                   f"{compressed_from(out)}"
+                   if (out / COMPRESS_CONFIG_FILE).is_file() else "")
         raise ExportError(f"{directory} is an {fmt.name} model; only "
                           "training checkpoints (state.pt) export to GPT-2 (an INT8 model "
-                          "has no GPT-2 form)")
+                          f"has no GPT-2 form){instead}")
 
 
 # --- import (--init-from) ---------------------------------------------------------------

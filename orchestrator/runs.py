@@ -683,13 +683,18 @@ def compress_stage(directory: Path) -> tuple[Path, str] | None:
     if not ((directory / COMPRESS_WEIGHTS_FILE).is_file()
             and (directory / COMPRESS_STAGE_FILE).is_file()):
         return None
-    out = directory.parent
+    return directory.parent, compressed_from(directory.parent)
+
+
+def compressed_from(out: Path) -> str:
+    """The training checkpoint the compress --out `out` was compressed from, as its
+    compress_config.json records it, or words saying where to find it."""
     try:
         source = json.loads((out / COMPRESS_CONFIG_FILE).read_text())["source"]["checkpoint"]
     except (OSError, ValueError, KeyError, TypeError):
         source = None
-    return out, (str(source) if isinstance(source, str) and source
-                 else f"the one {out / COMPRESS_CONFIG_FILE} records under source")
+    return (str(source) if isinstance(source, str) and source
+            else f"the one {out / COMPRESS_CONFIG_FILE} records under source")
 
 
 def compress_stage_problem(directory: Path, label: str, advice: str) -> str | None:

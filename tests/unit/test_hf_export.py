@@ -761,6 +761,15 @@ def test_refusals_name_the_checkpoint_once(tmp_path, capsys):
     int8.mkdir()
     (int8 / INT8_FILE).write_bytes(b"")
     assert f"{int8} is an int8 model; only training checkpoints" in error_of(int8)
+    # A compress output's int8/ (the output named, or its int8/): the teacher to export.
+    compressed = tmp_path / "compressed"
+    (compressed / "int8").mkdir(parents=True)
+    (compressed / "int8" / INT8_FILE).write_bytes(b"")
+    (compressed / "compress_config.json").write_text(json.dumps(
+        {"compress": {}, "source": {"checkpoint": str(pruned)}}))
+    for given in (compressed, compressed / "int8"):
+        assert f"export the training checkpoint {compressed} was compressed from, {pruned}" \
+            in error_of(given)
 
 
 def test_the_unfinished_export_marker_is_not_taken_for_a_staging_directory():
