@@ -30,6 +30,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import resource
 import shutil
 import time
@@ -50,6 +51,16 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
 SHARD_TOKENS = 16 << 20  # tokens per shard: 32 MiB of uint16
 ENCODE_BATCH_DOCS = 256  # documents handed to the tokenizer at once
+# A document is handed to the tokenizer in pieces of at most this many characters, and a call
+# gets at most ENCODE_BATCH_CHARS of them: `tokenizers` keeps ~500 bytes a token until a
+# call returns (offsets, token strings), so one 20 MB .jsonl line took 3 GB (a 256 MiB one,
+# which the reader accepts, would take ~40 GB) and a batch of 256 long documents as much.
+ENCODE_PIECE_CHARS = 64 << 10
+ENCODE_BATCH_CHARS = 1 << 20
+# Where a long document is cut: a single space between two non-spaces, the last in the
+# piece, so a byte-level BPE (GPT-2's pre-tokenizer: " word" is one unit) reads the pieces
+# as it reads the whole; a piece with no such space is cut at its length.
+_PIECE_CUT = re.compile(r".*\S(?= \S)", re.S)
 SPLITS = ("train", "held_out")
 LOCAL_SHARD_CACHE = Path("~/.cache/hetero-orchestrator/shards")
 OPEN_MAPS_MAX = 64  # shard maps a reader keeps at least, whatever the open-files limit
@@ -200,17 +211,51 @@ def encode_documents(tokenizer, source: SourceFile, docs: list[Document]) -> lis
     cannot encode (a WordLevel vocabulary without an unknown token meeting a word outside it:
     `tokenizers` raises a bare Exception, which left the pass as a traceback naming nothing)."""
     try:
-        return tokenizer.encode_arrays([d.text for d in docs])
+        return encode_bounded(tokenizer, [d.text for d in docs])
     except Exception as batch_error:  # tokenizers raises its own Exception type
         for doc in docs:  # which one: encoded alone
             try:
-                tokenizer.encode_arrays([doc.text])
+                encode_bounded(tokenizer, [doc.text])
             except Exception as e:
                 raise DataError(f"{_where(source, doc)}: the tokenizer ({tokenizer.name}) "
                                 f"cannot encode this document: {str(e).splitlines()[0]}"
                                 ) from None
         raise DataError(f"{source.uri}: the tokenizer ({tokenizer.name}) cannot encode "
                         f"its documents: {str(batch_error).splitlines()[0]}") from None
+
+
+def encode_bounded(tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """tokenizer.encode_arrays(texts), each text in pieces of at most ENCODE_PIECE_CHARS
+    characters (text_pieces) and at most ENCODE_BATCH_CHARS characters a call, so the
+    tokenizer's memory is bounded whatever the length of a document."""
+    pieces = [(i, piece) for i, text in enumerate(texts) for piece in text_pieces(text)]
+    parts: list[list[np.ndarray]] = [[] for _ in texts]
+    start = 0
+    while start < len(pieces):
+        end, chars = start, 0
+        while end < len(pieces) and (end == start or chars + len(pieces[end][1])
+                                     <= ENCODE_BATCH_CHARS):
+            chars += len(pieces[end][1])
+            end += 1
+        batch = pieces[start:end]
+        for (i, _), ids in zip(batch, tokenizer.encode_arrays([p for _, p in batch])):
+            parts[i].append(ids)
+        start = end
+    return [p[0] if len(p) == 1 else np.concatenate(p) for p in parts]
+
+
+def text_pieces(text: str) -> list[str]:
+    """`text` in pieces of at most ENCODE_PIECE_CHARS characters that join back to it, each
+    cut before the last single space between non-spaces in it (_PIECE_CUT)."""
+    pieces, start = [], 0
+    while len(text) - start > ENCODE_PIECE_CHARS:
+        limit = start + ENCODE_PIECE_CHARS
+        cut = _PIECE_CUT.match(text, start, limit)
+        end = cut.end() if cut else limit
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
 
 
 def _where(source: SourceFile, doc: Document) -> str:

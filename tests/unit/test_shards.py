@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from orchestrator.training import data_plan, shards
-from orchestrator.training.corpus import DataError
+from orchestrator.training.corpus import DataError, Document, SourceFile
 from orchestrator.training.data import get_batch
 from orchestrator.training.data_plan import plan_data, tokenize_in_process, tokenize_once
 from orchestrator.training.shards import open_shards, read_manifest
@@ -378,3 +378,32 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         shards.write_atomically(_FullDisk(), str(target), b"x" * 1000)
     assert os.listdir(target.parent) == ["bpe.json"] and target.read_bytes() == b"old"
+
+
+def test_a_long_document_reaches_the_tokenizer_in_bounded_pieces(tmp_path, monkeypatch):
+    """A .jsonl line (up to 256 MiB) was handed to the tokenizer whole: `tokenizers` holds
+    ~500 bytes a token until the call returns, so a 20 MB line took 3 GB of memory. Each call
+    now gets pieces of at most ENCODE_PIECE_CHARS characters, ENCODE_BATCH_CHARS in all, cut
+    before a space, and a byte-level BPE gives the same ids as on the whole text."""
+    from orchestrator.tokenizer import train_bpe
+
+    monkeypatch.setattr(shards, "ENCODE_PIECE_CHARS", 500)
+    monkeypatch.setattr(shards, "ENCODE_BATCH_CHARS", 2000)
+    words = ["naïve", "café", "tokens", "日本語", "x" * 300, "a,b", "  two", "\nline"]
+    long = " ".join(words[i * 7 % len(words)] for i in range(3000))
+    texts = ["short one", long, "", long[:1700]]
+    tok = train_bpe(texts * 3, 400)
+    calls = []
+    real = tok.encode_arrays
+    monkeypatch.setattr(tok, "encode_arrays", lambda batch: calls.append(batch) or real(batch))
+    source = SourceFile(str(tmp_path / "c.jsonl"), "jsonl", 1, 0)
+    ids = shards.encode_documents(tok, source, [Document(t, i, True) for i, t in
+                                                enumerate(texts)])
+    assert all(len(t) <= 500 for batch in calls for t in batch)
+    assert all(sum(map(len, batch)) <= 2000 or len(batch) == 1 for batch in calls)
+    assert "".join(t for batch in calls for t in batch) == "".join(texts)
+    assert [i.tolist() for i in ids] == [real([t])[0].tolist() for t in texts]
+    assert all(i.dtype == np.uint16 for i in ids)
+    calls.clear()  # text with no space to cut before (a minified dump): cut at the limit
+    assert len(shards.encode_documents(tok, source, [Document("y" * 1200, 0, True)])[0])
+    assert [len(t) for batch in calls for t in batch] == [500, 500, 200]
