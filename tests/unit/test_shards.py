@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from orchestrator.training import data_plan, shards
-from orchestrator.training.corpus import DataError, Document, SourceFile
+from orchestrator.training.corpus import DataError, Document, SourceFile, expand_sources
 from orchestrator.training.data import get_batch
 from orchestrator.training.data_plan import plan_data, tokenize_in_process, tokenize_once
 from orchestrator.training.shards import open_shards, read_manifest
@@ -407,3 +407,27 @@ def test_a_long_document_reaches_the_tokenizer_in_bounded_pieces(tmp_path, monke
     calls.clear()  # text with no space to cut before (a minified dump): cut at the limit
     assert len(shards.encode_documents(tok, source, [Document("y" * 1200, 0, True)])[0])
     assert [len(t) for batch in calls for t in batch] == [500, 500, 200]
+
+
+def test_a_long_document_trains_the_bpe_in_bounded_pieces(tmp_path, monkeypatch):
+    """--train-tokenizer handed a long .jsonl line to `tokenizers`' trainer whole (a 20 MB
+    line: 1.9 GB peak RSS); it gets the pass's pieces, and the same vocabulary."""
+    from orchestrator.tokenizer import train_bpe
+
+    monkeypatch.setattr(shards, "ENCODE_PIECE_CHARS", 500)
+    long = " ".join(["naïve café", "日本語 tokens", "a,b", "  two", "\nline"][i % 5]
+                    for i in range(2000))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": long}) + "\n")
+    seen = []
+
+    def recording(texts, vocab_size):
+        texts = list(texts)
+        seen.extend(texts)
+        return train_bpe(texts, vocab_size)
+
+    monkeypatch.setattr(data_plan, "train_bpe", recording)
+    tok = data_plan.trained_tokenizer(expand_sources([str(corpus)]), "text", False, 300,
+                                      str(tmp_path / "cache"), say=lambda _: None)
+    assert seen and max(map(len, seen)) <= 500 and "".join(seen) == long
+    assert tok.to_json() == train_bpe([long], 300).to_json()
