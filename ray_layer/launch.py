@@ -222,33 +222,40 @@ def _fit(trainer: TorchTrainer, run_dir: Path, max_failures: int):
 def _failure(error: Exception, run_dir: Path, max_failures: int) -> JobFailed:
     """What a failed fit() tells the user: the workers' failure after their restarts, or what
     went wrong in Ray Train's controller (no restart count: none was spent on it)."""
-    kept = f"checkpoints so far are in {run_dir}"
+    saved = bool(checkpoint_dirs(run_dir))
+
+    def kept(resume: str = "") -> str:
+        # None saved: `--resume` is refused ("no checkpoint in run_dir ... to resume from")
+        if not saved:
+            return (f"no checkpoint was saved in {run_dir}: submit the job again, without "
+                    "--resume")
+        return f"checkpoints so far are in {run_dir}" + (f" ({resume})" if resume else "")
+
     if isinstance(error, ray.exceptions.RayActorError):  # Ray Train's controller itself
-        return JobFailed(f"{_controller_died(error)}\n{kept} (--resume continues the run)",
+        return JobFailed(f"{_controller_died(error)}\n{kept('--resume continues the run')}",
                          EXIT_FAILED)
     cause = _controller_cause(error)
     if cause is None:
         return JobFailed(f"training failed after {max_failures} restart(s): "
                          f"{root_cause(error)}\n(full traceback in the worker log above; "
-                         f"{kept})", EXIT_FAILED)
+                         f"{kept()})", EXIT_FAILED)
     if isinstance(cause, NodeLostError):  # a lost node's workers found no room
         # On a line of its own: the rejection ends with its per-node reasons.
-        return JobFailed(f"{cause}\n{kept} (--resume once there is room)", EXIT_NOT_PLACEABLE)
+        return JobFailed(f"{cause}\n{kept('--resume once there is room')}", EXIT_NOT_PLACEABLE)
     if isinstance(cause, JobCancelled):
-        return JobFailed(f"{cause}\n{kept} (--resume continues the run)", EXIT_NOT_PLACEABLE)
+        return JobFailed(f"{cause}\n{kept('--resume continues the run')}", EXIT_NOT_PLACEABLE)
     if isinstance(cause, SchedulerUnreachable):
-        return JobFailed(f"a node of the job was lost and {cause}\n{kept} (--resume once "
-                         "the scheduler answers: `python -m orchestrator status`)",
-                         EXIT_NOT_PLACEABLE)
+        hint = kept("--resume once the scheduler answers: `python -m orchestrator status`")
+        return JobFailed(f"a node of the job was lost and {cause}\n{hint}", EXIT_NOT_PLACEABLE)
     if type(cause).__name__ in STARTUP_FAILURES:
         return JobFailed(f"the workers did not start on their placed nodes, retried "
                          f"{startup_retries(max_failures)} times in this run (last: "
                          f"{type(cause).__name__}: {cause}): work the scheduler does not see "
                          "(another Ray job, a Serve replica) may hold those nodes' CPUs or "
                          "GPUs; `ray status` shows what is used\n"
-                         f"{kept} (--resume places the job again)", EXIT_NOT_PLACEABLE)
+                         f"{kept('--resume places the job again')}", EXIT_NOT_PLACEABLE)
     return JobFailed(f"training failed in Ray Train's controller: {type(cause).__name__}: "
-                     f"{cause}\n{kept}", EXIT_FAILED)
+                     f"{cause}\n{kept()}", EXIT_FAILED)
 
 
 def _controller_died(error: ray.exceptions.RayActorError) -> str:

@@ -36,7 +36,7 @@ def test_a_controller_failure_is_said_for_what_it_is_without_a_restart_count(cau
     assert "restart(s)" not in str(failed) and str(RUN) in str(failed)
 
 
-def test_a_controller_that_cannot_start_is_one_line_without_a_restart_count():
+def test_a_controller_that_cannot_start_is_one_line_without_a_restart_count(tmp_path):
     # Ray Train's controller refusing its record of the checkpoints read "training failed
     # after 3 restart(s): ActorDiedError: ... Traceback ...": no restart had happened.
     from ray.exceptions import ActorDiedError, RayTaskError
@@ -49,7 +49,9 @@ def test_a_controller_that_cannot_start_is_one_line_without_a_restart_count():
                               '  File "checkpoint_manager.py", line 392, in _load_state\n'
                               "    raise CheckpointManagerInitializationError(error) from e\n"
                               f"CheckpointManagerInitializationError: {refused}", refused)
-    failed = launch._failure(ActorDiedError(task_error), RUN, max_failures=3)
+    run = tmp_path / "run"  # with the checkpoints whose record was refused
+    (run / "checkpoint_2026-12-07_01-49-34.503573").mkdir(parents=True)
+    failed = launch._failure(ActorDiedError(task_error), run, max_failures=3)
     assert failed.exit_code == EXIT_FAILED
     assert str(failed).startswith(
         "Ray Train's controller could not start: CheckpointManagerInitializationError: 1 "
@@ -143,3 +145,30 @@ def test_a_package_installed_in_the_user_site_is_not_taken_for_the_users_own_cod
     with pytest.raises(ValueError) as raised:
         yielding(loop)({})
     assert getattr(raised.value, RAISED_AT) == "train.py line 4, in train_loop"
+
+
+@pytest.mark.parametrize("cause", [
+    None,  # the loop's own error (examples/image_cnn without its make_data.py)
+    JobCancelled("job 'run' was cancelled: cancelled by an operator"),
+    SchedulerUnreachable("the scheduler did not answer replace() after 3 tries"),
+    WorkerGroupStartupTimeoutError(2),
+])
+def test_a_run_that_saved_no_checkpoint_does_not_point_at_checkpoints_or_resume(cause,
+                                                                               tmp_path):
+    # It read "checkpoints so far are in <run dir> (--resume continues the run)" with none
+    # there, and `submit --resume` is then refused ("no checkpoint in run_dir ... to resume
+    # from"); with one saved, the hint stays.
+    run = tmp_path / "run"
+    run.mkdir()
+    error = ControllerError(cause) if cause else RuntimeError("workers failed")
+    if cause is None:
+        error.worker_failures = {0: FileNotFoundError("no train-*.npz/test.npz in data")}
+    said = str(launch._failure(error, run, max_failures=1))
+    assert "checkpoints so far" not in said and "--resume" not in said.replace(
+        "without --resume", ""), said
+    assert f"no checkpoint was saved in {run}" in said, said
+    (run / "checkpoint_2026-12-07_01-49-34.503573").mkdir()
+    said = str(launch._failure(error, run, max_failures=1))
+    assert f"checkpoints so far are in {run}" in said, said
+    if cause is not None:
+        assert "(--resume " in said, said
