@@ -10,7 +10,9 @@ are the user's own.
     python -m orchestrator submit examples/image_cnn/job.yaml
 
 Config keys: data_dir (train-*.npz shards and test.npz; relative: to this file's folder,
-then to the worker's working directory), steps, batch_size, checkpoint_every, lr, seed.
+then to the worker's working directory, which Ray Train sets to its own
+/tmp/ray/session_*/artifacts/<job name>, not the folder `submit` ran in: give data written
+elsewhere as an absolute path), steps, batch_size, checkpoint_every, lr, seed.
 """
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ user's own: the model, the CSV reader, the checkpoint dict.
     python -m orchestrator submit examples/regression/job.yaml     # see examples/README.md
 
 Config keys (the job file's `config:`): data_dir (a folder of CSV files x0..xN,y; relative:
-to this file's folder, then to the worker's working directory), steps, checkpoint_every,
-hidden, lr, seed.
+to this file's folder, then to the worker's working directory, which Ray Train sets to its
+own /tmp/ray/session_*/artifacts/<job name>, not the folder `submit` ran in: give data
+written elsewhere as an absolute path), steps, checkpoint_every, hidden, lr, seed.
 """
 from __future__ import annotations
 
