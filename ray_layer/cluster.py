@@ -461,6 +461,13 @@ def connect(address: str | None, runtime_env: dict | None = None, embedded: bool
     stop it)."""
     import os
 
+    # (`--address "$UNSET"`): not None. Refused first, also where Ray is already initialized
+    # in this process: a given --address is never quietly taken for the connection at hand.
+    if address is not None and not address.strip():
+        raise ClusterConnectionError("--address is empty: give host:port or auto, or leave "
+                                     "it out (RAY_ADDRESS, else " + (
+                                         "an embedded local Ray)" if embedded else
+                                         "the Ray cluster `ray start` runs on this machine)"))
     if ray.is_initialized():
         if runtime_env:
             raise ClusterConnectionError(
@@ -468,11 +475,6 @@ def connect(address: str | None, runtime_env: dict | None = None, embedded: bool
                 "initialized in this process: pass it to your own ray.init() instead")
         return False
     source = "--address"
-    if address is not None and not address.strip():  # (`--address "$UNSET"`): not None
-        raise ClusterConnectionError("--address is empty: give host:port or auto, or leave "
-                                     "it out (RAY_ADDRESS, else " + (
-                                         "an embedded local Ray)" if embedded else
-                                         "the Ray cluster `ray start` runs on this machine)"))
     if not address and os.environ.get("RAY_ADDRESS"):
         address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if address and address != "auto":
