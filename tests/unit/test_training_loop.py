@@ -407,21 +407,29 @@ def test_a_run_diverged_before_its_first_checkpoint_is_not_told_to_resume(tmp_pa
     assert "none was saved" in str(e.value) and "--precision bf16" in str(e.value)
 
 
+def _weights_nan_after(monkeypatch, step: int) -> None:
+    """The first weight tensor filled with NaN right after the optimizer step of micro-batch
+    `step` (0-based), as a step that went wrong would leave it."""
+    from orchestrator.training import loop
+
+    real_step = loop.HierarchicalAccumulation.step
+
+    def poisons(self, at, optimizer, scaler, grad_clip):
+        skipped = real_step(self, at, optimizer, scaler, grad_clip)
+        if at == step:
+            with torch.no_grad():
+                next(p for g in optimizer.param_groups for p in g["params"]).fill_(float("nan"))
+        return skipped
+
+    monkeypatch.setattr(loop.HierarchicalAccumulation, "step", poisons)
+
+
 def test_weights_turned_nan_under_a_finite_loss_are_not_checkpointed(tmp_path, monkeypatch):
     # The step before a checkpoint can leave NaN weights with its own loss still finite (an
     # infinite gradient norm clipped to NaN): the weights are checked before each save.
     from orchestrator.training import loop
 
-    real_step = loop.HierarchicalAccumulation.step
-
-    def poisons_step_10(self, step, optimizer, scaler, grad_clip):
-        skipped = real_step(self, step, optimizer, scaler, grad_clip)
-        if step == 19:
-            with torch.no_grad():
-                next(p for g in optimizer.param_groups for p in g["params"]).fill_(float("nan"))
-        return skipped
-
-    monkeypatch.setattr(loop.HierarchicalAccumulation, "step", poisons_step_10)
+    _weights_nan_after(monkeypatch, step=19)
     session = LocalSession(tmp_path, device=CPU)
     with pytest.raises(loop.TrainingDiverged) as e:
         train(tiny(max_steps=40), session)
@@ -437,16 +445,7 @@ def test_fp16_weights_gone_nan_are_named_with_the_nan_losses_since(tmp_path, mon
     # the scale collapsed by step 30 and it blamed fp16 overflow, advising bf16.
     from orchestrator.training import loop
 
-    real_step = loop.HierarchicalAccumulation.step
-
-    def poisons_step_5(self, step, optimizer, scaler, grad_clip):
-        skipped = real_step(self, step, optimizer, scaler, grad_clip)
-        if step == 4:
-            with torch.no_grad():
-                next(p for g in optimizer.param_groups for p in g["params"]).fill_(float("nan"))
-        return skipped
-
-    monkeypatch.setattr(loop.HierarchicalAccumulation, "step", poisons_step_5)
+    _weights_nan_after(monkeypatch, step=4)
     session = LocalSession(tmp_path, device=CPU)
     with pytest.raises(loop.TrainingDiverged) as e:
         train(tiny(max_steps=40, precision="fp16", seq_len=16,
