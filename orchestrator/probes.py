@@ -255,7 +255,7 @@ def _nvml_board(pynvml: Any, handle: Any) -> Any:
     return handle
 
 
-def _nvml_gpu(pynvml: Any, index: int, errors: dict[str, str] | None = None) -> GpuInfo:
+def _nvml_gpu(pynvml: Any, index: int, errors: dict[str, str] | None) -> GpuInfo:
     """One GPU. Name, UUID and memory are required (without them the probe fails, as
     before); utilization, NVLink and PCIe are optional: None where this GPU or driver lacks
     them (NotSupported on consumer cards, MIG slices, virtual GPUs). A name that is not UTF-8
@@ -281,8 +281,8 @@ def _nvml_gpu(pynvml: Any, index: int, errors: dict[str, str] | None = None) -> 
     )
 
 
-def _mig_slice(pynvml: Any, handle: Any, board: str, index: int = 0,
-              errors: dict[str, str] | None = None) -> tuple[str, Any] | None:
+def _mig_slice(pynvml: Any, handle: Any, board: str, index: int,
+              errors: dict[str, str] | None) -> tuple[str, Any] | None:
     """(name, memory info) of the MIG slice standing for a MIG-enabled GPU, or None when MIG
     is off (or this driver or pynvml cannot say). Ray counts and hands out whole GPUs by
     index, and a CUDA process given a MIG-enabled GPU that way runs on one of its slices, not
