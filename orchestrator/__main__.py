@@ -22,12 +22,13 @@ from typing import Any
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.entrypoints import EntrypointError, load_entrypoint
 from orchestrator.inventory import GIB, NodeReport
-from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE,
-                                  JobFailed, run_job)
+from orchestrator.file_lock import holder_gone
+from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_FAILED,
+                                  EXIT_NOT_PLACEABLE, JobFailed, run_job)
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
-from orchestrator.runs import (DEFAULT_RUNS_ROOT, LINE_FIELDS, METRICS_LOG, read_metrics_from,
-                               run_end)
+from orchestrator.runs import (DEFAULT_RUNS_ROOT, LINE_FIELDS, METRICS_LOG, RUN_LOCK,
+                               read_metrics_from, run_end)
 from orchestrator.validation import expand_home
 
 
@@ -374,7 +375,8 @@ def done_line(name: str, launched) -> str:
 def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.0) -> int:
     """Each report of the run, oldest first, one line each; with `follow`, new ones as they
     come, until the run has ended (its run_end record: then the run's own exit code, and its
-    error on stderr) or Ctrl-C."""
+    error on stderr), its driver is gone from this host without one (killed outright: exit
+    EXIT_FAILED) or Ctrl-C."""
     from orchestrator.launch import run_name_problem
 
     if run_dir is not None and not run_dir.strip():  # (`--run-dir "$UNSET"`): not left out
@@ -412,7 +414,9 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
                 print(f"({directory / METRICS_LOG} was removed or replaced: a new run's "
                       "reports follow)", file=sys.stderr, flush=True)
             seen = file
-            # (looked at before the reads: every report the run wrote is read after it)
+            # (looked at before the reads: every report the run wrote is read after it; the
+            # driver before its end: one that wrote its end and exited is not taken as killed)
+            gone = holder_gone(directory / RUN_LOCK) if follow else None
             ended = run_end(directory) if follow else None
             try:
                 records, offset = read_metrics_from(directory, offset)
@@ -430,6 +434,12 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
                       f"exit {code}" + (f": {ended['error']}" if ended.get("error") else ""))
                       + ")", file=sys.stderr, flush=True)
                 return code
+            if gone is not None:
+                print(f"(the run has ended: its driver, {gone}, is gone from this host without "
+                      "recording how it ended (killed outright: kill -9, out of memory); "
+                      "--resume continues it from its last checkpoint)", file=sys.stderr,
+                      flush=True)
+                return EXIT_FAILED
             time.sleep(every_s)
     except KeyboardInterrupt:
         return 0

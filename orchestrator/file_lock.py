@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -59,12 +60,41 @@ def file_lock(path: Path, on_busy: Callable[[str], None] | None = None) -> Itera
         try:
             lock.seek(0)
             lock.truncate()
-            lock.write(f"pid {os.getpid()} on {socket.gethostname()} (since "
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()} (since "  # (_HOLDER's)
                        f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
             lock.flush()
             yield LockState(waited=waited)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+_HOLDER = re.compile(r"pid (\d+) on (\S+) \(since ")  # what file_lock writes in the file
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: alive
+        return True
+    return True
+
+
+def holder_gone(path: Path) -> str | None:
+    """What the lock file `path` says of its holder ("pid N on HOST (since ...)"), where that
+    process is gone from this host (killed outright: kill -9 releases the lock, but leaves
+    the text); None while it may still run: alive here, on another host (whether it runs
+    cannot be asked from here), or no holder named (no file, none written yet)."""
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return None
+    holder = _HOLDER.match(text)
+    if holder is None or holder.group(2) != socket.gethostname():
+        return None
+    return None if process_alive(int(holder.group(1))) else text
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import MODEL_PRESETS
+from orchestrator.file_lock import process_alive
 from orchestrator.hf_files import CONFIG_FILE, INDEX_FILE, SAFETENSORS_FILE
 from orchestrator.tokenizer import (TOKENIZER_FILE, Tokenizer, TokenizerError,
                                     tokenizer_for_model, tokenizer_of_run)
@@ -350,7 +351,7 @@ def _remove_stale_staging(out: Path) -> None:
         if not (owner_host and pid.isdigit() and (staging / STAGING_MARKER).is_file()):
             continue  # not a staging directory of ours
         if owner_host == host:
-            if int(pid) != os.getpid() and _process_alive(int(pid)):
+            if int(pid) != os.getpid() and process_alive(int(pid)):
                 continue
         else:
             try:
@@ -359,16 +360,6 @@ def _remove_stale_staging(out: Path) -> None:
             except OSError:
                 continue
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's: alive
-        return True
-    return True
 
 
 def _write_hf_files(model, tokenizer: Tokenizer, directory: Path) -> list[str]:

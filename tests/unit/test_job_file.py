@@ -1550,3 +1550,58 @@ def test_logs_follow_exits_once_the_run_has_ended(tmp_path, monkeypatch, capsys)
     assert cli.print_logs("alpha", str(run_dir), follow=True, every_s=0.01) == 0
     out = capsys.readouterr()
     assert "step 0: loss=3" in out.out and sleeps == [] and "ended" in out.err, (out, sleeps)
+
+
+def test_logs_follow_stops_when_the_runs_driver_on_this_host_is_gone(tmp_path, monkeypatch,
+                                                                     capsys):
+    # A driver killed outright (kill -9) writes no ended.json: `logs --follow` polled for
+    # ever. The run's lock names its holder (pid on host): gone from this host, follow stops
+    # with a line saying so; a holder on another host is never declared gone from here.
+    import signal
+    import socket
+
+    from orchestrator import __main__ as cli
+    from orchestrator.job_exit import EXIT_FAILED
+    from orchestrator.runs import RUN_LOCK
+
+    run_dir = tmp_path / "alpha"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""\
+            import sys, time
+            from pathlib import Path
+            from orchestrator.runs import append_metrics, run_dir_held
+            with run_dir_held(Path({str(run_dir)!r}), new_run=True):
+                append_metrics(Path({str(run_dir)!r}), {{"step": 1, "loss": 3.0}}, None)
+                print("ready", flush=True)
+                time.sleep(120)
+            """)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        sleeps = []
+
+        def sleep(seconds):
+            sleeps.append(seconds)
+            if len(sleeps) == 1:  # alive at the first look: followed
+                os.kill(holder.pid, signal.SIGKILL)
+                holder.wait()
+            elif len(sleeps) > 3:
+                raise KeyboardInterrupt  # (before the fix: it never stopped on its own)
+        monkeypatch.setattr(cli.time, "sleep", sleep)
+        assert cli.print_logs("alpha", str(run_dir), follow=True, every_s=0.01) == EXIT_FAILED
+        out = capsys.readouterr()
+        assert "step 1: loss=3" in out.out and len(sleeps) == 1, (out, sleeps)
+        assert f"its driver, pid {holder.pid} on {socket.gethostname()} (since" in out.err, out.err
+        assert "is gone" in out.err and "--resume" in out.err, out.err
+    finally:
+        holder.kill()
+        holder.wait()
+
+    # The same dead pid named on another host: followed until Ctrl-C.
+    (run_dir / RUN_LOCK).write_text(f"pid {holder.pid} on not-{socket.gethostname()} "
+                                    "(since 2026-12-07 02:00:00)\n")
+    sleeps.clear()
+    monkeypatch.setattr(cli.time, "sleep", lambda s: (sleeps.append(s), None)[1]
+                        if len(sleeps) < 3 else (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.print_logs("alpha", str(run_dir), follow=True, every_s=0.01) == 0
+    assert len(sleeps) == 3 and "gone" not in capsys.readouterr().err
