@@ -742,10 +742,13 @@ def write_plots(results: list[SimResult], total_gpus: int, out: Path) -> list[st
         if len(jct):
             ax.step(np.maximum(jct, 1.0) / 3600, np.arange(1, len(jct) + 1) / len(jct),
                     where="post", label=r.policy)
+        else:  # (named in the legend all the same: with none at all, matplotlib warned)
+            ax.plot([], [], label=f"{r.policy} (no job finished)")
     ax.set_xscale("log")
     ax.set_xlabel("job completion time (hours, log scale)")
     ax.set_ylabel("fraction of jobs")
     ax.set_title("JCT CDF per policy")
+    ax.set_ylim(0, 1.05)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()

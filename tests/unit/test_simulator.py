@@ -865,3 +865,19 @@ def test_a_job_the_core_drops_without_a_word_stops_the_replay(monkeypatch):
     monkeypatch.setattr(scheduler_core.SchedulerCore, "submit", drop_job_1)
     with pytest.raises(RuntimeError, match=r"fifo: 1 job\(s\) neither finished nor .*job-1"):
         simulate(trace((0, 100, 1), (10, 100, 1)), "p100:4x1", "fifo")
+
+
+def test_plots_of_a_replay_where_no_job_finished_warn_of_nothing(tmp_path):
+    # No job finished (every one never fits): matplotlib printed "UserWarning: No artists
+    # with labels found to put in legend" into the `simulate` output. The CDF now says that
+    # no job finished instead of an empty legend.
+    import warnings
+
+    from orchestrator.simulator import PLOT_FILES, write_plots
+
+    result = simulate(trace((0, 100, 64)), "p100:8x1", "fifo")
+    assert [j.status for j in result.jobs] == [NEVER_FITS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert write_plots([result], 8, tmp_path) == list(PLOT_FILES)
+    assert all((tmp_path / name).stat().st_size for name in PLOT_FILES)
