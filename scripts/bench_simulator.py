@@ -183,11 +183,14 @@ def full_philly_section(args, trace: list[TraceJob]) -> tuple[dict, list[SimResu
             **figures(results)}, results
 
 
+SECTIONS = ("philly", "constrained", "full")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="philly,constrained,full",
-                        help="which of philly, constrained, full to run")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"which of {', '.join(SECTIONS)} to run")
     parser.add_argument("--start", type=int, default=20_000)
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--load-scale", type=float, default=3.0)
@@ -204,9 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     for problem in argument_problems(args):
         parser.error(problem)  # the first, before any replay runs
-    args.policies = args.policies.split(",")
+    args.policies = names(args.policies)
     args.sweep = [float(s) for s in args.sweep.split(",") if s]
-    sections = set(args.sections.split(","))
+    sections = set(names(args.sections))
     summary: dict = {"restart": dataclasses.asdict(restart_cost(args)),
                      "published_baselines": args.published_baselines}
     # Every trace is built before any replay runs: a --load-scale or --sweep scale that spreads
@@ -229,19 +232,26 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def names(text: str) -> list[str]:
+    """The names of a comma-separated flag (--sections, --policies), without their spaces;
+    empty ones (a trailing comma) skipped, as --sweep's are."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def argument_problems(args) -> list[str]:
     """What is wrong with the flags, each naming its flag; checked before any replay runs (a
     bad policy name failed only when its replay came, after the others had run)."""
     problems = []
     if args.processes < 1:
         problems.append(f"--processes must be >= 1, got {args.processes}")
-    unknown = set(args.sections.split(",")) - {"philly", "constrained", "full"}
-    if unknown:
-        problems.append(f"--sections: unknown {', '.join(sorted(unknown))}")
-    unknown = [p for p in args.policies.split(",") if p not in POLICY_NAMES]
-    if unknown:
-        problems.append(f"--policies: unknown {', '.join(unknown)}; use "
-                        f"{', '.join(POLICY_NAMES)}")
+    for flag, given, known, what in (("--sections", args.sections, SECTIONS, "section"),
+                                     ("--policies", args.policies, POLICY_NAMES, "policy")):
+        unknown = [name for name in dict.fromkeys(names(given)) if name not in known]
+        if not names(given):
+            problems.append(f"{flag} names no {what}: give one or more of {', '.join(known)}, "
+                            "separated by commas")
+        elif unknown:
+            problems.append(f"{flag}: unknown {', '.join(unknown)}; use {', '.join(known)}")
     if not (math.isfinite(args.load_scale) and args.load_scale > 0):
         problems.append(f"--load-scale must be a number > 0, got {args.load_scale:g}")
     try:

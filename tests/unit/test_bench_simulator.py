@@ -121,6 +121,10 @@ def test_the_sweep_runs_only_the_policies_asked_for(capsys, monkeypatch):
     (["--start", "-1"], "--start must be >= 0"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--sections", "philly,ful"], "--sections: unknown ful"),
+    (["--sections", ""], "--sections names no section: give one or more of philly, "
+                         "constrained, full, separated by commas"),
+    (["--sections", ","], "--sections names no section"),
+    (["--policies", ","], "--policies names no policy: give one or more of fifo, "),
     (["--sections", "constrained", "--trace-seed", "-1"], "--trace-seed must be >= 0, got -1"),
     (["--restart-s", "5", "--yield-s", "6"], "--yield-s (6) <= --restart-s (5) must hold"),
     (["--restart-s", "nan"], "--restart-s nan: seconds must be numbers >= 0"),
@@ -186,3 +190,14 @@ def test_the_docstring_and_the_docs_name_every_ratio_the_json_carries():
     assert [key for key in sorted(ratios) if key not in bench.__doc__] == []
     assert [key for key in sorted(ratios) if key not in benchmark] == []
     assert "(--full)" not in bench.__doc__ and "--sections full" in bench.__doc__
+
+
+def test_empty_names_in_sections_and_policies_are_skipped(capsys):
+    # `--sections "philly,"` (a trailing comma) was refused as `--sections: unknown ` (the
+    # empty name, printed as nothing), `--policies "fifo,"` as `--policies: unknown ; use ...`.
+    # Empty names are skipped, as --sweep's are, and a name's spaces are not part of it.
+    result = bench.main(["--sections", "philly,", "--policies", "fifo, ", "--jobs", "20",
+                         "--processes", "1", "--sweep", ""])
+    assert set(result) == {"restart", "published_baselines", "philly"}
+    assert set(result["philly"]["policies"]) == {"fifo"}
+    assert "unknown" not in capsys.readouterr().err
