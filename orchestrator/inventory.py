@@ -41,6 +41,14 @@ class GpuInfo:
     def memory_free_gb(self) -> float:
         return self.memory_free_bytes / GIB
 
+    @property
+    def holds_nothing(self) -> bool:
+        """Measured with no memory at all: a MIG-enabled board with no slices created
+        (probes._mig_slice), which nothing CUDA runs on. Placement counts it as no GPU (a job
+        stating no GPU memory was placed on it: 0 GiB >= 0). A declared GPU without the
+        memory label (0 GiB) is not one: it counts, for jobs that state no memory."""
+        return self.source == "nvml" and self.memory_total_bytes == 0
+
 
 @dataclass(frozen=True)
 class NodeReport:
@@ -585,8 +593,12 @@ class NodeTable:
         row = self._row(report.node_id)
         self.cpus[row] = report.ray_cpus
         self.gpus[row] = int(report.ray_gpus)
-        for name, values in (("gpu_free_gib", [g.memory_free_gb for g in report.gpus]),
-                             ("gpu_total_gib", [g.memory_total_bytes / GIB for g in report.gpus])):
+        # (-inf, as a missing slot's, for a GPU that holds nothing: no job fits there)
+        for name, values in (("gpu_free_gib", [-np.inf if g.holds_nothing else g.memory_free_gb
+                                               for g in report.gpus]),
+                             ("gpu_total_gib", [-np.inf if g.holds_nothing
+                                                else g.memory_total_bytes / GIB
+                                                for g in report.gpus])):
             column = getattr(self, name)
             if len(values) > column.shape[1]:
                 wider = np.full((len(self.cpus), len(values)), -np.inf)

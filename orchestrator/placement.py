@@ -627,7 +627,10 @@ def _node_reason(spec: JobSpec, state: ClusterState, report: NodeReport, now: fl
     excluded = sum((report.node_id, g.index) in excluded_gpus for g in report.gpus)
     not_for_this_job = f", {excluded} excluded for this job" if excluded else ""
     fitting = [g for g in report.gpus if g.memory_free_gb >= spec.min_gpu_memory_gb
-               and (report.node_id, g.index) not in excluded_gpus]
+               and not g.holds_nothing and (report.node_id, g.index) not in excluded_gpus]
+    empty = sum(g.holds_nothing for g in report.gpus)
+    if empty:
+        not_for_this_job += f", {empty} with MIG on and no slices"
     if spec.min_gpu_memory_gb and len(fitting) < spec.gpus_per_worker:
         most = max(g.memory_free_gb for g in report.gpus)
         unlabelled = (f" - declared GPUs without the {LABEL_ACCELERATOR_MEMORY_GB} label "

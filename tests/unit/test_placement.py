@@ -494,3 +494,21 @@ def test_a_trial_rejection_decides_alike_without_reasons_or_verdict(monkeypatch)
         assert "\n" not in trial.value.rejection.message
     fits = JobSpec("k", num_workers=2)  # a placement is the same, reasons included
     assert place(fits, state, NOW, trial=True) == place(fits, state, NOW)
+
+
+def test_a_mig_board_with_no_slices_takes_no_gpu_job():
+    # The probe reports a MIG-enabled board with no slices created as measured with 0 bytes
+    # (nothing CUDA can run on); a job stating no GPU memory fitted on it (0 >= 0) and was
+    # placed there. A declared GPU without a memory label (0 GiB too) still takes one.
+    empty = tuple(GpuInfo(i, "NVIDIA A100-SXM4-80GB MIG (no instances)", 0, 0, source="nvml")
+                  for i in range(2))
+    mig = NodeReport(**{**node("mig", gpus=2).__dict__, "gpus": empty})
+    spec = JobSpec("j", num_workers=1, gpus_per_worker=1)
+    with pytest.raises(PlacementError) as refused:
+        place(spec, cluster(mig), NOW)
+    assert not refused.value.rejection.fits_when_free
+    reason = refused.value.rejection.node_reasons["mig"]
+    assert "0 free" in reason and "2 with MIG on and no slices" in reason, reason
+    assert worker_capacity(spec, cluster(mig), NOW, ignore_reservations=True).tolist() == [0]
+    declared = node("declared", gpus=2, gpu_free_gb=0, gpu_total_gb=0)
+    assert place(spec, cluster(mig, declared), NOW).nodes == ["declared"]
