@@ -138,23 +138,27 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     whole = probs.size(-1) <= 4 * SORTED_HEAD  # (the byte tokenizer's 257: a sort is quicker)
     head_probs, head_order = (probs.sort(dim=-1, descending=True) if whole
                               else probs.topk(SORTED_HEAD, dim=-1))
-    pick, covered = _sorted_draw(head_probs, top_p, uniform, None if whole else probs.sum(-1))
+    # (one figure for a row's whole mass, the head's and a whole sort's alike: the sorted
+    # running mass differed from it in the last bits, and so did the token a draw picked)
+    mass = probs.sum(-1)
+    pick, covered = _sorted_draw(head_probs, top_p, uniform, mass, whole)
     sampled = head_order.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
     rest = (sampling & ~covered).nonzero().squeeze(1)
     if rest.numel():  # the draw (or nucleus) goes past the head: these rows sort it all
         sorted_probs, order = probs[rest].sort(dim=-1, descending=True)
-        pick, _ = _sorted_draw(sorted_probs, top_p[rest], uniform[rest], None)
+        pick, _ = _sorted_draw(sorted_probs, top_p[rest], uniform[rest], mass[rest], True)
         sampled[rest] = order.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
     return torch.where(sampling, sampled, greedy)
 
 
 def _sorted_draw(sorted_probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor,
-                 mass: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 mass: torch.Tensor, complete: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse CDF at `uniform` of each row's distribution cut to its top_p mass, over
     probabilities sorted in descending order: (index into sorted_probs, whether it is the
-    draw). `mass`: each row's whole probability when sorted_probs holds only its most likely
-    tokens (None: it holds them all); a row whose draw, or nucleus, reaches past them is not
-    covered."""
+    draw). `mass`: each row's whole probability (probs.sum, the total a row with top_p >= 1
+    draws against whether sorted_probs holds all its tokens or not); `complete`: it holds
+    them all, else only the most likely, and a row whose draw, or nucleus, reaches past them
+    is not covered."""
     # Keep the most likely tokens until their mass reaches top_p, the first one always: top_p
     # 0 (which OpenAI accepts) keeps it alone, so it is greedy. top_p >= 1 keeps every token:
     # over a large vocabulary the fp32 running mass reaches 1.0 hundreds of tokens early.
@@ -162,18 +166,26 @@ def _sorted_draw(sorted_probs: torch.Tensor, top_p: torch.Tensor, uniform: torch
     # its probability): that rounds either way, so a nucleus ending at the head's last token
     # (running mass == top_p) could keep the next token in a whole sort and not in the head.
     running = sorted_probs.cumsum(dim=-1)
-    before = torch.nn.functional.pad(running[:, :-1], (1, 0))
-    kept = (before < top_p.unsqueeze(1)) | (top_p >= 1).unsqueeze(1)
-    kept[..., 0] = True
-    cdf = (sorted_probs * kept).cumsum(dim=-1)
-    if mass is None:
-        total, covered = cdf[:, -1], torch.ones_like(top_p, dtype=torch.bool)
-    else:  # the nucleus ends among these tokens, or the draw falls among them
-        ends_here = (top_p < 1) & (running[:, -1] >= top_p)
-        total = torch.where(ends_here, cdf[:, -1], mass)
-        covered = ends_here | ((top_p >= 1) & (uniform * total <= cdf[:, -1]))
+    everything = top_p >= 1
+    if bool(everything.all()):  # no nucleus to cut (the default): the running mass is the CDF
+        cdf = running
+    else:
+        before = torch.nn.functional.pad(running[:, :-1], (1, 0))
+        kept = (before < top_p.unsqueeze(1)) | everything.unsqueeze(1)
+        kept[..., 0] = True
+        cdf = (sorted_probs * kept).cumsum(dim=-1)
+    # A nucleus is drawn from against its own mass; a row keeping every token, against its
+    # whole mass. The nucleus ends among these tokens, or the draw falls among them.
+    ends_here = ~everything & (running[:, -1] >= top_p)
+    total = torch.where(everything, mass, cdf[:, -1] if complete else
+                        torch.where(ends_here, cdf[:, -1], mass))
+    covered = (torch.ones_like(everything) if complete
+               else ends_here | (everything & (uniform * total <= cdf[:, -1])))
     target = (uniform * total).unsqueeze(1)
-    pick = torch.searchsorted(cdf, target).clamp(max=sorted_probs.size(-1) - 1)
+    # (a whole mass rounded above the running mass puts a draw near 1 past the end: the last
+    # token of any probability then, never one whose softmax underflowed to 0)
+    last = ((sorted_probs > 0).sum(-1, keepdim=True) - 1).clamp(min=0)
+    pick = torch.minimum(torch.searchsorted(cdf, target), last)
     return pick.squeeze(-1), covered
 
 

@@ -85,15 +85,17 @@ def test_top_p_one_keeps_the_whole_vocabulary():
 
 def sorted_inverse_cdf(logits, temperature, top_p, uniform):
     """Sampling the slow obvious way: every row's whole vocabulary sorted, cut to top_p, its
-    CDF inverted at the row's draw."""
+    CDF inverted at the row's draw (times the nucleus's mass; with top_p >= 1, the whole
+    mass, probs.sum(); past the end: the last token of any probability)."""
     probs = torch.softmax(logits / temperature.clamp(min=1e-6).unsqueeze(1), -1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     before = torch.nn.functional.pad(sorted_probs.cumsum(-1)[:, :-1], (1, 0))
     kept = (before < top_p.unsqueeze(1)) | (top_p >= 1).unsqueeze(1)
     kept[:, 0] = True
     cdf = (sorted_probs * kept).cumsum(-1)
-    pick = torch.searchsorted(cdf, uniform.unsqueeze(1) * cdf[:, -1:]).clamp(
-        max=logits.size(-1) - 1)
+    total = torch.where(top_p >= 1, probs.sum(-1), cdf[:, -1]).unsqueeze(1)
+    pick = torch.searchsorted(cdf, uniform.unsqueeze(1) * total).clamp(
+        max=(sorted_probs > 0).sum(-1, keepdim=True) - 1)
     sampled = order.gather(-1, pick).squeeze(-1)
     return torch.where(temperature > 0, sampled, logits.argmax(-1))
 
@@ -139,6 +141,41 @@ def test_a_nucleus_ending_at_the_sorted_heads_last_token_keeps_what_a_whole_sort
     tokens = sample_tokens(logits, temperature, top_p, uniform)
     monkeypatch.setattr(generation, "SORTED_HEAD", 10 ** 6)  # every row sorts it all
     assert torch.equal(tokens, sample_tokens(logits, temperature, top_p, uniform))
+
+
+def test_top_p_one_draws_at_the_sorted_heads_edge_pick_what_a_whole_sort_picks(monkeypatch):
+    # top_p >= 1 (the default): the head's draw was u * probs.sum(), the whole sort's
+    # u * its sorted running mass, which differ in the last bits: a draw near the head's mass
+    # (or, on a peaked distribution, within ~1e-6 of 1) picked another token one way than the
+    # other (1,724 of 24,300 such draws). The total is now the same number both ways.
+    from orchestrator.serving import generation
+    logits, uniform = [], []
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        row = torch.randn(4096, generator=g) * (2, 4, 8)[seed % 3]
+        head = torch.softmax(row, -1).topk(generation.SORTED_HEAD)[0].cumsum(-1)[-1].item()
+        for k in range(-12, 13):  # draws a few ulps either side of the head's mass
+            logits.append(row)
+            uniform.append(min(head + k * 2 ** -24, 1 - 2 ** -24))
+    logits, uniform = torch.stack(logits), torch.tensor(uniform)
+    temperature, top_p = torch.ones(len(uniform)), torch.ones(len(uniform))
+    tokens = sample_tokens(logits, temperature, top_p, uniform)
+    monkeypatch.setattr(generation, "SORTED_HEAD", 10 ** 6)  # every row sorts it all
+    whole = sample_tokens(logits, temperature, top_p, uniform)
+    assert torch.equal(tokens, whole), (tokens != whole).nonzero().squeeze(1).tolist()
+    assert torch.equal(whole, sorted_inverse_cdf(logits, temperature, top_p, uniform))
+
+
+def test_a_draw_past_the_sorted_running_mass_never_picks_a_token_of_no_probability():
+    # (the total of a top_p >= 1 row is probs.sum(), which may round above the sorted running
+    # mass: a draw near 1 then lands past its end, and must not take the last sorted token
+    # where the softmax underflowed to 0)
+    logits = torch.cat([torch.zeros(1, 300), torch.full((1, 1000), -200.0)], 1)
+    probs = torch.softmax(logits, -1)
+    assert (probs == 0).sum() == 1000
+    uniform = torch.tensor([1 - 2 ** -24])
+    token = sample_tokens(logits, torch.ones(1), torch.ones(1), uniform).item()
+    assert probs[0, token] > 0, token
 
 
 def test_stop_sequences_end_a_row_early(model):
