@@ -500,13 +500,25 @@ def new_run_dir(root: Path, prefix: str, now: dt.datetime) -> Path:
 
 
 def latest_run_with_checkpoints(root: Path, prefix: str = "") -> Path | None:
-    """The most recently changed directory under `root` holding checkpoints; with `prefix`,
-    only runs named `<prefix>-...` (what `new_run_dir` names them): `pretrain --resume` went on
-    with a job file's run (~/orchestrator-runs/<job name>) it had never written."""
+    """The directory under `root` whose newest checkpoint was written last (by the
+    checkpoint directories' own times; then by name); with `prefix`, only runs named
+    `<prefix>-...` (what `new_run_dir` names them): `pretrain --resume` went on with a job
+    file's run (~/orchestrator-runs/<job name>) it had never written. Not the run directory's
+    own time: anything that adds or removes a file there changes it (a refused run's lock, a
+    --dry-run's write check), and so made an older run the one --resume continued and
+    `serve run` served."""
     root = root.expanduser()
-    runs = [p for p in root.glob(f"{prefix}-*" if prefix else "*")
-            if has_checkpoints(p)] if root.is_dir() else []
-    return max(runs, key=lambda p: p.stat().st_mtime).resolve() if runs else None
+    runs = [(max(_mtime(c) for c in checkpoints), p.name, p)
+            for p in (root.glob(f"{prefix}-*" if prefix else "*") if root.is_dir() else ())
+            if (checkpoints := checkpoint_dirs(p))]
+    return max(runs, key=lambda run: run[:2])[2].resolve() if runs else None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # (removed since it was listed: a run pruning it)
+        return 0.0
 
 
 def writable_dir_problem(path: Path) -> str | None:

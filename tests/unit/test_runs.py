@@ -30,6 +30,26 @@ def test_resume_without_run_dir_takes_the_latest_run(tmp_path):
     assert resolve_run_dir(None, True, tmp_path, "pretrain", NOW) == latest
 
 
+def test_looking_at_an_older_run_does_not_make_it_the_latest(tmp_path):
+    # The latest run was the run directory changed last: `pretrain.py --dry-run --resume
+    # --run-dir OLD` (its write check puts a file in OLD and takes it out again), a refused
+    # run there (its lock file), `touch`, made OLD the run a plain --resume continued and
+    # `serve run` served. The latest is the one whose newest checkpoint was written last.
+    import os
+    old = make_run(tmp_path / "pretrain-20260101-000000")
+    latest = make_run(tmp_path / "pretrain-20260102-000000")
+    for checkpoint, when in ((old / "checkpoint_2026-01-01_00-00-00.000000", 1_000),
+                             (latest / "checkpoint_2026-01-01_00-00-00.000000", 2_000)):
+        os.utime(checkpoint, (when, when))
+    os.utime(old, (1_000, 1_000))
+    os.utime(latest, (2_000, 2_000))
+    assert resolve_run_dir(str(old), True, tmp_path, "pretrain", NOW) == old  # a look at it
+    assert old.stat().st_mtime > 2_000  # (the write check changed it)
+    assert resolve_run_dir(None, True, tmp_path, "pretrain", NOW) == latest
+    (old / "checkpoint_00000020").mkdir()  # trained on since: now the latest
+    assert resolve_run_dir(None, True, tmp_path, "pretrain", NOW) == old
+
+
 def test_resume_with_nothing_to_resume_names_the_place(tmp_path):
     make_run(tmp_path / "a-job-files-run")
     with pytest.raises(RunDirError, match=f"no pretrain-\\* run with checkpoints under {tmp_path}"):
