@@ -160,6 +160,7 @@ def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     None: those whose state the optimizer has."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    _register_shards(model)
     had_state = set(optimizer.state)
     if with_state is None:  # (a save: the state the optimizer has, no more)
         with_state = {name for name, p in model.named_parameters() if p in had_state}
@@ -173,6 +174,18 @@ def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     optimizer_state = {**optimizer_state, "state": {
         name: v for name, v in optimizer_state["state"].items() if name in with_state}}
     return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _register_shards(model: torch.nn.Module) -> None:
+    """Put the sharded parameters (the optimizer's) back on every FSDP module. A forward
+    without a backward (the last step's held-out evaluation) leaves the root's parameters
+    gathered, registered as plain tensors the optimizer does not know: its state for them
+    (embeddings, final LayerNorm) was left out of the final checkpoint."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def apply_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -12,7 +12,8 @@ import torch
 
 from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.training.checkpoint import (CheckpointError, DCP_METADATA_FILE,
-                                              checkpoint_header, load_checkpoint)
+                                              checkpoint_header, load_checkpoint,
+                                              sharded_optimizer_names)
 from orchestrator.training.local_workers import train_on_local_workers
 from orchestrator.training.loop import train
 from orchestrator.training.session import LocalSession
@@ -91,6 +92,19 @@ def test_fsdp_resume_is_bit_equal_at_the_same_worker_count(runs, tmp_path):
     assert resumed["held_out_loss"] == runs["fsdp"]["held_out_loss"]
     a, b = final_model(runs["root"] / "fsdp"), final_model(run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_final_checkpoint_keeps_the_optimizer_state_of_every_parameter(runs):
+    # The last step's held-out evaluation ran the sharded model forward without a backward,
+    # which left the root's parameters (embeddings, final LayerNorm) gathered: the final
+    # checkpoint lost their AdamW moments, and a finished run extended with a higher
+    # --max-steps restarted them from zero (its held-out loss 3.82 where 3.36 was due).
+    fsdp = runs["root"] / "fsdp"
+    final = LocalSession(fsdp).checkpoints()[-1]
+    assert load_checkpoint(final)["step"] == 50
+    every = sharded_optimizer_names(fsdp / HALF)
+    assert {"tok_emb.weight", "pos_emb.weight", "ln_f.weight", "ln_f.bias"} <= every
+    assert sharded_optimizer_names(final) == every
 
 
 def resume_both_ways(source, tmp_path, capsys):
