@@ -305,6 +305,7 @@ def evaluate(model: torch.nn.Module, tokens: torch.Tensor, config: TrainConfig,
                             return_logits=False)
         losses.append(loss.item())
     model.train(was_training)
+    strategies.register_shards(model)  # (FSDP: the root's parameters were left gathered)
     return sum(losses) / len(losses)
 
 

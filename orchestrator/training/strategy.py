@@ -16,6 +16,7 @@ FSDP specifics kept here, so the loop reads the same for both:
 """
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import torch
@@ -160,7 +161,6 @@ def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     None: those whose state the optimizer has."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    _register_shards(model)
     had_state = set(optimizer.state)
     if with_state is None:  # (a save: the state the optimizer has, no more)
         with_state = {name for name, p in model.named_parameters() if p in had_state}
@@ -176,15 +176,17 @@ def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-def _register_shards(model: torch.nn.Module) -> None:
-    """Put the sharded parameters (the optimizer's) back on every FSDP module. A forward
-    without a backward (the last step's held-out evaluation) leaves the root's parameters
-    gathered, registered as plain tensors the optimizer does not know: its state for them
-    (embeddings, final LayerNorm) was left out of the final checkpoint."""
-    from torch.distributed.fsdp import FSDPModule
-
+def register_shards(model: torch.nn.Module) -> None:
+    """Put the sharded parameters (the optimizer's, holding the gradients) back on every FSDP
+    module; nothing for a model that is not sharded. A forward without a backward (the held-out
+    evaluation) leaves the root's parameters gathered, registered as plain tensors without
+    gradients that the optimizer does not know: the final checkpoint, saved after it, lost the
+    AdamW state and the pending gradients of the embeddings and the final LayerNorm."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:  # (never imported: nothing is sharded, and DDP runs skip its import)
+        return
     for module in model.modules():
-        if isinstance(module, FSDPModule):
+        if isinstance(module, fsdp.FSDPModule):
             module.reshard()
 
 

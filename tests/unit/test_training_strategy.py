@@ -107,6 +107,21 @@ def test_the_final_checkpoint_keeps_the_optimizer_state_of_every_parameter(runs)
     assert sharded_optimizer_names(final) == every
 
 
+def test_the_final_checkpoint_keeps_the_roots_pending_gradients(tmp_path):
+    # A run ending mid-accumulation leaves its last micro-batches' gradients pending in the
+    # final checkpoint, for a resume with a higher max_steps: under FSDP the embeddings' were
+    # dropped, read off the root's parameters as the held-out evaluation had left them
+    # (gathered, without gradients).
+    run = config(strategy="fsdp", max_steps=10, checkpoint_every=10, log_every=10,
+                 attention_span=False, dropout=0.0, accumulation="embeddings=4")
+    outcome = train_on_local_workers(run, tmp_path / "fsdp")
+    assert "error" not in outcome, outcome
+    final = load_checkpoint(LocalSession(tmp_path / "fsdp").checkpoints()[-1])
+    assert final["step"] == 10
+    assert sorted(final["pending_gradients"]) == ["pos_emb.weight", "tok_emb.weight"]
+    assert final["pending_gradients"]["tok_emb.weight"].abs().sum() > 0
+
+
 def resume_both_ways(source, tmp_path, capsys):
     """One worker resumes `source`'s checkpoint of step 25 under FSDP and under DDP (in this
     process, a gloo group of one): (fsdp metrics, ddp metrics, final weights of each, what the
