@@ -471,9 +471,21 @@ def write_manifest(cache_uri: str, key: str, tokenizer, results: list[dict[str, 
         manifest[f"{split}_tokens"] = sum(s["tokens"] for s in manifest["splits"][split])
     fs, directory = storage_for(cache_uri)
     with writing_cache(cache_uri, MANIFEST_FILE):
+        _remove_unfinished_writes(fs, directory)
         write_atomically(fs, f"{directory}/{MANIFEST_FILE}",
                          (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
+
+
+def _remove_unfinished_writes(fs: pafs.FileSystem, directory: str) -> None:
+    """Remove the temporary files (write_atomically's `NAME.tmp-<id>`) of writers killed in
+    the pass: a tokenizer worker killed mid-write (SIGKILL, the OOM killer) is restarted by
+    Ray Data and its file tokenized again, and its half-written shard stayed in the finished
+    cache. Called once every file is done, before the manifest: no writer of the pass is
+    live."""
+    for info in fs.get_file_info(pafs.FileSelector(directory)):
+        if info.type == pafs.FileType.File and ".tmp-" in info.base_name:
+            fs.delete_file(info.path)
 
 
 class ShardFiles:

@@ -380,6 +380,29 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
     assert os.listdir(target.parent) == ["bpe.json"] and target.read_bytes() == b"old"
 
 
+def test_a_finished_pass_leaves_no_half_written_shard_of_a_killed_worker(tmp_path):
+    """A tokenizer worker killed while writing a shard (SIGKILL, the OOM killer) leaves its
+    `NAME.tmp-<id>`; Ray Data restarts it and the file is tokenized again, and the pass
+    finished with the half-written file in the cache for good (4 MiB of an 8 MiB shard, seen
+    with a worker killed under Ray). The manifest is written once every file is done: no
+    temporary file of the pass is live then, and none is left."""
+    data, cache = small_corpus(tmp_path), str(tmp_path / "cache")
+    plan = plan_data([data], cache_root=cache)
+    killed = os.path.join(plan.cache_uri, "00000-train-0000.bin.tmp-" + "d" * 32)
+
+    def killed_worker(call):
+        if call == 1:
+            with open(killed, "wb") as f:
+                f.write(b"\0" * 1000)
+    plan.tokenizer = _PausingTokenizer(plan.tokenizer, killed_worker)
+    manifest = tokenize_once(plan, lambda p: tokenize_in_process(p, shard_tokens=500,
+                                                                 say=lambda _: None),
+                             lambda _: None)
+    assert manifest["train_tokens"] > 0 and not os.path.exists(killed)
+    assert not [n for n in os.listdir(plan.cache_uri) if ".tmp-" in n]
+    open_shards(plan.cache_uri)  # (the finished cache reads as before)
+
+
 def test_a_long_document_reaches_the_tokenizer_in_bounded_pieces(tmp_path, monkeypatch):
     """A .jsonl line (up to 256 MiB) was handed to the tokenizer whole: `tokenizers` holds
     ~500 bytes a token until the call returns, so a 20 MB line took 3 GB of memory. Each call
