@@ -20,7 +20,8 @@ from orchestrator.runs import writable_dir_problem
 from orchestrator.tokenizer import (EOS_NAMES, Tokenizer, TokenizerError, load_tokenizer,
                                     tokenizer_from_json, tokenizer_of_run, tokenizer_text,
                                     train_bpe)
-from orchestrator.training.corpus import (CACHE_KEY_VERSION, DataError, SourceFile, cache_key,
+from orchestrator.training.corpus import (CACHE_KEY_VERSION, SAME_SHARDS_SINCE, DataError,
+                                          SourceFile, cache_key,
                                           check_jsonl_head, check_text_column, check_text_head,
                                           expand_sources, iter_texts, split_uri_query,
                                           with_scheme)
@@ -161,7 +162,10 @@ def trained_tokenizer(sources: list[SourceFile], text_field: str, skip_bad_lines
     if not isinstance(vocab_size, int) or not 257 <= vocab_size <= 1 << 20:
         raise TokenizerError(f"--train-tokenizer must be a vocabulary size in [257, 1048576], "
                              f"got {vocab_size!r}")
-    key = cache_key(sources, text_field, skip_bad_lines, f"train-bpe-{vocab_size}")
+    # (keyed without the files' content fingerprints, as before version 4: the BPE trained
+    # on them is not trained again, minutes over a large corpus, for the same files)
+    key = cache_key(sources, text_field, skip_bad_lines, f"train-bpe-{vocab_size}",
+                    version=SAME_SHARDS_SINCE)
     fs, root = storage_for(cache_root)
     name = f"tokenizers/bpe-{vocab_size}-{key[:24]}.json"
     path = f"{root}/{name}"
@@ -497,14 +501,17 @@ def resume_data_conflicts(saved: dict[str, Any], fields: dict[str, Any],
                         f"{fields.get('tokenizer_sha256', '')[:12] or 'bytes'}); pass the "
                         "run's tokenizer.json with --tokenizer")
     version = _earlier_key_version(saved, plan)
-    if version is not None:
+    if version is not None and version >= SAME_SHARDS_SINCE:
+        pass  # the same files, keyed before content fingerprints: the same shards
+    elif version is not None:
         problems.append(f"its shards were tokenized from these files under an earlier rule "
                         f"(cache key version {version}, now {CACHE_KEY_VERSION}: the held-out "
                         "split and .txt documents changed since), so they would tokenize into "
                         "other shards; resume without --data to go on with the run's own")
     elif saved.get("data_key", "") != fields.get("data_key", ""):
-        problems.append("it was trained on other data (the --data files, their sizes or "
-                        "modification times, --text-field or --skip-bad-lines differ; "
+        problems.append("it was trained on other data (the --data files, their sizes, "
+                        "modification times or contents, --text-field or --skip-bad-lines "
+                        "differ; "
                         "files copied or touched since count too); resume without --data to "
                         "go on with the shards it was trained on")
     return problems

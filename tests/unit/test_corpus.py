@@ -1107,3 +1107,35 @@ def test_a_txt_byte_that_is_not_utf8_is_named_by_line(tmp_path, monkeypatch, chu
         check_text_head(source)
     with pytest.raises(DataError, match=message.replace(" ;", ";")):
         list(iter_documents(source))
+
+
+def _rewritten_in_place(path, old: bytes, new: bytes) -> None:
+    """`path` with `old` replaced by `new` (as long), its modification time put back, as
+    `cp -p` of an edited copy or `rsync --times` leave it."""
+    before = os.stat(path)
+    data = path.read_bytes()
+    assert len(old) == len(new) and old in data
+    path.write_bytes(data.replace(old, new))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_a_file_rewritten_at_its_size_and_modification_time_is_tokenized_again(tmp_path):
+    """The cache key held a file's size and modification time only: a file rewritten at the
+    same size with its time put back (`touch -d`, `cp -p`, `rsync --times`) kept its key, and
+    the run trained on the old text's shards. Its first and last 64 KiB are in the key now
+    (a file up to 128 KiB: all of it); a change between them is still not seen."""
+    small, large = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    small.write_text("".join(json.dumps({"text": f"old text {i:03d}"}) + "\n"
+                             for i in range(200)))
+    large.write_text("".join(json.dumps({"text": f"line {i:06d} " + "x" * 200}) + "\n"
+                             for i in range(4000)))  # ~0.9 MB
+    cache = str(tmp_path / "cache")
+    plan = plan_data([str(small), str(large)], cache_root=cache)
+    tokenize_in_process(plan, say=lambda _: None)
+    assert plan_data([str(small), str(large)], cache_root=cache).cached
+    _rewritten_in_place(small, b"old text 100", b"new text 100")
+    again = plan_data([str(small), str(large)], cache_root=cache)
+    assert again.key != plan.key and not again.cached
+    tokenize_in_process(again, say=lambda _: None)
+    _rewritten_in_place(large, b"line 003999", b"line 00399X")  # in its last 64 KiB
+    assert not plan_data([str(small), str(large)], cache_root=cache).cached

@@ -165,9 +165,29 @@ def test_resuming_a_run_tokenized_under_an_earlier_cache_key_says_so(tmp_path, c
     (run_dir / "config.json").write_text(json.dumps({"train": train}))
     code, err = run_pretrain("--resume", "--run-dir", str(run_dir), "--data",
                              str(tmp_path / "data"), capsys=capsys)
-    assert code == 2 and "their sizes or modification times" not in err, err
-    assert "tokenized from these files under an earlier rule (cache key version 2, now 3" in err
+    assert code == 2 and "modification times" not in err, err
+    assert "tokenized from these files under an earlier rule (cache key version 2, now 4" in err
     assert "resume without --data" in err
+
+
+def test_resuming_with_its_data_a_run_keyed_before_content_fingerprints_is_accepted(tmp_path):
+    """Cache key version 4 adds each local file's content fingerprint and nothing else: the
+    same files give the same shards as under version 3, so a run recorded with a version 3
+    key resumes with its --data (its shards are tokenized again once, under the new key)."""
+    from orchestrator.training.corpus import cache_key
+    from orchestrator.training.data_plan import plan_data, resume_data_conflicts
+
+    (tmp_path / "a.txt").write_text("some paragraph of text\n\n" * 40)
+    plan = plan_data([str(tmp_path / "a.txt")], cache_root=str(tmp_path / "cache"))
+    saved = {"data_key": cache_key(plan.sources, "text", False, plan.tokenizer.sha256,
+                                   version=3),
+             "tokenizer_sha256": plan.tokenizer.sha256}
+    assert saved["data_key"] != plan.key
+    fields = {"data_key": plan.key, "tokenizer_sha256": plan.tokenizer.sha256}
+    assert resume_data_conflicts(saved, fields, plan) == []
+    saved["data_key"] = cache_key(plan.sources, "text", False, plan.tokenizer.sha256,
+                                  version=2)  # (another split: refused, as before)
+    assert "cache key version 2, now 4" in resume_data_conflicts(saved, fields, plan)[0]
 
 
 def tokenized_run(tmp_path, cache: str):
