@@ -804,9 +804,16 @@ def _parquet_documents(source: SourceFile, field: str, skip: bool, skipped: list
         raise _parquet_error(source, e, f"corrupt parquet data after row {row}") from None
 
 
+def place(source: SourceFile, line: int) -> str:
+    """Where in its file a document or bad line is, for messages: `F:LINE` (the line a .jsonl
+    document or a .txt paragraph starts on), or a parquet file's `F: row N`."""
+    return f"{source.uri}: row {line}" if source.format == "parquet" else \
+        f"{source.uri}:{line}"
+
+
 def _bad(source: SourceFile, line: int, problem: str, skip: bool, skipped: list[str],
          what: str = "line") -> None:
-    message = f"{source.uri}:{line}: {problem}"
+    message = f"{place(source, line)}: {problem}"
     if not skip:
         raise DataError(f"{message} (pass --skip-bad-lines to skip and count such {what}s)")
     skipped.append(message)

@@ -45,7 +45,7 @@ import pyarrow.fs as pafs
 
 from orchestrator.file_lock import file_lock
 from orchestrator.training.corpus import (DataError, Document, SourceFile, is_held_out,
-                                          iter_documents)
+                                          iter_documents, place)
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
@@ -217,7 +217,7 @@ def encode_documents(tokenizer, source: SourceFile, docs: list[Document]) -> lis
             try:
                 encode_bounded(tokenizer, [doc.text])
             except Exception as e:
-                raise DataError(f"{_where(source, doc)}: the tokenizer ({tokenizer.name}) "
+                raise DataError(f"{place(source, doc.line)}: the tokenizer ({tokenizer.name}) "
                                 f"cannot encode this document: {str(e).splitlines()[0]}"
                                 ) from None
         raise DataError(f"{source.uri}: the tokenizer ({tokenizer.name}) cannot encode "
@@ -256,13 +256,6 @@ def text_pieces(text: str) -> list[str]:
         start = end
     pieces.append(text[start:])
     return pieces
-
-
-def _where(source: SourceFile, doc: Document) -> str:
-    """A document's place in its file, for messages: the line a .jsonl document or a .txt
-    paragraph (or piece of one) starts on, or a parquet row."""
-    return f"{source.uri}: row {doc.line}" if source.format == "parquet" else \
-        f"{source.uri}:{doc.line}"
 
 
 class UnreadableManifest(DataError):

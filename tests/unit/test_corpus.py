@@ -1139,3 +1139,18 @@ def test_a_file_rewritten_at_its_size_and_modification_time_is_tokenized_again(t
     tokenize_in_process(again, say=lambda _: None)
     _rewritten_in_place(large, b"line 003999", b"line 00399X")  # in its last 64 KiB
     assert not plan_data([str(small), str(large)], cache_root=cache).cached
+
+
+def test_a_null_parquet_value_is_named_by_its_row(tmp_path):
+    """A parquet row without text (a null, common in exported datasets) was named as
+    `F:3:`, a line of a binary file; the tokenizer's errors name a row `F: row 3:`."""
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": ["one document.", "another.", None, "last."]}), path)
+    with pytest.raises(DataError) as refused:
+        plan = plan_data([str(path)], cache_root=str(tmp_path / "cache"))
+        tokenize_in_process(plan, say=lambda _: None)
+    assert str(refused.value) == (f"{path}: row 3: column 'text' is null, not a string (pass "
+                                  "--skip-bad-lines to skip and count such rows)")
+    plan = plan_data([str(path)], skip_bad_lines=True, cache_root=str(tmp_path / "cache"))
+    manifest = tokenize_in_process(plan, say=lambda _: None)
+    assert manifest["skipped_example"] == f"{path}: row 3: column 'text' is null, not a string"
