@@ -10,7 +10,8 @@ cache, so only small records come back to the driver, which shows progress (docu
 tokens, MB/s) as files finish. A bad line or row, a file that cannot be read (removed since
 planning, a storage error) or a cache that cannot be written (disk full) stops the pass with
 the DataError that names it, before any training worker starts; the cache then has no
-manifest and is redone next time.
+manifest and is redone next time. So does a tokenizer worker that dies more often than it
+is restarted (WORKER_RESTARTS), naming the files not tokenized.
 """
 from __future__ import annotations
 
@@ -18,11 +19,17 @@ from typing import Any, Callable
 
 import ray
 import ray.data
+import ray.exceptions
 
 from orchestrator.tokenizer import tokenizer_from_json
 from orchestrator.training.corpus import DataError, SourceFile
 from orchestrator.training.data_plan import BUNDLED_FILE, DataPlan, PassProgress, finish
 from orchestrator.training.shards import SHARD_TOKENS, clear_cache_dir, tokenize_source
+
+# How often a dead tokenizer actor is restarted and its file retried (a node lost, a worker
+# killed): Ray Data's default is without end, and a file that got its worker killed every
+# time (the OOM killer) held the pass forever.
+WORKER_RESTARTS = 3
 
 
 class TokenizeFiles:
@@ -63,17 +70,27 @@ def tokenize_with_ray_data(plan: DataPlan, num_workers: int = 2, *,
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         TokenizeFiles, batch_size=1, num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=max(1, min(num_workers, len(items)))),
+        max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS,
         fn_constructor_kwargs={"tokenizer_json": plan.tokenizer.to_json(),
                                "cache_uri": plan.cache_uri, "text_field": plan.text_field,
                                "skip_bad_lines": plan.skip_bad_lines,
                                "shard_tokens": shard_tokens})
     progress, results = PassProgress(len(items), say), []
-    for row in dataset.iter_rows():
-        result = row["result"]
-        if "error" in result:
-            raise DataError(result["error"])
-        results.append(result)
-        progress.add(result)
+    try:
+        for row in dataset.iter_rows():
+            result = row["result"]
+            if "error" in result:
+                raise DataError(result["error"])
+            results.append(result)
+            progress.add(result)
+    except ray.exceptions.RayActorError as e:
+        done = {r["index"] for r in results}
+        left = [s.uri for i, s in enumerate(plan.sources) if i not in done]
+        raise DataError(
+            f"the tokenizing pass stopped: a tokenizer worker kept dying ({WORKER_RESTARTS} "
+            "restarts; killed by the out-of-memory killer, or its node lost: see dmesg there) "
+            f"with {len(left)} file(s) not tokenized: {', '.join(left[:3])}"
+            f"{', ...' if len(left) > 3 else ''} ({str(e).splitlines()[0]})") from None
     skipped = [line for r in results for line in r["skipped"]]
     if skipped:
         say(f"skipped {sum(r['skipped_count'] for r in results)} bad line(s) "
