@@ -841,7 +841,7 @@ def _split_form(text: str) -> str:
 # .txt file's held-out paragraphs run on as its training ones do (2: hashed with them, an
 # end-of-text after each held-out paragraph; 1: split by file path and position)
 CACHE_KEY_VERSION = 4
-SAME_SHARDS_SINCE = 3  # the earliest key version whose files tokenize into today's shards
+FINGERPRINT_KEY_VERSION = 4  # the first key version holding local files' content fingerprints
 
 
 def cache_key(sources: list[SourceFile], text_field: str, skip_bad_lines: bool,

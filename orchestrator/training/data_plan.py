@@ -20,7 +20,7 @@ from orchestrator.runs import writable_dir_problem
 from orchestrator.tokenizer import (EOS_NAMES, Tokenizer, TokenizerError, load_tokenizer,
                                     tokenizer_from_json, tokenizer_of_run, tokenizer_text,
                                     train_bpe)
-from orchestrator.training.corpus import (CACHE_KEY_VERSION, SAME_SHARDS_SINCE, DataError,
+from orchestrator.training.corpus import (CACHE_KEY_VERSION, FINGERPRINT_KEY_VERSION, DataError,
                                           SourceFile, cache_key,
                                           check_jsonl_head, check_text_column, check_text_head,
                                           expand_sources, iter_texts, split_uri_query,
@@ -165,7 +165,7 @@ def trained_tokenizer(sources: list[SourceFile], text_field: str, skip_bad_lines
     # (keyed without the files' content fingerprints, as before version 4: the BPE trained
     # on them is not trained again, minutes over a large corpus, for the same files)
     key = cache_key(sources, text_field, skip_bad_lines, f"train-bpe-{vocab_size}",
-                    version=SAME_SHARDS_SINCE)
+                    version=FINGERPRINT_KEY_VERSION - 1)
     fs, root = storage_for(cache_root)
     name = f"tokenizers/bpe-{vocab_size}-{key[:24]}.json"
     path = f"{root}/{name}"
@@ -501,8 +501,13 @@ def resume_data_conflicts(saved: dict[str, Any], fields: dict[str, Any],
                         f"{fields.get('tokenizer_sha256', '')[:12] or 'bytes'}); pass the "
                         "run's tokenizer.json with --tokenizer")
     version = _earlier_key_version(saved, plan)
-    if version is not None and version >= SAME_SHARDS_SINCE:
-        pass  # the same files, keyed before content fingerprints: the same shards
+    if version is not None and version >= FINGERPRINT_KEY_VERSION - 1:
+        # (the same shards, under a key without the files' content fingerprints: the run's
+        # config.json names that key, which its own shards carry)
+        problems.append(f"its shards were tokenized from these files under an earlier cache "
+                        f"key (version {version}, now {CACHE_KEY_VERSION}: local files' content "
+                        "fingerprints were added to it since; the shards are the same); resume "
+                        "without --data to go on with the run's own")
     elif version is not None:
         problems.append(f"its shards were tokenized from these files under an earlier rule "
                         f"(cache key version {version}, now {CACHE_KEY_VERSION}: the held-out "

@@ -170,10 +170,11 @@ def test_resuming_a_run_tokenized_under_an_earlier_cache_key_says_so(tmp_path, c
     assert "resume without --data" in err
 
 
-def test_resuming_with_its_data_a_run_keyed_before_content_fingerprints_is_accepted(tmp_path):
-    """Cache key version 4 adds each local file's content fingerprint and nothing else: the
-    same files give the same shards as under version 3, so a run recorded with a version 3
-    key resumes with its --data (its shards are tokenized again once, under the new key)."""
+def test_resuming_with_its_data_a_run_keyed_before_content_fingerprints_says_so(tmp_path):
+    """Cache key version 4 adds each local file's content fingerprint and nothing else: a run
+    recorded with a version 3 key, resumed with its --data, is told its key is an earlier
+    one and to resume without --data (its own shards, the same), not that its files or the
+    held-out split changed."""
     from orchestrator.training.corpus import cache_key
     from orchestrator.training.data_plan import plan_data, resume_data_conflicts
 
@@ -184,7 +185,9 @@ def test_resuming_with_its_data_a_run_keyed_before_content_fingerprints_is_accep
              "tokenizer_sha256": plan.tokenizer.sha256}
     assert saved["data_key"] != plan.key
     fields = {"data_key": plan.key, "tokenizer_sha256": plan.tokenizer.sha256}
-    assert resume_data_conflicts(saved, fields, plan) == []
+    [problem] = resume_data_conflicts(saved, fields, plan)
+    assert "under an earlier cache key (version 3, now 4: local files' content fingerprints" \
+        in problem and "resume without --data" in problem and "other data" not in problem
     saved["data_key"] = cache_key(plan.sources, "text", False, plan.tokenizer.sha256,
                                   version=2)  # (another split: refused, as before)
     assert "cache key version 2, now 4" in resume_data_conflicts(saved, fields, plan)[0]
