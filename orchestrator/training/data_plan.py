@@ -210,6 +210,12 @@ def check_trainable(manifest: dict[str, Any], seq_len: int, where: str) -> None:
                         + (f"; the first: {example}" if example else "")
                         + f"; is --text-field {manifest.get('text_field', 'text')!r} the field "
                         "that holds the text?")
+    if not manifest["documents"] + manifest["held_out_documents"]:
+        # (every line's or row's text "": "a shorter --seq-len" was said, which cannot help)
+        raise DataError(f"the corpus holds no text: every document of its "
+                        f"{len(manifest.get('sources', []))} file(s) is empty ({where}); is "
+                        f"--text-field {manifest.get('text_field', 'text')!r} the field that "
+                        "holds the text?")
     for split, what in (("train", "training"), ("held_out", "held-out")):
         tokens = manifest[f"{split}_tokens"]
         documents = manifest["documents" if split == "train" else "held_out_documents"]

@@ -1154,3 +1154,19 @@ def test_a_null_parquet_value_is_named_by_its_row(tmp_path):
     plan = plan_data([str(path)], skip_bad_lines=True, cache_root=str(tmp_path / "cache"))
     manifest = tokenize_in_process(plan, say=lambda _: None)
     assert manifest["skipped_example"] == f"{path}: row 3: column 'text' is null, not a string"
+
+
+def test_a_corpus_whose_every_document_is_empty_says_so_not_seq_len(tmp_path):
+    """Every .jsonl line's text "" (an export whose text column was blanked, a wrong field
+    holding empty strings): the refusal said the training split has 0 tokens and advised "a
+    shorter --seq-len", which cannot help."""
+    path = tmp_path / "empty.jsonl"
+    path.write_text("".join(json.dumps({"text": "", "id": i}) + "\n" for i in range(30)))
+    plan = plan_data([str(path)], cache_root=str(tmp_path / "cache"))
+    manifest = tokenize_in_process(plan, say=lambda _: None)
+    with pytest.raises(DataError) as error:
+        check_trainable(manifest, 16, "here")
+    message = str(error.value)
+    assert message.startswith("the corpus holds no text: every document of its 1 file(s) is "
+                              "empty (here)") and "--seq-len" not in message, message
+    assert "--text-field 'text'" in message
