@@ -98,10 +98,12 @@ def cache_dir(cache_root: str, key: str) -> str:
 def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool = False,
               tokenizer: str = "bytes", train_tokenizer: int | None = None,
               cache_root: str, retokenize: bool = False,
-              say: Callable[[str], None] = print, train: bool = True) -> DataPlan | None:
+              say: Callable[[str], None] = print, train: bool = True,
+              before_training: Callable[[], None] = lambda: None) -> DataPlan | None:
     """Check the sources and the tokenizer and find (or choose) the cache directory.
     `train=False` (a dry run): a --train-tokenizer BPE not in the cache yet is not trained,
-    and None is returned once the sources are checked."""
+    and None is returned once the sources are checked. `before_training()` is called when
+    such a BPE is not in the cache (before it is trained, or with `train=False`)."""
     cache_root = absolute_cache_root(cache_root)
     if not isinstance(text_field, str) or not text_field:
         raise DataError(f"--text-field must be a non-empty field name, got {text_field!r}")
@@ -116,7 +118,7 @@ def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool
         check_jsonl_head(source, text_field, skip_bad_lines)
     if tok is None:
         tok = trained_tokenizer(sources, text_field, skip_bad_lines, train_tokenizer,
-                                cache_root, say, train=train)
+                                cache_root, say, train=train, before_training=before_training)
         if tok is None:
             return None
     key = cache_key(sources, text_field, skip_bad_lines, tok.sha256)
@@ -155,7 +157,7 @@ def _check_replaceable(cache_uri: str) -> None:
 
 def trained_tokenizer(sources: list[SourceFile], text_field: str, skip_bad_lines: bool,
                       vocab_size: int, cache_root: str, say: Callable[[str], None],
-                      train: bool = True):
+                      train: bool = True, before_training: Callable[[], None] = lambda: None):
     """`--train-tokenizer`: a byte-level BPE trained on the training documents, kept in the
     cache (keyed by the data and the size) so a second run on the same data reuses it.
     `train=False`: the cached one, or None where there is none (nothing trained)."""
@@ -175,6 +177,7 @@ def trained_tokenizer(sources: list[SourceFile], text_field: str, skip_bad_lines
         except TokenizerError as e:
             raise TokenizerError(f"{e} (the cached --train-tokenizer result: remove it and "
                                  f"the tokenizer is trained again)") from None
+    before_training()  # (the cache checked: it is written once the BPE is trained)
     if not train:
         return None
     started = time.perf_counter()
@@ -419,12 +422,14 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
         notes.append(f"{', '.join(unused)} ignored: the bundled corpus is tokenized in this "
                      "process (prepare_shards), a text file of its own")
     cache_given = "--data-cache" in data_flags
-    if train_tokenizer is not None:  # trained into the cache root, before the shards
-        _check_cache_writable(cache_root, cache_given)
     plan = plan_data(data, text_field=text_field, skip_bad_lines=skip_bad_lines,
                      tokenizer=tokenizer, train_tokenizer=train_tokenizer,
                      cache_root=cache_root, retokenize=retokenize, say=say,
-                     train=not dry_run)
+                     train=not dry_run,
+                     # A BPE not in the cache yet is trained into it, before the shards: a
+                     # cache that cannot take it is named before minutes of training (one
+                     # that holds it and the shards, read-only, is read as it is).
+                     before_training=lambda: _check_cache_writable(cache_root, cache_given))
     if plan is None:  # a dry run: the sources checked, the tokenizer not trained
         if init_from and hf["vocab_size"] > train_tokenizer:  # (a run would refuse it)
             raise TokenizerError(f"--init-from {init_from}: the model has {hf['vocab_size']} "

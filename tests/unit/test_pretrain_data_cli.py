@@ -354,6 +354,29 @@ def test_a_read_only_cache_that_holds_the_shards_is_used_one_without_them_named(
         data_plan.configure_data(data=[str(tmp_path / "b.txt")], **flags)
 
 
+def test_a_read_only_cache_holding_a_trained_tokenizer_and_its_shards_is_used(
+        tmp_path, monkeypatch):
+    """With --train-tokenizer, a read-only cache was refused before the cached BPE was even
+    looked up, though it held the BPE and the shards and nothing was to be written; a BPE
+    not in it yet is still refused before it is trained (minutes over a large corpus)."""
+    from orchestrator.training import data_plan
+
+    (tmp_path / "a.txt").write_text("".join(f"paragraph {i} of some text\n\n"
+                                            for i in range(200)))
+    flags = dict(data=[str(tmp_path / "a.txt")], text_field="text", skip_bad_lines=False,
+                 tokenizer="bytes", cache_root=str(tmp_path / "cache"), retokenize=False,
+                 init_from=None, saved=None, data_flags=("--data-cache",),
+                 say=lambda _: None)
+    setup = data_plan.configure_data(train_tokenizer=300, **flags)
+    data_plan.tokenize_in_process(setup.plan, say=lambda _: None)
+    monkeypatch.setattr(data_plan, "writable_dir_problem",
+                        lambda path: "Read-only file system")
+    monkeypatch.setattr(data_plan, "train_bpe", lambda *a: pytest.fail("trained"))
+    assert data_plan.configure_data(train_tokenizer=300, **flags).plan.cached
+    with pytest.raises(DataError, match="--data-cache .*: cannot write there: Read-only"):
+        data_plan.configure_data(train_tokenizer=310, **flags)
+
+
 def test_a_text_file_that_is_not_utf8_is_named_before_ray_starts(tmp_path, capsys):
     # It was named by a tokenizing task, ~9 s after Ray had started.
     latin1 = tmp_path / "latin1.txt"
