@@ -476,7 +476,7 @@ def _remove_unfinished_writes(fs: pafs.FileSystem, directory: str) -> None:
     Ray Data and its file tokenized again, and its half-written shard stayed in the finished
     cache. Called once every file is done, before the manifest: no writer of the pass is
     live."""
-    for info in fs.get_file_info(pafs.FileSelector(directory)):
+    for info in fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True)):
         if info.type == pafs.FileType.File and ".tmp-" in info.base_name:
             fs.delete_file(info.path)
 
