@@ -980,7 +980,7 @@ class SchedulerCore:
             except Exception as e:  # corrupt or from another version: keep going
                 problems.append(f"cannot restore scheduler {key}, skipping it: {e}")
         return problems + self._release_unowned_reservations() + self._drop_unowned_ready() \
-            + self._drop_waiting_copies_of_running()
+            + self._drop_waiting_copies_of_running() + self._drop_preemptions_for_unrestored()
 
     def _restore_typical(self, data: dict) -> None:
         """The typical job's relative speed per family and how many jobs it folds in;
@@ -1051,6 +1051,20 @@ class SchedulerCore:
             self._forget_preemption(name)
         return [f"dropped the waiting entry of {name!r}: a running job of that name was "
                 "restored (a job cannot both run and wait)" for name in both]
+
+    def _drop_preemptions_for_unrestored(self) -> list[str]:
+        """A preemption made for a waiting job that could not be restored (or no longer
+        waits): its victims that have not read their directive yet keep running, as after a
+        cancel of that job (_forget_preemption; they were told to yield for nobody)."""
+        gone = sorted(name for name in self.preempting if name not in self.queue.waiting)
+        problems = []
+        for name in gone:
+            victims = ", ".join(repr(v) for v in sorted(self.preempting[name]))
+            self._forget_preemption(name)
+            problems.append(f"withdrew the preemption of {victims or 'no job'} for {name!r} "
+                            "(those that have not read it yet): no waiting job of that name "
+                            "was restored")
+        return problems
 
     def _restore_running(self, data: dict) -> list[str]:
         """The running jobs, one by one: one that cannot be read is named and skipped, the

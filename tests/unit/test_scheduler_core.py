@@ -2629,3 +2629,25 @@ def test_a_trial_placement_decides_as_the_real_one_without_the_verdict(monkeypat
     core.release("ra", "d", T0 + 2)  # room on a0 now: both place it, alike
     assert "w" in core.queue.ready
     assert core.queue.ready["w"].nodes == ["a0"]
+
+
+# -- the scheduler actor's recovery (2026-12-07, second session) -------------------------------------
+
+def test_a_preemption_for_a_waiting_job_not_restored_is_withdrawn_from_its_victims():
+    # 'high' preempts 'low'; the restarted scheduler cannot read high's queue record. low was
+    # still told to preempt (for a job no longer there) and restarted for nothing; a cancel of
+    # high before the restart withdraws an unread directive (_forget_preemption).
+    core = core_with(cpu_node("a", cpus=2), cpu_node("b", cpus=2))
+    core.submit(cpus("low", 2), "d", T0)
+    core.submit(cpus("low2", 2), "d", T0)
+    core.submit(cpus("high", 2, priority=3), "d", T0 + 30)
+    assert core.preempting == {"high": {"low"}}
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["queue"]["waiting"][0]["enqueued_at"] = "x"
+    again = core_with(cpu_node("a", cpus=2), cpu_node("b", cpus=2))
+    problems = again.restore(saved)
+    assert any("queued job 'high'" in p for p in problems), problems
+    assert any("'high'" in p and "withdrew" in p and "'low'" in p for p in problems), problems
+    assert again.preempting == {} and again.running["low"].directive is None
+    assert again.directive("low", T0 + 41).decision is None
+
