@@ -376,8 +376,10 @@ class SchedulerCore:
         newly_dead = sorted(((dead & set(self.state.reports)) - self.state.dead)
                             | (holding - alive))
         outcome = Outcome(newly_dead)
+        lost = set()
         for node_id in newly_dead:
-            self.state.mark_dead(node_id)
+            lost.update(self.state.mark_dead(node_id))
+        self._withdraw_lost_migrations(lost)
         gone_silent = dead & set(self.state.silent_reservations)  # dead by silence, then by
         for node_id in gone_silent:  # Ray: its workers are gone, nothing to give back
             self.state.silent_reservations.pop(node_id)
@@ -2087,6 +2089,20 @@ class SchedulerCore:
         job.directive = Directive(kind, reason, now, for_job, target)
         return Outcome(effects=[Persist(), Yield(job_name, job.placement.owner, kind, reason,
                                                  target.worker_nodes if target else ())])
+
+    def _withdraw_lost_migrations(self, lost: set[str]) -> None:
+        """Migration claims that lost a reservation on a node Ray lists dead: the move can no
+        longer be made (_take_claim), so a directive not read yet is withdrawn and the rest
+        of the claim released (told, the job checkpointed and restarted where it was). One
+        already read is carried out: the job yields and is placed afresh."""
+        for claim in lost:
+            job = self.running.get(claim.removesuffix(CLAIM_SUFFIX))
+            if not claim.endswith(CLAIM_SUFFIX) or job is None or job.directive is None \
+                    or job.directive.kind != MIGRATE or job.directive.read_at is not None:
+                continue
+            job.directive = None
+            self.state.release(claim)
+            self.state.forget_silent(claim)
 
     def _forget_preemption(self, job_name: str) -> None:
         """The job no longer waits: victims that have not read their directive yet keep

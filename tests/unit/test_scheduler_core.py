@@ -2651,3 +2651,25 @@ def test_a_preemption_for_a_waiting_job_not_restored_is_withdrawn_from_its_victi
     assert again.preempting == {} and again.running["low"].directive is None
     assert again.directive("low", T0 + 41).decision is None
 
+
+
+def test_an_unread_migration_whose_target_node_died_is_withdrawn():
+    # The A100 node of job's migration target died (Ray lists it dead) before job read its
+    # directive: job was still told to migrate, checkpointed, restarted, and was placed
+    # again on the T4s it had left. Withdrawn, it trains on undisturbed.
+    core = core_with(gpu_node("t4", gpus=2, family="T4"), gpu_node("a100", gpus=2))
+    core.submit(gpus("blocker", 2, accelerator_types=("A100",)), "d", T0)
+    core.submit(gpus("job", 2, expected_duration_s=3600), "d", T0)
+    assert yields(core.release("blocker", "d", T0 + 60))["job"].kind == MIGRATE
+    assert core.ray_nodes({"t4"}, {"a100"}, T0 + 65).persist
+    assert core.running["job"].directive is None
+    assert "job" + CLAIM_SUFFIX not in core.state.reservations
+    assert core.directive("job", T0 + 66).decision is None
+    # one already read is carried out: the job yields and is placed afresh
+    core.ray_nodes({"t4", "a100"}, set(), T0 + 70)
+    core.report(gpu_node("a100", gpus=2), T0 + 70)
+    assert yields(core.tick(T0 + 200))["job"].kind == MIGRATE
+    assert core.directive("job", T0 + 201).decision.kind == MIGRATE
+    core.ray_nodes({"t4"}, {"a100"}, T0 + 202)
+    assert core.running["job"].directive.kind == MIGRATE
+    assert core.yielded("job", "d", T0 + 210).decision.nodes == ["t4"]
