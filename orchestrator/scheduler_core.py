@@ -965,13 +965,16 @@ class SchedulerCore:
                  ("queue", lambda d: setattr(self, "queue", JobQueue.from_dict(
                      d, self.queue.level, self._promote_after, problems))),
                  ("running", lambda d: problems.extend(self._restore_running(d))),
-                 ("preempting", lambda d: self.preempting.update(
-                     {n: set(_saved_names(v)) for n, v in d.items()})),
-                 ("excluded_gpus", lambda d: self.excluded_gpus.update(
-                     {n: {(str(a), int(b)) for a, b in v} for n, v in d.items()})),
+                 # (entry by entry: one bad entry cost every job's, and a waiting job whose
+                 # preemption record was lost preempted more victims beside those yielding)
+                 ("preempting", lambda d: problems.extend(self._restore_entries(
+                     d, self.preempting, "the preemption for", lambda v: set(_saved_names(v))))),
+                 ("excluded_gpus", lambda d: problems.extend(self._restore_entries(
+                     d, self.excluded_gpus, "the excluded GPUs of", _saved_gpus))),
                  # (without it, a call carried out just before a restart was carried out twice)
-                 ("placements_given_back", lambda d: self.placements_given_back.update(
-                     {str(n): _saved_count(v) for n, v in d.items()})),
+                 ("placements_given_back", lambda d: problems.extend(self._restore_entries(
+                     d, self.placements_given_back, "the placements given back by",
+                     _saved_count))),
                  # (a restarted scheduler keeps asking for the nodes of jobs still waiting)
                  ("nodes_asked", lambda d: problems.extend(self._restore_nodes_asked(d))),
                  # (without it a restarted scheduler chose other victims than before)
@@ -983,6 +986,18 @@ class SchedulerCore:
                 problems.append(f"cannot restore scheduler {key}, skipping it: {e}")
         return problems + self._release_unowned_reservations() + self._drop_unowned_ready() \
             + self._drop_waiting_copies_of_running() + self._drop_preemptions_for_unrestored()
+
+    @staticmethod
+    def _restore_entries(data: dict, into: dict, what: str, read) -> list[str]:
+        """Per-job entries of a saved part, each `read` (ValueError naming what is wrong):
+        one that cannot be read is named and skipped, the others kept."""
+        problems = []
+        for name, value in data.items():
+            try:
+                into[name] = read(value)
+            except ValueError as e:
+                problems.append(f"cannot restore {what} {name!r}, skipping it: {e}")
+        return problems
 
     def _restore_typical(self, data: dict) -> None:
         """The typical job's relative speed per family and how many jobs it folds in;
@@ -2320,6 +2335,16 @@ def _saved_count(value: object) -> int:
     if not (is_int(value) and value >= 0):
         raise ValueError(f"a count of {value!r:.60}, not an integer >= 0")
     return value
+
+
+def _saved_gpus(value: object) -> set[tuple[str, int]]:
+    """A saved list of [node id, GPU index] pairs (the GPUs a job must not be given)."""
+    if not (isinstance(value, list) and all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)
+            and is_int(pair[1]) for pair in value)):
+        raise ValueError(f"a list of [node id, GPU index] pairs was expected, got "
+                         f"{value!r:.60}")
+    return {(node, index) for node, index in value}
 
 
 def _saved_names(value: object) -> list[str]:

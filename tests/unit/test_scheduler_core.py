@@ -2673,3 +2673,34 @@ def test_an_unread_migration_whose_target_node_died_is_withdrawn():
     core.ray_nodes({"t4"}, {"a100"}, T0 + 202)
     assert core.running["job"].directive.kind == MIGRATE
     assert core.yielded("job", "d", T0 + 210).decision.nodes == ["t4"]
+
+
+def test_one_bad_entry_of_preempting_excluded_gpus_or_given_back_costs_that_entry_alone():
+    # Each of these parts was restored whole: one malformed entry (named only by its value)
+    # cost every job's. With high1's preemption record lost, high1 preempted a second victim
+    # (low2) beside low1, which was already yielding for it; the other counts and exclusions
+    # were lost with it (a resent yielded carried out twice, a too-small GPU handed out again).
+    nodes = [cpu_node(n, cpus=2) for n in "abc"]
+    core = core_with(*nodes)
+    for name in ("low1", "low2", "low3"):
+        core.submit(cpus(name, 2), "d", T0)
+    core.submit(cpus("high1", 2, priority=3), "d", T0 + 30)
+    assert core.preempting == {"high1": {"low1"}}
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["preempting"]["gone"] = "low2"
+    saved["excluded_gpus"] = {"low2": [["a", 0]], "low3": [["b", "zero"]]}
+    saved["placements_given_back"] = {"low1": 1, "low3": "2"}
+    again = SchedulerCore(core.settings)
+    problems = again.restore(saved)
+    assert again.preempting == {"high1": {"low1"}}
+    assert again.excluded_gpus == {"low2": {("a", 0)}}
+    assert again.placements_given_back == {"low1": 1}
+    for part, name in (("preemption", "gone"), ("excluded GPUs", "low3"),
+                       ("placements given back", "low3")):
+        assert any(part in p and repr(name) in p for p in problems), (part, problems)
+    again.ray_nodes({n.node_id for n in nodes}, set(), T0 + 40)
+    for n in nodes:
+        again.report(n, T0 + 40)
+    again.tick(T0 + 41)
+    assert {n: j.directive.for_job for n, j in again.running.items() if j.directive} == \
+        {"low1": "high1"}
