@@ -126,13 +126,35 @@ def settings_to_run_with(given: dict, saved_state: dict) -> tuple[SchedulerSetti
     saved = saved_state.get("settings") if isinstance(saved_state, dict) else None
     if not saved:
         return SchedulerSettings(), ""
+    if not isinstance(saved, dict):
+        return SchedulerSettings(), (f"saved scheduler settings unreadable, using the "
+                                     f"defaults: a JSON {type(saved).__name__}, not an object")
+    known = {f: saved[f] for f in SchedulerSettings.__dataclass_fields__ if f in saved}
+    if isinstance(known.get("las_thresholds_gpu_s"), list):  # (JSON has no tuples)
+        known["las_thresholds_gpu_s"] = tuple(known["las_thresholds_gpu_s"])
     try:
-        known = {f: saved[f] for f in SchedulerSettings.__dataclass_fields__ if f in saved}
-        if isinstance(known.get("las_thresholds_gpu_s"), list):  # (JSON has no tuples)
-            known["las_thresholds_gpu_s"] = tuple(known["las_thresholds_gpu_s"])
         return SchedulerSettings(**known), ""
     except (TypeError, ValueError) as e:
-        return SchedulerSettings(), f"saved scheduler settings unreadable, using the defaults: {e}"
+        problem = str(e)
+    # A wrong value costs that setting alone (its default), not every other saved one (one
+    # hand-edited value switched preemption back on and reset the LAS thresholds).
+    bad = []
+    for name, value in known.items():
+        # (alone, but beside a partner its relation holds with: suspect_after_s <= dead_after_s)
+        partner = {"suspect_after_s": {"dead_after_s": math.inf},
+                   "dead_after_s": {"suspect_after_s": value}}.get(name, {})
+        try:
+            SchedulerSettings(**{**partner, name: value})
+        except (TypeError, ValueError):
+            bad.append(name)
+    kept = {name: value for name, value in known.items() if name not in bad}
+    try:
+        settings = SchedulerSettings(**kept)
+    except (TypeError, ValueError):  # fine alone, not together (suspect_after_s > dead_after_s)
+        return SchedulerSettings(), f"saved scheduler settings unreadable, using the defaults: " \
+            f"{problem}"
+    return settings, (f"saved scheduler settings partly unreadable, {', '.join(bad)} at its "
+                      f"default, the others as saved: {problem}")
 
 
 # -- effects ----------------------------------------------------------------------------------

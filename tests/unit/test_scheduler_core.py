@@ -1959,7 +1959,10 @@ def test_a_scheduler_recreated_without_settings_runs_with_its_predecessors():
     assert settings_to_run_with({"min_run_s": 3.0}, saved)[0].min_run_s == 3.0  # given wins
     saved["settings"]["backfill"] = "no"
     settings, problem = settings_to_run_with({}, saved)
-    assert settings == SchedulerSettings() and "backfill must be true or false" in problem
+    # (the others kept: every saved setting went back to its default, preemption switched
+    # back on, the LAS thresholds reset, for one hand-edited value)
+    assert settings == dataclasses.replace(core.settings, backfill=True)
+    assert "backfill must be true or false" in problem and "its default" in problem
     # Each saved value fine alone, together not: every new scheduler failed in SchedulerCore
     # (ClusterState's check), never starting, the saved document never set aside.
     saved["settings"].update(backfill=False, suspect_after_s=100.0, dead_after_s=30.0)
@@ -1970,7 +1973,10 @@ def test_a_scheduler_recreated_without_settings_runs_with_its_predecessors():
     # out of every new scheduler's constructor, a crash loop, the document never set aside.
     saved["settings"].update(suspect_after_s=15.0, dead_after_s=10**400)
     settings, problem = settings_to_run_with({}, saved)
-    assert settings == SchedulerSettings() and "dead_after_s must be a number > 0" in problem
+    assert settings == dataclasses.replace(core.settings, suspect_after_s=15.0,
+                                           dead_after_s=60.0)
+    assert "dead_after_s must be a number > 0" in problem
+    SchedulerCore(settings)
 
 
 def test_a_restored_queue_is_judged_again_against_the_nodes_that_report():
