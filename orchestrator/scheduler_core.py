@@ -2098,9 +2098,15 @@ class SchedulerCore:
                 target: Placement | None = None) -> Outcome:
         job = self.running[job_name]
         if job.directive is not None and job.directive.for_job not in ("", for_job):
-            # No longer that waiting job's victim: it must not wait on it for ever (and look
-            # for no other victims meanwhile)
-            self.preempting.get(job.directive.for_job, set()).discard(job_name)
+            if kind == CANCEL:
+                # Still that waiting job's victim: it yields all the same, freeing the room
+                # the job waits for (dropped from it, the job preempted a second victim at
+                # once); kept in the directive, _stop drops it when it yields.
+                for_job = job.directive.for_job
+            else:
+                # No longer that waiting job's victim: it must not wait on it for ever (and
+                # look for no other victims meanwhile)
+                self.preempting.get(job.directive.for_job, set()).discard(job_name)
         job.directive = Directive(kind, reason, now, for_job, target)
         return Outcome(effects=[Persist(), Yield(job_name, job.placement.owner, kind, reason,
                                                  target.worker_nodes if target else ())])

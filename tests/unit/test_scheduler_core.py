@@ -1893,10 +1893,30 @@ def test_a_victim_told_something_else_is_no_longer_waited_on_by_its_preemptor():
     core.submit(gpus("x", 8, priority=1), "dx", T0 + 100)
     assert core.preempting["x"] == {"v1", "v2"}
     core.cancel("v1", "", T0 + 101)
-    assert core.preempting["x"] == {"v2"}
+    # (still waited on until it has yielded: it frees the room x waits for all the same)
+    assert core.preempting["x"] == {"v1", "v2"}
     assert core.running["v1"].directive.kind == CANCEL
     assert core.preempt("v2", T0 + 102).decision is True  # already yielding: left as it is
     assert core.running["v2"].directive.for_job == "x"
+    assert isinstance(core.yielded("v1", "d", T0 + 103).decision, Rejection)
+    assert core.preempting["x"] == {"v2"}
+
+
+def test_a_victim_cancelled_mid_preemption_makes_its_preemptor_preempt_nobody_else():
+    # high preempted low1; an operator cancelled low1 before it yielded. high stopped waiting
+    # on it and at once preempted low2 as well, although low1's cancel frees the room it
+    # needs: low2 checkpointed and restarted for nothing.
+    core = core_with(cpu_node("a", cpus=2), cpu_node("b", cpus=2))
+    core.submit(cpus("low1", 2), "d", T0)
+    core.submit(cpus("low2", 2), "d", T0)
+    core.submit(cpus("high", 2, priority=3), "d", T0 + 30)
+    assert core.preempting == {"high": {"low1"}}
+    assert set(yields(core.cancel("low1", "", T0 + 31))) == {"low1"}
+    assert not yields(core.tick(T0 + 32))
+    assert core.running["low2"].directive is None
+    assert isinstance(core.yielded("low1", "d", T0 + 33).decision, Rejection)
+    assert isinstance(core.poll("high", "d", T0 + 34).decision, Placement)
+    assert core.preempting == {} and core.running["low2"].directive is None
 
 
 def test_excluded_gpus_die_with_their_job_and_never_leave_it_waiting_for_ever():
