@@ -379,10 +379,10 @@ class SchedulerCore:
         lost = set()
         for node_id in newly_dead:
             lost.update(self.state.mark_dead(node_id))
-        self._withdraw_lost_migrations(lost)
         gone_silent = dead & set(self.state.silent_reservations)  # dead by silence, then by
         for node_id in gone_silent:  # Ray: its workers are gone, nothing to give back
-            self.state.silent_reservations.pop(node_id)
+            lost.update(r.job_name for r in self.state.silent_reservations.pop(node_id))
+        self._withdraw_lost_migrations(lost)
         self.state.silent -= dead  # Ray's word now, whatever silence said before
         if gone_silent and not newly_dead:
             outcome.effects.append(Persist())

@@ -2701,6 +2701,25 @@ def test_an_unread_migration_whose_target_node_died_is_withdrawn():
     assert core.yielded("job", "d", T0 + 210).decision.nodes == ["t4"]
 
 
+def test_an_unread_migration_whose_target_node_went_silent_then_dead_is_withdrawn():
+    # Silent past dead_after_s, the claim's reservation there is kept aside (the node may
+    # report again, and the move be made); once Ray lists the node dead it is not coming back
+    # and the move is withdrawn as above.
+    core = core_with(gpu_node("t4", gpus=2, family="T4"), gpu_node("a100", gpus=2),
+                     suspect_after_s=15, dead_after_s=60)
+    core.submit(gpus("blocker", 2, accelerator_types=("A100",)), "d", T0)
+    core.submit(gpus("job", 2, expected_duration_s=3600), "d", T0)
+    for node in (gpu_node("t4", gpus=2, family="T4"), gpu_node("a100", gpus=2)):
+        core.report(node, T0 + 55)
+    assert yields(core.release("blocker", "d", T0 + 60))["job"].kind == MIGRATE
+    core.report(gpu_node("t4", gpus=2, family="T4"), T0 + 110)
+    assert core.tick(T0 + 116).decision["lost_reservations"] == ["job" + CLAIM_SUFFIX]
+    assert core.running["job"].directive.kind == MIGRATE  # (a100 may report again)
+    core.ray_nodes({"t4"}, {"a100"}, T0 + 120)
+    assert core.running["job"].directive is None
+    assert "job" + CLAIM_SUFFIX not in core.state.reservations
+
+
 def test_one_bad_entry_of_preempting_excluded_gpus_or_given_back_costs_that_entry_alone():
     # Each of these parts was restored whole: one malformed entry (named only by its value)
     # cost every job's. With high1's preemption record lost, high1 preempted a second victim
