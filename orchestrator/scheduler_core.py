@@ -985,7 +985,8 @@ class SchedulerCore:
             except Exception as e:  # corrupt or from another version: keep going
                 problems.append(f"cannot restore scheduler {key}, skipping it: {e}")
         return problems + self._release_unowned_reservations() + self._drop_unowned_ready() \
-            + self._drop_waiting_copies_of_running() + self._drop_preemptions_for_unrestored()
+            + self._drop_waiting_copies_of_running() + self._drop_preemptions_for_unrestored() \
+            + self._withdraw_unclaimed_migrations()
 
     @staticmethod
     def _restore_entries(data: dict, into: dict, what: str, read) -> list[str]:
@@ -1082,6 +1083,20 @@ class SchedulerCore:
                             "(those that have not read it yet): no waiting job of that name "
                             "was restored")
         return problems
+
+    def _withdraw_unclaimed_migrations(self) -> list[str]:
+        """A restored migration whose claim's reservation record was not: the move can no
+        longer be made (_take_claim), so one not read yet is withdrawn, as when a node of its
+        target dies (_withdraw_lost_migrations); one read is carried out (placed afresh)."""
+        unclaimed = {name + CLAIM_SUFFIX for name, job in self.running.items()
+                     if job.directive is not None and job.directive.kind == MIGRATE
+                     and name + CLAIM_SUFFIX not in self.state.reservations}
+        unread = sorted(claim.removesuffix(CLAIM_SUFFIX) for claim in unclaimed
+                        if self.running[claim.removesuffix(CLAIM_SUFFIX)].directive.read_at
+                        is None)
+        self._withdraw_lost_migrations(unclaimed)
+        return [f"withdrew the migration of {name!r} (not read yet): the reservation record of "
+                "its claimed target was not restored" for name in unread]
 
     def _restore_running(self, data: dict) -> list[str]:
         """The running jobs, one by one: one that cannot be read is named and skipped, the

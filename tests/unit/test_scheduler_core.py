@@ -2749,3 +2749,20 @@ def test_one_bad_entry_of_preempting_excluded_gpus_or_given_back_costs_that_entr
     again.tick(T0 + 41)
     assert {n: j.directive.for_job for n, j in again.running.items() if j.directive} == \
         {"low1": "high1"}
+
+
+def test_an_unread_migration_whose_claim_record_is_not_restored_is_withdrawn():
+    # The claim's reservation record could not be read: the restored job was still told to
+    # migrate, checkpointed, restarted, and (no claim to hand over) was placed again where it
+    # had been.
+    core = core_with(gpu_node("t4", gpus=2, family="T4"), gpu_node("a100", gpus=2))
+    core.submit(gpus("blocker", 2, accelerator_types=("A100",)), "d", T0)
+    core.submit(gpus("job", 2, expected_duration_s=3600), "d", T0)
+    assert yields(core.release("blocker", "d", T0 + 60))["job"].kind == MIGRATE
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["reservations"]["job" + CLAIM_SUFFIX][0]["gpus"] = -1
+    again = core_with(gpu_node("t4", gpus=2, family="T4"), gpu_node("a100", gpus=2))
+    problems = again.restore(saved)
+    assert any("withdrew the migration of 'job'" in p for p in problems), problems
+    assert again.running["job"].directive is None
+    assert again.directive("job", T0 + 61).decision is None
