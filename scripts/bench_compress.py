@@ -40,6 +40,7 @@ from orchestrator.compression.config import CompressConfig
 from orchestrator.config import MODEL_PRESETS, ConfigError
 from orchestrator.compression.finetune import Plan, finetune, say
 from orchestrator.help_format import DefaultsHelpFormatter
+from orchestrator.runs import writable_dir_problem
 from orchestrator.compression.pipeline import (check_eval_window, check_settings,
                                                run_pipeline)
 from orchestrator.compression.source import weights_digest
@@ -97,6 +98,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.work = expand_home(args.work, "--work")
         except ValueError as e:
             p.error(str(e))
+        # A file there (or above it): main's mkdir raised FileExistsError / NotADirectoryError.
+        problem = writable_dir_problem(args.work)
+        if problem:
+            p.error(f"--work {args.work}: {problem}")
     if args.student_size is not None and args.student_size not in MODEL_PRESETS:
         p.error(f"--student-size must be one of {', '.join(MODEL_PRESETS)}, got "
                 f"{args.student_size!r}")

@@ -153,3 +153,18 @@ def test_bench_compress_work_under_the_home_of_no_user_is_refused_naming_the_fla
     assert exit_.value.code == 2
     assert ("--work '~nosuchuser-s55/x': ~nosuchuser-s55 is the home directory of no user"
             in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_bench_compress_work_on_a_file_is_refused_naming_the_flag(below, tmp_path, capsys):
+    # Accepted, then Path.mkdir raised FileExistsError / NotADirectoryError in main(): a
+    # traceback naming no flag.
+    from scripts import bench_compress
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        bench_compress.parse_args(["--work", str(blocker / below) if below else str(blocker)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--work" in err and str(blocker) in err and "Traceback" not in err
