@@ -417,7 +417,8 @@ def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 
     with `rows` requests always outstanding (a closed loop without HTTP): continuous batching
     (the engine refilled as rows finish) vs static batching (batches of `rows` decoded to
     their end, generation.generate) vs unbatched (batches of one), alternating rounds of
-    `seconds` each. What the batching modes can give on this machine before the serving path
+    `seconds` each, every run drawing the same seeded sequence of requests. What the
+    batching modes can give on this machine before the serving path
     takes its share. `continuous_matmul`: continuous batching with the decode kernel off (the
     matrix-product paths CUDA takes), the baseline of the kernel on this CPU."""
     import torch
@@ -429,17 +430,21 @@ def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     loaded = load_model(checkpoint)
-    rng = random.Random(0)
 
-    def request() -> GenerationRequest:
-        prompt, max_tokens = MIXED.draw(rng)
-        return GenerationRequest(tuple(loaded.tokenizer.encode(prompt)),
-                                 SamplingParams(max_tokens, 0.0))
+    def requests():
+        """The mixed load's requests, the same sequence for every run of every mode (one
+        generator shared by all gave each mode the requests after the previous one's)."""
+        rng = random.Random(0)
+        while True:
+            prompt, max_tokens = MIXED.draw(rng)
+            yield GenerationRequest(tuple(loaded.tokenizer.encode(prompt)),
+                                    SamplingParams(max_tokens, 0.0))
 
     def static(batch: int) -> float:
+        drawn = requests()
         began, done = time.perf_counter(), 0
         while time.perf_counter() - began < seconds:
-            generate(loaded.model, [request() for _ in range(batch)], loaded.block_size)
+            generate(loaded.model, [next(drawn) for _ in range(batch)], loaded.block_size)
             done += batch
         return done / (time.perf_counter() - began)
 
@@ -447,8 +452,9 @@ def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 
         engine = ContinuousEngine(loaded.model, loaded.block_size, loaded.tokenizer,
                                   EngineLimits.sized_for(rows, loaded.block_size, 16, 256))
         engine.cache.use_decode_kernel = use_decode_kernel
+        drawn = requests()
         for key in range(rows):
-            engine.add(key, request())
+            engine.add(key, next(drawn))
         # Timed from the steady state (as a closed loop runs): after `rows` have finished,
         # not while the first `rows` prompts are all prefilled at once.
         began, done, key = None, 0, rows
@@ -456,7 +462,7 @@ def model_alone_mixed(checkpoint: str, rows: int, seconds: float, rounds: int = 
             for _, chunk in engine.step():
                 if chunk.finish_reason:
                     done, key = done + 1, key + 1
-                    engine.add(key, request())
+                    engine.add(key, next(drawn))
             if began is None and done >= rows:
                 began, done = time.perf_counter(), 0
         return done / (time.perf_counter() - began)

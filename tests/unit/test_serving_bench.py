@@ -212,3 +212,55 @@ def test_the_model_alones_batching_gain_is_the_median_of_alternating_rounds(monk
     # one side's slow round paired with the other's fast one).
     assert gain == {"ratio": 2.0, "spread": [2.0, 8.0]}
     assert figures[1]["tokens_per_s"] == 10 and figures[4]["tokens_per_s"] == 20
+
+
+def test_the_model_alones_mixed_modes_each_get_the_same_requests(monkeypatch):
+    # One generator was shared by every mode and round: each mode drew the requests after
+    # the previous mode's, so the modes compared were given different prompts and lengths.
+    import types
+
+    from orchestrator.serving import engine as engine_module
+    from orchestrator.serving import generation, loading
+
+    clock = [0.0]
+    drawn: list[tuple[str, tuple]] = []  # (mode, request) in the order each mode drew them
+
+    def shape(request) -> tuple:
+        return request.prompt, request.params.max_tokens
+
+    def fake_generate(model, requests, block_size):
+        drawn.extend(("static" if len(requests) > 1 else "unbatched", shape(r))
+                     for r in requests)
+        clock[0] += 1.0
+
+    class FakeEngine:
+        def __init__(self, *args, **kwargs):
+            self.cache = types.SimpleNamespace(use_decode_kernel=True)
+            self.rows: list = []
+
+        def add(self, key, request):
+            mode = "continuous" if self.cache.use_decode_kernel else "continuous_matmul"
+            drawn.append((mode, shape(request)))
+            self.rows.append(key)
+
+        def step(self):  # every row finishes at each step
+            clock[0] += 1.0
+            finished, self.rows = self.rows, []
+            return [(key, types.SimpleNamespace(finish_reason="length")) for key in finished]
+
+    tokenizer = types.SimpleNamespace(encode=lambda text: list(text.encode()))
+    monkeypatch.setattr(loading, "load_model", lambda path: types.SimpleNamespace(
+        model=None, block_size=256, tokenizer=tokenizer))
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    monkeypatch.setattr(engine_module, "ContinuousEngine", FakeEngine)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    bench.model_alone_mixed("/ckpt", rows=2, seconds=3.0, rounds=2)
+    runs: list[tuple[str, list]] = []  # each mode's run, in the order they ran
+    for mode, request in drawn:
+        if not runs or runs[-1][0] != mode:
+            runs.append((mode, []))
+        runs[-1][1].append(request)
+    assert len(runs) == 8  # 4 modes x 2 rounds
+    shortest = min(len(requests) for _, requests in runs)
+    assert shortest >= 2
+    assert all(requests[:shortest] == runs[0][1][:shortest] for _, requests in runs)
