@@ -372,3 +372,16 @@ def test_a_check_killed_past_its_grace_still_ends_with_the_saved_figures(tmp_pat
     done, _ = run_gpu_check_sh(tmp_path, total_s=540, check_rc=137)
     last = json.loads(done.stdout.splitlines()[-1])
     assert last == {"runs": [{"run": "bf16-large"}], "killed": True}
+
+
+@pytest.mark.parametrize("where", ["missing-dir/check.json", "."])
+def test_an_out_file_that_cannot_be_written_is_refused_before_any_work(fake_gpu, tmp_path,
+                                                                       capsys, where):
+    # Accepted, then the first save (after the matmul peak's measurement) raised
+    # FileNotFoundError / IsADirectoryError: a traceback, and no JSON line at all.
+    out = tmp_path / where
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.main(["--out", str(out), "--runs", "large:128"])
+    assert exit_.value.code == 2
+    assert f"--out {out}" in capsys.readouterr().err
+    assert fake_gpu == []  # nothing ran
