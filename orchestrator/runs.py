@@ -550,6 +550,17 @@ def writable_dir_problem(path: Path) -> str | None:
     return None
 
 
+def writable_file_problem(path: Path) -> str | None:
+    """Why file `path` cannot be written (its directory is not made), or None. Asked before
+    the work whose figures it would hold: a benchmark's --out naming a directory, or a
+    missing one, failed as a traceback (or a line naming no flag) once the work was done."""
+    if path.is_dir():
+        return "it is a directory"
+    if not path.parent.is_dir():
+        return f"{path.parent} is not a directory"
+    return writable_dir_problem(path.parent)
+
+
 def in_rays_working_dir_copy(path: Path) -> bool:
     """Whether `path` lies in Ray's temporary copy of a job's working directory
     (`.../runtime_resources/working_dir_files/_ray_pkg_<hash>/`, under `ray job submit

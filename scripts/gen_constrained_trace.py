@@ -88,6 +88,7 @@ import numpy as np
 from orchestrator.cluster_model import (FAMILY_TO_TYPE, GPU_TYPES, REFERENCE_GPU, ClusterSpec,
                                         model_for, parse_cluster_spec, speed_over_reference)
 from orchestrator.config import ACCELERATOR_SPEED
+from orchestrator.runs import writable_file_problem
 from orchestrator.traces import MAX_SECONDS, TraceError, TraceJob, load_philly, write_canonical
 
 CONSTRAINED_CLUSTER = "a100:8x12,v100:8x24,v100:4x48,p100:8x16,p100:4x32,k80:4x64;rack=16"
@@ -407,6 +408,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    problem = writable_file_problem(args.out)  # before generating, not after
+    if problem:
+        print(f"gen_constrained_trace: error: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     try:
         jobs = generate(args.seed, args.jobs, args.load, args.scarce_load, args.gang_share,
                         args.single_share, args.pair_share, args.cluster)

@@ -61,7 +61,7 @@ import torch  # noqa: E402
 
 from orchestrator.config import MODEL_PRESETS, TrainConfig
 from orchestrator.probes import probe_nvml
-from orchestrator.runs import writable_dir_problem
+from orchestrator.runs import writable_file_problem
 from orchestrator.training.efficiency import gpu_peak_flops
 from orchestrator.training.loop import train
 from orchestrator.training.precision import resolve_precision
@@ -416,10 +416,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     if not args.budget_s > 0:  # (NaN passed, and turned every budget test off)
         parser.error(f"--budget-s must be a number > 0, got {args.budget_s}")
     if args.out:  # (the first save came after the matmul peak: a traceback, no JSON line)
-        out = Path(args.out)
-        problem = ("it is a directory" if out.is_dir()
-                   else f"{out.parent} is not a directory" if not out.parent.is_dir()
-                   else writable_dir_problem(out.parent))
+        problem = writable_file_problem(Path(args.out))
         if problem:
             parser.error(f"--out {args.out}: {problem}")
     if not torch.cuda.is_available():

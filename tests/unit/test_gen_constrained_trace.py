@@ -187,3 +187,15 @@ def test_bad_parameters_are_one_error_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("gen_constrained_trace: error: ") and message in err
     assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize("where", [".", "missing-dir/x.csv"])
+def test_an_out_it_cannot_write_is_refused_naming_the_flag_before_generating(
+        tmp_path, capsys, monkeypatch, where):
+    # Refused only once the whole trace was generated, as "PATH: cannot write: Is a
+    # directory", naming no flag.
+    monkeypatch.setattr(gen.np.random, "default_rng",
+                        lambda seed: pytest.fail("generated a trace it could not write"))
+    out = tmp_path / where
+    assert gen.main(["--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"gen_constrained_trace: error: --out {out}: ")
