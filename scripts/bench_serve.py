@@ -55,7 +55,7 @@ import numpy as np
 
 from orchestrator import cpu_shares
 from orchestrator.polling import wait_for
-from orchestrator.config import ConfigError
+from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.serving.settings import (ENGINE_THREAD, SERVING_PATHS, ServeSettings,
                                            free_port, serve_app_config)
 from scripts.flags import require, require_at_least
@@ -139,6 +139,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     require(p, args, ("duration", "equal_duration", "model_alone_seconds"),
             lambda seconds: seconds > 0, "must be > 0")
     require_at_least(p, args, 0, "warmup")
+    require(p, args, ("port",), lambda port: 0 <= port <= 65535,
+            "must be a TCP port in [0, 65535] (0: a free one)")
+    # Both found only later, as tracebacks: a missing model when the model-alone phase loaded
+    # it (CheckpointError), a context the fresh models' TrainConfig refuses (ConfigError).
+    from orchestrator.serving.loading import model_directories
+    from orchestrator.training.checkpoint import CheckpointError
+
+    for flag, path in (("--checkpoint", args.checkpoint),
+                       ("--reload-checkpoint", args.reload_checkpoint)):
+        try:
+            if path is not None:
+                model_directories(path)
+        except CheckpointError as e:
+            p.error(f"{flag} {path}: {e}")
+    if args.checkpoint is None or args.reload_checkpoint is None:  # a fresh model is made
+        try:
+            TrainConfig(model_size=args.model_size, seq_len=args.context)
+        except ConfigError as e:
+            p.error(f"--context {args.context}: {e}")
     # (0 read as "not given": the app's default ran, and nothing said so)
     require(p, args, ("max_concurrent_batches",), lambda n: n is None or n >= 1, "must be >= 1")
     # Every app the phases deploy, checked now: a setting the app refuses failed its deploy

@@ -264,3 +264,28 @@ def test_the_model_alones_mixed_modes_each_get_the_same_requests(monkeypatch):
     shortest = min(len(requests) for _, requests in runs)
     assert shortest >= 2
     assert all(requests[:shortest] == runs[0][1][:shortest] for _, requests in runs)
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint", "--reload-checkpoint"])
+def test_a_checkpoint_that_is_not_there_is_refused_naming_the_flag(flag, tmp_path, capsys):
+    # Accepted; after the fresh models were written, the model-alone phase's load raised
+    # CheckpointError as a traceback ("checkpoint ... does not exist"), naming no flag.
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args([flag, str(tmp_path / "no-run")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"{flag} {tmp_path / 'no-run'}: checkpoint" in err and "does not exist" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    # A ConfigError traceback from the fresh models' TrainConfig, naming seq_len.
+    (["--context", "100000"], "--context 100000: "),
+    # (accepted, and handed to Serve's HTTP options after the model-alone phases)
+    (["--port", "70000"], "--port must be a TCP port in [0, 65535] (0: a free one), got 70000"),
+    (["--port", "-1"], "--port must be a TCP port in [0, 65535] (0: a free one), got -1"),
+])
+def test_a_fresh_models_context_or_a_port_out_of_range_is_refused_naming_it(args, message,
+                                                                          capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
