@@ -91,6 +91,7 @@ class Load:
 
 
 MIXED = Load((8, 200), (8, 128))
+EQUAL_PROMPT = (8, 40)  # the equal load's prompt lengths (its max_tokens: --max-tokens)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -158,6 +159,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             TrainConfig(model_size=args.model_size, seq_len=args.context)
         except ConfigError as e:
             p.error(f"--context {args.context}: {e}")
+        # (a longer request: a CapacityError traceback in the model-alone phase, and 400s
+        # counted as failures when served)
+        for longest, what in (
+                (MIXED.prompt[1] + MIXED.max_tokens[1],
+                 f"the mixed load's longest prompt, {MIXED.prompt[1]} tokens, and max_tokens "
+                 f"{MIXED.max_tokens[1]}"),
+                (EQUAL_PROMPT[1] + args.max_tokens,
+                 f"the equal load's longest prompt, {EQUAL_PROMPT[1]} tokens, and "
+                 f"--max-tokens {args.max_tokens}")):
+            require(p, args, ("context",), lambda context: context >= longest,
+                    f"must be >= {longest} ({what})")
     # (0 read as "not given": the app's default ran, and nothing said so)
     require(p, args, ("max_concurrent_batches",), lambda n: n is None or n >= 1, "must be >= 1")
     # Every app the phases deploy, checked now: a setting the app refuses failed its deploy
@@ -616,7 +628,7 @@ def benchmark(args: argparse.Namespace, checkpoints: Path) -> int:
     base = f"http://127.0.0.1:{port}"
     settings = batching_settings(args)
     batched = settings["continuous"]
-    equal = Load((8, 40), (args.max_tokens, args.max_tokens))
+    equal = Load(EQUAL_PROMPT, (args.max_tokens, args.max_tokens))
 
     def deploy(checkpoint: str, replicas: int, batching: dict) -> None:
         deploy_config(app_config(port, first, checkpoint, replicas, batching, args))

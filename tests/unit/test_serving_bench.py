@@ -143,7 +143,7 @@ def test_the_fresh_checkpoints_folder_is_removed_when_the_benchmark_ends(tmp_pat
 
     monkeypatch.setattr(bench, "model_alone", stop)
     with pytest.raises(RuntimeError, match="stop"):
-        bench.main(["--model-size", "tiny", "--context", "32"])
+        bench.main(["--model-size", "tiny", "--context", "328"])
     assert written and written[0].startswith(str(tmp_path))  # it did write them there
     assert list(tmp_path.iterdir()) == []
 
@@ -289,3 +289,19 @@ def test_a_fresh_models_context_or_a_port_out_of_range_is_refused_naming_it(args
     with pytest.raises(SystemExit) as exit_:
         bench.parse_args(args)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    # Accepted; the model-alone phase's first long mixed request raised CapacityError as a
+    # traceback ("maximum context length is 128 tokens, however you requested 227").
+    (["--context", "128"], "--context must be >= 328 (the mixed load's longest prompt, 200 "
+                           "tokens, and max_tokens 128), got 128"),
+    (["--max-tokens", "500"], "--context must be >= 540 (the equal load's longest prompt, 40 "
+                              "tokens, and --max-tokens 500), got 512"),
+])
+def test_a_fresh_model_too_short_for_the_loads_is_refused_naming_the_flag(args, message,
+                                                                         capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    bench.parse_args(["--context", "328"])  # the mixed load's longest request fits
