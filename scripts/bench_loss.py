@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from orchestrator.training.loop import is_out_of_memory
 from orchestrator.training.loss import token_cross_entropy
 from scripts.flags import require, require_at_least
 from scripts.rounds import median_ratio, rotated
@@ -74,18 +75,25 @@ def main(argv: list[str] | None = None) -> int:
             f"must be > {PADDING} (the padded cases leave {PADDING} columns out)")
     torch.manual_seed(0)
     rows = []
-    targets = torch.randint(0, args.vocab - PADDING, (args.tokens,))
-    fp32 = torch.randn(args.tokens, args.vocab)
-    # Unpadded fp32 (the CPU's own runs); then the padded head's shape (GPT-2's 50,257 in
-    # 50,304 columns), whose eager backward goes a slice of rows at a time, in fp32 and bf16.
-    for name, logits, vocab in (
-            (f"cpu-fp32-{args.tokens}x{args.vocab}", fp32, args.vocab),
-            (f"cpu-fp32-{args.tokens}x{args.vocab - PADDING}-padded", fp32,
-             args.vocab - PADDING),
-            (f"cpu-bf16-{args.tokens}x{args.vocab - PADDING}-padded", fp32.bfloat16(),
-             args.vocab - PADDING)):
-        rows.append(compare(name, token_cross_entropy, reference, logits, targets, vocab,
-                            args.rounds))
+    try:  # (the allocator's RuntimeError was a traceback naming neither flag)
+        targets = torch.randint(0, args.vocab - PADDING, (args.tokens,))
+        fp32 = torch.randn(args.tokens, args.vocab)
+        # Unpadded fp32 (the CPU's own runs); then the padded head's shape (GPT-2's 50,257 in
+        # 50,304 columns), whose eager backward goes a slice of rows at a time, fp32 and bf16.
+        for name, logits, vocab in (
+                (f"cpu-fp32-{args.tokens}x{args.vocab}", fp32, args.vocab),
+                (f"cpu-fp32-{args.tokens}x{args.vocab - PADDING}-padded", fp32,
+                 args.vocab - PADDING),
+                (f"cpu-bf16-{args.tokens}x{args.vocab - PADDING}-padded", fp32.bfloat16(),
+                 args.vocab - PADDING)):
+            rows.append(compare(name, token_cross_entropy, reference, logits, targets, vocab,
+                                args.rounds))
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        parser.error(f"--tokens {args.tokens} x --vocab {args.vocab}: out of memory "
+                     f"({args.tokens * args.vocab * 4 / 2 ** 30:,.1f} GiB of fp32 logits, and "
+                     "their gradients): lower them")
     if torch.cuda.is_available():
         vocab, width, tokens = 50257, 50304, 16384
         logits = torch.randn(tokens, width, device="cuda").bfloat16()

@@ -57,3 +57,19 @@ def test_each_loss_goes_first_in_turn(monkeypatch):
                        8, rounds=3)
     assert order == ["ours", "reference", "ours", "reference", "reference", "ours", "ours",
                      "reference"]
+
+
+def test_logits_too_large_to_allocate_are_refused_naming_both_flags(monkeypatch, capsys):
+    # --tokens 100000000 --vocab 100000 ended in the allocator's RuntimeError traceback
+    # ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000000000
+    # bytes"), naming no flag.
+    def randn(*shape):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 40000000000000 bytes.")
+
+    monkeypatch.setattr(bench_loss.torch, "randn", randn)
+    with pytest.raises(SystemExit) as exit_:
+        bench_loss.main(["--tokens", "100000000", "--vocab", "100000"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "--tokens 100000000 x --vocab 100000: out of memory" in err and "Traceback" not in err
