@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -353,13 +354,14 @@ def submit(job, entry, resume: bool, address: str | None) -> int:
         on_interrupt="interrupted; continue with submit --resume (or, before its first "
                      "checkpoint, submit it again)")
     if code == 0:
-        print(done_line(job.spec.name, launched))
+        print(done_line(job.spec.name, launched, job.run_dir))
     return code
 
 
-def done_line(name: str, launched) -> str:
+def done_line(name: str, launched, run_dir: str | Path | None = None) -> str:
     """What a finished submit says: where it ran, its last checkpointed report and where
-    that checkpoint is; a loop that saved none is told so, not shown `{}` and `None`."""
+    that checkpoint is; a loop that saved none is told so, not shown `{}` and `None`, with
+    the `logs` command that reads its reports (`--run-dir` for a job file's own run_dir)."""
     metrics = {k: v for k, v in (launched.result.metrics or {}).items()
                if isinstance(v, (int, float, str))}
     checkpoint = launched.result.checkpoint
@@ -367,9 +369,17 @@ def done_line(name: str, launched) -> str:
     head = f"{name}: done on {len(launched.placement.worker_nodes)} worker(s)"
     if checkpoint is None:
         return (f"{head}{moved}; the loop saved no checkpoint (pass one to launch.report to "
-                "make the run resumable; its reports are in `logs " + name + "`)")
+                f"make the run resumable; its reports are in `{logs_command(name, run_dir)}`)")
     return (f"{head}; last checkpointed report {json.dumps(metrics)}{moved}\n"
             f"checkpoint: {checkpoint.path}")
+
+
+def logs_command(name: str, run_dir: str | Path | None) -> str:
+    """`logs NAME`, with `--run-dir DIR` where the run is not the runs root's NAME (a job
+    file's run_dir: `logs NAME` alone looked under the runs root, "no run directory")."""
+    if run_dir is None or Path(run_dir).expanduser() == DEFAULT_RUNS_ROOT.expanduser() / name:
+        return f"logs {name}"
+    return f"logs {name} --run-dir {shlex.quote(str(run_dir))}"
 
 
 def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.0) -> int:

@@ -186,6 +186,27 @@ def test_a_finished_submit_says_when_the_loop_saved_no_checkpoint():
                                      'checkpoint: /r/c')
 
 
+def test_a_finished_submit_points_logs_at_the_job_files_own_run_dir(tmp_path, capsys):
+    # A job file's run_dir: the printed `logs NAME` looked under the runs root instead and
+    # failed, "error: no run directory ~/orchestrator-runs/NAME" (exit 2).
+    from orchestrator.__main__ import done_line, print_logs
+    from orchestrator.runs import DEFAULT_RUNS_ROOT, append_metrics
+
+    placement = SimpleNamespace(worker_nodes=["a"])
+    none = SimpleNamespace(result=SimpleNamespace(metrics={}, checkpoint=None),
+                           placement=placement, yields=[])
+    run_dir = tmp_path / "my runs" / "j"
+    append_metrics(run_dir, {"step": 0}, None)
+    line = done_line("j", none, run_dir)
+    assert line.endswith(f"its reports are in `logs j --run-dir '{run_dir}'`)")
+    assert print_logs("j", str(run_dir), follow=False) == 0
+    assert "step" in capsys.readouterr().out
+    # the runs root's own directory for the name needs no --run-dir
+    default = DEFAULT_RUNS_ROOT.expanduser() / "j"
+    assert done_line("j", none, default).endswith("its reports are in `logs j`)")
+    assert done_line("j", none, None).endswith("its reports are in `logs j`)")
+
+
 def test_nodes_removed_on_purpose_are_retired_not_dead_and_the_table_counts_them(capsys):
     # An autoscaling cluster piled up a `dead` row for every worker it had ever scaled down.
     from orchestrator.__main__ import format_status, status_rows
