@@ -161,7 +161,7 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
             value = train_loop(config) if takes_config else train_loop()
         except Yielded:
             return None
-        except Exception as e:
+        except BaseException as e:  # (a SystemExit too: sys.exit("diverged") in the loop)
             _mark_where_raised(e)
             stand_in = _stand_in_if_unsendable(e)
             if stand_in is None:
@@ -209,7 +209,7 @@ def _mark_where_raised(error: BaseException) -> None:
         pass
 
 
-def _stand_in_if_unsendable(error: Exception) -> Exception | None:
+def _stand_in_if_unsendable(error: BaseException) -> Exception | None:
     """None when the loop's exception reaches the driver as it is (it pickles and unpickles:
     `class BadBatch(Exception): __init__(self, step, reason)` pickles, then fails to
     rebuild). Else a RuntimeError carrying its type, message and traceback, so the job's

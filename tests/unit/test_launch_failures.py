@@ -122,6 +122,28 @@ def test_a_loops_own_error_is_one_line_naming_the_file_line_and_function_it_came
     assert said[1].endswith("(train.py line 4, in forward)")
 
 
+def test_a_loops_sys_exit_names_the_file_and_line_it_came_from(tmp_path):
+    # sys.exit("diverged") in a loop (a script's habit) is a SystemExit, not an Exception: the
+    # error line read "worker rank 0: SystemExit: loss diverged" without where it was raised.
+    import ray
+
+    from orchestrator.entrypoints import load_entrypoint
+    from ray_layer.user_loop import yielding
+
+    (tmp_path / "train.py").write_text(
+        "import sys\n\n"
+        "def train_loop(config):\n"
+        "    sys.exit('loss diverged at step 2')\n")
+    loop = load_entrypoint("train.py:train_loop", tmp_path).function
+    with pytest.raises(SystemExit) as raised:
+        yielding(loop)({})
+    error = RuntimeError("workers failed")
+    error.worker_failures = {0: ray.cloudpickle.loads(ray.cloudpickle.dumps(raised.value))}
+    assert str(launch._failure(error, RUN, max_failures=0)).splitlines()[0] == (
+        "training failed after 0 restart(s): worker rank 0: SystemExit: loss diverged at "
+        "step 2 (train.py line 4, in train_loop)")
+
+
 def test_a_package_installed_in_the_user_site_is_not_taken_for_the_users_own_code(
         tmp_path, monkeypatch):
     # `pip install --user torch` puts torch in ~/.local/lib/pythonX.Y/site-packages, which
