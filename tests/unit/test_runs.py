@@ -101,6 +101,21 @@ def test_a_report_after_a_torn_line_is_kept_and_a_reports_own_time_too(tmp_path)
     assert records[2]["checkpoint"] == "/ckpt"
 
 
+def test_a_reports_numpy_numbers_are_numbers_in_the_metrics_log(tmp_path):
+    # A user's loop reporting numpy figures (np.int64 steps, an np.float32 loss, a 0-d
+    # array) had them written as text: "step": "5", "loss": "0.12345679".
+    import numpy as np
+
+    append_metrics(tmp_path, {"step": np.int64(5), "loss": np.float32(0.5),
+                              "acc": np.array(0.25), "ok": np.bool_(True),
+                              "hist": np.array([1, 2]), "when": dt.date(2026, 1, 2)}, None)
+    record = read_metrics(tmp_path)[0]
+    assert record["step"] == 5 and type(record["step"]) is int
+    assert record["loss"] == 0.5 and record["acc"] == 0.25 and record["ok"] is True
+    # an array, and what JSON has no number for: still its text
+    assert record["hist"] == "[1 2]" and record["when"] == "2026-01-02"
+
+
 def test_a_metrics_line_nested_thousands_deep_is_skipped_not_a_recursion_error(tmp_path):
     # json.loads raises RecursionError (not a ValueError) on `[[[...]]]` 100,000 deep: one
     # such line (edited by hand, or garbage) made `logs NAME` and --resume a traceback
