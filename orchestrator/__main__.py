@@ -29,7 +29,7 @@ from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_FAILED,
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, LINE_FIELDS, METRICS_LOG, RUN_LOCK,
-                               read_metrics_from, run_end)
+                               json_figure, read_metrics_from, run_end)
 from orchestrator.validation import expand_home
 
 
@@ -362,8 +362,9 @@ def done_line(name: str, launched, run_dir: str | Path | None = None) -> str:
     """What a finished submit says: where it ran, its last checkpointed report and where
     that checkpoint is; a loop that saved none is told so, not shown `{}` and `None`, with
     the `logs` command that reads its reports (`--run-dir` for a job file's own run_dir)."""
-    metrics = {k: v for k, v in (launched.result.metrics or {}).items()
-               if isinstance(v, (int, float, str))}
+    figures = ((k, json_figure(v) if getattr(v, "ndim", None) == 0 else v)  # (numpy's)
+               for k, v in (launched.result.metrics or {}).items())
+    metrics = {k: v for k, v in figures if isinstance(v, (int, float, str))}
     checkpoint = launched.result.checkpoint
     moved = f"; preempted or moved {len(launched.yields)}x" if launched.yields else ""
     head = f"{name}: done on {len(launched.placement.worker_nodes)} worker(s)"

@@ -65,11 +65,11 @@ def append_metrics(run_dir: Path, metrics: dict[str, Any], checkpoint: str | Non
             torn = f.read(1) != b"\n"
         # After a torn last line (a crash mid-write), a line of its own: appended to the torn
         # one, this report was lost with it.
-        f.write((b"\n" if torn else b"") + (json.dumps(line, default=_json_figure)
+        f.write((b"\n" if torn else b"") + (json.dumps(line, default=json_figure)
                                              + "\n").encode())
 
 
-def _json_figure(value: Any) -> Any:
+def json_figure(value: Any) -> Any:
     """json.dumps's fallback for a report's value: a numpy number (or 0-d array) as the number
     it is (an np.int64 step, an np.float32 loss were written as text, "5"), anything else as
     its text."""

@@ -207,6 +207,20 @@ def test_a_finished_submit_points_logs_at_the_job_files_own_run_dir(tmp_path, ca
     assert done_line("j", none, None).endswith("its reports are in `logs j`)")
 
 
+def test_a_finished_submit_shows_a_reports_numpy_figures(tmp_path):
+    # A loop's np.float32 loss and np.int64 step were left out of the line ({}).
+    import numpy as np
+
+    from orchestrator.__main__ import done_line
+
+    saved = SimpleNamespace(result=SimpleNamespace(
+        metrics={"step": np.int64(4), "loss": np.float32(0.5), "x": np.array([1, 2])},
+        checkpoint=SimpleNamespace(path="/r/c")),
+        placement=SimpleNamespace(worker_nodes=["a"]), yields=[])
+    assert done_line("j", saved).splitlines()[0] == (
+        'j: done on 1 worker(s); last checkpointed report {"step": 4, "loss": 0.5}')
+
+
 def test_nodes_removed_on_purpose_are_retired_not_dead_and_the_table_counts_them(capsys):
     # An autoscaling cluster piled up a `dead` row for every worker it had ever scaled down.
     from orchestrator.__main__ import format_status, status_rows
