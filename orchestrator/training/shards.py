@@ -33,6 +33,7 @@ import os
 import re
 import resource
 import shutil
+import socket
 import time
 import uuid
 import weakref
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from orchestrator.file_lock import file_lock
+from orchestrator.file_lock import file_lock, process_alive
 from orchestrator.training.corpus import (DataError, Document, SourceFile, is_held_out,
                                           iter_documents, place)
 
@@ -684,15 +685,36 @@ def _not_finished(cache_uri: str) -> DataError:
 def _copy_to_local(fs: pafs.FileSystem, directory: str, local: Path,
                    manifest: dict[str, Any]) -> None:
     local.mkdir(parents=True, exist_ok=True)
+    _sweep_dead_copies(local)
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for split in SPLITS:
         for shard in manifest["splits"][split]:
             target = local / shard["file"]
             if target.exists() and target.stat().st_size == shard["tokens"] * itemsize:
                 continue  # copied by an earlier attempt on this node
-            tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-            with fs.open_input_stream(f"{directory}/{shard['file']}") as src, \
-                    open(tmp, "wb") as dst:
-                while chunk := src.read(8 << 20):
-                    dst.write(chunk)
-            os.replace(tmp, target)
+            tmp = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+            try:
+                with fs.open_input_stream(f"{directory}/{shard['file']}") as src, \
+                        open(tmp, "wb") as dst:
+                    while chunk := src.read(8 << 20):
+                        dst.write(chunk)
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # (a failed read, a full disk: not left behind)
+                raise
+
+
+_COPYING = re.compile(r"\.tmp-(?:(.+)-)?(\d+)$")  # <shard>.tmp-<host>-<pid> (or -<pid>)
+
+
+def _sweep_dead_copies(local: Path) -> None:
+    """Remove the partial copies (`<shard>.tmp-<host>-<pid>`) of workers on this host that
+    died mid-copy (killed: nothing removed them), which stayed in the node's cache for
+    ever. A live process's copy, or another host's (a shared home), is left alone."""
+    for path in local.glob("*.tmp-*"):
+        copying = _COPYING.search(path.name)
+        if copying is None or copying.group(1) not in (None, socket.gethostname()):
+            continue
+        if not process_alive(int(copying.group(2))):
+            with contextlib.suppress(OSError):
+                path.unlink()

@@ -4,6 +4,9 @@ pass runs the same per-file function (tests/integration/test_data_ingest.py)."""
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -831,6 +834,27 @@ def test_shards_on_remote_storage_are_copied_to_local_disk_first(corpus, tmp_pat
         s["file"] for split in shards.SPLITS for s in plan.manifest["splits"][split])
     assert np.array_equal(train.window(0, len(train)), local_train.window(0, len(local_train)))
     assert str(tmp_path / "copied") in train.arrays[0].filename
+
+
+def test_a_copy_left_by_a_killed_worker_is_swept_when_the_key_is_used_again(corpus, tmp_path,
+                                                                          monkeypatch):
+    plan = plan_data([str(corpus)], cache_root=str(tmp_path / "cache"))
+    tokenize_in_process(plan, shard_tokens=500, say=lambda _: None)
+    remote = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())
+    monkeypatch.setattr(shards, "storage_for", lambda uri: (remote, plan.cache_uri))
+    local = tmp_path / "copied"
+    local.mkdir()
+    first = plan.manifest["splits"]["train"][0]["file"]
+    # A worker killed mid-copy (its pid gone) left its partial file; a live one's stays.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (local / f"{first}.tmp-{dead.pid}").write_bytes(b"partial")
+    (local / f"{first}.tmp-{socket.gethostname()}-{dead.pid}").write_bytes(b"partial")
+    (local / f"{first}.tmp-{socket.gethostname()}-{os.getppid()}").write_bytes(b"live")
+    open_shards("s3://bucket/cache", local_dir=local)
+    assert sorted(os.listdir(local)) == sorted(
+        [s["file"] for split in shards.SPLITS for s in plan.manifest["splits"][split]]
+        + [f"{first}.tmp-{socket.gethostname()}-{os.getppid()}"])
 
 
 def test_a_corpus_too_short_for_the_sequence_length_names_the_flag(tmp_path):
