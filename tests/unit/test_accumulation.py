@@ -346,6 +346,23 @@ def test_what_a_run_ending_mid_accumulation_leaves_pending_a_longer_resume_appli
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
+def test_under_the_cosine_a_longer_resume_applies_the_pending_gradients_on_its_own_legs(
+        tmp_path):
+    """docs/training.md: under the cosine, the resume to 12 applies what micro-batches 8 and 9
+    left pending, but continues the cosine from the learning rate reached (the checkpoint's
+    lr_legs), so it does not end as a run of 12 from the start would (it did say so)."""
+    config = tiny(accumulation="embeddings=4", warmup_steps=2, max_steps=10, checkpoint_every=5,
+                  log_every=2)
+    train(config, LocalSession(tmp_path / "resumed", device=CPU))
+    longer = dataclasses.replace(config, max_steps=12)
+    resumed = train(longer, LocalSession(tmp_path / "resumed", device=CPU))
+    straight = train(longer, LocalSession(tmp_path / "straight", device=CPU))
+    assert resumed["optimizer_steps"] == straight["optimizer_steps"]
+    assert resumed["lr"] != pytest.approx(straight["lr"])
+    legs = load_checkpoint(sorted((tmp_path / "resumed").glob("checkpoint_*"))[-1])["lr_legs"]
+    assert len(legs) == 2  # the run's own cosine, then the extension's from step 10
+
+
 def test_factor_spec_forms():
     assert parse_accumulation("2") == {"embeddings": 2, "lower": 2, "upper": 2, "head": 2}
     assert parse_accumulation("upper=8") == {"embeddings": 1, "lower": 1, "upper": 8,
