@@ -7,8 +7,12 @@ workers; one block's parameters gathered at a time, the next one prefetched):
 - parameters: fp32 master weights, 4 bytes each (autocast computes in bf16/fp16 from them);
 - gradients: fp32, 4 bytes each; DDP adds its gradient buckets (another 4 bytes each, as
   `gradient_as_bucket_view` is off) with more than one worker: one worker trains unwrapped,
-  without DDP. FSDP adds the unsharded gradients of the block being reduce-scattered, with
-  one worker too (torch copies them into its reduce-scatter buffer at any world size).
+  without DDP. FSDP adds the root's unsharded gradients (token and position embeddings,
+  final LayerNorm), in the compute dtype, held through the whole backward (the head, tied to
+  the token embedding, starts them; the embeddings end them), and the fp32 copy of the
+  unsharded gradients being reduce-scattered: a block's, or last the root's, the larger
+  counted, with one worker too (torch copies them into its reduce-scatter buffer at any
+  world size).
   Hierarchical accumulation adds none: a group's pending gradients are set aside by
   reference while others step (accumulation.py), not copied;
 - optimizer: AdamW's two fp32 moments, 8 bytes per parameter;
@@ -145,8 +149,12 @@ def fsdp_worker_memory(shape: Shape, workers: int) -> WorkerMemory:
     embeddings = n - shape.n_layer * block  # the root's parameters, gathered for the whole step
     # Gathered for compute: the root plus two blocks (the one running and the prefetched next).
     gathered = (embeddings + 2 * block) * shape.compute_bytes
-    # Sharded fp32 gradients, plus the unsharded gradients of the block being reduce-scattered.
-    gradients = -(-n * FP32 // workers) + block * FP32
+    # Sharded fp32 gradients; the root's unsharded gradients (in the compute dtype), held
+    # through the whole backward (the head, tied to the token embedding, starts them and the
+    # embeddings end them); and the fp32 reduce-scatter copy of a block's unsharded
+    # gradients, or at the end of the backward the root's, the larger of the two.
+    gradients = (-(-n * FP32 // workers) + embeddings * shape.compute_bytes
+                 + max(block, embeddings) * FP32)
     return WorkerMemory("FSDP", workers, -(-n * FP32 // workers) + gathered, gradients,
                         -(-n * ADAM_BYTES // workers), activation_bytes(shape))
 

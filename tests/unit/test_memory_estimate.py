@@ -72,6 +72,24 @@ def test_fsdp_shards_what_ddp_replicates():
     assert fsdp_worker_memory(shape, 16).total < fsdp.total
 
 
+def test_fsdp_counts_the_roots_unsharded_gradients_through_the_backward():
+    """fully_shard on each block, then on the root (strategy.shard_model): the root's
+    parameters (token and position embeddings, final LayerNorm) are one unit, whose unsharded
+    gradient, in the compute dtype, lives from the tied head's backward to the embeddings',
+    and whose fp32 reduce-scatter copy (vocab x width: larger than a block's) comes last."""
+    config = TrainConfig(model_size="gpt2-xl", seq_len=1024, batch_size=8, vocab_size=50257)
+    for on_gpu in (True, False):
+        shape = shape_of(config, on_gpu=on_gpu)
+        root = shape.vocab_size * shape.n_embd + shape.block_size * shape.n_embd \
+            + 2 * shape.n_embd
+        assert root > shape.block_params
+        fsdp = fsdp_worker_memory(shape, 8)
+        assert fsdp.gradients == -(-shape.params * 4 // 8) + root * shape.compute_bytes \
+            + root * 4
+        assert fsdp.weights == -(-shape.params * 4 // 8) \
+            + (root + 2 * shape.block_params) * shape.compute_bytes
+
+
 def test_a_single_worker_counts_no_ddp_buckets():
     """One worker trains unwrapped (no DDP at world size 1: the sessions' prepare_model, and
     Ray's), so its gradients are .grad alone: gpt2-xl at 4 x 1024 with GPT-2's vocabulary was
