@@ -207,10 +207,39 @@ def checkpoint_age(path: str | Path) -> tuple:
     return (1, int(step_named.group(1)), step_named.group(2) or "")
 
 
+CORRUPT = "corrupt"  # checkpoint_<...>.corrupt-<time>: one a resume set aside (set_aside_corrupt)
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """A run directory's checkpoint_* directories, newest first (checkpoint_age)."""
-    return sorted((p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()),
+    """A run directory's checkpoint_* directories, newest first (checkpoint_age); not those
+    set aside as corrupt."""
+    return sorted((p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*")
+                   if f".{CORRUPT}-" not in p.name and p.is_dir()),
                   key=checkpoint_age, reverse=True)
+
+
+def set_aside_corrupt(run_dir: Path) -> list[str]:
+    """Before a resume of pretrain's loop: each checkpoint newer than the newest one whose
+    files verify (checkpoint_problem) renamed `<name>.corrupt-<time>` beside it (kept, not
+    deleted), and a line naming each. The loop would fall back past it, but Ray Train's
+    retention counts checkpoints in the order they were reported: a corrupt one stayed, and
+    the good one the run resumed from was pruned in its place. Those older than the newest
+    good one are not read. With none that verifies nothing is renamed: the loop refuses to
+    start over (no usable checkpoint), naming them, where set aside it would have started
+    from scratch."""
+    from orchestrator.training.checkpoint import checkpoint_problem
+
+    corrupt = []
+    for directory in checkpoint_dirs(run_dir):
+        problem = checkpoint_problem(directory)
+        if problem is None:
+            break
+        corrupt.append((directory, problem))
+    else:
+        return []
+    return [f"{problem}: set aside as {_kept_beside(directory, CORRUPT).name} "
+            "(keep_checkpoints never keeps it in place of a good one; delete it once looked "
+            "at)" for directory, problem in corrupt]
 
 
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -484,7 +513,11 @@ def remove_dir_if_only(run_dir: Path, names: set[str]) -> None:
 
 def _say_before_resume(run_dir: Path, any_checkpoint: bool) -> None:
     """Repair Ray Train's record of the checkpoints and say what the resume will find (once
-    the record is set aside, no checkpoint is listed: nothing more worth saying)."""
+    the record is set aside, no checkpoint is listed: nothing more worth saying). For
+    pretrain's loop (`any_checkpoint`) corrupt newest checkpoints are set aside first
+    (set_aside_corrupt), so the repair drops them from the record."""
+    for line in set_aside_corrupt(run_dir) if any_checkpoint else ():
+        print(f"warning: resume: {line}", file=sys.stderr)
     repaired = repair_ray_record(run_dir, any_checkpoint)
     if repaired:
         print(f"warning: resume: {repaired}", file=sys.stderr)

@@ -136,8 +136,10 @@ class RayTrainSession:
 
     def passed_over(self, directory: str) -> None:
         """Nothing to do here: Ray Train's retention (keep_checkpoints) prunes by the order
-        checkpoints were reported and cannot be told of one found unusable later (see
-        docs/training.md, Checkpoints and recovery)."""
+        checkpoints were reported and cannot be told of one found unusable later; and a
+        checkpoint renamed under it would fail its deletion (a missing path raises in Ray's
+        controller). jobs/pretrain.py's resume sets corrupt ones aside before Ray Train reads
+        its record (runs.set_aside_corrupt; docs/training.md, Checkpoints and recovery)."""
 
     def worker_nodes(self) -> list[str]:
         """Node id of every worker, by rank, so the launcher can check workers landed where

@@ -488,3 +488,48 @@ def test_a_run_dir_in_the_home_of_no_user_is_refused_naming_the_flag(tmp_path):
     with pytest.raises(RunDirError, match="--run-dir '~nosuchuser-s55/r': ~nosuchuser-s55 is "
                                           "the home directory of no user"):
         resolve_run_dir("~nosuchuser-s55/r", False, tmp_path, "pretrain", NOW)
+
+
+def test_a_resume_sets_aside_a_corrupt_newest_checkpoint_so_retention_never_keeps_it(
+        tmp_path, capsys):
+    """A resume past a corrupt newest checkpoint fell back to the previous one, but Ray Train's
+    retention (the order checkpoints were reported) still counted the corrupt one: it pruned
+    the good checkpoint the run resumed from and kept the corrupt one. The corrupt one is
+    set aside (renamed, named in the warning) and dropped from Ray Train's record before the
+    run starts; the checkpoints before the newest good one are not read."""
+    import json
+    from importlib.metadata import version
+
+    from orchestrator.runs import checkpoint_dirs, run_dir_held
+
+    run_dir = _logged_run(tmp_path / "run", (5, 10, 20))
+    state = run_dir / "checkpoint_00000020" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # cut short
+    old = run_dir / "checkpoint_00000005" / "state.pt"
+    old.write_bytes(old.read_bytes()[:-1] + b"x")  # older than the good one: left as it is
+    results = [{"checkpoint_dir_name": f"checkpoint_{s:08d}"} for s in (5, 10, 20)]
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps({
+        "ray_version": version("ray"), "checkpoint_results": results,
+        "checkpoint_report_indices": [0, 1, 2], "latest_checkpoint_result": results[-1],
+        "pending_training_results": [], "pending_validation_specs": []}))
+    with run_dir_held(run_dir, new_run=False, any_checkpoint=True):
+        pass
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["checkpoint_00000010",
+                                                           "checkpoint_00000005"]
+    [aside] = run_dir.glob("checkpoint_00000020.corrupt-*")
+    assert (aside / "state.pt").stat().st_size == 100  # kept, not deleted
+    err = capsys.readouterr().err
+    assert f"checkpoint {state} is corrupt" in err and aside.name in err
+    record = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    assert [r["checkpoint_dir_name"] for r in record["checkpoint_results"]] == [
+        "checkpoint_00000005", "checkpoint_00000010"]
+    # A user's loop (no any_checkpoint) resumes from what Ray Train lists: nothing is hashed.
+    state = run_dir / "checkpoint_00000010" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with run_dir_held(run_dir, new_run=False, any_checkpoint=False):
+        pass
+    assert (run_dir / "checkpoint_00000010").is_dir()
+    # None verifies: none is set aside, so the loop refuses rather than start from scratch.
+    with run_dir_held(run_dir, new_run=False, any_checkpoint=True):
+        pass
+    assert len(checkpoint_dirs(run_dir)) == 2
