@@ -150,11 +150,21 @@ def settings_to_run_with(given: dict, saved_state: dict) -> tuple[SchedulerSetti
     kept = {name: value for name, value in known.items() if name not in bad}
     try:
         settings = SchedulerSettings(**kept)
-    except (TypeError, ValueError):  # fine alone, not together (suspect_after_s > dead_after_s)
-        return SchedulerSettings(), f"saved scheduler settings unreadable, using the defaults: " \
-            f"{problem}"
-    return settings, (f"saved scheduler settings partly unreadable, {', '.join(bad)} at its "
-                      f"default, the others as saved: {problem}")
+    except (TypeError, ValueError):
+        # suspect_after_s > dead_after_s: each fine alone, not together, or one kept beside
+        # the other's default (a bad dead_after_s beside a suspect_after_s above 60): the
+        # pair goes back to its defaults, the others as saved
+        bad += [name for name in ("suspect_after_s", "dead_after_s")
+                if name in kept and name not in bad]
+        kept = {name: value for name, value in known.items() if name not in bad}
+        try:
+            settings = SchedulerSettings(**kept)
+        except (TypeError, ValueError):
+            return SchedulerSettings(), f"saved scheduler settings unreadable, using the " \
+                f"defaults: {problem}"
+    return settings, (f"saved scheduler settings partly unreadable, {', '.join(bad)} at "
+                      f"{'their defaults' if len(bad) > 1 else 'its default'}, the others as "
+                      f"saved: {problem}")
 
 
 # -- effects ----------------------------------------------------------------------------------

@@ -1985,9 +1985,12 @@ def test_a_scheduler_recreated_without_settings_runs_with_its_predecessors():
     assert "backfill must be true or false" in problem and "its default" in problem
     # Each saved value fine alone, together not: every new scheduler failed in SchedulerCore
     # (ClusterState's check), never starting, the saved document never set aside.
+    # (now the pair alone at their defaults, the others as saved)
     saved["settings"].update(backfill=False, suspect_after_s=100.0, dead_after_s=30.0)
     settings, problem = settings_to_run_with({}, saved)
-    assert settings == SchedulerSettings() and "must be <= dead_after_s" in problem
+    assert settings == dataclasses.replace(core.settings, suspect_after_s=15.0,
+                                           dead_after_s=60.0)
+    assert "must be <= dead_after_s" in problem
     SchedulerCore(settings)
     # A saved duration past float's range (JSON holds any number of digits): OverflowError
     # out of every new scheduler's constructor, a crash loop, the document never set aside.
@@ -2766,3 +2769,26 @@ def test_an_unread_migration_whose_claim_record_is_not_restored_is_withdrawn():
     assert any("withdrew the migration of 'job'" in p for p in problems), problems
     assert again.running["job"].directive is None
     assert again.directive("job", T0 + 61).decision is None
+
+
+def test_a_bad_saved_heartbeat_limit_beside_its_partner_costs_the_pair_alone():
+    # dead_after_s hand-edited to a string beside a saved suspect_after_s above the default
+    # dead_after_s: the suspect limit alone beside the default failed, and every saved
+    # setting went back to its default (preemption switched back on).
+    from orchestrator.scheduler_types import settings_to_run_with
+
+    core = core_with(gpu_node("a"), suspect_after_s=100.0, dead_after_s=300.0,
+                     preemption=False, min_run_s=7.0)
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["settings"]["dead_after_s"] = "5min"
+    settings, problem = settings_to_run_with({}, saved)
+    assert settings == dataclasses.replace(core.settings, suspect_after_s=15.0,
+                                           dead_after_s=60.0)
+    assert "dead_after_s must be a number > 0" in problem
+    assert "dead_after_s, suspect_after_s at their defaults" in problem
+    # (the same beside a bad suspect_after_s, a saved dead_after_s below its default)
+    saved["settings"].update(suspect_after_s=0, dead_after_s=10.0)
+    settings, problem = settings_to_run_with({}, saved)
+    assert settings == dataclasses.replace(core.settings, suspect_after_s=15.0,
+                                           dead_after_s=60.0)
+    SchedulerCore(settings)
