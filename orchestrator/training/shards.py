@@ -696,9 +696,13 @@ def _copy_to_local(fs: pafs.FileSystem, directory: str, local: Path,
             try:
                 with fs.open_input_stream(f"{directory}/{shard['file']}") as src, \
                         open(tmp, "wb") as dst:
+                    # held until renamed: a sweep that cannot see this pid leaves it alone
+                    with contextlib.suppress(OSError):  # (a filesystem without flock)
+                        fcntl.flock(dst, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     while chunk := src.read(8 << 20):
                         dst.write(chunk)
-                os.replace(tmp, target)
+                    dst.flush()
+                    os.replace(tmp, target)
             except BaseException:
                 tmp.unlink(missing_ok=True)  # (a failed read, a full disk: not left behind)
                 raise
@@ -710,11 +714,19 @@ _COPYING = re.compile(r"\.tmp-(?:(.+)-)?(\d+)$")  # <shard>.tmp-<host>-<pid> (or
 def _sweep_dead_copies(local: Path) -> None:
     """Remove the partial copies (`<shard>.tmp-<host>-<pid>`) of workers on this host that
     died mid-copy (killed: nothing removed them), which stayed in the node's cache for
-    ever. A live process's copy, or another host's (a shared home), is left alone."""
+    ever. A live process's copy, or another host's (a shared home), is left alone; so is one
+    whose writer still holds its flock (a container sharing this host's name and the home
+    directory has pids of its own: a live copy there looked dead from here)."""
     for path in local.glob("*.tmp-*"):
         copying = _COPYING.search(path.name)
         if copying is None or copying.group(1) not in (None, socket.gethostname()):
             continue
         if not process_alive(int(copying.group(2))):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError), open(path, "rb") as copy:
+                try:
+                    fcntl.flock(copy, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # being written
+                except OSError:
+                    pass  # (no flock here: the pid's word)
                 path.unlink()

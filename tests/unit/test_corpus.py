@@ -857,6 +857,60 @@ def test_a_copy_left_by_a_killed_worker_is_swept_when_the_key_is_used_again(corp
         + [f"{first}.tmp-{socket.gethostname()}-{os.getppid()}"])
 
 
+def test_a_copy_in_progress_whose_pid_this_host_cannot_see_is_not_swept(corpus, tmp_path,
+                                                                         monkeypatch):
+    # Two containers sharing the host's name (host networking) and the home directory have
+    # pid namespaces of their own: a worker's live copy looked, from the other, like a dead
+    # worker's, and was swept mid-copy (its rename then failed: FileNotFoundError).
+    import threading
+
+    plan = plan_data([str(corpus)], cache_root=str(tmp_path / "cache"))
+    tokenize_in_process(plan, shard_tokens=500, say=lambda _: None)
+    manifest = plan.manifest
+    remote = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())
+    local = tmp_path / "copied"
+    started, go_on = threading.Event(), threading.Event()
+
+    class SlowStream:  # the first chunk, then a wait (a slow object store)
+        def __init__(self, stream):
+            self.stream, self.chunks = stream, 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+        def read(self, n):
+            self.chunks += 1
+            if self.chunks == 2:
+                started.set()
+                go_on.wait(30)
+            return self.stream.read(min(n, 64))
+
+    class SlowFs:
+        def open_input_stream(self, path):
+            return SlowStream(remote.open_input_stream(path))
+
+    failed = []
+
+    def copy():
+        try:
+            shards._copy_to_local(SlowFs(), plan.cache_uri, local, manifest)
+        except BaseException as e:  # noqa: BLE001 (the test's verdict)
+            failed.append(e)
+    copier = threading.Thread(target=copy)
+    copier.start()
+    assert started.wait(30)
+    monkeypatch.setattr(shards, "process_alive", lambda pid: False)  # not seen from here
+    shards._sweep_dead_copies(local)
+    go_on.set()
+    copier.join(60)
+    assert failed == []
+    assert sorted(os.listdir(local)) == sorted(
+        s["file"] for split in shards.SPLITS for s in manifest["splits"][split])
+
+
 def test_a_corpus_too_short_for_the_sequence_length_names_the_flag(tmp_path):
     (tmp_path / "a.txt").write_text(paragraphs(40, "short"))
     plan = plan_data([str(tmp_path / "a.txt")], cache_root=str(tmp_path / "cache"))
