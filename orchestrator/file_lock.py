@@ -85,16 +85,27 @@ def process_alive(pid: int) -> bool:
 def holder_gone(path: Path) -> str | None:
     """What the lock file `path` says of its holder ("pid N on HOST (since ...)"), where that
     process is gone from this host (killed outright: kill -9 releases the lock, but leaves
-    the text); None while it may still run: alive here, on another host (whether it runs
-    cannot be asked from here), or no holder named (no file, none written yet)."""
+    the text); None while it may still run: the lock held, on another host (whether it runs
+    cannot be asked from here), or no holder named (no file, none written yet). Judged by the
+    lock itself (taken shared for a moment, never waited for), its pid only where the
+    filesystem has no flock: a holder in a container sharing this host's name has pids of
+    its own (alive, it looked gone), and a killed holder's pid may run another process."""
     try:
-        text = path.read_text(errors="replace").strip()
+        with open(path, errors="replace") as f:
+            text = f.read().strip()
+            holder = _HOLDER.match(text)
+            if holder is None or holder.group(2) != socket.gethostname():
+                return None
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None  # held: alive, whatever its pid says here
+            except OSError:  # (no flock on this filesystem)
+                return None if process_alive(int(holder.group(1))) else text
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return text
     except OSError:
         return None
-    holder = _HOLDER.match(text)
-    if holder is None or holder.group(2) != socket.gethostname():
-        return None
-    return None if process_alive(int(holder.group(1))) else text
 
 
 @contextlib.contextmanager

@@ -1552,6 +1552,29 @@ def test_logs_follow_exits_once_the_run_has_ended(tmp_path, monkeypatch, capsys)
     assert "step 0: loss=3" in out.out and sleeps == [] and "ended" in out.err, (out, sleeps)
 
 
+def test_a_run_lock_held_is_never_taken_for_a_gone_driver_nor_a_free_one_for_a_live_one(
+        tmp_path):
+    # holder_gone judged by the pid alone: a driver in a container sharing this host's name
+    # (its own pids) holding the lock was declared gone (logs --follow stopped, exit 4); a
+    # killed driver's pid taken by another process was followed for ever.
+    import socket
+
+    from orchestrator.file_lock import file_lock, holder_gone
+
+    lock = tmp_path / ".run.lock"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    named_dead = f"pid {dead.pid} on {socket.gethostname()} (since 2026-12-07 02:00:00)"
+    with file_lock(lock):  # held by a live process whose pid is not this host's to see
+        lock.write_text(named_dead + "\n")
+        assert holder_gone(lock) is None
+    # Nobody holds it, and the pid it names runs (reused by another process): gone.
+    lock.write_text(f"pid {os.getpid()} on {socket.gethostname()} (since 2026-12-07)\n")
+    assert holder_gone(lock) is not None
+    lock.write_text(named_dead + "\n")
+    assert holder_gone(lock) == named_dead
+
+
 def test_logs_follow_stops_when_the_runs_driver_on_this_host_is_gone(tmp_path, monkeypatch,
                                                                      capsys):
     # A driver killed outright (kill -9) writes no ended.json: `logs --follow` polled for
