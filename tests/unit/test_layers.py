@@ -152,6 +152,26 @@ def test_the_ray_layer_holds_the_ray_code():
             "ray_layer.train_session"} <= importing_ray
 
 
+def test_every_test_module_has_a_name_of_its_own():
+    """pytest imports a test file as the module its folders name while they are packages
+    (hold __init__.py), else as a top-level module named by the file alone (tests/unit and
+    tests/integration are not packages): two files of one such name stop the whole run at
+    collection ("import file mismatch"), as a clean clone's CI did."""
+    by_name: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        by_name.setdefault(_pytest_module_name(path), []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in by_name.items() if len(paths) > 1} == {}
+
+
+def _pytest_module_name(path: Path) -> str:
+    """The name pytest's default import mode (prepend) gives test file `path`."""
+    parts, folder = [path.stem], path.parent
+    while (folder / "__init__.py").is_file():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return ".".join(parts)
+
+
 # -- the checker itself, on a small tree with known faults ----------------------------------
 def _write(root: Path, files: dict[str, str]) -> None:
     for relative, text in files.items():
