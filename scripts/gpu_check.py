@@ -66,6 +66,7 @@ from orchestrator.training.efficiency import gpu_peak_flops
 from orchestrator.training.loop import train
 from orchestrator.training.precision import resolve_precision
 from orchestrator.training.session import LocalSession
+from orchestrator.validation import expand_home
 
 SEQ_LEN = 1024
 BYTE_VOCAB = 256  # the bundled corpus's vocabulary
@@ -416,7 +417,11 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     if not args.budget_s > 0:  # (NaN passed, and turned every budget test off)
         parser.error(f"--budget-s must be a number > 0, got {args.budget_s}")
     if args.out:  # (the first save came after the matmul peak: a traceback, no JSON line)
-        problem = writable_file_problem(Path(args.out))
+        try:  # (`--out=~/x.json`: the shell leaves that ~ as written)
+            args.out = str(expand_home(args.out, "--out"))
+            problem = writable_file_problem(Path(args.out))
+        except ValueError as e:
+            problem = str(e)
         if problem:
             parser.error(f"--out {args.out}: {problem}")
     if not torch.cuda.is_available():

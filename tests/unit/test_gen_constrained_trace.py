@@ -199,3 +199,11 @@ def test_an_out_it_cannot_write_is_refused_naming_the_flag_before_generating(
     out = tmp_path / where
     assert gen.main(["--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith(f"gen_constrained_trace: error: --out {out}: ")
+
+
+def test_an_out_with_a_home_the_shell_left_unexpanded_is_written_there(tmp_path, monkeypatch):
+    # `--out=~/t.csv` reaches the script with its ~ (the shell expands only a word's start):
+    # refused as "~ is not a directory", where every other path flag reads ~ as home.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert gen.main(["--out=~/t.csv", "--jobs", "50", "--gang-share", "0"]) == 0
+    assert (tmp_path / "t.csv").read_text().count("\n") > 50

@@ -385,3 +385,12 @@ def test_an_out_file_that_cannot_be_written_is_refused_before_any_work(fake_gpu,
     assert exit_.value.code == 2
     assert f"--out {out}" in capsys.readouterr().err
     assert fake_gpu == []  # nothing ran
+
+
+def test_an_out_with_a_home_the_shell_left_unexpanded_is_read_as_home(fake_gpu, tmp_path,
+                                                                    monkeypatch, capsys):
+    # `--out=~/x.json` was refused as "~ is not a directory" before any work.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert gpu_check.main(["--budget-s", "1000", "--out=~/x.json", "--runs", "large:128"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads((tmp_path / "x.json").read_text()) == summary
