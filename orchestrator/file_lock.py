@@ -13,7 +13,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
 
 
 class LockBusy(Exception):
@@ -96,16 +96,27 @@ def holder_gone(path: Path) -> str | None:
             holder = _HOLDER.match(text)
             if holder is None or holder.group(2) != socket.gethostname():
                 return None
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return None  # held: alive, whatever its pid says here
-            except OSError:  # (no flock on this filesystem)
+            held = flock_held(f)
+            if held is None:  # (no flock on this filesystem)
                 return None if process_alive(int(holder.group(1))) else text
-            fcntl.flock(f, fcntl.LOCK_UN)
-            return text
+            return None if held else text  # held: alive, whatever its pid says here
     except OSError:
         return None
+
+
+def flock_held(f: IO) -> bool | None:
+    """Whether some process holds an flock on open file `f`, asked by taking it shared for a
+    moment (never waited for); None where its filesystem has no flock. The word on whether a
+    file's writer still runs that a pid cannot give: a process in a container sharing this
+    host's name has pids of its own, and a dead one's pid may run another process."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 @contextlib.contextmanager

@@ -18,6 +18,8 @@ config.json whose attention ours cannot compute (ATTENTION_SETTINGS) is refused.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import MODEL_PRESETS
-from orchestrator.file_lock import process_alive
+from orchestrator.file_lock import flock_held, process_alive
 from orchestrator.hf_files import CONFIG_FILE, INDEX_FILE, SAFETENSORS_FILE
 from orchestrator.tokenizer import (TOKENIZER_FILE, Tokenizer, TokenizerError,
                                     tokenizer_for_model, tokenizer_of_run)
@@ -306,10 +308,14 @@ def _write_export(model, tokenizer: Tokenizer, out: Path) -> list[Path]:
     _remove_stale_staging(out)
     staging = out / f"{STAGING_PREFIX}{_staging_owner()}"
     staging.mkdir()
-    (staging / STAGING_MARKER).touch()
     try:
-        names = _write_hf_files(model, tokenizer, staging)
-        _move_into_place(staging, names, out)
+        with open(staging / STAGING_MARKER, "w") as marker:
+            # held while exporting: another export's sweep leaves this one alone even where
+            # our pid means nothing to it (a container sharing this host's name)
+            with contextlib.suppress(OSError):  # (a filesystem without flock: the pid's word)
+                fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            names = _write_hf_files(model, tokenizer, staging)
+            _move_into_place(staging, names, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [out / name for name in names]
@@ -344,14 +350,15 @@ def _staging_owner() -> str:
 def _remove_stale_staging(out: Path) -> None:
     """Staging directories of exports that died (kill -9) hold a whole model each: removed,
     unless their process may still be writing (an export into the same --out at the same
-    time: on this host while its process runs, on another until a day has passed)."""
+    time: on this host while it holds its marker's flock, or where there is no flock while
+    its pid runs; on another host until a day has passed)."""
     host = socket.gethostname()
     for staging in out.glob(f"{STAGING_PREFIX}*"):
         owner_host, _, pid = staging.name[len(STAGING_PREFIX):].rpartition("-")
         if not (owner_host and pid.isdigit() and (staging / STAGING_MARKER).is_file()):
             continue  # not a staging directory of ours
         if owner_host == host:
-            if int(pid) != os.getpid() and process_alive(int(pid)):
+            if _export_running(staging / STAGING_MARKER, int(pid)):
                 continue
         else:
             try:
@@ -360,6 +367,18 @@ def _remove_stale_staging(out: Path) -> None:
             except OSError:
                 continue
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_running(marker: Path, pid: int) -> bool:
+    """Whether the export on this host that made staging `marker` still writes: its flock
+    held; where the filesystem has none, its pid alive (ours is not: a staging directory of
+    this process is left from an earlier export that failed)."""
+    try:
+        with open(marker, "rb") as f:
+            held = flock_held(f)
+    except OSError:
+        return True  # (cannot be asked: left alone)
+    return held if held is not None else pid != os.getpid() and process_alive(pid)
 
 
 def _write_hf_files(model, tokenizer: Tokenizer, directory: Path) -> list[str]:

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from orchestrator.file_lock import file_lock, process_alive
+from orchestrator.file_lock import file_lock, flock_held, process_alive
 from orchestrator.training.corpus import (DataError, Document, SourceFile, is_held_out,
                                           iter_documents, place)
 
@@ -723,10 +723,6 @@ def _sweep_dead_copies(local: Path) -> None:
             continue
         if not process_alive(int(copying.group(2))):
             with contextlib.suppress(OSError), open(path, "rb") as copy:
-                try:
-                    fcntl.flock(copy, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # being written
-                except OSError:
-                    pass  # (no flock here: the pid's word)
+                if flock_held(copy):  # being written (None: no flock here, the pid's word)
+                    continue
                 path.unlink()

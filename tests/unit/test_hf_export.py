@@ -493,6 +493,7 @@ def test_the_staging_of_an_export_killed_outright_is_removed_by_the_next(tmp_pat
     from jobs import export
     from orchestrator.hf_export import STAGING_MARKER
 
+    import fcntl
     import os
     import socket
 
@@ -500,19 +501,26 @@ def test_the_staging_of_an_export_killed_outright_is_removed_by_the_next(tmp_pat
     out = tmp_path / "out"
     host = socket.gethostname()
     dead = out / f".export-{host}-999999999"  # no such process here
-    alive = out / f".export-{host}-{os.getppid()}"  # a process that runs: left alone
+    # An export that runs holds its marker's flock: left alone, even where its pid is not
+    # one of this host's (a container sharing the host's name: it was removed mid-export).
+    alive = out / f".export-{host}-999999997"
+    # A killed export whose pid now runs another process (no flock held): removed (it was
+    # kept for as long as that process ran).
+    reused = out / f".export-{host}-{os.getppid()}"
     elsewhere = out / ".export-other-host-12"  # another machine's, fresh: left alone
     old = out / ".export-gone-host-13"  # another machine's, two days old: removed
     # A user's own directories of such names, without the staging marker, old or not: kept.
     users = [out / ".export-settings", out / f".export-{host}-999999998"]
-    for staging in (dead, alive, elsewhere, old, *users):
+    for staging in (dead, alive, reused, elsewhere, old, *users):
         staging.mkdir(parents=True)
         (staging / "model.safetensors").write_bytes(b"\0" * 1000)
         if staging not in users:
             (staging / STAGING_MARKER).touch()
     for directory in (old, *users):
         os.utime(directory, (0, os.path.getmtime(directory) - 2 * 86400))
-    assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    with open(alive / STAGING_MARKER) as running:
+        fcntl.flock(running, fcntl.LOCK_EX)
+        assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob(".export-*")) == sorted(
         [alive.name, elsewhere.name, *(p.name for p in users)])
 
