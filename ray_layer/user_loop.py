@@ -40,6 +40,11 @@ RESERVED_METRICS = frozenset({"yielded", "already_complete"})
 RAISED_AT = "orchestrator_raised_at"
 _watch: DirectiveWatch | None = None  # one per worker process (rank 0 asks)
 _pending: str | None = None  # a directive not yet acted on (no checkpoint since)
+_reports = 0  # this worker's calls of report in this run of the loop
+# What a worker that returned from the loop sends into the other ranks' agreement (a
+# directive is never this): their report fails at once, naming it, where it waited in the
+# gather for gloo's 30-minute timeout, with no message.
+_RETURNED = "\0returned from the loop"
 
 
 class Yielded(BaseException):
@@ -56,7 +61,7 @@ def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = 
     """ray.train.report(metrics, checkpoint); and when the scheduler has asked this job to
     yield and any rank passes a checkpoint with this report, "yielded" joins that report's
     metrics (on every rank) and Yielded is raised on every rank after it."""
-    global _watch, _pending
+    global _watch, _pending, _reports
     problem = report_arguments_problem(metrics, checkpoint)
     if problem:
         raise TypeError(f"launch.report: {problem}")
@@ -72,7 +77,8 @@ def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = 
     # Before the report, on every rank alike: rank 0's directive, and whether any rank
     # passes a checkpoint with this report (Ray Train keeps one, whichever rank's: a loop
     # whose checkpoints came from rank 1 alone never yielded, and nothing said why).
-    pending, checkpointed = _agreed(pending, checkpoint is not None)
+    _reports += 1
+    pending, checkpointed = _agreed(pending, checkpoint is not None, metrics.get("step"))
     decision = pending if checkpointed else None
     if decision:
         # In the checkpoint's own report (rank 0's metrics are the ones Ray Train keeps).
@@ -135,14 +141,39 @@ def _world_rank() -> int:
         return 0
 
 
-def _agreed(pending: str | None, has_checkpoint: bool) -> tuple[str | None, bool]:
+def _agreed(pending: str | None, has_checkpoint: bool,
+            step: Any = None) -> tuple[str | None, bool]:
     """(rank 0's `pending` directive, whether any rank's `has_checkpoint`), the same on every
-    rank (one small collective when a process group is up)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    rank (one small collective when a process group is up). RuntimeError, naming them, when
+    other ranks had already returned from the loop (their `_announce_return`)."""
+    every = _gathered((pending, has_checkpoint))
+    if every is None:
         return pending, has_checkpoint
-    every: list[tuple[str | None, bool] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, (pending, has_checkpoint))
+    returned = {rank: entry[1] for rank, entry in enumerate(every) if entry[0] == _RETURNED}
+    if returned:
+        counts = sorted(set(returned.values()))
+        raise RuntimeError(
+            f"launch.report{'' if step is None else f' at step {step}'} (this rank's report "
+            f"{_reports}): worker rank(s) {', '.join(map(str, sorted(returned)))} had already "
+            f"returned from the training loop, after {' or '.join(map(str, counts))} "
+            "report(s): every rank must call launch.report the same number of times (as Ray "
+            "Train requires); call it on every rank, rank 0's metrics are the ones kept")
     return every[0][0], any(entry[1] for entry in every)
+
+
+def _gathered(mine: tuple) -> list | None:
+    """Every rank's `mine` (all_gather_object), or None without a process group of 2+."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def _announce_return() -> None:
+    """Said by a worker whose loop returned, into the gather of ranks still in a report (so
+    they fail at once, naming this rank) or of the others returning too (the normal end)."""
+    _gathered((_RETURNED, _reports))
 
 
 def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callable[[dict], Any]:
@@ -154,6 +185,8 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
     takes_config = accepts_config(train_loop)
 
     def per_worker(config: dict) -> Any:
+        global _reports
+        _reports = 0
         for folder in reversed(import_path):
             if os.path.isdir(folder) and folder not in sys.path:
                 sys.path.insert(0, folder)
@@ -167,6 +200,7 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
             if stand_in is None:
                 raise  # as it is, its cause and context with it
             raise stand_in from None
+        _announce_return()
         return _rank_zero_result(value)
 
     # The loop's name in Ray's logs, but not its signature: Ray Train counts the parameters

@@ -695,6 +695,61 @@ def test_a_yield_rides_on_a_checkpoint_that_only_another_rank_passes(monkeypatch
     assert reports == [({"step": 0, "yielded": "preempt: by an operator"}, "c")]
 
 
+def test_a_report_that_another_rank_never_makes_fails_at_once_naming_that_rank(monkeypatch):
+    """Two workers, only rank 0 calling report: rank 0 waited in the agreement gather for
+    gloo's 30-minute timeout, with no message. A rank that returns from the loop says so
+    into that gather, and the report fails naming it."""
+    import ray.train
+
+    from ray_layer import user_loop
+
+    reports = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None:
+                        reports.append(metrics["step"]))
+    monkeypatch.setattr(ray.train, "get_context",
+                        lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    monkeypatch.setattr(user_loop, "_watch", FakeWatch())
+    monkeypatch.setattr(user_loop, "_pending", None)
+
+    def loop():
+        for step in range(3):
+            user_loop.report({"step": step})
+
+    # Rank 1's loop reports nothing: its return is said into the gather rank 0 is in.
+    monkeypatch.setattr(ray.train, "get_context",
+                        lambda: SimpleNamespace(get_world_rank=lambda: 1))
+    rank_one = TwoRanks(lambda call: (None, False), rank=1)  # rank 0 in its first report
+    monkeypatch.setattr(user_loop, "dist", rank_one)
+    sent = []
+    real = user_loop._gathered
+    monkeypatch.setattr(user_loop, "_gathered", lambda mine: sent.append(mine) or real(mine))
+    user_loop.yielding(lambda: None)({})  # rank 1 itself returns normally
+    assert sent == [(user_loop._RETURNED, 0)] and rank_one.calls == 1
+    # Rank 0's first report gets that: it fails at once, naming rank 1.
+    monkeypatch.setattr(ray.train, "get_context",
+                        lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    monkeypatch.setattr(user_loop, "dist", TwoRanks(lambda call: sent[0]))
+    with pytest.raises(RuntimeError, match=r"launch.report at step 0 \(this rank's report 1\): "
+                       r"worker rank\(s\) 1 had already returned from the training loop, "
+                       r"after 0 report\(s\): every rank must call launch.report the same "
+                       r"number of times"):
+        user_loop.yielding(loop)({})
+    assert reports == []
+    # Rank 1 reported twice, then returned: rank 0's third report fails.
+    monkeypatch.setattr(user_loop, "dist", TwoRanks(
+        lambda call: (None, False) if call < 2 else (user_loop._RETURNED, 2)))
+    with pytest.raises(RuntimeError, match=r"at step 2 \(this rank's report 3\): worker "
+                       r"rank\(s\) 1 had already returned .* after 2 report"):
+        user_loop.yielding(loop)({})
+    assert reports == [0, 1]
+    # Both report three times and return: nothing said, one gather per report and the end.
+    reports.clear()
+    both = TwoRanks(lambda call: (None, False) if call < 3 else (user_loop._RETURNED, 3))
+    monkeypatch.setattr(user_loop, "dist", both)
+    user_loop.yielding(loop)({})
+    assert reports == [0, 1, 2] and both.calls == 4
+
+
 def test_a_loops_own_except_exception_does_not_swallow_a_yield(monkeypatch):
     import ray.train
 
