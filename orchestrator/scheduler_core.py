@@ -484,7 +484,27 @@ class SchedulerCore:
         if placed is not None and (not owner or placed.owner == owner):
             del self.queue.ready[job_name]
             return Outcome(placed, [Persist()])
-        return Outcome(self._answer(job_name, owner))
+        answer = self._answer(job_name, owner)
+        stuck = [self._not_stopping(v, now) for v in sorted(self.preempting.get(job_name, ()))]
+        if isinstance(answer, Queued) and any(stuck):
+            answer = dataclasses.replace(answer, reason=answer.reason + "; " + "; ".join(
+                f"{v!r} {note}" for v, note in zip(sorted(self.preempting[job_name]), stuck)
+                if note))
+        return Outcome(answer)
+
+    def _not_stopping(self, job_name: str, now: float) -> str:
+        """For a running job told to yield that read it and has reported no checkpoint in
+        this placement: that it stops only at a checkpoint, so a loop that never passes one
+        never stops (a preemptible job's promise broken); "" otherwise. `status` and the
+        waiting drivers of the jobs it makes room for said only "preempted by ..." for good."""
+        job = self.running.get(job_name)
+        d = job.directive if job is not None else None
+        if d is None or d.read_at is None or job.last_checkpoint_at is not None:
+            return ""
+        return (f"read its directive {now - d.read_at:.0f}s ago and has reported no checkpoint "
+                f"since it started {now - job.started_at:.0f}s ago: it stops at its next "
+                "checkpoint, and a loop that never passes one to launch.report never stops "
+                "(stop its driver; declare such a loop preemptible: false)")
 
     def place_now(self, spec: JobSpec, owner: str, now: float, dry_run: bool = False,
                   explain: bool | None = None, history: QueuedJob | None = None) -> Outcome:
@@ -885,7 +905,9 @@ class SchedulerCore:
                          "priority": job.spec.priority, "owner": job.placement.owner,
                          "nodes": job.placement.nodes, "since_s": round(now - job.started_at, 1),
                          "preemptions": job.preemptions, "preemptible": job.spec.preemptible,
-                         "reason": f"{d.kind}: {d.reason}" if d else ""})
+                         "reason": (f"{d.kind}: {d.reason}" if d else "") + (
+                             f" (it {note})" if (note := self._not_stopping(name, now))
+                             else "")})
         for position, job in enumerate(self.queue.ordered(), start=1):
             rows.append({"job": job.spec.name,
                          "state": "preempted" if job.preemptions else "waiting",

@@ -32,6 +32,29 @@ def test_status_lists_running_yielding_and_waiting_jobs_with_reasons():
     assert lines[2].startswith("waiting   later (priority 0), 1s, #2 in line")
 
 
+def test_a_job_told_to_yield_that_never_checkpoints_is_named_to_the_operator_and_the_waiter():
+    """A preemptible loop that never passes a checkpoint to launch.report cannot stop: status
+    said "yielding ... preempted for job 'high'" and high's driver "preempting low: starts when
+    they have checkpointed and yielded", for good, nothing saying why it never happens."""
+    core = busy_core()
+    assert core.directive("low", T0 + 3).decision.kind == "preempt"  # read: no checkpoint yet
+    note = ("read its directive 37s ago and has reported no checkpoint since it started 40s "
+            "ago: it stops at its next checkpoint, and a loop that never passes one to "
+            "launch.report never stops (stop its driver; declare such a loop preemptible: "
+            "false)")
+    row = core.jobs(T0 + 40)[0]
+    assert row["state"] == "yielding" and row["reason"].endswith(f" (it {note})")
+    assert core.poll("high", "d", T0 + 40).decision.reason.endswith(f"; 'low' {note}")
+    # Once it has reported a checkpoint, it is on its way: nothing more is said.
+    core.directive("low", T0 + 41, last_checkpoint_at=T0 + 41)
+    assert "checkpoint" not in core.jobs(T0 + 42)[0]["reason"]
+    assert "'low' read" not in core.poll("high", "d", T0 + 42).decision.reason
+    # Nor before it has read its directive.
+    fresh = busy_core()
+    assert "checkpoint" not in fresh.jobs(T0 + 40)[0]["reason"]
+    assert "'low' read" not in fresh.poll("high", "d", T0 + 40).decision.reason
+
+
 class FakeHandle:
     """An actor handle whose `.method.remote(...)` calls the core now."""
 
