@@ -172,8 +172,16 @@ def _gathered(mine: tuple) -> list | None:
 
 def _announce_return() -> None:
     """Said by a worker whose loop returned, into the gather of ranks still in a report (so
-    they fail at once, naming this rank) or of the others returning too (the normal end)."""
-    _gathered((_RETURNED, _reports))
+    they fail at once, naming this rank) or of the others returning too (the normal end).
+    Its loop has finished: a gather that fails (another rank's work after its last report
+    outlasting the process group's timeout, a rank gone) costs the announcement, never the
+    run (a warning)."""
+    try:
+        _gathered((_RETURNED, _reports))
+    except Exception as e:  # noqa: BLE001 (any backend's error: DistBackendError, timeouts)
+        print(f"warning: launch: this worker's loop returned, but telling the other ranks "
+              f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              "its result stands", file=sys.stderr)
 
 
 def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callable[[dict], Any]:

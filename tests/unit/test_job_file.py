@@ -750,6 +750,27 @@ def test_a_report_that_another_rank_never_makes_fails_at_once_naming_that_rank(m
     assert reports == [0, 1, 2] and both.calls == 4
 
 
+def test_a_returned_ranks_announcement_that_fails_costs_nothing_but_a_warning(monkeypatch,
+                                                                             capsys):
+    """The announcement waits for the other ranks: one whose work after its last report
+    outlasts the process group's timeout (a long export on rank 0) made it raise, and a loop
+    that had finished failed the run."""
+    import ray.train
+
+    from ray_layer import user_loop
+
+    monkeypatch.setattr(ray.train, "get_context",
+                        lambda: SimpleNamespace(get_world_rank=lambda: 1))
+
+    def timed_out(call):
+        raise RuntimeError("[gloo] Timed out waiting 1800000ms for recv operation")
+
+    monkeypatch.setattr(user_loop, "dist", TwoRanks(timed_out, rank=1))
+    assert user_loop.yielding(lambda: 7)({}) is None  # (rank 1: rank 0's value is the result)
+    assert "telling the other ranks failed (RuntimeError: [gloo] Timed out" in \
+        capsys.readouterr().err
+
+
 def test_a_loops_own_except_exception_does_not_swallow_a_yield(monkeypatch):
     import ray.train
 
