@@ -36,6 +36,9 @@ persistence included: actor_placements_per_s = jobs placed / wall time.
 
     python -m scripts.bench_placement [--nodes 10000] [--jobs 2000] [--seed 0] [--no-actor]
                                       [--actor-jobs 1000] [--profile N]
+
+--nodes is at most 100,000 (orchestrator.cluster_model.MAX_SERVERS, the simulator's bound);
+--actor-jobs at most --jobs (default 1,000, or --jobs where fewer).
 """
 from __future__ import annotations
 
@@ -50,13 +53,14 @@ from typing import Callable
 
 import numpy as np
 
+from orchestrator.cluster_model import MAX_SERVERS
 from orchestrator.config import JobSpec
 from orchestrator.inventory import (GIB, LABEL_NETWORK_GBPS, LABEL_NETWORK_GROUP, ClusterState,
                                     GpuInfo, NodeReport, Reservation)
 from orchestrator.placement import Placement, bottleneck_gbps
 from orchestrator.policies import best_fit, first_fit
 from orchestrator.policies import live_place as ours
-from scripts.flags import require_at_least
+from scripts.flags import require, require_at_least
 
 NOW = 1_000.0
 TARGET_PLACEMENTS_PER_S = 1_000.0
@@ -502,19 +506,30 @@ def targets(r: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--nodes", type=int, default=10_000)
+    parser.add_argument("--nodes", type=int, default=10_000,
+                        help=f"nodes of each cluster ({RACK_SIZE} to {MAX_SERVERS:,})")
     parser.add_argument("--jobs", type=int, default=2_000, help="jobs per cluster's stream")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-actor", action="store_true",
                         help="skip the live SchedulerActor part (needs Ray)")
-    parser.add_argument("--actor-jobs", type=int, default=1_000)
+    parser.add_argument("--actor-jobs", type=int, default=None,
+                        help="the declared stream's first jobs placed through the actor "
+                             "(default: 1,000, or --jobs where fewer; at most --jobs)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also cProfile N jobs of the measured stream, to stderr")
     args = parser.parse_args(argv)
     if args.nodes < RACK_SIZE or args.jobs < 1:
         parser.error(f"--nodes must be >= {RACK_SIZE} and --jobs >= 1")
+    if args.actor_jobs is None:
+        args.actor_jobs = min(1_000, args.jobs)
     if args.actor_jobs < 1 or args.profile < 0:  # (negative: jobs[:-5] ran, said nothing)
         parser.error("--actor-jobs must be >= 1 and --profile >= 0")
+    # (more than the stream: the actor placed the stream's jobs only, and actor_jobs said so
+    # in the JSON alone; no bound on --nodes: 100,000,000 built until memory ran out)
+    require(parser, args, ("actor_jobs",), lambda n: n <= args.jobs,
+            f"must be <= --jobs ({args.jobs}): the actor places the declared stream's first jobs")
+    require(parser, args, ("nodes",), lambda n: n <= MAX_SERVERS,
+            f"must be <= {MAX_SERVERS} (the simulator's --cluster bound)")
     require_at_least(parser, args, 0, "seed")  # numpy's default_rng takes no negative seed
     result = run(args.nodes, args.jobs, args.seed, actor=not args.no_actor,
                  actor_jobs=args.actor_jobs, profile=args.profile)

@@ -148,3 +148,25 @@ def test_same_seed_same_clusters_and_streams():
     c, d = bench.measured_cluster(64, 30, seed=3), bench.measured_cluster(64, 30, seed=3)
     assert c.reports == d.reports and c.jobs == d.jobs
     assert bench.measured_cluster(64, 30, seed=4).jobs != c.jobs
+
+
+@pytest.mark.parametrize("args, message", [
+    # The actor takes the declared stream's first --actor-jobs jobs: 8 of a 5-job stream ran 5
+    # and the JSON's actor_jobs said 5, unsaid.
+    (["--actor-jobs", "8", "--jobs", "5"], "--actor-jobs must be <= --jobs (5): the actor places the declared stream's first "
+     "jobs, got 8"),
+    # No bound: 100,000,000 nodes built for minutes until memory ran out.
+    (["--nodes", "100000000", "--no-actor"], "--nodes must be <= 100000 (the simulator's --cluster bound), got 100000000"),
+])
+def test_flags_the_run_cannot_honour_are_refused_naming_the_flag(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_actor_jobs_default_to_the_stream_when_it_is_shorter(monkeypatch):
+    asked = {}
+    monkeypatch.setattr(bench, "run", lambda *a, **kw: asked.update(kw) or {})
+    with pytest.raises(KeyError):  # (the stubbed run returns no figures to print)
+        bench.main(["--jobs", "5"])
+    assert asked["actor_jobs"] == 5
