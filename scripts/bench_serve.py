@@ -363,7 +363,9 @@ MODEL_ALONE_ROUNDS = 5  # alternating rounds of the batch of 1 and the full batc
 def model_alone(checkpoint: str, batch: int, max_tokens: int,
                 rounds: int = MODEL_ALONE_ROUNDS) -> tuple[dict, dict]:
     """Tokens/s of the served model in this process, one thread (as a replica runs it), for
-    a batch of 1 and a full batch of the bench's prompts (each size's median over `rounds`
+    a batch of 1 and a full batch of the bench's prompts (8-40 bytes; the batch of 1 runs
+    each of the full batch's prompts alone in turn, so both sides decode the same prompts:
+    it was the shortest one alone) (each size's median over `rounds`
     alternating rounds, scripts.rounds.paired_rounds), and the batching gain: the median of
     the rounds' own full-batch over batch-of-1 tokens/s, with its spread. What batching can
     buy at most. (Each side was timed once, the batch of 1 always first: one call of a few
@@ -377,19 +379,23 @@ def model_alone(checkpoint: str, batch: int, max_tokens: int,
     torch.set_num_threads(1)
     try:
         loaded = load_model(checkpoint)
-        requests = {size: [GenerationRequest(tuple(PROMPT_TEXT[i:i + 8 + i % 33].encode()),
-                                             SamplingParams(max_tokens, 0.0))
-                           for i in range(size)] for size in (1, batch)}
-        timed = paired_rounds(lambda: generate(loaded.model, requests[1], loaded.block_size),
-                              lambda: generate(loaded.model, requests[batch],
-                                               loaded.block_size), rounds)
+        rows = [GenerationRequest(tuple(PROMPT_TEXT[i:i + 8 + i % 33].encode()),
+                                  SamplingParams(max_tokens, 0.0)) for i in range(batch)]
+
+        def alone() -> None:  # the batch's own prompts, each a batch of 1 (the same lengths)
+            for row in rows:
+                generate(loaded.model, [row], loaded.block_size)
+
+        timed = paired_rounds(alone, lambda: generate(loaded.model, rows, loaded.block_size),
+                              rounds)
     finally:
         torch.set_num_threads(threads)
-    figures = {size: {"step_ms": round(elapsed / max_tokens * 1000, 2),
-                      "tokens_per_s": round(size * max_tokens / elapsed)}
+    # Each side decodes the same batch x max_tokens tokens: the batch of 1 in `batch` calls.
+    figures = {size: {"step_ms": round(elapsed / (batch // size * max_tokens) * 1000, 2),
+                      "tokens_per_s": round(batch * max_tokens / elapsed)}
                for size, elapsed in ((1, timed["first_s"]), (batch, timed["second_s"]))}
-    # Per round: (batch x tokens / t_batch) / (tokens / t_1) = batch x t_1 / t_batch.
-    gain = {"ratio": batch * timed["ratio"], "spread": [batch * r for r in timed["spread"]]}
+    # Per round: the same tokens' time alone over batched, t_1 / t_batch.
+    gain = {"ratio": timed["ratio"], "spread": list(timed["spread"])}
     return figures, gain
 
 

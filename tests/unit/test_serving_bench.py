@@ -193,7 +193,8 @@ def test_the_model_alones_batching_gain_is_the_median_of_alternating_rounds(monk
     from orchestrator.serving import generation, loading
 
     calls, clock = [], [0.0]
-    seconds = {1: iter([1.0, 1.0, 2.0, 1.0, 4.0, 1.0]),  # warm-up, then 5 rounds
+    # warm-up, then 5 rounds (the batch of 1: each of the 4 rows alone, each call this long)
+    seconds = {1: iter([t for t in (1.0, 1.0, 2.0, 1.0, 4.0, 1.0) for _ in range(4)]),
                4: iter([1.0, 2.0, 2.0, 2.0, 2.0, 2.0])}
 
     def fake_generate(model, requests, block_size):
@@ -207,7 +208,9 @@ def test_the_model_alones_batching_gain_is_the_median_of_alternating_rounds(monk
     import scripts.rounds
     monkeypatch.setattr(scripts.rounds.time, "perf_counter", lambda: clock[0])
     figures, gain = bench.model_alone("/ckpt", 4, 10, rounds=5)
-    assert calls == [1, 4, 1, 4, 4, 1, 1, 4, 4, 1, 1, 4]  # each side first in turn
+    alone, batched = [1, 1, 1, 1], [4]
+    assert calls == (alone + batched + alone + batched + batched + alone + alone + batched
+                     + batched + alone + alone + batched)  # each side first in turn
     # Per round 4 x t1 / t4: 2, 4, 2, 8, 2: the median 2 (a ratio of medians: 2 too, but
     # one side's slow round paired with the other's fast one).
     assert gain == {"ratio": 2.0, "spread": [2.0, 8.0]}
@@ -305,3 +308,32 @@ def test_a_fresh_model_too_short_for_the_loads_is_refused_naming_the_flag(args, 
         bench.parse_args(args)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     bench.parse_args(["--context", "328"])  # the mixed load's longest request fits
+
+
+def test_the_model_alones_batch_of_1_runs_the_batchs_own_prompts(monkeypatch):
+    # The batch of 1 was the shortest prompt (8 bytes) against rows of 8-40 bytes: a longer
+    # prefill on the batched side alone. Now each of the batch's prompts runs alone in turn,
+    # and the gain is the same tokens' time alone over batched.
+    import types
+
+    from orchestrator.serving import generation, loading
+
+    clock, lengths = [0.0], {"alone": [], "batched": []}
+
+    def fake_generate(model, requests, block_size):
+        side = "alone" if len(requests) == 1 else "batched"
+        lengths[side].append(sorted(len(r.prompt) for r in requests))
+        clock[0] += 1.0 if side == "alone" else 2.0
+
+    monkeypatch.setattr(loading, "load_model", lambda path: types.SimpleNamespace(
+        model=None, block_size=64))
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    import scripts.rounds
+    monkeypatch.setattr(scripts.rounds.time, "perf_counter", lambda: clock[0])
+    figures, gain = bench.model_alone("/ckpt", 4, 10, rounds=1)
+    batched = lengths["batched"][0]
+    assert len(set(batched)) > 1
+    assert sorted(n for one in lengths["alone"][:4] for n in one) == batched
+    # 4 rows alone: 4 s; batched: 2 s, for the same 40 tokens.
+    assert gain["ratio"] == 2.0
+    assert figures[1]["tokens_per_s"] == 10 and figures[4]["tokens_per_s"] == 20
