@@ -1,9 +1,10 @@
 """FSDP2 against DDP on two local gloo workers (CPU), every figure measured in this one run.
 
 - fsdp_vs_ddp_throughput: training tokens/s of `--strategy fsdp` over `--strategy ddp`, same
-  config and data (tiny preset, 2 workers, one thread each), the loop's own whole-run figure
-  (run_tokens_per_s); rounds alternate which strategy goes first; median of the per-round
-  ratios, with their spread.
+  config and data (tiny preset, 2 workers, one thread each), over `--steps` steps after
+  WARMUP_STEPS (10) untimed ones on each side (FSDP's first steps on a CPU are several times
+  slower), from the loop's own reports; rounds alternate which strategy goes first; median
+  of the per-round ratios, with their spread.
 - checkpoint save/load seconds, sharded (torch.distributed.checkpoint, every worker writes its
   shard) against full (rank 0 writes state.pt; every worker reads it), for the same model and
   optimizer state (`--ckpt-size` preset, default medium), each through the loop's own save and
@@ -31,9 +32,30 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.config import MODEL_PRESETS, TrainConfig
+from orchestrator.runs import read_metrics
 from orchestrator.training.local_workers import train_on_local_workers
 from scripts.flags import require_at_least
 from scripts.rounds import median_ratio, rotated
+
+
+# Steps each side runs untimed before its --steps are timed (FSDP's first steps on a CPU ran
+# at 854 and 3,557 tok/s, then ~20k: a whole-run figure carried them).
+WARMUP_STEPS = 10
+
+
+def steady_tokens_per_s(run_dir: Path) -> float:
+    """Tokens/s over the run's steps after WARMUP_STEPS, from its reports (metrics.jsonl; one
+    every WARMUP_STEPS steps): the timed steps over the time their intervals' tokens_per_s
+    say they took (each step's tokens alike, they cancel)."""
+    steps = seconds_per_token_of_a_step = 0.0
+    previous = 0
+    for report in read_metrics(run_dir):
+        step = int(report["step"])
+        if previous >= WARMUP_STEPS:
+            steps += step - previous
+            seconds_per_token_of_a_step += (step - previous) / report["tokens_per_s"]
+        previous = step
+    return steps / seconds_per_token_of_a_step
 
 
 def throughput_rounds(rounds: int, steps: int, workdir: Path) -> dict:
@@ -41,13 +63,17 @@ def throughput_rounds(rounds: int, steps: int, workdir: Path) -> dict:
     for r in range(rounds):
         got = {}
         for strategy in rotated(["ddp", "fsdp"], r):
-            config = TrainConfig(model_size="tiny", batch_size=8, seq_len=64, max_steps=steps,
-                                 checkpoint_every=steps, log_every=steps, warmup_steps=5,
-                                 eval_batches=1, strategy=strategy)
-            outcome = train_on_local_workers(config, workdir / f"{strategy}-{r}")
+            # WARMUP_STEPS untimed steps first on both sides (a report at their end), then
+            # `steps` timed ones.
+            config = TrainConfig(model_size="tiny", batch_size=8, seq_len=64,
+                                 max_steps=WARMUP_STEPS + steps,
+                                 checkpoint_every=WARMUP_STEPS + steps, log_every=WARMUP_STEPS,
+                                 warmup_steps=5, eval_batches=1, strategy=strategy)
+            run_dir = workdir / f"{strategy}-{r}"
+            outcome = train_on_local_workers(config, run_dir)
             if "error" in outcome:
                 raise SystemExit(f"{strategy} run failed: {outcome['error']}")
-            got[strategy] = outcome["metrics"]["run_tokens_per_s"]
+            got[strategy] = steady_tokens_per_s(run_dir)
             rates[strategy].append(got[strategy])
         print(f"round {r + 1}: ddp {got['ddp']:,.0f} tok/s, fsdp {got['fsdp']:,.0f} tok/s",
               flush=True)

@@ -61,8 +61,14 @@ def test_fsdp_and_ddp_go_first_in_turn_and_their_ratio_is_per_round(monkeypatch,
     rates = {"ddp": iter([100.0, 200.0, 300.0]), "fsdp": iter([50.0, 300.0, 150.0])}
 
     def fake_workers(config, run_dir):
+        from orchestrator.runs import append_metrics
+
         order.append(config.strategy)
-        return {"metrics": {"run_tokens_per_s": next(rates[config.strategy])}}
+        # The warm-up's report (left out), then the timed steps' (bench_fsdp reads both).
+        append_metrics(run_dir, {"step": bench_fsdp.WARMUP_STEPS, "tokens_per_s": 1.0}, None)
+        append_metrics(run_dir, {"step": config.max_steps,
+                                 "tokens_per_s": next(rates[config.strategy])}, None)
+        return {"metrics": {"step": config.max_steps}}
 
     monkeypatch.setattr(bench_fsdp, "train_on_local_workers", fake_workers)
     figures = bench_fsdp.throughput_rounds(3, 4, tmp_path)
@@ -103,3 +109,31 @@ def test_checkpoint_rounds_are_timed_after_a_warm_up_of_each_kind(monkeypatch, t
     # One measured round: its own ratio, and a spread of that one.
     assert figures["sharded_vs_full_save_spread"][0] == figures["sharded_vs_full_save_spread"][1]
     assert figures["full_checkpoint_mb"] > 0 and figures["sharded_checkpoint_mb"] > 0
+
+
+def test_fsdp_throughput_leaves_out_the_same_warm_up_steps_on_both_sides(monkeypatch, tmp_path):
+    # FSDP's first steps on a CPU are slow (854 and 3,557 tok/s, then ~20k): the whole-run
+    # figure (run_tokens_per_s) carried them. Each side now runs WARMUP_STEPS untimed steps
+    # first, and its tokens/s is over the --steps after them alone, read off its reports.
+    from orchestrator.runs import append_metrics
+
+    configs = []
+
+    def fake_workers(config, run_dir):
+        configs.append(config)
+        slow = 100.0 if config.strategy == "fsdp" else 1000.0  # the warm-up's tokens/s
+        fast = 1000.0 if config.strategy == "fsdp" else 2000.0
+        previous = 0
+        for step in range(config.log_every, config.max_steps + 1, config.log_every):
+            rate = slow if step <= bench_fsdp.WARMUP_STEPS else fast
+            append_metrics(run_dir, {"step": step, "tokens_per_s": rate}, None)
+            previous = step
+        assert previous == config.max_steps
+        return {"metrics": {"step": config.max_steps, "run_tokens_per_s": 1.0}}
+
+    monkeypatch.setattr(bench_fsdp, "train_on_local_workers", fake_workers)
+    figures = bench_fsdp.throughput_rounds(1, 4 * bench_fsdp.WARMUP_STEPS, tmp_path)
+    assert [(c.strategy, c.max_steps) for c in configs] == [
+        ("ddp", 5 * bench_fsdp.WARMUP_STEPS), ("fsdp", 5 * bench_fsdp.WARMUP_STEPS)]
+    assert figures["ddp_tokens_per_s"] == 2000 and figures["fsdp_tokens_per_s"] == 1000
+    assert figures["fsdp_vs_ddp_throughput"] == 0.5
