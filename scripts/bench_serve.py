@@ -144,30 +144,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "must be a TCP port in [0, 65535] (0: a free one)")
     # Both found only later, as tracebacks: a missing model when the model-alone phase loaded
     # it (CheckpointError), a context the fresh models' TrainConfig refuses (ConfigError).
-    from orchestrator.serving.loading import model_directories
+    from orchestrator.serving.loading import load_model, model_directories
     from orchestrator.training.checkpoint import CheckpointError
 
+    # The loads' longest requests (a longer one than a model's context: a CapacityError
+    # traceback in the model-alone phase, and 400s counted as failures when served).
+    longest_requests = (
+        (MIXED.prompt[1] + MIXED.max_tokens[1],
+         f"the mixed load's longest prompt, {MIXED.prompt[1]} tokens, and max_tokens "
+         f"{MIXED.max_tokens[1]}"),
+        (EQUAL_PROMPT[1] + args.max_tokens,
+         f"the equal load's longest prompt, {EQUAL_PROMPT[1]} tokens, and "
+         f"--max-tokens {args.max_tokens}"))
     for flag, path in (("--checkpoint", args.checkpoint),
                        ("--reload-checkpoint", args.reload_checkpoint)):
+        if path is None:
+            continue
         try:
-            if path is not None:
-                model_directories(path)
+            model_directories(path)
+            # (no reader of a checkpoint's config alone: loaded, as the model-alone phase
+            # loads it next)
+            context = load_model(path).block_size
         except CheckpointError as e:
             p.error(f"{flag} {path}: {e}")
+        for longest, what in longest_requests:
+            if context < longest:
+                p.error(f"{flag} {path}: its context, {context} tokens, must be >= {longest} "
+                        f"({what})")
     if args.checkpoint is None or args.reload_checkpoint is None:  # a fresh model is made
         try:
             TrainConfig(model_size=args.model_size, seq_len=args.context)
         except ConfigError as e:
             p.error(f"--context {args.context}: {e}")
-        # (a longer request: a CapacityError traceback in the model-alone phase, and 400s
-        # counted as failures when served)
-        for longest, what in (
-                (MIXED.prompt[1] + MIXED.max_tokens[1],
-                 f"the mixed load's longest prompt, {MIXED.prompt[1]} tokens, and max_tokens "
-                 f"{MIXED.max_tokens[1]}"),
-                (EQUAL_PROMPT[1] + args.max_tokens,
-                 f"the equal load's longest prompt, {EQUAL_PROMPT[1]} tokens, and "
-                 f"--max-tokens {args.max_tokens}")):
+        for longest, what in longest_requests:
             require(p, args, ("context",), lambda context: context >= longest,
                     f"must be >= {longest} ({what})")
     # (0 read as "not given": the app's default ran, and nothing said so)

@@ -337,3 +337,20 @@ def test_the_model_alones_batch_of_1_runs_the_batchs_own_prompts(monkeypatch):
     # 4 rows alone: 4 s; batched: 2 s, for the same 40 tokens.
     assert gain["ratio"] == 2.0
     assert figures[1]["tokens_per_s"] == 10 and figures[4]["tokens_per_s"] == 20
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint", "--reload-checkpoint"])
+def test_a_users_checkpoint_too_short_for_the_loads_is_refused_naming_the_flag(flag, tmp_path,
+                                                                              capsys):
+    # Accepted; the model-alone phase's first long mixed request raised CapacityError as a
+    # traceback ("maximum context length is 64 tokens, however you requested 227 tokens").
+    from orchestrator.serving.loading import save_untrained_checkpoint
+
+    short = save_untrained_checkpoint(tmp_path / "short", "tiny", seq_len=64)
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args([flag, str(short)])
+    assert exit_.value.code == 2
+    assert (f"{flag} {short}: its context, 64 tokens, must be >= 328 (the mixed load's longest "
+            "prompt, 200 tokens, and max_tokens 128)") in capsys.readouterr().err
+    long_enough = save_untrained_checkpoint(tmp_path / "long", "tiny", seq_len=328)
+    bench.parse_args([flag, str(long_enough)])
