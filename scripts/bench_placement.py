@@ -37,8 +37,9 @@ persistence included: actor_placements_per_s = jobs placed / wall time.
     python -m scripts.bench_placement [--nodes 10000] [--jobs 2000] [--seed 0] [--no-actor]
                                       [--actor-jobs 1000] [--profile N]
 
---nodes is at most 100,000 (orchestrator.cluster_model.MAX_SERVERS, the simulator's bound);
---actor-jobs at most --jobs (default 1,000, or --jobs where fewer).
+--nodes is at most 100,000 (orchestrator.cluster_model.MAX_SERVERS, the simulator's bound),
+--jobs at most 1,000,000 (scripts.gen_constrained_trace.MAX_JOBS), --actor-jobs at most --jobs
+(default 1,000, or --jobs where fewer).
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ from orchestrator.placement import Placement, bottleneck_gbps
 from orchestrator.policies import best_fit, first_fit
 from orchestrator.policies import live_place as ours
 from scripts.flags import require, require_at_least
+from scripts.gen_constrained_trace import MAX_JOBS
 
 NOW = 1_000.0
 TARGET_PLACEMENTS_PER_S = 1_000.0
@@ -508,7 +510,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=10_000,
                         help=f"nodes of each cluster ({RACK_SIZE} to {MAX_SERVERS:,})")
-    parser.add_argument("--jobs", type=int, default=2_000, help="jobs per cluster's stream")
+    parser.add_argument("--jobs", type=int, default=2_000,
+                        help=f"jobs per cluster's stream (at most {MAX_JOBS:,})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-actor", action="store_true",
                         help="skip the live SchedulerActor part (needs Ray)")
@@ -530,6 +533,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"must be <= --jobs ({args.jobs}): the actor places the declared stream's first jobs")
     require(parser, args, ("nodes",), lambda n: n <= MAX_SERVERS,
             f"must be <= {MAX_SERVERS} (the simulator's --cluster bound)")
+    require(parser, args, ("jobs",), lambda n: n <= MAX_JOBS,
+            f"must be <= {MAX_JOBS} (scripts.gen_constrained_trace's --jobs bound)")
     require_at_least(parser, args, 0, "seed")  # numpy's default_rng takes no negative seed
     result = run(args.nodes, args.jobs, args.seed, actor=not args.no_actor,
                  actor_jobs=args.actor_jobs, profile=args.profile)

@@ -157,6 +157,8 @@ def test_same_seed_same_clusters_and_streams():
      "jobs, got 8"),
     # No bound: 100,000,000 nodes built for minutes until memory ran out.
     (["--nodes", "100000000", "--no-actor"], "--nodes must be <= 100000 (the simulator's --cluster bound), got 100000000"),
+    (["--jobs", "1000000000", "--no-actor"],
+     "--jobs must be <= 1000000 (scripts.gen_constrained_trace's --jobs bound), got 1000000000"),
 ])
 def test_flags_the_run_cannot_honour_are_refused_naming_the_flag(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
