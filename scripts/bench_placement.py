@@ -519,7 +519,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the declared stream's first jobs placed through the actor "
                              "(default: 1,000, or --jobs where fewer; at most --jobs)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="also cProfile N jobs of the measured stream, to stderr")
+                        help="also cProfile N jobs of the measured stream, to stderr "
+                             "(at most --jobs)")
     args = parser.parse_args(argv)
     if args.nodes < RACK_SIZE or args.jobs < 1:
         parser.error(f"--nodes must be >= {RACK_SIZE} and --jobs >= 1")
@@ -531,6 +532,9 @@ def main(argv: list[str] | None = None) -> dict:
     # in the JSON alone; no bound on --nodes: 100,000,000 built until memory ran out)
     require(parser, args, ("actor_jobs",), lambda n: n <= args.jobs,
             f"must be <= --jobs ({args.jobs}): the actor places the declared stream's first jobs")
+    # (more: the stream's jobs profiled, under a header naming the number asked)
+    require(parser, args, ("profile",), lambda n: n <= args.jobs,
+            f"must be <= --jobs ({args.jobs}): it profiles the measured stream's first jobs")
     require(parser, args, ("nodes",), lambda n: n <= MAX_SERVERS,
             f"must be <= {MAX_SERVERS} (the simulator's --cluster bound)")
     require(parser, args, ("jobs",), lambda n: n <= MAX_JOBS,

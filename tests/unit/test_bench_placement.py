@@ -157,6 +157,9 @@ def test_same_seed_same_clusters_and_streams():
      "jobs, got 8"),
     # No bound: 100,000,000 nodes built for minutes until memory ran out.
     (["--nodes", "100000000", "--no-actor"], "--nodes must be <= 100000 (the simulator's --cluster bound), got 100000000"),
+    # (3 jobs profiled, and the header said "cProfile of 500 jobs")
+    (["--nodes", "16", "--jobs", "3", "--no-actor", "--profile", "500"],
+     "--profile must be <= --jobs (3): it profiles the measured stream's first jobs, got 500"),
     (["--jobs", "1000000000", "--no-actor"],
      "--jobs must be <= 1000000 (scripts.gen_constrained_trace's --jobs bound), got 1000000000"),
 ])
