@@ -615,8 +615,11 @@ def benchmark(args: argparse.Namespace, checkpoints: Path) -> int:
 
     from ray_layer.serve_app import deploy_config, wait_for_app
 
-    first, second = fresh_checkpoints(args.model_size, args.context, checkpoints)
-    first, second = args.checkpoint or first, args.reload_checkpoint or second
+    # (only where one is missing: --context is checked for the fresh models alone)
+    first, second = (args.checkpoint, args.reload_checkpoint)
+    if first is None or second is None:
+        fresh = fresh_checkpoints(args.model_size, args.context, checkpoints)
+        first, second = first or fresh[0], second or fresh[1]
     out: dict = run_settings(args)
     alone, gain = model_alone(first, args.max_batch_size, args.max_tokens)
     out["model_alone_tokens_per_s"] = {f"batch_{k}": v["tokens_per_s"] for k, v in alone.items()}

@@ -354,3 +354,23 @@ def test_a_users_checkpoint_too_short_for_the_loads_is_refused_naming_the_flag(f
             "prompt, 200 tokens, and max_tokens 128)") in capsys.readouterr().err
     long_enough = save_untrained_checkpoint(tmp_path / "long", "tiny", seq_len=328)
     bench.parse_args([flag, str(long_enough)])
+
+
+def test_no_fresh_model_is_made_where_both_checkpoints_are_given(tmp_path, monkeypatch):
+    # Two fresh GPTs were written whatever was given: with both checkpoints named, their
+    # --context (checked only where a fresh model is made) reached TrainConfig unchecked, a
+    # ConfigError traceback ("seq_len must be <= 8192"), and otherwise the writing was wasted.
+    from orchestrator.serving.loading import save_untrained_checkpoint
+
+    model = str(save_untrained_checkpoint(tmp_path / "mine", "tiny", seq_len=400))
+    monkeypatch.setattr(bench, "fresh_checkpoints", lambda *a: pytest.fail("fresh models"))
+    served = []
+
+    def stop(checkpoint, *_):
+        served.append(checkpoint)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(bench, "model_alone", stop)
+    with pytest.raises(RuntimeError, match="stop"):
+        bench.main(["--checkpoint", model, "--reload-checkpoint", model, "--context", "100000"])
+    assert served == [model]
