@@ -139,14 +139,21 @@ def prepare_fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] |
     return per_worker, directory
 
 
+def runs_on_embedded_ray(address: str | None) -> bool:
+    """Whether a job would run on an embedded Ray on this machine: no address, no
+    RAY_ADDRESS, Ray not started here. Every worker then runs on this machine."""
+    ray = sys.modules.get("ray")
+    return not (address or os.environ.get("RAY_ADDRESS")
+                or (ray is not None and ray.is_initialized()))
+
+
 def refuse_what_embedded_ray_cannot_hold(spec: JobSpec, address: str | None) -> None:
     """JobFailed (EXIT_NOT_PLACEABLE) for a job that asks more CPUs than this machine has when
     it would run on an embedded Ray (no address, no RAY_ADDRESS, Ray not started here): the
     scheduler refused it only once Ray and the node agents had started, some seconds on. The
     machine's CPU count is at least what Ray counts (it may count fewer, under a cgroup
     limit), so nothing Ray would hold is refused here."""
-    ray = sys.modules.get("ray")
-    if address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+    if not runs_on_embedded_ray(address):
         return
     cpus = os.cpu_count() or 1
     if spec.total_cpus > cpus:

@@ -199,6 +199,25 @@ LOWER_MEMORY = ("lower --batch-size or --seq-len (--accumulation keeps the token
                 "step) or --model-size")
 
 
+def cpu_memory_refusal(config: TrainConfig, workers: int, available_bytes: int,
+                       where: str) -> str | None:
+    """Why a CPU run whose `workers` workers all run on one node (`where`: an embedded Ray's
+    machine) cannot fit its available RAM by the estimate, or None. The estimate is
+    `--dry-run`'s on a CPU (fp32 unless --precision says otherwise), without the GPU
+    runtime's overhead: refused only where the run clearly cannot fit, instead of the
+    kernel's OOM killer ending a worker mid-run."""
+    estimate = worker_memory(config, workers, on_gpu=False)
+    need = estimate.total * workers
+    if need <= available_bytes:
+        return None
+    compute = "fp32" if shape_of(config, on_gpu=False).compute_bytes == FP32 else "16-bit"
+    return (f"this run needs about {need / GIB:,.1f} GiB of RAM on {where} by the estimate: "
+            f"{estimate.total / GIB:,.1f} GiB per worker ({sizing_flags(config)}, {compute} "
+            f"on CPU) x {workers} worker(s) (--num-workers {workers}, each on {where}), and it "
+            f"has {available_bytes / GIB:,.1f} GiB available: {LOWER_MEMORY}"
+            f"{' or --num-workers' if workers > 1 else ''}, or give --address of a cluster")
+
+
 def parameters_label(count: int) -> str:
     """A model's size wherever one is shown (the dry run, the training banner, compression's
     distill line and --student-size refusal, the benchmarks): every parameter, the position

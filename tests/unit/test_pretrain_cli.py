@@ -648,3 +648,38 @@ def test_a_failed_write_of_config_or_summary_keeps_the_files_there_and_is_said(t
         "cannot be written: File too large" in done.stdout
     assert f"summary: file {run_dir / 'summary.json'} cannot be written: File too large" \
         in done.stdout and f"the run finished: its checkpoints are in {run_dir} 4" in done.stdout
+
+
+def test_a_cpu_run_past_this_machines_memory_is_refused_before_ray_starts(
+        tmp_path, monkeypatch, capsys):
+    """gpt2-xl at 8 x 1024 on CPUs (about 67 GiB per worker by the estimate, fp32) on an
+    embedded Ray: the dry run said it would be placed, and a run was killed by the kernel's OOM
+    killer mid-run (a Ray worker-died message). Refused before Ray starts, in one line naming
+    the flags that size it and the need vs what this machine has available."""
+    from orchestrator import probes
+    import ray_layer.launch as ray_launch
+    from jobs import pretrain
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(probes, "memory_within_cgroup", lambda: (24 * 2**30, 17 * 2**30))
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was reached")
+    monkeypatch.setattr(ray_launch, "dry_run_placement", no_ray)
+    monkeypatch.setattr(ray_launch, "launch", no_ray)
+    big = ["--model-size", "gpt2-xl", "--batch-size", "8", "--seq-len", "1024"]
+    for extra in (["--dry-run"], []):
+        code = pretrain.main([*big, *extra, "--run-dir", str(tmp_path / "xl")])
+        err = capsys.readouterr().err
+        assert code == 3, err
+        line = err.strip().splitlines()[-1]
+        assert "--model-size gpt2-xl, --batch-size 8 x --seq-len 1024 per worker" in line
+        assert "x 2 worker(s) (--num-workers 2" in line
+        assert "17.0 GiB available" in line and "134.8 GiB" in line, line
+    assert not (tmp_path / "xl").exists()
+    # A run that fits is not refused here (the placement is asked, as before).
+    monkeypatch.setattr(ray_launch, "dry_run_placement", lambda spec, address: (_ for _ in ()
+                                                                                ).throw(KeyError))
+    with pytest.raises(KeyError):
+        pretrain.run(pretrain.parse_args(["--model-size", "tiny", "--dry-run",
+                                          "--run-dir", str(tmp_path / "tiny")]))
