@@ -20,7 +20,8 @@ What it decides:
   if it ends before that, or uses only capacity the head does not need then (the *extra*: its
   workers still fit beside it, node by node), or capacity the head cannot use at all
   (another accelerator type). Without estimates, only the last. A job refused so is asked
-  again on the families its refused placement did not use (_backfill_elsewhere).
+  again without the families on which its refused placement took the delayed job's nodes
+  (_backfill_elsewhere).
   Look-ahead is bounded by cost (failed placement attempts per pass), not by a count of
   jobs: a job whose shape already failed in this pass, or whose GPU/CPU count exceeds what
   is free, costs a dict look-up.
@@ -1642,7 +1643,8 @@ class SchedulerCore:
                 continue
             delayed = self._delays(plans, spec, placement, now, job.expected_left_s)
             if delayed is not None:
-                elsewhere = self._backfill_elsewhere(plans, job, placement, now, free_gpus)
+                elsewhere = self._backfill_elsewhere(plans, job, placement, now, free_gpus,
+                                                     delayed)
                 if elsewhere is not None:
                     placement, delayed = elsewhere, None
             if delayed is not None:
@@ -1745,13 +1747,17 @@ class SchedulerCore:
         return None
 
     def _backfill_elsewhere(self, plans: list[_HeadPlan], job: QueuedJob, placement: Placement,
-                            now: float, free_gpus: dict[int, int]) -> Placement | None:
-        """A placement of `job` that delays no plan, on the families `placement` (refused: it
-        would delay one) did not use: the placement (the policy's, or place()'s family by
-        family) is asked again without them, until one delays no plan or no family is left;
-        None if none. Without it a job refused on its first family waited beside free GPUs
-        of its others (Gavel-style tries the fastest type first: at 13% allocation a 1-GPU
-        job of any family waited 311 s behind an A100 gang job's reservation)."""
+                            now: float, free_gpus: dict[int, int],
+                            delayed: _HeadPlan) -> Placement | None:
+        """A placement of `job` that delays no plan, without the families on which
+        `placement` (refused: it would delay plan `delayed`) took that plan's nodes: the
+        placement (the policy's, or place()'s family by family) is asked again without them,
+        until one delays no plan or no family is left; None if none. Without it a job refused
+        on its first family waited beside free GPUs of its others (Gavel-style tries the
+        fastest type first: at 13% allocation a 1-GPU job of any family waited 311 s behind
+        an A100 gang job's reservation). Only the families where it hit the plan are left
+        out: a placement over two families (first-fit's one free T4 GPU and three A100s)
+        dropped both, and the job waited beside idle A100s the T4-only head cannot use."""
         spec = job.spec
         if not spec.gpus_per_worker:
             return None
@@ -1759,8 +1765,10 @@ class SchedulerCore:
         index = t.index
         left = [f for f in (allowed_families(spec) or t.families) if t.families.get(f)]
         while True:
-            used = {int(t.family[index[r.node_id]]) for r in placement.reservations()
-                    if r.node_id in index}
+            rows = [index[r.node_id] for r in placement.reservations() if r.node_id in index]
+            used = {int(t.family[row]) for row in rows
+                    if row < len(delayed.usable) and delayed.usable[row]} \
+                or {int(t.family[row]) for row in rows}
             # (A family with fewer free GPUs than one worker takes cannot help: no place() call)
             left = [f for f in left if t.families[f] not in used
                     and free_gpus.get(t.families[f], 0) >= spec.gpus_per_worker]
@@ -1771,7 +1779,8 @@ class SchedulerCore:
                                         job.owner, free_gpus=free_gpus)
             except PlacementError:
                 return None
-            if self._delays(plans, spec, placement, now, job.expected_left_s) is None:
+            delayed = self._delays(plans, spec, placement, now, job.expected_left_s)
+            if delayed is None:
                 return placement
 
     def _first_in_line(self, now: float) -> QueuedJob | None:

@@ -2792,3 +2792,26 @@ def test_a_bad_saved_heartbeat_limit_beside_its_partner_costs_the_pair_alone():
     assert settings == dataclasses.replace(core.settings, suspect_after_s=15.0,
                                            dead_after_s=60.0)
     SchedulerCore(settings)
+
+
+def test_a_backfill_refused_over_two_families_is_asked_again_without_only_the_delayed_ones():
+    # A policy's placement over two families (first-fit in table order: the T4 node's one free
+    # GPU, then three A100s) is refused as backfill: its T4 GPU would delay the T4-only head.
+    # It was asked again without both families it used, so none was left and x waited beside
+    # eight idle A100s the head cannot use (the simulator's random and type-blind policies,
+    # constrained trace). Only the families where it would delay a plan are left out now.
+    from orchestrator.policies import first_fit
+    reports = (gpu_node("t4", family="T4"), gpu_node("a1"), gpu_node("a2"))
+    core = SchedulerCore(SchedulerSettings(min_run_s=10.0, suspect_after_s=1e4,
+                                           dead_after_s=1e5, queue_order="fifo"),
+                         policy=first_fit)
+    core.ray_nodes({r.node_id for r in reports}, set(), T0)
+    for r in reports:
+        assert core.report(r, T0).decision is True
+    first = core.submit(gpus("r1", 3, accelerator_types=("T4",), expected_duration_s=1000),
+                        "d", T0).decision
+    assert isinstance(first, Placement) and first.nodes == ["t4"]
+    assert isinstance(core.submit(gpus("head", 4, accelerator_types=("T4",)), "d",
+                                  T0 + 1).decision, Queued)
+    x = core.submit(gpus("x", 4, accelerator_types=("A100", "T4")), "d", T0 + 2).decision
+    assert isinstance(x, Placement) and set(x.nodes) <= {"a1", "a2"}
