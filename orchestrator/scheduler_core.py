@@ -2327,22 +2327,32 @@ class SchedulerCore:
         best = max(speeds[f] for f in faster)
         if remaining * (1 - here / best) <= self.settings.restart_cost_s:
             return None  # not worth it even on the fastest free family
-        try:  # placed under the claim's name: the job itself still holds its reservation
-            target = self._place(spec.narrowed(name=spec.name + CLAIM_SUFFIX,
-                                                     accelerator_types=tuple(sorted(faster))),
-                                 now, job.placement.owner, trial=True)
-        except PlacementError:
-            return None
-        if target.bottleneck_gbps < job.placement.bottleneck_gbps:
-            # The gain counts accelerator speed alone, no network: a job on one node moved
-            # to 2 + 2 faster GPUs across 10 GbE for it (its gradients then cross that link
-            # every step). Never traded away: it waits for a target as well connected.
-            return None
-        gain = remaining * (1 - here / self.speed(spec, self._family_of(target, spec)))
-        if gain <= self.settings.restart_cost_s:
-            return None
-        job.no_target_at = None
-        return target
+        # A policy's placement (the simulator's baselines) is blind to families: asked over
+        # all the faster ones, best-fit took the tightest node, a slower family's, and the
+        # job moved again min_run_s later, paying two restarts for one move. Such a policy
+        # is asked family by family, fastest first, then over them all (the core's own
+        # placement chooses the family itself).
+        tries = [(f,) for f in sorted(faster, key=lambda f: -speeds[f])
+                 if free[f] >= spec.total_gpus] if self.policy is not None else []
+        for families in [*tries, tuple(sorted(faster))]:
+            try:  # placed under the claim's name: the job itself still holds its reservation
+                target = self._place(spec.narrowed(name=spec.name + CLAIM_SUFFIX,
+                                                   accelerator_types=families),
+                                     now, job.placement.owner, trial=True)
+            except PlacementError:
+                continue
+            if target.bottleneck_gbps < job.placement.bottleneck_gbps:
+                # The gain counts accelerator speed alone, no network: a job on one node
+                # moved to 2 + 2 faster GPUs across 10 GbE for it (its gradients then cross
+                # that link every step). Never traded away: it waits for a target as well
+                # connected.
+                continue
+            gain = remaining * (1 - here / self.speed(spec, self._family_of(target, spec)))
+            if gain <= self.settings.restart_cost_s:
+                continue
+            job.no_target_at = None
+            return target
+        return None
 
     def _family_of(self, placement: Placement, spec: JobSpec) -> str:
         """The slowest accelerator family among the placement's nodes (it sets the pace)."""
