@@ -429,11 +429,12 @@ def resolve_data(args: argparse.Namespace, run_dir: Path) -> DataSetup:
         init_from=args.init_from, saved=saved, run_dir=run_dir, data_flags=_data_flags(args),
         dry_run=args.dry_run)
     if saved is not None and setup.tokenizer is not None:  # (None: a dry run's untrained BPE)
-        # The model the run started from and the spans' start it set stay the run's own: a
-        # resume loads neither (its checkpoint's weights), and without --init-from given
-        # again (--data given again: configure_data starts afresh) config.json lost them.
-        setup.fields.update({name: saved[name] for name in ("init_from", "span_init")
-                             if name in saved})
+        # The model the run started from, the spans' start and the MLP width it set stay the
+        # run's own: a resume loads neither (its checkpoint's weights), and without
+        # --init-from given again (--data given again: configure_data starts afresh)
+        # config.json lost them (a pruned model's narrower MLP: its checkpoint would not load).
+        setup.fields.update({name: saved[name] for name in ("init_from", "span_init",
+                                                            "mlp_hidden") if name in saved})
         problems = resume_data_conflicts(saved, setup.fields, setup.plan)
         if problems:
             raise ConfigError(f"--resume: {run_dir}: {'; '.join(problems)}. Start a new run "

@@ -350,6 +350,9 @@ class TrainConfig:
     vocab_size: int = 256
     tokenizer_sha256: str = ""  # sha256 of the run's tokenizer.json; "" = bytes (old runs)
     init_from: str = ""  # a GPT-2-shaped Hugging Face model directory the weights start from
+    # The MLP's hidden width in every block; None = 4 x n_embd (the presets'). Set by
+    # --init-from from the model's n_inner: an export of a model pruned to one MLP width.
+    mlp_hidden: int | None = None
     # Data parallelism (orchestrator/training/strategy.py): "ddp" (every worker holds the
     # model) or "fsdp" (FSDP2: parameters, gradients, optimizer state sharded over workers).
     strategy: str = "ddp"
@@ -378,6 +381,9 @@ class TrainConfig:
         for name in ("data_cache", "data_key", "tokenizer_sha256", "init_from"):
             _check(p, isinstance(getattr(self, name), str),
                    f"{_named(name)} must be a string, got {getattr(self, name)!r}")
+        _check(p, self.mlp_hidden is None or is_int(self.mlp_hidden) and self.mlp_hidden >= 1,
+               f"{_named('mlp_hidden')} must be an integer >= 1 or null (null: 4 x n_embd), "
+               f"got {self.mlp_hidden!r}")
         preset_valid = _check(p, isinstance(self.model_size, str)  # (a list: unhashable)
                               and self.model_size in MODEL_PRESETS,
                               f"{_named('model_size')} must be one of {', '.join(MODEL_PRESETS)}, "

@@ -563,8 +563,6 @@ def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise ExportError(f"--init-from: {path}: activation_function {json.dumps(activation)}"
                           "; ours is the GELU (gelu, or the tanh GELU's close variants "
                           f"{', '.join(TANH_GELUS)})")
-    if config.get("n_inner") not in (None, 4 * config["n_embd"]):
-        raise ExportError(f"--init-from: {path}: n_inner {config['n_inner']} is not 4 x n_embd")
     weight_files(directory)  # present, or the error says what is there instead
     return config
 
@@ -631,8 +629,9 @@ def expected_hf_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     per_block = {"ln_1.weight": (e,), "ln_1.bias": (e,), "ln_2.weight": (e,), "ln_2.bias": (e,),
                  "attn.c_attn.weight": (e, 3 * e), "attn.c_attn.bias": (3 * e,),
                  "attn.c_proj.weight": (e, e), "attn.c_proj.bias": (e,),
-                 "mlp.c_fc.weight": (e, 4 * e), "mlp.c_fc.bias": (4 * e,),
-                 "mlp.c_proj.weight": (4 * e, e), "mlp.c_proj.bias": (e,)}
+                 "mlp.c_fc.weight": (e, inner := config.get("n_inner") or 4 * e),
+                 "mlp.c_fc.bias": (inner,), "mlp.c_proj.weight": (inner, e),
+                 "mlp.c_proj.bias": (e,)}
     for i in range(config["n_layer"]):
         shapes.update({f"transformer.h.{i}.{name}": shape for name, shape in per_block.items()})
     return shapes
@@ -714,6 +713,13 @@ def model_size_of(config: dict[str, Any], where: str) -> str:
     raise ExportError(f"--init-from {where}: shape n_layer x n_head x n_embd = "
                       f"{shape['n_layer']}x{shape['n_head']}x{shape['n_embd']} is none of the "
                       f"model presets ({presets})")
+
+
+def mlp_hidden_of(config: dict[str, Any]) -> int | None:
+    """TrainConfig.mlp_hidden of a GPT-2 config: its n_inner (an MLP pruned to one width in
+    every layer exports as one), None where that is GPT-2's own 4 x n_embd."""
+    inner = config.get("n_inner")
+    return None if inner in (None, 4 * config["n_embd"]) else inner
 
 
 def check_init_context(directory: str | os.PathLike, seq_len: int) -> None:

@@ -390,11 +390,12 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
         return recorded_data(saved, run_dir,
                              cache_root if "--data-cache" in data_flags else None, data_flags)
     if init_from:
-        from orchestrator.hf_export import (check_hf_weights, init_warnings, model_size_of,
-                                            read_hf_config)
+        from orchestrator.hf_export import (check_hf_weights, init_warnings, mlp_hidden_of,
+                                            model_size_of, read_hf_config)
 
         hf = read_hf_config(init_from)
         fields["model_size"] = model_size_of(hf, init_from)
+        fields["mlp_hidden"] = mlp_hidden_of(hf)
         check_hf_weights(init_from, hf)  # here, not in every worker after Ray started
         fields["init_from"] = str(Path(init_from).expanduser().resolve())
         # A learnable span starts covering the whole context, so the model starts as the one

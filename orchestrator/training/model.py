@@ -78,9 +78,12 @@ class GPTConfig:
 
     @classmethod
     def from_train_config(cls, config: TrainConfig, vocab_size: int = 256) -> "GPTConfig":
+        preset = config.model_preset
         return cls(vocab_size=vocab_size, block_size=config.seq_len, dropout=config.dropout,
                    attention_span=config.attention_span, span_ramp=config.span_ramp,
-                   span_init=config.span_init, **config.model_preset)
+                   span_init=config.span_init, **preset,
+                   mlp_hidden=None if config.mlp_hidden is None
+                   else (config.mlp_hidden,) * preset["n_layer"])
 
 
 class MLP(nn.Module):

@@ -1,5 +1,7 @@
 """The training loop on the user's data: memory-mapped shards (exact resume still holds) and
 --init-from a Hugging Face GPT-2 directory."""
+import math
+
 import torch
 
 from orchestrator.config import TrainConfig
@@ -99,3 +101,40 @@ def test_compression_fine_tunes_on_the_teachers_own_data(tmp_path):
     assert " paragraph " in ByteTokenizer().decode(held_out.tolist())  # the user's text
     bundled = teacher_data({"checkpoint": "in-process"}, eval_tokens=100)
     assert torch.equal(bundled[1], split_corpus(load_corpus())[1])
+
+
+def test_a_model_pruned_to_one_mlp_width_comes_back_through_init_from(tmp_path):
+    # prune -> export -> fine-tune from it (pretrain.py --init-from, then --resume): the
+    # export's n_inner (an MLP narrower than 4 x n_embd in every layer) was refused
+    # ("n_inner 159 is not 4 x n_embd").
+    from jobs import pretrain
+    from orchestrator.compression.structured import Importance, compute_masks, shrink
+
+    torch.manual_seed(99)
+    dense = GPT(GPTConfig(vocab_size=257, block_size=64, n_layer=2, n_head=2, n_embd=64))
+    pruned = shrink(dense, compute_masks(dense, Importance(dense, "magnitude", "channels"),
+                                         0.25, scope="per_layer"))
+    width = pruned.config.mlp_hidden[0]
+    assert pruned.config.mlp_hidden == (width, width) and width < 4 * 64
+    export_gpt2(pruned, ByteTokenizer(), tmp_path / "hf")
+    run_dir = tmp_path / "run"
+    args = pretrain.parse_args(["--init-from", str(tmp_path / "hf"), "--run-dir", str(run_dir),
+                                "--max-steps", "1", "--seq-len", "32", "--batch-size", "2",
+                                "--lr", "0", "--min-lr", "0", "--warmup-steps", "0"])
+    setup = pretrain.resolve_data(args, run_dir)
+    config, spec = pretrain.build_configs(args, run_dir, setup.fields)
+    assert (config.model_size, config.mlp_hidden) == ("tiny", width)
+    tokenize_in_process(setup.plan, say=lambda _: None)
+    pretrain._write_resolved_config(run_dir, config, spec, setup.tokenizer)
+    result = train(config, LocalSession(run_dir, device=CPU))  # lr 0: the weights stay put
+    assert math.isfinite(result["loss"])
+    saved = load_checkpoint(LocalSession(run_dir).checkpoints()[-1])
+    expected = {**pruned.state_dict(), "pos_emb.weight": pruned.pos_emb.weight[:32]}
+    assert all(torch.equal(saved["model"][k], v) for k, v in expected.items())
+    # --resume goes on with the run's MLP width (its checkpoint holds that shape).
+    args = pretrain.parse_args(["--resume", "--run-dir", str(run_dir), "--max-steps", "2"])
+    setup = pretrain.resolve_data(args, run_dir)
+    assert pretrain.build_configs(args, run_dir, setup.fields)[0].mlp_hidden == width
+    # A config from before the field loads as the unpruned shape.
+    old = {k: v for k, v in config.to_dict().items() if k != "mlp_hidden"}
+    assert GPTConfig.from_train_config(TrainConfig.from_dict(old)).mlp_hidden is None
