@@ -32,8 +32,8 @@ from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEAB
                                   run_job)
 from orchestrator.launch import refuse_what_embedded_ray_cannot_hold, runs_on_embedded_ray
 from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError,
-                              has_checkpoints, not_a_run_dirs_files, resolve_run_dir,
-                              resume_point, run_dir_held)
+                              checkpoint_verdicts_kept, has_checkpoints, not_a_run_dirs_files,
+                              resolve_run_dir, resume_point, run_dir_held)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
 from orchestrator.validation import given_by_flags
@@ -218,7 +218,6 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
     """Validated configs; a ConfigError names every bad field at once. `data_fields`: the
     TrainConfig fields the data and tokenizer flags resolved to (configure_data)."""
     taken = inherit_run_settings(args, run_dir) if args.resume else []
-    resumed_at = resume_point(run_dir).step if args.resume else 0
     problems = _launcher_problems(args)
     fields = {"model_size": args.model_size, **(data_fields or {})}  # --init-from sets the size
     if "model_size" in getattr(args, "given", ()) and fields["model_size"] != args.model_size:
@@ -237,12 +236,6 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
                 accumulation=args.accumulation, min_lr=_min_lr(args),
                 checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
                 strategy=args.strategy, compile=args.compile, **fields)
-            # Accumulation vs --max-steps matters only where training happens: a finished
-            # run resumed with nothing to do (run: _already_complete) is said so, exit 0.
-            if never_steps := train_config.never_stepping_groups(from_step=resumed_at):
-                problems.append(never_steps)
-            if train_config.max_steps > resumed_at:
-                left_pending = train_config.left_pending_at_end(after=resumed_at)
         except ConfigError as e:
             problems.append(str(e))
         min_gpu_memory_gb = (_min_gpu_memory_gb(args, train_config)
@@ -265,6 +258,16 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
             problems.append(str(e))
     if problems:
         raise ConfigError("; ".join(problems))
+    # The step the resume goes on from: its newest checkpoint that verifies (resume_point
+    # hashes them: only once the flags are known good). Accumulation vs --max-steps matters
+    # only where training happens: a finished run resumed with nothing to do (run:
+    # _already_complete) is said so, exit 0.
+    resumed_at = resume_point(run_dir).step if args.resume else 0
+    with given_by_flags(getattr(args, "flags", {})):
+        if never_steps := train_config.never_stepping_groups(from_step=resumed_at):
+            raise ConfigError(never_steps)
+        if train_config.max_steps > resumed_at:
+            left_pending = train_config.left_pending_at_end(after=resumed_at)
     # Said, never refused: a first leg to be extended by `--resume --max-steps N` is meant
     # (loop.cosine_legs resumes during the warmup), and so are short smoke runs
     # (--max-steps 4, under the default warmup).
@@ -485,6 +488,13 @@ def resume_hint(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> dict | None:
+    # (a resume hashes its checkpoints once: build_configs' resume_point, then the ones
+    # run_dir_held sets aside)
+    with checkpoint_verdicts_kept():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict | None:
     started = time.time()
     try:
         run_dir = resolve_run_dir(args.run_dir, args.resume, DEFAULT_RUNS_ROOT, "pretrain",
@@ -587,9 +597,9 @@ def refuse_a_cpu_run_past_this_machine(train_config: TrainConfig, spec: JobSpec,
 
 def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
     """True (and says so) when the run already reached --max-steps (resume_point: a run
-    stopped before its end may be resumed with a lower one; a damaged checkpoint at or past
-    it does not count, and is named): nothing to start."""
-    point = resume_point(run_dir, train_config.max_steps)
+    stopped before its end may be resumed with a lower one; a damaged checkpoint does not
+    count, and is named): nothing to start."""
+    point = resume_point(run_dir)
     for step, problem in point.unusable:
         print(f"warning: the run's checkpoint of step {step} is unusable: {problem}",
               file=sys.stderr)

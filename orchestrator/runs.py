@@ -118,20 +118,69 @@ def _reports(data: bytes) -> list[dict[str, Any]]:
 
 class ResumePoint(NamedTuple):
     """Where a --resume of a run goes on from: `step` (0: from no checkpoint the metrics log
-    lists), and (step, why) of each logged checkpoint at or past --max-steps passed over as
-    unusable (a resume standing on it would have had nothing to do)."""
+    lists that verifies), and (step, why) of each newer logged checkpoint passed over as
+    unusable (set aside before the run starts: set_aside_corrupt)."""
 
     step: int
     unusable: tuple[tuple[int, str], ...] = ()
 
 
-def resume_point(run_dir: Path, max_steps: int | None = None) -> ResumePoint:
+def checkpoint_identity(directory: str | Path) -> tuple:
+    """The files of checkpoint `directory` as they are now: (name, inode, size, mtime_ns) of
+    each, by name (() when it cannot be listed). The same identity, the same bytes for all a
+    resume's checks are concerned: a file rewritten, cut or replaced changes one of them."""
+    try:
+        with os.scandir(directory) as entries:
+            return tuple(sorted((e.name, e.inode(), e.stat().st_size, e.stat().st_mtime_ns)
+                                for e in entries if e.is_file()))
+    except OSError:
+        return ()
+
+
+# _checkpoint_problem's verdicts, by directory: (identity, problem or None); kept only inside
+# checkpoint_verdicts_kept (one launch's checks), else None.
+_VERDICTS: dict[str, tuple[tuple, str | None]] | None = None
+
+
+@contextlib.contextmanager
+def checkpoint_verdicts_kept() -> Iterator[None]:
+    """Within it each checkpoint is hashed once while its files keep their identity
+    (checkpoint_identity): a resume's launcher asks for the same checkpoints twice (the step
+    it resumes from: resume_point; the corrupt ones it sets aside: set_aside_corrupt), which
+    read ~18 GiB each time for a gpt2-xl checkpoint."""
+    global _VERDICTS
+    outer = _VERDICTS
+    _VERDICTS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _VERDICTS = outer
+
+
+def _checkpoint_problem(directory: str | Path) -> str | None:
+    """checkpoint_problem, said again without hashing inside checkpoint_verdicts_kept for a
+    checkpoint whose files have not changed since."""
+    from orchestrator.training.checkpoint import checkpoint_problem  # (torch: imported late)
+
+    if _VERDICTS is None:
+        return checkpoint_problem(directory)
+    identity = checkpoint_identity(directory)
+    known = _VERDICTS.get(str(directory))
+    if identity and known is not None and known[0] == identity:
+        return known[1]
+    problem = checkpoint_problem(directory)
+    if identity:
+        _VERDICTS[str(directory)] = (identity, problem)
+    return problem
+
+
+def resume_point(run_dir: Path) -> ResumePoint:
     """The step a --resume of the run goes on from: its metrics log's last checkpoint that
     is still there (a run stopped before its end; one an operator deleted to roll back does
-    not count), or, where the log records no checkpoint, its summary's. With `max_steps`, a
-    checkpoint at or past it counts only when its files verify (checkpoint_problem): a damaged
-    final checkpoint made the resume "nothing to do" for ever; below it the training loop
-    verifies and falls back itself, so nothing is hashed here."""
+    not count) and whose files verify (checkpoint_problem: the loop falls back past a
+    damaged one, and the launcher sets it aside), or, where the log records no checkpoint,
+    its summary's. Within checkpoint_verdicts_kept, set_aside_corrupt then finds the same
+    verdicts without hashing them again."""
     logged = [r for r in read_metrics(run_dir) if isinstance(r.get("checkpoint"), str)]
     if not logged:
         summary = Path(run_dir) / SUMMARY_FILE
@@ -151,12 +200,7 @@ def resume_point(run_dir: Path, max_steps: int | None = None) -> ResumePoint:
                    reverse=True)
     unusable: list[tuple[int, str]] = []
     for step, checkpoint in there:
-        if max_steps is None or step < max_steps:
-            return ResumePoint(step, tuple(unusable))
-        # (imported here: torch, only for a checkpoint at or past max_steps)
-        from orchestrator.training.checkpoint import checkpoint_problem
-
-        problem = checkpoint_problem(checkpoint)
+        problem = _checkpoint_problem(checkpoint)
         if problem is None:
             return ResumePoint(step, tuple(unusable))
         unusable.append((step, problem))
@@ -227,11 +271,9 @@ def set_aside_corrupt(run_dir: Path) -> list[str]:
     good one are not read. With none that verifies nothing is renamed: the loop refuses to
     start over (no usable checkpoint), naming them, where set aside it would have started
     from scratch."""
-    from orchestrator.training.checkpoint import checkpoint_problem
-
     corrupt = []
     for directory in checkpoint_dirs(run_dir):
-        problem = checkpoint_problem(directory)
+        problem = _checkpoint_problem(directory)
         if problem is None:
             break
         corrupt.append((directory, problem))

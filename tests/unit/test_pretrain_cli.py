@@ -683,3 +683,27 @@ def test_a_cpu_run_past_this_machines_memory_is_refused_before_ray_starts(
     with pytest.raises(KeyError):
         pretrain.run(pretrain.parse_args(["--model-size", "tiny", "--dry-run",
                                           "--run-dir", str(tmp_path / "tiny")]))
+def test_a_resume_past_a_corrupt_newest_checkpoint_names_the_step_it_resumes_from(
+        tmp_path, capsys):
+    """The launcher worked out the resume's step from the metrics log's newest checkpoint
+    before the corrupt ones were set aside (set_aside_corrupt, under the run-dir lock): with
+    checkpoint 20 cut short, `--resume --max-steps 30` of a run at --accumulation 16 named
+    step 20 (suggesting only --max-steps 32) while the loop went on from step 10."""
+    from jobs import pretrain
+    from orchestrator.runs import append_metrics, resume_point
+
+    run_dir = tmp_path / "run"
+    for step in (10, 20):
+        append_metrics(run_dir, {"step": step}, str(save_checkpoint(
+            run_dir / f"checkpoint_{step:08d}", {"step": step}).parent))
+    config = {**TrainConfig().to_dict(), "max_steps": 20, "accumulation": "16",
+              "warmup_steps": 2}
+    (run_dir / "config.json").write_text(json.dumps({"train": config}))
+    state = run_dir / "checkpoint_00000020" / "state.pt"
+    state.write_bytes(state.read_bytes()[:50])  # cut short
+    point = resume_point(run_dir)
+    assert point.step == 10 and [s for s, _ in point.unusable] == [20]
+    args = pretrain.parse_args(["--resume", "--run-dir", str(run_dir), "--max-steps", "30"])
+    pretrain.build_configs(args, run_dir)
+    assert capsys.readouterr().err.endswith("; max_steps 16 or 32 ends on a step of every "
+                                            "group\n")

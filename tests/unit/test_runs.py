@@ -441,7 +441,7 @@ def test_a_moved_run_dir_resumes_from_the_checkpoints_it_holds(tmp_path):
     old = _logged_run(tmp_path / "old" / "run", (5, 10))
     (tmp_path / "new").mkdir()
     new = old.rename(tmp_path / "new" / "run")
-    assert resume_point(new) == (10, ()) and resume_point(new, 10) == (10, ())
+    assert resume_point(new) == (10, ())
     import shutil
     shutil.rmtree(new / "checkpoint_00000010")  # rolled back by hand: not counted
     assert resume_point(new) == (5, ())
@@ -459,8 +459,8 @@ def test_a_copied_run_dir_rolled_back_does_not_count_its_originals_checkpoints(t
     original = _logged_run(tmp_path / "a" / "run", (5, 10))
     copy = shutil.copytree(original, tmp_path / "b" / "run")
     shutil.rmtree(copy / "checkpoint_00000010")  # the copy rolled back by hand
-    assert resume_point(copy) == (5, ()) and resume_point(copy, 10) == (5, ())
-    assert resume_point(original, 10) == (10, ())  # the original's own still counts
+    assert resume_point(copy) == (5, ())
+    assert resume_point(original) == (10, ())  # the original's own still counts
 
 
 def test_a_damaged_final_checkpoint_is_not_taken_for_a_finished_run(tmp_path):
@@ -469,17 +469,15 @@ def test_a_damaged_final_checkpoint_is_not_taken_for_a_finished_run(tmp_path):
     from orchestrator.runs import resume_point
 
     run_dir = _logged_run(tmp_path / "run", (5, 10))
-    assert resume_point(run_dir, 10).step == 10 and resume_point(run_dir, 10).unusable == ()
+    assert resume_point(run_dir) == (10, ())
     state = run_dir / "checkpoint_00000010" / "state.pt"
     state.write_bytes(state.read_bytes()[:-1] + b"x")  # one byte changed
-    point = resume_point(run_dir, 10)
+    point = resume_point(run_dir)
     assert point.step == 5
     [(step, problem)] = point.unusable
     assert step == 10 and f"checkpoint {state} is corrupt" in problem
-    # Below --max-steps nothing is hashed here: the training loop verifies and falls back.
-    assert resume_point(run_dir, 20) == (10, ()) and resume_point(run_dir) == (10, ())
     (run_dir / "checkpoint_00000005" / "state.pt.sha256").unlink()
-    point = resume_point(run_dir, 5)
+    point = resume_point(run_dir)
     assert point.step == 0 and [s for s, _ in point.unusable] == [10, 5]
     assert "checkpoint file missing" in point.unusable[1][1]
 
@@ -533,3 +531,32 @@ def test_a_resume_sets_aside_a_corrupt_newest_checkpoint_so_retention_never_keep
     with run_dir_held(run_dir, new_run=False, any_checkpoint=True):
         pass
     assert len(checkpoint_dirs(run_dir)) == 2
+
+
+def test_a_resumes_launcher_hashes_each_checkpoint_once(tmp_path, monkeypatch):
+    """jobs/pretrain.py's resume hashed the newest checkpoints once for the step it resumes
+    from (resume_point) and again for the corrupt ones it sets aside (set_aside_corrupt):
+    ~18 GiB read twice for gpt2-xl. Inside checkpoint_verdicts_kept each is hashed once while
+    its files are unchanged; a file changed since is hashed again."""
+    from orchestrator.runs import checkpoint_verdicts_kept, resume_point, set_aside_corrupt
+    from orchestrator.training import checkpoint
+
+    run_dir = _logged_run(tmp_path / "run", (10, 20))
+    state = run_dir / "checkpoint_00000020" / "state.pt"
+    state.write_bytes(state.read_bytes()[:50])  # cut short
+    hashed = []
+    real = checkpoint.checkpoint_problem
+    monkeypatch.setattr(checkpoint, "checkpoint_problem",
+                        lambda d: hashed.append(str(d).rsplit("/", 1)[-1]) or real(d))
+    with checkpoint_verdicts_kept():
+        assert resume_point(run_dir).step == 10
+        [line] = set_aside_corrupt(run_dir)
+        assert "checkpoint_00000020" in line and "set aside as" in line
+        assert hashed == ["checkpoint_00000020", "checkpoint_00000010"]
+        old = run_dir / "checkpoint_00000010" / "state.pt"
+        old.write_bytes(old.read_bytes()[:50])  # changed since: hashed again
+        assert resume_point(run_dir).step == 0
+        assert hashed[2:] == ["checkpoint_00000010"]
+    resume_point(run_dir)  # outside: nothing kept
+    assert hashed[3:] == ["checkpoint_00000010"]
+
