@@ -33,7 +33,8 @@ from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEAB
 from orchestrator.launch import refuse_what_embedded_ray_cannot_hold, runs_on_embedded_ray
 from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError,
                               checkpoint_verdicts_kept, has_checkpoints, not_a_run_dirs_files,
-                              resolve_run_dir, resume_point, run_dir_held)
+                              resolve_run_dir, resume_point, run_dir_held,
+                              verified_newest)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
 from orchestrator.validation import given_by_flags
@@ -534,7 +535,9 @@ def _run(args: argparse.Namespace) -> dict | None:
                           written={CONFIG_FILE, TOKENIZER_FILE}):
             _write_resolved_config(run_dir, train_config, spec, setup.tokenizer)
             launched = launch(train_under_ray, {"train": train_config.to_dict(),
-                                                "min_gpu_memory_gb": spec.min_gpu_memory_gb},
+                                                "min_gpu_memory_gb": spec.min_gpu_memory_gb,
+                                                "verified_checkpoint":
+                                                    verified_newest(run_dir)},
                               spec, run_dir, address=args.address,
                               queue_timeout_s=args.queue_timeout,
                               max_failures=args.max_failures,

@@ -174,6 +174,23 @@ def _checkpoint_problem(directory: str | Path) -> str | None:
     return problem
 
 
+def verified_newest(run_dir: Path) -> dict[str, Any] | None:
+    """The run's newest checkpoint when checkpoint_verdicts_kept found its files whole and
+    they are unchanged: {"name", "identity"} (checkpoint_identity, as lists), what the
+    resume's workers pass to still_verified to load it without hashing it again; else None."""
+    newest = checkpoint_dirs(run_dir)[:1]
+    known = _VERDICTS.get(str(newest[0])) if newest and _VERDICTS is not None else None
+    if known is None or known[1] is not None or known[0] != checkpoint_identity(newest[0]):
+        return None
+    return {"name": newest[0].name, "identity": [list(f) for f in known[0]]}
+
+
+def still_verified(directory: str | Path, verified: dict[str, Any] | None) -> bool:
+    """Whether `directory` is the checkpoint verified_newest named, its files unchanged."""
+    return (isinstance(verified, dict) and Path(directory).name == verified.get("name")
+            and [list(f) for f in checkpoint_identity(directory)] == verified.get("identity"))
+
+
 def resume_point(run_dir: Path) -> ResumePoint:
     """The step a --resume of the run goes on from: its metrics log's last checkpoint that
     is still there (a run stopped before its end; one an operator deleted to roll back does

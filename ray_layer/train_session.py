@@ -44,14 +44,17 @@ DIVERGED = "diverged"
 def train_under_ray(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train's per-worker entry point (TorchTrainer's train_loop_per_worker). `config`:
     {"train": TrainConfig as a dict, "min_gpu_memory_gb": what each worker's GPU must have
-    free}. Every worker first checks the GPU it was given; if any lacks the memory, all stop
-    before training and return {GPU_SHORTFALL: [...]}, so the job is placed again without
-    it (ray_layer/placed_run.py); a resumed run whose checkpoint is already at --max-steps
+    free, "verified_checkpoint": a resume's newest checkpoint as its launcher hashed it
+    (runs.verified_newest: loaded without hashing it again while unchanged)}. Every worker
+    first checks the GPU it was given; if any lacks the memory, all stop before training
+    and return {GPU_SHORTFALL: [...]}, so the job is placed again without it
+    (ray_layer/placed_run.py); a resumed run whose checkpoint is already at --max-steps
     returns {"already_complete": True, "step": ...}; a run that diverged returns {DIVERGED:
     why}. Returned, not only reported: Ray Train's Result keeps the metrics of the latest
     report *with a checkpoint* (none here: None on a fresh run, an earlier attempt's on a
     resumed one), while `Result.return_value` is rank 0's return."""
     session = RayTrainSession()
+    session.verified_checkpoint = config.get("verified_checkpoint")
     short = session.gpu_memory_shortfall(config.get("min_gpu_memory_gb", 0.0))
     found = [short]
     if dist.is_available() and dist.is_initialized():
@@ -93,6 +96,10 @@ def quiet_ray_train_reports() -> None:
 
 class RayTrainSession:
     """Inside a Ray Train worker. Ray Train owns checkpoint storage and restarts."""
+
+    # The resume's newest checkpoint as its launcher hashed it (runs.verified_newest; set by
+    # train_under_ray): loaded without hashing it again while its files are unchanged.
+    verified_checkpoint: dict[str, Any] | None = None
 
     def __init__(self) -> None:
         quiet_ray_train_reports()

@@ -38,6 +38,7 @@ from orchestrator.training.optim import (build_optimizer, load_optimizer_state, 
                                         warmup_cosine_lr)
 from orchestrator.training.precision import (Precision, emulation_warning, load_scaler_state,
                                              resolve_precision, saved_loss_scale)
+from orchestrator.runs import still_verified
 from orchestrator.training.session import TrainSession
 from orchestrator.training import strategy as strategies
 
@@ -375,6 +376,10 @@ def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Preci
     filled part of it. Never a fresh start when the run has checkpoints but none loads; a
     checkpoint of another run config is an error, not something to skip."""
     problems = []
+    # The checkpoint the launcher hashed (jobs/pretrain.py --resume: runs.verified_newest),
+    # loaded without hashing it again while its files are unchanged; a session without one
+    # (local runs, tests) hashes every checkpoint it reads.
+    verified = getattr(session, "verified_checkpoint", None)
 
     def pass_over(directory: str, error: CheckpointError, others_left: bool) -> None:
         problems.append(str(error))
@@ -386,7 +391,8 @@ def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Preci
         others_left = position < len(checkpoint_dirs) - 1
         header, problem = None, None
         try:
-            header = checkpoint_header(directory, session.world_rank, session.world_size)
+            header = checkpoint_header(directory, session.world_rank, session.world_size,
+                                       verified=still_verified(directory, verified))
         except CheckpointError as e:
             problem = e
         problem = _any_workers_problem(problem)

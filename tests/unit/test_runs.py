@@ -560,3 +560,36 @@ def test_a_resumes_launcher_hashes_each_checkpoint_once(tmp_path, monkeypatch):
     resume_point(run_dir)  # outside: nothing kept
     assert hashed[3:] == ["checkpoint_00000010"]
 
+
+def test_a_resumes_workers_load_the_checkpoint_its_launcher_verified_without_hashing_it(
+        tmp_path, monkeypatch):
+    """The launcher hashed the newest checkpoint (setting corrupt ones aside) and the loop's
+    workers hashed it again before loading it: ~18 GiB read twice for gpt2-xl. The launcher
+    passes the one it verified (verified_newest: name and files' identity); a worker loads
+    that one, unchanged, without hashing it, and hashes any other or any changed since."""
+    from orchestrator.runs import (checkpoint_verdicts_kept, resume_point, still_verified,
+                                   verified_newest)
+    from orchestrator.training import checkpoint
+
+    run_dir = _logged_run(tmp_path / "run", (10, 20))
+    state = run_dir / "checkpoint_00000020" / "state.pt"
+    state.write_bytes(state.read_bytes()[:50])  # cut short: set aside, not named
+    assert verified_newest(run_dir) is None  # (nothing verified outside a launch)
+    with checkpoint_verdicts_kept():
+        assert resume_point(run_dir).step == 10
+        assert verified_newest(run_dir) is None  # the newest is the corrupt one
+        (run_dir / "checkpoint_00000020").rename(run_dir / "aside")
+        verified = verified_newest(run_dir)
+    good = run_dir / "checkpoint_00000010"
+    assert verified["name"] == good.name and still_verified(good, verified)
+    hashed = []
+    real = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p: hashed.append(p) or real(p))
+    assert checkpoint.checkpoint_header(good, verified=still_verified(good, verified))[
+        "step"] == 10
+    assert hashed == []
+    assert not still_verified(run_dir / "aside", verified)
+    (good / "state.pt").write_bytes((good / "state.pt").read_bytes())  # rewritten since
+    assert not still_verified(good, verified)
+    checkpoint.checkpoint_header(good, verified=still_verified(good, verified))
+    assert hashed == [good / "state.pt"]

@@ -895,3 +895,25 @@ def test_other_runtime_errors_in_a_step_propagate_unchanged(tmp_path, monkeypatc
     with pytest.raises(RuntimeError) as e:
         train(tiny(max_steps=5), LocalSession(tmp_path, device=CPU))
     assert e.value is error
+
+
+def test_a_resume_loads_the_checkpoint_its_launcher_verified_without_hashing_it(
+        tmp_path, monkeypatch):
+    """The session's verified_checkpoint (jobs/pretrain.py's launcher hashed it:
+    runs.verified_newest) is loaded without hashing it again; any other is hashed."""
+    from orchestrator.runs import checkpoint_identity
+    from orchestrator.training import checkpoint
+
+    session = LocalSession(tmp_path, device=CPU)
+    train(tiny(max_steps=10), session)
+    [newest] = session.checkpoints()
+    hashed = []
+    real = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p: hashed.append(p) or real(p))
+    session.verified_checkpoint = {"name": newest.name, "identity": [
+        list(f) for f in checkpoint_identity(newest)]}
+    assert train(tiny(max_steps=10), session)["already_complete"]
+    assert hashed == []
+    session.verified_checkpoint = None
+    assert train(tiny(max_steps=10), session)["already_complete"]
+    assert hashed == [newest / "state.pt"]
