@@ -43,6 +43,9 @@ GIB = 1024 ** 3
 ADAM_BYTES = 8  # two fp32 moments
 FP32 = 4
 ACTIVATION_BYTES_PER_LAYER_16BIT = 34  # × seq · batch · width (Korthikanti et al. 2022)
+# Of those, the MLP's 4 x width hidden units keep 4 bytes each (c_fc's output and the GELU's):
+# a model whose MLP is narrower or wider (TrainConfig.mlp_hidden) keeps that many fewer or more.
+MLP_ACTIVATION_BYTES_PER_UNIT_16BIT = 4
 # The span's ramp, its clamp and log, and the keep mask that autograd saves per (head, query,
 # key) and layer: 13 bytes measured (saved_tensors_hooks, small preset, fp32), rounded up.
 SPAN_BIAS_BYTES = 16
@@ -66,13 +69,18 @@ class Shape:
     n_head: int = 1
     attention_span: bool = False  # the learnable span's attention stores its weights
     dropout: bool = False
+    mlp_hidden: int | None = None  # the MLP's hidden units per block; None: 4 x n_embd
+
+    @property
+    def mlp_units(self) -> int:
+        return 4 * self.n_embd if self.mlp_hidden is None else self.mlp_hidden
 
     @property
     def block_params(self) -> int:
-        """One transformer block: qkv (3h² + 3h), projection (h² + h), MLP (8h² + 5h), two
-        LayerNorms (4h)."""
-        h = self.n_embd
-        return 12 * h * h + 13 * h
+        """One transformer block: qkv (3h² + 3h), projection (h² + h), MLP (2hm + m + h; m =
+        4h: 8h² + 5h), two LayerNorms (4h)."""
+        h, m = self.n_embd, self.mlp_units
+        return 4 * h * h + 8 * h + (2 * h * m + m + h)
 
     @property
     def params(self) -> int:
@@ -108,7 +116,10 @@ class WorkerMemory:
 
 def activation_bytes(shape: Shape) -> int:
     tokens = shape.batch_size * shape.seq_len
-    per_layer = ACTIVATION_BYTES_PER_LAYER_16BIT * tokens * shape.n_embd * shape.compute_bytes // 2
+    per_layer = (tokens * (ACTIVATION_BYTES_PER_LAYER_16BIT * shape.n_embd
+                           + MLP_ACTIVATION_BYTES_PER_UNIT_16BIT
+                           * (shape.mlp_units - 4 * shape.n_embd))
+                 * shape.compute_bytes // 2)
     # The logits in the compute dtype, and in eager mode their gradient beside them.
     copies = 1 if shape.compiled else 2
     logits = tokens * shape.vocab_size * shape.compute_bytes * copies
@@ -171,7 +182,7 @@ def shape_of(config: TrainConfig, on_gpu: bool) -> Shape:
                  compute_bytes=2 if low else FP32,
                  compiled=config.compiles_on("cuda" if on_gpu else "cpu"),
                  n_head=preset["n_head"], attention_span=config.attention_span,
-                 dropout=config.dropout > 0)
+                 dropout=config.dropout > 0, mlp_hidden=config.mlp_hidden)
 
 
 def worker_memory(config: TrainConfig, workers: int, on_gpu: bool) -> WorkerMemory:

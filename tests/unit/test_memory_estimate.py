@@ -20,6 +20,21 @@ def test_parameter_count_is_the_models(size, vocab):
     assert shape_of(config, on_gpu=True).params == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("mlp_hidden", [64, 2048])
+def test_an_imported_models_mlp_width_is_in_the_estimate(mlp_hidden):
+    """--init-from of a GPT-2 whose n_inner is not 4 x n_embd (TrainConfig.mlp_hidden): its
+    parameters and MLP activations are the model's, not the preset's (the dry run, the GPU
+    floor and the CPU refusal sized the preset's 4 x n_embd)."""
+    config = TrainConfig(model_size="small", seq_len=128, batch_size=8, precision="fp32",
+                         mlp_hidden=mlp_hidden)
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_train_config(config, vocab_size=config.vocab_size))
+    shape = shape_of(config, on_gpu=False)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    estimate = activation_bytes(shape)
+    assert 0.85 * estimate <= saved_for_backward(config) <= 1.05 * estimate
+
+
 def saved_for_backward(config: TrainConfig) -> int:
     """Bytes of every tensor one forward pass keeps for the backward pass (parameters aside),
     counted once per storage."""
