@@ -309,11 +309,15 @@ def _write_export(model, tokenizer: Tokenizer, out: Path) -> list[Path]:
     staging = out / f"{STAGING_PREFIX}{_staging_owner()}"
     staging.mkdir()
     try:
-        with open(staging / STAGING_MARKER, "w") as marker:
+        unnamed = staging / f"{STAGING_MARKER}.new"
+        with open(unnamed, "w") as marker:
             # held while exporting: another export's sweep leaves this one alone even where
             # our pid means nothing to it (a container sharing this host's name)
             with contextlib.suppress(OSError):  # (a filesystem without flock: the pid's word)
                 fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Named the marker only once locked: a sweep in between (another export's) took
+            # it, unlocked, for a dead export's and removed this staging directory under it.
+            os.replace(unnamed, staging / STAGING_MARKER)
             names = _write_hf_files(model, tokenizer, staging)
             _move_into_place(staging, names, out)
     finally:

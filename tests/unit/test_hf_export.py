@@ -979,3 +979,30 @@ def test_an_int8_export_folder_itself_is_refused_as_one(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and f"--out {folder}: it is an INT8 export ({INT8_FILE})" in err, err
         assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+
+
+def test_an_export_is_never_swept_before_it_holds_its_markers_flock(tmp_path, monkeypatch):
+    # Another export's sweep (another process: its shared flock probe) between this export's
+    # creating its marker and locking it: the marker, unlocked, read as a dead export's, and
+    # its staging directory was removed under it (with flock, the pid is not asked).
+    from jobs import export
+    from orchestrator import hf_export
+
+    import fcntl as real_fcntl
+    import types
+
+    save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
+    out = tmp_path / "out"
+    swept = []
+
+    def flock(f, operation):
+        if operation & real_fcntl.LOCK_EX and not swept:
+            swept.append(True)
+            hf_export._remove_stale_staging(out)  # the other export's sweep, at that moment
+        return real_fcntl.flock(f, operation)
+
+    monkeypatch.setattr(hf_export, "fcntl", types.SimpleNamespace(
+        **{name: getattr(real_fcntl, name) for name in dir(real_fcntl) if name.isupper()},
+        flock=flock))
+    assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert swept and (out / "model.safetensors").is_file()
