@@ -660,7 +660,11 @@ def test_a_cpu_run_past_this_machines_memory_is_refused_before_ray_starts(
     import ray_layer.launch as ray_launch
     from jobs import pretrain
 
+    import ray
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # (an embedded Ray: not one an earlier test in this process started, as in the full suite)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(probes, "memory_within_cgroup", lambda: (24 * 2**30, 17 * 2**30))
 
     def no_ray(*args, **kwargs):
@@ -683,6 +687,8 @@ def test_a_cpu_run_past_this_machines_memory_is_refused_before_ray_starts(
     with pytest.raises(KeyError):
         pretrain.run(pretrain.parse_args(["--model-size", "tiny", "--dry-run",
                                           "--run-dir", str(tmp_path / "tiny")]))
+
+
 def test_a_resume_past_a_corrupt_newest_checkpoint_names_the_step_it_resumes_from(
         tmp_path, capsys):
     """The launcher worked out the resume's step from the metrics log's newest checkpoint
