@@ -101,3 +101,23 @@ def agreed_precision_worker(rank: int, choices: list[str], rendezvous: str, out:
         Path(out, str(rank)).write_text(agreed)
     finally:
         dist.destroy_process_group()
+
+
+def sweep_when_first_locked(monkeypatch, module, sweep) -> list[bool]:
+    """Make `module`'s first exclusive flock run `sweep()` just before it is taken (another
+    process's sweep at that moment); the list returned holds True once it has run."""
+    import fcntl as real_fcntl
+    import types
+
+    swept: list[bool] = []
+
+    def flock(f, operation):
+        if operation & real_fcntl.LOCK_EX and not swept:
+            swept.append(True)
+            sweep()
+        return real_fcntl.flock(f, operation)
+
+    monkeypatch.setattr(module, "fcntl", types.SimpleNamespace(
+        **{name: getattr(real_fcntl, name) for name in dir(real_fcntl) if name.isupper()},
+        flock=flock))
+    return swept

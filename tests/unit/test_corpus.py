@@ -915,25 +915,16 @@ def test_a_copy_is_never_swept_before_it_holds_its_flock(corpus, tmp_path, monke
     # A sweep from a container sharing the host's name (this pid not seen there) between the
     # copy's creating its file and locking it: the file, unlocked, read as a dead worker's
     # and was removed under it (its rename then failed: FileNotFoundError).
-    import fcntl as real_fcntl
-    import types
+    from tests.support import sweep_when_first_locked
 
     plan = plan_data([str(corpus)], cache_root=str(tmp_path / "cache"))
     tokenize_in_process(plan, shard_tokens=500, say=lambda _: None)
     manifest = plan.manifest
     remote = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())
     local = tmp_path / "copied"
-    swept = []
-
-    def flock(f, operation):
-        if operation & real_fcntl.LOCK_EX and not swept:
-            swept.append(True)
-            shards._sweep_dead_copies(local)  # the other container's sweep, at that moment
-        return real_fcntl.flock(f, operation)
-
-    monkeypatch.setattr(shards, "fcntl", types.SimpleNamespace(
-        **{name: getattr(real_fcntl, name) for name in dir(real_fcntl) if name.isupper()},
-        flock=flock))
+    # the other container's sweep, at that moment
+    swept = sweep_when_first_locked(monkeypatch, shards,
+                                    lambda: shards._sweep_dead_copies(local))
     monkeypatch.setattr(shards, "process_alive", lambda pid: False)  # not seen from there
     shards._copy_to_local(remote, plan.cache_uri, local, manifest)
     assert swept

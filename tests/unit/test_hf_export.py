@@ -988,21 +988,12 @@ def test_an_export_is_never_swept_before_it_holds_its_markers_flock(tmp_path, mo
     from jobs import export
     from orchestrator import hf_export
 
-    import fcntl as real_fcntl
-    import types
+    from tests.support import sweep_when_first_locked
 
     save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
     out = tmp_path / "out"
-    swept = []
-
-    def flock(f, operation):
-        if operation & real_fcntl.LOCK_EX and not swept:
-            swept.append(True)
-            hf_export._remove_stale_staging(out)  # the other export's sweep, at that moment
-        return real_fcntl.flock(f, operation)
-
-    monkeypatch.setattr(hf_export, "fcntl", types.SimpleNamespace(
-        **{name: getattr(real_fcntl, name) for name in dir(real_fcntl) if name.isupper()},
-        flock=flock))
+    # the other export's sweep, at that moment
+    swept = sweep_when_first_locked(monkeypatch, hf_export,
+                                    lambda: hf_export._remove_stale_staging(out))
     assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
     assert swept and (out / "model.safetensors").is_file()
