@@ -30,7 +30,8 @@ from orchestrator.training.data_plan import (DataSetup, check_trainable, configu
                                              default_cache_root, resume_data_conflicts)
 from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed,
                                   run_job)
-from orchestrator.launch import refuse_what_embedded_ray_cannot_hold, runs_on_embedded_ray
+from orchestrator.launch import (refuse_a_cpu_run_past_this_machine,
+                                 refuse_what_embedded_ray_cannot_hold)
 from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError,
                               checkpoint_verdicts_kept, has_checkpoints, not_a_run_dirs_files,
                               resolve_run_dir, resume_point, run_dir_held,
@@ -38,8 +39,8 @@ from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, Run
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
 from orchestrator.validation import given_by_flags
-from orchestrator.training.memory import (LOWER_MEMORY, cpu_memory_refusal, gpu_memory_needed_gb,
-                                         memory_lines, sizing_flags)
+from orchestrator.training.memory import (LOWER_MEMORY, gpu_memory_needed_gb, memory_lines,
+                                         sizing_flags)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = TrainConfig()
@@ -580,22 +581,6 @@ def dry_run(train_config: TrainConfig, spec: JobSpec, address: str | None) -> No
     if not hasattr(decision, "worker_nodes"):
         raise JobFailed("not placeable now (see above)", EXIT_NOT_PLACEABLE)
     return None
-
-
-def refuse_a_cpu_run_past_this_machine(train_config: TrainConfig, spec: JobSpec,
-                                       address: str | None) -> None:
-    """JobFailed (EXIT_NOT_PLACEABLE) for a CPU run on an embedded Ray (every worker on this
-    machine) whose estimated memory is more than this machine has available, as its node
-    agent would report it (within its memory cgroup): placement counts CPUs only, and such a
-    run was killed by the kernel's OOM killer mid-run, a Ray worker-died message."""
-    if spec.gpus_per_worker or not runs_on_embedded_ray(address):
-        return
-    from orchestrator import probes
-
-    _, available = probes.memory_within_cgroup()
-    refusal = cpu_memory_refusal(train_config, spec.num_workers, available, "this machine")
-    if refusal:
-        raise JobFailed(refusal, EXIT_NOT_PLACEABLE)
 
 
 def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:

@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator.config import ConfigError, JobSpec
+from orchestrator.config import ConfigError, JobSpec, TrainConfig
 from orchestrator.entrypoints import accepts_config, local_modules
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS, EMPTY_RUN_DIR, launcher_problems
@@ -162,6 +162,23 @@ def refuse_what_embedded_ray_cannot_hold(spec: JobSpec, address: str | None) -> 
             f"CPUs = {spec.total_cpus:g} CPUs, and this machine has {cpus} (no --address: an "
             "embedded Ray on this machine); use fewer workers or CPUs per worker, or give "
             "--address of a cluster", EXIT_NOT_PLACEABLE)
+
+
+def refuse_a_cpu_run_past_this_machine(train_config: TrainConfig, spec: JobSpec,
+                                       address: str | None) -> None:
+    """JobFailed (EXIT_NOT_PLACEABLE) for a CPU run on an embedded Ray (every worker on this
+    machine) whose estimated memory is more than this machine has available, as its node
+    agent would report it (within its memory cgroup): placement counts CPUs only, and such a
+    run was killed by the kernel's OOM killer mid-run, a Ray worker-died message."""
+    if spec.gpus_per_worker or not runs_on_embedded_ray(address):
+        return
+    from orchestrator import probes
+    from orchestrator.training.memory import cpu_memory_refusal  # (torch: imported late)
+
+    _, available = probes.memory_within_cgroup()
+    refusal = cpu_memory_refusal(train_config, spec.num_workers, available, "this machine")
+    if refusal:
+        raise JobFailed(refusal, EXIT_NOT_PLACEABLE)
 
 
 def report(metrics: dict[str, Any], checkpoint=None) -> None:

@@ -655,6 +655,16 @@ def writable_dir_problem(path: Path) -> str | None:
     return None
 
 
+def out_file(value: str | Path, flag: str) -> tuple[Path, str | None]:
+    """A file flag's path, a leading `~` read as home (`--out=~/x.json`: the shell leaves
+    that ~ as written), and why it cannot be written (writable_file_problem), or None."""
+    try:
+        path = expand_home(value, flag)
+    except ValueError as e:
+        return Path(value), str(e)
+    return path, writable_file_problem(path)
+
+
 def writable_file_problem(path: Path) -> str | None:
     """Why file `path` cannot be written (its directory is not made), or None. Asked before
     the work whose figures it would hold: a benchmark's --out naming a directory, or a

@@ -88,9 +88,8 @@ import numpy as np
 from orchestrator.cluster_model import (FAMILY_TO_TYPE, GPU_TYPES, REFERENCE_GPU, ClusterSpec,
                                         model_for, parse_cluster_spec, speed_over_reference)
 from orchestrator.config import ACCELERATOR_SPEED
-from orchestrator.runs import writable_file_problem
+from orchestrator.runs import out_file
 from orchestrator.traces import MAX_SECONDS, TraceError, TraceJob, load_philly, write_canonical
-from orchestrator.validation import expand_home
 
 CONSTRAINED_CLUSTER = "a100:8x12,v100:8x24,v100:4x48,p100:8x16,p100:4x32,k80:4x64;rack=16"
 DEFAULT_SEED = 0
@@ -409,11 +408,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:  # (`--out=~/t.csv`: the shell leaves that ~ as written)
-        args.out = expand_home(args.out, "--out")
-        problem = writable_file_problem(args.out)  # before generating, not after
-    except ValueError as e:
-        problem = str(e)
+    args.out, problem = out_file(args.out, "--out")  # before generating, not after
     if problem:
         print(f"gen_constrained_trace: error: --out {args.out}: {problem}", file=sys.stderr)
         return 2

@@ -49,7 +49,6 @@ import sys
 import tempfile
 import time
 import traceback
-from pathlib import Path
 from unittest import mock
 
 # The budget counts from here, before torch and the project are imported: the shell's
@@ -61,12 +60,11 @@ import torch  # noqa: E402
 
 from orchestrator.config import MODEL_PRESETS, TrainConfig
 from orchestrator.probes import probe_nvml
-from orchestrator.runs import writable_file_problem
+from orchestrator.runs import out_file
 from orchestrator.training.efficiency import gpu_peak_flops
 from orchestrator.training.loop import train
 from orchestrator.training.precision import resolve_precision
 from orchestrator.training.session import LocalSession
-from orchestrator.validation import expand_home
 
 SEQ_LEN = 1024
 BYTE_VOCAB = 256  # the bundled corpus's vocabulary
@@ -417,11 +415,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     if not args.budget_s > 0:  # (NaN passed, and turned every budget test off)
         parser.error(f"--budget-s must be a number > 0, got {args.budget_s}")
     if args.out:  # (the first save came after the matmul peak: a traceback, no JSON line)
-        try:  # (`--out=~/x.json`: the shell leaves that ~ as written)
-            args.out = str(expand_home(args.out, "--out"))
-            problem = writable_file_problem(Path(args.out))
-        except ValueError as e:
-            problem = str(e)
+        out, problem = out_file(args.out, "--out")
+        args.out = str(out)
         if problem:
             parser.error(f"--out {args.out}: {problem}")
     if not torch.cuda.is_available():
