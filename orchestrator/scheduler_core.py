@@ -807,6 +807,9 @@ class SchedulerCore:
         the head of the queue, migrations; gauges (a pass over the nodes) unless `gauges` is
         False (the simulator records none)."""
         expired, lost = self.state.expire(now)
+        # A migration whose target went silent: withdrawn as when Ray lists it dead (it made
+        # the job restart for nothing; the move is made afresh once the node reports again)
+        self._withdraw_lost_migrations(set(lost))
         outcome = Outcome({"expired": expired, "lost_reservations": lost})
         self.awaiting_since = {name: since for name, since in self.awaiting_since.items()
                                if self._waits_for_new_nodes(name, now)}
@@ -2158,8 +2161,9 @@ class SchedulerCore:
                                                  target.worker_nodes if target else ())])
 
     def _withdraw_lost_migrations(self, lost: set[str]) -> None:
-        """Migration claims that lost a reservation on a node Ray lists dead: the move can no
-        longer be made (_take_claim), so a directive not read yet is withdrawn and the rest
+        """Migration claims that lost a reservation on a node Ray lists dead, or one silent past
+        dead_after_s: the move can no longer be made (_take_claim), so a directive not read
+        yet is withdrawn, what the node kept aside for the claim forgotten, and the rest
         of the claim released (told, the job checkpointed and restarted where it was). One
         already read is carried out: the job yields and is placed afresh."""
         for claim in lost:

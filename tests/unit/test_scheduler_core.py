@@ -405,6 +405,7 @@ def test_a_migration_claim_lost_to_a_silent_node_is_not_revived_into_a_later_cla
     assert [core.running[b].placement.nodes for b in ("b1", "b2")] == [["a1"], ["a2"]]
     beat(T0 + 50, "t4", "a1", "a2")
     assert yields(core.release("b1", "d", T0 + 55))["job"].target_nodes == ("a1", "a1")
+    assert core.directive("job", T0 + 56).decision.kind == MIGRATE  # read: carried out
     beat(T0 + 110, "t4", "a2")
     assert core.tick(T0 + 116).decision["expired"] == ["a1"]  # silent: its claim kept aside
     assert core.yielded("job", "d", T0 + 117).decision.nodes == ["t4"]  # the move failed
@@ -2717,10 +2718,36 @@ def test_an_unread_migration_whose_target_node_went_silent_then_dead_is_withdraw
     assert yields(core.release("blocker", "d", T0 + 60))["job"].kind == MIGRATE
     core.report(gpu_node("t4", gpus=2, family="T4"), T0 + 110)
     assert core.tick(T0 + 116).decision["lost_reservations"] == ["job" + CLAIM_SUFFIX]
-    assert core.running["job"].directive.kind == MIGRATE  # (a100 may report again)
+    assert core.running["job"].directive is None  # withdrawn at once (next test)
     core.ray_nodes({"t4"}, {"a100"}, T0 + 120)
     assert core.running["job"].directive is None
     assert "job" + CLAIM_SUFFIX not in core.state.reservations
+
+
+def test_an_unread_migration_whose_target_node_went_silent_is_withdrawn_and_made_again():
+    # Its target's agent silent past dead_after_s (Ray still listing the node alive), job's
+    # claim there was kept aside and the directive kept: job read it, checkpointed, restarted,
+    # and (part of its claim lost) was placed again on the T4s it had left. Withdrawn, it
+    # trains on; once the node reports again the move is made afresh.
+    core = core_with(gpu_node("t4", gpus=2, family="T4"), gpu_node("a100", gpus=2),
+                     suspect_after_s=15, dead_after_s=60)
+    t4, a100 = gpu_node("t4", gpus=2, family="T4"), gpu_node("a100", gpus=2)
+    core.submit(gpus("blocker", 2, accelerator_types=("A100",)), "d", T0)
+    core.submit(gpus("job", 2, expected_duration_s=3600), "d", T0)
+    core.report(t4, T0 + 55)
+    core.report(a100, T0 + 55)
+    assert yields(core.release("blocker", "d", T0 + 60))["job"].kind == MIGRATE
+    core.report(t4, T0 + 110)
+    assert core.tick(T0 + 116).decision["expired"] == ["a100"]
+    assert core.directive("job", T0 + 117).decision is None
+    assert "job" + CLAIM_SUFFIX not in core.state.reservations
+    assert core.state.silent_reservations == {}  # nothing kept aside for a withdrawn claim
+    assert core.running["job"].placement.nodes == ["t4"]
+    core.report(t4, T0 + 150)
+    core.report(a100, T0 + 150)  # a100 answers again: free, the move is made afresh
+    told = yields(core.tick(T0 + 151))["job"]
+    assert told.kind == MIGRATE and told.target_nodes == ("a100", "a100")
+    assert [r.node_id for r in core.state.reservations["job" + CLAIM_SUFFIX]] == ["a100"]
 
 
 def test_one_bad_entry_of_preempting_excluded_gpus_or_given_back_costs_that_entry_alone():
