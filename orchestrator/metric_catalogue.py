@@ -116,7 +116,8 @@ NODE_PROBE_FAILURES = MetricSpec(
 SCHEDULER_NODES = MetricSpec(
     "orchestrator_scheduler_nodes", GAUGE,
     "Nodes known to the scheduler, by health (healthy, suspect: heartbeat late, dead); nodes "
-    "the autoscaler removed on purpose are not counted as dead", "1", ("health",))
+    "the autoscaler removed on purpose are not counted as dead, also once Ray's GCS no longer "
+    "lists them (it keeps its last 1000 dead nodes)", "1", ("health",))
 SCHEDULER_QUEUE_LENGTH = MetricSpec(
     "orchestrator_scheduler_queue_length", GAUGE,
     "Jobs waiting in the scheduler's queue for capacity", "1")

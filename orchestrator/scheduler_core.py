@@ -317,6 +317,10 @@ class SchedulerCore:
         self.placements_given_back: dict[str, int] = {}
         self.ray_alive: set[str] = set()
         self.ray_dead: set[str] = set()
+        # Known nodes Ray said were removed on purpose (tick's `retired`), kept once said: Ray's
+        # GCS lists only its last maximum_gcs_dead_node_cached_count (1000) dead nodes, and a
+        # retired node it evicted was counted dead (NodeDown paged at each later scale-down).
+        self.retired: set[str] = set()
         # Nodes whose reports are being refused, and why (the reason's kind): logged when a
         # run of refusals starts or its kind changes (an accepted report ends the run; kept
         # for good, a later refusal of another kind went unlogged while the agent pointed the
@@ -805,8 +809,11 @@ class SchedulerCore:
     def tick(self, now: float, retired: set[str] = frozenset(), gauges: bool = True) -> Outcome:
         """Periodic pass: heartbeat expiry, jobs that can no longer fit, queue, preemption for
         the head of the queue, migrations; gauges (a pass over the nodes) unless `gauges` is
-        False (the simulator records none)."""
+        False (the simulator records none), which leave out the nodes Ray says were removed
+        on purpose (`retired`), now or at an earlier tick (self.retired)."""
         expired, lost = self.state.expire(now)
+        if retired or self.retired:  # (node ids are never reused; forgotten with the node)
+            self.retired = {n for n in self.retired.union(retired) if n in self.state.reports}
         # A migration whose target went silent: withdrawn as when Ray lists it dead (it made
         # the job restart for nothing; the move is made afresh once the node reports again)
         self._withdraw_lost_migrations(set(lost))
@@ -829,7 +836,7 @@ class SchedulerCore:
         if gauges:
             outcome.samples += catalogue.scheduler_samples(
                 self.state, [j.in_queue_since for j in self.queue.waiting.values()],
-                len(self.running), now, retired)
+                len(self.running), now, self.retired)
         return outcome
 
     def next_wakeup(self, now: float, until: float) -> float | None:

@@ -93,7 +93,6 @@ class SchedulerActor:
         self.core = SchedulerCore(run_with, speed=self._speed)
         self.lock = threading.RLock()  # Ray's thread and the maintenance thread
         self._ray_checked_at = float("-inf")
-        self._retired: set[str] = set()  # dead nodes Ray says were removed on purpose
         self._restore(saved, unreadable, settings_problem, bool(settings))
         self._refresh_ray_view()
         self.core.node_types = _autoscaler_node_types()
@@ -230,7 +229,7 @@ class SchedulerActor:
                 "reports": dict(state.reports),
                 "age_s": {n: now - t for n, t in state.last_seen.items()},
                 "health": {n: state.health(n, now) for n in state.reports},
-                "retired": sorted(self._retired & set(state.reports)),
+                "retired": sorted(self.core.retired),
                 "reservations": dict(state.reservations),
                 "outside": {n: state.outside_on(n) for n in state.reports},
                 "queue": [self.core.queue.status(j.spec.name) for j in self.core.queue.ordered()],
@@ -255,7 +254,6 @@ class SchedulerActor:
             usage = self.core.ray_usage(available, now)
             orphans = self.core.owners_dead(dead_drivers, now)
             tick = self.core.tick(now, retired)
-            self._retired = set(retired)
             for outcome in (dead, usage, orphans, tick):
                 self._apply(outcome)
             agents = self.core.agents_needed(alive, now)

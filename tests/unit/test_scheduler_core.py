@@ -1720,7 +1720,7 @@ def test_the_scheduler_actor_saves_a_read_directive_at_once_and_checkpoint_times
     actor.lock, actor.core = threading.RLock(), core_with(cpu_node("a", cpus=4))
     actor.store = type("Store", (), {"save": lambda self, state: saves.append(state)})()
     actor.throughput = type("Table", (), {"to_dict": lambda self: {}})()
-    actor._unsaved, actor._retired, actor._scale_up_asked = False, set(), []
+    actor._unsaved, actor._scale_up_asked = False, []
     actor._saved_at = time.monotonic()
     actor._agents_lock, actor._agent_silent_since = threading.Lock(), {}
     module = inspect.unwrap(actor_class.directive).__globals__
@@ -2842,3 +2842,24 @@ def test_a_backfill_refused_over_two_families_is_asked_again_without_only_the_de
                                   T0 + 1).decision, Queued)
     x = core.submit(gpus("x", 4, accelerator_types=("A100", "T4")), "d", T0 + 2).decision
     assert isinstance(x, Placement) and set(x.nodes) <= {"a1", "a2"}
+
+
+def test_a_retired_node_is_not_counted_dead_once_ray_drops_it_from_its_dead_list():
+    # Ray's GCS keeps the last maximum_gcs_dead_node_cached_count (1000) dead nodes and
+    # evicts the oldest: on a long-lived autoscaling cluster a node scaled down on purpose
+    # dropped out of ray.nodes(), so out of the retired set, and the scheduler (which still
+    # knew it) counted it dead: the dead gauge rose at each later scale-down and NodeDown
+    # paged; `status` showed it dead, not retired.
+    from orchestrator import metric_catalogue as m
+
+    core = core_with(cpu_node("up"), cpu_node("scaled"), cpu_node("crashed"))
+
+    def dead_gauge(retired, now):
+        samples = core.tick(now, retired=retired).samples
+        return {t["health"]: v for spec, v, t in samples if spec is m.SCHEDULER_NODES}["dead"]
+
+    core.ray_nodes({"up"}, {"scaled", "crashed"}, T0 + 10)
+    assert dead_gauge({"scaled"}, T0 + 10) == 1  # crashed only
+    core.ray_nodes({"up"}, {"crashed"}, T0 + 20)  # Ray evicted scaled's entry
+    assert dead_gauge(set(), T0 + 20) == 1  # (was 2)
+    assert core.retired == {"scaled"}  # still retired (what `status` shows)
