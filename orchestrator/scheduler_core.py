@@ -1118,18 +1118,22 @@ class SchedulerCore:
         return problems
 
     def _withdraw_unclaimed_migrations(self) -> list[str]:
-        """A restored migration whose claim's reservation record was not: the move can no
-        longer be made (_take_claim), so one not read yet is withdrawn, as when a node of its
-        target dies (_withdraw_lost_migrations); one read is carried out (placed afresh)."""
+        """A restored migration whose claim's reservation record was not, or not whole (its
+        part on a node silent past dead_after_s kept aside, as saved before such a migration
+        was withdrawn at once): the move can no longer be made (_take_claim), so one not read
+        yet is withdrawn, as when a node of its target dies (_withdraw_lost_migrations); one
+        read is carried out (placed afresh)."""
         unclaimed = {name + CLAIM_SUFFIX for name, job in self.running.items()
                      if job.directive is not None and job.directive.kind == MIGRATE
-                     and name + CLAIM_SUFFIX not in self.state.reservations}
+                     and not _claim_whole(job.directive.target,
+                                          self.state.reservations.get(name + CLAIM_SUFFIX))}
         unread = sorted(claim.removesuffix(CLAIM_SUFFIX) for claim in unclaimed
                         if self.running[claim.removesuffix(CLAIM_SUFFIX)].directive.read_at
                         is None)
         self._withdraw_lost_migrations(unclaimed)
         return [f"withdrew the migration of {name!r} (not read yet): the reservation record of "
-                "its claimed target was not restored" for name in unread]
+                "its claimed target was not restored, or not whole (a node of it silent)"
+                for name in unread]
 
     def _restore_running(self, data: dict) -> list[str]:
         """The running jobs, one by one: one that cannot be read is named and skipped, the
@@ -2377,7 +2381,7 @@ class SchedulerCore:
                     ran: float) -> bool:
         """Hand a migrating job its claimed target (the claim was released with the job's
         reservation, in the same call); False if part of the claim was lost (a node died)."""
-        if target is None or claim is None or len(claim) != len(target.reservations()):
+        if not _claim_whole(target, claim):
             return False
         self._start(job.spec, job.placement.owner, target, now,
                     QueuedJob(job.spec, job.placement.owner, job.enqueued_at, "",
@@ -2431,6 +2435,11 @@ def _scale_up_reason(plan: tuple[NodeType, int]) -> str:
     node_type, nodes = plan
     return (f"waiting for the autoscaler to add {nodes} x {node_type.name} node(s): the "
             "cluster as it stands cannot hold it")
+
+
+def _claim_whole(target: Placement | None, claim) -> bool:
+    """Whether a migration claim (its reservations) still holds all of its target."""
+    return target is not None and claim is not None and len(claim) == len(target.reservations())
 
 
 def _silent_reason(nodes) -> str:

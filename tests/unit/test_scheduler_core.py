@@ -2863,3 +2863,26 @@ def test_a_retired_node_is_not_counted_dead_once_ray_drops_it_from_its_dead_list
     core.ray_nodes({"up"}, {"crashed"}, T0 + 20)  # Ray evicted scaled's entry
     assert dead_gauge(set(), T0 + 20) == 1  # (was 2)
     assert core.retired == {"scaled"}  # still retired (what `status` shows)
+
+
+def test_a_restored_unread_migration_with_part_of_its_claim_on_a_silent_node_is_withdrawn():
+    # A state saved before silence withdrew such a migration (or by a scheduler stopped between
+    # the expiry and its tick's end) has the claim's part on the silent node kept aside: the
+    # restored job was still told to migrate, restarted, and was placed again where it was.
+    core = core_with(gpu_node("t4", gpus=2, family="T4"), gpu_node("a100", gpus=2),
+                     suspect_after_s=15, dead_after_s=60)
+    core.submit(gpus("blocker", 2, accelerator_types=("A100",)), "d", T0)
+    core.submit(gpus("job", 2, expected_duration_s=3600), "d", T0)
+    core.report(gpu_node("t4", gpus=2, family="T4"), T0 + 55)
+    core.report(gpu_node("a100", gpus=2), T0 + 55)
+    assert yields(core.release("blocker", "d", T0 + 60))["job"].kind == MIGRATE
+    core.report(gpu_node("t4", gpus=2, family="T4"), T0 + 110)
+    assert core.state.expire(T0 + 116) == (["a100"], ["job" + CLAIM_SUFFIX])  # as it was saved
+    saved = json.loads(json.dumps(core.to_dict()))
+    assert saved["reservations"]["job" + CLAIM_SUFFIX] == []
+    again = SchedulerCore(core.settings)
+    problems = again.restore(saved)
+    assert any("withdrew the migration of 'job'" in p for p in problems), problems
+    assert again.running["job"].directive is None
+    assert "job" + CLAIM_SUFFIX not in again.state.reservations
+    assert again.state.silent_reservations == {}
