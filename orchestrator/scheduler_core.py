@@ -658,8 +658,11 @@ class SchedulerCore:
         directive = self.running[job_name].directive
         if directive is not None and directive.kind in (CANCEL, PREEMPT):
             return Outcome(directive.kind == PREEMPT)
+        claimed = job_name + CLAIM_SUFFIX in self.state.reservations
         outcome = self._direct(job_name, PREEMPT, reason, now)
         outcome.decision = True
+        if claimed:  # its migration's claimed target is free again (_direct)
+            outcome.add(self._after_capacity_freed(now))
         return outcome
 
     def directive(self, job_name: str, now: float, last_checkpoint_at: float | None = None
@@ -1343,10 +1346,8 @@ class SchedulerCore:
             if not self.running_priorities[job.spec.priority]:
                 del self.running_priorities[job.spec.priority]
         self.queue.ready.pop(job_name, None)
-        self.state.release(job_name + CLAIM_SUFFIX)
+        self._drop_claim(job_name)
         self.state.forget_silent(job_name)
-        # (and its claim's: kept, a later claim of the job got it back when the node reported)
-        self.state.forget_silent(job_name + CLAIM_SUFFIX)
         released = self.state.release(job_name)
         if job is not None and job.directive is not None and job.directive.for_job:
             victims = self.preempting.get(job.directive.for_job)
@@ -2167,6 +2168,10 @@ class SchedulerCore:
                 # No longer that waiting job's victim: it must not wait on it for ever (and
                 # look for no other victims meanwhile)
                 self.preempting.get(job.directive.for_job, set()).discard(job_name)
+        if job.directive is not None and job.directive.kind == MIGRATE and kind != MIGRATE:
+            # preempted or cancelled instead: it will not move, and its claim held the target
+            # until it had yielded, the jobs waiting for those GPUs kept waiting
+            self._drop_claim(job_name)
         job.directive = Directive(kind, reason, now, for_job, target)
         return Outcome(effects=[Persist(), Yield(job_name, job.placement.owner, kind, reason,
                                                  target.worker_nodes if target else ())])
@@ -2183,8 +2188,14 @@ class SchedulerCore:
                     or job.directive.kind != MIGRATE or job.directive.read_at is not None:
                 continue
             job.directive = None
-            self.state.release(claim)
-            self.state.forget_silent(claim)
+            self._drop_claim(job.spec.name)
+
+    def _drop_claim(self, job_name: str) -> bool:
+        """Release the job's migration claim, and what silent nodes keep aside for it (kept, a
+        later claim of the job got it back when the node reported): the move will not be
+        made. Whether it held one."""
+        self.state.forget_silent(job_name + CLAIM_SUFFIX)
+        return self.state.release(job_name + CLAIM_SUFFIX)
 
     def _forget_preemption(self, job_name: str) -> None:
         """The job no longer waits: victims that have not read their directive yet keep

@@ -2886,3 +2886,22 @@ def test_a_restored_unread_migration_with_part_of_its_claim_on_a_silent_node_is_
     assert again.running["job"].directive is None
     assert "job" + CLAIM_SUFFIX not in again.state.reservations
     assert again.state.silent_reservations == {}
+
+
+@pytest.mark.parametrize("stop", ["preempt", "cancel"])
+def test_an_operators_preempt_or_cancel_of_a_migrating_job_frees_its_claimed_target(stop):
+    # job was told to migrate onto the A100s (claimed); an operator then preempted or
+    # cancelled it: it will not move, but the claim held the A100s until it had checkpointed
+    # and yielded, and an A100 job submitted meanwhile waited for them.
+    core = core_with(gpu_node("t4", gpus=2, family="T4"), gpu_node("a100", gpus=2))
+    core.submit(gpus("blocker", 2, accelerator_types=("A100",)), "d", T0)
+    core.submit(gpus("job", 2, expected_duration_s=3600), "d", T0)
+    assert yields(core.release("blocker", "d", T0 + 60))["job"].kind == MIGRATE
+    assert getattr(core, stop)("job", now=T0 + 61, **({"owner": ""} if stop == "cancel"
+                                                     else {})).decision is True
+    assert "job" + CLAIM_SUFFIX not in core.state.reservations
+    assert core.running["job"].directive.kind == (PREEMPT if stop == "preempt" else CANCEL)
+    waiting = core.submit(gpus("w", 2, accelerator_types=("A100",)), "d", T0 + 62).decision
+    assert isinstance(waiting, Placement) and waiting.nodes == ["a100"]
+    after = core.yielded("job", "d", T0 + 70).decision
+    assert isinstance(after, Rejection if stop == "cancel" else Placement), after
