@@ -350,7 +350,7 @@ def submit(job, entry, resume: bool, address: str | None) -> int:
         lambda: fit(entry.function, spec=job.spec, config=job.config, run_dir=job.run_dir,
                     resume=resume, address=address, queue_timeout_s=job.queue_timeout_s,
                     max_failures=job.max_failures, runtime_env=job.runtime_env,
-                    keep_checkpoints=job.keep_checkpoints),
+                    keep_checkpoints=job.keep_checkpoints, stuck_timeout_s=job.stuck_timeout_s),
         on_interrupt="interrupted; continue with submit --resume (or, before its first "
                      "checkpoint, submit it again)")
     if code == 0:
@@ -538,7 +538,8 @@ def dry_run_submit(job, entry, address: str | None, as_json: bool) -> int:
         _, directory = prepare_fit(
             entry.function, spec=job.spec, config=job.config, run_dir=job.run_dir,
             resume=None, queue_timeout_s=job.queue_timeout_s, max_failures=job.max_failures,
-            runtime_env=job.runtime_env, keep_checkpoints=job.keep_checkpoints)
+            runtime_env=job.runtime_env, keep_checkpoints=job.keep_checkpoints,
+            stuck_timeout_s=job.stuck_timeout_s)
         if has_checkpoints(directory):  # to stderr: --json's output stays one JSON document
             print(f"note: run_dir {directory} holds checkpoints: submit it with --resume to "
                   "continue that run", file=sys.stderr)

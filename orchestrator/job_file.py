@@ -15,6 +15,8 @@ reads. One YAML mapping:
     max_failures: 3
     queue_timeout_s: 600
     keep_checkpoints: 3              # how many Ray Train keeps; null: every one
+    stuck_timeout_s: 300             # a rank neither reporting nor returning this long while
+                                     # the others wait fails as stuck; null: no watch
 
 The launcher's own keys are taken out; everything else is a JobSpec field, checked by JobSpec
 (an unknown key gets a did-you-mean). Every error names the file.
@@ -31,12 +33,13 @@ from typing import Any
 
 from orchestrator.config import ConfigError, JobSpec, known_fields_problems, unknown_fields
 from orchestrator.runs import in_rays_working_dir_copy, run_dir_uri_problem
+from orchestrator.stuck_ranks import DEFAULT_STUCK_TIMEOUT_S, stuck_timeout_problem
 from orchestrator.validation import expand_home, is_int, is_number
 
 DEFAULT_KEEP_CHECKPOINTS = 3  # checkpoints Ray Train keeps of a launched loop's run
 MAX_JOB_FILE_BYTES = 16 << 20  # larger is no job file, and is refused unread
 LAUNCHER_KEYS = ("entrypoint", "config", "runtime_env", "run_dir", "max_failures",
-                 "queue_timeout_s", "keep_checkpoints")
+                 "queue_timeout_s", "keep_checkpoints", "stuck_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class JobFile:
     max_failures: int = 3
     queue_timeout_s: float = 600.0
     keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS  # None: every one
+    stuck_timeout_s: float | None = DEFAULT_STUCK_TIMEOUT_S  # None: no watch
     path: Path | None = None  # the file it came from; scripts are found next to it
 
 
@@ -320,4 +324,6 @@ def launcher_problems(launcher: dict[str, Any]) -> list[str]:
             is_int(launcher["keep_checkpoints"]) and launcher["keep_checkpoints"] >= 1):
         p.append(f"keep_checkpoints must be an integer >= 1 or null/None (keep every one), got "
                  f"{launcher['keep_checkpoints']!r}")
+    if "stuck_timeout_s" in launcher and stuck_timeout_problem(launcher["stuck_timeout_s"]):
+        p.append(stuck_timeout_problem(launcher["stuck_timeout_s"]))
     return p

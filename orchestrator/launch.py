@@ -42,6 +42,7 @@ from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS, EMPTY_RUN_DIR, launcher_problems
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, run_dir_held,
                                writable_dir_problem)
+from orchestrator.stuck_ranks import DEFAULT_STUCK_TIMEOUT_S
 from orchestrator.validation import expand_home, has_control_characters
 
 
@@ -49,7 +50,8 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
         run_dir: str | Path | None = None, resume: bool = False, address: str | None = None,
         queue_timeout_s: float = 600.0, max_failures: int = 3,
         runtime_env: dict[str, Any] | None = None,
-        keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS):
+        keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS,
+        stuck_timeout_s: float | None = DEFAULT_STUCK_TIMEOUT_S):
     """Run `train_loop` on the cluster where the scheduler places `spec`; returns a
     `ray_layer.launch.Launched` (Ray Train's `result`, the final `placement`, the `yields`).
 
@@ -67,6 +69,11 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
     runtime_env: Ray's runtime_env for the job (working_dir, pip, env_vars), set when this
         call connects.
     keep_checkpoints: how many checkpoints Ray Train keeps; None: every one.
+    stuck_timeout_s: a rank in its own code this long (neither calling report nor returning)
+        while another rank has waited as long for it, in report or after returning, fails as
+        that worker's failure, named with its last report (a restart from the latest
+        checkpoint within max_failures, as for a crash); None: no watch (the others wait for
+        the process group's 30-minute timeout).
 
     Raises JobFailed (its `exit_code` as in docs/training.md) naming what went wrong: bad
     input, a job the cluster cannot hold, or the first worker's own exception.
@@ -74,7 +81,7 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
     per_worker, directory = prepare_fit(  # bool(): None here is "no", not a dry run's "either"
         train_loop, spec=spec, config=config, run_dir=run_dir, resume=bool(resume),
         queue_timeout_s=queue_timeout_s, max_failures=max_failures, runtime_env=runtime_env,
-        keep_checkpoints=keep_checkpoints)
+        keep_checkpoints=keep_checkpoints, stuck_timeout_s=stuck_timeout_s)
     refuse_what_embedded_ray_cannot_hold(spec, address)
     from ray_layer.launch import launch
 
@@ -82,7 +89,8 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
         with run_dir_held(directory, new_run=not resume):
             return launch(per_worker, config or {}, spec, directory, address=address,
                           queue_timeout_s=queue_timeout_s, max_failures=max_failures,
-                          keep_checkpoints=keep_checkpoints, runtime_env=runtime_env)
+                          keep_checkpoints=keep_checkpoints, runtime_env=runtime_env,
+                          stuck_timeout_s=stuck_timeout_s)
     except RunDirError as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
 
@@ -90,7 +98,8 @@ def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = 
 def prepare_fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None,
                 run_dir: str | Path | None, resume: bool | None, queue_timeout_s: float,
                 max_failures: int, runtime_env: dict[str, Any] | None,
-                keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS
+                keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS,
+                stuck_timeout_s: float | None = DEFAULT_STUCK_TIMEOUT_S
                 ) -> tuple[Callable, Path]:
     """(the function each worker runs, the run directory): everything `fit` checks before it
     connects to Ray, so that `submit --dry-run` refuses what `submit` would. JobFailed
@@ -102,7 +111,8 @@ def prepare_fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] |
     problems = launcher_problems({"max_failures": max_failures,
                                   "queue_timeout_s": queue_timeout_s,
                                   "runtime_env": runtime_env, "config": config,
-                                  "keep_checkpoints": keep_checkpoints})
+                                  "keep_checkpoints": keep_checkpoints,
+                                  "stuck_timeout_s": stuck_timeout_s})
     if problems:
         raise JobFailed("; ".join(problems), EXIT_BAD_INPUT)
     try:

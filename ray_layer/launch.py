@@ -41,7 +41,8 @@ from ray_layer.cluster import (ClusterConnectionError, connect, ensure_control_p
                                ensure_scheduler)
 from ray_layer.placed_run import NotPlaced, PlacedRun
 from ray_layer.scheduler_client import SchedulerUnreachable, failed_call
-from ray_layer.train_callbacks import FollowPlacement, JobCancelled, MetricsLog, NodeLostError
+from ray_layer.train_callbacks import (FollowPlacement, JobCancelled, MetricsLog,
+                                       NodeLostError, WatchStuckRanks)
 from ray_layer.user_loop import RAISED_AT
 
 
@@ -103,9 +104,12 @@ def dry_run_placement(spec: JobSpec, address: str | None):
 def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobSpec,
            run_dir: Path, *, address: str | None, queue_timeout_s: float, max_failures: int,
            keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS,
-           runtime_env: dict | None = None) -> Launched:
+           runtime_env: dict | None = None, stuck_timeout_s: float | None = None) -> Launched:
     """Place `spec`, run `train_fn(train_loop_config)` on every worker under Ray Train with
-    its checkpoints in `run_dir` (the run's name is the directory's name), and release."""
+    its checkpoints in `run_dir` (the run's name is the directory's name), and release.
+    `stuck_timeout_s`: a user loop's (ray_layer/user_loop.py) rank stuck in its own code that
+    long while the others wait for it fails as that worker's failure (WatchStuckRanks);
+    None: no watch."""
     # Ray Train's controller takes a worker's report once per poll, 2 s apart by default, and
     # the worker's next report waits for it: a run reporting every second or so spent a
     # quarter of its training phase waiting (scripts/bench_train.py, 2026-12-03). Ray Train
@@ -114,7 +118,8 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
     with connected_scheduler(address, runtime_env) as scheduler:
         driver = PlacedRun(scheduler, spec, queue_timeout_s, reconnect=ensure_scheduler)
         trainer_for = _trainer_factory(train_fn, train_loop_config, spec, run_dir, driver.owner,
-                                       queue_timeout_s, max_failures, keep_checkpoints)
+                                       queue_timeout_s, max_failures, keep_checkpoints,
+                                       stuck_timeout_s)
         fitted = []  # (whether workers were started: a refusal after that ran the job)
 
         def fit_placed(placement: Placement):
@@ -169,7 +174,7 @@ class InterruptibleTrainer(TorchTrainer):
 
 def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: Path,
                      owner: str, queue_timeout_s: float, max_failures: int,
-                     keep_checkpoints: int):
+                     keep_checkpoints: int, stuck_timeout_s: float | None = None):
     def withdraw() -> None:
         from ray_layer.scheduler_client import get_scheduler
 
@@ -198,7 +203,8 @@ def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: 
                 # A lost node: re-placed by the scheduler before the worker group restarts.
                 callbacks=[MetricsLog(run_dir),
                            FollowPlacement(spec, owner, timeout_s=queue_timeout_s,
-                                           reconnect=ensure_scheduler)],
+                                           reconnect=ensure_scheduler)]
+                + ([WatchStuckRanks(stuck_timeout_s)] if stuck_timeout_s else []),
             ),
             on_interrupt=withdraw,
         )

@@ -11,7 +11,13 @@ asks the scheduler to place the job again (the dead node excluded, the old reser
 released) and points the selectors at the new nodes, so the run resumes from its latest
 checkpoint on the nodes that are left.
 
-It uses Ray Train's ControllerCallback (a DeveloperAPI that RunConfig.callbacks accepts "for
+WatchStuckRanks: a user loop's rank stuck in its own code (neither reporting nor returning)
+while the others wait for it fails as that worker's failure after `stuck_timeout_s`, named
+(orchestrator/stuck_ranks.py decides), where the others waited for the process group's
+30-minute timeout with no message (and, once they had all returned, for as long as it stayed
+stuck).
+
+FollowPlacement uses Ray Train's ControllerCallback (a DeveloperAPI that RunConfig.callbacks accepts "for
 custom workarounds built on top of internal callbacks"), the only hook that runs between a
 failure and the next worker-group start.
 """
@@ -25,12 +31,13 @@ from typing import Any, Callable
 
 import ray
 from ray.train import UserCallback
-from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
 from orchestrator.config import JobSpec
 from orchestrator.job_exit import CALL_TIMEOUT_S
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.runs import append_metrics
+from orchestrator.stuck_ranks import stuck_verdict
 from ray_layer.scheduler_client import SchedulerLink, get_scheduler
 
 log = logging.getLogger(__name__)
@@ -142,3 +149,69 @@ def _lost_message(job_name: str, lost: list[str], decision: Rejection | Queued) 
         f"{decision.reason})")
     return (f"node(s) {', '.join(n[:12] for n in lost)} of job '{job_name}' were lost and the "
             f"job cannot be placed on the nodes that are left: {why}")
+
+
+class StuckRank(RuntimeError):
+    """A worker of a user loop neither reported nor returned for stuck_timeout_s while the
+    others waited for it (orchestrator/stuck_ranks.py)."""
+
+
+class WatchStuckRanks(WorkerGroupCallback):
+    """Every `check_every_s`, asks each worker where its loop is (ray_layer.user_loop.progress,
+    run in the worker's actor beside the loop: nothing is added to a report) without waiting
+    for the answers, which a later poll of the controller collects; when stuck_verdict names
+    stuck ranks, their status carries a StuckRank error, which Ray Train's controller handles
+    as any worker's failure (a restart from the latest checkpoint within max_failures, then
+    the run fails naming it)."""
+
+    def __init__(self, timeout_s: float, check_every_s: float | None = None) -> None:
+        self.timeout_s = timeout_s
+        self.check_every_s = check_every_s or min(10.0, timeout_s / 4)
+        self._reset(None)
+
+    def _reset(self, worker_group) -> None:
+        self.worker_group, self.asked, self.asked_at = worker_group, None, time.monotonic()
+
+    def after_worker_group_start(self, worker_group) -> None:
+        self._reset(worker_group)
+
+    def before_worker_group_shutdown(self, worker_group) -> None:
+        self._reset(None)
+
+    def after_worker_group_poll_status(self, worker_group_status) -> None:
+        try:  # never a failure of the run's own: a watch that fails watches no more
+            self._check(worker_group_status)
+        except Exception as e:  # noqa: BLE001
+            log.warning("the watch for stuck ranks stopped: %s: %s", type(e).__name__, e)
+            self._reset(None)
+
+    def _check(self, worker_group_status) -> None:
+        from ray_layer.user_loop import progress
+
+        if self.worker_group is None:
+            return
+        now = time.monotonic()
+        if self.asked is None:
+            if now - self.asked_at >= self.check_every_s:
+                self.asked = self.worker_group.execute_async(progress, self.timeout_s)
+                self.asked_at = now
+            return
+        ready, _ = ray.wait(self.asked, num_returns=len(self.asked), timeout=0)
+        if len(ready) < len(self.asked) and now - self.asked_at < self.check_every_s:
+            return  # (a worker that does not answer is neither named nor waited on)
+        answers = {}
+        for rank, ref in enumerate(self.asked):
+            try:
+                answers[rank] = ray.get(ref, timeout=0) if ref in ready else None
+            except Exception:  # noqa: BLE001 (a dead worker: Ray Train's own poll says so)
+                answers[rank] = None
+        self.asked, self.asked_at = None, now
+        verdict = stuck_verdict(answers, self.timeout_s)
+        if verdict is None:
+            return
+        ranks, message = verdict
+        log.error("%s", message)
+        for rank in ranks:
+            status = worker_group_status.worker_statuses.get(rank)
+            if status is not None and status.error is None:
+                status.error = StuckRank(message)

@@ -21,6 +21,8 @@ import os
 import site
 import sys
 import sysconfig
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +32,7 @@ import ray.train
 import torch.distributed as dist
 
 from orchestrator.entrypoints import accepts_config
+from orchestrator.stuck_ranks import REPORTING, RETURNED, WAITING, WORKING
 from ray_layer.train_session import DirectiveWatch
 
 # Metric names the launcher itself reads from a report: "yielded" (a preemption) and
@@ -45,6 +48,11 @@ _reports = 0  # this worker's calls of report in this run of the loop
 # directive is never this): their report fails at once, naming it, where it waited in the
 # gather for gloo's 30-minute timeout, with no message.
 _RETURNED = "\0returned from the loop"
+# Where this worker's loop is, for the driver's watch for stuck ranks (`progress`): (state,
+# since (time.monotonic()), reports, step); one tuple, replaced whole (read from another
+# thread). None outside a launched loop.
+_where: tuple[str, float, int, Any] | None = None
+_loop_thread: int | None = None  # the thread running the loop (its stack: `progress`)
 
 
 class Yielded(BaseException):
@@ -78,12 +86,15 @@ def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = 
     # passes a checkpoint with this report (Ray Train keeps one, whichever rank's: a loop
     # whose checkpoints came from rank 1 alone never yielded, and nothing said why).
     _reports += 1
+    _mark(WAITING, metrics.get("step"))
     pending, checkpointed = _agreed(pending, checkpoint is not None, metrics.get("step"))
     decision = pending if checkpointed else None
     if decision:
         # In the checkpoint's own report (rank 0's metrics are the ones Ray Train keeps).
         metrics = {**metrics, "yielded": decision}
+    _mark(REPORTING)
     ray.train.report(metrics, checkpoint=checkpoint)
+    _mark(WORKING)
     if checkpointed and _watch is not None:
         _watch.checkpointed()
     if decision:
@@ -161,6 +172,33 @@ def _agreed(pending: str | None, has_checkpoint: bool,
     return every[0][0], any(entry[1] for entry in every)
 
 
+def _mark(state: str, step: Any = ...) -> None:
+    """This worker is now in `state` (the step: of the report it is in or came from)."""
+    global _where
+    if step is ...:
+        step = _where[3] if _where else None
+    elif step is not None and not isinstance(step, (int, float, str)):
+        step = str(step)[:40]  # (a numpy number, a tensor: it travels to the driver as text)
+    _where = (state, time.monotonic(), _reports, step)
+
+
+def progress(where_after_s: float = float("inf")) -> dict[str, Any] | None:
+    """Where this worker's loop is (orchestrator.stuck_ranks reads it): run in the worker's
+    actor, beside the loop's thread, by the driver's watch (ray_layer/train_callbacks.py).
+    A loop in its own code for `where_after_s` or more also says where in its own files it is
+    now. None before a launched loop started in this process."""
+    snapshot = _where
+    if snapshot is None:
+        return None
+    state, since, reports, step = snapshot
+    for_s = time.monotonic() - since
+    where = None
+    if state == WORKING and for_s >= where_after_s and _loop_thread is not None:
+        frame = sys._current_frames().get(_loop_thread)
+        where = None if frame is None else _own_frame(traceback.extract_stack(frame))
+    return {"state": state, "for_s": for_s, "reports": reports, "step": step, "where": where}
+
+
 def _gathered(mine: tuple) -> list | None:
     """Every rank's `mine` (all_gather_object), or None without a process group of 2+."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -193,8 +231,7 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
     takes_config = accepts_config(train_loop)
 
     def per_worker(config: dict) -> Any:
-        global _reports
-        _reports = 0
+        _loop_starts()
         for folder in reversed(import_path):
             if os.path.isdir(folder) and folder not in sys.path:
                 sys.path.insert(0, folder)
@@ -208,6 +245,7 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
             if stand_in is None:
                 raise  # as it is, its cause and context with it
             raise stand_in from None
+        _mark(RETURNED)
         _announce_return()
         return _rank_zero_result(value)
 
@@ -217,6 +255,15 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
     functools.update_wrapper(per_worker, train_loop, updated=())  # (no __dict__: no
     del per_worker.__wrapped__                                     # __signature__ either)
     return per_worker
+
+
+def _loop_starts() -> None:
+    """A launched loop starts in this thread: no report yet, in its own code. Set here, not
+    in per_worker: Ray Train sends per_worker by value, with a copy of the module's globals
+    it names, and a `global` assignment there changed only that copy."""
+    global _reports, _where, _loop_thread
+    _reports, _where, _loop_thread = 0, None, threading.get_ident()
+    _mark(WORKING)
 
 
 def _library_folders() -> tuple[str, ...]:
@@ -237,18 +284,24 @@ def _mark_where_raised(error: BaseException) -> None:
     innermost frame of the user's own code it came through: the driver's error line held only
     the exception's type and message (a bare `assert` read "AssertionError: ", nothing else),
     the traceback being in a worker's log."""
-    frames = traceback.extract_tb(error.__traceback__)[1:]  # (the first: per_worker's)
+    where = _own_frame(traceback.extract_tb(error.__traceback__)[1:])  # (the first:
+    if where is None:                                                    # per_worker's)
+        return
+    try:
+        setattr(error, RAISED_AT, where)
+    except Exception:  # (an exception type that takes no attributes: said without it)
+        pass
+
+
+def _own_frame(frames: traceback.StackSummary) -> str | None:
+    """The innermost of `frames` in the user's own files ("train.py line 57, in
+    train_loop"), or None."""
     library = _library_folders()
     own = [f for f in frames if not f.filename.startswith("<")
            and not os.path.realpath(f.filename).startswith(library)]
     if not own:
-        return
-    frame = own[-1]
-    try:
-        setattr(error, RAISED_AT, f"{Path(frame.filename).name} line {frame.lineno}, "
-                                  f"in {frame.name}")
-    except Exception:  # (an exception type that takes no attributes: said without it)
-        pass
+        return None
+    return f"{Path(own[-1].filename).name} line {own[-1].lineno}, in {own[-1].name}"
 
 
 def _stand_in_if_unsendable(error: BaseException) -> Exception | None:

@@ -1,7 +1,8 @@
 """Bring your own training loop, on the shared session cluster (conftest.py): the examples run
 end to end through `python -m orchestrator submit JOB.yaml --address ...`, a user loop is
-preempted through the scheduler and resumes from its own checkpoint, and a loop that raises
-ends with exit 4 naming the worker and its error, its reservation released.
+preempted through the scheduler and resumes from its own checkpoint, a loop that raises
+ends with exit 4 naming the worker and its error, its reservation released, and a rank stuck in
+its own code fails after stuck_timeout_s, named.
 
 Drivers are separate processes, as users run them (except where the test must itself be the
 driver, below). Each job file is a copy of an example's in tmp_path, its run_dir and data
@@ -183,4 +184,40 @@ def test_a_loop_that_raises_exits_4_naming_the_worker_and_its_error_and_releases
     # Step 1's report may be cut off by the failure as it is taken in (Ray Train's controller
     # polls reports): never a step past the failure, and what was logged is kept
     assert [r["step"] for r in read_metrics(tmp_path / name)] in ([0], [0, 1])
+    assert not held_by_scheduler(name)
+
+
+STUCK_LOOP = """\
+    import time
+
+    import ray.train
+    from orchestrator import launch
+
+    def train_loop(config):
+        rank = ray.train.get_context().get_world_rank()
+        for step in range(config["steps"]):
+            if rank == 1 and step == config["stuck_at"]:
+                time.sleep(10**6)
+            launch.report({"step": step})
+    """
+
+
+def test_a_rank_stuck_in_its_own_code_fails_after_stuck_timeout_naming_it(cluster, tmp_path,
+                                                                          capsys):
+    """Rank 1 sleeps while rank 0 waits in its report: the run failed only after the process
+    group's 30-minute timeout, with no message."""
+    (tmp_path / "stuck.py").write_text(textwrap.dedent(STUCK_LOOP))
+    entry = load_entrypoint("stuck.py:train_loop", base_dir=tmp_path)
+    name = "byol-stuck"
+    code, launched = run_job(lambda: launch.fit(
+        entry.function, spec=JobSpec(name, num_workers=2), config={"steps": 6, "stuck_at": 2},
+        run_dir=tmp_path / name, max_failures=0, queue_timeout_s=120, stuck_timeout_s=5),
+        on_interrupt="interrupted")
+    err = capsys.readouterr().err
+    assert code == 4 and launched is None
+    assert ("error: training failed after 0 restart(s): worker rank 1: StuckRank: worker "
+            "rank(s) 1 stuck in the loop's own code: neither called launch.report nor returned "
+            "for 5s (stuck_timeout_s)") in err
+    assert re.search(r"rank 1 last seen in its report 2 \(step 1\), \d+s ago, now at stuck\.py "
+                     r"line 10, in train_loop; rank 0 waiting in its report 3 \(step 2\)", err)
     assert not held_by_scheduler(name)

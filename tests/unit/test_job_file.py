@@ -149,6 +149,10 @@ def test_a_number_too_long_to_print_is_named_not_a_traceback(tmp_path):
     ("entrypoint: [train.py]", "entrypoint must be a string"),
     ("run_dir: {a: 5}", "run_dir must be a path, got {'a': 5}"),
     ("keep_checkpoints: 0", "keep_checkpoints must be an integer >= 1 or null"),
+    ("stuck_timeout_s: 0", "stuck_timeout_s must be a finite number > 0 (seconds) or null"),
+    ("stuck_timeout_s: soon", "stuck_timeout_s must be a finite number > 0 (seconds) or null/None"
+     " (no watch), got 'soon'"),
+    ("stuck_timeout_s: .inf", "stuck_timeout_s must be a finite number > 0"),
     # (it became a directory `s3:` beside the job file)
     ("run_dir: s3://bucket/runs/a", "run_dir: s3://bucket/runs/a is a URI; a run directory "
      "must be a path every node can reach"),
@@ -547,6 +551,8 @@ def test_a_relative_run_dir_in_a_job_file_is_beside_the_file(tmp_path, monkeypat
       "queue_timeout_s": "600"}, "max_failures must be an integer >= 0, got '3'; "
      "queue_timeout_s must be a finite number >= 0, got '600'; keep_checkpoints must be an integer "
      ">= 1 or null/None (keep every one), got 0"),
+    ({"spec": JobSpec("alpha"), "stuck_timeout_s": -1}, "stuck_timeout_s must be a finite "
+     "number > 0 (seconds) or null/None (no watch), got -1"),
     ({"spec": JobSpec("..")}, "name '..' is not a directory name"),
     # (a name with control characters: JobSpec's own refusal, test_config.py)
     ({"spec": JobSpec("x" * 300)}, "is longer than a file name may be (255 bytes)"),
@@ -1527,6 +1533,14 @@ def test_a_job_file_sets_how_many_checkpoints_are_kept(tmp_path):
     assert load_job_file(write(tmp_path / "all.yaml",
                                "name: a\nkeep_checkpoints: null\n")).keep_checkpoints is None
     assert load_job_file(write(tmp_path / "default.yaml", "name: a\n")).keep_checkpoints == 3
+
+
+def test_stuck_timeout_s_is_read_from_the_job_file_and_null_turns_the_watch_off(tmp_path):
+    assert load_job_file(write(tmp_path / "job.yaml",
+                               "name: a\nstuck_timeout_s: 60\n")).stuck_timeout_s == 60
+    assert load_job_file(write(tmp_path / "off.yaml",
+                               "name: a\nstuck_timeout_s: null\n")).stuck_timeout_s is None
+    assert load_job_file(write(tmp_path / "default.yaml", "name: a\n")).stuck_timeout_s == 300
 
 
 def test_a_relative_run_dir_in_rays_copy_of_the_working_dir_is_refused(tmp_path):

@@ -1,0 +1,77 @@
+"""Whether a rank of a user's own training loop is stuck in its own code.
+
+Every rank of a launched loop (ray_layer/user_loop.py) says where it is: in its own code
+(WORKING), in `launch.report`'s agreement of the ranks (WAITING: a collective that needs every
+rank), inside Ray Train's report (REPORTING: the launcher's and Ray Train's own time, an upload
+included), or back from the loop (RETURNED, telling the others). A rank that neither reports
+nor returns held the others in their report (or in their return) until the process group's
+timeout, 30 minutes, with no message; and where they had all returned, the run went on
+waiting for as long as that rank stayed stuck (Ray Train waits for every worker to end).
+
+`stuck_verdict` reads one snapshot of every rank's progress (a dict per rank: "state", "for_s"
+(seconds in that state, on the rank's own clock), "reports" (its launch.report calls so far,
+the one it is in included), "step" (the step of that report, if its metrics had one),
+"where" (where in its own code a WORKING rank is, if known)) and says, once some rank has
+waited `timeout_s` for the others and some rank has been in its own code that long, which
+ranks are stuck and the one error line the run fails with. Ray Train's controller takes that
+as those workers' failure (ray_layer/train_callbacks.py): a restart from the latest checkpoint
+within `max_failures`, as for a crashed worker, then the job fails naming them.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from orchestrator.validation import is_number
+
+# Far below the process group's 30 minutes, and above a step plus a local checkpoint write of
+# the loops this launcher runs (a report's upload of the checkpoint is Ray Train's: REPORTING).
+DEFAULT_STUCK_TIMEOUT_S = 300.0
+WORKING, WAITING, REPORTING, RETURNED = "working", "waiting", "reporting", "returned"
+
+
+def stuck_verdict(progress: Mapping[int, Mapping[str, Any] | None],
+                  timeout_s: float) -> tuple[list[int], str] | None:
+    """(the stuck ranks, the error line) or None. `progress`: rank -> its snapshot (None: the
+    rank did not answer, and is neither named nor waited on)."""
+    known = {rank: p for rank, p in progress.items() if p}
+    waiting = {rank: p for rank, p in known.items()
+               if p.get("state") in (WAITING, RETURNED) and p.get("for_s", 0) >= timeout_s}
+    stuck = sorted(rank for rank, p in known.items()
+                   if p.get("state") == WORKING and p.get("for_s", 0) >= timeout_s)
+    if not waiting or not stuck:
+        return None
+    names = ", ".join(map(str, stuck))
+    seen = "; ".join(f"rank {rank} {_since(known[rank])}" for rank in stuck)
+    waited = "; ".join(f"rank {rank} {_waited(p)}" for rank, p in sorted(waiting.items()))
+    return stuck, (
+        f"worker rank(s) {names} stuck in the loop's own code: neither called launch.report "
+        f"nor returned for {timeout_s:g}s (stuck_timeout_s) while the others waited for them "
+        f"({seen}; {waited}); raise stuck_timeout_s if a step or a checkpoint write between "
+        "two reports takes longer")
+
+
+def _since(p: Mapping[str, Any]) -> str:
+    reports = p.get("reports") or 0
+    last = (f"last seen in its report {reports}{_step(p)}" if reports
+            else "has not reported since the loop started")
+    where = f", now at {p['where']}" if p.get("where") else ""
+    return f"{last}, {p.get('for_s', 0):.0f}s ago{where}"
+
+
+def _waited(p: Mapping[str, Any]) -> str:
+    if p.get("state") == RETURNED:
+        return f"returned from the loop {p.get('for_s', 0):.0f}s ago"
+    return f"waiting in its report {p.get('reports') or 0}{_step(p)} for {p.get('for_s', 0):.0f}s"
+
+
+def _step(p: Mapping[str, Any]) -> str:
+    return "" if p.get("step") is None else f" (step {p['step']})"
+
+
+def stuck_timeout_problem(value: Any) -> str | None:
+    """What is wrong with a stuck_timeout_s (a job file's, launch.fit's), or None: a finite
+    number > 0 (seconds), or None (no watch)."""
+    if value is None or (is_number(value) and value > 0):
+        return None
+    return f"stuck_timeout_s must be a finite number > 0 (seconds) or null/None (no watch), " \
+           f"got {value!r}"

@@ -1,0 +1,100 @@
+"""A user loop's rank stuck in its own code (no Ray): the verdict (orchestrator/stuck_ranks.py),
+where a worker says its loop is (ray_layer/user_loop.progress, through Ray Train's pickling of
+the loop), and the controller's watch that fails the stuck worker
+(ray_layer/train_callbacks.WatchStuckRanks). Before, the other ranks waited in their report for
+the process group's 30-minute timeout with no message (once they had all returned: for as long
+as that rank stayed stuck)."""
+import threading
+import time
+from types import SimpleNamespace
+
+import ray
+
+from orchestrator.stuck_ranks import stuck_verdict
+from ray_layer import train_callbacks, user_loop
+from ray_layer.train_callbacks import StuckRank, WatchStuckRanks
+
+
+def working(for_s, reports=3, step=7, where="train.py line 9, in train_loop"):
+    return {"state": "working", "for_s": for_s, "reports": reports, "step": step,
+            "where": where}
+
+
+def waiting(for_s, reports=4, step=8):
+    return {"state": "waiting", "for_s": for_s, "reports": reports, "step": step,
+            "where": None}
+
+
+def test_a_rank_in_its_own_code_past_the_timeout_while_another_waits_is_named():
+    ranks, message = stuck_verdict({0: waiting(301), 1: working(305)}, 300)
+    assert ranks == [1]
+    assert message.startswith("worker rank(s) 1 stuck in the loop's own code: neither called "
+                              "launch.report nor returned for 300s (stuck_timeout_s)")
+    assert ("rank 1 last seen in its report 3 (step 7), 305s ago, now at train.py line 9, in "
+            "train_loop; rank 0 waiting in its report 4 (step 8) for 301s") in message
+
+
+def test_ranks_that_returned_wait_too_and_a_rank_stuck_before_its_first_report_is_named():
+    returned = {"state": "returned", "for_s": 400, "reports": 5, "step": 4, "where": None}
+    ranks, message = stuck_verdict(
+        {0: returned, 1: working(900, reports=0, step=None, where=None), 2: returned,
+         3: working(400)}, 300)
+    assert ranks == [1, 3]
+    assert "rank 1 has not reported since the loop started, 900s ago;" in message
+    assert "rank 0 returned from the loop 400s ago; rank 2 returned" in message
+
+
+def test_no_verdict_before_the_timeout_without_a_waiting_rank_or_from_silent_workers():
+    assert stuck_verdict({0: waiting(299), 1: working(500)}, 300) is None
+    assert stuck_verdict({0: waiting(500), 1: working(299)}, 300) is None
+    # A DDP loop's rank 0 blocked in the model's all-reduce is in its own code too.
+    assert stuck_verdict({0: working(900), 1: working(900)}, 300) is None
+    # Inside Ray Train's report (a checkpoint's upload) is not the loop's own code.
+    uploading = {"state": "reporting", "for_s": 900, "reports": 4, "step": 8}
+    assert stuck_verdict({0: uploading, 1: waiting(900)}, 300) is None
+    assert stuck_verdict({0: waiting(900), 1: None}, 300) is None
+
+
+def test_a_worker_says_where_its_loop_is_through_ray_trains_pickling_of_it(tmp_path):
+    # Ray Train sends the wrapped loop by value, with a copy of the globals it names: state
+    # set there (the loop's thread) never reached the module that `progress` reads.
+    release = tmp_path / "release"
+
+    def train_loop(config):
+        while not release.exists():
+            time.sleep(0.01)  # where it is stuck
+
+    per_worker = ray.cloudpickle.loads(ray.cloudpickle.dumps(user_loop.yielding(train_loop)))
+    worker = threading.Thread(target=per_worker, args=({},))
+    worker.start()
+    try:
+        time.sleep(0.2)
+        now = user_loop.progress(0.1)
+        assert now["state"] == "working" and now["reports"] == 0 and now["for_s"] >= 0.1
+        assert now["where"] == (f"test_stuck_ranks.py line "
+                                f"{train_loop.__code__.co_firstlineno + 2}, in train_loop")
+        assert user_loop.progress()["where"] is None  # (asked only past the timeout)
+    finally:
+        release.touch()
+        worker.join()
+    assert user_loop.progress()["state"] == "returned"
+
+
+def test_the_watch_fails_the_stuck_worker_in_the_controllers_poll(monkeypatch):
+    answers = {0: waiting(40), 1: working(45)}
+    asked = []
+    group = SimpleNamespace(execute_async=lambda fn, timeout_s: asked.append(
+        (fn, timeout_s)) or [0, 1])
+    monkeypatch.setattr(train_callbacks.ray, "wait", lambda refs, **kw: (list(refs), []))
+    monkeypatch.setattr(train_callbacks.ray, "get", lambda ref, timeout=None: answers[ref])
+    watch = WatchStuckRanks(30, check_every_s=0.01)
+    watch.after_worker_group_start(group)
+    status = SimpleNamespace(worker_statuses={0: SimpleNamespace(error=None),
+                                              1: SimpleNamespace(error=None)})
+    time.sleep(0.02)
+    watch.after_worker_group_poll_status(status)  # asks
+    assert asked == [(user_loop.progress, 30)] and status.worker_statuses[1].error is None
+    watch.after_worker_group_poll_status(status)  # reads the answers
+    assert status.worker_statuses[0].error is None
+    error = status.worker_statuses[1].error
+    assert isinstance(error, StuckRank) and str(error).startswith("worker rank(s) 1 stuck")
