@@ -5,7 +5,9 @@
                AutoModelForCausalLM.from_pretrained('my-model')"
 
 Writes model.safetensors, config.json, generation_config.json and the tokenizer files
-(orchestrator/hf_export.py). A run directory exports its newest usable checkpoint.
+(orchestrator/hf_export.py). A run directory exports its newest usable checkpoint; a
+jobs/compress.py stage folder (COMPRESS_OUT/pruned, qat, distilled, original) exports when it
+has GPT-2's form, with the teacher's tokenizer (docs/compression.md).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from orchestrator.job_exit import EXIT_BAD_INPUT, JobFailed, run_job
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
-                   help="a run directory (its newest checkpoint) or a checkpoint directory")
+                   help="a run directory (its newest checkpoint), a checkpoint directory, or a "
+                        "jobs/compress.py stage folder (OUT/pruned, OUT/qat, ...)")
     p.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
     args = p.parse_args(argv)
     for flag in ("checkpoint", "out"):  # `--out "$DIR"` with DIR unset: not the cwd
@@ -51,9 +54,11 @@ def run(args: argparse.Namespace) -> dict:
                         f"{what_is_left(Path(args.out), had_export)}", EXIT_BAD_INPUT) from None
     for problem in info["skipped"]:  # an older checkpoint is exported in their place
         print(f"warning: skipped an unusable newer checkpoint: {problem}", file=sys.stderr)
-    print(f"exported {info['checkpoint']} (step {info['step']}, {info['params'] / 1e6:.2f}M "
-          f"params, vocabulary {info['vocab_size']}, tokenizer {info['tokenizer']}) to "
-          f"{args.out}: {', '.join(f.name for f in files)}")
+    what = (f"the compress stage {info['checkpoint']} (the {info['stage']} stage" if info["stage"]
+            else f"{info['checkpoint']} (step {info['step']}")
+    print(f"exported {what}, {info['params'] / 1e6:.2f}M params, vocabulary "
+          f"{info['vocab_size']}, tokenizer {info['tokenizer']}) to {args.out}: "
+          f"{', '.join(f.name for f in files)}")
     return info
 
 

@@ -459,40 +459,68 @@ def _umask() -> int:
     return mask
 
 
-# What jobs/export.py takes instead of a compress stage folder: nothing of a compress output
-# exports (its int8/ is refused as INT8, by _training_checkpoint_only).
-EXPORT_INSTEAD_OF_STAGE = ("jobs/export.py exports training checkpoints (state.pt) only, and "
-                           "nothing in a compress output (its stages, its int8/) has a GPT-2 "
-                           "form; export the training checkpoint {out} was compressed from, "
-                           "{source}")
-
-
 def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
                       ) -> tuple[list[Path], dict[str, Any]]:
-    """Export the training checkpoint `path` names (a checkpoint directory, or a run directory:
-    its newest usable checkpoint) with the run's tokenizer. Returns (files, what was exported:
-    "skipped" holds why each newer checkpoint of a run was not). ExportError /
-    CheckpointError / TokenizerError say why not."""
+    """Export the model `path` names with its tokenizer: a training checkpoint (a checkpoint
+    directory, or a run directory: its newest usable checkpoint) with the run's, or a
+    jobs/compress.py stage folder (pruned/, qat/, ...: export_stage) with the teacher's.
+    Returns (files, what was exported: "skipped" holds why each newer checkpoint of a run was
+    not; "stage" the compress stage, None for a checkpoint). ExportError / CheckpointError /
+    TokenizerError say why not."""
+    from orchestrator.runs import compress_stage
     from orchestrator.serving.loading import model_directories
-    from orchestrator.training.checkpoint import first_that_loads
+    from orchestrator.training.checkpoint import CheckpointError, first_that_loads
 
     out = export_dir(out_dir)
     check_output(out)  # before the checkpoint is read: that can take a while
-    candidates, is_run = model_directories(path, EXPORT_INSTEAD_OF_STAGE)
-    (directory, state, model, train_config), skipped = first_that_loads(
-        candidates, is_run, path, _load_exportable)
-    check_exportable(model, str(directory))
+    given = expand_home(path, "checkpoint", CheckpointError).resolve()
+    if given.is_dir() and compress_stage(given) is not None:
+        directory, (model, tokenizer, stage) = given, export_stage(given)
+        info: dict[str, Any] = {"step": None, "skipped": []}
+    else:
+        candidates, is_run = model_directories(path)
+        (directory, state, model, train_config), skipped = first_that_loads(
+            candidates, is_run, path, _load_exportable)
+        check_exportable(model, str(directory))
+        stage, info = None, {"step": state.get("step"), "skipped": skipped}
     try:
-        tokenizer = tokenizer_for_model(
-            tokenizer_of_run(directory, train_config.tokenizer_sha256),
-            model.config.vocab_size)
+        if stage is None:
+            tokenizer = tokenizer_of_run(directory, train_config.tokenizer_sha256)
+        tokenizer = tokenizer_for_model(tokenizer, model.config.vocab_size)
     except (TokenizerError, OSError) as e:
         # (some of its messages name the checkpoint already)
         raise ExportError(str(e) if str(directory) in str(e) else f"{directory}: {e}") from None
     files = _write_export(model, tokenizer, out)  # (--out checked above)
-    return files, {"checkpoint": str(directory), "step": state.get("step"),
+    return files, {"checkpoint": str(directory), "stage": stage, **info,
                    "vocab_size": model.config.vocab_size, "tokenizer": tokenizer.name,
-                   "params": sum(p.numel() for p in model.parameters()), "skipped": skipped}
+                   "params": sum(p.numel() for p in model.parameters())}
+
+
+# Appended to the refusal of a compress stage whose pruning left no GPT-2 form.
+ONE_WIDTH_PRUNING = ("; jobs/compress.py --prune-structure channels --prune-scope per_layer "
+                     "prunes every layer's MLP to one width, which exports")
+
+
+def export_stage(directory: Path) -> tuple[Any, Tokenizer, str]:
+    """(fp32 model, the teacher's tokenizer, stage name) of a jobs/compress.py stage folder
+    that has GPT-2's form (compression.pipeline.exportable_stage: qat/ as int8/ holds its
+    weights). ExportError naming the folder when it has none (pruned heads, MLP widths that
+    differ), with the pruning that would; CheckpointError when it cannot be read or its
+    logits are not finite."""
+    from orchestrator.compression.pipeline import exportable_stage
+    from orchestrator.serving.loading import _forward_problem
+    from orchestrator.training.checkpoint import CheckpointError
+
+    model, tokenizer, stage = exportable_stage(directory)
+    try:
+        check_exportable(model, str(directory))
+    except ExportError as e:
+        pruned = model.config.n_heads_per_layer is not None or model.config.mlp_hidden
+        raise ExportError(f"{e}{ONE_WIDTH_PRUNING if pruned else ''}") from None
+    problem = _forward_problem(model, str(directory), "cpu")
+    if problem:
+        raise CheckpointError(f"{problem} (its weights diverged): it is not exported")
+    return model, tokenizer, stage
 
 
 def _load_exportable(directory: Path):
@@ -516,19 +544,32 @@ def _load_exportable(directory: Path):
 
 
 def _training_checkpoint_only(directory: Path) -> None:
+    """ExportError for a model directory that is not a training checkpoint: an INT8 export,
+    whose ONNX file already is its portable form; named with the float stages of the compress
+    output it is in, which export, or the training checkpoint it was compressed from."""
+    from orchestrator.compression.export import ONNX_FILE
+    from orchestrator.runs import COMPRESS_CONFIG_FILE, compress_stage, compressed_from
     from orchestrator.serving.loading import model_format
 
-    from orchestrator.runs import COMPRESS_CONFIG_FILE, compressed_from
-
     fmt = model_format(directory)  # (CheckpointError for one cut short: a run falls back)
-    if fmt.name != "checkpoint":
-        out = directory.parent
+    if fmt.name == "checkpoint":
+        return
+    out = directory.parent
+    stages = [str(out / name) for name in ("qat", "pruned", "distilled")
+              if compress_stage(out / name) is not None]
+    instead = ""
+    if stages:
+        qat = " (qat/: its weights as int8/ holds them)" if str(out / "qat") in stages else ""
+        instead = (f"; for a float Hugging Face model export a stage of the compress output "
+                   f"{out}: {' or '.join(stages)}{qat}, or the training checkpoint it was "
+                   f"compressed from, {compressed_from(out)}")
+    elif (out / COMPRESS_CONFIG_FILE).is_file():
         instead = (f"; export the training checkpoint {out} was compressed from, "
-                   f"{compressed_from(out)}"
-                   if (out / COMPRESS_CONFIG_FILE).is_file() else "")
-        raise ExportError(f"{directory} is an {fmt.name} model; only "
-                          "training checkpoints (state.pt) export to GPT-2 (an INT8 model "
-                          f"has no GPT-2 form){instead}")
+                   f"{compressed_from(out)}")
+    raise ExportError(f"{directory} is an INT8 model, which GPT-2 cannot hold: its "
+                      f"{directory / ONNX_FILE} already is its portable form (ONNX Runtime: "
+                      "orchestrator.compression.export.load_onnx_model, or an "
+                      f"onnxruntime.InferenceSession){instead}")
 
 
 # --- import (--init-from) ---------------------------------------------------------------

@@ -43,9 +43,9 @@ from orchestrator.compression.source import teacher_data, teacher_tokenizer
 from orchestrator.config import MODEL_PRESETS, ConfigError
 from orchestrator.runs import (COMPRESS_CONFIG_FILE, COMPRESS_STAGE_FILE, COMPRESS_WEIGHTS_FILE,
                               folder_claimed, writable_dir_problem)
-from orchestrator.tokenizer import (ByteTokenizer, Tokenizer, TokenizerError, save_tokenizer,
-                                    tokenizer_of_run)
-from orchestrator.training.checkpoint import recorded_sha256
+from orchestrator.tokenizer import (TOKENIZER_FILE, ByteTokenizer, Tokenizer, TokenizerError,
+                                    save_tokenizer, tokenizer_of_run)
+from orchestrator.training.checkpoint import _weights_mismatch, recorded_sha256
 from orchestrator.training.data import get_batch
 from orchestrator.training.loop import say
 from orchestrator.training.memory import parameters_label
@@ -225,9 +225,7 @@ def _load_stage(directory: Path, log: Callable[[str], None]
     if not directory.is_dir():
         return None
     try:
-        weights = load_tensors(directory / WEIGHTS_FILE)
-        model = GPT(GPTConfig(**weights["config"]))
-        model.load_state_dict(weights["model"])
+        model = load_stage_model(directory)
         masks = None
         if (directory / MASKS_FILE).exists():
             masks = load_tensors(directory / MASKS_FILE)["masks"]
@@ -237,6 +235,81 @@ def _load_stage(directory: Path, log: Callable[[str], None]
         return None
     log(f"{directory.name}: already done, reusing {directory}")
     return model.eval(), masks, metrics
+
+
+def load_stage_model(directory: Path) -> GPT:
+    """The model a finished stage folder holds (its weights.pt, checksum verified, in its own
+    shape), in eval mode. CheckpointError, in one line, naming the file that does not verify
+    or whose weights do not make the model its config describes."""
+    path = directory / WEIGHTS_FILE
+    weights = load_tensors(path)
+    try:
+        config = GPTConfig(**weights["config"])
+        model = GPT(config)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its config does not describe a GPT: "
+                              f"{type(e).__name__}: {e}") from None
+    try:
+        model.load_state_dict(weights["model"])
+    except (KeyError, TypeError, RuntimeError) as e:  # torch's: a line per weight
+        raise CheckpointError(f"{path}: the weights do not fit its config: "
+                              f"{_weights_mismatch(weights.get('model'), config, e)}") from None
+    return model.eval()
+
+
+def exportable_stage(directory: Path) -> tuple[GPT, Tokenizer, str]:
+    """(fp32 model, the teacher's tokenizer, stage) of a finished stage folder of a compress
+    --out (original/, distilled/, pruned/, qat/), for jobs/export.py: qat/'s weights as int8/
+    holds them (int8 x scale at the run's --weight-bits: what QAT trained; the activations
+    stay float), the other stages' as saved. The tokenizer is the one compress_config.json
+    records, read from the teacher's run or int8/. CheckpointError naming the file otherwise
+    (whether the model has GPT-2's form is the exporter's to say)."""
+    out = directory.parent
+    stage = _json_field(directory / STAGE_FILE, "stage")
+    settings = _json_field(out / CONFIG_FILE, "compress")
+    source = _json_field(out / CONFIG_FILE, "source")
+    try:
+        model = load_stage_model(directory)
+        if stage == "qat":
+            bits = CompressConfig.from_dict(settings).weight_bits
+            model = export.dequantized_twin(model, prune.prunable_names(model),
+                                            qat.qmax_for_bits(bits))
+    except ConfigError as e:
+        raise CheckpointError(f"{out / CONFIG_FILE}: {e}") from None
+    return model, stage_tokenizer(out, source), stage
+
+
+def _json_field(path: Path, key: str) -> Any:
+    """`key` of the JSON object in `path` (a dict, or stage.json's "stage" string);
+    CheckpointError naming the file and key otherwise."""
+    try:
+        value = json.loads(path.read_text())[key]
+        if not isinstance(value, dict if key != "stage" else str):
+            raise TypeError(f"{key} is a JSON {type(value).__name__}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}): a compress "
+                              f"stage folder is read with its {STAGE_FILE} and the "
+                              f"{CONFIG_FILE} of the --out it is in") from None
+    return value
+
+
+def stage_tokenizer(out: Path, source: dict[str, Any]) -> Tokenizer:
+    """The teacher's tokenizer for a compress --out's stages: from the teacher's run
+    (teacher_tokenizer), else the copy its int8/ carries (the teacher run moved or gone),
+    each checked against the sha256 `source` records. CheckpointError when neither has it."""
+    try:
+        return teacher_tokenizer(source)
+    except CheckpointError:
+        carried = out / "int8"
+        if not (carried / TOKENIZER_FILE).is_file():
+            raise
+        try:
+            return tokenizer_of_run(carried, (source.get("train") or {}).get(
+                "tokenizer_sha256") or "")
+        except TokenizerError:
+            raise CheckpointError(f"the teacher's tokenizer: neither the teacher's run "
+                                  f"({source.get('checkpoint')}) nor {carried} holds the "
+                                  "one it was trained with") from None
 
 
 def _set_aside(directory: Path, problem: str, then: str, log: Callable[[str], None]) -> None:

@@ -768,7 +768,8 @@ def test_refusals_name_the_checkpoint_once(tmp_path, capsys):
     int8 = tmp_path / "int8"
     int8.mkdir()
     (int8 / INT8_FILE).write_bytes(b"")
-    assert f"{int8} is an int8 model; only training checkpoints" in error_of(int8)
+    assert f"{int8} is an INT8 model, which GPT-2 cannot hold: its {int8 / 'model.int8.onnx'}" \
+        in error_of(int8)
     # A compress output's int8/ (the output named, or its int8/): the teacher to export.
     compressed = tmp_path / "compressed"
     (compressed / "int8").mkdir(parents=True)
@@ -997,3 +998,136 @@ def test_an_export_is_never_swept_before_it_holds_its_markers_flock(tmp_path, mo
                                     lambda: hf_export._remove_stale_staging(out))
     assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
     assert swept and (out / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """A jobs/compress.py --out made in process (no Ray) from a tiny BPE teacher run: its
+    original/, pruned/ (MLP channels, per layer: one width in every layer) and qat/ stages, a
+    few steps each, and the compress_config.json that records the teacher."""
+    from orchestrator.compression.config import CompressConfig
+    from orchestrator.compression.pipeline import (Run, prepare_out, stage_original, stage_prune,
+                                                   stage_qat)
+    from orchestrator.compression.source import load_teacher
+    from orchestrator.training.data import load_corpus, split_corpus
+
+    root = tmp_path_factory.mktemp("compress")
+    bpe = train_bpe([f"the café number {i} opens at dawn" for i in range(300)], 320)
+    run = root / "run"
+    save_run_checkpoint(run / "checkpoint_00000002", step=2, vocab_size=bpe.vocab_size,
+                        tokenizer_sha256=bpe.sha256)
+    save_tokenizer(bpe, run)
+    teacher, source = load_teacher(run, lambda _: None)
+    config = CompressConfig(prune_structure="channels", prune_scope="per_layer", prune_steps=3,
+                            prune_every=1, qat_steps=2, batch_size=2, seq_len=32, device="cpu",
+                            log_every=100)
+    out = root / "compressed"
+    prepare_out(out, config, source, 32, lambda _: None)
+    stages = Run(out, config, teacher.eval().requires_grad_(False),
+                 split_corpus(load_corpus())[0], torch.device("cpu"), 32, lambda _: None, bpe)
+    stage_original(stages, source)
+    student = GPT(teacher.config)
+    student.load_state_dict(teacher.state_dict())
+    pruned, masks, _ = stage_prune(stages, student)
+    assert len(set(pruned.config.mlp_hidden)) == 1 and pruned.config.n_heads_per_layer is None
+    stage_qat(stages, pruned, masks)
+    return out, bpe
+
+
+def test_a_compress_stage_with_a_gpt2_form_exports_with_the_same_logits(compressed, tmp_path,
+                                                                         capsys):
+    """docs/compression.md: an MLP pruned to one width has GPT-2's form; jobs/export.py refused
+    every compress stage folder ("nothing in a compress output ... has a GPT-2 form")."""
+    from jobs import export
+    from orchestrator.compression import prune
+    from orchestrator.compression.export import dequantized_twin
+    from orchestrator.compression.qat import qmax_for_bits
+
+    out, bpe = compressed
+    ids = torch.tensor([bpe.encode("the café number 7 opens")])
+    for stage in ("original", "pruned", "qat"):
+        hf = tmp_path / stage
+        code = export.main(["--checkpoint", str(out / stage), "--out", str(hf)])
+        said = capsys.readouterr()
+        assert code == 0, said.err
+        assert f"exported the compress stage {out / stage}" in said.out, said.out
+        ours = stage_model(out / stage)
+        if stage == "qat":  # its weights as int8/ holds them: int8 x scale, in fp32
+            twin = dequantized_twin(ours, prune.prunable_names(ours), qmax_for_bits(7))
+            assert not torch.equal(twin.blocks[0].mlp.fc.weight, ours.blocks[0].mlp.fc.weight)
+            ours = twin
+        theirs = transformers.GPT2LMHeadModel.from_pretrained(hf).eval()
+        with torch.no_grad():
+            assert torch.allclose(theirs(ids).logits, ours(ids)[0], atol=1e-4, rtol=0), stage
+        config = json.loads((hf / "config.json").read_text())
+        assert config["n_inner"] == (None if stage == "original" else
+                                     ours.config.mlp_hidden[0])
+        # The teacher's tokenizer travels with it (compress_config.json records it).
+        assert transformers.AutoTokenizer.from_pretrained(hf)("café").input_ids == \
+            bpe.encode("café")
+
+
+def test_a_compress_stage_without_a_gpt2_form_is_refused_in_one_line(compressed, tmp_path,
+                                                                     capsys):
+    import shutil
+
+    from jobs import export
+    from orchestrator.compression.pipeline import _save_stage
+    from orchestrator.serving.loading import INT8_FILE
+
+    source, _ = compressed
+    out = tmp_path / "compressed"
+    shutil.copytree(source, out)
+    shutil.rmtree(out / "pruned")
+    base = stage_model(source / "pruned").config
+
+    def error_of(directory):
+        code = export.main(["--checkpoint", str(directory), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and not (tmp_path / "o").exists(), err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    for change, said in ((dict(mlp_hidden=(64, 128)), "its MLP widths differ between layers"),
+                         (dict(n_heads_per_layer=(1, 2)), "its attention heads are")):
+        _save_stage(out / "pruned", GPT(dataclasses.replace(base, **change)), None,
+                    {"stage": "prune"})
+        err = error_of(out / "pruned")
+        assert f"error: {out / 'pruned'}: cannot export as GPT-2: the model is structurally " \
+               f"pruned: {said}" in err, err
+        assert "--prune-structure channels --prune-scope per_layer" in err, err
+    # int8/ (named, or the compress output it is in): the ONNX file it already is.
+    (out / "int8").mkdir()
+    (out / "int8" / INT8_FILE).write_bytes(b"")
+    for given in (out, out / "int8"):
+        err = error_of(given)
+        assert f"{out / 'int8'} is an INT8 model" in err and \
+            f"{out / 'int8' / 'model.int8.onnx'}" in err and f"{out / 'qat'}" in err, err
+
+
+def stage_model(directory):
+    """The model a compress stage folder holds, as the pipeline reads it back."""
+    from orchestrator.compression.pipeline import _load_stage
+
+    return _load_stage(directory, lambda _: None)[0]
+
+
+def test_a_compress_stage_takes_the_teachers_tokenizer_from_int8_once_the_run_is_gone(
+        compressed, tmp_path, capsys):
+    import shutil
+
+    from jobs import export
+
+    source, bpe = compressed
+    out = tmp_path / "compressed"
+    shutil.copytree(source, out)
+    saved = json.loads((out / "compress_config.json").read_text())
+    saved["source"]["checkpoint"] = str(tmp_path / "moved" / "checkpoint_00000002")
+    (out / "compress_config.json").write_text(json.dumps(saved))
+    code = export.main(["--checkpoint", str(out / "pruned"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "the teacher's tokenizer" in err and "Traceback" not in err, err
+    save_tokenizer(bpe, out / "int8")  # what a finished compress run's int8/ carries
+    assert export.main(["--checkpoint", str(out / "pruned"), "--out", str(tmp_path / "o")]) == 0
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "o")("café").input_ids == \
+        bpe.encode("café")
