@@ -157,6 +157,7 @@ def output_refusal(out: Path) -> str | None:
     tokenizer.json the export would overwrite (a resume reads them), or it is in a run's
     checkpoint_* folder (checkpoint retention deletes it whole), or a compression's
     output (serving reads its int8/ model's tokenizer.json from there when int8/ has none)
+    or one of its stage folders (then read as a Hugging Face model)
     or an INT8 export itself, or a model not exported here. An earlier export there is replaced."""
     from orchestrator.compression.artifacts import file_in_the_way
     from orchestrator.runs import COMPRESS_CONFIG_FILE
@@ -177,6 +178,15 @@ def output_refusal(out: Path) -> str | None:
                 f"folder of the run {run}, which the run's checkpoint retention deletes whole "
                 f"(and a resume takes for a checkpoint); give a path beside the run, e.g. "
                 f"{run.parent / (run.name + '-hf')}")
+    stage = _compress_stage_around(out)
+    if stage is not None:
+        compressed, itself = stage.parent, stage == out.resolve()
+        why = ("serving and jobs/export.py would then take it for a Hugging Face model, and "
+               if itself else "")
+        return (f"it is {'' if itself else 'in '}{stage}, a jobs/compress.py stage folder: "
+                f"{why}a compress rerun that finds the stage unusable moves it away whole; "
+                f"give a path beside the compress output, e.g. "
+                f"{compressed.parent / f'{compressed.name}-{stage.name}-hf'}")
     if not out.is_dir():
         return None
     # Serving reads the tokenizer of an int8/ without one from beside it (tokenizer_of_run).
@@ -224,6 +234,19 @@ def _runs_checkpoint_around(out: Path) -> Path | None:
         return next((folder for folder in (resolved, *resolved.parents)
                      if folder.name.startswith(CHECKPOINT_PREFIX) and is_run(folder.parent)),
                     None)
+    except OSError:  # (no permission to look: check_output's other checks say so)
+        return None
+
+
+def _compress_stage_around(out: Path) -> Path | None:
+    """The jobs/compress.py stage folder (pruned/, qat/, ...) that `out` is or is inside,
+    else None."""
+    from orchestrator.runs import compress_stage
+
+    try:
+        resolved = out.resolve()
+        return next((folder for folder in (resolved, *resolved.parents)
+                     if compress_stage(folder) is not None), None)
     except OSError:  # (no permission to look: check_output's other checks say so)
         return None
 

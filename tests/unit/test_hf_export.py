@@ -1131,3 +1131,22 @@ def test_a_compress_stage_takes_the_teachers_tokenizer_from_int8_once_the_run_is
     assert export.main(["--checkpoint", str(out / "pruned"), "--out", str(tmp_path / "o")]) == 0
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "o")("café").input_ids == \
         bpe.encode("café")
+
+
+def test_an_out_in_a_compress_stage_folder_is_refused_naming_it(compressed, tmp_path, capsys):
+    """--out at a stage folder wrote the Hugging Face files beside its weights.pt: the folder
+    then read as a Hugging Face model to serving and export, and a compress rerun that finds
+    the stage unusable moves it away whole, the export with it."""
+    import shutil
+
+    from jobs import export
+
+    out = tmp_path / "compressed"
+    shutil.copytree(compressed[0], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for target, said in ((out / "pruned", "it is"), (out / "pruned" / "hf", "it is in")):
+        code = export.main(["--checkpoint", str(out / "original"), "--out", str(target)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--out {target}: {said} {out / 'pruned'}, a jobs/compress.py " \
+                             "stage folder" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
