@@ -10,7 +10,8 @@ import torch
 
 from orchestrator.compression.artifacts import cpu_state_dict
 from orchestrator.hf_files import holds_hf_model
-from orchestrator.runs import checkpoint_dirs, compress_stage_problem
+from orchestrator.runs import (COMPRESS_CONFIG_FILE, checkpoint_dirs, compress_stage_problem,
+                               compressed_from)
 from orchestrator.tokenizer import ByteTokenizer, Tokenizer, TokenizerError, tokenizer_of_run
 from orchestrator.training.checkpoint import (SHARDED_META_FILE, STATE_FILE, CheckpointError,
                                               holds_checkpoint_files,
@@ -38,8 +39,28 @@ def checkpoint_candidates(path: str | Path) -> tuple[list[Path], bool]:
                                    "was compressed from, {source}")
     if stage:
         raise CheckpointError(stage)
+    compressed = _compress_output_problem(p)
+    if compressed:
+        raise CheckpointError(compressed)
     raise CheckpointError(f"{p} is neither a checkpoint directory (no {STATE_FILE}) nor a run "
                           "directory (no checkpoint_* inside)")
+
+
+def _compress_output_problem(p: Path) -> str | None:
+    """What `p` is where it is a jobs/compress.py output or an INT8 export (not a teacher),
+    with the training checkpoint to compress instead; None otherwise."""
+    from orchestrator.compression.export import TORCH_FILE
+
+    if (p / COMPRESS_CONFIG_FILE).is_file():
+        what, output = f"a jobs/compress.py output ({COMPRESS_CONFIG_FILE})", p
+    elif (p / TORCH_FILE).is_file():
+        what, output = f"an INT8 export ({TORCH_FILE})", p.parent
+    else:
+        return None
+    instead = (f"compress the training checkpoint it was compressed from, "
+               f"{compressed_from(output)}" if (output / COMPRESS_CONFIG_FILE).is_file()
+               else "compress the training checkpoint it came from")
+    return f"--checkpoint {p} is {what}, not a training checkpoint: {instead}"
 
 
 def _file_given(p: Path) -> str:

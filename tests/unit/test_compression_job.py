@@ -77,6 +77,27 @@ def test_a_hugging_face_export_given_as_the_teacher_is_named_as_one(tmp_path, ca
     assert "the training checkpoint it came from" in err and not out.exists()
 
 
+def test_a_compress_output_or_its_int8_given_as_the_teacher_is_named_as_one(tmp_path, capsys):
+    # Was: "<dir> is neither a checkpoint directory (no state.pt) nor a run directory", where
+    # a stage folder of the same output is named, with the checkpoint to compress instead.
+    import json
+
+    teacher = make_checkpoint(tmp_path / "run" / "checkpoint_00000003")
+    compressed = tmp_path / "compressed"
+    (compressed / "int8").mkdir(parents=True)
+    (compressed / "int8" / "weights.int8.pt").write_bytes(b"int8")
+    (compressed / "compress_config.json").write_text(json.dumps(
+        {"compress": {}, "source": {"checkpoint": str(teacher)}}))
+    out = tmp_path / "out"
+    for given, what in ((compressed, "a jobs/compress.py output (compress_config.json)"),
+                        (compressed / "int8", "an INT8 export (weights.int8.pt)")):
+        code, err = run_job(capsys, "--checkpoint", str(given), "--out", str(out))
+        assert code == 2 and f"--checkpoint {given} is {what}, not a training checkpoint: " \
+                             f"compress the training checkpoint it was compressed from, " \
+                             f"{teacher}" in err, err
+        assert not out.exists()
+
+
 def test_corrupt_checkpoint_is_named_and_nothing_is_written(tmp_path, capsys):
     checkpoint = make_checkpoint(tmp_path / "run" / "checkpoint_00000003")
     corrupt(checkpoint)
