@@ -141,13 +141,10 @@ SERVE_INSTEAD_OF_STAGE = ("serve the compress output {out} (its int8/ model) or 
                           "checkpoint it was compressed from, {source}")
 
 
-def model_directories(path: str | Path, stage_advice: str = SERVE_INSTEAD_OF_STAGE
-                      ) -> tuple[list[Path], bool]:
+def model_directories(path: str | Path) -> tuple[list[Path], bool]:
     """(directories to try, newest first; whether `path` was a run directory). Every
     checkpoint_* of a run is tried, also one whose save was cut short: model_format names
-    what it lacks as the run falls back past it (left out, it was passed over unsaid).
-    `stage_advice`: what the caller takes instead of a compress stage folder (serving's by
-    default; jobs/export.py's differs)."""
+    what it lacks as the run falls back past it (left out, it was passed over unsaid)."""
     p = expand_home(path, "checkpoint", CheckpointError).resolve()
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist")
@@ -164,7 +161,7 @@ def model_directories(path: str | Path, stage_advice: str = SERVE_INSTEAD_OF_STA
         raise CheckpointError(f"checkpoint {p} is a Hugging Face model (jobs/export.py writes "
                               "those): serve, compress or export the training checkpoint it "
                               "came from, or load it with transformers")
-    stage = compress_stage_problem(p, "checkpoint", stage_advice)
+    stage = compress_stage_problem(p, "checkpoint", SERVE_INSTEAD_OF_STAGE)
     if stage:
         raise CheckpointError(stage)
     markers = " or ".join(f"{f.marker} ({f.name})" for f in FORMATS)
