@@ -19,9 +19,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from orchestrator.config import (LR_SCHEDULES, MAX_GPU_MEMORY_GB, MODEL_PRESETS, PRECISIONS,
-                                 STRATEGIES, ConfigError, JobSpec, TrainConfig,
-                                 resume_conflicts)
+from orchestrator.config import (LR_SCHEDULES, MAX_GPU_MEMORY_GB, MAX_HOST_MEMORY_GB,
+                                 MODEL_PRESETS, PRECISIONS, STRATEGIES, ConfigError, JobSpec,
+                                 TrainConfig, resume_conflicts)
 from orchestrator.help_format import DefaultsHelpFormatter
 from orchestrator.hf_export import ExportError, check_init_context
 from orchestrator.tokenizer import TOKENIZER_FILE, TokenizerError, save_tokenizer
@@ -30,7 +30,7 @@ from orchestrator.training.data_plan import (DataSetup, check_trainable, configu
                                              default_cache_root, resume_data_conflicts)
 from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed,
                                   run_job)
-from orchestrator.launch import (refuse_a_cpu_run_past_this_machine,
+from orchestrator.launch import (host_memory_per_worker_gb, refuse_a_cpu_run_past_this_machine,
                                  refuse_what_embedded_ray_cannot_hold)
 from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError,
                               checkpoint_verdicts_kept, has_checkpoints, not_a_run_dirs_files,
@@ -165,9 +165,10 @@ def _flags_given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set
 # Flags that are the run's own settings (config.json's train and job sections): on --resume,
 # those not given are the run's, not the defaults (`pretrain.py --resume` alone continues a
 # run started with --model-size tiny). Left out: the minimum GPU memory (without the flag it
-# is the run's estimated need, worked out again for the settings resumed with), and the data
+# is the run's estimated need, worked out again for the settings resumed with), the host RAM
+# per worker (always that estimate, for CPU runs), and the data
 # and --init-from (configure_data resumes them: recorded_data).
-NOT_INHERITED = {"name", "min_gpu_memory_gb", "data_cache", "init_from"}
+NOT_INHERITED = {"name", "min_gpu_memory_gb", "min_host_memory_gb", "data_cache", "init_from"}
 INHERITED = {**{f.name: "train" for f in dataclasses.fields(TrainConfig)
                 if f.name not in NOT_INHERITED},
              **{f.name: "job" for f in dataclasses.fields(JobSpec)
@@ -247,11 +248,21 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
             # (not JobSpec's "--min-gpu-memory-gb must be in [0, 10000]": a flag not given)
             problems.append(_need_past_any_gpu(args, train_config, min_gpu_memory_gb))
             min_gpu_memory_gb = 0.0
+        # A CPU run's workers ask placement for their estimated RAM (--dry-run's figure)
+        host_memory_gb = (host_memory_per_worker_gb(train_config, args.num_workers,
+                                                    args.gpus_per_worker)
+                          if train_config and args.num_workers >= 1 else 0.0)
+        if host_memory_gb > MAX_HOST_MEMORY_GB:
+            problems.append(f"the run's estimated need of {host_memory_gb:,.1f} GiB of RAM on "
+                            f"each CPU worker ({sizing_flags(train_config)}) is more than any "
+                            f"node has (over {MAX_HOST_MEMORY_GB:,} GiB): {LOWER_MEMORY}")
+            host_memory_gb = 0.0
         try:  # checked even when the TrainConfig is not: every bad flag named at once
             spec = JobSpec(name=run_dir.name, num_workers=args.num_workers,
                            cpus_per_worker=args.cpus_per_worker,
                            gpus_per_worker=args.gpus_per_worker,
                            min_gpu_memory_gb=min_gpu_memory_gb,
+                           min_host_memory_gb=host_memory_gb,
                            min_bandwidth_gbps=args.min_bandwidth_gbps,
                            accelerator_types=tuple(args.accelerator_types), priority=args.priority,
                            expected_duration_s=args.expected_duration_s,
@@ -573,6 +584,9 @@ def dry_run(train_config: TrainConfig, spec: JobSpec, address: str | None) -> No
     for line in memory_lines(train_config, spec.num_workers, on_gpu=spec.gpus_per_worker > 0):
         print(line)
     refuse_a_cpu_run_past_this_machine(train_config, spec, address)
+    if spec.min_host_memory_gb:
+        print(f"placement asks each worker's node for >= {spec.min_host_memory_gb:g} GiB of "
+              "host RAM available (the estimate above)")
     if spec.min_gpu_memory_gb:
         print(f"placement asks each worker's GPU for >= {spec.min_gpu_memory_gb:g} GiB free "
               "(--min-gpu-memory-gb)")

@@ -34,6 +34,7 @@ MAX_ACCUMULATION = 1024
 CLAIM_SUFFIX = "#migration"
 MAX_WORKLOAD_CHARS = 200  # JobSpec.workload: a key, not a description
 MAX_GPU_MEMORY_GB = 10_000  # JobSpec.min_gpu_memory_gb: more than any GPU has
+MAX_HOST_MEMORY_GB = 100_000  # JobSpec.min_host_memory_gb: more RAM than any node has
 
 # Accelerator families the scheduler knows. A family must be a whole token of the device name
 # (inventory.accelerator_family), so the order does not matter; names a vendor also uses for a
@@ -200,6 +201,11 @@ class JobSpec:
     # Jobs with the same key share what the scheduler learns of their speed per accelerator
     # family (orchestrator/throughput.py); "" = unknown: the static speeds apply.
     workload: str = ""
+    # Host RAM (GiB) each worker needs on its node; 0 = not counted. Placement puts a worker
+    # only where the node's available RAM, less what workers placed there already asked
+    # for, covers it (a CPU run past a node's RAM was killed by the OOM killer mid-run).
+    # jobs/pretrain.py sets it for CPU runs from the memory estimate.
+    min_host_memory_gb: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.accelerator_types, str):  # from YAML / CLI: one type
@@ -248,6 +254,10 @@ class JobSpec:
             and 0 <= self.min_gpu_memory_gb <= MAX_GPU_MEMORY_GB,
             f"{_named('min_gpu_memory_gb')} must be a number in [0, {MAX_GPU_MEMORY_GB}], "
             f"got {self.min_gpu_memory_gb!r}")
+        _check(p, is_number(self.min_host_memory_gb)
+               and 0 <= self.min_host_memory_gb <= MAX_HOST_MEMORY_GB,
+               f"{_named('min_host_memory_gb')} must be a number of GiB in [0, "
+               f"{MAX_HOST_MEMORY_GB}], got {self.min_host_memory_gb!r}")
         _check(p, is_number(self.min_bandwidth_gbps) and self.min_bandwidth_gbps >= 0,
                f"{_named('min_bandwidth_gbps')} must be a number >= 0, got "
                f"{self.min_bandwidth_gbps!r}")

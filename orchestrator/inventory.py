@@ -132,6 +132,7 @@ class Reservation:
     cpus: float
     gpus: int
     owner: str = ""  # the Ray job id of the driver holding it; "" = unknown
+    memory_gb: float = 0.0  # host RAM its workers there asked for (JobSpec.min_host_memory_gb)
 
 
 # Health of a node as the scheduler sees it, from the age of its last heartbeat.
@@ -218,7 +219,7 @@ class ClusterState:
             for held in self.reservations.values():
                 for r in held:
                     if r.node_id == report.node_id:
-                        self.table.add_reserved(r.node_id, r.cpus, r.gpus)
+                        self.table.add_reserved(r.node_id, r.cpus, r.gpus, r.memory_gb)
         if report.node_id in self.dead:  # a node that reports again is alive again
             self.dead.discard(report.node_id)
             self.silent.discard(report.node_id)
@@ -321,6 +322,11 @@ class ClusterState:
             return 0.0, 0
         return float(self.table.reserved_cpus[row]), int(self.table.reserved_gpus[row])
 
+    def reserved_memory_on(self, node_id: str) -> float:
+        """Host RAM (GiB) the workers placed on a node asked for."""
+        row = self.table.index.get(node_id)
+        return 0.0 if row is None else float(self.table.reserved_memory_gib[row])
+
     def outside_on(self, node_id: str) -> tuple[float, int]:
         """(CPUs, GPUs) a node's Ray work that the scheduler did not place holds."""
         row = self.table.index.get(node_id)
@@ -375,10 +381,10 @@ class ClusterState:
 
     def _set_reservations(self, job_name: str, held: tuple[Reservation, ...]) -> None:
         for r in self.reservations.get(job_name, ()):
-            self.table.add_reserved(r.node_id, -r.cpus, -r.gpus)
+            self.table.add_reserved(r.node_id, -r.cpus, -r.gpus, -r.memory_gb)
         self.reservations[job_name] = held
         for r in held:
-            self.table.add_reserved(r.node_id, r.cpus, r.gpus)
+            self.table.add_reserved(r.node_id, r.cpus, r.gpus, r.memory_gb)
 
     # -- bandwidth ------------------------------------------------------------------------
     def pair_bandwidth_gbps(self, a: str, b: str) -> float:
@@ -515,7 +521,7 @@ def saved_reservations(held: object) -> list[Reservation]:
     # (typed right, yet no amount held: -2 CPUs handed out two a job holds; inf held the
     # node for ever)
     for r in reservations:
-        for amount in ("cpus", "gpus"):
+        for amount in ("cpus", "gpus", "memory_gb"):
             value = getattr(r, amount)
             if not (is_number(value) and value >= 0):  # (finite: is_number)
                 raise ValueError(f"a reservation's {amount} is {value!r}, not a number >= 0")
@@ -553,6 +559,12 @@ class NodeTable:
         # Held by Ray work this scheduler did not place (ClusterState.set_ray_usage).
         self.outside_cpus = np.zeros(n)
         self.outside_gpus = np.zeros(n, dtype=np.int64)
+        # Host RAM (GiB): what the node's agent reports in all (inf while its host probe
+        # fails: not known) and available now, and what the workers placed there asked for
+        # (JobSpec.min_host_memory_gb).
+        self.ram_total_gib = np.zeros(n)
+        self.ram_available_gib = np.zeros(n)
+        self.reserved_memory_gib = np.zeros(n)
         # Measured bandwidth, kept sparse (each agent measures a few peers, so a dense matrix
         # would be 10,000 x 10,000 for nothing): what each row's report measured, who measured
         # each node, and the rows with any measurement at all.
@@ -581,7 +593,8 @@ class NodeTable:
     def _grow_rows(self, n: int) -> None:
         for name in ("cpus", "gpus", "family", "load", "group", "group_gbps", "speed", "dead",
                      "suspect", "reserved_cpus", "reserved_gpus", "outside_cpus",
-                     "outside_gpus", "last_seen", *self._GPU_COLUMNS):
+                     "outside_gpus", "ram_total_gib", "ram_available_gib",
+                     "reserved_memory_gib", "last_seen", *self._GPU_COLUMNS):
             old = getattr(self, name)
             fill = -np.inf if name == "last_seen" or name in self._GPU_COLUMNS else 0
             new = np.full((n,) + old.shape[1:], fill, dtype=old.dtype)
@@ -593,6 +606,11 @@ class NodeTable:
         row = self._row(report.node_id)
         self.cpus[row] = report.ray_cpus
         self.gpus[row] = int(report.ray_gpus)
+        # A failed host probe reports no RAM (probes.host_figures): none to hand out now, but
+        # no bound either for "would it fit the idle cluster?" (a job is not refused for it).
+        host_failed = "host" in report.probe_errors
+        self.ram_total_gib[row] = math.inf if host_failed else report.ram_total_bytes / GIB
+        self.ram_available_gib[row] = 0.0 if host_failed else report.ram_available_bytes / GIB
         # (-inf, as a missing slot's, for a GPU that holds nothing: no job fits there)
         for name, values in (("gpu_free_gib", [-np.inf if g.holds_nothing else g.memory_free_gb
                                                for g in report.gpus]),
@@ -702,11 +720,14 @@ class NodeTable:
     def set_dead(self, node_id: str, dead: bool) -> None:
         self.dead[self.index[node_id]] = dead
 
-    def add_reserved(self, node_id: str, cpus: float, gpus: int) -> None:
+    def add_reserved(self, node_id: str, cpus: float, gpus: int,
+                     memory_gb: float = 0.0) -> None:
         row = self.index.get(node_id)
         if row is not None:  # a reservation restored before its node re-reported
             self.reserved_cpus[row] += cpus
             self.reserved_gpus[row] += gpus
+            if memory_gb:
+                self.reserved_memory_gib[row] += memory_gb
 
     def group_of(self, node_id: str) -> int | None:
         row = self.index.get(node_id)

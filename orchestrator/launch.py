@@ -174,12 +174,28 @@ def refuse_what_embedded_ray_cannot_hold(spec: JobSpec, address: str | None) -> 
             "--address of a cluster", EXIT_NOT_PLACEABLE)
 
 
+def host_memory_per_worker_gb(train_config: TrainConfig, num_workers: int,
+                             gpus_per_worker: int) -> float:
+    """The host RAM (GiB) each worker of a training run asks placement for
+    (JobSpec.min_host_memory_gb): a CPU run's estimated need per worker
+    (memory.cpu_memory_needed_gb); 0 for a GPU run (its estimate is GPU memory). Without it,
+    a cluster placed a CPU run by CPU count alone on a node whose RAM could not hold it,
+    and the kernel's OOM killer ended it mid-run."""
+    if gpus_per_worker:
+        return 0.0
+    from orchestrator.training.memory import cpu_memory_needed_gb  # (torch: imported late)
+
+    return cpu_memory_needed_gb(train_config, num_workers)
+
+
 def refuse_a_cpu_run_past_this_machine(train_config: TrainConfig, spec: JobSpec,
                                        address: str | None) -> None:
     """JobFailed (EXIT_NOT_PLACEABLE) for a CPU run on an embedded Ray (every worker on this
     machine) whose estimated memory is more than this machine has available, as its node
-    agent would report it (within its memory cgroup): placement counts CPUs only, and such a
-    run was killed by the kernel's OOM killer mid-run, a Ray worker-died message."""
+    agent would report it (within its memory cgroup): such a run was killed by the kernel's
+    OOM killer mid-run, a Ray worker-died message. Refused here, before Ray starts, by the
+    per-worker figure placement is asked for (host_memory_per_worker_gb) times the workers:
+    on a cluster, placement counts it node by node."""
     if spec.gpus_per_worker or not runs_on_embedded_ray(address):
         return
     from orchestrator import probes

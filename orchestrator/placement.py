@@ -10,7 +10,9 @@ handled in Python.
 
 Choice, in order of importance:
 1. fit: healthy, the right accelerator family, enough free CPUs, GPUs and GPU memory (each GPU
-   must have the job's free memory itself; GPUs a job was told to avoid do not count);
+   must have the job's free memory itself; GPUs a job was told to avoid do not count), and,
+   for a job that states its workers' host RAM (min_host_memory_gb), enough of it: the RAM
+   the node's agent reports available, less what the workers placed there asked for;
 2. fewest nodes: a job that fits on one node goes to one node (no network crossed);
 3. best connected: a multi-node job goes to the node set with the highest bottleneck bandwidth
    (slowest link between any two of its nodes) that the search finds, and never below the
@@ -38,8 +40,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from orchestrator.config import JobSpec
-from orchestrator.inventory import (LABEL_ACCELERATOR_MEMORY_GB, ClusterState, NodeReport,
-                                    Reservation, gpu_families)
+from orchestrator.inventory import (GIB, LABEL_ACCELERATOR_MEMORY_GB, ClusterState,
+                                    NodeReport, Reservation, gpu_families)
 
 INTRA_NODE = math.inf  # bottleneck bandwidth of a single-node job: no network crossed
 EXPLAIN_LIMIT = 512  # above this many nodes, per-node reasons are given only on request
@@ -131,6 +133,7 @@ class Placement:
     # modelling a GPU cluster): NCCL needs real GPUs, and a CUDA build of torch has it
     # whether or not there are any (ray_layer/launch.collective_backend).
     gpus_measured: bool = True
+    host_memory_gb_per_worker: float = 0.0  # host RAM each worker holds (min_host_memory_gb)
 
     @property
     def nodes(self) -> list[str]:
@@ -144,7 +147,8 @@ class Placement:
     def reservations(self) -> list[Reservation]:
         per_node = Counter(self.worker_nodes)
         return [Reservation(self.job_name, node_id, count * self.cpus_per_worker,
-                            count * self.gpus_per_worker, self.owner)
+                            count * self.gpus_per_worker, self.owner,
+                            count * self.host_memory_gb_per_worker)
                 for node_id, count in per_node.items()]
 
 
@@ -154,7 +158,7 @@ def capacity_shape(spec: JobSpec) -> tuple:
     """What worker_capacity reads of a job: jobs alike in these get the same answer from it
     whatever their worker count (a memo of its answer is keyed on them: keep both in step)."""
     return (spec.cpus_per_worker, spec.gpus_per_worker, spec.min_gpu_memory_gb,
-            spec.accelerator_types)
+            spec.accelerator_types, spec.min_host_memory_gb)
 
 
 def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
@@ -186,7 +190,9 @@ def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
         # reserved job usually lack free memory too, so they are not subtracted twice: the
         # smaller count is what is really free. (Ray picks the GPU index.)
         free_gpus = np.minimum(fitting, t.gpus[:n] - reserved_gpus)
-    capacity = workers_by_count(spec, t.cpus[:n] - reserved_cpus, free_gpus)
+    capacity = workers_by_count(spec, t.cpus[:n] - reserved_cpus, free_gpus,
+                                free_host_memory(state, ignore_reservations)
+                                if spec.min_host_memory_gb else None)
     if spec.gpus_per_worker and spec.accelerator_types:
         allowed = np.zeros(len(t.families), dtype=bool)
         allowed[[t.families[f.upper()] for f in spec.accelerator_types
@@ -200,11 +206,23 @@ def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
     return np.where(usable_node, np.clip(capacity, 0, 1_000_000), 0).astype(np.int64)
 
 
-def workers_by_count(spec: JobSpec, free_cpus, free_gpus):
-    """Whole workers of `spec` that nodes with these free CPUs and GPUs (per node: arrays,
-    or one node's numbers) hold by count alone, each worker's CPUs and GPUs on one node
-    (worker_capacity adds GPU memory, families and health; the head's plan, what frees as
-    running jobs end)."""
+def free_host_memory(state: ClusterState, ignore_reservations: bool = False) -> np.ndarray:
+    """Host RAM (GiB) per table row that workers stating their need (min_host_memory_gb) may
+    have: what the node's agent reports available, less what the workers placed there asked
+    for (their own use may already show in the figure: counted twice then, never handed out
+    twice). With reservations ignored ("would it fit an idle cluster?"), the node's total."""
+    t = state.table
+    n = len(t)
+    if ignore_reservations:
+        return t.ram_total_gib[:n]
+    return t.ram_available_gib[:n] - t.reserved_memory_gib[:n]
+
+
+def workers_by_count(spec: JobSpec, free_cpus, free_gpus, free_memory=None):
+    """Whole workers of `spec` that nodes with these free CPUs, GPUs and (`free_memory`,
+    GiB; counted only for a job stating min_host_memory_gb) host RAM (per node: arrays, or
+    one node's numbers) hold by count alone, each worker's on one node (worker_capacity adds
+    GPU memory, families and health; the head's plan, what frees as running jobs end)."""
     # (one node's plain numbers by Python's own: numpy on a scalar costs ~1 us a call, and the
     # head's plan counts one node at a time as each running job ends)
     floor, least = (math.floor, min) if isinstance(free_cpus, (int, float)) \
@@ -212,6 +230,8 @@ def workers_by_count(spec: JobSpec, free_cpus, free_gpus):
     workers = floor(free_cpus / spec.cpus_per_worker + 1e-9)
     if spec.gpus_per_worker:
         workers = least(workers, free_gpus // spec.gpus_per_worker)
+    if spec.min_host_memory_gb and free_memory is not None:
+        workers = least(workers, floor(free_memory / spec.min_host_memory_gb + 1e-9))
     return workers
 
 
@@ -577,7 +597,7 @@ def place(spec: JobSpec, state: ClusterState, now: float, owner: str = "",
                             excluded_gpus=excluded_gpus) if explain else {}
     return Placement(spec.name, tuple(worker_nodes), spec.cpus_per_worker,
                      spec.gpus_per_worker, reasons, owner, choice.bottleneck,
-                     gpus_measured(state, worker_nodes))
+                     gpus_measured(state, worker_nodes), spec.min_host_memory_gb)
 
 
 def gpus_measured(state: ClusterState, nodes) -> bool:
@@ -607,6 +627,17 @@ def _node_reason(spec: JobSpec, state: ClusterState, report: NodeReport, now: fl
         outside = f", {outside_cpus:g} used by Ray work not placed here" if outside_cpus else ""
         return (f"needs {spec.cpus_per_worker:g} CPU per worker, has {free_cpus:g} free "
                 f"({report.ray_cpus:g} total, {reserved_cpus:g} reserved{outside})")
+    if spec.min_host_memory_gb and "host" in report.probe_errors:
+        return (f"needs {spec.min_host_memory_gb:g} GiB of host RAM per worker, unknown until "
+                f"its host probe works again: {report.probe_errors['host']}")
+    if spec.min_host_memory_gb:
+        reserved_memory = state.reserved_memory_on(report.node_id)
+        free_memory = report.ram_available_bytes / GIB - reserved_memory
+        if free_memory + 1e-9 < spec.min_host_memory_gb:
+            return (f"needs {spec.min_host_memory_gb:g} GiB of host RAM per worker, has "
+                    f"{max(free_memory, 0):.1f} GiB available "
+                    f"({report.ram_total_bytes / GIB:.1f} GiB total, {reserved_memory:g} GiB "
+                    "reserved)")
     if not report.gpus:
         probe_errors = "; ".join(f"{k}: {v}" for k, v in report.probe_errors.items())
         return (f"needs {spec.gpus_per_worker} GPU per worker, node reports no GPUs"
@@ -686,6 +717,8 @@ def _rejection(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndar
             per_worker += f" with >= {spec.min_gpu_memory_gb:g} GiB free"
         if spec.accelerator_types:
             per_worker += f" of type {'/'.join(spec.accelerator_types)}"
+    if spec.min_host_memory_gb:
+        per_worker += f" + {spec.min_host_memory_gb:g} GiB host RAM"
     healthy = [r for n, r in state.reports.items() if state.health(n, now) == "healthy"]
     total_cpus = sum(r.ray_cpus for r in healthy)
     total_gpus = sum(int(r.ray_gpus) for r in healthy)
@@ -702,6 +735,8 @@ def _rejection(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndar
                     f"({per_worker}) = {spec.total_cpus:g} CPUs, {spec.total_gpus} GPUs; room "
                     f"for {available} worker(s) now on {len(healthy)} healthy node(s) with "
                     f"{total_cpus:g} CPUs, {total_gpus} GPUs in total")
+    if not fits_when_free and too_slow is None:
+        headline += _host_memory_past_every_node(spec, state, now)
     if fits_when_free and too_slow is None:
         headline += f"; {FITS_WHEN_FREED}"
     lines = [headline]
@@ -718,6 +753,21 @@ def _rejection(spec: JobSpec, state: ClusterState, now: float, capacity: np.ndar
     if len(state.table) > len(reasons):
         lines.append(f"  ... and {len(state.table) - len(reasons)} more node(s) not shown")
     return Rejection(spec.name, "\n".join(lines), reasons, fits_when_free)
+
+
+def _host_memory_past_every_node(spec: JobSpec, state: ClusterState, now: float) -> str:
+    """'; each worker needs N GiB of host RAM..., and the largest node has M GiB' when no
+    live node's RAM holds one worker, else '' (also where a node's RAM is not known: its host
+    probe failed)."""
+    if not spec.min_host_memory_gb:
+        return ""
+    t = state.table
+    live = ~t.dead[:len(t)]
+    largest = float(t.ram_total_gib[:len(t)][live].max()) if live.any() else 0.0
+    if largest + 1e-9 >= spec.min_host_memory_gb:
+        return ""
+    return (f"; each worker needs {spec.min_host_memory_gb:g} GiB of host RAM "
+            f"(min_host_memory_gb), and the largest node has {largest:.1f} GiB")
 
 
 def describe_decision(decision: "Placement | Rejection") -> str:

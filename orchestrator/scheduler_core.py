@@ -65,8 +65,8 @@ from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import (ClusterState, NodeReport, Reservation, gpu_families,
                                     report_problem)
 from orchestrator.placement import (FITS_WHEN_FREED, Placement, PlacementError, Queued,
-                                    Rejection, capacity_shape, place, worker_capacity,
-                                    workers_by_count)
+                                    Rejection, capacity_shape, free_host_memory, place,
+                                    worker_capacity, workers_by_count)
 from orchestrator.queue import JobQueue, QueuedJob, allowed_families
 from orchestrator.saved_records import SAVED_STATE_VERSION
 from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, Directive, Outcome, Persist,
@@ -115,22 +115,25 @@ class _FamilyChoice:
 
 
 class _HeadRoom:
-    """The head's room node by node: the CPUs and GPUs free on each node it could use, and
-    the whole workers of its shape they hold (a worker's CPUs and GPUs on one node; at most
-    `cap`, what the node holds of them idle: GPU memory, families, excluded GPUs). Counted
-    in units summed over nodes, 2 GPUs free on each of two nodes held a 4-GPU worker."""
+    """The head's room node by node: the CPUs and GPUs (and, for a head stating its workers'
+    host RAM, that RAM: `memory`) free on each node it could use, and the whole workers of
+    its shape they hold (a worker's CPUs and GPUs on one node; at most `cap`, what the node
+    holds of them idle: GPU memory, families, excluded GPUs). Counted in units summed over
+    nodes, 2 GPUs free on each of two nodes held a 4-GPU worker."""
 
     def __init__(self, spec: JobSpec, cap: np.ndarray, cpus: np.ndarray,
-                 gpus: np.ndarray, state: ClusterState) -> None:
+                 gpus: np.ndarray, state: ClusterState,
+                 memory: np.ndarray | None = None) -> None:
         self.spec = spec
         self.index = state.table.index
-        workers = np.minimum(cap, workers_by_count(spec, cpus, gpus)).astype(np.int64)
+        workers = np.minimum(cap, workers_by_count(spec, cpus, gpus, memory)).astype(np.int64)
         self.total = int(workers.sum())
         # Per node as Python lists: add() updates one node at a time, once per reservation
         # of every job that ends before the head's start, where numpy's per-element access
         # and scalar calls cost several times the arithmetic.
         self.cap, self.workers = cap.astype(np.int64).tolist(), workers.tolist()
         self.cpus, self.gpus = cpus.astype(float).tolist(), gpus.astype(np.int64).tolist()
+        self.memory = None if memory is None else memory.astype(float).tolist()
 
     def add(self, reservations, sign: int = 1) -> None:
         """Reservations freed (sign 1: a job ends) or taken (-1) on the head's nodes."""
@@ -140,8 +143,12 @@ class _HeadRoom:
                 continue
             cpus = self.cpus[row] = self.cpus[row] + sign * r.cpus
             gpus = self.gpus[row] = self.gpus[row] + sign * r.gpus
-            fits = min(self.cap[row],
-                       int(workers_by_count(self.spec, max(cpus, 0.0), max(gpus, 0))))
+            memory = None
+            if self.memory is not None:
+                memory = self.memory[row] = self.memory[row] + sign * r.memory_gb
+            fits = min(self.cap[row], int(workers_by_count(
+                self.spec, max(cpus, 0.0), max(gpus, 0),
+                None if memory is None else max(memory, 0.0))))
             self.total += fits - self.workers[row]
             self.workers[row] = fits
 
@@ -156,6 +163,7 @@ class _HeadRoom:
     def copy(self) -> "_HeadRoom":
         new = copy.copy(self)
         new.workers, new.cpus, new.gpus = list(self.workers), list(self.cpus), list(self.gpus)
+        new.memory = None if self.memory is None else list(self.memory)
         return new
 
 
@@ -1855,9 +1863,11 @@ class SchedulerCore:
         if per_gpu:
             # (never below 0: a job taking no CPUs there never delays the head)
             spare_cpus = max(float(free_cpus.sum()) - head.spec.total_cpus, 0.0)
+        memory = (np.where(placeable, np.maximum(free_host_memory(self.state), 0), 0.0)
+                  if spec.min_host_memory_gb else None)
         room = _HeadRoom(spec, np.where(placeable, cap, 0), free_cpus,
                          np.where(placeable, np.maximum(t.gpus[:n] - taken_gpus, 0), 0),
-                         self.state)
+                         self.state, memory)
         shadow = now if room.total >= spec.num_workers else None
         if shadow is None:
             # Running jobs by expected end; what they free on the head's nodes is counted
@@ -2464,7 +2474,8 @@ def _silent_reason(nodes) -> str:
 def _shape(spec: JobSpec) -> tuple:
     """Jobs of one shape fit or fail alike: a failure is remembered for the pass."""
     return (spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker,
-            spec.min_gpu_memory_gb, spec.min_bandwidth_gbps, spec.accelerator_types)
+            spec.min_gpu_memory_gb, spec.min_bandwidth_gbps, spec.accelerator_types,
+            spec.min_host_memory_gb)
 
 
 def _free_allowed_gpus(spec: JobSpec, free_gpus: dict[int, int], state: ClusterState) -> int:

@@ -195,7 +195,19 @@ def gpu_memory_needed_gb(config: TrainConfig, workers: int) -> float:
     """Free memory (GiB, rounded up to 0.1) each worker's GPU needs for this run: the
     estimate under its strategy plus the runtime's overhead."""
     needed = worker_memory(config, workers, on_gpu=True).total + RUNTIME_OVERHEAD_BYTES
-    return math.ceil(needed / GIB * 10) / 10
+    return _gib_rounded_up(needed)
+
+
+def cpu_memory_needed_gb(config: TrainConfig, workers: int) -> float:
+    """Host RAM (GiB, rounded up to 0.1) each worker of a CPU run needs: `--dry-run`'s
+    estimate on a CPU (fp32 unless --precision says otherwise), without the GPU runtime's
+    overhead. jobs/pretrain.py asks placement for it (JobSpec.min_host_memory_gb), and the
+    embedded Ray's refusal (cpu_memory_refusal) counts it per worker."""
+    return _gib_rounded_up(worker_memory(config, workers, on_gpu=False).total)
+
+
+def _gib_rounded_up(size: int) -> float:
+    return math.ceil(size / GIB * 10) / 10
 
 
 def sizing_flags(config: TrainConfig) -> str:
@@ -216,14 +228,15 @@ def cpu_memory_refusal(config: TrainConfig, workers: int, available_bytes: int,
     machine) cannot fit its available RAM by the estimate, or None. The estimate is
     `--dry-run`'s on a CPU (fp32 unless --precision says otherwise), without the GPU
     runtime's overhead: refused only where the run clearly cannot fit, instead of the
-    kernel's OOM killer ending a worker mid-run."""
-    estimate = worker_memory(config, workers, on_gpu=False)
-    need = estimate.total * workers
-    if need <= available_bytes:
+    kernel's OOM killer ending a worker mid-run. Per worker, the figure a cluster's
+    placement is asked for (cpu_memory_needed_gb)."""
+    per_worker = cpu_memory_needed_gb(config, workers)
+    need = per_worker * workers
+    if need * GIB <= available_bytes:
         return None
     compute = "fp32" if shape_of(config, on_gpu=False).compute_bytes == FP32 else "16-bit"
-    return (f"this run needs about {need / GIB:,.1f} GiB of RAM on {where} by the estimate: "
-            f"{estimate.total / GIB:,.1f} GiB per worker ({sizing_flags(config)}, {compute} "
+    return (f"this run needs about {need:,.1f} GiB of RAM on {where} by the estimate: "
+            f"{per_worker:,.1f} GiB per worker ({sizing_flags(config)}, {compute} "
             f"on CPU) x {workers} worker(s) (--num-workers {workers}, each on {where}), and it "
             f"has {available_bytes / GIB:,.1f} GiB available: {LOWER_MEMORY}"
             f"{' or --num-workers' if workers > 1 else ''}, or give --address of a cluster")

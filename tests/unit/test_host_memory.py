@@ -1,0 +1,196 @@
+"""Host RAM as a placement resource (JobSpec.min_host_memory_gb): a CPU job whose workers each
+need more RAM than a node has was placed there by CPU count alone, on a cluster, and killed by
+the kernel's OOM killer mid-run."""
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, JobSpec, TrainConfig
+from orchestrator.inventory import GIB
+from orchestrator.placement import Placement, PlacementError, Queued, Rejection, place
+from orchestrator.scheduler_core import SchedulerCore
+from orchestrator.scheduler_types import SchedulerSettings
+from tests.unit.nodes import NOW, cluster, node
+
+T0 = 1_000.0
+
+
+def ram_node(node_id, cpus=8, total_gb=64, available_gb=None):
+    return dataclasses.replace(node(node_id, cpus=cpus), ram_total_bytes=int(total_gb * GIB),
+                               ram_available_bytes=int((available_gb if available_gb is not None
+                                                        else total_gb) * GIB))
+
+
+def core_with(*reports):
+    core = SchedulerCore(SchedulerSettings(suspect_after_s=1e4, dead_after_s=1e5))
+    core.ray_nodes({r.node_id for r in reports}, set(), T0)
+    for r in reports:
+        assert core.report(r, T0).decision is True
+    return core
+
+
+def test_the_field_is_validated_naming_it():
+    assert JobSpec("j").min_host_memory_gb == 0
+    assert JobSpec("j", min_host_memory_gb=12.5).min_host_memory_gb == 12.5
+    for bad in (-1, float("nan"), float("inf"), True, "8", 10**7):
+        with pytest.raises(ConfigError, match=r"min_host_memory_gb must be a number of GiB in "
+                                              r"\[0, 100000\], got"):
+            JobSpec("j", min_host_memory_gb=bad)
+
+
+def test_a_job_file_sets_it(tmp_path):
+    from orchestrator.job_file import load_job_file
+
+    path = tmp_path / "job.yaml"
+    path.write_text("name: j\nentrypoint: train.py:loop\nmin_host_memory_gb: 24\n")
+    assert load_job_file(path).spec.min_host_memory_gb == 24
+    path.write_text("name: j\nentrypoint: train.py:loop\nmin_host_memory_gb: -3\n")
+    with pytest.raises(ConfigError, match="job.yaml: .*min_host_memory_gb must be a number"):
+        load_job_file(path)
+
+
+def test_a_worker_goes_only_to_a_node_whose_ram_holds_it():
+    # "small" is the tighter fit by CPUs (and first by load): by CPUs alone it went there.
+    state = cluster(ram_node("small", cpus=4, total_gb=16, available_gb=12),
+                    ram_node("big", cpus=16, total_gb=128, available_gb=100))
+    spec = JobSpec("j", num_workers=2, min_host_memory_gb=20)
+    placement = place(spec, state, NOW)
+    assert placement.worker_nodes == ("big", "big")
+    assert placement.host_memory_gb_per_worker == 20
+    assert "needs 20 GiB of host RAM per worker, has 12.0 GiB available" in \
+        placement.node_reasons["small"]
+    # Without the field, CPUs alone count (the simulator's and every old job's case).
+    assert place(JobSpec("k", num_workers=2), state, NOW).worker_nodes == ("small", "small")
+
+
+def test_what_placed_workers_asked_for_is_not_handed_out_again():
+    state = cluster(ram_node("a", cpus=16, total_gb=64, available_gb=60))
+    first = place(JobSpec("first", num_workers=2, min_host_memory_gb=20), state, NOW)
+    state.reserve("first", first.reservations())
+    assert state.reserved_memory_on("a") == 40
+    with pytest.raises(PlacementError) as refused:  # 60 - 40 = 20 left, 25 asked
+        place(JobSpec("second", min_host_memory_gb=25), state, NOW)
+    assert refused.value.rejection.fits_when_free  # it waits: the node holds it once idle
+    assert "25 GiB of host RAM per worker, has 20.0 GiB available (64.0 GiB total, 40 GiB " \
+        "reserved)" in \
+        refused.value.rejection.node_reasons["a"]
+    assert place(JobSpec("third", min_host_memory_gb=20), state, NOW).worker_nodes == ("a",)
+    state.release("first")
+    assert state.reserved_memory_on("a") == 0
+    assert place(JobSpec("second", min_host_memory_gb=25), state, NOW).worker_nodes == ("a",)
+
+
+def test_a_job_no_node_could_ever_hold_is_refused_naming_its_need_and_the_largest_node():
+    state = cluster(ram_node("a", total_gb=16), ram_node("b", total_gb=32, available_gb=30))
+    with pytest.raises(PlacementError) as refused:
+        place(JobSpec("huge", num_workers=1, min_host_memory_gb=48), state, NOW)
+    rejection = refused.value.rejection
+    assert not rejection.fits_when_free
+    headline = rejection.message.splitlines()[0]
+    assert "each worker needs 48 GiB of host RAM (min_host_memory_gb), and the largest " \
+        "node has 32.0 GiB" in headline, headline
+
+
+def test_the_core_refuses_what_never_fits_and_queues_what_fits_later():
+    core = core_with(ram_node("small", cpus=8, total_gb=16),
+                     ram_node("big", cpus=8, total_gb=64, available_gb=60))
+    never = core.submit(JobSpec("huge", min_host_memory_gb=100), "d", T0).decision
+    assert isinstance(never, Rejection) and not never.fits_when_free
+    assert "needs 100 GiB of host RAM" in never.message and not len(core.queue)
+    placed = core.submit(JobSpec("a", num_workers=2, min_host_memory_gb=24), "d", T0).decision
+    assert isinstance(placed, Placement) and placed.nodes == ["big"]
+    waits = core.submit(JobSpec("b", min_host_memory_gb=24), "d", T0 + 1).decision
+    assert isinstance(waits, Queued)  # 60 - 48 = 12 left on big, small has 16
+    core.release("a", "d", T0 + 2)
+    later = core.poll("b", "d", T0 + 3).decision
+    assert isinstance(later, Placement) and later.nodes == ["big"]
+
+
+def test_saved_state_keeps_the_reserved_ram_and_old_state_without_it_restores():
+    core = core_with(ram_node("a", cpus=8, total_gb=64, available_gb=60))
+    core.submit(JobSpec("a", num_workers=2, min_host_memory_gb=24), "d", T0)
+    saved = json.loads(json.dumps(core.to_dict()))
+    again = SchedulerCore(core.settings)
+    assert again.restore(saved) == []
+    again.ray_nodes({"a"}, set(), T0 + 1)
+    again.report(ram_node("a", cpus=8, total_gb=64, available_gb=60), T0 + 1)
+    assert again.state.reserved_memory_on("a") == 48
+    assert isinstance(again.submit(JobSpec("b", min_host_memory_gb=24), "d", T0 + 2).decision,
+                      Queued)
+    # A state saved before the field: no RAM asked, none reserved, nothing refused.
+    old = json.loads(json.dumps(saved))
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()
+                    if k not in ("min_host_memory_gb", "memory_gb", "host_memory_gb_per_worker")}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+    old = strip(old)
+    assert "min_host_memory_gb" not in json.dumps(old)
+    restored = SchedulerCore(core.settings)
+    assert restored.restore(old) == []
+    assert restored.running["a"].spec.min_host_memory_gb == 0
+    assert restored.running["a"].placement.host_memory_gb_per_worker == 0
+
+
+def test_pretrain_asks_a_cpu_run_the_estimate_and_the_embedded_refusal_uses_it():
+    from jobs.pretrain import build_configs, parse_args
+    from orchestrator.training.memory import cpu_memory_needed_gb, cpu_memory_refusal
+
+    args = ["--model-size", "gpt2-xl", "--batch-size", "8", "--seq-len", "1024"]
+    cpu = build_configs(parse_args(args), Path("/tmp/run"))
+    need = cpu_memory_needed_gb(cpu[0], 2)
+    assert 60 < need < 70 and cpu[1].min_host_memory_gb == need
+    # GPU runs: their workers' host RAM is not what the estimate counts (it is GPU memory).
+    gpu = build_configs(parse_args([*args, "--gpus-per-worker", "1"]), Path("/tmp/run"))[1]
+    assert gpu.min_host_memory_gb == 0
+    # The embedded Ray's refusal: the same per-worker figure, times the workers.
+    assert cpu_memory_refusal(cpu[0], 2, math.ceil(2 * need * GIB), "here") is None
+    refusal = cpu_memory_refusal(cpu[0], 2, math.ceil(2 * need * GIB) - 1, "here")
+    assert f"{need:,.1f} GiB per worker" in refusal and f"{2 * need:,.1f} GiB" in refusal
+    assert cpu_memory_needed_gb(TrainConfig(model_size="tiny"), 2) >= 0.1
+
+
+def test_backfill_does_not_take_the_ram_the_waiting_head_needs_when_the_running_job_ends():
+    # 60 GiB available: "running" holds 40 until it ends (in 100 s); the head needs 50 then.
+    # By CPUs alone the head's room was there already, and "filler" (15 GiB, no end known)
+    # backfilled into the RAM the head needed at its start: 60 - 15 < 50, delayed for ever.
+    core = core_with(ram_node("a", cpus=8, total_gb=64, available_gb=60))
+    core.submit(JobSpec("running", min_host_memory_gb=40, expected_duration_s=100), "d", T0)
+    assert isinstance(core.submit(JobSpec("head", min_host_memory_gb=50), "d", T0).decision,
+                      Queued)
+    filler = core.submit(JobSpec("filler", min_host_memory_gb=15), "d", T0 + 1).decision
+    assert isinstance(filler, Queued), filler
+    # One that ends before the head could start may go.
+    short = core.submit(JobSpec("short", min_host_memory_gb=15, expected_duration_s=50), "d",
+                        T0 + 2).decision
+    assert isinstance(short, Placement), short
+
+
+def test_a_node_whose_host_probe_failed_takes_no_such_worker_and_refuses_no_job():
+    # Its agent's stand-in reports no RAM (probes.host_figures): not a node of 0 GiB, which
+    # would have refused as never fitting a job only it could hold.
+    failed = dataclasses.replace(ram_node("blind", total_gb=0, available_gb=0),
+                                 probe_errors={"host": "psutil: boom"})
+    state = cluster(failed, ram_node("small", total_gb=8))
+    with pytest.raises(PlacementError) as refused:
+        place(JobSpec("j", min_host_memory_gb=16), state, NOW)
+    rejection = refused.value.rejection
+    assert rejection.fits_when_free  # it waits for the probe, not refused
+    assert "unknown until its host probe works again: psutil: boom" in \
+        rejection.node_reasons["blind"]
+
+
+def test_an_estimate_past_any_nodes_ram_is_refused_naming_the_flags_not_the_field():
+    from jobs.pretrain import build_configs, parse_args
+
+    args = parse_args(["--model-size", "gpt2-xl", "--batch-size", "8192", "--seq-len", "8192"])
+    with pytest.raises(ConfigError) as refused:
+        build_configs(args, Path("/tmp/run"))
+    message = str(refused.value)
+    assert "GiB of RAM on each CPU worker (--model-size gpt2-xl, --batch-size 8192 x --seq-len " \
+        "8192 per worker" in message and "over 100,000 GiB" in message, message
+    assert "min_host_memory_gb" not in message
