@@ -198,6 +198,9 @@ class ClusterState:
         self.last_seen: dict[str, float] = {}
         self.dead: set[str] = set()  # declared dead by Ray or by missed heartbeats
         self.silent: set[str] = set()  # of those, the ones dead by missed heartbeats only
+        # When each dead node was first seen dead by a dead_past call (not saved: a restarted
+        # scheduler counts from its first pass), to forget it once dead long enough.
+        self.dead_since: dict[str, float] = {}
         # Nodes a job's driver could not reach (a failed TCP probe), with why: they take no new
         # work until their next report, but keep what they hold; a blip is not a death.
         self.suspected: dict[str, str] = {}
@@ -222,6 +225,7 @@ class ClusterState:
                         self.table.add_reserved(r.node_id, r.cpus, r.gpus, r.memory_gb)
         if report.node_id in self.dead:  # a node that reports again is alive again
             self.dead.discard(report.node_id)
+            self.dead_since.pop(report.node_id, None)
             self.silent.discard(report.node_id)
             self._revive(report.node_id)  # (after: these count once, as they are set)
 
@@ -287,6 +291,35 @@ class ClusterState:
         for job, reservation in dropped:
             self.silent_reservations.setdefault(reservation.node_id, []).append(reservation)
         return newly_dead, sorted({job for job, _ in dropped})
+
+    def dead_past(self, now: float, retention_s: float) -> list[str]:
+        """Nodes dead for good (Ray's word, or silent and then no longer listed by Ray: not
+        silent only, which may report again) for longer than `retention_s`, counted from
+        the first call that saw them dead: candidates to forget (SchedulerCore decides)."""
+        if len(self.dead) != len(self.dead_since):  # (dead_since's nodes are all dead)
+            for node in self.dead - self.dead_since.keys():
+                self.dead_since[node] = now
+        due = []
+        for node, since in self.dead_since.items():  # in the order they were seen dead
+            if now - since <= retention_s:
+                break
+            if node not in self.silent:
+                due.append(node)
+        return due
+
+    def forget(self, nodes: Iterable[str]) -> None:
+        """Forget dead nodes for good: their reports, health records and table rows. The
+        caller makes sure nothing holds or keeps aside anything on them."""
+        nodes = set(nodes)
+        for node in nodes:
+            self.reports.pop(node, None)
+            self.last_seen.pop(node, None)
+            self.suspected.pop(node, None)
+            self.silent_reservations.pop(node, None)
+            self.dead_since.pop(node, None)
+        self.dead -= nodes
+        self.silent -= nodes
+        self.table.remove(nodes)
 
     def _drop_reservations_on(self, nodes: set[str]) -> list[tuple[str, Reservation]]:
         dropped = []
@@ -531,15 +564,20 @@ def saved_reservations(held: object) -> list[Reservation]:
 class NodeTable:
     """The placement-relevant facts of every node as numpy columns, one row per node, so a
     placement over 10,000 nodes is a handful of vector operations rather than a Python loop.
-    Rows are appended as nodes appear and never move."""
+    Rows are appended as nodes appear; they move only when nodes are forgotten (remove), the
+    others closing up in their order."""
 
     _GROW = 64
     _GPU_COLUMNS = ("gpu_free_gib", "gpu_total_gib")  # one column per GPU slot
+    _ROW_COLUMNS = ("cpus", "gpus", "family", "load", "group", "group_gbps", "speed", "dead",
+                    "suspect", "reserved_cpus", "reserved_gpus", "outside_cpus",
+                    "outside_gpus", "last_seen", *_GPU_COLUMNS)
 
     def __init__(self) -> None:
         self.ids: list[str] = []
         self.index: dict[str, int] = {}
         self.groups: dict[str, int] = {}  # network group name -> code
+        self._next_group = 0  # (codes are never reused: a forgotten node's own group goes)
         self.families: dict[str, int] = {"": 0}  # accelerator family -> code (0 = none)
         n, g = self._GROW, 1
         self.cpus = np.zeros(n)
@@ -590,16 +628,57 @@ class NodeTable:
         self.index[node_id] = row
         return row
 
+    def _fill(self, name: str) -> float:
+        """What a column holds in a row no node has."""
+        return -np.inf if name == "last_seen" or name in self._GPU_COLUMNS else 0
+
     def _grow_rows(self, n: int) -> None:
         for name in ("cpus", "gpus", "family", "load", "group", "group_gbps", "speed", "dead",
                      "suspect", "reserved_cpus", "reserved_gpus", "outside_cpus",
                      "outside_gpus", "ram_total_gib", "ram_available_gib",
                      "reserved_memory_gib", "last_seen", *self._GPU_COLUMNS):
+        for name in self._ROW_COLUMNS:
             old = getattr(self, name)
-            fill = -np.inf if name == "last_seen" or name in self._GPU_COLUMNS else 0
-            new = np.full((n,) + old.shape[1:], fill, dtype=old.dtype)
+            new = np.full((n,) + old.shape[1:], self._fill(name), dtype=old.dtype)
             new[:len(old)] = old
             setattr(self, name, new)
+
+    def remove(self, node_ids: Iterable[str]) -> None:
+        """Drop the rows of nodes forgotten for good (ClusterState.forget). The other rows
+        close up in their order (the order first-fit walks); every column, the index, the
+        measured bandwidths and the caches keyed by row follow them, and the freed rows at
+        the end are as a new row expects them."""
+        gone = sorted(self.index[n] for n in set(node_ids) if n in self.index)
+        if not gone:
+            return
+        n = len(self.ids)
+        keep = np.ones(n, dtype=bool)
+        keep[gone] = False
+        new_row = np.cumsum(keep) - 1  # old row -> new row (for the rows kept)
+        left = n - len(gone)
+        for name in self._ROW_COLUMNS:
+            column = getattr(self, name)
+            column[:left] = column[:n][keep]
+            column[left:n] = self._fill(name)
+        gone_ids = {self.ids[row] for row in gone}
+        self.ids[:] = [node for node in self.ids if node not in gone_ids]  # (in place: both
+        self.index.clear()  # are shared, as by a pass's _HeadRoom)
+        self.index.update((node, row) for row, node in enumerate(self.ids))
+        for node in gone_ids:  # a node without a network-group label was a group of its own
+            self.groups.pop(f"node:{node}", None)
+        gone_rows = set(gone)
+        self._measured_from = {int(new_row[r]): peers for r, peers in self._measured_from.items()
+                               if r not in gone_rows}
+        for node in list(self._measured_to):
+            by = {int(new_row[r]): v for r, v in self._measured_to[node].items()
+                  if r not in gone_rows}
+            if by or node not in gone_ids:  # (kept while a live node's report names it)
+                self._measured_to[node] = by
+            else:
+                del self._measured_to[node]
+        self.measuring = {int(new_row[r]) for r in self.measuring if r not in gone_rows}
+        self._links.clear()
+        self._group_rows.clear()
 
     def upsert(self, report: NodeReport, now: float) -> None:
         is_new = report.node_id not in self.index
@@ -633,7 +712,11 @@ class NodeTable:
         self.last_seen[row] = now
         # Nodes without a network-group label are each a group of their own.
         group = report.labels.get(LABEL_NETWORK_GROUP) or f"node:{report.node_id}"
-        self._set_network(row, is_new, self.groups.setdefault(group, len(self.groups)),
+        code = self.groups.get(group)
+        if code is None:
+            code = self.groups[group] = self._next_group
+            self._next_group += 1
+        self._set_network(row, is_new, code,
                           _float_label(report.labels, LABEL_NETWORK_GBPS), report.bandwidth_gbps)
         self.dead[row] = False
 

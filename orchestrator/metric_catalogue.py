@@ -117,7 +117,10 @@ SCHEDULER_NODES = MetricSpec(
     "orchestrator_scheduler_nodes", GAUGE,
     "Nodes known to the scheduler, by health (healthy, suspect: heartbeat late, dead); nodes "
     "the autoscaler removed on purpose are not counted as dead, also once Ray's GCS no longer "
-    "lists them (it keeps its last 1000 dead nodes)", "1", ("health",))
+    "lists them (it keeps its last 1000 dead nodes). Dead counts the deaths within the last "
+    "hour (DEAD_NODE_RETENTION_S; older ones only while a job still refers to the node): a "
+    "dead node is then forgotten, which only lowers the gauge (NodeDown alerts on a rise)",
+    "1", ("health",))
 SCHEDULER_QUEUE_LENGTH = MetricSpec(
     "orchestrator_scheduler_queue_length", GAUGE,
     "Jobs waiting in the scheduler's queue for capacity", "1")

@@ -138,3 +138,45 @@ def test_a_gpu_reporting_more_free_memory_than_it_holds_is_refused():
     from orchestrator.inventory import report_problem
     problem = report_problem(node("a", gpus=2, gpu_free_gb=90.0, gpu_total_gb=80))
     assert problem and "more free than it holds" in problem
+
+
+def test_forgetting_nodes_closes_up_the_table_and_keeps_every_row_as_its_node_left_it():
+    import dataclasses
+
+    import numpy as np
+
+    from orchestrator.inventory import LABEL_NETWORK_GBPS, LABEL_NETWORK_GROUP, Reservation
+
+    rack = {LABEL_NETWORK_GROUP: "rack", LABEL_NETWORK_GBPS: "25"}
+    reports = [dataclasses.replace(node("a", gpus=2), labels=rack),
+               dataclasses.replace(node("b"), bandwidth_gbps={"d": 3.0}),  # own group
+               dataclasses.replace(node("c", gpus=4), labels=rack),
+               dataclasses.replace(node("d"), bandwidth_gbps={"b": 2.0, "a": 5.0}),
+               node("e")]
+    state = state_with(*reports)
+    state.reserve("j", [Reservation("j", "c", 2.0, 2), Reservation("j", "d", 1.0, 0)])
+    state.mark_suspect("e", "probe failed")
+    state.mark_dead("b")
+    state.forget({"b"})
+    # the same as a table that never knew b
+    fresh = state_with(*[r for r in reports if r.node_id != "b"])
+    fresh.reserve("j", state.reservations["j"])
+    fresh.mark_suspect("e", "probe failed")
+    t, f = state.table, fresh.table
+    assert t.ids == ["a", "c", "d", "e"] and t.index == {"a": 0, "c": 1, "d": 2, "e": 3}
+    assert "b" not in state.reports and "b" not in state.dead and "node:b" not in t.groups
+    for name in ("cpus", "gpus", "family", "speed", "dead", "suspect", "reserved_cpus",
+                 "reserved_gpus", "gpu_free_gib", "gpu_total_gib", "last_seen"):
+        assert np.array_equal(getattr(t, name)[:4], getattr(f, name)[:4]), name
+    for a in "acde":
+        for b in "acde":
+            if a != b:
+                assert state.pair_bandwidth_gbps(a, b) == fresh.pair_bandwidth_gbps(a, b)
+    assert t.measuring == {t.index["a"], t.index["d"]}  # (d still names b: kept, unused)
+    # a node joining later takes a clean row and a group code of its own
+    state.update(node("f"), 1.0)
+    row = t.index["f"]
+    assert row == 4 and state.reserved_on("f") == (0.0, 0) and not t.suspect[row]
+    assert t.group[row] not in t.group[:row]
+    state.release("j")
+    assert state.reserved_on("c") == (0.0, 0) and state.reserved_on("d") == (0.0, 0)
