@@ -571,7 +571,8 @@ class NodeTable:
     _GPU_COLUMNS = ("gpu_free_gib", "gpu_total_gib")  # one column per GPU slot
     _ROW_COLUMNS = ("cpus", "gpus", "family", "load", "group", "group_gbps", "speed", "dead",
                     "suspect", "reserved_cpus", "reserved_gpus", "outside_cpus",
-                    "outside_gpus", "last_seen", *_GPU_COLUMNS)
+                    "outside_gpus", "ram_total_gib", "ram_available_gib",
+                    "reserved_memory_gib", "last_seen", *_GPU_COLUMNS)
 
     def __init__(self) -> None:
         self.ids: list[str] = []
@@ -633,10 +634,6 @@ class NodeTable:
         return -np.inf if name == "last_seen" or name in self._GPU_COLUMNS else 0
 
     def _grow_rows(self, n: int) -> None:
-        for name in ("cpus", "gpus", "family", "load", "group", "group_gbps", "speed", "dead",
-                     "suspect", "reserved_cpus", "reserved_gpus", "outside_cpus",
-                     "outside_gpus", "ram_total_gib", "ram_available_gib",
-                     "reserved_memory_gib", "last_seen", *self._GPU_COLUMNS):
         for name in self._ROW_COLUMNS:
             old = getattr(self, name)
             new = np.full((n,) + old.shape[1:], self._fill(name), dtype=old.dtype)
