@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "must be a TCP port in [0, 65535] (0: a free one)")
     # Both found only later, as tracebacks: a missing model when the model-alone phase loaded
     # it (CheckpointError), a context the fresh models' TrainConfig refuses (ConfigError).
-    from orchestrator.serving.loading import load_model, model_directories
+    from orchestrator.serving.loading import model_config
     from orchestrator.training.checkpoint import CheckpointError
 
     # The loads' longest requests (a longer one than a model's context: a CapacityError
@@ -161,10 +161,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if path is None:
             continue
         try:
-            model_directories(path)
-            # (no reader of a checkpoint's config alone: loaded, as the model-alone phase
-            # loads it next)
-            context = load_model(path).block_size
+            context = model_config(path).block_size  # (its weights are not read)
         except CheckpointError as e:
             p.error(f"{flag} {path}: {e}")
         for longest, what in longest_requests:

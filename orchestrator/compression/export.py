@@ -425,6 +425,18 @@ def recorded_tokenizer_sha256(directory: str | Path) -> str:
     return value if isinstance(value, str) else ""
 
 
+def int8_model_config(directory: str | Path) -> GPTConfig:
+    """The GPT shape an int8 export records in its config.json (the same as its
+    weights.int8.pt's), read without the weights; CheckpointError naming the file otherwise."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        return GPTConfig(**json.loads(path.read_text())["gpt_config"])
+    except FileNotFoundError:
+        raise CheckpointError(f"file missing: {path}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not an int8 export description: {e}") from e
+
+
 def load_int8_model(directory: str | Path, device: str | torch.device = "cpu") -> GPT:
     """The project's GPT with Int8Linear layers (int8 weights in memory), from
     weights.int8.pt; checksum verified, nothing unpickled but tensors. forward(idx) ->
@@ -493,10 +505,9 @@ def load_onnx_model(directory: str | Path, threads: int = 2) -> OnnxInt8Model:
     for path in (config_path, onnx_path):
         if not path.is_file():
             raise CheckpointError(f"file missing: {path}")
+    config = int8_model_config(directory)
     try:
-        info = json.loads(config_path.read_text())
-        expected = info["files"][ONNX_FILE]
-        config = GPTConfig(**info["gpt_config"])
+        expected = json.loads(config_path.read_text())["files"][ONNX_FILE]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{config_path} is not an int8 export description: {e}") from e
     if not (isinstance(expected, str) and re.fullmatch("[0-9a-f]{64}", expected)):

@@ -9,8 +9,9 @@ A path may name
     with a warning, as training's resume does), or a jobs/compress.py output directory: its
     `int8/` export.
 Formats are detected by the files present, never by the name of the directory. A new format
-is one more `ModelFormat` entry: a marker file and a loader returning (model, sha256, step,
-tokenizer). The tokenizer is the run's own (its recorded tokenizer.json; bytes for runs from
+is one more `ModelFormat` entry: a marker file, a loader returning (model, sha256, step,
+tokenizer) and a reader of the model's GPTConfig that does not read its weights
+(`model_config`). The tokenizer is the run's own (its recorded tokenizer.json; bytes for runs from
 before one was recorded).
 
 The version shown to clients is `<run>/<checkpoint>@<sha256 prefix>`: readable, and distinct
@@ -36,7 +37,8 @@ from orchestrator.runs import (DEFAULT_RUNS_ROOT, checkpoint_dirs, compress_stag
                               latest_run_with_checkpoints)
 from orchestrator.validation import expand_home
 from orchestrator.training.checkpoint import (SHARDED_META_FILE, STATE_FILE, CheckpointError,
-                                              checkpoint_header, cut_short_problem,
+                                              checkpoint_header, checkpoint_model_config,
+                                              cut_short_problem,
                                               first_that_loads, holds_checkpoint_files,
                                               is_sharded_checkpoint, load_checkpoint,
                                               model_from_state, recorded_sha256,
@@ -58,6 +60,8 @@ class ModelFormat:
     marker: str  # the file whose presence identifies the format
     # -> (model, sha256, step, tokenizer)
     load: Callable[[Path, torch.device], tuple[torch.nn.Module, str, int | None, Tokenizer]]
+    # -> the loaded model's GPTConfig, read without its weights
+    config: Callable[[Path], Any]
 
 
 def _load_training_checkpoint(directory: Path, device: torch.device
@@ -98,9 +102,17 @@ def _run_tokenizer(directory: Path, expected_sha256: str, model: torch.nn.Module
     return tokenizer
 
 
-FORMATS = (ModelFormat("checkpoint", STATE_FILE, _load_training_checkpoint),
-           ModelFormat("checkpoint", SHARDED_META_FILE, _load_training_checkpoint),
-           ModelFormat("int8", INT8_FILE, _load_int8_export))
+def _int8_export_config(directory: Path):
+    from orchestrator.compression.export import int8_model_config
+
+    return int8_model_config(directory)
+
+
+FORMATS = (ModelFormat("checkpoint", STATE_FILE, _load_training_checkpoint,
+                       checkpoint_model_config),
+           ModelFormat("checkpoint", SHARDED_META_FILE, _load_training_checkpoint,
+                       checkpoint_model_config),
+           ModelFormat("int8", INT8_FILE, _load_int8_export, _int8_export_config))
 
 
 def format_of(directory: Path) -> ModelFormat | None:
@@ -394,6 +406,20 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", *,
         load_seconds=time.perf_counter() - started,
         warnings=[f"skipped an unusable newer checkpoint: {p}" for p in skipped],
         tokenizer=tokenizer)
+
+
+def model_config(path: str | Path):
+    """The GPTConfig (context `block_size`, shape, vocabulary) of the model load_model(`path`)
+    would load, read without loading its weights: a training checkpoint's pickle of config
+    and tensor shapes (state.pt memory-mapped, its tensors never read) or a sharded one's
+    meta.pt and index, an int8 export's config.json. A run directory gives its newest
+    checkpoint that reads so (checksums are not verified here: no file is hashed; the load
+    that follows verifies them). CheckpointError, as load_model's, when `path` holds no
+    model."""
+    candidates, is_run = model_directories(path)
+    config, _ = first_that_loads(candidates, is_run, path,
+                                 lambda directory: model_format(directory).config(directory))
+    return config
 
 
 def parameter_count(model: torch.nn.Module) -> int:

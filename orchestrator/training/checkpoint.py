@@ -226,9 +226,7 @@ def checkpoint_header(directory: str | os.PathLike, rank: int = 0,
         _refuse_cut_short(directory)
         return {**load_tensors(directory / STATE_FILE, verified=verified), "sharded": False}
     meta = load_tensors(directory / SHARDED_META_FILE, verified=verified)
-    if not (directory / DCP_METADATA_FILE).is_file():
-        raise CheckpointError(f"sharded checkpoint {directory} has no {DCP_METADATA_FILE} "
-                              "(torch.distributed.checkpoint's index): incomplete")
+    _refuse_without_index(directory)
     # (checkpoints written before shards had digests have none: their shards go unchecked)
     digests = sorted((meta.pop(SHARD_DIGESTS, None) or {}).items())
     for name, expected in () if verified else digests[rank::world_size]:
@@ -236,6 +234,12 @@ def checkpoint_header(directory: str | os.PathLike, rank: int = 0,
             raise CheckpointError(f"checkpoint file missing: {directory / name}")
         _check_digest(directory / name, expected)
     return {**meta, "sharded": True}
+
+
+def _refuse_without_index(directory: Path) -> None:
+    if not (directory / DCP_METADATA_FILE).is_file():
+        raise CheckpointError(f"sharded checkpoint {directory} has no {DCP_METADATA_FILE} "
+                              "(torch.distributed.checkpoint's index): incomplete")
 
 
 def _has_shards(directory: Path) -> bool:
@@ -438,8 +442,26 @@ def model_from_state(state: Any, directory: str | os.PathLike):
     """Rebuild the GPT a training checkpoint's state describes: (model in eval mode,
     TrainConfig). CheckpointError naming the file when the state is not a training checkpoint,
     its config is invalid, or the weights do not fit the model it describes."""
+    from orchestrator.training.model import GPT
+
+    gpt_config, train_config, where = _described_model(state, directory)
+    try:
+        model = GPT(gpt_config)
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, AttributeError) as e:
+        # One line: torch's own message has a line per weight (dozens for a whole model).
+        raise CheckpointError(f"{where}: the weights do not fit a {train_config.model_size!r} "
+                              f"GPT: {_weights_mismatch(state['model'], gpt_config, e)}"
+                              ) from None
+    return model.eval(), train_config
+
+
+def _described_model(state: Any, directory: str | os.PathLike):
+    """(GPTConfig, TrainConfig, the file named in errors) of the GPT a training checkpoint's
+    state describes; only the shapes of its weights are read (`state["model"]` may hold
+    tensors on the meta device, or memory-mapped ones never touched)."""
     from orchestrator.config import ConfigError, TrainConfig
-    from orchestrator.training.model import GPT, GPTConfig, widths_from_state_dict
+    from orchestrator.training.model import GPTConfig, widths_from_state_dict
 
     where = Path(directory) / (SHARDED_META_FILE if is_sharded_checkpoint(directory)
                                else STATE_FILE)
@@ -450,22 +472,55 @@ def model_from_state(state: Any, directory: str | os.PathLike):
         train_config = TrainConfig.from_dict(state["config"])
     except ConfigError as e:
         raise CheckpointError(f"{where}: its training config is invalid: {e}") from None
+    # The vocabulary is the run's tokenizer's (256 bytes for runs from before it was
+    # recorded: TrainConfig.vocab_size's default).
+    gpt_config = GPTConfig.from_train_config(train_config, vocab_size=train_config.vocab_size)
     try:
-        # The vocabulary is the run's tokenizer's (256 bytes for runs from before it was
-        # recorded: TrainConfig.vocab_size's default).
-        gpt_config = GPTConfig.from_train_config(train_config,
-                                                 vocab_size=train_config.vocab_size)
         # A structurally pruned model's per-layer widths are read off its weights' shapes.
         gpt_config = dataclasses.replace(gpt_config, **widths_from_state_dict(state["model"],
                                                                               gpt_config))
-        model = GPT(gpt_config)
-        model.load_state_dict(state["model"])
     except (RuntimeError, ValueError, AttributeError) as e:
-        # One line: torch's own message has a line per weight (dozens for a whole model).
         raise CheckpointError(f"{where}: the weights do not fit a {train_config.model_size!r} "
                               f"GPT: {_weights_mismatch(state['model'], gpt_config, e)}"
                               ) from None
-    return model.eval(), train_config
+    return gpt_config, train_config, where
+
+
+def checkpoint_model_config(directory: str | os.PathLike):
+    """The GPTConfig of the model a training checkpoint holds (what model_from_state builds:
+    context, shape, vocabulary, a pruned model's per-layer widths), read without its weights:
+    a full checkpoint's state.pt is memory-mapped and only its pickle of names, config and
+    tensor shapes is read (its tensors' bytes never are, nor hashed: the load that follows
+    verifies them); a sharded one's meta.pt and its shards' index, not the shards.
+    CheckpointError naming the file when unusable."""
+    directory = Path(directory)
+    if is_sharded_checkpoint(directory):
+        state = {**load_tensors(directory / SHARDED_META_FILE),  # (small: no weights)
+                 "model": _sharded_model_shapes(directory)}
+    else:
+        _refuse_cut_short(directory)
+        path = directory / STATE_FILE
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises several types for bad pickles
+            verify_checksum(path)  # (hashed only now: a damaged file is named as corrupt)
+            raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {e}") from e
+    return _described_model(state, directory)[0]
+
+
+def _sharded_model_shapes(directory: Path) -> dict[str, torch.Tensor]:
+    """The model's weights in a sharded checkpoint as tensors on the meta device (shapes
+    only), from torch.distributed.checkpoint's index."""
+    prefix = "model."
+    _refuse_without_index(directory)
+    try:
+        entries = _safe_reader(directory).read_metadata().state_dict_metadata
+    except _dcp_errors() as e:
+        raise CheckpointError(f"sharded checkpoint {directory}: its {DCP_METADATA_FILE} "
+                              f"cannot be read: {_dcp_problem(e)}") from e
+    return {name[len(prefix):]: torch.empty(tuple(entry.size), device="meta")
+            for name, entry in entries.items()
+            if name.startswith(prefix) and hasattr(entry, "size")}
 
 
 def _weights_mismatch(weights: Any, gpt_config, error: Exception) -> str:

@@ -356,6 +356,19 @@ def test_a_users_checkpoint_too_short_for_the_loads_is_refused_naming_the_flag(f
     bench.parse_args([flag, str(long_enough)])
 
 
+def test_a_users_checkpoints_context_is_read_without_loading_its_model(tmp_path, monkeypatch):
+    # The context check loaded the whole model (weights read, GPT built) a first time, only
+    # to read its block size; the model-alone phase then loaded it again.
+    from orchestrator.serving import loading
+
+    short = loading.save_untrained_checkpoint(tmp_path / "short", "tiny", seq_len=64)
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--checkpoint", str(short)])  # (too short: refused, unloaded)
+    bench.parse_args(["--checkpoint", str(loading.save_untrained_checkpoint(
+        tmp_path / "long", "tiny", seq_len=328))])
+
+
 def test_no_fresh_model_is_made_where_both_checkpoints_are_given(tmp_path, monkeypatch):
     # Two fresh GPTs were written whatever was given: with both checkpoints named, their
     # --context (checked only where a fresh model is made) reached TrainConfig unchecked, a

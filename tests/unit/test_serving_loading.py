@@ -1,4 +1,5 @@
 """Which model is served: checkpoint, run and INT8 directories; clear errors otherwise."""
+import json
 import shutil
 from pathlib import Path
 
@@ -455,3 +456,71 @@ def test_a_compress_stage_folder_is_named_with_what_to_pass_instead(tmp_path, re
     assert teacher in said and "holds no model" not in said
     if read is _served:
         assert f"serve the compress output {out}" in said
+
+
+def _garble_tensor_bytes(state_file: Path) -> None:
+    """Overwrite every tensor's bytes inside a torch.save zip with garbage, in place: the
+    pickle of names, config and shapes stays readable; the checksum no longer matches."""
+    import os
+    import zipfile
+
+    with zipfile.ZipFile(state_file) as archive:
+        records = [i for i in archive.infolist() if "/data/" in i.filename]
+    with open(state_file, "r+b") as f:
+        for record in records:
+            f.seek(record.header_offset + 26)  # the local header's name and extra lengths
+            skip = 30 + int.from_bytes(f.read(2), "little") + int.from_bytes(f.read(2), "little")
+            f.seek(record.header_offset + skip)
+            f.write(os.urandom(record.compress_size))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_models_config_is_read_without_its_weights(tmp_path):
+    # scripts/bench_serve.py loaded a whole model (weights read, GPT built) only to learn its
+    # context: there was no reader of a checkpoint's config alone.
+    from orchestrator.serving.loading import model_config
+    from orchestrator.training.checkpoint import save_sharded
+
+    full = save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000001", "tiny", 48)
+    expected = load_model(full).model.config
+    assert model_config(full) == expected and expected.block_size == 48
+    assert model_config(tmp_path / "run") == expected  # a run directory: its newest
+    _garble_tensor_bytes(full / "state.pt")
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        load_model(full)  # the weights are garbage: the full load refuses them
+    assert model_config(full) == expected  # never read: the config still is
+    (full / "state.pt").write_bytes(b"garbage")  # not even its config: named as corrupt
+    with pytest.raises(CheckpointError, match=f"checkpoint {full / 'state.pt'} is corrupt"):
+        model_config(full)
+
+    state = load_checkpoint(save_untrained_checkpoint(tmp_path / "whole", "tiny", 40))
+    sharded = tmp_path / "sharded"
+    save_sharded(sharded, {"model": state["model"], "pending": {},
+                           "optimizer": {"state": {}, "param_groups": []}},
+                 {"config": state["config"], "step": 2}, rank=0)
+    expected = load_model(sharded).model.config
+    for shard in sharded.glob("__*.distcp"):
+        shard.write_bytes(b"garbage")
+    assert model_config(sharded) == expected and expected.block_size == 40
+
+
+def test_an_int8_exports_config_is_read_without_its_weights(tmp_path):
+    export = pytest.importorskip("orchestrator.compression.export")
+    from orchestrator.compression.artifacts import save_tensors
+    from orchestrator.compression.prune import prunable_names
+    from orchestrator.serving.loading import model_config
+    from orchestrator.training.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=24, n_layer=2, n_head=2, n_embd=32,
+                          mlp_hidden=(64, 96))).eval()  # pruned widths recorded too
+    state = export.int8_state(model, prunable_names(model))
+    (tmp_path / "int8").mkdir()
+    save_tensors(tmp_path / "int8" / INT8_FILE, state)
+    (tmp_path / "int8" / "config.json").write_text(json.dumps(
+        {"gpt_config": state["config"], "tokenizer_sha256": ""}))  # as save_int8 writes it
+    expected = load_model(tmp_path).model.config
+    (tmp_path / "int8" / INT8_FILE).write_bytes(b"garbage")
+    assert model_config(tmp_path) == expected == model.config
+    (tmp_path / "int8" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=f"file missing: {tmp_path / 'int8' / 'config.json'}"):
+        model_config(tmp_path)
