@@ -124,6 +124,41 @@ def test_a_request_no_replica_takes_says_whether_replicas_are_full_or_none_runs(
     assert unknown.code == "no_replica" and "state is unknown: TimeoutError" in unknown.message
 
 
+# What Serve 2.60 says of a deployment whose replicas fail in their constructor (here: the
+# checkpoint served was deleted, then the replica killed), cut short: Ray's coloured actor
+# line, then the replica's whole traceback.
+SERVE_START_FAILURE = (
+    "The deployment failed to start 17 times in a row. This may be due to a problem with its "
+    "constructor or initial health check failing. See controller logs for details. Error:\n"
+    "\x1b[36mray::ServeReplica:exp:GPTModel.initialize_and_get_metadata()\x1b[39m (pid=23255, "
+    "ip=192.0.2.2, actor_id=fb28d1, repr=<ray.serve._private.replica.ServeReplica object>)\n"
+    '  File "/site-packages/ray/serve/_private/replica.py", line 1928, in initialize\n'
+    "    raise RuntimeError(traceback.format_exc()) from None\n"
+    "RuntimeError: Traceback (most recent call last):\n"
+    '  File "/repo/ray_layer/serve_model.py", line 352, in _refuse_update\n'
+    "    raise RuntimeError(message)\n"
+    "RuntimeError: checkpoint '/runs/ck' cannot be served: CheckpointError: checkpoint /runs/ck "
+    "does not exist\n")
+
+
+def test_serves_message_reaches_clients_as_one_line_without_the_replicas_traceback():
+    # The 503 of a request no replica took, and /health's, carried Serve's message whole: a
+    # 4.5 KB traceback with terminal colour codes (and the server's file paths), the cause
+    # on its last line.
+    from orchestrator.serving.retries import DeploymentState, unanswered_health, untaken_error
+
+    state = DeploymentState("UNHEALTHY", {"STARTING": 1}, SERVE_START_FAILURE)
+    error = untaken_error(60, "GPTModel", state)
+    _, health = unanswered_health("GPTModel", state)
+    for message in (error.message, health["error"]):
+        assert "\n" not in message and "\x1b" not in message and "File " not in message
+        assert ("replicas: 1 starting; The deployment failed to start 17 times in a row. "
+                "This may be due to a problem with its constructor or initial health check "
+                "failing. See controller logs for details. Error: RuntimeError: checkpoint "
+                "'/runs/ck' cannot be served: CheckpointError: checkpoint /runs/ck does not "
+                "exist)") in message, message
+
+
 def test_waiting_for_a_replica_is_bounded_and_withdraws_the_request():
     from orchestrator.serving.retries import taken_within
 
