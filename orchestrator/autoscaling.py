@@ -25,7 +25,7 @@ from typing import Any
 
 from orchestrator.config import JobSpec
 from orchestrator.inventory import (LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
-                                    LABEL_ACCELERATOR_TYPE, LABEL_NETWORK_GBPS,
+                                    LABEL_ACCELERATOR_TYPE, LABEL_NETWORK_GBPS, GIB,
                                     accelerator_family)
 from orchestrator.validation import is_int
 
@@ -51,6 +51,9 @@ class NodeType:
     gpu_memory_gb: float | None
     network_gbps: float | None  # between nodes of this type (its network-gbps label)
     max_workers: int
+    # Host RAM (GiB): its resources' memory (bytes, as Ray takes it; `ray up` on AWS fills it
+    # in from the instance type). None where the config states none: any worker fits.
+    memory_gb: float | None = None
     # The config's top-level max_workers: Ray launches no more worker nodes than this, of all
     # types together (RAY_DEFAULT_MAX_WORKERS where the config sets none; None: no bound)
     cluster_max_workers: int | None = None
@@ -61,7 +64,9 @@ class NodeType:
             if spec.cpus_per_worker else math.inf
         by_gpu = self.gpus // math.ceil(spec.gpus_per_worker) \
             if spec.gpus_per_worker else math.inf
-        count = min(by_cpu, by_gpu)
+        by_ram = math.floor(self.memory_gb / spec.min_host_memory_gb + 1e-9) \
+            if spec.min_host_memory_gb and self.memory_gb is not None else math.inf
+        count = min(by_cpu, by_gpu, by_ram)
         return 0 if count == math.inf else int(count)
 
 
@@ -111,13 +116,16 @@ def _node_type(name: str, raw: Any, default_max: Any) -> NodeType:
     _check_labels_agree(name, labels, accelerator, gpus)
     max_workers = _whole_number(raw.get("max_workers", default_max),
                                 f"node type {name!r}: max_workers")
+    memory = resources.get("memory")  # (bytes: Ray's schema takes whole numbers only)
+    memory_gb = None if memory is None else \
+        _whole_number(memory, f"node type {name!r}: memory") / GIB
     try:
         return NodeType(
             name=name, cpus=float(resources.get("CPU", 0)), gpus=gpus,
             family=family, accelerator_resource=accelerator,
             gpu_memory_gb=_optional_float(labels.get(LABEL_ACCELERATOR_MEMORY_GB)),
             network_gbps=_optional_float(labels.get(LABEL_NETWORK_GBPS)),
-            max_workers=max_workers)
+            max_workers=max_workers, memory_gb=memory_gb)
     except (TypeError, ValueError) as e:
         raise ValueError(f"node type {name!r}: {e}") from None
 
@@ -155,8 +163,8 @@ def _optional_float(value: Any) -> float | None:
 def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...]
                   ) -> tuple[NodeType, int] | None:
     """The node type, and how many nodes of it, that would hold all of `spec`'s workers on
-    their own (families, GPU count and memory, CPUs, the bandwidth floor between nodes of one
-    type, its max_workers and the cluster's); for a CPU job a type without GPUs first, then
+    their own (families, GPU count and memory, CPUs, host RAM where the type states it, the
+    bandwidth floor between nodes of one type, its max_workers and the cluster's); for a CPU job a type without GPUs first, then
     the fewest nodes, then the fewest idle GPUs. None when no type can: the job can never run
     here, autoscaling or not."""
     best = None
@@ -228,10 +236,32 @@ def unlabelled_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> s
             "with it, in GiB as NVML reports it)")
 
 
+def host_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
+    """Why no plan holds `spec` when no node type that would otherwise hold it has the RAM
+    for one of its workers (min_host_memory_gb), naming the need and the largest such type's
+    RAM; else None."""
+    if not spec.min_host_memory_gb:
+        return None
+    passed_over = [t for t in node_types if t.memory_gb is not None
+                   and scale_up_plan(spec, (dataclasses.replace(t, memory_gb=None),))]
+    if not passed_over:
+        return None
+    largest = max(passed_over, key=lambda t: t.memory_gb)
+    if largest.memory_gb + 1e-9 >= spec.min_host_memory_gb:
+        return None  # (one holds a worker: too few a node, which max_workers' note tells)
+    return (f"each worker needs {spec.min_host_memory_gb:g} GiB of host RAM "
+            f"(min_host_memory_gb), and the node type with the most, {largest.name!r}, has "
+            f"{largest.memory_gb:.1f} GiB (its resources' memory)")
+
+
 def resource_bundles(spec: JobSpec, node_type: NodeType) -> list[dict[str, float]]:
     """One bundle per worker, in the resources the node type declares: what
-    request_resources is asked for so the autoscaler adds nodes of that type."""
+    request_resources is asked for so the autoscaler adds nodes of that type (the worker's
+    host RAM too, in bytes, where the type states its memory: asked for CPUs alone, the
+    autoscaler may add a type too small in RAM)."""
     bundle: dict[str, float] = {"CPU": spec.cpus_per_worker}
+    if spec.min_host_memory_gb and node_type.memory_gb is not None:
+        bundle["memory"] = math.ceil(spec.min_host_memory_gb * GIB)
     if spec.gpus_per_worker:
         bundle["GPU"] = math.ceil(spec.gpus_per_worker)
         if node_type.accelerator_resource:

@@ -390,3 +390,58 @@ def test_labels_that_agree_with_the_resources_are_taken():
                        "orchestrator.io/accelerator-count": "8.0"}, "max_workers": 1}
     (node_type,) = node_types_from_config({"available_node_types": {"a100": a100}})
     assert (node_type.family, node_type.gpus) == ("A100", 8)
+
+
+GIB = 1024 ** 3
+SMALL_AND_BIG_RAM = {"max_workers": 10, "available_node_types": {
+    "small": {"resources": {"CPU": 16, "memory": 64 * GIB}, "max_workers": 5},
+    "bigmem": {"resources": {"CPU": 16, "memory": 512 * GIB}, "max_workers": 5}}}
+
+
+def test_a_plan_takes_only_node_types_whose_ram_holds_a_worker():
+    """The planner counted CPUs and GPUs only: a CPU job whose workers need 100 GiB each was
+    planned on (and the autoscaler asked for CPUs that it meets with) the 64 GiB type, which
+    never holds it; it waited scale_up_timeout_s and was then refused."""
+    small, big = node_types_from_config(SMALL_AND_BIG_RAM)
+    assert (small.memory_gb, big.memory_gb) == (64.0, 512.0)  # resources' memory, in bytes
+    assert scale_up_plan(JobSpec("few", num_workers=2, cpus_per_worker=4), (small, big)) \
+        == (small, 1)
+    fat = JobSpec("fat", num_workers=2, cpus_per_worker=4, min_host_memory_gb=100)
+    assert scale_up_plan(fat, (small, big)) == (big, 1)
+    # The bundles ask for the RAM too, so the autoscaler picks a type that holds it.
+    assert resource_bundles(fat, big) == [{"CPU": 4, "memory": 100 * GIB}] * 2
+    # RAM bounds the workers a node holds: 200 GiB each, 2 per 512 GiB node.
+    assert scale_up_plan(JobSpec("f", num_workers=8, cpus_per_worker=1,
+                                 min_host_memory_gb=200), (small, big)) == (big, 4)
+    # A type whose RAM the config does not state holds any (as before); no memory is asked.
+    (unknown,) = node_types_from_config({"available_node_types": {
+        "cpu": {"resources": {"CPU": 16}, "max_workers": 5}}})
+    assert unknown.memory_gb is None and scale_up_plan(fat, (unknown,)) == (unknown, 1)
+    assert resource_bundles(fat, unknown) == [{"CPU": 4}] * 2
+
+
+@pytest.mark.parametrize("value", [2.5, "64G", -1, True])
+def test_a_node_types_memory_that_is_not_a_whole_number_of_bytes_is_named(value):
+    with pytest.raises(ValueError, match="node type 'w': memory must be a whole number"):
+        node_types_from_config({"available_node_types": {"w": {
+            "resources": {"CPU": 4, "memory": value}}}})
+
+
+def test_a_job_no_node_types_ram_holds_is_refused_at_once_naming_need_and_largest():
+    """It waited scale_up_timeout_s (30 min) for nodes that could never hold it."""
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = node_types_from_config(SMALL_AND_BIG_RAM)
+    huge = JobSpec("huge", num_workers=2, cpus_per_worker=4, min_host_memory_gb=600)
+    refused = core.submit(huge, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert ("each worker needs 600 GiB of host RAM (min_host_memory_gb), and the node type "
+            "with the most, 'bigmem', has 512.0 GiB") in refused.message, refused.message
+    assert core.scale_up_requests(T0 + 1) == []
+    fits = core.submit(JobSpec("fits", num_workers=2, cpus_per_worker=4,
+                               min_host_memory_gb=300), "d2", T0 + 2).decision
+    assert isinstance(fits, Queued) and "2 x bigmem" in fits.reason, fits  # 1 a node
+    # The shipped cluster.yaml states no RAM: such a job still waits for a node (unknown fits).
+    core.node_types = node_types_from_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    waits = core.submit(JobSpec("w", num_workers=2, cpus_per_worker=4, min_host_memory_gb=600),
+                        "d3", T0 + 3).decision
+    assert isinstance(waits, Queued), waits
