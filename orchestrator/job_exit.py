@@ -3,6 +3,7 @@ code a script can branch on, never a traceback. jobs/pretrain.py and jobs/compre
 """
 from __future__ import annotations
 
+import re
 import sys
 from typing import Callable, TypeVar
 
@@ -17,6 +18,40 @@ EXIT_INTERRUPTED = 130   # Ctrl-C
 CALL_TIMEOUT_S = 60.0
 
 T = TypeVar("T")
+
+
+# A traceback's top-level `Name: message` line (Ray's errors carry the remote traceback).
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b[^:]*:")
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def without_colour(text: str) -> str:
+    """`text` without terminal colour codes (Ray's and torch.export's messages carry them)."""
+    return _COLOUR.sub("", text)
+
+
+def last_exception(text: str) -> str | None:
+    """The last top-level `Name: message` line in `text` and what follows it, as one line
+    (what went wrong, at the end of a traceback), colour codes removed; None if it has none."""
+    lines = without_colour(text).splitlines()
+    starts = [i for i, line in enumerate(lines) if EXCEPTION_LINE.match(line)]
+    if not starts:
+        return None
+    return " ".join(line.strip() for line in lines[starts[-1]:] if line.strip())
+
+
+def one_line_error(text: str) -> str:
+    """An error message that carries a traceback (Serve's for replicas that failed to start:
+    some KB of it) as its first line and the traceback's last exception, on one line; any
+    other message as it is, colour codes removed."""
+    plain = without_colour(text).strip()
+    tail = last_exception(plain)
+    if tail is None or '\n  File "' not in plain:
+        return plain
+    first = plain.splitlines()[0].strip()
+    if first.startswith("Traceback") or EXCEPTION_LINE.match(first):
+        return tail
+    return f"{first} {tail}"
 
 
 class JobFailed(Exception):

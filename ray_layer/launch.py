@@ -34,7 +34,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from orchestrator.config import JobSpec
 from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS
 from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_FAILED,
-                                  EXIT_NOT_PLACEABLE, JobFailed)
+                                  EXIT_NOT_PLACEABLE, JobFailed, last_exception)
 from orchestrator.placement import Placement
 from orchestrator.runs import checkpoint_dirs
 from ray_layer.cluster import (ClusterConnectionError, connect, ensure_control_plane,
@@ -271,15 +271,12 @@ def _controller_died(error: ray.exceptions.RayActorError) -> str:
     read "training failed after 3 restart(s): ActorDiedError: ... Traceback ..."."""
     lines = str(error).splitlines()
     if getattr(error, "actor_init_failed", False):
-        starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
-        what = " ".join(line.strip() for line in lines[starts[-1]:]) if starts else str(error)
-        return f"Ray Train's controller could not start: {what}"
+        return f"Ray Train's controller could not start: {last_exception(str(error)) or error}"
     why = [line.strip() for line in lines[1:]
            if line.strip() and not _ACTOR_FIELD.match(line)]
     return f"Ray Train's controller died: {' '.join(why) or lines[0]}"
 
 
-_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b[^:]*:")
 _ACTOR_FIELD = re.compile(r"\s*(class_name|actor_id|pid|name|namespace|ip):")
 
 

@@ -43,6 +43,7 @@ from orchestrator.compression.artifacts import (CheckpointError, cpu_state_dict,
                                                 write_json)
 from orchestrator.compression.qat import WEIGHT_QMAX, Int8Linear, quantize_weight
 from orchestrator.cpython_quirks import retry_spurious_ast_error
+from orchestrator.job_exit import without_colour
 from orchestrator.tokenizer import TokenizerError
 from orchestrator.training.loss import token_cross_entropy
 from orchestrator.training.model import GPT, GPTConfig
@@ -95,13 +96,6 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def _plain(text: str) -> str:
-    """Without terminal colour codes (torch.export's messages carry them)."""
-    import re
-
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
-
-
 def _onnx_program(module: nn.Module, args: tuple, **options):
     """torch.onnx.export (dynamo), quiet, tried once more after CPython's spurious AST
     error (orchestrator/cpython_quirks.py)."""
@@ -148,7 +142,7 @@ def export_fp32_onnx(model: nn.Module, path: Path, what: str = "model") -> Path:
         _save(program, path)
     except Exception as e:
         # torch.export's messages run to pages; the first line says what failed.
-        first = _plain(str(e)).strip().splitlines()[0] if str(e).strip() else ""
+        first = without_colour(str(e)).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(f"torch.onnx.export of the {what} failed: {type(e).__name__}: "
                           f"{first[:300]}") from e
     return path
@@ -197,7 +191,7 @@ def export_decode_onnx(model: nn.Module, path: Path, what: str = "model") -> Pat
             dynamic_shapes=({0: batch_dim}, None, [{0: batch_dim, 2: past_dim}] * len(past)))
         _save(program, path)
     except Exception as e:
-        first = _plain(str(e)).strip().splitlines()[0] if str(e).strip() else ""
+        first = without_colour(str(e)).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(f"torch.onnx.export of the {what}'s decode step failed: "
                           f"{type(e).__name__}: {first[:300]}") from e
     return path

@@ -5,11 +5,11 @@ replica's engine process gone, `ENGINE_LOST`)."""
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from orchestrator.job_exit import one_line_error
 from orchestrator.serving.generation import Chunk, GenerationRequest
 from orchestrator.serving.protocol import APIError
 
@@ -120,23 +120,8 @@ def _described(deployment: str, state: DeploymentState) -> str:
     """'GPTModel is UPDATING, replicas: 2 starting; <Serve's message>'."""
     others = ", ".join(f"{count} {name.lower()}" for name, count in sorted(state.replicas.items())
                        if count)
-    message = _one_line(state.message)
-    why = f"; {message}" if message else ""
+    why = f"; {one_line_error(state.message)}" if state.message else ""  # (not its traceback)
     return f"{deployment} is {state.status}{', replicas: ' + others if others else ''}{why}"
-
-
-_TERMINAL_COLOURS = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def _one_line(message: str) -> str:
-    """Serve's message about a deployment, as clients are told it: without terminal colour
-    codes, and where it holds a replica's traceback (its constructor failed: a checkpoint
-    that does not load, say), its first line and the traceback's last, the error, alone."""
-    lines = [line.strip() for line in _TERMINAL_COLOURS.sub("", message).splitlines()
-             if line.strip()]
-    if any(line.startswith('File "') for line in lines):
-        lines = [lines[0], lines[-1]]
-    return " ".join(lines)
 
 
 # Replica states whose replicas serve: RUNNING and PENDING_MIGRATION ones (on a draining

@@ -261,3 +261,55 @@ def test_health_of_a_running_replica_that_did_not_answer_is_503_with_the_error()
     code, body = unanswered_health("GPTModel", "TimeoutError: the controller", "ActorDiedError")
     assert code == 503 and body["error"] == (
         "ActorDiedError; Serve's view of GPTModel is unknown: TimeoutError: the controller")
+
+
+# Serve's message for a model deployment whose replicas could not start (Ray 2.60, a fresh
+# machine with no pretrain run, `serve run serve_config.yaml`), shortened in the middle.
+_FAILED_TO_START = (
+    "The deployment failed to start 3 times in a row. This may be due to a problem with its "
+    "constructor or initial health check failing. See controller logs for details. Error:\n"
+    "\x1b[36mray::ServeReplica:gpt:GPTModel.initialize_and_get_metadata()\x1b[39m (pid=15620, "
+    "ip=192.0.2.2, actor_id=5491a1d5)\n"
+    '  File "/venv/lib/python3.11/site-packages/ray/serve/_private/replica.py", line 1928, in '
+    "initialize\n"
+    "    raise RuntimeError(traceback.format_exc()) from None\n"
+    "RuntimeError: Traceback (most recent call last):\n"
+    '  File "/repo/orchestrator/serving/loading.py", line 129, in default_checkpoint\n'
+    '    raise CheckpointError(f"checkpoint: none given and no pretrain-* run with checkpoints '
+    'under "\n'
+    "orchestrator.training.checkpoint.CheckpointError: checkpoint: none given and no "
+    "pretrain-* run with checkpoints under /home/u/orchestrator-runs\n"
+    "\n"
+    "During handling of the above exception, another exception occurred:\n"
+    "\n"
+    "\x1b[36mray::ServeReplica:gpt:GPTModel.initialize_and_get_metadata()\x1b[39m (pid=15620)\n"
+    '  File "/repo/ray_layer/serve_model.py", line 352, in _refuse_update\n'
+    "    raise RuntimeError(message)\n"
+    "RuntimeError: checkpoint (none named) cannot be served: CheckpointError: checkpoint: none "
+    "given and no pretrain-* run with checkpoints under /home/u/orchestrator-runs; train one "
+    "with jobs/pretrain.py, or name the run")
+
+
+def test_a_deployment_that_failed_to_start_is_told_in_one_line_not_serves_traceback():
+    """The 503 of a request (and /health's) carried Serve's whole message: some 3.5 KB of
+    traceback with terminal colour codes, the why (no run to serve) in its last line. Now:
+    Serve's sentence and that last exception, on one line."""
+    from orchestrator.serving.retries import DeploymentState, unanswered_health, untaken_error
+
+    state = DeploymentState("DEPLOY_FAILED", {}, _FAILED_TO_START)
+    expected = ("GPTModel is DEPLOY_FAILED; The deployment failed to start 3 times in a row. "
+                "This may be due to a problem with its constructor or initial health check "
+                "failing. See controller logs for details. Error: RuntimeError: checkpoint "
+                "(none named) cannot be served: CheckpointError: checkpoint: none given and no "
+                "pretrain-* run with checkpoints under /home/u/orchestrator-runs; train one "
+                "with jobs/pretrain.py, or name the run")
+    error = untaken_error(60, "GPTModel", state)
+    assert error.status == 503 and error.code == "no_replica"
+    assert error.message == (f"no GPTModel replica took the request within 60 s: none is "
+                             f"running ({expected}); retry shortly, or see `serve status`")
+    code, body = unanswered_health("GPTModel", state)
+    assert (code, body) == (503, {"status": "unavailable",
+                                  "error": f"no GPTModel replica is running ({expected})"})
+    # A message without a traceback is kept as Serve wrote it.
+    plain = DeploymentState("UPDATING", {"STARTING": 2}, "Scaling up to 2 replicas.")
+    assert "Scaling up to 2 replicas.)" in untaken_error(60, "GPTModel", plain).message
