@@ -45,8 +45,8 @@ from orchestrator.serving.loading import pin_checkpoint
 from orchestrator.serving.protocol import APIError
 from orchestrator.serving.retries import (ROUTABLE_STATES, DeploymentState, gather_or_cancel,
                                           is_engine_lost, replicas_in, resumable_stream,
-                                          taken_within, unanswered_health, untaken_error,
-                                          with_retries)
+                                          taken_within, unanswered_health, unavailable_error,
+                                          untaken_error, with_retries)
 from orchestrator.serving.resources import (ReplicaResources, listed_accelerator_types,
                                             recommend_replica_resources, report_from_ray_node)
 from orchestrator.serving.settings import ServeSettings
@@ -444,7 +444,15 @@ class Ingress:
             self.retries["calls"] += 1
             log.warning("model replica lost (%s); retrying (attempt %d)",
                         type(error).__name__, attempt + 2)
-        return await with_retries(call, retryable, self.settings.request_retries, counted)
+        try:
+            return await with_retries(call, retryable, self.settings.request_retries, counted)
+        except DeploymentUnavailableError:
+            raise await self._unavailable_error() from None
+
+    async def _unavailable_error(self) -> APIError:
+        """The 503 of a call Serve refused, the model deployment having failed to deploy,
+        with Serve's view of why (its replicas' error: no checkpoint to serve, say)."""
+        return unavailable_error(self.model.deployment_name, await self._deployment_state())
 
     def _stream_one(self, request: GenerationRequest, route: str) -> AsyncIterator[Chunk]:
         """One prompt's chunks. If its replica (or engine process) dies mid-stream, the rest
@@ -470,6 +478,8 @@ class Ingress:
         try:
             async for chunk in self._stream_one(request, route):
                 await queue.put((index, chunk))
+        except DeploymentUnavailableError:
+            await queue.put((index, await self._unavailable_error()))
         except Exception as e:
             await queue.put((index, e))
         await queue.put((index, None))

@@ -111,6 +111,21 @@ def untaken_error(wait_s: float, deployment: str, state: DeploymentState | str) 
         return APIError(503, f"{head}: all {state.running} running are full (the server is "
                              "overloaded); retry shortly", type="server_error",
                         code="overloaded")
+    return _none_running(head, deployment, state)
+
+
+def unavailable_error(deployment: str, state: DeploymentState | str) -> APIError:
+    """The 503 of a call Serve refused at once (DeploymentUnavailableError: `deployment`
+    failed to deploy, its replicas could not start), with what Serve says of why."""
+    head = f"no {deployment} replica can take the request"
+    if isinstance(state, str):
+        return APIError(503, f"{head} (it failed to deploy; its state is unknown: {state}); "
+                             "retry shortly, or see `serve status`", type="server_error",
+                        code="no_replica")
+    return _none_running(head, deployment, state)
+
+
+def _none_running(head: str, deployment: str, state: DeploymentState) -> APIError:
     return APIError(503, f"{head}: none is running ({_described(deployment, state)}); retry "
                          "shortly, or see `serve status`", type="server_error",
                     code="no_replica")

@@ -454,3 +454,56 @@ def test_a_large_prompt_is_tokenized_off_the_event_loop_and_a_small_one_on_it(ro
                                              tokenizer)
     assert status == 400 and "maximum context length" in body
     assert tokenizer.threads and set(tokenizer.threads) == {threading.main_thread()}
+
+
+def test_a_call_serve_refuses_for_a_failed_deploy_is_a_503_saying_why():
+    # A model deployment whose replicas could not start (`serve run serve_config.yaml` with no
+    # pretrain run to serve): Serve refuses every call at once (DeploymentUnavailableError),
+    # and the client got "no model replica could serve the request
+    # (DeploymentUnavailableError); retry shortly", code "unavailable", never the why that
+    # Serve holds and /health gave.
+    import types
+
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    from orchestrator.serving.generation import GenerationRequest, SamplingParams
+    from orchestrator.serving.retries import DeploymentState
+
+    why = ("The deployment failed to start 3 times in a row. Error: RuntimeError: checkpoint "
+           "(none named) cannot be served: no pretrain-* run")
+    refused = DeploymentUnavailableError(DeploymentID(name="GPTModel", app_name="gpt"))
+    calls = 0
+
+    async def call():
+        nonlocal calls
+        calls += 1
+        raise refused
+
+    async def stream_one(request, route):
+        raise refused
+        yield
+
+    async def state():
+        return DeploymentState("DEPLOY_FAILED", {}, why)
+
+    async def main():
+        ing = object.__new__(BareIngress)
+        ing.settings = ServeSettings(request_retries=1)
+        ing.retries = {"calls": 0}
+        ing.model = types.SimpleNamespace(deployment_name="GPTModel")
+        ing._deployment_state = state
+        with pytest.raises(protocol.APIError) as whole:
+            await serve_app.Ingress.func_or_class._with_retries(ing, call)
+        ing._stream_one = stream_one
+        queue = asyncio.Queue()
+        await ing._pump(queue, 0, GenerationRequest([1], SamplingParams(2)), "/v1/completions")
+        return whole.value, (await queue.get())[1]
+
+    for error in asyncio.run(main()):
+        assert isinstance(error, protocol.APIError)
+        assert (error.status, error.code) == (503, "no_replica")
+        assert error.message == ("no GPTModel replica can take the request: none is running "
+                                 f"(GPTModel is DEPLOY_FAILED; {why}); retry shortly, or see "
+                                 "`serve status`")
+    assert calls == 2  # (still resent request_retries times first)
