@@ -203,6 +203,10 @@ class _AsIfYielded:
         self.held: dict[str, tuple | None] = {}
         # victim -> (table row, GPU slots, their measured free GiB), shown free meanwhile
         self.memory: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        # victim -> (table row, host RAM GiB shown available for it meanwhile); and each such
+        # row's measured figure, put back as it was once no victim shows RAM there
+        self.ram: dict[str, list[tuple[int, float]]] = {}
+        self.ram_measured: dict[int, float] = {}
         for victim in victims:
             self.add(victim)
 
@@ -218,6 +222,7 @@ class _AsIfYielded:
         self.held[victim] = core.state.reservations.get(victim)
         core.state.release(victim)
         self.memory[victim] = self._show_gpus_free(self.held[victim] or ())
+        self.ram[victim] = self._show_ram_free(self.held[victim] or ())
         self._count_waiting(core.running[victim].spec, +1)
 
     def take_back(self, victim: str) -> None:
@@ -227,6 +232,11 @@ class _AsIfYielded:
         table = self.core.state.table
         for row, slots, measured in self.memory.pop(victim):
             table.gpu_free_gib[row, slots] = measured
+        for row, shown in self.ram.pop(victim):
+            table.ram_available_gib[row] -= shown
+        for row in [row for row in self.ram_measured  # (exactly as measured, no rounding)
+                    if not any(r == row for entries in self.ram.values() for r, _ in entries)]:
+            table.ram_available_gib[row] = self.ram_measured.pop(row)
         self._count_waiting(self.core.running[victim].spec, -1)
 
     def _show_gpus_free(self, reservations) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -249,6 +259,23 @@ class _AsIfYielded:
             slots = present[np.argsort(free[present] - total[present], kind="stable")][:r.gpus]
             shown.append((row, slots, free[slots].copy()))
             free[slots] = total[slots]
+        return shown
+
+    def _show_ram_free(self, reservations) -> list[tuple[int, float]]:
+        """The host RAM a victim's workers asked for (min_host_memory_gb) shown available, up
+        to the node's total, as it will be once it has yielded: the agents measure available
+        RAM, the victim's workers use it, and a job stating its RAM never fitted in thought
+        (the victim's reservation freed, its use still counted), so it never preempted."""
+        table, shown = self.core.state.table, []
+        for r in reservations:
+            row = table.index.get(r.node_id)
+            if not r.memory_gb or row is None or not math.isfinite(table.ram_total_gib[row]):
+                continue  # (not finite: its host probe failed, no RAM known to hand out)
+            self.ram_measured.setdefault(row, float(table.ram_available_gib[row]))
+            before = float(table.ram_available_gib[row])
+            after = min(before + r.memory_gb, max(float(table.ram_total_gib[row]), before))
+            table.ram_available_gib[row] = after
+            shown.append((row, after - before))
         return shown
 
     def _count_waiting(self, spec: JobSpec, sign: int) -> None:

@@ -194,3 +194,27 @@ def test_an_estimate_past_any_nodes_ram_is_refused_naming_the_flags_not_the_fiel
     assert "GiB of RAM on each CPU worker (--model-size gpt2-xl, --batch-size 8192 x --seq-len " \
         "8192 per worker" in message and "over 100,000 GiB" in message, message
     assert "min_host_memory_gb" not in message
+
+
+def test_a_job_stating_host_ram_preempts_one_whose_workers_fill_that_ram():
+    # The node's agent reports the victim's own use: available 20 of 64 while "low" (40 GiB
+    # asked) runs. In thought the victim's reservation was freed but not its use, so 20 < 50
+    # and "high" never preempted it (GPU memory is shown free as a victim yields; RAM was not).
+    core = SchedulerCore(SchedulerSettings(suspect_after_s=1e4, dead_after_s=1e5, min_run_s=10))
+    core.ray_nodes({"a"}, set(), T0)
+    core.report(ram_node("a", cpus=8, total_gb=64, available_gb=60), T0)
+    assert isinstance(core.submit(JobSpec("low", min_host_memory_gb=40), "d", T0).decision,
+                      Placement)
+    core.report(ram_node("a", cpus=8, total_gb=64, available_gb=20), T0 + 50)
+    high = core.submit(JobSpec("high", min_host_memory_gb=50, priority=10), "d", T0 + 60)
+    assert isinstance(high.decision, Queued) and "preempting low" in high.decision.reason
+    # the search put the node's figures back as they were
+    assert core.state.table.ram_available_gib[0] == 20 and core.state.reserved_memory_on("a") == 40
+    # Nothing to gain where the node's RAM would not hold it even with the victim gone.
+    core2 = SchedulerCore(core.settings)
+    core2.ray_nodes({"a"}, set(), T0)
+    core2.report(ram_node("a", cpus=8, total_gb=64, available_gb=60), T0)
+    core2.submit(JobSpec("low", min_host_memory_gb=40), "d", T0)
+    core2.report(ram_node("a", cpus=8, total_gb=64, available_gb=20), T0 + 50)
+    assert not [e for e in core2.submit(JobSpec("high", min_host_memory_gb=62, priority=10), "d",
+                                        T0 + 60).effects if type(e).__name__ == "Yield"]
