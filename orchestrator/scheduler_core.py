@@ -135,9 +135,23 @@ class _HeadRoom:
         self.cap, self.workers = cap.astype(np.int64).tolist(), workers.tolist()
         self.cpus, self.gpus = cpus.astype(float).tolist(), gpus.astype(np.int64).tolist()
         self.memory = None if memory is None else memory.astype(float).tolist()
+        # RAM each node's agent shows in use (total less available): a running job's own use
+        # is in it beside its reservation, and comes back too when it ends (end())
+        self.ram_in_use = None
+        if memory is not None:
+            t, n = state.table, len(memory)
+            in_use = t.ram_total_gib[:n] - t.ram_available_gib[:n]
+            self.ram_in_use = np.where(np.isfinite(in_use), np.maximum(in_use, 0), 0).tolist()
 
-    def add(self, reservations, sign: int = 1) -> None:
-        """Reservations freed (sign 1: a job ends) or taken (-1) on the head's nodes."""
+    def end(self, reservations) -> None:
+        """A running job ends: its reservations are freed on the head's nodes, and the host
+        RAM its workers use, shown in use by the agents, up to what they asked for (free RAM
+        is what the agent reports available less what placed workers asked for)."""
+        self.add(reservations, +1, ends=True)
+
+    def add(self, reservations, sign: int = 1, ends: bool = False) -> None:
+        """Reservations freed (sign 1: a job ends, or one taken is put back) or taken (-1) on
+        the head's nodes."""
         for r in reservations:
             row = self.index.get(r.node_id)
             if row is None or row >= len(self.cap) or not self.cap[row]:
@@ -146,7 +160,11 @@ class _HeadRoom:
             gpus = self.gpus[row] = self.gpus[row] + sign * r.gpus
             memory = None
             if self.memory is not None:
-                memory = self.memory[row] = self.memory[row] + sign * r.memory_gb
+                used = 0.0
+                if ends and r.memory_gb:
+                    used = min(r.memory_gb, self.ram_in_use[row])
+                    self.ram_in_use[row] -= used
+                memory = self.memory[row] = self.memory[row] + sign * r.memory_gb + used
             fits = min(self.cap[row], int(workers_by_count(
                 self.spec, max(cpus, 0.0), max(gpus, 0),
                 None if memory is None else max(memory, 0.0))))
@@ -165,6 +183,7 @@ class _HeadRoom:
         new = copy.copy(self)
         new.workers, new.cpus, new.gpus = list(self.workers), list(self.cpus), list(self.gpus)
         new.memory = None if self.memory is None else list(self.memory)
+        new.ram_in_use = None if self.ram_in_use is None else list(self.ram_in_use)
         return new
 
 
@@ -1939,7 +1958,7 @@ class SchedulerCore:
             for end, name in self._running_by_end(now):
                 if shadow is not None and end > shadow:
                     break
-                room.add(reservations.get(name, ()))
+                room.end(reservations.get(name, ()))
                 if shadow is None and room.total >= spec.num_workers:
                     shadow = end
         return _HeadPlan(head.spec.name, usable, per_gpu, shadow, room, spare_cpus, first_call)

@@ -218,3 +218,20 @@ def test_a_job_stating_host_ram_preempts_one_whose_workers_fill_that_ram():
     core2.report(ram_node("a", cpus=8, total_gb=64, available_gb=20), T0 + 50)
     assert not [e for e in core2.submit(JobSpec("high", min_host_memory_gb=62, priority=10), "d",
                                         T0 + 60).effects if type(e).__name__ == "Yield"]
+
+
+def test_the_backfill_plan_gives_back_a_running_jobs_ram_use_as_well_as_its_reservation():
+    # 128 GiB; "running" asked 40 and uses them: its agent reports 84 available, so 44 is free
+    # now (its use counted beside its reservation). At its end the plan gave back only the 40
+    # reserved (84 < the head's 100): the head never fitted in the plan, and every job asking
+    # RAM waited, a filler of 15 GiB too (124 - 15 = 109 would still hold the head).
+    core = core_with(ram_node("a", cpus=8, total_gb=128, available_gb=124))
+    core.submit(JobSpec("running", min_host_memory_gb=40, expected_duration_s=100), "d", T0)
+    core.report(ram_node("a", cpus=8, total_gb=128, available_gb=84), T0 + 0.5)
+    assert isinstance(core.submit(JobSpec("head", min_host_memory_gb=100), "d", T0).decision,
+                      Queued)
+    filler = core.submit(JobSpec("filler", min_host_memory_gb=15), "d", T0 + 1).decision
+    assert isinstance(filler, Placement), filler
+    # one that would leave the head short at the running job's end still waits
+    big = core.submit(JobSpec("big", min_host_memory_gb=20), "d", T0 + 2).decision
+    assert isinstance(big, Queued) and "would delay 'head'" in big.reason, big
