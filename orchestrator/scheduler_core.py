@@ -839,7 +839,12 @@ class SchedulerCore:
                                      las_baseline_s=job.las_baseline_s,
                                      level_floor=self.queue.last_level(job.spec.priority)
                                      if by_operator else 0))
-            outcome.decision = self.queue.status(job_name)
+            # Nodes may have left while it checkpointed: refused only the jobs waiting then,
+            # it waited for ever for room the cluster no longer has
+            outcome.decision = self._refuse_if_never_fits(job.spec, now, outcome) \
+                or self.queue.status(job_name)
+            if isinstance(outcome.decision, Rejection):
+                self.queue.take_rejection(job_name)  # (kept below for its driver)
         outcome.add(self._after_capacity_freed(now))
         if isinstance(outcome.decision, Queued):  # it may have been placed again at once
             placed = self.queue.ready.pop(job_name, None)  # or dropped: it can no longer fit
@@ -1660,14 +1665,21 @@ class SchedulerCore:
         outcome = Outcome()
         self._verdicts_due = False  # (set again while nodes are still unknown)
         for job in self.queue.ordered():
-            never = self._never_fits(job.spec, now)
-            if never is not None:
-                self.queue.reject(job.spec.name, never)
-                self._forget_preemption(job.spec.name)
-                outcome.samples += catalogue.decision_samples(never, None,
-                                                            catalogue.REJECT_CLUSTER_SHRANK)
-                outcome.effects.append(Persist())
+            self._refuse_if_never_fits(job.spec, now, outcome)
         return outcome
+
+    def _refuse_if_never_fits(self, spec: JobSpec, now: float, outcome: Outcome
+                              ) -> Rejection | None:
+        """Drop a waiting job the cluster can never hold now (_never_fits), its rejection
+        kept for its driver; the rejection, or None (it may wait)."""
+        never = self._never_fits(spec, now)
+        if never is not None:
+            self.queue.reject(spec.name, never)
+            self._forget_preemption(spec.name)
+            outcome.samples += catalogue.decision_samples(never, None,
+                                                        catalogue.REJECT_CLUSTER_SHRANK)
+            outcome.effects.append(Persist())
+        return never
 
     def _after_capacity_freed(self, now: float) -> Outcome:
         outcome = self._drain(now)

@@ -2905,3 +2905,20 @@ def test_an_operators_preempt_or_cancel_of_a_migrating_job_frees_its_claimed_tar
     assert isinstance(waiting, Placement) and waiting.nodes == ["a100"]
     after = core.yielded("job", "d", T0 + 70).decision
     assert isinstance(after, Rejection if stop == "cancel" else Placement), after
+
+
+def test_a_preempted_job_that_the_shrunk_cluster_can_no_longer_hold_is_refused_as_it_yields():
+    # low ran on a and x (8 GPUs); high preempted it; x died while low checkpointed. Requeued
+    # as it yielded, it waited for ever ("it fits once running jobs ... release their room")
+    # on a cluster of 4 GPUs: nodes leaving refuse only the jobs waiting at that moment.
+    core = core_with(gpu_node("a"), gpu_node("x"))
+    assert core.submit(gpus("low", 8), "dl", T0).decision.nodes == ["a", "x"]
+    assert "preempting low" in core.submit(gpus("high", 4, priority=5), "dh", T0 + 60
+                                           ).decision.reason
+    core.ray_nodes({"a"}, {"x"}, T0 + 61)
+    told = core.yielded("low", "dl", T0 + 62).decision
+    assert isinstance(told, Rejection) and not told.fits_when_free, told
+    assert "room for 4 worker(s)" in told.message
+    assert core.poll("low", "dl", T0 + 63).decision == told  # kept for its driver
+    assert isinstance(core.poll("high", "dh", T0 + 63).decision, Placement)
+    assert "low" not in core.preempting.get("high", set())
