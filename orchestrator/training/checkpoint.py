@@ -442,18 +442,28 @@ def model_from_state(state: Any, directory: str | os.PathLike):
     """Rebuild the GPT a training checkpoint's state describes: (model in eval mode,
     TrainConfig). CheckpointError naming the file when the state is not a training checkpoint,
     its config is invalid, or the weights do not fit the model it describes."""
+    model, train_config = _fitted_model(state, directory, torch.device("cpu"))
+    return model.eval(), train_config
+
+
+def _fitted_model(state: Any, directory: str | os.PathLike, device: torch.device):
+    """(the GPT `state` describes, on `device`, its weights loaded, TrainConfig); on the meta
+    device only their names and shapes are checked (nothing is read or allocated).
+    CheckpointError naming the file where they do not fit it."""
     from orchestrator.training.model import GPT
 
     gpt_config, train_config, where = _described_model(state, directory)
     try:
-        model = GPT(gpt_config)
-        model.load_state_dict(state["model"])
+        with device:
+            model = GPT(gpt_config)
+        # (assigned on the meta device: a copy into it is a no-op torch warns about)
+        model.load_state_dict(state["model"], assign=device.type == "meta")
     except (RuntimeError, ValueError, AttributeError) as e:
         # One line: torch's own message has a line per weight (dozens for a whole model).
         raise CheckpointError(f"{where}: the weights do not fit a {train_config.model_size!r} "
                               f"GPT: {_weights_mismatch(state['model'], gpt_config, e)}"
                               ) from None
-    return model.eval(), train_config
+    return model, train_config
 
 
 def _described_model(state: Any, directory: str | os.PathLike):
@@ -491,8 +501,9 @@ def checkpoint_model_config(directory: str | os.PathLike):
     context, shape, vocabulary, a pruned model's per-layer widths), read without its weights:
     a full checkpoint's state.pt is memory-mapped and only its pickle of names, config and
     tensor shapes is read (its tensors' bytes never are, nor hashed: the load that follows
-    verifies them); a sharded one's meta.pt and its shards' index, not the shards.
-    CheckpointError naming the file when unusable."""
+    verifies them); a sharded one's meta.pt and its shards' index, not the shards. Weights
+    that do not fit the GPT its config describes (names, shapes) are refused as
+    model_from_state refuses them. CheckpointError naming the file when unusable."""
     directory = Path(directory)
     if is_sharded_checkpoint(directory):
         state = {**load_tensors(directory / SHARDED_META_FILE),  # (small: no weights)
@@ -505,7 +516,9 @@ def checkpoint_model_config(directory: str | os.PathLike):
         except Exception as e:  # torch raises several types for bad pickles
             verify_checksum(path)  # (hashed only now: a damaged file is named as corrupt)
             raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {e}") from e
-    return _described_model(state, directory)[0]
+    # (the weights' names and shapes checked against that GPT's, as the full load checks them:
+    # a config without seq_len read as the default context, though the weights held fewer)
+    return _fitted_model(state, directory, torch.device("meta"))[0].config
 
 
 def _sharded_model_shapes(directory: Path) -> dict[str, torch.Tensor]:

@@ -524,3 +524,25 @@ def test_an_int8_exports_config_is_read_without_its_weights(tmp_path):
     (tmp_path / "int8" / "config.json").unlink()
     with pytest.raises(CheckpointError, match=f"file missing: {tmp_path / 'int8' / 'config.json'}"):
         model_config(tmp_path)
+
+
+def test_a_models_config_is_refused_where_its_weights_do_not_fit_it(tmp_path):
+    # A state.pt whose config lacks seq_len (a checkpoint written without it) read as the
+    # default 128-token context though its weights hold 48 positions: model_config said 128,
+    # load_model refused the checkpoint; a weight named that the model lacks passed too.
+    from orchestrator.serving.loading import model_config
+    from orchestrator.training.checkpoint import save_checkpoint
+
+    state = load_checkpoint(save_untrained_checkpoint(tmp_path / "whole", "tiny", 48))
+    config = {k: v for k, v in state["config"].items() if k != "seq_len"}
+    save_checkpoint(tmp_path / "old", {**state, "config": config})
+    save_checkpoint(tmp_path / "extra", {**state, "model": {**state["model"],
+                                                            "x": torch.zeros(2)}})
+    for name, said in (("old", "1 of another shape (first pos_emb.weight: [48, 64] in the "
+                               "checkpoint, [128, 64] in the model)"),
+                       ("extra", "1 unexpected (first x)")):
+        with pytest.raises(CheckpointError) as full:
+            load_model(tmp_path / name)
+        with pytest.raises(CheckpointError) as config_only:
+            model_config(tmp_path / name)
+        assert str(config_only.value) == str(full.value) and said in str(full.value)
