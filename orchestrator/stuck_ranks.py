@@ -46,8 +46,18 @@ def stuck_verdict(progress: Mapping[int, Mapping[str, Any] | None],
     return stuck, (
         f"worker rank(s) {names} stuck in the loop's own code: neither called launch.report "
         f"nor returned for {timeout_s:g}s (stuck_timeout_s) while the others waited for them "
-        f"({seen}; {waited}); raise stuck_timeout_s if a step or a checkpoint write between "
-        "two reports takes longer")
+        f"({seen}; {waited}); {_advice(waiting.values())}")
+
+
+def _advice(waiting) -> str:
+    """What to raise stuck_timeout_s above: the work after the stuck rank's last report where
+    every waiting rank has returned, else the work between two reports."""
+    if all(p.get("state") == RETURNED for p in waiting):
+        return ("raise stuck_timeout_s if one rank's work after its last report (a final "
+                "evaluation or save) takes longer while the others have returned")
+    return ("raise stuck_timeout_s if one rank's work between two reports (a step, an "
+            "evaluation on that rank alone, a checkpoint write of the loop's own) takes longer "
+            "while the others wait in their report")
 
 
 def _since(p: Mapping[str, Any]) -> str:

@@ -98,3 +98,19 @@ def test_the_watch_fails_the_stuck_worker_in_the_controllers_poll(monkeypatch):
     assert status.worker_statuses[0].error is None
     error = status.worker_statuses[1].error
     assert isinstance(error, StuckRank) and str(error).startswith("worker rank(s) 1 stuck")
+
+
+def test_the_advice_names_the_work_the_others_waited_through():
+    # With every other rank returned, the stuck rank's work is after its last report: the
+    # advice said "a step or a checkpoint write between two reports" whatever the others did,
+    # and named neither an evaluation one rank does alone nor work after the last report.
+    returned = {"state": "returned", "for_s": 400, "reports": 5, "step": 4, "where": None}
+    _, after_last = stuck_verdict({0: working(400, reports=5), 1: returned}, 300)
+    assert after_last.endswith(
+        "raise stuck_timeout_s if one rank's work after its last report (a final evaluation "
+        "or save) takes longer while the others have returned")
+    _, between = stuck_verdict({0: working(400), 1: waiting(350), 2: returned}, 300)
+    assert between.endswith(
+        "raise stuck_timeout_s if one rank's work between two reports (a step, an evaluation "
+        "on that rank alone, a checkpoint write of the loop's own) takes longer while the "
+        "others wait in their report")
