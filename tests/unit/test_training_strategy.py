@@ -82,6 +82,11 @@ def test_serving_and_compression_take_a_sharded_checkpoint(runs):
     assert torch.equal(model.state_dict()["blocks.1.mlp.fc.weight"],
                        whole["blocks.1.mlp.fc.weight"])
     assert checkpoint_candidates(checkpoint) == ([checkpoint.resolve()], False)
+    # Its config read alone (index and meta.pt) is the loaded model's, as a DDP run's is.
+    from orchestrator.serving.loading import load_model, model_config
+    assert model_config(checkpoint) == model.config
+    ddp = runs["root"] / "ddp" / HALF
+    assert model_config(ddp) == load_model(ddp).model.config == model.config
 
 
 def test_fsdp_resume_is_bit_equal_at_the_same_worker_count(runs, tmp_path):
