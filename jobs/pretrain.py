@@ -30,7 +30,8 @@ from orchestrator.training.data_plan import (DataSetup, check_trainable, configu
                                              default_cache_root, resume_data_conflicts)
 from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed,
                                   run_job)
-from orchestrator.launch import (host_memory_per_worker_gb, refuse_a_cpu_run_past_this_machine,
+from orchestrator.launch import (host_memory_per_worker_gb, host_memory_refusal_named,
+                                 refuse_a_cpu_run_past_this_machine,
                                  refuse_what_embedded_ray_cannot_hold)
 from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError,
                               checkpoint_verdicts_kept, has_checkpoints, not_a_run_dirs_files,
@@ -546,14 +547,17 @@ def _run(args: argparse.Namespace) -> dict | None:
         with run_dir_held(run_dir, new_run=not args.resume, any_checkpoint=True,
                           written={CONFIG_FILE, TOKENIZER_FILE}):
             _write_resolved_config(run_dir, train_config, spec, setup.tokenizer)
-            launched = launch(train_under_ray, {"train": train_config.to_dict(),
-                                                "min_gpu_memory_gb": spec.min_gpu_memory_gb,
-                                                "verified_checkpoint":
-                                                    verified_newest(run_dir)},
-                              spec, run_dir, address=args.address,
-                              queue_timeout_s=args.queue_timeout,
-                              max_failures=args.max_failures,
-                              keep_checkpoints=train_config.keep_checkpoints)
+            try:
+                launched = launch(train_under_ray, {"train": train_config.to_dict(),
+                                                    "min_gpu_memory_gb": spec.min_gpu_memory_gb,
+                                                    "verified_checkpoint":
+                                                        verified_newest(run_dir)},
+                                  spec, run_dir, address=args.address,
+                                  queue_timeout_s=args.queue_timeout,
+                                  max_failures=args.max_failures,
+                                  keep_checkpoints=train_config.keep_checkpoints)
+            except JobFailed as e:
+                raise host_memory_refusal_named(e, train_config, spec) from None
             return _write_summary(launched.result, train_config, launched.placement, run_dir,
                                   time.time() - started, launched.yields)
     except RunDirError as e:

@@ -25,7 +25,7 @@ from orchestrator.entrypoints import EntrypointError, load_entrypoint
 from orchestrator.inventory import GIB, NodeReport
 from orchestrator.file_lock import holder_gone
 from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_FAILED,
-                                  EXIT_NOT_PLACEABLE, JobFailed, run_job)
+                                  EXIT_NOT_PLACEABLE, JobFailed, on_one_line, run_job)
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, LINE_FIELDS, METRICS_LOG, RUN_LOCK,
@@ -225,7 +225,7 @@ def _connect(address: str | None, create_scheduler: bool):
     try:  # (an empty --address, `--address "$UNSET"`, is connect's to refuse: not "not given")
         connect(address if address is not None else None if given else "auto", embedded=False)
     except ClusterConnectionError as e:
-        message = _one_line(str(e))
+        message = on_one_line(str(e))
         if not given and "Could not find any running Ray instance" in message:
             message = ("no Ray cluster runs on this machine (and neither --address nor "
                        "RAY_ADDRESS names one): start one with `ray start --head`, or pass "
@@ -236,13 +236,9 @@ def _connect(address: str | None, create_scheduler: bool):
     except SchedulerNotRunning as e:  # its message names what creates one
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
     except (ray.exceptions.RayError, TimeoutError) as e:
-        raise JobFailed(f"the scheduler did not come up: {_one_line(str(e))}",
+        raise JobFailed(f"the scheduler did not come up: {on_one_line(str(e))}",
                         EXIT_NOT_PLACEABLE) from None
     return ray, scheduler
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 # status, place, preempt and cancel talk to a running cluster and never start one (place
@@ -318,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run_command(args, ray, scheduler, spec if args.command == "place" else None)
     except ray.exceptions.RayError as e:
-        print(f"error: the scheduler did not answer: {_one_line(str(e))}", file=sys.stderr)
+        print(f"error: the scheduler did not answer: {on_one_line(str(e))}", file=sys.stderr)
         return EXIT_NOT_PLACEABLE
 
 

@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import MODEL_PRESETS
 from orchestrator.file_lock import flock_held, process_alive
-from orchestrator.hf_files import CONFIG_FILE, INDEX_FILE, SAFETENSORS_FILE
+from orchestrator.hf_files import CONFIG_FILE, SAFETENSORS_FILE, ExportError
+from orchestrator.hf_import import (BLOCK_NAMES, FLOAT_DTYPES, NOT_FLOAT, TOP_NAMES, check_tied,
+                                    hf_name, weight_files)
 from orchestrator.tokenizer import (TOKENIZER_FILE, Tokenizer, TokenizerError,
                                     tokenizer_for_model, tokenizer_of_run)
 from orchestrator.validation import expand_home, is_number
@@ -52,18 +54,6 @@ EXPORTED_BY = "hetero-orchestrator jobs/export.py"
 # keeps unknown config keys, so a model fine-tuned from an export and saved back (or elsewhere)
 # still says exported_by; its weights no longer match this, and it is not ours to replace.
 WEIGHTS_SHA256_KEY = "exported_weights_sha256"
-# Ours -> GPT-2's name, per block; True = a Linear weight, stored transposed (Conv1D).
-_BLOCK_NAMES = {
-    "ln1.weight": ("ln_1.weight", False), "ln1.bias": ("ln_1.bias", False),
-    "attn.qkv.weight": ("attn.c_attn.weight", True), "attn.qkv.bias": ("attn.c_attn.bias", False),
-    "attn.proj.weight": ("attn.c_proj.weight", True),
-    "attn.proj.bias": ("attn.c_proj.bias", False),
-    "ln2.weight": ("ln_2.weight", False), "ln2.bias": ("ln_2.bias", False),
-    "mlp.fc.weight": ("mlp.c_fc.weight", True), "mlp.fc.bias": ("mlp.c_fc.bias", False),
-    "mlp.proj.weight": ("mlp.c_proj.weight", True), "mlp.proj.bias": ("mlp.c_proj.bias", False),
-}
-_TOP_NAMES = {"tok_emb.weight": "transformer.wte.weight", "pos_emb.weight": "transformer.wpe.weight",
-              "ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias"}
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, what our blocks use
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # GPT-2 settings that change what attention computes, with the value our model's math has
@@ -75,10 +65,6 @@ ATTENTION_SETTINGS = {
     "scale_attn_by_inverse_layer_idx": (False, "ours does not divide the attention scores by "
                                                "the layer index + 1"),
 }
-
-
-class ExportError(ValueError):
-    """A model that cannot be exported or imported as GPT-2; the message says why."""
 
 
 def check_exportable(model, source: str | None = None) -> None:
@@ -118,9 +104,9 @@ def hf_state_dict(model) -> dict[str, "torch.Tensor"]:
     """Our weights under GPT-2's names and layouts (contiguous copies; no tied duplicate:
     transformers ties lm_head to wte on load)."""
     state = model.state_dict()
-    out = {hf: state[ours] for ours, hf in _TOP_NAMES.items()}
+    out = {hf: state[ours] for ours, hf in TOP_NAMES.items()}
     for i in range(config_layers(model)):
-        for ours, (hf, transpose) in _BLOCK_NAMES.items():
+        for ours, (hf, transpose) in BLOCK_NAMES.items():
             tensor = state[f"blocks.{i}.{ours}"]
             out[f"transformer.h.{i}.{hf}"] = tensor.t() if transpose else tensor
     return {name: t.detach().float().contiguous().clone() for name, t in out.items()}
@@ -663,31 +649,6 @@ def _check_config_types(config: dict[str, Any], path: Path) -> None:
             raise ExportError(f"--init-from: {path}: {key} must be {what}, got {shown}")
 
 
-def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a Hugging Face model: model.safetensors, or the shards its
-    model.safetensors.index.json names (save_pretrained shards big models)."""
-    single, index = directory / SAFETENSORS_FILE, directory / INDEX_FILE
-    if single.is_file():
-        return [single]
-    if not index.is_file():
-        found = ", ".join(sorted(p.name for p in directory.iterdir())[:10])
-        raise ExportError(f"--init-from {directory}: no {SAFETENSORS_FILE} nor {INDEX_FILE} "
-                          f"(weights are read from safetensors only, never from a pickle); "
-                          f"found: {found}")
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-        if not shards or not all(isinstance(f, str) and "/" not in f for f in shards):
-            raise ValueError("weight_map must map tensor names to file names beside it")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ExportError(f"--init-from: cannot read {index}: {e}") from None
-    missing = [f for f in shards if not (directory / f).is_file()]
-    if missing:
-        raise ExportError(f"--init-from: {index} names {missing[0]}, which is not in "
-                          f"{directory} ({len(missing)} of {len(shards)} shard(s) missing)")
-    return [directory / f for f in shards]
-
-
 def expected_hf_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """The tensors a GPT-2 of this config.json must hold, with their shapes (Conv1D layout)."""
     e, vocab = config["n_embd"], config["vocab_size"]
@@ -705,20 +666,6 @@ def expected_hf_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# The dtypes a weight may have: safetensors' name -> torch's (torch.<name>; torch is imported
-# only where tensors are). Another (a quantized model's I8 or U8 codes, F8 with scales beside
-# it) loaded cast to float: codes taken for weights, a model of noise.
-FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-NOT_FLOAT = (f"not floating point ({', '.join(list(FLOAT_DTYPES)[:-1])} or "
-             f"{list(FLOAT_DTYPES)[-1]}): a quantized model? import the model it was "
-             "quantized from")
-
-
-def _hf_name(key: str) -> str:
-    """A tensor's name with the `transformer.` prefix Hub checkpoints of GPT2Model omit."""
-    return key if key.startswith(("transformer.", "lm_head")) else f"transformer.{key}"
-
-
 def check_hf_weights(directory: str | os.PathLike, config: dict[str, Any]) -> None:
     """Before any worker starts: every tensor `config` needs is in the weight files with its
     shape, the files are whole (safetensors' headers cover them), and an lm_head stored
@@ -732,7 +679,7 @@ def check_hf_weights(directory: str | os.PathLike, config: dict[str, Any]) -> No
             with safe_open(str(path), "pt") as f:
                 for key in f.keys():
                     piece = f.get_slice(key)
-                    where[_hf_name(key)] = (path, tuple(piece.get_shape()), piece.get_dtype())
+                    where[hf_name(key)] = (path, tuple(piece.get_shape()), piece.get_dtype())
         except (SafetensorError, OSError) as e:
             raise ExportError(f"--init-from: {path} is not a whole safetensors file: {e}") \
                 from None
@@ -747,7 +694,7 @@ def check_hf_weights(directory: str | os.PathLike, config: dict[str, Any]) -> No
             raise ExportError(f"--init-from: {where[name][0]}: {name} is {where[name][2]}, "
                               f"{NOT_FLOAT}")
     if "lm_head.weight" in where:
-        _check_tied(_read_tensor(where["lm_head.weight"][0], "lm_head.weight"),
+        check_tied(_read_tensor(where["lm_head.weight"][0], "lm_head.weight"),
                     _read_tensor(where["transformer.wte.weight"][0], "transformer.wte.weight"),
                     where["lm_head.weight"][0])
 
@@ -756,17 +703,8 @@ def _read_tensor(path: Path, name: str) -> "torch.Tensor":
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        key = next(k for k in f.keys() if _hf_name(k) == name)
+        key = next(k for k in f.keys() if hf_name(k) == name)
         return f.get_tensor(key)
-
-
-def _check_tied(lm_head: "torch.Tensor", wte: "torch.Tensor", path: Path) -> None:
-    import torch
-
-    if lm_head.shape != wte.shape or not torch.equal(lm_head, wte):
-        raise ExportError(f"--init-from: {path}: lm_head.weight differs from the token "
-                          "embedding (transformer.wte.weight); our model's output layer is "
-                          "its token embedding, so an untied lm_head cannot be kept")
 
 
 def model_size_of(config: dict[str, Any], where: str) -> str:
@@ -812,39 +750,3 @@ def init_warnings(config: dict[str, Any]) -> list[str]:
     return warnings
 
 
-def load_hf_weights(model, directory: str | os.PathLike) -> None:
-    """Copy a GPT-2 model's weights (model.safetensors, or its shards) into our `model` (same
-    shape; the position table is cut to the model's context). ExportError naming the tensor
-    otherwise."""
-    from safetensors.torch import load_file
-
-    files = weight_files(expand_home(directory, "--init-from", ExportError))
-    path = files[0] if len(files) == 1 else files[0].parent / INDEX_FILE
-    hf = {_hf_name(k): v for f in files for k, v in load_file(str(f)).items()}
-    state = model.state_dict()
-    loaded = {}
-    for ours, name in _TOP_NAMES.items():
-        loaded[ours] = _take(hf, name, path)
-    loaded["pos_emb.weight"] = loaded["pos_emb.weight"][:state["pos_emb.weight"].shape[0]]
-    for i in range(len(model.blocks)):
-        for ours, (name, transpose) in _BLOCK_NAMES.items():
-            tensor = _take(hf, f"transformer.h.{i}.{name}", path)
-            loaded[f"blocks.{i}.{ours}"] = tensor.t() if transpose else tensor
-    if "lm_head.weight" in hf:
-        _check_tied(hf["lm_head.weight"], loaded["tok_emb.weight"], path)
-    loaded["lm_head.weight"] = loaded["tok_emb.weight"]
-    for name, tensor in loaded.items():
-        if tuple(tensor.shape) != tuple(state[name].shape):
-            raise ExportError(f"--init-from {path}: {name} has shape {tuple(tensor.shape)}, "
-                              f"the model needs {tuple(state[name].shape)}")
-    extra = {k: v for k, v in state.items() if k not in loaded}  # e.g. span parameters
-    model.load_state_dict({**extra, **{k: v.to(state[k].dtype) for k, v in loaded.items()}})
-
-
-def _take(hf: dict[str, torch.Tensor], name: str, path: Path) -> torch.Tensor:
-    if name not in hf:
-        raise ExportError(f"--init-from {path}: no tensor {name!r} (not a GPT-2 checkpoint?)")
-    dtype = str(hf[name].dtype).removeprefix("torch.")
-    if dtype not in FLOAT_DTYPES.values():
-        raise ExportError(f"--init-from {path}: {name} is {dtype}, {NOT_FLOAT}")
-    return hf[name]

@@ -9,6 +9,10 @@ INDEX_FILE = "model.safetensors.index.json"  # a sharded model: tensor name -> s
 CONFIG_FILE = "config.json"
 
 
+class ExportError(ValueError):
+    """A model that cannot be exported or imported as GPT-2; the message says why."""
+
+
 def holds_hf_model(directory: Path) -> bool:
     """Whether `directory` holds a Hugging Face model: its config.json and its weights, whole
     (model.safetensors) or in shards (the index save_pretrained writes for a big model)."""

@@ -40,6 +40,11 @@ def last_exception(text: str) -> str | None:
     return " ".join(line.strip() for line in lines[starts[-1]:] if line.strip())
 
 
+def on_one_line(text: str) -> str:
+    """`text` with its lines (and runs of spaces) joined by single spaces."""
+    return " ".join(text.split())
+
+
 def one_line_error(text: str) -> str:
     """An error message that carries a traceback (Serve's for replicas that failed to start:
     some KB of it) as its first line and the traceback's last exception, on one line; any

@@ -188,6 +188,21 @@ def host_memory_per_worker_gb(train_config: TrainConfig, num_workers: int,
     return cpu_memory_needed_gb(train_config, num_workers)
 
 
+def host_memory_refusal_named(failure: JobFailed, train_config: TrainConfig,
+                              spec: JobSpec) -> JobFailed:
+    """A placement refusal for want of host RAM, with the flags that sized what was asked
+    (host_memory_per_worker_gb: the run's estimate, not a flag of its own): it named only
+    the JobSpec field (min_host_memory_gb), which jobs/pretrain.py has no flag for."""
+    if (failure.exit_code != EXIT_NOT_PLACEABLE or not spec.min_host_memory_gb
+            or "(min_host_memory_gb)" not in str(failure)):
+        return failure
+    from orchestrator.training.memory import LOWER_MEMORY, sizing_flags  # (torch: late)
+
+    return JobFailed(f"{failure}\nthe host RAM asked per worker is the run's estimated need "
+                     f"({sizing_flags(train_config)}): {LOWER_MEMORY}", failure.exit_code,
+                     failure.ran)
+
+
 def refuse_a_cpu_run_past_this_machine(train_config: TrainConfig, spec: JobSpec,
                                        address: str | None) -> None:
     """JobFailed (EXIT_NOT_PLACEABLE) for a CPU run on an embedded Ray (every worker on this

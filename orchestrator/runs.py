@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 from orchestrator.file_lock import claimed
 from orchestrator.hf_files import INDEX_FILE, SAFETENSORS_FILE
 from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED,
-                                   EXIT_NOT_PLACEABLE, JobFailed)
+                                   EXIT_NOT_PLACEABLE, JobFailed, on_one_line)
 from orchestrator.tokenizer import TOKENIZER_FILE
 from orchestrator.validation import expand_home
 
@@ -522,15 +522,11 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
             ended = (EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
             raise
         except BaseException as e:  # (a traceback: exit 1)
-            ended = (1, f"{type(e).__name__}: {_one_line(str(e))}")
+            ended = (1, f"{type(e).__name__}: {on_one_line(str(e))}")
             raise
         finally:
             if not claim.refused:
                 _write_run_end(run_dir, *ended)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _write_run_end(run_dir: Path, exit_code: int, error: str | None) -> None:

@@ -354,7 +354,7 @@ def _new_training_state(config: TrainConfig, session: TrainSession, precision: P
     weights the config names (fine-tuning; a resumed run has its own)."""
     model = _new_model(config, session.device)
     if init_from and config.init_from:
-        from orchestrator.hf_export import load_hf_weights
+        from orchestrator.hf_import import load_hf_weights
 
         load_hf_weights(model, config.init_from)
     if config.strategy == "fsdp":  # before the optimizer: its parameters become shards

@@ -133,18 +133,18 @@ def test_a_diverged_run_fails_at_once_keeping_only_finite_checkpoints(cluster, t
         assert all(torch.isfinite(t).all() for t in state["model"].values()), checkpoint
 
 
-def test_a_run_out_of_memory_names_the_flags_that_size_it(cluster, tmp_path, capsys):
-    # torch's own "DefaultCPUAllocator: can't allocate memory: you tried to allocate
-    # 102400000000 bytes" named no flag (orchestrator/training/loop.py, out_of_memory).
+def test_a_run_too_big_for_any_nodes_ram_is_refused_naming_the_flags_that_size_it(
+        cluster, tmp_path, capsys):
+    # It was placed by CPU count alone and ran out of memory at step 0 (torch's own
+    # "DefaultCPUAllocator: can't allocate memory" named no flag); placement now asks each
+    # node for the run's estimated RAM per worker, and the refusal names what sized it.
     code = pretrain.main([*TINY, "--batch-size", "100000000", "--max-failures", "0",
                           "--run-dir", str(tmp_path / "oom")])
-    assert code == EXIT_FAILED
-    said = [line for line in capsys.readouterr().err.splitlines()
-            if line.startswith("error: ")]
-    # Every worker runs out; whichever rank Ray Train reports first is named.
-    assert said and re.search(r"WorkerOutOfMemory: out of memory at step 0 on worker rank \d",
-                              said[0])
-    assert "--batch-size 100000000 x --seq-len" in said[0] and "lower --batch-size" in said[0]
+    assert code == EXIT_NOT_PLACEABLE
+    err = capsys.readouterr().err
+    assert "GiB of host RAM (min_host_memory_gb), and the largest node has" in err, err
+    assert "--batch-size 100000000 x --seq-len" in err and "lower --batch-size" in err, err
+    assert not any((tmp_path / "oom").glob("*"))  # nothing left behind
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_under_ray_train(first_run):

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from orchestrator.config import TrainConfig
-from orchestrator.hf_export import (ExportError, export_checkpoint, export_gpt2,
-                                    load_hf_weights, model_size_of, read_hf_config)
+from orchestrator.hf_export import (ExportError, export_checkpoint, export_gpt2, model_size_of,
+                                    read_hf_config)
+from orchestrator.hf_import import load_hf_weights
 from orchestrator.serving.loading import load_model, save_untrained_checkpoint
 from orchestrator.tokenizer import ByteTokenizer, save_tokenizer, train_bpe
 from orchestrator.training.checkpoint import save_checkpoint

@@ -235,3 +235,25 @@ def test_the_backfill_plan_gives_back_a_running_jobs_ram_use_as_well_as_its_rese
     # one that would leave the head short at the running job's end still waits
     big = core.submit(JobSpec("big", min_host_memory_gb=20), "d", T0 + 2).decision
     assert isinstance(big, Queued) and "would delay 'head'" in big.reason, big
+
+
+def test_a_placement_refused_for_host_ram_names_the_flags_that_sized_it():
+    # jobs/pretrain.py asks the estimate (no flag of its own): the refusal named only the
+    # JobSpec field, min_host_memory_gb, which no flag of pretrain's sets.
+    from orchestrator.job_exit import EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed
+    from orchestrator.launch import host_memory_refusal_named
+
+    config = TrainConfig(model_size="tiny", batch_size=100_000_000, seq_len=32)
+    spec = JobSpec("oom", num_workers=2, min_host_memory_gb=32067.4)
+    with pytest.raises(PlacementError) as refused:
+        place(spec, cluster(ram_node("a", total_gb=24)), NOW)
+    reason = refused.value.rejection.message.splitlines()[0]
+    named = host_memory_refusal_named(JobFailed(f"cannot place job 'oom': {reason}",
+                                                EXIT_NOT_PLACEABLE, ran=False), config, spec)
+    assert named.exit_code == EXIT_NOT_PLACEABLE and not named.ran
+    assert "--batch-size 100000000 x --seq-len 32" in str(named)
+    assert "lower --batch-size" in str(named)
+    # anything else passes as it is
+    for other in (JobFailed("cannot place job 'oom': needs 2 GPUs", EXIT_NOT_PLACEABLE),
+                  JobFailed(f"x {reason}", EXIT_FAILED)):
+        assert host_memory_refusal_named(other, config, spec) is other
