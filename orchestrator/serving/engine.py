@@ -116,9 +116,9 @@ def check_request(request: GenerationRequest, context: int, limits: EngineLimits
         raise CapacityError(*unfit)
     capacity = limits.num_blocks * limits.block_tokens
     if positions_needed(request) > capacity:
-        raise CapacityError(*kv_cache_refusal(len(request.context), request.remaining,
-                                              capacity, "prompt", "max_tokens"),
-                            CONTEXT_LENGTH_EXCEEDED)
+        why, param = kv_cache_refusal(len(request.prompt), request.params.max_tokens,
+                                      capacity, "prompt", "max_tokens")
+        raise CapacityError(why + request.delivered_note(), param, CONTEXT_LENGTH_EXCEEDED)
 
 
 @dataclass

@@ -73,14 +73,23 @@ class GenerationRequest:
         if bad is not None:
             return (f"token id {bad} is not one this model reads (ids 0-{token_ids - 1}); "
                     "the model served may have changed: retry", "prompt", None)
-        needed = len(self.context) + self.remaining
+        needed = len(self.prompt) + self.params.max_tokens  # (= context + remaining)
         if needed > context:  # (a prompt that fills the context alone is the one at fault)
             return (f"This model's maximum context length is {context} tokens, however you "
-                    f"requested {needed} tokens ({len(self.context)} in the prompt; "
-                    f"{self.remaining} for the completion)",
-                    "prompt" if len(self.context) >= context else "max_tokens",
+                    f"requested {needed} tokens ({len(self.prompt)} in the prompt; "
+                    f"{self.params.max_tokens} for the completion){self.delivered_note()}",
+                    "prompt" if len(self.prompt) >= context else "max_tokens",
                     CONTEXT_LENGTH_EXCEEDED)
         return None
+
+    def delivered_note(self) -> str:
+        """What a refusal of a resumed request adds: its tokens already delivered, told apart
+        from the client's prompt (they were counted as prompt: "323 in the prompt" to a
+        client that sent 5)."""
+        if not self.generated:
+            return ""
+        return (f"; {len(self.generated)} of the completion's tokens were already delivered "
+                "before the replica streaming it was lost")
 
     def resumed_after(self, tokens: tuple[int, ...]) -> "GenerationRequest":
         """The request to send again after `tokens` more were delivered."""

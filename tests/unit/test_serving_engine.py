@@ -267,6 +267,19 @@ def test_a_prompt_alone_over_the_limit_is_refused_naming_the_prompt():
         assert refused.value.param == param
 
 
+def test_a_resumed_request_over_the_kv_cache_names_the_clients_prompt_and_delivered():
+    # The tokens a stream delivered before its replica was lost were counted as its prompt:
+    # "the prompt (323 tokens) is over the KV cache alone ... shorten it" to a 5-token prompt.
+    resumed = GenerationRequest((1,) * 5, SamplingParams(400)).resumed_after((7,) * 318)
+    with pytest.raises(CapacityError) as refused:
+        check_request(resumed, 1024, EngineLimits(max_rows=4, num_blocks=4, block_tokens=16),
+                      257)
+    assert refused.value.param == "max_tokens"
+    assert str(refused.value).startswith("the prompt (5 tokens) and max_tokens (400) need 404 "
+                                         "positions of KV cache"), str(refused.value)
+    assert "318 of the completion's tokens were already delivered" in str(refused.value)
+
+
 def test_a_token_the_model_cannot_read_is_refused_without_failing_the_others(model):
     # After a hot reload to a smaller vocabulary a prompt encoded for the old model may come
     # in: refused alone (its embedding lookup used to fail the step of every row).

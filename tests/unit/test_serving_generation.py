@@ -245,6 +245,22 @@ def test_resuming_after_delivered_tokens_continues_exactly(model):
     assert tokens[:6] + rest == tokens and reason == "length"
 
 
+def test_a_resumed_request_too_long_for_the_model_names_the_clients_prompt_and_delivered():
+    # A stream resumed on a replica reloaded to a shorter context was refused with "(323 in
+    # the prompt; ...)" and param "prompt" for a client that sent 5 tokens: the tokens already
+    # delivered to it were counted as prompt.
+    resumed = GenerationRequest((1,) * 5, SamplingParams(400)).resumed_after((7,) * 318)
+    why, param, code = resumed.unfit_for(128, 257)
+    assert why.startswith("This model's maximum context length is 128 tokens, however you "
+                          "requested 405 tokens (5 in the prompt; 400 for the completion)")
+    assert "318 of the completion's tokens were already delivered" in why, why
+    assert param == "max_tokens" and code == "context_length_exceeded"
+    # A request never resumed reads as before.
+    fresh = GenerationRequest((1,) * 130, SamplingParams(4)).unfit_for(128, 257)
+    assert fresh[0].endswith("(130 in the prompt; 4 for the completion)") and \
+        fresh[1] == "prompt"
+
+
 def test_requests_that_cannot_generate_are_refused():
     with pytest.raises(ValueError, match="prompt token"):
         GenerationRequest((), SamplingParams(4))
