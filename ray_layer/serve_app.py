@@ -44,9 +44,9 @@ from orchestrator.serving.generation import (Chunk, GenerationRequest, Generatio
 from orchestrator.serving.loading import pin_checkpoint
 from orchestrator.serving.protocol import APIError
 from orchestrator.serving.retries import (ROUTABLE_STATES, DeploymentState, gather_or_cancel,
-                                          is_engine_lost, replicas_in, resumable_stream,
-                                          taken_within, unanswered_health, unavailable_error,
-                                          untaken_error, with_retries)
+                                          is_engine_lost, replacing, replicas_in,
+                                          resumable_stream, taken_within, unanswered_health,
+                                          unavailable_error, untaken_error, with_retries)
 from orchestrator.serving.resources import (ReplicaResources, listed_accelerator_types,
                                             recommend_replica_resources, report_from_ray_node)
 from orchestrator.serving.settings import ServeSettings
@@ -88,6 +88,9 @@ MODEL_STATE_MAX_AGE_S = 2.0
 MODEL_STATE_WAIT_S = 2.0
 # How long /health waits for the model replica it asks.
 HEALTH_REPLICA_WAIT_S = 5.0
+# How long /health says "starting" while Serve replaces a lost replica and none other serves,
+# where replica_wait_s (the bound otherwise: requests are refused past it) is 0, unbounded.
+REPLACEMENT_START_S = 60.0
 # A body larger than this is validated and its prompts tokenized in a worker thread, not on the
 # event loop: a 1 MiB prompt took ~0.3 s with a BPE tokenizer (8k-32k vocabulary; ~12 ms with
 # the byte tokenizer), every other request standing still meanwhile. Smaller ones (~5 ms at
@@ -190,6 +193,7 @@ class Ingress:
         self._tokenizers: dict[str, Any] = {ByteTokenizer().sha256: ByteTokenizer()}
         self._state: tuple[float, DeploymentState | str] | None = None  # (when, what)
         self._state_refresh: asyncio.Future | None = None  # the controller call in flight
+        self._replacing_since: float | None = None  # (monotonic; retries.replacing)
 
     @api.post(COMPLETIONS_ROUTE)
     async def completions(self, request: Request) -> Response:
@@ -284,22 +288,30 @@ class Ingress:
         one (Serve scales up from zero for any call). When none is asked, or the one asked
         does not answer, Serve's view says (retries.unanswered_health): 200 while replicas
         serve (a hot reload's updating ones), 200 "scaled_to_zero" when autoscaling removed
-        them all (min_replicas 0), 200 "starting" while it starts one Serve can place, 503
-        otherwise. Serve's controller is asked only then, so /health does not depend on it
+        them all (min_replicas 0), 200 "starting" while it starts one Serve can place, or
+        one in place of a lost one (for up to replica_wait_s), 503 otherwise. Serve's controller is asked only then, so /health does not depend on it
         while replicas answer. (Serve's own liveness route is the proxy's /-/healthz.)"""
         error = None
         if await self._replica_to_ask():
             try:
                 stats = await asyncio.wait_for(self.model.replica_stats.remote(),
                                                timeout=HEALTH_REPLICA_WAIT_S)
+            except asyncio.TimeoutError:  # (its text is empty)
+                error = f"TimeoutError: no answer within {HEALTH_REPLICA_WAIT_S:g} s"
             except Exception as e:
                 error = failure_without_traceback(e)
             else:
+                self._replacing_since = None
                 status = "degraded" if stats.get("reload_error") else "ok"
                 return JSONResponse({"status": status, "model": self.settings.model_name,
                                      **stats, "ingress_retries": dict(self.retries)})
-        code, body = unanswered_health(self.model.deployment_name,
-                                       await self._deployment_state(), error)
+        state, now = await self._deployment_state(), time.monotonic()
+        # (since when this ingress sees Serve replacing a lost replica, none other serving)
+        self._replacing_since = (self._replacing_since or now) if isinstance(
+            state, DeploymentState) and replacing(state) else None
+        code, body = unanswered_health(self.model.deployment_name, state, error,
+                                       now - (self._replacing_since or now),
+                                       self.settings.replica_wait_s or REPLACEMENT_START_S)
         return JSONResponse({**body, "model": self.settings.model_name,
                              "ingress_retries": dict(self.retries)}, status_code=code)
 

@@ -154,6 +154,21 @@ SCALED_TO_ZERO_STATUSES = ("HEALTHY", "DOWNSCALING", "UPSCALING")
 # required for each replica: ...". The deployment stays UPSCALING, its replicas STARTING, for
 # as long as none fits: /health said 200 for ever to a replica that could never start.
 UNSCHEDULABLE_MARK = "to be scheduled"
+# Serve's message (2.60, deployment_state.py) on a deployment it marked UNHEALTHY as a replica
+# died or failed its health checks; the replacement is STARTING meanwhile (a replacement that
+# fails to start gets another message: "A replica failed to start with exception ..."). Serve
+# then never adds UNSCHEDULABLE_MARK: how long the replacement may take is /health's bound.
+REPLACING_MARK = "A replica's health check failed"
+
+
+def replacing(state: DeploymentState) -> int:
+    """Replicas Serve starts in place of a lost one while none other serves (0: not so)."""
+    active = {name for name, count in state.replicas.items()
+              if count and name not in ("STOPPING", "STOPPED")}
+    if state.status == "UNHEALTHY" and REPLACING_MARK in state.message \
+            and active == {"STARTING"}:
+        return state.replicas["STARTING"]
+    return 0
 
 
 def replicas_in(state: DeploymentState, states: tuple[str, ...]) -> int:
@@ -161,7 +176,8 @@ def replicas_in(state: DeploymentState, states: tuple[str, ...]) -> int:
 
 
 def unanswered_health(deployment: str, state: DeploymentState | str,
-                      error: str | None = None) -> tuple[int, dict]:
+                      error: str | None = None, starting_for_s: float = 0.0,
+                      start_limit_s: float = 60.0) -> tuple[int, dict]:
     """/health's status code and body when no replica of `deployment` answered it: none was
     asked (none takes calls: asking would wait for one, and wake one, as Serve scales a
     deployment up from zero for any call), or `error` is why the one asked did not answer.
@@ -171,6 +187,9 @@ def unanswered_health(deployment: str, state: DeploymentState | str,
       - scaled to zero (none wanted: nothing but stopping ones): 200 "scaled_to_zero";
       - starting replicas (for a request, at a scale-up) that Serve does not say it cannot
         place: 200 "starting", with Serve's view;
+      - a replica starting in place of a lost one, none other serving (`replacing`; the one
+        asked may be the one lost): 200 "starting" until the caller has seen it so for
+        `starting_for_s` over `start_limit_s`;
       - else (a running replica that failed to answer, replicas Serve cannot schedule, a
         failed deploy, replicas unable to start, Serve unreachable): 503 "unavailable", with
         Serve's view and the error."""
@@ -179,6 +198,9 @@ def unanswered_health(deployment: str, state: DeploymentState | str,
         return 503, {"status": "unavailable",
                      "error": f"{why}Serve's view of {deployment} is unknown: {state}"}
     described = _described(deployment, state)
+    replacements = replacing(state)
+    if replacements and starting_for_s <= start_limit_s:
+        return 200, {"status": "starting", "starting": replacements, "serve": described}
     if replicas_in(state, SERVING_STATES) and not (error and replicas_in(state, ROUTABLE_STATES)):
         return 200, {"status": "ok", "serve": described}
     active = {name for name, count in state.replicas.items()
@@ -189,7 +211,9 @@ def unanswered_health(deployment: str, state: DeploymentState | str,
         if not starting:
             return 200, {"status": "scaled_to_zero", "starting": 0}
         return 200, {"status": "starting", "starting": starting, "serve": described}
-    head = f"the {deployment} replica asked did not answer: {error}" if error \
+    head = (f"no {deployment} replica has started within {start_limit_s:g} s of Serve "
+            "replacing a lost one") if replacements \
+        else f"the {deployment} replica asked did not answer: {error}" if error \
         else f"no {deployment} replica can be scheduled" if unschedulable \
         else f"no {deployment} replica is running"
     return 503, {"status": "unavailable", "error": f"{head} ({described})"}

@@ -200,6 +200,35 @@ def test_health_names_a_replicas_failure_without_its_remote_traceback(monkeypatc
     assert "secret_dir" not in response.body.decode()
 
 
+def test_health_says_starting_while_serve_replaces_a_lost_replica_up_to_replica_wait_s(
+        monkeypatch):
+    # The only replica killed: /health said 503 for the 5-6 s its replacement took to start.
+    # Past replica_wait_s of it (requests are refused then too) it is a 503.
+    from types import SimpleNamespace
+
+    from orchestrator.serving.retries import DeploymentState
+
+    async def replacing():
+        return DeploymentState("UNHEALTHY", {"STARTING": 1, "STOPPING": 1},
+                               "A replica's health check failed. This deployment will be "
+                               "UNHEALTHY until the replica recovers or a new deploy happens.")
+
+    ing = ingress(None)
+    ing.model = SimpleNamespace(deployment_name="GPTModel")
+    ing._deployment_state = replacing
+    ing.retries, ing._replacing_since = {}, None
+    monkeypatch.setattr(serve_app, "routable_replicas", lambda handle: 0)
+    clock = [1000.0]
+    monkeypatch.setattr(serve_app.time, "monotonic", lambda: clock[0])
+    seen = []
+    for at in (1000.0, 1030.0, 1060.0, 1061.0):
+        clock[0] = at
+        response = asyncio.run(ing.health())
+        seen.append((response.status_code, json.loads(response.body)["status"]))
+    assert seen == [(200, "starting"), (200, "starting"), (200, "starting"),
+                    (503, "unavailable")], seen
+
+
 def test_the_served_model_can_be_retrieved_by_its_id_and_another_is_a_404():
     # openai-python's client.models.retrieve(id): a route that did not exist (404 Not Found).
     async def model_info():

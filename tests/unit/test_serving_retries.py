@@ -216,6 +216,36 @@ def test_health_without_a_running_replica_is_told_from_serves_view_alone():
                              "1 starting; The replica failed to start)")
 
 
+def test_health_while_serve_replaces_a_lost_replica_is_starting_within_a_bound():
+    # A one-replica deployment whose replica was killed (after a refused reload, live): Serve
+    # marks it UNHEALTHY while the replacement starts (5-6 s here), and /health said 503 "no
+    # GPTModel replica is running" (or, having asked the replica just lost, "did not answer:
+    # TimeoutError: "), paging for a replica that was merely starting.
+    from orchestrator.serving.retries import DeploymentState, unanswered_health
+
+    replacing = DeploymentState("UNHEALTHY", {"STARTING": 1}, (
+        "A replica's health check failed. This deployment will be UNHEALTHY until the replica "
+        "recovers or a new deploy happens."))
+    for error in (None, "TimeoutError: no answer within 5 s"):
+        code, body = unanswered_health("GPTModel", replacing, error, starting_for_s=3.0,
+                                       start_limit_s=60.0)
+        assert (code, body["status"], body["starting"]) == (200, "starting", 1), body
+        assert body["serve"].startswith("GPTModel is UNHEALTHY, replicas: 1 starting; A "
+                                        "replica's health check failed.")
+    # A replacement that has not started within the bound (no node has room for it: Serve
+    # keeps its message, and never says it cannot schedule it) is an outage.
+    code, body = unanswered_health("GPTModel", replacing, starting_for_s=61.0,
+                                   start_limit_s=60.0)
+    assert (code, body["status"]) == (503, "unavailable")
+    assert body["error"].startswith("no GPTModel replica has started within 60 s of Serve "
+                                    "replacing a lost one (GPTModel is UNHEALTHY"), body
+    # One that fails to start says so: a 503 at once.
+    code, body = unanswered_health("GPTModel", DeploymentState(
+        "UNHEALTHY", {"STARTING": 1}, "A replica failed to start with exception. Retrying. "
+        "Error: RuntimeError: boom"), starting_for_s=1.0, start_limit_s=60.0)
+    assert code == 503
+
+
 def test_health_of_a_replica_serve_cannot_schedule_is_503_with_serves_message():
     # A replica no node has room for stays STARTING, the deployment UPSCALING: /health said
     # 200 scaled_to_zero for as long as it could not be placed.
