@@ -312,12 +312,17 @@ class SchedulerCore:
 
     def __init__(self, settings: SchedulerSettings | None = None,
                  speed: SpeedModel = default_speed, state: ClusterState | None = None,
-                 policy: Policy | None = None, wakeups: bool = False) -> None:
+                 policy: Policy | None = None, wakeups: bool = False,
+                 dead_node_retention_s: float = DEAD_NODE_RETENTION_S) -> None:
         """`state`: a prepared cluster (the simulator's model); `policy`: where jobs go, if
         not place() (the simulator compares baselines through the same queue); `wakeups`:
         note the moments time alone makes a decision possible, for next_wakeup (a driver
-        that ticks the core only then; the live actor ticks every 5 s and needs none)."""
+        that ticks the core only then; the live actor ticks every 5 s and needs none);
+        `dead_node_retention_s`: how long a node dead for good is kept (_forget_dead_nodes;
+        math.inf keeps every one, as before 2026-12-07: scripts/bench_placement.py's
+        baseline)."""
         self.settings = settings or SchedulerSettings()
+        self.dead_node_retention_s = dead_node_retention_s
         s = self.settings
         self.state = state or ClusterState(suspect_after_s=s.suspect_after_s,
                                            dead_after_s=s.dead_after_s,
@@ -908,12 +913,13 @@ class SchedulerCore:
         return outcome
 
     def _forget_dead_nodes(self, now: float) -> None:
-        """Forget nodes dead for good (ClusterState.dead_past) for over DEAD_NODE_RETENTION_S
-        that nothing refers to any more: no reservation or migration claim, nothing kept
-        aside, no running or placed job's placement, no directive's target. Kept, every node
-        that ever joined a long-lived autoscaling cluster stayed in each pass and in the
-        table (a tick took 7 ms instead of 0.05 with 20,000 dead nodes known)."""
-        due = self.state.dead_past(now, DEAD_NODE_RETENTION_S)
+        """Forget nodes dead for good (ClusterState.dead_past) for over dead_node_retention_s
+        (DEAD_NODE_RETENTION_S by default) that nothing refers to any more: no reservation or
+        migration claim, nothing kept aside, no running or placed job's placement, no
+        directive's target. Kept, every node that ever joined a long-lived autoscaling
+        cluster stayed in each pass and in the table (`python -m scripts.bench_placement
+        --dead-nodes 20000`: docs/benchmarks.md)."""
+        due = self.state.dead_past(now, self.dead_node_retention_s)
         if not due:
             return
         held = {r.node_id for rs in self.state.reservations.values() for r in rs}

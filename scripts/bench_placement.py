@@ -36,6 +36,18 @@ persistence included: actor_placements_per_s = jobs placed / wall time.
 
     python -m scripts.bench_placement [--nodes 10000] [--jobs 2000] [--seed 0] [--no-actor]
                                       [--actor-jobs 1000] [--profile N]
+    python -m scripts.bench_placement --dead-nodes 20000 [--seed 0]
+
+--dead-nodes N runs, instead, the scheduler core (SchedulerCore itself) on DEAD_RUN_LIVE_NODES
+live nodes of the declared cluster and N that joined and died, told as the live actor tells it
+(ray_nodes, then tick): Ray lists the last 1,000 dead, the others it no longer lists go silent
+and then count as dead. Two hours on, it times tick and submit+release (DEAD_RUN_PASSES a
+round, DEAD_RUN_ROUNDS rounds alternating which goes first, scripts/rounds.py) with the
+retention as shipped (DEAD_NODE_RETENTION_S, 1 h: the dead nodes are forgotten) against an
+infinite one (dead nodes kept, as before 2026-12-07), prints the ratio per operation and, as
+the last line, one JSON object: tick_ms_kept / _forgotten / tick_speedup, submit_ms_kept /
+_forgotten / submit_speedup (kept / forgotten, median of the rounds' ratios, spread beside),
+nodes_held_after (with the retention) and nodes_held_kept.
 
 --nodes is at most 100,000 (orchestrator.cluster_model.MAX_SERVERS, the simulator's bound),
 --jobs at most 1,000,000 (scripts.gen_constrained_trace.MAX_JOBS), --actor-jobs at most --jobs
@@ -46,6 +58,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import sys
 import time
 from collections import deque
@@ -61,8 +74,11 @@ from orchestrator.inventory import (GIB, LABEL_NETWORK_GBPS, LABEL_NETWORK_GROUP
 from orchestrator.placement import Placement, bottleneck_gbps
 from orchestrator.policies import best_fit, first_fit
 from orchestrator.policies import live_place as ours
+from orchestrator.scheduler_core import DEAD_NODE_RETENTION_S, SchedulerCore
+from orchestrator.scheduler_types import SchedulerSettings
 from scripts.flags import require, require_at_least
 from scripts.gen_constrained_trace import MAX_JOBS
+from scripts.rounds import paired_rounds
 
 NOW = 1_000.0
 TARGET_PLACEMENTS_PER_S = 1_000.0
@@ -416,6 +432,106 @@ def actor_placements_per_s(cluster: Cluster, n_jobs: int, callers: int = 4) -> d
             "actor_load_s": load_s, "actor_callers": callers}
 
 
+# -- dead nodes -----------------------------------------------------------------------------------
+
+DEAD_RUN_LIVE_NODES = 200  # the live cluster beside the dead nodes
+RAY_DEAD_LISTED = 1_000  # Ray's GCS lists its last maximum_gcs_dead_node_cached_count dead nodes
+DEAD_RUN_ROUNDS = 7
+DEAD_RUN_PASSES = 20  # ticks, and submit+release pairs, per side and round
+DEAD_RUN_JOB = JobSpec("bench-dead", num_workers=4, cpus_per_worker=4.0, gpus_per_worker=1)
+
+
+class DeadNodesCore:
+    """A SchedulerCore on a cluster of which all but `live` nodes joined and died, told as the
+    live actor tells it (SchedulerActor.maintain: ray_nodes, then tick): Ray lists the last
+    RAY_DEAD_LISTED to die as dead and no longer lists the others, which go silent past
+    dead_after_s and are then dead by Ray's word. Then it passes `after_s` on."""
+
+    def __init__(self, reports: list[NodeReport], live: int, retention_s: float,
+                 after_s: float) -> None:
+        self.core = core = SchedulerCore(SchedulerSettings(), dead_node_retention_s=retention_s)
+        self.live = reports[-live:]
+        dead = [r.node_id for r in reports[:-live]]
+        live_ids = {r.node_id for r in self.live}
+        listed = set(dead[-RAY_DEAD_LISTED:])
+        now = NOW
+        core.ray_nodes(live_ids | set(dead), set(), now)
+        for report in reports:
+            core.report(report, now)
+        core.tick(now)
+        now += core.settings.dead_after_s + 1  # the unlisted ones go silent...
+        for _ in range(2):  # ...then Ray's word on them counts
+            self.now = now
+            self.maintain(live_ids, listed)
+            now += 5.0
+        self.now += after_s
+        self.live_ids, self.listed = live_ids, listed
+        self.maintain(live_ids, listed)
+        self.jobs = 0
+        if math.isinf(retention_s):  # (every death counted, none by silence alone)
+            assert len(core.state.dead) == len(dead) and not core.state.silent
+
+    def maintain(self, alive: set[str], dead: set[str]) -> None:
+        for report in self.live:
+            self.core.report(report, self.now)
+        self.core.ray_nodes(alive, dead, self.now)
+        self.core.tick(self.now)
+
+    def ticks(self, passes: int) -> None:
+        for _ in range(passes):
+            self.now += 0.01
+            self.core.tick(self.now)
+
+    def submits(self, passes: int) -> None:
+        for _ in range(passes):
+            self.jobs += 1
+            spec = JobSpec(**{**DEAD_RUN_JOB.to_dict(), "name": f"bench-dead-{self.jobs}"})
+            decision = self.core.submit(spec, "bench", self.now).decision
+            assert isinstance(decision, Placement), decision
+            self.core.release(spec.name, "bench", self.now)
+
+    def held(self) -> int:
+        """Nodes the core still holds: reports and node-table rows (the same, or it says)."""
+        state = self.core.state
+        assert len(state.reports) == len(state.table.ids), (len(state.reports), len(state.table))
+        return len(state.reports)
+
+
+def dead_nodes_run(dead: int, seed: int, live: int = DEAD_RUN_LIVE_NODES,
+                   rounds: int = DEAD_RUN_ROUNDS, passes: int = DEAD_RUN_PASSES,
+                   quiet: bool = False) -> dict:
+    """The scheduler core with `dead` dead nodes known, two hours after they died: the
+    retention as shipped (DEAD_NODE_RETENTION_S: forgotten) against an infinite one (the
+    behaviour before 2026-12-07: kept), in rounds that alternate which goes first; ratios
+    are the median of the rounds' own (scripts/rounds.py)."""
+    wall = time.perf_counter()
+    reports = declared_cluster(dead + live, 1, seed).reports  # the first `dead` died
+    after_s = 2 * DEAD_NODE_RETENTION_S
+    kept = DeadNodesCore(reports, live, math.inf, after_s)
+    forgotten = DeadNodesCore(reports, live, DEAD_NODE_RETENTION_S, after_s)
+    gc.collect()
+    gc.freeze()  # (as run_streams: the cores' long-lived state out of the collector's view)
+    result = {"dead_nodes": dead, "live_nodes": live, "ray_dead_listed": min(dead, RAY_DEAD_LISTED),
+              "seed": seed, "rounds": rounds, "passes_per_round": passes,
+              "after_s": after_s, "retention_s": DEAD_NODE_RETENTION_S}
+    for name, op in (("tick", DeadNodesCore.ticks), ("submit", DeadNodesCore.submits)):
+        r = paired_rounds(lambda: op(kept, passes), lambda: op(forgotten, passes), rounds)
+        result.update({f"{name}_ms_kept": r["first_s"] / passes * 1e3,
+                       f"{name}_ms_forgotten": r["second_s"] / passes * 1e3,
+                       f"{name}_speedup": r["ratio"], f"{name}_speedup_spread": r["spread"]})
+        if not quiet:
+            print(f"{name}{' + release' if name == 'submit' else ''}: "
+                  f"{result[f'{name}_ms_kept']:.3f} ms with the dead nodes kept, "
+                  f"{result[f'{name}_ms_forgotten']:.3f} ms forgotten: "
+                  f"{r['ratio']:.1f}x (rounds {r['spread'][0]:.1f}-{r['spread'][1]:.1f}x)")
+    result.update({"nodes_held_after": forgotten.held(), "nodes_held_kept": kept.held(),
+                   "wall_s": time.perf_counter() - wall})
+    if not quiet:
+        print(f"nodes held {after_s / 3600:g} h after the deaths: {result['nodes_held_kept']:,} "
+              f"kept, {result['nodes_held_after']:,} with the retention ({live:,} live)")
+    return result
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 def profile_place(cluster: Cluster, calls: int) -> None:
@@ -521,7 +637,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also cProfile N jobs of the measured stream, to stderr "
                              "(at most --jobs)")
+    parser.add_argument("--dead-nodes", type=int, default=0, metavar="N",
+                        help=f"instead of the placement run: the scheduler core's tick and "
+                             f"submit+release with N dead nodes known beside "
+                             f"{DEAD_RUN_LIVE_NODES} live ones, 2 h after the deaths, the "
+                             f"retention as shipped against dead nodes kept (only --seed "
+                             f"applies; at most {MAX_SERVERS:,})")
     args = parser.parse_args(argv)
+    if args.dead_nodes:
+        require(parser, args, ("dead_nodes",), lambda n: 0 < n <= MAX_SERVERS,
+                f"must be 1 to {MAX_SERVERS} (0: the placement run)")
+        require_at_least(parser, args, 0, "seed")
+        result = dead_nodes_run(args.dead_nodes, args.seed)
+        print(json.dumps(result))
+        return result
     if args.nodes < RACK_SIZE or args.jobs < 1:
         parser.error(f"--nodes must be >= {RACK_SIZE} and --jobs >= 1")
     if args.actor_jobs is None:

@@ -175,3 +175,37 @@ def test_actor_jobs_default_to_the_stream_when_it_is_shorter(monkeypatch):
     with pytest.raises(KeyError):  # (the stubbed run returns no figures to print)
         bench.main(["--jobs", "5"])
     assert asked["actor_jobs"] == 5
+
+
+def test_dead_nodes_run_forgets_every_dead_node_where_the_baseline_keeps_them(monkeypatch):
+    # Ray lists only its last 10 dead here: the 30 others went silent, then unlisted.
+    monkeypatch.setattr(bench, "RAY_DEAD_LISTED", 10)
+    result = bench.dead_nodes_run(40, seed=0, live=bench.DEAD_RUN_LIVE_NODES, rounds=1,
+                                  passes=2, quiet=True)
+    assert result["ray_dead_listed"] == 10
+    assert result["nodes_held_after"] == bench.DEAD_RUN_LIVE_NODES  # only the live ones
+    assert result["nodes_held_kept"] == bench.DEAD_RUN_LIVE_NODES + 40  # the baseline: all
+    for op in ("tick", "submit"):
+        assert result[f"{op}_speedup"] > 0 and len(result[f"{op}_speedup_spread"]) == 2
+
+
+def test_main_with_dead_nodes_runs_that_part_alone_and_ends_with_its_json(capsys):
+    returned = bench.main(["--dead-nodes", "20", "--seed", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result == json.loads(json.dumps(returned))
+    assert {"dead_nodes", "tick_ms_kept", "tick_ms_forgotten", "tick_speedup", "submit_ms_kept",
+            "submit_ms_forgotten", "submit_speedup", "nodes_held_after"} <= result.keys()
+    assert (result["dead_nodes"], result["nodes_held_after"], result["nodes_held_kept"]) \
+        == (20, bench.DEAD_RUN_LIVE_NODES, bench.DEAD_RUN_LIVE_NODES + 20)
+    assert "placements_per_s" not in result  # (the placement run's figures: not this run)
+    assert any(line.startswith("tick:") for line in lines)
+
+
+@pytest.mark.parametrize("value", ["-3", "100001"])
+def test_dead_nodes_out_of_range_is_refused_naming_the_flag(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--dead-nodes", value])
+    assert exit_.value.code == 2
+    assert f"--dead-nodes must be 1 to 100000 (0: the placement run), got {value}" \
+        in capsys.readouterr().err
