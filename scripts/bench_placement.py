@@ -41,12 +41,14 @@ persistence included: actor_placements_per_s = jobs placed / wall time.
 --dead-nodes N runs, instead, the scheduler core (SchedulerCore itself) on DEAD_RUN_LIVE_NODES
 live nodes of the declared cluster and N that joined and died, told as the live actor tells it
 (ray_nodes, then tick): Ray lists the last 1,000 dead, the others it no longer lists go silent
-and then count as dead. Two hours on, it times tick and submit+release (DEAD_RUN_PASSES a
-round, DEAD_RUN_ROUNDS rounds alternating which goes first, scripts/rounds.py) with the
-retention as shipped (DEAD_NODE_RETENTION_S, 1 h: the dead nodes are forgotten) against an
-infinite one (dead nodes kept, as before 2026-12-07), prints the ratio per operation and, as
+and then count as dead. Two hours on, it times tick, ray_nodes and submit+release
+(DEAD_RUN_PASSES a round, DEAD_RUN_ROUNDS rounds alternating which goes first,
+scripts/rounds.py) with the retention as shipped (DEAD_NODE_RETENTION_S, 1 h: the dead nodes
+are forgotten) against an infinite one (dead nodes kept, as before 2026-12-07), prints the
+ratio per operation and, as
 the last line, one JSON object: tick_ms_kept / _forgotten / tick_speedup, submit_ms_kept /
 _forgotten / submit_speedup (kept / forgotten, median of the rounds' ratios, spread beside),
+the same for ray_nodes (Ray's unchanged view told again, the call before each tick),
 nodes_held_after (with the retention) and nodes_held_kept.
 
 --nodes is at most 100,000 (orchestrator.cluster_model.MAX_SERVERS, the simulator's bound),
@@ -482,6 +484,12 @@ class DeadNodesCore:
             self.now += 0.01
             self.core.tick(self.now)
 
+    def ray_nodes(self, passes: int) -> None:
+        """Ray's view told again, unchanged (the maintenance pass's call before tick)."""
+        for _ in range(passes):
+            self.now += 0.01
+            self.core.ray_nodes(self.live_ids, self.listed, self.now)
+
     def submits(self, passes: int) -> None:
         for _ in range(passes):
             self.jobs += 1
@@ -511,10 +519,12 @@ def dead_nodes_run(dead: int, seed: int, live: int = DEAD_RUN_LIVE_NODES,
     forgotten = DeadNodesCore(reports, live, DEAD_NODE_RETENTION_S, after_s)
     gc.collect()
     gc.freeze()  # (as run_streams: the cores' long-lived state out of the collector's view)
-    result = {"dead_nodes": dead, "live_nodes": live, "ray_dead_listed": min(dead, RAY_DEAD_LISTED),
+    result = {"dead_nodes": dead, "live_nodes": live,
+              "ray_dead_listed": min(dead, RAY_DEAD_LISTED),
               "seed": seed, "rounds": rounds, "passes_per_round": passes,
               "after_s": after_s, "retention_s": DEAD_NODE_RETENTION_S}
-    for name, op in (("tick", DeadNodesCore.ticks), ("submit", DeadNodesCore.submits)):
+    for name, op in (("tick", DeadNodesCore.ticks), ("ray_nodes", DeadNodesCore.ray_nodes),
+                     ("submit", DeadNodesCore.submits)):
         r = paired_rounds(lambda: op(kept, passes), lambda: op(forgotten, passes), rounds)
         result.update({f"{name}_ms_kept": r["first_s"] / passes * 1e3,
                        f"{name}_ms_forgotten": r["second_s"] / passes * 1e3,

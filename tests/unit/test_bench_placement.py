@@ -185,7 +185,7 @@ def test_dead_nodes_run_forgets_every_dead_node_where_the_baseline_keeps_them(mo
     assert result["ray_dead_listed"] == 10
     assert result["nodes_held_after"] == bench.DEAD_RUN_LIVE_NODES  # only the live ones
     assert result["nodes_held_kept"] == bench.DEAD_RUN_LIVE_NODES + 40  # the baseline: all
-    for op in ("tick", "submit"):
+    for op in ("tick", "ray_nodes", "submit"):
         assert result[f"{op}_speedup"] > 0 and len(result[f"{op}_speedup_spread"]) == 2
 
 
