@@ -290,9 +290,18 @@ def _mig_slice(pynvml: Any, handle: Any, board: str, index: int,
     which let placement put a worker needing 40 GB on a 10 GB slice). Its name keeps NVML's
     "MIG <profile>" ("NVIDIA A100-SXM4-80GB MIG 1g.10gb"), so it has no family and no MFU.
     MIG on with no slices created: nothing CUDA can run on, zero memory. MIG on with the
-    slots uncountable: GpuUnknown (left out, as a lost GPU)."""
+    slots uncountable, or a slot failing otherwise than NotFound (no slice there), or the
+    mode failing otherwise than NotSupported (no MIG): GpuUnknown (left out, as a lost GPU).
+    They read as no slice and as MIG off: a lost slot's 10 GB slice left the board at its
+    40 GB one, a lost mode at the board's 80 GB, and the nvml error said nothing."""
     get_mode = getattr(pynvml, "nvmlDeviceGetMigMode", None)
-    mode = _nvml_optional(pynvml, get_mode, handle) if get_mode else None
+    try:
+        mode = get_mode(handle) if get_mode else None
+    except pynvml.NVMLError as e:  # (NotSupported: a card without MIG; a lost one: unknown)
+        if not _nvml_says(pynvml, e, "NOT_SUPPORTED", "FUNCTION_NOT_FOUND"):
+            raise GpuUnknown(f"its MIG mode cannot be read "
+                             f"(nvmlDeviceGetMigMode: {type(e).__name__}: {e})") from e
+        mode = None
     if not mode or mode[0] != getattr(pynvml, "NVML_DEVICE_MIG_ENABLE", 1):
         return None
     try:  # (failing, it read "no instances", 0 bytes, over the slices there)
@@ -302,13 +311,32 @@ def _mig_slice(pynvml: Any, handle: Any, board: str, index: int,
                          f"(nvmlDeviceGetMaxMigDeviceCount: {type(e).__name__}: {e})") from e
     slices = []
     for slot in range(count):
-        mig = _nvml_optional(pynvml, pynvml.nvmlDeviceGetMigDeviceHandleByIndex, handle, slot)
-        if mig is not None:  # NotFound: no slice in this slot
-            slices.append((_gpu_name(pynvml.nvmlDeviceGetName(mig), index, errors),
-                           pynvml.nvmlDeviceGetMemoryInfo(mig)))
+        try:
+            mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+        except pynvml.NVMLError as e:
+            if _nvml_says(pynvml, e, "NOT_FOUND"):
+                continue  # no slice in this slot
+            # (the slice there unread: the smallest left could be larger than a worker's)
+            raise GpuUnknown(f"MIG is on and its slice in slot {slot} cannot be read "
+                             f"(nvmlDeviceGetMigDeviceHandleByIndex: {type(e).__name__}: "
+                             f"{e})") from e
+        slices.append((_gpu_name(pynvml.nvmlDeviceGetName(mig), index, errors),
+                       pynvml.nvmlDeviceGetMemoryInfo(mig)))
     if not slices:
         return f"{board} MIG (no instances)", SimpleNamespace(total=0, free=0, used=0)
     return min(slices, key=lambda s: s[1].total)
+
+
+# pynvml's codes of the errors _nvml_says tells apart (where a pynvml lacks the constants)
+_NVML_ERROR_CODES = {"NOT_SUPPORTED": 3, "NOT_FOUND": 6, "FUNCTION_NOT_FOUND": 13}
+
+
+def _nvml_says(pynvml: Any, error: Exception, *names: str) -> bool:
+    """Whether NVML's `error` is one of `names` (NVML_ERROR_<name>), or carries no code to
+    tell (taken as the normal absence the caller expects, as before codes were read)."""
+    code = getattr(error, "value", None)
+    return code is None or code in {
+        getattr(pynvml, f"NVML_ERROR_{name}", _NVML_ERROR_CODES[name]) for name in names}
 
 
 def _nvml_optional(pynvml: Any, query: Callable[..., Any], *args: Any) -> Any:

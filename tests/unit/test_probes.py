@@ -777,6 +777,56 @@ def test_a_peer_whose_larger_transfer_failed_keeps_only_this_rounds_lower_bound(
     assert current_bandwidth(history, now=3.0, max_age_s=100.0) == {"b": 0.0056}
 
 
+def nvml_error(code: int, text: str) -> FakeNVMLError:
+    error = FakeNVMLError(text)
+    error.value = code  # pynvml's NVMLError carries NVML's return code
+    return error
+
+
+def test_a_mig_query_failing_other_than_absent_leaves_the_gpu_out_not_a_larger_slice(
+        monkeypatch):
+    """Only NotFound means "no slice in this slot" and only NotSupported "no MIG": a slot
+    query that failed otherwise (GPU lost) dropped that slice, and the board read as its
+    larger 40 GB slice where a worker may get the 10 GB one; a MIG mode query failing so read
+    as MIG off, the board's 80 GB. Neither said a word in the nvml error."""
+    slices = {("mig", 0, 0): ("NVIDIA A100-SXM4-80GB MIG 3g.40gb", 40),
+              ("mig", 0, 2): ("NVIDIA A100-SXM4-80GB MIG 1g.10gb", 10)}
+
+    def mig_handle(handle, slot):
+        if handle == 0 and slot == 2:
+            raise nvml_error(15, "GPU is lost")
+        if ("mig", handle, slot) not in slices:
+            raise nvml_error(6, "Not Found")
+        return ("mig", handle, slot)
+
+    def mig_mode(handle):
+        if handle == 1:
+            raise nvml_error(15, "GPU is lost")
+        if handle == 2:
+            raise nvml_error(3, "Not Supported")  # a card without MIG: normal
+        return [1, 1]
+
+    nvml = fake_pynvml([A100, A100, A100])
+    board_memory, names = nvml.nvmlDeviceGetMemoryInfo, nvml.nvmlDeviceGetName
+    nvml.NVML_DEVICE_MIG_ENABLE = 1
+    nvml.nvmlDeviceGetMigMode = mig_mode
+    nvml.nvmlDeviceGetMaxMigDeviceCount = lambda h: 7
+    nvml.nvmlDeviceGetMigDeviceHandleByIndex = mig_handle
+    nvml.nvmlDeviceGetName = lambda h: slices[h][0] if isinstance(h, tuple) else names(h)
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(
+        total=slices[h][1] * GIB, free=slices[h][1] * GIB, used=0) \
+        if isinstance(h, tuple) else board_memory(h)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    errors = {}
+    (whole,) = probe_gpus({}, errors, ray_gpus=3.0)
+    assert (whole.index, whole.name, whole.memory_total_bytes) == (
+        2, "NVIDIA A100-SXM4-80GB", 80 * GIB)
+    assert errors["nvml"] == (
+        "GPU 0: MIG is on and its slice in slot 2 cannot be read "
+        "(nvmlDeviceGetMigDeviceHandleByIndex: FakeNVMLError: GPU is lost); "
+        "GPU 1: its MIG mode cannot be read (nvmlDeviceGetMigMode: FakeNVMLError: GPU is lost)")
+
+
 def test_every_gpu_lost_is_not_replaced_by_the_gpus_the_labels_declare(monkeypatch):
     # A T4 node of cluster.yaml (labels declare 4 T4s) whose 4 GPUs NVML counts and finds lost:
     # the labels stood in for them, 4 T4s with all their memory free, placed as healthy,
