@@ -102,15 +102,15 @@ class LocalSession:
         self.unusable.add(Path(directory))
 
     def _prune_checkpoints(self, written: Path) -> None:
-        """Keep `keep` checkpoints: the one just written and the most recently written of the
-        rest, those the loop passed over as unusable pruned first. By write time, not step:
-        after a fallback past a corrupt newer checkpoint, its higher step would otherwise
-        outrank, and prune, the good one just written; and a corrupt checkpoint, written
-        after the good one the run resumed from, outranked that one by time (a later resume,
-        the new checkpoint damaged too, found only corrupt ones)."""
+        """Keep `keep` checkpoints: the one just written and the newest by step of the rest
+        (runs.checkpoint_age, the order a resume takes them in), those the loop passed over as
+        unusable pruned first: after a fallback past a corrupt newer checkpoint, its higher
+        step never outranks the good one resumed from. Not by the directories' times: a run
+        copied with `cp -r` or restored from a backup has the copy's, in its order, and a
+        resume that saved once pruned the checkpoint it had resumed from."""
         self.unusable.discard(written)  # (a step written again replaced the unusable one)
-        others = sorted((p for p in self.checkpoints() if p != written),
-                        key=lambda p: (p not in self.unusable, p.stat().st_mtime))
+        others = sorted((p for p in self.checkpoints() if p != written),  # (oldest first)
+                        key=lambda p: p not in self.unusable)
         for old in others[:max(len(others) - (self.keep - 1), 0)]:
             shutil.rmtree(old)
             self.unusable.discard(old)

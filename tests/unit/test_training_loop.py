@@ -87,6 +87,25 @@ def test_retention_never_prunes_the_checkpoint_just_written(tmp_path):
     assert [p.name for p in session.checkpoints()] == ["checkpoint_00000006"]
 
 
+def test_retention_prunes_by_step_not_by_the_directories_times(tmp_path):
+    # A run copied with `cp -r` or restored from a backup: the checkpoint directories' times
+    # are those of the copy, in whatever order it made them. Pruned by write time, a resume
+    # from step 6 that saved step 8 deleted step 6 (the one it resumed from, copied first)
+    # and kept steps 2 and 4.
+    for age, step in enumerate((6, 2, 4)):  # copied in this order: step 6 the oldest
+        checkpoint = tmp_path / f"checkpoint_{step:08d}"
+        checkpoint.mkdir()
+        (checkpoint / "state.pt").write_bytes(b"good")
+        os.utime(checkpoint, (time.time() - 60 + age, time.time() - 60 + age))
+    session = LocalSession(tmp_path, keep=3, device=CPU)
+    written = tmp_path / "source"
+    written.mkdir()
+    (written / "state.pt").write_bytes(b"good")
+    session.report({"step": 8, "loss": 1.0}, str(written))
+    assert [p.name for p in session.checkpoints()] == [
+        "checkpoint_00000004", "checkpoint_00000006", "checkpoint_00000008"]
+
+
 def test_a_copied_checkpoint_is_on_disk_before_the_older_one_is_pruned(tmp_path, monkeypatch):
     # With keep=1, a power loss after the prune could leave only an empty or cut copy.
     from orchestrator.training import session as session_module
