@@ -601,21 +601,31 @@ def new_run_dir(root: Path, prefix: str, now: dt.datetime) -> Path:
 
 
 def latest_run_with_checkpoints(root: Path, prefix: str = "") -> Path | None:
-    """The directory under `root` whose newest checkpoint was written last (by the
-    checkpoint directories' own times; then by name); with `prefix`, only runs named
-    `<prefix>-...` (what `new_run_dir` names them): `pretrain --resume` went on with a job
-    file's run (~/orchestrator-runs/<job name>) it had never written. Not the run directory's
-    own time: anything that adds or removes a file there changes it (a refused run's lock, a
-    --dry-run's write check), and so made an older run the one --resume continued and
-    `serve run` served."""
+    """The directory under `root` whose newest checkpoint was written last (checkpoint_written;
+    then by name); with `prefix`, only runs named `<prefix>-...` (what `new_run_dir` names
+    them): `pretrain --resume` went on with a job file's run (~/orchestrator-runs/<job name>)
+    it had never written. Not the run directory's own time: anything that adds or removes a
+    file there changes it (a refused run's lock, a --dry-run's write check), and so made an
+    older run the one --resume continued and `serve run` served."""
     root = root.expanduser()
-    runs = [(max(_mtime(c) for c in checkpoints), p.name, p)
+    runs = [(max(checkpoint_written(c) for c in checkpoints), p.name, p)
             for p in (root.glob(f"{prefix}-*" if prefix else "*") if root.is_dir() else ())
             if (checkpoints := checkpoint_dirs(p))]
     return max(runs, key=lambda run: run[:2])[2].resolve() if runs else None
 
 
-def _mtime(path: Path) -> float:
+def checkpoint_written(path: Path) -> float:
+    """When checkpoint `path` was written: the UTC time in its name (Ray Train's,
+    checkpoint_name), else its directory's time. The name's first: a run copied with `cp -r`
+    or restored from a backup has the copy's directory times, and such a copy of an older
+    run was taken for the run that trained last."""
+    step_named = _STEP_NAMED.match(path.name)
+    if step_named and step_named.group(2):
+        try:
+            return dt.datetime.strptime(step_named.group(2), "%Y-%m-%d_%H-%M-%S.%f").replace(
+                tzinfo=dt.timezone.utc).timestamp()
+        except ValueError:  # (not checkpoint_name's: the directory's time, then)
+            pass
     try:
         return path.stat().st_mtime
     except OSError:  # (removed since it was listed: a run pruning it)

@@ -50,6 +50,28 @@ def test_looking_at_an_older_run_does_not_make_it_the_latest(tmp_path):
     assert resolve_run_dir(None, True, tmp_path, "pretrain", NOW) == old
 
 
+def test_a_copy_of_an_older_run_is_not_the_latest(tmp_path):
+    # A safety copy of an older run (`cp -r pretrain-A pretrain-A-kept`), or one restored from
+    # a backup: its checkpoint directories have the copy's times, and a plain --resume went on
+    # with the copy, `serve run` served its older model, not the run that trained last. The
+    # time Ray Train's checkpoints carry in their names (runs.checkpoint_name) is the write's.
+    import os
+    import subprocess
+
+    from orchestrator.runs import checkpoint_name
+    older, latest = tmp_path / "pretrain-20260101-000000", tmp_path / "pretrain-20260102-000000"
+    (older / checkpoint_name(10, 1_000)).mkdir(parents=True)
+    (latest / checkpoint_name(10, 2_000)).mkdir(parents=True)
+    for run, when in ((older, 1_000), (latest, 2_000)):
+        for checkpoint in run.iterdir():
+            os.utime(checkpoint, (when, when))
+    copy = tmp_path / "pretrain-20260101-000000-kept"
+    subprocess.run(["cp", "-r", str(older), str(copy)], check=True)  # (times: the copy's)
+    assert resolve_run_dir(None, True, tmp_path, "pretrain", NOW) == latest
+    (copy / checkpoint_name(20, 3_000)).mkdir()  # the copy trained on since: now the latest
+    assert resolve_run_dir(None, True, tmp_path, "pretrain", NOW) == copy
+
+
 def test_resume_with_nothing_to_resume_names_the_place(tmp_path):
     make_run(tmp_path / "a-job-files-run")
     with pytest.raises(RunDirError, match=f"no pretrain-\\* run with checkpoints under {tmp_path}"):
