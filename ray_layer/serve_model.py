@@ -260,9 +260,12 @@ class GPTModel:
             return self.loaded, pin  # (a revert pinned what this replica serves: no 2nd copy)
         try:
             loaded = load_for_serving(pin.directory, self.device)
-        except Exception:
+        except CheckpointError:  # the checkpoint's own fault (corrupt, diverged): any replica's
             self._record_pin(pin, record_refused)
             raise
+        # (Anything else, out of memory on this replica's GPU above all, is this replica's
+        # alone: recorded as refused, it had the next replica to start resolve the run dir
+        # afresh while the others still loaded this pin, and replicas served two checkpoints.)
         loaded.requested = requested or loaded.requested  # (/v1/models: what was named)
         return loaded, pin
 

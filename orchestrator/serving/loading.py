@@ -322,8 +322,11 @@ REFUSED, SERVED = "refused/", "served/"  # before a pin's key: a replica refused
 
 
 def record_refused(store: PinStore, pin: CheckpointPin) -> None:
-    """A pin's model did not load here: unless a replica serves it, the next pin_once of its
-    checkpoint resolves it afresh."""
+    """A pin's checkpoint did not load here for a fault of its own (CheckpointError: corrupt,
+    diverged, gone), as it will not on any replica: unless a replica serves it, the next
+    pin_once of its checkpoint resolves it afresh. Never for one replica's own failure (out
+    of memory): the others may still be loading the pin, and a replica starting meanwhile
+    would pin a newer checkpoint than theirs."""
     store.put(REFUSED + _pin_key(pin.generation, pin.requested), True)
 
 

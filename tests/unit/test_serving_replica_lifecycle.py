@@ -99,6 +99,36 @@ def test_a_reload_back_to_a_run_dir_pins_its_newest_checkpoint_once_for_all(repl
     assert a.loaded.path == b.loaded.path == c.loaded.path == newer
 
 
+
+def test_a_replica_out_of_memory_leaves_the_pin_that_others_are_loading(replicas, tmp_path,
+                                                                        monkeypatch):
+    # a and b start together on a run dir; b's smaller GPU runs out of memory while a is
+    # still loading. b's refusal marked the pin refused (none served it yet), so c, Serve's
+    # replacement for b, pinned the run afresh after training wrote on: a served checkpoint
+    # 1, c checkpoint 2, and answers differed by the replica a request landed on.
+    import ray_layer.serve_model as serve_model
+
+    run = tmp_path / "run"
+    first = checkpoint(run, 1)
+    config = {"checkpoint": str(run), "batching": "static"}
+    a, b, c = replicas(), replicas(), replicas()
+    real, loads = serve_model.load_for_serving, []
+
+    def load(path, device):
+        loads.append(path)
+        if len(loads) == 1:  # a, still loading: b starts and fails, then c starts
+            with pytest.raises(RuntimeError):
+                asyncio.run(b.reconfigure(config))
+            checkpoint(run, 2)
+            asyncio.run(c.reconfigure(config))
+        elif len(loads) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(path, device)
+    monkeypatch.setattr(serve_model, "load_for_serving", load)
+    asyncio.run(a.reconfigure(config))
+    assert b.loaded is None
+    assert a.loaded.path == c.loaded.path == first
+
 @pytest.mark.parametrize("revert_order", ["refused_one_last", "refused_one_first"])
 def test_reverting_a_reload_one_replica_refused_brings_every_replica_to_one_checkpoint(
         replicas, tmp_path, revert_order):
