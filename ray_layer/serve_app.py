@@ -26,6 +26,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import ray
@@ -41,7 +42,7 @@ from orchestrator import metric_catalogue as catalogue
 from orchestrator.serving import protocol
 from orchestrator.serving.generation import (Chunk, GenerationRequest, GenerationResult,
                                              SamplingParams)
-from orchestrator.serving.loading import pin_checkpoint
+from orchestrator.serving.loading import model_directories, pin_checkpoint
 from orchestrator.serving.protocol import APIError
 from orchestrator.serving.retries import (ROUTABLE_STATES, DeploymentState, gather_or_cancel,
                                           is_engine_lost, replacing, replicas_in,
@@ -677,6 +678,11 @@ def app(args: dict[str, Any] | None = None) -> serve.Application:
     # options are applied after it), so the replicas pin the one named there, or the newest
     # pretrain-* run, once for this build (loading.pin_once).
     checkpoint = str(pin_checkpoint(settings.checkpoint)) if settings.checkpoint else ""
+    # A run dir named: its directory, so that replicas pin the run again once training's
+    # keep_checkpoints rotation deletes the checkpoint pinned here (without it, every replica
+    # started after failed: "does not exist"). A checkpoint named is served only as itself.
+    run = (str(Path(checkpoint).parent)
+           if checkpoint and model_directories(settings.checkpoint)[1] else "")
     log.info("serving checkpoint %s", checkpoint or "named in the model's user_config (none: "
              "the newest pretrain-* run), pinned by its first replica")
     resources = replica_resources(settings)
@@ -696,7 +702,7 @@ def app(args: dict[str, Any] | None = None) -> serve.Application:
         # The ingress logs every HTTP request; a second line per request from the model hop
         # says nothing new and costs CPU on the serving path (~10-30% QPS here, measured).
         logging_config={"enable_access_log": False},
-    ).bind(arguments, build)
+    ).bind(arguments, build, run)
     # The Ingress holds each request's connection while the model generates: stopped sooner
     # (Serve's default 20 s), it cut them on an args redeploy however long the model waited.
     return Ingress.options(num_replicas=settings.ingress_replicas,

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import ray
@@ -115,12 +116,13 @@ class GPTModel:
     """The model replica deployment: holds one loaded model, batches requests dynamically and
     generates with a KV cache; reloads on a new checkpoint and reports its health to Serve."""
 
-    def __init__(self, settings: dict[str, Any], build: str = "") -> None:
+    def __init__(self, settings: dict[str, Any], build: str = "", run: str = "") -> None:
         """`build`: the app build this replica belongs to (serve_app.app names each): its
         checkpoint pins are that build's, so an app deployed afresh resolves its run dirs
-        afresh."""
+        afresh. `run`: the run dir the app's args named, which the builder pinned to the
+        settings' checkpoint ("" when they named none, or a checkpoint)."""
         self.settings = ServeSettings.from_args(settings)
-        self.build = build
+        self.build, self.run = build, run
         torch.set_num_threads(self.settings.torch_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.deployment = serve.get_replica_context().deployment
@@ -247,13 +249,13 @@ class GPTModel:
         the directory the deployment pinned for it (loading.pin_once). Without the pin store
         (outside a Serve replica, or without Ray) this replica resolves it alone."""
         try:
-            pin = pin_once(self._pin_store(), requested, self.pin)
+            pin = pin_once(self._pin_store(), requested, self.pin, self._resolve)
         except CheckpointError:
             raise
         except Exception as e:  # the store, not the checkpoint
             log.warning("could not share the checkpoint pin (%s): this replica resolves %r "
                         "alone", e, requested)
-            pin = CheckpointPin(requested, str(resolve_checkpoint(requested)), 0)
+            pin = CheckpointPin(requested, str(self._resolve(requested)), 0)
         served = self.pin
         if self.loaded is not None and served is not None and (
                 (pin.requested, pin.directory) == (served.requested, served.directory)):
@@ -268,6 +270,14 @@ class GPTModel:
         # afresh while the others still loaded this pin, and replicas served two checkpoints.)
         loaded.requested = requested or loaded.requested  # (/v1/models: what was named)
         return loaded, pin
+
+    def _resolve(self, requested: str) -> Path:
+        """loading.resolve_checkpoint; the checkpoint the app pinned from the run dir its args
+        named, once deleted (training's keep_checkpoints rotation), resolves that run anew:
+        its newest whole checkpoint then, as a run dir named in the user_config does."""
+        if self.run and requested == self.settings.checkpoint and not Path(requested).exists():
+            return resolve_checkpoint(self.run)
+        return resolve_checkpoint(requested)
 
     async def _pin_superseded(self) -> bool:
         """Whether the deployment pinned the checkpoint this replica's config names anew since

@@ -129,6 +129,47 @@ def test_a_replica_out_of_memory_leaves_the_pin_that_others_are_loading(replicas
     assert b.loaded is None
     assert a.loaded.path == c.loaded.path == first
 
+
+def test_a_run_dir_in_the_args_is_pinned_again_once_rotation_deletes_its_checkpoint(
+        replicas, tmp_path):
+    # `serve run ...:app checkpoint=<run>`: the app pins the run's newest checkpoint when it
+    # is built. Training's keep_checkpoints rotation deleted it, and every replica started
+    # after (autoscaling, a replacement) failed: "checkpoint .../checkpoint_00000003 does not
+    # exist" (a run dir named in the user_config was pinned again, as documented).
+    import shutil
+
+    from ray_layer import serve_app
+    import ray_layer.serve_model as serve_model
+
+    run = tmp_path / "pretrain-x"
+    built = [checkpoint(run, step) for step in (1, 2, 3)][-1]
+    model = serve_app.app({"accelerator": "cpu", "checkpoint": str(run),
+                           "batching": "static"})._bound_deployment.init_args[0]._bound_deployment
+    settings, *rest = model.init_args
+    assert settings["checkpoint"] == built
+
+    def replica():
+        made = serve_model.GPTModel.func_or_class({**settings, "torch_threads": 1}, *rest)
+        made.executor.shutdown(wait=False)
+        return made
+    early = replica()
+    asyncio.run(early.reconfigure(model.user_config))
+    newest = [checkpoint(run, step) for step in (4, 5, 6)][-1]
+    for step in (1, 2, 3):
+        shutil.rmtree(run / f"checkpoint_{step:08d}")
+    later, last = replica(), replica()
+    asyncio.run(later.reconfigure(model.user_config))
+    checkpoint(run, 7)
+    asyncio.run(last.reconfigure(model.user_config))
+    assert early.loaded.path == built and later.loaded.path == last.loaded.path == newest
+    # A checkpoint named in the args is served as long as it exists, never another.
+    named = serve_app.app({"accelerator": "cpu", "checkpoint": newest,
+                           "batching": "static"})._bound_deployment.init_args[0]._bound_deployment
+    settings, *rest = named.init_args
+    shutil.rmtree(newest)
+    with pytest.raises(RuntimeError, match="does not exist"):
+        asyncio.run(replica().reconfigure(named.user_config))
+
 @pytest.mark.parametrize("revert_order", ["refused_one_last", "refused_one_first"])
 def test_reverting_a_reload_one_replica_refused_brings_every_replica_to_one_checkpoint(
         replicas, tmp_path, revert_order):
@@ -254,15 +295,15 @@ def test_the_app_builds_without_a_checkpoint_in_its_args(monkeypatch, tmp_path):
     monkeypatch.setattr(serve_app, "default_checkpoint", no_default_run, raising=False)
     built = serve_app.app({"accelerator": "cpu"})
     model = built._bound_deployment.init_args[0]._bound_deployment
-    settings, build = model.init_args
-    assert settings["checkpoint"] == "" and build  # the replicas pin it, once per build
+    settings, build, run_dir = model.init_args
+    assert settings["checkpoint"] == "" and build and run_dir == ""  # the replicas pin it
     assert model.user_config["checkpoint"] == ""
     # Named in the args, it is pinned when the app is built (a wrong path fails the deploy).
     run = tmp_path / "run"
     newest = checkpoint(run, 1)
     built = serve_app.app({"accelerator": "cpu", "checkpoint": str(run)})
-    settings, _ = built._bound_deployment.init_args[0]._bound_deployment.init_args
-    assert settings["checkpoint"] == newest
+    settings, _, run_dir = built._bound_deployment.init_args[0]._bound_deployment.init_args
+    assert settings["checkpoint"] == newest and run_dir == str(run)
     with pytest.raises(CheckpointError, match="does not exist"):
         serve_app.app({"accelerator": "cpu", "checkpoint": str(tmp_path / "missing")})
 
