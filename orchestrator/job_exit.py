@@ -31,10 +31,16 @@ def without_colour(text: str) -> str:
 
 
 def last_exception(text: str) -> str | None:
-    """The last top-level `Name: message` line in `text` and what follows it, as one line
-    (what went wrong, at the end of a traceback), colour codes removed; None if it has none."""
+    """The last top-level `Name: message` line in `text`, or the unindented line ending a
+    traceback's frames (an exception without a message: 'AssertionError', 'pkg.Lost'), and
+    what follows it, as one line (what went wrong, at the end of a traceback), colour codes
+    removed; None if it has none."""
     lines = without_colour(text).splitlines()
-    starts = [i for i, line in enumerate(lines) if EXCEPTION_LINE.match(line)]
+    starts, in_frames = [], False
+    for i, line in enumerate(lines):
+        if EXCEPTION_LINE.match(line) or (in_frames and line[:1] not in ("", " ", "\t")):
+            starts.append(i)
+        in_frames = line.startswith('  File "') or (in_frames and line[:1] in (" ", "\t"))
     if not starts:
         return None
     return " ".join(line.strip() for line in lines[starts[-1]:] if line.strip())
@@ -47,13 +53,16 @@ def on_one_line(text: str) -> str:
 
 def one_line_error(text: str) -> str:
     """An error message that carries a traceback (Serve's for replicas that failed to start:
-    some KB of it) as its first line and the traceback's last exception, on one line; any
-    other message as it is, colour codes removed."""
+    some KB of it) as its first line and the traceback's last exception (last_exception: one
+    without a message too), on one line, or its first line alone where the traceback was cut
+    before its exception; any other message as it is, colour codes removed."""
     plain = without_colour(text).strip()
     tail = last_exception(plain)
-    if tail is None or '\n  File "' not in plain:
+    if '\n  File "' not in plain:
         return plain
     first = plain.splitlines()[0].strip()
+    if tail is None:  # (a traceback cut before its exception: not its frames)
+        return first
     if first.startswith("Traceback") or EXCEPTION_LINE.match(first):
         return tail
     return f"{first} {tail}"

@@ -343,3 +343,37 @@ def test_a_deployment_that_failed_to_start_is_told_in_one_line_not_serves_traceb
     # A message without a traceback is kept as Serve wrote it.
     plain = DeploymentState("UPDATING", {"STARTING": 2}, "Scaling up to 2 replicas.")
     assert "Scaling up to 2 replicas.)" in untaken_error(60, "GPTModel", plain).message
+
+
+def test_serves_message_ending_in_an_exception_without_a_message_is_one_line():
+    """A replica constructor failing on a bare `assert` (or `raise SomeError`) ends the
+    traceback in a line with no colon: 'AssertionError'. The last `Name: message` line was
+    then Serve's wrapping 'RuntimeError: Traceback (most recent call last):', and the 503
+    carried the replica's frames (server paths, source lines) after it; a chained traceback
+    whose last exception has no message carried the whole second traceback."""
+    from orchestrator.job_exit import one_line_error
+
+    head = ("The deployment failed to start 3 times in a row. This may be due to a problem "
+            "with its constructor or initial health check failing. See controller logs for "
+            "details. Error:")
+    serve_wrapped = (
+        head + "\n\x1b[36mray::ServeReplica:gpt:GPTModel.initialize_and_get_metadata()\x1b[39m "
+        "(pid=15620)\n"
+        '  File "/venv/ray/serve/_private/replica.py", line 1928, in initialize\n'
+        "    raise RuntimeError(traceback.format_exc()) from None\n"
+        "RuntimeError: Traceback (most recent call last):\n"
+        '  File "/repo/ray_layer/serve_model.py", line 40, in __init__\n'
+        "    assert torch.cuda.is_available()\n"
+        "           ^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+        "AssertionError\n")
+    assert one_line_error(serve_wrapped) == f"{head} AssertionError"
+    chained = (
+        "Deployment failed:\nTraceback (most recent call last):\n"
+        '  File "a.py", line 1, in <module>\n    x()\nValueError: bad\n\n'
+        "During handling of the above exception, another exception occurred:\n\n"
+        'Traceback (most recent call last):\n  File "b.py", line 2, in <module>\n    y()\n'
+        '  File "c.py", line 3, in y\n    raise Lost\nmodule.sub.Lost\n')
+    assert one_line_error(chained) == "Deployment failed: module.sub.Lost"
+    # A traceback cut before its exception: Serve's first line, not the frames.
+    cut = 'Deployment failed:\nTraceback (most recent call last):\n  File "a.py", line 1\n    x()\n'
+    assert one_line_error(cut) == "Deployment failed:"
