@@ -290,9 +290,10 @@ class Ingress:
         does not answer, Serve's view says (retries.unanswered_health): 200 while replicas
         serve (a hot reload's updating ones), 200 "scaled_to_zero" when autoscaling removed
         them all (min_replicas 0), 200 "starting" while it starts one Serve can place, or
-        one in place of a lost one (for up to replica_wait_s), 503 otherwise. Serve's
-        controller is asked only then, so /health does not depend on it while replicas
-        answer. (Serve's own liveness route is the proxy's /-/healthz.)"""
+        one in place of a lost one (for up to replica_wait_s; "ok" where another runs, even if
+        the one asked was the one lost), 503 otherwise. Serve's controller is asked only
+        then, so /health does not depend on it while replicas answer. (Serve's own liveness
+        route is the proxy's /-/healthz.)"""
         error = None
         if await self._replica_to_ask():
             try:

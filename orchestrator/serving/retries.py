@@ -162,11 +162,11 @@ REPLACING_MARK = "A replica's health check failed"
 
 
 def replacing(state: DeploymentState) -> int:
-    """Replicas Serve starts in place of a lost one while none other serves (0: not so)."""
+    """Replicas Serve starts in place of a lost one, others serving or not (0: not so)."""
     active = {name for name, count in state.replicas.items()
               if count and name not in ("STOPPING", "STOPPED")}
     if state.status == "UNHEALTHY" and REPLACING_MARK in state.message \
-            and active == {"STARTING"}:
+            and "STARTING" in active and active <= {"STARTING", *SERVING_STATES}:
         return state.replicas["STARTING"]
     return 0
 
@@ -187,9 +187,10 @@ def unanswered_health(deployment: str, state: DeploymentState | str,
       - scaled to zero (none wanted: nothing but stopping ones): 200 "scaled_to_zero";
       - starting replicas (for a request, at a scale-up) that Serve does not say it cannot
         place: 200 "starting", with Serve's view;
-      - a replica starting in place of a lost one, none other serving (`replacing`; the one
-        asked may be the one lost): 200 "starting" until the caller has seen it so for
-        `starting_for_s` over `start_limit_s`;
+      - a replica starting in place of a lost one (`replacing`; the one asked may be the one
+        lost): none other serving, 200 "starting", and another serving, 200 "ok" even if the
+        one asked did not answer, until the caller has seen it so for `starting_for_s` over
+        `start_limit_s`;
       - else (a running replica that failed to answer, replicas Serve cannot schedule, a
         failed deploy, replicas unable to start, Serve unreachable): 503 "unavailable", with
         Serve's view and the error."""
@@ -199,9 +200,11 @@ def unanswered_health(deployment: str, state: DeploymentState | str,
                      "error": f"{why}Serve's view of {deployment} is unknown: {state}"}
     described = _described(deployment, state)
     replacements = replacing(state)
-    if replacements and starting_for_s <= start_limit_s:
+    serving = replicas_in(state, SERVING_STATES)
+    replacing_now = replacements and starting_for_s <= start_limit_s
+    if replacing_now and not serving:
         return 200, {"status": "starting", "starting": replacements, "serve": described}
-    if replicas_in(state, SERVING_STATES) and not (error and replicas_in(state, ROUTABLE_STATES)):
+    if serving and (replacing_now or not (error and replicas_in(state, ROUTABLE_STATES))):
         return 200, {"status": "ok", "serve": described}
     active = {name for name, count in state.replicas.items()
               if count and name not in ("STOPPING", "STOPPED")}
@@ -212,7 +215,7 @@ def unanswered_health(deployment: str, state: DeploymentState | str,
             return 200, {"status": "scaled_to_zero", "starting": 0}
         return 200, {"status": "starting", "starting": starting, "serve": described}
     head = (f"no {deployment} replica has started within {start_limit_s:g} s of Serve "
-            "replacing a lost one") if replacements \
+            "replacing a lost one") if replacements and not serving \
         else f"the {deployment} replica asked did not answer: {error}" if error \
         else f"no {deployment} replica can be scheduled" if unschedulable \
         else f"no {deployment} replica is running"

@@ -377,3 +377,27 @@ def test_serves_message_ending_in_an_exception_without_a_message_is_one_line():
     # A traceback cut before its exception: Serve's first line, not the frames.
     cut = 'Deployment failed:\nTraceback (most recent call last):\n  File "a.py", line 1\n    x()\n'
     assert one_line_error(cut) == "Deployment failed:"
+
+
+def test_health_while_serve_replaces_a_lost_replica_beside_a_running_one_is_ok():
+    # A two-replica deployment, one replica killed: Serve marks it UNHEALTHY while the
+    # replacement starts, the other serves. /health that asked the lost one (still in this
+    # router's list) said 503 "the replica asked did not answer" - where a one-replica
+    # deployment in the same plight says 200 "starting": the healthier deployment paged.
+    from orchestrator.serving.retries import DeploymentState, replacing, unanswered_health
+
+    state = DeploymentState("UNHEALTHY", {"RUNNING": 1, "STARTING": 1}, (
+        "A replica's health check failed. This deployment will be UNHEALTHY until the replica "
+        "recovers or a new deploy happens."))
+    assert replacing(state) == 1
+    for error in (None, "ActorDiedError: The actor died unexpectedly before finishing"):
+        code, body = unanswered_health("GPTModel", state, error, starting_for_s=3.0,
+                                       start_limit_s=60.0)
+        assert (code, body["status"]) == (200, "ok"), body
+        assert body["serve"].startswith("GPTModel is UNHEALTHY, replicas: 1 running, 1 "
+                                        "starting; A replica's health check failed.")
+    # Past the bound, a running replica that failed to answer is an outage again.
+    code, body = unanswered_health("GPTModel", state, "TimeoutError: no answer within 5 s",
+                                   starting_for_s=61.0, start_limit_s=60.0)
+    assert code == 503 and body["error"].startswith(
+        "the GPTModel replica asked did not answer: TimeoutError"), body
