@@ -12,9 +12,10 @@ Refused, with the reason: a structurally pruned model (layers of different width
 one width), and a learnable attention span that does not cover the whole context (GPT-2 has
 no span; a span that covers it is an exact no-op and is dropped).
 
-`load_hf_weights` goes the other way for `--init-from`: a GPT-2-shaped Hugging Face model
-directory (config.json + model.safetensors) becomes the starting weights of a run; a
-config.json whose attention ours cannot compute (ATTENTION_SETTINGS) is refused.
+The other way, for `--init-from`, is orchestrator.hf_import's `load_hf_weights`: a
+GPT-2-shaped Hugging Face model directory (config.json + model.safetensors) becomes the
+starting weights of a run; this module checks such a directory before the run starts (a
+config.json whose attention ours cannot compute, ATTENTION_SETTINGS, is refused).
 """
 from __future__ import annotations
 
