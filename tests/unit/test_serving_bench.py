@@ -128,6 +128,19 @@ def test_a_round_that_answered_nothing_gives_no_ratio():
     assert figures["batching_speedup"] == 10.0
 
 
+def stop_at_model_alone(monkeypatch) -> list:
+    """The benchmark stops (RuntimeError "stop") as its model-alone phase starts, before any
+    Ray; the list returned gets the checkpoint that phase was handed."""
+    handed = []
+
+    def stop(checkpoint, *_):
+        handed.append(checkpoint)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(bench, "model_alone", stop)
+    return handed
+
+
 def test_the_fresh_checkpoints_folder_is_removed_when_the_benchmark_ends(tmp_path,
                                                                           monkeypatch):
     # Two small GPTs in a bench-serve-* folder were left behind by every run (here it stops
@@ -135,13 +148,7 @@ def test_the_fresh_checkpoints_folder_is_removed_when_the_benchmark_ends(tmp_pat
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    written = []
-
-    def stop(checkpoint, *_):
-        written.append(checkpoint)
-        raise RuntimeError("stop")
-
-    monkeypatch.setattr(bench, "model_alone", stop)
+    written = stop_at_model_alone(monkeypatch)
     with pytest.raises(RuntimeError, match="stop"):
         bench.main(["--model-size", "tiny", "--context", "328"])
     assert written and written[0].startswith(str(tmp_path))  # it did write them there
@@ -377,13 +384,7 @@ def test_no_fresh_model_is_made_where_both_checkpoints_are_given(tmp_path, monke
 
     model = str(save_untrained_checkpoint(tmp_path / "mine", "tiny", seq_len=400))
     monkeypatch.setattr(bench, "fresh_checkpoints", lambda *a: pytest.fail("fresh models"))
-    served = []
-
-    def stop(checkpoint, *_):
-        served.append(checkpoint)
-        raise RuntimeError("stop")
-
-    monkeypatch.setattr(bench, "model_alone", stop)
+    served = stop_at_model_alone(monkeypatch)
     with pytest.raises(RuntimeError, match="stop"):
         bench.main(["--checkpoint", model, "--reload-checkpoint", model, "--context", "100000"])
     assert served == [model]
