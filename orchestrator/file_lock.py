@@ -120,6 +120,24 @@ def flock_held(f: IO) -> bool | None:
 
 
 @contextlib.contextmanager
+def created_locked(path: Path, mode: str = "w") -> Iterator[IO]:
+    """`path` created and opened, its flock held (flock_held: a sweep leaves it alone even
+    where the writer's pid means nothing to it, a container sharing this host's name) before
+    it bears its name: created as `<path>.new` and renamed once locked, since a sweep between
+    a creation and its lock took the file, unlocked, for a dead writer's and removed it.
+    Without flock on the filesystem, only the name is given (the pid then decides)."""
+    unnamed = path.with_name(f"{path.name}.new")  # (no name a sweep looks for)
+    try:
+        with open(unnamed, mode) as f:
+            with contextlib.suppress(OSError):  # (a filesystem without flock)
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.replace(unnamed, path)
+            yield f
+    finally:
+        unnamed.unlink(missing_ok=True)  # (a failure before the rename: not left behind)
+
+
+@contextlib.contextmanager
 def claimed(path: Path, busy: Callable[[str], Exception],
             cannot: Callable[[str], Exception]) -> Iterator[LockState]:
     """file_lock(path) for the block (a run directory's, a compression --out's), its refusals

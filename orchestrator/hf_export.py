@@ -19,8 +19,6 @@ config.json whose attention ours cannot compute, ATTENTION_SETTINGS, is refused)
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -30,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import MODEL_PRESETS
-from orchestrator.file_lock import flock_held, process_alive
+from orchestrator.file_lock import created_locked, flock_held, process_alive
 from orchestrator.hf_files import CONFIG_FILE, SAFETENSORS_FILE, ExportError
 from orchestrator.hf_import import (BLOCK_NAMES, FLOAT_DTYPES, NOT_FLOAT, TOP_NAMES, check_tied,
                                     hf_name, weight_files)
@@ -319,15 +317,9 @@ def _write_export(model, tokenizer: Tokenizer, out: Path) -> list[Path]:
     staging = out / f"{STAGING_PREFIX}{_staging_owner()}"
     staging.mkdir()
     try:
-        unnamed = staging / f"{STAGING_MARKER}.new"
-        with open(unnamed, "w") as marker:
-            # held while exporting: another export's sweep leaves this one alone even where
-            # our pid means nothing to it (a container sharing this host's name)
-            with contextlib.suppress(OSError):  # (a filesystem without flock: the pid's word)
-                fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # Named the marker only once locked: a sweep in between (another export's) took
-            # it, unlocked, for a dead export's and removed this staging directory under it.
-            os.replace(unnamed, staging / STAGING_MARKER)
+        # The marker's flock held while exporting: another export's sweep leaves this one
+        # alone even where our pid means nothing to it (a container sharing this host's name)
+        with created_locked(staging / STAGING_MARKER):
             names = _write_hf_files(model, tokenizer, staging)
             _move_into_place(staging, names, out)
     finally:

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from orchestrator.file_lock import file_lock, flock_held, process_alive
+from orchestrator.file_lock import created_locked, file_lock, flock_held, process_alive
 from orchestrator.training.corpus import (DataError, Document, SourceFile, is_held_out,
                                           iter_documents, place)
 
@@ -693,23 +693,16 @@ def _copy_to_local(fs: pafs.FileSystem, directory: str, local: Path,
             if target.exists() and target.stat().st_size == shard["tokens"] * itemsize:
                 continue  # copied by an earlier attempt on this node
             tmp = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-            unnamed = tmp.with_name(f"{tmp.name}.new")  # (no copy's name: never swept)
             try:
+                # locked until renamed: a sweep that cannot see this pid leaves it alone
                 with fs.open_input_stream(f"{directory}/{shard['file']}") as src, \
-                        open(unnamed, "wb") as dst:
-                    # held until renamed: a sweep that cannot see this pid leaves it alone
-                    with contextlib.suppress(OSError):  # (a filesystem without flock)
-                        fcntl.flock(dst, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    # Named a copy only once locked: a sweep in between took it, unlocked,
-                    # for a dead worker's and removed it under the copy.
-                    os.replace(unnamed, tmp)
+                        created_locked(tmp, "wb") as dst:
                     while chunk := src.read(8 << 20):
                         dst.write(chunk)
                     dst.flush()
                     os.replace(tmp, target)
             except BaseException:
-                for left in (tmp, unnamed):  # (a failed read, a full disk: not left behind)
-                    left.unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)  # (a failed read, a full disk: not left behind)
                 raise
 
 

@@ -915,6 +915,7 @@ def test_a_copy_is_never_swept_before_it_holds_its_flock(corpus, tmp_path, monke
     # A sweep from a container sharing the host's name (this pid not seen there) between the
     # copy's creating its file and locking it: the file, unlocked, read as a dead worker's
     # and was removed under it (its rename then failed: FileNotFoundError).
+    from orchestrator import file_lock
     from tests.support import sweep_when_first_locked
 
     plan = plan_data([str(corpus)], cache_root=str(tmp_path / "cache"))
@@ -923,7 +924,8 @@ def test_a_copy_is_never_swept_before_it_holds_its_flock(corpus, tmp_path, monke
     remote = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())
     local = tmp_path / "copied"
     # the other container's sweep, at that moment
-    swept = sweep_when_first_locked(monkeypatch, shards,
+    # (file_lock.created_locked takes the copy's flock)
+    swept = sweep_when_first_locked(monkeypatch, file_lock,
                                     lambda: shards._sweep_dead_copies(local))
     monkeypatch.setattr(shards, "process_alive", lambda pid: False)  # not seen from there
     shards._copy_to_local(remote, plan.cache_uri, local, manifest)

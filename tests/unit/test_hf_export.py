@@ -988,14 +988,14 @@ def test_an_export_is_never_swept_before_it_holds_its_markers_flock(tmp_path, mo
     # creating its marker and locking it: the marker, unlocked, read as a dead export's, and
     # its staging directory was removed under it (with flock, the pid is not asked).
     from jobs import export
-    from orchestrator import hf_export
+    from orchestrator import file_lock, hf_export
 
     from tests.support import sweep_when_first_locked
 
     save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000003", step=3)
     out = tmp_path / "out"
-    # the other export's sweep, at that moment
-    swept = sweep_when_first_locked(monkeypatch, hf_export,
+    # the other export's sweep, at that moment (file_lock.created_locked takes the flock)
+    swept = sweep_when_first_locked(monkeypatch, file_lock,
                                     lambda: hf_export._remove_stale_staging(out))
     assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
     assert swept and (out / "model.safetensors").is_file()
