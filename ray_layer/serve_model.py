@@ -272,12 +272,10 @@ class GPTModel:
         return loaded, pin
 
     def _resolve(self, requested: str) -> Path:
-        """loading.resolve_checkpoint; the checkpoint the app pinned from the run dir its args
-        named, once deleted (training's keep_checkpoints rotation), resolves that run anew:
-        its newest whole checkpoint then, as a run dir named in the user_config does."""
-        if self.run and requested == self.settings.checkpoint and not Path(requested).exists():
-            return resolve_checkpoint(self.run)
-        return resolve_checkpoint(requested)
+        """loading.resolve_checkpoint, told the run dir the app's args named where `requested`
+        is the checkpoint the app pinned from it."""
+        return resolve_checkpoint(requested,
+                                  self.run if requested == self.settings.checkpoint else "")
 
     async def _pin_superseded(self) -> bool:
         """Whether the deployment pinned the checkpoint this replica's config names anew since

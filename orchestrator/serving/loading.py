@@ -207,8 +207,13 @@ def _whole(directory: Path) -> Path:
     return directory
 
 
-def resolve_checkpoint(requested: str) -> Path:
-    """pin_checkpoint of what a config named, "" being the newest pretrain-* run."""
+def resolve_checkpoint(requested: str, run: str = "") -> Path:
+    """pin_checkpoint of what a config named, "" being the newest pretrain-* run. `run`: the
+    run dir `requested` was pinned from (an app's args naming a run): once training's
+    keep_checkpoints rotation has deleted `requested`, that run resolves anew, its newest
+    whole checkpoint then, as a run dir named in the user_config does."""
+    if run and requested and not Path(requested).exists():
+        return pin_checkpoint(run)
     return pin_checkpoint(requested or default_checkpoint())
 
 
