@@ -510,8 +510,6 @@ def export_stage(directory: Path) -> tuple[Any, Tokenizer, str]:
     differ), with the pruning that would; CheckpointError when it cannot be read or its
     logits are not finite."""
     from orchestrator.compression.pipeline import exportable_stage
-    from orchestrator.serving.loading import _forward_problem
-    from orchestrator.training.checkpoint import CheckpointError
 
     model, tokenizer, stage = exportable_stage(directory)
     try:
@@ -519,9 +517,7 @@ def export_stage(directory: Path) -> tuple[Any, Tokenizer, str]:
     except ExportError as e:
         pruned = model.config.n_heads_per_layer is not None or model.config.mlp_hidden
         raise ExportError(f"{e}{ONE_WIDTH_PRUNING if pruned else ''}") from None
-    problem = _forward_problem(model, str(directory), "cpu")
-    if problem:
-        raise CheckpointError(f"{problem} (its weights diverged): it is not exported")
+    _refuse_diverged(model, directory)
     return model, tokenizer, stage
 
 
@@ -531,7 +527,6 @@ def _load_exportable(directory: Path):
     permission: the checkpoint's problem, not --out's) or its logits are not finite (a
     diverged run: transformers would give NaN too). Serving's forward probe decides, so a run
     directory falls back to the checkpoint serving would load."""
-    from orchestrator.serving.loading import _forward_problem
     from orchestrator.training.checkpoint import CheckpointError, newest_usable_checkpoint
 
     try:
@@ -539,10 +534,19 @@ def _load_exportable(directory: Path):
                                          check=_training_checkpoint_only)
     except OSError as e:
         raise CheckpointError(f"checkpoint {directory} cannot be read: {e}") from None
-    problem = _forward_problem(found[2], str(directory), "cpu")
+    _refuse_diverged(found[2], directory)
+    return found
+
+
+def _refuse_diverged(model, directory: Path) -> None:
+    """CheckpointError where `model`'s logits are not finite (serving's forward probe
+    decides): transformers would give NaN too."""
+    from orchestrator.serving.loading import _forward_problem
+    from orchestrator.training.checkpoint import CheckpointError
+
+    problem = _forward_problem(model, str(directory), "cpu")
     if problem:
         raise CheckpointError(f"{problem} (its weights diverged): it is not exported")
-    return found
 
 
 def _training_checkpoint_only(directory: Path) -> None:

@@ -241,6 +241,7 @@ def has_checkpoints(run_dir: Path) -> bool:
 
 CHECKPOINT_PREFIX = "checkpoint_"
 _STEP_NAMED = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)(?:_(.*))?$")
+CHECKPOINT_TIME = "%Y-%m-%d_%H-%M-%S.%f"  # (UTC) in checkpoint_name, read by checkpoint_written
 
 
 def checkpoint_name(step: int, written_at: float | None = None) -> str:
@@ -253,7 +254,7 @@ def checkpoint_name(step: int, written_at: float | None = None) -> str:
     if written_at is None:
         return name
     stamp = dt.datetime.fromtimestamp(written_at, dt.timezone.utc)
-    return f"{name}_{stamp.strftime('%Y-%m-%d_%H-%M-%S.%f')}"
+    return f"{name}_{stamp.strftime(CHECKPOINT_TIME)}"
 
 
 def checkpoint_age(path: str | Path) -> tuple:
@@ -622,7 +623,7 @@ def checkpoint_written(path: Path) -> float:
     step_named = _STEP_NAMED.match(path.name)
     if step_named and step_named.group(2):
         try:
-            return dt.datetime.strptime(step_named.group(2), "%Y-%m-%d_%H-%M-%S.%f").replace(
+            return dt.datetime.strptime(step_named.group(2), CHECKPOINT_TIME).replace(
                 tzinfo=dt.timezone.utc).timestamp()
         except ValueError:  # (not checkpoint_name's: the directory's time, then)
             pass
