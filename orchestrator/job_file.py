@@ -324,6 +324,7 @@ def launcher_problems(launcher: dict[str, Any]) -> list[str]:
             is_int(launcher["keep_checkpoints"]) and launcher["keep_checkpoints"] >= 1):
         p.append(f"keep_checkpoints must be an integer >= 1 or null/None (keep every one), got "
                  f"{launcher['keep_checkpoints']!r}")
-    if "stuck_timeout_s" in launcher and stuck_timeout_problem(launcher["stuck_timeout_s"]):
-        p.append(stuck_timeout_problem(launcher["stuck_timeout_s"]))
+    stuck = launcher.get("stuck_timeout_s")
+    if "stuck_timeout_s" in launcher and (why := stuck_timeout_problem(stuck)):
+        p.append(why)
     return p

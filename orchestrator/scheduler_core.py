@@ -885,8 +885,8 @@ class SchedulerCore:
         on purpose (`retired`), now or at an earlier tick (self.retired)."""
         expired, lost = self.state.expire(now)
         self._forget_dead_nodes(now)
-        if retired or self.retired:  # (node ids are never reused; forgotten with the node)
-            self.retired = {n for n in self.retired.union(retired) if n in self.state.reports}
+        # (node ids are never reused; dropped as the node is forgotten: _forget_dead_nodes)
+        self.retired.update(n for n in retired if n in self.state.reports)
         # A migration whose target went silent: withdrawn as when Ray lists it dead (it made
         # the job restart for nothing; the move is made afresh once the node reports again)
         self._withdraw_lost_migrations(set(lost))
@@ -935,6 +935,7 @@ class SchedulerCore:
         if not gone:
             return
         self.state.forget(gone)
+        self.retired.difference_update(gone)
         self._awaits_memo = (math.nan, {})  # (answers of this moment, made before)
         for node in gone:
             self.refused_nodes.pop(node, None)
