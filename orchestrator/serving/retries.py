@@ -161,10 +161,15 @@ UNSCHEDULABLE_MARK = "to be scheduled"
 REPLACING_MARK = "A replica's health check failed"
 
 
+def _active(state: DeploymentState) -> set[str]:
+    """The replica states some replica of the deployment is in, stopping ones left out."""
+    return {name for name, count in state.replicas.items()
+            if count and name not in ("STOPPING", "STOPPED")}
+
+
 def replacing(state: DeploymentState) -> int:
     """Replicas Serve starts in place of a lost one, others serving or not (0: not so)."""
-    active = {name for name, count in state.replicas.items()
-              if count and name not in ("STOPPING", "STOPPED")}
+    active = _active(state)
     if state.status == "UNHEALTHY" and REPLACING_MARK in state.message \
             and "STARTING" in active and active <= {"STARTING", *SERVING_STATES}:
         return state.replicas["STARTING"]
@@ -206,8 +211,7 @@ def unanswered_health(deployment: str, state: DeploymentState | str,
         return 200, {"status": "starting", "starting": replacements, "serve": described}
     if serving and (replacing_now or not (error and replicas_in(state, ROUTABLE_STATES))):
         return 200, {"status": "ok", "serve": described}
-    active = {name for name, count in state.replicas.items()
-              if count and name not in ("STOPPING", "STOPPED")}
+    active = _active(state)
     unschedulable = UNSCHEDULABLE_MARK in state.message
     if state.status in SCALED_TO_ZERO_STATUSES and active <= {"STARTING"} and not unschedulable:
         starting = state.replicas.get("STARTING", 0)
