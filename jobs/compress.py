@@ -23,7 +23,7 @@ from orchestrator.compression.prune import SCOPES
 from orchestrator.compression.structured import IMPORTANCE, STRUCTURES
 from orchestrator.config import MODEL_PRESETS, ConfigError
 from orchestrator.help_format import DefaultsHelpFormatter
-from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, JobFailed, run_job
+from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, JobFailed, on_one_line, run_job
 from orchestrator.validation import expand_home
 
 
@@ -149,7 +149,7 @@ def out_of_memory_message(config: CompressConfig, block_size: int, error: Except
     --out; the report's may change on a rerun."""
     from orchestrator.training.loop import OUT_OF_MEMORY_MARKS
 
-    text = " ".join(str(error).split())
+    text = on_one_line(str(error))
     start = min((text.find(mark) for mark in OUT_OF_MEMORY_MARKS if mark in text), default=0)
     return (f"out of memory: {text[start:start + 200]}; the fine-tunes take --batch-size "
             f"{config.batch_size} x --seq-len {config.seq_len or block_size} tokens a step "

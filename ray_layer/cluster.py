@@ -20,6 +20,7 @@ from typing import Callable
 
 import ray
 
+from orchestrator.job_exit import on_one_line
 from ray_layer.node_agent import ensure_agent
 from ray_layer.scheduler_actor import SchedulerActor
 from ray_layer.scheduler_client import (NAMESPACE, SCHEDULER_NAME, SchedulerNotRunning,
@@ -393,7 +394,7 @@ def runtime_env_problem(runtime_env: dict) -> str | None:
             RuntimeEnv(**({key: value} if key is not None else runtime_env))
         except Exception as e:  # ValueError, TypeError, a plugin schema's ValidationError
             where = f"runtime_env.{key}" if key is not None else "runtime_env"
-            return f"{where}: {' '.join(str(e).split())}{RUNTIME_ENV_HINTS.get(key, '')}"
+            return f"{where}: {on_one_line(str(e))}{RUNTIME_ENV_HINTS.get(key, '')}"
     return None
 
 
