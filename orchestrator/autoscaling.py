@@ -202,19 +202,26 @@ def _beyond_cluster_max(node_type: NodeType, nodes: int) -> bool:
     return node_type.cluster_max_workers is not None and nodes > node_type.cluster_max_workers
 
 
-def cluster_max_workers_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
-    """Why no plan holds `spec` when only the cluster's max_workers stands in the way (a type
-    would hold it with more nodes than the cluster may have), else None."""
-    cap = next((t.cluster_max_workers for t in node_types), None)  # (every type's alike)
-    defaulted = not all(t.cluster_max_workers_set for t in node_types)
-    uncapped = tuple(dataclasses.replace(t, cluster_max_workers=None) for t in node_types)
-    plan = scale_up_plan(spec, uncapped) if cap is not None else None
+def max_workers_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
+    """Why no plan holds `spec` when only max_workers stands in the way (a type would hold it
+    with more nodes than its own max_workers, or the cluster's, lets Ray launch), naming the
+    type, the bound(s) short and the figure to raise them to; else None."""
+    uncapped = tuple(dataclasses.replace(t, max_workers=math.inf, cluster_max_workers=None)
+                     for t in node_types)
+    plan = scale_up_plan(spec, uncapped)
     if plan is None:
         return None
-    node_type, nodes = plan
-    return (f"the autoscaler would need to add {nodes} x {node_type.name} node(s), but the "
-            f"cluster config's max_workers is {cap}"
-            + (" (Ray's default: the config sets none)" if defaulted else ""))
+    uncapped_type, nodes = plan
+    node_type = node_types[uncapped.index(uncapped_type)]
+    short = []
+    if nodes > node_type.max_workers:
+        short.append(f"node type {node_type.name!r} has max_workers {node_type.max_workers}")
+    if _beyond_cluster_max(node_type, nodes):
+        short.append(f"the cluster config's max_workers is {node_type.cluster_max_workers}"
+                     + ("" if node_type.cluster_max_workers_set
+                        else " (Ray's default: the config sets none)"))
+    return (f"the autoscaler would need to add {nodes} x {node_type.name} node(s), but "
+            f"{' and '.join(short)}: raise {'it' if len(short) == 1 else 'both'} to {nodes}")
 
 
 def unlabelled_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
@@ -248,7 +255,7 @@ def host_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | N
         return None
     largest = max(passed_over, key=lambda t: t.memory_gb)
     if largest.memory_gb + 1e-9 >= spec.min_host_memory_gb:
-        return None  # (one holds a worker: too few a node, which max_workers' note tells)
+        return None  # (one holds a worker: too few a node, which max_workers_note tells)
     return (f"each worker needs {spec.min_host_memory_gb:g} GiB of host RAM "
             f"(min_host_memory_gb), and the node type with the most, {largest.name!r}, has "
             f"{largest.memory_gb:.1f} GiB (its resources' memory)")

@@ -445,3 +445,33 @@ def test_a_job_no_node_types_ram_holds_is_refused_at_once_naming_need_and_larges
     waits = core.submit(JobSpec("w", num_workers=2, cpus_per_worker=4, min_host_memory_gb=600),
                         "d3", T0 + 3).decision
     assert isinstance(waits, Queued), waits
+
+
+def test_a_rejection_names_the_node_type_whose_max_workers_is_too_small():
+    """A type with the RAM (or GPUs) to hold every worker but a max_workers below the nodes the
+    job needs was passed over without a word: the job was refused naming only the nodes up,
+    and nothing said that raising that type's max_workers would do."""
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "small": {"resources": {"CPU": 16, "memory": 64 * GIB}, "max_workers": 5},
+        "bigmem": {"resources": {"CPU": 16, "memory": 512 * GIB}, "max_workers": 1}}})
+    fat = JobSpec("fat", num_workers=4, cpus_per_worker=4, min_host_memory_gb=300)
+    refused = core.submit(fat, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert ("the autoscaler would need to add 4 x bigmem node(s), but node type 'bigmem' has "
+            "max_workers 1: raise it to 4") in refused.message, refused.message
+    core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "a100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+                 "max_workers": 1}}})
+    sixteen = JobSpec("g", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    refused = core.submit(sixteen, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert ("2 x a100 node(s), but node type 'a100' has max_workers 1: raise it to 2"
+            ) in refused.message, refused.message
+    # Both bounds short: both named, on one line.
+    core.node_types = node_types_from_config({"max_workers": 1, "available_node_types": {
+        "a100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+                 "max_workers": 1}}})
+    refused = core.submit(sixteen, "d", T0).decision
+    assert ("2 x a100 node(s), but node type 'a100' has max_workers 1 and the cluster "
+            "config's max_workers is 1: raise both to 2") in refused.message, refused.message
