@@ -59,6 +59,13 @@ class NodeType:
     cluster_max_workers: int | None = None
     cluster_max_workers_set: bool = True  # False: RAY_DEFAULT_MAX_WORKERS, the config sets none
 
+    def summary(self) -> dict[str, Any]:
+        """What placement reads of the type, as status --json shows it (null: not stated)."""
+        return {"name": self.name, "cpus": self.cpus, "gpus": self.gpus,
+                "family": self.family or None, "gpu_memory_gb": self.gpu_memory_gb,
+                "memory_gb": self.memory_gb, "max_workers": self.max_workers,
+                "network_gbps": self.network_gbps}
+
     def workers_per_node(self, spec: JobSpec) -> int:
         by_cpu = math.floor(self.cpus / spec.cpus_per_worker + 1e-9) \
             if spec.cpus_per_worker else math.inf
@@ -200,6 +207,13 @@ def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...]
 def _beyond_cluster_max(node_type: NodeType, nodes: int) -> bool:
     # (Nodes of other types already up count against it too; they are not known here.)
     return node_type.cluster_max_workers is not None and nodes > node_type.cluster_max_workers
+
+
+def autoscaling_summary(node_types: tuple[NodeType, ...]) -> dict[str, Any]:
+    """The node types as status --json shows them, and the cluster's max_workers (null: no
+    node types known)."""
+    return {"max_workers": next((t.cluster_max_workers for t in node_types), None),
+            "node_types": [t.summary() for t in node_types]}
 
 
 def max_workers_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:

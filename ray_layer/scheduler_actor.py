@@ -18,6 +18,7 @@ import time
 import ray
 
 from orchestrator import metric_catalogue as catalogue
+from orchestrator.autoscaling import autoscaling_summary
 from orchestrator.config import JobSpec
 from orchestrator.inventory import NodeReport, silent_agent
 from orchestrator.placement import Placement, Queued, Rejection
@@ -236,7 +237,7 @@ class SchedulerActor:
                 "jobs": self.core.jobs(now),
                 "throughput": {"reference": self.throughput.reference,
                                "rows": self.throughput.rows()},
-                "autoscaling": {"node_types": [t.name for t in self.core.node_types],
+                "autoscaling": {**autoscaling_summary(self.core.node_types),
                                 "asked_for": list(self._scale_up_asked or [])},
             }
 

@@ -475,3 +475,30 @@ def test_a_rejection_names_the_node_type_whose_max_workers_is_too_small():
     refused = core.submit(sixteen, "d", T0).decision
     assert ("2 x a100 node(s), but node type 'a100' has max_workers 1 and the cluster "
             "config's max_workers is 1: raise both to 2") in refused.message, refused.message
+
+
+def test_status_json_shows_each_node_types_ram_gpus_cpus_and_max_workers():
+    """`status --json`'s autoscaling listed the node types' names alone: a user could not see
+    why a type was not chosen (too little RAM, too few GPUs, max_workers)."""
+    import threading
+    from types import SimpleNamespace
+
+    from ray_layer import scheduler_actor
+
+    actor_class = scheduler_actor.SchedulerActor.__ray_metadata__.modified_class
+    actor = object.__new__(actor_class)
+    actor.lock, actor.core = threading.RLock(), core_with(cpu_node("cpu", cpus=16))
+    actor.core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "bigmem": {"resources": {"CPU": 16, "memory": 512 * GIB}, "max_workers": 1},
+        "a100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+                 "labels": {"orchestrator.io/accelerator-memory-gb": "80"}}}})
+    actor.throughput = SimpleNamespace(reference=None, rows=lambda: [])
+    actor._scale_up_asked = [{"CPU": 1.0}]
+    autoscaling = json.loads(json.dumps(actor.snapshot()["autoscaling"]))
+    assert autoscaling == {
+        "max_workers": 10, "asked_for": [{"CPU": 1.0}],
+        "node_types": [
+            {"name": "bigmem", "cpus": 16.0, "gpus": 0, "family": None, "gpu_memory_gb": None,
+             "memory_gb": 512.0, "max_workers": 1, "network_gbps": None},
+            {"name": "a100", "cpus": 96.0, "gpus": 8, "family": "A100", "gpu_memory_gb": 80.0,
+             "memory_gb": None, "max_workers": 10, "network_gbps": None}]}

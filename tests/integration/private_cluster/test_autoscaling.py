@@ -64,7 +64,8 @@ snapshot = ray.get(scheduler.snapshot.remote())
 report = snapshot["reports"][node_id]
 print(json.dumps({
     "first": type(first).__name__, "first_reason": getattr(first, "reason", ""),
-    "node_types": snapshot["autoscaling"]["node_types"], "asked_for": asked_for,
+    "node_types": [t["name"] for t in snapshot["autoscaling"]["node_types"]],
+    "asked_for": asked_for,
     "withdrawn": bool(withdrawn),
     "before": sorted(n["Labels"].get("orchestrator.io/node-type", "") for n in alive),
     "node_id": node_id, "node_type": new[0]["Labels"].get(
