@@ -109,6 +109,16 @@ def _whole_number(raw: Any, what: str) -> int:
     return raw
 
 
+def _memory_bytes(raw: Any, what: str) -> int:
+    """A resources' memory, in bytes as Ray takes it; ValueError naming `what` when it is not
+    a whole number, or is one no node has in bytes (`memory: 512` meant as GiB: 512 bytes)."""
+    memory = _whole_number(raw, what)
+    if 0 < memory < 1024 ** 2:
+        raise ValueError(f"{what} {memory} is under 1 MiB: Ray takes it in bytes "
+                         f"({memory} GiB is {memory * GIB})")
+    return memory
+
+
 def _node_type(name: str, raw: Any, default_max: Any) -> NodeType:
     if not isinstance(raw, dict):
         raise ValueError(f"node type {name!r}: not a mapping")
@@ -125,7 +135,7 @@ def _node_type(name: str, raw: Any, default_max: Any) -> NodeType:
                                 f"node type {name!r}: max_workers")
     memory = resources.get("memory")  # (bytes: Ray's schema takes whole numbers only)
     memory_gb = None if memory is None else \
-        _whole_number(memory, f"node type {name!r}: memory") / GIB
+        _memory_bytes(memory, f"node type {name!r}: memory") / GIB
     try:
         return NodeType(
             name=name, cpus=float(resources.get("CPU", 0)), gpus=gpus,

@@ -502,3 +502,18 @@ def test_status_json_shows_each_node_types_ram_gpus_cpus_and_max_workers():
              "memory_gb": 512.0, "max_workers": 1, "network_gbps": None},
             {"name": "a100", "cpus": 96.0, "gpus": 8, "family": "A100", "gpu_memory_gb": 80.0,
              "memory_gb": None, "max_workers": 10, "network_gbps": None}]}
+
+
+@pytest.mark.parametrize("value", [512, 64, 1])
+def test_a_node_types_memory_written_in_gib_is_named_not_read_as_bytes(value):
+    """Ray takes resources' memory in bytes (`ray up` fills it in so): `memory: 512` meant as
+    GiB read as 512 bytes, and the type was passed over for every job stating
+    min_host_memory_gb, the refusal saying it had 0.0 GiB."""
+    with pytest.raises(ValueError, match=(
+            rf"node type 'w': memory {value} is under 1 MiB: Ray takes it in bytes "
+            rf"\({value} GiB is {value * GIB}\)")):
+        node_types_from_config({"available_node_types": {"w": {
+            "resources": {"CPU": 4, "memory": value}}}})
+    (none,) = node_types_from_config({"available_node_types": {"w": {
+        "resources": {"CPU": 4, "memory": 0}}}})  # (no RAM for Ray's tasks: taken as stated)
+    assert none.memory_gb == 0
