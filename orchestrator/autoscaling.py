@@ -269,8 +269,8 @@ def unlabelled_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> s
 
 def host_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
     """Why no plan holds `spec` when no node type that would otherwise hold it has the RAM
-    for one of its workers (min_host_memory_gb), naming the need and the largest such type's
-    RAM; else None."""
+    for one of its workers (min_host_memory_gb), naming the need, the largest such type's RAM
+    and how far short it falls; else None."""
     if not spec.min_host_memory_gb:
         return None
     passed_over = [t for t in node_types if t.memory_gb is not None
@@ -282,7 +282,8 @@ def host_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | N
         return None  # (one holds a worker: too few a node, which max_workers_note tells)
     return (f"each worker needs {spec.min_host_memory_gb:g} GiB of host RAM "
             f"(min_host_memory_gb), and the node type with the most, {largest.name!r}, has "
-            f"{largest.memory_gb:.1f} GiB (its resources' memory)")
+            f"{largest.memory_gb:.1f} GiB (its resources.memory): "
+            f"{spec.min_host_memory_gb - largest.memory_gb:.1f} GiB short")
 
 
 def resource_bundles(spec: JobSpec, node_type: NodeType) -> list[dict[str, float]]:

@@ -435,7 +435,8 @@ def test_a_job_no_node_types_ram_holds_is_refused_at_once_naming_need_and_larges
     refused = core.submit(huge, "d", T0).decision
     assert isinstance(refused, Rejection), refused
     assert ("each worker needs 600 GiB of host RAM (min_host_memory_gb), and the node type "
-            "with the most, 'bigmem', has 512.0 GiB") in refused.message, refused.message
+            "with the most, 'bigmem', has 512.0 GiB (its resources.memory): 88.0 GiB short"
+            ) in refused.message, refused.message  # (the figure short, the field: one line)
     assert core.scale_up_requests(T0 + 1) == []
     fits = core.submit(JobSpec("fits", num_workers=2, cpus_per_worker=4,
                                min_host_memory_gb=300), "d2", T0 + 2).decision
