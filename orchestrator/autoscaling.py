@@ -244,7 +244,7 @@ def max_workers_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | N
         short.append(f"the cluster config's max_workers is {node_type.cluster_max_workers}"
                      + ("" if node_type.cluster_max_workers_set
                         else " (Ray's default: the config sets none)"))
-    return (f"the autoscaler would need to add {nodes} x {node_type.name} node(s), but "
+    return (f"it needs {nodes} x {node_type.name} node(s) in all (any up included), but "
             f"{' and '.join(short)}: raise {'it' if len(short) == 1 else 'both'} to {nodes}")
 
 

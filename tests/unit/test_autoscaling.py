@@ -314,7 +314,8 @@ def test_max_workers_left_out_takes_rays_defaults():
     four_t4 = JobSpec("t4s", num_workers=4, gpus_per_worker=1, accelerator_types=("T4",))
     refused = core.submit(four_t4, "d", T0).decision
     assert isinstance(refused, Rejection), refused
-    assert ("4 x t4 node(s), but the cluster config's max_workers is 2 (Ray's default: the "
+    assert ("4 x t4 node(s) in all (any up included), but the cluster config's max_workers is "
+            "2 (Ray's default: the "
             "config sets none)") in refused.message
 
 
@@ -459,7 +460,7 @@ def test_a_rejection_names_the_node_type_whose_max_workers_is_too_small():
     fat = JobSpec("fat", num_workers=4, cpus_per_worker=4, min_host_memory_gb=300)
     refused = core.submit(fat, "d", T0).decision
     assert isinstance(refused, Rejection), refused
-    assert ("the autoscaler would need to add 4 x bigmem node(s), but node type 'bigmem' has "
+    assert ("it needs 4 x bigmem node(s) in all (any up included), but node type 'bigmem' has "
             "max_workers 1: raise it to 4") in refused.message, refused.message
     core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
         "a100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
@@ -467,14 +468,16 @@ def test_a_rejection_names_the_node_type_whose_max_workers_is_too_small():
     sixteen = JobSpec("g", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
     refused = core.submit(sixteen, "d", T0).decision
     assert isinstance(refused, Rejection), refused
-    assert ("2 x a100 node(s), but node type 'a100' has max_workers 1: raise it to 2"
+    assert ("2 x a100 node(s) in all (any up included), but node type 'a100' has max_workers 1: "
+            "raise it to 2"
             ) in refused.message, refused.message
     # Both bounds short: both named, on one line.
     core.node_types = node_types_from_config({"max_workers": 1, "available_node_types": {
         "a100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
                  "max_workers": 1}}})
     refused = core.submit(sixteen, "d", T0).decision
-    assert ("2 x a100 node(s), but node type 'a100' has max_workers 1 and the cluster "
+    assert ("2 x a100 node(s) in all (any up included), but node type 'a100' has max_workers 1 "
+            "and the cluster "
             "config's max_workers is 1: raise both to 2") in refused.message, refused.message
 
 
@@ -518,3 +521,19 @@ def test_a_node_types_memory_written_in_gib_is_named_not_read_as_bytes(value):
     (none,) = node_types_from_config({"available_node_types": {"w": {
         "resources": {"CPU": 4, "memory": 0}}}})  # (no RAM for Ray's tasks: taken as stated)
     assert none.memory_gb == 0
+
+
+def test_a_max_workers_refusal_counts_the_nodes_of_the_type_already_up():
+    """With one A100 node of the type up, a 24-GPU job was refused saying the autoscaler
+    "would need to add 3 x a100 node(s)": it needs 3 in all, 2 of them new; max_workers
+    counts the one up too, so the figure to raise it to is 3."""
+    core = core_with(cpu_node("cpu", cpus=16), gpu_node("a1", gpus=8))
+    core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "a100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+                 "max_workers": 2}}})
+    job = JobSpec("j", num_workers=24, gpus_per_worker=1, accelerator_types=("A100",))
+    refused = core.submit(job, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert "add 3 x" not in refused.message, refused.message
+    assert ("it needs 3 x a100 node(s) in all (any up included), but node type 'a100' has "
+            "max_workers 2: raise it to 3") in refused.message, refused.message
