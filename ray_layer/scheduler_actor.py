@@ -96,7 +96,8 @@ class SchedulerActor:
         self._ray_checked_at = float("-inf")
         self._restore(saved, unreadable, settings_problem, bool(settings))
         self._refresh_ray_view()
-        self.core.node_types = _autoscaler_node_types()
+        # (why the cluster's autoscaling config is not used, for status --json; None: it is)
+        self.core.node_types, self._autoscaling_problem = _autoscaler_node_types()
         # The last request_resources; None: none made yet, so the first pass makes one, which
         # also withdraws a request left by the scheduler before a restart.
         self._scale_up_asked: list[dict[str, float]] | None = None
@@ -238,7 +239,8 @@ class SchedulerActor:
                 "throughput": {"reference": self.throughput.reference,
                                "rows": self.throughput.rows()},
                 "autoscaling": {**autoscaling_summary(self.core.node_types),
-                                "asked_for": list(self._scale_up_asked or [])},
+                                "asked_for": list(self._scale_up_asked or []),
+                                "config_problem": self._autoscaling_problem},
             }
 
     # -- maintenance ----------------------------------------------------------------------
@@ -473,27 +475,28 @@ class SchedulerActor:
                                "it") from e
 
 
-def _autoscaler_node_types() -> tuple:
+def _autoscaler_node_types() -> tuple[tuple, str | None]:
     """The node types this cluster's autoscaler can add, from the config it runs with (the
     `--autoscaling-config` of the autoscaler on this, the head, node; else the
-    ~/ray_bootstrap_config.yaml `ray up` leaves on the head). None known (no autoscaler, an
-    unreadable file): (), and a job the cluster cannot hold is rejected as before."""
+    ~/ray_bootstrap_config.yaml `ray up` leaves on the head), and why the config is not used
+    (None: it is, or there is none). None known (no autoscaler, an unreadable file): (), and
+    a job the cluster cannot hold is rejected as before."""
     import yaml
 
     from orchestrator.autoscaling import node_types_from_config
 
     path = _autoscaling_config_path()
     if path is None:
-        return ()
+        return (), None
     try:
         types = node_types_from_config(yaml.safe_load(path.read_text()))
     except (OSError, ValueError, yaml.YAMLError) as e:
         log.warning("autoscaling config %s not used (jobs the cluster cannot hold now are "
                     "rejected, not waited for): %s", path, e)
-        return ()
+        return (), f"autoscaling config {path} not used: {e}"
     log.info("autoscaling config %s: jobs only its node types %s can hold wait for them",
              path, ", ".join(t.name for t in types))
-    return types
+    return types, None
 
 
 def _autoscaling_config_path():

@@ -497,10 +497,10 @@ def test_status_json_shows_each_node_types_ram_gpus_cpus_and_max_workers():
         "a100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
                  "labels": {"orchestrator.io/accelerator-memory-gb": "80"}}}})
     actor.throughput = SimpleNamespace(reference=None, rows=lambda: [])
-    actor._scale_up_asked = [{"CPU": 1.0}]
+    actor._scale_up_asked, actor._autoscaling_problem = [{"CPU": 1.0}], None
     autoscaling = json.loads(json.dumps(actor.snapshot()["autoscaling"]))
     assert autoscaling == {
-        "max_workers": 10, "asked_for": [{"CPU": 1.0}],
+        "max_workers": 10, "asked_for": [{"CPU": 1.0}], "config_problem": None,
         "node_types": [
             {"name": "bigmem", "cpus": 16.0, "gpus": 0, "family": None, "gpu_memory_gb": None,
              "memory_gb": 512.0, "max_workers": 1, "network_gbps": None},
@@ -537,3 +537,33 @@ def test_a_max_workers_refusal_counts_the_nodes_of_the_type_already_up():
     assert "add 3 x" not in refused.message, refused.message
     assert ("it needs 3 x a100 node(s) in all (any up included), but node type 'a100' has "
             "max_workers 2: raise it to 3") in refused.message, refused.message
+
+
+def test_an_unusable_autoscaling_config_is_named_in_status_json(monkeypatch, tmp_path):
+    """A config refused when read (a node type's labels against its resources, `memory: 512`)
+    was named in the scheduler actor's log alone: `status --json` showed no node types, and a
+    user whose jobs were refused could not see why none waited for the autoscaler."""
+    import inspect
+    import threading
+    from types import SimpleNamespace
+
+    from ray_layer import scheduler_actor
+
+    config = tmp_path / "ray_bootstrap_config.yaml"
+    config.write_text(yaml.safe_dump({"available_node_types": {"w": {
+        "resources": {"CPU": 4, "memory": 512}}}}))
+    read = inspect.unwrap(scheduler_actor._autoscaler_node_types)
+    monkeypatch.setitem(read.__globals__, "_autoscaling_config_path", lambda: config)
+    types, problem = read()
+    assert types == () and problem == (
+        f"autoscaling config {config} not used: node type 'w': memory 512 is under 1 MiB: "
+        f"Ray takes it in bytes (512 GiB is {512 * GIB})")
+    monkeypatch.setitem(read.__globals__, "_autoscaling_config_path", lambda: None)
+    assert read() == ((), None)  # (no autoscaler: nothing to name)
+    actor_class = scheduler_actor.SchedulerActor.__ray_metadata__.modified_class
+    actor = object.__new__(actor_class)
+    actor.lock, actor.core = threading.RLock(), core_with(cpu_node("cpu", cpus=16))
+    actor.throughput = SimpleNamespace(reference=None, rows=lambda: [])
+    actor._scale_up_asked, actor._autoscaling_problem = None, problem
+    assert actor.snapshot()["autoscaling"] == {"max_workers": None, "node_types": [],
+                                               "asked_for": [], "config_problem": problem}
