@@ -226,12 +226,17 @@ def autoscaling_summary(node_types: tuple[NodeType, ...]) -> dict[str, Any]:
             "node_types": [t.summary() for t in node_types]}
 
 
+def _uncapped(node_type: NodeType) -> NodeType:
+    """The type without its max_workers or the cluster's: the notes below ask what else stands
+    in the way (each names one thing, max_workers_note the bounds)."""
+    return dataclasses.replace(node_type, max_workers=math.inf, cluster_max_workers=None)
+
+
 def max_workers_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
     """Why no plan holds `spec` when only max_workers stands in the way (a type would hold it
     with more nodes than its own max_workers, or the cluster's, lets Ray launch), naming the
     type, the bound(s) short and the figure to raise them to; else None."""
-    uncapped = tuple(dataclasses.replace(t, max_workers=math.inf, cluster_max_workers=None)
-                     for t in node_types)
+    uncapped = tuple(_uncapped(t) for t in node_types)
     plan = scale_up_plan(spec, uncapped)
     if plan is None:
         return None
@@ -251,11 +256,12 @@ def max_workers_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | N
 def unlabelled_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
     """Why no plan holds `spec` when it asks for GPU memory and a GPU type that would hold it
     declares none (no LABEL_ACCELERATOR_MEMORY_GB: scale_up_plan passes it over, its GPUs'
-    memory not known), naming each such type; else None."""
+    memory not known), naming each such type (also one whose max_workers is short too); else
+    None."""
     if not (spec.gpus_per_worker and spec.min_gpu_memory_gb):
         return None
-    passed_over = [t for t in node_types if t.gpus and t.gpu_memory_gb is None
-                   and scale_up_plan(spec, (dataclasses.replace(t, gpu_memory_gb=math.inf),))]
+    passed_over = [t for t in node_types if t.gpus and t.gpu_memory_gb is None and scale_up_plan(
+        spec, (dataclasses.replace(_uncapped(t), gpu_memory_gb=math.inf),))]
     if not passed_over:
         return None
     named = ", ".join(f"{t.name!r} ({t.family or 'GPU'})" for t in passed_over)
@@ -269,12 +275,12 @@ def unlabelled_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> s
 
 def host_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
     """Why no plan holds `spec` when no node type that would otherwise hold it has the RAM
-    for one of its workers (min_host_memory_gb), naming the need, the largest such type's RAM
-    and how far short it falls; else None."""
+    for one of its workers (min_host_memory_gb; its max_workers aside), naming the need, the
+    largest such type's RAM and how far short it falls; else None."""
     if not spec.min_host_memory_gb:
         return None
     passed_over = [t for t in node_types if t.memory_gb is not None
-                   and scale_up_plan(spec, (dataclasses.replace(t, memory_gb=None),))]
+                   and scale_up_plan(spec, (dataclasses.replace(_uncapped(t), memory_gb=None),))]
     if not passed_over:
         return None
     largest = max(passed_over, key=lambda t: t.memory_gb)

@@ -567,3 +567,25 @@ def test_an_unusable_autoscaling_config_is_named_in_status_json(monkeypatch, tmp
     actor._scale_up_asked, actor._autoscaling_problem = None, problem
     assert actor.snapshot()["autoscaling"] == {"max_workers": None, "node_types": [],
                                                "asked_for": [], "config_problem": problem}
+
+
+def test_a_type_short_of_max_workers_too_is_still_named_for_its_memory_label_or_ram():
+    """A type passed over for a missing GPU-memory label (or too little RAM) and also too few
+    max_workers: each note tried the type within its max_workers, found no plan, and the
+    job was refused with no note at all."""
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "t4": {"resources": {"CPU": 8, "GPU": 1, "accelerator_type:T4": 1}, "max_workers": 1,
+               "labels": {"orchestrator.io/accelerator-type": "T4"}}}})
+    asks = JobSpec("j", num_workers=2, gpus_per_worker=1, min_gpu_memory_gb=12)
+    refused = core.submit(asks, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert "node type 't4' (T4) would hold it but has no orchestrator.io/accelerator-memory-gb" \
+        in refused.message, refused.message
+    core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "bigmem": {"resources": {"CPU": 16, "memory": 512 * GIB}, "max_workers": 1}}})
+    huge = JobSpec("huge", num_workers=4, cpus_per_worker=4, min_host_memory_gb=600)
+    refused = core.submit(huge, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert ("each worker needs 600 GiB of host RAM (min_host_memory_gb), and the node type "
+            "with the most, 'bigmem', has 512.0 GiB") in refused.message, refused.message
