@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from orchestrator.config import JobSpec
 from orchestrator.inventory import (LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
@@ -177,13 +177,16 @@ def _optional_float(value: Any) -> float | None:
     return None if value in (None, "") else float(value)
 
 
-def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...]
+def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...],
+                  held_up: Callable[[NodeType], int] | None = None
                   ) -> tuple[NodeType, int] | None:
     """The node type, and how many nodes of it, that would hold all of `spec`'s workers on
     their own (families, GPU count and memory, CPUs, host RAM where the type states it, the
-    bandwidth floor between nodes of one type, its max_workers and the cluster's); for a CPU job a type without GPUs first, then
-    the fewest nodes, then the fewest idle GPUs. None when no type can: the job can never run
-    here, autoscaling or not."""
+    bandwidth floor between nodes of one type, its max_workers and the cluster's); for a CPU
+    job a type without GPUs first, then the fewest nodes to add (`held_up`: how many of the
+    workers the nodes up would hold beside nodes of that type, as nodes_to_add counts them;
+    none without it), then the fewest nodes, then the fewest idle GPUs. None when no type
+    can: the job can never run here, autoscaling or not."""
     best = None
     families = {f.upper() for f in spec.accelerator_types}
     for node_type in node_types:
@@ -208,10 +211,20 @@ def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...]
             continue
         idle_gpus = nodes * node_type.gpus - spec.num_workers * math.ceil(spec.gpus_per_worker)
         # A CPU job: nodes without GPUs first (the autoscaler, asked for CPUs, picks so too).
-        key = (not spec.gpus_per_worker and node_type.gpus > 0, nodes, idle_gpus)
+        to_add = nodes if held_up is None else nodes_to_add(spec, node_type, nodes,
+                                                             held_up(node_type))
+        key = (not spec.gpus_per_worker and node_type.gpus > 0, to_add, nodes, idle_gpus)
         if best is None or key < best[0]:
             best = (key, node_type, nodes)
     return None if best is None else (best[1], best[2])
+
+
+def nodes_to_add(spec: JobSpec, node_type: NodeType, nodes: int, held_up: int) -> int:
+    """Of a plan's `nodes`, those the autoscaler adds when the nodes up would hold `held_up`
+    of the workers (request_resources is a shape the whole cluster should hold: it counts
+    them); at least one, as the plan is made only when the cluster cannot hold the job."""
+    missing = spec.num_workers - held_up
+    return max(1, min(nodes, math.ceil(missing / node_type.workers_per_node(spec))))
 
 
 def _beyond_cluster_max(node_type: NodeType, nodes: int) -> bool:

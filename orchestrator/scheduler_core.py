@@ -60,7 +60,8 @@ import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.autoscaling import (NodeType, host_memory_note, max_workers_note,
-                                      resource_bundles, scale_up_plan, unlabelled_memory_note)
+                                      nodes_to_add, resource_bundles, scale_up_plan,
+                                      unlabelled_memory_note)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import (ClusterState, NodeReport, Reservation, gpu_families,
                                     report_problem)
@@ -1530,7 +1531,7 @@ class SchedulerCore:
         if now - since <= self.settings.scale_up_timeout_s:
             return None  # it waits for the autoscaler (scale_up_requests)
         self.awaiting_since.pop(spec.name, None)
-        node_type, nodes = self._beside_nodes_up(spec, plan, now)
+        node_type, nodes = self._beside_nodes_up(spec, now)
         return dataclasses.replace(rejection, message=(
             f"{rejection.message}\n  waited {now - since:.0f} s (scale_up_timeout_s) for the "
             f"autoscaler to add {nodes} x {node_type.name} node(s), and the nodes that joined "
@@ -1560,7 +1561,7 @@ class SchedulerCore:
         if key not in memo:
             plan = scale_up_plan(spec, self.node_types)
             holdable = plan is None or self._cannot_hold(spec, now, trial=True) is None
-            memo[key] = None if holdable else self._beside_nodes_up(spec, plan, now)
+            memo[key] = None if holdable else self._beside_nodes_up(spec, now)
         return memo[key]
 
     def _memo(self, now: float) -> dict:
@@ -1570,19 +1571,28 @@ class SchedulerCore:
             self._awaits_memo = (now, {})
         return self._awaits_memo[1]
 
-    def _beside_nodes_up(self, spec: JobSpec, plan: tuple[NodeType, int],
-                         now: float) -> tuple[NodeType, int]:
-        """The plan less the nodes its workers' bundles would fill on nodes already up (of
-        the type's family, when the bundles name it): request_resources is a shape the whole
-        cluster should hold, busy or not, so the autoscaler adds only the rest."""
-        node_type, nodes = plan
+    def _beside_nodes_up(self, spec: JobSpec, now: float) -> tuple[NodeType, int]:
+        """(node type, nodes to add) for a job some node type holds: of those types, the one
+        that adds the fewest nodes beside the nodes up, and its plan less the nodes its
+        workers' bundles would fill on nodes already up (request_resources is a shape the
+        whole cluster should hold, busy or not, so the autoscaler adds only the rest)."""
+        held_up = self._held_by_nodes_up(spec, now)
+        node_type, nodes = scale_up_plan(spec, self.node_types, held_up)
+        return node_type, nodes_to_add(spec, node_type, nodes, held_up(node_type))
+
+    def _held_by_nodes_up(self, spec: JobSpec, now: float) -> Callable[[NodeType], int]:
+        """How many of the job's workers the nodes up would hold, busy or not, for bundles
+        asked of a node type (only nodes of the type's family, when the bundles name it)."""
         idle = worker_capacity(spec, self.state, now, ignore_reservations=True,
                                excluded_gpus=frozenset(self.excluded_gpus.get(spec.name, ())))
-        if spec.gpus_per_worker and node_type.accelerator_resource:
-            t = self.state.table
-            idle = idle[t.family[:len(idle)] == t.families.get(node_type.family, -1)]
-        missing = spec.num_workers - int(idle.sum())
-        return node_type, max(1, min(nodes, math.ceil(missing / node_type.workers_per_node(spec))))
+        t = self.state.table
+
+        def held(node_type: NodeType) -> int:
+            if spec.gpus_per_worker and node_type.accelerator_resource:
+                return int(idle[t.family[:len(idle)]
+                                == t.families.get(node_type.family, -1)].sum())
+            return int(idle.sum())
+        return held
 
     def scale_up_requests(self, now: float) -> list[dict[str, float]] | None:
         """What to ask the autoscaler for (request_resources' bundles): the workers of every

@@ -589,3 +589,31 @@ def test_a_type_short_of_max_workers_too_is_still_named_for_its_memory_label_or_
     assert isinstance(refused, Rejection), refused
     assert ("each worker needs 600 GiB of host RAM (min_host_memory_gb), and the node type "
             "with the most, 'bigmem', has 512.0 GiB") in refused.message, refused.message
+
+
+def test_a_job_of_several_families_asks_for_the_type_that_adds_fewest_nodes_beside_those_up():
+    """A 16-GPU job taking A100 or H100, beside an idle 8-GPU H100 node (placement mixes the
+    families): the plan took the A100 type (first of two that hold it with 2 nodes alone),
+    counted no H100 node up toward it and asked for 16 A100 bundles: 2 A100 nodes added
+    where 1 H100 node would do, one left idle."""
+    core = core_with(gpu_node("h1", gpus=8, family="H100"))
+    core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "a100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+                 "max_workers": 4},
+        "h100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:H100": 1},
+                 "max_workers": 4}}})
+    job = JobSpec("j", num_workers=16, gpus_per_worker=1, accelerator_types=("A100", "H100"))
+    waiting = core.submit(job, "d", T0).decision
+    assert isinstance(waiting, Queued), waiting
+    assert "add 1 x h100 node(s)" in waiting.reason, waiting.reason
+    asked = core.scale_up_requests(T0 + 1)
+    assert len(asked) == 16 and asked[0] == {"CPU": 1.0, "GPU": 1,
+                                             "accelerator_type:H100": 0.001}
+    # Nothing up of either family: the first type that holds it with the fewest nodes, as before.
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "a100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+                 "max_workers": 4},
+        "h100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:H100": 1},
+                 "max_workers": 4}}})
+    assert "add 2 x a100 node(s)" in core.submit(job, "d", T0).decision.reason
