@@ -27,7 +27,7 @@ from orchestrator.config import JobSpec
 from orchestrator.inventory import (LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
                                     LABEL_ACCELERATOR_TYPE, LABEL_NETWORK_GBPS, GIB,
                                     accelerator_family)
-from orchestrator.validation import is_int
+from orchestrator.validation import is_int, is_number
 
 ACCELERATOR_RESOURCE_PREFIX = "accelerator_type:"  # Ray's resource per accelerator type
 # A tiny amount of the type's accelerator_type resource in each bundle steers the autoscaler
@@ -136,15 +136,12 @@ def _node_type(name: str, raw: Any, default_max: Any) -> NodeType:
     memory = resources.get("memory")  # (bytes: Ray's schema takes whole numbers only)
     memory_gb = None if memory is None else \
         _memory_bytes(memory, f"node type {name!r}: memory") / GIB
-    try:
-        return NodeType(
-            name=name, cpus=float(resources.get("CPU", 0)), gpus=gpus,
-            family=family, accelerator_resource=accelerator,
-            gpu_memory_gb=_optional_float(labels.get(LABEL_ACCELERATOR_MEMORY_GB)),
-            network_gbps=_optional_float(labels.get(LABEL_NETWORK_GBPS)),
-            max_workers=max_workers, memory_gb=memory_gb)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"node type {name!r}: {e}") from None
+    return NodeType(
+        name=name, cpus=_number(resources.get("CPU", 0), f"node type {name!r}: CPU"),
+        gpus=gpus, family=family, accelerator_resource=accelerator,
+        gpu_memory_gb=_label_number(name, labels, LABEL_ACCELERATOR_MEMORY_GB),
+        network_gbps=_label_number(name, labels, LABEL_NETWORK_GBPS),
+        max_workers=max_workers, memory_gb=memory_gb)
 
 
 def _check_labels_agree(name: str, labels: dict, accelerator: str, gpus: int) -> None:
@@ -173,8 +170,24 @@ def _check_labels_agree(name: str, labels: dict, accelerator: str, gpus: int) ->
             "label's count)")
 
 
-def _optional_float(value: Any) -> float | None:
-    return None if value in (None, "") else float(value)
+def _number(raw: Any, what: str) -> float:
+    """`raw` (a number, or a label's string) as a float when finite and >= 0, else ValueError
+    naming `what` (float() named neither the field nor took only such figures: -4, inf, nan)."""
+    value = raw
+    if isinstance(raw, str):
+        try:
+            value = float(raw)
+        except ValueError:
+            value = None
+    if not (is_number(value) and value >= 0):
+        raise ValueError(f"{what} must be a number >= 0, not {raw!r}")
+    return float(value)
+
+
+def _label_number(name: str, labels: dict, key: str) -> float | None:
+    """A number label of node type `name` (None when it has none)."""
+    value = labels.get(key)
+    return None if value in (None, "") else _number(value, f"node type {name!r}: label {key}")
 
 
 def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...],

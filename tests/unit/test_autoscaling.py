@@ -617,3 +617,25 @@ def test_a_job_of_several_families_asks_for_the_type_that_adds_fewest_nodes_besi
         "h100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:H100": 1},
                  "max_workers": 4}}})
     assert "add 2 x a100 node(s)" in core.submit(job, "d", T0).decision.reason
+
+
+@pytest.mark.parametrize("resources, labels, named", [
+    ({"CPU": 8, "GPU": 1}, {"orchestrator.io/accelerator-memory-gb": "80GB"},
+     "label orchestrator.io/accelerator-memory-gb must be a number >= 0, not '80GB'"),
+    ({"CPU": 8, "GPU": 1}, {"orchestrator.io/accelerator-memory-gb": "nan"},
+     "label orchestrator.io/accelerator-memory-gb must be a number >= 0, not 'nan'"),
+    ({"CPU": 8, "GPU": 1}, {"orchestrator.io/accelerator-memory-gb": "-5"},
+     "label orchestrator.io/accelerator-memory-gb must be a number >= 0, not '-5'"),
+    ({"CPU": 8}, {"orchestrator.io/network-gbps": "fast"},
+     "label orchestrator.io/network-gbps must be a number >= 0, not 'fast'"),
+    ({"CPU": "eight"}, {}, "CPU must be a number >= 0, not 'eight'"),
+    ({"CPU": -4}, {}, "CPU must be a number >= 0, not -4"),
+    ({"CPU": float("inf")}, {}, "CPU must be a number >= 0, not inf"),
+])
+def test_a_node_types_cpus_or_number_label_that_is_no_number_is_named(resources, labels, named):
+    """`could not convert string to float: '80GB'` named the type but not the field, and a
+    negative, infinite or NaN figure was taken (the type then never planned, unsaid)."""
+    with pytest.raises(ValueError) as raised:
+        node_types_from_config({"available_node_types": {"w": {"resources": resources,
+                                                               "labels": labels}}})
+    assert str(raised.value) == f"node type 'w': {named}"
