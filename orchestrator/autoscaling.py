@@ -299,6 +299,29 @@ def unlabelled_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> s
             "with it, in GiB as NVML reports it)")
 
 
+def accelerator_resource_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
+    """Why no plan holds `spec` when it names accelerator families and a type of one that
+    would hold it has no accelerator_type resource (scale_up_plan passes it over: asked for
+    GPUs alone, the autoscaler could add another family), naming each; else None."""
+    families = {f.upper() for f in spec.accelerator_types}
+
+    def with_resource(t: NodeType) -> NodeType:
+        return dataclasses.replace(_uncapped(t),
+                                   accelerator_resource=ACCELERATOR_RESOURCE_PREFIX + t.family)
+    passed_over = [t for t in node_types if t.family in families and not t.accelerator_resource
+                   and scale_up_plan(spec, (with_resource(t),))]
+    if not passed_over:
+        return None
+    named = ", ".join(f"{t.name!r} ({t.family})" for t in passed_over)
+    missing = sorted({ACCELERATOR_RESOURCE_PREFIX + t.family for t in passed_over})
+    add = ", ".join('"%s": 1' % resource for resource in missing)
+    one = len(passed_over) == 1
+    return (f"node type{'' if one else 's'} {named} would hold it but "
+            f"{'its' if one else 'their'} resources name no {', '.join(missing)}: a job "
+            "naming accelerator_types is planned only on a type whose resources name the "
+            f"family (add {add})")
+
+
 def host_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
     """Why no plan holds `spec` when no node type that would otherwise hold it has the RAM
     for one of its workers (min_host_memory_gb; its max_workers aside), naming the need, the

@@ -59,9 +59,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
-from orchestrator.autoscaling import (NodeType, host_memory_note, max_workers_note,
-                                      nodes_to_add, resource_bundles, scale_up_plan,
-                                      unlabelled_memory_note)
+from orchestrator.autoscaling import (NodeType, accelerator_resource_note, host_memory_note,
+                                      max_workers_note, nodes_to_add, resource_bundles,
+                                      scale_up_plan, unlabelled_memory_note)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import (ClusterState, NodeReport, Reservation, gpu_families,
                                     report_problem)
@@ -1540,10 +1540,11 @@ class SchedulerCore:
     def _with_node_type_notes(self, rejection: Rejection | None,
                               spec: JobSpec) -> Rejection | None:
         """A job refused although a node type would hold it, but for its max_workers or the
-        cluster's, the type's missing GPU-memory label or its RAM: the reason says so (not
-        only what the nodes up lack)."""
+        cluster's, the type's missing GPU-memory label or accelerator_type resource, or its
+        RAM: the reason says so (not only what the nodes up lack)."""
         notes = [note for note in (max_workers_note(spec, self.node_types),
                                    unlabelled_memory_note(spec, self.node_types),
+                                   accelerator_resource_note(spec, self.node_types),
                                    host_memory_note(spec, self.node_types))
                  if note] if rejection else []
         if not notes:

@@ -639,3 +639,22 @@ def test_a_node_types_cpus_or_number_label_that_is_no_number_is_named(resources,
         node_types_from_config({"available_node_types": {"w": {"resources": resources,
                                                                "labels": labels}}})
     assert str(raised.value) == f"node type 'w': {named}"
+
+
+def test_a_rejection_names_a_type_of_the_family_without_its_accelerator_type_resource():
+    """A type labelled A100 whose resources name no accelerator_type:A100 is never planned for
+    a job naming A100 (the autoscaler, asked for GPUs, could add another family): the job
+    was refused naming only the nodes up, and nothing said the type was passed over."""
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "a100": {"resources": {"CPU": 96, "GPU": 8}, "max_workers": 1,
+                 "labels": {"orchestrator.io/accelerator-type": "A100"}}}})
+    job = JobSpec("j", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",))
+    refused = core.submit(job, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert ("node type 'a100' (A100) would hold it but its resources name no "
+            "accelerator_type:A100: a job naming accelerator_types is planned only on a type "
+            "whose resources name the family (add \"accelerator_type:A100\": 1)"
+            ) in refused.message, refused.message
+    anyone = core.submit(JobSpec("k", num_workers=8, gpus_per_worker=1), "d2", T0).decision
+    assert isinstance(anyone, Queued), anyone  # (naming no family, it is planned as before)
