@@ -299,6 +299,29 @@ def unlabelled_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> s
             "with it, in GiB as NVML reports it)")
 
 
+def gpu_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
+    """Why no plan holds a GPU job when no node type (of its families, where it names any)
+    has the GPUs for one worker, naming what the types have; else None (also with no types:
+    no autoscaling config)."""
+    if not (spec.gpus_per_worker and node_types):
+        return None
+    families = [f.upper() for f in spec.accelerator_types]
+    gpu_types = [t for t in node_types if t.gpus]
+    of_family = [t for t in gpu_types if not families or t.family in families]
+    lead = "no node type the autoscaler can add has"
+    if not gpu_types:
+        return f"{lead} GPUs"
+    if not of_family:
+        listed = ", ".join(f"{t.name!r} ({t.family or 'no family'})" for t in gpu_types)
+        return f"{lead} {'/'.join(families)} GPUs (its GPU types: {listed})"
+    most = max(of_family, key=lambda t: t.gpus)
+    need = math.ceil(spec.gpus_per_worker)
+    if most.gpus >= need:
+        return None
+    return (f"{lead} {need} {'/'.join(families) + ' ' if families else ''}GPU(s) for one "
+            f"worker (gpus_per_worker): the most is {most.gpus} ({most.name!r})")
+
+
 def accelerator_resource_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
     """Why no plan holds `spec` when it names accelerator families and a type of one that
     would hold it has no accelerator_type resource (scale_up_plan passes it over: asked for

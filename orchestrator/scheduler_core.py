@@ -59,9 +59,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
-from orchestrator.autoscaling import (NodeType, accelerator_resource_note, host_memory_note,
-                                      max_workers_note, nodes_to_add, resource_bundles,
-                                      scale_up_plan, unlabelled_memory_note)
+from orchestrator.autoscaling import (NodeType, accelerator_resource_note, gpu_note,
+                                      host_memory_note, max_workers_note, nodes_to_add,
+                                      resource_bundles, scale_up_plan, unlabelled_memory_note)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import (ClusterState, NodeReport, Reservation, gpu_families,
                                     report_problem)
@@ -1541,10 +1541,12 @@ class SchedulerCore:
                               spec: JobSpec) -> Rejection | None:
         """A job refused although a node type would hold it, but for its max_workers or the
         cluster's, the type's missing GPU-memory label or accelerator_type resource, or its
-        RAM: the reason says so (not only what the nodes up lack)."""
+        RAM: the reason says so (not only what the nodes up lack); and a GPU job no type has
+        the GPUs for, what the types have."""
         notes = [note for note in (max_workers_note(spec, self.node_types),
                                    unlabelled_memory_note(spec, self.node_types),
                                    accelerator_resource_note(spec, self.node_types),
+                                   gpu_note(spec, self.node_types),
                                    host_memory_note(spec, self.node_types))
                  if note] if rejection else []
         if not notes:

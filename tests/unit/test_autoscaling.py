@@ -658,3 +658,29 @@ def test_a_rejection_names_a_type_of_the_family_without_its_accelerator_type_res
             ) in refused.message, refused.message
     anyone = core.submit(JobSpec("k", num_workers=8, gpus_per_worker=1), "d2", T0).decision
     assert isinstance(anyone, Queued), anyone  # (naming no family, it is planned as before)
+
+
+def test_a_gpu_job_no_node_type_has_the_gpus_for_says_so():
+    """A GPU job with no node type of its family, or none with a worker's GPUs, or none with
+    GPUs at all, was refused naming the nodes up alone: nothing said the autoscaler's node
+    types were looked at, nor what they lack."""
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "a100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1}},
+        "cpu_worker": {"resources": {"CPU": 16}}}})
+
+    def reason(spec):
+        refused = core.submit(spec, spec.name, T0).decision
+        assert isinstance(refused, Rejection), refused
+        return refused.message.splitlines()[-1].strip()
+    assert reason(JobSpec("h", num_workers=1, gpus_per_worker=1, accelerator_types=("H100",))) \
+        == "no node type the autoscaler can add has H100 GPUs (its GPU types: 'a100' (A100))"
+    assert reason(JobSpec("big", num_workers=1, gpus_per_worker=16)) == (
+        "no node type the autoscaler can add has 16 GPU(s) for one worker (gpus_per_worker): "
+        "the most is 8 ('a100')")
+    core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "cpu_worker": {"resources": {"CPU": 16}}}})
+    assert reason(JobSpec("g", num_workers=1, gpus_per_worker=1)) == \
+        "no node type the autoscaler can add has GPUs"
+    core.node_types = ()  # (no autoscaling config: no such note)
+    assert "node type" not in reason(JobSpec("g2", num_workers=1, gpus_per_worker=1))
