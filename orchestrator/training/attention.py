@@ -39,16 +39,21 @@ class AdaptiveSpan(nn.Module):
     def window(self) -> int:
         """Keys a query can see with non-zero weight, itself included: distances < max z + R.
 
-        Cached by the parameter's version counter, which every in-place write bumps (optimizer
-        steps, `clamp_`, `load_state_dict`), so a forward pass never syncs with the device
-        unless the spans changed since the last read. (A write through `.data` bypasses the
-        counter: none is made here.)"""
+        Cached by the parameter's version counter, which in-place writes bump (`clamp_`,
+        `load_state_dict`, the foreach and single-tensor AdamW steps; not the fused AdamW step,
+        CUDA's default: the clamp after every step, `clamp_spans_`, is what marks the spans
+        changed), so a forward pass never syncs with the device unless the spans changed since
+        the last read. (A write through `.data` bypasses the counter: none is made here.)"""
         version = self.span_fraction._version
         if self._window_cache is None or self._window_cache[0] != version:
             with torch.no_grad():
-                window = min(math.ceil(self.spans().max().item() + self.ramp), self.max_span)
-            self._window_cache = (version, window)
+                self._cache_window(self.spans().max().item())
         return self._window_cache[1]
+
+    def _cache_window(self, widest: float) -> None:
+        """Cache the window of spans whose widest is `widest` tokens, at the current version."""
+        window = min(math.ceil(widest + self.ramp), self.max_span)
+        self._window_cache = (self.span_fraction._version, window)
 
     def ramp_mask(self, distance: torch.Tensor) -> torch.Tensor:
         """m(x) for each head: distance (..., Tq, Tk) -> (heads, ..., Tq, Tk) in [0, 1]."""
@@ -59,12 +64,24 @@ class AdaptiveSpan(nn.Module):
         """Mean span in tokens: the L1 term that pulls unused context in."""
         return self.spans().mean()
 
-    @torch.no_grad()
     def clamp_(self) -> None:
         """Keep the raw parameter in [0, 1] after each optimizer step (as the paper does): once
         outside, the clamp in `spans` would cut its gradient and freeze it there."""
-        self.span_fraction.clamp_(0, 1)
-        self.window()  # read the new window here, once per step, outside any forward pass
+        clamp_spans_([self])
+
+
+@torch.no_grad()
+def clamp_spans_(spans: list[AdaptiveSpan]) -> None:
+    """AdaptiveSpan.clamp_ for every layer's span, and their new windows read here, outside any
+    forward pass, in one host read for all of them (a read per layer was a device sync per
+    layer per micro-batch)."""
+    if not spans:
+        return
+    for span in spans:
+        span.span_fraction.clamp_(0, 1)
+    widest = torch.stack([span.spans().max() for span in spans]).tolist()
+    for span, tokens in zip(spans, widest):
+        span._cache_window(tokens)
 
 
 class LayerCache:

@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from orchestrator.config import TrainConfig
-from orchestrator.training.attention import AdaptiveSpan, CausalSelfAttention, KVCache
+from orchestrator.training.attention import (AdaptiveSpan, CausalSelfAttention, KVCache,
+                                             clamp_spans_)
 from orchestrator.training.loss import token_cross_entropy
 
 # The LM head's product in training runs on a vocabulary padded to a multiple of this:
@@ -219,8 +220,8 @@ class GPT(nn.Module):
         return torch.stack([s.penalty() for s in spans]).sum() if spans else torch.zeros(())
 
     def clamp_spans_(self) -> None:
-        for span in self.spans():
-            span.clamp_()
+        """Every span's clamp after a step, their windows read in one host read."""
+        clamp_spans_(self.spans())
 
 
 def widths_from_state_dict(state: dict[str, torch.Tensor], config: GPTConfig

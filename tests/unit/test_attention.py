@@ -89,14 +89,17 @@ def test_forward_reads_the_window_once_per_change_of_the_spans(monkeypatch):
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     idx = torch.randint(0, 256, (2, 64))
     reads = []  # host reads made by the attention module (the optimizer makes its own)
-    original_item = torch.Tensor.item
+    original_item, original_tolist = torch.Tensor.item, torch.Tensor.tolist
 
-    def counting_item(tensor):
-        if sys._getframe(1).f_code.co_filename == attention.__file__:
-            reads.append(1)
-        return original_item(tensor)
+    def counting(original):
+        def read(tensor):
+            if sys._getframe(1).f_code.co_filename == attention.__file__:
+                reads.append(1)
+            return original(tensor)
+        return read
 
-    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    monkeypatch.setattr(torch.Tensor, "item", counting(original_item))
+    monkeypatch.setattr(torch.Tensor, "tolist", counting(original_tolist))
     for _ in range(3):  # three steps of two micro-batches each
         for _ in range(2):
             _, loss = model(idx, idx)
@@ -104,9 +107,49 @@ def test_forward_reads_the_window_once_per_change_of_the_spans(monkeypatch):
         optimizer.step()
         optimizer.zero_grad()
         model.clamp_spans_()
-    assert len(reads) == 2 * 3 + 2  # one per layer per step, plus the first forward's
+    assert len(reads) == 3 + 2  # one per step (all layers), plus the first forward's
     # And the cached window follows the spans: after the steps it is the learnt one.
     for span in model.spans():
+        widest = span.spans().max().item()
+        assert span.window() == min(math.ceil(widest + span.ramp), span.max_span)
+        assert span.window() > 11  # grown from the initial ceil(0.1 * 64) + 4
+
+
+def test_after_a_step_every_layers_window_comes_in_one_host_read(monkeypatch):
+    """The loop clamps the spans after every micro-batch (model.clamp_spans_) and each layer's
+    new window is a host value: read layer by layer it was a device sync per layer per
+    micro-batch (48 on gpt2-xl). One read serves them all, the fused AdamW step included (it
+    leaves the spans' version counter as it was: only the clamp marks them changed)."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=64, n_layer=4, n_head=2, n_embd=32, attention_span=True,
+                       span_ramp=4, span_init=0.1)
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    idx = torch.randint(0, 256, (2, 64))
+    model(idx, idx)  # (the first forward reads each layer's window: none was cached yet)
+    reads = []
+    original_item, original_tolist = torch.Tensor.item, torch.Tensor.tolist
+    ours = {attention.__file__, sys.modules[GPT.__module__].__file__}
+
+    def counting(original):
+        def read(tensor):
+            if sys._getframe(1).f_code.co_filename in ours:
+                reads.append(1)
+            return original(tensor)
+        return read
+
+    monkeypatch.setattr(torch.Tensor, "item", counting(original_item))
+    monkeypatch.setattr(torch.Tensor, "tolist", counting(original_tolist))
+    for step in range(4):  # four micro-batches, the optimizer stepping on every second
+        _, loss = model(idx, idx)
+        (loss - 10 * model.span_penalty()).backward()  # grow the spans
+        if step % 2:
+            optimizer.step()
+            optimizer.zero_grad()
+        model.clamp_spans_()
+    monkeypatch.undo()
+    assert len(reads) == 4  # one per micro-batch, whatever the layer count
+    for span in model.spans():  # and each window is its own layer's new one
         widest = span.spans().max().item()
         assert span.window() == min(math.ceil(widest + span.ramp), span.max_span)
         assert span.window() > 11  # grown from the initial ceil(0.1 * 64) + 4
