@@ -290,25 +290,30 @@ def quantize_onnx_linears(fp32_path: Path, int8_path: Path,
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for name, array in expected.items():
         by_shape.setdefault(array.shape, []).append(name)
-    init_to_linear: dict[str, str] = {}
+    # initializer -> every Linear whose weight it equals bit for bit, in module order. Linears
+    # with equal weights (whole matrices pruned to zero) share int8 values, and torch.onnx
+    # stores them as one initializer read by several MatMuls.
+    init_to_linears: dict[str, list[str]] = {}
     for init in graph.initializer:
         candidates = by_shape.get(tuple(init.dims))
         if init.data_type != TensorProto.FLOAT or not candidates:
             continue
         array = numpy_helper.to_array(init)
-        # Bit-for-bit equality: two Linears with equal weights would share int8 values too.
-        match = next((n for n in candidates if np.array_equal(array, expected[n])), None)
-        if match is not None:
-            init_to_linear[init.name] = match
+        matches = [n for n in candidates if np.array_equal(array, expected[n])]
+        if matches:
+            init_to_linears[init.name] = matches
 
     added: set[str] = set()
     rewritten = {name: 0 for name in linears}
     nodes = []
     for node in graph.node:
-        name = init_to_linear.get(node.input[1]) if node.op_type == "MatMul" else None
-        if name is None:
+        equal = init_to_linears.get(node.input[1]) if node.op_type == "MatMul" else None
+        if equal is None:
             nodes.append(node)
             continue
+        # The graph runs the Linears in module order: each MatMul takes the first of the
+        # equal ones not yet rewritten (its own static activation constants, its own name).
+        name = next((n for n in equal if rewritten[n] == 0), equal[0])
         q, scales = linears[name]
         w_q, w_scale, w_zp = f"{name}.weight_int8", f"{name}.weight_scale", f"{name}.weight_zp"
         if name not in added:

@@ -413,6 +413,30 @@ def test_int8_models_stay_close_to_their_fake_quant_twin(exported):
     assert (onnx_int8.argmax(-1) == twin.argmax(-1)).float().mean() > 0.95
 
 
+def test_linears_with_equal_weights_export_each_with_its_own_int8_matmul(tmp_path):
+    """Unstructured pruning at a high --prune-sparsity zeroes whole small matrices (both
+    attn.proj here, global scope at 0.98): torch.onnx then stores the two equal weights as one
+    initializer that two MatMuls read. The export failed after every fine-tune: "the exported
+    graph has no MatMul with the weight of blocks.1.attn.proj"."""
+    import onnx
+
+    model = tiny_gpt(5)
+    names = prune.prunable_names(model)
+    with torch.no_grad():
+        model.blocks[0].attn.proj.weight.zero_()
+        model.blocks[1].attn.proj.weight.zero_()
+    info = export.save_int8(tmp_path, model, names)
+    assert info["matmuls_rewritten"] == len(names)
+    quantized = {n.name for n in onnx.load(str(tmp_path / export.ONNX_FILE)).graph.node
+                 if n.op_type == "MatMulInteger"}
+    assert {f"{name}/0/matmul_int8" for name in names} <= quantized
+    x = torch.randint(0, 256, (2, TINY.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch_int8 = export.load_int8_model(tmp_path)(x)[0]
+    onnx_int8, _ = export.load_onnx_model(tmp_path, threads=1)(x)
+    assert (torch.as_tensor(onnx_int8) - torch_int8).abs().max().item() < 0.02
+
+
 def test_int8_artifacts_refuse_tampering(exported, tmp_path):
     import shutil
 
