@@ -11,15 +11,22 @@ waiting for as long as that rank stayed stuck (Ray Train waits for every worker 
 `stuck_verdict` reads one snapshot of every rank's progress (a dict per rank: "state", "for_s"
 (seconds in that state, on the rank's own clock), "reports" (its launch.report calls so far,
 the one it is in included), "step" (the step of that report, if its metrics had one),
-"where" (where in its own code a WORKING rank is, if known)) and says, once some rank has
-waited `timeout_s` for the others and some rank has been in its own code that long, which
-ranks are stuck and the one error line the run fails with. Ray Train's controller takes that
-as those workers' failure (ray_layer/train_callbacks.py): a restart from the latest checkpoint
-within `max_failures`, as for a crashed worker, then the job fails naming them.
+"where" (where in its own code a WORKING rank is, if known), "collective" and "collective_s"
+(a WORKING rank seen blocked in a collective of the model's or the loop's own, DDP's gradient
+all-reduce in `backward`, a torch.distributed call: which one, `collective_call`, and for how
+long; None when it is not)) and says, once some rank has waited `timeout_s` for the others
+(in its report, after returning, or blocked in such a collective) and some rank has been in
+its own code that long, which ranks are stuck and the one error line the run fails with (a
+rank blocked in a collective read WORKING as the stuck one did: a rank stuck while the others
+were blocked in DDP's all-reduce went unnoticed until gloo's 30-minute timeout). Ray Train's
+controller takes that as those workers' failure (ray_layer/train_callbacks.py): a restart
+from the latest checkpoint within `max_failures`, as for a crashed worker, then the job fails
+naming them.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import os
+from typing import Any, Mapping, Sequence
 
 from orchestrator.validation import is_number
 
@@ -34,10 +41,17 @@ def stuck_verdict(progress: Mapping[int, Mapping[str, Any] | None],
     """(the stuck ranks, the error line) or None. `progress`: rank -> its snapshot (None: the
     rank did not answer, and is neither named nor waited on)."""
     known = {rank: p for rank, p in progress.items() if p}
-    waiting = {rank: p for rank, p in known.items()
-               if p.get("state") in (WAITING, RETURNED) and p.get("for_s", 0) >= timeout_s}
+    in_report = {rank: p for rank, p in known.items()
+                 if p.get("state") in (WAITING, RETURNED) and p.get("for_s", 0) >= timeout_s}
+    blocked = {rank: p for rank, p in known.items() if p.get("state") == WORKING
+               and p.get("collective") and p.get("collective_s", 0) >= timeout_s}
+    # A rank blocked in a collective is itself waiting, unless others wait in their report:
+    # a collective they never join (a report skipped on that rank), named as before.
     stuck = sorted(rank for rank, p in known.items()
-                   if p.get("state") == WORKING and p.get("for_s", 0) >= timeout_s)
+                   if p.get("state") == WORKING and p.get("for_s", 0) >= timeout_s
+                   and (in_report or not p.get("collective")))
+    waiting = {rank: p for rank, p in sorted({**in_report, **blocked}.items())
+               if rank not in stuck}
     if not waiting or not stuck:
         return None
     names = ", ".join(map(str, stuck))
@@ -55,9 +69,11 @@ def _advice(waiting) -> str:
     if all(p.get("state") == RETURNED for p in waiting):
         return ("raise stuck_timeout_s if one rank's work after its last report (a final "
                 "evaluation or save) takes longer while the others have returned")
+    where = " or in a collective (DDP's gradient all-reduce in backward, a torch.distributed " \
+            "call)" if any(p.get("state") == WORKING for p in waiting) else ""
     return ("raise stuck_timeout_s if one rank's work between two reports (a step, an "
             "evaluation on that rank alone, a checkpoint write of the loop's own) takes longer "
-            "while the others wait in their report")
+            f"while the others wait in their report{where}")
 
 
 def _since(p: Mapping[str, Any]) -> str:
@@ -65,10 +81,15 @@ def _since(p: Mapping[str, Any]) -> str:
     last = (f"last seen in its report {reports}{_step(p)}" if reports
             else "has not reported since the loop started")
     where = f", now at {p['where']}" if p.get("where") else ""
+    if p.get("collective"):
+        where = f", now blocked in {p['collective']}{where.replace(', now', '')}"
     return f"{last}, {p.get('for_s', 0):.0f}s ago{where}"
 
 
 def _waited(p: Mapping[str, Any]) -> str:
+    if p.get("state") == WORKING:  # (blocked in a collective)
+        where = f", at {p['where']}" if p.get("where") else ""
+        return f"blocked in {p['collective']} for {p.get('collective_s', 0):.0f}s{where}"
     if p.get("state") == RETURNED:
         return f"returned from the loop {p.get('for_s', 0):.0f}s ago"
     return f"waiting in its report {p.get('reports') or 0}{_step(p)} for {p.get('for_s', 0):.0f}s"
@@ -76,6 +97,34 @@ def _waited(p: Mapping[str, Any]) -> str:
 
 def _step(p: Mapping[str, Any]) -> str:
     return "" if p.get("step") is None else f" (step {p['step']})"
+
+
+def collective_call(frames: Sequence[tuple[str, str]], torch_dir: str) -> str | None:
+    """The collective a loop's thread is blocked in, from its stack (`frames`: (file, function),
+    outermost first; `torch_dir`: torch's package folder), or None where it is elsewhere (its
+    own code, a computation). Read from the innermost Python frame, torch's code that waits in
+    C++: `backward` (DDP all-reduces the gradients there, and its end waits for every rank's),
+    torch.distributed's calls (named by the outermost in distributed_c10d.py), and DDP's own
+    broadcasts (buffers in its forward, parameters as it is made). A backward that computes
+    reads the same: a rank in it is neither named nor waited on before it has been there
+    `stuck_timeout_s` while another rank was in its own code as long."""
+    if not frames:
+        return None
+    root = os.path.join(torch_dir, "")
+    innermost = frames[-1][0]
+    if not innermost.startswith(root):
+        return None
+    part = innermost[len(root):].replace(os.sep, "/")
+    if part in ("autograd/graph.py", "autograd/__init__.py"):
+        return "backward (where DDP all-reduces the gradients)"
+    if part == "nn/parallel/distributed.py":
+        return "DistributedDataParallel's broadcast of its buffers or parameters"
+    if part.startswith("distributed/"):
+        c10d = os.path.join(root, "distributed", "distributed_c10d.py")
+        calls = [name for file, name in frames if file == c10d]
+        return f"torch.distributed.{calls[0]}" if calls else \
+            f"torch.distributed ({frames[-1][1]})"
+    return None
 
 
 def stuck_timeout_problem(value: Any) -> str | None:

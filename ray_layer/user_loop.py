@@ -29,10 +29,11 @@ from typing import Any, Callable
 
 import ray
 import ray.train
+import torch
 import torch.distributed as dist
 
 from orchestrator.entrypoints import accepts_config
-from orchestrator.stuck_ranks import REPORTING, RETURNED, WAITING, WORKING
+from orchestrator.stuck_ranks import REPORTING, RETURNED, WAITING, WORKING, collective_call
 from ray_layer.train_session import DirectiveWatch
 
 # Metric names the launcher itself reads from a report: "yielded" (a preemption) and
@@ -53,6 +54,12 @@ _RETURNED = "\0returned from the loop"
 # thread). None outside a launched loop.
 _where: tuple[str, float, int, Any] | None = None
 _loop_thread: int | None = None  # the thread running the loop (its stack: `progress`)
+# torch's folder: a loop whose innermost frame is torch's code that waits for the other ranks
+# (DDP's all-reduce in backward, a torch.distributed call) is blocked in a collective.
+_TORCH_DIR = os.path.dirname(torch.__file__)
+# Since when `progress` has seen the loop blocked in the same collective: ((which one, the
+# id of its innermost frame, this worker's report count), first seen (time.monotonic())).
+_blocked: tuple[tuple[str, int, int], float] | None = None
 
 
 class Yielded(BaseException):
@@ -186,17 +193,43 @@ def progress(where_after_s: float = float("inf")) -> dict[str, Any] | None:
     """Where this worker's loop is (orchestrator.stuck_ranks reads it): run in the worker's
     actor, beside the loop's thread, by the driver's watch (ray_layer/train_callbacks.py).
     A loop in its own code for `where_after_s` or more also says where in its own files it is
-    now. None before a launched loop started in this process."""
+    now. A loop in its own code that is blocked in a collective (orchestrator.stuck_ranks.
+    collective_call) says which and since when this watch has seen it there (sampled: from
+    the first of its calls that found it there). None before a launched loop started in this
+    process."""
     snapshot = _where
     if snapshot is None:
         return None
     state, since, reports, step = snapshot
-    for_s = time.monotonic() - since
+    now = time.monotonic()
+    for_s = now - since
+    frame = sys._current_frames().get(_loop_thread) \
+        if state == WORKING and _loop_thread is not None else None
+    collective, collective_s = _blocked_in(frame, reports, now)
     where = None
-    if state == WORKING and for_s >= where_after_s and _loop_thread is not None:
-        frame = sys._current_frames().get(_loop_thread)
-        where = None if frame is None else _own_frame(traceback.extract_stack(frame))
-    return {"state": state, "for_s": for_s, "reports": reports, "step": step, "where": where}
+    if frame is not None and for_s >= where_after_s:
+        where = _own_frame(traceback.extract_stack(frame))
+    return {"state": state, "for_s": for_s, "reports": reports, "step": step, "where": where,
+            "collective": collective, "collective_s": collective_s}
+
+
+def _blocked_in(frame, reports: int, now: float) -> tuple[str | None, float | None]:
+    """(the collective the loop's innermost `frame` is blocked in, seconds seen there), or
+    (None, None). The same call (its frame) at the same report as the last time counts on."""
+    global _blocked
+    stack = []
+    inner = frame
+    while inner is not None:
+        stack.append((inner.f_code.co_filename, inner.f_code.co_name))
+        inner = inner.f_back
+    collective = collective_call(stack[::-1], _TORCH_DIR)
+    if collective is None:
+        _blocked = None
+        return None, None
+    key = (collective, id(frame), reports)
+    if _blocked is None or _blocked[0] != key:
+        _blocked = (key, now)
+    return collective, now - _blocked[1]
 
 
 def _gathered(mine: tuple) -> list | None:
@@ -261,8 +294,8 @@ def _loop_starts() -> None:
     """A launched loop starts in this thread: no report yet, in its own code. Set here, not
     in per_worker: Ray Train sends per_worker by value, with a copy of the module's globals
     it names, and a `global` assignment there changed only that copy."""
-    global _reports, _where, _loop_thread
-    _reports, _where, _loop_thread = 0, None, threading.get_ident()
+    global _reports, _where, _loop_thread, _blocked
+    _reports, _where, _loop_thread, _blocked = 0, None, threading.get_ident(), None
     _mark(WORKING)
 
 

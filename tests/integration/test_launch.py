@@ -2,7 +2,8 @@
 end to end through `python -m orchestrator submit JOB.yaml --address ...`, a user loop is
 preempted through the scheduler and resumes from its own checkpoint, a loop that raises
 ends with exit 4 naming the worker and its error, its reservation released, and a rank stuck in
-its own code fails after stuck_timeout_s, named.
+its own code fails after stuck_timeout_s, named (also while the others wait in DDP's gradient
+all-reduce).
 
 Drivers are separate processes, as users run them (except where the test must itself be the
 driver, below). Each job file is a copy of an example's in tmp_path, its run_dir and data
@@ -220,4 +221,44 @@ def test_a_rank_stuck_in_its_own_code_fails_after_stuck_timeout_naming_it(cluste
             "for 5s (stuck_timeout_s)") in err
     assert re.search(r"rank 1 last seen in its report 2 \(step 1\), \d+s ago, now at stuck\.py "
                      r"line 10, in train_loop; rank 0 waiting in its report 3 \(step 2\)", err)
+    assert not held_by_scheduler(name)
+
+
+DDP_STUCK_LOOP = """\
+    import time
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    from orchestrator import launch
+
+    def train_loop(config):
+        rank = ray.train.get_context().get_world_rank()
+        model = ray.train.torch.prepare_model(torch.nn.Linear(4, 1))
+        for step in range(config["steps"]):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            if rank == 1 and step == config["stuck_at"]:
+                time.sleep(10**6)
+            loss.backward()
+            launch.report({"step": step})
+    """
+
+
+def test_a_rank_stuck_while_the_others_wait_in_ddps_all_reduce_is_named(cluster, tmp_path,
+                                                                        capsys):
+    """Rank 1 sleeps before its backward while rank 0 waits in DDP's gradient all-reduce in
+    its own: both read as in their own code, and the run waited out gloo's 30 minutes."""
+    (tmp_path / "ddp_stuck.py").write_text(textwrap.dedent(DDP_STUCK_LOOP))
+    entry = load_entrypoint("ddp_stuck.py:train_loop", base_dir=tmp_path)
+    name = "byol-ddp-stuck"
+    code, launched = run_job(lambda: launch.fit(
+        entry.function, spec=JobSpec(name, num_workers=2), config={"steps": 6, "stuck_at": 2},
+        run_dir=tmp_path / name, max_failures=0, queue_timeout_s=120, stuck_timeout_s=5),
+        on_interrupt="interrupted")
+    err = capsys.readouterr().err
+    assert code == 4 and launched is None
+    assert re.search(r"worker rank 1: StuckRank: worker rank\(s\) 1 stuck in the loop's own "
+                     r"code: .* now at ddp_stuck\.py line 14, in train_loop; rank 0 blocked in "
+                     r"backward \(where DDP all-reduces the gradients\) for \d+s, at "
+                     r"ddp_stuck\.py line 15, in train_loop\)", err)
     assert not held_by_scheduler(name)

@@ -114,3 +114,120 @@ def test_the_advice_names_the_work_the_others_waited_through():
         "raise stuck_timeout_s if one rank's work between two reports (a step, an evaluation "
         "on that rank alone, a checkpoint write of the loop's own) takes longer while the "
         "others wait in their report")
+
+
+def blocked(collective_s, collective="backward (where DDP all-reduces the gradients)",
+            for_s=None, where="train.py line 12, in train_loop"):
+    return {**working(collective_s if for_s is None else for_s, reports=4, step=8,
+                      where=where), "collective": collective, "collective_s": collective_s}
+
+
+def test_a_rank_in_its_own_code_while_another_is_blocked_in_a_collective_is_named():
+    # Rank 1 sleeps before its backward; rank 0 waits in DDP's gradient all-reduce in its
+    # own backward. Both read "working": the run waited out gloo's 30 minutes, silently.
+    ranks, message = stuck_verdict({0: blocked(302), 1: working(310, reports=4, step=8)}, 300)
+    assert ranks == [1]
+    assert ("(rank 1 last seen in its report 4 (step 8), 310s ago, now at train.py line 9, in "
+            "train_loop; rank 0 blocked in backward (where DDP all-reduces the gradients) for "
+            "302s, at train.py line 12, in train_loop)") in message
+    assert message.endswith(
+        "raise stuck_timeout_s if one rank's work between two reports (a step, an evaluation "
+        "on that rank alone, a checkpoint write of the loop's own) takes longer while the "
+        "others wait in their report or in a collective (DDP's gradient all-reduce in "
+        "backward, a torch.distributed call)")
+    ranks, message = stuck_verdict({0: blocked(400, "torch.distributed.barrier"),
+                                    1: working(500), 2: blocked(300, where=None)}, 300)
+    assert ranks == [1] and message.count("blocked in") == 2
+
+
+def test_no_verdict_before_a_rank_was_blocked_that_long_nor_against_a_blocked_rank():
+    # Blocked only since a moment (its own work before took the rest): not yet waiting.
+    assert stuck_verdict({0: blocked(30, for_s=900), 1: working(900)}, 300) is None
+    # A rank in a collective itself is not in its own code, however long.
+    assert stuck_verdict({0: blocked(900), 1: blocked(900, "torch.distributed.barrier")},
+                         300) is None
+    # But one that never joins the others' report (a report skipped on that rank), as before.
+    ranks, message = stuck_verdict({0: waiting(900), 1: blocked(900)}, 300)
+    assert ranks == [1] and ("rank 1 last seen in its report 4 (step 8), 900s ago, now "
+                             "blocked in backward (where DDP all-reduces the gradients) at "
+                             "train.py line 12, in train_loop; rank 0 waiting") in message
+    assert message.count("rank 1 ") == 1 and message.endswith("wait in their report")
+
+
+def test_which_collective_a_loop_is_blocked_in_from_its_innermost_frame():
+    from orchestrator.stuck_ranks import collective_call
+
+    torch = "/py/site-packages/torch"
+    own = ("/home/me/train.py", "train_loop")
+    assert collective_call([own, (f"{torch}/_tensor.py", "backward"),
+                            (f"{torch}/autograd/__init__.py", "backward"),
+                            (f"{torch}/autograd/graph.py", "_engine_run_backward")],
+                           torch) == "backward (where DDP all-reduces the gradients)"
+    c10d = f"{torch}/distributed/distributed_c10d.py"
+    logger = (f"{torch}/distributed/c10d_logger.py", "wrapper")
+    assert collective_call([own, logger, (c10d, "all_gather_object"), logger,
+                            (c10d, "all_gather")], torch) \
+        == "torch.distributed.all_gather_object"
+    assert collective_call([own, (f"{torch}/distributed/utils.py", "_sync_params")], torch) \
+        == "torch.distributed (_sync_params)"
+    assert collective_call([own, (f"{torch}/nn/parallel/distributed.py", "forward"),
+                            (f"{torch}/nn/parallel/distributed.py",
+                             "_distributed_broadcast_coalesced")], torch) \
+        == "DistributedDataParallel's broadcast of its buffers or parameters"
+    # Its own code, a torch computation, a custom Function's backward: not a collective.
+    assert collective_call([own], torch) is None
+    assert collective_call([own, (f"{torch}/nn/modules/module.py", "_call_impl")],
+                           torch) is None
+    assert collective_call([own, (f"{torch}/autograd/graph.py", "_engine_run_backward"),
+                            ("/home/me/ops.py", "backward")], torch) is None
+    assert collective_call([("/py/site-packages/torchvision/io.py", "read")], torch) is None
+    assert collective_call([], torch) is None
+
+
+def test_a_worker_says_how_long_its_loop_has_been_blocked_in_a_collective(tmp_path,
+                                                                         monkeypatch):
+    # A stand-in for torch's folder: its distributed/distributed_c10d.py blocks as a
+    # collective does while another rank is elsewhere.
+    fake_torch = tmp_path / "torch"
+    (fake_torch / "distributed").mkdir(parents=True)
+    (fake_torch / "distributed" / "distributed_c10d.py").write_text(
+        "import time\n\ndef barrier(release):\n    while not release.exists():\n"
+        "        time.sleep(0.01)\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fake_c10d", fake_torch / "distributed" / "distributed_c10d.py")
+    c10d = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(c10d)
+    monkeypatch.setattr(user_loop, "_TORCH_DIR", str(fake_torch))
+    library = user_loop._library_folders() + (f"{fake_torch.resolve()}/",)
+    monkeypatch.setattr(user_loop, "_library_folders", lambda: library)
+    release, go = tmp_path / "release", tmp_path / "go"
+
+    def train_loop(config):
+        while not go.exists():
+            time.sleep(0.01)
+        c10d.barrier(release)
+
+    per_worker = ray.cloudpickle.loads(ray.cloudpickle.dumps(user_loop.yielding(train_loop)))
+    worker = threading.Thread(target=per_worker, args=({},))
+    worker.start()
+    try:
+        time.sleep(0.1)
+        assert user_loop.progress(0.0)["collective"] is None  # (in its own code)
+        go.touch()
+        time.sleep(0.1)
+        first = user_loop.progress(0.0)
+        assert first["collective"] == "torch.distributed.barrier"
+        assert first["collective_s"] == 0  # first seen there now
+        assert first["where"] == (f"test_stuck_ranks.py line "
+                                  f"{train_loop.__code__.co_firstlineno + 3}, in train_loop")
+        time.sleep(0.3)
+        later = user_loop.progress(0.0)
+        assert later["collective"] == "torch.distributed.barrier"
+        assert 0.3 <= later["collective_s"] < later["for_s"]
+    finally:
+        go.touch()
+        release.touch()
+        worker.join()
+    assert user_loop.progress()["collective"] is None
