@@ -228,6 +228,7 @@ class ClusterState:
             self.dead_since.pop(report.node_id, None)
             self.silent.discard(report.node_id)
             self._revive(report.node_id)  # (after: these count once, as they are set)
+        self.table.note_ram_outside(self.table.index[report.node_id])  # (its reservations set)
 
     def health(self, node_id: str, now: float) -> str:
         if node_id in self.dead:
@@ -572,7 +573,7 @@ class NodeTable:
     _ROW_COLUMNS = ("cpus", "gpus", "family", "load", "group", "group_gbps", "speed", "dead",
                     "suspect", "reserved_cpus", "reserved_gpus", "outside_cpus",
                     "outside_gpus", "ram_total_gib", "ram_available_gib",
-                    "reserved_memory_gib", "last_seen", *_GPU_COLUMNS)
+                    "reserved_memory_gib", "ram_outside_gib", "last_seen", *_GPU_COLUMNS)
 
     def __init__(self) -> None:
         self.ids: list[str] = []
@@ -604,6 +605,9 @@ class NodeTable:
         self.ram_total_gib = np.zeros(n)
         self.ram_available_gib = np.zeros(n)
         self.reserved_memory_gib = np.zeros(n)
+        # ... and what is in use outside those reservations (the system's own, work that
+        # states no RAM), as estimated: see note_ram_outside.
+        self.ram_outside_gib = np.zeros(n)
         # Measured bandwidth, kept sparse (each agent measures a few peers, so a dense matrix
         # would be 10,000 x 10,000 for nothing): what each row's report measured, who measured
         # each node, and the rows with any measurement at all.
@@ -790,6 +794,22 @@ class NodeTable:
         order = np.lexsort((rows, -gbps))  # fastest first; by row among equals
         self._links[row] = rows[order], gbps[order]
         return self._links[row]
+
+    def note_ram_outside(self, row: int) -> None:
+        """Estimate a row's host RAM in use outside the reservations (the system's own, work
+        that states no RAM) from its last report: all its use while nothing is reserved there;
+        while something is, the figure from when nothing was, or the whole use where that is
+        less. Which part of the use is a reserved worker's the figure does not say: RAM in use
+        before a job's workers started thus still counts once they use theirs, and their use
+        is not counted beside their reservation (free_host_memory). A node first seen with
+        reservations (a restart) starts from none: what they leave of the use. While its host
+        probe fails (total not finite) the last estimate stands."""
+        total = self.ram_total_gib.item(row)  # (.item: ~4x faster than [row])
+        if total == math.inf:
+            return
+        in_use = max(total - self.ram_available_gib.item(row), 0.0)
+        self.ram_outside_gib[row] = (in_use if self.reserved_memory_gib.item(row) <= 1e-9
+                                     else min(self.ram_outside_gib.item(row), in_use))
 
     def taken(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Per row, CPUs and GPUs not free: reserved by placed jobs, or held by Ray work the

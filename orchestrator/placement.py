@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from orchestrator.config import JobSpec
-from orchestrator.inventory import (GIB, LABEL_ACCELERATOR_MEMORY_GB, ClusterState,
+from orchestrator.inventory import (LABEL_ACCELERATOR_MEMORY_GB, ClusterState,
                                     NodeReport, Reservation, gpu_families)
 
 INTRA_NODE = math.inf  # bottleneck bandwidth of a single-node job: no network crossed
@@ -208,14 +208,32 @@ def worker_capacity(spec: JobSpec, state: ClusterState, now: float, *,
 
 def free_host_memory(state: ClusterState, ignore_reservations: bool = False) -> np.ndarray:
     """Host RAM (GiB) per table row that workers stating their need (min_host_memory_gb) may
-    have: what the node's agent reports available, less what the workers placed there asked
-    for (their own use may already show in the figure: counted twice then, never handed out
-    twice). With reservations ignored ("would it fit an idle cluster?"), the node's total."""
+    have: the node's total less what the workers placed there asked for and less what is in
+    use outside them (NodeTable.note_ram_outside), and never more than its agent reports
+    available. A placed worker's own use is not counted beside its reservation (it was: the
+    measured figure less the reservations), and nothing is handed out twice. With
+    reservations ignored ("would it fit an idle cluster?"), the node's total."""
     t = state.table
     n = len(t)
     if ignore_reservations:
         return t.ram_total_gib[:n]
-    return t.ram_available_gib[:n] - t.reserved_memory_gib[:n]
+    return host_ram_free(t.ram_total_gib[:n], t.ram_available_gib[:n],
+                         t.reserved_memory_gib[:n], t.ram_outside_gib[:n])
+
+
+def host_ram_free(total, available, reserved, outside):
+    """free_host_memory's rule, for arrays or one node's numbers."""
+    return np.minimum(available, total - reserved - outside)
+
+
+def ram_use_freed(memory_gb: float, total: float, available: float, outside: float) -> float:
+    """Host RAM (GiB) a node's agent shows available again once workers that asked for
+    `memory_gb` there have gone: their own use, up to what they asked for, of the use not
+    outside the reservations (none known where the host probe failed). The backfill plan
+    (a running job that ends) and the victim search (one that yields) give it back."""
+    if not math.isfinite(total):
+        return 0.0
+    return min(memory_gb, max(total - available - outside, 0.0))
 
 
 def workers_by_count(spec: JobSpec, free_cpus, free_gpus, free_memory=None):
@@ -631,13 +649,20 @@ def _node_reason(spec: JobSpec, state: ClusterState, report: NodeReport, now: fl
         return (f"needs {spec.min_host_memory_gb:g} GiB of host RAM per worker, unknown until "
                 f"its host probe works again: {report.probe_errors['host']}")
     if spec.min_host_memory_gb:
-        reserved_memory = state.reserved_memory_on(report.node_id)
-        free_memory = report.ram_available_bytes / GIB - reserved_memory
+        t = state.table
+        row = t.index[report.node_id]
+        total, available = float(t.ram_total_gib[row]), float(t.ram_available_gib[row])
+        reserved_memory = float(t.reserved_memory_gib[row])
+        free_memory = host_ram_free(total, available, reserved_memory,
+                                    float(t.ram_outside_gib[row]))
         if free_memory + 1e-9 < spec.min_host_memory_gb:
+            # (what is in use outside the reservations, as it bounds the free figure)
+            outside = total - reserved_memory - free_memory
             return (f"needs {spec.min_host_memory_gb:g} GiB of host RAM per worker, has "
-                    f"{max(free_memory, 0):.1f} GiB available "
-                    f"({report.ram_total_bytes / GIB:.1f} GiB total, {reserved_memory:g} GiB "
-                    "reserved)")
+                    f"{max(free_memory, 0):.1f} GiB available ({total:.1f} GiB total, "
+                    f"{reserved_memory:g} GiB reserved"
+                    + (f", {outside:.1f} GiB in use outside them" if outside >= 0.05 else "")
+                    + ")")
     if not report.gpus:
         probe_errors = "; ".join(f"{k}: {v}" for k, v in report.probe_errors.items())
         return (f"needs {spec.gpus_per_worker} GPU per worker, node reports no GPUs"

@@ -67,7 +67,7 @@ from orchestrator.inventory import (ClusterState, NodeReport, Reservation, gpu_f
                                     report_problem)
 from orchestrator.placement import (FITS_WHEN_FREED, Placement, PlacementError, Queued,
                                     Rejection, capacity_shape, free_host_memory, place,
-                                    worker_capacity, workers_by_count)
+                                    ram_use_freed, worker_capacity, workers_by_count)
 from orchestrator.queue import JobQueue, QueuedJob, allowed_families
 from orchestrator.saved_records import SAVED_STATE_VERSION
 from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, Directive, Outcome, Persist,
@@ -118,16 +118,28 @@ class _FamilyChoice:
 
 class _HeadRoom:
     """The head's room node by node: the CPUs and GPUs (and, for a head stating its workers'
-    host RAM, that RAM: `memory`) free on each node it could use, and the whole workers of
-    its shape they hold (a worker's CPUs and GPUs on one node; at most `cap`, what the node
-    holds of them idle: GPU memory, families, excluded GPUs). Counted in units summed over
-    nodes, 2 GPUs free on each of two nodes held a 4-GPU worker."""
+    host RAM, that RAM: `ram_available`, `ram_room`) free on each node it could use, and the
+    whole workers of its shape they hold (a worker's CPUs and GPUs on one node; at most `cap`,
+    what the node holds of them idle: GPU memory, families, excluded GPUs). Counted in units
+    summed over nodes, 2 GPUs free on each of two nodes held a 4-GPU worker."""
 
     def __init__(self, spec: JobSpec, cap: np.ndarray, cpus: np.ndarray,
-                 gpus: np.ndarray, state: ClusterState,
-                 memory: np.ndarray | None = None) -> None:
+                 gpus: np.ndarray, state: ClusterState, ram: bool = False) -> None:
         self.spec = spec
         self.index = state.table.index
+        # Host RAM, for a head stating it (`ram`), per node as free_host_memory counts it:
+        # the agent's available figure (`ram_available`: a running job that ends gives back
+        # its own use in it, ram_use_freed) and the total less the reservations and the use
+        # outside them (`ram_room`: it gives back its reservation).
+        memory = self.ram_available = self.ram_room = None
+        if ram:
+            t, n = state.table, len(cap)
+            self.ram_total, self.ram_outside = t.ram_total_gib[:n].tolist(), \
+                t.ram_outside_gib[:n].tolist()
+            self.ram_available = t.ram_available_gib[:n].tolist()
+            self.ram_room = (t.ram_total_gib[:n] - t.reserved_memory_gib[:n]
+                             - t.ram_outside_gib[:n]).tolist()
+            memory = np.maximum(free_host_memory(state), 0)
         workers = np.minimum(cap, workers_by_count(spec, cpus, gpus, memory)).astype(np.int64)
         self.total = int(workers.sum())
         # Per node as Python lists: add() updates one node at a time, once per reservation
@@ -135,19 +147,10 @@ class _HeadRoom:
         # and scalar calls cost several times the arithmetic.
         self.cap, self.workers = cap.astype(np.int64).tolist(), workers.tolist()
         self.cpus, self.gpus = cpus.astype(float).tolist(), gpus.astype(np.int64).tolist()
-        self.memory = None if memory is None else memory.astype(float).tolist()
-        # RAM each node's agent shows in use (total less available): a running job's own use
-        # is in it beside its reservation, and comes back too when it ends (end())
-        self.ram_in_use = None
-        if memory is not None:
-            t, n = state.table, len(memory)
-            in_use = t.ram_total_gib[:n] - t.ram_available_gib[:n]
-            self.ram_in_use = np.where(np.isfinite(in_use), np.maximum(in_use, 0), 0).tolist()
 
     def end(self, reservations) -> None:
         """A running job ends: its reservations are freed on the head's nodes, and the host
-        RAM its workers use, shown in use by the agents, up to what they asked for (free RAM
-        is what the agent reports available less what placed workers asked for)."""
+        RAM its workers use, shown in use by the agents, comes back as available."""
         self.add(reservations, +1, ends=True)
 
     def add(self, reservations, sign: int = 1, ends: bool = False) -> None:
@@ -160,12 +163,13 @@ class _HeadRoom:
             cpus = self.cpus[row] = self.cpus[row] + sign * r.cpus
             gpus = self.gpus[row] = self.gpus[row] + sign * r.gpus
             memory = None
-            if self.memory is not None:
-                used = 0.0
+            if self.ram_room is not None:
                 if ends and r.memory_gb:
-                    used = min(r.memory_gb, self.ram_in_use[row])
-                    self.ram_in_use[row] -= used
-                memory = self.memory[row] = self.memory[row] + sign * r.memory_gb + used
+                    self.ram_available[row] += ram_use_freed(
+                        r.memory_gb, self.ram_total[row], self.ram_available[row],
+                        self.ram_outside[row])
+                room = self.ram_room[row] = self.ram_room[row] + sign * r.memory_gb
+                memory = min(self.ram_available[row], room)
             fits = min(self.cap[row], int(workers_by_count(
                 self.spec, max(cpus, 0.0), max(gpus, 0),
                 None if memory is None else max(memory, 0.0))))
@@ -183,8 +187,8 @@ class _HeadRoom:
     def copy(self) -> "_HeadRoom":
         new = copy.copy(self)
         new.workers, new.cpus, new.gpus = list(self.workers), list(self.cpus), list(self.gpus)
-        new.memory = None if self.memory is None else list(self.memory)
-        new.ram_in_use = None if self.ram_in_use is None else list(self.ram_in_use)
+        if self.ram_room is not None:
+            new.ram_available, new.ram_room = list(self.ram_available), list(self.ram_room)
         return new
 
 
@@ -282,20 +286,22 @@ class _AsIfYielded:
         return shown
 
     def _show_ram_free(self, reservations) -> list[tuple[int, float]]:
-        """The host RAM a victim's workers asked for (min_host_memory_gb) shown available, up
-        to the node's total, as it will be once it has yielded: the agents measure available
-        RAM, the victim's workers use it, and a job stating its RAM never fitted in thought
-        (the victim's reservation freed, its use still counted), so it never preempted."""
+        """The host RAM a victim's workers use, up to what they asked for (min_host_memory_gb),
+        shown available as it will be once it has yielded (ram_use_freed, as a running job's
+        end in the backfill plan): the agents measure available RAM, the victim's workers use
+        it, and a job stating its RAM never fitted in thought (the victim's reservation freed,
+        its use still counted), so it never preempted."""
         table, shown = self.core.state.table, []
         for r in reservations:
             row = table.index.get(r.node_id)
             if not r.memory_gb or row is None or not math.isfinite(table.ram_total_gib[row]):
                 continue  # (not finite: its host probe failed, no RAM known to hand out)
             self.ram_measured.setdefault(row, float(table.ram_available_gib[row]))
-            before = float(table.ram_available_gib[row])
-            after = min(before + r.memory_gb, max(float(table.ram_total_gib[row]), before))
-            table.ram_available_gib[row] = after
-            shown.append((row, after - before))
+            freed = ram_use_freed(r.memory_gb, float(table.ram_total_gib[row]),
+                                  float(table.ram_available_gib[row]),
+                                  float(table.ram_outside_gib[row]))
+            table.ram_available_gib[row] += freed
+            shown.append((row, freed))
         return shown
 
     def _count_waiting(self, spec: JobSpec, sign: int) -> None:
@@ -1975,11 +1981,9 @@ class SchedulerCore:
         if per_gpu:
             # (never below 0: a job taking no CPUs there never delays the head)
             spare_cpus = max(float(free_cpus.sum()) - head.spec.total_cpus, 0.0)
-        memory = (np.where(placeable, np.maximum(free_host_memory(self.state), 0), 0.0)
-                  if spec.min_host_memory_gb else None)
         room = _HeadRoom(spec, np.where(placeable, cap, 0), free_cpus,
                          np.where(placeable, np.maximum(t.gpus[:n] - taken_gpus, 0), 0),
-                         self.state, memory)
+                         self.state, ram=bool(spec.min_host_memory_gb))
         shadow = now if room.total >= spec.num_workers else None
         if shadow is None:
             # Running jobs by expected end; what they free on the head's nodes is counted

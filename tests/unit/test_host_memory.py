@@ -75,7 +75,7 @@ def test_what_placed_workers_asked_for_is_not_handed_out_again():
         place(JobSpec("second", min_host_memory_gb=25), state, NOW)
     assert refused.value.rejection.fits_when_free  # it waits: the node holds it once idle
     assert "25 GiB of host RAM per worker, has 20.0 GiB available (64.0 GiB total, 40 GiB " \
-        "reserved)" in \
+        "reserved, 4.0 GiB in use outside them)" in \
         refused.value.rejection.node_reasons["a"]
     assert place(JobSpec("third", min_host_memory_gb=20), state, NOW).worker_nodes == ("a",)
     state.release("first")
@@ -257,3 +257,78 @@ def test_a_placement_refused_for_host_ram_names_the_flags_that_sized_it():
     for other in (JobFailed("cannot place job 'oom': needs 2 GPUs", EXIT_NOT_PLACEABLE),
                   JobFailed(f"x {reason}", EXIT_FAILED)):
         assert host_memory_refusal_named(other, config, spec) is other
+
+
+def test_a_running_jobs_own_ram_use_is_not_counted_beside_its_reservation():
+    # 64 GiB, nothing else in use. "running" asked 20 and uses them: its agent reports 44
+    # available. Free was 44 - 20 = 24 (its 20 counted twice: in the measured figure and as
+    # reserved), so a job asking 40 waited on a node that holds it: 64 - 20 = 44.
+    core = core_with(ram_node("a", cpus=8, total_gb=64))
+    core.submit(JobSpec("running", min_host_memory_gb=20), "d", T0)
+    core.report(ram_node("a", cpus=8, total_gb=64, available_gb=44), T0 + 1)
+    placed = core.submit(JobSpec("big", min_host_memory_gb=40), "d", T0 + 2).decision
+    assert isinstance(placed, Placement) and placed.nodes == ["a"], placed
+    # Never handed out twice: 4 GiB are left, and the reason says why.
+    with pytest.raises(PlacementError) as refused:
+        place(JobSpec("more", min_host_memory_gb=5), core.state, T0 + 3)
+    assert "needs 5 GiB of host RAM per worker, has 4.0 GiB available (64.0 GiB total, " \
+        "60 GiB reserved)" in refused.value.rejection.node_reasons["a"]
+
+
+def test_ram_in_use_outside_the_reservations_still_counts():
+    # 4 GiB in use before any job (the system's own): "first" (40) was just placed and its
+    # workers use nothing yet, so the measured figure still reads 60. Taking min(available,
+    # total - reserved) = 24 would hand the system's 4 GiB to a job of 22: 20 is free.
+    core = core_with(ram_node("a", cpus=8, total_gb=64, available_gb=60))
+    core.submit(JobSpec("first", min_host_memory_gb=40), "d", T0)
+    core.report(ram_node("a", cpus=8, total_gb=64, available_gb=60), T0 + 1)
+    with pytest.raises(PlacementError) as refused:
+        place(JobSpec("second", min_host_memory_gb=22), core.state, T0 + 2)
+    assert "has 20.0 GiB available (64.0 GiB total, 40 GiB reserved, 4.0 GiB in use " \
+        "outside them)" in refused.value.rejection.node_reasons["a"]
+    # Its workers start using their 40: still 20 free, not 20 - 40.
+    core.report(ram_node("a", cpus=8, total_gb=64, available_gb=20), T0 + 3)
+    assert place(JobSpec("third", min_host_memory_gb=20), core.state, T0 + 4).nodes == ["a"]
+    # Use outside the reservations grows by 8 (workers at their 40): 12 left.
+    core.report(ram_node("a", cpus=8, total_gb=64, available_gb=12), T0 + 5)
+    with pytest.raises(PlacementError) as refused:
+        place(JobSpec("third", min_host_memory_gb=13), core.state, T0 + 6)
+    assert "has 12.0 GiB available (64.0 GiB total, 40 GiB reserved, 12.0 GiB in use " \
+        "outside them)" in refused.value.rejection.node_reasons["a"]
+
+
+def test_the_backfill_plan_gives_back_a_running_jobs_ram_once():
+    # 64 GiB; "running" asked 20 and uses them (44 available, all free now); the head needs 50,
+    # which the node holds once "running" ends: 64. A filler of 30 taking RAM for ever leaves
+    # 34 then: it would delay the head. One of 14 leaves 50: it may go.
+    core = core_with(ram_node("a", cpus=8, total_gb=64))
+    core.submit(JobSpec("running", min_host_memory_gb=20, expected_duration_s=100), "d", T0)
+    core.report(ram_node("a", cpus=8, total_gb=64, available_gb=44), T0 + 0.5)
+    assert isinstance(core.submit(JobSpec("head", min_host_memory_gb=50), "d", T0).decision,
+                      Queued)
+    big = core.submit(JobSpec("filler30", min_host_memory_gb=30), "d", T0 + 1).decision
+    assert isinstance(big, Queued) and "would delay 'head'" in big.reason, big
+    small = core.submit(JobSpec("filler14", min_host_memory_gb=14), "d", T0 + 2).decision
+    assert isinstance(small, Placement), small
+
+
+def test_preemption_yields_only_the_victims_whose_ram_is_needed():
+    # 64 GiB; "low1" and "low2" asked 20 each and use them (24 available). "high" needs 40:
+    # one victim gone leaves 44. Counted twice (24 - 40 reserved, then 44 - 20), it took both.
+    core = SchedulerCore(SchedulerSettings(suspect_after_s=1e4, dead_after_s=1e5, min_run_s=10))
+    core.ray_nodes({"a"}, set(), T0)
+    core.report(ram_node("a", cpus=8, total_gb=64), T0)
+    for name in ("low1", "low2"):
+        assert isinstance(core.submit(JobSpec(name, min_host_memory_gb=20), "d", T0).decision,
+                          Placement)
+    core.report(ram_node("a", cpus=8, total_gb=64, available_gb=24), T0 + 50)
+    high = core.submit(JobSpec("high", min_host_memory_gb=40, priority=10), "d", T0 + 60)
+    assert [e.job_name for e in high.effects if type(e).__name__ == "Yield"] == ["low1"]
+    t = core.state.table  # the search put the node's figures back
+    assert (t.ram_available_gib[0], t.reserved_memory_gib[0], t.ram_outside_gib[0]) == (24, 40, 0)
+    # Saved and restored: the estimate of the use outside the reservations starts from none.
+    again = SchedulerCore(core.settings)
+    assert again.restore(json.loads(json.dumps(core.to_dict()))) == []
+    again.ray_nodes({"a"}, set(), T0 + 61)
+    again.report(ram_node("a", cpus=8, total_gb=64, available_gb=24), T0 + 61)
+    assert again.state.reserved_memory_on("a") == 40 and again.state.table.ram_outside_gib[0] == 0
