@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 from orchestrator.config import JobSpec
 from orchestrator.inventory import (LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
-                                    LABEL_ACCELERATOR_TYPE, LABEL_NETWORK_GBPS, GIB,
+                                    LABEL_ACCELERATOR_TYPE, LABEL_NETWORK_GBPS,
+                                    LABEL_NETWORK_GROUP, GIB,
                                     accelerator_family)
 from orchestrator.validation import is_int, is_number
 
@@ -58,13 +59,16 @@ class NodeType:
     # types together (RAY_DEFAULT_MAX_WORKERS where the config sets none; None: no bound)
     cluster_max_workers: int | None = None
     cluster_max_workers_set: bool = True  # False: RAY_DEFAULT_MAX_WORKERS, the config sets none
+    # Its network-group label ("" for none): nodes of two types share a fabric (their
+    # network-gbps between them) only when both name one group, as placement counts links.
+    network_group: str = ""
 
     def summary(self) -> dict[str, Any]:
         """What placement reads of the type, as status --json shows it (null: not stated)."""
         return {"name": self.name, "cpus": self.cpus, "gpus": self.gpus,
                 "family": self.family or None, "gpu_memory_gb": self.gpu_memory_gb,
                 "memory_gb": self.memory_gb, "max_workers": self.max_workers,
-                "network_gbps": self.network_gbps}
+                "network_gbps": self.network_gbps, "network_group": self.network_group or None}
 
     def workers_per_node(self, spec: JobSpec) -> int:
         by_cpu = math.floor(self.cpus / spec.cpus_per_worker + 1e-9) \
@@ -141,7 +145,8 @@ def _node_type(name: str, raw: Any, default_max: Any) -> NodeType:
         gpus=gpus, family=family, accelerator_resource=accelerator,
         gpu_memory_gb=_label_number(name, labels, LABEL_ACCELERATOR_MEMORY_GB),
         network_gbps=_label_number(name, labels, LABEL_NETWORK_GBPS),
-        max_workers=max_workers, memory_gb=memory_gb)
+        max_workers=max_workers, memory_gb=memory_gb,
+        network_group=str(labels.get(LABEL_NETWORK_GROUP) or ""))
 
 
 def _check_labels_agree(name: str, labels: dict, accelerator: str, gpus: int) -> None:
@@ -199,45 +204,162 @@ def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...],
     job a type without GPUs first, then the fewest nodes to add (`held_up`: how many of the
     workers the nodes up would hold beside nodes of that type, as nodes_to_add counts them;
     none without it), then the fewest nodes, then the fewest idle GPUs. None when no type
-    can: the job can never run here, autoscaling or not."""
+    can alone (scale_up_parts then tries several)."""
     best = None
-    families = {f.upper() for f in spec.accelerator_types}
     for node_type in node_types:
-        if families and (node_type.family not in families
-                         or not node_type.accelerator_resource):
-            # (A type without its accelerator_type resource cannot be asked for by family:
-            # the autoscaler could meet the request with another one.)
-            continue
-        if spec.gpus_per_worker and spec.min_gpu_memory_gb and (
-                node_type.gpu_memory_gb is None
-                or node_type.gpu_memory_gb < spec.min_gpu_memory_gb):
-            continue
-        per_node = node_type.workers_per_node(spec)
-        if per_node < 1:
+        per_node = _workers_per_node(spec, node_type)
+        if not per_node:
             continue
         nodes = math.ceil(spec.num_workers / per_node)
         if nodes > node_type.max_workers or _beyond_cluster_max(node_type, nodes):
             continue
-        if nodes > 1 and spec.min_bandwidth_gbps and (
-                node_type.network_gbps is None
-                or node_type.network_gbps < spec.min_bandwidth_gbps):
+        if nodes > 1 and spec.min_bandwidth_gbps and not _meets_floor(spec, node_type):
             continue
         idle_gpus = nodes * node_type.gpus - spec.num_workers * math.ceil(spec.gpus_per_worker)
-        # A CPU job: nodes without GPUs first (the autoscaler, asked for CPUs, picks so too).
         to_add = nodes if held_up is None else nodes_to_add(spec, node_type, nodes,
                                                              held_up(node_type))
-        key = (not spec.gpus_per_worker and node_type.gpus > 0, to_add, nodes, idle_gpus)
+        key = (_gpus_for_cpu_job(spec, node_type), to_add, nodes, idle_gpus)
         if best is None or key < best[0]:
             best = (key, node_type, nodes)
     return None if best is None else (best[1], best[2])
+
+
+# One type's share of a plan: (node type, nodes of it, the job's workers they hold). Of a plan
+# made by scale_up_parts the nodes are those needed in all (any up included); of one made by
+# parts_to_add, those the autoscaler adds.
+PlanPart = tuple[NodeType, int, int]
+
+
+def scale_up_parts(spec: JobSpec, node_types: tuple[NodeType, ...],
+                   held_up: Callable[[NodeType], int] | None = None
+                   ) -> tuple[PlanPart, ...] | None:
+    """The nodes that would hold all of `spec`'s workers: one type's (scale_up_plan) when one
+    holds them alone; else nodes of several types, as placement mixes them (a 16-GPU job
+    taking A100 or H100 with each type's max_workers 1: one node of each). Across types:
+    the types that would hold a worker, the largest (most workers a node) first, each up to
+    its max_workers, all within the cluster's; where the job states a bandwidth floor, only
+    types of one network group whose network-gbps meets it (nodes of two types share a
+    fabric only so). Of several such groups, the plan adding fewest nodes (`held_up`, as
+    scale_up_plan), then the fewest nodes. None when none holds it: it can never run here,
+    autoscaling or not."""
+    single = scale_up_plan(spec, node_types, held_up)
+    if single is not None:
+        return ((*single, spec.num_workers),)
+    holding = [t for t in node_types if _workers_per_node(spec, t) and t.max_workers]
+    if spec.min_bandwidth_gbps:
+        groups = {t.network_group for t in holding if t.network_group}
+        pools = [[t for t in holding if t.network_group == group and _meets_floor(spec, t)]
+                 for group in sorted(groups)]
+    else:
+        pools = [holding]
+    best = None
+    for pool in pools:
+        parts = _fill_across(spec, pool, held_up)
+        if parts is None:
+            continue
+        added = sum(nodes for _, nodes, _ in parts_to_add(spec, parts, held_up or _none_up))
+        key = (added, sum(nodes for _, nodes, _ in parts))
+        if best is None or key < best[0]:
+            best = (key, parts)
+    return None if best is None else best[1]
+
+
+def _fill_across(spec: JobSpec, pool: list[NodeType],
+                 held_up: Callable[[NodeType], int] | None) -> tuple[PlanPart, ...] | None:
+    """Greedy: the workers on the types of `pool` with the most workers a node first (the
+    fewest nodes; for a CPU job, types without GPUs first; of equals, the one whose nodes
+    up hold more), each type up to its max_workers, all within the cluster's."""
+    order = sorted(pool, key=lambda t: (_gpus_for_cpu_job(spec, t),
+                                        -_workers_per_node(spec, t),
+                                        -(held_up(t) if held_up else 0)))
+    room = min((t.cluster_max_workers for t in pool if t.cluster_max_workers is not None),
+               default=math.inf)
+    left, parts = spec.num_workers, []
+    for node_type in order:
+        per_node = _workers_per_node(spec, node_type)
+        nodes = min(node_type.max_workers, room, math.ceil(left / per_node))
+        if nodes < 1:
+            break
+        parts.append((node_type, nodes, min(left, nodes * per_node)))
+        left, room = left - parts[-1][2], room - nodes
+        if left <= 0:
+            return tuple(parts)
+    return None
+
+
+def parts_to_add(spec: JobSpec, parts: tuple[PlanPart, ...],
+                 held_up: Callable[[NodeType], int]) -> tuple[PlanPart, ...]:
+    """A plan's parts with the nodes the autoscaler adds in place of those needed in all:
+    each type's workers less those the nodes up would hold for its bundles (`held_up`; the
+    nodes up of one family counted once, for the first type of it), at least one node in
+    all (as nodes_to_add)."""
+    held_left: dict[str, int] = {}
+    out = []
+    for node_type, nodes, workers in parts:
+        key = node_type.family if spec.gpus_per_worker and node_type.accelerator_resource \
+            else ""
+        held = min(workers, held_left.setdefault(key, held_up(node_type)))
+        held_left[key] -= held
+        out.append((node_type, _to_add(spec, node_type, nodes, workers, held), workers))
+    if not any(nodes for _, nodes, _ in out):
+        out[0] = (out[0][0], 1, out[0][2])
+    return tuple(out)
+
+
+def plan_bundles(spec: JobSpec, parts: tuple[PlanPart, ...]) -> list[dict[str, float]]:
+    """What request_resources is asked for: each part's workers' bundles, steered to its type
+    (resource_bundles)."""
+    return [bundle for node_type, _, workers in parts
+            for bundle in resource_bundles(spec, node_type, workers)]
+
+
+def plan_named(parts: tuple[PlanPart, ...]) -> str:
+    """`1 x a100 + 1 x h100`: the nodes of each part (parts with none left out)."""
+    return " + ".join(f"{nodes} x {node_type.name}" for node_type, nodes, _ in parts if nodes)
+
+
+def _none_up(node_type: NodeType) -> int:
+    return 0
+
+
+def _workers_per_node(spec: JobSpec, node_type: NodeType) -> int:
+    """Workers of `spec` a node of the type holds, 0 where the type cannot be planned for it:
+    not of its families, or without the accelerator_type resource for them (the autoscaler
+    could meet the request with another family), or GPUs of undeclared or too little
+    memory for a job asking for GPU memory."""
+    families = {f.upper() for f in spec.accelerator_types}
+    if families and (node_type.family not in families or not node_type.accelerator_resource):
+        return 0
+    if spec.gpus_per_worker and spec.min_gpu_memory_gb and (
+            node_type.gpu_memory_gb is None
+            or node_type.gpu_memory_gb < spec.min_gpu_memory_gb):
+        return 0
+    return node_type.workers_per_node(spec)
+
+
+def _meets_floor(spec: JobSpec, node_type: NodeType) -> bool:
+    """The type's declared bandwidth between its nodes meets the job's floor."""
+    return node_type.network_gbps is not None and \
+        node_type.network_gbps >= spec.min_bandwidth_gbps
+
+
+def _gpus_for_cpu_job(spec: JobSpec, node_type: NodeType) -> bool:
+    """A CPU job on a type with GPUs: last (the autoscaler, asked for CPUs, picks so too)."""
+    return not spec.gpus_per_worker and node_type.gpus > 0
 
 
 def nodes_to_add(spec: JobSpec, node_type: NodeType, nodes: int, held_up: int) -> int:
     """Of a plan's `nodes`, those the autoscaler adds when the nodes up would hold `held_up`
     of the workers (request_resources is a shape the whole cluster should hold: it counts
     them); at least one, as the plan is made only when the cluster cannot hold the job."""
-    missing = spec.num_workers - held_up
-    return max(1, min(nodes, math.ceil(missing / node_type.workers_per_node(spec))))
+    return max(1, _to_add(spec, node_type, nodes, spec.num_workers, held_up))
+
+
+def _to_add(spec: JobSpec, node_type: NodeType, nodes: int, workers: int, held_up: int) -> int:
+    """Of `nodes` of the type planned for `workers`, those added beside nodes up holding
+    `held_up` of them."""
+    missing = max(0, workers - held_up)
+    return min(nodes, math.ceil(missing / node_type.workers_per_node(spec)))
 
 
 def _beyond_cluster_max(node_type: NodeType, nodes: int) -> bool:
@@ -364,8 +486,10 @@ def host_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | N
             f"{spec.min_host_memory_gb - largest.memory_gb:.1f} GiB short")
 
 
-def resource_bundles(spec: JobSpec, node_type: NodeType) -> list[dict[str, float]]:
-    """One bundle per worker, in the resources the node type declares: what
+def resource_bundles(spec: JobSpec, node_type: NodeType,
+                     workers: int | None = None) -> list[dict[str, float]]:
+    """One bundle per worker (`workers` of them, all the job's by default), in the resources
+    the node type declares: what
     request_resources is asked for so the autoscaler adds nodes of that type (the worker's
     host RAM too, in bytes, where the type states its memory: asked for CPUs alone, the
     autoscaler may add a type too small in RAM)."""
@@ -376,4 +500,4 @@ def resource_bundles(spec: JobSpec, node_type: NodeType) -> list[dict[str, float
         bundle["GPU"] = math.ceil(spec.gpus_per_worker)
         if node_type.accelerator_resource:
             bundle[node_type.accelerator_resource] = ACCELERATOR_RESOURCE_SHARE
-    return [dict(bundle) for _ in range(spec.num_workers)]
+    return [dict(bundle) for _ in range(spec.num_workers if workers is None else workers)]

@@ -59,9 +59,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
-from orchestrator.autoscaling import (NodeType, accelerator_resource_note, gpu_note,
-                                      host_memory_note, max_workers_note, nodes_to_add,
-                                      resource_bundles, scale_up_plan, unlabelled_memory_note)
+from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_note, gpu_note,
+                                      host_memory_note, max_workers_note, parts_to_add,
+                                      plan_bundles, plan_named, scale_up_parts,
+                                      unlabelled_memory_note)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import (ClusterState, NodeReport, Reservation, gpu_families,
                                     report_problem)
@@ -1529,7 +1530,7 @@ class SchedulerCore:
         autoscaler can add (None while some alive nodes have not reported: it is not known
         yet)."""
         rejection = self._cannot_hold(spec, now)
-        plan = scale_up_plan(spec, self.node_types) if rejection is not None else None
+        plan = scale_up_parts(spec, self.node_types) if rejection is not None else None
         if plan is None:
             self.awaiting_since.pop(spec.name, None)
             return self._with_node_type_notes(rejection, spec)
@@ -1537,11 +1538,11 @@ class SchedulerCore:
         if now - since <= self.settings.scale_up_timeout_s:
             return None  # it waits for the autoscaler (scale_up_requests)
         self.awaiting_since.pop(spec.name, None)
-        node_type, nodes = self._beside_nodes_up(spec, now)
         return dataclasses.replace(rejection, message=(
             f"{rejection.message}\n  waited {now - since:.0f} s (scale_up_timeout_s) for the "
-            f"autoscaler to add {nodes} x {node_type.name} node(s), and the nodes that joined "
-            "do not hold it (do their labels promise more than they report?)"))
+            f"autoscaler to add {plan_named(self._beside_nodes_up(spec, now))} node(s), and "
+            "the nodes that joined do not hold it (do their labels promise more than they "
+            "report?)"))
 
     def _with_node_type_notes(self, rejection: Rejection | None,
                               spec: JobSpec) -> Rejection | None:
@@ -1559,16 +1560,16 @@ class SchedulerCore:
             return rejection
         return dataclasses.replace(rejection, message="\n  ".join([rejection.message, *notes]))
 
-    def _new_nodes_plan(self, spec: JobSpec, now: float) -> tuple[NodeType, int] | None:
-        """(node type, nodes) when only nodes the autoscaler can add would hold the job, else
-        None (always with no node types). Answered once per job shape and moment: the queue
-        pass and scale_up_requests ask it of every waiting job."""
+    def _new_nodes_plan(self, spec: JobSpec, now: float) -> tuple[PlanPart, ...] | None:
+        """The nodes to add, per type (PlanPart), when only nodes the autoscaler can add would
+        hold the job, else None (always with no node types). Answered once per job shape and
+        moment: the queue pass and scale_up_requests ask it of every waiting job."""
         if not self.node_types:
             return None
         key = self._shape(spec)
         memo = self._memo(now)
         if key not in memo:
-            plan = scale_up_plan(spec, self.node_types)
+            plan = scale_up_parts(spec, self.node_types)
             holdable = plan is None or self._cannot_hold(spec, now, trial=True) is None
             memo[key] = None if holdable else self._beside_nodes_up(spec, now)
         return memo[key]
@@ -1580,14 +1581,13 @@ class SchedulerCore:
             self._awaits_memo = (now, {})
         return self._awaits_memo[1]
 
-    def _beside_nodes_up(self, spec: JobSpec, now: float) -> tuple[NodeType, int]:
-        """(node type, nodes to add) for a job some node type holds: of those types, the one
-        that adds the fewest nodes beside the nodes up, and its plan less the nodes its
-        workers' bundles would fill on nodes already up (request_resources is a shape the
-        whole cluster should hold, busy or not, so the autoscaler adds only the rest)."""
+    def _beside_nodes_up(self, spec: JobSpec, now: float) -> tuple[PlanPart, ...]:
+        """The nodes to add, per type, for a job node types hold: of the plans, the one that
+        adds the fewest nodes beside the nodes up, less the nodes its workers' bundles would
+        fill on nodes already up (request_resources is a shape the whole cluster should
+        hold, busy or not, so the autoscaler adds only the rest)."""
         held_up = self._held_by_nodes_up(spec, now)
-        node_type, nodes = scale_up_plan(spec, self.node_types, held_up)
-        return node_type, nodes_to_add(spec, node_type, nodes, held_up(node_type))
+        return parts_to_add(spec, scale_up_parts(spec, self.node_types, held_up), held_up)
 
     def _held_by_nodes_up(self, spec: JobSpec, now: float) -> Callable[[NodeType], int]:
         """How many of the job's workers the nodes up would hold, busy or not, for bundles
@@ -1624,12 +1624,12 @@ class SchedulerCore:
         return [bundle for job in waiting
                 for bundle in self.nodes_asked.get(job.spec.name, (0.0, ()))[1]]
 
-    def _ask_for_new_nodes(self, job: QueuedJob, plan: tuple[NodeType, int] | None) -> None:
+    def _ask_for_new_nodes(self, job: QueuedJob, plan: tuple[PlanPart, ...] | None) -> None:
         """Note the bundles a job that needs new nodes asks for (the latest plan's); without a
         plan (the cluster as it is would hold it) an earlier ask stands."""
         if plan is not None:
             self.nodes_asked[job.spec.name] = (job.enqueued_at,
-                                               resource_bundles(job.spec, plan[0]))
+                                               plan_bundles(job.spec, plan))
 
     def _silent_alive(self) -> frozenset[str]:
         """Nodes dead only by their agent's silence that Ray still lists alive: they have
@@ -2568,9 +2568,8 @@ def _saved_names(value: object) -> list[str]:
     return value
 
 
-def _scale_up_reason(plan: tuple[NodeType, int]) -> str:
-    node_type, nodes = plan
-    return (f"waiting for the autoscaler to add {nodes} x {node_type.name} node(s): the "
+def _scale_up_reason(plan: tuple[PlanPart, ...]) -> str:
+    return (f"waiting for the autoscaler to add {plan_named(plan)} node(s): the "
             "cluster as it stands cannot hold it")
 
 

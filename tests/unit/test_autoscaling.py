@@ -1,12 +1,14 @@
 """orchestrator/autoscaling.py and the core's use of it: a job only nodes the autoscaler can
 add would hold waits for them (and they are asked for) instead of being rejected."""
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from orchestrator.autoscaling import node_types_from_config, resource_bundles, scale_up_plan
+from orchestrator.autoscaling import (node_types_from_config, resource_bundles, scale_up_parts,
+                                      scale_up_plan)
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.scheduler_core import SchedulerCore
@@ -139,8 +141,6 @@ def test_the_shipped_labels_promise_no_more_gpu_memory_than_nvml_reports(aws_typ
 def test_nodes_that_join_but_do_not_hold_the_job_end_its_wait_after_the_timeout(aws_types):
     """An H100 labelled 80 GB (a hand-written cluster config) reports 79.6 GiB: a job asking
     80 GB waited, and kept asking for (and keeping up) H100 nodes, for ever."""
-    import dataclasses
-
     from orchestrator.inventory import GIB, GpuInfo, NodeReport
 
     core = core_with(cpu_node("cpu", cpus=16), scale_up_timeout_s=600.0)
@@ -503,9 +503,11 @@ def test_status_json_shows_each_node_types_ram_gpus_cpus_and_max_workers():
         "max_workers": 10, "asked_for": [{"CPU": 1.0}], "config_problem": None,
         "node_types": [
             {"name": "bigmem", "cpus": 16.0, "gpus": 0, "family": None, "gpu_memory_gb": None,
-             "memory_gb": 512.0, "max_workers": 1, "network_gbps": None},
+             "memory_gb": 512.0, "max_workers": 1, "network_gbps": None,
+             "network_group": None},
             {"name": "a100", "cpus": 96.0, "gpus": 8, "family": "A100", "gpu_memory_gb": 80.0,
-             "memory_gb": None, "max_workers": 10, "network_gbps": None}]}
+             "memory_gb": None, "max_workers": 10, "network_gbps": None,
+             "network_group": None}]}
 
 
 @pytest.mark.parametrize("value", [512, 64, 1])
@@ -684,3 +686,70 @@ def test_a_gpu_job_no_node_type_has_the_gpus_for_says_so():
         "no node type the autoscaler can add has GPUs"
     core.node_types = ()  # (no autoscaling config: no such note)
     assert "node type" not in reason(JobSpec("g2", num_workers=1, gpus_per_worker=1))
+
+
+def _two_eight_gpu_types(extra_labels=None, h100_group="efa", max_workers=1):
+    labels = {"orchestrator.io/network-group": "efa", "orchestrator.io/network-gbps": "50",
+              **(extra_labels or {})}
+    return node_types_from_config({"max_workers": 10, "available_node_types": {
+        "a100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+                 "labels": labels, "max_workers": max_workers},
+        "h100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:H100": 1},
+                 "labels": {**labels, "orchestrator.io/network-group": h100_group},
+                 "max_workers": max_workers}}})
+
+
+def test_a_job_no_single_type_holds_is_planned_across_the_types_it_accepts():
+    """A100 and H100 types at max_workers 1 each: a 16-GPU job taking either family (placement
+    mixes them) was refused, `raise a100's max_workers to 2`, although one node of each holds
+    it."""
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = _two_eight_gpu_types()
+    job = JobSpec("j", num_workers=16, gpus_per_worker=1, accelerator_types=("A100", "H100"))
+    waiting = core.submit(job, "d", T0).decision
+    assert isinstance(waiting, Queued), waiting
+    assert "waiting for the autoscaler to add 1 x a100 + 1 x h100 node(s)" in waiting.reason
+    asked = core.scale_up_requests(T0 + 1)  # 8 bundles steered to each type
+    assert asked == [{"CPU": 1.0, "GPU": 1, "accelerator_type:A100": 0.001}] * 8 + \
+        [{"CPU": 1.0, "GPU": 1, "accelerator_type:H100": 0.001}] * 8
+    # An idle H100 node up holds its 8: one A100 node is added, 16 bundles still asked.
+    core = core_with(gpu_node("h1", gpus=8, family="H100", cpus=96))
+    core.node_types = _two_eight_gpu_types()
+    waiting = core.submit(job, "d", T0).decision
+    assert "waiting for the autoscaler to add 1 x a100 node(s)" in waiting.reason, waiting
+    assert len(core.scale_up_requests(T0 + 1)) == 16
+    # The nodes join: placed across both.
+    core.ray_nodes({"h1", "a1"}, set(), T0 + 300)
+    core.report(gpu_node("a1", gpus=8, family="A100", cpus=96), T0 + 300)
+    placed = core.poll("j", "d", T0 + 301).decision
+    assert isinstance(placed, Placement) and set(placed.worker_nodes) == {"h1", "a1"}, placed
+    # More than both types' max_workers allow, or a family it does not take: refused.
+    for refused in (JobSpec("k", num_workers=24, gpus_per_worker=1),
+                    JobSpec("a", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))):
+        assert isinstance(core_with(cpu_node("cpu", cpus=16)).submit(refused, "d", T0).decision,
+                          Rejection)
+        fresh = core_with(cpu_node("cpu", cpus=16))
+        fresh.node_types = _two_eight_gpu_types()
+        assert isinstance(fresh.submit(refused, "d", T0).decision, Rejection)
+    # One type holds it: a single-type plan, as before.
+    assert scale_up_parts(job, _two_eight_gpu_types(max_workers=2)) == (
+        (_two_eight_gpu_types(max_workers=2)[0], 2, 16),)
+
+
+def test_a_plan_across_types_keeps_the_bandwidth_floor_and_the_clusters_max_workers():
+    """Nodes of two types are in one network group only when both are labelled with it (else
+    the link is measured, or inter_group_gbps): a floor is met across types only so, as the
+    single-type plan takes a type's network-gbps between its own nodes."""
+    floor = JobSpec("j", num_workers=16, gpus_per_worker=1, min_bandwidth_gbps=40)
+    (a100, h100) = same = _two_eight_gpu_types()
+    assert scale_up_parts(floor, same) == ((a100, 1, 8), (h100, 1, 8))
+    assert scale_up_parts(floor, _two_eight_gpu_types(h100_group="other")) is None
+    assert scale_up_parts(dataclasses.replace(floor, min_bandwidth_gbps=60), same) is None
+    assert scale_up_parts(dataclasses.replace(floor, min_bandwidth_gbps=0),
+                          _two_eight_gpu_types(h100_group="other")) is not None
+    one_node = [dataclasses.replace(t, cluster_max_workers=1) for t in same]
+    assert scale_up_parts(dataclasses.replace(floor, min_bandwidth_gbps=0), one_node) is None
+    # RAM: a type whose memory holds no worker is left out of the mix too.
+    small = dataclasses.replace(h100, memory_gb=64.0)
+    assert scale_up_parts(dataclasses.replace(floor, min_bandwidth_gbps=0,
+                                              min_host_memory_gb=100), (a100, small)) is None
