@@ -62,6 +62,9 @@ class NodeType:
     # Its network-group label ("" for none): nodes of two types share a fabric (their
     # network-gbps between them) only when both name one group, as placement counts links.
     network_group: str = ""
+    # The head's type (planned where its max_workers is above 0): its nodes are the head, up
+    # already, and up to max_workers worker nodes Ray launches beside it.
+    head: bool = False
 
     def summary(self) -> dict[str, Any]:
         """What placement reads of the type, as status --json shows it (null: not stated)."""
@@ -82,9 +85,11 @@ class NodeType:
 
 
 def node_types_from_config(config: dict[str, Any]) -> tuple[NodeType, ...]:
-    """The worker node types of a Ray cluster config (`ray up`'s YAML, parsed); the head's is
-    left out (jobs are not placed there). ValueError naming the node type and field when
-    one cannot be read."""
+    """The node types of a Ray cluster config (`ray up`'s YAML, parsed) that its autoscaler
+    launches as worker nodes: the head's only where its max_workers is above 0 (Ray 2.60's
+    fill_node_type_min_max_workers gives the head type 0 when unset, and its get_nodes_for
+    launches up to max_workers worker nodes of it beside the head). ValueError naming the
+    node type and field when one cannot be read."""
     types = config.get("available_node_types") if isinstance(config, dict) else None
     if not isinstance(types, dict):
         raise ValueError("the cluster config has no available_node_types mapping")
@@ -92,10 +97,17 @@ def node_types_from_config(config: dict[str, Any]) -> tuple[NodeType, ...]:
     cluster_max = _cluster_max_workers(config)
     given = config.get("max_workers") is not None
     # (a type without max_workers takes the cluster's, as Ray does: it read as 0, never scaled)
-    return tuple(dataclasses.replace(_node_type(name, t, cluster_max),
+    return tuple(dataclasses.replace(_node_type(name, t, 0 if name == head else cluster_max),
                                      cluster_max_workers=cluster_max,
-                                     cluster_max_workers_set=given)
-                 for name, t in types.items() if name != head)
+                                     cluster_max_workers_set=given, head=name == head)
+                 for name, t in types.items() if name != head or _head_max_workers(name, t))
+
+
+def _head_max_workers(name: str, raw: Any) -> int:
+    """The head type's max_workers (0 when unset, as Ray reads it): the worker nodes of that
+    type Ray may launch."""
+    return _whole_number(raw.get("max_workers", 0) if isinstance(raw, dict) else 0,
+                         f"node type {name!r}: max_workers")
 
 
 def _cluster_max_workers(config: dict[str, Any]) -> int:
@@ -211,7 +223,7 @@ def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...],
         if not per_node:
             continue
         nodes = math.ceil(spec.num_workers / per_node)
-        if nodes > node_type.max_workers or _beyond_cluster_max(node_type, nodes):
+        if nodes > _nodes_allowed(node_type) or _beyond_cluster_max(node_type, nodes):
             continue
         if nodes > 1 and spec.min_bandwidth_gbps and not _meets_floor(spec, node_type):
             continue
@@ -273,15 +285,16 @@ def _fill_across(spec: JobSpec, pool: list[NodeType],
                                         -_workers_per_node(spec, t),
                                         -(held_up(t) if held_up else 0)))
     room = min((t.cluster_max_workers for t in pool if t.cluster_max_workers is not None),
-               default=math.inf)
+               default=math.inf)  # (worker nodes: the head, of the head's type, is none)
     left, parts = spec.num_workers, []
     for node_type in order:
         per_node = _workers_per_node(spec, node_type)
-        nodes = min(node_type.max_workers, room, math.ceil(left / per_node))
+        nodes = min(_nodes_allowed(node_type), room + node_type.head,
+                    math.ceil(left / per_node))
         if nodes < 1:
-            break
+            continue
         parts.append((node_type, nodes, min(left, nodes * per_node)))
-        left, room = left - parts[-1][2], room - nodes
+        left, room = left - parts[-1][2], room - (nodes - node_type.head)
         if left <= 0:
             return tuple(parts)
     return None
@@ -362,9 +375,17 @@ def _to_add(spec: JobSpec, node_type: NodeType, nodes: int, workers: int, held_u
     return min(nodes, math.ceil(missing / node_type.workers_per_node(spec)))
 
 
+def _nodes_allowed(node_type: NodeType) -> int:
+    """The nodes of the type there may be in all: its max_workers, and the head for its type
+    (Ray's get_nodes_for counts it beside them)."""
+    return node_type.max_workers + node_type.head
+
+
 def _beyond_cluster_max(node_type: NodeType, nodes: int) -> bool:
-    # (Nodes of other types already up count against it too; they are not known here.)
-    return node_type.cluster_max_workers is not None and nodes > node_type.cluster_max_workers
+    # (Nodes of other types already up count against it too; they are not known here. The
+    # head, of the head's type, does not: it is no worker node.)
+    return node_type.cluster_max_workers is not None and \
+        nodes > node_type.cluster_max_workers + node_type.head
 
 
 def autoscaling_summary(node_types: tuple[NodeType, ...]) -> dict[str, Any]:
@@ -391,14 +412,15 @@ def max_workers_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | N
     uncapped_type, nodes = plan
     node_type = node_types[uncapped.index(uncapped_type)]
     short = []
-    if nodes > node_type.max_workers:
+    if nodes > _nodes_allowed(node_type):
         short.append(f"node type {node_type.name!r} has max_workers {node_type.max_workers}")
     if _beyond_cluster_max(node_type, nodes):
         short.append(f"the cluster config's max_workers is {node_type.cluster_max_workers}"
                      + ("" if node_type.cluster_max_workers_set
                         else " (Ray's default: the config sets none)"))
     return (f"it needs {nodes} x {node_type.name} node(s) in all (any up included), but "
-            f"{' and '.join(short)}: raise {'it' if len(short) == 1 else 'both'} to {nodes}")
+            f"{' and '.join(short)}: raise {'it' if len(short) == 1 else 'both'} to "
+            f"{nodes - node_type.head}" + (" (the head is one of them)" if node_type.head else ""))
 
 
 def unlabelled_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:

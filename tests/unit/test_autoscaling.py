@@ -753,3 +753,44 @@ def test_a_plan_across_types_keeps_the_bandwidth_floor_and_the_clusters_max_work
     small = dataclasses.replace(h100, memory_gb=64.0)
     assert scale_up_parts(dataclasses.replace(floor, min_bandwidth_gbps=0,
                                               min_host_memory_gb=100), (a100, small)) is None
+
+
+def test_the_head_node_type_is_planned_when_its_max_workers_lets_ray_launch_it_as_workers():
+    """Ray 2.60 launches up to the head type's max_workers worker nodes of that type (its
+    get_nodes_for counts the head itself beside them; unset, the head type's is 0, not the
+    cluster's): the head type was always left out, so a job only such nodes hold was
+    refused."""
+    head = {"resources": {"CPU": 8, "GPU": 1, "accelerator_type:T4": 1}}
+    config = {"max_workers": 4, "head_node_type": "head",
+              "available_node_types": {"head": {**head, "max_workers": 2}}}
+    (read,) = node_types_from_config(config)
+    assert (read.name, read.max_workers, read.family) == ("head", 2, "T4")
+    core = core_with(cpu_node("head", cpus=8))
+    core.node_types = (read,)
+    waiting = core.submit(JobSpec("j", num_workers=2, gpus_per_worker=1), "d", T0).decision
+    assert isinstance(waiting, Queued), waiting
+    assert "add 2 x head node(s)" in waiting.reason
+    # Beside a head that holds a worker: 3 in all, the head and the 2 Ray may add; not 4.
+    core = core_with(gpu_node("head", gpus=1, family="T4", cpus=8))
+    core.node_types = (read,)
+    three = core.submit(JobSpec("j", num_workers=3, gpus_per_worker=1), "d", T0).decision
+    assert isinstance(three, Queued) and "add 2 x head node(s)" in three.reason, three
+    four = core.submit(JobSpec("k", num_workers=4, gpus_per_worker=1), "d", T0).decision
+    assert isinstance(four, Rejection), four
+    assert ("it needs 4 x head node(s) in all (any up included), but node type 'head' has "
+            "max_workers 2: raise it to 3 (the head is one of them)") in four.message
+    # Across types, the head counts toward neither bound: 16 workers on 2 x a (the cluster's
+    # max_workers) and 1 on the head, but not 18 (a third worker node).
+    eight = {"resources": {"CPU": 96, "GPU": 8}, "max_workers": 3}
+    mixed = node_types_from_config({"max_workers": 2, "head_node_type": "h",
+                                    "available_node_types": {
+        "h": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 1}, "a": eight, "b": eight}})
+    assert scale_up_parts(JobSpec("j", num_workers=17, gpus_per_worker=1), mixed) == (
+        (mixed[1], 2, 16), (mixed[0], 1, 1))
+    assert scale_up_parts(JobSpec("j", num_workers=18, gpus_per_worker=1), mixed) is None
+    # Unset, or 0: Ray launches none, and it stays out (its resources unread, as before).
+    for unset in ({**head, "resources": {"CPU": "not read"}}, {**head, "max_workers": 0}):
+        assert node_types_from_config({**config, "available_node_types": {"head": unset}}) == ()
+    with pytest.raises(ValueError, match="node type 'head': max_workers must be a whole"):
+        node_types_from_config({**config, "available_node_types": {
+            "head": {**head, "max_workers": -1}}})
