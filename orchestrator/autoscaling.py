@@ -38,6 +38,12 @@ ACCELERATOR_RESOURCE_SHARE = 0.001
 # ray-cluster-configuration, and the AWS, GCP and Azure providers' defaults.yaml). A node type
 # without its own max_workers takes the cluster's (Ray's fill_node_type_min_max_workers).
 RAY_DEFAULT_MAX_WORKERS = 2
+# Ray's memory resource, of a node's RAM: the object store takes the rest (Ray 2.60's
+# DEFAULT_OBJECT_STORE_MEMORY_PROPORTION, 0.3). `ray up` fills in a worker type's memory so
+# (the AWS provider: 70% of the instance's RAM), and the autoscaler fits request_resources'
+# bundles onto the nodes up by their type's resources: a node up holds a bundle's memory
+# against this share of its RAM, not all of it.
+RAY_MEMORY_SHARE = 0.7
 
 
 @dataclass(frozen=True)
@@ -386,6 +392,12 @@ def _beyond_cluster_max(node_type: NodeType, nodes: int) -> bool:
     # head, of the head's type, does not: it is no worker node.)
     return node_type.cluster_max_workers is not None and \
         nodes > node_type.cluster_max_workers + node_type.head
+
+
+def ray_memory_gib(ram_gib):
+    """A node's Ray memory resource (GiB) as the autoscaler counts it, from its RAM (GiB; a
+    number or an array): RAY_MEMORY_SHARE of it."""
+    return ram_gib * RAY_MEMORY_SHARE
 
 
 def autoscaling_summary(node_types: tuple[NodeType, ...]) -> dict[str, Any]:

@@ -61,8 +61,8 @@ import numpy as np
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_note, gpu_note,
                                       host_memory_note, max_workers_note, parts_to_add,
-                                      plan_bundles, plan_named, scale_up_parts,
-                                      unlabelled_memory_note)
+                                      plan_bundles, plan_named, ray_memory_gib,
+                                      scale_up_parts, unlabelled_memory_note)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import (ClusterState, NodeReport, Reservation, gpu_families,
                                     report_problem)
@@ -1591,16 +1591,23 @@ class SchedulerCore:
 
     def _held_by_nodes_up(self, spec: JobSpec, now: float) -> Callable[[NodeType], int]:
         """How many of the job's workers the nodes up would hold, busy or not, for bundles
-        asked of a node type (only nodes of the type's family, when the bundles name it)."""
-        idle = worker_capacity(spec, self.state, now, ignore_reservations=True,
+        asked of a node type (only nodes of the type's family, when the bundles name it), as
+        the autoscaler counts them: host RAM only where the bundles ask for it (the type
+        states its memory), and then a node's Ray memory (ray_memory_gib), not all its RAM."""
+        idle = worker_capacity(dataclasses.replace(spec, min_host_memory_gb=0.0), self.state,
+                               now, ignore_reservations=True,
                                excluded_gpus=frozenset(self.excluded_gpus.get(spec.name, ())))
         t = self.state.table
+        with_ram = np.minimum(idle, np.floor(ray_memory_gib(t.ram_total_gib[:len(idle)])
+                                             / spec.min_host_memory_gb + 1e-9)) \
+            if spec.min_host_memory_gb else idle
 
         def held(node_type: NodeType) -> int:
+            counts = idle if node_type.memory_gb is None else with_ram
             if spec.gpus_per_worker and node_type.accelerator_resource:
-                return int(idle[t.family[:len(idle)]
-                                == t.families.get(node_type.family, -1)].sum())
-            return int(idle.sum())
+                return int(counts[t.family[:len(counts)]
+                                  == t.families.get(node_type.family, -1)].sum())
+            return int(counts.sum())
         return held
 
     def scale_up_requests(self, now: float) -> list[dict[str, float]] | None:

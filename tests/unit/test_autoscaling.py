@@ -794,3 +794,31 @@ def test_the_head_node_type_is_planned_when_its_max_workers_lets_ray_launch_it_a
     with pytest.raises(ValueError, match="node type 'head': max_workers must be a whole"):
         node_types_from_config({**config, "available_node_types": {
             "head": {**head, "max_workers": -1}}})
+
+
+def test_nodes_up_count_toward_a_request_with_the_ram_ray_counts_for_them():
+    """Ray's autoscaler fits request_resources' bundles onto the nodes up by their type's
+    resources, whose memory `ray up` fills in at 70% of the instance's RAM (the object
+    store's 30% left out); the bundles ask for RAM only where the type states it. The nodes
+    up were counted at their whole probed RAM: beside a 512 GiB node, a job of 4 workers of
+    200 GiB said `add 2 x bigmem` where the autoscaler adds 3 (the node up holds one bundle)."""
+    big = dataclasses.replace(cpu_node("big", cpus=64), ram_total_bytes=512 * GIB,
+                              ram_available_bytes=500 * GIB)
+    core = core_with(big)
+    core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "bigmem": {"resources": {"CPU": 64, "memory": int(0.7 * 512 * GIB)},
+                   "max_workers": 4}}})
+    fat = JobSpec("fat", num_workers=4, cpus_per_worker=4, min_host_memory_gb=200)
+    waiting = core.submit(fat, "d", T0).decision
+    assert isinstance(waiting, Queued), waiting
+    assert "add 3 x bigmem node(s)" in waiting.reason, waiting.reason
+    # A type stating no memory: its bundles ask none, and Ray counts the node up by its CPUs
+    # (16: all 4 workers), not by RAM (1 of 60 GiB in 100): at least one node, not 2.
+    up = dataclasses.replace(cpu_node("up", cpus=16), ram_total_bytes=100 * GIB,
+                             ram_available_bytes=100 * GIB)
+    core = core_with(up)
+    core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "w": {"resources": {"CPU": 8}, "max_workers": 4}}})
+    waiting = core.submit(JobSpec("j", num_workers=4, cpus_per_worker=4, min_host_memory_gb=60),
+                          "d", T0).decision
+    assert "add 1 x w node(s)" in waiting.reason, waiting.reason
