@@ -34,8 +34,8 @@ from orchestrator.launch import (host_memory_per_worker_gb, host_memory_refusal_
                                  refuse_a_cpu_run_past_this_machine,
                                  refuse_what_embedded_ray_cannot_hold)
 from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, RunDirError,
-                              checkpoint_verdicts_kept, has_checkpoints, not_a_run_dirs_files,
-                              resolve_run_dir, resume_point, run_dir_held,
+                              ResumePoint, checkpoint_verdicts_kept, has_checkpoints,
+                              not_a_run_dirs_files, resolve_run_dir, resume_point, run_dir_held,
                               verified_newest)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
@@ -275,8 +275,10 @@ def build_configs(args: argparse.Namespace, run_dir: Path, data_fields: dict | N
     # The step the resume goes on from: its newest checkpoint that verifies (resume_point
     # hashes them: only once the flags are known good). Accumulation vs --max-steps matters
     # only where training happens: a finished run resumed with nothing to do (run:
-    # _already_complete) is said so, exit 0.
-    resumed_at = resume_point(run_dir).step if args.resume else 0
+    # _already_complete) is said so, exit 0. Kept in args.resume_point for that check (the
+    # metrics log read once: a long run's is hundreds of MB).
+    args.resume_point = resume_point(run_dir) if args.resume else ResumePoint(0)
+    resumed_at = args.resume_point.step
     with given_by_flags(getattr(args, "flags", {})):
         if never_steps := train_config.never_stepping_groups(from_step=resumed_at):
             raise ConfigError(never_steps)
@@ -519,7 +521,7 @@ def _run(args: argparse.Namespace) -> dict | None:
         train_config, spec = build_configs(args, run_dir, setup.fields)
         if args.dry_run:
             return dry_run(train_config, spec, args.address)
-        if args.resume and _already_complete(run_dir, train_config):
+        if args.resume and _already_complete(run_dir, train_config, args.resume_point):
             return None
         refuse_what_embedded_ray_cannot_hold(spec, args.address)
         refuse_a_cpu_run_past_this_machine(train_config, spec, args.address)
@@ -601,11 +603,10 @@ def dry_run(train_config: TrainConfig, spec: JobSpec, address: str | None) -> No
     return None
 
 
-def _already_complete(run_dir: Path, train_config: TrainConfig) -> bool:
-    """True (and says so) when the run already reached --max-steps (resume_point: a run
-    stopped before its end may be resumed with a lower one; a damaged checkpoint does not
-    count, and is named): nothing to start."""
-    point = resume_point(run_dir)
+def _already_complete(run_dir: Path, train_config: TrainConfig, point: ResumePoint) -> bool:
+    """True (and says so) when the run already reached --max-steps at `point` (build_configs'
+    resume_point: a run stopped before its end may be resumed with a lower one; a damaged
+    checkpoint does not count, and is named): nothing to start."""
     for step, problem in point.unusable:
         print(f"warning: the run's checkpoint of step {step} is unusable: {problem}",
               file=sys.stderr)

@@ -513,17 +513,18 @@ def test_resume_of_a_run_whose_final_checkpoint_is_damaged_trains_again(tmp_path
     # The metrics log lists the final checkpoint, so --resume at the same --max-steps said
     # "nothing to do" however damaged it was on disk. (Checked before Ray: no run here.)
     from jobs import pretrain
-    from orchestrator.runs import append_metrics
+    from orchestrator.runs import append_metrics, resume_point
 
     run_dir = tmp_path / "run"
     for step in (5, 10):
         checkpoint = save_checkpoint(run_dir / f"checkpoint_{step:08d}", {"step": step}).parent
         append_metrics(run_dir, {"step": step}, str(checkpoint))
-    assert pretrain._already_complete(run_dir, TrainConfig(max_steps=10))
+    assert pretrain._already_complete(run_dir, TrainConfig(max_steps=10), resume_point(run_dir))
     assert "nothing to do" in capsys.readouterr().out
     state = run_dir / "checkpoint_00000010" / "state.pt"
     state.write_bytes(b"damaged")
-    assert not pretrain._already_complete(run_dir, TrainConfig(max_steps=10))
+    assert not pretrain._already_complete(run_dir, TrainConfig(max_steps=10),
+                                          resume_point(run_dir))
     out, err = capsys.readouterr()
     assert "nothing to do" not in out
     assert f"checkpoint {state} is corrupt" in err and "step 10" in err
@@ -713,3 +714,24 @@ def test_a_resume_past_a_corrupt_newest_checkpoint_names_the_step_it_resumes_fro
     pretrain.build_configs(args, run_dir)
     assert capsys.readouterr().err.endswith("; max_steps 16 or 32 ends on a step of every "
                                             "group\n")
+
+
+def test_a_resume_reads_the_metrics_log_once(tmp_path, monkeypatch, capsys):
+    # build_configs worked out the step the resume goes on from (resume_point), and
+    # _already_complete worked it out again: the whole metrics log read and parsed twice
+    # (~0.5 s each for a 200k-line log) before anything started.
+    from jobs import pretrain
+    from orchestrator import runs
+
+    run_dir = tmp_path / "run"
+    for step in (5, 10):
+        checkpoint = save_checkpoint(run_dir / f"checkpoint_{step:08d}", {"step": step}).parent
+        runs.append_metrics(run_dir, {"step": step}, str(checkpoint))
+    config = {**TrainConfig().to_dict(), "max_steps": 10}
+    (run_dir / "config.json").write_text(json.dumps({"train": config}))
+    reads = []
+    read_metrics = runs.read_metrics
+    monkeypatch.setattr(runs, "read_metrics", lambda d: reads.append(d) or read_metrics(d))
+    assert pretrain.run(pretrain.parse_args(["--resume", "--run-dir", str(run_dir)])) is None
+    assert "already at step 10" in capsys.readouterr().out
+    assert reads == [run_dir]
