@@ -209,15 +209,17 @@ def refuse_a_cpu_run_past_this_machine(train_config: TrainConfig, spec: JobSpec,
     machine) whose estimated memory is more than this machine has available, as its node
     agent would report it (within its memory cgroup): such a run was killed by the kernel's
     OOM killer mid-run, a Ray worker-died message. Refused here, before Ray starts, by the
-    per-worker figure placement is asked for (host_memory_per_worker_gb) times the workers:
-    on a cluster, placement counts it node by node."""
+    per-worker figure placement is asked for (spec.min_host_memory_gb, which
+    host_memory_per_worker_gb worked out: not again here) times the workers; on a cluster,
+    placement counts it node by node."""
     if spec.gpus_per_worker or not runs_on_embedded_ray(address):
         return
     from orchestrator import probes
     from orchestrator.training.memory import cpu_memory_refusal  # (torch: imported late)
 
     _, available = probes.memory_within_cgroup()
-    refusal = cpu_memory_refusal(train_config, spec.num_workers, available, "this machine")
+    refusal = cpu_memory_refusal(train_config, spec.min_host_memory_gb, spec.num_workers,
+                                 available, "this machine")
     if refusal:
         raise JobFailed(refusal, EXIT_NOT_PLACEABLE)
 

@@ -222,15 +222,14 @@ LOWER_MEMORY = ("lower --batch-size or --seq-len (--accumulation keeps the token
                 "step) or --model-size")
 
 
-def cpu_memory_refusal(config: TrainConfig, workers: int, available_bytes: int,
-                       where: str) -> str | None:
+def cpu_memory_refusal(config: TrainConfig, per_worker: float, workers: int,
+                       available_bytes: int, where: str) -> str | None:
     """Why a CPU run whose `workers` workers all run on one node (`where`: an embedded Ray's
-    machine) cannot fit its available RAM by the estimate, or None. The estimate is
-    `--dry-run`'s on a CPU (fp32 unless --precision says otherwise), without the GPU
-    runtime's overhead: refused only where the run clearly cannot fit, instead of the
-    kernel's OOM killer ending a worker mid-run. Per worker, the figure a cluster's
-    placement is asked for (cpu_memory_needed_gb)."""
-    per_worker = cpu_memory_needed_gb(config, workers)
+    machine) cannot fit its available RAM by the estimate, or None. `per_worker` (GiB) is
+    the estimate the caller already has, the figure a cluster's placement is asked for
+    (cpu_memory_needed_gb: JobSpec.min_host_memory_gb): `--dry-run`'s on a CPU (fp32 unless
+    --precision says otherwise), without the GPU runtime's overhead. Refused only where the
+    run clearly cannot fit, instead of the kernel's OOM killer ending a worker mid-run."""
     need = per_worker * workers
     if need * GIB <= available_bytes:
         return None

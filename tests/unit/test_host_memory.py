@@ -148,10 +148,36 @@ def test_pretrain_asks_a_cpu_run_the_estimate_and_the_embedded_refusal_uses_it()
     gpu = build_configs(parse_args([*args, "--gpus-per-worker", "1"]), Path("/tmp/run"))[1]
     assert gpu.min_host_memory_gb == 0
     # The embedded Ray's refusal: the same per-worker figure, times the workers.
-    assert cpu_memory_refusal(cpu[0], 2, math.ceil(2 * need * GIB), "here") is None
-    refusal = cpu_memory_refusal(cpu[0], 2, math.ceil(2 * need * GIB) - 1, "here")
+    assert cpu_memory_refusal(cpu[0], need, 2, math.ceil(2 * need * GIB), "here") is None
+    refusal = cpu_memory_refusal(cpu[0], need, 2, math.ceil(2 * need * GIB) - 1, "here")
     assert f"{need:,.1f} GiB per worker" in refusal and f"{2 * need:,.1f} GiB" in refusal
     assert cpu_memory_needed_gb(TrainConfig(model_size="tiny"), 2) >= 0.1
+
+
+def test_the_embedded_refusal_takes_the_figure_placement_is_asked_for(monkeypatch):
+    # refuse_a_cpu_run_past_this_machine worked the estimate out again (cpu_memory_refusal
+    # called cpu_memory_needed_gb) where the job's spec already held it (min_host_memory_gb).
+    from jobs.pretrain import build_configs, parse_args
+    from orchestrator import launch, probes
+    from orchestrator.job_exit import JobFailed
+    from orchestrator.training import memory
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(launch, "runs_on_embedded_ray", lambda address: True)
+    train_config, spec = build_configs(parse_args(["--model-size", "gpt2-xl"]),
+                                       Path("/tmp/run"))
+    monkeypatch.setattr(probes, "memory_within_cgroup", lambda: (64 * GIB, 40 * GIB))
+
+    def estimated_again(*args, **kwargs):
+        raise AssertionError("the estimate worked out again")
+    monkeypatch.setattr(memory, "worker_memory", estimated_again)
+    launch.refuse_a_cpu_run_past_this_machine(train_config, dataclasses.replace(
+        spec, min_host_memory_gb=19.9), None)  # 2 x 19.9 GiB fit in 40
+    with pytest.raises(JobFailed) as refused:
+        launch.refuse_a_cpu_run_past_this_machine(train_config, dataclasses.replace(
+            spec, min_host_memory_gb=20.1), None)
+    assert "about 40.2 GiB of RAM" in str(refused.value)
+    assert "20.1 GiB per worker" in str(refused.value)
 
 
 def test_backfill_does_not_take_the_ram_the_waiting_head_needs_when_the_running_job_ends():
