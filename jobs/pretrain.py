@@ -520,6 +520,10 @@ def _run(args: argparse.Namespace) -> dict | None:
         setup = resolve_data(args, run_dir)
         train_config, spec = build_configs(args, run_dir, setup.fields)
         if args.dry_run:
+            if setup.plan is not None and setup.plan.cached:  # (shards of an earlier run:
+                # the refusal the run would give once tokenized, given here too)
+                check_trainable(setup.plan.manifest, train_config.seq_len,
+                                setup.plan.cache_uri)
             return dry_run(train_config, spec, args.address)
         if args.resume and _already_complete(run_dir, train_config, args.resume_point):
             return None

@@ -556,3 +556,25 @@ def test_a_data_cache_in_a_home_of_no_user_is_refused_not_made_in_the_working_di
     with pytest.raises(DataError, match="--data-cache.*~nosuchuser-hf55"):
         data_plan.plan_data([str(corpus)], cache_root="~nosuchuser-hf55/cache")
     assert not (tmp_path / "~nosuchuser-hf55").exists()
+
+
+def test_a_dry_run_on_cached_shards_too_short_for_the_sequence_is_refused(tmp_path, capsys,
+                                                                          monkeypatch):
+    """The shards already in the cache (an earlier run on the same files): a run refuses a
+    --seq-len longer than a split holds (check_trainable) before any worker starts, while
+    `--dry-run` said `would place` and exited 0."""
+    planned = []
+    monkeypatch.setattr(pretrain, "dry_run", lambda config, spec, address: planned.append(
+        config))
+    (tmp_path / "a.txt").write_text("".join(f"paragraph {i} of some text here.\n\n"
+                                            for i in range(100)))
+    plan = data_plan.plan_data([str(tmp_path / "a.txt")], cache_root=str(tmp_path / "cache"))
+    data_plan.tokenize_in_process(plan, say=lambda _: None)  # ~3,300 tokens
+    flags = ["--dry-run", "--data", str(tmp_path / "a.txt"),
+             "--data-cache", str(tmp_path / "cache")]
+    err = refused(tmp_path, capsys, *flags, "--seq-len", "4096")
+    assert "--seq-len 4096: the corpus's training split has" in err and plan.cache_uri in err
+    assert planned == []
+    code, err = run_pretrain(*flags, "--seq-len", "16", "--run-dir",
+                             str(tmp_path / "runs" / "ok"), capsys=capsys)
+    assert code == 0 and len(planned) == 1, err
