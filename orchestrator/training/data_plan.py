@@ -116,6 +116,8 @@ def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool
             check_text_column(source, text_field)
         check_text_head(source)
         check_jsonl_head(source, text_field, skip_bad_lines)
+    if not reads_records(sources):  # (.txt alone: the same shards whatever they say, so
+        text_field, skip_bad_lines = "text", False  # the defaults' cache key and BPE)
     if tok is None:
         tok = trained_tokenizer(sources, text_field, skip_bad_lines, train_tokenizer,
                                 cache_root, say, train=train, before_training=before_training)
@@ -131,6 +133,16 @@ def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool
         manifest = None
     return DataPlan(sources, text_field, skip_bad_lines, tok, key, cache_uri, manifest,
                     retokenize)
+
+
+# The flags that read .jsonl records and parquet rows: on .txt files they change nothing.
+RECORD_FLAGS = ("--text-field", "--skip-bad-lines")
+
+
+def reads_records(sources: list[SourceFile]) -> bool:
+    """Whether any source is read by record (.jsonl, .parquet), where --text-field and
+    --skip-bad-lines apply."""
+    return any(source.format != "txt" for source in sources)
 
 
 def _manifest_unless_replaced(cache_uri: str, retokenize: bool) -> dict[str, Any] | None:
@@ -440,6 +452,11 @@ def configure_data(*, data: list[str], text_field: str, skip_bad_lines: bool, to
                      f"it first); the estimate takes its full {train_tokenizer:,} tokens")
         fields["vocab_size"] = train_tokenizer
         return DataSetup(fields, None, None, notes)
+    ignored = [f for f in data_flags if f in RECORD_FLAGS]
+    if data and ignored and not reads_records(plan.sources):
+        notes.append(f"{', '.join(ignored)} ignored: "
+                     f"{'they apply' if len(ignored) > 1 else 'it applies'} to .jsonl and "
+                     ".parquet files, and the --data files are .txt")
     if not plan.cached:  # shards to write (a read-only cache that holds them is fine)
         _check_cache_writable(cache_root, cache_given)
     if init_from:

@@ -578,3 +578,37 @@ def test_a_dry_run_on_cached_shards_too_short_for_the_sequence_is_refused(tmp_pa
     code, err = run_pretrain(*flags, "--seq-len", "16", "--run-dir",
                              str(tmp_path / "runs" / "ok"), capsys=capsys)
     assert code == 0 and len(planned) == 1, err
+
+
+def test_record_flags_on_txt_files_are_said_to_be_ignored_and_keep_the_cache_key(
+        tmp_path, capsys, monkeypatch):
+    """--text-field and --skip-bad-lines read .jsonl records and parquet rows; on .txt files
+    alone they change nothing, yet were silent and entered the cache key: the same files
+    were tokenized (and a --train-tokenizer BPE trained) again, and a --resume --data without
+    them was refused as "other data"."""
+    from orchestrator.training.data_plan import plan_data
+
+    (tmp_path / "a.txt").write_text("".join(f"paragraph {i} of some text here.\n\n"
+                                            for i in range(100)))
+    (tmp_path / "b.jsonl").write_text('{"text": "a record", "body": "its body"}\n')
+    txt, cache = [str(tmp_path / "a.txt")], str(tmp_path / "cache")
+    assert plan_data(txt, text_field="body", skip_bad_lines=True, cache_root=cache).key == \
+        plan_data(txt, cache_root=cache).key
+    both = [*txt, str(tmp_path / "b.jsonl")]  # (a record file: they apply, and key)
+    assert plan_data(both, text_field="body", cache_root=cache).key != \
+        plan_data(both, cache_root=cache).key
+    monkeypatch.setattr(pretrain, "dry_run", lambda config, spec, address: None)
+    code, err = run_pretrain("--dry-run", "--data", txt[0], "--text-field", "body",
+                             "--skip-bad-lines", "--data-cache", cache,
+                             "--run-dir", str(tmp_path / "run"), capsys=capsys)
+    assert code == 0, err
+    assert "warning: --text-field, --skip-bad-lines ignored: they apply to .jsonl and " \
+        ".parquet files, and the --data files are .txt" in err
+    code, err = run_pretrain("--dry-run", "--data", txt[0], "--text-field", "body",
+                             "--data-cache", cache, "--run-dir", str(tmp_path / "run"),
+                             capsys=capsys)
+    assert "warning: --text-field ignored: it applies to .jsonl and .parquet" in err, err
+    code, err = run_pretrain("--dry-run", "--data", both[1], "--text-field", "body",
+                             "--data-cache", cache, "--run-dir", str(tmp_path / "run"),
+                             capsys=capsys)
+    assert code == 0 and "ignored" not in err, err
