@@ -298,15 +298,31 @@ def _listing(fs: pafs.FileSystem, base: str, spec: str, depth: int | None = None
     permission): pyarrow's OSError left the job as a traceback."""
     try:
         if depth is None:
-            return fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            return _named(fs.get_file_info(pafs.FileSelector(base, recursive=True)), spec)
         found, folders = [], [base]
         for _ in range(depth):
-            level = [i for folder in folders for i in fs.get_file_info(pafs.FileSelector(folder))]
+            level = _named([i for folder in folders
+                            for i in fs.get_file_info(pafs.FileSelector(folder))], spec)
             found += level
             folders = [i.path for i in level if i.type == pafs.FileType.Directory]
         return found
     except OSError as e:
         raise DataError(f"--data {spec}: cannot list the files under {base}: {e}") from None
+
+
+def _named(infos: list[pafs.FileInfo], spec: str) -> list[pafs.FileInfo]:
+    """`infos`, each name readable: pyarrow decodes a listed name as UTF-8 only when asked,
+    so a Latin-1 one (an old archive unpacked, a Windows share) was a UnicodeDecodeError
+    traceback wherever it was first asked; DataError naming it instead."""
+    for info in infos:
+        try:
+            info.path
+        except UnicodeDecodeError as e:
+            name = bytes(e.object).decode("utf-8", errors="backslashreplace")
+            raise DataError(f"--data {spec}: the name of {name} is not UTF-8 (byte "
+                            f"0x{e.object[e.start]:02x}): rename it to UTF-8 (convmv -f latin1 "
+                            "-t utf8 --notest), or move it out of the way") from None
+    return infos
 
 
 def _file_info(fs: pafs.FileSystem, path: str, spec: str) -> pafs.FileInfo:

@@ -1271,3 +1271,27 @@ def test_a_corpus_whose_every_document_is_empty_says_so_not_seq_len(tmp_path):
     assert message.startswith("the corpus holds no text: every document of its 1 file(s) is "
                               "empty (here)") and "--seq-len" not in message, message
     assert "--text-field 'text'" in message
+
+
+@pytest.mark.parametrize("spec", ["{d}", "{d}/*.txt", "{d}/**", "{d}/*/*.txt"])
+def test_a_file_or_folder_name_that_is_not_utf8_is_named_not_a_traceback(tmp_path, spec):
+    # A Latin-1 name (an old archive unpacked, a Windows share): pyarrow decodes a listed
+    # name only when asked, and the UnicodeDecodeError ended the job as a traceback.
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "good.txt").write_text("a paragraph\n\n")
+    (corpus / "sub" / "good.txt").write_text("a paragraph\n\n")
+    bad = os.fsencode(corpus) + (b"/sub/caf\xe9.txt" if "*/" in spec else b"/caf\xe9.txt")
+    with open(bad, "wb") as f:
+        f.write(b"a paragraph\n\n")
+    spec = spec.format(d=corpus)
+    with pytest.raises(DataError) as refused:
+        corpus_module.expand_sources([spec])
+    assert str(refused.value) == (
+        f"--data {spec}: the name of {bad.decode(errors='backslashreplace')} is not UTF-8 "
+        "(byte 0xe9): rename it to UTF-8 (convmv -f latin1 -t utf8 --notest), or move it out "
+        "of the way")
+    os.remove(bad)  # a folder whose name is not UTF-8 too
+    os.mkdir(os.fsencode(corpus) + b"/d\xe9j\xe0")
+    with pytest.raises(DataError, match=r"the name of .*/d\\xe9j\\xe0 is not UTF-8"):
+        corpus_module.expand_sources([str(corpus)])
