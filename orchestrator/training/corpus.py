@@ -139,6 +139,7 @@ def expand_sources(specs: list[str]) -> list[SourceFile]:
     for spec in specs:
         if not isinstance(spec, str) or not spec.strip():
             raise DataError(f"--data must be a path, directory, glob or URI, got {spec!r}")
+        refuse_non_utf8_path(spec, "--data")
         for source in _expand_one(spec):
             # One file named twice is kept under its first name in sorted order, whatever
             # the order of the --data values (the cache key holds the name).
@@ -318,11 +319,26 @@ def _named(infos: list[pafs.FileInfo], spec: str) -> list[pafs.FileInfo]:
         try:
             info.path
         except UnicodeDecodeError as e:
-            name = bytes(e.object).decode("utf-8", errors="backslashreplace")
-            raise DataError(f"--data {spec}: the name of {name} is not UTF-8 (byte "
-                            f"0x{e.object[e.start]:02x}): rename it to UTF-8 (convmv -f latin1 "
-                            "-t utf8 --notest), or move it out of the way") from None
+            raise DataError(f"--data {spec}: the name of {_not_utf8(bytes(e.object), e.start)}"
+                            ", or move it out of the way") from None
     return infos
+
+
+def refuse_non_utf8_path(value: str, flag: str) -> None:
+    """DataError naming `flag` when the path given is not UTF-8 (a Latin-1 name, which
+    Python's argv keeps as surrogate escapes): pyarrow, which reads --data and --data-cache,
+    takes UTF-8 paths only, and its UnicodeEncodeError was a traceback."""
+    raw = os.fsencode(value)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{flag}: the name of {_not_utf8(raw, e.start)}") from None
+
+
+def _not_utf8(raw: bytes, bad: int) -> str:
+    """A path whose byte `bad` is not UTF-8, shown, and what to do."""
+    return (f"{raw.decode('utf-8', errors='backslashreplace')} is not UTF-8 (byte "
+            f"0x{raw[bad]:02x}): rename it to UTF-8 (convmv -f latin1 -t utf8 --notest)")
 
 
 def _file_info(fs: pafs.FileSystem, path: str, spec: str) -> pafs.FileInfo:

@@ -612,3 +612,19 @@ def test_record_flags_on_txt_files_are_said_to_be_ignored_and_keep_the_cache_key
                              "--data-cache", cache, "--run-dir", str(tmp_path / "run"),
                              capsys=capsys)
     assert code == 0 and "ignored" not in err, err
+
+
+@pytest.mark.parametrize("flag", ["--data", "--data-cache"])
+def test_a_data_or_cache_path_that_is_not_utf8_is_named_not_a_traceback(flag, tmp_path,
+                                                                         capsys):
+    # A Latin-1 path on the command line (argv keeps it as surrogate escapes): pyarrow takes
+    # UTF-8 paths only, and its UnicodeEncodeError ended the job as a traceback, exit 1.
+    import os
+
+    (tmp_path / "a.txt").write_text("some paragraph of text\n\n" * 40)
+    raw = os.fsencode(tmp_path) + b"/caf\xe9"
+    flags = {"--data": str(tmp_path / "a.txt"), "--data-cache": str(tmp_path / "cache"),
+             flag: os.fsdecode(raw)}
+    err = refused(tmp_path, capsys, "--dry-run", *[x for f, v in flags.items() for x in (f, v)])
+    assert f"error: {flag}: the name of {os.fsdecode(tmp_path)}/caf\\xe9 is not UTF-8 (byte " \
+        "0xe9): rename it to UTF-8 (convmv -f latin1 -t utf8 --notest)\n" in err, err
