@@ -328,7 +328,8 @@ def _mig_slice(pynvml: Any, handle: Any, board: str, index: int,
 
 
 # pynvml's codes of the errors _nvml_says tells apart (where a pynvml lacks the constants)
-_NVML_ERROR_CODES = {"NOT_SUPPORTED": 3, "NOT_FOUND": 6, "FUNCTION_NOT_FOUND": 13}
+_NVML_ERROR_CODES = {"NOT_SUPPORTED": 3, "NOT_FOUND": 6, "FUNCTION_NOT_FOUND": 13,
+                     "GPU_IS_LOST": 15}
 
 
 def _nvml_says(pynvml: Any, error: Exception, *names: str) -> bool:
@@ -340,10 +341,15 @@ def _nvml_says(pynvml: Any, error: Exception, *names: str) -> bool:
 
 
 def _nvml_optional(pynvml: Any, query: Callable[..., Any], *args: Any) -> Any:
-    """An NVML query whose absence is normal: None instead of failing the GPU or the probe."""
+    """An NVML query whose absence is normal: None instead of failing the GPU or the probe.
+    Not where NVML says the GPU is lost (GPU_IS_LOST): that raises, so the GPU is left out
+    and named in the nvml error, as a failing memory query leaves it; it read as a GPU
+    without NVLink or a PCIe figure, placed, with no error."""
     try:
         return query(*args)
-    except pynvml.NVMLError:
+    except pynvml.NVMLError as e:
+        if getattr(e, "value", None) is not None and _nvml_says(pynvml, e, "GPU_IS_LOST"):
+            raise
         return None
 
 

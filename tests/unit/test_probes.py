@@ -902,3 +902,19 @@ def test_a_workers_mig_slice_is_named_by_its_boards_index_not_its_slot(monkeypat
     assert nvml_index_and_process_bytes("slice", pid=7) == (2, 256)
     assert nvml_index_and_process_bytes("board", pid=7) == (1, 1)
     assert nvml.calls.count("init") == nvml.calls.count("shutdown") == 2
+
+
+@pytest.mark.parametrize("query", ["nvlink", "pcie_gen", "pcie_width", "util"])
+def test_an_optional_query_saying_the_gpu_is_lost_leaves_it_out_named(monkeypatch, query):
+    """NotSupported from an NVLink, PCIe or utilization query is normal (no such figure), but
+    GPU_IS_LOST (15) is not: the lost GPU read as one without NVLink or a PCIe figure, placed
+    with no word in the nvml error, where a failing memory or MIG query leaves it out."""
+    def lost(*args):
+        raise nvml_error(15, "GPU is lost")
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([A100, {**A100, query: lost}, T4]))
+    errors = {}
+    gpus = probe_gpus({}, errors, ray_gpus=3.0)
+    assert [g.index for g in gpus] == [0, 2]
+    assert errors["nvml"] == "GPU 1: FakeNVMLError: GPU is lost"
+    assert gpus[1].nvlink_links is None and gpus[1].pcie_gen is None  # (T4's NotSupported)
