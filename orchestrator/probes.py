@@ -291,37 +291,30 @@ def _mig_slice(pynvml: Any, handle: Any, board: str, index: int,
     "MIG <profile>" ("NVIDIA A100-SXM4-80GB MIG 1g.10gb"), so it has no family and no MFU.
     MIG on with no slices created: nothing CUDA can run on, zero memory. MIG on with the
     slots uncountable, or a slot failing otherwise than NotFound (no slice there), or the
-    mode failing otherwise than NotSupported (no MIG): GpuUnknown (left out, as a lost GPU).
-    They read as no slice and as MIG off: a lost slot's 10 GB slice left the board at its
-    40 GB one, a lost mode at the board's 80 GB, and the nvml error said nothing."""
-    get_mode = getattr(pynvml, "nvmlDeviceGetMigMode", None)
-    try:
-        mode = get_mode(handle) if get_mode else None
-    except pynvml.NVMLError as e:  # (NotSupported: a card without MIG; a lost one: unknown)
-        if not _nvml_says(pynvml, e, "NOT_SUPPORTED", "FUNCTION_NOT_FOUND"):
-            raise GpuUnknown(f"its MIG mode cannot be read "
-                             f"(nvmlDeviceGetMigMode: {type(e).__name__}: {e})") from e
-        mode = None
+    mode failing otherwise than NotSupported (no MIG), or a slice's name or memory query
+    failing: GpuUnknown (left out, as a lost GPU, the query named: _nvml_or_unknown). They
+    read as no slice and as MIG off: a lost slot's 10 GB slice left the board at its 40 GB
+    one, a lost mode at the board's 80 GB, and the nvml error said nothing."""
+    mode = _nvml_or_unknown(  # (NotSupported: a card without MIG; a lost one: unknown)
+        pynvml, "its MIG mode cannot be read", "nvmlDeviceGetMigMode", handle,
+        absent=("NOT_SUPPORTED", "FUNCTION_NOT_FOUND")) \
+        if hasattr(pynvml, "nvmlDeviceGetMigMode") else None
     if not mode or mode[0] != getattr(pynvml, "NVML_DEVICE_MIG_ENABLE", 1):
         return None
-    try:  # (failing, it read "no instances", 0 bytes, over the slices there)
-        count = pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)
-    except pynvml.NVMLError as e:
-        raise GpuUnknown(f"MIG is on and its slices cannot be counted "
-                         f"(nvmlDeviceGetMaxMigDeviceCount: {type(e).__name__}: {e})") from e
+    count = _nvml_or_unknown(  # (failing, it read "no instances", 0 bytes, over the slices)
+        pynvml, "MIG is on and its slices cannot be counted",
+        "nvmlDeviceGetMaxMigDeviceCount", handle)
     slices = []
     for slot in range(count):
-        try:
-            mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
-        except pynvml.NVMLError as e:
-            if _nvml_says(pynvml, e, "NOT_FOUND"):
-                continue  # no slice in this slot
-            # (the slice there unread: the smallest left could be larger than a worker's)
-            raise GpuUnknown(f"MIG is on and its slice in slot {slot} cannot be read "
-                             f"(nvmlDeviceGetMigDeviceHandleByIndex: {type(e).__name__}: "
-                             f"{e})") from e
-        slices.append((_gpu_name(pynvml.nvmlDeviceGetName(mig), index, errors),
-                       pynvml.nvmlDeviceGetMemoryInfo(mig)))
+        # (a slice there unread: the smallest left could be larger than a worker's)
+        unread = f"MIG is on and its slice in slot {slot} cannot be read"
+        mig = _nvml_or_unknown(pynvml, unread, "nvmlDeviceGetMigDeviceHandleByIndex",
+                               handle, slot, absent=("NOT_FOUND",))
+        if mig is None:
+            continue  # no slice in this slot
+        slices.append((
+            _gpu_name(_nvml_or_unknown(pynvml, unread, "nvmlDeviceGetName", mig), index, errors),
+            _nvml_or_unknown(pynvml, unread, "nvmlDeviceGetMemoryInfo", mig)))
     if not slices:
         return f"{board} MIG (no instances)", SimpleNamespace(total=0, free=0, used=0)
     return min(slices, key=lambda s: s[1].total)
@@ -338,6 +331,19 @@ def _nvml_says(pynvml: Any, error: Exception, *names: str) -> bool:
     code = getattr(error, "value", None)
     return code is None or code in {
         getattr(pynvml, f"NVML_ERROR_{name}", _NVML_ERROR_CODES[name]) for name in names}
+
+
+def _nvml_or_unknown(pynvml: Any, unknown: str, query: str, *args: Any,
+                     absent: tuple[str, ...] = ()) -> Any:
+    """pynvml's `query` on `args` (a MIG query); None where it fails with one of the `absent`
+    codes (_nvml_says: the absence the caller expects, NotFound for an empty slot); any other
+    failure raises GpuUnknown: `unknown`, then the query and NVML's error."""
+    try:
+        return getattr(pynvml, query)(*args)
+    except pynvml.NVMLError as e:
+        if absent and _nvml_says(pynvml, e, *absent):
+            return None
+        raise GpuUnknown(f"{unknown} ({query}: {type(e).__name__}: {e})") from e
 
 
 def _nvml_optional(pynvml: Any, query: Callable[..., Any], *args: Any) -> Any:

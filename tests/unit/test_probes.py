@@ -918,3 +918,33 @@ def test_an_optional_query_saying_the_gpu_is_lost_leaves_it_out_named(monkeypatc
     assert [g.index for g in gpus] == [0, 2]
     assert errors["nvml"] == "GPU 1: FakeNVMLError: GPU is lost"
     assert gpus[1].nvlink_links is None and gpus[1].pcie_gen is None  # (T4's NotSupported)
+
+
+def test_every_mig_query_failing_names_the_query_and_the_slot(monkeypatch):
+    """One helper runs every MIG query (mode, slot count, slot handle, a slice's name and
+    memory): any failure other than the absence each expects leaves the board out, named
+    with the query. A slice whose name or memory query failed was named only by NVML's error
+    ("GPU 0: FakeNVMLError: GPU is lost"), saying nothing of MIG or the slot."""
+    def mig_handle(handle, slot):
+        if slot != 1:
+            raise nvml_error(6, "Not Found")
+        return ("mig", handle, slot)
+
+    def slice_memory(h):
+        if isinstance(h, tuple):
+            raise nvml_error(15, "GPU is lost")
+        return board_memory(h)
+
+    nvml = fake_pynvml([A100, A100])
+    board_memory, names = nvml.nvmlDeviceGetMemoryInfo, nvml.nvmlDeviceGetName
+    nvml.NVML_DEVICE_MIG_ENABLE = 1
+    nvml.nvmlDeviceGetMigMode = lambda h: [1, 1] if h == 0 else [0, 0]
+    nvml.nvmlDeviceGetMaxMigDeviceCount = lambda h: 7
+    nvml.nvmlDeviceGetMigDeviceHandleByIndex = mig_handle
+    nvml.nvmlDeviceGetName = lambda h: "A100 MIG 1g.10gb" if isinstance(h, tuple) else names(h)
+    nvml.nvmlDeviceGetMemoryInfo = slice_memory
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    errors = {}
+    assert [g.index for g in probe_gpus({}, errors, ray_gpus=2.0)] == [1]
+    assert errors["nvml"] == ("GPU 0: MIG is on and its slice in slot 1 cannot be read "
+                              "(nvmlDeviceGetMemoryInfo: FakeNVMLError: GPU is lost)")
