@@ -51,6 +51,7 @@ import bisect
 import copy
 import dataclasses
 import heapq
+import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -394,6 +395,10 @@ class SchedulerCore:
         # for good, a later refusal of another kind went unlogged while the agent pointed the
         # operator to the scheduler's log).
         self.refused_nodes: dict[str, str] = {}
+        # When each of them was last refused, the least recent first: a node never taken (a
+        # stale agent of a node forgotten long ago, a mistyped id) is forgotten once that is
+        # older than dead_node_retention_s (_forget_refusals); they were kept for good.
+        self.refused_at: dict[str, float] = {}
         # When each node's agent last sent a report refused as malformed: it is alive and
         # reporting, so restarting it (every suspect_after_s, for ever) would not help.
         self.malformed_at: dict[str, float] = {}
@@ -411,20 +416,19 @@ class SchedulerCore:
         if not self.settings.synthetic_nodes and node not in self.ray_alive:
             reason = catalogue.REPORT_DEAD_NODE if node in self.ray_dead \
                 else catalogue.REPORT_UNKNOWN_NODE
-            self.refused_nodes[node] = reason
+            self._refused(node, reason, now)
             return Outcome(reason, samples=[(catalogue.SCHEDULER_REPORTS_REFUSED, 1,
                                              {"reason": reason})])
         problem = report_problem(report)
         if problem:
-            self.refused_nodes[node] = catalogue.REPORT_MALFORMED
+            self._refused(node, catalogue.REPORT_MALFORMED, now)
             self.malformed_at[node] = now
             return Outcome(f"{catalogue.REPORT_MALFORMED}: {problem}",
                            samples=[(catalogue.SCHEDULER_REPORTS_REFUSED, 1,
                                      {"reason": catalogue.REPORT_MALFORMED})])
         was_placeable = self.state.health(node, now) == "healthy" if node in \
             self.state.reports else False
-        self.refused_nodes.pop(node, None)
-        self.malformed_at.pop(node, None)
+        self._forget_refusal(node)
         self.state.update(report, now)
         outcome = Outcome(True)
         if self._verdicts_due and not self._unknown_nodes(now):
@@ -432,6 +436,29 @@ class SchedulerCore:
         if not was_placeable and len(self.queue):  # capacity (re)appeared: waiting jobs may start
             outcome.add(self._drain(now))
         return outcome
+
+    def _refused(self, node: str, reason: str, now: float) -> None:
+        """Note a refused report (refused_at kept in order of the last refusal)."""
+        self.refused_nodes[node] = reason
+        self.refused_at.pop(node, None)
+        self.refused_at[node] = now
+
+    def _forget_refusal(self, node: str) -> None:
+        """A node's refusals are over: a report taken, the node forgotten or long quiet."""
+        self.refused_nodes.pop(node, None)
+        self.refused_at.pop(node, None)
+        self.malformed_at.pop(node, None)
+
+    def _forget_refusals(self, now: float) -> None:
+        """Forget the refusals of nodes not known (never taken, or already forgotten) last
+        refused over dead_node_retention_s ago, the rule for dead nodes: kept, every stale
+        agent's or mistyped node id stayed for good. A known node's go with it
+        (_forget_dead_nodes) or its next report taken."""
+        old = list(itertools.takewhile(
+            lambda item: now - item[1] > self.dead_node_retention_s, self.refused_at.items()))
+        for node, _ in old:
+            if node not in self.state.reports:
+                self._forget_refusal(node)
 
     def knows_alive(self, node_id: str) -> bool:
         return self.settings.synthetic_nodes or node_id in self.ray_alive
@@ -893,6 +920,7 @@ class SchedulerCore:
         on purpose (`retired`), now or at an earlier tick (self.retired)."""
         expired, lost = self.state.expire(now)
         self._forget_dead_nodes(now)
+        self._forget_refusals(now)
         # (node ids are never reused; dropped as the node is forgotten: _forget_dead_nodes)
         self.retired.update(n for n in retired if n in self.state.reports)
         # A migration whose target went silent: withdrawn as when Ray lists it dead (it made
@@ -946,8 +974,7 @@ class SchedulerCore:
         self.retired.difference_update(gone)
         self._awaits_memo = (math.nan, {})  # (answers of this moment, made before)
         for node in gone:
-            self.refused_nodes.pop(node, None)
-            self.malformed_at.pop(node, None)
+            self._forget_refusal(node)
 
     def next_wakeup(self, now: float, until: float) -> float | None:
         """The first moment in (now, until] at which time alone may change a decision, or None:

@@ -128,3 +128,32 @@ def test_state_saved_after_forgetting_restores_and_older_state_still_does():
     old.release("j", "d", t)
     old.tick(t + 1)
     assert set(old.state.reports) == {"a"} and old.state.dead == set()
+
+
+def test_refusals_of_nodes_never_taken_are_forgotten_after_the_retention():
+    """refused_nodes (and malformed_at) kept every node id whose reports were refused and
+    never taken for good: stale agents of nodes forgotten long ago, mistyped ids, a node sent
+    only malformed reports before it died. They now go once their last refusal is older than
+    DEAD_NODE_RETENTION_S; one still refused stays (its run of refusals is logged once), as
+    does a known node's (forgotten with the node)."""
+    import dataclasses
+
+    core = SchedulerCore(SchedulerSettings())
+    core.ray_nodes({"a", "m"}, set(), T0)
+    core.report(gpu_node("a"), T0)
+    for i in range(100):
+        assert core.report(gpu_node(f"ghost{i}"), T0).decision == "unknown_node"
+    nan_load = dataclasses.replace(gpu_node("m"), load_avg_1m=float("nan"))
+    assert core.report(nan_load, T0).decision.startswith("malformed")
+    assert core.report(nan_load, T0).decision.startswith("malformed")
+    core.ray_nodes({"a"}, {"m"}, T0 + 1)  # m dies having never been taken
+    malformed_a = dataclasses.replace(gpu_node("a"), ram_available_bytes=-1)
+    assert core.report(malformed_a, T0 + 2).decision.startswith("malformed")
+    core.tick(T0 + DEAD_NODE_RETENTION_S)
+    assert len(core.refused_nodes) == 102  # within the retention: kept
+    late = T0 + DEAD_NODE_RETENTION_S + 10
+    assert core.report(gpu_node("ghost7"), late).decision == "unknown_node"  # still sending
+    core.tick(late)
+    assert set(core.refused_nodes) == {"ghost7", "a"} and set(core.malformed_at) == {"a"}
+    core.tick(late + DEAD_NODE_RETENTION_S + 1)
+    assert set(core.refused_nodes) == {"a"}  # a, known, goes with its node or a taken report
