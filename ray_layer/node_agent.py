@@ -70,6 +70,9 @@ class NodeAgent:
         self._bandwidth_lock = threading.RLock()
         self._failing_peers: set[str] = set()  # logged once until they answer again
         self._failed_peers_last: set[str] = set()  # a transfer failed in the last measurement
+        # Peer -> its pull that timed out and is not answered yet (_time_pull): it holds its
+        # object in this node's store, so the peer is sent no other until it answers.
+        self._unanswered: dict[str, ray.ObjectRef] = {}
         self._refused = False  # the last report was refused (logged once until one is taken)
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat, name="node-agent-heartbeat",
@@ -197,6 +200,8 @@ class NodeAgent:
                                                time.monotonic(), self._failed_peers_last)
             self._last_tried = {node: tried for node, tried in self._last_tried.items()
                                 if node in alive}
+            self._unanswered = {node: pull for node, pull in self._unanswered.items()
+                                if node in alive}
             self._bandwidth_max_age_s = bandwidth_max_age_s(
                 len(alive - {self.node_id}), self.max_bandwidth_peers,
                 self._longest_period_s(timeout_s))
@@ -215,13 +220,25 @@ class NodeAgent:
         """Seconds for one peer to fetch a fresh nbytes object from here, or None on failure.
 
         A fresh object each time: a peer that already holds a copy would fetch nothing, and a
-        copy on a third node could be where Ray fetches from."""
+        copy on a third node could be where Ray fetches from.
+
+        A pull that timed out still holds its object here (the task's argument) until the
+        peer answers it; ray.cancel frees nothing of a running or queued actor task. So a
+        peer whose last pull is unanswered (a frozen agent) is sent no other, and fails:
+        each refresh pinned another 8 MiB in this node's object store until it resumed."""
         import numpy as np
 
+        pull = self._unanswered.pop(node_id, None)
         try:
+            if pull is not None and not ray.wait([pull], timeout=0)[0]:
+                raise TimeoutError("its pull that timed out before is still unanswered (a "
+                                   "frozen agent?): no other sent until it is")
             ref = ray.put(np.ones(nbytes, dtype=np.uint8))
-            seconds = ray.get(peer.pull.remote([ref], timeout_s), timeout=timeout_s)
+            pull = peer.pull.remote([ref], timeout_s)
+            seconds = ray.get(pull, timeout=timeout_s)
         except Exception as e:  # dead, restarting or slow peer: leave it out of this round
+            if isinstance(e, TimeoutError) and pull is not None:  # (Ray's GetTimeoutError too)
+                self._unanswered[node_id] = pull
             if node_id not in self._failing_peers:
                 self._failing_peers.add(node_id)
                 log.warning("node agent %s: bandwidth to %s not measured: %s: %s",

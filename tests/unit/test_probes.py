@@ -948,3 +948,51 @@ def test_every_mig_query_failing_names_the_query_and_the_slot(monkeypatch):
     assert [g.index for g in probe_gpus({}, errors, ray_gpus=2.0)] == [1]
     assert errors["nvml"] == ("GPU 0: MIG is on and its slice in slot 1 cannot be read "
                               "(nvmlDeviceGetMemoryInfo: FakeNVMLError: GPU is lost)")
+
+
+def test_a_frozen_peer_pins_one_object_at_most_not_one_per_refresh(monkeypatch):
+    """A pull a frozen peer agent never answers holds its 8 MiB object in this node's object
+    store until the peer resumes (the task's argument; ray.cancel of a running or queued
+    actor task frees nothing): each refresh timed out on it afresh and pinned 8 MiB more (6
+    refreshes: 48 MiB, 6 objects, on a one-node Ray). One unanswered pull per peer now: until
+    it is answered the peer is not sent another, and counts as failed."""
+    import inspect
+    import threading
+
+    import ray
+
+    from ray_layer import node_agent
+
+    agent_class = node_agent.NodeAgent.__ray_metadata__.modified_class
+    module = inspect.unwrap(agent_class._time_pull).__globals__
+    put, answered = [], set()
+
+    class Pulls:  # the peer's `pull` method: a frozen peer answers nothing it is sent
+        sent = []
+
+        def remote(self, refs, timeout_s):
+            self.sent.append(refs[0])
+            return ("pull", len(self.sent))
+
+    def get(ref, timeout=None):
+        if ref not in answered:
+            raise ray.exceptions.GetTimeoutError("Get timed out")
+        return 0.01
+
+    fake_ray = types.SimpleNamespace(
+        put=lambda value: put.append(value.nbytes) or ("object", len(put)), get=get,
+        wait=lambda refs, timeout=None: ([r for r in refs if r in answered],
+                                         [r for r in refs if r not in answered]),
+        exceptions=ray.exceptions)
+    monkeypatch.setitem(module, "ray", fake_ray)
+    agent = object.__new__(agent_class)
+    agent.node_id, agent._bandwidth_lock = "self", threading.RLock()
+    agent._failing_peers, agent._failed_peers_last, agent._unanswered = set(), set(), {}
+    peer = types.SimpleNamespace(pull=Pulls())
+    for _ in range(6):
+        assert agent.measure_bandwidth({"frozen": peer}, 64 * MIB, 1.0) == {}
+    assert put == [8 * MIB] and len(Pulls.sent) == 1  # one object pinned, not six
+    assert agent._failed_peers_last == {"frozen"}
+    answered.update([("pull", 1), ("pull", 2), ("pull", 3), ("pull", 4), ("pull", 5)])
+    assert set(agent.measure_bandwidth({"frozen": peer}, 64 * MIB, 1.0)) == {"frozen"}
+    assert agent._unanswered == {}  # (answered: measured again, nothing held)
