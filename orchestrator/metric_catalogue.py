@@ -143,7 +143,8 @@ SCHEDULER_REJECTIONS = MetricSpec(
     "orchestrator_scheduler_rejections", COUNTER,
     "Jobs refused, by reason: duplicate (name in use), capacity (larger than the cluster), "
     "bandwidth (no node set fast enough), busy (fits once jobs finish, yet not queued), "
-    "cluster_shrank (was queued, can no longer fit)", "1", ("reason",))
+    "cluster_shrank (was queued, can no longer fit); one job refused is counted once, a job "
+    "refused at its submission or its replacement by its own reason", "1", ("reason",))
 
 SCHEDULER_REPORTS_REFUSED = MetricSpec(
     "orchestrator_scheduler_reports_refused", COUNTER,

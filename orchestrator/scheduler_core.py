@@ -561,7 +561,7 @@ class SchedulerCore:
         self._learn_typical_speed(spec)
         self.queue.add(QueuedJob(spec, owner, now, "submitted"))
         outcome = Outcome(effects=[Persist()])
-        outcome.add(self._drain(now))
+        outcome.add(self._drain(now, answered=name))
         placed = self.queue.ready.pop(name, None)
         if placed is not None:  # (counted by the queue pass that placed it)
             outcome.decision = placed
@@ -574,6 +574,7 @@ class SchedulerCore:
             return outcome
         if name in self.queue.rejected and not self.queue.holds(name):  # dropped by this pass
             outcome.decision = self.queue.take_rejection(name)
+            outcome.samples += catalogue.decision_samples(outcome.decision, None)
             return outcome
         # (a rejection left for an earlier job of this name, cancelled while its driver was
         # gone, say, stays for that driver: it is not this job's answer)
@@ -669,7 +670,7 @@ class SchedulerCore:
                               "waiting for room")
             history.queued_at = now
             self.queue.add(history)
-            outcome.add(self._drain(now))  # it may preempt lower-priority jobs
+            outcome.add(self._drain(now, answered=spec.name))  # it may preempt lower-priority jobs
             placed = self.queue.ready.pop(spec.name, None)
             outcome.decision = placed or self.queue.status(spec.name) or \
                 self.queue.take_rejection(spec.name, outcome.decision)
@@ -1746,8 +1747,11 @@ class SchedulerCore:
         return outcome.add(self._migrate(now))
 
     # -- internals: the queue pass (EASY backfill) ------------------------------------------------
-    def _drain(self, now: float) -> Outcome:
-        """Start every waiting job that may start now, in queue order; see the module doc."""
+    def _drain(self, now: float, answered: str | None = None) -> Outcome:
+        """Start every waiting job that may start now, in queue order; see the module doc.
+        `answered`: the job submit() or replace() just queued, whose answer the caller counts
+        (counted here too, a job refused at submission was two rejections, cluster_shrank
+        and capacity, and one no node set had the bandwidth for never `bandwidth`)."""
         outcome = Outcome()
         self._plan_jobs = []
         if not len(self.queue) or self._still_gathering(now):
@@ -1803,8 +1807,9 @@ class SchedulerCore:
                 if not self._not_final(e.rejection, spec, now).fits_when_free:
                     self.queue.reject(spec.name, e.rejection)
                     self._forget_preemption(spec.name)
-                    outcome.samples += catalogue.decision_samples(
-                        e.rejection, None, catalogue.REJECT_CLUSTER_SHRANK)
+                    if spec.name != answered:
+                        outcome.samples += catalogue.decision_samples(
+                            e.rejection, None, catalogue.REJECT_CLUSTER_SHRANK)
                     outcome.effects.append(Persist())
                     continue
                 self._wait_reason(job, e.rejection.message.splitlines()[0])

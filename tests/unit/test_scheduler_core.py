@@ -882,6 +882,29 @@ def test_each_decision_is_counted_once():
     assert outcomes == ["placed", "queued"]
 
 
+def test_a_submitted_job_the_cluster_can_never_hold_is_counted_once_by_its_reason():
+    """Refused at submission by the queue pass (a GPU with more memory than any has, a
+    bandwidth floor no node set meets): counted once, by what stood in the way. The pass
+    counted it as cluster_shrank (a job that waited, refused as nodes left), and submit's
+    own check again as capacity: two rejections of one job, neither ever bandwidth."""
+    from orchestrator import metric_catalogue as m
+
+    def counted(outcome):
+        return [(spec.name, tags) for spec, _, tags in outcome.samples
+                if spec in (m.SCHEDULER_PLACEMENTS, m.SCHEDULER_REJECTIONS)]
+
+    rejected = [(m.SCHEDULER_PLACEMENTS.name, {"outcome": "rejected"})]
+    core = core_with(gpu_node("a"), gpu_node("b"))
+    memory = core.submit(gpus("memory", 1, min_gpu_memory_gb=200), "d", T0)
+    assert isinstance(memory.decision, Rejection), memory.decision
+    assert counted(memory) == rejected + [(m.SCHEDULER_REJECTIONS.name,
+                                           {"reason": m.REJECT_CAPACITY})]
+    network = core.submit(gpus("network", 8, min_bandwidth_gbps=1000), "d", T0)
+    assert isinstance(network.decision, Rejection), network.decision
+    assert counted(network) == rejected + [(m.SCHEDULER_REJECTIONS.name,
+                                            {"reason": m.REJECT_BANDWIDTH})]
+
+
 def test_a_gpu_reported_short_twice_rules_out_its_whole_node_for_the_job():
     core = core_with(gpu_node("a", gpus=4), gpu_node("b", gpus=4))
     spec = gpus("job", 1, min_gpu_memory_gb=40)
