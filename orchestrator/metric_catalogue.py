@@ -168,7 +168,9 @@ REJECTION_REASONS = (REJECT_DUPLICATE, REJECT_CAPACITY, REJECT_BANDWIDTH, REJECT
                      REJECT_CLUSTER_SHRANK)
 
 # -- training (ray_layer/train_session.py, RayTrainSession.report), per worker ----------
-TRAIN_TAGS = ("run", "rank")
+# device: the worker's torch device type ("cuda", "cpu"): MFU's 45% is a GPU figure, and a
+# CPU run (against the CPU's measured matmul peak) fired TrainingMFULow for its whole length.
+TRAIN_TAGS = ("run", "rank", "device")
 
 TRAIN_LOSS = MetricSpec("orchestrator_train_loss", GAUGE,
                         "Training loss at the last report", "nats/token", TRAIN_TAGS,
@@ -452,11 +454,12 @@ def decision_samples(decision, latency_s: float | None,
     return samples
 
 
-def training_samples(metrics: dict, run: str, rank: int) -> list[Sample]:
-    """The figures of one RayTrainSession.report metrics dict (absent or None: skipped).
+def training_samples(metrics: dict, run: str, rank: int, device: str) -> list[Sample]:
+    """The figures of one RayTrainSession.report metrics dict (absent or None: skipped), of
+    a worker training on `device` (its torch device type: "cuda", "cpu").
     The report's tokens_per_s is the whole job's, the same on every rank: each rank records
     its share, so summing the ranks (the dashboard's panel) gives the job's rate, not N x it."""
-    tags = {"run": run, "rank": str(rank)}
+    tags = {"run": run, "rank": str(rank), "device": device}
     metrics = {**metrics, "tokens_per_s": per_worker_rate(metrics)}
     return [(spec, metrics[key], tags) for key, spec in TRAIN_REPORT_KEYS.items()
             if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics[key], bool)]

@@ -180,7 +180,7 @@ class RayTrainSession:
         # Also to Prometheus (via Ray's metrics agent), per worker: loss, tokens/s, MFU, ...
         # The run is Ray Train's experiment name: the run directory's name.
         run = ray.train.get_context().get_experiment_name()
-        record_all(training_samples(metrics, run, self.world_rank))
+        record_all(training_samples(metrics, run, self.world_rank, self.device.type))
         if self.world_rank == 0:  # the scheduler learns the job's speed where it runs
             self._watch.throughput(throughput.per_worker_rate(metrics))
         metrics = {**metrics, "worker_nodes": self.worker_nodes()}

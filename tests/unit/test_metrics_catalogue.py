@@ -309,7 +309,7 @@ def alert_cases() -> list[dict]:
     Values are written with the thresholds, so they move with the catalogue."""
     mins = 12  # every rule's `for` is at most 5 minutes: evaluate 12 minutes in
     flat = lambda v: f"{v}x{mins * 2}"  # noqa: E731 - one sample every 30 s
-    run = {"run": "r1", "rank": "0"}
+    run = {"run": "r1", "rank": "0", "device": "cuda"}
     cases = []
 
     def case(series_list, alert, fired_labels):
@@ -327,6 +327,10 @@ def alert_cases() -> list[dict]:
         case([series(spec.exported, run, flat(high if fires_high else low))], alert,
              [({"run": "r1"}, sev[alert])])
         case([series(spec.exported, run, flat(low if fires_high else high))], alert, [])
+    # 45% is a GPU figure (the training log warns on GPUs only): a CPU run, far below it
+    # against the CPU's measured matmul peak, fired TrainingMFULow for its whole length.
+    case([series(m.TRAIN_MFU.exported, {**run, "device": "cpu"}, flat(0.02))],
+         "TrainingMFULow", [])
     gpu = {"node_id": "n1", "gpu": "0", "node_type": "train", "accelerator": "A100"}
     # A healthy training run holds ~92% in NVML's eyes (PyTorch's cached blocks, the CUDA
     # context, NCCL's buffers): the alert fired on it at 90%.
@@ -526,18 +530,18 @@ def test_training_samples_skip_figures_not_measured():
     report = {"loss": 2.5, "tokens_per_s": 1000.0, "mfu": 0.3, "comm_share": None,
               "peak_memory_bytes": 10 ** 8, "memory_fraction": 0.1, "loss_scale": None,
               "skipped_steps": 0, "step": 20, "lr": 1e-3, "worker_nodes": ["n"]}
-    s = by_metric(m.training_samples(report, "run-1", 1))
+    s = by_metric(m.training_samples(report, "run-1", 1, "cuda"))
     assert set(s) == {m.TRAIN_REPORT_KEYS[k].name for k in
                       ("loss", "tokens_per_s", "mfu", "peak_memory_bytes", "memory_fraction",
                        "skipped_steps", "step")}
-    assert s[m.TRAIN_MFU.name] == [(0.3, {"run": "run-1", "rank": "1"})]
+    assert s[m.TRAIN_MFU.name] == [(0.3, {"run": "run-1", "rank": "1", "device": "cuda"})]
 
 
 def test_each_rank_records_its_share_of_the_jobs_tokens_per_second():
     # The report's tokens_per_s covers all workers and every rank reports it: summed over
     # ranks (the dashboard's panel) it must be the job's rate, not world_size times it.
     report = {"tokens_per_s": 8000.0, "world_size": 4}
-    shares = [by_metric(m.training_samples(report, "run-1", rank))
+    shares = [by_metric(m.training_samples(report, "run-1", rank, "cpu"))
               [m.TRAIN_TOKENS_PER_SECOND.name][0][0] for rank in range(4)]
     assert sum(shares) == 8000.0
 
@@ -589,12 +593,12 @@ def test_record_uses_the_kind_and_skips_what_was_not_measured(fake_metrics):
     import numpy as np
 
     telemetry, made = fake_metrics
-    telemetry.record(m.TRAIN_MFU, np.float64(0.4), run="r", rank=0)
+    telemetry.record(m.TRAIN_MFU, np.float64(0.4), run="r", rank=0, device="cpu")
     telemetry.record(m.SCHEDULER_PLACEMENTS, 1, outcome="placed")
     telemetry.record(m.SCHEDULER_PLACEMENT_LATENCY, 0.01, outcome="placed")
     for skipped in (None, float("nan"), float("inf")):
-        telemetry.record(m.TRAIN_LOSS, skipped, run="r", rank=0)
-    assert made[m.TRAIN_MFU.name].calls == [("set", 0.4, {"run": "r", "rank": "0"})]
+        telemetry.record(m.TRAIN_LOSS, skipped, run="r", rank=0, device="cpu")
+    assert made[m.TRAIN_MFU.name].calls == [("set", 0.4, {"run": "r", "rank": "0", "device": "cpu"})]
     assert made[m.SCHEDULER_PLACEMENTS.name].calls[0][0] == "inc"
     assert made[m.SCHEDULER_PLACEMENT_LATENCY.name].calls[0][0] == "observe"
     assert m.TRAIN_LOSS.name not in made
@@ -603,12 +607,12 @@ def test_record_uses_the_kind_and_skips_what_was_not_measured(fake_metrics):
 def test_a_held_gauge_that_turns_nan_is_no_longer_re_sent(fake_metrics):
     # A diverged run: its last finite loss, re-sent for ten minutes, showed it healthy.
     telemetry, made = fake_metrics
-    telemetry.record(m.TRAIN_LOSS, 2.31, run="a", rank=0)
-    telemetry.record(m.TRAIN_LOSS, 2.5, run="b", rank=0)
-    telemetry.record(m.TRAIN_LOSS, float("nan"), run="a", rank=0)
+    telemetry.record(m.TRAIN_LOSS, 2.31, run="a", rank=0, device="cpu")
+    telemetry.record(m.TRAIN_LOSS, 2.5, run="b", rank=0, device="cpu")
+    telemetry.record(m.TRAIN_LOSS, float("nan"), run="a", rank=0, device="cpu")
     recorded_at = telemetry._held[next(iter(telemetry._held))][3]
     assert telemetry.refresh_gauges(recorded_at + 5) == 1  # run b's only
-    assert made[m.TRAIN_LOSS.name].calls[-1] == ("set", 2.5, {"run": "b", "rank": "0"})
+    assert made[m.TRAIN_LOSS.name].calls[-1] == ("set", 2.5, {"run": "b", "rank": "0", "device": "cpu"})
 
 
 def test_record_refuses_a_wrong_tag_set_naming_the_metric(fake_metrics):

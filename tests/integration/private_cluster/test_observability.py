@@ -1,6 +1,7 @@
 """Metrics end to end: a real Prometheus (Debian's package, on loopback) scrapes a Ray
 cluster through Ray's service-discovery file while a short training job runs; our metrics
-arrive with plausible values, and the MFU alert from monitoring/alerts.yml fires.
+arrive with plausible values, and the rules from monitoring/alerts.yml are evaluated (the MFU
+alert, a GPU one, leaves the CPU run alone).
 
 The cluster is the tests' own cluster.local.yaml cluster (private_ray.py beside it:
 one CPU worker node, so agents measure bandwidth between two nodes, and a metrics export
@@ -229,17 +230,22 @@ def test_prometheus_scraped_ray_through_its_service_discovery_file(observed, pro
     assert seen and max(float(r["value"][1]) for r in seen) >= 2
 
 
-def test_the_mfu_alert_fired_for_the_cpu_run(observed, prometheus):
-    """On purpose: a 2x64 model with 4x32-token batches spends most of each step outside
-    matrix multiplies, far below 45% of the measured matmul peak."""
-    mfu = prometheus.query(f'max_over_time(avg by (run) ({m.TRAIN_MFU.exported}'
+def test_the_mfu_alert_stays_quiet_for_the_cpu_run_below_45_percent(observed, prometheus):
+    """A 2x64 model with 4x32-token batches spends most of each step outside matrix
+    multiplies, far below 45% of the measured matmul peak; 45% is a GPU figure, so the real
+    rules (loaded, evaluated without error) leave the run, `device="cpu"`, alone: it fired
+    for every CPU run."""
+    mfu = prometheus.query(f'max_over_time(avg by (run, device) ({m.TRAIN_MFU.exported}'
                            f'{{run="{RUN}"}})[10m:1s])')
     assert mfu and float(mfu[0]["value"][1]) < m.ALERT_MIN_MFU
+    assert {r["metric"]["device"] for r in mfu} == {"cpu"}
+    rules = [r for g in prometheus.get("/api/v1/rules")["data"]["groups"] for r in g["rules"]]
+    assert {r["name"] for r in rules} == {r.name for r in monitoring.ALERT_RULES}
+    assert all(r["health"] == "ok" for r in rules), rules
     fired = prometheus.query('max_over_time(ALERTS{alertname="TrainingMFULow",'
-                             f'alertstate="firing",run="{RUN}"}}[10m])')
-    assert fired, prometheus.get("/api/v1/rules")
-    assert fired[0]["metric"]["severity"] == "warn"
-    print(f"\nTrainingMFULow fired: MFU peaked at {float(mfu[0]['value'][1]):.1%}")
+                             f'run="{RUN}"}}[10m])')
+    assert not fired, fired
+    print(f"\nTrainingMFULow quiet: CPU MFU peaked at {float(mfu[0]['value'][1]):.1%}")
 
 
 def test_no_log_or_output_shows_the_auth_token_or_cloud_credentials(observed, ray_cluster):
