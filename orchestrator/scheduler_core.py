@@ -741,7 +741,8 @@ class SchedulerCore:
                 self._stop(job_name)
             elif not self.running[job_name].spec.preemptible:
                 return Outcome(False)  # it would never read the directive: not cancelled
-            else:
+            elif getattr(self.running[job_name].directive, "kind", None) != CANCEL:
+                # (told once: a repeat is accepted, not told again, counted or logged again)
                 outcome.add(self._direct(job_name, CANCEL, "cancelled by an operator", now))
             outcome.decision = True
         outcome.add(self._after_capacity_freed(now))

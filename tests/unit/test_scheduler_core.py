@@ -509,6 +509,19 @@ def test_an_operator_cancel_of_a_running_job_lets_it_checkpoint_then_drops_it():
     assert not core.state.reservations and not len(core.queue)
 
 
+def test_an_operators_cancel_said_again_tells_the_job_once():
+    """`cancel NAME` run twice before the job reached a step boundary: accepted, the job
+    told once (yields_total{kind="cancel"} counted each, the scheduler's log said it again,
+    and the directive the job had read was replaced by one it had not)."""
+    core = core_with(cpu_node("a", cpus=2))
+    core.submit(cpus("job", 2), "d", T0)
+    assert yields(core.cancel("job", "", T0 + 1))["job"].kind == CANCEL
+    read = core.directive("job", T0 + 2).decision
+    again = core.cancel("job", "", T0 + 3)
+    assert again.decision is True and not yields(again)
+    assert core.running["job"].directive == read and read.read_at == T0 + 2
+
+
 def test_an_operator_preempt_requeues_the_job():
     core = core_with(cpu_node("a", cpus=2))
     core.submit(cpus("job", 2), "d", T0)
