@@ -18,7 +18,10 @@ long; None when it is not)) and says, once some rank has waited `timeout_s` for 
 (in its report, after returning, or blocked in such a collective) and some rank has been in
 its own code that long, which ranks are stuck and the one error line the run fails with (a
 rank blocked in a collective read WORKING as the stuck one did: a rank stuck while the others
-were blocked in DDP's all-reduce went unnoticed until gloo's 30-minute timeout). Ray Train's
+were blocked in DDP's all-reduce went unnoticed until gloo's 30-minute timeout). A rank named
+while blocked in a collective, the others in their report or returned, is said to be in a
+collective they never join (the loops disagree on the steps or collectives they run), not in
+its own code. Ray Train's
 controller takes that as those workers' failure (ray_layer/train_callbacks.py): a restart
 from the latest checkpoint within `max_failures`, as for a crashed worker, then the job fails
 naming them.
@@ -54,13 +57,46 @@ def stuck_verdict(progress: Mapping[int, Mapping[str, Any] | None],
                if rank not in stuck}
     if not waiting or not stuck:
         return None
-    names = ", ".join(map(str, stuck))
+    # A named rank blocked in a collective is not in its own code: the others, in their
+    # report or returned, never join it (the loops disagree on what they run).
+    own = [rank for rank in stuck if not known[rank].get("collective")]
+    joined = [rank for rank in stuck if known[rank].get("collective")]
+    heads = [f"rank(s) {', '.join(map(str, own))} stuck in the loop's own code"] if own else []
+    if joined:
+        heads.append(f"rank(s) {', '.join(map(str, joined))} blocked in a collective the "
+                     "others never join")
     seen = "; ".join(f"rank {rank} {_since(known[rank])}" for rank in stuck)
     waited = "; ".join(f"rank {rank} {_waited(p)}" for rank, p in sorted(waiting.items()))
+    advice = [_advice(waiting.values())] if own else []
+    if joined:
+        advice.append(_disagree_advice(joined, in_report, any(
+            known[rank]["collective"].startswith("backward") for rank in joined)))
     return stuck, (
-        f"worker rank(s) {names} stuck in the loop's own code: neither called launch.report "
-        f"nor returned for {timeout_s:g}s (stuck_timeout_s) while the others waited for them "
-        f"({seen}; {waited}); {_advice(waiting.values())}")
+        f"worker {' and '.join(heads)}: neither called launch.report nor returned for "
+        f"{timeout_s:g}s (stuck_timeout_s) while the others waited for them ({seen}; "
+        f"{waited}); {'; '.join(advice)}")
+
+
+def _disagree_advice(joined: list[int], in_report: Mapping[int, Mapping[str, Any]],
+                     backward: bool) -> str:
+    """What is wrong where ranks wait in a collective while the others are in their report or
+    have returned: the loops run different steps or collectives (raising stuck_timeout_s helps
+    only a backward that computes that long, beside ranks in their report)."""
+    returned = sorted(rank for rank, p in in_report.items() if p.get("state") == RETURNED)
+    reporting = sorted(rank for rank in in_report if rank not in returned)
+    others = " and ".join(f"{_named(ranks)} {what}" for ranks, what in (
+        (returned, "returned"),
+        (reporting, "in its report" if len(reporting) == 1 else "in their report")) if ranks)
+    return (f"the ranks' loops disagree on the steps or collectives they run ({others} while "
+            f"{_named(joined)} {'is' if len(joined) == 1 else 'are'} in a collective): every "
+            "rank must run the same number of steps (batches), backward and torch.distributed "
+            "calls, and call launch.report the same number of times"
+            + ("; raise stuck_timeout_s only if that rank's backward computes that long "
+               "without DDP" if reporting and backward else ""))
+
+
+def _named(ranks: list[int]) -> str:
+    return f"rank{'' if len(ranks) == 1 else 's'} {', '.join(map(str, ranks))}"
 
 
 def _advice(waiting) -> str:

@@ -146,12 +146,12 @@ def test_no_verdict_before_a_rank_was_blocked_that_long_nor_against_a_blocked_ra
     # A rank in a collective itself is not in its own code, however long.
     assert stuck_verdict({0: blocked(900), 1: blocked(900, "torch.distributed.barrier")},
                          300) is None
-    # But one that never joins the others' report (a report skipped on that rank), as before.
+    # But one that never joins the others' report (a report skipped on that rank).
     ranks, message = stuck_verdict({0: waiting(900), 1: blocked(900)}, 300)
     assert ranks == [1] and ("rank 1 last seen in its report 4 (step 8), 900s ago, now "
                              "blocked in backward (where DDP all-reduces the gradients) at "
                              "train.py line 12, in train_loop; rank 0 waiting") in message
-    assert message.count("rank 1 ") == 1 and message.endswith("wait in their report")
+    assert message.count("rank 1 last seen") == 1 and "rank 1 blocked in" not in message
 
 
 def test_which_collective_a_loop_is_blocked_in_from_its_innermost_frame():
@@ -231,3 +231,42 @@ def test_a_worker_says_how_long_its_loop_has_been_blocked_in_a_collective(tmp_pa
         release.touch()
         worker.join()
     assert user_loop.progress()["collective"] is None
+
+
+def test_a_rank_blocked_in_a_collective_the_others_never_join_is_named_for_that():
+    # Rank 1 returned (its loop ran fewer steps) while rank 0 waits in backward's all-reduce
+    # for it: rank 0 was named "stuck in the loop's own code", with the advice to raise
+    # stuck_timeout_s for "a final evaluation or save", neither of which it was doing.
+    returned = {"state": "returned", "for_s": 400, "reports": 5, "step": 4, "where": None}
+    ranks, message = stuck_verdict({0: blocked(390, for_s=400, where="train.py line 21, in "
+                                               "train_loop"), 1: returned}, 300)
+    assert ranks == [0]
+    assert message.startswith(
+        "worker rank(s) 0 blocked in a collective the others never join: neither called "
+        "launch.report nor returned for 300s (stuck_timeout_s) while the others waited for "
+        "them (rank 0 last seen in its report 4 (step 8), 400s ago, now blocked in backward "
+        "(where DDP all-reduces the gradients) at train.py line 21, in train_loop; rank 1 "
+        "returned from the loop 400s ago); ")
+    assert "own code" not in message and "final evaluation" not in message
+    assert message.endswith(
+        "the ranks' loops disagree on the steps or collectives they run (rank 1 returned "
+        "while rank 0 is in a collective): every rank must run the same number of steps "
+        "(batches), backward and torch.distributed calls, and call launch.report the same "
+        "number of times")
+    # Others in their report: a collective they skipped, or a report skipped on that rank.
+    ranks, message = stuck_verdict({0: waiting(900), 1: blocked(900)}, 300)
+    assert ranks == [1] and message.startswith("worker rank(s) 1 blocked in a collective the "
+                                               "others never join: ")
+    assert message.endswith(
+        "the ranks' loops disagree on the steps or collectives they run (rank 0 in its report "
+        "while rank 1 is in a collective): every rank must run the same number of steps "
+        "(batches), backward and torch.distributed calls, and call launch.report the same "
+        "number of times; raise stuck_timeout_s only if that rank's backward computes that "
+        "long without DDP")
+    # A rank in its own code beside one in a collective that the reporting rank skipped.
+    ranks, message = stuck_verdict({0: blocked(900), 1: working(900), 2: waiting(900)}, 300)
+    assert ranks == [0, 1] and message.startswith(
+        "worker rank(s) 1 stuck in the loop's own code and rank(s) 0 blocked in a collective "
+        "the others never join: neither called launch.report")
+    assert "takes longer while the others wait in their report" in message
+    assert message.endswith("long without DDP")
