@@ -58,7 +58,8 @@ _loop_thread: int | None = None  # the thread running the loop (its stack: `prog
 # (DDP's all-reduce in backward, a torch.distributed call) is blocked in a collective.
 _TORCH_DIR = os.path.dirname(torch.__file__)
 # Since when `progress` has seen the loop blocked in the same collective: ((which one, the
-# id of its innermost frame, this worker's report count), first seen (time.monotonic())).
+# id of its innermost frame, this worker's report count), first seen (time.monotonic())); the
+# frame, first seen, is marked (`_blocked_in`), so a new call at the same address is not it.
 _blocked: tuple[tuple[str, int, int], float] | None = None
 
 
@@ -215,7 +216,8 @@ def progress(where_after_s: float = float("inf")) -> dict[str, Any] | None:
 
 def _blocked_in(frame, reports: int, now: float) -> tuple[str | None, float | None]:
     """(the collective the loop's innermost `frame` is blocked in, seconds seen there), or
-    (None, None). The same call (its frame) at the same report as the last time counts on."""
+    (None, None). The same call (its frame, marked when first seen) at the same report as the
+    last time counts on."""
     global _blocked
     stack = []
     inner = frame
@@ -227,7 +229,14 @@ def _blocked_in(frame, reports: int, now: float) -> tuple[str | None, float | No
         _blocked = None
         return None, None
     key = (collective, id(frame), reports)
-    if _blocked is None or _blocked[0] != key:
+    # The same call, not only the same address: a frame object is freed when its call returns
+    # and the next call's (the next step's backward) often takes its place, so a rank seen in
+    # backward at each ask, step after step between two reports, read as blocked since the
+    # first. The frame seen first is marked (f_trace_lines, read only by a tracer, for that
+    # frame of torch's alone): a new call's is not. (Holding the frame itself would keep its
+    # tensors, an all-gather's output, after the call returned.)
+    if _blocked is None or _blocked[0] != key or frame.f_trace_lines:
+        frame.f_trace_lines = False
         _blocked = (key, now)
     return collective, now - _blocked[1]
 

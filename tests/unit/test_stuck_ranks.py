@@ -270,3 +270,49 @@ def test_a_rank_blocked_in_a_collective_the_others_never_join_is_named_for_that(
         "the others never join: neither called launch.report")
     assert "takes longer while the others wait in their report" in message
     assert message.endswith("long without DDP")
+
+
+def test_a_new_call_of_the_same_collective_is_not_counted_as_the_wait_of_the_last(
+        tmp_path, monkeypatch):
+    # A loop reporting every N steps runs backward at every step; its frame object, freed at
+    # each return, comes back at the same address: a fast rank seen in backward at each ask
+    # (waiting there for a rank slow at reading its batches) counted one wait since the first
+    # sighting, and the slow rank, healthy, was named stuck after stuck_timeout_s.
+    fake_torch = tmp_path / "torch"
+    (fake_torch / "distributed").mkdir(parents=True)
+    (fake_torch / "distributed" / "distributed_c10d.py").write_text(
+        "def barrier(done):\n    done.acquire()\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fake_c10d_calls", fake_torch / "distributed" / "distributed_c10d.py")
+    c10d = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(c10d)
+    monkeypatch.setattr(user_loop, "_TORCH_DIR", str(fake_torch))
+    calls = [threading.Lock() for _ in range(3)]  # (waited for in C, as torch's calls do)
+    for done in calls:
+        done.acquire()
+
+    def train_loop(config):
+        for done in calls:  # one step each, no report between them
+            c10d.barrier(done)
+
+    per_worker = user_loop.yielding(train_loop)
+    worker = threading.Thread(target=per_worker, args=({},))
+    worker.start()
+    try:
+        seen = []
+        for done in calls:
+            time.sleep(0.1)
+            first = user_loop.progress()
+            time.sleep(0.3)
+            seen.append((first["collective_s"], user_loop.progress()["collective_s"]))
+            done.release()
+        # Each call counted from its own first sighting: 0, then the 0.3 s asleep there.
+        assert [first for first, _ in seen] == [0, 0, 0]
+        assert all(0.3 <= later < 0.6 for _, later in seen), seen
+    finally:
+        for done in calls:
+            if done.locked():
+                done.release()
+        worker.join()
