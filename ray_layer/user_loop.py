@@ -309,8 +309,9 @@ def _loop_starts() -> None:
 
 
 def _library_folders() -> tuple[str, ...]:
-    """Folders of code that is not the user's: Python's own, installed packages, and this
-    project's packages (a `launch.report` refusing its arguments is the caller's line)."""
+    """Folders of code that is not the user's: Python's own, installed packages, this
+    project's packages (a `launch.report` refusing its arguments is the caller's line), and
+    torch.compile's generated code once inductor is loaded."""
     paths = sysconfig.get_paths()
     here = Path(__file__).resolve().parents[1]
     folders = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
@@ -318,6 +319,11 @@ def _library_folders() -> tuple[str, ...]:
     # paths leave out, and the interpreter's other site-packages)
     folders |= {site.getusersitepackages(), *getattr(site, "getsitepackages", list)()}
     folders |= {str(here / "orchestrator"), str(here / "ray_layer")}
+    # (and the code torch.compile generates, in inductor's cache folder: "ceveuvyn...py line
+    # 156, in call" was named, not the user's line that called the compiled model)
+    inductor = sys.modules.get("torch._inductor.runtime.cache_dir_utils")
+    if inductor is not None:
+        folders.add(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or inductor.default_cache_dir())
     return tuple(os.path.join(os.path.realpath(f), "") for f in folders)
 
 

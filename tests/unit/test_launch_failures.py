@@ -169,6 +169,33 @@ def test_a_package_installed_in_the_user_site_is_not_taken_for_the_users_own_cod
     assert getattr(raised.value, RAISED_AT) == "train.py line 4, in train_loop"
 
 
+def test_torch_compiles_generated_code_is_not_taken_for_the_users_own_code(tmp_path,
+                                                                         monkeypatch):
+    # A torch.compile'd model runs code inductor writes to its cache folder
+    # (/tmp/torchinductor_<user>/ce/ceveuvyn....py): a stuck rank's "now at" and the line an
+    # error was raised at named that file ("ceveuvyn...py line 156, in call"), not the
+    # user's line that called the model.
+    import torch._inductor.runtime.cache_dir_utils  # noqa: F401 (as torch.compile does)
+
+    from orchestrator.entrypoints import load_entrypoint
+    from ray_layer.user_loop import RAISED_AT, yielding
+
+    cache = tmp_path / "inductor"
+    (cache / "ce").mkdir(parents=True)
+    (cache / "ce" / "ceveuvyn.py").write_text(
+        "def call(args):\n    raise AssertionError('expected size 4==8')\n")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    monkeypatch.syspath_prepend(str(cache / "ce"))
+    (tmp_path / "train.py").write_text(
+        "import ceveuvyn\n\n"
+        "def train_loop(config):\n"
+        "    ceveuvyn.call([])\n")
+    loop = load_entrypoint("train.py:train_loop", tmp_path).function
+    with pytest.raises(AssertionError) as raised:
+        yielding(loop)({})
+    assert getattr(raised.value, RAISED_AT) == "train.py line 4, in train_loop"
+
+
 @pytest.mark.parametrize("cause", [
     None,  # the loop's own error (examples/image_cnn without its make_data.py)
     JobCancelled("job 'run' was cancelled: cancelled by an operator"),
