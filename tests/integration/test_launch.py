@@ -262,3 +262,39 @@ def test_a_rank_stuck_while_the_others_wait_in_ddps_all_reduce_is_named(cluster,
                      r"backward \(where DDP all-reduces the gradients\) for \d+s, at "
                      r"ddp_stuck\.py line 15, in train_loop\)", err)
     assert not held_by_scheduler(name)
+
+
+SLOW_READER_LOOP = """\
+    import time
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    from orchestrator import launch
+
+    def train_loop(config):
+        rank = ray.train.get_context().get_world_rank()
+        model = ray.train.torch.prepare_model(torch.nn.Linear(4, 1))
+        for step in range(config["steps"]):
+            time.sleep(0.4 if rank == 1 else 0)  # rank 1 reads its batches slowly
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+        launch.report({"step": config["steps"] - 1})  # one report, at the end
+    """
+
+
+def test_a_healthy_ddp_loop_with_a_slow_reading_rank_is_not_named_stuck(cluster, tmp_path,
+                                                                       capsys):
+    """Rank 0 waits in backward's all-reduce at every step for rank 1, slow at reading its
+    batches, with no report for longer than stuck_timeout_s: each step's backward frame took
+    the last one's address, its wait counted from the first step's, and the healthy rank 1
+    was named stuck."""
+    (tmp_path / "slow_reader.py").write_text(textwrap.dedent(SLOW_READER_LOOP))
+    entry = load_entrypoint("slow_reader.py:train_loop", base_dir=tmp_path)
+    name = "byol-slow-reader"
+    code, launched = run_job(lambda: launch.fit(
+        entry.function, spec=JobSpec(name, num_workers=2), config={"steps": 25},
+        run_dir=tmp_path / name, max_failures=0, queue_timeout_s=120, stuck_timeout_s=3),
+        on_interrupt="interrupted")
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]
+    assert "StuckRank" not in err
