@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
     from orchestrator.compression.pipeline import check_out_path, resolve_device, run_pipeline
     from orchestrator.compression.source import load_teacher
     from orchestrator.training.checkpoint import CheckpointError
-    from orchestrator.training.loop import is_out_of_memory
+    from orchestrator.training.loop import TrainingDiverged, is_out_of_memory
 
     for flag, value in (("--checkpoint", args.checkpoint), ("--out", args.out)):
         if not value.strip():  # `--out "$OUT"` with OUT unset: Path("") is the cwd
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
         return run_pipeline(teacher, source, config, out)
     except ConfigError as e:
         raise JobFailed(str(e), EXIT_BAD_INPUT) from None
-    except (CheckpointError, ExportError) as e:
+    except (CheckpointError, ExportError, TrainingDiverged) as e:
         raise JobFailed(str(e), EXIT_FAILED) from None
     except OSError as e:  # a full disk, a mount gone read-only: one line, not a traceback
         raise JobFailed(f"cannot read or write a file: {e}", EXIT_FAILED) from None

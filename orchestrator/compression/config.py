@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from orchestrator import validation
 from orchestrator.config import MODEL_PRESETS, ConfigError, from_mapping
+from orchestrator.compression.distill import MIN_TEMPERATURE
 from orchestrator.compression.prune import SCOPES
 from orchestrator.compression.structured import IMPORTANCE, STRUCTURES
 from orchestrator.validation import (SEED_RULE, TORCH_THREADS_RULE, field_with_flag, flag_of,
@@ -119,8 +120,11 @@ class CompressConfig:
               "prune_ramp_fraction", "must be a fraction in (0, 1]")
         check(is_number(self.alpha) and 0 <= self.alpha <= 1, "alpha",
               "must be a fraction in [0, 1]")
-        check(is_number(self.temperature) and 0 < self.temperature <= 100, "temperature",
-              "must be a number in (0, 100]")
+        # Below MIN_TEMPERATURE the fp32 loss is NaN (the softened logits overflow) or
+        # loses its KL term (T^2 underflows): refused here, not found after the stages.
+        check(is_number(self.temperature) and MIN_TEMPERATURE <= self.temperature <= 100,
+              "temperature", f"must be a number in [{MIN_TEMPERATURE:.3g}, 100] (smaller "
+              "overflows the softened logits or underflows T^2 in fp32)")
         check(is_number(self.lr) and 0 < self.lr < 1, "lr", "must be a number in (0, 1)")
         check(is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
               "must be a number >= 0")

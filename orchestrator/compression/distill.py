@@ -8,10 +8,17 @@ so alpha means the same thing at any temperature.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+# The smallest temperature the fp32 loss computes: T^2 a normal fp32 number (below, the T^2
+# factor underflows, to 0 under ~2.6e-23: the KL term silently drops out), and logits / T
+# finite for any logit under 3.7e19 (under ~1e-38, logits of a few units overflow to inf:
+# every loss NaN). About 1.08e-19.
+MIN_TEMPERATURE = math.sqrt(torch.finfo(torch.float32).tiny)
 
 
 class DistillLoss(NamedTuple):

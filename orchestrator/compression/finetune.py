@@ -29,7 +29,7 @@ from orchestrator.compression.distill import distillation_loss
 from orchestrator.training.accumulation import HierarchicalAccumulation
 from orchestrator.training.checkpoint import sync_directory
 from orchestrator.training.data import get_batch
-from orchestrator.training.loop import say
+from orchestrator.training.loop import TrainingDiverged, divergence, say, weights_finite
 from orchestrator.training.optim import (build_optimizer, load_optimizer_state, set_lr,
                                         warmup_cosine_lr)
 from orchestrator.training.precision import Precision
@@ -124,6 +124,9 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
     started, interval_start, interval_tokens = time.perf_counter(), time.perf_counter(), 0
     # None (null in stage.json) until a step is logged: a stage of 0 steps has no loss.
     last: dict[str, float | None] = {"loss": None, "ce": None, "kd": None}
+    # The losses since the last check, summed on the device (no host sync per step): a NaN or
+    # inf stays in the sum, and the stage stops at the next check (_stop_if_diverged).
+    checked, loss_sum = step, torch.zeros((), device=device)
     while step < plan.steps:
         target = schedule.target_at(step) if schedule else None
         if target is not None:
@@ -150,7 +153,16 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
         student.clamp_spans_()
         step += 1
         interval_tokens += x.numel()
-        if step % plan.log_every == 0 or step == plan.steps:
+        loss_sum += loss.total.detach().float()
+        report = step % plan.log_every == 0 or step == plan.steps
+        save = partial is not None and step % plan.checkpoint_every == 0 and step < plan.steps
+        if report or save:
+            # Before the progress line, a progress checkpoint and the stage's end: neither is
+            # saved with a diverged model (the one before stays, for a rerun to resume).
+            _stop_if_diverged(plan, step, float(loss_sum) / (step - checked), checked + 1,
+                              student if save or step == plan.steps else None, teacher)
+            checked, loss_sum = step, torch.zeros((), device=device)
+        if report:
             last = {"loss": loss.total.item(), "ce": loss.ce.item(), "kd": loss.kd.item()}
             elapsed = time.perf_counter() - interval_start
             line = (f"{plan.stage} step {step:>5}/{plan.steps} | loss {last['loss']:.4f} "
@@ -159,7 +171,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
                 line += f" | sparsity {prune.sparsity(weights):.1%}"
             log(line + f" | {interval_tokens / elapsed:,.0f} tok/s")
             interval_start, interval_tokens = time.perf_counter(), 0
-        if partial is not None and step % plan.checkpoint_every == 0 and step < plan.steps:
+        if save:
             _save_progress(partial, step, {"model": student.state_dict(),
                                            "optimizer": optimizer.state_dict(),
                                            "masks": {n: m.cpu() for n, m in masks.items()},
@@ -179,6 +191,29 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
         # records it for the pruning stage).
         metrics["linear_weight_sparsity"] = prune.sparsity(weights)
     return {n: m.cpu() for n, m in masks.items()}, metrics
+
+
+def _stop_if_diverged(plan: Plan, step: int, loss: float, first: int,
+                      student: nn.Module | None, teacher: nn.Module | None) -> None:
+    """TrainingDiverged, in one line naming the stage, the steps and the flags to change,
+    where the divergence rule pretraining applies (training.loop.divergence) finds the mean
+    `loss` over steps first..step NaN or inf, or, `student` given (before its progress is
+    saved or the stage published), its weights so. A diverged teacher is named as the cause
+    (its logits were NaN from the first step), not the learning rate."""
+    what = divergence(loss, first, step, student)
+    if what is None:
+        return
+    if teacher is not None and not weights_finite(teacher):
+        cause = ("the teacher's weights hold NaN or inf: compress a checkpoint saved before "
+                 "its run diverged")
+    else:
+        cause = (f"likely a learning rate too high or a warm-up too short (--lr {plan.lr:g}, "
+                 f"--warmup-steps {plan.warmup_steps}), or an extreme --temperature "
+                 f"{plan.temperature:g}; fine-tune settings cannot change on a rerun of this "
+                 "--out: start again with a new --out")
+    raise TrainingDiverged(f"{plan.stage} diverged at step {step}: {what}; stopped before "
+                           "saving progress there (the progress saved before it and the "
+                           f"stages already finished are kept): {cause}")
 
 
 def _masks_at(student: nn.Module, weights: dict[str, torch.Tensor],

@@ -228,12 +228,14 @@ def _stop_if_diverged(step: int, interval_steps: int, interval_loss: float | Non
     `saved_any`: the run has a checkpoint (else the message offers no --resume: it would be
     refused). `nonfinite_since`: the first step (0: none) of this worker's unbroken run of
     non-finite fp16 losses up to this one (_nonfinite_since)."""
+    first = step - interval_steps + 1
+    loss_diverged = divergence(interval_loss, first, step)
     why = 0  # 0 healthy, then the reasons below in the order they are checked
-    if interval_loss is not None and not math.isfinite(interval_loss):
+    if loss_diverged:
         why = 1
     elif scaler.is_enabled() and scaler.get_scale() < MIN_LOSS_SCALE:
-        why = 3 if not _weights_finite(model) else 2
-    elif checkpoint_due and not _weights_finite(model):
+        why = 3 if not weights_finite(model) else 2
+    elif checkpoint_due and not weights_finite(model):
         why = 3
     # The earliest such step over the workers, negated for MAX: one all-reduce for both.
     since = int(nonfinite_since) if nonfinite_since is not None else 0
@@ -244,15 +246,12 @@ def _stop_if_diverged(step: int, interval_steps: int, interval_loss: float | Non
         since = 0 if since > step else since
     if not why:
         return
-    first = step - interval_steps + 1
-    steps = f"step {step}" if first >= step else f"steps {first}-{step}"
-    what = {1: f"the loss over {steps} was {interval_loss}",
+    what = {1: loss_diverged,
             2: (f"fp16's loss scale fell below {MIN_LOSS_SCALE:g} (every step's gradients "
                 "overflowed fp16 even unscaled, and the step was skipped)"),
-            3: "the model's weights hold NaN or inf " + (
-                f"(every step's loss since step {since} was NaN or inf: fp16 loss scaling "
-                "skipped those steps as overflows and left them out of the reported loss)"
-                if since else "(the loss was still finite)")}[why]
+            3: (f"{WEIGHTS_NOT_FINITE} (every step's loss since step {since} was NaN or inf: "
+                "fp16 loss scaling skipped those steps as overflows and left them out of the "
+                "reported loss)" if since else WEIGHTS_DIVERGED)}[why]
     lower = (f"a new run with a lower learning rate (--lr, now {config.lr:g}) or a longer "
              f"warm-up (--warmup-steps, now {config.warmup_steps})")
     bf16 = "bf16 (--precision bf16, compute capability 8.0+) or fp32"
@@ -264,7 +263,27 @@ def _stop_if_diverged(step: int, interval_steps: int, interval_loss: float | Non
                            f"saving a checkpoint there ({kept}). {advice}")
 
 
-def _weights_finite(model: torch.nn.Module) -> bool:
+WEIGHTS_NOT_FINITE = "the model's weights hold NaN or inf"
+WEIGHTS_DIVERGED = f"{WEIGHTS_NOT_FINITE} (the loss was still finite)"
+
+
+def divergence(interval_loss: float | None, first: int, step: int,
+               model: torch.nn.Module | None = None) -> str | None:
+    """The divergence rule, fp16's loss scale aside: what diverged by `step`, or None. The
+    loss over steps first..step (`interval_loss`, None: not measured) is NaN or inf; or,
+    `model` given (before a checkpoint: one is never saved with such weights), its weights
+    hold NaN or inf though the loss was still finite (a step can leave them so). Pretraining
+    (_stop_if_diverged, which adds fp16's scale and the workers' agreement) and the
+    compression fine-tunes (compression/finetune.py) apply this one rule."""
+    if interval_loss is not None and not math.isfinite(interval_loss):
+        steps = f"step {step}" if first >= step else f"steps {first}-{step}"
+        return f"the loss over {steps} was {interval_loss}"
+    if model is not None and not weights_finite(model):
+        return WEIGHTS_DIVERGED
+    return None
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
     """Whether every parameter this worker holds is finite (its own shards under FSDP)."""
     checks = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
               for p in model.parameters()]

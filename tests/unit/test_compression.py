@@ -130,6 +130,47 @@ def test_interrupted_fine_tune_resumes_exactly(train_tokens, tmp_path):
         assert torch.equal(a, b), name
 
 
+def nan_from_step(monkeypatch, first_bad):
+    """Make the fine-tune's loss NaN from its `first_bad`-th step (1-based) on."""
+    from orchestrator.compression import finetune as finetune_module
+    from orchestrator.compression.distill import DistillLoss
+
+    calls = []
+
+    def loss(*args, **kwargs):
+        real = distillation_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) < first_bad:
+            return real
+        return DistillLoss(*(part * float("nan") for part in real))
+
+    monkeypatch.setattr(finetune_module, "distillation_loss", loss)
+
+
+def test_a_fine_tune_whose_loss_goes_non_finite_stops_keeping_the_progress_before_it(
+        train_tokens, tmp_path, monkeypatch):
+    """`--temperature 1e-40` (or any lr that blows up) made every loss NaN, and the stage was
+    published anyway (perplexity nan, exit 0). Now the fine-tune stops at the next check (a
+    progress line or checkpoint), as pretraining does (training.loop.divergence), naming the
+    stage, the steps and the flags to change, before saving progress there: the progress
+    checkpoint before the divergence stays."""
+    from orchestrator.compression.finetune import progress_checkpoints
+    from orchestrator.training.loop import TrainingDiverged
+
+    nan_from_step(monkeypatch, 3)
+    partial = tmp_path / ".prune.partial.pt"
+    with pytest.raises(TrainingDiverged) as caught:
+        finetune(tiny_gpt(), tiny_gpt(1), train_tokens,
+                 plan(steps=8, log_every=4, checkpoint_every=2), torch.device("cpu"),
+                 partial=partial, log=lambda line: None)
+    message = str(caught.value)
+    assert message.startswith("prune diverged at step 4: the loss over steps 3-4 was nan; "
+                              "stopped before saving progress there"), message
+    for flag in ("--lr 0.001", "--warmup-steps 1", "--temperature 2"):
+        assert flag in message, message
+    assert [p.name for p in progress_checkpoints(partial)] == [".prune.partial.step00000002.pt"]
+
+
 def test_fine_tunes_keep_learnt_spans_in_range_as_training_does(train_tokens):
     """A span pushed past 0 (spans start there) is clamped back after each step, as the
     training loop does: left outside, the clamp in `spans` cuts its gradient and the head's

@@ -179,6 +179,9 @@ def test_run_directory_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):
     ("--alpha", "2", "alpha (--alpha)"),
     ("--prune-sparsity", "0", "prune_sparsity (--prune-sparsity)"),
     ("--temperature", "-1", "temperature (--temperature)"),
+    # The softened logits overflow fp32 (was: accepted, every loss NaN, exit 0)
+    ("--temperature", "1e-40", "temperature (--temperature) must be a number in "
+                               "[1.08e-19, 100]"),
     ("--latency-repeats", "0", "latency_repeats (--latency-repeats)"),
     # torch's range (was: accepted, then a traceback from the report after every stage)
     ("--seed", str(2 ** 64), "seed (--seed) must be an integer in [-2**63, 2**64)"),
@@ -564,3 +567,23 @@ def test_an_error_that_is_not_out_of_memory_is_not_reworded(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="^some other failure$"):
         JOB.main(["--checkpoint", str(make_checkpoint(tmp_path / "ckpt")),
                   "--out", str(tmp_path / "out"), "--no-onnx-baseline", "--no-int8-static"])
+
+
+def test_a_diverged_fine_tune_fails_in_one_line_keeping_what_was_saved(tmp_path, capsys,
+                                                                      monkeypatch):
+    """A fine-tune whose loss went NaN published its stage and the run exited 0 (perplexity
+    nan). Now exit 4 (a failed run, as a diverged pretrain), one line naming the stage, the
+    step and the flags, the stage unpublished and the progress before it kept."""
+    from test_compression import nan_from_step
+
+    nan_from_step(monkeypatch, 3)
+    out = tmp_path / "out"
+    code, err = run_job(capsys, "--checkpoint", str(make_checkpoint(tmp_path / "ckpt")),
+                        "--out", str(out), "--prune-steps", "6", "--batch-size", "2",
+                        "--log-every", "4", "--checkpoint-every", "2", "--no-onnx-baseline",
+                        "--no-int8-static")
+    assert code == 4, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "prune diverged at step 4: the loss over steps 3-4 was nan" in err, err
+    assert (out / "original").is_dir() and not (out / "pruned").exists()
+    assert (out / ".prune.partial.step00000002.pt").is_file()
