@@ -96,6 +96,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
     saved every `plan.checkpoint_every` steps and resumed from; the caller deletes them
     (remove_progress) once the stage's output is safely written."""
     weights = prune.prunable_weights(student)
+    dense = student.config  # what sparsity counts against: the fine-tune's model is not shrunk
     masks = dict(masks or {})
     optimizer = build_optimizer(student, plan)
     # The training loop's optimizer step (unscale, clip, step, clear the gradients): one group
@@ -167,8 +168,9 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_tokens: torch.
             elapsed = time.perf_counter() - interval_start
             line = (f"{plan.stage} step {step:>5}/{plan.steps} | loss {last['loss']:.4f} "
                     f"(ce {last['ce']:.4f}, kd {last['kd']:.4f}) | lr {plan.lr_at(step - 1):.2e}")
-            if masks:
-                line += f" | sparsity {prune.sparsity(weights):.1%}"
+            if masks:  # the report's sparsity (a masked unit counts as cut out)
+                removed = structured.block_sparsity(student, dense, masks if scorer else None)
+                line += f" | sparsity {removed:.1%}"
             log(line + f" | {interval_tokens / elapsed:,.0f} tok/s")
             interval_start, interval_tokens = time.perf_counter(), 0
         if save:

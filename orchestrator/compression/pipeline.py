@@ -37,7 +37,7 @@ from orchestrator.compression.artifacts import (CheckpointError, cpu_state_dict,
                                                 staged_dir, write_json)
 from orchestrator.compression.config import CompressConfig, resume_conflicts
 from orchestrator.compression.finetune import Plan, PruneSchedule, finetune, remove_progress
-from orchestrator.compression.report import (SCRATCH_PREFIX, block_sparsity, build_report,
+from orchestrator.compression.report import (SCRATCH_PREFIX, build_report,
                                              format_table, latency_seq_len)
 from orchestrator.compression.source import teacher_data, teacher_tokenizer
 from orchestrator.config import MODEL_PRESETS, ConfigError
@@ -399,7 +399,7 @@ def _run_stage(run: Run, stage: str, student: GPT, plan: Plan, *,
     if finish is not None:
         student, masks = finish(student, masks)
     if schedule is not None:  # pruning: "sparsity" as the report means it, one figure
-        metrics["sparsity"] = block_sparsity(student, dense_config)
+        metrics["sparsity"] = structured.block_sparsity(student, dense_config)
     _save_stage(run.out / STAGE_DIRS[stage], student, masks if masks else None,
                 {"stage": stage, **metrics})
     remove_progress(partial)

@@ -100,13 +100,6 @@ def _decode_past_shapes(decode_graph: Path, batch: int, length: int) -> list[tup
     return shapes_
 
 
-def block_sparsity(model: torch.nn.Module, dense_config) -> float:
-    """Fraction of the block parameters of the dense model (before pruning) that are gone:
-    cut out by structured pruning or zero (unstructured)."""
-    dense = structured.block_params(dense_config)
-    return 1 - structured.nonzero_block_params(model) / dense
-
-
 def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path,
                  original_file: Path, pruned_file: Path, int8_dir: Path,
                  config: CompressConfig, eval_seq_len: int, held_out: torch.Tensor,
@@ -165,12 +158,12 @@ def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path
         shutil.rmtree(scratch, ignore_errors=True)
     # What pruning removed (cut out, or zeroed by unstructured masks); weights that int8
     # rounding happens to turn into 0 are not counted as pruned.
-    int8_sparsity = block_sparsity(pruned, dense_config)
+    int8_sparsity = structured.block_sparsity(pruned, dense_config)
     rows = [
         _row("original", "torch fp32", measure.size_bytes(original_file), latency["original"],
              ppl["original"], 0.0, primary),
         _row("pruned", "torch fp32", measure.size_bytes(pruned_file), latency["pruned"],
-             ppl["pruned"], block_sparsity(pruned, dense_config), primary),
+             ppl["pruned"], structured.block_sparsity(pruned, dense_config), primary),
         _row("int8", "onnxruntime int8", measure.size_bytes(int8_dir / ONNX_FILE),
              latency["int8"], ppl["int8"], int8_sparsity, primary),
         _row("int8-torch", "torch, int8 weights", measure.size_bytes(int8_dir / TORCH_FILE),

@@ -63,8 +63,36 @@ def block_params(config: GPTConfig) -> int:
     return sum(p.numel() for p in model.blocks.parameters())
 
 
-def nonzero_block_params(model: nn.Module) -> int:
-    return sum(int((p != 0).sum()) for p in model.blocks.parameters())
+def block_sparsity(model: nn.Module, dense_config: GPTConfig,
+                   masks: dict[str, torch.Tensor] | None = None) -> float:
+    """`sparsity` wherever it appears (the report's rows and summary, the pruning stage's
+    metrics, the fine-tune's progress line): the fraction of the block parameters of the dense
+    model (`dense_config`, before pruning) that are gone, cut out by structured pruning or
+    zero (unstructured). `masks`: a structured fine-tune's, while its units are masked and
+    not yet cut out: each unit they remove counts as gone whole, biases and span included
+    (no mask zeroes those), as `shrink` will cut it out."""
+    return 1 - nonzero_block_params(model, masks) / block_params(dense_config)
+
+
+@torch.no_grad()
+def nonzero_block_params(model: nn.Module, masks: dict[str, torch.Tensor] | None = None
+                         ) -> int:
+    """Nonzero parameters in the blocks; with structured `masks`, less those of the units
+    they remove (block_sparsity)."""
+    count = sum((p != 0).sum() for p in model.blocks.parameters())
+    for i, (heads, channels) in enumerate(_kept_units(model, masks) if masks else []):
+        attn, mlp = model.blocks[i].attn, model.blocks[i].mlp
+        gone = ~heads.to(attn.proj.weight.device)
+        columns = gone.repeat_interleave(model.config.head_dim)
+        rows = columns.repeat(3)  # qkv rows: q, k, v, each head after head
+        count = count - (attn.qkv.weight[rows] != 0).sum() - (attn.qkv.bias[rows] != 0).sum() \
+            - (attn.proj.weight[:, columns] != 0).sum()
+        if getattr(attn, "span", None) is not None:
+            count = count - (attn.span.span_fraction[gone] != 0).sum()
+        gone = ~channels.to(mlp.proj.weight.device)
+        count = count - (mlp.fc.weight[gone] != 0).sum() - (mlp.fc.bias[gone] != 0).sum() \
+            - (mlp.proj.weight[:, gone] != 0).sum()
+    return int(count)
 
 
 def _groups(config: GPTConfig, scope: str) -> list[list[int]]:
@@ -245,8 +273,17 @@ def compute_masks(model: GPT, importance: Importance, sparsity: float, scope: st
 
 # ---- shrinking ------------------------------------------------------------------------------
 
-def _kept(mask_columns: torch.Tensor) -> torch.Tensor:
-    return mask_columns.any(dim=0).nonzero().flatten()
+def _kept_units(model: GPT, masks: dict[str, torch.Tensor]
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, (heads kept, channels kept) as boolean vectors: a unit is kept when any of
+    its consumer columns (attn.proj / mlp.proj) is."""
+    kept = []
+    for i, block in enumerate(model.blocks):
+        attn_cols = masks[f"blocks.{i}.attn.proj"].view(
+            model.config.n_embd, block.attn.n_head, model.config.head_dim)
+        kept.append((attn_cols.any(dim=0).any(dim=1),
+                     masks[f"blocks.{i}.mlp.proj"].any(dim=0)))
+    return kept
 
 
 @torch.no_grad()
@@ -255,11 +292,9 @@ def shrink(model: GPT, masks: dict[str, torch.Tensor]) -> GPT:
     columns is kept), per-layer widths in its config, the same function as the masked model."""
     config = model.config
     d = config.head_dim
-    keep_heads, keep_channels = [], []
-    for i, block in enumerate(model.blocks):
-        attn_cols = masks[f"blocks.{i}.attn.proj"].view(config.n_embd, block.attn.n_head, d)
-        keep_heads.append(attn_cols.any(dim=(0, 2)).nonzero().flatten())
-        keep_channels.append(_kept(masks[f"blocks.{i}.mlp.proj"]))
+    kept = _kept_units(model, masks)
+    keep_heads = [heads.nonzero().flatten() for heads, _ in kept]
+    keep_channels = [channels.nonzero().flatten() for _, channels in kept]
     heads = tuple(len(k) for k in keep_heads)
     hidden = tuple(len(k) for k in keep_channels)
     new_config = dataclasses.replace(

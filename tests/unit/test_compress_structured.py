@@ -137,3 +137,22 @@ def test_gradual_structured_pruning_in_the_fine_tune_recovers_and_resumes_exactl
         assert torch.equal(mask, masks_again[name]), name
     for (name, a), b in zip(student.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("structure", ["both", "heads", "channels", "unstructured"])
+def test_the_progress_line_sparsity_is_the_stage_sparsity(train_tokens, structure):
+    """The pruning progress line's "sparsity" was the zeros among the block Linear weights
+    (structured 0.5: progress 50.4%, stage and report 50.0%): now the report's sparsity, the
+    block parameters removed (a masked unit as the shrink cuts it out), one function."""
+    from orchestrator.compression.structured import block_sparsity
+
+    sparsity = 0.2 if structure == "heads" else 0.5
+    schedule = PruneSchedule(final=sparsity, scope="global", ramp_steps=4, every=2,
+                             structure=structure, importance="magnitude")
+    student, lines = tiny_gpt(), []
+    masks, _ = finetune(student, tiny_gpt(seed=1), train_tokens, plan(steps=6, log_every=6),
+                        torch.device("cpu"), schedule=schedule, log=lines.append)
+    final = structured.shrink(student, masks) if structure != "unstructured" else student
+    stage = block_sparsity(final, TINY)
+    shown = re.search(r"sparsity (\d+\.\d)%", lines[-1]).group(1)
+    assert shown == f"{stage:.1%}"[:-1], (lines[-1], stage)

@@ -705,9 +705,9 @@ def test_a_stage_of_no_steps_has_null_losses_and_json_files_hold_no_nan(train_to
 
 def test_the_pruning_stage_reports_sparsity_as_the_report_does(train_tokens, tmp_path):
     """One meaning per name: "sparsity" is the fraction of the block parameters removed, in
-    the stage's metrics as in the report's rows and summary (report.block_sparsity)."""
+    the stage's metrics as in the report's rows and summary (structured.block_sparsity)."""
     from orchestrator.compression.pipeline import Run, stage_prune
-    from orchestrator.compression.report import block_sparsity
+    from orchestrator.compression.structured import block_sparsity
 
     config = CompressConfig(prune_steps=4, prune_every=1, batch_size=4, log_every=100)
     run = Run(tmp_path, config, tiny_gpt(), train_tokens, torch.device("cpu"), 16,
