@@ -76,11 +76,20 @@ def load_teacher(path: str | Path, log: Callable[[str], None]
                  ) -> tuple[GPT, dict[str, Any]]:
     """The teacher model and a description of where it came from (for compress_config.json).
     A run directory falls back past corrupt checkpoints to the newest usable one, with a
-    warning; a checkpoint directory given explicitly must itself be usable."""
+    warning; a checkpoint directory given explicitly must itself be usable. One whose
+    logits are not finite (its weights diverged) is refused (CheckpointError)."""
+    from orchestrator.serving.loading import _forward_problem
+
     candidates, is_run = checkpoint_candidates(path)
     directory, state, model, train_config = newest_usable_checkpoint(
         candidates, is_run, path,
         on_skip=lambda e: log(f"warning: {e}; trying the previous checkpoint"))
+    # Serving's forward probe, as jobs/export.py asks it: a diverged teacher made every
+    # fine-tune's loss NaN, found only once --out had been written.
+    problem = _forward_problem(model, str(directory), "cpu")
+    if problem:
+        raise CheckpointError(f"{problem} (its weights diverged): it cannot teach; compress a "
+                              "checkpoint saved before its run diverged")
     source = {"checkpoint": str(directory), "sha256": recorded_sha256(directory),
               "step": state.get("step"), "model_size": train_config.model_size,
               "params": sum(p.numel() for p in model.parameters()),
