@@ -205,14 +205,19 @@ def _stop_if_diverged(plan: Plan, step: int, loss: float, first: int,
     what = divergence(loss, first, step, student)
     if what is None:
         return
+    again = ("; fine-tune settings cannot change on a rerun of this --out: start again with a "
+             "new --out")
     if teacher is not None and not weights_finite(teacher):
         cause = ("the teacher's weights hold NaN or inf: compress a checkpoint saved before "
                  "its run diverged")
+    elif plan.lr * plan.weight_decay >= 1:
+        cause = (f"--weight-decay {plan.weight_decay:g} x --lr {plan.lr:g} is >= 1: AdamW's "
+                 "decay (w -= lr x weight_decay x w) flips or grows the weights every step; "
+                 f"lower them{again}")
     else:
-        cause = (f"likely a learning rate too high or a warm-up too short (--lr {plan.lr:g}, "
-                 f"--warmup-steps {plan.warmup_steps}), or an extreme --temperature "
-                 f"{plan.temperature:g}; fine-tune settings cannot change on a rerun of this "
-                 "--out: start again with a new --out")
+        cause = (f"likely a learning rate too high (--lr {plan.lr:g}) or a warm-up too short "
+                 f"(--warmup-steps: {plan.warmup_steps} step(s) in this stage), "
+                 f"or an extreme --temperature {plan.temperature:g}{again}")
     raise TrainingDiverged(f"{plan.stage} diverged at step {step}: {what}; stopped before "
                            "saving progress there (the progress saved before it and the "
                            f"stages already finished are kept): {cause}")

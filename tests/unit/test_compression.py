@@ -166,9 +166,20 @@ def test_a_fine_tune_whose_loss_goes_non_finite_stops_keeping_the_progress_befor
     message = str(caught.value)
     assert message.startswith("prune diverged at step 4: the loss over steps 3-4 was nan; "
                               "stopped before saving progress there"), message
-    for flag in ("--lr 0.001", "--warmup-steps 1", "--temperature 2"):
+    for flag in ("--lr 0.001", "(--warmup-steps: 1 step(s) in this stage)", "--temperature 2",
+                 "a new --out"):
         assert flag in message, message
     assert [p.name for p in progress_checkpoints(partial)] == [".prune.partial.step00000002.pt"]
+
+
+def test_a_weight_decay_that_blows_the_weights_up_is_named_as_the_cause(train_tokens):
+    """`--weight-decay 1e308` diverged at once and was blamed on --lr, --warmup-steps and
+    --temperature: lr x weight_decay >= 1 makes AdamW's decay flip or grow the weights."""
+    from orchestrator.training.loop import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"--weight-decay 1e\+308 x --lr 0.001 is >= 1"):
+        finetune(tiny_gpt(), tiny_gpt(1), train_tokens, plan(steps=2, weight_decay=1e308),
+                 torch.device("cpu"), log=lambda line: None)
 
 
 def test_fine_tunes_keep_learnt_spans_in_range_as_training_does(train_tokens):
