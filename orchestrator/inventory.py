@@ -19,6 +19,10 @@ from orchestrator.saved_records import saved_fields
 from orchestrator.validation import is_number
 
 GIB = 1024 ** 3
+# Reports of a node after RAM reserved there is released during which its estimate of the
+# RAM in use outside the reservations is not raised (NodeTable.note_ram_outside): the
+# released workers' RAM may still show in use (processes exiting) for a heartbeat or two.
+RAM_SETTLE_REPORTS = 2
 
 
 @dataclass(frozen=True)
@@ -573,7 +577,8 @@ class NodeTable:
     _ROW_COLUMNS = ("cpus", "gpus", "family", "load", "group", "group_gbps", "speed", "dead",
                     "suspect", "reserved_cpus", "reserved_gpus", "outside_cpus",
                     "outside_gpus", "ram_total_gib", "ram_available_gib",
-                    "reserved_memory_gib", "ram_outside_gib", "last_seen", *_GPU_COLUMNS)
+                    "reserved_memory_gib", "ram_outside_gib", "ram_settling", "last_seen",
+                    *_GPU_COLUMNS)
 
     def __init__(self) -> None:
         self.ids: list[str] = []
@@ -608,6 +613,9 @@ class NodeTable:
         # ... and what is in use outside those reservations (the system's own, work that
         # states no RAM), as estimated: see note_ram_outside.
         self.ram_outside_gib = np.zeros(n)
+        # Reports left, after RAM reserved there was released, during which that estimate is
+        # not raised (the released workers' RAM may still show in use: RAM_SETTLE_REPORTS).
+        self.ram_settling = np.zeros(n, dtype=np.int64)
         # Measured bandwidth, kept sparse (each agent measures a few peers, so a dense matrix
         # would be 10,000 x 10,000 for nothing): what each row's report measured, who measured
         # each node, and the rows with any measurement at all.
@@ -803,13 +811,20 @@ class NodeTable:
         before a job's workers started thus still counts once they use theirs, and their use
         is not counted beside their reservation (free_host_memory). A node first seen with
         reservations (a restart) starts from none: what they leave of the use. While its host
-        probe fails (total not finite) the last estimate stands."""
+        probe fails (total not finite) the last estimate stands. For RAM_SETTLE_REPORTS
+        reports after RAM reserved there was released it is not raised: the released
+        workers' RAM still in use was taken for use outside, and kept while the next job ran
+        (min), so a job its room held waited."""
         total = self.ram_total_gib.item(row)  # (.item: ~4x faster than [row])
         if total == math.inf:
             return
+        settling = self.ram_settling.item(row)
+        if settling:
+            self.ram_settling[row] = settling - 1
         in_use = max(total - self.ram_available_gib.item(row), 0.0)
-        self.ram_outside_gib[row] = (in_use if self.reserved_memory_gib.item(row) <= 1e-9
-                                     else min(self.ram_outside_gib.item(row), in_use))
+        self.ram_outside_gib[row] = (
+            in_use if self.reserved_memory_gib.item(row) <= 1e-9 and not settling
+            else min(self.ram_outside_gib.item(row), in_use))
 
     def taken(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Per row, CPUs and GPUs not free: reserved by placed jobs, or held by Ray work the
@@ -828,6 +843,8 @@ class NodeTable:
             self.reserved_gpus[row] += gpus
             if memory_gb:
                 self.reserved_memory_gib[row] += memory_gb
+                if memory_gb < 0:  # (released: its workers' RAM may show in use a while)
+                    self.ram_settling[row] = RAM_SETTLE_REPORTS
 
     def group_of(self, node_id: str) -> int | None:
         row = self.index.get(node_id)

@@ -358,3 +358,31 @@ def test_preemption_yields_only_the_victims_whose_ram_is_needed():
     again.ray_nodes({"a"}, set(), T0 + 61)
     again.report(ram_node("a", cpus=8, total_gb=64, available_gb=24), T0 + 61)
     assert again.state.reserved_memory_on("a") == 40 and again.state.table.ram_outside_gib[0] == 0
+
+
+def test_a_released_jobs_ram_still_in_use_for_a_report_is_not_taken_as_use_outside():
+    # 64 GiB, 4 in use before any job. "a" (30) ran and used its 30; released, its workers'
+    # RAM still shows in use at the next report (34). That report, nothing reserved, set the
+    # use outside the reservations to 34, "b" (30) was placed, and its use kept the estimate
+    # at 34 while it ran: free 64 - 30 - 34 = 0, and "c" (20) waited beside 30 GiB free.
+    core = core_with(ram_node("n", cpus=16, total_gb=64, available_gb=60))
+    assert isinstance(core.submit(JobSpec("a", min_host_memory_gb=30), "d", T0).decision,
+                      Placement)
+    core.report(ram_node("n", cpus=16, total_gb=64, available_gb=30), T0 + 5)
+    assert core.release("a", "d", T0 + 8).decision is True
+    core.report(ram_node("n", cpus=16, total_gb=64, available_gb=30), T0 + 10)  # not freed yet
+    assert isinstance(core.submit(JobSpec("b", min_host_memory_gb=30), "d", T0 + 11).decision,
+                      Placement)
+    core.report(ram_node("n", cpus=16, total_gb=64, available_gb=30), T0 + 15)  # b's 30 now
+    placed = core.submit(JobSpec("c", min_host_memory_gb=20), "d", T0 + 16).decision
+    assert isinstance(placed, Placement), placed
+    assert core.state.table.ram_outside_gib[0] == 4
+    # The estimate still follows use outside once a report or two have passed: with nothing
+    # reserved, a third report after a release takes the use as it is.
+    for name in ("b", "c"):
+        core.release(name, "d", T0 + 20)
+    for t in (21, 26):
+        core.report(ram_node("n", cpus=16, total_gb=64, available_gb=50), T0 + t)
+    assert core.state.table.ram_outside_gib[0] == 4
+    core.report(ram_node("n", cpus=16, total_gb=64, available_gb=50), T0 + 31)
+    assert core.state.table.ram_outside_gib[0] == 14
