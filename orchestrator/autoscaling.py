@@ -220,9 +220,10 @@ def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...],
     their own (families, GPU count and memory, CPUs, host RAM where the type states it, the
     bandwidth floor between nodes of one type, its max_workers and the cluster's); for a CPU
     job a type without GPUs first, then the fewest nodes to add (`held_up`: how many of the
-    workers the nodes up would hold beside nodes of that type, as nodes_to_add counts them;
-    none without it), then the fewest nodes, then the fewest idle GPUs. None when no type
-    can alone (scale_up_parts then tries several)."""
+    workers the nodes up would hold beside nodes of that type, as the autoscaler counts;
+    none without it), then the fewest nodes, then the fewest idle GPUs. A type of which,
+    so counted, none would be added is passed over (the autoscaler adds none: the nodes up
+    hold its bundles). None when no type can alone (scale_up_parts then tries several)."""
     best = None
     for node_type in node_types:
         per_node = _workers_per_node(spec, node_type)
@@ -234,8 +235,10 @@ def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...],
         if nodes > 1 and spec.min_bandwidth_gbps and not _meets_floor(spec, node_type):
             continue
         idle_gpus = nodes * node_type.gpus - spec.num_workers * math.ceil(spec.gpus_per_worker)
-        to_add = nodes if held_up is None else nodes_to_add(spec, node_type, nodes,
-                                                             held_up(node_type))
+        to_add = nodes if held_up is None else _to_add(spec, node_type, nodes,
+                                                       spec.num_workers, held_up(node_type))
+        if not to_add:
+            continue  # (the nodes up hold its bundles as the autoscaler counts: it adds none)
         key = (_gpus_for_cpu_job(spec, node_type), to_add, nodes, idle_gpus)
         if best is None or key < best[0]:
             best = (key, node_type, nodes)
@@ -258,8 +261,9 @@ def scale_up_parts(spec: JobSpec, node_types: tuple[NodeType, ...],
     its max_workers, all within the cluster's; where the job states a bandwidth floor, only
     types of one network group whose network-gbps meets it (nodes of two types share a
     fabric only so). Of several such groups, the plan adding fewest nodes (`held_up`, as
-    scale_up_plan), then the fewest nodes. None when none holds it: it can never run here,
-    autoscaling or not."""
+    scale_up_plan, which passes over a plan adding none), then the fewest nodes. None when
+    none holds it: it can never run here, autoscaling or not (given `held_up`: nor would the
+    autoscaler add the nodes)."""
     single = scale_up_plan(spec, node_types, held_up)
     if single is not None:
         return ((*single, spec.num_workers),)
@@ -276,6 +280,8 @@ def scale_up_parts(spec: JobSpec, node_types: tuple[NodeType, ...],
         if parts is None:
             continue
         added = sum(nodes for _, nodes, _ in parts_to_add(spec, parts, held_up or _none_up))
+        if not added:
+            continue  # (as scale_up_plan: the autoscaler would add none)
         key = (added, sum(nodes for _, nodes, _ in parts))
         if best is None or key < best[0]:
             best = (key, parts)
@@ -310,8 +316,9 @@ def parts_to_add(spec: JobSpec, parts: tuple[PlanPart, ...],
                  held_up: Callable[[NodeType], int]) -> tuple[PlanPart, ...]:
     """A plan's parts with the nodes the autoscaler adds in place of those needed in all:
     each type's workers less those the nodes up would hold for its bundles (`held_up`; the
-    nodes up of one family counted once, for the first type of it), at least one node in
-    all (as nodes_to_add)."""
+    nodes up of one family counted once, for the first type of it). None in all where the
+    nodes up hold every part's workers so: scale_up_parts given `held_up` makes no such
+    plan."""
     held_left: dict[str, int] = {}
     out = []
     for node_type, nodes, workers in parts:
@@ -320,8 +327,6 @@ def parts_to_add(spec: JobSpec, parts: tuple[PlanPart, ...],
         held = min(workers, held_left.setdefault(key, held_up(node_type)))
         held_left[key] -= held
         out.append((node_type, _to_add(spec, node_type, nodes, workers, held), workers))
-    if not any(nodes for _, nodes, _ in out):
-        out[0] = (out[0][0], 1, out[0][2])
     return tuple(out)
 
 
@@ -365,13 +370,6 @@ def _meets_floor(spec: JobSpec, node_type: NodeType) -> bool:
 def _gpus_for_cpu_job(spec: JobSpec, node_type: NodeType) -> bool:
     """A CPU job on a type with GPUs: last (the autoscaler, asked for CPUs, picks so too)."""
     return not spec.gpus_per_worker and node_type.gpus > 0
-
-
-def nodes_to_add(spec: JobSpec, node_type: NodeType, nodes: int, held_up: int) -> int:
-    """Of a plan's `nodes`, those the autoscaler adds when the nodes up would hold `held_up`
-    of the workers (request_resources is a shape the whole cluster should hold: it counts
-    them); at least one, as the plan is made only when the cluster cannot hold the job."""
-    return max(1, _to_add(spec, node_type, nodes, spec.num_workers, held_up))
 
 
 def _to_add(spec: JobSpec, node_type: NodeType, nodes: int, workers: int, held_up: int) -> int:
@@ -518,6 +516,25 @@ def host_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | N
             f"(min_host_memory_gb), and the node type with the most, {largest.name!r}, has "
             f"{largest.memory_gb:.1f} GiB (its resources.memory): "
             f"{spec.min_host_memory_gb - largest.memory_gb:.1f} GiB short")
+
+
+def adds_none_note(spec: JobSpec, node_types: tuple[NodeType, ...],
+                   held_up: Callable[[NodeType], int]) -> str | None:
+    """Why no plan holds `spec` when a type would hold it but the autoscaler would add none
+    of it (scale_up_parts given `held_up` passes it over: the nodes up hold its workers'
+    bundles as the autoscaler counts them, say a type stating no memory, its bundles asking
+    for CPUs alone), naming the bundle and the types that state no memory; else None."""
+    plan = scale_up_parts(spec, node_types)
+    if plan is None or scale_up_parts(spec, node_types, held_up) is not None:
+        return None
+    no_memory = [t.name for t in node_types if t.memory_gb is None
+                 and _workers_per_node(spec, t)] if spec.min_host_memory_gb else []
+    named = ", ".join(repr(name) for name in no_memory)
+    return ("the autoscaler would add no node for it: its workers' bundles "
+            f"({resource_bundles(spec, plan[0][0], 1)[0]}) fit the nodes up as it counts "
+            "them" + (f"; node type{'s' if len(no_memory) > 1 else ''} {named} "
+                      f"state{'' if len(no_memory) > 1 else 's'} no memory (resources.memory), "
+                      "so the bundles ask for no RAM: state it, in bytes" if no_memory else ""))
 
 
 def resource_bundles(spec: JobSpec, node_type: NodeType,

@@ -60,7 +60,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
-from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_note, gpu_note,
+from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_note,
+                                      adds_none_note, gpu_note,
                                       host_memory_note, max_workers_note, parts_to_add,
                                       plan_bundles, plan_named, ray_memory_gib,
                                       scale_up_parts, unlabelled_memory_note)
@@ -1559,31 +1560,34 @@ class SchedulerCore:
         autoscaler can add (None while some alive nodes have not reported: it is not known
         yet)."""
         rejection = self._cannot_hold(spec, now)
-        plan = scale_up_parts(spec, self.node_types) if rejection is not None else None
+        plan = self._new_nodes_plan(spec, now) if rejection is not None else None
         if plan is None:
             self.awaiting_since.pop(spec.name, None)
-            return self._with_node_type_notes(rejection, spec)
+            return self._with_node_type_notes(rejection, spec, now)
         since = self.awaiting_since.setdefault(spec.name, now)
         if now - since <= self.settings.scale_up_timeout_s:
             return None  # it waits for the autoscaler (scale_up_requests)
         self.awaiting_since.pop(spec.name, None)
         return dataclasses.replace(rejection, message=(
             f"{rejection.message}\n  waited {now - since:.0f} s (scale_up_timeout_s) for the "
-            f"autoscaler to add {plan_named(self._beside_nodes_up(spec, now))} node(s), and "
+            f"autoscaler to add {plan_named(plan)} node(s), and "
             "the nodes that joined do not hold it (do their labels promise more than they "
             "report?)"))
 
     def _with_node_type_notes(self, rejection: Rejection | None,
-                              spec: JobSpec) -> Rejection | None:
+                              spec: JobSpec, now: float) -> Rejection | None:
         """A job refused although a node type would hold it, but for its max_workers or the
-        cluster's, the type's missing GPU-memory label or accelerator_type resource, or its
-        RAM: the reason says so (not only what the nodes up lack); and a GPU job no type has
-        the GPUs for, what the types have."""
+        cluster's, the type's missing GPU-memory label or accelerator_type resource, its RAM,
+        or the autoscaler adding none of it (the nodes up hold its bundles as it counts
+        them): the reason says so (not only what the nodes up lack); and a GPU job no type
+        has the GPUs for, what the types have."""
         notes = [note for note in (max_workers_note(spec, self.node_types),
                                    unlabelled_memory_note(spec, self.node_types),
                                    accelerator_resource_note(spec, self.node_types),
                                    gpu_note(spec, self.node_types),
-                                   host_memory_note(spec, self.node_types))
+                                   host_memory_note(spec, self.node_types),
+                                   self.node_types and adds_none_note(
+                                       spec, self.node_types, self._held_by_nodes_up(spec, now)))
                  if note] if rejection else []
         if not notes:
             return rejection
@@ -1610,13 +1614,15 @@ class SchedulerCore:
             self._awaits_memo = (now, {})
         return self._awaits_memo[1]
 
-    def _beside_nodes_up(self, spec: JobSpec, now: float) -> tuple[PlanPart, ...]:
+    def _beside_nodes_up(self, spec: JobSpec, now: float) -> tuple[PlanPart, ...] | None:
         """The nodes to add, per type, for a job node types hold: of the plans, the one that
         adds the fewest nodes beside the nodes up, less the nodes its workers' bundles would
         fill on nodes already up (request_resources is a shape the whole cluster should
-        hold, busy or not, so the autoscaler adds only the rest)."""
+        hold, busy or not, so the autoscaler adds only the rest). None when it would add
+        none for any plan (adds_none_note says why)."""
         held_up = self._held_by_nodes_up(spec, now)
-        return parts_to_add(spec, scale_up_parts(spec, self.node_types, held_up), held_up)
+        plan = scale_up_parts(spec, self.node_types, held_up)
+        return None if plan is None else parts_to_add(spec, plan, held_up)
 
     def _held_by_nodes_up(self, spec: JobSpec, now: float) -> Callable[[NodeType], int]:
         """How many of the job's workers the nodes up would hold, busy or not, for bundles

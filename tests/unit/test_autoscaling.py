@@ -442,11 +442,17 @@ def test_a_job_no_node_types_ram_holds_is_refused_at_once_naming_need_and_larges
     fits = core.submit(JobSpec("fits", num_workers=2, cpus_per_worker=4,
                                min_host_memory_gb=300), "d2", T0 + 2).decision
     assert isinstance(fits, Queued) and "2 x bigmem" in fits.reason, fits  # 1 a node
-    # The shipped cluster.yaml states no RAM: such a job still waits for a node (unknown fits).
+    # The shipped cluster.yaml states no RAM: such a job still waits for a node (unknown fits)
+    # where the autoscaler would add one, its bundles (CPUs alone) more than the nodes up hold.
     core.node_types = node_types_from_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
-    waits = core.submit(JobSpec("w", num_workers=2, cpus_per_worker=4, min_host_memory_gb=600),
+    waits = core.submit(JobSpec("w", num_workers=5, cpus_per_worker=4, min_host_memory_gb=600),
                         "d3", T0 + 3).decision
     assert isinstance(waits, Queued), waits
+    # Where the node up holds them (16 CPUs, 2 x 4), it adds none: refused, saying why.
+    refused = core.submit(JobSpec("v", num_workers=2, cpus_per_worker=4,
+                                  min_host_memory_gb=600), "d4", T0 + 4).decision
+    assert isinstance(refused, Rejection), refused
+    assert "the autoscaler would add no node for it" in refused.message, refused.message
 
 
 def test_a_rejection_names_the_node_type_whose_max_workers_is_too_small():
@@ -812,13 +818,36 @@ def test_nodes_up_count_toward_a_request_with_the_ram_ray_counts_for_them():
     waiting = core.submit(fat, "d", T0).decision
     assert isinstance(waiting, Queued), waiting
     assert "add 3 x bigmem node(s)" in waiting.reason, waiting.reason
-    # A type stating no memory: its bundles ask none, and Ray counts the node up by its CPUs
-    # (16: all 4 workers), not by RAM (1 of 60 GiB in 100): at least one node, not 2.
+
+
+
+def test_a_job_the_autoscaler_would_add_no_node_for_is_refused_naming_why():
+    """A type stating no memory: its bundles ask no RAM, and Ray counts the node up by its
+    CPUs (16: all 4 workers), not by RAM (1 of 60 GiB in 100): it adds nothing. The job said
+    `add 1 x w node(s)`, waited scale_up_timeout_s (30 min) for a node that never came, and
+    was then refused asking whether labels promise too much."""
     up = dataclasses.replace(cpu_node("up", cpus=16), ram_total_bytes=100 * GIB,
                              ram_available_bytes=100 * GIB)
     core = core_with(up)
-    core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+    types = node_types_from_config({"max_workers": 10, "available_node_types": {
         "w": {"resources": {"CPU": 8}, "max_workers": 4}}})
-    waiting = core.submit(JobSpec("j", num_workers=4, cpus_per_worker=4, min_host_memory_gb=60),
-                          "d", T0).decision
-    assert "add 1 x w node(s)" in waiting.reason, waiting.reason
+    core.node_types = types
+    job = JobSpec("j", num_workers=4, cpus_per_worker=4, min_host_memory_gb=60)
+    refused = core.submit(job, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert ("the autoscaler would add no node for it: its workers' bundles ({'CPU': 4}) fit "
+            "the nodes up as it counts them; node type 'w' states no memory (resources.memory), "
+            "so the bundles ask for no RAM: state it, in bytes") in refused.message, \
+        refused.message
+    assert core.scale_up_requests(T0 + 1) == []
+    # Stated, the bundles ask for the RAM: the node up holds one (70 GiB of Ray memory).
+    core.node_types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "w": {"resources": {"CPU": 8, "memory": 128 * GIB}, "max_workers": 4}}})
+    waiting = core.submit(job, "d", T0 + 2).decision
+    assert isinstance(waiting, Queued) and "add 2 x w node(s)" in waiting.reason, waiting
+    # Of two types, the one the autoscaler would add is planned, not the one it adds none of.
+    core = core_with(up)
+    core.node_types = types + node_types_from_config({"max_workers": 10, "available_node_types": {
+        "big": {"resources": {"CPU": 8, "memory": 128 * GIB}, "max_workers": 4}}})
+    waiting = core.submit(job, "d", T0).decision
+    assert isinstance(waiting, Queued) and "add 2 x big node(s)" in waiting.reason, waiting
