@@ -523,7 +523,8 @@ def adds_none_note(spec: JobSpec, node_types: tuple[NodeType, ...],
     """Why no plan holds `spec` when a type would hold it but the autoscaler would add none
     of it (scale_up_parts given `held_up` passes it over: the nodes up hold its workers'
     bundles as the autoscaler counts them, say a type stating no memory, its bundles asking
-    for CPUs alone), naming the bundle and the types that state no memory; else None."""
+    for CPUs alone, or GPUs of the family up with less memory than the job asks), naming the
+    bundle and the types that state no memory; else None."""
     plan = scale_up_parts(spec, node_types)
     if plan is None or scale_up_parts(spec, node_types, held_up) is not None:
         return None
@@ -534,7 +535,10 @@ def adds_none_note(spec: JobSpec, node_types: tuple[NodeType, ...],
             f"({resource_bundles(spec, plan[0][0], 1)[0]}) fit the nodes up as it counts "
             "them" + (f"; node type{'s' if len(no_memory) > 1 else ''} {named} "
                       f"state{'' if len(no_memory) > 1 else 's'} no memory (resources.memory), "
-                      "so the bundles ask for no RAM: state it, in bytes" if no_memory else ""))
+                      "so the bundles ask for no RAM: state it, in bytes" if no_memory else "")
+            + ("; it counts a GPU by its accelerator_type, not its memory "
+               "(min_gpu_memory_gb)" if spec.gpus_per_worker and spec.min_gpu_memory_gb
+               else ""))
 
 
 def resource_bundles(spec: JobSpec, node_type: NodeType,

@@ -1628,10 +1628,12 @@ class SchedulerCore:
         """How many of the job's workers the nodes up would hold, busy or not, for bundles
         asked of a node type (only nodes of the type's family, when the bundles name it), as
         the autoscaler counts them: host RAM only where the bundles ask for it (the type
-        states its memory), and then a node's Ray memory (ray_memory_gib), not all its RAM."""
-        idle = worker_capacity(dataclasses.replace(spec, min_host_memory_gb=0.0), self.state,
-                               now, ignore_reservations=True,
-                               excluded_gpus=frozenset(self.excluded_gpus.get(spec.name, ())))
+        states its memory), and then a node's Ray memory (ray_memory_gib), not all its RAM;
+        a GPU by its count and accelerator_type, whatever its memory (Ray names an A100 of
+        40 GB and one of 80 GB alike) and whether the job found it short (excluded_gpus)."""
+        idle = worker_capacity(dataclasses.replace(spec, min_host_memory_gb=0.0,
+                                                   min_gpu_memory_gb=0.0),
+                               self.state, now, ignore_reservations=True)
         t = self.state.table
         with_ram = np.minimum(idle, np.floor(ray_memory_gib(t.ram_total_gib[:len(idle)])
                                              / spec.min_host_memory_gb + 1e-9)) \

@@ -138,7 +138,7 @@ def test_the_shipped_labels_promise_no_more_gpu_memory_than_nvml_reports(aws_typ
     assert all(t.gpu_memory_gb <= nvml_gib[t.family] for t in gpu_types), gpu_types
 
 
-def test_nodes_that_join_but_do_not_hold_the_job_end_its_wait_after_the_timeout(aws_types):
+def test_nodes_that_join_but_do_not_hold_the_job_end_its_wait(aws_types):
     """An H100 labelled 80 GB (a hand-written cluster config) reports 79.6 GiB: a job asking
     80 GB waited, and kept asking for (and keeping up) H100 nodes, for ever."""
     from orchestrator.inventory import GIB, GpuInfo, NodeReport
@@ -156,15 +156,13 @@ def test_nodes_that_join_but_do_not_hold_the_job_end_its_wait_after_the_timeout(
     core.ray_nodes({"cpu", "h100"}, set(), T0 + 300)
     core.report(h100, T0 + 300)
     core.tick(T0 + 301)
-    assert isinstance(core.poll("big", "d", T0 + 302).decision, Queued)  # still within
-    assert len(core.scale_up_requests(T0 + 303)) == 8
-    core.report(h100, T0 + 605)
-    core.tick(T0 + 605)
-    gone = core.poll("big", "d", T0 + 606).decision
+    # The autoscaler counts the node up as holding the 8 bundles (GPUs by their
+    # accelerator_type, not their memory): it adds no more, so the job is refused once the
+    # node has reported (since 2026-12-07 (fourth session); it waited scale_up_timeout_s).
+    gone = core.poll("big", "d", T0 + 302).decision
     assert isinstance(gone, Rejection), gone
-    assert "waited 605 s (scale_up_timeout_s) for the autoscaler to add 1 x train_h100" \
-        in gone.message
-    assert core.scale_up_requests(T0 + 607) == []
+    assert "0 of 8 have it (most free: 79.1 GiB)" in gone.message, gone.message
+    assert core.scale_up_requests(T0 + 303) == []
 
 
 def test_a_node_that_never_reports_does_not_hold_the_request_for_ever(aws_types):
@@ -851,3 +849,29 @@ def test_a_job_the_autoscaler_would_add_no_node_for_is_refused_naming_why():
         "big": {"resources": {"CPU": 8, "memory": 128 * GIB}, "max_workers": 4}}})
     waiting = core.submit(job, "d", T0).decision
     assert isinstance(waiting, Queued) and "add 2 x big node(s)" in waiting.reason, waiting
+
+
+def test_a_node_up_of_the_family_counts_toward_the_request_whatever_its_gpu_memory():
+    """Ray names an A100 of 40 GB and one of 80 GB alike (accelerator_type:A100), and the
+    autoscaler counts a bundle's GPU by that resource, not its memory: beside an 8-GPU A100
+    40 GB node up, the bundles of 8 workers asking 60 GB fit it as it counts them, and it adds
+    nothing. The job said `add 1 x a100_80` and waited scale_up_timeout_s (30 min)."""
+    types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "a100_80": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+                    "labels": {"orchestrator.io/accelerator-memory-gb": "80"},
+                    "max_workers": 4}}})
+    core = core_with(gpu_node("a40", gpus=8, family="A100", memory_gb=40, cpus=96))
+    core.node_types = types
+    job = JobSpec("j", num_workers=8, gpus_per_worker=1, min_gpu_memory_gb=60,
+                  accelerator_types=("A100",))
+    refused = core.submit(job, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert ("the autoscaler would add no node for it: its workers' bundles ({'CPU': 1.0, "
+            "'GPU': 1, 'accelerator_type:A100': 0.001}) fit the nodes up as it counts them; "
+            "it counts a GPU by its accelerator_type, not its memory (min_gpu_memory_gb)"
+            ) in refused.message, refused.message
+    assert core.scale_up_requests(T0 + 1) == []
+    # 16 workers: the node up holds 8 of the bundles, one node is added for the rest, and the
+    # job still waits (it times out, as a node whose labels promise too much does).
+    waiting = core.submit(dataclasses.replace(job, name="k", num_workers=16), "d", T0).decision
+    assert isinstance(waiting, Queued) and "add 1 x a100_80 node(s)" in waiting.reason, waiting
