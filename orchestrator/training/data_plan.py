@@ -228,11 +228,16 @@ def check_trainable(manifest: dict[str, Any], seq_len: int, where: str) -> None:
                         + f"; is --text-field {manifest.get('text_field', 'text')!r} the field "
                         "that holds the text?")
     if not manifest["documents"] + manifest["held_out_documents"]:
-        # (every line's or row's text "": "a shorter --seq-len" was said, which cannot help)
-        raise DataError(f"the corpus holds no text: every document of its "
-                        f"{len(manifest.get('sources', []))} file(s) is empty ({where}); is "
-                        f"--text-field {manifest.get('text_field', 'text')!r} the field that "
-                        "holds the text?")
+        # (every line's or row's text "" or spaces, a .txt file of blank lines: "a shorter
+        # --seq-len" was said, which cannot help)
+        sources = manifest.get("sources", [])
+        names = ", ".join(s["uri"] for s in sources[:3]) \
+            + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
+        records = any(s.get("format") != "txt" for s in sources)
+        raise DataError(f"the corpus holds no text: every document of its {len(sources)} "
+                        f"file(s) is empty or only spaces and line ends ({where}): {names}"
+                        + (f"; is --text-field {manifest.get('text_field', 'text')!r} the "
+                           "field that holds the text?" if records else ""))
     for split, what in (("train", "training"), ("held_out", "held-out")):
         tokens = manifest[f"{split}_tokens"]
         documents = manifest["documents" if split == "train" else "held_out_documents"]

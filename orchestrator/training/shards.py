@@ -183,7 +183,9 @@ def tokenize_source(source: SourceFile, file_index: int, tokenizer, cache_uri: s
         for doc, ids in zip(pending, encode_documents(tokenizer, source, pending)):
             held_out = is_held_out(doc.text)
             split, other = ("held_out", "train") if held_out else ("train", "held_out")
-            counts["held_out_documents" if held_out else "documents"] += bool(doc.text)
+            # (a document of only spaces and line ends, a .txt file's blank lines or a
+            # .jsonl text of spaces, counts as no text, as "" does: check_trainable)
+            counts["held_out_documents" if held_out else "documents"] += bool(doc.text.strip())
             if len(ids):
                 end_run(other)  # the file's text goes on in this split
                 writer.add(split, ids)

@@ -1269,8 +1269,38 @@ def test_a_corpus_whose_every_document_is_empty_says_so_not_seq_len(tmp_path):
         check_trainable(manifest, 16, "here")
     message = str(error.value)
     assert message.startswith("the corpus holds no text: every document of its 1 file(s) is "
-                              "empty (here)") and "--seq-len" not in message, message
+                              "empty or only spaces and line ends (here): "
+                              f"{path}") and "--seq-len" not in message, message
     assert "--text-field 'text'" in message
+
+
+def test_a_corpus_of_only_blank_text_holds_no_text_naming_its_files(tmp_path):
+    """A .txt file of blank lines and spaces was one 9-token document, refused as too short
+    for --seq-len (which cannot help), and a .jsonl line's text of spaces a document, while
+    its text "" was none: one rule, a document of only spaces and line ends is no text, and
+    the refusal names the files (a .txt-only corpus is not asked about --text-field)."""
+    (tmp_path / "blank.txt").write_bytes(b"\n\n\n   \n\n")
+    (tmp_path / "spaces.jsonl").write_text(json.dumps({"text": "  \n "}) + "\n"
+                                           + json.dumps({"text": ""}) + "\n")
+    for names, field_hint in ((["blank.txt"], False),
+                              (["blank.txt", "spaces.jsonl"], True)):
+        plan = plan_data([str(tmp_path / n) for n in names],
+                         cache_root=str(tmp_path / "cache"))
+        manifest = tokenize_in_process(plan, say=lambda _: None)
+        assert manifest["documents"] + manifest["held_out_documents"] == 0
+        with pytest.raises(DataError) as error:
+            check_trainable(manifest, 4, "here")
+        message = str(error.value)
+        assert message.startswith(
+            f"the corpus holds no text: every document of its {len(names)} file(s) is empty "
+            "or only spaces and line ends (here): "
+            + ", ".join(str(tmp_path / n) for n in names)), message
+        assert "--seq-len" not in message and ("--text-field" in message) == field_hint
+    # a blank run opening a file is no document of its own either
+    (tmp_path / "lead.txt").write_text("\n\n\nA paragraph.\n")
+    plan = plan_data([str(tmp_path / "lead.txt")], cache_root=str(tmp_path / "cache"))
+    manifest = tokenize_in_process(plan, say=lambda _: None)
+    assert manifest["documents"] + manifest["held_out_documents"] == 1
 
 
 @pytest.mark.parametrize("spec", ["{d}", "{d}/*.txt", "{d}/**", "{d}/*/*.txt"])
