@@ -15,11 +15,13 @@ is restarted (WORKER_RESTARTS), naming the files not tokenized.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import ray
 import ray.data
 import ray.exceptions
+from ray.util.annotations import RayDeprecationWarning
 
 from orchestrator.tokenizer import tokenizer_from_json
 from orchestrator.training.corpus import DataError, SourceFile
@@ -67,14 +69,23 @@ def tokenize_with_ray_data(plan: DataPlan, num_workers: int = 2, *,
     context.print_on_execution_start = False
     clear_cache_dir(plan.cache_uri)
     items = [{"index": i, "source": s.to_dict()} for i, s in enumerate(plan.sources)]
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        TokenizeFiles, batch_size=1, num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(num_workers, len(items)))),
-        max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS,
-        fn_constructor_kwargs={"tokenizer_json": plan.tokenizer.to_json(),
-                               "cache_uri": plan.cache_uri, "text_field": plan.text_field,
-                               "skip_bad_lines": plan.skip_bad_lines,
-                               "shard_tokens": shard_tokens})
+    with warnings.catch_warnings():
+        # Ray 2.60 warns of any extra `ray_remote_args` ("deprecated ... Use the named remote
+        # parameters instead"), but map_batches has no named parameter for max_restarts /
+        # max_task_retries, and ActorPoolStrategy and DataContext have none either: its actor
+        # pool reads them from these arguments alone (ActorPoolMapOperator's
+        # _apply_default_remote_args), so they stay, and that one warning, printed on every
+        # --data run, is kept out.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated",
+                                category=RayDeprecationWarning)
+        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            TokenizeFiles, batch_size=1, num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(num_workers, len(items)))),
+            max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS,
+            fn_constructor_kwargs={"tokenizer_json": plan.tokenizer.to_json(),
+                                   "cache_uri": plan.cache_uri, "text_field": plan.text_field,
+                                   "skip_bad_lines": plan.skip_bad_lines,
+                                   "shard_tokens": shard_tokens})
     progress, results = PassProgress(len(items), say), []
     try:
         for row in dataset.iter_rows():

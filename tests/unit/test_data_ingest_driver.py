@@ -1,6 +1,7 @@
 """The tokenizing pass's driver side (ray_layer/data_ingest.py), with Ray Data stood in for:
 no Ray is started."""
 import json
+import warnings
 
 import pytest
 import ray.exceptions
@@ -51,3 +52,37 @@ def test_a_tokenizer_worker_that_keeps_dying_stops_the_pass_naming_the_files_lef
     assert "\n" not in message
     restarts = made[0].map_kwargs["max_restarts"]
     assert 0 < restarts == made[0].map_kwargs["max_task_retries"]
+
+
+class _RecordingDataset(_DyingDataset):
+    """Ray Data's own Dataset.map_batches (its argument checks and deprecation warnings run),
+    stopping where it would build the plan: what reaches Ray Data is kept."""
+
+    map_batches = ray.data.Dataset.map_batches
+
+    def map_batches_internal(self, fn, **kwargs):
+        self.map_kwargs = kwargs
+        return self
+
+    def iter_rows(self):
+        return iter(())
+
+
+def test_the_pass_bounds_worker_restarts_without_ray_data_s_deprecation_warning(
+        tmp_path, monkeypatch):
+    """Every --data run printed Ray's `RayDeprecationWarning: ray_remote_args is deprecated`
+    for max_restarts / max_task_retries, which Ray 2.60's map_batches has no named parameter
+    for; the bound still reaches Ray Data, and no warning is printed."""
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
+    plan = plan_data([str(tmp_path / "a.jsonl")], cache_root=str(tmp_path / "cache"))
+    made = []
+    monkeypatch.setattr(data_ingest.ray.data, "from_items",
+                        lambda items, **kw: made.append(_RecordingDataset(items)) or made[-1])
+    monkeypatch.setattr(data_ingest, "finish", lambda plan, results: {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data_ingest.tokenize_with_ray_data(plan, 1, say=lambda _: None)
+    assert [str(w.message) for w in caught if "ray_remote_args" in str(w.message)] == []
+    kwargs = made[0].map_kwargs
+    assert kwargs["max_restarts"] == kwargs["max_task_retries"] == data_ingest.WORKER_RESTARTS
+    assert kwargs["num_cpus"] == 1
