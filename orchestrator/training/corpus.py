@@ -26,7 +26,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -132,15 +132,17 @@ def _format_of(path: str) -> str | None:
     return FORMATS.get(os.path.splitext(path)[1].lower())
 
 
-def expand_sources(specs: list[str]) -> list[SourceFile]:
+def expand_sources(specs: list[str], say: Callable[[str], None] = print
+                   ) -> list[SourceFile]:
     """Every file the `--data` values name, sorted and without duplicates; DataError naming the
-    value at fault when one names nothing usable (missing, empty, unknown format)."""
+    value at fault when one names nothing usable (missing, empty, unknown format). `say`
+    names the files skipped because their names are not UTF-8 (_skip_unnamed)."""
     found: dict[str, SourceFile] = {}
     for spec in specs:
         if not isinstance(spec, str) or not spec.strip():
             raise DataError(f"--data must be a path, directory, glob or URI, got {spec!r}")
         refuse_non_utf8_path(spec, "--data")
-        for source in _expand_one(spec):
+        for source in _expand_one(spec, say):
             # One file named twice is kept under its first name in sorted order, whatever
             # the order of the --data values (the cache key holds the name).
             real = _real_location(source.uri)
@@ -157,17 +159,18 @@ def _real_location(uri: str) -> str:
     return os.path.realpath(uri.removeprefix("file://"))
 
 
-def _expand_one(spec: str) -> list[SourceFile]:
+def _expand_one(spec: str, say: Callable[[str], None]) -> list[SourceFile]:
     fs, path = filesystem_for(spec)
     info = _file_info(fs, path, spec)
     # A path that exists is itself even with glob characters in its name ("corpus[2024]").
     if info.type == pafs.FileType.NotFound and any(ch in path for ch in "*?["):
-        return _expand_glob(spec, fs, path)
+        return _expand_glob(spec, fs, path, say)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"--data {spec}: no such file or directory")
     if info.type == pafs.FileType.Directory:
-        infos = [i for i in _listing(fs, path, spec)
-                 if i.type == pafs.FileType.File and not _hidden_below(path, i.path)]
+        infos = _skip_unnamed(spec, [i for i in _listing(fs, path, spec)
+                                     if i.type == pafs.FileType.File
+                                     and not _hidden_below(path, i.path)], say)
         _refuse_compressed(spec, [i.path for i in infos])
         sources = [_source(spec, i) for i in sorted(infos, key=lambda i: i.path)
                    if _format_of(i.path)]
@@ -188,13 +191,17 @@ COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
 def _refuse_compressed(spec: str, paths: list[str]) -> None:
     """Compressed corpus files (part-00000.jsonl.gz) are not read: refused by name rather
     than passed over, which left a folder's LICENSE.txt as the whole corpus."""
-    compressed = sorted(p for p in paths if p.lower().endswith(COMPRESSED)
-                        and _format_of(os.path.splitext(p)[0]))
+    compressed = sorted(p for p in paths if _compressed_corpus(p))
     if compressed:
         names = ", ".join(os.path.basename(p) for p in compressed[:3])
         more = f" and {len(compressed) - 3} more" if len(compressed) > 3 else ""
         raise DataError(f"--data {spec}: compressed files are not read ({names}{more}): "
                         f"decompress them to {', '.join(FORMATS)} first")
+
+
+def _compressed_corpus(path: str) -> bool:
+    """Whether a file is a corpus file compressed (`part-00000.jsonl.gz`)."""
+    return path.lower().endswith(COMPRESSED) and bool(_format_of(os.path.splitext(path)[0]))
 
 
 def _hidden_below(base: str, path: str) -> bool:
@@ -253,22 +260,28 @@ def _names_hidden(pattern: str) -> bool:
                if part not in (".", ".."))
 
 
-def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str) -> list[SourceFile]:
+def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str, say: Callable[[str], None]
+                 ) -> list[SourceFile]:
     # The directory above the first wildcard is listed; the pattern is matched on full paths.
     base = pattern[:min(pattern.index(ch) for ch in "*?[" if ch in pattern)].rsplit("/", 1)[0]
     base = base or "/"
     if _file_info(fs, base, spec).type != pafs.FileType.Directory:
         raise DataError(f"--data {spec}: no such directory {base}")
+    below = pattern[len(base):].strip("/")
     try:
         matches = _glob_regex(pattern.rstrip("/")).match
+        # (a folder whose name is not UTF-8 cannot be listed: refused where the pattern
+        # reaches into it, its first parts match it)
+        reaches = [_glob_regex("/".join([base.rstrip("/")] + below.split("/")[:level + 1]))
+                   .match for level in range(below.count("/"))]
     except ValueError as e:
         raise DataError(f"--data {spec}: not a usable pattern ({e})") from None
-    below = pattern[len(base):].strip("/")
     # Only as deep as the pattern reaches: `data/*.jsonl` listed all of data/ and below
     # (minutes over a home directory), and failed on a folder it never needed (a mount's
     # lost+found that only root reads).
     recursive = "**" in below
-    infos = _listing(fs, base, spec, None if recursive else below.count("/") + 1)
+    infos = _listing(fs, base, spec, None if recursive else below.count("/") + 1,
+                     lambda folder, level: bool(reaches[level](folder)))
     hidden_too = _names_hidden(pattern[len(base):])
     # `data/part-*/`: folders only, as a shell reads it (a local path lost its "/" above)
     folders_only = split_uri_query(spec)[0].endswith("/")
@@ -280,10 +293,13 @@ def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str) -> list[SourceFil
     # A folder the pattern matches is read as a directory value: every file under it (its
     # hidden ones skipped). It was passed over: `data/*` over folders matched "no files".
     for folder in [i for i in found.values() if i.type == pafs.FileType.Directory]:
+        if isinstance(folder, _Unnamed) and not recursive:
+            raise folder.refusal(spec)  # (cannot be listed)
         under = infos if recursive else _listing(fs, folder.path, spec)
         found.update((i.path, i) for i in under if i.path.startswith(folder.path + "/")
                      and not _hidden_below(folder.path, i.path))
-    matched = [i for _, i in sorted(found.items()) if i.type == pafs.FileType.File]
+    matched = _skip_unnamed(spec, [i for _, i in sorted(found.items())
+                                   if i.type == pafs.FileType.File], say)
     _refuse_compressed(spec, [i.path for i in matched])
     usable = [i for i in matched if _format_of(i.path)]
     if not usable:
@@ -292,36 +308,85 @@ def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str) -> list[SourceFil
     return [_checked(_source(with_scheme(spec, i.path), i), spec) for i in usable]
 
 
-def _listing(fs: pafs.FileSystem, base: str, spec: str, depth: int | None = None
-             ) -> list[pafs.FileInfo]:
+def _listing(fs: pafs.FileSystem, base: str, spec: str, depth: int | None = None,
+             into: Callable[[str, int], bool] = lambda folder, level: True) -> list:
     """What is under the folder `base`: everything (depth None), or `depth` levels of it
-    (1: its own entries). DataError naming --data when a folder cannot be listed (no
-    permission): pyarrow's OSError left the job as a traceback."""
+    (1: its own entries), a name that is not UTF-8 as an _Unnamed entry (_named). DataError
+    naming --data when a folder cannot be listed (no permission): pyarrow's OSError left the
+    job as a traceback; or when a folder to list has a name that is not UTF-8 (pyarrow takes
+    UTF-8 paths only): one that `into(folder, level)` (level 0: `base`'s own) says is not
+    needed is passed over."""
     try:
         if depth is None:
-            return _named(fs.get_file_info(pafs.FileSelector(base, recursive=True)), spec)
+            return _named(fs.get_file_info(pafs.FileSelector(base, recursive=True)))
         found, folders = [], [base]
-        for _ in range(depth):
+        for level_no in range(depth):
             level = _named([i for folder in folders
-                            for i in fs.get_file_info(pafs.FileSelector(folder))], spec)
+                            for i in fs.get_file_info(pafs.FileSelector(folder))])
             found += level
             folders = [i.path for i in level if i.type == pafs.FileType.Directory]
+            for i in level:
+                if isinstance(i, _Unnamed) and i.type == pafs.FileType.Directory:
+                    folders.remove(i.path)
+                    if level_no + 1 < depth and into(i.path, level_no):
+                        raise i.refusal(spec)
         return found
     except OSError as e:
         raise DataError(f"--data {spec}: cannot list the files under {base}: {e}") from None
 
 
-def _named(infos: list[pafs.FileInfo], spec: str) -> list[pafs.FileInfo]:
-    """`infos`, each name readable: pyarrow decodes a listed name as UTF-8 only when asked,
-    so a Latin-1 one (an old archive unpacked, a Windows share) was a UnicodeDecodeError
-    traceback wherever it was first asked; DataError naming it instead."""
+@dataclass(frozen=True)
+class _Unnamed:
+    """A listed file or folder whose name is not UTF-8 (a Latin-1 name from an old archive or
+    a Windows share): pyarrow decodes a listed name only when asked, and the
+    UnicodeDecodeError was a traceback wherever it was first asked. `path` holds the bytes
+    that are not UTF-8 as surrogate escapes, so that extensions, hidden names and globs read
+    it as any other."""
+
+    raw: bytes
+    bad: int  # the first byte that is not UTF-8
+    type: pafs.FileType
+
+    @property
+    def path(self) -> str:
+        return self.raw.decode("utf-8", errors="surrogateescape")
+
+    @property
+    def shown(self) -> str:
+        return self.raw.decode("utf-8", errors="backslashreplace")
+
+    def refusal(self, spec: str) -> DataError:
+        return DataError(f"--data {spec}: the name of {_not_utf8(self.raw, self.bad)}, or "
+                         "move it out of the way")
+
+
+def _named(infos: list[pafs.FileInfo]) -> list:
+    """`infos`, each whose name is not UTF-8 as an _Unnamed entry."""
+    named = []
     for info in infos:
         try:
             info.path
+            named.append(info)
         except UnicodeDecodeError as e:
-            raise DataError(f"--data {spec}: the name of {_not_utf8(bytes(e.object), e.start)}"
-                            ", or move it out of the way") from None
-    return infos
+            named.append(_Unnamed(bytes(e.object), e.start, info.type))
+    return named
+
+
+def _skip_unnamed(spec: str, files: list, say: Callable[[str], None]) -> list:
+    """`files` (those a --data value lists) without the ones whose names are not UTF-8:
+    DataError naming the first that is a corpus file (compressed too: it would be read, or
+    refused), else those skipped are named through `say`. A stray one (`caf\xe9.bak`) refused
+    the whole value until 2026-12-07, even a glob that would not read it."""
+    unnamed = [f for f in files if isinstance(f, _Unnamed)]
+    for f in unnamed:
+        if _format_of(f.path) or _compressed_corpus(f.path):
+            raise f.refusal(spec)
+    if unnamed:
+        names = sorted(f.shown for f in unnamed)
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        say(f"--data {spec}: skipped {len(unnamed)} file(s) whose name is not UTF-8 and that "
+            f"are no {', '.join(FORMATS)} file: {', '.join(names[:3])}{more}")
+    return [f for f in files if not isinstance(f, _Unnamed)]
 
 
 def refuse_non_utf8_path(value: str, flag: str) -> None:

@@ -112,7 +112,7 @@ def plan_data(data: list[str], *, text_field: str = "text", skip_bad_lines: bool
     if train_tokenizer is not None and tokenizer != "bytes":
         raise TokenizerError("--tokenizer and --train-tokenizer exclude each other: give one")
     tok = load_tokenizer(tokenizer) if train_tokenizer is None else None
-    sources = expand_sources(data) if data else bundled_source(cache_root)
+    sources = expand_sources(data, say) if data else bundled_source(cache_root)
     for source in sources:
         if source.format == "parquet":
             check_text_column(source, text_field)

@@ -1321,7 +1321,47 @@ def test_a_file_or_folder_name_that_is_not_utf8_is_named_not_a_traceback(tmp_pat
         f"--data {spec}: the name of {bad.decode(errors='backslashreplace')} is not UTF-8 "
         "(byte 0xe9): rename it to UTF-8 (convmv -f latin1 -t utf8 --notest), or move it out "
         "of the way")
-    os.remove(bad)  # a folder whose name is not UTF-8 too
+    os.remove(bad)  # a folder whose name is not UTF-8, with a corpus file in it
     os.mkdir(os.fsencode(corpus) + b"/d\xe9j\xe0")
-    with pytest.raises(DataError, match=r"the name of .*/d\\xe9j\\xe0 is not UTF-8"):
+    with open(os.fsencode(corpus) + b"/d\xe9j\xe0/in.txt", "wb") as f:
+        f.write(b"a paragraph\n\n")
+    with pytest.raises(DataError, match=r"the name of .*/d\\xe9j\\xe0(/in.txt)? is not UTF-8"):
         corpus_module.expand_sources([str(corpus)])
+
+
+@pytest.mark.parametrize("spec", ["{d}", "{d}/", "{d}/*", "{d}/**", "{d}/*.txt",
+                                  "{d}/s*/*.txt"])
+def test_a_stray_file_whose_name_is_not_utf8_and_is_no_corpus_file_is_skipped(tmp_path, spec):
+    """A `.bak`, an `Icon\\r`-like file or a folder of them, whose name is not UTF-8, refused
+    the whole --data value although it would never be read (even under `*.txt`): it is
+    skipped, named in a note where the value would have listed it; a hidden one (`._x`, a
+    Mac's) silently, as any hidden file."""
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "good.txt").write_text("a paragraph\n\n")
+    (corpus / "sub" / "good.txt").write_text("a paragraph\n\n")
+    raw = os.fsencode(corpus)
+    strays = [raw + b"/caf\xe9.bak", raw + b"/sub/Icon\xe9", raw + b"/x\xe9/notes.md"]
+    os.mkdir(raw + b"/x\xe9")
+    for stray in strays + [raw + b"/._caf\xe9.txt"]:
+        with open(stray, "wb") as f:
+            f.write(b"x")
+    spec = spec.format(d=corpus)
+    said = []
+    if spec.endswith("/*"):  # x\xe9/ matched, a folder that cannot be listed: refused
+        with pytest.raises(DataError, match=r"the name of .*/x\\xe9 is not UTF-8"):
+            corpus_module.expand_sources([spec], say=said.append)
+        return
+    sources = corpus_module.expand_sources([spec], say=said.append)
+    wanted = {"{d}/*.txt": ["good.txt"], "{d}/s*/*.txt": ["sub/good.txt"]}
+    assert [s.uri[len(str(corpus)) + 1:] for s in sources] == \
+        wanted.get(spec.replace(str(corpus), "{d}"), ["good.txt", "sub/good.txt"])
+    shown = [p.decode(errors="backslashreplace") for p in strays]
+    if spec.endswith(".txt"):  # (not listed: nothing to say)
+        assert said == []
+    else:
+        assert said == [f"--data {spec}: skipped {len(shown)} file(s) whose name is not UTF-8 "
+                        f"and that are no .txt, .jsonl, .parquet file: {', '.join(sorted(shown))}"]
+    # a folder not UTF-8 that the pattern reaches cannot be listed: refused, naming it
+    with pytest.raises(DataError, match=r"the name of .*/x\\xe9 is not UTF-8"):
+        corpus_module.expand_sources([f"{corpus}/*/*.txt"], say=said.append)
