@@ -318,7 +318,7 @@ def _listing(fs: pafs.FileSystem, base: str, spec: str, depth: int | None = None
     needed is passed over."""
     try:
         if depth is None:
-            return _named(fs.get_file_info(pafs.FileSelector(base, recursive=True)))
+            return _tree(fs, base)
         found, folders = [], [base]
         for level_no in range(depth):
             level = _named([i for folder in folders
@@ -333,6 +333,47 @@ def _listing(fs: pafs.FileSystem, base: str, spec: str, depth: int | None = None
         return found
     except OSError as e:
         raise DataError(f"--data {spec}: cannot list the files under {base}: {e}") from None
+
+
+def _tree(fs: pafs.FileSystem, base: str) -> list:
+    """Everything under the folder `base` (_listing). pyarrow's recursive listing follows a
+    symlink to a folder above it (`up -> ..`) until the kernel's ELOOP, 40 levels deep: every
+    file listed 40 times, and with two such links 2^40 listings (a run that never started).
+    On a local disk the folders are listed one by one instead, and one whose real path is
+    already on the way down to it is not listed again (a link elsewhere, `latest -> v3`,
+    still is); object storage has no links, and one request lists it all."""
+    if fs.type_name != "local":
+        return _named(fs.get_file_info(pafs.FileSelector(base, recursive=True)))
+    found, pending = [], [(base, frozenset({os.path.realpath(base)}))]
+    while pending:
+        folder, above = pending.pop()
+        level = _named(fs.get_file_info(pafs.FileSelector(folder))) \
+            if isinstance(folder, str) else _unnamed_tree(folder)
+        found += level
+        for info in level:
+            if info.type == pafs.FileType.Directory and isinstance(info, pafs.FileInfo):
+                real = os.path.realpath(info.path)
+                if real not in above:
+                    pending.append((info.path, above | {real}))
+            elif info.type == pafs.FileType.Directory and isinstance(folder, str):
+                pending.append((info.raw, above))  # (pyarrow takes UTF-8 paths only)
+    return found
+
+
+def _unnamed_tree(raw: bytes) -> list:
+    """The files under a local folder whose name is not UTF-8 (pyarrow cannot list it), as
+    _Unnamed entries (every path below it holds its name); symlinks to folders in it are not
+    followed."""
+    files = [os.path.join(folder, name) for folder, _, names in os.walk(raw) for name in names]
+    return [_Unnamed(path, _first_bad_byte(path), pafs.FileType.File) for path in files]
+
+
+def _first_bad_byte(raw: bytes) -> int:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start
+    return 0
 
 
 @dataclass(frozen=True)

@@ -1365,3 +1365,26 @@ def test_a_stray_file_whose_name_is_not_utf8_and_is_no_corpus_file_is_skipped(tm
     # a folder not UTF-8 that the pattern reaches cannot be listed: refused, naming it
     with pytest.raises(DataError, match=r"the name of .*/x\\xe9 is not UTF-8"):
         corpus_module.expand_sources([f"{corpus}/*/*.txt"], say=said.append)
+
+
+@pytest.mark.parametrize("spec", ["{d}", "{d}/**.txt", "{d}/*"])
+def test_a_symlink_to_a_folder_above_is_not_followed_round_and_round(tmp_path, monkeypatch,
+                                                                     spec):
+    """pyarrow's recursive listing follows a symlink to a folder above it (`up -> ..`) until
+    the kernel's ELOOP, 40 levels: every file was listed and checked (read) 40 times, and two
+    such links (`here -> .`) made it 2^40 listings, a --data run that never started. A folder
+    already on the way down is not listed again; other links (`latest -> v3`) still are."""
+    corpus = tmp_path / "corpus"
+    (corpus / "a" / "v3").mkdir(parents=True)
+    (corpus / "a" / "v3" / "x.txt").write_text("a paragraph\n\n")
+    (corpus / "a" / "latest").symlink_to("v3")
+    (corpus / "a" / "up").symlink_to("..")
+    checked = []
+    real_checked = corpus_module._checked
+    monkeypatch.setattr(corpus_module, "_checked",
+                        lambda source, s: checked.append(source.uri) or real_checked(source, s))
+    spec = spec.format(d=corpus)
+    assert [s.uri for s in expand_sources([spec])] == [str(corpus / "a" / "latest" / "x.txt")]
+    assert sorted(checked) == [str(corpus / "a" / n / "x.txt") for n in ("latest", "v3")]
+    (corpus / "a" / "v3" / "here").symlink_to(".")
+    assert [s.uri for s in expand_sources([spec])] == [str(corpus / "a" / "latest" / "x.txt")]
