@@ -151,12 +151,19 @@ def expand_sources(specs: list[str], say: Callable[[str], None] = print
     return sorted(found.values(), key=lambda s: s.uri)
 
 
-def _real_location(uri: str) -> str:
-    """What a file is, however it was named: a local file through symlinks and file://, so
-    one file named twice (a `latest -> v3` link, a path and its URI) is read once."""
+def _real_location(uri: str) -> str | tuple[int, int]:
+    """What a file is, however it was named: a local file's device and inode (through
+    symlinks, hard links and file://), so one file named twice (a `latest -> v3` link, a
+    snapshot tree of hard links, a path and its URI) is read once; hard links were read
+    once each."""
     if "://" in uri and not uri.startswith("file://"):
         return uri
-    return os.path.realpath(uri.removeprefix("file://"))
+    path = uri.removeprefix("file://")
+    try:
+        status = os.stat(path)
+    except OSError:  # (gone since listed: named by the checks)
+        return os.path.realpath(path)
+    return status.st_dev, status.st_ino
 
 
 def _expand_one(spec: str, say: Callable[[str], None]) -> list[SourceFile]:

@@ -533,6 +533,20 @@ def test_one_file_named_twice_is_read_once(corpus, tmp_path):
                                                                 "rows.parquet"]
 
 
+def test_one_file_under_two_hard_links_is_read_once(tmp_path):
+    """A snapshot tree of hard links (`cp -al`, rsnapshot, a dataset's `latest/` made with
+    `ln`) named every file twice, and each was tokenized and trained on twice: one local file
+    named twice is read once, as through a symlink; a copy (another file) is still read."""
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "a.txt").write_text("a paragraph\n\n")
+    (tmp_path / "v2").mkdir()
+    os.link(tmp_path / "v1" / "a.txt", tmp_path / "v2" / "a.txt")
+    (tmp_path / "v2" / "b.txt").write_text("a paragraph\n\n")
+    for specs in ([str(tmp_path)], [str(tmp_path / "v2"), str(tmp_path / "v1")]):
+        assert [s.uri for s in expand_sources(specs)] == [
+            str(tmp_path / "v1" / "a.txt"), str(tmp_path / "v2" / "b.txt")]
+
+
 def test_the_files_kept_and_the_cache_key_do_not_depend_on_the_order_of_data_values(
         corpus, tmp_path):
     # One file named twice was kept under the first name given: the cache key (which holds
