@@ -136,7 +136,7 @@ def expand_sources(specs: list[str], say: Callable[[str], None] = print
                    ) -> list[SourceFile]:
     """Every file the `--data` values name, sorted and without duplicates; DataError naming the
     value at fault when one names nothing usable (missing, empty, unknown format). `say`
-    names the files skipped because their names are not UTF-8 (_skip_unnamed)."""
+    names the files skipped because their names are not UTF-8 (_usable_files)."""
     found: dict[str, SourceFile] = {}
     for spec in specs:
         if not isinstance(spec, str) or not spec.strip():
@@ -175,7 +175,7 @@ def _expand_one(spec: str, say: Callable[[str], None]) -> list[SourceFile]:
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"--data {spec}: no such file or directory")
     if info.type == pafs.FileType.Directory:
-        infos = _skip_unnamed(spec, [i for i in _listing(fs, path, spec)
+        infos = _usable_files(spec, [i for i in _listing(fs, path, spec)
                                      if i.type == pafs.FileType.File
                                      and not _hidden_below(path, i.path)], say)
         _refuse_compressed(spec, [i.path for i in infos])
@@ -305,7 +305,7 @@ def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str, say: Callable[[st
         under = infos if recursive else _listing(fs, folder.path, spec)
         found.update((i.path, i) for i in under if i.path.startswith(folder.path + "/")
                      and not _hidden_below(folder.path, i.path))
-    matched = _skip_unnamed(spec, [i for _, i in sorted(found.items())
+    matched = _usable_files(spec, [i for _, i in sorted(found.items())
                                    if i.type == pafs.FileType.File], say)
     _refuse_compressed(spec, [i.path for i in matched])
     usable = [i for i in matched if _format_of(i.path)]
@@ -328,8 +328,7 @@ def _listing(fs: pafs.FileSystem, base: str, spec: str, depth: int | None = None
             return _tree(fs, base)
         found, folders = [], [base]
         for level_no in range(depth):
-            level = _named([i for folder in folders
-                            for i in fs.get_file_info(pafs.FileSelector(folder))])
+            level = [i for folder in folders for i in _folder(fs, folder)]
             found += level
             folders = [i.path for i in level if i.type == pafs.FileType.Directory]
             for i in level:
@@ -354,8 +353,7 @@ def _tree(fs: pafs.FileSystem, base: str) -> list:
     found, pending = [], [(base, frozenset({os.path.realpath(base)}))]
     while pending:
         folder, above = pending.pop()
-        level = _named(fs.get_file_info(pafs.FileSelector(folder))) \
-            if isinstance(folder, str) else _unnamed_tree(folder)
+        level = _folder(fs, folder) if isinstance(folder, str) else _unnamed_tree(folder)
         found += level
         for info in level:
             if info.type == pafs.FileType.Directory and isinstance(info, pafs.FileInfo):
@@ -365,6 +363,45 @@ def _tree(fs: pafs.FileSystem, base: str) -> list:
             elif info.type == pafs.FileType.Directory and isinstance(folder, str):
                 pending.append((info.raw, above))  # (pyarrow takes UTF-8 paths only)
     return found
+
+
+def _folder(fs: pafs.FileSystem, folder: str) -> list:
+    """A folder's own entries (_named) and, on a local disk, each symlink in it whose target
+    does not exist, as a _Dangling entry: pyarrow's listing leaves those out, and a corpus of
+    links into a mount that was not mounted trained on what was left without a word."""
+    listed = _named(fs.get_file_info(pafs.FileSelector(folder)))
+    if fs.type_name != "local":
+        return listed
+    try:
+        with os.scandir(folder) as entries:
+            gone = [e.path for e in entries if e.is_symlink() and not os.path.exists(e.path)]
+    except OSError:  # (listed above: gone since)
+        return listed
+    return listed + [_Dangling(path) for path in gone if _is_utf8(path)]  # (a name that is
+    # not UTF-8 is left to pyarrow's listing: _Unnamed)
+
+
+def _is_utf8(path: str) -> bool:
+    """Whether a path os.scandir gave holds no bytes that are not UTF-8 (surrogate escapes)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class _Dangling:
+    """A local symlink whose target does not exist (_folder)."""
+
+    path: str
+    type: pafs.FileType = pafs.FileType.File
+
+    def refusal(self, spec: str) -> DataError:
+        target = os.path.join(os.path.dirname(self.path), os.readlink(self.path))
+        return DataError(f"--data {spec}: {self.path} is a symlink to "
+                         f"{os.path.normpath(target)}, which does not exist (a mount that is "
+                         "not mounted, a file moved or removed): restore it, or remove the link")
 
 
 def _unnamed_tree(raw: bytes) -> list:
@@ -420,21 +457,23 @@ def _named(infos: list[pafs.FileInfo]) -> list:
     return named
 
 
-def _skip_unnamed(spec: str, files: list, say: Callable[[str], None]) -> list:
-    """`files` (those a --data value lists) without the ones whose names are not UTF-8:
-    DataError naming the first that is a corpus file (compressed too: it would be read, or
-    refused), else those skipped are named through `say`. A stray one (`caf\xe9.bak`) refused
-    the whole value until 2026-12-07, even a glob that would not read it."""
-    unnamed = [f for f in files if isinstance(f, _Unnamed)]
-    for f in unnamed:
-        if _format_of(f.path) or _compressed_corpus(f.path):
+def _usable_files(spec: str, files: list, say: Callable[[str], None]) -> list:
+    """`files` (those a --data value lists) without the ones whose names are not UTF-8 and
+    the symlinks whose targets are gone: DataError naming the first that is a corpus file
+    (compressed too: it would be read, or refused); those whose names are not UTF-8 skipped
+    are named through `say` (a stray one, `caf\xe9.bak`, refused the whole value until
+    2026-12-07, even a glob that would not read it)."""
+    for f in files:
+        if isinstance(f, (_Unnamed, _Dangling)) and (_format_of(f.path)
+                                                     or _compressed_corpus(f.path)):
             raise f.refusal(spec)
+    unnamed = [f for f in files if isinstance(f, _Unnamed)]
     if unnamed:
         names = sorted(f.shown for f in unnamed)
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
         say(f"--data {spec}: skipped {len(unnamed)} file(s) whose name is not UTF-8 and that "
             f"are no {', '.join(FORMATS)} file: {', '.join(names[:3])}{more}")
-    return [f for f in files if not isinstance(f, _Unnamed)]
+    return [f for f in files if isinstance(f, pafs.FileInfo)]
 
 
 def refuse_non_utf8_path(value: str, flag: str) -> None:
