@@ -16,6 +16,8 @@ Pure data: importing this module needs neither Ray nor torch.
 """
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass
 
 from orchestrator.throughput import per_worker_rate
@@ -101,12 +103,28 @@ NODE_MEMORY_USED = MetricSpec(
     "orchestrator_node_memory_used_ratio", GAUGE,
     "RAM in use within the node agent's memory cgroups (a container's limit, else the "
     "host's; 1 - available/total), 0-1", "ratio", NODE_TAGS)
+# One series per (node, peer) for every peer is n^2 series: a million at 1,000 nodes, more
+# than one Prometheus holds. A node exports its slowest peers (what a slow link shows up as)
+# and a summary over all it measured, so a node's series stay bounded whatever the cluster.
+BANDWIDTH_EXPORTED_PEERS = 8
+BANDWIDTH_STATS = ("min", "median", "max")
 NODE_BANDWIDTH = MetricSpec(
     "orchestrator_node_bandwidth_bytes_per_second", GAUGE,
     "Measured throughput from this node to a peer through Ray's object store (median of "
     "the last 3 measurements, each from the best of 2 rounds of 8 MiB and of 64 MiB: fitted "
     "to leave Ray's per-transfer overhead out where their times differ clearly, else the 64 "
-    "MiB transfer's own rate)", "bytes/s", NODE_TAGS + ("peer",))
+    f"MiB transfer's own rate), to each of the node's {BANDWIDTH_EXPORTED_PEERS} slowest "
+    "peers only (a series for every pair grows with the square of the cluster); the summary "
+    "covers all", "bytes/s",
+    NODE_TAGS + ("peer",))
+NODE_BANDWIDTH_SUMMARY = MetricSpec(
+    "orchestrator_node_bandwidth_summary_bytes_per_second", GAUGE,
+    "Measured throughput from this node over all the peers it measured, by stat: min, median, "
+    "max (absent until one is measured)", "bytes/s", NODE_TAGS + ("stat",))
+NODE_BANDWIDTH_PEERS = MetricSpec(
+    "orchestrator_node_bandwidth_peers", GAUGE,
+    "Peers this node has a bandwidth measurement to (the peer series cover the slowest "
+    f"{BANDWIDTH_EXPORTED_PEERS} of them)", "1", NODE_TAGS)
 NODE_PROBE_FAILURES = MetricSpec(
     "orchestrator_node_probe_failures", COUNTER,
     "Probe runs that failed, by probe (nvml, declared, gpu-count, host, network-labels)", "1",
@@ -275,7 +293,8 @@ SERVE_MODEL_VERSION = MetricSpec(
 
 ALL: tuple[MetricSpec, ...] = (
     GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION, NODE_GPUS, NODE_LOAD_PER_CPU,
-    NODE_MEMORY_USED, NODE_BANDWIDTH, NODE_PROBE_FAILURES,
+    NODE_MEMORY_USED, NODE_BANDWIDTH, NODE_BANDWIDTH_SUMMARY, NODE_BANDWIDTH_PEERS,
+    NODE_PROBE_FAILURES,
     SCHEDULER_NODES, SCHEDULER_QUEUE_LENGTH, SCHEDULER_QUEUE_OLDEST_WAIT, SCHEDULER_JOBS_PLACED,
     SCHEDULER_PLACEMENTS, SCHEDULER_PLACEMENT_LATENCY, SCHEDULER_REJECTIONS,
     SCHEDULER_REPORTS_REFUSED,
@@ -395,10 +414,25 @@ def node_samples(report) -> list[Sample]:
     if report.ram_total_bytes > 0:
         samples.append((NODE_MEMORY_USED,
                         1 - report.ram_available_bytes / report.ram_total_bytes, node))
-    for peer, gbps in sorted(report.bandwidth_gbps.items()):
-        samples.append((NODE_BANDWIDTH, gbps * 1e9, {**node, "peer": peer}))
+    samples += bandwidth_samples(report.bandwidth_gbps, node)
     for probe in sorted(report.probe_errors):
         samples.append((NODE_PROBE_FAILURES, 1, {**node, "probe": probe}))
+    return samples
+
+
+def bandwidth_samples(bandwidth_gbps: dict[str, float], node: dict[str, str]) -> list[Sample]:
+    """A node's measured bandwidth: its BANDWIDTH_EXPORTED_PEERS slowest peers, a summary over
+    all it measured and their count; bounded whatever the cluster's size."""
+    measured = sorted((gbps, peer) for peer, gbps in bandwidth_gbps.items()
+                      if isinstance(gbps, (int, float)) and math.isfinite(gbps))
+    samples: list[Sample] = [(NODE_BANDWIDTH, gbps * 1e9, {**node, "peer": peer})
+                             for gbps, peer in measured[:BANDWIDTH_EXPORTED_PEERS]]
+    if measured:
+        figures = [gbps for gbps, _ in measured]
+        for stat, gbps in zip(BANDWIDTH_STATS, (figures[0], statistics.median(figures),
+                                                 figures[-1])):
+            samples.append((NODE_BANDWIDTH_SUMMARY, gbps * 1e9, {**node, "stat": stat}))
+    samples.append((NODE_BANDWIDTH_PEERS, len(measured), node))
     return samples
 
 

@@ -200,6 +200,7 @@ def _panels() -> dict[str, list[Panel]]:
     ttft = m.SERVE_TIME_TO_FIRST_TOKEN.exported
     batch = m.SERVE_BATCH_SIZE.exported
     decide = m.SCHEDULER_PLACEMENT_LATENCY.exported
+    median, slowest = 'stat="median"', 'stat="min"'  # NODE_BANDWIDTH_SUMMARY's BANDWIDTH_STATS
     return {
         "Nodes": [
             Panel("GPU memory used", m.GPU_MEMORY_USED,
@@ -216,9 +217,17 @@ def _panels() -> dict[str, list[Panel]]:
             Panel("Memory used (within cgroup)", m.NODE_MEMORY_USED,
                   f"max by (node_id, node_type) ({m.NODE_MEMORY_USED.exported})",
                   "{{node_type}} {{node_id}}"),
-            Panel("Measured bandwidth", m.NODE_BANDWIDTH,
-                  f"max by (node_id, peer) ({m.NODE_BANDWIDTH.exported})",
+            Panel("Measured bandwidth per node", m.NODE_BANDWIDTH_SUMMARY,
+                  f"max by (node_id) ({_q(m.NODE_BANDWIDTH_SUMMARY, median)})",
+                  "{{node_id}} median to peers",
+                  ((f"min by (node_id) ({_q(m.NODE_BANDWIDTH_SUMMARY, slowest)})",
+                    "{{node_id}} slowest peer"),)),
+            Panel("Slowest measured links", m.NODE_BANDWIDTH,
+                  f"bottomk(10, min by (node_id, peer) ({m.NODE_BANDWIDTH.exported}))",
                   "{{node_id}} -> {{peer}}"),
+            Panel("Peers with a bandwidth measurement", m.NODE_BANDWIDTH_PEERS,
+                  f"min({m.NODE_BANDWIDTH_PEERS.exported})", "fewest (one node)",
+                  ((f"max({m.NODE_BANDWIDTH_PEERS.exported})", "most (one node)"),)),
             Panel("Accelerators by source", m.NODE_GPUS,
                   f"sum by (source) ({m.NODE_GPUS.exported})", "{{source}}"),
             Panel("Probe failures / s", m.NODE_PROBE_FAILURES,

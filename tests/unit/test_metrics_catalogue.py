@@ -452,6 +452,31 @@ def test_node_samples_export_measured_gpus_host_and_bandwidth():
         assert set(tags) == set(spec.tag_keys), spec.name
 
 
+def test_bandwidth_series_per_node_are_bounded_whatever_the_cluster_size():
+    # Every node exported one series per peer: n^2 series, a million at 1,000 nodes. Now its
+    # slowest BANDWIDTH_EXPORTED_PEERS peers and a summary over all it measured.
+    peers = {f"p{i:04d}": 1.0 + i / 100 for i in range(999)}
+    report = NodeReport("n1", "host", 8, 2, 8, 4.0, 64 * GIB, 16 * GIB,
+                        labels={m.LABEL_NODE_TYPE: "train"}, bandwidth_gbps=peers)
+    s = by_metric(m.node_samples(report))
+    k = m.BANDWIDTH_EXPORTED_PEERS
+    assert 0 < k <= 16
+    slowest = sorted(s[m.NODE_BANDWIDTH.name], key=lambda vt: vt[0])
+    assert [t["peer"] for _, t in slowest] == [f"p{i:04d}" for i in range(k)]
+    assert [v for v, _ in slowest] == pytest.approx([(1.0 + i / 100) * 1e9 for i in range(k)])
+    summary = {t["stat"]: v for v, t in s[m.NODE_BANDWIDTH_SUMMARY.name]}
+    assert summary == pytest.approx({"min": 1e9, "median": 5.99e9, "max": 10.98e9})
+    assert s[m.NODE_BANDWIDTH_PEERS.name] == [(999, {"node_id": "n1", "node_type": "train"})]
+    assert len(m.node_samples(report)) < 2 * k + 10
+    for spec, _, tags in m.node_samples(report):
+        assert set(tags) == set(spec.tag_keys), spec.name
+    # Nothing measured yet: no summary (not a zero), the count says 0.
+    empty = by_metric(m.node_samples(NodeReport("n1", "host", 8, 2, 8, 4.0, 64 * GIB,
+                                                16 * GIB)))
+    assert m.NODE_BANDWIDTH.name not in empty and m.NODE_BANDWIDTH_SUMMARY.name not in empty
+    assert empty[m.NODE_BANDWIDTH_PEERS.name][0][0] == 0
+
+
 def test_a_failed_host_probe_exports_no_load_or_memory_figure(monkeypatch):
     # Its stand-in load (10^6, so the node loses every tie-break) was drawn on the dashboard
     # as a load of a million per CPU.
