@@ -239,10 +239,14 @@ TRAIN_REPORT_KEYS: dict[str, MetricSpec] = {
 # -- serving (orchestrator/serving/), per replica ---------------------------------------------
 SERVE_TAGS = ("deployment", "route")
 
+# The route label of a request to a path the server has no route for (a 404): the path itself
+# would make a series of every path a client or a scanner tries.
+SERVE_UNMATCHED_ROUTE = "unmatched"
 SERVE_REQUESTS = MetricSpec(
     "orchestrator_serve_requests", COUNTER,
-    "HTTP requests answered, by route and status code (rate() gives QPS)", "1",
-    SERVE_TAGS + ("status",))
+    "HTTP requests answered, by route and status code (rate() gives QPS); a path with no "
+    f"route (404) is counted as route {SERVE_UNMATCHED_ROUTE!r}, a wrong method (405) under "
+    "its route", "1", SERVE_TAGS + ("status",))
 SERVE_ERRORS = MetricSpec(
     "orchestrator_serve_errors", COUNTER,
     "Requests that failed, by route and kind (bad_request; client_closed: the client left "

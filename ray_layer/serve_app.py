@@ -104,6 +104,14 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     """Unknown routes and wrong methods, in OpenAI's error shape too."""
     error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                      type="invalid_request_error" if exc.status_code < 500 else "server_error")
+    # Counted as every other answer, under one label for all the paths with no route
+    try:
+        deployment = serve.get_replica_context().deployment
+    except Exception:  # (outside a replica: no deployment to count for)
+        deployment = "Ingress"
+    route = _route_label(request)
+    _count_error(deployment, route, error)
+    _count_request(deployment, route, error.status)
     # (its headers kept: a 405's Allow names the method to use)
     return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
@@ -167,6 +175,30 @@ class CancellingStream(StreamingResponse):
         finally:
             for task in self.tasks:
                 task.cancel()
+
+
+# The routes the serving metrics are labelled with (a model's id under /v1/models counts there).
+ROUTES = (COMPLETIONS_ROUTE, CHAT_ROUTE, "/v1/models", "/health")
+
+
+def _route_label(request: Request) -> str:
+    """The serving metrics' route of a request: one of ROUTES, else SERVE_UNMATCHED_ROUTE (a
+    raw path per series grows without bound)."""
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    if root and path.startswith(root):  # (an application served under a route_prefix)
+        path = path[len(root):] or "/"
+    if path.startswith("/v1/models/"):
+        return "/v1/models"
+    return path if path in ROUTES else catalogue.SERVE_UNMATCHED_ROUTE
+
+
+def _count_error(deployment: str, route: str, error: APIError) -> None:
+    record(catalogue.SERVE_ERRORS, 1, deployment=deployment, route=route,
+           kind=catalogue.serve_error_kind(error.status, error.code))
+
+
+def _count_request(deployment: str, route: str, status: int) -> None:
+    record(catalogue.SERVE_REQUESTS, 1, deployment=deployment, route=route, status=str(status))
 
 
 @serve.deployment(name="Ingress", ray_actor_options=INGRESS_ACTOR_OPTIONS,
@@ -609,12 +641,10 @@ class Ingress:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
     def _record_error(self, route: str, error: APIError) -> None:
-        record(catalogue.SERVE_ERRORS, 1, deployment=self.deployment, route=route,
-               kind=catalogue.serve_error_kind(error.status, error.code))
+        _count_error(self.deployment, route, error)
 
     def _record(self, route: str, status: int, started: float) -> None:
-        record(catalogue.SERVE_REQUESTS, 1, deployment=self.deployment, route=route,
-               status=str(status))
+        _count_request(self.deployment, route, status)
         record(catalogue.SERVE_REQUEST_LATENCY, time.perf_counter() - started,
                deployment=self.deployment, route=route)
 

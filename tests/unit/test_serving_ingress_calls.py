@@ -379,6 +379,33 @@ def test_a_wrong_method_is_a_405_naming_the_allowed_one():
     assert response.json()["error"]["message"].startswith("GET /v1/completions")
 
 
+def test_unknown_routes_and_wrong_methods_are_counted_under_a_bounded_route_label(monkeypatch):
+    # A 404 or 405 answered by the exception handler was in no serve_requests_total series:
+    # a client calling a wrong path at 100 QPS showed as no traffic at all.
+    import types
+
+    from starlette.testclient import TestClient
+
+    from orchestrator import metric_catalogue as catalogue
+
+    recorded = []
+    monkeypatch.setattr(serve_app, "record",
+                        lambda spec, value, **tags: recorded.append((spec.name, value, tags)))
+    monkeypatch.setattr(serve_app.serve, "get_replica_context",
+                        lambda: types.SimpleNamespace(deployment="Ingress"))
+    client = TestClient(serve_app.api)
+    assert client.get("/v1/engines").status_code == 404
+    assert client.post("/admin/../../etc/passwd?x=1", json={}).status_code == 404
+    assert client.get(serve_app.COMPLETIONS_ROUTE).status_code == 405
+    requests = [tags for name, _, tags in recorded if name == catalogue.SERVE_REQUESTS.name]
+    assert requests == [
+        {"deployment": "Ingress", "route": catalogue.SERVE_UNMATCHED_ROUTE, "status": "404"},
+        {"deployment": "Ingress", "route": catalogue.SERVE_UNMATCHED_ROUTE, "status": "404"},
+        {"deployment": "Ingress", "route": serve_app.COMPLETIONS_ROUTE, "status": "405"}]
+    errors = [tags["kind"] for name, _, tags in recorded if name == catalogue.SERVE_ERRORS.name]
+    assert errors == ["bad_request"] * 3
+
+
 def test_every_field_that_needs_no_model_is_refused_without_waiting_for_a_replica():
     # Only unknown fields, the model's name and the default-only fields were: with no
     # replica up, a temperature of 5 or a "tool" message waited replica_wait_s for one, then
