@@ -94,6 +94,21 @@ def quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def declared_gpu_only(device: torch.device) -> bool:
+    """GPUs declared by node labels on a machine without CUDA (modelling a heterogeneous
+    cluster on CPUs): Ray hands out the logical GPU, the worker trains on the CPU."""
+    return device.type == "cuda" and not torch.cuda.is_available()
+
+
+def record_training(metrics: dict[str, Any], world_rank: int, device_type: str) -> None:
+    """One report's training figures (metric_catalogue.TRAIN_REPORT_KEYS) to Prometheus via
+    Ray's metrics agent, per worker: loss, tokens/s, MFU, ... The run is Ray Train's
+    experiment name: the run directory's name. For RayTrainSession.report and a loop of the
+    user's own (ray_layer/user_loop.report) alike."""
+    run = ray.train.get_context().get_experiment_name()
+    record_all(training_samples(metrics, run, world_rank, device_type))
+
+
 class RayTrainSession:
     """Inside a Ray Train worker. Ray Train owns checkpoint storage and restarts."""
 
@@ -107,9 +122,7 @@ class RayTrainSession:
         self.world_rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
-        # GPUs declared by node labels on a machine without CUDA (modelling a heterogeneous
-        # cluster on CPUs): Ray hands out the logical GPU, the worker trains on the CPU.
-        self.declared_gpu_only = self.device.type == "cuda" and not torch.cuda.is_available()
+        self.declared_gpu_only = declared_gpu_only(self.device)
         if self.declared_gpu_only:
             self.device = torch.device("cpu")
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -177,10 +190,7 @@ class RayTrainSession:
         return self._watch.poll()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        # Also to Prometheus (via Ray's metrics agent), per worker: loss, tokens/s, MFU, ...
-        # The run is Ray Train's experiment name: the run directory's name.
-        run = ray.train.get_context().get_experiment_name()
-        record_all(training_samples(metrics, run, self.world_rank, self.device.type))
+        record_training(metrics, self.world_rank, self.device.type)
         if self.world_rank == 0:  # the scheduler learns the job's speed where it runs
             self._watch.throughput(throughput.per_worker_rate(metrics))
         metrics = {**metrics, "worker_nodes": self.worker_nodes()}

@@ -29,12 +29,13 @@ from typing import Any, Callable
 
 import ray
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
 from orchestrator.entrypoints import accepts_config
 from orchestrator.stuck_ranks import REPORTING, RETURNED, WAITING, WORKING, collective_call
-from ray_layer.train_session import DirectiveWatch
+from ray_layer.train_session import DirectiveWatch, declared_gpu_only, record_training
 
 # Metric names the launcher itself reads from a report: "yielded" (a preemption) and
 # "already_complete" (a resumed run with nothing left, kept out of metrics.jsonl).
@@ -43,6 +44,7 @@ RESERVED_METRICS = frozenset({"yielded", "already_complete"})
 # ("train.py line 57, in train_loop"), for the driver's one error line (ray_layer/launch.py).
 RAISED_AT = "orchestrator_raised_at"
 _watch: DirectiveWatch | None = None  # one per worker process (rank 0 asks)
+_export_failed = False  # a failure to export the metrics was said (once per worker)
 _pending: str | None = None  # a directive not yet acted on (no checkpoint since)
 _reports = 0  # this worker's calls of report in this run of the loop
 # What a worker that returned from the loop sends into the other ranks' agreement (a
@@ -85,6 +87,7 @@ def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = 
     if reserved:  # (a loop's own "yielded" re-queued the job; "already_complete" hid a line)
         raise ValueError(f"report: metric name(s) {reserved} are the launcher's own; rename "
                          "them")
+    _export(metrics)
     pending = None
     if ray.train.get_context().get_world_rank() == 0:
         _watch = _watch or DirectiveWatch()
@@ -107,6 +110,24 @@ def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = 
         _watch.checkpointed()
     if decision:
         raise Yielded(decision, metrics.get("step"))
+
+
+def _export(metrics: dict[str, Any]) -> None:
+    """A report's training series to Prometheus, as a jobs/pretrain.py run's
+    (metric_catalogue.TRAIN_REPORT_KEYS: "loss", "step", "tokens_per_s" the job's rate, ...;
+    other keys are Ray Train's alone). Never fails the report: a failure is logged once."""
+    global _export_failed
+    try:
+        context = ray.train.get_context()
+        device = ray.train.torch.get_device()
+        record_training({"world_size": context.get_world_size(), **metrics},
+                        context.get_world_rank(),
+                        "cpu" if declared_gpu_only(device) else device.type)
+    except Exception as e:
+        if not _export_failed:
+            _export_failed = True
+            print(f"warning: launch.report: the training metrics were not exported: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr)
 
 
 def report_arguments_problem(metrics: Any, checkpoint: Any) -> str | None:
