@@ -15,6 +15,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
@@ -24,6 +25,9 @@ from orchestrator import monitoring
 from tests.prometheus_tools import tool_or_skip
 from tests.support import free_port, wait_for
 from .private_ray import REPO, PrivateRay
+
+if TYPE_CHECKING:  # (imported where used: only this test needs prometheus_client)
+    import prometheus_client
 
 RUN = "observed-run"
 MAX_STEPS = 20
@@ -205,6 +209,11 @@ def test_values_are_plausible_for_a_tiny_cpu_training_run(observed):
     assert all(0 < v < 1 for v in values(f, "ray_orchestrator_node_memory_used_ratio"))
     bandwidth = values(f, "ray_orchestrator_node_bandwidth_bytes_per_second")
     assert all(1e6 < v < 1e12 for v in bandwidth)
+    # A node's summary over its peers (its per-peer series are its slowest few only).
+    summary = samples(f, "ray_orchestrator_node_bandwidth_summary_bytes_per_second")
+    assert {s.labels["stat"] for s in summary} == set(m.BANDWIDTH_STATS)
+    assert all(1e6 < s.value < 1e12 for s in summary)
+    assert max(values(f, "ray_orchestrator_node_bandwidth_peers")) >= 1
     # Scheduler: two healthy nodes, the job placed (counted, and timed).
     assert max(values(f, "ray_orchestrator_scheduler_nodes", health="healthy")) >= 2
     assert max(values(f, "ray_orchestrator_scheduler_placement_decisions",
