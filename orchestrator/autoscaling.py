@@ -414,7 +414,9 @@ def _uncapped(node_type: NodeType) -> NodeType:
 def max_workers_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
     """Why no plan holds `spec` when only max_workers stands in the way (a type would hold it
     with more nodes than its own max_workers, or the cluster's, lets Ray launch), naming the
-    type, the bound(s) short and the figure to raise them to; else None."""
+    type, the bound(s) short and the figure to raise them to; else None (also where the
+    type holds it within both: the autoscaler adding none of it, say, which
+    adds_none_note tells)."""
     uncapped = tuple(_uncapped(t) for t in node_types)
     plan = scale_up_plan(spec, uncapped)
     if plan is None:
@@ -428,6 +430,8 @@ def max_workers_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | N
         short.append(f"the cluster config's max_workers is {node_type.cluster_max_workers}"
                      + ("" if node_type.cluster_max_workers_set
                         else " (Ray's default: the config sets none)"))
+    if not short:  # (it holds the job within both: something else stands in the way)
+        return None
     return (f"it needs {nodes} x {node_type.name} node(s) in all (any up included), but "
             f"{' and '.join(short)}: raise {'it' if len(short) == 1 else 'both'} to "
             f"{nodes - node_type.head}" + (" (the head is one of them)" if node_type.head else ""))

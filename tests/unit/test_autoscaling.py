@@ -875,3 +875,23 @@ def test_a_node_up_of_the_family_counts_toward_the_request_whatever_its_gpu_memo
     # job still waits (it times out, as a node whose labels promise too much does).
     waiting = core.submit(dataclasses.replace(job, name="k", num_workers=16), "d", T0).decision
     assert isinstance(waiting, Queued) and "add 1 x a100_80 node(s)" in waiting.reason, waiting
+
+
+def test_a_type_within_its_max_workers_gets_no_max_workers_note():
+    """A type that holds the job within its max_workers and the cluster's (the autoscaler
+    adds none of it: the A100 40 GB node up holds the bundles as it counts them) was named
+    all the same: `it needs 1 x a100_80 node(s) in all (any up included), but : raise both to
+    1`."""
+    from orchestrator.autoscaling import max_workers_note
+    types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "a100_80": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+                    "labels": {"orchestrator.io/accelerator-memory-gb": "80"},
+                    "max_workers": 4}}})
+    job = JobSpec("j", num_workers=8, gpus_per_worker=1, min_gpu_memory_gb=60,
+                  accelerator_types=("A100",))
+    assert max_workers_note(job, types) is None
+    core = core_with(gpu_node("a40", gpus=8, family="A100", memory_gb=40, cpus=96))
+    core.node_types = types
+    refused = core.submit(job, "d", T0).decision
+    assert isinstance(refused, Rejection) and "max_workers" not in refused.message, refused
+    assert "raise it to 5" in max_workers_note(dataclasses.replace(job, num_workers=40), types)
