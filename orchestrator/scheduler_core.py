@@ -1527,7 +1527,10 @@ class SchedulerCore:
     def _not_final(self, rejection: Rejection, spec: JobSpec | None = None,
                    now: float | None = None) -> Rejection:
         """While alive nodes have not reported, "can never fit" is not known: wait for them.
-        Nor is it final when (given `spec`) only nodes the autoscaler can add would hold it."""
+        Nor is it final when (given `spec`) only nodes the autoscaler can add would hold it.
+        A final one carries the node-type notes (_with_node_type_notes): every path refusing
+        a job (submit, the queue pass, a yield, a replacement, `place`) comes here, so all
+        give the same reason (the queue pass's and a replacement's lacked them)."""
         if rejection.fits_when_free:
             return rejection
         plan = self._new_nodes_plan(spec, now) if spec is not None else None
@@ -1545,7 +1548,8 @@ class SchedulerCore:
             return dataclasses.replace(rejection, fits_when_free=True, message=(
                 f"{rejection.message}\n  "
                 f"{_silent_reason(self._silent_nodes_needed(spec, now) or sorted(silent))}"))
-        return rejection
+        return rejection if spec is None or now is None else \
+            self._with_node_type_notes(rejection, spec, now)
 
     def _waits_for_new_nodes(self, job_name: str, now: float) -> bool:
         """The job waits in the queue for nodes not up yet (or not known yet: nodes have not
@@ -1563,7 +1567,7 @@ class SchedulerCore:
         plan = self._new_nodes_plan(spec, now) if rejection is not None else None
         if plan is None:
             self.awaiting_since.pop(spec.name, None)
-            return self._with_node_type_notes(rejection, spec, now)
+            return None if rejection is None else self._not_final(rejection, spec, now)
         since = self.awaiting_since.setdefault(spec.name, now)
         if now - since <= self.settings.scale_up_timeout_s:
             return None  # it waits for the autoscaler (scale_up_requests)
@@ -1813,12 +1817,13 @@ class SchedulerCore:
                 placement = self._place(spec, now, job.owner, free_gpus=free_gpus)
             except PlacementError as e:
                 failed_shapes.setdefault(shape, spec.name)
-                if not self._not_final(e.rejection, spec, now).fits_when_free:
-                    self.queue.reject(spec.name, e.rejection)
+                final = self._not_final(e.rejection, spec, now)
+                if not final.fits_when_free:
+                    self.queue.reject(spec.name, final)
                     self._forget_preemption(spec.name)
                     if spec.name != answered:
                         outcome.samples += catalogue.decision_samples(
-                            e.rejection, None, catalogue.REJECT_CLUSTER_SHRANK)
+                            final, None, catalogue.REJECT_CLUSTER_SHRANK)
                     outcome.effects.append(Persist())
                     continue
                 self._wait_reason(job, e.rejection.message.splitlines()[0])

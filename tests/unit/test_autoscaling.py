@@ -895,3 +895,34 @@ def test_a_type_within_its_max_workers_gets_no_max_workers_note():
     refused = core.submit(job, "d", T0).decision
     assert isinstance(refused, Rejection) and "max_workers" not in refused.message, refused
     assert "raise it to 5" in max_workers_note(dataclasses.replace(job, num_workers=40), types)
+
+
+def test_every_rejection_path_carries_the_node_type_notes():
+    """Refused by the queue pass (a job waiting for an A100 80 GB node when an A100 40 GB
+    node joins: the autoscaler then adds none) or after losing its node (replace), the
+    reason lacked the notes submit's rejection carries (adds_none_note, max_workers_note...)."""
+    types = node_types_from_config({"max_workers": 10, "available_node_types": {
+        "a100_80": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+                    "labels": {"orchestrator.io/accelerator-memory-gb": "80"},
+                    "max_workers": 4}}})
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = types
+    job = JobSpec("j", num_workers=8, gpus_per_worker=1, min_gpu_memory_gb=60,
+                  accelerator_types=("A100",))
+    assert isinstance(core.submit(job, "d", T0).decision, Queued)
+    core.ray_nodes({"cpu", "a40"}, set(), T0 + 300)
+    core.report(gpu_node("a40", gpus=8, family="A100", memory_gb=40, cpus=96), T0 + 300)
+    dropped = core.poll("j", "d", T0 + 301).decision
+    assert isinstance(dropped, Rejection), dropped
+    fresh = core.submit(dataclasses.replace(job, name="k"), "d", T0 + 302).decision
+    assert dropped.message == fresh.message.replace("'k'", "'j'")
+    assert "the autoscaler would add no node for it" in dropped.message, dropped.message
+    # A job that lost its node, which no type the autoscaler may add holds within max_workers.
+    core = core_with(gpu_node("a1", gpus=8, family="A100", cpus=96), cpu_node("cpu", cpus=16))
+    core.node_types = _two_eight_gpu_types(max_workers=0)
+    spec = JobSpec("t", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",))
+    assert isinstance(core.submit(spec, "d", T0).decision, Placement)
+    core.ray_nodes({"cpu"}, {"a1"}, T0 + 10)
+    lost = core.replace(spec, "d", ["a1"], T0 + 11).decision
+    assert isinstance(lost, Rejection), lost
+    assert "node type 'a100' has max_workers 0: raise it to 1" in lost.message, lost.message
