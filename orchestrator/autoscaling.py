@@ -322,12 +322,17 @@ def parts_to_add(spec: JobSpec, parts: tuple[PlanPart, ...],
     held_left: dict[str, int] = {}
     out = []
     for node_type, nodes, workers in parts:
-        key = node_type.family if spec.gpus_per_worker and node_type.accelerator_resource \
-            else ""
+        key = nodes_up_key(spec, node_type)
         held = min(workers, held_left.setdefault(key, held_up(node_type)))
         held_left[key] -= held
         out.append((node_type, _to_add(spec, node_type, nodes, workers, held), workers))
     return tuple(out)
+
+
+def nodes_up_key(spec: JobSpec, node_type: NodeType) -> str:
+    """The family of the nodes up that the autoscaler counts toward bundles asked of a node
+    type (bundles naming its accelerator_type resource), "" where all nodes up count."""
+    return node_type.family if spec.gpus_per_worker and node_type.accelerator_resource else ""
 
 
 def plan_bundles(spec: JobSpec, parts: tuple[PlanPart, ...]) -> list[dict[str, float]]:

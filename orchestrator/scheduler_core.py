@@ -62,7 +62,8 @@ import numpy as np
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_note,
                                       adds_none_note, gpu_note,
-                                      host_memory_note, max_workers_note, parts_to_add,
+                                      host_memory_note, max_workers_note, nodes_up_key,
+                                      parts_to_add,
                                       plan_bundles, plan_named, ray_memory_gib,
                                       scale_up_parts, unlabelled_memory_note)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
@@ -1574,9 +1575,37 @@ class SchedulerCore:
         self.awaiting_since.pop(spec.name, None)
         return dataclasses.replace(rejection, message=(
             f"{rejection.message}\n  waited {now - since:.0f} s (scale_up_timeout_s) for the "
-            f"autoscaler to add {plan_named(plan)} node(s), and "
-            "the nodes that joined do not hold it (do their labels promise more than they "
-            "report?)"))
+            f"autoscaler's nodes: {self._not_joined(spec, plan, now)}"))
+
+    def _not_joined(self, spec: JobSpec, plan: tuple[PlanPart, ...], now: float) -> str:
+        """Why a job waiting for new nodes (`plan`: those still to add, per type) is not held
+        after scale_up_timeout_s: the types whose nodes never joined (the autoscaler still
+        has them to add: it did not), and the types whose nodes up hold fewer of its workers
+        than the autoscaler counts them for (a label promising more GPU memory than NVML
+        reports, a GPU the job found short). It said "the nodes that joined do not hold it
+        (do their labels promise more ...?)" of a type whose nodes never joined."""
+        missing = [(t, n) for t, n, _ in plan if n]
+        one = sum(n for _, n in missing) == 1
+        said = [f"{plan_named(plan)} never joined (the autoscaler did not add "
+                f"{'it' if one else 'them'}: its log, `ray status`, says why, e.g. no "
+                "instances available or a launch failing)"] if missing else []
+        counted = self._held_by_nodes_up(spec, now)
+        excluded = frozenset(self.excluded_gpus.get(spec.name, ()))
+        holding = worker_capacity(spec, self.state, now, ignore_reservations=True,
+                                  excluded_gpus=excluded, revivable=self._silent_alive())
+        seen = set()
+        for node_type, _, _ in plan:
+            key = nodes_up_key(spec, node_type)
+            if key in seen:
+                continue
+            seen.add(key)
+            expected, held = counted(node_type), self._on_nodes_up_of(spec, node_type, holding)
+            if held < expected:
+                where = f"the {node_type.family} node(s) up" if key else "the nodes up"
+                said.append(f"{where} (node type {node_type.name!r}) hold {held} of the "
+                            f"{expected} workers the autoscaler counts them for (do their "
+                            "labels promise more than they report?)")
+        return "; ".join(said) or "the nodes up do not hold it"
 
     def _with_node_type_notes(self, rejection: Rejection | None,
                               spec: JobSpec, now: float) -> Rejection | None:
@@ -1644,12 +1673,18 @@ class SchedulerCore:
             if spec.min_host_memory_gb else idle
 
         def held(node_type: NodeType) -> int:
-            counts = idle if node_type.memory_gb is None else with_ram
-            if spec.gpus_per_worker and node_type.accelerator_resource:
-                return int(counts[t.family[:len(counts)]
-                                  == t.families.get(node_type.family, -1)].sum())
-            return int(counts.sum())
+            return self._on_nodes_up_of(spec, node_type,
+                                        idle if node_type.memory_gb is None else with_ram)
         return held
+
+    def _on_nodes_up_of(self, spec: JobSpec, node_type: NodeType, counts: np.ndarray) -> int:
+        """Of `counts` (workers per node row), those on the nodes up that count for bundles
+        asked of `node_type` (nodes_up_key)."""
+        family = nodes_up_key(spec, node_type)
+        if not family:
+            return int(counts.sum())
+        t = self.state.table
+        return int(counts[t.family[:len(counts)] == t.families.get(family, -1)].sum())
 
     def scale_up_requests(self, now: float) -> list[dict[str, float]] | None:
         """What to ask the autoscaler for (request_resources' bundles): the workers of every

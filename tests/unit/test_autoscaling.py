@@ -926,3 +926,42 @@ def test_every_rejection_path_carries_the_node_type_notes():
     lost = core.replace(spec, "d", ["a1"], T0 + 11).decision
     assert isinstance(lost, Rejection), lost
     assert "node type 'a100' has max_workers 0: raise it to 1" in lost.message, lost.message
+
+
+def test_a_scale_up_timeout_names_the_types_that_never_joined_and_those_that_fall_short():
+    """A plan across two types of which one type's node joined and the other's never did:
+    the timeout said `the nodes that joined do not hold it (do their labels promise more than
+    they report?)`, although the missing type never joined."""
+    from orchestrator.inventory import GIB, GpuInfo, NodeReport
+
+    core = core_with(cpu_node("cpu", cpus=16), scale_up_timeout_s=600.0)
+    core.node_types = _two_eight_gpu_types()
+    job = JobSpec("j", num_workers=16, gpus_per_worker=1, accelerator_types=("A100", "H100"))
+    assert isinstance(core.submit(job, "d", T0).decision, Queued)
+    core.ray_nodes({"cpu", "h1"}, set(), T0 + 300)
+    core.report(gpu_node("h1", gpus=8, family="H100", cpus=96), T0 + 300)
+    core.tick(T0 + 700)
+    gone = core.poll("j", "d", T0 + 701).decision
+    assert isinstance(gone, Rejection), gone
+    assert ("waited 700 s (scale_up_timeout_s) for the autoscaler's nodes: 1 x a100 never "
+            "joined (the autoscaler did not add it") in gone.message, gone.message
+    assert "labels promise" not in gone.message, gone.message
+    # The H100 node that joined reports 79.6 GiB where its type's label says 80: it holds
+    # none of the 8 workers the autoscaler counts it for, and is named for it.
+    core = core_with(cpu_node("cpu", cpus=16), scale_up_timeout_s=600.0)
+    core.node_types = _two_eight_gpu_types({"orchestrator.io/accelerator-memory-gb": "80"})
+    big = dataclasses.replace(job, min_gpu_memory_gb=80)
+    assert isinstance(core.submit(big, "d", T0).decision, Queued)
+    h100 = NodeReport(node_id="h1", hostname="h1", ray_cpus=96, ray_gpus=8, cpu_count=96,
+                      load_avg_1m=0.0, ram_total_bytes=64 * GIB, ram_available_bytes=64 * GIB,
+                      gpus=tuple(GpuInfo(i, "NVIDIA H100 80GB HBM3", 81559 << 20, 81000 << 20)
+                                 for i in range(8)))
+    core.ray_nodes({"cpu", "h1"}, set(), T0 + 300)
+    core.report(h100, T0 + 300)
+    core.tick(T0 + 700)
+    gone = core.poll("j", "d", T0 + 701).decision
+    assert isinstance(gone, Rejection), gone
+    assert "1 x a100 never joined" in gone.message, gone.message
+    assert ("the H100 node(s) up (node type 'h100') hold 0 of the 8 workers the autoscaler "
+            "counts them for (do their labels promise more than they report?)"
+            ) in gone.message, gone.message
