@@ -213,6 +213,10 @@ class ClusterState:
         self.silent_reservations: dict[str, list[Reservation]] = {}
         self.reservations: dict[str, tuple[Reservation, ...]] = {}
         self.table = NodeTable()
+        # A predecessor's estimate of the RAM in use outside the reservations (GiB, and its
+        # ram_settling) for nodes not reported to this scheduler yet: set at their first
+        # report (restore_ram_outside).
+        self.ram_outside_saved: dict[str, tuple[float, int]] = {}
 
     # -- reports and health -------------------------------------------------------------
     def update(self, report: NodeReport, now: float) -> None:
@@ -227,6 +231,10 @@ class ClusterState:
                 for r in held:
                     if r.node_id == report.node_id:
                         self.table.add_reserved(r.node_id, r.cpus, r.gpus, r.memory_gb)
+            saved = self.ram_outside_saved.pop(report.node_id, None)
+            if saved is not None:  # (the predecessor's estimate, lowered below where less)
+                row = self.table.index[report.node_id]
+                self.table.ram_outside_gib[row], self.table.ram_settling[row] = saved
         if report.node_id in self.dead:  # a node that reports again is alive again
             self.dead.discard(report.node_id)
             self.dead_since.pop(report.node_id, None)
@@ -322,6 +330,7 @@ class ClusterState:
             self.suspected.pop(node, None)
             self.silent_reservations.pop(node, None)
             self.dead_since.pop(node, None)
+            self.ram_outside_saved.pop(node, None)
         self.dead -= nodes
         self.silent -= nodes
         self.table.remove(nodes)
@@ -511,6 +520,43 @@ class ClusterState:
             self.dead.add(node)
             self.silent.add(node)
             self.table.set_dead(node, True)
+        return problems
+
+    def ram_outside_to_dict(self) -> dict:
+        """The estimate of the RAM in use outside the reservations (NodeTable
+        note_ram_outside) of each node where it matters after a restart: one holding RAM
+        reservations, or settling after a release (a node first seen holding reservations
+        would start from none, and the system's use not yet visible in the measured figure
+        was handed out once). Nodes not reported yet keep their predecessor's figure."""
+        t = self.table
+        held = {r.node_id for rs in self.reservations.values() for r in rs if r.memory_gb}
+        saved = {node: {"gib": gib, "settling": settling}
+                 for node, (gib, settling) in self.ram_outside_saved.items() if node in held}
+        for node, row in t.index.items():
+            if t.reserved_memory_gib[row] > 1e-9 or t.ram_settling[row]:
+                saved[node] = {"gib": t.ram_outside_gib.item(row),
+                               "settling": t.ram_settling.item(row)}
+        return saved
+
+    def restore_ram_outside(self, data: dict) -> list[str]:
+        """Reload ram_outside_to_dict's record, node by node (one that cannot be read is named
+        and skipped: its estimate starts from none, as before it was saved); set at each
+        node's first report. The problems met."""
+        problems = []
+        for node, record in data.items():
+            try:
+                gib, settling = (record.get("gib"), record.get("settling")) \
+                    if isinstance(record, dict) else (record, None)
+                if not (is_number(gib) and gib >= 0):
+                    raise ValueError(f"its gib is {gib!r:.60}, not a number >= 0")
+                if not (isinstance(settling, int) and not isinstance(settling, bool)
+                        and settling >= 0):
+                    raise ValueError(f"its settling is {settling!r:.60}, not an integer >= 0")
+            except ValueError as e:
+                problems.append(f"cannot restore the RAM in use outside the reservations of "
+                                f"node {node!r}, skipping it: {e}")
+                continue
+            self.ram_outside_saved[node] = (float(gib), min(settling, RAM_SETTLE_REPORTS))
         return problems
 
     def restore_silence(self, data: dict) -> list[str]:

@@ -1112,6 +1112,8 @@ class SchedulerCore:
                 "nodes_asked": {name: {"enqueued_at": since, "bundles": bundles}
                                 for name, (since, bundles) in self.nodes_asked.items()},
                 "silent_nodes": self.state.silence_to_dict(),
+                # (else a node first seen holding reservations starts from none)
+                "ram_outside": self.state.ram_outside_to_dict(),
                 # (their last reports: the jobs only they make possible still wait for them)
                 "silent_node_reports": self.state.silent_reports_to_dict(),
                 # (the comparative-advantage yardstick: victim order and family ranking)
@@ -1133,6 +1135,8 @@ class SchedulerCore:
         # (Silent nodes before the running jobs: a job held only there has no reservation;
         # their last reports before what they held: a report revives a node already dead.)
         parts = (("reservations", lambda d: problems.extend(self.state.restore_reservations(d))),
+                 # (before the silent nodes' reports, which set their rows)
+                 ("ram_outside", lambda d: problems.extend(self.state.restore_ram_outside(d))),
                  ("silent_node_reports",
                   lambda d: problems.extend(self.state.restore_silent_reports(d))),
                  ("silent_nodes", lambda d: problems.extend(self.state.restore_silence(d))),

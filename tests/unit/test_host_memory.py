@@ -352,7 +352,7 @@ def test_preemption_yields_only_the_victims_whose_ram_is_needed():
     assert [e.job_name for e in high.effects if type(e).__name__ == "Yield"] == ["low1"]
     t = core.state.table  # the search put the node's figures back
     assert (t.ram_available_gib[0], t.reserved_memory_gib[0], t.ram_outside_gib[0]) == (24, 40, 0)
-    # Saved and restored: the estimate of the use outside the reservations starts from none.
+    # Saved and restored: the estimate of the use outside the reservations with it (none here).
     again = SchedulerCore(core.settings)
     assert again.restore(json.loads(json.dumps(core.to_dict()))) == []
     again.ray_nodes({"a"}, set(), T0 + 61)
@@ -386,3 +386,31 @@ def test_a_released_jobs_ram_still_in_use_for_a_report_is_not_taken_as_use_outsi
     assert core.state.table.ram_outside_gib[0] == 4
     core.report(ram_node("n", cpus=16, total_gb=64, available_gb=50), T0 + 31)
     assert core.state.table.ram_outside_gib[0] == 14
+
+
+def test_the_estimate_of_ram_in_use_outside_the_reservations_survives_a_restart():
+    # 64 GiB, 4 in use by the system; "first" (40) was just placed, its workers use nothing
+    # yet (60 available). A restarted scheduler, seeing the node first with reservations,
+    # started the estimate from none: free min(64 - 40, 60) = 24, and a job of 22 was handed
+    # the system's 4 GiB (20 are free).
+    core = core_with(ram_node("a", cpus=8, total_gb=64, available_gb=60))
+    assert isinstance(core.submit(JobSpec("first", min_host_memory_gb=40), "d", T0).decision,
+                      Placement)
+    again = SchedulerCore(core.settings)
+    assert again.restore(json.loads(json.dumps(core.to_dict()))) == []
+    again.ray_nodes({"a"}, set(), T0 + 1)
+    again.report(ram_node("a", cpus=8, total_gb=64, available_gb=60), T0 + 1)
+    assert again.state.table.ram_outside_gib[0] == 4
+    waiting = again.submit(JobSpec("second", min_host_memory_gb=22), "d", T0 + 2).decision
+    assert isinstance(waiting, Queued), waiting
+    # Still lowered to the whole use where that is less, as any estimate.
+    again.report(ram_node("a", cpus=8, total_gb=64, available_gb=62), T0 + 3)
+    assert again.state.table.ram_outside_gib[0] == 2
+    # One that cannot be read costs that node's alone; a state saved without it restores.
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["ram_outside"]["a"]["gib"] = -1
+    other = SchedulerCore(core.settings)
+    assert other.restore(saved) == ["cannot restore the RAM in use outside the reservations "
+                                    "of node 'a', skipping it: its gib is -1, not a number >= 0"]
+    del saved["ram_outside"]
+    assert SchedulerCore(core.settings).restore(saved) == []
