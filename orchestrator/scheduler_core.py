@@ -1573,13 +1573,24 @@ class SchedulerCore:
         if plan is None:
             self.awaiting_since.pop(spec.name, None)
             return None if rejection is None else self._not_final(rejection, spec, now)
-        since = self.awaiting_since.setdefault(spec.name, now)
+        since = self._awaiting_since(spec.name, now)
         if now - since <= self.settings.scale_up_timeout_s:
             return None  # it waits for the autoscaler (scale_up_requests)
         self.awaiting_since.pop(spec.name, None)
         return dataclasses.replace(rejection, message=(
             f"{rejection.message}\n  waited {now - since:.0f} s (scale_up_timeout_s) for the "
             f"autoscaler's nodes: {self._not_joined(spec, plan, now)}"))
+
+    def _awaiting_since(self, job_name: str, now: float) -> float:
+        """When the waiting job began waiting for new nodes (now, if it did not yet), in its
+        present stay in the queue: a time from before it entered the queue is an earlier
+        job's of that name (cancelled and submitted again before a tick forgot it), whose
+        clock it inherited and was refused early for."""
+        since = self.awaiting_since.get(job_name)
+        job = self.queue.waiting.get(job_name)
+        if since is None or (job is not None and since < job.in_queue_since):
+            since = self.awaiting_since[job_name] = now
+        return since
 
     def _not_joined(self, spec: JobSpec, plan: tuple[PlanPart, ...], now: float) -> str:
         """Why a job waiting for new nodes (`plan`: those still to add, per type) is not held
@@ -1826,7 +1837,7 @@ class SchedulerCore:
                 # Out of line until its nodes join: it cannot start on the cluster as it
                 # stands, so it neither blocks nor plans a start for the jobs behind it.
                 self._wait_reason(job, _scale_up_reason(new_nodes))
-                self.awaiting_since.setdefault(spec.name, now)  # (its scale_up_timeout_s)
+                self._awaiting_since(spec.name, now)  # (its scale_up_timeout_s)
                 # (here too, so that the state a submission saves holds it for a restart)
                 self._ask_for_new_nodes(job, new_nodes)
                 continue

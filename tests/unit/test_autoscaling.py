@@ -965,3 +965,20 @@ def test_a_scale_up_timeout_names_the_types_that_never_joined_and_those_that_fal
     assert ("the H100 node(s) up (node type 'h100') hold 0 of the 8 workers the autoscaler "
             "counts them for (do their labels promise more than they report?)"
             ) in gone.message, gone.message
+
+
+def test_a_job_submitted_again_under_its_name_waits_its_own_scale_up_timeout():
+    """Cancelled after 500 s of waiting for nodes and submitted again before a maintenance
+    pass: the new job inherited the first one's clock and was refused after 149 s of its own
+    wait (`waited 650 s (scale_up_timeout_s)`)."""
+    core = core_with(cpu_node("cpu", cpus=16), scale_up_timeout_s=600.0)
+    core.node_types = _two_eight_gpu_types()
+    job = JobSpec("j", num_workers=16, gpus_per_worker=1, accelerator_types=("A100", "H100"))
+    assert isinstance(core.submit(job, "d", T0).decision, Queued)
+    core.cancel("j", "d", T0 + 500)
+    assert isinstance(core.submit(job, "d", T0 + 501).decision, Queued)
+    core.tick(T0 + 650)
+    assert isinstance(core.poll("j", "d", T0 + 651).decision, Queued)
+    core.tick(T0 + 501 + 601)
+    gone = core.poll("j", "d", T0 + 1103).decision
+    assert isinstance(gone, Rejection) and "waited 601 s" in gone.message, gone
