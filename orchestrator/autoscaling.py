@@ -464,8 +464,9 @@ def unlabelled_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> s
 
 def gpu_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
     """Why no plan holds a GPU job when no node type (of its families, where it names any)
-    has the GPUs for one worker, naming what the types have; else None (also with no types:
-    no autoscaling config)."""
+    has the GPUs for one worker, or GPUs of the memory it asks (of the types declaring it:
+    unlabelled_memory_note tells of the others), naming what the types have; else None
+    (also with no types: no autoscaling config)."""
     if not (spec.gpus_per_worker and node_types):
         return None
     families = [f.upper() for f in spec.accelerator_types]
@@ -479,10 +480,35 @@ def gpu_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
         return f"{lead} {'/'.join(families)} GPUs (its GPU types: {listed})"
     most = max(of_family, key=lambda t: t.gpus)
     need = math.ceil(spec.gpus_per_worker)
-    if most.gpus >= need:
+    named = '/'.join(families) + ' ' if families else ''
+    if most.gpus < need:
+        return (f"{lead} {need} {named}GPU(s) for one worker (gpus_per_worker): the most is "
+                f"{most.gpus} ({most.name!r})")
+    enough = [t for t in of_family if t.gpus >= need]
+    if not spec.min_gpu_memory_gb or any(t.gpu_memory_gb is None for t in enough):
         return None
-    return (f"{lead} {need} {'/'.join(families) + ' ' if families else ''}GPU(s) for one "
-            f"worker (gpus_per_worker): the most is {most.gpus} ({most.name!r})")
+    largest = max(enough, key=lambda t: t.gpu_memory_gb)
+    if largest.gpu_memory_gb >= spec.min_gpu_memory_gb:
+        return None
+    return (f"{lead} {named}GPUs with {spec.min_gpu_memory_gb:g} GiB (min_gpu_memory_gb): "
+            f"the most is {largest.gpu_memory_gb:g} GiB ({largest.name!r})")
+
+
+def cpu_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
+    """Why no plan holds a job when no node type that has the GPUs for one of its workers
+    (of its families; any type for a CPU job) has the CPUs for one, naming the most; else
+    None (gpu_note tells of a GPU job no type has the GPUs for)."""
+    families = {f.upper() for f in spec.accelerator_types}
+    need = math.ceil(spec.gpus_per_worker)
+    holding = [t for t in node_types if not need or (
+        t.gpus >= need and (not families or t.family in families))]
+    if not (holding and spec.cpus_per_worker):
+        return None
+    most = max(holding, key=lambda t: t.cpus)
+    if most.cpus + 1e-9 >= spec.cpus_per_worker:
+        return None
+    return (f"no node type the autoscaler can add has {spec.cpus_per_worker:g} CPUs for one "
+            f"worker (cpus_per_worker): the most is {most.cpus:g} ({most.name!r})")
 
 
 def accelerator_resource_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:

@@ -61,7 +61,7 @@ import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_note,
-                                      adds_none_note, gpu_note,
+                                      adds_none_note, cpu_note, gpu_note,
                                       host_memory_note, max_workers_note, nodes_up_key,
                                       parts_to_add,
                                       plan_bundles, plan_named, ray_memory_gib,
@@ -1633,6 +1633,7 @@ class SchedulerCore:
                                    unlabelled_memory_note(spec, self.node_types),
                                    accelerator_resource_note(spec, self.node_types),
                                    gpu_note(spec, self.node_types),
+                                   cpu_note(spec, self.node_types),
                                    host_memory_note(spec, self.node_types),
                                    self.node_types and adds_none_note(
                                        spec, self.node_types, self._held_by_nodes_up(spec, now)))

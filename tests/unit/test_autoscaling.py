@@ -982,3 +982,29 @@ def test_a_job_submitted_again_under_its_name_waits_its_own_scale_up_timeout():
     core.tick(T0 + 501 + 601)
     gone = core.poll("j", "d", T0 + 1103).decision
     assert isinstance(gone, Rejection) and "waited 601 s" in gone.message, gone
+
+
+def test_a_job_no_node_type_has_the_gpu_memory_or_cpus_for_one_worker_says_so(aws_types):
+    """Refused with what the nodes up lack alone: a T4 job asking 20 GiB a GPU (the T4 type's
+    GPUs have 15), or a worker of 500 CPUs (the largest type has 192), named no type."""
+    from orchestrator.autoscaling import cpu_note, gpu_note
+    t4 = JobSpec("b", num_workers=1, gpus_per_worker=1, accelerator_types=("T4",),
+                 min_gpu_memory_gb=20)
+    wide = JobSpec("d", num_workers=2, cpus_per_worker=500)
+    for job, note in ((t4, "no node type the autoscaler can add has T4 GPUs with 20 GiB "
+                           "(min_gpu_memory_gb): the most is 15 GiB ('infer_t4')"),
+                      (wide, "no node type the autoscaler can add has 500 CPUs for one worker "
+                             "(cpus_per_worker): the most is 192 ('train_h100')")):
+        core = core_with(cpu_node("cpu", cpus=16))
+        core.node_types = aws_types
+        refused = core.submit(job, "d", T0).decision
+        assert isinstance(refused, Rejection) and note in refused.message, refused
+    # Where a type has them, no such note.
+    assert gpu_note(dataclasses.replace(t4, min_gpu_memory_gb=15), aws_types) is None
+    assert cpu_note(dataclasses.replace(wide, cpus_per_worker=192), aws_types) is None
+    # An 8-GPU worker of 100 CPUs: of the types with the GPUs, the A100's 96 fall short, but
+    # the H100's 192 do not.
+    eight = JobSpec("e", num_workers=1, gpus_per_worker=8, cpus_per_worker=100)
+    assert cpu_note(eight, aws_types) is None
+    assert "the most is 96 ('train_a100')" in cpu_note(
+        dataclasses.replace(eight, accelerator_types=("A100",)), aws_types)
