@@ -267,7 +267,8 @@ class Ingress:
             parsed = (await asyncio.to_thread(parse) if len(body) > PARSE_OFF_LOOP_BYTES
                       else parse())
             requests = [GenerationRequest(prompt, SamplingParams(
-                parsed.max_tokens, parsed.temperature, parsed.top_p, parsed.stop, parsed.seed))
+                parsed.max_tokens, parsed.temperature, parsed.top_p, parsed.stop, parsed.seed,
+                parsed.skip_leading_space))
                 for prompt in parsed.prompts]
             if parsed.stream:
                 return await self._stream_response(parsed, requests, started, route)

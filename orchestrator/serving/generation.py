@@ -37,6 +37,8 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # A chat reply: no stop matches the leading space its content loses (text.TextStream).
+    skip_leading_space: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,8 @@ class Row:
         tokenizer = tokenizer or ByteTokenizer()
         self.eos_id = tokenizer.eos_id
         self.vocab = tokenizer.vocab_size
-        self.text = TextStream(request.params.stop, tokenizer.token_bytes)
+        self.text = TextStream(request.params.stop, tokenizer.token_bytes,
+                               request.params.skip_leading_space)
         for token in request.generated:  # rebuild the stream state of what was delivered
             self.text.feed(token)
         self.rng: random.Random | None = None

@@ -103,6 +103,8 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
     model: str | None = None
+    # Chat: the reply's content loses a leading space (ChatReply), never matched by a stop.
+    skip_leading_space: bool = False
 
 
 # Fields accepted only at their "off" value: sent by clients with defaults filled in, refused
@@ -475,6 +477,7 @@ def parse_chat_request(data: dict[str, Any], *, block_size: int, model_name: str
                       " with the template")
     sampling = checked.sampling
     return CompletionRequest(prompts=(prompt,), max_tokens=max_tokens, model=model,
+                             skip_leading_space=True,
                              **{**sampling, "stop": sampling["stop"] + (CHAT_STOP,)})
 
 

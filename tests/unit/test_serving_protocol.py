@@ -349,6 +349,28 @@ def test_a_chat_reply_loses_the_templates_space_once_so_history_renders_as_the_m
     assert protocol.chat_reply_content("x y") == "x y"
 
 
+def test_a_chat_stop_never_matches_the_templates_space_the_reply_loses():
+    # The client's stops apply to the reply's content, which has no template space: stop " "
+    # on a model writing " Hello world" ended the reply empty at once ("stop" on the space
+    # the client never sees); OpenAI's answer is "Hello".
+    from orchestrator.serving.generation import GenerationRequest, Row, SamplingParams
+
+    parsed = protocol.parse_chat_request(
+        {"messages": [{"role": "user", "content": "Hi"}], "stop": [" ", "Hello"],
+         "max_tokens": 20}, block_size=BLOCK, model_name=MODEL)
+    for generated, content in ((" Hello world", ""), (" Hi there", "Hi"),
+                               ("Hi there", "Hi"), ("  x y", "")):
+        stops = parsed.stop
+        row = Row(GenerationRequest(parsed.prompts[0], SamplingParams(
+            parsed.max_tokens, stop=stops, skip_leading_space=parsed.skip_leading_space)))
+        reply = protocol.ChatReply()
+        streamed = [reply.text(row.accept(t).text) for t in generated.encode()
+                    if not row.finished]
+        assert "".join(streamed) == content and row.finished, generated
+    # (completions have no template: a leading space there is the text's own)
+    assert not parse({"prompt": "Hi", "stop": " "}).skip_leading_space
+
+
 def test_chats_default_max_tokens_fits_the_replicas_kv_cache():
     # A cache smaller than the context: the default is what the cache holds after the
     # prompt (it used to be the context's room, which the replica then refused).
