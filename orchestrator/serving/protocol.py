@@ -65,6 +65,10 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  type: str = "invalid_request_error", code: str | None = None) -> None:
+        # (a lone surrogate the client sent - a model name, a field's name - echoed here is
+        # written as its escape: the body goes out as UTF-8, which cannot hold one, and the
+        # answer was a plain-text 500)
+        message, param = _sendable(message), _sendable(param)
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.type, self.code = type, code
@@ -79,6 +83,11 @@ class APIError(Exception):
 
     def __reduce__(self):  # crosses Ray actor boundaries with all its fields
         return (APIError, (self.status, self.message, self.param, self.type, self.code))
+
+
+def _sendable(text: str | None) -> str | None:
+    """`text` as UTF-8 can carry it: a lone surrogate (JSON's "\\ud800") as its escape."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

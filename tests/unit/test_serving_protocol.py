@@ -349,6 +349,21 @@ def test_a_chat_reply_loses_the_templates_space_once_so_history_renders_as_the_m
     assert protocol.chat_reply_content("x y") == "x y"
 
 
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "a", "model": "gpt-\ud800"}, "model"),  # (JSON "\\ud800": a lone surrogate)
+    ({"prompt": "a", "max_\ud800": 1}, "max_\\ud800"),
+    ({"messages": [{"role": "user", "content": "a"}], "\udfff": 1}, "\\udfff"),
+])
+def test_an_error_naming_a_lone_surrogate_the_client_sent_is_still_sent(body, param):
+    # The server answers with the body as JSON in UTF-8 (Starlette's JSONResponse:
+    # ensure_ascii=False), which a lone surrogate cannot be encoded in: a model name or an
+    # unknown field spelling one, echoed in the error, made the 400/404 a plain-text 500.
+    with pytest.raises(APIError) as e:
+        protocol.check_request_fields(body, chat="messages" in body, model_name=MODEL)
+    sent = json.loads(json.dumps(e.value.body(), ensure_ascii=False).encode("utf-8"))
+    assert sent["error"]["param"] == param and "\\u" in sent["error"]["message"]
+
+
 def test_a_chat_stop_never_matches_the_templates_space_the_reply_loses():
     # The client's stops apply to the reply's content, which has no template space: stop " "
     # on a model writing " Hello world" ended the reply empty at once ("stop" on the space
