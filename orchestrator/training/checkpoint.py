@@ -28,6 +28,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -54,10 +55,24 @@ def _dcp_errors() -> tuple[type[BaseException], ...]:
     return (Exception, CheckpointException)
 
 
+# A traceback's exception line ("module.Type: message"), at the start of a line: the frames'
+# lines are indented, and a message's further lines rarely start with a name and ": ".
+_RAISED_LINE = re.compile(r"(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*): (\S.*)")
+
+
 def _dcp_problem(e: BaseException) -> str:
     """The line that says what went wrong in a torch.distributed.checkpoint failure: its
-    message holds every failed rank's whole traceback, whose last line is the cause."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    message holds every failed rank's whole traceback, whose last exception line is the cause
+    ("Type: message", the type without its module, the message to its first sentence: torch's
+    refusal to unpickle runs on for lines of advice, its last a link to its documentation);
+    without one, the message's last line."""
+    text = str(e)
+    raised = [m for m in map(_RAISED_LINE.fullmatch, text.splitlines()) if m]
+    if raised:
+        kind, message = raised[-1].groups()
+        first, *rest = message.split(". ", 1)
+        return f"{kind}: {first.strip()}{'.' if rest else ''}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else type(e).__name__
 
 

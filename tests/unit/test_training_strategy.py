@@ -468,6 +468,29 @@ def test_a_sharded_save_that_fails_is_a_checkpoint_error_naming_the_cause(tmp_pa
     assert not (tmp_path / "ckpt" / "meta.pt").exists()  # never taken for complete
 
 
+def test_a_damaged_shard_without_a_digest_is_refused_with_its_cause_in_one_line(tmp_path):
+    # A checkpoint written before shard digests were recorded is read unchecked, so DCP's own
+    # failure is the message: its last line was taken for the cause, and a shard of zeros
+    # (never written: a power loss) was refused as "cannot be read: Check the documentation
+    # of torch.load to learn more about types accepted by default with weights_only https://..."
+    from orchestrator.training.checkpoint import (SHARD_DIGESTS, load_tensors, save_sharded,
+                                                  save_tensors)
+
+    directory = tmp_path / "checkpoint_00000003"
+    save_sharded(directory, {"model": {"w": torch.randn(8, 8)},
+                             "optimizer": {"state": {"w": {"exp_avg": torch.randn(8, 8)}}}},
+                 {"step": 3}, rank=0)
+    meta = load_tensors(directory / "meta.pt")
+    del meta[SHARD_DIGESTS]  # as written before the digests
+    save_tensors(directory / "meta.pt", meta)
+    shard = directory / "__0_0.distcp"
+    shard.write_bytes(bytes(shard.stat().st_size))
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(directory)
+    assert str(caught.value) == (f"sharded checkpoint {directory} cannot be read: "
+                                 "UnpicklingError: Weights only load failed.")
+
+
 def test_a_checkpoint_before_a_groups_first_step_resumes_under_either_strategy(tmp_path,
                                                                               process_group):
     """'lower' steps every 8 micro-batches; the checkpoint of step 4 holds no optimizer state
