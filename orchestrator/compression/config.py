@@ -26,6 +26,10 @@ RESUMABLE_CHANGES = frozenset({"log_every", "checkpoint_every", "device", "threa
                                "latency_repeats",
                                "eval_tokens", "eval_batch_size", "onnx_baseline",
                                "int8_static"})
+# Fine-tune settings a rerun may change while a fine-tune stage is unfinished (what makes one
+# diverge): the fine-tunes not finished yet run with the new values from step 0; a finished
+# stage keeps the values it was made with (its stage.json records them under `settings`).
+RESTART_CHANGES = ("lr", "warmup_steps", "weight_decay", "grad_clip", "temperature")
 
 
 @dataclass(frozen=True)
@@ -149,9 +153,10 @@ class CompressConfig:
 
 
 def resume_conflicts(saved: Mapping[str, Any], config: CompressConfig,
-                     block_size: int | None = None) -> list[str]:
+                     block_size: int | None = None, restart: bool = False) -> list[str]:
     """'field: old -> new' for every field whose change would make finished stages stale (a
-    field the saved config lacks counts as its default: orchestrator/validation.py).
+    field the saved config lacks counts as its default: orchestrator/validation.py); with
+    `restart` (a fine-tune is unfinished), not those of RESTART_CHANGES (restart_changes).
     Settings that run the same are the same: seq_len left out or given as the teacher's
     context (`block_size`), the importance of unstructured pruning (which ranks no units),
     the distillation steps of a run without a smaller student."""
@@ -165,4 +170,20 @@ def resume_conflicts(saved: Mapping[str, Any], config: CompressConfig,
     for name, ignored in unused.items():
         if ignored:
             saved[name] = getattr(config, name)
-    return validation.resume_conflicts(saved, config, RESUMABLE_CHANGES)
+    return validation.resume_conflicts(
+        saved, config, RESUMABLE_CHANGES | frozenset(RESTART_CHANGES if restart else ()))
+
+
+def restart_changes(saved: Mapping[str, Any], config: CompressConfig) -> list[str]:
+    """'field: old -> new' for the fields of RESTART_CHANGES that `config` changes."""
+    others = {field.name for field in dataclasses.fields(config)} - set(RESTART_CHANGES)
+    return validation.resume_conflicts(saved, config, frozenset(others))
+
+
+def fine_tune_settings(settings: CompressConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The RESTART_CHANGES values of a config, or of a saved one (a field it lacks counts as
+    its default): what a fine-tune stage records it was made with."""
+    if isinstance(settings, CompressConfig):
+        return {name: getattr(settings, name) for name in RESTART_CHANGES}
+    defaults = CompressConfig()
+    return {name: settings.get(name, getattr(defaults, name)) for name in RESTART_CHANGES}

@@ -205,8 +205,9 @@ def _stop_if_diverged(plan: Plan, step: int, loss: float, first: int,
     what = divergence(loss, first, step, student)
     if what is None:
         return
-    again = ("; fine-tune settings cannot change on a rerun of this --out: start again with a "
-             "new --out")
+    again = (f"; rerun with other values: the stages already finished are kept and "
+             f"{plan.stage} starts over from step 0 with them (with the same values a rerun "
+             "resumes from the progress saved)")
     if teacher is not None and not weights_finite(teacher):
         cause = ("the teacher's weights hold NaN or inf: compress a checkpoint saved before "
                  "its run diverged")

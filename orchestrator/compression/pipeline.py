@@ -35,7 +35,8 @@ from orchestrator.compression import export, measure, prune, qat, structured
 from orchestrator.compression.artifacts import (CheckpointError, cpu_state_dict,
                                                 file_in_the_way, load_tensors, save_tensors,
                                                 staged_dir, write_json)
-from orchestrator.compression.config import CompressConfig, resume_conflicts
+from orchestrator.compression.config import (CompressConfig, fine_tune_settings,
+                                              restart_changes, resume_conflicts)
 from orchestrator.compression.finetune import Plan, PruneSchedule, finetune, remove_progress
 from orchestrator.compression.report import (SCRATCH_PREFIX, build_report,
                                              format_table, latency_seq_len)
@@ -89,9 +90,13 @@ def prepare_out(out: Path, config: CompressConfig, source: dict[str, Any],
     run holds --out (out_held); `guarded` False, where the filesystem refused its lock:
     another run may be using --out now, and nothing of it is removed as left over.
 
-    Checked before anything is written: a refused run leaves --out as it was."""
-    check_out(out, config, source, block_size)
+    Checked before anything is written: a refused run leaves --out as it was. A rerun that
+    changes fine-tune settings a fine-tune not finished may take restarts it (restart_stages),
+    before the new settings are recorded: a stop between the two finds the change again."""
+    saved = check_out(out, config, source, block_size)
     out.mkdir(parents=True, exist_ok=True)
+    if saved is not None:
+        restart_stages(out, config, saved, log)
     write_json(out / CONFIG_FILE, {"compress": config.to_dict(), "source": source})
     if guarded:
         remove_leftovers(out, log)
@@ -112,16 +117,64 @@ def remove_leftovers(out: Path, log: Callable[[str], None]) -> None:
         log(f"report: removed the temporary folder {scratch.name} of an earlier attempt")
 
 
+def fine_tune_stages(config: CompressConfig) -> list[str]:
+    """The fine-tunes a run of `config` makes, in order."""
+    return ["distill", "prune", "qat"] if config.student_size else ["prune", "qat"]
+
+
+def restart_stages(out: Path, config: CompressConfig, saved: dict[str, Any],
+                   log: Callable[[str], None]) -> None:
+    """Where this rerun changes fine-tune settings (config.RESTART_CHANGES; check_out let it
+    through: a fine-tune is unfinished), said in one line: the finished fine-tunes are kept as
+    made with the `saved` values, which their stage.json records (added there where a stage
+    predates the record), and the unfinished ones run from step 0 with the new values: their
+    progress checkpoints, made with the old ones, are deleted."""
+    changes = restart_changes(saved, config)
+    if not changes:
+        return
+    kept, restarted, removed = [], [], []
+    for stage in fine_tune_stages(config):
+        directory = out / STAGE_DIRS[stage]
+        if directory.is_dir():
+            _record_settings(directory, fine_tune_settings(saved))
+            kept.append(f"{directory.name}/")
+        else:
+            restarted.append(stage)
+            removed += [name for name in remove_progress(partial_path(out, stage))
+                        if not name.endswith(".sha256")]
+    log(f"fine-tune settings changed ({'; '.join(changes)}): "
+        + (f"{', '.join(kept)} kept as made with the old value(s) (recorded in stage.json); "
+           if kept else "")
+        + f"{' and '.join(restarted)} "
+        f"start{'s' if len(restarted) == 1 else ''} over from step 0 with the new"
+        + (f" (deleted the progress made with the old: {', '.join(removed)})"
+           if removed else ""))
+
+
+def _record_settings(directory: Path, settings: dict[str, Any]) -> None:
+    """Add the fine-tune `settings` a finished stage was made with to its stage.json, where
+    it lacks them (made by a version that did not record them). One that cannot be read is
+    left to _load_stage (which sets the stage aside and redoes it)."""
+    try:
+        metrics = json.loads((directory / STAGE_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(metrics, dict) and "settings" not in metrics:
+        write_json(directory / STAGE_FILE, {**metrics, "settings": settings})
+
+
 def partial_path(out: Path, stage: str) -> Path:
     """The name a fine-tune's progress checkpoints are derived from (finetune)."""
     return out / f".{stage}.partial.pt"
 
 
 def check_out(out: Path, config: CompressConfig, source: dict[str, Any],
-              block_size: int | None = None) -> None:
+              block_size: int | None = None) -> dict[str, Any] | None:
     """Refuse an --out that is a file, holds something else, or holds a run of another
     teacher or with settings that would change its finished stages (`block_size`: the
-    teacher's context, what seq_len left out means). Writes nothing."""
+    teacher's context, what seq_len left out means); fine-tune settings may change while a
+    fine-tune is unfinished (restart_stages). Writes nothing; returns the saved settings (None
+    for a new --out)."""
     saved_path = out / CONFIG_FILE
     check_out_path(out)
     if saved_path.is_file():
@@ -136,14 +189,20 @@ def check_out(out: Path, config: CompressConfig, source: dict[str, Any],
             raise ConfigError(f"cannot read {saved_path}: {e}") from None
         if saved_source.get("sha256") != source.get("sha256"):
             raise ConfigError(_another_teacher(out, saved_source, source))
-        conflicts = resume_conflicts(saved_config, config, block_size)
+        open_fine_tunes = not (out / STAGE_DIRS["qat"]).is_dir()  # (the last fine-tune)
+        conflicts = resume_conflicts(saved_config, config, block_size, open_fine_tunes)
         if conflicts:
+            finished = ("" if open_fine_tunes or conflicts != restart_changes(saved_config, config)
+                        else f" (its fine-tunes are all finished, {STAGE_DIRS['qat']}/ last: "
+                        "these would change none of them)")
             raise ConfigError(f"--out {out} was made with other settings: "
-                              f"{'; '.join(conflicts)}. Pass the original values or use a "
-                              "new --out")
-    elif out.is_dir() and any(p.name != OUT_LOCK for p in out.iterdir()):
+                              f"{'; '.join(conflicts)}{finished}. Pass the original values or "
+                              "use a new --out")
+        return saved_config
+    if out.is_dir() and any(p.name != OUT_LOCK for p in out.iterdir()):
         raise ConfigError(f"--out {out} is not empty and holds no compression run (no "
                           f"{CONFIG_FILE}); choose a new or empty directory")
+    return None
 
 
 def _another_teacher(out: Path, saved: dict[str, Any], source: dict[str, Any]) -> str:
@@ -400,6 +459,7 @@ def _run_stage(run: Run, stage: str, student: GPT, plan: Plan, *,
         student, masks = finish(student, masks)
     if schedule is not None:  # pruning: "sparsity" as the report means it, one figure
         metrics["sparsity"] = structured.block_sparsity(student, dense_config)
+    metrics["settings"] = fine_tune_settings(run.config)  # (a rerun may change them: restart)
     _save_stage(run.out / STAGE_DIRS[stage], student, masks if masks else None,
                 {"stage": stage, **metrics})
     remove_progress(partial)

@@ -167,7 +167,8 @@ def test_a_fine_tune_whose_loss_goes_non_finite_stops_keeping_the_progress_befor
     assert message.startswith("prune diverged at step 4: the loss over steps 3-4 was nan; "
                               "stopped before saving progress there"), message
     for flag in ("--lr 0.001", "(--warmup-steps: 1 step(s) in this stage)", "--temperature 2",
-                 "a new --out"):
+                 "rerun with other values: the stages already finished are kept and prune "
+                 "starts over from step 0 with them"):
         assert flag in message, message
     assert [p.name for p in progress_checkpoints(partial)] == [".prune.partial.step00000002.pt"]
 

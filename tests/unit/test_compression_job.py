@@ -606,3 +606,83 @@ def test_a_diverged_teacher_is_refused_before_anything_is_written(tmp_path, caps
     assert code == 2, err
     assert f"model {checkpoint} produced non-finite logits (its weights diverged)" in err, err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def qat_nan_above_lr(monkeypatch, lr: float, first_bad: int = 3) -> None:
+    """QAT's loss NaN from its `first_bad`-th step on where --lr is above `lr` (a QAT that a
+    high learning rate makes diverge; the tiny model does not on its own)."""
+    from orchestrator.compression import finetune as finetune_module
+    from orchestrator.compression import pipeline
+    from orchestrator.compression.distill import DistillLoss
+
+    real_finetune, real_loss = pipeline.finetune, finetune_module.distillation_loss
+
+    def finetune(student, teacher, tokens, plan, *args, **kwargs):
+        calls = []
+
+        def loss(*a, **k):
+            calls.append(1)
+            part = real_loss(*a, **k)
+            return part if len(calls) < first_bad else DistillLoss(*(p * float("nan")
+                                                                     for p in part))
+        if plan.stage == "qat" and plan.lr > lr:
+            monkeypatch.setattr(finetune_module, "distillation_loss", loss)
+        try:
+            return real_finetune(student, teacher, tokens, plan, *args, **kwargs)
+        finally:
+            monkeypatch.setattr(finetune_module, "distillation_loss", real_loss)
+
+    monkeypatch.setattr(pipeline, "finetune", finetune)
+
+
+def test_a_rerun_with_another_lr_keeps_the_finished_stages_and_restarts_the_diverged_one(
+        tmp_path, capsys, monkeypatch):
+    """QAT diverged (--lr too high) after pruning had finished; the message said fine-tune
+    settings cannot change on a rerun, and a rerun with a lower --lr was refused (`made with
+    other settings: lr: 0.05 -> 0.001`): the user had to start again with a new --out, losing
+    the pruned stage. Now the rerun keeps pruned/ as it was made, says so in one line, and
+    runs QAT from step 0 with the new lr (not from its progress checkpoint, made with the old
+    one). Settings that change a finished stage still refuse, as does one every fine-tune of
+    which is finished."""
+    import json
+
+    qat_nan_above_lr(monkeypatch, 0.01)
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    command = ["--checkpoint", str(checkpoint), "--out", str(out), "--prune-steps", "2",
+               "--qat-steps", "6", "--batch-size", "2", "--log-every", "4",
+               "--checkpoint-every", "2", "--no-onnx-baseline", "--no-int8-static",
+               "--latency-repeats", "1", "--latency-batched", "1", "--eval-tokens", "64"]
+    code, err = run_job(capsys, *command, "--lr", "0.05")
+    assert code == 4 and "qat diverged at step 4" in err, err
+    assert "rerun with other values: the stages already finished are kept and qat starts " \
+           "over from step 0" in err, err
+    pruned = (out / "pruned" / "weights.pt").read_bytes()
+    assert (out / ".qat.partial.step00000002.pt").is_file()
+    # A setting of the finished pruning stage: refused as before, nothing touched.
+    code, err = run_job(capsys, *command, "--lr", "0.001", "--prune-sparsity", "0.5")
+    assert code == 2 and "prune_sparsity: 0.3 -> 0.5" in err, err
+    assert (out / ".qat.partial.step00000002.pt").is_file()
+
+    # A stage finished by a version that did not record its settings gets them now.
+    stage_json = out / "pruned" / "stage.json"
+    stage_json.write_text(json.dumps({k: v for k, v in json.loads(stage_json.read_text()).items()
+                                      if k != "settings"}))
+    code = JOB.main([*command, "--lr", "0.001"])
+    said = capsys.readouterr()
+    assert code == 0, said.err
+    lines = [line for line in said.out.splitlines() if "lr: 0.05 -> 0.001" in line]
+    assert len(lines) == 1, said.out
+    assert "pruned/ kept as made" in lines[0] and "qat starts over from step 0" in lines[0] \
+        and ".qat.partial.step00000002.pt" in lines[0], lines[0]
+    assert "qat: resumed" not in said.out, said.out
+    assert (out / "pruned" / "weights.pt").read_bytes() == pruned
+    made_with = {stage: json.loads((out / stage / "stage.json").read_text())["settings"]
+                 for stage in ("pruned", "qat")}
+    assert made_with["pruned"]["lr"] == 0.05 and made_with["qat"]["lr"] == 0.001, made_with
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["prune"]["settings"]["lr"] == 0.05
+    assert report["config"]["lr"] == 0.001
+    # Every fine-tune finished: another lr would change none of them, refused.
+    code, err = run_job(capsys, *command, "--lr", "0.002")
+    assert code == 2 and "lr: 0.001 -> 0.002" in err and "new --out" in err, err
