@@ -20,6 +20,9 @@ from orchestrator.config import ConfigError
 
 COLUMNS = ("model", "runtime", "size_bytes", "latency_ms", "perplexity", "sparsity")
 SCRATCH_PREFIX = ".report-"  # the report's temporary folder in --out, one per attempt
+# A model whose perplexity is more than this many times the original's is named in a warning
+# line under the table (the run still succeeds: the loss stayed finite).
+PPL_WARN_RATIO = 10
 
 
 def _row(model: str, runtime: str, size: int, latency: dict[str, float], ppl: float | None,
@@ -237,4 +240,21 @@ def format_table(report: dict[str, Any]) -> str:
             + ", ".join(f"{k} {v:.2f}x" for k, v in vs_onnx.items())) if vs_onnx else "")
         + f"; perplexity {s['ppl_original']:.4f} -> {s['ppl_int8']:.4f} "
         f"({s['ppl_increase_pct']:+.2f}%), sparsity {s['sparsity']:.1%} of the block parameters")
-    return "\n".join(lines)
+    warning = perplexity_warning(report["rows"])
+    return "\n".join(lines + ([warning] if warning else []))
+
+
+def perplexity_warning(rows: list[dict[str, Any]]) -> str | None:
+    """One line naming the models whose perplexity is over PPL_WARN_RATIO times the
+    original's (a fine-tune that went wrong with its loss still finite: --lr 0.99
+    --grad-clip 0 ended at 1.1e28), or None."""
+    original = next((r["perplexity"] for r in rows if r["model"] == "original"), None)
+    if not original:
+        return None
+    far = [f"{r['model']} {r['perplexity']:.3g}" for r in rows
+           if r["perplexity"] is not None and r["perplexity"] > PPL_WARN_RATIO * original]
+    if not far:
+        return None
+    return (f"warning: perplexity over {PPL_WARN_RATIO}x the original's ({original:.3g}): "
+            f"{', '.join(far)}; likely a fine-tune gone wrong (look at --lr, --grad-clip, "
+            "--warmup-steps, --weight-decay, --temperature): check before using the model")

@@ -753,6 +753,35 @@ def test_the_report_table_keeps_its_columns_for_long_model_and_runtime_names():
     assert "onnxruntime int8 static" in table[3]
 
 
+def test_the_report_warns_in_one_line_of_a_perplexity_far_above_the_originals():
+    """`--lr 0.99 --grad-clip 0` kept the loss finite and ended with exit 0 and an int8
+    perplexity of 1.1e28 (the original's 230) in the table, said nowhere. The run still
+    succeeds; the report says so in one line naming the models, their perplexities and the
+    flags to look at."""
+    from orchestrator.compression.report import format_table
+
+    def report(ppl):
+        rows = [{"model": model, "runtime": "torch fp32", "size_bytes": 4e6, "perplexity": value,
+                 "latency_ms_by_shape": {"b1": 1.0}, "sparsity": 0.3}
+                for model, value in ppl.items()]
+        return {"rows": rows, "latency_setup": {"shapes": {"b1": None}, "primary": "b1",
+                                                "threads": 2, "cpu": {"isa": "avx2"}},
+                "summary": {"size_ratio": 4.0, "latency_ratio": 2.0, "ppl_original": 230.0,
+                            "ppl_int8": ppl["int8"], "ppl_increase_pct": 5.0, "sparsity": 0.3}}
+
+    fine = format_table(report({"original": 230.0, "pruned": 2000.0, "int8": 2299.0,
+                                "original-onnx": None}))
+    assert "warning" not in fine, fine
+    bad = format_table(report({"original": 230.0, "pruned": 1.4e16, "int8": 1.1e28,
+                               "int8-torch": math.inf, "original-onnx": None}))
+    warnings = [line for line in bad.splitlines() if "warning" in line]
+    assert warnings == [
+        "warning: perplexity over 10x the original's (230): pruned 1.4e+16, int8 1.1e+28, "
+        "int8-torch inf; likely a fine-tune gone wrong (look at --lr, --grad-clip, "
+        "--warmup-steps, --weight-decay, --temperature): check before using the model"], bad
+    assert bad.splitlines()[-1] == warnings[0]
+
+
 def test_a_finished_stage_that_cannot_be_read_now_is_set_aside_not_deleted(tmp_path,
                                                                           monkeypatch):
     # An I/O error reading stage.json deleted the finished stage (rmtree): a passing fault
