@@ -144,17 +144,18 @@ def run(args: argparse.Namespace) -> dict:
 
 def out_of_memory_message(config: CompressConfig, block_size: int, error: Exception) -> str:
     """One line for torch failing to allocate memory (training.loop.is_out_of_memory): what
-    torch says, from its allocator's words on, and the flags that size the memory. The
-    fine-tunes' are settings of the stages a rerun resumes, so lowering them needs a new
-    --out; the report's may change on a rerun."""
+    torch says, from its allocator's words on, and the flags that size the memory. Both may
+    change on a rerun: the fine-tunes' restart the unfinished fine-tunes, keeping the
+    finished stages (pipeline.restart_stages); the report's change only the report."""
     from orchestrator.training.loop import OUT_OF_MEMORY_MARKS
 
     text = on_one_line(str(error))
     start = min((text.find(mark) for mark in OUT_OF_MEMORY_MARKS if mark in text), default=0)
     return (f"out of memory: {text[start:start + 200]}; the fine-tunes take --batch-size "
             f"{config.batch_size} x --seq-len {config.seq_len or block_size} tokens a step "
-            f"(lower them with a new --out: a rerun keeps the settings of the stages it "
-            f"resumes), the report --eval-batch-size {config.eval_batch_size} windows and "
+            f"(lower them on a rerun of this --out: the stages already finished are kept and "
+            f"the others start over from step 0), the report --eval-batch-size "
+            f"{config.eval_batch_size} windows and "
             f"--latency-batched {config.latency_batched} rows at a time (lower them on a "
             f"rerun)")
 

@@ -27,9 +27,11 @@ RESUMABLE_CHANGES = frozenset({"log_every", "checkpoint_every", "device", "threa
                                "eval_tokens", "eval_batch_size", "onnx_baseline",
                                "int8_static"})
 # Fine-tune settings a rerun may change while a fine-tune stage is unfinished (what makes one
-# diverge): the fine-tunes not finished yet run with the new values from step 0; a finished
-# stage keeps the values it was made with (its stage.json records them under `settings`).
-RESTART_CHANGES = ("lr", "warmup_steps", "weight_decay", "grad_clip", "temperature")
+# diverge or run out of memory): the fine-tunes not finished yet run with the new values from
+# step 0; a finished stage keeps the values it was made with (its stage.json records them
+# under `settings`).
+RESTART_CHANGES = ("lr", "warmup_steps", "weight_decay", "grad_clip", "temperature",
+                   "batch_size", "seq_len")
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,23 @@ def resume_conflicts(saved: Mapping[str, Any], config: CompressConfig,
     Settings that run the same are the same: seq_len left out or given as the teacher's
     context (`block_size`), the importance of unstructured pruning (which ranks no units),
     the distillation steps of a run without a smaller student."""
+    saved, config = _as_run(saved, config, block_size)
+    return validation.resume_conflicts(
+        saved, config, RESUMABLE_CHANGES | frozenset(RESTART_CHANGES if restart else ()))
+
+
+def restart_changes(saved: Mapping[str, Any], config: CompressConfig,
+                    block_size: int | None = None) -> list[str]:
+    """'field: old -> new' for the fields of RESTART_CHANGES that `config` changes (settings
+    that run the same are the same, as in resume_conflicts)."""
+    saved, config = _as_run(saved, config, block_size)
+    others = {field.name for field in dataclasses.fields(config)} - set(RESTART_CHANGES)
+    return validation.resume_conflicts(saved, config, frozenset(others))
+
+
+def _as_run(saved: Mapping[str, Any], config: CompressConfig, block_size: int | None
+            ) -> tuple[dict[str, Any], CompressConfig]:
+    """`saved` and `config` with the settings that run the same made the same."""
     saved = dict(saved)
     if block_size:
         saved["seq_len"] = saved.get("seq_len") or block_size
@@ -170,14 +189,7 @@ def resume_conflicts(saved: Mapping[str, Any], config: CompressConfig,
     for name, ignored in unused.items():
         if ignored:
             saved[name] = getattr(config, name)
-    return validation.resume_conflicts(
-        saved, config, RESUMABLE_CHANGES | frozenset(RESTART_CHANGES if restart else ()))
-
-
-def restart_changes(saved: Mapping[str, Any], config: CompressConfig) -> list[str]:
-    """'field: old -> new' for the fields of RESTART_CHANGES that `config` changes."""
-    others = {field.name for field in dataclasses.fields(config)} - set(RESTART_CHANGES)
-    return validation.resume_conflicts(saved, config, frozenset(others))
+    return saved, config
 
 
 def fine_tune_settings(settings: CompressConfig | Mapping[str, Any]) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def prepare_out(out: Path, config: CompressConfig, source: dict[str, Any],
     saved = check_out(out, config, source, block_size)
     out.mkdir(parents=True, exist_ok=True)
     if saved is not None:
-        restart_stages(out, config, saved, log)
+        restart_stages(out, config, saved, block_size, log)
     write_json(out / CONFIG_FILE, {"compress": config.to_dict(), "source": source})
     if guarded:
         remove_leftovers(out, log)
@@ -123,13 +123,13 @@ def fine_tune_stages(config: CompressConfig) -> list[str]:
 
 
 def restart_stages(out: Path, config: CompressConfig, saved: dict[str, Any],
-                   log: Callable[[str], None]) -> None:
+                   block_size: int | None, log: Callable[[str], None]) -> None:
     """Where this rerun changes fine-tune settings (config.RESTART_CHANGES; check_out let it
     through: a fine-tune is unfinished), said in one line: the finished fine-tunes are kept as
     made with the `saved` values, which their stage.json records (added there where a stage
     predates the record), and the unfinished ones run from step 0 with the new values: their
     progress checkpoints, made with the old ones, are deleted."""
-    changes = restart_changes(saved, config)
+    changes = restart_changes(saved, config, block_size)
     if not changes:
         return
     kept, restarted, removed = [], [], []
@@ -192,7 +192,8 @@ def check_out(out: Path, config: CompressConfig, source: dict[str, Any],
         open_fine_tunes = not (out / STAGE_DIRS["qat"]).is_dir()  # (the last fine-tune)
         conflicts = resume_conflicts(saved_config, config, block_size, open_fine_tunes)
         if conflicts:
-            finished = ("" if open_fine_tunes or conflicts != restart_changes(saved_config, config)
+            finished = ("" if open_fine_tunes
+                        or conflicts != restart_changes(saved_config, config, block_size)
                         else f" (its fine-tunes are all finished, {STAGE_DIRS['qat']}/ last: "
                         "these would change none of them)")
             raise ConfigError(f"--out {out} was made with other settings: "

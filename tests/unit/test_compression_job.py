@@ -553,7 +553,7 @@ def test_running_out_of_memory_is_one_line_naming_the_flags_that_size_it(tmp_pat
     assert code == 4, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "out of memory: DefaultCPUAllocator: can't allocate memory: you tried to allocate" in err
-    assert "--batch-size 10000000 x --seq-len 16" in err and "a new --out" in err, err
+    assert "--batch-size 10000000 x --seq-len 16" in err and "a rerun of this --out" in err, err
     assert (out / "original").is_dir()  # what was saved is kept
 
 
@@ -686,3 +686,41 @@ def test_a_rerun_with_another_lr_keeps_the_finished_stages_and_restarts_the_dive
     # Every fine-tune finished: another lr would change none of them, refused.
     code, err = run_job(capsys, *command, "--lr", "0.002")
     assert code == 2 and "lr: 0.001 -> 0.002" in err and "new --out" in err, err
+
+
+def test_after_running_out_of_memory_a_rerun_may_lower_the_batch_keeping_finished_stages(
+        tmp_path, capsys, monkeypatch):
+    """QAT ran out of memory after pruning had finished; the message said lowering
+    --batch-size x --seq-len needs a new --out (the rerun was refused: `batch_size: 4 -> 2`),
+    losing the pruned stage. Now the rerun keeps pruned/ and runs QAT with the smaller batch;
+    `--seq-len` given as the teacher's context is no change and restarts nothing."""
+    import json
+
+    from orchestrator.compression import pipeline
+
+    real_finetune = pipeline.finetune
+
+    def finetune(student, teacher, tokens, plan, *args, **kwargs):
+        if plan.stage == "qat" and plan.batch_size > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_finetune(student, teacher, tokens, plan, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "finetune", finetune)
+    out = tmp_path / "out"
+    command = ["--checkpoint", str(make_checkpoint(tmp_path / "ckpt")), "--out", str(out),
+               "--prune-steps", "2", "--qat-steps", "2", "--no-onnx-baseline",
+               "--no-int8-static", "--latency-repeats", "1", "--latency-batched", "1",
+               "--eval-tokens", "64"]
+    code, err = run_job(capsys, *command, "--batch-size", "4")
+    assert code == 4 and "out of memory" in err, err
+    assert "lower them on a rerun of this --out" in err and "a new --out" not in err, err
+    pruned = (out / "pruned" / "weights.pt").read_bytes()
+    code = JOB.main([*command, "--batch-size", "2", "--seq-len", "16"])
+    said = capsys.readouterr()
+    assert code == 0, said.err
+    assert "fine-tune settings changed (batch_size: 4 -> 2): pruned/ kept" in said.out, said.out
+    assert "seq_len" not in said.out
+    assert (out / "pruned" / "weights.pt").read_bytes() == pruned
+    stages = json.loads((out / "report.json").read_text())["stages"]
+    assert stages["prune"]["settings"]["batch_size"] == 4
+    assert stages["qat"]["settings"]["batch_size"] == 2
