@@ -188,6 +188,19 @@ def test_a_loop_that_raises_exits_4_naming_the_worker_and_its_error_and_releases
     assert not held_by_scheduler(name)
 
 
+def run_two_rank_loop(source: str, file: str, name: str, config: dict, stuck_timeout_s: float,
+                      tmp_path, capsys) -> tuple[int, object, str]:
+    """(exit code, what launch.fit returned, stderr) of the loop `source` (written to `file`)
+    run on 2 workers with no restart."""
+    (tmp_path / file).write_text(textwrap.dedent(source))
+    entry = load_entrypoint(f"{file}:train_loop", base_dir=tmp_path)
+    code, launched = run_job(lambda: launch.fit(
+        entry.function, spec=JobSpec(name, num_workers=2), config=config,
+        run_dir=tmp_path / name, max_failures=0, queue_timeout_s=120,
+        stuck_timeout_s=stuck_timeout_s), on_interrupt="interrupted")
+    return code, launched, capsys.readouterr().err
+
+
 STUCK_LOOP = """\
     import time
 
@@ -207,14 +220,9 @@ def test_a_rank_stuck_in_its_own_code_fails_after_stuck_timeout_naming_it(cluste
                                                                           capsys):
     """Rank 1 sleeps while rank 0 waits in its report: the run failed only after the process
     group's 30-minute timeout, with no message."""
-    (tmp_path / "stuck.py").write_text(textwrap.dedent(STUCK_LOOP))
-    entry = load_entrypoint("stuck.py:train_loop", base_dir=tmp_path)
     name = "byol-stuck"
-    code, launched = run_job(lambda: launch.fit(
-        entry.function, spec=JobSpec(name, num_workers=2), config={"steps": 6, "stuck_at": 2},
-        run_dir=tmp_path / name, max_failures=0, queue_timeout_s=120, stuck_timeout_s=5),
-        on_interrupt="interrupted")
-    err = capsys.readouterr().err
+    code, launched, err = run_two_rank_loop(
+        STUCK_LOOP, "stuck.py", name, {"steps": 6, "stuck_at": 2}, 5, tmp_path, capsys)
     assert code == 4 and launched is None
     assert ("error: training failed after 0 restart(s): worker rank 1: StuckRank: worker "
             "rank(s) 1 stuck in the loop's own code: neither called launch.report nor returned "
@@ -248,14 +256,9 @@ def test_a_rank_stuck_while_the_others_wait_in_ddps_all_reduce_is_named(cluster,
                                                                         capsys):
     """Rank 1 sleeps before its backward while rank 0 waits in DDP's gradient all-reduce in
     its own: both read as in their own code, and the run waited out gloo's 30 minutes."""
-    (tmp_path / "ddp_stuck.py").write_text(textwrap.dedent(DDP_STUCK_LOOP))
-    entry = load_entrypoint("ddp_stuck.py:train_loop", base_dir=tmp_path)
     name = "byol-ddp-stuck"
-    code, launched = run_job(lambda: launch.fit(
-        entry.function, spec=JobSpec(name, num_workers=2), config={"steps": 6, "stuck_at": 2},
-        run_dir=tmp_path / name, max_failures=0, queue_timeout_s=120, stuck_timeout_s=5),
-        on_interrupt="interrupted")
-    err = capsys.readouterr().err
+    code, launched, err = run_two_rank_loop(
+        DDP_STUCK_LOOP, "ddp_stuck.py", name, {"steps": 6, "stuck_at": 2}, 5, tmp_path, capsys)
     assert code == 4 and launched is None
     assert re.search(r"worker rank 1: StuckRank: worker rank\(s\) 1 stuck in the loop's own "
                      r"code: .* now at ddp_stuck\.py line 14, in train_loop; rank 0 blocked in "
@@ -288,13 +291,8 @@ def test_a_healthy_ddp_loop_with_a_slow_reading_rank_is_not_named_stuck(cluster,
     batches, with no report for longer than stuck_timeout_s: each step's backward frame took
     the last one's address, its wait counted from the first step's, and the healthy rank 1
     was named stuck."""
-    (tmp_path / "slow_reader.py").write_text(textwrap.dedent(SLOW_READER_LOOP))
-    entry = load_entrypoint("slow_reader.py:train_loop", base_dir=tmp_path)
     name = "byol-slow-reader"
-    code, launched = run_job(lambda: launch.fit(
-        entry.function, spec=JobSpec(name, num_workers=2), config={"steps": 25},
-        run_dir=tmp_path / name, max_failures=0, queue_timeout_s=120, stuck_timeout_s=3),
-        on_interrupt="interrupted")
-    err = capsys.readouterr().err
+    code, launched, err = run_two_rank_loop(
+        SLOW_READER_LOOP, "slow_reader.py", name, {"steps": 25}, 3, tmp_path, capsys)
     assert code == 0, err[-2000:]
     assert "StuckRank" not in err
