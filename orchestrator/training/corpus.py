@@ -137,7 +137,7 @@ def expand_sources(specs: list[str], say: Callable[[str], None] = print
     """Every file the `--data` values name, sorted and without duplicates; DataError naming the
     value at fault when one names nothing usable (missing, empty, unknown format). `say`
     names the files skipped because their names are not UTF-8 (_usable_files)."""
-    found: dict[str, SourceFile] = {}
+    found: dict[str | tuple[int, int], SourceFile] = {}
     for spec in specs:
         if not isinstance(spec, str) or not spec.strip():
             raise DataError(f"--data must be a path, directory, glob or URI, got {spec!r}")
@@ -155,7 +155,8 @@ def _real_location(uri: str) -> str | tuple[int, int]:
     """What a file is, however it was named: a local file's device and inode (through
     symlinks, hard links and file://), so one file named twice (a `latest -> v3` link, a
     snapshot tree of hard links, a path and its URI) is read once; hard links were read
-    once each."""
+    once each. Its real path where the filesystem gives no inode numbers (0: some FUSE and
+    network mounts), where (device, 0) made every file one."""
     if "://" in uri and not uri.startswith("file://"):
         return uri
     path = uri.removeprefix("file://")
@@ -163,7 +164,7 @@ def _real_location(uri: str) -> str | tuple[int, int]:
         status = os.stat(path)
     except OSError:  # (gone since listed: named by the checks)
         return os.path.realpath(path)
-    return status.st_dev, status.st_ino
+    return (status.st_dev, status.st_ino) if status.st_ino else os.path.realpath(path)
 
 
 def _expand_one(spec: str, say: Callable[[str], None]) -> list[SourceFile]:

@@ -547,6 +547,30 @@ def test_one_file_under_two_hard_links_is_read_once(tmp_path):
             str(tmp_path / "v1" / "a.txt"), str(tmp_path / "v2" / "b.txt")]
 
 
+def test_a_filesystem_without_inode_numbers_keeps_every_file_and_symlinks_read_once(
+        tmp_path, monkeypatch):
+    # Some filesystems give every file inode 0 (some FUSE and network mounts): keyed by
+    # (device, inode), one file of a whole folder was kept without a word.
+    import types
+
+    from orchestrator.training import corpus as corpus_module
+
+    for name in ("a", "b", "c"):
+        (tmp_path / "d" / f"{name}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "d" / f"{name}.txt").write_text(f"paragraph {name}\n\n")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "d" / "a.txt")
+    real_stat = os.stat
+    everything = [str(tmp_path / "d" / f"{n}.txt") for n in "abc"]
+
+    def stat(path, *args, **kwargs):
+        status = real_stat(path, *args, **kwargs)
+        return types.SimpleNamespace(st_dev=status.st_dev, st_ino=0, st_mode=status.st_mode)
+    monkeypatch.setattr(corpus_module.os, "stat", stat)
+    assert [s.uri for s in expand_sources([str(tmp_path / "d")])] == everything
+    assert [s.uri for s in expand_sources([str(tmp_path / "d"),
+                                           str(tmp_path / "link.txt")])] == everything
+
+
 def test_the_files_kept_and_the_cache_key_do_not_depend_on_the_order_of_data_values(
         corpus, tmp_path):
     # One file named twice was kept under the first name given: the cache key (which holds
