@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import heapq
 import io
 import json
 import os
@@ -346,23 +347,35 @@ def _tree(fs: pafs.FileSystem, base: str) -> list:
     """Everything under the folder `base` (_listing). pyarrow's recursive listing follows a
     symlink to a folder above it (`up -> ..`) until the kernel's ELOOP, 40 levels deep: every
     file listed 40 times, and with two such links 2^40 listings (a run that never started).
-    On a local disk the folders are listed one by one instead, and one whose real path is
-    already on the way down to it is not listed again (a link elsewhere, `latest -> v3`,
-    still is); object storage has no links, and one request lists it all."""
+    On a local disk the folders are listed one by one instead, in sorted order of their
+    paths (the hidden ones last), and each real folder once: under the first of its names
+    (`latest -> v3`: as latest/), a folder reached again through a symlink (`up -> ..`, sibling folders linked
+    to each other, which were listed once per path through the links: exponentially many)
+    is not listed again; its files, the same files, are kept under the first name anyway
+    (expand_sources). Object storage has no links, and one request lists it all."""
     if fs.type_name != "local":
         return _named(fs.get_file_info(pafs.FileSelector(base, recursive=True)))
-    found, pending = [], [(base, frozenset({os.path.realpath(base)}))]
+    # ((hidden, path), its real path or None, the folder: its path, or its name's bytes): a
+    # folder's contents sort after it, so the folders come out in sorted order, the hidden
+    # ones last (`data -> .store/data` is listed as data/: the hidden name is passed over)
+    found, listed = [], set()
+    pending = [((False, base), os.path.realpath(base), base)]
     while pending:
-        folder, above = pending.pop()
+        _, real, folder = heapq.heappop(pending)
+        if real in listed:
+            continue
+        if real is not None:
+            listed.add(real)
         level = _folder(fs, folder) if isinstance(folder, str) else _unnamed_tree(folder)
         found += level
         for info in level:
-            if info.type == pafs.FileType.Directory and isinstance(info, pafs.FileInfo):
-                real = os.path.realpath(info.path)
-                if real not in above:
-                    pending.append((info.path, above | {real}))
-            elif info.type == pafs.FileType.Directory and isinstance(folder, str):
-                pending.append((info.raw, above))  # (pyarrow takes UTF-8 paths only)
+            if info.type != pafs.FileType.Directory:
+                continue
+            key = (_hidden_below(base, info.path), info.path)
+            if isinstance(info, pafs.FileInfo):
+                heapq.heappush(pending, (key, os.path.realpath(info.path), info.path))
+            elif isinstance(folder, str):  # (pyarrow takes UTF-8 paths only)
+                heapq.heappush(pending, (key, None, info.raw))
     return found
 
 
