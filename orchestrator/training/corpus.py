@@ -20,6 +20,7 @@ document on the same side, and never trained on.
 from __future__ import annotations
 
 import codecs
+import errno
 import hashlib
 import heapq
 import io
@@ -406,16 +407,25 @@ def _is_utf8(path: str) -> bool:
 
 @dataclass(frozen=True)
 class _Dangling:
-    """A local symlink whose target does not exist (_folder)."""
+    """A local symlink whose target cannot be reached (_folder): gone, a loop of links."""
 
     path: str
     type: pafs.FileType = pafs.FileType.File
 
     def refusal(self, spec: str) -> DataError:
         target = os.path.join(os.path.dirname(self.path), os.readlink(self.path))
+        why = ("does not exist (a mount that is not mounted, a file moved or removed): restore "
+               "it, or remove the link")
+        try:
+            os.stat(self.path)
+        except OSError as e:  # (links to each other: "does not exist" named one that does)
+            if e.errno == errno.ELOOP:
+                why = ("leads round a loop of symlinks back to itself: point it at the file, "
+                       "or remove the link")
+            elif e.errno != errno.ENOENT:
+                why = f"cannot be reached ({e.strerror}): make it readable, or remove the link"
         return DataError(f"--data {spec}: {self.path} is a symlink to "
-                         f"{os.path.normpath(target)}, which does not exist (a mount that is "
-                         "not mounted, a file moved or removed): restore it, or remove the link")
+                         f"{os.path.normpath(target)}, which {why}")
 
 
 def _unnamed_tree(raw: bytes) -> list:

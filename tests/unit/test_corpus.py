@@ -1430,6 +1430,22 @@ def test_a_symlink_to_a_folder_above_is_not_followed_round_and_round(tmp_path, m
     assert [s.uri for s in expand_sources([spec])] == [str(corpus / "a" / "latest" / "x.txt")]
 
 
+def test_a_corpus_file_in_a_symlink_loop_is_named_as_one_not_as_gone(tmp_path):
+    # It said "a.txt is a symlink to b.txt, which does not exist (a mount that is not
+    # mounted, a file moved or removed)" of two links to each other: b.txt is there.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "ok.txt").write_text("a paragraph\n\n")
+    (corpus / "a.txt").symlink_to("b.txt")
+    (corpus / "b.txt").symlink_to("a.txt")
+    with pytest.raises(DataError) as refused:
+        expand_sources([str(corpus)])
+    assert str(refused.value) in [
+        f"--data {corpus}: {corpus / one} is a symlink to {corpus / other}, which leads round "
+        "a loop of symlinks back to itself: point it at the file, or remove the link"
+        for one, other in (("a.txt", "b.txt"), ("b.txt", "a.txt"))]
+
+
 @pytest.mark.parametrize("spec", ["{d}", "{d}/**.txt", "{d}/*"])
 def test_folders_linked_to_each_other_are_each_listed_once(tmp_path, monkeypatch, spec):
     """Only the folders on the way down were left out: sibling folders linked to each other
