@@ -1109,6 +1109,7 @@ class SchedulerCore:
                 "preempting": {name: sorted(v) for name, v in self.preempting.items()},
                 "excluded_gpus": {name: sorted(v) for name, v in self.excluded_gpus.items()},
                 "placements_given_back": dict(self.placements_given_back),
+                # ("enqueued_at": when the job entered the queue this time, in_queue_since)
                 "nodes_asked": {name: {"enqueued_at": since, "bundles": bundles}
                                 for name, (since, bundles) in self.nodes_asked.items()},
                 "silent_nodes": self.state.silence_to_dict(),
@@ -1714,10 +1715,12 @@ class SchedulerCore:
             return None  # (a node that never reports: afterwards nothing is held for it)
         waiting = self.queue.ordered()
         # (a job of the same name queued since, e.g. cancelled and submitted again with
-        # another shape, is another job: the earlier one's request goes)
+        # another shape, is another job: the earlier one's request goes; so does a job's
+        # own from an earlier stay in the queue, placed and back since, e.g. preempted:
+        # kept by its first submit time, a request for nodes it no longer waits for stood)
         self.nodes_asked = {job.spec.name: self.nodes_asked[job.spec.name] for job in waiting
                             if self.nodes_asked.get(job.spec.name, (None,))[0]
-                            == job.enqueued_at}
+                            == job.in_queue_since}
         for job in waiting:
             self._ask_for_new_nodes(job, self._new_nodes_plan(job.spec, now))
         return [bundle for job in waiting
@@ -1727,7 +1730,7 @@ class SchedulerCore:
         """Note the bundles a job that needs new nodes asks for (the latest plan's); without a
         plan (the cluster as it is would hold it) an earlier ask stands."""
         if plan is not None:
-            self.nodes_asked[job.spec.name] = (job.enqueued_at,
+            self.nodes_asked[job.spec.name] = (job.in_queue_since,
                                                plan_bundles(job.spec, plan))
 
     def _silent_alive(self) -> frozenset[str]:

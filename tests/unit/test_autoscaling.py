@@ -1008,3 +1008,23 @@ def test_a_job_no_node_type_has_the_gpu_memory_or_cpus_for_one_worker_says_so(aw
     assert cpu_note(eight, aws_types) is None
     assert "the most is 96 ('train_a100')" in cpu_note(
         dataclasses.replace(eight, accelerator_types=("A100",)), aws_types)
+
+
+def test_a_job_placed_and_back_in_the_queue_before_a_pass_drops_its_old_request(aws_types):
+    """Placed and preempted back into the queue with no maintenance pass between (nodes
+    joining one after another kept scale_up_requests at None): its first stay's A100 request
+    stood (kept by first submit time), though it now waits only for the H100 node it ran on,
+    and the autoscaler added an A100 node for it."""
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = aws_types
+    y = JobSpec("y", num_workers=8, gpus_per_worker=1, accelerator_types=("A100", "H100"))
+    core.submit(y, "dy", T0)
+    asked = core.scale_up_requests(T0 + 1)
+    assert len(asked) == 8 and "accelerator_type:A100" in asked[0]
+    core.ray_nodes({"cpu", "h1"}, set(), T0 + 100)  # an H100 node joins (another job's)
+    core.report(gpu_node("h1", gpus=8, family="H100", cpus=96), T0 + 100)
+    assert isinstance(core.poll("y", "dy", T0 + 101).decision, Placement)
+    z = JobSpec("z", num_workers=8, gpus_per_worker=1, accelerator_types=("H100",), priority=5)
+    core.submit(z, "dz", T0 + 120)
+    assert isinstance(core.yielded("y", "dy", T0 + 121).decision, Queued)
+    assert core.scale_up_requests(T0 + 122) == []  # it waits for z on h1: nothing to add
