@@ -1703,16 +1703,16 @@ class SchedulerCore:
         t = self.state.table
         return int(counts[t.family[:len(counts)] == t.families.get(family, -1)].sum())
 
-    def scale_up_requests(self, now: float) -> list[dict[str, float]] | None:
+    def scale_up_requests(self, now: float) -> list[dict[str, float]]:
         """What to ask the autoscaler for (request_resources' bundles): the workers of every
         waiting job that the cluster as it stands cannot hold and a node type can, and still
         those of a job asked for before, until it leaves the queue (placed, cancelled,
         rejected): its nodes must not go idle and be removed while it waits for a running
         job. Empty when none: asking for nothing withdraws an earlier request, so nodes a job
-        that left no longer needs can go idle and be removed. None while a node that just
-        joined has not reported (for suspect_after_s): not known, the last request stands."""
-        if self._unknown_nodes(now):
-            return None  # (a node that never reports: afterwards nothing is held for it)
+        that left no longer needs can go idle and be removed. While a node that just joined
+        has not reported (for suspect_after_s) nothing is planned (not known): the asks made
+        stand, less those of jobs that left the queue (the whole last request stood, a
+        cancelled job's nodes asked for until the node reported)."""
         waiting = self.queue.ordered()
         # (a job of the same name queued since, e.g. cancelled and submitted again with
         # another shape, is another job: the earlier one's request goes; so does a job's
@@ -1721,7 +1721,8 @@ class SchedulerCore:
         self.nodes_asked = {job.spec.name: self.nodes_asked[job.spec.name] for job in waiting
                             if self.nodes_asked.get(job.spec.name, (None,))[0]
                             == job.in_queue_since}
-        for job in waiting:
+        # (a node that never reports: afterwards nothing is held for it)
+        for job in waiting if not self._unknown_nodes(now) else ():
             self._ask_for_new_nodes(job, self._new_nodes_plan(job.spec, now))
         return [bundle for job in waiting
                 for bundle in self.nodes_asked.get(job.spec.name, (0.0, ()))[1]]

@@ -122,8 +122,9 @@ def test_a_node_that_has_not_reported_yet_leaves_the_last_request_standing(aws_t
     spec = JobSpec("train", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",))
     core.submit(spec, "d", T0)
     assert len(core.scale_up_requests(T0 + 1)) == 8
+    asked = core.scale_up_requests(T0 + 1)
     core.ray_nodes({"cpu", "new"}, set(), T0 + 2)  # joined, its agent not reporting yet
-    assert core.scale_up_requests(T0 + 3) is None
+    assert core.scale_up_requests(T0 + 3) == asked  # not planned again: the ask stands
     core.report(cpu_node("new", cpus=16), T0 + 4)
     assert len(core.scale_up_requests(T0 + 5)) == 8  # still only an A100 node would hold it
 
@@ -171,7 +172,7 @@ def test_a_node_that_never_reports_does_not_hold_the_request_for_ever(aws_types)
     spec = JobSpec("train", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",))
     core.submit(spec, "d", T0)
     core.ray_nodes({"cpu", "mute"}, set(), T0 + 10)  # joins, its agent never reports
-    assert core.scale_up_requests(T0 + 11) is None  # just joined: not known yet
+    assert len(core.scale_up_requests(T0 + 11)) == 8  # just joined: the submit's ask stands
     core.cancel("train", "d", T0 + 12)
     assert core.scale_up_requests(T0 + 10 + 60) == []  # later: nothing held for it
 
@@ -1028,3 +1029,21 @@ def test_a_job_placed_and_back_in_the_queue_before_a_pass_drops_its_old_request(
     core.submit(z, "dz", T0 + 120)
     assert isinstance(core.yielded("y", "dy", T0 + 121).decision, Queued)
     assert core.scale_up_requests(T0 + 122) == []  # it waits for z on h1: nothing to add
+
+
+def test_a_job_that_leaves_the_queue_while_a_node_has_not_reported_takes_its_request(
+        aws_types):
+    """Cancelled while a node that just joined had not reported: the whole last request stood
+    (scale_up_requests said None) for up to suspect_after_s after the last node joined, the
+    cancelled job's H100 node still asked for."""
+    core = core_with(cpu_node("cpu", cpus=16), suspect_after_s=15.0)
+    core.node_types = aws_types
+    for name, family in (("a", "A100"), ("b", "H100")):
+        core.submit(JobSpec(name, num_workers=8, gpus_per_worker=1,
+                            accelerator_types=(family,)), "d", T0)
+    asked = core.scale_up_requests(T0 + 1)
+    assert len(asked) == 16
+    core.ray_nodes({"cpu", "a1"}, set(), T0 + 100)  # joined, its agent not reporting yet
+    assert core.scale_up_requests(T0 + 101) == asked  # a's and b's asks stand, not re-planned
+    core.cancel("b", "d", T0 + 102)
+    assert core.scale_up_requests(T0 + 103) == asked[:8]  # b's goes at once
