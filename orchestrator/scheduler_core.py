@@ -351,7 +351,9 @@ class SchedulerCore:
         # it), kept until it leaves the queue: withdrawn once its nodes joined but while it
         # still waits (for a running job), they would sit idle and be removed, and it would
         # ask again. The queue time tells a job from a later one of the same name.
-        self.nodes_asked: dict[str, tuple[float, list[dict[str, float]]]] = {}
+        # job -> (when it entered the queue, the bundles asked, its plan's parts: each
+        # {"node_type", "nodes" to add, "workers"}, scale_up_asked_by_job)
+        self.nodes_asked: dict[str, tuple[float, list[dict[str, float]], list[dict]]] = {}
         self._alive_changed_at = -math.inf  # when Ray's alive set last changed
         # A waiting job was kept although it may never fit, as nodes had not reported: once
         # they have (or suspect_after_s passed), the queue is judged again (report and tick)
@@ -1110,8 +1112,9 @@ class SchedulerCore:
                 "excluded_gpus": {name: sorted(v) for name, v in self.excluded_gpus.items()},
                 "placements_given_back": dict(self.placements_given_back),
                 # ("enqueued_at": when the job entered the queue this time, in_queue_since)
-                "nodes_asked": {name: {"enqueued_at": since, "bundles": bundles}
-                                for name, (since, bundles) in self.nodes_asked.items()},
+                "nodes_asked": {name: {"enqueued_at": since, "bundles": bundles,
+                                       "node_types": parts}
+                                for name, (since, bundles, parts) in self.nodes_asked.items()},
                 "silent_nodes": self.state.silence_to_dict(),
                 # (else a node first seen holding reservations starts from none)
                 "ram_outside": self.state.ram_outside_to_dict(),
@@ -1731,8 +1734,18 @@ class SchedulerCore:
         """Note the bundles a job that needs new nodes asks for (the latest plan's); without a
         plan (the cluster as it is would hold it) an earlier ask stands."""
         if plan is not None:
-            self.nodes_asked[job.spec.name] = (job.in_queue_since,
-                                               plan_bundles(job.spec, plan))
+            self.nodes_asked[job.spec.name] = (
+                job.in_queue_since, plan_bundles(job.spec, plan),
+                [{"node_type": node_type.name, "nodes": nodes, "workers": workers}
+                 for node_type, nodes, workers in plan if workers])
+
+    def scale_up_asked_by_job(self) -> list[dict]:
+        """Why the autoscaler is asked for what scale_up_requests last returned, in its
+        order: for each waiting job and node type, {"job", "node_type", "nodes" (to add, as
+        planned when asked), "workers" (its bundles)}; `status --json`'s
+        `autoscaling.asked_by_job`."""
+        return [{"job": job.spec.name, **part} for job in self.queue.ordered()
+                for part in self.nodes_asked.get(job.spec.name, (0.0, (), ()))[2]]
 
     def _silent_alive(self) -> frozenset[str]:
         """Nodes dead only by their agent's silence that Ray still lists alive: they have
@@ -2636,10 +2649,11 @@ class SchedulerCore:
 
 # -- small pure helpers ----------------------------------------------------------------------------
 
-def saved_nodes_asked(record: object) -> tuple[float, list[dict[str, float]]]:
-    """A waiting job's saved autoscaler request: (its queue time, the bundles asked), each
-    bundle resource names to non-negative numbers; ValueError naming what is wrong (a bad
-    bundle sent to request_resources failed every job's request, on every pass)."""
+def saved_nodes_asked(record: object) -> tuple[float, list[dict[str, float]], list[dict]]:
+    """A waiting job's saved autoscaler request: (its queue time, the bundles asked, the
+    node types they are for: none in a state saved before they were), each bundle resource
+    names to non-negative numbers; ValueError naming what is wrong (a bad bundle sent to
+    request_resources failed every job's request, on every pass)."""
     if not isinstance(record, dict):
         raise ValueError(f"a JSON {type(record).__name__}, not an object")
     since, bundles = record.get("enqueued_at"), record.get("bundles")
@@ -2650,7 +2664,14 @@ def saved_nodes_asked(record: object) -> tuple[float, list[dict[str, float]]]:
                                         for k, v in b.items()) for b in bundles):
         raise ValueError(f"its bundles are {bundles!r:.60}, not a list of resource names to "
                          "numbers >= 0")
-    return float(since), [dict(b) for b in bundles]
+    parts = record.get("node_types", [])
+    if not isinstance(parts, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("node_type"), str)
+            and all(is_int(p.get(k)) and p.get(k) >= 0 for k in ("nodes", "workers"))
+            for p in parts):
+        raise ValueError(f"its node_types are {parts!r:.60}, not a list of node type names "
+                         "with their nodes and workers")
+    return float(since), [dict(b) for b in bundles], [dict(p) for p in parts]
 
 
 def _saved_count(value: object) -> int:

@@ -101,6 +101,8 @@ class SchedulerActor:
         # The last request_resources; None: none made yet, so the first pass makes one, which
         # also withdraws a request left by the scheduler before a restart.
         self._scale_up_asked: list[dict[str, float]] | None = None
+        # Which job and node type each part of it is for (SchedulerCore.scale_up_asked_by_job)
+        self._scale_up_asked_by: list[dict] = []
         self.maintain_every_s = maintain_every_s
         # Node id -> (its agent's actor id, since when that agent is known to have not
         # reported): an agent that stays silent past suspect_after_s is killed and started
@@ -240,6 +242,7 @@ class SchedulerActor:
                                "rows": self.throughput.rows()},
                 "autoscaling": {**autoscaling_summary(self.core.node_types),
                                 "asked_for": list(self._scale_up_asked or []),
+                                "asked_by_job": list(self._scale_up_asked_by),
                                 "config_problem": self._autoscaling_problem},
             }
 
@@ -262,6 +265,7 @@ class SchedulerActor:
             agents = self.core.agents_needed(alive, now)
             last_seen = {e.node_id: self.core.state.last_seen.get(e.node_id) for e in agents}
             scale_up = self.core.scale_up_requests(now)
+            asked_by = self.core.scale_up_asked_by_job()
             # (SaveSoon) saved at most once a pass; and the clock pair kept fresh
             if self._unsaved or time.monotonic() - self._saved_at > CLOCK_RESAVE_S:
                 self._save()
@@ -269,8 +273,10 @@ class SchedulerActor:
                        "lost_reservations": tick.decision["lost_reservations"],
                        "orphans_released": orphans.decision[0] + orphans.decision[1],
                        "placed_from_queue": sorted(set(self.core.queue.ready) - ready_before)}
-        if scale_up is not None and scale_up != self._scale_up_asked:
+        if scale_up != self._scale_up_asked:
             changes["autoscaler_asked_for"] = self._ask_autoscaler(scale_up)
+        if scale_up == self._scale_up_asked:  # (it went out, or stands as it was)
+            self._scale_up_asked_by = asked_by
         if any(changes.values()):
             log.warning("scheduler maintenance: %s", changes)
         restarted = []

@@ -503,9 +503,11 @@ def test_status_json_shows_each_node_types_ram_gpus_cpus_and_max_workers():
                  "labels": {"orchestrator.io/accelerator-memory-gb": "80"}}}})
     actor.throughput = SimpleNamespace(reference=None, rows=lambda: [])
     actor._scale_up_asked, actor._autoscaling_problem = [{"CPU": 1.0}], None
+    actor._scale_up_asked_by = [{"job": "j", "node_type": "bigmem", "nodes": 1, "workers": 1}]
     autoscaling = json.loads(json.dumps(actor.snapshot()["autoscaling"]))
     assert autoscaling == {
         "max_workers": 10, "asked_for": [{"CPU": 1.0}], "config_problem": None,
+        "asked_by_job": [{"job": "j", "node_type": "bigmem", "nodes": 1, "workers": 1}],
         "node_types": [
             {"name": "bigmem", "cpus": 16.0, "gpus": 0, "family": None, "gpu_memory_gb": None,
              "memory_gb": 512.0, "max_workers": 1, "network_gbps": None,
@@ -572,8 +574,10 @@ def test_an_unusable_autoscaling_config_is_named_in_status_json(monkeypatch, tmp
     actor.lock, actor.core = threading.RLock(), core_with(cpu_node("cpu", cpus=16))
     actor.throughput = SimpleNamespace(reference=None, rows=lambda: [])
     actor._scale_up_asked, actor._autoscaling_problem = None, problem
+    actor._scale_up_asked_by = []
     assert actor.snapshot()["autoscaling"] == {"max_workers": None, "node_types": [],
-                                               "asked_for": [], "config_problem": problem}
+                                               "asked_for": [], "asked_by_job": [],
+                                               "config_problem": problem}
 
 
 def test_a_type_short_of_max_workers_too_is_still_named_for_its_memory_label_or_ram():
@@ -1047,3 +1051,55 @@ def test_a_job_that_leaves_the_queue_while_a_node_has_not_reported_takes_its_req
     assert core.scale_up_requests(T0 + 101) == asked  # a's and b's asks stand, not re-planned
     core.cancel("b", "d", T0 + 102)
     assert core.scale_up_requests(T0 + 103) == asked[:8]  # b's goes at once
+
+
+def test_status_json_says_which_job_and_node_type_each_request_is_for(monkeypatch, aws_types):
+    """`autoscaling.asked_for` was one flat list of bundles: an operator could not tell which
+    job the cluster grew for, nor which node type."""
+    import inspect
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import ray.autoscaler.sdk
+    from ray_layer import scheduler_actor
+
+    sent = []
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources",
+                        lambda bundles: sent.append(bundles))
+    actor_class = scheduler_actor.SchedulerActor.__ray_metadata__.modified_class
+    actor = object.__new__(actor_class)
+    actor.lock, actor.core = threading.RLock(), core_with(cpu_node("cpu", cpus=16))
+    actor.core.node_types = aws_types
+    actor.store = SimpleNamespace(save=lambda state: None)
+    actor.throughput = SimpleNamespace(reference=None, rows=lambda: [], to_dict=lambda: {})
+    actor._unsaved, actor._scale_up_asked, actor._autoscaling_problem = False, None, None
+    actor._saved_at, actor._agent_silent_since = time.monotonic(), {}
+    actor._agents_lock = threading.Lock()
+    module = inspect.unwrap(actor_class.maintain).__globals__
+    for name, value in (("record_all", lambda samples: None), ("wall_clock", lambda: T0 + 5),
+                        ("_ray_nodes", lambda: ({"cpu"}, set(), set())),
+                        ("_dead_drivers", lambda: set()), ("_ray_available", lambda: {})):
+        monkeypatch.setitem(module, name, value)
+    actor.core.submit(JobSpec("a", num_workers=8, gpus_per_worker=1,
+                              accelerator_types=("A100",)), "d", T0)
+    actor.core.submit(JobSpec("etl", num_workers=2, cpus_per_worker=12), "d", T0)
+    actor.maintain()
+    autoscaling = json.loads(json.dumps(actor.snapshot()["autoscaling"]))
+    assert autoscaling["asked_for"] == sent[-1] and len(sent[-1]) == 10
+    assert autoscaling["asked_by_job"] == [
+        {"job": "a", "node_type": "train_a100", "nodes": 1, "workers": 8},
+        {"job": "etl", "node_type": "cpu_worker", "nodes": 1, "workers": 2}]
+    actor.core.cancel("a", "d", T0 + 6)
+    actor.maintain()
+    autoscaling = actor.snapshot()["autoscaling"]
+    assert len(autoscaling["asked_for"]) == 2 and autoscaling["asked_by_job"] == [
+        {"job": "etl", "node_type": "cpu_worker", "nodes": 1, "workers": 2}]
+    # A saved state keeps it for a restart; one saved before it was kept has none
+    saved = json.loads(json.dumps(actor.core.to_dict()))
+    restored = SchedulerCore(actor.core.settings)
+    assert not restored.restore(saved) and restored.scale_up_asked_by_job() == \
+        autoscaling["asked_by_job"]
+    del saved["nodes_asked"]["etl"]["node_types"]
+    older = SchedulerCore(actor.core.settings)
+    assert not older.restore(saved) and older.scale_up_asked_by_job() == []
