@@ -484,12 +484,18 @@ def _named(infos: list[pafs.FileInfo]) -> list:
 def _usable_files(spec: str, files: list, say: Callable[[str], None]) -> list:
     """`files` (those a --data value lists) without the ones whose names are not UTF-8 and
     the symlinks whose targets are gone: DataError naming the first that is a corpus file
-    (compressed too: it would be read, or refused); those whose names are not UTF-8 skipped
+    (compressed too: it would be read, or refused), or a link whose target is gone that has
+    no extension and is not hidden (`shard2 -> /mnt/gone`: a folder of the corpus, perhaps;
+    passed over without a word until the fourth session of 2026-12-07); those whose names
+    are not UTF-8 skipped
     are named through `say` (a stray one, `caf\xe9.bak`, refused the whole value until
     2026-12-07, even a glob that would not read it)."""
     for f in files:
         if isinstance(f, (_Unnamed, _Dangling)) and (_format_of(f.path)
                                                      or _compressed_corpus(f.path)):
+            raise f.refusal(spec)
+        if isinstance(f, _Dangling) and not os.path.splitext(f.path)[1] \
+                and not os.path.basename(f.path).startswith("."):
             raise f.refusal(spec)
     unnamed = [f for f in files if isinstance(f, _Unnamed)]
     if unnamed:

@@ -1503,3 +1503,25 @@ def test_a_corpus_file_linked_to_a_file_that_is_gone_is_named_not_passed_over(tm
         f"--data {spec}: {corpus / 'x.txt'} is a symlink to {tmp_path / 'gone' / 'x.txt'}, "
         "which does not exist (a mount that is not mounted, a file moved or removed): restore "
         "it, or remove the link")
+
+
+@pytest.mark.parametrize("spec", ["{d}", "{d}/*", "{d}/**"])
+def test_a_link_with_no_extension_whose_target_is_gone_is_named_not_passed_over(tmp_path,
+                                                                                 spec):
+    """A dangling link with no extension (`shard2 -> /mnt/gone`: a folder of the corpus on a
+    mount that is not mounted) was passed over without a word, and the run trained on the
+    rest. It is refused as a dangling corpus file is; a hidden one (`.cache`) is not read
+    anyway and is still passed over."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("a paragraph\n\n")
+    (corpus / ".cache").symlink_to(tmp_path / "gone" / "cache")
+    spec = spec.format(d=corpus)
+    assert [s.uri for s in expand_sources([spec])] == [str(corpus / "a.txt")]
+    (corpus / "shard2").symlink_to(tmp_path / "gone")
+    with pytest.raises(DataError) as refused:
+        expand_sources([spec])
+    assert str(refused.value) == (
+        f"--data {spec}: {corpus / 'shard2'} is a symlink to {tmp_path / 'gone'}, which does "
+        "not exist (a mount that is not mounted, a file moved or removed): restore it, or "
+        "remove the link")
