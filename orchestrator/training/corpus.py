@@ -302,12 +302,17 @@ def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str, say: Callable[[st
              and (hidden_too or not _hidden_below(base, i.path))}
     # A folder the pattern matches is read as a directory value: every file under it (its
     # hidden ones skipped). It was passed over: `data/*` over folders matched "no files".
-    for folder in [i for i in found.values() if i.type == pafs.FileType.Directory]:
-        if isinstance(folder, _Unnamed) and not recursive:
+    # The folders are listed together, each real folder once (_tree): folders linked to
+    # each other were listed once per folder matched (n^2 listings for n such folders).
+    folders = sorted(i.path for i in found.values() if i.type == pafs.FileType.Directory)
+    for folder in found.values():
+        if isinstance(folder, _Unnamed) and folder.type == pafs.FileType.Directory \
+                and not recursive:
             raise folder.refusal(spec)  # (cannot be listed)
-        under = infos if recursive else _listing(fs, folder.path, spec)
-        found.update((i.path, i) for i in under if i.path.startswith(folder.path + "/")
-                     and not _hidden_below(folder.path, i.path))
+    under = infos if recursive or not folders else _listing(fs, folders, spec)
+    for folder in folders:
+        found.update((i.path, i) for i in under if i.path.startswith(folder + "/")
+                     and not _hidden_below(folder, i.path))
     matched = _usable_files(spec, [i for _, i in sorted(found.items())
                                    if i.type == pafs.FileType.File], say)
     _refuse_compressed(spec, [i.path for i in matched])
@@ -318,17 +323,18 @@ def _expand_glob(spec: str, fs: pafs.FileSystem, pattern: str, say: Callable[[st
     return [_checked(_source(with_scheme(spec, i.path), i), spec) for i in usable]
 
 
-def _listing(fs: pafs.FileSystem, base: str, spec: str, depth: int | None = None,
+def _listing(fs: pafs.FileSystem, base: str | list[str], spec: str, depth: int | None = None,
              into: Callable[[str, int], bool] = lambda folder, level: True) -> list:
     """What is under the folder `base`: everything (depth None), or `depth` levels of it
-    (1: its own entries), a name that is not UTF-8 as an _Unnamed entry (_named). DataError
+    (1: its own entries), a name that is not UTF-8 as an _Unnamed entry (_named); everything
+    under each of a list of folders (listed together: _tree). DataError
     naming --data when a folder cannot be listed (no permission): pyarrow's OSError left the
     job as a traceback; or when a folder to list has a name that is not UTF-8 (pyarrow takes
     UTF-8 paths only): one that `into(folder, level)` (level 0: `base`'s own) says is not
     needed is passed over."""
     try:
         if depth is None:
-            return _tree(fs, base)
+            return _tree(fs, [base] if isinstance(base, str) else base)
         found, folders = [], [base]
         for level_no in range(depth):
             level = [i for folder in folders for i in _folder(fs, folder)]
@@ -341,11 +347,12 @@ def _listing(fs: pafs.FileSystem, base: str, spec: str, depth: int | None = None
                         raise i.refusal(spec)
         return found
     except OSError as e:
-        raise DataError(f"--data {spec}: cannot list the files under {base}: {e}") from None
+        where = base if isinstance(base, str) else os.path.commonpath(base)
+        raise DataError(f"--data {spec}: cannot list the files under {where}: {e}") from None
 
 
-def _tree(fs: pafs.FileSystem, base: str) -> list:
-    """Everything under the folder `base` (_listing). pyarrow's recursive listing follows a
+def _tree(fs: pafs.FileSystem, bases: list[str]) -> list:
+    """Everything under the folders `bases` (_listing). pyarrow's recursive listing follows a
     symlink to a folder above it (`up -> ..`) until the kernel's ELOOP, 40 levels deep: every
     file listed 40 times, and with two such links 2^40 listings (a run that never started).
     On a local disk the folders are listed one by one instead, in sorted order of their
@@ -353,16 +360,21 @@ def _tree(fs: pafs.FileSystem, base: str) -> list:
     (`latest -> v3`: as latest/), a folder reached again through a symlink (`up -> ..`, sibling folders linked
     to each other, which were listed once per path through the links: exponentially many)
     is not listed again; its files, the same files, are kept under the first name anyway
-    (expand_sources). Object storage has no links, and one request lists it all."""
+    (expand_sources). Several folders (those a glob matches) are listed as one: a real folder
+    under two of them is listed once too. Object storage has no links, and one request
+    lists each folder."""
     if fs.type_name != "local":
-        return _named(fs.get_file_info(pafs.FileSelector(base, recursive=True)))
+        return [i for base in bases
+                for i in _named(fs.get_file_info(pafs.FileSelector(base, recursive=True)))]
     # ((hidden, path), its real path or None, the folder: its path, or its name's bytes): a
     # folder's contents sort after it, so the folders come out in sorted order, the hidden
-    # ones last (`data -> .store/data` is listed as data/: the hidden name is passed over)
+    # ones last (`data -> .store/data` is listed as data/: the hidden name is passed over);
+    # and the folder of `bases` it is under, which says what is hidden
     found, listed = [], set()
-    pending = [((False, base), os.path.realpath(base), base)]
+    pending = [((False, base), os.path.realpath(base), base, base) for base in bases]
+    heapq.heapify(pending)
     while pending:
-        _, real, folder = heapq.heappop(pending)
+        _, real, folder, base = heapq.heappop(pending)
         if real in listed:
             continue
         if real is not None:
@@ -374,9 +386,9 @@ def _tree(fs: pafs.FileSystem, base: str) -> list:
                 continue
             key = (_hidden_below(base, info.path), info.path)
             if isinstance(info, pafs.FileInfo):
-                heapq.heappush(pending, (key, os.path.realpath(info.path), info.path))
+                heapq.heappush(pending, (key, os.path.realpath(info.path), info.path, base))
             elif isinstance(folder, str):  # (pyarrow takes UTF-8 paths only)
-                heapq.heappush(pending, (key, None, info.raw))
+                heapq.heappush(pending, (key, None, info.raw, base))
     return found
 
 
