@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> dict:
     # Everything that can be wrong with the input is checked before --out is touched: a
     # refused run leaves no half-made output behind.
     from orchestrator.compression.export import ExportError
-    from orchestrator.compression.pipeline import check_out_path, resolve_device, run_pipeline
+    from orchestrator.compression.pipeline import (check_out_path, fine_tunes_finished,
+                                                   resolve_device, run_pipeline)
     from orchestrator.compression.source import load_teacher
     from orchestrator.training.checkpoint import CheckpointError
     from orchestrator.training.loop import TrainingDiverged, is_out_of_memory
@@ -137,27 +138,34 @@ def run(args: argparse.Namespace) -> dict:
     except RuntimeError as e:  # torch's allocator failing: a traceback naming no flag
         if not is_out_of_memory(e):
             raise
-        raise JobFailed(out_of_memory_message(config, teacher.config.block_size, e),
-                        EXIT_FAILED) from None
+        raise JobFailed(out_of_memory_message(config, teacher.config.block_size, e,
+                                              fine_tunes_finished(out)), EXIT_FAILED) from None
     # (A run refused before its first stage leaves no --out it made behind: out_held.)
 
 
-def out_of_memory_message(config: CompressConfig, block_size: int, error: Exception) -> str:
+def out_of_memory_message(config: CompressConfig, block_size: int, error: Exception,
+                          fine_tunes_finished: bool = False) -> str:
     """One line for torch failing to allocate memory (training.loop.is_out_of_memory): what
-    torch says, from its allocator's words on, and the flags that size the memory. Both may
-    change on a rerun: the fine-tunes' restart the unfinished fine-tunes, keeping the
-    finished stages (pipeline.restart_stages); the report's change only the report."""
+    torch says, from its allocator's words on, and the flags that size the memory, each with
+    what a rerun may do with it. The report's change only the report. The fine-tunes' restart
+    the unfinished fine-tunes on a rerun of this --out, keeping the finished stages
+    (pipeline.restart_stages); once they are all finished (`fine_tunes_finished`: qat/ is
+    there) such a rerun is refused (pipeline.check_out), so the line names a new --out."""
     from orchestrator.training.loop import OUT_OF_MEMORY_MARKS
 
     text = on_one_line(str(error))
     start = min((text.find(mark) for mark in OUT_OF_MEMORY_MARKS if mark in text), default=0)
-    return (f"out of memory: {text[start:start + 200]}; the fine-tunes take --batch-size "
-            f"{config.batch_size} x --seq-len {config.seq_len or block_size} tokens a step "
+    fine_tunes = (f"--batch-size {config.batch_size} x --seq-len "
+                  f"{config.seq_len or block_size} tokens a step")
+    report = (f"the report --eval-batch-size {config.eval_batch_size} windows and "
+              f"--latency-batched {config.latency_batched} rows at a time")
+    if fine_tunes_finished:
+        return (f"out of memory: {text[start:start + 200]}; {report} (lower them on a rerun "
+                f"of this --out); the fine-tunes ({fine_tunes}) are all finished: to change "
+                "them, use a new --out")
+    return (f"out of memory: {text[start:start + 200]}; the fine-tunes take {fine_tunes} "
             f"(lower them on a rerun of this --out: the stages already finished are kept and "
-            f"the others start over from step 0), the report --eval-batch-size "
-            f"{config.eval_batch_size} windows and "
-            f"--latency-batched {config.latency_batched} rows at a time (lower them on a "
-            f"rerun)")
+            f"the others start over from step 0), {report} (lower them on a rerun)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,7 +189,7 @@ def check_out(out: Path, config: CompressConfig, source: dict[str, Any],
             raise ConfigError(f"cannot read {saved_path}: {e}") from None
         if saved_source.get("sha256") != source.get("sha256"):
             raise ConfigError(_another_teacher(out, saved_source, source))
-        open_fine_tunes = not (out / STAGE_DIRS["qat"]).is_dir()  # (the last fine-tune)
+        open_fine_tunes = not fine_tunes_finished(out)
         conflicts = resume_conflicts(saved_config, config, block_size, open_fine_tunes)
         if conflicts:
             finished = ("" if open_fine_tunes
@@ -204,6 +204,12 @@ def check_out(out: Path, config: CompressConfig, source: dict[str, Any],
         raise ConfigError(f"--out {out} is not empty and holds no compression run (no "
                           f"{CONFIG_FILE}); choose a new or empty directory")
     return None
+
+
+def fine_tunes_finished(out: Path) -> bool:
+    """Whether the fine-tunes of the run in `out` are all finished (qat/, the last, is
+    there): their settings may no longer change on a rerun (check_out)."""
+    return (out / STAGE_DIRS["qat"]).is_dir()
 
 
 def _another_teacher(out: Path, saved: dict[str, Any], source: dict[str, Any]) -> str:

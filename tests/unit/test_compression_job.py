@@ -724,3 +724,39 @@ def test_after_running_out_of_memory_a_rerun_may_lower_the_batch_keeping_finishe
     stages = json.loads((out / "report.json").read_text())["stages"]
     assert stages["prune"]["settings"]["batch_size"] == 4
     assert stages["qat"]["settings"]["batch_size"] == 2
+
+
+def test_out_of_memory_in_the_report_names_only_what_a_rerun_of_this_out_may_change(
+        tmp_path, capsys, monkeypatch):
+    """The report ran out of memory after qat/ had finished; the line said lower --batch-size
+    x --seq-len on a rerun of this --out, and that rerun was refused (`its fine-tunes are
+    all finished`). Now it names the report's flags for a rerun of this --out, and a new
+    --out for the fine-tunes'; a rerun with a smaller --eval-batch-size finishes."""
+    from orchestrator.compression import pipeline
+
+    real_report = pipeline.build_report
+
+    def build_report(*args, config, **kwargs):
+        if config.eval_batch_size > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_report(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build_report", build_report)
+    out = tmp_path / "out"
+    command = ["--checkpoint", str(make_checkpoint(tmp_path / "ckpt")), "--out", str(out),
+               "--prune-steps", "2", "--qat-steps", "2", "--no-onnx-baseline",
+               "--no-int8-static", "--latency-repeats", "1", "--latency-batched", "1",
+               "--eval-tokens", "64", "--batch-size", "4"]
+    code, err = run_job(capsys, *command, "--eval-batch-size", "2")
+    assert code == 4 and len(err.strip().splitlines()) == 1, err
+    assert "--eval-batch-size 2 windows and --latency-batched 1 rows at a time (lower them " \
+        "on a rerun of this --out)" in err, err
+    assert "--batch-size 4 x --seq-len 16 tokens a step" in err, err
+    assert "are all finished: to change them, use a new --out" in err, err
+    assert "lower them on a rerun of this --out: the stages" not in err, err
+    # what the line says holds: the fine-tunes' flags are refused on this --out ...
+    code, err = run_job(capsys, *command[:-1], "2", "--eval-batch-size", "2")
+    assert code == 2 and "its fine-tunes are all finished" in err, err
+    # ... and the report's may change
+    code = JOB.main([*command, "--eval-batch-size", "1"])
+    assert code == 0, capsys.readouterr().err
