@@ -357,9 +357,9 @@ def _tree(fs: pafs.FileSystem, bases: list[str]) -> list:
     file listed 40 times, and with two such links 2^40 listings (a run that never started).
     On a local disk the folders are listed one by one instead, in sorted order of their
     paths (the hidden ones last), and each real folder once: under the first of its names
-    (`latest -> v3`: as latest/), a folder reached again through a symlink (`up -> ..`, sibling folders linked
-    to each other, which were listed once per path through the links: exponentially many)
-    is not listed again; its files, the same files, are kept under the first name anyway
+    (`latest -> v3`: as latest/), a folder reached again through a symlink (`up -> ..`,
+    sibling folders linked to each other, which were listed once per path through the
+    links: exponentially many) is not listed again; its files, the same files, are kept under the first name anyway
     (expand_sources). Several folders (those a glob matches) are listed as one: a real folder
     under two of them is listed once too. Object storage has no links, and one request
     lists each folder."""
