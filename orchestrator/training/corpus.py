@@ -359,10 +359,10 @@ def _tree(fs: pafs.FileSystem, bases: list[str]) -> list:
     paths (the hidden ones last), and each real folder once: under the first of its names
     (`latest -> v3`: as latest/), a folder reached again through a symlink (`up -> ..`,
     sibling folders linked to each other, which were listed once per path through the
-    links: exponentially many) is not listed again; its files, the same files, are kept under the first name anyway
-    (expand_sources). Several folders (those a glob matches) are listed as one: a real folder
-    under two of them is listed once too. Object storage has no links, and one request
-    lists each folder."""
+    links: exponentially many) is not listed again; its files, the same files, are kept
+    under the first name anyway (expand_sources). Several folders (those a glob matches)
+    are listed as one: a real folder under two of them is listed once too. Object storage
+    has no links, and one request lists each folder."""
     if fs.type_name != "local":
         return [i for base in bases
                 for i in _named(fs.get_file_info(pafs.FileSelector(base, recursive=True)))]
