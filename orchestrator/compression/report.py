@@ -3,6 +3,7 @@ way at every latency shape (batch 1 and a serving-like batch, whole windows and 
 decode steps with a KV cache), as a table and a dict."""
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -212,6 +213,16 @@ def build_report(*, teacher: torch.nn.Module, pruned: torch.nn.Module, out: Path
                                  "text": "held-out tail of the corpus (never trained on)"}}
 
 
+def format_number(value: float, decimals: int = 4, sign: bool = False) -> str:
+    """A perplexity (or its change in %) for the table and the summary: `decimals`
+    decimals, or 4 significant digits in scientific notation from 1e6 on (3.5e31 printed as a 37-character
+    .4f number and shifted the table's columns)."""
+    plus = "+" if sign else ""
+    if math.isfinite(value) and abs(value) >= 1e6:
+        return f"{value:{plus}.4g}"
+    return f"{value:{plus}.{decimals}f}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     shape_names = list(report["latency_setup"]["shapes"])
     # (as wide as the longest name: "original-onnx" and "onnxruntime int8 static" overran
@@ -223,7 +234,7 @@ def format_table(report: dict[str, Any]) -> str:
               + f" {'PERPLEXITY':>11} {'SPARSITY':>9}")
     lines = [header]
     for r in report["rows"]:
-        ppl = "-" if r["perplexity"] is None else f"{r['perplexity']:.4f}"
+        ppl = "-" if r["perplexity"] is None else format_number(r["perplexity"])
         lines.append(f"{r['model']:<{model_w}} {r['runtime']:<{runtime_w}} "
                      f"{r['size_bytes'] / 1e6:>8.2f} "
                      + " ".join(f"{r['latency_ms_by_shape'][name]:>14.2f}"
@@ -238,8 +249,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"{setup['cpu']['isa']})"
         + (("; vs the original in ONNX Runtime fp32: "
             + ", ".join(f"{k} {v:.2f}x" for k, v in vs_onnx.items())) if vs_onnx else "")
-        + f"; perplexity {s['ppl_original']:.4f} -> {s['ppl_int8']:.4f} "
-        f"({s['ppl_increase_pct']:+.2f}%), sparsity {s['sparsity']:.1%} of the block parameters")
+        + f"; perplexity {format_number(s['ppl_original'])} -> {format_number(s['ppl_int8'])} "
+        f"({format_number(s['ppl_increase_pct'], 2, sign=True)}%), "
+        f"sparsity {s['sparsity']:.1%} of the block parameters")
     warning = perplexity_warning(report["rows"])
     return "\n".join(lines + ([warning] if warning else []))
 

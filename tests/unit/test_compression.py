@@ -821,3 +821,25 @@ def test_threads_past_the_shared_limit_are_refused_before_any_thread_is_made():
         with pytest.raises(ConfigError, match=re.escape(rule)):
             CompressConfig(threads=threads)
     assert CompressConfig(threads=MAX_TORCH_THREADS).threads == MAX_TORCH_THREADS
+
+
+def test_the_report_keeps_huge_perplexities_narrow_in_the_table_and_the_summary():
+    # A perplexity of 3.5e31 printed as 35319836836120260459671307943936.0000 in the
+    # PERPLEXITY column (shifting the SPARSITY column of its row) and in the summary line.
+    from orchestrator.compression.report import format_table
+
+    rows = [{"model": model, "runtime": "torch fp32", "size_bytes": 4e6, "perplexity": value,
+             "latency_ms_by_shape": {"b1": 1.0}, "sparsity": 0.3}
+            for model, value in (("original", 230.1234), ("int8", 3.5319836836120260e31),
+                                 ("int8-torch", math.inf), ("original-onnx", None))]
+    report = {"rows": rows, "latency_setup": {"shapes": {"b1": None}, "primary": "b1",
+                                              "threads": 2, "cpu": {"isa": "avx2"}},
+              "summary": {"size_ratio": 4.0, "latency_ratio": 2.0, "ppl_original": 230.1234,
+                          "ppl_int8": 3.5319836836120260e31,
+                          "ppl_increase_pct": 1.5348e31, "sparsity": 0.3}}
+    lines = format_table(report).splitlines()
+    table = lines[:5]
+    assert len({len(line) for line in table}) == 1, table  # every row as wide as the header
+    assert "230.1234" in table[1] and "3.532e+31" in table[2] and " inf " in table[3], table
+    summary = lines[5]
+    assert "perplexity 230.1234 -> 3.532e+31 (+1.535e+31%)" in summary, summary
