@@ -27,6 +27,7 @@ import io
 import json
 import os
 import re
+import stat
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator
 
@@ -188,11 +189,27 @@ def _expand_one(spec: str, say: Callable[[str], None]) -> list[SourceFile]:
             raise DataError(f"--data {spec}: the directory holds no "
                             f"{', '.join(FORMATS)} files")
         return [_checked(s, spec) for s in sources]
+    if info.type != pafs.FileType.File:
+        raise DataError(f"--data {spec}: {path} is not a regular file{_special_kind(fs, path)}")
     _refuse_compressed(spec, [path])
     if _format_of(path) is None:
         raise DataError(f"--data {spec}: unknown file type; expected one of "
                         f"{', '.join(FORMATS)}")
     return [_checked(_source(spec, info), spec)]
+
+
+def _special_kind(fs: pafs.FileSystem, path: str) -> str:
+    """What a local path that is not a regular file is, as " (a FIFO)", from its status
+    alone (opening a FIFO blocks until a writer comes); "" when not told."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return ""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((f" ({name})" for test, name in kinds if test(mode)), "")
 
 
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")

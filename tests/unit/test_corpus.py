@@ -106,6 +106,33 @@ def test_unusable_paths_are_refused_naming_them(tmp_path, make, expected):
     assert str(path) in str(error.value)
 
 
+def _fifo(path):
+    os.mkfifo(path)
+    return path
+
+
+def _socket(path):
+    import socket
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    sock.close()
+    return path
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda d: _fifo(d / "x.txt"), "a FIFO"),
+    (lambda d: _socket(d / "s.jsonl"), "a socket"),
+    (lambda d: "/dev/null", "a character device"),
+])
+def test_a_fifo_socket_or_device_is_refused_as_not_a_regular_file(tmp_path, make, kind):
+    # A FIFO named x.txt was refused as 'file ... is empty' (/dev/null as of an unknown
+    # type); nothing may open a FIFO (the open blocks until a writer comes).
+    path = make(tmp_path)
+    with pytest.raises(DataError) as error:
+        expand_sources([str(path)])
+    assert str(error.value) == f"--data {path}: {path} is not a regular file ({kind})"
+
+
 class _FolderLockedFS:
     """The local filesystem, but one folder cannot be listed (as a mount's lost+found for
     anyone but root; the tests run as root, whom permissions do not stop)."""
