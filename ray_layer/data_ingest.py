@@ -15,6 +15,7 @@ is restarted (WORKER_RESTARTS), naming the files not tokenized.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, Callable
 
@@ -32,6 +33,25 @@ from orchestrator.training.shards import SHARD_TOKENS, clear_cache_dir, tokenize
 # killed): Ray Data's default is without end, and a file that got its worker killed every
 # time (the OOM killer) held the pass forever.
 WORKER_RESTARTS = 3
+
+
+class _DropMessage(logging.Filter):
+    """A logger filter that keeps out the records whose message starts with `start`."""
+
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+# Ray 2.60 warns "Progress bars disabled. To enable, set ..." (once a process) when a
+# dataset runs with DataContext.enable_progress_bars False, which the pass sets on purpose,
+# and has no setting that keeps that one message out: a filter on the logger that says it
+# drops that message alone (the logger's other warnings still print).
+PROGRESS_LOGGER = "ray.data._internal.progress"
+_PROGRESS_BARS_OFF = _DropMessage("Progress bars disabled.")
 
 
 class TokenizeFiles:
@@ -67,6 +87,7 @@ def tokenize_with_ray_data(plan: DataPlan, num_workers: int = 2, *,
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # our own progress line says more (PassProgress)
     context.print_on_execution_start = False
+    logging.getLogger(PROGRESS_LOGGER).addFilter(_PROGRESS_BARS_OFF)  # (added once)
     clear_cache_dir(plan.cache_uri)
     items = [{"index": i, "source": s.to_dict()} for i, s in enumerate(plan.sources)]
     with warnings.catch_warnings():

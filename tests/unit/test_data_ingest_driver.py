@@ -1,6 +1,7 @@
 """The tokenizing pass's driver side (ray_layer/data_ingest.py), with Ray Data stood in for:
 no Ray is started."""
 import json
+import logging
 import warnings
 
 import pytest
@@ -86,3 +87,38 @@ def test_the_pass_bounds_worker_restarts_without_ray_data_s_deprecation_warning(
     kwargs = made[0].map_kwargs
     assert kwargs["max_restarts"] == kwargs["max_task_retries"] == data_ingest.WORKER_RESTARTS
     assert kwargs["num_cpus"] == 1
+
+
+class _ExecutingDataset(_RecordingDataset):
+    """Runs the step of Ray Data's executor that picks the progress display (and tells of
+    the bars being off), then logs another warning on the same logger."""
+
+    def iter_rows(self):
+        import ray.util.debug
+        from ray.data._internal.progress import get_progress_manager
+
+        ray.util.debug._logged.discard("ray_data_progress_manager_disabled")  # (once a process)
+        get_progress_manager(ray.data.DataContext.get_current(), "ds", {}, False)
+        logging.getLogger("ray.data._internal.progress").warning("another warning")
+        return iter(())
+
+
+def test_the_pass_does_not_print_ray_data_s_progress_bars_disabled_warning(
+        tmp_path, monkeypatch, caplog):
+    """The pass turns Ray Data's progress bars off (PassProgress says more), and every --data
+    run printed `WARNING ... Progress bars disabled. To enable, set ...`; that one message is
+    kept out, other warnings are not."""
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
+    plan = plan_data([str(tmp_path / "a.jsonl")], cache_root=str(tmp_path / "cache"))
+    monkeypatch.setattr(data_ingest.ray.data, "from_items",
+                        lambda items, **kw: _ExecutingDataset(items))
+    # (Ray Data's handlers write to the stderr of when ray.data was imported: pytest's)
+    logger = logging.getLogger("ray.data._internal.progress")
+    logger.addHandler(caplog.handler)
+    try:
+        data_ingest.tokenize_with_ray_data(plan, 1, say=lambda _: None)
+    finally:
+        logger.removeHandler(caplog.handler)
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "Progress bars disabled" in m], said
+    assert "another warning" in said, said
