@@ -248,6 +248,8 @@ def checkpoint_header(directory: str | os.PathLike, rank: int = 0,
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint file missing: {directory / name}")
         _check_digest(directory / name, expected)
+    if DCP_METADATA_FILE not in dict(digests):
+        _read_index(directory)  # (unchecked by a digest: read here, not first by DCP)
     return {**meta, "sharded": True}
 
 
@@ -418,12 +420,24 @@ def sharded_optimizer_names(directory: str | os.PathLike) -> set[str]:
     """The parameters a sharded checkpoint holds optimizer state for (its index's keys are
     'optimizer.state.<parameter>.<entry>'); CheckpointError naming it if unreadable."""
     prefix = "optimizer.state."
+    keys = _read_index(directory).state_dict_metadata
+    return {k[len(prefix):].rsplit(".", 1)[0] for k in keys if k.startswith(prefix)}
+
+
+def _read_index(directory: str | os.PathLike):
+    """A sharded checkpoint's index (.metadata), read safely; CheckpointError naming it when
+    unreadable. checkpoint_header reads an index no digest checks, so that a bad one is
+    refused (and passed over on resume, all workers agreeing) before DCP reads it: DCP,
+    failing, tried it again as the rank's own (__0.metadata) and logged a traceback for
+    each try on stderr before its error (a truncated index of a checkpoint without
+    digests)."""
     try:
-        keys = _safe_reader(directory).read_metadata().state_dict_metadata
+        return _safe_reader(directory).read_metadata()
+    except CheckpointError:
+        raise  # (the reader's own: names the index and what is wrong with it)
     except _dcp_errors() as e:
         raise CheckpointError(f"sharded checkpoint {directory}: its {DCP_METADATA_FILE} "
                               f"cannot be read: {_dcp_problem(e)}") from e
-    return {k[len(prefix):].rsplit(".", 1)[0] for k in keys if k.startswith(prefix)}
 
 
 def _load_sharded_whole(directory: Path) -> dict[str, Any]:

@@ -491,6 +491,35 @@ def test_a_damaged_shard_without_a_digest_is_refused_with_its_cause_in_one_line(
                                  "UnpicklingError: Weights only load failed.")
 
 
+def test_a_truncated_index_without_a_digest_is_refused_without_dcp_tracebacks(tmp_path,
+                                                                              caplog):
+    # DCP tried the index (.metadata) twice, as the global one and as the rank's own
+    # (__0.metadata), and logged a "Global metadata is not found" / "Rank local metadata is
+    # not found" traceback for each on stderr before its AssertionError ("metadata is None;
+    # global metadata read failed: ..."). The index is read first: one line, naming it.
+    from orchestrator.training.checkpoint import (DCP_METADATA_FILE, SHARD_DIGESTS,
+                                                  checkpoint_problem, load_tensors,
+                                                  save_sharded, save_tensors)
+
+    directory = tmp_path / "checkpoint_00000003"
+    save_sharded(directory, {"model": {"w": torch.randn(8, 8)},
+                             "optimizer": {"state": {"w": {"exp_avg": torch.randn(8, 8)}}}},
+                 {"step": 3}, rank=0)
+    meta = load_tensors(directory / "meta.pt")
+    del meta[SHARD_DIGESTS]  # as written before the digests
+    save_tensors(directory / "meta.pt", meta)
+    index = directory / DCP_METADATA_FILE
+    index.write_bytes(index.read_bytes()[:index.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(directory)
+    said = [r.getMessage() for r in caplog.records]  # (DCP logs on the root logger)
+    assert not [m for m in said if "metadata is not found" in m], said
+    assert str(caught.value) == (f"sharded checkpoint index {index} cannot be read safely: "
+                                 "pickle data was truncated")
+    # A resume passes over it for the same reason (checked with its files, before DCP).
+    assert checkpoint_problem(directory) == str(caught.value)
+
+
 def test_a_checkpoint_before_a_groups_first_step_resumes_under_either_strategy(tmp_path,
                                                                               process_group):
     """'lower' steps every 8 micro-batches; the checkpoint of step 4 holds no optimizer state
