@@ -434,6 +434,7 @@ class SchedulerCore:
             self.state.reports else False
         self._forget_refusal(node)
         self.state.update(report, now)
+        self._nodes_changed()
         outcome = Outcome(True)
         if self._verdicts_due and not self._unknown_nodes(now):
             outcome.add(self._reject_unfittable(now))  # the last node needed to judge them
@@ -473,6 +474,7 @@ class SchedulerCore:
         silent nodes it no longer lists alive (what they kept aside is dropped)."""
         if set(alive) != self.ray_alive:
             self._alive_changed_at = now
+            self._nodes_changed()
         silent_before = self._silent_alive()
         self.ray_alive, self.ray_dead = set(alive), set(dead)
         if self.settings.synthetic_nodes:
@@ -484,6 +486,8 @@ class SchedulerCore:
         lost = set()
         for node_id in newly_dead:
             lost.update(self.state.mark_dead(node_id))
+        if newly_dead:
+            self._nodes_changed()
         # Dead by silence, then by Ray: listed dead, or no longer listed at all (its GCS keeps
         # only its last 1000 dead nodes; such a node kept what it held aside, and its place in
         # the saved state, for good). Its workers are gone, nothing to give back.
@@ -925,6 +929,8 @@ class SchedulerCore:
         False (the simulator records none), which leave out the nodes Ray says were removed
         on purpose (`retired`), now or at an earlier tick (self.retired)."""
         expired, lost = self.state.expire(now)
+        if expired:
+            self._nodes_changed()
         self._forget_dead_nodes(now)
         self._forget_refusals(now)
         # (node ids are never reused; dropped as the node is forgotten: _forget_dead_nodes)
@@ -978,7 +984,7 @@ class SchedulerCore:
             return
         self.state.forget(gone)
         self.retired.difference_update(gone)
-        self._awaits_memo = (math.nan, {})  # (answers of this moment, made before)
+        self._nodes_changed()
         for node in gone:
             self._forget_refusal(node)
 
@@ -1528,6 +1534,13 @@ class SchedulerCore:
         self._verdicts_due |= bool(missing)
         return missing
 
+    def _nodes_changed(self) -> None:
+        """Forget the answers of this moment (_memo): a node reported, joined, left or
+        expired since they were made. Kept, the queue pass run at the first of several
+        reports of one moment (the others unknown: "the idle cluster may hold it") left a job
+        waiting for the autoscaler's nodes rejected as never fitting at the last."""
+        self._awaits_memo = (math.nan, {})
+
     def _still_gathering(self, now: float) -> bool:
         """Just restarted, and nodes Ray lists alive have not reported yet."""
         return (self.restored_at is not None and self._unreported() > 0
@@ -1662,7 +1675,7 @@ class SchedulerCore:
 
     def _memo(self, now: float) -> dict:
         """Answers kept for one moment, per job shape (_new_nodes_plan) or kind of worker
-        (_idle_with_silent)."""
+        (_idle_with_silent), until the nodes change (_nodes_changed)."""
         if self._awaits_memo[0] != now:
             self._awaits_memo = (now, {})
         return self._awaits_memo[1]

@@ -1103,3 +1103,22 @@ def test_status_json_says_which_job_and_node_type_each_request_is_for(monkeypatc
     del saved["nodes_asked"]["etl"]["node_types"]
     older = SchedulerCore(actor.core.settings)
     assert not older.restore(saved) and older.scale_up_asked_by_job() == []
+
+
+def test_a_restarted_scheduler_keeps_a_job_waiting_for_new_nodes_when_nodes_report_at_once(
+        aws_types):
+    """The queue pass run at the first node's report, the others unknown, kept "the idle
+    cluster may hold it" for that moment: at the last report of the same moment the job,
+    still waiting for the autoscaler's node, was rejected as never fitting."""
+    core = core_with(gpu_node("a1", gpus=8, family="A100", cpus=96), cpu_node("cpu", cpus=16))
+    core.node_types = aws_types
+    big = JobSpec("big", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    assert "autoscaler" in core.submit(big, "d", T0).decision.reason
+    again = SchedulerCore(core.settings)
+    again.node_types = aws_types
+    assert again.restore(json.loads(json.dumps(core.to_dict()))) == []
+    again.ray_nodes({"a1", "cpu"}, set(), T0 + 10)
+    for report in (gpu_node("a1", gpus=8, family="A100", cpus=96), cpu_node("cpu", cpus=16)):
+        again.report(report, T0 + 10)
+    assert list(again.queue.waiting) == ["big"], again.queue.rejected
+    assert len(again.scale_up_requests(T0 + 11)) == 16
