@@ -516,7 +516,11 @@ class ClusterState:
                 continue
             if node in self.reports:
                 continue  # it reported since: that report stands
+            estimate = self.ram_outside_saved.get(node)
             self.update(report, last_seen)
+            if estimate is not None:  # (made from this report: not counted again, settling)
+                row = self.table.index[node]
+                self.table.ram_outside_gib[row], self.table.ram_settling[row] = estimate
             self.dead.add(node)
             self.silent.add(node)
             self.table.set_dead(node, True)
@@ -527,13 +531,17 @@ class ClusterState:
         note_ram_outside) of each node where it matters after a restart: one holding RAM
         reservations, or settling after a release (a node first seen holding reservations
         would start from none, and the system's use not yet visible in the measured figure
-        was handed out once). Nodes not reported yet keep their predecessor's figure."""
+        was handed out once), or keeping RAM reservations aside while silent (once back,
+        the last report's use, its workers' included, was taken for use outside). Nodes not
+        reported yet keep their predecessor's figure."""
         t = self.table
-        held = {r.node_id for rs in self.reservations.values() for r in rs if r.memory_gb}
+        held = {r.node_id for rs in (*self.reservations.values(),
+                                     *self.silent_reservations.values())
+                for r in rs if r.memory_gb}
         saved = {node: {"gib": gib, "settling": settling}
                  for node, (gib, settling) in self.ram_outside_saved.items() if node in held}
         for node, row in t.index.items():
-            if t.reserved_memory_gib[row] > 1e-9 or t.ram_settling[row]:
+            if t.reserved_memory_gib[row] > 1e-9 or t.ram_settling[row] or node in held:
                 saved[node] = {"gib": t.ram_outside_gib.item(row),
                                "settling": t.ram_settling.item(row)}
         return saved

@@ -414,3 +414,41 @@ def test_the_estimate_of_ram_in_use_outside_the_reservations_survives_a_restart(
                                     "of node 'a', skipping it: its gib is -1, not a number >= 0"]
     del saved["ram_outside"]
     assert SchedulerCore(core.settings).restore(saved) == []
+
+
+def test_a_silent_nodes_ram_estimate_survives_restarts_while_it_is_silent():
+    # 64 GiB nodes, 4 in use by the system; "j" has a 40 GiB worker on each, using it (20
+    # available). "s" goes silent: its reservation kept aside. Each restart counted its
+    # restored last report as a new one (settling 2, 1, 0), and once settled it was no longer
+    # saved (its RAM is aside, not reserved): the third restarted scheduler took the last
+    # report's use, its worker's 40 included, for use outside (44), and once "s" came back
+    # with its worker a job of 16 a node did not fit its 20 free GiB.
+    settings = SchedulerSettings(suspect_after_s=30, dead_after_s=60)
+    core = SchedulerCore(settings)
+    core.ray_nodes({"r", "s"}, set(), T0)
+    for name in ("r", "s"):
+        core.report(ram_node(name, total_gb=64, available_gb=60), T0)
+    assert isinstance(core.submit(JobSpec("j", num_workers=2, min_host_memory_gb=40), "d",
+                                  T0).decision, Placement)
+    for t in (10, 20, 30):
+        for name in ("r", "s"):
+            core.report(ram_node(name, total_gb=64, available_gb=20), T0 + t)
+    core.tick(T0 + 80)
+    core.report(ram_node("r", total_gb=64, available_gb=20), T0 + 80)
+    core.tick(T0 + 100)
+    assert core.state.silent == {"s"}
+    saved = json.loads(json.dumps(core.to_dict()))
+    for i in range(3):
+        core = SchedulerCore(settings)
+        assert core.restore(saved) == []
+        again = json.loads(json.dumps(core.to_dict()))
+        assert again == saved  # the same state, restart after restart
+        core.ray_nodes({"r", "s"}, set(), T0 + 101 + i)
+        core.report(ram_node("r", total_gb=64, available_gb=20), T0 + 101 + i)
+        saved = json.loads(json.dumps(core.to_dict()))
+    assert saved["ram_outside"]["s"]["gib"] == 4
+    core.report(ram_node("s", total_gb=64, available_gb=20), T0 + 110)  # back, j's worker on
+    assert core.state.table.ram_outside_gib[core.state.table.index["s"]] == 4
+    placed = core.submit(JobSpec("k", num_workers=2, min_host_memory_gb=16), "d",
+                         T0 + 111).decision  # (20 free on each node)
+    assert isinstance(placed, Placement) and sorted(placed.worker_nodes) == ["r", "s"], placed
