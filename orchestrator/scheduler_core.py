@@ -61,9 +61,8 @@ import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_note,
-                                      adds_none_note, cpu_note, gpu_note,
-                                      host_memory_note, max_workers_note, nodes_up_key,
-                                      parts_to_add,
+                                      adds_none_note, cpu_note, gpu_note, host_memory_note,
+                                      max_workers_note, nodes_up_key, parts_to_add,
                                       plan_bundles, plan_named, ray_memory_gib,
                                       scale_up_parts, unlabelled_memory_note)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
@@ -678,7 +677,8 @@ class SchedulerCore:
                               "waiting for room")
             history.queued_at = now
             self.queue.add(history)
-            outcome.add(self._drain(now, answered=spec.name))  # it may preempt lower-priority jobs
+            # (it may preempt lower-priority jobs)
+            outcome.add(self._drain(now, answered=spec.name))
             placed = self.queue.ready.pop(spec.name, None)
             outcome.decision = placed or self.queue.status(spec.name) or \
                 self.queue.take_rejection(spec.name, outcome.decision)
