@@ -1121,6 +1121,8 @@ class SchedulerCore:
                 "nodes_asked": {name: {"enqueued_at": since, "bundles": bundles,
                                        "node_types": parts}
                                 for name, (since, bundles, parts) in self.nodes_asked.items()},
+                # (without it each restart started the jobs' scale_up_timeout_s afresh)
+                "awaiting_since": dict(self.awaiting_since),
                 "silent_nodes": self.state.silence_to_dict(),
                 # (else a node first seen holding reservations starts from none)
                 "ram_outside": self.state.ram_outside_to_dict(),
@@ -1165,6 +1167,10 @@ class SchedulerCore:
                      _saved_count))),
                  # (a restarted scheduler keeps asking for the nodes of jobs still waiting)
                  ("nodes_asked", lambda d: problems.extend(self._restore_nodes_asked(d))),
+                 # (one from before the job's present stay in the queue is not its own:
+                 # _awaiting_since starts it afresh)
+                 ("awaiting_since", lambda d: problems.extend(self._restore_entries(
+                     d, self.awaiting_since, "the scale-up clock of", _saved_time))),
                  # (without it a restarted scheduler chose other victims than before)
                  ("typical", self._restore_typical))
         for key, restore in parts:
@@ -2691,6 +2697,13 @@ def _saved_count(value: object) -> int:
     if not (is_int(value) and value >= 0):
         raise ValueError(f"a count of {value!r:.60}, not an integer >= 0")
     return value
+
+
+def _saved_time(value: object) -> float:
+    """A saved moment (the scheduler's clock, seconds)."""
+    if not is_number(value):
+        raise ValueError(f"{value!r:.60} is not a time (a number)")
+    return float(value)
 
 
 def _saved_gpus(value: object) -> set[tuple[str, int]]:

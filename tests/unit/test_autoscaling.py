@@ -1122,3 +1122,47 @@ def test_a_restarted_scheduler_keeps_a_job_waiting_for_new_nodes_when_nodes_repo
         again.report(report, T0 + 10)
     assert list(again.queue.waiting) == ["big"], again.queue.rejected
     assert len(again.scale_up_requests(T0 + 11)) == 16
+
+
+def test_the_scale_up_clock_is_kept_across_scheduler_restarts(aws_types):
+    """The clock a waiting job's scale_up_timeout_s counts from was not saved: each restart
+    started it afresh, and a scheduler restarting every 300 s (a crash loop) let the job
+    wait for ever (`since` was the last restart). A clock that cannot be read is named and
+    skipped (the job waits, its clock started afresh); one from before the job's present
+    stay in the queue (an earlier job of that name) is not inherited."""
+    core = core_with(cpu_node("cpu", cpus=16), scale_up_timeout_s=600.0)
+    core.node_types = aws_types
+    spec = JobSpec("train", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",))
+    assert isinstance(core.submit(spec, "d", T0).decision, Queued)
+
+    def restarted(saved, now):
+        again = SchedulerCore(core.settings)
+        again.node_types = aws_types
+        problems = again.restore(json.loads(json.dumps(saved)))
+        again.ray_nodes({"cpu"}, set(), now)
+        again.report(cpu_node("cpu", cpus=16), now)
+        again.tick(now + 1)
+        return again, problems
+    for t in (T0 + 300, T0 + 550):
+        core, problems = restarted(core.to_dict(), t)
+        assert problems == [] and core.awaiting_since == {"train": T0}
+    core, _ = restarted(core.to_dict(), T0 + 650)
+    gone = core.poll("train", "d", T0 + 652).decision
+    assert isinstance(gone, Rejection) and "waited 650 s (scale_up_timeout_s)" in gone.message
+    # An older state (no clock saved) restores as before; a bad clock is named, the job kept
+    core = core_with(cpu_node("cpu", cpus=16), scale_up_timeout_s=600.0)
+    core.node_types = aws_types
+    core.submit(spec, "d", T0)
+    saved = core.to_dict()
+    assert saved["awaiting_since"] == {"train": T0}
+    del saved["awaiting_since"]
+    again, problems = restarted(saved, T0 + 300)
+    assert problems == [] and again.awaiting_since == {"train": T0 + 300}
+    saved["awaiting_since"] = {"train": "yesterday"}
+    again, problems = restarted(saved, T0 + 300)
+    assert problems == ["cannot restore the scale-up clock of 'train', skipping it: "
+                        "'yesterday' is not a time (a number)"]
+    assert list(again.queue.waiting) == ["train"] and again.awaiting_since == {"train": T0 + 300}
+    saved["awaiting_since"] = {"train": T0 - 100}  # before its stay in the queue: not its own
+    again, problems = restarted(saved, T0 + 300)
+    assert problems == [] and again.awaiting_since == {"train": T0 + 300}
