@@ -1209,11 +1209,20 @@ class SchedulerCore:
 
     def _restore_nodes_asked(self, data: dict) -> list[str]:
         """The autoscaler requests of waiting jobs, job by job (one that cannot be read is
-        named and skipped: it is asked for again at the next pass if still needed)."""
+        named and skipped: it is asked for again at the next pass if still needed), as is one
+        naming a node type the cluster's autoscaling config (read before the restore) no
+        longer has: it was shown in status --json's asked_by_job until the next pass."""
         problems = []
+        known = {t.name for t in self.node_types}
         for name, record in data.items():
             try:
-                self.nodes_asked[name] = saved_nodes_asked(record)
+                asked = saved_nodes_asked(record)
+                gone = next((p["node_type"] for p in asked[2] if p["node_type"] not in known),
+                            None) if known else None
+                if gone is not None:
+                    raise ValueError(f"node type {gone!r} is not in the cluster's autoscaling "
+                                     "config (changed since?): asked afresh at the next pass")
+                self.nodes_asked[name] = asked
             except ValueError as e:
                 problems.append(f"cannot restore the nodes asked for {name!r}, skipping "
                                 f"them: {e}")

@@ -94,10 +94,11 @@ class SchedulerActor:
         self.core = SchedulerCore(run_with, speed=self._speed)
         self.lock = threading.RLock()  # Ray's thread and the maintenance thread
         self._ray_checked_at = float("-inf")
+        # (why the cluster's autoscaling config is not used, for status --json; None: it is;
+        # read before the restore, which drops saved requests for types no longer in it)
+        self.core.node_types, self._autoscaling_problem = _autoscaler_node_types()
         self._restore(saved, unreadable, settings_problem, bool(settings))
         self._refresh_ray_view()
-        # (why the cluster's autoscaling config is not used, for status --json; None: it is)
-        self.core.node_types, self._autoscaling_problem = _autoscaler_node_types()
         # The last request_resources; None: none made yet, so the first pass makes one, which
         # also withdraws a request left by the scheduler before a restart.
         self._scale_up_asked: list[dict[str, float]] | None = None

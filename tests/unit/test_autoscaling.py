@@ -1166,3 +1166,31 @@ def test_the_scale_up_clock_is_kept_across_scheduler_restarts(aws_types):
     saved["awaiting_since"] = {"train": T0 - 100}  # before its stay in the queue: not its own
     again, problems = restarted(saved, T0 + 300)
     assert problems == [] and again.awaiting_since == {"train": T0 + 300}
+
+
+def test_a_saved_request_for_a_node_type_no_longer_in_the_config_is_named_and_dropped(
+        aws_types):
+    """The config changed across a restart (train_a100 renamed a100_new): the saved request
+    for train_a100 was taken without a word and shown in status --json's asked_by_job until
+    the next pass. It is named and dropped; the first pass asks for the type there now."""
+    core = core_with(cpu_node("cpu", cpus=16))
+    core.node_types = aws_types
+    for name in ("a", "etl"):
+        core.submit(JobSpec(name, num_workers=8, gpus_per_worker=1, accelerator_types=("A100",))
+                    if name == "a" else JobSpec(name, num_workers=2, cpus_per_worker=12),
+                    "d", T0)
+    core.scale_up_requests(T0 + 1)
+    saved = json.loads(json.dumps(core.to_dict()))
+    renamed = tuple(dataclasses.replace(t, name="a100_new") if t.name == "train_a100" else t
+                    for t in aws_types)
+    again = SchedulerCore(core.settings)
+    again.node_types = renamed
+    assert again.restore(saved) == [
+        "cannot restore the nodes asked for 'a', skipping them: node type 'train_a100' is not "
+        "in the cluster's autoscaling config (changed since?): asked afresh at the next pass"]
+    assert again.scale_up_asked_by_job() == [
+        {"job": "etl", "node_type": "cpu_worker", "nodes": 1, "workers": 2}]
+    again.ray_nodes({"cpu"}, set(), T0 + 10)
+    again.report(cpu_node("cpu", cpus=16), T0 + 10)
+    again.scale_up_requests(T0 + 11)
+    assert [p["node_type"] for p in again.scale_up_asked_by_job()] == ["a100_new", "cpu_worker"]
