@@ -391,10 +391,27 @@ def _nodes_allowed(node_type: NodeType) -> int:
 
 
 def _beyond_cluster_max(node_type: NodeType, nodes: int) -> bool:
-    # (Nodes of other types already up count against it too; they are not known here. The
-    # head, of the head's type, does not: it is no worker node.)
+    # (Never within it, even with no other worker node up. Worker nodes up, of any type,
+    # count against it too, but may idle out: cluster_room_note tells of them. The head, of
+    # the head's type, does not: it is no worker node.)
     return node_type.cluster_max_workers is not None and \
         nodes > node_type.cluster_max_workers + node_type.head
+
+
+def cluster_room_note(parts: tuple[PlanPart, ...], workers_up: int | None) -> str | None:
+    """Why Ray adds only some of a plan's nodes now (`parts`: those to add, parts_to_add):
+    the worker nodes up (`workers_up`, of any type; None: not known) leave less room under
+    the cluster's max_workers, and Ray launches the rest only once idle ones are removed
+    (its idle_timeout_minutes). None when they fit, or with no such bound."""
+    cluster_max = next((t.cluster_max_workers for t, _, _ in parts), None)
+    if workers_up is None or cluster_max is None:
+        return None
+    room = max(0, cluster_max - workers_up)
+    if sum(nodes for _, nodes, _ in parts) <= room:
+        return None
+    return (f"the cluster has {workers_up} worker node(s) up of its max_workers {cluster_max}, "
+            f"so Ray adds {room} of them now and the rest only once idle worker node(s) go "
+            "(its idle_timeout_minutes)")
 
 
 def ray_memory_gib(ram_gib):

@@ -61,7 +61,7 @@ import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_note,
-                                      adds_none_note, cpu_note, gpu_note, host_memory_note,
+                                      adds_none_note, cluster_room_note, cpu_note, gpu_note, host_memory_note,
                                       max_workers_note, nodes_up_key, parts_to_add,
                                       plan_bundles, plan_named, ray_memory_gib,
                                       scale_up_parts, unlabelled_memory_note)
@@ -344,6 +344,10 @@ class SchedulerCore:
         # by the live actor from the cluster config, empty elsewhere): a job only they can
         # hold waits for them instead of being rejected.
         self.node_types: tuple[NodeType, ...] = ()
+        # The head node's id (the live actor runs there), None where not known: the other
+        # nodes Ray lists alive are worker nodes, which count against the cluster's
+        # max_workers (cluster_room_note).
+        self.head_node: str | None = None
         self._awaits_memo: tuple[float, dict] = (math.nan, {})
         self.awaiting_since: dict[str, float] = {}  # job -> when it began waiting for nodes
         # Waiting job -> (when it was queued, the worker bundles asked of the autoscaler for
@@ -1573,7 +1577,7 @@ class SchedulerCore:
         plan = self._new_nodes_plan(spec, now) if spec is not None else None
         if plan is not None:
             return dataclasses.replace(rejection, fits_when_free=True, message=(
-                f"{rejection.message}\n  {_scale_up_reason(plan)}"))
+                f"{rejection.message}\n  {self._scale_up_reason(plan)}"))
         missing = self._judged_later(now) if now is not None else self._unreported()
         if missing:
             return dataclasses.replace(rejection, fits_when_free=True, message=(
@@ -1623,6 +1627,14 @@ class SchedulerCore:
         if since is None or (job is not None and since < job.in_queue_since):
             since = self.awaiting_since[job_name] = now
         return since
+
+    def _scale_up_reason(self, plan: tuple[PlanPart, ...]) -> str:
+        """A job waiting for new nodes: which, and where the worker nodes up leave Ray room
+        for fewer under the cluster's max_workers, that idle ones must go first."""
+        workers_up = len(self.ray_alive - {self.head_node}) \
+            if self.head_node in self.ray_alive else None
+        note = cluster_room_note(plan, workers_up)
+        return _scale_up_reason(plan) + (f"; {note}" if note else "")
 
     def _not_joined(self, spec: JobSpec, plan: tuple[PlanPart, ...], now: float) -> str:
         """Why a job waiting for new nodes (`plan`: those still to add, per type) is not held
@@ -1882,7 +1894,7 @@ class SchedulerCore:
             if new_nodes is not None:
                 # Out of line until its nodes join: it cannot start on the cluster as it
                 # stands, so it neither blocks nor plans a start for the jobs behind it.
-                self._wait_reason(job, _scale_up_reason(new_nodes))
+                self._wait_reason(job, self._scale_up_reason(new_nodes))
                 self._awaiting_since(spec.name, now)  # (its scale_up_timeout_s)
                 # (here too, so that the state a submission saves holds it for a restart)
                 self._ask_for_new_nodes(job, new_nodes)

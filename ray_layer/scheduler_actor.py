@@ -97,6 +97,9 @@ class SchedulerActor:
         # (why the cluster's autoscaling config is not used, for status --json; None: it is;
         # read before the restore, which drops saved requests for types no longer in it)
         self.core.node_types, self._autoscaling_problem = _autoscaler_node_types()
+        # (this actor runs on the head: the other nodes alive are worker nodes, counted
+        # against the cluster's max_workers in a waiting job's reason)
+        self.core.head_node = ray.get_runtime_context().get_node_id()
         self._restore(saved, unreadable, settings_problem, bool(settings))
         self._refresh_ray_view()
         # The last request_resources; None: none made yet, so the first pass makes one, which

@@ -1194,3 +1194,39 @@ def test_a_saved_request_for_a_node_type_no_longer_in_the_config_is_named_and_dr
     again.report(cpu_node("cpu", cpus=16), T0 + 10)
     again.scale_up_requests(T0 + 11)
     assert [p["node_type"] for p in again.scale_up_asked_by_job()] == ["a100_new", "cpu_worker"]
+
+
+def test_a_plan_beyond_the_cluster_max_with_worker_nodes_up_says_an_idle_node_must_go_first():
+    """The cluster at max_workers 2, one idle T4 worker node up and a job needing 2 A100
+    nodes: 2 x b were asked for and the job waited `add 2 x b`, though Ray adds 1 at most
+    until the T4 node idles out (it counts every worker node up against max_workers). The
+    head (the node the scheduler runs on) is no worker node."""
+    types = node_types_from_config({"max_workers": 2, "head_node_type": "head",
+                                    "available_node_types": {
+        "head": {"resources": {"CPU": 8}},
+        "a": {"resources": {"CPU": 16, "GPU": 4, "accelerator_type:T4": 1}, "max_workers": 2},
+        "b": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+              "max_workers": 2}}})
+    big = JobSpec("big", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    core = core_with(cpu_node("head", cpus=8), gpu_node("a1", gpus=4, family="T4"))
+    core.node_types, core.head_node = types, "head"
+    waiting = core.submit(big, "d", T0).decision
+    assert isinstance(waiting, Queued), waiting
+    assert waiting.reason == (
+        "waiting for the autoscaler to add 2 x b node(s): the cluster as it stands cannot hold "
+        "it; the cluster has 1 worker node(s) up of its max_workers 2, so Ray adds 1 of them "
+        "now and the rest only once idle worker node(s) go (its idle_timeout_minutes)")
+    assert len(core.scale_up_requests(T0 + 1)) == 16  # (the whole shape, as before)
+    # Room for both: said as before; the head unknown (not the live scheduler): as before
+    for head, nodes in (("head", ("head",)), (None, ("head", "a1"))):
+        core = core_with(*(cpu_node(n, cpus=8) if n == "head" else
+                           gpu_node(n, gpus=4, family="T4") for n in nodes))
+        core.node_types, core.head_node = types, head
+        assert core.submit(big, "d", T0).decision.reason == (
+            "waiting for the autoscaler to add 2 x b node(s): the cluster as it stands cannot "
+            "hold it")
+    # A job needing more nodes than max_workers at all is still refused at once
+    core = core_with(cpu_node("head", cpus=8), gpu_node("a1", gpus=4, family="T4"))
+    core.node_types, core.head_node = types, "head"
+    huge = dataclasses.replace(big, num_workers=24)
+    assert isinstance(core.submit(huge, "d", T0).decision, Rejection)
