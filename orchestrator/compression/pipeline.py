@@ -43,7 +43,7 @@ from orchestrator.compression.report import (SCRATCH_PREFIX, build_report,
 from orchestrator.compression.source import teacher_data, teacher_tokenizer
 from orchestrator.config import MODEL_PRESETS, ConfigError
 from orchestrator.runs import (COMPRESS_CONFIG_FILE, COMPRESS_STAGE_FILE, COMPRESS_WEIGHTS_FILE,
-                              folder_claimed, writable_dir_problem)
+                              FolderClaim, folder_claimed, writable_dir_problem)
 from orchestrator.tokenizer import (TOKENIZER_FILE, ByteTokenizer, Tokenizer, TokenizerError,
                                     save_tokenizer, tokenizer_of_run)
 from orchestrator.training.checkpoint import _weights_mismatch, recorded_sha256
@@ -84,7 +84,7 @@ def fine_tune_seq_len(config: CompressConfig, block_size: int) -> int:
 
 def prepare_out(out: Path, config: CompressConfig, source: dict[str, Any],
                 block_size: int | None = None, log: Callable[[str], None] = say,
-                guarded: bool = True) -> None:
+                guarded: bool = True) -> bool:
     """Create --out for a new run, or check that it holds this same run to resume and clear
     what an earlier run killed on its way left behind (remove_leftovers). Called while this
     run holds --out (out_held); `guarded` False, where the filesystem refused its lock:
@@ -92,14 +92,15 @@ def prepare_out(out: Path, config: CompressConfig, source: dict[str, Any],
 
     Checked before anything is written: a refused run leaves --out as it was. A rerun that
     changes fine-tune settings a fine-tune not finished may take restarts it (restart_stages),
-    before the new settings are recorded: a stop between the two finds the change again."""
+    before the new settings are recorded: a stop between the two finds the change again.
+    Returns whether it did (the caller's put-back must then keep the new settings)."""
     saved = check_out(out, config, source, block_size)
     out.mkdir(parents=True, exist_ok=True)
-    if saved is not None:
-        restart_stages(out, config, saved, block_size, log)
+    restarted = saved is not None and restart_stages(out, config, saved, block_size, log)
     write_json(out / CONFIG_FILE, {"compress": config.to_dict(), "source": source})
     if guarded:
         remove_leftovers(out, log)
+    return restarted
 
 
 def remove_leftovers(out: Path, log: Callable[[str], None]) -> None:
@@ -123,15 +124,16 @@ def fine_tune_stages(config: CompressConfig) -> list[str]:
 
 
 def restart_stages(out: Path, config: CompressConfig, saved: dict[str, Any],
-                   block_size: int | None, log: Callable[[str], None]) -> None:
+                   block_size: int | None, log: Callable[[str], None]) -> bool:
     """Where this rerun changes fine-tune settings (config.RESTART_CHANGES; check_out let it
     through: a fine-tune is unfinished), said in one line: the finished fine-tunes are kept as
     made with the `saved` values, which their stage.json records (added there where a stage
     predates the record), and the unfinished ones run from step 0 with the new values: their
-    progress checkpoints, made with the old ones, are deleted."""
+    progress checkpoints, made with the old ones, are deleted. Returns whether it changed
+    any."""
     changes = restart_changes(saved, config, block_size)
     if not changes:
-        return
+        return False
     kept, restarted, removed = [], [], []
     for stage in fine_tune_stages(config):
         directory = out / STAGE_DIRS[stage]
@@ -149,6 +151,7 @@ def restart_stages(out: Path, config: CompressConfig, saved: dict[str, Any],
         f"start{'s' if len(restarted) == 1 else ''} over from step 0 with the new"
         + (f" (deleted the progress made with the old: {', '.join(removed)})"
            if removed else ""))
+    return True
 
 
 def _record_settings(directory: Path, settings: dict[str, Any]) -> None:
@@ -230,16 +233,18 @@ def _another_teacher(out: Path, saved: dict[str, Any], source: dict[str, Any]) -
 
 
 @contextlib.contextmanager
-def out_held(out: Path, log: Callable[[str], None]) -> Iterator[bool]:
+def out_held(out: Path, log: Callable[[str], None]) -> Iterator[FolderClaim]:
     """This process's claim on --out while its run runs: a second run on the same --out
     meanwhile is refused (ConfigError naming the holder) before it writes anything; both
     wrote the same progress checkpoints and temporary folders. Yields whether it is held: on
-    a filesystem without flock the run goes on unguarded (said), and prepare_out must then
-    remove nothing as left over. A run that fails with nothing in --out but the lock and
+    a filesystem without flock the run goes on unguarded (said; `unguarded` set), and
+    prepare_out must then remove nothing as left over. A run that fails with nothing in --out but the lock and
     compress_config.json put --out back as it was (runs.FolderClaim, as a pretrain run's
     run_dir_held does): a directory it made removed, the files it added to one that was
     there removed, those it replaced written back; one that finished a stage or saved
-    progress keeps all it wrote, for a rerun to resume."""
+    progress keeps all it wrote, for a rerun to resume. A rerun that restarted fine-tunes
+    with new settings (prepare_out) snapshots again: its progress deleted, a failure must not
+    put the old settings back (its own progress may reuse the deleted files' names)."""
     with folder_claimed(out, OUT_LOCK,
                         busy=lambda holder: ConfigError(
                             f"--out {out} is in use by another compression run ({holder}); "
@@ -253,7 +258,7 @@ def out_held(out: Path, log: Callable[[str], None]) -> Iterator[bool]:
                 "writes if it fails: it could be such a run's")
         claim.snapshot({CONFIG_FILE})
         try:
-            yield claim.unguarded is None
+            yield claim
         except BaseException:
             claim.refused = True
             raise
@@ -622,7 +627,7 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
     check_settings(teacher.config, config)
     check_out(out, config, source, teacher.config.block_size)
     # (after check_out: a folder of something else gets no lock file)
-    with out_held(out, log) as guarded:
+    with out_held(out, log) as claim:
         # The teacher's data, read and checked now: a run that cannot be scored fails in
         # seconds, before anything is written to --out, not after its fine-tunes.
         try:
@@ -640,7 +645,9 @@ def run_pipeline(teacher: GPT, source: dict[str, Any], config: CompressConfig, o
                 fp32_onnx = export.export_fp32_onnx(
                     teacher, Path(scratch) / "original.fp32.onnx",
                     "teacher (export check, before fine-tuning)")
-            prepare_out(out, config, source, teacher.config.block_size, log, guarded)
+            if prepare_out(out, config, source, teacher.config.block_size, log,
+                           claim.unguarded is None):
+                claim.snapshot({CONFIG_FILE})  # the put-back keeps the new settings
             return _run_stages(teacher, source, config, out, device, seq_len, fp32_onnx, data,
                                tokenizer, log)
 

@@ -760,3 +760,33 @@ def test_out_of_memory_in_the_report_names_only_what_a_rerun_of_this_out_may_cha
     # ... and the report's may change
     code = JOB.main([*command, "--eval-batch-size", "1"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_a_restarted_fine_tune_that_fails_keeps_the_new_settings_with_its_progress(
+        tmp_path, capsys, monkeypatch):
+    """A rerun with another --lr deleted QAT's progress made with the old one, saved its own
+    under the same name (.qat.partial.step00000002.pt) and then diverged: the failed run's
+    put-back (out_held) wrote the old compress_config.json back, as if nothing had changed.
+    The next rerun with the same (new) --lr then called it a change and deleted the progress
+    made with it; one with the old --lr resumed from progress made with the new."""
+    import json
+
+    qat_nan_above_lr(monkeypatch, 0.01)
+    out = tmp_path / "out"
+    command = ["--checkpoint", str(make_checkpoint(tmp_path / "ckpt")), "--out", str(out),
+               "--prune-steps", "2", "--qat-steps", "6", "--batch-size", "2",
+               "--log-every", "4", "--checkpoint-every", "2", "--no-onnx-baseline",
+               "--no-int8-static", "--latency-repeats", "1", "--latency-batched", "1",
+               "--eval-tokens", "64"]
+    code, err = run_job(capsys, *command, "--lr", "0.05")
+    assert code == 4 and "qat diverged at step 4" in err, err
+    code, err = run_job(capsys, *command, "--lr", "0.02")
+    assert code == 4 and "qat diverged at step 4" in err, err
+    assert (out / ".qat.partial.step00000002.pt").is_file()
+    saved = json.loads((out / "compress_config.json").read_text())["compress"]
+    assert saved["lr"] == 0.02, saved["lr"]
+    # the same values resume from the progress saved, as the divergence line says
+    code = JOB.main([*command, "--lr", "0.02"])
+    said = capsys.readouterr()
+    assert code == 4 and "qat: resumed at step 2/6" in said.out, said.out
+    assert "fine-tune settings changed" not in said.out, said.out
