@@ -237,7 +237,7 @@ def progress_checkpoints(partial: Path) -> list[Path]:
     `partial`, one per saved step while the next is being written, then `partial` itself (the
     single file earlier versions overwrote in place), if there."""
     pattern = re.compile(re.escape(partial.stem) + r"\.step(\d+)" + re.escape(partial.suffix))
-    numbered = sorted(((int(m.group(1)), path) for path in _progress_files(partial)
+    numbered = sorted(((int(m.group(1)), path) for path in progress_files(partial)
                        if (m := pattern.fullmatch(path.name))), reverse=True)
     return [path for _, path in numbered] + ([partial] if partial.is_file() else [])
 
@@ -246,13 +246,14 @@ def remove_progress(partial: Path, keep: Path | None = None) -> list[str]:
     """Delete the stage's progress checkpoints, their sidecars and any unfinished temporary
     file, all but `keep` (and its sidecar); returns the names deleted."""
     kept = {keep.name, keep.name + ".sha256"} if keep is not None else set()
-    removed = sorted(path.name for path in _progress_files(partial) if path.name not in kept)
+    removed = sorted(path.name for path in progress_files(partial) if path.name not in kept)
     for name in removed:
         (partial.parent / name).unlink(missing_ok=True)
     return removed
 
 
-def _progress_files(partial: Path) -> list[Path]:
+def progress_files(partial: Path) -> list[Path]:
+    """Every file of the stage's progress: checkpoints, sidecars, one being written."""
     return list(partial.parent.glob(glob.escape(partial.stem) + ".*"))
 
 

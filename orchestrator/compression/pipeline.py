@@ -37,7 +37,8 @@ from orchestrator.compression.artifacts import (CheckpointError, cpu_state_dict,
                                                 staged_dir, write_json)
 from orchestrator.compression.config import (CompressConfig, fine_tune_settings,
                                               restart_changes, resume_conflicts)
-from orchestrator.compression.finetune import Plan, PruneSchedule, finetune, remove_progress
+from orchestrator.compression.finetune import (Plan, PruneSchedule, finetune, progress_files,
+                                                remove_progress)
 from orchestrator.compression.report import (SCRATCH_PREFIX, build_report,
                                              format_table, latency_seq_len)
 from orchestrator.compression.source import teacher_data, teacher_tokenizer
@@ -93,10 +94,12 @@ def prepare_out(out: Path, config: CompressConfig, source: dict[str, Any],
     Checked before anything is written: a refused run leaves --out as it was. A rerun that
     changes fine-tune settings a fine-tune not finished may take restarts it (restart_stages),
     before the new settings are recorded: a stop between the two finds the change again.
-    Returns whether it did (the caller's put-back must then keep the new settings)."""
+    Returns whether it did (the caller's put-back must then keep the new settings). Unguarded,
+    a restart that would delete progress is refused (restart_stages)."""
     saved = check_out(out, config, source, block_size)
     out.mkdir(parents=True, exist_ok=True)
-    restarted = saved is not None and restart_stages(out, config, saved, block_size, log)
+    restarted = saved is not None and restart_stages(out, config, saved, block_size, log,
+                                                     guarded)
     write_json(out / CONFIG_FILE, {"compress": config.to_dict(), "source": source})
     if guarded:
         remove_leftovers(out, log)
@@ -124,16 +127,29 @@ def fine_tune_stages(config: CompressConfig) -> list[str]:
 
 
 def restart_stages(out: Path, config: CompressConfig, saved: dict[str, Any],
-                   block_size: int | None, log: Callable[[str], None]) -> bool:
+                   block_size: int | None, log: Callable[[str], None],
+                   guarded: bool = True) -> bool:
     """Where this rerun changes fine-tune settings (config.RESTART_CHANGES; check_out let it
     through: a fine-tune is unfinished), said in one line: the finished fine-tunes are kept as
     made with the `saved` values, which their stage.json records (added there where a stage
     predates the record), and the unfinished ones run from step 0 with the new values: their
     progress checkpoints, made with the old ones, are deleted. Returns whether it changed
-    any."""
+    any. Not `guarded` (--out could not be locked: another run may be using them), a restart
+    that would delete progress is refused (ConfigError naming the files, deleted by hand),
+    before anything is written."""
     changes = restart_changes(saved, config, block_size)
     if not changes:
         return False
+    if not guarded:
+        files = sorted(path.name for stage in fine_tune_stages(config)
+                       if not (out / STAGE_DIRS[stage]).is_dir()
+                       for path in progress_files(partial_path(out, stage)))
+        if files:
+            raise ConfigError(
+                f"--out {out} cannot be locked, so another run may be using it: its progress "
+                f"made with the old fine-tune settings ({'; '.join(changes)}) is not deleted "
+                f"here; delete {', '.join(files)} once no run uses --out and rerun, or pass "
+                "the original values")
     kept, restarted, removed = [], [], []
     for stage in fine_tune_stages(config):
         directory = out / STAGE_DIRS[stage]

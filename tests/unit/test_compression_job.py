@@ -790,3 +790,30 @@ def test_a_restarted_fine_tune_that_fails_keeps_the_new_settings_with_its_progre
     said = capsys.readouterr()
     assert code == 4 and "qat: resumed at step 2/6" in said.out, said.out
     assert "fine-tune settings changed" not in said.out, said.out
+
+
+def test_an_unlocked_rerun_changing_settings_deletes_no_progress(tmp_path):
+    """Where flock is refused (another run may be using --out unseen), a rerun changing --lr
+    deleted the unfinished QAT's progress checkpoints anyway (restart_stages), another run's
+    included, though nothing else is removed there. Now refused, naming the files to delete
+    by hand once no run uses --out; --out is left as it was. With no progress to delete the
+    change goes through."""
+    import json
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    _, source = load_teacher(checkpoint, log=print)
+    out = tmp_path / "out"
+    prepare_out(out, CompressConfig(lr=0.05), source)
+    (out / "pruned").mkdir()
+    for name in (".qat.partial.step00000002.pt", ".qat.partial.step00000002.pt.sha256"):
+        (out / name).write_bytes(b"x")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="cannot be locked.*lr: 0.05 -> 0.001.*delete "
+                                          r"\.qat\.partial\.step00000002\.pt"):
+        prepare_out(out, CompressConfig(lr=0.001), source, guarded=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    for name in before:
+        if name.startswith(".qat"):
+            (out / name).unlink()
+    prepare_out(out, CompressConfig(lr=0.001), source, guarded=False)
+    assert json.loads((out / "compress_config.json").read_text())["compress"]["lr"] == 0.001
