@@ -468,11 +468,9 @@ def test_a_sharded_save_that_fails_is_a_checkpoint_error_naming_the_cause(tmp_pa
     assert not (tmp_path / "ckpt" / "meta.pt").exists()  # never taken for complete
 
 
-def test_a_damaged_shard_without_a_digest_is_refused_with_its_cause_in_one_line(tmp_path):
-    # A checkpoint written before shard digests were recorded is read unchecked, so DCP's own
-    # failure is the message: its last line was taken for the cause, and a shard of zeros
-    # (never written: a power loss) was refused as "cannot be read: Check the documentation
-    # of torch.load to learn more about types accepted by default with weights_only https://..."
+def sharded_checkpoint_without_digests(tmp_path):
+    """A sharded checkpoint of step 3 as written before shard digests were recorded (read
+    unchecked)."""
     from orchestrator.training.checkpoint import (SHARD_DIGESTS, load_tensors, save_sharded,
                                                   save_tensors)
 
@@ -483,6 +481,15 @@ def test_a_damaged_shard_without_a_digest_is_refused_with_its_cause_in_one_line(
     meta = load_tensors(directory / "meta.pt")
     del meta[SHARD_DIGESTS]  # as written before the digests
     save_tensors(directory / "meta.pt", meta)
+    return directory
+
+
+def test_a_damaged_shard_without_a_digest_is_refused_with_its_cause_in_one_line(tmp_path):
+    # A checkpoint written before shard digests were recorded is read unchecked, so DCP's own
+    # failure is the message: its last line was taken for the cause, and a shard of zeros
+    # (never written: a power loss) was refused as "cannot be read: Check the documentation
+    # of torch.load to learn more about types accepted by default with weights_only https://..."
+    directory = sharded_checkpoint_without_digests(tmp_path)
     shard = directory / "__0_0.distcp"
     shard.write_bytes(bytes(shard.stat().st_size))
     with pytest.raises(CheckpointError) as caught:
@@ -497,17 +504,9 @@ def test_a_truncated_index_without_a_digest_is_refused_without_dcp_tracebacks(tm
     # (__0.metadata), and logged a "Global metadata is not found" / "Rank local metadata is
     # not found" traceback for each on stderr before its AssertionError ("metadata is None;
     # global metadata read failed: ..."). The index is read first: one line, naming it.
-    from orchestrator.training.checkpoint import (DCP_METADATA_FILE, SHARD_DIGESTS,
-                                                  checkpoint_problem, load_tensors,
-                                                  save_sharded, save_tensors)
+    from orchestrator.training.checkpoint import DCP_METADATA_FILE, checkpoint_problem
 
-    directory = tmp_path / "checkpoint_00000003"
-    save_sharded(directory, {"model": {"w": torch.randn(8, 8)},
-                             "optimizer": {"state": {"w": {"exp_avg": torch.randn(8, 8)}}}},
-                 {"step": 3}, rank=0)
-    meta = load_tensors(directory / "meta.pt")
-    del meta[SHARD_DIGESTS]  # as written before the digests
-    save_tensors(directory / "meta.pt", meta)
+    directory = sharded_checkpoint_without_digests(tmp_path)
     index = directory / DCP_METADATA_FILE
     index.write_bytes(index.read_bytes()[:index.stat().st_size // 2])
     with pytest.raises(CheckpointError) as caught:
