@@ -519,11 +519,10 @@ def _run(args: argparse.Namespace) -> dict | None:
         _refuse_other_jobs_folder(run_dir)
         setup = resolve_data(args, run_dir)
         train_config, spec = build_configs(args, run_dir, setup.fields)
+        if setup.plan is not None and setup.plan.cached:  # (shards of an earlier run: too
+            # short for --seq-len refused before Ray starts, --dry-run as the run)
+            check_trainable(setup.plan.manifest, train_config.seq_len, setup.plan.cache_uri)
         if args.dry_run:
-            if setup.plan is not None and setup.plan.cached:  # (shards of an earlier run:
-                # the refusal the run would give once tokenized, given here too)
-                check_trainable(setup.plan.manifest, train_config.seq_len,
-                                setup.plan.cache_uri)
             return dry_run(train_config, spec, args.address)
         if args.resume and _already_complete(run_dir, train_config, args.resume_point):
             return None
@@ -544,7 +543,8 @@ def _run(args: argparse.Namespace) -> dict | None:
             try:
                 manifest, started_ray = prepare_shards(setup.plan, args.address,
                                                        args.ingest_workers)
-                check_trainable(manifest, train_config.seq_len, setup.plan.cache_uri)
+                if not setup.plan.cached:  # (cached: checked above, the same manifest)
+                    check_trainable(manifest, train_config.seq_len, setup.plan.cache_uri)
             except (DataError, ClusterConnectionError) as e:
                 raise JobFailed(str(e), EXIT_BAD_INPUT) from None
         # Written once the data is known good; a run refused after (no cluster at --address,
