@@ -398,20 +398,45 @@ def _beyond_cluster_max(node_type: NodeType, nodes: int) -> bool:
         nodes > node_type.cluster_max_workers + node_type.head
 
 
-def cluster_room_note(parts: tuple[PlanPart, ...], workers_up: int | None) -> str | None:
-    """Why Ray adds only some of a plan's nodes now (`parts`: those to add, parts_to_add):
-    the worker nodes up (`workers_up`, of any type; None: not known) leave less room under
-    the cluster's max_workers, and Ray launches the rest only once idle ones are removed
-    (its idle_timeout_minutes). None when they fit, or with no such bound."""
+def cluster_room(parts: tuple[PlanPart, ...], workers_up: int | None
+                 ) -> tuple[int, int, int] | None:
+    """(room, nodes to add, the cluster's max_workers) where a plan's nodes to add (`parts`:
+    parts_to_add's) exceed the room the worker nodes up (`workers_up`, of any type; None:
+    not known) leave under the cluster's max_workers: Ray launches no worker node beyond it.
+    None when they fit, or with no such bound."""
     cluster_max = next((t.cluster_max_workers for t, _, _ in parts), None)
     if workers_up is None or cluster_max is None:
         return None
-    room = max(0, cluster_max - workers_up)
-    if sum(nodes for _, nodes, _ in parts) <= room:
+    room, added = max(0, cluster_max - workers_up), sum(nodes for _, nodes, _ in parts)
+    return None if added <= room else (room, added, cluster_max)
+
+
+def busy_named(busy: dict[str, list[str]]) -> str:
+    """`h1: 'train'; h2: 'a', 'b'`: worker nodes up (node id -> the jobs on them)."""
+    named = "; ".join(f"{node[:12]}: " + ", ".join(repr(job) for job in jobs)
+                      for node, jobs in sorted(busy.items())[:8])
+    return named + ("; ..." if len(busy) > 8 else "")
+
+
+def cluster_room_note(parts: tuple[PlanPart, ...], workers_up: int | None,
+                      busy: dict[str, list[str]] | None = None) -> str | None:
+    """Why Ray adds only some of a plan's nodes now (`parts`: those to add, parts_to_add):
+    the worker nodes up (`workers_up`, of any type; None: not known) leave less room under
+    the cluster's max_workers, and Ray launches the rest only once idle ones are removed
+    (its idle_timeout_minutes), and where the idle ones are too few, once the jobs on the
+    busy ones (`busy`: node id -> jobs, of the worker nodes up) end. None when they fit, or
+    with no such bound."""
+    short = cluster_room(parts, workers_up)
+    if short is None:
         return None
-    return (f"the cluster has {workers_up} worker node(s) up of its max_workers {cluster_max}, "
-            f"so Ray adds {room} of them now and the rest only once idle worker node(s) go "
-            "(its idle_timeout_minutes)")
+    room, added, cluster_max = short
+    said = (f"the cluster has {workers_up} worker node(s) up of its max_workers {cluster_max}, "
+            f"so Ray adds {room} of them now and the rest only once ")
+    busy = busy or {}
+    if added - room <= workers_up - len(busy):  # (the idle ones make room enough)
+        return said + "idle worker node(s) go (its idle_timeout_minutes)"
+    return (said + f"worker node(s) go, and {len(busy)} of them run jobs ({busy_named(busy)}): "
+            "they go only once those end (then idle for its idle_timeout_minutes)")
 
 
 def ray_memory_gib(ram_gib):

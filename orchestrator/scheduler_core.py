@@ -61,10 +61,10 @@ import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_note,
-                                      adds_none_note, cluster_room_note, cpu_note, gpu_note, host_memory_note,
-                                      max_workers_note, nodes_up_key, parts_to_add,
-                                      plan_bundles, plan_named, ray_memory_gib,
-                                      scale_up_parts, unlabelled_memory_note)
+                                      adds_none_note, cluster_room_note,
+                                      cpu_note, gpu_note, host_memory_note, max_workers_note,
+                                      nodes_up_key, parts_to_add, plan_bundles, plan_named,
+                                      ray_memory_gib, scale_up_parts, unlabelled_memory_note)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import (ClusterState, NodeReport, Reservation, gpu_families,
                                     report_problem)
@@ -1630,11 +1630,26 @@ class SchedulerCore:
 
     def _scale_up_reason(self, plan: tuple[PlanPart, ...]) -> str:
         """A job waiting for new nodes: which, and where the worker nodes up leave Ray room
-        for fewer under the cluster's max_workers, that idle ones must go first."""
-        workers_up = len(self.ray_alive - {self.head_node}) \
-            if self.head_node in self.ray_alive else None
-        note = cluster_room_note(plan, workers_up)
+        for fewer under the cluster's max_workers, that idle ones must go first, or where
+        those are too few, the busy ones (their jobs ending)."""
+        note = cluster_room_note(plan, self._worker_nodes_up(), self._busy_worker_nodes())
         return _scale_up_reason(plan) + (f"; {note}" if note else "")
+
+    def _worker_nodes_up(self) -> int | None:
+        """The worker nodes Ray lists alive, of any type, as it counts them against the
+        cluster's max_workers: all but the head (None where the head is not known)."""
+        return len(self.ray_alive - {self.head_node}) \
+            if self.head_node in self.ray_alive else None
+
+    def _busy_worker_nodes(self) -> dict[str, list[str]]:
+        """The worker nodes up running jobs (node id -> their jobs): they stay up, held
+        against the cluster's max_workers, until those end."""
+        busy: dict[str, set[str]] = {}
+        for name, held in self.state.reservations.items():
+            for r in held:
+                if r.node_id in self.ray_alive and r.node_id != self.head_node:
+                    busy.setdefault(r.node_id, set()).add(name.removesuffix(CLAIM_SUFFIX))
+        return {node: sorted(jobs) for node, jobs in busy.items()}
 
     def _not_joined(self, spec: JobSpec, plan: tuple[PlanPart, ...], now: float) -> str:
         """Why a job waiting for new nodes (`plan`: those still to add, per type) is not held

@@ -1230,3 +1230,39 @@ def test_a_plan_beyond_the_cluster_max_with_worker_nodes_up_says_an_idle_node_mu
     core.node_types, core.head_node = types, "head"
     huge = dataclasses.replace(big, num_workers=24)
     assert isinstance(core.submit(huge, "d", T0).decision, Rejection)
+
+
+def _a100_h100_types(cluster_max):
+    return node_types_from_config({"max_workers": cluster_max, "head_node_type": "head",
+                                   "available_node_types": {
+        "head": {"resources": {"CPU": 8}},
+        "a100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+                 "max_workers": 2},
+        "h100": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:H100": 1},
+                 "max_workers": 2}}})
+
+
+def _busy_h100_cluster(cluster_max):
+    """The head and one H100 worker node up, running job 'busy'."""
+    core = core_with(cpu_node("head", cpus=8), gpu_node("h1", gpus=8, family="H100"))
+    core.node_types, core.head_node = _a100_h100_types(cluster_max), "head"
+    busy = JobSpec("busy", num_workers=8, gpus_per_worker=1, accelerator_types=("H100",))
+    assert isinstance(core.submit(busy, "d0", T0).decision, Placement)
+    return core
+
+
+def test_a_plan_beyond_the_room_busy_worker_nodes_leave_says_their_jobs_must_end():
+    """Cluster max_workers 2, one H100 worker node up and busy, a job needing 2 A100 nodes:
+    its reason said Ray adds the rest `once idle worker node(s) go`, though the only worker
+    node up is busy and goes only once its job ends (the check counted no busy node of
+    another type)."""
+    core = _busy_h100_cluster(2)
+    big = JobSpec("big", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    waiting = core.submit(big, "d", T0 + 1).decision
+    assert isinstance(waiting, Queued), waiting
+    assert waiting.reason == (
+        "waiting for the autoscaler to add 2 x a100 node(s): the cluster as it stands cannot "
+        "hold it; the cluster has 1 worker node(s) up of its max_workers 2, so Ray adds 1 of "
+        "them now and the rest only once worker node(s) go, and 1 of them run jobs (h1: "
+        "'busy'): they go only once those end (then idle for its idle_timeout_minutes)")
+
