@@ -439,6 +439,25 @@ def cluster_room_note(parts: tuple[PlanPart, ...], workers_up: int | None,
             "they go only once those end (then idle for its idle_timeout_minutes)")
 
 
+def cluster_max_note(parts: tuple[PlanPart, ...], workers_up: int | None,
+                     busy: dict[str, list[str]]) -> str | None:
+    """Why a plan's nodes never joined (`parts`: those still to add) when the worker nodes
+    up leave Ray no room for them under the cluster's max_workers: the figures, the nodes up
+    running jobs (`busy`) and the figure to raise it to; None when they fit, or with no such
+    bound (the autoscaler's log then says why)."""
+    short = cluster_room(parts, workers_up)
+    if short is None:
+        return None
+    room, added, cluster_max = short
+    return (f"{plan_named(parts)} never joined: the cluster has {workers_up} worker node(s) up "
+            f"of its max_workers {cluster_max} (the cluster config's top-level max_workers), "
+            f"so Ray adds {room or 'none'} of them"
+            + (f" ({len(busy)} of the worker node(s) up run jobs: {busy_named(busy)})"
+               if busy else "")
+            + f": raise it to {workers_up + added}"
+            + (", or submit the job again once those jobs end" if busy else ""))
+
+
 def ray_memory_gib(ram_gib):
     """A node's Ray memory resource (GiB) as the autoscaler counts it, from its RAM (GiB; a
     number or an array): RAY_MEMORY_SHARE of it."""

@@ -61,7 +61,7 @@ import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_note,
-                                      adds_none_note, cluster_room_note,
+                                      adds_none_note, cluster_max_note, cluster_room_note,
                                       cpu_note, gpu_note, host_memory_note, max_workers_note,
                                       nodes_up_key, parts_to_add, plan_bundles, plan_named,
                                       ray_memory_gib, scale_up_parts, unlabelled_memory_note)
@@ -1660,7 +1660,8 @@ class SchedulerCore:
         (do their labels promise more ...?)" of a type whose nodes never joined."""
         missing = [(t, n) for t, n, _ in plan if n]
         one = sum(n for _, n in missing) == 1
-        said = [f"{plan_named(plan)} never joined (the autoscaler did not add "
+        at_max = cluster_max_note(plan, self._worker_nodes_up(), self._busy_worker_nodes())
+        said = [at_max or f"{plan_named(plan)} never joined (the autoscaler did not add "
                 f"{'it' if one else 'them'}: its log, `ray status`, says why, e.g. no "
                 "instances available or a launch failing)"] if missing else []
         counted = self._held_by_nodes_up(spec, now)

@@ -1266,3 +1266,20 @@ def test_a_plan_beyond_the_room_busy_worker_nodes_leave_says_their_jobs_must_end
         "them now and the rest only once worker node(s) go, and 1 of them run jobs (h1: "
         "'busy'): they go only once those end (then idle for its idle_timeout_minutes)")
 
+
+def test_a_scale_up_timeout_with_the_cluster_at_its_max_workers_says_so():
+    """Cluster max_workers 1, its only worker node busy: the job needing an A100 node timed
+    out saying `1 x a100 never joined (the autoscaler did not add it: its log, ...)`, not that
+    Ray adds no node beyond max_workers, nor the figure to raise it to."""
+    core = _busy_h100_cluster(1)
+    job = JobSpec("a", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",))
+    assert isinstance(core.submit(job, "d", T0 + 1).decision, Queued)
+    late = T0 + 1 + core.settings.scale_up_timeout_s + 10
+    core.tick(late)
+    refused = core.poll("a", "d", late + 1).decision
+    assert isinstance(refused, Rejection), refused
+    assert "its log" not in refused.message, refused.message
+    assert ("1 x a100 never joined: the cluster has 1 worker node(s) up of its max_workers 1 "
+            "(the cluster config's top-level max_workers), so Ray adds none of them (1 of the "
+            "worker node(s) up run jobs: h1: 'busy'): raise it to 2, or submit the job again "
+            "once those jobs end") in refused.message, refused.message
