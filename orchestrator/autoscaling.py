@@ -32,8 +32,11 @@ from orchestrator.validation import is_int, is_number
 
 ACCELERATOR_RESOURCE_PREFIX = "accelerator_type:"  # Ray's resource per accelerator type
 # A tiny amount of the type's accelerator_type resource in each bundle steers the autoscaler
-# to that node type (as Ray's own accelerator_type option does) without using it up.
+# to that node type (as Ray's own accelerator_type option does) without using it up; so does
+# one of a resource of a CPU job's type's own (NodeType.own_resource).
 ACCELERATOR_RESOURCE_SHARE = 0.001
+# Resources Ray gives every node (or a GPU node): no one node type's own.
+RAY_NODE_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 # The cluster's max_workers when the config sets none: Ray's documented default (2.60's
 # ray-cluster-configuration, and the AWS, GCP and Azure providers' defaults.yaml). A node type
 # without its own max_workers takes the cluster's (Ray's fill_node_type_min_max_workers).
@@ -71,6 +74,11 @@ class NodeType:
     # The head's type (planned where its max_workers is above 0): its nodes are the head, up
     # already, and up to max_workers worker nodes Ray launches beside it.
     head: bool = False
+    # A custom resource (>= 1) in its resources that no other type of the config declares:
+    # what steers the autoscaler to it for a CPU job's bundles ("" for none). Ray 2.60's
+    # autoscaler picks the types for bundles by its own scoring (get_nodes_for); the
+    # bundle_label_selectors of request_resources reach autoscaler v2 only.
+    own_resource: str = ""
 
     def summary(self) -> dict[str, Any]:
         """What placement reads of the type, as status --json shows it (null: not stated)."""
@@ -102,11 +110,29 @@ def node_types_from_config(config: dict[str, Any]) -> tuple[NodeType, ...]:
     head = config.get("head_node_type")
     cluster_max = _cluster_max_workers(config)
     given = config.get("max_workers") is not None
+    custom = {name: _custom_resources(t) for name, t in types.items()}
     # (a type without max_workers takes the cluster's, as Ray does: it read as 0, never scaled)
     return tuple(dataclasses.replace(_node_type(name, t, 0 if name == head else cluster_max),
                                      cluster_max_workers=cluster_max,
-                                     cluster_max_workers_set=given, head=name == head)
+                                     cluster_max_workers_set=given, head=name == head,
+                                     own_resource=_own_resource(name, custom))
                  for name, t in types.items() if name != head or _head_max_workers(name, t))
+
+
+def _custom_resources(raw: Any) -> dict[str, Any]:
+    """A node type's resources other than those Ray gives every node and accelerator_type."""
+    resources = raw.get("resources") if isinstance(raw, dict) else None
+    return {key: value for key, value in resources.items()
+            if isinstance(key, str) and key not in RAY_NODE_RESOURCES
+            and not key.startswith(ACCELERATOR_RESOURCE_PREFIX)} \
+        if isinstance(resources, dict) else {}
+
+
+def _own_resource(name: str, custom: dict[str, dict[str, Any]]) -> str:
+    """The first (by name) custom resource of at least 1 that type `name` alone declares."""
+    others = {key for other, resources in custom.items() if other != name for key in resources}
+    return next((key for key, value in sorted(custom[name].items())
+                 if key not in others and is_number(value) and value >= 1), "")
 
 
 def _head_max_workers(name: str, raw: Any) -> int:
@@ -267,7 +293,10 @@ def scale_up_parts(spec: JobSpec, node_types: tuple[NodeType, ...],
     single = scale_up_plan(spec, node_types, held_up)
     if single is not None:
         return ((*single, spec.num_workers),)
-    holding = [t for t in node_types if _workers_per_node(spec, t) and t.max_workers]
+    # (a CPU job's bundles are steered to a type only by a resource of its own: without, the
+    # autoscaler picks the types for them by its own scoring, another mix, maybe too few)
+    holding = [t for t in node_types if _workers_per_node(spec, t) and t.max_workers
+               and (spec.gpus_per_worker or t.own_resource)]
     if spec.min_bandwidth_gbps:
         groups = {t.network_group for t in holding if t.network_group}
         pools = [[t for t in holding if t.network_group == group and _meets_floor(spec, t)]
@@ -331,8 +360,12 @@ def parts_to_add(spec: JobSpec, parts: tuple[PlanPart, ...],
 
 def nodes_up_key(spec: JobSpec, node_type: NodeType) -> str:
     """The family of the nodes up that the autoscaler counts toward bundles asked of a node
-    type (bundles naming its accelerator_type resource), "" where all nodes up count."""
-    return node_type.family if spec.gpus_per_worker and node_type.accelerator_resource else ""
+    type (bundles naming its accelerator_type resource), "" where all nodes up count, and
+    `resource:NAME` where only nodes of the type count (bundles naming its own resource:
+    which nodes up are of the type is not known here, so none is counted)."""
+    if spec.gpus_per_worker:
+        return node_type.family if node_type.accelerator_resource else ""
+    return f"resource:{node_type.own_resource}" if node_type.own_resource else ""
 
 
 def plan_bundles(spec: JobSpec, parts: tuple[PlanPart, ...]) -> list[dict[str, float]]:
@@ -595,6 +628,28 @@ def accelerator_resource_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -
             f"family (add {add})")
 
 
+def steering_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
+    """Why no plan holds a CPU job when types would hold it together but not each declares a
+    resource of its own to steer the autoscaler by (scale_up_parts plans a CPU job across
+    types only so), naming them and what to add; else None."""
+    if spec.gpus_per_worker or scale_up_parts(spec, node_types) is not None:
+        return None
+    steered = tuple(t if t.own_resource else dataclasses.replace(t, own_resource=t.name)
+                    for t in node_types)
+    parts = scale_up_parts(spec, steered)
+    if parts is None or len(parts) < 2:
+        return None
+    names = [t.name for t, _, _ in parts]
+    lacking = [t.name for t, _, _ in parts if not node_types[steered.index(t)].own_resource]
+    named = ", ".join(repr(name) for name in lacking)
+    return (f"node types {', '.join(repr(name) for name in names)} would hold it together, but "
+            "a CPU job is planned across node types only where each declares a resource of "
+            "its own to steer the autoscaler to it ("
+            + ("none of them does" if len(lacking) == len(names) else
+               f"{named} {'does' if len(lacking) == 1 else 'do'} not")
+            + f": add one to each one's resources, e.g. \"{lacking[0]}\": 1)")
+
+
 def host_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
     """Why no plan holds `spec` when no node type that would otherwise hold it has the RAM
     for one of its workers (min_host_memory_gb; its max_workers aside), naming the need, the
@@ -651,4 +706,6 @@ def resource_bundles(spec: JobSpec, node_type: NodeType,
         bundle["GPU"] = math.ceil(spec.gpus_per_worker)
         if node_type.accelerator_resource:
             bundle[node_type.accelerator_resource] = ACCELERATOR_RESOURCE_SHARE
+    elif node_type.own_resource:
+        bundle[node_type.own_resource] = ACCELERATOR_RESOURCE_SHARE
     return [dict(bundle) for _ in range(spec.num_workers if workers is None else workers)]

@@ -1283,3 +1283,50 @@ def test_a_scale_up_timeout_with_the_cluster_at_its_max_workers_says_so():
             "(the cluster config's top-level max_workers), so Ray adds none of them (1 of the "
             "worker node(s) up run jobs: h1: 'busy'): raise it to 2, or submit the job again "
             "once those jobs end") in refused.message, refused.message
+
+
+def _two_cpu_types(own=None):
+    """CPU types `big` (8 CPUs, its memory stated, one node) and `small` (4 CPUs, two nodes),
+    two worker nodes in all (`own`: type -> a resource of its own)."""
+    own = own or {}
+    resources = {"big": {"CPU": 8, "memory": 64 * 2 ** 30}, "small": {"CPU": 4}}
+    return node_types_from_config({"max_workers": 2, "available_node_types": {
+        name: {"resources": {**resources[name], **({own[name]: 1} if name in own else {})},
+               "max_workers": 1 if name == "big" else 2} for name in ("big", "small")}})
+
+
+def test_a_cpu_job_is_planned_across_types_only_where_each_declares_a_resource_to_steer_by():
+    """A CPU job no one type holds was planned on 1 x big + 1 x small, asking for bundles of
+    CPUs alone: Ray's autoscaler picks the types for them by its own scoring (2.60's
+    get_nodes_for: a type stating memory scores low for bundles asking none), adds 2 x small
+    for them, the cluster's max_workers, and one worker is never held."""
+    job = JobSpec("etl", num_workers=5, cpus_per_worker=2)
+    assert scale_up_parts(job, _two_cpu_types()) is None
+    core = core_with(cpu_node("cpu", cpus=1))
+    core.node_types = _two_cpu_types()
+    refused = core.submit(job, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert ("node types 'big', 'small' would hold it together, but a CPU job is planned across "
+            "node types only where each declares a resource of its own to steer the "
+            "autoscaler to it (none of them does: add one to each one's resources, e.g. "
+            '"big": 1)') in refused.message, refused.message
+    # Each declaring one: planned across them, each part's bundles steered to its type.
+    types = _two_cpu_types({"big": "pool_big", "small": "pool_small"})
+    big, small = types
+    assert (big.own_resource, small.own_resource) == ("pool_big", "pool_small")
+    core = core_with(cpu_node("cpu", cpus=1))
+    core.node_types = types
+    waiting = core.submit(job, "d", T0).decision
+    assert isinstance(waiting, Queued) and "add 1 x big + 1 x small" in waiting.reason, waiting
+    assert core.scale_up_requests(T0 + 1) == [{"CPU": 2.0, "pool_big": 0.001}] * 4 + \
+        [{"CPU": 2.0, "pool_small": 0.001}]
+    # A resource two types declare steers to neither: it is no type's own.
+    shared = _two_cpu_types({"big": "pool", "small": "pool"})
+    assert [t.own_resource for t in shared] == ["", ""]
+    assert scale_up_parts(job, shared) is None
+    # A GPU job's bundles are steered by accelerator_type, as before.
+    gpu = JobSpec("g", num_workers=1, gpus_per_worker=1)
+    eight = node_types_from_config({"available_node_types": {"g": {"resources": {
+        "CPU": 8, "GPU": 8, "accelerator_type:A100": 1, "pool_g": 1}, "max_workers": 1}}})
+    assert resource_bundles(gpu, eight[0]) == [{"CPU": 1.0, "GPU": 1,
+                                                "accelerator_type:A100": 0.001}]
