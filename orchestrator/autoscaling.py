@@ -452,13 +452,15 @@ def busy_named(busy: dict[str, list[str]]) -> str:
 
 
 def cluster_room_note(parts: tuple[PlanPart, ...], workers_up: int | None,
+                      idle: int | None = None,
                       busy: dict[str, list[str]] | None = None) -> str | None:
     """Why Ray adds only some of a plan's nodes now (`parts`: those to add, parts_to_add):
     the worker nodes up (`workers_up`, of any type; None: not known) leave less room under
     the cluster's max_workers, and Ray launches the rest only once idle ones are removed
-    (its idle_timeout_minutes), and where the idle ones are too few, once the jobs on the
-    busy ones (`busy`: node id -> jobs, of the worker nodes up) end. None when they fit, or
-    with no such bound."""
+    (its idle_timeout_minutes), and where those that may go idle (`idle`, of the worker
+    nodes up; all but the busy ones where not given) are too few, once the jobs on the busy
+    ones that may go (`busy`: node id -> jobs) end. None when they fit, or with no such
+    bound."""
     short = cluster_room(parts, workers_up)
     if short is None:
         return None
@@ -466,7 +468,8 @@ def cluster_room_note(parts: tuple[PlanPart, ...], workers_up: int | None,
     said = (f"the cluster has {workers_up} worker node(s) up of its max_workers {cluster_max}, "
             f"so Ray adds {room} of them now and the rest only once ")
     busy = busy or {}
-    if added - room <= workers_up - len(busy):  # (the idle ones make room enough)
+    idle = workers_up - len(busy) if idle is None else idle
+    if added - room <= idle or not busy:  # (the idle ones make room enough)
         return said + "idle worker node(s) go (its idle_timeout_minutes)"
     return (said + f"worker node(s) go, and {len(busy)} of them run jobs ({busy_named(busy)}): "
             "they go only once those end (then idle for its idle_timeout_minutes)")

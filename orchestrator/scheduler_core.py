@@ -68,7 +68,7 @@ from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_n
                                       unlabelled_memory_note)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import (ClusterState, NodeReport, Reservation, gpu_families,
-                                    report_problem)
+                                    node_family, report_problem)
 from orchestrator.placement import (FITS_WHEN_FREED, Placement, PlacementError, Queued,
                                     Rejection, capacity_shape, free_host_memory, place,
                                     ram_use_freed, worker_capacity, workers_by_count)
@@ -1578,7 +1578,7 @@ class SchedulerCore:
         plan = self._new_nodes_plan(spec, now) if spec is not None else None
         if plan is not None:
             return dataclasses.replace(rejection, fits_when_free=True, message=(
-                f"{rejection.message}\n  {self._scale_up_reason(plan)}"))
+                f"{rejection.message}\n  {self._scale_up_reason(spec, plan)}"))
         missing = self._judged_later(now) if now is not None else self._unreported()
         if missing:
             return dataclasses.replace(rejection, fits_when_free=True, message=(
@@ -1629,12 +1629,28 @@ class SchedulerCore:
             since = self.awaiting_since[job_name] = now
         return since
 
-    def _scale_up_reason(self, plan: tuple[PlanPart, ...]) -> str:
+    def _scale_up_reason(self, spec: JobSpec, plan: tuple[PlanPart, ...]) -> str:
         """A job waiting for new nodes: which, and where the worker nodes up leave Ray room
         for fewer under the cluster's max_workers, that idle ones must go first, or where
         those are too few, the busy ones (their jobs ending)."""
-        note = cluster_room_note(plan, self._worker_nodes_up(), self._busy_worker_nodes())
+        note = cluster_room_note(plan, self._worker_nodes_up(),
+                                 *self._nodes_that_may_go(spec, plan))
         return _scale_up_reason(plan) + (f"; {note}" if note else "")
+
+    def _nodes_that_may_go(self, spec: JobSpec, plan: tuple[PlanPart, ...]
+                           ) -> tuple[int, dict[str, list[str]]]:
+        """Of the worker nodes up, those that may go to make room under the cluster's
+        max_workers for a plan's nodes: how many are idle, and the busy ones (node id ->
+        jobs, _busy_worker_nodes). Nodes of a family the plan's bundles name are not: the
+        request keeps them (they hold some of its workers, as the autoscaler counts them)."""
+        kept = {nodes_up_key(spec, node_type) for node_type, _, _ in plan} - {""}
+        reports = self.state.reports
+        going = {node for node in self.ray_alive - {self.head_node}
+                 if node not in reports
+                 or node_family(gpu_families(reports[node].gpus)) not in kept}
+        busy = {node: jobs for node, jobs in self._busy_worker_nodes().items()
+                if node in going}
+        return len(going) - len(busy), busy
 
     def _worker_nodes_up(self) -> int | None:
         """The worker nodes Ray lists alive, of any type, as it counts them against the
@@ -1661,7 +1677,8 @@ class SchedulerCore:
         (do their labels promise more ...?)" of a type whose nodes never joined."""
         missing = [(t, n) for t, n, _ in plan if n]
         one = sum(n for _, n in missing) == 1
-        at_max = cluster_max_note(plan, self._worker_nodes_up(), self._busy_worker_nodes())
+        at_max = cluster_max_note(plan, self._worker_nodes_up(),
+                                  self._nodes_that_may_go(spec, plan)[1])
         said = [at_max or f"{plan_named(plan)} never joined (the autoscaler did not add "
                 f"{'it' if one else 'them'}: its log, `ray status`, says why, e.g. no "
                 "instances available or a launch failing)"] if missing else []
@@ -1912,7 +1929,7 @@ class SchedulerCore:
             if new_nodes is not None:
                 # Out of line until its nodes join: it cannot start on the cluster as it
                 # stands, so it neither blocks nor plans a start for the jobs behind it.
-                self._wait_reason(job, self._scale_up_reason(new_nodes))
+                self._wait_reason(job, self._scale_up_reason(spec, new_nodes))
                 self._awaiting_since(spec.name, now)  # (its scale_up_timeout_s)
                 # (here too, so that the state a submission saves holds it for a restart)
                 self._ask_for_new_nodes(job, new_nodes)

@@ -1330,3 +1330,23 @@ def test_a_cpu_job_is_planned_across_types_only_where_each_declares_a_resource_t
         "CPU": 8, "GPU": 8, "accelerator_type:A100": 1, "pool_g": 1}, "max_workers": 1}}})
     assert resource_bundles(gpu, eight[0]) == [{"CPU": 1.0, "GPU": 1,
                                                 "accelerator_type:A100": 0.001}]
+
+
+def test_a_busy_node_the_plan_keeps_is_not_named_among_those_that_must_go():
+    """Cluster max_workers 2, an A100 node up running 'x' (the request keeps it: it holds
+    half the job) and an H100 node up running 'y': the reason named both as nodes whose jobs
+    must end for Ray to add the second A100 node; only the H100 node must go."""
+    core = core_with(cpu_node("head", cpus=8), gpu_node("a1", gpus=8, family="A100"),
+                     gpu_node("h1", gpus=8, family="H100"))
+    core.node_types, core.head_node = _a100_h100_types(2), "head"
+    for name, family in (("x", "A100"), ("y", "H100")):
+        job = JobSpec(name, num_workers=8, gpus_per_worker=1, accelerator_types=(family,))
+        assert isinstance(core.submit(job, "d0", T0).decision, Placement)
+    big = JobSpec("big", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    waiting = core.submit(big, "d", T0 + 1).decision
+    assert isinstance(waiting, Queued), waiting
+    assert waiting.reason.endswith(
+        "add 1 x a100 node(s): the cluster as it stands cannot hold it; the cluster has 2 "
+        "worker node(s) up of its max_workers 2, so Ray adds 0 of them now and the rest only "
+        "once worker node(s) go, and 1 of them run jobs (h1: 'y'): they go only once those "
+        "end (then idle for its idle_timeout_minutes)"), waiting.reason
