@@ -441,8 +441,12 @@ class _Dangling:
     path: str
     type: pafs.FileType = pafs.FileType.File
 
+    @property
+    def target(self) -> str:
+        return os.path.normpath(os.path.join(os.path.dirname(self.path),
+                                             os.readlink(self.path)))
+
     def refusal(self, spec: str) -> DataError:
-        target = os.path.join(os.path.dirname(self.path), os.readlink(self.path))
         why = ("does not exist (a mount that is not mounted, a file moved or removed): restore "
                "it, or remove the link")
         try:
@@ -453,8 +457,8 @@ class _Dangling:
                        "or remove the link")
             elif e.errno != errno.ENOENT:
                 why = f"cannot be reached ({e.strerror}): make it readable, or remove the link"
-        return DataError(f"--data {spec}: {self.path} is a symlink to "
-                         f"{os.path.normpath(target)}, which {why}")
+        return DataError(f"--data {spec}: {self.path} is a symlink to {self.target}, "
+                         f"which {why}")
 
 
 def _unnamed_tree(raw: bytes) -> list:
@@ -518,7 +522,9 @@ def _usable_files(spec: str, files: list, say: Callable[[str], None]) -> list:
     passed over without a word until the fourth session of 2026-12-07); those whose names
     are not UTF-8 skipped
     are named through `say` (a stray one, `caf\xe9.bak`, refused the whole value until
-    2026-12-07, even a glob that would not read it)."""
+    2026-12-07, even a glob that would not read it), and so are the other links whose
+    targets are gone (`wiki.en -> /mnt/gone`, perhaps a folder of the corpus; passed over
+    without a word until the fifth session of 2026-12-07), hidden ones silently."""
     for f in files:
         if isinstance(f, (_Unnamed, _Dangling)) and (_format_of(f.path)
                                                      or _compressed_corpus(f.path)):
@@ -532,6 +538,14 @@ def _usable_files(spec: str, files: list, say: Callable[[str], None]) -> list:
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
         say(f"--data {spec}: skipped {len(unnamed)} file(s) whose name is not UTF-8 and that "
             f"are no {', '.join(FORMATS)} file: {', '.join(names[:3])}{more}")
+    gone = [f for f in files if isinstance(f, _Dangling)
+            and not os.path.basename(f.path).startswith(".")]
+    if gone:
+        links = sorted(f"{f.path} -> {f.target}" for f in gone)
+        more = f" and {len(links) - 3} more" if len(links) > 3 else ""
+        say(f"--data {spec}: skipped {len(gone)} symlink(s) whose target does not exist and "
+            f"that are no {', '.join(FORMATS)} file (if one led to a folder of the corpus, "
+            f"restore it): {', '.join(links[:3])}{more}")
     return [f for f in files if isinstance(f, pafs.FileInfo)]
 
 

@@ -1553,3 +1553,29 @@ def test_a_link_with_no_extension_whose_target_is_gone_is_named_not_passed_over(
         f"--data {spec}: {corpus / 'shard2'} is a symlink to {tmp_path / 'gone'}, which does "
         "not exist (a mount that is not mounted, a file moved or removed): restore it, or "
         "remove the link")
+
+
+@pytest.mark.parametrize("spec", ["{d}", "{d}/*", "{d}/**"])
+def test_a_link_of_another_type_whose_target_is_gone_is_skipped_and_named(tmp_path, spec):
+    """A dangling link with a dot in its name that is no corpus file's (`wiki.en ->
+    /mnt/gone`: a folder of the corpus, perhaps; `notes.md`) was passed over without a
+    word, while one with no extension is refused: it is still skipped, as its file would
+    be, but named in one line, as files whose names are not UTF-8 are; a hidden one
+    silently. A corpus file so linked (`notes.v2.txt`) is refused."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("a paragraph\n\n")
+    (corpus / "wiki.en").symlink_to(tmp_path / "gone" / "wiki.en")
+    (corpus / "notes.md").symlink_to("missing.md")
+    (corpus / ".hidden.b").symlink_to("missing")
+    spec = spec.format(d=corpus)
+    said = []
+    assert [s.uri for s in expand_sources([spec], say=said.append)] == [str(corpus / "a.txt")]
+    assert said == [f"--data {spec}: skipped 2 symlink(s) whose target does not exist and "
+                    "that are no .txt, .jsonl, .parquet file (if one led to a folder of the "
+                    f"corpus, restore it): {corpus / 'notes.md'} -> {corpus / 'missing.md'}, "
+                    f"{corpus / 'wiki.en'} -> {tmp_path / 'gone' / 'wiki.en'}"]
+    (corpus / "notes.v2.txt").symlink_to("missing")
+    with pytest.raises(DataError, match=r"notes\.v2\.txt is a symlink to .*/missing, which "
+                                        "does not exist"):
+        expand_sources([spec], say=said.append)
