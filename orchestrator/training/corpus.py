@@ -625,7 +625,7 @@ def _parquet_file(source: SourceFile):
     try:
         handle = fs.open_input_file(path)
     except OSError as e:  # removed since planning, no access, a storage error
-        raise DataError(f"{source.uri}: cannot read: {e}") from None
+        raise _cannot_read(source, e) from None
     try:
         return pq.ParquetFile(handle)
     except Exception as e:  # ArrowInvalid: no parquet footer
@@ -638,7 +638,7 @@ def _parquet_error(source: SourceFile, error: Exception, what: str) -> DataError
     reported as corrupt data. pyarrow raises OSError without errno both for data that does
     not decode ("Couldn't deserialize thrift") and for object storage errors: said so."""
     if isinstance(error, OSError) and error.errno is not None:
-        return DataError(f"{source.uri}: cannot read: {error}")
+        return _cannot_read(source, error)
     if isinstance(error, OSError):
         what += ", or a storage read error"
     return DataError(f"{source.uri}: {what}: {error}")
@@ -698,8 +698,16 @@ def _is_local(source: SourceFile) -> bool:
 
 def _read_head(source: SourceFile) -> bytes:
     fs, path = filesystem_for(source.uri)
-    with fs.open_input_stream(path) as f:
-        return f.read(TEXT_HEAD_BYTES)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read(TEXT_HEAD_BYTES)
+    except OSError as e:  # removed since listed, EIO: was a traceback from the driver
+        raise _cannot_read(source, e) from None
+
+
+def _cannot_read(source: SourceFile, error: OSError) -> DataError:
+    """A file that could not be read (removed since it was listed, no access, EIO), named."""
+    return DataError(f"{source.uri}: cannot read: {error}")
 
 
 def check_text_head(source: SourceFile) -> None:
@@ -784,6 +792,13 @@ def _encoding_hint(start: bytes) -> str:
 def _read_jsonl_head(source: SourceFile) -> tuple[list[bytes], bytes]:
     """(the complete lines, what follows them unfinished) of a .jsonl file's first 64 KiB and
     on to the end of the line that mark cuts, reading JSONL_HEAD_MAX_BYTES at most."""
+    try:
+        return _jsonl_head(source)
+    except OSError as e:  # removed since listed, EIO: was a traceback from the driver
+        raise _cannot_read(source, e) from None
+
+
+def _jsonl_head(source: SourceFile) -> tuple[list[bytes], bytes]:
     fs, path = filesystem_for(source.uri)
     with fs.open_input_stream(path) as f:
         head = bytearray(f.read(TEXT_HEAD_BYTES))
@@ -859,7 +874,7 @@ def iter_documents(source: SourceFile, text_field: str = "text",
         yield from reader(source, text_field, skip_bad_lines,
                           skipped if skipped is not None else [])
     except OSError as e:  # removed since planning, a storage read error, EIO: name the file
-        raise DataError(f"{source.uri}: cannot read: {e}") from None
+        raise _cannot_read(source, e) from None
 
 
 def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[str]

@@ -1579,3 +1579,28 @@ def test_a_link_of_another_type_whose_target_is_gone_is_skipped_and_named(tmp_pa
     with pytest.raises(DataError, match=r"notes\.v2\.txt is a symlink to .*/missing, which "
                                         "does not exist"):
         expand_sources([spec], say=said.append)
+
+
+@pytest.mark.parametrize("name", ["a.txt", "b.jsonl", "c.parquet"])
+def test_a_file_gone_between_listing_and_the_head_checks_is_named(tmp_path, monkeypatch, name):
+    """A file removed (a corpus being synced, rotated) or unreadable (EIO) after it was
+    listed and before the driver's head checks read it: a .txt or .jsonl file's was a
+    FileNotFoundError traceback from check_text_head / check_jsonl_head (a parquet file's
+    was already `F: cannot read: ...`, as the pass says it)."""
+    from orchestrator.training import data_plan
+
+    path = tmp_path / "corpus" / name
+    path.parent.mkdir()
+    writers = {"a.txt": lambda: path.write_text(paragraphs(5, "p")),
+               "b.jsonl": lambda: path.write_text('{"text": "x"}\n'),
+               "c.parquet": lambda: pq.write_table(pa.table({"text": ["x"] * 10}), path)}
+    writers[name]()
+    real_expand = data_plan.expand_sources
+
+    def expand_then_remove(*args, **kwargs):
+        sources = real_expand(*args, **kwargs)
+        os.remove(path)
+        return sources
+    monkeypatch.setattr(data_plan, "expand_sources", expand_then_remove)
+    with pytest.raises(DataError, match=f"{path}: cannot read: .*No such file"):
+        plan_data([str(path.parent)], cache_root=str(tmp_path / "cache"), train=False)
