@@ -28,6 +28,7 @@ import json
 import os
 import re
 import stat
+import urllib.parse
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator
 
@@ -109,7 +110,8 @@ def _uri_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if not wildcards or len(head) <= after_scheme:  # none, or in the bucket or host name
         return pafs.FileSystem.from_uri(uri)
     fs, base = pafs.FileSystem.from_uri(head + query)
-    return fs, base.rstrip("/") + body[len(head):]
+    return fs, base.rstrip("/") + urllib.parse.unquote(body[len(head):])  # (as from_uri
+    # decodes: a file's URI is percent-encoded, with_scheme)
 
 
 def split_uri_query(uri: str) -> tuple[str, str]:
@@ -123,10 +125,14 @@ def split_uri_query(uri: str) -> tuple[str, str]:
 def with_scheme(original: str, path: str) -> str:
     """The URI of `path` on the same filesystem as `original` (keeps s3://, file://, ..., and
     the query that configures it: a file under `s3://b/d?endpoint_override=...` was named
-    without it, and read from AWS's endpoint)."""
+    without it, and read from AWS's endpoint). The path is percent-encoded, but for a glob's
+    characters (`?`, `[`, `]`, `*`: _uri_filesystem reads them as they are), so that the
+    URI parses back to it: a name with a space or a letter that is not ASCII (`café.txt`)
+    was refused as a URI that does not parse, one with `%` or `#` read another file."""
     if "://" not in original:
         return path
     scheme = original.split("://", 1)[0]
+    path = urllib.parse.quote(path, safe="/!$&'()*+,;=:@?[]")
     return f"{scheme}://{path}{split_uri_query(original)[1]}" if scheme != "file" \
         else f"file://{path}"
 
@@ -162,7 +168,7 @@ def _real_location(uri: str) -> str | tuple[int, int]:
     network mounts), where (device, 0) made every file one."""
     if "://" in uri and not uri.startswith("file://"):
         return uri
-    path = uri.removeprefix("file://")
+    path = filesystem_for(uri)[1] if uri.startswith("file://") else uri
     try:
         status = os.stat(path)
     except OSError:  # (gone since listed: named by the checks)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 
 import numpy as np
 import pyarrow as pa
@@ -1604,3 +1605,24 @@ def test_a_file_gone_between_listing_and_the_head_checks_is_named(tmp_path, monk
     monkeypatch.setattr(data_plan, "expand_sources", expand_then_remove)
     with pytest.raises(DataError, match=f"{path}: cannot read: .*No such file"):
         plan_data([str(path.parent)], cache_root=str(tmp_path / "cache"), train=False)
+
+
+@pytest.mark.parametrize("spec", ["file://{d}", "file://{d}/*.txt", "file://{d}/**"])
+def test_files_named_with_spaces_accents_or_percent_signs_are_read_through_a_uri(tmp_path,
+                                                                                  spec):
+    """A file found under a URI was named by its path pasted after the scheme: a name with a
+    space or a letter that is not ASCII (`café.txt`, any s3:// key so named) was refused as
+    `cannot open this URI: Cannot parse URI`, and one with `%` or `#` read another file or
+    none (`a%20b.txt` as `a b.txt`, `x#1.txt` as `x`). Its URI is percent-encoded now."""
+    corpus = tmp_path / "my corpus"
+    corpus.mkdir()
+    names = ["a b.txt", "a%20b.txt", "café.txt", "x#1.txt", "y [1].txt", "z%.txt"]
+    for i, name in enumerate(names):
+        (corpus / name).write_text(f"file {i}\n\n")
+    (corpus / "x").write_text("not this one\n\n")
+    spec = spec.format(d=urllib.parse.quote(str(corpus)))  # (my%20corpus)
+    sources = expand_sources([spec])
+    assert [next(iter_documents(s)).text for s in sources] == \
+        [f"file {names.index(n)}\n\n" for n in sorted(names)]
+    # the same files by path as through the URI: each read once
+    assert len(expand_sources([spec, str(corpus)])) == len(names)
