@@ -448,11 +448,20 @@ class _Dangling:
     type: pafs.FileType = pafs.FileType.File
 
     @property
-    def target(self) -> str:
-        return os.path.normpath(os.path.join(os.path.dirname(self.path),
-                                             os.readlink(self.path)))
+    def target(self) -> str | None:
+        """Where the link leads; None where it is no link any more (removed, or replaced by
+        a file, since its folder was listed: os.readlink's error was a traceback)."""
+        try:
+            return os.path.normpath(os.path.join(os.path.dirname(self.path),
+                                                 os.readlink(self.path)))
+        except OSError:
+            return None
 
     def refusal(self, spec: str) -> DataError:
+        if self.target is None:
+            return DataError(f"--data {spec}: {self.path}, a symlink whose target did not "
+                             "exist, changed while its folder was listed: run the command "
+                             "again")
         why = ("does not exist (a mount that is not mounted, a file moved or removed): restore "
                "it, or remove the link")
         try:
@@ -547,7 +556,7 @@ def _usable_files(spec: str, files: list, say: Callable[[str], None]) -> list:
     gone = [f for f in files if isinstance(f, _Dangling)
             and not os.path.basename(f.path).startswith(".")]
     if gone:
-        links = sorted(f"{f.path} -> {f.target}" for f in gone)
+        links = sorted(f"{f.path} -> {f.target or '?'}" for f in gone)
         more = f" and {len(links) - 3} more" if len(links) > 3 else ""
         say(f"--data {spec}: skipped {len(gone)} symlink(s) whose target does not exist and "
             f"that are no {', '.join(FORMATS)} file (if one led to a folder of the corpus, "

@@ -1626,3 +1626,29 @@ def test_files_named_with_spaces_accents_or_percent_signs_are_read_through_a_uri
         [f"file {names.index(n)}\n\n" for n in sorted(names)]
     # the same files by path as through the URI: each read once
     assert len(expand_sources([spec, str(corpus)])) == len(names)
+
+
+@pytest.mark.parametrize("change", ["removed", "restored"])
+def test_a_dangling_link_changed_while_its_folder_is_listed_is_named(tmp_path, monkeypatch,
+                                                                     change):
+    """A link whose target was gone when its folder was listed, removed or pointed at a file
+    before it was named (a corpus being synced): os.readlink's FileNotFoundError or
+    OSError(EINVAL) was a traceback."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("a paragraph\n\n")
+    (corpus / "b.txt").symlink_to("gone.txt")
+    real_listing = corpus_module._listing
+
+    def listing_then_change(*args, **kwargs):
+        found = real_listing(*args, **kwargs)
+        (corpus / "b.txt").unlink()
+        if change == "restored":
+            (corpus / "b.txt").write_text("another paragraph\n\n")
+        return found
+    monkeypatch.setattr(corpus_module, "_listing", listing_then_change)
+    with pytest.raises(DataError) as refused:
+        expand_sources([str(corpus)])
+    assert str(refused.value) == (
+        f"--data {corpus}: {corpus / 'b.txt'}, a symlink whose target did not exist, changed "
+        "while its folder was listed: run the command again")
