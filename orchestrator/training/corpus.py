@@ -924,6 +924,10 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
             if chunk:
                 pieces.pop()
                 buffer = buffer[sum(map(len, pieces)):]
+            if chunk and len(buffer) > 8 * MAX_DOCUMENT_CHARS + 1:  # (a run of spaces)
+                settled = _settled(buffer)
+                pieces += settled
+                buffer = buffer[sum(map(len, settled)):]
             for i, piece in enumerate(pieces):
                 last = not chunk and i == len(pieces) - 1  # end-of-text after the file
                 # (line: where the piece starts; its index counted the pieces a long
@@ -962,6 +966,21 @@ def _cut_long(paragraph: str) -> list[str]:
         start = end
     pieces.append(paragraph[start:])
     return pieces
+
+
+def _settled(buffer: str) -> list[str]:
+    """The first pieces of `buffer` (text from a piece's start on, with more to come: a run
+    of spaces or line ends that has not ended, which waited whole in memory for the next
+    text, and was stripped again at every read) that nothing after it can move: those whose
+    hard cut (_cut_long) falls before its last character. What places such a cut lies in the
+    buffer, and the paragraph goes on at least to its end (only spaces and line ends wait)."""
+    settled, start = [], 0
+    for piece in _cut_long(buffer):
+        if _past(buffer, start, 4 * MAX_DOCUMENT_CHARS) + 1 >= len(buffer):
+            break
+        settled.append(piece)
+        start += len(piece)
+    return settled
 
 
 def _past(text: str, start: int, chars: int) -> int:
