@@ -168,7 +168,7 @@ def _real_location(uri: str) -> str | tuple[int, int]:
     network mounts), where (device, 0) made every file one."""
     if "://" in uri and not uri.startswith("file://"):
         return uri
-    path = filesystem_for(uri)[1] if uri.startswith("file://") else uri
+    path = urllib.parse.unquote(uri.removeprefix("file://"))  # (with_scheme's encoding)
     try:
         status = os.stat(path)
     except OSError:  # (gone since listed: named by the checks)
