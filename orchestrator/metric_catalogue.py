@@ -244,7 +244,9 @@ SERVE_TAGS = ("deployment", "route")
 SERVE_UNMATCHED_ROUTE = "unmatched"
 SERVE_REQUESTS = MetricSpec(
     "orchestrator_serve_requests", COUNTER,
-    "HTTP requests answered, by route and status code (rate() gives QPS); a path with no "
+    "HTTP requests answered, by route and status code (rate() gives QPS); health checks "
+    "(route /health) and FastAPI's API explorer (/docs, /redoc, /openapi.json) too, each "
+    "under its own route; a path with no "
     f"route (404) is counted as route {SERVE_UNMATCHED_ROUTE!r}, a wrong method (405) under "
     "its route", "1", SERVE_TAGS + ("status",))
 SERVE_ERRORS = MetricSpec(

@@ -37,6 +37,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route, request_response
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.serving import protocol
@@ -105,10 +106,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                      type="invalid_request_error" if exc.status_code < 500 else "server_error")
     # Counted as every other answer, under one label for all the paths with no route
-    try:
-        deployment = serve.get_replica_context().deployment
-    except Exception:  # (outside a replica: no deployment to count for)
-        deployment = "Ingress"
+    deployment = _deployment()
     route = _route_label(request)
     _count_error(deployment, route, error)
     _count_request(deployment, route, error.status)
@@ -177,8 +175,13 @@ class CancellingStream(StreamingResponse):
                 task.cancel()
 
 
+HEALTH_ROUTE = "/health"
+# FastAPI's own routes: the API explorer (Swagger UI, its OAuth2 redirect, ReDoc) and the
+# OpenAPI schema it reads, each counted under its path (count_explorer_routes).
+EXPLORER_ROUTES = tuple(path for path in (api.docs_url, api.swagger_ui_oauth2_redirect_url,
+                                          api.redoc_url, api.openapi_url) if path)
 # The routes the serving metrics are labelled with (a model's id under /v1/models counts there).
-ROUTES = (COMPLETIONS_ROUTE, CHAT_ROUTE, "/v1/models", "/health")
+ROUTES = (COMPLETIONS_ROUTE, CHAT_ROUTE, "/v1/models", HEALTH_ROUTE) + EXPLORER_ROUTES
 
 
 def _route_label(request: Request) -> str:
@@ -192,6 +195,33 @@ def _route_label(request: Request) -> str:
     return path if path in ROUTES else catalogue.SERVE_UNMATCHED_ROUTE
 
 
+def _deployment() -> str:
+    """The deployment the serving metrics are labelled with, for the handlers outside Ingress's
+    methods."""
+    try:
+        return serve.get_replica_context().deployment
+    except Exception:  # (outside a replica: no deployment to count for)
+        return "Ingress"
+
+
+def count_explorer_routes(app: FastAPI) -> None:
+    """Count the answers of FastAPI's own routes (EXPLORER_ROUTES; FastAPI answers them, none
+    of Ingress's methods) as every other answer is: their endpoints wrapped in place. (A
+    wrong method there is the exception handler's, counted by it.)"""
+    for route in app.routes:
+        if isinstance(route, Route) and route.path in EXPLORER_ROUTES:
+            route.app = request_response(_counted(route.endpoint, route.path))
+
+
+def _counted(endpoint, path: str):
+    @functools.wraps(endpoint)
+    async def counted(request: Request) -> Response:
+        response = await endpoint(request)
+        _count_request(_deployment(), path, response.status_code)
+        return response
+    return counted
+
+
 def _count_error(deployment: str, route: str, error: APIError) -> None:
     record(catalogue.SERVE_ERRORS, 1, deployment=deployment, route=route,
            kind=catalogue.serve_error_kind(error.status, error.code))
@@ -199,6 +229,9 @@ def _count_error(deployment: str, route: str, error: APIError) -> None:
 
 def _count_request(deployment: str, route: str, status: int) -> None:
     record(catalogue.SERVE_REQUESTS, 1, deployment=deployment, route=route, status=str(status))
+
+
+count_explorer_routes(api)
 
 
 @serve.deployment(name="Ingress", ray_actor_options=INGRESS_ACTOR_OPTIONS,
@@ -314,7 +347,7 @@ class Ingress:
         self._record("/v1/models", 200, started)
         return JSONResponse(body)
 
-    @api.get("/health")
+    @api.get(HEALTH_ROUTE)
     async def health(self) -> Response:
         """200 when a model replica answers with a loaded model, with that replica's batching
         figures. A replica is asked only while one takes calls (this router's own list; Serve's
@@ -326,7 +359,18 @@ class Ingress:
         one in place of a lost one (for up to replica_wait_s; "ok" where another runs, even if
         the one asked was the one lost), 503 otherwise. Serve's controller is asked only
         then, so /health does not depend on it while replicas answer. (Serve's own liveness
-        route is the proxy's /-/healthz.)"""
+        route is the proxy's /-/healthz.) Counted in the serving metrics as route /health,
+        a 503 as an error of kind unavailable."""
+        started = time.perf_counter()
+        code, body = await self._health()
+        if code != 200:
+            self._record_error(HEALTH_ROUTE, APIError(code, body.get("error", ""),
+                                                      type="server_error", code="unavailable"))
+        self._record(HEALTH_ROUTE, code, started)
+        return JSONResponse(body, status_code=code)
+
+    async def _health(self) -> tuple[int, dict[str, Any]]:
+        """/health's status code and body (health says what they are)."""
         error = None
         if await self._replica_to_ask():
             try:
@@ -339,8 +383,8 @@ class Ingress:
             else:
                 self._replacing_since = None
                 status = "degraded" if stats.get("reload_error") else "ok"
-                return JSONResponse({"status": status, "model": self.settings.model_name,
-                                     **stats, "ingress_retries": dict(self.retries)})
+                return 200, {"status": status, "model": self.settings.model_name, **stats,
+                             "ingress_retries": dict(self.retries)}
         state, now = await self._deployment_state(), time.monotonic()
         # (since when this ingress sees Serve replacing a lost replica, none other serving)
         self._replacing_since = (self._replacing_since or now) if isinstance(
@@ -348,8 +392,8 @@ class Ingress:
         code, body = unanswered_health(self.model.deployment_name, state, error,
                                        now - (self._replacing_since or now),
                                        self.settings.replica_wait_s or REPLACEMENT_START_S)
-        return JSONResponse({**body, "model": self.settings.model_name,
-                             "ingress_retries": dict(self.retries)}, status_code=code)
+        return code, {**body, "model": self.settings.model_name,
+                      "ingress_retries": dict(self.retries)}
 
     async def _replica_to_ask(self) -> bool:
         """Whether a model replica takes calls now, so that asking one wakes none."""

@@ -440,6 +440,13 @@ def test_wrong_routes_and_methods_answer_in_openai_shape(server):
     assert missing.status_code == 404 and "error" in missing.json()
 
 
+def test_fastapis_api_explorer_answers_through_serve(server):
+    # Its routes' endpoints are wrapped to be counted (serve_app.count_explorer_routes)
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert server.get(path).status_code == 200, path
+    assert "/v1/completions" in server.get("/openapi.json").json()["paths"]
+
+
 def test_the_replica_keeps_serving_after_bad_input(server):
     replica = server.get("/health").json()["replica"]
     for body, headers, *_ in BAD_INPUTS:

@@ -563,3 +563,77 @@ def test_a_call_serve_refuses_for_a_failed_deploy_is_a_503_saying_why():
                                  f"(GPTModel is DEPLOY_FAILED; {why}); retry shortly, or see "
                                  "`serve status`")
     assert calls == 2  # (still resent request_retries times first)
+
+
+def test_health_checks_are_counted_under_their_own_route(monkeypatch):
+    # GET /health answered 200 or 503 and was in no serve_requests_total series (the only
+    # route that was not): a load balancer probing at 10 Hz, or a 503 for every probe while
+    # no replica ran, showed as nothing. Counted under route "/health", apart from the API's.
+    from types import SimpleNamespace
+
+    from orchestrator import metric_catalogue as catalogue
+    from orchestrator.serving.retries import DeploymentState
+
+    recorded = []
+
+    def record(spec, value, **tags):
+        recorded.append((spec.name, tags))
+
+    monkeypatch.setattr(serve_app, "record", record)
+    # (Serve's decorator gives Ingress's methods a copy of the module's globals)
+    monkeypatch.setitem(BareIngress._record.__globals__, "record", record)
+
+    async def replica_stats():
+        return {"batching": "static"}
+
+    async def none_running():
+        return DeploymentState("UNHEALTHY", {}, "")
+
+    ing = ingress(None)
+    del ing._record, ing._record_error  # (the real ones: metrics recorded)
+    ing.model = SimpleNamespace(deployment_name="GPTModel",
+                                replica_stats=SimpleNamespace(remote=replica_stats))
+    ing._deployment_state = none_running
+    ing.retries, ing._replacing_since = {}, None
+    routable = [True]
+
+    async def replica_to_ask():
+        return routable[0]
+
+    ing._replica_to_ask = replica_to_ask
+    assert asyncio.run(ing.health()).status_code == 200
+    routable[0] = False
+    assert asyncio.run(ing.health()).status_code == 503
+    requests = [tags for name, tags in recorded if name == catalogue.SERVE_REQUESTS.name]
+    assert requests == [{"deployment": "Ingress", "route": "/health", "status": "200"},
+                        {"deployment": "Ingress", "route": "/health", "status": "503"}]
+    errors = [tags for name, tags in recorded if name == catalogue.SERVE_ERRORS.name]
+    assert errors == [{"deployment": "Ingress", "route": "/health", "kind": "unavailable"}]
+    latencies = [tags for name, tags in recorded
+                 if name == catalogue.SERVE_REQUEST_LATENCY.name]
+    assert latencies == [{"deployment": "Ingress", "route": "/health"}] * 2
+
+
+def test_fastapis_api_explorer_routes_are_counted_under_their_own_routes(monkeypatch):
+    # FastAPI serves /docs, /redoc and /openapi.json itself: 200s in no serve_requests_total
+    # series, while the metric counts every answer the ingress gives.
+    import types
+
+    from starlette.testclient import TestClient
+
+    from orchestrator import metric_catalogue as catalogue
+
+    recorded = []
+    monkeypatch.setattr(serve_app, "record",
+                        lambda spec, value, **tags: recorded.append((spec.name, tags)))
+    monkeypatch.setattr(serve_app.serve, "get_replica_context",
+                        lambda: types.SimpleNamespace(deployment="Ingress"))
+    client = TestClient(serve_app.api)
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert client.get(path).status_code == 200
+    assert client.post("/openapi.json").status_code == 405
+    requests = [tags for name, tags in recorded if name == catalogue.SERVE_REQUESTS.name]
+    assert requests == [{"deployment": "Ingress", "route": "/docs", "status": "200"},
+                        {"deployment": "Ingress", "route": "/redoc", "status": "200"},
+                        {"deployment": "Ingress", "route": "/openapi.json", "status": "200"},
+                        {"deployment": "Ingress", "route": "/openapi.json", "status": "405"}]

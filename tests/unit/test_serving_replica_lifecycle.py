@@ -380,6 +380,7 @@ def test_health_of_an_app_scaled_to_zero_is_ok_and_wakes_no_replica():
         ing = object.__new__(type("BareIngress", (serve_app.Ingress.func_or_class,),
                                   {"__del__": lambda self: None}))
         ing.settings, ing.model, ing.retries = ServeSettings(), Model(), {}
+        ing.deployment = "Ingress"
 
         async def deployment_state():
             return state
@@ -403,6 +404,7 @@ def _bare_ingress(model):
     ing = object.__new__(type("BareIngress", (serve_app.Ingress.func_or_class,),
                               {"__del__": lambda self: None}))
     ing.settings, ing.model, ing.retries = ServeSettings(), model, {}
+    ing.deployment = "Ingress"
     ing._state, ing._state_refresh = None, None
     return ing
 
