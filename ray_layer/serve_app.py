@@ -347,6 +347,8 @@ class Ingress:
         self._record("/v1/models", 200, started)
         return JSONResponse(body)
 
+    # (HEAD too: load balancers probe with it, and HTTP wants it wherever GET is)
+    @api.head(HEALTH_ROUTE, include_in_schema=False)
     @api.get(HEALTH_ROUTE)
     async def health(self) -> Response:
         """200 when a model replica answers with a loaded model, with that replica's batching

@@ -447,6 +447,12 @@ def test_fastapis_api_explorer_answers_through_serve(server):
     assert "/v1/completions" in server.get("/openapi.json").json()["paths"]
 
 
+def test_a_head_health_check_is_answered_as_get_is(server):
+    head = requests.head(f"{server.url}/health", timeout=30)
+    assert head.status_code == server.get("/health").status_code == 200
+    assert head.content == b""
+
+
 def test_the_replica_keeps_serving_after_bad_input(server):
     replica = server.get("/health").json()["replica"]
     for body, headers, *_ in BAD_INPUTS:

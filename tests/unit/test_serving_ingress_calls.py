@@ -637,3 +637,30 @@ def test_fastapis_api_explorer_routes_are_counted_under_their_own_routes(monkeyp
                         {"deployment": "Ingress", "route": "/redoc", "status": "200"},
                         {"deployment": "Ingress", "route": "/openapi.json", "status": "200"},
                         {"deployment": "Ingress", "route": "/openapi.json", "status": "405"}]
+
+
+def test_a_head_health_check_is_answered_as_get_is(monkeypatch):
+    # HEAD /health was a 405 (FastAPI routes a GET route for GET alone): a load balancer
+    # probing with HEAD (HAProxy's `option httpchk HEAD /health`) took every replica for down.
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    async def replica_stats():
+        return {"batching": "static"}
+
+    ing = ingress(None)
+    ing.model = SimpleNamespace(deployment_name="GPTModel",
+                                replica_stats=SimpleNamespace(remote=replica_stats))
+    ing.retries, ing._replacing_since = {}, None
+
+    async def replica_to_ask():
+        return True
+
+    ing._replica_to_ask = replica_to_ask
+    monkeypatch.setattr(serve_app.serve, "get_replica_context",
+                        lambda: SimpleNamespace(deployment="Ingress", servable_object=ing))
+    client = TestClient(serve_app.api)
+    head, get = client.head("/health"), client.get("/health")
+    assert (head.status_code, get.status_code) == (200, 200), head.text
+    assert head.content == b"" and get.json()["status"] == "ok"
