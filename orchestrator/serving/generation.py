@@ -242,8 +242,9 @@ class Row:
         elif self.text.stopped:
             reason = FINISH_STOP
         elif self.left == 0:
-            reason = FINISH_LENGTH
             text += self.text.finish()
+            # (the partial character's U+FFFD may complete a stop: the text is cut there)
+            reason = FINISH_STOP if self.text.stopped else FINISH_LENGTH
         self.finished = reason is not None
         return Chunk((token,), text, reason)
 

@@ -63,11 +63,14 @@ class TextStream:
 
     def finish(self) -> str:
         """The rest, at the end of generation: a partial character becomes U+FFFD, and text
-        held back for a stop that never completed is released."""
+        held back for a stop that never completed is released - up to a stop that the
+        U+FFFD completes (`stopped` is then set)."""
         if self.stopped:
             return ""
-        rest = self._held + self._decoder.decode(b"", final=True)
-        self._held = ""
+        self._held += self._decoder.decode(b"", final=True)
+        cut = self._first_stop()
+        self.stopped = cut is not None
+        rest, self._held = self._held[:cut], ""
         return rest
 
     def _matchable(self) -> int:

@@ -49,3 +49,24 @@ def test_replaying_the_same_bytes_rebuilds_the_same_state():
     feed_all(second, data)
     assert first.feed(ord("P")) == second.feed(ord("P")) == ""
     assert first.stopped and second.stopped
+
+
+def test_a_stop_completed_by_the_last_partial_characters_replacement_is_cut():
+    # finish() turned a partial character into U+FFFD and released it unchecked: with stop
+    # "\ufffd" (ending a byte model's answer at its first invalid byte), an answer cut by
+    # max_tokens inside a character ended in the very stop sequence it asked to be cut at.
+    stream = TextStream(stop=("\ufffd",))
+    assert "".join(feed_all(stream, b"ab\xc3")) == "ab"
+    assert stream.finish() == "" and stream.stopped
+    stream = TextStream(stop=("b\ufffd",))
+    assert "".join(feed_all(stream, b"ab\xe2\x82")) == "a"
+    assert stream.finish() == "" and stream.stopped
+
+
+def test_a_row_whose_last_token_completes_a_stop_at_its_end_finishes_with_stop():
+    from orchestrator.serving.generation import GenerationRequest, Row, SamplingParams
+
+    row = Row(GenerationRequest((1,), SamplingParams(3, temperature=0.0, stop=("\ufffd",))))
+    chunks = [row.accept(t) for t in b"ab\xc3"]
+    assert "".join(c.text for c in chunks) == "ab"
+    assert chunks[-1].finish_reason == "stop"
