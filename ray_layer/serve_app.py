@@ -324,6 +324,8 @@ class Ingress:
         self._record(route, 200, started)
         return JSONResponse(body, headers=protocol.version_headers(version))
 
+    # (HEAD on every GET route: load balancers probe with it, and HTTP wants it there)
+    @api.head("/v1/models", include_in_schema=False)
     @api.get("/v1/models")
     async def models(self) -> Response:
         started = time.perf_counter()
@@ -334,6 +336,7 @@ class Ingress:
         self._record("/v1/models", 200, started)
         return JSONResponse(protocol.models_body(self.settings.model_name, info))
 
+    @api.head("/v1/models/{model_id:path}", include_in_schema=False)
     @api.get("/v1/models/{model_id:path}")
     async def retrieve_model(self, model_id: str) -> Response:
         started = time.perf_counter()
@@ -347,7 +350,6 @@ class Ingress:
         self._record("/v1/models", 200, started)
         return JSONResponse(body)
 
-    # (HEAD too: load balancers probe with it, and HTTP wants it wherever GET is)
     @api.head(HEALTH_ROUTE, include_in_schema=False)
     @api.get(HEALTH_ROUTE)
     async def health(self) -> Response:

@@ -448,9 +448,10 @@ def test_fastapis_api_explorer_answers_through_serve(server):
 
 
 def test_a_head_health_check_is_answered_as_get_is(server):
-    head = requests.head(f"{server.url}/health", timeout=30)
-    assert head.status_code == server.get("/health").status_code == 200
-    assert head.content == b""
+    for path in ("/health", "/v1/models", f"/v1/models/{MODEL}"):
+        head = requests.head(f"{server.url}{path}", timeout=30)
+        assert head.status_code == server.get(path).status_code == 200, path
+        assert head.content == b""
 
 
 def test_the_replica_keeps_serving_after_bad_input(server):

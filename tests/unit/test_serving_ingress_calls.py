@@ -664,3 +664,13 @@ def test_a_head_health_check_is_answered_as_get_is(monkeypatch):
     head, get = client.head("/health"), client.get("/health")
     assert (head.status_code, get.status_code) == (200, 200), head.text
     assert head.content == b"" and get.json()["status"] == "ok"
+
+    async def model_info(max_age_s):
+        return INFO
+
+    ing._model_info = model_info  # (the model routes: HEAD as GET too)
+    name = ing.settings.model_name
+    for path, status in (("/v1/models", 200), (f"/v1/models/{name}", 200),
+                         ("/v1/models/gpt-4", 404)):
+        head, get = client.head(path), client.get(path)
+        assert head.status_code == get.status_code == status, (path, head.status_code)
