@@ -253,6 +253,19 @@ def checkpoint_header(directory: str | os.PathLike, rank: int = 0,
     return {**meta, "sharded": True}
 
 
+def _refuse_unless_sharded(directory: Path) -> None:
+    """CheckpointError naming `directory` unless it holds a sharded checkpoint's meta.pt: a
+    save cut short before it, a full checkpoint, or no checkpoint at all."""
+    if is_sharded_checkpoint(directory):
+        return
+    if (directory / STATE_FILE).exists():
+        raise CheckpointError(f"checkpoint {directory} is not sharded: it holds {STATE_FILE} "
+                              "(a full checkpoint)")
+    if _has_shards(directory):  # (DCP's files without meta.pt: a save cut short)
+        _refuse_cut_short(directory)
+    raise CheckpointError(f"checkpoint file missing: {directory / SHARDED_META_FILE}")
+
+
 def _refuse_without_index(directory: Path) -> None:
     if not (directory / DCP_METADATA_FILE).is_file():
         raise CheckpointError(f"sharded checkpoint {directory} has no {DCP_METADATA_FILE} "
@@ -371,24 +384,34 @@ def _safe_reader_class() -> type:
     class SafeFileSystemReader(FileSystemReader):
         """FileSystemReader whose index (.metadata) is unpickled by _IndexUnpickler."""
 
+        index_read = None  # (the index read already, by _safe_reader's caller)
+
         def read_metadata(self, *args: Any, **kwargs: Any):
-            path = self._get_metadata_path(kwargs.get("rank"))
-            with self.fs.create_stream(path, "rb") as index:
-                try:
-                    metadata = _IndexUnpickler(index).load()
-                except Exception as e:
-                    raise CheckpointError(f"sharded checkpoint index {path} cannot be read "
-                                          f"safely: {e}") from None
+            if self.index_read is not None and kwargs.get("rank") is None:
+                metadata = self.index_read
+            else:
+                metadata = self._read_index_file(self._get_metadata_path(kwargs.get("rank")))
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
+        def _read_index_file(self, path):
+            with self.fs.create_stream(path, "rb") as index:
+                try:
+                    return _IndexUnpickler(index).load()
+                except Exception as e:
+                    raise CheckpointError(f"sharded checkpoint index {path} cannot be read "
+                                          f"safely: {e}") from None
+
     return SafeFileSystemReader
 
 
-def _safe_reader(directory: str | os.PathLike):
-    return _safe_reader_class()(str(directory))
+def _safe_reader(directory: str | os.PathLike, index=None):
+    """A SafeFileSystemReader of `directory`; `index`: its index read already (not again)."""
+    reader = _safe_reader_class()(str(directory))
+    reader.index_read = index
+    return reader
 
 
 def _gathered(mine: dict[str, str]) -> dict[str, str]:
@@ -405,12 +428,27 @@ def _gathered(mine: dict[str, str]) -> dict[str, str]:
 def load_sharded_into(directory: str | os.PathLike, tensors: dict[str, Any]) -> None:
     """Fill `tensors` (sharded or whole, as the current run holds them) in place from a sharded
     checkpoint: torch.distributed.checkpoint reshards to the current layout. Collective when a
-    process group is up."""
+    process group is up. A directory that is no sharded checkpoint of this project (no
+    meta.pt: empty, a full checkpoint, DCP's files alone, a save cut short) or whose index is
+    missing or unreadable is refused first, in one line naming it, every worker together:
+    DCP logged a traceback for each of its two tries at the index before its own error."""
     import torch.distributed.checkpoint as dcp
 
+    directory = Path(directory)
+    problem, index = None, None
+    try:
+        _refuse_unless_sharded(directory)
+        _refuse_without_index(directory)
+        index = _read_index(directory)
+    except CheckpointError as e:
+        problem = str(e)
+    # (agreed: a worker refusing alone would leave the others waiting in DCP's collectives)
+    problem = _gathered({"problem": problem} if problem else {}).get("problem")
+    if problem:
+        raise CheckpointError(problem)
     try:
         dcp.load(tensors, checkpoint_id=str(directory),
-                 storage_reader=_safe_reader(directory))
+                 storage_reader=_safe_reader(directory, index))
     except _dcp_errors() as e:  # DCP wraps every rank's failure in its own exception types
         raise CheckpointError(f"sharded checkpoint {directory} cannot be loaded: "
                               f"{_dcp_problem(e)}") from e

@@ -545,3 +545,52 @@ def test_a_checkpoint_before_a_groups_first_step_resumes_under_either_strategy(t
             assert all(torch.equal(a[k], b[k]) for k in a), (written, resumed)
         else:
             assert same_run(final_model(run_dir), final[resumed]), (written, resumed)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_the_in_place_sharded_loader_refuses_what_is_no_sharded_checkpoint_in_one_line(
+        tmp_path, caplog, grouped, request):
+    # load_sharded_into on a directory without the index let DCP log a traceback for each of
+    # its two tries at it (34 lines on stderr) before "AssertionError: metadata is None; ...",
+    # and it loaded DCP's files without meta.pt (a save cut short) as a checkpoint.
+    import torch.distributed.checkpoint as dcp
+
+    from orchestrator.training.checkpoint import load_sharded_into, save_checkpoint
+
+    if grouped:
+        request.getfixturevalue("process_group")
+    plain = tmp_path / "plain"  # DCP's files alone (plain torch.distributed.checkpoint.save)
+    dcp.save({"model": {"w": torch.randn(8, 8)}}, checkpoint_id=str(plain))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    full = tmp_path / "full"
+    save_checkpoint(full, {"model": {"w": torch.randn(8, 8)}, "step": 1})
+    truncated = sharded_checkpoint_without_digests(tmp_path)
+    index = truncated / DCP_METADATA_FILE
+    index.write_bytes(index.read_bytes()[:index.stat().st_size // 2])
+    expected = {
+        plain: f"sharded checkpoint {plain} has no meta.pt (written last, by rank 0): "
+               "incomplete",
+        empty: f"checkpoint file missing: {empty / 'meta.pt'}",
+        tmp_path / "none": f"checkpoint file missing: {tmp_path / 'none' / 'meta.pt'}",
+        full: f"checkpoint {full} is not sharded: it holds state.pt (a full checkpoint)",
+        truncated: f"sharded checkpoint index {index} cannot be read safely: pickle data was "
+                   "truncated"}
+    for directory, message in expected.items():
+        caplog.clear()
+        with pytest.raises(CheckpointError) as caught:
+            load_sharded_into(directory, {"model": {"w": torch.zeros(8, 8)}})
+        assert str(caught.value) == message
+        said = [r.getMessage() for r in caplog.records]  # (DCP logs on the root logger)
+        assert not [m for m in said if "metadata is not found" in m], said
+
+
+def test_the_in_place_sharded_loader_still_loads_a_sharded_checkpoint(tmp_path,
+                                                                       process_group):
+    from orchestrator.training.checkpoint import load_sharded_into, save_sharded
+
+    saved = {"model": {"w": torch.randn(8, 8)}}
+    save_sharded(tmp_path / "ckpt", saved, {"step": 1}, rank=0)
+    tensors = {"model": {"w": torch.zeros(8, 8)}}
+    load_sharded_into(tmp_path / "ckpt", tensors)
+    assert torch.equal(tensors["model"]["w"], saved["model"]["w"])
