@@ -31,6 +31,7 @@ import pickle
 import re
 import shutil
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +70,41 @@ def _dcp_problem(e: BaseException) -> str:
     text = str(e)
     raised = [m for m in map(_RAISED_LINE.fullmatch, text.splitlines()) if m]
     if raised:
-        kind, message = raised[-1].groups()
-        first, *rest = message.split(". ", 1)
-        return f"{kind}: {first.strip()}{'.' if rest else ''}"
+        return _first_sentence(*raised[-1].groups())
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else type(e).__name__
+
+
+def _first_sentence(kind: str, message: str) -> str:
+    """"Type: message" to the message's first sentence (torch's run on for lines of advice)."""
+    first, *rest = message.split(". ", 1)
+    return f"{kind}: {first.strip()}{'.' if rest else ''}"
+
+
+def _load_problem(path: Path, e: Exception) -> str:
+    """What is wrong with a file torch.load refused, in one line: empty, not a file torch.save
+    writes (a zip archive), or torch's own cause: "Type: first sentence" and the paragraph
+    naming what it refused, without its advice (to load with weights_only=False) and its
+    link. Its messages said nothing for an empty file ("cannot be loaded safely: "), "101"
+    (KeyError: the first byte) for a text file, and to a memory-mapped load that it was
+    saved without `_use_new_zipfile_serialization`."""
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty (0 bytes)"
+        if not zipfile.is_zipfile(path):
+            with open(path, "rb") as f:
+                begun = f.read(4) == b"PK\x03\x04"  # (a zip archive's start: torch.save's)
+            return ("cut short: a zip archive (torch.save's) without its end" if begun
+                    else "not a file torch.save writes (no zip archive)")
+    except OSError as error:
+        return error.strerror or str(error)
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", str(e)) if p.strip()]
+    if not paragraphs:
+        return type(e).__name__
+    said = _first_sentence(type(e).__name__, paragraphs[0].splitlines()[0])
+    detail = next((p for p in paragraphs[1:] if not p.startswith("Check the documentation")),
+                  None)
+    return f"{said} {' '.join(detail.split())}" if detail else said
 
 
 def sha256_file(path: Path) -> str:
@@ -206,7 +237,8 @@ def load_tensors(path: str | os.PathLike, map_location: str = "cpu",
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for bad pickles
-        raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {e}") from e
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely: "
+                              f"{_load_problem(path, e)}") from e
 
 
 def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -582,7 +614,8 @@ def checkpoint_model_config(directory: str | os.PathLike):
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises several types for bad pickles
             verify_checksum(path)  # (hashed only now: a damaged file is named as corrupt)
-            raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {e}") from e
+            raise CheckpointError(f"checkpoint {path} cannot be loaded safely: "
+                                  f"{_load_problem(path, e)}") from e
     # (the weights' names and shapes checked against that GPT's, as the full load checks them:
     # a config without seq_len read as the default context, though the weights held fewer)
     return _fitted_model(state, directory, torch.device("meta"))[0].config

@@ -546,3 +546,47 @@ def test_a_models_config_is_refused_where_its_weights_do_not_fit_it(tmp_path):
         with pytest.raises(CheckpointError) as config_only:
             model_config(tmp_path / name)
         assert str(config_only.value) == str(full.value) and said in str(full.value)
+
+
+@READERS
+@pytest.mark.parametrize("content, problem", [
+    (b"", "the file is empty (0 bytes)"),
+    (b"hello, not torch\n", "not a file torch.save writes (no zip archive)"),
+    (None, "cut short: a zip archive (torch.save's) without its end")],
+    ids=["empty", "text", "cut-short"])
+def test_a_state_file_torch_cannot_read_is_named_with_what_is_wrong(tmp_path, read, content,
+                                                                    problem):
+    # Its checksum matching (the file replaced and the sidecar written for it, or a copy that
+    # checksummed what it had), torch's own message was the cause: nothing for an empty file
+    # ("cannot be loaded safely: "), "101" (a KeyError: the first byte) for a text file, and
+    # serving's memory-mapped read said it was saved without _use_new_zipfile_serialization.
+    import hashlib
+
+    checkpoint = save_untrained_checkpoint(tmp_path / "checkpoint_00000001")
+    state = checkpoint / "state.pt"
+    if content is None:
+        content = state.read_bytes()[:state.stat().st_size // 2]
+    state.write_bytes(content)
+    (checkpoint / "state.pt.sha256").write_text(hashlib.sha256(content).hexdigest())
+    with pytest.raises(CheckpointError) as e:
+        read(checkpoint, tmp_path / "out")
+    assert str(e.value) == f"checkpoint {state} cannot be loaded safely: {problem}"
+
+
+def test_a_refused_pickle_is_named_in_one_line_without_torchs_advice(tmp_path):
+    # torch's message ran on for paragraphs, advising a load with weights_only=False (which
+    # would run the pickle's code), before its link.
+    import os
+
+    from orchestrator.training.checkpoint import load_tensors, save_tensors
+
+    class Code:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    path = save_tensors(tmp_path / "state.pt", {"model": Code()})
+    with pytest.raises(CheckpointError) as e:
+        load_tensors(path)
+    assert str(e.value) == (f"checkpoint {path} cannot be loaded safely: UnpicklingError: "
+                            "Weights only load failed. Trying to load unsupported GLOBAL "
+                            "posix.getcwd whose module posix is blocked.")
