@@ -243,8 +243,17 @@ def load_tensors(path: str | os.PathLike, map_location: str = "cpu",
 
 def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_directory(directory, "checkpoint")
     return save_tensors(directory / STATE_FILE, state)
+
+
+def _make_directory(directory: Path, what: str) -> None:
+    """mkdir -p, or CheckpointError naming it (a read-only or full filesystem: an OSError)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{what} {directory} cannot be written: {_write_problem(e)}"
+                              f"{free_space_note(directory.parent)}") from None
 
 
 def is_sharded_checkpoint(directory: str | os.PathLike) -> bool:
@@ -362,12 +371,14 @@ def save_sharded(directory: str | os.PathLike, tensors: dict[str, Any], meta: di
     import torch.distributed.checkpoint as dcp
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_directory(directory, "sharded checkpoint")
     try:
         dcp.save(tensors, checkpoint_id=str(directory))
     except _dcp_errors() as e:  # (its CheckpointException is no Exception: a traceback)
+        # (the free space, as write_atomically says it: a full disk's cause from torch is
+        # "[enforce fail at inline_container.cc:672]", which names none)
         raise CheckpointError(f"sharded checkpoint {directory} cannot be written: "
-                              f"{_dcp_problem(e)}") from e
+                              f"{_dcp_problem(e)}{free_space_note(directory)}") from e
     digests = _gathered({p.name: sha256_file(p)
                          for p in sorted(directory.glob(f"__{rank}_*.distcp"))})
     if rank == 0:

@@ -463,9 +463,55 @@ def test_a_sharded_save_that_fails_is_a_checkpoint_error_naming_the_cause(tmp_pa
     monkeypatch.setattr(dcp, "save", full_disk)
     with pytest.raises(CheckpointError) as caught:
         save_sharded(tmp_path / "ckpt", {"model": {}}, {"step": 1}, rank=0)
-    assert str(caught.value).endswith("cannot be written: OSError: [Errno 28] No space left on "
-                                      "device")
+    assert "cannot be written: OSError: [Errno 28] No space left on device (" in str(
+        caught.value)
     assert not (tmp_path / "ckpt" / "meta.pt").exists()  # never taken for complete
+
+
+def test_a_sharded_save_on_a_full_disk_says_the_free_space(tmp_path, monkeypatch):
+    # torch's own cause of a full disk is "[enforce fail at inline_container.cc:672]", which
+    # names none: a full checkpoint's failed save said the free space left, a sharded one's
+    # did not.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from orchestrator.training.checkpoint import free_space_note, save_sharded
+
+    def full_disk(state, checkpoint_id):
+        raise CheckpointException("save failed", {0: (RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662"), None)})
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    directory = tmp_path / "ckpt"
+    with pytest.raises(CheckpointError) as caught:
+        save_sharded(directory, {"model": {}}, {"step": 1}, rank=0)
+    assert str(caught.value) == (f"sharded checkpoint {directory} cannot be written: "
+                                 "RuntimeError: [enforce fail at inline_container.cc:672]."
+                                 f"{free_space_note(directory)}")
+    assert free_space_note(directory).endswith(" GiB free on its filesystem)")
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_checkpoint_directory_that_cannot_be_made_is_named(tmp_path, monkeypatch, sharded):
+    # A read-only (or full) filesystem: mkdir's OSError was a traceback.
+    import errno
+    from pathlib import Path
+
+    from orchestrator.training.checkpoint import save_checkpoint, save_sharded
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    directory = tmp_path / "out" / "ckpt"
+    with pytest.raises(CheckpointError) as caught:
+        if sharded:
+            save_sharded(directory, {"model": {"w": torch.zeros(2)}}, {"step": 1}, rank=0)
+        else:
+            save_checkpoint(directory, {"model": {"w": torch.zeros(2)}, "step": 1})
+    # (the parent does not exist either: no free space said)
+    assert str(caught.value) == (f"{'sharded checkpoint' if sharded else 'checkpoint'} "
+                                 f"{directory} cannot be written: Read-only file system")
 
 
 def sharded_checkpoint_without_digests(tmp_path):
