@@ -77,6 +77,24 @@ def check_exportable(model, source: str | None = None) -> None:
 def export_refusal(model) -> str | None:
     """Why `model` cannot be written as a GPT-2, or None when it can."""
     config = model.config
+    pruning = pruning_refusal(config)
+    if pruning:
+        return pruning
+    if config.attention_span:
+        # m(x) = 1 for every distance x <= z: a span of at least block_size - 1 in every head
+        # is exactly standard causal attention.
+        shortest = min(float(s.spans().detach().min()) for s in model.spans())
+        if shortest < config.block_size - 1:
+            return (f"the model was trained with the learnable attention span and its "
+                    f"shortest span ({shortest:.1f} tokens) does not cover the context "
+                    f"({config.block_size} tokens); GPT-2 has no span, so its attention "
+                    "would differ")
+    return None
+
+
+def pruning_refusal(config) -> str | None:
+    """Why a structurally pruned model of this GPTConfig has no GPT-2 form (pruned heads, MLP
+    widths that differ between layers), or None."""
     heads = getattr(config, "n_heads_per_layer", None)
     if heads is not None and any(h != config.n_head for h in heads):
         return (f"the model is structurally pruned: its attention heads are "
@@ -87,15 +105,6 @@ def export_refusal(model) -> str | None:
         return (f"the model is structurally pruned: its MLP widths differ between layers "
                 f"(mlp_hidden={config.mlp_hidden}); GPT2LMHeadModel has one MLP width "
                 "(n_inner) for every layer")
-    if config.attention_span:
-        # m(x) = 1 for every distance x <= z: a span of at least block_size - 1 in every head
-        # is exactly standard causal attention.
-        shortest = min(float(s.spans().detach().min()) for s in model.spans())
-        if shortest < config.block_size - 1:
-            return (f"the model was trained with the learnable attention span and its "
-                    f"shortest span ({shortest:.1f} tokens) does not cover the context "
-                    f"({config.block_size} tokens); GPT-2 has no span, so its attention "
-                    "would differ")
     return None
 
 
@@ -514,9 +523,9 @@ def export_stage(directory: Path) -> tuple[Any, Tokenizer, str]:
     model, tokenizer, stage = exportable_stage(directory)
     try:
         check_exportable(model, str(directory))
-    except ExportError as e:
-        pruned = model.config.n_heads_per_layer is not None or model.config.mlp_hidden
-        raise ExportError(f"{e}{ONE_WIDTH_PRUNING if pruned else ''}") from None
+    except ExportError as e:  # (the hint only where the pruning is what GPT-2 cannot hold)
+        hint = ONE_WIDTH_PRUNING if pruning_refusal(model.config) else ""
+        raise ExportError(f"{e}{hint}") from None
     _refuse_diverged(model, directory)
     return model, tokenizer, stage
 

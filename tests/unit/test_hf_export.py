@@ -1151,3 +1151,32 @@ def test_an_out_in_a_compress_stage_folder_is_refused_naming_it(compressed, tmp_
         assert code == 2 and f"--out {target}: {said} {out / 'pruned'}, a jobs/compress.py " \
                              "stage folder" in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_pruned_stage_refused_for_its_span_is_not_told_to_prune_per_layer(compressed,
+                                                                            tmp_path, capsys):
+    # A pruned/ stage of one MLP width (GPT-2's form) whose learnable span does not cover the
+    # context: the refusal is the span's, and its hint ("--prune-scope per_layer prunes every
+    # layer's MLP to one width, which exports") sent the user to redo a pruning that already
+    # had that form. The hint stays for a pruning GPT-2 cannot hold.
+    import shutil
+
+    from jobs import export
+    from orchestrator.compression.pipeline import _save_stage
+
+    source, _ = compressed
+    out = tmp_path / "compressed"
+    shutil.copytree(source, out)
+    shutil.rmtree(out / "pruned")
+    base = stage_model(source / "pruned").config
+    assert len(set(base.mlp_hidden)) == 1
+    for change, said, hinted in (
+            (dict(attention_span=True, span_init=0.2), "learnable attention span", False),
+            (dict(mlp_hidden=(64, 128)), "its MLP widths differ between layers", True)):
+        shutil.rmtree(out / "pruned", ignore_errors=True)
+        _save_stage(out / "pruned", GPT(dataclasses.replace(base, **change)), None,
+                    {"stage": "prune"})
+        code = export.main(["--checkpoint", str(out / "pruned"), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and said in err, err
+        assert ("--prune-scope per_layer" in err) == hinted, err
