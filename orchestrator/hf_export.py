@@ -308,8 +308,14 @@ def check_output(out: Path) -> None:
 def export_gpt2(model, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
     """Write `model` and `tokenizer` as a Hugging Face GPT-2 directory (model.safetensors,
     config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
-    special_tokens_map.json). Files are written in a staging directory, then renamed."""
+    special_tokens_map.json). Files are written in a staging directory, then renamed. The
+    tokenizer shipped is tokenizer_for_model's (an old 256-id byte model's bytes without
+    end-of-text); one of another vocabulary than the model's is an ExportError."""
     check_exportable(model)
+    try:
+        tokenizer = tokenizer_for_model(tokenizer, model.config.vocab_size)
+    except TokenizerError as e:
+        raise ExportError(str(e)) from None
     out = export_dir(out_dir)
     check_output(out)
     return _write_export(model, tokenizer, out)

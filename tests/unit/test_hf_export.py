@@ -1180,3 +1180,19 @@ def test_a_pruned_stage_refused_for_its_span_is_not_told_to_prune_per_layer(comp
         err = capsys.readouterr().err
         assert code == 2 and said in err, err
         assert ("--prune-scope per_layer" in err) == hinted, err
+
+
+def test_export_gpt2_ships_the_tokenizer_the_model_reads_or_refuses_it(tmp_path):
+    # export_gpt2 wrote whatever tokenizer it was given: a 256-row (pre-tokenizer) byte model
+    # with the 257-token ByteTokenizer said eos_token_id 256, past its embedding (transformers
+    # warned; an eos appended to a fine-tuning text raised IndexError), and a BPE of fewer ids
+    # than the model's rows generated ids the tokenizer has no text for. export_checkpoint
+    # already shipped tokenizer_for_model's choice; the library call does the same now.
+    export_gpt2(sharp_model(vocab_size=256), ByteTokenizer(), tmp_path / "bytes")
+    config = json.loads((tmp_path / "bytes" / "config.json").read_text())
+    assert config["vocab_size"] == 256 and config["eos_token_id"] is None
+    assert len(transformers.AutoTokenizer.from_pretrained(tmp_path / "bytes")) == 256
+    bpe = train_bpe([f"the café number {i} opens at dawn" for i in range(300)], 320)
+    with pytest.raises(ExportError, match=f"has {bpe.vocab_size} tokens but the model 400"):
+        export_gpt2(sharp_model(vocab_size=400), bpe, tmp_path / "bpe")
+    assert not (tmp_path / "bpe").exists()
