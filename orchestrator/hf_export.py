@@ -602,6 +602,9 @@ def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
     directory = expand_home(directory, "--init-from", ExportError)
     path = directory / "config.json"
     if not directory.is_dir():
+        if directory.exists():  # (its config.json or weights named: the folder was meant)
+            raise ExportError(f"--init-from {directory} is a file; give the directory that "
+                              f"holds it ({directory.parent})")
         raise ExportError(f"--init-from {directory}: no such directory")
     try:
         config = json.loads(path.read_text())

@@ -1196,3 +1196,15 @@ def test_export_gpt2_ships_the_tokenizer_the_model_reads_or_refuses_it(tmp_path)
     with pytest.raises(ExportError, match=f"has {bpe.vocab_size} tokens but the model 400"):
         export_gpt2(sharp_model(vocab_size=400), bpe, tmp_path / "bpe")
     assert not (tmp_path / "bpe").exists()
+
+
+def test_init_from_a_file_of_the_model_says_to_give_its_folder(exported):
+    # `--init-from DIR/config.json` (or DIR/model.safetensors) was refused as
+    # "--init-from DIR/config.json: no such directory", a path that plainly exists.
+    _, directory = exported
+    for name in ("config.json", "model.safetensors"):
+        with pytest.raises(ExportError, match=f"--init-from {directory / name} is a file; "
+                                              f"give the directory that holds it \\({directory}\\)"):
+            read_hf_config(directory / name)
+    with pytest.raises(ExportError, match="no such directory"):
+        read_hf_config(directory / "nope")
