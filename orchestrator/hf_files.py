@@ -7,6 +7,9 @@ from pathlib import Path
 SAFETENSORS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"  # a sharded model: tensor name -> shard file
 CONFIG_FILE = "config.json"
+# Weights pickled, as transformers saved them before safetensors (whole, or its shard index):
+# never read here (hf_import reads safetensors only), only recognised.
+PICKLED_FILE, PICKLED_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
 
 class ExportError(ValueError):
@@ -15,6 +18,8 @@ class ExportError(ValueError):
 
 def holds_hf_model(directory: Path) -> bool:
     """Whether `directory` holds a Hugging Face model: its config.json and its weights, whole
-    (model.safetensors) or in shards (the index save_pretrained writes for a big model)."""
+    (model.safetensors) or in shards (the index save_pretrained writes for a big model), or
+    pickled (PICKLED_FILE, PICKLED_INDEX_FILE)."""
     return (directory / CONFIG_FILE).is_file() and any(
-        (directory / name).is_file() for name in (SAFETENSORS_FILE, INDEX_FILE))
+        (directory / name).is_file() for name in (SAFETENSORS_FILE, INDEX_FILE, PICKLED_FILE,
+                                                 PICKLED_INDEX_FILE))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from orchestrator.file_lock import claimed
-from orchestrator.hf_files import INDEX_FILE, SAFETENSORS_FILE
+from orchestrator.hf_files import INDEX_FILE, PICKLED_FILE, SAFETENSORS_FILE
 from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED,
                                    EXIT_NOT_PLACEABLE, JobFailed, on_one_line)
 from orchestrator.tokenizer import TOKENIZER_FILE
@@ -813,7 +813,7 @@ def folder_claimed(folder: Path, lock: str, busy: Callable[[str], Exception],
 COMPRESS_CONFIG_FILE = "compress_config.json"  # (compression.pipeline.CONFIG_FILE)
 OTHER_JOBS_FILES = {SAFETENSORS_FILE: "a Hugging Face model's weights",
                     INDEX_FILE: "a Hugging Face model's shard index",
-                    "pytorch_model.bin": "a Hugging Face model's weights",
+                    PICKLED_FILE: "a Hugging Face model's weights",
                     COMPRESS_CONFIG_FILE: "a jobs/compress.py --out's settings"}
 # What each finished jobs/compress.py stage folder (original/, distilled/, pruned/, qat/)
 # holds (compression.pipeline's WEIGHTS_FILE, STAGE_FILE).

@@ -1208,3 +1208,20 @@ def test_init_from_a_file_of_the_model_says_to_give_its_folder(exported):
             read_hf_config(directory / name)
     with pytest.raises(ExportError, match="no such directory"):
         read_hf_config(directory / "nope")
+
+
+@pytest.mark.parametrize("weights", ["pytorch_model.bin", "pytorch_model.bin.index.json"])
+def test_a_hugging_face_model_of_pickled_weights_is_named_as_one(tmp_path, capsys, weights):
+    # A model saved before safetensors (pytorch_model.bin, or its shard index) given as
+    # --checkpoint was "holds no model: expected state.pt (checkpoint) or ...", where one in
+    # model.safetensors is named a Hugging Face model, with what to export instead.
+    from jobs import export
+
+    model = tmp_path / "downloaded"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (model / weights).write_bytes(b"{}")
+    code = export.main(["--checkpoint", str(model), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"checkpoint {model} is a Hugging Face model" in err, err
+    assert "the training checkpoint it came from" in err and "Traceback" not in err, err
