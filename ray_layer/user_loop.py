@@ -366,7 +366,10 @@ def _own_frame(frames: traceback.StackSummary) -> str | None:
     """The innermost of `frames` in the user's own files ("train.py line 57, in
     train_loop"), or None."""
     library = _library_folders()
+    # A relative name that is no file here is a compiled library's (Cython's frames carry
+    # their source's path in its package, "pyarrow/error.pxi"): it read as the user's own.
     own = [f for f in frames if not f.filename.startswith("<")
+           and (os.path.isabs(f.filename) or os.path.isfile(f.filename))
            and not os.path.realpath(f.filename).startswith(library)]
     if not own:
         return None

@@ -196,6 +196,26 @@ def test_torch_compiles_generated_code_is_not_taken_for_the_users_own_code(tmp_p
     assert getattr(raised.value, RAISED_AT) == "train.py line 4, in train_loop"
 
 
+def test_a_compiled_librarys_frame_is_not_taken_for_the_users_own_code(tmp_path):
+    # Cython's frames (pyarrow, pandas) carry their source's path relative to the package,
+    # "pyarrow/error.pxi": a checkpoint folder removed before its report failed in Ray
+    # Train's upload as "FileNotFoundError: ... (error.pxi line 92, in
+    # pyarrow.lib.check_status)", not the user's line that called launch.report.
+    from orchestrator.entrypoints import load_entrypoint
+    from ray_layer.user_loop import RAISED_AT, yielding
+
+    (tmp_path / "train.py").write_text(
+        "def train_loop(config):\n"
+        "    config['copy']()\n")
+    namespace = {}
+    exec(compile("def check_status():\n    raise FileNotFoundError('Failed to open')\n",
+                 "pyarrow/error.pxi", "exec"), namespace)
+    loop = load_entrypoint("train.py:train_loop", tmp_path).function
+    with pytest.raises(FileNotFoundError) as raised:
+        yielding(loop)({"copy": namespace["check_status"]})
+    assert getattr(raised.value, RAISED_AT) == "train.py line 2, in train_loop"
+
+
 @pytest.mark.parametrize("cause", [
     None,  # the loop's own error (examples/image_cnn without its make_data.py)
     JobCancelled("job 'run' was cancelled: cancelled by an operator"),
