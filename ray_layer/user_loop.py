@@ -303,11 +303,13 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
         except Yielded:
             return None
         except BaseException as e:  # (a SystemExit too: sys.exit("diverged") in the loop)
-            _mark_where_raised(e)
-            stand_in = _stand_in_if_unsendable(e)
-            if stand_in is None:
-                raise  # as it is, its cause and context with it
-            raise stand_in from None
+            if not _exit_ok(e):
+                _mark_where_raised(e)
+                stand_in = _stand_in_if_unsendable(e)
+                if stand_in is None:
+                    raise  # as it is, its cause and context with it
+                raise stand_in from None
+            value = None  # sys.exit(0): the loop's end, as a script's (it failed the job)
         _mark(RETURNED)
         _announce_return()
         return _rank_zero_result(value)
@@ -318,6 +320,12 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
     functools.update_wrapper(per_worker, train_loop, updated=())  # (no __dict__: no
     del per_worker.__wrapped__                                     # __signature__ either)
     return per_worker
+
+
+def _exit_ok(error: BaseException) -> bool:
+    """Whether `error` is a successful exit: sys.exit(), sys.exit(0), as Python takes them.
+    Ray Train counted it as the worker's failure, restarted the loop and ended exit 4."""
+    return isinstance(error, SystemExit) and error.code in (None, 0)
 
 
 def _loop_starts() -> None:

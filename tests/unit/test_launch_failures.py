@@ -144,6 +144,35 @@ def test_a_loops_sys_exit_names_the_file_and_line_it_came_from(tmp_path):
         "step 2 (train.py line 4, in train_loop)")
 
 
+@pytest.mark.parametrize("call", ["sys.exit(0)", "sys.exit()", "raise SystemExit"])
+def test_a_loops_sys_exit_0_is_its_normal_end_not_a_failure(tmp_path, call):
+    # A script's "done: sys.exit(0)" failed the job: Ray Train restarted the loop
+    # max_failures times from its checkpoint, then exit 4 with "worker rank 0: SystemExit: 0".
+    from orchestrator.entrypoints import load_entrypoint
+    from ray_layer import user_loop
+    from orchestrator.stuck_ranks import RETURNED
+
+    (tmp_path / "train.py").write_text(
+        "import sys\n\n"
+        "def train_loop(config):\n"
+        f"    {call}\n"
+        "    return 'not reached'\n")
+    loop = load_entrypoint("train.py:train_loop", tmp_path).function
+    assert user_loop.yielding(loop)({}) is None
+    assert user_loop._where[0] == RETURNED  # (the other ranks are told it returned)
+
+
+@pytest.mark.parametrize("code", [3, "diverged", True])
+def test_a_loops_sys_exit_with_another_code_stays_a_failure(code):
+    import sys
+
+    from ray_layer.user_loop import yielding
+
+    with pytest.raises(SystemExit) as raised:
+        yielding(lambda config: sys.exit(code))({})
+    assert raised.value.code == code
+
+
 def test_a_package_installed_in_the_user_site_is_not_taken_for_the_users_own_code(
         tmp_path, monkeypatch):
     # `pip install --user torch` puts torch in ~/.local/lib/pythonX.Y/site-packages, which
