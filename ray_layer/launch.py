@@ -269,15 +269,35 @@ def _controller_died(error: ray.exceptions.RayActorError) -> str:
     traceback, whose last top-level `Name: message` line and what follows it say what) or
     died (Ray's message names the actor, then why): no worker ran, no restart was spent. It
     read "training failed after 3 restart(s): ActorDiedError: ... Traceback ..."."""
-    lines = str(error).splitlines()
     if getattr(error, "actor_init_failed", False):
         return f"Ray Train's controller could not start: {last_exception(str(error)) or error}"
+    return f"Ray Train's controller died: {_why_actor_died(error)[1]}"
+
+
+_ACTOR_FIELD = re.compile(r"\s*(class_name|actor_id|pid|name|namespace|ip):\s*(.*)")
+
+
+def _why_actor_died(error: ray.exceptions.RayActorError) -> tuple[dict[str, str], str]:
+    """(the actor's fields in Ray's message: pid, ip, ...; why it died, on one line): Ray's
+    message names the actor, a field a line, then says why."""
+    lines = str(error).splitlines()
+    fields = {m.group(1): m.group(2).strip() for m in map(_ACTOR_FIELD.match, lines[1:]) if m}
     why = [line.strip() for line in lines[1:]
            if line.strip() and not _ACTOR_FIELD.match(line)]
-    return f"Ray Train's controller died: {' '.join(why) or lines[0]}"
+    return fields, " ".join(why) or (lines[0] if lines else type(error).__name__)
 
 
-_ACTOR_FIELD = re.compile(r"\s*(class_name|actor_id|pid|name|namespace|ip):")
+def _process_died(error: BaseException) -> str | None:
+    """A worker's failure that is its process gone (os._exit in the loop, a signal, the
+    kernel's OOM killer), on one line: Ray Train's WorkerHealthCheckFailedError read "A
+    worker health check failed." and 16 lines of Ray's worker and actor fields after it."""
+    died = getattr(error, "health_check_failure", None)
+    if not isinstance(died, ray.exceptions.RayActorError) or died.actor_init_failed:
+        return None
+    fields, why = _why_actor_died(died)
+    where = " at ".join(([f"pid {fields['pid']}"] if fields.get("pid") else [])
+                        + ([fields["ip"]] if fields.get("ip") else []))
+    return f"its process died ({where}): {why}" if where else f"its process died: {why}"
 
 
 def _controller_cause(error: Exception) -> BaseException | None:
@@ -322,6 +342,9 @@ def root_cause(error: Exception) -> str:
         error = getattr(error, "controller_failure", error)  # ray.train.ControllerError
         prefix = ""
     cause = getattr(error, "cause", None) or error  # RayTaskError keeps the original as .cause
+    died = _process_died(cause)
+    if died:
+        return f"{prefix}{died}"
     first, newline, rest = str(cause).partition("\n")
     # Where a user's loop raised it (ray_layer/user_loop.py notes it on the worker): the
     # traceback is only in a worker's log, and a bare `assert` had no message at all.

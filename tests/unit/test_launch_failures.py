@@ -80,6 +80,30 @@ def test_a_workers_failure_names_the_restarts_and_the_first_workers_error():
     assert str(failed).startswith("training failed after 2 restart(s): worker rank 0: KeyError")
 
 
+def test_a_worker_whose_process_died_is_one_line_saying_so_not_rays_worker_dump():
+    # A worker's process gone (os._exit in the loop, a signal, the kernel's OOM killer) read
+    # "worker rank 1: WorkerHealthCheckFailedError: A worker health check failed." and then
+    # 16 lines of Ray's Worker(...) and actor fields, the reason last.
+    import ray
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    why = ("The actor is dead because its worker process has died. Worker exit type: "
+           "SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error "
+           "code 2. End of file.")
+    died = ray.exceptions.ActorDiedError(ActorDiedErrorContext(
+        class_name="RayTrainWorker", actor_id=bytes(16), pid=21304,
+        node_ip_address="192.0.2.2", error_message=why))
+    error = RuntimeError("workers failed")
+    error.worker_failures = {1: WorkerHealthCheckFailedError(
+        "A worker health check failed.\nWorker info: Worker(\n  actor=Actor(RayTrainWorker, "
+        "eb40d3a1),\n  metadata=ActorMetadata(\n    pid=21304,\n  ),\n)", failure=died)}
+    said = str(launch._failure(error, RUN, max_failures=0)).splitlines()
+    assert said[0] == ("training failed after 0 restart(s): worker rank 1: its process died "
+                       f"(pid 21304 at 192.0.2.2): {why}")
+    assert len(said) == 2  # and the line on the checkpoints
+
+
 def test_worker_groups_that_do_not_start_are_retried_a_bounded_number_of_times():
     trainer_for = launch._trainer_factory(lambda config: None, {}, JobSpec("run"), RUN, "o",
                                           queue_timeout_s=60, max_failures=0,
