@@ -13,7 +13,11 @@ import importlib
 import importlib.machinery
 import importlib.util
 import inspect
+import os
+import site
 import sys
+import sysconfig
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -115,7 +119,7 @@ def _import(module_name: str) -> ModuleType:
         raise EntrypointError(_exit_on_import(f"entrypoint module {module_name!r}", e)) from None
     except Exception as e:  # the user's module raised while importing
         raise EntrypointError(f"entrypoint module {module_name!r} failed to import: "
-                              f"{type(e).__name__}: {e}") from None
+                              f"{_raised(e)}") from None
     _refuse_ray_started_on_import(f"entrypoint module {module_name!r}", ray_before)
     return module
 
@@ -142,6 +146,49 @@ def _refuse_ray_started_on_import(what: str, ray_before: bool) -> None:
         "have used that Ray, not the one --address, RAY_ADDRESS and the job file's "
         "runtime_env ask for; code that runs the script belongs under "
         "`if __name__ == \"__main__\":`, so that importing it only defines the loop")
+
+
+def _raised(error: BaseException) -> str:
+    """`Name: message` of an error raised as the user's module was imported, with where in
+    the user's own files (own_frame): the traceback is not shown, and an error raised in a
+    helper or a library the script called named no line. A SyntaxError names its own."""
+    said = f"{type(error).__name__}: {error}"
+    where = None if isinstance(error, SyntaxError) else \
+        own_frame(traceback.extract_tb(error.__traceback__))
+    return f"{said} ({where})" if where else said
+
+
+def library_folders() -> tuple[str, ...]:
+    """Folders of code that is not the user's: Python's own, installed packages, this
+    project's packages (a `launch.report` refusing its arguments is the caller's line), and
+    torch.compile's generated code once inductor is loaded."""
+    paths = sysconfig.get_paths()
+    folders = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    # (and where else packages are installed: `pip install --user`'s site, which sysconfig's
+    # paths leave out, and the interpreter's other site-packages)
+    folders |= {site.getusersitepackages(), *getattr(site, "getsitepackages", list)()}
+    folders |= {str(PROJECT_ROOT / package) for package in PROJECT_PACKAGES}
+    # (and the code torch.compile generates, in inductor's cache folder: "ceveuvyn...py line
+    # 156, in call" was named, not the user's line that called the compiled model)
+    inductor = sys.modules.get("torch._inductor.runtime.cache_dir_utils")
+    if inductor is not None:
+        folders.add(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or inductor.default_cache_dir())
+    return tuple(os.path.join(os.path.realpath(f), "") for f in folders)
+
+
+def own_frame(frames: traceback.StackSummary,
+              library: tuple[str, ...] | None = None) -> str | None:
+    """The innermost of `frames` in the user's own files ("train.py line 57, in
+    train_loop"), or None; not in `library` (default: library_folders())."""
+    library = library_folders() if library is None else library
+    # A relative name that is no file here is a compiled library's (Cython's frames carry
+    # their source's path in its package, "pyarrow/error.pxi"): it read as the user's own.
+    own = [f for f in frames if not f.filename.startswith("<")
+           and (os.path.isabs(f.filename) or os.path.isfile(f.filename))
+           and not os.path.realpath(f.filename).startswith(library)]
+    if not own:
+        return None
+    return f"{Path(own[-1].filename).name} line {own[-1].lineno}, in {own[-1].name}"
 
 
 def _exit_on_import(what: str, exit: SystemExit) -> str:
@@ -181,7 +228,7 @@ def _load_file(where: str, base_dir: Path | None) -> ModuleType:
     except Exception as e:
         del sys.modules[name]
         raise EntrypointError(f"entrypoint script {path} failed to import: "
-                              f"{type(e).__name__}: {e}") from None
+                              f"{_raised(e)}") from None
     try:
         _refuse_ray_started_on_import(f"entrypoint script {path}", ray_before)
     except EntrypointError:

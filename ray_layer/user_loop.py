@@ -18,13 +18,10 @@ from __future__ import annotations
 import functools
 import io
 import os
-import site
 import sys
-import sysconfig
 import threading
 import time
 import traceback
-from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -33,7 +30,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from orchestrator.entrypoints import accepts_config
+from orchestrator.entrypoints import accepts_config, library_folders, own_frame
 from orchestrator.stuck_ranks import REPORTING, RETURNED, WAITING, WORKING, collective_call
 from ray_layer.train_session import DirectiveWatch, declared_gpu_only, record_training
 
@@ -338,22 +335,7 @@ def _loop_starts() -> None:
 
 
 def _library_folders() -> tuple[str, ...]:
-    """Folders of code that is not the user's: Python's own, installed packages, this
-    project's packages (a `launch.report` refusing its arguments is the caller's line), and
-    torch.compile's generated code once inductor is loaded."""
-    paths = sysconfig.get_paths()
-    here = Path(__file__).resolve().parents[1]
-    folders = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
-    # (and where else packages are installed: `pip install --user`'s site, which sysconfig's
-    # paths leave out, and the interpreter's other site-packages)
-    folders |= {site.getusersitepackages(), *getattr(site, "getsitepackages", list)()}
-    folders |= {str(here / "orchestrator"), str(here / "ray_layer")}
-    # (and the code torch.compile generates, in inductor's cache folder: "ceveuvyn...py line
-    # 156, in call" was named, not the user's line that called the compiled model)
-    inductor = sys.modules.get("torch._inductor.runtime.cache_dir_utils")
-    if inductor is not None:
-        folders.add(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or inductor.default_cache_dir())
-    return tuple(os.path.join(os.path.realpath(f), "") for f in folders)
+    return library_folders()  # (here: a test adds a folder of its own)
 
 
 def _mark_where_raised(error: BaseException) -> None:
@@ -371,17 +353,8 @@ def _mark_where_raised(error: BaseException) -> None:
 
 
 def _own_frame(frames: traceback.StackSummary) -> str | None:
-    """The innermost of `frames` in the user's own files ("train.py line 57, in
-    train_loop"), or None."""
-    library = _library_folders()
-    # A relative name that is no file here is a compiled library's (Cython's frames carry
-    # their source's path in its package, "pyarrow/error.pxi"): it read as the user's own.
-    own = [f for f in frames if not f.filename.startswith("<")
-           and (os.path.isabs(f.filename) or os.path.isfile(f.filename))
-           and not os.path.realpath(f.filename).startswith(library)]
-    if not own:
-        return None
-    return f"{Path(own[-1].filename).name} line {own[-1].lineno}, in {own[-1].name}"
+    """The innermost of `frames` in the user's own files (entrypoints.own_frame)."""
+    return own_frame(frames, _library_folders())
 
 
 def _stand_in_if_unsendable(error: BaseException) -> Exception | None:

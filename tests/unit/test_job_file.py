@@ -288,8 +288,9 @@ def test_a_script_that_raises_on_import_is_named_with_its_error(tmp_path):
     script = write(tmp_path / "broken.py", "raise RuntimeError('no GPU on this laptop')\n")
     with pytest.raises(EntrypointError) as e:
         load_entrypoint("broken.py:train_loop", base_dir=tmp_path)
+    # Where in the user's own files (the traceback is not shown): it named the error alone.
     assert str(e.value) == (f"entrypoint script {script} failed to import: "
-                            "RuntimeError: no GPU on this laptop")
+                            "RuntimeError: no GPU on this laptop (broken.py line 1, in <module>)")
     # The half-imported module is not left behind for a later import to find.
     assert not [m for m in sys.modules if m.startswith("orchestrator_entry_broken_")]
 
@@ -300,7 +301,23 @@ def test_a_module_that_raises_on_import_is_named_with_its_error(tmp_path, monkey
     with pytest.raises(EntrypointError) as e:
         load_entrypoint("raising_loops_b2:train_loop")
     assert str(e.value) == ("entrypoint module 'raising_loops_b2' failed to import: "
-                            "ZeroDivisionError: division by zero")
+                            "ZeroDivisionError: division by zero (raising_loops_b2.py line 1, "
+                            "in <module>)")
+
+
+def test_an_import_error_names_the_innermost_line_of_the_users_own_files(tmp_path):
+    # Raised in a library the script calls as it is imported (json here), or in a helper
+    # beside it: the line named is the user's own, the innermost.
+    write(tmp_path / "settings_q7.py", "import json\n\n"
+          "def load():\n    return json.loads('{not json')\n")
+    script = write(tmp_path / "train_q7.py", "import settings_q7\n\n"
+                   "SETTINGS = settings_q7.load()\n\n"
+                   "def train_loop(config):\n    pass\n")
+    with pytest.raises(EntrypointError) as e:
+        load_entrypoint("train_q7.py:train_loop", base_dir=tmp_path)
+    assert str(e.value) == (f"entrypoint script {script} failed to import: JSONDecodeError: "
+                            "Expecting property name enclosed in double quotes: line 1 column "
+                            "2 (char 1) (settings_q7.py line 4, in load)")
 
 
 def test_a_script_or_module_that_exits_on_import_is_refused_not_obeyed(tmp_path, monkeypatch):
