@@ -395,6 +395,21 @@ def runtime_env_problem(runtime_env: dict) -> str | None:
         except Exception as e:  # ValueError, TypeError, a plugin schema's ValidationError
             where = f"runtime_env.{key}" if key is not None else "runtime_env"
             return f"{where}: {on_one_line(str(e))}{RUNTIME_ENV_HINTS.get(key, '')}"
+    return env_vars_problem(runtime_env.get("env_vars") or {})
+
+
+def env_vars_problem(env_vars: dict[str, str]) -> str | None:
+    """An env_vars entry no process can be given (its name empty or holding '=' or NUL, its
+    value holding NUL), or None. Ray takes them, then each worker process it starts with them
+    dies setting them ("ValueError: illegal environment variable name" in the raylet's log
+    alone), and the job, once placed, waited for its workers."""
+    for name, value in env_vars.items():
+        if not name or "=" in name or "\0" in name:
+            return (f"runtime_env.env_vars: {name!r} cannot name an environment variable "
+                    "(not empty, no '=' nor NUL in it)")
+        if "\0" in value:
+            return (f"runtime_env.env_vars: the value of {name!r} holds a NUL character, "
+                    "which an environment variable cannot")
     return None
 
 

@@ -575,6 +575,17 @@ def test_a_relative_run_dir_in_a_job_file_is_beside_the_file(tmp_path, monkeypat
     ({"spec": JobSpec("x" * 300)}, "is longer than a file name may be (255 bytes)"),
     ({"spec": JobSpec("alpha"), "runtime_env": {"env_vars": {"OMP_NUM_THREADS": 1}}},
      "runtime_env.env_vars: runtime_env['env_vars'] must be of type Dict[str, str]"),
+    # Ray takes them, then every worker process it starts with them dies setting them
+    # ("ValueError: illegal environment variable name" in the raylet's log): the job hung
+    # once placed, waiting for its workers.
+    ({"spec": JobSpec("alpha"), "runtime_env": {"env_vars": {"A=B": "x"}}},
+     "runtime_env.env_vars: 'A=B' cannot name an environment variable (not empty, no '=' "
+     "nor NUL in it)"),
+    ({"spec": JobSpec("alpha"), "runtime_env": {"env_vars": {"": "x"}}},
+     "runtime_env.env_vars: '' cannot name an environment variable"),
+    ({"spec": JobSpec("alpha"), "runtime_env": {"env_vars": {"TOKEN": "a\0b"}}},
+     "runtime_env.env_vars: the value of 'TOKEN' holds a NUL character, which an environment "
+     "variable cannot"),
 ])
 def test_fit_refuses_bad_input_as_exit_2_before_ray(tmp_path, monkeypatch, kwargs, expected):
     monkeypatch.setattr(launch, "DEFAULT_RUNS_ROOT", tmp_path)
