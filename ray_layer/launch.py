@@ -333,10 +333,13 @@ def _signal_handlers_kept():
 
 
 def root_cause(error: Exception) -> str:
-    """The first worker's original exception, not Ray Train's wrapper around it."""
+    """The first worker's original exception, not Ray Train's wrapper around it; a worker
+    whose process died first of all (its peers' collectives then fail, "Connection reset by
+    peer": rank 0's was named, blaming a healthy worker)."""
     failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError
     if failures:
-        rank, error = min(failures.items())
+        rank, error = min(failures.items(), key=lambda item: (
+            _process_died(getattr(item[1], "cause", None) or item[1]) is None, item[0]))
         prefix = f"worker rank {rank}: "
     else:
         error = getattr(error, "controller_failure", error)  # ray.train.ControllerError

@@ -102,6 +102,14 @@ def test_a_worker_whose_process_died_is_one_line_saying_so_not_rays_worker_dump(
     assert said[0] == ("training failed after 0 restart(s): worker rank 1: its process died "
                        f"(pid 21304 at 192.0.2.2): {why}")
     assert len(said) == 2  # and the line on the checkpoints
+    # Its peers' collectives then fail ("Connection reset by peer"): the process that died is
+    # the cause, whatever its rank (it named rank 0's gloo error, blaming a healthy worker).
+    error.worker_failures = {0: RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error "
+                                             "[127.0.0.1]:50391: Connection reset by peer"),
+                             **error.worker_failures}
+    said = str(launch._failure(error, RUN, max_failures=0)).splitlines()
+    assert said[0] == ("training failed after 0 restart(s): worker rank 1: its process died "
+                       f"(pid 21304 at 192.0.2.2): {why}")
 
 
 def test_worker_groups_that_do_not_start_are_retried_a_bounded_number_of_times():
