@@ -32,8 +32,8 @@ from orchestrator.validation import is_int, is_number
 
 ACCELERATOR_RESOURCE_PREFIX = "accelerator_type:"  # Ray's resource per accelerator type
 # A tiny amount of the type's accelerator_type resource in each bundle steers the autoscaler
-# to that node type (as Ray's own accelerator_type option does) without using it up; so does
-# one of a resource of a CPU job's type's own (NodeType.own_resource).
+# to the types declaring it (as Ray's own accelerator_type option does) without using it up;
+# so does one of a resource of the type's own (steering_resource) to that type alone.
 ACCELERATOR_RESOURCE_SHARE = 0.001
 # Resources Ray gives every node (or a GPU node): no one node type's own.
 RAY_NODE_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
@@ -75,10 +75,14 @@ class NodeType:
     # already, and up to max_workers worker nodes Ray launches beside it.
     head: bool = False
     # A custom resource (>= 1) in its resources that no other type of the config declares:
-    # what steers the autoscaler to it for a CPU job's bundles ("" for none). Ray 2.60's
-    # autoscaler picks the types for bundles by its own scoring (get_nodes_for); the
-    # bundle_label_selectors of request_resources reach autoscaler v2 only.
+    # what steers the autoscaler to it for a job's bundles where its accelerator_type does
+    # not (steering_resource; "" for none). Ray 2.60's autoscaler picks the types for
+    # bundles by its own scoring (get_nodes_for); the bundle_label_selectors of
+    # request_resources reach autoscaler v2 only.
     own_resource: str = ""
+    # Its accelerator_type resource is one no other type of those it launches declares: a GPU
+    # job's bundles naming it reach this type alone (of two A100 types, either).
+    accelerator_own: bool = False
 
     def summary(self) -> dict[str, Any]:
         """What placement reads of the type, as status --json shows it (null: not stated)."""
@@ -112,11 +116,12 @@ def node_types_from_config(config: dict[str, Any]) -> tuple[NodeType, ...]:
     given = config.get("max_workers") is not None
     custom = {name: _custom_resources(t) for name, t in types.items()}
     # (a type without max_workers takes the cluster's, as Ray does: it read as 0, never scaled)
-    return tuple(dataclasses.replace(_node_type(name, t, 0 if name == head else cluster_max),
+    read = tuple(dataclasses.replace(_node_type(name, t, 0 if name == head else cluster_max),
                                      cluster_max_workers=cluster_max,
                                      cluster_max_workers_set=given, head=name == head,
                                      own_resource=_own_resource(name, custom))
                  for name, t in types.items() if name != head or _head_max_workers(name, t))
+    return tuple(dataclasses.replace(t, accelerator_own=_accelerator_own(t, read)) for t in read)
 
 
 def _custom_resources(raw: Any) -> dict[str, Any]:
@@ -133,6 +138,12 @@ def _own_resource(name: str, custom: dict[str, dict[str, Any]]) -> str:
     others = {key for other, resources in custom.items() if other != name for key in resources}
     return next((key for key, value in sorted(custom[name].items())
                  if key not in others and is_number(value) and value >= 1), "")
+
+
+def _accelerator_own(node_type: NodeType, types: tuple[NodeType, ...]) -> bool:
+    """The type declares an accelerator_type resource no other type declares."""
+    return bool(node_type.accelerator_resource) and sum(
+        t.accelerator_resource == node_type.accelerator_resource for t in types) == 1
 
 
 def _head_max_workers(name: str, raw: Any) -> int:
@@ -293,10 +304,10 @@ def scale_up_parts(spec: JobSpec, node_types: tuple[NodeType, ...],
     single = scale_up_plan(spec, node_types, held_up)
     if single is not None:
         return ((*single, spec.num_workers),)
-    # (a CPU job's bundles are steered to a type only by a resource of its own: without, the
+    # (a job's bundles are steered to a type only by a resource of its own: without, the
     # autoscaler picks the types for them by its own scoring, another mix, maybe too few)
     holding = [t for t in node_types if _workers_per_node(spec, t) and t.max_workers
-               and (spec.gpus_per_worker or t.own_resource)]
+               and steering_resource(spec, t)]
     if spec.min_bandwidth_gbps:
         groups = {t.network_group for t in holding if t.network_group}
         pools = [[t for t in holding if t.network_group == group and _meets_floor(spec, t)]
@@ -358,14 +369,25 @@ def parts_to_add(spec: JobSpec, parts: tuple[PlanPart, ...],
     return tuple(out)
 
 
+def steering_resource(spec: JobSpec, node_type: NodeType) -> str:
+    """The resource of the type's own that `spec`'s bundles carry to steer the autoscaler to
+    it alone (resource_bundles): for a GPU job its accelerator_type where no other type
+    declares that, else its own custom resource; "" for none (the autoscaler, choosing
+    types by its own scoring, may add another type for them)."""
+    if spec.gpus_per_worker and node_type.accelerator_own:
+        return node_type.accelerator_resource
+    return node_type.own_resource
+
+
 def nodes_up_key(spec: JobSpec, node_type: NodeType) -> str:
     """The family of the nodes up that the autoscaler counts toward bundles asked of a node
     type (bundles naming its accelerator_type resource), "" where all nodes up count, and
-    `resource:NAME` where only nodes of the type count (bundles naming its own resource:
-    which nodes up are of the type is not known here, so none is counted)."""
-    if spec.gpus_per_worker:
-        return node_type.family if node_type.accelerator_resource else ""
-    return f"resource:{node_type.own_resource}" if node_type.own_resource else ""
+    `resource:NAME` where only nodes of the type count (bundles naming a custom resource of
+    its own: which nodes up are of the type is not known here, so none is counted)."""
+    steer = steering_resource(spec, node_type)
+    if steer and steer != node_type.accelerator_resource:
+        return f"resource:{steer}"
+    return node_type.family if spec.gpus_per_worker and node_type.accelerator_resource else ""
 
 
 def plan_bundles(spec: JobSpec, parts: tuple[PlanPart, ...]) -> list[dict[str, float]]:
@@ -632,22 +654,25 @@ def accelerator_resource_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -
 
 
 def steering_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
-    """Why no plan holds a CPU job when types would hold it together but not each declares a
-    resource of its own to steer the autoscaler by (scale_up_parts plans a CPU job across
-    types only so), naming them and what to add; else None."""
-    if spec.gpus_per_worker or scale_up_parts(spec, node_types) is not None:
+    """Why no plan holds a job when types would hold it together but not each declares a
+    resource of its own to steer the autoscaler by (scale_up_parts plans a job across types
+    only so), naming them and what to add; else None."""
+    if scale_up_parts(spec, node_types) is not None:
         return None
-    steered = tuple(t if t.own_resource else dataclasses.replace(t, own_resource=t.name)
-                    for t in node_types)
+    steered = tuple(t if steering_resource(spec, t) else
+                    dataclasses.replace(t, own_resource=t.name) for t in node_types)
     parts = scale_up_parts(spec, steered)
     if parts is None or len(parts) < 2:
         return None
     names = [t.name for t, _, _ in parts]
-    lacking = [t.name for t, _, _ in parts if not node_types[steered.index(t)].own_resource]
+    lacking = [t.name for t, _, _ in parts
+               if not steering_resource(spec, node_types[steered.index(t)])]
     named = ", ".join(repr(name) for name in lacking)
+    gpu = bool(spec.gpus_per_worker)
     return (f"node types {', '.join(repr(name) for name in names)} would hold it together, but "
-            "a CPU job is planned across node types only where each declares a resource of "
-            "its own to steer the autoscaler to it ("
+            f"a {'GPU' if gpu else 'CPU'} job is planned across node types only where each "
+            "declares a resource of its own to steer the autoscaler to it ("
+            + ("an accelerator_type no other type declares, or a custom one; " if gpu else "")
             + ("none of them does" if len(lacking) == len(names) else
                f"{named} {'does' if len(lacking) == 1 else 'do'} not")
             + f": add one to each one's resources, e.g. \"{lacking[0]}\": 1)")
@@ -701,7 +726,8 @@ def resource_bundles(spec: JobSpec, node_type: NodeType,
     the node type declares: what
     request_resources is asked for so the autoscaler adds nodes of that type (the worker's
     host RAM too, in bytes, where the type states its memory: asked for CPUs alone, the
-    autoscaler may add a type too small in RAM)."""
+    autoscaler may add a type too small in RAM); a GPU job's by its accelerator_type (its
+    family), and any job's to the type alone by steering_resource where it has one."""
     bundle: dict[str, float] = {"CPU": spec.cpus_per_worker}
     if spec.min_host_memory_gb and node_type.memory_gb is not None:
         bundle["memory"] = math.ceil(spec.min_host_memory_gb * GIB)
@@ -709,6 +735,7 @@ def resource_bundles(spec: JobSpec, node_type: NodeType,
         bundle["GPU"] = math.ceil(spec.gpus_per_worker)
         if node_type.accelerator_resource:
             bundle[node_type.accelerator_resource] = ACCELERATOR_RESOURCE_SHARE
-    elif node_type.own_resource:
-        bundle[node_type.own_resource] = ACCELERATOR_RESOURCE_SHARE
+    steer = steering_resource(spec, node_type)
+    if steer:
+        bundle[steer] = ACCELERATOR_RESOURCE_SHARE
     return [dict(bundle) for _ in range(spec.num_workers if workers is None else workers)]

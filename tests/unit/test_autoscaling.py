@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.autoscaling import (node_types_from_config, resource_bundles, scale_up_parts,
-                                      scale_up_plan)
+from orchestrator.autoscaling import (node_types_from_config, plan_bundles, resource_bundles,
+                                      scale_up_parts, scale_up_plan)
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.scheduler_core import SchedulerCore
@@ -789,14 +789,24 @@ def test_the_head_node_type_is_planned_when_its_max_workers_lets_ray_launch_it_a
     assert ("it needs 4 x head node(s) in all (any up included), but node type 'head' has "
             "max_workers 2: raise it to 3 (the head is one of them)") in four.message
     # Across types, the head counts toward neither bound: 16 workers on 2 x a (the cluster's
-    # max_workers) and 1 on the head, but not 18 (a third worker node).
-    eight = {"resources": {"CPU": 96, "GPU": 8}, "max_workers": 3}
-    mixed = node_types_from_config({"max_workers": 2, "head_node_type": "h",
-                                    "available_node_types": {
-        "h": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 1}, "a": eight, "b": eight}})
-    assert scale_up_parts(JobSpec("j", num_workers=17, gpus_per_worker=1), mixed) == (
-        (mixed[1], 2, 16), (mixed[0], 1, 1))
+    # max_workers) and 1 on the head, but not 18 (a third worker node). (Each type declares a
+    # resource of its own, steering each part's bundles to it: without, the plan is refused,
+    # as Ray, asked for GPUs alone, adds 2 x b, not the 2 x a planned.)
+    def eight(own):
+        return {"resources": {"CPU": 96, "GPU": 8, own: 1}, "max_workers": 3}
+    steered = {"max_workers": 2, "head_node_type": "h", "available_node_types": {
+        "h": {"resources": {"CPU": 8, "GPU": 1, "pool_h": 1}, "max_workers": 1},
+        "a": eight("pool_a"), "b": eight("pool_b")}}
+    mixed = node_types_from_config(steered)
+    seventeen = JobSpec("j", num_workers=17, gpus_per_worker=1)
+    assert scale_up_parts(seventeen, mixed) == ((mixed[1], 2, 16), (mixed[0], 1, 1))
+    assert _ray_adds(steered, plan_bundles(seventeen, scale_up_parts(seventeen, mixed))) == {
+        "a": 2}
     assert scale_up_parts(JobSpec("j", num_workers=18, gpus_per_worker=1), mixed) is None
+    unsteered = {**steered, "available_node_types": {
+        name: {**t, "resources": {k: v for k, v in t["resources"].items() if "pool" not in k}}
+        for name, t in steered["available_node_types"].items()}}
+    assert scale_up_parts(seventeen, node_types_from_config(unsteered)) is None
     # Unset, or 0: Ray launches none, and it stays out (its resources unread, as before).
     for unset in ({**head, "resources": {"CPU": "not read"}}, {**head, "max_workers": 0}):
         assert node_types_from_config({**config, "available_node_types": {"head": unset}}) == ()
@@ -1350,3 +1360,113 @@ def test_a_busy_node_the_plan_keeps_is_not_named_among_those_that_must_go():
         "worker node(s) up of its max_workers 2, so Ray adds 0 of them now and the rest only "
         "once worker node(s) go, and 1 of them run jobs (h1: 'y'): they go only once those "
         "end (then idle for its idle_timeout_minutes)"), waiting.reason
+
+
+def _ray_adds(config, bundles, up=None):
+    """The worker nodes Ray 2.60's v1 autoscaler adds for request_resources' `bundles` (its
+    pure _add_min_workers_nodes, which fits them on the nodes up, `up`: type -> count, the
+    head by default, then get_nodes_for), as {type: count}. Starts no Ray."""
+    from functools import partial
+
+    from ray.autoscaler._private import resource_demand_scheduler as ray_scheduler
+    from ray.autoscaler._private.node_provider_availability_tracker import \
+        NodeAvailabilitySummary
+    head, cluster_max = config.get("head_node_type"), config.get("max_workers", 2)
+    node_types = {name: {"resources": dict(t["resources"]), "min_workers": 0,
+                         "max_workers": t.get("max_workers", 0 if name == head else cluster_max)}
+                  for name, t in config["available_node_types"].items()}
+    scorer = partial(ray_scheduler._default_utilization_scorer,
+                     node_availability_summary=NodeAvailabilitySummary(node_availabilities={}))
+    _, _, added = ray_scheduler._add_min_workers_nodes(
+        [], dict(up or ({head: 1} if head else {})), node_types, cluster_max, head, bundles,
+        scorer)
+    return added
+
+
+def _gpu_types_config(a=None, b=None, accelerator=None):
+    """a: 8 GPUs (RAM stated, max_workers 1), b: 4 GPUs (max_workers 2), the cluster's
+    max_workers 2; `a`/`b`: extra resources of each; `accelerator`: an accelerator_type
+    resource both declare."""
+    shared = {accelerator: 1} if accelerator else {}
+    return {"max_workers": 2, "head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 0}},
+        "a": {"resources": {"CPU": 96, "GPU": 8, "memory": 512 * 2 ** 30, **shared, **(a or {})},
+              "max_workers": 1},
+        "b": {"resources": {"CPU": 8, "GPU": 4, **shared, **(b or {})}, "max_workers": 2}}}
+
+
+def test_a_gpu_job_is_planned_across_types_only_where_each_has_a_resource_to_steer_by():
+    """A GPU job naming no family, across types declaring no accelerator_type (or one both
+    declare), was planned on 1 x a + 1 x b with bundles asking for GPUs alone: Ray's
+    autoscaler, choosing types by its own scoring, adds 2 x b (the cluster's max_workers) and
+    2 of the 10 workers are never held. Now it is refused naming the types and what to
+    declare; declaring a resource of each type's own (or an accelerator_type no other type
+    declares) steers each part's bundles to its type, and Ray adds the plan."""
+    job = JobSpec("j", num_workers=10, gpus_per_worker=1)
+    unsteered = _gpu_types_config()
+    types = node_types_from_config(unsteered)
+    assert _ray_adds(unsteered, plan_bundles(job, ((types[0], 1, 8), (types[1], 1, 2)))) == {
+        "b": 2}  # (what the old plan's bundles got: 8 workers' room, not 10)
+    for config in (unsteered, _gpu_types_config(accelerator="accelerator_type:A100")):
+        assert scale_up_parts(job, node_types_from_config(config)) is None
+        core = core_with(cpu_node("cpu", cpus=1))
+        core.node_types = node_types_from_config(config)
+        refused = core.submit(job, "d", T0).decision
+        assert isinstance(refused, Rejection), refused
+        assert ("node types 'a', 'b' would hold it together, but a GPU job is planned across "
+                "node types only where each declares a resource of its own to steer the "
+                "autoscaler to it (an accelerator_type no other type declares, or a custom one; "
+                'none of them does: add one to each one\'s resources, e.g. "a": 1)') \
+            in refused.message, refused.message
+    # The family job too: an accelerator_type two types declare steers to neither.
+    a100 = dataclasses.replace(job, accelerator_types=("A100",))
+    assert scale_up_parts(a100, node_types_from_config(
+        _gpu_types_config(accelerator="accelerator_type:A100"))) is None
+    for config, specs in (
+            (_gpu_types_config({"pool_a": 1}, {"pool_b": 1}), (job,)),
+            (_gpu_types_config({"accelerator_type:A100": 1}, {"accelerator_type:V100": 1}),
+             (job,)),
+            (_gpu_types_config({"pool_a": 1}, {"pool_b": 1}, accelerator="accelerator_type:A100"),
+             (job, a100))):
+        types = node_types_from_config(config)
+        for spec in specs:
+            plan = scale_up_parts(spec, types)
+            assert [(t.name, n, w) for t, n, w in plan] == [("a", 1, 8), ("b", 1, 2)], config
+            assert _ray_adds(config, plan_bundles(spec, plan)) == {"a": 1, "b": 1}, config
+    core = core_with(cpu_node("cpu", cpus=1))
+    core.node_types = node_types_from_config(_gpu_types_config({"pool_a": 1}, {"pool_b": 1}))
+    waiting = core.submit(job, "d", T0).decision
+    assert isinstance(waiting, Queued) and "add 1 x a + 1 x b" in waiting.reason, waiting
+    assert core.scale_up_requests(T0 + 1) == [{"CPU": 1.0, "GPU": 1, "pool_a": 0.001}] * 8 + \
+        [{"CPU": 1.0, "GPU": 1, "pool_b": 0.001}] * 2
+
+
+def test_every_multi_type_plan_is_what_rays_autoscaler_adds():
+    """Over a grid of two-type configs (GPU and CPU types, RAM stated or not, steering
+    resources or none), each plan across types, its bundles asked of Ray 2.60's own
+    request_resources path, gets the plan's nodes: no other mix."""
+    import itertools
+    checked = 0
+    for gpus_a, gpus_b, max_a, max_b, cluster_max, workers, ram, steer, gpu_job in \
+            itertools.product((0, 8), (0, 4), (1, 2), (1, 2), (2, 3), (3, 7, 10, 13),
+                              (False, True), ("", "pool", "accelerator"), (False, True)):
+        if gpu_job and not (gpus_a and gpus_b):
+            continue
+        def resources(name, cpus, gpus):
+            own = {} if not steer else {f"pool_{name}": 1} if steer == "pool" else \
+                {f"accelerator_type:{name.upper()}100": 1} if gpus else {f"pool_{name}": 1}
+            return {"CPU": cpus, "GPU": gpus, **own,
+                    **({"memory": 256 * 2 ** 30} if ram and name == "a" else {})}
+        config = {"max_workers": cluster_max, "head_node_type": "head",
+                  "available_node_types": {"head": {"resources": {"CPU": 0}},
+                      "a": {"resources": resources("a", 32, gpus_a), "max_workers": max_a},
+                      "b": {"resources": resources("b", 8, gpus_b), "max_workers": max_b}}}
+        spec = JobSpec("j", num_workers=workers, gpus_per_worker=1 if gpu_job else 0,
+                       cpus_per_worker=1 if gpu_job else 4)
+        plan = scale_up_parts(spec, node_types_from_config(config))
+        if plan is None or len(plan) < 2:
+            continue
+        checked += 1
+        assert _ray_adds(config, plan_bundles(spec, plan)) == \
+            {t.name: n for t, n, _ in plan}, (config, spec)
+    assert checked >= 20
