@@ -271,6 +271,8 @@ def scale_up_plan(spec: JobSpec, node_types: tuple[NodeType, ...],
             continue
         if nodes > 1 and spec.min_bandwidth_gbps and not _meets_floor(spec, node_type):
             continue
+        if _short_gpus_fitting(spec, node_type, node_types):
+            continue  # (the autoscaler may add those for its bundles: short_gpus_note)
         idle_gpus = nodes * node_type.gpus - spec.num_workers * math.ceil(spec.gpus_per_worker)
         to_add = nodes if held_up is None else _to_add(spec, node_type, nodes,
                                                        spec.num_workers, held_up(node_type))
@@ -419,6 +421,24 @@ def _workers_per_node(spec: JobSpec, node_type: NodeType) -> int:
             or node_type.gpu_memory_gb < spec.min_gpu_memory_gb):
         return 0
     return node_type.workers_per_node(spec)
+
+
+def _short_gpus_fitting(spec: JobSpec, node_type: NodeType,
+                        node_types: tuple[NodeType, ...]) -> list[NodeType]:
+    """Of the other types the autoscaler may launch, those the job's bundles asked of
+    `node_type` fit (resource_bundles: not steered to it alone) whose GPUs lack the memory
+    the job asks (less, or not declared): Ray's autoscaler sees no GPU memory, and may add
+    one of them, where the job never fits. Empty where the job asks none."""
+    if not (spec.gpus_per_worker and spec.min_gpu_memory_gb) or \
+            steering_resource(spec, node_type):
+        return []
+    bundle = resource_bundles(spec, node_type, 1)[0]
+    return [t for t in node_types if t is not node_type and t.max_workers
+            and (t.gpu_memory_gb is None or t.gpu_memory_gb < spec.min_gpu_memory_gb)
+            and t.gpus >= bundle["GPU"] and t.cpus + 1e-9 >= bundle["CPU"]
+            and node_type.accelerator_resource in ("", t.accelerator_resource)
+            and ("memory" not in bundle or (t.memory_gb is not None and
+                                            t.memory_gb * GIB >= bundle["memory"]))]
 
 
 def _meets_floor(spec: JobSpec, node_type: NodeType) -> bool:
@@ -676,6 +696,29 @@ def steering_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None
             + ("none of them does" if len(lacking) == len(names) else
                f"{named} {'does' if len(lacking) == 1 else 'do'} not")
             + f": add one to each one's resources, e.g. \"{lacking[0]}\": 1)")
+
+
+def short_gpus_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
+    """Why no plan holds a job asking for GPU memory when a type would hold it but its
+    bundles fit another type too whose GPUs lack that memory (_short_gpus_fitting:
+    scale_up_plan passes it over), naming them and what to declare; else None."""
+    if scale_up_parts(spec, node_types) is not None:
+        return None
+    for node_type in node_types:
+        short = _short_gpus_fitting(spec, node_type, node_types)
+        if short and scale_up_plan(spec, (_uncapped(node_type),)):
+            bundle = resource_bundles(spec, node_type, 1)[0]
+            asked = ", ".join(["GPUs"] + [k for k in bundle if k.startswith(
+                ACCELERATOR_RESOURCE_PREFIX)])
+            others = ", ".join(repr(t.name) for t in short)
+            return (f"node type {node_type.name!r} would hold it, but its workers' bundles "
+                    f"({asked}) fit node type{'s' if len(short) > 1 else ''} {others} too, "
+                    f"whose GPUs have less memory than min_gpu_memory_gb "
+                    f"{spec.min_gpu_memory_gb:g}, or declare none (Ray's autoscaler sees no "
+                    "GPU memory): "
+                    f"give {node_type.name!r} a resource of its own in its resources, e.g. "
+                    f"\"{node_type.name}\": 1")
+    return None
 
 
 def host_memory_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:

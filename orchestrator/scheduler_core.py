@@ -64,8 +64,8 @@ from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_n
                                       adds_none_note, cluster_max_note, cluster_room_note,
                                       cpu_note, gpu_note, host_memory_note, max_workers_note,
                                       nodes_up_key, parts_to_add, plan_bundles, plan_named,
-                                      ray_memory_gib, scale_up_parts, steering_note,
-                                      unlabelled_memory_note)
+                                      ray_memory_gib, scale_up_parts, short_gpus_note,
+                                      steering_note, unlabelled_memory_note)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import (ClusterState, NodeReport, Reservation, gpu_families,
                                     node_family, report_problem)
@@ -1714,6 +1714,7 @@ class SchedulerCore:
                                    cpu_note(spec, self.node_types),
                                    host_memory_note(spec, self.node_types),
                                    steering_note(spec, self.node_types),
+                                   short_gpus_note(spec, self.node_types),
                                    self.node_types and adds_none_note(
                                        spec, self.node_types, self._held_by_nodes_up(spec, now)))
                  if note] if rejection else []

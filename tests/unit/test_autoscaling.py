@@ -1470,3 +1470,44 @@ def test_every_multi_type_plan_is_what_rays_autoscaler_adds():
         assert _ray_adds(config, plan_bundles(spec, plan)) == \
             {t.name: n for t, n, _ in plan}, (config, spec)
     assert checked >= 20
+
+
+def _two_a100_types_config(own=False):
+    """p4d (A100 of 40 GiB) and p4de (A100 of 80 GiB), both declaring accelerator_type:A100
+    (Ray names both so); `own`: each a resource of its own too."""
+    def a100(memory, cpus, name):
+        return {"resources": {"CPU": cpus, "GPU": 8, "accelerator_type:A100": 1,
+                              **({f"pool_{name}": 1} if own else {})},
+                "labels": {"orchestrator.io/accelerator-type": "A100",
+                           "orchestrator.io/accelerator-memory-gb": str(memory)},
+                "max_workers": 2}
+    return {"max_workers": 4, "head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 0}}, "p4d": a100(40, 96, "p4d"),
+        "p4de": a100(80, 128, "p4de")}}
+
+
+def test_a_job_asking_gpu_memory_is_not_planned_on_a_type_whose_bundles_ray_may_fit_on_less():
+    """A job of 8 A100 workers asking 60 GiB each was planned on 1 x p4de (80 GiB), its
+    bundles asking for GPUs and accelerator_type:A100: p4d (40 GiB) declares that too, and
+    Ray 2.60's autoscaler, which sees no GPU memory, added 1 x p4d, where the job never fits.
+    Now refused naming the types and what to declare; with a resource of p4de's own its
+    bundles reach p4de alone."""
+    job = JobSpec("j", num_workers=8, gpus_per_worker=1, accelerator_types=("A100",),
+                  min_gpu_memory_gb=60)
+    unsteered = _two_a100_types_config()
+    assert scale_up_parts(job, node_types_from_config(unsteered)) is None
+    core = core_with(cpu_node("cpu", cpus=1))
+    core.node_types = node_types_from_config(unsteered)
+    refused = core.submit(job, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert ("node type 'p4de' would hold it, but its workers' bundles (GPUs, "
+            "accelerator_type:A100) fit node type 'p4d' too, whose GPUs have less memory than "
+            "min_gpu_memory_gb 60, or declare none (Ray's autoscaler sees no GPU memory): give "
+            "'p4de' a resource of its own in its resources, e.g. \"p4de\": 1") in refused.message, refused.message
+    steered = _two_a100_types_config(own=True)
+    plan = scale_up_parts(job, node_types_from_config(steered))
+    assert [(t.name, n) for t, n, _ in plan] == [("p4de", 1)]
+    assert _ray_adds(steered, plan_bundles(job, plan)) == {"p4de": 1}
+    # Where every type the bundles fit holds a worker, nothing changes: 40 GiB asked.
+    fits_both = dataclasses.replace(job, min_gpu_memory_gb=40)
+    assert scale_up_parts(fits_both, node_types_from_config(unsteered)) is not None
