@@ -36,6 +36,10 @@ from orchestrator.validation import is_number
 # Far below the process group's 30 minutes, and above a step plus a local checkpoint write of
 # the loops this launcher runs (a report's upload of the checkpoint is Ray Train's: REPORTING).
 DEFAULT_STUCK_TIMEOUT_S = 300.0
+# A loop's thread that used this share of a CPU between two of the watch's asks while in a
+# collective was computing there (a backward's own work, in torch's C++ code), not waiting:
+# one blocked in a collective (gloo's wait, DDP's all-reduce at the end of backward) uses none.
+COMPUTING_CPU_SHARE = 0.05
 WORKING, WAITING, REPORTING, RETURNED = "working", "waiting", "reporting", "returned"
 
 
@@ -142,8 +146,8 @@ def collective_call(frames: Sequence[tuple[str, str]], torch_dir: str) -> str | 
     C++: `backward` (DDP all-reduces the gradients there, and its end waits for every rank's),
     torch.distributed's calls (named by the outermost in distributed_c10d.py), and DDP's own
     broadcasts (buffers in its forward, parameters as it is made). A backward that computes
-    reads the same: a rank in it is neither named nor waited on before it has been there
-    `stuck_timeout_s` while another rank was in its own code as long."""
+    reads the same: the worker tells them apart by its loop thread's CPU time (`computing`),
+    counting a wait from the last time it saw it computing there."""
     if not frames:
         return None
     root = os.path.join(torch_dir, "")
@@ -161,6 +165,13 @@ def collective_call(frames: Sequence[tuple[str, str]], torch_dir: str) -> str | 
         return f"torch.distributed.{calls[0]}" if calls else \
             f"torch.distributed ({frames[-1][1]})"
     return None
+
+
+def computing(cpu_s: float | None, wall_s: float) -> bool:
+    """Whether a loop's thread that used `cpu_s` of CPU time (None: not known) in `wall_s`
+    seconds in a collective was computing there: a backward that computes reads, by its
+    innermost frame, as one that waits for the other ranks."""
+    return cpu_s is not None and wall_s > 0 and cpu_s >= COMPUTING_CPU_SHARE * wall_s
 
 
 def stuck_timeout_problem(value: Any) -> str | None:

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.entrypoints import accepts_config, library_folders, own_frame
-from orchestrator.stuck_ranks import REPORTING, RETURNED, WAITING, WORKING, collective_call
+from orchestrator.stuck_ranks import (REPORTING, RETURNED, WAITING, WORKING, collective_call,
+                                      computing)
 from ray_layer.train_session import DirectiveWatch, declared_gpu_only, record_training
 
 # Metric names the launcher itself reads from a report: "yielded" (a preemption) and
@@ -53,13 +54,18 @@ _RETURNED = "\0returned from the loop"
 # thread). None outside a launched loop.
 _where: tuple[str, float, int, Any] | None = None
 _loop_thread: int | None = None  # the thread running the loop (its stack: `progress`)
+# That thread's CPU clock (time.clock_gettime), None where the platform has none: taken by
+# the thread itself (time.pthread_getcpuclockid of another thread that may have ended is
+# undefined behaviour; the clock of one that ended raises OSError).
+_loop_clock: int | None = None
 # torch's folder: a loop whose innermost frame is torch's code that waits for the other ranks
 # (DDP's all-reduce in backward, a torch.distributed call) is blocked in a collective.
 _TORCH_DIR = os.path.dirname(torch.__file__)
 # Since when `progress` has seen the loop blocked in the same collective: ((which one, the
-# id of its innermost frame, this worker's report count), first seen (time.monotonic())); the
-# frame, first seen, is marked (`_blocked_in`), so a new call at the same address is not it.
-_blocked: tuple[tuple[str, int, int], float] | None = None
+# id of its innermost frame, this worker's report count), first seen there not computing
+# (time.monotonic()), the loop thread's CPU time and the time at the last ask); the frame,
+# first seen, is marked (`_blocked_in`), so a new call at the same address is not it.
+_blocked: tuple[tuple[str, int, int], float, float | None, float] | None = None
 
 
 class Yielded(BaseException):
@@ -213,8 +219,9 @@ def progress(where_after_s: float = float("inf")) -> dict[str, Any] | None:
     actor, beside the loop's thread, by the driver's watch (ray_layer/train_callbacks.py).
     A loop in its own code for `where_after_s` or more also says where in its own files it is
     now. A loop in its own code that is blocked in a collective (orchestrator.stuck_ranks.
-    collective_call) says which and since when this watch has seen it there (sampled: from
-    the first of its calls that found it there). None before a launched loop started in this
+    collective_call) says which and since when this watch has seen it waiting there (sampled:
+    from the first of its calls that found it there, or the last that found its thread
+    computing there). None before a launched loop started in this
     process."""
     snapshot = _where
     if snapshot is None:
@@ -235,7 +242,8 @@ def progress(where_after_s: float = float("inf")) -> dict[str, Any] | None:
 def _blocked_in(frame, reports: int, now: float) -> tuple[str | None, float | None]:
     """(the collective the loop's innermost `frame` is blocked in, seconds seen there), or
     (None, None). The same call (its frame, marked when first seen) at the same report as the
-    last time counts on."""
+    last time counts on, from the last ask that found the loop's thread computing there (a
+    backward's own work, which reads as DDP's wait by its frame)."""
     global _blocked
     stack = []
     inner = frame
@@ -253,10 +261,25 @@ def _blocked_in(frame, reports: int, now: float) -> tuple[str | None, float | No
     # first. The frame seen first is marked (f_trace_lines, read only by a tracer, for that
     # frame of torch's alone): a new call's is not. (Holding the frame itself would keep its
     # tensors, an all-gather's output, after the call returned.)
+    cpu = _loop_cpu_s()
     if _blocked is None or _blocked[0] != key or frame.f_trace_lines:
         frame.f_trace_lines = False
-        _blocked = (key, now)
+        _blocked = (key, now, cpu, now)
+    else:
+        _, since, last_cpu, asked_at = _blocked
+        if computing(None if cpu is None or last_cpu is None else cpu - last_cpu,
+                     now - asked_at):
+            since = now
+        _blocked = (key, since, cpu, now)
     return collective, now - _blocked[1]
+
+
+def _loop_cpu_s() -> float | None:
+    """The CPU time the loop's thread has used, or None where it cannot be read."""
+    try:
+        return None if _loop_clock is None else time.clock_gettime(_loop_clock)
+    except OSError:  # (the thread ended)
+        return None
 
 
 def _gathered(mine: tuple) -> list | None:
@@ -329,8 +352,12 @@ def _loop_starts() -> None:
     """A launched loop starts in this thread: no report yet, in its own code. Set here, not
     in per_worker: Ray Train sends per_worker by value, with a copy of the module's globals
     it names, and a `global` assignment there changed only that copy."""
-    global _reports, _where, _loop_thread, _blocked
+    global _reports, _where, _loop_thread, _blocked, _loop_clock
     _reports, _where, _loop_thread, _blocked = 0, None, threading.get_ident(), None
+    try:
+        _loop_clock = time.pthread_getcpuclockid(_loop_thread)
+    except (AttributeError, OSError):  # (macOS, Windows: the wait counts from first seen)
+        _loop_clock = None
     _mark(WORKING)
 
 

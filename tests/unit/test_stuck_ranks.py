@@ -317,3 +317,53 @@ def test_a_new_call_of_the_same_collective_is_not_counted_as_the_wait_of_the_las
             if done.locked():
                 done.release()
         worker.join()
+
+
+def test_a_backward_that_computes_is_not_a_wait_and_names_no_one(tmp_path, monkeypatch):
+    # Rank 0's backward computed (torch's C++ code, innermost frame autograd's) for
+    # stuck_timeout_s while rank 1 did its own work as long: rank 0 read as blocked in DDP's
+    # all-reduce since it entered backward, and rank 1, healthy, was named stuck, though no
+    # rank waited yet (seen in a 2-rank gloo run: rank 0's loop thread computed 2.5 s of its
+    # 3.5 s in backward). The wait is counted from the last ask that found it computing.
+    fake_torch = tmp_path / "torch"
+    (fake_torch / "autograd").mkdir(parents=True)
+    (fake_torch / "autograd" / "graph.py").write_text(
+        "def _engine_run_backward(computed, done):\n"
+        "    while not computed.is_set():  # (the backward's own work)\n"
+        "        sum(range(1000))\n"
+        "    done.acquire()  # (DDP's all-reduce, waiting for the other ranks)\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fake_graph", fake_torch / "autograd" / "graph.py")
+    graph = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph)
+    monkeypatch.setattr(user_loop, "_TORCH_DIR", str(fake_torch))
+    computed, done = threading.Event(), threading.Lock()
+    done.acquire()
+
+    def train_loop(config):
+        graph._engine_run_backward(computed, done)
+
+    worker = threading.Thread(target=user_loop.yielding(train_loop), args=({},))
+    worker.start()
+    try:
+        time.sleep(0.1)
+        assert user_loop.progress()["collective"].startswith("backward")
+        time.sleep(0.4)
+        computing = user_loop.progress()
+        assert computing["collective"].startswith("backward")
+        assert computing["collective_s"] < 0.4, computing  # (read 0.4 s: all of it)
+        other = working(900, reports=0, step=None)  # rank 1 in its own code all along
+        assert stuck_verdict({0: computing, 1: other}, 0.4) is None
+        computed.set()  # now it waits: counted from this ask on
+        time.sleep(0.1)
+        user_loop.progress()
+        time.sleep(0.4)
+        waited = user_loop.progress()
+        assert waited["collective_s"] >= 0.4, waited
+        assert stuck_verdict({0: waited, 1: other}, 0.4)[0] == [1]
+    finally:
+        computed.set()
+        done.release()
+        worker.join()
