@@ -14,7 +14,9 @@ the one it is in included), "step" (the step of that report, if its metrics had 
 "where" (where in its own code a WORKING rank is, if known), "collective" and "collective_s"
 (a WORKING rank seen blocked in a collective of the model's or the loop's own, DDP's gradient
 all-reduce in `backward`, a torch.distributed call: which one, `collective_call`, and for how
-long; None when it is not)) and says, once some rank has waited `timeout_s` for the others
+long; None when it is not), "compiling" (a WORKING rank in torch.compile's compiler,
+`compiling`: progressing, never named) and "own_s" (a WORKING rank's seconds since its last
+report or since it was last seen compiling)) and says, once some rank has waited `timeout_s` for the others
 (in its report, after returning, or blocked in such a collective) and some rank has been in
 its own code that long, which ranks are stuck and the one error line the run fails with (a
 rank blocked in a collective read WORKING as the stuck one did: a rank stuck while the others
@@ -54,8 +56,11 @@ def stuck_verdict(progress: Mapping[int, Mapping[str, Any] | None],
                and p.get("collective") and p.get("collective_s", 0) >= timeout_s}
     # A rank blocked in a collective is itself waiting, unless others wait in their report:
     # a collective they never join (a report skipped on that rank), named as before.
+    # A rank compiling its model (torch.compile) is progressing, however long; its own work
+    # counts from the last ask that found it compiling ("own_s").
     stuck = sorted(rank for rank, p in known.items()
-                   if p.get("state") == WORKING and p.get("for_s", 0) >= timeout_s
+                   if p.get("state") == WORKING and not p.get("compiling")
+                   and _own_s(p) >= timeout_s
                    and (in_report or not p.get("collective")))
     waiting = {rank: p for rank, p in sorted({**in_report, **blocked}.items())
                if rank not in stuck}
@@ -120,10 +125,19 @@ def _since(p: Mapping[str, Any]) -> str:
     reports = p.get("reports") or 0
     last = (f"last seen in its report {reports}{_step(p)}" if reports
             else "has not reported since the loop started")
+    ago = f"{p.get('for_s', 0):.0f}s ago"
+    if _own_s(p) < p.get("for_s", 0) - 1:
+        ago += f", last seen compiling (torch.compile) {_own_s(p):.0f}s ago"
     where = f", now at {p['where']}" if p.get("where") else ""
     if p.get("collective"):
         where = f", now blocked in {p['collective']}{where.replace(', now', '')}"
-    return f"{last}, {p.get('for_s', 0):.0f}s ago{where}"
+    return f"{last}, {ago}{where}"
+
+
+def _own_s(p: Mapping[str, Any]) -> float:
+    """A working rank's seconds in its own code: since its last report (or the loop's
+    start), or since it was last seen compiling."""
+    return p["own_s"] if p.get("own_s") is not None else p.get("for_s", 0)
 
 
 def _waited(p: Mapping[str, Any]) -> str:
@@ -172,6 +186,18 @@ def computing(cpu_s: float | None, wall_s: float) -> bool:
     seconds in a collective was computing there: a backward that computes reads, by its
     innermost frame, as one that waits for the other ranks."""
     return cpu_s is not None and wall_s > 0 and cpu_s >= COMPUTING_CPU_SHARE * wall_s
+
+
+def compiling(frames: Sequence[tuple[str, str]], torch_dir: str) -> bool:
+    """Whether a loop's stack (`frames`: (file, function)) is in torch.compile's compiler:
+    dynamo's tracing of a frame or inductor's compile of a graph (a first step's forward,
+    its backward's, a recompile), which can take minutes; a compiled model's runs are not
+    (compile_fx.py also holds the wrappers a compiled graph runs through: CUDA graphs')."""
+    root = os.path.join(torch_dir, "")
+    dynamo = os.path.join(root, "_dynamo", "convert_frame.py")
+    inductor = os.path.join(root, "_inductor", "compile_fx.py")
+    return any(file == dynamo or (file == inductor and name == "compile_fx_inner")
+               for file, name in frames)
 
 
 def stuck_timeout_problem(value: Any) -> str | None:

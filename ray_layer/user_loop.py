@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from orchestrator.entrypoints import accepts_config, library_folders, own_frame
 from orchestrator.stuck_ranks import (REPORTING, RETURNED, WAITING, WORKING, collective_call,
-                                      computing)
+                                      compiling, computing)
 from ray_layer.train_session import DirectiveWatch, declared_gpu_only, record_training
 
 # Metric names the launcher itself reads from a report: "yielded" (a preemption) and
@@ -66,6 +66,8 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 # (time.monotonic()), the loop thread's CPU time and the time at the last ask); the frame,
 # first seen, is marked (`_blocked_in`), so a new call at the same address is not it.
 _blocked: tuple[tuple[str, int, int], float, float | None, float] | None = None
+# When `progress` last found the loop in torch.compile's compiler (time.monotonic()), or None.
+_compiled_at: float | None = None
 
 
 class Yielded(BaseException):
@@ -231,26 +233,41 @@ def progress(where_after_s: float = float("inf")) -> dict[str, Any] | None:
     for_s = now - since
     frame = sys._current_frames().get(_loop_thread) \
         if state == WORKING and _loop_thread is not None else None
-    collective, collective_s = _blocked_in(frame, reports, now)
+    stack = _stack(frame)
+    collective, collective_s = _blocked_in(frame, stack, reports, now)
+    # torch.compile's compile (minutes, on a first step) is progress: the loop's own work
+    # counts from the last ask that found it compiling.
+    global _compiled_at
+    in_compiler = compiling(stack, _TORCH_DIR)
+    if in_compiler:
+        _compiled_at = now
+    own_s = for_s if _compiled_at is None else min(for_s, now - _compiled_at)
     where = None
     if frame is not None and for_s >= where_after_s:
         where = _own_frame(traceback.extract_stack(frame))
     return {"state": state, "for_s": for_s, "reports": reports, "step": step, "where": where,
-            "collective": collective, "collective_s": collective_s}
+            "collective": collective, "collective_s": collective_s,
+            "compiling": in_compiler, "own_s": own_s}
 
 
-def _blocked_in(frame, reports: int, now: float) -> tuple[str | None, float | None]:
-    """(the collective the loop's innermost `frame` is blocked in, seconds seen there), or
+def _stack(frame) -> list[tuple[str, str]]:
+    """(file, function) of `frame` and its callers, outermost first ([] for None)."""
+    stack = []
+    while frame is not None:
+        stack.append((frame.f_code.co_filename, frame.f_code.co_name))
+        frame = frame.f_back
+    return stack[::-1]
+
+
+def _blocked_in(frame, stack: list[tuple[str, str]], reports: int,
+                now: float) -> tuple[str | None, float | None]:
+    """(the collective the loop's innermost `frame` (`stack`: _stack(frame)) is blocked in,
+    seconds seen there), or
     (None, None). The same call (its frame, marked when first seen) at the same report as the
     last time counts on, from the last ask that found the loop's thread computing there (a
     backward's own work, which reads as DDP's wait by its frame)."""
     global _blocked
-    stack = []
-    inner = frame
-    while inner is not None:
-        stack.append((inner.f_code.co_filename, inner.f_code.co_name))
-        inner = inner.f_back
-    collective = collective_call(stack[::-1], _TORCH_DIR)
+    collective = collective_call(stack, _TORCH_DIR)
     if collective is None:
         _blocked = None
         return None, None
@@ -352,8 +369,9 @@ def _loop_starts() -> None:
     """A launched loop starts in this thread: no report yet, in its own code. Set here, not
     in per_worker: Ray Train sends per_worker by value, with a copy of the module's globals
     it names, and a `global` assignment there changed only that copy."""
-    global _reports, _where, _loop_thread, _blocked, _loop_clock
+    global _reports, _where, _loop_thread, _blocked, _loop_clock, _compiled_at
     _reports, _where, _loop_thread, _blocked = 0, None, threading.get_ident(), None
+    _compiled_at = None
     try:
         _loop_clock = time.pthread_getcpuclockid(_loop_thread)
     except (AttributeError, OSError):  # (macOS, Windows: the wait counts from first seen)

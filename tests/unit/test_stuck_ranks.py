@@ -367,3 +367,65 @@ def test_a_backward_that_computes_is_not_a_wait_and_names_no_one(tmp_path, monke
         computed.set()
         done.release()
         worker.join()
+
+
+def test_a_rank_compiling_its_model_is_not_stuck_and_its_own_work_counts_after(
+        tmp_path, monkeypatch):
+    # torch.compile's first step on rank 1 (dynamo's tracing, inductor's compile: torch's
+    # Python code, under the loop's `model(x)` line) read as the loop's own code: a compile
+    # that took stuck_timeout_s while rank 0 waited in backward's all-reduce had rank 1 named
+    # stuck ("now at train.py line 20, in train_loop"), and the restart compiled again.
+    compiling = {**working(900), "compiling": True, "own_s": 0}
+    assert stuck_verdict({0: blocked(900), 1: compiling}, 300) is None
+    # Its own work counts from the last ask that found it compiling.
+    assert stuck_verdict({0: blocked(900), 1: {**working(900), "own_s": 100}}, 300) is None
+    ranks, message = stuck_verdict({0: blocked(900), 1: {**working(900), "own_s": 301}}, 300)
+    assert ranks == [1] and ("rank 1 last seen in its report 3 (step 7), 900s ago, last seen "
+                             "compiling (torch.compile) 301s ago, now at train.py") in message
+    from orchestrator.stuck_ranks import compiling as in_compiler
+
+    torch = "/py/site-packages/torch"
+    own = ("/home/me/train.py", "train_loop")
+    fx = f"{torch}/_inductor/compile_fx.py"
+    assert in_compiler([own, (f"{torch}/_dynamo/convert_frame.py", "_compile")], torch)
+    assert in_compiler([own, (f"{torch}/_functorch/_aot_autograd/runtime_wrappers.py",
+                              "_backward_impl"), (fx, "bw_compiler"),
+                        (fx, "compile_fx_inner")], torch)  # (a backward compiled lazily)
+    # A compiled graph's run (CUDA graphs' wrapper in compile_fx.py) is not a compile.
+    assert not in_compiler([own, (f"{torch}/_dynamo/eval_frame.py", "_fn"), (fx, "run")],
+                           torch)
+    fake_torch = tmp_path / "torch"
+    (fake_torch / "_dynamo").mkdir(parents=True)
+    (fake_torch / "_dynamo" / "convert_frame.py").write_text(
+        "def _compile(done):\n    done.acquire()\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fake_convert_frame", fake_torch / "_dynamo" / "convert_frame.py")
+    convert_frame = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert_frame)
+    monkeypatch.setattr(user_loop, "_TORCH_DIR", str(fake_torch))
+    compiled, release = threading.Lock(), threading.Event()
+    compiled.acquire()
+
+    def train_loop(config):
+        convert_frame._compile(compiled)
+        release.wait()  # its own work after the compile
+
+    worker = threading.Thread(target=user_loop.yielding(train_loop), args=({},))
+    worker.start()
+    try:
+        time.sleep(0.3)
+        now = user_loop.progress()
+        assert now["compiling"] is True and now["collective"] is None, now
+        compiled.release()
+        time.sleep(0.3)
+        after = user_loop.progress()
+        # (counted from that ask, the last that found it compiling)
+        assert after["compiling"] is False, after
+        assert 0.3 <= after["own_s"] < after["for_s"] - 0.2, after
+    finally:
+        if compiled.locked():
+            compiled.release()
+        release.set()
+        worker.join()
