@@ -14,7 +14,8 @@ the one it is in included), "step" (the step of that report, if its metrics had 
 "where" (where in its own code a WORKING rank is, if known), "collective" and "collective_s"
 (a WORKING rank seen blocked in a collective of the model's or the loop's own, DDP's gradient
 all-reduce in `backward`, a torch.distributed call: which one, `collective_call`, and for how
-long; None when it is not), "compiling" (a WORKING rank in torch.compile's compiler,
+long; None when it is not), "computing" (such a rank's thread computed there since the
+watch's last ask: a backward's own work, `computing`), "compiling" (a WORKING rank in torch.compile's compiler,
 `compiling`: progressing, never named) and "own_s" (a WORKING rank's seconds since its last
 report or since it was last seen compiling)) and says, once some rank has waited `timeout_s` for the others
 (in its report, after returning, or blocked in such a collective) and some rank has been in
@@ -67,9 +68,11 @@ def stuck_verdict(progress: Mapping[int, Mapping[str, Any] | None],
     if not waiting or not stuck:
         return None
     # A named rank blocked in a collective is not in its own code: the others, in their
-    # report or returned, never join it (the loops disagree on what they run).
-    own = [rank for rank in stuck if not known[rank].get("collective")]
-    joined = [rank for rank in stuck if known[rank].get("collective")]
+    # report or returned, never join it (the loops disagree on what they run). One computing
+    # there at the last ask (a backward's own work) is named for its work, as in its code.
+    joined = [rank for rank in stuck if known[rank].get("collective")
+              and not known[rank].get("computing")]
+    own = [rank for rank in stuck if rank not in joined]
     heads = [f"rank(s) {', '.join(map(str, own))} stuck in the loop's own code"] if own else []
     if joined:
         heads.append(f"rank(s) {', '.join(map(str, joined))} blocked in a collective the "
@@ -129,7 +132,9 @@ def _since(p: Mapping[str, Any]) -> str:
     if _own_s(p) < p.get("for_s", 0) - 1:
         ago += f", last seen compiling (torch.compile) {_own_s(p):.0f}s ago"
     where = f", now at {p['where']}" if p.get("where") else ""
-    if p.get("collective"):
+    if p.get("collective") and p.get("computing"):
+        where = f", now in {p['collective']}, computing{where.replace(', now at', ', at')}"
+    elif p.get("collective"):
         where = f", now blocked in {p['collective']}{where.replace(', now', '')}"
     return f"{last}, {ago}{where}"
 

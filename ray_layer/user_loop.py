@@ -234,7 +234,7 @@ def progress(where_after_s: float = float("inf")) -> dict[str, Any] | None:
     frame = sys._current_frames().get(_loop_thread) \
         if state == WORKING and _loop_thread is not None else None
     stack = _stack(frame)
-    collective, collective_s = _blocked_in(frame, stack, reports, now)
+    collective, collective_s, busy = _blocked_in(frame, stack, reports, now)
     # torch.compile's compile (minutes, on a first step) is progress: the loop's own work
     # counts from the last ask that found it compiling.
     global _compiled_at
@@ -246,7 +246,7 @@ def progress(where_after_s: float = float("inf")) -> dict[str, Any] | None:
     if frame is not None and for_s >= where_after_s:
         where = _own_frame(traceback.extract_stack(frame))
     return {"state": state, "for_s": for_s, "reports": reports, "step": step, "where": where,
-            "collective": collective, "collective_s": collective_s,
+            "collective": collective, "collective_s": collective_s, "computing": busy,
             "compiling": in_compiler, "own_s": own_s}
 
 
@@ -260,17 +260,17 @@ def _stack(frame) -> list[tuple[str, str]]:
 
 
 def _blocked_in(frame, stack: list[tuple[str, str]], reports: int,
-                now: float) -> tuple[str | None, float | None]:
+                now: float) -> tuple[str | None, float | None, bool]:
     """(the collective the loop's innermost `frame` (`stack`: _stack(frame)) is blocked in,
-    seconds seen there), or
-    (None, None). The same call (its frame, marked when first seen) at the same report as the
+    seconds seen there, whether its thread computed there since the last ask), or
+    (None, None, False). The same call (its frame, marked when first seen) at the same report as the
     last time counts on, from the last ask that found the loop's thread computing there (a
     backward's own work, which reads as DDP's wait by its frame)."""
     global _blocked
     collective = collective_call(stack, _TORCH_DIR)
     if collective is None:
         _blocked = None
-        return None, None
+        return None, None, False
     key = (collective, id(frame), reports)
     # The same call, not only the same address: a frame object is freed when its call returns
     # and the next call's (the next step's backward) often takes its place, so a rank seen in
@@ -278,17 +278,16 @@ def _blocked_in(frame, stack: list[tuple[str, str]], reports: int,
     # first. The frame seen first is marked (f_trace_lines, read only by a tracer, for that
     # frame of torch's alone): a new call's is not. (Holding the frame itself would keep its
     # tensors, an all-gather's output, after the call returned.)
-    cpu = _loop_cpu_s()
+    cpu, busy = _loop_cpu_s(), False
     if _blocked is None or _blocked[0] != key or frame.f_trace_lines:
         frame.f_trace_lines = False
         _blocked = (key, now, cpu, now)
     else:
         _, since, last_cpu, asked_at = _blocked
-        if computing(None if cpu is None or last_cpu is None else cpu - last_cpu,
-                     now - asked_at):
-            since = now
-        _blocked = (key, since, cpu, now)
-    return collective, now - _blocked[1]
+        busy = computing(None if cpu is None or last_cpu is None else cpu - last_cpu,
+                         now - asked_at)
+        _blocked = (key, now if busy else since, cpu, now)
+    return collective, now - _blocked[1], busy
 
 
 def _loop_cpu_s() -> float | None:

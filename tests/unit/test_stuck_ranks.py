@@ -354,6 +354,7 @@ def test_a_backward_that_computes_is_not_a_wait_and_names_no_one(tmp_path, monke
         computing = user_loop.progress()
         assert computing["collective"].startswith("backward")
         assert computing["collective_s"] < 0.4, computing  # (read 0.4 s: all of it)
+        assert computing["computing"] is True
         other = working(900, reports=0, step=None)  # rank 1 in its own code all along
         assert stuck_verdict({0: computing, 1: other}, 0.4) is None
         computed.set()  # now it waits: counted from this ask on
@@ -362,6 +363,7 @@ def test_a_backward_that_computes_is_not_a_wait_and_names_no_one(tmp_path, monke
         time.sleep(0.4)
         waited = user_loop.progress()
         assert waited["collective_s"] >= 0.4, waited
+        assert waited["computing"] is False
         assert stuck_verdict({0: waited, 1: other}, 0.4)[0] == [1]
     finally:
         computed.set()
@@ -429,3 +431,22 @@ def test_a_rank_compiling_its_model_is_not_stuck_and_its_own_work_counts_after(
             compiled.release()
         release.set()
         worker.join()
+
+
+def test_a_rank_computing_in_backward_beside_ranks_in_their_report_is_named_for_its_work():
+    # Rank 1's backward (no DDP: the loop's ranks meet only in launch.report) computed for
+    # stuck_timeout_s while rank 0 waited in its report: it was named "blocked in a
+    # collective the others never join", the loops said to disagree, though its own work
+    # (seen computing at the last ask) was what took that long.
+    computing = {**blocked(0, for_s=900), "computing": True}
+    ranks, message = stuck_verdict({0: waiting(900), 1: computing}, 300)
+    assert ranks == [1] and message.startswith(
+        "worker rank(s) 1 stuck in the loop's own code: neither called launch.report")
+    assert ("rank 1 last seen in its report 4 (step 8), 900s ago, now in backward (where DDP "
+            "all-reduces the gradients), computing, at train.py line 12, in train_loop; "
+            "rank 0 waiting") in message
+    assert "disagree" not in message and message.endswith(
+        "takes longer while the others wait in their report")
+    # Waiting there (not computing at the last ask): a collective the others never join.
+    _, message = stuck_verdict({0: waiting(900), 1: {**computing, "computing": False}}, 300)
+    assert message.startswith("worker rank(s) 1 blocked in a collective the others never join")
