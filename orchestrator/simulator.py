@@ -87,6 +87,7 @@ from orchestrator.scheduler_core import CLAIM_SUFFIX, SchedulerCore
 from orchestrator.scheduler_types import MIGRATE, PREEMPT, SchedulerSettings, Yield
 from orchestrator.throughput import ThroughputTable
 from orchestrator.traces import MAX_SECONDS, TraceJob, unknown_families, unknown_family_reason
+from orchestrator.validation import expand_home
 
 SIM_NOW = 0.0  # the ClusterState's clock: constant, see the module docstring
 DEFAULT_CLUSTER = "v100:8x48,p100:8x48,k80:4x64;rack=16"  # 1,024 GPUs, 160 servers
@@ -784,14 +785,23 @@ def remove_stale_plots(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def out_dir_problem(out: Path) -> str | None:
-    """Why `out` cannot take the outputs (it is created if missing), or None: checked before
-    any replay runs, not found when the first file is written."""
+def out_dir(value: str | Path) -> tuple[Path, str | None]:
+    """--out's directory, a leading `~` read as home (`--out=~/sim`: the shell leaves that ~
+    as written, and it became a directory named `~` here), and why it cannot take the
+    outputs (it is created if missing), or None: checked before any replay runs, not found
+    when the first file is written. An empty one (`--out "$UNSET"`) is refused: it was the
+    working directory."""
+    if not str(value).strip():
+        return Path(value), "--out is empty: give the directory to write the outputs to"
+    try:
+        out = expand_home(value, "--out")
+    except ValueError as e:
+        return Path(value), str(e)
     problem = writable_dir_problem(out)
     if problem:
-        return f"cannot write to --out {out}: {problem}"
+        return out, f"cannot write to --out {out}: {problem}"
     out.mkdir(parents=True, exist_ok=True)
-    return None
+    return out, None
 
 
 def _json_safe(x):
@@ -855,15 +865,14 @@ def run_cli(args) -> int:
                 return err("--trace is required (or --format philly for the bundled trace)")
             path = PHILLY_CSV
         else:
-            path = Path(args.trace)
+            path = expand_home(args.trace, "--trace", TraceError)
         fmt = sniff_format(path) if args.format == "auto" else args.format
         t0 = time.perf_counter()
         raw = load_trace(path, fmt)
         trace = prepare(raw, args.max_jobs, args.load_scale)
     except (ClusterSpecError, TraceError) as e:
         return err(str(e))
-    out = Path(args.out)
-    problem = out_dir_problem(out)
+    out, problem = out_dir(args.out)
     if problem:
         return err(problem)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))

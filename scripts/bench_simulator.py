@@ -49,7 +49,7 @@ from pathlib import Path
 from orchestrator.policies import POLICY_NAMES
 from orchestrator.simulator import (RestartCost, SimResult, add_published_baselines_argument,
                                     add_restart_arguments,
-                                    format_summary, out_dir_problem, restart_cost, simulate,
+                                    format_summary, out_dir, restart_cost, simulate,
                                     write_jobs_csv, write_plots)
 from orchestrator.traces import PHILLY_CSV, TraceError, TraceJob, load_philly, prepare
 from scripts import gen_constrained_trace
@@ -270,7 +270,7 @@ def argument_problems(args) -> list[str]:
     if args.trace_seed < 0:  # numpy's default_rng takes no negative seed
         problems.append(f"--trace-seed must be >= 0, got {args.trace_seed}")
     if args.out is not None:  # else found only when the first section's replays are done
-        problem = out_dir_problem(Path(args.out))
+        args.out, problem = out_dir(args.out)  # (~ read as home: write_outputs uses it)
         if problem:
             problems.append(problem)
     return problems

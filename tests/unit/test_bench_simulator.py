@@ -201,3 +201,26 @@ def test_empty_names_in_sections_and_policies_are_skipped(capsys):
     assert set(result) == {"restart", "published_baselines", "philly"}
     assert set(result["philly"]["policies"]) == {"fifo"}
     assert "unknown" not in capsys.readouterr().err
+
+
+def test_an_out_with_a_leading_tilde_is_home_and_an_empty_one_is_refused(tmp_path, capsys,
+                                                                          monkeypatch):
+    # `--out=~/bench` made a directory named `~` in the working directory; `--out ""` wrote
+    # each section's outputs under the working directory.
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(bench, "run_policies", lambda *a, **k: pytest.fail("replay ran"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--processes", "1", "--sections", "constrained", "--out", ""])
+    assert e.value.code == 2
+    assert "--out is empty" in capsys.readouterr().err
+    written = []
+    monkeypatch.setattr(bench, "constrained_section", lambda args, traces: ({}, ["results"]))
+    monkeypatch.setattr(bench, "constrained_traces", lambda args: None)
+    monkeypatch.setattr(bench, "write_outputs", lambda results, out: written.append(out))
+    bench.main(["--processes", "1", "--sections", "constrained", "--out=~/bench"])
+    assert written == [home / "bench" / "constrained"]
+    assert list(cwd.iterdir()) == []

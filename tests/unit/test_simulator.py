@@ -895,3 +895,29 @@ def test_a_type_blind_baseline_is_migrated_to_the_fastest_free_family_at_once(po
                           check=True))
     assert jobs[3].history[0][2].startswith("k80-0000")
     assert jobs[3].migrations == 1 and jobs[3].gpu_types == "v100"
+
+
+@pytest.mark.parametrize("flag", ["--out", "--trace"])
+def test_simulate_reads_a_leading_tilde_as_home_and_refuses_an_empty_out(tmp_path, capsys,
+                                                                         monkeypatch, flag):
+    # `--out=~/sim` (the shell leaves that ~ as written) made a directory named `~` in the
+    # working directory, `--trace=~/t.csv` was not found, and `--out ""` wrote jobs.csv and
+    # summary.json into the working directory.
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    (home / "t.csv").write_text("submit_time_s,duration_s,num_gpus\n0,100,2\n")
+    trace_arg = "~/t.csv" if flag == "--trace" else str(home / "t.csv")
+    out_arg = "~/sim" if flag == "--out" else str(tmp_path / "o")
+    assert main(["simulate", f"--trace={trace_arg}", f"--out={out_arg}", "--quiet",
+                 "--no-plots", "--policy", "fifo"]) == 0
+    assert list(cwd.iterdir()) == []
+    out = home / "sim" if flag == "--out" else tmp_path / "o"
+    assert (out / "summary.json").exists()
+    if flag == "--out":
+        assert main(["simulate", f"--trace={trace_arg}", "--out", "", "--quiet",
+                     "--no-plots", "--policy", "fifo"]) == 2
+        assert "error: --out is empty" in capsys.readouterr().err
+        assert list(cwd.iterdir()) == []
