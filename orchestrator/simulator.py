@@ -864,6 +864,9 @@ def run_cli(args) -> int:
             if args.format != "philly":
                 return err("--trace is required (or --format philly for the bundled trace)")
             path = PHILLY_CSV
+        elif not args.trace.strip():  # (`--trace "$UNSET"`: it read the working directory)
+            return err("--trace is empty: give the trace CSV (or --format philly for the "
+                       "bundled trace)")
         else:
             path = expand_home(args.trace, "--trace", TraceError)
         fmt = sniff_format(path) if args.format == "auto" else args.format

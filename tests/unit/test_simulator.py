@@ -921,3 +921,10 @@ def test_simulate_reads_a_leading_tilde_as_home_and_refuses_an_empty_out(tmp_pat
                      "--no-plots", "--policy", "fifo"]) == 2
         assert "error: --out is empty" in capsys.readouterr().err
         assert list(cwd.iterdir()) == []
+
+
+def test_simulate_refuses_an_empty_trace_naming_the_flag(tmp_path, capsys):
+    # `--trace "$UNSET"` read the working directory: "error: .: cannot read: Is a directory".
+    assert main(["simulate", "--trace", "", "--out", str(tmp_path / "o"), "--quiet",
+                 "--no-plots"]) == 2
+    assert capsys.readouterr().err.startswith("error: --trace is empty")
