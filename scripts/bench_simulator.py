@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     for problem in argument_problems(args):
         parser.error(problem)  # the first, before any replay runs
     args.policies = names(args.policies)
-    args.sweep = [float(s) for s in args.sweep.split(",") if s]
+    # (a scale named twice, `--sweep 2,2`, is replayed once, as a policy named twice is)
+    args.sweep = list(dict.fromkeys(float(s) for s in args.sweep.split(",") if s))
     sections = set(names(args.sections))
     summary: dict = {"restart": dataclasses.asdict(restart_cost(args)),
                      "published_baselines": args.published_baselines}
@@ -234,8 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def names(text: str) -> list[str]:
     """The names of a comma-separated flag (--sections, --policies), without their spaces;
-    empty ones (a trailing comma) skipped, as --sweep's are."""
-    return [name.strip() for name in text.split(",") if name.strip()]
+    empty ones (a trailing comma) skipped, as --sweep's are, and each once (`--policies
+    fifo,fifo` replayed FIFO twice and printed its row twice)."""
+    return list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
 
 
 def argument_problems(args) -> list[str]:

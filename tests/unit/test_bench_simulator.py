@@ -224,3 +224,22 @@ def test_an_out_with_a_leading_tilde_is_home_and_an_empty_one_is_refused(tmp_pat
     bench.main(["--processes", "1", "--sections", "constrained", "--out=~/bench"])
     assert written == [home / "bench" / "constrained"]
     assert list(cwd.iterdir()) == []
+
+
+def test_a_policy_or_sweep_scale_named_twice_is_replayed_once(capsys, monkeypatch):
+    # `--policies fifo,fifo` replayed FIFO twice and printed its row twice; `--sweep 2,2,1`
+    # replayed the 2x trace twice.
+    real = bench.gen_constrained_trace.generate
+    monkeypatch.setattr(bench.gen_constrained_trace, "generate",
+                        lambda seed: real(seed=seed, jobs=200, load=20.0))
+    replayed = []
+    real_replay = bench._timed_replay
+    monkeypatch.setattr(bench, "_timed_replay",
+                        lambda trace, cluster, name, *rest: replayed.append(name) or
+                        real_replay(trace, cluster, name, *rest))
+    result = bench.main(["--sections", "constrained", "--policies", "hetero-las, hetero-las",
+                         "--sweep", "2,2,1,1", "--processes", "1"])
+    assert replayed == ["hetero-las"] * 2  # at 1x and 2x the load, once each
+    assert list(result["constrained"]["sweep"]) == ["2", "1"]
+    table = capsys.readouterr().out.split("\nConstrained trace at")[0]
+    assert table.count("\nhetero-las ") == 1
