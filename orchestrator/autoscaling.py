@@ -37,6 +37,11 @@ ACCELERATOR_RESOURCE_PREFIX = "accelerator_type:"  # Ray's resource per accelera
 ACCELERATOR_RESOURCE_SHARE = 0.001
 # Resources Ray gives every node (or a GPU node): no one node type's own.
 RAY_NODE_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+# Ray's label naming a node's type (its node group): Ray 2.60 sets it on the nodes its
+# autoscaler v2 launches (`ray up`'s default since 2.50) and on the head.
+NODE_GROUP_LABEL = "ray.io/node-group"
+# nodes_up_key's prefix of a resource of one type's own: nodes up count only where they have it
+RESOURCE_KEY_PREFIX = "resource:"
 # The cluster's max_workers when the config sets none: Ray's documented default (2.60's
 # ray-cluster-configuration, and the AWS, GCP and Azure providers' defaults.yaml). A node type
 # without its own max_workers takes the cluster's (Ray's fill_node_type_min_max_workers).
@@ -125,12 +130,30 @@ def node_types_from_config(config: dict[str, Any]) -> tuple[NodeType, ...]:
 
 
 def _custom_resources(raw: Any) -> dict[str, Any]:
-    """A node type's resources other than those Ray gives every node and accelerator_type."""
+    """A node type's custom resources (custom_resources of its resources)."""
     resources = raw.get("resources") if isinstance(raw, dict) else None
+    return custom_resources(resources) if isinstance(resources, dict) else {}
+
+
+def custom_resources(resources: dict[str, Any]) -> dict[str, Any]:
+    """Of a node type's or a node's Ray resources, those other than Ray gives every node
+    (RAY_NODE_RESOURCES, a node's `node:<ip>`) and accelerator_type: the custom ones, which
+    Ray's node takes from its type's resources (what a node agent reports)."""
     return {key: value for key, value in resources.items()
             if isinstance(key, str) and key not in RAY_NODE_RESOURCES
-            and not key.startswith(ACCELERATOR_RESOURCE_PREFIX)} \
-        if isinstance(resources, dict) else {}
+            and not key.startswith((ACCELERATOR_RESOURCE_PREFIX, "node:"))}
+
+
+def node_has_resource(resources: dict[str, Any] | None, labels: dict[str, str],
+                      resource: str, node_types: tuple[NodeType, ...]) -> bool:
+    """A node up has `resource` (a type's own, that bundles carry: nodes_up_key), as the
+    autoscaler counts it by its type's resources: its custom resources name it (`resources`,
+    as its agent reports them), or, from an agent reporting none (None: an older version),
+    Ray's NODE_GROUP_LABEL names the type declaring it."""
+    if resources is not None:
+        return resource in resources
+    group = labels.get(NODE_GROUP_LABEL)
+    return any(t.name == group and t.own_resource == resource for t in node_types)
 
 
 def _own_resource(name: str, custom: dict[str, dict[str, Any]]) -> str:
@@ -384,11 +407,11 @@ def steering_resource(spec: JobSpec, node_type: NodeType) -> str:
 def nodes_up_key(spec: JobSpec, node_type: NodeType) -> str:
     """The family of the nodes up that the autoscaler counts toward bundles asked of a node
     type (bundles naming its accelerator_type resource), "" where all nodes up count, and
-    `resource:NAME` where only nodes of the type count (bundles naming a custom resource of
-    its own: which nodes up are of the type is not known here, so none is counted)."""
+    `resource:NAME` where only nodes having that custom resource of the type's own count
+    (node_has_resource)."""
     steer = steering_resource(spec, node_type)
     if steer and steer != node_type.accelerator_resource:
-        return f"resource:{steer}"
+        return RESOURCE_KEY_PREFIX + steer
     return node_type.family if spec.gpus_per_worker and node_type.accelerator_resource else ""
 
 

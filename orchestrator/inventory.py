@@ -71,17 +71,27 @@ class NodeReport:
     probe_errors: dict[str, str] = field(default_factory=dict)  # probe name -> what went wrong
     # Measured node-to-node throughput from this node to each peer it probed, GB/s.
     bandwidth_gbps: dict[str, float] = field(default_factory=dict)
+    # Ray's custom resources of the node (autoscaling.custom_resources: its node type's, e.g.
+    # {"pool_big": 1}), which the autoscaler counts it by for bundles steered to a type; None:
+    # not reported (an agent of an older version, whose report is still taken).
+    custom_resources: dict[str, float] | None = None
 
     @property
     def load_per_cpu(self) -> float:
         return self.load_avg_1m / max(self.cpu_count, 1)
 
 
+# Fields a report of an older agent may lack: read as their default (not known).
+REPORT_FIELDS_OPTIONAL = frozenset({"custom_resources"})
+
+
 def _missing_fields(obj: object) -> list[str]:
     """The dataclass fields `obj` lacks: a report pickled by an agent of an older version
-    unpickles without the fields added since (pickle restores the attributes it carries)."""
+    unpickles without the fields added since (pickle restores the attributes it carries);
+    those of REPORT_FIELDS_OPTIONAL read as their default."""
     present = getattr(obj, "__dict__", {})
-    return [f.name for f in dataclasses.fields(obj) if f.name not in present]
+    return [f.name for f in dataclasses.fields(obj)
+            if f.name not in present and f.name not in REPORT_FIELDS_OPTIONAL]
 
 
 def report_problem(report: NodeReport) -> str | None:
@@ -107,6 +117,8 @@ def report_problem(report: NodeReport) -> str | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value) or value < 0:
             return f"{name} is {value!r}: not a finite number >= 0"
+    if report.custom_resources is not None and not isinstance(report.custom_resources, dict):
+        return f"custom_resources is {report.custom_resources!r:.60}: not a mapping"
     for gpu in report.gpus:
         if gpu.memory_free_bytes > gpu.memory_total_bytes:
             return (f"gpus[{gpu.index}] has {gpu.memory_free_bytes} bytes free of "

@@ -63,7 +63,8 @@ from orchestrator import metric_catalogue as catalogue
 from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_note,
                                       adds_none_note, cluster_max_note, cluster_room_note,
                                       cpu_note, gpu_note, host_memory_note, max_workers_note,
-                                      nodes_up_key, parts_to_add, plan_bundles, plan_named,
+                                      RESOURCE_KEY_PREFIX, node_has_resource, nodes_up_key,
+                                      parts_to_add, plan_bundles, plan_named,
                                       ray_memory_gib, scale_up_parts, short_gpus_note,
                                       steering_note, unlabelled_memory_note)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
@@ -1644,10 +1645,8 @@ class SchedulerCore:
         jobs, _busy_worker_nodes). Nodes of a family the plan's bundles name are not: the
         request keeps them (they hold some of its workers, as the autoscaler counts them)."""
         kept = {nodes_up_key(spec, node_type) for node_type, _, _ in plan} - {""}
-        reports = self.state.reports
         going = {node for node in self.ray_alive - {self.head_node}
-                 if node not in reports
-                 or node_family(gpu_families(reports[node].gpus)) not in kept}
+                 if not any(self._counted_for(node, key) for key in kept)}
         busy = {node: jobs for node, jobs in self._busy_worker_nodes().items()
                 if node in going}
         return len(going) - len(busy), busy
@@ -1694,7 +1693,9 @@ class SchedulerCore:
             seen.add(key)
             expected, held = counted(node_type), self._on_nodes_up_of(spec, node_type, holding)
             if held < expected:
-                where = f"the {node_type.family} node(s) up" if key else "the nodes up"
+                where = ("the nodes up" if not key else
+                         f"the node(s) up with resource {key.removeprefix(RESOURCE_KEY_PREFIX)}"
+                         if key.startswith(RESOURCE_KEY_PREFIX) else f"the {key} node(s) up")
                 said.append(f"{where} (node type {node_type.name!r}) hold {held} of the "
                             f"{expected} workers the autoscaler counts them for (do their "
                             "labels promise more than they report?)")
@@ -1776,11 +1777,27 @@ class SchedulerCore:
     def _on_nodes_up_of(self, spec: JobSpec, node_type: NodeType, counts: np.ndarray) -> int:
         """Of `counts` (workers per node row), those on the nodes up that count for bundles
         asked of `node_type` (nodes_up_key)."""
-        family = nodes_up_key(spec, node_type)
-        if not family:
+        key = nodes_up_key(spec, node_type)
+        if not key:
             return int(counts.sum())
         t = self.state.table
-        return int(counts[t.family[:len(counts)] == t.families.get(family, -1)].sum())
+        if key.startswith(RESOURCE_KEY_PREFIX):
+            rows = [row for node, row in t.index.items()
+                    if row < len(counts) and self._counted_for(node, key)]
+            return int(counts[rows].sum())
+        return int(counts[t.family[:len(counts)] == t.families.get(key, -1)].sum())
+
+    def _counted_for(self, node: str, key: str) -> bool:
+        """The node up is one the autoscaler counts toward bundles whose nodes_up_key is
+        `key` (not "", all nodes): of that family, or having that resource of a type's own
+        (node_has_resource). False for a node that has not reported."""
+        report = self.state.reports.get(node)
+        if report is None:
+            return False
+        if key.startswith(RESOURCE_KEY_PREFIX):
+            return node_has_resource(report.custom_resources, report.labels,
+                                     key.removeprefix(RESOURCE_KEY_PREFIX), self.node_types)
+        return node_family(gpu_families(report.gpus)) == key
 
     def scale_up_requests(self, now: float) -> list[dict[str, float]]:
         """What to ask the autoscaler for (request_resources' bundles): the workers of every

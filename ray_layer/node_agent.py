@@ -24,6 +24,7 @@ import time
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from orchestrator.autoscaling import custom_resources
 from orchestrator.inventory import NodeReport, check_network_labels
 from orchestrator.metric_catalogue import node_samples
 from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, BandwidthHistory, bandwidth_gbps,
@@ -57,6 +58,9 @@ class NodeAgent:
         node = next(n for n in ray.nodes() if n["NodeID"] == self.node_id)
         self.ray_cpus = float(node["Resources"].get("CPU", 0))
         self.ray_gpus = float(node["Resources"].get("GPU", 0))
+        # (its type's custom resources: what the autoscaler counts the node by, SchedulerCore)
+        self.custom_resources = {key: float(value) for key, value in
+                                 custom_resources(node["Resources"]).items()}
         self.heartbeat_s = heartbeat_s
         self.bandwidth_every_s = bandwidth_every_s
         self.max_bandwidth_peers = max_bandwidth_peers
@@ -93,7 +97,8 @@ class NodeAgent:
             errors["gpu-count"] = mismatch
         return NodeReport(node_id=self.node_id, ray_cpus=self.ray_cpus, ray_gpus=self.ray_gpus,
                           gpus=gpus, labels=self.labels, probe_errors=errors,
-                          bandwidth_gbps=self.bandwidth_figures(), **host)
+                          bandwidth_gbps=self.bandwidth_figures(),
+                          custom_resources=dict(self.custom_resources), **host)
 
     def bandwidth_figures(self) -> dict[str, float]:
         """{peer node id: GB/s} as reports carry them (recent measurements, smoothed)."""

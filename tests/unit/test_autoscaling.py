@@ -1511,3 +1511,45 @@ def test_a_job_asking_gpu_memory_is_not_planned_on_a_type_whose_bundles_ray_may_
     # Where every type the bundles fit holds a worker, nothing changes: 40 GiB asked.
     fits_both = dataclasses.replace(job, min_gpu_memory_gb=40)
     assert scale_up_parts(fits_both, node_types_from_config(unsteered)) is not None
+
+
+def test_nodes_up_count_toward_bundles_steered_by_a_resource_of_their_types_own():
+    """A 10-GPU job across a (8 GPUs) and b (4 GPUs), each steered by a resource of its own,
+    beside a b node up: Ray counts that node toward b's bundles (it fits them on the nodes
+    up by their type's resources) and adds only 1 x a. The scheduler could not tell a
+    node's type, counted none, and said `add 1 x a + 1 x b` (and, at 14 workers, that Ray
+    adds 2 of 3 now). The agent now reports the node's custom resources; from an agent that
+    reports none, Ray's ray.io/node-group label names its type."""
+    config = {**_gpu_types_config({"pool_a": 1}, {"pool_b": 1}), "max_workers": 3}
+    for up in (dataclasses.replace(gpu_node("b1", gpus=4, family="T4", cpus=8),
+                                   custom_resources={"pool_b": 1.0}),
+               dataclasses.replace(gpu_node("b1", gpus=4, family="T4", cpus=8),
+                                   labels={"ray.io/node-group": "b"})):
+        for workers, said, ray_adds in ((10, "add 1 x a node(s)", {"a": 1}),
+                                        (14, "add 1 x a + 1 x b node(s)", {"a": 1, "b": 1})):
+            core = core_with(cpu_node("head", cpus=1), up)
+            core.node_types, core.head_node = node_types_from_config(config), "head"
+            waiting = core.submit(JobSpec("j", num_workers=workers, gpus_per_worker=1), "d",
+                                  T0).decision
+            assert isinstance(waiting, Queued) and said in waiting.reason, waiting
+            assert "Ray adds" not in waiting.reason, waiting.reason
+            bundles = core.scale_up_requests(T0 + 1)
+            assert _ray_adds(config, bundles, {"head": 1, "b": 1}) == ray_adds
+    # A node of a's type (its resource) does not count toward b's bundles.
+    core = core_with(cpu_node("head", cpus=1), dataclasses.replace(
+        gpu_node("b1", gpus=4, family="T4", cpus=8), custom_resources={"pool_a": 1.0}))
+    core.node_types, core.head_node = node_types_from_config(config), "head"
+    waiting = core.submit(JobSpec("j", num_workers=10, gpus_per_worker=1), "d", T0).decision
+    assert "add 1 x a + 1 x b node(s)" in waiting.reason, waiting
+    # An older agent's report (unpickled without the field) is taken, its resources not
+    # known; a saved silent report keeps them, and one saved before reads as not known.
+    from orchestrator.inventory import report_problem, saved_silent_report
+    old = cpu_node("o")
+    del old.__dict__["custom_resources"]
+    assert report_problem(old) is None and old.custom_resources is None
+    saved = dataclasses.asdict(dataclasses.replace(old, custom_resources={"pool_b": 1.0}))
+    assert saved_silent_report("o", {"last_seen": 1.0, "report": saved})[0].custom_resources \
+        == {"pool_b": 1.0}
+    del saved["custom_resources"]
+    assert saved_silent_report("o", {"last_seen": 1.0, "report": saved})[0].custom_resources \
+        is None
