@@ -88,6 +88,9 @@ class NodeType:
     # Its accelerator_type resource is one no other type of those it launches declares: a GPU
     # job's bundles naming it reach this type alone (of two A100 types, either).
     accelerator_own: bool = False
+    # The names of the resources it declares above 0 (amounts aside): which types Ray's
+    # autoscaler may add for a bundle (untold_types)
+    resource_keys: frozenset[str] = frozenset()
 
     def summary(self) -> dict[str, Any]:
         """What placement reads of the type, as status --json shows it (null: not stated)."""
@@ -224,7 +227,9 @@ def _node_type(name: str, raw: Any, default_max: Any) -> NodeType:
         gpu_memory_gb=_label_number(name, labels, LABEL_ACCELERATOR_MEMORY_GB),
         network_gbps=_label_number(name, labels, LABEL_NETWORK_GBPS),
         max_workers=max_workers, memory_gb=memory_gb,
-        network_group=str(labels.get(LABEL_NETWORK_GROUP) or ""))
+        network_group=str(labels.get(LABEL_NETWORK_GROUP) or ""),
+        resource_keys=frozenset(str(key) for key, value in resources.items()
+                                if is_number(value) and value > 0))
 
 
 def _check_labels_agree(name: str, labels: dict, accelerator: str, gpus: int) -> None:
@@ -569,7 +574,66 @@ def autoscaling_summary(node_types: tuple[NodeType, ...]) -> dict[str, Any]:
     """The node types as status --json shows them, and the cluster's max_workers (null: no
     node types known)."""
     return {"max_workers": next((t.cluster_max_workers for t in node_types), None),
-            "node_types": [t.summary() for t in node_types]}
+            "node_types": [t.summary() for t in node_types],
+            "config_note": untold_types_note(node_types)}
+
+
+def untold_types(node_type: NodeType, node_types: tuple[NodeType, ...],
+                 spec: JobSpec | None = None) -> list[NodeType]:
+    """The other types (those Ray launches) that bundles planned on `node_type` fit too as
+    Ray's autoscaler counts them, amounts and RAM aside: they declare the CPU, and for
+    bundles asking GPUs (`spec`'s; without it a GPU type's are taken to) the GPU and the
+    type's accelerator_type, those bundles ask for; of bundles asking no GPU planned on a
+    type without GPUs, only types without (Ray's scorer keeps such bundles off GPU types
+    while others fit: on a GPU type, it prefers those). Ray picks the type for such bundles
+    by its own scoring, so it may add one of those instead. Empty where the bundles carry a
+    resource of the type's own (steering_resource; without `spec`, its own_resource)."""
+    if (steering_resource(spec, node_type) if spec else node_type.own_resource):
+        return []
+    asks_gpus = bool(node_type.gpus) and (spec is None or bool(spec.gpus_per_worker))
+    asked = {"CPU"} | ({"GPU", node_type.accelerator_resource} - {""} if asks_gpus else set())
+    return [t for t in node_types if t.name != node_type.name and t.max_workers
+            and asked <= t.resource_keys and (asks_gpus or node_type.gpus or not t.gpus)]
+
+
+def untold_types_note(node_types: tuple[NodeType, ...]) -> str | None:
+    """The config's types that Ray's resources cannot tell apart (untold_types), naming
+    them and what to declare; None where there are none (status --json's
+    autoscaling.config_note; logged when the config is read)."""
+    untold = [(t, others) for t in node_types for others in [untold_types(t, node_types)]
+              if others]
+    if not untold:
+        return None
+    named = sorted({t.name for t, others in untold for t in (t, *others)})
+    fits = ", and ".join(
+        f"{'bundles planned on' if i == 0 else 'those on'} {t.name!r} fit "
+        f"{', '.join(repr(o.name) for o in others)}" + (" too" if i == 0 else "")
+        for i, (t, others) in enumerate(untold))
+    return (f"node types {', '.join(repr(name) for name in named)} cannot be told apart by "
+            f"Ray's resources ({fits}: amounts aside, the CPU, GPU and accelerator_type they "
+            "ask for), and Ray's autoscaler picks the type for bundles by its own scoring, so "
+            "it may add another type than a job's plan names: give each a resource of its "
+            f"own in its resources, e.g. \"{untold[0][0].name}\": 1")
+
+
+def untold_plan_note(spec: JobSpec, parts: tuple[PlanPart, ...],
+                     node_types: tuple[NodeType, ...]) -> str | None:
+    """Why a plan's nodes may never have joined (`parts`: those still to add) when its
+    bundles, steered by no resource of their type's own, fit other types too
+    (untold_types): Ray's autoscaler may have added one of those instead; None else."""
+    said = []
+    for node_type, nodes, _ in parts:
+        others = untold_types(node_type, node_types, spec) if nodes else []
+        if others:
+            one = len(others) == 1
+            said.append(
+                f"node type {node_type.name!r} cannot be told apart from "
+                f"{', '.join(repr(t.name) for t in others)} by Ray's resources: its bundles "
+                f"fit {'that type' if one else 'those types'} too, and Ray's autoscaler may "
+                f"have added {'it' if one else 'one of them'} instead (give "
+                f"{node_type.name!r} a resource of its own in its resources, e.g. "
+                f"\"{node_type.name}\": 1)")
+    return "; ".join(said) or None
 
 
 def _uncapped(node_type: NodeType) -> NodeType:

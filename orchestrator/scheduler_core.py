@@ -66,7 +66,8 @@ from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_n
                                       RESOURCE_KEY_PREFIX, node_has_resource, nodes_up_key,
                                       parts_to_add, plan_bundles, plan_named,
                                       ray_memory_gib, scale_up_parts, short_gpus_note,
-                                      steering_note, unlabelled_memory_note)
+                                      steering_note, unlabelled_memory_note,
+                                      untold_plan_note)
 from orchestrator.config import ACCELERATOR_SPEED, CLAIM_SUFFIX, JobSpec
 from orchestrator.inventory import (ClusterState, NodeReport, Reservation, gpu_families,
                                     node_family, report_problem)
@@ -1699,7 +1700,8 @@ class SchedulerCore:
                 said.append(f"{where} (node type {node_type.name!r}) hold {held} of the "
                             f"{expected} workers the autoscaler counts them for (do their "
                             "labels promise more than they report?)")
-        return "; ".join(said) or "the nodes up do not hold it"
+        untold = untold_plan_note(spec, plan, self.node_types)
+        return "; ".join(said + ([untold] if untold else [])) or "the nodes up do not hold it"
 
     def _with_node_type_notes(self, rejection: Rejection | None,
                               spec: JobSpec, now: float) -> Rejection | None:

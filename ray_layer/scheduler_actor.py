@@ -493,7 +493,7 @@ def _autoscaler_node_types() -> tuple[tuple, str | None]:
     a job the cluster cannot hold is rejected as before."""
     import yaml
 
-    from orchestrator.autoscaling import node_types_from_config
+    from orchestrator.autoscaling import node_types_from_config, untold_types_note
 
     path = _autoscaling_config_path()
     if path is None:
@@ -506,6 +506,9 @@ def _autoscaler_node_types() -> tuple[tuple, str | None]:
         return (), f"autoscaling config {path} not used: {e}"
     log.info("autoscaling config %s: jobs only its node types %s can hold wait for them",
              path, ", ".join(t.name for t in types))
+    note = untold_types_note(types)
+    if note:  # (once: the config is read when the scheduler starts)
+        log.warning("autoscaling config %s: %s", path, note)
     return types, None
 
 

@@ -507,6 +507,7 @@ def test_status_json_shows_each_node_types_ram_gpus_cpus_and_max_workers():
     autoscaling = json.loads(json.dumps(actor.snapshot()["autoscaling"]))
     assert autoscaling == {
         "max_workers": 10, "asked_for": [{"CPU": 1.0}], "config_problem": None,
+        "config_note": None,
         "asked_by_job": [{"job": "j", "node_type": "bigmem", "nodes": 1, "workers": 1}],
         "node_types": [
             {"name": "bigmem", "cpus": 16.0, "gpus": 0, "family": None, "gpu_memory_gb": None,
@@ -577,7 +578,8 @@ def test_an_unusable_autoscaling_config_is_named_in_status_json(monkeypatch, tmp
     actor._scale_up_asked_by = []
     assert actor.snapshot()["autoscaling"] == {"max_workers": None, "node_types": [],
                                                "asked_for": [], "asked_by_job": [],
-                                               "config_problem": problem}
+                                               "config_problem": problem,
+                                               "config_note": None}
 
 
 def test_a_type_short_of_max_workers_too_is_still_named_for_its_memory_label_or_ram():
@@ -1553,3 +1555,65 @@ def test_nodes_up_count_toward_bundles_steered_by_a_resource_of_their_types_own(
     del saved["custom_resources"]
     assert saved_silent_report("o", {"last_seen": 1.0, "report": saved})[0].custom_resources \
         is None
+
+
+def _cpu_pair_config(own=False):
+    """big (32 CPUs, its memory stated) and small (8 CPUs), one node each: a CPU job's bundles
+    planned on big ({"CPU": 1}) fit small too (`own`: each a resource of its own)."""
+    def extra(name):
+        return {f"pool_{name}": 1} if own else {}
+    return {"max_workers": 2, "head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 0}},
+        "big": {"resources": {"CPU": 32, "memory": 256 * 2 ** 30, **extra("big")},
+                "max_workers": 1},
+        "small": {"resources": {"CPU": 8, **extra("small")}, "max_workers": 1}}}
+
+
+def test_node_types_ray_cannot_tell_apart_are_named_at_load_and_in_a_timed_out_wait(
+        monkeypatch, tmp_path, caplog):
+    """A job planned on one type (1 x big) whose bundles fit another type (small) as Ray's
+    autoscaler counts them: Ray, picking types by its own scoring, added 1 x small. Nothing
+    said so: the config read silently and the job timed out blaming the autoscaler's log.
+    Now the config's note names the types and what to declare (status --json's
+    autoscaling.config_note, logged once when the config is read), and so does the timed-out
+    job's reason; the shipped configs and types with resources of their own have none."""
+    from orchestrator.autoscaling import autoscaling_summary, untold_types_note
+    config = _cpu_pair_config()
+    job = JobSpec("j", num_workers=1, cpus_per_worker=4)
+    plan = scale_up_parts(job, node_types_from_config(config))
+    assert [(t.name, n) for t, n, _ in plan] == [("big", 1)]
+    assert _ray_adds(config, plan_bundles(job, plan)) == {"small": 1}  # (not the plan's)
+    note = ("node types 'big', 'small' cannot be told apart by Ray's resources (bundles "
+            "planned on 'big' fit 'small' too, and those on 'small' fit 'big': amounts aside, "
+            "the CPU, GPU and accelerator_type they ask for), and Ray's autoscaler picks the "
+            "type for bundles by its own scoring, so it may add another type than a job's plan "
+            "names: give each a resource of its own in its resources, e.g. \"big\": 1")
+    types = node_types_from_config(config)
+    assert untold_types_note(types) == note
+    assert autoscaling_summary(types)["config_note"] == note
+    for fine in (_cpu_pair_config(own=True), _gpu_types_config({"pool_a": 1}, {"pool_b": 1}),
+                 yaml.safe_load((ROOT / "cluster.yaml").read_text()),
+                 yaml.safe_load((ROOT / "cluster.local.yaml").read_text())):
+        assert untold_types_note(node_types_from_config(fine)) is None, fine
+    import inspect
+    import logging
+
+    from ray_layer import scheduler_actor
+    path = tmp_path / "ray_bootstrap_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    read = inspect.unwrap(scheduler_actor._autoscaler_node_types)
+    monkeypatch.setitem(read.__globals__, "_autoscaling_config_path", lambda: path)
+    with caplog.at_level(logging.WARNING, logger=scheduler_actor.__name__):
+        assert read() == (types, None)
+    assert [r.getMessage() for r in caplog.records] == [f"autoscaling config {path}: {note}"]
+    core = core_with(cpu_node("head", cpus=1))
+    core.node_types, core.head_node = types, "head"
+    assert isinstance(core.submit(job, "d", T0).decision, Queued)
+    late = T0 + core.settings.scale_up_timeout_s + 10
+    core.tick(late)
+    refused = core.poll("j", "d", late + 1).decision
+    assert isinstance(refused, Rejection), refused
+    assert ("node type 'big' cannot be told apart from 'small' by Ray's resources: its "
+            "bundles fit that type too, and Ray's autoscaler may have added it instead (give "
+            "'big' a resource of its own in its resources, e.g. \"big\": 1)") \
+        in refused.message, refused.message
