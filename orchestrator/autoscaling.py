@@ -501,6 +501,13 @@ def _beyond_cluster_max(node_type: NodeType, nodes: int) -> bool:
         nodes > node_type.cluster_max_workers + node_type.head
 
 
+# What Ray 2.60's autoscaler v2 (`ray up`'s default; RAY_UP_enable_autoscaler_v2=0 for v1)
+# does unlike v1: it adds a request_resources request's nodes only once all of them fit
+# (v2/scheduler.py _enforce_resource_constraints), where v1 adds those that fit.
+V2_NONE_UNTIL_ALL_FIT = "autoscaler v1; v2, ray up's default, none until all fit"
+V2_NONE_WHERE_UNHELD = "(or, autoscaler v2, none, where its pick leaves some bundles unheld)"
+
+
 def cluster_room(parts: tuple[PlanPart, ...], workers_up: int | None
                  ) -> tuple[int, int, int] | None:
     """(room, nodes to add, the cluster's max_workers) where a plan's nodes to add (`parts`:
@@ -536,7 +543,8 @@ def cluster_room_note(parts: tuple[PlanPart, ...], workers_up: int | None,
         return None
     room, added, cluster_max = short
     said = (f"the cluster has {workers_up} worker node(s) up of its max_workers {cluster_max}, "
-            f"so Ray adds {room} of them now and the rest only once ")
+            f"so Ray adds {room} of them now"
+            + (f" ({V2_NONE_UNTIL_ALL_FIT})" if room else "") + " and the rest only once ")
     busy = busy or {}
     idle = workers_up - len(busy) if idle is None else idle
     if added - room <= idle or not busy:  # (the idle ones make room enough)
@@ -558,6 +566,7 @@ def cluster_max_note(parts: tuple[PlanPart, ...], workers_up: int | None,
     return (f"{plan_named(parts)} never joined: the cluster has {workers_up} worker node(s) up "
             f"of its max_workers {cluster_max} (the cluster config's top-level max_workers), "
             f"so Ray adds {room or 'none'} of them"
+            + (f" ({V2_NONE_UNTIL_ALL_FIT})" if room else "")
             + (f" ({len(busy)} of the worker node(s) up run jobs: {busy_named(busy)})"
                if busy else "")
             + f": raise it to {workers_up + added}"
@@ -612,8 +621,8 @@ def untold_types_note(node_types: tuple[NodeType, ...]) -> str | None:
     return (f"node types {', '.join(repr(name) for name in named)} cannot be told apart by "
             f"Ray's resources ({fits}: amounts aside, the CPU, GPU and accelerator_type they "
             "ask for), and Ray's autoscaler picks the type for bundles by its own scoring, so "
-            "it may add another type than a job's plan names: give each a resource of its "
-            f"own in its resources, e.g. \"{untold[0][0].name}\": 1")
+            f"it may add another type than a job's plan names {V2_NONE_WHERE_UNHELD}: give "
+            f"each a resource of its own in its resources, e.g. \"{untold[0][0].name}\": 1")
 
 
 def untold_plan_note(spec: JobSpec, parts: tuple[PlanPart, ...],
@@ -630,7 +639,8 @@ def untold_plan_note(spec: JobSpec, parts: tuple[PlanPart, ...],
                 f"node type {node_type.name!r} cannot be told apart from "
                 f"{', '.join(repr(t.name) for t in others)} by Ray's resources: its bundles "
                 f"fit {'that type' if one else 'those types'} too, and Ray's autoscaler may "
-                f"have added {'it' if one else 'one of them'} instead (give "
+                f"have added {'it' if one else 'one of them'} instead "
+                f"{V2_NONE_WHERE_UNHELD} (give "
                 f"{node_type.name!r} a resource of its own in its resources, e.g. "
                 f"\"{node_type.name}\": 1)")
     return "; ".join(said) or None

@@ -1227,7 +1227,8 @@ def test_a_plan_beyond_the_cluster_max_with_worker_nodes_up_says_an_idle_node_mu
     assert waiting.reason == (
         "waiting for the autoscaler to add 2 x b node(s): the cluster as it stands cannot hold "
         "it; the cluster has 1 worker node(s) up of its max_workers 2, so Ray adds 1 of them "
-        "now and the rest only once idle worker node(s) go (its idle_timeout_minutes)")
+        "now (autoscaler v1; v2, ray up's default, none until all fit) and the rest only once "
+        "idle worker node(s) go (its idle_timeout_minutes)")
     assert len(core.scale_up_requests(T0 + 1)) == 16  # (the whole shape, as before)
     # Room for both: said as before; the head unknown (not the live scheduler): as before
     for head, nodes in (("head", ("head",)), (None, ("head", "a1"))):
@@ -1275,7 +1276,8 @@ def test_a_plan_beyond_the_room_busy_worker_nodes_leave_says_their_jobs_must_end
     assert waiting.reason == (
         "waiting for the autoscaler to add 2 x a100 node(s): the cluster as it stands cannot "
         "hold it; the cluster has 1 worker node(s) up of its max_workers 2, so Ray adds 1 of "
-        "them now and the rest only once worker node(s) go, and 1 of them run jobs (h1: "
+        "them now (autoscaler v1; v2, ray up's default, none until all fit) and the rest only "
+        "once worker node(s) go, and 1 of them run jobs (h1: "
         "'busy'): they go only once those end (then idle for its idle_timeout_minutes)")
 
 
@@ -1385,6 +1387,36 @@ def _ray_adds(config, bundles, up=None):
     return added
 
 
+def _ray_v2_adds(config, bundles, up=None):
+    """What Ray 2.60's autoscaler v2 (`ray up`'s default) adds for the same request: its
+    pure ResourceDemandScheduler.schedule with `bundles` as the cluster resource constraint
+    request_resources leaves, the nodes up (`up`, as for _ray_adds) pending with their type's
+    resources, each type's max_workers as v2's config reads them (the head's type one more,
+    for the head; the cluster's one more too). Starts no Ray."""
+    from ray.autoscaler.v2.instance_manager.config import NodeTypeConfig
+    from ray.autoscaler.v2.scheduler import ResourceDemandScheduler, SchedulingRequest
+    from ray.autoscaler.v2.schema import AutoscalerInstance
+    from ray.autoscaler.v2.utils import ResourceRequestUtil
+    from ray.core.generated.autoscaler_pb2 import ClusterResourceConstraint
+    from ray.core.generated.instance_manager_pb2 import Instance, NodeKind
+    head, cluster_max = config.get("head_node_type"), config.get("max_workers", 2)
+    configs = {name: NodeTypeConfig(
+        name=name, min_worker_nodes=0, resources=dict(t["resources"]),
+        max_worker_nodes=t.get("max_workers", 0 if name == head else cluster_max)
+        + (name == head)) for name, t in config["available_node_types"].items()}
+    instances = [AutoscalerInstance(im_instance=Instance(
+        instance_id=f"{name}-{i}", instance_type=name, status=Instance.ALLOCATED,
+        node_kind=NodeKind.HEAD if name == head and i == 0 else NodeKind.WORKER))
+        for name, count in (up or ({head: 1} if head else {})).items() for i in range(count)]
+    constraint = ClusterResourceConstraint(resource_requests=ResourceRequestUtil.group_by_count(
+        [ResourceRequestUtil.make(bundle) for bundle in bundles]))
+    reply = ResourceDemandScheduler().schedule(SchedulingRequest(
+        disable_launch_config_check=True, node_type_configs=configs,
+        max_num_nodes=cluster_max + 1, current_instances=instances,
+        cluster_resource_constraints=[constraint]))
+    return {launch.instance_type: launch.count for launch in reply.to_launch}
+
+
 def _gpu_types_config(a=None, b=None, accelerator=None):
     """a: 8 GPUs (RAM stated, max_workers 1), b: 4 GPUs (max_workers 2), the cluster's
     max_workers 2; `a`/`b`: extra resources of each; `accelerator`: an accelerator_type
@@ -1446,7 +1478,8 @@ def test_a_gpu_job_is_planned_across_types_only_where_each_has_a_resource_to_ste
 def test_every_multi_type_plan_is_what_rays_autoscaler_adds():
     """Over a grid of two-type configs (GPU and CPU types, RAM stated or not, steering
     resources or none), each plan across types, its bundles asked of Ray 2.60's own
-    request_resources path, gets the plan's nodes: no other mix."""
+    request_resources path, gets the plan's nodes: no other mix, from autoscaler v1 and v2
+    (`ray up`'s default) alike."""
     import itertools
     checked = 0
     for gpus_a, gpus_b, max_a, max_b, cluster_max, workers, ram, steer, gpu_job in \
@@ -1469,8 +1502,9 @@ def test_every_multi_type_plan_is_what_rays_autoscaler_adds():
         if plan is None or len(plan) < 2:
             continue
         checked += 1
-        assert _ray_adds(config, plan_bundles(spec, plan)) == \
-            {t.name: n for t, n, _ in plan}, (config, spec)
+        for adds in (_ray_adds, _ray_v2_adds):
+            assert adds(config, plan_bundles(spec, plan)) == \
+                {t.name: n for t, n, _ in plan}, (adds, config, spec)
     assert checked >= 20
 
 
@@ -1587,7 +1621,7 @@ def test_node_types_ray_cannot_tell_apart_are_named_at_load_and_in_a_timed_out_w
             "planned on 'big' fit 'small' too, and those on 'small' fit 'big': amounts aside, "
             "the CPU, GPU and accelerator_type they ask for), and Ray's autoscaler picks the "
             "type for bundles by its own scoring, so it may add another type than a job's plan "
-            "names: give each a resource of its own in its resources, e.g. \"big\": 1")
+            "names (or, autoscaler v2, none, where its pick leaves some bundles unheld): give each a resource of its own in its resources, e.g. \"big\": 1")
     types = node_types_from_config(config)
     assert untold_types_note(types) == note
     assert autoscaling_summary(types)["config_note"] == note
@@ -1614,6 +1648,54 @@ def test_node_types_ray_cannot_tell_apart_are_named_at_load_and_in_a_timed_out_w
     refused = core.poll("j", "d", late + 1).decision
     assert isinstance(refused, Rejection), refused
     assert ("node type 'big' cannot be told apart from 'small' by Ray's resources: its "
-            "bundles fit that type too, and Ray's autoscaler may have added it instead (give "
+            "bundles fit that type too, and Ray's autoscaler may have added it instead (or, "
+            "autoscaler v2, none, where its pick leaves some bundles unheld) (give "
             "'big' a resource of its own in its resources, e.g. \"big\": 1)") \
         in refused.message, refused.message
+
+
+def test_what_ray_adds_now_is_said_for_autoscaler_v2_too():
+    """Ray 2.60's `ray up` runs autoscaler v2, which adds a request_resources request's nodes
+    only once all of them fit (v1 adds those that fit). With the cluster at max_workers 2 and
+    an idle T4 node up, a job needing 2 x b waited saying `Ray adds 1 of them now`: v1 does,
+    v2 adds none until the T4 node idles out. And bundles Ray cannot tell apart may get no
+    node from v2 rather than another type. The reasons and the config note now say so."""
+    from orchestrator.autoscaling import untold_types_note
+    config = {"max_workers": 2, "head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 8}},
+        "a": {"resources": {"CPU": 16, "GPU": 4, "accelerator_type:T4": 1}, "max_workers": 2},
+        "b": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+              "max_workers": 2}}}
+    big = JobSpec("big", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    types = node_types_from_config(config)
+    bundles = plan_bundles(big, scale_up_parts(big, types))
+    assert _ray_adds(config, bundles, {"head": 1, "a": 1}) == {"b": 1}
+    assert _ray_v2_adds(config, bundles, {"head": 1, "a": 1}) == {}
+    assert _ray_v2_adds(config, bundles) == _ray_adds(config, bundles) == {"b": 2}
+    core = core_with(cpu_node("head", cpus=8), gpu_node("a1", gpus=4, family="T4"))
+    core.node_types, core.head_node = types, "head"
+    waiting = core.submit(big, "d", T0).decision
+    assert isinstance(waiting, Queued), waiting
+    assert waiting.reason.endswith(
+        "the cluster has 1 worker node(s) up of its max_workers 2, so Ray adds 1 of them now "
+        "(autoscaler v1; v2, ray up's default, none until all fit) and the rest only once idle "
+        "worker node(s) go (its idle_timeout_minutes)"), waiting.reason
+    # Types Ray cannot tell apart: v1 adds 2 x small for 7 workers planned on 1 x big, v2 none
+    pair = _cpu_pair_config()
+    pair["available_node_types"]["small"]["max_workers"] = 2
+    job = JobSpec("j", num_workers=7, cpus_per_worker=4)
+    plan = scale_up_parts(job, node_types_from_config(pair))
+    assert [(t.name, n) for t, n, _ in plan] == [("big", 1)]
+    assert _ray_adds(pair, plan_bundles(job, plan)) == {"small": 2}
+    assert _ray_v2_adds(pair, plan_bundles(job, plan)) == {}
+    assert "may add another type than a job's plan names (or, autoscaler v2, none, where its " \
+        "pick leaves some bundles unheld)" in untold_types_note(node_types_from_config(pair))
+    core = core_with(cpu_node("head", cpus=1))
+    core.node_types, core.head_node = node_types_from_config(pair), "head"
+    assert isinstance(core.submit(job, "d", T0).decision, Queued)
+    late = T0 + core.settings.scale_up_timeout_s + 10
+    core.tick(late)
+    refused = core.poll("j", "d", late + 1).decision
+    assert isinstance(refused, Rejection), refused
+    assert ("Ray's autoscaler may have added it instead (or, autoscaler v2, none, where its "
+            "pick leaves some bundles unheld)") in refused.message, refused.message
