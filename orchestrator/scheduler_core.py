@@ -61,7 +61,8 @@ import numpy as np
 
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.autoscaling import (NodeType, PlanPart, accelerator_resource_note,
-                                      adds_none_note, cluster_max_note, cluster_room_note,
+                                      adds_none_note, cluster_max_note, cluster_room,
+                                      cluster_room_note,
                                       cpu_note, gpu_note, host_memory_note, max_workers_note,
                                       RESOURCE_KEY_PREFIX, node_has_resource, nodes_up_key,
                                       parts_to_add, plan_bundles, plan_named,
@@ -1635,8 +1636,11 @@ class SchedulerCore:
         """A job waiting for new nodes: which, and where the worker nodes up leave Ray room
         for fewer under the cluster's max_workers, that idle ones must go first, or where
         those are too few, the busy ones (their jobs ending)."""
-        note = cluster_room_note(plan, self._worker_nodes_up(),
-                                 *self._nodes_that_may_go(spec, plan))
+        workers_up = self._worker_nodes_up()
+        # (the nodes that may go are counted only where the room is short: for each job
+        # waiting on each pass, they cost a look at every node up and every reservation)
+        note = cluster_room_note(plan, workers_up, *self._nodes_that_may_go(spec, plan)) \
+            if cluster_room(plan, workers_up) else None
         return _scale_up_reason(plan) + (f"; {note}" if note else "")
 
     def _nodes_that_may_go(self, spec: JobSpec, plan: tuple[PlanPart, ...]
@@ -1677,8 +1681,9 @@ class SchedulerCore:
         (do their labels promise more ...?)" of a type whose nodes never joined."""
         missing = [(t, n) for t, n, _ in plan if n]
         one = sum(n for _, n in missing) == 1
-        at_max = cluster_max_note(plan, self._worker_nodes_up(),
-                                  self._nodes_that_may_go(spec, plan)[1])
+        workers_up = self._worker_nodes_up()
+        at_max = cluster_max_note(plan, workers_up, self._nodes_that_may_go(spec, plan)[1]) \
+            if cluster_room(plan, workers_up) else None
         said = [at_max or f"{plan_named(plan)} never joined (the autoscaler did not add "
                 f"{'it' if one else 'them'}: its log, `ray status`, says why, e.g. no "
                 "instances available or a launch failing)"] if missing else []

@@ -1299,6 +1299,28 @@ def test_a_scale_up_timeout_with_the_cluster_at_its_max_workers_says_so():
             "once those jobs end") in refused.message, refused.message
 
 
+def test_a_scale_up_wait_with_room_under_max_workers_looks_at_no_busy_nodes():
+    """The busy-node count behind a wait's room note (_nodes_that_may_go: every worker node
+    up's GPU family, every reservation) ran for each job waiting for new nodes on each queue
+    pass, the cluster's max_workers leaving room or not: 500 jobs submitted to 200 nodes took
+    20 s, not 9 s. It runs only where the plan's nodes exceed the room, and the reason is
+    unchanged."""
+    core = _busy_h100_cluster(10)
+    calls = []
+    counted = core._nodes_that_may_go
+    core._nodes_that_may_go = lambda *a: calls.append(a) or counted(*a)
+    big = JobSpec("big", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    waiting = core.submit(big, "d", T0 + 1).decision
+    core.tick(T0 + 2)
+    assert waiting.reason == ("waiting for the autoscaler to add 2 x a100 node(s): the "
+                              "cluster as it stands cannot hold it"), waiting
+    assert calls == []
+    late = T0 + 1 + core.settings.scale_up_timeout_s + 10
+    core.tick(late)
+    refused = core.poll("big", "d", late + 1).decision
+    assert "its log" in refused.message and calls == [], refused.message
+
+
 def _two_cpu_types(own=None):
     """CPU types `big` (8 CPUs, its memory stated, one node) and `small` (4 CPUs, two nodes),
     two worker nodes in all (`own`: type -> a resource of its own)."""
