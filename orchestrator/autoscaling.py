@@ -337,7 +337,7 @@ def scale_up_parts(spec: JobSpec, node_types: tuple[NodeType, ...],
     # (a job's bundles are steered to a type only by a resource of its own: without, the
     # autoscaler picks the types for them by its own scoring, another mix, maybe too few)
     holding = [t for t in node_types if _workers_per_node(spec, t) and t.max_workers
-               and steering_resource(spec, t)]
+               and (steering_resource(spec, t) or _unsteered_pool(spec, t, node_types))]
     if spec.min_bandwidth_gbps:
         groups = {t.network_group for t in holding if t.network_group}
         pools = [[t for t in holding if t.network_group == group and _meets_floor(spec, t)]
@@ -347,7 +347,7 @@ def scale_up_parts(spec: JobSpec, node_types: tuple[NodeType, ...],
     best = None
     for pool in pools:
         parts = _fill_across(spec, pool, held_up)
-        if parts is None:
+        if parts is None or not _any_mix_holds(spec, parts, node_types):
             continue
         added = sum(nodes for _, nodes, _ in parts_to_add(spec, parts, held_up or _none_up))
         if not added:
@@ -451,6 +451,57 @@ def _workers_per_node(spec: JobSpec, node_type: NodeType) -> int:
     return node_type.workers_per_node(spec)
 
 
+def _bundle_fits(bundle: dict[str, float], node_type: NodeType) -> bool:
+    """One bundle fits a node of the type, as Ray's autoscaler sees its resources (GPUs,
+    CPUs, memory where asked, the accelerator_type named)."""
+    return node_type.gpus >= bundle.get("GPU", 0) and node_type.cpus + 1e-9 >= bundle["CPU"] \
+        and all(node_type.accelerator_resource == key for key in bundle
+                if key.startswith(ACCELERATOR_RESOURCE_PREFIX)) \
+        and ("memory" not in bundle or (node_type.memory_gb is not None and
+                                        node_type.memory_gb * GIB >= bundle["memory"]))
+
+
+def _unsteered_pool(spec: JobSpec, node_type: NodeType,
+                    node_types: tuple[NodeType, ...]) -> tuple[NodeType, ...]:
+    """The types the autoscaler may add for the type's bundles where no resource of its own
+    steers them to it (those they fit), where each holds workers of the job, asks the same
+    bundles and is steered by none (two g5 sizes both declaring accelerator_type:A10G, as
+    Ray's AWS provider names them): a plan may use them as one pool (_any_mix_holds);
+    else () (the type is planned beside others only if steered). A GPU job's only: for
+    CPU-only bundles Ray's scoring passes over some types with room (one stating memory
+    the bundles do not ask, GPU types), and a mix may hold fewer."""
+    if spec.min_bandwidth_gbps or not spec.gpus_per_worker:
+        return ()
+    bundle = resource_bundles(spec, node_type, 1)[0]
+    fitting = tuple(t for t in node_types if t.max_workers and _bundle_fits(bundle, t))
+    return () if any(steering_resource(spec, t) or not _workers_per_node(spec, t)
+                     or resource_bundles(spec, t, 1)[0] != bundle for t in fitting) \
+        else fitting
+
+
+def _any_mix_holds(spec: JobSpec, parts: tuple[PlanPart, ...],
+                   node_types: tuple[NodeType, ...]) -> bool:
+    """Each pool of unsteered types in a plan across types (_unsteered_pool) holds the
+    workers planned on it in whatever mix the autoscaler's scoring adds, within the types'
+    max_workers and the cluster's beside the plan's other nodes: filled the fewest workers
+    a node first (the most nodes). Ray 2.60 asked for 10 workers' bundles fitting a (8 GPUs,
+    max_workers 1) and b (4 GPUs, 2), the cluster's max_workers 2, added 2 x b."""
+    pools = {_unsteered_pool(spec, t, node_types) for t, _, _ in parts
+             if not steering_resource(spec, t)}
+    for pool in pools:
+        left = sum(workers for t, _, workers in parts if t in pool)
+        cluster_max = parts[0][0].cluster_max_workers
+        room = math.inf if cluster_max is None else \
+            cluster_max - sum(nodes for t, nodes, _ in parts if t not in pool)
+        for t in sorted(pool, key=lambda t: _workers_per_node(spec, t)):
+            nodes = max(0, min(t.max_workers, room,
+                               math.ceil(left / _workers_per_node(spec, t))))
+            left, room = left - nodes * _workers_per_node(spec, t), room - nodes
+        if left > 0:
+            return False
+    return True
+
+
 def _short_gpus_fitting(spec: JobSpec, node_type: NodeType,
                         node_types: tuple[NodeType, ...]) -> list[NodeType]:
     """Of the other types the autoscaler may launch, those the job's bundles asked of
@@ -463,10 +514,7 @@ def _short_gpus_fitting(spec: JobSpec, node_type: NodeType,
     bundle = resource_bundles(spec, node_type, 1)[0]
     return [t for t in node_types if t is not node_type and t.max_workers
             and (t.gpu_memory_gb is None or t.gpu_memory_gb < spec.min_gpu_memory_gb)
-            and t.gpus >= bundle["GPU"] and t.cpus + 1e-9 >= bundle["CPU"]
-            and node_type.accelerator_resource in ("", t.accelerator_resource)
-            and ("memory" not in bundle or (t.memory_gb is not None and
-                                            t.memory_gb * GIB >= bundle["memory"]))]
+            and _bundle_fits(bundle, t)]
 
 
 def _meets_floor(spec: JobSpec, node_type: NodeType) -> bool:

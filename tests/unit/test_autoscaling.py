@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from orchestrator.autoscaling import (node_types_from_config, plan_bundles, resource_bundles,
-                                      scale_up_parts, scale_up_plan)
+                                      scale_up_parts, scale_up_plan, steering_resource)
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Queued, Rejection
 from orchestrator.scheduler_core import SchedulerCore
@@ -1501,9 +1501,10 @@ def test_every_multi_type_plan_is_what_rays_autoscaler_adds():
     """Over a grid of two-type configs (GPU and CPU types, RAM stated or not, steering
     resources or none), each plan across types, its bundles asked of Ray 2.60's own
     request_resources path, gets the plan's nodes: no other mix, from autoscaler v1 and v2
-    (`ray up`'s default) alike."""
+    (`ray up`'s default) alike; a plan of bundles steered by no resource of a type's own
+    (_any_mix_holds), nodes holding all its workers."""
     import itertools
-    checked = 0
+    checked = unsteered = 0
     for gpus_a, gpus_b, max_a, max_b, cluster_max, workers, ram, steer, gpu_job in \
             itertools.product((0, 8), (0, 4), (1, 2), (1, 2), (2, 3), (3, 7, 10, 13),
                               (False, True), ("", "pool", "accelerator"), (False, True)):
@@ -1524,10 +1525,46 @@ def test_every_multi_type_plan_is_what_rays_autoscaler_adds():
         if plan is None or len(plan) < 2:
             continue
         checked += 1
+        steered = all(steering_resource(spec, t) for t, _, _ in plan)
+        unsteered += not steered
         for adds in (_ray_adds, _ray_v2_adds):
-            assert adds(config, plan_bundles(spec, plan)) == \
-                {t.name: n for t, n, _ in plan}, (adds, config, spec)
-    assert checked >= 20
+            added = adds(config, plan_bundles(spec, plan))
+            if steered:
+                assert added == {t.name: n for t, n, _ in plan}, (adds, config, spec)
+            else:
+                per_node = {t.name: t.workers_per_node(spec) for t, _, _ in plan}
+                assert sum(n * per_node.get(name, 0) for name, n in added.items()) >= \
+                    workers, (adds, config, spec, added)
+    assert checked >= 20 and unsteered >= 5
+
+
+def _g5_config(cluster_max=24):
+    """AWS g5.12xlarge (4 A10G) and g5.48xlarge (8 A10G), both with accelerator_type:A10G and
+    memory, as Ray's AWS node provider fills them in (fillout_available_node_types_resources
+    names an instance's GPUs so) in the head's bootstrap config."""
+    def g5(cpus, gpus, ram_gib, max_workers):
+        return {"resources": {"CPU": cpus, "GPU": gpus, "accelerator_type:A10G": 1,
+                              "memory": int(ram_gib * 0.7 * 2 ** 30)},
+                "labels": {"orchestrator.io/accelerator-type": "A10G",
+                           "orchestrator.io/accelerator-memory-gb": "22"},
+                "max_workers": max_workers}
+    return {"max_workers": cluster_max, "head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 8}}, "g5_12": g5(48, 4, 192, 4),
+        "g5_48": g5(192, 8, 768, 2)}}
+
+
+def test_a_gpu_job_across_two_sizes_of_one_gpu_is_planned_where_any_mix_ray_adds_holds_it():
+    """Two g5 sizes both declare accelerator_type:A10G (Ray's AWS provider names both so):
+    24 workers of 1 GPU were refused (`would hold it together, but ... none of them does`),
+    though any mix Ray's autoscaler may add for the bundles, within the types' max_workers
+    and the cluster's, holds them all (it added 2 x g5_48 + 2 x g5_12, the plan). Where a
+    mix may hold fewer (the cluster's max_workers 4: 4 x g5_12 hold 16), still refused."""
+    job = JobSpec("j", num_workers=24, gpus_per_worker=1, accelerator_types=("A10G",))
+    config = _g5_config()
+    plan = scale_up_parts(job, node_types_from_config(config))
+    assert plan is not None and [(t.name, n) for t, n, _ in plan] == [("g5_48", 2), ("g5_12", 2)]
+    assert _ray_adds(config, plan_bundles(job, plan)) == {"g5_48": 2, "g5_12": 2}
+    assert scale_up_parts(job, node_types_from_config(_g5_config(cluster_max=4))) is None
 
 
 def _two_a100_types_config(own=False):
