@@ -898,6 +898,7 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
     # utf-8-sig: a byte-order mark (Windows editors write one) opened the first document.
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
     buffer, index, consumed, start = "", 0, 0, b""
+    before = ""  # the line ends a run of spaces given out in pieces left open (_open_run)
     lines = 0  # line ends in the bytes decoded so far (the bad byte's line, for messages)
     first_line = 1  # the next piece's
     with fs.open_input_stream(path) as f:
@@ -920,12 +921,16 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
             # Before the end, only text up to the buffer's last non-space is cut, and its
             # last piece waits for more: every cut is then where it falls in the whole text,
             # whatever the chunks (a blank-line run may go on in the next chunk).
-            pieces = _paragraphs(buffer if not chunk else buffer.rstrip())
+            pieces = _paragraphs(buffer if not chunk else buffer.rstrip(), before)
             if chunk:
                 pieces.pop()
                 buffer = buffer[sum(map(len, pieces)):]
+            if pieces:  # (the buffer starts after text, or a line end with text after it)
+                before = ""
             if chunk and len(buffer) > 8 * MAX_DOCUMENT_CHARS + 1:  # (a run of spaces)
                 settled = _settled(buffer)
+                if settled:
+                    before = _open_run(before + "".join(settled))
                 pieces += settled
                 buffer = buffer[sum(map(len, settled)):]
             for i, piece in enumerate(pieces):
@@ -939,13 +944,16 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
                 return
 
 
-def _paragraphs(text: str) -> list[str]:
+def _paragraphs(text: str, before: str = "") -> list[str]:
     """Cut after each blank-line run, and long paragraphs at line ends (_cut_long); the
-    pieces concatenate back to `text` exactly."""
+    pieces concatenate back to `text` exactly. `before`: what of a run of spaces given out
+    before `text` can still make or continue a blank line ("\n" or "\n\n", _open_run)."""
     pieces, start = [], 0
-    for match in _PARAGRAPH_END.finditer(text):
-        pieces += _cut_long(text[start:match.end()])
-        start = match.end()
+    for match in _PARAGRAPH_END.finditer(before + text):
+        end = match.end() - len(before)
+        if end > start:  # (not the end of a blank-line run given out already)
+            pieces += _cut_long(text[start:end])
+            start = end
     pieces += _cut_long(text[start:])
     return pieces
 
@@ -981,6 +989,17 @@ def _settled(buffer: str) -> list[str]:
         settled.append(piece)
         start += len(piece)
     return settled
+
+
+def _open_run(given: str) -> str:
+    """What a paragraph-end search must see before the rest of a run of spaces whose start,
+    `given`, was given out (_settled): "\n\n" where `given` holds a blank line (the run
+    ends the paragraph wherever it ends), "\n" where its last line end has only spaces,
+    tabs or CRs after it (a line end in the rest makes a blank line), else ""."""
+    run = given[len(given.rstrip()):]
+    if re.search(r"\n[ \t\r]*\n", run):
+        return "\n\n"
+    return "\n" if re.search(r"\n[ \t\r]*\Z", run) else ""
 
 
 def _past(text: str, start: int, chars: int) -> int:

@@ -1705,3 +1705,23 @@ def test_a_long_run_of_spaces_or_blank_lines_is_not_held_in_memory_whole(tmp_pat
             given += len(doc.text.encode())
             assert read[0] - given <= 8 * MAX_DOCUMENT_CHARS + 2 * chunk  # (held back)
         assert docs == whole
+
+
+@pytest.mark.parametrize("before,after", [("a paragraph\n\n", "then text\n"),
+                                          ("a line\n", "\nthen text\n"),
+                                          ("a line\r\n\t", "\r\nthen text\r\n")])
+def test_a_blank_line_run_given_out_in_pieces_ends_its_paragraph_where_it_did(
+        tmp_path, monkeypatch, before, after):
+    """A run of spaces given out in pieces as read (the run after a blank line, or between two
+    line ends) was read on from a piece's cut as if no line end came before it: the text
+    after it ran on in the run's last piece, instead of opening a paragraph of its own as the
+    whole text read at once has it (the document cuts, and so the held-out split, hung on the
+    read size)."""
+    text = before + " " * (40 * MAX_DOCUMENT_CHARS) + after
+    (tmp_path / "a.txt").write_text(text, newline="")
+    source, = expand_sources([str(tmp_path / "a.txt")])
+    whole = [d.text for d in iter_documents(source)]
+    assert "".join(whole) == text and [d for d in whole if "then" in d] == [after.lstrip()]
+    for chunk in (4096, 4093, 97):
+        monkeypatch.setattr(corpus_module, "READ_CHUNK", chunk)
+        assert [d.text for d in iter_documents(source)] == whole
