@@ -39,14 +39,18 @@ FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 HELD_OUT_FRACTION = 0.1
 READ_CHUNK = 8 << 20  # bytes read at a time from a .txt file
 PARQUET_BATCH_ROWS = 1024
-_PARAGRAPH_END = re.compile(r"\n[ \t\r]*\n\s*")  # a blank line (and any that follow)
+# A line end is LF, CRLF, or a CR alone (an old Mac file's), as Python's universal newlines.
+_LINE_END = r"(?:\r\n|\r(?!\n)|\n)"  # (the CR of a CRLF is no line end of its own)
+_PARAGRAPH_END = re.compile(_LINE_END + r"[ \t]*" + _LINE_END + r"\s*")  # blank line(s)
+# The same where every CR is a CRLF's (most text: 3x faster; the CRs are then spaces to it).
+_LF_PARAGRAPH_END, _LONE_CR = re.compile(r"\n[ \t\r]*\n\s*"), re.compile(r"\r(?!\n)")
 # A paragraph longer than this (text with no blank lines: one sentence or record per line,
 # code) is cut after the first line end past it, and at 4x where no line ends: documents stay
 # many enough for the held-out split and small enough to stream.
 MAX_DOCUMENT_CHARS = 16 << 10  # characters (not bytes)
 # A line end where a long paragraph may be cut: the next line has text, so the cut is never
 # inside the blank-line run that ends a paragraph, and stays where it is when more is read.
-_LINE_CUT = re.compile(r"\n(?=[ \t\r]*\S)")
+_LINE_CUT = re.compile(r"(?:\n|\r(?!\n))(?=[ \t\r]*\S)")
 
 
 class DataError(ValueError):
@@ -918,10 +922,11 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
                                 f"{_encoding_hint(start)}") from None
             consumed += len(chunk)
             lines += chunk.count(b"\n")
+            lone_cr = _lone_cr(buffer)  # (most text holds none: the faster search)
             # Before the end, only text up to the buffer's last non-space is cut, and its
             # last piece waits for more: every cut is then where it falls in the whole text,
             # whatever the chunks (a blank-line run may go on in the next chunk).
-            pieces = _paragraphs(buffer if not chunk else buffer.rstrip(), before)
+            pieces = _paragraphs(buffer if not chunk else buffer.rstrip(), before, lone_cr)
             if chunk:
                 pieces.pop()
                 buffer = buffer[sum(map(len, pieces)):]
@@ -939,18 +944,21 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
                 # paragraph is cut into, which messages named as paragraphs)
                 yield Document(piece, index, eos_after=last, line=first_line)
                 index += 1
-                first_line += piece.count("\n")
+                first_line += _line_ends(piece) if lone_cr else piece.count("\n")
             if not chunk:
                 return
 
 
-def _paragraphs(text: str, before: str = "") -> list[str]:
+def _paragraphs(text: str, before: str = "", lone_cr: bool | None = None) -> list[str]:
     """Cut after each blank-line run, and long paragraphs at line ends (_cut_long); the
     pieces concatenate back to `text` exactly. `before`: what of a run of spaces given out
-    before `text` can still make or continue a blank line ("\n" or "\n\n", _open_run)."""
+    before `text` can still make or continue a blank line ("\n" or "\n\n", _open_run).
+    `lone_cr`: whether `text` holds a CR that is no CRLF's (_lone_cr), where known."""
     pieces, start = [], 0
-    for match in _PARAGRAPH_END.finditer(before + text):
-        end = match.end() - len(before)
+    lone_cr = _lone_cr(text) if lone_cr is None else lone_cr
+    paragraph_end = _PARAGRAPH_END if lone_cr else _LF_PARAGRAPH_END
+    for match in paragraph_end.finditer(before + text):
+        end = match.end() - len(before) if before else match.end()
         if end > start:  # (not the end of a blank-line run given out already)
             pieces += _cut_long(text[start:end])
             start = end
@@ -994,12 +1002,22 @@ def _settled(buffer: str) -> list[str]:
 def _open_run(given: str) -> str:
     """What a paragraph-end search must see before the rest of a run of spaces whose start,
     `given`, was given out (_settled): "\n\n" where `given` holds a blank line (the run
-    ends the paragraph wherever it ends), "\n" where its last line end has only spaces,
-    tabs or CRs after it (a line end in the rest makes a blank line), else ""."""
+    ends the paragraph wherever it ends), "\n" where its last line end has only spaces or
+    tabs after it (a line end in the rest makes a blank line), else ""."""
     run = given[len(given.rstrip()):]
-    if re.search(r"\n[ \t\r]*\n", run):
+    if _PARAGRAPH_END.search(run):
         return "\n\n"
-    return "\n" if re.search(r"\n[ \t\r]*\Z", run) else ""
+    return "\n" if re.search(r"[\r\n][ \t]*\Z", run) else ""
+
+
+def _lone_cr(text: str) -> bool:
+    """Whether `text` holds a CR that is no CRLF's (most text holds no CR at all)."""
+    return "\r" in text and _LONE_CR.search(text) is not None
+
+
+def _line_ends(text: str) -> int:
+    """LF, CRLF and lone CR line ends in `text` (a piece never parts a CRLF)."""
+    return text.count("\n") + len(_LONE_CR.findall(text))
 
 
 def _past(text: str, start: int, chars: int) -> int:
@@ -1156,9 +1174,10 @@ def is_held_out(text: str, fraction: float = HELD_OUT_FRACTION) -> bool:
 
 
 def _split_form(text: str) -> str:
-    """A document as the split sees it: CRLF line ends read as LF, spaces and line ends
-    around it dropped (one paragraph mid-file, at the file's end, in a Windows copy)."""
-    return text.replace("\r\n", "\n").strip()
+    """A document as the split sees it: CRLF and CR line ends read as LF, spaces and line
+    ends around it dropped (one paragraph mid-file, at the file's end, in a Windows or an
+    old Mac copy)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
 # version 4: a local file's content fingerprint is in the key too (the same shards as 3);

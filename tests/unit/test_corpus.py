@@ -1725,3 +1725,29 @@ def test_a_blank_line_run_given_out_in_pieces_ends_its_paragraph_where_it_did(
     for chunk in (4096, 4093, 97):
         monkeypatch.setattr(corpus_module, "READ_CHUNK", chunk)
         assert [d.text for d in iter_documents(source)] == whole
+
+
+def test_an_old_mac_file_with_cr_line_ends_is_cut_as_its_lf_copy(tmp_path, monkeypatch):
+    """A CR alone is a line end (as Python's universal newlines read it; a CRLF stays one):
+    a .txt file with old-Mac CR line ends read as one paragraph, cut every 65,536 characters
+    mid-word, each piece said to start on line 1."""
+    (tmp_path / "x.txt").write_bytes(b"one\rtwo\r\rthree\r")
+    source, = expand_sources([str(tmp_path / "x.txt")])
+    for chunk in (corpus_module.READ_CHUNK, 1):
+        monkeypatch.setattr(corpus_module, "READ_CHUNK", chunk)
+        assert [(d.text, d.line) for d in iter_documents(source)] == [("one\rtwo\r\r", 1),
+                                                                      ("three\r", 4)]
+    lines = [f"record {i}: " + "alpha beta gamma delta "[:3 + i % 19] for i in range(6000)]
+    lines[100] = lines[2000] = ""  # (blank lines: paragraph ends)
+    lines[3000] = "x" * (5 * MAX_DOCUMENT_CHARS)  # no line end: the hard cut, at 4x
+    docs = {}
+    for name, end in (("lf.txt", "\n"), ("cr.txt", "\r"), ("crlf.txt", "\r\n")):
+        text = end.join(lines) + end
+        (tmp_path / name).write_bytes(text.encode())
+        source, = expand_sources([str(tmp_path / name)])
+        for chunk in (8 << 20, 4093):
+            monkeypatch.setattr(corpus_module, "READ_CHUNK", chunk)
+            got = [(d.text.replace(end, "\n"), d.line, d.eos_after, is_held_out(d.text))
+                   for d in iter_documents(source)]
+            assert got == docs.setdefault("lf", got), (name, chunk)
+    assert len(docs["lf"]) > 10
