@@ -374,6 +374,9 @@ def _listing(fs: pafs.FileSystem, base: str | list[str], spec: str, depth: int |
                         raise i.refusal(spec)
         return found
     except OSError as e:
+        if isinstance(e, (FileNotFoundError, NotADirectoryError)) and e.filename:  # (_folder)
+            raise DataError(f"--data {spec}: the folder {e.filename} was removed or replaced "
+                            "while --data was listed: run the command again") from None
         where = base if isinstance(base, str) else os.path.commonpath(base)
         raise DataError(f"--data {spec}: cannot list the files under {where}: {e}") from None
 
@@ -422,8 +425,13 @@ def _tree(fs: pafs.FileSystem, bases: list[str]) -> list:
 def _folder(fs: pafs.FileSystem, folder: str) -> list:
     """A folder's own entries (_named) and, on a local disk, each symlink in it whose target
     does not exist, as a _Dangling entry: pyarrow's listing leaves those out, and a corpus of
-    links into a mount that was not mounted trained on what was left without a word."""
-    listed = _named(fs.get_file_info(pafs.FileSelector(folder)))
+    links into a mount that was not mounted trained on what was left without a word. A
+    folder gone since it was found raises pyarrow's error with `filename` set (_listing)."""
+    try:
+        listed = _named(fs.get_file_info(pafs.FileSelector(folder)))
+    except (FileNotFoundError, NotADirectoryError) as e:  # (removed since it was found)
+        e.filename = folder  # (pyarrow's names it in its text alone)
+        raise
     if fs.type_name != "local":
         return listed
     try:

@@ -1751,3 +1751,32 @@ def test_an_old_mac_file_with_cr_line_ends_is_cut_as_its_lf_copy(tmp_path, monke
                    for d in iter_documents(source)]
             assert got == docs.setdefault("lf", got), (name, chunk)
     assert len(docs["lf"]) > 10
+
+
+@pytest.mark.parametrize("pattern", ["", "*", "*/*.txt"])
+def test_a_folder_removed_while_data_is_listed_is_named(tmp_path, monkeypatch, pattern):
+    """A folder removed (or replaced by a file) between its parent's listing and its own
+    refused the whole --data value as `cannot list the files under BASE: [Errno 2] ...`, as a
+    folder without permission is: it is named as changed while listed, as a dangling link
+    that changed is (run the command again: the files it held are gone)."""
+    corpus = tmp_path / "corpus"
+    for name in ("a", "b"):
+        (corpus / name).mkdir(parents=True)
+        (corpus / name / f"{name}.txt").write_text("text\n")
+    real_folder = corpus_module._folder
+
+    def folder(fs, path):
+        if path == str(corpus / "b"):
+            (corpus / "b" / "b.txt").unlink()
+            (corpus / "b").rmdir()
+            if pattern == "*":
+                (corpus / "b").write_text("now a file\n")
+        return real_folder(fs, path)
+
+    monkeypatch.setattr(corpus_module, "_folder", folder)
+    spec = str(corpus / pattern) if pattern else str(corpus)
+    with pytest.raises(DataError) as refused:
+        expand_sources([spec])
+    assert str(refused.value) == (
+        f"--data {spec}: the folder {corpus / 'b'} was removed or replaced while --data was "
+        "listed: run the command again")
