@@ -50,7 +50,9 @@ _LF_PARAGRAPH_END, _LONE_CR = re.compile(r"\n[ \t\r]*\n\s*"), re.compile(r"\r(?!
 MAX_DOCUMENT_CHARS = 16 << 10  # characters (not bytes)
 # A line end where a long paragraph may be cut: the next line has text, so the cut is never
 # inside the blank-line run that ends a paragraph, and stays where it is when more is read.
-_LINE_CUT = re.compile(r"(?:\n|\r(?!\n))(?=[ \t\r]*\S)")
+# (Spaces and tabs alone before the text: a CR there would make a blank line, and each CR of
+# a run of them scanned the run to its end, 2 G steps per 64 Ki characters of CRs.)
+_LINE_CUT = re.compile(r"(?:\n|\r(?!\n))(?=[ \t]*\S)")
 
 
 class DataError(ValueError):

@@ -1780,3 +1780,17 @@ def test_a_folder_removed_while_data_is_listed_is_named(tmp_path, monkeypatch, p
     assert str(refused.value) == (
         f"--data {spec}: the folder {corpus / 'b'} was removed or replaced while --data was "
         "listed: run the command again")
+
+
+def test_a_run_of_lone_crs_is_cut_in_linear_time(tmp_path):
+    """A long paragraph is cut at the first line end past MAX_DOCUMENT_CHARS with text after
+    it; that search looked past each line end over spaces, tabs and CRs, so in a run of CRs
+    (blank lines of an old Mac file) each CR scanned the run to the window's end: 14 s for
+    64 Ki of them, minutes for a few MB, where a run of LFs takes a millisecond."""
+    text = "line\r" + "\r" * (4 * MAX_DOCUMENT_CHARS) + "next\r"
+    (tmp_path / "a.txt").write_bytes(text.encode())
+    source, = expand_sources([str(tmp_path / "a.txt")])
+    started = time.monotonic()
+    docs = [d.text for d in iter_documents(source)]
+    assert time.monotonic() - started < 3  # (0.01 s; 14 s before)
+    assert "".join(docs) == text and docs[-1] == "next\r"
