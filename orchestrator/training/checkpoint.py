@@ -87,7 +87,10 @@ def _load_problem(path: Path, e: Exception) -> str:
     naming what it refused, without its advice (to load with weights_only=False) and its
     link. Its messages said nothing for an empty file ("cannot be loaded safely: "), "101"
     (KeyError: the first byte) for a text file, and to a memory-mapped load that it was
-    saved without `_use_new_zipfile_serialization`."""
+    saved without `_use_new_zipfile_serialization`. What it refused is its weights-only
+    unpickler's error (the context of the one it raises), first sentence: torch puts it in
+    a paragraph of its own, on the line of its advice (a global it does not allow: a numpy
+    array's, a class of one's own) or after "Weights only load failed." (DTensors)."""
     try:
         if path.stat().st_size == 0:
             return "the file is empty (0 bytes)"
@@ -102,8 +105,13 @@ def _load_problem(path: Path, e: Exception) -> str:
     if not paragraphs:
         return type(e).__name__
     said = _first_sentence(type(e).__name__, paragraphs[0].splitlines()[0])
-    detail = next((p for p in paragraphs[1:] if not p.startswith("Check the documentation")),
-                  None)
+    refused = e.__context__ if isinstance(e, pickle.UnpicklingError) and \
+        e.__suppress_context__ else None  # (the weights-only unpickler's own error)
+    if isinstance(refused, Exception) and str(refused).strip():
+        detail = str(refused).strip().split(". ", 1)[0].removesuffix(".") + "."
+    else:
+        detail = next((p for p in paragraphs[1:]
+                       if not p.startswith("Check the documentation")), None)
     return f"{said} {' '.join(detail.split())}" if detail else said
 
 

@@ -590,3 +590,29 @@ def test_a_refused_pickle_is_named_in_one_line_without_torchs_advice(tmp_path):
     assert str(e.value) == (f"checkpoint {path} cannot be loaded safely: UnpicklingError: "
                             "Weights only load failed. Trying to load unsupported GLOBAL "
                             "posix.getcwd whose module posix is blocked.")
+
+
+class NotAllowed:  # (a class of the user's: no global torch's weights-only load allows)
+    pass
+
+
+@pytest.mark.parametrize("held", ["numpy array", "class of its own"])
+def test_a_refused_global_is_named_not_only_that_the_load_failed(tmp_path, held):
+    # The global torch refuses (a numpy array's, a class of one's own) is said on the line of
+    # its advice ("\n\tWeightsUnpickler error: Unsupported global: ..."), not in a paragraph
+    # of its own: the message was cut to "UnpicklingError: Weights only load failed."
+    import numpy as np
+
+    from orchestrator.training.checkpoint import load_tensors, save_tensors
+
+    if held == "numpy array":
+        value, refused = np.zeros(3), np.zeros(3).__reduce__()[0]
+    else:
+        value, refused = NotAllowed(), NotAllowed
+    path = save_tensors(tmp_path / "state.pt", {"model": value})
+    with pytest.raises(CheckpointError) as e:
+        load_tensors(path)
+    assert str(e.value) == (f"checkpoint {path} cannot be loaded safely: UnpicklingError: "
+                            "Weights only load failed. Unsupported global: GLOBAL "
+                            f"{refused.__module__}.{refused.__qualname__} was not an allowed "
+                            "global by default.")
