@@ -360,8 +360,11 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
 
 def _exit_ok(error: BaseException) -> bool:
     """Whether `error` is a successful exit: sys.exit(), sys.exit(0), as Python takes them.
-    Ray Train counted it as the worker's failure, restarted the loop and ended exit 4."""
-    return isinstance(error, SystemExit) and error.code in (None, 0)
+    Ray Train counted it as the worker's failure, restarted the loop and ended exit 4. A code
+    that is no int is a failure, even one equal to 0 (0.0, numpy's 0): Python prints it and
+    exits 1."""
+    return isinstance(error, SystemExit) and (
+        error.code is None or (isinstance(error.code, int) and error.code == 0))
 
 
 def _loop_starts() -> None:

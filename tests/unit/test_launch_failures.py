@@ -176,7 +176,8 @@ def test_a_loops_sys_exit_names_the_file_and_line_it_came_from(tmp_path):
         "step 2 (train.py line 4, in train_loop)")
 
 
-@pytest.mark.parametrize("call", ["sys.exit(0)", "sys.exit()", "raise SystemExit"])
+@pytest.mark.parametrize("call", ["sys.exit(0)", "sys.exit()", "raise SystemExit",
+                                  "sys.exit(None)", "sys.exit(False)"])
 def test_a_loops_sys_exit_0_is_its_normal_end_not_a_failure(tmp_path, call):
     # A script's "done: sys.exit(0)" failed the job: Ray Train restarted the loop
     # max_failures times from its checkpoint, then exit 4 with "worker rank 0: SystemExit: 0".
@@ -194,15 +195,20 @@ def test_a_loops_sys_exit_0_is_its_normal_end_not_a_failure(tmp_path, call):
     assert user_loop._where[0] == RETURNED  # (the other ranks are told it returned)
 
 
-@pytest.mark.parametrize("code", [3, "diverged", True])
+@pytest.mark.parametrize("code", [3, "diverged", True, 0.0, "numpy 0"])
 def test_a_loops_sys_exit_with_another_code_stays_a_failure(code):
+    # Python exits 1 for a code that is no int, even one equal to 0 (it prints it): a loop's
+    # sys.exit(0.0) or sys.exit(np.int64(0)) was taken for its normal end.
     import sys
+
+    import numpy as np
 
     from ray_layer.user_loop import yielding
 
+    code = np.int64(0) if code == "numpy 0" else code
     with pytest.raises(SystemExit) as raised:
         yielding(lambda config: sys.exit(code))({})
-    assert raised.value.code == code
+    assert raised.value.code is code
 
 
 def test_a_package_installed_in_the_user_site_is_not_taken_for_the_users_own_code(
