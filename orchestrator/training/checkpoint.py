@@ -228,8 +228,7 @@ def _check_digest(path: Path, expected: str) -> None:
     try:
         actual = sha256_file(path)
     except OSError as e:  # (EIO, ESTALE: a problem the workers agree on, as any other)
-        raise CheckpointError(f"checkpoint file {path} cannot be read: "
-                              f"{e.strerror or e}") from None
+        raise _unreadable(path, e) from None
     if actual != expected:
         raise CheckpointError(f"checkpoint {path} is corrupt: sha256 {actual[:12]}... does not "
                               f"match the recorded {expected[:12]}...")
@@ -284,8 +283,24 @@ def checkpoint_header(directory: str | os.PathLike, rank: int = 0,
     all workers, not every shard on every worker (a 64-worker restart of a GPT-2 XL run read
     over a terabyte), so the verdict is only whole once the workers agree (the loop's).
     `verified`: the launcher hashed every file of it and none changed since (runs.
-    verified_newest): nothing is hashed again."""
+    verified_newest): nothing is hashed again. A file that cannot be looked at (EIO,
+    ESTALE, EACCES) is a CheckpointError naming it too (_unreadable)."""
     directory = Path(directory)
+    try:
+        return _header(directory, rank, world_size, verified)
+    except OSError as e:
+        raise _unreadable(directory, e) from None
+
+
+def _unreadable(directory: Path, error: OSError) -> CheckpointError:
+    """A checkpoint's file whose stat or read failed (EIO, ESTALE, EACCES) as a problem of
+    the checkpoint, which the workers agree on and resume passes over, as _check_digest
+    names one: it was an OSError traceback, the worker's failure."""
+    return CheckpointError(f"checkpoint file {error.filename or directory} cannot be read: "
+                           f"{error.strerror or error}")
+
+
+def _header(directory: Path, rank: int, world_size: int, verified: bool) -> dict[str, Any]:
     if not is_sharded_checkpoint(directory):
         _refuse_cut_short(directory)
         return {**load_tensors(directory / STATE_FILE, verified=verified), "sharded": False}
@@ -493,6 +508,8 @@ def load_sharded_into(directory: str | os.PathLike, tensors: dict[str, Any]) -> 
         index = _read_index(directory)
     except CheckpointError as e:
         problem = str(e)
+    except OSError as e:  # (a stat's EIO, ESTALE: a problem the workers agree on too)
+        problem = str(_unreadable(directory, e))
     # (agreed: a worker refusing alone would leave the others waiting in DCP's collectives)
     problem = _gathered({"problem": problem} if problem else {}).get("problem")
     if problem:

@@ -640,3 +640,32 @@ def test_the_in_place_sharded_loader_still_loads_a_sharded_checkpoint(tmp_path,
     tensors = {"model": {"w": torch.zeros(8, 8)}}
     load_sharded_into(tmp_path / "ckpt", tensors)
     assert torch.equal(tensors["model"]["w"], saved["model"]["w"])
+
+
+@pytest.mark.parametrize("reader", ["checkpoint_header", "load_sharded_into"])
+def test_a_checkpoint_file_whose_stat_fails_is_a_checkpoint_problem(tmp_path, monkeypatch,
+                                                                    reader):
+    # An EIO, ESTALE or EACCES on a worker's stat of meta.pt was an OSError traceback, not a
+    # CheckpointError: not passed over for the previous checkpoint (the worker failed, the
+    # run restarted), and on that worker alone it skipped the workers' agreement.
+    import errno
+    from pathlib import Path
+
+    from orchestrator.training import checkpoint
+
+    directory = sharded_checkpoint_without_digests(tmp_path)
+    is_file = Path.is_file
+
+    def failing(self):
+        if self.name == "meta.pt":
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", failing)
+    with pytest.raises(CheckpointError) as caught:
+        if reader == "checkpoint_header":
+            checkpoint.checkpoint_header(directory)
+        else:
+            checkpoint.load_sharded_into(directory, {"model": {"w": torch.zeros(8, 8)}})
+    assert str(caught.value) == (f"checkpoint file {directory / 'meta.pt'} cannot be read: "
+                                 "Input/output error")
