@@ -315,12 +315,8 @@ def unregistered_checkpoints_warning(run_dir: Path, any_checkpoint: bool) -> str
     written = checkpoint_dirs(run_dir)
     if not written:
         return None
-    try:
-        snapshot = json.loads((run_dir / RAY_CHECKPOINT_SNAPSHOT).read_text())
-        registered = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
-    except FileNotFoundError:  # stopped before Ray Train recorded any checkpoint
-        registered = set()
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    registered = _registered_checkpoints(run_dir)
+    if registered is None:
         return None
     unregistered = [d.name for d in written if d.name not in registered]
     if not unregistered:
@@ -332,6 +328,38 @@ def unregistered_checkpoints_warning(run_dir: Path, any_checkpoint: bool) -> str
     return (f"{len(unregistered)} checkpoint(s) not in Ray Train's record (a run stopped "
             f"while it reported them: {', '.join(unregistered)}): {resume}; keep_checkpoints "
             "does not prune them (delete them once the run has gone past them)")
+
+
+def remove_failed_uploads(run_dir: Path) -> list[str]:
+    """Remove the run's empty checkpoint directories that Ray Train's record does not list,
+    and return their names: an upload that failed (the loop's folder removed before its
+    report: Ray Train made the folder, copied nothing and never registered it). Left, it was
+    taken for a checkpoint: the error said "checkpoints so far are in <run dir>", submitting
+    the job again was refused as holding checkpoints, and --resume started from scratch. One
+    the record lists stays (a loop may save an empty folder); nothing is removed when the
+    record cannot be read."""
+    registered = _registered_checkpoints(Path(run_dir))
+    removed = []
+    for directory in checkpoint_dirs(run_dir) if registered is not None else ():
+        if directory.name not in registered:
+            try:
+                directory.rmdir()  # (only when empty)
+                removed.append(directory.name)
+            except OSError:
+                pass
+    return removed
+
+
+def _registered_checkpoints(run_dir: Path) -> set[str] | None:
+    """The checkpoint names Ray Train's record of the run lists (none when it has no record:
+    stopped before Ray Train recorded any checkpoint); None when it cannot be read."""
+    try:
+        snapshot = json.loads((run_dir / RAY_CHECKPOINT_SNAPSHOT).read_text())
+        return {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    except FileNotFoundError:
+        return set()
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
 
 
 def repair_ray_record(run_dir: Path, any_checkpoint: bool) -> str | None:

@@ -36,7 +36,7 @@ from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS
 from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_FAILED,
                                   EXIT_NOT_PLACEABLE, JobFailed, last_exception)
 from orchestrator.placement import Placement
-from orchestrator.runs import checkpoint_dirs
+from orchestrator.runs import checkpoint_dirs, remove_failed_uploads
 from ray_layer.cluster import (ClusterConnectionError, connect, ensure_control_plane,
                                ensure_scheduler)
 from ray_layer.placed_run import NotPlaced, PlacedRun
@@ -214,7 +214,10 @@ def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: 
 def _fit(trainer: TorchTrainer, run_dir: Path, max_failures: int):
     try:
         with _signal_handlers_kept():
-            return trainer.fit()
+            try:
+                return trainer.fit()
+            finally:  # (before _failure counts the checkpoints saved)
+                remove_failed_uploads(run_dir)
     except SystemExit:
         # Ray Train's own Ctrl-C handler aborts the run and calls sys.exit: to our callers it
         # is an interrupt (run_job: the resume hint and exit 130), not a success or exit 1.

@@ -8,7 +8,7 @@ from ray.train import ControllerError
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
 from orchestrator.config import JobSpec
-from orchestrator.job_exit import EXIT_FAILED, EXIT_NOT_PLACEABLE
+from orchestrator.job_exit import EXIT_FAILED, EXIT_NOT_PLACEABLE, JobFailed
 from orchestrator.placement import Placement
 from ray_layer import launch
 from ray_layer.scheduler_client import SchedulerUnreachable
@@ -308,3 +308,45 @@ def test_a_run_that_saved_no_checkpoint_does_not_point_at_checkpoints_or_resume(
     assert f"checkpoints so far are in {run}" in said, said
     if cause is not None:
         assert "(--resume " in said, said
+
+
+def test_a_checkpoint_folder_whose_upload_failed_is_not_left_for_a_checkpoint(tmp_path):
+    # A loop's checkpoint folder removed before launch.report: Ray Train made the run's
+    # checkpoint_<time> folder, copied nothing into it (FileNotFoundError) and never
+    # registered it. Left there, the error said "checkpoints so far are in <run dir>", a
+    # plain submit again was refused ("already holds checkpoints") and --resume started from
+    # scratch, warning of an unregistered checkpoint.
+    import json
+    from types import SimpleNamespace
+
+    from orchestrator.launch import resolve_fit_run_dir
+
+    run = tmp_path / "run"
+    error = RuntimeError("workers failed")
+    error.worker_failures = {0: FileNotFoundError("Failed to open local file '/tmp/tmp6cxg'")}
+
+    def fit():
+        (run / "checkpoint_2026-12-07_12-02-46.230562").mkdir(parents=True)
+        raise error
+    with pytest.raises(JobFailed) as failed:
+        launch._fit(SimpleNamespace(fit=fit), run, max_failures=0)
+    assert (f"no checkpoint was saved in {run}: submit the job again, without --resume"
+            in str(failed.value)), str(failed.value)
+    assert resolve_fit_run_dir(JobSpec("run"), run, False) == run  # a plain submit again
+    # One Ray Train registered stays, empty or not (a loop may save an empty folder); so
+    # does one holding files (unregistered: a run stopped as it reported it)
+    registered, unregistered = run / "checkpoint_1", run / "checkpoint_2"
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": registered.name}]}))
+    registered.mkdir()
+    unregistered.mkdir()
+    (unregistered / "state.pt").write_bytes(b"x")
+    with pytest.raises(JobFailed) as failed:
+        launch._fit(SimpleNamespace(fit=fit), run, max_failures=0)
+    assert f"checkpoints so far are in {run}" in str(failed.value)
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [registered.name,
+                                                                  unregistered.name]
+    # A run that ends well leaves none either
+    (run / "checkpoint_3").mkdir()
+    assert launch._fit(SimpleNamespace(fit=lambda: "result"), run, 0) == "result"
+    assert not (run / "checkpoint_3").exists()
