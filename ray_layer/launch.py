@@ -245,9 +245,12 @@ def _failure(error: Exception, run_dir: Path, max_failures: int) -> JobFailed:
                          EXIT_FAILED)
     cause = _controller_cause(error)
     if cause is None:
+        # A worker whose process died (os._exit, a signal, the OOM killer) left no traceback
+        trace = ("no traceback: the worker's process ended without one, for the reason "
+                 "above" if _process_died(_first_failure(error)[1])
+                 else "full traceback in the worker log above")
         return JobFailed(f"training failed after {max_failures} restart(s): "
-                         f"{root_cause(error)}\n(full traceback in the worker log above; "
-                         f"{kept()})", EXIT_FAILED)
+                         f"{root_cause(error)}\n({trace}; {kept()})", EXIT_FAILED)
     if isinstance(cause, NodeLostError):  # a lost node's workers found no room
         # On a line of its own: the rejection ends with its per-node reasons.
         return JobFailed(f"{cause}\n{kept('--resume once there is room')}", EXIT_NOT_PLACEABLE)
@@ -335,10 +338,8 @@ def _signal_handlers_kept():
         signal.signal(signal.SIGINT, handler)
 
 
-def root_cause(error: Exception) -> str:
-    """The first worker's original exception, not Ray Train's wrapper around it; a worker
-    whose process died first of all (its peers' collectives then fail, "Connection reset by
-    peer": rank 0's was named, blaming a healthy worker)."""
+def _first_failure(error: Exception) -> tuple[str, BaseException]:
+    """("worker rank N: " or "", the exception root_cause names)."""
     failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError
     if failures:
         rank, error = min(failures.items(), key=lambda item: (
@@ -347,7 +348,14 @@ def root_cause(error: Exception) -> str:
     else:
         error = getattr(error, "controller_failure", error)  # ray.train.ControllerError
         prefix = ""
-    cause = getattr(error, "cause", None) or error  # RayTaskError keeps the original as .cause
+    return prefix, getattr(error, "cause", None) or error  # (RayTaskError: the original)
+
+
+def root_cause(error: Exception) -> str:
+    """The first worker's original exception, not Ray Train's wrapper around it; a worker
+    whose process died first of all (its peers' collectives then fail, "Connection reset by
+    peer": rank 0's was named, blaming a healthy worker)."""
+    prefix, cause = _first_failure(error)
     died = _process_died(cause)
     if died:
         return f"{prefix}{died}"

@@ -102,6 +102,10 @@ def test_a_worker_whose_process_died_is_one_line_saying_so_not_rays_worker_dump(
     assert said[0] == ("training failed after 0 restart(s): worker rank 1: its process died "
                        f"(pid 21304 at 192.0.2.2): {why}")
     assert len(said) == 2  # and the line on the checkpoints
+    # A process that died left no traceback: the line pointed at one in the worker log
+    assert said[1] == ("(no traceback: the worker's process ended without one, for the reason "
+                       f"above; no checkpoint was saved in {RUN}: submit the job again, without "
+                       "--resume)"), said[1]
     # Its peers' collectives then fail ("Connection reset by peer"): the process that died is
     # the cause, whatever its rank (it named rank 0's gloo error, blaming a healthy worker).
     error.worker_failures = {0: RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error "
