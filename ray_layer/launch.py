@@ -359,7 +359,11 @@ def root_cause(error: Exception) -> str:
     died = _process_died(cause)
     if died:
         return f"{prefix}{died}"
-    first, newline, rest = str(cause).partition("\n")
+    try:
+        text = str(cause)
+    except Exception:  # (a loop's exception whose __str__ raises: a traceback here before)
+        text = "<str() failed>"
+    first, newline, rest = text.partition("\n")
     # Where a user's loop raised it (ray_layer/user_loop.py notes it on the worker): the
     # traceback is only in a worker's log, and a bare `assert` had no message at all.
     where = getattr(cause, RAISED_AT, None)

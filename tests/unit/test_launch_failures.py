@@ -354,3 +354,17 @@ def test_a_checkpoint_folder_whose_upload_failed_is_not_left_for_a_checkpoint(tm
     (run / "checkpoint_3").mkdir()
     assert launch._fit(SimpleNamespace(fit=lambda: "result"), run, 0) == "result"
     assert not (run / "checkpoint_3").exists()
+
+
+def test_a_loops_exception_whose_str_fails_is_one_line_not_a_driver_traceback():
+    # An exception whose __str__ itself raises gave a traceback from launch._failure on the
+    # driver, in place of the job's error line.
+    class Unprintable(Exception):
+        def __str__(self):
+            raise RuntimeError("no text")
+
+    error = RuntimeError("workers failed")
+    error.worker_failures = {0: Unprintable("x")}
+    said = str(launch._failure(error, RUN, max_failures=0)).splitlines()
+    assert said[0] == ("training failed after 0 restart(s): worker rank 0: Unprintable: "
+                       "<str() failed>"), said
