@@ -29,7 +29,7 @@ from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_FAILED,
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, LINE_FIELDS, METRICS_LOG, RUN_LOCK,
-                               json_figure, read_metrics_from, run_end)
+                               json_figure, read_metrics, read_metrics_from, run_end)
 from orchestrator.validation import expand_home
 
 
@@ -357,7 +357,8 @@ def submit(job, entry, resume: bool, address: str | None) -> int:
 def done_line(name: str, launched, run_dir: str | Path | None = None) -> str:
     """What a finished submit says: where it ran, its last checkpointed report and where
     that checkpoint is; a loop that saved none is told so, not shown `{}` and `None`, with
-    the `logs` command that reads its reports (`--run-dir` for a job file's own run_dir)."""
+    the `logs` command that reads its reports (`--run-dir` for a job file's own run_dir), or
+    that it reported nothing (its metrics log in `run_dir` holds no report)."""
     figures = ((k, json_figure(v) if getattr(v, "ndim", None) == 0 else v)  # (numpy's)
                for k, v in (launched.result.metrics or {}).items())
     metrics = {k: v for k, v in figures if isinstance(v, (int, float, str))}
@@ -365,6 +366,11 @@ def done_line(name: str, launched, run_dir: str | Path | None = None) -> str:
     moved = f"; preempted or moved {len(launched.yields)}x" if launched.yields else ""
     head = f"{name}: done on {len(launched.placement.worker_nodes)} worker(s)"
     if checkpoint is None:
+        directory = (Path(run_dir).expanduser() if run_dir is not None
+                     else DEFAULT_RUNS_ROOT.expanduser() / name)
+        if not read_metrics(directory):  # (`logs NAME` printed nothing)
+            return (f"{head}{moved}; the loop saved no checkpoint and reported nothing (pass "
+                    "metrics, and a checkpoint to make the run resumable, to launch.report)")
         return (f"{head}{moved}; the loop saved no checkpoint (pass one to launch.report to "
                 f"make the run resumable; its reports are in `{logs_command(name, run_dir)}`)")
     return (f"{head}; last checkpointed report {json.dumps(metrics)}{moved}\n"

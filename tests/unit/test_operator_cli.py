@@ -192,9 +192,12 @@ def test_place_exits_0_with_a_placement_and_3_when_the_job_cannot_be_placed(caps
     assert core.jobs(T0 + 6) == []  # a dry run reserves and queues nothing
 
 
-def test_a_finished_submit_says_when_the_loop_saved_no_checkpoint():
+def test_a_finished_submit_says_when_the_loop_saved_no_checkpoint(tmp_path, monkeypatch):
     from orchestrator.__main__ import done_line
+    from orchestrator.runs import append_metrics
 
+    monkeypatch.setattr("orchestrator.__main__.DEFAULT_RUNS_ROOT", tmp_path)
+    append_metrics(tmp_path / "j", {"step": 0}, None)  # it reported
     placement = SimpleNamespace(worker_nodes=["a", "b"])
     none = SimpleNamespace(result=SimpleNamespace(metrics={}, checkpoint=None),
                            placement=placement, yields=[])
@@ -209,11 +212,12 @@ def test_a_finished_submit_says_when_the_loop_saved_no_checkpoint():
                                      'checkpoint: /r/c')
 
 
-def test_a_finished_submit_points_logs_at_the_job_files_own_run_dir(tmp_path, capsys):
+def test_a_finished_submit_points_logs_at_the_job_files_own_run_dir(tmp_path, capsys,
+                                                                   monkeypatch):
     # A job file's run_dir: the printed `logs NAME` looked under the runs root instead and
     # failed, "error: no run directory ~/orchestrator-runs/NAME" (exit 2).
     from orchestrator.__main__ import done_line, print_logs
-    from orchestrator.runs import DEFAULT_RUNS_ROOT, append_metrics
+    from orchestrator.runs import append_metrics
 
     placement = SimpleNamespace(worker_nodes=["a"])
     none = SimpleNamespace(result=SimpleNamespace(metrics={}, checkpoint=None),
@@ -225,9 +229,31 @@ def test_a_finished_submit_points_logs_at_the_job_files_own_run_dir(tmp_path, ca
     assert print_logs("j", str(run_dir), follow=False) == 0
     assert "step" in capsys.readouterr().out
     # the runs root's own directory for the name needs no --run-dir
-    default = DEFAULT_RUNS_ROOT.expanduser() / "j"
+    monkeypatch.setattr("orchestrator.__main__.DEFAULT_RUNS_ROOT", tmp_path / "root")
+    append_metrics(tmp_path / "root" / "j", {"step": 0}, None)
+    default = tmp_path / "root" / "j"
     assert done_line("j", none, default).endswith("its reports are in `logs j`)")
     assert done_line("j", none, None).endswith("its reports are in `logs j`)")
+
+
+def test_a_finished_submit_of_a_loop_that_never_reported_says_so(tmp_path, monkeypatch):
+    # It pointed at `logs NAME` for the loop's reports, which printed nothing: there were none.
+    from orchestrator.__main__ import done_line
+    from orchestrator.runs import append_metrics
+
+    placement = SimpleNamespace(worker_nodes=["a", "b"])
+    none = SimpleNamespace(result=SimpleNamespace(metrics={}, checkpoint=None),
+                           placement=placement, yields=[])
+    run_dir = tmp_path / "j"
+    run_dir.mkdir()
+    assert done_line("j", none, run_dir) == (
+        "j: done on 2 worker(s); the loop saved no checkpoint and reported nothing (pass "
+        "metrics, and a checkpoint to make the run resumable, to launch.report)")
+    monkeypatch.setattr("orchestrator.__main__.DEFAULT_RUNS_ROOT", tmp_path)  # (no run_dir)
+    assert done_line("j", none).endswith("reported nothing (pass metrics, and a checkpoint "
+                                         "to make the run resumable, to launch.report)")
+    append_metrics(run_dir, {"step": 0}, None)
+    assert done_line("j", none).endswith("its reports are in `logs j`)")
 
 
 def test_a_finished_submit_shows_a_reports_numpy_figures(tmp_path):
