@@ -190,11 +190,7 @@ class Encoder:
     def text(self, text: str, where: str) -> tuple[int, ...]:
         if not text:
             raise bad_request(f"{where} must not be empty", "prompt")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate sent as \\ud800 in the JSON
-            raise bad_request(f"{where} is not valid Unicode: character {e.start} is an "
-                              "unpaired surrogate", where.split("[")[0])
+        refuse_lone_surrogates(text, where, where.split("[")[0])
         ids = tuple(self.tokenizer.encode(text))
         if not ids:  # a tokenizer may drop all of a text (WordPiece drops whitespace)
             raise bad_request(f"{where} encodes to no tokens with this model's tokenizer "
@@ -590,11 +586,7 @@ def _content(content: Any, where: str) -> str:
     if not isinstance(content, str):
         raise bad_request(f"{where}.content must be a string or a list of text parts, got "
                           f"{_json_type(content)}", "messages")
-    try:
-        content.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise bad_request(f"{where}.content is not valid Unicode: character {e.start} is an "
-                          "unpaired surrogate", "messages")
+    refuse_lone_surrogates(content, f"{where}.content", "messages")
     return content
 
 
@@ -643,11 +635,23 @@ def _stop(value: Any) -> tuple[str, ...]:
     if len(stops) > MAX_STOP_SEQUENCES:
         raise bad_request(f"stop holds {len(stops)} sequences; at most {MAX_STOP_SEQUENCES}",
                           "stop")
-    for s in stops:
+    for i, s in enumerate(stops):
         if not s or len(s) > MAX_STOP_CHARS:
             raise bad_request(f"each stop sequence must be 1-{MAX_STOP_CHARS} characters, got "
                               f"{json.dumps(s)}", "stop")
+        refuse_lone_surrogates(s, f"stop[{i}]" if isinstance(value, list) else "stop", "stop")
     return tuple(stops)
+
+
+def refuse_lone_surrogates(text: str, where: str, param: str) -> None:
+    """A 400 naming `where` when `text` holds a lone surrogate (JSON's "\\ud800"), which no
+    UTF-8 carries: a prompt, a message's content, a stop sequence (taken before 2026-12-07,
+    while the same in a prompt was refused)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{where} is not valid Unicode: character {e.start} is an unpaired "
+                          "surrogate", param) from None
 
 
 def _seed(value: Any) -> int | None:

@@ -77,6 +77,11 @@ def test_a_body_led_by_a_utf8_byte_order_mark_is_read():
     ({"prompt": "hi", "stop": 7}, "stop", "string or a list of strings"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ({"prompt": "hi", "stop": [""]}, "stop", "1-64 characters"),
+    # A lone surrogate (JSON "\\ud800") was taken in a stop string, refused in a prompt
+    ({"prompt": "hi", "stop": ["ok", "\ud800"]}, "stop",
+     "stop[1] is not valid Unicode: character 0 is an unpaired surrogate"),
+    ({"prompt": "hi", "stop": "a\udc00"}, "stop",
+     "stop is not valid Unicode: character 1 is an unpaired surrogate"),
     ({"prompt": "hi", "seed": 1.5}, "seed", "must be an integer"),
     ({"prompt": "hi", "seed": 2 ** 70}, "seed", "must be an integer"),
     ({"prompt": "hi", "stream": "yes"}, "stream", "true or false"),
