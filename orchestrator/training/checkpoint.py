@@ -561,6 +561,10 @@ def _load_sharded_whole(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"sharded checkpoint {directory} cannot be read: "
                               f"{_dcp_problem(e)}") from e
     meta.pop("sharded")
+    for entry in ("model", "optimizer"):  # (a bare KeyError before 2026-12-07)
+        if entry not in tensors:
+            raise CheckpointError(f"sharded checkpoint {directory} holds no '{entry}' entry "
+                                  "in its shards: not a training checkpoint")
     return {**meta, "model": tensors["model"], "optimizer": tensors["optimizer"],
             "pending_gradients": tensors.get("pending", {})}
 

@@ -669,3 +669,19 @@ def test_a_checkpoint_file_whose_stat_fails_is_a_checkpoint_problem(tmp_path, mo
             checkpoint.load_sharded_into(directory, {"model": {"w": torch.zeros(8, 8)}})
     assert str(caught.value) == (f"checkpoint file {directory / 'meta.pt'} cannot be read: "
                                  "Input/output error")
+
+
+@pytest.mark.parametrize("entries, missing", [
+    ({"model": {"w": torch.ones(2)}}, "optimizer"),
+    ({"optimizer": {"state": {"w": {"exp_avg": torch.ones(2)}}}}, "model"),
+])
+def test_a_sharded_checkpoint_missing_an_entry_is_refused_naming_it(tmp_path, entries, missing):
+    # Read whole (serving, export) it raised a bare KeyError: 'optimizer'.
+    from orchestrator.training.checkpoint import save_sharded
+
+    directory = tmp_path / "checkpoint_00000001"
+    save_sharded(directory, entries, {"step": 1}, rank=0)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(directory)
+    assert str(caught.value) == (f"sharded checkpoint {directory} holds no '{missing}' entry "
+                                 "in its shards: not a training checkpoint")
