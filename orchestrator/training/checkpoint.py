@@ -308,6 +308,9 @@ def _header(directory: Path, rank: int, world_size: int, verified: bool) -> dict
     _refuse_without_index(directory)
     # (checkpoints written before shards had digests have none: their shards go unchecked)
     digests = sorted((meta.pop(SHARD_DIGESTS, None) or {}).items())
+    for shard in () if digests else sorted(directory.glob("__*.distcp")):
+        if shard.stat().st_size == 0:  # (DCP's own: "cannot be read: EOFError", no file)
+            raise CheckpointError(f"checkpoint shard {shard} is empty (0 bytes)")
     for name, expected in () if verified else digests[rank::world_size]:
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint file missing: {directory / name}")

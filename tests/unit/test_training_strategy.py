@@ -685,3 +685,18 @@ def test_a_sharded_checkpoint_missing_an_entry_is_refused_naming_it(tmp_path, en
         load_checkpoint(directory)
     assert str(caught.value) == (f"sharded checkpoint {directory} holds no '{missing}' entry "
                                  "in its shards: not a training checkpoint")
+
+
+def test_an_empty_shard_without_a_digest_is_named_as_empty(tmp_path):
+    # Written before shard digests were recorded (read unchecked), an empty shard file (a
+    # crash mid-write) read only "cannot be read: EOFError", naming no file.
+    from orchestrator.training.checkpoint import checkpoint_problem
+
+    directory = sharded_checkpoint_without_digests(tmp_path)
+    shard = directory / "__0_0.distcp"
+    shard.write_bytes(b"")
+    said = f"checkpoint shard {shard} is empty (0 bytes)"
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(directory)
+    assert str(caught.value) == said
+    assert checkpoint_problem(directory) == said  # (a resume passes over it, saying so)
