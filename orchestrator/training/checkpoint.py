@@ -303,8 +303,11 @@ def _unreadable(directory: Path, error: OSError) -> CheckpointError:
 def _header(directory: Path, rank: int, world_size: int, verified: bool) -> dict[str, Any]:
     if not is_sharded_checkpoint(directory):
         _refuse_cut_short(directory)
-        return {**load_tensors(directory / STATE_FILE, verified=verified), "sharded": False}
+        state = load_tensors(directory / STATE_FILE, verified=verified)
+        _refuse_bad_step(state, directory / STATE_FILE)
+        return {**state, "sharded": False}
     meta = load_tensors(directory / SHARDED_META_FILE, verified=verified)
+    _refuse_bad_step(meta, directory / SHARDED_META_FILE)
     _refuse_without_index(directory)
     # (checkpoints written before shards had digests have none: their shards go unchecked)
     digests = sorted((meta.pop(SHARD_DIGESTS, None) or {}).items())
@@ -318,6 +321,15 @@ def _header(directory: Path, rank: int, world_size: int, verified: bool) -> dict
     if DCP_METADATA_FILE not in dict(digests):
         _read_index(directory)  # (unchecked by a digest: read here, not first by DCP)
     return {**meta, "sharded": True}
+
+
+def _refuse_bad_step(state: Any, where: Path) -> None:
+    """CheckpointError naming `where` when the state's `step` is there and is no integer >= 0
+    (passed on as it was before 2026-12-07: an export recorded 'step': 'x')."""
+    step = state.get("step") if isinstance(state, dict) else None
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+        raise CheckpointError(f"{where}: its 'step' must be an integer >= 0, got {step!r}: "
+                              "not a training checkpoint")
 
 
 def _refuse_unless_sharded(directory: Path) -> None:
@@ -620,6 +632,7 @@ def _described_model(state: Any, directory: str | os.PathLike):
     if not isinstance(state, dict) or not {"model", "config"} <= set(state):
         raise CheckpointError(f"{where} is not a training checkpoint: it needs 'model' and "
                               "'config' entries")
+    _refuse_bad_step(state, where)
     try:
         train_config = TrainConfig.from_dict(state["config"])
     except ConfigError as e:

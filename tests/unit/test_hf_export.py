@@ -1225,3 +1225,23 @@ def test_a_hugging_face_model_of_pickled_weights_is_named_as_one(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and f"checkpoint {model} is a Hugging Face model" in err, err
     assert "the training checkpoint it came from" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("step", ["x", -1, True, 2.5])
+def test_a_checkpoint_whose_step_is_no_step_is_refused_naming_the_field(tmp_path, step):
+    # Its step was passed on as it was: the export recorded 'step': 'x'.
+    from orchestrator.training.checkpoint import CheckpointError, checkpoint_header
+
+    config = TrainConfig(model_size="tiny", seq_len=32)
+    model = GPT(GPTConfig.from_train_config(config, vocab_size=config.vocab_size))
+    directory = tmp_path / "run" / "checkpoint_00000001"
+    save_checkpoint(directory, {"model": model.state_dict(), "config": config.to_dict(),
+                                "step": step})
+    said = (f"{directory / 'state.pt'}: its 'step' must be an integer >= 0, got {step!r}: "
+            "not a training checkpoint")
+    for read in (lambda: export_checkpoint(directory, tmp_path / "hf"),
+                 lambda: checkpoint_header(directory),  # (a resume's)
+                 lambda: load_model(directory)):
+        with pytest.raises(CheckpointError) as caught:
+            read()
+        assert str(caught.value) == said
