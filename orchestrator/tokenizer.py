@@ -313,7 +313,19 @@ def load_tokenizer_file(path: str | os.PathLike, flag: str = "--tokenizer") -> H
                              f"{_tokenizer_file_problem(path, e)}") from None
     if tok.get_vocab_size(with_added_tokens=True) < 1:
         raise TokenizerError(f"{flag}: tokenizer file {path} has an empty vocabulary")
-    return HFTokenizer(tok, str(path))
+    loaded = HFTokenizer(tok, str(path))
+    _check_vocabulary(loaded, tok, f"{flag}: tokenizer file {path}")
+    return loaded
+
+
+def _check_vocabulary(loaded: HFTokenizer, tok, where: str) -> None:
+    """TokenizerError (`where` names the flag and file) for a tokenizer a run cannot train
+    with: one whose tokens are all special (end-of-text alone: every text encoded to [])."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    if not set(vocab.values()) - loaded._textless:
+        special = ", ".join(repr(t) for t, _ in sorted(vocab.items(), key=lambda e: e[1]))
+        raise TokenizerError(f"{where} holds no token but its special ones ({special}): "
+                             "it encodes every text to nothing")
 
 
 # What a model folder holds instead of tokenizer.json: a slow transformers tokenizer's files.

@@ -245,3 +245,17 @@ def test_a_tokenizer_write_that_fails_leaves_the_old_file_and_no_temp_file(tmp_p
     assert "File too large" in done.stdout, (done.stdout, done.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
     assert (tmp_path / "tokenizer.json").read_bytes() == before
+
+
+def test_a_tokenizer_of_special_tokens_alone_is_refused_naming_the_file(tmp_path):
+    # Only <|endoftext|>: it loaded, and encoded every text to [] (nothing to train on).
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.BPE(vocab={}, merges=[]))
+    tok.add_special_tokens(["<|endoftext|>"])
+    path = tmp_path / "tokenizer.json"
+    with pytest.raises(TokenizerError, match=f"--tokenizer: tokenizer file {path} holds no "
+                       r"token but its special ones \('<\|endoftext\|>'\)"):
+        _saved(tok, path)
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>"))
+    _saved(words, path)  # (an unknown token is a token of text)
