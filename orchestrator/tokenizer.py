@@ -313,19 +313,32 @@ def load_tokenizer_file(path: str | os.PathLike, flag: str = "--tokenizer") -> H
                              f"{_tokenizer_file_problem(path, e)}") from None
     if tok.get_vocab_size(with_added_tokens=True) < 1:
         raise TokenizerError(f"{flag}: tokenizer file {path} has an empty vocabulary")
-    loaded = HFTokenizer(tok, str(path))
-    _check_vocabulary(loaded, tok, f"{flag}: tokenizer file {path}")
-    return loaded
+    _check_vocabulary(tok, f"{flag}: tokenizer file {path}")
+    return HFTokenizer(tok, str(path))
 
 
-def _check_vocabulary(loaded: HFTokenizer, tok, where: str) -> None:
+def _check_vocabulary(tok, where: str) -> None:
     """TokenizerError (`where` names the flag and file) for a tokenizer a run cannot train
-    with: one whose tokens are all special (end-of-text alone: every text encoded to [])."""
+    with: one whose tokens are all special (end-of-text alone: every text encoded to []), or
+    one whose largest id is far past its tokens (the model's vocabulary is that id + 1).
+    Checked on the `tokenizers` object, before HFTokenizer: its to_str of a file with an id
+    of 4e9 takes half a minute."""
     vocab = tok.get_vocab(with_added_tokens=True)
-    if not set(vocab.values()) - loaded._textless:
+    textless = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    if not set(vocab.values()) - textless - {_find_eos(tok)}:
         special = ", ".join(repr(t) for t, _ in sorted(vocab.items(), key=lambda e: e[1]))
         raise TokenizerError(f"{where} holds no token but its special ones ({special}): "
                              "it encodes every text to nothing")
+    token = max(vocab, key=vocab.__getitem__)
+    if vocab[token] + 1 > max(2 * len(vocab), SPARSE_IDS_FROM):
+        raise TokenizerError(f"{where}: token {token!r} has id {vocab[token]:,}, past twice "
+                             f"its {len(vocab):,} tokens (the model's vocabulary would be "
+                             f"{vocab[token] + 1:,} ids, nearly all unused): number its "
+                             "tokens from 0 without large gaps")
+
+
+# Ids below this are never refused as far past the tokens: a small embedding, whatever gaps.
+SPARSE_IDS_FROM = 1 << 16
 
 
 # What a model folder holds instead of tokenizer.json: a slow transformers tokenizer's files.

@@ -115,7 +115,8 @@ def test_a_tokenizer_files_truncation_padding_and_added_tokens_are_not_applied(t
 def test_a_vocabulary_with_holes_sizes_the_model_by_its_largest_id(tmp_path):
     from tokenizers import Tokenizer, models
 
-    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 70000}, unk_token="<unk>"))
+    vocab = {"<unk>": 0, "a": 1, **{f"w{i}": i for i in range(2, 40000)}, "b": 70000}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     loaded = _saved(tok, tmp_path / "tokenizer.json")
     assert loaded.vocab_size == 70001
     assert loaded.encode_arrays(["b"])[0].tolist() == [70000]  # not wrapped by uint16
@@ -259,3 +260,23 @@ def test_a_tokenizer_of_special_tokens_alone_is_refused_naming_the_file(tmp_path
         _saved(tok, path)
     words = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>"))
     _saved(words, path)  # (an unknown token is a token of text)
+
+
+@pytest.mark.parametrize("stray", [4_000_000_000, 10_000_000, 70_000])
+def test_a_stray_id_far_past_the_vocabulary_is_refused_naming_it(tmp_path, stray):
+    # One id of 4e9 among 257 made the model's vocabulary 4,000,000,001, and the run was then
+    # refused for memory naming --model-size and --batch-size, not the tokenizer.
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 300)}, "far": 300}
+    path = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(path))
+    spec = json.loads(path.read_text())
+    spec["model"]["vocab"]["far"] = stray  # (by hand: tokenizers' save of it takes 40 s)
+    path.write_text(json.dumps(spec))
+    with pytest.raises(TokenizerError, match=f"--tokenizer: tokenizer file {path}: token 'far' "
+                       f"has id {stray:,}, past twice its 301 tokens"):
+        load_tokenizer_file(path)
+    vocab["far"] = 65535  # (ids below 65,536 are never refused: a small embedding)
+    assert _saved(Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), path).vocab_size \
+        == 65536
