@@ -140,7 +140,7 @@ class HFTokenizer:
         spec = json.loads(self._json)
         # Byte-level tokenizers (GPT-2's kind, ours) spell each token in a printable alias of
         # its bytes; others are decoded in context (see _piece_bytes).
-        decoders = _decoder_types(spec.get("decoder"))
+        decoders = _types_of(spec.get("decoder"))
         self._byte_level = "ByteLevel" in decoders
         self._byte_fallback = "ByteFallback" in decoders
         # Tokens without text: special added tokens, and end-of-text even when it is a plain
@@ -233,13 +233,14 @@ def _anchor_of(tokenizer) -> list[int]:
     return anchor[-1:] if anchor else []
 
 
-def _decoder_types(decoder: dict | None) -> set[str]:
-    """The types of a tokenizer.json decoder, through Sequence decoders."""
-    if not decoder:
+def _types_of(component: dict | None, inner_key: str = "decoders") -> set[str]:
+    """The types of a tokenizer.json decoder (or pre-tokenizer, `inner_key` "pretokenizers"),
+    through Sequences."""
+    if not component:
         return set()
-    types = {decoder.get("type")}
-    for inner in decoder.get("decoders") or ():
-        types |= _decoder_types(inner)
+    types = {component.get("type")}
+    for inner in component.get(inner_key) or ():
+        types |= _types_of(inner, inner_key)
     return types
 
 
@@ -305,7 +306,8 @@ def load_tokenizer_file(path: str | os.PathLike, flag: str = "--tokenizer") -> H
     from tokenizers import Tokenizer as HFTok
 
     try:
-        tok = HFTok.from_str(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        tok = HFTok.from_str(text)
     except (OSError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{flag}: cannot read tokenizer file {path}: {e}") from None
     except Exception as e:  # tokenizers raises its own Exception for bad JSON / schema
@@ -314,6 +316,7 @@ def load_tokenizer_file(path: str | os.PathLike, flag: str = "--tokenizer") -> H
     if tok.get_vocab_size(with_added_tokens=True) < 1:
         raise TokenizerError(f"{flag}: tokenizer file {path} has an empty vocabulary")
     _check_vocabulary(tok, f"{flag}: tokenizer file {path}")
+    _check_lossless(tok, json.loads(text), f"{flag}: tokenizer file {path}")
     return HFTokenizer(tok, str(path))
 
 
@@ -335,6 +338,35 @@ def _check_vocabulary(tok, where: str) -> None:
                              f"its {len(vocab):,} tokens (the model's vocabulary would be "
                              f"{vocab[token] + 1:,} ids, nearly all unused): number its "
                              "tokens from 0 without large gaps")
+
+
+def _check_lossless(tok, spec: dict, where: str) -> None:
+    """TokenizerError for a BPE that drops a character outside its vocabulary without a
+    trace: one with no unknown token and no byte fallback, unless it is byte-level with all
+    256 byte tokens (trained on "hello world", "hello zebra é world" encoded as
+    'helloerworld', and a run trained on what was left). Other models raise on such text
+    (the tokenizing pass names the document) or have an unknown token."""
+    from tokenizers import models
+
+    model = tok.model
+    if not isinstance(model, models.BPE) or model.unk_token or model.byte_fallback:
+        return
+    fix = ("give it an unknown token (model.unk_token, in its vocabulary), or byte fallback "
+           "with the <0x00>..<0xFF> tokens, or train a byte-level BPE (--train-tokenizer N)")
+    if "ByteLevel" in _types_of(spec.get("pre_tokenizer"), "pretokenizers"):
+        vocab, table = tok.get_vocab(with_added_tokens=False), _byte_to_unicode()
+        lacking = [b for b in range(BYTE_VOCAB) if table[b] not in vocab]
+        if lacking:
+            raise TokenizerError(f"{where}: its byte-level vocabulary lacks {len(lacking)} of "
+                                 f"the 256 byte tokens (byte 0x{lacking[0]:02X}"
+                                 f"{' and others' if len(lacking) > 1 else ''}) and it has "
+                                 "no unknown token: text holding those bytes loses them "
+                                 f"silently; {fix}")
+        return
+    raise TokenizerError(f"{where}: its BPE has no unknown token (model.unk_token) and no "
+                         "byte fallback (model.byte_fallback): a character outside its "
+                         f"{tok.get_vocab_size():,} tokens is dropped from the text without "
+                         f"a trace; {fix}")
 
 
 # Ids below this are never refused as far past the tokens: a small embedding, whatever gaps.

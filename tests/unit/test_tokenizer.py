@@ -280,3 +280,35 @@ def test_a_stray_id_far_past_the_vocabulary_is_refused_naming_it(tmp_path, stray
     vocab["far"] = 65535  # (ids below 65,536 are never refused: a small embedding)
     assert _saved(Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), path).vocab_size \
         == 65536
+
+
+def test_a_bpe_that_would_drop_unknown_characters_silently_is_refused(tmp_path):
+    # A BPE with no unknown token and no byte fallback drops a character outside its
+    # vocabulary without a trace: trained on "hello world", "hello zebra é world" encoded as
+    # 'helloerworld', and a run trained on what was left.
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    def char_bpe(**model):
+        tok = Tokenizer(models.BPE(**model))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(
+            vocab_size=30, special_tokens=["<|endoftext|>", "<unk>"], show_progress=False))
+        return tok
+
+    path = tmp_path / "tokenizer.json"
+    with pytest.raises(TokenizerError, match=f"--tokenizer: tokenizer file {path}: its BPE "
+                       r"has no unknown token \(model.unk_token\) and no byte fallback "
+                       r"\(model.byte_fallback\): .*dropped"):
+        _saved(char_bpe(), path)
+    with_unk = _saved(char_bpe(unk_token="<unk>"), path)  # (what is lost is seen: <unk>)
+    assert with_unk.decode(with_unk.encode("hello zebra")).count("e") == 2
+    # A byte-level BPE with all 256 byte tokens loses nothing; one lacking some bytes does.
+    whole = train_bpe(["hello world"], 300)
+    _saved(Tokenizer.from_str(whole.to_json()), path)
+    lacking = Tokenizer(models.BPE())
+    lacking.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    lacking.train_from_iterator(["hello world"], trainers.BpeTrainer(
+        vocab_size=30, special_tokens=["<|endoftext|>"], show_progress=False))
+    with pytest.raises(TokenizerError, match=r"its byte-level vocabulary lacks 24[0-9] of "
+                       r"the 256 byte tokens \(byte 0x00 and others\)"):
+        _saved(lacking, path)
