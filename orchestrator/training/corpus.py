@@ -750,7 +750,7 @@ def check_text_head(source: SourceFile) -> None:
     try:  # not final: a character cut at the 64 KiB mark is not an error
         codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < TEXT_HEAD_BYTES)
     except UnicodeDecodeError as e:
-        line = head.count(b"\n", 0, e.start) + 1
+        line = _txt_line_ends(head, e.start) + 1
         raise DataError(f"{source.uri}:{line}: not UTF-8 text near byte {e.start}"
                         f"{_encoding_hint(head)}") from None
 
@@ -799,15 +799,17 @@ def _nul_problem(data: bytes, file_start: bool) -> tuple[int, str] | None:
                 "UTF-16 or UTF-32): save it as UTF-8")
 
 
-def _refuse_nul(source: SourceFile, data: bytes, lines_before: int, bytes_before: int
-                ) -> None:
+def _refuse_nul(source: SourceFile, data: bytes, lines_before: int, bytes_before: int,
+                cr_before: bool = False) -> None:
     """DataError naming the file, the line and the byte of `data` (a file's head or one of
-    its chunks, after `lines_before` line ends and `bytes_before` bytes) where NUL bytes say
-    the text is not UTF-8 (_nul_problem)."""
+    its chunks, after `lines_before` line ends and `bytes_before` bytes, the last a CR not
+    counted yet when `cr_before`) where NUL bytes say the text is not UTF-8 (_nul_problem).
+    Lines are counted as the file's reader cuts them: a lone CR ends a .txt line too."""
     problem = _nul_problem(data, file_start=not bytes_before)
     if problem is not None:
         at, why = problem
-        line = lines_before + data.count(b"\n", 0, at) + 1
+        line = lines_before + 1 + (_txt_line_ends(data, at, cr_before)
+                                   if source.format == "txt" else data.count(b"\n", 0, at))
         raise DataError(f"{source.uri}:{line}: not UTF-8 text near byte {bytes_before + at}: "
                         f"{why}")
 
@@ -914,24 +916,27 @@ def _txt_documents(source: SourceFile, _field: str, _skip: bool, _skipped: list[
     buffer, index, consumed, start = "", 0, 0, b""
     before = ""  # the line ends a run of spaces given out in pieces left open (_open_run)
     lines = 0  # line ends in the bytes decoded so far (the bad byte's line, for messages)
+    cr = False  # whether those bytes end with a CR, not counted in `lines` yet
     first_line = 1  # the next piece's
     with fs.open_input_stream(path) as f:
         while True:
             chunk = f.read(READ_CHUNK)
             start = start or chunk[:MAGIC_BYTES]
             if _known_start(start) is None:  # (UTF-16 with its mark, compressed: said below)
-                _refuse_nul(source, chunk, lines, consumed)
+                _refuse_nul(source, chunk, lines, consumed, cr)
             try:
                 buffer += decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as e:
                 # e.start counts in e.object: the chunk, after the last chunk's unfinished
                 # character and without a byte-order mark (neither holds a line end)
-                line = lines + e.object.count(b"\n", 0, e.start) + 1
+                line = lines + _txt_line_ends(e.object, e.start, cr) + 1
                 raise DataError(f"{source.uri}:{line}: not UTF-8 text near byte "
                                 f"{consumed + len(chunk) - len(e.object) + e.start}"
                                 f"{_encoding_hint(start)}") from None
             consumed += len(chunk)
-            lines += chunk.count(b"\n")
+            # (a CR ending the chunk waits: the next chunk's LF may make it a CRLF)
+            lines += _txt_line_ends(chunk, len(chunk) - chunk.endswith(b"\r"), cr)
+            cr = chunk.endswith(b"\r")
             lone_cr = _lone_cr(buffer)  # (most text holds none: the faster search)
             # Before the end, only text up to the buffer's last non-space is cut, and its
             # last piece waits for more: every cut is then where it falls in the whole text,
@@ -1023,6 +1028,14 @@ def _open_run(given: str) -> str:
 def _lone_cr(text: str) -> bool:
     """Whether `text` holds a CR that is no CRLF's (most text holds no CR at all)."""
     return "\r" in text and _LONE_CR.search(text) is not None
+
+
+def _txt_line_ends(data: bytes, end: int, cr_before: bool = False) -> int:
+    """_line_ends of .txt bytes `data[:end]` (a CR at `end` - 1 counts: the byte at `end`, a
+    bad one, is no LF), after bytes ending in a CR not counted yet when `cr_before` (a line
+    end unless `data` starts with its LF)."""
+    return (data.count(b"\n", 0, end) + data.count(b"\r", 0, end)
+            - data.count(b"\r\n", 0, end) + (cr_before and not data.startswith(b"\n")))
 
 
 def _line_ends(text: str) -> int:

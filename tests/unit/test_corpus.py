@@ -1276,6 +1276,25 @@ def test_a_txt_byte_that_is_not_utf8_is_named_by_line(tmp_path, monkeypatch, chu
         list(iter_documents(source))
 
 
+@pytest.mark.parametrize("chunk", [corpus_module.READ_CHUNK, 1, 2, 3, 7])
+@pytest.mark.parametrize("bad", [b"\xe9 au lait\r", b"\0" * 64], ids=["latin1", "nul"])
+def test_a_txt_bad_bytes_line_counts_lone_cr_line_ends(tmp_path, monkeypatch, chunk, bad):
+    """A lone CR ends a .txt line (an old Mac file), as the reader cuts documents; the
+    'not UTF-8' and NUL messages counted LF alone: line 1 in a CR-only file, whatever the
+    line. A CRLF is one line end, also when a read cuts it between its CR and LF."""
+    monkeypatch.setattr("orchestrator.training.corpus.READ_CHUNK", chunk)
+    text = tmp_path / "mac.txt"
+    data = b"one\r\rtwo\r\nthree\rfour caf" + bad
+    text.write_bytes(data)
+    source, = expand_sources([str(text)])
+    at = data.index(bad[:1])
+    message = rf"^{text}:5: not UTF-8 text near byte {at}[;:] "
+    with pytest.raises(DataError, match=message):
+        check_text_head(source)
+    with pytest.raises(DataError, match=message):
+        list(iter_documents(source))
+
+
 def _rewritten_in_place(path, old: bytes, new: bytes) -> None:
     """`path` with `old` replaced by `new` (as long), its modification time put back, as
     `cp -p` of an edited copy or `rsync --times` leave it."""
