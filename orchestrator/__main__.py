@@ -23,13 +23,13 @@ from typing import Any
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.entrypoints import EntrypointError, load_entrypoint
 from orchestrator.inventory import GIB, NodeReport
-from orchestrator.file_lock import holder_gone
+from orchestrator.file_lock import held_by_none, holder_gone
 from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_FAILED,
                                   EXIT_NOT_PLACEABLE, JobFailed, on_one_line, run_job)
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
-from orchestrator.runs import (DEFAULT_RUNS_ROOT, LINE_FIELDS, METRICS_LOG, RUN_LOCK,
-                               json_figure, read_metrics, read_metrics_from, run_end)
+from orchestrator.runs import (DEFAULT_RUNS_ROOT, ENDED_FILE, LINE_FIELDS, METRICS_LOG,
+                               RUN_LOCK, json_figure, read_metrics, read_metrics_from, run_end)
 from orchestrator.validation import expand_home
 
 
@@ -418,10 +418,12 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
     if not directory.is_dir():  # a job just submitted makes it when it is launched
         print(f"waiting for {directory} (the job's first report" + (f"; {hint})" if hint else ")"),
               file=sys.stderr, flush=True)
-    offset, seen = 0, None  # (each poll reads only what was appended since the last)
+    # (each poll reads only what was appended since the last)
+    offset, seen, free = 0, None, None
     try:
         while True:
             file = log_identity(directory)
+            unchanged = seen is not None and file == seen
             if seen is not None and _replaced(seen, file):
                 offset = 0  # a new history: shown from its start when it comes
                 print(f"({directory / METRICS_LOG} was removed or replaced: a new run's "
@@ -431,6 +433,11 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
             # driver before its end: one that wrote its end and exited is not taken as killed)
             gone = holder_gone(directory / RUN_LOCK) if follow else None
             ended = run_end(directory) if follow else None
+            # (reports but no writer: at two looks in a row, as a run starting in a folder of
+            # reports takes its lock a moment after the folder is there, and nothing written
+            # between them: a writer that takes no lock, bench_train's, runs while it writes)
+            free_before, free = free, (held_by_none(directory / RUN_LOCK)
+                                       if follow and file is not None and file[1] else None)
             try:
                 records, offset = read_metrics_from(directory, offset)
             except OSError as e:  # not its absence (no reports yet): unreadable
@@ -452,6 +459,12 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
                       "recording how it ended (killed outright: kill -9, out of memory); "
                       "--resume continues it from its last checkpoint)", file=sys.stderr,
                       flush=True)
+                return EXIT_FAILED
+            if free is not None and free_before is not None and unchanged:
+                print(f"(the run is not running: no process holds its {RUN_LOCK} ({free}) and "
+                      f"it recorded no end ({ENDED_FILE}): a run from before runs were locked, "
+                      "or a copied folder; --resume continues it from its last checkpoint)",
+                      file=sys.stderr, flush=True)
                 return EXIT_FAILED
             time.sleep(every_s)
     except KeyboardInterrupt:

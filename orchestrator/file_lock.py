@@ -104,6 +104,23 @@ def holder_gone(path: Path) -> str | None:
         return None
 
 
+def held_by_none(path: Path) -> str | None:
+    """Why no process holds the lock file `path` nor is named by it: "there is none", or
+    "which names no holder" (made by hand, or file_lock's a moment before its flock); None
+    while one may: held (its holder's line written or not yet), a holder named (holder_gone
+    judges it), or no flock on the filesystem to ask. A run folder with reports and such a
+    lock has no writer (a run from before the lock, a copied folder)."""
+    try:
+        with open(path, errors="replace") as f:
+            if _HOLDER.match(f.read().strip()):
+                return None
+            return "which names no holder" if flock_held(f) is False else None
+    except FileNotFoundError:
+        return "there is none"
+    except OSError:
+        return None
+
+
 def flock_held(f: IO) -> bool | None:
     """Whether some process holds an flock on open file `f`, asked by taking it shared for a
     moment (never waited for); None where its filesystem has no flock. The word on whether a

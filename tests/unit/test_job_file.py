@@ -1670,6 +1670,69 @@ def test_logs_follow_exits_once_the_run_has_ended(tmp_path, monkeypatch, capsys)
     assert "step 0: loss=3" in out.out and sleeps == [] and "ended" in out.err, (out, sleeps)
 
 
+def test_logs_follow_stops_on_a_run_no_process_holds_and_follows_one_starting(
+        tmp_path, monkeypatch, capsys):
+    # A run folder with reports but no .run.lock (a run from before the lock, a copied
+    # folder) and no end was followed for ever: no writer can add to it. It is now said not
+    # to be running, after a second look (a run starting there takes the lock a moment after
+    # its folder is there); a lock held, even before its holder's line is written, or taken
+    # between the two looks, is followed.
+    import fcntl
+
+    from orchestrator import __main__ as cli
+    from orchestrator.job_exit import EXIT_FAILED
+    from orchestrator.runs import RUN_LOCK, append_metrics
+
+    run_dir = tmp_path / "alpha"
+    append_metrics(run_dir, {"step": 7, "loss": 2.0}, None)
+    sleeps = []
+
+    def sleep(seconds, then=None):
+        sleeps.append(seconds)
+        if then is not None and len(sleeps) == 1:
+            then()
+        if len(sleeps) > 4:
+            raise KeyboardInterrupt  # (before the fix: it never stopped on its own)
+    monkeypatch.setattr(cli.time, "sleep", sleep)
+    assert cli.print_logs("alpha", str(run_dir), follow=True, every_s=0.01) == EXIT_FAILED
+    out = capsys.readouterr()
+    assert "step 7: loss=2" in out.out and len(sleeps) == 1, (out, sleeps)
+    assert "the run is not running" in out.err and RUN_LOCK in out.err, out.err
+    # A lock file no process holds and that names no holder (made by hand): the same.
+    (run_dir / RUN_LOCK).write_text("")
+    sleeps.clear()
+    assert cli.print_logs("alpha", str(run_dir), follow=True, every_s=0.01) == EXIT_FAILED
+    assert "not running" in capsys.readouterr().err and len(sleeps) == 1
+    # Held, its holder's line not written yet (file_lock between its flock and its write):
+    # followed until Ctrl-C.
+    with open(run_dir / RUN_LOCK, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        sleeps.clear()
+        assert cli.print_logs("alpha", str(run_dir), follow=True, every_s=0.01) == 0
+        assert len(sleeps) == 5 and "not running" not in capsys.readouterr().err
+    # No lock at the first look; a run starting takes it before the second: followed.
+    (run_dir / RUN_LOCK).unlink()
+    taken = []
+
+    def start():
+        taken.append(open(run_dir / RUN_LOCK, "a+"))
+        fcntl.flock(taken[0], fcntl.LOCK_EX)
+    sleeps.clear()
+    monkeypatch.setattr(cli.time, "sleep", lambda s: sleep(s, then=start))
+    try:
+        assert cli.print_logs("alpha", str(run_dir), follow=True, every_s=0.01) == 0
+        assert len(sleeps) == 5 and "not running" not in capsys.readouterr().err
+    finally:
+        taken[0].close()
+    # A folder with no reports yet and no lock (made before its run takes the lock):
+    # waited on.
+    (tmp_path / "beta").mkdir()
+    sleeps.clear()
+    monkeypatch.setattr(cli.time, "sleep", sleep)
+    assert cli.print_logs("beta", str(tmp_path / "beta"), follow=True, every_s=0.01) == 0
+    assert len(sleeps) == 5
+
+
 def test_a_run_lock_held_is_never_taken_for_a_gone_driver_nor_a_free_one_for_a_live_one(
         tmp_path):
     # holder_gone judged by the pid alone: a driver in a container sharing this host's name
