@@ -56,6 +56,7 @@ import numpy as np
 from orchestrator.config import ACCELERATOR_SPEED
 from orchestrator.inventory import (GIB, LABEL_NETWORK_GBPS, LABEL_NETWORK_GROUP, ClusterState,
                                     GpuInfo, NodeReport)
+from orchestrator.validation import parse_number
 
 # Gavel's measured throughputs (Narayanan et al., OSDI 2020), per job type and accelerator.
 GAVEL_CSV = Path(__file__).resolve().parents[1] / "data" / "gavel_throughputs.csv"
@@ -271,11 +272,11 @@ def parse_cluster_spec(text: str) -> ClusterSpec:
         if kind not in GPU_TYPES:
             raise fail(part, f"unknown GPU type {kind!r}; known: {', '.join(GPU_TYPES)}")
         gpus, x, count = shape.lower().partition("x")
-        try:
-            gpus_i, count_i = int(gpus), int(count)
-        except ValueError:
-            raise fail(part, "expected TYPE:GPUSxSERVERS with whole numbers, e.g. v100:8x40") \
-                from None
+        try:  # (parse_number: `1_0` and non-ASCII digits, which int() takes, are refused)
+            gpus_i, count_i = (parse_number(n.strip(), whole=True) for n in (gpus, count))
+        except ValueError as e:
+            raise fail(part, "expected TYPE:GPUSxSERVERS with whole numbers, e.g. v100:8x40"
+                       + (f" ({e})" if str(e) else "")) from None
         if not x or not 1 <= gpus_i <= 64 or count_i < 1:
             raise fail(part, "need 1 <= GPUs per server <= 64 and >= 1 server")
         # Each server is built as a node of the ClusterState: a typo such as 8x99999999 ran
@@ -296,10 +297,11 @@ def parse_cluster_spec(text: str) -> ClusterSpec:
             raise fail(part, f"{key} is given twice")
         given.add(key)
         try:
-            number = int(value) if key == "rack" else float(value)
-        except ValueError:
-            raise fail(part, "rack must be a whole number" if key == "rack"
-                       else f"{key} must be a number") from None
+            number = parse_number(value, whole=key == "rack")
+        except ValueError as e:
+            raise fail(part, ("rack must be a whole number" if key == "rack"
+                              else f"{key} must be a number") + (f" ({e})" if str(e) else "")
+                       ) from None
         if not (math.isfinite(number) and number > 0):
             raise fail(part, f"{key} must be > 0")
         if key != "rack" and number < MIN_GBPS:

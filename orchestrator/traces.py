@@ -50,6 +50,7 @@ from pathlib import Path
 
 from orchestrator.cluster_model import GAVEL_JOB_TYPES
 from orchestrator.config import ACCELERATOR_ALIASES, ACCELERATOR_FAMILIES, MAX_WORKERS
+from orchestrator.validation import parse_number
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 PHILLY_CSV = DATA_DIR / "philly.csv"
@@ -141,11 +142,18 @@ def unknown_family_reason(unknown: tuple[str, ...]) -> str:
     return f"unknown accelerator family {'|'.join(unknown)}{hint}"
 
 
-def _float(value: str, name: str, where: str, minimum: float, strict: bool) -> float:
+def _number(value: str, name: str, where: str) -> float:
+    """A field as written (validation.parse_number: `1_000` and non-ASCII digits, which
+    float() takes, are refused), or a TraceError naming the file, line and column."""
     try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise TraceError(f"{where}: {name} is not a number: {value!r}") from None
+        return parse_number(value)
+    except ValueError as e:
+        raise TraceError(f"{where}: {name} is not a number: {value!r}"
+                         + (f" ({e})" if str(e) else "")) from None
+
+
+def _float(value: str, name: str, where: str, minimum: float, strict: bool) -> float:
+    x = _number(value, name, where)
     if not math.isfinite(x) or x < minimum or (strict and x == minimum):
         bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
         raise TraceError(f"{where}: {name} must be a finite number {bound}, got {value!r}")
@@ -177,10 +185,7 @@ def _check_span(path, stamps, name: str, tail: str):
 
 
 def _int(value: str, name: str, where: str) -> int:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise TraceError(f"{where}: {name} is not a number: {value!r}") from None
+    x = _number(value, name, where)
     if not math.isfinite(x) or x != int(x) or not 1 <= x <= MAX_GPUS:
         raise TraceError(f"{where}: {name} must be an integer in [1, {MAX_GPUS}], "
                          f"got {value!r}")

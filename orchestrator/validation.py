@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -34,6 +35,34 @@ def is_number(value: Any) -> bool:
     if isinstance(value, int):
         return abs(value) <= sys.float_info.max  # exact: Python compares int and float exactly
     return math.isfinite(value)
+
+
+# A number as a person writes it in a file or a spec: ASCII digits, a sign, a point and an
+# exponent (`100`, `2.5`, `.5`, `1e3`), or inf / nan (for the caller's own "finite" check).
+# float() and int() also take `1_000` (1000), other scripts' digits (Arabic-Indic `١٠`, 10)
+# and spaces around: a trace row `0,100,1_000` replayed as 1000 GPUs.
+_DECIMAL = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?|inf|infinity|nan)",
+                      re.ASCII | re.IGNORECASE)
+_WHOLE = re.compile(r"[+-]?\d+", re.ASCII)
+
+
+def parse_number(text: str, whole: bool = False) -> float | int:
+    """`text` as a float (an int where `whole`) in plain decimal or scientific notation;
+    ValueError otherwise, its message saying why where float()/int() would have taken it
+    (an underscore, a digit other than 0-9, a space around it), else empty. (The traces'
+    numbers, the simulator's --cluster spec.)"""
+    if (_WHOLE if whole else _DECIMAL).fullmatch(text):
+        return int(text) if whole else float(text)
+    odd = next((c for c in text if not c.isascii() and (c.isdigit() or c.isnumeric())), None)
+    if odd is not None:
+        raise ValueError(f"{odd!r} (U+{ord(odd):04X}) is not a digit 0-9")
+    if "_" in text:
+        plain = text.replace("_", "")
+        raise ValueError("'_' is not read as a digit separator" + (
+            f": write {plain}" if (_WHOLE if whole else _DECIMAL).fullmatch(plain) else ""))
+    if text != text.strip():
+        raise ValueError("space around it")
+    raise ValueError("")
 
 
 def expand_home(path: Any, what: str, error: type[Exception] = ValueError) -> Path:

@@ -356,6 +356,23 @@ def test_cluster_spec_rack_must_be_whole_and_options_given_once():
         parse_cluster_spec("v100:8x4;rack=2;rack=3")
 
 
+@pytest.mark.parametrize("text, part, why", [
+    # int() and float() took these: v100:8x1_0 read as 10 servers
+    ("v100:8x1_0", "v100:8x1_0", "'_'"), ("v100:1_6x2", "v100:1_6x2", "'_'"),
+    ("v100:8x\u0662", "v100:8x\u0662", "'\u0662'"),  # Arabic-Indic 2
+    ("v100:8x2;rack=1_6", "rack=1_6", "'_'"),
+    ("v100:8x2;rack_gbps=1_2.5", "rack_gbps=1_2.5", "'_'"),
+    ("v100:8x2;inter_gbps=\uff12", "inter_gbps=\uff12", "'\uff12'"),  # full-width 2
+])
+def test_cluster_spec_refuses_underscores_and_other_digits_naming_the_part(text, part, why):
+    with pytest.raises(ClusterSpecError) as e:
+        parse_cluster_spec(text)
+    assert f"part '{part}'" in str(e.value) and why in str(e.value), str(e.value)
+    # Plain notation, spaces around the separators included, still reads.
+    spec = parse_cluster_spec("v100: 8 x 2 ;rack= 4;rack_gbps=2.5e1;inter_gbps=.5")
+    assert (spec.servers, spec.rack, spec.rack_gbps, spec.inter_gbps) == (2, 4, 25.0, 0.5)
+
+
 @pytest.mark.parametrize("part", ["inter_gbps=1e-320", "rack_gbps=1e-300", "inter_gbps=0.0009"])
 def test_cluster_spec_refuses_a_bandwidth_below_1_mb_per_s(tmp_path, capsys, part):
     # inter_gbps=1e-320 made a spread job's speed 0: ZeroDivisionError from the replay;

@@ -237,3 +237,31 @@ def test_philly_timestamps_spanning_over_31_years_are_refused_naming_both_lines(
     ok = write(tmp_path, PHILLY + "2017-10-09 07:01:55,100,1\n2047-10-09 07:01:55,100,1\n",
                "ok.csv")
     assert [j.submit_time_s for j in prepare(load_trace(ok, "philly"))][0] == 0
+
+
+@pytest.mark.parametrize("fmt, row, column, why", [
+    # float() and int() took these: `0,100,1_000` replayed as 1000 GPUs
+    ("canonical", "0,100,1_0", "num_gpus", "'_'"),
+    ("canonical", "0,1_00.5,1", "duration_s", "'_'"),
+    ("canonical", "1_5,100,1", "submit_time_s", "'_'"),
+    ("canonical", "0,100,\u0661\u0660", "num_gpus", "'\u0661'"),  # Arabic-Indic 10
+    ("canonical", "0,\uff11\uff10,1", "duration_s", "'\uff11'"),  # full-width 10
+    ("philly", "2017-10-09 07:01:55,100,1_0", "num_gpus", "'_'"),
+    ("philly", "2017-10-09 07:01:55,\u0966\u0967,1", "duration", "'\u0966'"),  # Devanagari
+])
+def test_numbers_with_underscores_or_other_digits_are_refused_naming_line_and_column(
+        tmp_path, fmt, row, column, why):
+    path = write(tmp_path, (CANONICAL if fmt == "canonical" else PHILLY)
+                 + ("0,100,1\n" if fmt == "canonical" else "2017-10-09 07:01:50,100,1\n")
+                 + row + "\n")
+    with pytest.raises(TraceError) as e:
+        load_trace(path, fmt)
+    message = str(e.value)
+    assert message.startswith(f"{path}:3: {column} is not a number: "), message
+    assert why in message, message
+
+
+def test_plain_decimal_and_scientific_numbers_still_read(tmp_path):
+    path = write(tmp_path, CANONICAL + "0,100,1\n.5,1e2,8.0\n+2.5E1, 7.25 ,2e0\n")
+    assert [(j.submit_time_s, j.duration_s, j.num_gpus) for j in load_trace(path, "canonical")] \
+        == [(0, 100, 1), (0.5, 100, 8), (25, 7.25, 2)]
