@@ -1945,7 +1945,7 @@ class SchedulerCore:
         budget = self.settings.failed_placements_per_pass
         denials = BACKFILL_DENIALS_PER_PASS
         plans: list[_HeadPlan] = []  # [0]: the head's; then see _plan_blocked
-        holding: dict[int, set[int]] = {}  # (_plan_blocked)
+        holding: dict = {}  # (_plan_blocked)
         blocked: list[QueuedJob] = []  # could not start now: they may preempt (below)
         refused = False  # a job was refused as backfill (see _repass_due)
         for job in self.queue.ordered():
@@ -2034,7 +2034,7 @@ class SchedulerCore:
         return outcome
 
     def _plan_blocked(self, plans: list[_HeadPlan], job: QueuedJob, now: float,
-                      free_gpus: dict[int, int], holding: dict[int, set[int]]) -> None:
+                      free_gpus: dict[int, int], holding: dict) -> None:
         """EASY's reservation for a job that could not start: the head's, and also the first
         blocked job's on nodes no earlier plan could use (the head's reservation covers only
         its families: an 8-GPU A100-only job behind a T4-only head was passed by every 4-GPU
@@ -2042,7 +2042,8 @@ class SchedulerCore:
         found by a family look-up before any plan is made (a long queue costs no more):
         the families it names that have a node with GPUs enough for one of its workers
         (`holding`, per pass: GPUs per worker -> family codes; by its names alone, an 8-GPU
-        A100-or-T4 job behind a T4 head got no plan though no 4-GPU T4 node could hold it).
+        A100-or-T4 job behind a T4 head got no plan though no 4-GPU T4 node could hold it;
+        and (GPUs per worker, accelerator_types) -> the codes a plan already covers).
         A job whose victims are yielding (_preempt_for_blocked) gets one on any nodes: its
         start is "now" once they have, and without it a job behind it took the room the first
         victim freed, and it waited on with its preemption spent."""
@@ -2054,16 +2055,23 @@ class SchedulerCore:
             if not preempting:
                 if not job.spec.gpus_per_worker:
                     return  # (a CPU job may use every node: behind another plan, none is its own)
+                per_worker = job.spec.gpus_per_worker
+                # (per_worker, accelerator_types) a plan already covers: plans are only
+                # added within a pass, so a job alike behind it needs no look-up (a pass
+                # over a long queue made one per waiting job)
+                covered = (per_worker, job.spec.accelerator_types)
+                if covered in holding:
+                    return
                 named = allowed_families(job.spec)
                 codes = {t.families[f] for f in named if f in t.families} if named \
                     else set(t.families.values())
-                per_worker = job.spec.gpus_per_worker
                 if per_worker not in holding:
                     n = len(t)
                     holding[per_worker] = set(
                         np.unique(t.family[:n][t.gpus[:n] >= per_worker]).tolist())
                 codes &= holding[per_worker]
                 if any(codes & p.families for p in plans):
+                    holding[covered] = codes
                     return
         plan = self._head_plan(job, now, free_gpus)
         if plans and not preempting and any((plan.usable & p.usable).any() for p in plans):
@@ -2078,7 +2086,7 @@ class SchedulerCore:
         head first): _plan_blocked's, asked again where a pass's plans are judged later (a
         preemption's start, a migration)."""
         plans: list[_HeadPlan] = []
-        holding: dict[int, set[int]] = {}
+        holding: dict = {}
         for job in blocked:
             self._plan_blocked(plans, job, now, free_gpus, holding)
         return plans
