@@ -234,6 +234,9 @@ class _AsIfYielded:
         self.held: dict[str, tuple | None] = {}
         # victim -> (table row, GPU slots, their measured free GiB), shown free meanwhile
         self.memory: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        # (row, slot) of every entry in `memory`: kept as victims come and go (rebuilt from
+        # `memory` on every add, it was quadratic in the victims of one search)
+        self.shown: set[tuple[int, int]] = set()
         # victim -> (table row, host RAM GiB shown available for it meanwhile); and each such
         # row's measured figure, put back as it was once no victim shows RAM there
         self.ram: dict[str, list[tuple[int, float]]] = {}
@@ -263,6 +266,7 @@ class _AsIfYielded:
         table = self.core.state.table
         for row, slots, measured in self.memory.pop(victim):
             table.gpu_free_gib[row, slots] = measured
+            self.shown.difference_update((row, int(slot)) for slot in slots)
         for row, shown in self.ram.pop(victim):
             table.ram_available_gib[row] -= shown
         for row in [row for row in self.ram_measured  # (exactly as measured, no rounding)
@@ -278,8 +282,7 @@ class _AsIfYielded:
         table, shown = self.core.state.table, []
         # (row, slot) already shown free for another victim: that one's (taken again, its
         # measured figure was overwritten for good when the two were put back)
-        others = {(row, int(slot)) for entries in self.memory.values()
-                  for row, slots, _ in entries for slot in slots}
+        others = self.shown
         for r in reservations:
             row = table.index.get(r.node_id)
             if not r.gpus or row is None:
@@ -290,6 +293,7 @@ class _AsIfYielded:
             slots = present[np.argsort(free[present] - total[present], kind="stable")][:r.gpus]
             shown.append((row, slots, free[slots].copy()))
             free[slots] = total[slots]
+        others.update((row, int(slot)) for row, slots, _ in shown for slot in slots)
         return shown
 
     def _show_ram_free(self, reservations) -> list[tuple[int, float]]:

@@ -2977,3 +2977,23 @@ def test_a_passes_plans_are_looked_up_once_per_kind_of_blocked_job(monkeypatch):
     assert [p.job for p in plans] == ["w0"]
     assert len(calls) <= 4, len(calls)  # (one per kind of job, not per job: was 39)
 
+
+def test_victims_shown_free_are_kept_as_one_set_as_they_come_and_go():
+    # The slots shown free were gathered from every victim's entries again on each add:
+    # quadratic in the victims of one search.
+    from orchestrator.scheduler_core import _AsIfYielded
+
+    core = core_with(gpu_node("a", gpus=8), gpu_node("b", gpus=8))
+    for i in range(8):
+        core.submit(gpus(f"v{i}", 2), "d", T0)
+    names = [f"v{i}" for i in range(8)]
+    with _AsIfYielded(core, names) as thought:
+        def gathered():
+            return {(row, int(s)) for entries in thought.memory.values()
+                    for row, slots, _ in entries for s in slots}
+        assert thought.shown == gathered() and len(thought.shown) == 16
+        for name, left in (("v3", 14), ("v0", 12)):
+            thought.take_back(name)
+            assert thought.shown == gathered() and len(thought.shown) == left
+        thought.add("v3")
+        assert thought.shown == gathered() and len(thought.shown) == 14
