@@ -96,8 +96,9 @@ def test_small_traces_end_with_a_json_line_of_every_policy_and_section(capsys, m
         "usable_gpus_busy_while_waiting"]
 
 
-def test_the_sweep_runs_only_the_policies_asked_for(capsys, monkeypatch):
-    # --policies hetero-las: the sweep replayed FIFO at 0.5x and 2x all the same.
+def _small_constrained_trace_replays_recorded(monkeypatch) -> list[str]:
+    """A 200-job constrained trace; the list the policies' names are appended to as each
+    replay runs (once per policy per load scale)."""
     real = bench.gen_constrained_trace.generate
     monkeypatch.setattr(bench.gen_constrained_trace, "generate",
                         lambda seed: real(seed=seed, jobs=200, load=20.0))
@@ -106,6 +107,12 @@ def test_the_sweep_runs_only_the_policies_asked_for(capsys, monkeypatch):
     monkeypatch.setattr(bench, "_timed_replay",
                         lambda trace, cluster, name, *rest: replayed.append(name) or
                         real_replay(trace, cluster, name, *rest))
+    return replayed
+
+
+def test_the_sweep_runs_only_the_policies_asked_for(capsys, monkeypatch):
+    # --policies hetero-las: the sweep replayed FIFO at 0.5x and 2x all the same.
+    replayed = _small_constrained_trace_replays_recorded(monkeypatch)
     result = bench.main(["--sections", "constrained", "--policies", "hetero-las",
                          "--processes", "1"])
     assert replayed == ["hetero-las"] * 3  # at 1x, 0.5x and 2x the load
@@ -229,14 +236,7 @@ def test_an_out_with_a_leading_tilde_is_home_and_an_empty_one_is_refused(tmp_pat
 def test_a_policy_or_sweep_scale_named_twice_is_replayed_once(capsys, monkeypatch):
     # `--policies fifo,fifo` replayed FIFO twice and printed its row twice; `--sweep 2,2,1`
     # replayed the 2x trace twice.
-    real = bench.gen_constrained_trace.generate
-    monkeypatch.setattr(bench.gen_constrained_trace, "generate",
-                        lambda seed: real(seed=seed, jobs=200, load=20.0))
-    replayed = []
-    real_replay = bench._timed_replay
-    monkeypatch.setattr(bench, "_timed_replay",
-                        lambda trace, cluster, name, *rest: replayed.append(name) or
-                        real_replay(trace, cluster, name, *rest))
+    replayed = _small_constrained_trace_replays_recorded(monkeypatch)
     result = bench.main(["--sections", "constrained", "--policies", "hetero-las, hetero-las",
                          "--sweep", "2,2,1,1", "--processes", "1"])
     assert replayed == ["hetero-las"] * 2  # at 1x and 2x the load, once each

@@ -188,18 +188,10 @@ def test_a_worker_says_how_long_its_loop_has_been_blocked_in_a_collective(tmp_pa
                                                                          monkeypatch):
     # A stand-in for torch's folder: its distributed/distributed_c10d.py blocks as a
     # collective does while another rank is elsewhere.
-    fake_torch = tmp_path / "torch"
-    (fake_torch / "distributed").mkdir(parents=True)
-    (fake_torch / "distributed" / "distributed_c10d.py").write_text(
+    fake_torch, c10d = _fake_torch_module(
+        tmp_path, monkeypatch, "distributed/distributed_c10d.py", "fake_c10d",
         "import time\n\ndef barrier(release):\n    while not release.exists():\n"
         "        time.sleep(0.01)\n")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "fake_c10d", fake_torch / "distributed" / "distributed_c10d.py")
-    c10d = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(c10d)
-    monkeypatch.setattr(user_loop, "_TORCH_DIR", str(fake_torch))
     library = user_loop._library_folders() + (f"{fake_torch.resolve()}/",)
     monkeypatch.setattr(user_loop, "_library_folders", lambda: library)
     release, go = tmp_path / "release", tmp_path / "go"
@@ -278,17 +270,9 @@ def test_a_new_call_of_the_same_collective_is_not_counted_as_the_wait_of_the_las
     # each return, comes back at the same address: a fast rank seen in backward at each ask
     # (waiting there for a rank slow at reading its batches) counted one wait since the first
     # sighting, and the slow rank, healthy, was named stuck after stuck_timeout_s.
-    fake_torch = tmp_path / "torch"
-    (fake_torch / "distributed").mkdir(parents=True)
-    (fake_torch / "distributed" / "distributed_c10d.py").write_text(
+    fake_torch, c10d = _fake_torch_module(
+        tmp_path, monkeypatch, "distributed/distributed_c10d.py", "fake_c10d_calls",
         "def barrier(done):\n    done.acquire()\n")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "fake_c10d_calls", fake_torch / "distributed" / "distributed_c10d.py")
-    c10d = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(c10d)
-    monkeypatch.setattr(user_loop, "_TORCH_DIR", str(fake_torch))
     calls = [threading.Lock() for _ in range(3)]  # (waited for in C, as torch's calls do)
     for done in calls:
         done.acquire()
@@ -325,20 +309,12 @@ def test_a_backward_that_computes_is_not_a_wait_and_names_no_one(tmp_path, monke
     # all-reduce since it entered backward, and rank 1, healthy, was named stuck, though no
     # rank waited yet (seen in a 2-rank gloo run: rank 0's loop thread computed 2.5 s of its
     # 3.5 s in backward). The wait is counted from the last ask that found it computing.
-    fake_torch = tmp_path / "torch"
-    (fake_torch / "autograd").mkdir(parents=True)
-    (fake_torch / "autograd" / "graph.py").write_text(
+    fake_torch, graph = _fake_torch_module(
+        tmp_path, monkeypatch, "autograd/graph.py", "fake_graph",
         "def _engine_run_backward(computed, done):\n"
         "    while not computed.is_set():  # (the backward's own work)\n"
         "        sum(range(1000))\n"
         "    done.acquire()  # (DDP's all-reduce, waiting for the other ranks)\n")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "fake_graph", fake_torch / "autograd" / "graph.py")
-    graph = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(graph)
-    monkeypatch.setattr(user_loop, "_TORCH_DIR", str(fake_torch))
     computed, done = threading.Event(), threading.Lock()
     done.acquire()
 
@@ -396,17 +372,9 @@ def test_a_rank_compiling_its_model_is_not_stuck_and_its_own_work_counts_after(
     # A compiled graph's run (CUDA graphs' wrapper in compile_fx.py) is not a compile.
     assert not in_compiler([own, (f"{torch}/_dynamo/eval_frame.py", "_fn"), (fx, "run")],
                            torch)
-    fake_torch = tmp_path / "torch"
-    (fake_torch / "_dynamo").mkdir(parents=True)
-    (fake_torch / "_dynamo" / "convert_frame.py").write_text(
+    fake_torch, convert_frame = _fake_torch_module(
+        tmp_path, monkeypatch, "_dynamo/convert_frame.py", "fake_convert_frame",
         "def _compile(done):\n    done.acquire()\n")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "fake_convert_frame", fake_torch / "_dynamo" / "convert_frame.py")
-    convert_frame = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert_frame)
-    monkeypatch.setattr(user_loop, "_TORCH_DIR", str(fake_torch))
     compiled, release = threading.Lock(), threading.Event()
     compiled.acquire()
 
@@ -450,3 +418,18 @@ def test_a_rank_computing_in_backward_beside_ranks_in_their_report_is_named_for_
     # Waiting there (not computing at the last ask): a collective the others never join.
     _, message = stuck_verdict({0: waiting(900), 1: {**computing, "computing": False}}, 300)
     assert message.startswith("worker rank(s) 1 blocked in a collective the others never join")
+
+
+def _fake_torch_module(tmp_path, monkeypatch, relative, name, source):
+    """A module written at `relative` under a fake torch folder the watch reads as torch's
+    (user_loop._TORCH_DIR), loaded: its frames are torch's to the watch."""
+    fake_torch = tmp_path / "torch"
+    (fake_torch / relative).parent.mkdir(parents=True, exist_ok=True)
+    (fake_torch / relative).write_text(source)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, fake_torch / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(user_loop, "_TORCH_DIR", str(fake_torch))
+    return fake_torch, module
