@@ -18,16 +18,15 @@ long; None when it is not), "computing" (such a rank's thread computed there sin
 watch's last ask: a backward's own work, `computing`), "compiling" (a WORKING rank in
 torch.compile's compiler, `compiling`: progressing, never named) and "own_s" (a WORKING
 rank's seconds since its last report or since it was last seen compiling)) and says, once
-some rank has waited `timeout_s` for the others (in its report, after returning, or
-blocked in such a collective) and some rank has been in its own code that long, which ranks are stuck and the one error line the run fails with (a
-rank blocked in a collective read WORKING as the stuck one did: a rank stuck while the others
-were blocked in DDP's all-reduce went unnoticed until gloo's 30-minute timeout). A rank named
-while blocked in a collective, the others in their report or returned, is said to be in a
-collective they never join (the loops disagree on the steps or collectives they run), not in
-its own code. Ray Train's
-controller takes that as those workers' failure (ray_layer/train_callbacks.py): a restart
-from the latest checkpoint within `max_failures`, as for a crashed worker, then the job fails
-naming them.
+some rank has waited `timeout_s` for the others (in its report, after returning, or blocked in
+such a collective) and some rank has been in its own code that long, which ranks are stuck and
+the one error line the run fails with (a rank blocked in a collective read WORKING as the stuck
+one did: a rank stuck while the others were blocked in DDP's all-reduce went unnoticed until
+gloo's 30-minute timeout). A rank named while blocked in a collective, the others in their
+report or returned, is said to be in a collective they never join (the loops disagree on the
+steps or collectives they run), not in its own code. Ray Train's controller takes that as those
+workers' failure (ray_layer/train_callbacks.py): a restart from the latest checkpoint within
+`max_failures`, as for a crashed worker, then the job fails naming them.
 """
 from __future__ import annotations
 
