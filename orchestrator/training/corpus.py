@@ -131,14 +131,15 @@ def split_uri_query(uri: str) -> tuple[str, str]:
 def with_scheme(original: str, path: str) -> str:
     """The URI of `path` on the same filesystem as `original` (keeps s3://, file://, ..., and
     the query that configures it: a file under `s3://b/d?endpoint_override=...` was named
-    without it, and read from AWS's endpoint). The path is percent-encoded, but for a glob's
-    characters (`?`, `[`, `]`, `*`: _uri_filesystem reads them as they are), so that the
-    URI parses back to it: a name with a space or a letter that is not ASCII (`café.txt`)
-    was refused as a URI that does not parse, one with `%` or `#` read another file."""
+    without it, and read from AWS's endpoint). The path is percent-encoded, but for `[`,
+    `]`, `*` (_uri_filesystem reads them as they are: a plain name's URI, its cache key, is
+    as it was), so that the URI parses back to it: a name with a space or a letter that is
+    not ASCII (`café.txt`) was refused as a URI that does not parse, one with `%`, `#` or
+    `?` read another file (`data?v=2.txt` as `data` and a query)."""
     if "://" not in original:
         return path
     scheme = original.split("://", 1)[0]
-    path = urllib.parse.quote(path, safe="/!$&'()*+,;=:@?[]")
+    path = urllib.parse.quote(path, safe="/!$&'()*+,;=:@[]")
     return f"{scheme}://{path}{split_uri_query(original)[1]}" if scheme != "file" \
         else f"file://{path}"
 

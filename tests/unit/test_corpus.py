@@ -22,7 +22,7 @@ from orchestrator.training import corpus as corpus_module
 from orchestrator.training import shards
 from orchestrator.training.corpus import (MAX_DOCUMENT_CHARS, DataError, check_jsonl_head,
                                           check_text_head, expand_sources, is_held_out,
-                                          iter_documents)
+                                          iter_documents, split_uri_query, with_scheme)
 from orchestrator.training.data import get_batch
 from orchestrator.training.data_plan import check_trainable, plan_data, tokenize_in_process
 from orchestrator.training.shards import TokenStream, open_shards, read_manifest, token_dtype
@@ -1645,6 +1645,29 @@ def test_files_named_with_spaces_accents_or_percent_signs_are_read_through_a_uri
         [f"file {names.index(n)}\n\n" for n in sorted(names)]
     # the same files by path as through the URI: each read once
     assert len(expand_sources([spec, str(corpus)])) == len(names)
+
+
+@pytest.mark.parametrize("spec", ["file://{d}", "file://{d}/*.txt", "file://{d}/data*",
+                                  "file://{d}/data?v=?.txt"])
+def test_a_file_named_like_a_uri_query_is_read_through_a_uri(tmp_path, spec):
+    """A file found under a URI was named with its `?` as it is (kept for a glob's `?`), so
+    `data?v=2.txt` read as the file `data` and the query `?v=2.txt`: another file, or none.
+    A name found by listing has its `?` percent-encoded now; a `?` of the --data value is
+    still a glob's."""
+    (tmp_path / "data?v=2.txt").write_text("the query-like name\n\n")
+    (tmp_path / "data").write_text("not this one\n\n")
+    (tmp_path / "data?v=3.txt").write_text("the third\n\n")
+    sources = expand_sources([spec.format(d=tmp_path)])
+    assert [s.uri for s in sources] == [f"file://{tmp_path}/data%3Fv={v}.txt" for v in (2, 3)]
+    assert [next(iter_documents(s)).text for s in sources] == \
+        ["the query-like name\n\n", "the third\n\n"]
+    assert len(expand_sources([spec.format(d=tmp_path), str(tmp_path)])) == 2
+    # a plain name's URI (its cache key) is as it was; under s3:// the query stays last
+    assert with_scheme(f"file://{tmp_path}/", f"{tmp_path}/a[1]-b.txt") == \
+        f"file://{tmp_path}/a[1]-b.txt"
+    uri = with_scheme("s3://b/d/?region=us-east-1", "b/d/data?v=2#1.txt")
+    assert uri == "s3://b/d/data%3Fv=2%231.txt?region=us-east-1"
+    assert split_uri_query(uri) == ("s3://b/d/data%3Fv=2%231.txt", "?region=us-east-1")
 
 
 @pytest.mark.parametrize("change", ["removed", "restored"])
