@@ -224,6 +224,9 @@ class ClusterState:
         # if the node reports again.
         self.silent_reservations: dict[str, list[Reservation]] = {}
         self.reservations: dict[str, tuple[Reservation, ...]] = {}
+        # Counts the changes to `reservations` (all made by _set_reservations): what is
+        # derived from them all may be kept until it moves (SchedulerCore._busy_worker_nodes).
+        self.reservations_changed = 0
         self.table = NodeTable()
         # A predecessor's estimate of the RAM in use outside the reservations (GiB, and its
         # ram_settling) for nodes not reported to this scheduler yet: set at their first
@@ -439,6 +442,7 @@ class ClusterState:
         return orphaned
 
     def _set_reservations(self, job_name: str, held: tuple[Reservation, ...]) -> None:
+        self.reservations_changed += 1
         for r in self.reservations.get(job_name, ()):
             self.table.add_reserved(r.node_id, -r.cpus, -r.gpus, -r.memory_gb)
         self.reservations[job_name] = held

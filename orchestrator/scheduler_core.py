@@ -391,6 +391,10 @@ class SchedulerCore:
         # The jobs the last queue pass made EASY plans for (_plan_blocked): the migration
         # scan right after it spares their room too (_migration_spares_head)
         self._plan_jobs: list[str] = []
+        # (_busy_worker_nodes: the state and its reservations_changed count -> node -> jobs)
+        self._jobs_by_node: tuple[tuple | None, dict[str, list[str]]] = (None, {})
+        # (_nodes_that_may_go, while a queue pass runs: the plan's kept keys -> nodes going)
+        self._going_this_pass: dict[frozenset, set[str]] | None = None
         # (node id, GPU index) pairs a job must not be given: its worker found the GPU Ray
         # assigned without the free memory the job asks for (memory used outside Ray).
         self.excluded_gpus: dict[str, set[tuple[str, int]]] = {}
@@ -1653,9 +1657,14 @@ class SchedulerCore:
         max_workers for a plan's nodes: how many are idle, and the busy ones (node id ->
         jobs, _busy_worker_nodes). Nodes of a family the plan's bundles name are not: the
         request keeps them (they hold some of its workers, as the autoscaler counts them)."""
-        kept = {nodes_up_key(spec, node_type) for node_type, _, _ in plan} - {""}
-        going = {node for node in self.ray_alive - {self.head_node}
-                 if not any(self._counted_for(node, key) for key in kept)}
+        kept = frozenset({nodes_up_key(spec, node_type) for node_type, _, _ in plan} - {""})
+        memo = self._going_this_pass
+        going = None if memo is None else memo.get(kept)
+        if going is None:
+            going = {node for node in self.ray_alive - {self.head_node}
+                     if not any(self._counted_for(node, key) for key in kept)}
+            if memo is not None:
+                memo[kept] = going
         busy = {node: jobs for node, jobs in self._busy_worker_nodes().items()
                 if node in going}
         return len(going) - len(busy), busy
@@ -1669,12 +1678,18 @@ class SchedulerCore:
     def _busy_worker_nodes(self) -> dict[str, list[str]]:
         """The worker nodes up running jobs (node id -> their jobs): they stay up, held
         against the cluster's max_workers, until those end."""
-        busy: dict[str, set[str]] = {}
-        for name, held in self.state.reservations.items():
-            for r in held:
-                if r.node_id in self.ray_alive and r.node_id != self.head_node:
-                    busy.setdefault(r.node_id, set()).add(name.removesuffix(CLAIM_SUFFIX))
-        return {node: sorted(jobs) for node, jobs in busy.items()}
+        # (the jobs per node are kept until the reservations change: asked for each job
+        # waiting for new nodes on each pass, they were a look at every reservation each time)
+        changed = (self.state, self.state.reservations_changed)
+        if self._jobs_by_node[0] != changed:
+            by_node: dict[str, set[str]] = {}
+            for name, held in self.state.reservations.items():
+                for r in held:
+                    by_node.setdefault(r.node_id, set()).add(name.removesuffix(CLAIM_SUFFIX))
+            self._jobs_by_node = (changed, {node: sorted(jobs)
+                                            for node, jobs in by_node.items()})
+        return {node: jobs for node, jobs in self._jobs_by_node[1].items()
+                if node in self.ray_alive and node != self.head_node}
 
     def _not_joined(self, spec: JobSpec, plan: tuple[PlanPart, ...], now: float) -> str:
         """Why a job waiting for new nodes (`plan`: those still to add, per type) is not held
@@ -1933,6 +1948,15 @@ class SchedulerCore:
 
     # -- internals: the queue pass (EASY backfill) ------------------------------------------------
     def _drain(self, now: float, answered: str | None = None) -> Outcome:
+        """The queue pass (_drain_pass), the worker nodes that may go, per plan, kept for it
+        (_nodes_that_may_go: the nodes up and their reports do not change within it)."""
+        self._going_this_pass = {}
+        try:
+            return self._drain_pass(now, answered)
+        finally:
+            self._going_this_pass = None
+
+    def _drain_pass(self, now: float, answered: str | None = None) -> Outcome:
         """Start every waiting job that may start now, in queue order; see the module doc.
         `answered`: the job submit() or replace() just queued, whose answer the caller counts
         (counted here too, a job refused at submission was two rejections, cluster_shrank

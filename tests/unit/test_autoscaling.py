@@ -1281,6 +1281,23 @@ def test_a_plan_beyond_the_room_busy_worker_nodes_leave_says_their_jobs_must_end
         "'busy'): they go only once those end (then idle for its idle_timeout_minutes)")
 
 
+def test_the_busy_worker_nodes_a_reason_names_follow_the_reservations():
+    """The busy worker nodes (from every reservation) are worked out once until the
+    reservations change, not for each waiting job on each pass: a job that ends, or one
+    placed, shows in the next reason."""
+    core = _busy_h100_cluster(2)
+    big = JobSpec("big", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+    assert "run jobs (h1: 'busy')" in core.submit(big, "d", T0 + 1).decision.reason
+    core.cancel("busy", "d0", T0 + 2)
+    core.tick(T0 + 3)
+    reason = core.poll("big", "d", T0 + 4).decision.reason
+    assert "run jobs" not in reason and "once idle worker node(s) go" in reason, reason
+    again = JobSpec("again", num_workers=8, gpus_per_worker=1, accelerator_types=("H100",))
+    assert isinstance(core.submit(again, "d1", T0 + 5).decision, Placement)
+    core.tick(T0 + 6)
+    assert "run jobs (h1: 'again')" in core.poll("big", "d", T0 + 7).decision.reason
+
+
 def test_a_scale_up_timeout_with_the_cluster_at_its_max_workers_says_so():
     """Cluster max_workers 1, its only worker node busy: the job needing an A100 node timed
     out saying `1 x a100 never joined (the autoscaler did not add it: its log, ...)`, not that
