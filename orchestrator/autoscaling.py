@@ -712,6 +712,16 @@ def max_workers_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | N
         return None
     uncapped_type, nodes = plan
     node_type = node_types[uncapped.index(uncapped_type)]
+    short = _max_workers_short(node_type, nodes)
+    if not short:  # (it holds the job within both: something else stands in the way)
+        return None
+    return f"it needs {nodes} x {node_type.name} node(s) in all (any up included), but {short}"
+
+
+def _max_workers_short(node_type: NodeType, nodes: int) -> str | None:
+    """Where `nodes` of the type are more than its max_workers or the cluster's lets Ray
+    launch: which bound(s) and the figure to raise them to (max_workers_note,
+    short_gpus_note); else None."""
     short = []
     if nodes > _nodes_allowed(node_type):
         short.append(f"node type {node_type.name!r} has max_workers {node_type.max_workers}")
@@ -719,10 +729,9 @@ def max_workers_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | N
         short.append(f"the cluster config's max_workers is {node_type.cluster_max_workers}"
                      + ("" if node_type.cluster_max_workers_set
                         else " (Ray's default: the config sets none)"))
-    if not short:  # (it holds the job within both: something else stands in the way)
+    if not short:
         return None
-    return (f"it needs {nodes} x {node_type.name} node(s) in all (any up included), but "
-            f"{' and '.join(short)}: raise {'it' if len(short) == 1 else 'both'} to "
+    return (f"{' and '.join(short)}: raise {'it' if len(short) == 1 else 'both'} to "
             f"{nodes - node_type.head}" + (" (the head is one of them)" if node_type.head else ""))
 
 
@@ -851,12 +860,18 @@ def short_gpus_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | No
         return None
     for node_type in node_types:
         short = _short_gpus_fitting(spec, node_type, node_types)
-        if short and scale_up_plan(spec, (_uncapped(node_type),)):
+        plan = scale_up_plan(spec, (_uncapped(node_type),)) if short else None
+        if plan:
             bundle = resource_bundles(spec, node_type, 1)[0]
             asked = ", ".join(["GPUs"] + [k for k in bundle if k.startswith(
                 ACCELERATOR_RESOURCE_PREFIX)])
             others = ", ".join(repr(t.name) for t in short)
-            return (f"node type {node_type.name!r} would hold it, but its workers' bundles "
+            # (max_workers_note passes the type over too: the bounds are told here)
+            bounds = _max_workers_short(node_type, plan[1])
+            return (f"node type {node_type.name!r} would hold it"
+                    + (f" with {plan[1]} node(s) in all (any up included), but {bounds}; and"
+                       if bounds else ", but")
+                    + f" its workers' bundles "
                     f"({asked}) fit node type{'s' if len(short) > 1 else ''} {others} too, "
                     f"whose GPUs have less memory than min_gpu_memory_gb "
                     f"{spec.min_gpu_memory_gb:g}, or declare none (Ray's autoscaler sees no "

@@ -1625,6 +1625,28 @@ def test_a_job_asking_gpu_memory_is_not_planned_on_a_type_whose_bundles_ray_may_
     assert scale_up_parts(fits_both, node_types_from_config(unsteered)) is not None
 
 
+def test_the_short_gpus_note_tells_the_max_workers_the_type_holding_it_is_short_of():
+    """24 A100 workers asking 60 GiB: p4de (80 GiB, max_workers 2) would hold them only with 3
+    nodes. The note said p4de "would hold it" and asked for a resource of its own alone (no
+    max_workers note: max_workers_note passes the type over as short_gpus_note does), and
+    declaring that still got a refusal. It now says both what to declare and the figure."""
+    job = JobSpec("j", num_workers=24, gpus_per_worker=1, accelerator_types=("A100",),
+                  min_gpu_memory_gb=60)
+    core = core_with(cpu_node("cpu", cpus=1))
+    core.node_types = node_types_from_config(_two_a100_types_config())
+    refused = core.submit(job, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    assert ("node type 'p4de' would hold it with 3 node(s) in all (any up included), but node "
+            "type 'p4de' has max_workers 2: raise it to 3; and its workers' bundles (GPUs, "
+            "accelerator_type:A100) fit node type 'p4d' too") in refused.message, refused.message
+    assert "would hold it, but" not in refused.message, refused.message
+    # Declared and raised, as the note says: planned.
+    config = _two_a100_types_config(own=True)
+    config["available_node_types"]["p4de"]["max_workers"] = 3
+    plan = scale_up_parts(job, node_types_from_config(config))
+    assert [(t.name, n) for t, n, _ in plan] == [("p4de", 3)]
+
+
 def test_nodes_up_count_toward_bundles_steered_by_a_resource_of_their_types_own():
     """A 10-GPU job across a (8 GPUs) and b (4 GPUs), each steered by a resource of its own,
     beside a b node up: Ray counts that node toward b's bundles (it fits them on the nodes
