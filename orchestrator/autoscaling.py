@@ -830,7 +830,8 @@ def accelerator_resource_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -
 def steering_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:
     """Why no plan holds a job when types would hold it together but not each declares a
     resource of its own to steer the autoscaler by (scale_up_parts plans a job across types
-    only so), naming them and what to add; else None."""
+    only so, or a GPU job's across unsteered types where any mix of them Ray may add holds
+    it: _any_mix_holds), naming them and what to add; else None."""
     if scale_up_parts(spec, node_types) is not None:
         return None
     steered = tuple(t if steering_resource(spec, t) else
@@ -849,7 +850,10 @@ def steering_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None
             + ("an accelerator_type no other type declares, or a custom one; " if gpu else "")
             + ("none of them does" if len(lacking) == len(names) else
                f"{named} {'does' if len(lacking) == 1 else 'do'} not")
-            + f": add one to each one's resources, e.g. \"{lacking[0]}\": 1)")
+            + f": add one to each one's resources, e.g. \"{lacking[0]}\": 1)"
+            + (", or, steered by none, where any mix of the types its bundles fit that Ray's "
+               "autoscaler may add holds it (types sharing one accelerator_type, say): a mix "
+               "of these may hold too few workers" if gpu else ""))
 
 
 def short_gpus_note(spec: JobSpec, node_types: tuple[NodeType, ...]) -> str | None:

@@ -1489,8 +1489,10 @@ def test_a_gpu_job_is_planned_across_types_only_where_each_has_a_resource_to_ste
         assert ("node types 'a', 'b' would hold it together, but a GPU job is planned across "
                 "node types only where each declares a resource of its own to steer the "
                 "autoscaler to it (an accelerator_type no other type declares, or a custom one; "
-                'none of them does: add one to each one\'s resources, e.g. "a": 1)') \
-            in refused.message, refused.message
+                'none of them does: add one to each one\'s resources, e.g. "a": 1), or, '
+                "steered by none, where any mix of the types its bundles fit that Ray's "
+                "autoscaler may add holds it (types sharing one accelerator_type, say): a mix "
+                "of these may hold too few workers") in refused.message, refused.message
     # The family job too: an accelerator_type two types declare steers to neither.
     a100 = dataclasses.replace(job, accelerator_types=("A100",))
     assert scale_up_parts(a100, node_types_from_config(
