@@ -83,11 +83,12 @@ def _first_sentence(kind: str, message: str) -> str:
 
 def _load_problem(path: Path, e: Exception) -> str:
     """What is wrong with a file torch.load refused, in one line: empty, not a file torch.save
-    writes (a zip archive), or torch's own cause: "Type: first sentence" and the paragraph
-    naming what it refused, without its advice (to load with weights_only=False) and its
-    link. Its messages said nothing for an empty file ("cannot be loaded safely: "), "101"
-    (KeyError: the first byte) for a text file, and to a memory-mapped load that it was
-    saved without `_use_new_zipfile_serialization`. What it refused is its weights-only
+    writes (a zip archive holding a data.pkl), or torch's own cause: "Type: first sentence"
+    and the paragraph naming what it refused, without its advice (to load with
+    weights_only=False) and its link. Its messages said nothing for an empty file ("cannot be loaded safely: "), "101" (KeyError:
+    the first byte) for a text file, "[enforce fail at inline_container.cc:180]." for a zip
+    of other files, and to a memory-mapped load that it was saved without
+    `_use_new_zipfile_serialization`. What it refused is its weights-only
     unpickler's error (the context of the one it raises), first sentence: torch puts it in
     a paragraph of its own, on the line of its advice (a global it does not allow: a numpy
     array's, a class of one's own) or after "Weights only load failed." (DTensors)."""
@@ -99,8 +100,13 @@ def _load_problem(path: Path, e: Exception) -> str:
                 begun = f.read(4) == b"PK\x03\x04"  # (a zip archive's start: torch.save's)
             return ("cut short: a zip archive (torch.save's) without its end" if begun
                     else "not a file torch.save writes (no zip archive)")
-    except OSError as error:
-        return error.strerror or str(error)
+        else:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+            if not any(n.count("/") == 1 and n.endswith("/data.pkl") for n in names):
+                return "a zip archive, but not one torch.save writes (no data.pkl)"
+    except (OSError, zipfile.BadZipFile) as error:
+        return getattr(error, "strerror", None) or str(error)
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", str(e)) if p.strip()]
     if not paragraphs:
         return type(e).__name__

@@ -1,4 +1,5 @@
 """Which model is served: checkpoint, run and INT8 directories; clear errors otherwise."""
+import io
 import json
 import shutil
 from pathlib import Path
@@ -548,12 +549,22 @@ def test_a_models_config_is_refused_where_its_weights_do_not_fit_it(tmp_path):
         assert str(config_only.value) == str(full.value) and said in str(full.value)
 
 
+def _zip_of_text(state: Path) -> bytes:
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("notes/a.txt", "hello")
+    return buffer.getvalue()
+
+
 @READERS
 @pytest.mark.parametrize("content, problem", [
     (b"", "the file is empty (0 bytes)"),
     (b"hello, not torch\n", "not a file torch.save writes (no zip archive)"),
-    (None, "cut short: a zip archive (torch.save's) without its end")],
-    ids=["empty", "text", "cut-short"])
+    (None, "cut short: a zip archive (torch.save's) without its end"),
+    (_zip_of_text, "a zip archive, but not one torch.save writes (no data.pkl)")],
+    ids=["empty", "text", "cut-short", "zip-of-text"])
 def test_a_state_file_torch_cannot_read_is_named_with_what_is_wrong(tmp_path, read, content,
                                                                     problem):
     # Its checksum matching (the file replaced and the sidecar written for it, or a copy that
@@ -566,6 +577,8 @@ def test_a_state_file_torch_cannot_read_is_named_with_what_is_wrong(tmp_path, re
     state = checkpoint / "state.pt"
     if content is None:
         content = state.read_bytes()[:state.stat().st_size // 2]
+    elif callable(content):
+        content = content(state)
     state.write_bytes(content)
     (checkpoint / "state.pt.sha256").write_text(hashlib.sha256(content).hexdigest())
     with pytest.raises(CheckpointError) as e:
