@@ -83,19 +83,24 @@ def _first_sentence(kind: str, message: str) -> str:
 
 def _load_problem(path: Path, e: Exception) -> str:
     """What is wrong with a file torch.load refused, in one line: empty, not a file torch.save
-    writes (a zip archive holding a data.pkl), or torch's own cause: "Type: first sentence"
-    and the paragraph naming what it refused, without its advice (to load with
-    weights_only=False) and its link. Its messages said nothing for an empty file ("cannot be loaded safely: "), "101" (KeyError:
+    writes (a zip archive holding a data.pkl), or torch's own cause (after "torch's legacy
+    (pre-1.6) format" for such a file): "Type: first sentence" and the paragraph naming what
+    it refused, without its advice (to load with weights_only=False) and its link. Its
+    messages said nothing for an empty file ("cannot be loaded safely: "), "101" (KeyError:
     the first byte) for a text file, "[enforce fail at inline_container.cc:180]." for a zip
     of other files, and to a memory-mapped load that it was saved without
     `_use_new_zipfile_serialization`. What it refused is its weights-only
     unpickler's error (the context of the one it raises), first sentence: torch puts it in
     a paragraph of its own, on the line of its advice (a global it does not allow: a numpy
     array's, a class of one's own) or after "Weights only load failed." (DTensors)."""
+    legacy = ""
     try:
         if path.stat().st_size == 0:
             return "the file is empty (0 bytes)"
-        if not zipfile.is_zipfile(path):
+        if _legacy_format(path):
+            legacy = ("torch's legacy (pre-1.6) format, which it could not read (load it and "
+                      "save it again with a current torch): ")
+        elif not zipfile.is_zipfile(path):
             with open(path, "rb") as f:
                 begun = f.read(4) == b"PK\x03\x04"  # (a zip archive's start: torch.save's)
             return ("cut short: a zip archive (torch.save's) without its end" if begun
@@ -118,7 +123,20 @@ def _load_problem(path: Path, e: Exception) -> str:
     else:
         detail = next((p for p in paragraphs[1:]
                        if not p.startswith("Check the documentation")), None)
-    return f"{said} {' '.join(detail.split())}" if detail else said
+    return legacy + (f"{said} {' '.join(detail.split())}" if detail else said)
+
+
+def _legacy_format(path: Path) -> bool:
+    """The file starts as torch.save's legacy (pre-1.6, `_use_new_zipfile_serialization=
+    False`) format does: a pickle of its magic number. torch loads it, but not memory-mapped."""
+    starts = [pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=p)
+              for p in range(2, pickle.HIGHEST_PROTOCOL + 1)]
+    try:
+        with open(path, "rb") as f:
+            head = f.read(max(map(len, starts)))
+    except OSError:
+        return False
+    return any(head.startswith(start) for start in starts)
 
 
 def sha256_file(path: Path) -> str:
@@ -675,9 +693,11 @@ def checkpoint_model_config(directory: str | os.PathLike):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises several types for bad pickles
-            verify_checksum(path)  # (hashed only now: a damaged file is named as corrupt)
-            raise CheckpointError(f"checkpoint {path} cannot be loaded safely: "
-                                  f"{_load_problem(path, e)}") from e
+            if not _legacy_format(path):
+                verify_checksum(path)  # (hashed only now: a damaged file is named as corrupt)
+                raise CheckpointError(f"checkpoint {path} cannot be loaded safely: "
+                                      f"{_load_problem(path, e)}") from e
+            state = load_tensors(path)  # (torch memory-maps no legacy file: read it whole)
     # (the weights' names and shapes checked against that GPT's, as the full load checks them:
     # a config without seq_len read as the default context, though the weights held fewer)
     return _fitted_model(state, directory, torch.device("meta"))[0].config

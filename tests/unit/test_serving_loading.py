@@ -558,13 +558,23 @@ def _zip_of_text(state: Path) -> bytes:
     return buffer.getvalue()
 
 
+def _legacy_cut_short(state: Path) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(torch.load(state, weights_only=True), buffer,
+               _use_new_zipfile_serialization=False)
+    return buffer.getvalue()[:-100]
+
+
 @READERS
 @pytest.mark.parametrize("content, problem", [
     (b"", "the file is empty (0 bytes)"),
     (b"hello, not torch\n", "not a file torch.save writes (no zip archive)"),
     (None, "cut short: a zip archive (torch.save's) without its end"),
-    (_zip_of_text, "a zip archive, but not one torch.save writes (no data.pkl)")],
-    ids=["empty", "text", "cut-short", "zip-of-text"])
+    (_zip_of_text, "a zip archive, but not one torch.save writes (no data.pkl)"),
+    (_legacy_cut_short, "torch's legacy (pre-1.6) format, which it could not read (load it "
+                        "and save it again with a current torch): RuntimeError: unexpected "
+                        "EOF, expected 100 more bytes.")],
+    ids=["empty", "text", "cut-short", "zip-of-text", "legacy-cut-short"])
 def test_a_state_file_torch_cannot_read_is_named_with_what_is_wrong(tmp_path, read, content,
                                                                     problem):
     # Its checksum matching (the file replaced and the sidecar written for it, or a copy that
@@ -584,6 +594,21 @@ def test_a_state_file_torch_cannot_read_is_named_with_what_is_wrong(tmp_path, re
     with pytest.raises(CheckpointError) as e:
         read(checkpoint, tmp_path / "out")
     assert str(e.value) == f"checkpoint {state} cannot be loaded safely: {problem}"
+
+
+def test_a_legacy_format_checkpoint_is_read_as_torch_reads_it(tmp_path):
+    # torch.save(..., _use_new_zipfile_serialization=False) (torch's pre-1.6 format) loads
+    # with weights_only=True, but not memory-mapped: model_config (scripts/bench_serve.py's
+    # context) refused what load_model serves, "not a file torch.save writes (no zip archive)".
+    import hashlib
+
+    from orchestrator.serving.loading import model_config
+
+    checkpoint = save_untrained_checkpoint(tmp_path / "checkpoint_00000001")
+    state = checkpoint / "state.pt"
+    torch.save(load_checkpoint(checkpoint), state, _use_new_zipfile_serialization=False)
+    (checkpoint / "state.pt.sha256").write_text(hashlib.sha256(state.read_bytes()).hexdigest())
+    assert model_config(checkpoint) == load_model(checkpoint).model.config
 
 
 def test_a_refused_pickle_is_named_in_one_line_without_torchs_advice(tmp_path):
