@@ -24,7 +24,7 @@ from orchestrator.compression.structured import IMPORTANCE, STRUCTURES
 from orchestrator.config import MODEL_PRESETS, ConfigError
 from orchestrator.help_format import DefaultsHelpFormatter
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_FAILED, JobFailed, on_one_line, run_job
-from orchestrator.validation import expand_home
+from orchestrator.validation import expand_home, strict_float, strict_int
 
 
 # Help for every flag (every CompressConfig field is one): --help shows each with its default,
@@ -76,6 +76,7 @@ FLAG_CHOICES = {"student_size": list(MODEL_PRESETS), "prune_scope": list(SCOPES)
                 "prune_structure": list(STRUCTURES), "prune_importance": list(IMPORTANCE),
                 "device": list(DEVICES)}
 FLAG_TYPES = {"seq_len": int}  # fields whose default (None) does not give the type
+NUMBER_TYPES = {int: strict_int, float: strict_float}  # the number flags' strict reading
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,7 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.add_argument(flag, choices=FLAG_CHOICES[field.name], default=field.default,
                            help=FLAG_HELP.get(field.name))
         else:
-            p.add_argument(flag, type=FLAG_TYPES.get(field.name, type(field.default)),
+            kind = FLAG_TYPES.get(field.name, type(field.default))
+            p.add_argument(flag, type=NUMBER_TYPES.get(kind, kind),
                            default=field.default, help=FLAG_HELP.get(field.name))
     return p.parse_args(argv)
 

@@ -39,7 +39,7 @@ from orchestrator.runs import (CONFIG_FILE, DEFAULT_RUNS_ROOT, SUMMARY_FILE, Run
                               verified_newest)
 from orchestrator.placement import describe_decision
 from orchestrator.throughput import pretrain_workload
-from orchestrator.validation import given_by_flags
+from orchestrator.validation import given_by_flags, strict_float, strict_int
 from orchestrator.training.memory import (LOWER_MEMORY, gpu_memory_needed_gb, memory_lines,
                                          sizing_flags)
 
@@ -70,61 +70,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on CUDA unless --attention-span, "
                    "never on CPU; docs/training.md)")
-    p.add_argument("--max-steps", type=int, default=defaults.max_steps,
+    p.add_argument("--max-steps", type=strict_int, default=defaults.max_steps,
                    help="optimizer steps to train to (micro-batches with --accumulation)")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+    p.add_argument("--batch-size", type=strict_int, default=defaults.batch_size,
                    help="sequences per worker per step")
-    p.add_argument("--seq-len", type=int, default=defaults.seq_len,
+    p.add_argument("--seq-len", type=strict_int, default=defaults.seq_len,
                    help="tokens per sequence (the model's context)")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
-    p.add_argument("--min-lr", type=float, default=None,
+    p.add_argument("--lr", type=strict_float, default=defaults.lr, help="peak learning rate")
+    p.add_argument("--min-lr", type=strict_float, default=None,
                    help="where the cosine schedule ends (default: --lr / 10; on --resume, the "
                    "run's own)")
     p.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=defaults.lr_schedule,
                    help="after warmup: cosine to min_lr, step (x0.1 every --lr-decay-every "
                    "steps) or constant")
-    p.add_argument("--lr-decay-every", type=int, default=defaults.lr_decay_every,
+    p.add_argument("--lr-decay-every", type=strict_int, default=defaults.lr_decay_every,
                    help="steps between x0.1 decays (--lr-schedule step)")
-    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+    p.add_argument("--warmup-steps", type=strict_int, default=defaults.warmup_steps,
                    help="linear warmup to --lr")
-    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+    p.add_argument("--checkpoint-every", type=strict_int, default=defaults.checkpoint_every,
                    help="steps between checkpoints")
     p.add_argument("--attention-span", action="store_true",
                    help="learnable per-head attention span (keys beyond the learnt window are "
                    "never computed); default: standard causal attention")
-    p.add_argument("--span-ramp", type=int, default=defaults.span_ramp,
+    p.add_argument("--span-ramp", type=strict_int, default=defaults.span_ramp,
                    help="width of the soft edge of each head's span, tokens")
-    p.add_argument("--span-penalty", type=float, default=defaults.span_penalty,
+    p.add_argument("--span-penalty", type=strict_float, default=defaults.span_penalty,
                    help="weight of the L1 penalty on spans in the loss")
     p.add_argument("--accumulation", default=defaults.accumulation,
                    help="gradient accumulation factor: K for every parameter group, or per "
                    "group, e.g. embeddings=4,lower=2,upper=1,head=1 (--max-steps counts "
                    "micro-batches)")
-    p.add_argument("--log-every", type=int, default=defaults.log_every,
+    p.add_argument("--log-every", type=strict_int, default=defaults.log_every,
                    help="steps between reports (loss, tokens/s, MFU)")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="initialisation and data seed")
-    p.add_argument("--num-workers", type=int, default=2, help="training workers (DDP/FSDP ranks)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves")
-    p.add_argument("--gpus-per-worker", type=int, default=0,
+    p.add_argument("--seed", type=strict_int, default=defaults.seed,
+                   help="initialisation and data seed")
+    p.add_argument("--num-workers", type=strict_int, default=2,
+                   help="training workers (DDP/FSDP ranks)")
+    p.add_argument("--cpus-per-worker", type=strict_float, default=1.0,
+                   help="CPUs each worker reserves")
+    p.add_argument("--gpus-per-worker", type=strict_int, default=0,
                    help="GPUs each worker reserves (0: CPU training; more than 1 is refused)")
-    p.add_argument("--min-gpu-memory-gb", type=float, default=None,
+    p.add_argument("--min-gpu-memory-gb", type=strict_float, default=None,
                    help="free GPU memory each worker's GPU must have (default with GPUs: the "
                    "run's estimated need, as --dry-run prints; 0: no check)")
     p.add_argument("--accelerator-type", action="append", default=[], dest="accelerator_types",
                    help="allowed accelerator family, e.g. A100 (repeatable; default: any)")
-    p.add_argument("--min-bandwidth-gbps", type=float, default=0.0,
+    p.add_argument("--min-bandwidth-gbps", type=strict_float, default=0.0,
                    help="bandwidth floor between every pair of nodes the job spans, in GB/s "
                         "(gigabytes per second: 100 Gb/s is 12.5)")
-    p.add_argument("--priority", type=int, default=0,
+    p.add_argument("--priority", type=strict_int, default=0,
                    help="queue priority (higher first); a job may preempt running jobs of "
                    "lower priority, which checkpoint, wait and resume")
-    p.add_argument("--expected-duration-s", type=float, default=None,
+    p.add_argument("--expected-duration-s", type=strict_float, default=None,
                    help="your estimate of the run time: lets the queue backfill the job into "
                    "short gaps and the scheduler weigh moving it to faster accelerators")
-    p.add_argument("--queue-timeout", type=float, default=600.0,
+    p.add_argument("--queue-timeout", type=strict_float, default=600.0,
                    help="seconds to wait in the scheduler's queue when the cluster is busy "
                    "(0: fail at once); time spent preempted is not counted")
-    p.add_argument("--max-failures", type=int, default=3,
+    p.add_argument("--max-failures", type=strict_int, default=3,
                    help="worker-group restarts Ray Train attempts before giving up")
     data = p.add_argument_group("data and tokenizer (docs/data.md)")
     data.add_argument("--data", action="append", default=[],
@@ -138,13 +141,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       "field instead of stopping")
     data.add_argument("--tokenizer", default="bytes",
                       help="'bytes', or a Hugging Face tokenizer.json (or a directory with one)")
-    data.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
+    data.add_argument("--train-tokenizer", type=strict_int, metavar="VOCAB_SIZE",
                       help="train a byte-level BPE of this many tokens on the data")
     data.add_argument("--data-cache", help="where token shards are cached (a path or URI "
                       "every node reads; default: data-cache/ beside the run directory)")
     data.add_argument("--retokenize", action="store_true",
                       help="tokenize again even when the cache has the shards")
-    data.add_argument("--ingest-workers", type=int, default=0,
+    data.add_argument("--ingest-workers", type=strict_int, default=0,
                       help="Ray Data tokenizer workers (default: the cluster's CPUs)")
     data.add_argument("--init-from", metavar="DIR",
                       help="start from a GPT-2-shaped Hugging Face model directory "

@@ -87,7 +87,7 @@ from orchestrator.scheduler_core import CLAIM_SUFFIX, SchedulerCore
 from orchestrator.scheduler_types import MIGRATE, PREEMPT, SchedulerSettings, Yield
 from orchestrator.throughput import ThroughputTable
 from orchestrator.traces import MAX_SECONDS, TraceJob, unknown_families, unknown_family_reason
-from orchestrator.validation import expand_home
+from orchestrator.validation import expand_home, strict_float, strict_int
 
 SIM_NOW = 0.0  # the ClusterState's clock: constant, see the module docstring
 DEFAULT_CLUSTER = "v100:8x48,p100:8x48,k80:4x64;rack=16"  # 1,024 GPUs, 160 servers
@@ -151,11 +151,11 @@ def add_published_baselines_argument(parser) -> None:
 
 def add_restart_arguments(parser) -> None:
     """The flags of RestartCost, for `simulate` and scripts/bench_simulator.py alike."""
-    parser.add_argument("--restart-s", type=float, default=RESTART_S,
+    parser.add_argument("--restart-s", type=strict_float, default=RESTART_S,
                         help=f"directive -> first step after the restart (default {RESTART_S:g})")
-    parser.add_argument("--yield-s", type=float, default=YIELD_S,
+    parser.add_argument("--yield-s", type=strict_float, default=YIELD_S,
                         help=f"directive -> old GPUs released (default {YIELD_S:g})")
-    parser.add_argument("--notice-s", type=float, default=NOTICE_S,
+    parser.add_argument("--notice-s", type=strict_float, default=NOTICE_S,
                         help=f"directive -> seen at a step boundary (default {NOTICE_S:g})")
 
 
@@ -826,14 +826,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cluster", default=DEFAULT_CLUSTER,
                         help=f"TYPE:GPUSxSERVERS[,...][;rack=N][;rack_gbps=G][;inter_gbps=G] "
                         f"(default {DEFAULT_CLUSTER!r})")
-    parser.add_argument("--max-jobs", type=int, help="first N jobs by submit time")
-    parser.add_argument("--load-scale", type=float, default=1.0,
+    parser.add_argument("--max-jobs", type=strict_int, help="first N jobs by submit time")
+    parser.add_argument("--load-scale", type=strict_float, default=1.0,
                         help="divide inter-arrival times by X (> 1 = busier)")
     parser.add_argument("--no-backfill", dest="backfill", action="store_false",
                         help="strict queue order (FIFO, or LAS for tiresias and "
                         "hetero-las): nothing starts while a job ahead of it waits "
                         "(default: EASY backfill, as the live scheduler)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    parser.add_argument("--seed", type=strict_int, default=0, help="seed of the random policy")
     add_published_baselines_argument(parser)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--no-plots", action="store_true")

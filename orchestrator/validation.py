@@ -5,6 +5,7 @@ the one rule for which settings a resumed run may not change.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import contextvars
 import dataclasses
@@ -63,6 +64,25 @@ def parse_number(text: str, whole: bool = False) -> float | int:
     if text != text.strip():
         raise ValueError("space around it")
     raise ValueError("")
+
+
+def _strict(whole: bool):
+    def read(text: str) -> float | int:
+        try:
+            return parse_number(text, whole)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if whole else 'a number'}"
+                + (f" ({e})" if str(e) else "")) from None
+    read.__name__ = "strict_int" if whole else "strict_float"
+    return read
+
+
+# argparse types of the number flags (for type=int / type=float): parse_number's forms, a
+# refusal naming the flag (`argument --max-jobs: '1_0' is not a whole number ('_' is not
+# read as a digit separator: write 10)`).
+strict_int = _strict(whole=True)
+strict_float = _strict(whole=False)
 
 
 def expand_home(path: Any, what: str, error: type[Exception] = ValueError) -> Path:

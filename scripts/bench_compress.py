@@ -47,7 +47,8 @@ from orchestrator.compression.source import weights_digest
 from orchestrator.training.data import load_corpus, split_corpus
 from orchestrator.training.memory import parameters_label
 from orchestrator.training.model import GPT, GPTConfig
-from orchestrator.validation import TORCH_THREADS_RULE, expand_home, is_number, is_torch_threads
+from orchestrator.validation import (TORCH_THREADS_RULE, expand_home, is_number,
+                                     is_torch_threads, strict_float, strict_int)
 from scripts.flags import require, require_at_least
 
 TEACHER_STREAM = 100  # the teacher's own batch stream (get_batch rank)
@@ -56,37 +57,37 @@ TEACHER_STREAM = 100  # the teacher's own batch stream (get_batch rank)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--n-layer", type=int, default=6)
-    p.add_argument("--n-embd", type=int, default=528)
-    p.add_argument("--n-head", type=int, default=8)
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--teacher-steps", type=int, default=250)
-    p.add_argument("--teacher-lr", type=float, default=2e-3)
-    p.add_argument("--prune-steps", type=int, default=80)
-    p.add_argument("--qat-steps", type=int, default=80)
+    p.add_argument("--n-layer", type=strict_int, default=6)
+    p.add_argument("--n-embd", type=strict_int, default=528)
+    p.add_argument("--n-head", type=strict_int, default=8)
+    p.add_argument("--block-size", type=strict_int, default=64)
+    p.add_argument("--batch-size", type=strict_int, default=8)
+    p.add_argument("--teacher-steps", type=strict_int, default=250)
+    p.add_argument("--teacher-lr", type=strict_float, default=2e-3)
+    p.add_argument("--prune-steps", type=strict_int, default=80)
+    p.add_argument("--qat-steps", type=strict_int, default=80)
     # Pure distillation by default: the fine-tunes learn from the teacher only, never from the
     # data directly, so the perplexity change measures what compression costs rather than
     # what 160 more training steps on an under-trained teacher's data would add.
-    p.add_argument("--alpha", type=float, default=0.0)
-    p.add_argument("--lr", type=float, default=CompressConfig.lr)
+    p.add_argument("--alpha", type=strict_float, default=0.0)
+    p.add_argument("--lr", type=strict_float, default=CompressConfig.lr)
     # One thread per runtime by default: on a 2-core machine shared with other work, a
     # second OpenMP thread that loses its core stalls every torch op at a barrier (measured:
     # torch fp32 63 ms -> 337 ms at 1 x 16 tokens, ONNX Runtime barely moved), which would
     # inflate latency_ratio. On a quiet machine pass --threads 2.
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--latency-batch", type=int, default=1)
-    p.add_argument("--latency-batched", type=int, default=16)
-    p.add_argument("--latency-seq", type=int, default=64)
-    p.add_argument("--latency-repeats", type=int, default=30)
-    p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--threads", type=strict_int, default=1)
+    p.add_argument("--latency-batch", type=strict_int, default=1)
+    p.add_argument("--latency-batched", type=strict_int, default=16)
+    p.add_argument("--latency-seq", type=strict_int, default=64)
+    p.add_argument("--latency-repeats", type=strict_int, default=30)
+    p.add_argument("--eval-tokens", type=strict_int, default=16384)
+    p.add_argument("--seed", type=strict_int, default=1337)
     p.add_argument("--prune-structure", default="both",
                    choices=("both", "heads", "channels", "unstructured"))
     p.add_argument("--student-size", default=None,
                    help="also distil a student of this preset (tiny, small, medium) from the "
                    "teacher and compress it: its own row")
-    p.add_argument("--distill-steps", type=int, default=150)
+    p.add_argument("--distill-steps", type=strict_int, default=150)
     p.add_argument("--work", help="keep the teacher and the pipeline's outputs here (a rerun "
                    "reuses them); default: a temporary directory, deleted at the end")
     args = p.parse_args(argv)

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from orchestrator.config import MODEL_PRESETS, TrainConfig
 from orchestrator.runs import read_metrics
 from orchestrator.training.local_workers import train_on_local_workers
+from orchestrator.validation import strict_int
 from scripts.flags import require_at_least
 from scripts.rounds import median_ratio, rotated
 
@@ -172,8 +173,8 @@ def checkpoint_rounds(size: str, rounds: int, workdir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=strict_int, default=3)
+    parser.add_argument("--steps", type=strict_int, default=60)
     parser.add_argument("--ckpt-size", default="medium", choices=tuple(MODEL_PRESETS))
     args = parser.parse_args()
     require_at_least(parser, args, 1, "rounds", "steps")  # a median of no rounds is no figure

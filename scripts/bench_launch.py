@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from orchestrator.validation import strict_float, strict_int
 from scripts.flags import require, require_at_least
 from scripts.rounds import median_ratio, rotated
 
@@ -194,10 +195,10 @@ def comparison(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds of each")
-    parser.add_argument("--reports", type=int, default=5, help="reports per run")
-    parser.add_argument("--seconds-per-report", type=float, default=4.0)
-    parser.add_argument("--settle-s", type=float, default=6.0,
+    parser.add_argument("--rounds", type=strict_int, default=3, help="measured rounds of each")
+    parser.add_argument("--reports", type=strict_int, default=5, help="reports per run")
+    parser.add_argument("--seconds-per-report", type=strict_float, default=4.0)
+    parser.add_argument("--settle-s", type=strict_float, default=6.0,
                         help="idle time before each run (see above)")
     args = parser.parse_args(argv)
     # (NaN is refused too: it passed `<= 0` and failed in calibrate; a negative --settle-s

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from orchestrator.training.loop import is_out_of_memory
 from orchestrator.training.loss import token_cross_entropy
+from orchestrator.validation import strict_int
 from scripts.flags import require, require_at_least
 from scripts.rounds import median_ratio, rotated
 
@@ -66,9 +67,9 @@ def compare(name: str, ours: Loss, theirs: Loss, logits: torch.Tensor, targets: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--tokens", type=strict_int, default=4096)
+    parser.add_argument("--vocab", type=strict_int, default=8192)
+    parser.add_argument("--rounds", type=strict_int, default=9)
     args = parser.parse_args(argv)
     require_at_least(parser, args, 1, "tokens", "rounds")
     require(parser, args, ("vocab",), lambda vocab: vocab > PADDING,

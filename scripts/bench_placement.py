@@ -78,6 +78,7 @@ from orchestrator.policies import best_fit, first_fit
 from orchestrator.policies import live_place as ours
 from orchestrator.scheduler_core import DEAD_NODE_RETENTION_S, SchedulerCore
 from orchestrator.scheduler_types import SchedulerSettings
+from orchestrator.validation import strict_int
 from scripts.flags import require, require_at_least
 from scripts.gen_constrained_trace import MAX_JOBS
 from scripts.rounds import paired_rounds
@@ -634,20 +635,20 @@ def targets(r: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--nodes", type=int, default=10_000,
+    parser.add_argument("--nodes", type=strict_int, default=10_000,
                         help=f"nodes of each cluster ({RACK_SIZE} to {MAX_SERVERS:,})")
-    parser.add_argument("--jobs", type=int, default=2_000,
+    parser.add_argument("--jobs", type=strict_int, default=2_000,
                         help=f"jobs per cluster's stream (at most {MAX_JOBS:,})")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=strict_int, default=0)
     parser.add_argument("--no-actor", action="store_true",
                         help="skip the live SchedulerActor part (needs Ray)")
-    parser.add_argument("--actor-jobs", type=int, default=None,
+    parser.add_argument("--actor-jobs", type=strict_int, default=None,
                         help="the declared stream's first jobs placed through the actor "
                              "(default: 1,000, or --jobs where fewer; at most --jobs)")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
+    parser.add_argument("--profile", type=strict_int, default=0, metavar="N",
                         help="also cProfile N jobs of the measured stream, to stderr "
                              "(at most --jobs)")
-    parser.add_argument("--dead-nodes", type=int, default=0, metavar="N",
+    parser.add_argument("--dead-nodes", type=strict_int, default=0, metavar="N",
                         help=f"instead of the placement run: the scheduler core's tick and "
                              f"submit+release with N dead nodes known beside "
                              f"{DEAD_RUN_LIVE_NODES} live ones, 2 h after the deaths, the "

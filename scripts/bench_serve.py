@@ -58,6 +58,7 @@ from orchestrator.polling import wait_for
 from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.serving.settings import (ENGINE_THREAD, SERVING_PATHS, ServeSettings,
                                            free_port, serve_app_config)
+from orchestrator.validation import strict_float, strict_int
 from scripts.flags import require, require_at_least
 from scripts.rounds import median_ratio, paired_rounds, rotated
 
@@ -103,34 +104,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reload-checkpoint", default=None,
                    help="model to hot-reload to (default: a second fresh GPT)")
     p.add_argument("--model-size", default="small", choices=("tiny", "small", "medium"))
-    p.add_argument("--context", type=int, default=512, help="block size of fresh models")
-    p.add_argument("--concurrency", type=int, default=64, help="clients in phases 1-2")
-    p.add_argument("--steady-concurrency", type=int, default=16, help="clients in phases 3-4")
-    p.add_argument("--duration", type=float, default=12.0,
+    p.add_argument("--context", type=strict_int, default=512, help="block size of fresh models")
+    p.add_argument("--concurrency", type=strict_int, default=64, help="clients in phases 1-2")
+    p.add_argument("--steady-concurrency", type=strict_int, default=16,
+                   help="clients in phases 3-4")
+    p.add_argument("--duration", type=strict_float, default=12.0,
                    help="measured seconds of each mixed-load round of each setting")
-    p.add_argument("--equal-duration", type=float, default=8.0,
+    p.add_argument("--equal-duration", type=strict_float, default=8.0,
                    help="measured seconds of each equal-load setting")
-    p.add_argument("--rounds", type=int, default=2,
+    p.add_argument("--rounds", type=strict_int, default=2,
                    help="alternating rounds of the mixed load (a drifting machine hits all)")
-    p.add_argument("--warmup", type=float, default=3.0,
+    p.add_argument("--warmup", type=strict_float, default=3.0,
                    help="seconds of load before a phase's measured window")
-    p.add_argument("--max-tokens", type=int, default=16, help="of the equal load")
-    p.add_argument("--model-alone-seconds", type=float, default=8.0,
+    p.add_argument("--max-tokens", type=strict_int, default=16, help="of the equal load")
+    p.add_argument("--model-alone-seconds", type=strict_float, default=8.0,
                    help="seconds of each in-process mixed-load round per batching mode")
-    p.add_argument("--stream-every", type=int, default=8,
+    p.add_argument("--stream-every", type=strict_int, default=8,
                    help="every n-th client streams (TTFT and TPOT are measured on those)")
-    p.add_argument("--max-batch-size", type=int, default=64,
+    p.add_argument("--max-batch-size", type=strict_int, default=64,
                    help="rows of continuous batching, batch cap of static batching")
-    p.add_argument("--max-concurrent-batches", type=int, default=None,
+    p.add_argument("--max-concurrent-batches", type=strict_int, default=None,
                    help="batches a replica runs at once (default: the app's, 1)")
-    p.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
+    p.add_argument("--port", type=strict_int, default=0, help="HTTP port (default: a free one)")
     p.add_argument("--serving-path", default="haproxy", choices=tuple(SERVING_PATHS),
                    help="HTTP front: Ray Serve's throughput mode behind HAProxy (the app's "
                         "default) or Serve's Python proxy (orchestrator/serving/settings.py)")
     p.add_argument("--engine-thread", action="store_true",
                    help="run continuous batching's engines on a thread of the replica instead "
                         "of a process of their own (the app's engine_process: false)")
-    p.add_argument("--torch-threads", type=int, default=1,
+    p.add_argument("--torch-threads", type=strict_int, default=1,
                    help="intra-op threads of the model replica (the app's torch_threads)")
     args = p.parse_args(argv)
     # Before Ray, Serve and the model-alone phases (~1 min): 0 rounds or a 0 s window died at

@@ -52,6 +52,7 @@ from orchestrator.simulator import (RestartCost, SimResult, add_published_baseli
                                     format_summary, out_dir, restart_cost, simulate,
                                     write_jobs_csv, write_plots)
 from orchestrator.traces import PHILLY_CSV, TraceError, TraceJob, load_philly, prepare
+from orchestrator.validation import strict_float, strict_int
 from scripts import gen_constrained_trace
 
 DEFAULT_CLUSTER = "v100:8x48,p100:8x48,k80:4x64;rack=16"
@@ -191,16 +192,16 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"which of {', '.join(SECTIONS)} to run")
-    parser.add_argument("--start", type=int, default=20_000)
-    parser.add_argument("--jobs", type=int, default=10_000)
-    parser.add_argument("--load-scale", type=float, default=3.0)
-    parser.add_argument("--trace-seed", type=int, default=gen_constrained_trace.DEFAULT_SEED)
+    parser.add_argument("--start", type=strict_int, default=20_000)
+    parser.add_argument("--jobs", type=strict_int, default=10_000)
+    parser.add_argument("--load-scale", type=strict_float, default=3.0)
+    parser.add_argument("--trace-seed", type=strict_int, default=gen_constrained_trace.DEFAULT_SEED)
     parser.add_argument("--sweep", default=",".join(f"{s:g}" for s in SWEEP),
                         help="load scales of the constrained trace's sweep")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    parser.add_argument("--seed", type=strict_int, default=0, help="seed of the random policy")
     parser.add_argument("--policies", default=",".join(POLICY_NAMES))
     parser.add_argument("--out", help="also write jobs.csv and plots per section here")
-    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--processes", type=strict_int, default=os.cpu_count() or 1,
                         help="replays run at once, one per process (default: one per core)")
     add_restart_arguments(parser)
     add_published_baselines_argument(parser)

@@ -40,6 +40,7 @@ from orchestrator.training.data import VOCAB_SIZE
 from orchestrator.training.loop import train
 from orchestrator.training.model import GPT, GPTConfig
 from orchestrator.training.session import LocalSession
+from orchestrator.validation import strict_int
 from scripts.flags import require_at_least
 from scripts.rounds import median_ratio, paired_rounds, rotated
 
@@ -227,7 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="fewer steps and a shorter context (a smoke run, not a result)")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=strict_int, default=3,
                         help="rounds of plain vs Ray Train, alternating which goes first")
     parser.add_argument("--only-overhead", action="store_true",
                         help="measure Ray Train's overhead and stop")

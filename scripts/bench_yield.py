@@ -52,6 +52,7 @@ from typing import Any
 
 from orchestrator.polling import wait_for
 from orchestrator.runs import read_metrics
+from orchestrator.validation import strict_float, strict_int
 from scripts.flags import require, require_at_least
 
 MODEL = "tiny"
@@ -234,12 +235,12 @@ def model_description() -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="preemptions measured")
-    parser.add_argument("--segment-steps", type=int, default=120,
+    parser.add_argument("--rounds", type=strict_int, default=3, help="preemptions measured")
+    parser.add_argument("--segment-steps", type=strict_int, default=120,
                         help="round k preempts once the job is past step k x this; the job "
                         "runs (rounds + 1) x this steps")
-    parser.add_argument("--log-every", type=int, default=20, help="steps between reports")
-    parser.add_argument("--timeout-s", type=float, default=300.0, help="for each wait")
+    parser.add_argument("--log-every", type=strict_int, default=20, help="steps between reports")
+    parser.add_argument("--timeout-s", type=strict_float, default=300.0, help="for each wait")
     args = parser.parse_args(argv)
     require_at_least(parser, args, 1, "rounds", "log_every")
     require(parser, args, ("segment_steps",), lambda steps: steps >= 4 * args.log_every,

@@ -46,6 +46,7 @@ from orchestrator.inventory import (
     LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB, LABEL_ACCELERATOR_TYPE)
 from orchestrator.runs import checkpoint_age, checkpoint_dirs, read_metrics
 from orchestrator.serving.settings import free_port, serve_app_config
+from orchestrator.validation import strict_int
 from scripts.bench_train import ray_train_workers
 
 APP = "gpt-chaos"
@@ -555,7 +556,7 @@ def passed(result: dict) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0, help="fault order, steps and victims")
+    parser.add_argument("--seed", type=strict_int, default=0, help="fault order, steps and victims")
     parser.add_argument("--quick", action="store_true",
                         help="shorter training, each fault once (the integration test's size)")
     args = parser.parse_args(argv)

@@ -17,14 +17,15 @@ import os
 import sys
 
 from orchestrator import cpu_shares
+from orchestrator.validation import strict_float, strict_int
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=10.0, help="how long to sample")
+    p.add_argument("--seconds", type=strict_float, default=10.0, help="how long to sample")
     p.add_argument("--match", default="", help="only processes whose command line has this")
-    p.add_argument("--top", type=int, default=12, help="processes to show")
-    p.add_argument("--min-pct", type=float, default=0.5,
+    p.add_argument("--top", type=strict_int, default=12, help="processes to show")
+    p.add_argument("--min-pct", type=strict_float, default=0.5,
                    help="leave out threads below this percent of a core")
     args = p.parse_args(argv)
     # A day at most: NaN and inf passed a `<= 0` check and ended in a traceback.

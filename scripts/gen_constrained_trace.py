@@ -90,6 +90,7 @@ from orchestrator.cluster_model import (FAMILY_TO_TYPE, GPU_TYPES, REFERENCE_GPU
 from orchestrator.config import ACCELERATOR_SPEED
 from orchestrator.runs import out_file
 from orchestrator.traces import MAX_SECONDS, TraceError, TraceJob, load_philly, write_canonical
+from orchestrator.validation import strict_float, strict_int
 
 CONSTRAINED_CLUSTER = "a100:8x12,v100:8x24,v100:4x48,p100:8x16,p100:4x32,k80:4x64;rack=16"
 DEFAULT_SEED = 0
@@ -393,15 +394,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.gen_constrained_trace",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="the canonical CSV to write")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--jobs", type=int, default=DEFAULT_JOBS)
-    p.add_argument("--load", type=float, default=DEFAULT_LOAD,
+    p.add_argument("--seed", type=strict_int, default=DEFAULT_SEED)
+    p.add_argument("--jobs", type=strict_int, default=DEFAULT_JOBS)
+    p.add_argument("--load", type=strict_float, default=DEFAULT_LOAD,
                    help="offered load of the whole cluster (default %(default)s)")
-    p.add_argument("--scarce-load", type=float, default=DEFAULT_SCARCE_LOAD,
+    p.add_argument("--scarce-load", type=strict_float, default=DEFAULT_SCARCE_LOAD,
                    help="gang jobs' offered load on the scarce family (default %(default)s)")
-    p.add_argument("--gang-share", type=float, default=DEFAULT_GANG_SHARE)
-    p.add_argument("--single-share", type=float, default=DEFAULT_SINGLE_SHARE)
-    p.add_argument("--pair-share", type=float, default=DEFAULT_PAIR_SHARE)
+    p.add_argument("--gang-share", type=strict_float, default=DEFAULT_GANG_SHARE)
+    p.add_argument("--single-share", type=strict_float, default=DEFAULT_SINGLE_SHARE)
+    p.add_argument("--pair-share", type=strict_float, default=DEFAULT_PAIR_SHARE)
     p.add_argument("--cluster", default=CONSTRAINED_CLUSTER, help="--cluster SPEC")
     return p.parse_args(argv)
 

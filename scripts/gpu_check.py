@@ -65,6 +65,7 @@ from orchestrator.training.efficiency import gpu_peak_flops
 from orchestrator.training.loop import train
 from orchestrator.training.precision import resolve_precision
 from orchestrator.training.session import LocalSession
+from orchestrator.validation import strict_float, strict_int
 
 SEQ_LEN = 1024
 BYTE_VOCAB = 256  # the bundled corpus's vocabulary
@@ -402,9 +403,9 @@ def _terminated(signum, frame) -> None:
 
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=COST_STEPS,
+    parser.add_argument("--steps", type=strict_int, default=COST_STEPS,
                         help="steps per run; MFU is the last half's (compile is in the first)")
-    parser.add_argument("--budget-s", type=float, default=380.0,
+    parser.add_argument("--budget-s", type=strict_float, default=380.0,
                         help="skip runs that would not finish inside this many seconds")
     parser.add_argument("--out", help="a JSON file rewritten after every run")
     parser.add_argument("--runs", nargs="+", type=parse_run, default=list(RUNS),
