@@ -1355,10 +1355,7 @@ def test_a_cpu_job_is_planned_across_types_only_where_each_declares_a_resource_t
     for them, the cluster's max_workers, and one worker is never held."""
     job = JobSpec("etl", num_workers=5, cpus_per_worker=2)
     assert scale_up_parts(job, _two_cpu_types()) is None
-    core = core_with(cpu_node("cpu", cpus=1))
-    core.node_types = _two_cpu_types()
-    refused = core.submit(job, "d", T0).decision
-    assert isinstance(refused, Rejection), refused
+    refused = _refused_on_a_cpu_node(job, _two_cpu_types())
     assert ("node types 'big', 'small' would hold it together, but a CPU job is planned across "
             "node types only where each declares a resource of its own to steer the "
             "autoscaler to it (none of them does: add one to each one's resources, e.g. "
@@ -1482,10 +1479,7 @@ def test_a_gpu_job_is_planned_across_types_only_where_each_has_a_resource_to_ste
         "b": 2}  # (what the old plan's bundles got: 8 workers' room, not 10)
     for config in (unsteered, _gpu_types_config(accelerator="accelerator_type:A100")):
         assert scale_up_parts(job, node_types_from_config(config)) is None
-        core = core_with(cpu_node("cpu", cpus=1))
-        core.node_types = node_types_from_config(config)
-        refused = core.submit(job, "d", T0).decision
-        assert isinstance(refused, Rejection), refused
+        refused = _refused_on_a_cpu_node(job, node_types_from_config(config))
         assert ("node types 'a', 'b' would hold it together, but a GPU job is planned across "
                 "node types only where each declares a resource of its own to steer the "
                 "autoscaler to it (an accelerator_type no other type declares, or a custom one; "
@@ -1514,6 +1508,15 @@ def test_a_gpu_job_is_planned_across_types_only_where_each_has_a_resource_to_ste
     assert isinstance(waiting, Queued) and "add 1 x a + 1 x b" in waiting.reason, waiting
     assert core.scale_up_requests(T0 + 1) == [{"CPU": 1.0, "GPU": 1, "pool_a": 0.001}] * 8 + \
         [{"CPU": 1.0, "GPU": 1, "pool_b": 0.001}] * 2
+
+
+def _refused_on_a_cpu_node(job: JobSpec, node_types) -> Rejection:
+    """The job submitted to a scheduler of one 1-CPU node and these node types: refused."""
+    core = core_with(cpu_node("cpu", cpus=1))
+    core.node_types = node_types
+    refused = core.submit(job, "d", T0).decision
+    assert isinstance(refused, Rejection), refused
+    return refused
 
 
 def test_every_multi_type_plan_is_what_rays_autoscaler_adds():
@@ -1610,10 +1613,7 @@ def test_a_job_asking_gpu_memory_is_not_planned_on_a_type_whose_bundles_ray_may_
                   min_gpu_memory_gb=60)
     unsteered = _two_a100_types_config()
     assert scale_up_parts(job, node_types_from_config(unsteered)) is None
-    core = core_with(cpu_node("cpu", cpus=1))
-    core.node_types = node_types_from_config(unsteered)
-    refused = core.submit(job, "d", T0).decision
-    assert isinstance(refused, Rejection), refused
+    refused = _refused_on_a_cpu_node(job, node_types_from_config(unsteered))
     assert ("node type 'p4de' would hold it, but its workers' bundles (GPUs, "
             "accelerator_type:A100) fit node type 'p4d' too, whose GPUs have less memory than "
             "min_gpu_memory_gb 60, or declare none (Ray's autoscaler sees no GPU memory): give "
@@ -1634,10 +1634,7 @@ def test_the_short_gpus_note_tells_the_max_workers_the_type_holding_it_is_short_
     declaring that still got a refusal. It now says both what to declare and the figure."""
     job = JobSpec("j", num_workers=24, gpus_per_worker=1, accelerator_types=("A100",),
                   min_gpu_memory_gb=60)
-    core = core_with(cpu_node("cpu", cpus=1))
-    core.node_types = node_types_from_config(_two_a100_types_config())
-    refused = core.submit(job, "d", T0).decision
-    assert isinstance(refused, Rejection), refused
+    refused = _refused_on_a_cpu_node(job, node_types_from_config(_two_a100_types_config()))
     assert ("node type 'p4de' would hold it with 3 node(s) in all (any up included), but node "
             "type 'p4de' has max_workers 2: raise it to 3; and its workers' bundles (GPUs, "
             "accelerator_type:A100) fit node type 'p4d' too") in refused.message, refused.message
