@@ -1519,6 +1519,19 @@ def _refused_on_a_cpu_node(job: JobSpec, node_types) -> Rejection:
     return refused
 
 
+def _refused_after_the_scale_up_timeout(job: JobSpec, node_types) -> Rejection:
+    """The job (named "j") queued for new nodes on a scheduler of a 1-CPU head and these node
+    types, no node joining: its refusal once scale_up_timeout_s has passed."""
+    core = core_with(cpu_node("head", cpus=1))
+    core.node_types, core.head_node = node_types, "head"
+    assert isinstance(core.submit(job, "d", T0).decision, Queued)
+    late = T0 + core.settings.scale_up_timeout_s + 10
+    core.tick(late)
+    refused = core.poll("j", "d", late + 1).decision
+    assert isinstance(refused, Rejection), refused
+    return refused
+
+
 def test_every_multi_type_plan_is_what_rays_autoscaler_adds():
     """Over a grid of two-type configs (GPU and CPU types, RAM stated or not, steering
     resources or none), each plan across types, its bundles asked of Ray 2.60's own
@@ -1737,13 +1750,7 @@ def test_node_types_ray_cannot_tell_apart_are_named_at_load_and_in_a_timed_out_w
     with caplog.at_level(logging.WARNING, logger=scheduler_actor.__name__):
         assert read() == (types, None)
     assert [r.getMessage() for r in caplog.records] == [f"autoscaling config {path}: {note}"]
-    core = core_with(cpu_node("head", cpus=1))
-    core.node_types, core.head_node = types, "head"
-    assert isinstance(core.submit(job, "d", T0).decision, Queued)
-    late = T0 + core.settings.scale_up_timeout_s + 10
-    core.tick(late)
-    refused = core.poll("j", "d", late + 1).decision
-    assert isinstance(refused, Rejection), refused
+    refused = _refused_after_the_scale_up_timeout(job, types)
     assert ("node type 'big' cannot be told apart from 'small' by Ray's resources: its "
             "bundles fit that type too, and Ray's autoscaler may have added it instead (or, "
             "autoscaler v2, none, where its pick leaves some bundles unheld) (give "
@@ -1787,12 +1794,6 @@ def test_what_ray_adds_now_is_said_for_autoscaler_v2_too():
     assert _ray_v2_adds(pair, plan_bundles(job, plan)) == {}
     assert "may add another type than a job's plan names (or, autoscaler v2, none, where its " \
         "pick leaves some bundles unheld)" in untold_types_note(node_types_from_config(pair))
-    core = core_with(cpu_node("head", cpus=1))
-    core.node_types, core.head_node = node_types_from_config(pair), "head"
-    assert isinstance(core.submit(job, "d", T0).decision, Queued)
-    late = T0 + core.settings.scale_up_timeout_s + 10
-    core.tick(late)
-    refused = core.poll("j", "d", late + 1).decision
-    assert isinstance(refused, Rejection), refused
+    refused = _refused_after_the_scale_up_timeout(job, node_types_from_config(pair))
     assert ("Ray's autoscaler may have added it instead (or, autoscaler v2, none, where its "
             "pick leaves some bundles unheld)") in refused.message, refused.message
