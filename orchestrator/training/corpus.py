@@ -96,12 +96,19 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
         try:
             return _uri_filesystem(uri)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unknown schemes
-            raise DataError(f"--data {uri}: cannot open this URI: {e}") from None
+            raise DataError(f"--data {uri}: cannot open this URI: {e}"
+                            f"{_QUESTION_MARK_HINT if 'query parameter' in str(e) else ''}"
+                            ) from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
 # A URI's query (`?region=us-east-1&scheme=http`): `name=value` pairs, never a glob's `?`.
 _URI_QUERY = re.compile(r"\?[A-Za-z_]\w*=[^/?]*(?:&[A-Za-z_]\w*=[^/?]*)*\Z")
+# What a URI's path keeps as it is when percent-encoded (with_scheme): `[`, `]`, `*` are read
+# as they are (_uri_filesystem), so a plain name's URI, its cache key, is as it was.
+_URI_PATH_SAFE = "/!$&'()*+,;=:@[]"
+# (s3:// and gs:// refuse a query they do not know: `s3://b/data?v=2.txt`, a key with `?`)
+_QUESTION_MARK_HINT = "; a '?' in a file's name is written %3F"
 
 
 def _uri_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -128,6 +135,18 @@ def split_uri_query(uri: str) -> tuple[str, str]:
     return (uri[:query.start()], query.group(0)) if query else (uri, "")
 
 
+def refuse_file_uri_query(value: str, flag: str) -> None:
+    """Refuse a file:// URI with a query (`file:///d/x.txt?v=2`): pyarrow's local filesystem
+    takes no options and dropped it without a word (reading /d/x.txt), and a name holding
+    `?` typed as it is (`file:///d/data?v=2.txt`) read the file `data`, or none. The message
+    gives the URI with the query's `?` percent-encoded, the name such a file has."""
+    body, query = split_uri_query(value)
+    if query and value.startswith("file://"):
+        raise DataError(f"{flag} {value}: a file:// URI takes no query ({query}: the local "
+                        f"filesystem has no options){_QUESTION_MARK_HINT}: "
+                        f"{body}{urllib.parse.quote(query, safe=_URI_PATH_SAFE)}")
+
+
 def with_scheme(original: str, path: str) -> str:
     """The URI of `path` on the same filesystem as `original` (keeps s3://, file://, ..., and
     the query that configures it: a file under `s3://b/d?endpoint_override=...` was named
@@ -139,7 +158,7 @@ def with_scheme(original: str, path: str) -> str:
     if "://" not in original:
         return path
     scheme = original.split("://", 1)[0]
-    path = urllib.parse.quote(path, safe="/!$&'()*+,;=:@[]")
+    path = urllib.parse.quote(path, safe=_URI_PATH_SAFE)
     return f"{scheme}://{path}{split_uri_query(original)[1]}" if scheme != "file" \
         else f"file://{path}"
 
@@ -158,6 +177,7 @@ def expand_sources(specs: list[str], say: Callable[[str], None] = print
         if not isinstance(spec, str) or not spec.strip():
             raise DataError(f"--data must be a path, directory, glob or URI, got {spec!r}")
         refuse_non_utf8_path(spec, "--data")
+        refuse_file_uri_query(spec, "--data")
         for source in _expand_one(spec, say):
             # One file named twice is kept under its first name in sorted order, whatever
             # the order of the --data values (the cache key holds the name).

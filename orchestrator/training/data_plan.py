@@ -23,8 +23,8 @@ from orchestrator.tokenizer import (EOS_NAMES, Tokenizer, TokenizerError, load_t
 from orchestrator.training.corpus import (CACHE_KEY_VERSION, FINGERPRINT_KEY_VERSION, DataError,
                                           SourceFile, cache_key,
                                           check_jsonl_head, check_text_column, check_text_head,
-                                          expand_sources, iter_texts, refuse_non_utf8_path,
-                                          split_uri_query,
+                                          expand_sources, iter_texts, refuse_file_uri_query,
+                                          refuse_non_utf8_path, split_uri_query,
                                           with_scheme)
 from orchestrator.training.shards import (SHARD_TOKENS, UnreadableManifest, clear_cache_dir,
                                           fresh_dir_beside, has_manifest_file,
@@ -83,6 +83,7 @@ def absolute_cache_root(cache_root: str) -> str:
     """A local --data-cache made absolute: the workers run in directories of their own
     (Ray's), where a path relative to where the driver was started would name nothing."""
     refuse_non_utf8_path(cache_root, "--data-cache")
+    refuse_file_uri_query(cache_root, "--data-cache")
     if "://" in cache_root:
         return cache_root
     # (a ~user of no user: refused, not a folder named "~user" under the working directory)

@@ -1670,6 +1670,36 @@ def test_a_file_named_like_a_uri_query_is_read_through_a_uri(tmp_path, spec):
     assert split_uri_query(uri) == ("s3://b/d/data%3Fv=2%231.txt", "?region=us-east-1")
 
 
+@pytest.mark.parametrize("spec, encoded", [
+    ("file://{d}/data?v=2.txt", "file://{d}/data%3Fv=2.txt"),
+    ("file://{d}/*.txt?v=2", "file://{d}/*.txt%3Fv=2"),
+    ("file://{d}?region=us-east-1", "file://{d}%3Fregion=us-east-1")])
+def test_a_file_uri_with_a_query_is_refused_naming_the_encoded_name(tmp_path, spec, encoded):
+    """pyarrow's local filesystem takes no options and dropped a file:// URI's query without
+    a word: `file://DIR/x.txt?v=2` read DIR/x.txt, `file://DIR/data?v=2.txt` (a file whose
+    name holds `?`) the file `data`, or none."""
+    (tmp_path / "data?v=2.txt").write_text("the query-like name\n\n")
+    (tmp_path / "data").write_text("not this one\n\n")
+    spec, encoded = spec.format(d=tmp_path), encoded.format(d=tmp_path)
+    with pytest.raises(DataError, match=re.escape(
+            f"--data {spec}: a file:// URI takes no query") + r".* %3F: " + re.escape(encoded)):
+        expand_sources([spec])
+    with pytest.raises(DataError, match=re.escape(f"--data-cache {spec}: a file:// URI")):
+        plan_data([str(tmp_path / "data")], cache_root=spec)
+    # the name it suggests is the file's
+    source, = expand_sources([f"file://{tmp_path}/data%3Fv=2.txt"])
+    assert next(iter_documents(source)).text == "the query-like name\n\n"
+
+
+def test_an_unknown_query_of_an_object_store_uri_says_how_to_write_a_question_mark():
+    """`s3://b/data?v=2.txt` (a key holding `?`) is refused by pyarrow as a query it does not
+    know; the message now says how such a name is written."""
+    for uri in ("s3://b/d/data?v=2.txt", "gs://b/d/data?v=2.txt"):
+        with pytest.raises(DataError, match=re.escape(f"--data {uri}: cannot open this URI: ")
+                           + r"Unexpected query parameter .*'v'.*written %3F"):
+            expand_sources([uri])
+
+
 @pytest.mark.parametrize("change", ["removed", "restored"])
 def test_a_dangling_link_changed_while_its_folder_is_listed_is_named(tmp_path, monkeypatch,
                                                                      change):
