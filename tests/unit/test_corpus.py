@@ -755,6 +755,14 @@ def test_an_existing_path_with_glob_characters_is_itself(tmp_path):
     (tmp_path / "corpus[2024]" / "a.txt").write_text(paragraphs(5, "p"))
     source, = expand_sources([str(tmp_path / "corpus[2024]")])
     assert source.uri == str(tmp_path / "corpus[2024]" / "a.txt")
+    # a file literally named with a `?`: that file, not the others the glob would match
+    # (glob.glob reads `data?v=2.txt` as a pattern: dataXv=2.txt too); none such: the glob
+    (tmp_path / "data?v=2.txt").write_text("the literal name\n\n")
+    (tmp_path / "dataXv=2.txt").write_text("another file\n\n")
+    source, = expand_sources([str(tmp_path / "data?v=2.txt")])
+    assert next(iter_documents(source)).text == "the literal name\n\n"
+    source, = expand_sources([str(tmp_path / "dataX?=2.txt")])
+    assert source.uri == str(tmp_path / "dataXv=2.txt")
 
 
 def test_hidden_folders_are_skipped_and_a_glob_star_stays_in_its_folder(tmp_path):
