@@ -14,7 +14,8 @@ argument"), so a typo (`max_token`) is not silently ignored.
 Text prompts are encoded with the served model's tokenizer (orchestrator/tokenizer.py; the
 byte tokenizer by default, where a prompt's token count is its UTF-8 length); token-id prompts
 are checked against the ids the model can read (`token_ids`: the smaller of the tokenizer's
-vocabulary and the model's embedding).
+vocabulary and the model's embedding). A completion without a prompt starts from the
+end-of-text token, as OpenAI's default prompt `<|endoftext|>` does (`Encoder.document_start`).
 
 Chat (`/v1/chat/completions`) turns the messages into one prompt with a plain-text template
 (`chat_prompt`): one line block per message, "System: ", "User: " or "Assistant: " then its
@@ -197,6 +198,18 @@ class Encoder:
                               f"({self.tokenizer.name})", where.split("[")[0])
         return ids
 
+    def document_start(self) -> tuple[int, ...]:
+        """The prompt of a request without one: OpenAI's default, "<|endoftext|>", generates
+        as from the start of a new document. Training puts the end-of-text token after every
+        document, so the model starts from that token, where it reads one."""
+        eos = self.tokenizer.eos_id
+        if eos is None or eos >= self.token_ids:
+            raise bad_request("you must provide a prompt (a string, a list of strings, or token "
+                              "ids): left out, OpenAI's default starts from the end-of-text "
+                              "token, and this model reads no end-of-text token "
+                              f"({self.tokenizer.name} tokenizer)", "prompt")
+        return (eos,)
+
     def ids(self, tokens: list[int], where: str) -> tuple[int, ...]:
         for i, t in enumerate(tokens):
             if not 0 <= t < self.token_ids:
@@ -341,18 +354,20 @@ def _refuse_unknown_fields(data: dict[str, Any], chat: bool) -> None:
 
 
 def _prompts(items: list[tuple[str, Any]], encoder: Encoder) -> tuple[tuple[int, ...], ...]:
-    """The prompts _prompt_items checked, as token ids."""
-    return tuple(encoder.text(item, where) if isinstance(item, str) else encoder.ids(item, where)
-                 for where, item in items)
+    """The prompts _prompt_items checked, as token ids (None: none given, OpenAI's default)."""
+    return tuple(encoder.document_start() if item is None
+                 else encoder.text(item, where) if isinstance(item, str)
+                 else encoder.ids(item, where) for where, item in items)
 
 
 def _prompt_items(data: dict[str, Any], max_prompts: int) -> list[tuple[str, Any]]:
     """Each prompt with its name ("prompt", or "prompt[i]" among several): a non-empty string
-    or list of token ids, at most `max_prompts` of them; all that needs no tokenizer."""
-    if "prompt" not in data or data["prompt"] is None:
-        raise bad_request("you must provide a prompt (a string, a list of strings, or token "
-                          "ids)", "prompt")
-    prompt = data["prompt"]
+    or list of token ids, at most `max_prompts` of them; all that needs no tokenizer. A
+    prompt left out (or null) is None: OpenAI's default, which needs the tokenizer
+    (Encoder.document_start)."""
+    prompt = data.get("prompt")
+    if prompt is None:
+        return [("prompt", None)]
     if isinstance(prompt, str):
         items = [("prompt", prompt)]
     elif not isinstance(prompt, list):

@@ -6,6 +6,7 @@ import pytest
 from orchestrator.serving import protocol
 from orchestrator.serving.protocol import (APIError, check_content_type, parse_completion_request,
                                            parse_json_body)
+from orchestrator.tokenizer import LegacyByteTokenizer
 
 BLOCK = 64
 MODEL = "orchestrator-gpt"
@@ -50,8 +51,9 @@ def test_a_body_led_by_a_utf8_byte_order_mark_is_read():
 
 
 @pytest.mark.parametrize("body, param, words", [
-    ({}, "prompt", "must provide a prompt"),
-    ({"prompt": None}, "prompt", "must provide a prompt"),
+    # (the default Encoder is a 256-id byte model's: no end-of-text token to start from)
+    ({}, "prompt", "you must provide a prompt"),
+    ({"prompt": None}, "prompt", "you must provide a prompt"),
     ({"prompt": 5}, "prompt", "got a number"),
     ({"prompt": {"text": "hi"}}, "prompt", "got an object"),
     ({"prompt": ""}, "prompt", "must not be empty"),
@@ -313,6 +315,29 @@ def test_token_ids_are_checked_against_what_the_model_reads():
     with pytest.raises(APIError, match="reads ids 0-3"):
         parse({"prompt": [4]}, encoder=protocol.Encoder(WordPieces(), 50))
 
+
+
+def test_a_missing_prompt_starts_a_new_document_as_openais_default_does():
+    # OpenAI's legacy completions default the prompt to "<|endoftext|>": generate as from the
+    # start of a new document. Training puts the end-of-text token after every document, so a
+    # model that reads it starts from it; this was a 400 "you must provide a prompt".
+    reads_eos = protocol.Encoder(None, 257)  # today's byte-level runs: 256 = end-of-text
+    for body in ({}, {"prompt": None}):
+        parsed = parse({**body, "max_tokens": 3}, encoder=reads_eos)
+        assert parsed.prompts == ((256,),) and parsed.max_tokens == 3
+    # (passes the checks made before a replica is asked, which know no tokenizer)
+    protocol.check_request_fields({}, chat=False, model_name=MODEL)
+
+
+@pytest.mark.parametrize("encoder", [
+    protocol.Encoder(None, 256),  # the byte tokenizer's id 256 is past a 256-id model's ids
+    protocol.Encoder(LegacyByteTokenizer(), 256),  # a tokenizer without end-of-text
+])
+def test_a_missing_prompt_without_an_end_of_text_token_names_prompt(encoder):
+    error = refused_with({}, encoder=encoder)
+    assert (error.status, error.param) == (400, "prompt")
+    assert "you must provide a prompt" in error.message
+    assert "this model reads no end-of-text token" in error.message
 
 # -- chat completions --------------------------------------------------------------------------
 def chat(body: dict, encoder=None):
