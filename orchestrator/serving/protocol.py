@@ -268,8 +268,15 @@ def _token_limit(data: dict[str, Any], chat: bool) -> tuple[str, Any]:
     field = given[0] if given else "max_tokens"
     value = data.get(field)
     if value is not None and (not is_int(value) or value < 1):
-        raise bad_request(f"{field} must be an integer >= 1, got {json.dumps(value)}", field)
+        raise bad_request(f"{field} must be an integer >= 1, got {json.dumps(value)}"
+                          + (_WHY_NOT_0 if value == 0 and not chat else ""), field)
     return field, value
+
+
+# (OpenAI's completions take max_tokens 0 only to score a prompt: with echo and logprobs,
+# neither of which this server returns, 0 would answer an empty text)
+_WHY_NOT_0 = (": 0 asks only to score the prompt, with echo and logprobs, and this server "
+              "sends back neither the prompt (echo) nor log probabilities")
 
 
 def parse_completion_request(data: dict[str, Any], *, block_size: int, model_name: str,

@@ -339,6 +339,14 @@ def test_a_missing_prompt_without_an_end_of_text_token_names_prompt(encoder):
     assert "you must provide a prompt" in error.message
     assert "this model reads no end-of-text token" in error.message
 
+
+def test_max_tokens_0_says_why_it_is_refused():
+    # OpenAI takes max_tokens 0 with echo and logprobs, to score the prompt; neither is
+    # returned here, so 0 would generate an empty answer: refused, saying so.
+    error = refused({"prompt": "hi", "max_tokens": 0})
+    assert error.param == "max_tokens"
+    assert "echo" in error.message and "log probabilities" in error.message
+
 # -- chat completions --------------------------------------------------------------------------
 def chat(body: dict, encoder=None):
     return protocol.parse_chat_request(body, block_size=BLOCK, model_name=MODEL,
