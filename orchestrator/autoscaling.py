@@ -554,6 +554,35 @@ def _beyond_cluster_max(node_type: NodeType, nodes: int) -> bool:
 # (v2/scheduler.py _enforce_resource_constraints), where v1 adds those that fit.
 V2_NONE_UNTIL_ALL_FIT = "autoscaler v1; v2, ray up's default, none until all fit"
 V2_NONE_WHERE_UNHELD = "(or, autoscaler v2, none, where its pick leaves some bundles unheld)"
+# Which of them serves the cluster: "v1" or "v2" as the live scheduler reads it from Ray's
+# GCS (ray_layer.scheduler_actor._running_autoscaler); "unknown" (tests, the simulator, a
+# flag it cannot read) names both where they differ.
+AUTOSCALERS = ("v1", "v2", "unknown")
+
+
+def _by_autoscaler(autoscaler: str, **said: Any) -> Any:
+    """What `said` gives for the autoscaler that runs (keyword v1, v2 or unknown)."""
+    if autoscaler not in AUTOSCALERS:
+        raise ValueError(f"autoscaler must be 'v1', 'v2' or 'unknown', not {autoscaler!r}")
+    return said[autoscaler]
+
+
+def ray_adds_now(room: int, autoscaler: str) -> tuple[int, str]:
+    """(how many of a plan's nodes Ray adds now, what says why, "" for nothing) where the
+    worker nodes up leave room for only `room` of them under the cluster's max_workers: v1
+    adds those that fit, v2 none until all fit; where not known, the room's, naming both."""
+    said = _by_autoscaler(  # (first: a bad value is refused, room or not)
+        autoscaler, v1=(room, ""), unknown=(room, f" ({V2_NONE_UNTIL_ALL_FIT})"),
+        v2=(0, " (autoscaler v2 adds a request's nodes only once all fit)"))
+    return said if room else (0, "")
+
+
+def none_where_unheld(autoscaler: str) -> str:
+    """What Ray adds for bundles it cannot tell apart beside another type: v2 may add none
+    where its pick leaves some unheld (said after "another type"); v1 adds that type."""
+    return _by_autoscaler(autoscaler, v1="", unknown=f" {V2_NONE_WHERE_UNHELD}",
+                          v2=" (or, as autoscaler v2 does, none where its pick leaves some "
+                             "bundles unheld)")
 
 
 def cluster_room(parts: tuple[PlanPart, ...], workers_up: int | None
@@ -578,21 +607,22 @@ def busy_named(busy: dict[str, list[str]]) -> str:
 
 def cluster_room_note(parts: tuple[PlanPart, ...], workers_up: int | None,
                       idle: int | None = None,
-                      busy: dict[str, list[str]] | None = None) -> str | None:
+                      busy: dict[str, list[str]] | None = None,
+                      autoscaler: str = "unknown") -> str | None:
     """Why Ray adds only some of a plan's nodes now (`parts`: those to add, parts_to_add):
     the worker nodes up (`workers_up`, of any type; None: not known) leave less room under
     the cluster's max_workers, and Ray launches the rest only once idle ones are removed
     (its idle_timeout_minutes), and where those that may go idle (`idle`, of the worker
     nodes up; all but the busy ones where not given) are too few, once the jobs on the busy
     ones that may go (`busy`: node id -> jobs) end. None when they fit, or with no such
-    bound."""
+    bound. What Ray adds now is the `autoscaler`'s (ray_adds_now)."""
     short = cluster_room(parts, workers_up)
     if short is None:
         return None
     room, added, cluster_max = short
+    now, why = ray_adds_now(room, autoscaler)
     said = (f"the cluster has {workers_up} worker node(s) up of its max_workers {cluster_max}, "
-            f"so Ray adds {room} of them now"
-            + (f" ({V2_NONE_UNTIL_ALL_FIT})" if room else "") + " and the rest only once ")
+            f"so Ray adds {now} of them now{why} and the rest only once ")
     busy = busy or {}
     idle = workers_up - len(busy) if idle is None else idle
     if added - room <= idle or not busy:  # (the idle ones make room enough)
@@ -602,19 +632,20 @@ def cluster_room_note(parts: tuple[PlanPart, ...], workers_up: int | None,
 
 
 def cluster_max_note(parts: tuple[PlanPart, ...], workers_up: int | None,
-                     busy: dict[str, list[str]]) -> str | None:
+                     busy: dict[str, list[str]], autoscaler: str = "unknown") -> str | None:
     """Why a plan's nodes never joined (`parts`: those still to add) when the worker nodes
     up leave Ray no room for them under the cluster's max_workers: the figures, the nodes up
     running jobs (`busy`) and the figure to raise it to; None when they fit, or with no such
-    bound (the autoscaler's log then says why)."""
+    bound (the autoscaler's log then says why). What Ray adds is the `autoscaler`'s
+    (ray_adds_now)."""
     short = cluster_room(parts, workers_up)
     if short is None:
         return None
     room, added, cluster_max = short
+    now, why = ray_adds_now(room, autoscaler)
     return (f"{plan_named(parts)} never joined: the cluster has {workers_up} worker node(s) up "
             f"of its max_workers {cluster_max} (the cluster config's top-level max_workers), "
-            f"so Ray adds {room or 'none'} of them"
-            + (f" ({V2_NONE_UNTIL_ALL_FIT})" if room else "")
+            f"so Ray adds {now or 'none'} of them{why}"
             + (f" ({len(busy)} of the worker node(s) up run jobs: {busy_named(busy)})"
                if busy else "")
             + f": raise it to {workers_up + added}"
@@ -627,12 +658,14 @@ def ray_memory_gib(ram_gib):
     return ram_gib * RAY_MEMORY_SHARE
 
 
-def autoscaling_summary(node_types: tuple[NodeType, ...]) -> dict[str, Any]:
-    """The node types as status --json shows them, and the cluster's max_workers (null: no
-    node types known)."""
+def autoscaling_summary(node_types: tuple[NodeType, ...],
+                        autoscaler: str = "unknown") -> dict[str, Any]:
+    """The node types as status --json shows them, the cluster's max_workers (null: no
+    node types known) and which autoscaler runs (AUTOSCALERS)."""
     return {"max_workers": next((t.cluster_max_workers for t in node_types), None),
             "node_types": [t.summary() for t in node_types],
-            "config_note": untold_types_note(node_types)}
+            "config_note": untold_types_note(node_types, autoscaler),
+            "autoscaler": autoscaler}
 
 
 def untold_types(node_type: NodeType, node_types: tuple[NodeType, ...],
@@ -653,10 +686,13 @@ def untold_types(node_type: NodeType, node_types: tuple[NodeType, ...],
             and asked <= t.resource_keys and (asks_gpus or node_type.gpus or not t.gpus)]
 
 
-def untold_types_note(node_types: tuple[NodeType, ...]) -> str | None:
+def untold_types_note(node_types: tuple[NodeType, ...],
+                      autoscaler: str = "unknown") -> str | None:
     """The config's types that Ray's resources cannot tell apart (untold_types), naming
-    them and what to declare; None where there are none (status --json's
-    autoscaling.config_note; logged when the config is read)."""
+    them and what to declare (and what the `autoscaler` does then, none_where_unheld); None
+    where there are none (status --json's autoscaling.config_note; logged when the config
+    is read)."""
+    unheld = none_where_unheld(autoscaler)  # (first: a bad value is refused, types or not)
     untold = [(t, others) for t in node_types for others in [untold_types(t, node_types)]
               if others]
     if not untold:
@@ -669,16 +705,18 @@ def untold_types_note(node_types: tuple[NodeType, ...]) -> str | None:
     return (f"node types {', '.join(repr(name) for name in named)} cannot be told apart by "
             f"Ray's resources ({fits}: amounts aside, the CPU, GPU and accelerator_type they "
             "ask for), and Ray's autoscaler picks the type for bundles by its own scoring, so "
-            f"it may add another type than a job's plan names {V2_NONE_WHERE_UNHELD}: give "
+            f"it may add another type than a job's plan names{unheld}: give "
             f"each a resource of its own in its resources, e.g. \"{untold[0][0].name}\": 1")
 
 
 def untold_plan_note(spec: JobSpec, parts: tuple[PlanPart, ...],
-                     node_types: tuple[NodeType, ...]) -> str | None:
+                     node_types: tuple[NodeType, ...],
+                     autoscaler: str = "unknown") -> str | None:
     """Why a plan's nodes may never have joined (`parts`: those still to add) when its
     bundles, steered by no resource of their type's own, fit other types too
-    (untold_types): Ray's autoscaler may have added one of those instead; None else."""
-    said = []
+    (untold_types): Ray's autoscaler may have added one of those instead (the
+    `autoscaler`'s way, none_where_unheld); None else."""
+    unheld, said = none_where_unheld(autoscaler), []
     for node_type, nodes, _ in parts:
         others = untold_types(node_type, node_types, spec) if nodes else []
         if others:
@@ -687,8 +725,7 @@ def untold_plan_note(spec: JobSpec, parts: tuple[PlanPart, ...],
                 f"node type {node_type.name!r} cannot be told apart from "
                 f"{', '.join(repr(t.name) for t in others)} by Ray's resources: its bundles "
                 f"fit {'that type' if one else 'those types'} too, and Ray's autoscaler may "
-                f"have added {'it' if one else 'one of them'} instead "
-                f"{V2_NONE_WHERE_UNHELD} (give "
+                f"have added {'it' if one else 'one of them'} instead{unheld} (give "
                 f"{node_type.name!r} a resource of its own in its resources, e.g. "
                 f"\"{node_type.name}\": 1)")
     return "; ".join(said) or None

@@ -352,6 +352,10 @@ class SchedulerCore:
         # by the live actor from the cluster config, empty elsewhere): a job only they can
         # hold waits for them instead of being rejected.
         self.node_types: tuple[NodeType, ...] = ()
+        # Which of Ray's autoscalers adds them, "v1" or "v2" (set by the live actor from
+        # Ray's GCS), "unknown" elsewhere: the scale-up notes say what that one adds, or
+        # name both where not known (orchestrator/autoscaling.py AUTOSCALERS).
+        self.autoscaler = "unknown"
         # The head node's id (the live actor runs there), None where not known: the other
         # nodes Ray lists alive are worker nodes, which count against the cluster's
         # max_workers (cluster_room_note).
@@ -1647,8 +1651,8 @@ class SchedulerCore:
         workers_up = self._worker_nodes_up()
         # (the nodes that may go are counted only where the room is short: for each job
         # waiting on each pass, they cost a look at every node up and every reservation)
-        note = cluster_room_note(plan, workers_up, *self._nodes_that_may_go(spec, plan)) \
-            if cluster_room(plan, workers_up) else None
+        note = cluster_room_note(plan, workers_up, *self._nodes_that_may_go(spec, plan),
+                                 self.autoscaler) if cluster_room(plan, workers_up) else None
         return _scale_up_reason(plan) + (f"; {note}" if note else "")
 
     def _nodes_that_may_go(self, spec: JobSpec, plan: tuple[PlanPart, ...]
@@ -1701,8 +1705,8 @@ class SchedulerCore:
         missing = [(t, n) for t, n, _ in plan if n]
         one = sum(n for _, n in missing) == 1
         workers_up = self._worker_nodes_up()
-        at_max = cluster_max_note(plan, workers_up, self._nodes_that_may_go(spec, plan)[1]) \
-            if cluster_room(plan, workers_up) else None
+        at_max = cluster_max_note(plan, workers_up, self._nodes_that_may_go(spec, plan)[1],
+                                  self.autoscaler) if cluster_room(plan, workers_up) else None
         said = [at_max or f"{plan_named(plan)} never joined (the autoscaler did not add "
                 f"{'it' if one else 'them'}: its log, `ray status`, says why, e.g. no "
                 "instances available or a launch failing)"] if missing else []
@@ -1724,7 +1728,7 @@ class SchedulerCore:
                 said.append(f"{where} (node type {node_type.name!r}) hold {held} of the "
                             f"{expected} workers the autoscaler counts them for (do their "
                             "labels promise more than they report?)")
-        untold = untold_plan_note(spec, plan, self.node_types)
+        untold = untold_plan_note(spec, plan, self.node_types, self.autoscaler)
         return "; ".join(said + ([untold] if untold else [])) or "the nodes up do not hold it"
 
     def _with_node_type_notes(self, rejection: Rejection | None,

@@ -96,7 +96,9 @@ class SchedulerActor:
         self._ray_checked_at = float("-inf")
         # (why the cluster's autoscaling config is not used, for status --json; None: it is;
         # read before the restore, which drops saved requests for types no longer in it)
-        self.core.node_types, self._autoscaling_problem = _autoscaler_node_types()
+        self.core.autoscaler = _running_autoscaler()  # (once: Ray sets it as the head starts)
+        self.core.node_types, self._autoscaling_problem = \
+            _autoscaler_node_types(self.core.autoscaler)
         # (this actor runs on the head: the other nodes alive are worker nodes, counted
         # against the cluster's max_workers in a waiting job's reason)
         self.core.head_node = ray.get_runtime_context().get_node_id()
@@ -244,7 +246,8 @@ class SchedulerActor:
                 "jobs": self.core.jobs(now),
                 "throughput": {"reference": self.throughput.reference,
                                "rows": self.throughput.rows()},
-                "autoscaling": {**autoscaling_summary(self.core.node_types),
+                "autoscaling": {**autoscaling_summary(self.core.node_types,
+                                                      self.core.autoscaler),
                                 "asked_for": list(self._scale_up_asked or []),
                                 "asked_by_job": list(self._scale_up_asked_by),
                                 "config_problem": self._autoscaling_problem},
@@ -485,12 +488,30 @@ class SchedulerActor:
                                "it") from e
 
 
-def _autoscaler_node_types() -> tuple[tuple, str | None]:
+def _running_autoscaler() -> str:
+    """Which of Ray's autoscalers serves this cluster, "v1" or "v2" (scale-up notes say what
+    it adds, orchestrator/autoscaling.py), from the flag in Ray's GCS that the head's
+    monitor (node.py start_monitor) and KubeRay's run_autoscaler pick v1 or v2 by; the GCS
+    sets it from its own RAY_enable_autoscaler_v2 (`ray up` sets that, `ray start` does not).
+    fetch_from_server: else is_autoscaler_v2 answers True from this process's own
+    RAY_enable_autoscaler_v2, and caches. "unknown" where it cannot be read."""
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        return "v2" if is_autoscaler_v2(fetch_from_server=True) else "v1"
+    except Exception as e:  # (an assert without a GCS client, a GCS error)
+        log.warning("cannot tell which of Ray's autoscalers runs (scale-up notes name both): "
+                    "%s: %s", type(e).__name__, e)
+        return "unknown"
+
+
+def _autoscaler_node_types(autoscaler: str = "unknown") -> tuple[tuple, str | None]:
     """The node types this cluster's autoscaler can add, from the config it runs with (the
     `--autoscaling-config` of the autoscaler on this, the head, node; else the
     ~/ray_bootstrap_config.yaml `ray up` leaves on the head), and why the config is not used
     (None: it is, or there is none). None known (no autoscaler, an unreadable file): (), and
-    a job the cluster cannot hold is rejected as before."""
+    a job the cluster cannot hold is rejected as before. Its note (untold_types_note) says
+    what the `autoscaler` that runs (_running_autoscaler) does."""
     import yaml
 
     from orchestrator.autoscaling import node_types_from_config, untold_types_note
@@ -506,7 +527,7 @@ def _autoscaler_node_types() -> tuple[tuple, str | None]:
         return (), f"autoscaling config {path} not used: {e}"
     log.info("autoscaling config %s: jobs only its node types %s can hold wait for them",
              path, ", ".join(t.name for t in types))
-    note = untold_types_note(types)
+    note = untold_types_note(types, autoscaler)
     if note:  # (once: the config is read when the scheduler starts)
         log.warning("autoscaling config %s: %s", path, note)
     return types, None

@@ -507,7 +507,7 @@ def test_status_json_shows_each_node_types_ram_gpus_cpus_and_max_workers():
     autoscaling = json.loads(json.dumps(actor.snapshot()["autoscaling"]))
     assert autoscaling == {
         "max_workers": 10, "asked_for": [{"CPU": 1.0}], "config_problem": None,
-        "config_note": None,
+        "config_note": None, "autoscaler": "unknown",
         "asked_by_job": [{"job": "j", "node_type": "bigmem", "nodes": 1, "workers": 1}],
         "node_types": [
             {"name": "bigmem", "cpus": 16.0, "gpus": 0, "family": None, "gpu_memory_gb": None,
@@ -579,7 +579,8 @@ def test_an_unusable_autoscaling_config_is_named_in_status_json(monkeypatch, tmp
     assert actor.snapshot()["autoscaling"] == {"max_workers": None, "node_types": [],
                                                "asked_for": [], "asked_by_job": [],
                                                "config_problem": problem,
-                                               "config_note": None}
+                                               "config_note": None,
+                                               "autoscaler": "unknown"}
 
 
 def test_a_type_short_of_max_workers_too_is_still_named_for_its_memory_label_or_ram():
@@ -1519,11 +1520,13 @@ def _refused_on_a_cpu_node(job: JobSpec, node_types) -> Rejection:
     return refused
 
 
-def _refused_after_the_scale_up_timeout(job: JobSpec, node_types) -> Rejection:
+def _refused_after_the_scale_up_timeout(job: JobSpec, node_types,
+                                        autoscaler: str = "unknown") -> Rejection:
     """The job (named "j") queued for new nodes on a scheduler of a 1-CPU head and these node
-    types, no node joining: its refusal once scale_up_timeout_s has passed."""
+    types (served by `autoscaler`), no node joining: its refusal once scale_up_timeout_s has
+    passed."""
     core = core_with(cpu_node("head", cpus=1))
-    core.node_types, core.head_node = node_types, "head"
+    core.node_types, core.head_node, core.autoscaler = node_types, "head", autoscaler
     assert isinstance(core.submit(job, "d", T0).decision, Queued)
     late = T0 + core.settings.scale_up_timeout_s + 10
     core.tick(late)
@@ -1797,3 +1800,99 @@ def test_what_ray_adds_now_is_said_for_autoscaler_v2_too():
     refused = _refused_after_the_scale_up_timeout(job, node_types_from_config(pair))
     assert ("Ray's autoscaler may have added it instead (or, autoscaler v2, none, where its "
             "pick leaves some bundles unheld)") in refused.message, refused.message
+
+
+def _t4_up_a100_wanted():
+    """A scheduler of the head and an idle T4 worker node up under the cluster's max_workers
+    2, and a job needing 2 x b (A100) nodes: Ray has room for 1 of them now."""
+    types = node_types_from_config({"max_workers": 2, "head_node_type": "head",
+                                    "available_node_types": {
+        "head": {"resources": {"CPU": 8}},
+        "a": {"resources": {"CPU": 16, "GPU": 4, "accelerator_type:T4": 1}, "max_workers": 2},
+        "b": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+              "max_workers": 2}}})
+    core = core_with(cpu_node("head", cpus=8), gpu_node("a1", gpus=4, family="T4"))
+    core.node_types, core.head_node = types, "head"
+    return core, JobSpec("big", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
+
+
+def test_the_scale_up_notes_name_only_the_autoscaler_that_runs():
+    """The live scheduler now knows which of Ray's autoscalers serves the cluster (Ray's GCS
+    flag, ray_layer): its reasons named both, `Ray adds 1 of them now (autoscaler v1; v2,
+    ray up's default, none until all fit)`, even where v1 runs (a head started by `ray start
+    --autoscaling-config`, the fake_multinode test's), leaving the operator to find out
+    which. Known, they say what that one does; "unknown" (tests, the simulator) names both."""
+    from orchestrator.autoscaling import autoscaling_summary, untold_types_note
+    room = ("the cluster has 1 worker node(s) up of its max_workers 2, so Ray adds {} and the "
+            "rest only once idle worker node(s) go (its idle_timeout_minutes)")
+    for autoscaler, adds in (
+            ("v1", "1 of them now"),
+            ("v2", "0 of them now (autoscaler v2 adds a request's nodes only once all fit)"),
+            ("unknown", "1 of them now (autoscaler v1; v2, ray up's default, none until all "
+                        "fit)")):
+        core, big = _t4_up_a100_wanted()
+        core.autoscaler = autoscaler
+        waiting = core.submit(big, "d", T0).decision
+        assert isinstance(waiting, Queued), waiting
+        assert waiting.reason.endswith(room.format(adds)), (autoscaler, waiting.reason)
+    pair = node_types_from_config(_cpu_pair_config())
+    job = JobSpec("j", num_workers=1, cpus_per_worker=4)
+    for autoscaler, unheld in (
+            ("v1", ""),
+            ("v2", " (or, as autoscaler v2 does, none where its pick leaves some bundles "
+                   "unheld)"),
+            ("unknown", " (or, autoscaler v2, none, where its pick leaves some bundles "
+                        "unheld)")):
+        note = untold_types_note(pair, autoscaler)
+        assert f"may add another type than a job's plan names{unheld}: give each" in note, note
+        assert autoscaling_summary(pair, autoscaler)["config_note"] == note
+        assert autoscaling_summary(pair, autoscaler)["autoscaler"] == autoscaler
+        refused = _refused_after_the_scale_up_timeout(job, pair, autoscaler).message
+        assert f"may have added it instead{unheld} (give 'big'" in refused, (autoscaler, refused)
+
+
+def test_a_timed_out_wait_at_the_cluster_max_names_only_the_autoscaler_that_runs():
+    """cluster_max_note, the timed-out job's reason where the worker nodes up leave Ray room
+    for fewer nodes than its plan adds, said `Ray adds 1 of them (autoscaler v1; v2, ...)`
+    whichever ran."""
+    from orchestrator.autoscaling import cluster_max_note, scale_up_parts
+    core, big = _t4_up_a100_wanted()
+    plan = scale_up_parts(big, core.node_types)
+    for autoscaler, adds in (
+            ("v1", "1 of them"),
+            ("v2", "none of them (autoscaler v2 adds a request's nodes only once all fit)"),
+            ("unknown", "1 of them (autoscaler v1; v2, ray up's default, none until all fit)")):
+        assert cluster_max_note(plan, 1, {}, autoscaler) == (
+            "2 x b never joined: the cluster has 1 worker node(s) up of its max_workers 2 (the "
+            "cluster config's top-level max_workers), so Ray adds "
+            f"{adds}: raise it to 3"), autoscaler
+
+
+def test_an_autoscaler_neither_v1_v2_nor_unknown_is_refused_naming_the_field():
+    from orchestrator.autoscaling import untold_types_note
+    with pytest.raises(ValueError, match="^autoscaler must be 'v1', 'v2' or 'unknown', not "
+                                         "'V2'$"):
+        untold_types_note(node_types_from_config(_cpu_pair_config()), "V2")
+
+
+def test_the_live_scheduler_reads_which_autoscaler_runs_from_rays_gcs(monkeypatch):
+    """ray_layer asks Ray's GCS (the flag Ray's head picks its autoscaler's entrypoint by),
+    not the scheduler's own RAY_enable_autoscaler_v2, which is_autoscaler_v2 without
+    fetch_from_server answers from (and caches); unreadable: "unknown", both named."""
+    import ray.autoscaler.v2.utils as v2_utils
+
+    from ray_layer import scheduler_actor
+    asked = []
+
+    def flag(value):
+        def is_autoscaler_v2(fetch_from_server=False, gcs_client=None):
+            asked.append(fetch_from_server)
+            if isinstance(value, Exception):
+                raise value
+            return value
+        return is_autoscaler_v2
+    for value, expected in ((True, "v2"), (False, "v1"),
+                            (AssertionError("GCS client is not available"), "unknown")):
+        monkeypatch.setattr(v2_utils, "is_autoscaler_v2", flag(value))
+        assert scheduler_actor._running_autoscaler() == expected
+    assert asked == [True, True, True]

@@ -66,6 +66,7 @@ report = snapshot["reports"][node_id]
 print(json.dumps({
     "first": type(first).__name__, "first_reason": getattr(first, "reason", ""),
     "node_types": [t["name"] for t in snapshot["autoscaling"]["node_types"]],
+    "autoscaler": snapshot["autoscaling"]["autoscaler"],
     "asked_for": asked_for,
     "withdrawn": bool(withdrawn),
     "before": sorted(n["Labels"].get("orchestrator.io/node-type", "") for n in alive),
@@ -91,6 +92,9 @@ def test_a_job_needing_an_absent_node_type_scales_up_registers_and_places(autosc
     # scheduler asks the autoscaler (cluster.local.yaml's node types) for its worker.
     assert result["before"] == ["cpu", "head"]
     assert "infer_t4" in result["node_types"] and "head" not in result["node_types"]
+    # `ray start --head --autoscaling-config` (no RAY_enable_autoscaler_v2) runs v1, and the
+    # scheduler reads so from Ray's GCS: its scale-up notes name v1 only.
+    assert result["autoscaler"] == "v1"
     assert result["first"] == "Queued", result
     assert "waiting for the autoscaler to add 1 x infer_t4" in result["first_reason"]
     assert result["asked_for"] == [{"CPU": 1.0, "GPU": 1, "accelerator_type:T4": 0.001}]
