@@ -32,6 +32,7 @@ import re
 import shutil
 import uuid
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +84,10 @@ def _first_sentence(kind: str, message: str) -> str:
 
 def _load_problem(path: Path, e: Exception) -> str:
     """What is wrong with a file torch.load refused, in one line: empty, not a file torch.save
-    writes (a zip archive holding a data.pkl), or torch's own cause (after "torch's legacy
-    (pre-1.6) format" for such a file): "Type: first sentence" and the paragraph naming what
-    it refused, without its advice (to load with weights_only=False) and its link. Its
+    writes (a zip archive holding a data.pkl and a 'version' record that is a number), or
+    torch's own cause (after "torch's legacy (pre-1.6) format" for such a file): "Type: first
+    sentence" (past a C++ check's "[enforce fail at ...] ." prefix) and the paragraph naming
+    what it refused, without its advice (to load with weights_only=False) and its link. Its
     messages said nothing for an empty file ("cannot be loaded safely: "), "101" (KeyError:
     the first byte) for a text file, "[enforce fail at inline_container.cc:180]." for a zip
     of other files, and to a memory-mapped load that it was saved without
@@ -108,14 +110,20 @@ def _load_problem(path: Path, e: Exception) -> str:
         else:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-            if not any(n.count("/") == 1 and n.endswith("/data.pkl") for n in names):
-                return "a zip archive, but not one torch.save writes (no data.pkl)"
-    except (OSError, zipfile.BadZipFile) as error:
-        return getattr(error, "strerror", None) or str(error)
+                if not any(n.count("/") == 1 and n.endswith("/data.pkl") for n in names):
+                    return "a zip archive, but not one torch.save writes (no data.pkl)"
+                problem = _version_problem(archive)
+                if problem:
+                    return f"a zip archive holding a data.pkl, but {problem}"
+    except (OSError, zipfile.BadZipFile, zlib.error, NotImplementedError) as error:
+        return getattr(error, "strerror", None) or str(error)  # (a record it cannot unpack)
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", str(e)) if p.strip()]
     if not paragraphs:
         return type(e).__name__
-    said = _first_sentence(type(e).__name__, paragraphs[0].splitlines()[0])
+    # (torch's C++ checks start "[enforce fail at inline_container.cc:230] . ", which the
+    # first sentence would be alone: the message is what follows)
+    first_line = _ENFORCE_PREFIX.sub("", paragraphs[0].splitlines()[0])
+    said = _first_sentence(type(e).__name__, first_line)
     refused = e.__context__ if isinstance(e, pickle.UnpicklingError) and \
         e.__suppress_context__ else None  # (the weights-only unpickler's own error)
     if isinstance(refused, Exception) and str(refused).strip():
@@ -124,6 +132,26 @@ def _load_problem(path: Path, e: Exception) -> str:
         detail = next((p for p in paragraphs[1:]
                        if not p.startswith("Check the documentation")), None)
     return legacy + (f"{said} {' '.join(detail.split())}" if detail else said)
+
+
+_ENFORCE_PREFIX = re.compile(r"^\[enforce fail at [^\]]*\]\s*\.\s*")
+
+
+def _version_problem(archive: zipfile.ZipFile) -> str | None:
+    """What is wrong with the 'version' record of a zip holding a data.pkl, or None. torch
+    reads it from the folder of the archive's first entry (`<folder>/version` or
+    `<folder>/.data/version`) and said only 'Expected hasRecord("version") to be true' where
+    there is none (a zip built by hand), '[enforce fail at inline_container.cc:215].' where
+    it is no number."""
+    folder = archive.namelist()[0].split("/", 1)[0]
+    records = [f"{folder}/.data/version", f"{folder}/version"]
+    record = next((r for r in records if r in archive.namelist()), None)
+    if record is None:
+        return f"not one torch.save writes (no 'version' record in its folder {folder}/)"
+    text = archive.read(record).decode("ascii", "replace").strip()
+    if not text.isdigit():
+        return f"its 'version' record {record} is no number: {text[:40]!r}"
+    return None
 
 
 def _legacy_format(path: Path) -> bool:

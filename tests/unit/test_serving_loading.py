@@ -558,6 +558,22 @@ def _zip_of_text(state: Path) -> bytes:
     return buffer.getvalue()
 
 
+def _with_version(state: Path, version: bytes | None) -> bytes:
+    """The state file's zip rebuilt with its 'version' record left out (None, as a zip built
+    by hand) or holding `version`: torch's own cause was its internal check,
+    'Expected hasRecord("version") to be true', or '[enforce fail at inline_container.cc:215].'"""
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(state) as source, zipfile.ZipFile(buffer, "w") as archive:
+        for name in source.namelist():
+            if name != "archive/version":
+                archive.writestr(name, source.read(name))
+            elif version is not None:
+                archive.writestr(name, version)
+    return buffer.getvalue()
+
+
 def _legacy_cut_short(state: Path) -> bytes:
     buffer = io.BytesIO()
     torch.save(torch.load(state, weights_only=True), buffer,
@@ -571,10 +587,20 @@ def _legacy_cut_short(state: Path) -> bytes:
     (b"hello, not torch\n", "not a file torch.save writes (no zip archive)"),
     (None, "cut short: a zip archive (torch.save's) without its end"),
     (_zip_of_text, "a zip archive, but not one torch.save writes (no data.pkl)"),
+    (lambda state: _with_version(state, None),
+     "a zip archive holding a data.pkl, but not one torch.save writes (no 'version' record "
+     "in its folder archive/)"),
+    (lambda state: _with_version(state, b"abc\n"),
+     "a zip archive holding a data.pkl, but its 'version' record archive/version is no "
+     "number: 'abc'"),
+    (lambda state: _with_version(state, b"99\n"),
+     "RuntimeError: Attempted to read a PyTorch file with version 99, but the maximum "
+     "supported version for reading is 10."),
     (_legacy_cut_short, "torch's legacy (pre-1.6) format, which it could not read (load it "
                         "and save it again with a current torch): RuntimeError: unexpected "
                         "EOF, expected 100 more bytes.")],
-    ids=["empty", "text", "cut-short", "zip-of-text", "legacy-cut-short"])
+    ids=["empty", "text", "cut-short", "zip-of-text", "no-version", "bad-version",
+         "newer-version", "legacy-cut-short"])
 def test_a_state_file_torch_cannot_read_is_named_with_what_is_wrong(tmp_path, read, content,
                                                                     problem):
     # Its checksum matching (the file replaced and the sidecar written for it, or a copy that
