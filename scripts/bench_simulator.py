@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=strict_int, default=10_000)
     parser.add_argument("--load-scale", type=strict_float, default=3.0)
     parser.add_argument("--trace-seed", type=strict_int, default=gen_constrained_trace.DEFAULT_SEED)
-    parser.add_argument("--sweep", default=",".join(f"{s:g}" for s in SWEEP),
+    parser.add_argument("--sweep", type=load_scales, default=",".join(f"{s:g}" for s in SWEEP),
                         help="load scales of the constrained trace's sweep")
     parser.add_argument("--seed", type=strict_int, default=0, help="seed of the random policy")
     parser.add_argument("--policies", default=",".join(POLICY_NAMES))
@@ -209,8 +209,6 @@ def main(argv: list[str] | None = None) -> dict:
     for problem in argument_problems(args):
         parser.error(problem)  # the first, before any replay runs
     args.policies = names(args.policies)
-    # (a scale named twice, `--sweep 2,2`, is replayed once, as a policy named twice is)
-    args.sweep = list(dict.fromkeys(float(s) for s in args.sweep.split(",") if s))
     sections = set(names(args.sections))
     summary: dict = {"restart": dataclasses.asdict(restart_cost(args)),
                      "published_baselines": args.published_baselines}
@@ -241,6 +239,23 @@ def names(text: str) -> list[str]:
     return list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
 
 
+def load_scales(text: str) -> list[float]:
+    """--sweep's argparse type: its comma-separated load scales, each read as every number
+    flag is (validation.strict_float: float() took `1_0` as 10 and `\u0662` as 2) and > 0
+    (nan, inf and 0 spread no arrivals); empty ones skipped and spaces around each dropped,
+    as --policies' are, and each once (`--sweep 2,2` replayed 2x once, as a policy named
+    twice is)."""
+    scales = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        scale = strict_float(item)  # ArgumentTypeError: "'1_0' is not a number (...)"
+        if not (math.isfinite(scale) and scale > 0):
+            raise argparse.ArgumentTypeError(f"{item!r} is not a load scale > 0")
+        scales.append(scale)
+    return list(dict.fromkeys(scales))
+
+
 def argument_problems(args) -> list[str]:
     """What is wrong with the flags, each naming its flag; checked before any replay runs (a
     bad policy name failed only when its replay came, after the others had run)."""
@@ -257,13 +272,6 @@ def argument_problems(args) -> list[str]:
             problems.append(f"{flag}: unknown {', '.join(unknown)}; use {', '.join(known)}")
     if not (math.isfinite(args.load_scale) and args.load_scale > 0):
         problems.append(f"--load-scale must be a number > 0, got {args.load_scale:g}")
-    try:
-        sweep = [float(s) for s in args.sweep.split(",") if s]
-    except ValueError:
-        sweep = [math.nan]
-    if not all(math.isfinite(s) and s > 0 for s in sweep):
-        problems.append(f"--sweep must be load scales > 0 separated by commas, got "
-                        f"{args.sweep!r}")
     if args.start < 0 or args.jobs < 1:
         problems.append(f"--start must be >= 0 and --jobs >= 1, got {args.start}, {args.jobs}")
     if args.seed < 0:

@@ -124,7 +124,7 @@ def test_the_sweep_runs_only_the_policies_asked_for(capsys, monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["--policies", "fifo,hetero_las"], "--policies: unknown hetero_las"),
     (["--load-scale", "0"], "--load-scale must be a number > 0"),
-    (["--sweep", "1,x"], "--sweep must be load scales"),
+    (["--sweep", "1,x"], "argument --sweep: 'x' is not a number"),
     (["--start", "-1"], "--start must be >= 0"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--sections", "philly,ful"], "--sections: unknown ful"),

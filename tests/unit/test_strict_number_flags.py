@@ -37,6 +37,14 @@ COMMANDS = {
     ("simulate", "--restart-s", "5 ", "space around it"),
     ("bench_simulator", "--jobs", "0x10", "not a whole number"),
     ("bench_simulator", "--load-scale", "\u0663", "is not a digit 0-9"),
+    # --sweep's scales were read by float(): `1_0` replayed at 10x, `\u0662` at 2x
+    ("bench_simulator", "--sweep", "1_0", "write 10"),
+    ("bench_simulator", "--sweep", "\u0662", "is not a digit 0-9"),
+    ("bench_simulator", "--sweep", "0x10", "is not a number"),
+    ("bench_simulator", "--sweep", "nan", "is not a load scale > 0"),
+    ("bench_simulator", "--sweep", "1e999", "is not a load scale > 0"),
+    ("bench_simulator", "--sweep", "-2", "is not a load scale > 0"),
+    ("bench_simulator", "--sweep", "0", "is not a load scale > 0"),
 ])
 def test_lax_numbers_are_refused_naming_the_flag(capsys, monkeypatch, command, flag, value, why):
     def parsed(args):  # the benchmark would run its replays
@@ -68,3 +76,26 @@ def test_plain_numbers_read_as_before(command, flag, value, expected):
         assert got != got
     else:
         assert got == expected and type(got) is type(expected)
+
+
+def test_the_bad_sweep_scale_is_named_in_a_list(capsys, monkeypatch):
+    monkeypatch.setattr(bench_simulator, "argument_problems",
+                        lambda args: pytest.fail("--sweep 0.5,1_0 was taken"))
+    with pytest.raises(SystemExit):
+        bench_simulator.main(["--sweep", "0.5,1_0"])
+    assert "argument --sweep: '1_0' is not a number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("0.5,1,2", [0.5, 1.0, 2.0]),
+    ("0.5, 2,", [0.5, 2.0]),  # spaces after commas and a trailing comma, as --policies'
+    ("2,2.0,1", [2.0, 1.0]),  # a scale named twice is replayed once
+    ("", []),
+])
+def test_sweep_scales_read_as_before(monkeypatch, value, expected):
+    seen = []
+    monkeypatch.setattr(bench_simulator, "argument_problems",
+                        lambda args: seen.append(args.sweep) or ["stop"])
+    with pytest.raises(SystemExit):
+        bench_simulator.main(["--sweep", value])
+    assert seen == [expected]
