@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator.validation import strict_int
+
 HERE = Path(__file__).resolve().parent
 SIZE = 16
 CLASSES = ("horizontal", "vertical", "diagonal", "anti-diagonal")
@@ -67,14 +69,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=HERE / "data")
-    parser.add_argument("--train", type=int, default=2048, help="training images in all")
-    parser.add_argument("--test", type=int, default=512)
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=strict_int, default=2048, help="training images in all")
+    parser.add_argument("--test", type=strict_int, default=512)
+    parser.add_argument("--shards", type=strict_int, default=4)
+    parser.add_argument("--seed", type=strict_int, default=0)
     args = parser.parse_args(argv)
     for flag in ("train", "test", "shards"):  # before anything is written
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.seed < 0:  # numpy's default_rng takes no negative seed
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.shards > args.train:
         parser.error(f"--shards {args.shards} is more than --train {args.train}: every shard "
                      "needs an image")

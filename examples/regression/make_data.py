@@ -15,6 +15,8 @@ import math
 import random
 from pathlib import Path
 
+from orchestrator.validation import strict_int
+
 HERE = Path(__file__).resolve().parent
 FEATURES = 4
 
@@ -50,13 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=HERE / "data")
-    parser.add_argument("--rows", type=int, default=512)
-    parser.add_argument("--files", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", type=strict_int, default=512)
+    parser.add_argument("--files", type=strict_int, default=4)
+    parser.add_argument("--seed", type=strict_int, default=0)
     args = parser.parse_args(argv)
     for flag in ("rows", "files"):  # before anything is written
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.seed < 0:  # random.Random(-1) seeds as Random(1): --seed 1's data
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.files > args.rows:
         parser.error(f"--files {args.files} is more than --rows {args.rows}: every file needs "
                      "a row")
