@@ -28,7 +28,7 @@ from orchestrator.inventory import (LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_M
                                     LABEL_ACCELERATOR_TYPE, LABEL_NETWORK_GBPS,
                                     LABEL_NETWORK_GROUP, GIB,
                                     accelerator_family)
-from orchestrator.validation import is_int, is_number
+from orchestrator.validation import is_int, is_number, parse_number
 
 ACCELERATOR_RESOURCE_PREFIX = "accelerator_type:"  # Ray's resource per accelerator type
 # A tiny amount of the type's accelerator_type resource in each bundle steers the autoscaler
@@ -247,11 +247,7 @@ def _check_labels_agree(name: str, labels: dict, accelerator: str, gpus: int) ->
     count = labels.get(LABEL_ACCELERATOR_COUNT)
     if count is None or not labels.get(LABEL_ACCELERATOR_TYPE):
         return  # (the count label counts only beside the type label, as on the node)
-    try:
-        agrees = float(count) == gpus
-    except (TypeError, ValueError):
-        agrees = False
-    if not agrees:
+    if not _as_number(count) == gpus:
         raise ValueError(
             f"node type {name!r}: label {LABEL_ACCELERATOR_COUNT}={count!r} but resources "
             f"GPU: {gpus}: make them agree (an agent that cannot see the GPUs reports the "
@@ -261,15 +257,22 @@ def _check_labels_agree(name: str, labels: dict, accelerator: str, gpus: int) ->
 def _number(raw: Any, what: str) -> float:
     """`raw` (a number, or a label's string) as a float when finite and >= 0, else ValueError
     naming `what` (float() named neither the field nor took only such figures: -4, inf, nan)."""
-    value = raw
-    if isinstance(raw, str):
-        try:
-            value = float(raw)
-        except ValueError:
-            value = None
+    value = _as_number(raw)
     if not (is_number(value) and value >= 0):
         raise ValueError(f"{what} must be a number >= 0, not {raw!r}")
     return float(value)
+
+
+def _as_number(raw: Any) -> Any:
+    """A label's string as the number it writes (validation.parse_number, as the node agent
+    reads its labels: float() took `1_0` as 10), None when it writes none; other values as
+    they are (a YAML number)."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return parse_number(raw)
+    except ValueError:
+        return None
 
 
 def _label_number(name: str, labels: dict, key: str) -> float | None:

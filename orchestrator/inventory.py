@@ -16,7 +16,7 @@ import numpy as np
 
 from orchestrator.config import ACCELERATOR_ALIASES, ACCELERATOR_FAMILIES, ACCELERATOR_SPEED
 from orchestrator.saved_records import saved_fields
-from orchestrator.validation import is_number
+from orchestrator.validation import is_number, parse_number
 
 GIB = 1024 ** 3
 # Reports of a node after RAM reserved there is released during which its estimate of the
@@ -937,18 +937,19 @@ def check_network_labels(labels: dict[str, str]) -> None:
 
 
 def _number(label_value: str) -> float:
-    """A label's value as a number, NaN when it is none (which every range check refuses)."""
+    """A label's value as a number, NaN when it is none (which every range check refuses).
+    Read by validation.parse_number, as the autoscaler's node types read the same labels:
+    float() took `1_0` as 10 GPUs, other scripts' digits and spaces around."""
     try:
-        return float(label_value)
-    except ValueError:
+        return float(parse_number(label_value))
+    except (TypeError, ValueError):
         return math.nan
 
 
 def _float_label(labels: dict[str, str], key: str) -> float:
-    try:
-        value = float(labels.get(key, 0) or 0)
-    except ValueError:
-        return 0.0
+    """A positive label's value, 0.0 when it is absent or no positive number
+    (check_network_labels says why)."""
+    value = _number(labels.get(key) or "0")
     return value if math.isfinite(value) and value > 0 else 0.0
 
 

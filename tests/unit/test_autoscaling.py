@@ -373,6 +373,9 @@ def test_a_node_types_max_workers_or_gpus_that_is_not_a_whole_number_is_named(fi
     # the plan counted 8 GPUs a node and under-asked for a 16-GPU job by half.
     ({"orchestrator.io/accelerator-type": "A100", "orchestrator.io/accelerator-count": "4"},
      {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1}, "accelerator-count"),
+    # float() read `0_8` as 8, agreeing; the agent reads the label strictly (no count)
+    ({"orchestrator.io/accelerator-type": "A100", "orchestrator.io/accelerator-count": "0_8"},
+     {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1}, "accelerator-count"),
 ])
 def test_a_node_type_whose_labels_contradict_its_resources_is_named(labels, resources, named):
     config = {"available_node_types": {
@@ -642,6 +645,11 @@ def test_a_job_of_several_families_asks_for_the_type_that_adds_fewest_nodes_besi
      "label orchestrator.io/accelerator-memory-gb must be a number >= 0, not '-5'"),
     ({"CPU": 8}, {"orchestrator.io/network-gbps": "fast"},
      "label orchestrator.io/network-gbps must be a number >= 0, not 'fast'"),
+    # float() read these as 80 GB and 25 GB/s (validation.parse_number refuses them)
+    ({"CPU": 8, "GPU": 1}, {"orchestrator.io/accelerator-memory-gb": "8_0"},
+     "label orchestrator.io/accelerator-memory-gb must be a number >= 0, not '8_0'"),
+    ({"CPU": 8}, {"orchestrator.io/network-gbps": "\u0662\u0665"},
+     "label orchestrator.io/network-gbps must be a number >= 0, not '\u0662\u0665'"),
     ({"CPU": "eight"}, {}, "CPU must be a number >= 0, not 'eight'"),
     ({"CPU": -4}, {}, "CPU must be a number >= 0, not -4"),
     ({"CPU": float("inf")}, {}, "CPU must be a number >= 0, not inf"),

@@ -43,6 +43,9 @@ def test_declared_accelerators_are_marked_declared():
     (LABEL_ACCELERATOR_COUNT, "four"), (LABEL_ACCELERATOR_COUNT, "1000000000"),
     (LABEL_ACCELERATOR_COUNT, "-1"), (LABEL_ACCELERATOR_MEMORY_GB, "nan"),
     (LABEL_ACCELERATOR_MEMORY_GB, "inf"), (LABEL_ACCELERATOR_MEMORY_GB, "-16"),
+    # float() read these as 10 GPUs, 8 GPUs and 16 GB (validation.parse_number refuses them)
+    (LABEL_ACCELERATOR_COUNT, "1_0"), (LABEL_ACCELERATOR_COUNT, "\u0668"),
+    (LABEL_ACCELERATOR_MEMORY_GB, " 16"),
 ])
 def test_malformed_declaration_names_the_label(label, value):
     with pytest.raises(ValueError, match=label):
@@ -471,7 +474,7 @@ def test_a_malformed_network_bandwidth_label_is_named():
     from orchestrator.inventory import LABEL_NETWORK_GBPS, check_network_labels
 
     check_network_labels({LABEL_NETWORK_GBPS: "50"})
-    for bad in ("fast", "-5", "nan"):
+    for bad in ("fast", "-5", "nan", "5_0", "\u0665"):  # float() read 50 and 5
         with pytest.raises(ValueError, match=LABEL_NETWORK_GBPS):
             check_network_labels({LABEL_NETWORK_GBPS: bad})
 
