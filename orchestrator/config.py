@@ -92,13 +92,14 @@ def parse_accumulation(spec: str) -> dict[str, int]:
     """Accumulation factor k per group from "4" (every group) or "embeddings=1,lower=2,..."
     (groups not named take 1). Raises ConfigError naming the field and the bad part."""
     def factor(text: str, where: str) -> int:
-        try:
-            k = int(text)
-        except ValueError:
-            k = 0
+        why = ""
+        try:  # (int() took `1_0` as 10 and other scripts' digits)
+            k = validation.parse_number(text, whole=True)
+        except ValueError as e:
+            k, why = 0, f" ({e})" if str(e) else ""
         if not 1 <= k <= MAX_ACCUMULATION:
             raise ConfigError(f"accumulation: {where} must be an integer in "
-                              f"[1, {MAX_ACCUMULATION}], got {text!r}")
+                              f"[1, {MAX_ACCUMULATION}], got {text!r}{why}")
         return k
 
     if not isinstance(spec, str) or not spec.strip():

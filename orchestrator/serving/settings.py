@@ -20,7 +20,8 @@ from typing import Any, Mapping, Sequence
 from orchestrator.config import ConfigError, from_mapping, unknown_fields
 from orchestrator.serving.batching import BatchBounds
 from orchestrator.serving.protocol import MAX_PROMPTS
-from orchestrator.validation import TORCH_THREADS_RULE, is_number, is_torch_threads
+from orchestrator.validation import (TORCH_THREADS_RULE, is_number, is_torch_threads,
+                                     parse_number)
 
 # The app as Serve imports it (`serve run ray_layer.serve_app:app`), and its model deployment.
 IMPORT_PATH = "ray_layer.serve_app:app"
@@ -450,11 +451,11 @@ def coerce(cls, data: Mapping[str, Any], what: str) -> dict[str, Any]:
 
 
 def _from_text(text: str, kind: str) -> Any:
+    """`text` as the field's kind; left as text, for validation to name, where it is not one
+    (validation.parse_number: int()/float() took `1_6` as 16 and other scripts' digits)."""
     try:
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
+        if kind in ("int", "float"):
+            return parse_number(text, whole=kind == "int")
     except ValueError:
         return text
     lowered = text.lower()

@@ -369,6 +369,16 @@ def test_factor_spec_forms():
                                              "head": 1}
 
 
+@pytest.mark.parametrize("spec, why", [
+    ("1_0", "'1_0' ('_' is not read as a digit separator: write 10)"),  # int(): 10
+    ("upper=\u0664", "'\u0664' ('\u0664' (U+0664) is not a digit 0-9)"),  # int(): 4
+])
+def test_a_lax_factor_is_refused_saying_why(spec, why):
+    with pytest.raises(ConfigError) as e:
+        parse_accumulation(spec)
+    assert str(e.value).endswith(f"must be an integer in [1, 1024], got {why}"), str(e.value)
+
+
 def test_pending_gradients_follow_a_precision_change_on_resume(tmp_path, monkeypatch):
     """An fp16 run stopped while 'upper' holds gradients at the loss scale (65536), resumed in
     fp32 (precision may change on resume): they are unscaled, so the step that applies them

@@ -24,6 +24,17 @@ def test_command_line_strings_are_coerced():
     assert settings.replica_max_ongoing_requests == 128
 
 
+@pytest.mark.parametrize("field, text", [
+    ("max_batch_size", "1_6"),  # int() read 16
+    ("min_replicas", "\u0662"),  # int() read 2
+    ("cpus_per_replica", "1_0"),  # float() read 10.0
+])
+def test_command_line_numbers_are_read_strictly(field, text):
+    with pytest.raises(ConfigError) as e:
+        ServeSettings.from_args({field: text})
+    assert f"{field} must be " in str(e.value) and repr(text) in str(e.value), str(e.value)
+
+
 def test_unknown_keys_get_a_hint():
     with pytest.raises(ConfigError, match="'max_batch' \\(did you mean 'max_batch_size'"):
         ServeSettings.from_args({"max_batch": 4})
@@ -292,6 +303,7 @@ def test_a_typo_does_not_get_a_correct_value_beside_it_refused():
     (9, "initial_replicas (9) must be between min_replicas (1) and max_replicas (2)"),
     (0, "initial_replicas (0) must be between min_replicas (1) and max_replicas (2)"),
     ("many", "initial_replicas must be an integer >= 0, got 'many'"),
+    ("1_0", "initial_replicas must be an integer >= 0, got '1_0'"),  # int() read 10
     (1.5, "initial_replicas must be an integer >= 0, got 1.5"),
 ])
 def test_initial_replicas_outside_the_bounds_is_refused_before_serve_sees_it(initial, words):
