@@ -284,6 +284,17 @@ def test_every_metric_the_docs_name_is_one_the_catalogue_exports():
     assert unknown == {}
 
 
+def test_training_docs_name_the_series_of_each_report_key_named_otherwise():
+    # docs/training.md maps a loop's report keys to their series; a key whose series is not
+    # `_train_<key>` must be mapped by name (it said `memory_fraction` went to a series of
+    # that name: _train_memory_fraction does not exist, _train_memory_fraction_ratio does).
+    text = " ".join((monitoring.REPO / "docs" / "training.md").read_text().split())
+    for key, spec in m.TRAIN_REPORT_KEYS.items():
+        if spec.name != f"orchestrator_train_{key}":
+            series = spec.name.removeprefix("orchestrator")
+            assert re.search(rf"`{key}` → `(?:ray_orchestrator)?{series}`", text), key
+
+
 # -- promtool ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
