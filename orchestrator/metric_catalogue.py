@@ -215,10 +215,11 @@ TRAIN_MEMORY_FRACTION = MetricSpec(
 TRAIN_LOSS_SCALE = MetricSpec(
     "orchestrator_train_loss_scale", GAUGE,
     "fp16 dynamic loss scale (absent in bf16/fp32)", "1", TRAIN_TAGS, held=True)
+# A gauge, not a counter: the loop counts from 0 again at each resume or restart (training.md).
 TRAIN_SKIPPED_STEPS = MetricSpec(
     "orchestrator_train_skipped_steps", GAUGE,
-    "Optimizer steps skipped so far for inf/NaN gradients (fp16)", "1", TRAIN_TAGS,
-    held=True)
+    "Optimizer steps skipped for inf/NaN gradients (fp16) since this attempt started: a "
+    "resume or restart counts from 0 again", "1", TRAIN_TAGS, held=True)
 TRAIN_STEP = MetricSpec("orchestrator_train_step", GAUGE,
                         "Optimizer step of the last report", "1", TRAIN_TAGS,
                         held=True)
