@@ -203,8 +203,10 @@ TRAIN_MFU = MetricSpec(
     "peak), 0-1", "ratio", TRAIN_TAGS, held=True)
 TRAIN_COMM_SHARE = MetricSpec(
     "orchestrator_train_comm_share_ratio", GAUGE,
-    "Share of step time spent in the gradient all-reduce over the last interval, 0-1",
-    "ratio", TRAIN_TAGS, held=True)
+    "Share of step time a gradient all-reduce was in flight over the last interval (from a "
+    "bucket's launch to its completion, waiting for the slowest worker included), 0-1; time "
+    "overlapping the backward pass counts too, so it bounds what communication costs a step "
+    "from above; DDP only (absent under FSDP)", "ratio", TRAIN_TAGS, held=True)
 TRAIN_PEAK_MEMORY = MetricSpec(
     "orchestrator_train_peak_memory_bytes", GAUGE,
     "Peak memory of the worker (CUDA max allocated, or peak RSS on CPU)", "bytes", TRAIN_TAGS,

@@ -106,8 +106,9 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         m.ALERT_TRAINING_FOR_S, "warn",
         f"Gradient all-reduce takes over {m.ALERT_MAX_COMM_SHARE:.0%} of step time in "
         "{{ $labels.run }}",
-        "Communication share {{ $value | humanizePercentage }}: the network, not compute, "
-        "sets the pace. Place the job inside one network group or raise the batch size."),
+        "Communication share {{ $value | humanizePercentage }}: the network may set the "
+        "pace (the share counts all-reduce time that overlaps the backward pass too). Place "
+        "the job inside one network group or raise the batch size."),
     AlertRule(
         "TrainingMemoryHigh",
         f"max by (run) ({_q(m.TRAIN_MEMORY_FRACTION)}) > {m.ALERT_MAX_MEMORY_FRACTION}",
