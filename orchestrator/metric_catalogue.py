@@ -261,11 +261,14 @@ SERVE_ERRORS = MetricSpec(
     "1", SERVE_TAGS + ("kind",))
 SERVE_REQUEST_LATENCY = MetricSpec(
     "orchestrator_serve_request_latency_seconds", HISTOGRAM,
-    "Request latency from arrival at the replica to the last byte of the response", "seconds",
+    "Request latency from arrival at the ingress replica to the last byte of the response",
+    "seconds",
     SERVE_TAGS, LATENCY_BUCKETS_S)
 SERVE_TIME_TO_FIRST_TOKEN = MetricSpec(
     "orchestrator_serve_time_to_first_token_seconds", HISTOGRAM,
-    "Time from arrival to the first generated token", "seconds", SERVE_TAGS, TTFT_BUCKETS_S)
+    "Time from arrival at the model replica to the first generated token (the proxy and "
+    "ingress hops, and a wait in Serve's router for a replica with room, are not counted)",
+    "seconds", SERVE_TAGS, TTFT_BUCKETS_S)
 SERVE_TIME_PER_OUTPUT_TOKEN = MetricSpec(
     "orchestrator_serve_time_per_output_token_seconds", HISTOGRAM,
     "Time per output token after the first (the stream's pace), per completed request",
