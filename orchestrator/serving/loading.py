@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -399,7 +400,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", *,
         fmt = model_format(directory)
         model, sha256, step, tokenizer = fmt.load(directory, device)
         if probe:
-            problem = _forward_problem(model, version_of(directory, sha256), device)
+            version = version_of(directory, sha256)
+            problem = (non_finite_weights(model, version)
+                       or _forward_problem(model, version, device))
             if problem:
                 raise CheckpointError(problem)
         return directory, fmt, model, sha256, step, tokenizer
@@ -449,6 +452,19 @@ def forward_problem(loaded: LoadedModel, device: torch.device | str = "cpu") -> 
     """A one-token forward pass (the health checks' probe): None when its logits are finite,
     else what is wrong."""
     return _forward_problem(loaded.model, loaded.version, device)
+
+
+def non_finite_weights(model: torch.nn.Module, version: str) -> str | None:
+    """What is wrong when a floating-point weight (parameter or buffer: an int8 export's
+    scales) is NaN or infinite, else None. The one-token probe reads position 0 only: NaN in
+    a later position's embedding gave finite logits there, and the model was served, decoding
+    NaN logits (token 0 over and over) once a request reached that position."""
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            return (f"model {version} has non-finite weights ({bad} of {tensor.numel()} "
+                    f"values of {name} are NaN or infinite)")
+    return None
 
 
 def _forward_problem(model, version: str, device: torch.device | str) -> str | None:

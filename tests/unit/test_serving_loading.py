@@ -62,9 +62,25 @@ def test_weights_with_non_finite_logits_are_never_served(tmp_path):
     save_checkpoint(new, state)
     assert load_model(new).path == str(new)  # loading alone does not look at the numbers
     loaded = load_for_serving(tmp_path / "run")
-    assert loaded.path == str(old) and "non-finite logits" in loaded.warnings[0]
-    with pytest.raises(CheckpointError, match="non-finite logits"):
+    assert loaded.path == str(old) and "non-finite weights" in loaded.warnings[0]
+    with pytest.raises(CheckpointError, match="non-finite weights"):
         load_for_serving(new)
+
+
+def test_a_non_finite_weight_the_one_token_probe_does_not_read_is_never_served(tmp_path):
+    # NaN in position 10's embedding only: a forward pass of one token at position 0 gave
+    # finite logits, so the checkpoint was served (hot reloaded over a good model), and every
+    # request reaching position 10 decoded NaN logits: token 0 over and over, greedy.
+    old = save_untrained_checkpoint(tmp_path / "run" / "checkpoint_00000010", seed=1, step=10)
+    new = tmp_path / "run" / "checkpoint_00000020"
+    state = load_checkpoint(old)
+    state["model"]["pos_emb.weight"][10] = float("nan")
+    save_checkpoint(new, state)
+    with pytest.raises(CheckpointError,
+                       match=r"non-finite weights \(64 of \d+ values of pos_emb\.weight"):
+        load_for_serving(new)
+    loaded = load_for_serving(tmp_path / "run")
+    assert loaded.path == str(old) and "pos_emb.weight" in loaded.warnings[0]
 
 
 def test_a_deployment_pins_the_newest_whole_checkpoint_of_a_run(tmp_path):
