@@ -554,12 +554,12 @@ def _load_exportable(directory: Path):
 
 
 def _refuse_diverged(model, directory: Path) -> None:
-    """CheckpointError where `model`'s logits are not finite (serving's forward probe
+    """CheckpointError where `model`'s weights or logits are not finite (serving's load probe
     decides): transformers would give NaN too."""
-    from orchestrator.serving.loading import _forward_problem
+    from orchestrator.serving.loading import loaded_model_problem
     from orchestrator.training.checkpoint import CheckpointError
 
-    problem = _forward_problem(model, str(directory), "cpu")
+    problem = loaded_model_problem(model, str(directory), "cpu")
     if problem:
         raise CheckpointError(f"{problem} (its weights diverged): it is not exported")
 

@@ -78,7 +78,7 @@ def load_teacher(path: str | Path, log: Callable[[str], None]
     A run directory falls back past corrupt checkpoints to the newest usable one, with a
     warning; a checkpoint directory given explicitly must itself be usable. One whose
     logits are not finite (its weights diverged) is refused (CheckpointError)."""
-    from orchestrator.serving.loading import _forward_problem
+    from orchestrator.serving.loading import loaded_model_problem
 
     candidates, is_run = checkpoint_candidates(path)
     directory, state, model, train_config = newest_usable_checkpoint(
@@ -86,7 +86,7 @@ def load_teacher(path: str | Path, log: Callable[[str], None]
         on_skip=lambda e: log(f"warning: {e}; trying the previous checkpoint"))
     # Serving's forward probe, as jobs/export.py asks it: a diverged teacher made every
     # fine-tune's loss NaN, found only once --out had been written.
-    problem = _forward_problem(model, str(directory), "cpu")
+    problem = loaded_model_problem(model, str(directory), "cpu")
     if problem:
         raise CheckpointError(f"{problem} (its weights diverged): it cannot teach; compress a "
                               "checkpoint saved before its run diverged")

@@ -592,19 +592,21 @@ def test_a_diverged_fine_tune_fails_in_one_line_keeping_what_was_saved(tmp_path,
 def test_a_diverged_teacher_is_refused_before_anything_is_written(tmp_path, capsys):
     """A checkpoint whose weights hold NaN (an older run's, or one saved by hand) was taken
     as the teacher: the export check passed, original/ was written and every stage's loss was
-    NaN. Now refused up front (exit 2) by serving's forward probe, as jobs/export.py refuses
-    one, naming the checkpoint."""
+    NaN. Now refused up front (exit 2) by serving's load probe, as jobs/export.py refuses
+    one, naming the checkpoint. The NaN is in position 10's embedding, which the one-token
+    forward probe (position 0) does not read: the weights themselves are checked."""
     config = TrainConfig(model_size="tiny", seq_len=16)
     model = GPT(GPTConfig.from_train_config(config))
     with torch.no_grad():
-        model.blocks[0].mlp.fc.weight[0, 0] = float("nan")
+        model.pos_emb.weight[10] = float("nan")
     checkpoint = tmp_path / "ckpt"
     save_checkpoint(checkpoint, {"model": model.state_dict(), "config": config.to_dict(),
                                  "step": 3})
     out = tmp_path / "out"
     code, err = run_job(capsys, "--checkpoint", str(checkpoint), "--out", str(out))
     assert code == 2, err
-    assert f"model {checkpoint} produced non-finite logits (its weights diverged)" in err, err
+    assert f"model {checkpoint} has non-finite weights (64 of 1024 values of pos_emb.weight " \
+           "are NaN or infinite) (its weights diverged)" in err, err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
