@@ -1,7 +1,8 @@
 """Every command the README and docs show (`python jobs/X.py ...`, `python -m orchestrator ...`,
 `python -m scripts.X ...`, `python examples/.../make_data.py ...`), in a code block or an inline
 code span, names an entry point that exists and only flags its own parser has; where the
-command has no placeholders, the parser accepts it whole (value formats included)."""
+command has no placeholders, the parser accepts it whole (value formats included). The Ray
+commands they show (`ray ...`, `serve ...`) name a command and flags of the installed Ray's CLI."""
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,9 @@ def _code_spans(prose: str) -> list[str]:
             re.finditer(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)", prose, re.S)]
 
 
-def _commands(text: str) -> list[tuple[str, bool]]:
-    """(command line, whether it is a whole command: a fenced shell block's line, its
-    continuations joined; else an inline code span, which may name only a part)."""
+def _commands(text: str, entry: re.Pattern = ENTRY) -> list[tuple[str, bool]]:
+    """(command line naming `entry`, whether it is a whole command: a fenced shell block's
+    line, its continuations joined; else an inline code span, which may name only a part)."""
     lines = []
     fenced = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
     for m in fenced.finditer(text):
@@ -44,7 +45,7 @@ def _commands(text: str) -> list[tuple[str, bool]]:
         lines += [(line, True) for line in re.sub(r"\\\n\s*", " ", m.group(2)).splitlines()]
     prose = fenced.sub("", text)
     lines += [(" ".join(span.split()), False) for span in _code_spans(prose)]
-    return [(line, whole) for line, whole in lines if ENTRY.search(line)]
+    return [(line, whole) for line, whole in lines if entry.search(line)]
 
 
 class _Captured(Exception):
@@ -185,3 +186,78 @@ def test_every_job_file_the_docs_show_loads(tmp_path):
         path.write_text(text)
         job = load_job_file(path)  # ConfigError naming the key otherwise
         assert job.spec.name, where
+
+
+# `ray up cluster.yaml`, `serve deploy ...`: Ray's own CLI (a subcommand after it: not prose
+# such as "ray up's default", nor ray.init()).
+RAY_CLI = re.compile(r"(?<![\w.$/-])(?P<tool>ray|serve) +(?P<rest>[a-z][\w-]*(?![\w'.:-]).*)")
+# Where a shell command ends: a comment, &&, ;, |, a closing parenthesis or code span, a line
+# continuation, or ` -- ` (the job's own command follows: `ray job submit ... -- python ...`).
+COMMAND_END = re.compile(r"\s#|&&|;|\||\)|`|\\|\s--(?:\s|$)")
+
+
+def _ray_commands() -> list[tuple[str, str, list[str]]]:
+    """(where, `ray` or `serve`, the words after it) of every Ray CLI command the docs show."""
+    found = []
+    for doc in DOCS + ["SECURITY.md"]:
+        for line, _ in _commands((REPO / doc).read_text(), RAY_CLI):
+            for m in RAY_CLI.finditer(line):
+                rest = COMMAND_END.split(m.group("rest"))[0]
+                try:
+                    words = shlex.split(rest)
+                except ValueError:
+                    words = rest.split()
+                found.append((f"{doc}: {line.strip()}", m.group("tool"), words))
+    return found
+
+
+RAY_DOCUMENTED = _ray_commands()
+
+
+def _click_command(tool: str, words: list[str]):
+    """(Ray's click command that `tool words...` runs, the words after its name)."""
+    import click
+    from ray.scripts.scripts import cli as ray_cli
+    from ray.serve.scripts import cli as serve_cli
+
+    command, name = {"ray": ray_cli, "serve": serve_cli}[tool], tool
+    # `ray job submit`: a group, then its command (`ray logs`, the group alone: named in prose)
+    while isinstance(command, click.Group) and words:
+        try:  # as the CLI resolves it (`ray logs FILE` is `ray logs cluster FILE`)
+            found, command, words = command.resolve_command(click.Context(command), words)
+        except click.UsageError as e:
+            pytest.fail(f"`{name}`: {e.format_message()}")
+        name = f"{name} {found}"
+    return command, name, words
+
+
+def _ray_flag_problems(tool: str, words: list[str]) -> list[str]:
+    """The flags of `tool words...` that Ray's CLI does not have (with `=value` or not)."""
+    command, name, words = _click_command(tool, words)
+    flags = {"--help"} | {flag for param in command.params
+                          for flag in (*param.opts, *param.secondary_opts)
+                          if flag.startswith("-")}
+    return [f"`{name}` has no {word.split('=')[0]}" for word in words
+            if word.startswith("-") and word.split("=")[0] not in flags]
+
+
+def test_the_docs_ray_commands_are_found():
+    shown = {(tool, words[0]) for _, tool, words in RAY_DOCUMENTED}
+    assert {("ray", "start"), ("ray", "up"), ("ray", "job"), ("ray", "attach"),
+            ("serve", "run"), ("serve", "deploy")} <= shown
+
+
+def test_a_command_or_flag_ray_lacks_is_reported():
+    assert _ray_flag_problems("ray", ["up", "cluster.yaml", "--no-restarts"]) == [
+        "`ray up` has no --no-restarts"]
+    assert _ray_flag_problems("ray", ["start", "--head", "--labels=a=b", "-h"]) == [
+        "`ray start` has no -h"]
+    assert _ray_flag_problems("ray", ["job", "submit", "--working-dir", "."]) == []
+    with pytest.raises(pytest.fail.Exception, match="No such command"):
+        _ray_flag_problems("ray", ["job", "sumbit"])
+
+
+@pytest.mark.parametrize("where, tool, words", RAY_DOCUMENTED,
+                         ids=[f"{i}-{tool}" for i, (_, tool, _) in enumerate(RAY_DOCUMENTED)])
+def test_a_documented_ray_command_uses_only_flags_ray_has(where, tool, words):
+    assert _ray_flag_problems(tool, words) == [], where
