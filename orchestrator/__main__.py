@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -385,10 +387,19 @@ def logs_command(name: str, run_dir: str | Path | None) -> str:
     return f"logs {name} --run-dir {shlex.quote(str(run_dir))}"
 
 
-def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.0) -> int:
+# A run folder that no process holds may still be written to: a bench script's local train
+# (scripts/bench_*.py, LocalSession) takes no lock. `logs --follow` follows it while its files
+# change, and says it is not running once none has changed for this long (a report or a
+# checkpoint a minute keeps such a run followed).
+LOCKLESS_QUIET_S = 60.0
+
+
+def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.0,
+               quiet_s: float = LOCKLESS_QUIET_S) -> int:
     """Each report of the run, oldest first, one line each; with `follow`, new ones as they
     come, until the run has ended (its run_end record: then the run's own exit code, and its
     error on stderr), its driver is gone from this host without one (killed outright: exit
+    EXIT_FAILED), no process holds it and its files have not changed for `quiet_s` (exit
     EXIT_FAILED) or Ctrl-C."""
     from orchestrator.launch import run_name_problem
 
@@ -419,7 +430,7 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
         print(f"waiting for {directory} (the job's first report" + (f"; {hint})" if hint else ")"),
               file=sys.stderr, flush=True)
     # (each poll reads only what was appended since the last)
-    offset, seen, free = 0, None, None
+    offset, seen, free, quiet = 0, None, None, QuietTimer()
     try:
         while True:
             file = log_identity(directory)
@@ -435,9 +446,10 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
             ended = run_end(directory) if follow else None
             # (reports but no writer: at two looks in a row, as a run starting in a folder of
             # reports takes its lock a moment after the folder is there, and nothing written
-            # between them: a writer that takes no lock, bench_train's, runs while it writes)
+            # for quiet_s: a writer that takes no lock, bench_train's, runs while it writes)
             free_before, free = free, (held_by_none(directory / RUN_LOCK)
                                        if follow and file is not None and file[1] else None)
+            quiet_for = quiet.look(newest_write(directory)) if free is not None else 0.0
             try:
                 records, offset = read_metrics_from(directory, offset)
             except OSError as e:  # not its absence (no reports yet): unreadable
@@ -460,15 +472,52 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
                       "--resume continues it from its last checkpoint)", file=sys.stderr,
                       flush=True)
                 return EXIT_FAILED
-            if free is not None and free_before is not None and unchanged:
-                print(f"(the run is not running: no process holds its {RUN_LOCK} ({free}) and "
-                      f"it recorded no end ({ENDED_FILE}): a run from before runs were locked, "
-                      "or a copied folder; --resume continues it from its last checkpoint)",
+            if (free is not None and free_before is not None and unchanged
+                    and quiet_for >= quiet_s):
+                print(f"(the run is not running: no process holds its {RUN_LOCK} ({free}), "
+                      f"it recorded no end ({ENDED_FILE}) and none of its files has changed "
+                      f"for {quiet_s:g} s: a run that takes no lock (a bench script's) has "
+                      "stopped, or a run from before runs were locked, or a copied folder; "
+                      "--resume continues it from its last checkpoint)",
                       file=sys.stderr, flush=True)
                 return EXIT_FAILED
             time.sleep(every_s)
     except KeyboardInterrupt:
         return 0
+
+
+class QuietTimer:
+    """How long a run folder's files have gone unchanged, by this host's clock: since their
+    newest modification at the first look (or since that look, where the writer's clock is
+    ahead of this one's), then since the look that last saw them change (a writer's clock
+    behind this one's, or a file system's coarse times, never cut a live run short)."""
+
+    def __init__(self) -> None:
+        self.written: float | None = None  # newest_write at the last look
+        self.since: float | None = None
+
+    def look(self, written: float | None) -> float:
+        """Seconds unchanged, given newest_write now (0 while there is nothing to judge)."""
+        now = time.time()
+        if written is not None and written != self.written:
+            self.since = min(written, now) if self.written is None else now
+            self.written = written
+        return 0.0 if self.since is None else now - self.since
+
+
+def newest_write(directory: Path) -> float | None:
+    """The newest modification time of `directory` and of what lies directly in it (reports,
+    checkpoint folders, a checkpoint's staging copy): when a writer that takes no lock last
+    wrote there. None where the folder cannot be listed."""
+    try:
+        times = [directory.stat().st_mtime]
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):  # (removed since listed: a pruned one)
+                    times.append(entry.stat(follow_symlinks=False).st_mtime)
+    except OSError:
+        return None
+    return max(times)
 
 
 def _replaced(before: tuple, now: tuple | None) -> bool:

@@ -1685,6 +1685,7 @@ def test_logs_follow_stops_on_a_run_no_process_holds_and_follows_one_starting(
 
     run_dir = tmp_path / "alpha"
     append_metrics(run_dir, {"step": 7, "loss": 2.0}, None)
+    _written_an_hour_ago(run_dir)  # (files changed within LOCKLESS_QUIET_S: still followed)
     sleeps = []
 
     def sleep(seconds, then=None):
@@ -1700,6 +1701,7 @@ def test_logs_follow_stops_on_a_run_no_process_holds_and_follows_one_starting(
     assert "the run is not running" in out.err and RUN_LOCK in out.err, out.err
     # A lock file no process holds and that names no holder (made by hand): the same.
     (run_dir / RUN_LOCK).write_text("")
+    _written_an_hour_ago(run_dir)
     sleeps.clear()
     assert cli.print_logs("alpha", str(run_dir), follow=True, every_s=0.01) == EXIT_FAILED
     assert "not running" in capsys.readouterr().err and len(sleeps) == 1
@@ -1731,6 +1733,52 @@ def test_logs_follow_stops_on_a_run_no_process_holds_and_follows_one_starting(
     monkeypatch.setattr(cli.time, "sleep", sleep)
     assert cli.print_logs("beta", str(tmp_path / "beta"), follow=True, every_s=0.01) == 0
     assert len(sleeps) == 5
+
+
+def _written_an_hour_ago(directory: Path) -> None:
+    """The folder and what lies in it last modified an hour ago (a run long stopped)."""
+    an_hour_ago = time.time() - 3600
+    for path in [*directory.iterdir(), directory]:
+        os.utime(path, (an_hour_ago, an_hour_ago))
+
+
+def test_logs_follow_follows_a_lockless_run_while_it_writes_and_stops_once_quiet(
+        tmp_path, monkeypatch, capsys):
+    # A bench script's local train (LocalSession) takes no lock: `logs --follow` said it was
+    # not running at its second look with nothing new (a second later) while it still wrote
+    # a report every few seconds. It is followed while its files change, and said not to be
+    # running once none has changed for LOCKLESS_QUIET_S. (A fake clock: no real waits.)
+    from orchestrator import __main__ as cli
+    from orchestrator.job_exit import EXIT_FAILED
+    from orchestrator.runs import METRICS_LOG, append_metrics
+
+    run_dir = tmp_path / "bench"
+    clock = [time.time()]
+
+    def report(step):
+        append_metrics(run_dir, {"step": step, "loss": 3.0 - step / 10}, None)
+        os.utime(run_dir / METRICS_LOG, (clock[0], clock[0]))  # (written at the fake time)
+    report(0)
+    reported, last_report = [0], [clock[0]]
+
+    def sleep(seconds):
+        clock[0] += seconds
+        if clock[0] - last_report[0] >= 5 and reported[0] < 4:  # a report every 5 s, 4 more
+            reported[0] += 1
+            report(reported[0])
+            last_report[0] = clock[0]
+        if clock[0] - last_report[0] > 10 * cli.LOCKLESS_QUIET_S:
+            raise KeyboardInterrupt  # (never stopped on its own)
+    monkeypatch.setattr(cli.time, "sleep", sleep)
+    monkeypatch.setattr(cli.time, "time", lambda: clock[0])
+    assert cli.print_logs("bench", str(run_dir), follow=True, every_s=1.0) == EXIT_FAILED
+    out = capsys.readouterr()
+    assert [line.split(": ")[0][9:] for line in out.out.splitlines()] == [
+        f"step {step}" for step in range(5)], out.out
+    quiet_for = clock[0] - last_report[0]
+    assert cli.LOCKLESS_QUIET_S <= quiet_for < cli.LOCKLESS_QUIET_S + 1.0, quiet_for
+    assert out.err.count("\n") == 1 and "the run is not running" in out.err, out.err
+    assert f"none of its files has changed for {cli.LOCKLESS_QUIET_S:g} s" in out.err
 
 
 def test_a_run_lock_held_is_never_taken_for_a_gone_driver_nor_a_free_one_for_a_live_one(
