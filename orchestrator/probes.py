@@ -10,6 +10,8 @@ import os
 import random
 import socket
 import statistics
+import threading
+import time
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
@@ -419,12 +421,12 @@ def gpu_count_problem(gpus: tuple[GpuInfo, ...], ray_gpus: float,
             declared = 0
         if declared:  # (probe_gpus takes them where NVML is absent: it is there, failing)
             return (f"Ray counts {ray_gpus:g} GPU(s) here, and NVML fails on this node (a "
-                    "driver/library mismatch, or every GPU lost: the nvml probe error says "
-                    f"which); the {declared} the node's labels declare do not stand in for GPUs "
-                    "NVML cannot reach: placed as a CPU node")
+                    "driver/library mismatch, a hung call, or every GPU lost: the nvml probe "
+                    f"error says which); the {declared} the node's labels declare do not stand "
+                    "in for GPUs NVML cannot reach: placed as a CPU node")
         return (f"Ray counts {ray_gpus:g} GPU(s) here, but NVML found none usable (NVML "
-                "library missing or driver not loaded? or every GPU failing: the nvml probe "
-                "error names them) and no node label declares any in their stead "
+                "library missing or driver not loaded? or every GPU failing, or a hung call: the "
+                "nvml probe error names them) and no node label declares any in their stead "
                 f"({LABEL_ACCELERATOR_COUNT}=0?): placed as a CPU node")
     if not gpus or len(gpus) == ray_gpus:
         return None
@@ -466,6 +468,68 @@ def _declared_problem(declared: int, ray_gpus: float, counted: bool) -> str | No
             f"{declared} GPU(s) here")
 
 
+# How long a report waits for NVML. Under the gap the scheduler allows between a node's reports
+# (suspect_after_s, 15 s) less one heartbeat (5 s): a hung call must cost the GPUs, not the node.
+NVML_TIMEOUT_S = 8.0
+
+
+class _Call:
+    """One run of a probe on a thread of its own: its value or exception, its own errors."""
+
+    def __init__(self, probe: Callable[[dict[str, str]], Any], now: float) -> None:
+        self.started, self.finished = now, math.inf
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.errors: dict[str, str] = {}
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(probe,), name="nvml-probe", daemon=True).start()
+
+    def _run(self, probe: Callable[[dict[str, str]], Any]) -> None:
+        try:
+            self.value = probe(self.errors)
+        except BaseException as e:  # handed to the caller, as if raised there
+            self.error = e
+        self.finished = time.monotonic()
+        self.done.set()
+
+
+class BoundedProbe:
+    """A probe whose calls may hang (NVML on a GPU fallen off the bus, a wedged driver:
+    nvidia-smi hangs alike), run on a thread of its own and waited for at most `timeout_s`
+    from its start. Hung, it held the agent's report with it: the node went silent, its
+    agent was killed and restarted into the same hang, and its running jobs' reservations
+    were set aside as of a dead node. One call at a time: callers arriving while it runs wait
+    for that one; one past its deadline is not joined by another (no pile of hung threads)
+    and every caller gets TimeoutError until it returns; what a call that overran returns
+    is dropped (read at some point of the hang) and a fresh call made."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._call: _Call | None = None
+
+    def run(self, probe: Callable[[dict[str, str]], Any], timeout_s: float,
+            errors: dict[str, str]) -> Any:
+        with self._lock:
+            call = self._call
+            if call is None or (call.done.is_set() and call.finished > call.started + timeout_s):
+                call = self._call = _Call(probe, time.monotonic())
+        call.done.wait(max(call.started + timeout_s - time.monotonic(), 0.0))
+        if not call.done.is_set():
+            raise TimeoutError(f"NVML has not answered for {time.monotonic() - call.started:.0f} "
+                               "s (a GPU fallen off the bus? a hung driver?): no GPU reported "
+                               "until it does")
+        with self._lock:
+            if self._call is call:
+                self._call = None  # (answered: the next report reads afresh)
+        errors.update(call.errors)
+        if call.error is not None:
+            raise call.error
+        return call.value
+
+
+_NVML = BoundedProbe()  # one per process: an agent's heartbeat and report_now share its call
+
+
 def probe_gpus(labels: dict[str, str], errors: dict[str, str],
                ray_gpus: float = 0.0) -> tuple[GpuInfo, ...]:
     """Measured GPUs when NVML sees any; otherwise whatever the node's labels declare (by Ray's
@@ -474,8 +538,11 @@ def probe_gpus(labels: dict[str, str], errors: dict[str, str],
     then, as for the failing ones among others; the nvml probe error says why. The labels
     stood in for them, as many GPUs as declared with all their memory free: a node whose
     every GPU was lost was placed as healthy, while losing all but one left one placeable
-    (cluster.yaml's GPU node types carry such labels)."""
-    measured = run_probe("nvml", lambda: probe_nvml(errors), (), errors)
+    (cluster.yaml's GPU node types carry such labels). NVML is waited for at most
+    NVML_TIMEOUT_S (BoundedProbe): hung, it costs the GPUs, with an nvml error, not the
+    report."""
+    measured = run_probe("nvml", lambda: _NVML.run(probe_nvml, NVML_TIMEOUT_S, errors), (),
+                         errors)
     if measured:
         problem = declared_family_problem(measured, labels)
         if problem:

@@ -232,6 +232,45 @@ def test_one_lost_gpu_leaves_the_others_reported(monkeypatch):
     assert errors["nvml"].startswith("GPU 3: FakeGpuIsLost") and nvml.calls[-1] == "shutdown"
 
 
+def test_a_hung_nvml_call_costs_the_gpus_not_the_nodes_report(monkeypatch):
+    """An NVML call that never returns (a GPU fallen off the bus, a wedged driver: nvidia-smi
+    hangs alike) held the agent's collect() with it: the node stopped reporting, its agent
+    was killed and restarted into the same hang, and its running jobs' reservations were set
+    aside as of a dead node. Now the GPUs are left out with an nvml error saying so, a second
+    report does not start (or wait on) a second call, and NVML answering again is seen."""
+    import threading
+
+    nvml = fake_pynvml([A100])
+    answer = threading.Event()
+    nvml.nvmlDeviceGetCount = lambda: answer.wait() and 1
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(probes, "NVML_TIMEOUT_S", 0.2, raising=False)
+
+    def probe_in_thread() -> dict:
+        out = {"errors": {}}
+        thread = threading.Thread(
+            target=lambda: out.update(gpus=probe_gpus(T4_LABELS, out["errors"], 1.0)),
+            daemon=True)
+        thread.start()
+        thread.join(5)
+        return out
+
+    try:
+        for _ in range(2):
+            out = probe_in_thread()
+            assert out.get("gpus") == (), out  # returned, and not the labels' GPUs either
+            assert "NVML has not answered for" in out["errors"]["nvml"], out
+        assert nvml.calls == ["init"]  # one call hung, no second one piled on
+    finally:
+        answer.set()
+    for _ in range(50):  # (the hung call returning takes a moment: its thread must run)
+        out = probe_in_thread()
+        if out["gpus"]:
+            break
+    assert [g.name for g in out["gpus"]] == ["NVIDIA A100-SXM4-80GB"]
+    assert "nvml" not in out["errors"]
+
+
 def test_a_failing_nvml_shutdown_keeps_the_readings(monkeypatch):
     # The error nvmlShutdown raised in probe_nvml's `finally` replaced its return value: every
     # GPU of the node was lost for the heartbeat, over a call made after they were all read.
