@@ -110,20 +110,33 @@ def report_problem(report: NodeReport) -> str | None:
                "cpu_count": report.cpu_count, "load_avg_1m": report.load_avg_1m,
                "ram_total_bytes": report.ram_total_bytes,
                "ram_available_bytes": report.ram_available_bytes}
-    for gpu in report.gpus:
-        figures[f"gpus[{gpu.index}].memory_total_bytes"] = gpu.memory_total_bytes
-        figures[f"gpus[{gpu.index}].memory_free_bytes"] = gpu.memory_free_bytes
     for name, value in figures.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or value < 0:
+        if not _is_reading(value):
             return f"{name} is {value!r}: not a finite number >= 0"
     if report.custom_resources is not None and not isinstance(report.custom_resources, dict):
         return f"custom_resources is {report.custom_resources!r:.60}: not a mapping"
     for gpu in report.gpus:
-        if gpu.memory_free_bytes > gpu.memory_total_bytes:
-            return (f"gpus[{gpu.index}] has {gpu.memory_free_bytes} bytes free of "
-                    f"{gpu.memory_total_bytes}: more free than it holds")
+        problem = gpu_memory_problem(gpu.memory_free_bytes, gpu.memory_total_bytes)
+        if problem:
+            return f"gpus[{gpu.index}]: {problem}"
     return _bandwidth_problem(report.bandwidth_gbps)
+
+
+def _is_reading(value: object) -> bool:
+    """Whether a report's figure is a finite number >= 0 (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) \
+        and math.isfinite(value) and value >= 0
+
+
+def gpu_memory_problem(free: object, total: object) -> str | None:
+    """Why a GPU's memory figures (bytes free, of total) are no reading, or None. The scheduler
+    refuses a report carrying such a GPU (report_problem), and the agent leaves the GPU out
+    of its report (probes._nvml_gpu), so one GPU's nonsense does not silence its node."""
+    if not (_is_reading(free) and _is_reading(total)):
+        return f"its memory reads {free!r} bytes free of {total!r}: not finite numbers >= 0"
+    if free > total:
+        return f"its memory reads {free} bytes free of {total}: more free than it holds"
+    return None
 
 
 def _bandwidth_problem(measured: object) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 from orchestrator.inventory import (LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_TYPE,
                                     MAX_DECLARED_ACCELERATORS, GpuInfo, accelerator_family,
-                                    declared_gpus, gpu_families)
+                                    declared_gpus, gpu_families, gpu_memory_problem)
 
 
 def probe_host() -> dict[str, Any]:
@@ -258,15 +258,21 @@ def _nvml_board(pynvml: Any, handle: Any) -> Any:
 
 
 def _nvml_gpu(pynvml: Any, index: int, errors: dict[str, str] | None) -> GpuInfo:
-    """One GPU. Name, UUID and memory are required (without them the probe fails, as
-    before); utilization, NVLink and PCIe are optional: None where this GPU or driver lacks
-    them (NotSupported on consumer cards, MIG slices, virtual GPUs). A name that is not UTF-8
-    is UNKNOWN_GPU_NAME (recorded in `errors`; without, it raises)."""
+    """One GPU. Name, UUID and memory are required (without them, or with memory figures
+    that are no reading, gpu_memory_problem, the GPU is left out); utilization, NVLink and
+    PCIe are optional: None where this GPU or driver lacks them (NotSupported on consumer
+    cards, MIG slices, virtual GPUs). A name that is not UTF-8 is UNKNOWN_GPU_NAME (recorded
+    in `errors`; without, it raises)."""
     handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     board = _gpu_name(pynvml.nvmlDeviceGetName(handle), index, errors)
     # With MIG on, what a worker given this GPU can use is one slice, not the board.
     name, memory = _mig_slice(pynvml, handle, board, index, errors) or (
         board, pynvml.nvmlDeviceGetMemoryInfo(handle))
+    # (a driver's nonsense, an underflow read as 2**64 - 1 bytes free: the scheduler refuses
+    # a report carrying it, and the whole node went silent for this one GPU)
+    nonsense = gpu_memory_problem(memory.free, memory.total)
+    if nonsense:
+        raise GpuUnknown(nonsense)
     utilization = _nvml_optional(pynvml, pynvml.nvmlDeviceGetUtilizationRates, handle)
     return GpuInfo(
         index=index,

@@ -271,6 +271,30 @@ def test_a_hung_nvml_call_costs_the_gpus_not_the_nodes_report(monkeypatch):
     assert "nvml" not in out["errors"]
 
 
+@pytest.mark.parametrize("free, total", [(2 ** 64 - 1, 80 * GIB), (-1, 80 * GIB),
+                                         (0, -80 * GIB)])
+def test_a_gpu_whose_memory_is_no_reading_is_left_out_not_the_nodes_report(monkeypatch, free,
+                                                                            total):
+    # An unsigned underflow in a driver (free = 2**64 - 1) went into the report, and the
+    # scheduler refuses a report with a GPU holding more free than it has: the whole node went
+    # silent for one GPU (its agent restarted, its jobs' reservations set aside).
+    from orchestrator.inventory import NodeReport, report_problem
+
+    nvml = fake_pynvml([A100, A100])
+    read = nvml.nvmlDeviceGetMemoryInfo
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: (
+        types.SimpleNamespace(total=total, free=free, used=0) if h == 1 else read(h))
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    errors = {}
+    gpus = probe_gpus({}, errors, 2.0)
+    assert [g.index for g in gpus] == [0]
+    assert errors["nvml"].startswith(f"GPU 1: its memory reads {free} bytes free of {total}: ")
+    report = NodeReport(node_id="n", hostname="h", ray_cpus=8, ray_gpus=2, cpu_count=8,
+                        load_avg_1m=0.1, ram_total_bytes=64 * GIB, ram_available_bytes=GIB,
+                        gpus=gpus, probe_errors=errors)
+    assert report_problem(report) is None
+
+
 def test_a_failing_nvml_shutdown_keeps_the_readings(monkeypatch):
     # The error nvmlShutdown raised in probe_nvml's `finally` replaced its return value: every
     # GPU of the node was lost for the heartbeat, over a call made after they were all read.
