@@ -281,10 +281,19 @@ def simulate(trace: list[TraceJob], cluster: ClusterSpec | str, policy: str, *, 
     present = tuple(GPU_TYPES[k].family for k in cluster.gpus_by_type())
     total_gpus = cluster.total_gpus
 
+    orders: dict[tuple, tuple[str, ...]] = {}
+
     def type_order(job: SimJob) -> tuple[str, ...]:
-        allowed = job.spec.accelerator_types or present
-        return tuple(f for f in _families_by_speed(job.model, job.trace.num_gpus, present)
-                     if f in allowed)
+        # Kept per (model, GPU count, allowed families): a pure function of them (the speed
+        # table is fixed for the replay), and Gavel-style asks it on every placement try.
+        key = (job.model, job.trace.num_gpus, job.spec.accelerator_types)
+        order = orders.get(key)
+        if order is None:
+            allowed = job.spec.accelerator_types or present
+            order = orders[key] = tuple(
+                f for f in _families_by_speed(job.model, job.trace.num_gpus, present)
+                if f in allowed)
+        return order
 
     call, overrides = make_policy(policy, seed=seed, type_order=type_order,
                                   published=published_baselines)

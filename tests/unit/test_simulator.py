@@ -157,6 +157,16 @@ def test_gavel_runs_a_job_no_single_gpu_type_can_hold_across_types():
     assert by_id(result)[1].gpu_types == "v100"  # one type still when one type holds it
 
 
+def test_gavel_type_order_is_kept_per_allowed_families_not_only_per_model_and_size():
+    # The order is memoized per job kind: two jobs of one model and size, the second allowed
+    # K80 only, must not share the first's order (V100 first), nor the first the second's.
+    for allowed in ("K80", ""):
+        jobs = [(0, 100, 1, "K80"), (1, 100, 1)] if allowed else [(0, 100, 1), (1, 100, 1, "K80")]
+        result = by_id(simulate(trace(*jobs), "k80:4x1,v100:4x1", "gavel"))
+        assert {i: j.gpu_types for i, j in result.items()} == {
+            0: "k80" if allowed else "v100", 1: "v100" if allowed else "k80"}
+
+
 def test_gavel_moves_a_job_only_to_the_families_its_claim_allows():
     # The core claims for a migrating job only faster types no waiting job wants; Gavel-style
     # put J on the A100 server that H (both A100 servers, head of the queue) was waiting for,
