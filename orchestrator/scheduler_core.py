@@ -237,6 +237,9 @@ class _AsIfYielded:
         # (row, slot) of every entry in `memory`: kept as victims come and go (rebuilt from
         # `memory` on every add, it was quadratic in the victims of one search)
         self.shown: set[tuple[int, int]] = set()
+        # table row -> how many of `shown` are on it: a row with none needs no slot-by-slot
+        # filter (_show_gpus_free ran one per victim reservation of every search)
+        self.shown_rows: Counter = Counter()
         # victim -> (table row, host RAM GiB shown available for it meanwhile); and each such
         # row's measured figure, put back as it was once no victim shows RAM there
         self.ram: dict[str, list[tuple[int, float]]] = {}
@@ -267,6 +270,7 @@ class _AsIfYielded:
         for row, slots, measured in self.memory.pop(victim):
             table.gpu_free_gib[row, slots] = measured
             self.shown.difference_update((row, int(slot)) for slot in slots)
+            self.shown_rows[row] -= len(slots)
         for row, shown in self.ram.pop(victim):
             table.ram_available_gib[row] -= shown
         for row in [row for row in self.ram_measured  # (exactly as measured, no rounding)
@@ -288,12 +292,16 @@ class _AsIfYielded:
             if not r.gpus or row is None:
                 continue
             free, total = table.gpu_free_gib[row], table.gpu_total_gib[row]
-            present = np.array([s for s in np.flatnonzero(np.isfinite(total))  # -inf: none
-                                if (row, int(s)) not in others], dtype=np.int64)
+            present = np.flatnonzero(np.isfinite(total))  # -inf: none
+            if self.shown_rows[row]:
+                present = np.array([s for s in present if (row, int(s)) not in others],
+                                   dtype=np.int64)
             slots = present[np.argsort(free[present] - total[present], kind="stable")][:r.gpus]
             shown.append((row, slots, free[slots].copy()))
             free[slots] = total[slots]
         others.update((row, int(slot)) for row, slots, _ in shown for slot in slots)
+        for row, slots, _ in shown:
+            self.shown_rows[row] += len(slots)
         return shown
 
     def _show_ram_free(self, reservations) -> list[tuple[int, float]]:

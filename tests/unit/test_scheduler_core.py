@@ -1573,6 +1573,29 @@ def test_victims_sharing_a_node_are_shown_free_on_slots_of_their_own_and_all_put
     assert (table.gpu_free_gib == measured).all()
 
 
+def test_a_victim_taken_back_and_added_again_avoids_the_slots_still_shown_for_another():
+    # _AsIfYielded counts the slots shown free per node row to skip the slot-by-slot filter
+    # on rows with none: a count gone stale on take_back gave v2 again v1's slots (0, 1 come
+    # first among equals), and restoring one of them wrote a shown figure over the measured.
+    from orchestrator.scheduler_core import _AsIfYielded
+
+    core = core_with(gpu_node("a", gpus=4))
+    core.submit(gpus("v1", 2), "d", T0)
+    core.submit(gpus("v2", 2), "d", T0)
+    table = core.state.table
+    measured = table.gpu_free_gib.copy()
+    with _AsIfYielded(core, ["v1", "v2"]) as thought:
+        first = {int(s) for _, slots, _ in thought.memory["v1"] for s in slots}
+        thought.take_back("v2")
+        thought.add("v2")
+        again = {int(s) for _, slots, _ in thought.memory["v2"] for s in slots}
+        assert len(again) == 2 and not first & again, (first, again)
+        thought.take_back("v1")
+        thought.add("v1")  # the row still holds v2's two slots
+        assert not {int(s) for _, slots, _ in thought.memory["v1"] for s in slots} & again
+    assert (table.gpu_free_gib == measured).all()
+
+
 def test_a_retried_replace_of_a_cancelled_job_gets_the_cancel_not_a_placement():
     # The answer to the first call was lost (a scheduler past the caller's timeout): the
     # retry found no such job and placed the cancelled job afresh.
