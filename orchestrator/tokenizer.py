@@ -403,16 +403,20 @@ def _tokenizer_file_problem(path: Path, error: Exception) -> str:
 
 
 def tokenizer_from_json(text: str, name: str) -> Tokenizer:
-    """A tokenizer from its tokenizer.json text: the byte tokenizer when it is ours."""
+    """A tokenizer from its tokenizer.json text: the byte tokenizer when it is ours.
+    TokenizerError naming `name` for a file --tokenizer refuses for its vocabulary (a run's
+    own tokenizer.json edited by hand to an id of 4e9 took half a minute and more to load)."""
     if hashlib.sha256(text.encode()).hexdigest() == ByteTokenizer().sha256:
         return ByteTokenizer()
     from tokenizers import Tokenizer as HFTok
 
     try:
-        return HFTokenizer(HFTok.from_str(text), name)
+        tok = HFTok.from_str(text)
     except Exception as e:
         raise TokenizerError(f"{name} is not a Hugging Face tokenizers file: "
                              f"{str(e).splitlines()[0][:200]}") from None
+    _check_vocabulary(tok, name)  # (before HFTokenizer, whose to_str is what is slow)
+    return HFTokenizer(tok, name)
 
 
 def _read_tokenizer_bytes(path: Path) -> bytes:

@@ -282,6 +282,45 @@ def test_a_stray_id_far_past_the_vocabulary_is_refused_naming_it(tmp_path, stray
         == 65536
 
 
+def test_a_runs_own_tokenizer_with_a_stray_id_is_refused_naming_the_file(tmp_path):
+    # The tokenizer.json beside a run's checkpoints skipped the --tokenizer check: hand-edited
+    # to one id of 4e9, tokenizer_of_run took half a minute and more, then sized the model
+    # at 4,000,000,001 ids.
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 300)}, "far": 300}
+    path = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(path))
+    spec = json.loads(path.read_text())
+    spec["model"]["vocab"]["far"] = 4_000_000_000
+    path.write_text(json.dumps(spec))
+    (tmp_path / "checkpoint_1").mkdir()
+    with pytest.raises(TokenizerError, match=f"^{path}: token 'far' has id 4,000,000,000, "
+                       "past twice its 301 tokens"):
+        tokenizer_of_run(tmp_path / "checkpoint_1")
+
+
+@pytest.mark.parametrize("saved", ["bpe", "sparse", "legacy-bytes"])
+def test_tokenizers_the_project_saves_for_a_run_still_load_as_the_runs_own(tmp_path, saved):
+    # The check tokenizer_of_run now runs must pass what training saves: a trained BPE, a
+    # --tokenizer with gaps in its ids below SPARSE_IDS_FROM, the old 256-byte tokenizer.
+    from tokenizers import Tokenizer, models
+
+    from orchestrator.tokenizer import SPARSE_IDS_FROM
+
+    if saved == "bpe":
+        tok = train_bpe([f"word{i} " * 3 for i in range(100)], 300)
+    elif saved == "sparse":
+        vocab = {"<unk>": 0, "a": 1, "b": SPARSE_IDS_FROM - 1}
+        tok = _saved(Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                     tmp_path / "given.json")
+    else:
+        tok = LegacyByteTokenizer()
+    save_tokenizer(tok, tmp_path)
+    found = tokenizer_of_run(tmp_path, tok.sha256)
+    assert found.vocab_size == tok.vocab_size and found.encode("ab") == tok.encode("ab")
+
+
 def test_a_bpe_that_would_drop_unknown_characters_silently_is_refused(tmp_path):
     # A BPE with no unknown token and no byte fallback drops a character outside its
     # vocabulary without a trace: trained on "hello world", "hello zebra é world" encoded as
