@@ -700,6 +700,18 @@ def bandwidth_max_age_s(peer_count: int, max_peers: int, period_s: float) -> flo
     return (passes + BANDWIDTH_STALE_PERIODS) * period_s
 
 
+# Each pause between an agent's timed measurements is its period times a factor drawn uniformly
+# from [1 - this, 1 + this]: agents started together with one period measured at the same
+# moments, several pulling from one node at once, and each under-measured that node's link.
+BANDWIDTH_JITTER = 0.2
+
+
+def bandwidth_pause_s(period_s: float, rng: random.Random) -> float:
+    """The pause before an agent's next timed measurement (the first one too): `period_s`
+    jittered by BANDWIDTH_JITTER with the agent's own `rng`, so agents drift apart."""
+    return period_s * rng.uniform(1 - BANDWIDTH_JITTER, 1 + BANDWIDTH_JITTER)
+
+
 def peers_to_measure(candidates: Iterable[str], last_tried: dict[str, float], max_peers: int,
                      rng: random.Random) -> list[str]:
     """Up to max_peers of `candidates`, the stalest first: peers never tried, then those tried

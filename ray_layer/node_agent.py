@@ -27,10 +27,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from orchestrator.autoscaling import custom_resources
 from orchestrator.inventory import NodeReport, check_network_labels
 from orchestrator.metric_catalogue import node_samples
-from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, BandwidthHistory, bandwidth_gbps,
-                                 bandwidth_max_age_s, bandwidth_probe_sizes, current_bandwidth,
-                                 gpu_count_problem, host_figures, peers_to_measure, probe_gpus,
-                                 record_bandwidth, run_probe)
+from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, BANDWIDTH_JITTER, BandwidthHistory,
+                                 bandwidth_gbps, bandwidth_max_age_s, bandwidth_pause_s,
+                                 bandwidth_probe_sizes, current_bandwidth, gpu_count_problem,
+                                 host_figures, peers_to_measure, probe_gpus, record_bandwidth,
+                                 run_probe)
 from ray_layer.scheduler_client import NAMESPACE, agent_name, get_agent, get_scheduler
 from ray_layer.telemetry import record_all
 
@@ -214,12 +215,14 @@ class NodeAgent:
         return measured
 
     def _longest_period_s(self, timeout_s: float) -> float:
-        """The pause between timed refreshes plus the longest a refresh can take (every
-        transfer to every sampled peer taking all its timeout); 0 when there is no timer."""
+        """The longest pause between timed refreshes (jittered up to BANDWIDTH_JITTER) plus the
+        longest a refresh can take (every transfer to every sampled peer taking all its
+        timeout); 0 when there is no timer."""
         if self.bandwidth_every_s <= 0:
             return 0.0
         transfers = BANDWIDTH_ROUNDS * len(bandwidth_probe_sizes(BANDWIDTH_DEFAULT_BYTES))
-        return self.bandwidth_every_s + transfers * timeout_s * self.max_bandwidth_peers
+        return (self.bandwidth_every_s * (1 + BANDWIDTH_JITTER)
+                + transfers * timeout_s * self.max_bandwidth_peers)
 
     def _time_pull(self, node_id: str, peer, nbytes: int, timeout_s: float) -> float | None:
         """Seconds for one peer to fetch a fresh nbytes object from here, or None on failure.
@@ -273,15 +276,18 @@ class NodeAgent:
         # numbers soon after start. While no peer agent has been found (agents start one by
         # one) keep looking at that pace; once peers exist, answering or not, settle to
         # bandwidth_every_s so dead peers do not turn this into a busy loop of timeouts.
+        # Every pause is jittered (bandwidth_pause_s): agents started together measured at the
+        # same moments, pulling from one node at once, and under-measured its links.
         soon = min(self.heartbeat_s, self.bandwidth_every_s)
-        delay = soon
+        delay = bandwidth_pause_s(soon, self._rng)
         while not self._stop.wait(delay):
             try:
                 self.refresh_bandwidth()
             except Exception as e:  # Ray briefly unreachable: try again next period
                 log.warning("node agent %s: bandwidth refresh failed: %s", self.node_id[:12], e)
             found_peers = self._bandwidth or self._failing_peers
-            delay = self.bandwidth_every_s if found_peers else soon
+            delay = bandwidth_pause_s(self.bandwidth_every_s if found_peers else soon,
+                                      self._rng)
 
 
 def _failed(seconds_by_size: dict[int, list[float | None]]) -> bool:

@@ -10,7 +10,8 @@ import pytest
 from orchestrator import probes
 from orchestrator.probes import (BANDWIDTH_DEFAULT_BYTES, BANDWIDTH_MAX_BYTES,
                                  BANDWIDTH_MIN_FIT_DIFF_S, BANDWIDTH_MIN_FIT_SHARE, MIB,
-                                 bandwidth_gbps, bandwidth_max_age_s, bandwidth_probe_bytes,
+                                 bandwidth_gbps, bandwidth_max_age_s, bandwidth_pause_s,
+                                 bandwidth_probe_bytes,
                                  bandwidth_probe_sizes, current_bandwidth, peers_to_measure,
                                  probe_gpus, probe_host, probe_nvml, record_bandwidth, run_probe)
 from orchestrator.inventory import (GIB, LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_MEMORY_GB,
@@ -415,6 +416,26 @@ def test_agents_starting_together_do_not_all_pick_the_same_peers():
     peers = {f"n{i:02d}" for i in range(50)}
     firsts = {tuple(peers_to_measure(peers, {}, 4, random.Random(seed))) for seed in range(10)}
     assert len(firsts) > 1
+
+
+def test_agents_starting_together_drift_apart_in_when_they_measure():
+    # Agents started together kept one 60 s period and measured at the same moments, several
+    # pulling from one node at once, each under-measuring that link. Over 100 periods at most
+    # 15 of one agent's measurements may start within 2 s of another's (lockstep: all 100;
+    # independent random times: about 7, 4 s in each 60).
+    def schedule(seed):
+        rng, at, times = random.Random(seed), 0.0, []
+        for _ in range(100):
+            pause = bandwidth_pause_s(60.0, rng)
+            assert 60.0 * (1 - probes.BANDWIDTH_JITTER) <= pause <= \
+                60.0 * (1 + probes.BANDWIDTH_JITTER)  # (what the age limit counts on)
+            at += pause
+            times.append(at)
+        return times
+
+    first, second = schedule(1), schedule(2)
+    together = [t for t in first if any(abs(t - u) < 2.0 for u in second)]
+    assert len(together) <= 15, together
 
 
 # --- bandwidth arithmetic --------------------------------------------------------------------
