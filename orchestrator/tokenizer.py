@@ -320,12 +320,13 @@ def load_tokenizer_file(path: str | os.PathLike, flag: str = "--tokenizer") -> H
     return HFTokenizer(tok, str(path))
 
 
-def _check_vocabulary(tok, where: str) -> None:
+def _check_vocabulary(tok, where: str, trained: bool = False) -> None:
     """TokenizerError (`where` names the flag and file) for a tokenizer a run cannot train
     with: one whose tokens are all special (end-of-text alone: every text encoded to []), or
     one whose largest id is far past its tokens (the model's vocabulary is that id + 1).
     Checked on the `tokenizers` object, before HFTokenizer: its to_str of a file with an id
-    of 4e9 takes half a minute."""
+    of 4e9 takes half a minute. A `trained` run's own tokenizer is held to RUN_IDS_LIMIT
+    instead: runs trained before the --tokenizer check with sparser ids resume and serve."""
     vocab = tok.get_vocab(with_added_tokens=True)
     textless = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     if not set(vocab.values()) - textless - {_find_eos(tok)}:
@@ -333,7 +334,11 @@ def _check_vocabulary(tok, where: str) -> None:
         raise TokenizerError(f"{where} holds no token but its special ones ({special}): "
                              "it encodes every text to nothing")
     token = max(vocab, key=vocab.__getitem__)
-    if vocab[token] + 1 > max(2 * len(vocab), SPARSE_IDS_FROM):
+    if trained and vocab[token] + 1 > RUN_IDS_LIMIT:
+        raise TokenizerError(f"{where}: token {token!r} has id {vocab[token]:,}, past "
+                             f"{RUN_IDS_LIMIT:,} ids, more than any model trains with (a file "
+                             "edited by hand?)")
+    if not trained and vocab[token] + 1 > max(2 * len(vocab), SPARSE_IDS_FROM):
         raise TokenizerError(f"{where}: token {token!r} has id {vocab[token]:,}, past twice "
                              f"its {len(vocab):,} tokens (the model's vocabulary would be "
                              f"{vocab[token] + 1:,} ids, nearly all unused): number its "
@@ -371,6 +376,10 @@ def _check_lossless(tok, spec: dict, where: str) -> None:
 
 # Ids below this are never refused as far past the tokens: a small embedding, whatever gaps.
 SPARSE_IDS_FROM = 1 << 16
+# The largest id a run's own tokenizer.json may hold (a model of 16.7M ids: its embedding
+# alone 64 GiB at GPT-2 small's width). Looser than a --tokenizer's bound, which came later:
+# a run trained with sparser ids before it still resumes and serves.
+RUN_IDS_LIMIT = 1 << 24
 
 
 # What a model folder holds instead of tokenizer.json: a slow transformers tokenizer's files.
@@ -404,8 +413,9 @@ def _tokenizer_file_problem(path: Path, error: Exception) -> str:
 
 def tokenizer_from_json(text: str, name: str) -> Tokenizer:
     """A tokenizer from its tokenizer.json text: the byte tokenizer when it is ours.
-    TokenizerError naming `name` for a file --tokenizer refuses for its vocabulary (a run's
-    own tokenizer.json edited by hand to an id of 4e9 took half a minute and more to load)."""
+    TokenizerError naming `name` for one of special tokens only or an id past RUN_IDS_LIMIT
+    (a run's own tokenizer.json edited by hand to an id of 4e9 took half a minute and more
+    to load)."""
     if hashlib.sha256(text.encode()).hexdigest() == ByteTokenizer().sha256:
         return ByteTokenizer()
     from tokenizers import Tokenizer as HFTok
@@ -415,7 +425,7 @@ def tokenizer_from_json(text: str, name: str) -> Tokenizer:
     except Exception as e:
         raise TokenizerError(f"{name} is not a Hugging Face tokenizers file: "
                              f"{str(e).splitlines()[0][:200]}") from None
-    _check_vocabulary(tok, name)  # (before HFTokenizer, whose to_str is what is slow)
+    _check_vocabulary(tok, name, trained=True)  # (before HFTokenizer: its to_str is slow)
     return HFTokenizer(tok, name)
 
 

@@ -296,24 +296,32 @@ def test_a_runs_own_tokenizer_with_a_stray_id_is_refused_naming_the_file(tmp_pat
     path.write_text(json.dumps(spec))
     (tmp_path / "checkpoint_1").mkdir()
     with pytest.raises(TokenizerError, match=f"^{path}: token 'far' has id 4,000,000,000, "
-                       "past twice its 301 tokens"):
+                       "past 16,777,216 ids"):
         tokenizer_of_run(tmp_path / "checkpoint_1")
 
 
-@pytest.mark.parametrize("saved", ["bpe", "sparse", "legacy-bytes"])
+@pytest.mark.parametrize("saved", ["bpe", "sparse", "sparser", "legacy-bytes"])
 def test_tokenizers_the_project_saves_for_a_run_still_load_as_the_runs_own(tmp_path, saved):
     # The check tokenizer_of_run now runs must pass what training saves: a trained BPE, a
-    # --tokenizer with gaps in its ids below SPARSE_IDS_FROM, the old 256-byte tokenizer.
+    # --tokenizer with gaps in its ids below SPARSE_IDS_FROM (or past it, from before that
+    # check), the old 256-byte tokenizer.
     from tokenizers import Tokenizer, models
 
     from orchestrator.tokenizer import SPARSE_IDS_FROM
 
     if saved == "bpe":
         tok = train_bpe([f"word{i} " * 3 for i in range(100)], 300)
-    elif saved == "sparse":
-        vocab = {"<unk>": 0, "a": 1, "b": SPARSE_IDS_FROM - 1}
-        tok = _saved(Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                     tmp_path / "given.json")
+    elif saved in ("sparse", "sparser"):
+        # ("sparser": ids a --tokenizer now refuses, which a run trained before that check
+        # may hold: it still resumes and serves)
+        vocab = {"<unk>": 0, "a": 1,
+                 "b": SPARSE_IDS_FROM - 1 if saved == "sparse" else 70_000}
+        given = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        if saved == "sparse":
+            tok = _saved(given, tmp_path / "given.json")
+        else:
+            given.save(str(tmp_path / "given.json"))
+            tok = HFTokenizer(given, str(tmp_path / "given.json"))
     else:
         tok = LegacyByteTokenizer()
     save_tokenizer(tok, tmp_path)
