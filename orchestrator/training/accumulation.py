@@ -78,11 +78,21 @@ class HierarchicalAccumulation:
             for name in due:
                 self.optimizer_steps[name] += 1
             return False  # (the scaler's growth count takes no step for a good one)
+        scaled = scaler.is_enabled()
+        fresh_overflow = self._fresh_overflow(due) if scaled else None
         waiting = {p: p.grad for name in self.groups if name not in due
                    for p in self.groups[name] if p.grad is not None}
         for p in waiting:
             p.grad = None  # the optimizer skips parameters without a gradient
         scaler.unscale_(optimizer)  # clip and average the true gradient, not the scaled one
+        if fresh_overflow is not None:
+            # An overflow that reached only waiting groups is this step's overflow too: the
+            # scaler skips the groups due and halves the scale now (below, the waiting window
+            # is marked to be dropped). Found only at the window's own step, it skipped the
+            # groups due then, and a run resumed in between (the window found poisoned in the
+            # checkpoint, dropped) did not: the resume was not exact.
+            for found in scaler._found_inf_per_device(optimizer).values():
+                torch.maximum(found, fresh_overflow.to(found.device), out=found)
         for name in due:
             if self.factors[name] > 1:
                 for p in self.groups[name]:
@@ -90,7 +100,6 @@ class HierarchicalAccumulation:
                         p.grad.div_(self.factors[name])
         if grad_clip:
             clip_gradients(stepping, grad_clip)  # sharded (FSDP) and whole alike
-        scaled = scaler.is_enabled()
         scale_before = scaler._get_scale_async().clone() if scaled else None
         scaler.step(optimizer)  # skipped by the scaler if gradients overflowed
         scaler.update()
@@ -109,6 +118,23 @@ class HierarchicalAccumulation:
         for name in due:
             self.optimizer_steps[name] += 1
         return scaler._get_scale_async() < scale_before if scaled else False
+
+    def _fresh_overflow(self, due: list[str]) -> torch.Tensor | None:
+        """fp16: 1 where the pending gradient of a group not due now, and not already known
+        to have overflowed, holds inf or NaN, else 0; a device flag (no host read), the same on
+        every worker (under FSDP each sees its own shards). None: no such gradient."""
+        grads = [p.grad for name in self.groups
+                 if name not in due and name not in self.overflowed
+                 for p in self.groups[name] if p.grad is not None]
+        if not grads:
+            return None
+        sharded = any(hasattr(g, "to_local") for g in grads)
+        flag = torch.stack([~torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all()
+                            for g in grads]).any().float()
+        if sharded and dist.is_available() and dist.is_initialized() and \
+                dist.get_world_size() > 1:  # (DDP's were all-reduced in this backward)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag
 
     def _non_finite(self, names: list[str]) -> set[str]:
         """Those of the groups `names` with a pending gradient holding inf or NaN, on every

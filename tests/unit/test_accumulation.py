@@ -191,6 +191,68 @@ def test_an_overflow_skips_a_waiting_groups_step_without_skipping_the_others_aga
     assert accumulation.optimizer_steps == {"lower": 2, "head": 4}
 
 
+def test_an_overflow_reaching_only_a_waiting_group_is_skipped_on_its_own_micro_batch():
+    """fp16: micro-batch 0 overflows in 'lower' (k=2, waiting) alone; 'head' (k=1) is finite.
+    The scaler never saw the waiting gradient, so the overflow went unnoticed until 'lower'
+    stepped on micro-batch 1, where it skipped 'head''s good step instead (and a run resumed
+    in between dropped the window without a skip: not the same weights). Now it is the
+    overflow of micro-batch 0, as where it reaches the stepping groups too."""
+    weight = torch.nn.Parameter(torch.zeros(2))
+    other = torch.nn.Parameter(torch.zeros(1))
+    accumulation = HierarchicalAccumulation({"lower": [weight], "head": [other]},
+                                            {"lower": 2, "head": 1})
+    optimizer = torch.optim.SGD([weight, other], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    skipped = []
+    for step in range(2):
+        loss = weight.sum() * (float("inf") if step == 0 else 1.0) + other.sum()
+        scaler.scale(loss).backward()
+        skipped.append(bool(accumulation.step(step, optimizer, scaler, grad_clip=0.0)))
+        if step == 0:
+            assert scaler.get_scale() == 4.0 and torch.equal(other.detach(), torch.zeros(1))
+    assert skipped == [True, False] and scaler.get_scale() == 4.0
+    assert torch.equal(weight.detach(), torch.zeros(2))  # its poisoned window dropped
+    assert torch.equal(other.detach(), torch.tensor([-1.0]))  # micro-batch 1's step taken
+
+
+def _embedding_gradient_overflows_on_call(call: int):
+    """A GPT class whose token embedding's gradient (alone) turns inf in the backward of the
+    `call`-th training forward: an fp16 overflow that reaches a waiting group only."""
+    from orchestrator.training import loop
+
+    class Overflows(loop.GPT):
+        calls = 0
+
+        def forward(self, idx, targets=None, **kwargs):
+            if targets is not None and self.training:
+                Overflows.calls += 1
+                if Overflows.calls == call:
+                    fired = []
+                    self.tok_emb.weight.register_hook(
+                        lambda g: None if fired else fired.append(1) or g * float("inf"))
+            return super().forward(idx, targets, **kwargs)
+    return Overflows
+
+
+def test_a_resume_after_an_overflow_of_a_waiting_group_alone_is_exact(tmp_path, monkeypatch):
+    """fp16, 'embeddings' (k=4) waiting: micro-batch 1's overflow reaches its gradient only,
+    and the run stops at step 2, the poisoned window in its checkpoint. Resumed, it ends on
+    the weights of the run never stopped."""
+    from orchestrator.training import loop
+
+    config = tiny(accumulation="embeddings=4", max_steps=8, checkpoint_every=2, log_every=2,
+                  seq_len=16, precision="fp16")
+    monkeypatch.setattr(loop, "GPT", _embedding_gradient_overflows_on_call(2))
+    straight = train(config, LocalSession(tmp_path / "straight", device=CPU))
+    monkeypatch.setattr(loop, "GPT", _embedding_gradient_overflows_on_call(2))
+    with pytest.raises(RuntimeError, match="worker killed"):
+        train(config, CrashingSession(tmp_path / "resumed", crash_at=2))
+    resumed = train(config, LocalSession(tmp_path / "resumed", device=CPU))
+    assert straight["skipped_steps"] == 1 and straight["loss_scale"] == resumed["loss_scale"]
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_a_window_poisoned_by_an_fp16_overflow_resumed_in_fp32_is_dropped(tmp_path,
                                                                           monkeypatch):
     """An fp16 run's micro-batch 1 overflows while 'embeddings' (k=4) waits, and the
