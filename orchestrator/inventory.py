@@ -123,9 +123,9 @@ def report_problem(report: NodeReport) -> str | None:
 
 
 def _is_reading(value: object) -> bool:
-    """Whether a report's figure is a finite number >= 0 (not a bool)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) \
-        and math.isfinite(value) and value >= 0
+    """Whether a report's figure is a finite number >= 0 (not a bool). validation.is_number:
+    math.isfinite raised OverflowError on an int past float's range."""
+    return is_number(value) and value >= 0
 
 
 def gpu_memory_problem(free: object, total: object) -> str | None:
@@ -146,8 +146,7 @@ def _bandwidth_problem(measured: object) -> str | None:
     if not isinstance(measured, dict):
         return f"bandwidth_gbps is {measured!r:.60}: not a mapping of peers to GB/s"
     for peer, gbps in measured.items():
-        if not isinstance(peer, str) or isinstance(gbps, bool) \
-                or not isinstance(gbps, (int, float)) or not math.isfinite(gbps) or gbps <= 0:
+        if not isinstance(peer, str) or not is_number(gbps) or gbps <= 0:
             return f"bandwidth_gbps[{peer!r:.40}] is {gbps!r:.40}: not a finite number > 0"
     return None
 

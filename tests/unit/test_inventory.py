@@ -140,6 +140,24 @@ def test_a_gpu_reporting_more_free_memory_than_it_holds_is_refused():
     assert problem and "more free than it holds" in problem
 
 
+def test_a_report_with_an_int_past_floats_range_is_refused_not_raised():
+    # A figure of 400 digits (a saved state edited by hand; JSON holds any number of them):
+    # math.isfinite raised OverflowError from report_problem and gpu_memory_problem, where
+    # validation.is_number, which they now use, says it is no number.
+    import dataclasses
+
+    from orchestrator.inventory import GIB, GpuInfo, gpu_memory_problem, report_problem
+    huge = 10 ** 400
+    assert report_problem(dataclasses.replace(node("a"), ram_total_bytes=huge)) == (
+        f"ram_total_bytes is {huge!r}: not a finite number >= 0")
+    gpu = GpuInfo(0, "A100", huge, 0)
+    assert report_problem(dataclasses.replace(node("a", gpus=1), gpus=(gpu,))).startswith(
+        f"gpus[0]: its memory reads 0 bytes free of {huge}: not finite numbers >= 0")
+    assert gpu_memory_problem(huge, 80 * GIB).startswith(f"its memory reads {huge} bytes")
+    assert report_problem(dataclasses.replace(node("a"), bandwidth_gbps={"b": huge})) == (
+        f"bandwidth_gbps['b'] is {huge!r:.40}: not a finite number > 0")
+
+
 def test_forgetting_nodes_closes_up_the_table_and_keeps_every_row_as_its_node_left_it():
     import dataclasses
 
