@@ -693,6 +693,7 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
         "phase_tokens_per_s": metrics.get("phase_tokens_per_s"),
         "mfu": metrics.get("mfu"),  # last logging interval
         "comm_share": metrics.get("comm_share"),
+        "comm_exposed_share": metrics.get("comm_exposed_share"),
         "peak_memory_bytes": metrics.get("peak_memory_bytes"),
         "precision": metrics.get("precision"),
         "compiled": metrics.get("compiled"),
@@ -727,6 +728,7 @@ def _write_summary(result, train_config: TrainConfig, placement, run_dir: Path,
           f"{_figure(summary['tokens_per_s'], ',.0f')} tokens/s"
           + (f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else "")
           + (f", all-reduce {summary['comm_share']:.0%} of step time"
+             f" ({summary['comm_exposed_share']:.0%} exposed)"
              if summary["comm_share"] is not None else ""))
     if not summary["placement_honoured"]:
         print(f"warning: workers ran on {actual}, not where placed: {placement.worker_nodes}",

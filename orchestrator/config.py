@@ -339,7 +339,8 @@ class TrainConfig:
     eval_batches: int = 8
     seed: int = 1337
     dropout: float = 0.0
-    # Warn when MFU falls below / all-reduce share or memory fraction rise above these.
+    # Warn when MFU falls below / exposed all-reduce share (steps waiting on it after
+    # backward: comm_exposed_share) or memory fraction rise above these.
     warn_min_mfu: float = 0.45
     warn_max_comm_share: float = 0.15
     warn_max_memory_fraction: float = 0.90

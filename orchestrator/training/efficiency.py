@@ -1,4 +1,5 @@
-"""Training efficiency figures: MFU, communication share, memory, and their alert thresholds.
+"""Training efficiency figures: MFU, communication share (in flight and exposed), memory, and
+their alert thresholds.
 
 MFU (model FLOPs utilisation) follows PaLM (Chowdhery et al. 2022, appendix B): a decoder
 needs 6N + 12·L·H·Q·T FLOPs per trained token (N parameters less the position table: the
@@ -14,6 +15,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -84,7 +86,8 @@ def accelerator_variant(device_name: str) -> tuple[str, str] | None:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When to warn: MFU below, communication share above, memory fraction above."""
+    """When to warn: MFU below, exposed communication share above (`max_comm_share`: the
+    share of step time spent waiting on all-reduce after backward), memory fraction above."""
 
     min_mfu: float = 0.45
     max_comm_share: float = 0.15
@@ -174,9 +177,11 @@ def warnings_for(metrics: dict, thresholds: Thresholds) -> list[str]:
     warnings = []
     if metrics.get("mfu") is not None and metrics["mfu"] < thresholds.min_mfu:
         warnings.append(f"MFU {metrics['mfu']:.1%} is below {thresholds.min_mfu:.0%}")
-    if metrics.get("comm_share") is not None and metrics["comm_share"] > thresholds.max_comm_share:
-        warnings.append(f"gradient all-reduce takes {metrics['comm_share']:.1%} of step time "
-                        f"(> {thresholds.max_comm_share:.0%})")
+    # The exposed share, not the in-flight one: all-reduce hidden behind backward costs nothing.
+    exposed = metrics.get("comm_exposed_share")
+    if exposed is not None and exposed > thresholds.max_comm_share:
+        warnings.append(f"exposed gradient all-reduce (steps waiting on it after backward) "
+                        f"takes {exposed:.1%} of step time (> {thresholds.max_comm_share:.0%})")
     fraction = metrics.get("memory_fraction")
     if fraction is not None and fraction > thresholds.max_memory_fraction:
         warnings.append(f"memory at {fraction:.1%} of capacity "
@@ -200,13 +205,35 @@ def peak_memory(device: torch.device) -> tuple[int, int]:
     return peak_rss, memory_within_cgroup()[0]
 
 
+class BucketMark(NamedTuple):
+    """One bucket's all-reduce: launch and completion (seconds, or CUDA events until take()
+    reads them), the backward pass that launched it, and whether it was that pass's last
+    bucket (GradBucket.is_last(): every gradient of the step was computed at its launch)."""
+
+    start: Any
+    end: Any
+    step: int
+    last: bool
+
+
+class CommSeconds(NamedTuple):
+    """All-reduce seconds of an interval: `in_flight`, the union of the buckets' launch to
+    completion (overlapping backward included); `exposed`, the part after each step's
+    backward, which the step waits for."""
+
+    in_flight: float
+    exposed: float
+
+
 class CommTimer:
     """Time spent in gradient all-reduce, via a DDP communication hook.
 
     The hook launches the same all-reduce DDP would (sum, then divide by world size) and marks
     when it was launched and when it completed, so the figure includes waiting for the slowest
     worker — which is what communication costs a synchronous step. Overlapping buckets are
-    counted once (the union of their intervals).
+    counted once (the union of their intervals). The exposed part is, per step, from the last
+    bucket's launch to the latest completion: DDP launches buckets in order, so at the last
+    one's launch backward is done, and what remains is the wait the step cannot hide.
 
     Where the marks come from depends on the backend. gloo completes its future when the
     all-reduce is done, so host clocks are right. NCCL completes the future as soon as the
@@ -218,19 +245,23 @@ class CommTimer:
     there would stall the backward pass."""
 
     def __init__(self) -> None:
-        self._marks: list[tuple] = []  # (start, end) per bucket: floats or CUDA events
+        self._marks: list[BucketMark] = []  # in completion order
+        self._steps_launched = 0  # backward passes whose last bucket was launched
 
-    def take(self) -> float:
-        """Seconds in all-reduce since the last take (the union of the buckets' intervals)."""
-        return union_seconds(self._resolve())
+    def take(self) -> CommSeconds:
+        """All-reduce seconds since the last take: in flight, and exposed after backward."""
+        marks = self._resolve()
+        return CommSeconds(union_seconds([(m.start, m.end) for m in marks]),
+                           exposed_seconds(marks))
 
-    def _resolve(self) -> list[tuple[float, float]]:
+    def _resolve(self) -> list[BucketMark]:
         marks, self._marks = self._marks, []
-        if not marks or isinstance(marks[0][0], float):
+        if not marks or isinstance(marks[0].start, float):
             return marks
-        base = marks[0][0]
-        marks[-1][1].synchronize()  # the last end: every earlier event is done too
-        return [(base.elapsed_time(a) / 1e3, base.elapsed_time(b) / 1e3) for a, b in marks]
+        base = marks[0].start
+        marks[-1].end.synchronize()  # the last end: every earlier event is done too
+        return [m._replace(start=base.elapsed_time(m.start) / 1e3,
+                           end=base.elapsed_time(m.end) / 1e3) for m in marks]
 
     def attach(self, ddp_model) -> None:
         import torch.distributed as dist
@@ -245,12 +276,14 @@ class CommTimer:
             return event
 
         def hook(timer: "CommTimer", bucket):
-            start = mark()
+            start, step, last = mark(), timer._steps_launched, bucket.is_last()
+            if last:  # the next bucket belongs to the next backward pass
+                timer._steps_launched += 1
             world = dist.get_world_size()
             future = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
 
             def finish(f):
-                timer._marks.append((start, mark()))
+                timer._marks.append(BucketMark(start, mark(), step, last))
                 return f.value()[0].div_(world)
 
             return future.then(finish)
@@ -266,3 +299,14 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
             total += end - max(start, covered_to)
             covered_to = end
     return total
+
+
+def exposed_seconds(marks: list[BucketMark]) -> float:
+    """Per step, from its last bucket's launch (backward done) to the latest end of its
+    buckets, summed: the time steps wait on all-reduce after compute. A step whose last
+    bucket is not among the marks adds nothing (its backward did not finish here)."""
+    backward_done = {m.step: m.start for m in marks if m.last}
+    latest_end: dict[int, float] = {}
+    for m in marks:
+        latest_end[m.step] = max(latest_end.get(m.step, m.end), m.end)
+    return sum(max(0.0, latest_end[step] - done) for step, done in backward_done.items())

@@ -756,8 +756,9 @@ def _span_figures(model: GPT) -> dict[str, Any]:
 
 
 class Efficiency:
-    """MFU, all-reduce share and peak memory per logging interval; warns (rank 0, once per
-    kind per attempt) when a figure crosses its threshold (MFU on a GPU only)."""
+    """MFU, all-reduce shares (in flight, exposed) and peak memory per logging interval; warns
+    (rank 0, once per kind per attempt) when a figure crosses its threshold (MFU on a GPU
+    only)."""
 
     def __init__(self, config: TrainConfig, model: GPT, precision: Precision,
                  device: torch.device, wrapped: torch.nn.Module) -> None:
@@ -779,11 +780,14 @@ class Efficiency:
 
     def measure(self, tokens_per_s: float, elapsed_s: float, world_size: int) -> dict[str, Any]:
         used, capacity = peak_memory(self.device)
+        comm = self.comm.take() if self.comm else None
         figures = {
             # Per device: each worker's share of the tokens over one device's peak.
             "mfu": (mfu(tokens_per_s / world_size, self.flops_per_token, self.peak_flops)
                     if self.peak_flops else None),
-            "comm_share": self.comm.take() / elapsed_s if self.comm else None,
+            "comm_share": comm.in_flight / elapsed_s if comm is not None else None,
+            # The part steps wait for after backward: what the warning and the alert judge.
+            "comm_exposed_share": comm.exposed / elapsed_s if comm is not None else None,
             "peak_memory_bytes": used,
             "memory_fraction": used / capacity,
         }
@@ -824,7 +828,8 @@ def _say_progress(metrics: dict[str, Any]) -> None:
     if metrics.get("mfu") is not None:
         line += f" | MFU {metrics['mfu']:.1%}"
     if metrics.get("comm_share") is not None:
-        line += f" | comm {metrics['comm_share']:.0%}"
+        line += (f" | comm {metrics['comm_share']:.0%}"
+                 f" (exposed {metrics['comm_exposed_share']:.0%})")
     if "held_out_loss" in metrics:
         line += f" | held-out loss {metrics['held_out_loss']:.4f}"
     say(line)

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from orchestrator.config import ACCELERATOR_FAMILIES
-from orchestrator.training.efficiency import (GPU_PEAK_TFLOPS, CommTimer, Thresholds,
-                                           flops_per_token, gpu_peak_flops,
-                                           measure_cpu_peak_flops, mfu, peak_memory,
-                                           union_seconds, warnings_for)
+from orchestrator.training.efficiency import (GPU_PEAK_TFLOPS, BucketMark, CommTimer,
+                                           Thresholds, exposed_seconds, flops_per_token,
+                                           gpu_peak_flops, measure_cpu_peak_flops, mfu,
+                                           peak_memory, union_seconds, warnings_for)
 
 
 def test_palm_flops_per_token():
@@ -67,19 +67,23 @@ def test_cpu_peak_is_measured_and_mfu_is_a_ratio():
 
 def test_warnings_name_each_crossed_threshold():
     thresholds = Thresholds(min_mfu=0.45, max_comm_share=0.15, max_memory_fraction=0.9)
-    assert warnings_for({"mfu": 0.5, "comm_share": 0.1, "memory_fraction": 0.5}, thresholds) == []
+    fine = {"mfu": 0.5, "comm_share": 0.1, "comm_exposed_share": 0.1, "memory_fraction": 0.5}
+    assert warnings_for(fine, thresholds) == []
     mfu_low = "MFU 20.0% is below 45%"
-    comm_high = "gradient all-reduce takes 30.0% of step time (> 15%)"
+    comm_high = ("exposed gradient all-reduce (steps waiting on it after backward) takes 30.0% "
+                 "of step time (> 15%)")
     memory_high = "memory at 95.0% of capacity (> 90%)"
-    assert warnings_for({"mfu": 0.2, "comm_share": 0.3, "memory_fraction": 0.95},
-                        thresholds) == [mfu_low, comm_high, memory_high]
+    assert warnings_for({"mfu": 0.2, "comm_share": 0.3, "comm_exposed_share": 0.3,
+                         "memory_fraction": 0.95}, thresholds) == [mfu_low, comm_high, memory_high]
     # Each figure alone crosses only its own threshold: a check reading another figure (or
     # comparing against another threshold) would pass when all three are crossed at once.
-    fine = {"mfu": 0.5, "comm_share": 0.1, "memory_fraction": 0.5}
     assert warnings_for({**fine, "mfu": 0.2}, thresholds) == [mfu_low]
-    assert warnings_for({**fine, "comm_share": 0.3}, thresholds) == [comm_high]
+    assert warnings_for({**fine, "comm_exposed_share": 0.3}, thresholds) == [comm_high]
     assert warnings_for({**fine, "memory_fraction": 0.95}, thresholds) == [memory_high]
-    assert warnings_for({"mfu": None, "comm_share": None}, thresholds) == []
+    # All-reduce in flight for 90% of the step, hidden behind backward: nothing to warn of.
+    assert warnings_for({**fine, "comm_share": 0.9}, thresholds) == []
+    assert warnings_for({"mfu": None, "comm_share": None, "comm_exposed_share": None},
+                        thresholds) == []
 
 
 def test_peak_memory_on_cpu_is_this_process_against_the_machine():
@@ -109,7 +113,88 @@ def test_comm_timer_times_all_reduce_and_keeps_gradients_exact(process_group):
     plain(x).square().sum().backward()
     ddp(x).square().sum().backward()
     assert torch.allclose(plain.weight.grad, ddp.module.weight.grad)
-    assert timer.take() > 0 and timer.take() == 0  # take() resets
+    assert timer.take().in_flight > 0 and timer.take() == (0, 0)  # take() resets
+
+
+def test_exposed_comm_is_the_wait_after_the_last_bucket_is_launched():
+    """Exposed = per step, the last bucket's launch (every gradient computed then) to the
+    latest end of that step's all-reduces; in-flight time hidden behind backward is not."""
+    hidden = [BucketMark(0.0, 1.0, step=0, last=False), BucketMark(2.0, 2.0, step=0, last=True)]
+    assert union_seconds([(m.start, m.end) for m in hidden]) == 1.0
+    assert exposed_seconds(hidden) == 0.0
+    # An earlier bucket still in flight past the last launch: the tail is what the step waits.
+    tail = [BucketMark(0.0, 3.5, step=1, last=False), BucketMark(0.5, 1.0, step=1, last=False),
+            BucketMark(2.0, 2.5, step=1, last=True)]
+    assert exposed_seconds(tail) == 1.5
+    # Steps are summed, each against its own last launch, in whatever order they completed.
+    assert exposed_seconds(tail[::-1] + hidden) == 1.5
+    assert exposed_seconds(tail + [BucketMark(4.0, 4.25, step=2, last=True)]) == 1.75
+    assert exposed_seconds([]) == 0.0
+
+
+def test_comm_timer_tells_all_reduce_hidden_behind_backward_from_the_wait_after_it(
+        process_group, monkeypatch):
+    """Two buckets under gloo (the layers' own), with 0.3 s of backward compute between them.
+    An all-reduce of the first bucket held 0.1 s is in flight as long but hidden; the last
+    bucket's held 0.1 s is all exposed: the step waits for it after backward."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    class SlowBackward(torch.autograd.Function):
+        forward = staticmethod(lambda ctx, x: x.clone())
+
+        @staticmethod
+        def backward(ctx, grad):
+            time.sleep(0.3)  # compute the first bucket's all-reduce can hide behind
+            return grad
+
+    class TwoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(512, 512), torch.nn.Linear(512, 512)
+
+        def forward(self, x):
+            return self.b(SlowBackward.apply(self.a(x)))
+
+    real_all_reduce, held = dist.all_reduce, {}
+
+    def held_all_reduce(tensor, async_op=False):
+        """The real all-reduce, its future completed `held[bucket number]` seconds late."""
+        work, future = real_all_reduce(tensor, async_op=True), torch.futures.Future()
+        delay = held.pop(len(launched), 0.0)
+        launched.append(tensor.numel())
+
+        def complete():
+            work.wait()
+            time.sleep(delay)
+            future.set_result([tensor])
+
+        threading.Thread(target=complete).start()
+        return SimpleNamespace(get_future=lambda: future)
+
+    monkeypatch.setattr(dist, "all_reduce", held_all_reduce)
+    ddp = torch.nn.parallel.DistributedDataParallel(TwoLayers(), bucket_cap_mb=1)
+    timer = CommTimer()
+    timer.attach(ddp)
+    x = torch.randn(4, 512)
+
+    def step(hold_bucket: int):
+        launched.clear()
+        held[hold_bucket] = 0.1
+        ddp(x).sum().backward()
+        assert len(launched) == 2  # one bucket per layer (from the second step: DDP rebuilds)
+        return timer.take()
+
+    launched = []
+    ddp(x).sum().backward()  # the first step's buckets are DDP's initial ones
+    timer.take()
+    hidden = step(hold_bucket=0)
+    assert hidden.in_flight >= 0.1 and hidden.exposed < 0.05
+    waited = step(hold_bucket=1)
+    assert waited.exposed >= 0.1 and waited.in_flight >= waited.exposed
 
 
 def test_comm_time_counts_overlapping_buckets_once():

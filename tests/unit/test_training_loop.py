@@ -39,6 +39,7 @@ def test_loss_falls(tmp_path, capsys):
     assert [r["step"] for r in session.reports] == [10, 20, 30, 40]
     assert 0 < metrics["mfu"] < 1 and 0 < metrics["memory_fraction"] < 1
     assert metrics["comm_share"] is None  # one process: no all-reduce
+    assert metrics["comm_exposed_share"] is None
 
 
 @pytest.mark.parametrize("choices, agreed", [(["bf16", "fp16"], "fp16"),

@@ -198,6 +198,8 @@ def test_values_are_plausible_for_a_tiny_cpu_training_run(observed):
     mfu = values(f, "ray_orchestrator_train_mfu_ratio", **train)
     assert all(0 < v < 1 for v in mfu)
     assert all(0 <= v < 1 for v in values(f, "ray_orchestrator_train_comm_share_ratio", **train))
+    assert all(0 <= v < 1 for v in values(f, "ray_orchestrator_train_comm_exposed_share_ratio",
+                                          **train))
     assert all(v > 10e6 for v in values(f, "ray_orchestrator_train_peak_memory_bytes", **train))
     assert all(0 < v <= MAX_STEPS for v in values(f, "ray_orchestrator_train_step", **train))
     ranks = {s.labels["rank"] for s in samples(f, "ray_orchestrator_train_step", **train)}
