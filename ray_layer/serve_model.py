@@ -34,7 +34,8 @@ from orchestrator.serving.loading import (CheckpointPin, LoadedModel, forward_pr
                                           record_served, resolve_checkpoint,
                                           superseding_pin)
 # (CHAT_ROUTE: known here too, as before it moved to protocol)
-from orchestrator.serving.protocol import CHAT_ROUTE, COMPLETIONS_ROUTE, APIError  # noqa: F401
+from orchestrator.serving.protocol import (CHAT_ROUTE, COMPLETIONS_ROUTE,  # noqa: F401
+                                           NON_FINITE_LOGITS, APIError)
 from orchestrator.serving.retries import engine_lost
 from orchestrator.serving.settings import (RuntimeConfig, ServeSettings, health_probe_timeout_s,
                                            shutdown_grace_problem)
@@ -104,10 +105,27 @@ class GcsPinStore:
         return at.load()
 
 
-def generation_failed(message: str) -> APIError:
-    """The 500 of a request whose engine failed (a step raised, or it never opened)."""
+def generation_failed(message: str, code: str | None = None) -> APIError:
+    """The 500 of a request whose engine failed (a step raised, or it never opened), or that
+    its engine ended alone (`code`: NON_FINITE_LOGITS)."""
     return APIError(500, message if message.startswith("generation failed")
-                    else f"generation failed: {message}", type="server_error")
+                    else f"generation failed: {message}", type="server_error", code=code)
+
+
+def request_failed(chunk: Chunk, version: str) -> APIError:
+    """The error of a request whose row its engine ended (Chunk.error: its logits went NaN
+    or infinite), its other rows decoding on: a 500 the ingress does not resend (the same
+    model fails it the same way), logged once with the model version and the request id."""
+    log.error("model %s: request %s failed: %s", version, serve_request_id(), chunk.error)
+    return generation_failed(chunk.error, NON_FINITE_LOGITS)
+
+
+def serve_request_id() -> str:
+    """Serve's id of the request being served (the x-request-id header of its answer; the
+    ingress's call to the model replica carries it), or "-" outside one."""
+    from ray.serve.context import _get_serve_request_context  # (no public accessor in 2.60)
+
+    return _get_serve_request_context().request_id or "-"
 
 
 # (graceful_shutdown_timeout_s: the setting, which serve_app.app gives the deployment)
@@ -405,6 +423,9 @@ class GPTModel:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:  # its row left the engine: nothing to cancel
+                    self.streams.pop(key, None)
+                    raise request_failed(item, engine.loaded.version)
                 if first_at is None:
                     first_at = time.perf_counter()
                     self._record_first_token(first_at - arrived, route)
@@ -665,6 +686,9 @@ class GPTModel:
         try:
             await self.gate.enter(id(request))
             async for chunk in self.batch(request):
+                if chunk.error is not None:  # its row left the batch
+                    finished = True
+                    raise request_failed(chunk, chunk.version)
                 if first_at is None:
                     first_at = time.perf_counter()
                     self._record_first_token(first_at - arrived, route)

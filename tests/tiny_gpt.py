@@ -1,6 +1,8 @@
 """Tiny GPTs and greedy references shared by the generation and continuous-batching tests
 (tests/unit/test_serving_generation.py, test_serving_engine.py). Their fixtures are imported
 into those modules by name, which is how pytest finds them."""
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -42,3 +44,17 @@ def reference_greedy(model: GPT, prompt: bytes, max_tokens: int) -> tuple[int, .
         logits, _ = model(torch.tensor([tokens]))
         tokens.append(int(logits[0, -1].argmax()))
     return tuple(tokens[len(prompt):])
+
+
+@contextmanager
+def overflowing_from(model: GPT, position: int):
+    """The model's logits are NaN at every position from `position` on (its position
+    embedding is infinite there), its weights finite: what an fp16 overflow, or a position
+    past those training reached, does to a request that gets there."""
+    def infinite_from_position(module, inputs, output):
+        return output.masked_fill((inputs[0] >= position).unsqueeze(-1), float("inf"))
+    handle = model.pos_emb.register_forward_hook(infinite_from_position)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -19,7 +19,8 @@ left-padded to the longest. Here, at every `step()`:
    does not stall the rows already streaming for a whole prompt's pass);
 4. every row whose context is fully fed samples its next token (same sampling and per-row
    generator as static batching: generation.Row); rows that finish leave and free their
-   blocks at once.
+   blocks at once, and so does a row whose logits are NaN or infinite: it ends with an
+   error chunk (finish_reason "error"), the others go on.
 
 A row's tokens depend only on its own request, up to float rounding: its attention reads only
 its own blocks, and each row draws from its own seeded generator, so greedy and seeded output
@@ -143,6 +144,7 @@ class EngineStats:
     steps: int = 0
     admitted: int = 0
     finished: int = 0
+    failed: int = 0  # ended by an error of their own (non-finite logits): not in finished
     cancelled: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
@@ -287,7 +289,10 @@ class ContinuousEngine:
             out.append((sequence.key, chunk))
             if sequence.row.finished:
                 self._leave(sequence)
-                self.stats.finished += 1
+                if chunk.error is None:
+                    self.stats.finished += 1
+                else:
+                    self.stats.failed += 1
             else:
                 sequence.pending = [token]
         return out

@@ -25,6 +25,12 @@ from orchestrator.serving.text import TextStream
 from orchestrator.tokenizer import ByteTokenizer, Tokenizer
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
+# A row ended by a failure of its own (Chunk.error says which): the replica answers it as an
+# error (500, or an error event in a stream), never as a finish_reason.
+FINISH_ERROR = "error"
+# The id sample_tokens gives a row whose logits hold a NaN or an infinity: no token can be
+# drawn from them (the softmax is NaN, and argmax or the draw picked token 0 or garbage).
+NON_FINITE = -1
 
 
 @dataclass(frozen=True)
@@ -104,8 +110,9 @@ class Chunk:
 
     tokens: tuple[int, ...]
     text: str  # released text ("" while a character or a possible stop is incomplete)
-    finish_reason: str | None = None  # "stop", "length", or None while generating
+    finish_reason: str | None = None  # "stop", "length", "error", or None while generating
     version: str = ""  # the model version that produced it (filled in by the deployment)
+    error: str | None = None  # why the request failed (finish_reason "error"; no tokens)
 
 
 @dataclass(frozen=True)
@@ -138,13 +145,18 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     distribution cut to its top_p mass, by inverting its CDF, tokens sorted by probability,
     at `uniform` (B,) in [0, 1). Only the first `vocab` ids (the tokenizer's) are ever picked:
     a model with more rows than its tokenizer has tokens must not emit one no text stands for
-    (its decoding failed, and with it every request of the batch)."""
+    (its decoding failed, and with it every request of the batch). A row no token can be
+    drawn from gets NON_FINITE: its logits hold a NaN or +inf, or are all -inf (a -inf among
+    finite logits is a token of probability 0). Its greatest logit is then not finite (max
+    propagates NaN), which the argmax's own pass finds; the flag rides on the ids' one
+    transfer to the host."""
     if vocab is not None and logits.size(-1) > vocab:
         logits = logits[..., :vocab]
-    greedy = logits.argmax(dim=-1)
+    peak, greedy = logits.max(dim=-1)
+    unsampleable = ~peak.isfinite()
     sampling = temperature > 0
     if not bool(sampling.any()):
-        return greedy
+        return greedy.masked_fill(unsampleable, NON_FINITE)
     probs = torch.softmax(logits.float() / temperature.clamp(min=1e-6).unsqueeze(1), dim=-1)
     whole = probs.size(-1) <= 4 * SORTED_HEAD  # (the byte tokenizer's 257: a sort is quicker)
     head_probs, head_order = (probs.sort(dim=-1, descending=True) if whole
@@ -159,7 +171,7 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
         sorted_probs, order = probs[rest].sort(dim=-1, descending=True)
         pick, _ = _sorted_draw(sorted_probs, top_p[rest], uniform[rest], mass[rest], True)
         sampled[rest] = order.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
-    return torch.where(sampling, sampled, greedy)
+    return torch.where(sampling, sampled, greedy).masked_fill(unsampleable, NON_FINITE)
 
 
 def _sorted_draw(sorted_probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor,
@@ -233,6 +245,9 @@ class Row:
         return self.rng.random() if self.rng is not None else 0.0
 
     def accept(self, token: int) -> Chunk:
+        """The chunk of the row's next token (sample_tokens's id); NON_FINITE fails the row."""
+        if token == NON_FINITE:
+            return self.fail()
         self.left -= 1
         text = self.text.feed(token)
         reason = None
@@ -247,6 +262,15 @@ class Row:
             reason = FINISH_STOP if self.text.stopped else FINISH_LENGTH
         self.finished = reason is not None
         return Chunk((token,), text, reason)
+
+    def fail(self) -> Chunk:
+        """End the row for logits that are NaN or infinite: any token drawn from them would be
+        garbage, and so would every one after it (its cache holds the overflow)."""
+        self.finished = True
+        fed = len(self.request.context) + self.request.remaining - self.left - 1
+        return Chunk((), "", FINISH_ERROR,
+                     error=f"the model's logits are NaN or infinite at position {fed} of this "
+                           f"request (a numeric overflow): no token can be sampled")
 
 
 def plan_groups(requests: list[GenerationRequest], block_size: int) -> list[list[int]]:

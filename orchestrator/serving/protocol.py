@@ -98,6 +98,9 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 # OpenAI's code for a prompt, or prompt + max_tokens, over what the model (here also: the
 # replica's KV cache) holds: clients check it to trim the history or lower max_tokens.
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+# The code of a request the model failed alone: its logits went NaN or infinite (a numeric
+# overflow) at some position, and no token could be sampled (a 500; the others decode on).
+NON_FINITE_LOGITS = "non_finite_logits"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from orchestrator.serving.engine import (CapacityError, ContinuousEngine, Engine
 from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
 from orchestrator.serving.paged import BlockPool, first_of_run
 from orchestrator.tokenizer import ByteTokenizer
-from tests.tiny_gpt import BLOCK, greedy, model, reference_greedy, torch_on_one_thread  # noqa: F401
+from tests.tiny_gpt import (BLOCK, greedy, model, overflowing_from, reference_greedy,  # noqa: F401
+                            torch_on_one_thread)
 
 # Small blocks and prefill chunks, so prompts cross blocks and are prefilled over several steps.
 LIMITS = EngineLimits(max_rows=8, num_blocks=64, block_tokens=4, prefill_chunk_tokens=6)
@@ -472,3 +473,31 @@ def test_the_engines_refusals_over_the_context_or_cache_carry_openais_code():
     with pytest.raises(CapacityError) as refused:  # not a length: no code
         check_request(GenerationRequest((300,), SamplingParams(1)), 64, cache_of_64, 257)
     assert refused.value.code is None
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_row_whose_logits_go_non_finite_ends_with_an_error_and_the_others_run_on(
+        model, temperature):
+    # A row whose logits were NaN (an fp16 overflow, a position past training's) sampled from
+    # NaN probabilities: it decoded token 0 or garbage to its max_tokens, and nobody knew.
+    # Its 23-token prompt reaches position 30 after 8 tokens; the short row never does.
+    doomed = GenerationRequest(tuple(b"a prompt of twenty-four"),
+                               SamplingParams(20, temperature, seed=5))
+    short = seeded(b"hi", 12, seed=7)
+    eng = engine(model)
+    chunks = {"doomed": [], "short": []}
+    with overflowing_from(model, 30):
+        eng.add("doomed", doomed)
+        eng.add("short", short)
+        while not eng.idle:
+            for key, chunk in eng.step():
+                chunks[key].append(chunk)
+    short_tokens = sum((c.tokens for c in chunks["short"]), ())
+    assert (short_tokens, chunks["short"][-1].finish_reason) == alone(model, short)[1:]
+    *tokens, failed = chunks["doomed"]
+    assert (failed.finish_reason, failed.tokens, failed.text) == ("error", (), "")
+    assert "NaN or infinite" in failed.error and "position 30" in failed.error, failed.error
+    assert sum((c.tokens for c in tokens), ()) == alone(model, doomed)[1][:8]
+    assert all(c.error is None for c in tokens + chunks["short"])
+    assert eng.free_blocks == LIMITS.num_blocks  # its blocks were freed with it
+    assert (eng.stats.failed, eng.stats.finished) == (1, 1)

@@ -6,7 +6,8 @@ import torch
 from orchestrator.serving.generation import (BatchGeneration, GenerationRequest,
                                              SamplingParams, generate, plan_groups,
                                              sample_tokens)
-from tests.tiny_gpt import BLOCK, greedy, model, reference_greedy, torch_on_one_thread  # noqa: F401
+from tests.tiny_gpt import (BLOCK, greedy, model, overflowing_from, reference_greedy,  # noqa: F401
+                            torch_on_one_thread)
 
 
 def test_batched_left_padded_cached_generation_equals_the_naive_loop(model):
@@ -313,3 +314,41 @@ def test_static_batching_writes_its_kv_cache_in_place(model, monkeypatch):
     monkeypatch.setattr(model, "new_cache", lambda capacity=None: growing())  # cat per step
     assert [t for _, t, _ in generate(model, requests(), BLOCK)] == tokens
     assert tokens[0] == reference_greedy(model, b"Hello", 12)
+
+
+def test_a_row_whose_logits_go_non_finite_ends_with_an_error_and_its_batch_runs_on(model):
+    # Static batching sampled from the NaN probabilities too (see test_serving_engine.py's
+    # test of the same): the row must end with an error, its neighbours decode as alone.
+    doomed = GenerationRequest(tuple(b"a prompt of twenty-four"), SamplingParams(20, 0.9, seed=5))
+    others = [greedy(b"hi", 12), greedy(b"another prompt", 10)]
+    batch = BatchGeneration(model, [doomed, *others], BLOCK)
+    chunks: list[list] = [[], [], []]
+    with overflowing_from(model, 30):
+        while not batch.done:
+            for i, chunk in enumerate(batch.step()):
+                if chunk is not None:
+                    chunks[i].append(chunk)
+    for i, request in enumerate(others, 1):
+        assert sum((c.tokens for c in chunks[i]), ()) == reference_greedy(
+            model, bytes(request.prompt), request.params.max_tokens)
+    *tokens, failed = chunks[0]
+    assert (failed.finish_reason, failed.tokens) == ("error", ())
+    assert "NaN or infinite" in failed.error and "position 30" in failed.error, failed.error
+    assert sum((c.tokens for c in tokens), ()) == generate(model, [doomed], BLOCK)[0][1][:8]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rows_no_token_can_be_drawn_from_are_flagged_and_only_those(temperature):
+    from orchestrator.serving.generation import NON_FINITE
+
+    logits = torch.randn(5, 257)
+    logits[0, 100] = float("nan")
+    logits[1, 3] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, 7] = float("-inf")  # a token of probability 0: the row samples as ever
+    rows = torch.full((5,), temperature)
+    tokens = sample_tokens(logits, rows, torch.ones(5), torch.full((5,), 0.5))
+    assert tokens[:3].tolist() == [NON_FINITE] * 3
+    assert tokens[3:].tolist() == sample_tokens(logits[3:], rows[3:], torch.ones(2),
+                                                torch.full((2,), 0.5)).tolist()
+    assert NON_FINITE not in tokens[3:].tolist() and tokens[3] != 7

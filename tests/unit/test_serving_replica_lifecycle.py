@@ -573,3 +573,77 @@ def test_models_info_shows_a_kv_cache_only_under_continuous_batching(replicas, t
     replica.runtime = dataclasses.replace(replica.runtime, batching="continuous")
     info = replica.model_info()
     assert (info["batching"], info["kv_cache_tokens"]) == ("continuous", 64)
+
+
+def test_a_request_whose_logits_go_non_finite_is_a_500_naming_it_in_both_batching_modes(
+        replicas, tmp_path, caplog):
+    # A row whose logits went NaN decoded token 0 or garbage and answered 200; now its engine
+    # ends it with an error chunk (test_serving_engine.py, test_serving_generation.py), which
+    # the replica raises as a 500 the ingress does not resend (an error event mid-stream),
+    # logged once with the model version.
+    import dataclasses
+    import logging
+
+    from orchestrator.serving.generation import Chunk, GenerationRequest, SamplingParams
+    from orchestrator.serving.protocol import APIError
+    from orchestrator.serving.retries import is_engine_lost
+    from ray_layer.serve_model import EngineRecord
+    from tests.tiny_gpt import overflowing_from
+
+    class BatchOfOne:  # @serve.batch, which needs a replica's context: a batch per request
+        def __init__(self, run):
+            self.run = run
+
+        async def __call__(self, request):
+            async for step in self.run([request]):
+                if step[0] is not StopIteration:
+                    yield step[0]
+
+        def set_max_batch_size(self, size):
+            pass
+
+        def set_batch_wait_timeout_s(self, seconds):
+            pass
+
+    replica = replicas()
+    asyncio.run(replica.reconfigure({"checkpoint": checkpoint(tmp_path / "run", 1),
+                                     "batching": "static"}))
+    replica.batch = BatchOfOne(replica._run_batch)
+    request = GenerationRequest((1,) * 10, SamplingParams(20, temperature=0.0))
+    logging.getLogger("ray.serve").addHandler(caplog.handler)
+    try:
+        with overflowing_from(replica.loaded.model, 15), pytest.raises(APIError) as static:
+            asyncio.run(replica.generate(request))
+
+        async def continuous() -> list:  # the engine host's step event, as the replica gets it
+            sent = []
+            replica.host = SimpleNamespace(alive=True, send=sent.append, close=lambda: None)
+            loop = asyncio.get_running_loop()
+            engine = EngineRecord(7, replica.loaded, replica._engine_limits(replica.loaded),
+                                  loop.create_future())
+            replica.engines.append(engine)
+            stream = replica._continuous_stream(request, "/v1/completions")
+            first = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0)
+            key = sent[0][2]
+            failed = Chunk((), "", "error", error="the model's logits are NaN or infinite at "
+                                                  "position 15 of this request")
+            replica._on_host_events([("step", 7, [(key, Chunk((5,), "x")), (key, failed)], [],
+                                      {"running": 0, "waiting": 0})])
+            assert (await first).tokens == (5,)
+            with pytest.raises(APIError) as raised:
+                await stream.__anext__()
+            return [raised.value, sent, key]
+        replica.runtime = dataclasses.replace(replica.runtime, batching="continuous")
+        continuous_error, sent, key = asyncio.run(continuous())
+    finally:
+        logging.getLogger("ray.serve").removeHandler(caplog.handler)
+    for error in (static.value, continuous_error):
+        assert (error.status, error.code, error.type) == (500, "non_finite_logits",
+                                                          "server_error"), error.message
+        assert "NaN or infinite at position 15" in error.message
+        assert not is_engine_lost(error)  # not resent: the same model fails it again
+    assert [s[0] for s in sent] == ["add"]  # no cancel: the engine had freed its row
+    assert key not in replica.streams
+    lines = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
+    assert len(lines) == 2 and all(replica.loaded.version in line for line in lines), lines
