@@ -21,6 +21,7 @@ import statistics
 from dataclasses import dataclass
 
 from orchestrator.throughput import per_worker_rate
+from orchestrator.validation import python_scalar
 
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 RAY_PREFIX = "ray_"  # what Ray's Prometheus exporter puts in front of every application metric
@@ -514,6 +515,9 @@ def training_samples(metrics: dict, run: str, rank: int, device: str) -> list[Sa
     The report's tokens_per_s is the whole job's, the same on every rank: each rank records
     its share, so summing the ranks (the dashboard's panel) gives the job's rate, not N x it."""
     tags = {"run": run, "rank": str(rank), "device": device}
+    # A loop's own numpy figures (np.float32 loss, np.int64 step) are numbers too: they were
+    # skipped, and its dashboard stayed empty while metrics.jsonl had them.
+    metrics = {key: python_scalar(value) for key, value in metrics.items()}
     metrics = {**metrics, "tokens_per_s": per_worker_rate(metrics)}
     return [(spec, metrics[key], tags) for key, spec in TRAIN_REPORT_KEYS.items()
             if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics[key], bool)]

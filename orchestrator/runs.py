@@ -23,7 +23,7 @@ from orchestrator.hf_files import INDEX_FILE, PICKLED_FILE, SAFETENSORS_FILE
 from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED,
                                    EXIT_NOT_PLACEABLE, JobFailed, on_one_line)
 from orchestrator.tokenizer import TOKENIZER_FILE
-from orchestrator.validation import expand_home
+from orchestrator.validation import expand_home, python_scalar
 
 METRICS_LOG = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"  # jobs/pretrain.py's, at the end of a run
@@ -73,12 +73,8 @@ def json_figure(value: Any) -> Any:
     """json.dumps's fallback for a report's value: a numpy number (or 0-d array) as the number
     it is (an np.int64 step, an np.float32 loss were written as text, "5"), anything else as
     its text."""
-    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
-        try:
-            return value.item()
-        except Exception:  # (an object that only looks like one)
-            pass
-    return str(value)
+    scalar = python_scalar(value)
+    return str(value) if scalar is value else scalar
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -27,6 +27,18 @@ def has_control_characters(text: str) -> bool:
     return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
 
 
+def python_scalar(value: Any) -> Any:
+    """A numpy number (np.float32, np.int64) or 0-d array as the Python number it holds
+    (.item()); anything else as it is. A loop's report holds such values where it computed
+    with numpy, and they are no int or float to isinstance."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        try:
+            return value.item()
+        except Exception:  # (an object that only looks like one)
+            pass
+    return value
+
+
 def is_number(value: Any) -> bool:
     """A finite int or float, not a bool, that float() takes: an int past float's range
     (JSON and YAML hold any number of digits) is not one; math.isfinite raised OverflowError

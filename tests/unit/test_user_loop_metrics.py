@@ -67,3 +67,17 @@ def test_metrics_that_cannot_be_exported_never_fail_the_report(worker, monkeypat
     user_loop.report({"step": 2, "loss": 1.9})
     assert [r["step"] for r in reported] == [1, 2] and not recorded
     assert capsys.readouterr().err.count("training metrics were not exported") == 1
+
+
+def test_numpy_numbers_a_loop_reports_are_exported_as_the_numbers_they_are(worker):
+    # A loss averaged with numpy (np.float32), a step counted in an np.int64 array, a 0-d
+    # array: metrics.jsonl wrote them as numbers, but Prometheus got none of them.
+    import numpy as np
+
+    recorded, _ = worker
+    user_loop.report({"step": np.int64(7), "loss": np.float32(2.5),
+                      "tokens_per_s": np.float64(4000.0), "mfu": np.array(0.25)})
+    assert {(spec.name, value) for spec, value, _ in recorded} == {
+        (m.TRAIN_STEP.name, 7), (m.TRAIN_LOSS.name, 2.5),
+        (m.TRAIN_TOKENS_PER_SECOND.name, 1000.0), (m.TRAIN_MFU.name, 0.25)}
+    assert all(type(value) in (int, float) for _, value, _ in recorded)
