@@ -154,7 +154,20 @@ def report_arguments_problem(metrics: Any, checkpoint: Any) -> str | None:
         return (f"checkpoint must be a ray.train.Checkpoint "
                 f"(ray.train.Checkpoint.from_directory(folder)) or None, got "
                 f"{type(checkpoint).__name__} {_short_repr(checkpoint)}")
-    return None
+    return metrics_pickling_problem(metrics)
+
+
+def metrics_pickling_problem(metrics: dict[str, Any]) -> str | None:
+    """Why `metrics` cannot be sent to Ray Train's controller, naming the entry at fault
+    (metrics['guard']); None when they can. Ray Train failed it in its controller's health
+    check: a 27-line WorkerHealthCheckFailedError naming neither the metric nor the loop's
+    line, after the restarts."""
+    if _pickling_error(metrics) is None:
+        return None
+    where, error = _unpicklable_entry(metrics, "metrics", set())
+    return (f"{where} cannot be sent to Ray Train's controller ({type(error).__name__}: "
+            f"{error}): report numbers and text (loss.item()), and save objects in the "
+            "checkpoint")
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -1515,6 +1516,11 @@ def test_the_loops_return_value_comes_back_and_reserved_report_names_are_refused
      "(tuple)"),
     ({"loss": 0.25}, "/tmp/ckpt", "checkpoint must be a ray.train.Checkpoint "
      "(ray.train.Checkpoint.from_directory(folder)) or None, got str '/tmp/ckpt'"),
+    # Ray Train failed it in its controller's health check: a 27-line "error:" naming
+    # neither the metric nor the loop's line (WorkerHealthCheckFailedError).
+    ({"step": 1, "extra": {"guard": threading.Lock()}}, None, "metrics['extra']['guard'] "
+     "cannot be sent to Ray Train's controller (TypeError: cannot pickle '_thread.lock' "
+     "object): report numbers and text (loss.item()), and save objects in the checkpoint"),
 ])
 def test_report_names_a_bad_argument_before_ray_train_sees_it(metrics, checkpoint, expected):
     """Ray Train checks neither: they failed after the restarts as "'float' object is not
