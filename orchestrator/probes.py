@@ -483,7 +483,7 @@ class _Call:
     """One run of a probe on a thread of its own: its value or exception, its own errors."""
 
     def __init__(self, probe: Callable[[dict[str, str]], Any], now: float) -> None:
-        self.started, self.finished = now, math.inf
+        self.started = now
         self.value: Any = None
         self.error: BaseException | None = None
         self.errors: dict[str, str] = {}
@@ -495,7 +495,6 @@ class _Call:
             self.value = probe(self.errors)
         except BaseException as e:  # handed to the caller, as if raised there
             self.error = e
-        self.finished = time.monotonic()
         self.done.set()
 
 
@@ -506,8 +505,11 @@ class BoundedProbe:
     agent was killed and restarted into the same hang, and its running jobs' reservations
     were set aside as of a dead node. One call at a time: callers arriving while it runs wait
     for that one; one past its deadline is not joined by another (no pile of hung threads)
-    and every caller gets TimeoutError until it returns; what a call that overran returns
-    is dropped (read at some point of the hang) and a fresh call made."""
+    and every caller gets TimeoutError until it returns. Only a call still running is
+    joined: a finished one is read by those already waiting on it and otherwise dropped,
+    for a fresh call. So what a call that overran returns is dropped (read at some point of
+    the hang), and so is one that answered in time just as its last waiter gave up: stored,
+    it handed the next report a reading one heartbeat old."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -517,7 +519,7 @@ class BoundedProbe:
             errors: dict[str, str]) -> Any:
         with self._lock:
             call = self._call
-            if call is None or (call.done.is_set() and call.finished > call.started + timeout_s):
+            if call is None or call.done.is_set():  # (never join a finished call: stale)
                 call = self._call = _Call(probe, time.monotonic())
         call.done.wait(max(call.started + timeout_s - time.monotonic(), 0.0))
         if not call.done.is_set():

@@ -272,6 +272,29 @@ def test_a_hung_nvml_call_costs_the_gpus_not_the_nodes_report(monkeypatch):
     assert "nvml" not in out["errors"]
 
 
+def test_a_call_answering_as_its_waiter_gives_up_is_not_handed_to_the_next_caller(monkeypatch):
+    """A waiter giving up at the deadline just as the call answered in time (after its check,
+    before anyone cleared the call) left that call stored, and the next report joined it and
+    got its value, read a heartbeat earlier. A finished call is never joined: the next caller
+    reads afresh. The clock is frozen at 0 so that the answer counts as in time."""
+    import threading
+
+    monkeypatch.setattr(probes, "time", types.SimpleNamespace(monotonic=lambda: 0.0))
+    release, readings = threading.Event(), []
+
+    def probe(errors):
+        release.wait(5)
+        readings.append(f"reading {len(readings) + 1}")
+        return readings[-1]
+
+    bounded = probes.BoundedProbe()
+    with pytest.raises(TimeoutError, match="NVML has not answered"):
+        bounded.run(probe, 0.05, {})  # (waits 0.05 s for real: the clock stands still)
+    release.set()  # the answer lands after the waiter's check, "in time" by the clock
+    assert bounded._call.done.wait(5)
+    assert bounded.run(probe, 0.05, {}) == "reading 2"
+
+
 @pytest.mark.parametrize("free, total", [(2 ** 64 - 1, 80 * GIB), (-1, 80 * GIB),
                                          (0, -80 * GIB)])
 def test_a_gpu_whose_memory_is_no_reading_is_left_out_not_the_nodes_report(monkeypatch, free,
