@@ -737,12 +737,17 @@ def _scheduler_view() -> tuple[list, set[str]]:
 
 
 def _this_machine() -> tuple[list, set[str]]:
-    from orchestrator.probes import probe_nvml, run_probe
+    """This machine as a one-node cluster, its GPUs probed as a node agent probes them
+    (probe_gpus): NVML waited for at most NVML_TIMEOUT_S, so a hung call (a GPU fallen off
+    the bus) costs the GPUs, not the app build, which it hung."""
+    from orchestrator.probes import probe_gpus
     from orchestrator.inventory import NodeReport
 
     # Errors collected, not raised: a lost GPU is left out, not every GPU with it.
     errors: dict[str, str] = {}
-    gpus = run_probe("nvml", lambda: probe_nvml(errors), (), errors)
+    gpus = probe_gpus({}, errors)
+    for probe, problem in errors.items():  # (else replicas went to CPU without a word)
+        log.warning("probing this machine's GPUs for serving: %s: %s", probe, problem)
     return [NodeReport("local", "localhost", 1, len(gpus), 1, 0.0, 0, 0, gpus)], {"local"}
 
 

@@ -364,6 +364,36 @@ def test_serving_sizes_for_this_machine_on_its_gpus_left_after_one_is_lost(monke
     assert report.ray_gpus == 7 and [g.index for g in report.gpus] == [0, 1, 2, 4, 5, 6, 7]
 
 
+def test_serving_sizes_for_this_machine_without_waiting_on_a_hung_nvml(monkeypatch, caplog):
+    # `serve run`'s app build probed NVML unbounded: a hung call (a GPU fallen off the bus)
+    # hung the build with it. Now it is bounded as the node agent's probe is, and said.
+    import threading
+
+    from ray_layer import serve_app
+
+    nvml, answer = fake_pynvml([A100]), threading.Event()
+    nvml.nvmlDeviceGetCount = lambda: answer.wait() and 1
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(probes, "NVML_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(probes, "_NVML", probes.BoundedProbe())  # (its hung call stays its own)
+    out = {}
+    builder = threading.Thread(target=lambda: out.update(machine=serve_app._this_machine()),
+                               daemon=True)
+    serve_app.log.addHandler(caplog.handler)  # (Ray's "ray.serve" logger does not propagate)
+    try:
+        with caplog.at_level("WARNING", logger="ray.serve"):
+            builder.start()
+            builder.join(5)
+    finally:
+        answer.set()
+        serve_app.log.removeHandler(caplog.handler)
+    assert "machine" in out, "the build waited on the hung NVML call"
+    (report,), _ = out["machine"]
+    assert report.ray_gpus == 0 and report.gpus == ()
+    (warning,) = [r.getMessage() for r in caplog.records if "NVML" in r.getMessage()]
+    assert "NVML has not answered for" in warning and "\n" not in warning
+
+
 def test_a_failing_host_probe_leaves_the_node_in_the_cluster(monkeypatch):
     # The stand-in must pass the scheduler's report check: an infinite load was refused as
     # malformed, and the node then went dead with its running job's reservation released.
