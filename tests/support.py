@@ -12,6 +12,8 @@
   checkpoint of a given step, like a killed worker;
 - `agreed_precision_worker(rank, choices, rendezvous, out)`: one process of a gloo group
   whose device resolves `auto` to `choices[rank]`; writes the job's precision to out/<rank>.
+- `host_reads_from(monkeypatch, *files)`: the list that every `Tensor.item` / `tolist` called
+  from code in those source files appends to (each is a host sync on a GPU).
 
 Test-only helpers live here; anything the scripts also need belongs in the product (scripts
 must not import tests/). Serve app configs are built by the product too:
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -121,3 +124,20 @@ def sweep_when_first_locked(monkeypatch, module, sweep) -> list[bool]:
         **{name: getattr(real_fcntl, name) for name in dir(real_fcntl) if name.isupper()},
         flock=flock))
     return swept
+
+
+def host_reads_from(monkeypatch, *files: str) -> list[int]:
+    """The list that every `Tensor.item` / `Tensor.tolist` called from code in `files` (a
+    module's `__file__`) appends 1 to: on a GPU each is a host sync draining its queue."""
+    reads: list[int] = []
+
+    def counting(original):
+        def read(tensor):
+            if sys._getframe(1).f_code.co_filename in files:
+                reads.append(1)
+            return original(tensor)
+        return read
+
+    for name in ("item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    return reads

@@ -448,6 +448,23 @@ def _any_workers_problem(problem: CheckpointError | None) -> CheckpointError | N
     return None if first is None else CheckpointError(first)
 
 
+def _groups_holding_spans(accumulation: HierarchicalAccumulation, model: GPT) -> set[str]:
+    """The accumulation groups holding a learnt attention span's parameter (none without
+    --attention-span): the blocks' groups, each layer's span in its block's."""
+    spans = {id(span.span_fraction) for span in model.spans()}
+    return {name for name, params in accumulation.groups.items()
+            if any(id(p) in spans for p in params)}
+
+
+def _spans_moved(accumulation: HierarchicalAccumulation, span_groups: set[str],
+                 step: int) -> bool:
+    """Whether micro-batch `step`'s optimizer step may have moved a learnt span: one of
+    `span_groups` stepped. Only then are the spans clamped and their windows read again, a
+    host sync on a GPU: read after every micro-batch, --accumulation k made k syncs a step
+    for windows that had not changed."""
+    return not span_groups.isdisjoint(accumulation.due(step))
+
+
 def _refuse_groups_that_never_step(config: TrainConfig, step: int) -> None:
     """ConfigError when training from `step` would happen with a group that never steps
     (TrainConfig.never_stepping_groups, which says when that is)."""
@@ -482,6 +499,10 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
     wrapped = torch.compile(parallel) if compiled else parallel
     accumulation = HierarchicalAccumulation(parameter_groups(model), config.accumulation_factors,
                                             start_step=step)
+    span_groups = _groups_holding_spans(accumulation, model)
+    # Every layer's window in one host read now, not one per layer in the first forward (the
+    # clamp changes nothing: spans start, and are saved, within [0, 1]).
+    model.clamp_spans_()
     efficiency = Efficiency(config, model, precision, device, parallel)
     tokens_per_step = config.batch_size * config.seq_len * session.world_size
     if session.world_rank == 0:
@@ -537,7 +558,8 @@ def train(config: TrainConfig, session: TrainSession) -> dict[str, Any]:
                     objective = loss + config.span_penalty * model.span_penalty()
                 scaler.scale(objective).backward()
             skipped_steps += accumulation.step(step, optimizer, scaler, config.grad_clip)
-        model.clamp_spans_()
+        if _spans_moved(accumulation, span_groups, step):
+            model.clamp_spans_()  # (and their windows read again: a host sync)
         step += 1
         tokens_seen += tokens_per_step
         interval_steps += 1

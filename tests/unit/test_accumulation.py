@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.config import ConfigError, TrainConfig, parse_accumulation
+from orchestrator.training import attention, loop
 from orchestrator.training.accumulation import HierarchicalAccumulation
 from orchestrator.training.checkpoint import load_checkpoint
 from orchestrator.training.data import get_batch, load_corpus, split_corpus
@@ -14,6 +15,7 @@ from orchestrator.training.loop import build_optimizer, lr_at, train
 from orchestrator.training.model import GPT, GPTConfig, parameter_groups
 from orchestrator.training.session import LocalSession
 from tests.support import CrashingSession  # dies right after a given checkpoint
+from tests.support import host_reads_from
 from test_training_loop import tiny as tiny_loop_config
 
 CPU = torch.device("cpu")
@@ -491,3 +493,41 @@ def test_an_fp16_step_does_not_read_the_loss_scale_on_the_host(monkeypatch):
         scaler.scale(loss).backward()
         skipped += accumulation.step(step, optimizer, scaler, grad_clip=0.0)
     assert calls == [] and int(skipped) == 1
+
+
+def _span_run(tmp_path, name, accumulation, monkeypatch):
+    """A 12-micro-batch learnt-span run: (the span windows' host reads, the final weights,
+    the reports)."""
+    reads = host_reads_from(monkeypatch, attention.__file__)
+    session = LocalSession(tmp_path / name, device=CPU)
+    train(tiny(accumulation=accumulation, attention_span=True, span_ramp=4), session)
+    monkeypatch.undo()
+    return len(reads), final_weights(tmp_path / name), session.reports
+
+
+@pytest.mark.parametrize("accumulation, span_steps", [
+    ("4", 3),  # micro-batches 3, 7, 11
+    # The spans are in the blocks' groups: the embeddings' and the head's steps leave them.
+    ("embeddings=1,lower=4,upper=6,head=1", 4),  # lower on 3, 7, 11; upper on 5, 11
+], ids=["equal", "hierarchical"])
+def test_span_windows_are_read_once_per_step_that_moves_the_spans(
+        tmp_path, monkeypatch, accumulation, span_steps):
+    """Each window read is a host sync on a GPU. The spans move only when an optimizer step of
+    a group holding them is taken, so their windows are read then (and once at the start, for
+    every layer in one read), not after every micro-batch: 12 + 1 reads at --accumulation 4,
+    where 3 + 1 do. Every micro-batch still sees the windows of the spans it trains with: the
+    run is bit-identical to one reading them after every micro-batch (the old path)."""
+    reads, weights, reports = _span_run(tmp_path, "once", accumulation, monkeypatch)
+    monkeypatch.setattr(loop, "_spans_moved", lambda *_: True)
+    reads_every, weights_every, reports_every = _span_run(tmp_path, "every", accumulation,
+                                                          monkeypatch)
+    assert (reads, reads_every) == (1 + span_steps, 1 + 12)
+    assert weights.keys() == weights_every.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, weights_every[name]), name
+    assert [r["loss"] for r in reports] == [r["loss"] for r in reports_every]
+    windows = [r["attention_window"] for r in reports]
+    assert windows == [r["attention_window"] for r in reports_every]
+    # (The spans grew from 0, so the windows moved past the ramp's 4 tokens: a stale one
+    # would have cut keys off and changed the weights.)
+    assert min(windows) > 4

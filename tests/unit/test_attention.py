@@ -9,6 +9,7 @@ from orchestrator.training import attention
 from orchestrator.training.attention import (AdaptiveSpan, allowed_keys,
                                              blocked_span_attention, dense_span_attention)
 from orchestrator.training.model import GPT, GPTConfig
+from tests.support import host_reads_from
 
 SPAN = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, attention_span=True,
                  span_ramp=4, span_init=0.1)
@@ -88,18 +89,8 @@ def test_forward_reads_the_window_once_per_change_of_the_spans(monkeypatch):
     model = GPT(SPAN)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     idx = torch.randint(0, 256, (2, 64))
-    reads = []  # host reads made by the attention module (the optimizer makes its own)
-    original_item, original_tolist = torch.Tensor.item, torch.Tensor.tolist
-
-    def counting(original):
-        def read(tensor):
-            if sys._getframe(1).f_code.co_filename == attention.__file__:
-                reads.append(1)
-            return original(tensor)
-        return read
-
-    monkeypatch.setattr(torch.Tensor, "item", counting(original_item))
-    monkeypatch.setattr(torch.Tensor, "tolist", counting(original_tolist))
+    # (host reads made by the attention module: the optimizer makes its own)
+    reads = host_reads_from(monkeypatch, attention.__file__)
     for _ in range(3):  # three steps of two micro-batches each
         for _ in range(2):
             _, loss = model(idx, idx)
@@ -116,10 +107,10 @@ def test_forward_reads_the_window_once_per_change_of_the_spans(monkeypatch):
 
 
 def test_after_a_step_every_layers_window_comes_in_one_host_read(monkeypatch):
-    """The loop clamps the spans after every micro-batch (model.clamp_spans_) and each layer's
-    new window is a host value: read layer by layer it was a device sync per layer per
-    micro-batch (48 on gpt2-xl). One read serves them all, the fused AdamW step included (it
-    leaves the spans' version counter as it was: only the clamp marks them changed)."""
+    """The loop clamps the spans after each step that moved them (model.clamp_spans_) and each
+    layer's new window is a host value: read layer by layer it was a device sync per layer per
+    clamp (48 on gpt2-xl). One read serves them all, the fused AdamW step included (it leaves
+    the spans' version counter as it was: only the clamp marks them changed)."""
     torch.manual_seed(0)
     config = GPTConfig(block_size=64, n_layer=4, n_head=2, n_embd=32, attention_span=True,
                        span_ramp=4, span_init=0.1)
@@ -127,19 +118,8 @@ def test_after_a_step_every_layers_window_comes_in_one_host_read(monkeypatch):
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
     idx = torch.randint(0, 256, (2, 64))
     model(idx, idx)  # (the first forward reads each layer's window: none was cached yet)
-    reads = []
-    original_item, original_tolist = torch.Tensor.item, torch.Tensor.tolist
-    ours = {attention.__file__, sys.modules[GPT.__module__].__file__}
-
-    def counting(original):
-        def read(tensor):
-            if sys._getframe(1).f_code.co_filename in ours:
-                reads.append(1)
-            return original(tensor)
-        return read
-
-    monkeypatch.setattr(torch.Tensor, "item", counting(original_item))
-    monkeypatch.setattr(torch.Tensor, "tolist", counting(original_tolist))
+    reads = host_reads_from(monkeypatch, attention.__file__,
+                            sys.modules[GPT.__module__].__file__)
     for step in range(4):  # four micro-batches, the optimizer stepping on every second
         _, loss = model(idx, idx)
         (loss - 10 * model.span_penalty()).backward()  # grow the spans
@@ -148,7 +128,7 @@ def test_after_a_step_every_layers_window_comes_in_one_host_read(monkeypatch):
             optimizer.zero_grad()
         model.clamp_spans_()
     monkeypatch.undo()
-    assert len(reads) == 4  # one per micro-batch, whatever the layer count
+    assert len(reads) == 4  # one per clamp, whatever the layer count
     for span in model.spans():  # and each window is its own layer's new one
         widest = span.spans().max().item()
         assert span.window() == min(math.ceil(widest + span.ramp), span.max_span)
