@@ -1222,15 +1222,8 @@ def test_a_plan_beyond_the_cluster_max_with_worker_nodes_up_says_an_idle_node_mu
     nodes: 2 x b were asked for and the job waited `add 2 x b`, though Ray adds 1 at most
     until the T4 node idles out (it counts every worker node up against max_workers). The
     head (the node the scheduler runs on) is no worker node."""
-    types = node_types_from_config({"max_workers": 2, "head_node_type": "head",
-                                    "available_node_types": {
-        "head": {"resources": {"CPU": 8}},
-        "a": {"resources": {"CPU": 16, "GPU": 4, "accelerator_type:T4": 1}, "max_workers": 2},
-        "b": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
-              "max_workers": 2}}})
-    big = JobSpec("big", num_workers=16, gpus_per_worker=1, accelerator_types=("A100",))
-    core = core_with(cpu_node("head", cpus=8), gpu_node("a1", gpus=4, family="T4"))
-    core.node_types, core.head_node = types, "head"
+    core, big = _t4_up_a100_wanted()
+    types = core.node_types
     waiting = core.submit(big, "d", T0).decision
     assert isinstance(waiting, Queued), waiting
     assert waiting.reason == (
