@@ -168,17 +168,23 @@ def test_a_loss_scale_change_rescales_the_pending_gradients():
     assert torch.allclose(weight.detach(), torch.tensor([1.0, 3.0]))  # true mean gradient
 
 
-def test_an_overflow_skips_a_waiting_groups_step_without_skipping_the_others_again():
-    """fp16: micro-batch 0 overflows while 'lower' (k=2) waits. 'head' skips that step and the
-    scale halves once; 'lower' drops its window (its pending gradient is inf) on micro-batch 1,
-    where 'head' steps with its own finite gradient. That window's inf went to the scaler, which
-    skipped every group stepping with it and halved the scale again: one overflow, two skips."""
+def _lower_waits_while_head_steps():
+    """fp16 on two groups: 'lower' (k=2, one weight of 2) waits while 'head' (k=1, one of 1)
+    steps; SGD at lr 1 and a loss scale of 8."""
     weight = torch.nn.Parameter(torch.zeros(2))
     other = torch.nn.Parameter(torch.zeros(1))
     accumulation = HierarchicalAccumulation({"lower": [weight], "head": [other]},
                                             {"lower": 2, "head": 1})
     optimizer = torch.optim.SGD([weight, other], lr=1.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    return weight, other, accumulation, optimizer, torch.amp.GradScaler("cpu", init_scale=8.0)
+
+
+def test_an_overflow_skips_a_waiting_groups_step_without_skipping_the_others_again():
+    """fp16: micro-batch 0 overflows while 'lower' (k=2) waits. 'head' skips that step and the
+    scale halves once; 'lower' drops its window (its pending gradient is inf) on micro-batch 1,
+    where 'head' steps with its own finite gradient. That window's inf went to the scaler, which
+    skipped every group stepping with it and halved the scale again: one overflow, two skips."""
+    weight, other, accumulation, optimizer, scaler = _lower_waits_while_head_steps()
     skipped = 0
     for step in range(4):
         loss = (weight.sum() + other.sum()) * (float("inf") if step == 0 else 1.0)
@@ -199,12 +205,7 @@ def test_an_overflow_reaching_only_a_waiting_group_is_skipped_on_its_own_micro_b
     stepped on micro-batch 1, where it skipped 'head''s good step instead (and a run resumed
     in between dropped the window without a skip: not the same weights). Now it is the
     overflow of micro-batch 0, as where it reaches the stepping groups too."""
-    weight = torch.nn.Parameter(torch.zeros(2))
-    other = torch.nn.Parameter(torch.zeros(1))
-    accumulation = HierarchicalAccumulation({"lower": [weight], "head": [other]},
-                                            {"lower": 2, "head": 1})
-    optimizer = torch.optim.SGD([weight, other], lr=1.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    weight, other, accumulation, optimizer, scaler = _lower_waits_while_head_steps()
     skipped = []
     for step in range(2):
         loss = weight.sum() * (float("inf") if step == 0 else 1.0) + other.sum()
