@@ -288,6 +288,8 @@ class ContinuousEngine:
             chunk = sequence.row.accept(token)
             out.append((sequence.key, chunk))
             if sequence.row.finished:
+                if chunk.error is not None:  # (its keys and values hold the NaN: not reused)
+                    self.cache.clear(sequence.blocks)
                 self._leave(sequence)
                 if chunk.error is None:
                     self.stats.finished += 1

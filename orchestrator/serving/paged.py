@@ -154,6 +154,18 @@ class PagedKVCache:
                 (2, heads, self.slots, head_dim), dtype=k.dtype, device=self.device)
         self.layers[layer][:, :, slots] = torch.stack((k, v)).transpose(1, 2)
 
+    @torch.inference_mode()  # (the pool is written in inference mode: paged_forward)
+    def clear(self, blocks: list[int]) -> None:
+        """Zero the keys and values of `blocks` in every layer. For the blocks of a row whose
+        logits went NaN: the matrix-product paths attend a row over unwritten positions too,
+        masked, and a masked NaN still makes the softmax NaN, so the next request given those
+        blocks failed as well."""
+        slots = torch.tensor(blocks, device=self.device).unsqueeze(1) * self.block_tokens \
+            + torch.arange(self.block_tokens, device=self.device)
+        for pool in self.layers:
+            if pool is not None:
+                pool[:, :, slots.reshape(-1)] = 0
+
     def gather(self, layer: int, table: torch.Tensor) -> torch.Tensor:
         """The blocks of `table` (rows, blocks) as (2, heads, rows, blocks * block_tokens,
         head_dim): each row's positions in order (a copy; the pool is not touched)."""

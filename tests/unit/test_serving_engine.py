@@ -501,3 +501,32 @@ def test_a_row_whose_logits_go_non_finite_ends_with_an_error_and_the_others_run_
     assert all(c.error is None for c in tokens + chunks["short"])
     assert eng.free_blocks == LIMITS.num_blocks  # its blocks were freed with it
     assert (eng.stats.failed, eng.stats.finished) == (1, 1)
+
+
+@pytest.mark.parametrize("use_decode_kernel", [True, False], ids=["kernel", "matmul-paths"])
+def test_a_request_given_the_blocks_of_one_that_failed_decodes_as_alone(model,
+                                                                        use_decode_kernel):
+    # The failed row's keys and values past its overflow are NaN, and its blocks went back to
+    # the pool holding them. The matrix-product paths (CUDA, half precision) attend a lane
+    # row over every lane's longest length, its unwritten positions masked: a masked NaN
+    # still made its softmax NaN, and the next request given that lane failed as well, blamed
+    # for the other's overflow. "after" takes the freed lane 0, "long" lane 1 past position 30.
+    eng = engine(model, dataclasses.replace(LIMITS, prefill_chunk_tokens=64))
+    eng.cache.use_decode_kernel = use_decode_kernel
+    with overflowing_from(model, 30):
+        eng.add("doomed", greedy(b"a prompt of twenty-four", 20))
+        while not eng.idle:
+            eng.step()
+    after = greedy(b"hi", 8)
+    eng.add("after", after)
+    eng.add("long", greedy(b"a much longer prompt, forty tokens long.", 10))
+    out, first_blocks = {"after": ["", (), ""], "long": ["", (), ""]}, {}
+    while not eng.idle:
+        for key, chunk in eng.step():
+            first_blocks.update((s.key, s.blocks[0]) for s in eng.running)
+            assert chunk.error is None, (key, chunk.error)
+            out[key][1] += chunk.tokens
+            out[key][2] = chunk.finish_reason or out[key][2]
+    assert first_blocks == {"after": 0, "long": 16}  # (the two lanes' starts)
+    assert (out["after"][1], out["after"][2]) == alone(model, after)[1:]
+    assert (eng.stats.failed, eng.stats.finished) == (1, 2)
