@@ -129,8 +129,7 @@ class HierarchicalAccumulation:
         if not grads:
             return None
         sharded = any(hasattr(g, "to_local") for g in grads)
-        flag = torch.stack([~torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all()
-                            for g in grads]).any().float()
+        flag = _any_non_finite(grads).float()
         if sharded and dist.is_available() and dist.is_initialized() and \
                 dist.get_world_size() > 1:  # (DDP's were all-reduced in this backward)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -145,12 +144,18 @@ class HierarchicalAccumulation:
         grads = {name: found for name, found in grads.items() if found}
         if not grads:
             return set()
-        flags = torch.stack([torch.stack([
-            ~torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all()
-            for g in found]).any() for found in grads.values()]).to(torch.int32)
+        flags = torch.stack([_any_non_finite(found) for found in grads.values()]
+                            ).to(torch.int32)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return {name for name, flag in zip(grads, flags.tolist()) if flag}
+
+
+def _any_non_finite(grads: list[torch.Tensor]) -> torch.Tensor:
+    """A device flag (no host read): whether any of `grads` holds inf or NaN; of a sharded
+    (FSDP) gradient, this worker's shard."""
+    return torch.stack([~torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all()
+                        for g in grads]).any()
 
 
 def pending_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
