@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import re
 import sys
@@ -23,7 +24,7 @@ from orchestrator.hf_files import INDEX_FILE, PICKLED_FILE, SAFETENSORS_FILE
 from orchestrator.job_exit import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED,
                                    EXIT_NOT_PLACEABLE, JobFailed, on_one_line)
 from orchestrator.tokenizer import TOKENIZER_FILE
-from orchestrator.validation import expand_home, python_scalar
+from orchestrator.validation import expand_home, finite_json, python_scalar
 
 METRICS_LOG = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"  # jobs/pretrain.py's, at the end of a run
@@ -39,14 +40,19 @@ class RunDirError(ValueError):
     """The run directory cannot be used as asked; the message names it."""
 
 
-LINE_FIELDS = ("time", "checkpoint")  # what append_metrics adds to each report
+# What append_metrics adds to each report; "non_finite" only to one with a NaN or infinite
+# figure, written as null (strict JSON): {name: "nan" | "inf" | "-inf"}, for read_metrics.
+LINE_FIELDS = ("time", "checkpoint", "non_finite")
 
 
 def append_metrics(run_dir: Path, metrics: dict[str, Any], checkpoint: str | None) -> None:
     """One line of metrics.jsonl: the report, when it was written and the checkpoint it
     registered (None for a metrics-only report). A report's own `time` or `checkpoint` is
     kept as `time_` / `checkpoint_` (it was overwritten; `time__` if it has a `time_` too).
-    A run found already complete trained nothing: its report adds nothing to the history."""
+    A run found already complete trained nothing: its report adds nothing to the history.
+    The line is strict JSON: a NaN or infinite figure is written as null, and its value
+    ("nan", "inf", "-inf") under "non_finite" (a bare NaN made jq and JavaScript reject the
+    line); nested in a list or dict, as null alone."""
     if metrics.get("already_complete"):
         return
     line = {key: value for key, value in metrics.items() if key not in LINE_FIELDS}
@@ -57,6 +63,9 @@ def append_metrics(run_dir: Path, metrics: dict[str, Any], checkpoint: str | Non
                 renamed += "_"
             line[renamed] = metrics[key]
     line.update(time=time.time(), checkpoint=checkpoint)
+    non_finite = non_finite_figures(line)
+    if non_finite:
+        line["non_finite"] = non_finite
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(run_dir) / METRICS_LOG, "a+b") as f:  # appends go to the end, seeks or not
         size, torn = f.seek(0, os.SEEK_END), False
@@ -65,8 +74,16 @@ def append_metrics(run_dir: Path, metrics: dict[str, Any], checkpoint: str | Non
             torn = f.read(1) != b"\n"
         # After a torn last line (a crash mid-write), a line of its own: appended to the torn
         # one, this report was lost with it.
-        f.write((b"\n" if torn else b"") + (json.dumps(line, default=json_figure)
-                                             + "\n").encode())
+        text = json.dumps(finite_json(line), default=json_figure, allow_nan=False)
+        f.write((b"\n" if torn else b"") + (text + "\n").encode())
+
+
+def non_finite_figures(line: dict[str, Any]) -> dict[str, str]:
+    """{name: "nan" | "inf" | "-inf"} for each of the line's NaN or infinite figures (numpy's
+    too), which strict JSON has no number for."""
+    figures = ((key, python_scalar(value)) for key, value in line.items())
+    return {key: repr(value) for key, value in figures
+            if isinstance(value, float) and not math.isfinite(value)}
 
 
 def json_figure(value: Any) -> Any:
@@ -74,7 +91,7 @@ def json_figure(value: Any) -> Any:
     it is (an np.int64 step, an np.float32 loss were written as text, "5"), anything else as
     its text."""
     scalar = python_scalar(value)
-    return str(value) if scalar is value else scalar
+    return str(value) if scalar is value else finite_json(scalar)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -108,8 +125,24 @@ def _reports(data: bytes) -> list[dict[str, Any]]:
         except (ValueError, RecursionError):  # (RecursionError: `[[[...]]]` thousands deep)
             continue
         if isinstance(record, dict):
-            records.append(record)
+            records.append(with_non_finite_figures(record))
     return records
+
+
+def with_non_finite_figures(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.jsonl record with the figures append_metrics wrote as null (its
+    "non_finite") as the floats they were (NaN, inf), as a line from before (a bare NaN,
+    which Python's json reads) reads; a hand-edited "non_finite" that is not one is left."""
+    noted = record.get("non_finite")
+    if not isinstance(noted, dict):
+        return record
+    try:
+        figures = {key: float(text) for key, text in noted.items()
+                   if record.get(key) is None and isinstance(text, str)}
+    except ValueError:
+        return record
+    return {key: figures.get(key, value) for key, value in record.items()
+            if key != "non_finite"}
 
 
 class ResumePoint(NamedTuple):

@@ -87,7 +87,7 @@ from orchestrator.scheduler_core import CLAIM_SUFFIX, SchedulerCore
 from orchestrator.scheduler_types import MIGRATE, PREEMPT, SchedulerSettings, Yield
 from orchestrator.throughput import ThroughputTable
 from orchestrator.traces import MAX_SECONDS, TraceJob, unknown_families, unknown_family_reason
-from orchestrator.validation import expand_home, strict_float, strict_int
+from orchestrator.validation import expand_home, finite_json, strict_float, strict_int
 
 SIM_NOW = 0.0  # the ClusterState's clock: constant, see the module docstring
 DEFAULT_CLUSTER = "v100:8x48,p100:8x48,k80:4x64;rack=16"  # 1,024 GPUs, 160 servers
@@ -813,16 +813,6 @@ def out_dir(value: str | Path) -> tuple[Path, str | None]:
     return out, None
 
 
-def _json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 # -- command line -----------------------------------------------------------------------------------
 
 def add_arguments(parser) -> None:
@@ -916,7 +906,7 @@ def run_cli(args) -> int:
         "policies": {r.policy: r.metrics for r in results},
         "files": ["jobs.csv", "summary.json"] + plots,
     }
-    (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(finite_json(summary), indent=2, allow_nan=False) + "\n")
     print(format_summary(results))
     never = results[0].metrics["never_fit_reasons"] if results else {}
     if never:

@@ -39,6 +39,21 @@ def python_scalar(value: Any) -> Any:
     return value
 
 
+def finite_json(data: Any) -> Any:
+    """`data` as strict JSON can hold it: every non-finite float (NaN, infinity: a diverged
+    loss) as None (null), numpy numbers as Python's (python_scalar), through dicts, lists and
+    tuples. json.dumps writes NaN as a bare `NaN`, which jq, JavaScript and most JSON readers
+    other than Python's reject (the whole line or file)."""
+    data = python_scalar(data)
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(v) for v in data]
+    return data
+
+
 def is_number(value: Any) -> bool:
     """A finite int or float, not a bool, that float() takes: an int past float's range
     (JSON and YAML hold any number of digits) is not one; math.isfinite raised OverflowError

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import pickle
 import re
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from orchestrator.validation import finite_json
 
 STATE_FILE = "state.pt"
 CHECKSUM_FILE = STATE_FILE + ".sha256"
@@ -199,19 +200,8 @@ def write_json(path: Path, data: Any) -> None:
     """`data` as indented JSON, written whole or not at all (write_atomically). Strict JSON:
     a NaN or infinity (a diverged loss) is written as null, never as the bare `NaN` that JSON
     parsers other than Python's reject; the file is still written."""
-    text = json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(finite_json(data), indent=2, allow_nan=False) + "\n"
     write_atomically(Path(path), lambda f: f.write(text.encode()), what="file")
-
-
-def _finite(data: Any) -> Any:
-    """`data` with every non-finite float replaced by None."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {k: _finite(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite(v) for v in data]
-    return data
 
 
 def _write_problem(e: Exception) -> str:

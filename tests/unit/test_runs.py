@@ -138,6 +138,53 @@ def test_a_reports_numpy_numbers_are_numbers_in_the_metrics_log(tmp_path):
     assert record["hist"] == "[1 2]" and record["when"] == "2026-01-02"
 
 
+def _strict_json(line):
+    """json.loads as jq, JavaScript and other strict JSON readers parse: bare NaN/Infinity
+    are refused."""
+    import json
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_non_finite_figure_is_written_as_strict_json_and_read_back_as_it_was(tmp_path):
+    # A NaN or infinite loss was written as bare NaN / Infinity: jq and JavaScript rejected
+    # the line. It is written as null, its value kept beside it, and read back as the float.
+    import math
+
+    import numpy as np
+
+    from orchestrator.__main__ import format_report
+
+    append_metrics(tmp_path, {"step": 1, "loss": float("nan"), "grad": float("inf"),
+                              "low": -math.inf, "acc": np.float32("nan"),
+                              "hist": [1.0, float("nan")], "lr": 0.5}, None)
+    line = (tmp_path / METRICS_LOG).read_text().splitlines()[0]
+    written = _strict_json(line)
+    assert written["loss"] is None and written["grad"] is None and written["acc"] is None
+    assert written["hist"] == [1.0, None] and written["lr"] == 0.5
+    record = read_metrics(tmp_path)[0]
+    assert math.isnan(record["loss"]) and math.isnan(record["acc"])
+    assert record["grad"] == math.inf and record["low"] == -math.inf
+    assert record["lr"] == 0.5 and "non_finite" not in record
+    shown = format_report(record)
+    assert "loss=nan" in shown and "grad=inf" in shown and "low=-inf" in shown
+
+
+def test_a_metrics_log_with_bare_nan_from_before_stays_readable(tmp_path):
+    import math
+
+    from orchestrator.__main__ import format_report
+
+    (tmp_path / METRICS_LOG).write_text(
+        '{"step": 1, "loss": NaN, "grad": Infinity, "time": 1.0, "checkpoint": null}\n')
+    record = read_metrics(tmp_path)[0]
+    assert math.isnan(record["loss"]) and record["grad"] == math.inf
+    assert "loss=nan" in format_report(record) and "grad=inf" in format_report(record)
+
+
 def test_a_metrics_line_nested_thousands_deep_is_skipped_not_a_recursion_error(tmp_path):
     # json.loads raises RecursionError (not a ValueError) on `[[[...]]]` 100,000 deep: one
     # such line (edited by hand, or garbage) made `logs NAME` and --resume a traceback
