@@ -43,7 +43,7 @@ from ray_layer.placed_run import NotPlaced, PlacedRun
 from ray_layer.scheduler_client import SchedulerUnreachable, failed_call
 from ray_layer.train_callbacks import (FollowPlacement, JobCancelled, MetricsLog,
                                        NodeLostError, WatchStuckRanks)
-from ray_layer.user_loop import RAISED_AT
+from ray_layer.user_loop import RAISED_AT, REPORT_REFUSED
 
 
 @dataclass
@@ -124,7 +124,11 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
 
         def fit_placed(placement: Placement):
             fitted.append(placement)
-            return _fit(trainer_for(placement), run_dir, max_failures)
+            result = _fit(trainer_for(placement), run_dir, max_failures)
+            refused = refused_report_failure(result, run_dir)
+            if refused is not None:
+                raise refused
+            return result
         try:
             result, placement = driver.run(
                 fit_placed, resumed_from=[str(p) for p in checkpoint_dirs(run_dir)])
@@ -228,17 +232,30 @@ def _fit(trainer: TorchTrainer, run_dir: Path, max_failures: int):
         raise _failure(e, run_dir, max_failures) from None
 
 
+def refused_report_failure(result, run_dir: Path) -> JobFailed | None:
+    """The job's failure where a user loop ended at a report launch.report refused (rank 0
+    returned {REPORT_REFUSED: its line}: ray_layer/user_loop.py), else None."""
+    value = getattr(result, "return_value", None)
+    line = value.get(REPORT_REFUSED) if isinstance(value, dict) else None
+    if line is None:
+        return None
+    return JobFailed(f"training failed, not restarted (the report would be refused again on "
+                     f"every try): {line}\n({_checkpoints_kept(run_dir)})", EXIT_FAILED)
+
+
+def _checkpoints_kept(run_dir: Path, resume: str = "") -> str:
+    """Where a failed run's checkpoints are (and how to go on: `resume`), or that it has
+    none: `--resume` is refused then ("no checkpoint in run_dir ... to resume from")."""
+    if not checkpoint_dirs(run_dir):
+        return f"no checkpoint was saved in {run_dir}: submit the job again, without --resume"
+    return f"checkpoints so far are in {run_dir}" + (f" ({resume})" if resume else "")
+
+
 def _failure(error: Exception, run_dir: Path, max_failures: int) -> JobFailed:
     """What a failed fit() tells the user: the workers' failure after their restarts, or what
     went wrong in Ray Train's controller (no restart count: none was spent on it)."""
-    saved = bool(checkpoint_dirs(run_dir))
-
     def kept(resume: str = "") -> str:
-        # None saved: `--resume` is refused ("no checkpoint in run_dir ... to resume from")
-        if not saved:
-            return (f"no checkpoint was saved in {run_dir}: submit the job again, without "
-                    "--resume")
-        return f"checkpoints so far are in {run_dir}" + (f" ({resume})" if resume else "")
+        return _checkpoints_kept(run_dir, resume)
 
     if isinstance(error, ray.exceptions.RayActorError):  # Ray Train's controller itself
         return JobFailed(f"{_controller_died(error)}\n{kept('--resume continues the run')}",

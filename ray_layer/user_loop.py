@@ -49,6 +49,13 @@ _reports = 0  # this worker's calls of report in this run of the loop
 # directive is never this): their report fails at once, naming it, where it waited in the
 # gather for gloo's 30-minute timeout, with no message.
 _RETURNED = "\0returned from the loop"
+# What a worker whose report launch.report refused (ReportRefused) sends into the same
+# gather, with its error line: the other ranks end their loop at that report too.
+_REFUSED = "\0report refused"
+# The key of rank 0's return value holding that line (ray_layer/launch.py fails the job on it,
+# as jobs/pretrain.py does on train_session.DIVERGED): returned, not raised, since Ray Train
+# restarted the workers max_failures times over for the same refused report.
+REPORT_REFUSED = "orchestrator_report_refused"
 # Where this worker's loop is, for the driver's watch for stuck ranks (`progress`): (state,
 # since (time.monotonic()), reports, step); one tuple, replaced whole (read from another
 # thread). None outside a launched loop.
@@ -70,6 +77,17 @@ _blocked: tuple[tuple[str, int, int], float, float | None, float] | None = None
 _compiled_at: float | None = None
 
 
+class ReportRefused(TypeError):
+    """launch.report's own refusal of its arguments (a tensor metric, a metrics dict that is
+    no dict, ...): the same at that report on every try, so the loop ends there on every
+    rank, not restarted (yielding's per_worker). `told`: this rank heard it from another
+    rank's refusal, in the agreement gather (it announces nothing of its own)."""
+
+    def __init__(self, message: str, told: bool = False) -> None:
+        super().__init__(message)
+        self.told = told
+
+
 class Yielded(BaseException):
     """Raised by `report` on every rank when the job must give its placement back. A
     BaseException, as KeyboardInterrupt is: a loop's own `except Exception:` around a step
@@ -87,7 +105,7 @@ def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = 
     global _watch, _pending, _reports
     problem = report_arguments_problem(metrics, checkpoint)
     if problem:
-        raise TypeError(f"launch.report: {problem}")
+        raise ReportRefused(f"launch.report: {problem}")
     reserved = sorted(RESERVED_METRICS & set(metrics))
     if reserved:  # (a loop's own "yielded" re-queued the job; "already_complete" hid a line)
         raise ValueError(f"report: metric name(s) {reserved} are the launcher's own; rename "
@@ -154,7 +172,40 @@ def report_arguments_problem(metrics: Any, checkpoint: Any) -> str | None:
         return (f"checkpoint must be a ray.train.Checkpoint "
                 f"(ray.train.Checkpoint.from_directory(folder)) or None, got "
                 f"{type(checkpoint).__name__} {_short_repr(checkpoint)}")
-    return metrics_pickling_problem(metrics)
+    return metrics_tensor_problem(metrics) or metrics_pickling_problem(metrics)
+
+
+def metrics_tensor_problem(metrics: dict[str, Any]) -> str | None:
+    """Where `metrics` hold a torch tensor or module (metrics['loss'] for `{"loss": loss}`),
+    or None. Ray Train refuses them in its report (a ValueError naming no metric), and the
+    loop was restarted max_failures times over for the same mistake."""
+    found = _torch_entry(metrics, "metrics", set())
+    if found is None:
+        return None
+    where, value = found
+    kind = "tensor" if isinstance(value, torch.Tensor) else "module"
+    return (f"{where} is a torch {kind} ({_short_repr(value)}), which Ray Train does not "
+            "take as a metric: report its number (loss.item()), and save tensors in the "
+            "checkpoint")
+
+
+def _torch_entry(value: Any, where: str, seen: set[int]) -> tuple[str, Any] | None:
+    """(path, value) of the first torch tensor or module in `value`, through dicts, lists
+    and tuples (where Ray Train looks), each looked into once (a list holding itself);
+    None where there is none."""
+    if isinstance(value, (torch.Tensor, torch.nn.Module)):
+        return where, value
+    if id(value) in seen:
+        return None
+    seen.add(id(value))
+    if isinstance(value, dict):
+        entries = ((f"{where}[{key!r}]", item) for key, item in value.items())
+    elif isinstance(value, (list, tuple)):
+        entries = ((f"{where}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    return next((found for path, item in entries
+                 if (found := _torch_entry(item, path, seen)) is not None), None)
 
 
 def metrics_pickling_problem(metrics: dict[str, Any]) -> str | None:
@@ -207,6 +258,9 @@ def _agreed(pending: str | None, has_checkpoint: bool,
     every = _gathered((pending, has_checkpoint))
     if every is None:
         return pending, has_checkpoint
+    refused = next((entry[1] for entry in every if entry[0] == _REFUSED), None)
+    if refused is not None:
+        raise ReportRefused(refused, told=True)
     returned = {rank: entry[1] for rank, entry in enumerate(every) if entry[0] == _RETURNED}
     if returned:
         counts = sorted(set(returned.values()))
@@ -320,18 +374,35 @@ def _gathered(mine: tuple) -> list | None:
     return every
 
 
-def _announce_return() -> None:
+def _announce_return(said: tuple = ()) -> str | None:
     """Said by a worker whose loop returned, into the gather of ranks still in a report (so
-    they fail at once, naming this rank) or of the others returning too (the normal end).
-    Its loop has finished: a gather that fails (another rank's work after its last report
-    outlasting the process group's timeout, a rank gone) costs the announcement, never the
-    run (a warning)."""
+    they fail at once, naming this rank) or of the others returning too (the normal end);
+    `said`: (_REFUSED, its line) for a loop ended by a refused report. Another rank's
+    refused report's line, heard there, or None. Its loop has finished: a gather that fails
+    (another rank's work after its last report outlasting the process group's timeout, a
+    rank gone) costs the announcement, never the run (a warning)."""
     try:
-        _gathered((_RETURNED, _reports))
+        every = _gathered(said or (_RETURNED, _reports)) or []
     except Exception as e:  # noqa: BLE001 (any backend's error: DistBackendError, timeouts)
         print(f"warning: launch: this worker's loop returned, but telling the other ranks "
               f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
               "its result stands", file=sys.stderr)
+        return None
+    return next((entry[1] for entry in every if entry[0] == _REFUSED), None)
+
+
+def _refused(error: ReportRefused) -> dict[str, str] | None:
+    """End this worker's loop at a refused report, told to the other ranks (unless heard from
+    one): rank 0 returns {REPORT_REFUSED: the line}, "worker rank N: TypeError: ... (where
+    in the loop)", for the driver's error line; the others None."""
+    _mark(RETURNED)
+    line = str(error)
+    if not error.told:
+        where = getattr(error, RAISED_AT, None)
+        line = (f"worker rank {_world_rank()}: TypeError: {error}"  # (as a raise read)
+                + (f" ({where})" if isinstance(where, str) else ""))
+        line = _announce_return((_REFUSED, line)) or line
+    return {REPORT_REFUSED: line} if _world_rank() == 0 else None
 
 
 def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callable[[dict], Any]:
@@ -351,6 +422,9 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
             value = train_loop(config) if takes_config else train_loop()
         except Yielded:
             return None
+        except ReportRefused as e:  # (the same on every try: no restart, see _refused)
+            _mark_where_raised(e)
+            return _refused(e)
         except BaseException as e:  # (a SystemExit too: sys.exit("diverged") in the loop)
             if not _exit_ok(e):
                 _mark_where_raised(e)
@@ -360,7 +434,9 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
                 raise stand_in from None
             value = None  # sys.exit(0): the loop's end, as a script's (it failed the job)
         _mark(RETURNED)
-        _announce_return()
+        refused = _announce_return()
+        if refused is not None and _world_rank() == 0:  # (another rank's last report)
+            return {REPORT_REFUSED: refused}
         return _rank_zero_result(value)
 
     # The loop's name in Ray's logs, but not its signature: Ray Train counts the parameters

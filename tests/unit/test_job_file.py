@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from orchestrator import launch
 from orchestrator.config import ConfigError, JobSpec
@@ -785,6 +786,57 @@ def test_a_report_that_another_rank_never_makes_fails_at_once_naming_that_rank(m
     assert reports == [0, 1, 2] and both.calls == 4
 
 
+def test_a_report_refused_ends_every_rank_without_a_restart_and_rank_0_returns_why(
+        monkeypatch):
+    """launch.report's own refusal (a tensor metric) raised on the worker: Ray Train
+    restarted the loop max_failures times, each try failing the same report. The loop now
+    ends on every rank at that report, and rank 0 returns the refusal for the driver."""
+    import ray.train
+
+    from ray_layer import user_loop
+
+    reports = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None:
+                        reports.append(metrics["step"]))
+    monkeypatch.setattr(user_loop, "_watch", FakeWatch())
+    monkeypatch.setattr(user_loop, "_pending", None)
+
+    def loop():
+        for step in range(3):
+            loss = torch.tensor(2.5)
+            user_loop.report({"step": step, "loss": loss if step == 1 else loss.item()})
+
+    # Rank 1 refuses at its second report and says so into the gather rank 0 is in.
+    monkeypatch.setattr(ray.train, "get_context",
+                        lambda: SimpleNamespace(get_world_rank=lambda: 1))
+    sent = []
+    rank_one = TwoRanks(lambda call: (None, False), rank=1)
+    monkeypatch.setattr(user_loop, "dist", rank_one)
+    real = user_loop._gathered
+    monkeypatch.setattr(user_loop, "_gathered", lambda mine: sent.append(mine) or real(mine))
+    assert user_loop.yielding(loop)({}) is None  # returned, not raised: no restart
+    said = sent[-1][1]
+    assert sent[-1][0] == user_loop._REFUSED and rank_one.calls == 2
+    assert said.startswith("worker rank 1: TypeError: launch.report: metrics['loss'] is a "
+                           "torch tensor (tensor(2.5000))")
+    assert said.endswith("(test_job_file.py line " + said.rsplit("line ", 1)[1])
+    # Rank 0 hears it in its second report's gather: it ends there too, returning it.
+    reports.clear()
+    monkeypatch.setattr(ray.train, "get_context",
+                        lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    heard = sent[-1]
+    monkeypatch.setattr(user_loop, "dist",
+                        TwoRanks(lambda call: (None, False) if call < 1 else heard))
+    sent.clear()
+    fine = lambda: [user_loop.report({"step": s}) for s in range(3)]  # noqa: E731
+    assert user_loop.yielding(fine)({}) == {user_loop.REPORT_REFUSED: said}
+    assert reports == [0] and len(sent) == 2  # no announcement of its own after it
+    # One worker alone: its own refusal comes back.
+    monkeypatch.setattr(user_loop, "dist", SimpleNamespace(is_available=lambda: False))
+    refused = user_loop.yielding(loop)({})[user_loop.REPORT_REFUSED]
+    assert refused.startswith("worker rank 0: TypeError: launch.report: metrics['loss'] is")
+
+
 def test_a_returned_ranks_announcement_that_fails_costs_nothing_but_a_warning(monkeypatch,
                                                                              capsys):
     """The announcement waits for the other ranks: one whose work after its last report
@@ -1521,6 +1573,18 @@ def test_the_loops_return_value_comes_back_and_reserved_report_names_are_refused
     ({"step": 1, "extra": {"guard": threading.Lock()}}, None, "metrics['extra']['guard'] "
      "cannot be sent to Ray Train's controller (TypeError: cannot pickle '_thread.lock' "
      "object): report numbers and text (loss.item()), and save objects in the checkpoint"),
+    # Ray Train refused it in the report with a ValueError naming no metric, and restarted
+    # the loop max_failures times over for it.
+    ({"step": 1, "loss": torch.tensor(2.5)}, None, "metrics['loss'] is a torch tensor "
+     "(tensor(2.5000)), which Ray Train does not take as a metric: report its number "
+     "(loss.item()), and save tensors in the checkpoint"),
+    ({"step": 1, "extra": {"probs": [0.5, torch.tensor([0.5])]}}, None,
+     "metrics['extra']['probs'][1] is a torch tensor (tensor([0.5000])), which Ray Train "
+     "does not take as a metric: report its number (loss.item()), and save tensors in the "
+     "checkpoint"),
+    ({"head": torch.nn.Identity()}, None, "metrics['head'] is a torch module (Identity()), "
+     "which Ray Train does not take as a metric: report its number (loss.item()), and save "
+     "tensors in the checkpoint"),
 ])
 def test_report_names_a_bad_argument_before_ray_train_sees_it(metrics, checkpoint, expected):
     """Ray Train checks neither: they failed after the restarts as "'float' object is not

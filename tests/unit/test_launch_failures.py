@@ -80,6 +80,26 @@ def test_a_workers_failure_names_the_restarts_and_the_first_workers_error():
     assert str(failed).startswith("training failed after 2 restart(s): worker rank 0: KeyError")
 
 
+def test_a_refused_report_fails_the_job_naming_it_with_no_restart_spent(tmp_path):
+    # The loop ended on every rank at the report launch.report refused (ray_layer/user_loop
+    # returns it from rank 0): Ray Train restarted it max_failures times over before.
+    from types import SimpleNamespace
+
+    from ray_layer.user_loop import REPORT_REFUSED
+
+    line = ("worker rank 0: TypeError: launch.report: metrics['loss'] is a torch tensor "
+            "(tensor(2.5000)), ... (train.py line 12, in train_loop)")
+    failed = launch.refused_report_failure(
+        SimpleNamespace(return_value={REPORT_REFUSED: line}), tmp_path)
+    assert failed.exit_code == EXIT_FAILED
+    assert str(failed) == (f"training failed, not restarted (the report would be refused "
+                           f"again on every try): {line}\n(no checkpoint was saved in "
+                           f"{tmp_path}: submit the job again, without --resume)")
+    for fine in ({"accuracy": 0.9}, None, [REPORT_REFUSED]):
+        assert launch.refused_report_failure(SimpleNamespace(return_value=fine),
+                                             tmp_path) is None
+
+
 def test_a_worker_whose_process_died_is_one_line_saying_so_not_rays_worker_dump():
     # A worker's process gone (os._exit in the loop, a signal, the kernel's OOM killer) read
     # "worker rank 1: WorkerHealthCheckFailedError: A worker health check failed." and then
