@@ -106,10 +106,6 @@ def report(metrics: dict[str, Any], checkpoint: "ray.train.Checkpoint | None" = 
     problem = report_arguments_problem(metrics, checkpoint)
     if problem:
         raise ReportRefused(f"launch.report: {problem}")
-    reserved = sorted(RESERVED_METRICS & set(metrics))
-    if reserved:  # (a loop's own "yielded" re-queued the job; "already_complete" hid a line)
-        raise ValueError(f"report: metric name(s) {reserved} are the launcher's own; rename "
-                         "them")
     _export(metrics)
     pending = None
     if ray.train.get_context().get_world_rank() == 0:
@@ -168,6 +164,9 @@ def report_arguments_problem(metrics: Any, checkpoint: Any) -> str | None:
     if unwritable:
         return (f"metric names must be strings, got {_short_repr(unwritable[0])} "
                 f"({type(unwritable[0]).__name__})")
+    reserved = sorted(RESERVED_METRICS & set(metrics))
+    if reserved:  # (a loop's own "yielded" re-queued the job; "already_complete" hid a line)
+        return f"metric name(s) {reserved} are the launcher's own; rename them"
     if checkpoint is not None and not isinstance(checkpoint, ray.train.Checkpoint):
         return (f"checkpoint must be a ray.train.Checkpoint "
                 f"(ray.train.Checkpoint.from_directory(folder)) or None, got "

@@ -1554,9 +1554,12 @@ def test_the_loops_return_value_comes_back_and_reserved_report_names_are_refused
     # cannot travel is replaced by None (Ray Train failed the finished run on it).
     assert user_loop.yielding(lambda config: {"accuracy": 0.9})({}) == {"accuracy": 0.9}
     assert user_loop.yielding(lambda config: (i for i in range(3)))({}) is None
-    # A loop's own "yielded" was read as a preemption (the job re-queued for nothing).
+    # A loop's own "yielded" was read as a preemption (the job re-queued for nothing); the
+    # refusal is a ReportRefused, ending the loop on every rank without restarts (it was a
+    # ValueError, restarted max_failures times over).
     for name in ("yielded", "already_complete"):
-        with pytest.raises(ValueError, match=f"'{name}'.* are the launcher's own"):
+        with pytest.raises(user_loop.ReportRefused,
+                           match=f"^launch.report: metric name.*'{name}'.* are the launcher's own"):
             user_loop.report({"loss": 1.0, name: True})
 
 
