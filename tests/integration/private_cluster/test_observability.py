@@ -259,6 +259,25 @@ def test_the_mfu_alert_stays_quiet_for_the_cpu_run_below_45_percent(observed, pr
     print(f"\nTrainingMFULow quiet: CPU MFU peaked at {float(mfu[0]['value'][1]):.1%}")
 
 
+def test_a_finished_runs_training_series_go_with_its_workers(observed, ray_cluster):
+    """Held training gauges are re-sent for GAUGE_HOLD_S (10 minutes) by the process that
+    recorded them (ray_layer/telemetry.py). Ray Train kills a run's workers when it ends
+    (finished, failed, preempted or cancelled alike), and the agent drops a gauge not sent
+    within two export intervals: so the run's series go within seconds of its end, and
+    TrainingMFULow or TrainingCommunicationHigh cannot keep firing for a run that stopped.
+    Were a worker to outlive its run, they would stay for ten minutes: this fails then."""
+    def gone() -> bool:
+        left = [f"{s.name} rank {s.labels.get('rank')}"
+                for family in scrape(sd_targets(ray_cluster)).values() for s in family.samples
+                if s.name.startswith("ray_orchestrator_train_") and s.labels.get("run") == RUN]
+        assert not left, f"still served: {left[:4]}"  # (named in wait_for's TimeoutError)
+        return True
+
+    # (the agent's TTL is twice Ray's own 10 s interval, whatever the cluster's export one)
+    wait_for("the finished run's training series to go", gone, 60, every_s=2,
+             ignore=(AssertionError,))
+
+
 def test_no_log_or_output_shows_the_auth_token_or_cloud_credentials(observed, ray_cluster):
     """After a training job ran with the token and (canary) AWS credentials in every process's
     environment: not one log of the cluster (GCS, raylets, dashboard, autoscaler, workers, our
