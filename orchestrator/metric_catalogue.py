@@ -309,7 +309,9 @@ SERVE_GENERATED_TOKENS = MetricSpec(
     "Tokens generated (rate() gives cluster-wide tokens/s)", "tokens", ("deployment",))
 SERVE_MODEL_VERSION = MetricSpec(
     "orchestrator_serve_model_version_info", GAUGE,
-    "1 for the model version (checkpoint) a replica serves; hot reload moves it", "1",
+    "1 for the model version (checkpoint) a replica serves; hot reload moves it, and the "
+    "version served before reads 0 for 10 minutes while the replica lives (the dashboard "
+    "draws the switch with it): `== 1` selects the versions served", "1",
     ("deployment", "version"), held=True)
 
 ALL: tuple[MetricSpec, ...] = (
