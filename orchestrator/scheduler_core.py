@@ -2336,13 +2336,7 @@ class SchedulerCore:
             return outcome  # without a pass over the running jobs
         pool = self._victim_pool(now)
         aged = self.settings.max_preemptions  # preempted this often: LAS leaves it alone
-        # Per priority the highest level running there that LAS may preempt (-1: none), to
-        # say "outranks nobody" in O(1): the common case (FIFO order, one priority class)
-        # costs one pass over the pool and no sort.
-        top_level: dict[int, int] = {}
-        for priority, level, running in pool:
-            top_level[priority] = max(level if running.preemptions < aged else -1,
-                                      top_level.get(priority, -1))
+        top_level = self._top_levels(pool, aged)
         lowest = min(top_level, default=None)
         tried: set[tuple] = set()  # (priority, level, shape) that found no victims
         in_victim_order = False
@@ -2360,6 +2354,7 @@ class SchedulerCore:
             if key in tried:
                 continue
             if not in_victim_order:
+                pool = self._with_levels(pool)
                 self._sort_victims(pool, now)
                 in_victim_order = True
             # Ageing (max_preemptions) bounds LAS only: a higher priority always outranks.
@@ -2374,21 +2369,50 @@ class SchedulerCore:
             outcome.add(found)
         return outcome
 
-    def _victim_pool(self, now: float) -> list[tuple[int, int, RunningJob]]:
-        """(priority, service level, job) of the running jobs that may be preempted now (by
-        a job that outranks them; one preempted max_preemptions times, only by a higher
-        priority). Running jobs are ranked by levels only under LAS (else level 0)."""
+    def _victim_pool(self, now: float) -> list[tuple[int, float, RunningJob]]:
+        """(priority, LAS attained service, job) of the running jobs that may be preempted
+        now (by a job that outranks them; one preempted max_preemptions times, only by a
+        higher priority). The service counts only under LAS (else 0.0): its level is read
+        (_with_levels) only in a pass that searches for victims, most passes never do."""
         s = self.settings
-        # _level(las_attained_s) inlined: this runs for every running job on every pass.
-        thresholds = s.las_thresholds_gpu_s if self.queue.level is not None else ()
-        ready = self.queue.ready
+        ready, min_run_s = self.queue.ready, s.min_run_s
+        # las_attained_s inlined: this runs for every running job on every pass.
+        las = self.queue.level is not None
         return [(job.spec.priority,
-                 bisect.bisect_right(thresholds, (job.ran_s - job.las_baseline_s + now
-                                                  - job.started_at) * job.size)
-                 if thresholds else 0, job)
+                 (job.ran_s - job.las_baseline_s + now - job.started_at) * job.size
+                 if las else 0.0, job)
                 for name, job in self.running.items()
                 if job.directive is None and job.spec.preemptible and name not in ready
-                and now - job.started_at >= s.min_run_s]
+                and now - job.started_at >= min_run_s]
+
+    def _top_levels(self, pool: list[tuple[int, float, RunningJob]], aged: int
+                    ) -> dict[int, int]:
+        """Per priority of the pool, the highest service level running there that LAS may
+        preempt (-1: none, all preempted `aged` times), to say "outranks nobody" in O(1):
+        the common case costs one pass over the pool and no sort. Levels grow with the
+        service (_level), so the top level is the level of the most service: one bisection
+        per priority, not one per running job."""
+        most: dict[int, float | None] = {}
+        for priority, attained, running in pool:
+            if running.preemptions < aged:
+                top = most.get(priority)
+                if top is None or attained > top:
+                    most[priority] = attained
+            else:
+                most.setdefault(priority, None)
+        las = self.queue.level is not None
+        return {priority: -1 if attained is None else self._level(attained) if las else 0
+                for priority, attained in most.items()}
+
+    def _with_levels(self, pool: list[tuple[int, float, RunningJob]]
+                     ) -> list[tuple[int, int, RunningJob]]:
+        """The pool with each job's service level (_level, inlined) in place of its service:
+        running jobs are ranked by levels only under LAS (else level 0)."""
+        if self.queue.level is None:
+            return [(priority, 0, job) for priority, _, job in pool]
+        thresholds = self.settings.las_thresholds_gpu_s
+        return [(priority, bisect.bisect_right(thresholds, attained), job)
+                for priority, attained, job in pool]
 
     def _sort_victims(self, pool: list[tuple[int, int, RunningJob]], now: float) -> None:
         """Victim order: lowest priority, then highest level (most service received), then

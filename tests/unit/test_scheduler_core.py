@@ -235,6 +235,21 @@ def test_max_preemptions_protects_a_job_from_its_own_priority_only():
     assert isinstance(core.poll("urgent", "d", T0 + 203).decision, Placement)
 
 
+def test_las_preempts_below_an_aged_job_that_has_received_more_service():
+    # The pass says "outranks nobody" from each priority's top level among the jobs LAS may
+    # preempt, read from the one with the most service (_top_levels): the job with the most
+    # here is aged (max_preemptions), and it must not hide the one below it from LAS.
+    core = core_with(gpu_node("a", gpus=4), max_preemptions=1,
+                     las_thresholds_gpu_s=(100.0, 1000.0))
+    core.submit(gpus("aged", 2), "d", T0)
+    core.preempt("aged", T0 + 1)
+    assert isinstance(core.yielded("aged", "d", T0 + 1).decision, Placement)  # at once
+    core.submit(gpus("fresh", 2), "d", T0 + 300)
+    # At T0 + 600: 'aged' 1,200 GPU-s (level 2, preempted once), 'fresh' 600 (level 1)
+    out = core.submit(gpus("new", 2), "d", T0 + 600)
+    assert set(yields(out)) == {"fresh"}
+
+
 def test_no_victims_for_a_family_the_queue_pass_keeps_the_preemptor_off():
     # 'any' preempted 'v' on the A100s, which 'a100-only' (waiting, of the same priority,
     # at LAS level 1 as 'v': it cannot preempt 'v' itself) has first call on: the pass kept
