@@ -31,8 +31,8 @@ from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_FAILED,
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, ENDED_FILE, LINE_FIELDS, METRICS_LOG,
-                               RUN_LOCK, json_figure, read_metrics, read_metrics_from, run_end)
-from orchestrator.validation import expand_home
+                               RUN_LOCK, read_metrics, read_metrics_from, run_end)
+from orchestrator.validation import expand_home, python_scalar
 
 
 def _accelerators(report: NodeReport) -> str:
@@ -361,8 +361,9 @@ def done_line(name: str, launched, run_dir: str | Path | None = None) -> str:
     that checkpoint is; a loop that saved none is told so, not shown `{}` and `None`, with
     the `logs` command that reads its reports (`--run-dir` for a job file's own run_dir), or
     that it reported nothing (its metrics log in `run_dir` holds no report)."""
-    figures = ((k, json_figure(v) if getattr(v, "ndim", None) == 0 else v)  # (numpy's)
-               for k, v in (launched.result.metrics or {}).items())
+    # A numpy number as the one it holds, a NaN too (json_figure's null for metrics.jsonl
+    # read as a figure it cannot show: a diverged np.float32 loss was left out).
+    figures = ((k, python_scalar(v)) for k, v in (launched.result.metrics or {}).items())
     metrics = {k: v for k, v in figures if isinstance(v, (int, float, str))}
     checkpoint = launched.result.checkpoint
     moved = f"; preempted or moved {len(launched.yields)}x" if launched.yields else ""

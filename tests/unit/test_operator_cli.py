@@ -270,6 +270,21 @@ def test_a_finished_submit_shows_a_reports_numpy_figures(tmp_path):
         'j: done on 1 worker(s); last checkpointed report {"step": 4, "loss": 0.5}')
 
 
+def test_a_finished_submit_shows_a_diverged_numpy_loss_as_a_python_one(tmp_path):
+    # json_figure writes a NaN as null for metrics.jsonl (None): the line took that for a
+    # figure it cannot show and left an np.float32 NaN loss out, a Python NaN loss in.
+    import numpy as np
+
+    from orchestrator.__main__ import done_line
+
+    saved = SimpleNamespace(result=SimpleNamespace(
+        metrics={"step": 4, "loss": np.float32("nan"), "lr": float("nan")},
+        checkpoint=SimpleNamespace(path="/r/c")),
+        placement=SimpleNamespace(worker_nodes=["a"]), yields=[])
+    assert done_line("j", saved).splitlines()[0] == (
+        'j: done on 1 worker(s); last checkpointed report {"step": 4, "loss": NaN, "lr": NaN}')
+
+
 def test_nodes_removed_on_purpose_are_retired_not_dead_and_the_table_counts_them(capsys):
     # An autoscaling cluster piled up a `dead` row for every worker it had ever scaled down.
     from orchestrator.__main__ import format_status, status_rows
