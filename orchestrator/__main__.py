@@ -30,8 +30,8 @@ from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_FAILED,
                                   EXIT_NOT_PLACEABLE, JobFailed, on_one_line, run_job)
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
-from orchestrator.runs import (DEFAULT_RUNS_ROOT, ENDED_FILE, LINE_FIELDS, METRICS_LOG,
-                               RUN_LOCK, read_metrics, read_metrics_from, run_end)
+from orchestrator.runs import (DEFAULT_RUNS_ROOT, ENDED_FILE, METRICS_LOG, RUN_LOCK,
+                               read_metrics, read_metrics_from, run_end)
 from orchestrator.validation import expand_home, python_scalar
 
 
@@ -537,9 +537,11 @@ def log_identity(directory: Path) -> tuple[tuple[int, int], int] | None:
 
 def format_report(record: dict[str, Any]) -> str:
     """One metrics.jsonl record as a line: time, step, the figures, and a checkpoint mark."""
+    # Not LINE_FIELDS' "non_finite": read_metrics folds a line's back into its figures, and
+    # an older line's is the loop's own figure (it is renamed `non_finite_` since).
     figures = " ".join(f"{k}={_clock(v) if k.endswith('_at') else _short(v)}"
                        for k, v in record.items()
-                       if k not in (*LINE_FIELDS, "step", "worker_nodes")
+                       if k not in ("time", "checkpoint", "step", "worker_nodes")
                        and isinstance(v, (int, float, str)) and not isinstance(v, bool))
     return (f"{_clock(record.get('time', 0))} step {record.get('step', '-')}: {figures}"
             + (" [checkpoint]" if record.get("checkpoint") else ""))

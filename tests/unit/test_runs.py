@@ -185,6 +185,19 @@ def test_a_metrics_log_with_bare_nan_from_before_stays_readable(tmp_path):
     assert "loss=nan" in format_report(record) and "grad=inf" in format_report(record)
 
 
+def test_logs_shows_a_loops_own_non_finite_figure_from_before_and_after_the_rename(tmp_path):
+    # A loop's own `non_finite` (a count of bad steps) written before 2026-12-07 as it was:
+    # `logs` left it out with the line's bookkeeping fields, where a new line's is renamed.
+    from orchestrator.__main__ import format_report
+
+    (tmp_path / METRICS_LOG).write_text(
+        '{"step": 1, "non_finite": 3, "time": 1.0, "checkpoint": null}\n')
+    append_metrics(tmp_path, {"step": 2, "non_finite": 4, "loss": float("nan")}, None)
+    old, new = (format_report(record) for record in read_metrics(tmp_path))
+    assert "non_finite=3" in old
+    assert "non_finite_=4" in new and "loss=nan" in new and "non_finite=" not in new
+
+
 def test_a_metrics_line_nested_thousands_deep_is_skipped_not_a_recursion_error(tmp_path):
     # json.loads raises RecursionError (not a ValueError) on `[[[...]]]` 100,000 deep: one
     # such line (edited by hand, or garbage) made `logs NAME` and --resume a traceback
