@@ -189,16 +189,18 @@ def metrics_tensor_problem(metrics: dict[str, Any]) -> str | None:
 
 
 def _torch_entry(value: Any, where: str, seen: set[int]) -> tuple[str, Any] | None:
-    """(path, value) of the first torch tensor or module in `value`, through dicts, lists
-    and tuples (where Ray Train looks), each looked into once (a list holding itself);
-    None where there is none."""
+    """(path, value) of the first torch tensor or module in `value`, through dicts (their
+    keys too), lists and tuples (where Ray Train looks), each looked into once (a list
+    holding itself); None where there is none."""
     if isinstance(value, (torch.Tensor, torch.nn.Module)):
         return where, value
     if id(value) in seen:
         return None
     seen.add(id(value))
     if isinstance(value, dict):
-        entries = ((f"{where}[{key!r}]", item) for key, item in value.items())
+        entries = ((path, entry) for key, item in value.items()
+                   for path, entry in ((f"{where} key {_short_repr(key)}", key),
+                                       (f"{where}[{key!r}]", item)))
     elif isinstance(value, (list, tuple)):
         entries = ((f"{where}[{index}]", item) for index, item in enumerate(value))
     else:

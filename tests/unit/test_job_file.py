@@ -1588,6 +1588,10 @@ def test_the_loops_return_value_comes_back_and_reserved_report_names_are_refused
     ({"head": torch.nn.Identity()}, None, "metrics['head'] is a torch module (Identity()), "
      "which Ray Train does not take as a metric: report its number (loss.item()), and save "
      "tensors in the checkpoint"),
+    # (Ray Train looks at keys too: a tensor keying a nested dict was restarted as before)
+    ({"step": 1, "extra": {torch.tensor(3): 0.5}}, None, "metrics['extra'] key tensor(3) is a "
+     "torch tensor (tensor(3)), which Ray Train does not take as a metric: report its number "
+     "(loss.item()), and save tensors in the checkpoint"),
 ])
 def test_report_names_a_bad_argument_before_ray_train_sees_it(metrics, checkpoint, expected):
     """Ray Train checks neither: they failed after the restarts as "'float' object is not
