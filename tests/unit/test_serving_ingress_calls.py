@@ -428,8 +428,8 @@ def test_every_field_that_needs_no_model_is_refused_without_waiting_for_a_replic
              ({"messages": chat, "max_tokens": 1, "max_completion_tokens": 1},
               serve_app.CHAT_ROUTE, "max_completion_tokens"),
              ({"messages": chat, "stream": "yes"}, serve_app.CHAT_ROUTE, "stream"),
-             # the prompt's shape and count need no tokenizer either
-             ({}, serve_app.COMPLETIONS_ROUTE, "prompt"),
+             # the prompt's shape and count need no tokenizer either (a missing prompt does:
+             # it starts from the model's end-of-text token, or is refused where it has none)
              ({"prompt": {"text": "hi"}}, serve_app.COMPLETIONS_ROUTE, "prompt"),
              ({"prompt": ["hi", ""]}, serve_app.COMPLETIONS_ROUTE, "prompt"),
              ({"prompt": ["hi"] * 33}, serve_app.COMPLETIONS_ROUTE, "prompt")]
