@@ -576,8 +576,13 @@ def _training_checkpoint_only(directory: Path) -> None:
     if fmt.name == "checkpoint":
         return
     out = directory.parent
-    stages = [str(out / name) for name in ("qat", "pruned", "distilled")
-              if compress_stage(out / name) is not None]
+    names = [name for name in ("qat", "pruned", "distilled")
+             if compress_stage(out / name) is not None]
+    # pruned/ and qat/ have the INT8 model's shape (int8/ is qat/ exported, qat/ fine-tunes
+    # pruned/): suggested after compress's default pruning, each was refused in turn for it.
+    pruning = _recorded_pruning_refusal(fmt, directory)
+    unexportable = [name for name in names if name != "distilled"] if pruning else []
+    stages = [str(out / name) for name in names if name not in unexportable]
     instead = ""
     if stages:
         qat = " (qat/: its weights as int8/ holds them)" if str(out / "qat") in stages else ""
@@ -587,10 +592,24 @@ def _training_checkpoint_only(directory: Path) -> None:
     elif (out / COMPRESS_CONFIG_FILE).is_file():
         instead = (f"; export the training checkpoint {out} was compressed from, "
                    f"{compressed_from(out)}")
+    if unexportable:
+        instead += f" (not {' or '.join(name + '/' for name in unexportable)}: {pruning})"
     raise ExportError(f"{directory} is an INT8 model, which GPT-2 cannot hold: its "
                       f"{directory / ONNX_FILE} already is its portable form (ONNX Runtime: "
                       "orchestrator.compression.export.load_onnx_model, or an "
                       f"onnxruntime.InferenceSession){instead}")
+
+
+def _recorded_pruning_refusal(fmt, directory: Path) -> str | None:
+    """pruning_refusal of the shape the INT8 export `directory` records (its config.json, no
+    weights read); None where it has GPT-2's form or its config cannot be read (the stages
+    are then suggested, and an export of one says what it lacks)."""
+    from orchestrator.training.checkpoint import CheckpointError
+
+    try:
+        return pruning_refusal(fmt.config(directory))
+    except CheckpointError:
+        return None
 
 
 # --- import (--init-from) ---------------------------------------------------------------

@@ -1106,6 +1106,46 @@ def test_a_compress_stage_without_a_gpt2_form_is_refused_in_one_line(compressed,
             f"{out / 'int8' / 'model.int8.onnx'}" in err and f"{out / 'qat'}" in err, err
 
 
+def test_an_int8_export_refused_names_only_the_stages_that_export(compressed, tmp_path,
+                                                                   capsys):
+    """A user walk: compress's default pruning (heads and channels, global) left MLP widths
+    that differ, and exporting its int8/ suggested pruned/ and qat/, which are refused in
+    turn. They have int8/'s shape (its config.json records it): suggested only when it has
+    GPT-2's form."""
+    import shutil
+
+    from jobs import export
+    from orchestrator.compression.export import CONFIG_FILE
+    from orchestrator.compression.pipeline import _save_stage
+    from orchestrator.serving.loading import INT8_FILE
+
+    source, _ = compressed
+    out = tmp_path / "compressed"
+    shutil.copytree(source, out)
+    shutil.rmtree(out / "qat")
+    one_width = stage_model(source / "pruned").config
+    (out / "int8").mkdir()
+    (out / "int8" / INT8_FILE).write_bytes(b"")
+
+    def error_with_int8_shaped(config):
+        (out / "int8" / CONFIG_FILE).write_text(
+            json.dumps({"gpt_config": dataclasses.asdict(config)}))
+        _save_stage(out / "pruned", GPT(config), None, {"stage": "prune"})
+        code = export.main(["--checkpoint", str(out / "int8"), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        return err
+
+    teacher = json.loads((out / "compress_config.json").read_text())["source"]["checkpoint"]
+    err = error_with_int8_shaped(dataclasses.replace(one_width, mlp_hidden=(64, 128)))
+    assert str(out / "pruned") not in err, err
+    assert f"export the training checkpoint {out} was compressed from, {teacher}" in err, err
+    assert "its MLP widths differ between layers" in err, err
+    err = error_with_int8_shaped(one_width)
+    assert f"export a stage of the compress output {out}: {out / 'pruned'}, or the " \
+           f"training checkpoint it was compressed from, {teacher}" in err, err
+
+
 def stage_model(directory):
     """The model a compress stage folder holds, as the pipeline reads it back."""
     from orchestrator.compression.pipeline import _load_stage
