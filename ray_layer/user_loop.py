@@ -197,16 +197,20 @@ def _torch_entry(value: Any, where: str, seen: set[int]) -> tuple[str, Any] | No
     if id(value) in seen:
         return None
     seen.add(id(value))
-    if isinstance(value, dict):
-        entries = ((path, entry) for key, item in value.items()
-                   for path, entry in ((f"{where} key {_short_repr(key)}", key),
-                                       (f"{where}[{key!r}]", item)))
-    elif isinstance(value, (list, tuple)):
-        entries = ((f"{where}[{index}]", item) for index, item in enumerate(value))
-    else:
-        return None
-    return next((found for path, item in entries
+    return next((found for path, item in _entries(value, where, keys=True)
                  if (found := _torch_entry(item, path, seen)) is not None), None)
+
+
+def _entries(value: Any, where: str, keys: bool = False) -> list[tuple[str, Any]]:
+    """(path, entry) of each entry of a dict, list or tuple (`where[key]`, `where[index]`;
+    with `keys`, a dict's keys too, `where key K`); [] for anything else."""
+    if isinstance(value, dict):
+        return [pair for key, item in value.items()
+                for pair in (((f"{where} key {_short_repr(key)}", key),) if keys else ())
+                + ((f"{where}[{key!r}]", item),)]
+    if isinstance(value, (list, tuple)):
+        return [(f"{where}[{index}]", item) for index, item in enumerate(value)]
+    return []
 
 
 def metrics_pickling_problem(metrics: dict[str, Any]) -> str | None:
@@ -565,13 +569,7 @@ def _unpicklable_entry(value: Any, where: str, seen: set[int]) -> tuple[str, Exc
     """(the innermost entry of `value`, itself unpicklable, that does not pickle, and why),
     through dicts, lists and tuples; `value` itself when none of its entries is to blame."""
     seen.add(id(value))
-    if isinstance(value, dict):
-        entries = [(f"{where}[{key!r}]", item) for key, item in value.items()]
-    elif isinstance(value, (list, tuple)):
-        entries = [(f"{where}[{index}]", item) for index, item in enumerate(value)]
-    else:
-        entries = []
-    for path, item in entries:
+    for path, item in _entries(value, where):
         if id(item) not in seen and _pickling_error(item) is not None:
             return _unpicklable_entry(item, path, seen)
     return where, _pickling_error(value)
