@@ -39,19 +39,50 @@ def python_scalar(value: Any) -> Any:
     return value
 
 
-def finite_json(data: Any) -> Any:
+def finite_json(data: Any, where: str = "data") -> Any:
     """`data` as strict JSON can hold it: every non-finite float (NaN, infinity: a diverged
     loss) as None (null), numpy numbers as Python's (python_scalar), through dicts, lists and
     tuples. json.dumps writes NaN as a bare `NaN`, which jq, JavaScript and most JSON readers
-    other than Python's reject (the whole line or file)."""
+    other than Python's reject (the whole line or file). A list or dict that holds itself
+    (`x.append(x)` in a loop's report) raises ValueError naming the entry, from `where`
+    (`metrics['hist'][0] is metrics['hist'] itself: ...`): it recursed to a RecursionError."""
+    try:
+        return _finite_json(data, {})
+    except _HoldsItself as e:
+        path = e.path[::-1]  # (appended innermost first, as the recursion unwound)
+        raise ValueError(f"{where}{''.join(path)} is {where}{''.join(path[:e.depth])} itself: "
+                         "a list or dict that holds itself cannot be written as JSON") from None
+
+
+class _HoldsItself(Exception):
+    """An entry that is one of its own containers, `depth` levels down from the top; `path`:
+    the entries' keys (`['hist']`, `[0]`) from it up, filled in as the recursion unwinds."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.depth, self.path = depth, []
+
+
+def _finite_json(data: Any, open_containers: dict[int, int]) -> Any:
+    """finite_json's walk; `open_containers`: {id: depth} of the dicts, lists and tuples
+    that `data` is inside of (the same object side by side is fine: JSON writes it twice)."""
     data = python_scalar(data)
     if isinstance(data, float):
         return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {k: finite_json(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [finite_json(v) for v in data]
-    return data
+    if not isinstance(data, (dict, list, tuple)):
+        return data
+    if id(data) in open_containers:
+        raise _HoldsItself(open_containers[id(data)])
+    open_containers[id(data)] = len(open_containers)
+    written = {}
+    for key, value in data.items() if isinstance(data, dict) else enumerate(data):
+        try:
+            written[key] = _finite_json(value, open_containers)
+        except _HoldsItself as e:
+            e.path.append(f"[{key!r}]")
+            raise
+    del open_containers[id(data)]
+    return written if isinstance(data, dict) else list(written.values())
 
 
 def is_number(value: Any) -> bool:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from orchestrator.entrypoints import accepts_config, library_folders, own_frame
 from orchestrator.stuck_ranks import (REPORTING, RETURNED, WAITING, WORKING, collective_call,
                                       compiling, computing)
+from orchestrator.validation import finite_json
 from ray_layer.train_session import DirectiveWatch, declared_gpu_only, record_training
 
 # Metric names the launcher itself reads from a report: "yielded" (a preemption) and
@@ -171,7 +172,23 @@ def report_arguments_problem(metrics: Any, checkpoint: Any) -> str | None:
         return (f"checkpoint must be a ray.train.Checkpoint "
                 f"(ray.train.Checkpoint.from_directory(folder)) or None, got "
                 f"{type(checkpoint).__name__} {_short_repr(checkpoint)}")
-    return metrics_tensor_problem(metrics) or metrics_pickling_problem(metrics)
+    try:
+        return (metrics_json_problem(metrics) or metrics_tensor_problem(metrics)
+                or metrics_pickling_problem(metrics))
+    except RecursionError:  # (a list in a list ... thousands deep: each check recurses)
+        return ("metrics are nested too deeply to be written as JSON (the run's "
+                "metrics.jsonl): report numbers and text")
+
+
+def metrics_json_problem(metrics: dict[str, Any]) -> str | None:
+    """Why `metrics` cannot be written to the run's metrics.jsonl (a list or dict holding
+    itself, named), or None. It passed the other checks (pickle takes it) and failed in Ray
+    Train's controller, writing the line, as a RecursionError."""
+    try:
+        finite_json(metrics, "metrics")
+    except ValueError as e:
+        return f"{e} (the run's metrics.jsonl): report numbers and text"
+    return None
 
 
 def metrics_tensor_problem(metrics: dict[str, Any]) -> str | None:

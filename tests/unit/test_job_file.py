@@ -1562,6 +1562,19 @@ def test_the_loops_return_value_comes_back_and_reserved_report_names_are_refused
             user_loop.report({"loss": 1.0, name: True})
 
 
+def _holding_itself():
+    x = []
+    x.append(x)
+    return x
+
+
+def _nested(depth):
+    value = 1.0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize("metrics, checkpoint, expected", [
     (0.25, None, "metrics must be a dict of metric names to values, got float 0.25"),
     ([("loss", 0.25)], None, "metrics must be a dict of metric names to values, got list "
@@ -1593,6 +1606,14 @@ def test_the_loops_return_value_comes_back_and_reserved_report_names_are_refused
     ({"step": 1, "extra": {torch.tensor(3): 0.5}}, None, "metrics['extra'] key tensor(3) is a "
      "torch tensor (tensor(3)), which Ray Train does not take as a metric: report its number "
      "(loss.item()), and save tensors in the checkpoint"),
+    # A list holding itself passed every check and failed writing metrics.jsonl, in Ray
+    # Train's controller, as a RecursionError; nested thousands deep, the tensor check's own
+    # RecursionError was raised into the loop (and restarted max_failures times over).
+    ({"step": 1, "hist": _holding_itself()}, None, "metrics['hist'][0] is metrics['hist'] "
+     "itself: a list or dict that holds itself cannot be written as JSON (the run's "
+     "metrics.jsonl): report numbers and text"),
+    ({"step": 1, "deep": _nested(5000)}, None, "metrics are nested too deeply to be written "
+     "as JSON (the run's metrics.jsonl): report numbers and text"),
 ])
 def test_report_names_a_bad_argument_before_ray_train_sees_it(metrics, checkpoint, expected):
     """Ray Train checks neither: they failed after the restarts as "'float' object is not

@@ -173,6 +173,26 @@ def test_a_non_finite_figure_is_written_as_strict_json_and_read_back_as_it_was(t
     assert "loss=nan" in shown and "grad=inf" in shown and "low=-inf" in shown
 
 
+def test_a_list_or_dict_holding_itself_is_refused_naming_it_not_a_recursion_error():
+    # A loop's report `{"hist": x}` after `x.append(x)`: finite_json recursed until Python's
+    # RecursionError, deep inside. The same object twice side by side (not holding itself)
+    # is written twice, as json.dumps does.
+    from orchestrator.validation import finite_json
+
+    x = []
+    x.append(x)
+    with pytest.raises(ValueError, match=r"^metrics\['hist'\]\[0\] is metrics\['hist'\] "
+                       r"itself: a list or dict that holds itself cannot be written as JSON$"):
+        finite_json({"step": 1, "hist": x}, "metrics")
+    d = {"a": [1.0]}
+    d["a"].append({"up": d})
+    with pytest.raises(ValueError, match=r"^data\['a'\]\[1\]\['up'\] is data itself"):
+        finite_json(d)
+    shared = [float("nan")]
+    assert finite_json({"a": shared, "b": (shared, shared)}) == {"a": [None],
+                                                                  "b": [[None], [None]]}
+
+
 def test_a_metrics_log_with_bare_nan_from_before_stays_readable(tmp_path):
     import math
 
