@@ -78,11 +78,14 @@ _blocked: tuple[tuple[str, int, int], float, float | None, float] | None = None
 _compiled_at: float | None = None
 
 
-class ReportRefused(TypeError):
+class ReportRefused(BaseException):
     """launch.report's own refusal of its arguments (a tensor metric, a metrics dict that is
     no dict, ...): the same at that report on every try, so the loop ends there on every
     rank, not restarted (yielding's per_worker). `told`: this rank heard it from another
-    rank's refusal, in the agreement gather (it announces nothing of its own)."""
+    rank's refusal, in the agreement gather (it announces nothing of its own). A
+    BaseException, as Yielded is: a loop's own `except Exception:` around a step swallowed
+    it (it was a TypeError), and the run trained on to its end, that report lost; a rank
+    going on to its next step's collective while the others ended would hang there."""
 
     def __init__(self, message: str, told: bool = False) -> None:
         super().__init__(message)
@@ -421,7 +424,7 @@ def _refused(error: ReportRefused) -> dict[str, str] | None:
     line = str(error)
     if not error.told:
         where = getattr(error, RAISED_AT, None)
-        line = (f"worker rank {_world_rank()}: TypeError: {error}"  # (as a raise read)
+        line = (f"worker rank {_world_rank()}: TypeError: {error}"  # (a bad argument's)
                 + (f" ({where})" if isinstance(where, str) else ""))
         line = _announce_return((_REFUSED, line)) or line
     return {REPORT_REFUSED: line} if _world_rank() == 0 else None

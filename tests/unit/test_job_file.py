@@ -881,6 +881,54 @@ def test_a_loops_own_except_exception_does_not_swallow_a_yield(monkeypatch):
     assert reports == [0]  # stopped at the first checkpointed report after the directive
 
 
+def test_a_loops_own_except_exception_does_not_swallow_a_refused_report(monkeypatch):
+    """A loop logging a failed step and going on (`except Exception:` around it) swallowed
+    launch.report's refusal: the run trained on to its end, that report lost, and
+    succeeded. The refusal ends the loop at that report on every rank, as unswallowed."""
+    import ray.train
+
+    from ray_layer import user_loop
+
+    reports = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None:
+                        reports.append(metrics["step"]))
+    monkeypatch.setattr(ray.train, "get_context",
+                        lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    monkeypatch.setattr(user_loop, "_watch", FakeWatch())
+    monkeypatch.setattr(user_loop, "_pending", None)
+
+    def loop():
+        for step in range(3):
+            try:
+                loss = torch.tensor(2.5)
+                user_loop.report({"step": step, "loss": loss if step == 1 else loss.item()})
+            except Exception:
+                pass
+
+    # One worker alone: its own refusal, at its second report, fails the run.
+    monkeypatch.setattr(user_loop, "dist", SimpleNamespace(is_available=lambda: False))
+    refused = user_loop.yielding(loop)({})[user_loop.REPORT_REFUSED]
+    assert refused.startswith("worker rank 0: TypeError: launch.report: metrics['loss'] is a "
+                              "torch tensor (tensor(2.5000))")
+    assert reports == [0]
+    # Rank 0 of two hears rank 1's refusal in its second report's gather: it ends there too.
+    reports.clear()
+    heard = (user_loop._REFUSED, "worker rank 1: TypeError: launch.report: ...")
+    monkeypatch.setattr(user_loop, "dist",
+                        TwoRanks(lambda call: (None, False) if call < 1 else heard))
+    fine = lambda: [_swallowing(user_loop.report, {"step": s}) for s in range(3)]  # noqa: E731
+    assert user_loop.yielding(fine)({}) == {user_loop.REPORT_REFUSED: heard[1]}
+    assert reports == [0]
+
+
+def _swallowing(call, *args):
+    """`call(*args)` as a loop that logs a failed step and goes on runs it."""
+    try:
+        call(*args)
+    except Exception:
+        pass
+
+
 def test_a_loop_taking_nothing_runs_and_without_a_directive_never_yields(monkeypatch):
     import ray.train
 
@@ -1620,7 +1668,7 @@ def test_report_names_a_bad_argument_before_ray_train_sees_it(metrics, checkpoin
     iterable" or "'str' object has no attribute 'path'", or later, never naming report."""
     from ray_layer import user_loop
 
-    with pytest.raises(TypeError) as e:
+    with pytest.raises(user_loop.ReportRefused) as e:
         user_loop.report(metrics, checkpoint)
     assert str(e.value) == f"launch.report: {expected}"
 
