@@ -1231,8 +1231,11 @@ class SchedulerCore:
         if not (isinstance(speed, dict) and all(isinstance(f, str) and is_number(v) and v >= 0
                                                 for f, v in speed.items())):
             raise ValueError(f"its speeds are {speed!r:.60}, not family names to numbers >= 0")
-        if not (is_int(count) and count >= 0):
-            raise ValueError(f"its count is {count!r:.60}, not an integer >= 0")
+        # (is_number: an integer past float's range made 1.0 / count in every GPU job's
+        # submit raise OverflowError)
+        if not (is_int(count) and is_number(count) and count >= 0):
+            raise ValueError(f"its count is {count!r:.60}, not an integer >= 0 within "
+                             "float's range")
         self.typical_speed, self.typical_count = {f: float(v) for f, v in speed.items()}, count
 
     def _restore_nodes_asked(self, data: dict) -> list[str]:

@@ -657,6 +657,20 @@ def test_a_restarted_scheduler_chooses_the_victims_the_one_before_would_have():
                for p in SchedulerCore(core.settings).restore(bad))
 
 
+def test_a_saved_typical_count_past_floats_range_is_named_not_taken():
+    # Taken as read (an integer >= 0): 1.0 / count raised OverflowError in every GPU job's
+    # submit, the restarted scheduler's included (saved again as read): none could start.
+    core = core_with(gpu_node("a100"))
+    core.submit(gpus("j", 1), "d", T0)
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["typical"]["count"] = 10**400
+    again = core_with(gpu_node("a100"))
+    problems = again.restore(saved)
+    assert any("cannot restore scheduler typical" in p and "its count is 1000" in p
+               for p in problems), problems
+    assert isinstance(again.submit(gpus("k", 1), "d", T0 + 1).decision, Placement)
+
+
 def test_a_dropped_jobs_reason_is_told_to_its_own_driver_not_taken_by_another():
     core = core_with(cpu_node("a", cpus=2), cpu_node("b", cpus=2))
     core.submit(cpus("run", 2), "driverA", T0)
