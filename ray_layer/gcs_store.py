@@ -16,11 +16,16 @@ class GcsJsonStore:
         self.key, self.namespace = key.encode(), namespace
 
     def load(self) -> Any:
-        """What was saved (None if nothing was); the JSON's own errors if it is unreadable."""
+        """What was saved (None if nothing was); ValueError if it is unreadable (the JSON's
+        own errors, or nesting too deep for the parser)."""
         from ray.experimental.internal_kv import _internal_kv_get
 
         raw = _internal_kv_get(self.key, namespace=self.namespace)
-        return json.loads(raw) if raw else None
+        try:
+            return json.loads(raw) if raw else None
+        except RecursionError:  # (as unreadable as bad JSON; not a failed read to retry)
+            raise ValueError(f"GCS key {self.key.decode()!r} holds JSON nested too deeply "
+                             "to read") from None
 
     def save(self, data: Any) -> None:
         from ray.experimental.internal_kv import _internal_kv_put
