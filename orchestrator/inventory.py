@@ -62,7 +62,10 @@ class NodeReport:
     hostname: str
     ray_cpus: float  # logical CPUs Ray schedules on this node (what placement may hand out)
     ray_gpus: float  # logical GPUs Ray schedules on this node
-    cpu_count: int  # CPUs the OS sees
+    # CPUs the agent's processes may use (cgroup CPU quota, rounded up, and affinity; older
+    # agents: the OS's count) and the load on them, so that load / count is how busy they are
+    # (probes.host_cpu_figures: under a quota, the cgroup's own usage, not the host's load).
+    cpu_count: int
     load_avg_1m: float
     ram_total_bytes: int
     ram_available_bytes: int

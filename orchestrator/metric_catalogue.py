@@ -98,7 +98,8 @@ NODE_GPUS = MetricSpec(
 # which the dashboard draws as a percentage).
 NODE_LOAD_PER_CPU = MetricSpec(
     "orchestrator_node_load_per_cpu", GAUGE,
-    "1-minute load average over the CPUs the OS sees (absent while the host probe fails)",
+    "1-minute load over the CPUs the node agent may use (under a CPU quota its cgroup's own "
+    "usage; else the host's load average per host CPU; absent while the host probe fails)",
     "1", NODE_TAGS)
 NODE_MEMORY_USED = MetricSpec(
     "orchestrator_node_memory_used_ratio", GAUGE,

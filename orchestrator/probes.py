@@ -13,7 +13,7 @@ import statistics
 import threading
 import time
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 from orchestrator.inventory import (LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_TYPE,
                                     MAX_DECLARED_ACCELERATORS, GpuInfo, accelerator_family,
@@ -21,17 +21,193 @@ from orchestrator.inventory import (LABEL_ACCELERATOR_COUNT, LABEL_ACCELERATOR_T
 
 
 def probe_host() -> dict[str, Any]:
-    """The node's CPUs, load and memory; memory as this process may use it (within its
-    memory cgroup: a container's limit, not the host's figures). The CPU count stays the
-    host's: it divides the host's load average (load per CPU)."""
+    """The node's CPUs, load and memory as this process may use them: within its CPU quota
+    and affinity and its memory cgroup (a container's limits, not the host's figures;
+    host_cpu_figures for the CPUs and load)."""
     total, available = memory_within_cgroup()
+    cpu_count, load = host_cpu_figures()
     return {
         "hostname": socket.gethostname(),
-        "cpu_count": os.cpu_count() or 1,
-        "load_avg_1m": os.getloadavg()[0],
+        "cpu_count": cpu_count,
+        "load_avg_1m": load,
         "ram_total_bytes": total,
         "ram_available_bytes": available,
     }
+
+
+# The first reading of a cgroup's CPU usage counter has no earlier one to take a rate from:
+# the counter is read twice this far apart (once per agent: later readings take the rate
+# since the previous one).
+CPU_FIRST_SAMPLE_S = 0.25
+# The usage rate is smoothed as the kernel smooths its 1-minute load average (an exponential
+# average of this time constant): load_avg_1m keeps its meaning, and one heartbeat's burst
+# does not swing placement.
+CPU_LOAD_WINDOW_S = 60.0
+
+
+class CgroupCpuLoad:
+    """The CPUs' worth a cgroup used (usage counter's rate), smoothed over CPU_LOAD_WINDOW_S,
+    one figure per cgroup directory. Thread-safe: an agent's heartbeat and report_now probe
+    at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.last: dict[str, tuple[float, float]] = {}  # dir -> (monotonic time, CPU seconds)
+        self.smoothed: dict[str, float] = {}  # dir -> CPUs busy
+
+    def busy_cpus(self, key: str, now: float, cpu_seconds: float) -> float | None:
+        """The smoothed CPUs busy after a reading of the counter (`cpu_seconds` at `now`);
+        None for a first reading (no rate yet) or a counter that went back (a new cgroup
+        of the same name)."""
+        with self._lock:
+            before = self.last.get(key)
+            self.last[key] = (now, cpu_seconds)
+            if before is None or now <= before[0] or cpu_seconds < before[1]:
+                return None
+            rate = (cpu_seconds - before[1]) / (now - before[0])
+            previous = self.smoothed.get(key)
+            weight = 1 - math.exp(-(now - before[0]) / CPU_LOAD_WINDOW_S)
+            smoothed = rate if previous is None else previous + (rate - previous) * weight
+            self.smoothed[key] = smoothed
+            return smoothed
+
+
+_CPU_LOAD = CgroupCpuLoad()  # one per process: every report continues the same average
+
+
+def _affinity_cpus() -> int:
+    """The CPUs this process may run on (its affinity; the OS's count where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0)) or os.cpu_count() or 1
+    except (AttributeError, OSError):  # (not on macOS)
+        return os.cpu_count() or 1
+
+
+def host_cpu_figures(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup",
+                     load: CgroupCpuLoad = _CPU_LOAD,
+                     clock: Callable[[], float] = time.monotonic,
+                     sleep: Callable[[float], None] = time.sleep, *,
+                     affinity: Callable[[], int] | None = None,
+                     host_cpus: Callable[[], int | None] | None = None,
+                     host_load: Callable[[], float] | None = None) -> tuple[int, float]:
+    """(cpu_count, load_avg_1m) as a node reports them: the CPUs this process's cgroups and
+    affinity let it use, and a load on the same CPUs, so that load / count is how busy they
+    are. In a pod of 4 CPUs on a 64-core host, the host's figures said 64 CPUs and a load
+    per CPU that said nothing about the pod (throttled at its quota while the host idled,
+    idle while other pods kept the host busy).
+
+    Under a CPU quota (cgroup_cpu_limit): the smaller of the quota and the affinity, and the
+    load of the cgroup setting the quota: its CPU usage rate, smoothed over a minute, plus
+    the share of time a task of it waited for a CPU (v2's cpu.pressure "some avg60": at least
+    one task waiting then). The count is whole (ceil: a quota of 1.5 runs on 2 CPUs at once),
+    and the load scaled by count / quota so that load per CPU stays usage over the quota.
+    Without a quota (or its usage unreadable): the affinity's CPUs and the host's load
+    average scaled to them, i.e. the host's load per CPU (a host's pinned process does not
+    make its node look loaded)."""
+    usable = (affinity or _affinity_cpus)()
+    limit = cgroup_cpu_limit(proc_cgroup, root)
+    busy = None if limit is None else _cgroup_busy_cpus(limit, load, clock, sleep)
+    if busy is not None:
+        cpus = min(limit.cpus, usable)
+        count = max(math.ceil(cpus - 1e-9), 1)  # (1e-9: a quota of 2 read as 2.0000000001)
+        return count, busy * count / cpus
+    load_avg = host_load() if host_load else os.getloadavg()[0]
+    return usable, load_avg * usable / max((host_cpus or os.cpu_count)() or 1, 1)
+
+
+def _cgroup_busy_cpus(limit: CpuLimit, load: CgroupCpuLoad, clock: Callable[[], float],
+                      sleep: Callable[[float], None]) -> float | None:
+    """The CPUs' worth `limit`'s cgroup keeps busy (smoothed usage rate plus tasks waiting,
+    host_cpu_figures), or None when its usage counter cannot be read."""
+    seconds = _cgroup_cpu_seconds(limit)
+    if seconds is None:
+        return None
+    busy = load.busy_cpus(limit.usage_dir, clock(), seconds)
+    if busy is None:  # a first reading: sample the counter over a short pause
+        sleep(CPU_FIRST_SAMPLE_S)
+        seconds = _cgroup_cpu_seconds(limit)
+        if seconds is None:
+            return None
+        busy = load.busy_cpus(limit.usage_dir, clock(), seconds)
+    return None if busy is None else busy + _cgroup_cpu_waiting(limit)
+
+
+class CpuLimit(NamedTuple):
+    """The tightest CPU quota over a process's cgroups: CPUs' worth, and where to read the
+    usage of the cgroup setting it."""
+    cpus: float
+    usage_dir: str  # v2: cpu.stat's usage_usec; v1: cpuacct.usage (the cpuacct hierarchy)
+    v2: bool
+
+
+def cgroup_cpu_limit(proc_cgroup: str = "/proc/self/cgroup",
+                     root: str = "/sys/fs/cgroup") -> CpuLimit | None:
+    """The smallest CPU quota (quota / period: CPUs' worth) of this process's cgroups, from
+    its own up to the mount's root as for memory (_cgroup_dirs: a pod's quota set above
+    the agent's own cgroup binds it), v2's cpu.max or v1's cpu.cfs_quota_us and
+    cpu.cfs_period_us; None without a quota (or without cgroups)."""
+    quotas = []
+    for base, v2 in _cgroup_dirs(proc_cgroup, root, "cpu"):
+        cpus = _cgroup_cpu_quota(base, v2)
+        if cpus is not None:
+            usage_dir = base if v2 else f"{root.rstrip('/')}/cpuacct" + base[
+                len(f"{root.rstrip('/')}/cpu"):]
+            quotas.append(CpuLimit(cpus, usage_dir, v2))
+    return min(quotas, key=lambda limit: limit.cpus, default=None)
+
+
+def _cgroup_cpu_quota(base: str, v2: bool) -> float | None:
+    """CPUs' worth of one cgroup's quota, or None when it sets none or cannot be read."""
+    try:
+        if v2:
+            with open(f"{base}/cpu.max") as f:
+                quota, _, period = f.read().strip().partition(" ")
+        else:
+            with open(f"{base}/cpu.cfs_quota_us") as f:
+                quota = f.read().strip()
+            with open(f"{base}/cpu.cfs_period_us") as f:
+                period = f.read().strip()
+        if quota in ("max", "-1"):
+            return None
+        cpus = int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+    return cpus if cpus > 0 else None
+
+
+def _cgroup_cpu_seconds(limit: CpuLimit) -> float | None:
+    """The CPU seconds the cgroup's tasks have used (its counter), or None when unreadable."""
+    try:
+        if limit.v2:
+            usec = _stat_value(f"{limit.usage_dir}/cpu.stat", "usage_usec")
+            return None if usec is None else usec / 1e6
+        with open(f"{limit.usage_dir}/cpuacct.usage") as f:
+            return int(f.read().strip()) / 1e9
+    except (OSError, ValueError):
+        return None
+
+
+def _cgroup_cpu_waiting(limit: CpuLimit) -> float:
+    """The share of the last minute some task of the cgroup waited for a CPU (v2's PSI, 0-1);
+    0 where it is not exposed (v1, a kernel without PSI)."""
+    if not limit.v2:
+        return 0.0
+    try:
+        with open(f"{limit.usage_dir}/cpu.pressure") as f:
+            for line in f:
+                kind, *fields = line.split()
+                if kind == "some":
+                    averages = dict(field.split("=", 1) for field in fields)
+                    return min(max(float(averages["avg60"]) / 100, 0.0), 1.0)
+    except (OSError, ValueError, KeyError):
+        pass
+    return 0.0
+
+
+def _stat_value(path: str, key: str) -> int | None:
+    """One figure of a flat-keyed cgroup file (cpu.stat), None when it cannot be read."""
+    value = _memory_stat(path, key, -1)
+    return None if value < 0 else value
 
 
 def memory_within_cgroup() -> tuple[int, int]:
@@ -98,11 +274,17 @@ _CGROUP_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_
 
 def _cgroup_memory_dirs(proc_cgroup: str, root: str
                         ) -> list[tuple[str, tuple[str, str, str, str | None]]]:
-    """Directories (with their file names) of this process's memory cgroups: its own path
-    under the mount and each parent up to the mount's root (v2's and v1's). A container
-    sharing the host's cgroup namespace (Docker's default on v1) lists its host path in
-    /proc/self/cgroup, which is not under the mount, but has its own cgroup mounted at the
-    root: the walk ends there."""
+    """Directories (with their file names) of this process's memory cgroups (_cgroup_dirs)."""
+    return [(base, _CGROUP_V2 if v2 else _CGROUP_V1)
+            for base, v2 in _cgroup_dirs(proc_cgroup, root, "memory")]
+
+
+def _cgroup_dirs(proc_cgroup: str, root: str, v1_controller: str) -> list[tuple[str, bool]]:
+    """Directories of this process's cgroups, each with whether it is v2's (else v1's
+    `v1_controller`'s, mounted at root/<controller>): its own path under the mount and each
+    parent up to the mount's root. A container sharing the host's cgroup namespace (Docker's
+    default on v1) lists its host path in /proc/self/cgroup, which is not under the mount,
+    but has its own cgroup mounted at the root: the walk ends there."""
     try:
         with open(proc_cgroup) as f:
             lines = f.read().splitlines()
@@ -112,16 +294,15 @@ def _cgroup_memory_dirs(proc_cgroup: str, root: str
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if not controllers:
-            mount, names = root.rstrip("/"), _CGROUP_V2
-        elif "memory" in controllers.split(","):
-            mount, names = f"{root.rstrip('/')}/memory", _CGROUP_V1
+            mount, v2 = root.rstrip("/"), True
+        elif v1_controller in controllers.split(","):
+            mount, v2 = f"{root.rstrip('/')}/{v1_controller}", False
         else:
             continue
         parts = [part for part in path.split("/") if part]
         if ".." in parts:  # a cgroup outside this namespace's view: only the mount's root
             parts = []
-        dirs += [("/".join([mount, *parts[:depth]]), names)
-                 for depth in range(len(parts), -1, -1)]
+        dirs += [("/".join([mount, *parts[:depth]]), v2) for depth in range(len(parts), -1, -1)]
     return list(dict.fromkeys(dirs))
 
 

@@ -863,12 +863,128 @@ def test_the_host_probe_reports_memory_within_the_processs_cgroup(monkeypatch):
 
 def test_the_host_probe_divides_the_hosts_load_by_the_hosts_cpus(monkeypatch):
     # A container's affinity CPUs beside the whole host's load average made a pinned node look
-    # loaded and lose every load tie-break.
+    # loaded and lose every load tie-break. Without a CPU quota the load per CPU stays the
+    # host's (32 over 64 CPUs), whatever CPUs the node counts.
     from orchestrator import probes
 
     monkeypatch.setattr(probes.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     monkeypatch.setattr(probes.os, "cpu_count", lambda: 64)
-    assert probes.probe_host()["cpu_count"] == 64
+    monkeypatch.setattr(probes.os, "getloadavg", lambda: (32.0, 0.0, 0.0))
+    monkeypatch.setattr(probes, "cgroup_cpu_limit", lambda *paths: None)
+    host = probes.probe_host()
+    assert host["load_avg_1m"] / host["cpu_count"] == pytest.approx(0.5)
+
+
+class FakeClock:
+    """A monotonic clock the test moves; `sleep` moves it too (a first reading's sample)."""
+
+    def __init__(self, during_sleep=lambda seconds: None) -> None:
+        self.now = 1000.0
+        self.during_sleep = during_sleep  # what the cgroup does meanwhile
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.during_sleep(seconds)
+
+
+def cpu_figures(tmp_path, proc: str, files: dict[str, str], clock: FakeClock | None = None,
+                load=None, affinity: int = 64) -> tuple[int, float]:
+    """(cpu_count, load_avg_1m) as the host probe reports them from a fake cgroup tree under
+    tmp_path, on a 64-CPU host whose load average is 48 and `affinity` CPUs this process's."""
+    from orchestrator.probes import CgroupCpuLoad, host_cpu_figures
+
+    (tmp_path / "proc").write_text(proc)
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    clock = clock or FakeClock()
+    return host_cpu_figures(str(tmp_path / "proc"), str(tmp_path), load or CgroupCpuLoad(),
+                            clock, clock.sleep, affinity=lambda: affinity,
+                            host_cpus=lambda: 64, host_load=lambda: 48.0)
+
+
+def test_a_pod_limited_to_4_cpus_counts_4_and_its_own_load(tmp_path):
+    # A pod of 4 CPUs (cgroup v2 cpu.max) on a 64-core host reported 64 CPUs and the host's
+    # load: 48 / 64 = 0.75 per CPU whatever the pod did. Its own usage is 2 CPUs' worth (2 s of
+    # CPU over 1 s) and a task waits for a CPU half the time (PSI): 2.5 over 4 CPUs.
+    from orchestrator.probes import CgroupCpuLoad
+
+    clock, load = FakeClock(), CgroupCpuLoad()
+    v2 = {"pod/cpu.max": "400000 100000\n", "pod/cpu.stat": "usage_usec 5000000\n",
+          "pod/cpu.pressure": "some avg10=80.00 avg60=50.00 avg300=10.00 total=1\n"
+                              "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"}
+    assert cpu_figures(tmp_path, "0::/pod\n", v2, clock, load) == (4, pytest.approx(0.5))
+    clock.now += 1.0
+    v2["pod/cpu.stat"] = "usage_usec 7000000\nnr_throttled 0\n"
+    count, load_1m = cpu_figures(tmp_path, "0::/pod\n", v2, clock, load)
+    # (smoothed as the kernel's 1-minute load average: one second moves it 1/60 of the way)
+    assert count == 4 and load_1m == pytest.approx(0.5 + 2 * (1 - math.exp(-1 / 60)))
+
+
+def test_a_v1_cfs_quota_bounds_the_cpus_and_cpuacct_gives_the_usage(tmp_path):
+    from orchestrator.probes import CgroupCpuLoad
+
+    clock, load = FakeClock(), CgroupCpuLoad()
+    v1 = {"cpu/kube/pod/cpu.cfs_quota_us": "300000\n", "cpu/kube/pod/cpu.cfs_period_us": "100000\n",
+          "cpuacct/kube/pod/cpuacct.usage": f"{10 ** 9}\n"}
+    proc = "4:cpu:/kube/pod\n3:cpuacct:/kube/pod\n0::/\n"
+    assert cpu_figures(tmp_path, proc, v1, clock, load) == (3, 0.0)
+    clock.now += 2.0
+    v1["cpu/kube/pod/cpu.cfs_quota_us"] = "-1\n"  # the quota lifted: the host's figures
+    assert cpu_figures(tmp_path, proc, v1, clock, load)[0] == 64  # -1: no quota any more
+
+
+def test_without_a_cpu_quota_the_hosts_load_per_cpu_stands(tmp_path):
+    # v2's "max" is no quota; no cgroups at all, neither: the affinity's CPUs, with the load
+    # scaled so that the load per CPU is the host's (48 / 64).
+    for proc, files in [("0::/free\n", {"free/cpu.max": "max 100000\n",
+                                         "free/cpu.stat": "usage_usec 1\n"}),
+                        ("", {})]:
+        count, load_1m = cpu_figures(tmp_path, proc, files, affinity=8)
+        assert count == 8 and load_1m / count == pytest.approx(48 / 64)
+
+
+def test_a_cpu_quota_set_on_a_parent_cgroup_binds_and_its_usage_is_read(tmp_path):
+    # The pod's 2 CPUs set above the agent's own cgroup (Ray's workers in a child cgroup):
+    # its own "max" read as no limit. The tighter of two levels wins.
+    from orchestrator.probes import CgroupCpuLoad
+
+    clock, load = FakeClock(), CgroupCpuLoad()
+    tree = {"pod/cpu.max": "200000 100000\n", "pod/cpu.stat": "usage_usec 0\n",
+            "pod/ray/cpu.max": "max 100000\n", "pod/ray/cpu.stat": "usage_usec 0\n"}
+    assert cpu_figures(tmp_path, "0::/pod/ray\n", tree, clock, load) == (2, 0.0)
+    clock.now += 1.0
+    tree["pod/cpu.stat"] = "usage_usec 1000000\n"  # the pod's: its other processes count
+    assert cpu_figures(tmp_path, "0::/pod/ray\n", tree, clock, load) == (
+        2, pytest.approx(1 - math.exp(-1 / 60)))
+    tree["pod/ray/cpu.max"] = "100000 100000\n"
+    assert cpu_figures(tmp_path, "0::/pod/ray\n", tree)[0] == 1
+
+
+def test_an_affinity_smaller_than_the_quota_bounds_the_cpus(tmp_path):
+    # 8 CPUs of quota, pinned to 2: 2 CPUs, and the usage divided by them.
+    from orchestrator.probes import CgroupCpuLoad
+
+    clock, load = FakeClock(), CgroupCpuLoad()
+    tree = {"pod/cpu.max": "800000 100000\n", "pod/cpu.stat": "usage_usec 0\n"}
+    assert cpu_figures(tmp_path, "0::/pod\n", tree, clock, load, affinity=2) == (2, 0.0)
+
+
+def test_a_fractional_quota_counts_whole_cpus_with_the_load_per_cpu_kept(tmp_path):
+    # 1.5 CPUs used in full: 2 CPUs (the report's count is whole) and a load of 1 per CPU, not
+    # the 0.75 that 1.5 over 2 would read. The first reading samples the counter over a short
+    # pause, during which the pod uses its 1.5 CPUs.
+    tree = {"pod/cpu.max": "150000 100000\n", "pod/cpu.stat": "usage_usec 0\n"}
+
+    def pod_runs(seconds: float) -> None:
+        (tmp_path / "pod" / "cpu.stat").write_text(f"usage_usec {round(1.5e6 * seconds)}\n")
+
+    count, load_1m = cpu_figures(tmp_path, "0::/pod\n", tree, FakeClock(pod_runs))
+    assert count == 2 and load_1m / count == pytest.approx(1.0)
+
 
 
 def test_a_workers_gpu_is_found_by_torchs_bare_uuid_and_its_own_bytes_counted(monkeypatch):
