@@ -21,6 +21,7 @@ the current worker count.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -29,11 +30,13 @@ import os
 import pickle
 import re
 import shutil
+import socket
+import tempfile
 import uuid
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -217,6 +220,49 @@ def free_space_note(directory: Path) -> str:
     except OSError:
         return ""
     return f" ({free / 1024 ** 3:.2f} GiB free on its filesystem)"
+
+
+SAVE_FOLDER_PREFIX = "ckpt-"  # (then this host's name and process id: save_folder)
+
+
+@contextlib.contextmanager
+def save_folder() -> Iterator[str]:
+    """A folder in the temp directory for one checkpoint save until it is reported (copied
+    into the run's storage), removed after. Named by this host and process, so that each save
+    first removes those of processes gone from this host: a worker killed mid-report (Ray
+    stops the whole group on Ctrl-C or one worker's failure; the OOM killer) left its save
+    there for good, a whole state.pt or under FSDP its shards, at every kill."""
+    _remove_saves_of_processes_gone()
+    prefix = f"{SAVE_FOLDER_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        yield folder
+
+
+def _remove_saves_of_processes_gone() -> None:
+    """Remove save_folder's folders of this host whose process is gone. Only this host's
+    (a temp directory shared with another machine or container holds its processes' saves,
+    whose ids mean nothing here) and only on POSIX (os.kill(pid, 0) terminates on Windows)."""
+    if os.name != "posix":
+        return
+    named = re.compile(rf"{SAVE_FOLDER_PREFIX}{re.escape(socket.gethostname())}-(\d+)-\w+")
+    try:
+        entries = list(os.scandir(tempfile.gettempdir()))
+    except OSError:
+        return
+    for entry in entries:
+        found = named.fullmatch(entry.name)
+        if found and int(found.group(1)) != os.getpid() and _process_gone(int(found.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # (signal 0: only whether it exists)
+    except ProcessLookupError:
+        return True
+    except OSError:  # (EPERM: another user's process, alive)
+        return False
+    return False
 
 
 def sync_tree(directory: Path) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 import sys
-import tempfile
 import time
 from typing import Any, Iterator
 
@@ -26,7 +25,8 @@ from orchestrator.training.accumulation import (HierarchicalAccumulation, pendin
                                                 restore_pending_gradients)
 from orchestrator.training.checkpoint import (CheckpointError, checkpoint_header,
                                               load_sharded_into, save_checkpoint,
-                                              save_sharded, sharded_optimizer_names)
+                                              save_folder, save_sharded,
+                                              sharded_optimizer_names)
 from orchestrator.training.data import get_batch, load_corpus, split_corpus, stream_seed
 from orchestrator.training.efficiency import (CommTimer, Thresholds, cpu_peak_flops,
                                            flops_per_token, gpu_peak_flops, mfu, peak_memory,
@@ -837,7 +837,7 @@ def _publish(session: TrainSession, metrics: dict[str, Any], checkpoint_due: boo
     if not (checkpoint_due and session.world_rank == 0):
         session.report(metrics, None)
         return
-    with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
+    with save_folder() as directory:
         save_checkpoint(directory, make_state())
         session.report(metrics, directory)
 
@@ -867,6 +867,6 @@ def _publish_sharded(session: TrainSession, metrics: dict[str, Any], checkpoint_
         return
     if session.world_rank == 0:
         _say_progress(metrics)
-    with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
+    with save_folder() as directory:
         save(directory)
         session.report(metrics, directory)

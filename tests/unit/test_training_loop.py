@@ -645,6 +645,47 @@ def test_a_copy_into_a_full_run_directory_names_it_and_keeps_the_checkpoints_bef
     assert (tmp_path / "run" / "checkpoint_00000001" / "state.pt").read_bytes() == b"weights"
 
 
+KILLED_MID_REPORT = """
+import json, os, signal, sys, torch
+from orchestrator.config import TrainConfig
+from orchestrator.training.loop import train
+from orchestrator.training.session import LocalSession
+
+class KilledMidReport(LocalSession):  # SIGKILLed while its checkpoint is copied to storage
+    def report(self, metrics, checkpoint_dir):
+        if checkpoint_dir:
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().report(metrics, checkpoint_dir)
+
+train(TrainConfig(**json.loads(sys.argv[1])), KilledMidReport(sys.argv[2], device=torch.device("cpu")))
+"""
+
+
+def test_a_save_left_by_a_worker_killed_mid_report_is_removed_by_the_next_save(tmp_path,
+                                                                                monkeypatch):
+    # Each save is written into a temporary folder, then reported (copied into the run's
+    # storage). A worker killed meanwhile (Ray stops the whole group on Ctrl-C or one
+    # worker's failure; the OOM killer) left that folder in the node's temp directory for
+    # good: a whole state.pt, or under FSDP each worker's shards, for every kill.
+    import signal
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    config = tiny(max_steps=2, checkpoint_every=1, log_every=1, eval_batches=1)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_REPORT, json.dumps(config.to_dict()),
+         str(tmp_path / "killed")], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TMPDIR": str(temp)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = [p for p in temp.iterdir() if (p / "state.pt").is_file()]
+    assert len(left) == 1, list(temp.iterdir())  # (the killed worker's save)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    train(config, LocalSession(tmp_path / "next", device=CPU))
+    assert not left[0].exists()
+    assert not list(temp.glob("*/state.pt"))  # (the next run's own saves removed as before)
+
+
 def test_a_save_never_writes_through_a_file_left_at_a_temp_name(tmp_path):
     """A temp file of a fixed name (state.pt.tmp), opened to truncate, wrote through a link
     planted there (into whatever it named), then moved the link over the checkpoint; two
