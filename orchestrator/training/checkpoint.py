@@ -223,46 +223,69 @@ def free_space_note(directory: Path) -> str:
 
 
 SAVE_FOLDER_PREFIX = "ckpt-"  # (then this host's name and process id: save_folder)
+SAVE_LOCK_SUFFIX = ".lock"  # (beside the folder: inside, it would be copied as checkpoint)
 
 
 @contextlib.contextmanager
 def save_folder() -> Iterator[str]:
     """A folder in the temp directory for one checkpoint save until it is reported (copied
-    into the run's storage), removed after. Named by this host and process, so that each save
-    first removes those of processes gone from this host: a worker killed mid-report (Ray
-    stops the whole group on Ctrl-C or one worker's failure; the OOM killer) left its save
-    there for good, a whole state.pt or under FSDP its shards, at every kill."""
-    _remove_saves_of_processes_gone()
+    into the run's storage), removed after. A worker killed mid-report (Ray stops the whole
+    group on Ctrl-C or one worker's failure; the OOM killer) left its save there for good, a
+    whole state.pt or under FSDP its shards, at every kill: each save first removes those
+    no process holds. Held means an flock on the lock file beside the folder, which the
+    kernel releases with the process: a process id could be another container's (one temp
+    directory shared) or reused, and a live save taken for a dead one would be deleted."""
+    _remove_saves_no_process_holds()
     prefix = f"{SAVE_FOLDER_PREFIX}{socket.gethostname()}-{os.getpid()}-"
-    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder, _held(folder):
         yield folder
 
 
-def _remove_saves_of_processes_gone() -> None:
-    """Remove save_folder's folders of this host whose process is gone. Only this host's
-    (a temp directory shared with another machine or container holds its processes' saves,
-    whose ids mean nothing here) and only on POSIX (os.kill(pid, 0) terminates on Windows)."""
+@contextlib.contextmanager
+def _held(folder: str) -> Iterator[None]:
+    """`folder`'s lock file, created and held (flock) while the save is written and
+    reported, removed after (POSIX; elsewhere nothing is held and nothing removed)."""
+    if os.name != "posix":
+        yield
+        return
+    import fcntl
+
+    lock = folder + SAVE_LOCK_SUFFIX
+    with open(lock + ".new", "w") as held:
+        # Locked before it takes the name a cleaner looks for: one that opened it in
+        # between would have got the lock, and deleted this live save.
+        fcntl.flock(held, fcntl.LOCK_EX)
+        os.rename(lock + ".new", lock)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+
+
+def _remove_saves_no_process_holds() -> None:
+    """Remove save_folder's folders (and lock files) whose lock no process holds: their
+    writer died before removing them. A folder without a lock file is left (one being
+    created this instant, or named so by something else)."""
     if os.name != "posix":
         return
-    named = re.compile(rf"{SAVE_FOLDER_PREFIX}{re.escape(socket.gethostname())}-(\d+)-\w+")
+    import fcntl
+
+    named = re.compile(rf"{SAVE_FOLDER_PREFIX}.+-\d+-\w+{re.escape(SAVE_LOCK_SUFFIX)}")
     try:
         entries = list(os.scandir(tempfile.gettempdir()))
     except OSError:
         return
     for entry in entries:
-        found = named.fullmatch(entry.name)
-        if found and int(found.group(1)) != os.getpid() and _process_gone(int(found.group(1))):
-            shutil.rmtree(entry.path, ignore_errors=True)
-
-
-def _process_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # (signal 0: only whether it exists)
-    except ProcessLookupError:
-        return True
-    except OSError:  # (EPERM: another user's process, alive)
-        return False
-    return False
+        if not named.fullmatch(entry.name):
+            continue
+        try:
+            with open(entry.path) as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (raises while held)
+                shutil.rmtree(entry.path[:-len(SAVE_LOCK_SUFFIX)], ignore_errors=True)
+                os.unlink(entry.path)
+        except OSError:  # held (a live save), or gone meanwhile
+            continue
 
 
 def sync_tree(directory: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -684,6 +685,27 @@ def test_a_save_left_by_a_worker_killed_mid_report_is_removed_by_the_next_save(t
     train(config, LocalSession(tmp_path / "next", device=CPU))
     assert not left[0].exists()
     assert not list(temp.glob("*/state.pt"))  # (the next run's own saves removed as before)
+    assert not list(temp.glob("ckpt-*"))  # (their lock files too)
+
+
+def test_a_save_in_progress_is_not_removed_by_another_saves_cleanup(tmp_path, monkeypatch):
+    # A process id says nothing of a save in another container sharing the temp directory
+    # (or a reused id): the lock its writer holds does.
+    import tempfile
+
+    from orchestrator.training import checkpoint
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with monkeypatch.context() as other_container:  # (its id: no process here has it)
+        other_container.setattr(os, "getpid", lambda: 4_194_304 + 1)
+        live_save = checkpoint.save_folder()
+        live = live_save.__enter__()
+    (Path(live) / "state.pt").write_bytes(b"weights")
+    with checkpoint.save_folder():  # (its cleanup runs first)
+        pass
+    assert (Path(live) / "state.pt").read_bytes() == b"weights"
+    live_save.__exit__(None, None, None)
+    assert not list(tmp_path.glob("ckpt-*"))
 
 
 def test_a_save_never_writes_through_a_file_left_at_a_temp_name(tmp_path):
