@@ -237,6 +237,12 @@ def _check_header(where: str, header: list[str] | None, fmt: str) -> None:
     required, optional = FORMAT_COLUMNS[fmt]
     if not header:
         raise TraceError(f"{where}: empty file (expected a header: {', '.join(required)})")
+    empty = [i for i, c in enumerate(header, 1) if not c]
+    if empty:  # as "unknown column(s) ''" it named nothing a user could find
+        hint = "a trailing comma in the header?" if empty[-1] == len(header) else \
+            f"column {empty[0]}"
+        raise TraceError(f"{where}: an empty column name ({hint}); known: "
+                         f"{', '.join(required + optional)}")
     unknown = [c for c in header if c not in required + optional]
     if unknown:
         raise TraceError(f"{where}: unknown column(s) {', '.join(map(repr, unknown))}; "

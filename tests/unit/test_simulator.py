@@ -268,6 +268,10 @@ def test_canonical_loader_reads_optional_columns(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("submit_time_s,duration_s,num_gpus,user\n0,1,1,x\n", ":1: unknown column(s) 'user'"),
+    # Excel writes a trailing comma: it was "unknown column(s) ''", which names nothing.
+    ("submit_time_s,duration_s,num_gpus,\n0,1,1,\n",
+     ":1: an empty column name (a trailing comma in the header?)"),
+    ("submit_time_s,,duration_s,num_gpus\n0,,1,1\n", ":1: an empty column name (column 2)"),
     ("submit_time_s,num_gpus\n0,1\n", ":1: missing column(s) duration_s"),
     ("submit_time_s,duration_s,num_gpus\n0,1,1\n3,5,two\n", ":3: num_gpus is not a number"),
     ("submit_time_s,duration_s,num_gpus\n0,0,1\n", ":2: duration_s must be a finite number > 0"),
