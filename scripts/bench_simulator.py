@@ -71,8 +71,9 @@ def philly_slice(start: int, jobs: int, load_scale: float, path: Path = PHILLY_C
     ordered = prepare(load_philly(path))
     chunk = ordered[start:start + jobs]
     if not chunk:  # a benchmark of no jobs would print figures of nothing
-        raise SystemExit(f"bench_simulator: error: --start {start}: the trace has "
-                         f"{len(ordered):,} jobs")
+        # A TraceError: main() makes it a usage error (exit 2), as every other bad flag is.
+        raise TraceError(f"--start {start}: the trace has {len(ordered):,} jobs (0 to "
+                         f"{len(ordered) - 1:,})")
     return prepare(chunk, load_scale=load_scale)
 
 

@@ -174,9 +174,13 @@ def test_an_out_that_cannot_be_a_directory_is_refused_before_any_replay(tmp_path
         capsys.readouterr().err
 
 
-def test_a_slice_past_the_end_of_the_trace_is_refused():
-    with pytest.raises(SystemExit, match="--start 90000: the trace has 82,247 jobs"):
-        bench.philly_slice(90_000, 50, 3.0)
+def test_a_slice_past_the_end_of_the_trace_is_a_usage_error(capsys, monkeypatch):
+    # It exited 1 with the message, where every other bad flag is argparse's exit 2.
+    monkeypatch.setattr(bench, "run_policies", lambda *a, **k: pytest.fail("replay ran"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--processes", "1", "--sections", "philly", "--start", "90000"])
+    assert e.value.code == 2
+    assert "error: --start 90000: the trace has 82,247 jobs" in capsys.readouterr().err
 
 
 def test_the_docstring_and_the_docs_name_every_ratio_the_json_carries():
