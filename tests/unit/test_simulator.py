@@ -650,6 +650,21 @@ def test_the_wait_after_a_preemption_counts_as_waiting_not_only_the_first_start(
     assert m["mean_wait_s"] == pytest.approx((a.finish - held + YIELD_S) / 2)  # A came at 0
 
 
+def test_a_job_moved_without_a_gap_waited_exactly_0():
+    # B starts on the P100s at once and restarts on the V100s the instant it releases the
+    # P100s: it never waited, but JCT minus the sum of its segments came out 1.5e-11 s (float
+    # cancellation at ~1e5 s), and the bench JSON's mean_wait_s read 4.5e-14 for a 0.
+    model = "ResNet-50 (batch size 64)"
+    result = simulate(prepare([TraceJob(0, 0.0, 1.0, 1, model),
+                               TraceJob(1, 20_000.0, 300.0, 4, model, ("V100",)),
+                               TraceJob(2, 20_270.0, 96_182.0, 4, model)]),
+                      "v100:4x1,p100:4x1", "gavel", check=True)
+    b = by_id(result)[2]
+    assert b.migrations == 1 and b.start == b.trace.submit_time_s
+    assert b.history[0][1] == b.history[1][0]  # no gap between its two segments
+    assert result.metrics["mean_wait_s"] == 0.0
+
+
 def test_jobs_csv_names_the_first_start_delay_and_the_whole_wait(tmp_path):
     from orchestrator.simulator import write_jobs_csv
     import csv
