@@ -313,6 +313,15 @@ def test_an_unknown_family_is_kept_and_its_job_never_fits(tmp_path):
     assert result[0].status == NEVER_FITS and result[1].status == FINISHED
 
 
+def test_makespan_counts_from_the_first_submit_a_job_that_never_fits_included():
+    # docs/simulator.md#metrics: first submit of any job (here the Z80 one, at 0) to the last
+    # finish; 0 when no job finishes.
+    result = simulate(trace((0, 10, 1, "Z80"), (1000, 100, 2)), "p100:8x1", "fifo")
+    assert [j.status for j in result.jobs] == [NEVER_FITS, FINISHED]
+    assert result.metrics["makespan_s"] == pytest.approx(1100)
+    assert simulate(trace((0, 10, 1, "Z80")), "p100:8x1", "fifo").metrics["makespan_s"] == 0
+
+
 def test_philly_loader_and_its_errors(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("timestamp,duration,num_gpus,gpu_time,cluster\n"
