@@ -276,9 +276,30 @@ SERVE_REQUEST_LATENCY = MetricSpec(
     SERVE_TAGS, LATENCY_BUCKETS_S)
 SERVE_TIME_TO_FIRST_TOKEN = MetricSpec(
     "orchestrator_serve_time_to_first_token_seconds", HISTOGRAM,
-    "Time from arrival at the model replica to the first generated token (the proxy and "
-    "ingress hops, and a wait in Serve's router for a replica with room, are not counted)",
+    "Time from arrival at the model replica to the first generated token, per prompt: the "
+    "model's share (batch slot and prefill) of the client's wait; the proxy and ingress "
+    "hops and a wait in Serve's router for a replica with room are not counted (the "
+    "ingress's figure and the router wait are)",
     "seconds", SERVE_TAGS, TTFT_BUCKETS_S)
+# The client's time to first token grows under load mostly in Serve's router, which holds a
+# call until a model replica has room (max_ongoing_requests): the replica never sees that
+# wait. The ingress measures it, on its own clock only (generation.outside_replica_s).
+SERVE_INGRESS_TIME_TO_FIRST_TOKEN = MetricSpec(
+    "orchestrator_serve_ingress_time_to_first_token_seconds", HISTOGRAM,
+    "Time from arrival at the ingress replica to the first generated token, per request: "
+    "what a client waits for it, the router's wait for a model replica with room, the hops "
+    "and any resend after a lost replica included (the proxy's hop to the ingress is not). "
+    "Streamed: to the first chunk the ingress receives; whole: the ingress's wait for the "
+    "answer less what the model replica held after the first token (monotonic durations "
+    "measured on each side, no two machines' clocks compared); a request of several prompts "
+    "counts its earliest", "seconds", SERVE_TAGS, TTFT_BUCKETS_S)
+SERVE_ROUTER_WAIT = MetricSpec(
+    "orchestrator_serve_router_wait_seconds", HISTOGRAM,
+    "Time a model call spent outside the model replica, per call answered: waiting in "
+    "Serve's router for a replica with room (max_ongoing_requests), plus the hops there and "
+    "back; the ingress's wait for the answer (whole) or the first chunk (streamed) less the "
+    "replica's own time to it. High while the replica's time to first token stays low: add "
+    "replicas", "seconds", SERVE_TAGS, TTFT_BUCKETS_S)
 SERVE_TIME_PER_OUTPUT_TOKEN = MetricSpec(
     "orchestrator_serve_time_per_output_token_seconds", HISTOGRAM,
     "Time per output token after the first (the stream's pace), per completed request",
@@ -324,7 +345,8 @@ ALL: tuple[MetricSpec, ...] = (
     SCHEDULER_REPORTS_REFUSED,
     SCHEDULER_YIELDS,
     *TRAIN_REPORT_KEYS.values(),
-    SERVE_REQUESTS, SERVE_ERRORS, SERVE_REQUEST_LATENCY, SERVE_TIME_TO_FIRST_TOKEN,
+    SERVE_REQUESTS, SERVE_ERRORS, SERVE_REQUEST_LATENCY, SERVE_INGRESS_TIME_TO_FIRST_TOKEN,
+    SERVE_ROUTER_WAIT, SERVE_TIME_TO_FIRST_TOKEN,
     SERVE_TIME_PER_OUTPUT_TOKEN, SERVE_QUEUE_TIME, SERVE_BATCH_SIZE, SERVE_BATCHED_REQUESTS,
     SERVE_QUEUE_DEPTH, SERVE_TOKENS_PER_SECOND, SERVE_GENERATED_TOKENS,
     SERVE_MODEL_VERSION,
@@ -363,7 +385,9 @@ ALERT_NODE_DOWN_FOR_S = 60  # the scheduler calls a node suspect after 15 s with
 ALERT_QUEUE_STUCK_AFTER_S = 1200
 # Interactive use: 99% of requests see their first token within 2.5 s, judged over 5 minutes
 # of traffic so one slow batch does not page anyone. On time to first token, not the whole
-# request: a request's end-to-end time grows with its max_tokens, whatever the load.
+# request: a request's end-to-end time grows with its max_tokens, whatever the load. As the
+# ingress measures it (SERVE_INGRESS_TIME_TO_FIRST_TOKEN): the replica's own figure misses
+# the wait in Serve's router, where the client's grows under load.
 ALERT_SERVE_P99_TTFT_S = 2.5
 ALERT_SERVE_LATENCY_FOR_S = 300
 # Serve replaces a replica after 3 failed health checks in a row: two replicas unhealthy, or

@@ -141,13 +141,15 @@ ALERT_RULES: tuple[AlertRule, ...] = (
     AlertRule(
         "ServeFirstTokenP99High",
         f"histogram_quantile(0.99, sum by (deployment, le) "
-        f"(rate({m.SERVE_TIME_TO_FIRST_TOKEN.exported}_bucket[5m]))) > "
+        f"(rate({m.SERVE_INGRESS_TIME_TO_FIRST_TOKEN.exported}_bucket[5m]))) > "
         f"{m.ALERT_SERVE_P99_TTFT_S}",
         m.ALERT_SERVE_LATENCY_FOR_S, "page",
         f"p99 time to first token of {{{{ $labels.deployment }}}} is above "
         f"{m.ALERT_SERVE_P99_TTFT_S:g}s",
-        "p99 {{ $value | humanizeDuration }} over the last 5 minutes: requests wait for a "
-        "batch slot. Add replicas, or lower max_batch_size or the batch wait timeout."),
+        "p99 {{ $value | humanizeDuration }} over the last 5 minutes, as clients wait for it "
+        "(from arrival at the ingress). The dashboard's router wait high: requests wait for "
+        "a model replica with room, add replicas; the replica's own time to first token "
+        "high: they wait for a batch slot, lower max_batch_size or the batch wait timeout."),
     AlertRule(
         "ServeHealthChecksFailing",
         _replicas_failing_within(m.ALERT_HEALTH_CHECK_WINDOW_S),
@@ -200,7 +202,9 @@ class Panel:
 
 def _panels() -> dict[str, list[Panel]]:
     latency = m.SERVE_REQUEST_LATENCY.exported
-    ttft = m.SERVE_TIME_TO_FIRST_TOKEN.exported
+    ttft = m.SERVE_INGRESS_TIME_TO_FIRST_TOKEN.exported
+    replica_ttft = m.SERVE_TIME_TO_FIRST_TOKEN.exported
+    router_wait = m.SERVE_ROUTER_WAIT.exported
     batch = m.SERVE_BATCH_SIZE.exported
     decide = m.SCHEDULER_PLACEMENT_LATENCY.exported
     median, slowest = 'stat="median"', 'stat="min"'  # NODE_BANDWIDTH_SUMMARY's BANDWIDTH_STATS
@@ -290,9 +294,15 @@ def _panels() -> dict[str, list[Panel]]:
                   "{{deployment}} p99",
                   ((f"histogram_quantile(0.5, sum by (deployment, le) "
                     f"(rate({latency}_bucket[5m])))", "{{deployment}} p50"),)),
-            Panel("Time to first token p99", m.SERVE_TIME_TO_FIRST_TOKEN,
+            Panel("Time to first token p99", m.SERVE_INGRESS_TIME_TO_FIRST_TOKEN,
                   f"histogram_quantile(0.99, sum by (deployment, le) (rate({ttft}_bucket[5m])))",
-                  "{{deployment}} p99"),
+                  "{{deployment}} p99 (client's, from the ingress)",
+                  ((f"histogram_quantile(0.99, sum by (deployment, le) "
+                    f"(rate({replica_ttft}_bucket[5m])))",
+                    "{{deployment}} p99 in the model replica"),)),
+            Panel("Router wait p99", m.SERVE_ROUTER_WAIT,
+                  f"histogram_quantile(0.99, sum by (deployment, le) "
+                  f"(rate({router_wait}_bucket[5m])))", "{{deployment}} p99"),
             Panel("Time per output token p99", m.SERVE_TIME_PER_OUTPUT_TOKEN,
                   f"histogram_quantile(0.99, sum by (deployment, le) "
                   f"(rate({m.SERVE_TIME_PER_OUTPUT_TOKEN.exported}_bucket[5m])))",

@@ -42,7 +42,8 @@ from starlette.routing import Route, request_response
 from orchestrator import metric_catalogue as catalogue
 from orchestrator.serving import protocol
 from orchestrator.serving.generation import (Chunk, GenerationRequest, GenerationResult,
-                                             SamplingParams)
+                                             SamplingParams, first_token_after_s,
+                                             outside_replica_s)
 from orchestrator.serving.loading import model_directories, pin_checkpoint
 from orchestrator.serving.protocol import APIError
 from orchestrator.serving.retries import (ROUTABLE_STATES, DeploymentState, gather_or_cancel,
@@ -305,9 +306,12 @@ class Ingress:
                 for prompt in parsed.prompts]
             if parsed.stream:
                 return await self._stream_response(parsed, requests, started, route)
-            results = await gather_or_cancel(*(self._generate(r, route) for r in requests))
+            answers = await gather_or_cancel(*(self._answered(r, route) for r in requests))
         except Exception as e:
             return self._error_response(e, route, started)
+        results = [result for result, _ in answers]
+        firsts = [first_token_after_s(at - started, result) for result, at in answers]
+        self._record_first_token(min((s for s in firsts if s is not None), default=None), route)
         version = results[0].version
         prompt_tokens = sum(len(p) for p in parsed.prompts)
         completion_tokens = sum(r.completion_tokens for r in results)
@@ -476,9 +480,20 @@ class Ingress:
         if not refresh.cancelled():
             refresh.exception()  # (read: no "never retrieved" warning when nobody waited)
 
+    async def _answered(self, request: GenerationRequest,
+                        route: str) -> tuple[GenerationResult, float]:
+        """The whole answer, and when it came (perf_counter)."""
+        result = await self._generate(request, route)
+        return result, time.perf_counter()
+
     async def _generate(self, request: GenerationRequest, route: str) -> GenerationResult:
-        return await self._with_retries(
-            lambda: self._answer(self.model.generate.remote(request, route)))
+        async def call() -> GenerationResult:
+            sent = time.perf_counter()
+            result = await self._answer(self.model.generate.remote(request, route))
+            self._record_router_wait(outside_replica_s(time.perf_counter() - sent,
+                                                       result.held_s), route)
+            return result
+        return await self._with_retries(call)
 
     async def _answer(self, response):
         """A model call's answer, once a replica took it within replica_wait_s."""
@@ -562,9 +577,13 @@ class Ingress:
 
     async def _taken_stream(self, request: GenerationRequest,
                             route: str) -> AsyncIterator[Chunk]:
+        sent = time.perf_counter()
         response = self.stream_model.generate_stream.remote(request, route)
         await self._taken(response)
         async for chunk in response:
+            if chunk.first_token_s is not None:  # (the call's first chunk)
+                self._record_router_wait(outside_replica_s(time.perf_counter() - sent,
+                                                           chunk.first_token_s), route)
             yield chunk
 
     async def _pump(self, queue: asyncio.Queue, index: int, request: GenerationRequest,
@@ -594,6 +613,8 @@ class Ingress:
             first = await queue.get()
             if isinstance(first[1], Exception):
                 return self._error_response(first[1], route, started)
+            if first[1] is not None:  # (None: a prompt that ended with no chunk at all)
+                self._record_first_token(time.perf_counter() - started, route)
             handed_over = True
             version = first[1].version if first[1] is not None else ""
             return CancellingStream(self._sse(parsed, first, queue, len(tasks), started, route),
@@ -691,6 +712,16 @@ class Ingress:
 
     def _record_error(self, route: str, error: APIError) -> None:
         _count_error(self.deployment, route, error)
+
+    def _record_first_token(self, seconds: float | None, route: str) -> None:
+        """A request's time to its first token as its client waits for it (None: not known,
+        a replica that did not say how long it held the request)."""
+        record(catalogue.SERVE_INGRESS_TIME_TO_FIRST_TOKEN, seconds,
+               deployment=self.deployment, route=route)
+
+    def _record_router_wait(self, seconds: float | None, route: str) -> None:
+        """How long a model call that was answered spent outside its model replica."""
+        record(catalogue.SERVE_ROUTER_WAIT, seconds, deployment=self.deployment, route=route)
 
     def _record(self, route: str, status: int, started: float) -> None:
         _count_request(self.deployment, route, status)

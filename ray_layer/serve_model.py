@@ -388,7 +388,11 @@ class GPTModel:
     # -- generation ---------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest,
                        route: str = COMPLETIONS_ROUTE) -> GenerationResult:
-        return collect([chunk async for chunk in self.generate_stream(request, route)])
+        """The whole answer, with how long this replica held the request: the ingress takes
+        it from its own wait to tell the wait outside this replica (generation.py)."""
+        arrived = time.perf_counter()
+        chunks = [chunk async for chunk in self.generate_stream(request, route)]
+        return collect(chunks, held_s=time.perf_counter() - arrived)
 
     async def generate_stream(self, request: GenerationRequest,
                               route: str = COMPLETIONS_ROUTE) -> AsyncIterator[Chunk]:
@@ -426,12 +430,14 @@ class GPTModel:
                 if item.error is not None:  # its row left the engine: nothing to cancel
                     self.streams.pop(key, None)
                     raise request_failed(item, engine.loaded.version)
+                first_token_s = None
                 if first_at is None:
                     first_at = time.perf_counter()
-                    self._record_first_token(first_at - arrived, route)
+                    first_token_s = self._record_first_token(first_at - arrived, route)
                 produced += len(item.tokens)
                 finished = item.finish_reason is not None
-                yield dataclasses.replace(item, version=engine.loaded.version)
+                yield dataclasses.replace(item, version=engine.loaded.version,
+                                          first_token_s=first_token_s)
         finally:
             if self.streams.pop(key, None) is not None and not finished:
                 self.host.send(("cancel", engine.id, key))
@@ -669,9 +675,12 @@ class GPTModel:
                                f"again ({why})")
         return generation_failed(why)
 
-    def _record_first_token(self, seconds: float, route: str) -> None:
+    def _record_first_token(self, seconds: float, route: str) -> float:
+        """Record the time to a request's first token here; returned for its first chunk
+        (Chunk.first_token_s), which tells the ingress how much of its own wait was ours."""
         record(catalogue.SERVE_TIME_TO_FIRST_TOKEN, seconds, deployment=self.deployment,
                route=route)
+        return seconds
 
     def _record_tpot(self, seconds: float, route: str) -> None:
         record(catalogue.SERVE_TIME_PER_OUTPUT_TOKEN, seconds, deployment=self.deployment,
@@ -691,7 +700,8 @@ class GPTModel:
                     raise request_failed(chunk, chunk.version)
                 if first_at is None:
                     first_at = time.perf_counter()
-                    self._record_first_token(first_at - arrived, route)
+                    chunk = dataclasses.replace(chunk, first_token_s=self._record_first_token(
+                        first_at - arrived, route))
                 finished = chunk.finish_reason is not None
                 produced += len(chunk.tokens)
                 yield chunk

@@ -113,6 +113,10 @@ class Chunk:
     finish_reason: str | None = None  # "stop", "length", "error", or None while generating
     version: str = ""  # the model version that produced it (filled in by the deployment)
     error: str | None = None  # why the request failed (finish_reason "error"; no tokens)
+    # On a request's first chunk only (filled in by the deployment): seconds from the
+    # request's arrival at the model replica to it, on the replica's monotonic clock. The
+    # ingress, on another machine maybe, compares it with its own wait (outside_replica_s).
+    first_token_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -123,13 +127,43 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: str
     version: str
+    # Seconds from the request's arrival at the model replica to its first token and to this
+    # answer, on the replica's monotonic clock (None where not measured): what the ingress
+    # needs to tell the time a client waited for the first token (first_token_after_s).
+    first_token_s: float | None = None
+    held_s: float | None = None
 
 
-def collect(chunks: list[Chunk]) -> GenerationResult:
+def collect(chunks: list[Chunk], held_s: float | None = None) -> GenerationResult:
+    """The whole answer of `chunks`; `held_s`: how long the model replica held the request."""
     reason = next((c.finish_reason for c in reversed(chunks) if c.finish_reason), "")
     return GenerationResult("".join(c.text for c in chunks),
                             sum(len(c.tokens) for c in chunks), reason,
-                            chunks[-1].version if chunks else "")
+                            chunks[-1].version if chunks else "",
+                            chunks[0].first_token_s if chunks else None, held_s)
+
+
+# The ingress and a model replica can be on different machines: their clocks are never
+# compared. Each side measures a monotonic duration from its own start (the ingress from its
+# call, the replica from the call's arrival), and the difference of two durations that end
+# at the same event is the time spent between them: in Serve's router, waiting for a replica
+# with room, and in the hops there and back.
+def outside_replica_s(waited_s: float, replica_s: float | None) -> float | None:
+    """How long a model call that the ingress waited `waited_s` for (to its answer, or to its
+    first chunk) spent outside the replica, which had it for `replica_s` of that (None: the
+    replica did not say). Clamped at 0: two machines' clocks run at rates a few parts per
+    million apart."""
+    return None if replica_s is None else max(waited_s - replica_s, 0.0)
+
+
+def first_token_after_s(answered_after_s: float, result: GenerationResult) -> float | None:
+    """When a whole answer's first token was generated, counted from the same start as
+    `answered_after_s` (when its answer reached the ingress): the answer came
+    `held_s - first_token_s` after the first token, as the replica measured it (None: the
+    replica did not say)."""
+    if result.held_s is None or result.first_token_s is None:
+        return None
+    return max(answered_after_s - (result.held_s - result.first_token_s), 0.0)
 
 
 # Tokens sorted first when sampling a vocabulary over 4x this: the most likely, by topk.

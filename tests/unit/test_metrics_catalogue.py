@@ -80,7 +80,7 @@ def test_training_thresholds_agree_with_the_progress_log_warnings():
 
 
 def test_latency_target_is_a_bucket_bound_so_the_p99_is_exact_there():
-    assert m.ALERT_SERVE_P99_TTFT_S in m.SERVE_TIME_TO_FIRST_TOKEN.buckets
+    assert m.ALERT_SERVE_P99_TTFT_S in m.SERVE_INGRESS_TIME_TO_FIRST_TOKEN.buckets
 
 
 def test_alert_rules_use_the_catalogue_thresholds():
@@ -370,15 +370,19 @@ def alert_cases() -> list[dict]:
     case([series(wait, {}, flat(m.ALERT_QUEUE_STUCK_AFTER_S + 1))], "SchedulerQueueStuck",
          [({}, sev["SchedulerQueueStuck"])])
     case([series(wait, {}, flat(m.ALERT_QUEUE_STUCK_AFTER_S - 1))], "SchedulerQueueStuck", [])
-    # p99 time to first token: every request in the bucket just above the target, or in the
-    # first one.
+    # p99 time to first token, as clients wait for it (at the ingress): every request in the
+    # bucket just above the target, or in the first one. The replica's own figure, fast
+    # while requests wait in Serve's router, does not hold the page back.
     target = m.ALERT_SERVE_P99_TTFT_S
-    for slow in (True, False):
-        ttft = [series(f"{m.SERVE_TIME_TO_FIRST_TOKEN.exported}_bucket",
+
+    def ttft(spec, slow):
+        return [series(f"{spec.exported}_bucket",
                        {"deployment": "gpt", "route": "/v1/completions", "le": str(bound)},
                        f"0+{0 if slow and bound != '+Inf' and bound <= target else 10}x{mins * 2}")
-                for bound in (*m.SERVE_TIME_TO_FIRST_TOKEN.buckets, "+Inf")]
-        case(ttft, "ServeFirstTokenP99High",
+                for bound in (*spec.buckets, "+Inf")]
+    for slow in (True, False):
+        case(ttft(m.SERVE_INGRESS_TIME_TO_FIRST_TOKEN, slow)
+             + ttft(m.SERVE_TIME_TO_FIRST_TOKEN, False), "ServeFirstTokenP99High",
              [({"deployment": "gpt"}, sev["ServeFirstTokenP99High"])] if slow else [])
     # Serve (live Ray 2.60): a replica stopped as unhealthy has its healthy gauge at 0 for a
     # scrape or two, then the series goes; its failure counter appears already at 3 and stays.

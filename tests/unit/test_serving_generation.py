@@ -352,3 +352,21 @@ def test_rows_no_token_can_be_drawn_from_are_flagged_and_only_those(temperature)
     assert tokens[3:].tolist() == sample_tokens(logits[3:], rows[3:], torch.ones(2),
                                                 torch.full((2,), 0.5)).tolist()
     assert NON_FINITE not in tokens[3:].tolist() and tokens[3] != 7
+
+
+def test_the_wait_outside_a_replica_is_a_difference_of_durations_never_of_clocks():
+    # The replica-side time to first token left out Serve's router (waiting for a replica
+    # with room): the ingress tells it from its own wait less the replica's own time.
+    from orchestrator.serving.generation import (Chunk, collect, first_token_after_s,
+                                                 outside_replica_s)
+
+    assert outside_replica_s(2.5, 0.5) == 2.0
+    assert outside_replica_s(0.5, 0.5000001) == 0.0  # clock rates differ: never below 0
+    assert outside_replica_s(1.0, None) is None  # a replica that did not say
+    # Held 1.0 s, first token 0.2 s in: the answer reached the ingress 3.0 s after its start,
+    # so the first token was 0.8 s before that, at 2.2 s.
+    answer = collect([Chunk((1,), "a", first_token_s=0.2), Chunk((2,), "b", "length")],
+                     held_s=1.0)
+    assert (answer.first_token_s, answer.held_s) == (0.2, 1.0)
+    assert first_token_after_s(3.0, answer) == pytest.approx(2.2)
+    assert first_token_after_s(3.0, collect([Chunk((1,), "a", "length")])) is None

@@ -674,3 +674,52 @@ def test_a_head_health_check_is_answered_as_get_is(monkeypatch):
                          ("/v1/models/gpt-4", 404)):
         head, get = client.head(path), client.get(path)
         assert head.status_code == get.status_code == status, (path, head.status_code)
+
+
+def test_time_to_first_token_counts_the_wait_outside_the_replica_streamed_or_whole():
+    # The only time to first token was the replica's: a call waiting 0.3 s in Serve's router
+    # for a replica with room (here: before the fake replica "arrives") read 0.05 s.
+    from types import SimpleNamespace
+
+    recorded = {}
+    outside, first_token, held = 0.3, 0.05, 0.2
+
+    async def answer(call):  # the router's wait, then the replica's hold
+        await asyncio.sleep(outside + held)
+        return GenerationResult("Hello", 5, "length", "v1", first_token, held)
+
+    async def stream(request, route):
+        await asyncio.sleep(outside + first_token)
+        yield Chunk((72,), "H", None, "v1", first_token_s=first_token)
+        yield Chunk((105,), "i", "length", "v1")
+
+    async def served(streamed: bool) -> dict[str, float]:
+        ing = ingress(None)
+        ing._info, ing._info_at = INFO, time.monotonic()  # (no model_info call)
+        ing._with_retries = lambda call: call()
+        ing.model = SimpleNamespace(generate=SimpleNamespace(remote=lambda *args: None))
+        ing.stream_model = SimpleNamespace(generate_stream=SimpleNamespace(remote=stream))
+        ing._answer = answer
+
+        async def taken(response):
+            pass
+
+        ing._taken = taken
+        # (Serve's deployment wrapper gives Ingress's methods their own module globals: the
+        # metrics are caught at the methods that record them)
+        ing._record_first_token = lambda seconds, route: recorded.update(client=seconds)
+        ing._record_router_wait = lambda seconds, route: recorded.update(router=seconds)
+        recorded.clear()
+        response = await ing._serve(request({"prompt": "hi", "max_tokens": 2,
+                                             "stream": streamed}), serve_app.COMPLETIONS_ROUTE)
+        if streamed:
+            assert b"[DONE]" in b"".join([part async for part in response.body_iterator])
+        assert response.status_code == 200
+        return dict(recorded)
+
+    for streamed in (False, True):
+        figures = asyncio.run(served(streamed))
+        # Lower bounds exact (sleeps never end early); upper ones leave room for busy cores.
+        assert outside <= figures["router"] < outside + 0.15, streamed
+        assert outside + first_token <= figures["client"] < outside + first_token + 0.15, \
+            streamed

@@ -59,6 +59,24 @@ def replicas(monkeypatch):
     torch.set_num_threads(threads)
 
 
+class BatchOfOne:
+    """@serve.batch, which needs a replica's context: a batch per request."""
+
+    def __init__(self, run):
+        self.run = run
+
+    async def __call__(self, request):
+        async for step in self.run([request]):
+            if step[0] is not StopIteration:
+                yield step[0]
+
+    def set_max_batch_size(self, size):
+        pass
+
+    def set_batch_wait_timeout_s(self, seconds):
+        pass
+
+
 def checkpoint(run: Path, step: int) -> str:
     return str(save_untrained_checkpoint(run / f"checkpoint_{step:08d}", "tiny", CONTEXT,
                                          seed=step, step=step))
@@ -590,21 +608,6 @@ def test_a_request_whose_logits_go_non_finite_is_a_500_naming_it_in_both_batchin
     from ray_layer.serve_model import EngineRecord
     from tests.tiny_gpt import overflowing_from
 
-    class BatchOfOne:  # @serve.batch, which needs a replica's context: a batch per request
-        def __init__(self, run):
-            self.run = run
-
-        async def __call__(self, request):
-            async for step in self.run([request]):
-                if step[0] is not StopIteration:
-                    yield step[0]
-
-        def set_max_batch_size(self, size):
-            pass
-
-        def set_batch_wait_timeout_s(self, seconds):
-            pass
-
     replica = replicas()
     asyncio.run(replica.reconfigure({"checkpoint": checkpoint(tmp_path / "run", 1),
                                      "batching": "static"}))
@@ -647,3 +650,25 @@ def test_a_request_whose_logits_go_non_finite_is_a_500_naming_it_in_both_batchin
     assert key not in replica.streams
     lines = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
     assert len(lines) == 2 and all(replica.loaded.version in line for line in lines), lines
+
+
+def test_a_replica_says_how_long_it_held_a_request_and_when_its_first_token_came(replicas,
+                                                                                 tmp_path):
+    # The ingress tells the wait outside the replica (Serve's router) from these: without
+    # them a client's time to first token under load was seen nowhere.
+    from orchestrator.serving.generation import GenerationRequest, SamplingParams
+
+    replica = replicas()
+    asyncio.run(replica.reconfigure({"checkpoint": checkpoint(tmp_path / "run", 1),
+                                     "batching": "static"}))
+    replica.batch = BatchOfOne(replica._run_batch)
+    request = GenerationRequest((1,) * 4, SamplingParams(6, temperature=0.0))
+    answer = asyncio.run(replica.generate(request))
+    assert answer.completion_tokens == 6
+    assert 0 < answer.first_token_s < answer.held_s
+
+    async def streamed():
+        return [chunk async for chunk in replica.generate_stream(request)]
+    chunks = asyncio.run(streamed())
+    assert chunks[0].first_token_s > 0  # on the first chunk only
+    assert [c.first_token_s for c in chunks[1:]] == [None] * (len(chunks) - 1)
