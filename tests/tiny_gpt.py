@@ -58,3 +58,17 @@ def overflowing_from(model: GPT, position: int):
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def non_finite_from_token(model: GPT, token: int):
+    """The model's logits are NaN at every position of a sequence from its first `token` on
+    (that token's embedding is infinite), its weights finite: an overflow of one request's
+    own, which the other rows of its batch, not holding the token, never meet."""
+    def infinite_at_token(module, inputs, output):
+        return output.masked_fill((inputs[0] == token).unsqueeze(-1), float("inf"))
+    handle = model.tok_emb.register_forward_hook(infinite_at_token)
+    try:
+        yield
+    finally:
+        handle.remove()

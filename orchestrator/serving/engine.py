@@ -20,7 +20,8 @@ left-padded to the longest. Here, at every `step()`:
 4. every row whose context is fully fed samples its next token (same sampling and per-row
    generator as static batching: generation.Row); rows that finish leave and free their
    blocks at once, and so does a row whose logits are NaN or infinite: it ends with an
-   error chunk (finish_reason "error"), the others go on.
+   error chunk (finish_reason "error"), the others go on (a row made NaN by reading a
+   neighbour's overflow masked, on the matrix-product paths, is recomputed alone first).
 
 A row's tokens depend only on its own request, up to float rounding: its attention reads only
 its own blocks, and each row draws from its own seeded generator, so greedy and seeded output
@@ -41,7 +42,8 @@ from dataclasses import dataclass, field
 import torch
 
 from orchestrator.serving import decode_kernel
-from orchestrator.serving.generation import Chunk, GenerationRequest, Row, sample_tokens
+from orchestrator.serving.generation import (NON_FINITE, Chunk, GenerationRequest, Row,
+                                             sample_tokens)
 from orchestrator.serving.paged import (PagedKVCache, Segment, cache_slots, first_of_run,
                                         paged_forward)
 from orchestrator.serving.protocol import CONTEXT_LENGTH_EXCEEDED, kv_cache_refusal
@@ -225,7 +227,7 @@ class ContinuousEngine:
         logits = paged_forward(self.model, self.cache, segments)
         # (before sampling: rows that finish in this step leave there, and still ran in it)
         self.stats.most_rows = max(self.stats.most_rows, len(self.running))
-        out = self._sample(logits, sampling)
+        out = self._sample(logits, sampling, segments)
         self.stats.steps += 1
         self.stats.rows_per_step[len(segments)] += 1
         return out
@@ -270,21 +272,23 @@ class ContinuousEngine:
             sampling.append(index if not sequence.pending else -1)
         return segments, sampling
 
-    def _sample(self, logits: torch.Tensor, sampling: list[int]) -> list[tuple[object, Chunk]]:
+    def _sample(self, logits: torch.Tensor, sampling: list[int], segments: list[Segment]
+                ) -> list[tuple[object, Chunk]]:
         picks = [(s, index) for s, index in enumerate(sampling) if index >= 0]
         if not picks:
             return []
         rows = [self.running[index] for _, index in picks]
         params = [sequence.row.request.params for sequence in rows]
         device = logits.device
-        tokens = sample_tokens(
-            logits[torch.tensor([s for s, _ in picks], device=device)],
-            torch.tensor([p.temperature for p in params], device=device),
-            torch.tensor([p.top_p for p in params], device=device),
-            torch.tensor([sequence.row.draw() for sequence in rows], device=device),
-            vocab=self.tokenizer.vocab_size)
+        how = (torch.tensor([p.temperature for p in params], device=device),
+               torch.tensor([p.top_p for p in params], device=device),
+               torch.tensor([sequence.row.draw() for sequence in rows], device=device))
+        tokens = sample_tokens(logits[torch.tensor([s for s, _ in picks], device=device)],
+                               *how, vocab=self.tokenizer.vocab_size).tolist()
+        if NON_FINITE in tokens:  # (only then: a step where every row is finite pays nothing)
+            self._resample_alone(tokens, [segments[s] for s, _ in picks], how)
         out = []
-        for sequence, token in zip(rows, tokens.tolist()):
+        for sequence, token in zip(rows, tokens):
             chunk = sequence.row.accept(token)
             out.append((sequence.key, chunk))
             if sequence.row.finished:
@@ -298,6 +302,26 @@ class ContinuousEngine:
             else:
                 sequence.pending = [token]
         return out
+
+    def _resample_alone(self, tokens: list[int], segments: list[Segment],
+                        how: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Recompute each decoding row whose logits were not finite alone, and sample it
+        again from the same temperature, top_p and draw (`how`): in `tokens`, in place.
+
+        On the matrix-product paths a decoding row reads its lane (or its group's padded
+        blocks) up to the batch's longest row, the positions past its own masked, and a
+        masked NaN there (another row's overflow, its keys and values written in this step)
+        still makes its softmax NaN: 0 x NaN. Alone, a row reads only its own positions, so
+        a row that is still not finite overflowed by itself, and fails; one that now is was
+        failed by a neighbour, and goes on as if that one had not been there. Its keys and
+        values at this position (NaN past the layer its attention read the NaN) are written
+        again by the recompute, the same up to the last bits. A prompt chunk reads only its
+        own positions: not recomputed."""
+        for i, segment in enumerate(segments):
+            if tokens[i] == NON_FINITE and len(segment.tokens) == 1:
+                logits = paged_forward(self.model, self.cache, [segment])
+                tokens[i] = int(sample_tokens(logits, *(t[i:i + 1] for t in how),
+                                              vocab=self.tokenizer.vocab_size)[0])
 
     def _leave(self, sequence: Sequence) -> None:
         self.running.remove(sequence)

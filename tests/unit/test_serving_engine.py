@@ -12,8 +12,8 @@ from orchestrator.serving.engine import (CapacityError, ContinuousEngine, Engine
 from orchestrator.serving.generation import GenerationRequest, SamplingParams, generate
 from orchestrator.serving.paged import BlockPool, first_of_run
 from orchestrator.tokenizer import ByteTokenizer
-from tests.tiny_gpt import (BLOCK, greedy, model, overflowing_from, reference_greedy,  # noqa: F401
-                            torch_on_one_thread)
+from tests.tiny_gpt import (BLOCK, greedy, model, non_finite_from_token,  # noqa: F401
+                            overflowing_from, reference_greedy, torch_on_one_thread)
 
 # Small blocks and prefill chunks, so prompts cross blocks and are prefilled over several steps.
 LIMITS = EngineLimits(max_rows=8, num_blocks=64, block_tokens=4, prefill_chunk_tokens=6)
@@ -530,3 +530,43 @@ def test_a_request_given_the_blocks_of_one_that_failed_decodes_as_alone(model,
     assert first_blocks == {"after": 0, "long": 16}  # (the two lanes' starts)
     assert (out["after"][1], out["after"][2]) == alone(model, after)[1:]
     assert (eng.stats.failed, eng.stats.finished) == (1, 2)
+
+
+@pytest.mark.parametrize("use_decode_kernel", [True, False], ids=["kernel", "matmul-paths"])
+def test_a_row_whose_logits_go_non_finite_fails_alone_not_the_rows_sharing_its_lane(
+        model, use_decode_kernel):
+    # Two lanes of 16 blocks. "short" takes lane 0's start, "long" lane 1's; "doomed", added
+    # once they decode, gets the blocks after "short" in lane 0, and NaN keys and values from
+    # its first position (slot 16 of lane 0) on. The matrix-product paths attend the lane rows
+    # over every lane up to the longest row ("long", past 40), "short"'s positions past its
+    # own masked: 0 x NaN made its output NaN, and "short" failed with "doomed" (from the
+    # doomed prompt's first chunk on): an innocent request given a 500.
+    poison = ord("~")
+    limits = dataclasses.replace(LIMITS, num_blocks=32)
+    short, long = greedy(b"hi", 12), greedy(b"a much longer prompt, forty tokens long.", 12)
+
+    def run(doomed: GenerationRequest | None) -> tuple[dict, ContinuousEngine, dict]:
+        eng = engine(model, limits)
+        eng.cache.use_decode_kernel = use_decode_kernel
+        chunks, first_blocks = {"short": [], "long": [], "doomed": []}, {}
+        eng.add("short", short)
+        eng.add("long", long)
+        with non_finite_from_token(model, poison):
+            while not eng.idle:
+                if doomed is not None and eng.stats.steps == 8:  # both decode by then
+                    eng.add("doomed", doomed)
+                for key, chunk in eng.step():
+                    chunks[key].append(chunk)
+                first_blocks.update((s.key, s.blocks[0]) for s in eng.running)
+        return chunks, eng, first_blocks
+
+    without, _, _ = run(None)
+    chunks, eng, first_blocks = run(greedy(b"~ overflows", 6))
+    assert first_blocks == {"short": 0, "long": 16, "doomed": 4}  # (lane 0: blocks 0-15)
+    for key in ("short", "long"):
+        assert all(c.error is None for c in chunks[key]), (key, chunks[key][-1].error)
+        assert chunks[key] == without[key]  # token for token, as if "doomed" never came
+    assert [c.finish_reason for c in chunks["doomed"]] == ["error"]
+    assert "NaN or infinite" in chunks["doomed"][0].error
+    assert (eng.stats.failed, eng.stats.finished) == (1, 2)
+    assert eng.free_blocks == limits.num_blocks
