@@ -244,7 +244,9 @@ def save_folder() -> Iterator[str]:
 @contextlib.contextmanager
 def _held(folder: str) -> Iterator[None]:
     """`folder`'s lock file, created and held (flock) while the save is written and
-    reported, removed after (POSIX; elsewhere nothing is held and nothing removed)."""
+    reported, removed after (POSIX; elsewhere nothing is held and nothing removed). A temp
+    directory whose filesystem takes no flock (Lustre without -o flock: ENOSYS; NFS without
+    its lock daemon: ENOLCK) holds nothing either: the save goes on, as before locks."""
     if os.name != "posix":
         yield
         return
@@ -254,7 +256,12 @@ def _held(folder: str) -> Iterator[None]:
     with open(lock + ".new", "w") as held:
         # Locked before it takes the name a cleaner looks for: one that opened it in
         # between would have got the lock, and deleted this live save.
-        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX)
+        except OSError:  # (no lock file then: a cleaner leaves an unlocked folder alone)
+            os.unlink(lock + ".new")
+            yield
+            return
         os.rename(lock + ".new", lock)
         try:
             yield

@@ -708,6 +708,28 @@ def test_a_save_in_progress_is_not_removed_by_another_saves_cleanup(tmp_path, mo
     assert not list(tmp_path.glob("ckpt-*"))
 
 
+def test_a_save_goes_on_unheld_where_the_temp_filesystem_takes_no_flock(tmp_path,
+                                                                        monkeypatch):
+    # Lustre mounted without -o flock says ENOSYS, NFS without its lock daemon ENOLCK: the
+    # lock beside the save is only for the cleanup of dead saves, and every checkpoint save
+    # failed with that OSError (leaving its lock file behind).
+    import errno
+    import fcntl
+    import tempfile
+
+    from orchestrator.training import checkpoint
+
+    def no_flock(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with checkpoint.save_folder() as folder:
+        (Path(folder) / "state.pt").write_bytes(b"weights")
+        assert (Path(folder) / "state.pt").read_bytes() == b"weights"
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_save_never_writes_through_a_file_left_at_a_temp_name(tmp_path):
     """A temp file of a fixed name (state.pt.tmp), opened to truncate, wrote through a link
     planted there (into whatever it named), then moved the link over the checkpoint; two
