@@ -163,8 +163,7 @@ def report_arguments_problem(metrics: Any, checkpoint: Any) -> str | None:
         return (f"metrics must be a dict of metric names to values, got "
                 f"{type(metrics).__name__} {_short_repr(metrics)}")
     # Names JSON cannot write (metrics.jsonl's): a number was written as its text, and stays.
-    unwritable = [key for key in metrics
-                  if key is not None and not isinstance(key, (str, int, float, bool))]
+    unwritable = [key for key in metrics if not _json_key(key)]
     if unwritable:
         return (f"metric names must be strings, got {_short_repr(unwritable[0])} "
                 f"({type(unwritable[0]).__name__})")
@@ -177,7 +176,7 @@ def report_arguments_problem(metrics: Any, checkpoint: Any) -> str | None:
                 f"{type(checkpoint).__name__} {_short_repr(checkpoint)}")
     try:
         return (metrics_json_problem(metrics) or metrics_tensor_problem(metrics)
-                or metrics_pickling_problem(metrics))
+                or metrics_key_problem(metrics) or metrics_pickling_problem(metrics))
     except RecursionError:  # (a list in a list ... thousands deep: each check recurses)
         return ("metrics are nested too deeply to be written as JSON (the run's "
                 "metrics.jsonl): report numbers and text")
@@ -192,6 +191,48 @@ def metrics_json_problem(metrics: dict[str, Any]) -> str | None:
     except ValueError as e:
         return f"{e} (the run's metrics.jsonl): report numbers and text"
     return None
+
+
+def metrics_key_problem(metrics: dict[str, Any]) -> str | None:
+    """Where a nested dict of `metrics` has a key JSON takes no key of (np.int64, a tuple),
+    or None. It failed writing metrics.jsonl in Ray Train's controller, naming no metric
+    ("TypeError: keys must be str, int, float, bool or None"). After metrics_json_problem:
+    no container holds itself."""
+    found = _unwritable_key(metrics, "metrics")
+    if found is None:
+        return None
+    where, key = found
+    return (f"{where} key {_short_repr(key)} ({type(key).__name__}) cannot be written as "
+            "JSON (the run's metrics.jsonl): key nested metrics by strings or numbers")
+
+
+def _json_key(key: Any) -> bool:
+    """Whether json.dumps takes `key` as a dict's key (numpy's int64 is no int to it)."""
+    return key is None or isinstance(key, (str, int, float, bool))
+
+
+def _unwritable_key(value: Any, where: str) -> tuple[str, Any] | None:
+    """(path of the dict, key) of the first dict key in `value` that JSON cannot write,
+    through dicts, lists and tuples; None where there is none. Paths are made only for the
+    containers looked into (it runs at every report: a 100k-float list is no 100k strings)."""
+    if isinstance(value, dict):
+        key = next((key for key in value if not _json_key(key)), _NO_KEY)
+        if key is not _NO_KEY:
+            return where, key
+        entries = value.items()
+    elif isinstance(value, (list, tuple)):
+        entries = enumerate(value)
+    else:
+        return None
+    for key, item in entries:
+        if isinstance(item, (dict, list, tuple)):
+            found = _unwritable_key(item, f"{where}[{key!r}]")
+            if found is not None:
+                return found
+    return None
+
+
+_NO_KEY = object()  # (None is a key JSON writes, as null)
 
 
 def metrics_tensor_problem(metrics: dict[str, Any]) -> str | None:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -1662,6 +1663,15 @@ def _nested(depth):
      "metrics.jsonl): report numbers and text"),
     ({"step": 1, "deep": _nested(5000)}, None, "metrics are nested too deeply to be written "
      "as JSON (the run's metrics.jsonl): report numbers and text"),
+    # A nested dict keyed by what JSON takes no key of (numpy's labels from np.unique, a
+    # pair) passed every check and failed writing metrics.jsonl, in Ray Train's controller,
+    # as "TypeError: keys must be str, int, float, bool or None", naming no metric.
+    ({"step": 1, "acc": {"per_class": {np.int64(3): 0.5}}}, None, "metrics['acc']"
+     "['per_class'] key np.int64(3) (int64) cannot be written as JSON (the run's "
+     "metrics.jsonl): key nested metrics by strings or numbers"),
+    ({"step": 1, "conf": [{("cat", "dog"): 2}]}, None, "metrics['conf'][0] key ('cat', 'dog') "
+     "(tuple) cannot be written as JSON (the run's metrics.jsonl): key nested metrics by "
+     "strings or numbers"),
 ])
 def test_report_names_a_bad_argument_before_ray_train_sees_it(metrics, checkpoint, expected):
     """Ray Train checks neither: they failed after the restarts as "'float' object is not
