@@ -273,12 +273,15 @@ def _held(folder: str) -> Iterator[None]:
 def _remove_saves_no_process_holds() -> None:
     """Remove save_folder's folders (and lock files) whose lock no process holds: their
     writer died before removing them. A folder without a lock file is left (one being
-    created this instant, or named so by something else)."""
+    created this instant, or named so by something else), and so is another host's: a temp
+    directory on NFS shared by several hosts may keep locks per host (`local_lock=flock`,
+    `nolock`), where another host's live save looks unheld (its own next save cleans it)."""
     if os.name != "posix":
         return
     import fcntl
 
-    named = re.compile(rf"{SAVE_FOLDER_PREFIX}.+-\d+-\w+{re.escape(SAVE_LOCK_SUFFIX)}")
+    named = re.compile(rf"{SAVE_FOLDER_PREFIX}{re.escape(socket.gethostname())}-\d+-\w+"
+                       rf"{re.escape(SAVE_LOCK_SUFFIX)}")
     try:
         entries = list(os.scandir(tempfile.gettempdir()))
     except OSError:

@@ -705,6 +705,14 @@ def test_a_save_in_progress_is_not_removed_by_another_saves_cleanup(tmp_path, mo
         pass
     assert (Path(live) / "state.pt").read_bytes() == b"weights"
     live_save.__exit__(None, None, None)
+    other_host = tmp_path / "ckpt-elsewhere-4194305-abcd1234"  # (its lock kept per host)
+    other_host.mkdir()
+    Path(f"{other_host}.lock").touch()
+    with checkpoint.save_folder():
+        pass
+    assert other_host.is_dir()
+    other_host.rmdir()
+    Path(f"{other_host}.lock").unlink()
     assert not list(tmp_path.glob("ckpt-*"))
 
 
