@@ -225,6 +225,7 @@ class ContinuousEngine:
             return []
         segments, sampling = self._plan()
         logits = paged_forward(self.model, self.cache, segments)
+        self._recompute_unsampled_alone(logits, segments, sampling)
         # (before sampling: rows that finish in this step leave there, and still ran in it)
         self.stats.most_rows = max(self.stats.most_rows, len(self.running))
         out = self._sample(logits, sampling, segments)
@@ -322,6 +323,24 @@ class ContinuousEngine:
                 logits = paged_forward(self.model, self.cache, [segment])
                 tokens[i] = int(sample_tokens(logits, *(t[i:i + 1] for t in how),
                                               vocab=self.tokenizer.vocab_size)[0])
+
+    def _recompute_unsampled_alone(self, logits: torch.Tensor, segments: list[Segment],
+                                   sampling: list[int]) -> None:
+        """Recompute alone each prompt chunk of one token that does not end its prompt (the
+        step's prefill budget had one token left, or prefill_chunk_tokens is 1) whose logits
+        were not finite. Such a chunk takes the decoding rows' attention (paged.py), reading
+        its lane masked up to the step's longest row, so a neighbour's NaN there made its keys
+        and values past layer 0 NaN; not sampled, it was never recomputed by
+        _resample_alone, and its row failed at its next sampled step, even alone. Only a
+        step with such a chunk pays the check."""
+        fed = [s for s, (segment, index) in enumerate(zip(segments, sampling))
+               if index < 0 and len(segment.tokens) == 1]
+        if not fed:
+            return
+        peaks = logits[torch.tensor(fed, device=logits.device)].max(dim=-1).values
+        for s, finite in zip(fed, peaks.isfinite().tolist()):
+            if not finite:  # (its own overflow stays: its row fails when it samples)
+                paged_forward(self.model, self.cache, [segments[s]])
 
     def _leave(self, sequence: Sequence) -> None:
         self.running.remove(sequence)

@@ -2,6 +2,7 @@
 outputs equal to each request decoded alone, rows joining and leaving at every step, chunked
 prefill interleaved with decoding, admission bounded by free blocks, cancellation, capacity."""
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -570,3 +571,41 @@ def test_a_row_whose_logits_go_non_finite_fails_alone_not_the_rows_sharing_its_l
     assert "NaN or infinite" in chunks["doomed"][0].error
     assert (eng.stats.failed, eng.stats.finished) == (1, 2)
     assert eng.free_blocks == limits.num_blocks
+
+
+@pytest.mark.parametrize("use_decode_kernel", [True, False], ids=["kernel", "matmul-paths"])
+def test_a_prompt_token_fed_alone_beside_a_neighbours_overflow_does_not_poison_its_row(
+        model, use_decode_kernel):
+    # A prefill chunk of one token that does not end its prompt (the step's prefill budget
+    # had one token left) takes the decoding rows' attention, which on the matrix-product
+    # paths reads its lane masked up to the step's longest row. "doomed" (blocks 17-19, lane
+    # 1, after "x") holds NaN keys from its first chunk on; "victim", given lane 1's start
+    # when "x" left, is fed one token of "hi" beside doomed's last chunk. Not sampled, its
+    # row was never recomputed: its keys past layer 0 kept the NaN, and it failed a step
+    # later, alone, as if it had overflowed.
+    limits = dataclasses.replace(LIMITS, num_blocks=32)
+    arrivals = {0: [("long", greedy(b"ab", 60)), ("x", greedy(b"x", 4))],
+                3: [("doomed", greedy(b"~ overflows", 2))], 4: [("victim", greedy(b"hi", 3))]}
+
+    def run(keys: set[str]) -> tuple[dict, dict]:
+        eng = engine(model, limits)
+        eng.cache.use_decode_kernel = use_decode_kernel
+        chunks, blocks = {key: [] for key in keys}, {}
+        with non_finite_from_token(model, ord("~")):
+            for step in itertools.count():
+                if step > max(arrivals) and eng.idle:
+                    return chunks, blocks
+                for key, request in arrivals.get(step, []):
+                    if key in keys:
+                        eng.add(key, request)
+                for key, chunk in eng.step():
+                    chunks[key].append(chunk)
+                blocks.update((s.key, s.blocks[0]) for s in eng.running)
+
+    without, _ = run({"long", "x", "victim"})
+    chunks, first_blocks = run({"long", "x", "doomed", "victim"})
+    assert first_blocks == {"long": 0, "x": 16, "doomed": 17, "victim": 16}
+    assert [c.finish_reason for c in chunks["doomed"]] == ["error"]
+    for key in ("long", "x", "victim"):
+        assert all(c.error is None for c in chunks[key]), (key, chunks[key][-1].error)
+        assert chunks[key] == without[key]  # token for token, as if "doomed" never came
