@@ -71,6 +71,10 @@ class MetricSpec:
 # histogram_quantile() is exact at the threshold rather than interpolated across it.
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Waits before a model replica takes a call (the router's, and the client's time to first
+# token that holds it): up to ServeSettings.replica_wait_s, 60 s, before a 503. Ending at
+# 10 s, their p99 read 10 s whether clients waited 11 s or 59 s.
+WAIT_BUCKETS_S = TTFT_BUCKETS_S + (30.0, 60.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Placement is a few numpy passes: milliseconds on thousands of nodes; seconds means trouble.
 PLACEMENT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
@@ -292,14 +296,14 @@ SERVE_INGRESS_TIME_TO_FIRST_TOKEN = MetricSpec(
     "Streamed: to the first chunk the ingress receives; whole: the ingress's wait for the "
     "answer less what the model replica held after the first token (monotonic durations "
     "measured on each side, no two machines' clocks compared); a request of several prompts "
-    "counts its earliest", "seconds", SERVE_TAGS, TTFT_BUCKETS_S)
+    "counts its earliest", "seconds", SERVE_TAGS, WAIT_BUCKETS_S)
 SERVE_ROUTER_WAIT = MetricSpec(
     "orchestrator_serve_router_wait_seconds", HISTOGRAM,
     "Time a model call spent outside the model replica, per call answered: waiting in "
     "Serve's router for a replica with room (max_ongoing_requests), plus the hops there and "
     "back; the ingress's wait for the answer (whole) or the first chunk (streamed) less the "
     "replica's own time to it. High while the replica's time to first token stays low: add "
-    "replicas", "seconds", SERVE_TAGS, TTFT_BUCKETS_S)
+    "replicas", "seconds", SERVE_TAGS, WAIT_BUCKETS_S)
 SERVE_TIME_PER_OUTPUT_TOKEN = MetricSpec(
     "orchestrator_serve_time_per_output_token_seconds", HISTOGRAM,
     "Time per output token after the first (the stream's pace), per completed request",

@@ -83,6 +83,17 @@ def test_latency_target_is_a_bucket_bound_so_the_p99_is_exact_there():
     assert m.ALERT_SERVE_P99_TTFT_S in m.SERVE_INGRESS_TIME_TO_FIRST_TOKEN.buckets
 
 
+def test_the_waits_before_a_replica_takes_a_call_have_buckets_up_to_how_long_it_may_wait():
+    # A call waits in Serve's router up to replica_wait_s (60 s) before its 503: with buckets
+    # ending at 10 s, the router wait's and the client's time to first token's p99 read 10 s
+    # whether clients waited 11 s or 59 s.
+    from orchestrator.serving.settings import ServeSettings
+
+    for spec in (m.SERVE_ROUTER_WAIT, m.SERVE_INGRESS_TIME_TO_FIRST_TOKEN):
+        assert max(spec.buckets) >= ServeSettings().replica_wait_s, spec.name
+        assert min(spec.buckets) <= 0.005, spec.name  # (a hop on an idle cluster: ~1-3 ms)
+
+
 def test_alert_rules_use_the_catalogue_thresholds():
     rules = {r["alert"]: r for r in yaml.safe_load(monitoring.ALERTS_PATH.read_text())
              ["groups"][0]["rules"]}
