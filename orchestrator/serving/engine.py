@@ -203,6 +203,11 @@ class ContinuousEngine:
                 return True
         for sequence in self.running:
             if sequence.key == key:
+                if sequence.fed < len(sequence.row.request.context):
+                    # Not sampled yet, its keys and values may hold an overflow of its prompt
+                    # (a sampled row's are finite): zeroed, as a failed row's are
+                    # (_sample), or rows reading them masked were recomputed every step.
+                    self.cache.clear(sequence.blocks)
                 self._leave(sequence)
                 self.stats.cancelled += 1
                 return True

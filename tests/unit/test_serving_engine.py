@@ -609,3 +609,20 @@ def test_a_prompt_token_fed_alone_beside_a_neighbours_overflow_does_not_poison_i
     for key in ("long", "x", "victim"):
         assert all(c.error is None for c in chunks[key]), (key, chunks[key][-1].error)
         assert chunks[key] == without[key]  # token for token, as if "doomed" never came
+
+
+def test_a_request_cancelled_while_its_prompt_overflows_leaves_no_nan_in_the_cache(model):
+    # Its prompt's keys and values hold the NaN before it samples (and fails, its blocks
+    # zeroed): cancelled then (the client left), its blocks went back unzeroed, and on the
+    # matrix-product paths every row reading them masked (its lane-mate here, "short") was
+    # recomputed alone at every step after, twice the work, until the blocks were written over.
+    eng = engine(model, dataclasses.replace(LIMITS, num_blocks=32))
+    eng.cache.use_decode_kernel = False
+    eng.add("short", greedy(b"hi", 30))
+    with non_finite_from_token(model, ord("~")):
+        while eng.stats.steps < 2:  # "short" decodes
+            eng.step()
+        eng.add("doomed", greedy(b"~" + b"x" * 30, 2))
+        eng.step()  # the doomed prompt's first chunk: NaN from its first position
+        assert "doomed" in {s.key for s in eng.running} and eng.cancel("doomed")
+    assert all(torch.isfinite(layer).all() for layer in eng.cache.layers if layer is not None)
