@@ -645,6 +645,23 @@ def saved(folder: str):
     return ray.train.Checkpoint.from_directory(folder)
 
 
+def _rank0_reports(monkeypatch, directive: str | None = None) -> list:
+    """The steps rank 0's loop reports to (a faked) Ray Train, its directive watch faked
+    (`directive`: what the scheduler told the job, e.g. "cancel: ..."), nothing pending."""
+    import ray.train
+
+    from ray_layer import user_loop
+
+    reports: list = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None:
+                        reports.append(metrics["step"]))
+    monkeypatch.setattr(ray.train, "get_context",
+                        lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    monkeypatch.setattr(user_loop, "_watch", FakeWatch(*([directive] if directive else [])))
+    monkeypatch.setattr(user_loop, "_pending", None)
+    return reports
+
+
 def test_a_yield_waits_for_a_checkpoint_and_rides_on_that_report(monkeypatch):
     """Ray Train's result keeps only the metrics of the latest checkpoint's report: "yielded"
     must be in that very report, or the driver never learns that the loop stopped early."""
@@ -739,13 +756,7 @@ def test_a_report_that_another_rank_never_makes_fails_at_once_naming_that_rank(m
 
     from ray_layer import user_loop
 
-    reports = []
-    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None:
-                        reports.append(metrics["step"]))
-    monkeypatch.setattr(ray.train, "get_context",
-                        lambda: SimpleNamespace(get_world_rank=lambda: 0))
-    monkeypatch.setattr(user_loop, "_watch", FakeWatch())
-    monkeypatch.setattr(user_loop, "_pending", None)
+    reports = _rank0_reports(monkeypatch)
 
     def loop():
         for step in range(3):
@@ -859,17 +870,9 @@ def test_a_returned_ranks_announcement_that_fails_costs_nothing_but_a_warning(mo
 
 
 def test_a_loops_own_except_exception_does_not_swallow_a_yield(monkeypatch):
-    import ray.train
-
     from ray_layer import user_loop
 
-    reports = []
-    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None:
-                        reports.append(metrics["step"]))
-    monkeypatch.setattr(ray.train, "get_context",
-                        lambda: SimpleNamespace(get_world_rank=lambda: 0))
-    monkeypatch.setattr(user_loop, "_watch", FakeWatch("cancel: by an operator"))
-    monkeypatch.setattr(user_loop, "_pending", None)
+    reports = _rank0_reports(monkeypatch, "cancel: by an operator")
 
     def loop():
         for step in range(5):
@@ -886,17 +889,9 @@ def test_a_loops_own_except_exception_does_not_swallow_a_refused_report(monkeypa
     """A loop logging a failed step and going on (`except Exception:` around it) swallowed
     launch.report's refusal: the run trained on to its end, that report lost, and
     succeeded. The refusal ends the loop at that report on every rank, as unswallowed."""
-    import ray.train
-
     from ray_layer import user_loop
 
-    reports = []
-    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None:
-                        reports.append(metrics["step"]))
-    monkeypatch.setattr(ray.train, "get_context",
-                        lambda: SimpleNamespace(get_world_rank=lambda: 0))
-    monkeypatch.setattr(user_loop, "_watch", FakeWatch())
-    monkeypatch.setattr(user_loop, "_pending", None)
+    reports = _rank0_reports(monkeypatch)
 
     def loop():
         for step in range(3):
