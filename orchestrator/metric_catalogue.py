@@ -296,14 +296,20 @@ SERVE_INGRESS_TIME_TO_FIRST_TOKEN = MetricSpec(
     "Streamed: to the first chunk the ingress receives; whole: the ingress's wait for the "
     "answer less what the model replica held after the first token (monotonic durations "
     "measured on each side, no two machines' clocks compared); a request of several prompts "
-    "counts its earliest", "seconds", SERVE_TAGS, WAIT_BUCKETS_S)
+    "counts its earliest. A request answered 503 because no model replica took its call "
+    "within replica_wait_s got no token: it counts its wait up to that 503 (a lower bound), "
+    "so an overload whose calls all time out in the router is seen here too",
+    "seconds", SERVE_TAGS, WAIT_BUCKETS_S)
 SERVE_ROUTER_WAIT = MetricSpec(
     "orchestrator_serve_router_wait_seconds", HISTOGRAM,
-    "Time a model call spent outside the model replica, per call answered: waiting in "
-    "Serve's router for a replica with room (max_ongoing_requests), plus the hops there and "
-    "back; the ingress's wait for the answer (whole) or the first chunk (streamed) less the "
-    "replica's own time to it. High while the replica's time to first token stays low: add "
-    "replicas", "seconds", SERVE_TAGS, WAIT_BUCKETS_S)
+    "Time a model call spent outside the model replica, per call (each resend its own): "
+    "waiting in Serve's router for a replica with room (max_ongoing_requests), plus the hops "
+    "there and back. Answered: the ingress's wait for the answer (whole) or the first chunk "
+    "(streamed) less the replica's own time to it; taken by no replica within replica_wait_s "
+    "(a 503): its whole wait; failed in its replica before answering (a lost replica or "
+    "engine): its wait until taken (not recorded with replica_wait_s 0, which leaves that "
+    "moment unknown). High while the replica's time to first token stays low: add replicas",
+    "seconds", SERVE_TAGS, WAIT_BUCKETS_S)
 SERVE_TIME_PER_OUTPUT_TOKEN = MetricSpec(
     "orchestrator_serve_time_per_output_token_seconds", HISTOGRAM,
     "Time per output token after the first (the stream's pace), per completed request",

@@ -49,7 +49,8 @@ from orchestrator.serving.protocol import APIError
 from orchestrator.serving.retries import (ROUTABLE_STATES, DeploymentState, gather_or_cancel,
                                           is_engine_lost, replacing, replicas_in,
                                           resumable_stream, taken_within, unanswered_health,
-                                          unavailable_error, untaken_error, with_retries)
+                                          unavailable_error, untaken_error, with_retries,
+                                          UntakenError)
 from orchestrator.serving.resources import (ReplicaResources, listed_accelerator_types,
                                             recommend_replica_resources, report_from_ray_node)
 from orchestrator.serving.settings import ServeSettings
@@ -308,6 +309,7 @@ class Ingress:
                 return await self._stream_response(parsed, requests, started, route)
             answers = await gather_or_cancel(*(self._answered(r, route) for r in requests))
         except Exception as e:
+            self._record_untaken_first_token(e, route, started)
             return self._error_response(e, route, started)
         results = [result for result, _ in answers]
         firsts = [first_token_after_s(at - started, result) for result, at in answers]
@@ -489,16 +491,38 @@ class Ingress:
     async def _generate(self, request: GenerationRequest, route: str) -> GenerationResult:
         async def call() -> GenerationResult:
             sent = time.perf_counter()
-            result = await self._answer(self.model.generate.remote(request, route))
+            result = await self._answer(self.model.generate.remote(request, route), route)
             self._record_router_wait(outside_replica_s(time.perf_counter() - sent,
                                                        result.held_s), route)
             return result
         return await self._with_retries(call)
 
-    async def _answer(self, response):
-        """A model call's answer, once a replica took it within replica_wait_s."""
-        await self._taken(response)
-        return await response
+    async def _answer(self, response, route: str | None = None):
+        """A model call's answer, once a replica took it within replica_wait_s. With the
+        `route` of a generation call, the router wait of a call that got no answer is
+        recorded (_taken_recorded; an answered one's, the caller's to record: it knows the
+        replica's part)."""
+        taken_s = await self._taken_recorded(response, route)
+        try:
+            return await response
+        except Exception:
+            if route is not None:  # (a failed call: its wait up to being taken)
+                self._record_router_wait(taken_s, route)
+            raise
+
+    async def _taken_recorded(self, response, route: str | None) -> float | None:
+        """_taken, for a call of `route` (None: not a generation call, nothing recorded):
+        the seconds until a replica took it (None where replica_wait_s 0 waits for no
+        replica to take it, so that moment is not known). A call no replica took records
+        its whole wait as its router wait: the overload's worst waits, else in no figure."""
+        sent = time.perf_counter()
+        try:
+            await self._taken(response)
+        except UntakenError:
+            if route is not None:
+                self._record_router_wait(time.perf_counter() - sent, route)
+            raise
+        return time.perf_counter() - sent if self.settings.replica_wait_s else None
 
     async def _taken(self, response) -> None:
         # A handle's call waits in Serve's router until a replica takes it, for ever when
@@ -579,12 +603,18 @@ class Ingress:
                             route: str) -> AsyncIterator[Chunk]:
         sent = time.perf_counter()
         response = self.stream_model.generate_stream.remote(request, route)
-        await self._taken(response)
-        async for chunk in response:
-            if chunk.first_token_s is not None:  # (the call's first chunk)
-                self._record_router_wait(outside_replica_s(time.perf_counter() - sent,
-                                                           chunk.first_token_s), route)
-            yield chunk
+        taken_s, answered = await self._taken_recorded(response, route), False
+        try:
+            async for chunk in response:
+                if chunk.first_token_s is not None:  # (the call's first chunk)
+                    answered = True
+                    self._record_router_wait(outside_replica_s(time.perf_counter() - sent,
+                                                               chunk.first_token_s), route)
+                yield chunk
+        except Exception:
+            if not answered:  # (failed before its first chunk: its wait up to being taken)
+                self._record_router_wait(taken_s, route)
+            raise
 
     async def _pump(self, queue: asyncio.Queue, index: int, request: GenerationRequest,
                     route: str) -> None:
@@ -612,6 +642,7 @@ class Ingress:
         try:
             first = await queue.get()
             if isinstance(first[1], Exception):
+                self._record_untaken_first_token(first[1], route, started)
                 return self._error_response(first[1], route, started)
             if first[1] is not None:  # (None: a prompt that ended with no chunk at all)
                 self._record_first_token(time.perf_counter() - started, route)
@@ -719,8 +750,19 @@ class Ingress:
         record(catalogue.SERVE_INGRESS_TIME_TO_FIRST_TOKEN, seconds,
                deployment=self.deployment, route=route)
 
+    def _record_untaken_first_token(self, error: Exception, route: str,
+                                    started: float) -> None:
+        """A request refused because no model replica took its call within replica_wait_s
+        got no first token: its client's wait up to the 503 is recorded as its time to first
+        token (a lower bound), so that ServeFirstTokenP99High sees an overload whose calls
+        all time out in Serve's router, not only the requests that got through."""
+        if isinstance(error, UntakenError):
+            self._record_first_token(time.perf_counter() - started, route)
+
     def _record_router_wait(self, seconds: float | None, route: str) -> None:
-        """How long a model call that was answered spent outside its model replica."""
+        """How long a model call spent outside its model replica (None: not known): one
+        answered, one no replica took (its whole wait), one that failed (up to being
+        taken)."""
         record(catalogue.SERVE_ROUTER_WAIT, seconds, deployment=self.deployment, route=route)
 
     def _record(self, route: str, status: int, started: float) -> None:

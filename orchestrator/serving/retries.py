@@ -99,10 +99,21 @@ class DeploymentState:
         return self.replicas.get("RUNNING", 0)
 
 
-def untaken_error(wait_s: float, deployment: str, state: DeploymentState | str) -> APIError:
+class UntakenError(APIError):
+    """untaken_error's 503, told apart from the others with its codes: the call waited in
+    Serve's router for all of replica_wait_s, so the ingress records that wait (router wait,
+    and its client's wait with no first token)."""
+
+
+def untaken_error(wait_s: float, deployment: str, state: DeploymentState | str) -> UntakenError:
     """The 503 of a request no replica of `deployment` took within `wait_s`: every running
     one full ("overloaded"), or none running, with what Serve says of why ("no_replica");
     `state` is the error that kept Serve from saying."""
+    error = _untaken(wait_s, deployment, state)
+    return UntakenError(error.status, error.message, error.param, error.type, error.code)
+
+
+def _untaken(wait_s: float, deployment: str, state: DeploymentState | str) -> APIError:
     head = f"no {deployment} replica took the request within {wait_s:g} s"
     if isinstance(state, str):
         return APIError(503, f"{head} (its state is unknown: {state}); retry shortly",

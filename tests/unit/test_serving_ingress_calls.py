@@ -684,7 +684,7 @@ def test_time_to_first_token_counts_the_wait_outside_the_replica_streamed_or_who
     recorded = {}
     outside, first_token, held = 0.3, 0.05, 0.2
 
-    async def answer(call):  # the router's wait, then the replica's hold
+    async def answer(call, route=None):  # the router's wait, then the replica's hold
         await asyncio.sleep(outside + held)
         return GenerationResult("Hello", 5, "length", "v1", first_token, held)
 
@@ -723,3 +723,102 @@ def test_time_to_first_token_counts_the_wait_outside_the_replica_streamed_or_who
         assert outside <= figures["router"] < outside + 0.15, streamed
         assert outside + first_token <= figures["client"] < outside + first_token + 0.15, \
             streamed
+
+
+class FakeCall:
+    """A model call as the ingress sees Serve's DeploymentResponse: a replica takes it after
+    `taken_after_s` (None: none ever does), then it answers `outcome` (a GenerationResult, a
+    list of chunks streamed) or raises it (an exception)."""
+
+    def __init__(self, taken_after_s: float | None, outcome) -> None:
+        self.taken_after_s, self.outcome = taken_after_s, outcome
+        self._replica_result = None
+        self._replica_result_future = asyncio.get_running_loop().create_future()
+
+    async def _fetch_future_result_async(self) -> None:
+        await asyncio.sleep(3600 if self.taken_after_s is None else self.taken_after_s)
+        self._replica_result_future.set_result(None)
+
+    def cancel(self) -> None:
+        pass
+
+    def __await__(self):
+        return self._answer().__await__()
+
+    async def _answer(self):
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+    async def __aiter__(self):
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        for chunk in self.outcome:
+            yield chunk
+
+
+def waits_recorded(calls: list[tuple[float | None, object]], streamed: bool,
+                   wait_s: float) -> tuple[int, dict[str, list[float]]]:
+    """The status of a one-prompt request whose model calls, in turn, are `calls`
+    ((taken_after_s, outcome) for FakeCall), with replica_wait_s `wait_s`, and the router
+    waits and ingress times to first token the ingress recorded for it."""
+    from types import SimpleNamespace
+
+    from orchestrator.serving.retries import DeploymentState
+
+    recorded = {"router": [], "client": []}
+
+    async def full():
+        return DeploymentState("HEALTHY", {"RUNNING": 1})
+
+    async def main():
+        pending = [FakeCall(*call) for call in calls]
+        remote = SimpleNamespace(remote=lambda request, route: pending.pop(0))
+        ing = ingress(None)
+        ing._info, ing._info_at = INFO, time.monotonic()  # (no model_info call)
+        ing.settings = ServeSettings(replica_wait_s=wait_s, request_retries=len(calls) - 1)
+        ing.retries = serve_app.Counter()
+        ing.model = SimpleNamespace(deployment_name="GPTModel", generate=remote)
+        ing.stream_model = SimpleNamespace(generate_stream=remote)
+        ing._deployment_state = full
+        del ing._with_retries  # (the real one: a lost replica's call is resent)
+        ing._record_first_token = lambda s, route: recorded["client"].append(s)
+        ing._record_router_wait = lambda s, route: recorded["router"].append(s)
+        response = await ing._serve(request({"prompt": "hi", "max_tokens": 1,
+                                             "stream": streamed}), serve_app.COMPLETIONS_ROUTE)
+        if hasattr(response, "body_iterator"):
+            _ = [part async for part in response.body_iterator]
+        return response.status_code
+
+    status = asyncio.run(main())
+    return status, {name: [s for s in seconds if s is not None]
+                    for name, seconds in recorded.items()}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_call_no_replica_took_records_its_router_wait_and_its_clients_wait(streamed):
+    # A call that waited in Serve's router for all of replica_wait_s, then was answered 503,
+    # recorded nothing: under overload, the worst waits were in neither the router wait nor
+    # the time to first token that ServeFirstTokenP99High judges.
+    wait_s = 0.2
+    status, recorded = waits_recorded([(None, None)], streamed, wait_s)
+    assert status == 503
+    assert len(recorded["router"]) == 1 and wait_s <= recorded["router"][0] < wait_s + 0.15
+    assert len(recorded["client"]) == 1 and wait_s <= recorded["client"][0] < wait_s + 0.15
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_call_whose_replica_was_lost_records_its_router_wait_up_to_being_taken(streamed):
+    # The first attempt waited 0.3 s for a replica, which then lost its engine; the resend was
+    # answered at once. Only the answered call's wait was recorded: the 0.3 s were nowhere.
+    from orchestrator.serving.retries import engine_lost
+
+    taken_after = 0.3
+    answer = ([Chunk((72,), "H", "length", "v1", first_token_s=0.0)] if streamed
+              else GenerationResult("H", 1, "length", "v1", 0.0, 0.0))
+    status, recorded = waits_recorded([(taken_after, engine_lost("engine died")),
+                                       (0.0, answer)], streamed, 5.0)
+    assert status == 200
+    lost, resent = recorded["router"]
+    assert taken_after <= lost < taken_after + 0.15 and resent < 0.15, recorded
+    assert recorded["client"][0] >= taken_after  # (the client's wait counts the lost attempt)
