@@ -192,14 +192,18 @@ def test_a_call_a_replica_takes_as_the_wait_ends_is_answered_not_refused():
     # With Serve's router on the ingress's loop the assignment can finish in the loop pass
     # in which the wait times out: the call then runs on its replica, and a 503 for it (with
     # a cancel that no longer reaches it) left it generating for nobody.
+    from orchestrator.serving.generation import GenerationResult
+
+    answer = GenerationResult("the answer", 2, "length", "v1")  # (the ingress reads held_s)
+
     async def generate(request, route):
-        return "the answer"
+        return answer
     unary = Remote(generate, "as_the_wait_ends")
     node = ingress(SimpleNamespace(generate=unary, deployment_name="GPTModel"),
                    replica_wait_s=0.1)
     request = GenerationRequest((65,), SamplingParams(4))
-    assert asyncio.run(asyncio.wait_for(node._generate(request, "/v1/completions"), 20)) == \
-        "the answer"
+    assert asyncio.run(asyncio.wait_for(node._generate(request, "/v1/completions"), 20)) \
+        is answer
     assert not unary.sent[0].cancelled
 
 
