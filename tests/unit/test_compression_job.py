@@ -25,6 +25,40 @@ def make_checkpoint(directory: Path, step: int = 3, seed: int = 0) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module")
+def _teacher_exports():
+    return {}
+
+
+@pytest.fixture
+def teacher_exported_once(monkeypatch, _teacher_exports):
+    """The pipeline's up-front export check (torch.onnx.export of the teacher: seconds even
+    for the tiny model, most of a short run's time) done for real once per teacher in this
+    module, its ONNX file copied for every later run. For the tests whose claim is what a
+    run or a rerun keeps, fails or says, not the export (whose failure has its own test,
+    test_a_model_that_cannot_be_exported_fails_before_any_fine_tuning, left alone). A teacher
+    of other weights or shape, or another `what`, is exported afresh."""
+    import hashlib
+
+    from orchestrator.compression import export
+
+    real_export = export.export_fp32_onnx
+
+    def export_once(model, path, what="model"):
+        digest = hashlib.sha256(repr(model.config).encode())
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        key = (what, digest.hexdigest())
+        if key not in _teacher_exports:
+            real_export(model, path, what)
+            _teacher_exports[key] = Path(path).read_bytes()
+        else:
+            Path(path).write_bytes(_teacher_exports[key])
+        return path
+
+    monkeypatch.setattr(export, "export_fp32_onnx", export_once)
+
+
 def corrupt(checkpoint: Path) -> None:
     data = bytearray((checkpoint / STATE_FILE).read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -532,6 +566,7 @@ def test_an_empty_path_flag_is_refused_not_read_as_the_current_directory(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.usefixtures("teacher_exported_once")
 def test_running_out_of_memory_is_one_line_naming_the_flags_that_size_it(tmp_path, capsys,
                                                                            monkeypatch):
     """`--batch-size 10000000` on a CPU ended in torch's traceback (`DefaultCPUAllocator:
@@ -557,6 +592,7 @@ def test_running_out_of_memory_is_one_line_naming_the_flags_that_size_it(tmp_pat
     assert (out / "original").is_dir()  # what was saved is kept
 
 
+@pytest.mark.usefixtures("teacher_exported_once")
 def test_an_error_that_is_not_out_of_memory_is_not_reworded(tmp_path, monkeypatch):
     from orchestrator.compression import pipeline
 
@@ -569,6 +605,7 @@ def test_an_error_that_is_not_out_of_memory_is_not_reworded(tmp_path, monkeypatc
                   "--out", str(tmp_path / "out"), "--no-onnx-baseline", "--no-int8-static"])
 
 
+@pytest.mark.usefixtures("teacher_exported_once")
 def test_a_diverged_fine_tune_fails_in_one_line_keeping_what_was_saved(tmp_path, capsys,
                                                                       monkeypatch):
     """A fine-tune whose loss went NaN published its stage and the run exited 0 (perplexity
@@ -637,6 +674,7 @@ def qat_nan_above_lr(monkeypatch, lr: float, first_bad: int = 3) -> None:
     monkeypatch.setattr(pipeline, "finetune", finetune)
 
 
+@pytest.mark.usefixtures("teacher_exported_once")
 def test_a_rerun_with_another_lr_keeps_the_finished_stages_and_restarts_the_diverged_one(
         tmp_path, capsys, monkeypatch):
     """QAT diverged (--lr too high) after pruning had finished; the message said fine-tune
@@ -690,6 +728,7 @@ def test_a_rerun_with_another_lr_keeps_the_finished_stages_and_restarts_the_dive
     assert code == 2 and "lr: 0.001 -> 0.002" in err and "new --out" in err, err
 
 
+@pytest.mark.usefixtures("teacher_exported_once")
 def test_after_running_out_of_memory_a_rerun_may_lower_the_batch_keeping_finished_stages(
         tmp_path, capsys, monkeypatch):
     """QAT ran out of memory after pruning had finished; the message said lowering
@@ -728,6 +767,7 @@ def test_after_running_out_of_memory_a_rerun_may_lower_the_batch_keeping_finishe
     assert stages["qat"]["settings"]["batch_size"] == 2
 
 
+@pytest.mark.usefixtures("teacher_exported_once")
 def test_out_of_memory_in_the_report_names_only_what_a_rerun_of_this_out_may_change(
         tmp_path, capsys, monkeypatch):
     """The report ran out of memory after qat/ had finished; the line said lower --batch-size
@@ -764,6 +804,7 @@ def test_out_of_memory_in_the_report_names_only_what_a_rerun_of_this_out_may_cha
     assert code == 0, capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("teacher_exported_once")
 def test_a_restarted_fine_tune_that_fails_keeps_the_new_settings_with_its_progress(
         tmp_path, capsys, monkeypatch):
     """A rerun with another --lr deleted QAT's progress made with the old one, saved its own
