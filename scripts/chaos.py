@@ -14,9 +14,8 @@ operator (as `python -m orchestrator preempt`: it checkpoints, yields, waits in 
 resumes). Each fault has its own survival check; --quick injects each once, the full run
 kills a training worker twice.
 
-Before the faults, the same training job runs undisturbed on the same cluster (while Serve
-deploys on the inference node): the disturbed run must end at the same loss (resume is exact:
-model, optimizer, data position, RNG).
+Before the faults, the same training job runs undisturbed on the same cluster: the disturbed
+run must end at the same loss (resume is exact: model, optimizer, data position, RNG).
 
 The last line printed is one JSON object: train_completed, train_steps_lost,
 loss_matches_reference (the held-out loss, and the final training loss when both runs average
@@ -457,17 +456,6 @@ def train(run_dir: Path, settings: Settings) -> tuple[int, dict]:
     return code, summary
 
 
-def reference_while_serving_deploys(workdir: Path, settings: Settings) -> tuple[str, tuple]:
-    """Serving's URL and the undisturbed reference run's (exit code, summary). The two
-    overlap: the reference trains on the training nodes, Serve's replicas and ingress go to
-    the inference node (a CPU job is placed on a GPU node only when the others cannot hold
-    it), and one after the other they took ~40 s each, mostly processes starting."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference") as pool:
-        reference = pool.submit(train, workdir / "reference", settings)
-        url = deploy_serving(workdir)
-        return url, reference.result()
-
-
 def run(settings: Settings, workdir: Path) -> dict:
     from ray import serve
 
@@ -481,10 +469,11 @@ def run(settings: Settings, workdir: Path) -> dict:
     lab = Lab()
     try:
         ensure_control_plane()
-        say("reference run (undisturbed), while Serve deploys")
-        url, (ref_code, reference) = reference_while_serving_deploys(workdir, settings)
+        say("reference run (undisturbed)")
+        ref_code, reference = train(workdir / "reference", settings)
         if ref_code != 0:
             raise SystemExit(f"the undisturbed reference run failed (exit {ref_code})")
+        url = deploy_serving(workdir)
         say(f"serving at {url}; chaos run starts")
         run_dir = workdir / "chaos"
         outcome: dict = {}

@@ -351,32 +351,3 @@ def test_the_chaos_scripts_docstring_names_every_fault_it_injects():
     injected = set(chaos.Settings().kinds) | set(chaos.Settings.quick(0).kinds)
     assert injected <= set(words)
     assert [k for k in injected if words[k] not in doc] == []
-
-
-def test_the_reference_run_trains_while_serving_deploys(monkeypatch, tmp_path):
-    """Each stand-in waits for the other to have started: run one after the other, the first
-    times out waiting and the call raises."""
-    import threading
-
-    from scripts import chaos
-
-    started = {"train": threading.Event(), "serve": threading.Event()}
-
-    def meet(mine: str, other: str):
-        started[mine].set()
-        if not started[other].wait(timeout=5):
-            raise TimeoutError(f"{mine} ran alone: {other} had not started")
-
-    def train(run_dir, settings):
-        meet("train", "serve")
-        return 0, {"run_dir": str(run_dir)}
-
-    def deploy_serving(workdir):
-        meet("serve", "train")
-        return "http://serving"
-
-    monkeypatch.setattr(chaos, "train", train)
-    monkeypatch.setattr(chaos, "deploy_serving", deploy_serving)
-    url, (code, summary) = chaos.reference_while_serving_deploys(tmp_path,
-                                                                 chaos.Settings.quick(0))
-    assert (url, code, summary) == ("http://serving", 0, {"run_dir": str(tmp_path / "reference")})
