@@ -179,7 +179,7 @@ def _cgroup_cpu_seconds(limit: CpuLimit) -> float | None:
     """The CPU seconds the cgroup's tasks have used (its counter), or None when unreadable."""
     try:
         if limit.v2:
-            usec = _stat_value(f"{limit.usage_dir}/cpu.stat", "usage_usec")
+            usec = _cgroup_stat(f"{limit.usage_dir}/cpu.stat", "usage_usec", None)
             return None if usec is None else usec / 1e6
         with open(f"{limit.usage_dir}/cpuacct.usage") as f:
             return int(f.read().strip()) / 1e9
@@ -202,12 +202,6 @@ def _cgroup_cpu_waiting(limit: CpuLimit) -> float:
     except (OSError, ValueError, KeyError):
         pass
     return 0.0
-
-
-def _stat_value(path: str, key: str) -> int | None:
-    """One figure of a flat-keyed cgroup file (cpu.stat), None when it cannot be read."""
-    value = _memory_stat(path, key, -1)
-    return None if value < 0 else value
 
 
 def memory_within_cgroup() -> tuple[int, int]:
@@ -259,10 +253,10 @@ def _cgroup_level(base: str, names: tuple[str, str, str, str | None]) -> tuple[i
         return None
     stat = f"{base}/memory.stat"
     if hierarchical_key:
-        limit = min(limit, _memory_stat(stat, hierarchical_key, NO_CGROUP_LIMIT))
+        limit = min(limit, _cgroup_stat(stat, hierarchical_key, NO_CGROUP_LIMIT))
     if limit >= NO_CGROUP_LIMIT:
         return None
-    usage -= min(_memory_stat(stat, inactive_key), usage)
+    usage -= min(_cgroup_stat(stat, inactive_key), usage)
     return limit, min(usage, limit)
 
 
@@ -306,8 +300,9 @@ def _cgroup_dirs(proc_cgroup: str, root: str, v1_controller: str) -> list[tuple[
     return list(dict.fromkeys(dirs))
 
 
-def _memory_stat(path: str, key: str, default: int = 0) -> int:
-    """One figure of a cgroup's memory.stat, `default` when it cannot be read."""
+def _cgroup_stat(path: str, key: str, default: int | None = 0) -> int | None:
+    """One figure of a flat-keyed cgroup file (memory.stat, cpu.stat), `default` when it
+    cannot be read."""
     try:
         with open(path) as f:
             for line in f:
