@@ -604,9 +604,18 @@ def busy_while_waiting(t: np.ndarray, queue: np.ndarray, usable_busy: np.ndarray
     return busy / (busy + idle) if busy + idle > 0 else None
 
 
-def waited_s(job: SimJob) -> float:
+def waited_s(job: SimJob) -> float | None:
     """All the time a finished job spent without GPUs: JCT - time holding them (its first
-    start's delay and every wait after a preemption or migration)."""
+    start's delay and every wait after a preemption or migration). None for a job that never
+    started: a replay runs every job that fits to its end, so that is one that never fits,
+    which never entered the queue (jobs.csv leaves its wait_s empty). A job started but not
+    finished (mid-replay) is refused: its wait is not over, and its history lacks the gap
+    before the segment it runs now."""
+    if not job.history:
+        return None
+    if job.status != FINISHED:
+        raise ValueError(f"waited_s: {job.spec.name} (trace job {job.trace.job_id}) has not "
+                         f"finished ({job.status}): its wait is not over")
     # Summed from the gaps between its stored segment times, not as JCT - runtime: that
     # difference of sums left float noise (+-1e-11 s at 1e5 s) for a job that never waited;
     # a gap of none is start == previous end, exactly 0.
@@ -688,7 +697,7 @@ def write_jobs_csv(results: list[SimResult], path: Path) -> None:
                             num(j.start),
                             num(j.finish),
                             num(j.finish - t.submit_time_s) if done else "",
-                            num(waited_s(j)) if done else "",
+                            num(waited_s(j)),  # None (empty): never started
                             num(j.start - t.submit_time_s) if done else "", num(j.runtime),
                             num(t.duration_s), num(j.speed_vs_ideal), j.segments,
                             j.gpu_types, j.n_nodes,

@@ -690,6 +690,28 @@ def test_jobs_csv_names_the_first_start_delay_and_the_whole_wait(tmp_path):
     assert float(rows[1]["wait_s"]) == pytest.approx(YIELD_S, abs=0.01)
 
 
+def test_a_job_that_never_started_waited_none_and_its_csv_wait_is_empty(tmp_path):
+    # waited_s on a never-fitting job (no segment run) raised zip()'s bare ValueError. It
+    # never entered the queue: its wait is None ("never started"), not 0 and not an error; a
+    # job still running or yielded has a wait not over yet, refused naming the job.
+    import csv
+    import dataclasses
+
+    from orchestrator.simulator import waited_s, write_jobs_csv
+
+    result = simulate(trace((0, 10, 1, "Z80"), (0, 10, 64), (5, 10, 1)), "p100:8x1", "fifo")
+    never, too_big, ran = (by_id(result)[i] for i in range(3))
+    assert never.status == too_big.status == NEVER_FITS and ran.status == FINISHED
+    assert waited_s(never) is None and waited_s(too_big) is None
+    assert waited_s(ran) == 0.0
+    with pytest.raises(ValueError, match="job-2 .*has not finished \\(running\\)"):
+        waited_s(dataclasses.replace(ran, status="running"))
+    write_jobs_csv([result], tmp_path / "jobs.csv")
+    rows = list(csv.DictReader((tmp_path / "jobs.csv").open()))
+    assert [(r["status"], r["wait_s"]) for r in rows] == [
+        (NEVER_FITS, ""), (NEVER_FITS, ""), (FINISHED, "0.000")]
+
+
 @pytest.mark.parametrize("family", ["P100", "V100"])
 def test_gpu_time_efficiency_says_where_jobs_ran_at_the_same_makespan(family):
     # C (10,000 s, P100 only) sets the makespan; A (1,000 s) runs beside it on the other P100
