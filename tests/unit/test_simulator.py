@@ -2,6 +2,7 @@
 loaders' errors and the `simulate` CLI. No Ray (the unit tier's fixture makes ray.init raise)."""
 import json
 import math
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -256,6 +257,39 @@ def test_same_seed_same_replay_and_the_seed_matters_for_random():
         for key in ("mean_jct_s", "p99_jct_s", "makespan_s", "allocation_rate"):
             assert a[key] == b[key], (policy, key)
 
+
+
+def test_the_same_trace_and_seed_write_the_same_outputs_in_another_process(tmp_path):
+    # In one process sets of strings iterate alike, so the test above cannot see a decision
+    # that hangs on their order: two processes with other hash seeds must write byte-identical
+    # jobs.csv and the same summary.json but for the timings (policy_s, decisions_per_s,
+    # wall_s: seconds of this machine's, not of the replay).
+    import subprocess
+    import sys
+
+    path = tmp_path / "trace.csv"
+    path.write_text("submit_time_s,duration_s,num_gpus,accelerator\n" + "".join(
+        f"{j.submit_time_s},{j.duration_s},{j.num_gpus},{('', 'V100', 'K80|P100')[i % 3]}\n"
+        for i, j in enumerate(random_trace(40, seed=3))))
+    timings = {"policy_s", "decisions_per_s", "wall_s"}
+    outputs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"out{hash_seed}"
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "simulate", "--trace", str(path), "--cluster",
+             "v100:8x2,p100:4x3,k80:4x2;rack=2", "--seed", "4", "--out", str(out), "--quiet",
+             "--no-plots"], capture_output=True, text=True, timeout=120,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        assert done.returncode == 0, done.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        summary.pop("files")
+        for m in summary["policies"].values():
+            assert timings <= set(m)
+            for key in timings:
+                m.pop(key)
+        outputs.append(((out / "jobs.csv").read_bytes(), summary))
+    assert outputs[0][0].count(b"\n") == 1 + 40 * len(ALL)
+    assert outputs[0] == outputs[1]
 
 # -- traces and cluster specs ---------------------------------------------------------------------
 
@@ -574,6 +608,35 @@ def test_simulate_never_imports_ray(tmp_path):
 
 
 # -- the issue's metrics ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ALL)
+def test_report_figures_on_a_hand_computed_trace(policy):
+    # 4 GPUs. A (0 s, 100 s, 4 GPUs) runs 0-100; B (10 s, 50 s, 2) and C (20 s, 30 s, 2) wait
+    # for it and run 100-150 and 100-130; D (300 s, 10 s, 1) arrives on an idle cluster; E
+    # (400 s, 8 GPUs) never fits: counted, and in no average. No choice is left to a policy,
+    # so every one must report these numbers.
+    result = simulate(trace((0, 100, 4), (10, 50, 2), (20, 30, 2), (300, 10, 1), (400, 10, 8)),
+                      "p100:4x1", policy, check=True)
+    jobs = by_id(result)
+    assert [(jobs[i].start, jobs[i].finish) for i in range(4)] == [
+        (0, 100), (100, 150), (100, 130), (300, 310)]
+    m = result.metrics
+    assert (m["jobs"], m["jobs_finished"], m["jobs_never_fit"]) == (5, 4, 1)
+    assert m["never_fit_reasons"] == {"needs 8 GPUs, the cluster has 4 of any type": 1}
+    jct = [100, 140, 110, 10]  # finish - submit
+    assert m["mean_jct_s"] == pytest.approx(90)
+    assert m["p50_jct_s"] == pytest.approx(105)
+    assert m["p99_jct_s"] == pytest.approx(110 + 0.97 * 30) == np.percentile(jct, 99)
+    assert m["mean_wait_s"] == m["mean_first_start_delay_s"] == pytest.approx((90 + 80) / 4)
+    assert m["makespan_s"] == pytest.approx(310)  # first submit (0) to the last finish
+    gpu_seconds = 4 * 100 + 2 * 50 + 2 * 30 + 1 * 10
+    assert m["allocation_rate"] == pytest.approx(gpu_seconds / (4 * 310))
+    # jobs waited 10-100 s, all 4 GPUs busy throughout; nothing waited while D ran
+    assert m["allocation_rate_while_queued"] == pytest.approx(1.0)
+    assert m["usable_gpus_busy_while_waiting"] == pytest.approx(1.0)
+    assert m["gpu_time_efficiency"] == pytest.approx(1.0)  # P100 is the only (ideal) type
+    assert m["preemptions"] == m["migrations"] == 0 and m["restart_overhead"] == 0
 
 @pytest.mark.parametrize("allowed, busy", [("P100", 1.0), ("", 8 / 12)])
 def test_usable_gpus_busy_while_waiting_counts_only_gpus_the_waiting_job_may_use(allowed, busy):
