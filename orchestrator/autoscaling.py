@@ -187,8 +187,12 @@ def _cluster_max_workers(config: dict[str, Any]) -> int:
 
 
 def _whole_number(raw: Any, what: str) -> int:
-    """`raw` when it is an int >= 0, else ValueError naming `what` (int() read 2.7 as 2,
-    true as 1, and took -1)."""
+    """`raw` as an int when it is a whole number >= 0, else ValueError naming `what` (int()
+    read 2.7 as 2, true as 1, and took -1). A float of a whole number (YAML's `8.0`) is one:
+    Ray 2.60's launcher schema (JSON Schema draft-07) takes it as an integer, so `ray up`
+    runs such a config, and refusing it here left the autoscaler unused."""
+    if is_number(raw) and isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
     if not (is_int(raw) and raw >= 0):
         raise ValueError(f"{what} must be a whole number >= 0, not {raw!r}")
     return raw

@@ -363,6 +363,29 @@ def test_a_node_types_max_workers_or_gpus_that_is_not_a_whole_number_is_named(fi
         node_types_from_config({"available_node_types": {"w": node_type}})
 
 
+def test_whole_numbers_written_as_floats_are_read_as_ray_reads_them():
+    """`GPU: 8.0`, `max_workers: 4.0` (YAML floats) pass Ray 2.60's launcher schema (draft-07:
+    8.0 is an integer), so `ray up` takes the config; the scheduler refused it ("GPU must be a
+    whole number >= 0, not 8.0"), did not use the autoscaler, and rejected jobs only new nodes
+    would hold."""
+    from ray.autoscaler._private.util import validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.local.yaml").read_text())
+    config["max_workers"] = 4.0
+    a100 = config["available_node_types"]["train_a100"]
+    a100["resources"].update(GPU=8.0, memory=float(64 * GIB))
+    a100["max_workers"] = 1.0
+    validate_config(config)  # Ray's own check of the config its autoscaler runs with
+    by_name = {t.name: t for t in node_types_from_config(config)}
+    read = by_name["train_a100"]
+    assert (read.gpus, read.max_workers, read.cluster_max_workers, read.memory_gb) == \
+        (8, 1, 4, 64.0)
+    assert all(type(value) is int for value in (read.gpus, read.max_workers,
+                                                read.cluster_max_workers))
+    assert scale_up_plan(JobSpec("j", num_workers=2, gpus_per_worker=1,
+                                 accelerator_types=("A100",)), (read,)) == (read, 1)
+
+
 @pytest.mark.parametrize("labels, resources, named", [
     # The accelerator_type resource steers the autoscaler, the label decides the family the
     # plan matches: an A100 job asked for accelerator_type:H100, which the real H100 type
