@@ -39,9 +39,11 @@ def qmax_for_bits(bits: int) -> int:
 
 def weight_scales(weight: torch.Tensor, qmax: int = WEIGHT_QMAX) -> torch.Tensor:
     """Per-output-channel scale of a (out, in) weight. An all-zero row (fully pruned) gets
-    scale 1 so its int8 values are exactly 0 rather than 0/0."""
-    amax = weight.detach().abs().amax(dim=1)
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    scale 1 so its int8 values are exactly 0 rather than 0/0; so does a row whose scale
+    underflows to 0 (max|w| under qmax x the dtype's smallest subnormal: ~9e-44 in fp32,
+    ~4e-6 in fp16), which would divide by 0 (inf, NaN) and is below int8's resolution."""
+    scales = weight.detach().abs().amax(dim=1) / qmax
+    return torch.where(scales > 0, scales, torch.ones_like(scales))
 
 
 def quantize_weight(weight: torch.Tensor, qmax: int = WEIGHT_QMAX

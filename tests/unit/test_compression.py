@@ -292,6 +292,19 @@ def test_weight_quantization_is_per_channel_symmetric():
     assert q8.abs().max() == 127
 
 
+def test_a_row_whose_scale_underflows_quantizes_to_zeros_not_nan():
+    # max|w| / qmax underflows to 0 for a nonzero row of subnormal fp32 weights (or of fp16
+    # weights under ~4e-6): w / 0 was inf or NaN, so QAT's forward went NaN and the int8 row
+    # held whatever NaN casts to. Such a row is below int8's resolution: it quantizes to 0.
+    w = torch.randn(3, 8)
+    w[1] = torch.tensor([1e-44, -3e-45] + [0.0] * 6)
+    q, s = qat.quantize_weight(w)
+    assert (s > 0).all() and torch.equal(q[1], torch.zeros(8, dtype=torch.int8))
+    assert torch.isfinite(qat.fake_quant_weight(w)).all()
+    half = torch.full((2, 4), 1e-6, dtype=torch.float16)
+    assert torch.equal(qat.fake_quant_weight(half), torch.zeros_like(half))
+
+
 def test_activation_fake_quant_is_onnx_dynamic_quantize_linear():
     import onnxruntime as ort
     from onnx import TensorProto, helper
