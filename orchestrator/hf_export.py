@@ -678,6 +678,8 @@ def _check_config_types(config: dict[str, Any], path: Path) -> None:
         if not ok:
             what = {"count": "an integer >= 1", "number": "a finite number",
                     "text": "a string"}[base]
+            if key not in config:  # (not "got null": the file holds no null to look for)
+                raise ExportError(f"--init-from: {path}: {key} is missing (it must be {what})")
             shown = json.dumps(value)  # (an integer of 400 digits: its first ones)
             shown = shown if len(shown) <= 60 else f"{shown[:40]}... ({len(shown)} characters)"
             raise ExportError(f"--init-from: {path}: {key} must be {what}, got {shown}")

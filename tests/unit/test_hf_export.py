@@ -392,6 +392,21 @@ def test_broken_weights_and_config_fields_are_named_before_any_worker(tmp_path, 
         read_hf_config(bad)
 
 
+def test_a_config_field_left_out_is_named_as_missing_not_as_null(tmp_path, exported):
+    # A config.json without n_layer said "n_layer must be an integer >= 1, got null": the user
+    # looked for a null the file does not hold.
+    _, directory = exported
+    config = json.loads((directory / "config.json").read_text())
+    for name in ("n_layer", "vocab_size"):
+        bad = copy_export(directory, tmp_path / name)
+        (bad / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                     if k != name}))
+        with pytest.raises(ExportError) as caught:
+            read_hf_config(bad)
+        assert str(caught.value) == (f"--init-from: {bad / 'config.json'}: {name} is missing "
+                                     "(it must be an integer >= 1)")
+
+
 def test_pretrain_init_from_a_cut_weights_file_is_one_line_before_ray(tmp_path, exported):
     """It failed inside every training worker after Ray started (55 s, exit 4, restarts)."""
     import subprocess
