@@ -190,6 +190,35 @@ def _running_local_clusters() -> list[str]:
         services._thread_safe_find_gcs_addresses_cache_clear()
 
 
+def _auto_address() -> tuple[str, str]:
+    """(the GCS address "auto" names, how it was found): as Ray's lookup finds it, RAY_ADDRESS,
+    else the one cluster running on this machine, else the one `ray start` last recorded
+    here. Resolved here, not by ray.init, so that the record of a cluster that died without
+    `ray stop` (kill -9, a restarted container) gets _check_reachable's fail-fast: ray.init
+    retried its dead head for over a minute. ClusterConnectionError when there is none, or
+    several, or a record that is no address."""
+    from ray._common.utils import get_ray_address_file
+    from ray._private import services
+
+    record = get_ray_address_file(None)
+    try:
+        address = services.canonicalize_bootstrap_address_or_die("auto")
+        recorded = services.find_bootstrap_address(None)
+        from_record = bool(recorded) and services.canonicalize_bootstrap_address(
+            recorded) == address
+    except (ConnectionError, ValueError) as e:  # none running, several, a garbled record
+        raise ClusterConnectionError(f"--address auto: {e} (Ray's record of the cluster "
+                                     f"`ray start` runs here: {record})") from None
+    finally:  # Ray caches what it found; a later search in this process must see ours too
+        services._thread_safe_find_gcs_addresses_cache_clear()
+    if os.environ.get("RAY_ADDRESS"):  # (Ray's lookup takes it over "auto")
+        return address, "RAY_ADDRESS"
+    if from_record:
+        return address, (f"the cluster `ray start` recorded in {record}; a record left by "
+                         "one that stopped without `ray stop` is cleared by `ray stop`")
+    return address, "the Ray cluster running on this machine"
+
+
 def _notice_clusters_beside(addresses: list[str]) -> None:
     """An embedded Ray started beside a cluster `ray start` runs here: the job is invisible
     to that cluster (`python -m orchestrator status`, preempt, cancel, its dashboard), and
@@ -493,7 +522,9 @@ def connect(address: str | None, runtime_env: dict | None = None, embedded: bool
     source = "--address"
     if not address and os.environ.get("RAY_ADDRESS"):
         address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
-    if address and address != "auto":
+    if address == "auto":  # (Ray's own lookup, then the checks a given address gets)
+        address, source = _auto_address()
+    if address:
         _check_reachable(address, source, embedded=embedded)
     if not address:
         _notice_clusters_beside(_running_local_clusters())

@@ -1,5 +1,6 @@
 """The reachability check of a cluster address before ray.init (ray_layer/cluster.py); no Ray
 is started."""
+import re
 import socket
 
 import pytest
@@ -132,3 +133,34 @@ def test_the_token_check_ignores_an_http_proxy_as_ray_does(monkeypatch):
         with pytest.raises(ClusterConnectionError, match="asks for an authentication token"):
             _check_reachable(f"127.0.0.1:{server.port}", "--address")
         assert time.monotonic() - start < 2.5
+
+
+def test_auto_with_a_stale_record_of_a_stopped_cluster_fails_at_once_naming_it(tmp_path,
+                                                                               monkeypatch):
+    # `python -m orchestrator status` (no --address: "auto") on a machine whose `ray start`
+    # cluster died without `ray stop` (kill -9, a container restarted): Ray's record,
+    # ray_current_cluster, still named its head, and ray.init retried it for over a minute.
+    import ray
+
+    import ray_layer.cluster as cluster
+
+    closed = listener(socket.AF_INET, "127.0.0.1")
+    stale = f"127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()  # nothing listens there any more
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # Ray's record: RAY_TMPDIR/ray/...
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    record = tmp_path / "ray" / "ray_current_cluster"
+    record.parent.mkdir()
+    record.write_text(stale)
+    monkeypatch.setattr(cluster, "_running_local_clusters", lambda: [])
+    monkeypatch.setattr("ray._private.services.find_gcs_addresses", lambda: [])
+    init_calls = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: init_calls.append(kwargs))
+    with pytest.raises(ClusterConnectionError) as refused:
+        cluster.connect("auto", embedded=False)
+    assert not init_calls
+    message = str(refused.value)
+    port = stale.rpartition(":")[2]  # (Ray names 127.0.0.1 by this machine's address)
+    assert re.match(rf"cannot reach a Ray cluster at [^ ]+:{port} \(the cluster `ray start` "
+                    "recorded in ", message), message
+    assert str(record) in message and "ray stop" in message

@@ -41,6 +41,16 @@ def test_a_lost_node_with_no_room_left_is_not_placeable(tmp_path):
     assert e.value.exit_code == EXIT_FAILED and "ValueError: bad batch" in str(e.value)
 
 
+def auto_found_at(monkeypatch, address: str) -> None:
+    """"auto" names `address` (the cluster `ray start` runs here, as Ray's lookup would find
+    it: connect's _auto_address), reachable (its check: test_cluster_address.py), so that
+    no test depends on the Ray clusters this machine runs."""
+    from ray_layer import cluster
+
+    monkeypatch.setattr(cluster, "_auto_address", lambda: (address, "the test's"))
+    monkeypatch.setattr(cluster, "_check_reachable", lambda *args, **kwargs: None)
+
+
 def test_a_job_without_an_address_starts_its_own_ray(monkeypatch):
     # ray.init(address=None) joined whatever `ray start` last recorded on this machine, and
     # retried a stale record's dead head for minutes.
@@ -53,9 +63,10 @@ def test_a_job_without_an_address_starts_its_own_ray(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs["address"]))
     monkeypatch.setattr(cluster, "_running_local_clusters", lambda: [])
+    auto_found_at(monkeypatch, "10.0.0.7:6379")
     assert cluster.connect(None) is True  # started here: the caller shuts it down
     assert cluster.connect("auto") is False
-    assert calls == ["local", "auto"]
+    assert calls == ["local", "10.0.0.7:6379"]
 
 
 @pytest.mark.parametrize("address", ["", "  "])
@@ -91,6 +102,7 @@ def test_an_embedded_ray_started_beside_a_running_cluster_says_so(monkeypatch, c
     err = capsys.readouterr().err
     assert "a Ray cluster already runs on this machine (10.0.0.5:6379)" in err
     assert "--address auto" in err
+    auto_found_at(monkeypatch, "10.0.0.5:6379")
     cluster.connect("auto")  # joining it: nothing to say
     assert capsys.readouterr().err == ""
 
