@@ -27,7 +27,8 @@ from orchestrator.entrypoints import EntrypointError, load_entrypoint
 from orchestrator.inventory import GIB, NodeReport
 from orchestrator.file_lock import held_by_none, holder_gone
 from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_FAILED,
-                                  EXIT_NOT_PLACEABLE, JobFailed, on_one_line, run_job)
+                                  EXIT_INTERRUPTED, EXIT_NOT_PLACEABLE, JobFailed,
+                                  on_one_line, run_job)
 from orchestrator.job_file import load_job_file
 from orchestrator.placement import describe_decision
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, ENDED_FILE, METRICS_LOG, RUN_LOCK,
@@ -309,12 +310,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
     try:
+        return _on_the_cluster(args, spec if args.command == "place" else None)
+    except KeyboardInterrupt:  # (waiting on ray.init's retries or an answer: up to 60 s)
+        print(interrupted_line(args.command), file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def interrupted_line(command: str) -> str:
+    """What Ctrl-C during a cluster command says: a preempt or cancel may have reached the
+    scheduler before its answer was waited for; the others change nothing."""
+    if command in ("preempt", "cancel"):
+        return (f"interrupted: {command} did not finish; it may have reached the scheduler: "
+                "`status` shows whether the scheduler took it")
+    return f"interrupted: {command} did not finish; nothing was changed"
+
+
+def _on_the_cluster(args, spec: JobSpec | None) -> int:
+    """status, place, preempt or cancel, run against the cluster; the exit code."""
+    try:
         ray, scheduler = _connect(args.address, create_scheduler=args.command == "place")
     except JobFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     try:
-        return _run_command(args, ray, scheduler, spec if args.command == "place" else None)
+        return _run_command(args, ray, scheduler, spec)
     except ray.exceptions.RayError as e:
         print(f"error: the scheduler did not answer: {on_one_line(str(e))}", file=sys.stderr)
         return EXIT_NOT_PLACEABLE

@@ -445,3 +445,21 @@ def test_status_shows_no_load_or_memory_for_a_node_whose_host_probe_failed(monke
     row, = status_rows(snapshot)
     assert row["load_per_cpu"] is None and row["ram_available_gib"] is None
     assert "1000000" not in format_status([row], [], None)
+
+
+def test_ctrl_c_while_a_cluster_command_waits_ends_in_one_line_and_exit_130(monkeypatch,
+                                                                           capsys):
+    # Ctrl-C while `status` (or preempt, cancel, place) waited on the cluster (ray.init's
+    # retries, the scheduler's answer, up to 60 s) ended in a KeyboardInterrupt traceback.
+    import orchestrator.__main__ as cli
+    from orchestrator.job_exit import EXIT_INTERRUPTED
+
+    def waiting(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_connect", waiting)
+    for argv, said in ((["status"], "nothing was changed"),
+                       (["cancel", "a"], "`status` shows whether the scheduler took it")):
+        assert cli.main_piped(argv) == EXIT_INTERRUPTED, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"interrupted: {argv[0]} did not finish") and said in err, err
+        assert err.count("\n") == 1
