@@ -261,3 +261,60 @@ def test_a_command_or_flag_ray_lacks_is_reported():
                          ids=[f"{i}-{tool}" for i, (_, tool, _) in enumerate(RAY_DOCUMENTED)])
 def test_a_documented_ray_command_uses_only_flags_ray_has(where, tool, words):
     assert _ray_flag_problems(tool, words) == [], where
+
+
+# Flags named in prose on their own ("whatever `--dropout` the run trained with"): no command
+# line says whose, so each must be a flag of a command the docs show or of Ray's CLI (a flag
+# that was renamed, or never was, read as real). Other tools' flags named that way:
+OTHER_TOOLS_FLAGS = {"--durations": "pytest's (pyproject.toml's addopts)",
+                     "--backfill": "simulate's flag before --no-backfill, named as history"}
+
+
+def _click_flags(command) -> set[str]:
+    """Every long flag of a click command and of the commands under it."""
+    import click
+
+    flags = {flag for param in command.params for flag in (*param.opts, *param.secondary_opts)
+             if flag.startswith("--")}
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            flags |= _click_flags(sub)
+    return flags
+
+
+def _known_flags() -> set[str]:
+    """The flags of every command the docs show (their subcommands' too) and of Ray's CLI."""
+    from ray.scripts.scripts import cli as ray_cli
+    from ray.serve.scripts import cli as serve_cli
+
+    flags = set(OTHER_TOOLS_FLAGS) | _click_flags(ray_cli) | _click_flags(serve_cli)
+    for entry in {entry for _, entry, _, _ in DOCUMENTED}:
+        parser = _parser(entry)
+        for each in (parser, *_subparsers(parser).values()):
+            flags |= {s for action in each._actions for s in action.option_strings}
+    return flags
+
+
+def _prose_flags(text: str) -> list[str]:
+    """The flags of the inline code spans that start with one (`--max-steps`, `--resume
+    --max-steps N`), outside fenced blocks; a pattern (`--eval-*`) is not a flag. Of an error
+    message (`--data SPEC: ... (convmv ... --notest)`), the first only: the rest may be
+    another tool's advice."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    flag = re.compile(r"(?<!\S)(--[a-z][\w-]*)(?![\w*-])")
+    return [m.group(1) for span in _code_spans(prose) if span.startswith("--")
+            for m in flag.finditer(span.split(":")[0] if ":" in span else span)]
+
+
+def test_a_flag_named_in_prose_is_found_in_a_span_of_its_own():
+    text = ("whatever `--dropout` it had, `--resume --max-steps N`, `--eval-*`, `--resume:`,"
+            " `--lr=3e-3`, `--data X: run (tool --other)`\n```\n--x\n```")
+    assert _prose_flags(text) == ["--dropout", "--resume", "--max-steps", "--resume", "--lr",
+                                     "--data"]
+
+
+@pytest.mark.parametrize("doc", DOCS + ["SECURITY.md"])
+def test_every_flag_named_in_prose_is_one_a_command_has(doc):
+    known = _known_flags()
+    unknown = [flag for flag in _prose_flags((REPO / doc).read_text()) if flag not in known]
+    assert unknown == [], f"{doc} names flags no command has: {unknown}"
