@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "cannot hold; sharded checkpoints). Either resumes the other's checkpoints")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on CUDA unless --attention-span, "
-                   "never on CPU; docs/training.md)")
+                   "off on CPU unless --compile; docs/training.md)")
     p.add_argument("--max-steps", type=strict_int, default=defaults.max_steps,
                    help="optimizer steps to train to (micro-batches with --accumulation)")
     p.add_argument("--batch-size", type=strict_int, default=defaults.batch_size,

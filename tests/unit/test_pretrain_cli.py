@@ -85,13 +85,25 @@ def test_every_bad_flag_is_named_at_once(tmp_path):
         assert words in result.stderr
 
 
-def test_help_says_each_default_once():
+def pretrain_help() -> str:
+    """`jobs/pretrain.py --help`, its whitespace runs as single spaces."""
     result = subprocess.run([sys.executable, str(PRETRAIN), "--help"], capture_output=True,
                             text=True, timeout=60, env={**os.environ, **CHECKOUT})
-    help_text = " ".join(result.stdout.split())
+    return " ".join(result.stdout.split())
+
+
+def test_help_says_each_default_once():
+    help_text = pretrain_help()
     assert "(default: None)" not in help_text and "(default: [])" not in help_text
     assert "--max-steps MAX_STEPS optimizer steps" in help_text and "(default: 200)" in help_text
     assert "lower priority, which checkpoint, wait and resume (default: 0)" in help_text
+
+
+def test_compile_help_says_the_flag_forces_it_on_cpu():
+    # --help said "never on CPU", while --compile compiles there too (docs/training.md).
+    assert TrainConfig(compile=True).compiles_on("cpu")
+    assert not TrainConfig().compiles_on("cpu")
+    assert "--attention-span, off on CPU unless --compile;" in pretrain_help()
 
 
 def test_unreachable_address_fails_fast_and_clearly_leaving_no_run_directory(tmp_path):
