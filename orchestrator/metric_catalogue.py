@@ -557,4 +557,17 @@ def training_samples(metrics: dict, run: str, rank: int, device: str) -> list[Sa
     metrics = {key: python_scalar(value) for key, value in metrics.items()}
     metrics = {**metrics, "tokens_per_s": per_worker_rate(metrics)}
     return [(spec, metrics[key], tags) for key, spec in TRAIN_REPORT_KEYS.items()
-            if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics[key], bool)]
+            if _is_figure(metrics.get(key))]
+
+
+def _is_figure(value) -> bool:
+    """Whether `value` (after python_scalar) is a number a series takes (a bool is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def non_number_report_keys(metrics: dict) -> list[str]:
+    """The TRAIN_REPORT_KEYS of `metrics` whose value is there but is no number (text such as
+    f"{loss:.3f}", a list, a bool), sorted: training_samples leaves them out, and a loop of
+    the user's own is told why its series stay empty. None is a figure not measured."""
+    return sorted(key for key in TRAIN_REPORT_KEYS if metrics.get(key) is not None
+                  and not _is_figure(python_scalar(metrics[key])))

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.entrypoints import accepts_config, library_folders, own_frame
+from orchestrator.metric_catalogue import TRAIN_REPORT_KEYS, non_number_report_keys
 from orchestrator.stuck_ranks import (REPORTING, RETURNED, WAITING, WORKING, collective_call,
                                       compiling, computing)
 from orchestrator.validation import finite_json
@@ -44,6 +45,7 @@ RESERVED_METRICS = frozenset({"yielded", "already_complete"})
 RAISED_AT = "orchestrator_raised_at"
 _watch: DirectiveWatch | None = None  # one per worker process (rank 0 asks)
 _export_failed = False  # a failure to export the metrics was said (once per worker)
+_non_numbers_said: set[str] = set()  # report keys said to hold no number (once each, per worker)
 _pending: str | None = None  # a directive not yet acted on (no checkpoint since)
 _reports = 0  # this worker's calls of report in this run of the loop
 # What a worker that returned from the loop sends into the other ranks' agreement (a
@@ -140,6 +142,7 @@ def _export(metrics: dict[str, Any]) -> None:
     (metric_catalogue.TRAIN_REPORT_KEYS: "loss", "step", "tokens_per_s" the job's rate, ...;
     other keys are Ray Train's alone). Never fails the report: a failure is logged once."""
     global _export_failed
+    _say_non_numbers(metrics)
     try:
         context = ray.train.get_context()
         device = ray.train.torch.get_device()
@@ -151,6 +154,20 @@ def _export(metrics: dict[str, Any]) -> None:
             _export_failed = True
             print(f"warning: launch.report: the training metrics were not exported: "
                   f"{type(e).__name__}: {e}", file=sys.stderr)
+
+
+def _say_non_numbers(metrics: dict[str, Any]) -> None:
+    """Warn, once per key, of a key Prometheus exports whose value is no number
+    (`"loss": f"{loss:.3f}"`): Ray Train and metrics.jsonl keep it, as the loop may mean, but
+    its series stays empty, and nothing said why."""
+    for key in non_number_report_keys(metrics):
+        if key not in _non_numbers_said:
+            _non_numbers_said.add(key)
+            value = metrics[key]
+            print(f"warning: launch.report: metrics[{key!r}] is {type(value).__name__} "
+                  f"{_short_repr(value)}, not a number: not exported as "
+                  f"{TRAIN_REPORT_KEYS[key].exported} (report a float or int: loss.item())",
+                  file=sys.stderr)
 
 
 def report_arguments_problem(metrics: Any, checkpoint: Any) -> str | None:

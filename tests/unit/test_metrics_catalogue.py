@@ -595,6 +595,17 @@ def test_training_samples_skip_figures_not_measured():
     assert s[m.TRAIN_MFU.name] == [(0.3, {"run": "run-1", "rank": "1", "device": "cuda"})]
 
 
+def test_report_keys_whose_value_is_no_number_are_named_not_dropped_silently():
+    # `"loss": f"{loss:.3f}"` (text), a one-element list, a bool: training_samples skips
+    # them and the loop's dashboard stayed empty, with nothing said. None is "not measured".
+    import numpy as np
+
+    report = {"loss": "0.500", "step": True, "mfu": [0.3], "tokens_per_s": np.float32(9.0),
+              "comm_share": None, "peak_memory_bytes": 10 ** 8, "note": "text"}
+    assert m.non_number_report_keys(report) == ["loss", "mfu", "step"]
+    assert m.non_number_report_keys({"loss": 2.5, "step": 3, "lr": "cosine"}) == []
+
+
 def test_each_rank_records_its_share_of_the_jobs_tokens_per_second():
     # The report's tokens_per_s covers all workers and every rank reports it: summed over
     # ranks (the dashboard's panel) it must be the job's rate, not world_size times it.

@@ -81,3 +81,18 @@ def test_numpy_numbers_a_loop_reports_are_exported_as_the_numbers_they_are(worke
         (m.TRAIN_STEP.name, 7), (m.TRAIN_LOSS.name, 2.5),
         (m.TRAIN_TOKENS_PER_SECOND.name, 1000.0), (m.TRAIN_MFU.name, 0.25)}
     assert all(type(value) in (int, float) for _, value, _ in recorded)
+
+
+def test_a_report_key_with_no_number_is_warned_of_once_naming_it(worker, capsys,
+                                                                monkeypatch):
+    # `{"loss": f"{loss:.3f}"}` reached Ray Train and metrics.jsonl, but not Prometheus, and
+    # nothing said why the run's loss panel stayed empty.
+    recorded, reported = worker
+    monkeypatch.setattr(user_loop, "_non_numbers_said", set())
+    user_loop.report({"step": 1, "loss": "0.500"})
+    user_loop.report({"step": 2, "loss": "0.400"})
+    assert [r["loss"] for r in reported] == ["0.500", "0.400"]  # the report itself stands
+    assert [spec for spec, _, _ in recorded] == [m.TRAIN_STEP, m.TRAIN_STEP]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics['loss'] is str '0.500', not a number" in err
+    assert f"not exported as {m.TRAIN_LOSS.exported} " in err
