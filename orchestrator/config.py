@@ -526,6 +526,34 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# The TrainConfig fields every saved config holds (a checkpoint's, a run's config.json): the
+# first version's, saved whole (to_dict) ever since. A saved config without one is a damaged
+# or foreign file: filled with the default it described another model (a 'tiny' run's
+# weights read as a 'small' GPT's). Every field not listed was added later, with a default
+# that behaves as the versions before it did (256 = bytes, "ddp", no span, "cosine", one
+# accumulation step, the bundled corpus, 4 x n_embd MLPs; warn_*: warnings only): a config
+# saved before a field existed keeps loading as it did.
+ALWAYS_SAVED_TRAIN_FIELDS = ("model_size", "max_steps", "batch_size", "seq_len", "lr", "min_lr",
+                             "warmup_steps", "weight_decay", "grad_clip", "precision",
+                             "checkpoint_every", "keep_checkpoints", "log_every",
+                             "eval_batches", "seed", "dropout")
+
+
+def saved_train_config_problem(saved: Any) -> str | None:
+    """What makes `saved` (a TrainConfig as a checkpoint or config.json recorded it) no config
+    this project saved, in words to follow the file's name; None when it is one. Only whether
+    it is a mapping holding every ALWAYS_SAVED_TRAIN_FIELDS field: its values are
+    TrainConfig.from_dict's to check."""
+    if not isinstance(saved, Mapping):
+        return f"its training config is no mapping of fields ({type(saved).__name__})"
+    missing = [name for name in ALWAYS_SAVED_TRAIN_FIELDS if name not in saved]
+    if not missing:
+        return None
+    names = ", ".join(repr(name) for name in missing)
+    return (f"its training config lacks {names}, which every config this project saves "
+            "records: the file is damaged or not this project's")
+
+
 # Fields a resumed run may change: they do not alter what the checkpoint's weights mean or
 # which batches come next (max_steps extends the run; the rest are bookkeeping or hardware).
 RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "keep_checkpoints",

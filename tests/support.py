@@ -12,6 +12,9 @@
   checkpoint of a given step, like a killed worker;
 - `agreed_precision_worker(rank, choices, rendezvous, out)`: one process of a gloo group
   whose device resolves `auto` to `choices[rank]`; writes the job's precision to out/<rank>.
+- `resave_without(checkpoint, name)`: a full training checkpoint written again by the project's
+  own save without `name`, a field of its training config or else an entry of its state (a
+  damaged or foreign file);
 - `host_reads_from(monkeypatch, *files)`: the list that every `Tensor.item` / `tolist` called
   from code in those source files appends to (each is a host sync on a GPU).
 
@@ -33,7 +36,23 @@ from orchestrator.polling import wait_for
 from orchestrator.serving.settings import free_port
 from orchestrator.training.session import LocalSession
 
-__all__ = ["CrashingSession", "free_port", "one_thread", "run_summary", "wait_for"]
+__all__ = ["CrashingSession", "free_port", "one_thread", "resave_without", "run_summary",
+           "wait_for"]
+
+
+def resave_without(checkpoint: str | Path, name: str) -> Path:
+    """The full (state.pt) training checkpoint in `checkpoint` saved again, checksum and all,
+    without `name`: removed from its training config where the config has it, else from the
+    state itself. What a reader must refuse, naming the file and `name`."""
+    from orchestrator.training.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    if name in state["config"]:
+        del state["config"][name]
+    else:
+        del state[name]
+    save_checkpoint(checkpoint, state)
+    return Path(checkpoint)
 
 
 class CrashingSession(LocalSession):

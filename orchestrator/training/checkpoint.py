@@ -453,6 +453,44 @@ def _refuse_bad_step(state: Any, where: Path) -> None:
                               "not a training checkpoint")
 
 
+def _refuse_incomplete_config(state: dict, where: Path) -> None:
+    """CheckpointError naming `where` when the state's training config lacks a field every
+    checkpoint of this project records (config.ALWAYS_SAVED_TRAIN_FIELDS): filled with its
+    default it described another model, refused as weights that do not fit "a 'small' GPT"
+    without naming the field, or loaded as another run's config."""
+    from orchestrator.config import saved_train_config_problem
+
+    problem = saved_train_config_problem(state.get("config"))
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
+
+
+# What a resume reads from a checkpoint's header besides its config, recorded by every
+# version of the loop. Its "pending_gradients" and "lr_legs" came later and may be absent:
+# nothing pending and one cosine leg to the saved max_steps are what those versions did.
+RESUMED_ENTRIES = ("step", "tokens_seen", "scaler", "config")
+
+
+def refuse_unresumable(header: dict, directory: str | os.PathLike) -> None:
+    """CheckpointError naming the file (state.pt, or a sharded checkpoint's meta.pt) when a
+    checkpoint_header lacks what a resume reads: an entry (a KeyError in the workers before)
+    or a field of its training config (read as its default: a resume of a 'tiny' run with
+    --model-size left out compared as 'small' and failed on the weights)."""
+    where = _state_file(directory)
+    missing = [entry for entry in RESUMED_ENTRIES if entry not in header]
+    if missing:
+        raise CheckpointError(f"{where} lacks {', '.join(map(repr, missing))}, which every "
+                              "training checkpoint records: not a checkpoint to resume from")
+    _refuse_incomplete_config(header, where)
+
+
+def _state_file(directory: str | os.PathLike) -> Path:
+    """The file holding a checkpoint's config and step: a sharded one's meta.pt, else
+    state.pt (the file named in errors about them)."""
+    return Path(directory) / (SHARDED_META_FILE if is_sharded_checkpoint(directory)
+                              else STATE_FILE)
+
+
 def _refuse_unless_sharded(directory: Path) -> None:
     """CheckpointError naming `directory` unless it holds a sharded checkpoint's meta.pt: a
     save cut short before it, a full checkpoint, or no checkpoint at all."""
@@ -748,12 +786,12 @@ def _described_model(state: Any, directory: str | os.PathLike):
     from orchestrator.config import ConfigError, TrainConfig
     from orchestrator.training.model import GPTConfig, widths_from_state_dict
 
-    where = Path(directory) / (SHARDED_META_FILE if is_sharded_checkpoint(directory)
-                               else STATE_FILE)
+    where = _state_file(directory)
     if not isinstance(state, dict) or not {"model", "config"} <= set(state):
         raise CheckpointError(f"{where} is not a training checkpoint: it needs 'model' and "
                               "'config' entries")
     _refuse_bad_step(state, where)
+    _refuse_incomplete_config(state, where)
     try:
         train_config = TrainConfig.from_dict(state["config"])
     except ConfigError as e:

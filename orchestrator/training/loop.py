@@ -24,8 +24,8 @@ from orchestrator.config import ConfigError, TrainConfig, resume_conflicts
 from orchestrator.training.accumulation import (HierarchicalAccumulation, pending_gradients,
                                                 restore_pending_gradients)
 from orchestrator.training.checkpoint import (CheckpointError, checkpoint_header,
-                                              load_sharded_into, save_checkpoint,
-                                              save_folder, save_sharded,
+                                              load_sharded_into, refuse_unresumable,
+                                              save_checkpoint, save_folder, save_sharded,
                                               sharded_optimizer_names)
 from orchestrator.training.data import get_batch, load_corpus, split_corpus, stream_seed
 from orchestrator.training.efficiency import (CommTimer, Thresholds, cpu_peak_flops,
@@ -412,6 +412,7 @@ def _resumed_or_new(config: TrainConfig, session: TrainSession, precision: Preci
         try:
             header = checkpoint_header(directory, session.world_rank, session.world_size,
                                        verified=still_verified(directory, verified))
+            refuse_unresumable(header, directory)  # (passed over: a damaged file)
         except CheckpointError as e:
             problem = e
         problem = _any_workers_problem(problem)

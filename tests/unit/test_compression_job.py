@@ -14,6 +14,7 @@ from orchestrator.compression.source import load_teacher
 from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.training.checkpoint import STATE_FILE, save_checkpoint
 from orchestrator.training.model import GPT, GPTConfig
+from tests.support import resave_without
 
 
 def make_checkpoint(directory: Path, step: int = 3, seed: int = 0) -> Path:
@@ -143,6 +144,16 @@ def test_corrupt_checkpoint_is_named_and_nothing_is_written(tmp_path, capsys):
     # The same through the run directory: no usable checkpoint left to fall back to.
     code, err = run_job(capsys, "--checkpoint", str(tmp_path / "run"), "--out", str(out))
     assert code == 2 and "no usable checkpoint in run directory" in err and not out.exists()
+
+
+def test_a_teacher_whose_config_lacks_model_size_is_named_and_nothing_is_written(
+        tmp_path, capsys):
+    # Read as the default 'small' GPT: "the weights do not fit a 'small' GPT", no field named.
+    checkpoint = resave_without(make_checkpoint(tmp_path / "ckpt"), "model_size")
+    out = tmp_path / "out"
+    code, err = run_job(capsys, "--checkpoint", str(checkpoint), "--out", str(out))
+    assert code == 2 and not out.exists()
+    assert f"{checkpoint / STATE_FILE}: its training config lacks 'model_size'" in err, err
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

@@ -12,8 +12,9 @@ from orchestrator.hf_export import (ExportError, export_checkpoint, export_gpt2,
 from orchestrator.hf_import import load_hf_weights
 from orchestrator.serving.loading import load_model, save_untrained_checkpoint
 from orchestrator.tokenizer import ByteTokenizer, save_tokenizer, train_bpe
-from orchestrator.training.checkpoint import save_checkpoint
+from orchestrator.training.checkpoint import CheckpointError, save_checkpoint
 from orchestrator.training.model import GPT, GPTConfig
+from tests.support import resave_without
 
 transformers = pytest.importorskip("transformers")
 
@@ -187,6 +188,15 @@ def test_an_old_byte_checkpoint_exports_and_serves_with_bytes(tmp_path):
     with torch.no_grad():
         assert torch.allclose(hf_model(tmp_path / "hf")(ids).logits, loaded.model(ids)[0],
                               atol=1e-4, rtol=0)
+
+
+def test_a_checkpoint_whose_config_lacks_model_size_is_refused_naming_it(tmp_path):
+    # Read as the default 'small' GPT: "the weights do not fit a 'small' GPT", no field named.
+    checkpoint = resave_without(save_untrained_checkpoint(tmp_path / "c"), "model_size")
+    with pytest.raises(CheckpointError, match=r"state\.pt: its training config lacks "
+                                              r"'model_size'"):
+        export_checkpoint(checkpoint, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_a_run_with_a_recorded_tokenizer_serves_and_exports_with_it(tmp_path):

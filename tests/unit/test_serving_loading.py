@@ -16,7 +16,7 @@ from orchestrator.serving.loading import (INT8_FILE, LATEST_PIN, CheckpointPin,
                                           save_untrained_checkpoint)
 from orchestrator.training.checkpoint import (CheckpointError, load_checkpoint,
                                               save_checkpoint)
-from tests.support import one_thread
+from tests.support import one_thread, resave_without
 
 
 @pytest.fixture(autouse=True)
@@ -574,19 +574,19 @@ def test_an_int8_exports_config_is_read_without_its_weights(tmp_path):
 
 
 def test_a_models_config_is_refused_where_its_weights_do_not_fit_it(tmp_path):
-    # A state.pt whose config lacks seq_len (a checkpoint written without it) read as the
-    # default 128-token context though its weights hold 48 positions: model_config said 128,
-    # load_model refused the checkpoint; a weight named that the model lacks passed too.
+    # A state.pt whose config lacks seq_len was read as the default 128-token context though
+    # its weights hold 48 positions: model_config said 128, load_model refused the
+    # checkpoint; a weight named that the model lacks passed too. (Now the missing field is
+    # refused by name, the same by both.)
     from orchestrator.serving.loading import model_config
     from orchestrator.training.checkpoint import save_checkpoint
 
     state = load_checkpoint(save_untrained_checkpoint(tmp_path / "whole", "tiny", 48))
-    config = {k: v for k, v in state["config"].items() if k != "seq_len"}
-    save_checkpoint(tmp_path / "old", {**state, "config": config})
+    shutil.copytree(tmp_path / "whole", tmp_path / "old")
+    resave_without(tmp_path / "old", "seq_len")
     save_checkpoint(tmp_path / "extra", {**state, "model": {**state["model"],
                                                             "x": torch.zeros(2)}})
-    for name, said in (("old", "1 of another shape (first pos_emb.weight: [48, 64] in the "
-                               "checkpoint, [128, 64] in the model)"),
+    for name, said in (("old", "its training config lacks 'seq_len'"),
                        ("extra", "1 unexpected (first x)")):
         with pytest.raises(CheckpointError) as full:
             load_model(tmp_path / name)
@@ -726,3 +726,31 @@ def test_a_refused_global_is_named_not_only_that_the_load_failed(tmp_path, held)
                             "Weights only load failed. Unsupported global: GLOBAL "
                             f"{refused.__module__}.{refused.__qualname__} was not an allowed "
                             "global by default.")
+
+
+@pytest.mark.parametrize("field", ["model_size", "dropout"])
+def test_a_checkpoint_whose_config_lacks_a_field_is_refused_naming_it(tmp_path, field):
+    # A 'tiny' checkpoint whose config lacked model_size was read as the default 'small' GPT:
+    # "the weights do not fit a 'small' GPT", the field never named; one lacking dropout
+    # (no shape) was served with the default, silently.
+    from orchestrator.serving.loading import model_config
+
+    checkpoint = resave_without(save_untrained_checkpoint(tmp_path / "c", "tiny"), field)
+    said = (f"{checkpoint / 'state.pt'}: its training config lacks '{field}', which every "
+            "config this project saves records: the file is damaged or not this project's")
+    for read in (load_for_serving, model_config):
+        with pytest.raises(CheckpointError) as e:
+            read(checkpoint)
+        assert str(e.value) == said
+
+
+def test_a_checkpoint_saved_before_the_later_config_fields_still_serves(tmp_path):
+    # Fields added after the first version (vocab_size, strategy, ...) keep their defaults,
+    # which behave as the versions before them did: only the first version's are required.
+    from orchestrator.config import ALWAYS_SAVED_TRAIN_FIELDS
+
+    checkpoint = save_untrained_checkpoint(tmp_path / "c", "tiny")
+    state = load_checkpoint(checkpoint)
+    for name in set(state["config"]) - set(ALWAYS_SAVED_TRAIN_FIELDS):
+        resave_without(checkpoint, name)
+    assert load_for_serving(checkpoint).model.config.vocab_size == 256

@@ -18,7 +18,7 @@ from orchestrator.training.checkpoint import (CheckpointError, load_checkpoint,
 from orchestrator.training.loop import train
 from orchestrator.training.precision import Precision, resolve_precision
 from orchestrator.training.session import LocalSession
-from tests.support import CrashingSession
+from tests.support import CrashingSession, resave_without
 
 CPU = torch.device("cpu")
 
@@ -567,6 +567,21 @@ def test_retention_prunes_checkpoints_found_corrupt_before_the_good_one_resumed_
     metrics = train(tiny(max_steps=4, checkpoint_every=1, log_every=1),
                     LocalSession(tmp_path, device=CPU))
     assert metrics["start_step"] == 2 and metrics["step"] == 4
+
+
+@pytest.mark.parametrize("name", ["model_size", "tokens_seen"])
+def test_a_checkpoint_lacking_what_a_resume_reads_falls_back_naming_it(tmp_path, capsys, name):
+    # Without model_size the saved config counted as the default 'small': the resume was
+    # refused as "written by a different run config: model_size: 'small' -> 'tiny'"; without
+    # tokens_seen it died on a KeyError. A damaged file: passed over, as a corrupt one is.
+    session = LocalSession(tmp_path, keep=3, device=CPU)
+    train(tiny(max_steps=4, **EVERY_2), session)  # checkpoints at 2 and 4
+    latest = resave_without(session.checkpoints()[-1], name)
+    capsys.readouterr()
+    metrics = train(tiny(max_steps=6, **EVERY_2), session)
+    assert metrics["start_step"] == 2 and metrics["step"] == 6
+    said = capsys.readouterr().out
+    assert f"{latest / 'state.pt'}" in said and f"lacks '{name}'" in said, said
 
 
 def test_when_every_checkpoint_is_corrupt_training_refuses_to_start_over(tmp_path, capsys):
