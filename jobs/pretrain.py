@@ -21,7 +21,7 @@ from pathlib import Path
 
 from orchestrator.config import (LR_SCHEDULES, MAX_GPU_MEMORY_GB, MAX_HOST_MEMORY_GB,
                                  MODEL_PRESETS, PRECISIONS, STRATEGIES, ConfigError, JobSpec,
-                                 TrainConfig, resume_conflicts)
+                                 TrainConfig, resume_conflicts, saved_train_config_problem)
 from orchestrator.help_format import DefaultsHelpFormatter
 from orchestrator.hf_export import ExportError, check_init_context
 from orchestrator.tokenizer import TOKENIZER_FILE, TokenizerError, save_tokenizer
@@ -210,13 +210,19 @@ def inherit_run_settings(args: argparse.Namespace, run_dir: Path) -> list[str]:
 def _run_config(run_dir: Path) -> dict:
     """The config.json of the run being resumed ({} where there is none); ConfigError naming
     it when its train or job section is not a mapping (read first by resolve_data, where
-    such a file was a traceback)."""
+    such a file was a traceback), or its train section lacks a field every version wrote
+    (saved_train_config_problem: the flag's default was taken, and the workers refused the
+    run's checkpoint after placement). The first version wrote the train fields alone, with
+    no sections: such a file has no train section, and nothing is inherited from it."""
     where = run_dir / CONFIG_FILE
     saved = _read_json(where) or {}
     if not isinstance(saved, dict) or not all(isinstance(saved.get(section, {}), dict)
                                               for section in ("train", "job")):
         raise ConfigError(f"--resume: {where} is not a run's config (its train and job "
                           "sections must be mappings); restore it, or start a new run")
+    problem = saved_train_config_problem(saved["train"]) if "train" in saved else None
+    if problem:
+        raise ConfigError(f"--resume: {where}: {problem}; restore it, or start a new run")
     return saved
 
 

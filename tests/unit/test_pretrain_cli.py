@@ -258,12 +258,20 @@ def test_a_resumed_runs_summary_says_which_steps_its_figures_cover(tmp_path, cap
     assert "trained steps 20 -> 30 (resumed) in" in capsys.readouterr().out
 
 
+SAVED_TRAIN = TrainConfig().to_dict()  # a train section as pretrain.py writes it
+
+
 @pytest.mark.parametrize("train, job, said", [
     (None, {}, "is not a run's config (its train and job sections must be mappings)"),
     ({}, "x", "is not a run's config (its train and job sections must be mappings)"),
-    ({"lr": "fast"}, {}, "train.lr is 'fast', which no --lr could have given"),
-    ({}, {"accelerator_types": "A100"}, "job.accelerator_types is 'A100', which no "
-                                        "--accelerator-type could have given"),
+    ({**SAVED_TRAIN, "lr": "fast"}, {}, "train.lr is 'fast', which no --lr could have given"),
+    (SAVED_TRAIN, {"accelerator_types": "A100"}, "job.accelerator_types is 'A100', which no "
+                                                 "--accelerator-type could have given"),
+    # Without model_size the resume went on as the default 'small' (the flag's default), and
+    # its workers refused the 'tiny' checkpoint after placement, config.json never named.
+    ({k: v for k, v in SAVED_TRAIN.items() if k != "model_size"}, {},
+     "config.json: its training config lacks 'model_size', which every config this project "
+     "saves records: the file is damaged or not this project's"),
 ])
 def test_resume_names_a_config_json_it_cannot_inherit_from(tmp_path, train, job, said):
     from jobs import pretrain
