@@ -544,14 +544,7 @@ def saved_train_config_problem(saved: Any) -> str | None:
     this project saved, in words to follow the file's name; None when it is one. Only whether
     it is a mapping holding every ALWAYS_SAVED_TRAIN_FIELDS field: its values are
     TrainConfig.from_dict's to check."""
-    if not isinstance(saved, Mapping):
-        return f"its training config is no mapping of fields ({type(saved).__name__})"
-    missing = [name for name in ALWAYS_SAVED_TRAIN_FIELDS if name not in saved]
-    if not missing:
-        return None
-    names = ", ".join(repr(name) for name in missing)
-    return (f"its training config lacks {names}, which every config this project saves "
-            "records: the file is damaged or not this project's")
+    return validation.saved_fields_problem(saved, ALWAYS_SAVED_TRAIN_FIELDS, "training config")
 
 
 # Fields a resumed run may change: they do not alter what the checkpoint's weights mean or

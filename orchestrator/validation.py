@@ -215,6 +215,21 @@ class _NoDefault:
         return "(absent)"
 
 
+def saved_fields_problem(saved: Any, always_saved: tuple[str, ...], what: str) -> str | None:
+    """What makes `saved` (a config as a file of this project recorded it: a mapping of field
+    names) no such record, in words to follow the file's name, or None: not a mapping, or
+    lacking a field of `always_saved` (those every version wrote: without one the file is
+    damaged or another program's, and the field's default would describe another model).
+    Fields added later are left to their defaults, which behave as before they existed."""
+    if not isinstance(saved, Mapping):
+        return f"its {what} is no mapping of fields ({type(saved).__name__})"
+    missing = [name for name in always_saved if name not in saved]
+    if not missing:
+        return None
+    return (f"its {what} lacks {', '.join(map(repr, missing))}, which every config this "
+            "project saves records: the file is damaged or not this project's")
+
+
 def resume_conflicts(saved: Mapping[str, Any], config: Any,
                      resumable: frozenset[str]) -> list[str]:
     """'field: old -> new' for every field of the dataclass `config` (outside `resumable`)

@@ -199,7 +199,7 @@ def export_decode_onnx(model: nn.Module, path: Path, what: str = "model") -> Pat
 
 def twin_from_int8_state(state: dict[str, Any]) -> GPT:
     """The dequantized twin (int8 * scale weights) of an int8 export's tensors."""
-    model = GPT(GPTConfig(**state["config"]))
+    model = GPT(GPTConfig.from_saved(state["config"]))
     full = dict(state["fp32"])
     for name, q in state["int8"].items():
         full[f"{name}.weight"] = q.float() * state["scales"][name][:, None]
@@ -429,7 +429,7 @@ def int8_model_config(directory: str | Path) -> GPTConfig:
     weights.int8.pt's), read without the weights; CheckpointError naming the file otherwise."""
     path = Path(directory) / CONFIG_FILE
     try:
-        return GPTConfig(**json.loads(path.read_text())["gpt_config"])
+        return GPTConfig.from_saved(json.loads(path.read_text())["gpt_config"])
     except FileNotFoundError:
         raise CheckpointError(f"file missing: {path}") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -445,7 +445,7 @@ def load_int8_model(directory: str | Path, device: str | torch.device = "cpu") -
     try:
         if state.get("format") != FORMAT:
             raise ValueError(f"format {state.get('format')!r} is not {FORMAT!r}")
-        model = GPT(GPTConfig(**state["config"]))
+        model = GPT(GPTConfig.from_saved(state["config"]))
         full = dict(state["fp32"])
         for name, q in state["int8"].items():
             bias = full.pop(f"{name}.bias", None)

@@ -331,7 +331,7 @@ def load_stage_model(directory: Path) -> GPT:
     path = directory / WEIGHTS_FILE
     weights = load_tensors(path)
     try:
-        config = GPTConfig(**weights["config"])
+        config = GPTConfig.from_saved(weights["config"])
         model = GPT(config)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: its config does not describe a GPT: "

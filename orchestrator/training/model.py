@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,7 @@ from orchestrator.config import TrainConfig
 from orchestrator.training.attention import (AdaptiveSpan, CausalSelfAttention, KVCache,
                                              clamp_spans_)
 from orchestrator.training.loss import token_cross_entropy
+from orchestrator.validation import saved_fields_problem
 
 # The LM head's product in training runs on a vocabulary padded to a multiple of this:
 # GPT-2's 50,257 rows (odd) leave the logits' rows misaligned for the GPU's matrix kernels.
@@ -26,6 +28,13 @@ from orchestrator.training.loss import token_cross_entropy
 # the padding leaves alone and the rewrite did not, moved +1.7% between the two calls: the
 # gain is the padding's by that comparison, not by a run of each (docs/benchmarks.md).
 VOCAB_ALIGNMENT = 64
+
+
+# The GPTConfig fields every saved one holds (compression's weights.pt and int8 exports,
+# written whole since the first): those of the first compression. mlp_hidden and
+# n_heads_per_layer came later; None (uniform widths) is every model saved before them.
+ALWAYS_SAVED_GPT_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
+                           "dropout", "attention_span", "span_ramp", "span_init")
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,16 @@ class GPTConfig:
     # its width n_embd // n_head whatever the layer's head count.
     mlp_hidden: tuple[int, ...] | None = None
     n_heads_per_layer: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_saved(cls, saved: Any) -> "GPTConfig":
+        """The GPTConfig a file of this project recorded (a compress stage's weights.pt, an
+        int8 export): ValueError saying which field it lacks of ALWAYS_SAVED_GPT_FIELDS
+        (filled with its default, a 2-layer model's weights were refused as not fitting 4)."""
+        problem = saved_fields_problem(saved, ALWAYS_SAVED_GPT_FIELDS, "model config")
+        if problem:
+            raise ValueError(problem)
+        return cls(**saved)
 
     def __post_init__(self) -> None:
         for name in ("mlp_hidden", "n_heads_per_layer"):

@@ -856,3 +856,22 @@ def test_the_report_keeps_huge_perplexities_narrow_in_the_table_and_the_summary(
     assert "230.1234" in table[1] and "3.532e+31" in table[2] and " inf " in table[3], table
     summary = lines[5]
     assert "perplexity 230.1234 -> 3.532e+31 (+1.535e+31%)" in summary, summary
+
+
+def test_a_stage_whose_config_lacks_n_layer_is_refused_naming_it(tmp_path):
+    # Filled with the default 4 layers, the stage's weights were refused as not fitting its
+    # config ("2 missing ..."), the field it lacks never named.
+    from orchestrator.compression import pipeline
+    from orchestrator.compression.artifacts import load_tensors, save_tensors
+
+    stage = tmp_path / "pruned"
+    pipeline._save_stage(stage, tiny_gpt(), None, {"loss": 1.0})
+    weights = load_tensors(stage / pipeline.WEIGHTS_FILE)
+    del weights["config"]["n_layer"]
+    save_tensors(stage / pipeline.WEIGHTS_FILE, weights)
+    with pytest.raises(CheckpointError) as e:
+        pipeline.load_stage_model(stage)
+    assert str(e.value) == (f"{stage / pipeline.WEIGHTS_FILE}: its config does not describe a "
+                            "GPT: ValueError: its model config lacks 'n_layer', which every "
+                            "config this project saves records: the file is damaged or not "
+                            "this project's")

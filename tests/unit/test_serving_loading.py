@@ -261,6 +261,24 @@ def test_int8_exports_load_through_the_compression_loader(tmp_path):
     assert out[0][1][0] == reference[0][1][0]
 
 
+def test_an_int8_export_whose_config_lacks_n_layer_is_refused_naming_it(tmp_path):
+    # Filled with the default 4 layers, a 2-layer export was "not an int8 model this code
+    # can load", with torch's list of missing weights and no field named.
+    export = pytest.importorskip("orchestrator.compression.export")
+    from orchestrator.compression.artifacts import save_tensors
+    from orchestrator.compression.prune import prunable_names
+    from orchestrator.training.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
+    state = export.int8_state(model, prunable_names(model))
+    del state["config"]["n_layer"]
+    save_tensors(tmp_path / INT8_FILE, state)
+    (tmp_path / "config.json").write_text('{"tokenizer_sha256": ""}')
+    with pytest.raises(CheckpointError, match=f"{tmp_path / INT8_FILE} .*its model config "
+                                              "lacks 'n_layer', which every config"):
+        load_model(tmp_path)
+
+
 def test_an_int8_export_copied_without_its_config_is_refused_not_served_with_bytes(tmp_path):
     """weights.int8.pt alone (its config.json, which records the tokenizer, not copied): a
     320-token BPE model was served with the 257 bytes, every reply garbage."""
