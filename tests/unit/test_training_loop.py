@@ -855,7 +855,8 @@ def test_the_cosine_floor_is_a_tenth_of_lr_unless_given_and_a_resume_keeps_its_o
     assert configured().min_lr == TrainConfig.min_lr  # the defaults' floor, unchanged
     assert configured("--lr", "1e-4", "--min-lr", "0").min_lr == 0
     (tmp_path / "old").mkdir()  # a run begun with the old rule resumes with its floor
-    (tmp_path / "old" / "config.json").write_text(json.dumps({"train": {"lr": 1e-4, "min_lr": 1e-4}}))
+    old_run = TrainConfig(lr=1e-4, min_lr=1e-4).to_dict()  # (whole, as pretrain.py writes it)
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"train": old_run}))
     assert configured("--lr", "1e-4", "--resume", run="old").min_lr == 1e-4
 
 
