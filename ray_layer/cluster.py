@@ -219,6 +219,21 @@ def _auto_address() -> tuple[str, str]:
     return address, "the Ray cluster running on this machine"
 
 
+def _take_the_local_token_as_ray_does_for_auto() -> None:
+    """What ray.init("auto") does before it connects: with RAY_AUTH_MODE unset and a token on
+    this machine (~/.ray/auth_token, which `ray start` 2.60 writes: token auth is its
+    default), token mode is turned on for this process. "auto" is resolved to an address
+    here, and Ray takes a given address as explicit, never doing this: without it the
+    probe and ray.init sent no token, and a cluster `ray start` ran on this very machine
+    was reported as refusing it."""
+    try:
+        from ray._private.authentication.authentication_token_setup import \
+            maybe_enable_token_auth_if_token_available
+    except ImportError:  # (a Ray without token auth: nothing to take)
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def _notice_clusters_beside(addresses: list[str]) -> None:
     """An embedded Ray started beside a cluster `ray start` runs here: the job is invisible
     to that cluster (`python -m orchestrator status`, preempt, cancel, its dashboard), and
@@ -523,6 +538,7 @@ def connect(address: str | None, runtime_env: dict | None = None, embedded: bool
     if not address and os.environ.get("RAY_ADDRESS"):
         address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if address == "auto":  # (Ray's own lookup, then the checks a given address gets)
+        _take_the_local_token_as_ray_does_for_auto()
         address, source = _auto_address()
     if address:
         _check_reachable(address, source, embedded=embedded)

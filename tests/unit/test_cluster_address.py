@@ -164,3 +164,27 @@ def test_auto_with_a_stale_record_of_a_stopped_cluster_fails_at_once_naming_it(t
     assert re.match(rf"cannot reach a Ray cluster at [^ ]+:{port} \(the cluster `ray start` "
                     "recorded in ", message), message
     assert str(record) in message and "ray stop" in message
+
+
+def test_auto_sends_this_machines_token_as_ray_init_auto_does(tmp_path, monkeypatch):
+    # `ray start --head` (Ray 2.60: token auth by default, the token in ~/.ray/auth_token),
+    # then `python -m orchestrator status` with RAY_AUTH_MODE unset: ray.init("auto") turns
+    # token mode on when a token is there, but "auto" resolved to an address is an explicit
+    # one to Ray, so the probe (and ray.init) sent none: "refuses this machine".
+    import ray
+    from ray._private.authentication import authentication_token_setup
+
+    import ray_layer.cluster as cluster
+
+    taken = []
+    monkeypatch.setattr(authentication_token_setup, "maybe_enable_token_auth_if_token_available",
+                        lambda warn_if_disabled: taken.append(True) or True)
+    monkeypatch.setattr(cluster, "_token_metadata",
+                        lambda: (("authorization", "Bearer s3cret"),) if taken else ())
+    init_calls = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: init_calls.append(kwargs))
+    with GrpcServer("127.0.0.1", token="s3cret") as server:
+        monkeypatch.setattr(cluster, "_auto_address", lambda: (
+            f"127.0.0.1:{server.port}", "the Ray cluster running on this machine"))
+        cluster.connect("auto", embedded=False)
+    assert [call["address"] for call in init_calls] == [f"127.0.0.1:{server.port}"]
