@@ -1,4 +1,5 @@
 """Benchmarks refuse flags that give no figure, naming the flag, before any work."""
+import importlib
 import subprocess
 import sys
 
@@ -33,11 +34,24 @@ import pytest
     ("bench_fsdp", ["--ckpt-size", "huge"], "invalid choice: 'huge'"),
     ("gpu_check", ["--budget-s", "nan"], "--budget-s must be a number > 0, got nan"),
 ])
-def test_no_rounds_is_refused_naming_the_flag(script, args, message):
+def test_no_rounds_is_refused_naming_the_flag(script, args, message, monkeypatch, capsys):
     # It died at the end with "StatisticsError: no median for empty data".
-    result = subprocess.run([sys.executable, "-m", f"scripts.{script}", *args],
+    # In this process, as `python -m scripts.X ARGS` runs it (main() reading sys.argv; two of
+    # the mains take no argv): a subprocess each cost 1.5-4 s of interpreter and torch start.
+    main = importlib.import_module(f"scripts.{script}").main
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_refusal_reaches_the_shell_as_exit_2_on_stderr():
+    # The cases above run main() in this process; the module run as a command gets the same.
+    # (--no-actor: were the flag ever accepted, this run would start no Ray)
+    result = subprocess.run([sys.executable, "-m", "scripts.bench_placement", "--seed", "-1",
+                             "--no-actor", "--nodes", "16", "--jobs", "1"],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and message in result.stderr
+    assert result.returncode == 2 and "--seed must be >= 0, got -1" in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [
