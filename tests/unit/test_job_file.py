@@ -1148,7 +1148,10 @@ def test_a_run_dir_that_cannot_be_written_is_refused_before_placing(tmp_path):
         launch.resolve_fit_run_dir(JobSpec("alpha"), tmp_path / "afile" / "alpha", False)
 
 
-@pytest.mark.parametrize("job, files, expected", [
+# (A dry run checked the job file and the entry point only, and said "placeable" (exit 0) for
+# jobs submit then refused.) The last case runs as the command itself; the others in this
+# process, through the same main(): a subprocess importing torch and Ray afresh took 3-5 s each.
+DRY_RUN_REFUSALS = [
     ("name: a/b\nentrypoint: train.py:train_loop\n", {},
      "name 'a/b' must not contain a path separator"),
     ("name: a\nentrypoint: train.py:train_loop\nruntime_env: {env_vars: {OMP_NUM_THREADS: [1]}}\n",
@@ -1159,14 +1162,33 @@ def test_a_run_dir_that_cannot_be_written_is_refused_before_placing(tmp_path):
      {"train.py": "import threading\nLOCK = threading.Lock()\n"
                   "def train_loop(config):\n    with LOCK:\n        pass\n"},
      "cannot be sent to the workers"),
-])
-def test_a_dry_run_refuses_what_submit_would(tmp_path, job, files, expected):
-    # A dry run checked the job file and the entry point only, and said "placeable" (exit 0)
-    # for jobs submit then refused.
-    folder = tmp_path / "job"
+]
+
+
+def dry_run_job(folder: Path, job: str, files: dict[str, str]) -> Path:
+    """A job file `job` in `folder` beside `files` (a train.py with a plain loop by default)."""
     for name, text in {"train.py": "def train_loop(config):\n    pass\n", **files}.items():
         write(folder / name, text)
-    result = submit(write(folder / "job.yaml", job), "--dry-run", tmp_path=tmp_path)
+    return write(folder / "job.yaml", job)
+
+
+@pytest.mark.parametrize("job, files, expected", DRY_RUN_REFUSALS[:-1])
+def test_a_dry_run_refuses_what_submit_would(tmp_path, monkeypatch, capsys, job, files,
+                                             expected):
+    from orchestrator.__main__ import main
+
+    # As submit() below runs the command: should a check let the job through, no Ray.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    monkeypatch.setattr(launch, "DEFAULT_RUNS_ROOT", tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    assert main(["submit", str(dry_run_job(tmp_path / "job", job, files)), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
+
+
+def test_a_dry_run_refusal_of_the_command_itself_is_exit_2(tmp_path):
+    job, files, expected = DRY_RUN_REFUSALS[-1]
+    result = submit(dry_run_job(tmp_path / "job", job, files), "--dry-run", tmp_path=tmp_path)
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
 
