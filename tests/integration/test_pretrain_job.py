@@ -54,11 +54,6 @@ def resume(run_dir, max_steps):
     return read_summary(run_dir)
 
 
-def test_resume_continues_the_step_count(first_run):
-    summary = resume(first_run, max_steps=6)
-    assert summary["resumed_from_step"] == 4 and summary["steps"] == 6
-
-
 def test_a_resume_of_a_complete_run_is_not_taken_for_an_earlier_drivers_yield(first_run, tmp_path,
                                                                                capsys):
     # Ray Train's record ends at a yield; the final checkpoint after it is on disk but went
@@ -150,19 +145,22 @@ def test_a_run_too_big_for_any_nodes_ram_is_refused_naming_the_flags_that_size_i
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_under_ray_train(first_run):
-    # Runs after test_resume_continues_the_step_count: checkpoints at steps 2, 4, 6 are kept.
+    # first_run's 4 steps kept checkpoints at steps 2 and 4: the cut step-4 one falls back to 2.
     checkpoints = sorted(p for p in first_run.glob("checkpoint_*") if p.is_dir())
     latest = checkpoints[-1] / "state.pt"
     latest.write_bytes(latest.read_bytes()[:1000])
     summary = resume(first_run, max_steps=8)
-    assert summary["resumed_from_step"] == 4 and summary["steps"] == 8
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 8, summary
 
 
-def test_span_and_hierarchical_accumulation_resume_exactly_under_ray_train(cluster, tmp_path):
+def test_resume_continues_the_step_count_and_span_and_accumulation_resume_exactly(cluster,
+                                                                                  tmp_path):
     """Two DDP workers, learnt spans, 'upper' stepping every 4 micro-batches: a run stopped at
     a checkpoint taken mid-accumulation (step 6: two micro-batches pending) and resumed ends
     with the weights of an uninterrupted run. The checkpoint micro-batch is all-reduced even
-    though no group steps there, so rank 0's pending gradients are every worker's."""
+    though no group steps there, so rank 0's pending gradients are every worker's. The resume
+    of that finished 6-step run with a higher --max-steps carries the step count on from its
+    last checkpoint (the run once a test of its own, which started one more Ray Train run)."""
     import torch
 
     from orchestrator.training.checkpoint import load_checkpoint
@@ -181,7 +179,7 @@ def test_span_and_hierarchical_accumulation_resume_exactly_under_ray_train(clust
     straight = run(tmp_path / "straight", 10)
     run(tmp_path / "resumed", 6)
     resumed = run(tmp_path / "resumed", 10, "--resume")
-    assert resumed["resumed_from_step"] == 6
+    assert resumed["resumed_from_step"] == 6 and resumed["steps"] == 10, resumed
     a = load_checkpoint(straight["checkpoint"])["model"]
     b = load_checkpoint(resumed["checkpoint"])["model"]
     for name in a:
