@@ -18,37 +18,41 @@ TINY = ["--model-size", "tiny", "--batch-size", "4", "--seq-len", "32", "--log-e
 
 @pytest.fixture(scope="module")
 def first_run(cluster, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "two-workers"
+    run_dir = tmp_path_factory.mktemp("runs") / "three-workers"
     # (a 1-step warmup: under the default 20 the lr of 4 steps stayed so low that the loss
     # fell by less than batch-to-batch noise, and final < first held only by chance)
-    code = pretrain.main([*TINY, "--num-workers", "2", "--max-steps", "4", "--warmup-steps",
+    # 3 workers, more than any node's 2 CPUs hold: the run spans nodes (a test of its own
+    # once, which started one more Ray Train run).
+    code = pretrain.main([*TINY, "--num-workers", "3", "--max-steps", "4", "--warmup-steps",
                           "1", "--checkpoint-every", "2", "--run-dir", str(run_dir)])
     assert code == 0
     return run_dir
 
 
-def test_two_worker_run_writes_a_complete_summary(first_run, cluster):
+def test_a_job_larger_than_any_node_spans_nodes_exactly_as_placed_with_a_complete_summary(
+        first_run, cluster):
     summary = read_summary(first_run)
     assert summary["steps"] == 4 and summary["precision"] == "fp32"
     assert summary["final_loss"] < summary["first_loss"]
     assert summary["tokens_per_s"] > 0
-    assert 0 < summary["mfu"] < 1 and 0 < summary["comm_share"] < 1  # 2 workers: DDP all-reduce
+    assert 0 < summary["mfu"] < 1 and 0 < summary["comm_share"] < 1  # 3 workers: DDP all-reduce
     # The wait after backward is part of the time in flight.
     assert 0 <= summary["comm_exposed_share"] <= summary["comm_share"]
     assert summary["peak_memory_bytes"] > 0
-    assert summary["num_workers"] == 2 and len(summary["placement"]) == 2
+    assert summary["num_workers"] == 3 and len(summary["placement"]) == 3
     assert set(summary["placement"]) <= set(cluster.values())
+    assert len(set(summary["placement"])) == 2  # 2 CPUs per node: 3 workers need 2 nodes
     # Ray Train ran each worker exactly on the node the scheduler chose.
     assert summary["placement_honoured"]
     assert sorted(summary["worker_nodes"]) == sorted(summary["placement"])
     assert Path(summary["checkpoint"]).is_dir()
     resolved = json.loads((first_run / "config.json").read_text())
-    assert resolved["train"]["model_size"] == "tiny" and resolved["job"]["num_workers"] == 2
+    assert resolved["train"]["model_size"] == "tiny" and resolved["job"]["num_workers"] == 3
 
 
 def resume(run_dir, max_steps):
     """--resume the run in `run_dir` up to `max_steps`; its summary afterwards."""
-    code = pretrain.main([*TINY, "--num-workers", "2", "--max-steps", str(max_steps),
+    code = pretrain.main([*TINY, "--num-workers", "3", "--max-steps", str(max_steps),
                           "--checkpoint-every", "2", "--run-dir", str(run_dir), "--resume"])
     assert code == 0
     return read_summary(run_dir)
@@ -75,20 +79,11 @@ def test_a_resume_of_a_complete_run_is_not_taken_for_an_earlier_drivers_yield(fi
                            if unregistered["checkpoint_dir_name"] not in line))
     step = unregistered["metrics"]["step"]
     capsys.readouterr()
-    code = pretrain.main([*TINY, "--num-workers", "2", "--max-steps", str(step),
+    code = pretrain.main([*TINY, "--num-workers", "3", "--max-steps", str(step),
                           "--checkpoint-every", "2", "--run-dir", str(run_dir), "--resume"])
     out = capsys.readouterr().out
     assert code == 0 and "stopped at step" not in out, out
     assert f"nothing to do: the checkpoint is already at step {step}" in out, out
-
-
-def test_job_larger_than_any_node_spans_nodes_exactly_as_placed(cluster, tmp_path):
-    run_dir = tmp_path / "three-workers"
-    assert pretrain.main([*TINY, "--num-workers", "3", "--max-steps", "2",
-                          "--run-dir", str(run_dir)]) == 0
-    summary = read_summary(run_dir)
-    assert len(set(summary["placement"])) == 2  # 2 CPUs per node: 3 workers need 2 nodes
-    assert summary["placement_honoured"]
 
 
 def test_unplaceable_job_is_refused_with_reasons(cluster, tmp_path, capsys):
