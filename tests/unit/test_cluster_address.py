@@ -156,6 +156,8 @@ def test_auto_with_a_stale_record_of_a_stopped_cluster_fails_at_once_naming_it(t
     monkeypatch.setattr("ray._private.services.find_gcs_addresses", lambda: [])
     init_calls = []
     monkeypatch.setattr(ray, "init", lambda **kwargs: init_calls.append(kwargs))
+    # (in a whole-suite run the integration tier's shared cluster is still connected here)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with pytest.raises(ClusterConnectionError) as refused:
         cluster.connect("auto", embedded=False)
     assert not init_calls
@@ -183,6 +185,8 @@ def test_auto_sends_this_machines_token_as_ray_init_auto_does(tmp_path, monkeypa
                         lambda: (("authorization", "Bearer s3cret"),) if taken else ())
     init_calls = []
     monkeypatch.setattr(ray, "init", lambda **kwargs: init_calls.append(kwargs))
+    # (in a whole-suite run the integration tier's shared cluster is still connected here)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with GrpcServer("127.0.0.1", token="s3cret") as server:
         monkeypatch.setattr(cluster, "_auto_address", lambda: (
             f"127.0.0.1:{server.port}", "the Ray cluster running on this machine"))

@@ -818,16 +818,18 @@ def test_a_call_no_replica_took_records_its_router_wait_and_its_clients_wait(str
 
 @pytest.mark.parametrize("streamed", [False, True])
 def test_a_call_whose_replica_was_lost_records_its_router_wait_up_to_being_taken(streamed):
-    # The first attempt waited 0.3 s for a replica, which then lost its engine; the resend was
-    # answered at once. Only the answered call's wait was recorded: the 0.3 s were nowhere.
+    # The first attempt waited 1 s for a replica, which then lost its engine; the resend was
+    # answered at once. Only the answered call's wait was recorded: the lost wait was nowhere.
     from orchestrator.serving.retries import engine_lost
 
-    taken_after = 0.3
+    # (1 s, bounds of half that: with 0.3 s and 0.15 s bounds a loaded machine's scheduling
+    # delay failed the whole-suite run once)
+    taken_after = 1.0
     answer = ([Chunk((72,), "H", "length", "v1", first_token_s=0.0)] if streamed
               else GenerationResult("H", 1, "length", "v1", 0.0, 0.0))
     status, recorded = waits_recorded([(taken_after, engine_lost("engine died")),
                                        (0.0, answer)], streamed, 5.0)
     assert status == 200
     lost, resent = recorded["router"]
-    assert taken_after <= lost < taken_after + 0.15 and resent < 0.15, recorded
+    assert taken_after <= lost < taken_after + 0.5 and resent < 0.5, recorded
     assert recorded["client"][0] >= taken_after  # (the client's wait counts the lost attempt)
