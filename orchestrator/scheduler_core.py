@@ -593,6 +593,8 @@ class SchedulerCore:
                 catalogue.REJECT_DUPLICATE)
         self.excluded_gpus.pop(name, None)  # an earlier job's of this name (a new run now)
         self.placements_given_back.pop(name, None)
+        # (put back if the job is refused below: one that never competed is no typical job)
+        typical_before = dict(self.typical_speed), self.typical_count
         self._learn_typical_speed(spec)
         self.queue.add(QueuedJob(spec, owner, now, "submitted"))
         outcome = Outcome(effects=[Persist()])
@@ -604,10 +606,12 @@ class SchedulerCore:
         never = self._never_fits(spec, now)  # asked only of jobs that did not start
         if never is not None:
             self.queue.remove(name)
+            self.typical_speed, self.typical_count = typical_before
             outcome.decision = never
             outcome.samples += catalogue.decision_samples(never, None)
             return outcome
         if name in self.queue.rejected and not self.queue.holds(name):  # dropped by this pass
+            self.typical_speed, self.typical_count = typical_before
             outcome.decision = self.queue.take_rejection(name)
             outcome.samples += catalogue.decision_samples(outcome.decision, None)
             return outcome

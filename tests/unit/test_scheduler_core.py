@@ -671,6 +671,22 @@ def test_a_saved_typical_count_past_floats_range_is_named_not_taken():
     assert isinstance(again.submit(gpus("k", 1), "d", T0 + 1).decision, Placement)
 
 
+def test_a_refused_submission_leaves_the_saved_state_as_it_was():
+    # A GPU job refused outright (more GPUs than the cluster has, a family it lacks) was
+    # folded into the typical job's speeds, which order preemption victims, and saved: a
+    # user retrying a wrong request moved the yardstick every running job is judged by.
+    core = core_with(gpu_node("a100", gpus=4), gpu_node("t4", gpus=4, family="T4"))
+    core.speed = lambda spec, family: {"A100": 1.0, "T4": 0.5 if spec.workload else 0.2}[
+        family]
+    core.submit(gpus("running", 2), "d", T0)
+    saved = json.loads(json.dumps(core.to_dict()))
+    for refused in (gpus("too-big", 20, workload="w"),
+                    gpus("no-h100", 1, accelerator_types=("H100",), workload="w"),
+                    gpus("running", 1, workload="w")):  # a name in use, another driver's
+        assert isinstance(core.submit(refused, "e", T0 + 1).decision, Rejection)
+    assert json.loads(json.dumps(core.to_dict())) == saved
+
+
 def test_a_dropped_jobs_reason_is_told_to_its_own_driver_not_taken_by_another():
     core = core_with(cpu_node("a", cpus=2), cpu_node("b", cpus=2))
     core.submit(cpus("run", 2), "driverA", T0)
