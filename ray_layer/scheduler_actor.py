@@ -381,6 +381,10 @@ class SchedulerActor:
         return outcome.decision
 
     def _save(self) -> None:
+        # Unsaved until the write succeeds: a failed one (the GCS failing over) raises to the
+        # caller, and the next maintenance pass saves again (else the change waited for the
+        # next one, or CLOCK_RESAVE_S, and a restart meanwhile forgot it: a job's reservation).
+        self._unsaved = True
         self.store.save({**self.core.to_dict(), THROUGHPUT_KEY: self.throughput.to_dict(),
                          CLOCK_KEY: {"time": time.time(), "clock": wall_clock()}})
         self._unsaved, self._saved_at = False, time.monotonic()

@@ -1,10 +1,12 @@
-"""GcsJsonStore on a faked GCS key-value store (no Ray cluster)."""
+"""GcsJsonStore on a faked GCS key-value store (no Ray cluster), and the scheduler's saves to
+it."""
 import json
 
 import pytest
 from ray.experimental import internal_kv
 
 from ray_layer.gcs_store import GcsJsonStore
+from tests.unit.test_scheduler_core import T0, core_with, cpu_node, cpus
 
 
 @pytest.fixture
@@ -33,3 +35,70 @@ def test_what_is_saved_loads_back_and_a_missing_key_is_none(kv):
     store.save({"jobs": [1, 2]})
     assert store.load() == {"jobs": [1, 2]}
     assert json.loads(kv[(b"state", "ns")]) == {"jobs": [1, 2]}
+
+
+def test_a_save_that_fails_leaves_the_previous_document_readable(kv):
+    store = GcsJsonStore("state", "ns")
+    store.save({"jobs": ["a"]})
+    with pytest.raises(TypeError):  # fails while writing the JSON: nothing is put
+        store.save({"jobs": ["a", object()]})
+    assert store.load() == {"jobs": ["a"]}
+
+
+def test_a_torn_document_is_unreadable_and_set_aside_whole_before_a_save_replaces_it(kv):
+    store = GcsJsonStore("state", "ns")
+    torn = json.dumps({"queue": {"waiting": [{"spec": {"name": "j"}}]}}).encode()[:30]
+    kv[(b"state", "ns")] = torn
+    with pytest.raises(ValueError):
+        store.load()
+    kept = store.set_aside()
+    assert kept.startswith("state.unreadable.") and kv[(kept.encode(), "ns")] == torn
+    store.save({})
+    assert kv[(kept.encode(), "ns")] == torn
+
+
+def scheduler_actor_on(store, core, monkeypatch):
+    """The SchedulerActor class driven without Ray: its state in `store`, its core `core`,
+    Ray's view of the cluster faked as `core`'s nodes alive, its clock at T0 + 5."""
+    import inspect
+    import threading
+    import time
+
+    import ray.autoscaler.sdk
+    from orchestrator.throughput import ThroughputTable
+    from ray_layer import scheduler_actor
+
+    actor = object.__new__(scheduler_actor.SchedulerActor.__ray_metadata__.modified_class)
+    actor.lock, actor.core, actor.store = threading.RLock(), core, store
+    actor.throughput, actor._unsaved, actor._saved_at = ThroughputTable(), False, time.monotonic()
+    actor._scale_up_asked, actor._scale_up_asked_by, actor._agent_silent_since = None, [], {}
+    actor._agents_lock = threading.Lock()
+    module = inspect.unwrap(type(actor).maintain).__globals__
+    alive = set(core.state.reports)
+    for name, value in (("record_all", lambda samples: None), ("wall_clock", lambda: T0 + 5),
+                        ("_ray_nodes", lambda: (alive, set(), set())),
+                        ("_dead_drivers", lambda: set()), ("_ray_available", lambda: {})):
+        monkeypatch.setitem(module, name, value)
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: None)
+    return actor
+
+
+def test_a_change_whose_save_failed_is_saved_by_the_next_maintenance_pass(kv, monkeypatch):
+    # The failed save raised to the caller, but the job stayed placed and nothing marked the
+    # state unsaved: a scheduler restarted before the next change (or the clock's resave,
+    # 5 minutes on) forgot the job's reservation, and placed another job on its devices.
+    actor = scheduler_actor_on(GcsJsonStore("state", "ns"), core_with(cpu_node("a")),
+                               monkeypatch)
+    actor._save()
+    put = internal_kv._internal_kv_put
+
+    def gcs_failing_over(*args, **kwargs):
+        raise ConnectionError("GCS unavailable")
+
+    monkeypatch.setattr(internal_kv, "_internal_kv_put", gcs_failing_over)
+    with pytest.raises(ConnectionError):
+        actor.submit(cpus("j", 2), "d")
+    assert actor.store.load()["running"] == {}  # the previous state, readable
+    monkeypatch.setattr(internal_kv, "_internal_kv_put", put)
+    actor.maintain()
+    assert list(actor.store.load()["running"]) == ["j"]
