@@ -76,7 +76,7 @@ from orchestrator.placement import (FITS_WHEN_FREED, Placement, PlacementError, 
                                     Rejection, capacity_shape, free_host_memory, place,
                                     ram_use_freed, worker_capacity, workers_by_count)
 from orchestrator.queue import JobQueue, QueuedJob, allowed_families
-from orchestrator.saved_records import SAVED_STATE_VERSION
+from orchestrator.saved_records import SAVED_STATE_VERSION, json_kind
 from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, Directive, Outcome, Persist,
                                           RunningJob, SaveSoon, SchedulerSettings, StartAgent,
                                           Yield)
@@ -1206,8 +1206,13 @@ class SchedulerCore:
                  # (without it a restarted scheduler chose other victims than before)
                  ("typical", self._restore_typical))
         for key, restore in parts:
+            part = saved.get(key, {})  # (absent: saved before the part was)
+            if not isinstance(part, dict):  # (else named in Python's words, or not at all)
+                problems.append(f"cannot restore scheduler {key}, skipping it: a JSON "
+                                f"{json_kind(part)}, not an object")
+                continue
             try:
-                restore(saved.get(key, {}))
+                restore(part)
             except Exception as e:  # corrupt or from another version: keep going
                 problems.append(f"cannot restore scheduler {key}, skipping it: {e}")
         return problems + self._release_unowned_reservations() + self._drop_unowned_ready() \

@@ -724,6 +724,26 @@ def test_one_unreadable_entry_of_saved_state_costs_that_entry_alone():
     assert not isinstance(again.submit(cpus("big", 3), "d", T0 + 1).decision, Placement)
 
 
+@pytest.mark.parametrize("part, value, kind", [
+    ("excluded_gpus", None, "null"), ("nodes_asked", "x", "string"), ("typical", None, "null"),
+    ("typical", [1.0], "array")])
+def test_a_saved_part_that_is_not_an_object_is_named_and_the_rest_restored(part, value, kind):
+    # It was skipped as "'NoneType' object has no attribute 'items'" (Python's words, not
+    # what is wrong with the state); a null or a list for the typical job's speeds, without
+    # a word: the yardstick that orders victims learnt afresh.
+    core = core_with(cpu_node("a", cpus=2), cpu_node("b", cpus=2))
+    core.submit(cpus("low", 2), "d", T0)
+    core.submit(cpus("low2", 2), "d", T0)
+    core.submit(cpus("high", 2, priority=3), "d", T0 + 30)
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved[part] = value
+    again = SchedulerCore(core.settings)
+    assert again.restore(saved) == [
+        f"cannot restore scheduler {part}, skipping it: a JSON {kind}, not an object"]
+    assert sorted(again.running) == ["low", "low2"] and list(again.queue.waiting) == ["high"]
+    assert sorted(again.preempting) == ["high"]
+
+
 def test_a_mistyped_saved_field_costs_its_record_and_the_restored_scheduler_runs_on():
     # A `started_at` of null passed restore, then failed in ray_usage's arithmetic on every
     # pass (a restarted actor crash-looped); a corrupt rejected_owners lost the whole queue.
