@@ -102,3 +102,32 @@ def test_a_change_whose_save_failed_is_saved_by_the_next_maintenance_pass(kv, mo
     monkeypatch.setattr(internal_kv, "_internal_kv_put", put)
     actor.maintain()
     assert list(actor.store.load()["running"]) == ["j"]
+
+
+@pytest.mark.parametrize("damage, restored", [
+    (lambda doc: doc["running"]["j1"].update(started_at=None), ["j2"]),  # one bad record
+    (lambda doc: doc, []),  # torn: the whole document unreadable, cut below
+], ids=["a-bad-record", "torn"])
+def test_a_scheduler_restarted_on_a_damaged_state_keeps_it_aside_before_saving(
+        kv, monkeypatch, damage, restored):
+    from orchestrator.scheduler_core import SchedulerCore
+
+    store = GcsJsonStore("state", "ns")
+    core = core_with(cpu_node("a", cpus=4))
+    for name in ("j1", "j2"):
+        core.submit(cpus(name, 2), "d", T0)
+    core.submit(cpus("w", 4), "d", T0)
+    scheduler_actor_on(store, core, monkeypatch)._save()
+    doc = json.loads(kv[(b"state", "ns")])
+    damage(doc)
+    damaged = json.dumps(doc).encode()
+    if not restored:
+        damaged = damaged[:len(damaged) // 2]
+    kv[(b"state", "ns")] = damaged
+    again = scheduler_actor_on(store, SchedulerCore(core.settings), monkeypatch)
+    again._restore(*again._load_state(), None, False)
+    again._save()
+    (kept,) = [key for key, _ in kv if key.startswith(b"state.unreadable.")]
+    assert kv[(kept, "ns")] == damaged
+    assert sorted(again.core.running) == restored
+    assert list(again.core.queue.waiting) == (["w"] if restored else [])
