@@ -633,6 +633,41 @@ def test_state_survives_a_restart_with_preempted_jobs_and_directives():
         "cannot restore queued job 0, skipping it")
 
 
+@pytest.mark.parametrize("queue_order", ["fifo", "las"])
+def test_a_scheduler_restarted_mid_queue_decides_what_the_one_before_would_have(queue_order):
+    # Saved state compared equal already; this holds what is rebuilt from it (planned ends,
+    # priorities running, LAS levels) to the same decisions, event by event.
+    nodes = [cpu_node("a", cpus=2), cpu_node("b", cpus=2), gpu_node("g", gpus=2, cpus=4)]
+    core = core_with(*nodes, queue_order=queue_order)
+    core.submit(gpus("gpu", 2, expected_duration_s=900), "e", T0)
+    core.submit(cpus("low", 2, expected_duration_s=500), "d", T0)
+    core.submit(cpus("low2", 2), "d", T0)
+    core.submit(cpus("fill", 2), "d", T0)
+    core.submit(cpus("high", 2, priority=3), "d", T0 + 30)
+    (victim,) = core.preempting["high"]
+    core.directive(victim, T0 + 30.5)
+    core.yielded(victim, "d", T0 + 31)  # preempted, waiting to resume
+    core.submit(cpus("higher", 2, priority=9), "d", T0 + 40)  # its victims told, not yet gone
+    core.submit(gpus("gpu-low", 2, priority=-2), "e", T0 + 42)
+    again = SchedulerCore(core.settings)
+    assert again.restore(json.loads(json.dumps(core.to_dict()))) == []
+    for scheduler in (core, again):  # the nodes report again to the restarted one
+        scheduler.ray_nodes({n.node_id for n in nodes}, set(), T0 + 45)
+        for n in nodes:
+            scheduler.report(n, T0 + 45)
+
+    def decisions(c):
+        made = [c.tick(T0 + 60).decision]
+        for victim in sorted(c.preempting.get("higher", ())):
+            made += [c.directive(victim, T0 + 61).decision,
+                     c.yielded(victim, "d", T0 + 62).decision]
+        made += [c.release("gpu", "e", T0 + 70).decision, c.tick(T0 + 200).decision,
+                 c.release("higher", "d", T0 + 300).decision, c.tick(T0 + 400).decision]
+        return made + [c.jobs(T0 + 400), c.to_dict()]
+
+    assert decisions(again) == decisions(core)
+
+
 def test_a_restarted_scheduler_chooses_the_victims_the_one_before_would_have():
     # The typical job's speeds (which order victims by comparative advantage) were not saved:
     # the restored scheduler preempted the job on the T4s, the one before the job on A100s.
