@@ -1171,8 +1171,12 @@ class SchedulerCore:
         have reported (a node may have gone while no scheduler ran)."""
         problems = []
         version = saved.get("version", 1)
-        if not (is_int(version) and version <= SAVED_STATE_VERSION):
-            problems.append(f"scheduler state saved in format {version!r}, this scheduler "
+        if not is_int(version):  # (a corrupt field, not an upgrade)
+            problems.append(f"scheduler state's version is {version!r:.60}, not an integer: read "
+                            f"as format {SAVED_STATE_VERSION}, what this scheduler does not "
+                            "know left out")
+        elif version > SAVED_STATE_VERSION:
+            problems.append(f"scheduler state saved in format {version!r:.60}, this scheduler "
                             f"reads format {SAVED_STATE_VERSION} (saved by a newer version?): "
                             "what it added is left out")
         self._verdicts_due = True

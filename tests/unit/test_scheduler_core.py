@@ -866,6 +866,21 @@ def test_a_state_saved_by_a_newer_version_is_read_without_what_it_added():
     assert SchedulerCore(core.settings).restore(json.loads(json.dumps(core.to_dict()))) == []
 
 
+@pytest.mark.parametrize("version", ["1", None, 1.5])
+def test_a_saved_version_that_is_not_an_integer_is_named_as_such(version):
+    # It read "saved in format '1', this scheduler reads format 1 (saved by a newer
+    # version?)": a corrupt field taken for an upgrade.
+    core = core_with(cpu_node("a", cpus=4))
+    core.submit(cpus("run", 2), "d", T0)
+    saved = json.loads(json.dumps(core.to_dict()))
+    saved["version"] = version
+    again = SchedulerCore(core.settings)
+    assert again.restore(saved) == [
+        f"scheduler state's version is {version!r}, not an integer: read as format 1, what "
+        "this scheduler does not know left out"]
+    assert again.to_dict() == core.to_dict()
+
+
 def test_a_running_job_whose_reservation_record_was_lost_holds_its_placement_again():
     core = core_with(cpu_node("a", cpus=4))
     core.submit(cpus("j1", 3), "d", T0)
