@@ -10,9 +10,11 @@
   each side tokenizes on one thread per worker. ray_1_vs_single, ray_2_vs_single: the ratios.
 - train_tokens_per_s_mmap / _memory: tokens/s of the training loop (`train`, LocalSession) on
   the memory-mapped shards and on the same tokens loaded in memory (same batches: batches are
-  a function of seed, rank, step); mmap_vs_memory_train: the median of the ratios of
-  neighbouring runs (target >= 0.95). batch_us_mmap / _memory: microseconds per `get_batch`
-  call on each, alternating rounds: the data path's own cost, free of the training noise.
+  a function of seed, rank, step), after an untimed run of each (the process's first
+  train() is its slowest); mmap_vs_memory_train: the median of the ratios of neighbouring
+  runs (target >= 0.95). batch_us_mmap / _memory: microseconds per `get_batch` call on each,
+  alternating rounds after an untimed one: the data path's own cost, free of the training
+  noise.
 - time_to_first_step_s_uncached / _cached: jobs/pretrain.py on the same files, the first run
   (tokenizing pass included) and a second run (shards from the cache), each from the call to
   its first training step, after a warm-up run so both see a started control plane.
@@ -43,7 +45,7 @@ from orchestrator.training.data import get_batch, load_corpus  # noqa: E402
 from orchestrator.training.data_plan import plan_data, tokenize_in_process  # noqa: E402
 from orchestrator.training.session import LocalSession  # noqa: E402
 from orchestrator.training.shards import open_shards  # noqa: E402
-from scripts.rounds import median_ratio, rotated  # noqa: E402
+from scripts.rounds import WARM_UP, median_ratio, rounds_after_warm_up  # noqa: E402
 
 CPU = torch.device("cpu")
 QUIET = lambda _line: None  # noqa: E731
@@ -71,20 +73,19 @@ def tokenizing(corpus: Path, tokenizer_file: Path, work: Path, rounds: int) -> d
     # An untimed warm-up pass of each side first: the process's first Ray Data pass pays
     # one-time costs (4.9 s, then 1.8-2.2 s a pass with 1 worker on --quick's corpus), which
     # fell on round 0's ray_1 alone.
-    for r in ("warm-up", *range(rounds)):
-        for side in rotated(list(rates), 0 if r == "warm-up" else r):  # each first in turn
-            plan = plan_data([str(corpus)], tokenizer=str(tokenizer_file),
-                             cache_root=str(work / f"{side}-{r}"))
-            started = time.perf_counter()
-            if side == "single":
-                manifest = tokenize_in_process(plan, say=QUIET)
-            else:
-                manifest = tokenize_with_ray_data(plan, int(side[-1]), say=QUIET)
-            rate = megabytes / (time.perf_counter() - started)
-            if r != "warm-up":
-                rates[side].append(rate)
-            print(f"{r if r == 'warm-up' else f'round {r}'}: {side:6} {rate:6.2f} MB/s "
-                  f"({manifest['train_tokens'] + manifest['held_out_tokens']:,} tokens)")
+    for r, side in rounds_after_warm_up(list(rates), rounds):
+        plan = plan_data([str(corpus)], tokenizer=str(tokenizer_file),
+                         cache_root=str(work / f"{side}-{r}"))
+        started = time.perf_counter()
+        if side == "single":
+            manifest = tokenize_in_process(plan, say=QUIET)
+        else:
+            manifest = tokenize_with_ray_data(plan, int(side[-1]), say=QUIET)
+        rate = megabytes / (time.perf_counter() - started)
+        if r != WARM_UP:
+            rates[side].append(rate)
+        print(f"{r if r == WARM_UP else f'round {r}'}: {side:6} {rate:6.2f} MB/s "
+              f"({manifest['train_tokens'] + manifest['held_out_tokens']:,} tokens)")
     median = {side: statistics.median(v) for side, v in rates.items()}
 
     def paired(side: str) -> float:
@@ -111,19 +112,21 @@ def training(corpus: Path, tokenizer_file: Path, work: Path, rounds: int, steps:
                          tokenizer_sha256=plan.tokenizer.sha256)
     shards_source = loop.training_data
     rates: dict[str, list[float]] = {"mmap": [], "memory": []}
-    for r in range(rounds):
-        # Each side first in turn: the machine is shared and its load drifts; the ratio is
-        # taken within each round's pair of runs.
-        for side in rotated(["mmap", "memory"], r):
-            # The same loop; only where the tokens live differs.
-            loop.training_data = (shards_source if side == "mmap"
-                                  else lambda _config: in_memory)
-            try:
-                metrics = loop.train(config, LocalSession(work / f"{side}-{r}", device=CPU))
-            finally:
-                loop.training_data = shards_source
+    # Each side first in turn: the machine is shared and its load drifts; the ratio is taken
+    # within each round's pair of runs. An untimed run of each first: the process's first
+    # train() was its slowest, and always round 0's mmap run.
+    for r, side in rounds_after_warm_up(["mmap", "memory"], rounds):
+        # The same loop; only where the tokens live differs.
+        loop.training_data = (shards_source if side == "mmap"
+                              else lambda _config: in_memory)
+        try:
+            metrics = loop.train(config, LocalSession(work / f"{side}-{r}", device=CPU))
+        finally:
+            loop.training_data = shards_source
+        if r != WARM_UP:
             rates[side].append(metrics["run_tokens_per_s"])
-            print(f"round {r}: train on {side:6} {rates[side][-1]:8,.0f} tokens/s")
+        print(f"{r if r == WARM_UP else f'round {r}'}: train on {side:6} "
+              f"{metrics['run_tokens_per_s']:8,.0f} tokens/s")
     mmap, memory = (statistics.median(rates[s]) for s in ("mmap", "memory"))
     paired = median_ratio(rates["mmap"], rates["memory"])["ratio"]
     return {"train_tokens_per_s_mmap": round(mmap), "train_tokens_per_s_memory": round(memory),
@@ -134,14 +137,16 @@ def training(corpus: Path, tokenizer_file: Path, work: Path, rounds: int, steps:
 def batch_cost(config: TrainConfig, stream, tensor: torch.Tensor, calls: int = 300,
                rounds: int = 5) -> dict:
     """What the data path itself costs per step: `get_batch` on the shards and on the tensor,
-    alternating rounds of `calls` batches (a training step is ~1000x longer on this CPU)."""
+    alternating rounds of `calls` batches (a training step is ~1000x longer on this CPU),
+    after an untimed round of each, as the training runs."""
     times: dict[str, list[float]] = {"mmap": [], "memory": []}
-    for r in range(rounds):
-        for side in rotated(["mmap", "memory"], r):
-            tokens = stream if side == "mmap" else tensor
-            started = time.perf_counter()
-            for step in range(calls):
-                get_batch(tokens, config.batch_size, config.seq_len, seed=r, rank=0, step=step)
+    for r, side in rounds_after_warm_up(["mmap", "memory"], rounds):
+        tokens = stream if side == "mmap" else tensor
+        seed = rounds if r == WARM_UP else r  # (its own windows, as each round has)
+        started = time.perf_counter()
+        for step in range(calls):
+            get_batch(tokens, config.batch_size, config.seq_len, seed=seed, rank=0, step=step)
+        if r != WARM_UP:
             times[side].append((time.perf_counter() - started) / calls * 1e6)
     return {"batch_us_mmap": round(statistics.median(times["mmap"]), 1),
             "batch_us_memory": round(statistics.median(times["memory"]), 1)}

@@ -27,6 +27,18 @@ def paired_rounds(first, second, rounds: int) -> dict:
             "second_s": statistics.median(times["second"])}
 
 
+WARM_UP = "warm-up"
+
+
+def rounds_after_warm_up(sides: list, rounds: int):
+    """(round, side) pairs in order: an untimed WARM_UP round of every side first (a process's
+    first run of anything pays one-time costs, which fell on whichever side round 0 ran
+    first), then `rounds` rounds, each side first in turn."""
+    for round_ in (WARM_UP, *range(rounds)):
+        for side in rotated(sides, 0 if round_ == WARM_UP else round_):
+            yield round_, side
+
+
 def median_ratio(tops: list[float], bottoms: list[float]) -> dict:
     """The rounds' own ratios top / bottom (round by round), their median and their spread
     [min, max]. Not a ratio of figures pooled or taken a median of over the rounds: those pair
