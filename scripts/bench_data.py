@@ -7,14 +7,15 @@
   after an untimed warm-up pass of each side (the process's first Ray Data pass pays
   one-time costs).
   TOKENIZERS_PARALLELISM is "false" on both sides (set here, and passed to Ray's workers), so
-  each side tokenizes on one thread per worker. ray_1_vs_single, ray_2_vs_single: the ratios.
+  each side tokenizes on one thread per worker. ray_1_vs_single, ray_2_vs_single: the ratios
+  (each the median of the rounds' own, its [min, max] under KEY_spread).
 - train_tokens_per_s_mmap / _memory: tokens/s of the training loop (`train`, LocalSession) on
   the memory-mapped shards and on the same tokens loaded in memory (same batches: batches are
   a function of seed, rank, step), after an untimed run of each (the process's first
   train() is its slowest); mmap_vs_memory_train: the median of the ratios of neighbouring
-  runs (target >= 0.95). batch_us_mmap / _memory: microseconds per `get_batch` call on each,
-  alternating rounds after an untimed one: the data path's own cost, free of the training
-  noise.
+  runs (target >= 0.95), its spread beside it. batch_us_mmap / _memory: microseconds per
+  `get_batch` call on each, alternating rounds after an untimed one: the data path's own
+  cost, free of the training noise.
 - time_to_first_step_s_uncached / _cached: jobs/pretrain.py on the same files, the first run
   (tokenizing pass included) and a second run (shards from the cache), each from the call to
   its first training step, after a warm-up run so both see a started control plane.
@@ -88,15 +89,20 @@ def tokenizing(corpus: Path, tokenizer_file: Path, work: Path, rounds: int) -> d
               f"({manifest['train_tokens'] + manifest['held_out_tokens']:,} tokens)")
     median = {side: statistics.median(v) for side, v in rates.items()}
 
-    def paired(side: str) -> float:
-        return median_ratio(rates[side], rates["single"])["ratio"]
-
     return {"corpus_mb": round(megabytes, 1),
             "tokenize_mb_per_s_single": round(median["single"], 2),
             "tokenize_mb_per_s_ray_1": round(median["ray_1"], 2),
             "tokenize_mb_per_s_ray_2": round(median["ray_2"], 2),
-            "ray_1_vs_single": round(paired("ray_1"), 3),
-            "ray_2_vs_single": round(paired("ray_2"), 3)}
+            **ratio_figures("ray_1_vs_single", rates["ray_1"], rates["single"]),
+            **ratio_figures("ray_2_vs_single", rates["ray_2"], rates["single"])}
+
+
+def ratio_figures(key: str, tops: list[float], bottoms: list[float]) -> dict:
+    """`key`: the median of the rounds' own ratios top / bottom; `key`_spread: their [min,
+    max] (a median alone hid how far the rounds disagreed)."""
+    paired = median_ratio(tops, bottoms)
+    return {key: round(paired["ratio"], 3),
+            f"{key}_spread": [round(r, 3) for r in paired["spread"]]}
 
 
 
@@ -128,9 +134,9 @@ def training(corpus: Path, tokenizer_file: Path, work: Path, rounds: int, steps:
         print(f"{r if r == WARM_UP else f'round {r}'}: train on {side:6} "
               f"{metrics['run_tokens_per_s']:8,.0f} tokens/s")
     mmap, memory = (statistics.median(rates[s]) for s in ("mmap", "memory"))
-    paired = median_ratio(rates["mmap"], rates["memory"])["ratio"]
     return {"train_tokens_per_s_mmap": round(mmap), "train_tokens_per_s_memory": round(memory),
-            "mmap_vs_memory_train": round(paired, 3), "train_rounds": rounds,
+            **ratio_figures("mmap_vs_memory_train", rates["mmap"], rates["memory"]),
+            "train_rounds": rounds,
             **batch_cost(config, train_stream, in_memory[0])}
 
 

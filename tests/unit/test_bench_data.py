@@ -39,6 +39,8 @@ def test_the_first_ray_data_pass_of_the_process_is_a_warm_up_not_one_sides_figur
     assert figures["ray_1_vs_single"] == pytest.approx(1.0)
     assert figures["ray_2_vs_single"] == pytest.approx(1.0)
     assert figures["tokenize_mb_per_s_ray_1"] == pytest.approx(1.0)
+    # Each ratio's spread [min, max] of the rounds' own beside it (a median alone hid them).
+    assert figures["ray_1_vs_single_spread"] == figures["ray_2_vs_single_spread"] == [1.0, 1.0]
     assert sorted(calls[:3]) == ["ray_1", "ray_2", "single"]  # a warm-up pass of each
 
 
@@ -64,7 +66,9 @@ def test_the_first_training_run_of_the_process_is_a_warm_up_not_one_sides_figure
 
     def train(config, session):
         sides.append("mmap" if loop.training_data is shards_source else "memory")
-        return {"run_tokens_per_s": 500.0 if len(sides) == 1 else 1000.0}
+        # (after the warm-up: each round's mmap run at 1000 tok/s, memory 1000 then 1250)
+        rate = {1: 500.0, 5: 1250.0}.get(len(sides), 1000.0)
+        return {"run_tokens_per_s": rate}
 
     monkeypatch.setattr(bench_data, "plan_data", lambda *a, **k: types.SimpleNamespace(
         cache_uri="", key="", tokenizer=types.SimpleNamespace(vocab_size=256, sha256="")))
@@ -77,5 +81,7 @@ def test_the_first_training_run_of_the_process_is_a_warm_up_not_one_sides_figure
                                   tmp_path / "train", 2, 6)
     assert sorted(sides[:2]) == ["memory", "mmap"]  # an untimed run of each first
     assert len(sides) == 2 + 2 * 2
-    assert figures["mmap_vs_memory_train"] == pytest.approx(1.0)
+    assert sides[2:] == ["mmap", "memory", "memory", "mmap"]
+    assert figures["mmap_vs_memory_train"] == pytest.approx(0.9)  # median of 1.0 and 0.8
+    assert figures["mmap_vs_memory_train_spread"] == [0.8, 1.0]
     assert figures["train_tokens_per_s_mmap"] == 1000
