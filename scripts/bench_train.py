@@ -1,7 +1,8 @@
 """Training-engine benchmark: every figure measured in this one run, on this machine.
 
 - ray_vs_plain_throughput: tokens/s of jobs/pretrain.py (Ray Train, one worker with all CPUs)
-  over the same config in a plain process (`train` with LocalSession): Ray's overhead. Over
+  over the same config in a plain process (`train` with LocalSession; a fresh process each
+  run, as each Ray run's worker is): Ray's overhead. Over
   the whole training phase (checkpoint saves, reports, evaluation included), the median of
   --rounds rounds alternating which side goes first, with its spread (min, max) and each
   round's ratio; ray_vs_plain_steps_only: the same from the training steps' time alone.
@@ -25,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import signal
 import statistics
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -86,12 +89,18 @@ def plain_vs_ray(steps: int, rounds: int, workdir: Path, cpus: int | None = None
 
 
 def _plain_run(flags: dict, run_dir: Path, cpus: int) -> dict:
-    threads = torch.get_num_threads()
+    """The plain run in a fresh process, as each Ray run's worker is one (jobs/pretrain.py
+    starts and stops its Ray): in this process the first plain run was cold and the others
+    warm (a process's first train() is its slowest), so round 0's alone paid what every Ray
+    run pays."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        return pool.submit(_plain_run_here, flags, run_dir, cpus).result()
+
+
+def _plain_run_here(flags: dict, run_dir: Path, cpus: int) -> dict:
     torch.set_num_threads(cpus)  # what Ray gives a worker holding `cpus` CPUs (OMP_NUM_THREADS)
-    try:
-        metrics = train(TrainConfig(**flags), LocalSession(run_dir, device=CPU))
-    finally:
-        torch.set_num_threads(threads)
+    metrics = train(TrainConfig(**flags), LocalSession(run_dir, device=CPU))
     return {"phase_tokens_per_s": metrics["phase_tokens_per_s"],
             "steps_tokens_per_s": metrics["run_tokens_per_s"], "mfu": metrics["mfu"]}
 

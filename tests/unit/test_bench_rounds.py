@@ -137,3 +137,19 @@ def test_fsdp_throughput_leaves_out_the_same_warm_up_steps_on_both_sides(monkeyp
         ("ddp", 5 * bench_fsdp.WARMUP_STEPS), ("fsdp", 5 * bench_fsdp.WARMUP_STEPS)]
     assert figures["ddp_tokens_per_s"] == 2000 and figures["fsdp_tokens_per_s"] == 1000
     assert figures["fsdp_vs_ddp_throughput"] == 0.5
+
+
+def test_every_plain_run_trains_in_a_fresh_process_as_every_ray_run_does(monkeypatch,
+                                                                          tmp_path):
+    # Each Ray run's worker is a new process (jobs/pretrain.py starts and stops its Ray); the
+    # plain runs trained in this one, the first cold and the rest warm (a process's first
+    # train() is its slowest): round 0's plain run alone paid what every Ray run paid.
+    in_this_process = []
+    monkeypatch.setattr(bench_train, "train",
+                        lambda *args: in_this_process.append(args) or {})
+    flags = {"model_size": "tiny", "batch_size": 2, "seq_len": 16, "max_steps": 2,
+             "checkpoint_every": 2, "log_every": 1, "warmup_steps": 1}
+    figures = bench_train._plain_run(flags, tmp_path / "plain", 1)
+    assert in_this_process == []
+    assert figures["phase_tokens_per_s"] > 0 and figures["steps_tokens_per_s"] > 0
+    assert (tmp_path / "plain" / "metrics.jsonl").is_file()
