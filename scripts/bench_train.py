@@ -5,7 +5,8 @@
   run, as each Ray run's worker is): Ray's overhead. Over
   the whole training phase (checkpoint saves, reports, evaluation included), the median of
   --rounds rounds alternating which side goes first, with its spread (min, max) and each
-  round's ratio; ray_vs_plain_steps_only: the same from the training steps' time alone.
+  round's ratio; ray_vs_plain_steps_only (and _spread): the same from the training steps'
+  time alone.
 - ray_vs_plain_core_left (machines with 2+ cores): the same comparison with both sides on
   cpu_count - 1 intra-op threads (the Ray worker reserving as many CPUs), so one core is left
   to Ray's own processes: where the first ratio's gap is their CPU on a machine whose every
@@ -78,13 +79,14 @@ def plain_vs_ray(steps: int, rounds: int, workdir: Path, cpus: int | None = None
                   f"tokens/s over the phase, {figures['steps_tokens_per_s']:,.0f} in the steps",
                   flush=True)
     overhead = median_ratio(phase["ray"], phase["plain"])
+    steps_overhead = median_ratio(steps_only["ray"], steps_only["plain"])
     return {"plain_tokens_per_s": round(statistics.median(phase["plain"])),
             "ray_tokens_per_s": round(statistics.median(phase["ray"])),
             "ray_vs_plain_throughput": round(overhead["ratio"], 3),
             "ray_vs_plain_spread": [round(x, 3) for x in overhead["spread"]],
             "ray_vs_plain_rounds": [round(x, 3) for x in overhead["rounds"]],
-            "ray_vs_plain_steps_only": round(
-                median_ratio(steps_only["ray"], steps_only["plain"])["ratio"], 3),
+            "ray_vs_plain_steps_only": round(steps_overhead["ratio"], 3),
+            "ray_vs_plain_steps_only_spread": [round(x, 3) for x in steps_overhead["spread"]],
             "mfu_cpu": round(statistics.median(mfu), 4)}
 
 

@@ -54,6 +54,9 @@ def test_plain_and_ray_runs_go_first_in_turn_and_their_ratio_is_per_round(monkey
     assert order == ["plain", "ray", "ray", "plain", "plain", "ray"]
     assert figures["ray_vs_plain_rounds"] == [0.9, 0.5, 0.95]
     assert figures["ray_vs_plain_throughput"] == 0.9
+    # The steps-only ratio too: its median and its spread (a median alone hid the rounds').
+    assert figures["ray_vs_plain_steps_only"] == 0.9
+    assert figures["ray_vs_plain_steps_only_spread"] == [0.5, 0.95]
 
 
 def test_fsdp_and_ddp_go_first_in_turn_and_their_ratio_is_per_round(monkeypatch, tmp_path):
