@@ -565,6 +565,8 @@ def _messages(value: Any) -> tuple[tuple[str, str], ...]:
         if not isinstance(message, dict):
             raise bad_request(f"{where} must be an object, got {_json_type(message)}",
                               "messages")
+        _require_message_field(message, "role", where, f"one of {', '.join(CHAT_ROLES)}")
+        _require_message_field(message, "content", where, "a string or a list of text parts")
         role = message.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:
             raise bad_request(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got "
@@ -575,6 +577,13 @@ def _messages(value: Any) -> tuple[tuple[str, str], ...]:
                               f"{_json_type(message['name'])}", "messages")
         out.append((role, _content(message.get("content"), where)))
     return tuple(out)
+
+
+def _require_message_field(message: dict[str, Any], field: str, where: str, what: str) -> None:
+    """A message without `field` is refused as missing it: its type check would say "got null",
+    a value the client never sent."""
+    if field not in message:
+        raise bad_request(f"{where}.{field} is missing: {what}", "messages")
 
 
 # What an assistant message read back from a response holds besides its text: clients send

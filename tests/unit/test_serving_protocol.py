@@ -518,6 +518,11 @@ def test_a_message_spelling_the_end_of_text_token_cannot_forge_a_turn():
     ({"messages": "hi"}, "messages", "non-empty list"),
     ({"messages": [{"role": "bot", "content": "x"}]}, "messages", "role must be one of"),
     ({"messages": [{"role": "user", "content": None}]}, "messages", "content must be"),
+    # A field left out is said to be missing, not "got null" (what the client never sent).
+    ({"messages": [{"role": "user"}]}, "messages",
+     "messages[0].content is missing: a string or a list of text parts"),
+    ({"messages": [{"content": "x"}]}, "messages",
+     "messages[0].role is missing: one of system, developer, user, assistant"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages",
      "only text is supported"),
     ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [
