@@ -56,17 +56,20 @@ GPU_PEAK_TFLOPS: dict[tuple[str, str], dict[str, float]] = {
 }
 
 # How a family's board variant reads in its device name: (token, variant), first match wins;
-# None = the name must say (no default, so an unlisted variant gets no MFU rather than a guess).
+# "A+B" matches a name holding both tokens; a None variant, or None as the default = the name
+# must say (so an unlisted or ambiguous variant gets no MFU rather than a guess).
 # NVML names an H100 SXM "NVIDIA H100 80GB HBM3" (only the SXM board has HBM3 without NVL),
-# a V100 SXM "Tesla V100-SXM2-16GB", an H200 SXM plain "NVIDIA H200".
-VARIANT_TOKENS: dict[str, tuple[tuple[tuple[str, str], ...], str | None]] = {
+# a V100 SXM "Tesla V100-SXM2-16GB", an H200 SXM plain "NVIDIA H200". ROCm names device
+# 0x740c, an MI250 or an MI250X board alike, "AMD Instinct MI250X / MI250" (Ray's label
+# AMD-Instinct-MI250X-MI250): it says neither.
+VARIANT_TOKENS: dict[str, tuple[tuple[tuple[str, str | None], ...], str | None]] = {
     "P100": ((("PCIE", "PCIe"), ("SXM2", "SXM"), ("SXM", "SXM")), None),
     "V100": ((("V100S", "V100S"), ("PCIE", "PCIe"), ("SXM2", "SXM"), ("SXM3", "SXM"),
               ("SXM", "SXM")), None),
     "H100": ((("NVL", "NVL"), ("PCIE", "PCIe"), ("SXM5", "SXM"), ("SXM", "SXM"),
               ("HBM3", "SXM")), None),
     "H200": ((("NVL", "NVL"),), "SXM"),
-    "MI250": ((("MI250X", "MI250X"),), "MI250"),
+    "MI250": ((("MI250X+MI250", None), ("MI250X", "MI250X")), "MI250"),
 }
 
 
@@ -80,7 +83,7 @@ def accelerator_variant(device_name: str) -> tuple[str, str] | None:
         return family, ""
     rules, default = VARIANT_TOKENS[family]
     tokens = name_tokens(device_name)
-    variant = next((v for token, v in rules if token in tokens), default)
+    variant = next((v for token, v in rules if set(token.split("+")) <= tokens), default)
     return (family, variant) if variant is not None else None
 
 

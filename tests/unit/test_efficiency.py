@@ -37,6 +37,8 @@ def test_unknown_gpu_or_precision_has_no_peak():
     # A name that does not say which board it is gets no peak, not the fastest board's.
     assert gpu_peak_flops("NVIDIA H100", "bf16") is None
     assert gpu_peak_flops("Tesla V100", "fp16") is None
+    # ROCm names device 0x740c, an MI250 or an MI250X board, by both: neither board's peak.
+    assert gpu_peak_flops("AMD Instinct MI250X / MI250", "bf16") is None
     # A MIG slice has a fraction of the board's compute: no peak, not the whole board's.
     assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", "bf16") is not None
     assert gpu_peak_flops("NVIDIA A100-SXM4-80GB MIG 1g.10gb", "bf16") is None
