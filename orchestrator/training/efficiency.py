@@ -46,7 +46,7 @@ GPU_PEAK_TFLOPS: dict[tuple[str, str], dict[str, float]] = {
     ("H200", "SXM"): {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
     ("H200", "NVL"): {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
     ("GH200", ""): {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    ("B200", ""): {"bf16": 2250.0, "fp16": 2250.0},
+    ("B200", ""): {"bf16": 2250.0, "fp16": 2250.0, "fp32": 75.0},  # HGX B200, 1000 W
     # Per GCD: an MI250(X) module is two dies, and ROCm lists each as a GPU of its own (as
     # NVML does a K80's); the datasheet's 362.1 / 383 TFLOPS are the whole module's.
     ("MI250", "MI250"): {"bf16": 181.05, "fp16": 181.05, "fp32": 45.25},

@@ -26,6 +26,8 @@ def test_palm_flops_per_token():
     ("AMD Instinct MI250", "bf16", 181.05), ("AMD Instinct MI300X", "bf16", 1307.4),
     ("NVIDIA L40", "bf16", 181), ("NVIDIA L40S", "bf16", 362), ("NVIDIA L4", "bf16", 121),
     ("NVIDIA A10", "bf16", 125), ("NVIDIA B200", "bf16", 2250), ("Tesla K80", "fp32", 4.37),
+    # (HGX B200's datasheet: 75 FP32 TFLOPS per GPU; fp32 training got no MFU)
+    ("NVIDIA B200", "fp32", 75),
 ])
 def test_gpu_peaks_by_name_and_precision(name, precision, tflops):
     assert gpu_peak_flops(name, precision) == tflops * 1e12
