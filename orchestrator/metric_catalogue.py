@@ -181,6 +181,11 @@ SCHEDULER_YIELDS = MetricSpec(
     "Running jobs told to checkpoint and give their resources back, by kind: preempt (for a "
     "higher-priority job, or by an operator), migrate (to faster accelerators), cancel (by an "
     "operator)", "1", ("kind",))
+SCHEDULER_STATE_SAVES_FAILED = MetricSpec(
+    "orchestrator_scheduler_state_saves_failed", COUNTER,
+    "Saves of the scheduler's state to the GCS key-value store that failed (the GCS failing "
+    "over): the change stands and is answered as made, and the next maintenance pass saves "
+    "it again; a scheduler restarted before then forgets it", "1")
 
 # Rejection reasons, a closed set so the label cannot grow without bound.
 REJECT_DUPLICATE = "duplicate"  # a job of that name already runs or waits
@@ -353,7 +358,7 @@ ALL: tuple[MetricSpec, ...] = (
     SCHEDULER_NODES, SCHEDULER_QUEUE_LENGTH, SCHEDULER_QUEUE_OLDEST_WAIT, SCHEDULER_JOBS_PLACED,
     SCHEDULER_PLACEMENTS, SCHEDULER_PLACEMENT_LATENCY, SCHEDULER_REJECTIONS,
     SCHEDULER_REPORTS_REFUSED,
-    SCHEDULER_YIELDS,
+    SCHEDULER_YIELDS, SCHEDULER_STATE_SAVES_FAILED,
     *TRAIN_REPORT_KEYS.values(),
     SERVE_REQUESTS, SERVE_ERRORS, SERVE_REQUEST_LATENCY, SERVE_INGRESS_TIME_TO_FIRST_TOKEN,
     SERVE_ROUTER_WAIT, SERVE_TIME_TO_FIRST_TOKEN,

@@ -262,6 +262,9 @@ def _panels() -> dict[str, list[Panel]]:
                   "{{reason}}"),
             Panel("Preemptions and migrations / h", m.SCHEDULER_YIELDS,
                   f"sum by (kind) (rate({m.SCHEDULER_YIELDS.exported}[1h])) * 3600", "{{kind}}"),
+            Panel("Failed state saves / h", m.SCHEDULER_STATE_SAVES_FAILED,
+                  f"sum(rate({m.SCHEDULER_STATE_SAVES_FAILED.exported}[1h])) * 3600",
+                  "failed saves"),
         ],
         "Training": [
             Panel("Loss", m.TRAIN_LOSS, f"avg by (run) ({m.TRAIN_LOSS.exported})", "{{run}}"),

@@ -367,7 +367,8 @@ class SchedulerActor:
         return decision
 
     def _apply(self, outcome: Outcome):
-        """Carry out the effects (inside the lock: persisted before anyone is answered)."""
+        """Carry out the effects (inside the lock: saved, or the save tried (_save), before
+        anyone is answered)."""
         record_all(outcome.samples)
         for effect in outcome.effects:
             if isinstance(effect, Yield):
@@ -381,12 +382,23 @@ class SchedulerActor:
         return outcome.decision
 
     def _save(self) -> None:
-        # Unsaved until the write succeeds: a failed one (the GCS failing over) raises to the
-        # caller, and the next maintenance pass saves again (else the change waited for the
-        # next one, or CLOCK_RESAVE_S, and a restart meanwhile forgot it: a job's reservation).
+        """Save the core's state now. Unsaved until the write succeeds: a failed one (the GCS
+        failing over) is warned of and counted, not raised, and the next maintenance pass
+        saves again. Raised, it told the caller a change had failed that stood in memory (a
+        submit refused for a job then queued or placed, submitting it again: a duplicate
+        name), and cut a maintenance pass short (no autoscaler request, no agent restarted).
+        Not marked unsaved, the change waited for the next one, or CLOCK_RESAVE_S, and a
+        restart meanwhile forgot it (a job's reservation)."""
         self._unsaved = True
-        self.store.save({**self.core.to_dict(), THROUGHPUT_KEY: self.throughput.to_dict(),
-                         CLOCK_KEY: {"time": time.time(), "clock": wall_clock()}})
+        try:
+            self.store.save({**self.core.to_dict(), THROUGHPUT_KEY: self.throughput.to_dict(),
+                             CLOCK_KEY: {"time": time.time(), "clock": wall_clock()}})
+        except Exception as e:
+            log.warning("saving the scheduler's state (GCS key %r) failed: %s: %s; the change "
+                        "stands and the next maintenance pass saves it again", STATE_KEY,
+                        type(e).__name__, e)
+            record_all([(catalogue.SCHEDULER_STATE_SAVES_FAILED, 1, {})])
+            return
         self._unsaved, self._saved_at = False, time.monotonic()
 
     # -- learning speeds ----------------------------------------------------------------------

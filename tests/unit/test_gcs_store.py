@@ -1,10 +1,13 @@
 """GcsJsonStore on a faked GCS key-value store (no Ray cluster), and the scheduler's saves to
 it."""
+import inspect
 import json
 
 import pytest
+import ray.autoscaler.sdk
 from ray.experimental import internal_kv
 
+from orchestrator.placement import Placement
 from ray_layer.gcs_store import GcsJsonStore
 from tests.unit.test_scheduler_core import T0, core_with, cpu_node, cpus
 
@@ -83,25 +86,70 @@ def scheduler_actor_on(store, core, monkeypatch):
     return actor
 
 
-def test_a_change_whose_save_failed_is_saved_by_the_next_maintenance_pass(kv, monkeypatch):
-    # The failed save raised to the caller, but the job stayed placed and nothing marked the
-    # state unsaved: a scheduler restarted before the next change (or the clock's resave,
-    # 5 minutes on) forgot the job's reservation, and placed another job on its devices.
+def gcs_failing_over(*args, **kwargs):
+    raise ConnectionError("GCS unavailable")
+
+
+def saved_jobs(store) -> dict[str, list[str]]:
+    doc = store.load()
+    return {"running": sorted(doc["running"]),
+            "waiting": [job["spec"]["name"] for job in doc["queue"]["waiting"]]}
+
+
+@pytest.mark.parametrize("call, as_made, after", [
+    (lambda actor: actor.submit(cpus("j", 2), "d"),
+     lambda decision: isinstance(decision, Placement) and decision.job_name == "j",
+     {"running": ["j", "k"], "waiting": ["w"]}),
+    (lambda actor: actor.cancel("w"), lambda decision: decision is True,
+     {"running": ["k"], "waiting": []}),
+], ids=["submit", "cancel"])
+def test_a_change_whose_save_failed_is_answered_as_made_and_saved_by_the_next_pass(
+        kv, monkeypatch, caplog, call, as_made, after):
+    # The failed save raised to the caller while the change stood in memory: a submit
+    # reported failure for a job that was placed (submitting it again: a duplicate name), a
+    # cancel for a job that was dropped. The change is answered as made, the failure warned
+    # of and counted, and the next maintenance pass saves it (a restart before then forgets
+    # it, as a save that never came would have).
+    import logging
+
+    from orchestrator import metric_catalogue as catalogue
+    from ray_layer import scheduler_actor
+
     actor = scheduler_actor_on(GcsJsonStore("state", "ns"), core_with(cpu_node("a")),
                                monkeypatch)
-    actor._save()
+    actor.submit(cpus("k", 2), "d")
+    actor.submit(cpus("w", 4), "d")  # waits for k's CPUs
+    before = saved_jobs(actor.store)
+    recorded = []
+    monkeypatch.setitem(inspect.unwrap(type(actor).maintain).__globals__, "record_all",
+                        recorded.extend)
     put = internal_kv._internal_kv_put
-
-    def gcs_failing_over(*args, **kwargs):
-        raise ConnectionError("GCS unavailable")
-
     monkeypatch.setattr(internal_kv, "_internal_kv_put", gcs_failing_over)
-    with pytest.raises(ConnectionError):
-        actor.submit(cpus("j", 2), "d")
-    assert actor.store.load()["running"] == {}  # the previous state, readable
+    with caplog.at_level(logging.WARNING, logger=scheduler_actor.__name__):
+        decision = call(actor)
+    assert as_made(decision)
+    assert saved_jobs(actor.store) == before  # the previous state, readable
+    assert actor._unsaved
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "ConnectionError: GCS unavailable" in warning
+    assert (catalogue.SCHEDULER_STATE_SAVES_FAILED, 1, {}) in recorded
     monkeypatch.setattr(internal_kv, "_internal_kv_put", put)
     actor.maintain()
-    assert list(actor.store.load()["running"]) == ["j"]
+    assert saved_jobs(actor.store) == after and not actor._unsaved
+
+
+def test_a_maintenance_pass_whose_save_fails_carries_on(kv, monkeypatch):
+    # The failed save raised out of the pass: the autoscaler was not asked for the nodes
+    # waiting jobs need, and silent node agents were not restarted, until the GCS was back.
+    asked = []
+    monkeypatch.setattr(internal_kv, "_internal_kv_put", gcs_failing_over)
+    actor = scheduler_actor_on(GcsJsonStore("state", "ns"), core_with(cpu_node("a")),
+                               monkeypatch)
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources",
+                        lambda bundles: asked.append(bundles))
+    actor._unsaved = True
+    actor.maintain()
+    assert asked == [[]] and actor._unsaved
 
 
 @pytest.mark.parametrize("damage, restored", [

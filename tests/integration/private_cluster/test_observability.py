@@ -172,8 +172,8 @@ def test_our_metrics_are_well_formed_as_prometheus_parses_them(observed):
                 and spec not in (m.GPU_MEMORY_USED, m.GPU_MEMORY_TOTAL, m.GPU_UTILIZATION,
                                  m.NODE_PROBE_FAILURES, m.SCHEDULER_REJECTIONS,
                                  m.SCHEDULER_REPORTS_REFUSED, m.TRAIN_LOSS_SCALE,
-                                 m.SCHEDULER_YIELDS)}
-    # (no NVML GPU, no fault, no forged report, no fp16, no preemption here)
+                                 m.SCHEDULER_YIELDS, m.SCHEDULER_STATE_SAVES_FAILED)}
+    # (no NVML GPU, no fault, no forged report, no fp16, no preemption, no failed save here)
     for spec in expected:
         name = spec.exported.removesuffix("_total")
         assert name in families, f"{spec.exported} never exported (seen: {sorted(families)})"
