@@ -480,10 +480,11 @@ def print_logs(name: str, run_dir: str | None, follow: bool, every_s: float = 1.
                 print(format_report(record), flush=True)
             if not follow:
                 return 0
-            if ended is not None:
+            if ended is not None:  # (its error on one line: an older ended.json has two)
                 code = ended["exit_code"]
                 print("(the run has ended: " + ("done" if code == 0 else
-                      f"exit {code}" + (f": {ended['error']}" if ended.get("error") else ""))
+                      f"exit {code}" + (f": {on_one_line(str(ended['error']))}"
+                                         if ended.get("error") else ""))
                       + ")", file=sys.stderr, flush=True)
                 return code
             if gone is not None:

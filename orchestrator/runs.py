@@ -570,7 +570,9 @@ def run_dir_held(run_dir: Path, new_run: bool, written: Iterable[str] = (),
         except JobFailed as e:
             claim.refused = (e.exit_code in (EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE)
                              and not getattr(e, "ran", False))
-            ended = (e.exit_code, str(e))
+            # (one line, as the docs promise: a failed training's message is two, what
+            # failed and where its checkpoints are, and `logs --follow` split it)
+            ended = (e.exit_code, on_one_line(str(e)))
             raise
         except RunDirError:
             claim.refused = True

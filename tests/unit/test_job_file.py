@@ -1844,6 +1844,34 @@ def test_logs_follow_exits_once_the_run_has_ended(tmp_path, monkeypatch, capsys)
     assert "step 0: loss=3" in out.out and sleeps == [] and "ended" in out.err, (out, sleeps)
 
 
+def test_logs_follow_shows_a_failed_runs_error_once_on_one_line(tmp_path, capsys):
+    # A failed training's JobFailed is two lines (ray_layer/launch.py's _failure: what failed,
+    # then where the checkpoints are): ended.json kept both and `logs --follow` printed
+    # "(the run has ended: exit 4: training failed ...", its second line on a line of its own.
+    import json
+
+    from orchestrator import __main__ as cli
+    from orchestrator.job_exit import EXIT_FAILED, JobFailed
+    from orchestrator.runs import ENDED_FILE, append_metrics, run_dir_held
+
+    run_dir = tmp_path / "alpha"
+    error = ("training failed after 0 restart(s): ValueError: boom\n(full traceback in the "
+             f"worker log above; no checkpoint was saved in {run_dir})")
+    with pytest.raises(JobFailed):
+        with run_dir_held(run_dir, new_run=True):
+            append_metrics(run_dir, {"step": 1, "loss": 2.0}, None)
+            raise JobFailed(error, EXIT_FAILED, ran=True)
+    one_line = error.replace("\n", " ")
+    assert json.loads((run_dir / ENDED_FILE).read_text())["error"] == one_line
+    assert cli.print_logs("alpha", str(run_dir), follow=True, every_s=0.01) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err == f"(the run has ended: exit {EXIT_FAILED}: {one_line})\n", err
+    # An ended.json written before (its error on two lines): shown on one line too.
+    (run_dir / ENDED_FILE).write_text(json.dumps({"exit_code": EXIT_FAILED, "error": error}))
+    assert cli.print_logs("alpha", str(run_dir), follow=True, every_s=0.01) == EXIT_FAILED
+    assert capsys.readouterr().err == err
+
+
 def test_logs_follow_stops_on_a_run_no_process_holds_and_follows_one_starting(
         tmp_path, monkeypatch, capsys):
     # A run folder with reports but no .run.lock (a run from before the lock, a copied
