@@ -34,7 +34,7 @@ from typing import Any
 from orchestrator.config import ConfigError, JobSpec, known_fields_problems, unknown_fields
 from orchestrator.runs import in_rays_working_dir_copy, run_dir_uri_problem
 from orchestrator.stuck_ranks import DEFAULT_STUCK_TIMEOUT_S, stuck_timeout_problem
-from orchestrator.validation import expand_home, is_int, is_number
+from orchestrator.validation import expand_home, has_control_characters, is_int, is_number
 
 DEFAULT_KEEP_CHECKPOINTS = 3  # checkpoints Ray Train keeps of a launched loop's run
 MAX_JOB_FILE_BYTES = 16 << 20  # larger is no job file, and is refused unread
@@ -105,6 +105,11 @@ def load_job_file(path: str | Path) -> JobFile:
             spec = JobSpec.from_dict(data)
         except (ConfigError, TypeError) as e:
             problems.append(str(e))
+        # (here, not only in launch.fit's run-directory check: there, no file was named)
+        name_problem = run_name_problem(spec.name) if spec is not None else None
+        if name_problem:
+            problems.append(f"name {spec.name!r} {name_problem}: a job's name is its run "
+                            "directory's")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     if launcher.get("config") is None:  # `config:` left empty: no config
@@ -289,6 +294,19 @@ def _yaml_problem(error) -> str:
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]
     mark = getattr(error, "problem_mark", None)
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why a job's name cannot be a directory's name, or None."""
+    if "/" in name or "\\" in name:
+        return "must not contain a path separator"
+    if name in (".", ".."):
+        return "is not a directory name"
+    if has_control_characters(name):
+        return "must not contain control characters"
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        return "is longer than a file name may be (255 bytes)"
+    return None
 
 
 EMPTY_RUN_DIR = ("run_dir is empty: give a path, or leave it out (the runs root / the "

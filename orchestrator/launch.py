@@ -39,11 +39,12 @@ from typing import Any, Callable
 from orchestrator.config import ConfigError, JobSpec, TrainConfig
 from orchestrator.entrypoints import accepts_config, local_modules
 from orchestrator.job_exit import EXIT_BAD_INPUT, EXIT_NOT_PLACEABLE, JobFailed
-from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS, EMPTY_RUN_DIR, launcher_problems
+from orchestrator.job_file import (DEFAULT_KEEP_CHECKPOINTS, EMPTY_RUN_DIR, launcher_problems,
+                                   run_name_problem)
 from orchestrator.runs import (DEFAULT_RUNS_ROOT, RunDirError, has_checkpoints, run_dir_held,
                                writable_dir_problem)
 from orchestrator.stuck_ranks import DEFAULT_STUCK_TIMEOUT_S
-from orchestrator.validation import expand_home, has_control_characters
+from orchestrator.validation import expand_home
 
 
 def fit(train_loop: Callable, *, spec: JobSpec, config: dict[str, Any] | None = None,
@@ -258,19 +259,6 @@ def resolve_fit_run_dir(spec: JobSpec, run_dir: str | Path | None,
         raise ConfigError(f"resume: no checkpoint in run_dir {directory} to resume from; "
                           "start it as a new run (without resume=True, --resume)")
     return directory
-
-
-def run_name_problem(name: str) -> str | None:
-    """Why a job's name cannot be a directory's name, or None."""
-    if "/" in name or "\\" in name:
-        return "must not contain a path separator"
-    if name in (".", ".."):
-        return "is not a directory name"
-    if has_control_characters(name):
-        return "must not contain control characters"
-    if len(name.encode("utf-8", "surrogatepass")) > 255:
-        return "is longer than a file name may be (255 bytes)"
-    return None
 
 
 def importable_by_name(module) -> bool:

@@ -88,6 +88,27 @@ def test_a_job_file_that_is_not_utf8_or_names_a_migration_claim_is_named(tmp_pat
         resolve_fit_run_dir(JobSpec("a"), "~nosuchuser-s55/a", False)
 
 
+@pytest.mark.parametrize("name, problem", [("../x", "must not contain a path separator"),
+                                           ("a\\b", "must not contain a path separator"),
+                                           ("'..'", "is not a directory name")])
+def test_a_job_file_whose_name_is_no_directory_name_is_refused_naming_the_file(
+        tmp_path, monkeypatch, capsys, name, problem):
+    # `name: ../x` passed load_job_file and was refused by launch.fit's run-directory check
+    # alone, as "error: name '../x' must not contain a path separator: ...", no file named.
+    from orchestrator.__main__ import main
+
+    path = write(tmp_path / "job.yaml", f"name: {name}\nentrypoint: train.py:loop\n")
+    with pytest.raises(ConfigError) as e:
+        load_job_file(path)
+    assert str(e.value).startswith(f"{path}: name ") and problem in str(e.value), str(e.value)
+    # What `submit` (--dry-run here, refused before Ray) prints.
+    write(tmp_path / "train.py", "def loop(config):\n    pass\n")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # (no Ray, should a check let it through)
+    assert main(["submit", str(path), "--dry-run"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: name ") and problem in err, err
+
+
 def test_a_job_file_nested_thousands_of_levels_deep_is_named_not_a_recursion_error(tmp_path):
     # PyYAML composes a node tree recursively: `config: [[[...]]]` 2,000 levels deep (or the
     # whole file so) raised RecursionError, a traceback, from place --spec and submit
