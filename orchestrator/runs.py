@@ -844,8 +844,11 @@ class FolderClaim:
             for name in self._names - self._before:
                 (self.folder / name).unlink(missing_ok=True)
             for name, data in self._contents.items():
-                if (self.folder / name).read_bytes() != data:
-                    (self.folder / name).write_bytes(data)
+                # (one the run removed, an earlier run's ended.json, is written back too:
+                # its read failed, and ended the putting back of the rest)
+                path = self.folder / name
+                if not path.is_file() or path.read_bytes() != data:
+                    path.write_bytes(data)
         except OSError:
             pass
 

@@ -456,6 +456,28 @@ def test_a_refused_resume_leaves_the_runs_config_as_it_was(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint_00000010", "config.json"]
 
 
+def test_a_refused_resume_of_a_run_that_had_ended_puts_back_its_end_and_config(tmp_path):
+    # run_dir_held removes the earlier run's ended.json as the run starts; put back after a
+    # refusal, its absence made the first read fail, which ended the putting back: ended.json
+    # stayed gone (`logs --follow` then waited for an end) and, iterated after it, the
+    # refused flags stayed in config.json. Seen with `jobs/pretrain.py --resume --address`
+    # of a cluster that is not there.
+    from orchestrator.job_exit import EXIT_BAD_INPUT, JobFailed
+    from orchestrator.runs import ENDED_FILE, run_dir_held
+
+    run = tmp_path / "run"
+    (run / "checkpoint_00000010").mkdir(parents=True)
+    ended = '{"exit_code": 0, "error": null, "time": 1.0}'
+    (run / ENDED_FILE).write_text(ended)
+    (run / "config.json").write_text('{"train": {"num_workers": 2}, "job": {}}')
+    with pytest.raises(JobFailed):
+        with run_dir_held(run, new_run=False, written={"config.json", "tokenizer.json"}):
+            (run / "config.json").write_text('{"train": {"num_workers": 64}, "job": {}}')
+            raise JobFailed("cannot reach a Ray cluster at 127.0.0.1:9", EXIT_BAD_INPUT)
+    assert (run / ENDED_FILE).read_text() == ended
+    assert (run / "config.json").read_text() == '{"train": {"num_workers": 2}, "job": {}}'
+
+
 def test_a_write_that_fails_in_the_block_takes_back_what_was_written(tmp_path):
     # tokenizer.json written, config.json's write failed (a full disk): the folder kept
     # tokenizer.json and .run.lock, and the next attempt refused it as another job's folder.
