@@ -7,6 +7,7 @@ The cluster is the tests' own cluster.local.yaml cluster (private_ray.py beside 
 one CPU worker node, so agents measure bandwidth between two nodes, and a metrics export
 interval of 1 s instead of Ray's 10 s, so the test takes seconds, not minutes).
 """
+import contextlib
 import json
 import math
 import subprocess
@@ -142,7 +143,8 @@ def observed(ray_cluster, prometheus, tmp_path_factory):
         while job.poll() is None and time.monotonic() < deadline:
             # Keep the latest view of each family: training ones may vanish after the job.
             families.update(scrape(sd_targets(ray_cluster)))
-            time.sleep(2)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # (its end: seen at once)
+                job.wait(timeout=2)
         output = job.communicate(timeout=max(deadline - time.monotonic(), 1))[0]
     finally:
         if job.poll() is None:
@@ -274,7 +276,7 @@ def test_a_finished_runs_training_series_go_with_its_workers(observed, ray_clust
         return True
 
     # (the agent's TTL is twice Ray's own 10 s interval, whatever the cluster's export one)
-    wait_for("the finished run's training series to go", gone, 60, every_s=2,
+    wait_for("the finished run's training series to go", gone, 60, every_s=0.5,
              ignore=(AssertionError,))
 
 
