@@ -398,6 +398,17 @@ ALERT_NODE_DOWN_FOR_S = 60  # the scheduler calls a node suspect after 15 s with
 # before, so a job still waiting is one someone asked to wait for very long, or a queue that
 # does not drain although capacity is free.
 ALERT_QUEUE_STUCK_AFTER_S = 1200
+# The scheduler's state saves (SCHEDULER_STATE_SAVES_FAILED): a failed one is tried again by
+# each maintenance pass (every 5 s) until one succeeds, so saves that keep failing are counted
+# several times a minute. Page once a failed save has been counted in every minute (the window,
+# 6 scrapes at Prometheus' 10 s, 2 at 30 s) for 3 minutes: a GCS failover ends within Ray's
+# 60 s reconnect timeout (gcs_rpc_server_reconnect_timeout_s: a raylet that cannot reach the
+# GCS for longer exits), so saves still failing 2 minutes on are a GCS refusing them. Until one succeeds
+# the saved state lags: a scheduler restarted then forgets every change since (a running
+# job's reservation: the next job placed over it). A single failure, saved again 5 s later,
+# pages nobody.
+ALERT_STATE_SAVES_FAILING_WINDOW_S = 60
+ALERT_STATE_SAVES_FAILING_FOR_S = 180
 # Interactive use: 99% of requests see their first token within 2.5 s, judged over 5 minutes
 # of traffic so one slow batch does not page anyone. On time to first token, not the whole
 # request: a request's end-to-end time grows with its max_tokens, whatever the load. As the

@@ -139,6 +139,24 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         "Oldest wait {{ $value | humanizeDuration }}: the cluster is too small for the "
         "demand, or the queue does not drain. `python -m orchestrator status` shows why."),
     AlertRule(
+        "SchedulerStateSavesFailing",
+        # A failed save in every window for `for`: saves that keep failing (each maintenance
+        # pass tries again), not one that the next pass made good or a GCS failover. The
+        # counter's series appears at its first failure, already at 1 (unseen by increase()),
+        # so the next failure, one pass on, is what starts the timer.
+        f"sum(increase({_q(m.SCHEDULER_STATE_SAVES_FAILED)}"
+        f"[{m.ALERT_STATE_SAVES_FAILING_WINDOW_S // 60}m])) > 0",
+        m.ALERT_STATE_SAVES_FAILING_FOR_S, "page",
+        "The scheduler cannot save its state to the GCS",
+        f"{{{{ $value | humanize }}}} failed saves within the last "
+        f"{m.ALERT_STATE_SAVES_FAILING_WINDOW_S // 60} min, and some in every such window for "
+        f"{m.ALERT_STATE_SAVES_FAILING_FOR_S // 60} min: the scheduler's changes "
+        "(reservations, the queue) stand in its memory only, and a scheduler restarted now "
+        "forgets them (a job placed over a running one's reservation). The scheduler's log "
+        "warns of each with the GCS's error (`saving the scheduler's state ... failed`); check "
+        "the GCS on the head node (`ray status`, "
+        "/tmp/ray/session_latest/logs/gcs_server.out)."),
+    AlertRule(
         "ServeFirstTokenP99High",
         f"histogram_quantile(0.99, sum by (deployment, le) "
         f"(rate({m.SERVE_INGRESS_TIME_TO_FIRST_TOKEN.exported}_bucket[5m]))) > "

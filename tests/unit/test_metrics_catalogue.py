@@ -99,7 +99,8 @@ def test_alert_rules_use_the_catalogue_thresholds():
              ["groups"][0]["rules"]}
     assert set(rules) >= {"NodeDown", "TrainingMFULow", "TrainingCommunicationHigh",
                           "TrainingMemoryHigh", "GpuMemoryHigh", "SchedulerQueueStuck",
-                          "ServeFirstTokenP99High", "ServeHealthChecksFailing"}
+                          "ServeFirstTokenP99High", "ServeHealthChecksFailing",
+                          "SchedulerStateSavesFailing"}
     assert rules["TrainingMFULow"]["expr"].endswith(f"< {m.ALERT_MIN_MFU}")
     assert rules["TrainingCommunicationHigh"]["expr"].endswith(f"> {m.ALERT_MAX_COMM_SHARE}")
     # On the exposed share: all-reduce hidden behind backward does not slow a step.
@@ -113,6 +114,10 @@ def test_alert_rules_use_the_catalogue_thresholds():
     assert rules["ServeHealthChecksFailing"]["expr"].endswith(
         f">= {m.ALERT_HEALTH_CHECK_FAILURES})")
     assert rules["NodeDown"]["for"] == f"{m.ALERT_NODE_DOWN_FOR_S}s"
+    assert rules["SchedulerStateSavesFailing"]["for"] == f"{m.ALERT_STATE_SAVES_FAILING_FOR_S}s"
+    assert (f"{m.SCHEDULER_STATE_SAVES_FAILED.exported}"
+            f"[{m.ALERT_STATE_SAVES_FAILING_WINDOW_S // 60}m]"
+            in rules["SchedulerStateSavesFailing"]["expr"])
 
 
 # -- rendered files -----------------------------------------------------------------------------
@@ -381,6 +386,19 @@ def alert_cases() -> list[dict]:
     case([series(wait, {}, flat(m.ALERT_QUEUE_STUCK_AFTER_S + 1))], "SchedulerQueueStuck",
          [({}, sev["SchedulerQueueStuck"])])
     case([series(wait, {}, flat(m.ALERT_QUEUE_STUCK_AFTER_S - 1))], "SchedulerQueueStuck", [])
+    # The scheduler's saves to the GCS: each maintenance pass (every 5 s) tries an unsaved
+    # state again, so saves that keep failing count 6 every 30 s. Failing throughout: page.
+    # Failing for less than the rule's `for` (2 minutes so far, still failing): quiet yet;
+    # one failed save long ago, its counter standing since: quiet; a lone failed save 3.5
+    # minutes ago, saved again at the next pass: quiet (a window as long as the `for` paged).
+    saves = m.SCHEDULER_STATE_SAVES_FAILED.exported
+    failing_for = m.ALERT_STATE_SAVES_FAILING_FOR_S // 30 - 1  # samples, one short of `for`
+    case([series(saves, {}, f"0+6x{mins * 2}")], "SchedulerStateSavesFailing",
+         [({}, sev["SchedulerStateSavesFailing"])])
+    case([series(saves, {}, f"0x{mins * 2 - failing_for} 6+6x{failing_for}")],
+         "SchedulerStateSavesFailing", [])
+    case([series(saves, {}, f"1x{mins * 2}")], "SchedulerStateSavesFailing", [])
+    case([series(saves, {}, f"1x{mins * 2 - 8} 2x8")], "SchedulerStateSavesFailing", [])
     # p99 time to first token, as clients wait for it (at the ingress): every request in the
     # bucket just above the target, or in the first one. The replica's own figure, fast
     # while requests wait in Serve's router, does not hold the page back.
