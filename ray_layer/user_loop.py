@@ -35,7 +35,8 @@ from orchestrator.metric_catalogue import TRAIN_REPORT_KEYS, non_number_report_k
 from orchestrator.stuck_ranks import (REPORTING, RETURNED, WAITING, WORKING, collective_call,
                                       compiling, computing)
 from orchestrator.validation import finite_json
-from ray_layer.train_session import DirectiveWatch, declared_gpu_only, record_training
+from ray_layer.train_session import (DirectiveWatch, declared_gpu_only, quiet_ray_train_reports,
+                                     record_training)
 
 # Metric names the launcher itself reads from a report: "yielded" (a preemption) and
 # "already_complete" (a resumed run with nothing left, kept out of metrics.jsonl).
@@ -498,6 +499,7 @@ def yielding(train_loop: Callable, import_path: tuple[str, ...] = ()) -> Callabl
 
     def per_worker(config: dict) -> Any:
         _loop_starts()
+        quiet_ray_train_reports()  # (as pretrain's workers: the loop's output, not Ray's dump)
         for folder in reversed(import_path):
             if os.path.isdir(folder) and folder not in sys.path:
                 sys.path.insert(0, folder)
