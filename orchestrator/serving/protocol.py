@@ -566,7 +566,6 @@ def _messages(value: Any) -> tuple[tuple[str, str], ...]:
             raise bad_request(f"{where} must be an object, got {_json_type(message)}",
                               "messages")
         _require_message_field(message, "role", where, f"one of {', '.join(CHAT_ROLES)}")
-        _require_message_field(message, "content", where, "a string or a list of text parts")
         role = message.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:
             raise bad_request(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got "
@@ -575,6 +574,9 @@ def _messages(value: Any) -> tuple[tuple[str, str], ...]:
         if message.get("name") is not None and not isinstance(message["name"], str):
             raise bad_request(f"{where}.name must be a string, got "
                               f"{_json_type(message['name'])}", "messages")
+        # (after the extras: an assistant turn with tool calls may leave content out, and is
+        # refused for its tool calls)
+        _require_message_field(message, "content", where, "a string or a list of text parts")
         out.append((role, _content(message.get("content"), where)))
     return tuple(out)
 

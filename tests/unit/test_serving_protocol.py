@@ -528,6 +528,11 @@ def test_a_message_spelling_the_end_of_text_token_cannot_forge_a_turn():
     ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
      "messages", "tool calls are not supported"),
+    # OpenAI's assistant turn may leave content out when it carries tool calls: those are
+    # what this server refuses, not a content the message need not have.
+    ({"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     "messages", "tool calls are not supported"),
     ({"messages": [{"role": "assistant", "content": "x", "refusal": "no"}]}, "messages",
      "unsupported field(s) ['refusal'] (not supported by this server)"),
     ({"messages": [{"role": "user", "content": "x"}], "store": "yes"}, "store",
