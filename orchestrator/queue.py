@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 from orchestrator.config import JobSpec
 from orchestrator.placement import Placement, Queued, Rejection
-from orchestrator.saved_records import json_kind, saved_fields, saved_spec
+from orchestrator.saved_records import saved_fields, saved_spec
+from orchestrator.validation import json_type
 
 
 @dataclass
@@ -354,7 +355,7 @@ class JobQueue:
                            for i, item in enumerate(entries))
             else:
                 problems.append(f"cannot restore the queue's {key}, skipping it: a JSON "
-                                f"{json_kind(entries)}")
+                                f"{json_type(entries)}")
                 return
             for name, value in entries:
                 try:

@@ -78,14 +78,6 @@ def saved_spec(data: Any, what: str) -> JobSpec:
     return JobSpec.from_dict({k: v for k, v in data.items() if k in known})
 
 
-def json_kind(value: Any) -> str:
-    """What a value read from JSON is, in JSON's words (a message's "a JSON null", not
-    Python's NoneType)."""
-    kinds = {type(None): "null", bool: "boolean", int: "number", float: "number",
-             str: "string", list: "array", dict: "object"}
-    return kinds.get(type(value), type(value).__name__)
-
-
 def _as_type(hint: Any, value: Any) -> tuple[Any, str | None]:
     """(value, None) when `value` is a `hint` (JSON lists become tuples for tuple fields), or
     (value, what it should have been)."""

@@ -76,11 +76,11 @@ from orchestrator.placement import (FITS_WHEN_FREED, Placement, PlacementError, 
                                     Rejection, capacity_shape, free_host_memory, place,
                                     ram_use_freed, worker_capacity, workers_by_count)
 from orchestrator.queue import JobQueue, QueuedJob, allowed_families
-from orchestrator.saved_records import SAVED_STATE_VERSION, json_kind
+from orchestrator.saved_records import SAVED_STATE_VERSION
 from orchestrator.scheduler_types import (CANCEL, MIGRATE, PREEMPT, Directive, Outcome, Persist,
                                           RunningJob, SaveSoon, SchedulerSettings, StartAgent,
                                           Yield)
-from orchestrator.validation import is_int, is_number
+from orchestrator.validation import is_int, is_number, json_type
 
 # CLAIM_SUFFIX (config.py): reservation name of a migration target, held until the handover
 DEAD_NODE_RETENTION_S = 3600.0
@@ -1213,7 +1213,7 @@ class SchedulerCore:
             part = saved.get(key, {})  # (absent: saved before the part was)
             if not isinstance(part, dict):  # (else named in Python's words, or not at all)
                 problems.append(f"cannot restore scheduler {key}, skipping it: a JSON "
-                                f"{json_kind(part)}, not an object")
+                                f"{json_type(part)}, not an object")
                 continue
             try:
                 restore(part)

@@ -85,6 +85,15 @@ def _finite_json(data: Any, open_containers: dict[int, int]) -> Any:
     return written if isinstance(data, dict) else list(written.values())
 
 
+def json_type(value: Any) -> str:
+    """A value read from JSON, named as JSON names it: a message's "is null", "is a number",
+    not Python's "NoneType" / "int"."""
+    if isinstance(value, bool):  # (before int: a bool is an int)
+        return "boolean"
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def is_number(value: Any) -> bool:
     """A finite int or float, not a bool, that float() takes: an int past float's range
     (JSON and YAML hold any number of digits) is not one; math.isfinite raised OverflowError

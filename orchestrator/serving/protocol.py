@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.tokenizer import ByteTokenizer, Tokenizer
-from orchestrator.validation import is_int, is_number
+from orchestrator.validation import is_int, is_number, json_type
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
@@ -742,17 +742,9 @@ def _same(value: Any, allowed: Any) -> bool:
 
 
 def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
+    """json_type with its article, as the messages read ("got a string", "got null")."""
+    kind = json_type(value)
+    return kind if kind == "null" else ("an " if kind[0] in "aeiou" else "a ") + kind
 
 
 # -- responses -----------------------------------------------------------------------------

@@ -35,6 +35,8 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from orchestrator.validation import json_type
+
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 HELD_OUT_FRACTION = 0.1
 READ_CHUNK = 8 << 20  # bytes read at a time from a .txt file
@@ -1139,24 +1141,15 @@ def _jsonl_record(data: bytes, field: str) -> tuple[str | None, str | None]:
     except ValueError as e:
         return None, f"not valid JSON ({e.msg})"
     if not isinstance(record, dict):
-        return None, f"a JSON {_json_type(record)}, not an object"
+        return None, f"a JSON {json_type(record)}, not an object"
     if field not in record:
         fields = ", ".join(repr(name) for name in list(record)[:10])
         return None, MissingField(f"no {field!r} field (--text-field); its fields: "
                                   f"{fields or 'none'}{', ...' if len(record) > 10 else ''}")
     if not isinstance(record[field], str):
-        return None, f"field {field!r} is {_json_type(record[field])}, not a string"
+        return None, f"field {field!r} is {json_type(record[field])}, not a string"
     problem = _not_unicode(record[field], field)
     return (None, problem) if problem else (record[field], None)
-
-
-def _json_type(value) -> str:
-    """A parsed JSON value's type as JSON names it: `{"text": null}` read "is NoneType",
-    a number "is int" or "float", Python's names for what the file does not spell so."""
-    if isinstance(value, bool):  # (before int: a bool is an int)
-        return "boolean"
-    names = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def _not_unicode(text: str, field: str) -> str | None:
