@@ -10,6 +10,7 @@ port (fake nodes the autoscaler started), never a global `ray stop`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from tests.support import free_port as _free_port
+from tests.support import wait_for
 
 REPO = Path(__file__).resolve().parents[3]
 LOCAL_CONFIG = REPO / "cluster.local.yaml"
@@ -63,6 +65,7 @@ class PrivateRay:
         self.system_config = system_config or {}
         self.log_path = self.temp_dir / "ray-start.log"
         self.proc: subprocess.Popen | None = None
+        self.initial_nodes: set[str] = set()  # alive once started (start_local_cluster)
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment for a driver subprocess of this cluster: its address and token (and the
@@ -119,16 +122,44 @@ class PrivateRay:
         raise TimeoutError(f"ray start did not come up in {timeout_s}s:\n"
                            + self.log_path.read_text()[-3000:])
 
-    def wait_for_nodes(self, count: int, timeout_s: float = 120.0) -> None:
+    def wait_for_nodes(self, count: int, timeout_s: float = 120.0) -> set[str]:
         """Until `count` nodes are alive: the autoscaler launches min_workers nodes only after
-        the head is up, and on a cold machine that takes a while."""
-        self.run_python(f"""
-import ray
+        the head is up, and on a cold machine that takes a while. Returns their node ids."""
+        out = self.run_python(f"""
+import json, ray
 from orchestrator.polling import wait_for
 ray.init()
-wait_for("{count} nodes alive", lambda: sum(n["Alive"] for n in ray.nodes()) >= {count},
-         timeout_s={timeout_s})
+alive = wait_for("{count} nodes alive", lambda: (lambda ids: ids if len(ids) >= {count}
+                 else None)([n["NodeID"] for n in ray.nodes() if n["Alive"]]),
+                 timeout_s={timeout_s})
+print("NODES", json.dumps(alive))
 """, timeout_s=timeout_s + 60)
+        return set(_printed_nodes(out))
+
+    def stop_nodes_added_since(self, kept: set[str], timeout_s: float = 60.0) -> list[str]:
+        """Stop every node of this cluster not in `kept` (the ones the autoscaler added for a
+        test) and wait until their raylets have exited; returns their ids. Left alone they
+        would idle for cluster.local.yaml's idle_timeout_minutes (2), each a raylet, its
+        agents and our node agent beside the next test. SIGTERM makes a raylet leave the
+        cluster cleanly (Ray lists it dead), taking its workers and agents with it; the
+        autoscaler then loses contact with it and drops it. Here, not in a driver: a driver's
+        start costs seconds, and the fake provider runs every raylet on this machine."""
+        added = {node: pid for node, pid in self._raylets().items() if node not in kept}
+        for pid in added.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        wait_for(f"the raylets of nodes {sorted(added)} to exit",
+                 lambda: not any(_running(pid) for pid in added.values()), timeout_s)
+        return sorted(added)
+
+    def _raylets(self) -> dict[str, int]:
+        """node id -> pid of this cluster's raylets (each names both on its command line)."""
+        raylets = {}
+        for pid in _pids_mentioning((f"--temp_dir={self.temp_dir}",)):
+            node = re.search(r"/raylet --.* --node_id=(\w+)", _cmdline(pid))
+            if node:
+                raylets[node.group(1)] = pid
+        return raylets
 
     @property
     def session_dir(self) -> Path:
@@ -166,11 +197,33 @@ wait_for("{count} nodes alive", lambda: sum(n["Alive"] for n in ray.nodes()) >= 
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+def _printed_nodes(out: str) -> list[str]:
+    # A tagged line, not the last one: Ray may write a line of its own to stdout after ours.
+    return next(json.loads(line.removeprefix("NODES ")) for line in reversed(out.splitlines())
+                if line.startswith("NODES "))
+
+
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="ignore")
+    except OSError:  # exited meanwhile, or not ours to read
+        return ""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited raylet stays one until the autoscaler reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _pids_mentioning(needles: tuple[str, ...]) -> list[int]:
@@ -180,11 +233,7 @@ def _pids_mentioning(needles: tuple[str, ...]) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
-        except OSError:  # exited meanwhile, or not ours to read
-            continue
-        if pattern.search(cmdline):
+        if pattern.search(_cmdline(int(entry.name))):
             pids.append(int(entry.name))
     return pids
 
@@ -197,7 +246,8 @@ def start_local_cluster() -> PrivateRay:
                          autoscaling=local_config(cpu_worker={"min_workers": 1}),
                          system_config={"metrics_report_interval_ms": 1000}).start()
     try:
-        cluster.wait_for_nodes(2)  # the head and the min_workers CPU worker
+        # The head and the min_workers CPU worker: what each test module may count on.
+        cluster.initial_nodes = cluster.wait_for_nodes(2)
     except BaseException:
         cluster.stop()
         raise
