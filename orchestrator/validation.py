@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import contextvars
 import dataclasses
+import json
 import math
 import re
 import sys
@@ -92,6 +93,20 @@ def json_type(value: Any) -> str:
         return "boolean"
     names = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def json_parse_problem(error: Exception, with_line: bool = True) -> str:
+    """Why json.loads refused a text, from what it raised: where a JSONDecodeError says it
+    (`with_line=False`: the column alone, for one line of a file that names the line), a
+    nesting past the recursion limit, or a number over Python's int-string limit (4300
+    digits, a plain ValueError without JSONDecodeError's fields)."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    if not isinstance(error, json.JSONDecodeError):
+        return str(error).split(";")[0]  # the limit and the digits, not the sys.* advice
+    where = f"line {error.lineno} column {error.colno}" if with_line else f"column {error.colno}"
+    # "Unterminated string starting at" is the one message that ends in its own "at"
+    return f"{error.msg.removesuffix(' at')} at {where}"
 
 
 def is_number(value: Any) -> bool:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.tokenizer import ByteTokenizer, Tokenizer
-from orchestrator.validation import is_int, is_number, json_type
+from orchestrator.validation import is_int, is_number, json_parse_problem, json_type
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
@@ -171,13 +171,8 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
                           '{"model": "...", "prompt": "Hello"}')
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise bad_request(f"request body is not valid JSON: {e.msg} at line {e.lineno} "
-                          f"column {e.colno}")
-    except RecursionError:
-        raise bad_request("request body is not valid JSON: nested too deeply")
-    except ValueError as e:  # an integer longer than Python's int-string limit (4300 digits)
-        raise bad_request(f"request body is not valid JSON: {str(e).split(';')[0]}")
+    except (ValueError, RecursionError) as e:  # (a body nested thousands deep, a long int)
+        raise bad_request(f"request body is not valid JSON: {json_parse_problem(e)}")
     if not isinstance(data, dict):
         raise bad_request(f"request body must be a JSON object, got {_json_type(data)}")
     return data

@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from orchestrator.validation import json_type
+from orchestrator.validation import json_parse_problem, json_type
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 HELD_OUT_FRACTION = 0.1
@@ -1138,8 +1138,8 @@ def _jsonl_record(data: bytes, field: str) -> tuple[str | None, str | None]:
         return None, "a JSON list, not an object"
     try:
         record = json.loads(line)
-    except ValueError as e:
-        return None, f"not valid JSON ({e.msg})"
+    except (ValueError, RecursionError) as e:  # (a line nested thousands deep, a long int)
+        return None, f"not valid JSON ({json_parse_problem(e, with_line=False)})"
     if not isinstance(record, dict):
         return None, f"a JSON {json_type(record)}, not an object"
     if field not in record:

@@ -197,6 +197,30 @@ def test_a_jsonl_value_of_the_wrong_type_is_named_by_its_json_type(tmp_path):
         "a JSON string, not an object"]
 
 
+def test_a_jsonl_line_json_cannot_parse_is_named_with_why_and_where(tmp_path):
+    """A number of over 4300 digits (Python's int-string limit) was an AttributeError
+    traceback and a line nested deeper than the recursion limit a RecursionError, neither
+    skippable; a cut string said "(Unterminated string starting at)", no column."""
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "one"}\n{"text": "x", "n": ' + "9" * 5000 + '}\n'
+                    + '{"a": ' * 5000 + "1" + "}" * 5000 + '\n{"text": "two"}\n{"text": "cut')
+    source, = expand_sources([str(path)])
+    skipped = []
+    docs = list(iter_documents(source, skip_bad_lines=True, skipped=skipped))
+    assert [d.text for d in docs] == ["one", "two"]
+    assert skipped == [
+        f"{path}:2: not valid JSON (Exceeds the limit (4300 digits) for integer string "
+        "conversion: value has 5000 digits)",
+        f"{path}:3: not valid JSON (nested too deeply)",
+        f"{path}:5: not valid JSON (Unterminated string starting at column 10)"]
+    lines = path.read_text().split("\n")
+    for bad_line in (2, 3):  # refused in the driver's head check, one line naming it
+        path.write_text('{"text": "one"}\n' * (bad_line - 1) + lines[bad_line - 1] + "\n")
+        head, = expand_sources([str(path)])
+        with pytest.raises(DataError, match=f"{path}:{bad_line}: not valid JSON"):
+            check_jsonl_head(head, "text", False)
+
+
 def test_a_jsonl_head_whose_first_line_is_over_64_kib_is_still_checked(tmp_path):
     """Only lines complete within the first 64 KiB were checked: books of 100 KB a line
     under a wrong --text-field passed, and every line was skipped after Ray started."""

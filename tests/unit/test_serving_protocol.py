@@ -31,6 +31,9 @@ def refused(body: dict) -> APIError:
     (b'{"prompt": "caf\xc3"}', "not valid UTF-8: byte 15"),
     (b"\xff\xfe{}", "not valid UTF-8: byte 0"),
     (b'{"seed": ' + b"9" * 5000 + b"}", "not valid JSON: Exceeds the limit"),
+    # (it said "Unterminated string starting at at line 1 column 12")
+    (b'{"prompt": "hi', "not valid JSON: Unterminated string starting at line 1 column 12"),
+    (b'{"a": ' * 5000 + b"1" + b"}" * 5000, "not valid JSON: nested too deeply"),
 ])
 def test_malformed_bodies_are_400(raw, words):
     with pytest.raises(APIError) as e:
