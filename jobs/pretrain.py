@@ -570,7 +570,8 @@ def _run(args: argparse.Namespace) -> dict | None:
                                   spec, run_dir, address=args.address,
                                   queue_timeout_s=args.queue_timeout,
                                   max_failures=args.max_failures,
-                                  keep_checkpoints=train_config.keep_checkpoints)
+                                  keep_checkpoints=train_config.keep_checkpoints,
+                                  loop_logs_metrics=True)
             except JobFailed as e:
                 raise host_memory_refusal_named(e, train_config, spec) from None
             return _write_summary(launched.result, train_config, launched.placement, run_dir,

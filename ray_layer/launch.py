@@ -104,12 +104,15 @@ def dry_run_placement(spec: JobSpec, address: str | None):
 def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobSpec,
            run_dir: Path, *, address: str | None, queue_timeout_s: float, max_failures: int,
            keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS,
-           runtime_env: dict | None = None, stuck_timeout_s: float | None = None) -> Launched:
+           runtime_env: dict | None = None, stuck_timeout_s: float | None = None,
+           loop_logs_metrics: bool = False) -> Launched:
     """Place `spec`, run `train_fn(train_loop_config)` on every worker under Ray Train with
     its checkpoints in `run_dir` (the run's name is the directory's name), and release.
     `stuck_timeout_s`: a user loop's (ray_layer/user_loop.py) rank stuck in its own code that
     long while the others wait for it fails as that worker's failure (WatchStuckRanks);
-    None: no watch."""
+    None: no watch. `loop_logs_metrics`: `train_fn` appends rank 0's reports to
+    metrics.jsonl itself (train_under_ray's session), so Ray Train's controller does not
+    (MetricsLog: it would write each twice)."""
     # Ray Train's controller takes a worker's report once per poll, 2 s apart by default, and
     # the worker's next report waits for it: a run reporting every second or so spent a
     # quarter of its training phase waiting (scripts/bench_train.py, 2026-12-03). Ray Train
@@ -119,7 +122,7 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
         driver = PlacedRun(scheduler, spec, queue_timeout_s, reconnect=ensure_scheduler)
         trainer_for = _trainer_factory(train_fn, train_loop_config, spec, run_dir, driver.owner,
                                        queue_timeout_s, max_failures, keep_checkpoints,
-                                       stuck_timeout_s)
+                                       stuck_timeout_s, loop_logs_metrics)
         fitted = []  # (whether workers were started: a refusal after that ran the job)
 
         def fit_placed(placement: Placement):
@@ -178,7 +181,8 @@ class InterruptibleTrainer(TorchTrainer):
 
 def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: Path,
                      owner: str, queue_timeout_s: float, max_failures: int,
-                     keep_checkpoints: int, stuck_timeout_s: float | None = None):
+                     keep_checkpoints: int, stuck_timeout_s: float | None = None,
+                     loop_logs_metrics: bool = False):
     def withdraw() -> None:
         from ray_layer.scheduler_client import get_scheduler
 
@@ -205,9 +209,9 @@ def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: 
                     max_failures=max_failures,
                     controller_failure_limit=startup_retries(max_failures)),
                 # A lost node: re-placed by the scheduler before the worker group restarts.
-                callbacks=[MetricsLog(run_dir),
-                           FollowPlacement(spec, owner, timeout_s=queue_timeout_s,
-                                           reconnect=ensure_scheduler)]
+                callbacks=([] if loop_logs_metrics else [MetricsLog(run_dir)])
+                + [FollowPlacement(spec, owner, timeout_s=queue_timeout_s,
+                                   reconnect=ensure_scheduler)]
                 + ([WatchStuckRanks(stuck_timeout_s)] if stuck_timeout_s else []),
             ),
             on_interrupt=withdraw,

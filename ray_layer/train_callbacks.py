@@ -1,6 +1,7 @@
 """Callbacks that run in Ray Train's controller for jobs/pretrain.py.
 
-MetricsLog: every report of rank 0 appended to the run's metrics.jsonl as it happens.
+MetricsLog: every report of rank 0 appended to the run's metrics.jsonl as it happens (a user's
+loop; jobs/pretrain.py's writes its own: RayTrainSession._log).
 
 FollowPlacement: keep a Ray Train run on nodes the scheduler chose, also after one is lost.
 Each worker is pinned to its placed node by a label selector. When a node dies, Ray Train

@@ -24,7 +24,7 @@ from orchestrator.config import TrainConfig
 from orchestrator.metric_catalogue import training_samples
 from orchestrator import throughput
 from orchestrator.probes import nvml_index_and_process_bytes
-from orchestrator.runs import checkpoint_dirs, checkpoint_name
+from orchestrator.runs import append_metrics, checkpoint_dirs, checkpoint_name
 from orchestrator.training.checkpoint import (CheckpointError, free_space_note,
                                               sync_directory, sync_tree)
 from orchestrator.training.loop import TrainingDiverged, say, train
@@ -199,15 +199,31 @@ class RayTrainSession:
         # directories of one report into one checkpoint in storage (file names never clash:
         # torch.distributed.checkpoint names each rank's file by its rank).
         if not checkpoint_dir:
+            self._log(metrics, None)
             ray.train.report(metrics)
             return
+
+        def persisted_and_logged(checkpoint: ray.train.Checkpoint, name: str):
+            persisted = persisted_to_disk(checkpoint, name)
+            self._log(metrics, persisted.path)  # once it is there, before Ray Train takes it
+            return persisted
         # Named by step (runs.checkpoint_name: Ray's default name is rank 0's local time,
         # whose order is not the training order once rank 0 moves to a node whose clock
         # differs); Ray Train gives every rank rank 0's name.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
                          checkpoint_dir_name=checkpoint_name(metrics["step"], time.time()),
-                         checkpoint_upload_fn=persisted_to_disk)
+                         checkpoint_upload_fn=persisted_and_logged)
         self._watch.checkpointed()
+
+    def _log(self, metrics: dict[str, Any], checkpoint: str | None) -> None:
+        """Rank 0's report appended to the run's metrics.jsonl here, as it is made (the run
+        directory is shared storage, as its checkpoints need). Ray Train's controller
+        (train_callbacks.MetricsLog) lost the last ones of a Ctrl-C: it stops taking reports
+        when it aborts, while the workers train on for up to 5 s (Ray Train's patience before
+        it kills them) and report, and save a checkpoint, meanwhile."""
+        if self.world_rank == 0:
+            run_dir = Path(ray.train.get_context().get_storage().experiment_fs_path)
+            append_metrics(run_dir, metrics, checkpoint)
 
 
 def persisted_to_disk(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
