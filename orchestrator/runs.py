@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -355,8 +356,8 @@ def unregistered_checkpoints_warning(run_dir: Path, any_checkpoint: bool) -> str
               "the resume starts from the newest it lists (ray.train.get_checkpoint()), "
               "or from scratch when it lists none")
     return (f"{len(unregistered)} checkpoint(s) not in Ray Train's record (a run stopped "
-            f"while it reported them: {', '.join(unregistered)}): {resume}; keep_checkpoints "
-            "does not prune them (delete them once the run has gone past them)")
+            f"while it reported them: {', '.join(unregistered)}): {resume}; each is deleted "
+            "once keep_checkpoints listed ones are newer, at the end of a run")
 
 
 def remove_failed_uploads(run_dir: Path) -> list[str]:
@@ -376,6 +377,26 @@ def remove_failed_uploads(run_dir: Path) -> list[str]:
                 removed.append(directory.name)
             except OSError:
                 pass
+    return removed
+
+
+def prune_unlisted_checkpoints(run_dir: Path, keep: int | None) -> list[str]:
+    """Remove each checkpoint Ray Train's record does not list (a run stopped by Ctrl-C as
+    its workers saved it) that has at least `keep` listed checkpoints newer than it, and
+    return their names: listed, Ray Train's keep_checkpoints would have pruned it, and
+    unlisted it was never pruned (one more to delete by hand per Ctrl-C). One newer than
+    those (what a resume takes) stays; nothing goes for `keep` None (keep every one) or
+    when the record cannot be read."""
+    registered = _registered_checkpoints(Path(run_dir))
+    if keep is None or not registered:
+        return []
+    removed, listed_newer = [], 0
+    for directory in checkpoint_dirs(run_dir):  # newest first
+        if directory.name in registered:
+            listed_newer += 1
+        elif listed_newer >= keep:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory.name)
     return removed
 
 

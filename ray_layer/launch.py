@@ -36,7 +36,8 @@ from orchestrator.job_file import DEFAULT_KEEP_CHECKPOINTS
 from orchestrator.job_exit import (CALL_TIMEOUT_S, EXIT_BAD_INPUT, EXIT_FAILED,
                                   EXIT_NOT_PLACEABLE, JobFailed, last_exception)
 from orchestrator.placement import Placement
-from orchestrator.runs import checkpoint_dirs, remove_failed_uploads
+from orchestrator.runs import (checkpoint_dirs, prune_unlisted_checkpoints,
+                               remove_failed_uploads)
 from ray_layer.cluster import (ClusterConnectionError, connect, ensure_control_plane,
                                ensure_scheduler)
 from ray_layer.placed_run import NotPlaced, PlacedRun
@@ -127,7 +128,7 @@ def launch(train_fn: Callable[[dict], None], train_loop_config: dict, spec: JobS
 
         def fit_placed(placement: Placement):
             fitted.append(placement)
-            result = _fit(trainer_for(placement), run_dir, max_failures)
+            result = _fit(trainer_for(placement), run_dir, max_failures, keep_checkpoints)
             refused = refused_report_failure(result, run_dir)
             if refused is not None:
                 raise refused
@@ -219,13 +220,16 @@ def _trainer_factory(train_fn, train_loop_config: dict, spec: JobSpec, run_dir: 
     return trainer_for
 
 
-def _fit(trainer: TorchTrainer, run_dir: Path, max_failures: int):
+def _fit(trainer: TorchTrainer, run_dir: Path, max_failures: int,
+         keep_checkpoints: int | None = None):
     try:
         with _signal_handlers_kept():
             try:
                 return trainer.fit()
             finally:  # (before _failure counts the checkpoints saved)
                 remove_failed_uploads(run_dir)
+                # (Ray Train is done with the folder: its own pruning cannot race this one)
+                prune_unlisted_checkpoints(run_dir, keep_checkpoints)
     except SystemExit:
         # Ray Train's own Ctrl-C handler aborts the run and calls sys.exit: to our callers it
         # is an interrupt (run_job: the resume hint and exit 130), not a success or exit 1.

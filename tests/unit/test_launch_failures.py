@@ -388,3 +388,41 @@ def test_a_loops_exception_whose_str_fails_is_one_line_not_a_driver_traceback():
     said = str(launch._failure(error, RUN, max_failures=0)).splitlines()
     assert said[0] == ("training failed after 0 restart(s): worker rank 0: Unprintable: "
                        "<str() failed>"), said
+
+
+def test_a_checkpoint_ray_train_never_listed_is_pruned_as_keep_checkpoints_would_have(
+        tmp_path):
+    # Ctrl-C as the workers saved step 500: Ray Train never listed it, so its keep_checkpoints
+    # never pruned it, and every Ctrl-C + resume left one more checkpoint to delete by hand.
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    from orchestrator.runs import checkpoint_dirs, checkpoint_name
+
+    run = tmp_path / "run"
+
+    def saved(listed, unlisted):
+        for step in (*listed, *unlisted):
+            (run / checkpoint_name(step)).mkdir(parents=True, exist_ok=True)
+            (run / checkpoint_name(step) / "state.pt").write_bytes(b"x")
+        (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({
+            "checkpoint_results": [{"checkpoint_dir_name": checkpoint_name(s)}
+                                   for s in listed]}))
+
+    def steps():
+        return sorted(int(p.name.split("_")[1]) for p in checkpoint_dirs(run))
+    saved((400, 550, 600), (500,))  # resumed from 500: two listed ones newer, keep 3
+    launch._fit(SimpleNamespace(fit=lambda: "result"), run, 0, keep_checkpoints=3)
+    assert steps() == [400, 500, 550, 600]
+    for step in (400, 550):  # Ray Train pruned them; a second Ctrl-C left 750 unlisted
+        shutil.rmtree(run / checkpoint_name(step))
+    saved((600, 650, 700), (500, 750))
+    launch._fit(SimpleNamespace(fit=lambda: "result"), run, 0, keep_checkpoints=None)
+    assert steps() == [500, 600, 650, 700, 750]  # None: keep every one
+    launch._fit(SimpleNamespace(fit=lambda: "result"), run, 0, keep_checkpoints=3)
+    assert steps() == [600, 650, 700, 750]  # the newest, what a resume takes, stays
+    (run / checkpoint_name(610)).mkdir()  # unlisted, two listed newer
+    (run / "checkpoint_manager_snapshot.json").write_text("{")  # unreadable: nothing goes
+    launch._fit(SimpleNamespace(fit=lambda: "result"), run, 0, keep_checkpoints=1)
+    assert steps() == [600, 610, 650, 700, 750]

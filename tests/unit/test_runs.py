@@ -245,8 +245,8 @@ def test_checkpoints_ray_train_never_registered_are_named(tmp_path):
         "3 checkpoint(s) not in Ray Train's record (a run stopped while it reported them: "
         "checkpoint_00000030_2026-12-05_18-51-03, checkpoint_2026-12-05_18-51-02, "
         "checkpoint_2026-12-05_18-51-01): the resume takes the newest checkpoint that "
-        "verifies, listed or not; keep_checkpoints does not prune them (delete them once the "
-        "run has gone past them)")
+        "verifies, listed or not; each is deleted once keep_checkpoints listed ones are "
+        "newer, at the end of a run")
     # A user's loop resumes from what the record lists
     assert "the resume starts from the newest it lists (ray.train.get_checkpoint()), or " \
         "from scratch when it lists none" in unregistered_checkpoints_warning(tmp_path, False)
