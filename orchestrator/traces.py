@@ -251,8 +251,30 @@ def _check_header(where: str, header: list[str] | None, fmt: str) -> None:
     if missing:
         raise TraceError(f"{where}: missing column(s) {', '.join(missing)}"
                          f"{_format_hint(header, fmt)}")
-    if len(set(header)) != len(header):
-        raise TraceError(f"{where}: duplicate column names in {header}")
+    twice = _repeated_columns(header)
+    if twice:
+        raise TraceError(f"{where}: {twice}")
+
+
+def _repeated_columns(header: list[str]) -> str:
+    """'' or what names each column the header gives more than once and where ("column 'x' is
+    given twice (columns 1 and 4)"): the whole header, as it was quoted, left that to find."""
+    positions: dict[str, list[int]] = {}
+    for i, name in enumerate(header, 1):
+        positions.setdefault(name, []).append(i)
+    repeated = {name: at for name, at in positions.items() if len(at) > 1}
+    if not repeated:
+        return ""
+
+    def where(at: list[int]) -> str:
+        return f"columns {', '.join(map(str, at[:-1]))} and {at[-1]}"
+
+    if len(repeated) == 1:
+        ((name, at),) = repeated.items()
+        times = "twice" if len(at) == 2 else f"{len(at)} times"
+        return f"column {name!r} is given {times} ({where(at)})"
+    return (f"columns {', '.join(f'{name!r} ({where(at)})' for name, at in repeated.items())} "
+            "are given more than once")
 
 
 def _rows(path: Path | str, fmt: str):

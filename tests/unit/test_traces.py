@@ -192,6 +192,20 @@ def test_a_philly_file_read_as_canonical_says_to_pass_format_philly(tmp_path):
         load_canonical(path)
 
 
+@pytest.mark.parametrize("fmt, header, message", [
+    ("canonical", "submit_time_s,duration_s,num_gpus,submit_time_s",
+     "column 'submit_time_s' is given twice (columns 1 and 4)"),
+    ("philly", "timestamp,duration,num_gpus,duration,num_gpus",
+     "columns 'duration' (columns 2 and 4), 'num_gpus' (columns 3 and 5) are given more than once"),
+])
+def test_a_column_given_twice_is_named_with_its_positions(tmp_path, fmt, header, message):
+    # It read "duplicate column names in [...]", the whole header: which one was left to find.
+    path = write(tmp_path, header + "\n")
+    with pytest.raises(TraceError) as e:
+        load_trace(path, fmt)
+    assert str(e.value) == f"{path}:1: {message}"
+
+
 def test_a_header_without_rows_is_an_error(tmp_path):
     path = write(tmp_path, CANONICAL + "\n")
     with pytest.raises(TraceError, match=f"^{path}: no jobs \\(only a header\\)$"):
