@@ -810,9 +810,10 @@ def remove_stale_plots(out: Path) -> None:
 def out_dir(value: str | Path) -> tuple[Path, str | None]:
     """--out's directory, a leading `~` read as home (`--out=~/sim`: the shell leaves that ~
     as written, and it became a directory named `~` here), and why it cannot take the
-    outputs (it is created if missing), or None: checked before any replay runs, not found
-    when the first file is written. An empty one (`--out "$UNSET"`) is refused: it was the
-    working directory."""
+    outputs, or None: checked before any replay runs, not found when the first file is
+    written. A missing one is made only when the outputs are written, so that a run stopped
+    by Ctrl-C leaves none. An empty one (`--out "$UNSET"`) is refused: it was the working
+    directory."""
     if not str(value).strip():
         return Path(value), "--out is empty: give the directory to write the outputs to"
     try:
@@ -822,7 +823,6 @@ def out_dir(value: str | Path) -> tuple[Path, str | None]:
     problem = writable_dir_problem(out)
     if problem:
         return out, f"cannot write to --out {out}: {problem}"
-    out.mkdir(parents=True, exist_ok=True)
     return out, None
 
 
@@ -906,6 +906,7 @@ def run_cli(args) -> int:
         print(f"interrupted after {len(results)} of {len(policies)} policies: nothing "
               f"written to {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    out.mkdir(parents=True, exist_ok=True)
     write_jobs_csv(results, out / "jobs.csv")
     if args.no_plots:
         remove_stale_plots(out)

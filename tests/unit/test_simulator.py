@@ -977,7 +977,9 @@ def test_simulate_cli_ctrl_c_is_one_line_not_a_traceback(tmp_path, capsys, monke
                  "--policy", "fifo"])
     err = capsys.readouterr().err
     assert code == 130 and err.startswith("interrupted") and str(out) in err
-    assert not (out / "summary.json").exists()
+    # Nor is --out left behind, empty, where there was none: "nothing written to o" left an
+    # empty directory o that a user took for a run's outputs gone missing.
+    assert not out.exists()
 
 
 def test_strict_order_head_is_not_kept_off_a_family_by_a_job_behind_it():
