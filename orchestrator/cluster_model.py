@@ -30,8 +30,9 @@ Speed model (per job, per placement):
   V100; `consolidated` = one server, `unconsolidated` = spread). Counts between the measured
   1/2/4/8 are interpolated linearly; above the largest measured count, per-GPU throughput is
   held at that count's. Missing or zero entries are filled from V100's column with the same
-  ratio. A100/H100/T4/L4 compute SPEED_VS_V100 times faster than a V100 but communicate no
-  faster (same per-iteration communication time as V100), so their locality penalty is larger.
+  ratio. A100/H100/T4/L4 compute config.ACCELERATOR_SPEED times faster than a V100 but
+  communicate no faster (same per-iteration communication time as V100), so their locality
+  penalty is larger.
 - Communication: per iteration, a spread job spends `comm = 1/unconsolidated - 1/consolidated`
   seconds (>= 0) on the network at Gavel's setting, taken as REFERENCE_NETWORK_GBPS (25 GbE,
   3.125 GB/s). At a bottleneck bandwidth B between the job's servers the iteration takes
