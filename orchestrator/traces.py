@@ -40,6 +40,7 @@ the header: Philly when a column is `timestamp`.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import math
@@ -206,7 +207,12 @@ def _read(path: Path | str):
         # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column.
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise TraceError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 "
+        # e.start is past the mark utf-8-sig took off; the line is what a user can find (an
+        # Excel "CSV" export in Windows-1252 with one "café" among thousands of rows).
+        at = e.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
+        before = data[:at]  # line ends as the csv reader counts them: LF, CRLF, a lone CR
+        line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
+        raise TraceError(f"{path}:{line}: not UTF-8 text (byte {at}); save it as UTF-8 "
                          "CSV") from None
     return path, io.StringIO(text, newline="")
 

@@ -334,7 +334,7 @@ def test_canonical_loader_errors_name_file_and_line(tmp_path, text, message):
 def test_a_trace_that_is_not_utf8_is_named(tmp_path):
     path = tmp_path / "t16.csv"
     path.write_text("submit_time_s,duration_s,num_gpus\n0,10,1\n", encoding="utf-16")
-    with pytest.raises(TraceError, match=f"{path}: not UTF-8 text"):
+    with pytest.raises(TraceError, match=f"{path}:1: not UTF-8 text"):
         load_canonical(path)
 
 

@@ -206,6 +206,20 @@ def test_a_column_given_twice_is_named_with_its_positions(tmp_path, fmt, header,
     assert str(e.value) == f"{path}:1: {message}"
 
 
+@pytest.mark.parametrize("bom, end", [(b"", b"\n"), (b"\xef\xbb\xbf", b"\n"), (b"", b"\r\n"),
+                                      (b"", b"\r")])
+def test_a_file_not_in_utf8_is_refused_naming_the_line(tmp_path, bom, end):
+    # An Excel "CSV" (Windows-1252) export with "café" in a row was "not UTF-8 text (byte 63)",
+    # left to count bytes by hand in a file of thousands of lines.
+    head = b"submit_time_s,duration_s,num_gpus,model_type" + end + b"0,10,1," + end
+    path = tmp_path / "t.csv"
+    path.write_bytes(bom + head + b"5,10,1,caf\xe9" + end)
+    with pytest.raises(TraceError) as e:
+        load_canonical(path)
+    byte = len(bom + head) + len(b"5,10,1,caf")  # the file's own offset, a mark counted
+    assert str(e.value) == f"{path}:3: not UTF-8 text (byte {byte}); save it as UTF-8 CSV"
+
+
 def test_a_header_without_rows_is_an_error(tmp_path):
     path = write(tmp_path, CANONICAL + "\n")
     with pytest.raises(TraceError, match=f"^{path}: no jobs \\(only a header\\)$"):
