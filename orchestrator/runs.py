@@ -357,7 +357,8 @@ def unregistered_checkpoints_warning(run_dir: Path, any_checkpoint: bool) -> str
               "or from scratch when it lists none")
     return (f"{len(unregistered)} checkpoint(s) not in Ray Train's record (a run stopped "
             f"while it reported them: {', '.join(unregistered)}): {resume}; each is deleted "
-            "once keep_checkpoints listed ones are newer, at the end of a run")
+            "once keep_checkpoints listed ones are newer, at the end of a run (never where "
+            "keep_checkpoints is null/None: every one is kept)")  # (the warning cannot know it)
 
 
 def remove_failed_uploads(run_dir: Path) -> list[str]:

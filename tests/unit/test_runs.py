@@ -246,7 +246,8 @@ def test_checkpoints_ray_train_never_registered_are_named(tmp_path):
         "checkpoint_00000030_2026-12-05_18-51-03, checkpoint_2026-12-05_18-51-02, "
         "checkpoint_2026-12-05_18-51-01): the resume takes the newest checkpoint that "
         "verifies, listed or not; each is deleted once keep_checkpoints listed ones are "
-        "newer, at the end of a run")
+        "newer, at the end of a run (never where keep_checkpoints is null/None: every one "
+        "is kept)")  # (a job file's null: prune_unlisted_checkpoints deletes none)
     # A user's loop resumes from what the record lists
     assert "the resume starts from the newest it lists (ray.train.get_checkpoint()), or " \
         "from scratch when it lists none" in unregistered_checkpoints_warning(tmp_path, False)
