@@ -13,7 +13,8 @@ Each round is split at the timestamps the job, its driver and Ray Train record:
 
   issued      this script, just before the scheduler's `preempt` call (the directive is set)
   seen        metrics.jsonl, the yield's report: directive_seen_at (all ranks agreed to stop)
-  saved       metrics.jsonl, the yield's report: time (Ray Train took it, with its checkpoint)
+  saved       metrics.jsonl, the yield's report: time (its checkpoint written: rank 0 logs it
+              then, before Ray Train takes it; until 2026-12-07 the controller did, on taking it)
   released    summary.json yields[i].at (fit returned: workers stopped; the scheduler is told)
   placed      summary.json yields[i].placed_at (the driver has its new placement)
   started     metrics.jsonl, first report after the resume: started_at (train() began)
@@ -65,8 +66,8 @@ MARKS = ("issued", "seen", "saved", "released", "placed", "started", "restored",
 # (part, the mark it ends at, what it is): each part runs from the mark before its end mark.
 PARTS = (
     ("notice", "seen", "directive issued -> seen by the job at a step boundary"),
-    ("checkpoint", "saved", "the step, checkpoint written, report taken by Ray Train"),
-    ("release", "released", "Ray Train's run ended (workers stopped), driver tells scheduler"),
+    ("checkpoint", "saved", "the step, checkpoint written (rank 0 logs the report)"),
+    ("release", "released", "Ray Train takes the report, its run ends, driver tells scheduler"),
     ("replace", "placed", "scheduler places the job again"),
     ("restart", "started", "new worker group up, training function started"),
     ("restore", "restored", "data, model, optimizer built, checkpoint loaded"),
