@@ -47,8 +47,8 @@ LINE_FIELDS = ("time", "checkpoint", "non_finite")
 
 
 def append_metrics(run_dir: Path, metrics: dict[str, Any], checkpoint: str | None) -> None:
-    """One line of metrics.jsonl: the report, when it was written and the checkpoint it
-    registered (None for a metrics-only report). A report's own `time` or `checkpoint` is
+    """One line of metrics.jsonl: the report, when it was written and the checkpoint saved
+    with it (None for a metrics-only report). A report's own `time` or `checkpoint` is
     kept as `time_` / `checkpoint_` (it was overwritten; `time__` if it has a `time_` too).
     A run found already complete trained nothing: its report adds nothing to the history.
     The line is strict JSON: a NaN or infinite figure is written as null, and its value
