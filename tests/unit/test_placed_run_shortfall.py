@@ -181,7 +181,7 @@ def test_a_resume_past_an_unregistered_checkpoint_is_not_taken_for_a_yield(monke
     monkeypatch.setattr(launch, "_trainer_factory", lambda *args: lambda placement: None)
     fits = []
 
-    def fit(trainer, run_dir, max_failures):
+    def fit(trainer, run_dir, max_failures, keep_checkpoints=None):
         fits.append(run_dir)
         return result({"step": 10, "yielded": "preempt: preempted for job 'high'"},
                       str(tmp_path / "run" / "checkpoint_00000010_2026-12-06_22-27-40.182693"),
